@@ -1,0 +1,1 @@
+"""routesvc: route each LLM request to the cheapest model that will answer it well."""

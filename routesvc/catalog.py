@@ -1,0 +1,54 @@
+"""The model catalog: which models exist, who serves them, what they cost and can do."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from routesvc.errors import ModelNotFound
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One catalog model. Prices are USD per 1M tokens."""
+
+    id: str
+    provider: str
+    provider_model: str
+    input_price_per_mtok: Decimal
+    output_price_per_mtok: Decimal
+    cached_input_price_per_mtok: Decimal
+    context_window: int
+    max_output_tokens: int
+    capabilities: frozenset[str]
+    batch_discount: Decimal
+
+    def supports(self, capability: str) -> bool:
+        """Whether the model has ``capability`` (for example "tools")."""
+        return capability in self.capabilities
+
+
+class Catalog:
+    """The configured models in catalog order, looked up by id."""
+
+    def __init__(self, models: Sequence[ModelSpec]) -> None:
+        self._models = tuple(models)
+        self._by_id = {model.id: model for model in self._models}
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._by_id
+
+    def get(self, model_id: str) -> ModelSpec:
+        """The model with ``model_id``; raises ``ModelNotFound`` naming the known ids."""
+        try:
+            return self._by_id[model_id]
+        except KeyError:
+            known = ", ".join(self._by_id)
+            raise ModelNotFound(f"unknown model {model_id!r}; known models: {known}") from None

@@ -1,0 +1,37 @@
+"""Pure cost arithmetic in ``Decimal`` USD: estimates before a call, exact cost after it."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from routesvc.catalog import ModelSpec
+from routesvc.models import Mode, Usage
+
+_PER_TOKEN = Decimal(1_000_000)
+
+
+def _discount(model: ModelSpec, mode: Mode) -> Decimal:
+    return Decimal(1) - model.batch_discount if mode is Mode.BATCH else Decimal(1)
+
+
+def cost_of_usage(model: ModelSpec, usage: Usage, mode: Mode = Mode.REALTIME) -> Decimal:
+    """Exact cost of provider-reported ``usage``: cached input tokens at the cached price."""
+    cached = min(usage.cached_input_tokens, usage.input_tokens)
+    uncached = usage.input_tokens - cached
+    total = (
+        uncached * model.input_price_per_mtok
+        + cached * model.cached_input_price_per_mtok
+        + usage.output_tokens * model.output_price_per_mtok
+    ) / _PER_TOKEN
+    return total * _discount(model, mode)
+
+
+def estimate_cost(model: ModelSpec, input_tokens: int, output_tokens: int, mode: Mode = Mode.REALTIME) -> Decimal:
+    """Estimated cost of a call before it is made (no prompt-cache hits assumed)."""
+    return cost_of_usage(model, Usage(input_tokens=input_tokens, output_tokens=output_tokens), mode)
+
+
+def format_usd(amount: Decimal) -> str:
+    """``amount`` as a plain decimal string with no exponent and no trailing zeros."""
+    text = format(amount.normalize(), "f")
+    return text if text != "-0" else "0"

@@ -1,0 +1,144 @@
+"""The one error tree of routesvc.
+
+Every error raised on purpose is a ``RouteSvcError``; the gRPC layer maps each class to one
+status code (``routesvc.service.STATUS_TABLE``) and a stable ``ErrorInfo`` reason. Messages
+name fields and models, never prompt text or credentials.
+
+    RouteSvcError
+    ├── ConfigError                     bad configuration file or value (raised at start)
+    ├── InvalidRequest                  malformed request: names the field       INVALID_ARGUMENT
+    ├── ModelNotFound                   unknown model id                         NOT_FOUND
+    ├── RequestTooLarge                 over a configured size limit             RESOURCE_EXHAUSTED
+    ├── NoEligibleModel                 no catalog model can serve the request   FAILED_PRECONDITION
+    │   └── ContextWindowExceeded       ... because the input is too long        RESOURCE_EXHAUSTED
+    ├── CostLimitExceeded               estimate over the request's max cost     RESOURCE_EXHAUSTED
+    ├── ProviderNotConfigured           the provider has no credentials          FAILED_PRECONDITION
+    └── ProviderError                   a provider call failed
+        ├── ProviderAuthFailed          401/403 from the provider                FAILED_PRECONDITION
+        ├── ProviderRejected            400/404/409/413/422 from the provider    FAILED_PRECONDITION
+        ├── ProviderRateLimited         429 (carries retry_after)                RESOURCE_EXHAUSTED
+        ├── ProviderUnavailable         5xx, 408, connection failure, timeout    UNAVAILABLE
+        └── StreamInterrupted           failed after content was sent            UNAVAILABLE
+"""
+
+from __future__ import annotations
+
+
+class RouteSvcError(Exception):
+    """Root of every error routesvc raises on purpose."""
+
+    reason = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(RouteSvcError):
+    """The configuration file or a configured value is invalid."""
+
+    reason = "INVALID_CONFIG"
+
+
+class InvalidRequest(RouteSvcError):
+    """The request is malformed; ``field`` names the offending field path."""
+
+    reason = "INVALID_REQUEST"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class ModelNotFound(RouteSvcError):
+    """A model id is not in the catalog."""
+
+    reason = "MODEL_NOT_FOUND"
+
+
+class RequestTooLarge(RouteSvcError):
+    """The request exceeds a configured size limit."""
+
+    reason = "REQUEST_TOO_LARGE"
+
+
+class NoEligibleModel(RouteSvcError):
+    """No catalog model can serve the request (tools, credentials, cost)."""
+
+    reason = "NO_ELIGIBLE_MODEL"
+
+
+class ContextWindowExceeded(NoEligibleModel):
+    """The input plus requested output fits no model's context window."""
+
+    reason = "CONTEXT_WINDOW_EXCEEDED"
+
+
+class CostLimitExceeded(RouteSvcError):
+    """The estimated cost exceeds the request's ``max_cost_usd``."""
+
+    reason = "COST_LIMIT_EXCEEDED"
+
+
+class ProviderNotConfigured(RouteSvcError):
+    """The chosen model's provider has no credentials; names the missing variable."""
+
+    reason = "PROVIDER_NOT_CONFIGURED"
+
+
+class ProviderError(RouteSvcError):
+    """A provider call failed. ``provider`` and ``model`` say where; never the prompt."""
+
+    reason = "PROVIDER_ERROR"
+
+    def __init__(self, message: str, *, provider: str, model: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.model = model
+        self.status = status
+
+
+class ProviderAuthFailed(ProviderError):
+    """The provider refused our credentials (HTTP 401 or 403)."""
+
+    reason = "PROVIDER_AUTH_FAILED"
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the request itself (HTTP 400, 404, 409, 413, 422)."""
+
+    reason = "PROVIDER_REJECTED"
+
+
+class ProviderRateLimited(ProviderError):
+    """The provider rate-limited us (HTTP 429); ``retry_after`` in seconds when it said."""
+
+    reason = "PROVIDER_RATE_LIMITED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        model: str,
+        status: int | None = 429,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, provider=provider, model=model, status=status)
+        self.retry_after = retry_after
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider failed or could not be reached (5xx, 408, connection, timeout)."""
+
+    reason = "PROVIDER_UNAVAILABLE"
+
+
+class StreamInterrupted(ProviderError):
+    """The provider failed after ``chunks_sent`` content chunks reached the client."""
+
+    reason = "STREAM_INTERRUPTED"
+
+    def __init__(self, message: str, *, provider: str, model: str, chunks_sent: int) -> None:
+        super().__init__(message, provider=provider, model=model)
+        self.chunks_sent = chunks_sent

@@ -1,0 +1,73 @@
+"""The ``Strategy`` protocol: one stage of a routing policy.
+
+A policy is a chain of stages, ``rules -> ... -> default``. Each stage receives one frozen
+``RoutingInput`` and a ``next`` that runs the rest of the chain. A stage may decide (return a
+``Verdict`` without calling ``next``), annotate the input (for example set ``task``) and pass it
+on, or pass on and amend the verdict that comes back (for example set the mode). Every stage
+adds its own reasons, so the final verdict explains what each stage contributed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol
+
+from routesvc.catalog import ModelSpec
+from routesvc.models import Mode, RoutingRequest
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingInput:
+    """What a stage sees: the request, derived features, and which models can serve it.
+
+    ``eligible`` maps every catalog model id to ``""`` when it can serve the request, or to the
+    reason it cannot. ``task`` is the task label known so far ("" when unknown) and
+    ``task_source`` says where it came from ("hint", or the stage that set it).
+    """
+
+    request: RoutingRequest
+    estimated_input_tokens: int
+    estimated_output_tokens: int
+    models: tuple[ModelSpec, ...]
+    eligible: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    task: str = ""
+    task_source: str = ""
+
+    def is_eligible(self, model_id: str) -> bool:
+        """Whether ``model_id`` can serve this request."""
+        return self.eligible.get(model_id, "unknown model") == ""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A stage's decision: the model, the mode, who decided, and why."""
+
+    model: str
+    strategy: str
+    rule: str
+    reasons: tuple[str, ...]
+    mode: Mode = Mode.REALTIME
+    task: str = ""
+
+
+class NextStage(Protocol):
+    """The rest of the policy chain."""
+
+    async def __call__(self, routing_input: RoutingInput, /) -> Verdict:
+        """Run the remaining stages on ``routing_input``."""
+        ...
+
+
+class Strategy(Protocol):
+    """One stage of a routing policy."""
+
+    @property
+    def name(self) -> str:
+        """The stage's name as it appears in decisions, for example "rules"."""
+        ...
+
+    async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
+        """Decide, or annotate ``routing_input`` and defer to ``next_stage``."""
+        ...
