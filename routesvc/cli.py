@@ -1,0 +1,222 @@
+"""The ``routesvc`` command: ``serve``, and client commands for people and scripts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import json_format
+from google.rpc import error_details_pb2, status_pb2
+
+from routesvc import config as config_module
+from routesvc.client import RouterClient, build_chat
+from routesvc.errors import ConfigError
+from routesvc.v1 import router_pb2 as pb
+
+_MODE_NAMES = {pb.MODE_UNSPECIFIED: "unspecified", pb.MODE_REALTIME: "realtime", pb.MODE_BATCH: "batch"}
+_FINISH_NAMES = {
+    pb.FINISH_REASON_UNSPECIFIED: "unspecified",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
+    pb.FINISH_REASON_CONTENT_FILTER: "content_filter",
+    pb.FINISH_REASON_OTHER: "other",
+}
+
+
+def _decision_json(decision: pb.RouteDecision) -> dict[str, object]:
+    return {
+        "decision_id": decision.decision_id,
+        "model": decision.model,
+        "provider": decision.provider,
+        "strategy": decision.strategy,
+        "rule": decision.rule,
+        "reasons": list(decision.reasons),
+        "task": decision.task,
+        "estimated_input_tokens": decision.estimated_input_tokens,
+        "estimated_output_tokens": decision.estimated_output_tokens,
+        "estimated_cost_usd": decision.estimated_cost_usd,
+        "mode": _MODE_NAMES.get(decision.mode, "unspecified"),
+        "candidates": [
+            {"model": c.model, "eligible": c.eligible, "excluded_reason": c.excluded_reason} for c in decision.candidates
+        ],
+    }
+
+
+def _completion_json(completion: pb.Completion) -> dict[str, object]:
+    return {
+        "type": "completion",
+        "model": completion.model,
+        "provider": completion.provider,
+        "provider_model": completion.provider_model,
+        "input_tokens": completion.usage.input_tokens,
+        "output_tokens": completion.usage.output_tokens,
+        "cached_input_tokens": completion.usage.cached_input_tokens,
+        "cost_usd": completion.cost_usd,
+        "finish_reason": _FINISH_NAMES.get(completion.finish_reason, "other"),
+    }
+
+
+def _request_parts(args: argparse.Namespace) -> tuple[pb.ChatRequest, pb.RoutingContext]:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    messages = [("system", args.system)] if args.system else []
+    messages.append(("user", prompt))
+    tools = [pb.Tool(name=f"tool_{index}", description=f"placeholder tool {index}") for index in range(1, args.tools + 1)]
+    chat = build_chat(messages, tools=tools, max_output_tokens=args.max_output_tokens)
+    context = pb.RoutingContext(
+        tenant=args.tenant, user_tier=args.tier, task_hint=args.task, model=args.model, max_cost_usd=args.max_cost
+    )
+    if args.no_realtime:
+        context.realtime = False
+    for item in args.metadata:
+        key, _, value = item.partition("=")
+        context.metadata[key] = value
+    return chat, context
+
+
+async def _route(args: argparse.Namespace) -> int:
+    chat, context = _request_parts(args)
+    async with RouterClient(args.target, api_key=args.api_key) as client:
+        decision = await client.route(chat, context, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(_decision_json(decision)))
+    else:
+        print(f"model:     {decision.model} ({decision.provider})")
+        print(f"mode:      {_MODE_NAMES.get(decision.mode)}")
+        print(f"strategy:  {decision.strategy} / {decision.rule}")
+        print(f"estimate:  {decision.estimated_input_tokens} input tokens, {decision.estimated_cost_usd} USD")
+        for reason in decision.reasons:
+            print(f"  - {reason}")
+    return 0
+
+
+async def _complete(args: argparse.Namespace) -> int:
+    chat, context = _request_parts(args)
+    async with RouterClient(args.target, api_key=args.api_key) as client:
+        async for message in client.complete(chat, context, timeout=args.timeout):
+            kind = message.WhichOneof("event")
+            if args.json:
+                if kind == "decision":
+                    print(json.dumps({"type": "decision", **_decision_json(message.decision)}), flush=True)
+                elif kind == "delta":
+                    print(json.dumps({"type": "delta", "text": message.delta.text}), flush=True)
+                else:
+                    print(json.dumps(_completion_json(message.completion)), flush=True)
+            elif kind == "decision":
+                print(f"[{message.decision.model} via {message.decision.rule}]", file=sys.stderr)
+            elif kind == "delta":
+                sys.stdout.write(message.delta.text)
+                sys.stdout.flush()
+            else:
+                completion = message.completion
+                print()
+                print(
+                    f"[{completion.model}: {completion.usage.input_tokens} in / {completion.usage.output_tokens} out, "
+                    f"{completion.cost_usd} USD, {_FINISH_NAMES.get(completion.finish_reason)}]",
+                    file=sys.stderr,
+                )
+    return 0
+
+
+async def _models(args: argparse.Namespace) -> int:
+    async with RouterClient(args.target, api_key=args.api_key) as client:
+        models = await client.list_models(timeout=args.timeout)
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(model, always_print_fields_with_no_presence=True) for model in models]))
+        return 0
+    for model in models:
+        state = "available" if model.available else f"unavailable: {model.unavailable_reason}"
+        print(
+            f"{model.id:<20} {model.provider:<12} in ${model.input_price_per_mtok}/M out ${model.output_price_per_mtok}/M "
+            f"ctx {model.context_window:<7} {','.join(model.capabilities):<16} {state}"
+        )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from routesvc.server import serve
+    from routesvc.telemetry import configure_logging
+
+    settings = config_module.load_settings(args.config)
+    configure_logging(settings.config.logging)
+    asyncio.run(serve(settings, port=args.port))
+    return 0
+
+
+def _client_error(error: grpc.aio.AioRpcError) -> int:
+    reason = ""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    reason = f" [{info.reason}]"
+    print(f"error: {error.code().name}: {error.details()}{reason}", file=sys.stderr)
+    return 1
+
+
+def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None:
+    parser.add_argument("--target", default=config_module.client_target(), help="HOST:PORT of the service ($ROUTESVC_TARGET)")
+    parser.add_argument("--api-key", default=None, help="API key sent as 'authorization: Bearer' metadata")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    if not request:
+        return
+    parser.add_argument("--tier", default="", help="user tier, e.g. premium")
+    parser.add_argument("--tenant", default="", help="tenant id")
+    parser.add_argument("--task", default="", help="task hint, e.g. code_generation")
+    parser.add_argument("--tools", type=int, default=0, help="send N placeholder tool definitions")
+    parser.add_argument("--no-realtime", action="store_true", help="the answer is not needed now (batch allowed)")
+    parser.add_argument("--model", default="", help="pin a catalog model instead of routing")
+    parser.add_argument("--max-output-tokens", type=int, default=None)
+    parser.add_argument("--max-cost", default="", help="maximum estimated cost in USD")
+    parser.add_argument("--system", default="", help="a system message")
+    parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="routing metadata")
+    parser.add_argument("prompt", help="the user prompt; '-' reads standard input")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``routesvc`` argument parser."""
+    parser = argparse.ArgumentParser(prog="routesvc", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--config", default=None, help="YAML config (default: $ROUTESVC_CONFIG, else embedded)")
+    serve.add_argument("--port", type=int, default=None, help="override server.port")
+    serve.set_defaults(func=_serve)
+    for name, handler, helptext in (
+        ("route", _route, "ask which model would serve a prompt"),
+        ("complete", _complete, "route a prompt and stream the answer"),
+    ):
+        command = commands.add_parser(name, help=helptext)
+        _add_client_flags(command, request=True)
+        command.set_defaults(func=lambda args, handler=handler: asyncio.run(handler(args)))
+    models = commands.add_parser("models", help="list the model catalog")
+    _add_client_flags(models, request=False)
+    models.set_defaults(func=lambda args: asyncio.run(_models(args)))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as error:
+        print(f"config error: {error.message}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as error:
+        return _client_error(error)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); nothing left to say.
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""A typed async client for RouterService, used by the CLI and usable from other Python code."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+
+import grpc
+
+from routesvc.v1 import router_pb2 as pb
+from routesvc.v1 import router_pb2_grpc as pb_grpc
+
+_ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+
+
+def build_chat(
+    messages: Sequence[tuple[str, str]],
+    *,
+    tools: Sequence[pb.Tool] = (),
+    max_output_tokens: int | None = None,
+    temperature: float | None = None,
+) -> pb.ChatRequest:
+    """A ``ChatRequest`` from ``(role, content)`` pairs; role is "system", "user" or "assistant"."""
+    chat = pb.ChatRequest(
+        messages=[pb.Message(role=_ROLES[role], content=content) for role, content in messages],
+        tools=list(tools),
+    )
+    if max_output_tokens is not None:
+        chat.max_output_tokens = max_output_tokens
+    if temperature is not None:
+        chat.temperature = temperature
+    return chat
+
+
+class RouterClient:
+    """``async with RouterClient("localhost:50051") as client``: Route, Complete, ListModels."""
+
+    def __init__(self, target: str, *, api_key: str | None = None, channel: grpc.aio.Channel | None = None) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.RouterServiceStub(self._channel)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def _call_metadata(self, extra: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+        return self._metadata + tuple((extra or {}).items())
+
+    async def route(
+        self, chat: pb.ChatRequest, context: pb.RoutingContext | None = None, *, timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> pb.RouteDecision:
+        """The routing decision for ``chat``."""
+        request = pb.RouteRequest(chat=chat, context=context or pb.RoutingContext())
+        response: pb.RouteResponse = await self._stub.Route(request, timeout=timeout, metadata=self._call_metadata(metadata))
+        return response.decision
+
+    async def complete(
+        self, chat: pb.ChatRequest, context: pb.RoutingContext | None = None, *, timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[pb.CompleteResponse]:
+        """The Complete stream: the decision, text deltas, then the completion."""
+        request = pb.CompleteRequest(chat=chat, context=context or pb.RoutingContext())
+        call = self._stub.Complete(request, timeout=timeout, metadata=self._call_metadata(metadata))
+        try:
+            async for message in call:
+                yield message
+        finally:
+            call.cancel()
+
+    async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
+        """The model catalog."""
+        response: pb.ListModelsResponse = await self._stub.ListModels(
+            pb.ListModelsRequest(), timeout=timeout, metadata=self._call_metadata(None)
+        )
+        return list(response.models)
+
+    async def aclose(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> RouterClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

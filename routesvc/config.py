@@ -1,0 +1,346 @@
+"""The typed settings tree, read once at start and passed down.
+
+This is the only module that reads environment variables. A configuration is one YAML file
+(``default_config.yaml`` in this package when none is given); an invalid file fails at start
+with ``ConfigError`` naming the file and the field. Provider keys are never written in the
+file: each provider names the environment variable or file that holds its key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from routesvc.catalog import Catalog, ModelSpec
+from routesvc.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "default_config.yaml"
+CONFIG_PATH_ENV = "ROUTESVC_CONFIG"
+TARGET_ENV = "ROUTESVC_TARGET"
+DEFAULT_TARGET = "localhost:50051"
+
+# The standard variables of each SDK, honoured so the service can be pointed at any
+# compatible endpoint without editing the file.
+_DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "openai_compatible": ""}
+_DEFAULT_BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL", "openai_compatible": ""}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    """Where and how the gRPC server listens."""
+
+    host: str = Field("127.0.0.1", description="Interface to bind; '0.0.0.0' or '[::]' for all.")
+    port: int = Field(50051, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    grace_seconds: float = Field(10.0, ge=0, description="How long in-flight RPCs may finish on shutdown.")
+    drain_delay_seconds: float = Field(
+        0.0, ge=0, description="After SIGTERM, how long to keep serving with health NOT_SERVING."
+    )
+    reflection: bool = Field(True, description="Serve gRPC server reflection.")
+
+
+class LimitsConfig(_Strict):
+    """Limits on what one request may ask for; checked before any work."""
+
+    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest serialized request.")
+    max_messages: int = Field(1000, gt=0, description="Most messages in one request.")
+    max_tools: int = Field(128, gt=0, description="Most tool definitions in one request.")
+    max_metadata_entries: int = Field(64, gt=0, description="Most routing metadata entries.")
+    max_output_tokens: int = Field(65536, gt=0, description="Largest max_output_tokens a request may ask.")
+    default_output_tokens: int = Field(
+        512, gt=0, description="Output tokens assumed for estimates and sent when a request sets none."
+    )
+
+
+class ProviderConfig(_Strict):
+    """One model API endpoint and where its key comes from (never the key itself)."""
+
+    kind: Literal["openai", "anthropic", "openai_compatible"]
+    base_url: str | None = Field(None, description="Endpoint; default: the SDK's variable, then its default.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the key.")
+    api_key_file: Path | None = Field(None, description="File holding the key (for mounted secrets).")
+    requires_key: bool | None = Field(None, description="Whether a key is needed; default: not for compatible.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError("inline api_key is not allowed; use api_key_env or api_key_file")
+        return data
+
+    @model_validator(mode="after")
+    def _compatible_needs_url(self) -> ProviderConfig:
+        if self.kind == "openai_compatible" and not self.base_url:
+            raise ValueError("base_url is required for kind openai_compatible")
+        return self
+
+
+class ModelConfig(_Strict):
+    """One catalog model; prices in USD per 1M tokens."""
+
+    id: str = Field(min_length=1)
+    provider: str
+    provider_model: str | None = Field(None, description="Name sent to the provider; default: id.")
+    input_price_per_mtok: Decimal = Field(ge=0)
+    output_price_per_mtok: Decimal = Field(ge=0)
+    cached_input_price_per_mtok: Decimal | None = Field(None, ge=0, description="Default: the input price.")
+    context_window: int = Field(gt=0)
+    max_output_tokens: int = Field(16384, gt=0)
+    capabilities: tuple[str, ...] = ()
+    batch_discount: Decimal = Field(Decimal(0), ge=0, le=1, description="Fraction off in batch mode.")
+
+
+class RuleCondition(_Strict):
+    """Tests on a request; a rule matches when every test given holds."""
+
+    input_tokens_gt: int | None = None
+    input_tokens_lt: int | None = None
+    tools_gt: int | None = None
+    user_tier_in: tuple[str, ...] | None = None
+    tenant_in: tuple[str, ...] | None = None
+    task_in: tuple[str, ...] | None = None
+    realtime: bool | None = None
+    metadata: dict[str, str] | None = None
+    last_user_message_matches: str | None = Field(None, description="Python regex, searched, case-sensitive.")
+
+    @field_validator("last_user_message_matches")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regex: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RuleCondition:
+        if not self.model_dump(exclude_none=True):
+            raise ValueError("a rule needs at least one condition")
+        return self
+
+
+class RuleConfig(_Strict):
+    """One rule: when it matches, it picks ``model`` and/or sets ``mode``."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    when: RuleCondition
+    model: str | None = None
+    mode: Literal["realtime", "batch"] | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _does_something(self) -> RuleConfig:
+        if self.model is None and self.mode is None:
+            raise ValueError("a rule must set model, mode, or both")
+        return self
+
+
+class RulesStageConfig(_Strict):
+    """Ordered rules: the first matching rule with a model wins; precedence is list order."""
+
+    kind: Literal["rules"]
+    rules: tuple[RuleConfig, ...]
+
+
+StageConfig = Annotated[RulesStageConfig, Field(discriminator="kind")]
+
+
+class RoutingConfig(_Strict):
+    """The policy: stages in order, then the default model."""
+
+    default_model: str
+    on_unconfigured_provider: Literal["fail", "fallthrough"] = Field(
+        "fail",
+        description="fail: Complete fails FAILED_PRECONDITION naming the missing key; "
+        "fallthrough: models without credentials are skipped like ineligible ones.",
+    )
+    stages: tuple[StageConfig, ...] = ()
+
+
+class LoggingConfig(_Strict):
+    """Log level and rendering."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, else JSON.")
+
+
+class Config(_Strict):
+    """The whole file."""
+
+    server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    providers: dict[str, ProviderConfig]
+    models: tuple[ModelConfig, ...] = Field(min_length=1)
+    routing: RoutingConfig
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Config:
+        ids = [model.id for model in self.models]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate model ids: {', '.join(duplicates)}")
+        for index, model in enumerate(self.models):
+            if model.provider not in self.providers:
+                raise ValueError(f"models[{index}].provider: unknown provider {model.provider!r}")
+        if self.routing.default_model not in ids:
+            raise ValueError(f"routing.default_model: unknown model {self.routing.default_model!r}")
+        for stage_index, stage in enumerate(self.routing.stages):
+            if isinstance(stage, RulesStageConfig):
+                for rule_index, rule in enumerate(stage.rules):
+                    if rule.model is not None and rule.model not in ids:
+                        where = f"routing.stages[{stage_index}].rules[{rule_index}].model"
+                        raise ValueError(f"{where}: unknown model {rule.model!r}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    """A provider with its credentials resolved from the environment.
+
+    ``api_key`` is None when no key is configured; ``missing_key_reason`` then names the
+    variable or file to set.
+    """
+
+    name: str
+    kind: str
+    base_url: str | None
+    api_key: str | None
+    missing_key_reason: str
+
+    @property
+    def configured(self) -> bool:
+        """Whether calls to this provider can be made."""
+        return not self.missing_key_reason
+
+    def __repr__(self) -> str:
+        # Never show the key, even in debug output.
+        return f"ProviderSettings(name={self.name!r}, kind={self.kind!r}, configured={self.configured})"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The validated configuration plus everything resolved from the environment."""
+
+    source: str
+    config: Config
+    catalog: Catalog
+    providers: Mapping[str, ProviderSettings]
+
+
+def _resolve_provider(name: str, provider: ProviderConfig, environ: Mapping[str, str]) -> ProviderSettings:
+    key_env = provider.api_key_env if provider.api_key_env is not None else _DEFAULT_KEY_ENV[provider.kind]
+    url_env = _DEFAULT_BASE_URL_ENV[provider.kind]
+    base_url = provider.base_url or (environ.get(url_env) if url_env else None) or None
+    api_key: str | None = None
+    if provider.api_key_file is not None:
+        try:
+            api_key = provider.api_key_file.read_text(encoding="utf-8").strip() or None
+        except OSError:
+            api_key = None
+    if api_key is None and key_env:
+        api_key = environ.get(key_env) or None
+    requires_key = provider.requires_key if provider.requires_key is not None else provider.kind != "openai_compatible"
+    missing = ""
+    if api_key is None and requires_key:
+        sources = [f"environment variable {key_env}"] if key_env else []
+        if provider.api_key_file is not None:
+            sources.append(f"file {provider.api_key_file}")
+        missing = f"provider {name!r} has no API key: set {' or '.join(sources) or 'api_key_env in the config'}"
+    return ProviderSettings(name, provider.kind, base_url, api_key, missing)
+
+
+def _catalog(config: Config) -> Catalog:
+    return Catalog(
+        [
+            ModelSpec(
+                id=model.id,
+                provider=model.provider,
+                provider_model=model.provider_model or model.id,
+                input_price_per_mtok=model.input_price_per_mtok,
+                output_price_per_mtok=model.output_price_per_mtok,
+                cached_input_price_per_mtok=(
+                    model.cached_input_price_per_mtok
+                    if model.cached_input_price_per_mtok is not None
+                    else model.input_price_per_mtok
+                ),
+                context_window=model.context_window,
+                max_output_tokens=model.max_output_tokens,
+                capabilities=frozenset(model.capabilities),
+                batch_discount=model.batch_discount,
+            )
+            for model in config.models
+        ]
+    )
+
+
+def _field_path(location: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def parse_config(text: str, source: str, environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate YAML ``text`` (from ``source``, for messages) and resolve it against ``environ``."""
+    env = os.environ if environ is None else environ
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            location = tuple(error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{_field_path(_without_union_tags(location))}: {message}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from exc
+    providers = {name: _resolve_provider(name, provider, env) for name, provider in config.providers.items()}
+    return Settings(source=source, config=config, catalog=_catalog(config), providers=providers)
+
+
+def _without_union_tags(location: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    # pydantic inserts the discriminator value ("rules") into locations inside tagged unions.
+    kinds = {"rules", "classifier", "embedding", "cascade"}
+    cleaned: list[int | str] = []
+    for index, part in enumerate(location):
+        if part in kinds and index > 0 and isinstance(location[index - 1], int) and "stages" in location[:index]:
+            continue
+        cleaned.append(part)
+    return tuple(cleaned)
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the config at ``path``, else ``$ROUTESVC_CONFIG``, else the embedded default."""
+    env = os.environ if environ is None else environ
+    chosen = path or env.get(CONFIG_PATH_ENV)
+    if chosen:
+        try:
+            text = Path(chosen).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{chosen}: cannot read: {exc.strerror}") from exc
+        return parse_config(text, str(chosen), env)
+    text = resources.files("routesvc").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
+    return parse_config(text, f"<embedded {DEFAULT_CONFIG_NAME}>", env)
+
+
+def client_target(environ: Mapping[str, str] | None = None) -> str:
+    """Where client commands connect by default: ``$ROUTESVC_TARGET``, else localhost:50051."""
+    env = os.environ if environ is None else environ
+    return env.get(TARGET_ENV) or DEFAULT_TARGET

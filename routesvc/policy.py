@@ -1,0 +1,51 @@
+"""Builds the configured chain of routing stages and runs it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from routesvc.config import RoutingConfig, RulesStageConfig
+from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
+from routesvc.strategies.default import DefaultStrategy
+from routesvc.strategies.rules import RulesStrategy
+
+
+class Policy:
+    """The stages in order, ending with the default stage."""
+
+    def __init__(self, stages: Sequence[Strategy]) -> None:
+        self._stages = tuple(stages)
+
+    @classmethod
+    def from_config(cls, config: RoutingConfig) -> Policy:
+        """The policy described by ``config``."""
+        stages: list[Strategy] = []
+        for stage in config.stages:
+            if isinstance(stage, RulesStageConfig):
+                stages.append(RulesStrategy.from_config(stage))
+        stages.append(DefaultStrategy(config.default_model))
+        return cls(stages)
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The stages' names, in order."""
+        return tuple(stage.name for stage in self._stages)
+
+    async def decide(self, routing_input: RoutingInput) -> Verdict:
+        """Run the chain from the first stage."""
+        return await self._run(0, routing_input)
+
+    async def _run(self, index: int, routing_input: RoutingInput) -> Verdict:
+        stage = self._stages[index]
+        if index + 1 < len(self._stages):
+
+            async def next_stage(updated: RoutingInput, /) -> Verdict:
+                return await self._run(index + 1, updated)
+
+        else:
+
+            async def next_stage(updated: RoutingInput, /) -> Verdict:
+                raise AssertionError("the default stage never calls next")  # pragma: no cover
+
+        chain: NextStage = next_stage
+        return await stage.decide(routing_input, chain)

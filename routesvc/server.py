@@ -1,0 +1,114 @@
+"""The grpc.aio server: RouterService, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Mapping
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from routesvc.config import Settings
+from routesvc.providers.base import Provider
+from routesvc.router import Router
+from routesvc.service import RouterService
+from routesvc.v1 import router_pb2, router_pb2_grpc
+
+log = structlog.get_logger("routesvc.server")
+
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+
+
+def build_providers(settings: Settings) -> dict[str, Provider]:
+    """One adapter per configured provider that has credentials (or needs none)."""
+    from routesvc.providers.anthropic import AnthropicProvider
+    from routesvc.providers.openai import OpenAIProvider
+
+    providers: dict[str, Provider] = {}
+    for name, provider in settings.providers.items():
+        if not provider.configured:
+            continue
+        if provider.kind == "anthropic":
+            providers[name] = AnthropicProvider(name, provider.api_key, provider.base_url)
+        else:
+            providers[name] = OpenAIProvider(name, provider.api_key, provider.base_url, provider.kind)
+    return providers
+
+
+class Server:
+    """A running routesvc server. ``async with Server(settings) as server`` starts it on
+    ``server.port``; leaving the block (or ``aclose``) drains and stops it."""
+
+    def __init__(self, settings: Settings, *, providers: Mapping[str, Provider] | None = None, port: int | None = None) -> None:
+        self._settings = settings
+        self._router = Router(settings, build_providers(settings) if providers is None else providers)
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.config.limits.max_request_bytes + 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self._health = health.aio.HealthServicer()
+        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterService(self._router), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        if settings.config.server.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        host = settings.config.server.host
+        self.port = self._server.add_insecure_port(f"{host}:{settings.config.server.port if port is None else port}")
+        self.target = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{self.port}"
+        self._stopped = asyncio.Event()
+
+    @property
+    def router(self) -> Router:
+        """The router behind the service."""
+        return self._router
+
+    async def start(self) -> None:
+        """Start serving and report SERVING."""
+        await self._server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("server_started", target=self.target, service=SERVICE_NAME)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def aclose(self) -> None:
+        """Drain in order: health NOT_SERVING, wait the drain delay, stop(grace), close providers."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        server_config = self._settings.config.server
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if server_config.drain_delay_seconds:
+            await asyncio.sleep(server_config.drain_delay_seconds)
+        await self._server.stop(server_config.grace_seconds)
+        await self._router.aclose()
+        log.info("server_stopped", target=self.target)
+
+    async def wait(self) -> None:
+        """Wait until the server terminates."""
+        await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+async def serve(settings: Settings, port: int | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    server = Server(settings, port=port)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("server_draining")
+    await server.aclose()

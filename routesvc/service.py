@@ -1,0 +1,227 @@
+"""The gRPC methods of ``routesvc.v1.RouterService``: thin calls into the router, and the one
+table that maps our errors to gRPC status codes with a ``google.rpc.ErrorInfo``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from routesvc import wire
+from routesvc.cost import format_usd
+from routesvc.errors import (
+    ConfigError,
+    ContextWindowExceeded,
+    CostLimitExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    NoEligibleModel,
+    ProviderAuthFailed,
+    ProviderError,
+    ProviderNotConfigured,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderUnavailable,
+    RequestTooLarge,
+    RouteSvcError,
+    StreamInterrupted,
+)
+from routesvc.models import Completion, RouteDecision
+from routesvc.router import Router
+from routesvc.v1 import router_pb2 as pb
+from routesvc.v1 import router_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("routesvc.service")
+
+ERROR_DOMAIN = "routesvc"
+REQUEST_ID_HEADER = "x-request-id"
+
+# The one table from our errors to gRPC status codes; the most specific class wins.
+STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ContextWindowExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NoEligibleModel: grpc.StatusCode.FAILED_PRECONDITION,
+    CostLimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ProviderNotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
+    ProviderAuthFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    ProviderRejected: grpc.StatusCode.FAILED_PRECONDITION,
+    ProviderRateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ProviderUnavailable: grpc.StatusCode.UNAVAILABLE,
+    StreamInterrupted: grpc.StatusCode.UNAVAILABLE,
+    ProviderError: grpc.StatusCode.UNAVAILABLE,
+    ConfigError: grpc.StatusCode.INTERNAL,
+    RouteSvcError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_code_of(error: RouteSvcError) -> grpc.StatusCode:
+    """The gRPC status code for ``error``, from ``STATUS_TABLE``."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_TABLE:
+            return STATUS_TABLE[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL  # pragma: no cover - RouteSvcError is in the table
+
+
+def _error_metadata(error: RouteSvcError) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    if isinstance(error, InvalidRequest):
+        metadata["field"] = error.field
+    if isinstance(error, ProviderError):
+        metadata["provider"] = error.provider
+        metadata["model"] = error.model
+        if error.status is not None:
+            metadata["upstream_status"] = str(error.status)
+    if isinstance(error, StreamInterrupted):
+        metadata["committed"] = "true"
+        metadata["chunks_sent"] = str(error.chunks_sent)
+    return metadata
+
+
+def _rich_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str], retry_after: float | None) -> status_pb2.Status:
+    details = [error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)]
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))  # type: ignore[arg-type]
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    return status
+
+
+@dataclass
+class _CallRecord:
+    """What the one log line of an RPC says."""
+
+    method: str
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    fields: dict[str, object] = field(default_factory=dict)
+
+
+class RouterService(pb_grpc.RouterServiceServicer):
+    """``routesvc.v1.RouterService`` over a ``Router``."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._limits = router.settings.config.limits
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:  # type: ignore[type-arg]
+        """Run one RPC: echo the request id, bound it by the deadline, map errors, log once."""
+        incoming = dict(context.invocation_metadata() or ())
+        request_id = str(incoming.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        record = _CallRecord(method, request_id)
+        code = grpc.StatusCode.OK
+        try:
+            remaining = context.time_remaining()
+            async with asyncio.timeout(remaining):
+                yield record
+        except RouteSvcError as error:
+            code = status_code_of(error)
+            retry_after = error.retry_after if isinstance(error, ProviderRateLimited) else None
+            status = _rich_status(code, error.message, error.reason, _error_metadata(error), retry_after)
+            trailers = [(REQUEST_ID_HEADER, request_id), ("grpc-status-details-bin", status.SerializeToString())]
+            if isinstance(error, StreamInterrupted):
+                trailers += [("routesvc-committed", "true"), ("routesvc-chunks-sent", str(error.chunks_sent))]
+            record.fields["error_reason"] = error.reason
+            await context.abort(code, error.message, trailing_metadata=tuple(trailers))
+        except TimeoutError:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            status = _rich_status(code, "deadline exceeded", "DEADLINE_EXCEEDED", {}, None)
+            await context.abort(
+                code,
+                "deadline exceeded",
+                trailing_metadata=((REQUEST_ID_HEADER, request_id), ("grpc-status-details-bin", status.SerializeToString())),
+            )
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            # Our bug: log the traceback (locals are not rendered), answer INTERNAL, never UNKNOWN.
+            log.exception("rpc_internal_error", method=method, request_id=request_id)
+            status = _rich_status(code, "internal error", "INTERNAL", {}, None)
+            await context.abort(
+                code,
+                "internal error",
+                trailing_metadata=((REQUEST_ID_HEADER, request_id), ("grpc-status-details-bin", status.SerializeToString())),
+            )
+        else:
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        finally:
+            duration_ms = round((time.monotonic() - record.started) * 1000, 3)
+            log.info("rpc_finished", method=method, code=code.name, request_id=request_id, duration_ms=duration_ms, **record.fields)
+
+    async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:  # type: ignore[type-arg]  # noqa: N802 - gRPC method name
+        """Decide only."""
+        async with self._rpc("Route", context) as record:
+            decision = await self._router.route(wire.routing_request(request, self._limits))
+            _record_decision(record, decision)
+            return pb.RouteResponse(decision=wire.decision_message(decision))
+        raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
+
+    async def Complete(self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CompleteResponse]:  # type: ignore[type-arg,override]  # noqa: N802 - gRPC method name
+        """Decide, call the model, stream the answer."""
+        async with self._rpc("Complete", context) as record:
+            routing_request = wire.routing_request(request, self._limits)
+            headers = _upstream_headers(context)
+            chunks = 0
+            async for event in self._router.complete(routing_request, timeout=context.time_remaining(), headers=headers):
+                if isinstance(event, RouteDecision):
+                    _record_decision(record, event)
+                elif isinstance(event, Completion):
+                    record.fields.update(
+                        answered_by=event.model,
+                        input_tokens=event.usage.input_tokens,
+                        output_tokens=event.usage.output_tokens,
+                        cost_usd=format_usd(event.cost_usd),
+                        finish_reason=event.finish_reason.value,
+                    )
+                else:
+                    chunks += 1
+                record.fields["chunks"] = chunks
+                yield wire.complete_message(event)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:  # type: ignore[type-arg]  # noqa: N802 - gRPC method name
+        """The catalog."""
+        async with self._rpc("ListModels", context):
+            settings = self._router.settings
+            return pb.ListModelsResponse(
+                models=[
+                    wire.model_info(model, settings.providers[model.provider].missing_key_reason)
+                    for model in settings.catalog
+                ]
+            )
+        raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
+
+
+def _record_decision(record: _CallRecord, decision: RouteDecision) -> None:
+    record.fields.update(
+        decision_id=decision.decision_id,
+        model=decision.model,
+        strategy=decision.strategy,
+        rule=decision.rule,
+        mode=decision.mode.value,
+        est_cost_usd=format_usd(decision.estimated_cost_usd),
+    )
+
+
+def _upstream_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:  # type: ignore[type-arg]
+    """Headers to forward upstream: trace context only, never the client's credentials."""
+    incoming = dict(context.invocation_metadata() or ())
+    return {key: str(incoming[key]) for key in ("traceparent", "tracestate") if key in incoming}
+

@@ -1,0 +1,202 @@
+"""Protobuf <-> domain conversion, with request validation. The only importer of ``v1`` besides
+``service.py``.
+
+Validation errors name the field path (``chat.messages[2].role``) and never echo its content.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from decimal import Decimal, InvalidOperation
+from types import MappingProxyType
+
+from routesvc.catalog import ModelSpec
+from routesvc.config import LimitsConfig
+from routesvc.cost import format_usd
+from routesvc.errors import InvalidRequest, RequestTooLarge
+from routesvc.models import (
+    ChatRequest,
+    Completion,
+    FinishReason,
+    Message,
+    Mode,
+    Role,
+    RouteDecision,
+    RoutingContext,
+    RoutingRequest,
+    TextDelta,
+    ToolSpec,
+)
+from routesvc.v1 import router_pb2 as pb
+
+_ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}
+_MODES = {Mode.REALTIME: pb.MODE_REALTIME, Mode.BATCH: pb.MODE_BATCH}
+_FINISH = {
+    FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
+    FinishReason.CONTENT_FILTER: pb.FINISH_REASON_CONTENT_FILTER,
+    FinishReason.OTHER: pb.FINISH_REASON_OTHER,
+}
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_MAX_METADATA_CHARS = 1024
+
+
+def _message(index: int, message: pb.Message) -> Message:
+    field = f"chat.messages[{index}]"
+    role = _ROLES.get(message.role)
+    if role is None:
+        raise InvalidRequest(f"{field}.role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+    if not message.content.strip():
+        raise InvalidRequest(f"{field}.content", "must not be empty")
+    return Message(role, message.content)
+
+
+def _tool(index: int, tool: pb.Tool) -> ToolSpec:
+    field = f"chat.tools[{index}]"
+    if not _TOOL_NAME.match(tool.name):
+        raise InvalidRequest(f"{field}.name", "must be 1-64 characters of letters, digits, '_' or '-'")
+    parameters: object = {}
+    if tool.parameters_json:
+        try:
+            parameters = json.loads(tool.parameters_json)
+        except ValueError:
+            raise InvalidRequest(f"{field}.parameters_json", "must be a JSON object") from None
+        if not isinstance(parameters, dict):
+            raise InvalidRequest(f"{field}.parameters_json", "must be a JSON object")
+    return ToolSpec(tool.name, tool.description, MappingProxyType(parameters))
+
+
+def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
+    if not chat.messages:
+        raise InvalidRequest("chat.messages", "must contain at least one message")
+    if len(chat.messages) > limits.max_messages:
+        raise RequestTooLarge(f"chat.messages: more than {limits.max_messages} messages")
+    if len(chat.tools) > limits.max_tools:
+        raise RequestTooLarge(f"chat.tools: more than {limits.max_tools} tools")
+    messages = tuple(_message(index, message) for index, message in enumerate(chat.messages))
+    if not any(message.role is Role.USER for message in messages):
+        raise InvalidRequest("chat.messages", "must contain a ROLE_USER message")
+    names = set()
+    tools = []
+    for index, tool in enumerate(chat.tools):
+        spec = _tool(index, tool)
+        if spec.name in names:
+            raise InvalidRequest(f"chat.tools[{index}].name", "duplicates an earlier tool's name")
+        names.add(spec.name)
+        tools.append(spec)
+    max_output_tokens: int | None = None
+    if chat.HasField("max_output_tokens"):
+        max_output_tokens = chat.max_output_tokens
+        if max_output_tokens < 1:
+            raise InvalidRequest("chat.max_output_tokens", "must be at least 1")
+        if max_output_tokens > limits.max_output_tokens:
+            raise InvalidRequest("chat.max_output_tokens", f"must be at most {limits.max_output_tokens}")
+    temperature: float | None = None
+    if chat.HasField("temperature"):
+        temperature = chat.temperature
+        if not (math.isfinite(temperature) and 0.0 <= temperature <= 2.0):
+            raise InvalidRequest("chat.temperature", "must be between 0 and 2")
+    return ChatRequest(messages, tuple(tools), max_output_tokens, temperature)
+
+
+def _context(context: pb.RoutingContext, limits: LimitsConfig) -> RoutingContext:
+    if len(context.metadata) > limits.max_metadata_entries:
+        raise RequestTooLarge(f"context.metadata: more than {limits.max_metadata_entries} entries")
+    for key, value in context.metadata.items():
+        if not key or len(key) > _MAX_METADATA_CHARS or len(value) > _MAX_METADATA_CHARS:
+            raise InvalidRequest("context.metadata", f"keys must be non-empty; keys and values at most {_MAX_METADATA_CHARS} characters")
+    for name in ("tenant", "user_tier", "task_hint", "model"):
+        if len(getattr(context, name)) > _MAX_METADATA_CHARS:
+            raise InvalidRequest(f"context.{name}", f"must be at most {_MAX_METADATA_CHARS} characters")
+    max_cost: Decimal | None = None
+    if context.max_cost_usd:
+        try:
+            max_cost = Decimal(context.max_cost_usd)
+        except InvalidOperation:
+            raise InvalidRequest("context.max_cost_usd", "must be a decimal number of USD, e.g. \"0.01\"") from None
+        if not max_cost.is_finite() or max_cost <= 0:
+            raise InvalidRequest("context.max_cost_usd", "must be a positive decimal number of USD")
+    return RoutingContext(
+        tenant=context.tenant,
+        user_tier=context.user_tier,
+        task_hint=context.task_hint,
+        realtime=context.realtime if context.HasField("realtime") else True,
+        metadata=MappingProxyType(dict(context.metadata)),
+        max_cost_usd=max_cost,
+        model=context.model,
+    )
+
+
+def routing_request(message: pb.RouteRequest | pb.CompleteRequest, limits: LimitsConfig) -> RoutingRequest:
+    """The domain request of a Route or Complete message; raises ``InvalidRequest`` or
+    ``RequestTooLarge`` naming the field."""
+    size = message.ByteSize()
+    if size > limits.max_request_bytes:
+        raise RequestTooLarge(f"request is {size} bytes; the limit is {limits.max_request_bytes}")
+    if not message.HasField("chat"):
+        raise InvalidRequest("chat", "is required")
+    return RoutingRequest(_chat(message.chat, limits), _context(message.context, limits))
+
+
+def decision_message(decision: RouteDecision) -> pb.RouteDecision:
+    """The protobuf form of ``decision``."""
+    return pb.RouteDecision(
+        decision_id=decision.decision_id,
+        model=decision.model,
+        provider=decision.provider,
+        strategy=decision.strategy,
+        rule=decision.rule,
+        reasons=decision.reasons,
+        estimated_input_tokens=decision.estimated_input_tokens,
+        estimated_output_tokens=decision.estimated_output_tokens,
+        estimated_cost_usd=format_usd(decision.estimated_cost_usd),
+        mode=_MODES[decision.mode],
+        candidates=[
+            pb.Candidate(model=c.model, eligible=c.eligible, excluded_reason=c.excluded_reason)
+            for c in decision.candidates
+        ],
+        task=decision.task,
+    )
+
+
+def complete_message(event: RouteDecision | TextDelta | Completion) -> pb.CompleteResponse:
+    """The stream message for one Complete event."""
+    if isinstance(event, RouteDecision):
+        return pb.CompleteResponse(decision=decision_message(event))
+    if isinstance(event, TextDelta):
+        return pb.CompleteResponse(delta=pb.TextDelta(text=event.text))
+    return pb.CompleteResponse(
+        completion=pb.Completion(
+            model=event.model,
+            provider=event.provider,
+            provider_model=event.provider_model,
+            usage=pb.Usage(
+                input_tokens=event.usage.input_tokens,
+                output_tokens=event.usage.output_tokens,
+                cached_input_tokens=event.usage.cached_input_tokens,
+            ),
+            cost_usd=format_usd(event.cost_usd),
+            finish_reason=_FINISH[event.finish_reason],
+        )
+    )
+
+
+def model_info(model: ModelSpec, unavailable_reason: str) -> pb.ModelInfo:
+    """The protobuf form of a catalog model and its availability."""
+    return pb.ModelInfo(
+        id=model.id,
+        provider=model.provider,
+        provider_model=model.provider_model,
+        input_price_per_mtok=format_usd(model.input_price_per_mtok),
+        output_price_per_mtok=format_usd(model.output_price_per_mtok),
+        cached_input_price_per_mtok=format_usd(model.cached_input_price_per_mtok),
+        context_window=model.context_window,
+        capabilities=sorted(model.capabilities),
+        batch_discount=format_usd(model.batch_discount),
+        available=not unavailable_reason,
+        unavailable_reason=unavailable_reason,
+    )
