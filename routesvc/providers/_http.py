@@ -1,0 +1,104 @@
+"""What both adapters share at the HTTP edge: status -> error class, ``Retry-After``, safe codes.
+
+Provider error bodies may echo the prompt, so nothing from a body is copied into a message
+except a short machine code (``rate_limit_error``, ``server_error``) that passes ``safe_code``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import Iterable, Mapping
+
+from routesvc.errors import (
+    ProviderAuthFailed,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderUnavailable,
+)
+
+_SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+_AUTH = frozenset({401, 403})
+_REJECTED = frozenset({400, 404, 409, 413, 422})
+
+
+def safe_code(value: object, *, forbidden: Iterable[str] = ()) -> str:
+    """``value`` when it looks like a machine code (letters, digits, ``_.-``), else "".
+
+    A code that occurs inside any of the ``forbidden`` texts (the prompt, the key) is dropped too,
+    in case a server echoed a one-word prompt into its error code.
+    """
+    if not isinstance(value, str) or not _SAFE_CODE.fullmatch(value):
+        return ""
+    if any(value in text for text in forbidden):
+        return ""
+    return value
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date); None if absent."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds is not None:
+        try:
+            return max(0.0, float(milliseconds) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def describe(provider: str, model: str, what: str, code: str = "") -> str:
+    """A sanitized one-line message: provider, model, what happened and an optional safe code."""
+    suffix = f" ({code})" if code else ""
+    return f"provider {provider} model {model}: {what}{suffix}"
+
+
+def error_for_status(
+    status: int,
+    *,
+    provider: str,
+    model: str,
+    code: str = "",
+    headers: Mapping[str, str] | None = None,
+) -> ProviderError:
+    """The error for an HTTP error status; ``code`` must already be safe (see ``safe_code``).
+
+    401/403 auth, 400/404/409/413/422 rejected, 429 rate limited (with ``retry_after``),
+    everything else (408, 5xx, 529, unknown 4xx) unavailable.
+    """
+    message = describe(provider, model, f"HTTP {status}", code)
+    if status in _AUTH:
+        return ProviderAuthFailed(message, provider=provider, model=model, status=status)
+    if status in _REJECTED:
+        return ProviderRejected(message, provider=provider, model=model, status=status)
+    if status == 429:
+        retry_after = parse_retry_after(headers) if headers is not None else None
+        return ProviderRateLimited(message, provider=provider, model=model, status=status, retry_after=retry_after)
+    return ProviderUnavailable(message, provider=provider, model=model, status=status)
+
+
+def error_for_event(error_type: str, *, provider: str, model: str) -> ProviderError:
+    """The error for an in-band error event that arrived inside a 200 stream, by its type."""
+    message = describe(provider, model, "error event in stream", error_type)
+    lowered = error_type.lower()
+    if "rate_limit" in lowered:
+        return ProviderRateLimited(message, provider=provider, model=model, status=None)
+    if lowered in {"authentication_error", "permission_error", "invalid_api_key"}:
+        return ProviderAuthFailed(message, provider=provider, model=model)
+    if lowered in {"invalid_request_error", "not_found_error", "request_too_large"}:
+        return ProviderRejected(message, provider=provider, model=model)
+    return ProviderUnavailable(message, provider=provider, model=model)

@@ -1,0 +1,264 @@
+"""Anthropic messages streaming via ``AsyncAnthropic``.
+
+Every SDK exception is translated here, most specific first:
+
+    anthropic.APIStatusError     by HTTP status (529 overloaded: ProviderUnavailable); an in-band
+                                 ``event: error`` arrives as a status error on the 200 response and
+                                 is mapped by its ``error.type`` instead
+    anthropic.APITimeoutError    ProviderUnavailable
+    anthropic.APIConnectionError ProviderUnavailable
+    anthropic.APIError           invalid response: ProviderUnavailable
+    httpx2 / decoding errors     ProviderUnavailable (this SDK does not wrap errors raised mid-stream)
+    deadline (call.timeout)      ProviderUnavailable
+
+Anthropic reports cache reads and cache writes apart from ``input_tokens``; our ``Usage`` counts
+all three as input, and cache reads as ``cached_input_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import TypeVar
+
+import anthropic
+import anyio
+import httpx2
+import structlog
+from anthropic.types import AssistantMessageParam, MessageParam, RawMessageStreamEvent, ToolParam, UserMessageParam
+
+from routesvc.errors import ProviderError, ProviderUnavailable
+from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.providers._http import describe, error_for_event, error_for_status, safe_code
+from routesvc.providers.base import ProviderCall
+from routesvc.tokens import count_text_tokens
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+
+_FINISH_REASONS = {
+    "end_turn": FinishReason.STOP,
+    "stop_sequence": FinishReason.STOP,
+    "max_tokens": FinishReason.LENGTH,
+    "model_context_window_exceeded": FinishReason.LENGTH,
+    "tool_use": FinishReason.TOOL_CALLS,
+    "refusal": FinishReason.CONTENT_FILTER,
+}
+
+_T = TypeVar("_T")
+
+log = structlog.get_logger(__name__)
+
+
+def map_stop_reason(reason: str | None) -> FinishReason:
+    """The domain finish reason for an Anthropic ``stop_reason``."""
+    if reason is None:
+        return FinishReason.UNSPECIFIED
+    return _FINISH_REASONS.get(reason, FinishReason.OTHER)
+
+
+def _system(messages: Iterable[Message]) -> str:
+    return "\n\n".join(message.content for message in messages if message.role is Role.SYSTEM)
+
+
+def _messages(messages: Iterable[Message]) -> list[MessageParam]:
+    result: list[MessageParam] = []
+    for message in messages:
+        if message.role is Role.ASSISTANT:
+            result.append(AssistantMessageParam(role="assistant", content=message.content))
+        elif message.role is Role.USER:
+            result.append(UserMessageParam(role="user", content=message.content))
+    return result
+
+
+def _tools(tools: Iterable[ToolSpec]) -> list[ToolParam]:
+    result: list[ToolParam] = []
+    for tool in tools:
+        schema: dict[str, object] = {"type": "object", **dict(tool.parameters)}
+        param: ToolParam = {"name": tool.name, "input_schema": schema}
+        if tool.description:
+            param["description"] = tool.description
+        result.append(param)
+    return result
+
+
+class _Tally:
+    """What the stream has said so far about usage, the model and why it stopped."""
+
+    def __init__(self) -> None:
+        self.input_tokens: int | None = None
+        self.cache_read: int = 0
+        self.cache_write: int = 0
+        self.output_tokens: int | None = None
+        self.stop_reason: str | None = None
+        self.provider_model = ""
+        self.stopped = False
+        self.output: list[str] = []
+
+
+class AnthropicProvider:
+    """Streams messages through the official SDK, with no SDK retries (ours come later)."""
+
+    def __init__(self, name: str, api_key: str, base_url: str | None = None) -> None:
+        self._name = name
+        # Explicit base_url and key so the SDK reads no environment variables (config.py owns them). The SDK's
+        # own spans and trace propagation are off: routesvc makes one client span per attempt and sends
+        # ``traceparent`` itself through ``ProviderCall.headers``, and content never goes into spans.
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key,
+            base_url=base_url or DEFAULT_BASE_URL,
+            max_retries=0,
+            open_telemetry={"traces": False, "propagation": False},
+        )
+
+    @property
+    def name(self) -> str:
+        """The configured provider name."""
+        return self._name
+
+    async def aclose(self) -> None:
+        """Close the SDK's HTTP connection pool."""
+        await self._client.close()
+
+    async def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]:
+        """Stream the answer: ``TextDelta``s, then one ``ProviderFinish``; errors are ``ProviderError``s."""
+        deadline = None if call.timeout is None else asyncio.get_running_loop().time() + call.timeout
+        system = _system(call.messages)
+        request = self._client.messages.create(
+            model=call.provider_model,
+            max_tokens=call.max_output_tokens,
+            messages=_messages(call.messages),
+            system=system if system else anthropic.omit,
+            tools=_tools(call.tools) if call.tools else anthropic.omit,
+            stream=True,
+            extra_headers=dict(call.headers) or None,
+            # This SDK version has no ``temperature`` argument; the API still reads it from the body.
+            extra_body={"temperature": call.temperature} if call.temperature is not None else None,
+            timeout=call.timeout if call.timeout is not None else anthropic.not_given,
+        )
+        sdk_stream = await self._guard(call, deadline, request)
+        try:
+            tally = _Tally()
+            while not tally.stopped:
+                event = await self._guard(call, deadline, _next_or_none(sdk_stream))
+                if event is None:
+                    break
+                text = self._apply(tally, event)
+                if text:
+                    tally.output.append(text)
+                    yield TextDelta(text)
+            if not tally.stopped:
+                raise ProviderUnavailable(
+                    describe(self._name, call.model, "stream ended without message_stop"),
+                    provider=self._name,
+                    model=call.model,
+                )
+            yield ProviderFinish(
+                usage=self._usage(call, tally),
+                finish_reason=map_stop_reason(tally.stop_reason),
+                provider_model=tally.provider_model or call.provider_model,
+            )
+        finally:
+            # Closing the SDK stream closes the HTTP response, so the upstream sees the abort.
+            with contextlib.suppress(Exception):
+                await sdk_stream.close()
+
+    @staticmethod
+    def _apply(tally: _Tally, event: RawMessageStreamEvent) -> str:
+        """Fold one event into ``tally``; the text it carries, if any."""
+        if event.type == "message_start":
+            tally.provider_model = event.message.model
+            usage = event.message.usage
+            if usage is not None:
+                tally.input_tokens = usage.input_tokens
+                tally.cache_read = usage.cache_read_input_tokens or 0
+                tally.cache_write = usage.cache_creation_input_tokens or 0
+                tally.output_tokens = usage.output_tokens
+        elif event.type == "content_block_delta":
+            if event.delta.type == "text_delta":
+                return event.delta.text
+        elif event.type == "message_delta":
+            tally.stop_reason = event.delta.stop_reason or tally.stop_reason
+            delta_usage = event.usage
+            if delta_usage is not None:
+                # Cumulative counts: the last one wins.
+                tally.output_tokens = delta_usage.output_tokens
+                if delta_usage.input_tokens is not None:
+                    tally.input_tokens = delta_usage.input_tokens
+                if delta_usage.cache_read_input_tokens is not None:
+                    tally.cache_read = delta_usage.cache_read_input_tokens
+                if delta_usage.cache_creation_input_tokens is not None:
+                    tally.cache_write = delta_usage.cache_creation_input_tokens
+        elif event.type == "message_stop":
+            tally.stopped = True
+        return ""
+
+    def _usage(self, call: ProviderCall, tally: _Tally) -> Usage:
+        if tally.input_tokens is None or tally.output_tokens is None:
+            log.warning("provider_usage_estimated", provider=self._name, model=call.model)
+            input_tokens = sum(count_text_tokens(message.content) for message in call.messages)
+            output_tokens = count_text_tokens("".join(tally.output))
+            return Usage(
+                input_tokens=input_tokens if tally.input_tokens is None else tally.input_tokens,
+                output_tokens=output_tokens if tally.output_tokens is None else tally.output_tokens,
+            )
+        return Usage(
+            input_tokens=tally.input_tokens + tally.cache_read + tally.cache_write,
+            output_tokens=tally.output_tokens,
+            cached_input_tokens=tally.cache_read,
+        )
+
+    async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
+        """Await one SDK step within the call's deadline, translating whatever it raises."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await awaitable
+        except TimeoutError as exc:
+            raise ProviderUnavailable(
+                describe(self._name, call.model, f"timed out after {call.timeout}s"),
+                provider=self._name,
+                model=call.model,
+            ) from exc
+        except ProviderError:
+            raise
+        except Exception as exc:
+            error = self._translate(call, exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:
+        """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
+        name, model = self._name, call.model
+        forbidden = [message.content for message in call.messages]
+        if isinstance(exc, anthropic.APIStatusError):
+            code = safe_code(exc.type, forbidden=forbidden)
+            if exc.status_code < 400:
+                # ``event: error`` inside a 200 stream: the SDK raises it with the stream's status.
+                return error_for_event(code or "error", provider=name, model=model)
+            return error_for_status(
+                exc.status_code, provider=name, model=model, code=code, headers=exc.response.headers
+            )
+        if isinstance(exc, anthropic.APITimeoutError):
+            return ProviderUnavailable(describe(name, model, "request timed out"), provider=name, model=model)
+        if isinstance(exc, anthropic.APIConnectionError):
+            return ProviderUnavailable(describe(name, model, "connection failed"), provider=name, model=model)
+        if isinstance(exc, anthropic.APIError):
+            return ProviderUnavailable(describe(name, model, "invalid response"), provider=name, model=model)
+        if isinstance(exc, httpx2.HTTPError | httpx2.StreamError | anyio.EndOfStream | OSError):
+            return ProviderUnavailable(
+                describe(name, model, "connection failed", type(exc).__name__), provider=name, model=model
+            )
+        if isinstance(exc, ValueError):
+            # Malformed JSON, non-UTF-8 bytes or an event that does not parse: the stream is unusable.
+            return ProviderUnavailable(
+                describe(name, model, "malformed stream", type(exc).__name__), provider=name, model=model
+            )
+        return None
+
+
+async def _next_or_none(stream: anthropic.AsyncStream[RawMessageStreamEvent]) -> RawMessageStreamEvent | None:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None

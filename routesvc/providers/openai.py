@@ -1,0 +1,238 @@
+"""OpenAI chat completions, and OpenAI-compatible servers (vLLM, Ollama, llama.cpp), via ``AsyncOpenAI``.
+
+Every SDK exception is translated here, most specific first:
+
+    openai.APIStatusError       by HTTP status (see ``routesvc.providers._http.error_for_status``)
+    openai.APITimeoutError      ProviderUnavailable
+    openai.APIConnectionError   ProviderUnavailable
+    openai.APIError             in-band ``{"error": ...}`` chunk or an invalid response: by its type
+    httpx2 / decoding errors    ProviderUnavailable (cut, reset, malformed or non-UTF-8 stream)
+    deadline (call.timeout)     ProviderUnavailable
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import Literal, TypeVar
+
+import anyio
+import httpx2
+import openai
+import structlog
+from openai.types.chat import (
+    ChatCompletionChunk,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageParam,
+)
+from openai.types.completion_usage import CompletionUsage
+
+from routesvc.errors import ProviderError, ProviderUnavailable
+from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.providers._http import describe, error_for_event, error_for_status, safe_code
+from routesvc.providers.base import ProviderCall
+from routesvc.tokens import count_text_tokens
+
+OpenAIKind = Literal["openai", "openai_compatible"]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+_FINISH_REASONS = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "function_call": FinishReason.TOOL_CALLS,
+    "content_filter": FinishReason.CONTENT_FILTER,
+}
+
+_T = TypeVar("_T")
+
+log = structlog.get_logger(__name__)
+
+
+def map_finish_reason(reason: str | None) -> FinishReason:
+    """The domain finish reason for an OpenAI ``finish_reason``."""
+    if reason is None:
+        return FinishReason.UNSPECIFIED
+    return _FINISH_REASONS.get(reason, FinishReason.OTHER)
+
+
+def _messages(messages: Iterable[Message]) -> list[ChatCompletionMessageParam]:
+    result: list[ChatCompletionMessageParam] = []
+    for message in messages:
+        if message.role is Role.SYSTEM:
+            result.append({"role": "system", "content": message.content})
+        elif message.role is Role.ASSISTANT:
+            result.append({"role": "assistant", "content": message.content})
+        else:
+            result.append({"role": "user", "content": message.content})
+    return result
+
+
+def _tools(tools: Iterable[ToolSpec]) -> list[ChatCompletionFunctionToolParam]:
+    return [
+        {
+            "type": "function",
+            "function": {"name": tool.name, "description": tool.description, "parameters": dict(tool.parameters)},
+        }
+        for tool in tools
+    ]
+
+
+class OpenAIProvider:
+    """Streams chat completions through the official SDK, with no SDK retries (ours come later).
+
+    ``kind="openai"`` sends ``max_completion_tokens``; ``kind="openai_compatible"`` sends
+    ``max_tokens``, which vLLM, Ollama and llama.cpp understand. A server that reports no usage
+    gets it estimated with the offline tokenizer (logged as ``provider_usage_estimated``).
+    """
+
+    def __init__(self, name: str, api_key: str, base_url: str | None = None, kind: OpenAIKind = "openai") -> None:
+        self._name = name
+        self._kind: OpenAIKind = kind
+        # Passed explicitly so that the SDK never falls back to environment variables: config.py owns them.
+        # Local OpenAI-compatible servers often need no key, but the SDK refuses an empty one.
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key or "unused",
+            base_url=base_url or DEFAULT_BASE_URL,
+            max_retries=0,
+        )
+
+    @property
+    def name(self) -> str:
+        """The configured provider name."""
+        return self._name
+
+    @property
+    def kind(self) -> OpenAIKind:
+        """``openai`` or ``openai_compatible``."""
+        return self._kind
+
+    async def aclose(self) -> None:
+        """Close the SDK's HTTP connection pool."""
+        await self._client.close()
+
+    async def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]:
+        """Stream the answer: ``TextDelta``s, then one ``ProviderFinish``; errors are ``ProviderError``s."""
+        deadline = None if call.timeout is None else asyncio.get_running_loop().time() + call.timeout
+        request = self._client.chat.completions.create(
+            model=call.provider_model,
+            messages=_messages(call.messages),
+            stream=True,
+            stream_options={"include_usage": True},
+            tools=_tools(call.tools) if call.tools else openai.omit,
+            temperature=call.temperature if call.temperature is not None else openai.omit,
+            max_completion_tokens=call.max_output_tokens if self._kind == "openai" else openai.omit,
+            max_tokens=call.max_output_tokens if self._kind == "openai_compatible" else openai.omit,
+            extra_headers=dict(call.headers) or None,
+            timeout=call.timeout if call.timeout is not None else openai.not_given,
+        )
+        sdk_stream = await self._guard(call, deadline, request)
+        try:
+            usage: CompletionUsage | None = None
+            finish: str | None = None
+            provider_model = ""
+            output: list[str] = []
+            while True:
+                chunk = await self._guard(call, deadline, _next_or_none(sdk_stream))
+                if chunk is None:
+                    break
+                provider_model = provider_model or chunk.model
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    if choice.index != 0:
+                        continue
+                    if choice.delta.content:
+                        output.append(choice.delta.content)
+                        yield TextDelta(choice.delta.content)
+                    if choice.finish_reason is not None:
+                        finish = choice.finish_reason
+            if finish is None:
+                raise ProviderUnavailable(
+                    describe(self._name, call.model, "stream ended without a finish reason"),
+                    provider=self._name,
+                    model=call.model,
+                )
+            yield ProviderFinish(
+                usage=self._usage(call, usage, output),
+                finish_reason=map_finish_reason(finish),
+                provider_model=provider_model or call.provider_model,
+            )
+        finally:
+            # Closing the SDK stream closes the HTTP response, so the upstream sees the abort.
+            with contextlib.suppress(Exception):
+                await sdk_stream.close()
+
+    def _usage(self, call: ProviderCall, usage: CompletionUsage | None, output: list[str]) -> Usage:
+        if usage is None:
+            log.warning("provider_usage_estimated", provider=self._name, model=call.model, kind=self._kind)
+            return Usage(
+                input_tokens=sum(count_text_tokens(message.content) for message in call.messages),
+                output_tokens=count_text_tokens("".join(output)),
+            )
+        details = usage.prompt_tokens_details
+        cached = details.cached_tokens if details is not None and details.cached_tokens is not None else 0
+        return Usage(
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            cached_input_tokens=cached,
+        )
+
+    async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
+        """Await one SDK step within the call's deadline, translating whatever it raises."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await awaitable
+        except TimeoutError as exc:
+            raise ProviderUnavailable(
+                describe(self._name, call.model, f"timed out after {call.timeout}s"),
+                provider=self._name,
+                model=call.model,
+            ) from exc
+        except ProviderError:
+            raise
+        except Exception as exc:
+            error = self._translate(call, exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:
+        """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
+        name, model = self._name, call.model
+        forbidden = [message.content for message in call.messages]
+        code = ""
+        if isinstance(exc, openai.APIError):
+            code = safe_code(exc.code, forbidden=forbidden) or safe_code(exc.type, forbidden=forbidden)
+        if isinstance(exc, openai.APIStatusError):
+            return error_for_status(
+                exc.status_code, provider=name, model=model, code=code, headers=exc.response.headers
+            )
+        if isinstance(exc, openai.APITimeoutError):
+            return ProviderUnavailable(describe(name, model, "request timed out"), provider=name, model=model)
+        if isinstance(exc, openai.APIConnectionError):
+            return ProviderUnavailable(describe(name, model, "connection failed"), provider=name, model=model)
+        if isinstance(exc, openai.APIResponseValidationError):
+            return ProviderUnavailable(describe(name, model, "invalid response"), provider=name, model=model)
+        if isinstance(exc, openai.APIError):
+            # An ``{"error": ...}`` chunk inside a 200 stream.
+            return error_for_event(code or "error", provider=name, model=model)
+        if isinstance(exc, httpx2.HTTPError | httpx2.StreamError | anyio.EndOfStream | OSError):
+            return ProviderUnavailable(
+                describe(name, model, "connection failed", type(exc).__name__), provider=name, model=model
+            )
+        if isinstance(exc, ValueError):
+            # Malformed JSON, non-UTF-8 bytes or a chunk that does not parse: the stream is unusable.
+            return ProviderUnavailable(
+                describe(name, model, "malformed stream", type(exc).__name__), provider=name, model=model
+            )
+        return None
+
+
+async def _next_or_none(stream: openai.AsyncStream[ChatCompletionChunk]) -> ChatCompletionChunk | None:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
