@@ -99,13 +99,13 @@ class _Tally:
 class AnthropicProvider:
     """Streams messages through the official SDK, with no SDK retries (ours come later)."""
 
-    def __init__(self, name: str, api_key: str, base_url: str | None = None) -> None:
+    def __init__(self, name: str, api_key: str | None, base_url: str | None = None) -> None:
         self._name = name
         # Explicit base_url and key so the SDK reads no environment variables (config.py owns them). The SDK's
         # own spans and trace propagation are off: routesvc makes one client span per attempt and sends
         # ``traceparent`` itself through ``ProviderCall.headers``, and content never goes into spans.
         self._client = anthropic.AsyncAnthropic(
-            api_key=api_key,
+            api_key=api_key or "",
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
             open_telemetry={"traces": False, "propagation": False},

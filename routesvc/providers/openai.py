@@ -28,7 +28,7 @@ from openai.types.chat import (
 )
 from openai.types.completion_usage import CompletionUsage
 
-from routesvc.errors import ProviderError, ProviderUnavailable
+from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
 from routesvc.providers._http import describe, error_for_event, error_for_status, safe_code
 from routesvc.providers.base import ProviderCall
@@ -37,6 +37,8 @@ from routesvc.tokens import count_text_tokens
 OpenAIKind = Literal["openai", "openai_compatible"]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+_KINDS = frozenset({"openai", "openai_compatible"})
 
 _FINISH_REASONS = {
     "stop": FinishReason.STOP,
@@ -88,9 +90,11 @@ class OpenAIProvider:
     gets it estimated with the offline tokenizer (logged as ``provider_usage_estimated``).
     """
 
-    def __init__(self, name: str, api_key: str, base_url: str | None = None, kind: OpenAIKind = "openai") -> None:
+    def __init__(self, name: str, api_key: str | None, base_url: str | None = None, kind: str = "openai") -> None:
+        if kind not in _KINDS:
+            raise ConfigError(f"providers.{name}.kind: {kind!r} is not one of {sorted(_KINDS)}")
         self._name = name
-        self._kind: OpenAIKind = kind
+        self._kind: OpenAIKind = "openai" if kind == "openai" else "openai_compatible"
         # Passed explicitly so that the SDK never falls back to environment variables: config.py owns them.
         # Local OpenAI-compatible servers often need no key, but the SDK refuses an empty one.
         self._client = openai.AsyncOpenAI(
