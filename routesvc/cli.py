@@ -42,7 +42,8 @@ def _decision_json(decision: pb.RouteDecision) -> dict[str, object]:
         "estimated_cost_usd": decision.estimated_cost_usd,
         "mode": _MODE_NAMES.get(decision.mode, "unspecified"),
         "candidates": [
-            {"model": c.model, "eligible": c.eligible, "excluded_reason": c.excluded_reason} for c in decision.candidates
+            {"model": c.model, "eligible": c.eligible, "excluded_reason": c.excluded_reason}
+            for c in decision.candidates
         ],
     }
 
@@ -65,7 +66,9 @@ def _request_parts(args: argparse.Namespace) -> tuple[pb.ChatRequest, pb.Routing
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = [("system", args.system)] if args.system else []
     messages.append(("user", prompt))
-    tools = [pb.Tool(name=f"tool_{index}", description=f"placeholder tool {index}") for index in range(1, args.tools + 1)]
+    tools = [
+        pb.Tool(name=f"tool_{index}", description=f"placeholder tool {index}") for index in range(1, args.tools + 1)
+    ]
     chat = build_chat(messages, tools=tools, max_output_tokens=args.max_output_tokens)
     context = pb.RoutingContext(
         tenant=args.tenant, user_tier=args.tier, task_hint=args.task, model=args.model, max_cost_usd=args.max_cost
@@ -126,12 +129,17 @@ async def _models(args: argparse.Namespace) -> int:
     async with RouterClient(args.target, api_key=args.api_key) as client:
         models = await client.list_models(timeout=args.timeout)
     if args.json:
-        print(json.dumps([json_format.MessageToDict(model, always_print_fields_with_no_presence=True) for model in models]))
+        print(
+            json.dumps(
+                [json_format.MessageToDict(model, always_print_fields_with_no_presence=True) for model in models]
+            )
+        )
         return 0
     for model in models:
         state = "available" if model.available else f"unavailable: {model.unavailable_reason}"
         print(
-            f"{model.id:<20} {model.provider:<12} in ${model.input_price_per_mtok}/M out ${model.output_price_per_mtok}/M "
+            f"{model.id:<20} {model.provider:<12} "
+            f"in ${model.input_price_per_mtok}/M out ${model.output_price_per_mtok}/M "
             f"ctx {model.context_window:<7} {','.join(model.capabilities):<16} {state}"
         )
     return 0
@@ -161,7 +169,9 @@ def _client_error(error: grpc.aio.AioRpcError) -> int:
 
 
 def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None:
-    parser.add_argument("--target", default=config_module.client_target(), help="HOST:PORT of the service ($ROUTESVC_TARGET)")
+    parser.add_argument(
+        "--target", default=config_module.client_target(), help="HOST:PORT of the service ($ROUTESVC_TARGET)"
+    )
     parser.add_argument("--api-key", default=None, help="API key sent as 'authorization: Bearer' metadata")
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")

@@ -44,16 +44,26 @@ class RouterClient:
         return self._metadata + tuple((extra or {}).items())
 
     async def route(
-        self, chat: pb.ChatRequest, context: pb.RoutingContext | None = None, *, timeout: float | None = None,
+        self,
+        chat: pb.ChatRequest,
+        context: pb.RoutingContext | None = None,
+        *,
+        timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> pb.RouteDecision:
         """The routing decision for ``chat``."""
         request = pb.RouteRequest(chat=chat, context=context or pb.RoutingContext())
-        response: pb.RouteResponse = await self._stub.Route(request, timeout=timeout, metadata=self._call_metadata(metadata))
+        response: pb.RouteResponse = await self._stub.Route(
+            request, timeout=timeout, metadata=self._call_metadata(metadata)
+        )
         return response.decision
 
     async def complete(
-        self, chat: pb.ChatRequest, context: pb.RoutingContext | None = None, *, timeout: float | None = None,
+        self,
+        chat: pb.ChatRequest,
+        context: pb.RoutingContext | None = None,
+        *,
+        timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> AsyncIterator[pb.CompleteResponse]:
         """The Complete stream: the decision, text deltas, then the completion."""

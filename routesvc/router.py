@@ -104,9 +104,7 @@ class Router:
         """
         chat = request.chat
         if chat.max_output_tokens is not None and chat.max_output_tokens > self._limits.max_output_tokens:
-            raise InvalidRequest(
-                "chat.max_output_tokens", f"must be at most {self._limits.max_output_tokens}"
-            )
+            raise InvalidRequest("chat.max_output_tokens", f"must be at most {self._limits.max_output_tokens}")
         pinned = self._catalog.get(request.context.model) if request.context.model else None
         input_tokens = estimate_input_tokens(chat)
         output_tokens = chat.max_output_tokens or self._limits.default_output_tokens
@@ -122,7 +120,9 @@ class Router:
         )
         if pinned is not None:
             if eligible[pinned.id]:
-                raise no_eligible_model(replace(routing_input, eligible=MappingProxyType({pinned.id: eligible[pinned.id]})))
+                raise no_eligible_model(
+                    replace(routing_input, eligible=MappingProxyType({pinned.id: eligible[pinned.id]}))
+                )
             verdict = Verdict(
                 model=pinned.id,
                 strategy="pinned",
@@ -240,7 +240,9 @@ class Router:
         except ProviderError as exc:
             if chunks:
                 raise StreamInterrupted(
-                    f"{exc.message} after {chunks} chunks were sent", provider=exc.provider, model=model.id,
+                    f"{exc.message} after {chunks} chunks were sent",
+                    provider=exc.provider,
+                    model=model.id,
                     chunks_sent=chunks,
                 ) from exc
             raise

@@ -42,7 +42,9 @@ class Server:
     """A running routesvc server. ``async with Server(settings) as server`` starts it on
     ``server.port``; leaving the block (or ``aclose``) drains and stops it."""
 
-    def __init__(self, settings: Settings, *, providers: Mapping[str, Provider] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, providers: Mapping[str, Provider] | None = None, port: int | None = None
+    ) -> None:
         self._settings = settings
         self._router = Router(settings, build_providers(settings) if providers is None else providers)
         self._server = grpc.aio.server(
@@ -55,7 +57,9 @@ class Server:
         router_pb2_grpc.add_RouterServiceServicer_to_server(RouterService(self._router), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if settings.config.server.reflection:
-            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            )
         host = settings.config.server.host
         self.port = self._server.add_insecure_port(f"{host}:{settings.config.server.port if port is None else port}")
         self.target = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{self.port}"

@@ -68,7 +68,7 @@ def status_code_of(error: RouteSvcError) -> grpc.StatusCode:
     """The gRPC status code for ``error``, from ``STATUS_TABLE``."""
     for cls in type(error).__mro__:
         if cls in STATUS_TABLE:
-            return STATUS_TABLE[cls]  # type: ignore[index]
+            return STATUS_TABLE[cls]
     return grpc.StatusCode.INTERNAL  # pragma: no cover - RouteSvcError is in the table
 
 
@@ -87,12 +87,14 @@ def _error_metadata(error: RouteSvcError) -> dict[str, str]:
     return metadata
 
 
-def _rich_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str], retry_after: float | None) -> status_pb2.Status:
+def _rich_status(
+    code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str], retry_after: float | None
+) -> status_pb2.Status:
     details = [error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)]
     if retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(retry_after * 1e9))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))  # type: ignore[arg-type]
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     for detail in details:
         status.details.add().Pack(detail)
@@ -117,7 +119,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._limits = router.settings.config.limits
 
     @contextlib.asynccontextmanager
-    async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:  # type: ignore[type-arg]
+    async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:
         """Run one RPC: echo the request id, bound it by the deadline, map errors, log once."""
         incoming = dict(context.invocation_metadata() or ())
         request_id = str(incoming.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
@@ -143,7 +145,10 @@ class RouterService(pb_grpc.RouterServiceServicer):
             await context.abort(
                 code,
                 "deadline exceeded",
-                trailing_metadata=((REQUEST_ID_HEADER, request_id), ("grpc-status-details-bin", status.SerializeToString())),
+                trailing_metadata=(
+                    (REQUEST_ID_HEADER, request_id),
+                    ("grpc-status-details-bin", status.SerializeToString()),
+                ),
             )
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -158,15 +163,25 @@ class RouterService(pb_grpc.RouterServiceServicer):
             await context.abort(
                 code,
                 "internal error",
-                trailing_metadata=((REQUEST_ID_HEADER, request_id), ("grpc-status-details-bin", status.SerializeToString())),
+                trailing_metadata=(
+                    (REQUEST_ID_HEADER, request_id),
+                    ("grpc-status-details-bin", status.SerializeToString()),
+                ),
             )
         else:
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         finally:
             duration_ms = round((time.monotonic() - record.started) * 1000, 3)
-            log.info("rpc_finished", method=method, code=code.name, request_id=request_id, duration_ms=duration_ms, **record.fields)
+            log.info(
+                "rpc_finished",
+                method=method,
+                code=code.name,
+                request_id=request_id,
+                duration_ms=duration_ms,
+                **record.fields,
+            )
 
-    async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:  # type: ignore[type-arg]  # noqa: N802 - gRPC method name
+    async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
         """Decide only."""
         async with self._rpc("Route", context) as record:
             decision = await self._router.route(wire.routing_request(request, self._limits))
@@ -174,13 +189,17 @@ class RouterService(pb_grpc.RouterServiceServicer):
             return pb.RouteResponse(decision=wire.decision_message(decision))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
 
-    async def Complete(self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CompleteResponse]:  # type: ignore[type-arg,override]  # noqa: N802 - gRPC method name
+    async def Complete(
+        self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CompleteResponse]:
         """Decide, call the model, stream the answer."""
         async with self._rpc("Complete", context) as record:
             routing_request = wire.routing_request(request, self._limits)
             headers = _upstream_headers(context)
             chunks = 0
-            async for event in self._router.complete(routing_request, timeout=context.time_remaining(), headers=headers):
+            async for event in self._router.complete(
+                routing_request, timeout=context.time_remaining(), headers=headers
+            ):
                 if isinstance(event, RouteDecision):
                     _record_decision(record, event)
                 elif isinstance(event, Completion):
@@ -196,7 +215,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 record.fields["chunks"] = chunks
                 yield wire.complete_message(event)
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:  # type: ignore[type-arg]  # noqa: N802 - gRPC method name
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         """The catalog."""
         async with self._rpc("ListModels", context):
             settings = self._router.settings
@@ -220,8 +241,7 @@ def _record_decision(record: _CallRecord, decision: RouteDecision) -> None:
     )
 
 
-def _upstream_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:  # type: ignore[type-arg]
+def _upstream_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
     """Headers to forward upstream: trace context only, never the client's credentials."""
     incoming = dict(context.invocation_metadata() or ())
     return {key: str(incoming[key]) for key in ("traceparent", "tracestate") if key in incoming}
-

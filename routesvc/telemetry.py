@@ -36,4 +36,6 @@ def configure_logging(config: LoggingConfig) -> None:
     )
     # Third-party libraries (grpc, httpx, the SDKs) log through the standard library; keep them
     # at WARNING so request URLs and bodies of debug logging never reach the output.
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=max(level, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
+    )

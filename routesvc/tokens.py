@@ -20,9 +20,23 @@ def _encoding() -> bpe_openai.Encoding:
     return bpe_openai.get_encoding("o200k_base")
 
 
+# The encoder refuses very long inputs at once, so long texts are counted in pieces cut at
+# whitespace (a cut can move at most a token or two per piece).
+_PIECE_CHARS = 200_000
+
+
 def count_text_tokens(text: str) -> int:
     """Tokens in ``text`` under o200k (the gpt-4o encoding; close for other vendors' models)."""
-    return len(_encoding().encode_ordinary(text))
+    encoding = _encoding()
+    total = 0
+    start = 0
+    while len(text) - start > _PIECE_CHARS:
+        end = start + _PIECE_CHARS
+        cut = max(text.rfind(" ", start + _PIECE_CHARS // 2, end), text.rfind("\n", start + _PIECE_CHARS // 2, end))
+        end = cut if cut > start else end
+        total += len(encoding.encode_ordinary(text[start:end]))
+        start = end
+    return total + len(encoding.encode_ordinary(text[start:]))
 
 
 def estimate_input_tokens(chat: ChatRequest) -> int:

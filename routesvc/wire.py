@@ -59,14 +59,15 @@ def _tool(index: int, tool: pb.Tool) -> ToolSpec:
     field = f"chat.tools[{index}]"
     if not _TOOL_NAME.match(tool.name):
         raise InvalidRequest(f"{field}.name", "must be 1-64 characters of letters, digits, '_' or '-'")
-    parameters: object = {}
+    parameters: dict[str, object] = {}
     if tool.parameters_json:
         try:
-            parameters = json.loads(tool.parameters_json)
+            parsed = json.loads(tool.parameters_json)
         except ValueError:
             raise InvalidRequest(f"{field}.parameters_json", "must be a JSON object") from None
-        if not isinstance(parameters, dict):
+        if not isinstance(parsed, dict):
             raise InvalidRequest(f"{field}.parameters_json", "must be a JSON object")
+        parameters = parsed
     return ToolSpec(tool.name, tool.description, MappingProxyType(parameters))
 
 
@@ -108,7 +109,9 @@ def _context(context: pb.RoutingContext, limits: LimitsConfig) -> RoutingContext
         raise RequestTooLarge(f"context.metadata: more than {limits.max_metadata_entries} entries")
     for key, value in context.metadata.items():
         if not key or len(key) > _MAX_METADATA_CHARS or len(value) > _MAX_METADATA_CHARS:
-            raise InvalidRequest("context.metadata", f"keys must be non-empty; keys and values at most {_MAX_METADATA_CHARS} characters")
+            raise InvalidRequest(
+                "context.metadata", f"keys must be non-empty; keys and values at most {_MAX_METADATA_CHARS} characters"
+            )
     for name in ("tenant", "user_tier", "task_hint", "model"):
         if len(getattr(context, name)) > _MAX_METADATA_CHARS:
             raise InvalidRequest(f"context.{name}", f"must be at most {_MAX_METADATA_CHARS} characters")
@@ -117,7 +120,7 @@ def _context(context: pb.RoutingContext, limits: LimitsConfig) -> RoutingContext
         try:
             max_cost = Decimal(context.max_cost_usd)
         except InvalidOperation:
-            raise InvalidRequest("context.max_cost_usd", "must be a decimal number of USD, e.g. \"0.01\"") from None
+            raise InvalidRequest("context.max_cost_usd", 'must be a decimal number of USD, e.g. "0.01"') from None
         if not max_cost.is_finite() or max_cost <= 0:
             raise InvalidRequest("context.max_cost_usd", "must be a positive decimal number of USD")
     return RoutingContext(

@@ -78,7 +78,9 @@ class RulesStrategy:
 
     def __init__(self, rules: Sequence[RuleConfig]) -> None:
         self._rules = tuple(
-            _Rule(rule, re.compile(rule.when.last_user_message_matches) if rule.when.last_user_message_matches else None)
+            _Rule(
+                rule, re.compile(rule.when.last_user_message_matches) if rule.when.last_user_message_matches else None
+            )
             for rule in rules
         )
 
@@ -126,6 +128,6 @@ class RulesStrategy:
         verdict = await next_stage(routing_input)
         return replace(
             verdict,
-            reasons=(*reasons, *verdict.reasons) if reasons else (("no rule matched",) + verdict.reasons),
+            reasons=(*reasons, *verdict.reasons) if reasons else ("no rule matched", *verdict.reasons),
             mode=mode or verdict.mode,
         )

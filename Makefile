@@ -1,0 +1,54 @@
+# routesvc task runner. Two commands do everything on a fresh machine:
+#   make run    install what is needed and run the service on its embedded defaults
+#   make test   install what is needed and run every check and test (what CI runs)
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# Slow-to-build things (pip wheels, Go modules, Jaeger, npm and Maven packages) are cached here,
+# outside the checkout, and reused when present.
+export ROUTESVC_CACHE ?= $(HOME)/.cache/routesvc
+export PIP_CACHE_DIR ?= $(ROUTESVC_CACHE)/pip
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: install run test proto check-generated lint typecheck pytest clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/routesvc serve $(ARGS)
+
+# Regenerate the Python stubs in routesvc/v1 from protos/ (never edit them by hand).
+proto: install
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iprotos \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. protos/routesvc/v1/*.proto
+
+# Fails when the checked-in stubs differ from what protos/ generates.
+check-generated: install
+	rm -rf build/gen && mkdir -p build/gen
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iprotos \
+	  --python_out=build/gen --grpc_python_out=build/gen --mypy_out=build/gen --mypy_grpc_out=build/gen protos/routesvc/v1/*.proto
+	@for f in build/gen/routesvc/v1/*; do \
+	  diff -q "$$f" "routesvc/v1/$$(basename $$f)" >/dev/null || { echo "generated code is stale: run 'make proto' ($$f)"; exit 1; }; \
+	done; echo "generated code is up to date"
+
+lint: install
+	$(VENV)/bin/ruff check routesvc tests bench
+	$(VENV)/bin/ruff format --check routesvc tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy routesvc
+
+pytest: install
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test: install check-generated lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

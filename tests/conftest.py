@@ -1,0 +1,65 @@
+"""Shared fixtures: settings from YAML, a real in-process gRPC server on port 0, a client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import structlog
+import yaml
+
+from routesvc.client import RouterClient, build_chat
+from routesvc.config import Settings, parse_config
+from routesvc.server import Server
+from routesvc.v1 import router_pb2 as pb
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "routing"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Every test starts with structlog's defaults (tests configure logging themselves)."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+def default_config() -> dict[str, object]:
+    """The embedded default configuration as a mutable dict, for tests to adjust."""
+    text = resources.files("routesvc").joinpath("default_config.yaml").read_text(encoding="utf-8")
+    loaded = yaml.safe_load(text)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def settings_from(config: dict[str, object], environ: dict[str, str] | None = None) -> Settings:
+    """Validated settings from a config dict and an explicit environment."""
+    return parse_config(yaml.safe_dump(config), "<test>", environ or {})
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """The embedded default policy with no provider keys."""
+    return settings_from(default_config())
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[Server]:
+    """A real grpc.aio server on a free loopback port."""
+    async with Server(settings, port=0) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: Server) -> AsyncIterator[RouterClient]:
+    """A client connected to ``server``."""
+    async with RouterClient(server.target) as connected:
+        yield connected
+
+
+def user_chat(prompt: str, **kwargs: object) -> pb.ChatRequest:
+    """A one-message chat request."""
+    return build_chat([("user", prompt)], **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,196 @@
+"""Route: the seed policy over a real gRPC server, with reasons naming each rule."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from routesvc.client import RouterClient
+from routesvc.server import Server
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, settings_from, user_chat
+
+PLAIN = "What is the capital of France?"
+
+
+def _tools(count: int) -> list[pb.Tool]:
+    return [pb.Tool(name=f"t{index}") for index in range(count)]
+
+
+async def _route(
+    client: RouterClient, prompt: str = PLAIN, *, chat: pb.ChatRequest | None = None, **context: object
+) -> pb.RouteDecision:
+    return await client.route(chat or user_chat(prompt), pb.RoutingContext(**context))  # type: ignore[arg-type]
+
+
+class TestSeedPolicy:
+    async def test_plain_question_takes_the_default(self, client: RouterClient) -> None:
+        """A prompt no rule matches goes to gpt-4o-mini, saying no rule matched."""
+        decision = await _route(client)
+        assert (decision.model, decision.strategy, decision.rule) == ("gpt-4o-mini", "default", "default")
+        assert decision.reasons[0] == "no rule matched"
+        assert decision.mode == pb.MODE_REALTIME
+
+    @pytest.mark.parametrize(
+        ("task", "model"),
+        [("code_generation", "gpt-4o"), ("multi_step_reasoning", "gpt-4o"), ("creative_writing", "claude-sonnet")],
+    )
+    async def test_task_hints_escalate(self, client: RouterClient, task: str, model: str) -> None:
+        """Task labels from the hint pick the seed's model, and the reason names the rule."""
+        decision = await _route(client, task_hint=task)
+        assert (decision.model, decision.rule, decision.task) == (model, task, task)
+        assert decision.reasons[0].startswith(f"rule {task} ")
+        assert "(from hint)" in decision.reasons[0]
+
+    async def test_premium_tier_escalates(self, client: RouterClient) -> None:
+        """Premium users get gpt-4o."""
+        decision = await _route(client, user_tier="premium")
+        assert (decision.model, decision.rule) == ("gpt-4o", "premium_tier")
+
+    async def test_more_than_five_tools_go_to_sonnet(self, client: RouterClient) -> None:
+        """Six tool definitions pick claude-sonnet; five do not."""
+        six = await _route(client, chat=user_chat(PLAIN, tools=_tools(6)))
+        five = await _route(client, chat=user_chat(PLAIN, tools=_tools(5)))
+        assert (six.model, six.rule, five.model) == ("claude-sonnet", "many_tools", "gpt-4o-mini")
+
+    async def test_long_inputs_go_to_sonnet_and_others_are_excluded(self, client: RouterClient) -> None:
+        """Over 128K estimated tokens picks claude-sonnet; the 128K models are excluded with the numbers."""
+        decision = await _route(client, "word " * 130_000)
+        assert (decision.model, decision.rule) == ("claude-sonnet", "long_context")
+        assert decision.estimated_input_tokens > 128_000
+        excluded = {c.model: c.excluded_reason for c in decision.candidates if not c.eligible}
+        assert set(excluded) == {"gpt-4o-mini", "gpt-4o"}
+        assert excluded["gpt-4o"].startswith("context window 128000 < ")
+
+    async def test_not_realtime_is_batch_mode_at_the_batch_price(self, client: RouterClient) -> None:
+        """realtime=false sets batch mode; the estimate is at the discounted price."""
+        realtime = await _route(client)
+        batch = await _route(client, realtime=False)
+        assert (batch.mode, batch.model) == (pb.MODE_BATCH, "gpt-4o-mini")
+        assert any(reason.startswith("rule deferrable") for reason in batch.reasons)
+        assert float(batch.estimated_cost_usd) == pytest.approx(float(realtime.estimated_cost_usd) / 2)
+
+    async def test_every_matching_rule_is_explained_in_precedence_order(self, client: RouterClient) -> None:
+        """Creative writing by a premium user: creative_writing (precedence 3) wins over premium_tier (6)."""
+        decision = await _route(client, task_hint="creative_writing", user_tier="premium")
+        assert decision.model == "claude-sonnet"
+        assert decision.reasons[0].endswith("; chosen")
+        assert decision.reasons[1].startswith("rule premium_tier (precedence 6) matched")
+        assert decision.reasons[1].endswith("; overridden by creative_writing")
+
+    async def test_estimates_are_tokens_times_price(self, client: RouterClient) -> None:
+        """The estimated cost is estimated input tokens and default output tokens at catalog price."""
+        decision = await _route(client)
+        expected = (decision.estimated_input_tokens * 0.15 + 512 * 0.60) / 1_000_000
+        assert decision.estimated_output_tokens == 512
+        assert float(decision.estimated_cost_usd) == pytest.approx(expected)
+
+    async def test_decisions_have_unique_ids(self, client: RouterClient) -> None:
+        """Every decision gets its own id."""
+        ids = {(await _route(client)).decision_id for _ in range(5)}
+        assert len(ids) == 5
+
+    async def test_missing_credentials_are_reported_without_failing_route(self, client: RouterClient) -> None:
+        """Route still decides without keys, and says which variable Complete needs."""
+        decision = await _route(client)
+        assert any("OPENAI_API_KEY" in reason for reason in decision.reasons)
+
+
+@pytest.fixture
+async def custom_client(request: pytest.FixtureRequest) -> AsyncIterator[RouterClient]:
+    config, environ = request.param
+    async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+        yield client
+
+
+def _with_rules(rules: list[dict[str, object]], **routing: object) -> dict[str, object]:
+    config = default_config()
+    config["routing"] = {"default_model": "gpt-4o-mini", "stages": [{"kind": "rules", "rules": rules}], **routing}
+    return config
+
+
+CONDITIONS = _with_rules(
+    [
+        {"name": "acme", "when": {"tenant_in": ["acme"]}, "model": "claude-sonnet"},
+        {"name": "eu", "when": {"metadata": {"region": "eu"}}, "model": "gpt-4o"},
+        {"name": "sql", "when": {"last_user_message_matches": r"(?i)\bselect\b.*\bfrom\b"}, "model": "gpt-4o"},
+        {"name": "short", "when": {"input_tokens_lt": 5}, "model": "claude-sonnet"},
+    ]
+)
+
+
+class TestConditions:
+    @pytest.mark.parametrize("custom_client", [(CONDITIONS, {})], indirect=True)
+    async def test_tenant_metadata_regex_and_token_conditions(self, custom_client: RouterClient) -> None:
+        """Each kind of condition matches only its own requests."""
+        assert (await _route(custom_client, tenant="acme")).rule == "acme"
+        assert (await _route(custom_client, metadata={"region": "eu"})).rule == "eu"
+        assert (await _route(custom_client, metadata={"region": "us"})).rule == "default"
+        assert (await _route(custom_client, "Please SELECT name FROM users where x")).rule == "sql"
+        assert (await _route(custom_client, "hi")).rule == "default"  # 3 framing + 3 primer + text > 5
+
+    @pytest.mark.parametrize("custom_client", [(CONDITIONS, {})], indirect=True)
+    async def test_regex_reasons_never_quote_the_prompt(self, custom_client: RouterClient) -> None:
+        """A regex match is explained without repeating the user's text."""
+        decision = await _route(custom_client, "select secret_canary_value from users")
+        assert decision.rule == "sql"
+        assert all("secret_canary_value" not in reason for reason in decision.reasons)
+
+
+NO_TOOLS = default_config()
+NO_TOOLS["models"][1]["capabilities"] = []  # type: ignore[index]
+FALLTHROUGH = _with_rules(
+    [{"name": "sonnet_for_all", "when": {"realtime": True}, "model": "claude-sonnet"}],
+    on_unconfigured_provider="fallthrough",
+)
+
+
+class TestEligibility:
+    @pytest.mark.parametrize("custom_client", [(NO_TOOLS, {})], indirect=True)
+    async def test_a_rule_whose_model_cannot_serve_is_skipped(self, custom_client: RouterClient) -> None:
+        """Premium with tools, when gpt-4o lacks tool support: the rule is skipped, default serves."""
+        decision = await _route(custom_client, chat=user_chat(PLAIN, tools=_tools(1)), user_tier="premium")
+        assert decision.model == "gpt-4o-mini"
+        assert "skipped: does not support tools" in decision.reasons[0]
+
+    @pytest.mark.parametrize("custom_client", [(FALLTHROUGH, {"OPENAI_API_KEY": "sk-x"})], indirect=True)
+    async def test_fallthrough_skips_models_without_keys(self, custom_client: RouterClient) -> None:
+        """With on_unconfigured_provider fallthrough, a model without a key is not chosen."""
+        decision = await _route(custom_client)
+        assert decision.model == "gpt-4o-mini"
+        assert "ANTHROPIC_API_KEY" in {c.model: c.excluded_reason for c in decision.candidates}["claude-sonnet"]
+
+    async def test_pinned_model_is_served(self, client: RouterClient) -> None:
+        """context.model pins a catalog model."""
+        decision = await _route(client, model="claude-sonnet")
+        assert (decision.model, decision.strategy) == ("claude-sonnet", "pinned")
+
+    async def test_unknown_pinned_model_is_not_found(self, client: RouterClient) -> None:
+        """An unknown model id is NOT_FOUND naming it."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _route(client, model="gpt-9")
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "gpt-9" in (caught.value.details() or "")
+
+    async def test_no_model_fits_is_resource_exhausted(self, client: RouterClient) -> None:
+        """An input larger than every context window is RESOURCE_EXHAUSTED."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _route(client, "word " * 210_000)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "context window" in (caught.value.details() or "")
+
+
+class TestMaxCost:
+    async def test_over_budget_choice_is_downgraded(self, client: RouterClient) -> None:
+        """A premium request capped below gpt-4o's estimate goes to the cheapest model within the cap."""
+        decision = await _route(client, user_tier="premium", max_cost_usd="0.001")
+        assert decision.model == "gpt-4o-mini"
+        assert "exceeds max_cost_usd 0.001; downgraded to gpt-4o-mini" in decision.reasons[-2]
+
+    async def test_nothing_within_the_cap_is_resource_exhausted(self, client: RouterClient) -> None:
+        """When even the cheapest eligible model costs more than the cap, the request is refused."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _route(client, max_cost_usd="0.0000001")
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
