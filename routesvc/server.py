@@ -107,12 +107,12 @@ class Server:
 
 async def serve(settings: Settings, port: int | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully."""
-    server = Server(settings, port=port)
-    await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    server = Server(settings, port=port)
+    await server.start()
     await stop.wait()
     log.info("server_draining")
     await server.aclose()

@@ -1,0 +1,112 @@
+"""The server: health, reflection, unknown methods, request ids, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from routesvc.client import RouterClient
+from routesvc.server import SERVICE_NAME, Server
+from tests.conftest import REPO, user_chat
+
+
+class TestHealth:
+    async def test_serving_for_the_server_and_the_service(self, server: Server) -> None:
+        """grpc.health.v1 Check says SERVING for "" and for routesvc.v1.RouterService."""
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", SERVICE_NAME):
+                response = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+                assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def test_watch_sees_not_serving_on_shutdown(self, server: Server) -> None:
+        """Watch streams SERVING, then NOT_SERVING when the server starts draining."""
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+            first = await call.read()
+            closing = asyncio.create_task(server.aclose())
+            second = await call.read()
+            await closing
+        assert (first.status, second.status) == (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
+
+class TestReflection:
+    async def test_lists_the_services(self, server: Server) -> None:
+        """Server reflection lists RouterService and health."""
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            async for response in responses:
+                names = {service.name for service in response.list_services_response.service}
+                break
+        assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+class TestMetadata:
+    async def test_unknown_method_is_unimplemented(self, server: Server) -> None:
+        """A method the service does not have is UNIMPLEMENTED."""
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            call = channel.unary_unary("/routesvc.v1.RouterService/Nope")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(b"")
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    async def test_request_id_round_trips(self, server: Server) -> None:
+        """x-request-id sent by the client comes back in initial and trailing metadata."""
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            from routesvc.v1 import router_pb2 as pb
+            from routesvc.v1 import router_pb2_grpc as pb_grpc
+
+            call = pb_grpc.RouterServiceStub(channel).Route(
+                pb.RouteRequest(chat=user_chat("hi")), metadata=(("x-request-id", "req-123"),)
+            )
+            await call
+            initial = dict(await call.initial_metadata())
+            trailing = dict(await call.trailing_metadata())
+        assert (initial["x-request-id"], trailing["x-request-id"]) == ("req-123", "req-123")
+
+    async def test_a_request_id_is_made_when_missing(self, client: RouterClient, server: Server) -> None:
+        """Without x-request-id the server makes one up and returns it."""
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            from routesvc.v1 import router_pb2 as pb
+            from routesvc.v1 import router_pb2_grpc as pb_grpc
+
+            call = pb_grpc.RouterServiceStub(channel).Route(pb.RouteRequest(chat=user_chat("hi")))
+            await call
+            assert len(dict(await call.initial_metadata())["x-request-id"]) == 32
+
+
+class TestProcess:
+    def test_sigterm_exits_zero_after_logging(self) -> None:
+        """`routesvc serve` logs JSON lines, and on SIGTERM drains and exits 0."""
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "routesvc", "serve", "--port", "0"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            started = json.loads(process.stdout.readline())
+            assert started["event"] == "server_started"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+            events = [json.loads(line)["event"] for line in process.stdout.read().splitlines()]
+            assert events[-2:] == ["server_draining", "server_stopped"] or events[-1] == "server_stopped"
+        finally:
+            process.kill()

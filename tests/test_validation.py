@@ -1,0 +1,122 @@
+"""Bad input: a precise status naming the field, never echoing prompt text, never UNKNOWN."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from routesvc.client import RouterClient
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import user_chat
+
+CANARY = "canary-prompt-7f3a9"
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo detail of a failed call."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info
+    raise AssertionError("no ErrorInfo in the trailers")
+
+
+def _chat(*messages: tuple[int, str], **fields: object) -> pb.ChatRequest:
+    return pb.ChatRequest(messages=[pb.Message(role=r, content=c) for r, c in messages], **fields)  # type: ignore[arg-type]
+
+
+USER = pb.ROLE_USER
+BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
+    ("no messages", pb.ChatRequest(), pb.RoutingContext(), "chat.messages"),
+    ("unspecified role", _chat((USER, CANARY), (0, CANARY)), pb.RoutingContext(), "chat.messages[1].role"),
+    ("unknown role number", _chat((USER, CANARY), (42, CANARY)), pb.RoutingContext(), "chat.messages[1].role"),
+    ("empty content", _chat((USER, "  \n")), pb.RoutingContext(), "chat.messages[0].content"),
+    ("only a system message", _chat((pb.ROLE_SYSTEM, CANARY)), pb.RoutingContext(), "chat.messages"),
+    ("zero max tokens", _chat((USER, CANARY), max_output_tokens=0), pb.RoutingContext(), "chat.max_output_tokens"),
+    (
+        "negative max tokens",
+        _chat((USER, CANARY), max_output_tokens=-5),
+        pb.RoutingContext(),
+        "chat.max_output_tokens",
+    ),
+    (
+        "absurd max tokens",
+        _chat((USER, CANARY), max_output_tokens=2_000_000_000),
+        pb.RoutingContext(),
+        "chat.max_output_tokens",
+    ),
+    ("temperature", _chat((USER, CANARY), temperature=7.5), pb.RoutingContext(), "chat.temperature"),
+    (
+        "tool name",
+        _chat((USER, CANARY), tools=[pb.Tool(name=f"bad name {CANARY}")]),
+        pb.RoutingContext(),
+        "chat.tools[0].name",
+    ),
+    (
+        "tool schema",
+        _chat((USER, CANARY), tools=[pb.Tool(name="ok", parameters_json=f'["{CANARY}"]')]),
+        pb.RoutingContext(),
+        "chat.tools[0].parameters_json",
+    ),
+    ("max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd=CANARY), "context.max_cost_usd"),
+    ("negative max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="-1"), "context.max_cost_usd"),
+]
+
+
+class TestInvalidArgument:
+    @pytest.mark.parametrize(
+        ("chat", "context", "field"), [case[1:] for case in BAD_REQUESTS], ids=[case[0] for case in BAD_REQUESTS]
+    )
+    async def test_route_names_the_field_and_never_echoes_content(
+        self, client: RouterClient, chat: pb.ChatRequest, context: pb.RoutingContext, field: str
+    ) -> None:
+        """Each malformed request is INVALID_ARGUMENT, reason INVALID_REQUEST, naming the field."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.route(chat, context)
+        error = caught.value
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (error.details() or "").startswith(f"{field}: ")
+        assert CANARY not in (error.details() or "")
+        info = error_info(error)
+        assert (info.reason, info.domain, info.metadata["field"]) == ("INVALID_REQUEST", "routesvc", field)
+
+    @pytest.mark.parametrize(
+        ("chat", "context", "field"), [case[1:] for case in BAD_REQUESTS], ids=[case[0] for case in BAD_REQUESTS]
+    )
+    async def test_complete_rejects_before_any_message(
+        self, client: RouterClient, chat: pb.ChatRequest, context: pb.RoutingContext, field: str
+    ) -> None:
+        """Complete answers the same status before streaming anything."""
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for message in client.complete(chat, context):
+                received.append(message)
+        assert (caught.value.code(), received) == (grpc.StatusCode.INVALID_ARGUMENT, [])
+        assert error_info(caught.value).metadata["field"] == field
+
+
+class TestSizeLimits:
+    async def test_too_many_messages_is_resource_exhausted(self, client: RouterClient) -> None:
+        """10,000 messages exceed the default limit of 1,000."""
+        chat = _chat(*[(USER, "x")] * 10_000)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.route(chat)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(caught.value).reason == "REQUEST_TOO_LARGE"
+
+    async def test_oversized_request_is_resource_exhausted(self, client: RouterClient) -> None:
+        """A request over max_request_bytes is refused without echoing it."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.route(user_chat(CANARY * 300_000))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert CANARY not in (caught.value.details() or "")
+
+    async def test_too_many_tools_is_resource_exhausted(self, client: RouterClient) -> None:
+        """More tools than max_tools are refused."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.route(user_chat("hi", tools=[pb.Tool(name=f"t{i}") for i in range(200)]))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
