@@ -91,10 +91,14 @@ class TestInvalidArgument:
         self, client: RouterClient, chat: pb.ChatRequest, context: pb.RoutingContext, field: str
     ) -> None:
         """Complete answers the same status before streaming anything."""
-        received = []
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
+        received: list[pb.CompleteResponse] = []
+
+        async def read_all() -> None:
             async for message in client.complete(chat, context):
                 received.append(message)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_all()
         assert (caught.value.code(), received) == (grpc.StatusCode.INVALID_ARGUMENT, [])
         assert error_info(caught.value).metadata["field"] == field
 
