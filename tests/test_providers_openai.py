@@ -1,0 +1,454 @@
+"""The OpenAI adapter, through the real ``openai`` SDK, over HTTP to the fake provider."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import time
+from collections.abc import AsyncIterator, Callable
+from types import MappingProxyType
+
+import pytest
+from structlog.testing import capture_logs
+
+from routesvc.errors import (
+    ConfigError,
+    ProviderAuthFailed,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderUnavailable,
+)
+from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.providers.base import ProviderCall
+from routesvc.providers.openai import OpenAIProvider
+from routesvc.testing import FakeProvider, Fault, Script
+
+CANARY_PROMPT = "canary-prompt-4f9c2e please repeat this"
+CANARY_KEY = "sk-canary-key-8d1b77"
+
+
+def make_call(**overrides: object) -> ProviderCall:
+    """A call carrying the canary prompt, as the router would build it."""
+    values: dict[str, object] = {
+        "model": "gpt-4o-mini",
+        "provider_model": "gpt-4o-mini-2024-07-18",
+        "messages": (Message(Role.SYSTEM, "You are terse."), Message(Role.USER, CANARY_PROMPT)),
+    }
+    values.update(overrides)
+    return ProviderCall(**values)  # type: ignore[arg-type]
+
+
+async def collect(provider: OpenAIProvider, call: ProviderCall) -> list[ProviderEvent]:
+    """Every event of a stream that must succeed."""
+    return [event async for event in provider.stream(call)]
+
+
+async def collect_until_error(provider: OpenAIProvider, call: ProviderCall) -> tuple[list[str], ProviderError]:
+    """The text deltas received before the stream failed, and the error it failed with."""
+    texts: list[str] = []
+
+    async def drain() -> None:
+        async for event in provider.stream(call):
+            assert isinstance(event, TextDelta)
+            texts.append(event.text)
+
+    with pytest.raises(ProviderError) as info:
+        await drain()
+    return texts, info.value
+
+
+def assert_sanitized(error: ProviderError) -> None:
+    """Neither the prompt nor the key appear in what the error says."""
+    for text in (str(error), error.message, repr(error.args)):
+        assert "canary" not in text
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Wait until ``predicate()`` holds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110  # the fake's counters are plain attributes, polled
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeProvider]:
+    """A fake provider on a free loopback port."""
+    async with FakeProvider() as running:
+        yield running
+
+
+@pytest.fixture
+async def provider(fake: FakeProvider) -> AsyncIterator[OpenAIProvider]:
+    """An ``openai`` kind adapter pointed at the fake."""
+    adapter = OpenAIProvider("openai", CANARY_KEY, fake.openai_base_url, "openai")
+    yield adapter
+    await adapter.aclose()
+
+
+@pytest.fixture
+async def compatible(fake: FakeProvider) -> AsyncIterator[OpenAIProvider]:
+    """An ``openai_compatible`` kind adapter (vLLM, Ollama, llama.cpp) pointed at the fake."""
+    adapter = OpenAIProvider("local", "", fake.openai_base_url, "openai_compatible")
+    yield adapter
+    await adapter.aclose()
+
+
+class TestConstruction:
+    def test_unknown_kind_is_a_config_error(self) -> None:
+        """A kind other than openai / openai_compatible fails at construction, naming the field."""
+        with pytest.raises(ConfigError, match=r"providers\.x\.kind"):
+            OpenAIProvider("x", "key", None, "anthropic")
+
+    def test_name_and_kind(self) -> None:
+        """The adapter reports its configured name and kind."""
+        adapter = OpenAIProvider("vllm", None, "http://127.0.0.1:1/v1", "openai_compatible")
+        assert (adapter.name, adapter.kind) == ("vllm", "openai_compatible")
+
+
+class TestStreaming:
+    async def test_default_answer_streams_word_chunks_then_usage(self, provider: OpenAIProvider) -> None:
+        """The default script's words arrive as deltas in order, then one finish with usage."""
+        events = await collect(provider, make_call())
+        assert [
+            TextDelta("Hello "),
+            TextDelta("from "),
+            TextDelta("the "),
+            TextDelta("fake "),
+            TextDelta("provider."),
+        ] == (events[:-1])
+        assert (
+            ProviderFinish(
+                usage=Usage(input_tokens=len(f"You are terse. {CANARY_PROMPT}".split()), output_tokens=5),
+                finish_reason=FinishReason.STOP,
+                provider_model="gpt-4o-mini-2024-07-18",
+            )
+            == events[-1]
+        )
+
+    async def test_sixty_chunks_arrive_exactly_once_in_order(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """N chunks are neither lost, duplicated nor reordered."""
+        script = Script(chunk_count=60)
+        fake.enqueue(script)
+        events = await collect(provider, make_call())
+        assert [TextDelta(chunk) for chunk in script.content_chunks()] == events[:-1]
+        assert len(events) - 1 == 60
+
+    async def test_usage_and_cached_tokens_come_from_the_usage_chunk(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """``prompt_tokens``, ``completion_tokens`` and ``prompt_tokens_details.cached_tokens`` are reported."""
+        fake.enqueue(Script(input_tokens=1200, output_tokens=34, cached_input_tokens=1024))
+        finish = (await collect(provider, make_call()))[-1]
+        assert Usage(input_tokens=1200, output_tokens=34, cached_input_tokens=1024) == finish.usage  # type: ignore[union-attr]
+
+    async def test_the_model_that_answered_is_reported(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """``provider_model`` is the ``model`` of the chunks, not the one requested."""
+        fake.enqueue(Script(model="gpt-4o-mini-2099-01-01"))
+        finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert finish.provider_model == "gpt-4o-mini-2099-01-01"
+
+    @pytest.mark.parametrize(
+        ("wire", "expected"),
+        [
+            ("stop", FinishReason.STOP),
+            ("length", FinishReason.LENGTH),
+            ("tool_calls", FinishReason.TOOL_CALLS),
+            ("function_call", FinishReason.TOOL_CALLS),
+            ("content_filter", FinishReason.CONTENT_FILTER),
+            ("something_new", FinishReason.OTHER),
+        ],
+    )
+    async def test_finish_reasons_are_normalised(
+        self, fake: FakeProvider, provider: OpenAIProvider, wire: str, expected: FinishReason
+    ) -> None:
+        """Each OpenAI ``finish_reason`` maps to one domain ``FinishReason``."""
+        fake.enqueue(Script(finish_reason=wire))
+        finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert expected == finish.finish_reason
+
+    async def test_unknown_chunks_and_oversized_lines_are_tolerated(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """A chunk with no choices and an unknown object, or a 1 MiB chunk, do not break the stream."""
+        fake.enqueue(
+            Script(fault=Fault.UNKNOWN_EVENT, fault_after=2), Script(fault=Fault.OVERSIZED_LINE, fault_after=1)
+        )
+        for _ in range(2):
+            events = await collect(provider, make_call())
+            assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+
+
+class TestRequestShape:
+    async def test_openai_kind_sends_max_completion_tokens_and_asks_for_usage(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """The body has the messages by role, ``max_completion_tokens``, streaming with usage."""
+        await collect(provider, make_call(max_output_tokens=77, temperature=0.25))
+        body = fake.requests[-1].body
+        assert body == {
+            "model": "gpt-4o-mini-2024-07-18",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": CANARY_PROMPT},
+            ],
+            "max_completion_tokens": 77,
+            "temperature": 0.25,
+        }
+
+    async def test_compatible_kind_sends_max_tokens(self, fake: FakeProvider, compatible: OpenAIProvider) -> None:
+        """vLLM, Ollama and llama.cpp get ``max_tokens``, never ``max_completion_tokens``."""
+        await collect(compatible, make_call(max_output_tokens=64))
+        body = fake.requests[-1].body
+        assert (body["max_tokens"], "max_completion_tokens" in body) == (64, False)
+
+    async def test_tools_are_sent_as_function_tools(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """Each ``ToolSpec`` becomes a ``{"type": "function", "function": {...}}`` tool."""
+        schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+        tool = ToolSpec(name="get_weather", description="Weather for a city", parameters=MappingProxyType(schema))
+        await collect(provider, make_call(tools=(tool,)))
+        assert [
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "description": "Weather for a city", "parameters": schema},
+            }
+        ] == fake.requests[-1].body["tools"]
+
+    async def test_extra_headers_and_the_key_are_sent(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """``ProviderCall.headers`` (e.g. traceparent) go upstream; the key goes as a Bearer token."""
+        traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        await collect(provider, make_call(headers=MappingProxyType({"traceparent": traceparent})))
+        record = fake.requests[-1]
+        assert (traceparent, CANARY_KEY) == (record.headers["traceparent"], record.api_key)
+
+    async def test_no_sdk_retries(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """A 503 is not retried by the SDK: exactly one upstream request (our retry loop decides)."""
+        fake.enqueue(Script(status=503))
+        await collect_until_error(provider, make_call())
+        assert len(fake.requests) == 1
+
+
+class TestMissingUsage:
+    async def test_compatible_server_without_usage_gets_an_estimate(
+        self, fake: FakeProvider, compatible: OpenAIProvider
+    ) -> None:
+        """A server that sends no usage chunk still yields a finish, with estimated usage, logged."""
+        fake.enqueue(Script(omit_usage=True))
+        with capture_logs() as logs:
+            events = await collect(compatible, make_call())
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert finish.usage.input_tokens > 0
+        assert finish.usage.output_tokens > 0
+        assert [entry["event"] for entry in logs] == ["provider_usage_estimated"]
+        assert all(CANARY_PROMPT not in str(entry) for entry in logs)
+
+
+STATUS_ERRORS = [
+    (400, ProviderRejected),
+    (401, ProviderAuthFailed),
+    (403, ProviderAuthFailed),
+    (404, ProviderRejected),
+    (408, ProviderUnavailable),
+    (409, ProviderRejected),
+    (413, ProviderRejected),
+    (422, ProviderRejected),
+    (429, ProviderRateLimited),
+    (500, ProviderUnavailable),
+    (502, ProviderUnavailable),
+    (503, ProviderUnavailable),
+    (504, ProviderUnavailable),
+    (529, ProviderUnavailable),
+]
+
+
+class TestErrorTranslation:
+    @pytest.mark.parametrize(("status", "error_class"), STATUS_ERRORS)
+    async def test_status_maps_to_one_error_class_with_a_sanitized_message(
+        self, fake: FakeProvider, provider: OpenAIProvider, status: int, error_class: type[ProviderError]
+    ) -> None:
+        """Each HTTP status becomes its documented error; the echoed prompt and key are not copied."""
+        fake.enqueue(Script(status=status))
+        texts, error = await collect_until_error(provider, make_call())
+        assert ([], error_class, status) == (texts, type(error), error.status)
+        assert (error.provider, error.model) == ("openai", "gpt-4o-mini")
+        assert f"HTTP {status}" in error.message
+        assert_sanitized(error)
+
+    @pytest.mark.parametrize(
+        ("headers", "expected"),
+        [
+            ({"retry_after": "7"}, 7.0),
+            ({"retry_after": "1.5"}, 1.5),
+            ({"retry_after_ms": "250"}, 0.25),
+            ({"retry_after": "7", "retry_after_ms": "2500"}, 2.5),
+        ],
+    )
+    async def test_rate_limit_carries_retry_after(
+        self, fake: FakeProvider, provider: OpenAIProvider, headers: dict[str, str], expected: float
+    ) -> None:
+        """``retry-after-ms`` wins over ``Retry-After`` seconds; both become ``retry_after`` seconds."""
+        fake.enqueue(Script(status=429, **headers))  # type: ignore[arg-type]
+        _, error = await collect_until_error(provider, make_call())
+        assert isinstance(error, ProviderRateLimited)
+        assert expected == error.retry_after
+
+    async def test_rate_limit_retry_after_as_http_date(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """A ``Retry-After`` HTTP date becomes the seconds left until then."""
+        fake.enqueue(Script(status=429, retry_after=email.utils.formatdate(time.time() + 30, usegmt=True)))
+        _, error = await collect_until_error(provider, make_call())
+        assert isinstance(error, ProviderRateLimited)
+        assert error.retry_after is not None
+        assert 25 <= error.retry_after <= 31
+
+    async def test_rate_limit_without_retry_after(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """A 429 that says nothing about when to retry has ``retry_after`` None."""
+        fake.enqueue(Script(status=429))
+        _, error = await collect_until_error(provider, make_call())
+        assert isinstance(error, ProviderRateLimited)
+        assert error.retry_after is None
+
+    async def test_non_json_error_body(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """An HTML error page from a proxy still maps by status and is not copied."""
+        fake.enqueue(Script(status=502, error_body=f"<html>bad gateway {CANARY_PROMPT}</html>"))
+        _, error = await collect_until_error(provider, make_call())
+        assert isinstance(error, ProviderUnavailable)
+        assert_sanitized(error)
+
+    async def test_connection_refused_is_unavailable(self) -> None:
+        """Nothing listening: ProviderUnavailable, no status."""
+        adapter = OpenAIProvider("openai", CANARY_KEY, "http://127.0.0.1:1/v1")
+        try:
+            texts, error = await collect_until_error(adapter, make_call())
+        finally:
+            await adapter.aclose()
+        assert ([], ProviderUnavailable, None) == (texts, type(error), error.status)
+        assert_sanitized(error)
+
+
+class TestMidStreamFailures:
+    async def test_cut_after_40_of_60_chunks(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """A connection closed mid-body gives exactly the 40 chunks sent, then ProviderUnavailable."""
+        script = Script(chunk_count=60, fault=Fault.CUT, fault_after=40)
+        fake.enqueue(script)
+        texts, error = await collect_until_error(provider, make_call())
+        assert list(script.content_chunks()[:40]) == texts
+        assert isinstance(error, ProviderUnavailable)
+
+    async def test_connection_reset_mid_stream(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """A TCP reset after 3 chunks gives those 3, then ProviderUnavailable."""
+        fake.enqueue(Script(chunk_count=10, fault=Fault.RESET, fault_after=3))
+        texts, error = await collect_until_error(provider, make_call())
+        assert (3, ProviderUnavailable) == (len(texts), type(error))
+
+    @pytest.mark.parametrize(
+        ("error_type", "error_class"),
+        [
+            ("server_error", ProviderUnavailable),
+            ("rate_limit_error", ProviderRateLimited),
+            ("invalid_request_error", ProviderRejected),
+        ],
+    )
+    async def test_in_band_error_chunk(
+        self, fake: FakeProvider, provider: OpenAIProvider, error_type: str, error_class: type[ProviderError]
+    ) -> None:
+        """An ``{"error": ...}`` chunk inside a 200 stream is a ProviderError by its type, sanitized."""
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=2, error_type=error_type))
+        texts, error = await collect_until_error(provider, make_call())
+        assert (["Hello ", "from "], error_class) == (texts, type(error))
+        assert_sanitized(error)
+
+    async def test_in_band_error_before_content(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """An error chunk before any text is an error with nothing yielded (retryable pre-commit)."""
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=0))
+        texts, error = await collect_until_error(provider, make_call())
+        assert ([], ProviderUnavailable) == (texts, type(error))
+
+    @pytest.mark.parametrize("fault", [Fault.MALFORMED_LINE, Fault.NON_UTF8, Fault.MISSING_TERMINATOR])
+    async def test_broken_streams_are_unavailable(
+        self, fake: FakeProvider, provider: OpenAIProvider, fault: Fault
+    ) -> None:
+        """Malformed JSON, non-UTF-8 bytes or a body that ends without finishing: ProviderUnavailable."""
+        fake.enqueue(Script(fault=fault, fault_after=1))
+        texts, error = await collect_until_error(provider, make_call())
+        assert (["Hello "], ProviderUnavailable) == (texts, type(error))
+        assert_sanitized(error)
+
+
+class TestCancellation:
+    async def test_cancel_mid_stream_aborts_upstream_within_a_second(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """Cancelling the consuming task closes the HTTP response; the fake sees the abort at once."""
+        fake.enqueue(Script(chunk_count=1000, chunk_delay=0.01))
+
+        async def consume() -> None:
+            async for _ in provider.stream(make_call()):
+                pass
+
+        task = asyncio.create_task(consume())
+        await eventually(lambda: bool(fake.requests) and fake.requests[-1].chunks_sent >= 10)
+        cancelled_at = time.monotonic()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        record = fake.requests[-1]
+        await record.wait_ended(1.0)
+        assert record.aborted
+        assert record.aborted_at is not None
+        assert record.aborted_at - cancelled_at < 1.0
+
+    async def test_cancel_before_the_first_token(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """A cancel while the provider has not answered at all still closes the request."""
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS))
+        task = asyncio.create_task(collect(provider, make_call()))
+        await eventually(lambda: bool(fake.requests))
+        cancelled_at = time.monotonic()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        record = fake.requests[-1]
+        await record.wait_ended(1.0)
+        assert record.aborted
+        assert record.aborted_at is not None
+        assert record.aborted_at - cancelled_at < 1.0
+
+    async def test_closing_the_iterator_aborts_upstream(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """``aclose()`` after a few deltas closes the HTTP response before the answer is complete."""
+        fake.enqueue(Script(chunk_count=50, fault=Fault.HANG, fault_after=5))
+        stream = provider.stream(make_call())
+        received = [await anext(stream) for _ in range(3)]
+        await stream.aclose()  # type: ignore[attr-defined]
+        record = fake.requests[-1]
+        await record.wait_ended(1.0)
+        assert (len(received), record.aborted, record.completed) == (3, True, False)
+
+
+class TestTimeout:
+    async def test_no_answer_within_the_timeout(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """A provider that never answers fails with ProviderUnavailable at ``call.timeout``, upstream closed."""
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS))
+        started = time.monotonic()
+        texts, error = await collect_until_error(provider, make_call(timeout=0.3))
+        elapsed = time.monotonic() - started
+        assert ([], ProviderUnavailable) == (texts, type(error))
+        assert 0.25 <= elapsed < 1.0
+        record = fake.requests[-1]
+        await record.wait_ended(1.0)
+        assert record.aborted
+
+    async def test_timeout_bounds_the_whole_stream(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """Chunks that keep coming slowly do not extend the deadline: the total is bounded."""
+        fake.enqueue(Script(chunk_count=100, chunk_delay=0.05))
+        started = time.monotonic()
+        texts, error = await collect_until_error(provider, make_call(timeout=0.4))
+        assert isinstance(error, ProviderUnavailable)
+        assert 0 < len(texts) < 100
+        assert time.monotonic() - started < 1.0
