@@ -1,0 +1,92 @@
+"""Cheap lexical features of a prompt: size, numbers, code, exam shape and task cues.
+
+They complement embeddings: static embeddings average words away, while the difficulty and
+kind of a request often show in its shape (how many numbers, a code fence, lettered options).
+Every feature is a pure function of the text, so it transfers to prompts of any data set.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
+_CODE = re.compile(
+    r"```|\bdef |\bclass \w+|\breturn\b|\bimport \w+|#include|\bfunction\b|console\.log|\bSELECT\b|=>|\{\s*$|;\s*$"
+    r"|\b(?:python|javascript|typescript|java|c\+\+|golang|rust|sql|bash|html|css|regex|api|json|dockerfile)\b"
+    r"|\b(?:code|script|program|compile|bug|debug|implement|refactor|snippet)\w*",
+    re.IGNORECASE | re.MULTILINE,
+)
+_MATH = re.compile(
+    r"\d\s*[-+*/^=×÷<>]\s*\d|\$\d|\d\s*%|\\frac|\\sqrt|\bx\^|\b(?:solve|calculate|compute|equation|integral|derivative"
+    r"|probability|how many|how much|how long|how far|sum of|product of|remainder|percent|prove|ratio|average)\b",
+    re.IGNORECASE,
+)
+_CREATIVE = re.compile(
+    r"\b(?:story|stories|poem|poetry|haiku|limerick|sonnet|lyrics|song|verse|fiction|novel|screenplay|script for a"
+    r"|fable|fairy tale|dialogue|toast|rap|creative|imagine|diary entry|narrative|plot twist)\b",
+    re.IGNORECASE,
+)
+_SUMMARY = re.compile(r"\b(?:summar\w*|tl;?dr|key takeaways|condense|shorten|boil .* down|gist)\b", re.IGNORECASE)
+_EXTRACT = re.compile(
+    r"\b(?:extract|pull out|find all|list (?:all|every)|parse|identify the|return (?:the|them) as)\b", re.IGNORECASE
+)
+_GREETING = re.compile(r"^\s*(?:hi|hello|hey|thanks|thank you|good (?:morning|evening)|how are you)\b", re.IGNORECASE)
+_OPTIONS = re.compile(r"(?m)^\s*\(?[A-J][).:]\s")
+_TURNS = re.compile(r"(?im)^(?:user|assistant|human|ai)\s*:")
+_REASONING_WORDS = re.compile(
+    r"\b(?:why|explain|compare|analy[sz]e|evaluate|step[- ]by[- ]step|reason|justify|derive|design|optimi[sz]e)\b",
+    re.IGNORECASE,
+)
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "log_chars",
+    "log_words",
+    "log_numbers",
+    "log_lines",
+    "log_code_cues",
+    "log_math_cues",
+    "log_creative_cues",
+    "log_summary_cues",
+    "log_extract_cues",
+    "greeting",
+    "options",
+    "log_turns",
+    "log_reasoning_words",
+    "log_questions",
+    "mean_word_length",
+)
+
+
+def lexical_features(text: str) -> list[float]:
+    """The ``FEATURE_NAMES`` values of one prompt."""
+    words = text.split()
+    mean_word = sum(len(word) for word in words) / len(words) if words else 0.0
+    return [
+        math.log1p(len(text)),
+        math.log1p(len(words)),
+        math.log1p(len(_NUMBER.findall(text))),
+        math.log1p(text.count("\n")),
+        math.log1p(len(_CODE.findall(text))),
+        math.log1p(len(_MATH.findall(text))),
+        math.log1p(len(_CREATIVE.findall(text))),
+        math.log1p(len(_SUMMARY.findall(text))),
+        math.log1p(len(_EXTRACT.findall(text))),
+        1.0 if _GREETING.search(text) else 0.0,
+        1.0 if len(_OPTIONS.findall(text)) >= 3 else 0.0,
+        math.log1p(len(_TURNS.findall(text))),
+        math.log1p(len(_REASONING_WORDS.findall(text))),
+        math.log1p(text.count("?")),
+        min(mean_word, 20.0) / 10.0,
+    ]
+
+
+def lexical_matrix(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+    """``lexical_features`` of each text as rows of a float32 matrix."""
+    if not texts:
+        return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
+    return np.array([lexical_features(text) for text in texts], dtype=np.float32)

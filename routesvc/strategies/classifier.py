@@ -1,0 +1,326 @@
+"""The classifier stage: what kind of request is this?
+
+Two kinds behind one stage, both of which annotate ``RoutingInput.task`` (source
+"classifier") and pass on, so later stages and rules can use the label:
+
+- ``local``: a one-vs-rest ridge classifier over prompt embeddings and lexical cues, trained
+  at start from labelled examples (by default the team-written ``routesvc/data/task_examples.jsonl``);
+  offline, about a millisecond.
+- ``llm``: a cheap configured model asked for ``{"task", "complexity"}`` as JSON, bounded by a
+  timeout and cached by prompt hash. On timeout, provider error or bad JSON the stage falls back
+  (to the local classifier when one is given, else to no label) and the request is still served.
+  Its latency and cost are in the stage's reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from routesvc.catalog import Catalog, ModelSpec
+from routesvc.cost import cost_of_usage, format_usd
+from routesvc.encoders import Encoder, WordLlamaEncoder
+from routesvc.errors import ConfigError, RouteSvcError
+from routesvc.features import lexical_matrix
+from routesvc.models import Message, ProviderFinish, Role, TextDelta, Usage
+from routesvc.providers.base import Provider, ProviderCall
+from routesvc.ridge import RidgeModel
+from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
+
+TASK_LABELS: tuple[str, ...] = (
+    "code_generation",
+    "multi_step_reasoning",
+    "creative_writing",
+    "summarization",
+    "extraction",
+    "simple_qa",
+    "chat",
+    "other",
+)
+COMPLEXITIES: tuple[str, ...] = ("low", "medium", "high")
+
+# Lexical cues are few next to the embedding's dimensions; repeating them gives them weight.
+_CUE_REPEAT = 8
+
+
+class ClassifierStageConfig(BaseModel):
+    """Settings of the classifier stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["classifier"] = "classifier"
+    method: Literal["local", "llm"] = Field("local", description="local model, or ask a cheap LLM")
+    examples: Path | None = Field(None, description="JSONL of {task, prompt}; default: the shipped examples")
+    min_confidence: float = Field(0.0, ge=0, le=1, description="below this the task stays unknown")
+    override_hint: bool = Field(False, description="classify even when the request carries a task hint")
+    model: str = Field("", description="catalog model id asked by the llm method")
+    timeout_s: float = Field(2.0, gt=0, description="bound on the llm call; past it the stage falls back")
+    cache_size: int = Field(10_000, ge=0, description="llm answers kept, keyed by prompt hash")
+    fallback_local: bool = Field(True, description="llm method: use the local classifier on failure")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPrediction:
+    """A task label with the classifier's confidence in [0, 1]."""
+
+    task: str
+    confidence: float
+
+
+def read_examples(path: Path | None = None) -> list[tuple[str, str]]:
+    """(task, prompt) pairs from a JSONL file, or the shipped team-written examples."""
+    if path is None:
+        text = resources.files("routesvc.data").joinpath("task_examples.jsonl").read_text(encoding="utf-8")
+        where = "routesvc/data/task_examples.jsonl"
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"classifier examples {path}: {exc.strerror}") from exc
+        where = str(path)
+    pairs: list[tuple[str, str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row, dict) or not isinstance(row.get("task"), str) or not isinstance(row.get("prompt"), str):
+            raise ConfigError(f"{where}:{number}: expected {{\"task\": str, \"prompt\": str}}")
+        pairs.append((row["task"], row["prompt"]))
+    return pairs
+
+
+class TaskClassifier:
+    """One-vs-rest ridge over [embedding, repeated lexical cues], fitted from examples."""
+
+    def __init__(self, encoder: Encoder, examples: Sequence[tuple[str, str]], alpha: float = 3.0) -> None:
+        if not examples:
+            raise ConfigError("the task classifier needs at least one labelled example")
+        self._encoder = encoder
+        self.labels: tuple[str, ...] = tuple(sorted({task for task, _ in examples}))
+        targets = np.array([[1.0 if task == label else 0.0 for label in self.labels] for task, _ in examples])
+        self._model = RidgeModel.fit(self.features([prompt for _, prompt in examples]), targets, alpha=alpha)
+
+    def features(self, texts: Sequence[str]) -> np.ndarray[tuple[int, int], np.dtype[np.float64]]:
+        """The classifier's input rows for ``texts``."""
+        lexical = np.tile(lexical_matrix(texts), _CUE_REPEAT)
+        return np.hstack([self._encoder.encode(texts), lexical]).astype(np.float64)
+
+    def predict_many(self, texts: Sequence[str]) -> list[TaskPrediction]:
+        """The most likely task of each text, with a softmax confidence."""
+        if not texts:
+            return []
+        raw = self._model.predict(self.features(texts))
+        exp = np.exp((raw - raw.max(axis=1, keepdims=True)) * 8.0)
+        probs = exp / exp.sum(axis=1, keepdims=True)
+        best = probs.argmax(axis=1)
+        return [TaskPrediction(self.labels[i], float(probs[row, i])) for row, i in enumerate(best)]
+
+    def predict(self, text: str) -> TaskPrediction:
+        """The most likely task of ``text``."""
+        return self.predict_many([text])[0]
+
+
+def _with_reason(verdict: Verdict, reason: str, task: str) -> Verdict:
+    return dataclasses.replace(verdict, reasons=(reason, *verdict.reasons), task=verdict.task or task)
+
+
+class LocalClassifierStage:
+    """Labels the request's task offline and passes it on."""
+
+    def __init__(self, classifier: TaskClassifier, *, min_confidence: float = 0.0, override_hint: bool = False) -> None:
+        self._classifier = classifier
+        self._min_confidence = min_confidence
+        self._override_hint = override_hint
+
+    @property
+    def name(self) -> str:
+        """The stage name in decisions."""
+        return "classifier"
+
+    async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
+        """Set ``task`` (unless a hint already did) and defer to the rest of the policy."""
+        if routing_input.task and not self._override_hint:
+            verdict = await next_stage(routing_input)
+            return _with_reason(verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", "")
+        prediction = self._classifier.predict(routing_input.request.chat.last_user_message)
+        if prediction.confidence < self._min_confidence:
+            verdict = await next_stage(routing_input)
+            reason = (
+                f"classifier: local guess {prediction.task!r} at confidence {prediction.confidence:.2f}"
+                f" is below {self._min_confidence:.2f}; task left unknown"
+            )
+            return _with_reason(verdict, reason, "")
+        annotated = dataclasses.replace(routing_input, task=prediction.task, task_source=self.name)
+        verdict = await next_stage(annotated)
+        reason = f"classifier: local model labelled the task {prediction.task!r} (confidence {prediction.confidence:.2f})"
+        return _with_reason(verdict, reason, prediction.task)
+
+
+class ClassifierAnswerError(RouteSvcError):
+    """The LLM classifier's answer was not the JSON asked for."""
+
+    reason = "CLASSIFIER_BAD_ANSWER"
+
+
+_INSTRUCTIONS = (
+    "You label requests sent to an AI assistant. Reply with JSON only, no prose: "
+    '{"task": one of ' + ", ".join(f'"{label}"' for label in TASK_LABELS) + ', "complexity": "low" | "medium" | "high"}. '
+    "multi_step_reasoning covers maths, logic and planning; complexity is how capable a model must be to answer well."
+)
+
+
+def parse_answer(text: str) -> tuple[str, str]:
+    """(task, complexity) from the model's answer; raises ``ClassifierAnswerError`` when invalid."""
+    match = re.search(r"\{.*\}", text, re.DOTALL)
+    if match is None:
+        raise ClassifierAnswerError("no JSON object in the classifier's answer")
+    try:
+        data = json.loads(match.group(0))
+    except json.JSONDecodeError as exc:
+        raise ClassifierAnswerError(f"classifier answer is not JSON: {exc.msg}") from exc
+    task = data.get("task") if isinstance(data, dict) else None
+    complexity = data.get("complexity", "medium") if isinstance(data, dict) else None
+    if task not in TASK_LABELS:
+        raise ClassifierAnswerError(f"classifier answered an unknown task {task!r}")
+    if complexity not in COMPLEXITIES:
+        raise ClassifierAnswerError(f"classifier answered an unknown complexity {complexity!r}")
+    return str(task), str(complexity)
+
+
+class LLMClassifierStage:
+    """Asks a cheap model for the task label; times out, caches and falls back."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        model: ModelSpec,
+        *,
+        timeout_s: float = 2.0,
+        cache_size: int = 10_000,
+        fallback: TaskClassifier | None = None,
+        override_hint: bool = False,
+    ) -> None:
+        self._provider = provider
+        self._model = model
+        self._timeout_s = timeout_s
+        self._cache: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._cache_size = cache_size
+        self._fallback = fallback
+        self._override_hint = override_hint
+
+    @property
+    def name(self) -> str:
+        """The stage name in decisions."""
+        return "classifier"
+
+    async def _ask(self, prompt: str) -> tuple[str, str, Usage]:
+        call = ProviderCall(
+            model=self._model.id,
+            provider_model=self._model.provider_model,
+            messages=(Message(Role.SYSTEM, _INSTRUCTIONS), Message(Role.USER, prompt)),
+            max_output_tokens=40,
+            temperature=0.0,
+            timeout=self._timeout_s,
+        )
+        parts: list[str] = []
+        usage = Usage()
+        async with asyncio.timeout(self._timeout_s):
+            async for event in self._provider.stream(call):
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, ProviderFinish):
+                    usage = event.usage
+        task, complexity = parse_answer("".join(parts))
+        return task, complexity, usage
+
+    async def classify(self, prompt: str) -> tuple[str, str, str]:
+        """(task, complexity, explanation); task is "" when the model failed and no fallback exists."""
+        key = hashlib.sha256(prompt.encode()).hexdigest()
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached[0], cached[1], f"classifier: {self._model.id} labelled the task {cached[0]!r} (cached)"
+        started = time.perf_counter()
+        try:
+            task, complexity, usage = await self._ask(prompt)
+        except (TimeoutError, RouteSvcError) as exc:
+            elapsed = (time.perf_counter() - started) * 1000
+            problem = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            if self._fallback is None:
+                return "", "", f"classifier: {self._model.id} {problem} after {elapsed:.0f} ms; task left unknown"
+            guess = self._fallback.predict(prompt)
+            return (
+                guess.task,
+                "",
+                f"classifier: {self._model.id} {problem} after {elapsed:.0f} ms; local fallback labelled "
+                f"the task {guess.task!r}",
+            )
+        elapsed = (time.perf_counter() - started) * 1000
+        cost: Decimal = cost_of_usage(self._model, usage)
+        if self._cache_size:
+            self._cache[key] = (task, complexity)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return (
+            task,
+            complexity,
+            f"classifier: {self._model.id} labelled the task {task!r}, complexity {complexity}, "
+            f"in {elapsed:.0f} ms for ${format_usd(cost)}",
+        )
+
+    async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
+        """Set ``task`` from the model's answer (or the fallback) and defer to the rest."""
+        if routing_input.task and not self._override_hint:
+            verdict = await next_stage(routing_input)
+            return _with_reason(verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", "")
+        task, _, reason = await self.classify(routing_input.request.chat.last_user_message)
+        annotated = dataclasses.replace(routing_input, task=task, task_source=self.name) if task else routing_input
+        verdict = await next_stage(annotated)
+        return _with_reason(verdict, reason, task)
+
+
+def build(
+    config: ClassifierStageConfig,
+    *,
+    catalog: Catalog | None = None,
+    provider_for: Callable[[str], Provider] | None = None,
+    encoder: Encoder | None = None,
+) -> Strategy:
+    """The stage ``config`` describes.
+
+    ``provider_for`` maps a catalog model's provider name to the configured ``Provider`` (needed
+    by the llm method only); ``encoder`` defaults to the shipped WordLlama encoder.
+    """
+    local: TaskClassifier | None = None
+    if config.method == "local" or config.fallback_local:
+        local = TaskClassifier(encoder or WordLlamaEncoder(), read_examples(config.examples))
+    if config.method == "local":
+        assert local is not None
+        return LocalClassifierStage(local, min_confidence=config.min_confidence, override_hint=config.override_hint)
+    if catalog is None or provider_for is None:
+        raise ConfigError("classifier: the llm method needs the catalog and providers")
+    if not config.model:
+        raise ConfigError("classifier.model: the llm method needs a catalog model id")
+    spec = catalog.get(config.model)
+    return LLMClassifierStage(
+        provider_for(spec.provider),
+        spec,
+        timeout_s=config.timeout_s,
+        cache_size=config.cache_size,
+        fallback=local,
+        override_hint=config.override_hint,
+    )
