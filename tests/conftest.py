@@ -13,6 +13,7 @@ import yaml
 from routesvc.client import RouterClient, build_chat
 from routesvc.config import Settings, parse_config
 from routesvc.server import Server
+from routesvc.testing import FakeProvider
 from routesvc.v1 import router_pb2 as pb
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,3 +64,34 @@ async def client(server: Server) -> AsyncIterator[RouterClient]:
 def user_chat(prompt: str, **kwargs: object) -> pb.ChatRequest:
     """A one-message chat request."""
     return build_chat([("user", prompt)], **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeProvider]:
+    """The fake OpenAI/Anthropic server on a free loopback port."""
+    async with FakeProvider() as running:
+        yield running
+
+
+def live_environ(fake: FakeProvider) -> dict[str, str]:
+    """The SDK variables pointing both providers at ``fake``."""
+    return {
+        "OPENAI_API_KEY": "sk-test-openai",
+        "OPENAI_BASE_URL": fake.openai_base_url,
+        "ANTHROPIC_API_KEY": "sk-test-anthropic",
+        "ANTHROPIC_BASE_URL": fake.anthropic_base_url,
+    }
+
+
+@pytest.fixture
+async def live_server(fake: FakeProvider) -> AsyncIterator[Server]:
+    """The default policy served with both providers pointed at the fake provider."""
+    async with Server(settings_from(default_config(), live_environ(fake)), port=0) as running:
+        yield running
+
+
+@pytest.fixture
+async def live_client(live_server: Server) -> AsyncIterator[RouterClient]:
+    """A client of ``live_server``."""
+    async with RouterClient(live_server.target) as connected:
+        yield connected

@@ -1,0 +1,286 @@
+"""Complete: decide, call the provider through its real SDK over HTTP, stream, cost exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+
+import grpc
+import pytest
+
+from routesvc.client import RouterClient
+from routesvc.server import Server
+from routesvc.testing import FakeProvider, Fault, Script
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, settings_from, user_chat
+from tests.test_validation import error_info
+
+CANARY = "canary-prompt-51c2e"
+
+
+async def _collect(
+    client: RouterClient, prompt: str = "Say hello", *, timeout: float | None = None, **context: object
+) -> list[pb.CompleteResponse]:
+    return [m async for m in client.complete(user_chat(prompt), pb.RoutingContext(**context), timeout=timeout)]  # type: ignore[arg-type]
+
+
+async def _failure(
+    client: RouterClient, prompt: str = CANARY, **context: object
+) -> tuple[grpc.aio.AioRpcError, list[pb.CompleteResponse]]:
+    received: list[pb.CompleteResponse] = []
+
+    async def read() -> None:
+        async for message in client.complete(user_chat(prompt), pb.RoutingContext(**context)):  # type: ignore[arg-type]
+            received.append(message)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read()
+    return caught.value, received
+
+
+def _price(model: str) -> tuple[Decimal, Decimal, Decimal]:
+    spec = settings_from(default_config()).catalog.get(model)
+    return spec.input_price_per_mtok, spec.output_price_per_mtok, spec.cached_input_price_per_mtok
+
+
+class TestStreaming:
+    @pytest.mark.parametrize(
+        ("context", "model", "path"),
+        [
+            ({}, "gpt-4o-mini", "/v1/chat/completions"),
+            ({"task_hint": "creative_writing"}, "claude-sonnet", "/v1/messages"),
+        ],
+    )
+    async def test_decision_then_every_chunk_in_order_then_usage_and_cost(
+        self, live_client: RouterClient, fake: FakeProvider, context: dict[str, str], model: str, path: str
+    ) -> None:
+        """The stream is the decision, each chunk once and in order, then usage and exact cost."""
+        chunks = tuple(f"part-{index} " for index in range(25))
+        fake.enqueue(Script(chunks=chunks, input_tokens=1234, output_tokens=25))
+        messages = await _collect(live_client, **context)
+        kinds = [m.WhichOneof("event") for m in messages]
+        assert kinds == ["decision"] + ["delta"] * 25 + ["completion"]
+        assert messages[0].decision.model == model
+        assert tuple(m.delta.text for m in messages[1:-1]) == chunks
+        completion = messages[-1].completion
+        input_price, output_price, _ = _price(model)
+        expected = (1234 * input_price + 25 * output_price) / 1_000_000
+        assert (completion.model, completion.usage.input_tokens, completion.usage.output_tokens) == (model, 1234, 25)
+        assert Decimal(completion.cost_usd) == expected
+        assert completion.finish_reason == pb.FINISH_REASON_STOP
+        assert fake.requests[-1].path == path
+
+    async def test_cached_tokens_are_billed_at_the_cached_price(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """Provider-reported cached tokens are counted in usage and priced lower."""
+        fake.enqueue(Script(input_tokens=1000, cached_input_tokens=600, output_tokens=10))
+        completion = (await _collect(live_client))[-1].completion
+        input_price, output_price, cached_price = _price("gpt-4o-mini")
+        assert completion.usage.cached_input_tokens == 600
+        assert Decimal(completion.cost_usd) == (400 * input_price + 600 * cached_price + 10 * output_price) / 1_000_000
+
+    async def test_anthropic_cached_tokens_are_added_to_input(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """Anthropic reports cache reads apart; usage counts them as input and prices them cached."""
+        fake.enqueue(Script(input_tokens=1000, cached_input_tokens=600, output_tokens=10))
+        completion = (await _collect(live_client, model="claude-sonnet"))[-1].completion
+        input_price, output_price, cached_price = _price("claude-sonnet")
+        assert (completion.usage.input_tokens, completion.usage.cached_input_tokens) == (1000, 600)
+        assert Decimal(completion.cost_usd) == (400 * input_price + 600 * cached_price + 10 * output_price) / 1_000_000
+
+    async def test_length_finish_reason(self, live_client: RouterClient, fake: FakeProvider) -> None:
+        """A truncated answer reports FINISH_REASON_LENGTH."""
+        fake.enqueue(Script(finish_reason="length"))
+        assert (await _collect(live_client))[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
+
+    async def test_the_client_credentials_are_not_forwarded(self, live_server: Server, fake: FakeProvider) -> None:
+        """The provider sees the configured key, never the caller's authorization metadata."""
+        async with RouterClient(live_server.target, api_key="client-secret-key") as client:
+            await _collect(client)
+        recorded = fake.requests[-1]
+        assert recorded.api_key == "sk-test-openai"
+        assert "client-secret-key" not in str(recorded.headers)
+
+    async def test_traceparent_is_forwarded(self, live_client: RouterClient, fake: FakeProvider) -> None:
+        """Incoming trace context goes upstream with the provider call."""
+        traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        async for _ in live_client.complete(user_chat("hi"), metadata={"traceparent": traceparent}):
+            pass
+        assert fake.requests[-1].headers.get("traceparent") == traceparent
+
+    async def test_max_output_tokens_and_temperature_reach_the_provider(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The request's limits are sent upstream."""
+        async for _ in live_client.complete(user_chat("hi", max_output_tokens=77, temperature=0.3)):
+            pass
+        body = fake.requests[-1].body
+        assert body["temperature"] == 0.3
+        assert 77 in (body.get("max_tokens"), body.get("max_completion_tokens"))
+
+
+UPSTREAM_STATUS = [
+    (400, grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_REJECTED"),
+    (401, grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_AUTH_FAILED"),
+    (403, grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_AUTH_FAILED"),
+    (404, grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_REJECTED"),
+    (408, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
+    (413, grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_REJECTED"),
+    (422, grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_REJECTED"),
+    (429, grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED"),
+    (500, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
+    (502, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
+    (503, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
+    (504, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
+    (529, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
+]
+
+
+class TestProviderErrors:
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    @pytest.mark.parametrize(("status", "code", "reason"), UPSTREAM_STATUS)
+    async def test_each_upstream_status_maps_to_one_grpc_status(
+        self,
+        live_client: RouterClient,
+        fake: FakeProvider,
+        model: str,
+        status: int,
+        code: grpc.StatusCode,
+        reason: str,
+    ) -> None:
+        """Upstream HTTP errors map to the documented status; the message has no prompt or key."""
+        fake.enqueue(Script(status=status, retry_after="3" if status == 429 else None))
+        error, received = await _failure(live_client, model=model)
+        assert (error.code(), error_info(error).reason) == (code, reason)
+        assert error_info(error).metadata["upstream_status"] == str(status)
+        details = error.details() or ""
+        assert CANARY not in details
+        assert "sk-test" not in details
+        assert [m.WhichOneof("event") for m in received] == ["decision"]
+
+    async def test_rate_limits_carry_the_retry_delay(self, live_client: RouterClient, fake: FakeProvider) -> None:
+        """A 429 with Retry-After: 7 answers RESOURCE_EXHAUSTED with RetryInfo of 7 s."""
+        from google.rpc import error_details_pb2, status_pb2
+
+        fake.enqueue(Script(status=429, retry_after="7"))
+        error, _ = await _failure(live_client)
+        status = status_pb2.Status.FromString(dict(error.trailing_metadata() or ())["grpc-status-details-bin"])
+        delays = []
+        for detail in status.details:
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                delays.append(info.retry_delay.seconds)
+        assert delays == [7]
+
+    async def test_connection_refused_is_unavailable(self) -> None:
+        """A provider that is not listening is UNAVAILABLE."""
+        environ = {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+        async with (
+            Server(settings_from(default_config(), environ), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            error, _ = await _failure(client)
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+
+    async def test_missing_key_is_failed_precondition_naming_the_variable(self, client: RouterClient) -> None:
+        """Completing on a provider with no key fails before any call, naming OPENAI_API_KEY."""
+        error, received = await _failure(client)
+        assert (error.code(), error_info(error).reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "PROVIDER_NOT_CONFIGURED",
+        )
+        assert "OPENAI_API_KEY" in (error.details() or "")
+        assert received == []
+
+    async def test_bad_input_makes_no_provider_call(self, live_client: RouterClient, fake: FakeProvider) -> None:
+        """An invalid request never reaches the provider."""
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in live_client.complete(pb.ChatRequest()):
+                pass
+        assert fake.requests == []
+
+
+class TestCommitRule:
+    @pytest.mark.parametrize("fault", [Fault.CUT, Fault.RESET])
+    async def test_a_stream_cut_after_content_ends_unavailable_with_the_committed_trailer(
+        self, live_client: RouterClient, fake: FakeProvider, fault: Fault
+    ) -> None:
+        """Cut after 40 of 60 chunks: the deltas that arrived, in order, then UNAVAILABLE saying how
+        many were committed; no second attempt. A FIN delivers all 40; a TCP reset may destroy
+        the last few in the kernel before our process reads them, never reorder or repeat them."""
+        fake.enqueue(Script(chunk_count=60, fault=fault, fault_after=40))
+        error, received = await _failure(live_client)
+        kinds = [m.WhichOneof("event") for m in received]
+        deltas = [m.delta.text for m in received[1:]]
+        assert kinds == ["decision"] + ["delta"] * len(deltas)
+        assert deltas == [f"chunk-{i} " for i in range(len(deltas))]
+        assert len(deltas) == 40 if fault is Fault.CUT else 0 < len(deltas) <= 40
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED")
+        trailers = dict(error.trailing_metadata() or ())
+        assert (trailers["routesvc-committed"], trailers["routesvc-chunks-sent"]) == ("true", str(len(deltas)))
+        assert len(fake.requests) == 1
+
+    async def test_in_band_error_before_content_is_a_provider_error(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """An Anthropic error event before any text fails cleanly with no deltas."""
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=0))
+        error, received = await _failure(live_client, model="claude-sonnet")
+        assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert [m.WhichOneof("event") for m in received] == ["decision"]
+
+
+class TestDeadlinesAndCancellation:
+    async def test_deadline_before_the_first_token(self, live_client: RouterClient, fake: FakeProvider) -> None:
+        """A 0.5 s deadline against a 5 s first token: DEADLINE_EXCEEDED on time, upstream closed."""
+        fake.enqueue(Script(first_chunk_delay=5.0))
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _collect(live_client, timeout=0.5)
+        elapsed = time.monotonic() - started
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert elapsed < 0.5 + 0.5
+        recorded = fake.requests[-1]
+        await recorded.wait_ended(timeout=2.0)
+        assert recorded.aborted
+
+    @pytest.mark.parametrize("after", [0, 1, 10])
+    async def test_cancel_mid_stream_closes_the_upstream_request(
+        self, live_client: RouterClient, fake: FakeProvider, after: int
+    ) -> None:
+        """Cancelling after N deltas aborts the provider's HTTP response within a second."""
+        # after=0: the provider holds its first token, so the cancel lands while waiting for it.
+        fake.enqueue(Script(chunk_count=1000, chunk_delay=0.02, first_chunk_delay=5.0 if after == 0 else 0.0))
+        call = live_client.complete(user_chat("hi"))
+        seen = 0
+        async for message in call:
+            if message.WhichOneof("event") == "delta":
+                seen += 1
+            if after == 0:
+                while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll in a test
+                    await asyncio.sleep(0.01)
+                break
+            if seen >= after:
+                break
+        await call.aclose()  # type: ignore[attr-defined]
+        cancelled_at = time.monotonic()
+        recorded = fake.requests[-1]
+        await recorded.wait_ended(timeout=2.0)
+        assert recorded.aborted
+        assert recorded.aborted_at is not None
+        assert recorded.aborted_at - cancelled_at < 1.0
+        assert recorded.chunks_sent < 1000
+
+    async def test_the_server_keeps_serving_after_cancels(self, live_client: RouterClient, fake: FakeProvider) -> None:
+        """Cancelled calls leave nothing behind that breaks the next call."""
+        fake.enqueue(Script(chunk_count=100, chunk_delay=0.05))
+        task = asyncio.create_task(_collect(live_client))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        messages = await _collect(live_client)
+        assert messages[-1].WhichOneof("event") == "completion"
