@@ -1,0 +1,415 @@
+"""The Anthropic adapter, through the real ``anthropic`` SDK, over HTTP to the fake provider."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import time
+from collections.abc import AsyncIterator, Callable
+from types import MappingProxyType
+
+import pytest
+from structlog.testing import capture_logs
+
+from routesvc.errors import (
+    ProviderAuthFailed,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderUnavailable,
+)
+from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.providers.anthropic import AnthropicProvider
+from routesvc.providers.base import ProviderCall
+from routesvc.testing import FakeProvider, Fault, Script
+
+CANARY_PROMPT = "canary-prompt-0b7e11 please repeat this"
+CANARY_KEY = "sk-ant-canary-key-3c5a90"
+
+
+def make_call(**overrides: object) -> ProviderCall:
+    """A call carrying the canary prompt, as the router would build it."""
+    values: dict[str, object] = {
+        "model": "claude-sonnet",
+        "provider_model": "claude-sonnet-test",
+        "messages": (
+            Message(Role.SYSTEM, "You are terse."),
+            Message(Role.USER, CANARY_PROMPT),
+            Message(Role.ASSISTANT, "Sure."),
+            Message(Role.USER, "Go on."),
+        ),
+    }
+    values.update(overrides)
+    return ProviderCall(**values)  # type: ignore[arg-type]
+
+
+async def collect(provider: AnthropicProvider, call: ProviderCall) -> list[ProviderEvent]:
+    """Every event of a stream that must succeed."""
+    return [event async for event in provider.stream(call)]
+
+
+async def collect_until_error(provider: AnthropicProvider, call: ProviderCall) -> tuple[list[str], ProviderError]:
+    """The text deltas received before the stream failed, and the error it failed with."""
+    texts: list[str] = []
+
+    async def drain() -> None:
+        async for event in provider.stream(call):
+            assert isinstance(event, TextDelta)
+            texts.append(event.text)
+
+    with pytest.raises(ProviderError) as info:
+        await drain()
+    return texts, info.value
+
+
+def assert_sanitized(error: ProviderError) -> None:
+    """Neither the prompt nor the key appear in what the error says."""
+    for text in (str(error), error.message, repr(error.args)):
+        assert "canary" not in text
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Wait until ``predicate()`` holds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110  # the fake's counters are plain attributes, polled
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeProvider]:
+    """A fake provider on a free loopback port."""
+    async with FakeProvider() as running:
+        yield running
+
+
+@pytest.fixture
+async def provider(fake: FakeProvider) -> AsyncIterator[AnthropicProvider]:
+    """An adapter pointed at the fake."""
+    adapter = AnthropicProvider("anthropic", CANARY_KEY, fake.anthropic_base_url)
+    yield adapter
+    await adapter.aclose()
+
+
+class TestStreaming:
+    async def test_default_answer_streams_word_chunks_then_usage(self, provider: AnthropicProvider) -> None:
+        """The default script's words arrive as deltas in order, then one finish with usage."""
+        events = await collect(provider, make_call())
+        words = ["Hello ", "from ", "the ", "fake ", "provider."]
+        assert events[:-1] == [TextDelta(word) for word in words]
+        assert events[-1] == ProviderFinish(
+            usage=Usage(input_tokens=len(f"You are terse. {CANARY_PROMPT} Sure. Go on.".split()), output_tokens=5),
+            finish_reason=FinishReason.STOP,
+            provider_model="claude-sonnet-test",
+        )
+
+    async def test_sixty_chunks_arrive_exactly_once_in_order(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """N chunks are neither lost, duplicated nor reordered."""
+        script = Script(chunk_count=60)
+        fake.enqueue(script)
+        events = await collect(provider, make_call())
+        assert events[:-1] == [TextDelta(chunk) for chunk in script.content_chunks()]
+
+    async def test_input_includes_cache_reads_and_writes(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """Anthropic reports cached input apart; ``input_tokens`` sums all three, cached = cache reads."""
+        fake.enqueue(Script(input_tokens=5000, cached_input_tokens=4000, cache_creation_input_tokens=600))
+        finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert finish.usage == Usage(input_tokens=5000, output_tokens=5, cached_input_tokens=4000)
+
+    async def test_output_tokens_are_the_last_cumulative_count(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """``message_delta`` carries the cumulative output count, which wins over ``message_start``'s."""
+        fake.enqueue(Script(output_tokens=321))
+        finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert finish.usage.output_tokens == 321
+
+    @pytest.mark.parametrize(
+        ("wire", "expected"),
+        [
+            ("end_turn", FinishReason.STOP),
+            ("stop_sequence", FinishReason.STOP),
+            ("max_tokens", FinishReason.LENGTH),
+            ("model_context_window_exceeded", FinishReason.LENGTH),
+            ("tool_use", FinishReason.TOOL_CALLS),
+            ("refusal", FinishReason.CONTENT_FILTER),
+            ("pause_turn", FinishReason.OTHER),
+        ],
+    )
+    async def test_stop_reasons_are_normalised(
+        self, fake: FakeProvider, provider: AnthropicProvider, wire: str, expected: FinishReason
+    ) -> None:
+        """Each Anthropic ``stop_reason`` maps to one domain ``FinishReason``."""
+        fake.enqueue(Script(finish_reason=wire))
+        finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert finish.finish_reason == expected
+
+    async def test_unknown_events_and_oversized_pings_are_tolerated(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """An unknown event type, or a 1 MiB ping, do not break the stream."""
+        fake.enqueue(
+            Script(fault=Fault.UNKNOWN_EVENT, fault_after=2), Script(fault=Fault.OVERSIZED_LINE, fault_after=1)
+        )
+        for _ in range(2):
+            events = await collect(provider, make_call())
+            assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+
+    async def test_missing_usage_is_estimated(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A stream without usage still finishes, with estimated usage, logged without content."""
+        fake.enqueue(Script(omit_usage=True))
+        with capture_logs() as logs:
+            finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert finish.usage.input_tokens > 0
+        assert finish.usage.output_tokens > 0
+        assert [entry["event"] for entry in logs] == ["provider_usage_estimated"]
+        assert all(CANARY_PROMPT not in str(entry) for entry in logs)
+
+
+class TestRequestShape:
+    async def test_system_messages_go_to_the_system_parameter(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """System text is sent as ``system``; the other turns keep their order and roles."""
+        await collect(provider, make_call(max_output_tokens=99, temperature=0.5))
+        body = fake.requests[-1].body
+        assert body == {
+            "model": "claude-sonnet-test",
+            "max_tokens": 99,
+            "stream": True,
+            "system": "You are terse.",
+            "messages": [
+                {"role": "user", "content": CANARY_PROMPT},
+                {"role": "assistant", "content": "Sure."},
+                {"role": "user", "content": "Go on."},
+            ],
+            "temperature": 0.5,
+        }
+
+    async def test_no_system_parameter_without_system_messages(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """A conversation with no system message sends no ``system`` field."""
+        await collect(provider, make_call(messages=(Message(Role.USER, "hi"),)))
+        assert "system" not in fake.requests[-1].body
+
+    async def test_tools_carry_an_object_input_schema(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """Each ``ToolSpec`` becomes ``{"name", "description", "input_schema"}``; an empty schema is an object."""
+        schema = {"type": "object", "properties": {"q": {"type": "string"}}}
+        tools = (
+            ToolSpec(name="search", description="Search the web", parameters=MappingProxyType(schema)),
+            ToolSpec(name="now"),
+        )
+        await collect(provider, make_call(tools=tools))
+        assert fake.requests[-1].body["tools"] == [
+            {"name": "search", "description": "Search the web", "input_schema": schema},
+            {"name": "now", "input_schema": {"type": "object"}},
+        ]
+
+    async def test_key_and_extra_headers_are_sent(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """The key goes upstream (this SDK sends it as a Bearer token); ``ProviderCall.headers`` go too."""
+        await collect(provider, make_call(headers=MappingProxyType({"x-request-id": "r-1"})))
+        record = fake.requests[-1]
+        assert (record.api_key, record.headers["x-request-id"]) == (CANARY_KEY, "r-1")
+
+    async def test_no_sdk_retries(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A 529 is not retried by the SDK: exactly one upstream request."""
+        fake.enqueue(Script(status=529))
+        await collect_until_error(provider, make_call())
+        assert len(fake.requests) == 1
+
+
+STATUS_ERRORS = [
+    (400, ProviderRejected),
+    (401, ProviderAuthFailed),
+    (403, ProviderAuthFailed),
+    (404, ProviderRejected),
+    (408, ProviderUnavailable),
+    (409, ProviderRejected),
+    (413, ProviderRejected),
+    (422, ProviderRejected),
+    (429, ProviderRateLimited),
+    (500, ProviderUnavailable),
+    (502, ProviderUnavailable),
+    (503, ProviderUnavailable),
+    (504, ProviderUnavailable),
+    (529, ProviderUnavailable),
+]
+
+
+class TestErrorTranslation:
+    @pytest.mark.parametrize(("status", "error_class"), STATUS_ERRORS)
+    async def test_status_maps_to_one_error_class_with_a_sanitized_message(
+        self, fake: FakeProvider, provider: AnthropicProvider, status: int, error_class: type[ProviderError]
+    ) -> None:
+        """Each HTTP status becomes its documented error; the echoed prompt and key are not copied."""
+        fake.enqueue(Script(status=status))
+        texts, error = await collect_until_error(provider, make_call())
+        assert (texts, type(error), error.status) == ([], error_class, status)
+        assert (error.provider, error.model) == ("anthropic", "claude-sonnet")
+        assert f"HTTP {status}" in error.message
+        assert_sanitized(error)
+
+    @pytest.mark.parametrize(
+        ("headers", "expected"),
+        [
+            ({"retry_after": "12"}, 12.0),
+            ({"retry_after_ms": "1500"}, 1.5),
+            ({"retry_after": "not a number or date"}, None),
+        ],
+    )
+    async def test_rate_limit_carries_retry_after(
+        self, fake: FakeProvider, provider: AnthropicProvider, headers: dict[str, str], expected: float | None
+    ) -> None:
+        """``Retry-After`` / ``retry-after-ms`` become ``retry_after`` seconds; garbage becomes None."""
+        fake.enqueue(Script(status=429, **headers))  # type: ignore[arg-type]
+        _, error = await collect_until_error(provider, make_call())
+        assert isinstance(error, ProviderRateLimited)
+        assert error.retry_after == expected
+
+    async def test_rate_limit_retry_after_as_http_date(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A ``Retry-After`` HTTP date becomes the seconds left until then."""
+        fake.enqueue(Script(status=429, retry_after=email.utils.formatdate(time.time() + 60, usegmt=True)))
+        _, error = await collect_until_error(provider, make_call())
+        assert isinstance(error, ProviderRateLimited)
+        assert error.retry_after is not None
+        assert 55 <= error.retry_after <= 61
+
+    async def test_connection_refused_is_unavailable(self) -> None:
+        """Nothing listening: ProviderUnavailable, no status."""
+        adapter = AnthropicProvider("anthropic", CANARY_KEY, "http://127.0.0.1:1")
+        try:
+            texts, error = await collect_until_error(adapter, make_call())
+        finally:
+            await adapter.aclose()
+        assert (texts, type(error), error.status) == ([], ProviderUnavailable, None)
+        assert_sanitized(error)
+
+
+class TestMidStreamFailures:
+    async def test_cut_after_40_of_60_chunks(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A connection closed mid-body gives exactly the 40 chunks sent, then ProviderUnavailable."""
+        script = Script(chunk_count=60, fault=Fault.CUT, fault_after=40)
+        fake.enqueue(script)
+        texts, error = await collect_until_error(provider, make_call())
+        assert texts == list(script.content_chunks()[:40])
+        assert isinstance(error, ProviderUnavailable)
+
+    async def test_connection_reset_mid_stream(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A TCP reset after 3 chunks gives those 3, then ProviderUnavailable."""
+        fake.enqueue(Script(chunk_count=10, fault=Fault.RESET, fault_after=3))
+        texts, error = await collect_until_error(provider, make_call())
+        assert (len(texts), type(error)) == (3, ProviderUnavailable)
+
+    @pytest.mark.parametrize(
+        ("error_type", "error_class"),
+        [
+            ("overloaded_error", ProviderUnavailable),
+            ("api_error", ProviderUnavailable),
+            ("rate_limit_error", ProviderRateLimited),
+            ("invalid_request_error", ProviderRejected),
+            ("authentication_error", ProviderAuthFailed),
+        ],
+    )
+    async def test_in_band_error_event(
+        self, fake: FakeProvider, provider: AnthropicProvider, error_type: str, error_class: type[ProviderError]
+    ) -> None:
+        """An ``event: error`` inside a 200 stream is a ProviderError by its ``error.type``, sanitized."""
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=2, error_type=error_type))
+        texts, error = await collect_until_error(provider, make_call())
+        assert (texts, type(error)) == (["Hello ", "from "], error_class)
+        assert error_type in error.message
+        assert_sanitized(error)
+
+    async def test_in_band_error_before_content(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """An error event before any text is an error with nothing yielded (retryable pre-commit)."""
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=0))
+        texts, error = await collect_until_error(provider, make_call())
+        assert (texts, type(error)) == ([], ProviderUnavailable)
+
+    @pytest.mark.parametrize("fault", [Fault.MALFORMED_LINE, Fault.NON_UTF8, Fault.MISSING_TERMINATOR])
+    async def test_broken_streams_are_unavailable(
+        self, fake: FakeProvider, provider: AnthropicProvider, fault: Fault
+    ) -> None:
+        """Malformed JSON, non-UTF-8 bytes or a body that ends without ``message_stop``: ProviderUnavailable."""
+        fake.enqueue(Script(fault=fault, fault_after=1))
+        texts, error = await collect_until_error(provider, make_call())
+        assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+        assert_sanitized(error)
+
+
+class TestCancellation:
+    async def test_cancel_mid_stream_aborts_upstream_within_a_second(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """Cancelling the consuming task closes the HTTP response; the fake sees the abort at once."""
+        fake.enqueue(Script(chunk_count=1000, chunk_delay=0.01))
+
+        async def consume() -> None:
+            async for _ in provider.stream(make_call()):
+                pass
+
+        task = asyncio.create_task(consume())
+        await eventually(lambda: bool(fake.requests) and fake.requests[-1].chunks_sent >= 10)
+        cancelled_at = time.monotonic()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        record = fake.requests[-1]
+        await record.wait_ended(1.0)
+        assert record.aborted
+        assert record.aborted_at is not None
+        assert record.aborted_at - cancelled_at < 1.0
+
+    async def test_cancel_while_the_stream_stalls(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A cancel while the provider stalls with the socket open still closes the request."""
+        fake.enqueue(Script(fault=Fault.HANG, fault_after=1))
+        task = asyncio.create_task(collect(provider, make_call()))
+        await eventually(lambda: bool(fake.requests) and fake.requests[-1].chunks_sent == 1)
+        cancelled_at = time.monotonic()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        record = fake.requests[-1]
+        await record.wait_ended(1.0)
+        assert record.aborted
+        assert record.aborted_at is not None
+        assert record.aborted_at - cancelled_at < 1.0
+
+    async def test_closing_the_iterator_aborts_upstream(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """``aclose()`` after a few deltas closes the HTTP response before the answer is complete."""
+        fake.enqueue(Script(chunk_count=50, chunk_delay=0.01))
+        stream = provider.stream(make_call())
+        received = [await anext(stream) for _ in range(3)]
+        await stream.aclose()  # type: ignore[attr-defined]
+        record = fake.requests[-1]
+        await record.wait_ended(1.0)
+        assert (len(received), record.aborted, record.completed) == (3, True, False)
+
+
+class TestTimeout:
+    async def test_no_answer_within_the_timeout(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A provider that never answers fails with ProviderUnavailable at ``call.timeout``, upstream closed."""
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS))
+        started = time.monotonic()
+        texts, error = await collect_until_error(provider, make_call(timeout=0.3))
+        elapsed = time.monotonic() - started
+        assert (texts, type(error)) == ([], ProviderUnavailable)
+        assert 0.25 <= elapsed < 1.0
+        record = fake.requests[-1]
+        await record.wait_ended(1.0)
+        assert record.aborted
+
+    async def test_stall_after_first_token_times_out(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A stream that stalls mid-answer fails at the deadline, after the text already received."""
+        fake.enqueue(Script(fault=Fault.HANG, fault_after=2))
+        started = time.monotonic()
+        texts, error = await collect_until_error(provider, make_call(timeout=0.3))
+        assert (texts, type(error)) == (["Hello ", "from "], ProviderUnavailable)
+        assert time.monotonic() - started < 1.0
