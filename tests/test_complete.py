@@ -260,8 +260,9 @@ class TestDeadlinesAndCancellation:
             if message.WhichOneof("event") == "delta":
                 seen += 1
             if after == 0:
-                while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll in a test
-                    await asyncio.sleep(0.01)
+                async with asyncio.timeout(5):
+                    while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                        await asyncio.sleep(0.01)
                 break
             if seen >= after:
                 break
