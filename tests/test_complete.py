@@ -285,3 +285,27 @@ class TestDeadlinesAndCancellation:
             await task
         messages = await _collect(live_client)
         assert messages[-1].WhichOneof("event") == "completion"
+
+
+class TestOpenAICompatible:
+    async def test_a_compatible_server_is_called_through_the_openai_sdk(self, fake: FakeProvider) -> None:
+        """kind openai_compatible with a base_url and no key (as for Ollama or vLLM) streams and costs."""
+        config = default_config()
+        config["providers"]["local"] = {"kind": "openai_compatible", "base_url": fake.openai_base_url}  # type: ignore[index]
+        config["models"].append(  # type: ignore[attr-defined]
+            {
+                "id": "llama-local",
+                "provider": "local",
+                "provider_model": "meta-llama/Llama-3.1-8B-Instruct",
+                "input_price_per_mtok": "0.02",
+                "output_price_per_mtok": "0.05",
+                "context_window": 131072,
+            }
+        )
+        fake.enqueue(Script(input_tokens=100, output_tokens=5))
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            messages = await _collect(client, model="llama-local")
+        completion = messages[-1].completion
+        assert (completion.model, completion.provider) == ("llama-local", "local")
+        assert Decimal(completion.cost_usd) == (100 * Decimal("0.02") + 5 * Decimal("0.05")) / 1_000_000
+        assert fake.requests[-1].body["model"] == "meta-llama/Llama-3.1-8B-Instruct"
