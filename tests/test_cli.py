@@ -119,7 +119,9 @@ class TestRouteCommand:
 
 
 class TestCompleteCommand:
-    @pytest.mark.parametrize(("flags", "model"), [((), "gpt-4o-mini"), (("--task", "creative_writing"), "claude-sonnet")])
+    @pytest.mark.parametrize(
+        ("flags", "model"), [((), "gpt-4o-mini"), (("--task", "creative_writing"), "claude-sonnet")]
+    )
     def test_streams_through_the_real_sdks_and_costs_tokens_times_price(
         self, running: Running, flags: tuple[str, ...], model: str
     ) -> None:
