@@ -72,6 +72,7 @@ class Fault(enum.Enum):
     OVERSIZED_LINE = "oversized_line"  # a valid event padded to ``oversized_bytes``
     NON_UTF8 = "non_utf8"  # a ``data:`` line with bytes that are not UTF-8
     UNKNOWN_EVENT = "unknown_event"  # an event type the SDKs do not know
+    INCOMPLETE_EVENT = "incomplete_event"  # valid JSON without the fields its type requires
     MISSING_TERMINATOR = "missing_terminator"  # end the body without finish, usage, [DONE] or message_stop
 
 
@@ -127,7 +128,7 @@ class Script:
     finish_reason: str = "stop"
     model: str | None = None
     status: int = 200
-    error_type: str | None = None
+    error_type: str | None = None  # of an HTTP error or an in-band error event; default by status
     error_body: str | None = None
     retry_after: str | None = None
     retry_after_ms: str | None = None
@@ -780,6 +781,7 @@ class FakeProvider:
             Fault.OVERSIZED_LINE: chunk({}, padding="x" * script.oversized_bytes),
             Fault.NON_UTF8: b"data: \xff\xfe\xfd\n\n",
             Fault.UNKNOWN_EVENT: _sse({"object": "fake.unknown", "choices": [], "id": completion_id, "model": model}),
+            Fault.INCOMPLETE_EVENT: _sse({"object": "chat.completion.chunk", "choices": [{"delta": None}]}),
         }
         await self._stream_events(
             connection,
@@ -849,6 +851,7 @@ class FakeProvider:
             Fault.OVERSIZED_LINE: _sse({"type": "ping", "padding": "x" * script.oversized_bytes}, "ping"),
             Fault.NON_UTF8: b"event: content_block_delta\ndata: \xff\xfe\xfd\n\n",
             Fault.UNKNOWN_EVENT: _sse({"type": "fake_unknown"}, "fake_unknown"),
+            Fault.INCOMPLETE_EVENT: _sse({"type": "content_block_delta"}, "content_block_delta"),
         }
         await self._stream_events(
             connection,

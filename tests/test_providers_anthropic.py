@@ -152,11 +152,13 @@ class TestStreaming:
     async def test_unknown_events_and_oversized_pings_are_tolerated(
         self, fake: FakeProvider, provider: AnthropicProvider
     ) -> None:
-        """An unknown event type, or a 1 MiB ping, do not break the stream."""
+        """An unknown event type, a delta missing its fields, or a 1 MiB ping do not break the stream."""
         fake.enqueue(
-            Script(fault=Fault.UNKNOWN_EVENT, fault_after=2), Script(fault=Fault.OVERSIZED_LINE, fault_after=1)
+            Script(fault=Fault.UNKNOWN_EVENT, fault_after=2),
+            Script(fault=Fault.OVERSIZED_LINE, fault_after=1),
+            Script(fault=Fault.INCOMPLETE_EVENT, fault_after=3),
         )
-        for _ in range(2):
+        for _ in range(3):
             events = await collect(provider, make_call())
             assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
 

@@ -175,11 +175,13 @@ class TestStreaming:
     async def test_unknown_chunks_and_oversized_lines_are_tolerated(
         self, fake: FakeProvider, provider: OpenAIProvider
     ) -> None:
-        """A chunk with no choices and an unknown object, or a 1 MiB chunk, do not break the stream."""
+        """An unknown object, a chunk missing its fields, or a 1 MiB chunk do not break the stream."""
         fake.enqueue(
-            Script(fault=Fault.UNKNOWN_EVENT, fault_after=2), Script(fault=Fault.OVERSIZED_LINE, fault_after=1)
+            Script(fault=Fault.UNKNOWN_EVENT, fault_after=2),
+            Script(fault=Fault.OVERSIZED_LINE, fault_after=1),
+            Script(fault=Fault.INCOMPLETE_EVENT, fault_after=3),
         )
-        for _ in range(2):
+        for _ in range(3):
             events = await collect(provider, make_call())
             assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
 

@@ -167,22 +167,28 @@ class AnthropicProvider:
     def _apply(tally: _Tally, event: RawMessageStreamEvent) -> str:
         """Fold one event into ``tally``; the text it carries, if any."""
         if event.type == "message_start":
-            tally.provider_model = event.message.model
-            usage = event.message.usage
+            message = _maybe(event.message)
+            tally.provider_model = (message.model if message is not None else None) or tally.provider_model
+            usage = _maybe(message.usage) if message is not None else None
             if usage is not None:
                 tally.input_tokens = usage.input_tokens
                 tally.cache_read = usage.cache_read_input_tokens or 0
                 tally.cache_write = usage.cache_creation_input_tokens or 0
                 tally.output_tokens = usage.output_tokens
         elif event.type == "content_block_delta":
-            if event.delta.type == "text_delta":
-                return event.delta.text
+            block_delta = _maybe(event.delta)
+            if block_delta is not None and block_delta.type == "text_delta":
+                return _maybe(block_delta.text) or ""
         elif event.type == "message_delta":
-            tally.stop_reason = event.delta.stop_reason or tally.stop_reason
-            delta_usage = event.usage
+            message_delta = _maybe(event.delta)
+            if message_delta is not None:
+                tally.stop_reason = message_delta.stop_reason or tally.stop_reason
+            delta_usage = _maybe(event.usage)
             if delta_usage is not None:
                 # Cumulative counts: the last one wins.
-                tally.output_tokens = delta_usage.output_tokens
+                output_tokens = _maybe(delta_usage.output_tokens)
+                if output_tokens is not None:
+                    tally.output_tokens = output_tokens
                 if delta_usage.input_tokens is not None:
                     tally.input_tokens = delta_usage.input_tokens
                 if delta_usage.cache_read_input_tokens is not None:
@@ -255,6 +261,11 @@ class AnthropicProvider:
                 describe(name, model, "malformed stream", type(exc).__name__), provider=name, model=model
             )
         return None
+
+
+def _maybe(value: _T) -> _T | None:
+    """Say that an SDK field may be None: models built from malformed events leave missing fields None."""
+    return value
 
 
 async def _next_or_none(stream: anthropic.AsyncStream[RawMessageStreamEvent]) -> RawMessageStreamEvent | None:

@@ -142,15 +142,17 @@ class OpenAIProvider:
                 chunk = await self._guard(call, deadline, _next_or_none(sdk_stream))
                 if chunk is None:
                     break
-                provider_model = provider_model or chunk.model
+                provider_model = provider_model or _maybe(chunk.model) or ""
                 if chunk.usage is not None:
                     usage = chunk.usage
-                for choice in chunk.choices:
-                    if choice.index != 0:
+                for choice in _maybe(chunk.choices) or ():
+                    if choice.index not in (0, None):
                         continue
-                    if choice.delta.content:
-                        output.append(choice.delta.content)
-                        yield TextDelta(choice.delta.content)
+                    delta = _maybe(choice.delta)
+                    text = delta.content if delta is not None else None
+                    if text:
+                        output.append(text)
+                        yield TextDelta(text)
                     if choice.finish_reason is not None:
                         finish = choice.finish_reason
             if finish is None:
@@ -179,8 +181,8 @@ class OpenAIProvider:
         details = usage.prompt_tokens_details
         cached = details.cached_tokens if details is not None and details.cached_tokens is not None else 0
         return Usage(
-            input_tokens=usage.prompt_tokens,
-            output_tokens=usage.completion_tokens,
+            input_tokens=_maybe(usage.prompt_tokens) or 0,
+            output_tokens=_maybe(usage.completion_tokens) or 0,
             cached_input_tokens=cached,
         )
 
@@ -233,6 +235,11 @@ class OpenAIProvider:
                 describe(name, model, "malformed stream", type(exc).__name__), provider=name, model=model
             )
         return None
+
+
+def _maybe(value: _T) -> _T | None:
+    """Say that an SDK field may be None: models built from malformed events leave missing fields None."""
+    return value
 
 
 async def _next_or_none(stream: openai.AsyncStream[ChatCompletionChunk]) -> ChatCompletionChunk | None:
