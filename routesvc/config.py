@@ -176,12 +176,67 @@ class LoggingConfig(_Strict):
     format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, else JSON.")
 
 
+class TracingConfig(_Strict):
+    """Where spans go. Unset fields fall back to the standard ``OTEL_*`` variables."""
+
+    exporter: Literal["none", "console", "otlp"] | None = Field(
+        None,
+        description="none, console (stdout) or otlp (gRPC); default: $OTEL_TRACES_EXPORTER, else otlp when an "
+        "OTLP endpoint variable is set, else none.",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/gRPC endpoint; default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "
+        "then $OTEL_EXPORTER_OTLP_ENDPOINT, then http://localhost:4317.",
+    )
+    sample_ratio: float | None = Field(
+        None, ge=0, le=1, description="Fraction of new traces kept (parent-based); default 1, $OTEL_TRACES_SAMPLER_ARG"
+    )
+
+
+class MetricsConfig(_Strict):
+    """Where metrics go: OTLP push and/or a Prometheus scrape endpoint."""
+
+    exporter: Literal["none", "console", "otlp"] | None = Field(
+        None,
+        description="none, console or otlp (gRPC); default: $OTEL_METRICS_EXPORTER, else otlp when an "
+        "OTLP endpoint variable is set, else none.",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/gRPC endpoint; default: $OTEL_EXPORTER_OTLP_METRICS_ENDPOINT, "
+        "then $OTEL_EXPORTER_OTLP_ENDPOINT, then http://localhost:4317.",
+    )
+    export_interval_seconds: float = Field(60.0, gt=0, description="How often metrics are pushed over OTLP.")
+    prometheus_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /metrics for Prometheus on this port; unset: off; 0 picks one."
+    )
+    prometheus_host: str = Field("127.0.0.1", description="Interface of the Prometheus endpoint.")
+
+
+class TelemetryConfig(_Strict):
+    """Traces, metrics, and the routing-effectiveness window behind GetStats."""
+
+    service_name: str | None = Field(None, description="service.name; default: $OTEL_SERVICE_NAME, else routesvc.")
+    tracing: TracingConfig = TracingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    capture_content: bool = Field(
+        False, description="Record prompt and completion text on spans. Off by default: content is never recorded."
+    )
+    baseline_model: str | None = Field(
+        None, description="Model savings are measured against; default: the most expensive catalog model."
+    )
+    stats_window_seconds: float = Field(3600.0, gt=0, description="How far back GetStats can look.")
+    stats_max_requests: int = Field(100_000, gt=0, description="Most requests kept in the GetStats window.")
+
+
 class Config(_Strict):
     """The whole file."""
 
     server: ServerConfig = ServerConfig()
     limits: LimitsConfig = LimitsConfig()
     logging: LoggingConfig = LoggingConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     providers: dict[str, ProviderConfig]
     models: tuple[ModelConfig, ...] = Field(min_length=1)
     routing: RoutingConfig
@@ -238,6 +293,93 @@ class Settings:
     config: Config
     catalog: Catalog
     providers: Mapping[str, ProviderSettings]
+    telemetry: TelemetrySettings
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    """``telemetry`` with the standard ``OTEL_*`` variables applied (the file wins when both say)."""
+
+    service_name: str
+    resource_attributes: Mapping[str, str]
+    traces_exporter: str
+    traces_endpoint: str
+    sample_ratio: float
+    metrics_exporter: str
+    metrics_endpoint: str
+    metrics_interval_seconds: float
+    otlp_headers: Mapping[str, str]
+    otlp_insecure: bool
+    prometheus_host: str
+    prometheus_port: int | None
+    capture_content: bool
+    baseline_model: str
+    stats_window_seconds: float
+    stats_max_requests: int
+
+    def __repr__(self) -> str:
+        # OTLP headers often carry an API key of the telemetry backend.
+        return f"TelemetrySettings(traces={self.traces_exporter}, metrics={self.metrics_exporter})"
+
+
+def _otel_pairs(text: str) -> dict[str, str]:
+    """``key1=value1,key2=value2`` (the OTEL_* list format), percent-decoded."""
+    from urllib.parse import unquote
+
+    pairs: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            pairs[unquote(key.strip())] = unquote(value.strip())
+    return pairs
+
+
+def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mapping[str, str]) -> TelemetrySettings:
+    telemetry = config.telemetry
+    base_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    traces_endpoint = telemetry.tracing.otlp_endpoint or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or base_endpoint
+    metrics_endpoint = (
+        telemetry.metrics.otlp_endpoint or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or base_endpoint
+    )
+    disabled = env.get("OTEL_SDK_DISABLED", "").lower() == "true"
+
+    def exporter(configured: str | None, variable: str, endpoint: str) -> str:
+        chosen = configured or env.get(variable, "").split(",")[0].strip().lower() or ("otlp" if endpoint else "none")
+        if chosen not in ("none", "console", "otlp"):
+            raise ConfigError(f"{source}: ${variable}: unsupported exporter {chosen!r} (none, console, otlp)")
+        return "none" if disabled and configured is None else chosen
+
+    ratio = telemetry.tracing.sample_ratio
+    if ratio is None:
+        try:
+            ratio = min(max(float(env.get("OTEL_TRACES_SAMPLER_ARG", "1")), 0.0), 1.0)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: $OTEL_TRACES_SAMPLER_ARG: not a number") from exc
+    baseline = telemetry.baseline_model
+    if baseline is None:
+        baseline = max(catalog, key=lambda m: m.input_price_per_mtok + m.output_price_per_mtok).id
+    elif baseline not in catalog:
+        raise ConfigError(f"{source}: telemetry.baseline_model: unknown model {baseline!r}")
+    resource = _otel_pairs(env.get("OTEL_RESOURCE_ATTRIBUTES", ""))
+    return TelemetrySettings(
+        service_name=telemetry.service_name or env.get("OTEL_SERVICE_NAME") or resource.get("service.name", "routesvc"),
+        resource_attributes=resource,
+        traces_exporter=exporter(telemetry.tracing.exporter, "OTEL_TRACES_EXPORTER", traces_endpoint),
+        traces_endpoint=traces_endpoint or "http://localhost:4317",
+        sample_ratio=ratio,
+        metrics_exporter=exporter(telemetry.metrics.exporter, "OTEL_METRICS_EXPORTER", metrics_endpoint),
+        metrics_endpoint=metrics_endpoint or "http://localhost:4317",
+        metrics_interval_seconds=telemetry.metrics.export_interval_seconds,
+        otlp_headers=_otel_pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS", "")),
+        otlp_insecure=env.get("OTEL_EXPORTER_OTLP_INSECURE", "").lower() == "true"
+        or (traces_endpoint or "http://").startswith("http://"),
+        prometheus_host=telemetry.metrics.prometheus_host,
+        prometheus_port=telemetry.metrics.prometheus_port,
+        capture_content=telemetry.capture_content,
+        baseline_model=baseline,
+        stats_window_seconds=telemetry.stats_window_seconds,
+        stats_max_requests=telemetry.stats_max_requests,
+    )
 
 
 def _resolve_provider(name: str, provider: ProviderConfig, environ: Mapping[str, str]) -> ProviderSettings:
@@ -312,7 +454,9 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
             problems.append(f"{_field_path(_without_union_tags(location))}: {message}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from exc
     providers = {name: _resolve_provider(name, provider, env) for name, provider in config.providers.items()}
-    return Settings(source=source, config=config, catalog=_catalog(config), providers=providers)
+    catalog = _catalog(config)
+    telemetry = _resolve_telemetry(config, catalog, source, env)
+    return Settings(source=source, config=config, catalog=catalog, providers=providers, telemetry=telemetry)
 
 
 def _without_union_tags(location: tuple[int | str, ...]) -> tuple[int | str, ...]:
