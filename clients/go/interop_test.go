@@ -1,0 +1,231 @@
+package routesvc_test
+
+// Interop tests against a live routesvc: set ROUTESVC_TARGET=host:port (plaintext) and,
+// for the slow-provider cases, ROUTESVC_FAKE_URL=http://host:port of the fake provider
+// (python -m routesvc.testing) behind it. .ci/clients.sh starts both.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	routesvc "github.com/routesvc/routesvc/clients/go"
+	routesvcv1 "github.com/routesvc/routesvc/clients/go/routesvcv1"
+)
+
+// pinnedModel is the catalog model the scripted tests pin, so that the fake's
+// per-model script queue is consumed by exactly the request that needs it.
+const pinnedModel = "gpt-4o-mini"
+
+func dial(t *testing.T) *routesvc.Client {
+	t.Helper()
+	target := os.Getenv("ROUTESVC_TARGET")
+	if target == "" {
+		t.Skip("ROUTESVC_TARGET not set: no live service to test against")
+	}
+	client, err := routesvc.Dial(target, routesvc.WithInsecure(), routesvc.WithAPIKey("interop-key"))
+	if err != nil {
+		t.Fatalf("Dial: %v", err)
+	}
+	t.Cleanup(func() { client.Close() })
+	return client
+}
+
+func withTimeout(t *testing.T, d time.Duration) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// script queues one scripted answer for pinnedModel at the fake provider.
+func script(t *testing.T, fields map[string]any) {
+	t.Helper()
+	fake := os.Getenv("ROUTESVC_FAKE_URL")
+	if fake == "" {
+		t.Skip("ROUTESVC_FAKE_URL not set: cannot script a slow provider")
+	}
+	body, _ := json.Marshal(map[string]any{"script": fields, "model": pinnedModel, "mode": "enqueue"})
+	resp, err := http.Post(strings.TrimRight(fake, "/")+"/_fake/script", "application/json", bytes.NewReader(body))
+	if err != nil {
+		t.Fatalf("scripting the fake provider: %v", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(resp.Body)
+		t.Fatalf("scripting the fake provider: %s: %s", resp.Status, msg)
+	}
+}
+
+func pinned(prompt string) *routesvcv1.CompleteRequest {
+	return &routesvcv1.CompleteRequest{
+		Chat:    routesvc.UserPrompt(prompt),
+		Context: &routesvcv1.RoutingContext{Model: pinnedModel},
+	}
+}
+
+func TestRouteReturnsADecision(t *testing.T) {
+	client := dial(t)
+	decision, err := client.Route(withTimeout(t, 10*time.Second), &routesvcv1.RouteRequest{Chat: routesvc.UserPrompt("Say hello")})
+	if err != nil {
+		t.Fatalf("Route: %v", err)
+	}
+	if decision.GetModel() == "" || decision.GetDecisionId() == "" || decision.GetEstimatedCostUsd() == "" {
+		t.Fatalf("incomplete decision: %v", decision)
+	}
+	if len(decision.GetCandidates()) == 0 {
+		t.Fatalf("decision lists no candidates: %v", decision)
+	}
+}
+
+func TestListModelsReturnsTheCatalog(t *testing.T) {
+	client := dial(t)
+	models, err := client.ListModels(withTimeout(t, 10*time.Second))
+	if err != nil {
+		t.Fatalf("ListModels: %v", err)
+	}
+	if len(models) == 0 || models[0].GetId() == "" || models[0].GetInputPricePerMtok() == "" {
+		t.Fatalf("unexpected catalog: %v", models)
+	}
+}
+
+func TestCompleteStreamsDecisionDeltasThenCompletion(t *testing.T) {
+	client := dial(t)
+	stream, err := client.Complete(withTimeout(t, 20*time.Second), &routesvcv1.CompleteRequest{Chat: routesvc.UserPrompt("Say hello")})
+	if err != nil {
+		t.Fatalf("Complete: %v", err)
+	}
+	var kinds []string
+	var text strings.Builder
+	var completion *routesvcv1.Completion
+	for {
+		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("Recv: %v", err)
+		}
+		switch event := msg.GetEvent().(type) {
+		case *routesvcv1.CompleteResponse_Decision:
+			kinds = append(kinds, "decision")
+		case *routesvcv1.CompleteResponse_Delta:
+			kinds = append(kinds, "delta")
+			text.WriteString(event.Delta.GetText())
+		case *routesvcv1.CompleteResponse_Completion:
+			kinds = append(kinds, "completion")
+			completion = event.Completion
+		}
+	}
+	if len(kinds) < 3 || kinds[0] != "decision" || kinds[len(kinds)-1] != "completion" {
+		t.Fatalf("want decision, deltas, completion; got %v", kinds)
+	}
+	for _, kind := range kinds[1 : len(kinds)-1] {
+		if kind != "delta" {
+			t.Fatalf("want only deltas between decision and completion; got %v", kinds)
+		}
+	}
+	if text.Len() == 0 {
+		t.Fatal("no text streamed")
+	}
+	if completion.GetUsage().GetOutputTokens() <= 0 || completion.GetUsage().GetInputTokens() <= 0 {
+		t.Fatalf("completion without usage: %v", completion)
+	}
+	if completion.GetCostUsd() == "" || completion.GetFinishReason() != routesvcv1.FinishReason_FINISH_REASON_STOP {
+		t.Fatalf("completion without cost or finish reason: %v", completion)
+	}
+}
+
+func TestDeadlineExceededWhenTheProviderIsSlow(t *testing.T) {
+	client := dial(t)
+	script(t, map[string]any{"first_chunk_delay": 5.0})
+	stream, err := client.Complete(withTimeout(t, 500*time.Millisecond), pinned("Say hello slowly"))
+	for err == nil {
+		_, err = stream.Recv()
+	}
+	if got := status.Code(err); got != codes.DeadlineExceeded {
+		t.Fatalf("want DEADLINE_EXCEEDED, got %v", err)
+	}
+}
+
+func TestCancelMidStream(t *testing.T) {
+	client := dial(t)
+	script(t, map[string]any{"chunk_count": 100, "chunk_delay": 0.05})
+	ctx, cancel := context.WithCancel(withTimeout(t, 20*time.Second))
+	stream, err := client.Complete(ctx, pinned("Count slowly"))
+	if err != nil {
+		t.Fatalf("Complete: %v", err)
+	}
+	for _, want := range []string{"decision", "delta"} {
+		msg, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("Recv %s: %v", want, err)
+		}
+		if (want == "decision") != (msg.GetDecision() != nil) {
+			t.Fatalf("want %s first, got %v", want, msg)
+		}
+	}
+	cancel()
+	for err == nil {
+		_, err = stream.Recv()
+	}
+	if got := status.Code(err); got != codes.Canceled {
+		t.Fatalf("want CANCELLED after cancel, got %v", err)
+	}
+}
+
+func TestInvalidArgumentCarriesErrorInfoReason(t *testing.T) {
+	client := dial(t)
+	_, err := client.Route(withTimeout(t, 10*time.Second), &routesvcv1.RouteRequest{Chat: &routesvcv1.ChatRequest{}})
+	if got := status.Code(err); got != codes.InvalidArgument {
+		t.Fatalf("want INVALID_ARGUMENT for empty messages, got %v", err)
+	}
+	info := routesvc.ErrorInfo(err)
+	if info == nil {
+		t.Fatalf("no routesvc ErrorInfo in %v", err)
+	}
+	if info.GetReason() != "INVALID_REQUEST" || info.GetDomain() != "routesvc" {
+		t.Fatalf("want reason INVALID_REQUEST in domain routesvc, got %v", info)
+	}
+}
+
+func TestRequestIDRoundTripsInHeadersAndTrailers(t *testing.T) {
+	client := dial(t)
+	const id = "go-interop-7f3a"
+	ctx := metadata.AppendToOutgoingContext(withTimeout(t, 10*time.Second), "x-request-id", id)
+	var header, trailer metadata.MD
+	_, err := client.Route(ctx, &routesvcv1.RouteRequest{Chat: routesvc.UserPrompt("Say hello")}, grpc.Header(&header), grpc.Trailer(&trailer))
+	if err != nil {
+		t.Fatalf("Route: %v", err)
+	}
+	if got := header.Get("x-request-id"); len(got) != 1 || got[0] != id {
+		t.Fatalf("initial metadata x-request-id = %v, want %q", got, id)
+	}
+	if got := trailer.Get("x-request-id"); len(got) != 1 || got[0] != id {
+		t.Fatalf("trailing metadata x-request-id = %v, want %q", got, id)
+	}
+}
+
+func TestHealthCheckReportsServing(t *testing.T) {
+	client := dial(t)
+	got, err := client.Healthy(withTimeout(t, 10*time.Second))
+	if err != nil {
+		t.Fatalf("health check: %v", err)
+	}
+	if got != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health = %v, want SERVING", got)
+	}
+}

@@ -1,0 +1,199 @@
+package dev.routesvc.client;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+import static org.junit.jupiter.api.Assumptions.assumeTrue;
+
+import com.google.rpc.ErrorInfo;
+import dev.routesvc.v1.ChatRequest;
+import dev.routesvc.v1.CompleteRequest;
+import dev.routesvc.v1.CompleteResponse;
+import dev.routesvc.v1.Completion;
+import dev.routesvc.v1.FinishReason;
+import dev.routesvc.v1.ModelInfo;
+import dev.routesvc.v1.RouteDecision;
+import dev.routesvc.v1.RouteRequest;
+import dev.routesvc.v1.RoutingContext;
+import io.grpc.Context;
+import io.grpc.Metadata;
+import io.grpc.Status;
+import io.grpc.StatusRuntimeException;
+import io.grpc.health.v1.HealthCheckResponse;
+import io.grpc.stub.MetadataUtils;
+import java.net.URI;
+import java.net.http.HttpClient;
+import java.net.http.HttpRequest;
+import java.net.http.HttpResponse;
+import java.time.Duration;
+import java.util.ArrayList;
+import java.util.Iterator;
+import java.util.List;
+import java.util.concurrent.atomic.AtomicReference;
+import org.junit.jupiter.api.AfterAll;
+import org.junit.jupiter.api.BeforeAll;
+import org.junit.jupiter.api.DisplayName;
+import org.junit.jupiter.api.Test;
+
+/**
+ * Interop tests against a live routesvc: ROUTESVC_TARGET=host:port (plaintext) and, for the
+ * slow-provider cases, ROUTESVC_FAKE_URL of the fake provider behind it.
+ */
+class InteropTest {
+  /** Scripted tests pin this model so the fake's per-model queue serves exactly their request. */
+  private static final String PINNED = "gpt-4o-mini";
+  private static final Duration TIMEOUT = Duration.ofSeconds(20);
+  private static final String TARGET = System.getenv("ROUTESVC_TARGET");
+  private static final String FAKE_URL = System.getenv("ROUTESVC_FAKE_URL");
+
+  private static RouterClient client;
+
+  @BeforeAll
+  static void dial() {
+    assumeTrue(TARGET != null && !TARGET.isEmpty(), "ROUTESVC_TARGET not set: no live service to test against");
+    client = RouterClient.newBuilder(TARGET).usePlaintext().apiKey("interop-key").build();
+  }
+
+  @AfterAll
+  static void close() throws InterruptedException {
+    if (client != null) {
+      client.close();
+    }
+  }
+
+  private static void script(String json) throws Exception {
+    assumeTrue(FAKE_URL != null && !FAKE_URL.isEmpty(), "ROUTESVC_FAKE_URL not set: cannot script a slow provider");
+    String body = "{\"model\": \"" + PINNED + "\", \"mode\": \"enqueue\", \"script\": " + json + "}";
+    HttpResponse<String> response = HttpClient.newHttpClient().send(
+        HttpRequest.newBuilder(URI.create(FAKE_URL + "/_fake/script"))
+            .header("content-type", "application/json")
+            .POST(HttpRequest.BodyPublishers.ofString(body))
+            .build(),
+        HttpResponse.BodyHandlers.ofString());
+    assertEquals(200, response.statusCode(), response.body());
+  }
+
+  private static CompleteRequest pinned(String prompt) {
+    return CompleteRequest.newBuilder()
+        .setChat(RouterClient.userPrompt(prompt))
+        .setContext(RoutingContext.newBuilder().setModel(PINNED))
+        .build();
+  }
+
+  @Test
+  @DisplayName("Route returns a decision")
+  void route() {
+    RouteDecision decision =
+        client.route(RouteRequest.newBuilder().setChat(RouterClient.userPrompt("Say hello")).build(), TIMEOUT);
+    assertFalse(decision.getModel().isEmpty());
+    assertFalse(decision.getDecisionId().isEmpty());
+    assertFalse(decision.getEstimatedCostUsd().isEmpty());
+    assertTrue(decision.getCandidatesCount() > 0);
+  }
+
+  @Test
+  @DisplayName("ListModels returns the catalog")
+  void listModels() {
+    List<ModelInfo> models = client.listModels(TIMEOUT);
+    assertFalse(models.isEmpty());
+    assertFalse(models.get(0).getId().isEmpty());
+  }
+
+  @Test
+  @DisplayName("Complete streams the decision, deltas, then the completion")
+  void completeStreamsToTheEnd() {
+    List<CompleteResponse.EventCase> kinds = new ArrayList<>();
+    Completion completion = null;
+    StringBuilder text = new StringBuilder();
+    Iterator<CompleteResponse> stream = client.complete(
+        CompleteRequest.newBuilder().setChat(RouterClient.userPrompt("Say hello")).build(), TIMEOUT);
+    while (stream.hasNext()) {
+      CompleteResponse message = stream.next();
+      kinds.add(message.getEventCase());
+      if (message.hasDelta()) {
+        text.append(message.getDelta().getText());
+      }
+      if (message.hasCompletion()) {
+        completion = message.getCompletion();
+      }
+    }
+    assertTrue(kinds.size() >= 3, kinds.toString());
+    assertEquals(CompleteResponse.EventCase.DECISION, kinds.get(0));
+    assertEquals(CompleteResponse.EventCase.COMPLETION, kinds.get(kinds.size() - 1));
+    for (CompleteResponse.EventCase kind : kinds.subList(1, kinds.size() - 1)) {
+      assertEquals(CompleteResponse.EventCase.DELTA, kind, kinds.toString());
+    }
+    assertFalse(text.isEmpty());
+    assertTrue(completion.getUsage().getInputTokens() > 0);
+    assertTrue(completion.getUsage().getOutputTokens() > 0);
+    assertFalse(completion.getCostUsd().isEmpty());
+    assertEquals(FinishReason.FINISH_REASON_STOP, completion.getFinishReason());
+  }
+
+  @Test
+  @DisplayName("a slow provider ends in DEADLINE_EXCEEDED")
+  void deadlineExceeded() throws Exception {
+    script("{\"first_chunk_delay\": 5.0}");
+    StatusRuntimeException error = assertThrows(StatusRuntimeException.class, () -> {
+      Iterator<CompleteResponse> stream = client.complete(pinned("Say hello slowly"), Duration.ofMillis(500));
+      while (stream.hasNext()) {
+        stream.next();
+      }
+    });
+    assertEquals(Status.Code.DEADLINE_EXCEEDED, error.getStatus().getCode(), error.toString());
+  }
+
+  @Test
+  @DisplayName("cancelling mid-stream ends the call as CANCELLED")
+  void cancelMidStream() throws Exception {
+    script("{\"chunk_count\": 100, \"chunk_delay\": 0.05}");
+    Context.CancellableContext context = Context.current().withCancellation();
+    Iterator<CompleteResponse> stream = context.call(() -> client.complete(pinned("Count slowly"), TIMEOUT));
+    assertTrue(stream.next().hasDecision());
+    assertTrue(stream.next().hasDelta());
+    context.cancel(null);
+    StatusRuntimeException error = assertThrows(StatusRuntimeException.class, () -> {
+      while (stream.hasNext()) {
+        stream.next();
+      }
+    });
+    assertEquals(Status.Code.CANCELLED, error.getStatus().getCode(), error.toString());
+  }
+
+  @Test
+  @DisplayName("empty messages are INVALID_ARGUMENT with ErrorInfo reason INVALID_REQUEST")
+  void invalidArgument() {
+    StatusRuntimeException error = assertThrows(StatusRuntimeException.class,
+        () -> client.route(RouteRequest.newBuilder().setChat(ChatRequest.getDefaultInstance()).build(), TIMEOUT));
+    assertEquals(Status.Code.INVALID_ARGUMENT, error.getStatus().getCode(), error.toString());
+    ErrorInfo info = RouterClient.errorInfo(error).orElseThrow();
+    assertEquals("INVALID_REQUEST", info.getReason());
+    assertEquals("routesvc", info.getDomain());
+  }
+
+  @Test
+  @DisplayName("x-request-id round-trips in initial and trailing metadata")
+  void requestIdRoundTrip() {
+    Metadata.Key<String> key = Metadata.Key.of("x-request-id", Metadata.ASCII_STRING_MARSHALLER);
+    String id = "java-interop-7f3a";
+    Metadata outgoing = new Metadata();
+    outgoing.put(key, id);
+    AtomicReference<Metadata> headers = new AtomicReference<>();
+    AtomicReference<Metadata> trailers = new AtomicReference<>();
+    client.stub()
+        .withDeadlineAfter(TIMEOUT.toMillis(), java.util.concurrent.TimeUnit.MILLISECONDS)
+        .withInterceptors(
+            MetadataUtils.newAttachHeadersInterceptor(outgoing),
+            MetadataUtils.newCaptureMetadataInterceptor(headers, trailers))
+        .route(RouteRequest.newBuilder().setChat(RouterClient.userPrompt("Say hello")).build());
+    assertEquals(id, headers.get().get(key));
+    assertEquals(id, trailers.get().get(key));
+  }
+
+  @Test
+  @DisplayName("the health check reports SERVING")
+  void health() {
+    assertEquals(HealthCheckResponse.ServingStatus.SERVING, client.health(TIMEOUT));
+  }
+}

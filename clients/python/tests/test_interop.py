@@ -1,0 +1,102 @@
+"""The Python client against a live routesvc: each test states one behaviour callers rely on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from conftest import PINNED_MODEL
+from routesvc.v1 import router_pb2 as pb
+from routesvc_client import RouterClient, error_info, user_prompt
+
+
+def pinned(prompt: str) -> pb.CompleteRequest:
+    return pb.CompleteRequest(chat=user_prompt(prompt), context=pb.RoutingContext(model=PINNED_MODEL))
+
+
+class TestRouterClient:
+    async def test_route_returns_a_decision(self, client: RouterClient) -> None:
+        """Route answers with a decision naming a model, an id, an estimate and the candidates."""
+        decision = await client.route(pb.RouteRequest(chat=user_prompt("Say hello")), timeout=10)
+        assert decision.model
+        assert decision.decision_id
+        assert decision.estimated_cost_usd
+        assert len(decision.candidates) > 0
+
+    async def test_list_models_returns_the_catalog(self, client: RouterClient) -> None:
+        """ListModels lists every catalog model with its prices."""
+        models = await client.list_models(timeout=10)
+        assert models
+        assert models[0].id
+        assert models[0].input_price_per_mtok
+
+    async def test_complete_streams_decision_deltas_then_completion(self, client: RouterClient) -> None:
+        """Complete yields the decision first, then only deltas, then a completion with usage and cost."""
+        messages = [m async for m in client.complete(pb.CompleteRequest(chat=user_prompt("Say hello")), timeout=20)]
+        kinds = [m.WhichOneof("event") for m in messages]
+        assert kinds[0] == "decision"
+        assert kinds[-1] == "completion"
+        assert len(kinds) >= 3
+        assert set(kinds[1:-1]) == {"delta"}
+        completion = messages[-1].completion
+        assert completion.usage.input_tokens > 0
+        assert completion.usage.output_tokens > 0
+        assert completion.cost_usd
+        assert completion.finish_reason == pb.FINISH_REASON_STOP
+
+    async def test_slow_provider_ends_in_deadline_exceeded(
+        self, client: RouterClient, script: Callable[..., None]
+    ) -> None:
+        """A provider slower than the call's deadline ends the stream with DEADLINE_EXCEEDED."""
+        script(first_chunk_delay=5.0)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for _ in client.complete(pinned("Say hello slowly"), timeout=0.5):
+                pass
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def test_cancel_mid_stream(self, client: RouterClient, script: Callable[..., None]) -> None:
+        """Cancelling a call after the first delta ends it as CANCELLED on the client."""
+        script(chunk_count=100, chunk_delay=0.05)
+        call = client.stub.Complete(pinned("Count slowly"), timeout=20, metadata=client.metadata())
+        assert (await call.read()).WhichOneof("event") == "decision"
+        assert (await call.read()).WhichOneof("event") == "delta"
+        assert call.cancel()
+        assert await call.code() == grpc.StatusCode.CANCELLED
+
+    async def test_leaving_the_stream_early_cancels_it(self, client: RouterClient, script: Callable[..., None]) -> None:
+        """Breaking out of ``complete()`` cancels the call instead of reading it to the end."""
+        script(chunk_count=100, chunk_delay=0.05)
+        seen = []
+        async for message in client.complete(pinned("Count slowly"), timeout=20):
+            seen.append(message.WhichOneof("event"))
+            if message.HasField("delta"):
+                break
+        assert seen == ["decision", "delta"]
+
+    async def test_invalid_argument_carries_error_info_reason(self, client: RouterClient) -> None:
+        """Empty messages are INVALID_ARGUMENT with ErrorInfo reason INVALID_REQUEST in domain routesvc."""
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.route(pb.RouteRequest(chat=pb.ChatRequest()), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        info = error_info(raised.value)
+        assert info is not None
+        assert (info.reason, info.domain) == ("INVALID_REQUEST", "routesvc")
+
+    async def test_request_id_round_trips_in_metadata(self, client: RouterClient) -> None:
+        """The x-request-id a caller sends comes back in initial and trailing metadata."""
+        request_id = "py-interop-7f3a"
+        call = client.stub.Route(
+            pb.RouteRequest(chat=user_prompt("Say hello")),
+            timeout=10,
+            metadata=client.metadata({"x-request-id": request_id}),
+        )
+        await call
+        assert dict(await call.initial_metadata()).get("x-request-id") == request_id
+        assert dict(await call.trailing_metadata()).get("x-request-id") == request_id
+
+    async def test_health_check_reports_serving(self, client: RouterClient) -> None:
+        """The grpc.health.v1 check for RouterService is SERVING."""
+        assert await client.health(timeout=10) == health_pb2.HealthCheckResponse.SERVING

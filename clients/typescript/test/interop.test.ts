@@ -1,0 +1,126 @@
+// Interop tests against a live routesvc: ROUTESVC_TARGET=host:port (plaintext) and,
+// for the slow-provider cases, ROUTESVC_FAKE_URL of the fake provider behind it.
+import assert from "node:assert/strict";
+import { after, before, describe, it } from "node:test";
+
+import {
+  Code,
+  ConnectError,
+  errorInfo,
+  FinishReason,
+  HealthCheckResponse_ServingStatus,
+  RouterClient,
+  userPrompt,
+  type CompleteResponse,
+} from "../src/index.js";
+
+const target = process.env.ROUTESVC_TARGET;
+const fakeUrl = process.env.ROUTESVC_FAKE_URL;
+const skip = target ? false : "ROUTESVC_TARGET not set: no live service to test against";
+const skipFake = skip || (fakeUrl ? false : "ROUTESVC_FAKE_URL not set: cannot script a slow provider");
+// Scripted tests pin this model so the fake's per-model queue serves exactly their request.
+const PINNED = "gpt-4o-mini";
+
+async function script(fields: Record<string, unknown>): Promise<void> {
+  const response = await fetch(`${fakeUrl}/_fake/script`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ script: fields, model: PINNED, mode: "enqueue" }),
+  });
+  assert.equal(response.status, 200, await response.text());
+}
+
+async function rejection(promise: Promise<unknown>): Promise<ConnectError> {
+  try {
+    await promise;
+  } catch (error) {
+    return ConnectError.from(error);
+  }
+  assert.fail("expected the call to fail");
+}
+
+describe("routesvc interop (TypeScript)", { skip }, () => {
+  let client: RouterClient;
+  before(() => {
+    client = RouterClient.dial(target ?? "", { insecure: true, apiKey: "interop-key" });
+  });
+  after(() => client.close());
+
+  it("Route returns a decision", async () => {
+    const decision = await client.route({ chat: userPrompt("Say hello") }, { timeoutMs: 10_000 });
+    assert.ok(decision.model);
+    assert.ok(decision.decisionId);
+    assert.ok(decision.estimatedCostUsd);
+    assert.ok(decision.candidates.length > 0);
+  });
+
+  it("ListModels returns the catalog", async () => {
+    const models = await client.listModels({ timeoutMs: 10_000 });
+    assert.ok(models.length > 0);
+    assert.ok(models[0]?.id);
+  });
+
+  it("Complete streams the decision, deltas, then the completion", async () => {
+    const messages: CompleteResponse[] = [];
+    for await (const message of client.complete({ chat: userPrompt("Say hello") }, { timeoutMs: 20_000 })) {
+      messages.push(message);
+    }
+    const kinds = messages.map((m) => m.event.case);
+    assert.equal(kinds[0], "decision");
+    assert.equal(kinds.at(-1), "completion");
+    assert.ok(kinds.length >= 3, `kinds: ${kinds}`);
+    assert.ok(kinds.slice(1, -1).every((kind) => kind === "delta"), `kinds: ${kinds}`);
+    const last = messages.at(-1)?.event;
+    assert.ok(last?.case === "completion");
+    assert.ok((last.value.usage?.inputTokens ?? 0n) > 0n);
+    assert.ok((last.value.usage?.outputTokens ?? 0n) > 0n);
+    assert.ok(last.value.costUsd);
+    assert.equal(last.value.finishReason, FinishReason.STOP);
+  });
+
+  it("a slow provider ends in DEADLINE_EXCEEDED", { skip: skipFake }, async () => {
+    await script({ first_chunk_delay: 5.0 });
+    const stream = client.complete({ chat: userPrompt("Say hello slowly"), context: { model: PINNED } }, { timeoutMs: 500 });
+    const error = await rejection((async () => { for await (const _ of stream) { /* drain */ } })());
+    assert.equal(error.code, Code.DeadlineExceeded, String(error));
+  });
+
+  it("cancelling mid-stream ends the call as CANCELLED", { skip: skipFake }, async () => {
+    await script({ chunk_count: 100, chunk_delay: 0.05 });
+    const abort = new AbortController();
+    const seen: (string | undefined)[] = [];
+    const stream = client.complete({ chat: userPrompt("Count slowly"), context: { model: PINNED } }, { signal: abort.signal, timeoutMs: 20_000 });
+    const error = await rejection((async () => {
+      for await (const message of stream) {
+        seen.push(message.event.case);
+        if (message.event.case === "delta") abort.abort();
+      }
+    })());
+    assert.deepEqual(seen, ["decision", "delta"]);
+    assert.equal(error.code, Code.Canceled, String(error));
+  });
+
+  it("empty messages are INVALID_ARGUMENT with ErrorInfo reason INVALID_REQUEST", async () => {
+    const error = await rejection(client.route({ chat: { messages: [] } }, { timeoutMs: 10_000 }));
+    assert.equal(error.code, Code.InvalidArgument, String(error));
+    const info = errorInfo(error);
+    assert.equal(info?.reason, "INVALID_REQUEST");
+    assert.equal(info?.domain, "routesvc");
+  });
+
+  it("x-request-id round-trips in initial and trailing metadata", async () => {
+    const id = "ts-interop-7f3a";
+    let header: Headers | undefined;
+    let trailer: Headers | undefined;
+    await client.route(
+      { chat: userPrompt("Say hello") },
+      { timeoutMs: 10_000, headers: { "x-request-id": id }, onHeader: (h) => (header = h), onTrailer: (t) => (trailer = t) },
+    );
+    assert.equal(header?.get("x-request-id"), id);
+    assert.equal(trailer?.get("x-request-id"), id);
+  });
+
+  it("the health check reports SERVING", async () => {
+    assert.equal(await client.healthStatus({ timeoutMs: 10_000 }), HealthCheckResponse_ServingStatus.SERVING);
+  });
+});
