@@ -167,6 +167,76 @@ class RoutingConfig(_Strict):
         "fallthrough: models without credentials are skipped like ineligible ones.",
     )
     stages: tuple[StageConfig, ...] = ()
+    fallbacks: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="Models to try, in order, when a model fails before its first chunk (5xx, 429, "
+        "timeout, open breaker).",
+    )
+
+
+class BreakerConfig(_Strict):
+    """A circuit breaker per model: opens after consecutive failures, probes when half-open."""
+
+    failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open the breaker.")
+    open_seconds: float = Field(30.0, gt=0, description="How long it stays open at least (longer on Retry-After).")
+
+
+class ReliabilityConfig(_Strict):
+    """Retries, fallbacks, breakers and stream timers. Retries happen only before the first
+    content chunk reached the client (the commit rule)."""
+
+    max_attempts: int = Field(3, ge=1, le=10, description="Upstream attempts per request, fallbacks included.")
+    retries_per_model: int = Field(1, ge=0, description="Extra attempts on the same model before falling back.")
+    backoff_seconds: float = Field(0.1, ge=0, description="First backoff between attempts on one model; doubles.")
+    max_backoff_seconds: float = Field(2.0, ge=0)
+    max_retry_after_seconds: float = Field(
+        10.0, ge=0, description="Wait for a provider's Retry-After up to this; longer moves to the next model."
+    )
+    min_attempt_seconds: float = Field(
+        0.2, ge=0, description="An attempt starts only with at least this much of the deadline left."
+    )
+    retry_budget_ratio: float = Field(
+        0.1, gt=0, le=1, description="Retry tokens earned per success (gRPC-style throttling)."
+    )
+    retry_budget_tokens: float = Field(
+        10.0, gt=0, description="Retry token bucket size; retries stop below half of it."
+    )
+    first_token_timeout_seconds: float = Field(
+        120.0, gt=0, description="Longest wait for a provider's first chunk."
+    )
+    stream_idle_timeout_seconds: float = Field(60.0, gt=0, description="Longest gap between two chunks.")
+    max_concurrent_rpcs: int = Field(1024, ge=1, description="RPCs served at once; more are shed.")
+    breaker: BreakerConfig = BreakerConfig()
+
+
+class TenantConfig(_Strict):
+    """One tenant: its API keys (hashed), allowed models, defaults and limits."""
+
+    api_key_sha256: tuple[str, ...] = Field(
+        (), description="Hex SHA-256 digests of the tenant's API keys (never the keys)."
+    )
+    api_keys_file: Path | None = Field(None, description="File of hex SHA-256 digests, one per line.")
+    allowed_models: tuple[str, ...] | None = Field(None, description="Models it may use; default: all.")
+    user_tier: str | None = Field(None, description="Tier used when a request names none.")
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0, description="Estimated at admission, settled on usage.")
+    max_concurrent: int | None = Field(None, gt=0, description="RPCs in flight at once.")
+    daily_budget_usd: Decimal | None = Field(None, gt=0, description="UTC day.")
+    monthly_budget_usd: Decimal | None = Field(None, gt=0, description="UTC calendar month.")
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex_digests(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            if not re.fullmatch(r"[0-9a-f]{64}", value):
+                raise ValueError("each entry must be a lowercase hex SHA-256 digest (64 characters)")
+        return values
+
+
+class AuthConfig(_Strict):
+    """Who may call the service. Health and reflection never need a key."""
+
+    enabled: bool = Field(False, description="Require 'authorization: Bearer KEY' on RouterService calls.")
 
 
 class LoggingConfig(_Strict):
@@ -240,6 +310,9 @@ class Config(_Strict):
     providers: dict[str, ProviderConfig]
     models: tuple[ModelConfig, ...] = Field(min_length=1)
     routing: RoutingConfig
+    reliability: ReliabilityConfig = ReliabilityConfig()
+    auth: AuthConfig = AuthConfig()
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
@@ -252,6 +325,16 @@ class Config(_Strict):
                 raise ValueError(f"models[{index}].provider: unknown provider {model.provider!r}")
         if self.routing.default_model not in ids:
             raise ValueError(f"routing.default_model: unknown model {self.routing.default_model!r}")
+        for source, targets in self.routing.fallbacks.items():
+            for name in (source, *targets):
+                if name not in ids:
+                    raise ValueError(f"routing.fallbacks.{source}: unknown model {name!r}")
+        for tenant_name, tenant in self.tenants.items():
+            for name in tenant.allowed_models or ():
+                if name not in ids:
+                    raise ValueError(f"tenants.{tenant_name}.allowed_models: unknown model {name!r}")
+        if self.auth.enabled and not self.tenants:
+            raise ValueError("auth.enabled: no tenants are configured, so no key could ever be accepted")
         for stage_index, stage in enumerate(self.routing.stages):
             if isinstance(stage, RulesStageConfig):
                 for rule_index, rule in enumerate(stage.rules):

@@ -12,6 +12,10 @@ name fields and models, never prompt text or credentials.
     ├── NoEligibleModel                 no catalog model can serve the request   FAILED_PRECONDITION
     │   └── ContextWindowExceeded       ... because the input is too long        RESOURCE_EXHAUSTED
     ├── CostLimitExceeded               estimate over the request's max cost     RESOURCE_EXHAUSTED
+    ├── Unauthenticated                 missing or unknown API key               UNAUTHENTICATED
+    ├── PermissionDenied                tenant may not use this model / tenant   PERMISSION_DENIED
+    ├── LimitExceeded                   tenant rate limit or budget (retry_after) RESOURCE_EXHAUSTED
+    │   └── Overloaded                  the process is at its concurrency cap    RESOURCE_EXHAUSTED
     ├── ProviderNotConfigured           the provider has no credentials          FAILED_PRECONDITION
     └── ProviderError                   a provider call failed
         ├── ProviderAuthFailed          401/403 from the provider                FAILED_PRECONDITION
@@ -78,6 +82,37 @@ class CostLimitExceeded(RouteSvcError):
     """The estimated cost exceeds the request's ``max_cost_usd``."""
 
     reason = "COST_LIMIT_EXCEEDED"
+
+
+class Unauthenticated(RouteSvcError):
+    """The call carries no API key, or one that no tenant has."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(RouteSvcError):
+    """The authenticated tenant may not do this (a model outside its allow-list, another tenant)."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class LimitExceeded(RouteSvcError):
+    """A tenant limit or budget is reached; ``retry_after`` in seconds when known.
+
+    ``reason`` is one of RATE_LIMITED, TOKEN_RATE_LIMITED, CONCURRENCY_LIMITED, BUDGET_EXCEEDED.
+    """
+
+    def __init__(self, message: str, *, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class Overloaded(LimitExceeded):
+    """The process already serves its maximum of concurrent RPCs; the call is shed."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, reason="OVERLOADED", retry_after=retry_after)
 
 
 class ProviderNotConfigured(RouteSvcError):

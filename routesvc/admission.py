@@ -1,0 +1,172 @@
+"""Admission control: per-tenant rate limits, concurrency and USD budgets.
+
+Admission reserves, completion settles. ``admit`` checks every limit of the tenant and reserves
+the request's estimate in one synchronous step (so no other request can slip in between on the
+event loop); ``Reservation.settle`` replaces the estimate with the real usage and cost. A
+rejected request reserves nothing. Limits are per process; a shared store for several replicas
+plugs in behind ``AdmissionStore`` later.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from routesvc.config import TenantConfig
+from routesvc.cost import format_usd
+from routesvc.errors import LimitExceeded
+
+_WINDOW = 60.0
+
+
+@dataclass
+class _TokenEntry:
+    at: float
+    tokens: int
+
+
+@dataclass
+class _TenantState:
+    requests: collections.deque[float] = field(default_factory=collections.deque)
+    tokens: collections.deque[_TokenEntry] = field(default_factory=collections.deque)
+    in_flight: int = 0
+    spent: dict[str, Decimal] = field(default_factory=lambda: collections.defaultdict(Decimal))
+    reserved: dict[str, Decimal] = field(default_factory=lambda: collections.defaultdict(Decimal))
+
+
+class Reservation:
+    """What ``admit`` reserved for one request; settle it exactly once."""
+
+    def __init__(self, admission: Admission, tenant: str, entry: _TokenEntry | None, cost: Decimal, periods: tuple[str, ...]) -> None:
+        self._admission = admission
+        self._tenant = tenant
+        self._entry = entry
+        self._cost = cost
+        self._periods = periods
+        self._settled = False
+
+    def settle(self, tokens: int, cost: Decimal) -> None:
+        """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing."""
+        if self._settled:
+            return
+        self._settled = True
+        self._admission._settle(self._tenant, self._entry, tokens, self._cost, cost, self._periods)
+
+
+def _periods(now: float) -> tuple[str, str]:
+    day = datetime.datetime.fromtimestamp(now, tz=datetime.UTC)
+    return f"day:{day:%Y-%m-%d}", f"month:{day:%Y-%m}"
+
+
+def _seconds_to_next(period: str, now: float) -> float:
+    moment = datetime.datetime.fromtimestamp(now, tz=datetime.UTC)
+    if period.startswith("day:"):
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0) + datetime.timedelta(days=1)
+    else:
+        year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+        start = moment.replace(year=year, month=month, day=1, hour=0, minute=0, second=0, microsecond=0)
+    return (start - moment).total_seconds()
+
+
+class Admission:
+    """Per-tenant limits from config; tenants without an entry are unlimited."""
+
+    def __init__(
+        self,
+        tenants: Mapping[str, TenantConfig],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._tenants = dict(tenants)
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._state: dict[str, _TenantState] = collections.defaultdict(_TenantState)
+
+    def _prune(self, state: _TenantState, now: float) -> None:
+        while state.requests and state.requests[0] <= now - _WINDOW:
+            state.requests.popleft()
+        while state.tokens and state.tokens[0].at <= now - _WINDOW:
+            state.tokens.popleft()
+
+    def admit(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> Reservation:
+        """Check and reserve one request of ``tokens`` estimated tokens and ``cost`` estimated USD.
+
+        Raises ``LimitExceeded`` (nothing reserved) when any limit of the tenant would be passed.
+        """
+        limits = self._tenants.get(tenant)
+        if limits is None:
+            return Reservation(self, tenant, None, Decimal(0), ())
+        now = self._clock()
+        state = self._state[tenant]
+        self._prune(state, now)
+        if limits.requests_per_minute is not None and len(state.requests) >= limits.requests_per_minute:
+            raise LimitExceeded(
+                f"tenant {tenant!r} is over its {limits.requests_per_minute} requests per minute",
+                reason="RATE_LIMITED",
+                retry_after=max(0.001, state.requests[0] + _WINDOW - now),
+            )
+        if limits.tokens_per_minute is not None and tokens:
+            used = sum(entry.tokens for entry in state.tokens)
+            if used + tokens > limits.tokens_per_minute:
+                retry_after = max(0.001, state.tokens[0].at + _WINDOW - now) if state.tokens else _WINDOW
+                raise LimitExceeded(
+                    f"tenant {tenant!r} is over its {limits.tokens_per_minute} tokens per minute",
+                    reason="TOKEN_RATE_LIMITED",
+                    retry_after=retry_after,
+                )
+        if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
+            raise LimitExceeded(
+                f"tenant {tenant!r} already has {limits.max_concurrent} requests in flight",
+                reason="CONCURRENCY_LIMITED",
+                retry_after=1.0,
+            )
+        wall = self._wall_clock()
+        periods = _periods(wall)
+        for period, budget in zip(periods, (limits.daily_budget_usd, limits.monthly_budget_usd), strict=True):
+            if budget is not None and state.spent[period] + state.reserved[period] + cost > budget:
+                raise LimitExceeded(
+                    f"tenant {tenant!r} would exceed its {period.split(':')[0]}ly budget of {format_usd(budget)} USD",
+                    reason="BUDGET_EXCEEDED",
+                    retry_after=_seconds_to_next(period, wall),
+                )
+        state.requests.append(now)
+        entry = None
+        if tokens:
+            entry = _TokenEntry(now, tokens)
+            state.tokens.append(entry)
+        state.in_flight += 1
+        for period in periods:
+            state.reserved[period] += cost
+        return Reservation(self, tenant, entry, cost, periods)
+
+    def _settle(
+        self,
+        tenant: str,
+        entry: _TokenEntry | None,
+        tokens: int,
+        reserved_cost: Decimal,
+        cost: Decimal,
+        periods: tuple[str, ...],
+    ) -> None:
+        if not periods:
+            return
+        state = self._state[tenant]
+        state.in_flight -= 1
+        if entry is not None:
+            entry.tokens = tokens
+        for period in periods:
+            state.reserved[period] -= reserved_cost
+            state.spent[period] += cost
+
+    def spent(self, tenant: str) -> Decimal:
+        """What ``tenant`` has spent today (UTC)."""
+        return self._state[tenant].spent[_periods(self._wall_clock())[0]]
+
+    def in_flight(self, tenant: str) -> int:
+        """Requests of ``tenant`` admitted and not settled."""
+        return self._state[tenant].in_flight

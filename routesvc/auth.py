@@ -1,0 +1,70 @@
+"""Authentication: API keys sent as ``authorization: Bearer KEY`` map to tenants.
+
+Keys are never stored: the config holds their SHA-256 digests, and a presented key's digest is
+compared against every known digest in constant time. The client's credentials are used here
+and nowhere else (they are never forwarded upstream or logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from routesvc.config import Config, TenantConfig
+from routesvc.errors import ConfigError, Unauthenticated
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the authenticated tenant, or None when authentication is off."""
+
+    tenant: str | None
+    config: TenantConfig | None = None
+
+
+def key_digest(key: str) -> str:
+    """The hex SHA-256 digest of an API key, as written in the config."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class Authenticator:
+    """Maps bearer keys to tenants; a no-op when ``auth.enabled`` is false."""
+
+    def __init__(self, config: Config) -> None:
+        self._enabled = config.auth.enabled
+        self._tenants = dict(config.tenants)
+        self._digests: list[tuple[bytes, str]] = []
+        for name, tenant in config.tenants.items():
+            digests = list(tenant.api_key_sha256)
+            if tenant.api_keys_file is not None:
+                try:
+                    lines = tenant.api_keys_file.read_text(encoding="utf-8").split()
+                except OSError as exc:
+                    raise ConfigError(f"tenants.{name}.api_keys_file: cannot read {tenant.api_keys_file}") from exc
+                digests.extend(line.strip().lower() for line in lines if line.strip())
+            self._digests.extend((bytes.fromhex(digest), name) for digest in digests)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether calls need a key."""
+        return self._enabled
+
+    def authenticate(self, metadata: Mapping[str, str]) -> Principal:
+        """The principal of a call with ``metadata``; raises ``Unauthenticated``."""
+        if not self._enabled:
+            return Principal(None)
+        header = metadata.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthenticated("missing 'authorization: Bearer <key>' metadata")
+        presented = hashlib.sha256(key.strip().encode("utf-8")).digest()
+        tenant: str | None = None
+        # Compare with every digest, so the time taken does not depend on which one matches.
+        for digest, name in self._digests:
+            if hmac.compare_digest(presented, digest) and tenant is None:
+                tenant = name
+        if tenant is None:
+            raise Unauthenticated("the API key is not valid")
+        return Principal(tenant, self._tenants[tenant])

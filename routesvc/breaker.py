@@ -1,0 +1,90 @@
+"""Circuit breakers, one per model: stop calling a model that keeps failing, probe it later.
+
+    closed --(failure_threshold consecutive failures)--> open
+    open --(open_seconds passed, or the provider's Retry-After if longer)--> half-open
+    half-open --(the one probe succeeds)--> closed
+    half-open --(the probe fails)--> open
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from routesvc.config import BreakerConfig
+
+
+class BreakerState(enum.Enum):
+    """Where a breaker is."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass
+class _Breaker:
+    failures: int = 0
+    opened_until: float = 0.0
+    state: BreakerState = BreakerState.CLOSED
+    probing: bool = False
+
+
+class Breakers:
+    """The breakers of every model, created on first use."""
+
+    def __init__(self, config: BreakerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._clock = clock
+        self._breakers: dict[str, _Breaker] = {}
+
+    def state(self, model: str) -> BreakerState:
+        """The state of ``model``'s breaker now (open turns half-open once its time is up)."""
+        breaker = self._breakers.get(model)
+        if breaker is None:
+            return BreakerState.CLOSED
+        if breaker.state is BreakerState.OPEN and self._clock() >= breaker.opened_until:
+            breaker.state = BreakerState.HALF_OPEN
+            breaker.probing = False
+        return breaker.state
+
+    def allow(self, model: str) -> bool:
+        """Whether a call to ``model`` may start now; a half-open breaker lets one probe through."""
+        state = self.state(model)
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.OPEN:
+            return False
+        breaker = self._breakers[model]
+        if breaker.probing:
+            return False
+        breaker.probing = True
+        return True
+
+    def retry_in(self, model: str) -> float:
+        """Seconds until ``model``'s open breaker lets a probe through (0 when not open)."""
+        breaker = self._breakers.get(model)
+        if breaker is None or self.state(model) is not BreakerState.OPEN:
+            return 0.0
+        return max(0.0, breaker.opened_until - self._clock())
+
+    def record_success(self, model: str) -> None:
+        """A call to ``model`` succeeded: close its breaker."""
+        self._breakers[model] = _Breaker()
+
+    def record_failure(self, model: str, retry_after: float | None = None) -> None:
+        """A call to ``model`` failed; open the breaker at the threshold, or when a probe fails."""
+        breaker = self._breakers.setdefault(model, _Breaker())
+        breaker.failures += 1
+        if breaker.state is BreakerState.HALF_OPEN or breaker.failures >= self._config.failure_threshold:
+            breaker.state = BreakerState.OPEN
+            breaker.probing = False
+            breaker.opened_until = self._clock() + max(self._config.open_seconds, retry_after or 0.0)
+
+    def release_probe(self, model: str) -> None:
+        """A half-open probe ended without a verdict (e.g. the client cancelled): allow another."""
+        breaker = self._breakers.get(model)
+        if breaker is not None:
+            breaker.probing = False
