@@ -1,0 +1,29 @@
+"""Public test helpers: a fake OpenAI / Anthropic server on loopback, scriptable per request.
+
+``FakeProvider`` is a real HTTP/1.1 server (``asyncio.start_server``, keep-alive, chunked
+transfer encoding) that speaks what the official SDKs expect:
+
+    POST /v1/chat/completions   OpenAI: JSON, or ``data: {chunk}`` lines, a usage chunk with empty
+                                ``choices`` when ``stream_options.include_usage``, then ``data: [DONE]``
+    POST /v1/messages           Anthropic: JSON, or ``event:``/``data:`` pairs from ``message_start``
+                                to ``message_stop``, with cumulative output tokens in ``message_delta``
+    POST /_fake/script          control: ``{"script": {...}, "model": "...", "mode": "enqueue" | "default"}``
+    GET  /_fake/requests        control: every request received, with whether the client aborted
+    POST /_fake/reset           control: forget scripts and requests
+
+Each API request is answered by one ``Script`` (text, chunking, delays, usage, HTTP error,
+``Fault``), taken from a FIFO queue or a default, per model name or for all models::
+
+    async with FakeProvider() as fake:
+        fake.enqueue(Script(chunk_count=60, fault=Fault.CUT, fault_after=40))
+        client = AsyncOpenAI(base_url=fake.openai_base_url, api_key="k")
+        ...
+        assert fake.requests[-1].aborted is False
+
+Run it as a separate process for other languages and CI: ``python -m routesvc.testing --port N``.
+"""
+
+from routesvc.testing._fake import FakeProvider
+from routesvc.testing._script import DEFAULT_TEXT, Fault, RecordedRequest, Script
+
+__all__ = ["DEFAULT_TEXT", "FakeProvider", "Fault", "RecordedRequest", "Script"]

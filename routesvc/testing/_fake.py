@@ -1,0 +1,231 @@
+"""``FakeProvider``: the server, its routes, script selection, request records and control API."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from types import MappingProxyType
+
+from routesvc.testing import _anthropic, _openai
+from routesvc.testing._connection import BadRequest, ClientGone, Connection, ConnectionDone, Request
+from routesvc.testing._responses import ErrorBody
+from routesvc.testing._script import RecordedRequest, Script
+
+_Handler = Callable[[Connection, Request], Awaitable[bool]]
+"""Answers one request; returns whether the connection may serve another."""
+
+_Respond = Callable[[Connection, RecordedRequest, Script], Awaitable[None]]
+
+
+class FakeProvider:
+    """A scriptable fake OpenAI and Anthropic server on loopback.
+
+    ``api_key``: when set, API requests with another key get a provider-shaped 401.
+    ``default``: the script used when no queued or per-model script applies.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        default: Script | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._api_key = api_key
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._defaults: dict[str | None, Script] = {None: default or Script()}
+        self._queues: dict[str | None, collections.deque[Script]] = collections.defaultdict(collections.deque)
+        self._requests: list[RecordedRequest] = []
+        # One handler per (method, path); the batch endpoints (/v1/batches, /v1/messages/batches)
+        # plug in here when they arrive.
+        self._routes: dict[tuple[str, str], _Handler] = {
+            ("POST", _openai.PATH): self._api(_openai.respond, _openai.error_body),
+            ("POST", _anthropic.PATH): self._api(_anthropic.respond, _anthropic.error_body),
+            ("POST", "/_fake/script"): self._control_script,
+            ("GET", "/_fake/requests"): self._control_requests,
+            ("POST", "/_fake/reset"): self._control_reset,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start listening (port 0 picks a free port)."""
+        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        self._port = self._server.sockets[0].getsockname()[1]
+
+    async def aclose(self) -> None:
+        """Stop listening and drop every open connection."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> FakeProvider:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- addresses -------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port listened on."""
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT``."""
+        return f"http://{self._host}:{self._port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        """What the OpenAI SDK wants: the root plus ``/v1``."""
+        return f"{self.base_url}/v1"
+
+    @property
+    def anthropic_base_url(self) -> str:
+        """What the Anthropic SDK wants: the bare root."""
+        return self.base_url
+
+    # -- scripts and records ---------------------------------------------------------------------
+
+    def set_default(self, script: Script, *, model: str | None = None) -> None:
+        """Answer with ``script`` when no queued script applies (for ``model`` only, if given)."""
+        self._defaults[model] = script
+
+    def enqueue(self, *scripts: Script, model: str | None = None) -> None:
+        """Answer the next requests (for ``model`` only, if given) with ``scripts``, in order."""
+        self._queues[model].extend(scripts)
+
+    def reset(self) -> None:
+        """Forget queued and per-model scripts and recorded requests (the global default stays)."""
+        self._queues.clear()
+        self._defaults = {None: self._defaults[None]}
+        self._requests.clear()
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every API request received so far, oldest first (control requests are not recorded)."""
+        return list(self._requests)
+
+    def _take_script(self, model: str) -> Script:
+        """The model's queue, the shared queue, the model's default, the default: first that has one."""
+        for key in (model, None):
+            queue = self._queues.get(key)
+            if queue:
+                return queue.popleft()
+        return self._defaults.get(model) or self._defaults[None]
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        connection = Connection(reader, writer)
+        try:
+            while (request := await connection.read_request()) is not None:
+                handler = self._routes.get((request.method, request.path.split("?")[0]))
+                if handler is None:
+                    await connection.send_json(404, {"error": {"type": "not_found_error"}})
+                    keep_alive = True
+                else:
+                    keep_alive = await handler(connection, request)
+                if not keep_alive or request.headers.get("connection", "").lower() == "close":
+                    break
+        except (ClientGone, ConnectionDone, BadRequest, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._connections.discard(task)
+            connection.close()
+
+    def _api(self, respond: _Respond, error_body: ErrorBody) -> _Handler:
+        """A handler that records an API request, picks its script and answers it with ``respond``."""
+
+        async def handle(connection: Connection, request: Request) -> bool:
+            return await self._exchange(connection, request, respond, error_body)
+
+        return handle
+
+    async def _exchange(
+        self, connection: Connection, request: Request, respond: _Respond, error_body: ErrorBody
+    ) -> bool:
+        """Answer one API request while watching for the client leaving; record how it ended."""
+        try:
+            body = json.loads(request.body) if request.body else None
+        except ValueError:
+            body = None
+        record = RecordedRequest(
+            method=request.method,
+            path=request.path,
+            headers=MappingProxyType(dict(request.headers)),
+            body=body,
+            received_at=time.monotonic(),
+        )
+        self._requests.append(record)
+        watcher = asyncio.create_task(connection.watch())
+        keep_alive = False
+        try:
+            if not isinstance(body, dict):
+                await connection.send_json(400, error_body(400, "invalid_request_error", "body is not JSON"))
+            elif self._api_key is not None and record.api_key != self._api_key:
+                message = f"invalid api key {record.api_key}"
+                await connection.send_json(401, error_body(401, "authentication_error", message))
+            else:
+                record.script = self._take_script(record.model)
+                await respond(connection, record, record.script)
+            keep_alive = True
+            record.completed = True
+        except ClientGone:
+            record.aborted = True
+            record.aborted_at = connection.gone_at
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            record.ended.set()
+        return keep_alive
+
+    # -- control ---------------------------------------------------------------------------------
+
+    async def _control_script(self, connection: Connection, request: Request) -> bool:
+        try:
+            data = json.loads(request.body)
+            script = Script.from_json(data.get("script") or {})
+            model = data.get("model")
+            mode = data.get("mode", "enqueue")
+            if mode not in ("enqueue", "default") or not (model is None or isinstance(model, str)):
+                raise ValueError("mode must be enqueue or default; model a string")
+        except (ValueError, TypeError, AttributeError) as exc:
+            await connection.send_json(400, {"error": {"type": "invalid_script", "message": str(exc)}})
+            return True
+        if mode == "default":
+            self.set_default(script, model=model)
+        else:
+            self.enqueue(script, model=model)
+        await connection.send_json(200, {"ok": True})
+        return True
+
+    async def _control_requests(self, connection: Connection, request: Request) -> bool:
+        await connection.send_json(200, {"requests": [record.to_json() for record in self._requests]})
+        return True
+
+    async def _control_reset(self, connection: Connection, request: Request) -> bool:
+        self.reset()
+        await connection.send_json(200, {"ok": True})
+        return True

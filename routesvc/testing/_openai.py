@@ -1,0 +1,108 @@
+"""The fake's OpenAI ``/v1/chat/completions``: JSON, or ``data:`` chunks, a usage chunk, ``[DONE]``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from routesvc.testing._connection import Connection
+from routesvc.testing._responses import before_json_answer, send_error, sse, stream_events
+from routesvc.testing._script import Fault, RecordedRequest, Script, error_message, usage_numbers
+
+PATH = "/v1/chat/completions"
+
+
+def error_body(status: int, error_type: str, message: str) -> dict[str, Any]:
+    """OpenAI's error JSON."""
+    code = "rate_limit_exceeded" if status == 429 else None
+    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+
+
+async def respond(connection: Connection, record: RecordedRequest, script: Script) -> None:
+    """Answer one chat completion request as ``script`` says."""
+    if script.fault is Fault.HANG_BEFORE_HEADERS:
+        await connection.hang()
+    if script.status != 200:
+        await send_error(connection, record, script, error_body)
+        return
+    body: dict[str, Any] = record.body
+    model = script.model or record.model
+    completion_id = f"chatcmpl-fake-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    input_tokens, output_tokens = usage_numbers(record, script)
+    usage = {
+        "prompt_tokens": input_tokens,
+        "completion_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+        "prompt_tokens_details": {"cached_tokens": script.cached_input_tokens},
+    }
+    if not record.stream:
+        await before_json_answer(connection, script)
+        response: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(script.content_chunks())},
+                    "logprobs": None,
+                    "finish_reason": script.finish_reason,
+                }
+            ],
+        }
+        if not script.omit_usage:
+            response["usage"] = usage
+        await connection.send_json(200, response)
+        return
+
+    options = body.get("stream_options")
+    # The usage chunk (and ``"usage": null`` on every other chunk) only when the client asked for it.
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True and not script.omit_usage
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        data: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            **extra,
+        }
+        if include_usage:
+            data["usage"] = None
+        return sse(data)
+
+    closing = [chunk({}, script.finish_reason)]
+    if include_usage:
+        usage_chunk = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage,
+        }
+        closing.append(sse(usage_chunk))
+    closing.append(b"data: [DONE]\n\n")
+    error = error_body(500, script.error_type or "server_error", error_message(record, script, "fake in-band error"))
+    faults = {
+        Fault.ERROR_EVENT: sse(error),
+        Fault.MALFORMED_LINE: b'data: {"choices": [{"delta": \n\n',
+        Fault.OVERSIZED_LINE: chunk({}, padding="x" * script.oversized_bytes),
+        Fault.NON_UTF8: b"data: \xff\xfe\xfd\n\n",
+        Fault.UNKNOWN_EVENT: sse({"object": "fake.unknown", "choices": [], "id": completion_id, "model": model}),
+        Fault.INCOMPLETE_EVENT: sse({"object": "chat.completion.chunk", "choices": [{"delta": None}]}),
+    }
+    await stream_events(
+        connection,
+        record,
+        script,
+        opening=[chunk({"role": "assistant", "content": ""})],
+        content=lambda text: chunk({"content": text}),
+        closing=closing,
+        faults=faults,
+    )

@@ -1,0 +1,210 @@
+"""What the fake is told to do (``Script``, ``Fault``) and what it saw (``RecordedRequest``)."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+DEFAULT_TEXT = "Hello from the fake provider."
+
+
+class Fault(enum.Enum):
+    """What goes wrong in a response, after ``Script.fault_after`` content chunks.
+
+    Faults that end the exchange early (``CUT``, ``RESET``, ``HANG``) leave the stream unterminated;
+    the others inject one bad event and then finish the stream normally.
+    """
+
+    NONE = "none"
+    CUT = "cut"  # close the connection (FIN) without finishing the chunked body
+    RESET = "reset"  # abort the connection with a TCP RST
+    HANG = "hang"  # stop sending; keep the socket open until the client leaves
+    HANG_BEFORE_HEADERS = "hang_before_headers"  # read the request, never answer
+    ERROR_EVENT = "error_event"  # an in-band error event, then the end of the body
+    MALFORMED_LINE = "malformed_line"  # a ``data:`` line that is not JSON
+    OVERSIZED_LINE = "oversized_line"  # a valid event padded to ``oversized_bytes``
+    NON_UTF8 = "non_utf8"  # a ``data:`` line with bytes that are not UTF-8
+    UNKNOWN_EVENT = "unknown_event"  # an event type the SDKs do not know
+    INCOMPLETE_EVENT = "incomplete_event"  # valid JSON without the fields its type requires
+    MISSING_TERMINATOR = "missing_terminator"  # end the body without finish, usage, [DONE] or message_stop
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """How the fake answers one request.
+
+    Content: ``chunks`` if given, else ``chunk_count`` chunks ``"chunk-0 "``, ``"chunk-1 "``...,
+    else ``text`` split after each run of whitespace. Usage: ``input_tokens`` defaults to the number
+    of whitespace-separated words in every message (and the system prompt) received, and includes
+    ``cached_input_tokens`` and ``cache_creation_input_tokens`` (the Anthropic wire format reports
+    them apart, as Anthropic does); ``output_tokens`` defaults to the number of chunks.
+    ``finish_reason`` uses OpenAI names and is translated for Anthropic (stop -> end_turn, ...);
+    an unknown name is sent as is.
+
+    An error ``status`` answers with a provider-shaped JSON error (or ``error_body`` verbatim),
+    ``Retry-After: retry_after`` and ``retry-after-ms`` when set. With ``echo_prompt`` the error
+    message and in-band error events repeat the prompt and the API key received, as careless
+    providers do, so that tests prove nothing is copied from them.
+    """
+
+    text: str = DEFAULT_TEXT
+    chunks: tuple[str, ...] | None = None
+    chunk_count: int | None = None
+    chunk_delay: float = 0.0
+    first_chunk_delay: float = 0.0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    omit_usage: bool = False
+    finish_reason: str = "stop"
+    model: str | None = None
+    status: int = 200
+    error_type: str | None = None  # of an HTTP error or an in-band error event; default by status
+    error_body: str | None = None
+    retry_after: str | None = None
+    retry_after_ms: str | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    fault: Fault = Fault.NONE
+    fault_after: int = 0
+    oversized_bytes: int = 1024 * 1024
+    echo_prompt: bool = True
+
+    def content_chunks(self) -> tuple[str, ...]:
+        """The text pieces this script streams, in order."""
+        if self.chunks is not None:
+            return self.chunks
+        if self.chunk_count is not None:
+            return tuple(f"chunk-{index} " for index in range(self.chunk_count))
+        return tuple(re.findall(r"\S+\s*|\s+", self.text))
+
+    def to_json(self) -> dict[str, Any]:
+        """This script as JSON-ready values (for ``POST /_fake/script``)."""
+        data = asdict(self)
+        data["fault"] = self.fault.value
+        data["headers"] = dict(self.headers)
+        if self.chunks is not None:
+            data["chunks"] = list(self.chunks)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Script:
+        """A script from JSON values; unknown keys are an error (``ValueError``)."""
+        known = {item.name for item in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown script fields: {sorted(unknown)}")
+        values = dict(data)
+        if "fault" in values:
+            values["fault"] = Fault(values["fault"])
+        if values.get("chunks") is not None:
+            values["chunks"] = tuple(str(chunk) for chunk in values["chunks"])
+        if "headers" in values:
+            values["headers"] = MappingProxyType({str(k): str(v) for k, v in dict(values["headers"]).items()})
+        return cls(**values)
+
+
+@dataclass(eq=False, slots=True)
+class RecordedRequest:
+    """One request the fake received, and how its response ended.
+
+    ``aborted`` is True when the client closed the connection before the response was complete;
+    ``aborted_at`` is then the ``time.monotonic()`` at which the fake noticed. ``ended`` is set once
+    the exchange is over, however it ended.
+    """
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: Any
+    received_at: float
+    script: Script | None = None
+    chunks_sent: int = 0
+    completed: bool = False
+    aborted: bool = False
+    aborted_at: float | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def model(self) -> str:
+        """The ``model`` field of the JSON body, or ""."""
+        model = self.body.get("model") if isinstance(self.body, dict) else None
+        return model if isinstance(model, str) else ""
+
+    @property
+    def stream(self) -> bool:
+        """Whether the client asked for a streamed response."""
+        return isinstance(self.body, dict) and self.body.get("stream") is True
+
+    @property
+    def api_key(self) -> str | None:
+        """The key sent as ``x-api-key`` or ``Authorization: Bearer``."""
+        if "x-api-key" in self.headers:
+            return self.headers["x-api-key"]
+        authorization = self.headers.get("authorization", "")
+        if authorization.lower().startswith("bearer "):
+            return authorization[7:]
+        return None
+
+    async def wait_ended(self, timeout: float) -> None:
+        """Wait until the exchange is over; ``TimeoutError`` after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            await self.ended.wait()
+
+    def to_json(self) -> dict[str, Any]:
+        """This record as JSON-ready values (for ``GET /_fake/requests``)."""
+        return {
+            "method": self.method,
+            "path": self.path,
+            "headers": dict(self.headers),
+            "body": self.body,
+            "received_at": self.received_at,
+            "chunks_sent": self.chunks_sent,
+            "completed": self.completed,
+            "aborted": self.aborted,
+            "aborted_at": self.aborted_at,
+            "ended": self.ended.is_set(),
+        }
+
+
+def received_text(body: Any) -> str:
+    """All message and system text of an OpenAI or Anthropic request body, space-joined."""
+    texts: list[str] = []
+
+    def collect(content: Any) -> None:
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+
+    if isinstance(body, dict):
+        collect(body.get("system"))
+        for message in body.get("messages") or []:
+            if isinstance(message, dict):
+                collect(message.get("content"))
+    return " ".join(texts)
+
+
+def usage_numbers(record: RecordedRequest, script: Script) -> tuple[int, int]:
+    """Input and output tokens to report: the script's, else words received and chunks sent."""
+    input_tokens = script.input_tokens
+    if input_tokens is None:
+        input_tokens = len(received_text(record.body).split())
+    output_tokens = script.output_tokens
+    if output_tokens is None:
+        output_tokens = len(script.content_chunks())
+    return input_tokens, output_tokens
+
+
+def error_message(record: RecordedRequest, script: Script, what: str) -> str:
+    """An error message that, with ``echo_prompt``, repeats the prompt and key as careless providers do."""
+    if not script.echo_prompt:
+        return what
+    return f"{what} for prompt {received_text(record.body)!r} with key {record.api_key!r}"
