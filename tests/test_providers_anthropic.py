@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from types import MappingProxyType
@@ -415,3 +416,16 @@ class TestTimeout:
         texts, error = await collect_until_error(provider, make_call(timeout=0.3))
         assert (texts, type(error)) == (["Hello ", "from "], ProviderUnavailable)
         assert time.monotonic() - started < 1.0
+
+
+class TestLogging:
+    async def test_debug_logging_does_not_record_the_prompt_or_key(
+        self, fake: FakeProvider, provider: AnthropicProvider, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """With every logger at DEBUG, neither the SDK nor the adapter logs the prompt or the key."""
+        fake.enqueue(Script(status=400), Script())
+        with caplog.at_level(logging.DEBUG):
+            await collect_until_error(provider, make_call())
+            await collect(provider, make_call())
+        assert caplog.records
+        assert "canary" not in caplog.text

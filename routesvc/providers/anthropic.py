@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import TypeVar
 
@@ -48,6 +49,18 @@ _FINISH_REASONS = {
 _T = TypeVar("_T")
 
 log = structlog.get_logger(__name__)
+
+
+class _DropRequestOptions(logging.Filter):
+    """Drops the SDK's DEBUG record of each request's options: it holds the whole prompt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Request options"))
+
+
+# Installed once on import, as the OpenAI SDK installs its own header filter: prompts must stay out
+# of logs even when an operator turns on DEBUG for every logger.
+logging.getLogger("anthropic._base_client").addFilter(_DropRequestOptions())
 
 
 def map_stop_reason(reason: str | None) -> FinishReason:
