@@ -365,3 +365,46 @@ class TestCommandLine:
             async with asyncio.timeout(10):
                 code = await process.wait()
         assert code == 0
+
+
+class TestRobustness:
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b"GARBAGE\r\n\r\n",
+            b"POST /v1/messages HTTP/1.1\r\nContent-Length: twelve\r\n\r\n",
+            b"POST /v1/messages HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ],
+    )
+    async def test_malformed_http_closes_the_connection_and_keeps_serving(
+        self, fake: FakeProvider, http: httpx2.AsyncClient, raw: bytes
+    ) -> None:
+        """A request that is not HTTP/1.1 closes that connection only; the server keeps answering."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", fake.port)
+        writer.write(raw)
+        await writer.drain()
+        async with asyncio.timeout(2):
+            assert await reader.read() == b""
+        writer.close()
+        assert (await http.post("/v1/messages", json=MESSAGES)).status_code == 200
+
+    async def test_non_json_body_is_a_provider_shaped_400(self, fake: FakeProvider, http: httpx2.AsyncClient) -> None:
+        """A body that is not JSON is refused the way the API refuses it, and still recorded."""
+        response = await http.post("/v1/chat/completions", content=b"{not json")
+        assert (response.status_code, response.json()["error"]["type"]) == (400, "invalid_request_error")
+        assert fake.requests[-1].body is None
+
+
+class TestPublicSurface:
+    def test_exported_names(self) -> None:
+        """``routesvc.testing`` exports exactly its documented helpers."""
+        import routesvc.testing
+
+        assert sorted(routesvc.testing.__all__) == [
+            "DEFAULT_TEXT",
+            "FakeProvider",
+            "Fault",
+            "RecordedRequest",
+            "Script",
+        ]
+        assert all(hasattr(routesvc.testing, name) for name in routesvc.testing.__all__)

@@ -93,7 +93,7 @@ class Connection:
         if headers.get("transfer-encoding", "").lower() == "chunked":
             body = await self._read_chunked()
         else:
-            length = int(headers.get("content-length", "0") or 0)
+            length = _parse_int(headers.get("content-length", "0") or "0", 10)
             if length > MAX_BODY:
                 raise BadRequest("body too large")
             body = await self._read_exactly(length)
@@ -118,7 +118,7 @@ class Connection:
     async def _read_chunked(self) -> bytes:
         body = bytearray()
         while True:
-            size = int((await self._read_line()).split(b";")[0], 16)
+            size = _parse_int((await self._read_line()).split(b";")[0].decode("latin-1"), 16)
             if size == 0:
                 while await self._read_line():
                     pass
@@ -189,6 +189,16 @@ class Connection:
         body = data.encode() if isinstance(data, str) else json.dumps(data).encode()
         extra = {"content-type": "application/json", "content-length": str(len(body)), **(headers or {})}
         await self.send(head(status, extra) + body)
+
+
+def _parse_int(text: str, base: int) -> int:
+    try:
+        value = int(text.strip(), base)
+    except ValueError:
+        raise BadRequest("bad length") from None
+    if value < 0:
+        raise BadRequest("negative length")
+    return value
 
 
 def head(status: int, headers: Mapping[str, str]) -> bytes:
