@@ -5,7 +5,6 @@ package routesvc_test
 // (python -m routesvc.testing) behind it. .ci/clients.sh starts both.
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -26,9 +25,13 @@ import (
 	routesvcv1 "github.com/routesvc/routesvc/clients/go/routesvcv1"
 )
 
-// pinnedModel is the catalog model the scripted tests pin, so that the fake's
-// per-model script queue is consumed by exactly the request that needs it.
-const pinnedModel = "gpt-4o-mini"
+// The scripted tests pin pinnedModel, which the default catalog serves as
+// fakeModel: the fake provider's script queue for that name is consumed only by
+// them, never by the unscripted tests (routed to the default gpt-4o-mini).
+const (
+	pinnedModel = "claude-sonnet"
+	fakeModel   = "claude-sonnet-4-5"
+)
 
 func dial(t *testing.T) *routesvc.Client {
 	t.Helper()
@@ -51,22 +54,24 @@ func withTimeout(t *testing.T, d time.Duration) context.Context {
 	return ctx
 }
 
-// script queues one scripted answer for pinnedModel at the fake provider.
+// script resets the fake provider, then queues one scripted answer for fakeModel.
 func script(t *testing.T, fields map[string]any) {
 	t.Helper()
-	fake := os.Getenv("ROUTESVC_FAKE_URL")
+	fake := strings.TrimRight(os.Getenv("ROUTESVC_FAKE_URL"), "/")
 	if fake == "" {
 		t.Skip("ROUTESVC_FAKE_URL not set: cannot script a slow provider")
 	}
-	body, _ := json.Marshal(map[string]any{"script": fields, "model": pinnedModel, "mode": "enqueue"})
-	resp, err := http.Post(strings.TrimRight(fake, "/")+"/_fake/script", "application/json", bytes.NewReader(body))
-	if err != nil {
-		t.Fatalf("scripting the fake provider: %v", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
+	body, _ := json.Marshal(map[string]any{"script": fields, "model": fakeModel, "mode": "enqueue"})
+	for _, call := range []struct{ path, body string }{{"/_fake/reset", "{}"}, {"/_fake/script", string(body)}} {
+		resp, err := http.Post(fake+call.path, "application/json", strings.NewReader(call.body))
+		if err != nil {
+			t.Fatalf("scripting the fake provider: %v", err)
+		}
 		msg, _ := io.ReadAll(resp.Body)
-		t.Fatalf("scripting the fake provider: %s: %s", resp.Status, msg)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("scripting the fake provider: %s %s: %s", call.path, resp.Status, msg)
+		}
 	}
 }
 
@@ -151,8 +156,12 @@ func TestCompleteStreamsDecisionDeltasThenCompletion(t *testing.T) {
 
 func TestDeadlineExceededWhenTheProviderIsSlow(t *testing.T) {
 	client := dial(t)
-	script(t, map[string]any{"first_chunk_delay": 5.0})
-	stream, err := client.Complete(withTimeout(t, 500*time.Millisecond), pinned("Say hello slowly"))
+	// Connect first, so that the deadline is spent waiting for the provider.
+	if _, err := client.Healthy(withTimeout(t, 10*time.Second)); err != nil {
+		t.Fatalf("health check: %v", err)
+	}
+	script(t, map[string]any{"first_chunk_delay": 10.0})
+	stream, err := client.Complete(withTimeout(t, time.Second), pinned("Say hello slowly"))
 	for err == nil {
 		_, err = stream.Recv()
 	}

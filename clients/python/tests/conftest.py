@@ -13,8 +13,11 @@ import pytest
 
 from routesvc_client import RouterClient
 
-PINNED_MODEL = "gpt-4o-mini"
-"""Scripted tests pin this model so the fake's per-model queue serves exactly their request."""
+PINNED_MODEL = "claude-sonnet"
+"""The catalog model the scripted tests pin; the default catalog serves it as ``FAKE_MODEL``, so the
+fake provider's script queue for that name is consumed only by them, never by the unscripted tests
+(routed to the default gpt-4o-mini)."""
+FAKE_MODEL = "claude-sonnet-4-5"
 
 
 @pytest.fixture
@@ -28,18 +31,21 @@ async def client() -> AsyncIterator[RouterClient]:
 
 @pytest.fixture
 def script() -> Callable[..., None]:
-    """Queue one scripted answer for ``PINNED_MODEL`` at the fake provider."""
+    """Reset the fake provider, then queue one scripted answer for ``FAKE_MODEL``."""
     fake_url = os.environ.get("ROUTESVC_FAKE_URL")
     if not fake_url:
         pytest.skip("ROUTESVC_FAKE_URL not set: cannot script a slow provider")
 
-    def enqueue(**fields: Any) -> None:
-        body = json.dumps({"script": fields, "model": PINNED_MODEL, "mode": "enqueue"}).encode()
+    def post(path: str, payload: object) -> None:
         # S310: the URL is the loopback fake named by the test environment, always http.
         request = urllib.request.Request(  # noqa: S310
-            f"{fake_url}/_fake/script", data=body, headers={"content-type": "application/json"}, method="POST"
+            f"{fake_url}{path}", data=json.dumps(payload).encode(), headers={"content-type": "application/json"}
         )
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
             assert response.status == 200
+
+    def enqueue(**fields: Any) -> None:
+        post("/_fake/reset", {})
+        post("/_fake/script", {"script": fields, "model": FAKE_MODEL, "mode": "enqueue"})
 
     return enqueue

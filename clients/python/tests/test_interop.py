@@ -51,9 +51,10 @@ class TestRouterClient:
         self, client: RouterClient, script: Callable[..., None]
     ) -> None:
         """A provider slower than the call's deadline ends the stream with DEADLINE_EXCEEDED."""
-        script(first_chunk_delay=5.0)
+        await client.health(timeout=10)  # connect first, so that the deadline is spent waiting for the provider
+        script(first_chunk_delay=10.0)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            async for _ in client.complete(pinned("Say hello slowly"), timeout=0.5):
+            async for _ in client.complete(pinned("Say hello slowly"), timeout=1):
                 pass
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -18,16 +18,26 @@ const target = process.env.ROUTESVC_TARGET;
 const fakeUrl = process.env.ROUTESVC_FAKE_URL;
 const skip = target ? false : "ROUTESVC_TARGET not set: no live service to test against";
 const skipFake = skip || (fakeUrl ? false : "ROUTESVC_FAKE_URL not set: cannot script a slow provider");
-// Scripted tests pin this model so the fake's per-model queue serves exactly their request.
-const PINNED = "gpt-4o-mini";
+// The scripted tests pin PINNED, which the default catalog serves as FAKE_MODEL: the fake
+// provider's script queue for that name is consumed only by them, never by the unscripted
+// tests (routed to the default gpt-4o-mini).
+const PINNED = "claude-sonnet";
+const FAKE_MODEL = "claude-sonnet-4-5";
 
+/** Reset the fake provider, then queue one scripted answer for FAKE_MODEL. */
 async function script(fields: Record<string, unknown>): Promise<void> {
-  const response = await fetch(`${fakeUrl}/_fake/script`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ script: fields, model: PINNED, mode: "enqueue" }),
-  });
-  assert.equal(response.status, 200, await response.text());
+  const calls: [string, unknown][] = [
+    ["/_fake/reset", {}],
+    ["/_fake/script", { script: fields, model: FAKE_MODEL, mode: "enqueue" }],
+  ];
+  for (const [path, body] of calls) {
+    const response = await fetch(`${fakeUrl}${path}`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    assert.equal(response.status, 200, await response.text());
+  }
 }
 
 async function rejection(promise: Promise<unknown>): Promise<ConnectError> {
@@ -79,8 +89,9 @@ describe("routesvc interop (TypeScript)", { skip }, () => {
   });
 
   it("a slow provider ends in DEADLINE_EXCEEDED", { skip: skipFake }, async () => {
-    await script({ first_chunk_delay: 5.0 });
-    const stream = client.complete({ chat: userPrompt("Say hello slowly"), context: { model: PINNED } }, { timeoutMs: 500 });
+    await client.healthStatus({ timeoutMs: 10_000 }); // connect first: the deadline is for the provider
+    await script({ first_chunk_delay: 10.0 });
+    const stream = client.complete({ chat: userPrompt("Say hello slowly"), context: { model: PINNED } }, { timeoutMs: 1000 });
     const error = await rejection((async () => { for await (const _ of stream) { /* drain */ } })());
     assert.equal(error.code, Code.DeadlineExceeded, String(error));
   });

@@ -41,8 +41,13 @@ import org.junit.jupiter.api.Test;
  * slow-provider cases, ROUTESVC_FAKE_URL of the fake provider behind it.
  */
 class InteropTest {
-  /** Scripted tests pin this model so the fake's per-model queue serves exactly their request. */
-  private static final String PINNED = "gpt-4o-mini";
+  /**
+   * The scripted tests pin this model, which the default catalog serves as {@link #FAKE_MODEL}: the
+   * fake provider's script queue for that name is consumed only by them, never by the unscripted
+   * tests (routed to the default gpt-4o-mini).
+   */
+  private static final String PINNED = "claude-sonnet";
+  private static final String FAKE_MODEL = "claude-sonnet-4-5";
   private static final Duration TIMEOUT = Duration.ofSeconds(20);
   private static final String TARGET = System.getenv("ROUTESVC_TARGET");
   private static final String FAKE_URL = System.getenv("ROUTESVC_FAKE_URL");
@@ -62,16 +67,21 @@ class InteropTest {
     }
   }
 
+  /** Resets the fake provider, then queues one scripted answer for {@link #FAKE_MODEL}. */
   private static void script(String json) throws Exception {
     assumeTrue(FAKE_URL != null && !FAKE_URL.isEmpty(), "ROUTESVC_FAKE_URL not set: cannot script a slow provider");
-    String body = "{\"model\": \"" + PINNED + "\", \"mode\": \"enqueue\", \"script\": " + json + "}";
+    post("/_fake/reset", "{}");
+    post("/_fake/script", "{\"model\": \"" + FAKE_MODEL + "\", \"mode\": \"enqueue\", \"script\": " + json + "}");
+  }
+
+  private static void post(String path, String body) throws Exception {
     HttpResponse<String> response = HttpClient.newHttpClient().send(
-        HttpRequest.newBuilder(URI.create(FAKE_URL + "/_fake/script"))
+        HttpRequest.newBuilder(URI.create(FAKE_URL + path))
             .header("content-type", "application/json")
             .POST(HttpRequest.BodyPublishers.ofString(body))
             .build(),
         HttpResponse.BodyHandlers.ofString());
-    assertEquals(200, response.statusCode(), response.body());
+    assertEquals(200, response.statusCode(), path + ": " + response.body());
   }
 
   private static CompleteRequest pinned(String prompt) {
@@ -134,9 +144,10 @@ class InteropTest {
   @Test
   @DisplayName("a slow provider ends in DEADLINE_EXCEEDED")
   void deadlineExceeded() throws Exception {
-    script("{\"first_chunk_delay\": 5.0}");
+    client.health(TIMEOUT); // connect first, so that the deadline is spent waiting for the provider
+    script("{\"first_chunk_delay\": 10.0}");
     StatusRuntimeException error = assertThrows(StatusRuntimeException.class, () -> {
-      Iterator<CompleteResponse> stream = client.complete(pinned("Say hello slowly"), Duration.ofMillis(500));
+      Iterator<CompleteResponse> stream = client.complete(pinned("Say hello slowly"), Duration.ofSeconds(1));
       while (stream.hasNext()) {
         stream.next();
       }
