@@ -41,7 +41,9 @@ class _TenantState:
 class Reservation:
     """What ``admit`` reserved for one request; settle it exactly once."""
 
-    def __init__(self, admission: Admission, tenant: str, entry: _TokenEntry | None, cost: Decimal, periods: tuple[str, ...]) -> None:
+    def __init__(
+        self, admission: Admission, tenant: str, entry: _TokenEntry | None, cost: Decimal, periods: tuple[str, ...]
+    ) -> None:
         self._admission = admission
         self._tenant = tenant
         self._entry = entry

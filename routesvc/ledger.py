@@ -71,7 +71,17 @@ class Ledger:
     ) -> LedgerEntry:
         """Record one attempt and tell the listeners."""
         entry = LedgerEntry(
-            request_id, decision_id, tenant, model, provider, attempt, outcome, usage, cost_usd, estimated, self._clock()
+            request_id,
+            decision_id,
+            tenant,
+            model,
+            provider,
+            attempt,
+            outcome,
+            usage,
+            cost_usd,
+            estimated,
+            self._clock(),
         )
         self._entries.append(entry)
         for listener in self._listeners:

@@ -8,22 +8,26 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import structlog
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from routesvc import wire
+from routesvc import telemetry, wire
+from routesvc.auth import Authenticator, Principal
 from routesvc.cost import format_usd
 from routesvc.errors import (
     ConfigError,
     ContextWindowExceeded,
     CostLimitExceeded,
     InvalidRequest,
+    LimitExceeded,
     ModelNotFound,
     NoEligibleModel,
+    Overloaded,
+    PermissionDenied,
     ProviderAuthFailed,
     ProviderError,
     ProviderNotConfigured,
@@ -33,8 +37,9 @@ from routesvc.errors import (
     RequestTooLarge,
     RouteSvcError,
     StreamInterrupted,
+    Unauthenticated,
 )
-from routesvc.models import Completion, RouteDecision
+from routesvc.models import Completion, RouteDecision, RoutingRequest
 from routesvc.router import Router
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
@@ -53,6 +58,9 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
     NoEligibleModel: grpc.StatusCode.FAILED_PRECONDITION,
     CostLimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ProviderNotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ProviderAuthFailed: grpc.StatusCode.FAILED_PRECONDITION,
     ProviderRejected: grpc.StatusCode.FAILED_PRECONDITION,
     ProviderRateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -107,6 +115,7 @@ class _CallRecord:
 
     method: str
     request_id: str
+    principal: Principal = field(default_factory=lambda: Principal(None))
     started: float = field(default_factory=time.monotonic)
     fields: dict[str, object] = field(default_factory=dict)
 
@@ -114,9 +123,23 @@ class _CallRecord:
 class RouterService(pb_grpc.RouterServiceServicer):
     """``routesvc.v1.RouterService`` over a ``Router``."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, instrumentation: telemetry.Telemetry | None = None) -> None:
         self._router = router
         self._limits = router.settings.config.limits
+        self._telemetry = instrumentation or telemetry.Telemetry(router.settings)
+        self._max_in_flight = router.settings.config.reliability.max_concurrent_rpcs
+        self._in_flight = 0
+        self._authenticator = Authenticator(router.settings.config)
+
+    def _as_principal(self, request: RoutingRequest, principal: Principal) -> RoutingRequest:
+        """Routing follows the authenticated tenant, never one the client names."""
+        if principal.tenant is None:
+            return request
+        context = request.context
+        if context.tenant and context.tenant != principal.tenant:
+            raise PermissionDenied("context.tenant does not match the authenticated tenant")
+        tier = context.user_tier or (principal.config.user_tier if principal.config else None) or ""
+        return replace(request, context=replace(context, tenant=principal.tenant, user_tier=tier))
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:
@@ -126,13 +149,21 @@ class RouterService(pb_grpc.RouterServiceServicer):
         await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         record = _CallRecord(method, request_id)
         code = grpc.StatusCode.OK
+        admitted = False
         try:
+            if self._in_flight >= self._max_in_flight:
+                raise Overloaded(f"the server is at its limit of {self._max_in_flight} concurrent calls")
+            self._in_flight += 1
+            admitted = True
+            record.principal = self._authenticator.authenticate(incoming)
+            if record.principal.tenant is not None:
+                record.fields["tenant"] = record.principal.tenant
             remaining = context.time_remaining()
             async with asyncio.timeout(remaining):
                 yield record
         except RouteSvcError as error:
             code = status_code_of(error)
-            retry_after = error.retry_after if isinstance(error, ProviderRateLimited) else None
+            retry_after = error.retry_after if isinstance(error, ProviderRateLimited | LimitExceeded) else None
             status = _rich_status(code, error.message, error.reason, _error_metadata(error), retry_after)
             trailers = [(REQUEST_ID_HEADER, request_id), ("grpc-status-details-bin", status.SerializeToString())]
             if isinstance(error, StreamInterrupted):
@@ -171,6 +202,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
         else:
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         finally:
+            if admitted:
+                self._in_flight -= 1
             duration_ms = round((time.monotonic() - record.started) * 1000, 3)
             log.info(
                 "rpc_finished",
@@ -184,7 +217,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
         """Decide only."""
         async with self._rpc("Route", context) as record:
-            decision = await self._router.route(wire.routing_request(request, self._limits))
+            routing_request = self._as_principal(wire.routing_request(request, self._limits), record.principal)
+            decision = await self._router.route(routing_request)
             _record_decision(record, decision)
             return pb.RouteResponse(decision=wire.decision_message(decision))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
@@ -194,26 +228,30 @@ class RouterService(pb_grpc.RouterServiceServicer):
     ) -> AsyncIterator[pb.CompleteResponse]:
         """Decide, call the model, stream the answer."""
         async with self._rpc("Complete", context) as record:
-            routing_request = wire.routing_request(request, self._limits)
+            routing_request = self._as_principal(wire.routing_request(request, self._limits), record.principal)
             headers = _upstream_headers(context)
             chunks = 0
-            async for event in self._router.complete(
-                routing_request, timeout=context.time_remaining(), headers=headers
-            ):
-                if isinstance(event, RouteDecision):
-                    _record_decision(record, event)
-                elif isinstance(event, Completion):
-                    record.fields.update(
-                        answered_by=event.model,
-                        input_tokens=event.usage.input_tokens,
-                        output_tokens=event.usage.output_tokens,
-                        cost_usd=format_usd(event.cost_usd),
-                        finish_reason=event.finish_reason.value,
-                    )
-                else:
-                    chunks += 1
-                record.fields["chunks"] = chunks
-                yield wire.complete_message(event)
+            events = self._router.complete(
+                routing_request, timeout=context.time_remaining(), headers=headers, request_id=record.request_id
+            )
+            # aclosing: when the client goes away mid-stream the router's generator is closed at
+            # once, which closes the upstream request, instead of waiting for garbage collection.
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, RouteDecision):
+                        _record_decision(record, event)
+                    elif isinstance(event, Completion):
+                        record.fields.update(
+                            answered_by=event.model,
+                            input_tokens=event.usage.input_tokens,
+                            output_tokens=event.usage.output_tokens,
+                            cost_usd=format_usd(event.cost_usd),
+                            finish_reason=event.finish_reason.value,
+                        )
+                    else:
+                        chunks += 1
+                    record.fields["chunks"] = chunks
+                    yield wire.complete_message(event)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -229,8 +267,18 @@ class RouterService(pb_grpc.RouterServiceServicer):
             )
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
 
+    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
+        """Routing effectiveness over the window, for one tenant or all."""
+        async with self._rpc("GetStats", context):
+            window = request.window.ToNanoseconds() / 1e9 if request.HasField("window") else 0.0
+            if window < 0:
+                raise InvalidRequest("window", "must not be negative")
+            return wire.stats_message(self._telemetry.stats.summary(tenant=request.tenant, window_seconds=window))
+        raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
+
 
 def _record_decision(record: _CallRecord, decision: RouteDecision) -> None:
+    telemetry.record_decision(decision)
     record.fields.update(
         decision_id=decision.decision_id,
         model=decision.model,

@@ -152,7 +152,7 @@ class TestProviderErrors:
         reason: str,
     ) -> None:
         """Upstream HTTP errors map to the documented status; the message has no prompt or key."""
-        fake.enqueue(Script(status=status, retry_after="3" if status == 429 else None))
+        fake.set_default(Script(status=status, retry_after="0" if status == 429 else None))
         error, received = await _failure(live_client, model=model)
         assert (error.code(), error_info(error).reason) == (code, reason)
         assert error_info(error).metadata["upstream_status"] == str(status)
@@ -162,10 +162,10 @@ class TestProviderErrors:
         assert [m.WhichOneof("event") for m in received] == ["decision"]
 
     async def test_rate_limits_carry_the_retry_delay(self, live_client: RouterClient, fake: FakeProvider) -> None:
-        """A 429 with Retry-After: 7 answers RESOURCE_EXHAUSTED with RetryInfo of 7 s."""
+        """A 429 with Retry-After: 30 (longer than we wait) answers RESOURCE_EXHAUSTED with RetryInfo of 30 s."""
         from google.rpc import error_details_pb2, status_pb2
 
-        fake.enqueue(Script(status=429, retry_after="7"))
+        fake.set_default(Script(status=429, retry_after="30"))
         error, _ = await _failure(live_client)
         status = status_pb2.Status.FromString(dict(error.trailing_metadata() or ())["grpc-status-details-bin"])
         delays = []
@@ -173,7 +173,7 @@ class TestProviderErrors:
             info = error_details_pb2.RetryInfo()
             if detail.Unpack(info):
                 delays.append(info.retry_delay.seconds)
-        assert delays == [7]
+        assert delays == [30]
 
     async def test_connection_refused_is_unavailable(self) -> None:
         """A provider that is not listening is UNAVAILABLE."""
@@ -227,7 +227,7 @@ class TestCommitRule:
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
         """An Anthropic error event before any text fails cleanly with no deltas."""
-        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=0))
+        fake.set_default(Script(fault=Fault.ERROR_EVENT, fault_after=0))
         error, received = await _failure(live_client, model="claude-sonnet")
         assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert [m.WhichOneof("event") for m in received] == ["decision"]

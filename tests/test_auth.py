@@ -1,0 +1,108 @@
+"""Authentication and authorization (RELIABILITY 16 and 21): keys map to tenants, routing follows
+the authenticated tenant, health needs no key."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from routesvc.auth import key_digest
+from routesvc.client import RouterClient
+from routesvc.server import Server
+from routesvc.testing import FakeProvider
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.test_validation import error_info
+
+ACME_KEY = "acme-key-canary-0001"
+GLOBEX_KEY = "globex-key-0002"
+REVOKED_KEY = "revoked-key-0003"
+
+
+def auth_config() -> dict[str, object]:
+    """Two tenants: acme may use only gpt-4o-mini and is premium by default; globex may use all."""
+    config = default_config()
+    config["auth"] = {"enabled": True}
+    config["tenants"] = {
+        "acme": {"api_key_sha256": [key_digest(ACME_KEY)], "allowed_models": ["gpt-4o-mini"], "user_tier": "premium"},
+        "globex": {"api_key_sha256": [key_digest(GLOBEX_KEY)]},
+    }
+    return config
+
+
+@pytest.fixture
+async def secured(fake: FakeProvider) -> AsyncIterator[Server]:
+    """A server with authentication on."""
+    async with Server(settings_from(auth_config(), live_environ(fake)), port=0) as server:
+        yield server
+
+
+async def route_as(server: Server, key: str | None, **context: object) -> pb.RouteDecision:
+    async with RouterClient(server.target, api_key=key) as client:
+        return await client.route(user_chat("hello"), pb.RoutingContext(**context))  # type: ignore[arg-type]
+
+
+class TestAuthentication:
+    @pytest.mark.parametrize("key", [None, "wrong-key", REVOKED_KEY], ids=["no key", "wrong key", "revoked key"])
+    async def test_calls_without_a_valid_key_are_unauthenticated(self, secured: Server, key: str | None) -> None:
+        """No key, an unknown key and a revoked key are UNAUTHENTICATED, never echoing the key."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await route_as(secured, key)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_info(caught.value).reason == "UNAUTHENTICATED"
+        assert key is None or key not in (caught.value.details() or "")
+
+    async def test_a_malformed_authorization_header_is_unauthenticated(self, secured: Server) -> None:
+        """'authorization: Basic ...' is not a bearer key."""
+        async with RouterClient(secured.target) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.route(user_chat("hi"), metadata={"authorization": f"Basic {ACME_KEY}"})
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    async def test_health_and_model_listing_follow_the_rules(self, secured: Server) -> None:
+        """Health answers without a key; the service itself does not."""
+        async with grpc.aio.insecure_channel(secured.target) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        async with RouterClient(secured.target) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.list_models()
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+class TestAuthorization:
+    async def test_routing_follows_the_authenticated_tenant(self, secured: Server) -> None:
+        """acme's default tier (premium) would pick gpt-4o, but acme may only use gpt-4o-mini."""
+        decision = await route_as(secured, ACME_KEY)
+        assert decision.model == "gpt-4o-mini"
+        assert any(
+            "premium_tier" in reason and "not allowed for tenant 'acme'" in reason for reason in decision.reasons
+        )
+        globex = await route_as(secured, GLOBEX_KEY, user_tier="premium")
+        assert globex.model == "gpt-4o"
+
+    async def test_a_model_outside_the_allow_list_is_permission_denied(self, secured: Server) -> None:
+        """acme pinning gpt-4o is PERMISSION_DENIED."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await route_as(secured, ACME_KEY, model="gpt-4o")
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    async def test_a_spoofed_tenant_is_permission_denied(self, secured: Server) -> None:
+        """acme's key claiming to be globex is PERMISSION_DENIED; a header claiming it changes nothing."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await route_as(secured, ACME_KEY, tenant="globex")
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        async with RouterClient(secured.target, api_key=ACME_KEY) as client:
+            decision = await client.route(user_chat("hi"), metadata={"x-tenant": "globex"})
+        assert decision.model == "gpt-4o-mini"
+
+    async def test_the_client_key_is_never_forwarded_upstream(self, secured: Server, fake: FakeProvider) -> None:
+        """The provider sees the service's key; the tenant's key appears in no upstream header."""
+        async with RouterClient(secured.target, api_key=GLOBEX_KEY) as client:
+            async for _ in client.complete(user_chat("hi")):
+                pass
+        assert all(GLOBEX_KEY not in str(request.headers) for request in fake.requests)
+        assert fake.requests[-1].api_key == "sk-test-openai"

@@ -1,0 +1,308 @@
+"""Reliability: retries and fallbacks before commit, breakers, stream timers, the cost ledger.
+
+Each test names the item of ../shared/RELIABILITY.md it covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import grpc
+import pytest
+
+from routesvc.client import RouterClient
+from routesvc.ledger import AttemptOutcome
+from routesvc.server import Server
+from routesvc.testing import FakeProvider, Fault, Script
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.test_validation import error_info
+
+
+def reliable_config(**reliability: object) -> dict[str, object]:
+    """The default policy with fast timers and gpt-4o -> claude-sonnet fallbacks."""
+    config = default_config()
+    config["reliability"] = {
+        "backoff_seconds": 0.01,
+        "max_backoff_seconds": 0.05,
+        "first_token_timeout_seconds": 5,
+        "stream_idle_timeout_seconds": 5,
+        "breaker": {"failure_threshold": 3, "open_seconds": 0.5},
+        **reliability,
+    }
+    config["routing"]["fallbacks"] = {"gpt-4o": ["claude-sonnet"], "gpt-4o-mini": ["claude-sonnet"]}  # type: ignore[index]
+    return config
+
+
+@pytest.fixture
+async def reliable(fake: FakeProvider, request: pytest.FixtureRequest) -> AsyncIterator[tuple[Server, RouterClient]]:
+    """A server with ``reliable_config`` (overridable by indirect parametrization) over the fake."""
+    overrides = getattr(request, "param", {})
+    settings = settings_from(reliable_config(**overrides), live_environ(fake))
+    async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+        yield server, client
+
+
+async def collect(client: RouterClient, prompt: str = "hello", **context: object) -> list[pb.CompleteResponse]:
+    """Read a whole Complete stream."""
+    return [m async for m in client.complete(user_chat(prompt), pb.RoutingContext(**context))]  # type: ignore[arg-type]
+
+
+async def failure(client: RouterClient, **context: object) -> tuple[grpc.aio.AioRpcError, list[pb.CompleteResponse]]:
+    """Read a Complete stream that must fail; the error and what arrived before it."""
+    received: list[pb.CompleteResponse] = []
+
+    async def read() -> None:
+        async for message in client.complete(user_chat("hello"), pb.RoutingContext(**context)):  # type: ignore[arg-type]
+            received.append(message)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read()
+    return caught.value, received
+
+
+def kinds(messages: list[pb.CompleteResponse]) -> list[str]:
+    """The oneof kinds of a stream, with runs of deltas folded to one."""
+    folded: list[str] = []
+    for message in messages:
+        kind = str(message.WhichOneof("event"))
+        if not folded or folded[-1] != kind or kind != "delta":
+            folded.append(kind)
+    return folded
+
+
+class TestRetriesBeforeCommit:
+    """RELIABILITY 6: 503, in-band error before content, 429 with Retry-After are retried or fall back."""
+
+    async def test_a_503_is_retried_and_the_client_sees_one_clean_answer(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """503 then success on the same model: one answer, two upstream calls, both in the ledger."""
+        server, client = reliable
+        fake.enqueue(Script(status=503), Script(chunks=("one ", "answer")))
+        messages = await collect(client)
+        assert kinds(messages) == ["decision", "delta", "completion"]
+        assert "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta") == "one answer"
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+        outcomes = [e.outcome for e in server.router.ledger.entries(messages[0].decision.decision_id)]
+        assert outcomes == [AttemptOutcome.FAILED, AttemptOutcome.COMPLETED]
+
+    async def test_a_429_waits_for_retry_after(self, reliable: tuple[Server, RouterClient], fake: FakeProvider) -> None:
+        """429 with Retry-After: 0.3 s: the retry starts no sooner than the provider asked."""
+        _, client = reliable
+        fake.enqueue(Script(status=429, retry_after_ms="300"), Script())
+        messages = await collect(client)
+        assert kinds(messages)[-1] == "completion"
+        first, second = fake.requests
+        assert second.received_at - first.received_at >= 0.3
+
+    async def test_an_in_band_error_before_content_falls_back(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """An Anthropic error event before any text is retried; the answer is clean."""
+        _, client = reliable
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=0, error_type="overloaded_error"), Script())
+        messages = await collect(client, task_hint="creative_writing")
+        assert kinds(messages) == ["decision", "delta", "completion"]
+        assert len(fake.requests) == 2
+
+    async def test_repeated_failures_fall_back_to_the_next_model(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """gpt-4o fails twice (its retry spent): claude-sonnet answers, the completion says so."""
+        _, client = reliable
+        fake.enqueue(Script(status=502), Script(status=503), model="gpt-4o")
+        messages = await collect(client, user_tier="premium")
+        assert messages[0].decision.model == "gpt-4o"
+        assert messages[-1].completion.model == "claude-sonnet"
+        assert [r.model for r in fake.requests] == ["gpt-4o", "gpt-4o", "claude-sonnet-4-6"]
+
+    async def test_client_errors_are_not_retried(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """A 400 is final: one upstream call, FAILED_PRECONDITION."""
+        _, client = reliable
+        fake.enqueue(Script(status=400))
+        error, _ = await failure(client)
+        assert (error.code(), len(fake.requests)) == (grpc.StatusCode.FAILED_PRECONDITION, 1)
+
+    @pytest.mark.parametrize("reliable", [{"max_attempts": 2}], indirect=True)
+    async def test_attempts_are_capped(self, reliable: tuple[Server, RouterClient], fake: FakeProvider) -> None:
+        """With max_attempts 2, a provider that keeps failing is called twice, then UNAVAILABLE."""
+        _, client = reliable
+        fake.set_default(Script(status=503))
+        error, _ = await failure(client)
+        assert (error.code(), len(fake.requests)) == (grpc.StatusCode.UNAVAILABLE, 2)
+
+
+class TestCommitRule:
+    """RELIABILITY 7: after the first chunk nothing is retried or appended."""
+
+    async def test_a_cut_after_content_is_not_retried(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """Cut after 40 of 60 chunks: 40 deltas, UNAVAILABLE committed, one upstream call, usage estimated."""
+        server, client = reliable
+        fake.enqueue(Script(chunk_count=60, fault=Fault.CUT, fault_after=40))
+        error, received = await failure(client)
+        assert sum(1 for m in received if m.WhichOneof("event") == "delta") == 40
+        assert error_info(error).reason == "STREAM_INTERRUPTED"
+        assert len(fake.requests) == 1
+        (entry,) = server.router.ledger.entries(received[0].decision.decision_id)
+        assert (entry.outcome, entry.estimated) == (AttemptOutcome.INTERRUPTED, True)
+        assert entry.usage.output_tokens > 0
+
+
+class TestStreamTimers:
+    """RELIABILITY 8: a stream that stalls with the socket open is ended and closed upstream."""
+
+    @pytest.mark.parametrize("reliable", [{"stream_idle_timeout_seconds": 0.3}], indirect=True)
+    async def test_an_idle_stream_is_ended(self, reliable: tuple[Server, RouterClient], fake: FakeProvider) -> None:
+        """Three chunks then silence: after the idle timeout the client gets UNAVAILABLE, upstream closed."""
+        _, client = reliable
+        fake.enqueue(Script(chunk_count=10, fault=Fault.HANG, fault_after=3))
+        started = time.monotonic()
+        error, received = await failure(client)
+        assert time.monotonic() - started < 3
+        assert (error.code(), sum(1 for m in received if m.WhichOneof("event") == "delta")) == (
+            grpc.StatusCode.UNAVAILABLE,
+            3,
+        )
+        await fake.requests[0].wait_ended(timeout=1.0)
+        assert fake.requests[0].aborted
+
+    @pytest.mark.parametrize(
+        "reliable", [{"first_token_timeout_seconds": 0.3, "retries_per_model": 0, "max_attempts": 1}], indirect=True
+    )
+    async def test_no_first_token_in_time_is_unavailable(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """A provider that never answers is given up after first_token_timeout_seconds."""
+        _, client = reliable
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS))
+        error, _ = await failure(client)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        await fake.requests[0].wait_ended(timeout=1.0)
+        assert fake.requests[0].aborted
+
+
+class TestDeadlines:
+    """RELIABILITY 5: no fallback starts after the deadline."""
+
+    async def test_no_attempt_starts_after_the_deadline(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """A first attempt that eats the deadline is not followed by a retry or fallback."""
+        _, client = reliable
+        fake.enqueue(Script(first_chunk_delay=2.0))
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in client.complete(user_chat("hello"), timeout=0.4):
+                pass
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 0.4 + 0.1 + 0.2  # deadline + 100 ms + loaded-machine slack
+        await asyncio.sleep(0.3)
+        assert len(fake.requests) == 1
+
+
+class TestBreakers:
+    """RELIABILITY 10 and 11: breakers open on failures, reject fast, half-open and recover."""
+
+    @pytest.mark.parametrize("reliable", [{"retries_per_model": 0}], indirect=True)
+    async def test_breaker_opens_rejects_fast_then_recovers(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """3 failures open gpt-4o-mini's breaker; calls then skip it (falling back to claude-sonnet,
+        failing too) without reaching gpt-4o-mini until open_seconds pass; the probe succeeds."""
+        server, client = reliable
+        fake.enqueue(*[Script(status=500)] * 3, model="gpt-4o-mini")
+        fake.set_default(Script(status=500), model="claude-sonnet-4-6")
+
+        def mini_calls() -> int:
+            return sum(1 for r in fake.requests if r.model == "gpt-4o-mini")
+
+        for _ in range(3):
+            await failure(client)
+        assert mini_calls() == 3
+        started = time.monotonic()
+        error, _ = await failure(client, model="gpt-4o-mini")
+        assert time.monotonic() - started < 0.25
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert mini_calls() == 3
+        await asyncio.sleep(0.6)
+        messages = await collect(client, model="gpt-4o-mini")
+        assert messages[-1].completion.model == "gpt-4o-mini"
+        assert server.router.breakers.state("gpt-4o-mini").value == "closed"
+
+    @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
+    async def test_breaker_stays_open_at_least_retry_after(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """A 429 with Retry-After longer than open_seconds keeps the breaker open that long."""
+        server, client = reliable
+        fake.enqueue(*[Script(status=429, retry_after="30")] * 3)
+        for _ in range(3):
+            await failure(client, model="gpt-4o-mini")
+        assert server.router.breakers.retry_in("gpt-4o-mini") > 25
+
+    async def test_total_outage_keeps_upstream_calls_per_request_low(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """Every provider answers 503 for 60 requests: at most 1.2 upstream calls per request."""
+        _, client = reliable
+        fake.set_default(Script(status=503))
+        started = time.monotonic()
+        for _ in range(60):
+            error, _ = await failure(client)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(fake.requests) / 60 <= 1.2
+        assert time.monotonic() - started < 10
+
+
+class TestLedger:
+    """RELIABILITY 14: the ledger agrees with what the provider billed."""
+
+    async def test_ledger_equals_provider_usage(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """Streamed and fallback requests: ledger usage equals the fake's reported usage, counted once."""
+        server, client = reliable
+        fake.enqueue(Script(input_tokens=100, output_tokens=7))
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o")
+        fake.enqueue(Script(input_tokens=200, output_tokens=9), model="claude-sonnet-4-6")
+        first = await collect(client)
+        second = await collect(client, user_tier="premium")
+        completed = [e for e in server.router.ledger.entries() if e.outcome is AttemptOutcome.COMPLETED]
+        assert [(e.model, e.usage.input_tokens, e.usage.output_tokens) for e in completed] == [
+            ("gpt-4o-mini", 100, 7),
+            ("claude-sonnet", 200, 9),
+        ]
+        for messages in (first, second):
+            decision_id = messages[0].decision.decision_id
+            total = sum((e.cost_usd for e in server.router.ledger.entries(decision_id)), Decimal(0))
+            assert Decimal(messages[-1].completion.cost_usd) == total
+        assert len(server.router.ledger.entries()) == 4
+
+    async def test_a_cancelled_stream_is_recorded_once_as_estimated(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """RELIABILITY 4: a client cancel mid-stream leaves exactly one estimated ledger entry."""
+        server, client = reliable
+        fake.enqueue(Script(chunk_count=500, chunk_delay=0.01))
+        stream = client.complete(user_chat("hello"))
+        seen = 0
+        async for message in stream:
+            seen += message.WhichOneof("event") == "delta"
+            if seen == 10:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+        await fake.requests[0].wait_ended(timeout=1.0)
+        for _ in range(50):
+            if server.router.ledger.entries():
+                break
+            await asyncio.sleep(0.02)
+        (entry,) = server.router.ledger.entries()
+        assert (entry.outcome, entry.estimated) == (AttemptOutcome.CANCELLED, True)
