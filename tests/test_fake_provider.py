@@ -262,7 +262,8 @@ class TestRecords:
                 assert b"data: [DONE]" in payload
         finally:
             writer.close()
-        assert [record.completed for record in fake.requests] == [True, True]
+        assert [(record.completed, record.connection) for record in fake.requests] == [(True, 1), (True, 1)]
+        assert fake.connections_accepted == 1
 
 
 class TestAuth:

@@ -429,3 +429,14 @@ class TestLogging:
             await collect(provider, make_call())
         assert caplog.records
         assert "canary" not in caplog.text
+
+
+class TestConnectionReuse:
+    async def test_sequential_streams_share_one_connection(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """The body is read to its end after message_stop, so keep-alive reuses the connection."""
+        for _ in range(3):
+            await collect(provider, make_call())
+        assert [record.connection for record in fake.requests] == [1, 1, 1]
+        assert fake.connections_accepted == 1

@@ -46,6 +46,8 @@ _FINISH_REASONS = {
     "refusal": FinishReason.CONTENT_FILTER,
 }
 
+_DRAIN_SECONDS = 0.1
+
 _T = TypeVar("_T")
 
 log = structlog.get_logger(__name__)
@@ -145,21 +147,21 @@ class AnthropicProvider:
             tools=_tools(call.tools) if call.tools else anthropic.omit,
             stream=True,
             extra_headers=dict(call.headers) or None,
-            # This SDK version has no ``temperature`` argument; the API still reads it from the body.
+            # This SDK version has no ``temperature`` argument, so it goes into the body as is.
             extra_body={"temperature": call.temperature} if call.temperature is not None else None,
             timeout=call.timeout if call.timeout is not None else anthropic.not_given,
         )
         sdk_stream = await self._guard(call, deadline, request)
         try:
             tally = _Tally()
-            while not tally.stopped:
-                event = await self._guard(call, deadline, _next_or_none(sdk_stream))
-                if event is None:
-                    break
+            while (event := await self._guard(call, deadline, _next_or_none(sdk_stream))) is not None:
                 text = self._apply(tally, event)
                 if text:
                     tally.output.append(text)
                     yield TextDelta(text)
+                if tally.stopped:
+                    await _drain(sdk_stream)
+                    break
             if not tally.stopped:
                 raise ProviderUnavailable(
                     describe(self._name, call.model, "stream ended without message_stop"),
@@ -279,6 +281,18 @@ class AnthropicProvider:
 def _maybe(value: _T) -> _T | None:
     """Say that an SDK field may be None: models built from malformed events leave missing fields None."""
     return value
+
+
+async def _drain(stream: anthropic.AsyncStream[RawMessageStreamEvent]) -> None:
+    """Read what follows ``message_stop`` (the end of the chunked body) so the connection is reused.
+
+    Closing a response before its end closes the connection, and the next call would pay for a
+    new TCP and TLS handshake. A server that sends more, or stalls, gets ``_DRAIN_SECONDS``.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            while await _next_or_none(stream) is not None:
+                pass
 
 
 async def _next_or_none(stream: anthropic.AsyncStream[RawMessageStreamEvent]) -> RawMessageStreamEvent | None:

@@ -40,7 +40,8 @@ class Request:
 class Connection:
     """One client connection: buffered reads, chunked writes, and noticing when the client leaves."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, number: int = 0) -> None:
+        self.number = number
         self._reader = reader
         self._writer = writer
         self._buffer = bytearray()

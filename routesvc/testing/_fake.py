@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,8 @@ class FakeProvider:
         self._defaults: dict[str | None, Script] = {None: default or Script()}
         self._queues: dict[str | None, collections.deque[Script]] = collections.defaultdict(collections.deque)
         self._requests: list[RecordedRequest] = []
+        self._connection_numbers = itertools.count(1)
+        self._accepted = 0
         # One handler per (method, path); the batch endpoints (/v1/batches, /v1/messages/batches)
         # plug in here when they arrive.
         self._routes: dict[tuple[str, str], _Handler] = {
@@ -119,6 +122,11 @@ class FakeProvider:
         self._requests.clear()
 
     @property
+    def connections_accepted(self) -> int:
+        """How many TCP connections the fake has accepted (keep-alive reuse keeps this low)."""
+        return self._accepted
+
+    @property
     def requests(self) -> list[RecordedRequest]:
         """Every API request received so far, oldest first (control requests are not recorded)."""
         return list(self._requests)
@@ -137,7 +145,8 @@ class FakeProvider:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
-        connection = Connection(reader, writer)
+        connection = Connection(reader, writer, number=next(self._connection_numbers))
+        self._accepted = connection.number
         try:
             while (request := await connection.read_request()) is not None:
                 handler = self._routes.get((request.method, request.path.split("?")[0]))
@@ -176,6 +185,7 @@ class FakeProvider:
             headers=MappingProxyType(dict(request.headers)),
             body=body,
             received_at=time.monotonic(),
+            connection=connection.number,
         )
         self._requests.append(record)
         watcher = asyncio.create_task(connection.watch())

@@ -114,8 +114,11 @@ class RecordedRequest:
     """One request the fake received, and how its response ended.
 
     ``aborted`` is True when the client closed the connection before the response was complete;
-    ``aborted_at`` is then the ``time.monotonic()`` at which the fake noticed. ``ended`` is set once
-    the exchange is over, however it ended.
+    ``aborted_at`` is then the ``time.monotonic()`` at which the fake noticed. ``completed`` is True
+    when the whole response was written; a fake-made ``CUT`` or ``RESET`` is neither. ``ended`` is
+    set once the exchange is over, however it ended. ``connection`` numbers the TCP connection the
+    request came on (1, 2, ...), so tests can see keep-alive reuse. ``headers`` have lower-case
+    names; ``body`` is the parsed JSON (None if it was not JSON).
     """
 
     method: str
@@ -124,6 +127,7 @@ class RecordedRequest:
     body: Any
     received_at: float
     script: Script | None = None
+    connection: int = 0
     chunks_sent: int = 0
     completed: bool = False
     aborted: bool = False
@@ -164,6 +168,7 @@ class RecordedRequest:
             "headers": dict(self.headers),
             "body": self.body,
             "received_at": self.received_at,
+            "connection": self.connection,
             "chunks_sent": self.chunks_sent,
             "completed": self.completed,
             "aborted": self.aborted,
