@@ -14,7 +14,9 @@ from grpc_reflection.v1alpha import reflection
 from routesvc.config import Settings
 from routesvc.providers.base import Provider
 from routesvc.router import Router
+from routesvc.rpc_tracing import TracingInterceptor
 from routesvc.service import RouterService
+from routesvc.telemetry import Telemetry
 from routesvc.v1 import router_pb2, router_pb2_grpc
 
 log = structlog.get_logger("routesvc.server")
@@ -40,21 +42,30 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
 
 class Server:
     """A running routesvc server. ``async with Server(settings) as server`` starts it on
-    ``server.port``; leaving the block (or ``aclose``) drains and stops it."""
+    ``server.port``; leaving the block (or ``aclose``) drains and stops it. ``telemetry``
+    (default: built from ``settings.telemetry``) is shut down with the server."""
 
     def __init__(
-        self, settings: Settings, *, providers: Mapping[str, Provider] | None = None, port: int | None = None
+        self,
+        settings: Settings,
+        *,
+        providers: Mapping[str, Provider] | None = None,
+        port: int | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._settings = settings
+        self.telemetry = telemetry or Telemetry(settings)
         self._router = Router(settings, build_providers(settings) if providers is None else providers)
         self._server = grpc.aio.server(
+            # Outermost, so that every RouterService RPC, also one rejected early, has its span.
+            interceptors=[TracingInterceptor(self.telemetry, SERVICE_NAME)],
             options=[
                 ("grpc.max_receive_message_length", settings.config.limits.max_request_bytes + 1024),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         self._health = health.aio.HealthServicer()
-        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterService(self._router), self._server)
+        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterService(self._router, self.telemetry), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if settings.config.server.reflection:
             reflection.enable_server_reflection(
@@ -91,6 +102,7 @@ class Server:
             await asyncio.sleep(server_config.drain_delay_seconds)
         await self._server.stop(server_config.grace_seconds)
         await self._router.aclose()
+        await asyncio.to_thread(self.telemetry.shutdown)
         log.info("server_stopped", target=self.target)
 
     async def wait(self) -> None:

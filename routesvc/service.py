@@ -276,8 +276,18 @@ class RouterService(pb_grpc.RouterServiceServicer):
             return wire.stats_message(self._telemetry.stats.summary(tenant=request.tenant, window_seconds=window))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
 
+    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
+        """Routing effectiveness over the window, for one tenant or all."""
+        async with self._rpc("GetStats", context):
+            window = request.window.ToNanoseconds() / 1e9 if request.HasField("window") else 0.0
+            if window < 0:
+                raise InvalidRequest("window", "must not be negative")
+            return wire.stats_message(self._telemetry.stats.summary(tenant=request.tenant, window_seconds=window))
+        raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
+
 
 def _record_decision(record: _CallRecord, decision: RouteDecision) -> None:
+    telemetry.record_decision(decision)
     telemetry.record_decision(decision)
     record.fields.update(
         decision_id=decision.decision_id,

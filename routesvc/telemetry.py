@@ -1,22 +1,120 @@
-"""Logging set-up: structlog JSON lines on stdout (console rendering on a terminal).
+"""Tracing, metrics and logging set-up, and the per-request instrumentation the router calls.
 
-Log events are snake_case verbs with key/value pairs and never carry prompt text or keys.
+``Telemetry`` (one per server) owns the tracer and meter providers, their exporters, the
+instruments and the ``RoutingStats`` window behind ``GetStats``. ``RequestTelemetry`` (one per
+RPC, opened by the server interceptor and kept in a context variable) owns the RPC's server
+span, its routing span and the request's totals. The module-level functions act on the RPC in
+progress and do nothing outside one, so the router, strategies and ``routesvc simulate`` call
+them unconditionally::
+
+    start_routing(request)                       routing span opens (router.route)
+    record_decision(decision)                    its routesvc.* attributes (service)
+    observed_stream(provider, model, call, mode) one "chat {model}" client span per attempt
+    record_fallback(from_model, to_model, reason)
+    record_escalation(from_model, to_model, reason, score=None)
+    record_cascade(released, score=None)
+
+The span tree of a Complete is ``RouterService/Complete`` (server) -> ``route`` (internal) ->
+``chat {model}`` (client, one per upstream attempt). Prompt and completion text are recorded
+only with ``telemetry.capture_content``; log events never carry them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 import logging
 import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import structlog
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import Meter, NoOpMeterProvider
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from routesvc.config import LoggingConfig
+from routesvc.catalog import ModelSpec
+from routesvc.config import LoggingConfig, Settings
+from routesvc.cost import cost_of_usage, estimate_cost, format_usd
+from routesvc.errors import ProviderError, RouteSvcError
+from routesvc.models import (
+    ChatRequest,
+    Mode,
+    ProviderEvent,
+    ProviderFinish,
+    RouteDecision,
+    RoutingRequest,
+    TextDelta,
+    Usage,
+)
+from routesvc.providers.base import ProviderCall
+from routesvc.stats import RequestOutcome, RoutingStats
+from routesvc.tokens import count_text_tokens, estimate_input_tokens
+
+__all__ = [
+    "RequestTelemetry",
+    "Telemetry",
+    "configure_logging",
+    "observed_stream",
+    "record_cascade",
+    "record_decision",
+    "record_escalation",
+    "record_fallback",
+    "start_routing",
+]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_PROPAGATOR = TraceContextTextMapPropagator()
+_SCOPE = "routesvc"
+_GEN_AI_PROVIDERS = {"openai": "openai", "anthropic": "anthropic"}
+# OTel's gRPC conventions: a server span is an error only for these codes (not for a caller's
+# bad request, cancellation or a missing credential).
+_SERVER_ERROR_CODES = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
+# Bucket boundaries the GenAI conventions recommend.
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+_SECONDS_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+
+log = structlog.get_logger("routesvc.telemetry")
+
+
+def add_trace_context(
+    logger: structlog.typing.WrappedLogger, method: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """A structlog processor: ``trace_id`` and ``span_id`` of the current span, when there is one."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", format(context.trace_id, "032x"))
+        event.setdefault("span_id", format(context.span_id, "016x"))
+    return event
 
 
 def configure_logging(config: LoggingConfig) -> None:
-    """Route structlog and stdlib logging through one renderer at ``config.level``."""
+    """Route structlog and stdlib logging through one renderer at ``config.level``.
+
+    JSON lines on stdout, or console rendering on a terminal (``format: auto``); every line
+    logged inside an RPC carries its ``trace_id`` and ``span_id``.
+    """
     console = config.format == "console" or (config.format == "auto" and sys.stdout.isatty())
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
@@ -27,6 +125,7 @@ def configure_logging(config: LoggingConfig) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_trace_context,
             structlog.processors.dict_tracebacks if not console else structlog.dev.set_exc_info,
             renderer,
         ],
@@ -38,4 +137,574 @@ def configure_logging(config: LoggingConfig) -> None:
     # at WARNING so request URLs and bodies of debug logging never reach the output.
     logging.basicConfig(
         level=max(level, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
+    )
+
+
+class _Instruments:
+    """Every metric instrument routesvc records (names follow the OTel GenAI and RPC conventions)."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens used per upstream attempt"
+        )
+        self.operation_duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s", description="Duration of upstream attempts"
+        )
+        self.time_to_first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk", unit="s", description="Upstream time to first chunk"
+        )
+        self.rpc_duration = meter.create_histogram(
+            "rpc.server.duration", unit="s", description="Duration of routesvc RPCs"
+        )
+        self.requests = meter.create_counter(
+            "routesvc.requests", unit="{request}", description="Routed requests by selected model and strategy"
+        )
+        self.escalations = meter.create_counter(
+            "routesvc.escalations", unit="{escalation}", description="Escalations to a stronger model"
+        )
+        self.fallbacks = meter.create_counter(
+            "routesvc.fallbacks", unit="{fallback}", description="Fallbacks to another model after a failure"
+        )
+        self.cost = meter.create_counter("routesvc.cost", unit="USD", description="Cost of upstream attempts")
+        self.baseline_cost = meter.create_counter(
+            "routesvc.baseline_cost", unit="USD", description="What the same requests would cost on the baseline model"
+        )
+        self.savings = meter.create_up_down_counter(
+            "routesvc.savings", unit="USD", description="Baseline cost minus actual cost"
+        )
+
+
+def _views() -> list[View]:
+    tokens = ExplicitBucketHistogramAggregation(_TOKEN_BUCKETS)
+    seconds = ExplicitBucketHistogramAggregation(_SECONDS_BUCKETS)
+    return [
+        View(instrument_name="gen_ai.client.token.usage", aggregation=tokens),
+        View(instrument_name="gen_ai.client.operation.duration", aggregation=seconds),
+        View(instrument_name="gen_ai.client.operation.time_to_first_chunk", aggregation=seconds),
+        View(instrument_name="rpc.server.duration", aggregation=seconds),
+    ]
+
+
+class _PrometheusEndpoint:
+    """``/metrics`` for Prometheus over the OTel metrics, on its own registry (not the global one)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.reader = PrometheusMetricReader(registry=self.registry)
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port: int = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+class Telemetry:
+    """One server's tracing, metrics and routing-effectiveness window.
+
+    Built from ``settings.telemetry``; tests may pass a ``span_exporter`` (for example the SDK's
+    ``InMemorySpanExporter``, then exported synchronously) and extra ``metric_readers``.
+    ``shutdown`` flushes and stops every exporter and the Prometheus endpoint.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        span_exporter: SpanExporter | None = None,
+        metric_readers: tuple[MetricReader, ...] = (),
+    ) -> None:
+        config = settings.telemetry
+        self.settings = settings
+        self.capture_content = config.capture_content
+        self.baseline = settings.catalog.get(config.baseline_model)
+        self.stats = RoutingStats(config.stats_window_seconds, config.stats_max_requests, config.baseline_model)
+        resource = Resource(
+            {**config.resource_attributes, "service.name": config.service_name, "service.version": _version()}
+        )
+        processors: list[SpanProcessor] = []
+        if span_exporter is not None:
+            from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+            processors.append(SimpleSpanProcessor(span_exporter))
+        if config.traces_exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(
+                endpoint=config.traces_endpoint, insecure=config.otlp_insecure, headers=dict(config.otlp_headers)
+            )
+            processors.append(BatchSpanProcessor(exporter))
+        elif config.traces_exporter == "console":
+            processors.append(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+        self._tracer_provider: TracerProvider | None = None
+        if processors:
+            self._tracer_provider = TracerProvider(
+                resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio))
+            )
+            for processor in processors:
+                self._tracer_provider.add_span_processor(processor)
+            self.tracer: trace.Tracer = self._tracer_provider.get_tracer(_SCOPE, _version())
+        else:
+            # Not recording, but spans still carry the caller's context, so an incoming
+            # traceparent is passed on upstream unchanged.
+            self.tracer = trace.NoOpTracer()
+        readers = list(metric_readers)
+        if config.metrics_exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            metric_exporter = OTLPMetricExporter(
+                endpoint=config.metrics_endpoint, insecure=config.otlp_insecure, headers=dict(config.otlp_headers)
+            )
+            readers.append(PeriodicExportingMetricReader(metric_exporter, int(config.metrics_interval_seconds * 1000)))
+        elif config.metrics_exporter == "console":
+            readers.append(
+                PeriodicExportingMetricReader(
+                    ConsoleMetricExporter(out=sys.stderr), int(config.metrics_interval_seconds * 1000)
+                )
+            )
+        self.prometheus: _PrometheusEndpoint | None = None
+        if config.prometheus_port is not None:
+            self.prometheus = _PrometheusEndpoint(config.prometheus_host, config.prometheus_port)
+            readers.append(self.prometheus.reader)
+        self._meter_provider: MeterProvider | None = None
+        if readers:
+            self._meter_provider = MeterProvider(metric_readers=readers, resource=resource, views=_views())
+            meter = self._meter_provider.get_meter(_SCOPE, _version())
+        else:
+            meter = NoOpMeterProvider().get_meter(_SCOPE)
+        self.instruments = _Instruments(meter)
+
+    @property
+    def tracing(self) -> bool:
+        """Whether spans are recorded and exported."""
+        return self._tracer_provider is not None
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporters (blocking; call it from a worker thread in async code)."""
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()
+        if self.prometheus is not None:
+            self.prometheus.close()
+
+    @contextlib.contextmanager
+    def server_rpc(self, service: str, method: str, metadata: Mapping[str, str]) -> Iterator[RequestTelemetry]:
+        """The server span of one RPC, continuing the caller's ``traceparent``; current inside the block.
+
+        The caller reports the status with ``RequestTelemetry.finish`` before leaving the block.
+        """
+        carrier = {key: value for key, value in metadata.items() if key in ("traceparent", "tracestate")}
+        parent = _PROPAGATOR.extract(carrier)
+        with self.tracer.start_as_current_span(
+            f"{service}/{method}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+            record_exception=False,
+            set_status_on_exception=False,
+            end_on_exit=True,
+        ) as span:
+            request = RequestTelemetry(self, span, method)
+            token = _CURRENT.set(request)
+            try:
+                yield request
+            finally:
+                request.close()
+                _CURRENT.reset(token)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("routesvc")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "0"
+
+
+@dataclass
+class _AttemptRecord:
+    model: str
+    cost: Decimal
+    usage: Usage | None
+    estimated: bool
+
+
+@dataclass
+class RequestTelemetry:
+    """The instrumentation state of one RPC: its spans and the request's totals."""
+
+    telemetry: Telemetry
+    span: trace.Span
+    method: str
+    started: float = field(default_factory=time.monotonic)
+    routing_span: trace.Span | None = None
+    routing_started: float = 0.0
+    tenant: str = ""
+    decision: RouteDecision | None = None
+    attempts: list[_AttemptRecord] = field(default_factory=list)
+    escalations: int = 0
+    fallbacks: int = 0
+    cascade_released: bool | None = None
+    cascade_score: float | None = None
+    first_chunk_at: float | None = None
+    code: str = "OK"
+
+    @property
+    def cost(self) -> Decimal:
+        """What every upstream attempt of this request cost, estimated ones included."""
+        return sum((attempt.cost for attempt in self.attempts), Decimal(0))
+
+    @property
+    def baseline_cost(self) -> Decimal:
+        """The answering (last measured) attempt's usage priced on the baseline model."""
+        for attempt in reversed(self.attempts):
+            if attempt.usage is not None:
+                return cost_of_usage(self.telemetry.baseline, attempt.usage)
+        return Decimal(0)
+
+    def event_span(self) -> trace.Span:
+        """Where fallback and escalation events go: the routing span, else the server span."""
+        return self.routing_span or self.span
+
+    def finish(self, code_name: str, code_value: int) -> None:
+        """Record the RPC's gRPC status on the server span."""
+        self.code = code_name
+        self.span.set_attribute("rpc.grpc.status_code", code_value)
+        if code_name in _SERVER_ERROR_CODES:
+            self.span.set_status(Status(StatusCode.ERROR, code_name))
+
+    def close(self) -> None:
+        """End the routing span, put the totals on the server span, record metrics and stats."""
+        duration = time.monotonic() - self.started
+        telemetry = self.telemetry
+        if self.routing_span is not None:
+            self.routing_span.end()
+        cost, baseline = self.cost, self.baseline_cost
+        if self.method == "Complete":
+            self.span.set_attributes(
+                {
+                    "routesvc.cost_usd": float(cost),
+                    "routesvc.baseline_cost_usd": float(baseline),
+                    "routesvc.attempts": len(self.attempts),
+                    "routesvc.escalations": self.escalations,
+                    "routesvc.fallbacks": self.fallbacks,
+                }
+            )
+        if self.decision is not None:
+            self.span.set_attribute("routesvc.decision_id", self.decision.decision_id)
+            self.span.set_attribute("routesvc.selected_model", self.decision.model)
+        telemetry.instruments.rpc_duration.record(
+            duration, {"rpc.system": "grpc", "rpc.method": self.method, "rpc.grpc.status_code": self.code}
+        )
+        if self.method != "Complete" or self.decision is None:
+            return
+        decision = self.decision
+        answered = next((a.model for a in reversed(self.attempts) if a.usage is not None), decision.model)
+        labels = {"routesvc.selected_model": decision.model, "routesvc.strategy": decision.strategy}
+        telemetry.instruments.requests.add(1, labels)
+        if cost or baseline:
+            model_label = {"routesvc.model": answered}
+            telemetry.instruments.baseline_cost.add(float(baseline), model_label)
+            telemetry.instruments.savings.add(float(baseline - cost), model_label)
+        estimated_baseline = estimate_cost(
+            telemetry.baseline, decision.estimated_input_tokens, decision.estimated_output_tokens, decision.mode
+        )
+        telemetry.stats.add(
+            RequestOutcome(
+                at=time.monotonic(),
+                tenant=self.tenant,
+                model=answered,
+                selected_model=decision.model,
+                strategy=decision.strategy,
+                ok=self.code == "OK",
+                cost_usd=cost,
+                baseline_cost_usd=baseline,
+                estimated_cost_usd=decision.estimated_cost_usd,
+                estimated_baseline_cost_usd=estimated_baseline,
+                latency_seconds=duration,
+                time_to_first_chunk_seconds=(
+                    None if self.first_chunk_at is None else self.first_chunk_at - self.started
+                ),
+                escalations=self.escalations,
+                fallbacks=self.fallbacks,
+                cascade_released=self.cascade_released,
+                cascade_score=self.cascade_score,
+            )
+        )
+
+
+_CURRENT: contextvars.ContextVar[RequestTelemetry | None] = contextvars.ContextVar("routesvc_request", default=None)
+
+
+def current_request() -> RequestTelemetry | None:
+    """The instrumentation of the RPC in progress, or None outside one."""
+    return _CURRENT.get()
+
+
+def start_routing(request: RoutingRequest) -> None:
+    """Open the routing span of the RPC in progress (once; later calls keep the first)."""
+    rpc = _CURRENT.get()
+    if rpc is None:
+        return
+    rpc.tenant = request.context.tenant
+    if rpc.routing_span is None:
+        rpc.routing_started = time.monotonic()
+        rpc.routing_span = rpc.telemetry.tracer.start_span(
+            "route", context=trace.set_span_in_context(rpc.span), kind=SpanKind.INTERNAL
+        )
+        if request.context.tenant:
+            rpc.routing_span.set_attribute("routesvc.tenant", request.context.tenant)
+
+
+def record_decision(decision: RouteDecision) -> None:
+    """Put a decision on the routing span: model, strategy, rule, reasons, candidates, estimate."""
+    rpc = _CURRENT.get()
+    if rpc is None:
+        return
+    rpc.decision = decision
+    span = rpc.routing_span or rpc.span
+    span.set_attributes(
+        {
+            "routesvc.decision_id": decision.decision_id,
+            "routesvc.selected_model": decision.model,
+            "routesvc.strategy": decision.strategy,
+            "routesvc.rule": decision.rule,
+            "routesvc.mode": decision.mode.value,
+            "routesvc.task": decision.task,
+            "routesvc.reasons": list(decision.reasons),
+            "routesvc.candidates": [c.model for c in decision.candidates if c.eligible],
+            "routesvc.excluded": [f"{c.model}: {c.excluded_reason}" for c in decision.candidates if not c.eligible],
+            "routesvc.estimated_input_tokens": decision.estimated_input_tokens,
+            "routesvc.estimated_output_tokens": decision.estimated_output_tokens,
+            "routesvc.estimated_cost_usd": float(decision.estimated_cost_usd),
+            "routesvc.baseline_model": rpc.telemetry.baseline.id,
+        }
+    )
+    if rpc.routing_started:
+        span.set_attribute("routesvc.decision_ms", round((time.monotonic() - rpc.routing_started) * 1000, 3))
+
+
+def record_fallback(from_model: str, to_model: str, reason: str) -> None:
+    """A fallback from ``from_model`` to ``to_model`` after a failure: a span event, not an error.
+
+    ``reason`` is a stable error reason (for example ``PROVIDER_UNAVAILABLE``), never content.
+    """
+    rpc = _CURRENT.get()
+    if rpc is None:
+        return
+    rpc.fallbacks += 1
+    rpc.event_span().add_event(
+        "routesvc.fallback",
+        {"routesvc.from_model": from_model, "routesvc.to_model": to_model, "routesvc.reason": reason},
+    )
+    rpc.telemetry.instruments.fallbacks.add(
+        1, {"routesvc.from_model": from_model, "routesvc.to_model": to_model, "routesvc.reason": reason}
+    )
+
+
+def record_escalation(from_model: str, to_model: str, reason: str, score: float | None = None) -> None:
+    """An escalation from a cheaper to a stronger model (a cascade whose answer scored too low).
+
+    ``reason`` says why in a few words (for example ``score below threshold``), never content;
+    ``score`` is the quality score that triggered it, when there is one.
+    """
+    rpc = _CURRENT.get()
+    if rpc is None:
+        return
+    rpc.escalations += 1
+    attributes: dict[str, str | float] = {
+        "routesvc.from_model": from_model,
+        "routesvc.to_model": to_model,
+        "routesvc.reason": reason,
+    }
+    if score is not None:
+        attributes["routesvc.score"] = score
+    rpc.event_span().add_event("routesvc.escalation", attributes)
+    rpc.telemetry.instruments.escalations.add(1, {"routesvc.from_model": from_model, "routesvc.to_model": to_model})
+
+
+def record_cascade(released: bool, score: float | None = None) -> None:
+    """A cascade's verdict on the cheap answer: released to the caller or not, and its score."""
+    rpc = _CURRENT.get()
+    if rpc is None:
+        return
+    rpc.cascade_released = released
+    rpc.cascade_score = score
+    span = rpc.event_span()
+    span.set_attribute("routesvc.cascade.released", released)
+    if score is not None:
+        span.set_attribute("routesvc.cascade.score", score)
+
+
+class _Streaming(Protocol):
+    def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]: ...
+
+
+def _messages_json(chat: ChatRequest) -> str:
+    return json.dumps(
+        [{"role": m.role.value, "parts": [{"type": "text", "content": m.content}]} for m in chat.messages]
+    )
+
+
+async def observed_stream(
+    provider: _Streaming, model: ModelSpec, call: ProviderCall, mode: Mode = Mode.REALTIME
+) -> AsyncIterator[ProviderEvent]:
+    """``provider.stream(call)`` inside a ``chat {model}`` client span of the RPC in progress.
+
+    The span carries the GenAI attributes, time to first chunk, usage and cost; the call goes
+    upstream with a ``traceparent`` naming this span. Outside an RPC it is the plain stream.
+    """
+    rpc = _CURRENT.get()
+    if rpc is None:
+        async for event in provider.stream(call):
+            yield event
+        return
+    telemetry = rpc.telemetry
+    provider_settings = telemetry.settings.providers[model.provider]
+    gen_ai_provider = _GEN_AI_PROVIDERS.get(provider_settings.kind, model.provider)
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": gen_ai_provider,
+        "gen_ai.request.model": model.provider_model,
+        "gen_ai.request.max_tokens": call.max_output_tokens,
+        "routesvc.model": model.id,
+        "routesvc.attempt": len(rpc.attempts) + 1,
+    }
+    if call.temperature is not None:
+        attributes["gen_ai.request.temperature"] = call.temperature
+    if provider_settings.base_url:
+        url = urlsplit(provider_settings.base_url)
+        if url.hostname:
+            attributes["server.address"] = url.hostname
+            attributes["server.port"] = url.port or (443 if url.scheme == "https" else 80)
+    parent = trace.set_span_in_context(rpc.routing_span or rpc.span)
+    span = telemetry.tracer.start_span(f"chat {model.provider_model}", context=parent, kind=SpanKind.CLIENT)
+    span.set_attributes(attributes)
+    chat = ChatRequest(messages=call.messages, tools=call.tools)
+    if telemetry.capture_content:
+        span.set_attribute("gen_ai.input.messages", _messages_json(chat))
+    headers = dict(call.headers)
+    headers.pop("traceparent", None)
+    headers.pop("tracestate", None)
+    _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span, Context()))
+    started = time.monotonic()
+    first_chunk: float | None = None
+    texts: list[str] = []
+    finish: ProviderFinish | None = None
+    error_type = ""
+    metric_labels = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": gen_ai_provider,
+        "gen_ai.request.model": model.provider_model,
+    }
+    stream = provider.stream(replace(call, headers=MappingProxyType(headers)))
+    try:
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                if first_chunk is None:
+                    first_chunk = time.monotonic()
+                    if rpc.first_chunk_at is None:
+                        rpc.first_chunk_at = first_chunk
+                    span.set_attribute("routesvc.time_to_first_chunk_ms", round((first_chunk - started) * 1000, 3))
+                    telemetry.instruments.time_to_first_chunk.record(first_chunk - started, metric_labels)
+                texts.append(event.text)
+            else:
+                finish = event
+            yield event
+    except ProviderError as error:
+        error_type = error.reason
+        span.set_status(Status(StatusCode.ERROR, error.reason))
+        if error.status is not None:
+            span.set_attribute("http.response.status_code", error.status)
+        raise
+    except RouteSvcError as error:
+        error_type = error.reason
+        span.set_status(Status(StatusCode.ERROR, error.reason))
+        raise
+    except BaseException as error:
+        # Cancelled by the caller, timed out by the router, or closed early: not our failure.
+        error_type = "_OTHER" if isinstance(error, Exception) else "cancelled"
+        raise
+    finally:
+        # Closing the provider's generator closes the upstream HTTP response.
+        aclose = getattr(stream, "aclose", None)
+        try:
+            if aclose is not None:
+                await aclose()
+        finally:
+            _end_attempt(rpc, span, model, mode, chat, finish, texts, error_type, started, metric_labels)
+
+
+def _end_attempt(
+    rpc: RequestTelemetry,
+    span: trace.Span,
+    model: ModelSpec,
+    mode: Mode,
+    chat: ChatRequest,
+    finish: ProviderFinish | None,
+    texts: list[str],
+    error_type: str,
+    started: float,
+    metric_labels: dict[str, str],
+) -> None:
+    telemetry = rpc.telemetry
+    duration = time.monotonic() - started
+    estimated = finish is None and (bool(texts) or error_type in ("cancelled", "_OTHER"))
+    if finish is not None:
+        usage = finish.usage
+        span.set_attribute("gen_ai.response.model", finish.provider_model or model.provider_model)
+        span.set_attribute("gen_ai.response.finish_reasons", [finish.finish_reason.value])
+    elif estimated:
+        # Interrupted after the provider started work (cancelled, cut, timed out): usage is
+        # estimated from what was sent and received, and flagged.
+        usage = Usage(input_tokens=estimate_input_tokens(chat), output_tokens=sum(count_text_tokens(t) for t in texts))
+        span.set_attribute("routesvc.usage_estimated", True)
+    else:
+        # Refused before any content (an error status or event): nothing to bill.
+        usage = Usage()
+    if finish is None:
+        span.set_attribute("routesvc.outcome", error_type or "interrupted")
+    cost = cost_of_usage(model, usage, mode)
+    span.set_attributes(
+        {
+            "gen_ai.usage.input_tokens": usage.input_tokens,
+            "gen_ai.usage.output_tokens": usage.output_tokens,
+            "gen_ai.usage.cache_read.input_tokens": usage.cached_input_tokens,
+            "gen_ai.usage.cost.amount": float(cost),
+            "gen_ai.usage.cost.currency": "USD",
+            "routesvc.cost_usd": float(cost),
+            "routesvc.chunks": len(texts),
+        }
+    )
+    if error_type:
+        span.set_attribute("error.type", error_type)
+    if telemetry.capture_content and texts:
+        span.set_attribute(
+            "gen_ai.output.messages",
+            json.dumps([{"role": "assistant", "parts": [{"type": "text", "content": "".join(texts)}]}]),
+        )
+    span.end()
+    rpc.attempts.append(_AttemptRecord(model.id, cost, usage if finish is not None else None, estimated))
+    labels = {**metric_labels, "gen_ai.response.model": finish.provider_model if finish else model.provider_model}
+    duration_labels = {**labels, "error.type": error_type} if error_type else labels
+    instruments = telemetry.instruments
+    instruments.operation_duration.record(duration, duration_labels)
+    instruments.token_usage.record(usage.input_tokens, {**labels, "gen_ai.token.type": "input"})
+    instruments.token_usage.record(usage.output_tokens, {**labels, "gen_ai.token.type": "output"})
+    instruments.cost.add(float(cost), {"routesvc.model": model.id})
+    log.debug(
+        "provider_attempt_finished",
+        model=model.id,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cost_usd=format_usd(cost),
+        estimated=estimated,
+        error_type=error_type,
+        duration_ms=round(duration * 1000, 3),
     )

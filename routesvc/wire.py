@@ -12,6 +12,8 @@ import re
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
 
+from google.protobuf import duration_pb2
+
 from routesvc.catalog import ModelSpec
 from routesvc.config import LimitsConfig
 from routesvc.cost import format_usd
@@ -29,6 +31,7 @@ from routesvc.models import (
     TextDelta,
     ToolSpec,
 )
+from routesvc.stats import Percentiles, StatsSummary, Totals
 from routesvc.v1 import router_pb2 as pb
 
 _ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}
@@ -203,3 +206,50 @@ def model_info(model: ModelSpec, unavailable_reason: str) -> pb.ModelInfo:
         available=not unavailable_reason,
         unavailable_reason=unavailable_reason,
     )
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration
+
+
+def _cost_totals(totals: Totals) -> pb.CostTotals:
+    return pb.CostTotals(
+        requests=totals.requests,
+        errors=totals.errors,
+        cost_usd=format_usd(totals.cost_usd),
+        baseline_cost_usd=format_usd(totals.baseline_cost_usd),
+        savings_usd=format_usd(totals.savings_usd),
+        savings_percent=totals.savings_percent,
+        estimated_cost_usd=format_usd(totals.estimated_cost_usd),
+        estimated_baseline_cost_usd=format_usd(totals.estimated_baseline_cost_usd),
+    )
+
+
+def _percentiles(values: Percentiles) -> pb.LatencyPercentiles:
+    return pb.LatencyPercentiles(p50=_duration(values.p50), p95=_duration(values.p95), p99=_duration(values.p99))
+
+
+def stats_message(summary: StatsSummary) -> pb.GetStatsResponse:
+    """The protobuf form of a routing-effectiveness summary."""
+    response = pb.GetStatsResponse(
+        window=_duration(summary.window_seconds),
+        tenant=summary.tenant,
+        baseline_model=summary.baseline_model,
+        totals=_cost_totals(summary.totals),
+        models=[
+            pb.ModelStats(model=row.model, share=row.share, totals=_cost_totals(row.totals)) for row in summary.models
+        ],
+        tenants=[pb.TenantStats(tenant=row.tenant, totals=_cost_totals(row.totals)) for row in summary.tenants],
+        escalations=summary.escalations,
+        escalation_rate=summary.escalation_rate,
+        fallbacks=summary.fallbacks,
+        cascade_decisions=summary.cascade_decisions,
+        cascade_release_rate=summary.cascade_release_rate,
+        latency=_percentiles(summary.latency),
+        time_to_first_token=_percentiles(summary.time_to_first_chunk),
+    )
+    if summary.mean_released_score is not None:
+        response.mean_released_score = summary.mean_released_score
+    return response

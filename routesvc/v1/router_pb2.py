@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18routesvc/v1/router.proto\x12\x0broutesvc.v1\";\n\x07Message\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.routesvc.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"\xb7\x01\n\x0b\x43hatRequest\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.routesvc.v1.Message\x12 \n\x05tools\x18\x02 \x03(\x0b\x32\x11.routesvc.v1.Tool\x12\x1e\n\x11max_output_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x14\n\x12_max_output_tokensB\x0e\n\x0c_temperature\"\xfd\x01\n\x0eRoutingContext\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tuser_tier\x18\x02 \x01(\t\x12\x11\n\ttask_hint\x18\x03 \x01(\t\x12\x15\n\x08realtime\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12;\n\x08metadata\x18\x05 \x03(\x0b\x32).routesvc.v1.RoutingContext.MetadataEntry\x12\x14\n\x0cmax_cost_usd\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_realtime\"d\n\x0cRouteRequest\x12&\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x18.routesvc.v1.ChatRequest\x12,\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1b.routesvc.v1.RoutingContext\"E\n\tCandidate\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x17\n\x0f\x65xcluded_reason\x18\x03 \x01(\t\"\xae\x02\n\rRouteDecision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12\x1e\n\x16\x65stimated_input_tokens\x18\x07 \x01(\x03\x12\x1f\n\x17\x65stimated_output_tokens\x18\x08 \x01(\x03\x12\x1a\n\x12\x65stimated_cost_usd\x18\t \x01(\t\x12\x1f\n\x04mode\x18\n \x01(\x0e\x32\x11.routesvc.v1.Mode\x12*\n\ncandidates\x18\x0b \x03(\x0b\x32\x16.routesvc.v1.Candidate\x12\x0c\n\x04task\x18\x0c \x01(\t\"=\n\rRouteResponse\x12,\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1a.routesvc.v1.RouteDecision\"g\n\x0f\x43ompleteRequest\x12&\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x18.routesvc.v1.ChatRequest\x12,\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1b.routesvc.v1.RoutingContext\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"Q\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x03 \x01(\x03\"\xac\x01\n\nCompletion\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x16\n\x0eprovider_model\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.routesvc.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\t\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.routesvc.v1.FinishReason\"\xa3\x01\n\x10\x43ompleteResponse\x12.\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1a.routesvc.v1.RouteDecisionH\x00\x12\'\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.routesvc.v1.TextDeltaH\x00\x12-\n\ncompletion\x18\x03 \x01(\x0b\x32\x17.routesvc.v1.CompletionH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\x98\x02\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x16\n\x0eprovider_model\x18\x03 \x01(\t\x12\x1c\n\x14input_price_per_mtok\x18\x04 \x01(\t\x12\x1d\n\x15output_price_per_mtok\x18\x05 \x01(\t\x12#\n\x1b\x63\x61\x63hed_input_price_per_mtok\x18\x06 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x07 \x01(\x03\x12\x14\n\x0c\x63\x61pabilities\x18\x08 \x03(\t\x12\x16\n\x0e\x62\x61tch_discount\x18\t \x01(\t\x12\x11\n\tavailable\x18\n \x01(\x08\x12\x1a\n\x12unavailable_reason\x18\x0b \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.routesvc.v1.ModelInfo*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*?\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_REALTIME\x10\x01\x12\x0e\n\nMODE_BATCH\x10\x02*\xb8\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n\x13\x46INISH_REASON_OTHER\x10\x05\x32\xe9\x01\n\rRouterService\x12>\n\x05Route\x12\x19.routesvc.v1.RouteRequest\x1a\x1a.routesvc.v1.RouteResponse\x12I\n\x08\x43omplete\x12\x1c.routesvc.v1.CompleteRequest\x1a\x1d.routesvc.v1.CompleteResponse0\x01\x12M\n\nListModels\x12\x1e.routesvc.v1.ListModelsRequest\x1a\x1f.routesvc.v1.ListModelsResponseB_\n\x0f\x64\x65v.routesvc.v1B\x0bRouterProtoP\x01Z=github.com/routesvc/routesvc/clients/go/routesvcv1;routesvcv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18routesvc/v1/router.proto\x12\x0broutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\";\n\x07Message\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.routesvc.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"\xb7\x01\n\x0b\x43hatRequest\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.routesvc.v1.Message\x12 \n\x05tools\x18\x02 \x03(\x0b\x32\x11.routesvc.v1.Tool\x12\x1e\n\x11max_output_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x14\n\x12_max_output_tokensB\x0e\n\x0c_temperature\"\xfd\x01\n\x0eRoutingContext\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tuser_tier\x18\x02 \x01(\t\x12\x11\n\ttask_hint\x18\x03 \x01(\t\x12\x15\n\x08realtime\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12;\n\x08metadata\x18\x05 \x03(\x0b\x32).routesvc.v1.RoutingContext.MetadataEntry\x12\x14\n\x0cmax_cost_usd\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_realtime\"d\n\x0cRouteRequest\x12&\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x18.routesvc.v1.ChatRequest\x12,\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1b.routesvc.v1.RoutingContext\"E\n\tCandidate\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x17\n\x0f\x65xcluded_reason\x18\x03 \x01(\t\"\xae\x02\n\rRouteDecision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12\x1e\n\x16\x65stimated_input_tokens\x18\x07 \x01(\x03\x12\x1f\n\x17\x65stimated_output_tokens\x18\x08 \x01(\x03\x12\x1a\n\x12\x65stimated_cost_usd\x18\t \x01(\t\x12\x1f\n\x04mode\x18\n \x01(\x0e\x32\x11.routesvc.v1.Mode\x12*\n\ncandidates\x18\x0b \x03(\x0b\x32\x16.routesvc.v1.Candidate\x12\x0c\n\x04task\x18\x0c \x01(\t\"=\n\rRouteResponse\x12,\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1a.routesvc.v1.RouteDecision\"g\n\x0f\x43ompleteRequest\x12&\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x18.routesvc.v1.ChatRequest\x12,\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1b.routesvc.v1.RoutingContext\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"Q\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x03 \x01(\x03\"\xac\x01\n\nCompletion\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x16\n\x0eprovider_model\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.routesvc.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\t\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.routesvc.v1.FinishReason\"\xa3\x01\n\x10\x43ompleteResponse\x12.\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1a.routesvc.v1.RouteDecisionH\x00\x12\'\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.routesvc.v1.TextDeltaH\x00\x12-\n\ncompletion\x18\x03 \x01(\x0b\x32\x17.routesvc.v1.CompletionH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\x98\x02\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x16\n\x0eprovider_model\x18\x03 \x01(\t\x12\x1c\n\x14input_price_per_mtok\x18\x04 \x01(\t\x12\x1d\n\x15output_price_per_mtok\x18\x05 \x01(\t\x12#\n\x1b\x63\x61\x63hed_input_price_per_mtok\x18\x06 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x07 \x01(\x03\x12\x14\n\x0c\x63\x61pabilities\x18\x08 \x03(\t\x12\x16\n\x0e\x62\x61tch_discount\x18\t \x01(\t\x12\x11\n\tavailable\x18\n \x01(\x08\x12\x1a\n\x12unavailable_reason\x18\x0b \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.routesvc.v1.ModelInfo\"L\n\x0fGetStatsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xca\x01\n\nCostTotals\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x02 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\t\x12\x19\n\x11\x62\x61seline_cost_usd\x18\x04 \x01(\t\x12\x13\n\x0bsavings_usd\x18\x05 \x01(\t\x12\x17\n\x0fsavings_percent\x18\x06 \x01(\x01\x12\x1a\n\x12\x65stimated_cost_usd\x18\x07 \x01(\t\x12#\n\x1b\x65stimated_baseline_cost_usd\x18\x08 \x01(\t\"S\n\nModelStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x01\x12\'\n\x06totals\x18\x03 \x01(\x0b\x32\x17.routesvc.v1.CostTotals\"F\n\x0bTenantStats\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\'\n\x06totals\x18\x02 \x01(\x0b\x32\x17.routesvc.v1.CostTotals\"\x8c\x01\n\x12LatencyPercentiles\x12&\n\x03p50\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03p95\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03p99\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x86\x04\n\x10GetStatsResponse\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61seline_model\x18\x03 \x01(\t\x12\'\n\x06totals\x18\x04 \x01(\x0b\x32\x17.routesvc.v1.CostTotals\x12\'\n\x06models\x18\x05 \x03(\x0b\x32\x17.routesvc.v1.ModelStats\x12)\n\x07tenants\x18\x06 \x03(\x0b\x32\x18.routesvc.v1.TenantStats\x12\x13\n\x0b\x65scalations\x18\x07 \x01(\x03\x12\x17\n\x0f\x65scalation_rate\x18\x08 \x01(\x01\x12\x11\n\tfallbacks\x18\t \x01(\x03\x12\x19\n\x11\x63\x61scade_decisions\x18\n \x01(\x03\x12\x1c\n\x14\x63\x61scade_release_rate\x18\x0b \x01(\x01\x12 \n\x13mean_released_score\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x30\n\x07latency\x18\r \x01(\x0b\x32\x1f.routesvc.v1.LatencyPercentiles\x12<\n\x13time_to_first_token\x18\x0e \x01(\x0b\x32\x1f.routesvc.v1.LatencyPercentilesB\x16\n\x14_mean_released_score*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*?\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_REALTIME\x10\x01\x12\x0e\n\nMODE_BATCH\x10\x02*\xb8\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n\x13\x46INISH_REASON_OTHER\x10\x05\x32\xb2\x02\n\rRouterService\x12>\n\x05Route\x12\x19.routesvc.v1.RouteRequest\x1a\x1a.routesvc.v1.RouteResponse\x12I\n\x08\x43omplete\x12\x1c.routesvc.v1.CompleteRequest\x1a\x1d.routesvc.v1.CompleteResponse0\x01\x12M\n\nListModels\x12\x1e.routesvc.v1.ListModelsRequest\x1a\x1f.routesvc.v1.ListModelsResponse\x12G\n\x08GetStats\x12\x1c.routesvc.v1.GetStatsRequest\x1a\x1d.routesvc.v1.GetStatsResponseB_\n\x0f\x64\x65v.routesvc.v1B\x0bRouterProtoP\x01Z=github.com/routesvc/routesvc/clients/go/routesvcv1;routesvcv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,46 +35,58 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.routesvc.v1B\013RouterProtoP\001Z=github.com/routesvc/routesvc/clients/go/routesvcv1;routesvcv1'
   _globals['_ROUTINGCONTEXT_METADATAENTRY']._loaded_options = None
   _globals['_ROUTINGCONTEXT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2075
-  _globals['_ROLE']._serialized_end=2155
-  _globals['_MODE']._serialized_start=2157
-  _globals['_MODE']._serialized_end=2220
-  _globals['_FINISHREASON']._serialized_start=2223
-  _globals['_FINISHREASON']._serialized_end=2407
-  _globals['_MESSAGE']._serialized_start=41
-  _globals['_MESSAGE']._serialized_end=100
-  _globals['_TOOL']._serialized_start=102
-  _globals['_TOOL']._serialized_end=168
-  _globals['_CHATREQUEST']._serialized_start=171
-  _globals['_CHATREQUEST']._serialized_end=354
-  _globals['_ROUTINGCONTEXT']._serialized_start=357
-  _globals['_ROUTINGCONTEXT']._serialized_end=610
-  _globals['_ROUTINGCONTEXT_METADATAENTRY']._serialized_start=550
-  _globals['_ROUTINGCONTEXT_METADATAENTRY']._serialized_end=597
-  _globals['_ROUTEREQUEST']._serialized_start=612
-  _globals['_ROUTEREQUEST']._serialized_end=712
-  _globals['_CANDIDATE']._serialized_start=714
-  _globals['_CANDIDATE']._serialized_end=783
-  _globals['_ROUTEDECISION']._serialized_start=786
-  _globals['_ROUTEDECISION']._serialized_end=1088
-  _globals['_ROUTERESPONSE']._serialized_start=1090
-  _globals['_ROUTERESPONSE']._serialized_end=1151
-  _globals['_COMPLETEREQUEST']._serialized_start=1153
-  _globals['_COMPLETEREQUEST']._serialized_end=1256
-  _globals['_TEXTDELTA']._serialized_start=1258
-  _globals['_TEXTDELTA']._serialized_end=1283
-  _globals['_USAGE']._serialized_start=1285
-  _globals['_USAGE']._serialized_end=1366
-  _globals['_COMPLETION']._serialized_start=1369
-  _globals['_COMPLETION']._serialized_end=1541
-  _globals['_COMPLETERESPONSE']._serialized_start=1544
-  _globals['_COMPLETERESPONSE']._serialized_end=1707
-  _globals['_LISTMODELSREQUEST']._serialized_start=1709
-  _globals['_LISTMODELSREQUEST']._serialized_end=1728
-  _globals['_MODELINFO']._serialized_start=1731
-  _globals['_MODELINFO']._serialized_end=2011
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2013
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2073
-  _globals['_ROUTERSERVICE']._serialized_start=2410
-  _globals['_ROUTERSERVICE']._serialized_end=2643
+  _globals['_ROLE']._serialized_start=3211
+  _globals['_ROLE']._serialized_end=3291
+  _globals['_MODE']._serialized_start=3293
+  _globals['_MODE']._serialized_end=3356
+  _globals['_FINISHREASON']._serialized_start=3359
+  _globals['_FINISHREASON']._serialized_end=3543
+  _globals['_MESSAGE']._serialized_start=73
+  _globals['_MESSAGE']._serialized_end=132
+  _globals['_TOOL']._serialized_start=134
+  _globals['_TOOL']._serialized_end=200
+  _globals['_CHATREQUEST']._serialized_start=203
+  _globals['_CHATREQUEST']._serialized_end=386
+  _globals['_ROUTINGCONTEXT']._serialized_start=389
+  _globals['_ROUTINGCONTEXT']._serialized_end=642
+  _globals['_ROUTINGCONTEXT_METADATAENTRY']._serialized_start=582
+  _globals['_ROUTINGCONTEXT_METADATAENTRY']._serialized_end=629
+  _globals['_ROUTEREQUEST']._serialized_start=644
+  _globals['_ROUTEREQUEST']._serialized_end=744
+  _globals['_CANDIDATE']._serialized_start=746
+  _globals['_CANDIDATE']._serialized_end=815
+  _globals['_ROUTEDECISION']._serialized_start=818
+  _globals['_ROUTEDECISION']._serialized_end=1120
+  _globals['_ROUTERESPONSE']._serialized_start=1122
+  _globals['_ROUTERESPONSE']._serialized_end=1183
+  _globals['_COMPLETEREQUEST']._serialized_start=1185
+  _globals['_COMPLETEREQUEST']._serialized_end=1288
+  _globals['_TEXTDELTA']._serialized_start=1290
+  _globals['_TEXTDELTA']._serialized_end=1315
+  _globals['_USAGE']._serialized_start=1317
+  _globals['_USAGE']._serialized_end=1398
+  _globals['_COMPLETION']._serialized_start=1401
+  _globals['_COMPLETION']._serialized_end=1573
+  _globals['_COMPLETERESPONSE']._serialized_start=1576
+  _globals['_COMPLETERESPONSE']._serialized_end=1739
+  _globals['_LISTMODELSREQUEST']._serialized_start=1741
+  _globals['_LISTMODELSREQUEST']._serialized_end=1760
+  _globals['_MODELINFO']._serialized_start=1763
+  _globals['_MODELINFO']._serialized_end=2043
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2045
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2105
+  _globals['_GETSTATSREQUEST']._serialized_start=2107
+  _globals['_GETSTATSREQUEST']._serialized_end=2183
+  _globals['_COSTTOTALS']._serialized_start=2186
+  _globals['_COSTTOTALS']._serialized_end=2388
+  _globals['_MODELSTATS']._serialized_start=2390
+  _globals['_MODELSTATS']._serialized_end=2473
+  _globals['_TENANTSTATS']._serialized_start=2475
+  _globals['_TENANTSTATS']._serialized_end=2545
+  _globals['_LATENCYPERCENTILES']._serialized_start=2548
+  _globals['_LATENCYPERCENTILES']._serialized_end=2688
+  _globals['_GETSTATSRESPONSE']._serialized_start=2691
+  _globals['_GETSTATSRESPONSE']._serialized_end=3209
+  _globals['_ROUTERSERVICE']._serialized_start=3546
+  _globals['_ROUTERSERVICE']._serialized_end=3852
 # @@protoc_insertion_point(module_scope)

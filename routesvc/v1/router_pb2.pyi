@@ -16,6 +16,7 @@ PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, DEADLINE_EXCEEDED, INTERNAL); see READ
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -719,3 +720,275 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class GetStatsRequest(_message.Message):
+    """GetStatsRequest selects the window and tenant to report on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Only requests of this tenant; empty means every tenant."""
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """How far back to look; unset or zero means the whole window the server keeps
+        (telemetry.stats_window_seconds). Longer windows are cut to it.
+        """
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        window: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class CostTotals(_message.Message):
+    """CostTotals are the requests, cost and savings of a set of Complete requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    BASELINE_COST_USD_FIELD_NUMBER: _builtins.int
+    SAVINGS_USD_FIELD_NUMBER: _builtins.int
+    SAVINGS_PERCENT_FIELD_NUMBER: _builtins.int
+    ESTIMATED_COST_USD_FIELD_NUMBER: _builtins.int
+    ESTIMATED_BASELINE_COST_USD_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    """Complete requests that were routed (answered or failed)."""
+    errors: _builtins.int
+    """Requests that ended with an error status."""
+    cost_usd: _builtins.str
+    """What every upstream attempt cost, in USD, decimal string (interrupted attempts at
+    estimated usage).
+    """
+    baseline_cost_usd: _builtins.str
+    """What the answering attempts' usage would have cost on the baseline model, in USD,
+    decimal string.
+    """
+    savings_usd: _builtins.str
+    """baseline_cost_usd minus cost_usd, in USD, decimal string (negative when routing
+    cost more than the baseline).
+    """
+    savings_percent: _builtins.float
+    """savings_usd as a percentage of baseline_cost_usd (0 when that is 0)."""
+    estimated_cost_usd: _builtins.str
+    """The routing decisions' estimated cost, in USD, decimal string (what
+    `routesvc simulate` predicts for the same prompts).
+    """
+    estimated_baseline_cost_usd: _builtins.str
+    """The same estimates priced on the baseline model, in USD, decimal string."""
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        cost_usd: _builtins.str = ...,
+        baseline_cost_usd: _builtins.str = ...,
+        savings_usd: _builtins.str = ...,
+        savings_percent: _builtins.float = ...,
+        estimated_cost_usd: _builtins.str = ...,
+        estimated_baseline_cost_usd: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_cost_usd", b"baseline_cost_usd", "cost_usd", b"cost_usd", "errors", b"errors", "estimated_baseline_cost_usd", b"estimated_baseline_cost_usd", "estimated_cost_usd", b"estimated_cost_usd", "requests", b"requests", "savings_percent", b"savings_percent", "savings_usd", b"savings_usd"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CostTotals: _TypeAlias = CostTotals  # noqa: Y015
+
+@_typing.final
+class ModelStats(_message.Message):
+    """ModelStats is one model's part of the window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Catalog id of the model that answered (the selected one when the request failed)."""
+    share: _builtins.float
+    """Fraction of the window's requests, in [0, 1]."""
+    @_builtins.property
+    def totals(self) -> Global___CostTotals:
+        """Requests, cost and savings of this model's requests."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        share: _builtins.float = ...,
+        totals: Global___CostTotals | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "share", b"share", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStats: _TypeAlias = ModelStats  # noqa: Y015
+
+@_typing.final
+class TenantStats(_message.Message):
+    """TenantStats is one tenant's part of the window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Tenant id; empty for requests made without one."""
+    @_builtins.property
+    def totals(self) -> Global___CostTotals:
+        """Requests, cost and savings of this tenant's requests."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        totals: Global___CostTotals | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantStats: _TypeAlias = TenantStats  # noqa: Y015
+
+@_typing.final
+class LatencyPercentiles(_message.Message):
+    """LatencyPercentiles are nearest-rank percentiles of a duration; zero without samples."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    P50_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def p50(self) -> _duration_pb2.Duration:
+        """Median."""
+
+    @_builtins.property
+    def p95(self) -> _duration_pb2.Duration:
+        """95th percentile."""
+
+    @_builtins.property
+    def p99(self) -> _duration_pb2.Duration:
+        """99th percentile."""
+
+    def __init__(
+        self,
+        *,
+        p50: _duration_pb2.Duration | None = ...,
+        p95: _duration_pb2.Duration | None = ...,
+        p99: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LatencyPercentiles: _TypeAlias = LatencyPercentiles  # noqa: Y015
+
+@_typing.final
+class GetStatsResponse(_message.Message):
+    """GetStatsResponse is routing effectiveness over the window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    BASELINE_MODEL_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    ESCALATIONS_FIELD_NUMBER: _builtins.int
+    ESCALATION_RATE_FIELD_NUMBER: _builtins.int
+    FALLBACKS_FIELD_NUMBER: _builtins.int
+    CASCADE_DECISIONS_FIELD_NUMBER: _builtins.int
+    CASCADE_RELEASE_RATE_FIELD_NUMBER: _builtins.int
+    MEAN_RELEASED_SCORE_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant reported on; empty means every tenant."""
+    baseline_model: _builtins.str
+    """Catalog id of the model savings are measured against."""
+    escalations: _builtins.int
+    """Escalations to a stronger model, counted once per escalation."""
+    escalation_rate: _builtins.float
+    """Fraction of requests that escalated at least once, in [0, 1]."""
+    fallbacks: _builtins.int
+    """Fallbacks to another model after a failure."""
+    cascade_decisions: _builtins.int
+    """Requests a cascade judged (released the cheap answer or escalated)."""
+    cascade_release_rate: _builtins.float
+    """Fraction of cascade decisions that released the cheap answer, in [0, 1]."""
+    mean_released_score: _builtins.float
+    """Mean quality score of released cheap answers; unset when none was scored."""
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """The window reported on."""
+
+    @_builtins.property
+    def totals(self) -> Global___CostTotals:
+        """Requests, cost and savings of the whole window."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStats]:
+        """Per model, most requests first."""
+
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantStats]:
+        """Per tenant, by tenant id."""
+
+    @_builtins.property
+    def latency(self) -> Global___LatencyPercentiles:
+        """Whole-request latency, from the call's arrival to its last message."""
+
+    @_builtins.property
+    def time_to_first_token(self) -> Global___LatencyPercentiles:
+        """From the call's arrival to the first text chunk, for requests that produced one."""
+
+    def __init__(
+        self,
+        *,
+        window: _duration_pb2.Duration | None = ...,
+        tenant: _builtins.str = ...,
+        baseline_model: _builtins.str = ...,
+        totals: Global___CostTotals | None = ...,
+        models: _abc.Iterable[Global___ModelStats] | None = ...,
+        tenants: _abc.Iterable[Global___TenantStats] | None = ...,
+        escalations: _builtins.int = ...,
+        escalation_rate: _builtins.float = ...,
+        fallbacks: _builtins.int = ...,
+        cascade_decisions: _builtins.int = ...,
+        cascade_release_rate: _builtins.float = ...,
+        mean_released_score: _builtins.float | None = ...,
+        latency: Global___LatencyPercentiles | None = ...,
+        time_to_first_token: Global___LatencyPercentiles | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mean_released_score", b"_mean_released_score", "latency", b"latency", "mean_released_score", b"mean_released_score", "time_to_first_token", b"time_to_first_token", "totals", b"totals", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mean_released_score", b"_mean_released_score", "baseline_model", b"baseline_model", "cascade_decisions", b"cascade_decisions", "cascade_release_rate", b"cascade_release_rate", "escalation_rate", b"escalation_rate", "escalations", b"escalations", "fallbacks", b"fallbacks", "latency", b"latency", "mean_released_score", b"mean_released_score", "models", b"models", "tenant", b"tenant", "tenants", b"tenants", "time_to_first_token", b"time_to_first_token", "totals", b"totals", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__mean_released_score: _TypeAlias = _typing.Literal["mean_released_score"]  # noqa: Y015
+    _WhichOneofArgType__mean_released_score: _TypeAlias = _typing.Literal["_mean_released_score", b"_mean_released_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mean_released_score) -> _WhichOneofReturnType__mean_released_score | None: ...
+
+Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015

@@ -50,6 +50,11 @@ class RouterServiceStub:
                 request_serializer=routesvc_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=routesvc_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/routesvc.v1.RouterService/GetStats',
+                request_serializer=routesvc_dot_v1_dot_router__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=routesvc_dot_v1_dot_router__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -80,6 +85,15 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """GetStats reports routing effectiveness over a recent window: requests and share
+        per model, cost against the baseline model, savings, escalations, fallbacks,
+        cascade releases, latency and time to first token, overall and per tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +111,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=routesvc_dot_v1_dot_router__pb2.ListModelsRequest.FromString,
                     response_serializer=routesvc_dot_v1_dot_router__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=routesvc_dot_v1_dot_router__pb2.GetStatsRequest.FromString,
+                    response_serializer=routesvc_dot_v1_dot_router__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +200,33 @@ class RouterService:
             '/routesvc.v1.RouterService/ListModels',
             routesvc_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
             routesvc_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/routesvc.v1.RouterService/GetStats',
+            routesvc_dot_v1_dot_router__pb2.GetStatsRequest.SerializeToString,
+            routesvc_dot_v1_dot_router__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,11 @@ class RouterServiceStub:
     """ListModels returns the model catalog with prices, limits, capabilities and
     whether each model's provider has credentials configured.
     """
+    GetStats: _grpc.UnaryUnaryMultiCallable[_router_pb2.GetStatsRequest, _router_pb2.GetStatsResponse]
+    """GetStats reports routing effectiveness over a recent window: requests and share
+    per model, cost against the baseline model, savings, escalations, fallbacks,
+    cascade releases, latency and time to first token, overall and per tenant.
+    """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -73,6 +78,11 @@ class RouterServiceAsyncStub(RouterServiceStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_router_pb2.ListModelsRequest, _router_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels returns the model catalog with prices, limits, capabilities and
     whether each model's provider has credentials configured.
+    """
+    GetStats: _aio.UnaryUnaryMultiCallable[_router_pb2.GetStatsRequest, _router_pb2.GetStatsResponse]  # type: ignore[assignment]
+    """GetStats reports routing effectiveness over a recent window: requests and share
+    per model, cost against the baseline model, savings, escalations, fallbacks,
+    cascade releases, latency and time to first token, overall and per tenant.
     """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -106,6 +116,17 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_router_pb2.ListModelsResponse, _abc.Awaitable[_router_pb2.ListModelsResponse]]:
         """ListModels returns the model catalog with prices, limits, capabilities and
         whether each model's provider has credentials configured.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _router_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.GetStatsResponse, _abc.Awaitable[_router_pb2.GetStatsResponse]]:
+        """GetStats reports routing effectiveness over a recent window: requests and share
+        per model, cost against the baseline model, savings, escalations, fallbacks,
+        cascade releases, latency and time to first token, overall and per tenant.
         """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

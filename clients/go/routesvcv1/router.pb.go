@@ -21,6 +21,7 @@ package routesvcv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -1393,11 +1394,526 @@ func (x *ListModelsResponse) GetModels() []*ModelInfo {
 	return nil
 }
 
+// GetStatsRequest selects the window and tenant to report on.
+type GetStatsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only requests of this tenant; empty means every tenant.
+	Tenant string `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// How far back to look; unset or zero means the whole window the server keeps
+	// (telemetry.stats_window_seconds). Longer windows are cut to it.
+	Window        *durationpb.Duration `protobuf:"bytes,2,opt,name=window,proto3" json:"window,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStatsRequest) Reset() {
+	*x = GetStatsRequest{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatsRequest) ProtoMessage() {}
+
+func (x *GetStatsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatsRequest.ProtoReflect.Descriptor instead.
+func (*GetStatsRequest) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *GetStatsRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *GetStatsRequest) GetWindow() *durationpb.Duration {
+	if x != nil {
+		return x.Window
+	}
+	return nil
+}
+
+// CostTotals are the requests, cost and savings of a set of Complete requests.
+type CostTotals struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Complete requests that were routed (answered or failed).
+	Requests int64 `protobuf:"varint,1,opt,name=requests,proto3" json:"requests,omitempty"`
+	// Requests that ended with an error status.
+	Errors int64 `protobuf:"varint,2,opt,name=errors,proto3" json:"errors,omitempty"`
+	// What every upstream attempt cost, in USD, decimal string (interrupted attempts at
+	// estimated usage).
+	CostUsd string `protobuf:"bytes,3,opt,name=cost_usd,json=costUsd,proto3" json:"cost_usd,omitempty"`
+	// What the answering attempts' usage would have cost on the baseline model, in USD,
+	// decimal string.
+	BaselineCostUsd string `protobuf:"bytes,4,opt,name=baseline_cost_usd,json=baselineCostUsd,proto3" json:"baseline_cost_usd,omitempty"`
+	// baseline_cost_usd minus cost_usd, in USD, decimal string (negative when routing
+	// cost more than the baseline).
+	SavingsUsd string `protobuf:"bytes,5,opt,name=savings_usd,json=savingsUsd,proto3" json:"savings_usd,omitempty"`
+	// savings_usd as a percentage of baseline_cost_usd (0 when that is 0).
+	SavingsPercent float64 `protobuf:"fixed64,6,opt,name=savings_percent,json=savingsPercent,proto3" json:"savings_percent,omitempty"`
+	// The routing decisions' estimated cost, in USD, decimal string (what
+	// `routesvc simulate` predicts for the same prompts).
+	EstimatedCostUsd string `protobuf:"bytes,7,opt,name=estimated_cost_usd,json=estimatedCostUsd,proto3" json:"estimated_cost_usd,omitempty"`
+	// The same estimates priced on the baseline model, in USD, decimal string.
+	EstimatedBaselineCostUsd string `protobuf:"bytes,8,opt,name=estimated_baseline_cost_usd,json=estimatedBaselineCostUsd,proto3" json:"estimated_baseline_cost_usd,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
+}
+
+func (x *CostTotals) Reset() {
+	*x = CostTotals{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CostTotals) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CostTotals) ProtoMessage() {}
+
+func (x *CostTotals) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CostTotals.ProtoReflect.Descriptor instead.
+func (*CostTotals) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *CostTotals) GetRequests() int64 {
+	if x != nil {
+		return x.Requests
+	}
+	return 0
+}
+
+func (x *CostTotals) GetErrors() int64 {
+	if x != nil {
+		return x.Errors
+	}
+	return 0
+}
+
+func (x *CostTotals) GetCostUsd() string {
+	if x != nil {
+		return x.CostUsd
+	}
+	return ""
+}
+
+func (x *CostTotals) GetBaselineCostUsd() string {
+	if x != nil {
+		return x.BaselineCostUsd
+	}
+	return ""
+}
+
+func (x *CostTotals) GetSavingsUsd() string {
+	if x != nil {
+		return x.SavingsUsd
+	}
+	return ""
+}
+
+func (x *CostTotals) GetSavingsPercent() float64 {
+	if x != nil {
+		return x.SavingsPercent
+	}
+	return 0
+}
+
+func (x *CostTotals) GetEstimatedCostUsd() string {
+	if x != nil {
+		return x.EstimatedCostUsd
+	}
+	return ""
+}
+
+func (x *CostTotals) GetEstimatedBaselineCostUsd() string {
+	if x != nil {
+		return x.EstimatedBaselineCostUsd
+	}
+	return ""
+}
+
+// ModelStats is one model's part of the window.
+type ModelStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Catalog id of the model that answered (the selected one when the request failed).
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// Fraction of the window's requests, in [0, 1].
+	Share float64 `protobuf:"fixed64,2,opt,name=share,proto3" json:"share,omitempty"`
+	// Requests, cost and savings of this model's requests.
+	Totals        *CostTotals `protobuf:"bytes,3,opt,name=totals,proto3" json:"totals,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ModelStats) Reset() {
+	*x = ModelStats{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ModelStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ModelStats) ProtoMessage() {}
+
+func (x *ModelStats) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ModelStats.ProtoReflect.Descriptor instead.
+func (*ModelStats) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ModelStats) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *ModelStats) GetShare() float64 {
+	if x != nil {
+		return x.Share
+	}
+	return 0
+}
+
+func (x *ModelStats) GetTotals() *CostTotals {
+	if x != nil {
+		return x.Totals
+	}
+	return nil
+}
+
+// TenantStats is one tenant's part of the window.
+type TenantStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Tenant id; empty for requests made without one.
+	Tenant string `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// Requests, cost and savings of this tenant's requests.
+	Totals        *CostTotals `protobuf:"bytes,2,opt,name=totals,proto3" json:"totals,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TenantStats) Reset() {
+	*x = TenantStats{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TenantStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TenantStats) ProtoMessage() {}
+
+func (x *TenantStats) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TenantStats.ProtoReflect.Descriptor instead.
+func (*TenantStats) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *TenantStats) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *TenantStats) GetTotals() *CostTotals {
+	if x != nil {
+		return x.Totals
+	}
+	return nil
+}
+
+// LatencyPercentiles are nearest-rank percentiles of a duration; zero without samples.
+type LatencyPercentiles struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Median.
+	P50 *durationpb.Duration `protobuf:"bytes,1,opt,name=p50,proto3" json:"p50,omitempty"`
+	// 95th percentile.
+	P95 *durationpb.Duration `protobuf:"bytes,2,opt,name=p95,proto3" json:"p95,omitempty"`
+	// 99th percentile.
+	P99           *durationpb.Duration `protobuf:"bytes,3,opt,name=p99,proto3" json:"p99,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LatencyPercentiles) Reset() {
+	*x = LatencyPercentiles{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LatencyPercentiles) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LatencyPercentiles) ProtoMessage() {}
+
+func (x *LatencyPercentiles) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LatencyPercentiles.ProtoReflect.Descriptor instead.
+func (*LatencyPercentiles) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *LatencyPercentiles) GetP50() *durationpb.Duration {
+	if x != nil {
+		return x.P50
+	}
+	return nil
+}
+
+func (x *LatencyPercentiles) GetP95() *durationpb.Duration {
+	if x != nil {
+		return x.P95
+	}
+	return nil
+}
+
+func (x *LatencyPercentiles) GetP99() *durationpb.Duration {
+	if x != nil {
+		return x.P99
+	}
+	return nil
+}
+
+// GetStatsResponse is routing effectiveness over the window.
+type GetStatsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The window reported on.
+	Window *durationpb.Duration `protobuf:"bytes,1,opt,name=window,proto3" json:"window,omitempty"`
+	// The tenant reported on; empty means every tenant.
+	Tenant string `protobuf:"bytes,2,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// Catalog id of the model savings are measured against.
+	BaselineModel string `protobuf:"bytes,3,opt,name=baseline_model,json=baselineModel,proto3" json:"baseline_model,omitempty"`
+	// Requests, cost and savings of the whole window.
+	Totals *CostTotals `protobuf:"bytes,4,opt,name=totals,proto3" json:"totals,omitempty"`
+	// Per model, most requests first.
+	Models []*ModelStats `protobuf:"bytes,5,rep,name=models,proto3" json:"models,omitempty"`
+	// Per tenant, by tenant id.
+	Tenants []*TenantStats `protobuf:"bytes,6,rep,name=tenants,proto3" json:"tenants,omitempty"`
+	// Escalations to a stronger model, counted once per escalation.
+	Escalations int64 `protobuf:"varint,7,opt,name=escalations,proto3" json:"escalations,omitempty"`
+	// Fraction of requests that escalated at least once, in [0, 1].
+	EscalationRate float64 `protobuf:"fixed64,8,opt,name=escalation_rate,json=escalationRate,proto3" json:"escalation_rate,omitempty"`
+	// Fallbacks to another model after a failure.
+	Fallbacks int64 `protobuf:"varint,9,opt,name=fallbacks,proto3" json:"fallbacks,omitempty"`
+	// Requests a cascade judged (released the cheap answer or escalated).
+	CascadeDecisions int64 `protobuf:"varint,10,opt,name=cascade_decisions,json=cascadeDecisions,proto3" json:"cascade_decisions,omitempty"`
+	// Fraction of cascade decisions that released the cheap answer, in [0, 1].
+	CascadeReleaseRate float64 `protobuf:"fixed64,11,opt,name=cascade_release_rate,json=cascadeReleaseRate,proto3" json:"cascade_release_rate,omitempty"`
+	// Mean quality score of released cheap answers; unset when none was scored.
+	MeanReleasedScore *float64 `protobuf:"fixed64,12,opt,name=mean_released_score,json=meanReleasedScore,proto3,oneof" json:"mean_released_score,omitempty"`
+	// Whole-request latency, from the call's arrival to its last message.
+	Latency *LatencyPercentiles `protobuf:"bytes,13,opt,name=latency,proto3" json:"latency,omitempty"`
+	// From the call's arrival to the first text chunk, for requests that produced one.
+	TimeToFirstToken *LatencyPercentiles `protobuf:"bytes,14,opt,name=time_to_first_token,json=timeToFirstToken,proto3" json:"time_to_first_token,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *GetStatsResponse) Reset() {
+	*x = GetStatsResponse{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatsResponse) ProtoMessage() {}
+
+func (x *GetStatsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatsResponse.ProtoReflect.Descriptor instead.
+func (*GetStatsResponse) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *GetStatsResponse) GetWindow() *durationpb.Duration {
+	if x != nil {
+		return x.Window
+	}
+	return nil
+}
+
+func (x *GetStatsResponse) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *GetStatsResponse) GetBaselineModel() string {
+	if x != nil {
+		return x.BaselineModel
+	}
+	return ""
+}
+
+func (x *GetStatsResponse) GetTotals() *CostTotals {
+	if x != nil {
+		return x.Totals
+	}
+	return nil
+}
+
+func (x *GetStatsResponse) GetModels() []*ModelStats {
+	if x != nil {
+		return x.Models
+	}
+	return nil
+}
+
+func (x *GetStatsResponse) GetTenants() []*TenantStats {
+	if x != nil {
+		return x.Tenants
+	}
+	return nil
+}
+
+func (x *GetStatsResponse) GetEscalations() int64 {
+	if x != nil {
+		return x.Escalations
+	}
+	return 0
+}
+
+func (x *GetStatsResponse) GetEscalationRate() float64 {
+	if x != nil {
+		return x.EscalationRate
+	}
+	return 0
+}
+
+func (x *GetStatsResponse) GetFallbacks() int64 {
+	if x != nil {
+		return x.Fallbacks
+	}
+	return 0
+}
+
+func (x *GetStatsResponse) GetCascadeDecisions() int64 {
+	if x != nil {
+		return x.CascadeDecisions
+	}
+	return 0
+}
+
+func (x *GetStatsResponse) GetCascadeReleaseRate() float64 {
+	if x != nil {
+		return x.CascadeReleaseRate
+	}
+	return 0
+}
+
+func (x *GetStatsResponse) GetMeanReleasedScore() float64 {
+	if x != nil && x.MeanReleasedScore != nil {
+		return *x.MeanReleasedScore
+	}
+	return 0
+}
+
+func (x *GetStatsResponse) GetLatency() *LatencyPercentiles {
+	if x != nil {
+		return x.Latency
+	}
+	return nil
+}
+
+func (x *GetStatsResponse) GetTimeToFirstToken() *LatencyPercentiles {
+	if x != nil {
+		return x.TimeToFirstToken
+	}
+	return nil
+}
+
 var File_routesvc_v1_router_proto protoreflect.FileDescriptor
 
 const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\n" +
-	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\"J\n" +
+	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\"J\n" +
 	"\aMessage\x12%\n" +
 	"\x04role\x18\x01 \x01(\x0e2\x11.routesvc.v1.RoleR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\"e\n" +
@@ -1490,7 +2006,50 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	" \x01(\bR\tavailable\x12-\n" +
 	"\x12unavailable_reason\x18\v \x01(\tR\x11unavailableReason\"D\n" +
 	"\x12ListModelsResponse\x12.\n" +
-	"\x06models\x18\x01 \x03(\v2\x16.routesvc.v1.ModelInfoR\x06models*P\n" +
+	"\x06models\x18\x01 \x03(\v2\x16.routesvc.v1.ModelInfoR\x06models\"\\\n" +
+	"\x0fGetStatsRequest\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x121\n" +
+	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x06window\"\xbe\x02\n" +
+	"\n" +
+	"CostTotals\x12\x1a\n" +
+	"\brequests\x18\x01 \x01(\x03R\brequests\x12\x16\n" +
+	"\x06errors\x18\x02 \x01(\x03R\x06errors\x12\x19\n" +
+	"\bcost_usd\x18\x03 \x01(\tR\acostUsd\x12*\n" +
+	"\x11baseline_cost_usd\x18\x04 \x01(\tR\x0fbaselineCostUsd\x12\x1f\n" +
+	"\vsavings_usd\x18\x05 \x01(\tR\n" +
+	"savingsUsd\x12'\n" +
+	"\x0fsavings_percent\x18\x06 \x01(\x01R\x0esavingsPercent\x12,\n" +
+	"\x12estimated_cost_usd\x18\a \x01(\tR\x10estimatedCostUsd\x12=\n" +
+	"\x1bestimated_baseline_cost_usd\x18\b \x01(\tR\x18estimatedBaselineCostUsd\"i\n" +
+	"\n" +
+	"ModelStats\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x14\n" +
+	"\x05share\x18\x02 \x01(\x01R\x05share\x12/\n" +
+	"\x06totals\x18\x03 \x01(\v2\x17.routesvc.v1.CostTotalsR\x06totals\"V\n" +
+	"\vTenantStats\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12/\n" +
+	"\x06totals\x18\x02 \x01(\v2\x17.routesvc.v1.CostTotalsR\x06totals\"\x9b\x01\n" +
+	"\x12LatencyPercentiles\x12+\n" +
+	"\x03p50\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03p50\x12+\n" +
+	"\x03p95\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03p95\x12+\n" +
+	"\x03p99\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03p99\"\xba\x05\n" +
+	"\x10GetStatsResponse\x121\n" +
+	"\x06window\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x06window\x12\x16\n" +
+	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12%\n" +
+	"\x0ebaseline_model\x18\x03 \x01(\tR\rbaselineModel\x12/\n" +
+	"\x06totals\x18\x04 \x01(\v2\x17.routesvc.v1.CostTotalsR\x06totals\x12/\n" +
+	"\x06models\x18\x05 \x03(\v2\x17.routesvc.v1.ModelStatsR\x06models\x122\n" +
+	"\atenants\x18\x06 \x03(\v2\x18.routesvc.v1.TenantStatsR\atenants\x12 \n" +
+	"\vescalations\x18\a \x01(\x03R\vescalations\x12'\n" +
+	"\x0fescalation_rate\x18\b \x01(\x01R\x0eescalationRate\x12\x1c\n" +
+	"\tfallbacks\x18\t \x01(\x03R\tfallbacks\x12+\n" +
+	"\x11cascade_decisions\x18\n" +
+	" \x01(\x03R\x10cascadeDecisions\x120\n" +
+	"\x14cascade_release_rate\x18\v \x01(\x01R\x12cascadeReleaseRate\x123\n" +
+	"\x13mean_released_score\x18\f \x01(\x01H\x00R\x11meanReleasedScore\x88\x01\x01\x129\n" +
+	"\alatency\x18\r \x01(\v2\x1f.routesvc.v1.LatencyPercentilesR\alatency\x12N\n" +
+	"\x13time_to_first_token\x18\x0e \x01(\v2\x1f.routesvc.v1.LatencyPercentilesR\x10timeToFirstTokenB\x16\n" +
+	"\x14_mean_released_score*P\n" +
 	"\x04Role\x12\x14\n" +
 	"\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vROLE_SYSTEM\x10\x01\x12\r\n" +
@@ -1507,12 +2066,13 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x14FINISH_REASON_LENGTH\x10\x02\x12\x1c\n" +
 	"\x18FINISH_REASON_TOOL_CALLS\x10\x03\x12 \n" +
 	"\x1cFINISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n" +
-	"\x13FINISH_REASON_OTHER\x10\x052\xe9\x01\n" +
+	"\x13FINISH_REASON_OTHER\x10\x052\xb2\x02\n" +
 	"\rRouterService\x12>\n" +
 	"\x05Route\x12\x19.routesvc.v1.RouteRequest\x1a\x1a.routesvc.v1.RouteResponse\x12I\n" +
 	"\bComplete\x12\x1c.routesvc.v1.CompleteRequest\x1a\x1d.routesvc.v1.CompleteResponse0\x01\x12M\n" +
 	"\n" +
-	"ListModels\x12\x1e.routesvc.v1.ListModelsRequest\x1a\x1f.routesvc.v1.ListModelsResponseB_\n" +
+	"ListModels\x12\x1e.routesvc.v1.ListModelsRequest\x1a\x1f.routesvc.v1.ListModelsResponse\x12G\n" +
+	"\bGetStats\x12\x1c.routesvc.v1.GetStatsRequest\x1a\x1d.routesvc.v1.GetStatsResponseB_\n" +
 	"\x0fdev.routesvc.v1B\vRouterProtoP\x01Z=github.com/routesvc/routesvc/clients/go/routesvcv1;routesvcv1b\x06proto3"
 
 var (
@@ -1528,34 +2088,41 @@ func file_routesvc_v1_router_proto_rawDescGZIP() []byte {
 }
 
 var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_routesvc_v1_router_proto_goTypes = []any{
-	(Role)(0),                  // 0: routesvc.v1.Role
-	(Mode)(0),                  // 1: routesvc.v1.Mode
-	(FinishReason)(0),          // 2: routesvc.v1.FinishReason
-	(*Message)(nil),            // 3: routesvc.v1.Message
-	(*Tool)(nil),               // 4: routesvc.v1.Tool
-	(*ChatRequest)(nil),        // 5: routesvc.v1.ChatRequest
-	(*RoutingContext)(nil),     // 6: routesvc.v1.RoutingContext
-	(*RouteRequest)(nil),       // 7: routesvc.v1.RouteRequest
-	(*Candidate)(nil),          // 8: routesvc.v1.Candidate
-	(*RouteDecision)(nil),      // 9: routesvc.v1.RouteDecision
-	(*RouteResponse)(nil),      // 10: routesvc.v1.RouteResponse
-	(*CompleteRequest)(nil),    // 11: routesvc.v1.CompleteRequest
-	(*TextDelta)(nil),          // 12: routesvc.v1.TextDelta
-	(*Usage)(nil),              // 13: routesvc.v1.Usage
-	(*Completion)(nil),         // 14: routesvc.v1.Completion
-	(*CompleteResponse)(nil),   // 15: routesvc.v1.CompleteResponse
-	(*ListModelsRequest)(nil),  // 16: routesvc.v1.ListModelsRequest
-	(*ModelInfo)(nil),          // 17: routesvc.v1.ModelInfo
-	(*ListModelsResponse)(nil), // 18: routesvc.v1.ListModelsResponse
-	nil,                        // 19: routesvc.v1.RoutingContext.MetadataEntry
+	(Role)(0),                   // 0: routesvc.v1.Role
+	(Mode)(0),                   // 1: routesvc.v1.Mode
+	(FinishReason)(0),           // 2: routesvc.v1.FinishReason
+	(*Message)(nil),             // 3: routesvc.v1.Message
+	(*Tool)(nil),                // 4: routesvc.v1.Tool
+	(*ChatRequest)(nil),         // 5: routesvc.v1.ChatRequest
+	(*RoutingContext)(nil),      // 6: routesvc.v1.RoutingContext
+	(*RouteRequest)(nil),        // 7: routesvc.v1.RouteRequest
+	(*Candidate)(nil),           // 8: routesvc.v1.Candidate
+	(*RouteDecision)(nil),       // 9: routesvc.v1.RouteDecision
+	(*RouteResponse)(nil),       // 10: routesvc.v1.RouteResponse
+	(*CompleteRequest)(nil),     // 11: routesvc.v1.CompleteRequest
+	(*TextDelta)(nil),           // 12: routesvc.v1.TextDelta
+	(*Usage)(nil),               // 13: routesvc.v1.Usage
+	(*Completion)(nil),          // 14: routesvc.v1.Completion
+	(*CompleteResponse)(nil),    // 15: routesvc.v1.CompleteResponse
+	(*ListModelsRequest)(nil),   // 16: routesvc.v1.ListModelsRequest
+	(*ModelInfo)(nil),           // 17: routesvc.v1.ModelInfo
+	(*ListModelsResponse)(nil),  // 18: routesvc.v1.ListModelsResponse
+	(*GetStatsRequest)(nil),     // 19: routesvc.v1.GetStatsRequest
+	(*CostTotals)(nil),          // 20: routesvc.v1.CostTotals
+	(*ModelStats)(nil),          // 21: routesvc.v1.ModelStats
+	(*TenantStats)(nil),         // 22: routesvc.v1.TenantStats
+	(*LatencyPercentiles)(nil),  // 23: routesvc.v1.LatencyPercentiles
+	(*GetStatsResponse)(nil),    // 24: routesvc.v1.GetStatsResponse
+	nil,                         // 25: routesvc.v1.RoutingContext.MetadataEntry
+	(*durationpb.Duration)(nil), // 26: google.protobuf.Duration
 }
 var file_routesvc_v1_router_proto_depIdxs = []int32{
 	0,  // 0: routesvc.v1.Message.role:type_name -> routesvc.v1.Role
 	3,  // 1: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
 	4,  // 2: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
-	19, // 3: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
+	25, // 3: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
 	5,  // 4: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
 	6,  // 5: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
 	1,  // 6: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
@@ -1569,17 +2136,31 @@ var file_routesvc_v1_router_proto_depIdxs = []int32{
 	12, // 14: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
 	14, // 15: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
 	17, // 16: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
-	7,  // 17: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
-	11, // 18: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
-	16, // 19: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
-	10, // 20: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
-	15, // 21: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
-	18, // 22: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
-	20, // [20:23] is the sub-list for method output_type
-	17, // [17:20] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	26, // 17: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
+	20, // 18: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
+	20, // 19: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
+	26, // 20: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
+	26, // 21: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
+	26, // 22: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
+	26, // 23: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
+	20, // 24: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
+	21, // 25: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
+	22, // 26: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
+	23, // 27: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
+	23, // 28: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
+	7,  // 29: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
+	11, // 30: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
+	16, // 31: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
+	19, // 32: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
+	10, // 33: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
+	15, // 34: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
+	18, // 35: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
+	24, // 36: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
+	33, // [33:37] is the sub-list for method output_type
+	29, // [29:33] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_routesvc_v1_router_proto_init() }
@@ -1594,13 +2175,14 @@ func file_routesvc_v1_router_proto_init() {
 		(*CompleteResponse_Delta)(nil),
 		(*CompleteResponse_Completion)(nil),
 	}
+	file_routesvc_v1_router_proto_msgTypes[21].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_routesvc_v1_router_proto_rawDesc), len(file_routesvc_v1_router_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   17,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -34,6 +34,7 @@ const (
 	RouterService_Route_FullMethodName      = "/routesvc.v1.RouterService/Route"
 	RouterService_Complete_FullMethodName   = "/routesvc.v1.RouterService/Complete"
 	RouterService_ListModels_FullMethodName = "/routesvc.v1.RouterService/ListModels"
+	RouterService_GetStats_FullMethodName   = "/routesvc.v1.RouterService/GetStats"
 )
 
 // RouterServiceClient is the client API for RouterService service.
@@ -51,6 +52,10 @@ type RouterServiceClient interface {
 	// ListModels returns the model catalog with prices, limits, capabilities and
 	// whether each model's provider has credentials configured.
 	ListModels(ctx context.Context, in *ListModelsRequest, opts ...grpc.CallOption) (*ListModelsResponse, error)
+	// GetStats reports routing effectiveness over a recent window: requests and share
+	// per model, cost against the baseline model, savings, escalations, fallbacks,
+	// cascade releases, latency and time to first token, overall and per tenant.
+	GetStats(ctx context.Context, in *GetStatsRequest, opts ...grpc.CallOption) (*GetStatsResponse, error)
 }
 
 type routerServiceClient struct {
@@ -100,6 +105,16 @@ func (c *routerServiceClient) ListModels(ctx context.Context, in *ListModelsRequ
 	return out, nil
 }
 
+func (c *routerServiceClient) GetStats(ctx context.Context, in *GetStatsRequest, opts ...grpc.CallOption) (*GetStatsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetStatsResponse)
+	err := c.cc.Invoke(ctx, RouterService_GetStats_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RouterServiceServer is the server API for RouterService service.
 // All implementations must embed UnimplementedRouterServiceServer
 // for forward compatibility.
@@ -115,6 +130,10 @@ type RouterServiceServer interface {
 	// ListModels returns the model catalog with prices, limits, capabilities and
 	// whether each model's provider has credentials configured.
 	ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error)
+	// GetStats reports routing effectiveness over a recent window: requests and share
+	// per model, cost against the baseline model, savings, escalations, fallbacks,
+	// cascade releases, latency and time to first token, overall and per tenant.
+	GetStats(context.Context, *GetStatsRequest) (*GetStatsResponse, error)
 	mustEmbedUnimplementedRouterServiceServer()
 }
 
@@ -133,6 +152,9 @@ func (UnimplementedRouterServiceServer) Complete(*CompleteRequest, grpc.ServerSt
 }
 func (UnimplementedRouterServiceServer) ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListModels not implemented")
+}
+func (UnimplementedRouterServiceServer) GetStats(context.Context, *GetStatsRequest) (*GetStatsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetStats not implemented")
 }
 func (UnimplementedRouterServiceServer) mustEmbedUnimplementedRouterServiceServer() {}
 func (UnimplementedRouterServiceServer) testEmbeddedByValue()                       {}
@@ -202,6 +224,24 @@ func _RouterService_ListModels_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RouterService_GetStats_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetStatsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RouterServiceServer).GetStats(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RouterService_GetStats_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RouterServiceServer).GetStats(ctx, req.(*GetStatsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RouterService_ServiceDesc is the grpc.ServiceDesc for RouterService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -216,6 +256,10 @@ var RouterService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListModels",
 			Handler:    _RouterService_ListModels_Handler,
+		},
+		{
+			MethodName: "GetStats",
+			Handler:    _RouterService_GetStats_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -16,13 +16,15 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Duration } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration } from "@bufbuild/protobuf/wkt";
 import type { Message as Message$1 } from "@bufbuild/protobuf";
 
 /**
  * Describes the file routesvc/v1/router.proto.
  */
 export const file_routesvc_v1_router: GenFile = /*@__PURE__*/
-  fileDesc("Chhyb3V0ZXN2Yy92MS9yb3V0ZXIucHJvdG8SC3JvdXRlc3ZjLnYxIjsKB01lc3NhZ2USHwoEcm9sZRgBIAEoDjIRLnJvdXRlc3ZjLnYxLlJvbGUSDwoHY29udGVudBgCIAEoCSJCCgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSFwoPcGFyYW1ldGVyc19qc29uGAMgASgJIrcBCgtDaGF0UmVxdWVzdBImCghtZXNzYWdlcxgBIAMoCzIULnJvdXRlc3ZjLnYxLk1lc3NhZ2USIAoFdG9vbHMYAiADKAsyES5yb3V0ZXN2Yy52MS5Ub29sEh4KEW1heF9vdXRwdXRfdG9rZW5zGAMgASgFSACIAQESGAoLdGVtcGVyYXR1cmUYBCABKAFIAYgBAUIUChJfbWF4X291dHB1dF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlIv0BCg5Sb3V0aW5nQ29udGV4dBIOCgZ0ZW5hbnQYASABKAkSEQoJdXNlcl90aWVyGAIgASgJEhEKCXRhc2tfaGludBgDIAEoCRIVCghyZWFsdGltZRgEIAEoCEgAiAEBEjsKCG1ldGFkYXRhGAUgAygLMikucm91dGVzdmMudjEuUm91dGluZ0NvbnRleHQuTWV0YWRhdGFFbnRyeRIUCgxtYXhfY29zdF91c2QYBiABKAkSDQoFbW9kZWwYByABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9yZWFsdGltZSJkCgxSb3V0ZVJlcXVlc3QSJgoEY2hhdBgBIAEoCzIYLnJvdXRlc3ZjLnYxLkNoYXRSZXF1ZXN0EiwKB2NvbnRleHQYAiABKAsyGy5yb3V0ZXN2Yy52MS5Sb3V0aW5nQ29udGV4dCJFCglDYW5kaWRhdGUSDQoFbW9kZWwYASABKAkSEAoIZWxpZ2libGUYAiABKAgSFwoPZXhjbHVkZWRfcmVhc29uGAMgASgJIq4CCg1Sb3V0ZURlY2lzaW9uEhMKC2RlY2lzaW9uX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEhAKCHByb3ZpZGVyGAMgASgJEhAKCHN0cmF0ZWd5GAQgASgJEgwKBHJ1bGUYBSABKAkSDwoHcmVhc29ucxgGIAMoCRIeChZlc3RpbWF0ZWRfaW5wdXRfdG9rZW5zGAcgASgDEh8KF2VzdGltYXRlZF9vdXRwdXRfdG9rZW5zGAggASgDEhoKEmVzdGltYXRlZF9jb3N0X3VzZBgJIAEoCRIfCgRtb2RlGAogASgOMhEucm91dGVzdmMudjEuTW9kZRIqCgpjYW5kaWRhdGVzGAsgAygLMhYucm91dGVzdmMudjEuQ2FuZGlkYXRlEgwKBHRhc2sYDCABKAkiPQoNUm91dGVSZXNwb25zZRIsCghkZWNpc2lvbhgBIAEoCzIaLnJvdXRlc3ZjLnYxLlJvdXRlRGVjaXNpb24iZwoPQ29tcGxldGVSZXF1ZXN0EiYKBGNoYXQYASABKAsyGC5yb3V0ZXN2Yy52MS5DaGF0UmVxdWVzdBIsCgdjb250ZXh0GAIgASgLMhsucm91dGVzdmMudjEuUm91dGluZ0NvbnRleHQiGQoJVGV4dERlbHRhEgwKBHRleHQYASABKAkiUQoFVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgDIAEoAyKsAQoKQ29tcGxldGlvbhINCgVtb2RlbBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRIWCg5wcm92aWRlcl9tb2RlbBgDIAEoCRIhCgV1c2FnZRgEIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlEhAKCGNvc3RfdXNkGAUgASgJEjAKDWZpbmlzaF9yZWFzb24YBiABKA4yGS5yb3V0ZXN2Yy52MS5GaW5pc2hSZWFzb24iowEKEENvbXBsZXRlUmVzcG9uc2USLgoIZGVjaXNpb24YASABKAsyGi5yb3V0ZXN2Yy52MS5Sb3V0ZURlY2lzaW9uSAASJwoFZGVsdGEYAiABKAsyFi5yb3V0ZXN2Yy52MS5UZXh0RGVsdGFIABItCgpjb21wbGV0aW9uGAMgASgLMhcucm91dGVzdmMudjEuQ29tcGxldGlvbkgAQgcKBWV2ZW50IhMKEUxpc3RNb2RlbHNSZXF1ZXN0IpgCCglNb2RlbEluZm8SCgoCaWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSFgoOcHJvdmlkZXJfbW9kZWwYAyABKAkSHAoUaW5wdXRfcHJpY2VfcGVyX210b2sYBCABKAkSHQoVb3V0cHV0X3ByaWNlX3Blcl9tdG9rGAUgASgJEiMKG2NhY2hlZF9pbnB1dF9wcmljZV9wZXJfbXRvaxgGIAEoCRIWCg5jb250ZXh0X3dpbmRvdxgHIAEoAxIUCgxjYXBhYmlsaXRpZXMYCCADKAkSFgoOYmF0Y2hfZGlzY291bnQYCSABKAkSEQoJYXZhaWxhYmxlGAogASgIEhoKEnVuYXZhaWxhYmxlX3JlYXNvbhgLIAEoCSI8ChJMaXN0TW9kZWxzUmVzcG9uc2USJgoGbW9kZWxzGAEgAygLMhYucm91dGVzdmMudjEuTW9kZWxJbmZvKlAKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg8KC1JPTEVfU1lTVEVNEAESDQoJUk9MRV9VU0VSEAISEgoOUk9MRV9BU1NJU1RBTlQQAyo/CgRNb2RlEhQKEE1PREVfVU5TUEVDSUZJRUQQABIRCg1NT0RFX1JFQUxUSU1FEAESDgoKTU9ERV9CQVRDSBACKrgBCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISHAoYRklOSVNIX1JFQVNPTl9UT09MX0NBTExTEAMSIAocRklOSVNIX1JFQVNPTl9DT05URU5UX0ZJTFRFUhAEEhcKE0ZJTklTSF9SRUFTT05fT1RIRVIQBTLpAQoNUm91dGVyU2VydmljZRI+CgVSb3V0ZRIZLnJvdXRlc3ZjLnYxLlJvdXRlUmVxdWVzdBoaLnJvdXRlc3ZjLnYxLlJvdXRlUmVzcG9uc2USSQoIQ29tcGxldGUSHC5yb3V0ZXN2Yy52MS5Db21wbGV0ZVJlcXVlc3QaHS5yb3V0ZXN2Yy52MS5Db21wbGV0ZVJlc3BvbnNlMAESTQoKTGlzdE1vZGVscxIeLnJvdXRlc3ZjLnYxLkxpc3RNb2RlbHNSZXF1ZXN0Gh8ucm91dGVzdmMudjEuTGlzdE1vZGVsc1Jlc3BvbnNlQl8KD2Rldi5yb3V0ZXN2Yy52MUILUm91dGVyUHJvdG9QAVo9Z2l0aHViLmNvbS9yb3V0ZXN2Yy9yb3V0ZXN2Yy9jbGllbnRzL2dvL3JvdXRlc3ZjdjE7cm91dGVzdmN2MWIGcHJvdG8z");
+  fileDesc("Chhyb3V0ZXN2Yy92MS9yb3V0ZXIucHJvdG8SC3JvdXRlc3ZjLnYxIjsKB01lc3NhZ2USHwoEcm9sZRgBIAEoDjIRLnJvdXRlc3ZjLnYxLlJvbGUSDwoHY29udGVudBgCIAEoCSJCCgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSFwoPcGFyYW1ldGVyc19qc29uGAMgASgJIrcBCgtDaGF0UmVxdWVzdBImCghtZXNzYWdlcxgBIAMoCzIULnJvdXRlc3ZjLnYxLk1lc3NhZ2USIAoFdG9vbHMYAiADKAsyES5yb3V0ZXN2Yy52MS5Ub29sEh4KEW1heF9vdXRwdXRfdG9rZW5zGAMgASgFSACIAQESGAoLdGVtcGVyYXR1cmUYBCABKAFIAYgBAUIUChJfbWF4X291dHB1dF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlIv0BCg5Sb3V0aW5nQ29udGV4dBIOCgZ0ZW5hbnQYASABKAkSEQoJdXNlcl90aWVyGAIgASgJEhEKCXRhc2tfaGludBgDIAEoCRIVCghyZWFsdGltZRgEIAEoCEgAiAEBEjsKCG1ldGFkYXRhGAUgAygLMikucm91dGVzdmMudjEuUm91dGluZ0NvbnRleHQuTWV0YWRhdGFFbnRyeRIUCgxtYXhfY29zdF91c2QYBiABKAkSDQoFbW9kZWwYByABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9yZWFsdGltZSJkCgxSb3V0ZVJlcXVlc3QSJgoEY2hhdBgBIAEoCzIYLnJvdXRlc3ZjLnYxLkNoYXRSZXF1ZXN0EiwKB2NvbnRleHQYAiABKAsyGy5yb3V0ZXN2Yy52MS5Sb3V0aW5nQ29udGV4dCJFCglDYW5kaWRhdGUSDQoFbW9kZWwYASABKAkSEAoIZWxpZ2libGUYAiABKAgSFwoPZXhjbHVkZWRfcmVhc29uGAMgASgJIq4CCg1Sb3V0ZURlY2lzaW9uEhMKC2RlY2lzaW9uX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEhAKCHByb3ZpZGVyGAMgASgJEhAKCHN0cmF0ZWd5GAQgASgJEgwKBHJ1bGUYBSABKAkSDwoHcmVhc29ucxgGIAMoCRIeChZlc3RpbWF0ZWRfaW5wdXRfdG9rZW5zGAcgASgDEh8KF2VzdGltYXRlZF9vdXRwdXRfdG9rZW5zGAggASgDEhoKEmVzdGltYXRlZF9jb3N0X3VzZBgJIAEoCRIfCgRtb2RlGAogASgOMhEucm91dGVzdmMudjEuTW9kZRIqCgpjYW5kaWRhdGVzGAsgAygLMhYucm91dGVzdmMudjEuQ2FuZGlkYXRlEgwKBHRhc2sYDCABKAkiPQoNUm91dGVSZXNwb25zZRIsCghkZWNpc2lvbhgBIAEoCzIaLnJvdXRlc3ZjLnYxLlJvdXRlRGVjaXNpb24iZwoPQ29tcGxldGVSZXF1ZXN0EiYKBGNoYXQYASABKAsyGC5yb3V0ZXN2Yy52MS5DaGF0UmVxdWVzdBIsCgdjb250ZXh0GAIgASgLMhsucm91dGVzdmMudjEuUm91dGluZ0NvbnRleHQiGQoJVGV4dERlbHRhEgwKBHRleHQYASABKAkiUQoFVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgDIAEoAyKsAQoKQ29tcGxldGlvbhINCgVtb2RlbBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRIWCg5wcm92aWRlcl9tb2RlbBgDIAEoCRIhCgV1c2FnZRgEIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlEhAKCGNvc3RfdXNkGAUgASgJEjAKDWZpbmlzaF9yZWFzb24YBiABKA4yGS5yb3V0ZXN2Yy52MS5GaW5pc2hSZWFzb24iowEKEENvbXBsZXRlUmVzcG9uc2USLgoIZGVjaXNpb24YASABKAsyGi5yb3V0ZXN2Yy52MS5Sb3V0ZURlY2lzaW9uSAASJwoFZGVsdGEYAiABKAsyFi5yb3V0ZXN2Yy52MS5UZXh0RGVsdGFIABItCgpjb21wbGV0aW9uGAMgASgLMhcucm91dGVzdmMudjEuQ29tcGxldGlvbkgAQgcKBWV2ZW50IhMKEUxpc3RNb2RlbHNSZXF1ZXN0IpgCCglNb2RlbEluZm8SCgoCaWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSFgoOcHJvdmlkZXJfbW9kZWwYAyABKAkSHAoUaW5wdXRfcHJpY2VfcGVyX210b2sYBCABKAkSHQoVb3V0cHV0X3ByaWNlX3Blcl9tdG9rGAUgASgJEiMKG2NhY2hlZF9pbnB1dF9wcmljZV9wZXJfbXRvaxgGIAEoCRIWCg5jb250ZXh0X3dpbmRvdxgHIAEoAxIUCgxjYXBhYmlsaXRpZXMYCCADKAkSFgoOYmF0Y2hfZGlzY291bnQYCSABKAkSEQoJYXZhaWxhYmxlGAogASgIEhoKEnVuYXZhaWxhYmxlX3JlYXNvbhgLIAEoCSI8ChJMaXN0TW9kZWxzUmVzcG9uc2USJgoGbW9kZWxzGAEgAygLMhYucm91dGVzdmMudjEuTW9kZWxJbmZvIkwKD0dldFN0YXRzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSKQoGd2luZG93GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIsoBCgpDb3N0VG90YWxzEhAKCHJlcXVlc3RzGAEgASgDEg4KBmVycm9ycxgCIAEoAxIQCghjb3N0X3VzZBgDIAEoCRIZChFiYXNlbGluZV9jb3N0X3VzZBgEIAEoCRITCgtzYXZpbmdzX3VzZBgFIAEoCRIXCg9zYXZpbmdzX3BlcmNlbnQYBiABKAESGgoSZXN0aW1hdGVkX2Nvc3RfdXNkGAcgASgJEiMKG2VzdGltYXRlZF9iYXNlbGluZV9jb3N0X3VzZBgIIAEoCSJTCgpNb2RlbFN0YXRzEg0KBW1vZGVsGAEgASgJEg0KBXNoYXJlGAIgASgBEicKBnRvdGFscxgDIAEoCzIXLnJvdXRlc3ZjLnYxLkNvc3RUb3RhbHMiRgoLVGVuYW50U3RhdHMSDgoGdGVuYW50GAEgASgJEicKBnRvdGFscxgCIAEoCzIXLnJvdXRlc3ZjLnYxLkNvc3RUb3RhbHMijAEKEkxhdGVuY3lQZXJjZW50aWxlcxImCgNwNTAYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SJgoDcDk1GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEiYKA3A5ORgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKGBAoQR2V0U3RhdHNSZXNwb25zZRIpCgZ3aW5kb3cYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDgoGdGVuYW50GAIgASgJEhYKDmJhc2VsaW5lX21vZGVsGAMgASgJEicKBnRvdGFscxgEIAEoCzIXLnJvdXRlc3ZjLnYxLkNvc3RUb3RhbHMSJwoGbW9kZWxzGAUgAygLMhcucm91dGVzdmMudjEuTW9kZWxTdGF0cxIpCgd0ZW5hbnRzGAYgAygLMhgucm91dGVzdmMudjEuVGVuYW50U3RhdHMSEwoLZXNjYWxhdGlvbnMYByABKAMSFwoPZXNjYWxhdGlvbl9yYXRlGAggASgBEhEKCWZhbGxiYWNrcxgJIAEoAxIZChFjYXNjYWRlX2RlY2lzaW9ucxgKIAEoAxIcChRjYXNjYWRlX3JlbGVhc2VfcmF0ZRgLIAEoARIgChNtZWFuX3JlbGVhc2VkX3Njb3JlGAwgASgBSACIAQESMAoHbGF0ZW5jeRgNIAEoCzIfLnJvdXRlc3ZjLnYxLkxhdGVuY3lQZXJjZW50aWxlcxI8ChN0aW1lX3RvX2ZpcnN0X3Rva2VuGA4gASgLMh8ucm91dGVzdmMudjEuTGF0ZW5jeVBlcmNlbnRpbGVzQhYKFF9tZWFuX3JlbGVhc2VkX3Njb3JlKlAKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg8KC1JPTEVfU1lTVEVNEAESDQoJUk9MRV9VU0VSEAISEgoOUk9MRV9BU1NJU1RBTlQQAyo/CgRNb2RlEhQKEE1PREVfVU5TUEVDSUZJRUQQABIRCg1NT0RFX1JFQUxUSU1FEAESDgoKTU9ERV9CQVRDSBACKrgBCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISHAoYRklOSVNIX1JFQVNPTl9UT09MX0NBTExTEAMSIAocRklOSVNIX1JFQVNPTl9DT05URU5UX0ZJTFRFUhAEEhcKE0ZJTklTSF9SRUFTT05fT1RIRVIQBTKyAgoNUm91dGVyU2VydmljZRI+CgVSb3V0ZRIZLnJvdXRlc3ZjLnYxLlJvdXRlUmVxdWVzdBoaLnJvdXRlc3ZjLnYxLlJvdXRlUmVzcG9uc2USSQoIQ29tcGxldGUSHC5yb3V0ZXN2Yy52MS5Db21wbGV0ZVJlcXVlc3QaHS5yb3V0ZXN2Yy52MS5Db21wbGV0ZVJlc3BvbnNlMAESTQoKTGlzdE1vZGVscxIeLnJvdXRlc3ZjLnYxLkxpc3RNb2RlbHNSZXF1ZXN0Gh8ucm91dGVzdmMudjEuTGlzdE1vZGVsc1Jlc3BvbnNlEkcKCEdldFN0YXRzEhwucm91dGVzdmMudjEuR2V0U3RhdHNSZXF1ZXN0Gh0ucm91dGVzdmMudjEuR2V0U3RhdHNSZXNwb25zZUJfCg9kZXYucm91dGVzdmMudjFCC1JvdXRlclByb3RvUAFaPWdpdGh1Yi5jb20vcm91dGVzdmMvcm91dGVzdmMvY2xpZW50cy9nby9yb3V0ZXN2Y3YxO3JvdXRlc3ZjdjFiBnByb3RvMw", [file_google_protobuf_duration]);
 
 /**
  * Message is one turn of the conversation.
@@ -691,6 +693,319 @@ export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PUR
   messageDesc(file_routesvc_v1_router, 15);
 
 /**
+ * GetStatsRequest selects the window and tenant to report on.
+ *
+ * @generated from message routesvc.v1.GetStatsRequest
+ */
+export type GetStatsRequest = Message$1<"routesvc.v1.GetStatsRequest"> & {
+  /**
+   * Only requests of this tenant; empty means every tenant.
+   *
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * How far back to look; unset or zero means the whole window the server keeps
+   * (telemetry.stats_window_seconds). Longer windows are cut to it.
+   *
+   * @generated from field: google.protobuf.Duration window = 2;
+   */
+  window?: Duration | undefined;
+};
+
+/**
+ * Describes the message routesvc.v1.GetStatsRequest.
+ * Use `create(GetStatsRequestSchema)` to create a new message.
+ */
+export const GetStatsRequestSchema: GenMessage<GetStatsRequest> = /*@__PURE__*/
+  messageDesc(file_routesvc_v1_router, 16);
+
+/**
+ * CostTotals are the requests, cost and savings of a set of Complete requests.
+ *
+ * @generated from message routesvc.v1.CostTotals
+ */
+export type CostTotals = Message$1<"routesvc.v1.CostTotals"> & {
+  /**
+   * Complete requests that were routed (answered or failed).
+   *
+   * @generated from field: int64 requests = 1;
+   */
+  requests: bigint;
+
+  /**
+   * Requests that ended with an error status.
+   *
+   * @generated from field: int64 errors = 2;
+   */
+  errors: bigint;
+
+  /**
+   * What every upstream attempt cost, in USD, decimal string (interrupted attempts at
+   * estimated usage).
+   *
+   * @generated from field: string cost_usd = 3;
+   */
+  costUsd: string;
+
+  /**
+   * What the answering attempts' usage would have cost on the baseline model, in USD,
+   * decimal string.
+   *
+   * @generated from field: string baseline_cost_usd = 4;
+   */
+  baselineCostUsd: string;
+
+  /**
+   * baseline_cost_usd minus cost_usd, in USD, decimal string (negative when routing
+   * cost more than the baseline).
+   *
+   * @generated from field: string savings_usd = 5;
+   */
+  savingsUsd: string;
+
+  /**
+   * savings_usd as a percentage of baseline_cost_usd (0 when that is 0).
+   *
+   * @generated from field: double savings_percent = 6;
+   */
+  savingsPercent: number;
+
+  /**
+   * The routing decisions' estimated cost, in USD, decimal string (what
+   * `routesvc simulate` predicts for the same prompts).
+   *
+   * @generated from field: string estimated_cost_usd = 7;
+   */
+  estimatedCostUsd: string;
+
+  /**
+   * The same estimates priced on the baseline model, in USD, decimal string.
+   *
+   * @generated from field: string estimated_baseline_cost_usd = 8;
+   */
+  estimatedBaselineCostUsd: string;
+};
+
+/**
+ * Describes the message routesvc.v1.CostTotals.
+ * Use `create(CostTotalsSchema)` to create a new message.
+ */
+export const CostTotalsSchema: GenMessage<CostTotals> = /*@__PURE__*/
+  messageDesc(file_routesvc_v1_router, 17);
+
+/**
+ * ModelStats is one model's part of the window.
+ *
+ * @generated from message routesvc.v1.ModelStats
+ */
+export type ModelStats = Message$1<"routesvc.v1.ModelStats"> & {
+  /**
+   * Catalog id of the model that answered (the selected one when the request failed).
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * Fraction of the window's requests, in [0, 1].
+   *
+   * @generated from field: double share = 2;
+   */
+  share: number;
+
+  /**
+   * Requests, cost and savings of this model's requests.
+   *
+   * @generated from field: routesvc.v1.CostTotals totals = 3;
+   */
+  totals?: CostTotals | undefined;
+};
+
+/**
+ * Describes the message routesvc.v1.ModelStats.
+ * Use `create(ModelStatsSchema)` to create a new message.
+ */
+export const ModelStatsSchema: GenMessage<ModelStats> = /*@__PURE__*/
+  messageDesc(file_routesvc_v1_router, 18);
+
+/**
+ * TenantStats is one tenant's part of the window.
+ *
+ * @generated from message routesvc.v1.TenantStats
+ */
+export type TenantStats = Message$1<"routesvc.v1.TenantStats"> & {
+  /**
+   * Tenant id; empty for requests made without one.
+   *
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * Requests, cost and savings of this tenant's requests.
+   *
+   * @generated from field: routesvc.v1.CostTotals totals = 2;
+   */
+  totals?: CostTotals | undefined;
+};
+
+/**
+ * Describes the message routesvc.v1.TenantStats.
+ * Use `create(TenantStatsSchema)` to create a new message.
+ */
+export const TenantStatsSchema: GenMessage<TenantStats> = /*@__PURE__*/
+  messageDesc(file_routesvc_v1_router, 19);
+
+/**
+ * LatencyPercentiles are nearest-rank percentiles of a duration; zero without samples.
+ *
+ * @generated from message routesvc.v1.LatencyPercentiles
+ */
+export type LatencyPercentiles = Message$1<"routesvc.v1.LatencyPercentiles"> & {
+  /**
+   * Median.
+   *
+   * @generated from field: google.protobuf.Duration p50 = 1;
+   */
+  p50?: Duration | undefined;
+
+  /**
+   * 95th percentile.
+   *
+   * @generated from field: google.protobuf.Duration p95 = 2;
+   */
+  p95?: Duration | undefined;
+
+  /**
+   * 99th percentile.
+   *
+   * @generated from field: google.protobuf.Duration p99 = 3;
+   */
+  p99?: Duration | undefined;
+};
+
+/**
+ * Describes the message routesvc.v1.LatencyPercentiles.
+ * Use `create(LatencyPercentilesSchema)` to create a new message.
+ */
+export const LatencyPercentilesSchema: GenMessage<LatencyPercentiles> = /*@__PURE__*/
+  messageDesc(file_routesvc_v1_router, 20);
+
+/**
+ * GetStatsResponse is routing effectiveness over the window.
+ *
+ * @generated from message routesvc.v1.GetStatsResponse
+ */
+export type GetStatsResponse = Message$1<"routesvc.v1.GetStatsResponse"> & {
+  /**
+   * The window reported on.
+   *
+   * @generated from field: google.protobuf.Duration window = 1;
+   */
+  window?: Duration | undefined;
+
+  /**
+   * The tenant reported on; empty means every tenant.
+   *
+   * @generated from field: string tenant = 2;
+   */
+  tenant: string;
+
+  /**
+   * Catalog id of the model savings are measured against.
+   *
+   * @generated from field: string baseline_model = 3;
+   */
+  baselineModel: string;
+
+  /**
+   * Requests, cost and savings of the whole window.
+   *
+   * @generated from field: routesvc.v1.CostTotals totals = 4;
+   */
+  totals?: CostTotals | undefined;
+
+  /**
+   * Per model, most requests first.
+   *
+   * @generated from field: repeated routesvc.v1.ModelStats models = 5;
+   */
+  models: ModelStats[];
+
+  /**
+   * Per tenant, by tenant id.
+   *
+   * @generated from field: repeated routesvc.v1.TenantStats tenants = 6;
+   */
+  tenants: TenantStats[];
+
+  /**
+   * Escalations to a stronger model, counted once per escalation.
+   *
+   * @generated from field: int64 escalations = 7;
+   */
+  escalations: bigint;
+
+  /**
+   * Fraction of requests that escalated at least once, in [0, 1].
+   *
+   * @generated from field: double escalation_rate = 8;
+   */
+  escalationRate: number;
+
+  /**
+   * Fallbacks to another model after a failure.
+   *
+   * @generated from field: int64 fallbacks = 9;
+   */
+  fallbacks: bigint;
+
+  /**
+   * Requests a cascade judged (released the cheap answer or escalated).
+   *
+   * @generated from field: int64 cascade_decisions = 10;
+   */
+  cascadeDecisions: bigint;
+
+  /**
+   * Fraction of cascade decisions that released the cheap answer, in [0, 1].
+   *
+   * @generated from field: double cascade_release_rate = 11;
+   */
+  cascadeReleaseRate: number;
+
+  /**
+   * Mean quality score of released cheap answers; unset when none was scored.
+   *
+   * @generated from field: optional double mean_released_score = 12;
+   */
+  meanReleasedScore?: number | undefined;
+
+  /**
+   * Whole-request latency, from the call's arrival to its last message.
+   *
+   * @generated from field: routesvc.v1.LatencyPercentiles latency = 13;
+   */
+  latency?: LatencyPercentiles | undefined;
+
+  /**
+   * From the call's arrival to the first text chunk, for requests that produced one.
+   *
+   * @generated from field: routesvc.v1.LatencyPercentiles time_to_first_token = 14;
+   */
+  timeToFirstToken?: LatencyPercentiles | undefined;
+};
+
+/**
+ * Describes the message routesvc.v1.GetStatsResponse.
+ * Use `create(GetStatsResponseSchema)` to create a new message.
+ */
+export const GetStatsResponseSchema: GenMessage<GetStatsResponse> = /*@__PURE__*/
+  messageDesc(file_routesvc_v1_router, 21);
+
+/**
  * Role is who wrote a message.
  *
  * @generated from enum routesvc.v1.Role
@@ -858,6 +1173,18 @@ export const RouterService: GenService<{
     methodKind: "unary";
     input: typeof ListModelsRequestSchema;
     output: typeof ListModelsResponseSchema;
+  },
+  /**
+   * GetStats reports routing effectiveness over a recent window: requests and share
+   * per model, cost against the baseline model, savings, escalations, fallbacks,
+   * cascade releases, latency and time to first token, overall and per tenant.
+   *
+   * @generated from rpc routesvc.v1.RouterService.GetStats
+   */
+  getStats: {
+    methodKind: "unary";
+    input: typeof GetStatsRequestSchema;
+    output: typeof GetStatsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_routesvc_v1_router, 0);

@@ -100,6 +100,36 @@ public final class RouterProto {
   static final 
     com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
       internal_static_routesvc_v1_ListModelsResponse_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_GetStatsRequest_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_GetStatsRequest_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_CostTotals_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_CostTotals_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_ModelStats_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_ModelStats_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_TenantStats_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_TenantStats_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_LatencyPercentiles_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_LatencyPercentiles_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_GetStatsResponse_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_GetStatsResponse_fieldAccessorTable;
 
   public static com.google.protobuf.Descriptors.FileDescriptor
       getDescriptor() {
@@ -109,97 +139,137 @@ public final class RouterProto {
       descriptor;
   static {
     java.lang.String[] descriptorData = {
-      "\n\030routesvc/v1/router.proto\022\013routesvc.v1\"" +
-      "J\n\007Message\022%\n\004role\030\001 \001(\0162\021.routesvc.v1.R" +
-      "oleR\004role\022\030\n\007content\030\002 \001(\tR\007content\"e\n\004T" +
-      "ool\022\022\n\004name\030\001 \001(\tR\004name\022 \n\013description\030\002" +
-      " \001(\tR\013description\022\'\n\017parameters_json\030\003 \001" +
-      "(\tR\016parametersJson\"\346\001\n\013ChatRequest\0220\n\010me" +
-      "ssages\030\001 \003(\0132\024.routesvc.v1.MessageR\010mess" +
-      "ages\022\'\n\005tools\030\002 \003(\0132\021.routesvc.v1.ToolR\005" +
-      "tools\022/\n\021max_output_tokens\030\003 \001(\005H\000R\017maxO" +
-      "utputTokens\210\001\001\022%\n\013temperature\030\004 \001(\001H\001R\013t" +
-      "emperature\210\001\001B\024\n\022_max_output_tokensB\016\n\014_" +
-      "temperature\"\314\002\n\016RoutingContext\022\026\n\006tenant" +
-      "\030\001 \001(\tR\006tenant\022\033\n\tuser_tier\030\002 \001(\tR\010userT" +
-      "ier\022\033\n\ttask_hint\030\003 \001(\tR\010taskHint\022\037\n\010real" +
-      "time\030\004 \001(\010H\000R\010realtime\210\001\001\022E\n\010metadata\030\005 " +
-      "\003(\0132).routesvc.v1.RoutingContext.Metadat" +
-      "aEntryR\010metadata\022 \n\014max_cost_usd\030\006 \001(\tR\n" +
-      "maxCostUsd\022\024\n\005model\030\007 \001(\tR\005model\032;\n\rMeta" +
-      "dataEntry\022\020\n\003key\030\001 \001(\tR\003key\022\024\n\005value\030\002 \001" +
-      "(\tR\005value:\0028\001B\013\n\t_realtime\"s\n\014RouteReque" +
-      "st\022,\n\004chat\030\001 \001(\0132\030.routesvc.v1.ChatReque" +
-      "stR\004chat\0225\n\007context\030\002 \001(\0132\033.routesvc.v1." +
-      "RoutingContextR\007context\"f\n\tCandidate\022\024\n\005" +
-      "model\030\001 \001(\tR\005model\022\032\n\010eligible\030\002 \001(\010R\010el" +
-      "igible\022\'\n\017excluded_reason\030\003 \001(\tR\016exclude" +
-      "dReason\"\273\003\n\rRouteDecision\022\037\n\013decision_id" +
-      "\030\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 \001(\tR\005model" +
-      "\022\032\n\010provider\030\003 \001(\tR\010provider\022\032\n\010strategy" +
-      "\030\004 \001(\tR\010strategy\022\022\n\004rule\030\005 \001(\tR\004rule\022\030\n\007" +
-      "reasons\030\006 \003(\tR\007reasons\0224\n\026estimated_inpu" +
-      "t_tokens\030\007 \001(\003R\024estimatedInputTokens\0226\n\027" +
-      "estimated_output_tokens\030\010 \001(\003R\025estimated" +
-      "OutputTokens\022,\n\022estimated_cost_usd\030\t \001(\t" +
-      "R\020estimatedCostUsd\022%\n\004mode\030\n \001(\0162\021.route" +
-      "svc.v1.ModeR\004mode\0226\n\ncandidates\030\013 \003(\0132\026." +
-      "routesvc.v1.CandidateR\ncandidates\022\022\n\004tas" +
-      "k\030\014 \001(\tR\004task\"G\n\rRouteResponse\0226\n\010decisi" +
-      "on\030\001 \001(\0132\032.routesvc.v1.RouteDecisionR\010de" +
-      "cision\"v\n\017CompleteRequest\022,\n\004chat\030\001 \001(\0132" +
-      "\030.routesvc.v1.ChatRequestR\004chat\0225\n\007conte" +
-      "xt\030\002 \001(\0132\033.routesvc.v1.RoutingContextR\007c" +
-      "ontext\"\037\n\tTextDelta\022\022\n\004text\030\001 \001(\tR\004text\"" +
-      "\177\n\005Usage\022!\n\014input_tokens\030\001 \001(\003R\013inputTok" +
-      "ens\022#\n\routput_tokens\030\002 \001(\003R\014outputTokens" +
-      "\022.\n\023cached_input_tokens\030\003 \001(\003R\021cachedInp" +
-      "utTokens\"\352\001\n\nCompletion\022\024\n\005model\030\001 \001(\tR\005" +
-      "model\022\032\n\010provider\030\002 \001(\tR\010provider\022%\n\016pro" +
-      "vider_model\030\003 \001(\tR\rproviderModel\022(\n\005usag" +
-      "e\030\004 \001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n\010co" +
-      "st_usd\030\005 \001(\tR\007costUsd\022>\n\rfinish_reason\030\006" +
-      " \001(\0162\031.routesvc.v1.FinishReasonR\014finishR" +
-      "eason\"\300\001\n\020CompleteResponse\0228\n\010decision\030\001" +
-      " \001(\0132\032.routesvc.v1.RouteDecisionH\000R\010deci" +
-      "sion\022.\n\005delta\030\002 \001(\0132\026.routesvc.v1.TextDe" +
-      "ltaH\000R\005delta\0229\n\ncompletion\030\003 \001(\0132\027.route" +
-      "svc.v1.CompletionH\000R\ncompletionB\007\n\005event" +
-      "\"\023\n\021ListModelsRequest\"\277\003\n\tModelInfo\022\016\n\002i" +
-      "d\030\001 \001(\tR\002id\022\032\n\010provider\030\002 \001(\tR\010provider\022" +
-      "%\n\016provider_model\030\003 \001(\tR\rproviderModel\022/" +
-      "\n\024input_price_per_mtok\030\004 \001(\tR\021inputPrice" +
-      "PerMtok\0221\n\025output_price_per_mtok\030\005 \001(\tR\022" +
-      "outputPricePerMtok\022<\n\033cached_input_price" +
-      "_per_mtok\030\006 \001(\tR\027cachedInputPricePerMtok" +
-      "\022%\n\016context_window\030\007 \001(\003R\rcontextWindow\022" +
-      "\"\n\014capabilities\030\010 \003(\tR\014capabilities\022%\n\016b" +
-      "atch_discount\030\t \001(\tR\rbatchDiscount\022\034\n\tav" +
-      "ailable\030\n \001(\010R\tavailable\022-\n\022unavailable_" +
-      "reason\030\013 \001(\tR\021unavailableReason\"D\n\022ListM" +
-      "odelsResponse\022.\n\006models\030\001 \003(\0132\026.routesvc" +
-      ".v1.ModelInfoR\006models*P\n\004Role\022\024\n\020ROLE_UN" +
-      "SPECIFIED\020\000\022\017\n\013ROLE_SYSTEM\020\001\022\r\n\tROLE_USE" +
-      "R\020\002\022\022\n\016ROLE_ASSISTANT\020\003*?\n\004Mode\022\024\n\020MODE_" +
-      "UNSPECIFIED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE" +
-      "_BATCH\020\002*\270\001\n\014FinishReason\022\035\n\031FINISH_REAS" +
-      "ON_UNSPECIFIED\020\000\022\026\n\022FINISH_REASON_STOP\020\001" +
-      "\022\030\n\024FINISH_REASON_LENGTH\020\002\022\034\n\030FINISH_REA" +
-      "SON_TOOL_CALLS\020\003\022 \n\034FINISH_REASON_CONTEN" +
-      "T_FILTER\020\004\022\027\n\023FINISH_REASON_OTHER\020\0052\351\001\n\r" +
-      "RouterService\022>\n\005Route\022\031.routesvc.v1.Rou" +
-      "teRequest\032\032.routesvc.v1.RouteResponse\022I\n" +
-      "\010Complete\022\034.routesvc.v1.CompleteRequest\032" +
-      "\035.routesvc.v1.CompleteResponse0\001\022M\n\nList" +
-      "Models\022\036.routesvc.v1.ListModelsRequest\032\037" +
-      ".routesvc.v1.ListModelsResponseB_\n\017dev.r" +
-      "outesvc.v1B\013RouterProtoP\001Z=github.com/ro" +
-      "utesvc/routesvc/clients/go/routesvcv1;ro" +
-      "utesvcv1b\006proto3"
+      "\n\030routesvc/v1/router.proto\022\013routesvc.v1\032" +
+      "\036google/protobuf/duration.proto\"J\n\007Messa" +
+      "ge\022%\n\004role\030\001 \001(\0162\021.routesvc.v1.RoleR\004rol" +
+      "e\022\030\n\007content\030\002 \001(\tR\007content\"e\n\004Tool\022\022\n\004n" +
+      "ame\030\001 \001(\tR\004name\022 \n\013description\030\002 \001(\tR\013de" +
+      "scription\022\'\n\017parameters_json\030\003 \001(\tR\016para" +
+      "metersJson\"\346\001\n\013ChatRequest\0220\n\010messages\030\001" +
+      " \003(\0132\024.routesvc.v1.MessageR\010messages\022\'\n\005" +
+      "tools\030\002 \003(\0132\021.routesvc.v1.ToolR\005tools\022/\n" +
+      "\021max_output_tokens\030\003 \001(\005H\000R\017maxOutputTok" +
+      "ens\210\001\001\022%\n\013temperature\030\004 \001(\001H\001R\013temperatu" +
+      "re\210\001\001B\024\n\022_max_output_tokensB\016\n\014_temperat" +
+      "ure\"\314\002\n\016RoutingContext\022\026\n\006tenant\030\001 \001(\tR\006" +
+      "tenant\022\033\n\tuser_tier\030\002 \001(\tR\010userTier\022\033\n\tt" +
+      "ask_hint\030\003 \001(\tR\010taskHint\022\037\n\010realtime\030\004 \001" +
+      "(\010H\000R\010realtime\210\001\001\022E\n\010metadata\030\005 \003(\0132).ro" +
+      "utesvc.v1.RoutingContext.MetadataEntryR\010" +
+      "metadata\022 \n\014max_cost_usd\030\006 \001(\tR\nmaxCostU" +
+      "sd\022\024\n\005model\030\007 \001(\tR\005model\032;\n\rMetadataEntr" +
+      "y\022\020\n\003key\030\001 \001(\tR\003key\022\024\n\005value\030\002 \001(\tR\005valu" +
+      "e:\0028\001B\013\n\t_realtime\"s\n\014RouteRequest\022,\n\004ch" +
+      "at\030\001 \001(\0132\030.routesvc.v1.ChatRequestR\004chat" +
+      "\0225\n\007context\030\002 \001(\0132\033.routesvc.v1.RoutingC" +
+      "ontextR\007context\"f\n\tCandidate\022\024\n\005model\030\001 " +
+      "\001(\tR\005model\022\032\n\010eligible\030\002 \001(\010R\010eligible\022\'" +
+      "\n\017excluded_reason\030\003 \001(\tR\016excludedReason\"" +
+      "\273\003\n\rRouteDecision\022\037\n\013decision_id\030\001 \001(\tR\n" +
+      "decisionId\022\024\n\005model\030\002 \001(\tR\005model\022\032\n\010prov" +
+      "ider\030\003 \001(\tR\010provider\022\032\n\010strategy\030\004 \001(\tR\010" +
+      "strategy\022\022\n\004rule\030\005 \001(\tR\004rule\022\030\n\007reasons\030" +
+      "\006 \003(\tR\007reasons\0224\n\026estimated_input_tokens" +
+      "\030\007 \001(\003R\024estimatedInputTokens\0226\n\027estimate" +
+      "d_output_tokens\030\010 \001(\003R\025estimatedOutputTo" +
+      "kens\022,\n\022estimated_cost_usd\030\t \001(\tR\020estima" +
+      "tedCostUsd\022%\n\004mode\030\n \001(\0162\021.routesvc.v1.M" +
+      "odeR\004mode\0226\n\ncandidates\030\013 \003(\0132\026.routesvc" +
+      ".v1.CandidateR\ncandidates\022\022\n\004task\030\014 \001(\tR" +
+      "\004task\"G\n\rRouteResponse\0226\n\010decision\030\001 \001(\013" +
+      "2\032.routesvc.v1.RouteDecisionR\010decision\"v" +
+      "\n\017CompleteRequest\022,\n\004chat\030\001 \001(\0132\030.routes" +
+      "vc.v1.ChatRequestR\004chat\0225\n\007context\030\002 \001(\013" +
+      "2\033.routesvc.v1.RoutingContextR\007context\"\037" +
+      "\n\tTextDelta\022\022\n\004text\030\001 \001(\tR\004text\"\177\n\005Usage" +
+      "\022!\n\014input_tokens\030\001 \001(\003R\013inputTokens\022#\n\ro" +
+      "utput_tokens\030\002 \001(\003R\014outputTokens\022.\n\023cach" +
+      "ed_input_tokens\030\003 \001(\003R\021cachedInputTokens" +
+      "\"\352\001\n\nCompletion\022\024\n\005model\030\001 \001(\tR\005model\022\032\n" +
+      "\010provider\030\002 \001(\tR\010provider\022%\n\016provider_mo" +
+      "del\030\003 \001(\tR\rproviderModel\022(\n\005usage\030\004 \001(\0132" +
+      "\022.routesvc.v1.UsageR\005usage\022\031\n\010cost_usd\030\005" +
+      " \001(\tR\007costUsd\022>\n\rfinish_reason\030\006 \001(\0162\031.r" +
+      "outesvc.v1.FinishReasonR\014finishReason\"\300\001" +
+      "\n\020CompleteResponse\0228\n\010decision\030\001 \001(\0132\032.r" +
+      "outesvc.v1.RouteDecisionH\000R\010decision\022.\n\005" +
+      "delta\030\002 \001(\0132\026.routesvc.v1.TextDeltaH\000R\005d" +
+      "elta\0229\n\ncompletion\030\003 \001(\0132\027.routesvc.v1.C" +
+      "ompletionH\000R\ncompletionB\007\n\005event\"\023\n\021List" +
+      "ModelsRequest\"\277\003\n\tModelInfo\022\016\n\002id\030\001 \001(\tR" +
+      "\002id\022\032\n\010provider\030\002 \001(\tR\010provider\022%\n\016provi" +
+      "der_model\030\003 \001(\tR\rproviderModel\022/\n\024input_" +
+      "price_per_mtok\030\004 \001(\tR\021inputPricePerMtok\022" +
+      "1\n\025output_price_per_mtok\030\005 \001(\tR\022outputPr" +
+      "icePerMtok\022<\n\033cached_input_price_per_mto" +
+      "k\030\006 \001(\tR\027cachedInputPricePerMtok\022%\n\016cont" +
+      "ext_window\030\007 \001(\003R\rcontextWindow\022\"\n\014capab" +
+      "ilities\030\010 \003(\tR\014capabilities\022%\n\016batch_dis" +
+      "count\030\t \001(\tR\rbatchDiscount\022\034\n\tavailable\030" +
+      "\n \001(\010R\tavailable\022-\n\022unavailable_reason\030\013" +
+      " \001(\tR\021unavailableReason\"D\n\022ListModelsRes" +
+      "ponse\022.\n\006models\030\001 \003(\0132\026.routesvc.v1.Mode" +
+      "lInfoR\006models\"\\\n\017GetStatsRequest\022\026\n\006tena" +
+      "nt\030\001 \001(\tR\006tenant\0221\n\006window\030\002 \001(\0132\031.googl" +
+      "e.protobuf.DurationR\006window\"\276\002\n\nCostTota" +
+      "ls\022\032\n\010requests\030\001 \001(\003R\010requests\022\026\n\006errors" +
+      "\030\002 \001(\003R\006errors\022\031\n\010cost_usd\030\003 \001(\tR\007costUs" +
+      "d\022*\n\021baseline_cost_usd\030\004 \001(\tR\017baselineCo" +
+      "stUsd\022\037\n\013savings_usd\030\005 \001(\tR\nsavingsUsd\022\'" +
+      "\n\017savings_percent\030\006 \001(\001R\016savingsPercent\022" +
+      ",\n\022estimated_cost_usd\030\007 \001(\tR\020estimatedCo" +
+      "stUsd\022=\n\033estimated_baseline_cost_usd\030\010 \001" +
+      "(\tR\030estimatedBaselineCostUsd\"i\n\nModelSta" +
+      "ts\022\024\n\005model\030\001 \001(\tR\005model\022\024\n\005share\030\002 \001(\001R" +
+      "\005share\022/\n\006totals\030\003 \001(\0132\027.routesvc.v1.Cos" +
+      "tTotalsR\006totals\"V\n\013TenantStats\022\026\n\006tenant" +
+      "\030\001 \001(\tR\006tenant\022/\n\006totals\030\002 \001(\0132\027.routesv" +
+      "c.v1.CostTotalsR\006totals\"\233\001\n\022LatencyPerce" +
+      "ntiles\022+\n\003p50\030\001 \001(\0132\031.google.protobuf.Du" +
+      "rationR\003p50\022+\n\003p95\030\002 \001(\0132\031.google.protob" +
+      "uf.DurationR\003p95\022+\n\003p99\030\003 \001(\0132\031.google.p" +
+      "rotobuf.DurationR\003p99\"\272\005\n\020GetStatsRespon" +
+      "se\0221\n\006window\030\001 \001(\0132\031.google.protobuf.Dur" +
+      "ationR\006window\022\026\n\006tenant\030\002 \001(\tR\006tenant\022%\n" +
+      "\016baseline_model\030\003 \001(\tR\rbaselineModel\022/\n\006" +
+      "totals\030\004 \001(\0132\027.routesvc.v1.CostTotalsR\006t" +
+      "otals\022/\n\006models\030\005 \003(\0132\027.routesvc.v1.Mode" +
+      "lStatsR\006models\0222\n\007tenants\030\006 \003(\0132\030.routes" +
+      "vc.v1.TenantStatsR\007tenants\022 \n\013escalation" +
+      "s\030\007 \001(\003R\013escalations\022\'\n\017escalation_rate\030" +
+      "\010 \001(\001R\016escalationRate\022\034\n\tfallbacks\030\t \001(\003" +
+      "R\tfallbacks\022+\n\021cascade_decisions\030\n \001(\003R\020" +
+      "cascadeDecisions\0220\n\024cascade_release_rate" +
+      "\030\013 \001(\001R\022cascadeReleaseRate\0223\n\023mean_relea" +
+      "sed_score\030\014 \001(\001H\000R\021meanReleasedScore\210\001\001\022" +
+      "9\n\007latency\030\r \001(\0132\037.routesvc.v1.LatencyPe" +
+      "rcentilesR\007latency\022N\n\023time_to_first_toke" +
+      "n\030\016 \001(\0132\037.routesvc.v1.LatencyPercentiles" +
+      "R\020timeToFirstTokenB\026\n\024_mean_released_sco" +
+      "re*P\n\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE" +
+      "_SYSTEM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTA" +
+      "NT\020\003*?\n\004Mode\022\024\n\020MODE_UNSPECIFIED\020\000\022\021\n\rMO" +
+      "DE_REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*\270\001\n\014Finish" +
+      "Reason\022\035\n\031FINISH_REASON_UNSPECIFIED\020\000\022\026\n" +
+      "\022FINISH_REASON_STOP\020\001\022\030\n\024FINISH_REASON_L" +
+      "ENGTH\020\002\022\034\n\030FINISH_REASON_TOOL_CALLS\020\003\022 \n" +
+      "\034FINISH_REASON_CONTENT_FILTER\020\004\022\027\n\023FINIS" +
+      "H_REASON_OTHER\020\0052\262\002\n\rRouterService\022>\n\005Ro" +
+      "ute\022\031.routesvc.v1.RouteRequest\032\032.routesv" +
+      "c.v1.RouteResponse\022I\n\010Complete\022\034.routesv" +
+      "c.v1.CompleteRequest\032\035.routesvc.v1.Compl" +
+      "eteResponse0\001\022M\n\nListModels\022\036.routesvc.v" +
+      "1.ListModelsRequest\032\037.routesvc.v1.ListMo" +
+      "delsResponse\022G\n\010GetStats\022\034.routesvc.v1.G" +
+      "etStatsRequest\032\035.routesvc.v1.GetStatsRes" +
+      "ponseB_\n\017dev.routesvc.v1B\013RouterProtoP\001Z" +
+      "=github.com/routesvc/routesvc/clients/go" +
+      "/routesvcv1;routesvcv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
         new com.google.protobuf.Descriptors.FileDescriptor[] {
+          com.google.protobuf.DurationProto.getDescriptor(),
         });
     internal_static_routesvc_v1_Message_descriptor =
       getDescriptor().getMessageTypes().get(0);
@@ -303,6 +373,43 @@ public final class RouterProto {
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ListModelsResponse_descriptor,
         new java.lang.String[] { "Models", });
+    internal_static_routesvc_v1_GetStatsRequest_descriptor =
+      getDescriptor().getMessageTypes().get(16);
+    internal_static_routesvc_v1_GetStatsRequest_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_GetStatsRequest_descriptor,
+        new java.lang.String[] { "Tenant", "Window", });
+    internal_static_routesvc_v1_CostTotals_descriptor =
+      getDescriptor().getMessageTypes().get(17);
+    internal_static_routesvc_v1_CostTotals_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_CostTotals_descriptor,
+        new java.lang.String[] { "Requests", "Errors", "CostUsd", "BaselineCostUsd", "SavingsUsd", "SavingsPercent", "EstimatedCostUsd", "EstimatedBaselineCostUsd", });
+    internal_static_routesvc_v1_ModelStats_descriptor =
+      getDescriptor().getMessageTypes().get(18);
+    internal_static_routesvc_v1_ModelStats_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_ModelStats_descriptor,
+        new java.lang.String[] { "Model", "Share", "Totals", });
+    internal_static_routesvc_v1_TenantStats_descriptor =
+      getDescriptor().getMessageTypes().get(19);
+    internal_static_routesvc_v1_TenantStats_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_TenantStats_descriptor,
+        new java.lang.String[] { "Tenant", "Totals", });
+    internal_static_routesvc_v1_LatencyPercentiles_descriptor =
+      getDescriptor().getMessageTypes().get(20);
+    internal_static_routesvc_v1_LatencyPercentiles_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_LatencyPercentiles_descriptor,
+        new java.lang.String[] { "P50", "P95", "P99", });
+    internal_static_routesvc_v1_GetStatsResponse_descriptor =
+      getDescriptor().getMessageTypes().get(21);
+    internal_static_routesvc_v1_GetStatsResponse_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_GetStatsResponse_descriptor,
+        new java.lang.String[] { "Window", "Tenant", "BaselineModel", "Totals", "Models", "Tenants", "Escalations", "EscalationRate", "Fallbacks", "CascadeDecisions", "CascadeReleaseRate", "MeanReleasedScore", "Latency", "TimeToFirstToken", });
+    com.google.protobuf.DurationProto.getDescriptor();
   }
 
   // @@protoc_insertion_point(outer_class_scope)

@@ -108,6 +108,37 @@ public final class RouterServiceGrpc {
     return getListModelsMethod;
   }
 
+  private static volatile io.grpc.MethodDescriptor<dev.routesvc.v1.GetStatsRequest,
+      dev.routesvc.v1.GetStatsResponse> getGetStatsMethod;
+
+  @io.grpc.stub.annotations.RpcMethod(
+      fullMethodName = SERVICE_NAME + '/' + "GetStats",
+      requestType = dev.routesvc.v1.GetStatsRequest.class,
+      responseType = dev.routesvc.v1.GetStatsResponse.class,
+      methodType = io.grpc.MethodDescriptor.MethodType.UNARY)
+  public static io.grpc.MethodDescriptor<dev.routesvc.v1.GetStatsRequest,
+      dev.routesvc.v1.GetStatsResponse> getGetStatsMethod() {
+    io.grpc.MethodDescriptor<dev.routesvc.v1.GetStatsRequest, dev.routesvc.v1.GetStatsResponse> getGetStatsMethod;
+    if ((getGetStatsMethod = RouterServiceGrpc.getGetStatsMethod) == null) {
+      synchronized (RouterServiceGrpc.class) {
+        if ((getGetStatsMethod = RouterServiceGrpc.getGetStatsMethod) == null) {
+          RouterServiceGrpc.getGetStatsMethod = getGetStatsMethod =
+              io.grpc.MethodDescriptor.<dev.routesvc.v1.GetStatsRequest, dev.routesvc.v1.GetStatsResponse>newBuilder()
+              .setType(io.grpc.MethodDescriptor.MethodType.UNARY)
+              .setFullMethodName(generateFullMethodName(SERVICE_NAME, "GetStats"))
+              .setSampledToLocalTracing(true)
+              .setRequestMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  dev.routesvc.v1.GetStatsRequest.getDefaultInstance()))
+              .setResponseMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  dev.routesvc.v1.GetStatsResponse.getDefaultInstance()))
+              .setSchemaDescriptor(new RouterServiceMethodDescriptorSupplier("GetStats"))
+              .build();
+        }
+      }
+    }
+    return getGetStatsMethod;
+  }
+
   /**
    * Creates a new async stub that supports all call types for the service
    */
@@ -206,6 +237,18 @@ public final class RouterServiceGrpc {
         io.grpc.stub.StreamObserver<dev.routesvc.v1.ListModelsResponse> responseObserver) {
       io.grpc.stub.ServerCalls.asyncUnimplementedUnaryCall(getListModelsMethod(), responseObserver);
     }
+
+    /**
+     * <pre>
+     * GetStats reports routing effectiveness over a recent window: requests and share
+     * per model, cost against the baseline model, savings, escalations, fallbacks,
+     * cascade releases, latency and time to first token, overall and per tenant.
+     * </pre>
+     */
+    default void getStats(dev.routesvc.v1.GetStatsRequest request,
+        io.grpc.stub.StreamObserver<dev.routesvc.v1.GetStatsResponse> responseObserver) {
+      io.grpc.stub.ServerCalls.asyncUnimplementedUnaryCall(getGetStatsMethod(), responseObserver);
+    }
   }
 
   /**
@@ -276,6 +319,19 @@ public final class RouterServiceGrpc {
       io.grpc.stub.ClientCalls.asyncUnaryCall(
           getChannel().newCall(getListModelsMethod(), getCallOptions()), request, responseObserver);
     }
+
+    /**
+     * <pre>
+     * GetStats reports routing effectiveness over a recent window: requests and share
+     * per model, cost against the baseline model, savings, escalations, fallbacks,
+     * cascade releases, latency and time to first token, overall and per tenant.
+     * </pre>
+     */
+    public void getStats(dev.routesvc.v1.GetStatsRequest request,
+        io.grpc.stub.StreamObserver<dev.routesvc.v1.GetStatsResponse> responseObserver) {
+      io.grpc.stub.ClientCalls.asyncUnaryCall(
+          getChannel().newCall(getGetStatsMethod(), getCallOptions()), request, responseObserver);
+    }
   }
 
   /**
@@ -331,6 +387,18 @@ public final class RouterServiceGrpc {
       return io.grpc.stub.ClientCalls.blockingV2UnaryCall(
           getChannel(), getListModelsMethod(), getCallOptions(), request);
     }
+
+    /**
+     * <pre>
+     * GetStats reports routing effectiveness over a recent window: requests and share
+     * per model, cost against the baseline model, savings, escalations, fallbacks,
+     * cascade releases, latency and time to first token, overall and per tenant.
+     * </pre>
+     */
+    public dev.routesvc.v1.GetStatsResponse getStats(dev.routesvc.v1.GetStatsRequest request) throws io.grpc.StatusException {
+      return io.grpc.stub.ClientCalls.blockingV2UnaryCall(
+          getChannel(), getGetStatsMethod(), getCallOptions(), request);
+    }
   }
 
   /**
@@ -385,6 +453,18 @@ public final class RouterServiceGrpc {
       return io.grpc.stub.ClientCalls.blockingUnaryCall(
           getChannel(), getListModelsMethod(), getCallOptions(), request);
     }
+
+    /**
+     * <pre>
+     * GetStats reports routing effectiveness over a recent window: requests and share
+     * per model, cost against the baseline model, savings, escalations, fallbacks,
+     * cascade releases, latency and time to first token, overall and per tenant.
+     * </pre>
+     */
+    public dev.routesvc.v1.GetStatsResponse getStats(dev.routesvc.v1.GetStatsRequest request) {
+      return io.grpc.stub.ClientCalls.blockingUnaryCall(
+          getChannel(), getGetStatsMethod(), getCallOptions(), request);
+    }
   }
 
   /**
@@ -429,11 +509,25 @@ public final class RouterServiceGrpc {
       return io.grpc.stub.ClientCalls.futureUnaryCall(
           getChannel().newCall(getListModelsMethod(), getCallOptions()), request);
     }
+
+    /**
+     * <pre>
+     * GetStats reports routing effectiveness over a recent window: requests and share
+     * per model, cost against the baseline model, savings, escalations, fallbacks,
+     * cascade releases, latency and time to first token, overall and per tenant.
+     * </pre>
+     */
+    public com.google.common.util.concurrent.ListenableFuture<dev.routesvc.v1.GetStatsResponse> getStats(
+        dev.routesvc.v1.GetStatsRequest request) {
+      return io.grpc.stub.ClientCalls.futureUnaryCall(
+          getChannel().newCall(getGetStatsMethod(), getCallOptions()), request);
+    }
   }
 
   private static final int METHODID_ROUTE = 0;
   private static final int METHODID_COMPLETE = 1;
   private static final int METHODID_LIST_MODELS = 2;
+  private static final int METHODID_GET_STATS = 3;
 
   private static final class MethodHandlers<Req, Resp> implements
       io.grpc.stub.ServerCalls.UnaryMethod<Req, Resp>,
@@ -463,6 +557,10 @@ public final class RouterServiceGrpc {
         case METHODID_LIST_MODELS:
           serviceImpl.listModels((dev.routesvc.v1.ListModelsRequest) request,
               (io.grpc.stub.StreamObserver<dev.routesvc.v1.ListModelsResponse>) responseObserver);
+          break;
+        case METHODID_GET_STATS:
+          serviceImpl.getStats((dev.routesvc.v1.GetStatsRequest) request,
+              (io.grpc.stub.StreamObserver<dev.routesvc.v1.GetStatsResponse>) responseObserver);
           break;
         default:
           throw new AssertionError();
@@ -503,6 +601,13 @@ public final class RouterServiceGrpc {
               dev.routesvc.v1.ListModelsRequest,
               dev.routesvc.v1.ListModelsResponse>(
                 service, METHODID_LIST_MODELS)))
+        .addMethod(
+          getGetStatsMethod(),
+          io.grpc.stub.ServerCalls.asyncUnaryCall(
+            new MethodHandlers<
+              dev.routesvc.v1.GetStatsRequest,
+              dev.routesvc.v1.GetStatsResponse>(
+                service, METHODID_GET_STATS)))
         .build();
   }
 
@@ -554,6 +659,7 @@ public final class RouterServiceGrpc {
               .addMethod(getRouteMethod())
               .addMethod(getCompleteMethod())
               .addMethod(getListModelsMethod())
+              .addMethod(getGetStatsMethod())
               .build();
         }
       }

@@ -1,0 +1,206 @@
+"""Routing effectiveness over a rolling window: what ``GetStats`` and ``routesvc stats`` report.
+
+Every finished Complete RPC adds one ``RequestOutcome``: the model that answered, what the
+request cost (every upstream attempt, estimated usage included for interrupted ones), what the
+same usage would have cost on the baseline model, the decision's estimates, latency, time to
+first chunk, escalations, fallbacks and the cascade's verdict. ``RoutingStats.summary`` folds
+the outcomes of a window (optionally of one tenant) into totals, per-model and per-tenant rows.
+Savings are ``baseline cost - cost``; money stays ``Decimal`` until it is put on the wire.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+_ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """One finished Complete request as the window keeps it (no content, no keys)."""
+
+    at: float
+    tenant: str
+    model: str
+    selected_model: str
+    strategy: str
+    ok: bool
+    cost_usd: Decimal
+    baseline_cost_usd: Decimal
+    estimated_cost_usd: Decimal
+    estimated_baseline_cost_usd: Decimal
+    latency_seconds: float
+    time_to_first_chunk_seconds: float | None = None
+    escalations: int = 0
+    fallbacks: int = 0
+    cascade_released: bool | None = None
+    cascade_score: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    """p50, p95 and p99 in seconds (0 when there were no samples)."""
+
+    p50: float = 0.0
+    p95: float = 0.0
+    p99: float = 0.0
+
+    @classmethod
+    def of(cls, samples: Iterable[float]) -> Percentiles:
+        """Nearest-rank percentiles of ``samples``."""
+        ordered = sorted(samples)
+        if not ordered:
+            return cls()
+
+        def rank(q: float) -> float:
+            return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+        return cls(rank(0.50), rank(0.95), rank(0.99))
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Requests, cost and savings of a set of outcomes."""
+
+    requests: int
+    cost_usd: Decimal
+    baseline_cost_usd: Decimal
+    estimated_cost_usd: Decimal
+    estimated_baseline_cost_usd: Decimal
+    errors: int
+
+    @property
+    def savings_usd(self) -> Decimal:
+        """Baseline cost minus actual cost."""
+        return self.baseline_cost_usd - self.cost_usd
+
+    @property
+    def savings_percent(self) -> float:
+        """Savings as a percentage of the baseline cost (0 when the baseline cost is 0)."""
+        return float(self.savings_usd / self.baseline_cost_usd * 100) if self.baseline_cost_usd else 0.0
+
+    @classmethod
+    def of(cls, outcomes: Sequence[RequestOutcome]) -> Totals:
+        """The totals of ``outcomes``."""
+        return cls(
+            requests=len(outcomes),
+            cost_usd=sum((o.cost_usd for o in outcomes), _ZERO),
+            baseline_cost_usd=sum((o.baseline_cost_usd for o in outcomes), _ZERO),
+            estimated_cost_usd=sum((o.estimated_cost_usd for o in outcomes), _ZERO),
+            estimated_baseline_cost_usd=sum((o.estimated_baseline_cost_usd for o in outcomes), _ZERO),
+            errors=sum(1 for o in outcomes if not o.ok),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRow:
+    """One model's part of the window: requests answered (or attempted), share, cost."""
+
+    model: str
+    share: float
+    totals: Totals
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRow:
+    """One tenant's part of the window."""
+
+    tenant: str
+    totals: Totals
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSummary:
+    """Routing effectiveness over ``window_seconds`` (for ``tenant``, or all when empty)."""
+
+    window_seconds: float
+    tenant: str
+    baseline_model: str
+    totals: Totals
+    escalations: int
+    escalated_requests: int
+    fallbacks: int
+    cascade_decisions: int
+    cascade_released: int
+    mean_released_score: float | None
+    latency: Percentiles
+    time_to_first_chunk: Percentiles
+    models: tuple[ModelRow, ...]
+    tenants: tuple[TenantRow, ...]
+
+    @property
+    def escalation_rate(self) -> float:
+        """Share of requests that escalated at least once."""
+        return self.escalated_requests / self.totals.requests if self.totals.requests else 0.0
+
+    @property
+    def cascade_release_rate(self) -> float:
+        """Share of cascade decisions that released the cheap answer."""
+        return self.cascade_released / self.cascade_decisions if self.cascade_decisions else 0.0
+
+
+class RoutingStats:
+    """A rolling window of ``RequestOutcome``s, bounded by age and by count."""
+
+    def __init__(
+        self,
+        window_seconds: float,
+        max_requests: int,
+        baseline_model: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window_seconds = window_seconds
+        self.baseline_model = baseline_model
+        self._clock = clock
+        self._outcomes: deque[RequestOutcome] = deque(maxlen=max_requests)
+
+    def add(self, outcome: RequestOutcome) -> None:
+        """Keep ``outcome``; drop what fell out of the window."""
+        self._outcomes.append(outcome)
+        self._expire(self._clock())
+
+    def _expire(self, now: float) -> None:
+        while self._outcomes and now - self._outcomes[0].at > self.window_seconds:
+            self._outcomes.popleft()
+
+    def summary(self, *, tenant: str = "", window_seconds: float | None = None) -> StatsSummary:
+        """Fold the last ``window_seconds`` (at most the whole window) of ``tenant`` (all when empty)."""
+        now = self._clock()
+        self._expire(now)
+        window = self.window_seconds if not window_seconds else min(window_seconds, self.window_seconds)
+        outcomes = [o for o in self._outcomes if now - o.at <= window and (not tenant or o.tenant == tenant)]
+        totals = Totals.of(outcomes)
+        by_model: dict[str, list[RequestOutcome]] = {}
+        by_tenant: dict[str, list[RequestOutcome]] = {}
+        for outcome in outcomes:
+            by_model.setdefault(outcome.model, []).append(outcome)
+            by_tenant.setdefault(outcome.tenant, []).append(outcome)
+        released = [o for o in outcomes if o.cascade_released]
+        released_scores = [o.cascade_score for o in released if o.cascade_score is not None]
+        return StatsSummary(
+            window_seconds=window,
+            tenant=tenant,
+            baseline_model=self.baseline_model,
+            totals=totals,
+            escalations=sum(o.escalations for o in outcomes),
+            escalated_requests=sum(1 for o in outcomes if o.escalations),
+            fallbacks=sum(o.fallbacks for o in outcomes),
+            cascade_decisions=sum(1 for o in outcomes if o.cascade_released is not None),
+            cascade_released=len(released),
+            mean_released_score=sum(released_scores) / len(released_scores) if released_scores else None,
+            latency=Percentiles.of(o.latency_seconds for o in outcomes),
+            time_to_first_chunk=Percentiles.of(
+                o.time_to_first_chunk_seconds for o in outcomes if o.time_to_first_chunk_seconds is not None
+            ),
+            models=tuple(
+                ModelRow(model, len(rows) / len(outcomes), Totals.of(rows))
+                for model, rows in sorted(by_model.items(), key=lambda item: (-len(item[1]), item[0]))
+            ),
+            tenants=tuple(TenantRow(name, Totals.of(rows)) for name, rows in sorted(by_tenant.items())),
+        )

@@ -1,0 +1,250 @@
+"""Traces: one server span per RPC, a routing span, one client span per upstream attempt, GenAI
+attributes and cost, trace context in and out, events for fallbacks and escalations, ids on logs."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
+
+from routesvc import telemetry
+from routesvc.models import ChatRequest, Message, Role, RoutingContext, RoutingRequest
+from routesvc.testing import FakeProvider, Script
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, settings_from, user_chat
+from tests.observability import Observed, observed_server
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+CALLER_SPAN = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
+COMPLETE = "routesvc.v1.RouterService/Complete"
+
+
+async def _complete(observed: Observed, prompt: str = "Say hello", **context: object) -> list[pb.CompleteResponse]:
+    return [
+        m
+        async for m in observed.client.complete(
+            user_chat(prompt),
+            pb.RoutingContext(**context),  # type: ignore[arg-type]
+            metadata={"traceparent": TRACEPARENT},
+        )
+    ]
+
+
+def _parent(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+def _attrs(span: ReadableSpan) -> dict[str, object]:
+    return dict(span.attributes or {})
+
+
+@pytest.fixture
+async def observed(fake: FakeProvider) -> Observed:  # type: ignore[misc]
+    async with observed_server(fake) as running:
+        yield running
+
+
+class TestServerSpan:
+    async def test_one_server_span_per_rpc_with_rpc_attributes(self, observed: Observed) -> None:
+        """Route, Complete and ListModels each produce exactly one SERVER span named service/method."""
+        await observed.client.route(user_chat("hi"))
+        await _complete(observed)
+        await observed.client.list_models()
+        servers = [s for s in observed.finished() if s.kind is SpanKind.SERVER]
+        assert [s.name for s in servers] == [
+            "routesvc.v1.RouterService/Route",
+            COMPLETE,
+            "routesvc.v1.RouterService/ListModels",
+        ]
+        attributes = _attrs(servers[1])
+        assert (attributes["rpc.system"], attributes["rpc.service"], attributes["rpc.method"]) == (
+            "grpc",
+            "routesvc.v1.RouterService",
+            "Complete",
+        )
+        assert attributes["rpc.grpc.status_code"] == 0
+
+    async def test_continues_the_callers_trace(self, observed: Observed) -> None:
+        """An incoming traceparent makes the server span a child of the caller's span, in its trace."""
+        await _complete(observed)
+        (server,) = observed.named(COMPLETE)
+        assert format(server.context.trace_id, "032x") == TRACE_ID
+        assert _parent(server) == int(CALLER_SPAN, 16)
+
+    async def test_a_failed_rpc_has_its_status_code_and_is_an_error_only_when_ours(
+        self, observed: Observed, fake: FakeProvider
+    ) -> None:
+        """A bad request is INVALID_ARGUMENT (3) and not an error span; an outage is UNAVAILABLE (14) and is."""
+        with pytest.raises(grpc.aio.AioRpcError):
+            await observed.client.route(pb.ChatRequest())
+        fake.set_default(Script(status=503))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _complete(observed)
+        route, complete = (s for s in observed.finished() if s.kind is SpanKind.SERVER)
+        assert (_attrs(route)["rpc.grpc.status_code"], route.status.status_code) == (3, StatusCode.UNSET)
+        assert (_attrs(complete)["rpc.grpc.status_code"], complete.status.status_code) == (14, StatusCode.ERROR)
+
+    async def test_health_checks_are_not_traced(self, observed: Observed) -> None:
+        """Only RouterService RPCs are traced; a health check leaves no span."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        async with grpc.aio.insecure_channel(observed.server.target) as channel:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert observed.finished() == []
+
+
+class TestRoutingSpan:
+    async def test_routing_span_carries_the_decision(self, observed: Observed) -> None:
+        """The `route` span is the server span's child with strategy, rule, reasons, candidates and estimate."""
+        decision = await observed.client.route(user_chat("write code"), pb.RoutingContext(task_hint="code_generation"))
+        (server,) = observed.named("routesvc.v1.RouterService/Route")
+        (route,) = observed.named("route")
+        assert _parent(route) == server.context.span_id
+        attributes = _attrs(route)
+        assert attributes["routesvc.selected_model"] == "gpt-4o"
+        assert attributes["routesvc.strategy"] == decision.strategy
+        assert attributes["routesvc.rule"] == "code_generation"
+        assert attributes["routesvc.decision_id"] == decision.decision_id
+        assert list(attributes["routesvc.reasons"]) == list(decision.reasons)  # type: ignore[call-overload]
+        assert set(attributes["routesvc.candidates"]) == {"gpt-4o-mini", "gpt-4o", "claude-sonnet"}  # type: ignore[arg-type]
+        assert Decimal(str(attributes["routesvc.estimated_cost_usd"])) == Decimal(decision.estimated_cost_usd)
+        assert isinstance(attributes["routesvc.decision_ms"], float)
+
+
+class TestClientSpan:
+    async def test_one_chat_span_with_genai_attributes_and_cost(self, observed: Observed, fake: FakeProvider) -> None:
+        """The upstream call is a CLIENT span `chat {model}` under the routing span with usage and exact cost."""
+        fake.enqueue(Script(input_tokens=1200, cached_input_tokens=200, output_tokens=40, chunk_delay=0.01))
+        messages = await _complete(observed)
+        completion = messages[-1].completion
+        (chat,) = observed.named("chat gpt-4o-mini")
+        (route,) = observed.named("route")
+        (server,) = observed.named(COMPLETE)
+        assert chat.kind is SpanKind.CLIENT
+        assert _parent(chat) == route.context.span_id
+        attributes = _attrs(chat)
+        assert {key: attributes[key] for key in ("gen_ai.operation.name", "gen_ai.provider.name")} == {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "openai",
+        }
+        assert (attributes["gen_ai.request.model"], attributes["gen_ai.response.model"]) == (
+            "gpt-4o-mini",
+            "gpt-4o-mini",
+        )
+        assert (attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.usage.output_tokens"]) == (1200, 40)
+        assert attributes["gen_ai.usage.cache_read.input_tokens"] == 200
+        assert list(attributes["gen_ai.response.finish_reasons"]) == ["stop"]  # type: ignore[call-overload]
+        assert attributes["gen_ai.usage.cost.currency"] == "USD"
+        assert attributes["gen_ai.usage.cost.amount"] == pytest.approx(float(completion.cost_usd))
+        assert attributes["routesvc.cost_usd"] == pytest.approx(float(completion.cost_usd))
+        assert attributes["routesvc.time_to_first_chunk_ms"] > 0  # type: ignore[operator]
+        assert _attrs(server)["routesvc.cost_usd"] == pytest.approx(float(completion.cost_usd))
+        assert (_attrs(server)["routesvc.attempts"], _attrs(server)["routesvc.escalations"]) == (1, 0)
+
+    async def test_the_provider_receives_our_client_span_as_parent(
+        self, observed: Observed, fake: FakeProvider
+    ) -> None:
+        """Upstream `traceparent` keeps the caller's trace id and names the chat span as parent."""
+        await _complete(observed)
+        (chat,) = observed.named("chat gpt-4o-mini")
+        sent = fake.requests[-1].headers["traceparent"]
+        assert sent == f"00-{TRACE_ID}-{format(chat.context.span_id, '016x')}-01"
+
+    async def test_anthropic_attempts_name_their_provider(self, observed: Observed) -> None:
+        """A claude-sonnet call is `chat claude-sonnet-4-6` with gen_ai.provider.name anthropic."""
+        await _complete(observed, task_hint="creative_writing")
+        (chat,) = observed.named("chat claude-sonnet-4-6")
+        assert _attrs(chat)["gen_ai.provider.name"] == "anthropic"
+        assert _attrs(chat)["routesvc.model"] == "claude-sonnet"
+
+    async def test_a_retried_attempt_is_a_second_client_span_and_costs_add_up(
+        self, observed: Observed, fake: FakeProvider
+    ) -> None:
+        """A 503 then a success: two chat spans, the failed one an error, and the server total is their sum."""
+        fake.enqueue(Script(status=503), Script(input_tokens=100, output_tokens=10))
+        messages = await _complete(observed)
+        assert messages[-1].WhichOneof("event") == "completion"
+        chats = observed.named("chat gpt-4o-mini")
+        assert len(chats) == 2
+        assert chats[0].status.status_code is StatusCode.ERROR
+        assert _attrs(chats[0])["error.type"] == "PROVIDER_UNAVAILABLE"
+        assert chats[1].status.status_code is StatusCode.UNSET
+        total = sum(float(_attrs(c)["routesvc.cost_usd"]) for c in chats)  # type: ignore[arg-type]
+        (server,) = observed.named(COMPLETE)
+        assert _attrs(server)["routesvc.cost_usd"] == pytest.approx(total)
+        assert total == pytest.approx(float(messages[-1].completion.cost_usd))
+
+
+class TestContent:
+    async def test_no_content_attributes_by_default(self, observed: Observed, fake: FakeProvider) -> None:
+        """With capture off no span attribute or event holds the prompt or the answer."""
+        fake.enqueue(Script(text="the secret answer"))
+        await _complete(observed, "the secret question")
+        dumped = json.dumps([span.to_json() for span in observed.finished()])
+        assert "secret" not in dumped
+        assert "gen_ai.input.messages" not in dumped
+
+    async def test_capture_switched_on_records_input_and_output_messages(self, fake: FakeProvider) -> None:
+        """telemetry.capture_content puts gen_ai.input.messages and gen_ai.output.messages on the chat span."""
+        fake.enqueue(Script(text="the answer"))
+        async with observed_server(fake, telemetry={"capture_content": True}) as observed:
+            await _complete(observed, "the question")
+            (chat,) = observed.named("chat gpt-4o-mini")
+        attributes = _attrs(chat)
+        assert json.loads(str(attributes["gen_ai.input.messages"])) == [
+            {"role": "user", "parts": [{"type": "text", "content": "the question"}]}
+        ]
+        assert "the answer" in str(attributes["gen_ai.output.messages"])
+
+
+class TestEvents:
+    def test_fallbacks_and_escalations_are_events_and_counted_on_the_server_span(self) -> None:
+        """record_fallback / record_escalation add events to the routing span and counts to the server span."""
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        settings = settings_from(default_config())
+        exporter = InMemorySpanExporter()
+        instrumentation = telemetry.Telemetry(settings, span_exporter=exporter)
+        request = RoutingRequest(ChatRequest((Message(Role.USER, "hi"),)), RoutingContext(tenant="acme"))
+        with instrumentation.server_rpc("routesvc.v1.RouterService", "Complete", {}) as rpc:
+            telemetry.start_routing(request)
+            telemetry.record_fallback("gpt-4o-mini", "gpt-4o", "PROVIDER_UNAVAILABLE")
+            telemetry.record_escalation("gpt-4o-mini", "gpt-4o", "score below threshold", score=0.42)
+            rpc.finish("OK", 0)
+        instrumentation.shutdown()
+        spans = {span.name: span for span in exporter.get_finished_spans()}
+        events = [(e.name, dict(e.attributes or {})) for e in spans["route"].events]
+        assert events == [
+            (
+                "routesvc.fallback",
+                {
+                    "routesvc.from_model": "gpt-4o-mini",
+                    "routesvc.to_model": "gpt-4o",
+                    "routesvc.reason": "PROVIDER_UNAVAILABLE",
+                },
+            ),
+            (
+                "routesvc.escalation",
+                {
+                    "routesvc.from_model": "gpt-4o-mini",
+                    "routesvc.to_model": "gpt-4o",
+                    "routesvc.reason": "score below threshold",
+                    "routesvc.score": 0.42,
+                },
+            ),
+        ]
+        server = _attrs(spans["routesvc.v1.RouterService/Complete"])
+        assert (server["routesvc.fallbacks"], server["routesvc.escalations"]) == (1, 1)
+        assert spans["route"].status.status_code is StatusCode.UNSET
+
+    def test_the_hooks_do_nothing_outside_an_rpc(self) -> None:
+        """Outside an RPC (simulate, unit tests) the hooks are silent no-ops."""
+        telemetry.record_fallback("a", "b", "PROVIDER_UNAVAILABLE")
+        telemetry.record_escalation("a", "b", "low score", 0.1)
+        telemetry.record_cascade(True, 0.9)
+        assert telemetry.current_request() is None
