@@ -141,7 +141,6 @@ class Router:
         decision is returned with a reason saying Complete would fail.
         """
         telemetry.start_routing(request)
-        telemetry.start_routing(request)
         chat = request.chat
         if chat.max_output_tokens is not None and chat.max_output_tokens > self._limits.max_output_tokens:
             raise InvalidRequest("chat.max_output_tokens", f"must be at most {self._limits.max_output_tokens}")
