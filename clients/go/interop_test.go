@@ -25,13 +25,10 @@ import (
 	routesvcv1 "github.com/routesvc/routesvc/clients/go/routesvcv1"
 )
 
-// The scripted tests pin pinnedModel, which the default catalog serves as
-// fakeModel: the fake provider's script queue for that name is consumed only by
-// them, never by the unscripted tests (routed to the default gpt-4o-mini).
-const (
-	pinnedModel = "claude-sonnet"
-	fakeModel   = "claude-sonnet-4-5"
-)
+// The scripted tests pin pinnedModel, so that the fake provider's script queue
+// for its provider model name is consumed only by them, never by the unscripted
+// tests (routed to the default gpt-4o-mini).
+const pinnedModel = "claude-sonnet"
 
 func dial(t *testing.T) *routesvc.Client {
 	t.Helper()
@@ -54,14 +51,28 @@ func withTimeout(t *testing.T, d time.Duration) context.Context {
 	return ctx
 }
 
-// script resets the fake provider, then queues one scripted answer for fakeModel.
-func script(t *testing.T, fields map[string]any) {
+// script resets the fake provider, then queues one scripted answer for the
+// provider model that serves pinnedModel (as ListModels reports it).
+func script(t *testing.T, client *routesvc.Client, fields map[string]any) {
 	t.Helper()
 	fake := strings.TrimRight(os.Getenv("ROUTESVC_FAKE_URL"), "/")
 	if fake == "" {
 		t.Skip("ROUTESVC_FAKE_URL not set: cannot script a slow provider")
 	}
-	body, _ := json.Marshal(map[string]any{"script": fields, "model": fakeModel, "mode": "enqueue"})
+	models, err := client.ListModels(withTimeout(t, 10*time.Second))
+	if err != nil {
+		t.Fatalf("ListModels: %v", err)
+	}
+	providerModel := ""
+	for _, model := range models {
+		if model.GetId() == pinnedModel {
+			providerModel = model.GetProviderModel()
+		}
+	}
+	if providerModel == "" {
+		t.Fatalf("catalog has no %s", pinnedModel)
+	}
+	body, _ := json.Marshal(map[string]any{"script": fields, "model": providerModel, "mode": "enqueue"})
 	for _, call := range []struct{ path, body string }{{"/_fake/reset", "{}"}, {"/_fake/script", string(body)}} {
 		resp, err := http.Post(fake+call.path, "application/json", strings.NewReader(call.body))
 		if err != nil {
@@ -156,11 +167,8 @@ func TestCompleteStreamsDecisionDeltasThenCompletion(t *testing.T) {
 
 func TestDeadlineExceededWhenTheProviderIsSlow(t *testing.T) {
 	client := dial(t)
-	// Connect first, so that the deadline is spent waiting for the provider.
-	if _, err := client.Healthy(withTimeout(t, 10*time.Second)); err != nil {
-		t.Fatalf("health check: %v", err)
-	}
-	script(t, map[string]any{"first_chunk_delay": 10.0})
+	// script connects first, so that the deadline is spent waiting for the provider.
+	script(t, client, map[string]any{"first_chunk_delay": 10.0})
 	stream, err := client.Complete(withTimeout(t, time.Second), pinned("Say hello slowly"))
 	for err == nil {
 		_, err = stream.Recv()
@@ -172,7 +180,7 @@ func TestDeadlineExceededWhenTheProviderIsSlow(t *testing.T) {
 
 func TestCancelMidStream(t *testing.T) {
 	client := dial(t)
-	script(t, map[string]any{"chunk_count": 100, "chunk_delay": 0.05})
+	script(t, client, map[string]any{"chunk_count": 100, "chunk_delay": 0.05})
 	ctx, cancel := context.WithCancel(withTimeout(t, 20*time.Second))
 	stream, err := client.Complete(ctx, pinned("Count slowly"))
 	if err != nil {

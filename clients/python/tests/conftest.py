@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -14,10 +14,10 @@ import pytest
 from routesvc_client import RouterClient
 
 PINNED_MODEL = "claude-sonnet"
-"""The catalog model the scripted tests pin; the default catalog serves it as ``FAKE_MODEL``, so the
-fake provider's script queue for that name is consumed only by them, never by the unscripted tests
-(routed to the default gpt-4o-mini)."""
-FAKE_MODEL = "claude-sonnet-4-5"
+"""The catalog model the scripted tests pin, so that the fake provider's script queue for its provider
+model name is consumed only by them, never by the unscripted tests (routed to the default gpt-4o-mini)."""
+
+Script = Callable[..., Awaitable[None]]
 
 
 @pytest.fixture
@@ -30,8 +30,9 @@ async def client() -> AsyncIterator[RouterClient]:
 
 
 @pytest.fixture
-def script() -> Callable[..., None]:
-    """Reset the fake provider, then queue one scripted answer for ``FAKE_MODEL``."""
+def script(client: RouterClient) -> Script:
+    """Reset the fake provider, then queue one scripted answer for the provider model serving
+    ``PINNED_MODEL`` (as ListModels reports it)."""
     fake_url = os.environ.get("ROUTESVC_FAKE_URL")
     if not fake_url:
         pytest.skip("ROUTESVC_FAKE_URL not set: cannot script a slow provider")
@@ -44,8 +45,10 @@ def script() -> Callable[..., None]:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
             assert response.status == 200
 
-    def enqueue(**fields: Any) -> None:
+    async def enqueue(**fields: Any) -> None:
+        models = await client.list_models(timeout=10)
+        provider_model = next(model.provider_model for model in models if model.id == PINNED_MODEL)
         post("/_fake/reset", {})
-        post("/_fake/script", {"script": fields, "model": FAKE_MODEL, "mode": "enqueue"})
+        post("/_fake/script", {"script": fields, "model": provider_model, "mode": "enqueue"})
 
     return enqueue

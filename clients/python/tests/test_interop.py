@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from conftest import PINNED_MODEL
+from conftest import PINNED_MODEL, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc_client import RouterClient, error_info, user_prompt
 
@@ -47,29 +45,26 @@ class TestRouterClient:
         assert completion.cost_usd
         assert completion.finish_reason == pb.FINISH_REASON_STOP
 
-    async def test_slow_provider_ends_in_deadline_exceeded(
-        self, client: RouterClient, script: Callable[..., None]
-    ) -> None:
+    async def test_slow_provider_ends_in_deadline_exceeded(self, client: RouterClient, script: Script) -> None:
         """A provider slower than the call's deadline ends the stream with DEADLINE_EXCEEDED."""
-        await client.health(timeout=10)  # connect first, so that the deadline is spent waiting for the provider
-        script(first_chunk_delay=10.0)
+        await script(first_chunk_delay=10.0)  # also connects: the deadline is for the provider
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for _ in client.complete(pinned("Say hello slowly"), timeout=1):
                 pass
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
-    async def test_cancel_mid_stream(self, client: RouterClient, script: Callable[..., None]) -> None:
+    async def test_cancel_mid_stream(self, client: RouterClient, script: Script) -> None:
         """Cancelling a call after the first delta ends it as CANCELLED on the client."""
-        script(chunk_count=100, chunk_delay=0.05)
+        await script(chunk_count=100, chunk_delay=0.05)
         call = client.stub.Complete(pinned("Count slowly"), timeout=20, metadata=client.metadata())
         assert (await call.read()).WhichOneof("event") == "decision"
         assert (await call.read()).WhichOneof("event") == "delta"
         assert call.cancel()
         assert await call.code() == grpc.StatusCode.CANCELLED
 
-    async def test_leaving_the_stream_early_cancels_it(self, client: RouterClient, script: Callable[..., None]) -> None:
+    async def test_leaving_the_stream_early_cancels_it(self, client: RouterClient, script: Script) -> None:
         """Breaking out of ``complete()`` cancels the call instead of reading it to the end."""
-        script(chunk_count=100, chunk_delay=0.05)
+        await script(chunk_count=100, chunk_delay=0.05)
         seen = []
         async for message in client.complete(pinned("Count slowly"), timeout=20):
             seen.append(message.WhichOneof("event"))

@@ -18,17 +18,19 @@ const target = process.env.ROUTESVC_TARGET;
 const fakeUrl = process.env.ROUTESVC_FAKE_URL;
 const skip = target ? false : "ROUTESVC_TARGET not set: no live service to test against";
 const skipFake = skip || (fakeUrl ? false : "ROUTESVC_FAKE_URL not set: cannot script a slow provider");
-// The scripted tests pin PINNED, which the default catalog serves as FAKE_MODEL: the fake
-// provider's script queue for that name is consumed only by them, never by the unscripted
-// tests (routed to the default gpt-4o-mini).
+// The scripted tests pin PINNED, so that the fake provider's script queue for its provider
+// model name is consumed only by them, never by the unscripted tests (routed to the default
+// gpt-4o-mini).
 const PINNED = "claude-sonnet";
-const FAKE_MODEL = "claude-sonnet-4-5";
 
-/** Reset the fake provider, then queue one scripted answer for FAKE_MODEL. */
-async function script(fields: Record<string, unknown>): Promise<void> {
+/** Reset the fake provider, then queue one scripted answer for the provider model serving PINNED. */
+async function script(client: RouterClient, fields: Record<string, unknown>): Promise<void> {
+  const models = await client.listModels({ timeoutMs: 10_000 });
+  const providerModel = models.find((model) => model.id === PINNED)?.providerModel;
+  assert.ok(providerModel, `catalog has no ${PINNED}`);
   const calls: [string, unknown][] = [
     ["/_fake/reset", {}],
-    ["/_fake/script", { script: fields, model: FAKE_MODEL, mode: "enqueue" }],
+    ["/_fake/script", { script: fields, model: providerModel, mode: "enqueue" }],
   ];
   for (const [path, body] of calls) {
     const response = await fetch(`${fakeUrl}${path}`, {
@@ -89,15 +91,14 @@ describe("routesvc interop (TypeScript)", { skip }, () => {
   });
 
   it("a slow provider ends in DEADLINE_EXCEEDED", { skip: skipFake }, async () => {
-    await client.healthStatus({ timeoutMs: 10_000 }); // connect first: the deadline is for the provider
-    await script({ first_chunk_delay: 10.0 });
+    await script(client, { first_chunk_delay: 10.0 }); // also connects: the deadline is for the provider
     const stream = client.complete({ chat: userPrompt("Say hello slowly"), context: { model: PINNED } }, { timeoutMs: 1000 });
     const error = await rejection((async () => { for await (const _ of stream) { /* drain */ } })());
     assert.equal(error.code, Code.DeadlineExceeded, String(error));
   });
 
   it("cancelling mid-stream ends the call as CANCELLED", { skip: skipFake }, async () => {
-    await script({ chunk_count: 100, chunk_delay: 0.05 });
+    await script(client, { chunk_count: 100, chunk_delay: 0.05 });
     const abort = new AbortController();
     const seen: (string | undefined)[] = [];
     const stream = client.complete({ chat: userPrompt("Count slowly"), context: { model: PINNED } }, { signal: abort.signal, timeoutMs: 20_000 });

@@ -42,12 +42,11 @@ import org.junit.jupiter.api.Test;
  */
 class InteropTest {
   /**
-   * The scripted tests pin this model, which the default catalog serves as {@link #FAKE_MODEL}: the
-   * fake provider's script queue for that name is consumed only by them, never by the unscripted
-   * tests (routed to the default gpt-4o-mini).
+   * The scripted tests pin this model, so that the fake provider's script queue for its provider
+   * model name is consumed only by them, never by the unscripted tests (routed to the default
+   * gpt-4o-mini).
    */
   private static final String PINNED = "claude-sonnet";
-  private static final String FAKE_MODEL = "claude-sonnet-4-5";
   private static final Duration TIMEOUT = Duration.ofSeconds(20);
   private static final String TARGET = System.getenv("ROUTESVC_TARGET");
   private static final String FAKE_URL = System.getenv("ROUTESVC_FAKE_URL");
@@ -67,11 +66,16 @@ class InteropTest {
     }
   }
 
-  /** Resets the fake provider, then queues one scripted answer for {@link #FAKE_MODEL}. */
+  /** Resets the fake provider, then queues one scripted answer for the provider model serving PINNED. */
   private static void script(String json) throws Exception {
     assumeTrue(FAKE_URL != null && !FAKE_URL.isEmpty(), "ROUTESVC_FAKE_URL not set: cannot script a slow provider");
+    String providerModel = client.listModels(TIMEOUT).stream()
+        .filter(model -> model.getId().equals(PINNED))
+        .findFirst()
+        .orElseThrow(() -> new AssertionError("catalog has no " + PINNED))
+        .getProviderModel();
     post("/_fake/reset", "{}");
-    post("/_fake/script", "{\"model\": \"" + FAKE_MODEL + "\", \"mode\": \"enqueue\", \"script\": " + json + "}");
+    post("/_fake/script", "{\"model\": \"" + providerModel + "\", \"mode\": \"enqueue\", \"script\": " + json + "}");
   }
 
   private static void post(String path, String body) throws Exception {
@@ -144,8 +148,7 @@ class InteropTest {
   @Test
   @DisplayName("a slow provider ends in DEADLINE_EXCEEDED")
   void deadlineExceeded() throws Exception {
-    client.health(TIMEOUT); // connect first, so that the deadline is spent waiting for the provider
-    script("{\"first_chunk_delay\": 10.0}");
+    script("{\"first_chunk_delay\": 10.0}"); // also connects: the deadline is for the provider
     StatusRuntimeException error = assertThrows(StatusRuntimeException.class, () -> {
       Iterator<CompleteResponse> stream = client.complete(pinned("Say hello slowly"), Duration.ofSeconds(1));
       while (stream.hasNext()) {
