@@ -11,7 +11,7 @@ export ROUTESVC_CACHE ?= $(HOME)/.cache/routesvc
 export PIP_CACHE_DIR ?= $(ROUTESVC_CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install run test proto check-generated lint typecheck pytest clean
+.PHONY: install run test proto check-generated lint typecheck tools pytest clients clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +45,21 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy routesvc
 
+# Tools the tests need beyond Python packages, built once into $(ROUTESVC_CACHE):
+# a real Jaeger (from the Go module proxy) and kustomize where kubectl is absent.
+tools: install
+	bash .ci/jaeger.sh >/dev/null
+	bash .ci/deploy-check.sh --prepare
+
 pytest: install
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-test: install check-generated lint typecheck pytest
+# The Go, TypeScript, Java and Python clients: regenerated (CI fails on drift), buf lint and
+# breaking, then their interop tests against a live service backed by the fake provider.
+clients: install
+	VENV=$(VENV) bash .ci/clients.sh
+
+test: install check-generated lint typecheck tools pytest clients
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

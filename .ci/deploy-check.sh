@@ -8,7 +8,7 @@
 #   kustomize, only when kubectl is absent: built from the Go module proxy into
 #     ${ROUTESVC_CACHE:-$HOME/.cache/routesvc}/bin (module and build caches under .../go)
 #
-# Usage: bash .ci/deploy-check.sh [extra pytest args]
+# Usage: bash .ci/deploy-check.sh [--prepare | extra pytest args]
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -56,4 +56,6 @@ log "validator: kubernetes-validate $("$PY" -c 'from importlib.metadata import v
 log "linter: $("$VENV/bin/hadolint" --version)"
 
 export ROUTESVC_CACHE="$CACHE"
+# --prepare: install the tools only (the Makefile's test target runs the tests with the rest).
+[[ "${1:-}" == "--prepare" ]] && exit 0
 exec "$PY" -m pytest -q -p no:cacheprovider tests/test_deploy.py "$@"

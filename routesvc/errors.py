@@ -17,6 +17,8 @@ name fields and models, never prompt text or credentials.
     ├── LimitExceeded                   tenant rate limit or budget (retry_after) RESOURCE_EXHAUSTED
     │   └── Overloaded                  the process is at its concurrency cap    RESOURCE_EXHAUSTED
     ├── ProviderNotConfigured           the provider has no credentials          FAILED_PRECONDITION
+    ├── ShuttingDown                    the server is stopping                   UNAVAILABLE
+    ├── DeadlineExceeded                the caller's deadline passed             DEADLINE_EXCEEDED
     └── ProviderError                   a provider call failed
         ├── ProviderAuthFailed          401/403 from the provider                FAILED_PRECONDITION
         ├── ProviderRejected            400/404/409/413/422 from the provider    FAILED_PRECONDITION
@@ -29,9 +31,15 @@ from __future__ import annotations
 
 
 class RouteSvcError(Exception):
-    """Root of every error routesvc raises on purpose."""
+    """Root of every error routesvc raises on purpose.
+
+    ``retry_after`` (seconds) is set when the caller should wait before trying again, and
+    ``chunks_sent`` when the call failed after that many content chunks reached the client.
+    """
 
     reason = "INTERNAL"
+    retry_after: float | None = None
+    chunks_sent: int = 0
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -119,6 +127,26 @@ class ProviderNotConfigured(RouteSvcError):
     """The chosen model's provider has no credentials; names the missing variable."""
 
     reason = "PROVIDER_NOT_CONFIGURED"
+
+
+class ShuttingDown(RouteSvcError):
+    """The server stopped this call at the end of its shutdown grace period.
+
+    ``chunks_sent`` content chunks had reached the client (0: none, the call may be retried).
+    """
+
+    reason = "SHUTTING_DOWN"
+
+    def __init__(self, message: str, *, chunks_sent: int = 0) -> None:
+        super().__init__(message)
+        self.chunks_sent = chunks_sent
+        self.retry_after = 1.0
+
+
+class DeadlineExceeded(RouteSvcError):
+    """The caller's deadline passed before the call finished."""
+
+    reason = "DEADLINE_EXCEEDED"
 
 
 class ProviderError(RouteSvcError):

@@ -65,7 +65,8 @@ class Server:
             ],
         )
         self._health = health.aio.HealthServicer()
-        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterService(self._router, self.telemetry), self._server)
+        self._service = RouterService(self._router, self.telemetry)
+        router_pb2_grpc.add_RouterServiceServicer_to_server(self._service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if settings.config.server.reflection:
             reflection.enable_server_reflection(
@@ -100,10 +101,23 @@ class Server:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if server_config.drain_delay_seconds:
             await asyncio.sleep(server_config.drain_delay_seconds)
-        await self._server.stop(server_config.grace_seconds)
+        grace = server_config.grace_seconds
+        # Calls still running shortly before the grace ends are ended with a status (and the
+        # committed trailers) rather than cut by the transport.
+        margin = min(1.0, grace / 10)
+        async with asyncio.TaskGroup() as group:
+            interrupter = group.create_task(self._interrupt_after(grace - margin))
+            await self._server.stop(grace)
+            interrupter.cancel()
         await self._router.aclose()
         await asyncio.to_thread(self.telemetry.shutdown)
         log.info("server_stopped", target=self.target)
+
+    async def _interrupt_after(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+        interrupted = self._service.interrupt_in_flight()
+        if interrupted:
+            log.info("server_interrupted_calls", calls=interrupted)
 
     async def wait(self) -> None:
         """Wait until the server terminates."""

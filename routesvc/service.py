@@ -22,6 +22,7 @@ from routesvc.errors import (
     ConfigError,
     ContextWindowExceeded,
     CostLimitExceeded,
+    DeadlineExceeded,
     InvalidRequest,
     LimitExceeded,
     ModelNotFound,
@@ -36,6 +37,7 @@ from routesvc.errors import (
     ProviderUnavailable,
     RequestTooLarge,
     RouteSvcError,
+    ShuttingDown,
     StreamInterrupted,
     Unauthenticated,
 )
@@ -66,6 +68,8 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
     ProviderRateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ProviderUnavailable: grpc.StatusCode.UNAVAILABLE,
     StreamInterrupted: grpc.StatusCode.UNAVAILABLE,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ProviderError: grpc.StatusCode.UNAVAILABLE,
     ConfigError: grpc.StatusCode.INTERNAL,
     RouteSvcError: grpc.StatusCode.INTERNAL,
@@ -89,7 +93,7 @@ def _error_metadata(error: RouteSvcError) -> dict[str, str]:
         metadata["model"] = error.model
         if error.status is not None:
             metadata["upstream_status"] = str(error.status)
-    if isinstance(error, StreamInterrupted):
+    if error.chunks_sent:
         metadata["committed"] = "true"
         metadata["chunks_sent"] = str(error.chunks_sent)
     return metadata
@@ -129,7 +133,20 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._telemetry = instrumentation or telemetry.Telemetry(router.settings)
         self._max_in_flight = router.settings.config.reliability.max_concurrent_rpcs
         self._in_flight = 0
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._interrupted: set[asyncio.Task[object]] = set()
         self._authenticator = Authenticator(router.settings.config)
+
+    def interrupt_in_flight(self) -> int:
+        """End every call still running (the shutdown grace is over); returns how many.
+
+        Each ends UNAVAILABLE with reason SHUTTING_DOWN, and streams that sent text carry the
+        committed trailers, instead of being cut without a status.
+        """
+        for task in self._tasks:
+            self._interrupted.add(task)
+            task.cancel("server shutting down")
+        return len(self._tasks)
 
     def _as_principal(self, request: RoutingRequest, principal: Principal) -> RoutingRequest:
         """Routing follows the authenticated tenant, never one the client names."""
@@ -140,6 +157,18 @@ class RouterService(pb_grpc.RouterServiceServicer):
             raise PermissionDenied("context.tenant does not match the authenticated tenant")
         tier = context.user_tier or (principal.config.user_tier if principal.config else None) or ""
         return replace(request, context=replace(context, tenant=principal.tenant, user_tier=tier))
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, record: _CallRecord, error: RouteSvcError) -> grpc.StatusCode:
+        """End the call with ``error``'s status, ErrorInfo, RetryInfo and trailers (never returns)."""
+        code = status_code_of(error)
+        status = _rich_status(code, error.message, error.reason, _error_metadata(error), error.retry_after)
+        trailers = [(REQUEST_ID_HEADER, record.request_id), ("grpc-status-details-bin", status.SerializeToString())]
+        if error.chunks_sent:
+            trailers += [("routesvc-committed", "true"), ("routesvc-chunks-sent", str(error.chunks_sent))]
+        record.fields["error_reason"] = error.reason
+        await context.abort(code, error.message, trailing_metadata=tuple(trailers))
+        return code  # pragma: no cover - abort raises
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:
@@ -155,6 +184,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 raise Overloaded(f"the server is at its limit of {self._max_in_flight} concurrent calls")
             self._in_flight += 1
             admitted = True
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.add(task)
             record.principal = self._authenticator.authenticate(incoming)
             if record.principal.tenant is not None:
                 record.fields["tenant"] = record.principal.tenant
@@ -162,48 +194,31 @@ class RouterService(pb_grpc.RouterServiceServicer):
             async with asyncio.timeout(remaining):
                 yield record
         except RouteSvcError as error:
-            code = status_code_of(error)
-            retry_after = error.retry_after if isinstance(error, ProviderRateLimited | LimitExceeded) else None
-            status = _rich_status(code, error.message, error.reason, _error_metadata(error), retry_after)
-            trailers = [(REQUEST_ID_HEADER, request_id), ("grpc-status-details-bin", status.SerializeToString())]
-            if isinstance(error, StreamInterrupted):
-                trailers += [("routesvc-committed", "true"), ("routesvc-chunks-sent", str(error.chunks_sent))]
-            record.fields["error_reason"] = error.reason
-            await context.abort(code, error.message, trailing_metadata=tuple(trailers))
+            code = await self._abort(context, record, error)
         except TimeoutError:
-            code = grpc.StatusCode.DEADLINE_EXCEEDED
-            status = _rich_status(code, "deadline exceeded", "DEADLINE_EXCEEDED", {}, None)
-            await context.abort(
-                code,
-                "deadline exceeded",
-                trailing_metadata=(
-                    (REQUEST_ID_HEADER, request_id),
-                    ("grpc-status-details-bin", status.SerializeToString()),
-                ),
-            )
+            code = await self._abort(context, record, DeadlineExceeded("deadline exceeded"))
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
+            task = asyncio.current_task()
+            if task is None or task not in self._interrupted:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            task.uncancel()
+            chunks = int(str(record.fields.get("chunks", 0)))
+            code = await self._abort(context, record, ShuttingDown("the server is shutting down", chunks_sent=chunks))
         except grpc.aio.AbortError:
             raise
         except Exception:
-            code = grpc.StatusCode.INTERNAL
             # Our bug: log the traceback (locals are not rendered), answer INTERNAL, never UNKNOWN.
             log.exception("rpc_internal_error", method=method, request_id=request_id)
-            status = _rich_status(code, "internal error", "INTERNAL", {}, None)
-            await context.abort(
-                code,
-                "internal error",
-                trailing_metadata=(
-                    (REQUEST_ID_HEADER, request_id),
-                    ("grpc-status-details-bin", status.SerializeToString()),
-                ),
-            )
+            code = await self._abort(context, record, RouteSvcError("internal error"))
         else:
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         finally:
             if admitted:
                 self._in_flight -= 1
+                current = asyncio.current_task()
+                self._tasks.discard(current)
+                self._interrupted.discard(current)
             duration_ms = round((time.monotonic() - record.started) * 1000, 3)
             log.info(
                 "rpc_finished",
@@ -276,18 +291,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
             return wire.stats_message(self._telemetry.stats.summary(tenant=request.tenant, window_seconds=window))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
 
-    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
-        """Routing effectiveness over the window, for one tenant or all."""
-        async with self._rpc("GetStats", context):
-            window = request.window.ToNanoseconds() / 1e9 if request.HasField("window") else 0.0
-            if window < 0:
-                raise InvalidRequest("window", "must not be negative")
-            return wire.stats_message(self._telemetry.stats.summary(tenant=request.tenant, window_seconds=window))
-        raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
-
 
 def _record_decision(record: _CallRecord, decision: RouteDecision) -> None:
-    telemetry.record_decision(decision)
     telemetry.record_decision(decision)
     record.fields.update(
         decision_id=decision.decision_id,
