@@ -112,20 +112,12 @@ class TestStreaming:
     async def test_default_answer_streams_word_chunks_then_usage(self, provider: OpenAIProvider) -> None:
         """The default script's words arrive as deltas in order, then one finish with usage."""
         events = await collect(provider, make_call())
-        assert [
-            TextDelta("Hello "),
-            TextDelta("from "),
-            TextDelta("the "),
-            TextDelta("fake "),
-            TextDelta("provider."),
-        ] == (events[:-1])
-        assert (
-            ProviderFinish(
-                usage=Usage(input_tokens=len(f"You are terse. {CANARY_PROMPT}".split()), output_tokens=5),
-                finish_reason=FinishReason.STOP,
-                provider_model="gpt-4o-mini-2024-07-18",
-            )
-            == events[-1]
+        words = ["Hello ", "from ", "the ", "fake ", "provider."]
+        assert events[:-1] == [TextDelta(word) for word in words]
+        assert events[-1] == ProviderFinish(
+            usage=Usage(input_tokens=len(f"You are terse. {CANARY_PROMPT}".split()), output_tokens=5),
+            finish_reason=FinishReason.STOP,
+            provider_model="gpt-4o-mini-2024-07-18",
         )
 
     async def test_sixty_chunks_arrive_exactly_once_in_order(
@@ -135,7 +127,7 @@ class TestStreaming:
         script = Script(chunk_count=60)
         fake.enqueue(script)
         events = await collect(provider, make_call())
-        assert [TextDelta(chunk) for chunk in script.content_chunks()] == events[:-1]
+        assert events[:-1] == [TextDelta(chunk) for chunk in script.content_chunks()]
         assert len(events) - 1 == 60
 
     async def test_usage_and_cached_tokens_come_from_the_usage_chunk(
@@ -144,7 +136,7 @@ class TestStreaming:
         """``prompt_tokens``, ``completion_tokens`` and ``prompt_tokens_details.cached_tokens`` are reported."""
         fake.enqueue(Script(input_tokens=1200, output_tokens=34, cached_input_tokens=1024))
         finish = (await collect(provider, make_call()))[-1]
-        assert Usage(input_tokens=1200, output_tokens=34, cached_input_tokens=1024) == finish.usage  # type: ignore[union-attr]
+        assert finish.usage == Usage(input_tokens=1200, output_tokens=34, cached_input_tokens=1024)  # type: ignore[union-attr]
 
     async def test_the_model_that_answered_is_reported(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
         """``provider_model`` is the ``model`` of the chunks, not the one requested."""
@@ -171,7 +163,7 @@ class TestStreaming:
         fake.enqueue(Script(finish_reason=wire))
         finish = (await collect(provider, make_call()))[-1]
         assert isinstance(finish, ProviderFinish)
-        assert expected == finish.finish_reason
+        assert finish.finish_reason == expected
 
     async def test_unknown_chunks_and_oversized_lines_are_tolerated(
         self, fake: FakeProvider, provider: OpenAIProvider
@@ -213,23 +205,24 @@ class TestRequestShape:
         assert (body["max_tokens"], "max_completion_tokens" in body) == (64, False)
 
     async def test_tools_are_sent_as_function_tools(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
-        """Each ``ToolSpec`` becomes a ``{"type": "function", "function": {...}}`` tool."""
+        """Each ``ToolSpec`` becomes a function tool; an empty description or schema is left out."""
         schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
         tool = ToolSpec(name="get_weather", description="Weather for a city", parameters=MappingProxyType(schema))
-        await collect(provider, make_call(tools=(tool,)))
-        assert [
+        await collect(provider, make_call(tools=(tool, ToolSpec(name="now"))))
+        assert fake.requests[-1].body["tools"] == [
             {
                 "type": "function",
                 "function": {"name": "get_weather", "description": "Weather for a city", "parameters": schema},
-            }
-        ] == fake.requests[-1].body["tools"]
+            },
+            {"type": "function", "function": {"name": "now"}},
+        ]
 
     async def test_extra_headers_and_the_key_are_sent(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
         """``ProviderCall.headers`` (e.g. traceparent) go upstream; the key goes as a Bearer token."""
         traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         await collect(provider, make_call(headers=MappingProxyType({"traceparent": traceparent})))
         record = fake.requests[-1]
-        assert (traceparent, CANARY_KEY) == (record.headers["traceparent"], record.api_key)
+        assert (record.headers["traceparent"], record.api_key) == (traceparent, CANARY_KEY)
 
     async def test_no_sdk_retries(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
         """A 503 is not retried by the SDK: exactly one upstream request (our retry loop decides)."""
@@ -280,7 +273,7 @@ class TestErrorTranslation:
         """Each HTTP status becomes its documented error; the echoed prompt and key are not copied."""
         fake.enqueue(Script(status=status))
         texts, error = await collect_until_error(provider, make_call())
-        assert ([], error_class, status) == (texts, type(error), error.status)
+        assert (texts, type(error), error.status) == ([], error_class, status)
         assert (error.provider, error.model) == ("openai", "gpt-4o-mini")
         assert f"HTTP {status}" in error.message
         assert_sanitized(error)
@@ -301,7 +294,7 @@ class TestErrorTranslation:
         fake.enqueue(Script(status=429, **headers))  # type: ignore[arg-type]
         _, error = await collect_until_error(provider, make_call())
         assert isinstance(error, ProviderRateLimited)
-        assert expected == error.retry_after
+        assert error.retry_after == expected
 
     async def test_rate_limit_retry_after_as_http_date(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
         """A ``Retry-After`` HTTP date becomes the seconds left until then."""
@@ -332,7 +325,7 @@ class TestErrorTranslation:
             texts, error = await collect_until_error(adapter, make_call())
         finally:
             await adapter.aclose()
-        assert ([], ProviderUnavailable, None) == (texts, type(error), error.status)
+        assert (texts, type(error), error.status) == ([], ProviderUnavailable, None)
         assert_sanitized(error)
 
 
@@ -342,14 +335,14 @@ class TestMidStreamFailures:
         script = Script(chunk_count=60, fault=Fault.CUT, fault_after=40)
         fake.enqueue(script)
         texts, error = await collect_until_error(provider, make_call())
-        assert list(script.content_chunks()[:40]) == texts
+        assert texts == list(script.content_chunks()[:40])
         assert isinstance(error, ProviderUnavailable)
 
     async def test_connection_reset_mid_stream(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
         """A TCP reset after 3 chunks gives those 3, then ProviderUnavailable."""
         fake.enqueue(Script(chunk_count=10, fault=Fault.RESET, fault_after=3))
         texts, error = await collect_until_error(provider, make_call())
-        assert (3, ProviderUnavailable) == (len(texts), type(error))
+        assert (len(texts), type(error)) == (3, ProviderUnavailable)
 
     @pytest.mark.parametrize(
         ("error_type", "error_class"),
@@ -365,14 +358,14 @@ class TestMidStreamFailures:
         """An ``{"error": ...}`` chunk inside a 200 stream is a ProviderError by its type, sanitized."""
         fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=2, error_type=error_type))
         texts, error = await collect_until_error(provider, make_call())
-        assert (["Hello ", "from "], error_class) == (texts, type(error))
+        assert (texts, type(error)) == (["Hello ", "from "], error_class)
         assert_sanitized(error)
 
     async def test_in_band_error_before_content(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
         """An error chunk before any text is an error with nothing yielded (retryable pre-commit)."""
         fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=0))
         texts, error = await collect_until_error(provider, make_call())
-        assert ([], ProviderUnavailable) == (texts, type(error))
+        assert (texts, type(error)) == ([], ProviderUnavailable)
 
     @pytest.mark.parametrize("fault", [Fault.MALFORMED_LINE, Fault.NON_UTF8, Fault.MISSING_TERMINATOR])
     async def test_broken_streams_are_unavailable(
@@ -381,7 +374,7 @@ class TestMidStreamFailures:
         """Malformed JSON, non-UTF-8 bytes or a body that ends without finishing: ProviderUnavailable."""
         fake.enqueue(Script(fault=fault, fault_after=1))
         texts, error = await collect_until_error(provider, make_call())
-        assert (["Hello "], ProviderUnavailable) == (texts, type(error))
+        assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
         assert_sanitized(error)
 
 
@@ -441,7 +434,7 @@ class TestTimeout:
         started = time.monotonic()
         texts, error = await collect_until_error(provider, make_call(timeout=0.3))
         elapsed = time.monotonic() - started
-        assert ([], ProviderUnavailable) == (texts, type(error))
+        assert (texts, type(error)) == ([], ProviderUnavailable)
         assert 0.25 <= elapsed < 1.0
         record = fake.requests[-1]
         await record.wait_ended(1.0)

@@ -27,6 +27,7 @@ from openai.types.chat import (
     ChatCompletionMessageParam,
 )
 from openai.types.completion_usage import CompletionUsage
+from openai.types.shared_params import FunctionDefinition
 
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
@@ -73,13 +74,16 @@ def _messages(messages: Iterable[Message]) -> list[ChatCompletionMessageParam]:
 
 
 def _tools(tools: Iterable[ToolSpec]) -> list[ChatCompletionFunctionToolParam]:
-    return [
-        {
-            "type": "function",
-            "function": {"name": tool.name, "description": tool.description, "parameters": dict(tool.parameters)},
-        }
-        for tool in tools
-    ]
+    result: list[ChatCompletionFunctionToolParam] = []
+    for tool in tools:
+        function: FunctionDefinition = {"name": tool.name}
+        # Omitted rather than empty: some OpenAI-compatible servers reject an empty schema.
+        if tool.description:
+            function["description"] = tool.description
+        if tool.parameters:
+            function["parameters"] = dict(tool.parameters)
+        result.append({"type": "function", "function": function})
+    return result
 
 
 class OpenAIProvider:
