@@ -409,3 +409,14 @@ class TestPublicSurface:
             "Script",
         ]
         assert all(hasattr(routesvc.testing, name) for name in routesvc.testing.__all__)
+
+
+class TestStalls:
+    async def test_hang_with_seconds_stalls_then_resumes(self, fake: FakeProvider, http: httpx2.AsyncClient) -> None:
+        """``HANG`` with ``hang_seconds`` stalls mid-stream with the socket open, then finishes the answer."""
+        fake.enqueue(Script(fault=Fault.HANG, fault_after=2, hang_seconds=0.3))
+        started = time.monotonic()
+        events = await sse_events(http, "/v1/messages", {**MESSAGES, "stream": True})
+        assert 0.3 <= time.monotonic() - started < 1.0
+        assert events[-1][0] == "message_stop"
+        assert fake.requests[-1].completed

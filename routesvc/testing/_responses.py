@@ -90,6 +90,8 @@ async def stream_events(
                 await connection.cut()
             elif script.fault is Fault.RESET:
                 connection.reset()
+            elif script.fault is Fault.HANG and script.hang_seconds is not None:
+                await connection.pause(script.hang_seconds)
             elif script.fault is Fault.HANG:
                 await connection.hang()
             elif script.fault is Fault.MISSING_TERMINATOR:

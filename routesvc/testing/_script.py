@@ -16,14 +16,15 @@ DEFAULT_TEXT = "Hello from the fake provider."
 class Fault(enum.Enum):
     """What goes wrong in a response, after ``Script.fault_after`` content chunks.
 
-    Faults that end the exchange early (``CUT``, ``RESET``, ``HANG``) leave the stream unterminated;
-    the others inject one bad event and then finish the stream normally.
+    ``CUT``, ``RESET`` and ``HANG`` end the exchange early and leave the stream unterminated (a
+    ``HANG`` with ``Script.hang_seconds`` resumes after that stall instead); the others inject one
+    bad event and then finish the stream normally.
     """
 
     NONE = "none"
     CUT = "cut"  # close the connection (FIN) without finishing the chunked body
     RESET = "reset"  # abort the connection with a TCP RST
-    HANG = "hang"  # stop sending; keep the socket open until the client leaves
+    HANG = "hang"  # stop sending, socket open: until the client leaves, or for ``hang_seconds``
     HANG_BEFORE_HEADERS = "hang_before_headers"  # read the request, never answer
     ERROR_EVENT = "error_event"  # an in-band error event, then the end of the body
     MALFORMED_LINE = "malformed_line"  # a ``data:`` line that is not JSON
@@ -72,6 +73,7 @@ class Script:
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     fault: Fault = Fault.NONE
     fault_after: int = 0
+    hang_seconds: float | None = None
     oversized_bytes: int = 1024 * 1024
     echo_prompt: bool = True
 
