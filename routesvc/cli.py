@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from routesvc import config as config_module
@@ -145,6 +145,56 @@ async def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ms(duration: duration_pb2.Duration) -> str:
+    return f"{duration.ToNanoseconds() / 1e6:.1f} ms"
+
+
+async def _stats(args: argparse.Namespace) -> int:
+    async with RouterClient(args.target, api_key=args.api_key) as client:
+        stats = await client.get_stats(tenant=args.tenant, window_seconds=args.window, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(stats, preserving_proto_field_name=True)))
+        return 0
+    totals = stats.totals
+    print(f"window:         {stats.window.ToNanoseconds() / 1e9:g} s ({stats.tenant or 'all tenants'})")
+    print(f"requests:       {totals.requests} ({totals.errors} errors, {stats.fallbacks} fallbacks)")
+    print(f"cost:           {totals.cost_usd} USD")
+    print(f"baseline cost:  {totals.baseline_cost_usd} USD (all on {stats.baseline_model})")
+    print(f"savings:        {totals.savings_usd} USD ({totals.savings_percent:.1f}%)")
+    print(f"escalations:    {stats.escalations} (rate {stats.escalation_rate * 100:.1f}%)")
+    if stats.cascade_decisions:
+        print(f"cascade:        {stats.cascade_decisions} decisions, {stats.cascade_release_rate * 100:.1f}% released")
+    for name, values in (("latency", stats.latency), ("first token", stats.time_to_first_token)):
+        print(f"{name + ':':<15} p50 {_ms(values.p50)}, p95 {_ms(values.p95)}, p99 {_ms(values.p99)}")
+    print("models:")
+    for row in stats.models:
+        print(
+            f"  {row.model:<20} {row.totals.requests:>6} {row.share * 100:5.1f}%  cost {row.totals.cost_usd} USD, "
+            f"saved {row.totals.savings_usd} USD"
+        )
+    if len(stats.tenants) > 1:
+        print("tenants:")
+        for tenant in stats.tenants:
+            print(f"  {tenant.tenant or '(none)':<20} {tenant.totals.requests:>6}  cost {tenant.totals.cost_usd} USD")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from routesvc.errors import ModelNotFound
+    from routesvc.simulate import SimulationDataError, parse_model_map, read_prompts, simulate
+
+    settings = config_module.load_settings(args.config)
+    try:
+        report = asyncio.run(simulate(settings, read_prompts(Path(args.data)), parse_model_map(args.model_map)))
+    except (SimulationDataError, ModelNotFound) as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_json()) if args.json else report.as_text())
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from routesvc.server import serve
     from routesvc.telemetry import configure_logging
@@ -208,6 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the model catalog")
     _add_client_flags(models, request=False)
     models.set_defaults(func=lambda args: asyncio.run(_models(args)))
+    stats = commands.add_parser("stats", help="routing effectiveness: model mix, cost, savings, latency")
+    _add_client_flags(stats, request=False)
+    stats.add_argument("--tenant", default="", help="only this tenant's requests")
+    stats.add_argument("--window", type=float, default=0.0, help="seconds to look back (default: all kept)")
+    stats.set_defaults(func=lambda args: asyncio.run(_stats(args)))
+    simulate = commands.add_parser("simulate", help="route a JSONL file of prompts offline: mix, cost, savings")
+    simulate.add_argument("--data", required=True, help="JSONL file, one object with a 'prompt' per line")
+    simulate.add_argument("--config", default=None, help="YAML config (default: $ROUTESVC_CONFIG, else embedded)")
+    simulate.add_argument(
+        "--model-map",
+        action="append",
+        default=[],
+        metavar="CATALOG_ID=DATASET_ID",
+        help="score a catalog model with the file's outcomes of another model name (repeatable)",
+    )
+    simulate.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    simulate.set_defaults(func=_simulate)
     return parser
 
 

@@ -82,6 +82,18 @@ class RouterClient:
         )
         return list(response.models)
 
+    async def get_stats(
+        self, *, tenant: str = "", window_seconds: float = 0.0, timeout: float | None = None
+    ) -> pb.GetStatsResponse:
+        """Routing effectiveness over the last ``window_seconds`` (0: the server's whole window)."""
+        request = pb.GetStatsRequest(tenant=tenant)
+        if window_seconds:
+            request.window.FromNanoseconds(round(window_seconds * 1e9))
+        response: pb.GetStatsResponse = await self._stub.GetStats(
+            request, timeout=timeout, metadata=self._call_metadata(None)
+        )
+        return response
+
     async def aclose(self) -> None:
         """Close the channel."""
         await self._channel.close()

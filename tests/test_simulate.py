@@ -1,0 +1,165 @@
+"""`routesvc simulate`: route a file's prompts offline; the same numbers GetStats reports live."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from routesvc.models import ChatRequest, Message, Role
+from routesvc.simulate import SimulationDataError, read_prompts, simulate
+from routesvc.testing import FakeProvider, Script
+from routesvc.tokens import estimate_input_tokens
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import REPO, SHARED_DATA, default_config, settings_from, user_chat
+from tests.observability import observed_server
+
+ROUTERBENCH = SHARED_DATA / "routerbench_train.jsonl"
+
+
+def _write(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _routerbench_rows(count: int) -> list[dict[str, object]]:
+    with ROUTERBENCH.open(encoding="utf-8") as handle:
+        rows = [json.loads(next(handle)) for _ in range(count)]
+    # Give a few rows the hints a client would send, so the mix has more than the default model.
+    for index, hint in ((1, "code_generation"), (4, "creative_writing"), (7, "multi_step_reasoning")):
+        rows[index]["task_hint"] = hint
+    rows[9]["user_tier"] = "premium"
+    return rows
+
+
+class TestReadPrompts:
+    def test_context_fields_are_read(self, tmp_path: Path) -> None:
+        """tenant, user_tier, task_hint and max_output_tokens shape the routed request."""
+        path = _write(tmp_path / "p.jsonl", [{"prompt": "hi", "tenant": "acme", "task_hint": "code_generation"}])
+        (prompt,) = read_prompts(path)
+        assert prompt.request.chat.messages == (Message(Role.USER, "hi"),)
+        assert (prompt.request.context.tenant, prompt.request.context.task_hint) == ("acme", "code_generation")
+
+    @pytest.mark.parametrize("line", ["not json", '{"id": "x"}', '{"prompt": 3}', '{"prompt": "x", "outcomes": 1}'])
+    def test_a_bad_line_names_file_and_line(self, tmp_path: Path, line: str) -> None:
+        """A line without a string prompt (or with malformed outcomes) fails naming where."""
+        path = tmp_path / "bad.jsonl"
+        path.write_text('{"prompt": "fine"}\n\n' + line + "\n", encoding="utf-8")
+        with pytest.raises(SimulationDataError, match=r"bad\.jsonl:3"):
+            list(read_prompts(path))
+
+
+class TestSimulate:
+    async def test_mix_cost_baseline_and_savings(self, tmp_path: Path) -> None:
+        """Estimated cost is the decisions' estimates; the baseline prices the same tokens on claude-sonnet."""
+        path = _write(
+            tmp_path / "p.jsonl",
+            [{"prompt": "What is 2+2?"}, {"prompt": "Write a sort", "task_hint": "code_generation"}],
+        )
+        settings = settings_from(default_config())
+        report = await simulate(settings, read_prompts(path))
+        tokens = [
+            estimate_input_tokens(ChatRequest((Message(Role.USER, p),))) for p in ("What is 2+2?", "Write a sort")
+        ]
+        mini = (tokens[0] * Decimal("0.15") + 512 * Decimal("0.60")) / 1_000_000
+        gpt4o = (tokens[1] * Decimal("2.50") + 512 * Decimal("10.00")) / 1_000_000
+        baseline = sum((t * Decimal(3) + 512 * Decimal(15)) / 1_000_000 for t in tokens)
+        assert {m.model: m.requests for m in report.models.values()} == {"gpt-4o-mini": 1, "gpt-4o": 1}
+        assert (report.estimated_cost_usd, report.baseline_cost_usd) == (mini + gpt4o, baseline)
+        assert report.savings_usd == baseline - mini - gpt4o
+        assert report.quality_kept is None
+
+    async def test_quality_kept_needs_scores_for_the_chosen_and_the_baseline_model(self, tmp_path: Path) -> None:
+        """Without a map only identical ids are scored; --model-map names the file's models."""
+        rows = [
+            {"prompt": "a", "outcomes": {"small": 1.0, "big": 1.0}},
+            {"prompt": "b", "outcomes": {"small": 0.0, "big": 1.0}},
+            {"prompt": "c", "outcomes": {"small": 1.0}},
+        ]
+        path = _write(tmp_path / "p.jsonl", rows)
+        settings = settings_from(default_config())
+        unmapped = await simulate(settings, read_prompts(path))
+        assert (unmapped.scored, unmapped.quality_kept) == (0, None)
+        mapped = await simulate(settings, read_prompts(path), {"gpt-4o-mini": "small", "claude-sonnet": "big"})
+        assert (mapped.scored, mapped.quality_kept) == (2, 0.5)
+        assert mapped.as_json()["quality"] == {
+            "scored_prompts": 2,
+            "model_map": {"gpt-4o-mini": "small", "claude-sonnet": "big"},
+            "chosen_mean_score": 0.5,
+            "baseline_mean_score": 1.0,
+            "quality_kept": 0.5,
+        }
+
+    async def test_the_baseline_model_is_configurable(self, tmp_path: Path) -> None:
+        """telemetry.baseline_model replaces the most expensive model as the baseline."""
+        config = default_config()
+        config["telemetry"] = {"baseline_model": "gpt-4o"}
+        path = _write(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+        report = await simulate(settings_from(config), read_prompts(path))
+        assert report.baseline_model == "gpt-4o"
+
+
+class TestMatchesTheLiveService:
+    async def test_simulate_equals_getstats_after_the_same_prompts(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """RouterBench prompts through `routesvc simulate` and through the live service give the same
+        model mix, estimated cost and baseline; with usage equal to the estimate, the same savings."""
+        rows = _routerbench_rows(30)
+        path = _write(tmp_path / "routerbench30.jsonl", rows)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "routesvc", "simulate", "--data", str(path), "--json",
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, err.decode()
+        simulated = json.loads(out)
+        async with observed_server(fake) as observed:
+            for row in rows:
+                prompt = str(row["prompt"])
+                tokens = estimate_input_tokens(ChatRequest((Message(Role.USER, prompt),)))
+                fake.enqueue(Script(input_tokens=tokens, output_tokens=512))
+                context = pb.RoutingContext(
+                    task_hint=str(row.get("task_hint", "")), user_tier=str(row.get("user_tier", ""))
+                )
+                async for _ in observed.client.complete(user_chat(prompt), context):
+                    pass
+            stats = await observed.client.get_stats()
+        assert {m["model"]: m["requests"] for m in simulated["models"]} == {
+            m.model: m.totals.requests for m in stats.models
+        }
+        assert len(stats.models) > 1
+        assert Decimal(simulated["estimated_cost_usd"]) == Decimal(stats.totals.estimated_cost_usd)
+        assert Decimal(simulated["baseline_cost_usd"]) == Decimal(stats.totals.estimated_baseline_cost_usd)
+        assert Decimal(simulated["estimated_cost_usd"]) == Decimal(stats.totals.cost_usd)
+        assert Decimal(simulated["savings_usd"]) == Decimal(stats.totals.savings_usd)
+
+
+class TestSimulateCommand:
+    def test_the_shared_routerbench_rows_with_the_default_policy(self) -> None:
+        """On the RouterBench file the text report gives the mix, cost, baseline, savings and quality kept."""
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "routesvc", "simulate", "--data", str(ROUTERBENCH),
+                "--model-map", "gpt-4o-mini=gpt-3.5-turbo-1106", "--model-map", "claude-sonnet=gpt-4-1106-preview",
+            ],
+            cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0].startswith("prompts:         2216")
+        assert any(line.startswith("  gpt-4o-mini") for line in lines)
+        assert any(line.startswith("savings:") and "%" in line for line in lines)
+        assert any(line.startswith("quality kept:    ") and "scored prompts" in line for line in lines)
+
+    def test_a_missing_file_is_one_line_and_exit_2(self, tmp_path: Path) -> None:
+        """An unreadable --data file is reported without a traceback."""
+        result = subprocess.run(
+            [sys.executable, "-m", "routesvc", "simulate", "--data", str(tmp_path / "none.jsonl")],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert (result.returncode, result.stderr.count("\n")) == (2, 1)
+        assert "none.jsonl: cannot read" in result.stderr

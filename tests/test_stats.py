@@ -1,0 +1,188 @@
+"""GetStats and `routesvc stats`: the rolling window, and savings that match a hand calculation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from decimal import Decimal
+
+import grpc
+import pytest
+
+from routesvc.stats import Percentiles, RequestOutcome, RoutingStats
+from routesvc.testing import FakeProvider, Script
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import REPO, user_chat
+from tests.observability import Observed, observed_server
+
+
+def _outcome(at: float, tenant: str = "", model: str = "m", cost: str = "1", baseline: str = "3") -> RequestOutcome:
+    return RequestOutcome(
+        at=at,
+        tenant=tenant,
+        model=model,
+        selected_model=model,
+        strategy="rules",
+        ok=True,
+        cost_usd=Decimal(cost),
+        baseline_cost_usd=Decimal(baseline),
+        estimated_cost_usd=Decimal(cost),
+        estimated_baseline_cost_usd=Decimal(baseline),
+        latency_seconds=at / 100,
+    )
+
+
+class TestRoutingStats:
+    def test_outcomes_older_than_the_window_are_dropped(self) -> None:
+        """Only outcomes within window_seconds of now are counted."""
+        now = [0.0]
+        stats = RoutingStats(60, 1000, "base", clock=lambda: now[0])
+        stats.add(_outcome(0.0))
+        now[0] = 30.0
+        stats.add(_outcome(30.0))
+        now[0] = 70.0
+        assert stats.summary().totals.requests == 1
+        assert stats.summary(window_seconds=10).totals.requests == 0
+
+    def test_the_window_keeps_at_most_max_requests(self) -> None:
+        """The oldest outcomes go first when the count bound is reached."""
+        stats = RoutingStats(3600, 2, "base", clock=lambda: 5.0)
+        for at in (1.0, 2.0, 3.0):
+            stats.add(_outcome(at))
+        summary = stats.summary()
+        assert summary.totals.requests == 2
+        assert summary.latency == Percentiles(2.0 / 100, 3.0 / 100, 3.0 / 100)
+
+    def test_tenant_filter_and_per_tenant_rows(self) -> None:
+        """A tenant filter counts only its requests; without one every tenant has a row."""
+        stats = RoutingStats(3600, 100, "base", clock=lambda: 1.0)
+        stats.add(_outcome(1.0, tenant="acme", cost="1", baseline="4"))
+        stats.add(_outcome(1.0, tenant="globex", cost="2", baseline="2"))
+        acme = stats.summary(tenant="acme")
+        assert (acme.totals.requests, acme.totals.savings_usd, acme.totals.savings_percent) == (1, Decimal(3), 75.0)
+        everyone = stats.summary()
+        assert [(row.tenant, row.totals.cost_usd) for row in everyone.tenants] == [
+            ("acme", Decimal(1)),
+            ("globex", Decimal(2)),
+        ]
+        assert everyone.totals.savings_usd == Decimal(3)
+
+    def test_percentiles_are_nearest_rank(self) -> None:
+        """p50/p95/p99 of 1..100 are 50, 95 and 99."""
+        assert Percentiles.of(float(i) for i in range(100, 0, -1)) == Percentiles(50.0, 95.0, 99.0)
+
+    def test_model_rows_are_ordered_by_requests_with_shares(self) -> None:
+        """Per-model rows come most requests first, with their share of the window."""
+        stats = RoutingStats(3600, 100, "base", clock=lambda: 1.0)
+        for model in ("b", "a", "a", "c"):
+            stats.add(_outcome(1.0, model=model))
+        assert [(row.model, row.share) for row in stats.summary().models] == [("a", 0.5), ("b", 0.25), ("c", 0.25)]
+
+
+# A mixed workload and its cost by hand from the catalog prices (USD per 1M tokens):
+#   gpt-4o-mini 0.15 / 0.60, gpt-4o 2.50 / 10.00, claude-sonnet 3.00 / 15.00 (the default baseline).
+#   3 x gpt-4o-mini, 1000 in / 100 out: 3 x (0.00015 + 0.00006)  = 0.00063; on claude 3 x 0.0045 = 0.0135
+#   1 x gpt-4o,      2000 in / 300 out: 0.005 + 0.003             = 0.008;   on claude 0.006 + 0.0045 = 0.0105
+#   1 x claude,       500 in /  50 out: 0.0015 + 0.00075          = 0.00225; on claude the same   = 0.00225
+COST = Decimal("0.01088")
+BASELINE = Decimal("0.02625")
+
+
+async def _mixed_workload(observed: Observed, fake: FakeProvider) -> None:
+    fake.enqueue(Script(input_tokens=1000, output_tokens=100), model="gpt-4o-mini")
+    fake.enqueue(Script(input_tokens=1000, output_tokens=100), model="gpt-4o-mini")
+    fake.enqueue(Script(input_tokens=1000, output_tokens=100), model="gpt-4o-mini")
+    fake.enqueue(Script(input_tokens=2000, output_tokens=300), model="gpt-4o")
+    fake.enqueue(Script(input_tokens=500, output_tokens=50), model="claude-sonnet-4-6")
+    for context in (
+        pb.RoutingContext(tenant="acme"),
+        pb.RoutingContext(tenant="acme"),
+        pb.RoutingContext(tenant="globex"),
+        pb.RoutingContext(tenant="acme", task_hint="code_generation"),
+        pb.RoutingContext(tenant="globex", task_hint="creative_writing"),
+    ):
+        async for _ in observed.client.complete(user_chat("hello"), context):
+            pass
+
+
+@pytest.fixture
+async def observed(fake: FakeProvider) -> Observed:  # type: ignore[misc]
+    async with observed_server(fake) as running:
+        yield running
+
+
+class TestGetStats:
+    async def test_savings_match_the_hand_calculation(self, observed: Observed, fake: FakeProvider) -> None:
+        """After a mixed workload GetStats reports the cost, baseline cost and savings computed by hand."""
+        await _mixed_workload(observed, fake)
+        stats = await observed.client.get_stats()
+        totals = stats.totals
+        assert stats.baseline_model == "claude-sonnet"
+        assert (totals.requests, totals.errors) == (5, 0)
+        assert (Decimal(totals.cost_usd), Decimal(totals.baseline_cost_usd)) == (COST, BASELINE)
+        assert Decimal(totals.savings_usd) == BASELINE - COST
+        assert totals.savings_percent == pytest.approx(float((BASELINE - COST) / BASELINE * 100))
+        assert [(m.model, m.totals.requests, m.share) for m in stats.models] == [
+            ("gpt-4o-mini", 3, 0.6),
+            ("claude-sonnet", 1, 0.2),
+            ("gpt-4o", 1, 0.2),
+        ]
+        assert Decimal(stats.models[0].totals.cost_usd) == Decimal("0.00063")
+        assert stats.latency.p50.ToNanoseconds() > 0
+        assert stats.time_to_first_token.p99.ToNanoseconds() <= stats.latency.p99.ToNanoseconds()
+
+    async def test_per_tenant(self, observed: Observed, fake: FakeProvider) -> None:
+        """A tenant's stats count only its requests; the unfiltered answer lists each tenant."""
+        await _mixed_workload(observed, fake)
+        acme = await observed.client.get_stats(tenant="acme")
+        assert (acme.tenant, acme.totals.requests) == ("acme", 3)
+        assert Decimal(acme.totals.cost_usd) == Decimal("0.00042") + Decimal("0.008")
+        everyone = await observed.client.get_stats()
+        assert [(t.tenant, t.totals.requests) for t in everyone.tenants] == [("acme", 3), ("globex", 2)]
+
+    async def test_errors_and_fallbacks_are_counted(self, observed: Observed, fake: FakeProvider) -> None:
+        """A request that fails is an error; a retried one is not."""
+        fake.enqueue(Script(status=400), model="gpt-4o-mini")
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in observed.client.complete(user_chat("hello")):
+                pass
+        fake.enqueue(Script(status=503), Script(input_tokens=10, output_tokens=1), model="gpt-4o-mini")
+        async for _ in observed.client.complete(user_chat("hello")):
+            pass
+        stats = await observed.client.get_stats()
+        assert (stats.totals.requests, stats.totals.errors) == (2, 1)
+
+    async def test_a_negative_window_is_invalid(self, observed: Observed) -> None:
+        """window < 0 is INVALID_ARGUMENT."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await observed.client.get_stats(window_seconds=-1)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+class TestStatsCommand:
+    async def test_routesvc_stats_json_reports_the_savings(self, observed: Observed, fake: FakeProvider) -> None:
+        """`routesvc stats --json` prints GetStats as JSON, money as decimal strings."""
+        await _mixed_workload(observed, fake)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "routesvc", "stats", "--json", "--target", observed.server.target,
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        printed = json.loads(out)
+        assert Decimal(printed["totals"]["savings_usd"]) == BASELINE - COST
+        assert printed["baseline_model"] == "claude-sonnet"
+
+    async def test_routesvc_stats_text(self, observed: Observed, fake: FakeProvider) -> None:
+        """The text form names the cost, the baseline and the savings."""
+        await _mixed_workload(observed, fake)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "routesvc", "stats", "--target", observed.server.target,
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        text = out.decode()
+        assert f"savings:        {BASELINE - COST} USD" in text
+        assert "gpt-4o-mini" in text
