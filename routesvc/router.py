@@ -282,6 +282,8 @@ class Router:
             yield decision
             last_error: ProviderError | None = None
             for model_id in self._attempt_chain(decision):
+                if last_error is not None:
+                    telemetry.record_fallback(last_error.model, model_id, last_error.reason)
                 model = self._catalog.get(model_id)
                 for try_on_model in range(reliability.retries_per_model + 1):
                     if attempt.number >= reliability.max_attempts:
