@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -17,7 +18,7 @@ from routesvc.router import Router
 from routesvc.rpc_tracing import TracingInterceptor
 from routesvc.service import RouterService
 from routesvc.telemetry import Telemetry
-from routesvc.v1 import router_pb2, router_pb2_grpc
+from routesvc.v1 import router_pb2
 
 log = structlog.get_logger("routesvc.server")
 
@@ -38,6 +39,35 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         else:
             providers[name] = OpenAIProvider(name, provider.api_key, provider.base_url, provider.kind)
     return providers
+
+
+def _lenient_parser(message_type: type[Message]) -> Callable[[bytes], Message | None]:
+    """Parse a request, or give None for bytes that are not one (corrupt, invalid UTF-8), so
+    the service answers INVALID_ARGUMENT instead of the transport's UNKNOWN."""
+
+    def parse(data: bytes) -> Message | None:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return None
+
+    return parse
+
+
+def _lenient_handlers(service: RouterService) -> grpc.GenericRpcHandler:
+    """RouterService's handlers, built from the proto descriptor, with lenient request parsing."""
+    descriptor = router_pb2.DESCRIPTOR.services_by_name["RouterService"]
+    handlers = {}
+    for method in descriptor.methods:
+        request_type = getattr(router_pb2, method.input_type.name)
+        response_type = getattr(router_pb2, method.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=_lenient_parser(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
 
 
 class Server:
@@ -66,7 +96,7 @@ class Server:
         )
         self._health = health.aio.HealthServicer()
         self._service = RouterService(self._router, self.telemetry)
-        router_pb2_grpc.add_RouterServiceServicer_to_server(self._service, self._server)
+        self._server.add_generic_rpc_handlers((_lenient_handlers(self._service),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if settings.config.server.reflection:
             reflection.enable_server_reflection(

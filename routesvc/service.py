@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -47,6 +48,7 @@ from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("routesvc.service")
+_Request = TypeVar("_Request")
 
 ERROR_DOMAIN = "routesvc"
 REQUEST_ID_HEADER = "x-request-id"
@@ -159,6 +161,13 @@ class RouterService(pb_grpc.RouterServiceServicer):
         return replace(request, context=replace(context, tenant=principal.tenant, user_tier=tier))
 
     @staticmethod
+    def _parsed(request: _Request | None) -> _Request:
+        """The request, or INVALID_ARGUMENT when its bytes were not a valid message."""
+        if request is None:
+            raise InvalidRequest("request", "is not a valid protobuf message (corrupt bytes or invalid UTF-8)")
+        return request
+
+    @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, record: _CallRecord, error: RouteSvcError) -> grpc.StatusCode:
         """End the call with ``error``'s status, ErrorInfo, RetryInfo and trailers (never returns)."""
         code = status_code_of(error)
@@ -168,7 +177,6 @@ class RouterService(pb_grpc.RouterServiceServicer):
             trailers += [("routesvc-committed", "true"), ("routesvc-chunks-sent", str(error.chunks_sent))]
         record.fields["error_reason"] = error.reason
         await context.abort(code, error.message, trailing_metadata=tuple(trailers))
-        return code  # pragma: no cover - abort raises
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:
@@ -194,9 +202,11 @@ class RouterService(pb_grpc.RouterServiceServicer):
             async with asyncio.timeout(remaining):
                 yield record
         except RouteSvcError as error:
-            code = await self._abort(context, record, error)
+            code = status_code_of(error)
+            await self._abort(context, record, error)
         except TimeoutError:
-            code = await self._abort(context, record, DeadlineExceeded("deadline exceeded"))
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            await self._abort(context, record, DeadlineExceeded("deadline exceeded"))
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or task not in self._interrupted:
@@ -204,13 +214,15 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 raise
             task.uncancel()
             chunks = int(str(record.fields.get("chunks", 0)))
-            code = await self._abort(context, record, ShuttingDown("the server is shutting down", chunks_sent=chunks))
+            code = grpc.StatusCode.UNAVAILABLE
+            await self._abort(context, record, ShuttingDown("the server is shutting down", chunks_sent=chunks))
         except grpc.aio.AbortError:
             raise
         except Exception:
             # Our bug: log the traceback (locals are not rendered), answer INTERNAL, never UNKNOWN.
             log.exception("rpc_internal_error", method=method, request_id=request_id)
-            code = await self._abort(context, record, RouteSvcError("internal error"))
+            code = grpc.StatusCode.INTERNAL
+            await self._abort(context, record, RouteSvcError("internal error"))
         else:
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         finally:
@@ -232,6 +244,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
         """Decide only."""
         async with self._rpc("Route", context) as record:
+            request = self._parsed(request)
             routing_request = self._as_principal(wire.routing_request(request, self._limits), record.principal)
             decision = await self._router.route(routing_request)
             _record_decision(record, decision)
@@ -243,6 +256,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
     ) -> AsyncIterator[pb.CompleteResponse]:
         """Decide, call the model, stream the answer."""
         async with self._rpc("Complete", context) as record:
+            request = self._parsed(request)
             routing_request = self._as_principal(wire.routing_request(request, self._limits), record.principal)
             headers = _upstream_headers(context)
             chunks = 0
@@ -273,6 +287,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
     ) -> pb.ListModelsResponse:
         """The catalog."""
         async with self._rpc("ListModels", context):
+            self._parsed(request)
             settings = self._router.settings
             return pb.ListModelsResponse(
                 models=[
@@ -285,6 +300,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
         """Routing effectiveness over the window, for one tenant or all."""
         async with self._rpc("GetStats", context):
+            request = self._parsed(request)
             window = request.window.ToNanoseconds() / 1e9 if request.HasField("window") else 0.0
             if window < 0:
                 raise InvalidRequest("window", "must not be negative")
