@@ -270,6 +270,9 @@ class Telemetry:
         if config.prometheus_port is not None:
             self.prometheus = _PrometheusEndpoint(config.prometheus_host, config.prometheus_port)
             readers.append(self.prometheus.reader)
+            log.info(
+                "prometheus_endpoint_started", url=f"http://{config.prometheus_host}:{self.prometheus.port}/metrics"
+            )
         self._meter_provider: MeterProvider | None = None
         if readers:
             self._meter_provider = MeterProvider(metric_readers=readers, resource=resource, views=_views())

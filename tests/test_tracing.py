@@ -248,3 +248,41 @@ class TestEvents:
         telemetry.record_escalation("a", "b", "low score", 0.1)
         telemetry.record_cascade(True, 0.9)
         assert telemetry.current_request() is None
+
+
+def _fallback_config() -> dict[str, object]:
+    config = default_config()
+    routing = config["routing"]
+    assert isinstance(routing, dict)
+    routing["fallbacks"] = {"gpt-4o-mini": ["gpt-4o"]}
+    config["reliability"] = {"retries_per_model": 0}
+    return config
+
+
+class TestFallback:
+    async def test_a_fallback_is_an_event_with_a_client_span_per_model(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini fails 503, gpt-4o answers: two chat spans, one routesvc.fallback event, counted."""
+        fake.enqueue(Script(status=503), model="gpt-4o-mini")
+        async with observed_server(fake, config=_fallback_config()) as observed:
+            messages = await _complete(observed)
+            stats = await observed.client.get_stats()
+        assert messages[-1].completion.model == "gpt-4o"
+        (failed,) = observed.named("chat gpt-4o-mini")
+        (answered,) = observed.named("chat gpt-4o")
+        (route,) = observed.named("route")
+        (server,) = observed.named(COMPLETE)
+        assert _parent(failed) == _parent(answered) == route.context.span_id
+        assert [(e.name, dict(e.attributes or {})) for e in route.events] == [
+            (
+                "routesvc.fallback",
+                {
+                    "routesvc.from_model": "gpt-4o-mini",
+                    "routesvc.to_model": "gpt-4o",
+                    "routesvc.reason": "PROVIDER_UNAVAILABLE",
+                },
+            )
+        ]
+        assert route.status.status_code is StatusCode.UNSET
+        assert server.status.status_code is StatusCode.UNSET
+        assert _attrs(server)["routesvc.fallbacks"] == 1
+        assert stats.fallbacks == 1

@@ -1,0 +1,111 @@
+"""Metrics: GenAI client metrics, requests by model and strategy, cost, baseline and savings, and
+the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from decimal import Decimal
+
+import pytest
+
+from routesvc.testing import FakeProvider, Script
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, user_chat
+from tests.observability import Observed, observed_server
+
+
+def _by(points: list[object], key: str) -> dict[object, object]:
+    return {dict(p.attributes)[key]: p for p in points}  # type: ignore[attr-defined]
+
+
+async def _complete(observed: Observed, **context: str) -> pb.Completion:
+    messages = [m async for m in observed.client.complete(user_chat("hello"), pb.RoutingContext(**context))]
+    return messages[-1].completion
+
+
+@pytest.fixture
+async def observed(fake: FakeProvider) -> Observed:  # type: ignore[misc]
+    async with observed_server(fake) as running:
+        yield running
+
+
+class TestGenAIMetrics:
+    async def test_token_usage_by_type_and_operation_duration(self, observed: Observed, fake: FakeProvider) -> None:
+        """gen_ai.client.token.usage has input and output points; duration and time to first chunk one each."""
+        fake.enqueue(Script(input_tokens=1234, output_tokens=56))
+        await _complete(observed)
+        usage = _by(observed.points("gen_ai.client.token.usage"), "gen_ai.token.type")
+        assert (usage["input"].sum, usage["output"].sum) == (1234, 56)  # type: ignore[attr-defined]
+        attributes = dict(usage["input"].attributes)  # type: ignore[attr-defined]
+        assert attributes["gen_ai.request.model"] == "gpt-4o-mini"
+        assert attributes["gen_ai.provider.name"] == "openai"
+        (duration,) = observed.points("gen_ai.client.operation.duration")
+        (first_chunk,) = observed.points("gen_ai.client.operation.time_to_first_chunk")
+        assert duration.count == first_chunk.count == 1
+        assert 0 < first_chunk.sum <= duration.sum
+
+    async def test_a_failed_attempt_has_an_error_type(self, observed: Observed, fake: FakeProvider) -> None:
+        """The duration of a failed attempt is recorded with error.type."""
+        fake.enqueue(Script(status=503), Script())
+        await _complete(observed)
+        types = {dict(p.attributes).get("error.type") for p in observed.points("gen_ai.client.operation.duration")}
+        assert types == {None, "PROVIDER_UNAVAILABLE"}
+
+
+class TestRoutingMetrics:
+    async def test_requests_by_selected_model_and_strategy(self, observed: Observed) -> None:
+        """routesvc.requests counts Complete requests by selected model and strategy."""
+        await _complete(observed)
+        await _complete(observed)
+        await _complete(observed, task_hint="code_generation")
+        counts = {
+            (dict(p.attributes)["routesvc.selected_model"], dict(p.attributes)["routesvc.strategy"]): p.value
+            for p in observed.points("routesvc.requests")
+        }
+        assert counts == {("gpt-4o-mini", "default"): 2, ("gpt-4o", "rules"): 1}
+
+    async def test_cost_baseline_and_savings(self, observed: Observed, fake: FakeProvider) -> None:
+        """routesvc.cost is the exact cost; savings is the claude-sonnet price of the same usage minus it."""
+        fake.enqueue(Script(input_tokens=1000, output_tokens=100))
+        completion = await _complete(observed)
+        cost = float(Decimal(completion.cost_usd))
+        baseline = float((1000 * Decimal(3) + 100 * Decimal(15)) / 1_000_000)
+        (cost_point,) = observed.points("routesvc.cost")
+        (baseline_point,) = observed.points("routesvc.baseline_cost")
+        (savings_point,) = observed.points("routesvc.savings")
+        assert cost_point.value == pytest.approx(cost)
+        assert baseline_point.value == pytest.approx(baseline)
+        assert savings_point.value == pytest.approx(baseline - cost)
+
+    async def test_rpc_duration_by_method_and_code(self, observed: Observed) -> None:
+        """rpc.server.duration has one point per method and status."""
+        await observed.client.list_models()
+        await _complete(observed)
+        keys = {
+            (dict(p.attributes)["rpc.method"], dict(p.attributes)["rpc.grpc.status_code"])
+            for p in observed.points("rpc.server.duration")
+        }
+        assert keys == {("ListModels", "OK"), ("Complete", "OK")}
+
+
+class TestPrometheus:
+    async def test_scrape_endpoint_serves_the_metrics(self, fake: FakeProvider) -> None:
+        """With metrics.prometheus_port the /metrics page has token usage, cost and savings."""
+        config = default_config()
+        config["telemetry"] = {"metrics": {"prometheus_port": 0}}
+        async with observed_server(fake, config=config) as observed:
+            await _complete(observed)
+            endpoint = observed.server.telemetry.prometheus
+            assert endpoint is not None
+            url = f"http://127.0.0.1:{endpoint.port}/metrics"
+            page = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        assert "gen_ai_client_token_usage_bucket{" in page
+        assert 'gen_ai_token_type="output"' in page
+        assert "routesvc_requests_total{" in page
+        assert 'routesvc_selected_model="gpt-4o-mini"' in page
+        assert "routesvc_savings" in page
+
+    async def test_off_by_default(self, observed: Observed) -> None:
+        """No port is opened unless configured."""
+        assert observed.server.telemetry.prometheus is None
