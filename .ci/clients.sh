@@ -189,6 +189,8 @@ stop_processes() {
   if [[ $status -ne 0 && -f $LOGS/service.log ]]; then
     echo "[clients.sh] last lines of the service log ($LOGS/service.log):" >&2
     tail -n 30 "$LOGS/service.log" >&2
+  elif [[ $status -eq 0 ]]; then
+    rm -rf "$LOGS"
   fi
   exit "$status"
 }
