@@ -7,6 +7,7 @@ Every feature is a pure function of the text, so it transfers to prompts of any 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -62,6 +63,11 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 
 
+@functools.lru_cache(maxsize=32_768)
+def _cached_features(text: str) -> tuple[float, ...]:
+    return tuple(lexical_features(text))
+
+
 def lexical_features(text: str) -> list[float]:
     """The ``FEATURE_NAMES`` values of one prompt."""
     words = text.split()
@@ -89,4 +95,4 @@ def lexical_matrix(texts: Sequence[str]) -> npt.NDArray[np.float32]:
     """``lexical_features`` of each text as rows of a float32 matrix."""
     if not texts:
         return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
-    return np.array([lexical_features(text) for text in texts], dtype=np.float32)
+    return np.array([_cached_features(text) for text in texts], dtype=np.float32)

@@ -1,0 +1,163 @@
+"""Leave-one-task-out cross-validation of the fitted router on routing-outcome data.
+
+For every task (``source:task``) the router is fitted on all other tasks and scores the
+held-out one; APGR is measured for --strong/--weak where the held-out file has that pair (model
+ids matched by alias), else for the file's strongest model against its median model. Writes a
+JSON summary and, with --plots DIR, one cost-quality plot per judged group.
+
+    .venv/bin/python bench/loto.py --data ../shared/data/routing --json docs/loto.json --plots docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from routesvc.encoders import Encoder, HashingEncoder, WordLlamaEncoder
+from routesvc.evaluation import RoutingCurve, evaluate_scores, plot_curves, routing_curve
+from routesvc.fitting import FitSettings, fit_router, resolve_model
+from routesvc.outcomes import OutcomeRecord, read_outcomes
+
+GROUPS = {
+    "chat": lambda t: t.startswith(("arena_chat:", "alpaca_eval:")),
+    "math": lambda t: t.split(":", 1)[1] in {"gsm8k", "math", "agentverse-mgsm", "mmlu-pro/math"},
+    "exams": lambda t: t.startswith("mmlu_pro:") or t in {"llmrouter:mmlu", "llmrouter:gpqa"},
+    "routerbench": lambda t: t.startswith("routerbench_train:"),
+}
+
+
+def eval_pair(records: list[OutcomeRecord], rows: list[int], strong: str, weak: str) -> tuple[str, str]:
+    counts: dict[str, int] = defaultdict(int)
+    totals: dict[str, float] = defaultdict(float)
+    for i in rows:
+        for model, score in records[i].outcomes.items():
+            counts[model] += 1
+            totals[model] += score
+    common = sorted((m for m, c in counts.items() if c >= 0.9 * len(rows)), key=lambda m: totals[m] / counts[m])
+    s, w = resolve_model(strong, common), resolve_model(weak, common)
+    return (s or common[-1], w or common[len(common) // 2])
+
+
+def variants() -> dict[str, FitSettings]:
+    return {
+        "alpha 30": FitSettings(alpha=30.0),
+        "alpha 3000": FitSettings(alpha=3000.0),
+        "difficulty 0.5": FitSettings(difficulty_weight=0.5),
+        "difficulty 1": FitSettings(difficulty_weight=1.0),
+        "k 128": FitSettings(neighbours=128),
+        "prior 0.5": FitSettings(prior_weight=0.5),
+        "combined": FitSettings(),
+        "within only": FitSettings(prior_weight=0.0),
+        "prior only (kNN)": FitSettings(use_embedding=False, use_lexical=False),
+        "lexical + prior": FitSettings(use_embedding=False),
+        "no proxy files": FitSettings(proxy_weight=0.0),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/routing"))
+    parser.add_argument("--strong", default="gpt-4-1106-preview")
+    parser.add_argument("--weak", default="mixtral-8x7b-instruct")
+    parser.add_argument("--encoders", default="wordllama,hashing")
+    parser.add_argument("--variants", default="")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plots", type=Path)
+    args = parser.parse_args()
+    records = read_outcomes(args.data)
+    tasks = [f"{r.source}:{r.task}" for r in records]
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, task in enumerate(tasks):
+        by_task[task].append(i)
+    encoders: dict[str, Encoder] = {}
+    for name in args.encoders.split(","):
+        encoders[name] = WordLlamaEncoder() if name == "wordllama" else HashingEncoder()
+    chosen = {k: v for k, v in variants().items() if not args.variants or k in args.variants.split(",")}
+    results: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    held_scores: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    pairs: dict[str, tuple[str, str]] = {}
+    for task, rows in by_task.items():
+        pairs[task] = eval_pair(records, rows, args.strong, args.weak)
+    for enc_name, encoder in encoders.items():
+        started = time.perf_counter()
+        embeddings = encoder.encode([r.prompt for r in records])
+        print(f"{enc_name}: encoded {len(records)} prompts in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+        for var_name, settings in chosen.items():
+            key = f"{enc_name} / {var_name}"
+            for task, rows in by_task.items():
+                train = [i for i, t in enumerate(tasks) if t != task]
+                router = fit_router(
+                    [records[i] for i in train], args.strong, args.weak, encoder, settings,
+                    embeddings=embeddings[train], calibrate=False,
+                )
+                texts = [records[i].prompt for i in rows]
+                emb = embeddings[rows]
+                raw = router.within.predict(router.features(texts, emb))[:, 0] + settings.prior_weight * router.prior(emb)
+                held_scores[key][task] = raw
+            print(f"{key}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    rng = np.random.default_rng(0)
+    for task, rows in sorted(by_task.items()):
+        s, w = pairs[task]
+        keep = [j for j, i in enumerate(rows) if s in records[i].outcomes and w in records[i].outcomes]
+        strong = np.array([records[rows[j]].outcomes[s] for j in keep])
+        weak = np.array([records[rows[j]].outcomes[w] for j in keep])
+        if len(keep) < 20 or abs(strong.mean() - weak.mean()) < 0.03:
+            continue
+        results[task]["oracle"] = evaluate_scores(strong - weak, strong, weak).apgr
+        results[task]["random"] = float(np.mean([evaluate_scores(rng.random(len(keep)), strong, weak).apgr for _ in range(20)]))
+        for key, per_task in held_scores.items():
+            results[task][key] = evaluate_scores(per_task[task][keep], strong, weak).apgr
+        results[task]["_pair"] = f"{s} vs {w}"  # type: ignore[assignment]
+        results[task]["_n"] = len(keep)
+    methods = ["random", "oracle", *held_scores]
+    summary: dict[str, dict[str, float]] = {}
+    for group, member in GROUPS.items():
+        names = [t for t in results if member(t)]
+        summary[group] = {m: float(np.mean([results[t][m] for t in names])) for m in methods}
+    # RouterBench rows as one mixed file: pooled held-out scores of its tasks.
+    rb = [t for t in by_task if t.startswith("routerbench_train:")]
+    rows = [i for t in rb for i in by_task[t]]
+    s, w = args.strong, args.weak
+    keep = [k for k, i in enumerate(rows) if records[i].has_pair(s, w)]
+    strong = np.array([records[rows[k]].outcomes[s] for k in keep])
+    weak = np.array([records[rows[k]].outcomes[w] for k in keep])
+    pooled: dict[str, float] = {"oracle": evaluate_scores(strong - weak, strong, weak).apgr, "random": 0.5}
+    curves: dict[str, RoutingCurve] = {}
+    for key, per_task in held_scores.items():
+        score = np.concatenate([per_task[t] for t in rb])[keep]
+        pooled[key] = evaluate_scores(score, strong, weak).apgr
+        curves[key] = routing_curve(score, strong, weak)
+    curves["oracle"] = routing_curve(strong - weak, strong, weak)
+    summary["routerbench pooled"] = pooled
+    width = max(len(m) for m in methods) + 2
+    print(f"{'group':22s}" + "".join(f"{m[:width]:>{width}s}" for m in methods))
+    for group, row in summary.items():
+        print(f"{group:22s}" + "".join(f"{row[m]:>{width}.3f}" for m in methods))
+    if args.plots:
+        args.plots.mkdir(parents=True, exist_ok=True)
+        plot_curves(curves, args.plots / "loto-routerbench.png", "RouterBench rows, leave-one-task-out")
+        for group in ("chat", "math", "exams"):
+            names = [t for t in results if GROUPS[group](t)]
+            task = max(names, key=lambda t: results[t]["_n"])
+            rows = by_task[task]
+            s, w = pairs[task]
+            keep = [j for j, i in enumerate(rows) if s in records[i].outcomes and w in records[i].outcomes]
+            strong = np.array([records[rows[j]].outcomes[s] for j in keep])
+            weak = np.array([records[rows[j]].outcomes[w] for j in keep])
+            group_curves = {k: routing_curve(v[task][keep], strong, weak) for k, v in held_scores.items()}
+            group_curves["oracle"] = routing_curve(strong - weak, strong, weak)
+            safe = task.replace("/", "-").replace(":", "-").replace(" ", "-")
+            plot_curves(group_curves, args.plots / f"loto-{safe}.png", f"{task} held out ({s} vs {w})")
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "tasks": results}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

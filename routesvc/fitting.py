@@ -1,0 +1,306 @@
+"""Fitting a router from routing-outcome data, and scoring prompts with the fitted router.
+
+**Labels.** For each prompt the label is how much the strong model beats the weak one:
+``outcome[strong] - outcome[weak]``. Model ids are matched exactly, then by a loose alias
+(lower case, no ``org/`` prefix, no ``_variant`` suffix, no trailing ``-vX.Y``), so
+``Mixtral-8x7B-Instruct-v0.1`` stands for ``mixtral-8x7b-instruct``. A file that lacks the
+pair still teaches difficulty: its label is its strongest model's score minus the mean of its
+other models (a *proxy gap*), with a lower weight (``proxy_weight``).
+
+**Two parts of the score.** Held-out data sets are usually one task, where only the ranking
+*within* the task matters; mixed traffic also needs the level *between* tasks. So:
+
+- a *within-task* ridge regression on [embedding, lexical features] learns the label minus its
+  task's mean (so it cannot lean on which task a prompt comes from, which does not transfer);
+- a *between-task prior*: the mean task-level label of the ``k`` nearest training prompts.
+
+``score = within + prior_weight * prior``, then mapped through the training scores' quantiles
+to [0, 1] (a score of 0.7 means "harder than 70% of the training prompts").
+
+**Artifact** (``--out DIR``): ``router.json`` (pair, encoder, weights, quantiles, how each file
+was used) and ``library.npz`` (training embeddings as float16 and their task-level labels). No
+prompt text is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from routesvc.encoders import Encoder, Vectors, load_encoder
+from routesvc.errors import RouteSvcError
+from routesvc.features import FEATURE_NAMES, lexical_matrix
+from routesvc.outcomes import OutcomeRecord
+from routesvc.ridge import RidgeModel
+
+ARTIFACT_VERSION = 1
+FloatArray = npt.NDArray[np.float64]
+Progress = Callable[[Iterable[int], int, str], Iterable[int]]
+
+
+class FitError(RouteSvcError):
+    """A router cannot be fitted or loaded (no usable data, bad artifact)."""
+
+    reason = "FIT_FAILED"
+
+
+def model_alias(model: str) -> str:
+    """The loose form used to match model ids across data sets."""
+    name = model.rsplit("/", 1)[-1].split("_", 1)[0].lower()
+    return re.sub(r"-v\d+(?:\.\d+)*$", "", name)
+
+
+def resolve_model(model: str, available: Iterable[str]) -> str | None:
+    """``model`` itself if available, else the one available id with the same alias, else None."""
+    names = list(available)
+    if model in names:
+        return model
+    matches = [name for name in names if model_alias(name) == model_alias(model)]
+    return matches[0] if len(matches) == 1 else None
+
+
+@dataclass(frozen=True, slots=True)
+class FitSettings:
+    """The knobs of ``fit_router`` (defaults chosen by leave-one-task-out CV; see docs)."""
+
+    alpha: float = 300.0
+    neighbours: int = 32
+    prior_weight: float = 1.0
+    proxy_weight: float = 0.5
+    difficulty_weight: float = 0.0
+    use_embedding: bool = True
+    use_lexical: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class FileUsage:
+    """How one source file was used by ``fit``."""
+
+    source: str
+    prompts: int
+    strong: str
+    weak: str
+    kind: str  # "pair" or "proxy"
+
+    def describe(self) -> str:
+        """One line for the fit log."""
+        return f"{self.source}: {self.prompts} prompts, {self.kind} label {self.strong} - {self.weak}"
+
+
+@dataclass(frozen=True, slots=True)
+class Labels:
+    """Per-prompt label, weight and task, and how each file was used."""
+
+    gap: FloatArray
+    difficulty: FloatArray
+    weight: FloatArray
+    task: list[str]
+    usage: list[FileUsage]
+
+
+def label_records(records: Sequence[OutcomeRecord], strong: str, weak: str, proxy_weight: float = 0.5) -> Labels:
+    """The strong-minus-weak label of every record (proxy gap where the pair is missing)."""
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(records):
+        by_source[record.source].append(i)
+    gap = np.zeros(len(records))
+    difficulty = np.zeros(len(records))
+    weight = np.zeros(len(records))
+    usage: list[FileUsage] = []
+    for source, rows in by_source.items():
+        counts: dict[str, int] = defaultdict(int)
+        totals: dict[str, float] = defaultdict(float)
+        for i in rows:
+            for model, score in records[i].outcomes.items():
+                counts[model] += 1
+                totals[model] += score
+        common = [model for model, count in counts.items() if count >= 0.9 * len(rows)]
+        if len(common) < 2:
+            continue
+        for i in rows:
+            scores = [records[i].outcomes[m] for m in common if m in records[i].outcomes]
+            difficulty[i] = 1.0 - float(np.mean(scores))
+        s, w = resolve_model(strong, common), resolve_model(weak, common)
+        if s is not None and w is not None:
+            for i in rows:
+                outcomes = records[i].outcomes
+                if s in outcomes and w in outcomes:
+                    gap[i], weight[i] = outcomes[s] - outcomes[w], 1.0
+            usage.append(FileUsage(source, len(rows), s, w, "pair"))
+            continue
+        top = s or max(common, key=lambda model: totals[model] / counts[model])
+        for i in rows:
+            outcomes = records[i].outcomes
+            others = [outcomes[m] for m in common if m != top and m in outcomes]
+            if top not in outcomes or not others:
+                continue
+            baseline = outcomes[w] if w is not None and w in outcomes else float(np.mean(others))
+            gap[i], weight[i] = outcomes[top] - baseline, proxy_weight
+        usage.append(FileUsage(source, len(rows), top, w or "mean of the others", "proxy"))
+    tasks = [f"{record.source}:{record.task}" for record in records]
+    return Labels(gap=gap, difficulty=difficulty, weight=weight, task=tasks, usage=usage)
+
+
+def task_means(values: FloatArray, weight: FloatArray, tasks: Sequence[str]) -> FloatArray:
+    """Each row's weighted task mean of ``values``."""
+    sums: dict[str, float] = defaultdict(float)
+    weights: dict[str, float] = defaultdict(float)
+    for value, w, task in zip(values, weight, tasks, strict=True):
+        sums[task] += value * w
+        weights[task] += w
+    return np.array([sums[t] / weights[t] if weights[t] > 0 else 0.0 for t in tasks])
+
+
+def _identity(items: Iterable[int], total: int, description: str) -> Iterable[int]:
+    return items
+
+
+@dataclass
+class FittedRouter:
+    """A fitted router: turns prompts into a calibrated preference for the strong model."""
+
+    strong: str
+    weak: str
+    encoder: Encoder
+    settings: FitSettings
+    within: RidgeModel
+    library: Vectors
+    library_prior: FloatArray
+    quantiles: FloatArray
+    usage: list[FileUsage] = field(default_factory=list)
+
+    def features(self, texts: Sequence[str], embeddings: Vectors | None = None) -> FloatArray:
+        """The within-task model's input rows."""
+        parts: list[npt.NDArray[np.floating[npt.NBitBase]]] = []
+        if self.settings.use_embedding:
+            parts.append(self.encoder.encode(texts) if embeddings is None else embeddings)
+        if self.settings.use_lexical:
+            parts.append(lexical_matrix(texts))
+        return np.hstack(parts).astype(np.float64) if parts else np.zeros((len(texts), 1))
+
+    def raw_scores(self, texts: Sequence[str], progress: Progress = _identity, chunk: int = 512) -> FloatArray:
+        """Uncalibrated scores (within-task prediction plus weighted neighbour prior)."""
+        out = np.zeros(len(texts))
+        for start in progress(range(0, len(texts), chunk), (len(texts) + chunk - 1) // chunk, "scoring"):
+            batch = list(texts[start : start + chunk])
+            embeddings = self.encoder.encode(batch)
+            within = self.within.predict(self.features(batch, embeddings))[:, 0]
+            out[start : start + len(batch)] = within + self.settings.prior_weight * self.prior(embeddings)
+        return out
+
+    def prior(self, embeddings: Vectors) -> FloatArray:
+        """Mean task-level label of each embedding's nearest library prompts."""
+        if len(self.library) == 0 or self.settings.prior_weight == 0:
+            return np.zeros(len(embeddings))
+        k = min(self.settings.neighbours, len(self.library))
+        sims = embeddings.astype(np.float32) @ self.library.T.astype(np.float32)
+        nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        return np.asarray(self.library_prior[nearest].mean(axis=1), dtype=np.float64)
+
+    def calibrate(self, raw: FloatArray) -> FloatArray:
+        """Raw scores as the share of training prompts scoring lower, in [0, 1]."""
+        ranks = np.searchsorted(self.quantiles, raw, side="right")
+        return np.clip(ranks / len(self.quantiles), 0.0, 1.0)
+
+    def scores(self, texts: Sequence[str], progress: Progress = _identity) -> FloatArray:
+        """Calibrated preference for the strong model, one per text, in [0, 1]."""
+        return self.calibrate(self.raw_scores(texts, progress))
+
+    def save(self, out: Path) -> None:
+        """Write ``router.json`` and ``library.npz`` into folder ``out``."""
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "version": ARTIFACT_VERSION,
+            "strong": self.strong,
+            "weak": self.weak,
+            "encoder": self.encoder.name,
+            "settings": {name: getattr(self.settings, name) for name in self.settings.__dataclass_fields__},
+            "lexical_features": list(FEATURE_NAMES),
+            "within": self.within.to_dict(),
+            "quantiles": self.quantiles.tolist(),
+            "files": [usage.describe() for usage in self.usage],
+        }
+        (out / "router.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        np.savez_compressed(out / "library.npz", embeddings=self.library.astype(np.float16), prior=self.library_prior)
+
+    @classmethod
+    def load(cls, folder: Path, encoder: Encoder | None = None) -> FittedRouter:
+        """Read a router written by ``save``; the encoder is rebuilt from its recorded name."""
+        try:
+            meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
+            arrays = np.load(folder / "library.npz")
+        except (OSError, ValueError) as exc:
+            raise FitError(f"{folder}: not a fitted router ({exc})") from exc
+        if meta.get("version") != ARTIFACT_VERSION:
+            raise FitError(f"{folder}: artifact version {meta.get('version')!r}, expected {ARTIFACT_VERSION}")
+        chosen = encoder or load_encoder(meta["encoder"])
+        if chosen.name != meta["encoder"]:
+            raise FitError(f"{folder}: fitted with encoder {meta['encoder']!r}, given {chosen.name!r}")
+        return cls(
+            strong=meta["strong"],
+            weak=meta["weak"],
+            encoder=chosen,
+            settings=FitSettings(**meta["settings"]),
+            within=RidgeModel.from_dict(meta["within"]),
+            library=np.asarray(arrays["embeddings"], dtype=np.float32),
+            library_prior=np.asarray(arrays["prior"], dtype=np.float64),
+            quantiles=np.asarray(meta["quantiles"], dtype=np.float64),
+        )
+
+
+def fit_router(
+    records: Sequence[OutcomeRecord],
+    strong: str,
+    weak: str,
+    encoder: Encoder,
+    settings: FitSettings = FitSettings(),
+    progress: Progress = _identity,
+    embeddings: Vectors | None = None,
+    calibrate: bool = True,
+) -> FittedRouter:
+    """Fit a router for the pair from ``records``.
+
+    ``embeddings`` (one row per record) skips encoding; ``calibrate=False`` skips the score
+    quantiles (rankings are unchanged; used by cross-validation).
+    """
+    labels = label_records(records, strong, weak, settings.proxy_weight)
+    keep = np.flatnonzero(labels.weight > 0)
+    if len(keep) == 0:
+        raise FitError("no record has outcomes for two or more models")
+    texts = [records[i].prompt for i in keep]
+    if embeddings is None:
+        chunk = 512
+        steps = progress(range(0, len(texts), chunk), -(-len(texts) // chunk), "embedding")
+        parts = [encoder.encode(texts[start : start + chunk]) for start in steps]
+        vectors = np.vstack(parts)
+    else:
+        vectors = embeddings[keep]
+    gap, weight = labels.gap[keep], labels.weight[keep]
+    tasks = [labels.task[i] for i in keep]
+    level = task_means(gap, weight, tasks)
+    difficulty = labels.difficulty[keep]
+    target = gap - level + settings.difficulty_weight * (difficulty - task_means(difficulty, weight, tasks))
+    router = FittedRouter(
+        strong=strong,
+        weak=weak,
+        encoder=encoder,
+        settings=settings,
+        within=RidgeModel(np.zeros(1), np.ones(1), np.zeros((1, 1)), np.zeros(1)),
+        library=vectors,
+        library_prior=level,
+        quantiles=np.zeros(1),
+        usage=labels.usage,
+    )
+    router.within = RidgeModel.fit(router.features(texts, vectors), target, settings.alpha, weight)
+    if not calibrate:
+        return router
+    raw = router.within.predict(router.features(texts, vectors))[:, 0] + settings.prior_weight * router.prior(vectors)
+    router.quantiles = np.quantile(raw, np.linspace(0, 1, 1001))
+    return router

@@ -1,0 +1,176 @@
+"""Offline subcommands on routing-outcome data: ``fit``, ``score``, ``classify`` and ``eval``.
+
+``register(subparsers)`` adds them to the ``routesvc`` command line; each handler takes the
+parsed arguments and returns an exit code. Progress bars go to stderr (tqdm, when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from routesvc.encoders import WordLlamaEncoder
+from routesvc.errors import RouteSvcError
+from routesvc.evaluation import RoutingCurve, evaluate_scores, pair_data, plot_curves, routing_curve
+from routesvc.fitting import FitSettings, FittedRouter, fit_router
+from routesvc.outcomes import OutcomeRecord, iter_outcomes, read_outcomes
+from routesvc.strategies.classifier import TaskClassifier, read_examples
+
+
+def _progress(items: Iterable[int], total: int, description: str) -> Iterable[int]:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, total=total, desc=description, unit="batch", file=sys.stderr)
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+            count += 1
+    return count
+
+
+def _read_prompts(path: Path) -> list[OutcomeRecord]:
+    return list(iter_outcomes(path))
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """``routesvc fit``: fit a router for the pair and write it to ``--out``."""
+    started = time.perf_counter()
+    records = read_outcomes(*args.data)
+    print(f"read {len(records)} prompts from {len(args.data)} path(s)", file=sys.stderr)
+    settings = FitSettings(neighbours=args.neighbours, prior_weight=args.prior_weight, proxy_weight=args.proxy_weight)
+    router = fit_router(records, args.strong, args.weak, WordLlamaEncoder(), settings, progress=_progress)
+    for usage in router.usage:
+        print(f"  {usage.describe()}", file=sys.stderr)
+    router.save(args.out)
+    print(f"wrote {args.out} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """``routesvc score``: one ``{"id", "score"}`` per prompt (higher = prefer the strong model)."""
+    router = FittedRouter.load(args.router)
+    records = _read_prompts(args.data)
+    scores = router.scores([r.prompt for r in records], progress=_progress)
+    count = _write_jsonl(args.out, ({"id": r.id, "score": round(float(s), 6)} for r, s in zip(records, scores, strict=True)))
+    print(f"wrote {count} scores to {args.out}", file=sys.stderr)
+    return 0
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    """``routesvc classify``: one ``{"id", "task"}`` per prompt from the local task classifier."""
+    classifier = TaskClassifier(WordLlamaEncoder(), read_examples(args.examples))
+    records = _read_prompts(args.data)
+    labels: list[str] = []
+    chunk = 512
+    for start in _progress(range(0, len(records), chunk), -(-len(records) // chunk), "classifying"):
+        labels.extend(p.task for p in classifier.predict_many([r.prompt for r in records[start : start + chunk]]))
+    count = _write_jsonl(args.out, ({"id": r.id, "task": t} for r, t in zip(records, labels, strict=True)))
+    print(f"wrote {count} labels to {args.out}", file=sys.stderr)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``routesvc eval``: APGR, CPT(50%), CPT(80%), AIQ and savings of a router on one data set."""
+    router = FittedRouter.load(args.router)
+    records = _read_prompts(args.data)
+    pair = pair_data(records, args.strong, args.weak)
+    by_id = {r.id: r.prompt for r in records}
+    scores = router.scores([by_id[i] for i in pair.ids], progress=_progress)
+    report = evaluate_scores(scores, pair.strong, pair.weak, pair.strong_cost, pair.weak_cost)
+    if args.plot:
+        curves: dict[str, RoutingCurve] = {
+            "router": routing_curve(scores, pair.strong, pair.weak),
+            "oracle": routing_curve(pair.strong - pair.weak, pair.strong, pair.weak),
+        }
+        plot_curves(curves, args.plot, f"{args.data.name}: {args.strong} vs {args.weak}")
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+        return 0
+    rows = [
+        ("prompts", f"{report.prompts}"),
+        (f"quality {args.strong}", f"{report.strong_quality:.4f}"),
+        (f"quality {args.weak}", f"{report.weak_quality:.4f}"),
+        ("APGR (random 0.5)", f"{report.apgr:.4f}  (oracle {report.oracle_apgr:.4f})"),
+        ("CPT(50%)", f"{report.cpt50:.1%} strong calls"),
+        ("CPT(80%)", f"{report.cpt80:.1%} strong calls"),
+        ("AIQ", "n/a (no cost_usd)" if report.aiq is None else f"{report.aiq:.4f}"),
+        ("strong share at 95% quality", f"{report.strong_share_at_95:.1%}"),
+    ]
+    if report.savings_at_95_usd is not None and report.cost_strong_usd:
+        saved = report.savings_at_95_usd
+        rows.append(("saved at 95% quality", f"${saved:.6f}/prompt ({saved / report.cost_strong_usd:.1%} of always-strong)"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _handled(handler: object) -> object:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(handler(args))  # type: ignore[operator]
+        except RouteSvcError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``fit``, ``score``, ``classify`` and ``eval`` to ``subparsers``."""
+    fit = subparsers.add_parser("fit", help="fit a router from routing-outcome data")
+    fit.add_argument("--data", type=Path, action="append", required=True, help="outcomes file or folder (repeatable)")
+    fit.add_argument("--strong", required=True, help="strong model id as named in the data")
+    fit.add_argument("--weak", required=True, help="weak model id as named in the data")
+    fit.add_argument("--out", type=Path, required=True, help="folder to write the router to")
+    defaults = FitSettings()
+    fit.add_argument("--neighbours", type=int, default=defaults.neighbours, help=argparse.SUPPRESS)
+    fit.add_argument("--prior-weight", type=float, default=defaults.prior_weight, help=argparse.SUPPRESS)
+    fit.add_argument("--proxy-weight", type=float, default=defaults.proxy_weight, help=argparse.SUPPRESS)
+    fit.set_defaults(func=_handled(run_fit))
+
+    score = subparsers.add_parser("score", help="score prompts with a fitted router")
+    score.add_argument("--router", type=Path, required=True, help="folder written by fit")
+    score.add_argument("--data", type=Path, required=True, help="outcomes (or prompts) file or folder")
+    score.add_argument("--out", type=Path, required=True, help="JSONL of {id, score}")
+    score.set_defaults(func=_handled(run_score))
+
+    classify = subparsers.add_parser("classify", help="label prompts with the local task classifier")
+    classify.add_argument("--data", type=Path, required=True, help="outcomes (or prompts) file or folder")
+    classify.add_argument("--out", type=Path, required=True, help="JSONL of {id, task}")
+    classify.add_argument("--examples", type=Path, default=None, help="JSONL of {task, prompt}; default: shipped")
+    classify.set_defaults(func=_handled(run_classify))
+
+    evaluate = subparsers.add_parser("eval", help="APGR, CPT, AIQ and savings of a router on outcome data")
+    evaluate.add_argument("--router", type=Path, required=True, help="folder written by fit")
+    evaluate.add_argument("--data", type=Path, required=True, help="outcomes file or folder")
+    evaluate.add_argument("--strong", required=True)
+    evaluate.add_argument("--weak", required=True)
+    evaluate.add_argument("--plot", type=Path, default=None, help="write the cost-quality curve (PNG)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.set_defaults(func=_handled(run_eval))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the offline subcommands on their own (``python -m routesvc.offline``)."""
+    parser = argparse.ArgumentParser(prog="routesvc")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The embedding stage: how much does this request need the strong model?
+
+It scores the request with a router fitted by ``routesvc fit`` (nearest neighbours in an
+example library of embedded prompts with recorded outcomes, plus a learned difficulty model;
+see ``routesvc.fitting``) and sends it to the strong model when the calibrated score reaches
+``threshold``, else to the weak model. ``threshold`` is the cost-quality knob: the score is the
+share of training prompts judged easier, so ``threshold: 0.7`` sends roughly the hardest 30% of
+traffic like the training mix to the strong model.
+
+Outcomes reported through the feedback store nudge the score: near neighbours (cosine at least
+``feedback_similarity``) whose weak-model answer scored badly push towards the strong model,
+good ones push away; strong-model outcomes are kept but do not move the score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from routesvc.catalog import Catalog
+from routesvc.errors import ConfigError
+from routesvc.feedback import FeedbackStore
+from routesvc.fitting import FitError, FittedRouter
+from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
+
+
+class EmbeddingStageConfig(BaseModel):
+    """Settings of the embedding stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["embedding"] = "embedding"
+    router: Path = Field(description="folder written by `routesvc fit`")
+    strong_model: str = Field("", description="catalog id sent hard requests; default: the router's strong model")
+    weak_model: str = Field("", description="catalog id sent easy requests; default: the router's weak model")
+    threshold: float = Field(0.5, ge=0, le=1, description="calibrated score at or above which the strong model serves")
+    feedback_similarity: float = Field(0.92, ge=0, le=1, description="cosine needed for feedback to count")
+    feedback_weight: float = Field(0.3, ge=0, le=1, description="how far neighbouring feedback moves the score")
+
+
+class EmbeddingStage:
+    """Decides strong or weak from the fitted router's score; defers when neither can serve."""
+
+    def __init__(
+        self,
+        router: FittedRouter,
+        *,
+        strong_model: str,
+        weak_model: str,
+        threshold: float = 0.5,
+        feedback: FeedbackStore | None = None,
+        feedback_similarity: float = 0.92,
+        feedback_weight: float = 0.3,
+    ) -> None:
+        self._router = router
+        self._strong = strong_model
+        self._weak = weak_model
+        self._threshold = threshold
+        self._feedback = feedback
+        self._similarity = feedback_similarity
+        self._weight = feedback_weight
+        self._embeddings: OrderedDict[str, np.ndarray[tuple[int], np.dtype[np.float32]]] = OrderedDict()
+        self._library = np.zeros((0, 0), dtype=np.float32)
+        self._library_push = np.zeros(0)
+        self.rebuild_library()
+
+    @property
+    def name(self) -> str:
+        """The stage name in decisions."""
+        return "embedding"
+
+    def rebuild_library(self) -> int:
+        """Reload feedback examples from the store; returns how many weak-model examples count."""
+        if self._feedback is None:
+            return 0
+        examples = [e for e in self._feedback.examples() if e.model == self._weak]
+        if not examples:
+            self._library, self._library_push = np.zeros((0, 0), dtype=np.float32), np.zeros(0)
+            return 0
+        self._library = np.vstack([e.embedding for e in examples]).astype(np.float32)
+        # A bad weak answer (score 0) pushes up by 0.5, a good one (score 1) pulls down by 0.5.
+        self._library_push = np.array([0.5 - e.score for e in examples])
+        return len(examples)
+
+    def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
+        key = hashlib.sha256(text.encode()).hexdigest()
+        cached = self._embeddings.get(key)
+        if cached is None:
+            cached = self._router.encoder.encode([text])[0]
+            self._embeddings[key] = cached
+            while len(self._embeddings) > 4096:
+                self._embeddings.popitem(last=False)
+        return cached
+
+    def score(self, text: str) -> tuple[float, int]:
+        """The calibrated strong-model preference of ``text`` and how many feedback examples moved it."""
+        embedding = self._embed(text)
+        batch = embedding[None, :]
+        raw = self._router.within.predict(self._router.features([text], batch))[:, 0]
+        raw = raw + self._router.settings.prior_weight * self._router.prior(batch)
+        value = float(self._router.calibrate(raw)[0])
+        used = 0
+        if len(self._library) and self._library.shape[1] == len(embedding):
+            sims = self._library @ embedding
+            near = sims >= self._similarity
+            used = int(near.sum())
+            if used:
+                value = float(np.clip(value + self._weight * 2 * self._library_push[near].mean(), 0.0, 1.0))
+        return value, used
+
+    def remember(self, decision_id: str, text: str, model: str) -> None:
+        """Keep a decision's prompt embedding so later feedback on ``decision_id`` can teach the stage."""
+        if self._feedback is not None:
+            self._feedback.remember(decision_id, model, self._embed(text))
+
+    async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
+        """Strong model at or above the threshold, weak below; defer if the pick cannot serve."""
+        value, used = self.score(routing_input.request.chat.last_user_message)
+        wants_strong = value >= self._threshold
+        pick, other = (self._strong, self._weak) if wants_strong else (self._weak, self._strong)
+        comparison = ">=" if wants_strong else "<"
+        explanation = f"embedding: score {value:.2f} {comparison} threshold {self._threshold:.2f}"
+        if used:
+            explanation += f" (moved by {used} feedback example{'s' if used > 1 else ''})"
+        for model in (pick, other):
+            if routing_input.is_eligible(model):
+                note = "" if model == pick else f"; {pick} cannot serve, using {model}"
+                return Verdict(
+                    model=model,
+                    strategy=self.name,
+                    rule="strong" if model == self._strong else "weak",
+                    reasons=(f"{explanation} -> {model}{note}",),
+                    task=routing_input.task,
+                )
+        verdict = await next_stage(routing_input)
+        reason = f"{explanation}, but neither {self._strong} nor {self._weak} can serve; deferred"
+        return Verdict(
+            model=verdict.model,
+            strategy=verdict.strategy,
+            rule=verdict.rule,
+            reasons=(reason, *verdict.reasons),
+            mode=verdict.mode,
+            task=verdict.task,
+        )
+
+
+def build(config: EmbeddingStageConfig, *, catalog: Catalog, feedback: FeedbackStore | None = None) -> EmbeddingStage:
+    """The stage ``config`` describes; both models must be in ``catalog``."""
+    try:
+        router = FittedRouter.load(config.router)
+    except FitError as exc:
+        raise ConfigError(f"embedding.router: {exc.message}") from exc
+    strong = config.strong_model or router.strong
+    weak = config.weak_model or router.weak
+    for field, model in (("strong_model", strong), ("weak_model", weak)):
+        if model not in catalog:
+            raise ConfigError(f"embedding.{field}: {model!r} is not in the catalog")
+    stage = EmbeddingStage(
+        router,
+        strong_model=strong,
+        weak_model=weak,
+        threshold=config.threshold,
+        feedback=feedback,
+        feedback_similarity=config.feedback_similarity,
+        feedback_weight=config.feedback_weight,
+    )
+    strategy: Strategy = stage
+    del strategy  # EmbeddingStage satisfies the Strategy protocol (checked by mypy here)
+    return stage

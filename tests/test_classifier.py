@@ -1,0 +1,216 @@
+"""The classifier stage: local task labels, and the LLM classifier with timeout, cache and fallback."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+
+from routesvc.catalog import Catalog, ModelSpec
+from routesvc.encoders import WordLlamaEncoder
+from routesvc.errors import ConfigError
+from routesvc.models import ChatRequest, Message, Mode, RoutingContext, RoutingRequest, Role
+from routesvc.providers.openai import OpenAIProvider
+from routesvc.strategies.base import RoutingInput, Verdict
+from routesvc.strategies.classifier import (
+    ClassifierAnswerError,
+    ClassifierStageConfig,
+    LLMClassifierStage,
+    LocalClassifierStage,
+    TaskClassifier,
+    build,
+    parse_answer,
+    read_examples,
+)
+from routesvc.testing import FakeProvider, Script
+
+CHEAP = ModelSpec(
+    id="cheap",
+    provider="openai",
+    provider_model="gpt-4o-mini",
+    input_price_per_mtok=Decimal("0.15"),
+    output_price_per_mtok=Decimal("0.60"),
+    cached_input_price_per_mtok=Decimal("0.075"),
+    context_window=128_000,
+    max_output_tokens=16_000,
+    capabilities=frozenset(),
+    batch_discount=Decimal("0.5"),
+)
+
+
+@functools.cache
+def classifier() -> TaskClassifier:
+    return TaskClassifier(WordLlamaEncoder(), read_examples())
+
+
+def routing_input(text: str, task_hint: str = "") -> RoutingInput:
+    request = RoutingRequest(ChatRequest((Message(Role.USER, text),)), RoutingContext(task_hint=task_hint))
+    return RoutingInput(
+        request=request,
+        estimated_input_tokens=10,
+        estimated_output_tokens=10,
+        models=(CHEAP,),
+        task=task_hint,
+        task_source="hint" if task_hint else "",
+    )
+
+
+class Recorder:
+    """The rest of the chain: remembers what it was given and answers with a fixed verdict."""
+
+    def __init__(self) -> None:
+        self.seen: list[RoutingInput] = []
+
+    async def __call__(self, routing_input: RoutingInput, /) -> Verdict:
+        self.seen.append(routing_input)
+        return Verdict(model="cheap", strategy="default", rule="default", reasons=("default: catalog default",))
+
+
+class TestTaskClassifier:
+    @pytest.mark.parametrize(
+        ("prompt", "task"),
+        [
+            ("Write a JavaScript function that debounces another function.", "code_generation"),
+            ("Can you give me a SQL query to count orders per day?", "code_generation"),
+            ("A bakery sells 240 muffins a day at $2.50 each. How much does it earn in a week?", "multi_step_reasoning"),
+            ("If x + 2y = 10 and 3x - y = 2, what are x and y?", "multi_step_reasoning"),
+            ("Write a poem about a lonely robot on Mars.", "creative_writing"),
+            ("Tell me a short story about a dragon who is afraid of fire.", "creative_writing"),
+        ],
+    )
+    def test_labels_the_seed_policy_tasks(self, prompt: str, task: str) -> None:
+        """Code, maths and creative requests written fresh for this test get their labels."""
+        assert classifier().predict(prompt).task == task
+
+    def test_confidence_is_a_probability(self) -> None:
+        """Confidence lies in (0, 1]."""
+        prediction = classifier().predict("hello")
+        assert 0.0 < prediction.confidence <= 1.0
+
+
+class TestLocalClassifierStage:
+    async def test_annotates_the_task_and_explains(self) -> None:
+        """The stage sets task and task_source for later stages and adds its reason first."""
+        recorder = Recorder()
+        verdict = await LocalClassifierStage(classifier()).decide(routing_input("Write a haiku about rain."), recorder)
+        assert (recorder.seen[0].task, recorder.seen[0].task_source) == ("creative_writing", "classifier")
+        assert verdict.task == "creative_writing"
+        assert verdict.reasons[0].startswith("classifier: local model labelled the task 'creative_writing'")
+        assert verdict.reasons[1:] == ("default: catalog default",)
+
+    async def test_keeps_a_task_hint(self) -> None:
+        """A task hint wins unless ``override_hint`` is set."""
+        recorder = Recorder()
+        verdict = await LocalClassifierStage(classifier()).decide(routing_input("Write a haiku.", "summarization"), recorder)
+        assert recorder.seen[0].task == "summarization"
+        assert verdict.reasons[0] == "classifier: kept task 'summarization' from hint"
+
+    async def test_low_confidence_leaves_the_task_unknown(self) -> None:
+        """Below ``min_confidence`` nothing is annotated."""
+        recorder = Recorder()
+        stage = LocalClassifierStage(classifier(), min_confidence=1.01)
+        verdict = await stage.decide(routing_input("Write a haiku about rain."), recorder)
+        assert recorder.seen[0].task == ""
+        assert "task left unknown" in verdict.reasons[0]
+
+
+class TestParseAnswer:
+    def test_reads_json_inside_prose_or_fences(self) -> None:
+        """The first JSON object in the answer is used."""
+        assert parse_answer('```json\n{"task": "chat", "complexity": "low"}\n```') == ("chat", "low")
+
+    @pytest.mark.parametrize("answer", ["no json here", '{"task": "poetry"}', '{"task": "chat", "complexity": 3}', "{bad"])
+    def test_refuses_bad_answers(self, answer: str) -> None:
+        """Missing JSON, unknown labels and malformed JSON raise ``ClassifierAnswerError``."""
+        with pytest.raises(ClassifierAnswerError):
+            parse_answer(answer)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeProvider]:
+    async with FakeProvider() as server:
+        yield server
+
+
+def llm_stage(fake: FakeProvider, *, timeout_s: float = 2.0, fallback: bool = True) -> LLMClassifierStage:
+    provider = OpenAIProvider("openai", "test-key", base_url=fake.openai_base_url)
+    return LLMClassifierStage(provider, CHEAP, timeout_s=timeout_s, fallback=classifier() if fallback else None)
+
+
+class TestLLMClassifierStage:
+    async def test_labels_from_the_models_json(self, fake: FakeProvider) -> None:
+        """The model's JSON answer sets the task; the reason names the model, latency and cost."""
+        fake.enqueue(Script(text='{"task": "extraction", "complexity": "high"}', input_tokens=100, output_tokens=10))
+        recorder = Recorder()
+        verdict = await llm_stage(fake).decide(routing_input("Pull the dates out of this letter."), recorder)
+        assert recorder.seen[0].task == "extraction"
+        assert verdict.reasons[0].startswith("classifier: cheap labelled the task 'extraction', complexity high, in ")
+        # 100 input tokens at $0.15/M plus 10 output tokens at $0.60/M.
+        assert verdict.reasons[0].endswith("for $0.000021")
+
+    async def test_answers_are_cached_by_prompt(self, fake: FakeProvider) -> None:
+        """The same prompt twice makes one model call."""
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))
+        stage = llm_stage(fake)
+        await stage.decide(routing_input("hi there"), Recorder())
+        verdict = await stage.decide(routing_input("hi there"), Recorder())
+        assert len(fake.requests) == 1
+        assert verdict.reasons[0].endswith("(cached)")
+
+    async def test_timeout_falls_back_to_the_local_classifier(self, fake: FakeProvider) -> None:
+        """A model slower than the timeout is abandoned; the local label is used and the request served."""
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}', first_chunk_delay=2.0))
+        recorder = Recorder()
+        verdict = await llm_stage(fake, timeout_s=0.2).decide(routing_input("Write a limerick about cheese."), recorder)
+        assert verdict.model == "cheap"
+        assert recorder.seen[0].task == "creative_writing"
+        assert "timed out" in verdict.reasons[0]
+        assert "local fallback labelled the task 'creative_writing'" in verdict.reasons[0]
+
+    async def test_bad_json_without_fallback_leaves_task_unknown(self, fake: FakeProvider) -> None:
+        """A non-JSON answer with no local fallback passes the request on unlabelled."""
+        fake.enqueue(Script(text="I think this is a coding question."))
+        recorder = Recorder()
+        verdict = await llm_stage(fake, fallback=False).decide(routing_input("Sort a list in Go."), recorder)
+        assert recorder.seen[0].task == ""
+        assert "ClassifierAnswerError" in verdict.reasons[0]
+        assert verdict.mode is Mode.REALTIME
+
+    async def test_provider_errors_fall_back(self, fake: FakeProvider) -> None:
+        """An HTTP 500 from the provider is a fallback, not a failed request."""
+        fake.enqueue(Script(status=500))
+        recorder = Recorder()
+        verdict = await llm_stage(fake).decide(routing_input("Write a sonnet about tea."), recorder)
+        assert recorder.seen[0].task == "creative_writing"
+        assert "local fallback" in verdict.reasons[0]
+
+
+class TestBuild:
+    def test_local_is_the_default(self) -> None:
+        """The default config builds an offline local stage."""
+        assert isinstance(build(ClassifierStageConfig()), LocalClassifierStage)
+
+    def test_llm_needs_a_model(self) -> None:
+        """The llm method without a model id is a config error."""
+        config = ClassifierStageConfig(method="llm", fallback_local=False)
+        with pytest.raises(ConfigError, match="classifier"):
+            build(config, catalog=Catalog([CHEAP]), provider_for=lambda name: OpenAIProvider(name, "k"))
+
+    def test_llm_stage_from_config(self) -> None:
+        """The llm method looks up the model in the catalog and its provider by name."""
+        config = ClassifierStageConfig(method="llm", model="cheap", fallback_local=False)
+        names: list[str] = []
+
+        def provider_for(name: str) -> OpenAIProvider:
+            names.append(name)
+            return OpenAIProvider(name, "k")
+
+        assert isinstance(build(config, catalog=Catalog([CHEAP]), provider_for=provider_for), LLMClassifierStage)
+        assert names == ["openai"]
+
+    def test_unknown_fields_are_refused(self) -> None:
+        """Config models forbid extra fields."""
+        with pytest.raises(ValueError, match="extra"):
+            ClassifierStageConfig.model_validate({"kind": "classifier", "colour": "blue"})

@@ -1,0 +1,110 @@
+"""Encoders: shape, normalisation, meaning, and the OpenAI encoder over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+
+from routesvc.encoders import EncoderError, HashingEncoder, OpenAIEncoder, WordLlamaEncoder, load_encoder
+
+
+class TestWordLlamaEncoder:
+    def test_unit_rows_of_the_named_dimension(self) -> None:
+        """Each text becomes one L2-normalised float32 row of 256 dimensions."""
+        vectors = WordLlamaEncoder().encode(["write a poem", "sort a list in python"])
+        assert vectors.shape == (2, 256)
+        assert vectors.dtype == np.float32
+        assert np.linalg.norm(vectors, axis=1) == pytest.approx([1.0, 1.0], abs=1e-5)
+
+    def test_similar_requests_are_closer(self) -> None:
+        """Two coding requests are closer to each other than to a poem request."""
+        a, b, c = WordLlamaEncoder().encode(
+            ["Write a Python function to reverse a list", "Implement a Java method that sorts an array", "A poem about the sea"]
+        )
+        assert float(a @ b) > float(a @ c)
+
+    def test_empty_input(self) -> None:
+        """No texts gives an empty matrix of the right width."""
+        assert WordLlamaEncoder().encode([]).shape == (0, 256)
+
+    def test_loaded_by_name(self) -> None:
+        """``load_encoder`` rebuilds the encoder an artifact names."""
+        assert load_encoder("wordllama-l2-256").name == "wordllama-l2-256"
+
+
+class TestHashingEncoder:
+    def test_deterministic_and_normalised(self) -> None:
+        """The same text always maps to the same unit vector."""
+        encoder = HashingEncoder(64)
+        first, second = encoder.encode(["hello there world", "hello there world"])
+        assert first.tolist() == second.tolist()
+        assert float(np.linalg.norm(first)) == pytest.approx(1.0, abs=1e-6)
+
+    def test_unknown_names_are_refused(self) -> None:
+        """A non-local or unknown encoder name raises ``EncoderError``."""
+        with pytest.raises(EncoderError):
+            load_encoder("openai-text-embedding-3-small")
+
+
+class _EmbeddingsHandler(BaseHTTPRequestHandler):
+    status = 200
+    seen: list[dict[str, object]] = []  # noqa: RUF012 - shared log of the stub server
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append(body)
+        if type(self).status != 200:
+            payload = json.dumps({"error": {"message": "boom", "type": "server_error"}}).encode()
+        else:
+            # Answer out of order, as the API may: the encoder must sort by index.
+            data = [
+                {"object": "embedding", "index": i, "embedding": [float(len(text)), 1.0, 0.0]}
+                for i, text in reversed(list(enumerate(body["input"])))
+            ]
+            payload = json.dumps(
+                {"object": "list", "data": data, "model": body["model"], "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+            ).encode()
+        self.send_response(type(self).status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+@pytest.fixture
+def embeddings_server() -> Iterator[str]:
+    _EmbeddingsHandler.status = 200
+    _EmbeddingsHandler.seen = []
+    server = HTTPServer(("127.0.0.1", 0), _EmbeddingsHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+class TestOpenAIEncoder:
+    def test_batches_and_keeps_input_order(self, embeddings_server: str) -> None:
+        """Texts are sent in batches and rows come back in input order, normalised."""
+        encoder = OpenAIEncoder(api_key="k", base_url=embeddings_server, batch_size=2)
+        vectors = encoder.encode(["a", "bbb", "cc"])
+        encoder.close()
+        assert [len(body["input"]) for body in _EmbeddingsHandler.seen] == [2, 1]  # type: ignore[arg-type]
+        expected = np.array([[1, 1, 0], [3, 1, 0], [2, 1, 0]], dtype=np.float32)
+        expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+        assert vectors == pytest.approx(expected, abs=1e-6)
+
+    def test_sdk_errors_become_encoder_errors(self, embeddings_server: str) -> None:
+        """An HTTP error from the endpoint is raised as ``EncoderError`` naming the model."""
+        _EmbeddingsHandler.status = 500
+        encoder = OpenAIEncoder(api_key="k", base_url=embeddings_server)
+        with pytest.raises(EncoderError, match="text-embedding-3-small"):
+            encoder.encode(["a"])
