@@ -89,6 +89,10 @@ class Admission:
         self._wall_clock = wall_clock
         self._state: dict[str, _TenantState] = collections.defaultdict(_TenantState)
 
+    def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
+        """Apply new limits (hot reload); what was spent and reserved so far still counts."""
+        self._tenants = dict(tenants)
+
     def _prune(self, state: _TenantState, now: float) -> None:
         while state.requests and state.requests[0] <= now - _WINDOW:
             state.requests.popleft()

@@ -25,6 +25,7 @@ from routesvc.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "default_config.yaml"
 CONFIG_PATH_ENV = "ROUTESVC_CONFIG"
+DATA_DIR_ENV = "ROUTESVC_DATA_DIR"
 TARGET_ENV = "ROUTESVC_TARGET"
 DEFAULT_TARGET = "localhost:50051"
 
@@ -48,6 +49,9 @@ class ServerConfig(_Strict):
         0.0, ge=0, description="After SIGTERM, how long to keep serving with health NOT_SERVING."
     )
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
+    reload_interval_seconds: float = Field(
+        2.0, ge=0, description="How often a config file is checked for changes (hot reload); 0: never."
+    )
 
 
 class LimitsConfig(_Strict):
@@ -233,6 +237,90 @@ class TenantConfig(_Strict):
         return values
 
 
+class CascadeStepConfig(_Strict):
+    """One step of a cascade: a model, and the score its answer must reach to be released."""
+
+    model: str
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="Release the answer when its score is at least this; required but on the last."
+    )
+
+
+class CascadeChainConfig(_Strict):
+    """An ordered chain cheap -> strong; it applies when the routing decision picks its first model."""
+
+    steps: tuple[CascadeStepConfig, ...] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> CascadeChainConfig:
+        for index, step in enumerate(self.steps[:-1]):
+            if step.threshold is None:
+                raise ValueError(f"steps[{index}].threshold: required on every step but the last")
+        models = [step.model for step in self.steps]
+        if len(set(models)) != len(models):
+            raise ValueError("steps: a model appears twice")
+        return self
+
+
+class JudgeConfig(_Strict):
+    """The LLM judge: a cheap model asked for a 0-1 score of an answer in JSON."""
+
+    model: str = Field(description="Catalog id of the judge model.")
+    timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for the judge's verdict.")
+    max_output_tokens: int = Field(64, gt=0, description="Output tokens the judge may use.")
+    on_failure: Literal["release", "escalate"] = Field(
+        "release",
+        description="When the judge times out, fails or answers garbage: release the answer (score 1) or "
+        "escalate it (score 0).",
+    )
+
+
+class CascadeConfig(_Strict):
+    """Cascading escalation: score a cheap model's answer and escalate it when the score is too low."""
+
+    apply: Literal["always", "on_request", "never"] = Field(
+        "on_request",
+        description="always: every request whose decision starts a chain; on_request: only requests with "
+        "context.cascade true (a request may also say false under always); never: off.",
+    )
+    chains: tuple[CascadeChainConfig, ...] = ()
+    scorers: tuple[Literal["local", "llm_judge"], ...] = Field(
+        ("local",), min_length=1, description="Scorers in order; combined by ``combine``."
+    )
+    combine: Literal["min", "mean"] = Field(
+        "min", description="min: the lowest score, later scorers skipped once one is below the threshold; mean."
+    )
+    judge: JudgeConfig | None = Field(None, description="Required when scorers include llm_judge.")
+    max_cost_usd: Decimal | None = Field(
+        None, gt=0, description="Stop escalating when the request would cost more than this (USD)."
+    )
+
+    @model_validator(mode="after")
+    def _judge_configured(self) -> CascadeConfig:
+        if "llm_judge" in self.scorers and self.judge is None:
+            raise ValueError("judge: required when scorers include llm_judge")
+        firsts = [chain.steps[0].model for chain in self.chains]
+        if len(set(firsts)) != len(firsts):
+            raise ValueError("chains: two chains start with the same model")
+        return self
+
+
+class BatchConfig(_Strict):
+    """Batch mode: requests not needed in real time go to the providers' batch APIs."""
+
+    enabled: bool = Field(True, description="false: batch-mode decisions are served in realtime instead.")
+    store_path: Path | None = Field(
+        None,
+        description="SQLite file of batch jobs; default: $ROUTESVC_DATA_DIR/batches.db, else "
+        "$XDG_DATA_HOME/routesvc/batches.db, else ~/.local/share/routesvc/batches.db.",
+    )
+    group_window_seconds: float = Field(
+        5.0, ge=0, description="How long a job may wait to be grouped with others into one provider batch."
+    )
+    max_group_size: int = Field(1000, ge=1, description="Most requests in one provider batch.")
+    poll_interval_seconds: float = Field(30.0, gt=0, description="How often provider batches are polled.")
+
+
 class AuthConfig(_Strict):
     """Who may call the service. Health and reflection never need a key."""
 
@@ -313,6 +401,8 @@ class Config(_Strict):
     reliability: ReliabilityConfig = ReliabilityConfig()
     auth: AuthConfig = AuthConfig()
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    cascade: CascadeConfig = CascadeConfig()
+    batch: BatchConfig = BatchConfig()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
@@ -333,6 +423,13 @@ class Config(_Strict):
             for name in tenant.allowed_models or ():
                 if name not in ids:
                     raise ValueError(f"tenants.{tenant_name}.allowed_models: unknown model {name!r}")
+        for chain_index, chain in enumerate(self.cascade.chains):
+            for step_index, step in enumerate(chain.steps):
+                if step.model not in ids:
+                    where = f"cascade.chains[{chain_index}].steps[{step_index}].model"
+                    raise ValueError(f"{where}: unknown model {step.model!r}")
+        if self.cascade.judge is not None and self.cascade.judge.model not in ids:
+            raise ValueError(f"cascade.judge.model: unknown model {self.cascade.judge.model!r}")
         if self.auth.enabled and not self.tenants:
             raise ValueError("auth.enabled: no tenants are configured, so no key could ever be accepted")
         for stage_index, stage in enumerate(self.routing.stages):
@@ -377,6 +474,7 @@ class Settings:
     catalog: Catalog
     providers: Mapping[str, ProviderSettings]
     telemetry: TelemetrySettings
+    batch_store_path: Path = Path("batches.db")
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,7 +637,23 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
     providers = {name: _resolve_provider(name, provider, env) for name, provider in config.providers.items()}
     catalog = _catalog(config)
     telemetry = _resolve_telemetry(config, catalog, source, env)
-    return Settings(source=source, config=config, catalog=catalog, providers=providers, telemetry=telemetry)
+    return Settings(
+        source=source,
+        config=config,
+        catalog=catalog,
+        providers=providers,
+        telemetry=telemetry,
+        batch_store_path=config.batch.store_path or _data_dir(env) / "batches.db",
+    )
+
+
+def _data_dir(env: Mapping[str, str]) -> Path:
+    """Where routesvc keeps state: $ROUTESVC_DATA_DIR, else $XDG_DATA_HOME/routesvc, else ~/.local/share/routesvc."""
+    if env.get(DATA_DIR_ENV):
+        return Path(env[DATA_DIR_ENV])
+    if env.get("XDG_DATA_HOME"):
+        return Path(env["XDG_DATA_HOME"]) / "routesvc"
+    return Path.home() / ".local" / "share" / "routesvc"
 
 
 def _without_union_tags(location: tuple[int | str, ...]) -> tuple[int | str, ...]:

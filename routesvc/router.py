@@ -67,6 +67,7 @@ class Router:
         ledger: Ledger | None = None,
         admission: Admission | None = None,
         breakers: Breakers | None = None,
+        retry_budget: RetryBudget | None = None,
     ) -> None:
         self._settings = settings
         self._catalog = settings.catalog
@@ -79,13 +80,34 @@ class Router:
         self._ledger = ledger or Ledger()
         self._admission = admission or Admission(settings.config.tenants)
         self._breakers = breakers or Breakers(self._reliability.breaker)
-        self._retry_budget = RetryBudget(self._reliability.retry_budget_tokens, self._reliability.retry_budget_ratio)
+        self._retry_budget = retry_budget or RetryBudget(
+            self._reliability.retry_budget_tokens, self._reliability.retry_budget_ratio
+        )
         self._providers_by_model = {m.id for m in self._catalog if m.provider in self._providers}
 
     @property
     def settings(self) -> Settings:
         """The settings this router was built from."""
         return self._settings
+
+    def reconfigured(self, settings: Settings, providers: Mapping[str, Provider]) -> Router:
+        """A router for new settings (hot reload) that keeps this one's ledger, limits, breakers
+        and retry budget, so nothing counted so far is lost. Calls in flight finish on this one."""
+        self._admission.configure(settings.config.tenants)
+        return Router(
+            settings,
+            providers,
+            new_decision_id=self._new_decision_id,
+            ledger=self._ledger,
+            admission=self._admission,
+            breakers=self._breakers,
+            retry_budget=self._retry_budget,
+        )
+
+    @property
+    def providers(self) -> Mapping[str, Provider]:
+        """The provider adapters by provider name."""
+        return self._providers
 
     @property
     def ledger(self) -> Ledger:

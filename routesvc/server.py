@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import grpc
 import structlog
@@ -14,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from routesvc.config import Settings
 from routesvc.providers.base import Provider
+from routesvc.reload import ConfigWatcher
 from routesvc.router import Router
 from routesvc.rpc_tracing import TracingInterceptor
 from routesvc.service import RouterService
@@ -106,16 +109,40 @@ class Server:
         self.port = self._server.add_insecure_port(f"{host}:{settings.config.server.port if port is None else port}")
         self.target = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{self.port}"
         self._stopped = asyncio.Event()
+        self._retired: list[Router] = []
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def router(self) -> Router:
         """The router behind the service."""
         return self._router
 
+    async def reload(self, settings: Settings) -> None:
+        """Serve new calls with ``settings``; calls in flight finish on the old configuration.
+
+        Providers are rebuilt only when their settings changed (the old ones are closed at
+        shutdown, after the calls that may still use them). Listening address, TLS and telemetry
+        settings need a restart.
+        """
+        old = self._router
+        same_providers = settings.providers == old.settings.providers
+        providers = old.providers if same_providers else build_providers(settings)
+        router = old.reconfigured(settings, providers)
+        self._service.swap_router(router)
+        self._router = router
+        self._settings = settings
+        if not same_providers:
+            self._retired.append(old)
+
     async def start(self) -> None:
-        """Start serving and report SERVING."""
+        """Start serving, report SERVING, and watch the config file when there is one."""
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        interval = self._settings.config.server.reload_interval_seconds
+        # Settings read from a file name it as their source; embedded or in-memory ones "<...>".
+        if interval > 0 and not self._settings.source.startswith("<"):
+            watcher = ConfigWatcher(Path(self._settings.source), interval, self.reload)
+            self._watcher = asyncio.get_running_loop().create_task(watcher.run(), name="config-watcher")
         log.info("server_started", target=self.target, service=SERVICE_NAME)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
@@ -127,6 +154,10 @@ class Server:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         server_config = self._settings.config.server
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if server_config.drain_delay_seconds:
@@ -140,6 +171,8 @@ class Server:
             await self._server.stop(grace)
             interrupter.cancel()
         await self._router.aclose()
+        for retired in self._retired:
+            await retired.aclose()
         await asyncio.to_thread(self.telemetry.shutdown)
         log.info("server_stopped", target=self.target)
 

@@ -139,6 +139,13 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._interrupted: set[asyncio.Task[object]] = set()
         self._authenticator = Authenticator(router.settings.config)
 
+    def swap_router(self, router: Router) -> None:
+        """Serve new calls with ``router`` (hot reload); calls in flight keep the old one."""
+        self._router = router
+        self._limits = router.settings.config.limits
+        self._max_in_flight = router.settings.config.reliability.max_concurrent_rpcs
+        self._authenticator = Authenticator(router.settings.config)
+
     def interrupt_in_flight(self) -> int:
         """End every call still running (the shutdown grace is over); returns how many.
 

@@ -1,0 +1,142 @@
+"""Hot reload (issue 8): a ConfigMap-style symlink swap changes the policy without dropping calls;
+an invalid file is rejected, logged, and the old configuration keeps serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from routesvc.v1 import router_pb2 as pb
+from routesvc.v1 import router_pb2_grpc as pb_grpc
+from tests.conftest import REPO, default_config
+
+
+class ConfigMapDir:
+    """A folder laid out as the kubelet lays out a mounted ConfigMap: config.yaml -> ..data/config.yaml,
+    ..data -> a timestamped folder, swapped atomically by renaming a new symlink over ..data."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.generation = 0
+        (root / "config.yaml").symlink_to("..data/config.yaml")
+
+    @property
+    def path(self) -> Path:
+        return self.root / "config.yaml"
+
+    def publish(self, text: str) -> None:
+        self.generation += 1
+        folder = self.root / f"..2026_11_28_{self.generation}"
+        folder.mkdir()
+        (folder / "config.yaml").write_text(text)
+        temporary = self.root / "..data_tmp"
+        temporary.symlink_to(folder.name)
+        os.replace(temporary, self.root / "..data")
+
+
+def config_text(default_model: str) -> str:
+    config = default_config()
+    config["routing"]["default_model"] = default_model  # type: ignore[index]
+    config["server"] = {"port": 0, "reload_interval_seconds": 0.1}
+    config["logging"] = {"format": "json"}
+    return yaml.safe_dump(config)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[ConfigMapDir, str, subprocess.Popen[str], list[dict[str, object]]]]:
+    """`routesvc serve` as a process on a ConfigMap-style config; its log lines are collected."""
+    configmap = ConfigMapDir(tmp_path)
+    configmap.publish(config_text("gpt-4o-mini"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "routesvc", "serve", "--config", str(configmap.path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    started = json.loads(process.stdout.readline())
+    logs: list[dict[str, object]] = []
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            logs.append(json.loads(line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield configmap, str(started["target"]), process, logs
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        reader.join(timeout=5)
+
+
+def default_model(stub: pb_grpc.RouterServiceStub) -> str:
+    request = pb.RouteRequest(chat=pb.ChatRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hello")]))
+    return str(stub.Route(request, timeout=5).decision.model)
+
+
+def wait_for(predicate: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class TestHotReload:
+    def test_a_valid_swap_changes_the_policy_and_an_invalid_one_is_rejected(
+        self, served: tuple[ConfigMapDir, str, subprocess.Popen[str], list[dict[str, object]]]
+    ) -> None:
+        """gpt-4o-mini -> (swap) gpt-4o -> (invalid swap) still gpt-4o, with config_reload_rejected logged."""
+        configmap, target, _, logs = served
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.RouterServiceStub(channel)
+            assert default_model(stub) == "gpt-4o-mini"
+            configmap.publish(config_text("gpt-4o"))
+            assert wait_for(lambda: default_model(stub) == "gpt-4o")
+            configmap.publish("routing: {default_model: [broken")
+            assert wait_for(lambda: any(entry["event"] == "config_reload_rejected" for entry in logs))
+            assert default_model(stub) == "gpt-4o"
+        rejected = next(entry for entry in logs if entry["event"] == "config_reload_rejected")
+        assert "not valid YAML" in str(rejected["error"])
+
+    def test_calls_keep_being_served_across_a_swap(
+        self, served: tuple[ConfigMapDir, str, subprocess.Popen[str], list[dict[str, object]]]
+    ) -> None:
+        """200 Route calls while the config is swapped 5 times: every call succeeds."""
+        configmap, target, _, _ = served
+        failures: list[BaseException] = []
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.RouterServiceStub(channel)
+
+            def hammer() -> None:
+                for _ in range(200):
+                    try:
+                        default_model(stub)
+                    except grpc.RpcError as error:
+                        failures.append(error)
+
+            thread = threading.Thread(target=hammer)
+            thread.start()
+            for index in range(5):
+                configmap.publish(config_text("gpt-4o" if index % 2 == 0 else "gpt-4o-mini"))
+                time.sleep(0.15)
+            thread.join(timeout=60)
+        assert failures == []
