@@ -1,0 +1,55 @@
+"""structlog set-up: JSON lines or console, with the current span's ids on every line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+from opentelemetry import trace
+
+from routesvc.config import LoggingConfig
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def add_trace_context(
+    logger: structlog.typing.WrappedLogger, method: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """A structlog processor: ``trace_id`` and ``span_id`` of the current span, when there is one."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", format(context.trace_id, "032x"))
+        event.setdefault("span_id", format(context.span_id, "016x"))
+    return event
+
+
+def configure_logging(config: LoggingConfig) -> None:
+    """Route structlog and stdlib logging through one renderer at ``config.level``.
+
+    JSON lines on stdout, or console rendering on a terminal (``format: auto``); every line
+    logged inside an RPC carries its ``trace_id`` and ``span_id``.
+    """
+    console = config.format == "console" or (config.format == "auto" and sys.stdout.isatty())
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    )
+    level = _LEVELS[config.level]
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_trace_context,
+            structlog.processors.dict_tracebacks if not console else structlog.dev.set_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    # Third-party libraries (grpc, httpx, the SDKs) log through the standard library; keep them
+    # at WARNING so request URLs and bodies of debug logging never reach the output.
+    logging.basicConfig(
+        level=max(level, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
+    )

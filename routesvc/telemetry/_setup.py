@@ -1,0 +1,224 @@
+"""``Telemetry``: one server's tracer and meter providers, exporters, instruments and stats window."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Mapping
+
+import structlog
+from opentelemetry import trace
+from opentelemetry.metrics import Meter, NoOpMeterProvider
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind
+
+from routesvc.config import Settings
+from routesvc.stats import RoutingStats
+from routesvc.telemetry._request import _CURRENT, _PROPAGATOR, RequestTelemetry
+
+_SCOPE = "routesvc"
+# Bucket boundaries the GenAI conventions recommend.
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+_SECONDS_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+
+log = structlog.get_logger("routesvc.telemetry")
+
+
+class _Instruments:
+    """Every metric instrument routesvc records (names follow the OTel GenAI and RPC conventions)."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens used per upstream attempt"
+        )
+        self.operation_duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s", description="Duration of upstream attempts"
+        )
+        self.time_to_first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk", unit="s", description="Upstream time to first chunk"
+        )
+        self.rpc_duration = meter.create_histogram(
+            "rpc.server.duration", unit="s", description="Duration of routesvc RPCs"
+        )
+        self.requests = meter.create_counter(
+            "routesvc.requests", unit="{request}", description="Routed requests by selected model and strategy"
+        )
+        self.escalations = meter.create_counter(
+            "routesvc.escalations", unit="{escalation}", description="Escalations to a stronger model"
+        )
+        self.fallbacks = meter.create_counter(
+            "routesvc.fallbacks", unit="{fallback}", description="Fallbacks to another model after a failure"
+        )
+        self.cost = meter.create_counter("routesvc.cost", unit="USD", description="Cost of upstream attempts")
+        self.baseline_cost = meter.create_counter(
+            "routesvc.baseline_cost", unit="USD", description="What the same requests would cost on the baseline model"
+        )
+        self.savings = meter.create_up_down_counter(
+            "routesvc.savings", unit="USD", description="Baseline cost minus actual cost"
+        )
+
+
+def _views() -> list[View]:
+    tokens = ExplicitBucketHistogramAggregation(_TOKEN_BUCKETS)
+    seconds = ExplicitBucketHistogramAggregation(_SECONDS_BUCKETS)
+    return [
+        View(instrument_name="gen_ai.client.token.usage", aggregation=tokens),
+        View(instrument_name="gen_ai.client.operation.duration", aggregation=seconds),
+        View(instrument_name="gen_ai.client.operation.time_to_first_chunk", aggregation=seconds),
+        View(instrument_name="rpc.server.duration", aggregation=seconds),
+    ]
+
+
+class _PrometheusEndpoint:
+    """``/metrics`` for Prometheus over the OTel metrics, on its own registry (not the global one)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.reader = PrometheusMetricReader(registry=self.registry)
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port: int = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+class Telemetry:
+    """One server's tracing, metrics and routing-effectiveness window.
+
+    Built from ``settings.telemetry``; tests may pass a ``span_exporter`` (for example the SDK's
+    ``InMemorySpanExporter``, then exported synchronously) and extra ``metric_readers``.
+    ``shutdown`` flushes and stops every exporter and the Prometheus endpoint.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        span_exporter: SpanExporter | None = None,
+        metric_readers: tuple[MetricReader, ...] = (),
+    ) -> None:
+        config = settings.telemetry
+        self.settings = settings
+        self.capture_content = config.capture_content
+        self.baseline = settings.catalog.get(config.baseline_model)
+        self.stats = RoutingStats(config.stats_window_seconds, config.stats_max_requests, config.baseline_model)
+        resource = Resource(
+            {**config.resource_attributes, "service.name": config.service_name, "service.version": _version()}
+        )
+        processors: list[SpanProcessor] = []
+        if span_exporter is not None:
+            from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+            processors.append(SimpleSpanProcessor(span_exporter))
+        if config.traces_exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(
+                endpoint=config.traces_endpoint, insecure=config.otlp_insecure, headers=dict(config.otlp_headers)
+            )
+            processors.append(BatchSpanProcessor(exporter))
+        elif config.traces_exporter == "console":
+            processors.append(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+        self._tracer_provider: TracerProvider | None = None
+        if processors:
+            self._tracer_provider = TracerProvider(
+                resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio))
+            )
+            for processor in processors:
+                self._tracer_provider.add_span_processor(processor)
+            self.tracer: trace.Tracer = self._tracer_provider.get_tracer(_SCOPE, _version())
+        else:
+            # Not recording, but spans still carry the caller's context, so an incoming
+            # traceparent is passed on upstream unchanged.
+            self.tracer = trace.NoOpTracer()
+        readers = list(metric_readers)
+        if config.metrics_exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            metric_exporter = OTLPMetricExporter(
+                endpoint=config.metrics_endpoint, insecure=config.otlp_insecure, headers=dict(config.otlp_headers)
+            )
+            readers.append(PeriodicExportingMetricReader(metric_exporter, int(config.metrics_interval_seconds * 1000)))
+        elif config.metrics_exporter == "console":
+            readers.append(
+                PeriodicExportingMetricReader(
+                    ConsoleMetricExporter(out=sys.stderr), int(config.metrics_interval_seconds * 1000)
+                )
+            )
+        self.prometheus: _PrometheusEndpoint | None = None
+        if config.prometheus_port is not None:
+            self.prometheus = _PrometheusEndpoint(config.prometheus_host, config.prometheus_port)
+            readers.append(self.prometheus.reader)
+            log.info(
+                "prometheus_endpoint_started", url=f"http://{config.prometheus_host}:{self.prometheus.port}/metrics"
+            )
+        self._meter_provider: MeterProvider | None = None
+        if readers:
+            self._meter_provider = MeterProvider(metric_readers=readers, resource=resource, views=_views())
+            meter = self._meter_provider.get_meter(_SCOPE, _version())
+        else:
+            meter = NoOpMeterProvider().get_meter(_SCOPE)
+        self.instruments = _Instruments(meter)
+
+    @property
+    def tracing(self) -> bool:
+        """Whether spans are recorded and exported."""
+        return self._tracer_provider is not None
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporters (blocking; call it from a worker thread in async code)."""
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()
+        if self.prometheus is not None:
+            self.prometheus.close()
+
+    @contextlib.contextmanager
+    def server_rpc(self, service: str, method: str, metadata: Mapping[str, str]) -> Iterator[RequestTelemetry]:
+        """The server span of one RPC, continuing the caller's ``traceparent``; current inside the block.
+
+        The caller reports the status with ``RequestTelemetry.finish`` before leaving the block.
+        """
+        carrier = {key: value for key, value in metadata.items() if key in ("traceparent", "tracestate")}
+        parent = _PROPAGATOR.extract(carrier)
+        with self.tracer.start_as_current_span(
+            f"{service}/{method}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+            record_exception=False,
+            set_status_on_exception=False,
+            end_on_exit=True,
+        ) as span:
+            request = RequestTelemetry(self, span, method)
+            token = _CURRENT.set(request)
+            try:
+                yield request
+            finally:
+                request.close()
+                _CURRENT.reset(token)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("routesvc")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "0"
