@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
+from routesvc import telemetry
 from routesvc.config import RoutingConfig, RulesStageConfig
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
 from routesvc.strategies.default import DefaultStrategy
@@ -37,10 +39,16 @@ class Policy:
 
     async def _run(self, index: int, routing_input: RoutingInput) -> Verdict:
         stage = self._stages[index]
+        downstream = 0.0  # time spent in later stages, so each stage reports only its own
         if index + 1 < len(self._stages):
 
             async def next_stage(updated: RoutingInput, /) -> Verdict:
-                return await self._run(index + 1, updated)
+                nonlocal downstream
+                started = time.perf_counter()
+                try:
+                    return await self._run(index + 1, updated)
+                finally:
+                    downstream += time.perf_counter() - started
 
         else:
 
@@ -48,4 +56,8 @@ class Policy:
                 raise AssertionError("the default stage never calls next")  # pragma: no cover
 
         chain: NextStage = next_stage
-        return await stage.decide(routing_input, chain)
+        started = time.perf_counter()
+        try:
+            return await stage.decide(routing_input, chain)
+        finally:
+            telemetry.record_stage_latency(stage.name, time.perf_counter() - started - downstream)

@@ -114,6 +114,19 @@ class TestRoutingSpan:
         assert set(attributes["routesvc.candidates"]) == {"gpt-4o-mini", "gpt-4o", "claude-sonnet"}  # type: ignore[arg-type]
         assert Decimal(str(attributes["routesvc.estimated_cost_usd"])) == Decimal(decision.estimated_cost_usd)
         assert isinstance(attributes["routesvc.decision_ms"], float)
+        assert isinstance(attributes["routesvc.stage.rules_ms"], float)
+        assert "routesvc.stage.default_ms" not in attributes  # the rules decided; the default never ran
+
+    async def test_each_policy_stage_reports_its_own_latency(self, observed: Observed) -> None:
+        """When no rule picks, the rules and default stages each put their own time on the routing span."""
+        await observed.client.route(user_chat("hello"))
+        attributes = _attrs(observed.named("route")[0])
+        rules, default, total = (
+            float(attributes[key])  # type: ignore[arg-type]
+            for key in ("routesvc.stage.rules_ms", "routesvc.stage.default_ms", "routesvc.decision_ms")
+        )
+        assert min(default, rules) > 0
+        assert rules + default <= total
 
 
 class TestClientSpan:

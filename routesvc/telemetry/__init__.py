@@ -11,6 +11,7 @@ them unconditionally::
     record_decision(decision)                    its routesvc.* attributes (service)
     observed_stream(provider, model, call, mode) one "chat {model}" client span per attempt
     record_fallback(from_model, to_model, reason)
+    record_stage_latency(stage, seconds)         per policy stage, on the routing span
     record_escalation(from_model, to_model, reason, score=None)
     record_cascade(released, score=None)
 
@@ -30,6 +31,7 @@ from routesvc.telemetry._request import (
     record_decision,
     record_escalation,
     record_fallback,
+    record_stage_latency,
     start_routing,
 )
 from routesvc.telemetry._setup import Telemetry
@@ -45,5 +47,6 @@ __all__ = [
     "record_decision",
     "record_escalation",
     "record_fallback",
+    "record_stage_latency",
     "start_routing",
 ]

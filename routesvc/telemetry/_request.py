@@ -213,6 +213,15 @@ def record_decision(decision: RouteDecision) -> None:
         span.set_attribute("routesvc.decision_ms", round((time.monotonic() - rpc.routing_started) * 1000, 3))
 
 
+def record_stage_latency(stage: str, seconds: float) -> None:
+    """How long one policy stage took on its own (classifier, embedding, scorer, rules, ...)."""
+    rpc = _CURRENT.get()
+    if rpc is None:
+        return
+    (rpc.routing_span or rpc.span).set_attribute(f"routesvc.stage.{stage}_ms", round(seconds * 1000, 3))
+    rpc.telemetry.instruments.stage_duration.record(seconds, {"routesvc.stage": stage})
+
+
 def record_fallback(from_model: str, to_model: str, reason: str) -> None:
     """A fallback from ``from_model`` to ``to_model`` after a failure: a span event, not an error.
 

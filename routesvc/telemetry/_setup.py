@@ -50,6 +50,9 @@ class _Instruments:
         self.rpc_duration = meter.create_histogram(
             "rpc.server.duration", unit="s", description="Duration of routesvc RPCs"
         )
+        self.stage_duration = meter.create_histogram(
+            "routesvc.routing.stage.duration", unit="s", description="Time each policy stage took on its own"
+        )
         self.requests = meter.create_counter(
             "routesvc.requests", unit="{request}", description="Routed requests by selected model and strategy"
         )
