@@ -298,8 +298,10 @@ async def observed_stream(
             yield event
         return
     telemetry = rpc.telemetry
-    provider_settings = telemetry.settings.providers[model.provider]
-    gen_ai_provider = _GEN_AI_PROVIDERS.get(provider_settings.kind, model.provider)
+    # A provider added by a config reload is not in the settings telemetry started with.
+    provider_settings = telemetry.settings.providers.get(model.provider)
+    kind = provider_settings.kind if provider_settings is not None else ""
+    gen_ai_provider = _GEN_AI_PROVIDERS.get(kind, model.provider)
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": gen_ai_provider,
@@ -310,7 +312,7 @@ async def observed_stream(
     }
     if call.temperature is not None:
         attributes["gen_ai.request.temperature"] = call.temperature
-    if provider_settings.base_url:
+    if provider_settings is not None and provider_settings.base_url:
         url = urlsplit(provider_settings.base_url)
         if url.hostname:
             attributes["server.address"] = url.hostname
