@@ -1,0 +1,280 @@
+"""Soak benchmark (RELIABILITY 23, issue 6): mixed streaming load with injected provider faults and
+client cancels, for a configurable time, against a real server; reports every lost, duplicated or
+reordered chunk (there must be none), upstream abort latency, and memory, tasks and file
+descriptors over time.
+
+    python -m bench.soak --minutes 10 --concurrency 32 --fault-rate 0.05 --cancel-rate 0.10
+
+The server runs in this process (so its memory, asyncio tasks and descriptors can be sampled);
+the fake provider and the load generator run in a child process on loopback. Each chunk's text
+is its own index ("000017;"), so every stream can be checked on its own: the deltas received must
+be exactly 0..k-1, and k must equal the provider's chunk count on success or the committed
+trailer's count on an interrupted stream. Results go to bench/results/soak.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import multiprocessing
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from routesvc.client import RouterClient, build_chat
+from routesvc.config import LoggingConfig, parse_config
+from routesvc.server import Server
+from routesvc.telemetry import configure_logging
+from routesvc.testing import FakeProvider, Fault, Script
+
+RESULTS = Path(__file__).parent / "results"
+
+FAULTS: list[dict[str, Any]] = [
+    {"status": 503},
+    {"status": 429, "retry_after": "0"},
+    {"status": 500},
+    {"fault": Fault.CUT},
+    {"fault": Fault.RESET},
+    {"fault": Fault.ERROR_EVENT},
+    {"fault": Fault.HANG},
+    {"fault": Fault.MALFORMED_LINE},
+    {"fault": Fault.MISSING_TERMINATOR},
+    {"fault": Fault.HANG_BEFORE_HEADERS},
+]
+
+
+def chunk_text(index: int) -> str:
+    return f"{index:06d};"
+
+
+@dataclass
+class Tally:
+    requests: int = 0
+    completed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    cancelled: int = 0
+    chunks: int = 0
+    lost_or_duplicated: int = 0
+    violations: list[str] = field(default_factory=list)
+    cancel_times: dict[str, float] = field(default_factory=dict)
+
+
+def _check(tag: str, texts: list[str], expected: int | None, tally: Tally) -> None:
+    """The deltas must be chunks 0..k-1 in order; k must equal ``expected`` when known."""
+    tally.chunks += len(texts)
+    if texts != [chunk_text(i) for i in range(len(texts))] or (expected is not None and expected != len(texts)):
+        tally.lost_or_duplicated += 1
+        if len(tally.violations) < 20:
+            tally.violations.append(f"{tag}: got {len(texts)} chunks, expected {expected}")
+
+
+async def _one(
+    client: RouterClient, fake: FakeProvider, tally: Tally, rng: random.Random, args: argparse.Namespace
+) -> None:
+    tag = f"req-{tally.requests}"
+    tally.requests += 1
+    chunks = rng.randint(5, 40)
+    script = Script(chunks=tuple(chunk_text(i) for i in range(chunks)), chunk_delay=args.chunk_delay, hang_seconds=None)
+    if rng.random() < args.fault_rate:
+        fault = dict(rng.choice(FAULTS))
+        fault.setdefault("fault_after", rng.randint(0, chunks - 1))
+        script = Script(
+            chunks=script.chunks,
+            chunk_delay=args.chunk_delay,
+            hang_seconds=None,
+            **fault,  # type: ignore[arg-type]
+        )
+    fake.enqueue(script)
+    cancel_after = rng.randint(0, chunks) if rng.random() < args.cancel_rate else None
+    texts: list[str] = []
+    stream = client.complete(build_chat([("user", f"{tag} please answer")]), timeout=args.deadline)
+    try:
+        async for message in stream:
+            kind = message.WhichOneof("event")
+            if kind == "delta":
+                texts.append(message.delta.text)
+                if cancel_after is not None and len(texts) >= cancel_after:
+                    tally.cancel_times[tag] = time.monotonic()
+                    break
+            elif kind == "completion":
+                tally.completed += 1
+                _check(tag, texts, int(message.completion.usage.output_tokens), tally)
+                return
+            elif kind == "decision" and cancel_after == 0:
+                tally.cancel_times[tag] = time.monotonic()
+                break
+        if cancel_after is not None:
+            tally.cancelled += 1
+            _check(tag, texts, None, tally)
+    except grpc.aio.AioRpcError as error:
+        code = error.code().name
+        tally.errors[code] = tally.errors.get(code, 0) + 1
+        trailers = dict(error.trailing_metadata() or ())
+        committed = trailers.get("routesvc-chunks-sent")
+        _check(tag, texts, int(committed) if committed is not None else (0 if not texts else None), tally)
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _load(target_queue: Any, result_queue: Any, args: argparse.Namespace) -> None:
+    rng = random.Random(args.seed)
+    # Requests that find the script queue empty (retries take scripts too) get this default,
+    # which is self-describing like the rest.
+    async with FakeProvider(default=Script(chunks=tuple(chunk_text(i) for i in range(5)))) as fake:
+        target_queue.put(fake.base_url)
+        target = target_queue_get(result_queue)
+        tally = Tally()
+        async with RouterClient(target) as client:
+            deadline = time.monotonic() + args.minutes * 60
+
+            async def worker() -> None:
+                while time.monotonic() < deadline:
+                    await _one(client, fake, tally, rng, args)
+
+            await asyncio.gather(*[worker() for _ in range(args.concurrency)])
+        await asyncio.sleep(1.5)
+        faults = sum(
+            1
+            for r in fake.requests
+            if r.script is not None and (r.script.fault is not Fault.NONE or r.script.status != 200)
+        )
+        aborts = []
+        for record in fake.requests:
+            body = record.body if isinstance(record.body, dict) else {}
+            text = json.dumps(body.get("messages", ""))
+            for tag, cancelled_at in tally.cancel_times.items():
+                if f'"{tag} please' in text and record.aborted_at is not None:
+                    aborts.append(max(0.0, record.aborted_at - cancelled_at))
+        result_queue.put(
+            {
+                "requests": tally.requests,
+                "completed": tally.completed,
+                "cancelled_by_client": tally.cancelled,
+                "errors": tally.errors,
+                "chunks_checked": tally.chunks,
+                "lost_duplicated_or_reordered_streams": tally.lost_or_duplicated,
+                "violations": tally.violations,
+                "upstream_calls": len(fake.requests),
+                "injected_faults": faults,
+                "upstream_abort_after_cancel_s": {
+                    "count": len(aborts),
+                    "p50": statistics.median(aborts) if aborts else None,
+                    "p99": sorted(aborts)[int(len(aborts) * 0.99) - 1] if aborts else None,
+                    "max": max(aborts) if aborts else None,
+                },
+            }
+        )
+
+
+def target_queue_get(queue: Any) -> str:
+    value = queue.get()
+    assert isinstance(value, str)
+    return value
+
+
+def _load_process(target_queue: Any, result_queue: Any, args: argparse.Namespace) -> None:
+    asyncio.run(_load(target_queue, result_queue, args))
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _serve(args: argparse.Namespace) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    to_load, from_load = context.Queue(), context.Queue()
+    process = context.Process(target=_load_process, args=(to_load, from_load, args))
+    process.start()
+    fake_url = await asyncio.to_thread(to_load.get)
+    config = Path(__file__).parent.parent / "routesvc" / "default_config.yaml"
+    settings = parse_config(
+        config.read_text() + "\nreliability: {stream_idle_timeout_seconds: 1.0, first_token_timeout_seconds: 2.0, "
+        "backoff_seconds: 0.01, breaker: {failure_threshold: 1000000, open_seconds: 1}}\n",
+        "<soak>",
+        {
+            "OPENAI_API_KEY": "soak",
+            "OPENAI_BASE_URL": f"{fake_url}/v1",
+            "ANTHROPIC_API_KEY": "soak",
+            "ANTHROPIC_BASE_URL": fake_url,
+        },
+    )
+    samples: list[dict[str, float]] = []
+    async with Server(settings, port=0) as server:
+        from_load.put(server.target)
+        started = time.monotonic()
+        while process.is_alive() and from_load.empty():
+            gc.collect()
+            samples.append(
+                {
+                    "t_s": round(time.monotonic() - started, 1),
+                    "rss_mib": round(_rss_mib(), 1),
+                    "tasks": len(asyncio.all_tasks()),
+                    "fds": len(os.listdir("/proc/self/fd")),
+                }
+            )
+            await asyncio.sleep(args.sample_seconds)
+        result: dict[str, Any] = await asyncio.to_thread(from_load.get)
+        gc.collect()
+        samples.append(
+            {
+                "t_s": round(time.monotonic() - started, 1),
+                "rss_mib": round(_rss_mib(), 1),
+                "tasks": len(asyncio.all_tasks()),
+                "fds": len(os.listdir("/proc/self/fd")),
+            }
+        )
+        ledger = server.router.ledger.entries()
+        result["ledger_attempts"] = len(ledger)
+    process.join(timeout=30)
+    result["samples"] = samples
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=1.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--fault-rate", type=float, default=0.05)
+    parser.add_argument("--cancel-rate", type=float, default=0.10)
+    parser.add_argument("--deadline", type=float, default=10.0)
+    parser.add_argument("--chunk-delay", type=float, default=0.001, help="seconds between provider chunks")
+    parser.add_argument("--sample-seconds", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    args = parser.parse_args()
+    configure_logging(LoggingConfig(level="error", format="json"))
+    result = asyncio.run(_serve(args))
+    result["args"] = {k: v for k, v in vars(args).items() if k != "out"}
+    samples = result["samples"]
+    warm = [s for s in samples if s["t_s"] >= min(60.0, samples[-1]["t_s"] / 2)] or samples
+    result["memory_growth_after_warmup_pct"] = round(
+        100 * (warm[-1]["rss_mib"] - warm[0]["rss_mib"]) / warm[0]["rss_mib"], 2
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"requests {result['requests']}  completed {result['completed']}  cancelled {result['cancelled_by_client']}")
+    print(f"errors {result['errors']}")
+    print(f"injected faults {result['injected_faults']}  upstream calls {result['upstream_calls']}")
+    print(
+        f"chunks checked {result['chunks_checked']}  lost/duplicated/reordered streams {result['lost_duplicated_or_reordered_streams']}"
+    )
+    print(f"upstream abort after cancel: {result['upstream_abort_after_cancel_s']}")
+    print(
+        f"rss {warm[0]['rss_mib']} -> {warm[-1]['rss_mib']} MiB after warm-up ({result['memory_growth_after_warmup_pct']}%), "
+        f"tasks {samples[0]['tasks']} -> {samples[-1]['tasks']}, fds {samples[0]['fds']} -> {samples[-1]['fds']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
