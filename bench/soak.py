@@ -266,12 +266,12 @@ def main() -> None:
     print(f"requests {result['requests']}  completed {result['completed']}  cancelled {result['cancelled_by_client']}")
     print(f"errors {result['errors']}")
     print(f"injected faults {result['injected_faults']}  upstream calls {result['upstream_calls']}")
-    print(
-        f"chunks checked {result['chunks_checked']}  lost/duplicated/reordered streams {result['lost_duplicated_or_reordered_streams']}"
-    )
+    bad = result["lost_duplicated_or_reordered_streams"]
+    print(f"chunks checked {result['chunks_checked']}  lost/duplicated/reordered streams {bad}")
     print(f"upstream abort after cancel: {result['upstream_abort_after_cancel_s']}")
     print(
-        f"rss {warm[0]['rss_mib']} -> {warm[-1]['rss_mib']} MiB after warm-up ({result['memory_growth_after_warmup_pct']}%), "
+        f"rss {warm[0]['rss_mib']} -> {warm[-1]['rss_mib']} MiB after warm-up "
+        f"({result['memory_growth_after_warmup_pct']}%), "
         f"tasks {samples[0]['tasks']} -> {samples[-1]['tasks']}, fds {samples[0]['fds']} -> {samples[-1]['fds']}"
     )
 
