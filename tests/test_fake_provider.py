@@ -402,9 +402,13 @@ class TestPublicSurface:
         import routesvc.testing
 
         assert sorted(routesvc.testing.__all__) == [
+            "BatchOutcome",
             "DEFAULT_TEXT",
+            "FakeBatch",
             "FakeProvider",
             "Fault",
+            "FaultProxy",
+            "NetworkFault",
             "RecordedRequest",
             "Script",
         ]

@@ -1,0 +1,143 @@
+"""Faults in the network (a fault-injecting TCP proxy between us and the provider), slow
+consumers (RELIABILITY 18), and resources returning to baseline after faults (RELIABILITY 23)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from routesvc.client import RouterClient
+from routesvc.server import Server
+from routesvc.testing import FakeProvider, Fault, FaultProxy, NetworkFault, Script
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.test_validation import error_info
+
+
+@pytest.fixture
+async def proxied(fake: FakeProvider) -> AsyncIterator[tuple[FaultProxy, RouterClient]]:
+    """The service reaching the fake provider only through a FaultProxy."""
+    async with FaultProxy("127.0.0.1", fake.port) as proxy:
+        environ = {**live_environ(fake), "OPENAI_BASE_URL": f"{proxy.base_url}/v1"}
+        config = default_config()
+        config["reliability"] = {"first_token_timeout_seconds": 0.5, "max_attempts": 1}
+        async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+            yield proxy, client
+
+
+class TestNetworkFaults:
+    async def test_a_connection_reset_mid_stream_ends_committed(
+        self, proxied: tuple[FaultProxy, RouterClient], fake: FakeProvider
+    ) -> None:
+        """RST after ~3 KB of a 100-chunk stream: the deltas that arrived, in order, then UNAVAILABLE
+        with a committed trailer counting exactly them."""
+        proxy, client = proxied
+        proxy.fault = NetworkFault(reset_after_bytes=3_000)
+        fake.enqueue(Script(chunk_count=100, chunk_delay=0.005))
+        received: list[str] = []
+
+        async def read() -> None:
+            async for message in client.complete(user_chat("hi")):
+                if message.WhichOneof("event") == "delta":
+                    received.append(message.delta.text)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read()
+        assert 0 < len(received) < 100
+        assert received == [f"chunk-{i} " for i in range(len(received))]
+        assert error_info(caught.value).reason == "STREAM_INTERRUPTED"
+        assert dict(caught.value.trailing_metadata() or ())["routesvc-chunks-sent"] == str(len(received))
+        assert proxy.faults_injected == 1
+
+    async def test_a_black_hole_times_out_on_the_first_token(self, proxied: tuple[FaultProxy, RouterClient]) -> None:
+        """A network that accepts and never answers: UNAVAILABLE after first_token_timeout_seconds."""
+        proxy, client = proxied
+        proxy.fault = NetworkFault(blackhole=True)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in client.complete(user_chat("hi")):
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert 0.5 <= time.monotonic() - started < 2.0
+
+    async def test_a_slow_network_is_not_a_stall(
+        self, proxied: tuple[FaultProxy, RouterClient], fake: FakeProvider
+    ) -> None:
+        """20 ms per network chunk, under the timers: the whole answer arrives."""
+        proxy, client = proxied
+        proxy.fault = NetworkFault(delay_per_chunk=0.02)
+        fake.enqueue(Script(chunk_count=20, chunk_delay=0.01))
+        messages = [m async for m in client.complete(user_chat("hi"))]
+        assert messages[-1].completion.usage.output_tokens == 20
+
+
+class TestSlowConsumer:
+    async def test_a_slow_reader_holds_back_its_provider_and_nobody_else(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A client reading one 16 KiB chunk per 20 ms: the provider is held back by flow control (it
+        cannot push the whole 32 MiB answer into our memory), while another stream completes at once."""
+        big = "x" * 16_384
+        fake.enqueue(Script(chunks=(big,) * 2_000), model="gpt-4o")
+        fake.enqueue(Script(chunk_count=50), model="gpt-4o-mini")
+        slow = live_client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o"))
+        read = 0
+        async for message in slow:
+            read += message.WhichOneof("event") == "delta"
+            if read >= 25:
+                break
+            await asyncio.sleep(0.02)
+        started = time.monotonic()
+        fast = [m async for m in live_client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o-mini"))]
+        fast_seconds = time.monotonic() - started
+        slow_record = next(r for r in fake.requests if r.model == "gpt-4o")
+        pushed = slow_record.chunks_sent
+        await slow.aclose()  # type: ignore[attr-defined]
+        assert fast[-1].WhichOneof("event") == "completion"
+        assert fast_seconds < 2.0
+        assert pushed < 1_000, f"the provider pushed {pushed} of 2000 chunks for a reader that took {read}"
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class TestResourcesReturnToBaseline:
+    async def test_faults_and_cancels_leave_no_tasks_or_descriptors_behind(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """After 200 requests mixing cuts, resets, 503s, hangs and client cancels, the asyncio tasks
+        and open descriptors are back to what they were after warm-up."""
+        for _ in range(10):
+            [m async for m in live_client.complete(user_chat("warm up"))]
+        await asyncio.sleep(0.2)
+        tasks, fds = len(asyncio.all_tasks()), _fds()
+        faults = [
+            Script(chunk_count=20, fault=Fault.CUT, fault_after=5),
+            Script(chunk_count=20, fault=Fault.RESET, fault_after=5),
+            Script(status=503),
+            Script(chunk_count=20, chunk_delay=0.01),
+            Script(chunk_count=20),
+        ]
+        for index in range(200):
+            fake.enqueue(faults[index % len(faults)])
+            stream = live_client.complete(user_chat("hi"))
+            try:
+                async for message in stream:
+                    if index % 5 == 3 and message.WhichOneof("event") == "delta":
+                        break  # a client cancel mid-stream
+            except grpc.aio.AioRpcError:
+                pass
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+        for _ in range(50):
+            if len(asyncio.all_tasks()) <= tasks and _fds() <= fds + 4:
+                break
+            await asyncio.sleep(0.05)
+        assert len(asyncio.all_tasks()) <= tasks
+        assert _fds() <= fds + 4  # keep-alive pools may hold a few more sockets, never one per request
