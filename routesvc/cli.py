@@ -171,6 +171,7 @@ async def _stats(args: argparse.Namespace) -> int:
         print(
             f"  {row.model:<20} {row.totals.requests:>6} {row.share * 100:5.1f}%  cost {row.totals.cost_usd} USD, "
             f"saved {row.totals.savings_usd} USD"
+            + (f", feedback {row.mean_feedback_score:.2f} ({row.feedback_count})" if row.feedback_count else "")
         )
     if len(stats.tenants) > 1:
         print("tenants:")

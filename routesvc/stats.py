@@ -5,7 +5,8 @@ request cost (every upstream attempt, estimated usage included for interrupted o
 same usage would have cost on the baseline model, the decision's estimates, latency, time to
 first chunk, escalations, fallbacks and the cascade's verdict. ``RoutingStats.summary`` folds
 the outcomes of a window (optionally of one tenant) into totals, per-model and per-tenant rows.
-Savings are ``baseline cost - cost``; money stays ``Decimal`` until it is put on the wire.
+Feedback scores (``add_feedback``) are averaged per model over the same window. Savings are
+``baseline cost - cost``; money stays ``Decimal`` until it is put on the wire.
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ class RequestOutcome:
     fallbacks: int = 0
     cascade_released: bool | None = None
     cascade_score: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackOutcome:
+    """A feedback score in [0, 1] reported for a past decision's answering model."""
+
+    at: float
+    tenant: str
+    model: str
+    score: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +115,8 @@ class ModelRow:
     model: str
     share: float
     totals: Totals
+    feedback_count: int = 0
+    mean_feedback_score: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,15 +172,23 @@ class RoutingStats:
         self.baseline_model = baseline_model
         self._clock = clock
         self._outcomes: deque[RequestOutcome] = deque(maxlen=max_requests)
+        self._feedback: deque[FeedbackOutcome] = deque(maxlen=max_requests)
 
     def add(self, outcome: RequestOutcome) -> None:
         """Keep ``outcome``; drop what fell out of the window."""
         self._outcomes.append(outcome)
         self._expire(self._clock())
 
+    def add_feedback(self, feedback: FeedbackOutcome) -> None:
+        """Keep a feedback score; it counts for its model while it is in the window."""
+        self._feedback.append(feedback)
+        self._expire(self._clock())
+
     def _expire(self, now: float) -> None:
         while self._outcomes and now - self._outcomes[0].at > self.window_seconds:
             self._outcomes.popleft()
+        while self._feedback and now - self._feedback[0].at > self.window_seconds:
+            self._feedback.popleft()
 
     def summary(self, *, tenant: str = "", window_seconds: float | None = None) -> StatsSummary:
         """Fold the last ``window_seconds`` (at most the whole window) of ``tenant`` (all when empty)."""
@@ -181,6 +202,11 @@ class RoutingStats:
         for outcome in outcomes:
             by_model.setdefault(outcome.model, []).append(outcome)
             by_tenant.setdefault(outcome.tenant, []).append(outcome)
+        scores: dict[str, list[float]] = {}
+        for feedback in self._feedback:
+            if now - feedback.at <= window and (not tenant or feedback.tenant == tenant):
+                scores.setdefault(feedback.model, []).append(feedback.score)
+                by_model.setdefault(feedback.model, [])
         released = [o for o in outcomes if o.cascade_released]
         released_scores = [o.cascade_score for o in released if o.cascade_score is not None]
         return StatsSummary(
@@ -199,7 +225,13 @@ class RoutingStats:
                 o.time_to_first_chunk_seconds for o in outcomes if o.time_to_first_chunk_seconds is not None
             ),
             models=tuple(
-                ModelRow(model, len(rows) / len(outcomes), Totals.of(rows))
+                ModelRow(
+                    model,
+                    len(rows) / len(outcomes) if outcomes else 0.0,
+                    Totals.of(rows),
+                    len(scores.get(model, ())),
+                    sum(scores[model]) / len(scores[model]) if scores.get(model) else None,
+                )
                 for model, rows in sorted(by_model.items(), key=lambda item: (-len(item[1]), item[0]))
             ),
             tenants=tuple(TenantRow(name, Totals.of(rows)) for name, rows in sorted(by_tenant.items())),

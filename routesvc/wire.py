@@ -31,7 +31,7 @@ from routesvc.models import (
     TextDelta,
     ToolSpec,
 )
-from routesvc.stats import Percentiles, StatsSummary, Totals
+from routesvc.stats import ModelRow, Percentiles, StatsSummary, Totals
 from routesvc.v1 import router_pb2 as pb
 
 _ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}
@@ -231,6 +231,15 @@ def _percentiles(values: Percentiles) -> pb.LatencyPercentiles:
     return pb.LatencyPercentiles(p50=_duration(values.p50), p95=_duration(values.p95), p99=_duration(values.p99))
 
 
+def _model_stats(row: ModelRow) -> pb.ModelStats:
+    message = pb.ModelStats(
+        model=row.model, share=row.share, totals=_cost_totals(row.totals), feedback_count=row.feedback_count
+    )
+    if row.mean_feedback_score is not None:
+        message.mean_feedback_score = row.mean_feedback_score
+    return message
+
+
 def stats_message(summary: StatsSummary) -> pb.GetStatsResponse:
     """The protobuf form of a routing-effectiveness summary."""
     response = pb.GetStatsResponse(
@@ -238,9 +247,7 @@ def stats_message(summary: StatsSummary) -> pb.GetStatsResponse:
         tenant=summary.tenant,
         baseline_model=summary.baseline_model,
         totals=_cost_totals(summary.totals),
-        models=[
-            pb.ModelStats(model=row.model, share=row.share, totals=_cost_totals(row.totals)) for row in summary.models
-        ],
+        models=[_model_stats(row) for row in summary.models],
         tenants=[pb.TenantStats(tenant=row.tenant, totals=_cost_totals(row.totals)) for row in summary.tenants],
         escalations=summary.escalations,
         escalation_rate=summary.escalation_rate,

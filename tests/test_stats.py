@@ -10,10 +10,12 @@ from decimal import Decimal
 import grpc
 import pytest
 
-from routesvc.stats import Percentiles, RequestOutcome, RoutingStats
+from routesvc import telemetry
+from routesvc.stats import FeedbackOutcome, Percentiles, RequestOutcome, RoutingStats
+from routesvc.telemetry import Telemetry
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import REPO, user_chat
+from tests.conftest import REPO, default_config, settings_from, user_chat
 from tests.observability import Observed, observed_server
 
 
@@ -78,6 +80,33 @@ class TestRoutingStats:
         for model in ("b", "a", "a", "c"):
             stats.add(_outcome(1.0, model=model))
         assert [(row.model, row.share) for row in stats.summary().models] == [("a", 0.5), ("b", 0.25), ("c", 0.25)]
+
+    def test_feedback_is_averaged_per_model_within_the_window(self) -> None:
+        """Feedback scores count for their model while in the window; a model with feedback only has a row."""
+        now = [10.0]
+        stats = RoutingStats(60, 100, "base", clock=lambda: now[0])
+        stats.add(_outcome(10.0, model="a"))
+        stats.add_feedback(FeedbackOutcome(10.0, "acme", "a", 1.0))
+        stats.add_feedback(FeedbackOutcome(10.0, "globex", "a", 0.0))
+        stats.add_feedback(FeedbackOutcome(10.0, "acme", "b", 0.5))
+        rows = {
+            row.model: (row.totals.requests, row.feedback_count, row.mean_feedback_score)
+            for row in stats.summary().models
+        }
+        assert rows == {"a": (1, 2, 0.5), "b": (0, 1, 0.5)}
+        acme = {row.model: row.mean_feedback_score for row in stats.summary(tenant="acme").models}
+        assert acme == {"a": 1.0, "b": 0.5}
+        now[0] = 100.0
+        assert stats.summary().models == ()
+
+    def test_record_feedback_inside_an_rpc_reaches_the_window(self) -> None:
+        """telemetry.record_feedback, called by the RPC receiving feedback, is counted for its model."""
+        instrumentation = Telemetry(settings_from(default_config()))
+        with instrumentation.server_rpc("routesvc.v1.RouterService", "Feedback", {}) as rpc:
+            telemetry.record_feedback("gpt-4o-mini", 0.75, decision_id="d1", tenant="acme")
+            rpc.finish("OK", 0)
+        (row,) = instrumentation.stats.summary(tenant="acme").models
+        assert (row.model, row.feedback_count, row.mean_feedback_score) == ("gpt-4o-mini", 1, 0.75)
 
 
 # A mixed workload and its cost by hand from the catalog prices (USD per 1M tokens):

@@ -12,6 +12,7 @@ them unconditionally::
     observed_stream(provider, model, call, mode) one "chat {model}" client span per attempt
     record_fallback(from_model, to_model, reason)
     record_stage_latency(stage, seconds)         per policy stage, on the routing span
+    record_feedback(model, score, decision_id=, tenant=)   from the RPC that receives feedback
     record_escalation(from_model, to_model, reason, score=None)
     record_cascade(released, score=None)
 
@@ -31,6 +32,7 @@ from routesvc.telemetry._request import (
     record_decision,
     record_escalation,
     record_fallback,
+    record_feedback,
     record_stage_latency,
     start_routing,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "record_decision",
     "record_escalation",
     "record_fallback",
+    "record_feedback",
     "record_stage_latency",
     "start_routing",
 ]

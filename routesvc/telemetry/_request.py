@@ -33,7 +33,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers.base import ProviderCall
-from routesvc.stats import RequestOutcome
+from routesvc.stats import FeedbackOutcome, RequestOutcome
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class RequestTelemetry:
                 model=answered,
                 selected_model=decision.model,
                 strategy=decision.strategy,
-                ok=self.code == "OK",
+                ok=self.code in ("OK", "CANCELLED"),  # a caller that gave up is not a failure
                 cost_usd=cost,
                 baseline_cost_usd=baseline,
                 estimated_cost_usd=decision.estimated_cost_usd,
@@ -211,6 +211,20 @@ def record_decision(decision: RouteDecision) -> None:
     )
     if rpc.routing_started:
         span.set_attribute("routesvc.decision_ms", round((time.monotonic() - rpc.routing_started) * 1000, 3))
+
+
+def record_feedback(model: str, score: float, *, decision_id: str = "", tenant: str = "") -> None:
+    """A feedback score in [0, 1] for a past decision, counted per model in ``GetStats``.
+
+    Called by the RPC that receives feedback; the score also goes on that RPC's server span.
+    """
+    rpc = _CURRENT.get()
+    if rpc is None:
+        return
+    rpc.telemetry.stats.add_feedback(FeedbackOutcome(time.monotonic(), tenant, model, score))
+    rpc.span.set_attributes(
+        {"routesvc.feedback.model": model, "routesvc.feedback.score": score, "routesvc.decision_id": decision_id}
+    )
 
 
 def record_stage_latency(stage: str, seconds: float) -> None:

@@ -768,7 +768,7 @@ class CostTotals(_message.Message):
     requests: _builtins.int
     """Complete requests that were routed (answered or failed)."""
     errors: _builtins.int
-    """Requests that ended with an error status."""
+    """Requests that ended with an error status (a caller's cancellation is not one)."""
     cost_usd: _builtins.str
     """What every upstream attempt cost, in USD, decimal string (interrupted attempts at
     estimated usage).
@@ -818,10 +818,16 @@ class ModelStats(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SHARE_FIELD_NUMBER: _builtins.int
     TOTALS_FIELD_NUMBER: _builtins.int
+    FEEDBACK_COUNT_FIELD_NUMBER: _builtins.int
+    MEAN_FEEDBACK_SCORE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Catalog id of the model that answered (the selected one when the request failed)."""
     share: _builtins.float
     """Fraction of the window's requests, in [0, 1]."""
+    feedback_count: _builtins.int
+    """Feedback scores received in the window for answers of this model."""
+    mean_feedback_score: _builtins.float
+    """Their mean, in [0, 1]; unset when there were none."""
     @_builtins.property
     def totals(self) -> Global___CostTotals:
         """Requests, cost and savings of this model's requests."""
@@ -832,12 +838,16 @@ class ModelStats(_message.Message):
         model: _builtins.str = ...,
         share: _builtins.float = ...,
         totals: Global___CostTotals | None = ...,
+        feedback_count: _builtins.int = ...,
+        mean_feedback_score: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mean_feedback_score", b"_mean_feedback_score", "mean_feedback_score", b"mean_feedback_score", "totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "share", b"share", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mean_feedback_score", b"_mean_feedback_score", "feedback_count", b"feedback_count", "mean_feedback_score", b"mean_feedback_score", "model", b"model", "share", b"share", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__mean_feedback_score: _TypeAlias = _typing.Literal["mean_feedback_score"]  # noqa: Y015
+    _WhichOneofArgType__mean_feedback_score: _TypeAlias = _typing.Literal["_mean_feedback_score", b"_mean_feedback_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mean_feedback_score) -> _WhichOneofReturnType__mean_feedback_score | None: ...
 
 Global___ModelStats: _TypeAlias = ModelStats  # noqa: Y015
 

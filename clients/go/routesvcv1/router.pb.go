@@ -1455,7 +1455,7 @@ type CostTotals struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Complete requests that were routed (answered or failed).
 	Requests int64 `protobuf:"varint,1,opt,name=requests,proto3" json:"requests,omitempty"`
-	// Requests that ended with an error status.
+	// Requests that ended with an error status (a caller's cancellation is not one).
 	Errors int64 `protobuf:"varint,2,opt,name=errors,proto3" json:"errors,omitempty"`
 	// What every upstream attempt cost, in USD, decimal string (interrupted attempts at
 	// estimated usage).
@@ -1571,9 +1571,13 @@ type ModelStats struct {
 	// Fraction of the window's requests, in [0, 1].
 	Share float64 `protobuf:"fixed64,2,opt,name=share,proto3" json:"share,omitempty"`
 	// Requests, cost and savings of this model's requests.
-	Totals        *CostTotals `protobuf:"bytes,3,opt,name=totals,proto3" json:"totals,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Totals *CostTotals `protobuf:"bytes,3,opt,name=totals,proto3" json:"totals,omitempty"`
+	// Feedback scores received in the window for answers of this model.
+	FeedbackCount int64 `protobuf:"varint,4,opt,name=feedback_count,json=feedbackCount,proto3" json:"feedback_count,omitempty"`
+	// Their mean, in [0, 1]; unset when there were none.
+	MeanFeedbackScore *float64 `protobuf:"fixed64,5,opt,name=mean_feedback_score,json=meanFeedbackScore,proto3,oneof" json:"mean_feedback_score,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *ModelStats) Reset() {
@@ -1625,6 +1629,20 @@ func (x *ModelStats) GetTotals() *CostTotals {
 		return x.Totals
 	}
 	return nil
+}
+
+func (x *ModelStats) GetFeedbackCount() int64 {
+	if x != nil {
+		return x.FeedbackCount
+	}
+	return 0
+}
+
+func (x *ModelStats) GetMeanFeedbackScore() float64 {
+	if x != nil && x.MeanFeedbackScore != nil {
+		return *x.MeanFeedbackScore
+	}
+	return 0
 }
 
 // TenantStats is one tenant's part of the window.
@@ -2020,12 +2038,15 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"savingsUsd\x12'\n" +
 	"\x0fsavings_percent\x18\x06 \x01(\x01R\x0esavingsPercent\x12,\n" +
 	"\x12estimated_cost_usd\x18\a \x01(\tR\x10estimatedCostUsd\x12=\n" +
-	"\x1bestimated_baseline_cost_usd\x18\b \x01(\tR\x18estimatedBaselineCostUsd\"i\n" +
+	"\x1bestimated_baseline_cost_usd\x18\b \x01(\tR\x18estimatedBaselineCostUsd\"\xdd\x01\n" +
 	"\n" +
 	"ModelStats\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x14\n" +
 	"\x05share\x18\x02 \x01(\x01R\x05share\x12/\n" +
-	"\x06totals\x18\x03 \x01(\v2\x17.routesvc.v1.CostTotalsR\x06totals\"V\n" +
+	"\x06totals\x18\x03 \x01(\v2\x17.routesvc.v1.CostTotalsR\x06totals\x12%\n" +
+	"\x0efeedback_count\x18\x04 \x01(\x03R\rfeedbackCount\x123\n" +
+	"\x13mean_feedback_score\x18\x05 \x01(\x01H\x00R\x11meanFeedbackScore\x88\x01\x01B\x16\n" +
+	"\x14_mean_feedback_score\"V\n" +
 	"\vTenantStats\x12\x16\n" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12/\n" +
 	"\x06totals\x18\x02 \x01(\v2\x17.routesvc.v1.CostTotalsR\x06totals\"\x9b\x01\n" +
@@ -2175,6 +2196,7 @@ func file_routesvc_v1_router_proto_init() {
 		(*CompleteResponse_Delta)(nil),
 		(*CompleteResponse_Completion)(nil),
 	}
+	file_routesvc_v1_router_proto_msgTypes[18].OneofWrappers = []any{}
 	file_routesvc_v1_router_proto_msgTypes[21].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

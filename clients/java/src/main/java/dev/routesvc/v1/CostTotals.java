@@ -67,7 +67,7 @@ private static final long serialVersionUID = 0L;
   private long errors_ = 0L;
   /**
    * <pre>
-   * Requests that ended with an error status.
+   * Requests that ended with an error status (a caller's cancellation is not one).
    * </pre>
    *
    * <code>int64 errors = 2 [json_name = "errors"];</code>
@@ -882,7 +882,7 @@ private static final long serialVersionUID = 0L;
     private long errors_ ;
     /**
      * <pre>
-     * Requests that ended with an error status.
+     * Requests that ended with an error status (a caller's cancellation is not one).
      * </pre>
      *
      * <code>int64 errors = 2 [json_name = "errors"];</code>
@@ -894,7 +894,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Requests that ended with an error status.
+     * Requests that ended with an error status (a caller's cancellation is not one).
      * </pre>
      *
      * <code>int64 errors = 2 [json_name = "errors"];</code>
@@ -910,7 +910,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Requests that ended with an error status.
+     * Requests that ended with an error status (a caller's cancellation is not one).
      * </pre>
      *
      * <code>int64 errors = 2 [json_name = "errors"];</code>

@@ -20,7 +20,7 @@ public interface CostTotalsOrBuilder extends
 
   /**
    * <pre>
-   * Requests that ended with an error status.
+   * Requests that ended with an error status (a caller's cancellation is not one).
    * </pre>
    *
    * <code>int64 errors = 2 [json_name = "errors"];</code>

@@ -145,6 +145,48 @@ private static final long serialVersionUID = 0L;
     return totals_ == null ? dev.routesvc.v1.CostTotals.getDefaultInstance() : totals_;
   }
 
+  public static final int FEEDBACK_COUNT_FIELD_NUMBER = 4;
+  private long feedbackCount_ = 0L;
+  /**
+   * <pre>
+   * Feedback scores received in the window for answers of this model.
+   * </pre>
+   *
+   * <code>int64 feedback_count = 4 [json_name = "feedbackCount"];</code>
+   * @return The feedbackCount.
+   */
+  @java.lang.Override
+  public long getFeedbackCount() {
+    return feedbackCount_;
+  }
+
+  public static final int MEAN_FEEDBACK_SCORE_FIELD_NUMBER = 5;
+  private double meanFeedbackScore_ = 0D;
+  /**
+   * <pre>
+   * Their mean, in [0, 1]; unset when there were none.
+   * </pre>
+   *
+   * <code>optional double mean_feedback_score = 5 [json_name = "meanFeedbackScore"];</code>
+   * @return Whether the meanFeedbackScore field is set.
+   */
+  @java.lang.Override
+  public boolean hasMeanFeedbackScore() {
+    return ((bitField0_ & 0x00000002) != 0);
+  }
+  /**
+   * <pre>
+   * Their mean, in [0, 1]; unset when there were none.
+   * </pre>
+   *
+   * <code>optional double mean_feedback_score = 5 [json_name = "meanFeedbackScore"];</code>
+   * @return The meanFeedbackScore.
+   */
+  @java.lang.Override
+  public double getMeanFeedbackScore() {
+    return meanFeedbackScore_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -168,6 +210,12 @@ private static final long serialVersionUID = 0L;
     if (((bitField0_ & 0x00000001) != 0)) {
       output.writeMessage(3, getTotals());
     }
+    if (feedbackCount_ != 0L) {
+      output.writeInt64(4, feedbackCount_);
+    }
+    if (((bitField0_ & 0x00000002) != 0)) {
+      output.writeDouble(5, meanFeedbackScore_);
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -187,6 +235,14 @@ private static final long serialVersionUID = 0L;
     if (((bitField0_ & 0x00000001) != 0)) {
       size += com.google.protobuf.CodedOutputStream
         .computeMessageSize(3, getTotals());
+    }
+    if (feedbackCount_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(4, feedbackCount_);
+    }
+    if (((bitField0_ & 0x00000002) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeDoubleSize(5, meanFeedbackScore_);
     }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
@@ -213,6 +269,14 @@ private static final long serialVersionUID = 0L;
       if (!getTotals()
           .equals(other.getTotals())) return false;
     }
+    if (getFeedbackCount()
+        != other.getFeedbackCount()) return false;
+    if (hasMeanFeedbackScore() != other.hasMeanFeedbackScore()) return false;
+    if (hasMeanFeedbackScore()) {
+      if (java.lang.Double.doubleToLongBits(getMeanFeedbackScore())
+          != java.lang.Double.doubleToLongBits(
+              other.getMeanFeedbackScore())) return false;
+    }
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -232,6 +296,14 @@ private static final long serialVersionUID = 0L;
     if (hasTotals()) {
       hash = (37 * hash) + TOTALS_FIELD_NUMBER;
       hash = (53 * hash) + getTotals().hashCode();
+    }
+    hash = (37 * hash) + FEEDBACK_COUNT_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getFeedbackCount());
+    if (hasMeanFeedbackScore()) {
+      hash = (37 * hash) + MEAN_FEEDBACK_SCORE_FIELD_NUMBER;
+      hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+          java.lang.Double.doubleToLongBits(getMeanFeedbackScore()));
     }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
@@ -381,6 +453,8 @@ private static final long serialVersionUID = 0L;
         totalsBuilder_.dispose();
         totalsBuilder_ = null;
       }
+      feedbackCount_ = 0L;
+      meanFeedbackScore_ = 0D;
       return this;
     }
 
@@ -426,6 +500,13 @@ private static final long serialVersionUID = 0L;
             ? totals_
             : totalsBuilder_.build();
         to_bitField0_ |= 0x00000001;
+      }
+      if (((from_bitField0_ & 0x00000008) != 0)) {
+        result.feedbackCount_ = feedbackCount_;
+      }
+      if (((from_bitField0_ & 0x00000010) != 0)) {
+        result.meanFeedbackScore_ = meanFeedbackScore_;
+        to_bitField0_ |= 0x00000002;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -485,6 +566,12 @@ private static final long serialVersionUID = 0L;
       if (other.hasTotals()) {
         mergeTotals(other.getTotals());
       }
+      if (other.getFeedbackCount() != 0L) {
+        setFeedbackCount(other.getFeedbackCount());
+      }
+      if (other.hasMeanFeedbackScore()) {
+        setMeanFeedbackScore(other.getMeanFeedbackScore());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -528,6 +615,16 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000004;
               break;
             } // case 26
+            case 32: {
+              feedbackCount_ = input.readInt64();
+              bitField0_ |= 0x00000008;
+              break;
+            } // case 32
+            case 41: {
+              meanFeedbackScore_ = input.readDouble();
+              bitField0_ |= 0x00000010;
+              break;
+            } // case 41
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -836,6 +933,106 @@ private static final long serialVersionUID = 0L;
         totals_ = null;
       }
       return totalsBuilder_;
+    }
+
+    private long feedbackCount_ ;
+    /**
+     * <pre>
+     * Feedback scores received in the window for answers of this model.
+     * </pre>
+     *
+     * <code>int64 feedback_count = 4 [json_name = "feedbackCount"];</code>
+     * @return The feedbackCount.
+     */
+    @java.lang.Override
+    public long getFeedbackCount() {
+      return feedbackCount_;
+    }
+    /**
+     * <pre>
+     * Feedback scores received in the window for answers of this model.
+     * </pre>
+     *
+     * <code>int64 feedback_count = 4 [json_name = "feedbackCount"];</code>
+     * @param value The feedbackCount to set.
+     * @return This builder for chaining.
+     */
+    public Builder setFeedbackCount(long value) {
+
+      feedbackCount_ = value;
+      bitField0_ |= 0x00000008;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Feedback scores received in the window for answers of this model.
+     * </pre>
+     *
+     * <code>int64 feedback_count = 4 [json_name = "feedbackCount"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearFeedbackCount() {
+      bitField0_ = (bitField0_ & ~0x00000008);
+      feedbackCount_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private double meanFeedbackScore_ ;
+    /**
+     * <pre>
+     * Their mean, in [0, 1]; unset when there were none.
+     * </pre>
+     *
+     * <code>optional double mean_feedback_score = 5 [json_name = "meanFeedbackScore"];</code>
+     * @return Whether the meanFeedbackScore field is set.
+     */
+    @java.lang.Override
+    public boolean hasMeanFeedbackScore() {
+      return ((bitField0_ & 0x00000010) != 0);
+    }
+    /**
+     * <pre>
+     * Their mean, in [0, 1]; unset when there were none.
+     * </pre>
+     *
+     * <code>optional double mean_feedback_score = 5 [json_name = "meanFeedbackScore"];</code>
+     * @return The meanFeedbackScore.
+     */
+    @java.lang.Override
+    public double getMeanFeedbackScore() {
+      return meanFeedbackScore_;
+    }
+    /**
+     * <pre>
+     * Their mean, in [0, 1]; unset when there were none.
+     * </pre>
+     *
+     * <code>optional double mean_feedback_score = 5 [json_name = "meanFeedbackScore"];</code>
+     * @param value The meanFeedbackScore to set.
+     * @return This builder for chaining.
+     */
+    public Builder setMeanFeedbackScore(double value) {
+
+      meanFeedbackScore_ = value;
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Their mean, in [0, 1]; unset when there were none.
+     * </pre>
+     *
+     * <code>optional double mean_feedback_score = 5 [json_name = "meanFeedbackScore"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearMeanFeedbackScore() {
+      bitField0_ = (bitField0_ & ~0x00000010);
+      meanFeedbackScore_ = 0D;
+      onChanged();
+      return this;
     }
     @java.lang.Override
     public final Builder setUnknownFields(

@@ -64,4 +64,33 @@ public interface ModelStatsOrBuilder extends
    * <code>.routesvc.v1.CostTotals totals = 3 [json_name = "totals"];</code>
    */
   dev.routesvc.v1.CostTotalsOrBuilder getTotalsOrBuilder();
+
+  /**
+   * <pre>
+   * Feedback scores received in the window for answers of this model.
+   * </pre>
+   *
+   * <code>int64 feedback_count = 4 [json_name = "feedbackCount"];</code>
+   * @return The feedbackCount.
+   */
+  long getFeedbackCount();
+
+  /**
+   * <pre>
+   * Their mean, in [0, 1]; unset when there were none.
+   * </pre>
+   *
+   * <code>optional double mean_feedback_score = 5 [json_name = "meanFeedbackScore"];</code>
+   * @return Whether the meanFeedbackScore field is set.
+   */
+  boolean hasMeanFeedbackScore();
+  /**
+   * <pre>
+   * Their mean, in [0, 1]; unset when there were none.
+   * </pre>
+   *
+   * <code>optional double mean_feedback_score = 5 [json_name = "meanFeedbackScore"];</code>
+   * @return The meanFeedbackScore.
+   */
+  double getMeanFeedbackScore();
 }

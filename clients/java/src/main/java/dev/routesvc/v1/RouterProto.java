@@ -219,52 +219,55 @@ public final class RouterProto {
       "\n\017savings_percent\030\006 \001(\001R\016savingsPercent\022" +
       ",\n\022estimated_cost_usd\030\007 \001(\tR\020estimatedCo" +
       "stUsd\022=\n\033estimated_baseline_cost_usd\030\010 \001" +
-      "(\tR\030estimatedBaselineCostUsd\"i\n\nModelSta" +
-      "ts\022\024\n\005model\030\001 \001(\tR\005model\022\024\n\005share\030\002 \001(\001R" +
-      "\005share\022/\n\006totals\030\003 \001(\0132\027.routesvc.v1.Cos" +
-      "tTotalsR\006totals\"V\n\013TenantStats\022\026\n\006tenant" +
-      "\030\001 \001(\tR\006tenant\022/\n\006totals\030\002 \001(\0132\027.routesv" +
-      "c.v1.CostTotalsR\006totals\"\233\001\n\022LatencyPerce" +
-      "ntiles\022+\n\003p50\030\001 \001(\0132\031.google.protobuf.Du" +
-      "rationR\003p50\022+\n\003p95\030\002 \001(\0132\031.google.protob" +
-      "uf.DurationR\003p95\022+\n\003p99\030\003 \001(\0132\031.google.p" +
-      "rotobuf.DurationR\003p99\"\272\005\n\020GetStatsRespon" +
-      "se\0221\n\006window\030\001 \001(\0132\031.google.protobuf.Dur" +
-      "ationR\006window\022\026\n\006tenant\030\002 \001(\tR\006tenant\022%\n" +
-      "\016baseline_model\030\003 \001(\tR\rbaselineModel\022/\n\006" +
-      "totals\030\004 \001(\0132\027.routesvc.v1.CostTotalsR\006t" +
-      "otals\022/\n\006models\030\005 \003(\0132\027.routesvc.v1.Mode" +
-      "lStatsR\006models\0222\n\007tenants\030\006 \003(\0132\030.routes" +
-      "vc.v1.TenantStatsR\007tenants\022 \n\013escalation" +
-      "s\030\007 \001(\003R\013escalations\022\'\n\017escalation_rate\030" +
-      "\010 \001(\001R\016escalationRate\022\034\n\tfallbacks\030\t \001(\003" +
-      "R\tfallbacks\022+\n\021cascade_decisions\030\n \001(\003R\020" +
-      "cascadeDecisions\0220\n\024cascade_release_rate" +
-      "\030\013 \001(\001R\022cascadeReleaseRate\0223\n\023mean_relea" +
-      "sed_score\030\014 \001(\001H\000R\021meanReleasedScore\210\001\001\022" +
-      "9\n\007latency\030\r \001(\0132\037.routesvc.v1.LatencyPe" +
-      "rcentilesR\007latency\022N\n\023time_to_first_toke" +
-      "n\030\016 \001(\0132\037.routesvc.v1.LatencyPercentiles" +
-      "R\020timeToFirstTokenB\026\n\024_mean_released_sco" +
-      "re*P\n\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE" +
-      "_SYSTEM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTA" +
-      "NT\020\003*?\n\004Mode\022\024\n\020MODE_UNSPECIFIED\020\000\022\021\n\rMO" +
-      "DE_REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*\270\001\n\014Finish" +
-      "Reason\022\035\n\031FINISH_REASON_UNSPECIFIED\020\000\022\026\n" +
-      "\022FINISH_REASON_STOP\020\001\022\030\n\024FINISH_REASON_L" +
-      "ENGTH\020\002\022\034\n\030FINISH_REASON_TOOL_CALLS\020\003\022 \n" +
-      "\034FINISH_REASON_CONTENT_FILTER\020\004\022\027\n\023FINIS" +
-      "H_REASON_OTHER\020\0052\262\002\n\rRouterService\022>\n\005Ro" +
-      "ute\022\031.routesvc.v1.RouteRequest\032\032.routesv" +
-      "c.v1.RouteResponse\022I\n\010Complete\022\034.routesv" +
-      "c.v1.CompleteRequest\032\035.routesvc.v1.Compl" +
-      "eteResponse0\001\022M\n\nListModels\022\036.routesvc.v" +
-      "1.ListModelsRequest\032\037.routesvc.v1.ListMo" +
-      "delsResponse\022G\n\010GetStats\022\034.routesvc.v1.G" +
-      "etStatsRequest\032\035.routesvc.v1.GetStatsRes" +
-      "ponseB_\n\017dev.routesvc.v1B\013RouterProtoP\001Z" +
-      "=github.com/routesvc/routesvc/clients/go" +
-      "/routesvcv1;routesvcv1b\006proto3"
+      "(\tR\030estimatedBaselineCostUsd\"\335\001\n\nModelSt" +
+      "ats\022\024\n\005model\030\001 \001(\tR\005model\022\024\n\005share\030\002 \001(\001" +
+      "R\005share\022/\n\006totals\030\003 \001(\0132\027.routesvc.v1.Co" +
+      "stTotalsR\006totals\022%\n\016feedback_count\030\004 \001(\003" +
+      "R\rfeedbackCount\0223\n\023mean_feedback_score\030\005" +
+      " \001(\001H\000R\021meanFeedbackScore\210\001\001B\026\n\024_mean_fe" +
+      "edback_score\"V\n\013TenantStats\022\026\n\006tenant\030\001 " +
+      "\001(\tR\006tenant\022/\n\006totals\030\002 \001(\0132\027.routesvc.v" +
+      "1.CostTotalsR\006totals\"\233\001\n\022LatencyPercenti" +
+      "les\022+\n\003p50\030\001 \001(\0132\031.google.protobuf.Durat" +
+      "ionR\003p50\022+\n\003p95\030\002 \001(\0132\031.google.protobuf." +
+      "DurationR\003p95\022+\n\003p99\030\003 \001(\0132\031.google.prot" +
+      "obuf.DurationR\003p99\"\272\005\n\020GetStatsResponse\022" +
+      "1\n\006window\030\001 \001(\0132\031.google.protobuf.Durati" +
+      "onR\006window\022\026\n\006tenant\030\002 \001(\tR\006tenant\022%\n\016ba" +
+      "seline_model\030\003 \001(\tR\rbaselineModel\022/\n\006tot" +
+      "als\030\004 \001(\0132\027.routesvc.v1.CostTotalsR\006tota" +
+      "ls\022/\n\006models\030\005 \003(\0132\027.routesvc.v1.ModelSt" +
+      "atsR\006models\0222\n\007tenants\030\006 \003(\0132\030.routesvc." +
+      "v1.TenantStatsR\007tenants\022 \n\013escalations\030\007" +
+      " \001(\003R\013escalations\022\'\n\017escalation_rate\030\010 \001" +
+      "(\001R\016escalationRate\022\034\n\tfallbacks\030\t \001(\003R\tf" +
+      "allbacks\022+\n\021cascade_decisions\030\n \001(\003R\020cas" +
+      "cadeDecisions\0220\n\024cascade_release_rate\030\013 " +
+      "\001(\001R\022cascadeReleaseRate\0223\n\023mean_released" +
+      "_score\030\014 \001(\001H\000R\021meanReleasedScore\210\001\001\0229\n\007" +
+      "latency\030\r \001(\0132\037.routesvc.v1.LatencyPerce" +
+      "ntilesR\007latency\022N\n\023time_to_first_token\030\016" +
+      " \001(\0132\037.routesvc.v1.LatencyPercentilesR\020t" +
+      "imeToFirstTokenB\026\n\024_mean_released_score*" +
+      "P\n\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SY" +
+      "STEM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020" +
+      "\003*?\n\004Mode\022\024\n\020MODE_UNSPECIFIED\020\000\022\021\n\rMODE_" +
+      "REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*\270\001\n\014FinishRea" +
+      "son\022\035\n\031FINISH_REASON_UNSPECIFIED\020\000\022\026\n\022FI" +
+      "NISH_REASON_STOP\020\001\022\030\n\024FINISH_REASON_LENG" +
+      "TH\020\002\022\034\n\030FINISH_REASON_TOOL_CALLS\020\003\022 \n\034FI" +
+      "NISH_REASON_CONTENT_FILTER\020\004\022\027\n\023FINISH_R" +
+      "EASON_OTHER\020\0052\262\002\n\rRouterService\022>\n\005Route" +
+      "\022\031.routesvc.v1.RouteRequest\032\032.routesvc.v" +
+      "1.RouteResponse\022I\n\010Complete\022\034.routesvc.v" +
+      "1.CompleteRequest\032\035.routesvc.v1.Complete" +
+      "Response0\001\022M\n\nListModels\022\036.routesvc.v1.L" +
+      "istModelsRequest\032\037.routesvc.v1.ListModel" +
+      "sResponse\022G\n\010GetStats\022\034.routesvc.v1.GetS" +
+      "tatsRequest\032\035.routesvc.v1.GetStatsRespon" +
+      "seB_\n\017dev.routesvc.v1B\013RouterProtoP\001Z=gi" +
+      "thub.com/routesvc/routesvc/clients/go/ro" +
+      "utesvcv1;routesvcv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -390,7 +393,7 @@ public final class RouterProto {
     internal_static_routesvc_v1_ModelStats_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ModelStats_descriptor,
-        new java.lang.String[] { "Model", "Share", "Totals", });
+        new java.lang.String[] { "Model", "Share", "Totals", "FeedbackCount", "MeanFeedbackScore", });
     internal_static_routesvc_v1_TenantStats_descriptor =
       getDescriptor().getMessageTypes().get(19);
     internal_static_routesvc_v1_TenantStats_fieldAccessorTable = new
