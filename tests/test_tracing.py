@@ -299,3 +299,42 @@ class TestFallback:
         assert server.status.status_code is StatusCode.UNSET
         assert _attrs(server)["routesvc.fallbacks"] == 1
         assert stats.fallbacks == 1
+
+
+class TestPurpose:
+    async def test_a_judge_call_costs_but_does_not_set_the_baseline(self, fake: FakeProvider) -> None:
+        """A cascade's judge call is a client span with routesvc.purpose=judge: its cost is added to the
+        request's, but the baseline prices the answer's usage only."""
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from routesvc.cost import cost_of_usage
+        from routesvc.models import Usage
+        from routesvc.providers.base import ProviderCall
+        from routesvc.providers.openai import OpenAIProvider
+        from tests.conftest import live_environ
+
+        settings = settings_from(default_config(), live_environ(fake))
+        exporter = InMemorySpanExporter()
+        instrumentation = telemetry.Telemetry(settings, span_exporter=exporter)
+        provider = OpenAIProvider("openai", "sk-test-openai", fake.openai_base_url, "openai")
+        mini = settings.catalog.get("gpt-4o-mini")
+        call = ProviderCall(model=mini.id, provider_model=mini.provider_model, messages=(Message(Role.USER, "hi"),))
+        fake.enqueue(Script(input_tokens=1000, output_tokens=100), Script(input_tokens=2000, output_tokens=10))
+        with instrumentation.server_rpc("routesvc.v1.RouterService", "Complete", {}) as rpc:
+            async for _ in telemetry.observed_stream(provider, mini, call):
+                pass
+            async for _ in telemetry.observed_stream(provider, mini, call, purpose="judge"):
+                pass
+            cost, baseline = rpc.cost, rpc.baseline_cost
+            rpc.finish("OK", 0)
+        await provider.aclose()
+        instrumentation.shutdown()
+        answer, judge = Usage(input_tokens=1000, output_tokens=100), Usage(input_tokens=2000, output_tokens=10)
+        assert cost == cost_of_usage(mini, answer) + cost_of_usage(mini, judge)
+        assert baseline == cost_of_usage(settings.catalog.get("claude-sonnet"), answer)
+        purposes = [
+            dict(s.attributes or {})["routesvc.purpose"]
+            for s in exporter.get_finished_spans()
+            if s.name.startswith("chat")
+        ]
+        assert purposes == ["answer", "judge"]

@@ -56,6 +56,7 @@ class _AttemptRecord:
     cost: Decimal
     usage: Usage | None
     estimated: bool
+    purpose: str = "answer"
 
 
 @dataclass
@@ -85,9 +86,9 @@ class RequestTelemetry:
 
     @property
     def baseline_cost(self) -> Decimal:
-        """The answering (last measured) attempt's usage priced on the baseline model."""
+        """The answering (last measured answer) attempt's usage priced on the baseline model."""
         for attempt in reversed(self.attempts):
-            if attempt.usage is not None:
+            if attempt.usage is not None and attempt.purpose == "answer":
                 return cost_of_usage(self.telemetry.baseline, attempt.usage)
         return Decimal(0)
 
@@ -128,7 +129,9 @@ class RequestTelemetry:
         if self.method != "Complete" or self.decision is None:
             return
         decision = self.decision
-        answered = next((a.model for a in reversed(self.attempts) if a.usage is not None), decision.model)
+        answered = next(
+            (a.model for a in reversed(self.attempts) if a.usage is not None and a.purpose == "answer"), decision.model
+        )
         labels = {"routesvc.selected_model": decision.model, "routesvc.strategy": decision.strategy}
         telemetry.instruments.requests.add(1, labels)
         if cost or baseline:
@@ -299,9 +302,13 @@ def _messages_json(chat: ChatRequest) -> str:
 
 
 async def observed_stream(
-    provider: _Streaming, model: ModelSpec, call: ProviderCall, mode: Mode = Mode.REALTIME
+    provider: _Streaming, model: ModelSpec, call: ProviderCall, mode: Mode = Mode.REALTIME, *, purpose: str = "answer"
 ) -> AsyncIterator[ProviderEvent]:
     """``provider.stream(call)`` inside a ``chat {model}`` client span of the RPC in progress.
+
+    ``purpose`` is ``answer`` for calls whose answer may reach the caller, or for example
+    ``judge`` for a cascade's scoring call: every call's cost counts, only answers set the
+    baseline and the answering model.
 
     The span carries the GenAI attributes, time to first chunk, usage and cost; the call goes
     upstream with a ``traceparent`` naming this span. Outside an RPC it is the plain stream.
@@ -323,6 +330,7 @@ async def observed_stream(
         "gen_ai.request.max_tokens": call.max_output_tokens,
         "routesvc.model": model.id,
         "routesvc.attempt": len(rpc.attempts) + 1,
+        "routesvc.purpose": purpose,
     }
     if call.temperature is not None:
         attributes["gen_ai.request.temperature"] = call.temperature
@@ -386,7 +394,7 @@ async def observed_stream(
             if aclose is not None:
                 await aclose()
         finally:
-            _end_attempt(rpc, span, model, mode, chat, finish, texts, error_type, started, metric_labels)
+            _end_attempt(rpc, span, model, mode, chat, finish, texts, error_type, started, metric_labels, purpose)
 
 
 def _end_attempt(
@@ -400,6 +408,7 @@ def _end_attempt(
     error_type: str,
     started: float,
     metric_labels: dict[str, str],
+    purpose: str,
 ) -> None:
     telemetry = rpc.telemetry
     duration = time.monotonic() - started
@@ -438,7 +447,7 @@ def _end_attempt(
             json.dumps([{"role": "assistant", "parts": [{"type": "text", "content": "".join(texts)}]}]),
         )
     span.end()
-    rpc.attempts.append(_AttemptRecord(model.id, cost, usage if finish is not None else None, estimated))
+    rpc.attempts.append(_AttemptRecord(model.id, cost, usage if finish is not None else None, estimated, purpose))
     labels = {**metric_labels, "gen_ai.response.model": finish.provider_model if finish else model.provider_model}
     duration_labels = {**labels, "error.type": error_type} if error_type else labels
     instruments = telemetry.instruments
