@@ -45,11 +45,12 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy routesvc
 
-# Tools the tests need beyond Python packages, built once into $(ROUTESVC_CACHE):
-# a real Jaeger (from the Go module proxy) and kustomize where kubectl is absent.
+# Tools the tests need beyond Python packages: a real Jaeger (built once from the Go module
+# proxy into $(ROUTESVC_CACHE)), kustomize where kubectl is absent, and redis-server (Debian).
 tools: install
 	bash .ci/jaeger.sh >/dev/null
 	bash .ci/deploy-check.sh --prepare
+	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
 pytest: install
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

@@ -1,10 +1,10 @@
 """Admission control: per-tenant rate limits, concurrency and USD budgets.
 
 Admission reserves, completion settles. ``admit`` checks every limit of the tenant and reserves
-the request's estimate in one synchronous step (so no other request can slip in between on the
-event loop); ``Reservation.settle`` replaces the estimate with the real usage and cost. A
-rejected request reserves nothing. Limits are per process; a shared store for several replicas
-plugs in behind ``AdmissionStore`` later.
+the request's estimate in one atomic step; ``Reservation.settle`` replaces the estimate with the
+real usage and cost. A rejected request reserves nothing. ``LocalAdmission`` keeps the counts in
+this process (one synchronous step on the event loop, so nothing slips in between);
+``routesvc.redis_admission.RedisAdmission`` keeps them in Redis, shared by every replica.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Protocol
 
-from routesvc.config import TenantConfig
+from routesvc.config import Settings, TenantConfig
 from routesvc.cost import format_usd
 from routesvc.errors import LimitExceeded
 
@@ -38,11 +39,39 @@ class _TenantState:
     reserved: dict[str, Decimal] = field(default_factory=lambda: collections.defaultdict(Decimal))
 
 
-class Reservation:
-    """What ``admit`` reserved for one request; settle it exactly once."""
+class Reservation(Protocol):
+    """What ``admit`` reserved for one request."""
+
+    async def settle(self, tokens: int, cost: Decimal) -> None:
+        """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing."""
+        ...
+
+
+class Admission(Protocol):
+    """Per-tenant limits and budgets; tenants without limits are admitted at once."""
+
+    async def admit(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> Reservation:
+        """Check and reserve one request; raises ``LimitExceeded`` having reserved nothing."""
+        ...
+
+    def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
+        """Apply new limits (hot reload); what was spent and reserved so far still counts."""
+        ...
+
+    async def spent(self, tenant: str) -> Decimal:
+        """What ``tenant`` has spent today (UTC)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+class _LocalReservation:
+    """What ``LocalAdmission.admit`` reserved for one request; settle it exactly once."""
 
     def __init__(
-        self, admission: Admission, tenant: str, entry: _TokenEntry | None, cost: Decimal, periods: tuple[str, ...]
+        self, admission: LocalAdmission, tenant: str, entry: _TokenEntry | None, cost: Decimal, periods: tuple[str, ...]
     ) -> None:
         self._admission = admission
         self._tenant = tenant
@@ -51,7 +80,7 @@ class Reservation:
         self._periods = periods
         self._settled = False
 
-    def settle(self, tokens: int, cost: Decimal) -> None:
+    async def settle(self, tokens: int, cost: Decimal) -> None:
         """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing."""
         if self._settled:
             return
@@ -74,8 +103,8 @@ def _seconds_to_next(period: str, now: float) -> float:
     return (start - moment).total_seconds()
 
 
-class Admission:
-    """Per-tenant limits from config; tenants without an entry are unlimited."""
+class LocalAdmission:
+    """Per-tenant limits from config, counted in this process; tenants without an entry are unlimited."""
 
     def __init__(
         self,
@@ -99,14 +128,14 @@ class Admission:
         while state.tokens and state.tokens[0].at <= now - _WINDOW:
             state.tokens.popleft()
 
-    def admit(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> Reservation:
+    async def admit(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> Reservation:
         """Check and reserve one request of ``tokens`` estimated tokens and ``cost`` estimated USD.
 
         Raises ``LimitExceeded`` (nothing reserved) when any limit of the tenant would be passed.
         """
         limits = self._tenants.get(tenant)
         if limits is None:
-            return Reservation(self, tenant, None, Decimal(0), ())
+            return _LocalReservation(self, tenant, None, Decimal(0), ())
         now = self._clock()
         state = self._state[tenant]
         self._prune(state, now)
@@ -148,7 +177,7 @@ class Admission:
         state.in_flight += 1
         for period in periods:
             state.reserved[period] += cost
-        return Reservation(self, tenant, entry, cost, periods)
+        return _LocalReservation(self, tenant, entry, cost, periods)
 
     def _settle(
         self,
@@ -169,10 +198,24 @@ class Admission:
             state.reserved[period] -= reserved_cost
             state.spent[period] += cost
 
-    def spent(self, tenant: str) -> Decimal:
+    async def spent(self, tenant: str) -> Decimal:
         """What ``tenant`` has spent today (UTC)."""
         return self._state[tenant].spent[_periods(self._wall_clock())[0]]
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
 
     def in_flight(self, tenant: str) -> int:
         """Requests of ``tenant`` admitted and not settled."""
         return self._state[tenant].in_flight
+
+
+def build_admission(settings: Settings) -> Admission:
+    """Redis-backed admission when a Redis URL is configured, else counted in this process."""
+    if settings.redis_url:
+        from routesvc.redis_admission import RedisAdmission
+
+        return RedisAdmission(
+            settings.redis_url, settings.config.tenants, prefix=settings.config.shared_state.key_prefix
+        )
+    return LocalAdmission(settings.config.tenants)

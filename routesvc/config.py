@@ -27,6 +27,7 @@ DEFAULT_CONFIG_NAME = "default_config.yaml"
 CONFIG_PATH_ENV = "ROUTESVC_CONFIG"
 DATA_DIR_ENV = "ROUTESVC_DATA_DIR"
 TARGET_ENV = "ROUTESVC_TARGET"
+REDIS_URL_ENV = "ROUTESVC_REDIS_URL"
 DEFAULT_TARGET = "localhost:50051"
 
 # The standard variables of each SDK, honoured so the service can be pointed at any
@@ -52,6 +53,10 @@ class ServerConfig(_Strict):
     reload_interval_seconds: float = Field(
         2.0, ge=0, description="How often a config file is checked for changes (hot reload); 0: never."
     )
+    workers: int = Field(
+        1, ge=1, le=64, description="Server processes sharing the port with SO_REUSEPORT; more than 1 uses more cores."
+    )
+    uvloop: bool = Field(False, description="Run the event loop on uvloop instead of asyncio's default loop.")
 
 
 class LimitsConfig(_Strict):
@@ -205,9 +210,7 @@ class ReliabilityConfig(_Strict):
     retry_budget_tokens: float = Field(
         10.0, gt=0, description="Retry token bucket size; retries stop below half of it."
     )
-    first_token_timeout_seconds: float = Field(
-        120.0, gt=0, description="Longest wait for a provider's first chunk."
-    )
+    first_token_timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for a provider's first chunk.")
     stream_idle_timeout_seconds: float = Field(60.0, gt=0, description="Longest gap between two chunks.")
     max_concurrent_rpcs: int = Field(1024, ge=1, description="RPCs served at once; more are shed.")
     breaker: BreakerConfig = BreakerConfig()
@@ -321,6 +324,15 @@ class BatchConfig(_Strict):
     poll_interval_seconds: float = Field(30.0, gt=0, description="How often provider batches are polled.")
 
 
+class SharedStateConfig(_Strict):
+    """State shared by replicas. Without a Redis URL, limits and budgets are counted per process."""
+
+    redis_url: str | None = Field(
+        None, description="redis://HOST:PORT/DB for limits and budgets shared by every replica ($ROUTESVC_REDIS_URL)."
+    )
+    key_prefix: str = Field("routesvc:", description="Prefix of every Redis key.")
+
+
 class AuthConfig(_Strict):
     """Who may call the service. Health and reflection never need a key."""
 
@@ -401,6 +413,7 @@ class Config(_Strict):
     reliability: ReliabilityConfig = ReliabilityConfig()
     auth: AuthConfig = AuthConfig()
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    shared_state: SharedStateConfig = SharedStateConfig()
     cascade: CascadeConfig = CascadeConfig()
     batch: BatchConfig = BatchConfig()
 
@@ -475,6 +488,7 @@ class Settings:
     providers: Mapping[str, ProviderSettings]
     telemetry: TelemetrySettings
     batch_store_path: Path = Path("batches.db")
+    redis_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,6 +658,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
         providers=providers,
         telemetry=telemetry,
         batch_store_path=config.batch.store_path or _data_dir(env) / "batches.db",
+        redis_url=config.shared_state.redis_url or env.get(REDIS_URL_ENV) or None,
     )
 
 

@@ -7,13 +7,15 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from routesvc import telemetry
-from routesvc.admission import Admission
+from routesvc.admission import Admission, build_admission
 from routesvc.breaker import Breakers
+from routesvc.cascade import EscalationPolicy, max_cost_reason
 from routesvc.catalog import ModelSpec
 from routesvc.config import Settings
 from routesvc.cost import cost_of_usage, estimate_cost, format_usd
@@ -29,10 +31,14 @@ from routesvc.errors import (
 )
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import (
+    AttemptResult,
+    AttemptSummary,
     Candidate,
     CompleteEvent,
     Completion,
+    Escalation,
     Mode,
+    QualityScore,
     RouteDecision,
     RoutingRequest,
     TextDelta,
@@ -41,9 +47,13 @@ from routesvc.models import (
 from routesvc.policy import Policy
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.retry import RetryBudget, backoff_delay, is_retryable
+from routesvc.scoring import ScoringCall, ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
 from routesvc.strategies.default import no_eligible_model
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
+
+if TYPE_CHECKING:
+    from routesvc.batches import BatchQueue
 
 
 def _new_decision_id() -> str:
@@ -68,6 +78,7 @@ class Router:
         admission: Admission | None = None,
         breakers: Breakers | None = None,
         retry_budget: RetryBudget | None = None,
+        batches: BatchQueue | None = None,
     ) -> None:
         self._settings = settings
         self._catalog = settings.catalog
@@ -78,12 +89,14 @@ class Router:
         self._new_decision_id = new_decision_id
         self._reliability = settings.config.reliability
         self._ledger = ledger or Ledger()
-        self._admission = admission or Admission(settings.config.tenants)
+        self._admission = admission or build_admission(settings)
         self._breakers = breakers or Breakers(self._reliability.breaker)
         self._retry_budget = retry_budget or RetryBudget(
             self._reliability.retry_budget_tokens, self._reliability.retry_budget_ratio
         )
         self._providers_by_model = {m.id for m in self._catalog if m.provider in self._providers}
+        self._escalation = EscalationPolicy(settings, self._providers)
+        self._batches = batches
 
     @property
     def settings(self) -> Settings:
@@ -102,6 +115,7 @@ class Router:
             admission=self._admission,
             breakers=self._breakers,
             retry_budget=self._retry_budget,
+            batches=self._batches,
         )
 
     @property
@@ -206,7 +220,7 @@ class Router:
             if for_completion:
                 raise ProviderNotConfigured(f"model {model.id}: {provider.missing_key_reason}")
             reasons.append(f"{provider.missing_key_reason}; Complete would fail until it is set")
-        return RouteDecision(
+        decision = RouteDecision(
             decision_id=self._new_decision_id(),
             model=model.id,
             provider=model.provider,
@@ -220,6 +234,7 @@ class Router:
             candidates=tuple(Candidate(model_id, not why, why) for model_id, why in eligible.items()),
             task=verdict.task,
         )
+        return self._escalation.plan(decision, request)
 
     def _within_max_cost(
         self,
@@ -279,10 +294,29 @@ class Router:
         ``max_attempts``, the retry budget and the caller's deadline. Once a delta has been
         yielded a failure becomes ``StreamInterrupted`` (the commit rule): nothing is retried or
         appended. Every attempt is written to the ledger exactly once.
+
+        A cascade (``decision.cascade_models``) runs each step but the last buffered: its answer
+        is scored and released, or an ``Escalation`` is yielded and the next step runs. In batch
+        mode the request is queued for the provider's batch API and one ``BatchJob`` is yielded.
         """
-        reliability = self._reliability
         deadline = None if timeout is None else time.monotonic() + timeout
         decision = await self.route(request, for_completion=True)
+        if decision.mode is Mode.BATCH and self._batches is not None:
+            reservation = await self._admission.admit(
+                request.context.tenant,
+                tokens=decision.estimated_input_tokens + decision.estimated_output_tokens,
+                cost=decision.estimated_cost_usd,
+            )
+            # A job's budget counts its estimate; the real cost is in the ledger when it ends.
+            try:
+                job = await self._batches.submit(request, decision)
+            finally:
+                await reservation.settle(
+                    decision.estimated_input_tokens + decision.estimated_output_tokens, decision.estimated_cost_usd
+                )
+            yield decision
+            yield job
+            return
         if decision.mode is Mode.BATCH:
             model = self._catalog.get(decision.model)
             decision = replace(
@@ -294,7 +328,7 @@ class Router:
                 reasons=(*decision.reasons, "batch execution is not enabled in this build; served in realtime"),
             )
         tenant = request.context.tenant
-        reservation = self._admission.admit(
+        reservation = await self._admission.admit(
             tenant,
             tokens=decision.estimated_input_tokens + decision.estimated_output_tokens,
             cost=decision.estimated_cost_usd,
@@ -302,48 +336,162 @@ class Router:
         attempt = _AttemptState(request_id, decision, tenant)
         try:
             yield decision
-            last_error: ProviderError | None = None
-            for model_id in self._attempt_chain(decision):
-                if last_error is not None:
-                    telemetry.record_fallback(last_error.model, model_id, last_error.reason)
-                model = self._catalog.get(model_id)
-                for try_on_model in range(reliability.retries_per_model + 1):
-                    if attempt.number >= reliability.max_attempts:
-                        break
-                    if attempt.number and not self._retry_budget.can_retry():
-                        break
-                    if not self._breakers.allow(model_id):
-                        last_error = last_error or ProviderUnavailable(
-                            f"circuit breaker open for model {model_id}", provider=model.provider, model=model_id
-                        )
-                        break
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining < reliability.min_attempt_seconds:
-                        raise TimeoutError
-                    async with contextlib.aclosing(
-                        self._attempt(attempt, model, request, remaining, headers)
-                    ) as events:
-                        try:
-                            async for event in events:
-                                yield event
-                            return
-                        except ProviderError as error:
-                            if attempt.chunks or not is_retryable(error):
-                                raise
-                            last_error = error
-                    retry_after = last_error.retry_after if isinstance(last_error, ProviderRateLimited) else None
-                    if try_on_model == reliability.retries_per_model:
-                        break
-                    delay = backoff_delay(reliability, try_on_model + 1, retry_after)
-                    left = None if deadline is None else deadline - time.monotonic() - reliability.min_attempt_seconds
-                    if delay > reliability.max_retry_after_seconds or (left is not None and delay > left):
-                        break
-                    await asyncio.sleep(delay)
-            if last_error is None:
-                raise no_eligible_model_for(decision)
-            raise last_error
+            steps = decision.cascade_models or (decision.model,)
+            for index, step in enumerate(steps[:-1]):
+                outcome = await self._buffered_step(attempt, step, request, deadline, headers)
+                threshold = decision.cascade_thresholds[index]
+                next_model = steps[index + 1]
+                released = outcome.completion is not None and outcome.quality.score >= threshold
+                quality = outcome.quality
+                if not released and outcome.completion is not None:
+                    cap = self._escalation.max_cost(request)
+                    would_cost = attempt.cost + estimate_cost(
+                        self._catalog.get(next_model), decision.estimated_input_tokens, decision.estimated_output_tokens
+                    )
+                    if cap is not None and would_cost > cap:
+                        released = True
+                        why = max_cost_reason(next_model, would_cost, cap)
+                        quality = replace(quality, reason=f"{quality.reason}; {why}")
+                telemetry.record_cascade(released, outcome.quality.score)
+                if released and outcome.completion is not None:
+                    for delta in outcome.deltas:
+                        yield delta
+                    yield self._final(attempt, outcome.completion, quality)
+                    return
+                attempt.mark_escalated()
+                telemetry.record_escalation(step, next_model, f"{quality.scorer}: {quality.reason}", quality.score)
+                yield Escalation(
+                    from_model=step,
+                    to_model=next_model,
+                    quality=quality,
+                    threshold=threshold,
+                    cost_usd=attempt.cost - outcome.cost_before,
+                    usage=outcome.completion.usage if outcome.completion is not None else Usage(),
+                )
+            async for event in self._serve(attempt, replace(decision, model=steps[-1]), request, deadline, headers):
+                yield self._final(attempt, event) if isinstance(event, Completion) else event
         finally:
-            reservation.settle(attempt.tokens, attempt.cost)
+            await reservation.settle(attempt.tokens, attempt.cost)
+
+    def _final(self, state: _AttemptState, completion: Completion, quality: QualityScore | None = None) -> Completion:
+        """The last message: every attempt, their summed usage and cost, and the released score."""
+        total = Usage(
+            input_tokens=sum(a.usage.input_tokens for a in state.summaries),
+            output_tokens=sum(a.usage.output_tokens for a in state.summaries),
+            cached_input_tokens=sum(a.usage.cached_input_tokens for a in state.summaries),
+        )
+        return replace(
+            completion, cost_usd=state.cost, attempts=tuple(state.summaries), total_usage=total, quality=quality
+        )
+
+    async def _buffered_step(
+        self,
+        state: _AttemptState,
+        model_id: str,
+        request: RoutingRequest,
+        deadline: float | None,
+        headers: Mapping[str, str] | None,
+    ) -> _StepOutcome:
+        """Run one cascade step with its retries, keep its answer, and score it.
+
+        Nothing is sent, so a failure that would end a streamed call (also mid-answer) lets the
+        cascade escalate instead; errors that the next model would meet too (4xx) are raised.
+        """
+        decision = state.decision
+        cost_before = state.cost
+        chunks_before = state.chunks
+        deltas: list[TextDelta] = []
+        completion: Completion | None = None
+        try:
+            async for event in self._serve(state, replace(decision, model=model_id), request, deadline, headers):
+                if isinstance(event, TextDelta):
+                    deltas.append(event)
+                else:
+                    completion = event
+        except ProviderError as error:
+            if not (is_retryable(error) or isinstance(error, StreamInterrupted)):
+                raise
+            failed = QualityScore(0.0, "none", f"{model_id} failed ({error.reason})")
+            return _StepOutcome(deltas=(), completion=None, quality=failed, cost_before=cost_before)
+        finally:
+            state.chunks = chunks_before  # buffered chunks never reached the client
+        assert completion is not None  # _serve ends with a completion or raises
+        scorer = self._escalation.scorer
+        assert scorer is not None  # a cascade is planned only with a scorer
+        index = decision.cascade_models.index(model_id)
+        result = await scorer.score(
+            ScoringInput(
+                request=request,
+                model=model_id,
+                answer="".join(delta.text for delta in deltas),
+                finish_reason=completion.finish_reason,
+                threshold=decision.cascade_thresholds[index],
+                timeout=None if deadline is None else deadline - time.monotonic(),
+            )
+        )
+        for call in result.calls:
+            self._record_scoring(state, call)
+        return _StepOutcome(tuple(deltas), completion, result.quality, cost_before)
+
+    def _record_scoring(self, state: _AttemptState, call: ScoringCall) -> None:
+        """A judge's call is charged to the request like any attempt."""
+        model = self._catalog.get(call.model)
+        state.number += 1
+        outcome = AttemptOutcome.INTERRUPTED if call.estimated else AttemptOutcome.COMPLETED
+        cost = cost_of_usage(model, call.usage, state.decision.mode)
+        self._record(state, model, state.number, outcome, call.usage, cost, estimated=call.estimated)
+        state.summaries[-1] = replace(state.summaries[-1], result=AttemptResult.JUDGE)
+
+    async def _serve(
+        self,
+        attempt: _AttemptState,
+        decision: RouteDecision,
+        request: RoutingRequest,
+        deadline: float | None,
+        headers: Mapping[str, str] | None,
+    ) -> AsyncGenerator[TextDelta | Completion, None]:
+        """The retry loop for ``decision.model`` and its fallbacks (see ``complete``); ``max_attempts``
+        counts this loop's attempts (a cascade step's), not earlier steps' or judge calls."""
+        reliability = self._reliability
+        first = attempt.number
+        last_error: ProviderError | None = None
+        for model_id in self._attempt_chain(decision):
+            if last_error is not None:
+                telemetry.record_fallback(last_error.model, model_id, last_error.reason)
+            model = self._catalog.get(model_id)
+            for try_on_model in range(reliability.retries_per_model + 1):
+                if attempt.number - first >= reliability.max_attempts:
+                    break
+                if attempt.number > first and not self._retry_budget.can_retry():
+                    break
+                if not self._breakers.allow(model_id):
+                    last_error = last_error or ProviderUnavailable(
+                        f"circuit breaker open for model {model_id}", provider=model.provider, model=model_id
+                    )
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining < reliability.min_attempt_seconds:
+                    raise TimeoutError
+                async with contextlib.aclosing(self._attempt(attempt, model, request, remaining, headers)) as events:
+                    try:
+                        async for event in events:
+                            yield event
+                        return
+                    except ProviderError as error:
+                        if attempt.chunks or not is_retryable(error):
+                            raise
+                        last_error = error
+                retry_after = last_error.retry_after if isinstance(last_error, ProviderRateLimited) else None
+                if try_on_model == reliability.retries_per_model:
+                    break
+                delay = backoff_delay(reliability, try_on_model + 1, retry_after)
+                left = None if deadline is None else deadline - time.monotonic() - reliability.min_attempt_seconds
+                if delay > reliability.max_retry_after_seconds or (left is not None and delay > left):
+                    break
+                await asyncio.sleep(delay)
+        if last_error is None:
+            raise no_eligible_model_for(decision)
+        raise last_error
 
     async def _attempt(
         self,
@@ -456,6 +604,8 @@ class Router:
     ) -> None:
         state.tokens += usage.input_tokens + usage.output_tokens
         state.cost += cost
+        result = AttemptResult.COMPLETED if outcome is AttemptOutcome.COMPLETED else AttemptResult.FAILED
+        state.summaries.append(AttemptSummary(model.id, result, usage, cost))
         self._ledger.record(
             request_id=state.request_id,
             decision_id=state.decision.decision_id,
@@ -481,6 +631,24 @@ class _AttemptState:
     chunks: int = 0
     tokens: int = 0
     cost: Decimal = Decimal(0)
+    summaries: list[AttemptSummary] = field(default_factory=list)
+
+    def mark_escalated(self) -> None:
+        """The last answering attempt's answer was rejected by the cascade."""
+        for index in range(len(self.summaries) - 1, -1, -1):
+            if self.summaries[index].result is AttemptResult.COMPLETED:
+                self.summaries[index] = replace(self.summaries[index], result=AttemptResult.ESCALATED)
+                return
+
+
+@dataclass(frozen=True, slots=True)
+class _StepOutcome:
+    """A buffered cascade step: its answer (None when it failed), score, and the cost before it."""
+
+    deltas: tuple[TextDelta, ...]
+    completion: Completion | None
+    quality: QualityScore
+    cost_before: Decimal
 
 
 def no_eligible_model_for(decision: RouteDecision) -> ProviderUnavailable:

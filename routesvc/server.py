@@ -14,7 +14,9 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from routesvc.batches import BatchQueue
 from routesvc.config import Settings
+from routesvc.ledger import Ledger
 from routesvc.providers.base import Provider
 from routesvc.reload import ConfigWatcher
 from routesvc.router import Router
@@ -76,7 +78,8 @@ def _lenient_handlers(service: RouterService) -> grpc.GenericRpcHandler:
 class Server:
     """A running routesvc server. ``async with Server(settings) as server`` starts it on
     ``server.port``; leaving the block (or ``aclose``) drains and stops it. ``telemetry``
-    (default: built from ``settings.telemetry``) is shut down with the server."""
+    (default: built from ``settings.telemetry``) is shut down with the server. ``reuse_port``
+    lets several processes listen on one port (see ``routesvc.supervisor``)."""
 
     def __init__(
         self,
@@ -85,20 +88,31 @@ class Server:
         providers: Mapping[str, Provider] | None = None,
         port: int | None = None,
         telemetry: Telemetry | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self._settings = settings
         self.telemetry = telemetry or Telemetry(settings)
-        self._router = Router(settings, build_providers(settings) if providers is None else providers)
+        ledger = Ledger()
+        # Batch jobs outlive routers (hot reload) and restarts: the queue belongs to the server.
+        self.batches = BatchQueue(settings, ledger)
+        self._router = Router(
+            settings,
+            build_providers(settings) if providers is None else providers,
+            ledger=ledger,
+            batches=self.batches if settings.config.batch.enabled else None,
+        )
         self._server = grpc.aio.server(
             # Outermost, so that every RouterService RPC, also one rejected early, has its span.
             interceptors=[TracingInterceptor(self.telemetry, SERVICE_NAME)],
             options=[
                 ("grpc.max_receive_message_length", settings.config.limits.max_request_bytes + 1024),
-                ("grpc.so_reuseport", 0),
+                # Only a worker of ``server.workers`` shares its port; otherwise a second server
+                # on the same port is an error, not a silent split of the traffic.
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
         self._health = health.aio.HealthServicer()
-        self._service = RouterService(self._router, self.telemetry)
+        self._service = RouterService(self._router, self.telemetry, batches=self.batches)
         self._server.add_generic_rpc_handlers((_lenient_handlers(self._service),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if settings.config.server.reflection:
@@ -136,6 +150,7 @@ class Server:
 
     async def start(self) -> None:
         """Start serving, report SERVING, and watch the config file when there is one."""
+        await self.batches.start()
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         interval = self._settings.config.server.reload_interval_seconds
@@ -170,7 +185,9 @@ class Server:
             interrupter = group.create_task(self._interrupt_after(grace - margin))
             await self._server.stop(grace)
             interrupter.cancel()
+        await self.batches.aclose()
         await self._router.aclose()
+        await self._router.admission.aclose()
         for retired in self._retired:
             await retired.aclose()
         await asyncio.to_thread(self.telemetry.shutdown)
@@ -194,13 +211,13 @@ class Server:
         await self.aclose()
 
 
-async def serve(settings: Settings, port: int | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then drain gracefully."""
+async def serve(settings: Settings, port: int | None = None, *, reuse_port: bool = False) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully (``reuse_port``: as one of several workers)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    server = Server(settings, port=port)
+    server = Server(settings, port=port, reuse_port=reuse_port)
     await server.start()
     await stop.wait()
     log.info("server_draining")

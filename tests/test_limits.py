@@ -11,7 +11,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from routesvc.admission import Admission
+from routesvc.admission import LocalAdmission
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
 from routesvc.errors import LimitExceeded
@@ -33,48 +33,48 @@ class Clock:
 
 
 class TestAdmission:
-    def test_requests_per_minute_are_exact_and_retry_after_is_given(self) -> None:
+    async def test_requests_per_minute_are_exact_and_retry_after_is_given(self) -> None:
         """The 3rd request in a minute of a 2-rpm tenant is refused with the wait until the window frees."""
         clock = Clock()
-        admission = Admission({"t": TenantConfig(requests_per_minute=2)}, clock=clock)
-        admission.admit("t").settle(0, Decimal(0))
+        admission = LocalAdmission({"t": TenantConfig(requests_per_minute=2)}, clock=clock)
+        await (await admission.admit("t")).settle(0, Decimal(0))
         clock.now += 10
-        admission.admit("t").settle(0, Decimal(0))
+        await (await admission.admit("t")).settle(0, Decimal(0))
         with pytest.raises(LimitExceeded) as caught:
-            admission.admit("t")
+            await admission.admit("t")
         assert (caught.value.reason, caught.value.retry_after) == ("RATE_LIMITED", pytest.approx(50.0))
         clock.now += 50.01
-        admission.admit("t")
+        await admission.admit("t")
 
-    def test_budgets_reserve_the_estimate_and_settle_the_real_cost(self) -> None:
+    async def test_budgets_reserve_the_estimate_and_settle_the_real_cost(self) -> None:
         """A $1 daily budget: reservations count until settled, then the real cost counts."""
-        admission = Admission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
-        first = admission.admit("t", cost=Decimal("0.6"))
+        admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
+        first = await admission.admit("t", cost=Decimal("0.6"))
         with pytest.raises(LimitExceeded) as caught:
-            admission.admit("t", cost=Decimal("0.6"))
+            await admission.admit("t", cost=Decimal("0.6"))
         assert caught.value.reason == "BUDGET_EXCEEDED"
-        first.settle(100, Decimal("0.1"))
-        admission.admit("t", cost=Decimal("0.6")).settle(100, Decimal("0.6"))
-        assert admission.spent("t") == Decimal("0.7")
+        await first.settle(100, Decimal("0.1"))
+        await (await admission.admit("t", cost=Decimal("0.6"))).settle(100, Decimal("0.6"))
+        assert await admission.spent("t") == Decimal("0.7")
 
-    def test_rejected_requests_consume_nothing(self) -> None:
+    async def test_rejected_requests_consume_nothing(self) -> None:
         """A refused request leaves counters as they were."""
-        admission = Admission({"t": TenantConfig(max_concurrent=1, tokens_per_minute=100)})
-        held = admission.admit("t", tokens=50)
+        admission = LocalAdmission({"t": TenantConfig(max_concurrent=1, tokens_per_minute=100)})
+        held = await admission.admit("t", tokens=50)
         for _ in range(5):
             with pytest.raises(LimitExceeded):
-                admission.admit("t", tokens=10)
+                await admission.admit("t", tokens=10)
         assert admission.in_flight("t") == 1
-        held.settle(20, Decimal(0))
-        admission.admit("t", tokens=80)
+        await held.settle(20, Decimal(0))
+        await admission.admit("t", tokens=80)
 
-    def test_settling_twice_counts_once(self) -> None:
+    async def test_settling_twice_counts_once(self) -> None:
         """settle is idempotent."""
-        admission = Admission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
-        reservation = admission.admit("t", cost=Decimal("0.1"))
-        reservation.settle(1, Decimal("0.3"))
-        reservation.settle(1, Decimal("0.3"))
-        assert admission.spent("t") == Decimal("0.3")
+        admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
+        reservation = await admission.admit("t", cost=Decimal("0.1"))
+        await reservation.settle(1, Decimal("0.3"))
+        await reservation.settle(1, Decimal("0.3"))
+        assert await admission.spent("t") == Decimal("0.3")
 
 
 def limited_config(**tenant: object) -> dict[str, object]:
@@ -141,7 +141,7 @@ class TestTenantLimitsOverGrpc:
         fake.set_default(Script(input_tokens=1000, output_tokens=500))  # 0.00045 USD on gpt-4o-mini
         async for _ in client.complete(user_chat("hi"), ACME):
             pass
-        assert server.router.admission.spent("acme") == Decimal("0.00045")
+        assert await server.router.admission.spent("acme") == Decimal("0.00045")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in client.complete(user_chat("hi"), ACME):
                 pass

@@ -1,0 +1,229 @@
+"""Admission shared by every replica: the same limits and budgets as ``LocalAdmission``, counted
+in Redis. Each check-and-reserve and each settle is one Lua script, so it is atomic across
+replicas; a replica that dies with requests in flight leaves their reservations to expire with
+the window (requests and tokens) or to be settled at zero by their key's expiry (in-flight).
+
+Keys, per tenant T (``routesvc:`` prefix configurable):
+    {prefix}T:req          sorted set of admitted request ids scored by time (requests/min)
+    {prefix}T:tok          sorted set of reservation ids scored by time, and
+    {prefix}T:tokn         hash reservation id -> tokens (tokens/min)
+    {prefix}T:inflight     sorted set of reservation ids in flight scored by expiry (concurrency)
+    {prefix}T:spent:P      spent USD in period P (day:YYYY-MM-DD, month:YYYY-MM), and
+    {prefix}T:reserved:P   USD reserved and not yet settled
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from routesvc.admission import Reservation, _periods, _seconds_to_next
+from routesvc.config import TenantConfig
+from routesvc.cost import format_usd
+from routesvc.errors import LimitExceeded
+
+_WINDOW = 60.0
+# Budgets are compared in Lua doubles; amounts are kept as decimal strings with 12 places.
+_PLACES = Decimal("0.000000000001")
+
+_ADMIT = """
+local req, tok, tokn, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local spent_d, spent_m, res_d, res_m = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rpm, tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local tokens, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
+local day_budget, month_budget = tonumber(ARGV[8]), tonumber(ARGV[9])
+local id, lease = ARGV[10], tonumber(ARGV[11])
+redis.call('ZREMRANGEBYSCORE', req, '-inf', now - window)
+local expired = redis.call('ZRANGEBYSCORE', tok, '-inf', now - window)
+for _, old in ipairs(expired) do redis.call('HDEL', tokn, old) end
+redis.call('ZREMRANGEBYSCORE', tok, '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
+if rpm > 0 and redis.call('ZCARD', req) >= rpm then
+  local oldest = redis.call('ZRANGE', req, 0, 0, 'WITHSCORES')
+  return {'RATE_LIMITED', tostring(tonumber(oldest[2]) + window - now)}
+end
+if tpm > 0 and tokens > 0 then
+  local used = 0
+  for _, value in ipairs(redis.call('HVALS', tokn)) do used = used + tonumber(value) end
+  if used + tokens > tpm then
+    local oldest = redis.call('ZRANGE', tok, 0, 0, 'WITHSCORES')
+    local wait = window
+    if oldest[2] then wait = tonumber(oldest[2]) + window - now end
+    return {'TOKEN_RATE_LIMITED', tostring(wait)}
+  end
+end
+if maxc > 0 and redis.call('ZCARD', inflight) >= maxc then
+  return {'CONCURRENCY_LIMITED', '1'}
+end
+local function amount(key) return tonumber(redis.call('GET', key) or '0') end
+if day_budget > 0 and amount(spent_d) + amount(res_d) + cost > day_budget then
+  return {'BUDGET_EXCEEDED', 'day'}
+end
+if month_budget > 0 and amount(spent_m) + amount(res_m) + cost > month_budget then
+  return {'BUDGET_EXCEEDED', 'month'}
+end
+redis.call('ZADD', req, now, id)
+redis.call('EXPIRE', req, math.ceil(window) + 1)
+if tokens > 0 then
+  redis.call('ZADD', tok, now, id)
+  redis.call('HSET', tokn, id, tokens)
+  redis.call('EXPIRE', tok, math.ceil(window) + 1)
+  redis.call('EXPIRE', tokn, math.ceil(window) + 1)
+end
+redis.call('ZADD', inflight, now + lease, id)
+redis.call('INCRBYFLOAT', res_d, ARGV[7])
+redis.call('INCRBYFLOAT', res_m, ARGV[7])
+redis.call('EXPIRE', res_d, 3 * 86400)
+redis.call('EXPIRE', res_m, 40 * 86400)
+return {'OK', ''}
+"""
+
+_SETTLE = """
+local tokn, inflight, spent_d, spent_m, res_d, res_m = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local id, tokens, reserved, cost = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('ZREM', inflight, id) == 0 then return 0 end
+if redis.call('HEXISTS', tokn, id) == 1 then redis.call('HSET', tokn, id, tokens) end
+redis.call('INCRBYFLOAT', res_d, '-' .. reserved)
+redis.call('INCRBYFLOAT', res_m, '-' .. reserved)
+redis.call('INCRBYFLOAT', spent_d, cost)
+redis.call('INCRBYFLOAT', spent_m, cost)
+redis.call('EXPIRE', spent_d, 3 * 86400)
+redis.call('EXPIRE', spent_m, 40 * 86400)
+return 1
+"""
+
+
+def _usd(amount: Decimal) -> str:
+    return format_usd(amount.quantize(_PLACES))
+
+
+class _RedisReservation:
+    def __init__(
+        self, admission: RedisAdmission, tenant: str, reservation_id: str, cost: Decimal, periods: tuple[str, str]
+    ) -> None:
+        self._admission = admission
+        self._tenant = tenant
+        self._id = reservation_id
+        self._cost = cost
+        self._periods = periods
+        self._settled = False
+
+    async def settle(self, tokens: int, cost: Decimal) -> None:
+        """Replace the estimate by the real usage; later calls do nothing."""
+        if self._settled:
+            return
+        self._settled = True
+        await self._admission._settle(self._tenant, self._id, tokens, self._cost, cost, self._periods)
+
+
+class _Unlimited:
+    async def settle(self, tokens: int, cost: Decimal) -> None:
+        """Nothing was reserved."""
+
+
+class RedisAdmission:
+    """Per-tenant limits and budgets kept in Redis at ``url`` and shared by every replica."""
+
+    def __init__(
+        self,
+        url: str,
+        tenants: Mapping[str, TenantConfig],
+        *,
+        prefix: str = "routesvc:",
+        lease_seconds: float = 3600.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        import redis.asyncio as redis_asyncio
+
+        self._redis: Any = redis_asyncio.Redis.from_url(url, decode_responses=True)
+        self._tenants = dict(tenants)
+        self._prefix = prefix
+        self._lease = lease_seconds
+        self._clock = wall_clock
+        self._admit = self._redis.register_script(_ADMIT)
+        self._settle_script = self._redis.register_script(_SETTLE)
+
+    def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
+        """Apply new limits (hot reload)."""
+        self._tenants = dict(tenants)
+
+    def _key(self, tenant: str, name: str) -> str:
+        return f"{self._prefix}{tenant}:{name}"
+
+    async def admit(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> Reservation:
+        """Check and reserve atomically in Redis; raises ``LimitExceeded`` having reserved nothing."""
+        limits = self._tenants.get(tenant)
+        if limits is None:
+            return _Unlimited()
+        now = self._clock()
+        day, month = _periods(now)
+        reservation_id = uuid.uuid4().hex
+        keys = [
+            self._key(tenant, "req"),
+            self._key(tenant, "tok"),
+            self._key(tenant, "tokn"),
+            self._key(tenant, "inflight"),
+            self._key(tenant, f"spent:{day}"),
+            self._key(tenant, f"spent:{month}"),
+            self._key(tenant, f"reserved:{day}"),
+            self._key(tenant, f"reserved:{month}"),
+        ]
+        args: list[str | int] = [
+            repr(now),
+            repr(_WINDOW),
+            limits.requests_per_minute or 0,
+            limits.tokens_per_minute or 0,
+            limits.max_concurrent or 0,
+            tokens,
+            _usd(cost),
+            _usd(limits.daily_budget_usd) if limits.daily_budget_usd is not None else 0,
+            _usd(limits.monthly_budget_usd) if limits.monthly_budget_usd is not None else 0,
+            reservation_id,
+            repr(self._lease),
+        ]
+        verdict, detail = await self._admit(keys=keys, args=args)
+        if verdict == "OK":
+            return _RedisReservation(self, tenant, reservation_id, cost, (day, month))
+        if verdict == "BUDGET_EXCEEDED":
+            period = day if detail == "day" else month
+            budget = limits.daily_budget_usd if detail == "day" else limits.monthly_budget_usd
+            raise LimitExceeded(
+                f"tenant {tenant!r} would exceed its {detail}ly budget of {format_usd(budget or Decimal(0))} USD",
+                reason="BUDGET_EXCEEDED",
+                retry_after=_seconds_to_next(period, now),
+            )
+        messages = {
+            "RATE_LIMITED": f"tenant {tenant!r} is over its {limits.requests_per_minute} requests per minute",
+            "TOKEN_RATE_LIMITED": f"tenant {tenant!r} is over its {limits.tokens_per_minute} tokens per minute",
+            "CONCURRENCY_LIMITED": f"tenant {tenant!r} already has {limits.max_concurrent} requests in flight",
+        }
+        raise LimitExceeded(messages[verdict], reason=verdict, retry_after=max(0.001, float(detail)))
+
+    async def _settle(
+        self, tenant: str, reservation_id: str, tokens: int, reserved: Decimal, cost: Decimal, periods: tuple[str, str]
+    ) -> None:
+        day, month = periods
+        keys = [
+            self._key(tenant, "tokn"),
+            self._key(tenant, "inflight"),
+            self._key(tenant, f"spent:{day}"),
+            self._key(tenant, f"spent:{month}"),
+            self._key(tenant, f"reserved:{day}"),
+            self._key(tenant, f"reserved:{month}"),
+        ]
+        args: list[str | int] = [reservation_id, tokens, _usd(reserved), _usd(cost)]
+        await self._settle_script(keys=keys, args=args)
+
+    async def spent(self, tenant: str) -> Decimal:
+        """What ``tenant`` has spent today (UTC), across replicas."""
+        day, _ = _periods(self._clock())
+        value = await self._redis.get(self._key(tenant, f"spent:{day}"))
+        return Decimal(value or 0).quantize(_PLACES).normalize() if value else Decimal(0)
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
