@@ -198,11 +198,16 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from routesvc.server import serve
+    from routesvc.supervisor import run_event_loop, serve_workers
     from routesvc.telemetry import configure_logging
 
     settings = config_module.load_settings(args.config)
     configure_logging(settings.config.logging)
-    asyncio.run(serve(settings, port=args.port))
+    workers = args.workers or settings.config.server.workers
+    uvloop = args.uvloop or settings.config.server.uvloop
+    if workers > 1:
+        return serve_workers(settings, args.config, workers=workers, port=args.port, uvloop=uvloop)
+    run_event_loop(serve(settings, port=args.port), uvloop=uvloop)
     return 0
 
 
@@ -248,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--config", default=None, help="YAML config (default: $ROUTESVC_CONFIG, else embedded)")
     serve.add_argument("--port", type=int, default=None, help="override server.port")
+    serve.add_argument("--workers", type=int, default=None, help="override server.workers (processes on one port)")
+    serve.add_argument("--uvloop", action="store_true", help="run on uvloop (server.uvloop)")
     serve.set_defaults(func=_serve)
     for name, handler, helptext in (
         ("route", _route, "ask which model would serve a prompt"),

@@ -1,0 +1,132 @@
+"""Multi-process serving: ``server.workers`` processes share one port with ``SO_REUSEPORT``.
+
+One Python process serves on one core. With ``workers: N`` (or ``routesvc serve --workers N``)
+the process started becomes a supervisor that serves nothing itself:
+
+- it reserves the port (bound with ``SO_REUSEPORT``, never listening, so port 0 works too) and
+  logs ``workers_started`` with the target;
+- it spawns N workers, fresh interpreters that each load the same configuration and run their
+  own grpc.aio server on that port with ``SO_REUSEPORT``: the kernel spreads new connections
+  over them (a client's channel stays on one worker);
+- SIGTERM or SIGINT is forwarded to every worker, each drains as a single server does (health
+  NOT_SERVING, drain delay, grace), and the supervisor exits 0 when all have exited 0;
+- a worker that exits on its own is a failure: the others are stopped and the supervisor exits
+  1, so that the orchestrator restarts the whole.
+
+Each worker keeps its own state: per-tenant limits, breakers, the retry budget, ``GetStats`` and
+metrics are per process, so limits are per worker. ``telemetry.metrics.prometheus_port`` cannot
+be shared and is refused with more than one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+from collections.abc import Coroutine
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from routesvc.config import Settings, load_settings
+from routesvc.errors import ConfigError
+
+log = structlog.get_logger("routesvc.supervisor")
+
+
+def run_event_loop(main: Coroutine[Any, Any, None], *, uvloop: bool = False) -> None:
+    """Run ``main`` to completion on a new event loop: uvloop's when asked, else asyncio's."""
+    if uvloop:
+        import uvloop as uvloop_module
+
+        uvloop_module.run(main)
+    else:
+        asyncio.run(main)
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` with ``SO_REUSEPORT`` that never listens: it holds the port
+    (and picks one for port 0) while the workers listen on it."""
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    reservation = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reservation.bind((bare, port))
+    except OSError as exc:
+        reservation.close()
+        raise ConfigError(f"server: cannot bind {host}:{port} for the workers: {exc.strerror}") from exc
+    return reservation
+
+
+def _worker(config_path: str | None, port: int, uvloop: bool) -> None:
+    """One worker process: the configuration loaded again, one server on the shared port."""
+    from routesvc.server import serve
+    from routesvc.telemetry import configure_logging
+
+    settings = load_settings(config_path)
+    configure_logging(settings.config.logging)
+    structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
+    run_event_loop(serve(settings, port=port, reuse_port=True), uvloop=uvloop)
+
+
+def serve_workers(
+    settings: Settings, config_path: str | None, *, workers: int, port: int | None = None, uvloop: bool = False
+) -> int:
+    """Run ``workers`` server processes on one port until SIGTERM or SIGINT; returns the exit code."""
+    if workers > 1 and settings.telemetry.prometheus_port:
+        raise ConfigError(
+            f"{settings.source}: telemetry.metrics.prometheus_port: one port cannot serve {workers} workers; "
+            "unset it or use OTLP metrics"
+        )
+    server = settings.config.server
+    reservation = _reserve(server.host, server.port if port is None else port)
+    bound = int(reservation.getsockname()[1])
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_worker, args=(config_path, bound, uvloop), name=f"routesvc-worker-{index}")
+        for index in range(workers)
+    ]
+    stopping = False
+
+    def stop_all(signum: int, frame: FrameType | None = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in processes:
+            if process.pid is not None and process.exitcode is None:
+                os.kill(process.pid, signum)
+
+    previous = {signum: signal.signal(signum, stop_all) for signum in (signal.SIGTERM, signal.SIGINT)}
+    failed = False
+    try:
+        for process in processes:
+            process.start()
+        if stopping:  # a signal came while the workers were starting
+            stop_all(signal.SIGTERM)
+        log.info(
+            "workers_started",
+            workers=workers,
+            target=f"{server.host}:{bound}",
+            pids=[process.pid for process in processes],
+        )
+        running = list(processes)
+        while running:
+            ended = multiprocessing.connection.wait([process.sentinel for process in running])
+            for process in [p for p in running if p.sentinel in ended]:
+                process.join()
+                running.remove(process)
+                if process.exitcode != 0 or not stopping:
+                    failed = True
+                    log.error("worker_exited", pid=process.pid, exit_code=process.exitcode, stopping=stopping)
+                    if not stopping:
+                        stop_all(signal.SIGTERM)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        reservation.close()
+    log.info("workers_stopped", workers=workers, failed=failed)
+    return 1 if failed else 0

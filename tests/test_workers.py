@@ -1,0 +1,107 @@
+"""Multi-process serving (``server.workers``, ``routesvc serve --workers N``) and uvloop: several
+processes answer on one port, and SIGTERM drains every one of them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from routesvc.client import RouterClient
+from routesvc.config import Settings
+from routesvc.errors import ConfigError
+from routesvc.supervisor import serve_workers
+from routesvc.testing import FakeProvider, Script
+from tests.conftest import default_config, live_environ, settings_from, user_chat
+
+
+class _Serve:
+    """``python -m routesvc serve`` as a child process whose JSON log lines are read as they come."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.events: list[dict[str, object]] = []
+
+    async def until(self, event: str, count: int = 1, timeout: float = 30.0) -> dict[str, object]:
+        """Read log lines until ``event`` has been seen ``count`` times; returns the last."""
+        assert self.process.stdout is not None
+        async with asyncio.timeout(timeout):
+            while sum(e.get("event") == event for e in self.events) < count:
+                line = await self.process.stdout.readline()
+                if not line:
+                    raise AssertionError(f"exited before {count} x {event}: {self.events}")
+                if line.startswith(b"{"):
+                    self.events.append(json.loads(line))
+        return [e for e in self.events if e.get("event") == event][-1]
+
+
+@pytest.fixture
+async def serve_process(tmp_path: Path, fake: FakeProvider) -> AsyncIterator[_Serve]:
+    """Two workers on uvloop on a port the supervisor picks, both providers pointed at ``fake``."""
+    config = default_config()
+    config["server"] = {"port": 0, "workers": 2, "uvloop": True, "grace_seconds": 5}
+    config["logging"] = {"format": "json"}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ROUTESVC_"))}
+    env |= live_environ(fake)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "routesvc", "serve", "--config", str(path), stdout=asyncio.subprocess.PIPE, env=env
+    )
+    try:
+        yield _Serve(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+class TestWorkers:
+    async def test_two_workers_serve_one_port_and_drain_on_sigterm(
+        self, serve_process: _Serve, fake: FakeProvider
+    ) -> None:
+        """Both workers start on the supervisor's port, answer Route from fresh connections, and on
+        SIGTERM a stream in flight still completes; every process exits 0."""
+        started = await serve_process.until("workers_started")
+        await serve_process.until("server_started", count=2)
+        target = str(started["target"])
+        assert {e["target"] for e in serve_process.events if e["event"] == "server_started"} == {target}
+        for _ in range(4):
+            async with RouterClient(target) as client:
+                assert (await client.route(user_chat("What is the capital of France?"))).model == "gpt-4o-mini"
+
+        fake.enqueue(Script(chunk_count=10, chunk_delay=0.1))
+        async with RouterClient(target) as client:
+            stream = client.complete(user_chat("hi"))
+            first = await anext(stream)
+            assert first.WhichOneof("event") == "decision"
+            serve_process.process.send_signal(signal.SIGTERM)
+            rest = [message.WhichOneof("event") async for message in stream]
+        assert (rest.count("delta"), rest[-1]) == (10, "completion")
+        assert await asyncio.wait_for(serve_process.process.wait(), 30) == 0
+        await serve_process.until("server_stopped", count=2)
+        assert (await serve_process.until("workers_stopped"))["failed"] is False
+
+
+class TestWorkerSettings:
+    def test_prometheus_port_is_refused_with_workers(self) -> None:
+        """One Prometheus port cannot serve several workers: refused before any worker starts."""
+        config = default_config()
+        config["telemetry"] = {"metrics": {"prometheus_port": 9464}}
+        settings: Settings = settings_from(config)
+        with pytest.raises(ConfigError, match="prometheus_port"):
+            serve_workers(settings, None, workers=2)
+
+    def test_workers_must_be_positive(self) -> None:
+        """server.workers below 1 is a config error naming the field."""
+        config = default_config()
+        config["server"] = {"workers": 0}
+        with pytest.raises(ConfigError, match=r"server\.workers"):
+            settings_from(config)
