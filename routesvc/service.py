@@ -306,12 +306,18 @@ class RouterService(pb_grpc.RouterServiceServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
         """Routing effectiveness over the window, for one tenant or all."""
-        async with self._rpc("GetStats", context):
+        async with self._rpc("GetStats", context) as record:
             request = self._parsed(request)
             window = request.window.ToNanoseconds() / 1e9 if request.HasField("window") else 0.0
             if window < 0:
                 raise InvalidRequest("window", "must not be negative")
-            return wire.stats_message(self._telemetry.stats.summary(tenant=request.tenant, window_seconds=window))
+            tenant = request.tenant
+            if record.principal.tenant is not None:
+                # An authenticated tenant sees its own numbers only.
+                if tenant and tenant != record.principal.tenant:
+                    raise PermissionDenied("tenant does not match the authenticated tenant")
+                tenant = record.principal.tenant
+            return wire.stats_message(self._telemetry.stats.summary(tenant=tenant, window_seconds=window))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
 
 

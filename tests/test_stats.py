@@ -215,3 +215,32 @@ class TestStatsCommand:
         text = out.decode()
         assert f"savings:        {BASELINE - COST} USD" in text
         assert "gpt-4o-mini" in text
+
+
+class TestTenantScope:
+    async def test_an_authenticated_tenant_sees_only_its_own_numbers(self, fake: FakeProvider) -> None:
+        """With auth on, GetStats answers a tenant's key with that tenant's stats, and refuses another's."""
+        from routesvc.auth import key_digest
+        from routesvc.client import RouterClient
+
+        config = default_config()
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {
+            "acme": {"api_key_sha256": [key_digest("acme-key")]},
+            "globex": {"api_key_sha256": [key_digest("globex-key")]},
+        }
+        async with observed_server(fake, config=config) as observed:
+            target = observed.server.target
+            async with (
+                RouterClient(target, api_key="acme-key") as acme,
+                RouterClient(target, api_key="globex-key") as globex,
+            ):
+                for client in (acme, globex, globex):
+                    async for _ in client.complete(user_chat("hello")):
+                        pass
+                own = await acme.get_stats()
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await acme.get_stats(tenant="globex")
+        assert (own.tenant, own.totals.requests) == ("acme", 1)
+        assert [t.tenant for t in own.tenants] == ["acme"]
+        assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
