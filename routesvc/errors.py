@@ -8,6 +8,7 @@ name fields and models, never prompt text or credentials.
     ├── ConfigError                     bad configuration file or value (raised at start)
     ├── InvalidRequest                  malformed request: names the field       INVALID_ARGUMENT
     ├── ModelNotFound                   unknown model id                         NOT_FOUND
+    ├── BatchNotFound                   unknown batch job, or another tenant's   NOT_FOUND
     ├── RequestTooLarge                 over a configured size limit             RESOURCE_EXHAUSTED
     ├── NoEligibleModel                 no catalog model can serve the request   FAILED_PRECONDITION
     │   └── ContextWindowExceeded       ... because the input is too long        RESOURCE_EXHAUSTED
@@ -66,6 +67,12 @@ class ModelNotFound(RouteSvcError):
     """A model id is not in the catalog."""
 
     reason = "MODEL_NOT_FOUND"
+
+
+class BatchNotFound(RouteSvcError):
+    """No batch job with this id belongs to the caller's tenant (unknown ids look the same)."""
+
+    reason = "BATCH_NOT_FOUND"
 
 
 class RequestTooLarge(RouteSvcError):

@@ -81,6 +81,7 @@ class RoutingContext:
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_cost_usd: Decimal | None = None
     model: str = ""
+    cascade: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,9 @@ class RouteDecision:
     mode: Mode
     candidates: tuple[Candidate, ...]
     task: str = ""
+    cascade_models: tuple[str, ...] = ()
+    cascade_thresholds: tuple[float, ...] = ()
+    cascade_scorer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +148,40 @@ class ProviderFinish:
 
 
 @dataclass(frozen=True, slots=True)
+class QualityScore:
+    """A scorer's verdict on one answer: ``score`` in [0, 1], who gave it, and why (never content)."""
+
+    score: float
+    scorer: str
+    reason: str
+
+
+class AttemptResult(enum.Enum):
+    """How one upstream call of a request ended, as the caller sees it."""
+
+    COMPLETED = "completed"  # answered, and the answer was sent
+    ESCALATED = "escalated"  # answered, scored too low, not sent
+    FAILED = "failed"  # failed before any text was sent
+    JUDGE = "judge"  # a quality-judge call that scored an answer
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptSummary:
+    """One upstream call of a request: model, how it ended, usage and cost."""
+
+    model: str
+    result: AttemptResult
+    usage: Usage
+    cost_usd: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
-    """The end of a successful Complete: who answered, usage and exact cost."""
+    """The end of a successful Complete: who answered, usage and exact cost.
+
+    ``usage`` is the answering attempt's; ``cost_usd`` and ``total_usage`` sum every attempt in
+    ``attempts`` (failed, escalated, judge calls). ``quality`` is set when a cascade scored it.
+    """
 
     model: str
     provider: str
@@ -153,10 +189,80 @@ class Completion:
     usage: Usage
     cost_usd: Decimal
     finish_reason: FinishReason
+    attempts: tuple[AttemptSummary, ...] = ()
+    total_usage: Usage | None = None
+    quality: QualityScore | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Escalation:
+    """A cascade step's answer scored below ``threshold``; ``to_model`` is called next.
+
+    ``cost_usd`` and ``usage`` are the rejected attempt's (its judge call included in the cost).
+    """
+
+    from_model: str
+    to_model: str
+    quality: QualityScore
+    threshold: float
+    cost_usd: Decimal
+    usage: Usage
+
+
+class BatchState(enum.Enum):
+    """Where a batch job is in its life."""
+
+    QUEUED = "queued"
+    SUBMITTED = "submitted"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        """Whether the job can change no more."""
+        return self not in (BatchState.QUEUED, BatchState.SUBMITTED)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchJob:
+    """A request sent through a provider's batch API. Times are Unix seconds."""
+
+    batch_id: str
+    tenant: str
+    state: BatchState
+    model: str
+    provider: str
+    estimated_cost_usd: Decimal
+    created_at: float
+    updated_at: float
+    decision_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """The answer of a succeeded batch job, with its cost at the batch price."""
+
+    text: str
+    usage: Usage
+    cost_usd: Decimal
+    finish_reason: FinishReason
+    provider_model: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatus:
+    """A batch job with its result once it succeeded, or why it failed or expired."""
+
+    job: BatchJob
+    result: BatchResult | None = None
+    error: str = ""
 
 
 ProviderEvent = TextDelta | ProviderFinish
 """What a provider stream yields: text deltas, then exactly one ``ProviderFinish``."""
 
-CompleteEvent = RouteDecision | TextDelta | Completion
-"""What Complete yields: the decision, text deltas, then one ``Completion``."""
+CompleteEvent = RouteDecision | TextDelta | Completion | Escalation | BatchJob
+"""What Complete yields: the decision, then text deltas (an ``Escalation`` before each stronger
+model's answer in a cascade) and one ``Completion``; or, in batch mode, one ``BatchJob``."""

@@ -15,7 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from routesvc.batches import BatchQueue
-from routesvc.config import Settings
+from routesvc.config import Settings, TlsConfig
+from routesvc.errors import ConfigError
 from routesvc.ledger import Ledger
 from routesvc.providers.base import Provider
 from routesvc.reload import ConfigWatcher
@@ -44,6 +45,18 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         else:
             providers[name] = OpenAIProvider(name, provider.api_key, provider.base_url, provider.kind)
     return providers
+
+
+def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """TLS credentials; with a client CA, clients must present a certificate it signed."""
+    try:
+        key, chain = tls.key_file.read_bytes(), tls.cert_file.read_bytes()
+        client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    except OSError as exc:
+        raise ConfigError(f"server.tls: cannot read {exc.filename}: {exc.strerror}") from exc
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _lenient_parser(message_type: type[Message]) -> Callable[[bytes], Message | None]:
@@ -120,7 +133,12 @@ class Server:
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
             )
         host = settings.config.server.host
-        self.port = self._server.add_insecure_port(f"{host}:{settings.config.server.port if port is None else port}")
+        address = f"{host}:{settings.config.server.port if port is None else port}"
+        tls = settings.config.server.tls
+        if tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, _server_credentials(tls))
         self.target = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{self.port}"
         self._stopped = asyncio.Event()
         self._retired: list[Router] = []

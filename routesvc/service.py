@@ -18,8 +18,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from routesvc import telemetry, wire
 from routesvc.auth import Authenticator, Principal
+from routesvc.batches import BatchQueue
 from routesvc.cost import format_usd
 from routesvc.errors import (
+    BatchNotFound,
     ConfigError,
     ContextWindowExceeded,
     CostLimitExceeded,
@@ -42,7 +44,7 @@ from routesvc.errors import (
     StreamInterrupted,
     Unauthenticated,
 )
-from routesvc.models import Completion, RouteDecision, RoutingRequest
+from routesvc.models import BatchJob, Completion, Escalation, RouteDecision, RoutingRequest
 from routesvc.router import Router
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
@@ -57,6 +59,7 @@ REQUEST_ID_HEADER = "x-request-id"
 STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    BatchNotFound: grpc.StatusCode.NOT_FOUND,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ContextWindowExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NoEligibleModel: grpc.StatusCode.FAILED_PRECONDITION,
@@ -129,8 +132,15 @@ class _CallRecord:
 class RouterService(pb_grpc.RouterServiceServicer):
     """``routesvc.v1.RouterService`` over a ``Router``."""
 
-    def __init__(self, router: Router, instrumentation: telemetry.Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        instrumentation: telemetry.Telemetry | None = None,
+        *,
+        batches: BatchQueue | None = None,
+    ) -> None:
         self._router = router
+        self._batches = batches
         self._limits = router.settings.config.limits
         self._telemetry = instrumentation or telemetry.Telemetry(router.settings)
         self._max_in_flight = router.settings.config.reliability.max_concurrent_rpcs
@@ -202,7 +212,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.add(task)
-            record.principal = self._authenticator.authenticate(incoming)
+            record.principal = self._authenticator.authenticate(incoming, _peer_common_names(context))
             if record.principal.tenant is not None:
                 record.fields["tenant"] = record.principal.tenant
             remaining = context.time_remaining()
@@ -276,6 +286,10 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 async for event in events:
                     if isinstance(event, RouteDecision):
                         _record_decision(record, event)
+                    elif isinstance(event, Escalation):
+                        record.fields["escalated_to"] = event.to_model
+                    elif isinstance(event, BatchJob):
+                        record.fields["batch_id"] = event.batch_id
                     elif isinstance(event, Completion):
                         record.fields.update(
                             answered_by=event.model,
@@ -302,6 +316,38 @@ class RouterService(pb_grpc.RouterServiceServicer):
                     for model in settings.catalog
                 ]
             )
+        raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
+
+    def _batch_owner(self, tenant: str, principal: Principal) -> tuple[BatchQueue, str]:
+        """The batch queue and the tenant whose jobs the caller may see."""
+        if self._batches is None:
+            raise BatchNotFound("batch mode is not enabled on this server")
+        if principal.tenant is None:
+            return self._batches, tenant
+        if tenant and tenant != principal.tenant:
+            raise PermissionDenied("tenant does not match the authenticated tenant")
+        return self._batches, principal.tenant
+
+    async def GetBatch(self, request: pb.GetBatchRequest, context: grpc.aio.ServicerContext) -> pb.GetBatchResponse:
+        """A batch job's state and, once it succeeded, its result."""
+        async with self._rpc("GetBatch", context) as record:
+            request = self._parsed(request)
+            batches, tenant = self._batch_owner(request.tenant, record.principal)
+            status = await batches.get(wire.batch_id(request.batch_id), tenant)
+            record.fields.update(batch_id=status.job.batch_id, batch_state=status.job.state.value)
+            return wire.batch_status_message(status)
+        raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
+
+    async def CancelBatch(
+        self, request: pb.CancelBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelBatchResponse:
+        """Cancel a batch job that has not ended."""
+        async with self._rpc("CancelBatch", context) as record:
+            request = self._parsed(request)
+            batches, tenant = self._batch_owner(request.tenant, record.principal)
+            status = await batches.cancel(wire.batch_id(request.batch_id), tenant)
+            record.fields.update(batch_id=status.job.batch_id, batch_state=status.job.state.value)
+            return pb.CancelBatchResponse(job=wire.batch_job_message(status.job))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
@@ -337,3 +383,9 @@ def _upstream_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
     """Headers to forward upstream: trace context only, never the client's credentials."""
     incoming = dict(context.invocation_metadata() or ())
     return {key: str(incoming[key]) for key in ("traceparent", "tracestate") if key in incoming}
+
+
+def _peer_common_names(context: grpc.aio.ServicerContext) -> list[str]:
+    """Common names of the client certificate the TLS handshake verified (mutual TLS), if any."""
+    auth_context = context.auth_context() or {}
+    return [name.decode("utf-8", "replace") for name in auth_context.get("x509_common_name", ())]

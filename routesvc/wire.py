@@ -12,24 +12,32 @@ import re
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from routesvc.catalog import ModelSpec
 from routesvc.config import LimitsConfig
 from routesvc.cost import format_usd
 from routesvc.errors import InvalidRequest, RequestTooLarge
 from routesvc.models import (
+    AttemptResult,
+    BatchJob,
+    BatchState,
+    BatchStatus,
     ChatRequest,
+    CompleteEvent,
     Completion,
+    Escalation,
     FinishReason,
     Message,
     Mode,
+    QualityScore,
     Role,
     RouteDecision,
     RoutingContext,
     RoutingRequest,
     TextDelta,
     ToolSpec,
+    Usage,
 )
 from routesvc.stats import ModelRow, Percentiles, StatsSummary, Totals
 from routesvc.v1 import router_pb2 as pb
@@ -43,6 +51,20 @@ _FINISH = {
     FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
     FinishReason.CONTENT_FILTER: pb.FINISH_REASON_CONTENT_FILTER,
     FinishReason.OTHER: pb.FINISH_REASON_OTHER,
+}
+_ATTEMPT_RESULTS = {
+    AttemptResult.COMPLETED: pb.ATTEMPT_OUTCOME_COMPLETED,
+    AttemptResult.ESCALATED: pb.ATTEMPT_OUTCOME_ESCALATED,
+    AttemptResult.FAILED: pb.ATTEMPT_OUTCOME_FAILED,
+    AttemptResult.JUDGE: pb.ATTEMPT_OUTCOME_JUDGE,
+}
+_BATCH_STATES = {
+    BatchState.QUEUED: pb.BATCH_STATE_QUEUED,
+    BatchState.SUBMITTED: pb.BATCH_STATE_SUBMITTED,
+    BatchState.SUCCEEDED: pb.BATCH_STATE_SUCCEEDED,
+    BatchState.FAILED: pb.BATCH_STATE_FAILED,
+    BatchState.EXPIRED: pb.BATCH_STATE_EXPIRED,
+    BatchState.CANCELLED: pb.BATCH_STATE_CANCELLED,
 }
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _MAX_METADATA_CHARS = 1024
@@ -134,6 +156,7 @@ def _context(context: pb.RoutingContext, limits: LimitsConfig) -> RoutingContext
         metadata=MappingProxyType(dict(context.metadata)),
         max_cost_usd=max_cost,
         model=context.model,
+        cascade=context.cascade if context.HasField("cascade") else None,
     )
 
 
@@ -166,29 +189,112 @@ def decision_message(decision: RouteDecision) -> pb.RouteDecision:
             for c in decision.candidates
         ],
         task=decision.task,
+        cascade_models=decision.cascade_models,
+        cascade_thresholds=decision.cascade_thresholds,
+        cascade_scorer=decision.cascade_scorer,
     )
 
 
-def complete_message(event: RouteDecision | TextDelta | Completion) -> pb.CompleteResponse:
+def _usage(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+    )
+
+
+def _quality(quality: QualityScore) -> pb.QualityScore:
+    return pb.QualityScore(score=quality.score, scorer=quality.scorer, reason=quality.reason)
+
+
+def _completion(event: Completion) -> pb.Completion:
+    message = pb.Completion(
+        model=event.model,
+        provider=event.provider,
+        provider_model=event.provider_model,
+        usage=_usage(event.usage),
+        cost_usd=format_usd(event.cost_usd),
+        finish_reason=_FINISH[event.finish_reason],
+        attempts=[
+            pb.Attempt(
+                model=a.model,
+                outcome=_ATTEMPT_RESULTS[a.result],
+                usage=_usage(a.usage),
+                cost_usd=format_usd(a.cost_usd),
+            )
+            for a in event.attempts
+        ],
+        total_usage=_usage(event.total_usage or event.usage),
+    )
+    if event.quality is not None:
+        message.quality.CopyFrom(_quality(event.quality))
+    return message
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp
+
+
+def batch_job_message(job: BatchJob) -> pb.BatchJob:
+    """The protobuf form of a batch job reference."""
+    return pb.BatchJob(
+        batch_id=job.batch_id,
+        state=_BATCH_STATES[job.state],
+        model=job.model,
+        provider=job.provider,
+        estimated_cost_usd=format_usd(job.estimated_cost_usd),
+        created_at=_timestamp(job.created_at),
+        updated_at=_timestamp(job.updated_at),
+        decision_id=job.decision_id,
+    )
+
+
+def batch_status_message(status: BatchStatus) -> pb.GetBatchResponse:
+    """A GetBatch answer: the job, its result once succeeded, or why it failed."""
+    response = pb.GetBatchResponse(job=batch_job_message(status.job), error=status.error)
+    if status.result is not None:
+        result = status.result
+        response.result.CopyFrom(
+            pb.BatchResult(
+                text=result.text,
+                usage=_usage(result.usage),
+                cost_usd=format_usd(result.cost_usd),
+                finish_reason=_FINISH[result.finish_reason],
+                provider_model=result.provider_model,
+            )
+        )
+    return response
+
+
+def batch_id(value: str) -> str:
+    """A GetBatch or CancelBatch ``batch_id``; INVALID_ARGUMENT when empty or overlong."""
+    if not value or len(value) > 128:
+        raise InvalidRequest("batch_id", "must be the batch_id of a BatchJob")
+    return value
+
+
+def complete_message(event: CompleteEvent) -> pb.CompleteResponse:
     """The stream message for one Complete event."""
     if isinstance(event, RouteDecision):
         return pb.CompleteResponse(decision=decision_message(event))
     if isinstance(event, TextDelta):
         return pb.CompleteResponse(delta=pb.TextDelta(text=event.text))
-    return pb.CompleteResponse(
-        completion=pb.Completion(
-            model=event.model,
-            provider=event.provider,
-            provider_model=event.provider_model,
-            usage=pb.Usage(
-                input_tokens=event.usage.input_tokens,
-                output_tokens=event.usage.output_tokens,
-                cached_input_tokens=event.usage.cached_input_tokens,
-            ),
-            cost_usd=format_usd(event.cost_usd),
-            finish_reason=_FINISH[event.finish_reason],
+    if isinstance(event, Escalation):
+        return pb.CompleteResponse(
+            escalation=pb.Escalation(
+                from_model=event.from_model,
+                to_model=event.to_model,
+                quality=_quality(event.quality),
+                threshold=event.threshold,
+                cost_usd=format_usd(event.cost_usd),
+                usage=_usage(event.usage),
+            )
         )
-    )
+    if isinstance(event, BatchJob):
+        return pb.CompleteResponse(batch=batch_job_message(event))
+    return pb.CompleteResponse(completion=_completion(event))
 
 
 def model_info(model: ModelSpec, unavailable_reason: str) -> pb.ModelInfo:

@@ -7,6 +7,9 @@ transfer encoding) that speaks what the official SDKs expect:
                                 ``choices`` when ``stream_options.include_usage``, then ``data: [DONE]``
     POST /v1/messages           Anthropic: JSON, or ``event:``/``data:`` pairs from ``message_start``
                                 to ``message_stop``, with cumulative output tokens in ``message_delta``
+    /v1/files, /v1/batches     OpenAI Batch API (upload, create, retrieve, cancel, output files) and
+    /v1/messages/batches       Anthropic Message Batches (create, retrieve, results, cancel); batches
+                               end as ``FakeProvider.batch_outcome`` says (complete, expire, fail)
     POST /_fake/script          control: ``{"script": {...}, "model": "...", "mode": "enqueue" | "default"}``
     GET  /_fake/requests        control: every request received, with whether the client aborted
     POST /_fake/reset           control: forget scripts and requests
@@ -26,12 +29,15 @@ after N bytes, slow chunks, a black hole).
 Run it as a separate process for other languages and CI: ``python -m routesvc.testing --port N``.
 """
 
+from routesvc.testing._batches import BatchOutcome, FakeBatch
 from routesvc.testing._fake import FakeProvider
 from routesvc.testing._proxy import FaultProxy, NetworkFault
 from routesvc.testing._script import DEFAULT_TEXT, Fault, RecordedRequest, Script
 
 __all__ = [
     "DEFAULT_TEXT",
+    "BatchOutcome",
+    "FakeBatch",
     "FakeProvider",
     "Fault",
     "FaultProxy",

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from types import MappingProxyType
 
 from routesvc.testing import _anthropic, _openai
+from routesvc.testing._batches import BatchOutcome, FakeBatch, FakeBatches
 from routesvc.testing._connection import BadRequest, ClientGone, Connection, ConnectionDone, Request
 from routesvc.testing._responses import ErrorBody
 from routesvc.testing._script import RecordedRequest, Script
@@ -47,9 +48,10 @@ class FakeProvider:
         self._requests: list[RecordedRequest] = []
         self._connection_numbers = itertools.count(1)
         self._accepted = 0
-        # One handler per (method, path); the batch endpoints (/v1/batches, /v1/messages/batches)
-        # plug in here when they arrive.
+        self._batches = FakeBatches(self._take_script, lambda: self.base_url)
+        # One handler per (method, path); ``*`` in a path matches one segment (an id).
         self._routes: dict[tuple[str, str], _Handler] = {
+            **self._batches.routes(),
             ("POST", _openai.PATH): self._api(_openai.respond, _openai.error_body),
             ("POST", _anthropic.PATH): self._api(_anthropic.respond, _anthropic.error_body),
             ("POST", "/_fake/script"): self._control_script,
@@ -115,8 +117,23 @@ class FakeProvider:
         """Answer the next requests (for ``model`` only, if given) with ``scripts``, in order."""
         self._queues[model].extend(scripts)
 
+    @property
+    def batch_outcome(self) -> BatchOutcome:
+        """How batches end at their next retrieve (default ``COMPLETE``)."""
+        return self._batches.outcome
+
+    @batch_outcome.setter
+    def batch_outcome(self, outcome: BatchOutcome) -> None:
+        self._batches.outcome = outcome
+
+    @property
+    def batches(self) -> list[FakeBatch]:
+        """Every batch created through either API, oldest first."""
+        return list(self._batches.batches.values())
+
     def reset(self) -> None:
-        """Forget queued and per-model scripts and recorded requests (the global default stays)."""
+        """Forget queued and per-model scripts, recorded requests and batches (the global default stays)."""
+        self._batches.reset()
         self._queues.clear()
         self._defaults = {None: self._defaults[None]}
         self._requests.clear()
@@ -149,7 +166,7 @@ class FakeProvider:
         self._accepted = connection.number
         try:
             while (request := await connection.read_request()) is not None:
-                handler = self._routes.get((request.method, request.path.split("?")[0]))
+                handler = self._route(request.method, request.path.split("?")[0])
                 if handler is None:
                     await connection.send_json(404, {"error": {"type": "not_found_error"}})
                     keep_alive = True
@@ -162,6 +179,23 @@ class FakeProvider:
         finally:
             self._connections.discard(task)
             connection.close()
+
+    def _route(self, method: str, path: str) -> _Handler | None:
+        """The handler for ``path``: an exact entry, else one whose ``*`` segments match."""
+        exact = self._routes.get((method, path))
+        if exact is not None:
+            return exact
+        segments = path.split("/")
+        for (route_method, pattern), handler in self._routes.items():
+            parts = pattern.split("/")
+            if (
+                route_method == method
+                and "*" in parts
+                and len(parts) == len(segments)
+                and all(p in ("*", s) for p, s in zip(parts, segments, strict=True))
+            ):
+                return handler
+        return None
 
     def _api(self, respond: _Respond, error_body: ErrorBody) -> _Handler:
         """A handler that records an API request, picks its script and answers it with ``respond``."""

@@ -11,13 +11,15 @@ micro-dollars are too coarse and binary floats do not add up exactly.
 Errors carry a google.rpc.ErrorInfo detail with domain "routesvc" and a stable
 `reason` (INVALID_REQUEST, MODEL_NOT_FOUND, REQUEST_TOO_LARGE, NO_ELIGIBLE_MODEL,
 PROVIDER_NOT_CONFIGURED, PROVIDER_AUTH_FAILED, PROVIDER_REJECTED, PROVIDER_RATE_LIMITED,
-PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, DEADLINE_EXCEEDED, INTERNAL); see README.md.
+PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, DEADLINE_EXCEEDED, BATCH_NOT_FOUND,
+BATCH_NOT_SUPPORTED, INTERNAL); see README.md.
 """
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -30,6 +32,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BatchState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BatchStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BATCH_STATE_UNSPECIFIED: _BatchState.ValueType  # 0
+    """Not set."""
+    BATCH_STATE_QUEUED: _BatchState.ValueType  # 1
+    """Accepted and stored; waiting for the grouping window to send it to the provider."""
+    BATCH_STATE_SUBMITTED: _BatchState.ValueType  # 2
+    """Sent to the provider's batch API; the provider is working on it."""
+    BATCH_STATE_SUCCEEDED: _BatchState.ValueType  # 3
+    """Answered: the result, usage and cost are available."""
+    BATCH_STATE_FAILED: _BatchState.ValueType  # 4
+    """The provider failed the request or the batch; `error` says why. Nothing is charged."""
+    BATCH_STATE_EXPIRED: _BatchState.ValueType  # 5
+    """The provider's batch window (24 h) passed before it was answered. Nothing is charged."""
+    BATCH_STATE_CANCELLED: _BatchState.ValueType  # 6
+    """Cancelled by CancelBatch before it was answered. Nothing is charged."""
+
+class BatchState(_BatchState, metaclass=_BatchStateEnumTypeWrapper):
+    """BatchState is where a batch job is in its life."""
+
+BATCH_STATE_UNSPECIFIED: BatchState.ValueType  # 0
+"""Not set."""
+BATCH_STATE_QUEUED: BatchState.ValueType  # 1
+"""Accepted and stored; waiting for the grouping window to send it to the provider."""
+BATCH_STATE_SUBMITTED: BatchState.ValueType  # 2
+"""Sent to the provider's batch API; the provider is working on it."""
+BATCH_STATE_SUCCEEDED: BatchState.ValueType  # 3
+"""Answered: the result, usage and cost are available."""
+BATCH_STATE_FAILED: BatchState.ValueType  # 4
+"""The provider failed the request or the batch; `error` says why. Nothing is charged."""
+BATCH_STATE_EXPIRED: BatchState.ValueType  # 5
+"""The provider's batch window (24 h) passed before it was answered. Nothing is charged."""
+BATCH_STATE_CANCELLED: BatchState.ValueType  # 6
+"""Cancelled by CancelBatch before it was answered. Nothing is charged."""
+Global___BatchState: _TypeAlias = BatchState  # noqa: Y015
 
 class _Role:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -118,6 +160,38 @@ FINISH_REASON_CONTENT_FILTER: FinishReason.ValueType  # 4
 FINISH_REASON_OTHER: FinishReason.ValueType  # 5
 """Any other reason the provider gave."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
+
+class _AttemptOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttemptOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ATTEMPT_OUTCOME_UNSPECIFIED: _AttemptOutcome.ValueType  # 0
+    """Not set."""
+    ATTEMPT_OUTCOME_COMPLETED: _AttemptOutcome.ValueType  # 1
+    """It answered, and its answer was sent."""
+    ATTEMPT_OUTCOME_ESCALATED: _AttemptOutcome.ValueType  # 2
+    """It answered, but the answer scored below the cascade threshold and was not sent."""
+    ATTEMPT_OUTCOME_FAILED: _AttemptOutcome.ValueType  # 3
+    """It failed before any text was sent (retried or fallen back)."""
+    ATTEMPT_OUTCOME_JUDGE: _AttemptOutcome.ValueType  # 4
+    """A quality-judge call made to score an answer (not an answer itself)."""
+
+class AttemptOutcome(_AttemptOutcome, metaclass=_AttemptOutcomeEnumTypeWrapper):
+    """AttemptOutcome is how one upstream attempt ended."""
+
+ATTEMPT_OUTCOME_UNSPECIFIED: AttemptOutcome.ValueType  # 0
+"""Not set."""
+ATTEMPT_OUTCOME_COMPLETED: AttemptOutcome.ValueType  # 1
+"""It answered, and its answer was sent."""
+ATTEMPT_OUTCOME_ESCALATED: AttemptOutcome.ValueType  # 2
+"""It answered, but the answer scored below the cascade threshold and was not sent."""
+ATTEMPT_OUTCOME_FAILED: AttemptOutcome.ValueType  # 3
+"""It failed before any text was sent (retried or fallen back)."""
+ATTEMPT_OUTCOME_JUDGE: AttemptOutcome.ValueType  # 4
+"""A quality-judge call made to score an answer (not an answer itself)."""
+Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
 
 @_typing.final
 class Message(_message.Message):
@@ -255,6 +329,7 @@ class RoutingContext(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     MAX_COST_USD_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    CASCADE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Tenant on whose behalf the request is made."""
     user_tier: _builtins.str
@@ -271,6 +346,11 @@ class RoutingContext(_message.Message):
     """Pin a catalog model id instead of letting the policy choose; empty routes
     normally. An unknown id is NOT_FOUND.
     """
+    cascade: _builtins.bool
+    """Whether to run the configured cascade (score the cheap answer, escalate when it
+    scores too low); unset follows the config's cascade.apply ("always", or
+    "on_request": only when this is true). Ignored for pinned models and batch mode.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form key/value pairs that routing rules may test."""
@@ -285,13 +365,19 @@ class RoutingContext(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         max_cost_usd: _builtins.str = ...,
         model: _builtins.str = ...,
+        cascade: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_realtime", b"_realtime", "realtime", b"realtime"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cascade", b"_cascade", "_realtime", b"_realtime", "cascade", b"cascade", "realtime", b"realtime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_realtime", b"_realtime", "max_cost_usd", b"max_cost_usd", "metadata", b"metadata", "model", b"model", "realtime", b"realtime", "task_hint", b"task_hint", "tenant", b"tenant", "user_tier", b"user_tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cascade", b"_cascade", "_realtime", b"_realtime", "cascade", b"cascade", "max_cost_usd", b"max_cost_usd", "metadata", b"metadata", "model", b"model", "realtime", b"realtime", "task_hint", b"task_hint", "tenant", b"tenant", "user_tier", b"user_tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cascade: _TypeAlias = _typing.Literal["cascade"]  # noqa: Y015
+    _WhichOneofArgType__cascade: _TypeAlias = _typing.Literal["_cascade", b"_cascade"]  # noqa: Y015
     _WhichOneofReturnType__realtime: _TypeAlias = _typing.Literal["realtime"]  # noqa: Y015
     _WhichOneofArgType__realtime: _TypeAlias = _typing.Literal["_realtime", b"_realtime"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cascade) -> _WhichOneofReturnType__cascade | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__realtime) -> _WhichOneofReturnType__realtime | None: ...
 
 Global___RoutingContext: _TypeAlias = RoutingContext  # noqa: Y015
@@ -374,6 +460,9 @@ class RouteDecision(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
+    CASCADE_MODELS_FIELD_NUMBER: _builtins.int
+    CASCADE_THRESHOLDS_FIELD_NUMBER: _builtins.int
+    CASCADE_SCORER_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
     """Unique id of this decision, for logs, traces and feedback."""
     model: _builtins.str
@@ -394,6 +483,10 @@ class RouteDecision(_message.Message):
     """Realtime or batch."""
     task: _builtins.str
     """The task label used for routing, if any."""
+    cascade_scorer: _builtins.str
+    """The quality scorer of the cascade (for example "local", "llm_judge",
+    "min(local,llm_judge)"); empty when no cascade applies.
+    """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Human-readable reasons: every rule that matched, in precedence order, and why
@@ -403,6 +496,19 @@ class RouteDecision(_message.Message):
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]:
         """Every catalog model considered, in catalog order."""
+
+    @_builtins.property
+    def cascade_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The cascade the answer goes through, cheapest first, starting with `model`;
+        empty when no cascade applies. Each model's answer is scored and released, or
+        escalated to the next model (see Escalation).
+        """
+
+    @_builtins.property
+    def cascade_thresholds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The score each cascade step's answer must reach to be released, one per model of
+        `cascade_models` except the last, in [0, 1].
+        """
 
     def __init__(
         self,
@@ -419,10 +525,13 @@ class RouteDecision(_message.Message):
         mode: Global___Mode.ValueType = ...,
         candidates: _abc.Iterable[Global___Candidate] | None = ...,
         task: _builtins.str = ...,
+        cascade_models: _abc.Iterable[_builtins.str] | None = ...,
+        cascade_thresholds: _abc.Iterable[_builtins.float] | None = ...,
+        cascade_scorer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "decision_id", b"decision_id", "estimated_cost_usd", b"estimated_cost_usd", "estimated_input_tokens", b"estimated_input_tokens", "estimated_output_tokens", b"estimated_output_tokens", "mode", b"mode", "model", b"model", "provider", b"provider", "reasons", b"reasons", "rule", b"rule", "strategy", b"strategy", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "cascade_models", b"cascade_models", "cascade_scorer", b"cascade_scorer", "cascade_thresholds", b"cascade_thresholds", "decision_id", b"decision_id", "estimated_cost_usd", b"estimated_cost_usd", "estimated_input_tokens", b"estimated_input_tokens", "estimated_output_tokens", b"estimated_output_tokens", "mode", b"mode", "model", b"model", "provider", b"provider", "reasons", b"reasons", "rule", b"rule", "strategy", b"strategy", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -546,6 +655,9 @@ class Completion(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    TOTAL_USAGE_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Catalog id of the model that actually answered."""
     provider: _builtins.str
@@ -560,6 +672,20 @@ class Completion(_message.Message):
     def usage(self) -> Global___Usage:
         """Provider-reported usage."""
 
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
+        """Every upstream attempt of the request in order (failed, escalated and the
+        answering one); `cost_usd` above is the sum of their costs.
+        """
+
+    @_builtins.property
+    def total_usage(self) -> Global___Usage:
+        """The sum of every attempt's usage (equals `usage` when one attempt answered)."""
+
+    @_builtins.property
+    def quality(self) -> Global___QualityScore:
+        """The quality score of the released answer, when a cascade scored it."""
+
     def __init__(
         self,
         *,
@@ -569,14 +695,343 @@ class Completion(_message.Message):
         usage: Global___Usage | None = ...,
         cost_usd: _builtins.str = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
+        attempts: _abc.Iterable[Global___Attempt] | None = ...,
+        total_usage: Global___Usage | None = ...,
+        quality: Global___QualityScore | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality", "total_usage", b"total_usage", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "provider_model", b"provider_model", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cost_usd", b"cost_usd", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "provider_model", b"provider_model", "quality", b"quality", "total_usage", b"total_usage", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Completion: _TypeAlias = Completion  # noqa: Y015
+
+@_typing.final
+class Attempt(_message.Message):
+    """Attempt is one upstream call made for a request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Catalog id of the model called."""
+    outcome: Global___AttemptOutcome.ValueType
+    """How it ended."""
+    cost_usd: _builtins.str
+    """Its cost in USD, decimal string."""
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """Its usage (zero for a failure without output)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        outcome: Global___AttemptOutcome.ValueType = ...,
+        usage: Global___Usage | None = ...,
+        cost_usd: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "model", b"model", "outcome", b"outcome", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attempt: _TypeAlias = Attempt  # noqa: Y015
+
+@_typing.final
+class QualityScore(_message.Message):
+    """QualityScore is a scorer's verdict on one answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_FIELD_NUMBER: _builtins.int
+    SCORER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    """The score in [0, 1]; higher is better."""
+    scorer: _builtins.str
+    """The scorer that produced it, for example "local" or "llm_judge"."""
+    reason: _builtins.str
+    """Why, in a few words (for example "refusal", "truncated (finish_reason length)",
+    "judge timed out; released as configured"); never answer text.
+    """
+    def __init__(
+        self,
+        *,
+        score: _builtins.float = ...,
+        scorer: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "score", b"score", "scorer", b"scorer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QualityScore: _TypeAlias = QualityScore  # noqa: Y015
+
+@_typing.final
+class Escalation(_message.Message):
+    """Escalation announces, inside a Complete stream, that a cascade step's answer was
+    rejected and the next model is called. The rejected answer is never sent.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_MODEL_FIELD_NUMBER: _builtins.int
+    TO_MODEL_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    from_model: _builtins.str
+    """Catalog id of the model whose answer was rejected."""
+    to_model: _builtins.str
+    """Catalog id of the model called next."""
+    threshold: _builtins.float
+    """The threshold the score had to reach, in [0, 1]."""
+    cost_usd: _builtins.str
+    """What the rejected attempt (and any judge call) cost in USD, decimal string; it is
+    included in the final completion's cost.
+    """
+    @_builtins.property
+    def quality(self) -> Global___QualityScore:
+        """The rejected answer's score and who gave it."""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """The rejected attempt's usage."""
+
+    def __init__(
+        self,
+        *,
+        from_model: _builtins.str = ...,
+        to_model: _builtins.str = ...,
+        quality: Global___QualityScore | None = ...,
+        threshold: _builtins.float = ...,
+        cost_usd: _builtins.str = ...,
+        usage: Global___Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "from_model", b"from_model", "quality", b"quality", "threshold", b"threshold", "to_model", b"to_model", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Escalation: _TypeAlias = Escalation  # noqa: Y015
+
+@_typing.final
+class BatchJob(_message.Message):
+    """BatchJob is a reference to one request sent through a provider's batch API."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    ESTIMATED_COST_USD_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """The job id to pass to GetBatch and CancelBatch ("batch_" and 32 hex digits)."""
+    state: Global___BatchState.ValueType
+    """Where the job is."""
+    model: _builtins.str
+    """Catalog id of the model that answers it."""
+    provider: _builtins.str
+    """Configured provider name."""
+    estimated_cost_usd: _builtins.str
+    """Estimated cost at the batch price in USD, decimal string."""
+    decision_id: _builtins.str
+    """The routing decision that created it."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the job was accepted."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed state."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        state: Global___BatchState.ValueType = ...,
+        model: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        estimated_cost_usd: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        decision_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "created_at", b"created_at", "decision_id", b"decision_id", "estimated_cost_usd", b"estimated_cost_usd", "model", b"model", "provider", b"provider", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchJob: _TypeAlias = BatchJob  # noqa: Y015
+
+@_typing.final
+class BatchResult(_message.Message):
+    """BatchResult is the answer of a succeeded batch job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    PROVIDER_MODEL_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The answer text."""
+    cost_usd: _builtins.str
+    """Exact cost at the batch price in USD, decimal string."""
+    finish_reason: Global___FinishReason.ValueType
+    """Why the model stopped."""
+    provider_model: _builtins.str
+    """The model name the provider reported."""
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """Provider-reported usage."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        usage: Global___Usage | None = ...,
+        cost_usd: _builtins.str = ...,
+        finish_reason: Global___FinishReason.ValueType = ...,
+        provider_model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "finish_reason", b"finish_reason", "provider_model", b"provider_model", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchResult: _TypeAlias = BatchResult  # noqa: Y015
+
+@_typing.final
+class GetBatchRequest(_message.Message):
+    """GetBatchRequest names the job to report on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """The job id from the BatchJob message of Complete."""
+    tenant: _builtins.str
+    """The tenant that owns the job (its Complete's context.tenant). With API-key auth the
+    authenticated tenant is used and another value is PERMISSION_DENIED.
+    """
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBatchRequest: _TypeAlias = GetBatchRequest  # noqa: Y015
+
+@_typing.final
+class GetBatchResponse(_message.Message):
+    """GetBatchResponse is a job's state and, once succeeded, its result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    error: _builtins.str
+    """Why the job failed or expired (a short provider code, never prompt text); empty otherwise."""
+    @_builtins.property
+    def job(self) -> Global___BatchJob:
+        """The job."""
+
+    @_builtins.property
+    def result(self) -> Global___BatchResult:
+        """Set only when job.state is BATCH_STATE_SUCCEEDED."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___BatchJob | None = ...,
+        result: Global___BatchResult | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job", b"job", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBatchResponse: _TypeAlias = GetBatchResponse  # noqa: Y015
+
+@_typing.final
+class CancelBatchRequest(_message.Message):
+    """CancelBatchRequest names the job to cancel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """The job id from the BatchJob message of Complete."""
+    tenant: _builtins.str
+    """The tenant that owns the job (its Complete's context.tenant). With API-key auth the
+    authenticated tenant is used and another value is PERMISSION_DENIED.
+    """
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelBatchRequest: _TypeAlias = CancelBatchRequest  # noqa: Y015
+
+@_typing.final
+class CancelBatchResponse(_message.Message):
+    """CancelBatchResponse is the job after the cancellation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___BatchJob:
+        """The job; BATCH_STATE_CANCELLED unless it had already ended."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___BatchJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelBatchResponse: _TypeAlias = CancelBatchResponse  # noqa: Y015
 
 @_typing.final
 class CompleteResponse(_message.Message):
@@ -587,6 +1042,8 @@ class CompleteResponse(_message.Message):
     DECISION_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     COMPLETION_FIELD_NUMBER: _builtins.int
+    ESCALATION_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def decision(self) -> Global___RouteDecision:
         """Always first: the routing decision."""
@@ -599,18 +1056,28 @@ class CompleteResponse(_message.Message):
     def completion(self) -> Global___Completion:
         """Always last on success: usage and cost."""
 
+    @_builtins.property
+    def escalation(self) -> Global___Escalation:
+        """A cascade step's answer was rejected; the next model's answer follows."""
+
+    @_builtins.property
+    def batch(self) -> Global___BatchJob:
+        """Batch mode: the job reference, sent right after the decision; the stream ends."""
+
     def __init__(
         self,
         *,
         decision: Global___RouteDecision | None = ...,
         delta: Global___TextDelta | None = ...,
         completion: Global___Completion | None = ...,
+        escalation: Global___Escalation | None = ...,
+        batch: Global___BatchJob | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completion", b"completion", "decision", b"decision", "delta", b"delta", "event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "completion", b"completion", "decision", b"decision", "delta", b"delta", "escalation", b"escalation", "event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion", b"completion", "decision", b"decision", "delta", b"delta", "event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "completion", b"completion", "decision", b"decision", "delta", b"delta", "escalation", b"escalation", "event", b"event"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["decision", "delta", "completion"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["decision", "delta", "completion", "escalation", "batch"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

@@ -55,6 +55,16 @@ class RouterServiceStub:
                 request_serializer=routesvc_dot_v1_dot_router__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=routesvc_dot_v1_dot_router__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/routesvc.v1.RouterService/GetBatch',
+                request_serializer=routesvc_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=routesvc_dot_v1_dot_router__pb2.GetBatchResponse.FromString,
+                _registered_method=True)
+        self.CancelBatch = channel.unary_unary(
+                '/routesvc.v1.RouterService/CancelBatch',
+                request_serializer=routesvc_dot_v1_dot_router__pb2.CancelBatchRequest.SerializeToString,
+                response_deserializer=routesvc_dot_v1_dot_router__pb2.CancelBatchResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -72,6 +82,15 @@ class RouterServiceServicer:
     def Complete(self, request, context):
         """Complete decides, calls the chosen model and streams its answer: first the
         decision, then text deltas, then one final message with usage and exact cost.
+
+        Cascade (decision.cascade_models has two or more models): the cheap model's answer
+        is buffered while it is scored and is never sent unless accepted. An accepted
+        answer streams as deltas then the completion; a rejected one is announced by one
+        Escalation message, after which the next model's answer streams (or is buffered
+        and scored in turn). The completion lists every attempt and sums their cost.
+
+        Batch (decision.mode is MODE_BATCH): the stream is the decision then one
+        BatchJob message and ends; the answer is fetched later with GetBatch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,6 +108,23 @@ class RouterServiceServicer:
         """GetStats reports routing effectiveness over a recent window: requests and share
         per model, cost against the baseline model, savings, escalations, fallbacks,
         cascade releases, latency and time to first token, overall and per tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
+        """GetBatch reports a batch job's state and, once it succeeded, its answer, usage and
+        cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatch(self, request, context):
+        """CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
+        returns its state; a job that already ended is returned unchanged. An unknown job,
+        or another tenant's, is NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +152,16 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=routesvc_dot_v1_dot_router__pb2.GetStatsRequest.FromString,
                     response_serializer=routesvc_dot_v1_dot_router__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=routesvc_dot_v1_dot_router__pb2.GetBatchRequest.FromString,
+                    response_serializer=routesvc_dot_v1_dot_router__pb2.GetBatchResponse.SerializeToString,
+            ),
+            'CancelBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatch,
+                    request_deserializer=routesvc_dot_v1_dot_router__pb2.CancelBatchRequest.FromString,
+                    response_serializer=routesvc_dot_v1_dot_router__pb2.CancelBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +273,60 @@ class RouterService:
             '/routesvc.v1.RouterService/GetStats',
             routesvc_dot_v1_dot_router__pb2.GetStatsRequest.SerializeToString,
             routesvc_dot_v1_dot_router__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/routesvc.v1.RouterService/GetBatch',
+            routesvc_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+            routesvc_dot_v1_dot_router__pb2.GetBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/routesvc.v1.RouterService/CancelBatch',
+            routesvc_dot_v1_dot_router__pb2.CancelBatchRequest.SerializeToString,
+            routesvc_dot_v1_dot_router__pb2.CancelBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,7 +11,8 @@ micro-dollars are too coarse and binary floats do not add up exactly.
 Errors carry a google.rpc.ErrorInfo detail with domain "routesvc" and a stable
 `reason` (INVALID_REQUEST, MODEL_NOT_FOUND, REQUEST_TOO_LARGE, NO_ELIGIBLE_MODEL,
 PROVIDER_NOT_CONFIGURED, PROVIDER_AUTH_FAILED, PROVIDER_REJECTED, PROVIDER_RATE_LIMITED,
-PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, DEADLINE_EXCEEDED, INTERNAL); see README.md.
+PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, DEADLINE_EXCEEDED, BATCH_NOT_FOUND,
+BATCH_NOT_SUPPORTED, INTERNAL); see README.md.
 """
 
 from collections import abc as _abc
@@ -51,6 +52,15 @@ class RouterServiceStub:
     Complete: _grpc.UnaryStreamMultiCallable[_router_pb2.CompleteRequest, _router_pb2.CompleteResponse]
     """Complete decides, calls the chosen model and streams its answer: first the
     decision, then text deltas, then one final message with usage and exact cost.
+
+    Cascade (decision.cascade_models has two or more models): the cheap model's answer
+    is buffered while it is scored and is never sent unless accepted. An accepted
+    answer streams as deltas then the completion; a rejected one is announced by one
+    Escalation message, after which the next model's answer streams (or is buffered
+    and scored in turn). The completion lists every attempt and sums their cost.
+
+    Batch (decision.mode is MODE_BATCH): the stream is the decision then one
+    BatchJob message and ends; the answer is fetched later with GetBatch.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_router_pb2.ListModelsRequest, _router_pb2.ListModelsResponse]
     """ListModels returns the model catalog with prices, limits, capabilities and
@@ -60,6 +70,15 @@ class RouterServiceStub:
     """GetStats reports routing effectiveness over a recent window: requests and share
     per model, cost against the baseline model, savings, escalations, fallbacks,
     cascade releases, latency and time to first token, overall and per tenant.
+    """
+    GetBatch: _grpc.UnaryUnaryMultiCallable[_router_pb2.GetBatchRequest, _router_pb2.GetBatchResponse]
+    """GetBatch reports a batch job's state and, once it succeeded, its answer, usage and
+    cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
+    """
+    CancelBatch: _grpc.UnaryUnaryMultiCallable[_router_pb2.CancelBatchRequest, _router_pb2.CancelBatchResponse]
+    """CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
+    returns its state; a job that already ended is returned unchanged. An unknown job,
+    or another tenant's, is NOT_FOUND.
     """
 
 @_typing.type_check_only
@@ -74,6 +93,15 @@ class RouterServiceAsyncStub(RouterServiceStub):
     Complete: _aio.UnaryStreamMultiCallable[_router_pb2.CompleteRequest, _router_pb2.CompleteResponse]  # type: ignore[assignment]
     """Complete decides, calls the chosen model and streams its answer: first the
     decision, then text deltas, then one final message with usage and exact cost.
+
+    Cascade (decision.cascade_models has two or more models): the cheap model's answer
+    is buffered while it is scored and is never sent unless accepted. An accepted
+    answer streams as deltas then the completion; a rejected one is announced by one
+    Escalation message, after which the next model's answer streams (or is buffered
+    and scored in turn). The completion lists every attempt and sums their cost.
+
+    Batch (decision.mode is MODE_BATCH): the stream is the decision then one
+    BatchJob message and ends; the answer is fetched later with GetBatch.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_router_pb2.ListModelsRequest, _router_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels returns the model catalog with prices, limits, capabilities and
@@ -83,6 +111,15 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """GetStats reports routing effectiveness over a recent window: requests and share
     per model, cost against the baseline model, savings, escalations, fallbacks,
     cascade releases, latency and time to first token, overall and per tenant.
+    """
+    GetBatch: _aio.UnaryUnaryMultiCallable[_router_pb2.GetBatchRequest, _router_pb2.GetBatchResponse]  # type: ignore[assignment]
+    """GetBatch reports a batch job's state and, once it succeeded, its answer, usage and
+    cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
+    """
+    CancelBatch: _aio.UnaryUnaryMultiCallable[_router_pb2.CancelBatchRequest, _router_pb2.CancelBatchResponse]  # type: ignore[assignment]
+    """CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
+    returns its state; a job that already ended is returned unchanged. An unknown job,
+    or another tenant's, is NOT_FOUND.
     """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -106,6 +143,15 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_router_pb2.CompleteResponse], _abc.AsyncIterator[_router_pb2.CompleteResponse]]:
         """Complete decides, calls the chosen model and streams its answer: first the
         decision, then text deltas, then one final message with usage and exact cost.
+
+        Cascade (decision.cascade_models has two or more models): the cheap model's answer
+        is buffered while it is scored and is never sent unless accepted. An accepted
+        answer streams as deltas then the completion; a rejected one is announced by one
+        Escalation message, after which the next model's answer streams (or is buffered
+        and scored in turn). The completion lists every attempt and sums their cost.
+
+        Batch (decision.mode is MODE_BATCH): the stream is the decision then one
+        BatchJob message and ends; the answer is fetched later with GetBatch.
         """
 
     @_abc_1.abstractmethod
@@ -127,6 +173,27 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         """GetStats reports routing effectiveness over a recent window: requests and share
         per model, cost against the baseline model, savings, escalations, fallbacks,
         cascade releases, latency and time to first token, overall and per tenant.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBatch(
+        self,
+        request: _router_pb2.GetBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.GetBatchResponse, _abc.Awaitable[_router_pb2.GetBatchResponse]]:
+        """GetBatch reports a batch job's state and, once it succeeded, its answer, usage and
+        cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelBatch(
+        self,
+        request: _router_pb2.CancelBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.CancelBatchResponse, _abc.Awaitable[_router_pb2.CancelBatchResponse]]:
+        """CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
+        returns its state; a job that already ended is returned unchanged. An unknown job,
+        or another tenant's, is NOT_FOUND.
         """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,255 @@
+"""``BatchQueue``: batch jobs from Complete to the providers' batch APIs and back.
+
+``submit`` stores a queued job and returns at once. A poller (``start`` / ``aclose``, owned by
+the server) groups queued jobs of one model into one provider batch once the oldest has waited
+``group_window_seconds`` (or ``max_group_size`` are waiting), polls provider batches every
+``poll_interval_seconds``, and when one has ended reads its results: each job ends exactly once
+(``BatchStore.finish``), and only a succeeded job is charged, at the batch price, in the ledger.
+
+Outcomes: the provider's expiry ends a job EXPIRED, a failed request or batch FAILED (with a
+short provider code), a cancelled one CANCELLED; none of them is charged. A provider error while
+sending or polling is logged and retried on the next round (a 4xx on sending fails the jobs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Mapping
+
+import structlog
+
+from routesvc.batches._store import BatchStore, decode_request, encode_request
+from routesvc.config import Settings
+from routesvc.cost import cost_of_usage, format_usd
+from routesvc.errors import BatchNotFound, ProviderError
+from routesvc.ledger import AttemptOutcome, Ledger
+from routesvc.models import BatchJob, BatchResult, BatchState, BatchStatus, Mode, RouteDecision, RoutingRequest
+from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult
+from routesvc.retry import is_retryable
+
+log = structlog.get_logger("routesvc.batches")
+
+
+def build_batch_apis(settings: Settings) -> dict[str, BatchAPI]:
+    """A batch adapter per configured provider with credentials and a batch API."""
+    from routesvc.providers.anthropic_batch import AnthropicBatches
+    from routesvc.providers.openai_batch import OpenAIBatches
+
+    apis: dict[str, BatchAPI] = {}
+    for name, provider in settings.providers.items():
+        if not provider.configured:
+            continue
+        if provider.kind == "anthropic":
+            apis[name] = AnthropicBatches(name, provider.api_key, provider.base_url)
+        elif provider.kind == "openai":
+            apis[name] = OpenAIBatches(name, provider.api_key, provider.base_url)
+    return apis
+
+
+class BatchQueue:
+    """Batch jobs: submit, look up, cancel; and the poller that moves them along."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        apis: Mapping[str, BatchAPI] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._config = settings.config.batch
+        self._ledger = ledger
+        self._apis = dict(build_batch_apis(settings) if apis is None else apis)
+        self._clock = clock
+        self._path = settings.batch_store_path
+        self._store: BatchStore | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def supports(self, provider: str) -> bool:
+        """Whether ``provider`` has a batch API here."""
+        return self._config.enabled and provider in self._apis
+
+    def _opened(self) -> BatchStore:
+        # Opened on first use (or at start when the file exists), so a server that never sees a
+        # batch request never creates the file.
+        if self._store is None:
+            self._store = BatchStore(self._path, clock=self._clock)
+        return self._store
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the poller; jobs already in the store (a restart) are picked up."""
+        if self._path.exists():
+            self._opened()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batch-poller")
+
+    async def aclose(self) -> None:
+        """Stop the poller, close the store and the adapters' connections."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._store is not None:
+            await self._store.aclose()
+            self._store = None
+        for api in self._apis.values():
+            await api.aclose()
+
+    # -- the RPCs --------------------------------------------------------------------------------
+
+    async def submit(self, request: RoutingRequest, decision: RouteDecision) -> BatchJob:
+        """Store a queued job for ``decision`` and wake the poller."""
+        now = self._clock()
+        job = BatchJob(
+            batch_id=f"batch_{uuid.uuid4().hex}",
+            tenant=request.context.tenant,
+            state=BatchState.QUEUED,
+            model=decision.model,
+            provider=decision.provider,
+            estimated_cost_usd=decision.estimated_cost_usd,
+            created_at=now,
+            updated_at=now,
+            decision_id=decision.decision_id,
+        )
+        chat = request.chat
+        await self._opened().add(job, encode_request(chat.messages, decision.estimated_output_tokens, chat.temperature))
+        log.info("batch_job_queued", batch_id=job.batch_id, model=job.model, tenant=job.tenant)
+        self._wake.set()
+        return job
+
+    async def get(self, batch_id: str, tenant: str) -> BatchStatus:
+        """The job ``batch_id`` of ``tenant``; ``BatchNotFound`` for an unknown or another tenant's job."""
+        status = None if self._store is None and not self._path.exists() else await self._opened().get(batch_id, tenant)
+        if status is None:
+            raise BatchNotFound(f"no batch job {batch_id!r}")
+        return status
+
+    async def cancel(self, batch_id: str, tenant: str) -> BatchStatus:
+        """Cancel a job that has not ended (it is never charged); an ended job is returned as it is.
+
+        A job already in a provider batch is cancelled there when no other job of that batch is
+        still waiting for its answer.
+        """
+        status = await self.get(batch_id, tenant)
+        if status.job.state.ended:
+            return status
+        store = self._opened()
+        provider_batch_id, open_jobs = await store.siblings(batch_id)
+        await store.finish(batch_id, BatchState.CANCELLED, error="cancelled")
+        if provider_batch_id is not None and open_jobs == [batch_id]:
+            api = self._apis.get(status.job.provider)
+            if api is not None:
+                try:
+                    await api.cancel(provider_batch_id)
+                except ProviderError as error:
+                    log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason=error.reason)
+        log.info("batch_job_cancelled", batch_id=batch_id)
+        return await self.get(batch_id, tenant)
+
+    # -- the poller ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            wait = self._config.poll_interval_seconds
+            if self._store is not None:
+                try:
+                    next_flush = await self._flush()
+                    await self._poll()
+                except ProviderError as error:
+                    log.warning("batch_round_failed", reason=error.reason)
+                if next_flush is not None:
+                    wait = max(0.0, min(wait, next_flush))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+
+    async def _flush(self) -> float | None:
+        """Send due groups of queued jobs; seconds until the next group is due (None: none waiting)."""
+        store = self._opened()
+        groups: dict[str, list[tuple[BatchStatus, str]]] = {}
+        for status, request in await store.queued():
+            groups.setdefault(status.job.model, []).append((status, request))
+        now = self._clock()
+        next_due: float | None = None
+        for model_id, jobs in groups.items():
+            due_in = jobs[0][0].job.created_at + self._config.group_window_seconds - now
+            if due_in > 0 and len(jobs) < self._config.max_group_size:
+                next_due = due_in if next_due is None else min(next_due, due_in)
+                continue
+            for start in range(0, len(jobs), self._config.max_group_size):
+                await self._send(model_id, jobs[start : start + self._config.max_group_size])
+        return next_due
+
+    async def _send(self, model_id: str, jobs: list[tuple[BatchStatus, str]]) -> None:
+        model = self._settings.catalog.get(model_id)
+        api = self._apis[model.provider]
+        items = []
+        for status, request in jobs:
+            messages, max_output_tokens, temperature = decode_request(request)
+            items.append(
+                BatchItem(status.job.batch_id, model.id, model.provider_model, messages, max_output_tokens, temperature)
+            )
+        ids = [item.custom_id for item in items]
+        try:
+            provider_batch_id = await api.submit(items)
+        except ProviderError as error:
+            if is_retryable(error):
+                raise
+            for batch_id in ids:
+                await self._opened().finish(batch_id, BatchState.FAILED, error=error.reason)
+            log.warning("batch_submit_rejected", model=model_id, jobs=len(ids), reason=error.reason)
+            return
+        await self._opened().mark_submitted(ids, provider_batch_id)
+        log.info("batch_submitted", model=model_id, jobs=len(ids), provider_batch_id=provider_batch_id)
+
+    async def _poll(self) -> None:
+        store = self._opened()
+        for (provider, provider_batch_id), ids in (await store.submitted()).items():
+            api = self._apis.get(provider)
+            if api is None:
+                continue
+            batch = await api.poll(provider_batch_id)
+            if not batch.ended:
+                continue
+            results = {result.custom_id: result for result in await api.results(batch)}
+            for batch_id in ids:
+                result = results.get(batch_id) or ItemResult(
+                    batch_id, BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED, error="no_result"
+                )
+                await self._settle(batch_id, result)
+            log.info("batch_ended", provider_batch_id=provider_batch_id, status=batch.status, jobs=len(ids))
+
+    async def _settle(self, batch_id: str, result: ItemResult) -> None:
+        """End one job with its result; charge it once if it succeeded (and was not cancelled)."""
+        store = self._opened()
+        if result.state is not BatchState.SUCCEEDED:
+            await store.finish(batch_id, result.state, error=result.error)
+            return
+        status = await store.get_any(batch_id)
+        if status is None:
+            return
+        model = self._settings.catalog.get(status.job.model)
+        cost = cost_of_usage(model, result.usage, Mode.BATCH)
+        answer = BatchResult(result.text, result.usage, cost, result.finish_reason, result.provider_model)
+        if await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
+            self._ledger.record(
+                request_id=batch_id,
+                decision_id=status.job.decision_id,
+                tenant=status.job.tenant,
+                model=model.id,
+                provider=model.provider,
+                attempt=1,
+                outcome=AttemptOutcome.COMPLETED,
+                usage=result.usage,
+                cost_usd=cost,
+                estimated=False,
+            )
+            log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))

@@ -1,0 +1,272 @@
+"""Batch jobs in embedded SQLite, so that a restart loses none.
+
+One row per job. A queued job keeps its request (the messages are needed to send it); the
+request is cleared once the job is in a provider batch. A job ends exactly once: ``finish``
+changes only a job that has not ended, and says whether it did, so a result is charged once.
+Calls run in a worker thread; one lock serialises them on the one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+from routesvc.models import BatchJob, BatchResult, BatchState, BatchStatus, FinishReason, Message, Role, Usage
+
+_T = TypeVar("_T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    decision_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    state TEXT NOT NULL,
+    request TEXT NOT NULL,
+    estimated_cost_usd TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    provider_batch_id TEXT,
+    text TEXT,
+    input_tokens INTEGER,
+    output_tokens INTEGER,
+    cached_input_tokens INTEGER,
+    cost_usd TEXT,
+    finish_reason TEXT,
+    provider_model TEXT,
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
+"""
+
+_COLUMNS = (
+    "id, tenant, decision_id, model, provider, state, estimated_cost_usd, created_at, updated_at, "
+    "text, input_tokens, output_tokens, cached_input_tokens, cost_usd, finish_reason, provider_model, error"
+)
+
+
+def encode_request(messages: tuple[Message, ...], max_output_tokens: int, temperature: float | None) -> str:
+    """A queued job's request as JSON."""
+    return json.dumps(
+        {
+            "messages": [{"role": m.role.value, "content": m.content} for m in messages],
+            "max_output_tokens": max_output_tokens,
+            "temperature": temperature,
+        }
+    )
+
+
+def decode_request(text: str) -> tuple[tuple[Message, ...], int, float | None]:
+    """The messages, output tokens and temperature of ``encode_request``."""
+    data = json.loads(text)
+    messages = tuple(Message(Role(m["role"]), m["content"]) for m in data["messages"])
+    return messages, int(data["max_output_tokens"]), data["temperature"]
+
+
+def _status(row: sqlite3.Row) -> BatchStatus:
+    job = BatchJob(
+        batch_id=row["id"],
+        tenant=row["tenant"],
+        state=BatchState(row["state"]),
+        model=row["model"],
+        provider=row["provider"],
+        estimated_cost_usd=Decimal(row["estimated_cost_usd"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        decision_id=row["decision_id"],
+    )
+    result = None
+    if job.state is BatchState.SUCCEEDED:
+        result = BatchResult(
+            text=row["text"] or "",
+            usage=Usage(row["input_tokens"] or 0, row["output_tokens"] or 0, row["cached_input_tokens"] or 0),
+            cost_usd=Decimal(row["cost_usd"] or "0"),
+            finish_reason=FinishReason(row["finish_reason"] or "unspecified"),
+            provider_model=row["provider_model"] or "",
+        )
+    return BatchStatus(job, result, row["error"])
+
+
+class BatchStore:
+    """The jobs table of one SQLite file (created with its directory on open)."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._connection.row_factory = sqlite3.Row
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        def locked() -> _T:
+            with self._lock:
+                return work(self._connection)
+
+        return await asyncio.to_thread(locked)
+
+    async def aclose(self) -> None:
+        """Close the file."""
+        await self._run(lambda connection: connection.close())
+
+    async def add(self, job: BatchJob, request: str) -> None:
+        """Store a new queued job with its request."""
+
+        def insert(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "INSERT INTO jobs (id, tenant, decision_id, model, provider, state, request, estimated_cost_usd,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.batch_id,
+                    job.tenant,
+                    job.decision_id,
+                    job.model,
+                    job.provider,
+                    job.state.value,
+                    request,
+                    str(job.estimated_cost_usd),
+                    job.created_at,
+                    job.updated_at,
+                ),
+            )
+
+        await self._run(insert)
+
+    async def get(self, batch_id: str, tenant: str) -> BatchStatus | None:
+        """The job ``batch_id`` of ``tenant``, or None."""
+
+        def select(connection: sqlite3.Connection) -> BatchStatus | None:
+            row = connection.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE id = ? AND tenant = ?",  # noqa: S608 - constant column list
+                (batch_id, tenant),
+            ).fetchone()
+            return None if row is None else _status(row)
+
+        return await self._run(select)
+
+    async def get_any(self, batch_id: str) -> BatchStatus | None:
+        """The job ``batch_id`` whatever its tenant, or None (for the poller, never for callers)."""
+
+        def select(connection: sqlite3.Connection) -> BatchStatus | None:
+            row = connection.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE id = ?",  # noqa: S608 - constant column list
+                (batch_id,),
+            ).fetchone()
+            return None if row is None else _status(row)
+
+        return await self._run(select)
+
+    async def queued(self) -> list[tuple[BatchStatus, str]]:
+        """Every queued job with its request, oldest first."""
+
+        def select(connection: sqlite3.Connection) -> list[tuple[BatchStatus, str]]:
+            rows = connection.execute(
+                f"SELECT {_COLUMNS}, request FROM jobs WHERE state = ? ORDER BY created_at",  # noqa: S608
+                (BatchState.QUEUED.value,),
+            ).fetchall()
+            return [(_status(row), row["request"]) for row in rows]
+
+        return await self._run(select)
+
+    async def mark_submitted(self, batch_ids: list[str], provider_batch_id: str) -> None:
+        """The jobs are in provider batch ``provider_batch_id``; their requests are dropped."""
+        now = self._clock()
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "UPDATE jobs SET state = ?, provider_batch_id = ?, request = '{}', updated_at = ?"
+                " WHERE id = ? AND state = ?",
+                [
+                    (BatchState.SUBMITTED.value, provider_batch_id, now, batch_id, BatchState.QUEUED.value)
+                    for batch_id in batch_ids
+                ],
+            )
+
+        await self._run(update)
+
+    async def submitted(self) -> dict[tuple[str, str], list[str]]:
+        """Job ids in provider batches not yet ended, by (provider, provider batch id)."""
+
+        def select(connection: sqlite3.Connection) -> dict[tuple[str, str], list[str]]:
+            rows = connection.execute(
+                "SELECT id, provider, provider_batch_id FROM jobs WHERE state = ? ORDER BY created_at",
+                (BatchState.SUBMITTED.value,),
+            ).fetchall()
+            found: dict[tuple[str, str], list[str]] = {}
+            for row in rows:
+                found.setdefault((row["provider"], row["provider_batch_id"]), []).append(row["id"])
+            return found
+
+        return await self._run(select)
+
+    async def siblings(self, batch_id: str) -> tuple[str | None, list[str]]:
+        """The job's provider batch id and the ids of its jobs that have not ended."""
+
+        def select(connection: sqlite3.Connection) -> tuple[str | None, list[str]]:
+            row = connection.execute("SELECT provider_batch_id FROM jobs WHERE id = ?", (batch_id,)).fetchone()
+            if row is None or row["provider_batch_id"] is None:
+                return None, []
+            rows = connection.execute(
+                "SELECT id FROM jobs WHERE provider_batch_id = ? AND state IN (?, ?)",
+                (row["provider_batch_id"], BatchState.QUEUED.value, BatchState.SUBMITTED.value),
+            ).fetchall()
+            return row["provider_batch_id"], [r["id"] for r in rows]
+
+        return await self._run(select)
+
+    async def finish(
+        self,
+        batch_id: str,
+        state: BatchState,
+        *,
+        result: BatchResult | None = None,
+        error: str = "",
+    ) -> bool:
+        """End a job that has not ended; False (and nothing changed) when it already had."""
+        now = self._clock()
+        values: dict[str, Any] = {"text": None, "input": None, "output": None, "cached": None}
+        values.update(cost=None, finish=None, provider_model=None)
+        if result is not None:
+            values.update(
+                text=result.text,
+                input=result.usage.input_tokens,
+                output=result.usage.output_tokens,
+                cached=result.usage.cached_input_tokens,
+                cost=str(result.cost_usd),
+                finish=result.finish_reason.value,
+                provider_model=result.provider_model,
+            )
+
+        def update(connection: sqlite3.Connection) -> bool:
+            cursor = connection.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', text = ?, input_tokens = ?,"
+                " output_tokens = ?, cached_input_tokens = ?, cost_usd = ?, finish_reason = ?, provider_model = ?,"
+                " error = ? WHERE id = ? AND state IN (?, ?)",
+                (
+                    state.value,
+                    now,
+                    values["text"],
+                    values["input"],
+                    values["output"],
+                    values["cached"],
+                    values["cost"],
+                    values["finish"],
+                    values["provider_model"],
+                    error,
+                    batch_id,
+                    BatchState.QUEUED.value,
+                    BatchState.SUBMITTED.value,
+                ),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(update)

@@ -1,0 +1,108 @@
+"""The cascade's policy: which requests cascade, through which models, scored by what.
+
+A chain (``cascade.chains`` in the config) applies when the routing decision picks its first
+model, in realtime, unpinned, without tools (a tool call is not an answer the scorers can judge),
+and when ``cascade.apply`` and the request's ``context.cascade`` say so. Later steps that cannot
+serve the request (ineligible, no key) are left out; a chain of one model is no cascade.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from decimal import Decimal
+
+from routesvc.config import CascadeConfig, Settings
+from routesvc.cost import format_usd
+from routesvc.models import Mode, RouteDecision, RoutingRequest
+from routesvc.providers.base import Provider
+from routesvc.scoring import CombinedScorer, LLMJudge, LocalScorer, Scorer
+
+
+def build_scorer(config: CascadeConfig, settings: Settings, providers: Mapping[str, Provider]) -> Scorer | None:
+    """The configured scorer, or None when a judge is configured whose provider has no adapter."""
+    scorers: list[Scorer] = []
+    for name in config.scorers:
+        if name == "local":
+            scorers.append(LocalScorer())
+            continue
+        judge = config.judge
+        assert judge is not None  # validated in config
+        model = settings.catalog.get(judge.model)
+        provider = providers.get(model.provider)
+        if provider is None:
+            return None
+        scorers.append(
+            LLMJudge(
+                provider,
+                model,
+                timeout=judge.timeout_seconds,
+                max_output_tokens=judge.max_output_tokens,
+                on_failure=judge.on_failure,
+            )
+        )
+    return CombinedScorer(scorers, config.combine)
+
+
+class EscalationPolicy:
+    """Plans the cascade of a decision and holds its scorer and cost cap."""
+
+    def __init__(self, settings: Settings, providers: Mapping[str, Provider]) -> None:
+        self._config = settings.config.cascade
+        self._settings = settings
+        self._providers = providers
+        self._chains = {chain.steps[0].model: chain for chain in self._config.chains}
+        self._scorer = build_scorer(self._config, settings, providers)
+
+    @property
+    def scorer(self) -> Scorer | None:
+        """The scorer, or None when the cascade cannot run (its judge has no provider)."""
+        return self._scorer
+
+    def _wanted(self, request: RoutingRequest) -> bool:
+        asked = request.context.cascade
+        if self._config.apply == "never":
+            return False
+        if self._config.apply == "always":
+            return asked is not False
+        return asked is True
+
+    def plan(self, decision: RouteDecision, request: RoutingRequest) -> RouteDecision:
+        """``decision`` with its cascade models, thresholds and scorer set, when a chain applies."""
+        chain = self._chains.get(decision.model)
+        if chain is None or self._scorer is None or not self._wanted(request):
+            return decision
+        if decision.mode is not Mode.REALTIME or decision.strategy == "pinned" or request.chat.tools:
+            return decision
+        eligible = {c.model for c in decision.candidates if c.eligible}
+        models: list[str] = [decision.model]
+        thresholds: list[float] = []
+        for previous, step in zip(chain.steps, chain.steps[1:], strict=False):
+            provider = self._settings.providers[self._settings.catalog.get(step.model).provider]
+            if step.model not in eligible or not provider.configured or provider.name not in self._providers:
+                continue
+            assert previous.threshold is not None  # validated in config
+            models.append(step.model)
+            thresholds.append(previous.threshold)
+        if len(models) < 2:
+            return decision
+        steps = ", ".join(f"{m} (release at score >= {t:g})" for m, t in zip(models, thresholds, strict=False))
+        reason = f"cascade: {steps}, then {models[-1]}; scorer {self._scorer.name}"
+        return replace(
+            decision,
+            reasons=(*decision.reasons, reason),
+            cascade_models=tuple(models),
+            cascade_thresholds=tuple(thresholds),
+            cascade_scorer=self._scorer.name,
+        )
+
+    def max_cost(self, request: RoutingRequest) -> Decimal | None:
+        """The most the request may cost before escalation stops: the lower of the request's
+        ``max_cost_usd`` and ``cascade.max_cost_usd``."""
+        caps = [c for c in (request.context.max_cost_usd, self._config.max_cost_usd) if c is not None]
+        return min(caps) if caps else None
+
+
+def max_cost_reason(to_model: str, would_cost: Decimal, cap: Decimal) -> str:
+    """Why an escalation did not happen: it would have passed the cost cap."""
+    return f"escalation to {to_model} stopped: estimated total {format_usd(would_cost)} USD > max {format_usd(cap)} USD"

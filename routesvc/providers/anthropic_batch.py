@@ -1,0 +1,119 @@
+"""Anthropic Message Batches via ``AsyncAnthropic``: create, poll, stream results, cancel.
+
+SDK exceptions are translated here: ``anthropic.APIStatusError`` by HTTP status, connection and
+timeout errors and unreadable results to ``ProviderUnavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import anthropic
+
+from routesvc.errors import ProviderUnavailable
+from routesvc.models import BatchState, Usage
+from routesvc.providers._http import describe, error_for_status
+from routesvc.providers.anthropic import DEFAULT_BASE_URL, _messages, _system, map_stop_reason
+from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
+
+_T = TypeVar("_T")
+_STATES = {
+    "succeeded": BatchState.SUCCEEDED,
+    "errored": BatchState.FAILED,
+    "expired": BatchState.EXPIRED,
+    "canceled": BatchState.CANCELLED,
+}
+
+
+class AnthropicBatches:
+    """Batches of messages requests through the Message Batches API."""
+
+    def __init__(self, name: str, api_key: str | None, base_url: str | None = None, *, timeout: float = 60.0) -> None:
+        self._name = name
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key or "unused", base_url=base_url or DEFAULT_BASE_URL, max_retries=0, timeout=timeout
+        )
+
+    @property
+    def name(self) -> str:
+        """The configured provider name."""
+        return self._name
+
+    async def aclose(self) -> None:
+        """Close the SDK's connection pool."""
+        await self._client.close()
+
+    async def _guard(self, what: str, awaitable: Awaitable[_T]) -> _T:
+        try:
+            return await awaitable
+        except anthropic.APIStatusError as exc:
+            raise error_for_status(
+                exc.status_code, provider=self._name, model="batch", headers=exc.response.headers
+            ) from exc
+        except (anthropic.APIError, ValueError) as exc:
+            message = describe(self._name, "batch", f"{what}: failed")
+            raise ProviderUnavailable(message, provider=self._name, model="batch") from exc
+
+    async def submit(self, items: list[BatchItem]) -> str:
+        """Create one message batch with the items inline."""
+        requests: list[Any] = []
+        for item in items:
+            params: dict[str, Any] = {
+                "model": item.provider_model,
+                "max_tokens": item.max_output_tokens,
+                "messages": _messages(item.messages),
+            }
+            system = _system(item.messages)
+            if system:
+                params["system"] = system
+            if item.temperature is not None:
+                params["temperature"] = item.temperature
+            requests.append({"custom_id": item.custom_id, "params": params})
+        batch = await self._guard("create", self._client.messages.batches.create(requests=requests))
+        return batch.id
+
+    async def poll(self, batch_id: str) -> ProviderBatch:
+        """Retrieve the batch."""
+        batch = await self._guard("retrieve", self._client.messages.batches.retrieve(batch_id))
+        return ProviderBatch(id=batch.id, ended=batch.processing_status == "ended", status=batch.processing_status)
+
+    async def results(self, batch: ProviderBatch) -> list[ItemResult]:
+        """Stream the results of an ended batch."""
+        return await self._guard("results", self._read_results(batch.id))
+
+    async def _read_results(self, batch_id: str) -> list[ItemResult]:
+        results: list[ItemResult] = []
+        async for entry in await self._client.messages.batches.results(batch_id):
+            result = entry.result
+            state = _STATES.get(result.type, BatchState.FAILED)
+            if result.type == "succeeded":
+                message = result.message
+                usage = message.usage
+                cached = usage.cache_read_input_tokens or 0
+                written = usage.cache_creation_input_tokens or 0
+                text = "".join(block.text for block in message.content if block.type == "text")
+                results.append(
+                    ItemResult(
+                        entry.custom_id,
+                        state,
+                        text=text,
+                        usage=Usage(
+                            input_tokens=usage.input_tokens + cached + written,
+                            output_tokens=usage.output_tokens,
+                            cached_input_tokens=cached,
+                        ),
+                        finish_reason=map_stop_reason(message.stop_reason),
+                        provider_model=message.model,
+                    )
+                )
+            elif result.type == "errored":
+                error_type = str(getattr(getattr(result.error, "error", None), "type", "") or "errored")
+                results.append(ItemResult(entry.custom_id, state, error=error_type[:64]))
+            else:
+                results.append(ItemResult(entry.custom_id, state, error=result.type))
+        return results
+
+    async def cancel(self, batch_id: str) -> None:
+        """Ask for the batch to be cancelled."""
+        await self._guard("cancel", self._client.messages.batches.cancel(batch_id))

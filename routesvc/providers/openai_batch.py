@@ -1,0 +1,139 @@
+"""The OpenAI Batch API via ``AsyncOpenAI``: upload a JSONL file, create a batch, poll, read output files.
+
+SDK exceptions are translated here: ``openai.APIStatusError`` by HTTP status, connection and
+timeout errors to ``ProviderUnavailable``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable
+from typing import Any, Final, TypeVar
+
+import openai
+
+from routesvc.errors import ProviderUnavailable
+from routesvc.models import BatchState, Usage
+from routesvc.providers._http import describe, error_for_status
+from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
+from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, map_finish_reason
+
+_T = TypeVar("_T")
+_ENDED = frozenset({"completed", "expired", "failed", "cancelled"})
+_ENDPOINT: Final = "/v1/chat/completions"
+# Items the output and error files leave out end as the batch did.
+_UNANSWERED = {"expired": BatchState.EXPIRED, "cancelled": BatchState.CANCELLED}
+
+
+class OpenAIBatches:
+    """Batches of chat completions through the Batch API (files + batches)."""
+
+    def __init__(self, name: str, api_key: str | None, base_url: str | None = None, *, timeout: float = 60.0) -> None:
+        self._name = name
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key or "unused", base_url=base_url or DEFAULT_BASE_URL, max_retries=0, timeout=timeout
+        )
+
+    @property
+    def name(self) -> str:
+        """The configured provider name."""
+        return self._name
+
+    async def aclose(self) -> None:
+        """Close the SDK's connection pool."""
+        await self._client.close()
+
+    async def _guard(self, what: str, awaitable: Awaitable[_T]) -> _T:
+        try:
+            return await awaitable
+        except openai.APIStatusError as exc:
+            raise error_for_status(
+                exc.status_code, provider=self._name, model="batch", headers=exc.response.headers
+            ) from exc
+        except (openai.APIConnectionError, openai.APIResponseValidationError) as exc:
+            message = describe(self._name, "batch", f"{what}: connection failed")
+            raise ProviderUnavailable(message, provider=self._name, model="batch") from exc
+
+    async def submit(self, items: list[BatchItem]) -> str:
+        """Upload the items as one JSONL file and create a batch of it."""
+        lines = []
+        for item in items:
+            body: dict[str, Any] = {
+                "model": item.provider_model,
+                "messages": _messages(item.messages),
+                "max_completion_tokens": item.max_output_tokens,
+            }
+            if item.temperature is not None:
+                body["temperature"] = item.temperature
+            lines.append(json.dumps({"custom_id": item.custom_id, "method": "POST", "url": _ENDPOINT, "body": body}))
+        content = ("\n".join(lines) + "\n").encode()
+        uploaded = await self._guard(
+            "upload", self._client.files.create(file=("batch.jsonl", content), purpose="batch")
+        )
+        batch = await self._guard(
+            "create",
+            self._client.batches.create(input_file_id=uploaded.id, endpoint=_ENDPOINT, completion_window="24h"),
+        )
+        return batch.id
+
+    async def poll(self, batch_id: str) -> ProviderBatch:
+        """Retrieve the batch."""
+        batch = await self._guard("retrieve", self._client.batches.retrieve(batch_id))
+        return ProviderBatch(
+            id=batch.id,
+            ended=batch.status in _ENDED,
+            status=batch.status,
+            output_file_id=batch.output_file_id,
+            error_file_id=batch.error_file_id,
+        )
+
+    async def _lines(self, file_id: str | None) -> list[dict[str, Any]]:
+        if not file_id:
+            return []
+        content = await self._guard("download", self._client.files.content(file_id))
+        return [json.loads(line) for line in content.text.splitlines() if line.strip()]
+
+    async def results(self, batch: ProviderBatch) -> list[ItemResult]:
+        """Read the output and error files of an ended batch."""
+        results: list[ItemResult] = []
+        try:
+            output = await self._lines(batch.output_file_id)
+            errors = await self._lines(batch.error_file_id)
+        except ValueError as exc:
+            message = describe(self._name, "batch", "malformed results file")
+            raise ProviderUnavailable(message, provider=self._name, model="batch") from exc
+        for line in output:
+            results.append(self._item(line, batch.status))
+        for line in errors:
+            error = line.get("error") or {}
+            code = str(error.get("code") or "error")
+            state = BatchState.EXPIRED if code == "batch_expired" else _UNANSWERED.get(batch.status, BatchState.FAILED)
+            results.append(ItemResult(str(line.get("custom_id")), state, error=code[:64]))
+        return results
+
+    @staticmethod
+    def _item(line: dict[str, Any], status: str) -> ItemResult:
+        custom_id = str(line.get("custom_id"))
+        response = line.get("response") or {}
+        body = response.get("body") or {}
+        if response.get("status_code") != 200 or not body.get("choices"):
+            return ItemResult(custom_id, BatchState.FAILED, error=f"http_{response.get('status_code', 'error')}")
+        choice = body["choices"][0]
+        usage = body.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        return ItemResult(
+            custom_id,
+            BatchState.SUCCEEDED,
+            text=str((choice.get("message") or {}).get("content") or ""),
+            usage=Usage(
+                input_tokens=int(usage.get("prompt_tokens") or 0),
+                output_tokens=int(usage.get("completion_tokens") or 0),
+                cached_input_tokens=int(details.get("cached_tokens") or 0),
+            ),
+            finish_reason=map_finish_reason(choice.get("finish_reason")),
+            provider_model=str(body.get("model") or ""),
+        )
+
+    async def cancel(self, batch_id: str) -> None:
+        """Cancel the batch (the provider finishes what is running and keeps its output)."""
+        await self._guard("cancel", self._client.batches.cancel(batch_id))

@@ -1,0 +1,324 @@
+"""Quality scorers: how good is a model's answer, from 0 (useless) to 1 (fine)?
+
+A cascade asks one ``Scorer`` about the cheap model's answer and escalates when the score is
+below the step's threshold. Scorers never raise for a bad answer; a scorer that cannot decide
+(the judge timed out, answered garbage) returns the configured on-failure score and says so in
+``reason``. Reasons are a few words, never answer or prompt text.
+
+    LocalScorer      no extra call: empty, truncated, refused or filtered answers, JSON that was
+                     asked for and does not parse, hedged answers
+    LLMJudge         a cheap model asked for {"score": 0-1} in JSON, within a timeout
+    CombinedScorer   several scorers: the lowest score (skipping the rest once one is below
+                     the threshold), or the mean
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from routesvc.catalog import ModelSpec
+from routesvc.errors import ProviderError
+from routesvc.models import FinishReason, Message, ProviderFinish, QualityScore, Role, RoutingRequest, TextDelta, Usage
+from routesvc.providers.base import Provider, ProviderCall
+from routesvc.tokens import count_text_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringInput:
+    """What a scorer sees: the request, the answer, and the threshold it will be held to.
+
+    ``timeout`` is the seconds left before the caller's deadline (None: no deadline).
+    """
+
+    request: RoutingRequest
+    model: str
+    answer: str
+    finish_reason: FinishReason
+    threshold: float
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringCall:
+    """An upstream call a scorer made (the judge's), to be charged to the request.
+
+    ``estimated`` is True when the call did not finish and its usage is estimated.
+    """
+
+    model: str
+    usage: Usage
+    estimated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreResult:
+    """A score and the upstream calls made to reach it."""
+
+    quality: QualityScore
+    calls: tuple[ScoringCall, ...] = ()
+
+
+class Scorer(Protocol):
+    """Scores one answer in [0, 1]; never raises for a bad answer or a failed judge."""
+
+    @property
+    def name(self) -> str:
+        """The scorer's name as it appears in decisions and escalations, for example "local"."""
+        ...
+
+    async def score(self, scoring_input: ScoringInput, /) -> ScoreResult:
+        """Score ``scoring_input.answer``."""
+        ...
+
+
+# Refusals and hedges the large chat models use; matched at the start of the answer, where a
+# refusal is stated (a long answer that mentions "I cannot" later is not a refusal).
+_REFUSAL = re.compile(
+    r"^\W*(?:i'?m sorry|i am sorry|sorry|unfortunately|as an ai(?: language model)?)?[^.!?\n]{0,40}?\b"
+    r"(?:i\s+(?:can(?:'|no)?t|cannot|am\s+(?:not\s+able|unable)|'m\s+(?:not\s+able|unable)|won'?t|will\s+not)"
+    r"\s+(?:help|assist|answer|provide|comply|do\s+that|fulfil|fulfill|create|write|generate|share|engage))",
+    re.IGNORECASE,
+)
+_HEDGE = re.compile(
+    r"\b(?:i\s+(?:do\s+not|don'?t)\s+know|i'?m\s+not\s+(?:sure|certain)|i\s+am\s+not\s+(?:sure|certain)|"
+    r"(?:it\s+is|it'?s)\s+(?:impossible|not\s+possible)\s+to\s+(?:determine|know|say)|"
+    r"cannot\s+be\s+determined|there\s+is\s+not\s+enough\s+information|insufficient\s+information)\b",
+    re.IGNORECASE,
+)
+_ASKS_FOR_JSON = re.compile(
+    r"\b(?:respond|reply|answer|output|return|format(?:ted)?|give|provide|print)\b[^.\n]{0,60}\bjson\b|"
+    r"\bjson\b[^.\n]{0,20}\b(?:only|format|object)\b",
+    re.IGNORECASE,
+)
+_ASKS_FOR_PYTHON = re.compile(r"\b(?:python\s+(?:function|program|code|script|class)|in\s+python)\b", re.IGNORECASE)
+_PYTHON_CODE = re.compile(r"^\s*(?:def|class|import|from)\s+\w|\blambda\b[^:]*:", re.MULTILINE)
+_ASKS_FOR_ONE_CHOICE = re.compile(
+    r"\b(?:print|answer|reply|respond|give|output)\s+(?:with\s+)?only\s+(?:a\s+single|one|the)\s+"
+    r"(?:choice|letter|option)",
+    re.IGNORECASE,
+)
+_ONE_CHOICE = re.compile(r"^\W{0,3}(?:answer:?\s*)?\(?[A-Ha-h]\)?(?:\W|$)", re.IGNORECASE)
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
+
+
+def asks_for_json(request: RoutingRequest) -> bool:
+    """Whether the request asks for a JSON answer: metadata ``response_format: json``, or a system
+    or the last user message saying so."""
+    if request.context.metadata.get("response_format", "").lower() == "json":
+        return True
+    texts = [m.content for m in request.chat.messages if m.role is Role.SYSTEM]
+    texts.append(request.chat.last_user_message)
+    return any(_ASKS_FOR_JSON.search(text) for text in texts)
+
+
+def _parses_as_json(answer: str) -> bool:
+    text = answer.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1)
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+class LocalScorer:
+    """Scores from the answer alone, with no extra call.
+
+    ====================================  =====
+    the answer                            score
+    ====================================  =====
+    empty, or filtered by the provider    0.0
+    a refusal ("I'm sorry, I can't ...")  0.1
+    truncated (finish_reason length)      0.2
+    asked-for JSON that does not parse    0.2
+    an unterminated code block            0.2
+    asked-for Python code missing         0.3
+    not the one choice asked for          0.4
+    hedged ("I'm not sure", "cannot be    0.5
+    determined")
+    anything else                         1.0
+    ====================================  =====
+    """
+
+    name = "local"
+
+    async def score(self, scoring_input: ScoringInput, /) -> ScoreResult:
+        """The score of the first rule that matches, in the order of the table."""
+        return ScoreResult(self.verdict(scoring_input.request, scoring_input.answer, scoring_input.finish_reason))
+
+    def verdict(self, request: RoutingRequest, answer: str, finish_reason: FinishReason) -> QualityScore:
+        """The same as ``score``, synchronously (for offline measurement)."""
+        text = answer.strip()
+        if finish_reason is FinishReason.CONTENT_FILTER:
+            return QualityScore(0.0, self.name, "filtered by the provider")
+        if not text:
+            return QualityScore(0.0, self.name, "empty answer")
+        if _REFUSAL.search(text[:300]):
+            return QualityScore(0.1, self.name, "refusal")
+        if finish_reason is FinishReason.LENGTH:
+            return QualityScore(0.2, self.name, "truncated (finish_reason length)")
+        if asks_for_json(request) and not _parses_as_json(text):
+            return QualityScore(0.2, self.name, "requested JSON does not parse")
+        if text.count("```") % 2:
+            return QualityScore(0.2, self.name, "unterminated code block")
+        question = request.chat.last_user_message
+        if _ASKS_FOR_PYTHON.search(question) and not _PYTHON_CODE.search(text):
+            return QualityScore(0.3, self.name, "requested Python code missing")
+        if _ASKS_FOR_ONE_CHOICE.search(question[-500:]) and not _ONE_CHOICE.match(text):
+            return QualityScore(0.4, self.name, "not the one choice asked for")
+        if _HEDGE.search(text[:500]):
+            return QualityScore(0.5, self.name, "hedged answer")
+        return QualityScore(1.0, self.name, "no problem found")
+
+
+_JUDGE_SYSTEM = (
+    "You grade answers to user requests. Judge whether the answer is correct, complete and follows the "
+    'request\'s instructions. Reply with only a JSON object: {"score": <number from 0 to 1>, "reason": '
+    '"<at most ten words>"}. 1 means a fully correct and helpful answer, 0 a wrong or useless one.'
+)
+_JSON_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
+_MAX_QUOTED_CHARS = 16_000
+
+
+def parse_judge_score(text: str) -> float | None:
+    """The ``score`` of the first JSON object in ``text`` if it is a number in [0, 1], else None."""
+    for match in _JSON_OBJECT.finditer(text):
+        try:
+            data = json.loads(match.group(0))
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            score = data.get("score")
+            if isinstance(score, int | float) and not isinstance(score, bool) and math.isfinite(score):
+                return float(score) if 0.0 <= score <= 1.0 else None
+            return None
+    return None
+
+
+class LLMJudge:
+    """Asks ``model`` (through its ``provider``) for a 0-1 score in JSON within ``timeout`` seconds.
+
+    When the judge fails (provider error, timeout, no parsable score), ``on_failure`` decides:
+    ``release`` scores the answer 1.0, ``escalate`` 0.0; the reason says the judge failed and why.
+    The judge's call is returned in ``ScoreResult.calls`` so that it is charged to the request.
+    """
+
+    name = "llm_judge"
+
+    def __init__(
+        self,
+        provider: Provider,
+        model: ModelSpec,
+        *,
+        timeout: float,
+        max_output_tokens: int = 64,
+        on_failure: Literal["release", "escalate"] = "release",
+    ) -> None:
+        self._provider = provider
+        self._model = model
+        self._timeout = timeout
+        self._max_output_tokens = max_output_tokens
+        self._on_failure = on_failure
+
+    def _messages(self, scoring_input: ScoringInput) -> tuple[Message, ...]:
+        question = scoring_input.request.chat.last_user_message[-_MAX_QUOTED_CHARS:]
+        answer = scoring_input.answer[:_MAX_QUOTED_CHARS]
+        prompt = f"<request>\n{question}\n</request>\n\n<answer>\n{answer}\n</answer>\n\nGrade the answer."
+        return (Message(Role.SYSTEM, _JUDGE_SYSTEM), Message(Role.USER, prompt))
+
+    def _failed(self, why: str) -> QualityScore:
+        score = 1.0 if self._on_failure == "release" else 0.0
+        verb = "released" if self._on_failure == "release" else "escalated"
+        return QualityScore(score, self.name, f"judge {why}; {verb} as configured")
+
+    async def score(self, scoring_input: ScoringInput, /) -> ScoreResult:
+        """Ask the judge; its usage (estimated when it did not finish) comes back in ``calls``."""
+        timeout = self._timeout if scoring_input.timeout is None else min(self._timeout, scoring_input.timeout)
+        messages = self._messages(scoring_input)
+        call = ProviderCall(
+            model=self._model.id,
+            provider_model=self._model.provider_model,
+            messages=messages,
+            max_output_tokens=self._max_output_tokens,
+            temperature=0.0,
+            timeout=timeout,
+        )
+        texts: list[str] = []
+        finish: ProviderFinish | None = None
+        failure = ""
+        stream = self._provider.stream(call)
+        try:
+            async with asyncio.timeout(timeout):
+                async for event in stream:
+                    if isinstance(event, TextDelta):
+                        texts.append(event.text)
+                    else:
+                        finish = event
+        except TimeoutError:
+            failure = f"timed out after {timeout:g} s"
+        except ProviderError as error:
+            failure = f"failed ({error.reason})"
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if finish is not None:
+            used = ScoringCall(self._model.id, finish.usage)
+        else:
+            estimate = Usage(
+                input_tokens=sum(count_text_tokens(m.content) for m in messages) if texts or failure else 0,
+                output_tokens=count_text_tokens("".join(texts)),
+            )
+            used = ScoringCall(self._model.id, estimate, estimated=True)
+        if failure:
+            return ScoreResult(self._failed(failure), (used,))
+        score = parse_judge_score("".join(texts))
+        if score is None:
+            return ScoreResult(self._failed("gave no score in [0, 1]"), (used,))
+        return ScoreResult(QualityScore(score, self.name, f"judge {self._model.id} scored it"), (used,))
+
+
+class CombinedScorer:
+    """Several scorers as one.
+
+    ``min``: run them in order and keep the lowest score; once a score is below the threshold the
+    rest are skipped (a cheap local check spares the judge's call). ``mean``: run all and average.
+    The result names the scorer whose score decided (``min``) or ``mean(a,b)``.
+    """
+
+    def __init__(self, scorers: Sequence[Scorer], combine: Literal["min", "mean"] = "min") -> None:
+        if not scorers:
+            raise ValueError("CombinedScorer needs at least one scorer")
+        self._scorers = tuple(scorers)
+        self._combine = combine
+
+    @property
+    def name(self) -> str:
+        """``min(local,llm_judge)``, or the one scorer's name."""
+        if len(self._scorers) == 1:
+            return self._scorers[0].name
+        return f"{self._combine}({','.join(s.name for s in self._scorers)})"
+
+    async def score(self, scoring_input: ScoringInput, /) -> ScoreResult:
+        """The combined score and every call the scorers made."""
+        results: list[ScoreResult] = []
+        for scorer in self._scorers:
+            result = await scorer.score(scoring_input)
+            results.append(result)
+            if self._combine == "min" and result.quality.score < scoring_input.threshold:
+                break
+        calls = tuple(call for result in results for call in result.calls)
+        if self._combine == "min" or len(results) == 1:
+            lowest = min(results, key=lambda r: r.quality.score)
+            return ScoreResult(lowest.quality, calls)
+        mean = sum(r.quality.score for r in results) / len(results)
+        reason = "; ".join(f"{r.quality.scorer}: {r.quality.score:g} ({r.quality.reason})" for r in results)
+        return ScoreResult(QualityScore(mean, self.name, reason), calls)

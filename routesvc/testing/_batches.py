@@ -1,0 +1,388 @@
+"""The fake's batch APIs: OpenAI files + batches, and Anthropic message batches.
+
+    POST /v1/files                          multipart upload (purpose "batch") of a JSONL file
+    GET  /v1/files/{id}/content             a file's bytes (input, output or error file)
+    POST /v1/batches                        create from an uploaded file
+    GET  /v1/batches/{id}                   retrieve (ends the batch per the outcome, see below)
+    POST /v1/batches/{id}/cancel            cancel
+    POST /v1/messages/batches               create with inline requests
+    GET  /v1/messages/batches/{id}          retrieve
+    GET  /v1/messages/batches/{id}/results  JSONL results once ended
+    POST /v1/messages/batches/{id}/cancel   cancel
+
+Every batch stays in progress until a retrieve finds ``BatchOutcome`` (``FakeProvider.batch_outcome``)
+other than ``PENDING``, then ends as it says: ``COMPLETE`` answers each request with the script
+the fake would use for a realtime request to its model (text, usage, or an error status);
+``EXPIRE`` and ``FAIL`` end it without answers. Changing the outcome later ends batches that are
+still in progress, so tests can restart the service in between.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from routesvc.testing._connection import Connection, Request
+from routesvc.testing._script import RecordedRequest, Script, usage_numbers
+
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+class BatchOutcome(enum.Enum):
+    """How the fake ends a batch at its next retrieve."""
+
+    PENDING = "pending"  # stays in progress
+    COMPLETE = "complete"  # every request answered by its script
+    EXPIRE = "expire"  # the 24 h window passed: no request answered
+    FAIL = "fail"  # OpenAI: the batch failed validation; Anthropic: every request errored
+
+
+@dataclass(slots=True)
+class FakeBatch:
+    """One batch the fake holds: which API, its requests, and how far it got."""
+
+    id: str
+    api: str  # "openai" or "anthropic"
+    requests: list[dict[str, Any]]
+    created_at: float
+    status: str = "in_progress"
+    cancelled: bool = False
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    results: list[dict[str, Any]] = field(default_factory=list)
+    retrieved: int = 0
+
+    @property
+    def custom_ids(self) -> list[str]:
+        """The requests' ``custom_id``s, in order."""
+        return [str(r.get("custom_id")) for r in self.requests]
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _multipart_file(request: Request) -> bytes | None:
+    """The ``file`` part of a multipart/form-data body."""
+    content_type = request.headers.get("content-type", "")
+    if "boundary=" not in content_type:
+        return None
+    boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip().strip('"').encode()
+    for part in request.body.split(b"--" + boundary):
+        head, sep, body = part.partition(b"\r\n\r\n")
+        if sep and b'name="file"' in head:
+            return body.removesuffix(b"\r\n")
+    return None
+
+
+class FakeBatches:
+    """The batch endpoints of both APIs; ``take_script`` picks the script answering a request."""
+
+    def __init__(self, take_script: Callable[[str], Script], base_url: Callable[[], str]) -> None:
+        self._take_script = take_script
+        self._base_url = base_url
+        self.outcome = BatchOutcome.COMPLETE
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, FakeBatch] = {}
+        self.files_of: dict[str, str] = {}  # OpenAI batch id -> its input file id
+        self._numbers = itertools.count(1)
+
+    def routes(self) -> dict[tuple[str, str], Callable[[Connection, Request], Any]]:
+        """The route table entries; ``*`` matches one path segment."""
+        return {
+            ("POST", "/v1/files"): self._upload,
+            ("GET", "/v1/files/*/content"): self._file_content,
+            ("POST", "/v1/batches"): self._openai_create,
+            ("GET", "/v1/batches/*"): self._openai_retrieve,
+            ("POST", "/v1/batches/*/cancel"): self._openai_cancel,
+            ("POST", "/v1/messages/batches"): self._anthropic_create,
+            ("GET", "/v1/messages/batches/*"): self._anthropic_retrieve,
+            ("GET", "/v1/messages/batches/*/results"): self._anthropic_results,
+            ("POST", "/v1/messages/batches/*/cancel"): self._anthropic_cancel,
+        }
+
+    def reset(self) -> None:
+        """Forget files and batches; batches complete again."""
+        self.files.clear()
+        self.batches.clear()
+        self.files_of.clear()
+        self.outcome = BatchOutcome.COMPLETE
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self._numbers):04d}{uuid.uuid4().hex[:12]}"
+
+    # -- answering one request -----------------------------------------------------------------
+
+    def _answer(self, body: dict[str, Any]) -> tuple[Script, str, int, int]:
+        model = str(body.get("model", ""))
+        script = self._take_script(model)
+        record = RecordedRequest(method="POST", path="batch", headers={}, body=body, received_at=time.monotonic())
+        input_tokens, output_tokens = usage_numbers(record, script)
+        return script, "".join(script.content_chunks()), input_tokens, output_tokens
+
+    def _end(self, batch: FakeBatch) -> None:
+        """End ``batch`` per the outcome (once); fills its results."""
+        if batch.status not in ("in_progress", "validating"):
+            return
+        outcome = self.outcome
+        if batch.cancelled:
+            batch.status = "cancelled"
+        elif outcome is BatchOutcome.PENDING:
+            return
+        elif outcome is BatchOutcome.EXPIRE:
+            batch.status = "expired"
+        elif outcome is BatchOutcome.FAIL:
+            batch.status = "failed"
+        else:
+            batch.status = "completed"
+        if batch.api == "openai":
+            self._end_openai(batch)
+        else:
+            self._end_anthropic(batch)
+
+    def _end_openai(self, batch: FakeBatch) -> None:
+        output: list[str] = []
+        errors: list[str] = []
+        for line in batch.requests:
+            custom_id = line.get("custom_id")
+            if batch.status != "completed":
+                code = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(batch.status, "batch_failed")
+                error = {"code": code, "message": f"request {batch.status}"}
+                errors.append(json.dumps({"id": self._new_id("batch_req_"), "custom_id": custom_id, "error": error}))
+                continue
+            body = line.get("body") or {}
+            script, text, input_tokens, output_tokens = self._answer(body)
+            if script.status != 200:
+                response = {"status_code": script.status, "body": {"error": {"type": "server_error"}}}
+            else:
+                response = {
+                    "status_code": 200,
+                    "request_id": self._new_id("req_"),
+                    "body": {
+                        "id": self._new_id("chatcmpl-"),
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": script.model or body.get("model"),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": text},
+                                "finish_reason": script.finish_reason,
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": input_tokens,
+                            "completion_tokens": output_tokens,
+                            "total_tokens": input_tokens + output_tokens,
+                            "prompt_tokens_details": {"cached_tokens": script.cached_input_tokens},
+                        },
+                    },
+                }
+            output.append(json.dumps({"id": self._new_id("batch_req_"), "custom_id": custom_id, "response": response}))
+        if output:
+            batch.output_file_id = self._new_id("file-out-")
+            self.files[batch.output_file_id] = ("\n".join(output) + "\n").encode()
+        if errors:
+            batch.error_file_id = self._new_id("file-err-")
+            self.files[batch.error_file_id] = ("\n".join(errors) + "\n").encode()
+
+    def _end_anthropic(self, batch: FakeBatch) -> None:
+        status = batch.status
+        batch.status = "ended"
+        for item in batch.requests:
+            custom_id = item.get("custom_id")
+            params = item.get("params") or {}
+            if status == "cancelled":
+                result: dict[str, Any] = {"type": "canceled"}
+            elif status == "expired":
+                result = {"type": "expired"}
+            elif status == "failed":
+                result = {"type": "errored", "error": {"type": "error", "error": {"type": "api_error"}}}
+            else:
+                script, text, input_tokens, output_tokens = self._answer(params)
+                if script.status != 200:
+                    error = {"type": "error", "error": {"type": "invalid_request_error", "message": "fake"}}
+                    result = {"type": "errored", "error": error}
+                else:
+                    message = {
+                        "id": self._new_id("msg_"),
+                        "type": "message",
+                        "role": "assistant",
+                        "model": script.model or params.get("model"),
+                        "content": [{"type": "text", "text": text}],
+                        "stop_reason": _STOP_REASONS.get(script.finish_reason, script.finish_reason),
+                        "stop_sequence": None,
+                        "usage": {
+                            "input_tokens": input_tokens - script.cached_input_tokens,
+                            "cache_read_input_tokens": script.cached_input_tokens,
+                            "cache_creation_input_tokens": 0,
+                            "output_tokens": output_tokens,
+                        },
+                    }
+                    result = {"type": "succeeded", "message": message}
+            batch.results.append({"custom_id": custom_id, "result": result})
+
+    # -- OpenAI --------------------------------------------------------------------------------
+
+    async def _upload(self, connection: Connection, request: Request) -> bool:
+        content = _multipart_file(request)
+        if content is None:
+            await connection.send_json(400, {"error": {"type": "invalid_request_error", "message": "no file"}})
+            return True
+        file_id = self._new_id("file-")
+        self.files[file_id] = content
+        await connection.send_json(
+            200,
+            {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(content),
+                "created_at": int(time.time()),
+                "filename": "batch.jsonl",
+                "purpose": "batch",
+                "status": "processed",
+            },
+        )
+        return True
+
+    async def _file_content(self, connection: Connection, request: Request) -> bool:
+        file_id = request.path.split("?")[0].split("/")[3]
+        content = self.files.get(file_id)
+        if content is None:
+            await connection.send_json(404, {"error": {"type": "not_found_error", "message": "no such file"}})
+            return True
+        headers = {"content-type": "application/octet-stream", "content-length": str(len(content))}
+        await connection.send_head(200, headers)
+        await connection.send(content)
+        return True
+
+    def _openai_json(self, batch: FakeBatch, input_file_id: str) -> dict[str, Any]:
+        ended = batch.status not in ("in_progress", "validating")
+        done = len(batch.requests) if batch.status == "completed" else 0
+        return {
+            "id": batch.id,
+            "object": "batch",
+            "endpoint": "/v1/chat/completions",
+            "input_file_id": input_file_id,
+            "completion_window": "24h",
+            "status": batch.status,
+            "output_file_id": batch.output_file_id,
+            "error_file_id": batch.error_file_id,
+            "created_at": int(batch.created_at),
+            "completed_at": int(time.time()) if ended else None,
+            "request_counts": {"total": len(batch.requests), "completed": done, "failed": len(batch.requests) - done},
+        }
+
+    async def _openai_create(self, connection: Connection, request: Request) -> bool:
+        body = json.loads(request.body or b"{}")
+        content = self.files.get(str(body.get("input_file_id")))
+        if content is None:
+            await connection.send_json(400, {"error": {"type": "invalid_request_error", "message": "no such file"}})
+            return True
+        lines = [json.loads(line) for line in content.decode().splitlines() if line.strip()]
+        batch = FakeBatch(self._new_id("batch_"), "openai", lines, time.time())
+        self.batches[batch.id] = batch
+        self.files_of[batch.id] = str(body["input_file_id"])
+        await connection.send_json(200, self._openai_json(batch, self.files_of[batch.id]))
+        return True
+
+    async def _openai_found(self, connection: Connection, request: Request) -> FakeBatch | None:
+        batch = self.batches.get(request.path.split("?")[0].split("/")[3])
+        if batch is None or batch.api != "openai":
+            await connection.send_json(404, {"error": {"type": "not_found_error", "message": "no such batch"}})
+            return None
+        return batch
+
+    async def _openai_retrieve(self, connection: Connection, request: Request) -> bool:
+        batch = await self._openai_found(connection, request)
+        if batch is not None:
+            batch.retrieved += 1
+            self._end(batch)
+            await connection.send_json(200, self._openai_json(batch, self.files_of.get(batch.id, "")))
+        return True
+
+    async def _openai_cancel(self, connection: Connection, request: Request) -> bool:
+        batch = await self._openai_found(connection, request)
+        if batch is not None:
+            batch.cancelled = True
+            self._end(batch)
+            await connection.send_json(200, self._openai_json(batch, self.files_of.get(batch.id, "")))
+        return True
+
+    # -- Anthropic -----------------------------------------------------------------------------
+
+    def _anthropic_json(self, batch: FakeBatch) -> dict[str, Any]:
+        ended = batch.status == "ended"
+        counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        if not ended:
+            counts["processing"] = len(batch.requests)
+        for entry in batch.results:
+            counts[entry["result"]["type"]] += 1
+        return {
+            "id": batch.id,
+            "type": "message_batch",
+            "processing_status": batch.status if batch.status in ("in_progress", "canceling", "ended") else "ended",
+            "request_counts": counts,
+            "created_at": _iso(batch.created_at),
+            "expires_at": _iso(batch.created_at + 86400),
+            "ended_at": _iso(time.time()) if ended else None,
+            "archived_at": None,
+            "cancel_initiated_at": _iso(time.time()) if batch.cancelled else None,
+            "results_url": f"{self._base_url()}/v1/messages/batches/{batch.id}/results" if ended else None,
+        }
+
+    async def _anthropic_create(self, connection: Connection, request: Request) -> bool:
+        body = json.loads(request.body or b"{}")
+        requests = body.get("requests")
+        if not isinstance(requests, list) or not requests:
+            error = {"type": "error", "error": {"type": "invalid_request_error", "message": "requests required"}}
+            await connection.send_json(400, error)
+            return True
+        batch = FakeBatch(self._new_id("msgbatch_"), "anthropic", requests, time.time())
+        self.batches[batch.id] = batch
+        await connection.send_json(200, self._anthropic_json(batch))
+        return True
+
+    async def _anthropic_found(self, connection: Connection, request: Request) -> FakeBatch | None:
+        batch = self.batches.get(request.path.split("?")[0].split("/")[4])
+        if batch is None or batch.api != "anthropic":
+            error = {"type": "error", "error": {"type": "not_found_error", "message": "no such batch"}}
+            await connection.send_json(404, error)
+            return None
+        return batch
+
+    async def _anthropic_retrieve(self, connection: Connection, request: Request) -> bool:
+        batch = await self._anthropic_found(connection, request)
+        if batch is not None:
+            batch.retrieved += 1
+            self._end(batch)
+            await connection.send_json(200, self._anthropic_json(batch))
+        return True
+
+    async def _anthropic_results(self, connection: Connection, request: Request) -> bool:
+        batch = await self._anthropic_found(connection, request)
+        if batch is None:
+            return True
+        if batch.status != "ended":
+            error = {"type": "error", "error": {"type": "invalid_request_error", "message": "not ended"}}
+            await connection.send_json(400, error)
+            return True
+        content = "".join(json.dumps(entry) + "\n" for entry in batch.results).encode()
+        headers = {"content-type": "application/binary", "content-length": str(len(content))}
+        await connection.send_head(200, headers)
+        await connection.send(content)
+        return True
+
+    async def _anthropic_cancel(self, connection: Connection, request: Request) -> bool:
+        batch = await self._anthropic_found(connection, request)
+        if batch is not None:
+            batch.cancelled = True
+            self._end(batch)
+            await connection.send_json(200, self._anthropic_json(batch))
+        return True

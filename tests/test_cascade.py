@@ -1,0 +1,327 @@
+"""Cascading escalation: the scorers, the escalation chain, the max-cost stop and the buffered stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+
+from routesvc.client import RouterClient
+from routesvc.ledger import AttemptOutcome
+from routesvc.models import ChatRequest, FinishReason, Message, Role, RoutingContext, RoutingRequest, Usage
+from routesvc.providers.openai import OpenAIProvider
+from routesvc.scoring import CombinedScorer, LLMJudge, LocalScorer, ScoringInput, parse_judge_score
+from routesvc.server import Server
+from routesvc.testing import FakeProvider, Fault, Script
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, live_environ, settings_from, user_chat
+
+
+def _input(
+    answer: str, prompt: str = "hello", finish: FinishReason = FinishReason.STOP, **metadata: str
+) -> ScoringInput:
+    request = RoutingRequest(
+        ChatRequest((Message(Role.USER, prompt),)),
+        RoutingContext(metadata=metadata),  # type: ignore[arg-type]
+    )
+    return ScoringInput(request=request, model="gpt-4o-mini", answer=answer, finish_reason=finish, threshold=0.8)
+
+
+class TestLocalScorer:
+    """The local scorer needs no call and flags answers that are plainly not good enough."""
+
+    @pytest.mark.parametrize(
+        ("answer", "finish", "expected"),
+        [
+            ("", FinishReason.STOP, (0.0, "empty answer")),
+            ("Paris is the capital.", FinishReason.CONTENT_FILTER, (0.0, "filtered by the provider")),
+            ("I'm sorry, but I can't help with that.", FinishReason.STOP, (0.1, "refusal")),
+            ("The answer is", FinishReason.LENGTH, (0.2, "truncated (finish_reason length)")),
+            ("I'm not sure; it cannot be determined.", FinishReason.STOP, (0.5, "hedged answer")),
+            ("Paris is the capital of France.", FinishReason.STOP, (1.0, "no problem found")),
+        ],
+    )
+    async def test_scores_by_the_first_rule_that_matches(
+        self, answer: str, finish: FinishReason, expected: tuple[float, str]
+    ) -> None:
+        """Empty, filtered, refused, truncated and hedged answers score low; a plain answer scores 1."""
+        result = await LocalScorer().score(_input(answer, finish=finish))
+        assert (result.quality.score, result.quality.reason) == expected
+        assert result.calls == ()
+
+    async def test_requested_json_that_does_not_parse_scores_low(self) -> None:
+        """A prompt asking for JSON answered with prose scores 0.2; fenced valid JSON scores 1."""
+        prompt = "Return the result as JSON."
+        bad = await LocalScorer().score(_input("Sure, here it is: name=x", prompt))
+        good = await LocalScorer().score(_input('```json\n{"name": "x"}\n```', prompt))
+        assert (bad.quality.score, bad.quality.reason) == (0.2, "requested JSON does not parse")
+        assert good.quality.score == 1.0
+
+    async def test_json_can_be_requested_in_metadata(self) -> None:
+        """Routing metadata ``response_format: json`` asks for JSON too."""
+        result = await LocalScorer().score(_input("not json", response_format="json"))
+        assert result.quality.reason == "requested JSON does not parse"
+
+    async def test_an_ignored_single_choice_format_scores_low(self) -> None:
+        """A multiple-choice prompt asking for one letter, answered with prose, scores 0.4."""
+        prompt = "Which is a metal?\nA) wood\nB) iron\nPrint only a single choice from A or B."
+        prose = await LocalScorer().score(_input("Iron is a metal because it conducts.", prompt))
+        letter = await LocalScorer().score(_input("B", prompt))
+        assert (prose.quality.score, letter.quality.score) == (0.4, 1.0)
+
+
+class TestJudgeScoreParsing:
+    """The judge's verdict is the ``score`` of the first JSON object, when it is in [0, 1]."""
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ('{"score": 0.7, "reason": "ok"}', 0.7),
+            ('Verdict: {"score": 1}', 1.0),
+            ('{"score": 1.5}', None),
+            ('{"score": "high"}', None),
+            ('{"score": true}', None),
+            ("no json here", None),
+        ],
+    )
+    def test_parses_only_scores_in_range(self, text: str, expected: float | None) -> None:
+        """Out-of-range, non-numeric and missing scores are failures (None)."""
+        assert parse_judge_score(text) == expected
+
+
+class TestLLMJudge:
+    """The judge is a real call through the Provider protocol to the fake, with a timeout."""
+
+    @pytest.fixture
+    async def provider(self, fake: FakeProvider) -> AsyncIterator[OpenAIProvider]:
+        """An OpenAI adapter pointed at the fake."""
+        adapter = OpenAIProvider("openai", "sk-test", fake.openai_base_url)
+        yield adapter
+        await adapter.aclose()
+
+    def _judge(self, provider: OpenAIProvider, **kwargs: object) -> LLMJudge:
+        model = settings_from(default_config()).catalog.get("gpt-4o-mini")
+        return LLMJudge(provider, model, timeout=kwargs.pop("timeout", 2.0), **kwargs)  # type: ignore[arg-type]
+
+    async def test_the_judges_json_score_is_the_score_and_its_call_is_charged(
+        self, provider: OpenAIProvider, fake: FakeProvider
+    ) -> None:
+        """{"score": 0.3} scores 0.3; the judge's usage comes back to be charged."""
+        fake.enqueue(Script(text='{"score": 0.3, "reason": "wrong"}', input_tokens=40, output_tokens=9))
+        result = await self._judge(provider).score(_input("Paris"))
+        assert (result.quality.score, result.quality.scorer) == (0.3, "llm_judge")
+        assert [(c.model, c.usage, c.estimated) for c in result.calls] == [
+            ("gpt-4o-mini", Usage(input_tokens=40, output_tokens=9), False)
+        ]
+        assert fake.requests[-1].body["messages"][0]["role"] == "system"
+
+    async def test_garbage_releases_by_default(self, provider: OpenAIProvider, fake: FakeProvider) -> None:
+        """A judge answer without a score: on_failure release scores 1.0 and says why."""
+        fake.enqueue(Script(text="I think it is fine"))
+        result = await self._judge(provider).score(_input("Paris"))
+        assert result.quality.score == 1.0
+        assert result.quality.reason == "judge gave no score in [0, 1]; released as configured"
+
+    async def test_a_timeout_escalates_when_configured(self, provider: OpenAIProvider, fake: FakeProvider) -> None:
+        """A judge slower than its timeout: on_failure escalate scores 0.0; the upstream call is closed."""
+        fake.enqueue(Script(first_chunk_delay=5))
+        result = await self._judge(provider, timeout=0.3, on_failure="escalate").score(_input("Paris"))
+        assert result.quality.score == 0.0
+        assert result.quality.reason == "judge timed out after 0.3 s; escalated as configured"
+        await fake.requests[-1].wait_ended(2)
+        assert fake.requests[-1].aborted
+        assert result.calls[0].estimated
+
+    async def test_a_provider_error_is_a_failure(self, provider: OpenAIProvider, fake: FakeProvider) -> None:
+        """A 400 from the judge's provider: released as configured, reason names the error."""
+        fake.enqueue(Script(status=400))
+        result = await self._judge(provider).score(_input("Paris"))
+        assert result.quality.reason == "judge failed (PROVIDER_REJECTED); released as configured"
+
+
+class TestCombinedScorer:
+    """min: the lowest score, and a local rejection spares the judge's call; mean: the average."""
+
+    async def test_min_skips_the_judge_when_the_local_scorer_rejects(self, fake: FakeProvider) -> None:
+        """An empty answer scores 0 locally; the judge is never called."""
+        provider = OpenAIProvider("openai", "sk", fake.openai_base_url)
+        model = settings_from(default_config()).catalog.get("gpt-4o-mini")
+        scorer = CombinedScorer([LocalScorer(), LLMJudge(provider, model, timeout=2)], "min")
+        result = await scorer.score(_input(""))
+        await provider.aclose()
+        assert (result.quality.score, result.quality.scorer, scorer.name) == (0.0, "local", "min(local,llm_judge)")
+        assert fake.requests == []
+
+    async def test_mean_averages(self, fake: FakeProvider) -> None:
+        """mean(local 1.0, judge 0.4) = 0.7."""
+        fake.enqueue(Script(text='{"score": 0.4}'))
+        provider = OpenAIProvider("openai", "sk", fake.openai_base_url)
+        model = settings_from(default_config()).catalog.get("gpt-4o-mini")
+        result = await CombinedScorer([LocalScorer(), LLMJudge(provider, model, timeout=2)], "mean").score(
+            _input("Paris")
+        )
+        await provider.aclose()
+        assert result.quality.score == pytest.approx(0.7)
+        assert result.quality.scorer == "mean(local,llm_judge)"
+
+
+def _kinds(messages: list[pb.CompleteResponse]) -> list[str]:
+    folded: list[str] = []
+    for message in messages:
+        kind = str(message.WhichOneof("event"))
+        if not folded or folded[-1] != kind or kind != "delta":
+            folded.append(kind)
+    return folded
+
+
+def _text(messages: list[pb.CompleteResponse]) -> str:
+    return "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta")
+
+
+async def _cascade(
+    client: RouterClient, prompt: str = "What is the capital of France?", **context: object
+) -> list[pb.CompleteResponse]:
+    request_context = pb.RoutingContext(cascade=True, **context)  # type: ignore[arg-type]
+    return [m async for m in client.complete(user_chat(prompt), request_context)]
+
+
+class TestEscalationChain:
+    """With the default config and the fake: gpt-4o-mini first, escalated to gpt-4o below 0.8."""
+
+    async def test_an_answer_scoring_0_5_is_escalated_and_only_the_strong_answer_is_sent(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """Judge says 0.5: one escalation message, then only gpt-4o's text; both attempts' tokens
+        and the summed cost in the completion; the ledger charges each call once."""
+        fake.enqueue(Script(text="Lyon maybe", input_tokens=10, output_tokens=2), model="gpt-4o-mini")
+        fake.enqueue(Script(text='{"score": 0.5}', input_tokens=50, output_tokens=5), model="gpt-4o-mini")
+        fake.enqueue(Script(text="Paris.", input_tokens=10, output_tokens=1), model="gpt-4o")
+        messages = await _cascade(live_client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        decision, escalation, completion = messages[0].decision, messages[1].escalation, messages[-1].completion
+        assert list(decision.cascade_models) == ["gpt-4o-mini", "gpt-4o"]
+        assert list(decision.cascade_thresholds) == [0.8]
+        assert (escalation.from_model, escalation.to_model, escalation.threshold) == ("gpt-4o-mini", "gpt-4o", 0.8)
+        assert (escalation.quality.score, escalation.quality.scorer) == (0.5, "llm_judge")
+        assert _text(messages) == "Paris."
+        mini_answer = Decimal("10") * Decimal("0.15") / 10**6 + Decimal("2") * Decimal("0.60") / 10**6
+        judge = Decimal("50") * Decimal("0.15") / 10**6 + Decimal("5") * Decimal("0.60") / 10**6
+        strong = Decimal("10") * Decimal("2.50") / 10**6 + Decimal("1") * Decimal("10.00") / 10**6
+        assert Decimal(escalation.cost_usd) == mini_answer + judge
+        assert Decimal(completion.cost_usd) == mini_answer + judge + strong
+        assert completion.model == "gpt-4o"
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_ESCALATED),
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_JUDGE),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_COMPLETED),
+        ]
+        assert (completion.total_usage.input_tokens, completion.total_usage.output_tokens) == (70, 8)
+        entries = live_server.router.ledger.entries(decision.decision_id)
+        assert [(e.model, e.outcome) for e in entries] == [
+            ("gpt-4o-mini", AttemptOutcome.COMPLETED),
+            ("gpt-4o-mini", AttemptOutcome.COMPLETED),
+            ("gpt-4o", AttemptOutcome.COMPLETED),
+        ]
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+
+    async def test_an_answer_scoring_0_9_is_released_with_one_answer_charged(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """Judge says 0.9: the cheap answer is released, gpt-4o is never called, one answer attempt."""
+        fake.enqueue(Script(text="Paris is the capital."), Script(text='{"score": 0.9}'), model="gpt-4o-mini")
+        messages = await _cascade(live_client)
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (completion.model, _text(messages)) == ("gpt-4o-mini", "Paris is the capital.")
+        assert (completion.quality.score, completion.quality.scorer) == (0.9, "llm_judge")
+        assert [a.outcome for a in completion.attempts] == [pb.ATTEMPT_OUTCOME_COMPLETED, pb.ATTEMPT_OUTCOME_JUDGE]
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+
+    async def test_a_local_rejection_escalates_without_a_judge_call(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A refusal scores 0.1 locally: escalated at once, the judge is not asked."""
+        fake.enqueue(Script(text="I'm sorry, but I can't help with that."), model="gpt-4o-mini")
+        messages = await _cascade(live_client)
+        assert messages[1].escalation.quality.reason == "refusal"
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o"]
+
+    async def test_a_cheap_model_that_fails_before_its_first_token_escalates(self, fake: FakeProvider) -> None:
+        """Without fallbacks, gpt-4o-mini answers 503 twice (its retry spent): escalated to gpt-4o
+        with the error as reason."""
+        config = default_config()
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await _cascade(client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert messages[1].escalation.quality.reason == "gpt-4o-mini failed (PROVIDER_UNAVAILABLE)"
+        assert messages[-1].completion.model == "gpt-4o"
+
+    async def test_a_cut_buffered_answer_escalates_instead_of_interrupting(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap stream is cut after 3 chunks: nothing reached the client, so it escalates cleanly."""
+        fake.enqueue(Script(chunk_count=6, fault=Fault.CUT, fault_after=3), model="gpt-4o-mini")
+        messages = await _cascade(live_client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert "chunk-" not in _text(messages)
+
+    async def test_max_cost_stops_escalation_and_releases_the_cheap_answer(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """max_cost_usd below the cheap call plus gpt-4o's estimate: no escalation; the reason says so."""
+        fake.enqueue(Script(text="Lyon"), Script(text='{"score": 0.2}'), model="gpt-4o-mini")
+        messages = await _cascade(live_client, max_cost_usd="0.001")
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        quality = messages[-1].completion.quality
+        assert quality.score == 0.2
+        assert "escalation to gpt-4o stopped" in quality.reason
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+
+    async def test_without_opting_in_nothing_is_buffered_or_scored(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """apply on_request (the default): a request that does not ask streams as before, one call."""
+        messages = [m async for m in live_client.complete(user_chat("hi"), pb.RoutingContext())]
+        assert list(messages[0].decision.cascade_models) == []
+        assert len(fake.requests) == 1
+
+
+class TestCascadeConfig:
+    """apply: always cascades every request whose decision starts a chain; a three-step chain escalates twice."""
+
+    async def test_a_three_step_chain_escalates_step_by_step(self, fake: FakeProvider) -> None:
+        """mini -> gpt-4o -> claude-sonnet, local scorer only: two refusals, two escalations."""
+        config = default_config()
+        config["cascade"] = {
+            "apply": "always",
+            "scorers": ["local"],
+            "chains": [
+                {
+                    "steps": [
+                        {"model": "gpt-4o-mini", "threshold": 0.8},
+                        {"model": "gpt-4o", "threshold": 0.8},
+                        {"model": "claude-sonnet"},
+                    ]
+                }
+            ],
+        }
+        refusal = Script(text="I cannot help with that.")
+        fake.enqueue(refusal, model="gpt-4o-mini")
+        fake.enqueue(refusal, model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("hi"), pb.RoutingContext())]
+        assert _kinds(messages) == ["decision", "escalation", "escalation", "delta", "completion"]
+        assert [(m.escalation.from_model, m.escalation.to_model) for m in messages[1:3]] == [
+            ("gpt-4o-mini", "gpt-4o"),
+            ("gpt-4o", "claude-sonnet"),
+        ]
+        assert messages[-1].completion.model == "claude-sonnet"
