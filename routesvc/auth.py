@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from routesvc.config import Config, TenantConfig
@@ -34,6 +34,7 @@ class Authenticator:
 
     def __init__(self, config: Config) -> None:
         self._enabled = config.auth.enabled
+        self._cert_tenants = dict(config.server.tls.client_tenants) if config.server.tls else {}
         self._tenants = dict(config.tenants)
         self._digests: list[tuple[bytes, str]] = []
         for name, tenant in config.tenants.items():
@@ -51,10 +52,15 @@ class Authenticator:
         """Whether calls need a key."""
         return self._enabled
 
-    def authenticate(self, metadata: Mapping[str, str]) -> Principal:
-        """The principal of a call with ``metadata``; raises ``Unauthenticated``."""
+    def authenticate(self, metadata: Mapping[str, str], peer_common_names: Sequence[str] = ()) -> Principal:
+        """The principal of a call: a verified client certificate whose common name maps to a
+        tenant (mutual TLS), else its bearer key; raises ``Unauthenticated``."""
         if not self._enabled:
             return Principal(None)
+        for common_name in peer_common_names:
+            by_certificate = self._cert_tenants.get(common_name)
+            if by_certificate is not None:
+                return Principal(by_certificate, self._tenants[by_certificate])
         header = metadata.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():

@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from routesvc import config as config_module
-from routesvc.client import RouterClient, build_chat
+from routesvc.client import RouterClient, build_chat, tls_credentials
 from routesvc.errors import ConfigError
 from routesvc.v1 import router_pb2 as pb
 
@@ -83,7 +83,7 @@ def _request_parts(args: argparse.Namespace) -> tuple[pb.ChatRequest, pb.Routing
 
 async def _route(args: argparse.Namespace) -> int:
     chat, context = _request_parts(args)
-    async with RouterClient(args.target, api_key=args.api_key) as client:
+    async with _client(args) as client:
         decision = await client.route(chat, context, timeout=args.timeout)
     if args.json:
         print(json.dumps(_decision_json(decision)))
@@ -99,7 +99,7 @@ async def _route(args: argparse.Namespace) -> int:
 
 async def _complete(args: argparse.Namespace) -> int:
     chat, context = _request_parts(args)
-    async with RouterClient(args.target, api_key=args.api_key) as client:
+    async with _client(args) as client:
         async for message in client.complete(chat, context, timeout=args.timeout):
             kind = message.WhichOneof("event")
             if args.json:
@@ -126,7 +126,7 @@ async def _complete(args: argparse.Namespace) -> int:
 
 
 async def _models(args: argparse.Namespace) -> int:
-    async with RouterClient(args.target, api_key=args.api_key) as client:
+    async with _client(args) as client:
         models = await client.list_models(timeout=args.timeout)
     if args.json:
         print(
@@ -150,7 +150,7 @@ def _ms(duration: duration_pb2.Duration) -> str:
 
 
 async def _stats(args: argparse.Namespace) -> int:
-    async with RouterClient(args.target, api_key=args.api_key) as client:
+    async with _client(args) as client:
         stats = await client.get_stats(tenant=args.tenant, window_seconds=args.window, timeout=args.timeout)
     if args.json:
         print(json.dumps(json_format.MessageToDict(stats, preserving_proto_field_name=True)))
@@ -224,11 +224,23 @@ def _client_error(error: grpc.aio.AioRpcError) -> int:
     return 1
 
 
+def _client(args: argparse.Namespace) -> RouterClient:
+    """A client for the command's --target, --api-key and TLS flags."""
+    credentials = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    return RouterClient(args.target, api_key=args.api_key, credentials=credentials)
+
+
 def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None:
     parser.add_argument(
         "--target", default=config_module.client_target(), help="HOST:PORT of the service ($ROUTESVC_TARGET)"
     )
     parser.add_argument("--api-key", default=None, help="API key sent as 'authorization: Bearer' metadata")
+    parser.add_argument("--tls", action="store_true", help="connect over TLS trusting the system roots")
+    parser.add_argument("--tls-ca", default=None, metavar="PEM", help="connect over TLS trusting this CA")
+    parser.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help="client private key (mutual TLS)")
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     if not request:

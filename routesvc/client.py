@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -35,8 +36,17 @@ def build_chat(
 class RouterClient:
     """``async with RouterClient("localhost:50051") as client``: Route, Complete, ListModels."""
 
-    def __init__(self, target: str, *, api_key: str | None = None, channel: grpc.aio.Channel | None = None) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        channel: grpc.aio.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if channel is None:
+            channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+        self._channel = channel
         self._stub = pb_grpc.RouterServiceStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
@@ -105,3 +115,15 @@ class RouterClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+def tls_credentials(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials: trust ``ca_file`` (default: the system roots), and present a client
+    certificate when ``cert_file`` and ``key_file`` are given (mutual TLS)."""
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))

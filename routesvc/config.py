@@ -40,6 +40,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsConfig(_Strict):
+    """Serve over TLS; with ``client_ca_file``, require client certificates (mutual TLS)."""
+
+    cert_file: Path = Field(description="PEM certificate chain of the server.")
+    key_file: Path = Field(description="PEM private key of the server.")
+    client_ca_file: Path | None = Field(None, description="PEM CA bundle; when set, clients must present a cert.")
+    client_tenants: dict[str, str] = Field(
+        default_factory=dict, description="Client certificate common name -> tenant (with auth.enabled)."
+    )
+
+
 class ServerConfig(_Strict):
     """Where and how the gRPC server listens."""
 
@@ -50,6 +61,7 @@ class ServerConfig(_Strict):
         0.0, ge=0, description="After SIGTERM, how long to keep serving with health NOT_SERVING."
     )
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
+    tls: TlsConfig | None = Field(None, description="TLS / mutual TLS; plaintext when unset.")
     reload_interval_seconds: float = Field(
         2.0, ge=0, description="How often a config file is checked for changes (hot reload); 0: never."
     )
@@ -443,6 +455,10 @@ class Config(_Strict):
                     raise ValueError(f"{where}: unknown model {step.model!r}")
         if self.cascade.judge is not None and self.cascade.judge.model not in ids:
             raise ValueError(f"cascade.judge.model: unknown model {self.cascade.judge.model!r}")
+        tls = self.server.tls
+        for common_name, tenant_name in (tls.client_tenants if tls else {}).items():
+            if tenant_name not in self.tenants:
+                raise ValueError(f"server.tls.client_tenants.{common_name}: unknown tenant {tenant_name!r}")
         if self.auth.enabled and not self.tenants:
             raise ValueError("auth.enabled: no tenants are configured, so no key could ever be accepted")
         for stage_index, stage in enumerate(self.routing.stages):
