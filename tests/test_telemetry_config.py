@@ -1,0 +1,98 @@
+"""The telemetry section and the standard OTEL_* variables: off by default, the file wins, the
+environment fills in, bad values fail at start naming the field or variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from routesvc.config import TelemetrySettings
+from routesvc.errors import ConfigError
+from tests.conftest import default_config, settings_from
+
+
+def _telemetry(section: dict[str, object] | None = None, environ: dict[str, str] | None = None) -> TelemetrySettings:
+    config = default_config()
+    if section is not None:
+        config["telemetry"] = section
+    return settings_from(config, environ).telemetry
+
+
+class TestDefaults:
+    def test_everything_is_off_by_default(self) -> None:
+        """No exporter, no Prometheus port, no content capture, service name routesvc."""
+        telemetry = _telemetry()
+        assert (telemetry.traces_exporter, telemetry.metrics_exporter) == ("none", "none")
+        assert (telemetry.prometheus_port, telemetry.capture_content) == (None, False)
+        assert telemetry.service_name == "routesvc"
+
+    def test_the_baseline_is_the_most_expensive_model(self) -> None:
+        """claude-sonnet ($3 + $15 per 1M) is the default baseline of the embedded catalog."""
+        assert _telemetry().baseline_model == "claude-sonnet"
+
+
+class TestEnvironment:
+    def test_an_otlp_endpoint_variable_switches_otlp_on(self) -> None:
+        """OTEL_EXPORTER_OTLP_ENDPOINT alone exports traces and metrics there."""
+        telemetry = _telemetry(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
+        assert (telemetry.traces_exporter, telemetry.traces_endpoint) == ("otlp", "http://collector:4317")
+        assert (telemetry.metrics_exporter, telemetry.metrics_endpoint) == ("otlp", "http://collector:4317")
+        assert telemetry.otlp_insecure is True
+
+    def test_signal_specific_variables_win_over_the_shared_one(self) -> None:
+        """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT and OTEL_METRICS_EXPORTER override per signal."""
+        telemetry = _telemetry(
+            environ={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://jaeger:4317",
+                "OTEL_METRICS_EXPORTER": "none",
+            }
+        )
+        assert (telemetry.traces_endpoint, telemetry.metrics_exporter) == ("http://jaeger:4317", "none")
+
+    def test_service_name_sampler_resource_and_headers(self) -> None:
+        """OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER_ARG, OTEL_RESOURCE_ATTRIBUTES and headers are read."""
+        telemetry = _telemetry(
+            environ={
+                "OTEL_SERVICE_NAME": "router-eu",
+                "OTEL_TRACES_SAMPLER_ARG": "0.25",
+                "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,team=ml%20infra",
+                "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=secret-telemetry-key",
+            }
+        )
+        assert (telemetry.service_name, telemetry.sample_ratio) == ("router-eu", 0.25)
+        assert dict(telemetry.resource_attributes) == {"deployment.environment": "prod", "team": "ml infra"}
+        assert dict(telemetry.otlp_headers) == {"x-api-key": "secret-telemetry-key"}
+        assert "secret-telemetry-key" not in repr(telemetry)
+
+    def test_the_file_wins_over_the_environment(self) -> None:
+        """A field set in the file is kept whatever the variables say."""
+        telemetry = _telemetry(
+            {"service_name": "from-file", "tracing": {"exporter": "console"}},
+            {"OTEL_SERVICE_NAME": "from-env", "OTEL_TRACES_EXPORTER": "otlp"},
+        )
+        assert (telemetry.service_name, telemetry.traces_exporter) == ("from-file", "console")
+
+    def test_sdk_disabled_turns_off_what_the_file_does_not_ask_for(self) -> None:
+        """OTEL_SDK_DISABLED=true switches off exporters chosen by the environment."""
+        telemetry = _telemetry(environ={"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
+        assert (telemetry.traces_exporter, telemetry.metrics_exporter) == ("none", "none")
+
+
+class TestInvalid:
+    @pytest.mark.parametrize(
+        ("section", "environ", "message"),
+        [
+            ({}, {"OTEL_TRACES_EXPORTER": "zipkin"}, "$OTEL_TRACES_EXPORTER: unsupported exporter 'zipkin'"),
+            ({}, {"OTEL_TRACES_SAMPLER_ARG": "half"}, "$OTEL_TRACES_SAMPLER_ARG: not a number"),
+            ({"baseline_model": "gpt-5"}, {}, "telemetry.baseline_model: unknown model 'gpt-5'"),
+            ({"tracing": {"exporter": "jaeger"}}, {}, "telemetry.tracing.exporter"),
+            ({"metrics": {"prometheus_port": 70000}}, {}, "telemetry.metrics.prometheus_port"),
+        ],
+    )
+    def test_a_bad_value_fails_at_start_naming_it(
+        self, section: dict[str, object], environ: dict[str, str], message: str
+    ) -> None:
+        """Unknown exporters, samplers, baseline models and ports are refused with the source named."""
+        with pytest.raises(ConfigError, match="<test>: ") as caught:
+            _telemetry(section, environ)
+        assert message in caught.value.message
