@@ -52,6 +52,8 @@ private static final long serialVersionUID = 0L;
     DECISION(1),
     DELTA(2),
     COMPLETION(3),
+    ESCALATION(4),
+    BATCH(5),
     EVENT_NOT_SET(0);
     private final int value;
     private EventCase(int value) {
@@ -72,6 +74,8 @@ private static final long serialVersionUID = 0L;
         case 1: return DECISION;
         case 2: return DELTA;
         case 3: return COMPLETION;
+        case 4: return ESCALATION;
+        case 5: return BATCH;
         case 0: return EVENT_NOT_SET;
         default: return null;
       }
@@ -216,6 +220,92 @@ private static final long serialVersionUID = 0L;
     return dev.routesvc.v1.Completion.getDefaultInstance();
   }
 
+  public static final int ESCALATION_FIELD_NUMBER = 4;
+  /**
+   * <pre>
+   * A cascade step's answer was rejected; the next model's answer follows.
+   * </pre>
+   *
+   * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+   * @return Whether the escalation field is set.
+   */
+  @java.lang.Override
+  public boolean hasEscalation() {
+    return eventCase_ == 4;
+  }
+  /**
+   * <pre>
+   * A cascade step's answer was rejected; the next model's answer follows.
+   * </pre>
+   *
+   * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+   * @return The escalation.
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.Escalation getEscalation() {
+    if (eventCase_ == 4) {
+       return (dev.routesvc.v1.Escalation) event_;
+    }
+    return dev.routesvc.v1.Escalation.getDefaultInstance();
+  }
+  /**
+   * <pre>
+   * A cascade step's answer was rejected; the next model's answer follows.
+   * </pre>
+   *
+   * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.EscalationOrBuilder getEscalationOrBuilder() {
+    if (eventCase_ == 4) {
+       return (dev.routesvc.v1.Escalation) event_;
+    }
+    return dev.routesvc.v1.Escalation.getDefaultInstance();
+  }
+
+  public static final int BATCH_FIELD_NUMBER = 5;
+  /**
+   * <pre>
+   * Batch mode: the job reference, sent right after the decision; the stream ends.
+   * </pre>
+   *
+   * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+   * @return Whether the batch field is set.
+   */
+  @java.lang.Override
+  public boolean hasBatch() {
+    return eventCase_ == 5;
+  }
+  /**
+   * <pre>
+   * Batch mode: the job reference, sent right after the decision; the stream ends.
+   * </pre>
+   *
+   * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+   * @return The batch.
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.BatchJob getBatch() {
+    if (eventCase_ == 5) {
+       return (dev.routesvc.v1.BatchJob) event_;
+    }
+    return dev.routesvc.v1.BatchJob.getDefaultInstance();
+  }
+  /**
+   * <pre>
+   * Batch mode: the job reference, sent right after the decision; the stream ends.
+   * </pre>
+   *
+   * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.BatchJobOrBuilder getBatchOrBuilder() {
+    if (eventCase_ == 5) {
+       return (dev.routesvc.v1.BatchJob) event_;
+    }
+    return dev.routesvc.v1.BatchJob.getDefaultInstance();
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -239,6 +329,12 @@ private static final long serialVersionUID = 0L;
     if (eventCase_ == 3) {
       output.writeMessage(3, (dev.routesvc.v1.Completion) event_);
     }
+    if (eventCase_ == 4) {
+      output.writeMessage(4, (dev.routesvc.v1.Escalation) event_);
+    }
+    if (eventCase_ == 5) {
+      output.writeMessage(5, (dev.routesvc.v1.BatchJob) event_);
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -259,6 +355,14 @@ private static final long serialVersionUID = 0L;
     if (eventCase_ == 3) {
       size += com.google.protobuf.CodedOutputStream
         .computeMessageSize(3, (dev.routesvc.v1.Completion) event_);
+    }
+    if (eventCase_ == 4) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(4, (dev.routesvc.v1.Escalation) event_);
+    }
+    if (eventCase_ == 5) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(5, (dev.routesvc.v1.BatchJob) event_);
     }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
@@ -289,6 +393,14 @@ private static final long serialVersionUID = 0L;
         if (!getCompletion()
             .equals(other.getCompletion())) return false;
         break;
+      case 4:
+        if (!getEscalation()
+            .equals(other.getEscalation())) return false;
+        break;
+      case 5:
+        if (!getBatch()
+            .equals(other.getBatch())) return false;
+        break;
       case 0:
       default:
     }
@@ -315,6 +427,14 @@ private static final long serialVersionUID = 0L;
       case 3:
         hash = (37 * hash) + COMPLETION_FIELD_NUMBER;
         hash = (53 * hash) + getCompletion().hashCode();
+        break;
+      case 4:
+        hash = (37 * hash) + ESCALATION_FIELD_NUMBER;
+        hash = (53 * hash) + getEscalation().hashCode();
+        break;
+      case 5:
+        hash = (37 * hash) + BATCH_FIELD_NUMBER;
+        hash = (53 * hash) + getBatch().hashCode();
         break;
       case 0:
       default:
@@ -463,6 +583,12 @@ private static final long serialVersionUID = 0L;
       if (completionBuilder_ != null) {
         completionBuilder_.clear();
       }
+      if (escalationBuilder_ != null) {
+        escalationBuilder_.clear();
+      }
+      if (batchBuilder_ != null) {
+        batchBuilder_.clear();
+      }
       eventCase_ = 0;
       event_ = null;
       return this;
@@ -515,6 +641,14 @@ private static final long serialVersionUID = 0L;
       if (eventCase_ == 3 &&
           completionBuilder_ != null) {
         result.event_ = completionBuilder_.build();
+      }
+      if (eventCase_ == 4 &&
+          escalationBuilder_ != null) {
+        result.event_ = escalationBuilder_.build();
+      }
+      if (eventCase_ == 5 &&
+          batchBuilder_ != null) {
+        result.event_ = batchBuilder_.build();
       }
     }
 
@@ -575,6 +709,14 @@ private static final long serialVersionUID = 0L;
           mergeCompletion(other.getCompletion());
           break;
         }
+        case ESCALATION: {
+          mergeEscalation(other.getEscalation());
+          break;
+        }
+        case BATCH: {
+          mergeBatch(other.getBatch());
+          break;
+        }
         case EVENT_NOT_SET: {
           break;
         }
@@ -626,6 +768,20 @@ private static final long serialVersionUID = 0L;
               eventCase_ = 3;
               break;
             } // case 26
+            case 34: {
+              input.readMessage(
+                  getEscalationFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              eventCase_ = 4;
+              break;
+            } // case 34
+            case 42: {
+              input.readMessage(
+                  getBatchFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              eventCase_ = 5;
+              break;
+            } // case 42
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1190,6 +1346,362 @@ private static final long serialVersionUID = 0L;
       eventCase_ = 3;
       onChanged();
       return completionBuilder_;
+    }
+
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.Escalation, dev.routesvc.v1.Escalation.Builder, dev.routesvc.v1.EscalationOrBuilder> escalationBuilder_;
+    /**
+     * <pre>
+     * A cascade step's answer was rejected; the next model's answer follows.
+     * </pre>
+     *
+     * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+     * @return Whether the escalation field is set.
+     */
+    @java.lang.Override
+    public boolean hasEscalation() {
+      return eventCase_ == 4;
+    }
+    /**
+     * <pre>
+     * A cascade step's answer was rejected; the next model's answer follows.
+     * </pre>
+     *
+     * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+     * @return The escalation.
+     */
+    @java.lang.Override
+    public dev.routesvc.v1.Escalation getEscalation() {
+      if (escalationBuilder_ == null) {
+        if (eventCase_ == 4) {
+          return (dev.routesvc.v1.Escalation) event_;
+        }
+        return dev.routesvc.v1.Escalation.getDefaultInstance();
+      } else {
+        if (eventCase_ == 4) {
+          return escalationBuilder_.getMessage();
+        }
+        return dev.routesvc.v1.Escalation.getDefaultInstance();
+      }
+    }
+    /**
+     * <pre>
+     * A cascade step's answer was rejected; the next model's answer follows.
+     * </pre>
+     *
+     * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+     */
+    public Builder setEscalation(dev.routesvc.v1.Escalation value) {
+      if (escalationBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        event_ = value;
+        onChanged();
+      } else {
+        escalationBuilder_.setMessage(value);
+      }
+      eventCase_ = 4;
+      return this;
+    }
+    /**
+     * <pre>
+     * A cascade step's answer was rejected; the next model's answer follows.
+     * </pre>
+     *
+     * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+     */
+    public Builder setEscalation(
+        dev.routesvc.v1.Escalation.Builder builderForValue) {
+      if (escalationBuilder_ == null) {
+        event_ = builderForValue.build();
+        onChanged();
+      } else {
+        escalationBuilder_.setMessage(builderForValue.build());
+      }
+      eventCase_ = 4;
+      return this;
+    }
+    /**
+     * <pre>
+     * A cascade step's answer was rejected; the next model's answer follows.
+     * </pre>
+     *
+     * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+     */
+    public Builder mergeEscalation(dev.routesvc.v1.Escalation value) {
+      if (escalationBuilder_ == null) {
+        if (eventCase_ == 4 &&
+            event_ != dev.routesvc.v1.Escalation.getDefaultInstance()) {
+          event_ = dev.routesvc.v1.Escalation.newBuilder((dev.routesvc.v1.Escalation) event_)
+              .mergeFrom(value).buildPartial();
+        } else {
+          event_ = value;
+        }
+        onChanged();
+      } else {
+        if (eventCase_ == 4) {
+          escalationBuilder_.mergeFrom(value);
+        } else {
+          escalationBuilder_.setMessage(value);
+        }
+      }
+      eventCase_ = 4;
+      return this;
+    }
+    /**
+     * <pre>
+     * A cascade step's answer was rejected; the next model's answer follows.
+     * </pre>
+     *
+     * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+     */
+    public Builder clearEscalation() {
+      if (escalationBuilder_ == null) {
+        if (eventCase_ == 4) {
+          eventCase_ = 0;
+          event_ = null;
+          onChanged();
+        }
+      } else {
+        if (eventCase_ == 4) {
+          eventCase_ = 0;
+          event_ = null;
+        }
+        escalationBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * A cascade step's answer was rejected; the next model's answer follows.
+     * </pre>
+     *
+     * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+     */
+    public dev.routesvc.v1.Escalation.Builder getEscalationBuilder() {
+      return getEscalationFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * A cascade step's answer was rejected; the next model's answer follows.
+     * </pre>
+     *
+     * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+     */
+    @java.lang.Override
+    public dev.routesvc.v1.EscalationOrBuilder getEscalationOrBuilder() {
+      if ((eventCase_ == 4) && (escalationBuilder_ != null)) {
+        return escalationBuilder_.getMessageOrBuilder();
+      } else {
+        if (eventCase_ == 4) {
+          return (dev.routesvc.v1.Escalation) event_;
+        }
+        return dev.routesvc.v1.Escalation.getDefaultInstance();
+      }
+    }
+    /**
+     * <pre>
+     * A cascade step's answer was rejected; the next model's answer follows.
+     * </pre>
+     *
+     * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.Escalation, dev.routesvc.v1.Escalation.Builder, dev.routesvc.v1.EscalationOrBuilder> 
+        getEscalationFieldBuilder() {
+      if (escalationBuilder_ == null) {
+        if (!(eventCase_ == 4)) {
+          event_ = dev.routesvc.v1.Escalation.getDefaultInstance();
+        }
+        escalationBuilder_ = new com.google.protobuf.SingleFieldBuilderV3<
+            dev.routesvc.v1.Escalation, dev.routesvc.v1.Escalation.Builder, dev.routesvc.v1.EscalationOrBuilder>(
+                (dev.routesvc.v1.Escalation) event_,
+                getParentForChildren(),
+                isClean());
+        event_ = null;
+      }
+      eventCase_ = 4;
+      onChanged();
+      return escalationBuilder_;
+    }
+
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.BatchJob, dev.routesvc.v1.BatchJob.Builder, dev.routesvc.v1.BatchJobOrBuilder> batchBuilder_;
+    /**
+     * <pre>
+     * Batch mode: the job reference, sent right after the decision; the stream ends.
+     * </pre>
+     *
+     * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+     * @return Whether the batch field is set.
+     */
+    @java.lang.Override
+    public boolean hasBatch() {
+      return eventCase_ == 5;
+    }
+    /**
+     * <pre>
+     * Batch mode: the job reference, sent right after the decision; the stream ends.
+     * </pre>
+     *
+     * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+     * @return The batch.
+     */
+    @java.lang.Override
+    public dev.routesvc.v1.BatchJob getBatch() {
+      if (batchBuilder_ == null) {
+        if (eventCase_ == 5) {
+          return (dev.routesvc.v1.BatchJob) event_;
+        }
+        return dev.routesvc.v1.BatchJob.getDefaultInstance();
+      } else {
+        if (eventCase_ == 5) {
+          return batchBuilder_.getMessage();
+        }
+        return dev.routesvc.v1.BatchJob.getDefaultInstance();
+      }
+    }
+    /**
+     * <pre>
+     * Batch mode: the job reference, sent right after the decision; the stream ends.
+     * </pre>
+     *
+     * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+     */
+    public Builder setBatch(dev.routesvc.v1.BatchJob value) {
+      if (batchBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        event_ = value;
+        onChanged();
+      } else {
+        batchBuilder_.setMessage(value);
+      }
+      eventCase_ = 5;
+      return this;
+    }
+    /**
+     * <pre>
+     * Batch mode: the job reference, sent right after the decision; the stream ends.
+     * </pre>
+     *
+     * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+     */
+    public Builder setBatch(
+        dev.routesvc.v1.BatchJob.Builder builderForValue) {
+      if (batchBuilder_ == null) {
+        event_ = builderForValue.build();
+        onChanged();
+      } else {
+        batchBuilder_.setMessage(builderForValue.build());
+      }
+      eventCase_ = 5;
+      return this;
+    }
+    /**
+     * <pre>
+     * Batch mode: the job reference, sent right after the decision; the stream ends.
+     * </pre>
+     *
+     * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+     */
+    public Builder mergeBatch(dev.routesvc.v1.BatchJob value) {
+      if (batchBuilder_ == null) {
+        if (eventCase_ == 5 &&
+            event_ != dev.routesvc.v1.BatchJob.getDefaultInstance()) {
+          event_ = dev.routesvc.v1.BatchJob.newBuilder((dev.routesvc.v1.BatchJob) event_)
+              .mergeFrom(value).buildPartial();
+        } else {
+          event_ = value;
+        }
+        onChanged();
+      } else {
+        if (eventCase_ == 5) {
+          batchBuilder_.mergeFrom(value);
+        } else {
+          batchBuilder_.setMessage(value);
+        }
+      }
+      eventCase_ = 5;
+      return this;
+    }
+    /**
+     * <pre>
+     * Batch mode: the job reference, sent right after the decision; the stream ends.
+     * </pre>
+     *
+     * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+     */
+    public Builder clearBatch() {
+      if (batchBuilder_ == null) {
+        if (eventCase_ == 5) {
+          eventCase_ = 0;
+          event_ = null;
+          onChanged();
+        }
+      } else {
+        if (eventCase_ == 5) {
+          eventCase_ = 0;
+          event_ = null;
+        }
+        batchBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Batch mode: the job reference, sent right after the decision; the stream ends.
+     * </pre>
+     *
+     * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+     */
+    public dev.routesvc.v1.BatchJob.Builder getBatchBuilder() {
+      return getBatchFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * Batch mode: the job reference, sent right after the decision; the stream ends.
+     * </pre>
+     *
+     * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+     */
+    @java.lang.Override
+    public dev.routesvc.v1.BatchJobOrBuilder getBatchOrBuilder() {
+      if ((eventCase_ == 5) && (batchBuilder_ != null)) {
+        return batchBuilder_.getMessageOrBuilder();
+      } else {
+        if (eventCase_ == 5) {
+          return (dev.routesvc.v1.BatchJob) event_;
+        }
+        return dev.routesvc.v1.BatchJob.getDefaultInstance();
+      }
+    }
+    /**
+     * <pre>
+     * Batch mode: the job reference, sent right after the decision; the stream ends.
+     * </pre>
+     *
+     * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.BatchJob, dev.routesvc.v1.BatchJob.Builder, dev.routesvc.v1.BatchJobOrBuilder> 
+        getBatchFieldBuilder() {
+      if (batchBuilder_ == null) {
+        if (!(eventCase_ == 5)) {
+          event_ = dev.routesvc.v1.BatchJob.getDefaultInstance();
+        }
+        batchBuilder_ = new com.google.protobuf.SingleFieldBuilderV3<
+            dev.routesvc.v1.BatchJob, dev.routesvc.v1.BatchJob.Builder, dev.routesvc.v1.BatchJobOrBuilder>(
+                (dev.routesvc.v1.BatchJob) event_,
+                getParentForChildren(),
+                isClean());
+        event_ = null;
+      }
+      eventCase_ = 5;
+      onChanged();
+      return batchBuilder_;
     }
     @java.lang.Override
     public final Builder setUnknownFields(

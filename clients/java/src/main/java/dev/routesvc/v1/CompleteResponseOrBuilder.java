@@ -89,5 +89,59 @@ public interface CompleteResponseOrBuilder extends
    */
   dev.routesvc.v1.CompletionOrBuilder getCompletionOrBuilder();
 
+  /**
+   * <pre>
+   * A cascade step's answer was rejected; the next model's answer follows.
+   * </pre>
+   *
+   * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+   * @return Whether the escalation field is set.
+   */
+  boolean hasEscalation();
+  /**
+   * <pre>
+   * A cascade step's answer was rejected; the next model's answer follows.
+   * </pre>
+   *
+   * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+   * @return The escalation.
+   */
+  dev.routesvc.v1.Escalation getEscalation();
+  /**
+   * <pre>
+   * A cascade step's answer was rejected; the next model's answer follows.
+   * </pre>
+   *
+   * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
+   */
+  dev.routesvc.v1.EscalationOrBuilder getEscalationOrBuilder();
+
+  /**
+   * <pre>
+   * Batch mode: the job reference, sent right after the decision; the stream ends.
+   * </pre>
+   *
+   * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+   * @return Whether the batch field is set.
+   */
+  boolean hasBatch();
+  /**
+   * <pre>
+   * Batch mode: the job reference, sent right after the decision; the stream ends.
+   * </pre>
+   *
+   * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+   * @return The batch.
+   */
+  dev.routesvc.v1.BatchJob getBatch();
+  /**
+   * <pre>
+   * Batch mode: the job reference, sent right after the decision; the stream ends.
+   * </pre>
+   *
+   * <code>.routesvc.v1.BatchJob batch = 5 [json_name = "batch"];</code>
+   */
+  dev.routesvc.v1.BatchJobOrBuilder getBatchOrBuilder();
+
   dev.routesvc.v1.CompleteResponse.EventCase getEventCase();
 }

@@ -26,6 +26,7 @@ private static final long serialVersionUID = 0L;
     providerModel_ = "";
     costUsd_ = "";
     finishReason_ = 0;
+    attempts_ = java.util.Collections.emptyList();
   }
 
   @java.lang.Override
@@ -301,6 +302,148 @@ private static final long serialVersionUID = 0L;
     return result == null ? dev.routesvc.v1.FinishReason.UNRECOGNIZED : result;
   }
 
+  public static final int ATTEMPTS_FIELD_NUMBER = 7;
+  @SuppressWarnings("serial")
+  private java.util.List<dev.routesvc.v1.Attempt> attempts_;
+  /**
+   * <pre>
+   * Every upstream attempt of the request in order (failed, escalated and the
+   * answering one); `cost_usd` above is the sum of their costs.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<dev.routesvc.v1.Attempt> getAttemptsList() {
+    return attempts_;
+  }
+  /**
+   * <pre>
+   * Every upstream attempt of the request in order (failed, escalated and the
+   * answering one); `cost_usd` above is the sum of their costs.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<? extends dev.routesvc.v1.AttemptOrBuilder> 
+      getAttemptsOrBuilderList() {
+    return attempts_;
+  }
+  /**
+   * <pre>
+   * Every upstream attempt of the request in order (failed, escalated and the
+   * answering one); `cost_usd` above is the sum of their costs.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+   */
+  @java.lang.Override
+  public int getAttemptsCount() {
+    return attempts_.size();
+  }
+  /**
+   * <pre>
+   * Every upstream attempt of the request in order (failed, escalated and the
+   * answering one); `cost_usd` above is the sum of their costs.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.Attempt getAttempts(int index) {
+    return attempts_.get(index);
+  }
+  /**
+   * <pre>
+   * Every upstream attempt of the request in order (failed, escalated and the
+   * answering one); `cost_usd` above is the sum of their costs.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.AttemptOrBuilder getAttemptsOrBuilder(
+      int index) {
+    return attempts_.get(index);
+  }
+
+  public static final int TOTAL_USAGE_FIELD_NUMBER = 8;
+  private dev.routesvc.v1.Usage totalUsage_;
+  /**
+   * <pre>
+   * The sum of every attempt's usage (equals `usage` when one attempt answered).
+   * </pre>
+   *
+   * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+   * @return Whether the totalUsage field is set.
+   */
+  @java.lang.Override
+  public boolean hasTotalUsage() {
+    return ((bitField0_ & 0x00000002) != 0);
+  }
+  /**
+   * <pre>
+   * The sum of every attempt's usage (equals `usage` when one attempt answered).
+   * </pre>
+   *
+   * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+   * @return The totalUsage.
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.Usage getTotalUsage() {
+    return totalUsage_ == null ? dev.routesvc.v1.Usage.getDefaultInstance() : totalUsage_;
+  }
+  /**
+   * <pre>
+   * The sum of every attempt's usage (equals `usage` when one attempt answered).
+   * </pre>
+   *
+   * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.UsageOrBuilder getTotalUsageOrBuilder() {
+    return totalUsage_ == null ? dev.routesvc.v1.Usage.getDefaultInstance() : totalUsage_;
+  }
+
+  public static final int QUALITY_FIELD_NUMBER = 9;
+  private dev.routesvc.v1.QualityScore quality_;
+  /**
+   * <pre>
+   * The quality score of the released answer, when a cascade scored it.
+   * </pre>
+   *
+   * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+   * @return Whether the quality field is set.
+   */
+  @java.lang.Override
+  public boolean hasQuality() {
+    return ((bitField0_ & 0x00000004) != 0);
+  }
+  /**
+   * <pre>
+   * The quality score of the released answer, when a cascade scored it.
+   * </pre>
+   *
+   * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+   * @return The quality.
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.QualityScore getQuality() {
+    return quality_ == null ? dev.routesvc.v1.QualityScore.getDefaultInstance() : quality_;
+  }
+  /**
+   * <pre>
+   * The quality score of the released answer, when a cascade scored it.
+   * </pre>
+   *
+   * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.QualityScoreOrBuilder getQualityOrBuilder() {
+    return quality_ == null ? dev.routesvc.v1.QualityScore.getDefaultInstance() : quality_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -333,6 +476,15 @@ private static final long serialVersionUID = 0L;
     if (finishReason_ != dev.routesvc.v1.FinishReason.FINISH_REASON_UNSPECIFIED.getNumber()) {
       output.writeEnum(6, finishReason_);
     }
+    for (int i = 0; i < attempts_.size(); i++) {
+      output.writeMessage(7, attempts_.get(i));
+    }
+    if (((bitField0_ & 0x00000002) != 0)) {
+      output.writeMessage(8, getTotalUsage());
+    }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      output.writeMessage(9, getQuality());
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -361,6 +513,18 @@ private static final long serialVersionUID = 0L;
     if (finishReason_ != dev.routesvc.v1.FinishReason.FINISH_REASON_UNSPECIFIED.getNumber()) {
       size += com.google.protobuf.CodedOutputStream
         .computeEnumSize(6, finishReason_);
+    }
+    for (int i = 0; i < attempts_.size(); i++) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(7, attempts_.get(i));
+    }
+    if (((bitField0_ & 0x00000002) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(8, getTotalUsage());
+    }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(9, getQuality());
     }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
@@ -391,6 +555,18 @@ private static final long serialVersionUID = 0L;
     if (!getCostUsd()
         .equals(other.getCostUsd())) return false;
     if (finishReason_ != other.finishReason_) return false;
+    if (!getAttemptsList()
+        .equals(other.getAttemptsList())) return false;
+    if (hasTotalUsage() != other.hasTotalUsage()) return false;
+    if (hasTotalUsage()) {
+      if (!getTotalUsage()
+          .equals(other.getTotalUsage())) return false;
+    }
+    if (hasQuality() != other.hasQuality()) return false;
+    if (hasQuality()) {
+      if (!getQuality()
+          .equals(other.getQuality())) return false;
+    }
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -416,6 +592,18 @@ private static final long serialVersionUID = 0L;
     hash = (53 * hash) + getCostUsd().hashCode();
     hash = (37 * hash) + FINISH_REASON_FIELD_NUMBER;
     hash = (53 * hash) + finishReason_;
+    if (getAttemptsCount() > 0) {
+      hash = (37 * hash) + ATTEMPTS_FIELD_NUMBER;
+      hash = (53 * hash) + getAttemptsList().hashCode();
+    }
+    if (hasTotalUsage()) {
+      hash = (37 * hash) + TOTAL_USAGE_FIELD_NUMBER;
+      hash = (53 * hash) + getTotalUsage().hashCode();
+    }
+    if (hasQuality()) {
+      hash = (37 * hash) + QUALITY_FIELD_NUMBER;
+      hash = (53 * hash) + getQuality().hashCode();
+    }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -551,6 +739,9 @@ private static final long serialVersionUID = 0L;
       if (com.google.protobuf.GeneratedMessageV3
               .alwaysUseFieldBuilders) {
         getUsageFieldBuilder();
+        getAttemptsFieldBuilder();
+        getTotalUsageFieldBuilder();
+        getQualityFieldBuilder();
       }
     }
     @java.lang.Override
@@ -567,6 +758,23 @@ private static final long serialVersionUID = 0L;
       }
       costUsd_ = "";
       finishReason_ = 0;
+      if (attemptsBuilder_ == null) {
+        attempts_ = java.util.Collections.emptyList();
+      } else {
+        attempts_ = null;
+        attemptsBuilder_.clear();
+      }
+      bitField0_ = (bitField0_ & ~0x00000040);
+      totalUsage_ = null;
+      if (totalUsageBuilder_ != null) {
+        totalUsageBuilder_.dispose();
+        totalUsageBuilder_ = null;
+      }
+      quality_ = null;
+      if (qualityBuilder_ != null) {
+        qualityBuilder_.dispose();
+        qualityBuilder_ = null;
+      }
       return this;
     }
 
@@ -593,9 +801,22 @@ private static final long serialVersionUID = 0L;
     @java.lang.Override
     public dev.routesvc.v1.Completion buildPartial() {
       dev.routesvc.v1.Completion result = new dev.routesvc.v1.Completion(this);
+      buildPartialRepeatedFields(result);
       if (bitField0_ != 0) { buildPartial0(result); }
       onBuilt();
       return result;
+    }
+
+    private void buildPartialRepeatedFields(dev.routesvc.v1.Completion result) {
+      if (attemptsBuilder_ == null) {
+        if (((bitField0_ & 0x00000040) != 0)) {
+          attempts_ = java.util.Collections.unmodifiableList(attempts_);
+          bitField0_ = (bitField0_ & ~0x00000040);
+        }
+        result.attempts_ = attempts_;
+      } else {
+        result.attempts_ = attemptsBuilder_.build();
+      }
     }
 
     private void buildPartial0(dev.routesvc.v1.Completion result) {
@@ -621,6 +842,18 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000020) != 0)) {
         result.finishReason_ = finishReason_;
+      }
+      if (((from_bitField0_ & 0x00000080) != 0)) {
+        result.totalUsage_ = totalUsageBuilder_ == null
+            ? totalUsage_
+            : totalUsageBuilder_.build();
+        to_bitField0_ |= 0x00000002;
+      }
+      if (((from_bitField0_ & 0x00000100) != 0)) {
+        result.quality_ = qualityBuilder_ == null
+            ? quality_
+            : qualityBuilder_.build();
+        to_bitField0_ |= 0x00000004;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -695,6 +928,38 @@ private static final long serialVersionUID = 0L;
       if (other.finishReason_ != 0) {
         setFinishReasonValue(other.getFinishReasonValue());
       }
+      if (attemptsBuilder_ == null) {
+        if (!other.attempts_.isEmpty()) {
+          if (attempts_.isEmpty()) {
+            attempts_ = other.attempts_;
+            bitField0_ = (bitField0_ & ~0x00000040);
+          } else {
+            ensureAttemptsIsMutable();
+            attempts_.addAll(other.attempts_);
+          }
+          onChanged();
+        }
+      } else {
+        if (!other.attempts_.isEmpty()) {
+          if (attemptsBuilder_.isEmpty()) {
+            attemptsBuilder_.dispose();
+            attemptsBuilder_ = null;
+            attempts_ = other.attempts_;
+            bitField0_ = (bitField0_ & ~0x00000040);
+            attemptsBuilder_ = 
+              com.google.protobuf.GeneratedMessageV3.alwaysUseFieldBuilders ?
+                 getAttemptsFieldBuilder() : null;
+          } else {
+            attemptsBuilder_.addAllMessages(other.attempts_);
+          }
+        }
+      }
+      if (other.hasTotalUsage()) {
+        mergeTotalUsage(other.getTotalUsage());
+      }
+      if (other.hasQuality()) {
+        mergeQuality(other.getQuality());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -753,6 +1018,33 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000020;
               break;
             } // case 48
+            case 58: {
+              dev.routesvc.v1.Attempt m =
+                  input.readMessage(
+                      dev.routesvc.v1.Attempt.parser(),
+                      extensionRegistry);
+              if (attemptsBuilder_ == null) {
+                ensureAttemptsIsMutable();
+                attempts_.add(m);
+              } else {
+                attemptsBuilder_.addMessage(m);
+              }
+              break;
+            } // case 58
+            case 66: {
+              input.readMessage(
+                  getTotalUsageFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00000080;
+              break;
+            } // case 66
+            case 74: {
+              input.readMessage(
+                  getQualityFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00000100;
+              break;
+            } // case 74
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1366,6 +1658,650 @@ private static final long serialVersionUID = 0L;
       finishReason_ = 0;
       onChanged();
       return this;
+    }
+
+    private java.util.List<dev.routesvc.v1.Attempt> attempts_ =
+      java.util.Collections.emptyList();
+    private void ensureAttemptsIsMutable() {
+      if (!((bitField0_ & 0x00000040) != 0)) {
+        attempts_ = new java.util.ArrayList<dev.routesvc.v1.Attempt>(attempts_);
+        bitField0_ |= 0x00000040;
+       }
+    }
+
+    private com.google.protobuf.RepeatedFieldBuilderV3<
+        dev.routesvc.v1.Attempt, dev.routesvc.v1.Attempt.Builder, dev.routesvc.v1.AttemptOrBuilder> attemptsBuilder_;
+
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public java.util.List<dev.routesvc.v1.Attempt> getAttemptsList() {
+      if (attemptsBuilder_ == null) {
+        return java.util.Collections.unmodifiableList(attempts_);
+      } else {
+        return attemptsBuilder_.getMessageList();
+      }
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public int getAttemptsCount() {
+      if (attemptsBuilder_ == null) {
+        return attempts_.size();
+      } else {
+        return attemptsBuilder_.getCount();
+      }
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public dev.routesvc.v1.Attempt getAttempts(int index) {
+      if (attemptsBuilder_ == null) {
+        return attempts_.get(index);
+      } else {
+        return attemptsBuilder_.getMessage(index);
+      }
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public Builder setAttempts(
+        int index, dev.routesvc.v1.Attempt value) {
+      if (attemptsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureAttemptsIsMutable();
+        attempts_.set(index, value);
+        onChanged();
+      } else {
+        attemptsBuilder_.setMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public Builder setAttempts(
+        int index, dev.routesvc.v1.Attempt.Builder builderForValue) {
+      if (attemptsBuilder_ == null) {
+        ensureAttemptsIsMutable();
+        attempts_.set(index, builderForValue.build());
+        onChanged();
+      } else {
+        attemptsBuilder_.setMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public Builder addAttempts(dev.routesvc.v1.Attempt value) {
+      if (attemptsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureAttemptsIsMutable();
+        attempts_.add(value);
+        onChanged();
+      } else {
+        attemptsBuilder_.addMessage(value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public Builder addAttempts(
+        int index, dev.routesvc.v1.Attempt value) {
+      if (attemptsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureAttemptsIsMutable();
+        attempts_.add(index, value);
+        onChanged();
+      } else {
+        attemptsBuilder_.addMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public Builder addAttempts(
+        dev.routesvc.v1.Attempt.Builder builderForValue) {
+      if (attemptsBuilder_ == null) {
+        ensureAttemptsIsMutable();
+        attempts_.add(builderForValue.build());
+        onChanged();
+      } else {
+        attemptsBuilder_.addMessage(builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public Builder addAttempts(
+        int index, dev.routesvc.v1.Attempt.Builder builderForValue) {
+      if (attemptsBuilder_ == null) {
+        ensureAttemptsIsMutable();
+        attempts_.add(index, builderForValue.build());
+        onChanged();
+      } else {
+        attemptsBuilder_.addMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public Builder addAllAttempts(
+        java.lang.Iterable<? extends dev.routesvc.v1.Attempt> values) {
+      if (attemptsBuilder_ == null) {
+        ensureAttemptsIsMutable();
+        com.google.protobuf.AbstractMessageLite.Builder.addAll(
+            values, attempts_);
+        onChanged();
+      } else {
+        attemptsBuilder_.addAllMessages(values);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public Builder clearAttempts() {
+      if (attemptsBuilder_ == null) {
+        attempts_ = java.util.Collections.emptyList();
+        bitField0_ = (bitField0_ & ~0x00000040);
+        onChanged();
+      } else {
+        attemptsBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public Builder removeAttempts(int index) {
+      if (attemptsBuilder_ == null) {
+        ensureAttemptsIsMutable();
+        attempts_.remove(index);
+        onChanged();
+      } else {
+        attemptsBuilder_.remove(index);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public dev.routesvc.v1.Attempt.Builder getAttemptsBuilder(
+        int index) {
+      return getAttemptsFieldBuilder().getBuilder(index);
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public dev.routesvc.v1.AttemptOrBuilder getAttemptsOrBuilder(
+        int index) {
+      if (attemptsBuilder_ == null) {
+        return attempts_.get(index);  } else {
+        return attemptsBuilder_.getMessageOrBuilder(index);
+      }
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public java.util.List<? extends dev.routesvc.v1.AttemptOrBuilder> 
+         getAttemptsOrBuilderList() {
+      if (attemptsBuilder_ != null) {
+        return attemptsBuilder_.getMessageOrBuilderList();
+      } else {
+        return java.util.Collections.unmodifiableList(attempts_);
+      }
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public dev.routesvc.v1.Attempt.Builder addAttemptsBuilder() {
+      return getAttemptsFieldBuilder().addBuilder(
+          dev.routesvc.v1.Attempt.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public dev.routesvc.v1.Attempt.Builder addAttemptsBuilder(
+        int index) {
+      return getAttemptsFieldBuilder().addBuilder(
+          index, dev.routesvc.v1.Attempt.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * Every upstream attempt of the request in order (failed, escalated and the
+     * answering one); `cost_usd` above is the sum of their costs.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+     */
+    public java.util.List<dev.routesvc.v1.Attempt.Builder> 
+         getAttemptsBuilderList() {
+      return getAttemptsFieldBuilder().getBuilderList();
+    }
+    private com.google.protobuf.RepeatedFieldBuilderV3<
+        dev.routesvc.v1.Attempt, dev.routesvc.v1.Attempt.Builder, dev.routesvc.v1.AttemptOrBuilder> 
+        getAttemptsFieldBuilder() {
+      if (attemptsBuilder_ == null) {
+        attemptsBuilder_ = new com.google.protobuf.RepeatedFieldBuilderV3<
+            dev.routesvc.v1.Attempt, dev.routesvc.v1.Attempt.Builder, dev.routesvc.v1.AttemptOrBuilder>(
+                attempts_,
+                ((bitField0_ & 0x00000040) != 0),
+                getParentForChildren(),
+                isClean());
+        attempts_ = null;
+      }
+      return attemptsBuilder_;
+    }
+
+    private dev.routesvc.v1.Usage totalUsage_;
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.Usage, dev.routesvc.v1.Usage.Builder, dev.routesvc.v1.UsageOrBuilder> totalUsageBuilder_;
+    /**
+     * <pre>
+     * The sum of every attempt's usage (equals `usage` when one attempt answered).
+     * </pre>
+     *
+     * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+     * @return Whether the totalUsage field is set.
+     */
+    public boolean hasTotalUsage() {
+      return ((bitField0_ & 0x00000080) != 0);
+    }
+    /**
+     * <pre>
+     * The sum of every attempt's usage (equals `usage` when one attempt answered).
+     * </pre>
+     *
+     * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+     * @return The totalUsage.
+     */
+    public dev.routesvc.v1.Usage getTotalUsage() {
+      if (totalUsageBuilder_ == null) {
+        return totalUsage_ == null ? dev.routesvc.v1.Usage.getDefaultInstance() : totalUsage_;
+      } else {
+        return totalUsageBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * The sum of every attempt's usage (equals `usage` when one attempt answered).
+     * </pre>
+     *
+     * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+     */
+    public Builder setTotalUsage(dev.routesvc.v1.Usage value) {
+      if (totalUsageBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        totalUsage_ = value;
+      } else {
+        totalUsageBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The sum of every attempt's usage (equals `usage` when one attempt answered).
+     * </pre>
+     *
+     * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+     */
+    public Builder setTotalUsage(
+        dev.routesvc.v1.Usage.Builder builderForValue) {
+      if (totalUsageBuilder_ == null) {
+        totalUsage_ = builderForValue.build();
+      } else {
+        totalUsageBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The sum of every attempt's usage (equals `usage` when one attempt answered).
+     * </pre>
+     *
+     * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+     */
+    public Builder mergeTotalUsage(dev.routesvc.v1.Usage value) {
+      if (totalUsageBuilder_ == null) {
+        if (((bitField0_ & 0x00000080) != 0) &&
+          totalUsage_ != null &&
+          totalUsage_ != dev.routesvc.v1.Usage.getDefaultInstance()) {
+          getTotalUsageBuilder().mergeFrom(value);
+        } else {
+          totalUsage_ = value;
+        }
+      } else {
+        totalUsageBuilder_.mergeFrom(value);
+      }
+      if (totalUsage_ != null) {
+        bitField0_ |= 0x00000080;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The sum of every attempt's usage (equals `usage` when one attempt answered).
+     * </pre>
+     *
+     * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+     */
+    public Builder clearTotalUsage() {
+      bitField0_ = (bitField0_ & ~0x00000080);
+      totalUsage_ = null;
+      if (totalUsageBuilder_ != null) {
+        totalUsageBuilder_.dispose();
+        totalUsageBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The sum of every attempt's usage (equals `usage` when one attempt answered).
+     * </pre>
+     *
+     * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+     */
+    public dev.routesvc.v1.Usage.Builder getTotalUsageBuilder() {
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return getTotalUsageFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * The sum of every attempt's usage (equals `usage` when one attempt answered).
+     * </pre>
+     *
+     * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+     */
+    public dev.routesvc.v1.UsageOrBuilder getTotalUsageOrBuilder() {
+      if (totalUsageBuilder_ != null) {
+        return totalUsageBuilder_.getMessageOrBuilder();
+      } else {
+        return totalUsage_ == null ?
+            dev.routesvc.v1.Usage.getDefaultInstance() : totalUsage_;
+      }
+    }
+    /**
+     * <pre>
+     * The sum of every attempt's usage (equals `usage` when one attempt answered).
+     * </pre>
+     *
+     * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.Usage, dev.routesvc.v1.Usage.Builder, dev.routesvc.v1.UsageOrBuilder> 
+        getTotalUsageFieldBuilder() {
+      if (totalUsageBuilder_ == null) {
+        totalUsageBuilder_ = new com.google.protobuf.SingleFieldBuilderV3<
+            dev.routesvc.v1.Usage, dev.routesvc.v1.Usage.Builder, dev.routesvc.v1.UsageOrBuilder>(
+                getTotalUsage(),
+                getParentForChildren(),
+                isClean());
+        totalUsage_ = null;
+      }
+      return totalUsageBuilder_;
+    }
+
+    private dev.routesvc.v1.QualityScore quality_;
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.QualityScore, dev.routesvc.v1.QualityScore.Builder, dev.routesvc.v1.QualityScoreOrBuilder> qualityBuilder_;
+    /**
+     * <pre>
+     * The quality score of the released answer, when a cascade scored it.
+     * </pre>
+     *
+     * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+     * @return Whether the quality field is set.
+     */
+    public boolean hasQuality() {
+      return ((bitField0_ & 0x00000100) != 0);
+    }
+    /**
+     * <pre>
+     * The quality score of the released answer, when a cascade scored it.
+     * </pre>
+     *
+     * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+     * @return The quality.
+     */
+    public dev.routesvc.v1.QualityScore getQuality() {
+      if (qualityBuilder_ == null) {
+        return quality_ == null ? dev.routesvc.v1.QualityScore.getDefaultInstance() : quality_;
+      } else {
+        return qualityBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * The quality score of the released answer, when a cascade scored it.
+     * </pre>
+     *
+     * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+     */
+    public Builder setQuality(dev.routesvc.v1.QualityScore value) {
+      if (qualityBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        quality_ = value;
+      } else {
+        qualityBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00000100;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The quality score of the released answer, when a cascade scored it.
+     * </pre>
+     *
+     * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+     */
+    public Builder setQuality(
+        dev.routesvc.v1.QualityScore.Builder builderForValue) {
+      if (qualityBuilder_ == null) {
+        quality_ = builderForValue.build();
+      } else {
+        qualityBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00000100;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The quality score of the released answer, when a cascade scored it.
+     * </pre>
+     *
+     * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+     */
+    public Builder mergeQuality(dev.routesvc.v1.QualityScore value) {
+      if (qualityBuilder_ == null) {
+        if (((bitField0_ & 0x00000100) != 0) &&
+          quality_ != null &&
+          quality_ != dev.routesvc.v1.QualityScore.getDefaultInstance()) {
+          getQualityBuilder().mergeFrom(value);
+        } else {
+          quality_ = value;
+        }
+      } else {
+        qualityBuilder_.mergeFrom(value);
+      }
+      if (quality_ != null) {
+        bitField0_ |= 0x00000100;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The quality score of the released answer, when a cascade scored it.
+     * </pre>
+     *
+     * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+     */
+    public Builder clearQuality() {
+      bitField0_ = (bitField0_ & ~0x00000100);
+      quality_ = null;
+      if (qualityBuilder_ != null) {
+        qualityBuilder_.dispose();
+        qualityBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The quality score of the released answer, when a cascade scored it.
+     * </pre>
+     *
+     * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+     */
+    public dev.routesvc.v1.QualityScore.Builder getQualityBuilder() {
+      bitField0_ |= 0x00000100;
+      onChanged();
+      return getQualityFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * The quality score of the released answer, when a cascade scored it.
+     * </pre>
+     *
+     * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+     */
+    public dev.routesvc.v1.QualityScoreOrBuilder getQualityOrBuilder() {
+      if (qualityBuilder_ != null) {
+        return qualityBuilder_.getMessageOrBuilder();
+      } else {
+        return quality_ == null ?
+            dev.routesvc.v1.QualityScore.getDefaultInstance() : quality_;
+      }
+    }
+    /**
+     * <pre>
+     * The quality score of the released answer, when a cascade scored it.
+     * </pre>
+     *
+     * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.QualityScore, dev.routesvc.v1.QualityScore.Builder, dev.routesvc.v1.QualityScoreOrBuilder> 
+        getQualityFieldBuilder() {
+      if (qualityBuilder_ == null) {
+        qualityBuilder_ = new com.google.protobuf.SingleFieldBuilderV3<
+            dev.routesvc.v1.QualityScore, dev.routesvc.v1.QualityScore.Builder, dev.routesvc.v1.QualityScoreOrBuilder>(
+                getQuality(),
+                getParentForChildren(),
+                isClean());
+        quality_ = null;
+      }
+      return qualityBuilder_;
     }
     @java.lang.Override
     public final Builder setUnknownFields(

@@ -133,4 +133,107 @@ public interface CompletionOrBuilder extends
    * @return The finishReason.
    */
   dev.routesvc.v1.FinishReason getFinishReason();
+
+  /**
+   * <pre>
+   * Every upstream attempt of the request in order (failed, escalated and the
+   * answering one); `cost_usd` above is the sum of their costs.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+   */
+  java.util.List<dev.routesvc.v1.Attempt> 
+      getAttemptsList();
+  /**
+   * <pre>
+   * Every upstream attempt of the request in order (failed, escalated and the
+   * answering one); `cost_usd` above is the sum of their costs.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+   */
+  dev.routesvc.v1.Attempt getAttempts(int index);
+  /**
+   * <pre>
+   * Every upstream attempt of the request in order (failed, escalated and the
+   * answering one); `cost_usd` above is the sum of their costs.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+   */
+  int getAttemptsCount();
+  /**
+   * <pre>
+   * Every upstream attempt of the request in order (failed, escalated and the
+   * answering one); `cost_usd` above is the sum of their costs.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+   */
+  java.util.List<? extends dev.routesvc.v1.AttemptOrBuilder> 
+      getAttemptsOrBuilderList();
+  /**
+   * <pre>
+   * Every upstream attempt of the request in order (failed, escalated and the
+   * answering one); `cost_usd` above is the sum of their costs.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
+   */
+  dev.routesvc.v1.AttemptOrBuilder getAttemptsOrBuilder(
+      int index);
+
+  /**
+   * <pre>
+   * The sum of every attempt's usage (equals `usage` when one attempt answered).
+   * </pre>
+   *
+   * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+   * @return Whether the totalUsage field is set.
+   */
+  boolean hasTotalUsage();
+  /**
+   * <pre>
+   * The sum of every attempt's usage (equals `usage` when one attempt answered).
+   * </pre>
+   *
+   * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+   * @return The totalUsage.
+   */
+  dev.routesvc.v1.Usage getTotalUsage();
+  /**
+   * <pre>
+   * The sum of every attempt's usage (equals `usage` when one attempt answered).
+   * </pre>
+   *
+   * <code>.routesvc.v1.Usage total_usage = 8 [json_name = "totalUsage"];</code>
+   */
+  dev.routesvc.v1.UsageOrBuilder getTotalUsageOrBuilder();
+
+  /**
+   * <pre>
+   * The quality score of the released answer, when a cascade scored it.
+   * </pre>
+   *
+   * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+   * @return Whether the quality field is set.
+   */
+  boolean hasQuality();
+  /**
+   * <pre>
+   * The quality score of the released answer, when a cascade scored it.
+   * </pre>
+   *
+   * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+   * @return The quality.
+   */
+  dev.routesvc.v1.QualityScore getQuality();
+  /**
+   * <pre>
+   * The quality score of the released answer, when a cascade scored it.
+   * </pre>
+   *
+   * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
+   */
+  dev.routesvc.v1.QualityScoreOrBuilder getQualityOrBuilder();
 }

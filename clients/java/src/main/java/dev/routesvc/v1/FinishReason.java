@@ -174,7 +174,7 @@ public enum FinishReason
   }
   public static final com.google.protobuf.Descriptors.EnumDescriptor
       getDescriptor() {
-    return dev.routesvc.v1.RouterProto.getDescriptor().getEnumTypes().get(2);
+    return dev.routesvc.v1.RouterProto.getDescriptor().getEnumTypes().get(3);
   }
 
   private static final FinishReason[] VALUES = values();

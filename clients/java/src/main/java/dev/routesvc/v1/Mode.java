@@ -123,7 +123,7 @@ public enum Mode
   }
   public static final com.google.protobuf.Descriptors.EnumDescriptor
       getDescriptor() {
-    return dev.routesvc.v1.RouterProto.getDescriptor().getEnumTypes().get(1);
+    return dev.routesvc.v1.RouterProto.getDescriptor().getEnumTypes().get(2);
   }
 
   private static final Mode[] VALUES = values();

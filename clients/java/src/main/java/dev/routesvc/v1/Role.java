@@ -140,7 +140,7 @@ public enum Role
   }
   public static final com.google.protobuf.Descriptors.EnumDescriptor
       getDescriptor() {
-    return dev.routesvc.v1.RouterProto.getDescriptor().getEnumTypes().get(0);
+    return dev.routesvc.v1.RouterProto.getDescriptor().getEnumTypes().get(1);
   }
 
   private static final Role[] VALUES = values();

@@ -32,6 +32,10 @@ private static final long serialVersionUID = 0L;
     mode_ = 0;
     candidates_ = java.util.Collections.emptyList();
     task_ = "";
+    cascadeModels_ =
+        com.google.protobuf.LazyStringArrayList.emptyList();
+    cascadeThresholds_ = emptyDoubleList();
+    cascadeScorer_ = "";
   }
 
   @java.lang.Override
@@ -557,6 +561,161 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int CASCADE_MODELS_FIELD_NUMBER = 13;
+  @SuppressWarnings("serial")
+  private com.google.protobuf.LazyStringArrayList cascadeModels_ =
+      com.google.protobuf.LazyStringArrayList.emptyList();
+  /**
+   * <pre>
+   * The cascade the answer goes through, cheapest first, starting with `model`;
+   * empty when no cascade applies. Each model's answer is scored and released, or
+   * escalated to the next model (see Escalation).
+   * </pre>
+   *
+   * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+   * @return A list containing the cascadeModels.
+   */
+  public com.google.protobuf.ProtocolStringList
+      getCascadeModelsList() {
+    return cascadeModels_;
+  }
+  /**
+   * <pre>
+   * The cascade the answer goes through, cheapest first, starting with `model`;
+   * empty when no cascade applies. Each model's answer is scored and released, or
+   * escalated to the next model (see Escalation).
+   * </pre>
+   *
+   * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+   * @return The count of cascadeModels.
+   */
+  public int getCascadeModelsCount() {
+    return cascadeModels_.size();
+  }
+  /**
+   * <pre>
+   * The cascade the answer goes through, cheapest first, starting with `model`;
+   * empty when no cascade applies. Each model's answer is scored and released, or
+   * escalated to the next model (see Escalation).
+   * </pre>
+   *
+   * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+   * @param index The index of the element to return.
+   * @return The cascadeModels at the given index.
+   */
+  public java.lang.String getCascadeModels(int index) {
+    return cascadeModels_.get(index);
+  }
+  /**
+   * <pre>
+   * The cascade the answer goes through, cheapest first, starting with `model`;
+   * empty when no cascade applies. Each model's answer is scored and released, or
+   * escalated to the next model (see Escalation).
+   * </pre>
+   *
+   * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+   * @param index The index of the value to return.
+   * @return The bytes of the cascadeModels at the given index.
+   */
+  public com.google.protobuf.ByteString
+      getCascadeModelsBytes(int index) {
+    return cascadeModels_.getByteString(index);
+  }
+
+  public static final int CASCADE_THRESHOLDS_FIELD_NUMBER = 14;
+  @SuppressWarnings("serial")
+  private com.google.protobuf.Internal.DoubleList cascadeThresholds_ =
+      emptyDoubleList();
+  /**
+   * <pre>
+   * The score each cascade step's answer must reach to be released, one per model of
+   * `cascade_models` except the last, in [0, 1].
+   * </pre>
+   *
+   * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+   * @return A list containing the cascadeThresholds.
+   */
+  @java.lang.Override
+  public java.util.List<java.lang.Double>
+      getCascadeThresholdsList() {
+    return cascadeThresholds_;
+  }
+  /**
+   * <pre>
+   * The score each cascade step's answer must reach to be released, one per model of
+   * `cascade_models` except the last, in [0, 1].
+   * </pre>
+   *
+   * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+   * @return The count of cascadeThresholds.
+   */
+  public int getCascadeThresholdsCount() {
+    return cascadeThresholds_.size();
+  }
+  /**
+   * <pre>
+   * The score each cascade step's answer must reach to be released, one per model of
+   * `cascade_models` except the last, in [0, 1].
+   * </pre>
+   *
+   * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+   * @param index The index of the element to return.
+   * @return The cascadeThresholds at the given index.
+   */
+  public double getCascadeThresholds(int index) {
+    return cascadeThresholds_.getDouble(index);
+  }
+  private int cascadeThresholdsMemoizedSerializedSize = -1;
+
+  public static final int CASCADE_SCORER_FIELD_NUMBER = 15;
+  @SuppressWarnings("serial")
+  private volatile java.lang.Object cascadeScorer_ = "";
+  /**
+   * <pre>
+   * The quality scorer of the cascade (for example "local", "llm_judge",
+   * "min(local,llm_judge)"); empty when no cascade applies.
+   * </pre>
+   *
+   * <code>string cascade_scorer = 15 [json_name = "cascadeScorer"];</code>
+   * @return The cascadeScorer.
+   */
+  @java.lang.Override
+  public java.lang.String getCascadeScorer() {
+    java.lang.Object ref = cascadeScorer_;
+    if (ref instanceof java.lang.String) {
+      return (java.lang.String) ref;
+    } else {
+      com.google.protobuf.ByteString bs = 
+          (com.google.protobuf.ByteString) ref;
+      java.lang.String s = bs.toStringUtf8();
+      cascadeScorer_ = s;
+      return s;
+    }
+  }
+  /**
+   * <pre>
+   * The quality scorer of the cascade (for example "local", "llm_judge",
+   * "min(local,llm_judge)"); empty when no cascade applies.
+   * </pre>
+   *
+   * <code>string cascade_scorer = 15 [json_name = "cascadeScorer"];</code>
+   * @return The bytes for cascadeScorer.
+   */
+  @java.lang.Override
+  public com.google.protobuf.ByteString
+      getCascadeScorerBytes() {
+    java.lang.Object ref = cascadeScorer_;
+    if (ref instanceof java.lang.String) {
+      com.google.protobuf.ByteString b = 
+          com.google.protobuf.ByteString.copyFromUtf8(
+              (java.lang.String) ref);
+      cascadeScorer_ = b;
+      return b;
+    } else {
+      return (com.google.protobuf.ByteString) ref;
+    }
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -571,6 +730,7 @@ private static final long serialVersionUID = 0L;
   @java.lang.Override
   public void writeTo(com.google.protobuf.CodedOutputStream output)
                       throws java.io.IOException {
+    getSerializedSize();
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(decisionId_)) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 1, decisionId_);
     }
@@ -606,6 +766,19 @@ private static final long serialVersionUID = 0L;
     }
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(task_)) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 12, task_);
+    }
+    for (int i = 0; i < cascadeModels_.size(); i++) {
+      com.google.protobuf.GeneratedMessageV3.writeString(output, 13, cascadeModels_.getRaw(i));
+    }
+    if (getCascadeThresholdsList().size() > 0) {
+      output.writeUInt32NoTag(114);
+      output.writeUInt32NoTag(cascadeThresholdsMemoizedSerializedSize);
+    }
+    for (int i = 0; i < cascadeThresholds_.size(); i++) {
+      output.writeDoubleNoTag(cascadeThresholds_.getDouble(i));
+    }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(cascadeScorer_)) {
+      com.google.protobuf.GeneratedMessageV3.writeString(output, 15, cascadeScorer_);
     }
     getUnknownFields().writeTo(output);
   }
@@ -661,6 +834,28 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(task_)) {
       size += com.google.protobuf.GeneratedMessageV3.computeStringSize(12, task_);
     }
+    {
+      int dataSize = 0;
+      for (int i = 0; i < cascadeModels_.size(); i++) {
+        dataSize += computeStringSizeNoTag(cascadeModels_.getRaw(i));
+      }
+      size += dataSize;
+      size += 1 * getCascadeModelsList().size();
+    }
+    {
+      int dataSize = 0;
+      dataSize = 8 * getCascadeThresholdsList().size();
+      size += dataSize;
+      if (!getCascadeThresholdsList().isEmpty()) {
+        size += 1;
+        size += com.google.protobuf.CodedOutputStream
+            .computeInt32SizeNoTag(dataSize);
+      }
+      cascadeThresholdsMemoizedSerializedSize = dataSize;
+    }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(cascadeScorer_)) {
+      size += com.google.protobuf.GeneratedMessageV3.computeStringSize(15, cascadeScorer_);
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -699,6 +894,12 @@ private static final long serialVersionUID = 0L;
         .equals(other.getCandidatesList())) return false;
     if (!getTask()
         .equals(other.getTask())) return false;
+    if (!getCascadeModelsList()
+        .equals(other.getCascadeModelsList())) return false;
+    if (!getCascadeThresholdsList()
+        .equals(other.getCascadeThresholdsList())) return false;
+    if (!getCascadeScorer()
+        .equals(other.getCascadeScorer())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -740,6 +941,16 @@ private static final long serialVersionUID = 0L;
     }
     hash = (37 * hash) + TASK_FIELD_NUMBER;
     hash = (53 * hash) + getTask().hashCode();
+    if (getCascadeModelsCount() > 0) {
+      hash = (37 * hash) + CASCADE_MODELS_FIELD_NUMBER;
+      hash = (53 * hash) + getCascadeModelsList().hashCode();
+    }
+    if (getCascadeThresholdsCount() > 0) {
+      hash = (37 * hash) + CASCADE_THRESHOLDS_FIELD_NUMBER;
+      hash = (53 * hash) + getCascadeThresholdsList().hashCode();
+    }
+    hash = (37 * hash) + CASCADE_SCORER_FIELD_NUMBER;
+    hash = (53 * hash) + getCascadeScorer().hashCode();
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -894,6 +1105,10 @@ private static final long serialVersionUID = 0L;
       }
       bitField0_ = (bitField0_ & ~0x00000400);
       task_ = "";
+      cascadeModels_ =
+          com.google.protobuf.LazyStringArrayList.emptyList();
+      cascadeThresholds_ = emptyDoubleList();
+      cascadeScorer_ = "";
       return this;
     }
 
@@ -973,6 +1188,17 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000800) != 0)) {
         result.task_ = task_;
+      }
+      if (((from_bitField0_ & 0x00001000) != 0)) {
+        cascadeModels_.makeImmutable();
+        result.cascadeModels_ = cascadeModels_;
+      }
+      if (((from_bitField0_ & 0x00002000) != 0)) {
+        cascadeThresholds_.makeImmutable();
+        result.cascadeThresholds_ = cascadeThresholds_;
+      }
+      if (((from_bitField0_ & 0x00004000) != 0)) {
+        result.cascadeScorer_ = cascadeScorer_;
       }
     }
 
@@ -1100,6 +1326,32 @@ private static final long serialVersionUID = 0L;
         bitField0_ |= 0x00000800;
         onChanged();
       }
+      if (!other.cascadeModels_.isEmpty()) {
+        if (cascadeModels_.isEmpty()) {
+          cascadeModels_ = other.cascadeModels_;
+          bitField0_ |= 0x00001000;
+        } else {
+          ensureCascadeModelsIsMutable();
+          cascadeModels_.addAll(other.cascadeModels_);
+        }
+        onChanged();
+      }
+      if (!other.cascadeThresholds_.isEmpty()) {
+        if (cascadeThresholds_.isEmpty()) {
+          cascadeThresholds_ = other.cascadeThresholds_;
+          cascadeThresholds_.makeImmutable();
+          bitField0_ |= 0x00002000;
+        } else {
+          ensureCascadeThresholdsIsMutable();
+          cascadeThresholds_.addAll(other.cascadeThresholds_);
+        }
+        onChanged();
+      }
+      if (!other.getCascadeScorer().isEmpty()) {
+        cascadeScorer_ = other.cascadeScorer_;
+        bitField0_ |= 0x00004000;
+        onChanged();
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -1195,6 +1447,34 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000800;
               break;
             } // case 98
+            case 106: {
+              java.lang.String s = input.readStringRequireUtf8();
+              ensureCascadeModelsIsMutable();
+              cascadeModels_.add(s);
+              break;
+            } // case 106
+            case 113: {
+              double v = input.readDouble();
+              ensureCascadeThresholdsIsMutable();
+              cascadeThresholds_.addDouble(v);
+              break;
+            } // case 113
+            case 114: {
+              int length = input.readRawVarint32();
+              int limit = input.pushLimit(length);
+              int alloc = length > 4096 ? 4096 : length;
+              ensureCascadeThresholdsIsMutable(alloc / 8);
+              while (input.getBytesUntilLimit() > 0) {
+                cascadeThresholds_.addDouble(input.readDouble());
+              }
+              input.popLimit(limit);
+              break;
+            } // case 114
+            case 122: {
+              cascadeScorer_ = input.readStringRequireUtf8();
+              bitField0_ |= 0x00004000;
+              break;
+            } // case 122
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -2481,6 +2761,393 @@ private static final long serialVersionUID = 0L;
       checkByteStringIsUtf8(value);
       task_ = value;
       bitField0_ |= 0x00000800;
+      onChanged();
+      return this;
+    }
+
+    private com.google.protobuf.LazyStringArrayList cascadeModels_ =
+        com.google.protobuf.LazyStringArrayList.emptyList();
+    private void ensureCascadeModelsIsMutable() {
+      if (!cascadeModels_.isModifiable()) {
+        cascadeModels_ = new com.google.protobuf.LazyStringArrayList(cascadeModels_);
+      }
+      bitField0_ |= 0x00001000;
+    }
+    /**
+     * <pre>
+     * The cascade the answer goes through, cheapest first, starting with `model`;
+     * empty when no cascade applies. Each model's answer is scored and released, or
+     * escalated to the next model (see Escalation).
+     * </pre>
+     *
+     * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+     * @return A list containing the cascadeModels.
+     */
+    public com.google.protobuf.ProtocolStringList
+        getCascadeModelsList() {
+      cascadeModels_.makeImmutable();
+      return cascadeModels_;
+    }
+    /**
+     * <pre>
+     * The cascade the answer goes through, cheapest first, starting with `model`;
+     * empty when no cascade applies. Each model's answer is scored and released, or
+     * escalated to the next model (see Escalation).
+     * </pre>
+     *
+     * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+     * @return The count of cascadeModels.
+     */
+    public int getCascadeModelsCount() {
+      return cascadeModels_.size();
+    }
+    /**
+     * <pre>
+     * The cascade the answer goes through, cheapest first, starting with `model`;
+     * empty when no cascade applies. Each model's answer is scored and released, or
+     * escalated to the next model (see Escalation).
+     * </pre>
+     *
+     * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+     * @param index The index of the element to return.
+     * @return The cascadeModels at the given index.
+     */
+    public java.lang.String getCascadeModels(int index) {
+      return cascadeModels_.get(index);
+    }
+    /**
+     * <pre>
+     * The cascade the answer goes through, cheapest first, starting with `model`;
+     * empty when no cascade applies. Each model's answer is scored and released, or
+     * escalated to the next model (see Escalation).
+     * </pre>
+     *
+     * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+     * @param index The index of the value to return.
+     * @return The bytes of the cascadeModels at the given index.
+     */
+    public com.google.protobuf.ByteString
+        getCascadeModelsBytes(int index) {
+      return cascadeModels_.getByteString(index);
+    }
+    /**
+     * <pre>
+     * The cascade the answer goes through, cheapest first, starting with `model`;
+     * empty when no cascade applies. Each model's answer is scored and released, or
+     * escalated to the next model (see Escalation).
+     * </pre>
+     *
+     * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+     * @param index The index to set the value at.
+     * @param value The cascadeModels to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCascadeModels(
+        int index, java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      ensureCascadeModelsIsMutable();
+      cascadeModels_.set(index, value);
+      bitField0_ |= 0x00001000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The cascade the answer goes through, cheapest first, starting with `model`;
+     * empty when no cascade applies. Each model's answer is scored and released, or
+     * escalated to the next model (see Escalation).
+     * </pre>
+     *
+     * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+     * @param value The cascadeModels to add.
+     * @return This builder for chaining.
+     */
+    public Builder addCascadeModels(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      ensureCascadeModelsIsMutable();
+      cascadeModels_.add(value);
+      bitField0_ |= 0x00001000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The cascade the answer goes through, cheapest first, starting with `model`;
+     * empty when no cascade applies. Each model's answer is scored and released, or
+     * escalated to the next model (see Escalation).
+     * </pre>
+     *
+     * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+     * @param values The cascadeModels to add.
+     * @return This builder for chaining.
+     */
+    public Builder addAllCascadeModels(
+        java.lang.Iterable<java.lang.String> values) {
+      ensureCascadeModelsIsMutable();
+      com.google.protobuf.AbstractMessageLite.Builder.addAll(
+          values, cascadeModels_);
+      bitField0_ |= 0x00001000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The cascade the answer goes through, cheapest first, starting with `model`;
+     * empty when no cascade applies. Each model's answer is scored and released, or
+     * escalated to the next model (see Escalation).
+     * </pre>
+     *
+     * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCascadeModels() {
+      cascadeModels_ =
+        com.google.protobuf.LazyStringArrayList.emptyList();
+      bitField0_ = (bitField0_ & ~0x00001000);;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The cascade the answer goes through, cheapest first, starting with `model`;
+     * empty when no cascade applies. Each model's answer is scored and released, or
+     * escalated to the next model (see Escalation).
+     * </pre>
+     *
+     * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+     * @param value The bytes of the cascadeModels to add.
+     * @return This builder for chaining.
+     */
+    public Builder addCascadeModelsBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      ensureCascadeModelsIsMutable();
+      cascadeModels_.add(value);
+      bitField0_ |= 0x00001000;
+      onChanged();
+      return this;
+    }
+
+    private com.google.protobuf.Internal.DoubleList cascadeThresholds_ = emptyDoubleList();
+    private void ensureCascadeThresholdsIsMutable() {
+      if (!cascadeThresholds_.isModifiable()) {
+        cascadeThresholds_ = makeMutableCopy(cascadeThresholds_);
+      }
+      bitField0_ |= 0x00002000;
+    }
+    private void ensureCascadeThresholdsIsMutable(int capacity) {
+      if (!cascadeThresholds_.isModifiable()) {
+        cascadeThresholds_ = makeMutableCopy(cascadeThresholds_, capacity);
+      }
+      bitField0_ |= 0x00002000;
+    }
+    /**
+     * <pre>
+     * The score each cascade step's answer must reach to be released, one per model of
+     * `cascade_models` except the last, in [0, 1].
+     * </pre>
+     *
+     * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+     * @return A list containing the cascadeThresholds.
+     */
+    public java.util.List<java.lang.Double>
+        getCascadeThresholdsList() {
+      cascadeThresholds_.makeImmutable();
+      return cascadeThresholds_;
+    }
+    /**
+     * <pre>
+     * The score each cascade step's answer must reach to be released, one per model of
+     * `cascade_models` except the last, in [0, 1].
+     * </pre>
+     *
+     * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+     * @return The count of cascadeThresholds.
+     */
+    public int getCascadeThresholdsCount() {
+      return cascadeThresholds_.size();
+    }
+    /**
+     * <pre>
+     * The score each cascade step's answer must reach to be released, one per model of
+     * `cascade_models` except the last, in [0, 1].
+     * </pre>
+     *
+     * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+     * @param index The index of the element to return.
+     * @return The cascadeThresholds at the given index.
+     */
+    public double getCascadeThresholds(int index) {
+      return cascadeThresholds_.getDouble(index);
+    }
+    /**
+     * <pre>
+     * The score each cascade step's answer must reach to be released, one per model of
+     * `cascade_models` except the last, in [0, 1].
+     * </pre>
+     *
+     * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+     * @param index The index to set the value at.
+     * @param value The cascadeThresholds to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCascadeThresholds(
+        int index, double value) {
+
+      ensureCascadeThresholdsIsMutable();
+      cascadeThresholds_.setDouble(index, value);
+      bitField0_ |= 0x00002000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The score each cascade step's answer must reach to be released, one per model of
+     * `cascade_models` except the last, in [0, 1].
+     * </pre>
+     *
+     * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+     * @param value The cascadeThresholds to add.
+     * @return This builder for chaining.
+     */
+    public Builder addCascadeThresholds(double value) {
+
+      ensureCascadeThresholdsIsMutable();
+      cascadeThresholds_.addDouble(value);
+      bitField0_ |= 0x00002000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The score each cascade step's answer must reach to be released, one per model of
+     * `cascade_models` except the last, in [0, 1].
+     * </pre>
+     *
+     * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+     * @param values The cascadeThresholds to add.
+     * @return This builder for chaining.
+     */
+    public Builder addAllCascadeThresholds(
+        java.lang.Iterable<? extends java.lang.Double> values) {
+      ensureCascadeThresholdsIsMutable();
+      com.google.protobuf.AbstractMessageLite.Builder.addAll(
+          values, cascadeThresholds_);
+      bitField0_ |= 0x00002000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The score each cascade step's answer must reach to be released, one per model of
+     * `cascade_models` except the last, in [0, 1].
+     * </pre>
+     *
+     * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCascadeThresholds() {
+      cascadeThresholds_ = emptyDoubleList();
+      bitField0_ = (bitField0_ & ~0x00002000);
+      onChanged();
+      return this;
+    }
+
+    private java.lang.Object cascadeScorer_ = "";
+    /**
+     * <pre>
+     * The quality scorer of the cascade (for example "local", "llm_judge",
+     * "min(local,llm_judge)"); empty when no cascade applies.
+     * </pre>
+     *
+     * <code>string cascade_scorer = 15 [json_name = "cascadeScorer"];</code>
+     * @return The cascadeScorer.
+     */
+    public java.lang.String getCascadeScorer() {
+      java.lang.Object ref = cascadeScorer_;
+      if (!(ref instanceof java.lang.String)) {
+        com.google.protobuf.ByteString bs =
+            (com.google.protobuf.ByteString) ref;
+        java.lang.String s = bs.toStringUtf8();
+        cascadeScorer_ = s;
+        return s;
+      } else {
+        return (java.lang.String) ref;
+      }
+    }
+    /**
+     * <pre>
+     * The quality scorer of the cascade (for example "local", "llm_judge",
+     * "min(local,llm_judge)"); empty when no cascade applies.
+     * </pre>
+     *
+     * <code>string cascade_scorer = 15 [json_name = "cascadeScorer"];</code>
+     * @return The bytes for cascadeScorer.
+     */
+    public com.google.protobuf.ByteString
+        getCascadeScorerBytes() {
+      java.lang.Object ref = cascadeScorer_;
+      if (ref instanceof String) {
+        com.google.protobuf.ByteString b = 
+            com.google.protobuf.ByteString.copyFromUtf8(
+                (java.lang.String) ref);
+        cascadeScorer_ = b;
+        return b;
+      } else {
+        return (com.google.protobuf.ByteString) ref;
+      }
+    }
+    /**
+     * <pre>
+     * The quality scorer of the cascade (for example "local", "llm_judge",
+     * "min(local,llm_judge)"); empty when no cascade applies.
+     * </pre>
+     *
+     * <code>string cascade_scorer = 15 [json_name = "cascadeScorer"];</code>
+     * @param value The cascadeScorer to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCascadeScorer(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      cascadeScorer_ = value;
+      bitField0_ |= 0x00004000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The quality scorer of the cascade (for example "local", "llm_judge",
+     * "min(local,llm_judge)"); empty when no cascade applies.
+     * </pre>
+     *
+     * <code>string cascade_scorer = 15 [json_name = "cascadeScorer"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCascadeScorer() {
+      cascadeScorer_ = getDefaultInstance().getCascadeScorer();
+      bitField0_ = (bitField0_ & ~0x00004000);
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The quality scorer of the cascade (for example "local", "llm_judge",
+     * "min(local,llm_judge)"); empty when no cascade applies.
+     * </pre>
+     *
+     * <code>string cascade_scorer = 15 [json_name = "cascadeScorer"];</code>
+     * @param value The bytes for cascadeScorer to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCascadeScorerBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      cascadeScorer_ = value;
+      bitField0_ |= 0x00004000;
       onChanged();
       return this;
     }

@@ -275,4 +275,107 @@ public interface RouteDecisionOrBuilder extends
    */
   com.google.protobuf.ByteString
       getTaskBytes();
+
+  /**
+   * <pre>
+   * The cascade the answer goes through, cheapest first, starting with `model`;
+   * empty when no cascade applies. Each model's answer is scored and released, or
+   * escalated to the next model (see Escalation).
+   * </pre>
+   *
+   * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+   * @return A list containing the cascadeModels.
+   */
+  java.util.List<java.lang.String>
+      getCascadeModelsList();
+  /**
+   * <pre>
+   * The cascade the answer goes through, cheapest first, starting with `model`;
+   * empty when no cascade applies. Each model's answer is scored and released, or
+   * escalated to the next model (see Escalation).
+   * </pre>
+   *
+   * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+   * @return The count of cascadeModels.
+   */
+  int getCascadeModelsCount();
+  /**
+   * <pre>
+   * The cascade the answer goes through, cheapest first, starting with `model`;
+   * empty when no cascade applies. Each model's answer is scored and released, or
+   * escalated to the next model (see Escalation).
+   * </pre>
+   *
+   * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+   * @param index The index of the element to return.
+   * @return The cascadeModels at the given index.
+   */
+  java.lang.String getCascadeModels(int index);
+  /**
+   * <pre>
+   * The cascade the answer goes through, cheapest first, starting with `model`;
+   * empty when no cascade applies. Each model's answer is scored and released, or
+   * escalated to the next model (see Escalation).
+   * </pre>
+   *
+   * <code>repeated string cascade_models = 13 [json_name = "cascadeModels"];</code>
+   * @param index The index of the value to return.
+   * @return The bytes of the cascadeModels at the given index.
+   */
+  com.google.protobuf.ByteString
+      getCascadeModelsBytes(int index);
+
+  /**
+   * <pre>
+   * The score each cascade step's answer must reach to be released, one per model of
+   * `cascade_models` except the last, in [0, 1].
+   * </pre>
+   *
+   * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+   * @return A list containing the cascadeThresholds.
+   */
+  java.util.List<java.lang.Double> getCascadeThresholdsList();
+  /**
+   * <pre>
+   * The score each cascade step's answer must reach to be released, one per model of
+   * `cascade_models` except the last, in [0, 1].
+   * </pre>
+   *
+   * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+   * @return The count of cascadeThresholds.
+   */
+  int getCascadeThresholdsCount();
+  /**
+   * <pre>
+   * The score each cascade step's answer must reach to be released, one per model of
+   * `cascade_models` except the last, in [0, 1].
+   * </pre>
+   *
+   * <code>repeated double cascade_thresholds = 14 [json_name = "cascadeThresholds"];</code>
+   * @param index The index of the element to return.
+   * @return The cascadeThresholds at the given index.
+   */
+  double getCascadeThresholds(int index);
+
+  /**
+   * <pre>
+   * The quality scorer of the cascade (for example "local", "llm_judge",
+   * "min(local,llm_judge)"); empty when no cascade applies.
+   * </pre>
+   *
+   * <code>string cascade_scorer = 15 [json_name = "cascadeScorer"];</code>
+   * @return The cascadeScorer.
+   */
+  java.lang.String getCascadeScorer();
+  /**
+   * <pre>
+   * The quality scorer of the cascade (for example "local", "llm_judge",
+   * "min(local,llm_judge)"); empty when no cascade applies.
+   * </pre>
+   *
+   * <code>string cascade_scorer = 15 [json_name = "cascadeScorer"];</code>
+   * @return The bytes for cascadeScorer.
+   */
+  com.google.protobuf.ByteString
+      getCascadeScorerBytes();
 }

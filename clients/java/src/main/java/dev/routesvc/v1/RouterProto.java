@@ -81,6 +81,51 @@ public final class RouterProto {
     com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
       internal_static_routesvc_v1_Completion_fieldAccessorTable;
   static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_Attempt_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_Attempt_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_QualityScore_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_QualityScore_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_Escalation_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_Escalation_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_BatchJob_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_BatchJob_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_BatchResult_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_BatchResult_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_GetBatchRequest_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_GetBatchRequest_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_GetBatchResponse_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_GetBatchResponse_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_CancelBatchRequest_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_CancelBatchRequest_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_CancelBatchResponse_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_CancelBatchResponse_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
     internal_static_routesvc_v1_CompleteResponse_descriptor;
   static final 
     com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
@@ -140,139 +185,199 @@ public final class RouterProto {
   static {
     java.lang.String[] descriptorData = {
       "\n\030routesvc/v1/router.proto\022\013routesvc.v1\032" +
-      "\036google/protobuf/duration.proto\"J\n\007Messa" +
-      "ge\022%\n\004role\030\001 \001(\0162\021.routesvc.v1.RoleR\004rol" +
-      "e\022\030\n\007content\030\002 \001(\tR\007content\"e\n\004Tool\022\022\n\004n" +
-      "ame\030\001 \001(\tR\004name\022 \n\013description\030\002 \001(\tR\013de" +
-      "scription\022\'\n\017parameters_json\030\003 \001(\tR\016para" +
-      "metersJson\"\346\001\n\013ChatRequest\0220\n\010messages\030\001" +
-      " \003(\0132\024.routesvc.v1.MessageR\010messages\022\'\n\005" +
-      "tools\030\002 \003(\0132\021.routesvc.v1.ToolR\005tools\022/\n" +
-      "\021max_output_tokens\030\003 \001(\005H\000R\017maxOutputTok" +
-      "ens\210\001\001\022%\n\013temperature\030\004 \001(\001H\001R\013temperatu" +
-      "re\210\001\001B\024\n\022_max_output_tokensB\016\n\014_temperat" +
-      "ure\"\314\002\n\016RoutingContext\022\026\n\006tenant\030\001 \001(\tR\006" +
-      "tenant\022\033\n\tuser_tier\030\002 \001(\tR\010userTier\022\033\n\tt" +
-      "ask_hint\030\003 \001(\tR\010taskHint\022\037\n\010realtime\030\004 \001" +
-      "(\010H\000R\010realtime\210\001\001\022E\n\010metadata\030\005 \003(\0132).ro" +
-      "utesvc.v1.RoutingContext.MetadataEntryR\010" +
-      "metadata\022 \n\014max_cost_usd\030\006 \001(\tR\nmaxCostU" +
-      "sd\022\024\n\005model\030\007 \001(\tR\005model\032;\n\rMetadataEntr" +
-      "y\022\020\n\003key\030\001 \001(\tR\003key\022\024\n\005value\030\002 \001(\tR\005valu" +
-      "e:\0028\001B\013\n\t_realtime\"s\n\014RouteRequest\022,\n\004ch" +
-      "at\030\001 \001(\0132\030.routesvc.v1.ChatRequestR\004chat" +
-      "\0225\n\007context\030\002 \001(\0132\033.routesvc.v1.RoutingC" +
-      "ontextR\007context\"f\n\tCandidate\022\024\n\005model\030\001 " +
-      "\001(\tR\005model\022\032\n\010eligible\030\002 \001(\010R\010eligible\022\'" +
-      "\n\017excluded_reason\030\003 \001(\tR\016excludedReason\"" +
-      "\273\003\n\rRouteDecision\022\037\n\013decision_id\030\001 \001(\tR\n" +
-      "decisionId\022\024\n\005model\030\002 \001(\tR\005model\022\032\n\010prov" +
-      "ider\030\003 \001(\tR\010provider\022\032\n\010strategy\030\004 \001(\tR\010" +
-      "strategy\022\022\n\004rule\030\005 \001(\tR\004rule\022\030\n\007reasons\030" +
-      "\006 \003(\tR\007reasons\0224\n\026estimated_input_tokens" +
-      "\030\007 \001(\003R\024estimatedInputTokens\0226\n\027estimate" +
-      "d_output_tokens\030\010 \001(\003R\025estimatedOutputTo" +
-      "kens\022,\n\022estimated_cost_usd\030\t \001(\tR\020estima" +
-      "tedCostUsd\022%\n\004mode\030\n \001(\0162\021.routesvc.v1.M" +
-      "odeR\004mode\0226\n\ncandidates\030\013 \003(\0132\026.routesvc" +
-      ".v1.CandidateR\ncandidates\022\022\n\004task\030\014 \001(\tR" +
-      "\004task\"G\n\rRouteResponse\0226\n\010decision\030\001 \001(\013" +
-      "2\032.routesvc.v1.RouteDecisionR\010decision\"v" +
-      "\n\017CompleteRequest\022,\n\004chat\030\001 \001(\0132\030.routes" +
-      "vc.v1.ChatRequestR\004chat\0225\n\007context\030\002 \001(\013" +
-      "2\033.routesvc.v1.RoutingContextR\007context\"\037" +
-      "\n\tTextDelta\022\022\n\004text\030\001 \001(\tR\004text\"\177\n\005Usage" +
-      "\022!\n\014input_tokens\030\001 \001(\003R\013inputTokens\022#\n\ro" +
-      "utput_tokens\030\002 \001(\003R\014outputTokens\022.\n\023cach" +
-      "ed_input_tokens\030\003 \001(\003R\021cachedInputTokens" +
-      "\"\352\001\n\nCompletion\022\024\n\005model\030\001 \001(\tR\005model\022\032\n" +
-      "\010provider\030\002 \001(\tR\010provider\022%\n\016provider_mo" +
-      "del\030\003 \001(\tR\rproviderModel\022(\n\005usage\030\004 \001(\0132" +
-      "\022.routesvc.v1.UsageR\005usage\022\031\n\010cost_usd\030\005" +
-      " \001(\tR\007costUsd\022>\n\rfinish_reason\030\006 \001(\0162\031.r" +
-      "outesvc.v1.FinishReasonR\014finishReason\"\300\001" +
-      "\n\020CompleteResponse\0228\n\010decision\030\001 \001(\0132\032.r" +
-      "outesvc.v1.RouteDecisionH\000R\010decision\022.\n\005" +
-      "delta\030\002 \001(\0132\026.routesvc.v1.TextDeltaH\000R\005d" +
-      "elta\0229\n\ncompletion\030\003 \001(\0132\027.routesvc.v1.C" +
-      "ompletionH\000R\ncompletionB\007\n\005event\"\023\n\021List" +
-      "ModelsRequest\"\277\003\n\tModelInfo\022\016\n\002id\030\001 \001(\tR" +
-      "\002id\022\032\n\010provider\030\002 \001(\tR\010provider\022%\n\016provi" +
-      "der_model\030\003 \001(\tR\rproviderModel\022/\n\024input_" +
-      "price_per_mtok\030\004 \001(\tR\021inputPricePerMtok\022" +
-      "1\n\025output_price_per_mtok\030\005 \001(\tR\022outputPr" +
-      "icePerMtok\022<\n\033cached_input_price_per_mto" +
-      "k\030\006 \001(\tR\027cachedInputPricePerMtok\022%\n\016cont" +
-      "ext_window\030\007 \001(\003R\rcontextWindow\022\"\n\014capab" +
-      "ilities\030\010 \003(\tR\014capabilities\022%\n\016batch_dis" +
-      "count\030\t \001(\tR\rbatchDiscount\022\034\n\tavailable\030" +
-      "\n \001(\010R\tavailable\022-\n\022unavailable_reason\030\013" +
-      " \001(\tR\021unavailableReason\"D\n\022ListModelsRes" +
-      "ponse\022.\n\006models\030\001 \003(\0132\026.routesvc.v1.Mode" +
-      "lInfoR\006models\"\\\n\017GetStatsRequest\022\026\n\006tena" +
-      "nt\030\001 \001(\tR\006tenant\0221\n\006window\030\002 \001(\0132\031.googl" +
-      "e.protobuf.DurationR\006window\"\276\002\n\nCostTota" +
-      "ls\022\032\n\010requests\030\001 \001(\003R\010requests\022\026\n\006errors" +
-      "\030\002 \001(\003R\006errors\022\031\n\010cost_usd\030\003 \001(\tR\007costUs" +
-      "d\022*\n\021baseline_cost_usd\030\004 \001(\tR\017baselineCo" +
-      "stUsd\022\037\n\013savings_usd\030\005 \001(\tR\nsavingsUsd\022\'" +
-      "\n\017savings_percent\030\006 \001(\001R\016savingsPercent\022" +
-      ",\n\022estimated_cost_usd\030\007 \001(\tR\020estimatedCo" +
-      "stUsd\022=\n\033estimated_baseline_cost_usd\030\010 \001" +
-      "(\tR\030estimatedBaselineCostUsd\"\335\001\n\nModelSt" +
-      "ats\022\024\n\005model\030\001 \001(\tR\005model\022\024\n\005share\030\002 \001(\001" +
-      "R\005share\022/\n\006totals\030\003 \001(\0132\027.routesvc.v1.Co" +
-      "stTotalsR\006totals\022%\n\016feedback_count\030\004 \001(\003" +
-      "R\rfeedbackCount\0223\n\023mean_feedback_score\030\005" +
-      " \001(\001H\000R\021meanFeedbackScore\210\001\001B\026\n\024_mean_fe" +
-      "edback_score\"V\n\013TenantStats\022\026\n\006tenant\030\001 " +
-      "\001(\tR\006tenant\022/\n\006totals\030\002 \001(\0132\027.routesvc.v" +
-      "1.CostTotalsR\006totals\"\233\001\n\022LatencyPercenti" +
-      "les\022+\n\003p50\030\001 \001(\0132\031.google.protobuf.Durat" +
-      "ionR\003p50\022+\n\003p95\030\002 \001(\0132\031.google.protobuf." +
-      "DurationR\003p95\022+\n\003p99\030\003 \001(\0132\031.google.prot" +
-      "obuf.DurationR\003p99\"\272\005\n\020GetStatsResponse\022" +
-      "1\n\006window\030\001 \001(\0132\031.google.protobuf.Durati" +
-      "onR\006window\022\026\n\006tenant\030\002 \001(\tR\006tenant\022%\n\016ba" +
-      "seline_model\030\003 \001(\tR\rbaselineModel\022/\n\006tot" +
-      "als\030\004 \001(\0132\027.routesvc.v1.CostTotalsR\006tota" +
-      "ls\022/\n\006models\030\005 \003(\0132\027.routesvc.v1.ModelSt" +
-      "atsR\006models\0222\n\007tenants\030\006 \003(\0132\030.routesvc." +
-      "v1.TenantStatsR\007tenants\022 \n\013escalations\030\007" +
-      " \001(\003R\013escalations\022\'\n\017escalation_rate\030\010 \001" +
-      "(\001R\016escalationRate\022\034\n\tfallbacks\030\t \001(\003R\tf" +
-      "allbacks\022+\n\021cascade_decisions\030\n \001(\003R\020cas" +
-      "cadeDecisions\0220\n\024cascade_release_rate\030\013 " +
-      "\001(\001R\022cascadeReleaseRate\0223\n\023mean_released" +
-      "_score\030\014 \001(\001H\000R\021meanReleasedScore\210\001\001\0229\n\007" +
-      "latency\030\r \001(\0132\037.routesvc.v1.LatencyPerce" +
-      "ntilesR\007latency\022N\n\023time_to_first_token\030\016" +
-      " \001(\0132\037.routesvc.v1.LatencyPercentilesR\020t" +
-      "imeToFirstTokenB\026\n\024_mean_released_score*" +
-      "P\n\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SY" +
-      "STEM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020" +
-      "\003*?\n\004Mode\022\024\n\020MODE_UNSPECIFIED\020\000\022\021\n\rMODE_" +
-      "REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*\270\001\n\014FinishRea" +
-      "son\022\035\n\031FINISH_REASON_UNSPECIFIED\020\000\022\026\n\022FI" +
-      "NISH_REASON_STOP\020\001\022\030\n\024FINISH_REASON_LENG" +
-      "TH\020\002\022\034\n\030FINISH_REASON_TOOL_CALLS\020\003\022 \n\034FI" +
-      "NISH_REASON_CONTENT_FILTER\020\004\022\027\n\023FINISH_R" +
-      "EASON_OTHER\020\0052\262\002\n\rRouterService\022>\n\005Route" +
-      "\022\031.routesvc.v1.RouteRequest\032\032.routesvc.v" +
-      "1.RouteResponse\022I\n\010Complete\022\034.routesvc.v" +
-      "1.CompleteRequest\032\035.routesvc.v1.Complete" +
-      "Response0\001\022M\n\nListModels\022\036.routesvc.v1.L" +
-      "istModelsRequest\032\037.routesvc.v1.ListModel" +
-      "sResponse\022G\n\010GetStats\022\034.routesvc.v1.GetS" +
-      "tatsRequest\032\035.routesvc.v1.GetStatsRespon" +
-      "seB_\n\017dev.routesvc.v1B\013RouterProtoP\001Z=gi" +
-      "thub.com/routesvc/routesvc/clients/go/ro" +
-      "utesvcv1;routesvcv1b\006proto3"
+      "\036google/protobuf/duration.proto\032\037google/" +
+      "protobuf/timestamp.proto\"J\n\007Message\022%\n\004r" +
+      "ole\030\001 \001(\0162\021.routesvc.v1.RoleR\004role\022\030\n\007co" +
+      "ntent\030\002 \001(\tR\007content\"e\n\004Tool\022\022\n\004name\030\001 \001" +
+      "(\tR\004name\022 \n\013description\030\002 \001(\tR\013descripti" +
+      "on\022\'\n\017parameters_json\030\003 \001(\tR\016parametersJ" +
+      "son\"\346\001\n\013ChatRequest\0220\n\010messages\030\001 \003(\0132\024." +
+      "routesvc.v1.MessageR\010messages\022\'\n\005tools\030\002" +
+      " \003(\0132\021.routesvc.v1.ToolR\005tools\022/\n\021max_ou" +
+      "tput_tokens\030\003 \001(\005H\000R\017maxOutputTokens\210\001\001\022" +
+      "%\n\013temperature\030\004 \001(\001H\001R\013temperature\210\001\001B\024" +
+      "\n\022_max_output_tokensB\016\n\014_temperature\"\367\002\n" +
+      "\016RoutingContext\022\026\n\006tenant\030\001 \001(\tR\006tenant\022" +
+      "\033\n\tuser_tier\030\002 \001(\tR\010userTier\022\033\n\ttask_hin" +
+      "t\030\003 \001(\tR\010taskHint\022\037\n\010realtime\030\004 \001(\010H\000R\010r" +
+      "ealtime\210\001\001\022E\n\010metadata\030\005 \003(\0132).routesvc." +
+      "v1.RoutingContext.MetadataEntryR\010metadat" +
+      "a\022 \n\014max_cost_usd\030\006 \001(\tR\nmaxCostUsd\022\024\n\005m" +
+      "odel\030\007 \001(\tR\005model\022\035\n\007cascade\030\010 \001(\010H\001R\007ca" +
+      "scade\210\001\001\032;\n\rMetadataEntry\022\020\n\003key\030\001 \001(\tR\003" +
+      "key\022\024\n\005value\030\002 \001(\tR\005value:\0028\001B\013\n\t_realti" +
+      "meB\n\n\010_cascade\"s\n\014RouteRequest\022,\n\004chat\030\001" +
+      " \001(\0132\030.routesvc.v1.ChatRequestR\004chat\0225\n\007" +
+      "context\030\002 \001(\0132\033.routesvc.v1.RoutingConte" +
+      "xtR\007context\"f\n\tCandidate\022\024\n\005model\030\001 \001(\tR" +
+      "\005model\022\032\n\010eligible\030\002 \001(\010R\010eligible\022\'\n\017ex" +
+      "cluded_reason\030\003 \001(\tR\016excludedReason\"\270\004\n\r" +
+      "RouteDecision\022\037\n\013decision_id\030\001 \001(\tR\ndeci" +
+      "sionId\022\024\n\005model\030\002 \001(\tR\005model\022\032\n\010provider" +
+      "\030\003 \001(\tR\010provider\022\032\n\010strategy\030\004 \001(\tR\010stra" +
+      "tegy\022\022\n\004rule\030\005 \001(\tR\004rule\022\030\n\007reasons\030\006 \003(" +
+      "\tR\007reasons\0224\n\026estimated_input_tokens\030\007 \001" +
+      "(\003R\024estimatedInputTokens\0226\n\027estimated_ou" +
+      "tput_tokens\030\010 \001(\003R\025estimatedOutputTokens" +
+      "\022,\n\022estimated_cost_usd\030\t \001(\tR\020estimatedC" +
+      "ostUsd\022%\n\004mode\030\n \001(\0162\021.routesvc.v1.ModeR" +
+      "\004mode\0226\n\ncandidates\030\013 \003(\0132\026.routesvc.v1." +
+      "CandidateR\ncandidates\022\022\n\004task\030\014 \001(\tR\004tas" +
+      "k\022%\n\016cascade_models\030\r \003(\tR\rcascadeModels" +
+      "\022-\n\022cascade_thresholds\030\016 \003(\001R\021cascadeThr" +
+      "esholds\022%\n\016cascade_scorer\030\017 \001(\tR\rcascade" +
+      "Scorer\"G\n\rRouteResponse\0226\n\010decision\030\001 \001(" +
+      "\0132\032.routesvc.v1.RouteDecisionR\010decision\"" +
+      "v\n\017CompleteRequest\022,\n\004chat\030\001 \001(\0132\030.route" +
+      "svc.v1.ChatRequestR\004chat\0225\n\007context\030\002 \001(" +
+      "\0132\033.routesvc.v1.RoutingContextR\007context\"" +
+      "\037\n\tTextDelta\022\022\n\004text\030\001 \001(\tR\004text\"\177\n\005Usag" +
+      "e\022!\n\014input_tokens\030\001 \001(\003R\013inputTokens\022#\n\r" +
+      "output_tokens\030\002 \001(\003R\014outputTokens\022.\n\023cac" +
+      "hed_input_tokens\030\003 \001(\003R\021cachedInputToken" +
+      "s\"\206\003\n\nCompletion\022\024\n\005model\030\001 \001(\tR\005model\022\032" +
+      "\n\010provider\030\002 \001(\tR\010provider\022%\n\016provider_m" +
+      "odel\030\003 \001(\tR\rproviderModel\022(\n\005usage\030\004 \001(\013" +
+      "2\022.routesvc.v1.UsageR\005usage\022\031\n\010cost_usd\030" +
+      "\005 \001(\tR\007costUsd\022>\n\rfinish_reason\030\006 \001(\0162\031." +
+      "routesvc.v1.FinishReasonR\014finishReason\0220" +
+      "\n\010attempts\030\007 \003(\0132\024.routesvc.v1.AttemptR\010" +
+      "attempts\0223\n\013total_usage\030\010 \001(\0132\022.routesvc" +
+      ".v1.UsageR\ntotalUsage\0223\n\007quality\030\t \001(\0132\031" +
+      ".routesvc.v1.QualityScoreR\007quality\"\233\001\n\007A" +
+      "ttempt\022\024\n\005model\030\001 \001(\tR\005model\0225\n\007outcome\030" +
+      "\002 \001(\0162\033.routesvc.v1.AttemptOutcomeR\007outc" +
+      "ome\022(\n\005usage\030\003 \001(\0132\022.routesvc.v1.UsageR\005" +
+      "usage\022\031\n\010cost_usd\030\004 \001(\tR\007costUsd\"T\n\014Qual" +
+      "ityScore\022\024\n\005score\030\001 \001(\001R\005score\022\026\n\006scorer" +
+      "\030\002 \001(\tR\006scorer\022\026\n\006reason\030\003 \001(\tR\006reason\"\336" +
+      "\001\n\nEscalation\022\035\n\nfrom_model\030\001 \001(\tR\tfromM" +
+      "odel\022\031\n\010to_model\030\002 \001(\tR\007toModel\0223\n\007quali" +
+      "ty\030\003 \001(\0132\031.routesvc.v1.QualityScoreR\007qua" +
+      "lity\022\034\n\tthreshold\030\004 \001(\001R\tthreshold\022\031\n\010co" +
+      "st_usd\030\005 \001(\tR\007costUsd\022(\n\005usage\030\006 \001(\0132\022.r" +
+      "outesvc.v1.UsageR\005usage\"\313\002\n\010BatchJob\022\031\n\010" +
+      "batch_id\030\001 \001(\tR\007batchId\022-\n\005state\030\002 \001(\0162\027" +
+      ".routesvc.v1.BatchStateR\005state\022\024\n\005model\030" +
+      "\003 \001(\tR\005model\022\032\n\010provider\030\004 \001(\tR\010provider" +
+      "\022,\n\022estimated_cost_usd\030\005 \001(\tR\020estimatedC" +
+      "ostUsd\0229\n\ncreated_at\030\006 \001(\0132\032.google.prot" +
+      "obuf.TimestampR\tcreatedAt\0229\n\nupdated_at\030" +
+      "\007 \001(\0132\032.google.protobuf.TimestampR\tupdat" +
+      "edAt\022\037\n\013decision_id\030\010 \001(\tR\ndecisionId\"\315\001" +
+      "\n\013BatchResult\022\022\n\004text\030\001 \001(\tR\004text\022(\n\005usa" +
+      "ge\030\002 \001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n\010c" +
+      "ost_usd\030\003 \001(\tR\007costUsd\022>\n\rfinish_reason\030" +
+      "\004 \001(\0162\031.routesvc.v1.FinishReasonR\014finish" +
+      "Reason\022%\n\016provider_model\030\005 \001(\tR\rprovider" +
+      "Model\"D\n\017GetBatchRequest\022\031\n\010batch_id\030\001 \001" +
+      "(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006tenant\"\203\001\n\020" +
+      "GetBatchResponse\022\'\n\003job\030\001 \001(\0132\025.routesvc" +
+      ".v1.BatchJobR\003job\0220\n\006result\030\002 \001(\0132\030.rout" +
+      "esvc.v1.BatchResultR\006result\022\024\n\005error\030\003 \001" +
+      "(\tR\005error\"G\n\022CancelBatchRequest\022\031\n\010batch" +
+      "_id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006tena" +
+      "nt\">\n\023CancelBatchResponse\022\'\n\003job\030\001 \001(\0132\025" +
+      ".routesvc.v1.BatchJobR\003job\"\252\002\n\020CompleteR" +
+      "esponse\0228\n\010decision\030\001 \001(\0132\032.routesvc.v1." +
+      "RouteDecisionH\000R\010decision\022.\n\005delta\030\002 \001(\013" +
+      "2\026.routesvc.v1.TextDeltaH\000R\005delta\0229\n\ncom" +
+      "pletion\030\003 \001(\0132\027.routesvc.v1.CompletionH\000" +
+      "R\ncompletion\0229\n\nescalation\030\004 \001(\0132\027.route" +
+      "svc.v1.EscalationH\000R\nescalation\022-\n\005batch" +
+      "\030\005 \001(\0132\025.routesvc.v1.BatchJobH\000R\005batchB\007" +
+      "\n\005event\"\023\n\021ListModelsRequest\"\277\003\n\tModelIn" +
+      "fo\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provider\030\002 \001(\tR\010pr" +
+      "ovider\022%\n\016provider_model\030\003 \001(\tR\rprovider" +
+      "Model\022/\n\024input_price_per_mtok\030\004 \001(\tR\021inp" +
+      "utPricePerMtok\0221\n\025output_price_per_mtok\030" +
+      "\005 \001(\tR\022outputPricePerMtok\022<\n\033cached_inpu" +
+      "t_price_per_mtok\030\006 \001(\tR\027cachedInputPrice" +
+      "PerMtok\022%\n\016context_window\030\007 \001(\003R\rcontext" +
+      "Window\022\"\n\014capabilities\030\010 \003(\tR\014capabiliti" +
+      "es\022%\n\016batch_discount\030\t \001(\tR\rbatchDiscoun" +
+      "t\022\034\n\tavailable\030\n \001(\010R\tavailable\022-\n\022unava" +
+      "ilable_reason\030\013 \001(\tR\021unavailableReason\"D" +
+      "\n\022ListModelsResponse\022.\n\006models\030\001 \003(\0132\026.r" +
+      "outesvc.v1.ModelInfoR\006models\"\\\n\017GetStats" +
+      "Request\022\026\n\006tenant\030\001 \001(\tR\006tenant\0221\n\006windo" +
+      "w\030\002 \001(\0132\031.google.protobuf.DurationR\006wind" +
+      "ow\"\276\002\n\nCostTotals\022\032\n\010requests\030\001 \001(\003R\010req" +
+      "uests\022\026\n\006errors\030\002 \001(\003R\006errors\022\031\n\010cost_us" +
+      "d\030\003 \001(\tR\007costUsd\022*\n\021baseline_cost_usd\030\004 " +
+      "\001(\tR\017baselineCostUsd\022\037\n\013savings_usd\030\005 \001(" +
+      "\tR\nsavingsUsd\022\'\n\017savings_percent\030\006 \001(\001R\016" +
+      "savingsPercent\022,\n\022estimated_cost_usd\030\007 \001" +
+      "(\tR\020estimatedCostUsd\022=\n\033estimated_baseli" +
+      "ne_cost_usd\030\010 \001(\tR\030estimatedBaselineCost" +
+      "Usd\"\335\001\n\nModelStats\022\024\n\005model\030\001 \001(\tR\005model" +
+      "\022\024\n\005share\030\002 \001(\001R\005share\022/\n\006totals\030\003 \001(\0132\027" +
+      ".routesvc.v1.CostTotalsR\006totals\022%\n\016feedb" +
+      "ack_count\030\004 \001(\003R\rfeedbackCount\0223\n\023mean_f" +
+      "eedback_score\030\005 \001(\001H\000R\021meanFeedbackScore" +
+      "\210\001\001B\026\n\024_mean_feedback_score\"V\n\013TenantSta" +
+      "ts\022\026\n\006tenant\030\001 \001(\tR\006tenant\022/\n\006totals\030\002 \001" +
+      "(\0132\027.routesvc.v1.CostTotalsR\006totals\"\233\001\n\022" +
+      "LatencyPercentiles\022+\n\003p50\030\001 \001(\0132\031.google" +
+      ".protobuf.DurationR\003p50\022+\n\003p95\030\002 \001(\0132\031.g" +
+      "oogle.protobuf.DurationR\003p95\022+\n\003p99\030\003 \001(" +
+      "\0132\031.google.protobuf.DurationR\003p99\"\272\005\n\020Ge" +
+      "tStatsResponse\0221\n\006window\030\001 \001(\0132\031.google." +
+      "protobuf.DurationR\006window\022\026\n\006tenant\030\002 \001(" +
+      "\tR\006tenant\022%\n\016baseline_model\030\003 \001(\tR\rbasel" +
+      "ineModel\022/\n\006totals\030\004 \001(\0132\027.routesvc.v1.C" +
+      "ostTotalsR\006totals\022/\n\006models\030\005 \003(\0132\027.rout" +
+      "esvc.v1.ModelStatsR\006models\0222\n\007tenants\030\006 " +
+      "\003(\0132\030.routesvc.v1.TenantStatsR\007tenants\022 " +
+      "\n\013escalations\030\007 \001(\003R\013escalations\022\'\n\017esca" +
+      "lation_rate\030\010 \001(\001R\016escalationRate\022\034\n\tfal" +
+      "lbacks\030\t \001(\003R\tfallbacks\022+\n\021cascade_decis" +
+      "ions\030\n \001(\003R\020cascadeDecisions\0220\n\024cascade_" +
+      "release_rate\030\013 \001(\001R\022cascadeReleaseRate\0223" +
+      "\n\023mean_released_score\030\014 \001(\001H\000R\021meanRelea" +
+      "sedScore\210\001\001\0229\n\007latency\030\r \001(\0132\037.routesvc." +
+      "v1.LatencyPercentilesR\007latency\022N\n\023time_t" +
+      "o_first_token\030\016 \001(\0132\037.routesvc.v1.Latenc" +
+      "yPercentilesR\020timeToFirstTokenB\026\n\024_mean_" +
+      "released_score*\303\001\n\nBatchState\022\033\n\027BATCH_S" +
+      "TATE_UNSPECIFIED\020\000\022\026\n\022BATCH_STATE_QUEUED" +
+      "\020\001\022\031\n\025BATCH_STATE_SUBMITTED\020\002\022\031\n\025BATCH_S" +
+      "TATE_SUCCEEDED\020\003\022\026\n\022BATCH_STATE_FAILED\020\004" +
+      "\022\027\n\023BATCH_STATE_EXPIRED\020\005\022\031\n\025BATCH_STATE" +
+      "_CANCELLED\020\006*P\n\004Role\022\024\n\020ROLE_UNSPECIFIED" +
+      "\020\000\022\017\n\013ROLE_SYSTEM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016RO" +
+      "LE_ASSISTANT\020\003*?\n\004Mode\022\024\n\020MODE_UNSPECIFI" +
+      "ED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*" +
+      "\270\001\n\014FinishReason\022\035\n\031FINISH_REASON_UNSPEC" +
+      "IFIED\020\000\022\026\n\022FINISH_REASON_STOP\020\001\022\030\n\024FINIS" +
+      "H_REASON_LENGTH\020\002\022\034\n\030FINISH_REASON_TOOL_" +
+      "CALLS\020\003\022 \n\034FINISH_REASON_CONTENT_FILTER\020" +
+      "\004\022\027\n\023FINISH_REASON_OTHER\020\005*\246\001\n\016AttemptOu" +
+      "tcome\022\037\n\033ATTEMPT_OUTCOME_UNSPECIFIED\020\000\022\035" +
+      "\n\031ATTEMPT_OUTCOME_COMPLETED\020\001\022\035\n\031ATTEMPT" +
+      "_OUTCOME_ESCALATED\020\002\022\032\n\026ATTEMPT_OUTCOME_" +
+      "FAILED\020\003\022\031\n\025ATTEMPT_OUTCOME_JUDGE\020\0042\315\003\n\r" +
+      "RouterService\022>\n\005Route\022\031.routesvc.v1.Rou" +
+      "teRequest\032\032.routesvc.v1.RouteResponse\022I\n" +
+      "\010Complete\022\034.routesvc.v1.CompleteRequest\032" +
+      "\035.routesvc.v1.CompleteResponse0\001\022M\n\nList" +
+      "Models\022\036.routesvc.v1.ListModelsRequest\032\037" +
+      ".routesvc.v1.ListModelsResponse\022G\n\010GetSt" +
+      "ats\022\034.routesvc.v1.GetStatsRequest\032\035.rout" +
+      "esvc.v1.GetStatsResponse\022G\n\010GetBatch\022\034.r" +
+      "outesvc.v1.GetBatchRequest\032\035.routesvc.v1" +
+      ".GetBatchResponse\022P\n\013CancelBatch\022\037.route" +
+      "svc.v1.CancelBatchRequest\032 .routesvc.v1." +
+      "CancelBatchResponseB_\n\017dev.routesvc.v1B\013" +
+      "RouterProtoP\001Z=github.com/routesvc/route" +
+      "svc/clients/go/routesvcv1;routesvcv1b\006pr" +
+      "oto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
         new com.google.protobuf.Descriptors.FileDescriptor[] {
           com.google.protobuf.DurationProto.getDescriptor(),
+          com.google.protobuf.TimestampProto.getDescriptor(),
         });
     internal_static_routesvc_v1_Message_descriptor =
       getDescriptor().getMessageTypes().get(0);
@@ -297,7 +402,7 @@ public final class RouterProto {
     internal_static_routesvc_v1_RoutingContext_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_RoutingContext_descriptor,
-        new java.lang.String[] { "Tenant", "UserTier", "TaskHint", "Realtime", "Metadata", "MaxCostUsd", "Model", });
+        new java.lang.String[] { "Tenant", "UserTier", "TaskHint", "Realtime", "Metadata", "MaxCostUsd", "Model", "Cascade", });
     internal_static_routesvc_v1_RoutingContext_MetadataEntry_descriptor =
       internal_static_routesvc_v1_RoutingContext_descriptor.getNestedTypes().get(0);
     internal_static_routesvc_v1_RoutingContext_MetadataEntry_fieldAccessorTable = new
@@ -321,7 +426,7 @@ public final class RouterProto {
     internal_static_routesvc_v1_RouteDecision_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_RouteDecision_descriptor,
-        new java.lang.String[] { "DecisionId", "Model", "Provider", "Strategy", "Rule", "Reasons", "EstimatedInputTokens", "EstimatedOutputTokens", "EstimatedCostUsd", "Mode", "Candidates", "Task", });
+        new java.lang.String[] { "DecisionId", "Model", "Provider", "Strategy", "Rule", "Reasons", "EstimatedInputTokens", "EstimatedOutputTokens", "EstimatedCostUsd", "Mode", "Candidates", "Task", "CascadeModels", "CascadeThresholds", "CascadeScorer", });
     internal_static_routesvc_v1_RouteResponse_descriptor =
       getDescriptor().getMessageTypes().get(7);
     internal_static_routesvc_v1_RouteResponse_fieldAccessorTable = new
@@ -351,68 +456,123 @@ public final class RouterProto {
     internal_static_routesvc_v1_Completion_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Completion_descriptor,
-        new java.lang.String[] { "Model", "Provider", "ProviderModel", "Usage", "CostUsd", "FinishReason", });
-    internal_static_routesvc_v1_CompleteResponse_descriptor =
+        new java.lang.String[] { "Model", "Provider", "ProviderModel", "Usage", "CostUsd", "FinishReason", "Attempts", "TotalUsage", "Quality", });
+    internal_static_routesvc_v1_Attempt_descriptor =
       getDescriptor().getMessageTypes().get(12);
+    internal_static_routesvc_v1_Attempt_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_Attempt_descriptor,
+        new java.lang.String[] { "Model", "Outcome", "Usage", "CostUsd", });
+    internal_static_routesvc_v1_QualityScore_descriptor =
+      getDescriptor().getMessageTypes().get(13);
+    internal_static_routesvc_v1_QualityScore_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_QualityScore_descriptor,
+        new java.lang.String[] { "Score", "Scorer", "Reason", });
+    internal_static_routesvc_v1_Escalation_descriptor =
+      getDescriptor().getMessageTypes().get(14);
+    internal_static_routesvc_v1_Escalation_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_Escalation_descriptor,
+        new java.lang.String[] { "FromModel", "ToModel", "Quality", "Threshold", "CostUsd", "Usage", });
+    internal_static_routesvc_v1_BatchJob_descriptor =
+      getDescriptor().getMessageTypes().get(15);
+    internal_static_routesvc_v1_BatchJob_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_BatchJob_descriptor,
+        new java.lang.String[] { "BatchId", "State", "Model", "Provider", "EstimatedCostUsd", "CreatedAt", "UpdatedAt", "DecisionId", });
+    internal_static_routesvc_v1_BatchResult_descriptor =
+      getDescriptor().getMessageTypes().get(16);
+    internal_static_routesvc_v1_BatchResult_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_BatchResult_descriptor,
+        new java.lang.String[] { "Text", "Usage", "CostUsd", "FinishReason", "ProviderModel", });
+    internal_static_routesvc_v1_GetBatchRequest_descriptor =
+      getDescriptor().getMessageTypes().get(17);
+    internal_static_routesvc_v1_GetBatchRequest_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_GetBatchRequest_descriptor,
+        new java.lang.String[] { "BatchId", "Tenant", });
+    internal_static_routesvc_v1_GetBatchResponse_descriptor =
+      getDescriptor().getMessageTypes().get(18);
+    internal_static_routesvc_v1_GetBatchResponse_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_GetBatchResponse_descriptor,
+        new java.lang.String[] { "Job", "Result", "Error", });
+    internal_static_routesvc_v1_CancelBatchRequest_descriptor =
+      getDescriptor().getMessageTypes().get(19);
+    internal_static_routesvc_v1_CancelBatchRequest_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_CancelBatchRequest_descriptor,
+        new java.lang.String[] { "BatchId", "Tenant", });
+    internal_static_routesvc_v1_CancelBatchResponse_descriptor =
+      getDescriptor().getMessageTypes().get(20);
+    internal_static_routesvc_v1_CancelBatchResponse_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_CancelBatchResponse_descriptor,
+        new java.lang.String[] { "Job", });
+    internal_static_routesvc_v1_CompleteResponse_descriptor =
+      getDescriptor().getMessageTypes().get(21);
     internal_static_routesvc_v1_CompleteResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CompleteResponse_descriptor,
-        new java.lang.String[] { "Decision", "Delta", "Completion", "Event", });
+        new java.lang.String[] { "Decision", "Delta", "Completion", "Escalation", "Batch", "Event", });
     internal_static_routesvc_v1_ListModelsRequest_descriptor =
-      getDescriptor().getMessageTypes().get(13);
+      getDescriptor().getMessageTypes().get(22);
     internal_static_routesvc_v1_ListModelsRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ListModelsRequest_descriptor,
         new java.lang.String[] { });
     internal_static_routesvc_v1_ModelInfo_descriptor =
-      getDescriptor().getMessageTypes().get(14);
+      getDescriptor().getMessageTypes().get(23);
     internal_static_routesvc_v1_ModelInfo_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ModelInfo_descriptor,
         new java.lang.String[] { "Id", "Provider", "ProviderModel", "InputPricePerMtok", "OutputPricePerMtok", "CachedInputPricePerMtok", "ContextWindow", "Capabilities", "BatchDiscount", "Available", "UnavailableReason", });
     internal_static_routesvc_v1_ListModelsResponse_descriptor =
-      getDescriptor().getMessageTypes().get(15);
+      getDescriptor().getMessageTypes().get(24);
     internal_static_routesvc_v1_ListModelsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ListModelsResponse_descriptor,
         new java.lang.String[] { "Models", });
     internal_static_routesvc_v1_GetStatsRequest_descriptor =
-      getDescriptor().getMessageTypes().get(16);
+      getDescriptor().getMessageTypes().get(25);
     internal_static_routesvc_v1_GetStatsRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetStatsRequest_descriptor,
         new java.lang.String[] { "Tenant", "Window", });
     internal_static_routesvc_v1_CostTotals_descriptor =
-      getDescriptor().getMessageTypes().get(17);
+      getDescriptor().getMessageTypes().get(26);
     internal_static_routesvc_v1_CostTotals_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CostTotals_descriptor,
         new java.lang.String[] { "Requests", "Errors", "CostUsd", "BaselineCostUsd", "SavingsUsd", "SavingsPercent", "EstimatedCostUsd", "EstimatedBaselineCostUsd", });
     internal_static_routesvc_v1_ModelStats_descriptor =
-      getDescriptor().getMessageTypes().get(18);
+      getDescriptor().getMessageTypes().get(27);
     internal_static_routesvc_v1_ModelStats_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ModelStats_descriptor,
         new java.lang.String[] { "Model", "Share", "Totals", "FeedbackCount", "MeanFeedbackScore", });
     internal_static_routesvc_v1_TenantStats_descriptor =
-      getDescriptor().getMessageTypes().get(19);
+      getDescriptor().getMessageTypes().get(28);
     internal_static_routesvc_v1_TenantStats_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_TenantStats_descriptor,
         new java.lang.String[] { "Tenant", "Totals", });
     internal_static_routesvc_v1_LatencyPercentiles_descriptor =
-      getDescriptor().getMessageTypes().get(20);
+      getDescriptor().getMessageTypes().get(29);
     internal_static_routesvc_v1_LatencyPercentiles_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_LatencyPercentiles_descriptor,
         new java.lang.String[] { "P50", "P95", "P99", });
     internal_static_routesvc_v1_GetStatsResponse_descriptor =
-      getDescriptor().getMessageTypes().get(21);
+      getDescriptor().getMessageTypes().get(30);
     internal_static_routesvc_v1_GetStatsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetStatsResponse_descriptor,
         new java.lang.String[] { "Window", "Tenant", "BaselineModel", "Totals", "Models", "Tenants", "Escalations", "EscalationRate", "Fallbacks", "CascadeDecisions", "CascadeReleaseRate", "MeanReleasedScore", "Latency", "TimeToFirstToken", });
     com.google.protobuf.DurationProto.getDescriptor();
+    com.google.protobuf.TimestampProto.getDescriptor();
   }
 
   // @@protoc_insertion_point(outer_class_scope)

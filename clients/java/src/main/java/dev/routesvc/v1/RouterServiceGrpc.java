@@ -139,6 +139,68 @@ public final class RouterServiceGrpc {
     return getGetStatsMethod;
   }
 
+  private static volatile io.grpc.MethodDescriptor<dev.routesvc.v1.GetBatchRequest,
+      dev.routesvc.v1.GetBatchResponse> getGetBatchMethod;
+
+  @io.grpc.stub.annotations.RpcMethod(
+      fullMethodName = SERVICE_NAME + '/' + "GetBatch",
+      requestType = dev.routesvc.v1.GetBatchRequest.class,
+      responseType = dev.routesvc.v1.GetBatchResponse.class,
+      methodType = io.grpc.MethodDescriptor.MethodType.UNARY)
+  public static io.grpc.MethodDescriptor<dev.routesvc.v1.GetBatchRequest,
+      dev.routesvc.v1.GetBatchResponse> getGetBatchMethod() {
+    io.grpc.MethodDescriptor<dev.routesvc.v1.GetBatchRequest, dev.routesvc.v1.GetBatchResponse> getGetBatchMethod;
+    if ((getGetBatchMethod = RouterServiceGrpc.getGetBatchMethod) == null) {
+      synchronized (RouterServiceGrpc.class) {
+        if ((getGetBatchMethod = RouterServiceGrpc.getGetBatchMethod) == null) {
+          RouterServiceGrpc.getGetBatchMethod = getGetBatchMethod =
+              io.grpc.MethodDescriptor.<dev.routesvc.v1.GetBatchRequest, dev.routesvc.v1.GetBatchResponse>newBuilder()
+              .setType(io.grpc.MethodDescriptor.MethodType.UNARY)
+              .setFullMethodName(generateFullMethodName(SERVICE_NAME, "GetBatch"))
+              .setSampledToLocalTracing(true)
+              .setRequestMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  dev.routesvc.v1.GetBatchRequest.getDefaultInstance()))
+              .setResponseMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  dev.routesvc.v1.GetBatchResponse.getDefaultInstance()))
+              .setSchemaDescriptor(new RouterServiceMethodDescriptorSupplier("GetBatch"))
+              .build();
+        }
+      }
+    }
+    return getGetBatchMethod;
+  }
+
+  private static volatile io.grpc.MethodDescriptor<dev.routesvc.v1.CancelBatchRequest,
+      dev.routesvc.v1.CancelBatchResponse> getCancelBatchMethod;
+
+  @io.grpc.stub.annotations.RpcMethod(
+      fullMethodName = SERVICE_NAME + '/' + "CancelBatch",
+      requestType = dev.routesvc.v1.CancelBatchRequest.class,
+      responseType = dev.routesvc.v1.CancelBatchResponse.class,
+      methodType = io.grpc.MethodDescriptor.MethodType.UNARY)
+  public static io.grpc.MethodDescriptor<dev.routesvc.v1.CancelBatchRequest,
+      dev.routesvc.v1.CancelBatchResponse> getCancelBatchMethod() {
+    io.grpc.MethodDescriptor<dev.routesvc.v1.CancelBatchRequest, dev.routesvc.v1.CancelBatchResponse> getCancelBatchMethod;
+    if ((getCancelBatchMethod = RouterServiceGrpc.getCancelBatchMethod) == null) {
+      synchronized (RouterServiceGrpc.class) {
+        if ((getCancelBatchMethod = RouterServiceGrpc.getCancelBatchMethod) == null) {
+          RouterServiceGrpc.getCancelBatchMethod = getCancelBatchMethod =
+              io.grpc.MethodDescriptor.<dev.routesvc.v1.CancelBatchRequest, dev.routesvc.v1.CancelBatchResponse>newBuilder()
+              .setType(io.grpc.MethodDescriptor.MethodType.UNARY)
+              .setFullMethodName(generateFullMethodName(SERVICE_NAME, "CancelBatch"))
+              .setSampledToLocalTracing(true)
+              .setRequestMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  dev.routesvc.v1.CancelBatchRequest.getDefaultInstance()))
+              .setResponseMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  dev.routesvc.v1.CancelBatchResponse.getDefaultInstance()))
+              .setSchemaDescriptor(new RouterServiceMethodDescriptorSupplier("CancelBatch"))
+              .build();
+        }
+      }
+    }
+    return getCancelBatchMethod;
+  }
+
   /**
    * Creates a new async stub that supports all call types for the service
    */
@@ -220,6 +282,13 @@ public final class RouterServiceGrpc {
      * <pre>
      * Complete decides, calls the chosen model and streams its answer: first the
      * decision, then text deltas, then one final message with usage and exact cost.
+     * Cascade (decision.cascade_models has two or more models): the cheap model's answer
+     * is buffered while it is scored and is never sent unless accepted. An accepted
+     * answer streams as deltas then the completion; a rejected one is announced by one
+     * Escalation message, after which the next model's answer streams (or is buffered
+     * and scored in turn). The completion lists every attempt and sums their cost.
+     * Batch (decision.mode is MODE_BATCH): the stream is the decision then one
+     * BatchJob message and ends; the answer is fetched later with GetBatch.
      * </pre>
      */
     default void complete(dev.routesvc.v1.CompleteRequest request,
@@ -248,6 +317,29 @@ public final class RouterServiceGrpc {
     default void getStats(dev.routesvc.v1.GetStatsRequest request,
         io.grpc.stub.StreamObserver<dev.routesvc.v1.GetStatsResponse> responseObserver) {
       io.grpc.stub.ServerCalls.asyncUnimplementedUnaryCall(getGetStatsMethod(), responseObserver);
+    }
+
+    /**
+     * <pre>
+     * GetBatch reports a batch job's state and, once it succeeded, its answer, usage and
+     * cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
+     * </pre>
+     */
+    default void getBatch(dev.routesvc.v1.GetBatchRequest request,
+        io.grpc.stub.StreamObserver<dev.routesvc.v1.GetBatchResponse> responseObserver) {
+      io.grpc.stub.ServerCalls.asyncUnimplementedUnaryCall(getGetBatchMethod(), responseObserver);
+    }
+
+    /**
+     * <pre>
+     * CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
+     * returns its state; a job that already ended is returned unchanged. An unknown job,
+     * or another tenant's, is NOT_FOUND.
+     * </pre>
+     */
+    default void cancelBatch(dev.routesvc.v1.CancelBatchRequest request,
+        io.grpc.stub.StreamObserver<dev.routesvc.v1.CancelBatchResponse> responseObserver) {
+      io.grpc.stub.ServerCalls.asyncUnimplementedUnaryCall(getCancelBatchMethod(), responseObserver);
     }
   }
 
@@ -300,6 +392,13 @@ public final class RouterServiceGrpc {
      * <pre>
      * Complete decides, calls the chosen model and streams its answer: first the
      * decision, then text deltas, then one final message with usage and exact cost.
+     * Cascade (decision.cascade_models has two or more models): the cheap model's answer
+     * is buffered while it is scored and is never sent unless accepted. An accepted
+     * answer streams as deltas then the completion; a rejected one is announced by one
+     * Escalation message, after which the next model's answer streams (or is buffered
+     * and scored in turn). The completion lists every attempt and sums their cost.
+     * Batch (decision.mode is MODE_BATCH): the stream is the decision then one
+     * BatchJob message and ends; the answer is fetched later with GetBatch.
      * </pre>
      */
     public void complete(dev.routesvc.v1.CompleteRequest request,
@@ -331,6 +430,31 @@ public final class RouterServiceGrpc {
         io.grpc.stub.StreamObserver<dev.routesvc.v1.GetStatsResponse> responseObserver) {
       io.grpc.stub.ClientCalls.asyncUnaryCall(
           getChannel().newCall(getGetStatsMethod(), getCallOptions()), request, responseObserver);
+    }
+
+    /**
+     * <pre>
+     * GetBatch reports a batch job's state and, once it succeeded, its answer, usage and
+     * cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
+     * </pre>
+     */
+    public void getBatch(dev.routesvc.v1.GetBatchRequest request,
+        io.grpc.stub.StreamObserver<dev.routesvc.v1.GetBatchResponse> responseObserver) {
+      io.grpc.stub.ClientCalls.asyncUnaryCall(
+          getChannel().newCall(getGetBatchMethod(), getCallOptions()), request, responseObserver);
+    }
+
+    /**
+     * <pre>
+     * CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
+     * returns its state; a job that already ended is returned unchanged. An unknown job,
+     * or another tenant's, is NOT_FOUND.
+     * </pre>
+     */
+    public void cancelBatch(dev.routesvc.v1.CancelBatchRequest request,
+        io.grpc.stub.StreamObserver<dev.routesvc.v1.CancelBatchResponse> responseObserver) {
+      io.grpc.stub.ClientCalls.asyncUnaryCall(
+          getChannel().newCall(getCancelBatchMethod(), getCallOptions()), request, responseObserver);
     }
   }
 
@@ -368,6 +492,13 @@ public final class RouterServiceGrpc {
      * <pre>
      * Complete decides, calls the chosen model and streams its answer: first the
      * decision, then text deltas, then one final message with usage and exact cost.
+     * Cascade (decision.cascade_models has two or more models): the cheap model's answer
+     * is buffered while it is scored and is never sent unless accepted. An accepted
+     * answer streams as deltas then the completion; a rejected one is announced by one
+     * Escalation message, after which the next model's answer streams (or is buffered
+     * and scored in turn). The completion lists every attempt and sums their cost.
+     * Batch (decision.mode is MODE_BATCH): the stream is the decision then one
+     * BatchJob message and ends; the answer is fetched later with GetBatch.
      * </pre>
      */
     @io.grpc.ExperimentalApi("https://github.com/grpc/grpc-java/issues/10918")
@@ -398,6 +529,29 @@ public final class RouterServiceGrpc {
     public dev.routesvc.v1.GetStatsResponse getStats(dev.routesvc.v1.GetStatsRequest request) throws io.grpc.StatusException {
       return io.grpc.stub.ClientCalls.blockingV2UnaryCall(
           getChannel(), getGetStatsMethod(), getCallOptions(), request);
+    }
+
+    /**
+     * <pre>
+     * GetBatch reports a batch job's state and, once it succeeded, its answer, usage and
+     * cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
+     * </pre>
+     */
+    public dev.routesvc.v1.GetBatchResponse getBatch(dev.routesvc.v1.GetBatchRequest request) throws io.grpc.StatusException {
+      return io.grpc.stub.ClientCalls.blockingV2UnaryCall(
+          getChannel(), getGetBatchMethod(), getCallOptions(), request);
+    }
+
+    /**
+     * <pre>
+     * CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
+     * returns its state; a job that already ended is returned unchanged. An unknown job,
+     * or another tenant's, is NOT_FOUND.
+     * </pre>
+     */
+    public dev.routesvc.v1.CancelBatchResponse cancelBatch(dev.routesvc.v1.CancelBatchRequest request) throws io.grpc.StatusException {
+      return io.grpc.stub.ClientCalls.blockingV2UnaryCall(
+          getChannel(), getCancelBatchMethod(), getCallOptions(), request);
     }
   }
 
@@ -435,6 +589,13 @@ public final class RouterServiceGrpc {
      * <pre>
      * Complete decides, calls the chosen model and streams its answer: first the
      * decision, then text deltas, then one final message with usage and exact cost.
+     * Cascade (decision.cascade_models has two or more models): the cheap model's answer
+     * is buffered while it is scored and is never sent unless accepted. An accepted
+     * answer streams as deltas then the completion; a rejected one is announced by one
+     * Escalation message, after which the next model's answer streams (or is buffered
+     * and scored in turn). The completion lists every attempt and sums their cost.
+     * Batch (decision.mode is MODE_BATCH): the stream is the decision then one
+     * BatchJob message and ends; the answer is fetched later with GetBatch.
      * </pre>
      */
     public java.util.Iterator<dev.routesvc.v1.CompleteResponse> complete(
@@ -464,6 +625,29 @@ public final class RouterServiceGrpc {
     public dev.routesvc.v1.GetStatsResponse getStats(dev.routesvc.v1.GetStatsRequest request) {
       return io.grpc.stub.ClientCalls.blockingUnaryCall(
           getChannel(), getGetStatsMethod(), getCallOptions(), request);
+    }
+
+    /**
+     * <pre>
+     * GetBatch reports a batch job's state and, once it succeeded, its answer, usage and
+     * cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
+     * </pre>
+     */
+    public dev.routesvc.v1.GetBatchResponse getBatch(dev.routesvc.v1.GetBatchRequest request) {
+      return io.grpc.stub.ClientCalls.blockingUnaryCall(
+          getChannel(), getGetBatchMethod(), getCallOptions(), request);
+    }
+
+    /**
+     * <pre>
+     * CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
+     * returns its state; a job that already ended is returned unchanged. An unknown job,
+     * or another tenant's, is NOT_FOUND.
+     * </pre>
+     */
+    public dev.routesvc.v1.CancelBatchResponse cancelBatch(dev.routesvc.v1.CancelBatchRequest request) {
+      return io.grpc.stub.ClientCalls.blockingUnaryCall(
+          getChannel(), getCancelBatchMethod(), getCallOptions(), request);
     }
   }
 
@@ -522,12 +706,39 @@ public final class RouterServiceGrpc {
       return io.grpc.stub.ClientCalls.futureUnaryCall(
           getChannel().newCall(getGetStatsMethod(), getCallOptions()), request);
     }
+
+    /**
+     * <pre>
+     * GetBatch reports a batch job's state and, once it succeeded, its answer, usage and
+     * cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
+     * </pre>
+     */
+    public com.google.common.util.concurrent.ListenableFuture<dev.routesvc.v1.GetBatchResponse> getBatch(
+        dev.routesvc.v1.GetBatchRequest request) {
+      return io.grpc.stub.ClientCalls.futureUnaryCall(
+          getChannel().newCall(getGetBatchMethod(), getCallOptions()), request);
+    }
+
+    /**
+     * <pre>
+     * CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
+     * returns its state; a job that already ended is returned unchanged. An unknown job,
+     * or another tenant's, is NOT_FOUND.
+     * </pre>
+     */
+    public com.google.common.util.concurrent.ListenableFuture<dev.routesvc.v1.CancelBatchResponse> cancelBatch(
+        dev.routesvc.v1.CancelBatchRequest request) {
+      return io.grpc.stub.ClientCalls.futureUnaryCall(
+          getChannel().newCall(getCancelBatchMethod(), getCallOptions()), request);
+    }
   }
 
   private static final int METHODID_ROUTE = 0;
   private static final int METHODID_COMPLETE = 1;
   private static final int METHODID_LIST_MODELS = 2;
   private static final int METHODID_GET_STATS = 3;
+  private static final int METHODID_GET_BATCH = 4;
+  private static final int METHODID_CANCEL_BATCH = 5;
 
   private static final class MethodHandlers<Req, Resp> implements
       io.grpc.stub.ServerCalls.UnaryMethod<Req, Resp>,
@@ -561,6 +772,14 @@ public final class RouterServiceGrpc {
         case METHODID_GET_STATS:
           serviceImpl.getStats((dev.routesvc.v1.GetStatsRequest) request,
               (io.grpc.stub.StreamObserver<dev.routesvc.v1.GetStatsResponse>) responseObserver);
+          break;
+        case METHODID_GET_BATCH:
+          serviceImpl.getBatch((dev.routesvc.v1.GetBatchRequest) request,
+              (io.grpc.stub.StreamObserver<dev.routesvc.v1.GetBatchResponse>) responseObserver);
+          break;
+        case METHODID_CANCEL_BATCH:
+          serviceImpl.cancelBatch((dev.routesvc.v1.CancelBatchRequest) request,
+              (io.grpc.stub.StreamObserver<dev.routesvc.v1.CancelBatchResponse>) responseObserver);
           break;
         default:
           throw new AssertionError();
@@ -608,6 +827,20 @@ public final class RouterServiceGrpc {
               dev.routesvc.v1.GetStatsRequest,
               dev.routesvc.v1.GetStatsResponse>(
                 service, METHODID_GET_STATS)))
+        .addMethod(
+          getGetBatchMethod(),
+          io.grpc.stub.ServerCalls.asyncUnaryCall(
+            new MethodHandlers<
+              dev.routesvc.v1.GetBatchRequest,
+              dev.routesvc.v1.GetBatchResponse>(
+                service, METHODID_GET_BATCH)))
+        .addMethod(
+          getCancelBatchMethod(),
+          io.grpc.stub.ServerCalls.asyncUnaryCall(
+            new MethodHandlers<
+              dev.routesvc.v1.CancelBatchRequest,
+              dev.routesvc.v1.CancelBatchResponse>(
+                service, METHODID_CANCEL_BATCH)))
         .build();
   }
 
@@ -660,6 +893,8 @@ public final class RouterServiceGrpc {
               .addMethod(getCompleteMethod())
               .addMethod(getListModelsMethod())
               .addMethod(getGetStatsMethod())
+              .addMethod(getGetBatchMethod())
+              .addMethod(getCancelBatchMethod())
               .build();
         }
       }

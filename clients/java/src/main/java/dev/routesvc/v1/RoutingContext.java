@@ -422,6 +422,37 @@ java.lang.String defaultValue) {
     }
   }
 
+  public static final int CASCADE_FIELD_NUMBER = 8;
+  private boolean cascade_ = false;
+  /**
+   * <pre>
+   * Whether to run the configured cascade (score the cheap answer, escalate when it
+   * scores too low); unset follows the config's cascade.apply ("always", or
+   * "on_request": only when this is true). Ignored for pinned models and batch mode.
+   * </pre>
+   *
+   * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
+   * @return Whether the cascade field is set.
+   */
+  @java.lang.Override
+  public boolean hasCascade() {
+    return ((bitField0_ & 0x00000002) != 0);
+  }
+  /**
+   * <pre>
+   * Whether to run the configured cascade (score the cheap answer, escalate when it
+   * scores too low); unset follows the config's cascade.apply ("always", or
+   * "on_request": only when this is true). Ignored for pinned models and batch mode.
+   * </pre>
+   *
+   * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
+   * @return The cascade.
+   */
+  @java.lang.Override
+  public boolean getCascade() {
+    return cascade_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -459,6 +490,9 @@ java.lang.String defaultValue) {
     }
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(model_)) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 7, model_);
+    }
+    if (((bitField0_ & 0x00000002) != 0)) {
+      output.writeBool(8, cascade_);
     }
     getUnknownFields().writeTo(output);
   }
@@ -498,6 +532,10 @@ java.lang.String defaultValue) {
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(model_)) {
       size += com.google.protobuf.GeneratedMessageV3.computeStringSize(7, model_);
     }
+    if (((bitField0_ & 0x00000002) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeBoolSize(8, cascade_);
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -530,6 +568,11 @@ java.lang.String defaultValue) {
         .equals(other.getMaxCostUsd())) return false;
     if (!getModel()
         .equals(other.getModel())) return false;
+    if (hasCascade() != other.hasCascade()) return false;
+    if (hasCascade()) {
+      if (getCascade()
+          != other.getCascade()) return false;
+    }
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -560,6 +603,11 @@ java.lang.String defaultValue) {
     hash = (53 * hash) + getMaxCostUsd().hashCode();
     hash = (37 * hash) + MODEL_FIELD_NUMBER;
     hash = (53 * hash) + getModel().hashCode();
+    if (hasCascade()) {
+      hash = (37 * hash) + CASCADE_FIELD_NUMBER;
+      hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
+          getCascade());
+    }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -724,6 +772,7 @@ java.lang.String defaultValue) {
       internalGetMutableMetadata().clear();
       maxCostUsd_ = "";
       model_ = "";
+      cascade_ = false;
       return this;
     }
 
@@ -780,6 +829,10 @@ java.lang.String defaultValue) {
       }
       if (((from_bitField0_ & 0x00000040) != 0)) {
         result.model_ = model_;
+      }
+      if (((from_bitField0_ & 0x00000080) != 0)) {
+        result.cascade_ = cascade_;
+        to_bitField0_ |= 0x00000002;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -859,6 +912,9 @@ java.lang.String defaultValue) {
         bitField0_ |= 0x00000040;
         onChanged();
       }
+      if (other.hasCascade()) {
+        setCascade(other.getCascade());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -924,6 +980,11 @@ java.lang.String defaultValue) {
               bitField0_ |= 0x00000040;
               break;
             } // case 58
+            case 64: {
+              cascade_ = input.readBool();
+              bitField0_ |= 0x00000080;
+              break;
+            } // case 64
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1618,6 +1679,70 @@ java.lang.String defaultValue) {
       checkByteStringIsUtf8(value);
       model_ = value;
       bitField0_ |= 0x00000040;
+      onChanged();
+      return this;
+    }
+
+    private boolean cascade_ ;
+    /**
+     * <pre>
+     * Whether to run the configured cascade (score the cheap answer, escalate when it
+     * scores too low); unset follows the config's cascade.apply ("always", or
+     * "on_request": only when this is true). Ignored for pinned models and batch mode.
+     * </pre>
+     *
+     * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
+     * @return Whether the cascade field is set.
+     */
+    @java.lang.Override
+    public boolean hasCascade() {
+      return ((bitField0_ & 0x00000080) != 0);
+    }
+    /**
+     * <pre>
+     * Whether to run the configured cascade (score the cheap answer, escalate when it
+     * scores too low); unset follows the config's cascade.apply ("always", or
+     * "on_request": only when this is true). Ignored for pinned models and batch mode.
+     * </pre>
+     *
+     * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
+     * @return The cascade.
+     */
+    @java.lang.Override
+    public boolean getCascade() {
+      return cascade_;
+    }
+    /**
+     * <pre>
+     * Whether to run the configured cascade (score the cheap answer, escalate when it
+     * scores too low); unset follows the config's cascade.apply ("always", or
+     * "on_request": only when this is true). Ignored for pinned models and batch mode.
+     * </pre>
+     *
+     * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
+     * @param value The cascade to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCascade(boolean value) {
+
+      cascade_ = value;
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether to run the configured cascade (score the cheap answer, escalate when it
+     * scores too low); unset follows the config's cascade.apply ("always", or
+     * "on_request": only when this is true). Ignored for pinned models and batch mode.
+     * </pre>
+     *
+     * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCascade() {
+      bitField0_ = (bitField0_ & ~0x00000080);
+      cascade_ = false;
       onChanged();
       return this;
     }

@@ -184,4 +184,27 @@ java.lang.String defaultValue);
    */
   com.google.protobuf.ByteString
       getModelBytes();
+
+  /**
+   * <pre>
+   * Whether to run the configured cascade (score the cheap answer, escalate when it
+   * scores too low); unset follows the config's cascade.apply ("always", or
+   * "on_request": only when this is true). Ignored for pinned models and batch mode.
+   * </pre>
+   *
+   * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
+   * @return Whether the cascade field is set.
+   */
+  boolean hasCascade();
+  /**
+   * <pre>
+   * Whether to run the configured cascade (score the cheap answer, escalate when it
+   * scores too low); unset follows the config's cascade.apply ("always", or
+   * "on_request": only when this is true). Ignored for pinned models and batch mode.
+   * </pre>
+   *
+   * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
+   * @return The cascade.
+   */
+  boolean getCascade();
 }
