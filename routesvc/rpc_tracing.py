@@ -10,7 +10,8 @@ are not traced.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -73,11 +74,16 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+                # A coroutine that writes, not a generator that yields: every await (writes
+                # included) happens in this frame, so a cancellation ends the span and resets
+                # the context variables in the task and context that set them. A generator
+                # left suspended at a yield would be finalized later in another context.
                 with telemetry.server_rpc(service, method, metadata) as rpc:
                     try:
-                        async for response in inner_stream(request, context):
-                            yield response
+                        async with contextlib.aclosing(inner_stream(request, context)) as responses:
+                            async for response in responses:
+                                await context.write(response)
                     except BaseException as error:
                         _finish(rpc, context, error)
                         raise
