@@ -247,7 +247,7 @@ class TestDeadlinesAndCancellation:
         await recorded.wait_ended(timeout=2.0)
         assert recorded.aborted
 
-    @pytest.mark.parametrize("after", [0, 1, 10])
+    @pytest.mark.parametrize("after", [0, 1, 10, 100])
     async def test_cancel_mid_stream_closes_the_upstream_request(
         self, live_client: RouterClient, fake: FakeProvider, after: int
     ) -> None:

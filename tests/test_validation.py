@@ -124,3 +124,22 @@ class TestSizeLimits:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await client.route(user_chat("hi", tools=[pb.Tool(name=f"t{i}") for i in range(200)]))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class TestWireLevel:
+    async def test_invalid_utf8_is_invalid_argument(self, client: RouterClient, server: object) -> None:
+        """A string field with bytes that are not UTF-8 is INVALID_ARGUMENT, not UNKNOWN."""
+        message = bytes([0x08, 0x02, 0x12, 0x02, 0xFF, 0xFE])  # Message{role: USER, content: b"\xff\xfe"}
+        chat = bytes([0x0A, len(message)]) + message
+        request = bytes([0x0A, len(chat)]) + chat
+        async with grpc.aio.insecure_channel(server.target) as channel:  # type: ignore[attr-defined]
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary("/routesvc.v1.RouterService/Route")(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).metadata["field"] == "request"
+
+    async def test_64_kib_of_metadata_is_refused(self, client: RouterClient) -> None:
+        """64 KiB of request metadata is refused by the transport with RESOURCE_EXHAUSTED."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.route(user_chat("hi"), metadata={"x-padding": "a" * 65_536})
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
