@@ -299,6 +299,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
                             finish_reason=event.finish_reason.value,
                         )
                     else:
+                        if not chunks:
+                            telemetry.record_first_chunk_sent()
                         chunks += 1
                     record.fields["chunks"] = chunks
                     yield wire.complete_message(event)

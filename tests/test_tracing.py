@@ -158,6 +158,7 @@ class TestClientSpan:
         assert attributes["routesvc.time_to_first_chunk_ms"] > 0  # type: ignore[operator]
         assert _attrs(server)["routesvc.cost_usd"] == pytest.approx(float(completion.cost_usd))
         assert (_attrs(server)["routesvc.attempts"], _attrs(server)["routesvc.escalations"]) == (1, 0)
+        assert _attrs(server)["routesvc.time_to_first_token_ms"] >= attributes["routesvc.time_to_first_chunk_ms"]  # type: ignore[operator]
 
     async def test_the_provider_receives_our_client_span_as_parent(
         self, observed: Observed, fake: FakeProvider

@@ -33,6 +33,7 @@ from routesvc.telemetry._request import (
     record_escalation,
     record_fallback,
     record_feedback,
+    record_first_chunk_sent,
     record_stage_latency,
     start_routing,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "record_escalation",
     "record_fallback",
     "record_feedback",
+    "record_first_chunk_sent",
     "record_stage_latency",
     "start_routing",
 ]

@@ -230,6 +230,17 @@ def record_feedback(model: str, score: float, *, decision_id: str = "", tenant: 
     )
 
 
+def record_first_chunk_sent() -> None:
+    """The first text chunk went to the caller: the request's time to first token ends here.
+
+    (A cascade buffers a cheap answer while scoring it, so a provider's first chunk is not it.)
+    """
+    rpc = _CURRENT.get()
+    if rpc is not None and rpc.first_chunk_at is None:
+        rpc.first_chunk_at = time.monotonic()
+        rpc.span.set_attribute("routesvc.time_to_first_token_ms", round((rpc.first_chunk_at - rpc.started) * 1000, 3))
+
+
 def record_stage_latency(stage: str, seconds: float) -> None:
     """How long one policy stage took on its own (classifier, embedding, scorer, rules, ...)."""
     rpc = _CURRENT.get()
@@ -365,8 +376,6 @@ async def observed_stream(
             if isinstance(event, TextDelta):
                 if first_chunk is None:
                     first_chunk = time.monotonic()
-                    if rpc.first_chunk_at is None:
-                        rpc.first_chunk_at = first_chunk
                     span.set_attribute("routesvc.time_to_first_chunk_ms", round((first_chunk - started) * 1000, 3))
                     telemetry.instruments.time_to_first_chunk.record(first_chunk - started, metric_labels)
                 texts.append(event.text)
