@@ -244,3 +244,21 @@ class TestTenantScope:
         assert (own.tenant, own.totals.requests) == ("acme", 1)
         assert [t.tenant for t in own.tenants] == ["acme"]
         assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+class TestCascadeStats:
+    async def test_escalation_and_release_rates(self, observed: Observed, fake: FakeProvider) -> None:
+        """One cheap answer released at judge score 0.9, one refusal escalated: rates of one half each,
+        and the released answers' mean score."""
+        fake.enqueue(Script(text="Paris is the capital."), Script(text='{"score": 0.9}'), model="gpt-4o-mini")
+        fake.enqueue(Script(text="I'm sorry, but I can't help with that."), model="gpt-4o-mini")
+        for _ in range(2):
+            async for _ in observed.client.complete(
+                user_chat("What is the capital of France?"), pb.RoutingContext(cascade=True)
+            ):
+                pass
+        stats = await observed.client.get_stats()
+        assert (stats.escalations, stats.escalation_rate) == (1, 0.5)
+        assert (stats.cascade_decisions, stats.cascade_release_rate) == (2, 0.5)
+        assert stats.mean_released_score == pytest.approx(0.9)
+        assert {m.model: m.totals.requests for m in stats.models} == {"gpt-4o-mini": 1, "gpt-4o": 1}
