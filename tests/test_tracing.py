@@ -3,6 +3,7 @@ attributes and cost, trace context in and out, events for fallbacks and escalati
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 
@@ -192,6 +193,35 @@ class TestClientSpan:
         (server,) = observed.named(COMPLETE)
         assert _attrs(server)["routesvc.cost_usd"] == pytest.approx(total)
         assert total == pytest.approx(float(messages[-1].completion.cost_usd))
+
+
+class TestCancellation:
+    async def test_usage_is_recorded_when_the_client_cancels(self, observed: Observed, fake: FakeProvider) -> None:
+        """A client that leaves after 3 chunks: the chat span still ends, with usage estimated from
+        what was sent and received and flagged, its cost on the server span, status CANCELLED (1)."""
+        fake.enqueue(Script(chunk_count=40, chunk_delay=0.05, input_tokens=500))
+        stream = observed.client.complete(user_chat("Count slowly"))
+        deltas = 0
+        async for message in stream:
+            deltas += message.WhichOneof("event") == "delta"
+            if deltas == 3:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+        for _ in range(100):
+            if observed.named(COMPLETE):
+                break
+            await asyncio.sleep(0.02)
+        (server,) = observed.named(COMPLETE)
+        (chat,) = observed.named("chat gpt-4o-mini")
+        attributes = _attrs(chat)
+        assert attributes["routesvc.usage_estimated"] is True
+        assert attributes["routesvc.outcome"] == "cancelled"
+        assert attributes["gen_ai.usage.input_tokens"] > 0  # type: ignore[operator]
+        assert 3 <= attributes["gen_ai.usage.output_tokens"] < 40  # type: ignore[operator]
+        assert attributes["routesvc.cost_usd"] > 0  # type: ignore[operator]
+        assert chat.status.status_code is StatusCode.UNSET
+        assert _attrs(server)["rpc.grpc.status_code"] == 1
+        assert _attrs(server)["routesvc.cost_usd"] == attributes["routesvc.cost_usd"]
 
 
 class TestContent:
