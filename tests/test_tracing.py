@@ -369,3 +369,34 @@ class TestPurpose:
             if s.name.startswith("chat")
         ]
         assert purposes == ["answer", "judge"]
+
+
+class TestExport:
+    async def test_a_collector_that_is_down_delays_shutdown_by_seconds_only(self, fake: FakeProvider) -> None:
+        """OTLP traces and metrics to a closed port: requests are unaffected and the server stops within 5 s."""
+        import socket
+        import time
+
+        from routesvc.client import RouterClient
+        from routesvc.server import Server
+        from tests.conftest import live_environ
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        config = default_config()
+        config["telemetry"] = {
+            "tracing": {"exporter": "otlp", "otlp_endpoint": closed},
+            "metrics": {"exporter": "otlp", "otlp_endpoint": closed},
+        }
+        server = Server(settings_from(config, live_environ(fake)), port=0)
+        await server.start()
+        try:
+            async with RouterClient(server.target) as client:
+                messages = [m async for m in client.complete(user_chat("hi"))]
+        finally:
+            started = time.monotonic()
+            await server.aclose()
+            took = time.monotonic() - started
+        assert messages[-1].WhichOneof("event") == "completion"
+        assert took < 5

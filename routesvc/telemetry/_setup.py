@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 
 import structlog
@@ -27,6 +28,7 @@ from routesvc.stats import RoutingStats
 from routesvc.telemetry._request import _CURRENT, _PROPAGATOR, RequestTelemetry
 
 _SCOPE = "routesvc"
+_EXPORT_TIMEOUT_MS = 3_000
 # Bucket boundaries the GenAI conventions recommend.
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 _SECONDS_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
@@ -132,9 +134,13 @@ class Telemetry:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             exporter = OTLPSpanExporter(
-                endpoint=config.traces_endpoint, insecure=config.otlp_insecure, headers=dict(config.otlp_headers)
+                endpoint=config.traces_endpoint,
+                insecure=config.otlp_insecure,
+                headers=dict(config.otlp_headers),
+                timeout=_EXPORT_TIMEOUT_MS // 1000,
             )
-            processors.append(BatchSpanProcessor(exporter))
+            # Bounded, so a collector that is down delays shutdown by seconds, not the grace period.
+            processors.append(BatchSpanProcessor(exporter, export_timeout_millis=_EXPORT_TIMEOUT_MS))
         elif config.traces_exporter == "console":
             processors.append(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
         self._tracer_provider: TracerProvider | None = None
@@ -154,9 +160,16 @@ class Telemetry:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
             metric_exporter = OTLPMetricExporter(
-                endpoint=config.metrics_endpoint, insecure=config.otlp_insecure, headers=dict(config.otlp_headers)
+                endpoint=config.metrics_endpoint,
+                insecure=config.otlp_insecure,
+                headers=dict(config.otlp_headers),
+                timeout=_EXPORT_TIMEOUT_MS // 1000,
             )
-            readers.append(PeriodicExportingMetricReader(metric_exporter, int(config.metrics_interval_seconds * 1000)))
+            readers.append(
+                PeriodicExportingMetricReader(
+                    metric_exporter, int(config.metrics_interval_seconds * 1000), _EXPORT_TIMEOUT_MS
+                )
+            )
         elif config.metrics_exporter == "console":
             readers.append(
                 PeriodicExportingMetricReader(
@@ -184,11 +197,20 @@ class Telemetry:
         return self._tracer_provider is not None
 
     def shutdown(self) -> None:
-        """Flush and stop the exporters (blocking; call it from a worker thread in async code)."""
-        if self._tracer_provider is not None:
-            self._tracer_provider.shutdown()
-        if self._meter_provider is not None:
-            self._meter_provider.shutdown()
+        """Flush and stop the exporters (blocking; call it from a worker thread in async code).
+
+        Traces and metrics flush side by side, each bounded by the export timeout, so a collector
+        that is down delays a shutdown by a few seconds at most.
+        """
+        flushing = [
+            threading.Thread(target=provider.shutdown, name=f"routesvc-telemetry-{kind}")
+            for kind, provider in (("traces", self._tracer_provider), ("metrics", self._meter_provider))
+            if provider is not None
+        ]
+        for thread in flushing:
+            thread.start()
+        for thread in flushing:
+            thread.join()
         if self.prometheus is not None:
             self.prometheus.close()
 
