@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 
 import bpe_openai
 
@@ -25,18 +26,56 @@ def _encoding() -> bpe_openai.Encoding:
 _PIECE_CHARS = 200_000
 
 
-def count_text_tokens(text: str) -> int:
-    """Tokens in ``text`` under o200k (the gpt-4o encoding; close for other vendors' models)."""
+# Chat traffic sends the same texts again and again (an application's system prompt, the earlier
+# turns of a conversation) and counting costs about 40 ns a character, so the counts of
+# message-sized texts are kept: at most 1024 texts of at most 16K characters (16 MB of ASCII).
+_CACHED_MIN_CHARS = 256
+_CACHED_MAX_CHARS = 16_384
+
+
+@functools.cache
+def _counter() -> Callable[[str], int]:
+    """The Rust backend's ``count`` (the length of ``encode_ordinary`` without building the list of
+    tokens, 1.2-3x faster) when this bpe-openai exposes it, else ``len(encode_ordinary(...))``."""
     encoding = _encoding()
+    count = getattr(getattr(encoding, "_backend", None), "count", None)
+
+    def by_encoding(text: str) -> int:
+        return len(encoding.encode_ordinary(text))
+
+    if count is None:
+        return by_encoding
+
+    def by_count(text: str) -> int:
+        try:
+            return int(count(text))
+        except UnicodeEncodeError:  # lone surrogates: encode_ordinary replaces them first
+            return by_encoding(text)
+
+    return by_count
+
+
+def _count_uncached(text: str) -> int:
+    counter = _counter()
     total = 0
     start = 0
     while len(text) - start > _PIECE_CHARS:
         end = start + _PIECE_CHARS
         cut = max(text.rfind(" ", start + _PIECE_CHARS // 2, end), text.rfind("\n", start + _PIECE_CHARS // 2, end))
         end = cut if cut > start else end
-        total += len(encoding.encode_ordinary(text[start:end]))
+        total += counter(text[start:end])
         start = end
-    return total + len(encoding.encode_ordinary(text[start:]))
+    return total + counter(text[start:])
+
+
+_count_cached = functools.lru_cache(maxsize=1024)(_count_uncached)
+
+
+def count_text_tokens(text: str) -> int:
+    """Tokens in ``text`` under o200k (the gpt-4o encoding; close for other vendors' models)."""
+    if _CACHED_MIN_CHARS <= len(text) <= _CACHED_MAX_CHARS:
+        return _count_cached(text)
+    return _count_uncached(text)
 
 
 def estimate_input_tokens(chat: ChatRequest) -> int:

@@ -1,0 +1,41 @@
+"""Token counting: the fast path and the cache give exactly what the encoder's token list gives."""
+
+from __future__ import annotations
+
+import bpe_openai
+
+from routesvc import tokens
+from routesvc.tokens import count_text_tokens
+
+_ENCODING = bpe_openai.get_encoding("o200k_base")
+
+SAMPLES = (
+    "What is the capital of France?",
+    "def merge(a, b):\n    return sorted(a + b)\n" * 20,
+    "héllo wörld, 日本語のテキスト, emoji 🙂 " * 30,
+    "lone surrogate \ud800 inside",
+    "<|endoftext|> special tokens are plain text here",
+    "x" * 5000,
+    "",
+)
+
+
+class TestCountTextTokens:
+    def test_equals_the_length_of_the_encoding(self) -> None:
+        """For short, cached-size, non-ASCII, surrogate and special-token texts alike."""
+        expected = [len(_ENCODING.encode_ordinary(_ENCODING._sanitize_text(text))) for text in SAMPLES]
+        assert expected == [count_text_tokens(text) for text in SAMPLES]
+
+    def test_a_cached_count_is_the_same_count(self) -> None:
+        """A message-sized text counted twice gives the same number, the second time from the cache."""
+        text = "The quarterly report covers revenue and churn. " * 40
+        first = count_text_tokens(text)
+        hits = tokens._count_cached.cache_info().hits
+        assert (first, hits + 1) == (count_text_tokens(text), tokens._count_cached.cache_info().hits)
+
+    def test_long_texts_are_counted_in_pieces_without_the_cache(self) -> None:
+        """Texts past the cache's size limit are counted, in pieces, and not kept."""
+        text = "word " * 60_000
+        size = tokens._count_cached.cache_info().currsize
+        # 60,000 words and the final space, which o200k keeps as a token of its own.
+        assert (count_text_tokens(text), tokens._count_cached.cache_info().currsize) == (60_001, size)
