@@ -1,0 +1,240 @@
+"""What every benchmark shares: processes under test, load from another process, stats, results.
+
+Servers under test run as their own processes (``routesvc serve``, the bare server, the fake
+provider, LiteLLM's proxy); load comes from a separate ``multiprocessing`` process with its own
+event loop, so the load generator never shares an interpreter with what it measures. Every run
+is bounded in requests and seconds, and talks to loopback only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+PYTHON = sys.executable
+# The key every bench client sends; LiteLLM's proxy refuses to start without a strong master key.
+BENCH_KEY = "sk-bench-7c1e4f0a9b2d4e6f8a1c3e5b7d9f0a2c4e6b8d0f1a3c5e7b"
+
+# A fixed mix of prompts: short questions, a medium instruction, a long document, and hints
+# that exercise several rules. The same list feeds every target in every scenario.
+_LOREM = (
+    "The quarterly report covers revenue, churn, hiring and the migration of the billing system. "
+    "Each section lists what changed, why it changed and what the team expects next quarter. "
+)
+PROMPTS: tuple[tuple[str, str], ...] = (
+    ("What is the capital of France?", ""),
+    ("Write a Python function that merges two sorted lists.", "code_generation"),
+    ("Summarise this report in three bullet points:\n" + _LOREM * 20, ""),
+    ("Plan a three-day trip to Lisbon with a budget of 800 euros.", "multi_step_reasoning"),
+    ("Write a short poem about the sea at night.", "creative_writing"),
+    ("Translate 'good morning, how are you?' into Spanish and German.", ""),
+    ("Explain the difference between TCP and UDP to a new engineer. " * 3, ""),
+    ("Extract every date from: the meeting moved from 3 March to 12 April, then 1 May.", ""),
+)
+
+
+def free_port() -> int:
+    """A free loopback TCP port (closed again at once; good enough on a quiet loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a process under test: no OTel or SDK variables leaking in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+    env.update(extra)
+    return env
+
+
+def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until something accepts on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+@contextlib.contextmanager
+def running(
+    cmd: Sequence[str], port: int, *, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> Iterator[int]:
+    """Run ``cmd`` until the block ends (SIGTERM, then SIGKILL after 10 s); yields its pid."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below, after the process
+    process = subprocess.Popen(  # noqa: S603 - our own benchmark processes
+        list(cmd), env=env or clean_env(), stdout=subprocess.DEVNULL, stderr=log, cwd=REPO
+    )
+    try:
+        try:
+            wait_for_port(port, timeout, process)
+        except Exception:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+            raise
+        yield process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@contextlib.contextmanager
+def fake_provider(chunk_count: int = 20, chunk_delay: float = 0.0, first_chunk_delay: float = 0.0) -> Iterator[str]:
+    """``python -m routesvc.testing`` as a process, every request answered by one default script."""
+    port = free_port()
+    with running([PYTHON, "-m", "routesvc.testing", "--port", str(port)], port):
+        base = f"http://127.0.0.1:{port}"
+        script = {"chunk_count": chunk_count, "chunk_delay": chunk_delay, "first_chunk_delay": first_chunk_delay}
+        body = json.dumps({"script": script, "mode": "default"}).encode()
+        request = urllib.request.Request(f"{base}/_fake/script", data=body, method="POST")  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
+            answer.read()
+        yield base
+
+
+def routesvc_config(fake_base: str | None = None, **server: object) -> dict[str, Any]:
+    """The embedded default config, logging JSON lines, with ``server`` fields overridden."""
+    from importlib import resources
+
+    text = resources.files("routesvc").joinpath("default_config.yaml").read_text(encoding="utf-8")
+    config: dict[str, Any] = yaml.safe_load(text)
+    config["logging"] = {"level": "info", "format": "json"}
+    config["server"].update(server)
+    return config
+
+
+@contextlib.contextmanager
+def routesvc_server(config: dict[str, Any], fake_base: str | None = None) -> Iterator[tuple[str, int]]:
+    """``routesvc serve`` as a process with ``config``; yields its target and pid."""
+    port = free_port()
+    extra = {"OPENAI_API_KEY": "sk-bench", "ANTHROPIC_API_KEY": "sk-bench"}
+    if fake_base:
+        extra |= {"OPENAI_BASE_URL": f"{fake_base}/v1", "ANTHROPIC_BASE_URL": fake_base}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(config, handle)
+        path = handle.name
+    try:
+        cmd = [PYTHON, "-m", "routesvc", "serve", "--config", path, "--port", str(port)]
+        with running(cmd, port, env=clean_env(**extra)) as pid:
+            yield f"127.0.0.1:{port}", pid
+    finally:
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def bare_server(*, uvloop: bool = False) -> Iterator[tuple[str, int]]:
+    """``python -m bench.bare_server`` as a process; yields its target and pid."""
+    port = free_port()
+    cmd = [PYTHON, "-m", "bench.bare_server", "--port", str(port)] + (["--uvloop"] if uvloop else [])
+    with running(cmd, port) as pid:
+        yield f"127.0.0.1:{port}", pid
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of ``pid`` and its child processes (workers), in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            # fields[1] is the parent pid; fields[11], fields[12] are utime and stime in ticks.
+            if int(entry.name) == pid or int(fields[1]) == pid:
+                total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def in_subprocess(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in a fresh (spawned) process: the load generator. Returns its result."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by linear interpolation; nan when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summary_ms(values: Sequence[float]) -> dict[str, float]:
+    """p50, p99 and mean of seconds, in milliseconds."""
+    return {
+        "p50_ms": round(percentile(values, 50) * 1000, 3),
+        "p99_ms": round(percentile(values, 99) * 1000, 3),
+        "mean_ms": round(statistics.fmean(values) * 1000, 3) if values else float("nan"),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+def write_results(name: str, data: dict[str, Any]) -> Path:
+    """``bench/results/NAME.json`` with the machine and the time, pretty-printed."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine()}
+    payload.update(data)
+    path.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain fixed-width table on stdout."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for index, row in enumerate(cells):
+        print("  ".join(value.rjust(width) for value, width in zip(row, widths, strict=True)))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
