@@ -200,7 +200,9 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
     config = Path(__file__).parent.parent / "routesvc" / "default_config.yaml"
     settings = parse_config(
         config.read_text() + "\nreliability: {stream_idle_timeout_seconds: 1.0, first_token_timeout_seconds: 2.0, "
-        "backoff_seconds: 0.01, breaker: {failure_threshold: 1000000, open_seconds: 1}}\n",
+        f"backoff_seconds: 0.01, ledger_entries: {args.ledger_entries}, "
+        "breaker: {failure_threshold: 1000000, open_seconds: 1}}\n"
+        f"telemetry: {{stats_window_seconds: {args.stats_window}}}\n",
         "<soak>",
         {
             "OPENAI_API_KEY": "soak",
@@ -251,6 +253,10 @@ def main() -> None:
     parser.add_argument("--chunk-delay", type=float, default=0.001, help="seconds between provider chunks")
     parser.add_argument("--sample-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--ledger-entries", type=int, default=100_000, help="ledger capacity (bounded state; lower shows the plateau)"
+    )
+    parser.add_argument("--stats-window", type=float, default=3600.0, help="GetStats window in seconds")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     args = parser.parse_args()
     configure_logging(LoggingConfig(level="error", format="json"))

@@ -88,7 +88,7 @@ class Router:
         self._policy = policy or Policy.from_config(settings.config.routing)
         self._new_decision_id = new_decision_id
         self._reliability = settings.config.reliability
-        self._ledger = ledger or Ledger()
+        self._ledger = ledger or Ledger(self._reliability.ledger_entries)
         self._admission = admission or build_admission(settings)
         self._breakers = breakers or Breakers(self._reliability.breaker)
         self._retry_budget = retry_budget or RetryBudget(
@@ -270,11 +270,19 @@ class Router:
         )
 
     def _attempt_chain(self, decision: RouteDecision) -> list[str]:
-        """The decided model, then its configured fallbacks that can serve the request."""
+        """The decided model, then its configured fallbacks that can serve the request.
+
+        In a cascade step, models of later steps are left out: reaching them is an escalation,
+        announced and scored, not a silent fallback.
+        """
         eligible = {c.model for c in decision.candidates if c.eligible}
+        steps = decision.cascade_models
+        later = set(steps[steps.index(decision.model) + 1 :]) if decision.model in steps else set()
         chain = [decision.model]
         for name in self._routing.fallbacks.get(decision.model, ()):
             provider = self._settings.providers[self._catalog.get(name).provider]
+            if name in later:
+                continue
             if name in eligible and name not in chain and provider.configured and name in self._providers_by_model:
                 chain.append(name)
         return chain
