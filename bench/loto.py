@@ -15,16 +15,18 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
-from routesvc.encoders import Encoder, HashingEncoder, WordLlamaEncoder
+from routesvc.encoders import Encoder, HashingEncoder, StackedEncoder, WordLlamaEncoder
 from routesvc.evaluation import RoutingCurve, evaluate_scores, plot_curves, routing_curve
 from routesvc.fitting import FitSettings, fit_router, resolve_model
 from routesvc.outcomes import OutcomeRecord, read_outcomes
 
-GROUPS = {
+GROUPS: dict[str, Callable[[str], bool]] = {
     "chat": lambda t: t.startswith(("arena_chat:", "alpaca_eval:")),
     "math": lambda t: t.split(":", 1)[1] in {"gsm8k", "math", "agentverse-mgsm", "mmlu-pro/math"},
     "exams": lambda t: t.startswith("mmlu_pro:") or t in {"llmrouter:mmlu", "llmrouter:gpqa"},
@@ -46,22 +48,19 @@ def eval_pair(records: list[OutcomeRecord], rows: list[int], strong: str, weak: 
 
 def variants() -> dict[str, FitSettings]:
     return {
-        "alpha 30": FitSettings(alpha=30.0),
-        "alpha 3000": FitSettings(alpha=3000.0),
-        "difficulty 0.5": FitSettings(difficulty_weight=0.5),
-        "difficulty 1": FitSettings(difficulty_weight=1.0),
-        "k 128": FitSettings(neighbours=128),
-        "prior 0.5": FitSettings(prior_weight=0.5),
-        "combined": FitSettings(),
+        "default": FitSettings(),
+        "calibrated proxies": FitSettings(calibrate_proxy=True),
+        "gap label only": FitSettings(difficulty_weight=0.0),
         "within only": FitSettings(prior_weight=0.0),
         "prior only (kNN)": FitSettings(use_embedding=False, use_lexical=False),
         "lexical + prior": FitSettings(use_embedding=False),
-        "no proxy files": FitSettings(proxy_weight=0.0),
+        "embedding + prior": FitSettings(use_lexical=False),
+        "pair files only": FitSettings(proxy_weight=0.0),
     }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Leave-one-task-out cross-validation of the fitted router.")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/routing"))
     parser.add_argument("--strong", default="gpt-4-1106-preview")
     parser.add_argument("--weak", default="mixtral-8x7b-instruct")
@@ -77,13 +76,23 @@ def main() -> int:
         by_task[task].append(i)
     encoders: dict[str, Encoder] = {}
     for name in args.encoders.split(","):
-        encoders[name] = WordLlamaEncoder() if name == "wordllama" else HashingEncoder()
+        if name == "wordllama":
+            encoders[name] = WordLlamaEncoder()
+        elif name == "hashing":
+            encoders[name] = HashingEncoder()
+        else:
+            encoders[name] = StackedEncoder([WordLlamaEncoder(), HashingEncoder()])
     chosen = {k: v for k, v in variants().items() if not args.variants or k in args.variants.split(",")}
-    results: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
-    held_scores: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    results: dict[str, dict[str, float]] = defaultdict(dict)
+    pair_names: dict[str, str] = {}
+    held_scores: dict[str, dict[str, npt.NDArray[np.float64]]] = defaultdict(dict)
     pairs: dict[str, tuple[str, str]] = {}
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(records):
+        by_source[record.source].append(i)
+    file_pairs = {source: eval_pair(records, rows, args.strong, args.weak) for source, rows in by_source.items()}
     for task, rows in by_task.items():
-        pairs[task] = eval_pair(records, rows, args.strong, args.weak)
+        pairs[task] = file_pairs[records[rows[0]].source]
     for enc_name, encoder in encoders.items():
         started = time.perf_counter()
         embeddings = encoder.encode([r.prompt for r in records])
@@ -93,12 +102,19 @@ def main() -> int:
             for task, rows in by_task.items():
                 train = [i for i, t in enumerate(tasks) if t != task]
                 router = fit_router(
-                    [records[i] for i in train], args.strong, args.weak, encoder, settings,
-                    embeddings=embeddings[train], calibrate=False,
+                    [records[i] for i in train],
+                    args.strong,
+                    args.weak,
+                    encoder,
+                    settings,
+                    embeddings=embeddings[train],
+                    calibrate=False,
                 )
                 texts = [records[i].prompt for i in rows]
                 emb = embeddings[rows]
-                raw = router.within.predict(router.features(texts, emb))[:, 0] + settings.prior_weight * router.prior(emb)
+                raw = router.within.predict(router.features(texts, emb))[:, 0] + settings.prior_weight * router.prior(
+                    emb
+                )
                 held_scores[key][task] = raw
             print(f"{key}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     rng = np.random.default_rng(0)
@@ -110,10 +126,12 @@ def main() -> int:
         if len(keep) < 20 or abs(strong.mean() - weak.mean()) < 0.03:
             continue
         results[task]["oracle"] = evaluate_scores(strong - weak, strong, weak).apgr
-        results[task]["random"] = float(np.mean([evaluate_scores(rng.random(len(keep)), strong, weak).apgr for _ in range(20)]))
+        results[task]["random"] = float(
+            np.mean([evaluate_scores(rng.random(len(keep)), strong, weak).apgr for _ in range(20)])
+        )
         for key, per_task in held_scores.items():
             results[task][key] = evaluate_scores(per_task[task][keep], strong, weak).apgr
-        results[task]["_pair"] = f"{s} vs {w}"  # type: ignore[assignment]
+        pair_names[task] = f"{s} vs {w}"
         results[task]["_n"] = len(keep)
     methods = ["random", "oracle", *held_scores]
     summary: dict[str, dict[str, float]] = {}
@@ -155,7 +173,7 @@ def main() -> int:
             safe = task.replace("/", "-").replace(":", "-").replace(" ", "-")
             plot_curves(group_curves, args.plots / f"loto-{safe}.png", f"{task} held out ({s} vs {w})")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "tasks": results}, indent=1, default=float))
+        args.json.write_text(json.dumps({"summary": summary, "tasks": results, "pairs": pair_names}, indent=1))
     return 0
 
 

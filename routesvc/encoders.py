@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +56,7 @@ class WordLlamaEncoder:
 
     def __init__(self, dim: int = 256) -> None:
         try:
-            import wordllama
+            import wordllama  # type: ignore[import-untyped]  # ships no py.typed
             from wordllama import WordLlama
         except ImportError as exc:
             raise EncoderError("the wordllama encoder needs the wordllama package") from exc
@@ -99,7 +100,7 @@ class HashingEncoder:
         out = np.zeros((len(texts), self._dim), dtype=np.float32)
         for row, text in enumerate(texts):
             words = re.findall(r"\w+", text.lower())
-            for token in [*words, *(f"{a} {b}" for a, b in zip(words, words[1:], strict=False))]:
+            for token in [*words, *(f"{a} {b}" for a, b in itertools.pairwise(words))]:
                 slot, sign = self._slot(token)
                 out[row, slot] += sign
         return _normalise(out)
@@ -149,8 +150,29 @@ class OpenAIEncoder:
         self._client.close()
 
 
+class StackedEncoder:
+    """Several encoders side by side: their unit vectors concatenated, then rescaled to unit length."""
+
+    def __init__(self, encoders: Sequence[Encoder]) -> None:
+        if not encoders:
+            raise EncoderError("a stacked encoder needs at least one encoder")
+        self._encoders = tuple(encoders)
+
+    @property
+    def name(self) -> str:
+        """The parts' names joined by "+"."""
+        return "+".join(encoder.name for encoder in self._encoders)
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        """Each part's vectors side by side, L2-normalised."""
+        return _normalise(np.hstack([encoder.encode(texts) for encoder in self._encoders]))
+
+
 def load_encoder(name: str) -> Encoder:
-    """The local encoder recorded as ``name`` in an artifact ("wordllama-l2-256", "hashing-256")."""
+    """The local encoder recorded as ``name`` in an artifact ("wordllama-l2-256", "hashing-256",
+    or parts joined by "+")."""
+    if "+" in name:
+        return StackedEncoder([load_encoder(part) for part in name.split("+")])
     kind, _, dim = name.rpartition("-")
     if not dim.isdigit():
         raise EncoderError(f"unknown encoder {name!r}")

@@ -72,7 +72,9 @@ class FeedbackStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
 
-    def remember(self, decision_id: str, model: str, embedding: Sequence[float] | np.ndarray[tuple[int], np.dtype[np.float32]]) -> None:
+    def remember(
+        self, decision_id: str, model: str, embedding: Sequence[float] | np.ndarray[tuple[int], np.dtype[np.float32]]
+    ) -> None:
         """Keep what a later outcome for ``decision_id`` will need."""
         blob = np.asarray(embedding, dtype=np.float32).tobytes()
         with self._lock:

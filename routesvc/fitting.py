@@ -74,7 +74,8 @@ class FitSettings:
     neighbours: int = 32
     prior_weight: float = 1.0
     proxy_weight: float = 0.5
-    difficulty_weight: float = 0.0
+    difficulty_weight: float = 1.0
+    calibrate_proxy: bool = False
     use_embedding: bool = True
     use_lexical: bool = True
 
@@ -105,8 +106,18 @@ class Labels:
     usage: list[FileUsage]
 
 
-def label_records(records: Sequence[OutcomeRecord], strong: str, weak: str, proxy_weight: float = 0.5) -> Labels:
-    """The strong-minus-weak label of every record (proxy gap where the pair is missing)."""
+def label_records(
+    records: Sequence[OutcomeRecord],
+    strong: str,
+    weak: str,
+    proxy_weight: float = 0.5,
+    calibrate_proxy: bool = True,
+) -> Labels:
+    """The strong-minus-weak label of every record (proxy gap where the pair is missing).
+
+    With ``calibrate_proxy`` each proxy file's labels are moved to the mean and spread of the
+    pair-labelled files, so that task levels from different files are comparable.
+    """
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, record in enumerate(records):
         by_source[record.source].append(i)
@@ -144,8 +155,28 @@ def label_records(records: Sequence[OutcomeRecord], strong: str, weak: str, prox
             baseline = outcomes[w] if w is not None and w in outcomes else float(np.mean(others))
             gap[i], weight[i] = outcomes[top] - baseline, proxy_weight
         usage.append(FileUsage(source, len(rows), top, w or "mean of the others", "proxy"))
+    if calibrate_proxy:
+        _calibrate_proxies(records, gap, weight, usage)
     tasks = [f"{record.source}:{record.task}" for record in records]
     return Labels(gap=gap, difficulty=difficulty, weight=weight, task=tasks, usage=usage)
+
+
+def _calibrate_proxies(
+    records: Sequence[OutcomeRecord], gap: FloatArray, weight: FloatArray, usage: Sequence[FileUsage]
+) -> None:
+    sources = np.array([record.source for record in records])
+    pair_sources = [u.source for u in usage if u.kind == "pair"]
+    pair_rows = np.isin(sources, pair_sources) & (weight > 0)
+    if pair_rows.sum() < 2:
+        return
+    target_mean, target_std = float(gap[pair_rows].mean()), float(gap[pair_rows].std())
+    for u in usage:
+        if u.kind != "proxy":
+            continue
+        rows = (sources == u.source) & (weight > 0)
+        spread = float(gap[rows].std()) if rows.any() else 0.0
+        if spread > 1e-9:
+            gap[rows] = (gap[rows] - gap[rows].mean()) / spread * target_std + target_mean
 
 
 def task_means(values: FloatArray, weight: FloatArray, tasks: Sequence[str]) -> FloatArray:
@@ -178,7 +209,7 @@ class FittedRouter:
 
     def features(self, texts: Sequence[str], embeddings: Vectors | None = None) -> FloatArray:
         """The within-task model's input rows."""
-        parts: list[npt.NDArray[np.floating[npt.NBitBase]]] = []
+        parts: list[npt.NDArray[np.float32]] = []
         if self.settings.use_embedding:
             parts.append(self.encoder.encode(texts) if embeddings is None else embeddings)
         if self.settings.use_lexical:
@@ -270,11 +301,11 @@ def fit_router(
     ``embeddings`` (one row per record) skips encoding; ``calibrate=False`` skips the score
     quantiles (rankings are unchanged; used by cross-validation).
     """
-    labels = label_records(records, strong, weak, settings.proxy_weight)
+    labels = label_records(records, strong, weak, settings.proxy_weight, settings.calibrate_proxy)
     keep = np.flatnonzero(labels.weight > 0)
     if len(keep) == 0:
         raise FitError("no record has outcomes for two or more models")
-    texts = [records[i].prompt for i in keep]
+    texts = [records[int(i)].prompt for i in keep]
     if embeddings is None:
         chunk = 512
         steps = progress(range(0, len(texts), chunk), -(-len(texts) // chunk), "embedding")
@@ -283,7 +314,7 @@ def fit_router(
     else:
         vectors = embeddings[keep]
     gap, weight = labels.gap[keep], labels.weight[keep]
-    tasks = [labels.task[i] for i in keep]
+    tasks = [labels.task[int(i)] for i in keep]
     level = task_means(gap, weight, tasks)
     difficulty = labels.difficulty[keep]
     target = gap - level + settings.difficulty_weight * (difficulty - task_means(difficulty, weight, tasks))

@@ -13,8 +13,6 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-
 from routesvc.encoders import WordLlamaEncoder
 from routesvc.errors import RouteSvcError
 from routesvc.evaluation import RoutingCurve, evaluate_scores, pair_data, plot_curves, routing_curve
@@ -25,10 +23,11 @@ from routesvc.strategies.classifier import TaskClassifier, read_examples
 
 def _progress(items: Iterable[int], total: int, description: str) -> Iterable[int]:
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs in the default install
     except ImportError:
         return items
-    return tqdm(items, total=total, desc=description, unit="batch", file=sys.stderr)
+    bar: Iterable[int] = tqdm(items, total=total, desc=description, unit="batch", file=sys.stderr)
+    return bar
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
@@ -64,7 +63,9 @@ def run_score(args: argparse.Namespace) -> int:
     router = FittedRouter.load(args.router)
     records = _read_prompts(args.data)
     scores = router.scores([r.prompt for r in records], progress=_progress)
-    count = _write_jsonl(args.out, ({"id": r.id, "score": round(float(s), 6)} for r, s in zip(records, scores, strict=True)))
+    count = _write_jsonl(
+        args.out, ({"id": r.id, "score": round(float(s), 6)} for r, s in zip(records, scores, strict=True))
+    )
     print(f"wrote {count} scores to {args.out}", file=sys.stderr)
     return 0
 
@@ -111,7 +112,9 @@ def run_eval(args: argparse.Namespace) -> int:
     ]
     if report.savings_at_95_usd is not None and report.cost_strong_usd:
         saved = report.savings_at_95_usd
-        rows.append(("saved at 95% quality", f"${saved:.6f}/prompt ({saved / report.cost_strong_usd:.1%} of always-strong)"))
+        rows.append(
+            ("saved at 95% quality", f"${saved:.6f}/prompt ({saved / report.cost_strong_usd:.1%} of always-strong)")
+        )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

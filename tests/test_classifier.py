@@ -11,7 +11,7 @@ import pytest
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.encoders import WordLlamaEncoder
 from routesvc.errors import ConfigError
-from routesvc.models import ChatRequest, Message, Mode, RoutingContext, RoutingRequest, Role
+from routesvc.models import ChatRequest, Message, Mode, Role, RoutingContext, RoutingRequest
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.strategies.base import RoutingInput, Verdict
 from routesvc.strategies.classifier import (
@@ -74,7 +74,10 @@ class TestTaskClassifier:
         [
             ("Write a JavaScript function that debounces another function.", "code_generation"),
             ("Can you give me a SQL query to count orders per day?", "code_generation"),
-            ("A bakery sells 240 muffins a day at $2.50 each. How much does it earn in a week?", "multi_step_reasoning"),
+            (
+                "A bakery sells 240 muffins a day at $2.50 each. How much does it earn in a week?",
+                "multi_step_reasoning",
+            ),
             ("If x + 2y = 10 and 3x - y = 2, what are x and y?", "multi_step_reasoning"),
             ("Write a poem about a lonely robot on Mars.", "creative_writing"),
             ("Tell me a short story about a dragon who is afraid of fire.", "creative_writing"),
@@ -103,7 +106,9 @@ class TestLocalClassifierStage:
     async def test_keeps_a_task_hint(self) -> None:
         """A task hint wins unless ``override_hint`` is set."""
         recorder = Recorder()
-        verdict = await LocalClassifierStage(classifier()).decide(routing_input("Write a haiku.", "summarization"), recorder)
+        verdict = await LocalClassifierStage(classifier()).decide(
+            routing_input("Write a haiku.", "summarization"), recorder
+        )
         assert recorder.seen[0].task == "summarization"
         assert verdict.reasons[0] == "classifier: kept task 'summarization' from hint"
 
@@ -121,7 +126,9 @@ class TestParseAnswer:
         """The first JSON object in the answer is used."""
         assert parse_answer('```json\n{"task": "chat", "complexity": "low"}\n```') == ("chat", "low")
 
-    @pytest.mark.parametrize("answer", ["no json here", '{"task": "poetry"}', '{"task": "chat", "complexity": 3}', "{bad"])
+    @pytest.mark.parametrize(
+        "answer", ["no json here", '{"task": "poetry"}', '{"task": "chat", "complexity": 3}', "{bad"]
+    )
     def test_refuses_bad_answers(self, answer: str) -> None:
         """Missing JSON, unknown labels and malformed JSON raise ``ClassifierAnswerError``."""
         with pytest.raises(ClassifierAnswerError):

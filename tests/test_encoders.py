@@ -24,7 +24,11 @@ class TestWordLlamaEncoder:
     def test_similar_requests_are_closer(self) -> None:
         """Two coding requests are closer to each other than to a poem request."""
         a, b, c = WordLlamaEncoder().encode(
-            ["Write a Python function to reverse a list", "Implement a Java method that sorts an array", "A poem about the sea"]
+            [
+                "Write a Python function to reverse a list",
+                "Implement a Java method that sorts an array",
+                "A poem about the sea",
+            ]
         )
         assert float(a @ b) > float(a @ c)
 
@@ -67,7 +71,12 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
                 for i, text in reversed(list(enumerate(body["input"])))
             ]
             payload = json.dumps(
-                {"object": "list", "data": data, "model": body["model"], "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+                {
+                    "object": "list",
+                    "data": data,
+                    "model": body["model"],
+                    "usage": {"prompt_tokens": 1, "total_tokens": 1},
+                }
             ).encode()
         self.send_response(type(self).status)
         self.send_header("Content-Type", "application/json")

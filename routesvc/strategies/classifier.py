@@ -84,7 +84,7 @@ class TaskPrediction:
 def read_examples(path: Path | None = None) -> list[tuple[str, str]]:
     """(task, prompt) pairs from a JSONL file, or the shipped team-written examples."""
     if path is None:
-        text = resources.files("routesvc.data").joinpath("task_examples.jsonl").read_text(encoding="utf-8")
+        text = resources.files("routesvc").joinpath("data", "task_examples.jsonl").read_text(encoding="utf-8")
         where = "routesvc/data/task_examples.jsonl"
     else:
         try:
@@ -98,7 +98,7 @@ def read_examples(path: Path | None = None) -> list[tuple[str, str]]:
             continue
         row = json.loads(line)
         if not isinstance(row, dict) or not isinstance(row.get("task"), str) or not isinstance(row.get("prompt"), str):
-            raise ConfigError(f"{where}:{number}: expected {{\"task\": str, \"prompt\": str}}")
+            raise ConfigError(f'{where}:{number}: expected {{"task": str, "prompt": str}}')
         pairs.append((row["task"], row["prompt"]))
     return pairs
 
@@ -155,7 +155,9 @@ class LocalClassifierStage:
         """Set ``task`` (unless a hint already did) and defer to the rest of the policy."""
         if routing_input.task and not self._override_hint:
             verdict = await next_stage(routing_input)
-            return _with_reason(verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", "")
+            return _with_reason(
+                verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", ""
+            )
         prediction = self._classifier.predict(routing_input.request.chat.last_user_message)
         if prediction.confidence < self._min_confidence:
             verdict = await next_stage(routing_input)
@@ -166,7 +168,9 @@ class LocalClassifierStage:
             return _with_reason(verdict, reason, "")
         annotated = dataclasses.replace(routing_input, task=prediction.task, task_source=self.name)
         verdict = await next_stage(annotated)
-        reason = f"classifier: local model labelled the task {prediction.task!r} (confidence {prediction.confidence:.2f})"
+        reason = (
+            f"classifier: local model labelled the task {prediction.task!r} (confidence {prediction.confidence:.2f})"
+        )
         return _with_reason(verdict, reason, prediction.task)
 
 
@@ -178,7 +182,9 @@ class ClassifierAnswerError(RouteSvcError):
 
 _INSTRUCTIONS = (
     "You label requests sent to an AI assistant. Reply with JSON only, no prose: "
-    '{"task": one of ' + ", ".join(f'"{label}"' for label in TASK_LABELS) + ', "complexity": "low" | "medium" | "high"}. '
+    '{"task": one of '
+    + ", ".join(f'"{label}"' for label in TASK_LABELS)
+    + ', "complexity": "low" | "medium" | "high"}. '
     "multi_step_reasoning covers maths, logic and planning; complexity is how capable a model must be to answer well."
 )
 
@@ -286,7 +292,9 @@ class LLMClassifierStage:
         """Set ``task`` from the model's answer (or the fallback) and defer to the rest."""
         if routing_input.task and not self._override_hint:
             verdict = await next_stage(routing_input)
-            return _with_reason(verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", "")
+            return _with_reason(
+                verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", ""
+            )
         task, _, reason = await self.classify(routing_input.request.chat.last_user_message)
         annotated = dataclasses.replace(routing_input, task=task, task_source=self.name) if task else routing_input
         verdict = await next_stage(annotated)

@@ -1,0 +1,159 @@
+"""The embedding stage, its feedback loop, and its composition with the classifier stage."""
+
+from __future__ import annotations
+
+import functools
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from routesvc.catalog import Catalog, ModelSpec
+from routesvc.encoders import HashingEncoder, WordLlamaEncoder
+from routesvc.errors import ConfigError
+from routesvc.feedback import FeedbackStore
+from routesvc.fitting import FitSettings, FittedRouter, fit_router
+from routesvc.models import ChatRequest, Message, Role, RoutingRequest
+from routesvc.strategies.base import NextStage, RoutingInput, Verdict
+from routesvc.strategies.classifier import LocalClassifierStage, TaskClassifier, read_examples
+from routesvc.strategies.embedding import EmbeddingStage, EmbeddingStageConfig, build
+from tests.routing_data import STRONG, WEAK, records
+
+
+def spec(model_id: str) -> ModelSpec:
+    return ModelSpec(
+        id=model_id,
+        provider="openai",
+        provider_model=model_id,
+        input_price_per_mtok=Decimal(1),
+        output_price_per_mtok=Decimal(2),
+        cached_input_price_per_mtok=Decimal(1),
+        context_window=8000,
+        max_output_tokens=1000,
+        capabilities=frozenset(),
+        batch_discount=Decimal(0),
+    )
+
+
+CATALOG = Catalog([spec(STRONG), spec(WEAK), spec("fallback")])
+HARD = "solve 12 x + 7 = 3 y for zulu with 19 and 88"
+EASY = "say hello to zulu"
+
+
+@functools.cache
+def router() -> FittedRouter:
+    return fit_router(records(), STRONG, WEAK, HashingEncoder(128), FitSettings(alpha=1.0))
+
+
+def routing_input(text: str, ineligible: tuple[str, ...] = ()) -> RoutingInput:
+    eligible = {m.id: ("excluded in test" if m.id in ineligible else "") for m in CATALOG}
+    return RoutingInput(
+        request=RoutingRequest(ChatRequest((Message(Role.USER, text),))),
+        estimated_input_tokens=10,
+        estimated_output_tokens=10,
+        models=tuple(CATALOG),
+        eligible=eligible,
+    )
+
+
+async def default_stage(routing_input: RoutingInput, /) -> Verdict:
+    return Verdict(model="fallback", strategy="default", rule="default", reasons=("default: fallback model",))
+
+
+def stage(**kwargs: object) -> EmbeddingStage:
+    return EmbeddingStage(router(), strong_model=STRONG, weak_model=WEAK, **kwargs)  # type: ignore[arg-type]
+
+
+class TestEmbeddingStage:
+    async def test_hard_requests_go_to_the_strong_model(self) -> None:
+        """A request like the hard examples scores high and is sent to the strong model."""
+        verdict = await stage(threshold=0.5).decide(routing_input(HARD), default_stage)
+        assert (verdict.model, verdict.strategy, verdict.rule) == (STRONG, "embedding", "strong")
+        assert verdict.reasons[0].startswith("embedding: score ")
+        assert f">= threshold 0.50 -> {STRONG}" in verdict.reasons[0]
+
+    async def test_easy_requests_go_to_the_weak_model(self) -> None:
+        """A request like the easy examples scores low and is sent to the weak model."""
+        verdict = await stage(threshold=0.5).decide(routing_input(EASY), default_stage)
+        assert verdict.model == WEAK
+
+    async def test_threshold_is_the_cost_quality_knob(self) -> None:
+        """Threshold 0 sends everything to the strong model; above 1 nothing."""
+        assert (await stage(threshold=0.0).decide(routing_input(EASY), default_stage)).model == STRONG
+        assert (await stage(threshold=1.01).decide(routing_input(HARD), default_stage)).model == WEAK
+
+    async def test_ineligible_pick_uses_the_other_model(self) -> None:
+        """If the strong model cannot serve, the weak one does, and the reason says so."""
+        verdict = await stage().decide(routing_input(HARD, ineligible=(STRONG,)), default_stage)
+        assert verdict.model == WEAK
+        assert f"{STRONG} cannot serve, using {WEAK}" in verdict.reasons[0]
+
+    async def test_defers_when_neither_can_serve(self) -> None:
+        """With both models ineligible the rest of the policy decides, after this stage's reason."""
+        verdict = await stage().decide(routing_input(HARD, ineligible=(STRONG, WEAK)), default_stage)
+        assert verdict.model == "fallback"
+        assert verdict.reasons[0].endswith("deferred")
+        assert verdict.reasons[1] == "default: fallback model"
+
+
+class TestFeedbackLoop:
+    async def test_bad_weak_answers_push_towards_the_strong_model(self, tmp_path: Path) -> None:
+        """After a thumbs-down on the weak model's answer, the same request goes to the strong model,
+        also after a restart that rebuilds the library from the SQLite file."""
+        store = FeedbackStore(tmp_path / "feedback.db")
+        first = stage(threshold=0.5, feedback=store, feedback_weight=1.0)
+        assert (await first.decide(routing_input(EASY), default_stage)).model == WEAK
+        first.remember("decision-1", EASY, WEAK)
+        store.record("decision-1", 0.0)
+        assert first.rebuild_library() == 1
+        assert (await first.decide(routing_input(EASY), default_stage)).model == STRONG
+        store.close()
+        restarted = stage(threshold=0.5, feedback=FeedbackStore(tmp_path / "feedback.db"), feedback_weight=1.0)
+        verdict = await restarted.decide(routing_input(EASY), default_stage)
+        assert verdict.model == STRONG
+        assert "moved by 1 feedback example" in verdict.reasons[0]
+
+    async def test_strong_model_feedback_does_not_move_the_score(self, tmp_path: Path) -> None:
+        """Outcomes of the strong model are stored but are not weak-model examples."""
+        store = FeedbackStore(tmp_path / "feedback.db")
+        embedding_stage = stage(feedback=store)
+        embedding_stage.remember("d", HARD, STRONG)
+        store.record("d", 0.0)
+        assert embedding_stage.rebuild_library() == 0
+
+
+class TestComposition:
+    async def test_classifier_then_embedding_explains_both(self) -> None:
+        """In classifier -> embedding, the classifier's label reaches the verdict and both stages explain."""
+        classifier = LocalClassifierStage(TaskClassifier(WordLlamaEncoder(), read_examples()))
+        embedding_stage = stage(threshold=0.5)
+
+        async def rest(routing_input: RoutingInput, /) -> Verdict:
+            return await embedding_stage.decide(routing_input, default_stage)
+
+        chain: NextStage = rest
+        verdict = await classifier.decide(routing_input("calculate 345 * 19 - 77 / 3 for case zulu"), chain)
+        assert verdict.model == STRONG
+        assert verdict.task == "multi_step_reasoning"
+        assert verdict.reasons[0].startswith("classifier: local model labelled the task 'multi_step_reasoning'")
+        assert verdict.reasons[1].startswith("embedding: score ")
+
+
+class TestBuild:
+    def test_builds_from_a_fitted_folder(self, tmp_path: Path) -> None:
+        """The stage loads the router written by fit and defaults to its pair."""
+        router().save(tmp_path / "r")
+        built = build(EmbeddingStageConfig(router=tmp_path / "r", threshold=0.7), catalog=CATALOG)
+        assert built.name == "embedding"
+
+    def test_models_must_be_in_the_catalog(self, tmp_path: Path) -> None:
+        """A pair model missing from the catalog is a config error naming the field."""
+        router().save(tmp_path / "r")
+        config = EmbeddingStageConfig(router=tmp_path / "r", strong_model="nope")
+        with pytest.raises(ConfigError, match=r"embedding\.strong_model"):
+            build(config, catalog=CATALOG)
+
+    def test_missing_router_is_a_config_error(self, tmp_path: Path) -> None:
+        """A router folder that does not hold a fitted router fails at start."""
+        with pytest.raises(ConfigError, match=r"embedding\.router"):
+            build(EmbeddingStageConfig(router=tmp_path), catalog=CATALOG)

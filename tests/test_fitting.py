@@ -1,0 +1,198 @@
+"""Reading outcome data, labelling it, fitting and scoring routers, and the offline commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routesvc import offline
+from routesvc.encoders import HashingEncoder
+from routesvc.evaluation import evaluate_scores
+from routesvc.fitting import FitError, FitSettings, FittedRouter, fit_router, label_records, model_alias, resolve_model
+from routesvc.outcomes import OutcomeDataError, read_outcomes
+from tests.routing_data import STRONG, WEAK, records, write_jsonl
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "routing"
+
+
+class TestOutcomes:
+    def test_reads_a_file_or_a_folder(self, tmp_path: Path) -> None:
+        """A folder yields every ``*.jsonl`` file's records, tagged with the file's stem."""
+        write_jsonl(tmp_path / "a.jsonl", records("a")[:3])
+        write_jsonl(tmp_path / "b.jsonl", records("b")[:2])
+        (tmp_path / "notes.txt").write_text("ignored")
+        assert [r.source for r in read_outcomes(tmp_path)] == ["a", "a", "a", "b", "b"]
+        assert len(read_outcomes(tmp_path / "b.jsonl")) == 2
+
+    def test_bad_lines_name_file_and_line(self, tmp_path: Path) -> None:
+        """A malformed record raises ``OutcomeDataError`` with file:line."""
+        path = tmp_path / "bad.jsonl"
+        path.write_text('{"id": "1", "prompt": "p", "outcomes": {}}\n{"id": 2, "prompt": "p"}\n')
+        with pytest.raises(OutcomeDataError, match=r"bad.jsonl:2"):
+            read_outcomes(path)
+
+
+class TestModelAlias:
+    @pytest.mark.parametrize(
+        ("name", "alias"),
+        [
+            ("Mixtral-8x7B-Instruct-v0.1", "mixtral-8x7b-instruct"),
+            ("Mixtral-8x7B-Instruct-v0.1_concise", "mixtral-8x7b-instruct"),
+            ("mistralai/Mistral-7B-Instruct-v0.1", "mistral-7b-instruct"),
+            ("gpt-4-1106-preview", "gpt-4-1106-preview"),
+        ],
+    )
+    def test_loose_names(self, name: str, alias: str) -> None:
+        """Case, org prefixes, variant suffixes and version tails are ignored."""
+        assert model_alias(name) == alias
+
+    def test_exact_match_wins_and_ambiguity_is_none(self) -> None:
+        """An exact id is preferred; two ids with the same alias match neither."""
+        assert resolve_model("m-v1", ["M-v2", "m-v1"]) == "m-v1"
+        assert resolve_model("m", ["M-v1", "m_concise"]) is None
+
+
+class TestLabels:
+    def test_pair_files_use_the_pair_and_others_a_proxy(self) -> None:
+        """Files with the pair give strong - weak at weight 1; others top - mean of the rest at the proxy weight."""
+        data = records("withpair") + records("without", strong="x-large", weak="x-small")
+        labels = label_records(data, STRONG, WEAK, proxy_weight=0.25, calibrate_proxy=False)
+        kinds = {u.source: u.kind for u in labels.usage}
+        assert kinds == {"withpair": "pair", "without": "proxy"}
+        hard = data[-1]  # a hard prompt of the proxy file: x-large 1, others 0 and 0.5
+        assert labels.gap[-1] == pytest.approx(1.0 - 0.25)
+        assert labels.weight[-1] == 0.25
+        assert hard.source == "without"
+        # An easy prompt of the pair file.
+        assert labels.gap[0] == 0.0
+        assert labels.weight[0] == 1.0
+
+
+    def test_proxy_labels_are_calibrated_to_the_pair_files(self) -> None:
+        """By default a proxy file's labels take the mean and spread of the pair-labelled files."""
+        data = records("withpair") + records("without", strong="x-large", weak="x-small")
+        labels = label_records(data, STRONG, WEAK)
+        pair, proxy = labels.gap[: len(data) // 2], labels.gap[len(data) // 2 :]
+        assert proxy.mean() == pytest.approx(pair.mean())
+        assert proxy.std() == pytest.approx(pair.std())
+
+
+class TestFittedRouter:
+    def test_ranks_hard_prompts_above_easy_ones(self) -> None:
+        """On held-out wording, the fitted router prefers the strong model for the hard prompts."""
+        router = fit_router(records("train"), STRONG, WEAK, HashingEncoder(128), FitSettings(alpha=1.0))
+        test = records("test")
+        scores = router.scores([r.prompt.replace("a", "the a") for r in test])
+        report = evaluate_scores(scores, [r.outcomes[STRONG] for r in test], [r.outcomes[WEAK] for r in test])
+        assert report.apgr > 0.7
+        assert ((scores >= 0.0) & (scores <= 1.0)).all()
+
+    def test_save_and_load_give_the_same_scores(self, tmp_path: Path) -> None:
+        """An artifact round-trips, and holds no prompt text."""
+        data = records()
+        router = fit_router(data, STRONG, WEAK, HashingEncoder(64))
+        router.save(tmp_path / "router")
+        loaded = FittedRouter.load(tmp_path / "router")
+        texts = [r.prompt for r in data[:10]]
+        assert loaded.scores(texts) == pytest.approx(router.scores(texts))
+        meta = (tmp_path / "router" / "router.json").read_text()
+        assert all(r.prompt not in meta for r in data)
+
+    def test_no_usable_data(self) -> None:
+        """Records with fewer than two models cannot be fitted."""
+        data = [r for r in records()]
+        single = [type(r)(r.id, r.prompt, r.task, {STRONG: 1.0}, source="s") for r in data]
+        with pytest.raises(FitError):
+            fit_router(single, STRONG, WEAK, HashingEncoder(16))
+
+    def test_missing_artifact(self, tmp_path: Path) -> None:
+        """Loading a folder that is not a router raises ``FitError``."""
+        with pytest.raises(FitError):
+            FittedRouter.load(tmp_path)
+
+
+def run(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="routesvc")
+    offline.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return int(args.func(args))
+
+
+class TestOfflineCommands:
+    def test_fit_score_eval_classify(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """fit writes a router; score writes one {id, score} per prompt; eval prints the metrics as JSON."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        out = tmp_path / "router"
+        assert run("fit", "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--out", str(out)) == 0
+        assert run("score", "--router", str(out), "--data", str(data), "--out", str(tmp_path / "s.jsonl")) == 0
+        scores = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+        assert [s["id"] for s in scores] == [r.id for r in records()]
+        capsys.readouterr()
+        assert run("eval", "--router", str(out), "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--json") == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["apgr"] > 0.7
+        assert report["aiq"] is not None
+        assert run("classify", "--data", str(data), "--out", str(tmp_path / "l.jsonl")) == 0
+        labels = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
+        assert len(labels) == len(scores)
+        assert {label["task"] for label in labels} <= {
+            "code_generation",
+            "multi_step_reasoning",
+            "creative_writing",
+            "summarization",
+            "extraction",
+            "simple_qa",
+            "chat",
+            "other",
+        }
+
+    def test_errors_are_reported_with_exit_code_2(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A missing data path is a clean error, not a traceback."""
+        assert run("fit", "--data", str(tmp_path / "nope"), "--strong", "a", "--weak", "b", "--out", str(tmp_path)) == 2
+        assert "no such file or folder" in capsys.readouterr().err
+
+    def test_eval_plot(self, tmp_path: Path) -> None:
+        """--plot writes a PNG."""
+        data = write_jsonl(tmp_path / "d.jsonl", records())
+        router = fit_router(records(), STRONG, WEAK, HashingEncoder(32))
+        router.save(tmp_path / "r")
+        plot = tmp_path / "curve.png"
+        assert (
+            run(
+                "eval",
+                "--router",
+                str(tmp_path / "r"),
+                "--data",
+                str(data),
+                "--strong",
+                STRONG,
+                "--weak",
+                WEAK,
+                "--plot",
+                str(plot),
+            )
+            == 0
+        )
+        assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/routing")
+class TestOnSharedData:
+    def test_routerbench_pair_is_found_and_beats_random(self) -> None:
+        """Fitted on 600 RouterBench rows, a router ranks 300 unseen rows of the same tasks above random."""
+        data = read_outcomes(SHARED / "routerbench_train.jsonl")
+        rng = np.random.default_rng(0)
+        order = rng.permutation(len(data))
+        train = [data[i] for i in order[:600]]
+        test = [data[i] for i in order[600:900]]
+        strong, weak = "gpt-4-1106-preview", "mixtral-8x7b-instruct"
+        router = fit_router(train, strong, weak, HashingEncoder(256))
+        assert [u.kind for u in router.usage] == ["pair"]
+        kept = [r for r in test if r.has_pair(strong, weak)]
+        scores = router.scores([r.prompt for r in kept])
+        report = evaluate_scores(scores, [r.outcomes[strong] for r in kept], [r.outcomes[weak] for r in kept])
+        assert report.apgr > 0.5
