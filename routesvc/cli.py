@@ -59,6 +59,56 @@ def _completion_json(completion: pb.Completion) -> dict[str, object]:
         "cached_input_tokens": completion.usage.cached_input_tokens,
         "cost_usd": completion.cost_usd,
         "finish_reason": _FINISH_NAMES.get(completion.finish_reason, "other"),
+        "total_input_tokens": completion.total_usage.input_tokens,
+        "total_output_tokens": completion.total_usage.output_tokens,
+        "attempts": [
+            {"model": a.model, "outcome": pb.AttemptOutcome.Name(a.outcome), "cost_usd": a.cost_usd}
+            for a in completion.attempts
+        ],
+        "quality": (
+            {
+                "score": completion.quality.score,
+                "scorer": completion.quality.scorer,
+                "reason": completion.quality.reason,
+            }
+            if completion.HasField("quality")
+            else None
+        ),
+    }
+
+
+_BATCH_STATES = {
+    pb.BATCH_STATE_UNSPECIFIED: "unspecified",
+    pb.BATCH_STATE_QUEUED: "queued",
+    pb.BATCH_STATE_SUBMITTED: "submitted",
+    pb.BATCH_STATE_SUCCEEDED: "succeeded",
+    pb.BATCH_STATE_FAILED: "failed",
+    pb.BATCH_STATE_EXPIRED: "expired",
+    pb.BATCH_STATE_CANCELLED: "cancelled",
+}
+
+
+def _batch_json(job: pb.BatchJob) -> dict[str, object]:
+    return {
+        "batch_id": job.batch_id,
+        "state": _BATCH_STATES.get(job.state, "unspecified"),
+        "model": job.model,
+        "provider": job.provider,
+        "estimated_cost_usd": job.estimated_cost_usd,
+        "decision_id": job.decision_id,
+    }
+
+
+def _escalation_json(escalation: pb.Escalation) -> dict[str, object]:
+    return {
+        "type": "escalation",
+        "from_model": escalation.from_model,
+        "to_model": escalation.to_model,
+        "score": escalation.quality.score,
+        "scorer": escalation.quality.scorer,
+        "reason": escalation.quality.reason,
+        "threshold": escalation.threshold,
+        "cost_usd": escalation.cost_usd,
     }
 
 
@@ -75,6 +125,8 @@ def _request_parts(args: argparse.Namespace) -> tuple[pb.ChatRequest, pb.Routing
     )
     if args.no_realtime:
         context.realtime = False
+    if args.cascade is not None:
+        context.cascade = args.cascade
     for item in args.metadata:
         key, _, value = item.partition("=")
         context.metadata[key] = value
@@ -107,6 +159,10 @@ async def _complete(args: argparse.Namespace) -> int:
                     print(json.dumps({"type": "decision", **_decision_json(message.decision)}), flush=True)
                 elif kind == "delta":
                     print(json.dumps({"type": "delta", "text": message.delta.text}), flush=True)
+                elif kind == "escalation":
+                    print(json.dumps(_escalation_json(message.escalation)), flush=True)
+                elif kind == "batch":
+                    print(json.dumps({"type": "batch", **_batch_json(message.batch)}), flush=True)
                 else:
                     print(json.dumps(_completion_json(message.completion)), flush=True)
             elif kind == "decision":
@@ -114,6 +170,21 @@ async def _complete(args: argparse.Namespace) -> int:
             elif kind == "delta":
                 sys.stdout.write(message.delta.text)
                 sys.stdout.flush()
+            elif kind == "escalation":
+                escalation = message.escalation
+                print(
+                    f"[escalated {escalation.from_model} -> {escalation.to_model}: score {escalation.quality.score:g} "
+                    f"< {escalation.threshold:g} ({escalation.quality.scorer}: {escalation.quality.reason})]",
+                    file=sys.stderr,
+                )
+            elif kind == "batch":
+                job = message.batch
+                print(job.batch_id)
+                print(
+                    f"[batch job {_BATCH_STATES.get(job.state)} on {job.model}, estimate {job.estimated_cost_usd} USD; "
+                    f"'routesvc batch get {job.batch_id}' fetches the answer]",
+                    file=sys.stderr,
+                )
             else:
                 completion = message.completion
                 print()
@@ -141,6 +212,41 @@ async def _models(args: argparse.Namespace) -> int:
             f"{model.id:<20} {model.provider:<12} "
             f"in ${model.input_price_per_mtok}/M out ${model.output_price_per_mtok}/M "
             f"ctx {model.context_window:<7} {','.join(model.capabilities):<16} {state}"
+        )
+    return 0
+
+
+async def _batch(args: argparse.Namespace) -> int:
+    async with RouterClient(args.target, api_key=args.api_key) as client:
+        if args.action == "cancel":
+            job = await client.cancel_batch(args.batch_id, tenant=args.tenant, timeout=args.timeout)
+            response = pb.GetBatchResponse(job=job)
+        else:
+            response = await client.get_batch(args.batch_id, tenant=args.tenant, timeout=args.timeout)
+    job_json = _batch_json(response.job)
+    result = response.result if response.HasField("result") else None
+    if args.json:
+        output: dict[str, object] = {**job_json, "error": response.error}
+        if result is not None:
+            output.update(
+                text=result.text,
+                input_tokens=result.usage.input_tokens,
+                output_tokens=result.usage.output_tokens,
+                cost_usd=result.cost_usd,
+                finish_reason=_FINISH_NAMES.get(result.finish_reason, "other"),
+            )
+        print(json.dumps(output))
+        return 0
+    print(
+        f"{job_json['batch_id']}: {job_json['state']} on {job_json['model']}"
+        + (f" ({response.error})" if response.error else "")
+    )
+    if result is not None:
+        print(result.text)
+        print(
+            f"[{result.usage.input_tokens} in / {result.usage.output_tokens} out, "
+            f"{result.cost_usd} USD at the batch price]",
+            file=sys.stderr,
         )
     return 0
 
@@ -250,6 +356,11 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None
     parser.add_argument("--task", default="", help="task hint, e.g. code_generation")
     parser.add_argument("--tools", type=int, default=0, help="send N placeholder tool definitions")
     parser.add_argument("--no-realtime", action="store_true", help="the answer is not needed now (batch allowed)")
+    cascade = parser.add_mutually_exclusive_group()
+    cascade.add_argument(
+        "--cascade", dest="cascade", action="store_true", default=None, help="run the configured cascade"
+    )
+    cascade.add_argument("--no-cascade", dest="cascade", action="store_false", help="do not run the cascade")
     parser.add_argument("--model", default="", help="pin a catalog model instead of routing")
     parser.add_argument("--max-output-tokens", type=int, default=None)
     parser.add_argument("--max-cost", default="", help="maximum estimated cost in USD")
@@ -278,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the model catalog")
     _add_client_flags(models, request=False)
     models.set_defaults(func=lambda args: asyncio.run(_models(args)))
+    batch = commands.add_parser("batch", help="a batch job from 'complete --no-realtime': get or cancel it")
+    _add_client_flags(batch, request=False)
+    batch.add_argument("action", choices=("get", "cancel"))
+    batch.add_argument("batch_id", help="the job id printed by 'complete --no-realtime'")
+    batch.add_argument("--tenant", default="", help="the tenant that owns the job (without API-key auth)")
+    batch.set_defaults(func=lambda args: asyncio.run(_batch(args)))
     stats = commands.add_parser("stats", help="routing effectiveness: model mix, cost, savings, latency")
     _add_client_flags(stats, request=False)
     stats.add_argument("--tenant", default="", help="only this tenant's requests")

@@ -34,7 +34,8 @@ def build_chat(
 
 
 class RouterClient:
-    """``async with RouterClient("localhost:50051") as client``: Route, Complete, ListModels."""
+    """``async with RouterClient("localhost:50051") as client``: Route, Complete, ListModels, GetStats,
+    GetBatch, CancelBatch."""
 
     def __init__(
         self,
@@ -103,6 +104,20 @@ class RouterClient:
             request, timeout=timeout, metadata=self._call_metadata(None)
         )
         return response
+
+    async def get_batch(self, batch_id: str, *, tenant: str = "", timeout: float | None = None) -> pb.GetBatchResponse:
+        """A batch job's state and, once it succeeded, its result."""
+        response: pb.GetBatchResponse = await self._stub.GetBatch(
+            pb.GetBatchRequest(batch_id=batch_id, tenant=tenant), timeout=timeout, metadata=self._call_metadata(None)
+        )
+        return response
+
+    async def cancel_batch(self, batch_id: str, *, tenant: str = "", timeout: float | None = None) -> pb.BatchJob:
+        """Cancel a batch job that has not ended; the job as it is afterwards."""
+        response: pb.CancelBatchResponse = await self._stub.CancelBatch(
+            pb.CancelBatchRequest(batch_id=batch_id, tenant=tenant), timeout=timeout, metadata=self._call_metadata(None)
+        )
+        return response.job
 
     async def aclose(self) -> None:
         """Close the channel."""

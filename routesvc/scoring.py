@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from routesvc import telemetry
 from routesvc.catalog import ModelSpec
 from routesvc.errors import ProviderError
 from routesvc.models import FinishReason, Message, ProviderFinish, QualityScore, Role, RoutingRequest, TextDelta, Usage
@@ -254,7 +255,8 @@ class LLMJudge:
         texts: list[str] = []
         finish: ProviderFinish | None = None
         failure = ""
-        stream = self._provider.stream(call)
+        # A client span of its own (purpose judge): its cost counts, it never answers the request.
+        stream = telemetry.observed_stream(self._provider, self._model, call, purpose="judge")
         try:
             async with asyncio.timeout(timeout):
                 async for event in stream:
@@ -317,7 +319,8 @@ class CombinedScorer:
                 break
         calls = tuple(call for result in results for call in result.calls)
         if self._combine == "min" or len(results) == 1:
-            lowest = min(results, key=lambda r: r.quality.score)
+            # On a tie the later scorer speaks (the judge after a local pass says more).
+            lowest = min(reversed(results), key=lambda r: r.quality.score)
             return ScoreResult(lowest.quality, calls)
         mean = sum(r.quality.score for r in results) / len(results)
         reason = "; ".join(f"{r.quality.scorer}: {r.quality.score:g} ({r.quality.reason})" for r in results)

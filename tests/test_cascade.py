@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
+import grpc
 import pytest
 
 from routesvc.client import RouterClient
@@ -247,20 +248,25 @@ class TestEscalationChain:
         assert messages[1].escalation.quality.reason == "refusal"
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o"]
 
-    async def test_a_cheap_model_that_fails_before_its_first_token_escalates(self, fake: FakeProvider) -> None:
-        """Without fallbacks, gpt-4o-mini answers 503 twice (its retry spent): escalated to gpt-4o
-        with the error as reason."""
-        config = default_config()
-        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+    async def test_a_cheap_model_that_fails_before_its_first_token_escalates(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """gpt-4o-mini answers 503 twice (its retry spent): escalated to gpt-4o, announced with the
+        error as reason; its configured fallback (gpt-4o, the next step) is not used silently."""
         fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o-mini")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            messages = await _cascade(client)
+        messages = await _cascade(live_client)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         assert messages[1].escalation.quality.reason == "gpt-4o-mini failed (PROVIDER_UNAVAILABLE)"
         assert messages[-1].completion.model == "gpt-4o"
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]
+
+    async def test_a_rejected_request_is_not_escalated(self, live_client: RouterClient, fake: FakeProvider) -> None:
+        """A 400 from the cheap model would be a 400 from the next: FAILED_PRECONDITION, no escalation."""
+        fake.enqueue(Script(status=400), model="gpt-4o-mini")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _cascade(live_client)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
     async def test_a_cut_buffered_answer_escalates_instead_of_interrupting(
         self, live_client: RouterClient, fake: FakeProvider
