@@ -55,15 +55,22 @@ class TestGenAIMetrics:
 
 class TestRoutingMetrics:
     async def test_requests_by_selected_model_and_strategy(self, observed: Observed) -> None:
-        """routesvc.requests counts Complete requests by selected model and strategy."""
+        """routesvc.requests counts decisions by selected model, strategy and method (Route and Complete)."""
         await _complete(observed)
         await _complete(observed)
         await _complete(observed, task_hint="code_generation")
+        await observed.client.route(user_chat("hello"))
         counts = {
-            (dict(p.attributes)["routesvc.selected_model"], dict(p.attributes)["routesvc.strategy"]): p.value
+            tuple(
+                dict(p.attributes)[k] for k in ("routesvc.selected_model", "routesvc.strategy", "rpc.method")
+            ): p.value
             for p in observed.points("routesvc.requests")
         }
-        assert counts == {("gpt-4o-mini", "default"): 2, ("gpt-4o", "rules"): 1}
+        assert counts == {
+            ("gpt-4o-mini", "default", "Complete"): 2,
+            ("gpt-4o", "rules", "Complete"): 1,
+            ("gpt-4o-mini", "default", "Route"): 1,
+        }
 
     async def test_cost_baseline_and_savings(self, observed: Observed, fake: FakeProvider) -> None:
         """routesvc.cost is the exact cost; savings is the claude-sonnet price of the same usage minus it."""

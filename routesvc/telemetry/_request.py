@@ -126,14 +126,20 @@ class RequestTelemetry:
         telemetry.instruments.rpc_duration.record(
             duration, {"rpc.system": "grpc", "rpc.method": self.method, "rpc.grpc.status_code": self.code}
         )
-        if self.method != "Complete" or self.decision is None:
+        if self.decision is None:
             return
         decision = self.decision
+        labels = {
+            "routesvc.selected_model": decision.model,
+            "routesvc.strategy": decision.strategy,
+            "rpc.method": self.method,
+        }
+        telemetry.instruments.requests.add(1, labels)
+        if self.method != "Complete":
+            return
         answered = next(
             (a.model for a in reversed(self.attempts) if a.usage is not None and a.purpose == "answer"), decision.model
         )
-        labels = {"routesvc.selected_model": decision.model, "routesvc.strategy": decision.strategy}
-        telemetry.instruments.requests.add(1, labels)
         if cost or baseline:
             model_label = {"routesvc.model": answered}
             telemetry.instruments.baseline_cost.add(float(baseline), model_label)

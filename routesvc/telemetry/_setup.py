@@ -56,7 +56,9 @@ class _Instruments:
             "routesvc.routing.stage.duration", unit="s", description="Time each policy stage took on its own"
         )
         self.requests = meter.create_counter(
-            "routesvc.requests", unit="{request}", description="Routed requests by selected model and strategy"
+            "routesvc.requests",
+            unit="{request}",
+            description="Routing decisions by selected model, strategy and method",
         )
         self.escalations = meter.create_counter(
             "routesvc.escalations", unit="{escalation}", description="Escalations to a stronger model"
