@@ -96,3 +96,17 @@ class TestInvalid:
         with pytest.raises(ConfigError, match="<test>: ") as caught:
             _telemetry(section, environ)
         assert message in caught.value.message
+
+
+class TestPublicSurface:
+    def test_the_telemetry_package_exports_exactly_its_api(self) -> None:
+        """routesvc.telemetry's public names are the set-up, the hooks and nothing private."""
+        import routesvc.telemetry as telemetry
+
+        public = {name for name in dir(telemetry) if not name.startswith("_")} - {"annotations"}
+        assert public == set(telemetry.__all__)
+        assert set(telemetry.__all__) == {
+            "RequestTelemetry", "Telemetry", "add_trace_context", "configure_logging", "current_request",
+            "observed_stream", "record_cascade", "record_decision", "record_escalation", "record_fallback",
+            "record_feedback", "record_first_chunk_sent", "record_stage_latency", "start_routing",
+        }  # fmt: skip

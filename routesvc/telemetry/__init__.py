@@ -7,14 +7,16 @@ span, its routing span and the request's totals. The module-level functions act 
 progress and do nothing outside one, so the router, strategies and ``routesvc simulate`` call
 them unconditionally::
 
-    start_routing(request)                       routing span opens (router.route)
-    record_decision(decision)                    its routesvc.* attributes (service)
-    observed_stream(provider, model, call, mode) one "chat {model}" client span per attempt
-    record_fallback(from_model, to_model, reason)
-    record_stage_latency(stage, seconds)         per policy stage, on the routing span
-    record_feedback(model, score, decision_id=, tenant=)   from the RPC that receives feedback
-    record_escalation(from_model, to_model, reason, score=None)
-    record_cascade(released, score=None)
+    start_routing(request)                        the routing span opens (router)
+    record_stage_latency(stage, seconds)          each policy stage's own time (policy)
+    record_decision(decision)                     the decision's routesvc.* attributes (service)
+    observed_stream(provider, model, call, mode, purpose="answer")
+                                                  provider.stream(call) in a "chat {model}" client span
+    record_fallback(from_model, to_model, reason) a span event and a metric (router)
+    record_escalation(from_model, to_model, reason, score=None)   (cascade)
+    record_cascade(released, score=None)          the cascade's verdict on a cheap answer
+    record_first_chunk_sent()                     time to first token ends (service)
+    record_feedback(model, score, decision_id="", tenant="")      from an RPC receiving feedback
 
 The span tree of a Complete is ``RouterService/Complete`` (server) -> ``route`` (internal) ->
 ``chat {model}`` (client, one per upstream attempt). Prompt and completion text are recorded
