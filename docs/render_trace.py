@@ -98,7 +98,8 @@ def render(trace: dict[str, Any]) -> str:
         for log in span.get("logs", []):
             fields = {field["key"]: field["value"] for field in log["fields"]}
             lx = _LEFT + (log["timestamp"] - start) * scale
-            label = f"{fields.get('event', '')} {fields.get('routesvc.from_model', '')} -> {fields.get('routesvc.to_model', '')}"
+            hop = f"{fields.get('routesvc.from_model', '')} -> {fields.get('routesvc.to_model', '')}"
+            label = f"{fields.get('event', '')} {hop}"
             if "routesvc.score" in fields:
                 label += f" (score {fields['routesvc.score']:g})"
             # Labels near the right edge are drawn to the left of their marker.
