@@ -309,31 +309,35 @@ class Router:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         decision = await self.route(request, for_completion=True)
-        if decision.mode is Mode.BATCH and self._batches is not None:
+        if decision.mode is Mode.BATCH and self._batches is not None and self._batches.supports(decision.provider):
+            tokens = decision.estimated_input_tokens + decision.estimated_output_tokens
             reservation = await self._admission.admit(
-                request.context.tenant,
-                tokens=decision.estimated_input_tokens + decision.estimated_output_tokens,
-                cost=decision.estimated_cost_usd,
+                request.context.tenant, tokens=tokens, cost=decision.estimated_cost_usd
             )
-            # A job's budget counts its estimate; the real cost is in the ledger when it ends.
             try:
                 job = await self._batches.submit(request, decision)
-            finally:
-                await reservation.settle(
-                    decision.estimated_input_tokens + decision.estimated_output_tokens, decision.estimated_cost_usd
-                )
+            except BaseException:
+                await reservation.settle(0, Decimal(0))
+                raise
+            # A job's budget counts its estimate at once; its real cost is in the ledger when it ends.
+            await reservation.settle(tokens, decision.estimated_cost_usd)
             yield decision
             yield job
             return
         if decision.mode is Mode.BATCH:
             model = self._catalog.get(decision.model)
+            why = (
+                "batch mode is disabled (batch.enabled false)"
+                if self._batches is None
+                else f"provider {decision.provider} has no batch API here"
+            )
             decision = replace(
                 decision,
                 mode=Mode.REALTIME,
                 estimated_cost_usd=estimate_cost(
                     model, decision.estimated_input_tokens, decision.estimated_output_tokens
                 ),
-                reasons=(*decision.reasons, "batch execution is not enabled in this build; served in realtime"),
+                reasons=(*decision.reasons, f"{why}; served in realtime"),
             )
         tenant = request.context.tenant
         reservation = await self._admission.admit(

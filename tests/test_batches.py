@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from routesvc.auth import key_digest
 from routesvc.client import RouterClient
 from routesvc.server import Server
 from routesvc.testing import BatchOutcome, FakeProvider, Script
@@ -36,10 +37,8 @@ async def submit(client: RouterClient, tenant: str = "acme", **context: object) 
 
 
 async def get_batch(client: RouterClient, batch_id: str, tenant: str = "acme") -> pb.GetBatchResponse:
-    """GetBatch through the generated stub."""
-    stub = client._stub  # the typed client has no batch calls yet for tests to lean on
-    response: pb.GetBatchResponse = await stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id, tenant=tenant))
-    return response
+    """GetBatch as ``tenant``."""
+    return await client.get_batch(batch_id, tenant=tenant)
 
 
 async def wait_state(client: RouterClient, batch_id: str, state: int, timeout: float = 5.0) -> pb.GetBatchResponse:
@@ -127,8 +126,8 @@ class TestBatchFaults:
         ):
             job = (await submit(client, task_hint=task))[1].batch
             await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
-            cancelled = await client._stub.CancelBatch(pb.CancelBatchRequest(batch_id=job.batch_id, tenant="acme"))
-            assert cancelled.job.state == pb.BATCH_STATE_CANCELLED
+            cancelled = await client.cancel_batch(job.batch_id, tenant="acme")
+            assert cancelled.state == pb.BATCH_STATE_CANCELLED
             assert fake.batches[0].cancelled
             fake.batch_outcome = BatchOutcome.COMPLETE
             await asyncio.sleep(0.3)
@@ -166,3 +165,100 @@ class TestBatchPersistence:
             await asyncio.sleep(0.2)
             assert len([e for e in server.router.ledger.entries() if e.request_id == job.batch_id]) == 1
         assert len(fake.batches) == 1
+
+
+class TestBatchFailures:
+    """A batch the provider fails, or a request in it that errors, ends FAILED with a short code, uncharged."""
+
+    @pytest.mark.parametrize(("task", "code"), [("", "batch_failed"), ("creative_writing", "api_error")])
+    async def test_a_failed_batch_ends_failed(self, tmp_path: Path, fake: FakeProvider, task: str, code: str) -> None:
+        """OpenAI batch status failed / Anthropic requests errored: FAILED, an error code, no ledger entry."""
+        fake.batch_outcome = BatchOutcome.FAIL
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client, task_hint=task))[1].batch
+            failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
+            assert failed.error == code
+            assert server.router.ledger.entries() == []
+
+    async def test_one_erroring_request_fails_alone(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """Two jobs in one batch, the provider answers the first with a 500: it fails, the other succeeds."""
+        config = batch_config(tmp_path)
+        config["batch"]["group_window_seconds"] = 0.3  # type: ignore[index]
+        fake.enqueue(Script(status=500), Script(text="fine"), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            first = (await submit(client))[1].batch.batch_id
+            second = (await submit(client))[1].batch.batch_id
+            failed = await wait_state(client, first, pb.BATCH_STATE_FAILED)
+            done = await wait_state(client, second, pb.BATCH_STATE_SUCCEEDED)
+        assert (failed.error, done.result.text) == ("http_500", "fine")
+        assert len(fake.batches) == 1
+
+
+class TestBatchModeFallsBackToRealtime:
+    """Where no batch API is available the request is served in realtime and the reasons say why."""
+
+    async def test_batch_disabled(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """batch.enabled false: the answer streams, the decision says batch mode is disabled."""
+        config = batch_config(tmp_path)
+        config["batch"]["enabled"] = False  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await submit(client)
+        assert [m.WhichOneof("event") for m in messages][-1] == "completion"
+        assert messages[0].decision.reasons[-1] == "batch mode is disabled (batch.enabled false); served in realtime"
+        assert not (tmp_path / "batches.db").exists()
+
+    async def test_a_provider_without_a_batch_api(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """An openai_compatible model: served in realtime, the reason names the provider."""
+        config = batch_config(tmp_path)
+        config["providers"]["local"] = {"kind": "openai_compatible", "base_url": fake.openai_base_url}  # type: ignore[index]
+        config["models"].append(  # type: ignore[attr-defined]
+            {
+                "id": "llama",
+                "provider": "local",
+                "input_price_per_mtok": "0.02",
+                "output_price_per_mtok": "0.05",
+                "context_window": 131072,
+            }
+        )
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await submit(client, model="llama")
+        assert messages[-1].completion.model == "llama"
+        assert messages[0].decision.reasons[-1] == "provider local has no batch API here; served in realtime"
+
+
+class TestBatchTenancy:
+    """With API-key auth, a job belongs to the key's tenant; another tenant's key cannot see or cancel it."""
+
+    async def test_another_tenants_key_gets_not_found(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """acme's job: globex's GetBatch and CancelBatch are NOT_FOUND; acme's GetBatch finds it."""
+        config = batch_config(tmp_path)
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {
+            "acme": {"api_key_sha256": [key_digest("acme-key")]},
+            "globex": {"api_key_sha256": [key_digest("globex-key")]},
+        }
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with Server(settings_from(config, live_environ(fake)), port=0) as server:
+            async with RouterClient(server.target, api_key="acme-key") as acme:
+                job = (await submit(acme, tenant=""))[1].batch
+                assert (await acme.get_batch(job.batch_id)).job.batch_id == job.batch_id
+            async with RouterClient(server.target, api_key="globex-key") as globex:
+                for call in (globex.get_batch, globex.cancel_batch):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await call(job.batch_id)
+                    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+                with pytest.raises(grpc.aio.AioRpcError) as spoofed:
+                    await globex.get_batch(job.batch_id, tenant="acme")
+                assert spoofed.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -159,11 +159,15 @@ class BatchQueue:
         while True:
             wait = self._config.poll_interval_seconds
             if self._store is not None:
+                next_flush = None
                 try:
                     next_flush = await self._flush()
                     await self._poll()
                 except ProviderError as error:
                     log.warning("batch_round_failed", reason=error.reason)
+                except Exception:
+                    # Our bug or the store failing: log it and try again next round, never stop polling.
+                    log.exception("batch_round_crashed")
                 if next_flush is not None:
                     wait = max(0.0, min(wait, next_flush))
             self._wake.clear()
@@ -239,17 +243,20 @@ class BatchQueue:
         model = self._settings.catalog.get(status.job.model)
         cost = cost_of_usage(model, result.usage, Mode.BATCH)
         answer = BatchResult(result.text, result.usage, cost, result.finish_reason, result.provider_model)
-        if await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
-            self._ledger.record(
-                request_id=batch_id,
-                decision_id=status.job.decision_id,
-                tenant=status.job.tenant,
-                model=model.id,
-                provider=model.provider,
-                attempt=1,
-                outcome=AttemptOutcome.COMPLETED,
-                usage=result.usage,
-                cost_usd=cost,
-                estimated=False,
-            )
-            log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))
+        if not await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
+            # Cancelled (or ended) before the provider's answer arrived: not charged to the tenant.
+            log.info("batch_result_discarded", batch_id=batch_id, state=status.job.state.value)
+            return
+        self._ledger.record(
+            request_id=batch_id,
+            decision_id=status.job.decision_id,
+            tenant=status.job.tenant,
+            model=model.id,
+            provider=model.provider,
+            attempt=1,
+            outcome=AttemptOutcome.COMPLETED,
+            usage=result.usage,
+            cost_usd=cost,
+            estimated=False,
+        )
+        log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))
