@@ -83,7 +83,8 @@ class Scorer(Protocol):
 _REFUSAL = re.compile(
     r"^\W*(?:i'?m sorry|i am sorry|sorry|unfortunately|as an ai(?: language model)?)?[^.!?\n]{0,40}?\b"
     r"(?:i\s+(?:can(?:'|no)?t|cannot|am\s+(?:not\s+able|unable)|'m\s+(?:not\s+able|unable)|won'?t|will\s+not)"
-    r"\s+(?:help|assist|answer|provide|comply|do\s+that|fulfil|fulfill|create|write|generate|share|engage))",
+    r"\s+(?:help|assist|answer|provide|comply|do\s+that|fulfil|fulfill|create|write|generate|share|engage)"
+    r"(?!\s+but\b))",
     re.IGNORECASE,
 )
 _HEDGE = re.compile(
@@ -93,10 +94,12 @@ _HEDGE = re.compile(
     re.IGNORECASE,
 )
 _ASKS_FOR_JSON = re.compile(
-    r"\b(?:respond|reply|answer|output|return|format(?:ted)?|give|provide|print)\b[^.\n]{0,60}\bjson\b|"
-    r"\bjson\b[^.\n]{0,20}\b(?:only|format|object)\b",
+    r"\b(?:respond|reply|answer|output|return|give|provide|print)\s+(?:(?:only|with|in|as|a|an|the|valid|raw)\s+)*"
+    r"json\b|\b(?:in|as)\s+(?:valid\s+)?json(?:\s+format)?\b|\bjson\s+only\b",
     re.IGNORECASE,
 )
+# A request for code is answered with code, whatever it says about JSON.
+_ASKS_FOR_CODE = re.compile(r"\b(?:function|code|script|program|class|snippet|regex)\b", re.IGNORECASE)
 _ASKS_FOR_PYTHON = re.compile(r"\b(?:python\s+(?:function|program|code|script|class)|in\s+python)\b", re.IGNORECASE)
 _PYTHON_CODE = re.compile(r"^\s*(?:def|class|import|from)\s+\w|\blambda\b[^:]*:", re.MULTILINE)
 _ASKS_FOR_ONE_CHOICE = re.compile(
@@ -113,6 +116,8 @@ def asks_for_json(request: RoutingRequest) -> bool:
     or the last user message saying so."""
     if request.context.metadata.get("response_format", "").lower() == "json":
         return True
+    if _ASKS_FOR_CODE.search(request.chat.last_user_message):
+        return False
     texts = [m.content for m in request.chat.messages if m.role is Role.SYSTEM]
     texts.append(request.chat.last_user_message)
     return any(_ASKS_FOR_JSON.search(text) for text in texts)
@@ -230,9 +235,13 @@ class LLMJudge:
         self._on_failure = on_failure
 
     def _messages(self, scoring_input: ScoringInput) -> tuple[Message, ...]:
-        question = scoring_input.request.chat.last_user_message[-_MAX_QUOTED_CHARS:]
+        chat = scoring_input.request.chat
+        instructions = "\n\n".join(m.content for m in chat.messages if m.role is Role.SYSTEM)[:_MAX_QUOTED_CHARS]
+        question = chat.last_user_message[-_MAX_QUOTED_CHARS:]
         answer = scoring_input.answer[:_MAX_QUOTED_CHARS]
         prompt = f"<request>\n{question}\n</request>\n\n<answer>\n{answer}\n</answer>\n\nGrade the answer."
+        if instructions:
+            prompt = f"<instructions>\n{instructions}\n</instructions>\n\n{prompt}"
         return (Message(Role.SYSTEM, _JUDGE_SYSTEM), Message(Role.USER, prompt))
 
     def _failed(self, why: str) -> QualityScore:

@@ -262,3 +262,22 @@ class TestBatchTenancy:
                 with pytest.raises(grpc.aio.AioRpcError) as spoofed:
                     await globex.get_batch(job.batch_id, tenant="acme")
                 assert spoofed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    async def test_a_job_still_in_the_grouping_window_survives_a_restart(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Queued (not yet sent) at shutdown: the next server sends it and it succeeds; one provider batch."""
+        waiting = batch_config(tmp_path)
+        waiting["batch"]["group_window_seconds"] = 60  # type: ignore[index]
+        async with (
+            Server(settings_from(waiting, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch
+        assert fake.batches == []
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert len(fake.batches) == 1

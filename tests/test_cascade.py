@@ -59,6 +59,19 @@ class TestLocalScorer:
         assert (bad.quality.score, bad.quality.reason) == (0.2, "requested JSON does not parse")
         assert good.quality.score == 1.0
 
+    @pytest.mark.parametrize(
+        ("prompt", "answer"),
+        [
+            ("Tell me about Rome.", "I can't help but admire Rome: it is ancient and beautiful."),
+            ("Write a function that returns JSON.", "def f():\n    return json.dumps({})"),
+            ("What is JSON?", "A text format for structured data."),
+        ],
+    )
+    async def test_ordinary_answers_are_not_flagged(self, prompt: str, answer: str) -> None:
+        """Not refusals, and no JSON was asked of the answer itself: score 1."""
+        result = await LocalScorer().score(_input(answer, prompt))
+        assert (result.quality.score, result.quality.reason) == (1.0, "no problem found")
+
     async def test_json_can_be_requested_in_metadata(self) -> None:
         """Routing metadata ``response_format: json`` asks for JSON too."""
         result = await LocalScorer().score(_input("not json", response_format="json"))
