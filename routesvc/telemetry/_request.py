@@ -185,7 +185,9 @@ def start_routing(request: RoutingRequest) -> None:
     if rpc is None:
         return
     rpc.tenant = request.context.tenant
-    if rpc.routing_span is None:
+    # An RPC that is not sampled (or not traced at all) gets no routing span: its attributes
+    # would be dropped anyway, and building them is a good part of a Route's own time.
+    if rpc.routing_span is None and rpc.span.is_recording():
         rpc.routing_started = time.monotonic()
         rpc.routing_span = rpc.telemetry.tracer.start_span(
             "route", context=trace.set_span_in_context(rpc.span), kind=SpanKind.INTERNAL
@@ -201,6 +203,8 @@ def record_decision(decision: RouteDecision) -> None:
         return
     rpc.decision = decision
     span = rpc.routing_span or rpc.span
+    if not span.is_recording():
+        return
     span.set_attributes(
         {
             "routesvc.decision_id": decision.decision_id,
@@ -252,7 +256,9 @@ def record_stage_latency(stage: str, seconds: float) -> None:
     rpc = _CURRENT.get()
     if rpc is None:
         return
-    (rpc.routing_span or rpc.span).set_attribute(f"routesvc.stage.{stage}_ms", round(seconds * 1000, 3))
+    span = rpc.routing_span or rpc.span
+    if span.is_recording():
+        span.set_attribute(f"routesvc.stage.{stage}_ms", round(seconds * 1000, 3))
     rpc.telemetry.instruments.stage_duration.record(seconds, {"routesvc.stage": stage})
 
 
