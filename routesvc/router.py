@@ -439,10 +439,10 @@ class Router:
                 finish_reason=completion.finish_reason,
                 threshold=decision.cascade_thresholds[index],
                 timeout=None if deadline is None else deadline - time.monotonic(),
+                # Charged as each judge call ends, so a cancelled request still pays for it once.
+                charge=lambda call: self._record_scoring(state, call),
             )
         )
-        for call in result.calls:
-            self._record_scoring(state, call)
         return _StepOutcome(tuple(deltas), completion, result.quality, cost_before)
 
     def _record_scoring(self, state: _AttemptState, call: ScoringCall) -> None:

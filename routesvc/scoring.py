@@ -18,7 +18,7 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -34,7 +34,9 @@ from routesvc.tokens import count_text_tokens
 class ScoringInput:
     """What a scorer sees: the request, the answer, and the threshold it will be held to.
 
-    ``timeout`` is the seconds left before the caller's deadline (None: no deadline).
+    ``timeout`` is the seconds left before the caller's deadline (None: no deadline). ``charge``
+    is called once for every upstream call a scorer makes, as soon as the call ends, however it
+    ends (also when the caller is cancelled mid-call), so that it is charged exactly once.
     """
 
     request: RoutingRequest
@@ -43,6 +45,7 @@ class ScoringInput:
     finish_reason: FinishReason
     threshold: float
     timeout: float | None = None
+    charge: Callable[[ScoringCall], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +253,8 @@ class LLMJudge:
         return QualityScore(score, self.name, f"judge {why}; {verb} as configured")
 
     async def score(self, scoring_input: ScoringInput, /) -> ScoreResult:
-        """Ask the judge; its usage (estimated when it did not finish) comes back in ``calls``."""
+        """Ask the judge. Its usage (estimated when it did not finish) goes to ``charge`` when the
+        call ends and comes back in ``calls``."""
         timeout = self._timeout if scoring_input.timeout is None else min(self._timeout, scoring_input.timeout)
         messages = self._messages(scoring_input)
         call = ProviderCall(
@@ -264,6 +268,7 @@ class LLMJudge:
         texts: list[str] = []
         finish: ProviderFinish | None = None
         failure = ""
+        refused = False
         # A client span of its own (purpose judge): its cost counts, it never answers the request.
         stream = telemetry.observed_stream(self._provider, self._model, call, purpose="judge")
         try:
@@ -277,18 +282,23 @@ class LLMJudge:
             failure = f"timed out after {timeout:g} s"
         except ProviderError as error:
             failure = f"failed ({error.reason})"
+            refused = not texts
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
-        if finish is not None:
-            used = ScoringCall(self._model.id, finish.usage)
-        else:
-            estimate = Usage(
-                input_tokens=sum(count_text_tokens(m.content) for m in messages) if texts or failure else 0,
-                output_tokens=count_text_tokens("".join(texts)),
-            )
-            used = ScoringCall(self._model.id, estimate, estimated=True)
+            if finish is not None:
+                used = ScoringCall(self._model.id, finish.usage)
+            else:
+                # Cut short after the provider started work: estimated and flagged. Refused before
+                # any output (an error status): nothing to bill.
+                estimate = Usage(
+                    input_tokens=0 if refused else sum(count_text_tokens(m.content) for m in messages),
+                    output_tokens=count_text_tokens("".join(texts)),
+                )
+                used = ScoringCall(self._model.id, estimate, estimated=not refused)
+            if scoring_input.charge is not None:
+                scoring_input.charge(used)
         if failure:
             return ScoreResult(self._failed(failure), (used,))
         score = parse_judge_score("".join(texts))

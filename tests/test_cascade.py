@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -309,6 +311,43 @@ class TestEscalationChain:
         messages = [m async for m in live_client.complete(user_chat("hi"), pb.RoutingContext())]
         assert list(messages[0].decision.cascade_models) == []
         assert len(fake.requests) == 1
+
+
+class TestCascadeCancellation:
+    """RELIABILITY 4 in a cascade: a client that leaves during the judge's call still pays for it once."""
+
+    async def test_cancel_during_the_judge_call(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """The judge hangs; the client cancels: the judge request is aborted and both calls are in the
+        ledger once, the judge's estimated."""
+        fake.enqueue(Script(text="Paris"), Script(first_chunk_delay=30), model="gpt-4o-mini")
+        received: list[pb.CompleteResponse] = []
+
+        async def read() -> None:
+            async for message in live_client.complete(user_chat("hi"), pb.RoutingContext(cascade=True)):
+                received.append(message)
+
+        task = asyncio.create_task(read())
+        async with asyncio.timeout(5):
+            while len(fake.requests) < 2:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        judge = fake.requests[1]
+        await judge.wait_ended(2)
+        assert judge.aborted
+        decision_id = received[0].decision.decision_id
+        async with asyncio.timeout(2):
+            while len(live_server.router.ledger.entries(decision_id)) < 2:  # noqa: ASYNC110 - a bounded poll
+                await asyncio.sleep(0.01)
+        entries = live_server.router.ledger.entries(decision_id)
+        assert [(e.attempt, e.outcome, e.estimated) for e in entries] == [
+            (1, AttemptOutcome.COMPLETED, False),
+            (2, AttemptOutcome.INTERRUPTED, True),
+        ]
+        assert entries[1].usage.input_tokens > 0
 
 
 class TestCascadeConfig:
