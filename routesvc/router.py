@@ -370,7 +370,8 @@ class Router:
                         yield delta
                     yield self._final(attempt, outcome.completion, quality)
                     return
-                attempt.mark_escalated()
+                if outcome.completion is not None:
+                    attempt.mark_escalated()
                 telemetry.record_escalation(step, next_model, f"{quality.scorer}: {quality.reason}", quality.score)
                 yield Escalation(
                     from_model=step,
