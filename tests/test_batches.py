@@ -281,3 +281,66 @@ class TestBatchTenancy:
         ):
             await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
         assert len(fake.batches) == 1
+
+
+class TestBatchAdapters:
+    """The adapters speak each provider's batch API through the official SDK and translate its errors."""
+
+    async def test_openai_expired_items_come_back_expired(self, fake: FakeProvider) -> None:
+        """Upload, create, poll, read the error file: each item EXPIRED with the provider's code."""
+        from routesvc.models import BatchState, Message, Role
+        from routesvc.providers.batch import BatchItem
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        fake.batch_outcome = BatchOutcome.EXPIRE
+        api = OpenAIBatches("openai", "sk", fake.openai_base_url)
+        items = [BatchItem(f"job_{n}", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 16) for n in (1, 2)]
+        batch_id = await api.submit(items)
+        batch = await api.poll(batch_id)
+        results = await api.results(batch)
+        await api.aclose()
+        assert (batch.ended, batch.status) == (True, "expired")
+        assert [(r.custom_id, r.state, r.error) for r in results] == [
+            ("job_1", BatchState.EXPIRED, "batch_expired"),
+            ("job_2", BatchState.EXPIRED, "batch_expired"),
+        ]
+        assert fake.batches[0].requests[0]["body"]["max_completion_tokens"] == 16
+
+    async def test_anthropic_results_carry_text_usage_and_stop_reason(self, fake: FakeProvider) -> None:
+        """Create, poll, stream the results: SUCCEEDED with text, usage (cache reads counted as input)."""
+        from routesvc.models import BatchState, FinishReason, Message, Role, Usage
+        from routesvc.providers.anthropic_batch import AnthropicBatches
+        from routesvc.providers.batch import BatchItem
+
+        fake.enqueue(
+            Script(text="done", input_tokens=30, output_tokens=4, cached_input_tokens=10, finish_reason="length")
+        )
+        api = AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
+        messages = (Message(Role.SYSTEM, "be brief"), Message(Role.USER, "hi"))
+        batch_id = await api.submit([BatchItem("job_1", "claude-sonnet", "claude-sonnet-4-6", messages, 64)])
+        results = await api.results(await api.poll(batch_id))
+        await api.aclose()
+        assert [(r.state, r.text, r.usage, r.finish_reason) for r in results] == [
+            (BatchState.SUCCEEDED, "done", Usage(30, 4, 10), FinishReason.LENGTH)
+        ]
+        assert fake.batches[0].requests[0]["params"]["system"] == "be brief"
+
+    @pytest.mark.parametrize("kind", ["openai", "anthropic"])
+    async def test_a_wrong_key_is_provider_auth_failed(self, kind: str) -> None:
+        """The provider answers 401 to our key: ProviderAuthFailed, and the key is not in the message."""
+        from routesvc.errors import ProviderAuthFailed
+        from routesvc.models import Message, Role
+        from routesvc.providers.anthropic_batch import AnthropicBatches
+        from routesvc.providers.batch import BatchItem
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        async with FakeProvider(api_key="right-key") as fake:
+            api = (
+                OpenAIBatches("openai", "wrong-key-canary", fake.openai_base_url)
+                if kind == "openai"
+                else AnthropicBatches("anthropic", "wrong-key-canary", fake.anthropic_base_url)
+            )
+            with pytest.raises(ProviderAuthFailed) as caught:
+                await api.submit([BatchItem("job_1", "m", "m", (Message(Role.USER, "hi"),), 8)])
+            await api.aclose()
+        assert "wrong-key-canary" not in caught.value.message

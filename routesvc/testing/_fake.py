@@ -51,7 +51,7 @@ class FakeProvider:
         self._batches = FakeBatches(self._take_script, lambda: self.base_url)
         # One handler per (method, path); ``*`` in a path matches one segment (an id).
         self._routes: dict[tuple[str, str], _Handler] = {
-            **self._batches.routes(),
+            **{route: self._with_key(handler) for route, handler in self._batches.routes().items()},
             ("POST", _openai.PATH): self._api(_openai.respond, _openai.error_body),
             ("POST", _anthropic.PATH): self._api(_anthropic.respond, _anthropic.error_body),
             ("POST", "/_fake/script"): self._control_script,
@@ -196,6 +196,22 @@ class FakeProvider:
             ):
                 return handler
         return None
+
+    def _with_key(self, handler: _Handler) -> _Handler:
+        """``handler`` behind the API-key check: another key gets a provider-shaped 401."""
+
+        async def handle(connection: Connection, request: Request) -> bool:
+            headers = request.headers
+            bearer = headers.get("authorization", "")
+            key = headers.get("x-api-key") or (bearer[7:] if bearer.lower().startswith("bearer ") else None)
+            if self._api_key is not None and key != self._api_key:
+                anthropic = request.path.startswith("/v1/messages/")
+                error_body = _anthropic.error_body if anthropic else _openai.error_body
+                await connection.send_json(401, error_body(401, "authentication_error", "invalid api key"))
+                return True
+            return await handler(connection, request)
+
+        return handle
 
     def _api(self, respond: _Respond, error_body: ErrorBody) -> _Handler:
         """A handler that records an API request, picks its script and answers it with ``respond``."""
