@@ -78,12 +78,12 @@ def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[by
 
 @contextlib.contextmanager
 def running(
-    cmd: Sequence[str], port: int, *, env: dict[str, str] | None = None, timeout: float = 60.0
+    cmd: Sequence[str], port: int, *, env: dict[str, str] | None = None, timeout: float = 60.0, cwd: Path = REPO
 ) -> Iterator[int]:
     """Run ``cmd`` until the block ends (SIGTERM, then SIGKILL after 10 s); yields its pid."""
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below, after the process
     process = subprocess.Popen(  # noqa: S603 - our own benchmark processes
-        list(cmd), env=env or clean_env(), stdout=subprocess.DEVNULL, stderr=log, cwd=REPO
+        list(cmd), env=env or clean_env(), stdout=subprocess.DEVNULL, stderr=log, cwd=cwd
     )
     try:
         try:
@@ -129,28 +129,33 @@ def routesvc_config(fake_base: str | None = None, **server: object) -> dict[str,
 
 
 @contextlib.contextmanager
-def routesvc_server(config: dict[str, Any], fake_base: str | None = None) -> Iterator[tuple[str, int]]:
-    """``routesvc serve`` as a process with ``config``; yields its target and pid."""
+def routesvc_server(
+    config: dict[str, Any], fake_base: str | None = None, code: Path | None = None
+) -> Iterator[tuple[str, int]]:
+    """``routesvc serve`` as a process with ``config`` (from the source tree ``code``, default this
+    checkout, to compare two versions side by side); yields its target and pid."""
     port = free_port()
     extra = {"OPENAI_API_KEY": "sk-bench", "ANTHROPIC_API_KEY": "sk-bench"}
     if fake_base:
         extra |= {"OPENAI_BASE_URL": f"{fake_base}/v1", "ANTHROPIC_BASE_URL": fake_base}
+    if code is not None:
+        extra["PYTHONPATH"] = str(code)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(config, handle)
         path = handle.name
     try:
         cmd = [PYTHON, "-m", "routesvc", "serve", "--config", path, "--port", str(port)]
-        with running(cmd, port, env=clean_env(**extra)) as pid:
+        with running(cmd, port, env=clean_env(**extra), cwd=code or REPO) as pid:
             yield f"127.0.0.1:{port}", pid
     finally:
         os.unlink(path)
 
 
 @contextlib.contextmanager
-def bare_server(*, uvloop: bool = False) -> Iterator[tuple[str, int]]:
-    """``python -m bench.bare_server`` as a process; yields its target and pid."""
+def bare_server(*flags: str) -> Iterator[tuple[str, int]]:
+    """``python -m bench.bare_server [FLAGS]`` as a process; yields its target and pid."""
     port = free_port()
-    cmd = [PYTHON, "-m", "bench.bare_server", "--port", str(port)] + (["--uvloop"] if uvloop else [])
+    cmd = [PYTHON, "-m", "bench.bare_server", "--port", str(port), *flags]
     with running(cmd, port) as pid:
         yield f"127.0.0.1:{port}", pid
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+import structlog
 
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
@@ -39,9 +43,21 @@ _ROUTE = pb.RouteResponse(decision=_DECISION)
 
 
 class BareService(pb_grpc.RouterServiceServicer):
-    """Answers Route at once; Complete sends the decision, ``chunks`` deltas and a completion."""
+    """Answers Route at once; Complete sends the decision, ``chunks`` deltas and a completion.
+
+    ``initial_metadata`` and ``log`` add one piece of what routesvc does per call (send the
+    request id as initial metadata; one JSON log line through structlog), to price each alone.
+    """
+
+    def __init__(self, *, initial_metadata: bool = False, log: bool = False) -> None:
+        self._initial_metadata = initial_metadata
+        self._log = structlog.get_logger("bare") if log else None
 
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
+        if self._initial_metadata:
+            await context.send_initial_metadata((("x-request-id", "0" * 32),))
+        if self._log is not None:
+            self._log.info("rpc_finished", method="Route", code="OK", request_id="0" * 32, duration_ms=0.1)
         return _ROUTE
 
     async def Complete(
@@ -53,10 +69,34 @@ class BareService(pb_grpc.RouterServiceServicer):
         yield pb.CompleteResponse(completion=pb.Completion(model="gpt-4o-mini", cost_usd="0.0000123"))
 
 
-async def serve(port: int) -> None:
+class _Passthrough(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type hints
+    """A server interceptor that does nothing but wrap the handler, as routesvc's tracing one does."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+async def serve(port: int, *, initial_metadata: bool = False, interceptor: bool = False, log: bool = False) -> None:
     """Serve on 127.0.0.1:``port`` until SIGTERM or SIGINT."""
-    server = grpc.aio.server()
-    pb_grpc.add_RouterServiceServicer_to_server(BareService(), server)
+    if log:
+        from routesvc.config import LoggingConfig
+        from routesvc.telemetry import configure_logging
+
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115, ASYNC230 - this process's stdout, once, at start
+        configure_logging(LoggingConfig(level="info", format="json"))
+    server = grpc.aio.server(interceptors=[_Passthrough()] if interceptor else None)
+    service = BareService(initial_metadata=initial_metadata, log=log)
+    pb_grpc.add_RouterServiceServicer_to_server(service, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     stop = asyncio.Event()
@@ -71,13 +111,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bare_server", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--initial-metadata", action="store_true", help="send initial metadata on Route")
+    parser.add_argument("--interceptor", action="store_true", help="add a pass-through server interceptor")
+    parser.add_argument("--log", action="store_true", help="one structlog JSON line per Route (to /dev/null)")
     args = parser.parse_args()
+    main = serve(args.port, initial_metadata=args.initial_metadata, interceptor=args.interceptor, log=args.log)
     if args.uvloop:
         import uvloop
 
-        uvloop.run(serve(args.port))
+        uvloop.run(main)
     else:
-        asyncio.run(serve(args.port))
+        asyncio.run(main)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+from pathlib import Path
 from typing import Any
 
 from bench import _load
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-requests", type=int, default=50_000, help="per run")
     parser.add_argument("--rate", type=float, default=1000.0, help="open-loop requests/s (0: skip)")
     parser.add_argument("--variant", action="append", default=[], help="NAME:server_field=value,...")
+    parser.add_argument(
+        "--bare-variant", action="append", default=[], help="NAME:--flag,... a bare server with bench.bare_server flags"
+    )
+    parser.add_argument(
+        "--code-variant", action="append", default=[], help="NAME:DIR routesvc served from another source tree"
+    )
     parser.add_argument("--output", default="route_throughput")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -67,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
         targets["routesvc"] = stack.enter_context(routesvc_server(routesvc_config()))
         for name, fields in variants:
             targets[name] = stack.enter_context(routesvc_server(routesvc_config(**fields)))
+        for spec in args.code_variant:
+            name, _, folder = spec.partition(":")
+            targets[name] = stack.enter_context(routesvc_server(routesvc_config(), code=Path(folder)))
+        for spec in args.bare_variant:
+            name, _, flags = spec.partition(":")
+            targets[name] = stack.enter_context(bare_server(*filter(None, flags.split(","))))
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {(t, c): [] for t in targets for c in levels}
         for concurrency in levels:
             for round_ in range(args.rounds):
