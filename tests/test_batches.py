@@ -134,6 +134,24 @@ class TestBatchFaults:
             assert (await get_batch(client, job.batch_id)).job.state == pb.BATCH_STATE_CANCELLED
             assert server.router.ledger.entries() == []
 
+    async def test_cancel_while_queued_never_reaches_the_provider(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """A job still in the grouping window: CANCELLED at once, never sent, nothing charged."""
+        config = batch_config(tmp_path)
+        config["batch"]["group_window_seconds"] = 0.5  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch
+            cancelled = await client.cancel_batch(job.batch_id, tenant="acme")
+            await asyncio.sleep(0.8)
+            assert (cancelled.state, (await get_batch(client, job.batch_id)).job.state) == (
+                pb.BATCH_STATE_CANCELLED,
+                pb.BATCH_STATE_CANCELLED,
+            )
+            assert server.router.ledger.entries() == []
+        assert fake.batches == []
+
     async def test_another_tenants_or_an_unknown_job_is_not_found(self, tmp_path: Path, fake: FakeProvider) -> None:
         """GetBatch with another tenant, or an id that never existed: NOT_FOUND / BATCH_NOT_FOUND."""
         async with (

@@ -313,6 +313,36 @@ class TestEscalationChain:
         assert len(fake.requests) == 1
 
 
+class TestCascadeVisibility:
+    """The plan is in Route's decision; escalations and releases reach GetStats."""
+
+    async def test_route_shows_the_cascade_plan(self, live_client: RouterClient) -> None:
+        """Route with cascade true: the chain, its threshold, the scorer, and a reason saying so."""
+        decision = await live_client.route(user_chat("hi"), pb.RoutingContext(cascade=True))
+        assert (list(decision.cascade_models), list(decision.cascade_thresholds), decision.cascade_scorer) == (
+            ["gpt-4o-mini", "gpt-4o"],
+            [0.8],
+            "min(local,llm_judge)",
+        )
+        assert decision.reasons[-1] == (
+            "cascade: gpt-4o-mini (release at score >= 0.8), then gpt-4o; scorer min(local,llm_judge)"
+        )
+
+    async def test_a_pinned_model_is_never_cascaded(self, live_client: RouterClient) -> None:
+        """context.model pins gpt-4o-mini: no cascade even when asked."""
+        decision = await live_client.route(user_chat("hi"), pb.RoutingContext(cascade=True, model="gpt-4o-mini"))
+        assert list(decision.cascade_models) == []
+
+    async def test_stats_count_escalations_and_releases(self, live_client: RouterClient, fake: FakeProvider) -> None:
+        """One escalated and one released request: 1 escalation, 2 cascade decisions, half released."""
+        fake.enqueue(Script(text="I cannot help with that."), model="gpt-4o-mini")
+        await _cascade(live_client)
+        fake.enqueue(Script(text="Paris"), Script(text='{"score": 1}'), model="gpt-4o-mini")
+        await _cascade(live_client)
+        stats = await live_client.get_stats()
+        assert (stats.escalations, stats.cascade_decisions, stats.cascade_release_rate) == (1, 2, 0.5)
+
+
 class TestCascadeCancellation:
     """RELIABILITY 4 in a cascade: a client that leaves during the judge's call still pays for it once."""
 
