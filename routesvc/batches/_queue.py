@@ -194,7 +194,13 @@ class BatchQueue:
 
     async def _send(self, model_id: str, jobs: list[tuple[BatchStatus, str]]) -> None:
         model = self._settings.catalog.get(model_id)
-        api = self._apis[model.provider]
+        api = self._apis.get(model.provider)
+        if api is None:
+            # The provider lost its key or batch API since the job was queued (a restart with new config).
+            for status, _ in jobs:
+                await self._opened().finish(status.job.batch_id, BatchState.FAILED, error="no_batch_api")
+            log.warning("batch_provider_missing", model=model_id, provider=model.provider, jobs=len(jobs))
+            return
         items = []
         for status, request in jobs:
             messages, max_output_tokens, temperature = decode_request(request)
