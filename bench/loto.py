@@ -123,7 +123,8 @@ def main() -> int:
         keep = [j for j, i in enumerate(rows) if s in records[i].outcomes and w in records[i].outcomes]
         strong = np.array([records[rows[j]].outcomes[s] for j in keep])
         weak = np.array([records[rows[j]].outcomes[w] for j in keep])
-        if len(keep) < 20 or abs(strong.mean() - weak.mean()) < 0.03:
+        # A small pair gap makes PGR a ratio of noise (APGR far above 1 or below 0): skip those.
+        if len(keep) < 50 or abs(strong.mean() - weak.mean()) < 0.05:
             continue
         results[task]["oracle"] = evaluate_scores(strong - weak, strong, weak).apgr
         results[task]["random"] = float(
@@ -133,6 +134,7 @@ def main() -> int:
             results[task][key] = evaluate_scores(per_task[task][keep], strong, weak).apgr
         pair_names[task] = f"{s} vs {w}"
         results[task]["_n"] = len(keep)
+        results[task]["_gap"] = float(strong.mean() - weak.mean())
     methods = ["random", "oracle", *held_scores]
     summary: dict[str, dict[str, float]] = {}
     for group, member in GROUPS.items():

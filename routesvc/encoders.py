@@ -168,6 +168,10 @@ class StackedEncoder:
         return _normalise(np.hstack([encoder.encode(texts) for encoder in self._encoders]))
 
 
+DEFAULT_ROUTER_ENCODER = "wordllama-l2-256+hashing-256"
+"""The encoder ``routesvc fit`` uses unless told otherwise (chosen by leave-one-task-out CV)."""
+
+
 def load_encoder(name: str) -> Encoder:
     """The local encoder recorded as ``name`` in an artifact ("wordllama-l2-256", "hashing-256",
     or parts joined by "+")."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from routesvc.encoders import WordLlamaEncoder
+from routesvc.encoders import DEFAULT_ROUTER_ENCODER, WordLlamaEncoder, load_encoder
 from routesvc.errors import RouteSvcError
 from routesvc.evaluation import RoutingCurve, evaluate_scores, pair_data, plot_curves, routing_curve
 from routesvc.fitting import FitSettings, FittedRouter, fit_router
@@ -50,7 +50,7 @@ def run_fit(args: argparse.Namespace) -> int:
     records = read_outcomes(*args.data)
     print(f"read {len(records)} prompts from {len(args.data)} path(s)", file=sys.stderr)
     settings = FitSettings(neighbours=args.neighbours, prior_weight=args.prior_weight, proxy_weight=args.proxy_weight)
-    router = fit_router(records, args.strong, args.weak, WordLlamaEncoder(), settings, progress=_progress)
+    router = fit_router(records, args.strong, args.weak, load_encoder(args.encoder), settings, progress=_progress)
     for usage in router.usage:
         print(f"  {usage.describe()}", file=sys.stderr)
     router.save(args.out)
@@ -140,6 +140,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     fit.add_argument("--weak", required=True, help="weak model id as named in the data")
     fit.add_argument("--out", type=Path, required=True, help="folder to write the router to")
     defaults = FitSettings()
+    fit.add_argument(
+        "--encoder",
+        default=DEFAULT_ROUTER_ENCODER,
+        help="local encoder: wordllama-l2-256, hashing-256, or parts joined by '+' (default: %(default)s)",
+    )
     fit.add_argument("--neighbours", type=int, default=defaults.neighbours, help=argparse.SUPPRESS)
     fit.add_argument("--prior-weight", type=float, default=defaults.prior_weight, help=argparse.SUPPRESS)
     fit.add_argument("--proxy-weight", type=float, default=defaults.proxy_weight, help=argparse.SUPPRESS)

@@ -10,7 +10,15 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
-from routesvc.encoders import EncoderError, HashingEncoder, OpenAIEncoder, WordLlamaEncoder, load_encoder
+from routesvc.encoders import (
+    DEFAULT_ROUTER_ENCODER,
+    EncoderError,
+    HashingEncoder,
+    OpenAIEncoder,
+    StackedEncoder,
+    WordLlamaEncoder,
+    load_encoder,
+)
 
 
 class TestWordLlamaEncoder:
@@ -53,6 +61,20 @@ class TestHashingEncoder:
         """A non-local or unknown encoder name raises ``EncoderError``."""
         with pytest.raises(EncoderError):
             load_encoder("openai-text-embedding-3-small")
+
+
+class TestStackedEncoder:
+    def test_parts_side_by_side_at_unit_length(self) -> None:
+        """A stacked encoder concatenates its parts and renormalises."""
+        encoder = StackedEncoder([HashingEncoder(8), HashingEncoder(4)])
+        [vector] = encoder.encode(["one two three"])
+        assert encoder.name == "hashing-8+hashing-4"
+        assert vector.shape == (12,)
+        assert float(np.linalg.norm(vector)) == pytest.approx(1.0, abs=1e-6)
+
+    def test_the_default_router_encoder_loads_by_name(self) -> None:
+        """``fit``'s default encoder name round-trips through ``load_encoder``."""
+        assert load_encoder(DEFAULT_ROUTER_ENCODER).name == DEFAULT_ROUTER_ENCODER
 
 
 class _EmbeddingsHandler(BaseHTTPRequestHandler):
