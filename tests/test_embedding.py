@@ -146,6 +146,17 @@ class TestBuild:
         built = build(EmbeddingStageConfig(router=tmp_path / "r", threshold=0.7), catalog=CATALOG)
         assert built.name == "embedding"
 
+    def test_feedback_db_opens_a_store(self, tmp_path: Path) -> None:
+        """With ``feedback_db`` the stage records to that SQLite file."""
+        router().save(tmp_path / "r")
+        config = EmbeddingStageConfig(router=tmp_path / "r", feedback_db=tmp_path / "feedback.db")
+        built = build(config, catalog=CATALOG)
+        built.remember("d-1", EASY, WEAK)
+        assert built.feedback is not None
+        built.feedback.record("d-1", 1.0)
+        built.feedback.close()
+        assert [e.decision_id for e in FeedbackStore(tmp_path / "feedback.db").entries()] == ["d-1"]
+
     def test_models_must_be_in_the_catalog(self, tmp_path: Path) -> None:
         """A pair model missing from the catalog is a config error naming the field."""
         router().save(tmp_path / "r")

@@ -39,6 +39,7 @@ class EmbeddingStageConfig(BaseModel):
     strong_model: str = Field("", description="catalog id sent hard requests; default: the router's strong model")
     weak_model: str = Field("", description="catalog id sent easy requests; default: the router's weak model")
     threshold: float = Field(0.5, ge=0, le=1, description="calibrated score at or above which the strong model serves")
+    feedback_db: Path | None = Field(None, description="SQLite file of decisions and outcomes; unset: no feedback")
     feedback_similarity: float = Field(0.92, ge=0, le=1, description="cosine needed for feedback to count")
     feedback_weight: float = Field(0.3, ge=0, le=1, description="how far neighbouring feedback moves the score")
 
@@ -73,6 +74,11 @@ class EmbeddingStage:
     def name(self) -> str:
         """The stage name in decisions."""
         return "embedding"
+
+    @property
+    def feedback(self) -> FeedbackStore | None:
+        """The store that outcomes for this stage's decisions go to (None: feedback off)."""
+        return self._feedback
 
     def rebuild_library(self) -> int:
         """Reload feedback examples from the store; returns how many weak-model examples count."""
@@ -150,7 +156,10 @@ class EmbeddingStage:
 
 
 def build(config: EmbeddingStageConfig, *, catalog: Catalog, feedback: FeedbackStore | None = None) -> EmbeddingStage:
-    """The stage ``config`` describes; both models must be in ``catalog``."""
+    """The stage ``config`` describes; both models must be in ``catalog``.
+
+    ``feedback`` overrides ``config.feedback_db`` (for example to share one store between stages).
+    """
     try:
         router = FittedRouter.load(config.router)
     except FitError as exc:
@@ -160,6 +169,8 @@ def build(config: EmbeddingStageConfig, *, catalog: Catalog, feedback: FeedbackS
     for field, model in (("strong_model", strong), ("weak_model", weak)):
         if model not in catalog:
             raise ConfigError(f"embedding.{field}: {model!r} is not in the catalog")
+    if feedback is None and config.feedback_db is not None:
+        feedback = FeedbackStore(config.feedback_db)
     stage = EmbeddingStage(
         router,
         strong_model=strong,
