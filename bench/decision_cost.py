@@ -261,8 +261,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.decision_cost", description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.3, help="per repeat")
+    parser.add_argument(
+        "--default-blas-threads", action="store_true", help="leave BLAS threads at numpy's default (serve uses 1)"
+    )
     parser.add_argument("--output", default="decision_cost")
     ARGS = parser.parse_args(argv)
+    if not ARGS.default_blas_threads:
+        from routesvc.config import limit_native_threads
+
+        limit_native_threads()  # as `routesvc serve` does, before numpy is imported
     items, missing = _items()
     results = []
     baseline = None
@@ -284,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         ARGS.output,
         {
             "method": "tight loop in-process, min over repeats",
+            "blas_threads": "default" if ARGS.default_blas_threads else "1",
             "repeats": ARGS.repeats,
             "results": results,
             "not_measured": missing,

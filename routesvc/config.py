@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
@@ -30,10 +30,24 @@ TARGET_ENV = "ROUTESVC_TARGET"
 REDIS_URL_ENV = "ROUTESVC_REDIS_URL"
 DEFAULT_TARGET = "localhost:50051"
 
+# Per-request numpy work (prompt embeddings, ridge and neighbour scores) is a few small matrix
+# products: BLAS threads only fight the event loop and the other workers for the cores. An
+# embedding decision took 3-7 ms with OpenBLAS's default threads and 0.15 ms with one, on two
+# busy cores (docs/performance.md).
+NATIVE_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
 # The standard variables of each SDK, honoured so the service can be pointed at any
 # compatible endpoint without editing the file.
 _DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "openai_compatible": ""}
 _DEFAULT_BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL", "openai_compatible": ""}
+
+
+def limit_native_threads(environ: MutableMapping[str, str] | None = None) -> None:
+    """One BLAS / OpenMP thread per process unless the environment already sets a number. Takes
+    effect only before numpy is first imported: ``routesvc serve`` calls it first thing."""
+    env = os.environ if environ is None else environ
+    for name in NATIVE_THREAD_VARIABLES:
+        env.setdefault(name, "1")
 
 
 class _Strict(BaseModel):

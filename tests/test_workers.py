@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from routesvc.client import RouterClient
-from routesvc.config import Settings
+from routesvc.config import Settings, limit_native_threads
 from routesvc.errors import ConfigError
 from routesvc.supervisor import serve_workers
 from routesvc.testing import FakeProvider, Script
@@ -105,3 +105,11 @@ class TestWorkerSettings:
         config["server"] = {"workers": 0}
         with pytest.raises(ConfigError, match=r"server\.workers"):
             settings_from(config)
+
+
+class TestNativeThreads:
+    def test_one_blas_thread_unless_the_environment_sets_one(self) -> None:
+        """Each BLAS / OpenMP thread variable defaults to 1; a value already set is kept."""
+        environ = {"OMP_NUM_THREADS": "4"}
+        limit_native_threads(environ)
+        assert environ == {"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
