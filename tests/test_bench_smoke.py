@@ -1,0 +1,28 @@
+"""A quick check that the benchmark harness still drives the service (no timings are asserted)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench import _load
+from bench._harness import percentile, summary_ms
+from routesvc.server import Server
+from routesvc.testing import FakeProvider
+from tests.conftest import default_config, live_environ, settings_from
+
+
+class TestBenchHarness:
+    def test_percentiles_interpolate(self) -> None:
+        """p50 of 1..5 is 3, p99 interpolates between the two largest, summaries are in ms."""
+        assert (percentile([5, 1, 3, 2, 4], 50), round(percentile([1, 2, 3, 4, 5], 99), 2)) == (3, 4.96)
+        assert summary_ms([0.001, 0.003]) == {"p50_ms": 2.0, "p99_ms": 2.98, "mean_ms": 2.0}
+
+    async def test_route_and_stream_loads_run_against_a_live_server(self, fake: FakeProvider) -> None:
+        """The Route and Complete load generators complete calls without errors and count chunks."""
+        async with Server(settings_from(default_config(), live_environ(fake)), port=0) as server:
+            route = await asyncio.to_thread(_load.route_closed_loop, server.target, 2, 0.2, 20, 0.0)
+            streams = await asyncio.to_thread(_load.streams, "grpc", server.target, 2, 0.2, 4, 1.0, 0.0)
+            direct = await asyncio.to_thread(_load.streams, "openai", fake.openai_base_url, 2, 0.2, 4, 1.0, 0.0)
+        assert (route["errors"], route["requests"] > 0) == (0, True)
+        for result in (streams, direct):
+            assert (result["errors"], result["streams"] > 0, result["stalls"]) == (0, True, 0)
