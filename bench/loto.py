@@ -2,8 +2,10 @@
 
 For every task (``source:task``) the router is fitted on all other tasks and scores the
 held-out one; APGR is measured for --strong/--weak where the held-out file has that pair (model
-ids matched by alias), else for the file's strongest model against its median model. Writes a
-JSON summary and, with --plots DIR, one cost-quality plot per judged group.
+ids matched by alias), else for the file's strongest model against the model at the first tercile
+of its mean scores (llmrouter: mistral-7b-instruct-v0.3, the family of the target weak model).
+Tasks whose pair gap is under 0.05, or with fewer than 50 prompts, are skipped. Writes a JSON
+summary and, with --plots DIR, one cost-quality plot per judged group.
 
     .venv/bin/python bench/loto.py --data ../shared/data/routing --json docs/loto.json --plots docs
 """
@@ -43,7 +45,7 @@ def eval_pair(records: list[OutcomeRecord], rows: list[int], strong: str, weak: 
             totals[model] += score
     common = sorted((m for m, c in counts.items() if c >= 0.9 * len(rows)), key=lambda m: totals[m] / counts[m])
     s, w = resolve_model(strong, common), resolve_model(weak, common)
-    return (s or common[-1], w or common[len(common) // 2])
+    return (s or common[-1], w or common[len(common) // 3])
 
 
 def variants() -> dict[str, FitSettings]:
