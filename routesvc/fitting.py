@@ -241,8 +241,14 @@ class FittedRouter:
         return np.clip(ranks / len(self.quantiles), 0.0, 1.0)
 
     def scores(self, texts: Sequence[str], progress: Progress = _identity) -> FloatArray:
-        """Calibrated preference for the strong model, one per text, in [0, 1]."""
-        return self.calibrate(self.raw_scores(texts, progress))
+        """Calibrated preference for the strong model, one per text, in [0, 1].
+
+        A blank prompt scores 0: there is nothing for the strong model to do better.
+        """
+        calibrated = self.calibrate(self.raw_scores(texts, progress))
+        blank = np.array([not text.strip() for text in texts], dtype=bool)
+        calibrated[blank] = 0.0
+        return calibrated
 
     def save(self, out: Path) -> None:
         """Write ``router.json`` and ``library.npz`` into folder ``out``."""

@@ -71,7 +71,6 @@ class TestLabels:
         assert labels.gap[0] == 0.0
         assert labels.weight[0] == 1.0
 
-
     def test_proxy_labels_are_calibrated_to_the_pair_files(self) -> None:
         """By default a proxy file's labels take the mean and spread of the pair-labelled files."""
         data = records("withpair") + records("without", strong="x-large", weak="x-small")
@@ -90,6 +89,11 @@ class TestFittedRouter:
         report = evaluate_scores(scores, [r.outcomes[STRONG] for r in test], [r.outcomes[WEAK] for r in test])
         assert report.apgr > 0.7
         assert ((scores >= 0.0) & (scores <= 1.0)).all()
+
+    def test_blank_prompts_score_zero(self) -> None:
+        """An empty or whitespace prompt never asks for the strong model."""
+        router = fit_router(records(), STRONG, WEAK, HashingEncoder(32))
+        assert router.scores(["", "  \n"]).tolist() == [0.0, 0.0]
 
     def test_save_and_load_give_the_same_scores(self, tmp_path: Path) -> None:
         """An artifact round-trips, and holds no prompt text."""

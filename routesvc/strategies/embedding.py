@@ -109,7 +109,7 @@ class EmbeddingStage:
         batch = embedding[None, :]
         raw = self._router.within.predict(self._router.features([text], batch))[:, 0]
         raw = raw + self._router.settings.prior_weight * self._router.prior(batch)
-        value = float(self._router.calibrate(raw)[0])
+        value = float(self._router.calibrate(raw)[0]) if text.strip() else 0.0
         used = 0
         if len(self._library) and self._library.shape[1] == len(embedding):
             sims = self._library @ embedding
