@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from routesvc import config as config_module
+from routesvc import offline
 from routesvc.client import RouterClient, build_chat, tls_credentials
 from routesvc.errors import ConfigError
 from routesvc.v1 import router_pb2 as pb
@@ -387,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=helptext)
         _add_client_flags(command, request=True)
         command.set_defaults(func=lambda args, handler=handler: asyncio.run(handler(args)))
+    offline.register(commands)
     models = commands.add_parser("models", help="list the model catalog")
     _add_client_flags(models, request=False)
     models.set_defaults(func=lambda args: asyncio.run(_models(args)))

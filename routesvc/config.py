@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.errors import ConfigError
+from routesvc.strategies.classifier import ClassifierStageConfig
+from routesvc.strategies.embedding import EmbeddingStageConfig
 
 DEFAULT_CONFIG_NAME = "default_config.yaml"
 CONFIG_PATH_ENV = "ROUTESVC_CONFIG"
@@ -189,7 +191,7 @@ class RulesStageConfig(_Strict):
     rules: tuple[RuleConfig, ...]
 
 
-StageConfig = Annotated[RulesStageConfig, Field(discriminator="kind")]
+StageConfig = Annotated[RulesStageConfig | ClassifierStageConfig | EmbeddingStageConfig, Field(discriminator="kind")]
 
 
 class RoutingConfig(_Strict):

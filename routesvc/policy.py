@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from routesvc import telemetry
+from routesvc.catalog import Catalog
 from routesvc.config import RoutingConfig, RulesStageConfig
+from routesvc.errors import ConfigError
+from routesvc.providers.base import Provider
+from routesvc.strategies import classifier, embedding
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
+from routesvc.strategies.classifier import ClassifierStageConfig
 from routesvc.strategies.default import DefaultStrategy
+from routesvc.strategies.embedding import EmbeddingStageConfig
 from routesvc.strategies.rules import RulesStrategy
 
 
@@ -19,12 +27,38 @@ class Policy:
         self._stages = tuple(stages)
 
     @classmethod
-    def from_config(cls, config: RoutingConfig) -> Policy:
-        """The policy described by ``config``."""
+    def from_config(
+        cls,
+        config: RoutingConfig,
+        *,
+        catalog: Catalog | None = None,
+        providers: Mapping[str, Provider] | None = None,
+        base_dir: Path | None = None,
+    ) -> Policy:
+        """The policy described by ``config``; relative paths in stages are read from ``base_dir``
+        (the config file's folder)."""
         stages: list[Strategy] = []
         for stage in config.stages:
             if isinstance(stage, RulesStageConfig):
                 stages.append(RulesStrategy.from_config(stage))
+            elif isinstance(stage, ClassifierStageConfig):
+                resolved = stage.model_copy(update={"examples": _resolve(stage.examples, base_dir)})
+                if resolved.method == "local":
+                    stages.append(_local_classifier(resolved))
+                else:
+                    stages.append(
+                        classifier.build(resolved, catalog=catalog, provider_for=dict(providers or {}).__getitem__)
+                    )
+            elif isinstance(stage, EmbeddingStageConfig):
+                if catalog is None:
+                    raise ConfigError("routing.stages: the embedding stage needs the catalog")
+                resolved_embedding = stage.model_copy(
+                    update={
+                        "router": _resolve(stage.router, base_dir),
+                        "feedback_db": _resolve(stage.feedback_db, base_dir),
+                    }
+                )
+                stages.append(embedding.build(resolved_embedding, catalog=catalog))
         stages.append(DefaultStrategy(config.default_model))
         return cls(stages)
 
@@ -61,3 +95,16 @@ class Policy:
             return await stage.decide(routing_input, chain)
         finally:
             telemetry.record_stage_latency(stage.name, time.perf_counter() - started - downstream)
+
+
+def _resolve(path: Path | None, base_dir: Path | None) -> Path | None:
+    if path is None or path.is_absolute() or base_dir is None:
+        return path
+    return base_dir / path
+
+
+@functools.lru_cache(maxsize=8)
+def _local_classifier(config: ClassifierStageConfig) -> Strategy:
+    # Encoding the examples takes a tenth of a second; a reload or a second server with the same
+    # stage reuses the immutable classifier.
+    return classifier.build(config)

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -85,7 +86,12 @@ class Router:
         self._limits = settings.config.limits
         self._routing = settings.config.routing
         self._providers = dict(providers)
-        self._policy = policy or Policy.from_config(settings.config.routing)
+        self._policy = policy or Policy.from_config(
+            settings.config.routing,
+            catalog=self._catalog,
+            providers=self._providers,
+            base_dir=None if settings.source.startswith("<") else Path(settings.source).parent,
+        )
         self._new_decision_id = new_decision_id
         self._reliability = settings.config.reliability
         self._ledger = ledger or Ledger(self._reliability.ledger_entries)

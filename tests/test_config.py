@@ -83,16 +83,16 @@ class TestValidation:
         [
             (lambda c: c["routing"].update(default_model="nope"), r"routing\.default_model: unknown model 'nope'"),
             (
-                lambda c: c["routing"]["stages"][0]["rules"][0].update(model="nope"),
-                r"routing\.stages\[0\]\.rules\[0\]\.model: unknown model 'nope'",
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(model="nope"),
+                r"routing\.stages\[1\]\.rules\[0\]\.model: unknown model 'nope'",
             ),
             (
-                lambda c: c["routing"]["stages"][0]["rules"][0].update(when={"last_user_message_matches": "("}),
-                r"routing\.stages\[0\]\.rules\[0\]\.when\.last_user_message_matches: .*invalid regex",
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"last_user_message_matches": "("}),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.last_user_message_matches: .*invalid regex",
             ),
             (
-                lambda c: c["routing"]["stages"][0]["rules"][0].update(when={"colour": "red"}),
-                r"routing\.stages\[0\]\.rules\[0\]\.when\.colour: Extra inputs are not permitted",
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"colour": "red"}),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.colour: Extra inputs are not permitted",
             ),
             (lambda c: c["models"][0].update(provider="azure"), r"models\[0\]\.provider: unknown provider 'azure'"),
             (lambda c: c["models"][0].update(input_price_per_mtok="-1"), r"models\[0\]\.input_price_per_mtok"),

@@ -65,7 +65,7 @@ class TestJaeger:
                 messages = [
                     m
                     async for m in client.complete(
-                        user_chat("Tell me a story"),
+                        user_chat("What is the capital of France?"),
                         pb.RoutingContext(cascade=True),
                         metadata={"traceparent": TRACEPARENT},
                     )
