@@ -1,9 +1,9 @@
 """Circuit breakers, one per model: stop calling a model that keeps failing, probe it later.
 
-    closed --(failure_threshold consecutive failures)--> open
-    open --(open_seconds passed, or the provider's Retry-After if longer)--> half-open
-    half-open --(the one probe succeeds)--> closed
-    half-open --(the probe fails)--> open
+closed --(failure_threshold consecutive failures)--> open
+open --(open_seconds passed, or the provider's Retry-After if longer)--> half-open
+half-open --(the one probe succeeds)--> closed
+half-open --(the probe fails)--> open
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def _tool(name: str) -> str:
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     # A fixed argv of a resolved tool with no shell: nothing here comes from outside the repo.
-    return subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT, timeout=120)  # noqa: S603
+    return subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT, timeout=120)
 
 
 @functools.cache
