@@ -128,6 +128,39 @@ def routesvc_config(fake_base: str | None = None, **server: object) -> dict[str,
     return config
 
 
+def policy_config(kind: str, folder: Path) -> dict[str, Any]:
+    """The default config with another policy: ``default`` (as shipped), ``rules`` (the rules
+    stage alone), or ``embedding`` (the rules, then an embedding stage fitted into ``folder``
+    from the shared routerbench outcomes with WordLlama; needs /work/shared/data/routing)."""
+    config = routesvc_config()
+    stages = config["routing"]["stages"]
+    rules = [stage for stage in stages if stage["kind"] == "rules"]
+    if kind == "rules":
+        config["routing"]["stages"] = rules
+    elif kind == "embedding":
+        if not (folder / "router.json").exists():
+            _fit_router(folder)
+        embedding = {"kind": "embedding", "router": str(folder), "strong_model": "gpt-4o", "weak_model": "gpt-4o-mini"}
+        config["routing"]["stages"] = [*rules, embedding]
+    elif kind != "default":
+        raise ValueError(f"unknown policy {kind!r}: default, rules or embedding")
+    return config
+
+
+def _fit_router(folder: Path) -> None:
+    from routesvc.config import limit_native_threads
+
+    limit_native_threads()
+    from routesvc.encoders import WordLlamaEncoder
+    from routesvc.fitting import FitSettings, fit_router
+    from routesvc.outcomes import read_outcomes
+
+    shared = next(p for p in (REPO.parent / "shared", Path("/work/shared")) if p.exists())
+    records = read_outcomes(shared / "data" / "routing" / "routerbench_train.jsonl")[:5000]
+    router = fit_router(records, "gpt-4-1106-preview", "mistralai/mistral-7b-chat", WordLlamaEncoder(), FitSettings())
+    router.save(folder)
+
+
 @contextlib.contextmanager
 def routesvc_server(
     config: dict[str, Any], fake_base: str | None = None, code: Path | None = None

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench._harness import PROMPTS, REPO, print_table, routesvc_config, write_results
+from bench._harness import PROMPTS, REPO, policy_config, print_table, routesvc_config, write_results
 
 SHARED_DATA = next(
     (p for p in (REPO.parent / "shared" / "data" / "routing", Path("/work/shared/data/routing")) if p.exists()),
@@ -75,9 +75,9 @@ def _items() -> tuple[list[tuple[str, str, Callable[[], float]]], list[str]]:
     from routesvc.tokens import estimate_input_tokens
     from routesvc.v1 import router_pb2 as pb
 
-    settings = parse_config(
-        yaml.safe_dump(routesvc_config()), "<bench>", {"OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"}
-    )
+    keys = {"OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"}
+    settings = parse_config(yaml.safe_dump(policy_config("rules", Path())), "<bench>", keys)
+    shipped = parse_config(yaml.safe_dump(routesvc_config()), "<bench>", keys)
     limits = settings.config.limits
     messages = [
         pb.RouteRequest(
@@ -90,6 +90,9 @@ def _items() -> tuple[list[tuple[str, str, Callable[[], float]]], list[str]]:
     requests = [wire.routing_request(message, limits) for message in messages]
     router = Router(settings, {})
     policy = Policy.from_config(settings.config.routing)
+    shipped_router = Router(shipped, {})
+    shipped_policy = Policy.from_config(shipped.config.routing, catalog=shipped.catalog)
+    shipped_stages = " -> ".join(shipped_policy.stage_names)
     inputs = [
         RoutingInput(
             request=request,
@@ -171,6 +174,20 @@ def _items() -> tuple[list[tuple[str, str, Callable[[], float]]], list[str]]:
             "router.route (rules)",
             "tokens, eligibility, policy, cost, decision",
             lambda: _measure_async(lambda i: router.route(requests[i % n]), reps, secs),
+        )
+    )
+    items.append(
+        (
+            "shipped policy",
+            f"Policy.decide of the embedded default: {shipped_stages}",
+            lambda: _measure_async(lambda i: shipped_policy.decide(inputs[i % n]), reps, secs),
+        )
+    )
+    items.append(
+        (
+            "router.route (shipped policy)",
+            "as router.route, with the embedded default policy",
+            lambda: _measure_async(lambda i: shipped_router.route(requests[i % n]), reps, secs),
         )
     )
     items.append(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from bench._harness import (
     bare_server,
     cpu_seconds,
     in_subprocess,
+    policy_config,
     print_table,
     routesvc_config,
     routesvc_server,
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         "--bare-variant", action="append", default=[], help="NAME:--flag,... a bare server with bench.bare_server flags"
     )
     parser.add_argument(
+        "--policy", action="append", default=[], help="NAME:default|rules|embedding a routesvc with that policy"
+    )
+    parser.add_argument(
         "--code-variant", action="append", default=[], help="NAME:DIR routesvc served from another source tree"
     )
     parser.add_argument("--output", default="route_throughput")
@@ -74,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         targets["routesvc"] = stack.enter_context(routesvc_server(routesvc_config()))
         for name, fields in variants:
             targets[name] = stack.enter_context(routesvc_server(routesvc_config(**fields)))
+        fitted = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "router"
+        for spec in args.policy:
+            name, _, kind = spec.partition(":")
+            targets[name] = stack.enter_context(routesvc_server(policy_config(kind, fitted)))
         for spec in args.code_variant:
             name, _, folder = spec.partition(":")
             targets[name] = stack.enter_context(routesvc_server(routesvc_config(), code=Path(folder)))
