@@ -25,15 +25,32 @@ def _route_requests(with_hints: bool) -> list[Any]:
     return requests
 
 
+def _picker(requests: list[Any], unique: bool) -> Any:
+    """``pick(index)``: the mix in turn, or with ``unique`` a copy whose user message ends in a serial
+    number, so that no server-side cache (token counts, embeddings) ever sees a text twice."""
+    serial = itertools.count()
+
+    def pick(index: int) -> Any:
+        request = requests[index % len(requests)]
+        if not unique:
+            return request
+        fresh = type(request)()
+        fresh.CopyFrom(request)
+        fresh.chat.messages[-1].content += f" (request {next(serial)})"
+        return fresh
+
+    return pick
+
+
 def route_closed_loop(
-    target: str, concurrency: int, duration: float, max_requests: int, warmup: float = 0.5
+    target: str, concurrency: int, duration: float, max_requests: int, warmup: float = 0.5, unique: bool = False
 ) -> dict[str, Any]:
     """``concurrency`` callers each sending Route after Route (closed loop)."""
-    return asyncio.run(_route_closed_loop(target, concurrency, duration, max_requests, warmup))
+    return asyncio.run(_route_closed_loop(target, concurrency, duration, max_requests, warmup, unique))
 
 
 async def _route_closed_loop(
-    target: str, concurrency: int, duration: float, max_requests: int, warmup: float
+    target: str, concurrency: int, duration: float, max_requests: int, warmup: float, unique: bool
 ) -> dict[str, Any]:
     import grpc
 
@@ -41,6 +58,7 @@ async def _route_closed_loop(
     from routesvc.v1 import router_pb2_grpc as pb_grpc
 
     requests = [pb.RouteRequest(chat=chat, context=context) for chat, context in _route_requests(True)]
+    pick = _picker(requests, unique)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.RouterServiceStub(channel)
         await asyncio.wait_for(channel.channel_ready(), 30)
@@ -50,7 +68,7 @@ async def _route_closed_loop(
         # Priming: every caller's first call (connection, server-side caches) is not measured.
         primed = 0
         for _ in range(max(1, int(warmup * 2))):
-            await asyncio.gather(*(stub.Route(requests[i % len(requests)], timeout=30) for i in range(concurrency)))
+            await asyncio.gather(*(stub.Route(pick(i), timeout=30) for i in range(concurrency)))
             primed += concurrency
         stop_at = time.perf_counter() + duration
 
@@ -58,7 +76,7 @@ async def _route_closed_loop(
             nonlocal errors, sent
             index = offset
             while time.perf_counter() < stop_at and sent < max_requests:
-                request = requests[index % len(requests)]
+                request = pick(index)
                 index += 1
                 started = time.perf_counter()
                 try:
@@ -81,19 +99,22 @@ async def _route_closed_loop(
     }
 
 
-def route_open_loop(target: str, rate: float, duration: float, warmup: float = 0.5) -> dict[str, Any]:
+def route_open_loop(
+    target: str, rate: float, duration: float, warmup: float = 0.5, unique: bool = False
+) -> dict[str, Any]:
     """Route at a fixed arrival ``rate`` per second; latency counted from each scheduled send time,
     so a slow server cannot hide its queueing (no coordinated omission)."""
-    return asyncio.run(_route_open_loop(target, rate, duration, warmup))
+    return asyncio.run(_route_open_loop(target, rate, duration, warmup, unique))
 
 
-async def _route_open_loop(target: str, rate: float, duration: float, warmup: float) -> dict[str, Any]:
+async def _route_open_loop(target: str, rate: float, duration: float, warmup: float, unique: bool) -> dict[str, Any]:
     import grpc
 
     from routesvc.v1 import router_pb2 as pb
     from routesvc.v1 import router_pb2_grpc as pb_grpc
 
     requests = [pb.RouteRequest(chat=chat, context=context) for chat, context in _route_requests(True)]
+    pick = _picker(requests, unique)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.RouterServiceStub(channel)
         await asyncio.wait_for(channel.channel_ready(), 30)
@@ -107,7 +128,7 @@ async def _route_open_loop(target: str, rate: float, duration: float, warmup: fl
         async def one(index: int, scheduled: float) -> None:
             nonlocal errors
             try:
-                await stub.Route(requests[index % len(requests)], timeout=30)
+                await stub.Route(pick(index), timeout=30)
             except grpc.aio.AioRpcError:
                 errors += 1
                 return

@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", default="1,16,128")
     parser.add_argument("--max-requests", type=int, default=50_000, help="per run")
+    parser.add_argument(
+        "--unique", action="store_true", help="every request's text is new (no server-side cache ever hits)"
+    )
     parser.add_argument("--rate", type=float, default=1000.0, help="open-loop requests/s (0: skip)")
     parser.add_argument("--variant", action="append", default=[], help="NAME:server_field=value,...")
     parser.add_argument(
@@ -97,7 +100,13 @@ def main(argv: list[str] | None = None) -> None:
                     target, pid = targets[name]
                     cpu_before = cpu_seconds(pid)
                     result = in_subprocess(
-                        _load.route_closed_loop, target, concurrency, args.duration, args.max_requests
+                        _load.route_closed_loop,
+                        target,
+                        concurrency,
+                        args.duration,
+                        args.max_requests,
+                        0.5,
+                        args.unique,
                     )
                     # Includes the priming calls: a slight overestimate, the same for every target.
                     result["server_cpu_us_per_call"] = round(
@@ -108,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         open_loop: dict[str, dict[str, Any]] = {}
         if args.rate:
             for name in targets:
-                open_loop[name] = in_subprocess(_load.route_open_loop, targets[name][0], args.rate, args.duration)
+                open_loop[name] = in_subprocess(
+                    _load.route_open_loop, targets[name][0], args.rate, args.duration, 0.5, args.unique
+                )
                 print(f"  {name} open loop {args.rate:g}/s: {open_loop[name]}", flush=True)
 
     rows = []
@@ -162,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             "method": "closed loop from a separate process, one channel; medians over rounds",
             "duration_s": args.duration,
             "rounds": args.rounds,
+            "unique_texts": args.unique,
             "variants": {name: fields for name, fields in variants},
             "closed_loop": table,
             "open_loop": open_loop,

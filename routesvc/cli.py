@@ -308,7 +308,7 @@ def _serve(args: argparse.Namespace) -> int:
     from routesvc.supervisor import run_event_loop, serve_workers
     from routesvc.telemetry import configure_logging
 
-    config_module.limit_native_threads()  # before anything imports numpy; spawned workers inherit it
+    config_module.limit_native_threads()  # one BLAS thread here and in the spawned workers
     settings = config_module.load_settings(args.config)
     configure_logging(settings.config.logging)
     workers = args.workers or settings.config.server.workers

@@ -45,11 +45,20 @@ _DEFAULT_BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BA
 
 
 def limit_native_threads(environ: MutableMapping[str, str] | None = None) -> None:
-    """One BLAS / OpenMP thread per process unless the environment already sets a number. Takes
-    effect only before numpy is first imported: ``routesvc serve`` calls it first thing."""
+    """One BLAS / OpenMP thread per process unless the environment already sets a number.
+
+    The variables reach processes started later (the workers); for this process, where numpy is
+    already loaded (this module imports the learned stages) and read them too early, the running
+    thread pools are limited as well. ``routesvc serve`` calls it first thing.
+    """
     env = os.environ if environ is None else environ
+    explicit = any(name in env for name in NATIVE_THREAD_VARIABLES)
     for name in NATIVE_THREAD_VARIABLES:
         env.setdefault(name, "1")
+    if environ is None and not explicit:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # ships no type hints
+
+        threadpool_limits(limits=1)
 
 
 class _Strict(BaseModel):

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from routesvc.client import RouterClient
-from routesvc.config import Settings, limit_native_threads
+from routesvc.config import NATIVE_THREAD_VARIABLES, Settings, limit_native_threads
 from routesvc.errors import ConfigError
 from routesvc.supervisor import serve_workers
 from routesvc.testing import FakeProvider, Script
@@ -113,3 +114,13 @@ class TestNativeThreads:
         environ = {"OMP_NUM_THREADS": "4"}
         limit_native_threads(environ)
         assert environ == {"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def test_the_running_blas_pool_is_limited_too(self) -> None:
+        """With numpy already loaded (as importing the config does), its BLAS pool drops to one thread."""
+        code = (
+            "import numpy, threadpoolctl; from routesvc.config import limit_native_threads; limit_native_threads(); "
+            "print(max(pool['num_threads'] for pool in threadpoolctl.threadpool_info()))"
+        )
+        env = {k: v for k, v in os.environ.items() if k not in NATIVE_THREAD_VARIABLES}
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert result.stdout.strip() == "1"
