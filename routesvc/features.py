@@ -63,9 +63,19 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 
 
-@functools.lru_cache(maxsize=32_768)
+# Fitting and LOTO evaluation meet the same prompts many times; the cache keeps that fast. It is
+# keyed by the text, so it is bounded in entries and only short texts are cached: a long-running
+# server must not hold thousands of (possibly megabyte-long) prompts in memory.
+_CACHE_MAX_CHARS = 2_048
+
+
+@functools.lru_cache(maxsize=4_096)
 def _cached_features(text: str) -> tuple[float, ...]:
     return tuple(lexical_features(text))
+
+
+def _features(text: str) -> tuple[float, ...]:
+    return _cached_features(text) if len(text) <= _CACHE_MAX_CHARS else tuple(lexical_features(text))
 
 
 def lexical_features(text: str) -> list[float]:
@@ -95,4 +105,4 @@ def lexical_matrix(texts: Sequence[str]) -> npt.NDArray[np.float32]:
     """``lexical_features`` of each text as rows of a float32 matrix."""
     if not texts:
         return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
-    return np.array([_cached_features(text) for text in texts], dtype=np.float32)
+    return np.array([_features(text) for text in texts], dtype=np.float32)
