@@ -4,15 +4,27 @@ committed trailer before the grace period is over."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from routesvc.client import RouterClient
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from routesvc.v1 import router_pb2_grpc as pb_grpc
+from tests.conftest import REPO, default_config, live_environ, settings_from, user_chat
 from tests.test_validation import error_info
 
 
@@ -60,3 +72,96 @@ class TestDrain:
         assert (trailers["routesvc-committed"], trailers["routesvc-chunks-sent"]) == ("true", str(chunks))
         assert 0 < chunks < 2000
         assert elapsed < 0.3 + 1.5 + 0.5
+
+
+class TestDrainProcess:
+    def test_sigterm_drains_a_real_server_process(self, tmp_path: Path) -> None:
+        """`routesvc serve` with streams in flight: SIGTERM flips health, the short stream finishes,
+        the long one ends SHUTTING_DOWN with the committed trailer, and the process exits 0."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+        fake = subprocess.Popen(
+            [sys.executable, "-m", "routesvc.testing", "--port", "0"],
+            cwd=REPO,
+            env=base,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        server: subprocess.Popen[str] | None = None
+        try:
+            assert fake.stdout is not None
+            fake_url = fake.stdout.readline().strip()
+            for model, script in (
+                ("gpt-4o-mini", {"chunk_count": 10, "chunk_delay": 0.05}),
+                ("gpt-4o", {"chunk_count": 2000, "chunk_delay": 0.01}),
+            ):
+                body = json.dumps({"script": script, "model": model, "mode": "default"}).encode()
+                urllib.request.urlopen(urllib.request.Request(f"{fake_url}/_fake/script", data=body), timeout=5)  # noqa: S310 - loopback
+            config = default_config()
+            config["server"] = {"port": 0, "drain_delay_seconds": 0.3, "grace_seconds": 2.0}
+            config["logging"] = {"format": "json"}
+            path = tmp_path / "config.yaml"
+            path.write_text(yaml.safe_dump(config))
+            env = {**base, **live_environ_from(fake_url)}
+            server = subprocess.Popen(
+                [sys.executable, "-m", "routesvc", "serve", "--config", str(path)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            assert server.stdout is not None
+            target = json.loads(server.stdout.readline())["target"]
+            with grpc.insecure_channel(target) as channel:
+                stub = pb_grpc.RouterServiceStub(channel)
+                watch = grpc_health_watch(channel)
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+                results: dict[str, object] = {}
+
+                def run(name: str, model: str) -> None:
+                    request = pb.CompleteRequest(chat=user_chat("hi"), context=pb.RoutingContext(model=model))
+                    chunks = 0
+                    try:
+                        for message in stub.Complete(request, timeout=30):
+                            chunks += message.WhichOneof("event") == "delta"
+                        results[name] = ("ok", chunks, {})
+                    except grpc.RpcError as error:
+                        results[name] = (error.code(), chunks, dict(error.trailing_metadata() or ()))  # type: ignore[attr-defined]
+
+                threads = [threading.Thread(target=run, args=("short", "gpt-4o-mini")),
+                           threading.Thread(target=run, args=("long", "gpt-4o"))]  # fmt: skip
+                for thread in threads:
+                    thread.start()
+                time.sleep(0.3)
+                started = time.monotonic()
+                server.send_signal(signal.SIGTERM)
+                assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                for thread in threads:
+                    thread.join(timeout=30)
+                assert server.wait(timeout=30) == 0
+                elapsed = time.monotonic() - started
+            assert results["short"] == ("ok", 10, {})
+            code, chunks, trailers = results["long"]  # type: ignore[misc]
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert trailers["routesvc-committed"] == "true"
+            assert trailers["routesvc-chunks-sent"] == str(chunks)
+            assert elapsed < 0.3 + 2.0 + 1.5
+        finally:
+            for process in (server, fake):
+                if process is not None and process.poll() is None:
+                    process.kill()
+
+
+def live_environ_from(fake_url: str) -> dict[str, str]:
+    """The SDK variables pointing both providers at a fake provider process."""
+    return {
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": f"{fake_url}/v1",
+        "ANTHROPIC_API_KEY": "sk-test",
+        "ANTHROPIC_BASE_URL": fake_url,
+    }
+
+
+def grpc_health_watch(channel: grpc.Channel) -> Iterator[health_pb2.HealthCheckResponse]:
+    """The health Watch stream of the whole server."""
+    return iter(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()))
