@@ -303,6 +303,18 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _feedback(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        response = await client.feedback(
+            args.decision_id, score=args.score, thumbs_up=args.thumbs, timeout=args.timeout
+        )
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(response, preserving_proto_field_name=True)))
+    else:
+        print(f"recorded {response.score:g} for {response.model} ({response.library_examples} examples in the library)")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from routesvc.server import serve
     from routesvc.supervisor import run_event_loop, serve_workers
@@ -388,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=helptext)
         _add_client_flags(command, request=True)
         command.set_defaults(func=lambda args, handler=handler: asyncio.run(handler(args)))
+    feedback = commands.add_parser("feedback", help="record how good a decision's answer was")
+    _add_client_flags(feedback, request=False)
+    feedback.add_argument("decision_id", help="decision_id from route or complete")
+    outcome = feedback.add_mutually_exclusive_group(required=True)
+    outcome.add_argument("--score", type=float, help="a score from 0 to 1")
+    outcome.add_argument("--up", dest="thumbs", action="store_const", const=True, help="thumbs up")
+    outcome.add_argument("--down", dest="thumbs", action="store_const", const=False, help="thumbs down")
+    feedback.set_defaults(func=lambda args: asyncio.run(_feedback(args)))
     offline.register(commands)
     models = commands.add_parser("models", help="list the model catalog")
     _add_client_flags(models, request=False)

@@ -119,6 +119,25 @@ class RouterClient:
         )
         return response.job
 
+    async def feedback(
+        self,
+        decision_id: str,
+        *,
+        score: float | None = None,
+        thumbs_up: bool | None = None,
+        timeout: float | None = None,
+    ) -> pb.FeedbackResponse:
+        """Record how good the answer of decision ``decision_id`` was: a ``score`` in [0, 1] or thumbs."""
+        request = pb.FeedbackRequest(decision_id=decision_id)
+        if score is not None:
+            request.score = score
+        if thumbs_up is not None:
+            request.thumbs_up = thumbs_up
+        response: pb.FeedbackResponse = await self._stub.Feedback(
+            request, timeout=timeout, metadata=self._call_metadata(None)
+        )
+        return response
+
     async def aclose(self) -> None:
         """Close the channel."""
         await self._channel.close()

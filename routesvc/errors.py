@@ -18,6 +18,7 @@ name fields and models, never prompt text or credentials.
     ├── LimitExceeded                   tenant rate limit or budget (retry_after) RESOURCE_EXHAUSTED
     │   └── Overloaded                  the process is at its concurrency cap    RESOURCE_EXHAUSTED
     ├── ProviderNotConfigured           the provider has no credentials          FAILED_PRECONDITION
+    ├── FeedbackNotEnabled              no embedding stage keeps feedback        FAILED_PRECONDITION
     ├── ShuttingDown                    the server is stopping                   UNAVAILABLE
     ├── DeadlineExceeded                the caller's deadline passed             DEADLINE_EXCEEDED
     └── ProviderError                   a provider call failed
@@ -128,6 +129,12 @@ class Overloaded(LimitExceeded):
 
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message, reason="OVERLOADED", retry_after=retry_after)
+
+
+class FeedbackNotEnabled(RouteSvcError):
+    """Feedback arrived but no routing stage keeps it (no embedding stage with a feedback_db)."""
+
+    reason = "FEEDBACK_NOT_ENABLED"
 
 
 class ProviderNotConfigured(RouteSvcError):

@@ -16,7 +16,7 @@ from routesvc.strategies import classifier, embedding
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
 from routesvc.strategies.classifier import ClassifierStageConfig
 from routesvc.strategies.default import DefaultStrategy
-from routesvc.strategies.embedding import EmbeddingStageConfig
+from routesvc.strategies.embedding import EmbeddingStage, EmbeddingStageConfig
 from routesvc.strategies.rules import RulesStrategy
 
 
@@ -61,6 +61,17 @@ class Policy:
                 stages.append(embedding.build(resolved_embedding, catalog=catalog))
         stages.append(DefaultStrategy(config.default_model))
         return cls(stages)
+
+    @property
+    def learning_stages(self) -> tuple[EmbeddingStage, ...]:
+        """The stages that learn from feedback on their decisions."""
+        return tuple(stage for stage in self._stages if isinstance(stage, EmbeddingStage))
+
+    def close(self) -> None:
+        """Close the learning stages' feedback stores."""
+        for stage in self.learning_stages:
+            if stage.feedback is not None:
+                stage.feedback.close()
 
     @property
     def stage_names(self) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from routesvc.config import Settings
 from routesvc.cost import cost_of_usage, estimate_cost, format_usd
 from routesvc.errors import (
     CostLimitExceeded,
+    FeedbackNotEnabled,
     InvalidRequest,
     PermissionDenied,
     ProviderError,
@@ -145,9 +146,10 @@ class Router:
         return self._breakers
 
     async def aclose(self) -> None:
-        """Close every provider's connections."""
+        """Close every provider's connections and the feedback stores."""
         for provider in self._providers.values():
             await provider.aclose()
+        self._policy.close()
 
     def _eligibility(self, request: RoutingRequest, input_tokens: int, output_tokens: int) -> dict[str, str]:
         skip_unconfigured = self._routing.on_unconfigured_provider == "fallthrough"
@@ -240,7 +242,26 @@ class Router:
             candidates=tuple(Candidate(model_id, not why, why) for model_id, why in eligible.items()),
             task=verdict.task,
         )
+        for stage in self._policy.learning_stages:
+            # Only an embedding of the prompt is kept (never its text), for later feedback.
+            stage.remember(decision.decision_id, request.chat.last_user_message, decision.model)
         return self._escalation.plan(decision, request)
+
+    def feedback(self, decision_id: str, score: float, *, tenant: str = "") -> tuple[str, int]:
+        """Record ``score`` in [0, 1] for an earlier decision; the embedding stages' libraries are
+        rebuilt from their stores. Returns the decision's model and the library size."""
+        stages = [stage for stage in self._policy.learning_stages if stage.feedback is not None]
+        if not stages:
+            raise FeedbackNotEnabled("feedback needs an embedding stage with a feedback_db in routing.stages")
+        model = ""
+        examples = 0
+        for stage in stages:
+            assert stage.feedback is not None
+            entry = stage.feedback.record(decision_id, score)
+            model = entry.model
+            examples += stage.rebuild_library()
+        telemetry.record_feedback(model, score, decision_id=decision_id, tenant=tenant)
+        return model, examples
 
     def _within_max_cost(
         self,

@@ -26,6 +26,7 @@ from routesvc.errors import (
     ContextWindowExceeded,
     CostLimitExceeded,
     DeadlineExceeded,
+    FeedbackNotEnabled,
     InvalidRequest,
     LimitExceeded,
     ModelNotFound,
@@ -44,6 +45,7 @@ from routesvc.errors import (
     StreamInterrupted,
     Unauthenticated,
 )
+from routesvc.feedback import UnknownDecision
 from routesvc.models import BatchJob, Completion, Escalation, RouteDecision, RoutingRequest
 from routesvc.router import Router
 from routesvc.v1 import router_pb2 as pb
@@ -65,6 +67,8 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
     NoEligibleModel: grpc.StatusCode.FAILED_PRECONDITION,
     CostLimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ProviderNotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
+    FeedbackNotEnabled: grpc.StatusCode.FAILED_PRECONDITION,
+    UnknownDecision: grpc.StatusCode.NOT_FOUND,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -350,6 +354,18 @@ class RouterService(pb_grpc.RouterServiceServicer):
             status = await batches.cancel(wire.batch_id(request.batch_id), tenant)
             record.fields.update(batch_id=status.job.batch_id, batch_state=status.job.state.value)
             return pb.CancelBatchResponse(job=wire.batch_job_message(status.job))
+        raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
+
+    async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
+        """Record how good an earlier decision's answer was."""
+        async with self._rpc("Feedback", context) as record:
+            request = self._parsed(request)
+            decision_id, score = wire.feedback(request)
+            tenant = record.principal.tenant or ""
+            # SQLite writes and the library rebuild run off the event loop.
+            model, examples = await asyncio.to_thread(self._router.feedback, decision_id, score, tenant=tenant)
+            record.fields.update(decision_id=decision_id, model=model, feedback_score=score)
+            return pb.FeedbackResponse(decision_id=decision_id, model=model, score=score, library_examples=examples)
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:

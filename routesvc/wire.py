@@ -366,3 +366,17 @@ def stats_message(summary: StatsSummary) -> pb.GetStatsResponse:
     if summary.mean_released_score is not None:
         response.mean_released_score = summary.mean_released_score
     return response
+
+
+def feedback(message: pb.FeedbackRequest) -> tuple[str, float]:
+    """The decision id and score in [0, 1] of a Feedback request; raises ``InvalidRequest``."""
+    if not message.decision_id or len(message.decision_id) > _MAX_METADATA_CHARS:
+        raise InvalidRequest("decision_id", "is required (the decision_id of a RouteDecision)")
+    outcome = message.WhichOneof("outcome")
+    if outcome is None:
+        raise InvalidRequest("outcome", "set score (0 to 1) or thumbs_up")
+    if outcome == "thumbs_up":
+        return message.decision_id, 1.0 if message.thumbs_up else 0.0
+    if not (math.isfinite(message.score) and 0.0 <= message.score <= 1.0):
+        raise InvalidRequest("score", "must be between 0 and 1")
+    return message.decision_id, message.score

@@ -1469,3 +1469,69 @@ class GetStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__mean_released_score) -> _WhichOneofReturnType__mean_released_score | None: ...
 
 Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class FeedbackRequest(_message.Message):
+    """FeedbackRequest is the outcome of one earlier decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    THUMBS_UP_FIELD_NUMBER: _builtins.int
+    decision_id: _builtins.str
+    """decision_id of the RouteDecision the feedback is about."""
+    score: _builtins.float
+    """A score in [0, 1]; 1 means the answer was right or as good as it gets."""
+    thumbs_up: _builtins.bool
+    """Thumbs up (true, score 1) or down (false, score 0)."""
+    def __init__(
+        self,
+        *,
+        decision_id: _builtins.str = ...,
+        score: _builtins.float = ...,
+        thumbs_up: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "score", b"score", "thumbs_up", b"thumbs_up"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "outcome", b"outcome", "score", b"score", "thumbs_up", b"thumbs_up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["score", "thumbs_up"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___FeedbackRequest: _TypeAlias = FeedbackRequest  # noqa: Y015
+
+@_typing.final
+class FeedbackResponse(_message.Message):
+    """FeedbackResponse confirms what was recorded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    LIBRARY_EXAMPLES_FIELD_NUMBER: _builtins.int
+    decision_id: _builtins.str
+    """The decision the feedback was recorded for."""
+    model: _builtins.str
+    """Catalog id of the model that decision chose."""
+    score: _builtins.float
+    """The score recorded, in [0, 1]."""
+    library_examples: _builtins.int
+    """Feedback examples the embedding router's library counts after this one."""
+    def __init__(
+        self,
+        *,
+        decision_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        score: _builtins.float = ...,
+        library_examples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "library_examples", b"library_examples", "model", b"model", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackResponse: _TypeAlias = FeedbackResponse  # noqa: Y015

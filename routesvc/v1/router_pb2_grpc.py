@@ -65,6 +65,11 @@ class RouterServiceStub:
                 request_serializer=routesvc_dot_v1_dot_router__pb2.CancelBatchRequest.SerializeToString,
                 response_deserializer=routesvc_dot_v1_dot_router__pb2.CancelBatchResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/routesvc.v1.RouterService/Feedback',
+                request_serializer=routesvc_dot_v1_dot_router__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=routesvc_dot_v1_dot_router__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -130,6 +135,16 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Feedback records how good the answer of an earlier decision was. The embedding
+        router learns from it (its example library grows, persisted in SQLite) and GetStats
+        reports it per model. An unknown decision is NOT_FOUND; without an embedding stage
+        with a feedback store the call is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +177,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.CancelBatch,
                     request_deserializer=routesvc_dot_v1_dot_router__pb2.CancelBatchRequest.FromString,
                     response_serializer=routesvc_dot_v1_dot_router__pb2.CancelBatchResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=routesvc_dot_v1_dot_router__pb2.FeedbackRequest.FromString,
+                    response_serializer=routesvc_dot_v1_dot_router__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -327,6 +347,33 @@ class RouterService:
             '/routesvc.v1.RouterService/CancelBatch',
             routesvc_dot_v1_dot_router__pb2.CancelBatchRequest.SerializeToString,
             routesvc_dot_v1_dot_router__pb2.CancelBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/routesvc.v1.RouterService/Feedback',
+            routesvc_dot_v1_dot_router__pb2.FeedbackRequest.SerializeToString,
+            routesvc_dot_v1_dot_router__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,6 +80,12 @@ class RouterServiceStub:
     returns its state; a job that already ended is returned unchanged. An unknown job,
     or another tenant's, is NOT_FOUND.
     """
+    Feedback: _grpc.UnaryUnaryMultiCallable[_router_pb2.FeedbackRequest, _router_pb2.FeedbackResponse]
+    """Feedback records how good the answer of an earlier decision was. The embedding
+    router learns from it (its example library grows, persisted in SQLite) and GetStats
+    reports it per model. An unknown decision is NOT_FOUND; without an embedding stage
+    with a feedback store the call is FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -120,6 +126,12 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
     returns its state; a job that already ended is returned unchanged. An unknown job,
     or another tenant's, is NOT_FOUND.
+    """
+    Feedback: _aio.UnaryUnaryMultiCallable[_router_pb2.FeedbackRequest, _router_pb2.FeedbackResponse]  # type: ignore[assignment]
+    """Feedback records how good the answer of an earlier decision was. The embedding
+    router learns from it (its example library grows, persisted in SQLite) and GetStats
+    reports it per model. An unknown decision is NOT_FOUND; without an embedding stage
+    with a feedback store the call is FAILED_PRECONDITION.
     """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -194,6 +206,18 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         """CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
         returns its state; a job that already ended is returned unchanged. An unknown job,
         or another tenant's, is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def Feedback(
+        self,
+        request: _router_pb2.FeedbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.FeedbackResponse, _abc.Awaitable[_router_pb2.FeedbackResponse]]:
+        """Feedback records how good the answer of an earlier decision was. The embedding
+        router learns from it (its example library grows, persisted in SQLite) and GetStats
+        reports it per model. An unknown decision is NOT_FOUND; without an embedding stage
+        with a feedback store the call is FAILED_PRECONDITION.
         """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

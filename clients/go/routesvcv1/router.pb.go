@@ -2807,6 +2807,175 @@ func (x *GetStatsResponse) GetTimeToFirstToken() *LatencyPercentiles {
 	return nil
 }
 
+// FeedbackRequest is the outcome of one earlier decision.
+type FeedbackRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// decision_id of the RouteDecision the feedback is about.
+	DecisionId string `protobuf:"bytes,1,opt,name=decision_id,json=decisionId,proto3" json:"decision_id,omitempty"`
+	// How good the answer was.
+	//
+	// Types that are valid to be assigned to Outcome:
+	//
+	//	*FeedbackRequest_Score
+	//	*FeedbackRequest_ThumbsUp
+	Outcome       isFeedbackRequest_Outcome `protobuf_oneof:"outcome"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FeedbackRequest) Reset() {
+	*x = FeedbackRequest{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FeedbackRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FeedbackRequest) ProtoMessage() {}
+
+func (x *FeedbackRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FeedbackRequest.ProtoReflect.Descriptor instead.
+func (*FeedbackRequest) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *FeedbackRequest) GetDecisionId() string {
+	if x != nil {
+		return x.DecisionId
+	}
+	return ""
+}
+
+func (x *FeedbackRequest) GetOutcome() isFeedbackRequest_Outcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return nil
+}
+
+func (x *FeedbackRequest) GetScore() float64 {
+	if x != nil {
+		if x, ok := x.Outcome.(*FeedbackRequest_Score); ok {
+			return x.Score
+		}
+	}
+	return 0
+}
+
+func (x *FeedbackRequest) GetThumbsUp() bool {
+	if x != nil {
+		if x, ok := x.Outcome.(*FeedbackRequest_ThumbsUp); ok {
+			return x.ThumbsUp
+		}
+	}
+	return false
+}
+
+type isFeedbackRequest_Outcome interface {
+	isFeedbackRequest_Outcome()
+}
+
+type FeedbackRequest_Score struct {
+	// A score in [0, 1]; 1 means the answer was right or as good as it gets.
+	Score float64 `protobuf:"fixed64,2,opt,name=score,proto3,oneof"`
+}
+
+type FeedbackRequest_ThumbsUp struct {
+	// Thumbs up (true, score 1) or down (false, score 0).
+	ThumbsUp bool `protobuf:"varint,3,opt,name=thumbs_up,json=thumbsUp,proto3,oneof"`
+}
+
+func (*FeedbackRequest_Score) isFeedbackRequest_Outcome() {}
+
+func (*FeedbackRequest_ThumbsUp) isFeedbackRequest_Outcome() {}
+
+// FeedbackResponse confirms what was recorded.
+type FeedbackResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The decision the feedback was recorded for.
+	DecisionId string `protobuf:"bytes,1,opt,name=decision_id,json=decisionId,proto3" json:"decision_id,omitempty"`
+	// Catalog id of the model that decision chose.
+	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// The score recorded, in [0, 1].
+	Score float64 `protobuf:"fixed64,3,opt,name=score,proto3" json:"score,omitempty"`
+	// Feedback examples the embedding router's library counts after this one.
+	LibraryExamples int64 `protobuf:"varint,4,opt,name=library_examples,json=libraryExamples,proto3" json:"library_examples,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *FeedbackResponse) Reset() {
+	*x = FeedbackResponse{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FeedbackResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FeedbackResponse) ProtoMessage() {}
+
+func (x *FeedbackResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FeedbackResponse.ProtoReflect.Descriptor instead.
+func (*FeedbackResponse) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *FeedbackResponse) GetDecisionId() string {
+	if x != nil {
+		return x.DecisionId
+	}
+	return ""
+}
+
+func (x *FeedbackResponse) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *FeedbackResponse) GetScore() float64 {
+	if x != nil {
+		return x.Score
+	}
+	return 0
+}
+
+func (x *FeedbackResponse) GetLibraryExamples() int64 {
+	if x != nil {
+		return x.LibraryExamples
+	}
+	return 0
+}
+
 var File_routesvc_v1_router_proto protoreflect.FileDescriptor
 
 const file_routesvc_v1_router_proto_rawDesc = "" +
@@ -3012,7 +3181,19 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x13mean_released_score\x18\f \x01(\x01H\x00R\x11meanReleasedScore\x88\x01\x01\x129\n" +
 	"\alatency\x18\r \x01(\v2\x1f.routesvc.v1.LatencyPercentilesR\alatency\x12N\n" +
 	"\x13time_to_first_token\x18\x0e \x01(\v2\x1f.routesvc.v1.LatencyPercentilesR\x10timeToFirstTokenB\x16\n" +
-	"\x14_mean_released_score*\xc3\x01\n" +
+	"\x14_mean_released_score\"t\n" +
+	"\x0fFeedbackRequest\x12\x1f\n" +
+	"\vdecision_id\x18\x01 \x01(\tR\n" +
+	"decisionId\x12\x16\n" +
+	"\x05score\x18\x02 \x01(\x01H\x00R\x05score\x12\x1d\n" +
+	"\tthumbs_up\x18\x03 \x01(\bH\x00R\bthumbsUpB\t\n" +
+	"\aoutcome\"\x8a\x01\n" +
+	"\x10FeedbackResponse\x12\x1f\n" +
+	"\vdecision_id\x18\x01 \x01(\tR\n" +
+	"decisionId\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12\x14\n" +
+	"\x05score\x18\x03 \x01(\x01R\x05score\x12)\n" +
+	"\x10library_examples\x18\x04 \x01(\x03R\x0flibraryExamples*\xc3\x01\n" +
 	"\n" +
 	"BatchState\x12\x1b\n" +
 	"\x17BATCH_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
@@ -3044,7 +3225,7 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x19ATTEMPT_OUTCOME_COMPLETED\x10\x01\x12\x1d\n" +
 	"\x19ATTEMPT_OUTCOME_ESCALATED\x10\x02\x12\x1a\n" +
 	"\x16ATTEMPT_OUTCOME_FAILED\x10\x03\x12\x19\n" +
-	"\x15ATTEMPT_OUTCOME_JUDGE\x10\x042\xcd\x03\n" +
+	"\x15ATTEMPT_OUTCOME_JUDGE\x10\x042\x96\x04\n" +
 	"\rRouterService\x12>\n" +
 	"\x05Route\x12\x19.routesvc.v1.RouteRequest\x1a\x1a.routesvc.v1.RouteResponse\x12I\n" +
 	"\bComplete\x12\x1c.routesvc.v1.CompleteRequest\x1a\x1d.routesvc.v1.CompleteResponse0\x01\x12M\n" +
@@ -3052,7 +3233,8 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"ListModels\x12\x1e.routesvc.v1.ListModelsRequest\x1a\x1f.routesvc.v1.ListModelsResponse\x12G\n" +
 	"\bGetStats\x12\x1c.routesvc.v1.GetStatsRequest\x1a\x1d.routesvc.v1.GetStatsResponse\x12G\n" +
 	"\bGetBatch\x12\x1c.routesvc.v1.GetBatchRequest\x1a\x1d.routesvc.v1.GetBatchResponse\x12P\n" +
-	"\vCancelBatch\x12\x1f.routesvc.v1.CancelBatchRequest\x1a .routesvc.v1.CancelBatchResponseB_\n" +
+	"\vCancelBatch\x12\x1f.routesvc.v1.CancelBatchRequest\x1a .routesvc.v1.CancelBatchResponse\x12G\n" +
+	"\bFeedback\x12\x1c.routesvc.v1.FeedbackRequest\x1a\x1d.routesvc.v1.FeedbackResponseB_\n" +
 	"\x0fdev.routesvc.v1B\vRouterProtoP\x01Z=github.com/routesvc/routesvc/clients/go/routesvcv1;routesvcv1b\x06proto3"
 
 var (
@@ -3068,7 +3250,7 @@ func file_routesvc_v1_router_proto_rawDescGZIP() []byte {
 }
 
 var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_routesvc_v1_router_proto_goTypes = []any{
 	(BatchState)(0),               // 0: routesvc.v1.BatchState
 	(Role)(0),                     // 1: routesvc.v1.Role
@@ -3106,15 +3288,17 @@ var file_routesvc_v1_router_proto_goTypes = []any{
 	(*TenantStats)(nil),           // 33: routesvc.v1.TenantStats
 	(*LatencyPercentiles)(nil),    // 34: routesvc.v1.LatencyPercentiles
 	(*GetStatsResponse)(nil),      // 35: routesvc.v1.GetStatsResponse
-	nil,                           // 36: routesvc.v1.RoutingContext.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 37: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 38: google.protobuf.Duration
+	(*FeedbackRequest)(nil),       // 36: routesvc.v1.FeedbackRequest
+	(*FeedbackResponse)(nil),      // 37: routesvc.v1.FeedbackResponse
+	nil,                           // 38: routesvc.v1.RoutingContext.MetadataEntry
+	(*timestamppb.Timestamp)(nil), // 39: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 40: google.protobuf.Duration
 }
 var file_routesvc_v1_router_proto_depIdxs = []int32{
 	1,  // 0: routesvc.v1.Message.role:type_name -> routesvc.v1.Role
 	5,  // 1: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
 	6,  // 2: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
-	36, // 3: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
+	38, // 3: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
 	7,  // 4: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
 	8,  // 5: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
 	2,  // 6: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
@@ -3132,8 +3316,8 @@ var file_routesvc_v1_router_proto_depIdxs = []int32{
 	18, // 18: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
 	15, // 19: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
 	0,  // 20: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
-	37, // 21: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
-	37, // 22: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
+	39, // 21: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
+	39, // 22: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
 	15, // 23: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
 	3,  // 24: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
 	20, // 25: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
@@ -3145,13 +3329,13 @@ var file_routesvc_v1_router_proto_depIdxs = []int32{
 	19, // 31: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
 	20, // 32: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
 	28, // 33: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
-	38, // 34: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
+	40, // 34: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
 	31, // 35: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
 	31, // 36: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
-	38, // 37: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
-	38, // 38: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
-	38, // 39: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
-	38, // 40: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
+	40, // 37: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
+	40, // 38: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
+	40, // 39: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
+	40, // 40: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
 	31, // 41: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
 	32, // 42: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
 	33, // 43: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
@@ -3163,14 +3347,16 @@ var file_routesvc_v1_router_proto_depIdxs = []int32{
 	30, // 49: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
 	22, // 50: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
 	24, // 51: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
-	12, // 52: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
-	26, // 53: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
-	29, // 54: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
-	35, // 55: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
-	23, // 56: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
-	25, // 57: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
-	52, // [52:58] is the sub-list for method output_type
-	46, // [46:52] is the sub-list for method input_type
+	36, // 52: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
+	12, // 53: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
+	26, // 54: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
+	29, // 55: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
+	35, // 56: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
+	23, // 57: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
+	25, // 58: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
+	37, // 59: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
+	53, // [53:60] is the sub-list for method output_type
+	46, // [46:53] is the sub-list for method input_type
 	46, // [46:46] is the sub-list for extension type_name
 	46, // [46:46] is the sub-list for extension extendee
 	0,  // [0:46] is the sub-list for field type_name
@@ -3192,13 +3378,17 @@ func file_routesvc_v1_router_proto_init() {
 	}
 	file_routesvc_v1_router_proto_msgTypes[27].OneofWrappers = []any{}
 	file_routesvc_v1_router_proto_msgTypes[30].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[31].OneofWrappers = []any{
+		(*FeedbackRequest_Score)(nil),
+		(*FeedbackRequest_ThumbsUp)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_routesvc_v1_router_proto_rawDesc), len(file_routesvc_v1_router_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   32,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

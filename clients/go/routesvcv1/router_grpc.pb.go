@@ -38,6 +38,7 @@ const (
 	RouterService_GetStats_FullMethodName    = "/routesvc.v1.RouterService/GetStats"
 	RouterService_GetBatch_FullMethodName    = "/routesvc.v1.RouterService/GetBatch"
 	RouterService_CancelBatch_FullMethodName = "/routesvc.v1.RouterService/CancelBatch"
+	RouterService_Feedback_FullMethodName    = "/routesvc.v1.RouterService/Feedback"
 )
 
 // RouterServiceClient is the client API for RouterService service.
@@ -75,6 +76,11 @@ type RouterServiceClient interface {
 	// returns its state; a job that already ended is returned unchanged. An unknown job,
 	// or another tenant's, is NOT_FOUND.
 	CancelBatch(ctx context.Context, in *CancelBatchRequest, opts ...grpc.CallOption) (*CancelBatchResponse, error)
+	// Feedback records how good the answer of an earlier decision was. The embedding
+	// router learns from it (its example library grows, persisted in SQLite) and GetStats
+	// reports it per model. An unknown decision is NOT_FOUND; without an embedding stage
+	// with a feedback store the call is FAILED_PRECONDITION.
+	Feedback(ctx context.Context, in *FeedbackRequest, opts ...grpc.CallOption) (*FeedbackResponse, error)
 }
 
 type routerServiceClient struct {
@@ -154,6 +160,16 @@ func (c *routerServiceClient) CancelBatch(ctx context.Context, in *CancelBatchRe
 	return out, nil
 }
 
+func (c *routerServiceClient) Feedback(ctx context.Context, in *FeedbackRequest, opts ...grpc.CallOption) (*FeedbackResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FeedbackResponse)
+	err := c.cc.Invoke(ctx, RouterService_Feedback_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RouterServiceServer is the server API for RouterService service.
 // All implementations must embed UnimplementedRouterServiceServer
 // for forward compatibility.
@@ -189,6 +205,11 @@ type RouterServiceServer interface {
 	// returns its state; a job that already ended is returned unchanged. An unknown job,
 	// or another tenant's, is NOT_FOUND.
 	CancelBatch(context.Context, *CancelBatchRequest) (*CancelBatchResponse, error)
+	// Feedback records how good the answer of an earlier decision was. The embedding
+	// router learns from it (its example library grows, persisted in SQLite) and GetStats
+	// reports it per model. An unknown decision is NOT_FOUND; without an embedding stage
+	// with a feedback store the call is FAILED_PRECONDITION.
+	Feedback(context.Context, *FeedbackRequest) (*FeedbackResponse, error)
 	mustEmbedUnimplementedRouterServiceServer()
 }
 
@@ -216,6 +237,9 @@ func (UnimplementedRouterServiceServer) GetBatch(context.Context, *GetBatchReque
 }
 func (UnimplementedRouterServiceServer) CancelBatch(context.Context, *CancelBatchRequest) (*CancelBatchResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelBatch not implemented")
+}
+func (UnimplementedRouterServiceServer) Feedback(context.Context, *FeedbackRequest) (*FeedbackResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Feedback not implemented")
 }
 func (UnimplementedRouterServiceServer) mustEmbedUnimplementedRouterServiceServer() {}
 func (UnimplementedRouterServiceServer) testEmbeddedByValue()                       {}
@@ -339,6 +363,24 @@ func _RouterService_CancelBatch_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RouterService_Feedback_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FeedbackRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RouterServiceServer).Feedback(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RouterService_Feedback_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RouterServiceServer).Feedback(ctx, req.(*FeedbackRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RouterService_ServiceDesc is the grpc.ServiceDesc for RouterService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -365,6 +407,10 @@ var RouterService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelBatch",
 			Handler:    _RouterService_CancelBatch_Handler,
+		},
+		{
+			MethodName: "Feedback",
+			Handler:    _RouterService_Feedback_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -175,6 +175,16 @@ public final class RouterProto {
   static final 
     com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
       internal_static_routesvc_v1_GetStatsResponse_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_FeedbackRequest_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_FeedbackRequest_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_FeedbackResponse_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_FeedbackResponse_fieldAccessorTable;
 
   public static com.google.protobuf.Descriptors.FileDescriptor
       getDescriptor() {
@@ -339,39 +349,47 @@ public final class RouterProto {
       "v1.LatencyPercentilesR\007latency\022N\n\023time_t" +
       "o_first_token\030\016 \001(\0132\037.routesvc.v1.Latenc" +
       "yPercentilesR\020timeToFirstTokenB\026\n\024_mean_" +
-      "released_score*\303\001\n\nBatchState\022\033\n\027BATCH_S" +
-      "TATE_UNSPECIFIED\020\000\022\026\n\022BATCH_STATE_QUEUED" +
-      "\020\001\022\031\n\025BATCH_STATE_SUBMITTED\020\002\022\031\n\025BATCH_S" +
-      "TATE_SUCCEEDED\020\003\022\026\n\022BATCH_STATE_FAILED\020\004" +
-      "\022\027\n\023BATCH_STATE_EXPIRED\020\005\022\031\n\025BATCH_STATE" +
-      "_CANCELLED\020\006*P\n\004Role\022\024\n\020ROLE_UNSPECIFIED" +
-      "\020\000\022\017\n\013ROLE_SYSTEM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016RO" +
-      "LE_ASSISTANT\020\003*?\n\004Mode\022\024\n\020MODE_UNSPECIFI" +
-      "ED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*" +
-      "\270\001\n\014FinishReason\022\035\n\031FINISH_REASON_UNSPEC" +
-      "IFIED\020\000\022\026\n\022FINISH_REASON_STOP\020\001\022\030\n\024FINIS" +
-      "H_REASON_LENGTH\020\002\022\034\n\030FINISH_REASON_TOOL_" +
-      "CALLS\020\003\022 \n\034FINISH_REASON_CONTENT_FILTER\020" +
-      "\004\022\027\n\023FINISH_REASON_OTHER\020\005*\246\001\n\016AttemptOu" +
-      "tcome\022\037\n\033ATTEMPT_OUTCOME_UNSPECIFIED\020\000\022\035" +
-      "\n\031ATTEMPT_OUTCOME_COMPLETED\020\001\022\035\n\031ATTEMPT" +
-      "_OUTCOME_ESCALATED\020\002\022\032\n\026ATTEMPT_OUTCOME_" +
-      "FAILED\020\003\022\031\n\025ATTEMPT_OUTCOME_JUDGE\020\0042\315\003\n\r" +
-      "RouterService\022>\n\005Route\022\031.routesvc.v1.Rou" +
-      "teRequest\032\032.routesvc.v1.RouteResponse\022I\n" +
-      "\010Complete\022\034.routesvc.v1.CompleteRequest\032" +
-      "\035.routesvc.v1.CompleteResponse0\001\022M\n\nList" +
-      "Models\022\036.routesvc.v1.ListModelsRequest\032\037" +
-      ".routesvc.v1.ListModelsResponse\022G\n\010GetSt" +
-      "ats\022\034.routesvc.v1.GetStatsRequest\032\035.rout" +
-      "esvc.v1.GetStatsResponse\022G\n\010GetBatch\022\034.r" +
-      "outesvc.v1.GetBatchRequest\032\035.routesvc.v1" +
-      ".GetBatchResponse\022P\n\013CancelBatch\022\037.route" +
-      "svc.v1.CancelBatchRequest\032 .routesvc.v1." +
-      "CancelBatchResponseB_\n\017dev.routesvc.v1B\013" +
-      "RouterProtoP\001Z=github.com/routesvc/route" +
-      "svc/clients/go/routesvcv1;routesvcv1b\006pr" +
-      "oto3"
+      "released_score\"t\n\017FeedbackRequest\022\037\n\013dec" +
+      "ision_id\030\001 \001(\tR\ndecisionId\022\026\n\005score\030\002 \001(" +
+      "\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010H\000R\010thumbsU" +
+      "pB\t\n\007outcome\"\212\001\n\020FeedbackResponse\022\037\n\013dec" +
+      "ision_id\030\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 \001(" +
+      "\tR\005model\022\024\n\005score\030\003 \001(\001R\005score\022)\n\020librar" +
+      "y_examples\030\004 \001(\003R\017libraryExamples*\303\001\n\nBa" +
+      "tchState\022\033\n\027BATCH_STATE_UNSPECIFIED\020\000\022\026\n" +
+      "\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATCH_STATE_SUB" +
+      "MITTED\020\002\022\031\n\025BATCH_STATE_SUCCEEDED\020\003\022\026\n\022B" +
+      "ATCH_STATE_FAILED\020\004\022\027\n\023BATCH_STATE_EXPIR" +
+      "ED\020\005\022\031\n\025BATCH_STATE_CANCELLED\020\006*P\n\004Role\022" +
+      "\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SYSTEM\020\001\022\r" +
+      "\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020\003*?\n\004Mod" +
+      "e\022\024\n\020MODE_UNSPECIFIED\020\000\022\021\n\rMODE_REALTIME" +
+      "\020\001\022\016\n\nMODE_BATCH\020\002*\270\001\n\014FinishReason\022\035\n\031F" +
+      "INISH_REASON_UNSPECIFIED\020\000\022\026\n\022FINISH_REA" +
+      "SON_STOP\020\001\022\030\n\024FINISH_REASON_LENGTH\020\002\022\034\n\030" +
+      "FINISH_REASON_TOOL_CALLS\020\003\022 \n\034FINISH_REA" +
+      "SON_CONTENT_FILTER\020\004\022\027\n\023FINISH_REASON_OT" +
+      "HER\020\005*\246\001\n\016AttemptOutcome\022\037\n\033ATTEMPT_OUTC" +
+      "OME_UNSPECIFIED\020\000\022\035\n\031ATTEMPT_OUTCOME_COM" +
+      "PLETED\020\001\022\035\n\031ATTEMPT_OUTCOME_ESCALATED\020\002\022" +
+      "\032\n\026ATTEMPT_OUTCOME_FAILED\020\003\022\031\n\025ATTEMPT_O" +
+      "UTCOME_JUDGE\020\0042\226\004\n\rRouterService\022>\n\005Rout" +
+      "e\022\031.routesvc.v1.RouteRequest\032\032.routesvc." +
+      "v1.RouteResponse\022I\n\010Complete\022\034.routesvc." +
+      "v1.CompleteRequest\032\035.routesvc.v1.Complet" +
+      "eResponse0\001\022M\n\nListModels\022\036.routesvc.v1." +
+      "ListModelsRequest\032\037.routesvc.v1.ListMode" +
+      "lsResponse\022G\n\010GetStats\022\034.routesvc.v1.Get" +
+      "StatsRequest\032\035.routesvc.v1.GetStatsRespo" +
+      "nse\022G\n\010GetBatch\022\034.routesvc.v1.GetBatchRe" +
+      "quest\032\035.routesvc.v1.GetBatchResponse\022P\n\013" +
+      "CancelBatch\022\037.routesvc.v1.CancelBatchReq" +
+      "uest\032 .routesvc.v1.CancelBatchResponse\022G" +
+      "\n\010Feedback\022\034.routesvc.v1.FeedbackRequest" +
+      "\032\035.routesvc.v1.FeedbackResponseB_\n\017dev.r" +
+      "outesvc.v1B\013RouterProtoP\001Z=github.com/ro" +
+      "utesvc/routesvc/clients/go/routesvcv1;ro" +
+      "utesvcv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -571,6 +589,18 @@ public final class RouterProto {
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetStatsResponse_descriptor,
         new java.lang.String[] { "Window", "Tenant", "BaselineModel", "Totals", "Models", "Tenants", "Escalations", "EscalationRate", "Fallbacks", "CascadeDecisions", "CascadeReleaseRate", "MeanReleasedScore", "Latency", "TimeToFirstToken", });
+    internal_static_routesvc_v1_FeedbackRequest_descriptor =
+      getDescriptor().getMessageTypes().get(31);
+    internal_static_routesvc_v1_FeedbackRequest_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_FeedbackRequest_descriptor,
+        new java.lang.String[] { "DecisionId", "Score", "ThumbsUp", "Outcome", });
+    internal_static_routesvc_v1_FeedbackResponse_descriptor =
+      getDescriptor().getMessageTypes().get(32);
+    internal_static_routesvc_v1_FeedbackResponse_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_FeedbackResponse_descriptor,
+        new java.lang.String[] { "DecisionId", "Model", "Score", "LibraryExamples", });
     com.google.protobuf.DurationProto.getDescriptor();
     com.google.protobuf.TimestampProto.getDescriptor();
   }

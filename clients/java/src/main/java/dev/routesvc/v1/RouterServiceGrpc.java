@@ -201,6 +201,37 @@ public final class RouterServiceGrpc {
     return getCancelBatchMethod;
   }
 
+  private static volatile io.grpc.MethodDescriptor<dev.routesvc.v1.FeedbackRequest,
+      dev.routesvc.v1.FeedbackResponse> getFeedbackMethod;
+
+  @io.grpc.stub.annotations.RpcMethod(
+      fullMethodName = SERVICE_NAME + '/' + "Feedback",
+      requestType = dev.routesvc.v1.FeedbackRequest.class,
+      responseType = dev.routesvc.v1.FeedbackResponse.class,
+      methodType = io.grpc.MethodDescriptor.MethodType.UNARY)
+  public static io.grpc.MethodDescriptor<dev.routesvc.v1.FeedbackRequest,
+      dev.routesvc.v1.FeedbackResponse> getFeedbackMethod() {
+    io.grpc.MethodDescriptor<dev.routesvc.v1.FeedbackRequest, dev.routesvc.v1.FeedbackResponse> getFeedbackMethod;
+    if ((getFeedbackMethod = RouterServiceGrpc.getFeedbackMethod) == null) {
+      synchronized (RouterServiceGrpc.class) {
+        if ((getFeedbackMethod = RouterServiceGrpc.getFeedbackMethod) == null) {
+          RouterServiceGrpc.getFeedbackMethod = getFeedbackMethod =
+              io.grpc.MethodDescriptor.<dev.routesvc.v1.FeedbackRequest, dev.routesvc.v1.FeedbackResponse>newBuilder()
+              .setType(io.grpc.MethodDescriptor.MethodType.UNARY)
+              .setFullMethodName(generateFullMethodName(SERVICE_NAME, "Feedback"))
+              .setSampledToLocalTracing(true)
+              .setRequestMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  dev.routesvc.v1.FeedbackRequest.getDefaultInstance()))
+              .setResponseMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  dev.routesvc.v1.FeedbackResponse.getDefaultInstance()))
+              .setSchemaDescriptor(new RouterServiceMethodDescriptorSupplier("Feedback"))
+              .build();
+        }
+      }
+    }
+    return getFeedbackMethod;
+  }
+
   /**
    * Creates a new async stub that supports all call types for the service
    */
@@ -341,6 +372,19 @@ public final class RouterServiceGrpc {
         io.grpc.stub.StreamObserver<dev.routesvc.v1.CancelBatchResponse> responseObserver) {
       io.grpc.stub.ServerCalls.asyncUnimplementedUnaryCall(getCancelBatchMethod(), responseObserver);
     }
+
+    /**
+     * <pre>
+     * Feedback records how good the answer of an earlier decision was. The embedding
+     * router learns from it (its example library grows, persisted in SQLite) and GetStats
+     * reports it per model. An unknown decision is NOT_FOUND; without an embedding stage
+     * with a feedback store the call is FAILED_PRECONDITION.
+     * </pre>
+     */
+    default void feedback(dev.routesvc.v1.FeedbackRequest request,
+        io.grpc.stub.StreamObserver<dev.routesvc.v1.FeedbackResponse> responseObserver) {
+      io.grpc.stub.ServerCalls.asyncUnimplementedUnaryCall(getFeedbackMethod(), responseObserver);
+    }
   }
 
   /**
@@ -456,6 +500,20 @@ public final class RouterServiceGrpc {
       io.grpc.stub.ClientCalls.asyncUnaryCall(
           getChannel().newCall(getCancelBatchMethod(), getCallOptions()), request, responseObserver);
     }
+
+    /**
+     * <pre>
+     * Feedback records how good the answer of an earlier decision was. The embedding
+     * router learns from it (its example library grows, persisted in SQLite) and GetStats
+     * reports it per model. An unknown decision is NOT_FOUND; without an embedding stage
+     * with a feedback store the call is FAILED_PRECONDITION.
+     * </pre>
+     */
+    public void feedback(dev.routesvc.v1.FeedbackRequest request,
+        io.grpc.stub.StreamObserver<dev.routesvc.v1.FeedbackResponse> responseObserver) {
+      io.grpc.stub.ClientCalls.asyncUnaryCall(
+          getChannel().newCall(getFeedbackMethod(), getCallOptions()), request, responseObserver);
+    }
   }
 
   /**
@@ -553,6 +611,19 @@ public final class RouterServiceGrpc {
       return io.grpc.stub.ClientCalls.blockingV2UnaryCall(
           getChannel(), getCancelBatchMethod(), getCallOptions(), request);
     }
+
+    /**
+     * <pre>
+     * Feedback records how good the answer of an earlier decision was. The embedding
+     * router learns from it (its example library grows, persisted in SQLite) and GetStats
+     * reports it per model. An unknown decision is NOT_FOUND; without an embedding stage
+     * with a feedback store the call is FAILED_PRECONDITION.
+     * </pre>
+     */
+    public dev.routesvc.v1.FeedbackResponse feedback(dev.routesvc.v1.FeedbackRequest request) throws io.grpc.StatusException {
+      return io.grpc.stub.ClientCalls.blockingV2UnaryCall(
+          getChannel(), getFeedbackMethod(), getCallOptions(), request);
+    }
   }
 
   /**
@@ -649,6 +720,19 @@ public final class RouterServiceGrpc {
       return io.grpc.stub.ClientCalls.blockingUnaryCall(
           getChannel(), getCancelBatchMethod(), getCallOptions(), request);
     }
+
+    /**
+     * <pre>
+     * Feedback records how good the answer of an earlier decision was. The embedding
+     * router learns from it (its example library grows, persisted in SQLite) and GetStats
+     * reports it per model. An unknown decision is NOT_FOUND; without an embedding stage
+     * with a feedback store the call is FAILED_PRECONDITION.
+     * </pre>
+     */
+    public dev.routesvc.v1.FeedbackResponse feedback(dev.routesvc.v1.FeedbackRequest request) {
+      return io.grpc.stub.ClientCalls.blockingUnaryCall(
+          getChannel(), getFeedbackMethod(), getCallOptions(), request);
+    }
   }
 
   /**
@@ -731,6 +815,20 @@ public final class RouterServiceGrpc {
       return io.grpc.stub.ClientCalls.futureUnaryCall(
           getChannel().newCall(getCancelBatchMethod(), getCallOptions()), request);
     }
+
+    /**
+     * <pre>
+     * Feedback records how good the answer of an earlier decision was. The embedding
+     * router learns from it (its example library grows, persisted in SQLite) and GetStats
+     * reports it per model. An unknown decision is NOT_FOUND; without an embedding stage
+     * with a feedback store the call is FAILED_PRECONDITION.
+     * </pre>
+     */
+    public com.google.common.util.concurrent.ListenableFuture<dev.routesvc.v1.FeedbackResponse> feedback(
+        dev.routesvc.v1.FeedbackRequest request) {
+      return io.grpc.stub.ClientCalls.futureUnaryCall(
+          getChannel().newCall(getFeedbackMethod(), getCallOptions()), request);
+    }
   }
 
   private static final int METHODID_ROUTE = 0;
@@ -739,6 +837,7 @@ public final class RouterServiceGrpc {
   private static final int METHODID_GET_STATS = 3;
   private static final int METHODID_GET_BATCH = 4;
   private static final int METHODID_CANCEL_BATCH = 5;
+  private static final int METHODID_FEEDBACK = 6;
 
   private static final class MethodHandlers<Req, Resp> implements
       io.grpc.stub.ServerCalls.UnaryMethod<Req, Resp>,
@@ -780,6 +879,10 @@ public final class RouterServiceGrpc {
         case METHODID_CANCEL_BATCH:
           serviceImpl.cancelBatch((dev.routesvc.v1.CancelBatchRequest) request,
               (io.grpc.stub.StreamObserver<dev.routesvc.v1.CancelBatchResponse>) responseObserver);
+          break;
+        case METHODID_FEEDBACK:
+          serviceImpl.feedback((dev.routesvc.v1.FeedbackRequest) request,
+              (io.grpc.stub.StreamObserver<dev.routesvc.v1.FeedbackResponse>) responseObserver);
           break;
         default:
           throw new AssertionError();
@@ -841,6 +944,13 @@ public final class RouterServiceGrpc {
               dev.routesvc.v1.CancelBatchRequest,
               dev.routesvc.v1.CancelBatchResponse>(
                 service, METHODID_CANCEL_BATCH)))
+        .addMethod(
+          getFeedbackMethod(),
+          io.grpc.stub.ServerCalls.asyncUnaryCall(
+            new MethodHandlers<
+              dev.routesvc.v1.FeedbackRequest,
+              dev.routesvc.v1.FeedbackResponse>(
+                service, METHODID_FEEDBACK)))
         .build();
   }
 
@@ -895,6 +1005,7 @@ public final class RouterServiceGrpc {
               .addMethod(getGetStatsMethod())
               .addMethod(getGetBatchMethod())
               .addMethod(getCancelBatchMethod())
+              .addMethod(getFeedbackMethod())
               .build();
         }
       }
