@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import collections
 import datetime
+import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
@@ -67,17 +68,12 @@ class Admission(Protocol):
         ...
 
 
-class _LocalReservation:
-    """What ``LocalAdmission.admit`` reserved for one request; settle it exactly once."""
+class SettleOnce:
+    """A reservation settled at most once: the first ``settle`` applies the real usage, later
+    calls do nothing (a request's finally and an error path may both try)."""
 
-    def __init__(
-        self, admission: LocalAdmission, tenant: str, entry: _TokenEntry | None, cost: Decimal, periods: tuple[str, ...]
-    ) -> None:
-        self._admission = admission
-        self._tenant = tenant
-        self._entry = entry
-        self._cost = cost
-        self._periods = periods
+    def __init__(self, apply: Callable[[int, Decimal], Awaitable[None]]) -> None:
+        self._apply = apply
         self._settled = False
 
     async def settle(self, tokens: int, cost: Decimal) -> None:
@@ -85,7 +81,11 @@ class _LocalReservation:
         if self._settled:
             return
         self._settled = True
-        self._admission._settle(self._tenant, self._entry, tokens, self._cost, cost, self._periods)
+        await self._apply(tokens, cost)
+
+
+async def _nothing_reserved(tokens: int, cost: Decimal) -> None:
+    del tokens, cost
 
 
 def _periods(now: float) -> tuple[str, str]:
@@ -135,7 +135,7 @@ class LocalAdmission:
         """
         limits = self._tenants.get(tenant)
         if limits is None:
-            return _LocalReservation(self, tenant, None, Decimal(0), ())
+            return SettleOnce(_nothing_reserved)
         now = self._clock()
         state = self._state[tenant]
         self._prune(state, now)
@@ -177,19 +177,17 @@ class LocalAdmission:
         state.in_flight += 1
         for period in periods:
             state.reserved[period] += cost
-        return _LocalReservation(self, tenant, entry, cost, periods)
+        return SettleOnce(functools.partial(self._settle, tenant, entry, cost, periods))
 
-    def _settle(
+    async def _settle(
         self,
         tenant: str,
         entry: _TokenEntry | None,
-        tokens: int,
         reserved_cost: Decimal,
-        cost: Decimal,
         periods: tuple[str, ...],
+        tokens: int,
+        cost: Decimal,
     ) -> None:
-        if not periods:
-            return
         state = self._state[tenant]
         state.in_flight -= 1
         if entry is not None:

@@ -14,13 +14,14 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
-from routesvc.admission import Reservation, _periods, _seconds_to_next
+from routesvc.admission import Reservation, SettleOnce, _nothing_reserved, _periods, _seconds_to_next
 from routesvc.config import TenantConfig
 from routesvc.cost import format_usd
 from routesvc.errors import LimitExceeded
@@ -101,30 +102,6 @@ def _usd(amount: Decimal) -> str:
     return format_usd(amount.quantize(_PLACES))
 
 
-class _RedisReservation:
-    def __init__(
-        self, admission: RedisAdmission, tenant: str, reservation_id: str, cost: Decimal, periods: tuple[str, str]
-    ) -> None:
-        self._admission = admission
-        self._tenant = tenant
-        self._id = reservation_id
-        self._cost = cost
-        self._periods = periods
-        self._settled = False
-
-    async def settle(self, tokens: int, cost: Decimal) -> None:
-        """Replace the estimate by the real usage; later calls do nothing."""
-        if self._settled:
-            return
-        self._settled = True
-        await self._admission._settle(self._tenant, self._id, tokens, self._cost, cost, self._periods)
-
-
-class _Unlimited:
-    async def settle(self, tokens: int, cost: Decimal) -> None:
-        """Nothing was reserved."""
-
-
 class RedisAdmission:
     """Per-tenant limits and budgets kept in Redis at ``url`` and shared by every replica."""
 
@@ -158,7 +135,7 @@ class RedisAdmission:
         """Check and reserve atomically in Redis; raises ``LimitExceeded`` having reserved nothing."""
         limits = self._tenants.get(tenant)
         if limits is None:
-            return _Unlimited()
+            return SettleOnce(_nothing_reserved)
         now = self._clock()
         day, month = _periods(now)
         reservation_id = uuid.uuid4().hex
@@ -187,7 +164,7 @@ class RedisAdmission:
         ]
         verdict, detail = await self._admit(keys=keys, args=args)
         if verdict == "OK":
-            return _RedisReservation(self, tenant, reservation_id, cost, (day, month))
+            return SettleOnce(functools.partial(self._settle, tenant, reservation_id, cost, (day, month)))
         if verdict == "BUDGET_EXCEEDED":
             period = day if detail == "day" else month
             budget = limits.daily_budget_usd if detail == "day" else limits.monthly_budget_usd
@@ -204,7 +181,7 @@ class RedisAdmission:
         raise LimitExceeded(messages[verdict], reason=verdict, retry_after=max(0.001, float(detail)))
 
     async def _settle(
-        self, tenant: str, reservation_id: str, tokens: int, reserved: Decimal, cost: Decimal, periods: tuple[str, str]
+        self, tenant: str, reservation_id: str, reserved: Decimal, periods: tuple[str, str], tokens: int, cost: Decimal
     ) -> None:
         day, month = periods
         keys = [
