@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("--sample-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
-        "--ledger-entries", type=int, default=100_000, help="ledger capacity (bounded state; lower shows the plateau)"
+        "--ledger-entries", type=int, default=20_000, help="ledger capacity (bounded state; lower shows the plateau)"
     )
     parser.add_argument("--stats-window", type=float, default=3600.0, help="GetStats window in seconds")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")

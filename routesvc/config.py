@@ -250,7 +250,7 @@ class ReliabilityConfig(_Strict):
     first_token_timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for a provider's first chunk.")
     stream_idle_timeout_seconds: float = Field(60.0, gt=0, description="Longest gap between two chunks.")
     max_concurrent_rpcs: int = Field(1024, ge=1, description="RPCs served at once; more are shed.")
-    ledger_entries: int = Field(100_000, ge=1, description="Upstream attempts the in-memory ledger keeps.")
+    ledger_entries: int = Field(20_000, ge=1, description="Upstream attempts the in-memory ledger keeps.")
     breaker: BreakerConfig = BreakerConfig()
 
 

@@ -105,7 +105,7 @@ class Server:
     ) -> None:
         self._settings = settings
         self.telemetry = telemetry or Telemetry(settings)
-        ledger = Ledger()
+        ledger = Ledger(settings.config.reliability.ledger_entries)
         # Batch jobs outlive routers (hot reload) and restarts: the queue belongs to the server.
         self.batches = BatchQueue(settings, ledger)
         self._router = Router(
