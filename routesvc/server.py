@@ -198,9 +198,9 @@ class Server:
         grace = server_config.grace_seconds
         # Calls still running shortly before the grace ends are ended with a status (and the
         # committed trailers) rather than cut by the transport.
-        margin = min(1.0, grace / 10)
+        margin = min(2.0, grace / 4)
         async with asyncio.TaskGroup() as group:
-            interrupter = group.create_task(self._interrupt_after(grace - margin))
+            interrupter = group.create_task(self._interrupt_after(grace - margin, margin))
             await self._server.stop(grace)
             interrupter.cancel()
         await self.batches.aclose()
@@ -211,11 +211,14 @@ class Server:
         await asyncio.to_thread(self.telemetry.shutdown)
         log.info("server_stopped", target=self.target)
 
-    async def _interrupt_after(self, seconds: float) -> None:
+    async def _interrupt_after(self, seconds: float, margin: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
         interrupted = self._service.interrupt_in_flight()
         if interrupted:
             log.info("server_interrupted_calls", calls=interrupted)
+            # Streams end at their next message; those waiting on a slow provider are cancelled.
+            await asyncio.sleep(margin / 2)
+            self._service.cancel_in_flight()
 
     async def wait(self) -> None:
         """Wait until the server terminates."""

@@ -151,6 +151,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._in_flight = 0
         self._tasks: set[asyncio.Task[object]] = set()
         self._interrupted: set[asyncio.Task[object]] = set()
+        self._draining = False
         self._authenticator = Authenticator(router.settings.config)
 
     def swap_router(self, router: Router) -> None:
@@ -161,11 +162,17 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._authenticator = Authenticator(router.settings.config)
 
     def interrupt_in_flight(self) -> int:
-        """End every call still running (the shutdown grace is over); returns how many.
+        """Ask every call still running to end (the shutdown grace is nearly over); returns how many.
 
-        Each ends UNAVAILABLE with reason SHUTTING_DOWN, and streams that sent text carry the
-        committed trailers, instead of being cut without a status.
+        A stream ends at its next message with UNAVAILABLE, reason SHUTTING_DOWN, and the committed
+        trailers when it sent text, instead of being cut without a status. ``cancel_in_flight``
+        then ends the calls that are still waiting for their provider.
         """
+        self._draining = True
+        return len(self._tasks)
+
+    def cancel_in_flight(self) -> int:
+        """Cancel the calls still running; each ends as ``interrupt_in_flight`` says."""
         for task in self._tasks:
             self._interrupted.add(task)
             task.cancel("server shutting down")
@@ -306,6 +313,10 @@ class RouterService(pb_grpc.RouterServiceServicer):
                         if not chunks:
                             telemetry.record_first_chunk_sent()
                         chunks += 1
+                    if self._draining and not isinstance(event, Completion):
+                        # Delivered so far: ``chunks`` minus the one not sent now.
+                        sent = chunks - (0 if isinstance(event, RouteDecision | Escalation | BatchJob) else 1)
+                        raise ShuttingDown("the server is shutting down", chunks_sent=sent)
                     record.fields["chunks"] = chunks
                     yield wire.complete_message(event)
 
