@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from routesvc.telemetry import configure_logging
 from routesvc.testing import FakeProvider, Fault, Script
 
 RESULTS = Path(__file__).parent / "results"
+_TAG = re.compile(r"(req-\d+) please")
 
 FAULTS: list[dict[str, Any]] = [
     {"status": 503},
@@ -149,10 +151,10 @@ async def _load(target_queue: Any, result_queue: Any, args: argparse.Namespace) 
         aborts = []
         for record in fake.requests:
             body = record.body if isinstance(record.body, dict) else {}
-            text = json.dumps(body.get("messages", ""))
-            for tag, cancelled_at in tally.cancel_times.items():
-                if f'"{tag} please' in text and record.aborted_at is not None:
-                    aborts.append(max(0.0, record.aborted_at - cancelled_at))
+            found = _TAG.search(json.dumps(body.get("messages", "")))
+            cancelled_at = tally.cancel_times.get(found.group(1)) if found else None
+            if cancelled_at is not None and record.aborted_at is not None:
+                aborts.append(max(0.0, record.aborted_at - cancelled_at))
         result_queue.put(
             {
                 "requests": tally.requests,
