@@ -6,10 +6,12 @@ except a short machine code (``rate_limit_error``, ``server_error``) that passes
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TypeVar
 
 from routesvc.errors import (
     ProviderAuthFailed,
@@ -18,6 +20,9 @@ from routesvc.errors import (
     ProviderRejected,
     ProviderUnavailable,
 )
+from routesvc.providers.base import ProviderCall
+
+_T = TypeVar("_T")
 
 _SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
@@ -102,3 +107,28 @@ def error_for_event(error_type: str, *, provider: str, model: str) -> ProviderEr
     if lowered in {"invalid_request_error", "not_found_error", "request_too_large"}:
         return ProviderRejected(message, provider=provider, model=model)
     return ProviderUnavailable(message, provider=provider, model=model)
+
+
+async def guarded(
+    name: str,
+    call: ProviderCall,
+    deadline: float | None,
+    awaitable: Awaitable[_T],
+    translate: Callable[[ProviderCall, Exception], ProviderError | None],
+) -> _T:
+    """Await one SDK step of provider ``name`` within ``deadline`` (loop time), translating what it
+    raises with ``translate``; exceptions ``translate`` does not know (our bugs) propagate."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await awaitable
+    except TimeoutError as exc:
+        raise ProviderUnavailable(
+            describe(name, call.model, f"timed out after {call.timeout}s"), provider=name, model=call.model
+        ) from exc
+    except ProviderError:
+        raise
+    except Exception as exc:
+        error = translate(call, exc)
+        if error is None:
+            raise
+        raise error from exc

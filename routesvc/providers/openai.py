@@ -31,7 +31,7 @@ from openai.types.shared_params import FunctionDefinition
 
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
-from routesvc.providers._http import describe, error_for_event, error_for_status, safe_code
+from routesvc.providers._http import describe, error_for_event, error_for_status, guarded, safe_code
 from routesvc.providers.base import ProviderCall
 from routesvc.tokens import count_text_tokens
 
@@ -192,22 +192,7 @@ class OpenAIProvider:
 
     async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
         """Await one SDK step within the call's deadline, translating whatever it raises."""
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await awaitable
-        except TimeoutError as exc:
-            raise ProviderUnavailable(
-                describe(self._name, call.model, f"timed out after {call.timeout}s"),
-                provider=self._name,
-                model=call.model,
-            ) from exc
-        except ProviderError:
-            raise
-        except Exception as exc:
-            error = self._translate(call, exc)
-            if error is None:
-                raise
-            raise error from exc
+        return await guarded(self._name, call, deadline, awaitable, self._translate)
 
     def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
