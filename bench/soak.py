@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import gc
 import json
 import multiprocessing
@@ -23,7 +24,9 @@ import os
 import random
 import re
 import statistics
+import sys
 import time
+import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,13 +129,13 @@ async def _one(
         await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def _load(target_queue: Any, result_queue: Any, args: argparse.Namespace) -> None:
+async def _load(to_server: Any, from_server: Any, args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     # Requests that find the script queue empty (retries take scripts too) get this default,
     # which is self-describing like the rest.
     async with FakeProvider(default=Script(chunks=tuple(chunk_text(i) for i in range(5)))) as fake:
-        target_queue.put(fake.base_url)
-        target = target_queue_get(result_queue)
+        to_server.put(fake.base_url)
+        target = _get_str(from_server)
         tally = Tally()
         async with RouterClient(target) as client:
             deadline = time.monotonic() + args.minutes * 60
@@ -155,7 +158,7 @@ async def _load(target_queue: Any, result_queue: Any, args: argparse.Namespace) 
             cancelled_at = tally.cancel_times.get(found.group(1)) if found else None
             if cancelled_at is not None and record.aborted_at is not None:
                 aborts.append(max(0.0, record.aborted_at - cancelled_at))
-        result_queue.put(
+        to_server.put(
             {
                 "requests": tally.requests,
                 "completed": tally.completed,
@@ -176,14 +179,14 @@ async def _load(target_queue: Any, result_queue: Any, args: argparse.Namespace) 
         )
 
 
-def target_queue_get(queue: Any) -> str:
+def _get_str(queue: Any) -> str:
     value = queue.get()
     assert isinstance(value, str)
     return value
 
 
-def _load_process(target_queue: Any, result_queue: Any, args: argparse.Namespace) -> None:
-    asyncio.run(_load(target_queue, result_queue, args))
+def _load_process(to_server: Any, from_server: Any, args: argparse.Namespace) -> None:
+    asyncio.run(_load(to_server, from_server, args))
 
 
 def _rss_mib() -> float:
@@ -193,12 +196,59 @@ def _rss_mib() -> float:
     return 0.0
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def _malloc_mib() -> tuple[float, float]:
+    """glibc's bytes in use by malloc and held by it (arenas plus mmapped blocks), in MiB; (0, 0) elsewhere."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return 0.0, 0.0
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20, (info.arena + info.hblkhd) / 2**20
+
+
+def _sample(started: float) -> dict[str, float]:
+    """RSS, Python's live small blocks, what malloc has handed out and what it holds (in use flat
+    while held grows is fragmentation, not a leak), asyncio tasks and open descriptors."""
+    in_use, held = _malloc_mib()
+    return {
+        "t_s": round(time.monotonic() - started, 1),
+        "rss_mib": round(_rss_mib(), 1),
+        "py_blocks": sys.getallocatedblocks(),
+        "malloc_in_use_mib": round(in_use, 1),
+        "malloc_held_mib": round(held, 1),
+        "tasks": len(asyncio.all_tasks()),
+        "fds": len(os.listdir("/proc/self/fd")),
+    }
+
+
+def _growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot) -> list[str]:
+    """The 15 call sites whose live Python memory grew most between the two snapshots."""
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    stats = after.filter_traces(ignore).compare_to(before.filter_traces(ignore), "traceback")
+    lines = []
+    for stat in stats[:15]:
+        frames = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in stat.traceback)
+        lines.append(f"{stat.size_diff / 1024:+.1f} KiB {stat.count_diff:+d} blocks: {frames}")
+    return lines
+
+
 async def _serve(args: argparse.Namespace) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
-    to_load, from_load = context.Queue(), context.Queue()
-    process = context.Process(target=_load_process, args=(to_load, from_load, args))
+    # One queue each way: the load process sends the fake's URL and, at the end, its results; the
+    # server sends its target. (Sharing one queue both ways let the sampling loop see the target
+    # it had just sent as a result and stop sampling.)
+    from_load, to_load = context.Queue(), context.Queue()
+    process = context.Process(target=_load_process, args=(from_load, to_load, args))
     process.start()
-    fake_url = await asyncio.to_thread(to_load.get)
+    fake_url = await asyncio.to_thread(from_load.get)
     config = Path(__file__).parent.parent / "routesvc" / "default_config.yaml"
     settings = parse_config(
         config.read_text() + "\nreliability: {stream_idle_timeout_seconds: 1.0, first_token_timeout_seconds: 2.0, "
@@ -214,30 +264,23 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
         },
     )
     samples: list[dict[str, float]] = []
+    warm_snapshot: tracemalloc.Snapshot | None = None
+    if args.tracemalloc:
+        tracemalloc.start(8)
     async with Server(settings, port=0) as server:
-        from_load.put(server.target)
+        to_load.put(server.target)
         started = time.monotonic()
         while process.is_alive() and from_load.empty():
             gc.collect()
-            samples.append(
-                {
-                    "t_s": round(time.monotonic() - started, 1),
-                    "rss_mib": round(_rss_mib(), 1),
-                    "tasks": len(asyncio.all_tasks()),
-                    "fds": len(os.listdir("/proc/self/fd")),
-                }
-            )
+            samples.append(_sample(started))
+            if args.tracemalloc and warm_snapshot is None and time.monotonic() - started >= args.warmup_seconds:
+                warm_snapshot = tracemalloc.take_snapshot()
             await asyncio.sleep(args.sample_seconds)
         result: dict[str, Any] = await asyncio.to_thread(from_load.get)
         gc.collect()
-        samples.append(
-            {
-                "t_s": round(time.monotonic() - started, 1),
-                "rss_mib": round(_rss_mib(), 1),
-                "tasks": len(asyncio.all_tasks()),
-                "fds": len(os.listdir("/proc/self/fd")),
-            }
-        )
+        samples.append(_sample(started))
+        if warm_snapshot is not None:
+            result["tracemalloc_growth"] = _growth(warm_snapshot, tracemalloc.take_snapshot())
         ledger = server.router.ledger.entries()
         result["ledger_attempts"] = len(ledger)
     process.join(timeout=30)
@@ -259,13 +302,17 @@ def main() -> None:
         "--ledger-entries", type=int, default=20_000, help="ledger capacity (bounded state; lower shows the plateau)"
     )
     parser.add_argument("--stats-window", type=float, default=3600.0, help="GetStats window in seconds")
+    parser.add_argument(
+        "--tracemalloc", action="store_true", help="report the call sites whose memory grew after warm-up (slow)"
+    )
+    parser.add_argument("--warmup-seconds", type=float, default=120.0, help="memory growth is measured after this")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     args = parser.parse_args()
     configure_logging(LoggingConfig(level="error", format="json"))
     result = asyncio.run(_serve(args))
     result["args"] = {k: v for k, v in vars(args).items() if k != "out"}
     samples = result["samples"]
-    warm = [s for s in samples if s["t_s"] >= min(60.0, samples[-1]["t_s"] / 2)] or samples
+    warm = [s for s in samples if s["t_s"] >= min(args.warmup_seconds, samples[-1]["t_s"] / 2)] or samples
     result["memory_growth_after_warmup_pct"] = round(
         100 * (warm[-1]["rss_mib"] - warm[0]["rss_mib"]) / warm[0]["rss_mib"], 2
     )
@@ -280,8 +327,13 @@ def main() -> None:
     print(
         f"rss {warm[0]['rss_mib']} -> {warm[-1]['rss_mib']} MiB after warm-up "
         f"({result['memory_growth_after_warmup_pct']}%), "
-        f"tasks {samples[0]['tasks']} -> {samples[-1]['tasks']}, fds {samples[0]['fds']} -> {samples[-1]['fds']}"
+        f"tasks {samples[0]['tasks']} -> {samples[-1]['tasks']}, fds {samples[0]['fds']} -> {samples[-1]['fds']}, "
+        f"python blocks {warm[0]['py_blocks']} -> {warm[-1]['py_blocks']}, malloc in use "
+        f"{warm[0]['malloc_in_use_mib']} -> {warm[-1]['malloc_in_use_mib']} MiB, held "
+        f"{warm[0]['malloc_held_mib']} -> {warm[-1]['malloc_held_mib']} MiB"
     )
+    for line in result.get("tracemalloc_growth", []):
+        print(line)
 
 
 if __name__ == "__main__":
