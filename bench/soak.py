@@ -224,6 +224,7 @@ def _sample(started: float) -> dict[str, float]:
         "py_blocks": sys.getallocatedblocks(),
         "malloc_in_use_mib": round(in_use, 1),
         "malloc_held_mib": round(held, 1),
+        "traced_python_mib": round(tracemalloc.get_traced_memory()[0] / 2**20, 1),
         "tasks": len(asyncio.all_tasks()),
         "fds": len(os.listdir("/proc/self/fd")),
     }
@@ -266,7 +267,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
     samples: list[dict[str, float]] = []
     warm_snapshot: tracemalloc.Snapshot | None = None
     if args.tracemalloc:
-        tracemalloc.start(8)
+        tracemalloc.start(args.tracemalloc)
     async with Server(settings, port=0) as server:
         to_load.put(server.target)
         started = time.monotonic()
@@ -303,7 +304,11 @@ def main() -> None:
     )
     parser.add_argument("--stats-window", type=float, default=3600.0, help="GetStats window in seconds")
     parser.add_argument(
-        "--tracemalloc", action="store_true", help="report the call sites whose memory grew after warm-up (slow)"
+        "--tracemalloc",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="trace Python allocations with FRAMES frames and report the sites that grew after warm-up (slow)",
     )
     parser.add_argument("--warmup-seconds", type=float, default=120.0, help="memory growth is measured after this")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")

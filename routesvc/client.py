@@ -80,9 +80,22 @@ class RouterClient:
         """The Complete stream: the decision, text deltas, then the completion."""
         request = pb.CompleteRequest(chat=chat, context=context or pb.RoutingContext())
         call = self._stub.Complete(request, timeout=timeout, metadata=self._call_metadata(metadata))
+        # The completion is the last message and the status follows at once: it is handed over
+        # only when the stream has ended, so a caller that stops at the completion does not cancel
+        # a finished call. (A cancel there makes the server's final status fail, and grpcio leaks
+        # native memory for every such call: grpc/grpc#43360.)
+        completion: pb.CompleteResponse | None = None
         try:
             async for message in call:
-                yield message
+                if completion is not None:
+                    yield completion
+                    completion = None
+                if message.WhichOneof("event") == "completion":
+                    completion = message
+                else:
+                    yield message
+            if completion is not None:
+                yield completion
         finally:
             call.cancel()
 

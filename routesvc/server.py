@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -241,11 +240,6 @@ async def serve(settings: Settings, port: int | None = None, *, reuse_port: bool
         loop.add_signal_handler(signum, stop.set)
     server = Server(settings, port=port, reuse_port=reuse_port)
     await server.start()
-    # Everything built so far (models, catalogs, descriptors: ~240K objects) lives as long as the
-    # process; frozen, the cycle collector stops walking it, so a full collection takes microseconds
-    # instead of a 100+ ms pause in the middle of serving.
-    gc.collect()
-    gc.freeze()
     await stop.wait()
     log.info("server_draining")
     await server.aclose()

@@ -287,6 +287,29 @@ class TestDeadlinesAndCancellation:
         assert messages[-1].WhichOneof("event") == "completion"
 
 
+    async def test_a_caller_that_stops_at_the_completion_does_not_cancel_the_call(
+        self, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """The client hands over the completion only once the call has its status: stopping there
+        ends an OK call instead of cancelling one whose final status the server is sending."""
+        calls: list[grpc.aio.UnaryStreamCall] = []
+
+        class Recorder(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+            async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+                call = await continuation(details, request)
+                calls.append(call)
+                return call
+
+        channel = grpc.aio.insecure_channel(live_server.target, interceptors=[Recorder()])
+        async with RouterClient(live_server.target, channel=channel) as client:
+            for _ in range(5):
+                fake.enqueue(Script(chunks=("a", "b", "c")))
+                async for message in client.complete(user_chat("Say hello")):
+                    if message.WhichOneof("event") == "completion":
+                        assert calls[-1].done()
+                        break
+        assert [await call.code() for call in calls] == [grpc.StatusCode.OK] * 5
+
 class TestOpenAICompatible:
     async def test_a_compatible_server_is_called_through_the_openai_sdk(self, fake: FakeProvider) -> None:
         """kind openai_compatible with a base_url and no key (as for Ollama or vLLM) streams and costs."""

@@ -60,9 +60,22 @@ class RouterClient:
         Leaving the ``async for`` early (``break``, an exception, task cancellation) cancels the call.
         """
         call = self.stub.Complete(request, timeout=timeout, metadata=self.metadata(metadata))
+        # The completion, the last message, is handed over once the stream has ended (its status
+        # follows at once), so a caller that stops at the completion does not cancel a finished
+        # call: the server's final status would then fail, and grpcio leaks native memory for
+        # each such call (grpc/grpc#43360).
+        completion: pb.CompleteResponse | None = None
         try:
             async for message in call:
-                yield message
+                if completion is not None:
+                    yield completion
+                    completion = None
+                if message.WhichOneof("event") == "completion":
+                    completion = message
+                else:
+                    yield message
+            if completion is not None:
+                yield completion
         finally:
             call.cancel()
 
