@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 from bench import _load
 from bench._harness import percentile, summary_ms
 from routesvc.server import Server
 from routesvc.testing import FakeProvider
-from tests.conftest import default_config, live_environ, settings_from
+from tests.conftest import REPO, default_config, live_environ, settings_from
 
 
 class TestBenchHarness:
@@ -26,3 +30,16 @@ class TestBenchHarness:
         assert (route["errors"], route["requests"] > 0) == (0, True)
         for result in (streams, direct):
             assert (result["errors"], result["streams"] > 0, result["stalls"]) == (0, True, 0)
+
+    def test_a_short_soak_checks_every_chunk_and_samples_memory_over_time(self, tmp_path: Path) -> None:
+        """Six seconds of soak with faults and cancels: streams checked, none bad, memory sampled
+        repeatedly (the sampling loop once stopped after its first sample)."""
+        out = tmp_path / "soak.json"
+        command = [sys.executable, "-m", "bench.soak", "--minutes", "0.1", "--concurrency", "4"]
+        command += ["--fault-rate", "0.3", "--cancel-rate", "0.2", "--sample-seconds", "1", "--out", str(out)]
+        subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=180)
+        result = json.loads(out.read_text())
+        assert (result["requests"] > 0, result["chunks_checked"] > 0) == (True, True)
+        assert result["lost_duplicated_or_reordered_streams"] == 0, result["violations"]
+        assert len(result["samples"]) >= 4
+        assert all(sample["malloc_in_use_mib"] > 0 and sample["py_blocks"] > 0 for sample in result["samples"])
