@@ -286,7 +286,6 @@ class TestDeadlinesAndCancellation:
         messages = await _collect(live_client)
         assert messages[-1].WhichOneof("event") == "completion"
 
-
     async def test_a_caller_that_stops_at_the_completion_does_not_cancel_the_call(
         self, live_server: Server, fake: FakeProvider
     ) -> None:
@@ -309,6 +308,7 @@ class TestDeadlinesAndCancellation:
                         assert calls[-1].done()
                         break
         assert [await call.code() for call in calls] == [grpc.StatusCode.OK] * 5
+
 
 class TestOpenAICompatible:
     async def test_a_compatible_server_is_called_through_the_openai_sdk(self, fake: FakeProvider) -> None:
