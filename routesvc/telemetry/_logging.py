@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
+import orjson
 import structlog
 from opentelemetry import trace
 
 from routesvc.config import LoggingConfig
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# Tracebacks as JSON, without local variables: a frame's locals can hold a prompt or a key.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 
 
 def add_trace_context(
@@ -31,9 +36,16 @@ def configure_logging(config: LoggingConfig) -> None:
     logged inside an RPC carries its ``trace_id`` and ``span_id``.
     """
     console = config.format == "console" or (config.format == "auto" and sys.stdout.isatty())
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
-    )
+    renderer: structlog.typing.Processor
+    factory: Callable[..., Any]
+    binary = getattr(sys.stdout, "buffer", None)
+    if console:
+        renderer, factory = structlog.dev.ConsoleRenderer(), structlog.PrintLoggerFactory(sys.stdout)
+    elif binary is not None:
+        # One line per RPC: orjson straight to the byte stream is the cheapest JSON line.
+        renderer, factory = structlog.processors.JSONRenderer(orjson.dumps), structlog.BytesLoggerFactory(binary)
+    else:
+        renderer, factory = structlog.processors.JSONRenderer(), structlog.PrintLoggerFactory(sys.stdout)
     level = _LEVELS[config.level]
     structlog.configure(
         processors=[
@@ -41,11 +53,11 @@ def configure_logging(config: LoggingConfig) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             add_trace_context,
-            structlog.processors.dict_tracebacks if not console else structlog.dev.set_exc_info,
+            _TRACEBACKS if not console else structlog.dev.set_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     # Third-party libraries (grpc, httpx, the SDKs) log through the standard library; keep them
