@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
         "--policy", action="append", default=[], help="NAME:default|rules|embedding a routesvc with that policy"
     )
     parser.add_argument(
-        "--code-variant", action="append", default=[], help="NAME:DIR routesvc served from another source tree"
+        "--code-variant",
+        action="append",
+        default=[],
+        help="NAME:DIR[:POLICY] routesvc served from another source tree (POLICY as in --policy)",
     )
     parser.add_argument("--output", default="route_throughput")
     args = parser.parse_args(argv)
@@ -87,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             name, _, kind = spec.partition(":")
             targets[name] = stack.enter_context(routesvc_server(policy_config(kind, fitted)))
         for spec in args.code_variant:
-            name, _, folder = spec.partition(":")
-            targets[name] = stack.enter_context(routesvc_server(routesvc_config(), code=Path(folder)))
+            name, _, rest = spec.partition(":")
+            folder, _, kind = rest.partition(":")
+            config = policy_config(kind, fitted) if kind else routesvc_config()
+            targets[name] = stack.enter_context(routesvc_server(config, code=Path(folder)))
         for spec in args.bare_variant:
             name, _, flags = spec.partition(":")
             targets[name] = stack.enter_context(bare_server(*filter(None, flags.split(","))))

@@ -52,6 +52,11 @@ class Authenticator:
         """Whether calls need a key."""
         return self._enabled
 
+    @property
+    def uses_certificates(self) -> bool:
+        """Whether a client certificate can name the tenant (so the caller's should be read)."""
+        return self._enabled and bool(self._cert_tenants)
+
     def authenticate(self, metadata: Mapping[str, str], peer_common_names: Sequence[str] = ()) -> Principal:
         """The principal of a call: a verified client certificate whose common name maps to a
         tenant (mutual TLS), else its bearer key; raises ``Unauthenticated``."""

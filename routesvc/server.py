@@ -21,7 +21,7 @@ from routesvc.ledger import Ledger
 from routesvc.providers.base import Provider
 from routesvc.reload import ConfigWatcher
 from routesvc.router import Router
-from routesvc.rpc_tracing import TracingInterceptor
+from routesvc.rpc_tracing import traced_stream, traced_unary
 from routesvc.service import RouterService
 from routesvc.telemetry import Telemetry
 from routesvc.v1 import router_pb2
@@ -72,20 +72,28 @@ def _lenient_parser(message_type: type[Message]) -> Callable[[bytes], Message | 
     return parse
 
 
-def _lenient_handlers(service: RouterService) -> grpc.GenericRpcHandler:
-    """RouterService's handlers, built from the proto descriptor, with lenient request parsing."""
+def _service_handlers(service: RouterService, telemetry: Telemetry) -> dict[str, grpc.RpcMethodHandler]:
+    """RouterService's handlers, built from the proto descriptor: lenient request parsing, and
+    every call in its server span (``rpc_tracing``)."""
     descriptor = router_pb2.DESCRIPTOR.services_by_name["RouterService"]
     handlers = {}
     for method in descriptor.methods:
         request_type = getattr(router_pb2, method.input_type.name)
         response_type = getattr(router_pb2, method.output_type.name)
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(
-            getattr(service, method.name),
-            request_deserializer=_lenient_parser(request_type),
-            response_serializer=response_type.SerializeToString,
-        )
-    return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
+        behaviour = getattr(service, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                traced_stream(telemetry, SERVICE_NAME, method.name, behaviour),
+                request_deserializer=_lenient_parser(request_type),
+                response_serializer=response_type.SerializeToString,
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                traced_unary(telemetry, SERVICE_NAME, method.name, behaviour),
+                request_deserializer=_lenient_parser(request_type),
+                response_serializer=response_type.SerializeToString,
+            )
+    return handlers
 
 
 class Server:
@@ -115,8 +123,6 @@ class Server:
             batches=self.batches if settings.config.batch.enabled else None,
         )
         self._server = grpc.aio.server(
-            # Outermost, so that every RouterService RPC, also one rejected early, has its span.
-            interceptors=[TracingInterceptor(self.telemetry, SERVICE_NAME)],
             options=[
                 ("grpc.max_receive_message_length", settings.config.limits.max_request_bytes + 1024),
                 # Only a worker of ``server.workers`` shares its port; otherwise a second server
@@ -126,7 +132,7 @@ class Server:
         )
         self._health = health.aio.HealthServicer()
         self._service = RouterService(self._router, self.telemetry, batches=self.batches)
-        self._server.add_generic_rpc_handlers((_lenient_handlers(self._service),))
+        self._server.add_registered_method_handlers(SERVICE_NAME, _service_handlers(self._service, self.telemetry))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if settings.config.server.reflection:
             reflection.enable_server_reflection(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -122,14 +122,17 @@ def _rich_status(
     return status
 
 
-@dataclass
+_ANONYMOUS = Principal(None)
+
+
+@dataclass(slots=True)
 class _CallRecord:
     """What the one log line of an RPC says."""
 
     method: str
     request_id: str
-    principal: Principal = field(default_factory=lambda: Principal(None))
-    started: float = field(default_factory=time.monotonic)
+    started: float
+    principal: Principal = _ANONYMOUS
     fields: dict[str, object] = field(default_factory=dict)
 
 
@@ -209,21 +212,24 @@ class RouterService(pb_grpc.RouterServiceServicer):
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:
         """Run one RPC: echo the request id, bound it by the deadline, map errors, log once."""
+        started = time.monotonic()
         incoming = dict(context.invocation_metadata() or ())
-        request_id = str(incoming.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
+        request_id = str(incoming.get(REQUEST_ID_HEADER) or os.urandom(16).hex())
         await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
-        record = _CallRecord(method, request_id)
+        record = _CallRecord(method, request_id, started)
         code = grpc.StatusCode.OK
+        task = asyncio.current_task()
         admitted = False
         try:
             if self._in_flight >= self._max_in_flight:
                 raise Overloaded(f"the server is at its limit of {self._max_in_flight} concurrent calls")
             self._in_flight += 1
             admitted = True
-            task = asyncio.current_task()
             if task is not None:
                 self._tasks.add(task)
-            record.principal = self._authenticator.authenticate(incoming, _peer_common_names(context))
+            authenticator = self._authenticator
+            peers = _peer_common_names(context) if authenticator.uses_certificates else ()
+            record.principal = authenticator.authenticate(incoming, peers)
             if record.principal.tenant is not None:
                 record.fields["tenant"] = record.principal.tenant
             remaining = context.time_remaining()
@@ -236,7 +242,6 @@ class RouterService(pb_grpc.RouterServiceServicer):
             code = grpc.StatusCode.DEADLINE_EXCEEDED
             await self._abort(context, record, DeadlineExceeded("deadline exceeded"))
         except asyncio.CancelledError:
-            task = asyncio.current_task()
             if task is None or task not in self._interrupted:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -256,10 +261,10 @@ class RouterService(pb_grpc.RouterServiceServicer):
         finally:
             if admitted:
                 self._in_flight -= 1
-                current = asyncio.current_task()
-                self._tasks.discard(current)
-                self._interrupted.discard(current)
-            duration_ms = round((time.monotonic() - record.started) * 1000, 3)
+                if task is not None:
+                    self._tasks.discard(task)
+                    self._interrupted.discard(task)
+            duration_ms = round((time.monotonic() - started) * 1000, 3)
             log.info(
                 "rpc_finished",
                 method=method,

@@ -102,7 +102,7 @@ class TestRoutingStats:
     def test_record_feedback_inside_an_rpc_reaches_the_window(self) -> None:
         """telemetry.record_feedback, called by the RPC receiving feedback, is counted for its model."""
         instrumentation = Telemetry(settings_from(default_config()))
-        with instrumentation.server_rpc("routesvc.v1.RouterService", "Feedback", {}) as rpc:
+        with instrumentation.server_rpc("routesvc.v1.RouterService", "Feedback", ()) as rpc:
             telemetry.record_feedback("gpt-4o-mini", 0.75, decision_id="d1", tenant="acme")
             rpc.finish("OK", 0)
         (row,) = instrumentation.stats.summary(tenant="acme").models

@@ -255,7 +255,7 @@ class TestEvents:
         exporter = InMemorySpanExporter()
         instrumentation = telemetry.Telemetry(settings, span_exporter=exporter)
         request = RoutingRequest(ChatRequest((Message(Role.USER, "hi"),)), RoutingContext(tenant="acme"))
-        with instrumentation.server_rpc("routesvc.v1.RouterService", "Complete", {}) as rpc:
+        with instrumentation.server_rpc("routesvc.v1.RouterService", "Complete", ()) as rpc:
             telemetry.start_routing(request)
             telemetry.record_fallback("gpt-4o-mini", "gpt-4o", "PROVIDER_UNAVAILABLE")
             telemetry.record_escalation("gpt-4o-mini", "gpt-4o", "score below threshold", score=0.42)
@@ -351,7 +351,7 @@ class TestPurpose:
         mini = settings.catalog.get("gpt-4o-mini")
         call = ProviderCall(model=mini.id, provider_model=mini.provider_model, messages=(Message(Role.USER, "hi"),))
         fake.enqueue(Script(input_tokens=1000, output_tokens=100), Script(input_tokens=2000, output_tokens=10))
-        with instrumentation.server_rpc("routesvc.v1.RouterService", "Complete", {}) as rpc:
+        with instrumentation.server_rpc("routesvc.v1.RouterService", "Complete", ()) as rpc:
             async for _ in telemetry.observed_stream(provider, mini, call):
                 pass
             async for _ in telemetry.observed_stream(provider, mini, call, purpose="judge"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator
 
 import structlog
 from opentelemetry import trace
@@ -28,6 +28,7 @@ from routesvc.stats import RoutingStats
 from routesvc.telemetry._request import _CURRENT, _PROPAGATOR, RequestTelemetry
 
 _SCOPE = "routesvc"
+_TRACE_HEADERS = ("traceparent", "tracestate")
 _EXPORT_TIMEOUT_MS = 3_000
 # Bucket boundaries the GenAI conventions recommend.
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
@@ -217,29 +218,38 @@ class Telemetry:
             self.prometheus.close()
 
     @contextlib.contextmanager
-    def server_rpc(self, service: str, method: str, metadata: Mapping[str, str]) -> Iterator[RequestTelemetry]:
-        """The server span of one RPC, continuing the caller's ``traceparent``; current inside the block.
+    def server_rpc(
+        self, service: str, method: str, metadata: Iterable[tuple[str, str | bytes]]
+    ) -> Iterator[RequestTelemetry]:
+        """The server span of one RPC, continuing the caller's ``traceparent`` (from the call's
+        ``metadata``); current inside the block.
 
         The caller reports the status with ``RequestTelemetry.finish`` before leaving the block.
         """
-        carrier = {key: value for key, value in metadata.items() if key in ("traceparent", "tracestate")}
-        parent = _PROPAGATOR.extract(carrier)
+        carrier = {key: value for key, value in metadata if key in _TRACE_HEADERS and isinstance(value, str)}
+        if not carrier and self._tracer_provider is None:
+            # Nothing to record and no caller's context to pass on: no span to open.
+            yield from self._in_request(RequestTelemetry(self, trace.INVALID_SPAN, method))
+            return
         with self.tracer.start_as_current_span(
             f"{service}/{method}",
-            context=parent,
+            context=_PROPAGATOR.extract(carrier),
             kind=SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
             record_exception=False,
             set_status_on_exception=False,
             end_on_exit=True,
         ) as span:
-            request = RequestTelemetry(self, span, method)
-            token = _CURRENT.set(request)
-            try:
-                yield request
-            finally:
-                request.close()
-                _CURRENT.reset(token)
+            yield from self._in_request(RequestTelemetry(self, span, method))
+
+    @staticmethod
+    def _in_request(request: RequestTelemetry) -> Iterator[RequestTelemetry]:
+        token = _CURRENT.set(request)
+        try:
+            yield request
+        finally:
+            request.close()
+            _CURRENT.reset(token)
 
 
 def _version() -> str:
