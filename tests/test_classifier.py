@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 
 import pytest
 
 from routesvc.catalog import Catalog, ModelSpec
-from routesvc.encoders import WordLlamaEncoder
+from routesvc.encoders import Vectors, WordLlamaEncoder
 from routesvc.errors import ConfigError
 from routesvc.models import ChatRequest, Message, Mode, Role, RoutingContext, RoutingRequest
 from routesvc.providers.openai import OpenAIProvider
@@ -119,6 +119,34 @@ class TestLocalClassifierStage:
         verdict = await stage.decide(routing_input("Write a haiku about rain."), recorder)
         assert recorder.seen[0].task == ""
         assert "task left unknown" in verdict.reasons[0]
+
+    async def test_a_prompt_seen_before_is_labelled_from_memory(self) -> None:
+        """The same last message gets the same label without encoding it again; ``cache_size: 0``
+        encodes every time."""
+        encoder = CountingEncoder()
+        local = TaskClassifier(encoder, read_examples())
+        for size, encodings in ((10, 1), (0, 3)):
+            stage = LocalClassifierStage(local, cache_size=size)
+            before = encoder.texts
+            verdicts = [await stage.decide(routing_input("Write a haiku about rain."), Recorder()) for _ in range(3)]
+            assert {verdict.task for verdict in verdicts} == {"creative_writing"}
+            assert encoder.texts - before == encodings
+
+
+class CountingEncoder:
+    """WordLlama, counting the texts it is asked to encode."""
+
+    def __init__(self) -> None:
+        self._inner = WordLlamaEncoder()
+        self.texts = 0
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        self.texts += len(texts)
+        return self._inner.encode(texts)
 
 
 class TestParseAnswer:

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -36,6 +34,7 @@ from routesvc.cost import cost_of_usage, format_usd
 from routesvc.encoders import Encoder, WordLlamaEncoder
 from routesvc.errors import ConfigError, RouteSvcError
 from routesvc.features import lexical_matrix
+from routesvc.memo import Memo, text_key
 from routesvc.models import Message, ProviderFinish, Role, TextDelta, Usage
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.ridge import RidgeModel
@@ -69,7 +68,7 @@ class ClassifierStageConfig(BaseModel):
     override_hint: bool = Field(False, description="classify even when the request carries a task hint")
     model: str = Field("", description="catalog model id asked by the llm method")
     timeout_s: float = Field(2.0, gt=0, description="bound on the llm call; past it the stage falls back")
-    cache_size: int = Field(10_000, ge=0, description="llm answers kept, keyed by prompt hash")
+    cache_size: int = Field(10_000, ge=0, description="labels kept (local or llm), keyed by prompt hash")
     fallback_local: bool = Field(True, description="llm method: use the local classifier on failure")
 
 
@@ -141,10 +140,18 @@ def _with_reason(verdict: Verdict, reason: str, task: str) -> Verdict:
 class LocalClassifierStage:
     """Labels the request's task offline and passes it on."""
 
-    def __init__(self, classifier: TaskClassifier, *, min_confidence: float = 0.0, override_hint: bool = False) -> None:
+    def __init__(
+        self,
+        classifier: TaskClassifier,
+        *,
+        min_confidence: float = 0.0,
+        override_hint: bool = False,
+        cache_size: int = 10_000,
+    ) -> None:
         self._classifier = classifier
         self._min_confidence = min_confidence
         self._override_hint = override_hint
+        self._predictions: Memo[TaskPrediction] = Memo(cache_size)
 
     @property
     def name(self) -> str:
@@ -158,7 +165,7 @@ class LocalClassifierStage:
             return _with_reason(
                 verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", ""
             )
-        prediction = self._classifier.predict(routing_input.request.chat.last_user_message)
+        prediction = self._predictions.compute(routing_input.request.chat.last_user_message, self._classifier.predict)
         if prediction.confidence < self._min_confidence:
             verdict = await next_stage(routing_input)
             reason = (
@@ -223,8 +230,7 @@ class LLMClassifierStage:
         self._provider = provider
         self._model = model
         self._timeout_s = timeout_s
-        self._cache: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache: Memo[tuple[str, str]] = Memo(cache_size)
         self._fallback = fallback
         self._override_hint = override_hint
 
@@ -255,10 +261,9 @@ class LLMClassifierStage:
 
     async def classify(self, prompt: str) -> tuple[str, str, str]:
         """(task, complexity, explanation); task is "" when the model failed and no fallback exists."""
-        key = hashlib.sha256(prompt.encode()).hexdigest()
+        key = text_key(prompt)
         cached = self._cache.get(key)
         if cached is not None:
-            self._cache.move_to_end(key)
             return cached[0], cached[1], f"classifier: {self._model.id} labelled the task {cached[0]!r} (cached)"
         started = time.perf_counter()
         try:
@@ -277,10 +282,7 @@ class LLMClassifierStage:
             )
         elapsed = (time.perf_counter() - started) * 1000
         cost: Decimal = cost_of_usage(self._model, usage)
-        if self._cache_size:
-            self._cache[key] = (task, complexity)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        self._cache.put(key, (task, complexity))
         return (
             task,
             complexity,
@@ -318,7 +320,12 @@ def build(
         local = TaskClassifier(encoder or WordLlamaEncoder(), read_examples(config.examples))
     if config.method == "local":
         assert local is not None
-        return LocalClassifierStage(local, min_confidence=config.min_confidence, override_hint=config.override_hint)
+        return LocalClassifierStage(
+            local,
+            min_confidence=config.min_confidence,
+            override_hint=config.override_hint,
+            cache_size=config.cache_size,
+        )
     if catalog is None or provider_for is None:
         raise ConfigError("classifier: the llm method needs the catalog and providers")
     if not config.model:

@@ -14,8 +14,6 @@ good ones push away; strong-model outcomes are kept but do not move the score.
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +24,7 @@ from routesvc.catalog import Catalog
 from routesvc.errors import ConfigError
 from routesvc.feedback import FeedbackStore
 from routesvc.fitting import FitError, FittedRouter
+from routesvc.memo import Memo
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
 
 
@@ -65,7 +64,7 @@ class EmbeddingStage:
         self._feedback = feedback
         self._similarity = feedback_similarity
         self._weight = feedback_weight
-        self._embeddings: OrderedDict[str, np.ndarray[tuple[int], np.dtype[np.float32]]] = OrderedDict()
+        self._embeddings: Memo[np.ndarray[tuple[int], np.dtype[np.float32]]] = Memo(4096)
         self._library = np.zeros((0, 0), dtype=np.float32)
         self._library_push = np.zeros(0)
         self.rebuild_library()
@@ -94,14 +93,7 @@ class EmbeddingStage:
         return len(examples)
 
     def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
-        key = hashlib.sha256(text.encode()).hexdigest()
-        cached = self._embeddings.get(key)
-        if cached is None:
-            cached = self._router.encoder.encode([text])[0]
-            self._embeddings[key] = cached
-            while len(self._embeddings) > 4096:
-                self._embeddings.popitem(last=False)
-        return cached
+        return self._embeddings.compute(text, lambda new: self._router.encoder.encode([new])[0])
 
     def score(self, text: str) -> tuple[float, int]:
         """The calibrated strong-model preference of ``text`` and how many feedback examples moved it."""
