@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from typing import Any
 
@@ -26,9 +27,11 @@ def _route_requests(with_hints: bool) -> list[Any]:
 
 
 def _picker(requests: list[Any], unique: bool) -> Any:
-    """``pick(index)``: the mix in turn, or with ``unique`` a copy whose user message ends in a serial
-    number, so that no server-side cache (token counts, embeddings) ever sees a text twice."""
+    """``pick(index)``: the mix in turn, or with ``unique`` a copy whose user message ends in this
+    load process's own tag and a serial number, so that no server-side cache (token counts,
+    embeddings, labels) ever sees a text twice, also across rounds."""
     serial = itertools.count()
+    tag = os.urandom(4).hex()
 
     def pick(index: int) -> Any:
         request = requests[index % len(requests)]
@@ -36,7 +39,7 @@ def _picker(requests: list[Any], unique: bool) -> Any:
             return request
         fresh = type(request)()
         fresh.CopyFrom(request)
-        fresh.chat.messages[-1].content += f" (request {next(serial)})"
+        fresh.chat.messages[-1].content += f" (request {tag}-{next(serial)})"
         return fresh
 
     return pick

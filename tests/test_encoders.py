@@ -19,6 +19,9 @@ from routesvc.encoders import (
     WordLlamaEncoder,
     load_encoder,
 )
+from routesvc.outcomes import read_outcomes
+from routesvc.strategies.classifier import read_examples
+from tests.conftest import SHARED_DATA
 
 
 class TestWordLlamaEncoder:
@@ -47,6 +50,21 @@ class TestWordLlamaEncoder:
     def test_loaded_by_name(self) -> None:
         """``load_encoder`` rebuilds the encoder an artifact names."""
         assert load_encoder("wordllama-l2-256").name == "wordllama-l2-256"
+
+    def test_the_same_vectors_as_wordllamas_own_tokenizing(self) -> None:
+        """Tokenizing without offsets changes nothing: the shared prompts (and padded batches of
+        them) give exactly the vectors WordLlama's own ``tokenize`` gives."""
+        from wordllama.inference import WordLlamaInference  # type: ignore[import-untyped]
+
+        encoder = WordLlamaEncoder()
+        texts = [prompt for _, prompt in read_examples()]
+        if SHARED_DATA.exists():
+            texts += [record.prompt for record in read_outcomes(SHARED_DATA / "routerbench_train.jsonl")][:2000]
+        fast = encoder.encode(texts)
+        model = encoder._model
+        del model.tokenize  # back to the class's method
+        assert model.tokenize.__func__ is WordLlamaInference.tokenize
+        np.testing.assert_array_equal(fast, encoder.encode(texts))
 
 
 class TestHashingEncoder:
