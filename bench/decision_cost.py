@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import Awaitable, Callable
@@ -129,7 +130,7 @@ def _items() -> tuple[list[tuple[str, str, Callable[[], float]]], list[str]]:
             lambda: _measure(lambda i: wire.routing_request(messages[i % n], limits), reps, secs),
         )
     )
-    from routesvc.models import ChatRequest, Message, Role
+    from routesvc.models import ChatRequest, Message, Role, RoutingContext, RoutingRequest
     from routesvc.tokens import _encoding
 
     encoding = _encoding()
@@ -178,16 +179,25 @@ def _items() -> tuple[list[tuple[str, str, Callable[[], float]]], list[str]]:
     )
     items.append(
         (
-            "shipped policy",
+            "shipped policy, seen texts",
             f"Policy.decide of the embedded default: {shipped_stages}",
             lambda: _measure_async(lambda i: shipped_policy.decide(inputs[i % n]), reps, secs),
         )
     )
     items.append(
         (
-            "router.route (shipped policy)",
+            "router.route (shipped policy), seen texts",
             "as router.route, with the embedded default policy",
             lambda: _measure_async(lambda i: shipped_router.route(requests[i % n]), reps, secs),
+        )
+    )
+    items.append(
+        (
+            "router.route (shipped policy), new texts",
+            "as above, every prompt new to the classifier, no hint",
+            lambda: _measure_async(
+                lambda i: shipped_router.route(RoutingRequest(new_chat(i), RoutingContext())), reps, secs
+            ),
         )
     )
     items.append(
@@ -221,11 +231,25 @@ def _items() -> tuple[list[tuple[str, str, Callable[[], float]]], list[str]]:
         from routesvc.strategies.classifier import LocalClassifierStage, TaskClassifier, read_examples
 
         stage = LocalClassifierStage(TaskClassifier(WordLlamaEncoder(), read_examples()))
+
+        def new_input(i: int) -> RoutingInput:
+            """A prompt of the mix the classifier has not seen, without a task hint."""
+            return dataclasses.replace(
+                inputs[i % n], request=RoutingRequest(new_chat(i), RoutingContext()), task="", task_source=""
+            )
+
         items.append(
             (
-                "classifier (local, wordllama)",
-                "task label, then default",
+                "classifier (local, wordllama), seen texts",
+                "task label (remembered), then default",
                 lambda: _measure_async(lambda i: stage.decide(inputs[i % n], terminal), reps, secs),
+            )
+        )
+        items.append(
+            (
+                "classifier (local, wordllama), new texts",
+                "encode, lexical features, ridge, then default; no hint",
+                lambda: _measure_async(lambda i: stage.decide(new_input(i), terminal), reps, secs),
             )
         )
     except Exception as exc:
