@@ -2,7 +2,7 @@
 
 ``Telemetry`` (one per server) owns the tracer and meter providers, their exporters, the
 instruments and the ``RoutingStats`` window behind ``GetStats``. ``RequestTelemetry`` (one per
-RPC, opened by the server interceptor and kept in a context variable) owns the RPC's server
+RPC, opened by the handler wrapper in ``rpc_tracing`` and kept in a context variable) owns the RPC's server
 span, its routing span and the request's totals. The module-level functions act on the RPC in
 progress and do nothing outside one, so the router, strategies and ``routesvc simulate`` call
 them unconditionally::
