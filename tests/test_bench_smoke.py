@@ -13,6 +13,7 @@ from bench._harness import percentile, summary_ms
 from routesvc.server import Server
 from routesvc.testing import FakeProvider
 from tests.conftest import REPO, default_config, live_environ, settings_from
+from tests.routing_data import STRONG, WEAK, records, write_jsonl
 
 
 class TestBenchHarness:
@@ -43,3 +44,17 @@ class TestBenchHarness:
         assert result["lost_duplicated_or_reordered_streams"] == 0, result["violations"]
         assert len(result["samples"]) >= 4
         assert all(sample["malloc_in_use_mib"] > 0 and sample["py_blocks"] > 0 for sample in result["samples"])
+
+    def test_rowfold_scores_every_held_out_row_once_and_beats_random(self, tmp_path: Path) -> None:
+        """Held-out rows of seen tasks: the synthetic hard prompts (numbers) are found in every fold."""
+        data = tmp_path / "data"
+        data.mkdir()
+        write_jsonl(data / "synthetic.jsonl", records("synthetic"))
+        write_jsonl(data / "other.jsonl", records("other", task="other"))
+        out = tmp_path / "rowfold.json"
+        command = [sys.executable, "-m", "bench.rowfold", "--data", str(data), "--file", "synthetic"]
+        command += ["--strong", STRONG, "--weak", WEAK, "--folds", "2", "--encoder", "hashing-256", "--json", str(out)]
+        subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=180)
+        pooled = json.loads(out.read_text())["pooled"]
+        assert pooled["rows"] == len(records("synthetic"))
+        assert pooled["apgr"] > pooled["random"] + 0.2
