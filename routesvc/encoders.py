@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from routesvc.errors import RouteSvcError
+from routesvc.memo import Memo
 
 Vectors = npt.NDArray[np.float32]
 
@@ -53,24 +54,15 @@ def _normalise(vectors: npt.NDArray[np.floating[npt.NBitBase]] | Vectors) -> Vec
 
 
 class WordLlamaEncoder:
-    """WordLlama's ``l2_supercat`` static embeddings, loaded from the installed package only."""
+    """WordLlama's ``l2_supercat`` static embeddings, loaded from the installed package only.
+
+    Encoders of one dimension share one loaded model (~46 MiB of weights) in a process, and the
+    vectors of the last prompts encoded one at a time: the classifier and an embedding stage that
+    both encode a request's last message compute its vector once.
+    """
 
     def __init__(self, dim: int = 256) -> None:
-        try:
-            import wordllama  # type: ignore[import-untyped]  # ships no py.typed
-            from wordllama import WordLlama
-        except ImportError as exc:
-            raise EncoderError("the wordllama encoder needs the wordllama package") from exc
-        package_dir = Path(wordllama.__file__).parent
-        try:
-            self._model = WordLlama.load(cache_dir=package_dir, dim=dim, disable_download=True)
-        except Exception as exc:  # wordllama raises bare errors when weights are missing
-            raise EncoderError(f"wordllama weights for dim {dim} are not in {package_dir}") from exc
-        tokenizer = self._model.tokenizer
-        if hasattr(tokenizer, "encode_batch_fast"):  # tokenizers >= 0.20
-            # The same ids and masks as WordLlama's own tokenize (``encode_batch``), without the
-            # character offsets nothing here reads: a third less time on long prompts.
-            self._model.tokenize = functools.partial(_tokenize_without_offsets, tokenizer)
+        self._model, self._recent = _shared_wordllama(dim)
         self._dim = dim
 
     @property
@@ -82,7 +74,35 @@ class WordLlamaEncoder:
         """Mean-pooled static embeddings, L2-normalised."""
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
-        return _normalise(self._model.embed(list(texts), norm=True, batch_size=64))
+        if len(texts) == 1:
+            return self._recent.compute(texts[0], lambda text: self._embed([text]))
+        return self._embed(list(texts))
+
+    def _embed(self, texts: list[str]) -> Vectors:
+        vectors = _normalise(self._model.embed(texts, norm=True, batch_size=64))
+        vectors.flags.writeable = False  # shared by every caller that asks for the same text
+        return vectors
+
+
+@functools.cache
+def _shared_wordllama(dim: int) -> tuple[Any, Memo[Vectors]]:
+    """The process's WordLlama model of dimension ``dim``, and its memo of recent single prompts."""
+    try:
+        import wordllama  # type: ignore[import-untyped]  # ships no py.typed
+        from wordllama import WordLlama
+    except ImportError as exc:
+        raise EncoderError("the wordllama encoder needs the wordllama package") from exc
+    package_dir = Path(wordllama.__file__).parent
+    try:
+        model = WordLlama.load(cache_dir=package_dir, dim=dim, disable_download=True)
+    except Exception as exc:  # wordllama raises bare errors when weights are missing
+        raise EncoderError(f"wordllama weights for dim {dim} are not in {package_dir}") from exc
+    tokenizer = model.tokenizer
+    if hasattr(tokenizer, "encode_batch_fast"):  # tokenizers >= 0.20
+        # The same ids and masks as WordLlama's own tokenize (``encode_batch``), without the
+        # character offsets nothing here reads: a third less time on long prompts.
+        model.tokenize = functools.partial(_tokenize_without_offsets, tokenizer)
+    return model, Memo(4096)
 
 
 def _tokenize_without_offsets(tokenizer: Any, texts: str | list[str]) -> list[Any]:

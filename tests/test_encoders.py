@@ -62,9 +62,24 @@ class TestWordLlamaEncoder:
             texts += [record.prompt for record in read_outcomes(SHARED_DATA / "routerbench_train.jsonl")][:2000]
         fast = encoder.encode(texts)
         model = encoder._model
-        del model.tokenize  # back to the class's method
-        assert model.tokenize.__func__ is WordLlamaInference.tokenize
-        np.testing.assert_array_equal(fast, encoder.encode(texts))
+        without_offsets = model.tokenize
+        del model.tokenize  # back to the class's method (the model is shared: restored below)
+        try:
+            assert model.tokenize.__func__ is WordLlamaInference.tokenize
+            np.testing.assert_array_equal(fast, encoder.encode(texts))
+        finally:
+            model.tokenize = without_offsets
+
+    def test_encoders_of_one_dimension_share_the_model_and_recent_vectors(self) -> None:
+        """A second encoder loads no second copy of the weights, and a prompt one encoder has just
+        encoded alone comes back to the other as the same (read-only) vector."""
+        prompt = "Summarise this meeting transcript for me, please."
+        first, second = WordLlamaEncoder(), WordLlamaEncoder()
+        assert first._model is second._model
+        vector = first.encode([prompt])
+        assert second.encode([prompt]) is vector
+        assert not vector.flags.writeable
+        np.testing.assert_array_equal(vector, first.encode([prompt, "x"])[:1])
 
 
 class TestHashingEncoder:
