@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+from pathlib import Path
 from typing import Any
 
 from bench import _load
@@ -56,6 +57,9 @@ def run(argv: list[str] | None = None, *, litellm_default: bool = False, output:
     parser.add_argument("--max-streams", type=int, default=20_000, help="per run")
     parser.add_argument("--litellm", action="store_true", default=litellm_default, help="add LiteLLM's proxy")
     parser.add_argument("--variant", action="append", default=[], help="NAME:server_field=value,...")
+    parser.add_argument(
+        "--code-variant", action="append", default=[], help="NAME:DIR routesvc served from another source tree"
+    )
     parser.add_argument("--output", default=output)
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -68,6 +72,10 @@ def run(argv: list[str] | None = None, *, litellm_default: bool = False, output:
         targets["routesvc"] = ("grpc", *stack.enter_context(routesvc_server(routesvc_config(), fake)))
         for name, fields in (parse_variant(v) for v in args.variant):
             targets[name] = ("grpc", *stack.enter_context(routesvc_server(routesvc_config(**fields), fake)))
+        for spec in args.code_variant:
+            name, _, folder = spec.partition(":")
+            served = routesvc_server(routesvc_config(), fake, code=Path(folder))
+            targets[name] = ("grpc", *stack.enter_context(served))
         if args.litellm:
             problem = litellm_available()
             if problem:
