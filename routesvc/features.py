@@ -66,6 +66,21 @@ _ON_ASCII = {
     for cue in (_CODE, _MATH, _CREATIVE, _SUMMARY, _EXTRACT, _REASONING_WORDS)
 }
 
+# The learned stages read at most this much of a prompt: its start (where instructions usually
+# are) and its end (where "summarise the above" goes). Every prompt of the shared data is shorter,
+# so fitted routers and measured accuracies are unchanged; a megabyte-long prompt costs ~5 ms to
+# classify instead of 1.7 s of the event loop.
+READ_CHARS = 8_000
+_HEAD_CHARS = 5_000
+
+
+def bounded(text: str) -> str:
+    """The part of ``text`` the classifier and the fitted router read (``READ_CHARS`` at most)."""
+    if len(text) <= READ_CHARS:
+        return text
+    return text[:_HEAD_CHARS] + "\n" + text[len(text) - (READ_CHARS - _HEAD_CHARS - 1) :]
+
+
 FEATURE_NAMES: tuple[str, ...] = (
     "log_chars",
     "log_words",

@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from routesvc.encoders import Encoder, Vectors, load_encoder
 from routesvc.errors import RouteSvcError
-from routesvc.features import FEATURE_NAMES, lexical_matrix
+from routesvc.features import FEATURE_NAMES, bounded, lexical_matrix
 from routesvc.outcomes import OutcomeRecord
 from routesvc.ridge import RidgeModel
 
@@ -220,7 +220,7 @@ class FittedRouter:
         """Uncalibrated scores (within-task prediction plus weighted neighbour prior)."""
         out = np.zeros(len(texts))
         for start in progress(range(0, len(texts), chunk), (len(texts) + chunk - 1) // chunk, "scoring"):
-            batch = list(texts[start : start + chunk])
+            batch = [bounded(text) for text in texts[start : start + chunk]]
             embeddings = self.encoder.encode(batch)
             within = self.within.predict(self.features(batch, embeddings))[:, 0]
             out[start : start + len(batch)] = within + self.settings.prior_weight * self.prior(embeddings)
@@ -311,7 +311,7 @@ def fit_router(
     keep = np.flatnonzero(labels.weight > 0)
     if len(keep) == 0:
         raise FitError("no record has outcomes for two or more models")
-    texts = [records[int(i)].prompt for i in keep]
+    texts = [bounded(records[int(i)].prompt) for i in keep]
     if embeddings is None:
         chunk = 512
         steps = progress(range(0, len(texts), chunk), -(-len(texts) // chunk), "embedding")

@@ -11,6 +11,7 @@ import pytest
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.encoders import Vectors, WordLlamaEncoder
 from routesvc.errors import ConfigError
+from routesvc.features import READ_CHARS
 from routesvc.models import ChatRequest, Message, Mode, Role, RoutingContext, RoutingRequest
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.strategies.base import RoutingInput, Verdict
@@ -132,6 +133,15 @@ class TestLocalClassifierStage:
             assert {verdict.task for verdict in verdicts} == {"creative_writing"}
             assert encoder.texts - before == encodings
 
+    async def test_a_megabyte_prompt_is_read_only_up_to_the_limit(self) -> None:
+        """The encoder (and the lexical pass) see at most ``READ_CHARS`` characters of a prompt, so a
+        huge prompt cannot hold the event loop for seconds."""
+        encoder = CountingEncoder()
+        local = TaskClassifier(encoder, read_examples())
+        huge = "Write a haiku about rain.\n" + "Drops on the roof. " * 60_000
+        await LocalClassifierStage(local).decide(routing_input(huge), Recorder())
+        assert encoder.longest == READ_CHARS
+
 
 class CountingEncoder:
     """WordLlama, counting the texts it is asked to encode."""
@@ -139,6 +149,7 @@ class CountingEncoder:
     def __init__(self) -> None:
         self._inner = WordLlamaEncoder()
         self.texts = 0
+        self.longest = 0
 
     @property
     def name(self) -> str:
@@ -146,6 +157,7 @@ class CountingEncoder:
 
     def encode(self, texts: Sequence[str]) -> Vectors:
         self.texts += len(texts)
+        self.longest = max(self.longest, *(len(text) for text in texts))
         return self._inner.encode(texts)
 
 

@@ -11,6 +11,7 @@ import pytest
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.encoders import HashingEncoder, WordLlamaEncoder
 from routesvc.errors import ConfigError
+from routesvc.features import bounded
 from routesvc.feedback import FeedbackStore
 from routesvc.fitting import FitSettings, FittedRouter, fit_router
 from routesvc.models import ChatRequest, Message, Role, RoutingRequest
@@ -76,6 +77,16 @@ class TestEmbeddingStage:
         """A request like the easy examples scores low and is sent to the weak model."""
         verdict = await stage(threshold=0.5).decide(routing_input(EASY), default_stage)
         assert verdict.model == WEAK
+
+    async def test_a_huge_request_is_scored_on_its_start_and_end_as_offline(self) -> None:
+        """Online and offline (``routesvc score``) read the same ``READ_CHARS`` of a huge prompt: the
+        hard request at its start still goes to the strong model, with the score ``scores`` gives."""
+        huge = HARD + " " + "plain words without numbers " * 40_000
+        verdict = await stage(threshold=0.5).decide(routing_input(huge), default_stage)
+        assert verdict.model == STRONG
+        offline = float(router().scores([huge])[0])
+        assert f"embedding: score {offline:.2f}" in verdict.reasons[0]
+        assert offline == float(router().scores([bounded(huge)])[0])
 
     async def test_threshold_is_the_cost_quality_knob(self) -> None:
         """Threshold 0 sends everything to the strong model; above 1 nothing."""

@@ -191,3 +191,17 @@ class TestLexicalFeatures:
     )
     def test_equal_to_the_plain_patterns_on_generated_text(self, text: str) -> None:
         assert features.lexical_features(text) == _reference_features(text)
+
+
+class TestBounded:
+    def test_a_prompt_up_to_the_limit_is_read_whole(self) -> None:
+        text = "x" * features.READ_CHARS
+        assert features.bounded(text) is text
+
+    def test_a_longer_prompt_is_read_at_its_start_and_end(self) -> None:
+        text = "START " + "middle " * 200_000 + " END"
+        window = features.bounded(text)
+        assert len(window) == features.READ_CHARS
+        assert window.startswith("START middle")
+        assert window.endswith("middle  END")
+        assert features.bounded(window) == window

@@ -33,7 +33,7 @@ from routesvc.catalog import Catalog, ModelSpec
 from routesvc.cost import cost_of_usage, format_usd
 from routesvc.encoders import Encoder, WordLlamaEncoder
 from routesvc.errors import ConfigError, RouteSvcError
-from routesvc.features import lexical_matrix
+from routesvc.features import bounded, lexical_matrix
 from routesvc.memo import Memo, text_key
 from routesvc.models import Message, ProviderFinish, Role, TextDelta, Usage
 from routesvc.providers.base import Provider, ProviderCall
@@ -114,7 +114,8 @@ class TaskClassifier:
         self._model = RidgeModel.fit(self.features([prompt for _, prompt in examples]), targets, alpha=alpha)
 
     def features(self, texts: Sequence[str]) -> np.ndarray[tuple[int, int], np.dtype[np.float64]]:
-        """The classifier's input rows for ``texts``."""
+        """The classifier's input rows for ``texts`` (each read up to ``features.READ_CHARS``)."""
+        texts = [bounded(text) for text in texts]
         lexical = np.tile(lexical_matrix(texts), _CUE_REPEAT)
         return np.hstack([self._encoder.encode(texts), lexical]).astype(np.float64)
 

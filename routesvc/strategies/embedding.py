@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from routesvc.catalog import Catalog
 from routesvc.errors import ConfigError
+from routesvc.features import bounded
 from routesvc.feedback import FeedbackStore
 from routesvc.fitting import FitError, FittedRouter
 from routesvc.memo import Memo
@@ -93,10 +94,11 @@ class EmbeddingStage:
         return len(examples)
 
     def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
-        return self._embeddings.compute(text, lambda new: self._router.encoder.encode([new])[0])
+        return self._embeddings.compute(bounded(text), lambda new: self._router.encoder.encode([new])[0])
 
     def score(self, text: str) -> tuple[float, int]:
         """The calibrated strong-model preference of ``text`` and how many feedback examples moved it."""
+        text = bounded(text)
         embedding = self._embed(text)
         batch = embedding[None, :]
         raw = self._router.within.predict(self._router.features([text], batch))[:, 0]
