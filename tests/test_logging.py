@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from decimal import Decimal
 
 import pytest
 import structlog
@@ -55,3 +56,11 @@ class TestJsonLines:
         assert any(frame["name"] == "handler" for frame in frames)
         assert all("locals" not in frame for frame in frames)
         assert SECRET not in json.dumps(lines)
+
+    def test_values_orjson_refuses_still_make_a_line(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Non-string keys, integers past 64 bits and unknown types never make a log call raise."""
+        lines = _logged_lines(
+            monkeypatch,
+            lambda: structlog.get_logger("t").info("odd", counts={1: 2}, big=2**70, cost=Decimal("0.5")),
+        )
+        assert (lines[0]["counts"], lines[0]["big"], lines[0]["cost"]) == ({"1": 2}, 2**70, "Decimal('0.5')")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -29,6 +30,15 @@ def add_trace_context(
     return event
 
 
+def _json_line(event: Any, default: Callable[[Any], Any] | None = None) -> bytes:
+    """orjson, or the standard library for what orjson refuses (non-string keys, integers past 64
+    bits): a log call must never fail the request that makes it."""
+    try:
+        return orjson.dumps(event, default=default)
+    except TypeError:
+        return json.dumps(event, default=default).encode("utf-8")
+
+
 def configure_logging(config: LoggingConfig) -> None:
     """Route structlog and stdlib logging through one renderer at ``config.level``.
 
@@ -43,7 +53,7 @@ def configure_logging(config: LoggingConfig) -> None:
         renderer, factory = structlog.dev.ConsoleRenderer(), structlog.PrintLoggerFactory(sys.stdout)
     elif binary is not None:
         # One line per RPC: orjson straight to the byte stream is the cheapest JSON line.
-        renderer, factory = structlog.processors.JSONRenderer(orjson.dumps), structlog.BytesLoggerFactory(binary)
+        renderer, factory = structlog.processors.JSONRenderer(_json_line), structlog.BytesLoggerFactory(binary)
     else:
         renderer, factory = structlog.processors.JSONRenderer(), structlog.PrintLoggerFactory(sys.stdout)
     level = _LEVELS[config.level]
