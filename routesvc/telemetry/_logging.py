@@ -50,7 +50,9 @@ def configure_logging(config: LoggingConfig) -> None:
     factory: Callable[..., Any]
     binary = getattr(sys.stdout, "buffer", None)
     if console:
-        renderer, factory = structlog.dev.ConsoleRenderer(), structlog.PrintLoggerFactory(sys.stdout)
+        # Plain tracebacks even where rich is installed: rich's show local variables.
+        console_renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        renderer, factory = console_renderer, structlog.PrintLoggerFactory(sys.stdout)
     elif binary is not None:
         # One line per RPC: orjson straight to the byte stream is the cheapest JSON line.
         renderer, factory = structlog.processors.JSONRenderer(_json_line), structlog.BytesLoggerFactory(binary)
