@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 import grpc
 
@@ -12,6 +13,40 @@ from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
 _ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+
+
+class CompleteCall(Protocol):
+    """A started Complete call, as ``grpc.aio`` returns it."""
+
+    def __aiter__(self) -> AsyncIterator[pb.CompleteResponse]: ...
+
+    def cancel(self) -> bool: ...
+
+
+async def complete_stream(start: Callable[[], CompleteCall]) -> AsyncIterator[pb.CompleteResponse]:
+    """The messages of the Complete call ``start`` opens when the stream is first read.
+
+    Leaving the ``async for`` early (``break``, an exception, task cancellation) cancels the call.
+    The completion is the last message and the status follows at once: it is handed over only when
+    the stream has ended, so a caller that stops at the completion does not cancel a finished call.
+    (A cancel there makes the server's final status fail, and grpcio leaks native memory for every
+    such call: grpc/grpc#43360.) Shared by this client and ``routesvc_client``.
+    """
+    call = start()
+    completion: pb.CompleteResponse | None = None
+    try:
+        async for message in call:
+            if completion is not None:
+                yield completion
+                completion = None
+            if message.WhichOneof("event") == "completion":
+                completion = message
+            else:
+                yield message
+        if completion is not None:
+            yield completion
+    finally:
+        call.cancel()
 
 
 def build_chat(
@@ -69,7 +104,7 @@ class RouterClient:
         )
         return response.decision
 
-    async def complete(
+    def complete(
         self,
         chat: pb.ChatRequest,
         context: pb.RoutingContext | None = None,
@@ -79,25 +114,9 @@ class RouterClient:
     ) -> AsyncIterator[pb.CompleteResponse]:
         """The Complete stream: the decision, text deltas, then the completion."""
         request = pb.CompleteRequest(chat=chat, context=context or pb.RoutingContext())
-        call = self._stub.Complete(request, timeout=timeout, metadata=self._call_metadata(metadata))
-        # The completion is the last message and the status follows at once: it is handed over
-        # only when the stream has ended, so a caller that stops at the completion does not cancel
-        # a finished call. (A cancel there makes the server's final status fail, and grpcio leaks
-        # native memory for every such call: grpc/grpc#43360.)
-        completion: pb.CompleteResponse | None = None
-        try:
-            async for message in call:
-                if completion is not None:
-                    yield completion
-                    completion = None
-                if message.WhichOneof("event") == "completion":
-                    completion = message
-                else:
-                    yield message
-            if completion is not None:
-                yield completion
-        finally:
-            call.cancel()
+        return complete_stream(
+            lambda: self._stub.Complete(request, timeout=timeout, metadata=self._call_metadata(metadata))
+        )
 
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         """The model catalog."""

@@ -9,6 +9,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from routesvc.client import complete_stream
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -52,32 +53,15 @@ class RouterClient:
         response: pb.RouteResponse = await self.stub.Route(request, timeout=timeout, metadata=self.metadata(metadata))
         return response.decision
 
-    async def complete(
+    def complete(
         self, request: pb.CompleteRequest, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> AsyncIterator[pb.CompleteResponse]:
         """The Complete stream: the decision, text deltas, then the completion.
 
-        Leaving the ``async for`` early (``break``, an exception, task cancellation) cancels the call.
+        Leaving the ``async for`` early (``break``, an exception, task cancellation) cancels the call;
+        the completion is handed over once the stream has ended (``routesvc.client.complete_stream``).
         """
-        call = self.stub.Complete(request, timeout=timeout, metadata=self.metadata(metadata))
-        # The completion, the last message, is handed over once the stream has ended (its status
-        # follows at once), so a caller that stops at the completion does not cancel a finished
-        # call: the server's final status would then fail, and grpcio leaks native memory for
-        # each such call (grpc/grpc#43360).
-        completion: pb.CompleteResponse | None = None
-        try:
-            async for message in call:
-                if completion is not None:
-                    yield completion
-                    completion = None
-                if message.WhichOneof("event") == "completion":
-                    completion = message
-                else:
-                    yield message
-            if completion is not None:
-                yield completion
-        finally:
-            call.cancel()
+        return complete_stream(lambda: self.stub.Complete(request, timeout=timeout, metadata=self.metadata(metadata)))
 
     async def list_models(
         self, *, timeout: float | None = None, metadata: Metadata | None = None
