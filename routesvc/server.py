@@ -80,19 +80,14 @@ def _service_handlers(service: RouterService, telemetry: Telemetry) -> dict[str,
     for method in descriptor.methods:
         request_type = getattr(router_pb2, method.input_type.name)
         response_type = getattr(router_pb2, method.output_type.name)
-        behaviour = getattr(service, method.name)
-        if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                traced_stream(telemetry, SERVICE_NAME, method.name, behaviour),
-                request_deserializer=_lenient_parser(request_type),
-                response_serializer=response_type.SerializeToString,
-            )
-        else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                traced_unary(telemetry, SERVICE_NAME, method.name, behaviour),
-                request_deserializer=_lenient_parser(request_type),
-                response_serializer=response_type.SerializeToString,
-            )
+        streaming = method.server_streaming
+        make = grpc.unary_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
+        traced = traced_stream if streaming else traced_unary
+        handlers[method.name] = make(
+            traced(telemetry, SERVICE_NAME, method.name, getattr(service, method.name)),
+            request_deserializer=_lenient_parser(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
     return handlers
 
 
