@@ -36,6 +36,8 @@ def main() -> int:
     parser.add_argument("--file", default="routerbench_train", help="source whose rows are held out")
     parser.add_argument("--strong", default="gpt-4-1106-preview")
     parser.add_argument("--weak", default="mixtral-8x7b-instruct")
+    parser.add_argument("--judge-strong", help="pair the held-out rows are judged on (default: --strong)")
+    parser.add_argument("--judge-weak", help="(default: --weak)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--encoder", default=DEFAULT_ROUTER_ENCODER)
     parser.add_argument("--seed", type=int, default=0)
@@ -81,13 +83,14 @@ def main() -> int:
         )
         scores[test] = router.calibrate(raw)
         print(f"fold {fold}: {len(test)} rows scored ({time.perf_counter() - started:.0f}s)", file=sys.stderr)
+    judge_strong, judge_weak = args.judge_strong or args.strong, args.judge_weak or args.weak
     result: dict[str, dict[str, float]] = {}
     random_rng = np.random.default_rng(1)
     groups = {"pooled": held, **{f"task:{task}": rows for task, rows in sorted(by_task.items())}}
     for name, rows in groups.items():
-        keep = [i for i in rows if records[i].has_pair(args.strong, args.weak)]
-        strong = np.array([records[i].outcomes[args.strong] for i in keep])
-        weak = np.array([records[i].outcomes[args.weak] for i in keep])
+        keep = [i for i in rows if records[i].has_pair(judge_strong, judge_weak)]
+        strong = np.array([records[i].outcomes[judge_strong] for i in keep])
+        weak = np.array([records[i].outcomes[judge_weak] for i in keep])
         ours = evaluate_scores(scores[keep], strong, weak)
         result[name] = {
             "rows": len(keep),

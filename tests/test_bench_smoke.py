@@ -7,9 +7,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import MappingProxyType
+
+import pytest
 
 from bench import _load
 from bench._harness import percentile, summary_ms
+from routesvc.outcomes import OutcomeRecord
 from routesvc.server import Server
 from routesvc.testing import FakeProvider
 from tests.conftest import REPO, default_config, live_environ, settings_from
@@ -58,3 +62,28 @@ class TestBenchHarness:
         pooled = json.loads(out.read_text())["pooled"]
         assert pooled["rows"] == len(records("synthetic"))
         assert pooled["apgr"] > pooled["random"] + 0.2
+
+    def test_difficulty_ceiling_ranks_by_the_other_models_and_sees_a_peaked_gap(self, tmp_path: Path) -> None:
+        """Easy rows (all succeed), middling rows (only the strong model and a third model succeed)
+        and impossible rows (all fail): ranking by the third models' failures puts the impossible
+        rows first, so it falls short of the oracle, while the best function of difficulty (the
+        middling decile scores highest) matches the oracle."""
+        rows = []
+        for i in range(90):
+            kind = ("easy", "middling", "impossible")[i % 3]
+            strong = 0.0 if kind == "impossible" else 1.0
+            weak = 1.0 if kind == "easy" else 0.0
+            third = {"easy": 1.0, "middling": 0.5, "impossible": 0.0}[kind]
+            outcomes = MappingProxyType({STRONG: strong, WEAK: weak, "third": third, "fourth": third})
+            rows.append(OutcomeRecord(f"r{i}", f"prompt {i}", "t", outcomes, MappingProxyType({}), "f"))
+        data = tmp_path / "data"
+        data.mkdir()
+        write_jsonl(data / "f.jsonl", rows)
+        out = tmp_path / "ceiling.json"
+        command = [sys.executable, "-m", "bench.difficulty_ceiling", "--data", str(data)]
+        command += ["--strong", STRONG, "--weak", WEAK, "--json", str(out)]
+        subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=180)
+        result = json.loads(out.read_text())["f:t"]
+        assert result["rows"] == 90
+        assert result["any_function"] == pytest.approx(result["oracle"])
+        assert result["difficulty"] < result["oracle"] - 0.1
