@@ -13,6 +13,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TypeVar
 
+import anyio
+import httpx2
+
 from routesvc.errors import (
     ProviderAuthFailed,
     ProviderError,
@@ -132,3 +135,21 @@ async def guarded(
         if error is None:
             raise
         raise error from exc
+
+
+def transport_error(exc: Exception, *, provider: str, model: str) -> ProviderUnavailable | None:
+    """The error for what an SDK lets through from below it: a transport failure (cut, reset) or
+    bytes that do not decode (malformed JSON, non-UTF-8, an event that does not parse), both of
+    which leave the stream unusable; None for anything else."""
+    if isinstance(exc, httpx2.HTTPError | httpx2.StreamError | anyio.EndOfStream | OSError):
+        what = "connection failed"
+    elif isinstance(exc, ValueError):
+        what = "malformed stream"
+    else:
+        return None
+    return ProviderUnavailable(describe(provider, model, what, type(exc).__name__), provider=provider, model=model)
+
+
+def maybe(value: _T) -> _T | None:
+    """Say that an SDK field may be None: models built from malformed events leave missing fields None."""
+    return value

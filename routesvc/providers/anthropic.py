@@ -24,14 +24,20 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import TypeVar
 
 import anthropic
-import anyio
-import httpx2
 import structlog
 from anthropic.types import AssistantMessageParam, MessageParam, RawMessageStreamEvent, ToolParam, UserMessageParam
 
 from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
-from routesvc.providers._http import describe, error_for_event, error_for_status, guarded, safe_code
+from routesvc.providers._http import (
+    describe,
+    error_for_event,
+    error_for_status,
+    guarded,
+    maybe,
+    safe_code,
+    transport_error,
+)
 from routesvc.providers.base import ProviderCall
 from routesvc.tokens import count_text_tokens
 
@@ -182,26 +188,26 @@ class AnthropicProvider:
     def _apply(tally: _Tally, event: RawMessageStreamEvent) -> str:
         """Fold one event into ``tally``; the text it carries, if any."""
         if event.type == "message_start":
-            message = _maybe(event.message)
+            message = maybe(event.message)
             tally.provider_model = (message.model if message is not None else None) or tally.provider_model
-            usage = _maybe(message.usage) if message is not None else None
+            usage = maybe(message.usage) if message is not None else None
             if usage is not None:
                 tally.input_tokens = usage.input_tokens
                 tally.cache_read = usage.cache_read_input_tokens or 0
                 tally.cache_write = usage.cache_creation_input_tokens or 0
                 tally.output_tokens = usage.output_tokens
         elif event.type == "content_block_delta":
-            block_delta = _maybe(event.delta)
+            block_delta = maybe(event.delta)
             if block_delta is not None and block_delta.type == "text_delta":
-                return _maybe(block_delta.text) or ""
+                return maybe(block_delta.text) or ""
         elif event.type == "message_delta":
-            message_delta = _maybe(event.delta)
+            message_delta = maybe(event.delta)
             if message_delta is not None:
                 tally.stop_reason = message_delta.stop_reason or tally.stop_reason
-            delta_usage = _maybe(event.usage)
+            delta_usage = maybe(event.usage)
             if delta_usage is not None:
                 # Cumulative counts: the last one wins.
-                output_tokens = _maybe(delta_usage.output_tokens)
+                output_tokens = maybe(delta_usage.output_tokens)
                 if output_tokens is not None:
                     tally.output_tokens = output_tokens
                 if delta_usage.input_tokens is not None:
@@ -251,21 +257,7 @@ class AnthropicProvider:
             return ProviderUnavailable(describe(name, model, "connection failed"), provider=name, model=model)
         if isinstance(exc, anthropic.APIError):
             return ProviderUnavailable(describe(name, model, "invalid response"), provider=name, model=model)
-        if isinstance(exc, httpx2.HTTPError | httpx2.StreamError | anyio.EndOfStream | OSError):
-            return ProviderUnavailable(
-                describe(name, model, "connection failed", type(exc).__name__), provider=name, model=model
-            )
-        if isinstance(exc, ValueError):
-            # Malformed JSON, non-UTF-8 bytes or an event that does not parse: the stream is unusable.
-            return ProviderUnavailable(
-                describe(name, model, "malformed stream", type(exc).__name__), provider=name, model=model
-            )
-        return None
-
-
-def _maybe(value: _T) -> _T | None:
-    """Say that an SDK field may be None: models built from malformed events leave missing fields None."""
-    return value
+        return transport_error(exc, provider=name, model=model)
 
 
 async def _drain(stream: anthropic.AsyncStream[RawMessageStreamEvent]) -> None:

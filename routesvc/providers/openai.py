@@ -17,8 +17,6 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Literal, TypeVar
 
-import anyio
-import httpx2
 import openai
 import structlog
 from openai.types.chat import (
@@ -31,7 +29,15 @@ from openai.types.shared_params import FunctionDefinition
 
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
-from routesvc.providers._http import describe, error_for_event, error_for_status, guarded, safe_code
+from routesvc.providers._http import (
+    describe,
+    error_for_event,
+    error_for_status,
+    guarded,
+    maybe,
+    safe_code,
+    transport_error,
+)
 from routesvc.providers.base import ProviderCall
 from routesvc.tokens import count_text_tokens
 
@@ -146,13 +152,13 @@ class OpenAIProvider:
                 chunk = await self._guard(call, deadline, _next_or_none(sdk_stream))
                 if chunk is None:
                     break
-                provider_model = provider_model or _maybe(chunk.model) or ""
+                provider_model = provider_model or maybe(chunk.model) or ""
                 if chunk.usage is not None:
                     usage = chunk.usage
-                for choice in _maybe(chunk.choices) or ():
+                for choice in maybe(chunk.choices) or ():
                     if choice.index not in (0, None):
                         continue
-                    delta = _maybe(choice.delta)
+                    delta = maybe(choice.delta)
                     text = delta.content if delta is not None else None
                     if text:
                         output.append(text)
@@ -185,8 +191,8 @@ class OpenAIProvider:
         details = usage.prompt_tokens_details
         cached = details.cached_tokens if details is not None and details.cached_tokens is not None else 0
         return Usage(
-            input_tokens=_maybe(usage.prompt_tokens) or 0,
-            output_tokens=_maybe(usage.completion_tokens) or 0,
+            input_tokens=maybe(usage.prompt_tokens) or 0,
+            output_tokens=maybe(usage.completion_tokens) or 0,
             cached_input_tokens=cached,
         )
 
@@ -214,21 +220,7 @@ class OpenAIProvider:
         if isinstance(exc, openai.APIError):
             # An ``{"error": ...}`` chunk inside a 200 stream.
             return error_for_event(code or "error", provider=name, model=model)
-        if isinstance(exc, httpx2.HTTPError | httpx2.StreamError | anyio.EndOfStream | OSError):
-            return ProviderUnavailable(
-                describe(name, model, "connection failed", type(exc).__name__), provider=name, model=model
-            )
-        if isinstance(exc, ValueError):
-            # Malformed JSON, non-UTF-8 bytes or a chunk that does not parse: the stream is unusable.
-            return ProviderUnavailable(
-                describe(name, model, "malformed stream", type(exc).__name__), provider=name, model=model
-            )
-        return None
-
-
-def _maybe(value: _T) -> _T | None:
-    """Say that an SDK field may be None: models built from malformed events leave missing fields None."""
-    return value
+        return transport_error(exc, provider=name, model=model)
 
 
 async def _next_or_none(stream: openai.AsyncStream[ChatCompletionChunk]) -> ChatCompletionChunk | None:
