@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -151,3 +152,29 @@ def lexical_matrix(texts: Sequence[str]) -> npt.NDArray[np.float32]:
     if not texts:
         return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
     return np.array([_features(text) for text in texts], dtype=np.float32)
+
+
+_WORD = re.compile(r"\w+")
+_PAIR_MIX = np.uint64(1_000_003)
+_LOW_32 = np.uint64(0xFFFF_FFFF)
+
+
+def word_hashes(texts: Sequence[str], dim: int = 1024) -> npt.NDArray[np.float32]:
+    """Signed counts of each text's lower-cased words and word pairs hashed into ``dim`` slots
+    (CRC-32 of a word; a pair mixes its two words' hashes), each row L2-normalised: which words a
+    prompt uses, for classifiers that an averaged embedding would blur ("poem", "regex", "prove").
+    Stable across processes."""
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    for row, text in enumerate(texts):
+        words = _WORD.findall(text.lower())
+        if not words:
+            continue
+        singles = np.array([zlib.crc32(word.encode()) for word in words], dtype=np.uint64)
+        pairs = ((singles[:-1] * _PAIR_MIX) ^ singles[1:]) & _LOW_32
+        hashes = np.concatenate([singles, pairs])
+        signs = np.where((hashes >> np.uint64(31)) & np.uint64(1), 1.0, -1.0)
+        counts = np.bincount((hashes % np.uint64(dim)).astype(np.intp), weights=signs, minlength=dim)
+        norm = float(np.linalg.norm(counts))
+        if norm > 0:
+            out[row] = counts / norm
+    return out

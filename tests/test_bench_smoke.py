@@ -13,10 +13,10 @@ import pytest
 
 from bench import _load
 from bench._harness import percentile, summary_ms
-from routesvc.outcomes import OutcomeRecord
+from routesvc.outcomes import OutcomeRecord, read_outcomes
 from routesvc.server import Server
 from routesvc.testing import FakeProvider
-from tests.conftest import REPO, default_config, live_environ, settings_from
+from tests.conftest import REPO, SHARED_DATA, default_config, live_environ, settings_from
 from tests.routing_data import STRONG, WEAK, records, write_jsonl
 
 
@@ -87,3 +87,41 @@ class TestBenchHarness:
         assert result["rows"] == 90
         assert result["any_function"] == pytest.approx(result["oracle"])
         assert result["difficulty"] < result["oracle"] - 0.1
+
+    def test_classifier_bench_scores_hand_labelled_prompts_by_kind(self, tmp_path: Path) -> None:
+        """--labels joins labels to prompts by source and id and reports each kind's accuracy."""
+        data = tmp_path / "data"
+        data.mkdir()
+        prompts = {"c": "Write a Python function that reverses a linked list.", "p": "Write a poem about rain."}
+        rows = [
+            OutcomeRecord(key, text, "chat", MappingProxyType({STRONG: 1.0, WEAK: 0.5}), MappingProxyType({}), "chats")
+            for key, text in prompts.items()
+        ]
+        write_jsonl(data / "chats.jsonl", rows)
+        labels = tmp_path / "labels.jsonl"
+        kinds = [
+            {"source": "chats", "id": "c", "kind": "coding"},
+            {"source": "chats", "id": "p", "kind": "creative_writing"},
+        ]
+        labels.write_text("".join(json.dumps(row) + "\n" for row in kinds), encoding="utf-8")
+        command = [sys.executable, "bench/classifier.py", "--data", str(data), "--labels", str(labels)]
+        output = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, timeout=180).stdout
+        assert "coding: 100.0% of 1 as code_generation" in output
+        assert "creative_writing: 100.0% of 1 as creative_writing" in output
+
+
+class TestHandLabels:
+    @pytest.mark.skipif(not SHARED_DATA.exists(), reason="the shared routing data is not beside the repository")
+    def test_every_prompt_of_both_chat_files_has_exactly_one_known_kind(self) -> None:
+        """bench/labels/real-prompt-kinds.jsonl: one line per row of arena_chat and alpaca_eval, no
+        other ids, every kind one of the five, and no prompt text stored."""
+        lines = (REPO / "bench" / "labels" / "real-prompt-kinds.jsonl").read_text(encoding="utf-8").splitlines()
+        labels = [json.loads(line) for line in lines]
+        expected = {
+            (record.source, record.id)
+            for name in ("arena_chat", "alpaca_eval")
+            for record in read_outcomes(SHARED_DATA / f"{name}.jsonl")
+        }
+        assert sorted((row["source"], row["id"]) for row in labels) == sorted(expected)
+        assert {row["kind"] for row in labels} <= {"coding", "math", "creative_writing", "other", "ambiguous"}
+        assert all(set(row) == {"source", "id", "kind"} for row in labels)

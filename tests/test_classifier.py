@@ -41,6 +41,16 @@ CHEAP = ModelSpec(
 )
 
 
+CODE_TASKS = (
+    "sorts a list",
+    "parses a date",
+    "reads a CSV file",
+    "reverses a string",
+    "merges two dicts",
+    "counts words",
+)
+
+
 @functools.cache
 def classifier() -> TaskClassifier:
     return TaskClassifier(WordLlamaEncoder(), read_examples())
@@ -87,6 +97,50 @@ class TestTaskClassifier:
     def test_labels_the_seed_policy_tasks(self, prompt: str, task: str) -> None:
         """Code, maths and creative requests written fresh for this test get their labels."""
         assert classifier().predict(prompt).task == task
+
+    @pytest.mark.parametrize(
+        ("prompt", "task"),
+        [
+            (
+                "I run a small bakery with 6 staff and about $40k a month in revenue. Our rent is going up "
+                "by 12% next year. As an experienced small-business consultant, what options do I have to "
+                "stay profitable, and what should I ask my landlord before renewing the lease?",
+                "other",
+            ),
+            (
+                "Write a short science-fiction story for a teenage audience, about 400 words, in the first "
+                "person and present tense: a girl on a generation ship discovers the captain has been dead "
+                "for years and the ship's AI has been pretending to be him.",
+                "creative_writing",
+            ),
+            (
+                "hey so my flask app works locally but on the server i get 'ModuleNotFoundError: No module "
+                "named app' when gunicorn starts, i'm running gunicorn app:app from the project folder. what "
+                "am i doing wrong",
+                "code_generation",
+            ),
+            (
+                "my kid's homework: a water tank holds 1,200 litres and leaks 3% of what's left every hour. "
+                "how much is left after 10 hours, and when does it drop below half? can you show how to work "
+                "it out so I can explain it to him",
+                "multi_step_reasoning",
+            ),
+        ],
+    )
+    def test_labels_long_real_world_requests_by_what_they_ask_for(self, prompt: str, task: str) -> None:
+        """Long prompts with context, numbers and jargon get the label of their deliverable: advice
+        with figures is not maths, and a story about an AI is not code (written fresh for this test)."""
+        assert classifier().predict(prompt).task == task
+
+    def test_a_label_with_fewer_examples_than_neighbours_still_votes(self) -> None:
+        """Examples from a user's file can be few: a label with one example is compared on that one
+        (not padded with missing neighbours), and its nearest prompt gets it."""
+        examples = [("code_generation", f"Write a Python function that {task}.") for task in CODE_TASKS]
+        examples.append(("creative_writing", "Write a poem about the sea at night."))
+        small = TaskClassifier(WordLlamaEncoder(), examples)
+        prediction = small.predict("Write a short poem about the sea at dawn.")
+        assert prediction.task == "creative_writing"
+        assert 0.0 < prediction.confidence <= 1.0
 
     def test_confidence_is_a_probability(self) -> None:
         """Confidence lies in (0, 1]."""

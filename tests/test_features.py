@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import string
+import zlib
 from re import _constants as sre  # type: ignore[attr-defined]  # the parser's node names
 from re import _parser as sre_parse  # type: ignore[attr-defined]
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -205,3 +208,25 @@ class TestBounded:
         assert window.startswith("START middle")
         assert window.endswith("middle  END")
         assert features.bounded(window) == window
+
+
+class TestWordHashes:
+    def test_each_word_and_word_pair_lands_in_its_crc32_slot_with_its_sign(self) -> None:
+        """ "Write a Poem" counts write, a, poem and the pairs (write, a), (a, poem), lower-cased:
+        five signed unit counts in their CRC-32 slots (so the same in every process), then
+        scaled to length 1."""
+        dim = 1024
+        row = features.word_hashes(["Write a Poem"], dim)[0]
+        singles = [zlib.crc32(word.encode()) for word in ("write", "a", "poem")]
+        pairs = [((a * 1_000_003) ^ b) & 0xFFFF_FFFF for a, b in itertools.pairwise(singles)]
+        expected = np.zeros(dim)
+        for value in singles + pairs:
+            expected[value % dim] += 1.0 if (value >> 31) & 1 else -1.0
+        assert np.allclose(row, expected / np.linalg.norm(expected))
+
+    def test_word_order_changes_the_pairs_and_blank_text_is_all_zero(self) -> None:
+        """Same words in another order differ (the pairs); text without words gives a zero row."""
+        rows = features.word_hashes(["prove this lemma", "lemma this prove", "   ?! "])
+        assert not np.allclose(rows[0], rows[1])
+        assert np.isclose(np.linalg.norm(rows[0]), 1.0)
+        assert not rows[2].any()

@@ -59,12 +59,13 @@ class TestSimulate:
         """Estimated cost is the decisions' estimates; the baseline prices the same tokens on claude-sonnet."""
         path = _write(
             tmp_path / "p.jsonl",
-            [{"prompt": "What is 2+2?"}, {"prompt": "Write a sort", "task_hint": "code_generation"}],
+            [{"prompt": "What is the capital of France?"}, {"prompt": "Write a sort", "task_hint": "code_generation"}],
         )
         settings = settings_from(default_config())
         report = await simulate(settings, read_prompts(path))
         tokens = [
-            estimate_input_tokens(ChatRequest((Message(Role.USER, p),))) for p in ("What is 2+2?", "Write a sort")
+            estimate_input_tokens(ChatRequest((Message(Role.USER, p),)))
+            for p in ("What is the capital of France?", "Write a sort")
         ]
         mini = (tokens[0] * Decimal("0.15") + 512 * Decimal("0.60")) / 1_000_000
         gpt4o = (tokens[1] * Decimal("2.50") + 512 * Decimal("10.00")) / 1_000_000

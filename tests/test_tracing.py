@@ -200,7 +200,7 @@ class TestCancellation:
         """A client that leaves after 3 chunks: the chat span still ends, with usage estimated from
         what was sent and received and flagged, its cost on the server span, status CANCELLED (1)."""
         fake.enqueue(Script(chunk_count=40, chunk_delay=0.05, input_tokens=500))
-        stream = observed.client.complete(user_chat("Count slowly"))
+        stream = observed.client.complete(user_chat("Tell me about tea"))
         deltas = 0
         async for message in stream:
             deltas += message.WhichOneof("event") == "delta"
