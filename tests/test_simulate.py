@@ -78,9 +78,9 @@ class TestSimulate:
     async def test_quality_kept_needs_scores_for_the_chosen_and_the_baseline_model(self, tmp_path: Path) -> None:
         """Without a map only identical ids are scored; --model-map names the file's models."""
         rows = [
-            {"prompt": "a", "outcomes": {"small": 1.0, "big": 1.0}},
-            {"prompt": "b", "outcomes": {"small": 0.0, "big": 1.0}},
-            {"prompt": "c", "outcomes": {"small": 1.0}},
+            {"prompt": "hello", "outcomes": {"small": 1.0, "big": 1.0}},
+            {"prompt": "hi there", "outcomes": {"small": 0.0, "big": 1.0}},
+            {"prompt": "thanks a lot", "outcomes": {"small": 1.0}},
         ]
         path = _write(tmp_path / "p.jsonl", rows)
         settings = settings_from(default_config())
