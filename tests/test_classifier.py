@@ -41,6 +41,10 @@ CHEAP = ModelSpec(
 )
 
 
+NOTES = (
+    "Meeting notes, Tuesday. Attendees: Ana, Ben, Carla. Ben reported that the supplier will deliver the new chairs "
+    "next week. Carla asked about the budget for the summer party and Ana said it is unchanged. "
+)
 CODE_TASKS = (
     "sorts a list",
     "parses a date",
@@ -125,11 +129,14 @@ class TestTaskClassifier:
                 "it out so I can explain it to him",
                 "multi_step_reasoning",
             ),
+            (NOTES * 10 + "\n\nSummarise the notes above in five bullet points.", "summarization"),
+            ("Summarise the following notes.\n\n" + NOTES * 10, "summarization"),
         ],
     )
     def test_labels_long_real_world_requests_by_what_they_ask_for(self, prompt: str, task: str) -> None:
         """Long prompts with context, numbers and jargon get the label of their deliverable: advice
-        with figures is not maths, and a story about an AI is not code (written fresh for this test)."""
+        with figures is not maths, a story about an AI is not code, and 2,500 characters of pasted
+        notes do not hide the instruction to summarise them (written fresh for this test)."""
         assert classifier().predict(prompt).task == task
 
     def test_a_label_with_fewer_examples_than_neighbours_still_votes(self) -> None:
