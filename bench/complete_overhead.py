@@ -6,8 +6,9 @@
 One fake provider process (``python -m routesvc.testing``) answers every request with
 ``--chunks`` text chunks ``--chunk-delay`` seconds apart. ``direct`` streams from it with the
 openai SDK (``AsyncOpenAI``); ``routesvc`` streams ``Complete`` from a ``routesvc serve``
-process whose openai provider points at the same fake (the default policy sends these
-prompts to gpt-4o-mini over the openai SDK); ``litellm`` (with ``--litellm``) streams with the
+process whose providers point at the same fake, routing the prompts with its default policy as
+in production (most go to gpt-4o-mini over the openai SDK; the code request to gpt-4o, the
+poem to claude-sonnet over the anthropic SDK); ``litellm`` (with ``--litellm``) streams with the
 same SDK through LiteLLM's proxy in front of the same fake. Load comes from a separate
 process, closed loop, targets alternating round by round. Reported: time to first text chunk
 (TTFT) and total time, p50/p99, and what each adds to ``direct``; chunk inter-arrival p99;
