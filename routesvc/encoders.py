@@ -43,7 +43,8 @@ class Encoder(Protocol):
         ...
 
     def encode(self, texts: Sequence[str]) -> Vectors:
-        """One L2-normalised row per text, shape (len(texts), dim), float32."""
+        """One L2-normalised row per text, shape (len(texts), dim), float32 (all zero for a text
+        with nothing to encode, such as "")."""
         ...
 
 
@@ -79,7 +80,11 @@ class WordLlamaEncoder:
         return self._embed(list(texts))
 
     def _embed(self, texts: list[str]) -> Vectors:
-        vectors = _normalise(self._model.embed(texts, norm=True, batch_size=64))
+        # WordLlama averages a text's token vectors; a text without tokens ("") averages nothing
+        # and comes back NaN, which would poison a fitted ridge or a similarity: make it zero.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pooled = self._model.embed(texts, norm=True, batch_size=64)
+        vectors = _normalise(np.nan_to_num(pooled, nan=0.0))
         vectors.flags.writeable = False  # shared by every caller that asks for the same text
         return vectors
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -46,6 +47,15 @@ class TestWordLlamaEncoder:
     def test_empty_input(self) -> None:
         """No texts gives an empty matrix of the right width."""
         assert WordLlamaEncoder().encode([]).shape == (0, 256)
+
+    def test_a_text_without_tokens_is_a_zero_row_not_nan(self) -> None:
+        """WordLlama averages nothing for "" and returns NaN; the encoder gives zeros (and no
+        warning), so one empty prompt cannot poison a fitted model or a similarity."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            vectors = WordLlamaEncoder().encode(["", "hello"])
+        assert not vectors[0].any()
+        assert np.isclose(np.linalg.norm(vectors[1]), 1.0)
 
     def test_loaded_by_name(self) -> None:
         """``load_encoder`` rebuilds the encoder an artifact names."""

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from routesvc import offline
-from routesvc.encoders import HashingEncoder
+from routesvc.encoders import HashingEncoder, WordLlamaEncoder
 from routesvc.evaluation import evaluate_scores
 from routesvc.fitting import FitError, FitSettings, FittedRouter, fit_router, label_records, model_alias, resolve_model
-from routesvc.outcomes import OutcomeDataError, read_outcomes
+from routesvc.outcomes import OutcomeDataError, OutcomeRecord, read_outcomes
 from tests.routing_data import STRONG, WEAK, records, write_jsonl
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "routing"
@@ -89,6 +89,19 @@ class TestFittedRouter:
         report = evaluate_scores(scores, [r.outcomes[STRONG] for r in test], [r.outcomes[WEAK] for r in test])
         assert report.apgr > 0.7
         assert ((scores >= 0.0) & (scores <= 1.0)).all()
+
+    def test_an_empty_prompt_in_the_data_does_not_poison_the_fit(self) -> None:
+        """A data row whose prompt is "" (WordLlama used to encode it as NaN, which turned every
+        weight NaN and every score 1.0) still leaves a router that ranks hard above easy."""
+        rows = records("train")
+        empty = rows[0]
+        rows.append(OutcomeRecord("empty", "", empty.task, empty.outcomes, empty.cost_usd, empty.source))
+        router = fit_router(rows, STRONG, WEAK, WordLlamaEncoder(), FitSettings(alpha=1.0))
+        assert not np.isnan(router.within.coef).any()
+        test = records("test")
+        scores = router.scores([r.prompt for r in test])
+        report = evaluate_scores(scores, [r.outcomes[STRONG] for r in test], [r.outcomes[WEAK] for r in test])
+        assert report.apgr > 0.7
 
     def test_blank_prompts_score_zero(self) -> None:
         """An empty or whitespace prompt never asks for the strong model."""
