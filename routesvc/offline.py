@@ -83,6 +83,10 @@ def run_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+# Below this mean quality gap between the pair, PGR is a ratio of noise (docs/routing-quality.md).
+_SMALL_GAP = 0.05
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """``routesvc eval``: APGR, CPT(50%), CPT(80%), AIQ and savings of a router on one data set."""
     router = FittedRouter.load(args.router)
@@ -91,6 +95,20 @@ def run_eval(args: argparse.Namespace) -> int:
     by_id = {r.id: r.prompt for r in records}
     scores = router.scores([by_id[i] for i in pair.ids], progress=_progress)
     report = evaluate_scores(scores, pair.strong, pair.weak, pair.strong_cost, pair.weak_cost)
+    gap = report.strong_quality - report.weak_quality
+    if gap <= 0:
+        print(
+            f"warning: {args.strong} does not beat {args.weak} on this data ({report.strong_quality:.4f} vs"
+            f" {report.weak_quality:.4f}): APGR and CPT measure how much of a gap is recovered, and there"
+            " is none here",
+            file=sys.stderr,
+        )
+    elif gap < _SMALL_GAP:
+        print(
+            f"warning: {args.strong} beats {args.weak} by only {gap:.4f} on this data: APGR and CPT divide"
+            " by that gap, so they are mostly noise here",
+            file=sys.stderr,
+        )
     if args.plot:
         curves: dict[str, RoutingCurve] = {
             "router": routing_curve(scores, pair.strong, pair.weak),

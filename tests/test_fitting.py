@@ -167,6 +167,20 @@ class TestOfflineCommands:
             "other",
         }
 
+    def test_eval_warns_when_the_pair_has_no_gap_to_recover(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Judged with the pair swapped (the weak model beats the "strong" one), eval still reports
+        but says on stderr that APGR has no gap to measure; with the right pair it says nothing."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        out = tmp_path / "router"
+        assert run("fit", "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--out", str(out)) == 0
+        capsys.readouterr()
+        assert run("eval", "--router", str(out), "--data", str(data), "--strong", WEAK, "--weak", STRONG) == 0
+        assert f"warning: {WEAK} does not beat {STRONG}" in capsys.readouterr().err
+        assert run("eval", "--router", str(out), "--data", str(data), "--strong", STRONG, "--weak", WEAK) == 0
+        assert "warning" not in capsys.readouterr().err
+
     def test_errors_are_reported_with_exit_code_2(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A missing data path is a clean error, not a traceback."""
         assert run("fit", "--data", str(tmp_path / "nope"), "--strong", "a", "--weak", "b", "--out", str(tmp_path)) == 2
