@@ -50,7 +50,7 @@ class Encoder(Protocol):
 
 def _normalise(vectors: npt.NDArray[np.floating[npt.NBitBase]] | Vectors) -> Vectors:
     array = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", array, array))[:, None]
     return np.asarray(array / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
@@ -83,8 +83,11 @@ class WordLlamaEncoder:
         # WordLlama averages a text's token vectors; a text without tokens ("") averages nothing
         # and comes back NaN, which would poison a fitted ridge or a similarity: make it zero.
         with np.errstate(invalid="ignore", divide="ignore"):
-            pooled = self._model.embed(texts, norm=True, batch_size=64)
-        vectors = _normalise(np.nan_to_num(pooled, nan=0.0))
+            pooled = np.asarray(self._model.embed(texts, norm=True, batch_size=64), dtype=np.float32)
+        empty = np.isnan(pooled[:, 0])  # such a row is NaN throughout
+        if empty.any():
+            pooled[empty] = 0.0
+        vectors = _normalise(pooled)
         vectors.flags.writeable = False  # shared by every caller that asks for the same text
         return vectors
 

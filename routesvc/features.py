@@ -174,7 +174,7 @@ def word_hashes(texts: Sequence[str], dim: int = 1024) -> npt.NDArray[np.float32
         hashes = np.concatenate([singles, pairs])
         signs = np.where((hashes >> np.uint64(31)) & np.uint64(1), 1.0, -1.0)
         counts = np.bincount((hashes % np.uint64(dim)).astype(np.intp), weights=signs, minlength=dim)
-        norm = float(np.linalg.norm(counts))
+        norm = math.sqrt(float(counts @ counts))
         if norm > 0:
             out[row] = counts / norm
     return out

@@ -132,13 +132,24 @@ class TaskClassifier:
         texts = [bounded(prompt) for _, prompt in examples]
         vectors, words = encoder.encode(texts), word_hashes(texts, _HASH_DIM)
         targets = np.eye(len(self.labels))[label_of]
-        self._model = RidgeModel.fit(self._features(texts, vectors, words), targets, alpha=alpha)
-        # The nearest-examples vote reads, for each label, its examples' similarities from one
-        # row: ``_gather`` holds each label's example columns, padded with the column of -inf
-        # appended after them, so one partition finds every label's closest examples at once.
-        self._examples = _neighbour_space(vectors, words)
+        model = RidgeModel.fit(self._features(texts, vectors, words), targets, alpha=alpha)
+        # The ridge folded for prediction: standardisation moved into the weights, and the weights
+        # of the repeated cue columns summed, so a prediction is three small products, no copies.
+        weights = model.coef / model.scale[:, None]
+        self._bias = model.intercept - (model.mean / model.scale) @ model.coef
+        dim = vectors.shape[1]
+        self._vector_weights = weights[:dim]
+        self._word_weights = weights[dim : dim + _HASH_DIM]
+        self._cue_weights = weights[dim + _HASH_DIM :].reshape(_CUE_REPEAT, -1, len(self.labels)).sum(axis=0)
+        # The nearest-examples vote compares [unit embedding, 0.6 x hashed words] at unit length:
+        # kept as its two parts and their norms (one product each, no stacked copy per prompt).
+        # ``_gather`` holds each label's example columns, padded with the column of -inf appended
+        # after them, so one partition finds every label's closest examples at once.
+        self._example_vectors = _unit(vectors).astype(np.float32)
+        self._example_words = np.asarray(words, dtype=np.float32)
+        self._example_norms = _space_norms(self._example_vectors, self._example_words)
         counts = np.bincount(label_of, minlength=len(self.labels))
-        self._gather = np.full((len(self.labels), int(counts.max())), len(self._examples), dtype=np.intp)
+        self._gather = np.full((len(self.labels), int(counts.max())), len(self._example_vectors), dtype=np.intp)
         for i in range(len(self.labels)):
             members = np.flatnonzero(label_of == i)
             self._gather[i, : len(members)] = members
@@ -159,8 +170,11 @@ class TaskClassifier:
             return []
         texts = [bounded(text) for text in texts]
         vectors, words = self._encoder.encode(texts), word_hashes(texts, _HASH_DIM)
-        ridge = _softmax(self._model.predict(self._features(texts, vectors, words)), _RIDGE_SHARPNESS)
-        similarities = _neighbour_space(vectors, words) @ self._examples.T
+        raw = vectors @ self._vector_weights + words @ self._word_weights + lexical_matrix(texts) @ self._cue_weights
+        ridge = _softmax(raw + self._bias, _RIDGE_SHARPNESS)
+        units = _unit(vectors).astype(np.float32)
+        products = units @ self._example_vectors.T + _WORDS_WEIGHT**2 * (words @ self._example_words.T)
+        similarities = products / (_space_norms(units, words)[:, None] * self._example_norms[None, :])
         padded = np.concatenate([similarities, np.full((len(texts), 1), -np.inf, dtype=np.float32)], axis=1)
         grouped = padded[:, self._gather]  # (texts, labels, most examples of a label)
         width = grouped.shape[2]
@@ -178,16 +192,19 @@ class TaskClassifier:
         return self.predict_many([text])[0]
 
 
-def _neighbour_space(vectors: np.ndarray, words: np.ndarray) -> np.ndarray[tuple[int, int], np.dtype[np.float32]]:
-    """Where the nearest examples are looked for: the embedding, and with a lesser weight the
-    hashed words (a long pasted text can outweigh its instruction in an averaged embedding;
-    "summarise" or "poem" still counts as a word)."""
-    return _unit(np.hstack([_unit(vectors), _WORDS_WEIGHT * words])).astype(np.float32)
+def _space_norms(units: np.ndarray, words: np.ndarray) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
+    """Length of each [unit embedding, ``_WORDS_WEIGHT`` x hashed words] row: the space the nearest
+    examples are looked for in (the embedding, and with a lesser weight the words: a long pasted
+    text can outweigh its instruction in an averaged embedding, "summarise" or "poem" still counts
+    as a word)."""
+    squares = np.einsum("ij,ij->i", units, units) + _WORDS_WEIGHT**2 * np.einsum("ij,ij->i", words, words)
+    return np.asarray(np.maximum(np.sqrt(squares), 1e-12), dtype=np.float32)
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray[tuple[int, int], np.dtype[np.float64]]:
     rows = np.asarray(vectors, dtype=np.float64)
-    return np.asarray(rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12), dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))[:, None]
+    return np.asarray(rows / np.maximum(norms, 1e-12), dtype=np.float64)
 
 
 def _softmax(scores: np.ndarray, sharpness: float) -> np.ndarray[tuple[int, int], np.dtype[np.float64]]:
