@@ -87,6 +87,7 @@ def main() -> int:
     chosen = {k: v for k, v in variants().items() if not args.variants or k in args.variants.split(",")}
     results: dict[str, dict[str, float]] = defaultdict(dict)
     pair_names: dict[str, str] = {}
+    cpts: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
     held_scores: dict[str, dict[str, npt.NDArray[np.float64]]] = defaultdict(dict)
     pairs: dict[str, tuple[str, str]] = {}
     by_source: dict[str, list[int]] = defaultdict(list)
@@ -133,15 +134,26 @@ def main() -> int:
             np.mean([evaluate_scores(rng.random(len(keep)), strong, weak).apgr for _ in range(20)])
         )
         for key, per_task in held_scores.items():
-            results[task][key] = evaluate_scores(per_task[task][keep], strong, weak).apgr
+            report = evaluate_scores(per_task[task][keep], strong, weak)
+            results[task][key] = report.apgr
+            cpts[task][key] = {"cpt50": report.cpt50, "cpt80": report.cpt80}
+        oracle_report = evaluate_scores(strong - weak, strong, weak)
+        cpts[task]["oracle"] = {"cpt50": oracle_report.cpt50, "cpt80": oracle_report.cpt80}
         pair_names[task] = f"{s} vs {w}"
         results[task]["_n"] = len(keep)
         results[task]["_gap"] = float(strong.mean() - weak.mean())
     methods = ["random", "oracle", *held_scores]
     summary: dict[str, dict[str, float]] = {}
+    # CPT(x%): the share of strong calls needed to recover x% of the gap (lower is better; random
+    # needs x%). Mean over the group's held-out tasks, like APGR.
+    cpt_summary: dict[str, dict[str, dict[str, float]]] = {}
     for group, member in GROUPS.items():
         names = [t for t in results if member(t)]
         summary[group] = {m: float(np.mean([results[t][m] for t in names])) for m in methods}
+        cpt_summary[group] = {
+            m: {c: float(np.mean([cpts[t][m][c] for t in names])) for c in ("cpt50", "cpt80")}
+            for m in ["oracle", *held_scores]
+        }
     # RouterBench rows as one mixed file: pooled held-out scores of its tasks.
     rb = [t for t in by_task if t.startswith("routerbench_train:")]
     rows = [i for t in rb for i in by_task[t]]
@@ -149,11 +161,25 @@ def main() -> int:
     keep = [k for k, i in enumerate(rows) if records[i].has_pair(s, w)]
     strong = np.array([records[rows[k]].outcomes[s] for k in keep])
     weak = np.array([records[rows[k]].outcomes[w] for k in keep])
+    strong_cost = np.array([records[rows[k]].cost_usd.get(s, np.nan) for k in keep])
+    weak_cost = np.array([records[rows[k]].cost_usd.get(w, np.nan) for k in keep])
+    costs = (strong_cost, weak_cost) if not (np.isnan(strong_cost).any() or np.isnan(weak_cost).any()) else (None, None)
     pooled: dict[str, float] = {"oracle": evaluate_scores(strong - weak, strong, weak).apgr, "random": 0.5}
+    # CPT and AIQ of the pooled file (AIQ from its real per-prompt costs); random is the mean of 20.
+    pooled_metrics: dict[str, dict[str, float | None]] = {}
+    for name, score in [("oracle", strong - weak)] + [(f"random {i}", rng.random(len(keep))) for i in range(20)]:
+        report = evaluate_scores(score, strong, weak, *costs)
+        pooled_metrics[name] = {"cpt50": report.cpt50, "cpt80": report.cpt80, "aiq": report.aiq}
+    randoms = [pooled_metrics.pop(f"random {i}") for i in range(20)]
+    pooled_metrics["random"] = {
+        c: float(np.mean([float(r[c]) for r in randoms if r[c] is not None])) for c in ("cpt50", "cpt80", "aiq")
+    }
     curves: dict[str, RoutingCurve] = {}
     for key, per_task in held_scores.items():
         score = np.concatenate([per_task[t] for t in rb])[keep]
-        pooled[key] = evaluate_scores(score, strong, weak).apgr
+        report = evaluate_scores(score, strong, weak, *costs)
+        pooled[key] = report.apgr
+        pooled_metrics[key] = {"cpt50": report.cpt50, "cpt80": report.cpt80, "aiq": report.aiq}
         curves[key] = routing_curve(score, strong, weak)
     curves["oracle"] = routing_curve(strong - weak, strong, weak)
     summary["routerbench pooled"] = pooled
@@ -161,6 +187,16 @@ def main() -> int:
     print(f"{'group':22s}" + "".join(f"{m[:width]:>{width}s}" for m in methods))
     for group, row in summary.items():
         print(f"{group:22s}" + "".join(f"{row[m]:>{width}.3f}" for m in methods))
+    print("CPT(50%) / CPT(80%), share of strong calls (random: 0.50 / 0.80):")
+    for group, by_method in cpt_summary.items():
+        cells = "".join(
+            f"{v['cpt50']:>{width // 2 + 3}.3f}/{v['cpt80']:<{width // 2 - 2}.3f}" for v in by_method.values()
+        )
+        print(f"{group:22s}" + cells)
+    print("routerbench pooled CPT(50%) / CPT(80%) / AIQ:")
+    for name, metrics in pooled_metrics.items():
+        aiq_text = "n/a" if metrics["aiq"] is None else f"{metrics['aiq']:.3f}"
+        print(f"  {name:40s} {metrics['cpt50']:.3f} / {metrics['cpt80']:.3f} / {aiq_text}")
     if args.plots:
         args.plots.mkdir(parents=True, exist_ok=True)
         plot_curves(curves, args.plots / "loto-routerbench.png", "RouterBench rows, leave-one-task-out")
@@ -177,7 +213,15 @@ def main() -> int:
             safe = task.replace("/", "-").replace(":", "-").replace(" ", "-")
             plot_curves(group_curves, args.plots / f"loto-{safe}.png", f"{task} held out ({s} vs {w})")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "tasks": results, "pairs": pair_names}, indent=1))
+        payload = {
+            "summary": summary,
+            "cpt": cpt_summary,
+            "routerbench_pooled_metrics": pooled_metrics,
+            "tasks": results,
+            "task_cpt": cpts,
+            "pairs": pair_names,
+        }
+        args.json.write_text(json.dumps(payload, indent=1))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -125,3 +126,27 @@ class TestHandLabels:
         assert sorted((row["source"], row["id"]) for row in labels) == sorted(expected)
         assert {row["kind"] for row in labels} <= {"coding", "math", "creative_writing", "other", "ambiguous"}
         assert all(set(row) == {"source", "id", "kind"} for row in labels)
+
+    def test_loto_reports_apgr_cpt_and_aiq_for_held_out_tasks(self, tmp_path: Path) -> None:
+        """Leave-one-task-out on two synthetic RouterBench-like tasks and another file: every group
+        reports APGR and CPT, the pooled RouterBench rows AIQ from their costs, and the router
+        (fitted without the held-out task) beats random there."""
+        data = tmp_path / "data"
+        data.mkdir()
+        rows = []
+        for task in ("alpha", "beta"):
+            for i, record in enumerate(records("routerbench_train", task=task)):
+                rows.append(dataclasses.replace(record, id=f"{task}-{i}", task=task))
+        write_jsonl(data / "routerbench_train.jsonl", rows)
+        write_jsonl(data / "other.jsonl", records("other", task="other"))
+        out = tmp_path / "loto.json"
+        command = [sys.executable, "bench/loto.py", "--data", str(data), "--strong", STRONG, "--weak", WEAK]
+        command += ["--encoders", "hashing", "--variants", "default", "--json", str(out)]
+        subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=300)
+        result = json.loads(out.read_text())
+        pooled = result["routerbench_pooled_metrics"]
+        key = "hashing / default"
+        assert result["summary"]["routerbench pooled"][key] > 0.7
+        assert pooled[key]["aiq"] > pooled["random"]["aiq"]
+        assert pooled[key]["cpt50"] < pooled["random"]["cpt50"]
+        assert set(result["task_cpt"]["routerbench_train:alpha"][key]) == {"cpt50", "cpt80"}

@@ -132,19 +132,24 @@ class TaskClassifier:
         texts = [bounded(prompt) for _, prompt in examples]
         vectors, words = encoder.encode(texts), word_hashes(texts, _HASH_DIM)
         targets = np.eye(len(self.labels))[label_of]
-        model = RidgeModel.fit(self._features(texts, vectors, words), targets, alpha=alpha)
-        # The ridge folded for prediction: standardisation moved into the weights, and the weights
-        # of the repeated cue columns summed, so a prediction is three small products, no copies.
+        self._fold(RidgeModel.fit(self._features(texts, vectors, words), targets, alpha=alpha), vectors.shape[1])
+        self._index_examples(vectors, words, label_of)
+        self._favour = np.array([_FAVOUR if label in _FAVOURED else 1.0 for label in self.labels])
+
+    def _fold(self, model: RidgeModel, dim: int) -> None:
+        """The ridge folded for prediction: standardisation moved into the weights, and the weights
+        of the repeated cue columns summed, so a prediction is three small products, no copies."""
         weights = model.coef / model.scale[:, None]
         self._bias = model.intercept - (model.mean / model.scale) @ model.coef
-        dim = vectors.shape[1]
         self._vector_weights = weights[:dim]
         self._word_weights = weights[dim : dim + _HASH_DIM]
         self._cue_weights = weights[dim + _HASH_DIM :].reshape(_CUE_REPEAT, -1, len(self.labels)).sum(axis=0)
-        # The nearest-examples vote compares [unit embedding, 0.6 x hashed words] at unit length:
-        # kept as its two parts and their norms (one product each, no stacked copy per prompt).
-        # ``_gather`` holds each label's example columns, padded with the column of -inf appended
-        # after them, so one partition finds every label's closest examples at once.
+
+    def _index_examples(self, vectors: np.ndarray, words: np.ndarray, label_of: np.ndarray) -> None:
+        """The nearest-examples vote compares [unit embedding, ``_WORDS_WEIGHT`` x hashed words] at
+        unit length, kept as its two parts and their norms (one product each, no stacked copy per
+        prompt). ``_gather`` holds each label's example columns, padded with the column of -inf
+        appended after them, so one partition finds every label's closest examples at once."""
         self._example_vectors = _unit(vectors).astype(np.float32)
         self._example_words = np.asarray(words, dtype=np.float32)
         self._example_norms = _space_norms(self._example_vectors, self._example_words)
@@ -155,7 +160,6 @@ class TaskClassifier:
             self._gather[i, : len(members)] = members
         self._neighbours = min(_NEIGHBOURS, int(counts.max()))
         self._neighbour_counts = np.minimum(counts, self._neighbours).astype(np.float64)
-        self._favour = np.array([_FAVOUR if label in _FAVOURED else 1.0 for label in self.labels])
 
     def _features(
         self, texts: Sequence[str], vectors: np.ndarray, words: np.ndarray
