@@ -215,6 +215,13 @@ def in_subprocess(function: Callable[..., Any], *args: Any) -> Any:
         return pool.apply(function, args)
 
 
+def in_subprocesses(function: Callable[..., Any], argsets: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """``function(*args)`` for each of ``argsets``, each in its own spawned process, all at once."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(len(argsets)) as pool:
+        return list(pool.starmap(function, argsets))
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0-100) by linear interpolation; nan when empty."""
     if not values:

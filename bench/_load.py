@@ -164,15 +164,67 @@ def streams(
     max_streams: int,
     stall_seconds: float,
     warmup: float = 0.5,
+    raw: bool = False,
 ) -> dict[str, Any]:
     """``concurrency`` callers each opening stream after stream, measuring time to first text,
     total time, and the gaps between text chunks. ``kind``: ``grpc`` (RouterService.Complete
-    at ``target``) or ``openai`` (chat completions through ``AsyncOpenAI`` at base URL ``target``)."""
-    return asyncio.run(_streams(kind, target, concurrency, duration, max_streams, stall_seconds, warmup))
+    at ``target``) or ``openai`` (chat completions through ``AsyncOpenAI`` at base URL ``target``).
+    ``raw`` adds the samples themselves (``ttft_s``, ``totals_s``, ``gaps_s``), for ``merge_streams``."""
+    return asyncio.run(_streams(kind, target, concurrency, duration, max_streams, stall_seconds, warmup, raw))
+
+
+def merge_streams(results: list[dict[str, Any]], stall_seconds: float) -> dict[str, Any]:
+    """One result from the raw results of load processes that ran side by side."""
+    ttft = [value for result in results for value in result["ttft_s"]]
+    totals = [value for result in results for value in result["totals_s"]]
+    gaps = [value for result in results for value in result["gaps_s"]]
+    return _summary(
+        ttft,
+        totals,
+        gaps,
+        done=sum(result["streams"] for result in results),
+        errors=sum(result["errors"] for result in results),
+        streams_per_s=sum(result["streams_per_s"] for result in results),
+        stall_seconds=stall_seconds,
+    )
+
+
+def _summary(
+    ttft: list[float],
+    totals: list[float],
+    gaps: list[float],
+    *,
+    done: int,
+    errors: int,
+    streams_per_s: float,
+    stall_seconds: float,
+) -> dict[str, Any]:
+    first = summary_ms(ttft)
+    total = summary_ms(totals)
+    return {
+        "streams": done,
+        "errors": errors,
+        "streams_per_s": round(streams_per_s, 1),
+        "ttft_p50_ms": first["p50_ms"],
+        "ttft_p99_ms": first["p99_ms"],
+        "total_p50_ms": total["p50_ms"],
+        "total_p99_ms": total["p99_ms"],
+        "gap_p99_ms": round(percentile(gaps, 99) * 1000, 3),
+        "gap_max_ms": round(max(gaps, default=float("nan")) * 1000, 3),
+        "stalls": sum(1 for gap in gaps if gap > stall_seconds),
+        "chunks": len(gaps) + done,
+    }
 
 
 async def _streams(
-    kind: str, target: str, concurrency: int, duration: float, max_streams: int, stall_seconds: float, warmup: float
+    kind: str,
+    target: str,
+    concurrency: int,
+    duration: float,
+    max_streams: int,
+    stall_seconds: float,
+    warmup: float,
+    raw: bool,
 ) -> dict[str, Any]:
     ttft: list[float] = []
     totals: list[float] = []
@@ -262,18 +314,9 @@ async def _streams(
     elapsed = time.perf_counter() - began
     for close in closers:
         await close()
-    first = summary_ms(ttft)
-    total = summary_ms(totals)
-    return {
-        "streams": done,
-        "errors": errors,
-        "streams_per_s": round(done / elapsed, 1),
-        "ttft_p50_ms": first["p50_ms"],
-        "ttft_p99_ms": first["p99_ms"],
-        "total_p50_ms": total["p50_ms"],
-        "total_p99_ms": total["p99_ms"],
-        "gap_p99_ms": round(percentile(gaps, 99) * 1000, 3),
-        "gap_max_ms": round(max(gaps, default=float("nan")) * 1000, 3),
-        "stalls": sum(1 for gap in gaps if gap > stall_seconds),
-        "chunks": len(gaps) + done,
-    }
+    result = _summary(
+        ttft, totals, gaps, done=done, errors=errors, streams_per_s=done / elapsed, stall_seconds=stall_seconds
+    )
+    if raw:
+        result |= {"ttft_s": ttft, "totals_s": totals, "gaps_s": gaps}
+    return result

@@ -1,7 +1,7 @@
 """Complete overhead: streams through routesvc vs the same fake provider called directly.
 
     .venv/bin/python -m bench.complete_overhead [--duration 3] [--rounds 2] [--concurrency 1,32,128]
-        [--chunks 20] [--chunk-delay 0.02] [--litellm] [--variant NAME:KEY=VALUE,...]
+        [--chunks 20] [--chunk-delay 0.02] [--litellm] [--variant NAME:KEY=VALUE,...] [--load-processes 1]
 
 One fake provider process (``python -m routesvc.testing``) answers every request with
 ``--chunks`` text chunks ``--chunk-delay`` seconds apart. ``direct`` streams from it with the
@@ -10,7 +10,9 @@ process whose providers point at the same fake, routing the prompts with its def
 in production (most go to gpt-4o-mini over the openai SDK; the code request to gpt-4o, the
 poem to claude-sonnet over the anthropic SDK); ``litellm`` (with ``--litellm``) streams with the
 same SDK through LiteLLM's proxy in front of the same fake. Load comes from a separate
-process, closed loop, targets alternating round by round. Reported: time to first text chunk
+process (or, with ``--load-processes N``, from N processes side by side, the same for every
+target: one Python SDK client process saturates before the service does), closed loop, targets
+alternating round by round. Reported: time to first text chunk
 (TTFT) and total time, p50/p99, and what each adds to ``direct``; chunk inter-arrival p99;
 stalls (gaps over ``--stall`` seconds).
 """
@@ -28,6 +30,7 @@ from bench._harness import (
     cpu_seconds,
     fake_provider,
     in_subprocess,
+    in_subprocesses,
     print_table,
     routesvc_config,
     routesvc_server,
@@ -47,6 +50,19 @@ _KEYS = (
 )
 
 
+def _load_streams(args: argparse.Namespace, kind: str, target: str, concurrency: int) -> dict[str, Any]:
+    """One closed-loop run at ``concurrency`` streams, from one load process or split over
+    ``--load-processes`` running side by side (their samples merged)."""
+    processes = max(1, min(args.load_processes, concurrency))
+    if processes == 1:
+        return dict(
+            in_subprocess(_load.streams, kind, target, concurrency, args.duration, args.max_streams, args.stall)
+        )
+    shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
+    argsets = [(kind, target, share, args.duration, args.max_streams, args.stall, 0.5, True) for share in shares]
+    return _load.merge_streams(in_subprocesses(_load.streams, argsets), args.stall)
+
+
 def run(argv: list[str] | None = None, *, litellm_default: bool = False, output: str = "complete_overhead") -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per run")
@@ -60,6 +76,12 @@ def run(argv: list[str] | None = None, *, litellm_default: bool = False, output:
     parser.add_argument("--variant", action="append", default=[], help="NAME:server_field=value,...")
     parser.add_argument(
         "--code-variant", action="append", default=[], help="NAME:DIR routesvc served from another source tree"
+    )
+    parser.add_argument(
+        "--load-processes",
+        type=int,
+        default=1,
+        help="split each level's streams over this many load processes (the same for every target)",
     )
     parser.add_argument("--output", default=output)
     args = parser.parse_args(argv)
@@ -91,9 +113,7 @@ def run(argv: list[str] | None = None, *, litellm_default: bool = False, output:
                 for name in order:
                     kind, target, pid = targets[name]
                     cpu_before = cpu_seconds(pid) if pid else 0.0
-                    result = in_subprocess(
-                        _load.streams, kind, target, concurrency, args.duration, args.max_streams, args.stall
-                    )
+                    result = _load_streams(args, kind, target, concurrency)
                     # CPU of the process in the middle per stream (priming streams included).
                     result["middle_cpu_ms_per_stream"] = (
                         round((cpu_seconds(pid) - cpu_before) * 1e3 / max(1, result["streams"] + concurrency), 3)
@@ -159,7 +179,8 @@ def run(argv: list[str] | None = None, *, litellm_default: bool = False, output:
     path = write_results(
         args.output,
         {
-            "method": "closed loop from a separate process; medians over rounds; added = target - direct",
+            "method": "closed loop from separate load processes; medians over rounds; added = target - direct",
+            "load_processes": args.load_processes,
             "duration_s": args.duration,
             "rounds": args.rounds,
             "chunks": args.chunks,
