@@ -63,6 +63,12 @@ class TestBenchHarness:
         pooled = json.loads(out.read_text())["pooled"]
         assert pooled["rows"] == len(records("synthetic"))
         assert pooled["apgr"] > pooled["random"] + 0.2
+        assert pooled["gap"] == 0.5
+        # Judged on another pair of the file's models (the weak one against the constant "other"):
+        # the same fit, another gap (hard rows -0.5, easy rows +0.5).
+        judged = [*command, "--judge-strong", WEAK, "--judge-weak", "other"]
+        subprocess.run(judged, cwd=REPO, check=True, capture_output=True, timeout=180)
+        assert json.loads(out.read_text())["pooled"]["gap"] == 0.0
 
     def test_difficulty_ceiling_ranks_by_the_other_models_and_sees_a_peaked_gap(self, tmp_path: Path) -> None:
         """Easy rows (all succeed), middling rows (only the strong model and a third model succeed)
