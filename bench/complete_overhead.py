@@ -116,7 +116,7 @@ def run(argv: list[str] | None = None, *, litellm_default: bool = False, output:
                     result = _load_streams(args, kind, target, concurrency)
                     # CPU of the process in the middle per stream (priming streams included).
                     result["middle_cpu_ms_per_stream"] = (
-                        round((cpu_seconds(pid) - cpu_before) * 1e3 / max(1, result["streams"] + concurrency), 3)
+                        round((cpu_seconds(pid) - cpu_before) * 1e3 / max(1, result["streams"] + result["primed"]), 3)
                         if pid
                         else 0.0
                     )

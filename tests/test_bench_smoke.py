@@ -116,6 +116,32 @@ class TestBenchHarness:
         assert "coding: 100.0% of 1 as code_generation" in output
         assert "creative_writing: 100.0% of 1 as creative_writing" in output
 
+    def test_streams_from_several_load_processes_merge_into_one_distribution(self) -> None:
+        """--load-processes: the samples of load processes that ran side by side are pooled before
+        percentiles are taken (not averaged percentiles), counts and rates summed."""
+        first = {
+            "ttft_s": [0.010] * 99,
+            "totals_s": [0.4] * 99,
+            "gaps_s": [0.02],
+            "streams": 99,
+            "errors": 0,
+            "streams_per_s": 9.9,
+            "primed": 8,
+        }
+        second = {
+            "ttft_s": [0.110],
+            "totals_s": [0.5],
+            "gaps_s": [0.3],
+            "streams": 1,
+            "errors": 2,
+            "streams_per_s": 0.1,
+            "primed": 8,
+        }
+        merged = _load.merge_streams([first, second], stall_seconds=0.25)
+        assert (merged["streams"], merged["errors"], merged["streams_per_s"], merged["stalls"]) == (100, 2, 10.0, 1)
+        assert (merged["ttft_p50_ms"], merged["primed"]) == (10.0, 16)
+        assert merged["ttft_p99_ms"] == pytest.approx(11.0)
+
 
 class TestHandLabels:
     @pytest.mark.skipif(not SHARED_DATA.exists(), reason="the shared routing data is not beside the repository")
@@ -156,27 +182,3 @@ class TestHandLabels:
         assert pooled[key]["aiq"] > pooled["random"]["aiq"]
         assert pooled[key]["cpt50"] < pooled["random"]["cpt50"]
         assert set(result["task_cpt"]["routerbench_train:alpha"][key]) == {"cpt50", "cpt80"}
-
-    def test_streams_from_several_load_processes_merge_into_one_distribution(self) -> None:
-        """--load-processes: the samples of load processes that ran side by side are pooled before
-        percentiles are taken (not averaged percentiles), counts and rates summed."""
-        first = {
-            "ttft_s": [0.010] * 99,
-            "totals_s": [0.4] * 99,
-            "gaps_s": [0.02],
-            "streams": 99,
-            "errors": 0,
-            "streams_per_s": 9.9,
-        }
-        second = {
-            "ttft_s": [0.110],
-            "totals_s": [0.5],
-            "gaps_s": [0.3],
-            "streams": 1,
-            "errors": 2,
-            "streams_per_s": 0.1,
-        }
-        merged = _load.merge_streams([first, second], stall_seconds=0.25)
-        assert (merged["streams"], merged["errors"], merged["streams_per_s"], merged["stalls"]) == (100, 2, 10.0, 1)
-        assert merged["ttft_p50_ms"] == 10.0
-        assert merged["ttft_p99_ms"] == pytest.approx(11.0)
