@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -91,11 +92,26 @@ def _service_handlers(service: RouterService, telemetry: Telemetry) -> dict[str,
     return handlers
 
 
+def _freeze_heap() -> None:
+    """Collect, then move every object alive now out of the cycle collector's reach (``gc.freeze``).
+
+    About 240,000 objects are built at start (WordLlama, catalogs, protobuf descriptors, the SDKs);
+    left in the collected generations, every full collection walks them all and holds the event
+    loop ~170 ms, stalling every stream in flight (one such pause in 10 s of 32 streams, measured
+    with ``gc.callbacks``); frozen, the same collection takes ~2 ms. Frozen objects are still freed
+    by reference counting; only cycles among them wait for the next ``gc.unfreeze``.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class Server:
     """A running routesvc server. ``async with Server(settings) as server`` starts it on
     ``server.port``; leaving the block (or ``aclose``) drains and stops it. ``telemetry``
     (default: built from ``settings.telemetry``) is shut down with the server. ``reuse_port``
-    lets several processes listen on one port (see ``routesvc.supervisor``)."""
+    lets several processes listen on one port (see ``routesvc.supervisor``). ``freeze_heap``
+    (``routesvc serve`` sets it) freezes the heap built at start and again after a reload: a
+    process-wide setting, so it is off for servers embedded in other programs and tests."""
 
     def __init__(
         self,
@@ -105,6 +121,7 @@ class Server:
         port: int | None = None,
         telemetry: Telemetry | None = None,
         reuse_port: bool = False,
+        freeze_heap: bool = False,
     ) -> None:
         self._settings = settings
         self.telemetry = telemetry or Telemetry(settings)
@@ -142,6 +159,7 @@ class Server:
             self.port = self._server.add_secure_port(address, _server_credentials(tls))
         self.target = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{self.port}"
         self._stopped = asyncio.Event()
+        self._freeze_heap = freeze_heap
         self._retired: list[Router] = []
         self._watcher: asyncio.Task[None] | None = None
 
@@ -166,10 +184,17 @@ class Server:
         self._settings = settings
         if not same_providers:
             self._retired.append(old)
+        if self._freeze_heap:
+            # The new router's objects join the frozen ones; cycles the old one leaves are
+            # collected once here (a single pause per reload) instead of never.
+            gc.unfreeze()
+            _freeze_heap()
 
     async def start(self) -> None:
         """Start serving, report SERVING, and watch the config file when there is one."""
         await self.batches.start()
+        if self._freeze_heap:
+            _freeze_heap()  # before the port accepts calls: the one full collection pauses nobody
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         interval = self._settings.config.server.reload_interval_seconds
@@ -239,7 +264,7 @@ async def serve(settings: Settings, port: int | None = None, *, reuse_port: bool
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    server = Server(settings, port=port, reuse_port=reuse_port)
+    server = Server(settings, port=port, reuse_port=reuse_port, freeze_heap=True)
     await server.start()
     await stop.wait()
     log.info("server_draining")
