@@ -149,6 +149,8 @@ def main() -> int:
     cpt_summary: dict[str, dict[str, dict[str, float]]] = {}
     for group, member in GROUPS.items():
         names = [t for t in results if member(t)]
+        if not names:  # no judged task of this group in the data
+            continue
         summary[group] = {m: float(np.mean([results[t][m] for t in names])) for m in methods}
         cpt_summary[group] = {
             m: {c: float(np.mean([cpts[t][m][c] for t in names])) for c in ("cpt50", "cpt80")}
@@ -202,6 +204,8 @@ def main() -> int:
         plot_curves(curves, args.plots / "loto-routerbench.png", "RouterBench rows, leave-one-task-out")
         for group in ("chat", "math", "exams"):
             names = [t for t in results if GROUPS[group](t)]
+            if not names:
+                continue
             task = max(names, key=lambda t: results[t]["_n"])
             rows = by_task[task]
             s, w = pairs[task]

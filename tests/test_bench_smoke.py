@@ -21,6 +21,10 @@ from tests.conftest import REPO, SHARED_DATA, default_config, live_environ, sett
 from tests.routing_data import STRONG, WEAK, records, write_jsonl
 
 
+def _refuse(constant: str) -> object:
+    raise ValueError(f"{constant} in JSON output")
+
+
 class TestBenchHarness:
     def test_percentiles_interpolate(self) -> None:
         """p50 of 1..5 is 3, p99 interpolates between the two largest, summaries are in ms."""
@@ -175,7 +179,7 @@ class TestHandLabels:
         command = [sys.executable, "bench/loto.py", "--data", str(data), "--strong", STRONG, "--weak", WEAK]
         command += ["--encoders", "hashing", "--variants", "default", "--json", str(out)]
         subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=300)
-        result = json.loads(out.read_text())
+        result = json.loads(out.read_text(), parse_constant=_refuse)  # strict JSON: no NaN
         pooled = result["routerbench_pooled_metrics"]
         key = "hashing / default"
         assert result["summary"]["routerbench pooled"][key] > 0.7
