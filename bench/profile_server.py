@@ -66,6 +66,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--html", default="")
     args = parser.parse_args()
+    from routesvc.config import limit_native_threads
+
+    # One BLAS thread, as `routesvc serve` does: the server runs in this process (see bench/soak.py).
+    limit_native_threads()
     with contextlib.ExitStack() as stack:
         fake = stack.enter_context(fake_provider(20, 0.01)) if args.scenario == "complete" else None
         asyncio.run(_profile(args, fake))

@@ -335,6 +335,12 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=120.0, help="memory growth is measured after this")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     args = parser.parse_args()
+    from routesvc.config import limit_native_threads
+
+    # One BLAS thread, as `routesvc serve` does: the server runs in this process, and on 2 cores
+    # OpenBLAS's spinning threads (the classifier's products cross its threading size) took a
+    # third of the soak's request rate.
+    limit_native_threads()
     configure_logging(LoggingConfig(level="error", format="json"))
     result = asyncio.run(_serve(args))
     result["args"] = {k: v for k, v in vars(args).items() if k != "out"}
