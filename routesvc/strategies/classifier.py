@@ -150,7 +150,7 @@ class TaskClassifier:
         unit length, kept as its two parts and their norms (one product each, no stacked copy per
         prompt). ``_gather`` holds each label's example columns, padded with the column of -inf
         appended after them, so one partition finds every label's closest examples at once."""
-        self._example_vectors = _unit(vectors).astype(np.float32)
+        self._example_vectors = np.asarray(vectors, dtype=np.float32)  # unit rows: the Encoder contract
         self._example_words = np.asarray(words, dtype=np.float32)
         self._example_norms = _space_norms(self._example_vectors, self._example_words)
         counts = np.bincount(label_of, minlength=len(self.labels))
@@ -176,7 +176,7 @@ class TaskClassifier:
         vectors, words = self._encoder.encode(texts), word_hashes(texts, _HASH_DIM)
         raw = vectors @ self._vector_weights + words @ self._word_weights + lexical_matrix(texts) @ self._cue_weights
         ridge = _softmax(raw + self._bias, _RIDGE_SHARPNESS)
-        units = _unit(vectors).astype(np.float32)
+        units = np.asarray(vectors, dtype=np.float32)
         products = units @ self._example_vectors.T + _WORDS_WEIGHT**2 * (words @ self._example_words.T)
         similarities = products / (_space_norms(units, words)[:, None] * self._example_norms[None, :])
         padded = np.concatenate([similarities, np.full((len(texts), 1), -np.inf, dtype=np.float32)], axis=1)
@@ -203,12 +203,6 @@ def _space_norms(units: np.ndarray, words: np.ndarray) -> np.ndarray[tuple[int],
     as a word)."""
     squares = np.einsum("ij,ij->i", units, units) + _WORDS_WEIGHT**2 * np.einsum("ij,ij->i", words, words)
     return np.asarray(np.maximum(np.sqrt(squares), 1e-12), dtype=np.float32)
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray[tuple[int, int], np.dtype[np.float64]]:
-    rows = np.asarray(vectors, dtype=np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))[:, None]
-    return np.asarray(rows / np.maximum(norms, 1e-12), dtype=np.float64)
 
 
 def _softmax(scores: np.ndarray, sharpness: float) -> np.ndarray[tuple[int, int], np.dtype[np.float64]]:
