@@ -210,9 +210,7 @@ def cpu_seconds(pid: int) -> float:
 
 def in_subprocess(function: Callable[..., Any], *args: Any) -> Any:
     """``function(*args)`` in a fresh (spawned) process: the load generator. Returns its result."""
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(function, args)
+    return in_subprocesses(function, [args])[0]
 
 
 def in_subprocesses(function: Callable[..., Any], argsets: Sequence[tuple[Any, ...]]) -> list[Any]:

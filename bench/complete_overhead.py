@@ -29,7 +29,6 @@ from bench import _load
 from bench._harness import (
     cpu_seconds,
     fake_provider,
-    in_subprocess,
     in_subprocesses,
     print_table,
     routesvc_config,
@@ -51,13 +50,9 @@ _KEYS = (
 
 
 def _load_streams(args: argparse.Namespace, kind: str, target: str, concurrency: int) -> dict[str, Any]:
-    """One closed-loop run at ``concurrency`` streams, from one load process or split over
-    ``--load-processes`` running side by side (their samples merged)."""
+    """One closed-loop run at ``concurrency`` streams, split over ``--load-processes`` load
+    processes running side by side (their samples merged; one process by default)."""
     processes = max(1, min(args.load_processes, concurrency))
-    if processes == 1:
-        return dict(
-            in_subprocess(_load.streams, kind, target, concurrency, args.duration, args.max_streams, args.stall)
-        )
     shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     argsets = [(kind, target, share, args.duration, args.max_streams, args.stall, 0.5, True) for share in shares]
     return _load.merge_streams(in_subprocesses(_load.streams, argsets), args.stall)
