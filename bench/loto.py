@@ -114,11 +114,7 @@ def main() -> int:
                     calibrate=False,
                 )
                 texts = [records[i].prompt for i in rows]
-                emb = embeddings[rows]
-                raw = router.within.predict(router.features(texts, emb))[:, 0] + settings.prior_weight * router.prior(
-                    emb
-                )
-                held_scores[key][task] = raw
+                held_scores[key][task] = router.raw(texts, embeddings[rows])
             print(f"{key}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     rng = np.random.default_rng(0)
     for task, rows in sorted(by_task.items()):

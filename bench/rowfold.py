@@ -76,12 +76,7 @@ def main() -> int:
         router = fit_router(
             [records[i] for i in train], args.strong, args.weak, encoder, settings, embeddings=embeddings[train]
         )
-        texts = [records[i].prompt for i in test]
-        vectors = embeddings[test]
-        raw = router.within.predict(router.features(texts, vectors))[:, 0] + settings.prior_weight * router.prior(
-            vectors
-        )
-        scores[test] = router.calibrate(raw)
+        scores[test] = router.calibrate(router.raw([records[i].prompt for i in test], embeddings[test]))
         print(f"fold {fold}: {len(test)} rows scored ({time.perf_counter() - started:.0f}s)", file=sys.stderr)
     judge_strong, judge_weak = args.judge_strong or args.strong, args.judge_weak or args.weak
     result: dict[str, dict[str, float]] = {}

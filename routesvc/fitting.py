@@ -216,14 +216,18 @@ class FittedRouter:
             parts.append(lexical_matrix(texts))
         return np.hstack(parts).astype(np.float64) if parts else np.zeros((len(texts), 1))
 
+    def raw(self, texts: Sequence[str], embeddings: Vectors) -> FloatArray:
+        """Uncalibrated scores of ``texts`` (already ``bounded``) with their ``embeddings``: the
+        within-task prediction plus the weighted neighbour prior."""
+        within = self.within.predict(self.features(texts, embeddings))[:, 0]
+        return within + self.settings.prior_weight * self.prior(embeddings)
+
     def raw_scores(self, texts: Sequence[str], progress: Progress = _identity, chunk: int = 512) -> FloatArray:
-        """Uncalibrated scores (within-task prediction plus weighted neighbour prior)."""
+        """Uncalibrated scores (``raw``), encoding the texts in chunks."""
         out = np.zeros(len(texts))
         for start in progress(range(0, len(texts), chunk), (len(texts) + chunk - 1) // chunk, "scoring"):
             batch = [bounded(text) for text in texts[start : start + chunk]]
-            embeddings = self.encoder.encode(batch)
-            within = self.within.predict(self.features(batch, embeddings))[:, 0]
-            out[start : start + len(batch)] = within + self.settings.prior_weight * self.prior(embeddings)
+            out[start : start + len(batch)] = self.raw(batch, self.encoder.encode(batch))
         return out
 
     def prior(self, embeddings: Vectors) -> FloatArray:
@@ -338,6 +342,5 @@ def fit_router(
     router.within = RidgeModel.fit(router.features(texts, vectors), target, settings.alpha, weight)
     if not calibrate:
         return router
-    raw = router.within.predict(router.features(texts, vectors))[:, 0] + settings.prior_weight * router.prior(vectors)
-    router.quantiles = np.quantile(raw, np.linspace(0, 1, 1001))
+    router.quantiles = np.quantile(router.raw(texts, vectors), np.linspace(0, 1, 1001))
     return router

@@ -101,8 +101,7 @@ class EmbeddingStage:
         text = bounded(text)
         embedding = self._embed(text)
         batch = embedding[None, :]
-        raw = self._router.within.predict(self._router.features([text], batch))[:, 0]
-        raw = raw + self._router.settings.prior_weight * self._router.prior(batch)
+        raw = self._router.raw([text], batch)
         value = float(self._router.calibrate(raw)[0]) if text.strip() else 0.0
         used = 0
         if len(self._library) and self._library.shape[1] == len(embedding):
