@@ -163,21 +163,21 @@ def main() -> int:
     weak_cost = np.array([records[rows[k]].cost_usd.get(w, np.nan) for k in keep])
     costs = (strong_cost, weak_cost) if not (np.isnan(strong_cost).any() or np.isnan(weak_cost).any()) else (None, None)
     pooled: dict[str, float] = {"oracle": evaluate_scores(strong - weak, strong, weak).apgr, "random": 0.5}
+
     # CPT and AIQ of the pooled file (AIQ from its real per-prompt costs); random is the mean of 20.
-    pooled_metrics: dict[str, dict[str, float | None]] = {}
-    for name, score in [("oracle", strong - weak)] + [(f"random {i}", rng.random(len(keep))) for i in range(20)]:
+    def pooled_report(score: npt.NDArray[np.float64]) -> tuple[float, dict[str, float | None]]:
         report = evaluate_scores(score, strong, weak, *costs)
-        pooled_metrics[name] = {"cpt50": report.cpt50, "cpt80": report.cpt80, "aiq": report.aiq}
-    randoms = [pooled_metrics.pop(f"random {i}") for i in range(20)]
+        return report.apgr, {"cpt50": report.cpt50, "cpt80": report.cpt80, "aiq": report.aiq}
+
+    pooled_metrics: dict[str, dict[str, float | None]] = {"oracle": pooled_report(strong - weak)[1]}
+    randoms = [pooled_report(rng.random(len(keep)))[1] for _ in range(20)]
     pooled_metrics["random"] = {
         c: float(np.mean([float(r[c]) for r in randoms if r[c] is not None])) for c in ("cpt50", "cpt80", "aiq")
     }
     curves: dict[str, RoutingCurve] = {}
     for key, per_task in held_scores.items():
         score = np.concatenate([per_task[t] for t in rb])[keep]
-        report = evaluate_scores(score, strong, weak, *costs)
-        pooled[key] = report.apgr
-        pooled_metrics[key] = {"cpt50": report.cpt50, "cpt80": report.cpt80, "aiq": report.aiq}
+        pooled[key], pooled_metrics[key] = pooled_report(score)
         curves[key] = routing_curve(score, strong, weak)
     curves["oracle"] = routing_curve(strong - weak, strong, weak)
     summary["routerbench pooled"] = pooled
