@@ -193,6 +193,31 @@ def bare_server(*flags: str) -> Iterator[tuple[str, int]]:
         yield f"127.0.0.1:{port}", pid
 
 
+CACHE = Path(os.environ.get("ROUTESVC_CACHE") or Path.home() / ".cache" / "routesvc")
+
+
+def go_load_binary() -> Path:
+    """``bench/goload`` built into the cache (Go's build cache makes a rebuild of unchanged code
+    take about a second); the module and build caches are the ones ``.ci/clients.sh`` uses."""
+    binary = CACHE / "bin" / "routesvc-goload"
+    env = clean_env(
+        GOMODCACHE=str(CACHE / "go" / "mod"),
+        GOCACHE=str(CACHE / "go" / "build"),
+        GOTOOLCHAIN="local",
+        GOSUMDB="off",
+        GOFLAGS="-mod=mod",
+    )
+    subprocess.run(  # noqa: S603 - our own Go program
+        ["go", "build", "-o", str(binary), "."],  # noqa: S607 - go from PATH, as .ci/clients.sh runs it
+        cwd=REPO / "bench" / "goload",
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return binary
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of ``pid`` and its child processes (workers), in seconds."""
     tick = os.sysconf("SC_CLK_TCK")

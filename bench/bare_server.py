@@ -1,9 +1,11 @@
 """The baseline: a bare grpc.aio server with empty RouterService handlers of the same message shapes.
 
-``python -m bench.bare_server --port N [--uvloop]``. It is built from the same generated stubs
+``python -m bench.bare_server --port N [--uvloop] [--workers N]``. It is built from the same generated stubs
 in ``routesvc/v1``; Route answers one pre-built ``RouteResponse`` shaped like routesvc's answer
 to a short prompt (model, reasons, three candidates), so the framework parses the same request
 and serialises a response of the same size. Nothing else: no interceptor, logging or health.
+``--workers N`` runs N such processes on the one port (grpc sets ``SO_REUSEPORT``), the
+reference for routesvc's ``server.workers``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -114,7 +117,24 @@ def main() -> None:
     parser.add_argument("--initial-metadata", action="store_true", help="send initial metadata on Route")
     parser.add_argument("--interceptor", action="store_true", help="add a pass-through server interceptor")
     parser.add_argument("--log", action="store_true", help="one structlog JSON line per Route (to /dev/null)")
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     args = parser.parse_args()
+    # The other workers: this command with one worker each; they end with this process.
+    command = [sys.executable, "-m", "bench.bare_server", "--port", str(args.port)]
+    for flag in ("uvloop", "initial_metadata", "interceptor", "log"):
+        if getattr(args, flag):
+            command.append("--" + flag.replace("_", "-"))
+    others = [subprocess.Popen(command) for _ in range(args.workers - 1)]  # noqa: S603 - this very module
+    try:
+        _serve(args)
+    finally:
+        for other in others:
+            other.terminate()
+        for other in others:
+            other.wait(10)
+
+
+def _serve(args: argparse.Namespace) -> None:
     main = serve(args.port, initial_metadata=args.initial_metadata, interceptor=args.interceptor, log=args.log)
     if args.uvloop:
         import uvloop

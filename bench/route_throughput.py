@@ -1,14 +1,17 @@
 """Route throughput and latency: routesvc (rule-based policy) vs a bare grpc.aio server.
 
     .venv/bin/python -m bench.route_throughput [--duration 3] [--rounds 2] [--concurrency 1,16,128]
-        [--rate 1000] [--variant NAME:KEY=VALUE,...]
+        [--rate 1000] [--variant NAME:KEY=VALUE,...] [--load python|go] [--connections N]
 
 Both servers run as their own processes for the whole run; a separate process drives
 closed-loop load at each concurrency, alternating the targets round by round so that drift in
 the machine's speed hits both. Then an open-loop pass at ``--rate`` requests/s measures p99
 against the issue's target. Reports medians over rounds, and ratios to the bare server.
 A ``--variant`` adds a routesvc server with other ``server`` config fields (e.g.
-``uvloop:uvloop=true`` or ``w2:workers=2``).
+``uvloop:uvloop=true`` or ``w2:workers=2``). ``--load go`` drives the load from ``bench/goload``
+instead of a Python process: a Go client costs the machine far less CPU per call, so the server
+under test is not starved by its own load generator; ``--connections`` spreads the calls over
+several TCP connections, which ``SO_REUSEPORT`` workers need (they share a port by connection).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from bench import _load
 from bench._harness import (
     bare_server,
     cpu_seconds,
+    go_load_binary,
     in_subprocess,
     policy_config,
     print_table,
@@ -67,7 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         "--bare-variant", action="append", default=[], help="NAME:--flag,... a bare server with bench.bare_server flags"
     )
     parser.add_argument(
-        "--policy", action="append", default=[], help="NAME:default|rules|embedding a routesvc with that policy"
+        "--policy",
+        action="append",
+        default=[],
+        help="NAME:default|rules|embedding[:KEY=VALUE,...] a routesvc with that policy (and server fields)",
     )
     parser.add_argument(
         "--code-variant",
@@ -75,8 +82,40 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="NAME:DIR[:POLICY] routesvc served from another source tree (POLICY as in --policy)",
     )
+    parser.add_argument("--load", choices=("python", "go"), default="python", help="the load generator")
+    parser.add_argument("--connections", type=int, default=1, help="TCP connections of the load (go only)")
     parser.add_argument("--output", default="route_throughput")
     args = parser.parse_args(argv)
+    if args.connections != 1 and args.load != "go":
+        parser.error("--connections needs --load go")
+    goload = str(go_load_binary()) if args.load == "go" else ""
+
+    def closed_loop(target: str, concurrency: int) -> dict[str, Any]:
+        if goload:
+            return _load.route_go(
+                goload,
+                target,
+                concurrency=concurrency,
+                duration=args.duration,
+                max_requests=args.max_requests,
+                unique=args.unique,
+                connections=args.connections,
+            )
+        result: dict[str, Any] = in_subprocess(
+            _load.route_closed_loop, target, concurrency, args.duration, args.max_requests, 0.5, args.unique
+        )
+        return result
+
+    def open_loop_at(target: str) -> dict[str, Any]:
+        if goload:
+            return _load.route_go(
+                goload, target, duration=args.duration, unique=args.unique, connections=args.connections, rate=args.rate
+            )
+        result: dict[str, Any] = in_subprocess(
+            _load.route_open_loop, target, args.rate, args.duration, 0.5, args.unique
+        )
+        return result
+
     levels = [int(c) for c in args.concurrency.split(",")]
     variants = [parse_variant(v) for v in args.variant]
 
@@ -87,8 +126,11 @@ def main(argv: list[str] | None = None) -> None:
             targets[name] = stack.enter_context(routesvc_server(routesvc_config(**fields)))
         fitted = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "router"
         for spec in args.policy:
-            name, _, kind = spec.partition(":")
-            targets[name] = stack.enter_context(routesvc_server(policy_config(kind, fitted)))
+            name, _, rest = spec.partition(":")
+            kind, _, fields = rest.partition(":")
+            config = policy_config(kind, fitted)
+            config["server"].update(parse_variant(f"{name}:{fields}")[1])
+            targets[name] = stack.enter_context(routesvc_server(config))
         for spec in args.code_variant:
             name, _, rest = spec.partition(":")
             folder, _, kind = rest.partition(":")
@@ -104,15 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                 for name in order:
                     target, pid = targets[name]
                     cpu_before = cpu_seconds(pid)
-                    result = in_subprocess(
-                        _load.route_closed_loop,
-                        target,
-                        concurrency,
-                        args.duration,
-                        args.max_requests,
-                        0.5,
-                        args.unique,
-                    )
+                    result = closed_loop(target, concurrency)
                     # Includes the priming calls: a slight overestimate, the same for every target.
                     result["server_cpu_us_per_call"] = round(
                         (cpu_seconds(pid) - cpu_before) * 1e6 / max(1, result["requests"] + result["primed"]), 1
@@ -122,9 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         open_loop: dict[str, dict[str, Any]] = {}
         if args.rate:
             for name in targets:
-                open_loop[name] = in_subprocess(
-                    _load.route_open_loop, targets[name][0], args.rate, args.duration, 0.5, args.unique
-                )
+                open_loop[name] = open_loop_at(targets[name][0])
                 print(f"  {name} open loop {args.rate:g}/s: {open_loop[name]}", flush=True)
 
     rows = []
@@ -175,7 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     path = write_results(
         args.output,
         {
-            "method": "closed loop from a separate process, one channel; medians over rounds",
+            "method": f"closed loop from a separate process ({args.load}, {args.connections} connection(s)); "
+            "medians over rounds",
+            "load": args.load,
+            "connections": args.connections,
             "duration_s": args.duration,
             "rounds": args.rounds,
             "unique_texts": args.unique,

@@ -13,7 +13,7 @@ from types import MappingProxyType
 import pytest
 
 from bench import _load
-from bench._harness import percentile, summary_ms
+from bench._harness import go_load_binary, percentile, summary_ms
 from routesvc.outcomes import OutcomeRecord, read_outcomes
 from routesvc.server import Server
 from routesvc.testing import FakeProvider
@@ -40,6 +40,22 @@ class TestBenchHarness:
         assert (route["errors"], route["requests"] > 0) == (0, True)
         for result in (streams, direct):
             assert (result["errors"], result["streams"] > 0, result["stalls"]) == (0, True, 0)
+
+    async def test_the_go_load_drives_route_closed_and_open_loop_over_several_connections(
+        self, fake: FakeProvider
+    ) -> None:
+        """``bench/goload`` (built with the Go toolchain) completes calls without errors, in both
+        loops, over several connections, and reports its own CPU per call."""
+        binary = str(await asyncio.to_thread(go_load_binary))
+        async with Server(settings_from(default_config(), live_environ(fake)), port=0) as server:
+            closed = await asyncio.to_thread(
+                _load.route_go, binary, server.target, concurrency=3, duration=0.3, connections=2, unique=True
+            )
+            opened = await asyncio.to_thread(_load.route_go, binary, server.target, duration=0.3, rate=50, warmup=0.1)
+        assert (closed["errors"], closed["primed"], closed["requests"] > 0) == (0, 3, True)
+        assert (opened["errors"], opened["requests"], opened["rate"]) == (0, 15, 50)
+        assert closed["load_cpu_us_per_call"] > 0
+        assert closed["p99_ms"] >= closed["p50_ms"] > 0
 
     def test_a_short_soak_checks_every_chunk_and_samples_memory_over_time(self, tmp_path: Path) -> None:
         """Six seconds of soak with faults and cancels: streams checked, none bad, memory sampled
