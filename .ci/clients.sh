@@ -250,6 +250,9 @@ record() {  # language passed failed
 if wants go; then
   step "go: vet, example, interop tests against $TARGET"
   (cd clients/go && go vet ./... && go run ./cmd/example -insecure -target "$TARGET" "Say hello")
+  # The benchmark's Go load generator is built on these stubs: formatted and vetted with them.
+  (cd bench/goload && unformatted=$(gofmt -l .) && [[ -z $unformatted ]] && go vet ./...) ||
+    { echo "bench/goload: gofmt or go vet failed" >&2; exit 1; }
   (cd clients/go && go test -count=1 -v ./...) 2>&1 | tee "$LOGS/go.log"
   record go "$(grep -c '^--- PASS' "$LOGS/go.log" || true)" "$(grep -c '^--- FAIL' "$LOGS/go.log" || true)"
 fi
