@@ -163,6 +163,12 @@ class TestStreaming:
             events = await collect(provider, make_call())
             assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
 
+    async def test_a_delta_of_the_wrong_type_is_ignored(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A text delta whose text is a number adds nothing; the rest of the stream is intact."""
+        fake.enqueue(Script(fault=Fault.WRONG_TYPES, fault_after=2))
+        events = await collect(provider, make_call())
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+
     async def test_missing_usage_is_estimated(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
         """A stream without usage still finishes, with estimated usage, logged without content."""
         fake.enqueue(Script(omit_usage=True))
@@ -336,11 +342,14 @@ class TestMidStreamFailures:
         texts, error = await collect_until_error(provider, make_call())
         assert (texts, type(error)) == ([], ProviderUnavailable)
 
-    @pytest.mark.parametrize("fault", [Fault.MALFORMED_LINE, Fault.NON_UTF8, Fault.MISSING_TERMINATOR])
+    @pytest.mark.parametrize(
+        "fault", [Fault.MALFORMED_LINE, Fault.NON_UTF8, Fault.MISSING_TERMINATOR, Fault.NOT_AN_OBJECT]
+    )
     async def test_broken_streams_are_unavailable(
         self, fake: FakeProvider, provider: AnthropicProvider, fault: Fault
     ) -> None:
-        """Malformed JSON, non-UTF-8 bytes or a body that ends without ``message_stop``: ProviderUnavailable."""
+        """Malformed JSON, non-UTF-8 bytes, a body that ends without ``message_stop``, or an event
+        that is JSON but not an object: ProviderUnavailable."""
         fake.enqueue(Script(fault=fault, fault_after=1))
         texts, error = await collect_until_error(provider, make_call())
         assert (texts, type(error)) == (["Hello "], ProviderUnavailable)

@@ -178,6 +178,16 @@ class TestStreaming:
             events = await collect(provider, make_call())
             assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
 
+    async def test_fields_of_the_wrong_type_are_ignored(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
+        """A chunk whose model, content, choices and usage hold the wrong JSON types adds nothing
+        (chunks arrive as plain JSON objects, unvalidated); the stream and its usage are intact."""
+        fake.enqueue(Script(fault=Fault.WRONG_TYPES, fault_after=2, input_tokens=4))
+        events = await collect(provider, make_call())
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.provider_model) == (4, 5, "gpt-4o-mini-2024-07-18")
+
 
 class TestRequestShape:
     async def test_openai_kind_sends_max_completion_tokens_and_asks_for_usage(
@@ -367,11 +377,14 @@ class TestMidStreamFailures:
         texts, error = await collect_until_error(provider, make_call())
         assert (texts, type(error)) == ([], ProviderUnavailable)
 
-    @pytest.mark.parametrize("fault", [Fault.MALFORMED_LINE, Fault.NON_UTF8, Fault.MISSING_TERMINATOR])
+    @pytest.mark.parametrize(
+        "fault", [Fault.MALFORMED_LINE, Fault.NON_UTF8, Fault.MISSING_TERMINATOR, Fault.NOT_AN_OBJECT]
+    )
     async def test_broken_streams_are_unavailable(
         self, fake: FakeProvider, provider: OpenAIProvider, fault: Fault
     ) -> None:
-        """Malformed JSON, non-UTF-8 bytes or a body that ends without finishing: ProviderUnavailable."""
+        """Malformed JSON, non-UTF-8 bytes, a body that ends without finishing, or a chunk that is
+        JSON but not an object: ProviderUnavailable."""
         fake.enqueue(Script(fault=fault, fault_after=1))
         texts, error = await collect_until_error(provider, make_call())
         assert (texts, type(error)) == (["Hello "], ProviderUnavailable)

@@ -150,6 +150,19 @@ def transport_error(exc: Exception, *, provider: str, model: str) -> ProviderUna
     return ProviderUnavailable(describe(provider, model, what, type(exc).__name__), provider=provider, model=model)
 
 
-def maybe(value: _T) -> _T | None:
-    """Say that an SDK field may be None: models built from malformed events leave missing fields None."""
-    return value
+def text_field(value: object) -> str:
+    """A string field of a streamed event, read as the SDKs hand events over here (decoded JSON,
+    unvalidated); anything else (missing, null, a number, an object) reads as empty."""
+    return value if isinstance(value, str) else ""
+
+
+def count_field(value: object) -> int | None:
+    """A token count of a streamed event: a non-negative integer, else None (missing or malformed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def object_field(value: object) -> dict[str, object]:
+    """An object field of a streamed event; anything else reads as empty."""
+    return value if isinstance(value, dict) else {}

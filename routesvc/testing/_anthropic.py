@@ -77,6 +77,11 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
         Fault.NON_UTF8: b"event: content_block_delta\ndata: \xff\xfe\xfd\n\n",
         Fault.UNKNOWN_EVENT: sse({"type": "fake_unknown"}, "fake_unknown"),
         Fault.INCOMPLETE_EVENT: sse({"type": "content_block_delta"}, "content_block_delta"),
+        Fault.WRONG_TYPES: sse(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 5}},
+            "content_block_delta",
+        ),
+        Fault.NOT_AN_OBJECT: b"event: content_block_delta\ndata: [1, 2]\n\n",
     }
     block_start = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
     await stream_events(

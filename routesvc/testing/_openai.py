@@ -96,6 +96,15 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
         Fault.NON_UTF8: b"data: \xff\xfe\xfd\n\n",
         Fault.UNKNOWN_EVENT: sse({"object": "fake.unknown", "choices": [], "id": completion_id, "model": model}),
         Fault.INCOMPLETE_EVENT: sse({"object": "chat.completion.chunk", "choices": [{"delta": None}]}),
+        Fault.WRONG_TYPES: sse(
+            {
+                "object": "chat.completion.chunk",
+                "model": 7,
+                "choices": [{"index": 0, "delta": {"content": 5}, "finish_reason": None}, "not a choice"],
+                "usage": "none",
+            }
+        ),
+        Fault.NOT_AN_OBJECT: b"data: [1, 2]\n\n",
     }
     await stream_events(
         connection,
