@@ -16,25 +16,35 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench import _load
 from bench._harness import fake_provider, in_subprocess, routesvc_config
 
 
-async def _profile(args: argparse.Namespace, fake_base: str | None) -> None:
+def in_process_settings(fake_base: str | None) -> Any:
+    """The embedded default config for a server run in this process (providers at the fake), with
+    JSON logging to /dev/null as ``routesvc serve`` would log to a collector. Replaces stdout."""
     import yaml
-    from pyinstrument import Profiler
 
     from routesvc.config import parse_config
-    from routesvc.server import Server
     from routesvc.telemetry import configure_logging
 
     environ = {"OPENAI_API_KEY": "sk-bench", "ANTHROPIC_API_KEY": "sk-bench"}
     if fake_base:
         environ |= {"OPENAI_BASE_URL": f"{fake_base}/v1", "ANTHROPIC_BASE_URL": fake_base}
     settings = parse_config(yaml.safe_dump(routesvc_config()), "<bench>", environ)
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115, ASYNC230 - stdout of this process until it exits; once, at start
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout of this process until it exits; once, at start
     configure_logging(settings.config.logging)
+    return settings
+
+
+async def _profile(args: argparse.Namespace, fake_base: str | None) -> None:
+    from pyinstrument import Profiler
+
+    from routesvc.server import Server
+
+    settings = in_process_settings(fake_base)
     async with Server(settings, port=0) as server:
         if args.scenario == "route":
             load = (_load.route_closed_loop, server.target, args.concurrency, 0.5, 1000)

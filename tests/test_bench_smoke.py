@@ -57,6 +57,22 @@ class TestBenchHarness:
         assert closed["load_cpu_us_per_call"] > 0
         assert closed["p99_ms"] >= closed["p50_ms"] > 0
 
+    def test_loop_lag_probes_the_serving_loop_under_load(self, tmp_path: Path) -> None:
+        """The loop-lag probe samples the served loop's lag while the load runs, counts GCs, and
+        reports the load's own figures beside them."""
+        command = [sys.executable, "-m", "bench.loop_lag", "--scenario", "complete", "--concurrency", "2"]
+        command += ["--load-processes", "1", "--duration", "1", "--output", "smoke_loop_lag"]
+        subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=180)
+        written = REPO / "bench" / "results" / "smoke_loop_lag.json"
+        try:
+            result = json.loads(written.read_text(), parse_constant=_refuse)
+        finally:
+            written.unlink()
+        assert result["loop_lag_ms"]["samples"] > 100
+        assert result["loop_lag_ms"]["max"] >= result["loop_lag_ms"]["p99"] >= result["loop_lag_ms"]["p50"] >= 0
+        assert (result["load"][0]["errors"], result["load"][0]["streams"] > 0) == (0, True)
+        assert result["gc"]["collections"] == sum(result["gc"]["by_generation"].values())
+
     def test_a_short_soak_checks_every_chunk_and_samples_memory_over_time(self, tmp_path: Path) -> None:
         """Six seconds of soak with faults and cancels: streams checked, none bad, memory sampled
         repeatedly (the sampling loop once stopped after its first sample)."""

@@ -186,7 +186,8 @@ class TestStreaming:
         assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
         finish = events[-1]
         assert isinstance(finish, ProviderFinish)
-        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.provider_model) == (4, 5, "gpt-4o-mini-2024-07-18")
+        usage = (finish.usage.input_tokens, finish.usage.output_tokens)
+        assert (usage, finish.provider_model) == ((4, 5), "gpt-4o-mini-2024-07-18")
 
 
 class TestRequestShape:
