@@ -53,6 +53,8 @@ FAULTS: list[dict[str, Any]] = [
     {"fault": Fault.MALFORMED_LINE},
     {"fault": Fault.MISSING_TERMINATOR},
     {"fault": Fault.HANG_BEFORE_HEADERS},
+    {"fault": Fault.NOT_AN_OBJECT},
+    {"fault": Fault.WRONG_TYPES},
 ]
 
 

@@ -150,6 +150,17 @@ def transport_error(exc: Exception, *, provider: str, model: str) -> ProviderUna
     return ProviderUnavailable(describe(provider, model, what, type(exc).__name__), provider=provider, model=model)
 
 
+def request_options(call: ProviderCall) -> dict[str, object]:
+    """The SDK request options of ``call`` (the ``options`` of ``AsyncOpenAI.post`` and
+    ``AsyncAnthropic.post``): its extra headers and its timeout, each only when set."""
+    options: dict[str, object] = {}
+    if call.headers:
+        options["headers"] = dict(call.headers)
+    if call.timeout is not None:
+        options["timeout"] = call.timeout
+    return options
+
+
 def text_field(value: object) -> str:
     """A string field of a streamed event, read as the SDKs hand events over here (decoded JSON,
     unvalidated); anything else (missing, null, a number, an object) reads as empty."""

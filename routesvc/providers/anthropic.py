@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import anthropic
 import structlog
@@ -42,6 +42,7 @@ from routesvc.providers._http import (
     error_for_status,
     guarded,
     object_field,
+    request_options,
     safe_code,
     text_field,
     transport_error,
@@ -63,6 +64,7 @@ _FINISH_REASONS = {
 _DRAIN_SECONDS = 0.1
 
 _T = TypeVar("_T")
+_C = TypeVar("_C", int, int | None)
 
 log = structlog.get_logger(__name__)
 
@@ -170,16 +172,11 @@ class AnthropicProvider:
     async def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]:
         """Stream the answer: ``TextDelta``s, then one ``ProviderFinish``; errors are ``ProviderError``s."""
         deadline = None if call.timeout is None else asyncio.get_running_loop().time() + call.timeout
-        options: anthropic.RequestOptions = {}
-        if call.headers:
-            options["headers"] = dict(call.headers)
-        if call.timeout is not None:
-            options["timeout"] = call.timeout
         request = self._client.post(
             "/v1/messages",
             body=_body(call),
             cast_to=object,
-            options=options,
+            options=cast(anthropic.RequestOptions, request_options(call)),
             stream=True,
             stream_cls=anthropic.AsyncStream[object],
         )
@@ -237,18 +234,10 @@ class AnthropicProvider:
             tally.stop_reason = text_field(object_field(event.get("delta")).get("stop_reason")) or tally.stop_reason
             usage = object_field(event.get("usage"))
             # Cumulative counts: the last one wins.
-            output_tokens = count_field(usage.get("output_tokens"))
-            if output_tokens is not None:
-                tally.output_tokens = output_tokens
-            input_tokens = count_field(usage.get("input_tokens"))
-            if input_tokens is not None:
-                tally.input_tokens = input_tokens
-            cache_read = count_field(usage.get("cache_read_input_tokens"))
-            if cache_read is not None:
-                tally.cache_read = cache_read
-            cache_write = count_field(usage.get("cache_creation_input_tokens"))
-            if cache_write is not None:
-                tally.cache_write = cache_write
+            tally.output_tokens = _latest(usage.get("output_tokens"), tally.output_tokens)
+            tally.input_tokens = _latest(usage.get("input_tokens"), tally.input_tokens)
+            tally.cache_read = _latest(usage.get("cache_read_input_tokens"), tally.cache_read)
+            tally.cache_write = _latest(usage.get("cache_creation_input_tokens"), tally.cache_write)
         elif kind == "message_stop":
             tally.stopped = True
         return ""
@@ -291,6 +280,12 @@ class AnthropicProvider:
         if isinstance(exc, anthropic.APIError):
             return ProviderUnavailable(describe(name, model, "invalid response"), provider=name, model=model)
         return transport_error(exc, provider=name, model=model)
+
+
+def _latest(value: object, previous: _C) -> int | _C:
+    """A cumulative count from an event, or ``previous`` when the event has none (or a malformed one)."""
+    count = count_field(value)
+    return previous if count is None else count
 
 
 async def _drain(stream: anthropic.AsyncStream[object]) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 import openai
 import structlog
@@ -37,6 +37,7 @@ from routesvc.providers._http import (
     error_for_status,
     guarded,
     object_field,
+    request_options,
     safe_code,
     text_field,
     transport_error,
@@ -148,16 +149,11 @@ class OpenAIProvider:
     async def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]:
         """Stream the answer: ``TextDelta``s, then one ``ProviderFinish``; errors are ``ProviderError``s."""
         deadline = None if call.timeout is None else asyncio.get_running_loop().time() + call.timeout
-        options: openai.RequestOptions = {}
-        if call.headers:
-            options["headers"] = dict(call.headers)
-        if call.timeout is not None:
-            options["timeout"] = call.timeout
         request = self._client.post(
             "/chat/completions",
             body=self._body(call),
             cast_to=object,
-            options=options,
+            options=cast(openai.RequestOptions, request_options(call)),
             stream=True,
             stream_cls=openai.AsyncStream[object],
         )
