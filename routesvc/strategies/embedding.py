@@ -94,7 +94,8 @@ class EmbeddingStage:
         return len(examples)
 
     def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
-        return self._embeddings.compute(bounded(text), lambda new: self._router.encoder.encode([new])[0])
+        """The embedding of ``text``, which is already ``bounded`` (remembered by the text)."""
+        return self._embeddings.compute(text, lambda new: self._router.encoder.encode([new])[0])
 
     def score(self, text: str) -> tuple[float, int]:
         """The calibrated strong-model preference of ``text`` and how many feedback examples moved it."""
@@ -115,7 +116,7 @@ class EmbeddingStage:
     def remember(self, decision_id: str, text: str, model: str) -> None:
         """Keep a decision's prompt embedding so later feedback on ``decision_id`` can teach the stage."""
         if self._feedback is not None:
-            self._feedback.remember(decision_id, model, self._embed(text))
+            self._feedback.remember(decision_id, model, self._embed(bounded(text)))
 
     async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
         """Strong model at or above the threshold, weak below; defer if the pick cannot serve."""
