@@ -22,6 +22,7 @@ from routesvc.errors import (
     ProviderUnavailable,
 )
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.providers._http import count_field, object_field, text_field
 from routesvc.providers.base import ProviderCall
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Fault, Script
@@ -94,6 +95,18 @@ async def compatible(fake: FakeProvider) -> AsyncIterator[OpenAIProvider]:
     adapter = OpenAIProvider("local", "", fake.openai_base_url, "openai_compatible")
     yield adapter
     await adapter.aclose()
+
+
+class TestChunkFields:
+    def test_counts_are_non_negative_integers_or_integral_floats(self) -> None:
+        """A token count read from a chunk: 7 and 7.0 are 7; 7.5, -1, true, "7" and null are missing."""
+        values = (7, 7.0, 0, 7.5, -1, True, "7", None)
+        assert [count_field(v) for v in values] == [7, 7, 0, None, None, None, None, None]
+
+    def test_text_and_object_fields_read_anything_else_as_empty(self) -> None:
+        """Only a string is text and only a JSON object is an object."""
+        assert [text_field(v) for v in ("a", 5, None, ["a"])] == ["a", "", "", ""]
+        assert [object_field(v) for v in ({"a": 1}, [1], "x", None)] == [{"a": 1}, {}, {}, {}]
 
 
 class TestConstruction:
@@ -390,6 +403,15 @@ class TestMidStreamFailures:
         texts, error = await collect_until_error(provider, make_call())
         assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
         assert_sanitized(error)
+
+    async def test_a_null_chunk_is_a_broken_stream_not_its_end(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """``data: null`` is reported as what it is (a chunk that is not an object), not read as the
+        end of the stream."""
+        fake.enqueue(Script(fault=Fault.NOT_AN_OBJECT, fault_after=1))
+        _, error = await collect_until_error(provider, make_call())
+        assert "not a JSON object" in error.message
 
 
 class TestCancellation:

@@ -10,7 +10,7 @@ import asyncio
 import email.utils
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TypeVar
 
 import anyio
@@ -168,10 +168,24 @@ def text_field(value: object) -> str:
 
 
 def count_field(value: object) -> int | None:
-    """A token count of a streamed event: a non-negative integer, else None (missing or malformed)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
+    """A token count of a streamed event: a non-negative integer (or a float with an integral
+    value, as some servers write counts), else None (missing or malformed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    return value
+
+
+END_OF_STREAM = object()
+
+
+async def next_event(stream: AsyncIterator[object]) -> object:
+    """The SDK stream's next decoded event, or ``END_OF_STREAM`` (an event can itself be ``null``)."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return END_OF_STREAM
 
 
 def object_field(value: object) -> dict[str, object]:

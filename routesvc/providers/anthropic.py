@@ -36,11 +36,13 @@ from anthropic.types import AssistantMessageParam, MessageParam, ToolParam, User
 from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
 from routesvc.providers._http import (
+    END_OF_STREAM,
     count_field,
     describe,
     error_for_event,
     error_for_status,
     guarded,
+    next_event,
     object_field,
     request_options,
     safe_code,
@@ -183,7 +185,7 @@ class AnthropicProvider:
         sdk_stream = await self._guard(call, deadline, request)
         try:
             tally = _Tally()
-            while (event := await self._guard(call, deadline, _next_or_none(sdk_stream))) is not None:
+            while (event := await self._guard(call, deadline, next_event(sdk_stream))) is not END_OF_STREAM:
                 if not isinstance(event, dict):
                     raise ProviderUnavailable(
                         describe(self._name, call.model, "stream event is not a JSON object"),
@@ -296,12 +298,5 @@ async def _drain(stream: anthropic.AsyncStream[object]) -> None:
     """
     with contextlib.suppress(Exception):
         async with asyncio.timeout(_DRAIN_SECONDS):
-            while await _next_or_none(stream) is not None:
+            while await next_event(stream) is not END_OF_STREAM:
                 pass
-
-
-async def _next_or_none(stream: anthropic.AsyncStream[object]) -> object | None:
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None

@@ -31,11 +31,13 @@ from openai.types.shared_params import FunctionDefinition
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
 from routesvc.providers._http import (
+    END_OF_STREAM,
     count_field,
     describe,
     error_for_event,
     error_for_status,
     guarded,
+    next_event,
     object_field,
     request_options,
     safe_code,
@@ -153,7 +155,8 @@ class OpenAIProvider:
             "/chat/completions",
             body=self._body(call),
             cast_to=object,
-            options=cast(openai.RequestOptions, request_options(call)),
+            # As ``chat.completions.create`` authenticates: the API key as bearer token, never an admin key.
+            options=cast(openai.RequestOptions, request_options(call) | {"security": {"bearer_auth": True}}),
             stream=True,
             stream_cls=openai.AsyncStream[object],
         )
@@ -164,8 +167,8 @@ class OpenAIProvider:
             provider_model = ""
             output: list[str] = []
             while True:
-                chunk = await self._guard(call, deadline, _next_or_none(sdk_stream))
-                if chunk is None:
+                chunk = await self._guard(call, deadline, next_event(sdk_stream))
+                if chunk is END_OF_STREAM:
                     break
                 if not isinstance(chunk, dict):
                     raise ProviderUnavailable(
@@ -202,16 +205,21 @@ class OpenAIProvider:
                 await sdk_stream.close()
 
     def _usage(self, call: ProviderCall, usage: Mapping[str, object] | None, output: list[str]) -> Usage:
-        if usage is None:
+        """The reported usage; a count the server did not report (or reported malformed) is estimated
+        with the offline tokenizer, and the estimate logged."""
+        usage = usage or {}
+        input_tokens = count_field(usage.get("prompt_tokens"))
+        output_tokens = count_field(usage.get("completion_tokens"))
+        if input_tokens is None or output_tokens is None:
             log.warning("provider_usage_estimated", provider=self._name, model=call.model, kind=self._kind)
-            return Usage(
-                input_tokens=sum(count_text_tokens(message.content) for message in call.messages),
-                output_tokens=count_text_tokens("".join(output)),
-            )
+        if input_tokens is None:
+            input_tokens = sum(count_text_tokens(message.content) for message in call.messages)
+        if output_tokens is None:
+            output_tokens = count_text_tokens("".join(output))
         details = object_field(usage.get("prompt_tokens_details"))
         return Usage(
-            input_tokens=count_field(usage.get("prompt_tokens")) or 0,
-            output_tokens=count_field(usage.get("completion_tokens")) or 0,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
             cached_input_tokens=count_field(details.get("cached_tokens")) or 0,
         )
 
@@ -240,10 +248,3 @@ class OpenAIProvider:
             # An ``{"error": ...}`` chunk inside a 200 stream.
             return error_for_event(code or "error", provider=name, model=model)
         return transport_error(exc, provider=name, model=model)
-
-
-async def _next_or_none(stream: openai.AsyncStream[object]) -> object | None:
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None

@@ -104,7 +104,7 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
                 "usage": "none",
             }
         ),
-        Fault.NOT_AN_OBJECT: b"data: [1, 2]\n\n",
+        Fault.NOT_AN_OBJECT: b"data: null\n\n",
     }
     await stream_events(
         connection,

@@ -33,7 +33,7 @@ class Fault(enum.Enum):
     UNKNOWN_EVENT = "unknown_event"  # an event type the SDKs do not know
     INCOMPLETE_EVENT = "incomplete_event"  # valid JSON without the fields its type requires
     WRONG_TYPES = "wrong_types"  # an event whose known fields hold values of the wrong JSON type
-    NOT_AN_OBJECT = "not_an_object"  # a ``data:`` line that is valid JSON but not an object
+    NOT_AN_OBJECT = "not_an_object"  # a ``data:`` line that is valid JSON but not an object (OpenAI: null)
     MISSING_TERMINATOR = "missing_terminator"  # end the body without finish, usage, [DONE] or message_stop
 
 
