@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,12 @@ def _load_streams(args: argparse.Namespace, kind: str, target: str, concurrency:
     return _load.merge_streams(in_subprocesses(_load.streams, argsets), args.stall)
 
 
+def _renice(pid: int, niceness: int) -> None:
+    """Every thread of ``pid`` (the event loop, grpc's poller, the SDKs' pools) at ``niceness``."""
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        os.setpriority(os.PRIO_PROCESS, int(thread.name), niceness)
+
+
 def run(argv: list[str] | None = None, *, litellm_default: bool = False, output: str = "complete_overhead") -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per run")
@@ -77,6 +84,14 @@ def run(argv: list[str] | None = None, *, litellm_default: bool = False, output:
         type=int,
         default=1,
         help="split each level's streams over this many load processes (the same for every target)",
+    )
+    parser.add_argument(
+        "--server-nice",
+        type=int,
+        default=0,
+        help="run every routesvc process (all its threads) at this scheduling niceness, e.g. -10: an "
+        "experiment on how much of the tail is waiting for a CPU on a machine the load shares (needs root "
+        "for negative values)",
     )
     parser.add_argument("--output", default=output)
     args = parser.parse_args(argv)
@@ -101,6 +116,11 @@ def run(argv: list[str] | None = None, *, litellm_default: bool = False, output:
                 print(notes[-1])
             else:
                 targets["litellm"] = ("openai", *stack.enter_context(litellm_proxy(fake)))
+        if args.server_nice:
+            for kind, _, pid in targets.values():
+                if kind == "grpc":
+                    _renice(pid, args.server_nice)
+            notes.append(f"routesvc processes ran at niceness {args.server_nice}")
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {(t, c): [] for t in targets for c in levels}
         for concurrency in levels:
             for round_ in range(args.rounds):
