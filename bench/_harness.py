@@ -161,6 +161,14 @@ def _fit_router(folder: Path) -> None:
     router.save(folder)
 
 
+def provider_environ(fake_base: str | None) -> dict[str, str]:
+    """The SDK variables of a routesvc under test: bench keys, and both providers at the fake."""
+    environ = {"OPENAI_API_KEY": "sk-bench", "ANTHROPIC_API_KEY": "sk-bench"}
+    if fake_base:
+        environ |= {"OPENAI_BASE_URL": f"{fake_base}/v1", "ANTHROPIC_BASE_URL": fake_base}
+    return environ
+
+
 @contextlib.contextmanager
 def routesvc_server(
     config: dict[str, Any], fake_base: str | None = None, code: Path | None = None
@@ -168,9 +176,7 @@ def routesvc_server(
     """``routesvc serve`` as a process with ``config`` (from the source tree ``code``, default this
     checkout, to compare two versions side by side); yields its target and pid."""
     port = free_port()
-    extra = {"OPENAI_API_KEY": "sk-bench", "ANTHROPIC_API_KEY": "sk-bench"}
-    if fake_base:
-        extra |= {"OPENAI_BASE_URL": f"{fake_base}/v1", "ANTHROPIC_BASE_URL": fake_base}
+    extra = provider_environ(fake_base)
     if code is not None:
         extra["PYTHONPATH"] = str(code)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:

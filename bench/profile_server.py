@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import _load
-from bench._harness import fake_provider, in_subprocess, routesvc_config
+from bench._harness import fake_provider, in_subprocess, provider_environ, routesvc_config
 
 
 def in_process_settings(fake_base: str | None) -> Any:
@@ -30,10 +30,7 @@ def in_process_settings(fake_base: str | None) -> Any:
     from routesvc.config import parse_config
     from routesvc.telemetry import configure_logging
 
-    environ = {"OPENAI_API_KEY": "sk-bench", "ANTHROPIC_API_KEY": "sk-bench"}
-    if fake_base:
-        environ |= {"OPENAI_BASE_URL": f"{fake_base}/v1", "ANTHROPIC_BASE_URL": fake_base}
-    settings = parse_config(yaml.safe_dump(routesvc_config()), "<bench>", environ)
+    settings = parse_config(yaml.safe_dump(routesvc_config()), "<bench>", provider_environ(fake_base))
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout of this process until it exits; once, at start
     configure_logging(settings.config.logging)
     return settings

@@ -33,6 +33,7 @@ from typing import Any
 
 import grpc
 
+from bench._harness import provider_environ
 from routesvc.client import RouterClient, build_chat
 from routesvc.config import LoggingConfig, parse_config
 from routesvc.server import Server
@@ -279,12 +280,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
         "breaker: {failure_threshold: 1000000, open_seconds: 1}}\n"
         f"telemetry: {{stats_window_seconds: {args.stats_window}}}\n",
         "<soak>",
-        {
-            "OPENAI_API_KEY": "soak",
-            "OPENAI_BASE_URL": f"{fake_url}/v1",
-            "ANTHROPIC_API_KEY": "soak",
-            "ANTHROPIC_BASE_URL": fake_url,
-        },
+        provider_environ(fake_url),
     )
     samples: list[dict[str, float]] = []
     warm_snapshot: tracemalloc.Snapshot | None = None

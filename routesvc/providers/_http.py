@@ -188,6 +188,16 @@ async def next_event(stream: AsyncIterator[object]) -> object:
         return END_OF_STREAM
 
 
+def event_object(event: object, *, provider: str, model: str) -> dict[str, object]:
+    """A decoded stream event as the JSON object it must be; anything else (``null``, a list, a
+    number) is a broken stream: ``ProviderUnavailable``."""
+    if not isinstance(event, dict):
+        raise ProviderUnavailable(
+            describe(provider, model, "stream event is not a JSON object"), provider=provider, model=model
+        )
+    return event
+
+
 def object_field(value: object) -> dict[str, object]:
     """An object field of a streamed event; anything else reads as empty."""
     return value if isinstance(value, dict) else {}

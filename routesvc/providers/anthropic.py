@@ -41,6 +41,7 @@ from routesvc.providers._http import (
     describe,
     error_for_event,
     error_for_status,
+    event_object,
     guarded,
     next_event,
     object_field,
@@ -186,13 +187,7 @@ class AnthropicProvider:
         try:
             tally = _Tally()
             while (event := await self._guard(call, deadline, next_event(sdk_stream))) is not END_OF_STREAM:
-                if not isinstance(event, dict):
-                    raise ProviderUnavailable(
-                        describe(self._name, call.model, "stream event is not a JSON object"),
-                        provider=self._name,
-                        model=call.model,
-                    )
-                text = self._apply(tally, event)
+                text = self._apply(tally, event_object(event, provider=self._name, model=call.model))
                 if text:
                     tally.output.append(text)
                     yield TextDelta(text)

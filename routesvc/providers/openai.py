@@ -36,6 +36,7 @@ from routesvc.providers._http import (
     describe,
     error_for_event,
     error_for_status,
+    event_object,
     guarded,
     next_event,
     object_field,
@@ -162,20 +163,15 @@ class OpenAIProvider:
         )
         sdk_stream = await self._guard(call, deadline, request)
         try:
-            usage: Mapping[str, object] | None = None
+            usage: dict[str, object] = {}
             finish: str | None = None
             provider_model = ""
             output: list[str] = []
             while True:
-                chunk = await self._guard(call, deadline, next_event(sdk_stream))
-                if chunk is END_OF_STREAM:
+                event = await self._guard(call, deadline, next_event(sdk_stream))
+                if event is END_OF_STREAM:
                     break
-                if not isinstance(chunk, dict):
-                    raise ProviderUnavailable(
-                        describe(self._name, call.model, "stream chunk is not a JSON object"),
-                        provider=self._name,
-                        model=call.model,
-                    )
+                chunk = event_object(event, provider=self._name, model=call.model)
                 provider_model = provider_model or text_field(chunk.get("model"))
                 usage = object_field(chunk.get("usage")) or usage
                 choices = chunk.get("choices")
@@ -204,10 +200,10 @@ class OpenAIProvider:
             with contextlib.suppress(Exception):
                 await sdk_stream.close()
 
-    def _usage(self, call: ProviderCall, usage: Mapping[str, object] | None, output: list[str]) -> Usage:
-        """The reported usage; a count the server did not report (or reported malformed) is estimated
-        with the offline tokenizer, and the estimate logged."""
-        usage = usage or {}
+    def _usage(self, call: ProviderCall, usage: Mapping[str, object], output: list[str]) -> Usage:
+        """The reported usage (the last usage object of the stream, empty when none came); a count
+        the server did not report (or reported malformed) is estimated with the offline tokenizer,
+        and the estimate logged."""
         input_tokens = count_field(usage.get("prompt_tokens"))
         output_tokens = count_field(usage.get("completion_tokens"))
         if input_tokens is None or output_tokens is None:
