@@ -75,7 +75,12 @@ def run(argv: list[str] | None = None, *, litellm_default: bool = False, output:
     parser.add_argument("--stall", type=float, default=0.25, help="a gap between chunks over this is a stall")
     parser.add_argument("--max-streams", type=int, default=20_000, help="per run")
     parser.add_argument("--litellm", action="store_true", default=litellm_default, help="add LiteLLM's proxy")
-    parser.add_argument("--variant", action="append", default=[], help="NAME:server_field=value,...")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:server_field=value,... (http_client=aiohttp|httpx sets every provider's transport)",
+    )
     parser.add_argument(
         "--code-variant", action="append", default=[], help="NAME:DIR routesvc served from another source tree"
     )
@@ -104,7 +109,12 @@ def run(argv: list[str] | None = None, *, litellm_default: bool = False, output:
         targets: dict[str, tuple[str, str, int]] = {"direct": ("openai", f"{fake}/v1", 0)}
         targets["routesvc"] = ("grpc", *stack.enter_context(routesvc_server(routesvc_config(), fake)))
         for name, fields in (parse_variant(v) for v in args.variant):
-            targets[name] = ("grpc", *stack.enter_context(routesvc_server(routesvc_config(**fields), fake)))
+            http_client = fields.pop("http_client", None)
+            config = routesvc_config(**fields)
+            if http_client is not None:  # a provider field, set on every provider
+                for provider in config["providers"].values():
+                    provider["http_client"] = http_client
+            targets[name] = ("grpc", *stack.enter_context(routesvc_server(config, fake)))
         for spec in args.code_variant:
             name, _, folder = spec.partition(":")
             served = routesvc_server(routesvc_config(), fake, code=Path(folder))

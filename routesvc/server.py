@@ -42,9 +42,13 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         if not provider.configured:
             continue
         if provider.kind == "anthropic":
-            providers[name] = AnthropicProvider(name, provider.api_key, provider.base_url)
+            providers[name] = AnthropicProvider(
+                name, provider.api_key, provider.base_url, http_client=provider.http_client
+            )
         else:
-            providers[name] = OpenAIProvider(name, provider.api_key, provider.base_url, provider.kind)
+            providers[name] = OpenAIProvider(
+                name, provider.api_key, provider.base_url, provider.kind, http_client=provider.http_client
+            )
     return providers
 
 

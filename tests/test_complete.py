@@ -13,7 +13,7 @@ from routesvc.client import RouterClient
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, settings_from, user_chat
+from tests.conftest import default_config, live_environ, settings_from, user_chat
 from tests.test_validation import error_info
 
 CANARY = "canary-prompt-51c2e"
@@ -218,6 +218,27 @@ class TestCommitRule:
         assert kinds == ["decision"] + ["delta"] * len(deltas)
         assert deltas == [f"chunk-{i} " for i in range(len(deltas))]
         assert len(deltas) == 40 if fault is Fault.CUT else 0 < len(deltas) <= 40
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED")
+        trailers = dict(error.trailing_metadata() or ())
+        assert (trailers["routesvc-committed"], trailers["routesvc-chunks-sent"]) == ("true", str(len(deltas)))
+        assert len(fake.requests) == 1
+
+    async def test_over_aiohttp_a_cut_may_lose_what_arrived_with_it(self, fake: FakeProvider) -> None:
+        """``http_client: aiohttp`` (opt-in): aiohttp drops what it had read but not handed over
+        when the connection closes mid-body, so a FIN after 40 chunks delivers an in-order prefix
+        of them, never all 60, never a repeat; the trailer counts exactly what was sent."""
+        config = default_config()
+        for provider in config["providers"].values():  # type: ignore[union-attr]
+            provider["http_client"] = "aiohttp"
+        fake.enqueue(Script(chunk_count=60, fault=Fault.CUT, fault_after=40))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            error, received = await _failure(client)
+        deltas = [m.delta.text for m in received[1:]]
+        assert deltas == [f"chunk-{i} " for i in range(len(deltas))]
+        assert 0 < len(deltas) <= 40
         assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED")
         trailers = dict(error.trailing_metadata() or ())
         assert (trailers["routesvc-committed"], trailers["routesvc-chunks-sent"]) == ("true", str(len(deltas)))

@@ -116,9 +116,32 @@ class TestValidation:
         with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
             parse_config("a: [", "bad.yaml", {})
 
+    def test_an_unknown_http_client_is_named(self) -> None:
+        """providers.<name>.http_client is aiohttp or httpx; anything else names the field."""
+        config = default_config()
+        config["providers"]["openai"]["http_client"] = "requests"  # type: ignore[index]
+        with pytest.raises(ConfigError, match=r"providers\.openai\.http_client"):
+            settings_from(config)
+
     def test_compatible_providers_need_a_base_url(self) -> None:
         """kind openai_compatible without base_url is refused."""
         config = default_config()
         config["providers"]["local"] = {"kind": "openai_compatible"}  # type: ignore[index]
         with pytest.raises(ConfigError, match=r"providers\.local: .*base_url is required"):
             settings_from(config)
+
+
+class TestHttpClient:
+    def test_adapters_use_httpx_unless_a_provider_says_aiohttp(self) -> None:
+        """Every provider's SDK runs on its default httpx client unless ``http_client: aiohttp``
+        puts it on the SDK's aiohttp transport."""
+        from routesvc.server import build_providers
+
+        config = default_config()
+        config["providers"]["anthropic"]["http_client"] = "aiohttp"  # type: ignore[index]
+        keys = {"OPENAI_API_KEY": "sk-openai", "ANTHROPIC_API_KEY": "sk-anthropic"}
+        providers = build_providers(settings_from(config, keys))
+        assert {name: getattr(p, "http_client", None) for name, p in providers.items()} == {
+            "openai": "httpx",
+            "anthropic": "aiohttp",
+        }

@@ -22,7 +22,7 @@ from routesvc.errors import (
 )
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
 from routesvc.providers.anthropic import AnthropicProvider
-from routesvc.providers.base import ProviderCall
+from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.testing import FakeProvider, Fault, Script
 
 CANARY_PROMPT = "canary-prompt-0b7e11 please repeat this"
@@ -84,10 +84,17 @@ async def fake() -> AsyncIterator[FakeProvider]:
         yield running
 
 
+@pytest.fixture(params=["aiohttp", "httpx"])
+def http_client(request: pytest.FixtureRequest) -> HttpClientKind:
+    """Every adapter test runs over both SDK transports: they must behave the same."""
+    kind: HttpClientKind = request.param
+    return kind
+
+
 @pytest.fixture
-async def provider(fake: FakeProvider) -> AsyncIterator[AnthropicProvider]:
+async def provider(fake: FakeProvider, http_client: HttpClientKind) -> AsyncIterator[AnthropicProvider]:
     """An adapter pointed at the fake."""
-    adapter = AnthropicProvider("anthropic", CANARY_KEY, fake.anthropic_base_url)
+    adapter = AnthropicProvider("anthropic", CANARY_KEY, fake.anthropic_base_url, http_client=http_client)
     yield adapter
     await adapter.aclose()
 
@@ -290,9 +297,9 @@ class TestErrorTranslation:
         assert error.retry_after is not None
         assert 55 <= error.retry_after <= 61
 
-    async def test_connection_refused_is_unavailable(self) -> None:
+    async def test_connection_refused_is_unavailable(self, http_client: HttpClientKind) -> None:
         """Nothing listening: ProviderUnavailable, no status."""
-        adapter = AnthropicProvider("anthropic", CANARY_KEY, "http://127.0.0.1:1")
+        adapter = AnthropicProvider("anthropic", CANARY_KEY, "http://127.0.0.1:1", http_client=http_client)
         try:
             texts, error = await collect_until_error(adapter, make_call())
         finally:

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from types import MappingProxyType
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
@@ -22,8 +23,8 @@ from routesvc.errors import (
     ProviderUnavailable,
 )
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
-from routesvc.providers._http import count_field, object_field, text_field
-from routesvc.providers.base import ProviderCall
+from routesvc.providers._http import count_field, object_field, text_field, transport_error
+from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Fault, Script
 
@@ -81,18 +82,25 @@ async def fake() -> AsyncIterator[FakeProvider]:
         yield running
 
 
+@pytest.fixture(params=["aiohttp", "httpx"])
+def http_client(request: pytest.FixtureRequest) -> HttpClientKind:
+    """Every adapter test runs over both SDK transports: they must behave the same."""
+    kind: HttpClientKind = request.param
+    return kind
+
+
 @pytest.fixture
-async def provider(fake: FakeProvider) -> AsyncIterator[OpenAIProvider]:
+async def provider(fake: FakeProvider, http_client: HttpClientKind) -> AsyncIterator[OpenAIProvider]:
     """An ``openai`` kind adapter pointed at the fake."""
-    adapter = OpenAIProvider("openai", CANARY_KEY, fake.openai_base_url, "openai")
+    adapter = OpenAIProvider("openai", CANARY_KEY, fake.openai_base_url, "openai", http_client=http_client)
     yield adapter
     await adapter.aclose()
 
 
 @pytest.fixture
-async def compatible(fake: FakeProvider) -> AsyncIterator[OpenAIProvider]:
+async def compatible(fake: FakeProvider, http_client: HttpClientKind) -> AsyncIterator[OpenAIProvider]:
     """An ``openai_compatible`` kind adapter (vLLM, Ollama, llama.cpp) pointed at the fake."""
-    adapter = OpenAIProvider("local", "", fake.openai_base_url, "openai_compatible")
+    adapter = OpenAIProvider("local", "", fake.openai_base_url, "openai_compatible", http_client=http_client)
     yield adapter
     await adapter.aclose()
 
@@ -107,6 +115,16 @@ class TestChunkFields:
         """Only a string is text and only a JSON object is an object."""
         assert [text_field(v) for v in ("a", 5, None, ["a"])] == ["a", "", "", ""]
         assert [object_field(v) for v in ({"a": 1}, [1], "x", None)] == [{"a": 1}, {}, {}, {}]
+
+
+class TestTransportErrors:
+    def test_an_aiohttp_error_the_sdk_transport_does_not_translate_is_a_broken_stream(self) -> None:
+        """The SDKs' aiohttp transport maps most aiohttp errors to httpx ones, not all: any other
+        aiohttp error is a transport failure (ProviderUnavailable), not our bug."""
+        error = transport_error(aiohttp.ServerFingerprintMismatch(b"a", b"b", "h", 443), provider="p", model="m")
+        assert isinstance(error, ProviderUnavailable)
+        assert "connection failed" in error.message
+        assert transport_error(KeyError("x"), provider="p", model="m") is None
 
 
 class TestConstruction:
@@ -342,9 +360,9 @@ class TestErrorTranslation:
         assert isinstance(error, ProviderUnavailable)
         assert_sanitized(error)
 
-    async def test_connection_refused_is_unavailable(self) -> None:
+    async def test_connection_refused_is_unavailable(self, http_client: HttpClientKind) -> None:
         """Nothing listening: ProviderUnavailable, no status."""
-        adapter = OpenAIProvider("openai", CANARY_KEY, "http://127.0.0.1:1/v1")
+        adapter = OpenAIProvider("openai", CANARY_KEY, "http://127.0.0.1:1/v1", http_client=http_client)
         try:
             texts, error = await collect_until_error(adapter, make_call())
         finally:

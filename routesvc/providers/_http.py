@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TypeVar
 
+import aiohttp
 import anyio
 import httpx2
 
@@ -140,8 +141,9 @@ async def guarded(
 def transport_error(exc: Exception, *, provider: str, model: str) -> ProviderUnavailable | None:
     """The error for what an SDK lets through from below it: a transport failure (cut, reset) or
     bytes that do not decode (malformed JSON, non-UTF-8, an event that does not parse), both of
-    which leave the stream unusable; None for anything else."""
-    if isinstance(exc, httpx2.HTTPError | httpx2.StreamError | anyio.EndOfStream | OSError):
+    which leave the stream unusable; None for anything else. The SDKs' aiohttp transport maps most
+    aiohttp errors to httpx ones, but not all (``ClientResponseError`` on a malformed response)."""
+    if isinstance(exc, httpx2.HTTPError | httpx2.StreamError | anyio.EndOfStream | OSError | aiohttp.ClientError):
         what = "connection failed"
     elif isinstance(exc, ValueError):
         what = "malformed stream"

@@ -50,7 +50,7 @@ from routesvc.providers._http import (
     text_field,
     transport_error,
 )
-from routesvc.providers.base import ProviderCall
+from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.tokens import count_text_tokens
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -151,7 +151,9 @@ class _Tally:
 class AnthropicProvider:
     """Streams messages through the official SDK, with no SDK retries (ours come later)."""
 
-    def __init__(self, name: str, api_key: str | None, base_url: str | None = None) -> None:
+    def __init__(
+        self, name: str, api_key: str | None, base_url: str | None = None, *, http_client: HttpClientKind = "httpx"
+    ) -> None:
         self._name = name
         # Explicit base_url and key so the SDK reads no environment variables (config.py owns them). The SDK's
         # own spans and trace propagation are off: routesvc makes one client span per attempt and sends
@@ -161,12 +163,19 @@ class AnthropicProvider:
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
             open_telemetry={"traces": False, "propagation": False},
+            http_client=anthropic.DefaultAioHttpClient() if http_client == "aiohttp" else None,
         )
+        self._http_client: HttpClientKind = http_client
 
     @property
     def name(self) -> str:
         """The configured provider name."""
         return self._name
+
+    @property
+    def http_client(self) -> HttpClientKind:
+        """The SDK's HTTP transport (``providers.<name>.http_client``)."""
+        return self._http_client
 
     async def aclose(self) -> None:
         """Close the SDK's HTTP connection pool."""

@@ -45,7 +45,7 @@ from routesvc.providers._http import (
     text_field,
     transport_error,
 )
-from routesvc.providers.base import ProviderCall
+from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.tokens import count_text_tokens
 
 OpenAIKind = Literal["openai", "openai_compatible"]
@@ -107,7 +107,15 @@ class OpenAIProvider:
     gets it estimated with the offline tokenizer (logged as ``provider_usage_estimated``).
     """
 
-    def __init__(self, name: str, api_key: str | None, base_url: str | None = None, kind: str = "openai") -> None:
+    def __init__(
+        self,
+        name: str,
+        api_key: str | None,
+        base_url: str | None = None,
+        kind: str = "openai",
+        *,
+        http_client: HttpClientKind = "httpx",
+    ) -> None:
         if kind not in _KINDS:
             raise ConfigError(f"providers.{name}.kind: {kind!r} is not one of {sorted(_KINDS)}")
         self._name = name
@@ -118,12 +126,19 @@ class OpenAIProvider:
             api_key=api_key or "unused",
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
+            http_client=openai.DefaultAioHttpClient() if http_client == "aiohttp" else None,
         )
+        self._http_client: HttpClientKind = http_client
 
     @property
     def name(self) -> str:
         """The configured provider name."""
         return self._name
+
+    @property
+    def http_client(self) -> HttpClientKind:
+        """The SDK's HTTP transport (``providers.<name>.http_client``)."""
+        return self._http_client
 
     @property
     def kind(self) -> OpenAIKind:
