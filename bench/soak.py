@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 
 from bench._harness import provider_environ
 from routesvc.client import RouterClient, build_chat
@@ -273,15 +274,18 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
     process = context.Process(target=_load_process, args=(from_load, to_load, args))
     process.start()
     fake_url = await asyncio.to_thread(from_load.get)
-    config = Path(__file__).parent.parent / "routesvc" / "default_config.yaml"
-    settings = parse_config(
-        config.read_text() + "\nreliability: {stream_idle_timeout_seconds: 1.0, first_token_timeout_seconds: 2.0, "
-        f"backoff_seconds: 0.01, ledger_entries: {args.ledger_entries}, "
-        "breaker: {failure_threshold: 1000000, open_seconds: 1}}\n"
-        f"telemetry: {{stats_window_seconds: {args.stats_window}}}\n",
-        "<soak>",
-        provider_environ(fake_url),
-    )
+    config = yaml.safe_load((Path(__file__).parent.parent / "routesvc" / "default_config.yaml").read_text())
+    config["reliability"] = {
+        "stream_idle_timeout_seconds": 1.0,
+        "first_token_timeout_seconds": 2.0,
+        "backoff_seconds": 0.01,
+        "ledger_entries": args.ledger_entries,
+        "breaker": {"failure_threshold": 1_000_000, "open_seconds": 1},
+    }
+    config["telemetry"] = {"stats_window_seconds": args.stats_window}
+    for provider in config["providers"].values():
+        provider["http_client"] = args.http_client
+    settings = parse_config(yaml.safe_dump(config), "<soak>", provider_environ(fake_url))
     samples: list[dict[str, float]] = []
     warm_snapshot: tracemalloc.Snapshot | None = None
     if args.tracemalloc:
@@ -331,6 +335,7 @@ def main() -> None:
         help="trace Python allocations with FRAMES frames and report the sites that grew after warm-up (slow)",
     )
     parser.add_argument("--warmup-seconds", type=float, default=120.0, help="memory growth is measured after this")
+    parser.add_argument("--http-client", choices=("httpx", "aiohttp"), default="httpx", help="providers' transport")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     args = parser.parse_args()
     from routesvc.config import limit_native_threads
