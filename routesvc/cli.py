@@ -324,7 +324,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = config_module.load_settings(args.config)
     configure_logging(settings.config.logging)
     workers = args.workers or settings.config.server.workers
-    uvloop = args.uvloop or settings.config.server.uvloop
+    uvloop = settings.config.server.uvloop if args.uvloop is None else args.uvloop
     if workers > 1:
         return serve_workers(settings, args.config, workers=workers, port=args.port, uvloop=uvloop)
     run_event_loop(serve(settings, port=args.port), uvloop=uvloop)
@@ -391,7 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None, help="YAML config (default: $ROUTESVC_CONFIG, else embedded)")
     serve.add_argument("--port", type=int, default=None, help="override server.port")
     serve.add_argument("--workers", type=int, default=None, help="override server.workers (processes on one port)")
-    serve.add_argument("--uvloop", action="store_true", help="run on uvloop (server.uvloop)")
+    serve.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run on uvloop, or with --no-uvloop on asyncio's loop (default: server.uvloop, true)",
+    )
     serve.set_defaults(func=_serve)
     for name, handler, helptext in (
         ("route", _route, "ask which model would serve a prompt"),

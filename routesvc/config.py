@@ -94,7 +94,10 @@ class ServerConfig(_Strict):
     workers: int = Field(
         1, ge=1, le=64, description="Server processes sharing the port with SO_REUSEPORT; more than 1 uses more cores."
     )
-    uvloop: bool = Field(False, description="Run the event loop on uvloop instead of asyncio's default loop.")
+    uvloop: bool = Field(
+        True,
+        description="Run the event loop on uvloop where it is installed (not on Windows); false: asyncio's loop.",
+    )
 
 
 class LimitsConfig(_Strict):

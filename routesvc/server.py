@@ -206,7 +206,8 @@ class Server:
         if interval > 0 and not self._settings.source.startswith("<"):
             watcher = ConfigWatcher(Path(self._settings.source), interval, self.reload)
             self._watcher = asyncio.get_running_loop().create_task(watcher.run(), name="config-watcher")
-        log.info("server_started", target=self.target, service=SERVICE_NAME)
+        loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]  # "uvloop" or "asyncio"
+        log.info("server_started", target=self.target, service=SERVICE_NAME, event_loop=loop)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for name in ("", SERVICE_NAME):

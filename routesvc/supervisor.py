@@ -38,14 +38,18 @@ from routesvc.errors import ConfigError
 log = structlog.get_logger("routesvc.supervisor")
 
 
-def run_event_loop(main: Coroutine[Any, Any, None], *, uvloop: bool = False) -> None:
-    """Run ``main`` to completion on a new event loop: uvloop's when asked, else asyncio's."""
+def run_event_loop(main: Coroutine[Any, Any, None], *, uvloop: bool = True) -> None:
+    """Run ``main`` to completion on a new event loop: uvloop's when asked and installed (it is a
+    dependency except on Windows), else asyncio's."""
     if uvloop:
-        import uvloop as uvloop_module
-
-        uvloop_module.run(main)
-    else:
-        asyncio.run(main)
+        try:
+            import uvloop as uvloop_module
+        except ImportError:
+            log.warning("uvloop_unavailable", detail="uvloop is not installed here; running on asyncio's loop")
+        else:
+            uvloop_module.run(main)
+            return
+    asyncio.run(main)
 
 
 def _reserve(host: str, port: int) -> socket.socket:
@@ -75,7 +79,7 @@ def _worker(config_path: str | None, port: int, uvloop: bool) -> None:
 
 
 def serve_workers(
-    settings: Settings, config_path: str | None, *, workers: int, port: int | None = None, uvloop: bool = False
+    settings: Settings, config_path: str | None, *, workers: int, port: int | None = None, uvloop: bool = True
 ) -> int:
     """Run ``workers`` server processes on one port until SIGTERM or SIGINT; returns the exit code."""
     if workers > 1 and settings.telemetry.prometheus_port:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -95,3 +97,13 @@ async def live_client(live_server: Server) -> AsyncIterator[RouterClient]:
     """A client of ``live_server``."""
     async with RouterClient(live_server.target) as connected:
         yield connected
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], object]]:
+    """Async tests run on the loop ``routesvc serve`` runs on by default (``server.uvloop``):
+    uvloop's; ``ROUTESVC_TEST_LOOP=asyncio`` runs them on asyncio's instead."""
+    if os.environ.get("ROUTESVC_TEST_LOOP") == "asyncio":
+        return {"asyncio": asyncio.new_event_loop}
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

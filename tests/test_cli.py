@@ -20,6 +20,7 @@ from tests.conftest import REPO
 class Running:
     target: str
     fake_url: str
+    event_loop: str
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -48,12 +49,25 @@ def running() -> Iterator[Running]:
         assert server.stdout is not None
         started = json.loads(server.stdout.readline())
         assert started["event"] == "server_started"
-        yield Running(started["target"], fake_url)
+        yield Running(started["target"], fake_url, started["event_loop"])
     finally:
         for process in (server, fake):
             if process is not None:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=30)
+
+
+def _first_line_of_serve(*flags: str) -> dict[str, object]:
+    """The first log line of ``routesvc serve FLAGS`` (no keys: it serves Route only), then SIGTERM."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+    server = _spawn(["-m", "routesvc", "serve", "--port", "0", *flags], base)
+    try:
+        assert server.stdout is not None
+        line: dict[str, object] = json.loads(server.stdout.readline())
+        return line
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def _cli(running: Running, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -157,3 +171,14 @@ class TestModelsCommand:
         assert set(models) == {"gpt-4o-mini", "gpt-4o", "claude-sonnet"}
         assert models["gpt-4o"]["inputPricePerMtok"] == "2.5"
         assert all(m["available"] for m in models.values())
+
+
+class TestServeLoop:
+    def test_serves_on_uvloop_by_default(self, running: Running) -> None:
+        """``server.uvloop`` defaults to true: the server says which loop it runs on."""
+        assert running.event_loop == "uvloop"
+
+    def test_no_uvloop_runs_on_asyncio(self) -> None:
+        """``serve --no-uvloop`` runs on asyncio's own loop."""
+        started = _first_line_of_serve("--no-uvloop")
+        assert (started["event"], started["event_loop"]) == ("server_started", "asyncio")

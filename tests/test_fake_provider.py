@@ -236,7 +236,9 @@ class TestRecords:
             "gpt-test",
         )
         assert (record.headers["x-trace"], record.api_key, record.stream) == ("t", "sk-1", False)
-        assert (record.completed, record.aborted, record.ended.is_set()) == (True, False, True)
+        # The record ends when the fake has finished writing, which the client can see first.
+        await asyncio.wait_for(record.ended.wait(), timeout=2)
+        assert (record.completed, record.aborted) == (True, False)
 
     async def test_x_api_key_is_accepted(self, fake: FakeProvider, http: httpx2.AsyncClient) -> None:
         """Anthropic-style ``x-api-key`` is read as the key."""
