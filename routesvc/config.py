@@ -124,7 +124,7 @@ class ProviderConfig(_Strict):
     http_client: HttpClientKind = Field(
         "httpx",
         description="The SDK's HTTP transport: httpx (the SDKs' default client) or aiohttp (the SDKs' "
-        "DefaultAioHttpClient: ~25-30% less CPU per stream, but a stream the provider cuts may lose the "
+        "DefaultAioHttpClient: 25-35% less CPU per stream, but a stream the provider cuts may lose the "
         "chunks that arrived with the cut; docs/performance.md).",
     )
 

@@ -14,7 +14,7 @@ Every SDK exception is translated here, most specific first:
     anthropic.APITimeoutError    ProviderUnavailable
     anthropic.APIConnectionError ProviderUnavailable
     anthropic.APIError           invalid response: ProviderUnavailable
-    httpx2 / decoding errors     ProviderUnavailable (this SDK does not wrap errors raised mid-stream)
+    httpx2 / aiohttp / decoding errors  ProviderUnavailable (this SDK does not wrap errors raised mid-stream)
     deadline (call.timeout)      ProviderUnavailable
 
 Anthropic reports cache reads and cache writes apart from ``input_tokens``; our ``Usage`` counts
