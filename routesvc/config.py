@@ -125,7 +125,7 @@ class ProviderConfig(_Strict):
         "httpx",
         description="The SDK's HTTP transport: httpx (the SDKs' default client) or aiohttp (the SDKs' "
         "DefaultAioHttpClient: 25-35% less CPU per stream, but a stream the provider cuts may lose the "
-        "chunks that arrived with the cut; docs/performance.md).",
+        "chunks that arrived with the cut; docs/performance.md). Streamed calls; batch calls keep httpx.",
     )
 
     @model_validator(mode="before")

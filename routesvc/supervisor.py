@@ -26,6 +26,7 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import sys
 from collections.abc import Coroutine
 from types import FrameType
 from typing import Any
@@ -45,7 +46,9 @@ def run_event_loop(main: Coroutine[Any, Any, None], *, uvloop: bool = True) -> N
         try:
             import uvloop as uvloop_module
         except ImportError:
-            log.warning("uvloop_unavailable", detail="uvloop is not installed here; running on asyncio's loop")
+            # Not a dependency on Windows, where asyncio's loop is expected; elsewhere it should be there.
+            if sys.platform != "win32":
+                log.warning("uvloop_unavailable", detail="uvloop is not installed here; running on asyncio's loop")
         else:
             uvloop_module.run(main)
             return

@@ -101,9 +101,12 @@ async def live_client(live_server: Server) -> AsyncIterator[RouterClient]:
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], object]]:
     """Async tests run on the loop ``routesvc serve`` runs on by default (``server.uvloop``):
-    uvloop's; ``ROUTESVC_TEST_LOOP=asyncio`` runs them on asyncio's instead."""
-    if os.environ.get("ROUTESVC_TEST_LOOP") == "asyncio":
-        return {"asyncio": asyncio.new_event_loop}
-    import uvloop
-
-    return {"uvloop": uvloop.new_event_loop}
+    uvloop's where it is installed; ``ROUTESVC_TEST_LOOP=asyncio`` runs them on asyncio's instead."""
+    if os.environ.get("ROUTESVC_TEST_LOOP") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # Windows: no uvloop, as for `routesvc serve`
+            pass
+        else:
+            return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}

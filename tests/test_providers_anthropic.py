@@ -298,13 +298,14 @@ class TestErrorTranslation:
         assert 55 <= error.retry_after <= 61
 
     async def test_connection_refused_is_unavailable(self, http_client: HttpClientKind) -> None:
-        """Nothing listening: ProviderUnavailable, no status."""
+        """Nothing listening: ProviderUnavailable, no status, said as a connection failure."""
         adapter = AnthropicProvider("anthropic", CANARY_KEY, "http://127.0.0.1:1", http_client=http_client)
         try:
             texts, error = await collect_until_error(adapter, make_call())
         finally:
             await adapter.aclose()
         assert (texts, type(error), error.status) == ([], ProviderUnavailable, None)
+        assert "connection failed" in error.message  # not "timed out", over either transport
         assert_sanitized(error)
 
 

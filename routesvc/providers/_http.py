@@ -138,6 +138,20 @@ async def guarded(
         raise error from exc
 
 
+def aiohttp_connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused by an aiohttp connection failure that is not a timeout (refused,
+    DNS, TLS, closed before the headers). The openai SDK's aiohttp transport maps those to
+    ``httpx.ConnectTimeout``, so the SDK raises them as ``APITimeoutError``."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, TimeoutError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def transport_error(exc: Exception, *, provider: str, model: str) -> ProviderUnavailable | None:
     """The error for what an SDK lets through from below it: a transport failure (cut, reset) or
     bytes that do not decode (malformed JSON, non-UTF-8, an event that does not parse), both of

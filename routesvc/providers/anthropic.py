@@ -37,6 +37,7 @@ from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
 from routesvc.providers._http import (
     END_OF_STREAM,
+    aiohttp_connection_failure,
     count_field,
     describe,
     error_for_event,
@@ -279,7 +280,7 @@ class AnthropicProvider:
             return error_for_status(
                 exc.status_code, provider=name, model=model, code=code, headers=exc.response.headers
             )
-        if isinstance(exc, anthropic.APITimeoutError):
+        if isinstance(exc, anthropic.APITimeoutError) and not aiohttp_connection_failure(exc):
             return ProviderUnavailable(describe(name, model, "request timed out"), provider=name, model=model)
         if isinstance(exc, anthropic.APIConnectionError):
             return ProviderUnavailable(describe(name, model, "connection failed"), provider=name, model=model)

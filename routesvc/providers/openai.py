@@ -32,6 +32,7 @@ from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
 from routesvc.providers._http import (
     END_OF_STREAM,
+    aiohttp_connection_failure,
     count_field,
     describe,
     error_for_event,
@@ -249,7 +250,7 @@ class OpenAIProvider:
             return error_for_status(
                 exc.status_code, provider=name, model=model, code=code, headers=exc.response.headers
             )
-        if isinstance(exc, openai.APITimeoutError):
+        if isinstance(exc, openai.APITimeoutError) and not aiohttp_connection_failure(exc):
             return ProviderUnavailable(describe(name, model, "request timed out"), provider=name, model=model)
         if isinstance(exc, openai.APIConnectionError):
             return ProviderUnavailable(describe(name, model, "connection failed"), provider=name, model=model)
