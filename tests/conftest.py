@@ -75,6 +75,12 @@ async def fake() -> AsyncIterator[FakeProvider]:
         yield running
 
 
+def process_environ() -> dict[str, str]:
+    """This process's environment without the SDK and routesvc variables: for a ``routesvc`` or
+    fake-provider process whose keys, URLs and config the test sets itself."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+
+
 def live_environ(fake: FakeProvider) -> dict[str, str]:
     """The SDK variables pointing both providers at ``fake``."""
     return {

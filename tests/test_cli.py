@@ -13,7 +13,7 @@ from decimal import Decimal
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, process_environ
 
 
 @dataclass
@@ -32,7 +32,7 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 @pytest.fixture(scope="module")
 def running() -> Iterator[Running]:
     """The fake provider and `routesvc serve` as separate processes, keys and URLs via the SDK variables."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+    base = process_environ()
     fake = _spawn(["-m", "routesvc.testing", "--port", "0"], base)
     server: subprocess.Popen[str] | None = None
     try:
@@ -59,7 +59,7 @@ def running() -> Iterator[Running]:
 
 def _first_line_of_serve(*flags: str) -> dict[str, object]:
     """The first log line of ``routesvc serve FLAGS`` (no keys: it serves Route only), then SIGTERM."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+    base = process_environ()
     server = _spawn(["-m", "routesvc", "serve", "--port", "0", *flags], base)
     try:
         assert server.stdout is not None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, default_config
+from tests.conftest import REPO, default_config, process_environ
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -32,7 +32,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config["batch"] = {"group_window_seconds": 0.05, "poll_interval_seconds": 0.05}
     config_path = directory / "config.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+    base = process_environ()
     fake = _spawn(["-m", "routesvc.testing", "--port", "0"], base)
     server: subprocess.Popen[str] | None = None
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import REPO, default_config, live_environ, settings_from, user_chat
+from tests.conftest import REPO, default_config, live_environ, process_environ, settings_from, user_chat
 from tests.test_validation import error_info
 
 
@@ -78,7 +77,7 @@ class TestDrainProcess:
     def test_sigterm_drains_a_real_server_process(self, tmp_path: Path) -> None:
         """`routesvc serve` with streams in flight: SIGTERM flips health, the short stream finishes,
         the long one ends SHUTTING_DOWN with the committed trailer, and the process exits 0."""
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+        base = process_environ()
         fake = subprocess.Popen(
             [sys.executable, "-m", "routesvc.testing", "--port", "0"],
             cwd=REPO,

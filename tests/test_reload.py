@@ -19,7 +19,7 @@ import yaml
 
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import REPO, default_config
+from tests.conftest import REPO, default_config, process_environ
 
 
 class ConfigMapDir:
@@ -58,7 +58,7 @@ def served(tmp_path: Path) -> Iterator[tuple[ConfigMapDir, str, subprocess.Popen
     """`routesvc serve` as a process on a ConfigMap-style config; its log lines are collected."""
     configmap = ConfigMapDir(tmp_path)
     configmap.publish(config_text("gpt-4o-mini"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+    env = process_environ()
     process = subprocess.Popen(
         [sys.executable, "-m", "routesvc", "serve", "--config", str(configmap.path)],
         cwd=REPO,
