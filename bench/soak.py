@@ -335,7 +335,7 @@ def main() -> None:
         help="trace Python allocations with FRAMES frames and report the sites that grew after warm-up (slow)",
     )
     parser.add_argument("--warmup-seconds", type=float, default=120.0, help="memory growth is measured after this")
-    parser.add_argument("--http-client", choices=("httpx", "aiohttp"), default="httpx", help="providers' transport")
+    parser.add_argument("--http-client", choices=("httpx", "aiohttp"), default="aiohttp", help="providers' transport")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     args = parser.parse_args()
     from routesvc.config import limit_native_threads

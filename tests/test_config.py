@@ -132,13 +132,13 @@ class TestValidation:
 
 
 class TestHttpClient:
-    def test_adapters_use_httpx_unless_a_provider_says_aiohttp(self) -> None:
-        """Every provider's SDK runs on its default httpx client unless ``http_client: aiohttp``
-        puts it on the SDK's aiohttp transport."""
+    def test_adapters_use_aiohttp_unless_a_provider_says_httpx(self) -> None:
+        """Every provider's SDK runs on its aiohttp transport unless ``http_client: httpx`` puts it
+        on the SDK's own default client."""
         from routesvc.server import build_providers
 
         config = default_config()
-        config["providers"]["anthropic"]["http_client"] = "aiohttp"  # type: ignore[index]
+        config["providers"]["openai"]["http_client"] = "httpx"  # type: ignore[index]
         keys = {"OPENAI_API_KEY": "sk-openai", "ANTHROPIC_API_KEY": "sk-anthropic"}
         providers = build_providers(settings_from(config, keys))
         assert {name: getattr(p, "http_client", None) for name, p in providers.items()} == {

@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 import aiohttp
 import pytest
+from aiohttp.base_protocol import BaseProtocol
 from structlog.testing import capture_logs
 
 from routesvc.errors import (
@@ -23,6 +24,7 @@ from routesvc.errors import (
     ProviderUnavailable,
 )
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.providers._aiohttp import unread_bytes
 from routesvc.providers._http import count_field, object_field, text_field, transport_error
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
@@ -125,6 +127,26 @@ class TestTransportErrors:
         assert isinstance(error, ProviderUnavailable)
         assert "connection failed" in error.message
         assert transport_error(KeyError("x"), provider="p", model="m") is None
+
+
+class TestAiohttpBuffer:
+    """What ``_aiohttp.keeping_buffered`` relies on: aiohttp keeps what it read in a failed
+    reader's buffer. If a new aiohttp moves it, this fails here (and nothing is recovered, as
+    before the wrapper) rather than somewhere less clear."""
+
+    async def test_a_failed_reader_still_holds_what_it_read(self) -> None:
+        protocol = BaseProtocol(asyncio.get_running_loop())
+        reader = aiohttp.StreamReader(protocol, 2**16, loop=asyncio.get_running_loop())
+        reader.feed_data(b"data: one\n\n")
+        reader.feed_data(b"data: two\n\n")
+        assert await reader.read(4) == b"data"
+        reader.set_exception(aiohttp.ClientPayloadError("Response payload is not completed"))
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await reader.read(1024)
+        assert unread_bytes(reader) == b": one\n\ndata: two\n\n"
+
+    def test_anything_else_holds_nothing(self) -> None:
+        assert [unread_bytes(value) for value in (object(), None, b"bytes")] == [b"", b"", b""]
 
 
 class TestConstruction:

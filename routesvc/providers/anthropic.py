@@ -35,6 +35,7 @@ from anthropic.types import AssistantMessageParam, MessageParam, ToolParam, User
 
 from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._http import (
     END_OF_STREAM,
     aiohttp_connection_failure,
@@ -153,7 +154,7 @@ class AnthropicProvider:
     """Streams messages through the official SDK, with no SDK retries (ours come later)."""
 
     def __init__(
-        self, name: str, api_key: str | None, base_url: str | None = None, *, http_client: HttpClientKind = "httpx"
+        self, name: str, api_key: str | None, base_url: str | None = None, *, http_client: HttpClientKind = "aiohttp"
     ) -> None:
         self._name = name
         # Explicit base_url and key so the SDK reads no environment variables (config.py owns them). The SDK's
@@ -164,7 +165,7 @@ class AnthropicProvider:
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
             open_telemetry={"traces": False, "propagation": False},
-            http_client=anthropic.DefaultAioHttpClient() if http_client == "aiohttp" else None,
+            http_client=keeping_buffered(anthropic.DefaultAioHttpClient) if http_client == "aiohttp" else None,
         )
         self._http_client: HttpClientKind = http_client
 

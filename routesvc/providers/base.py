@@ -9,10 +9,10 @@ from typing import Literal, Protocol
 
 from routesvc.models import Message, ProviderEvent, ToolSpec
 
-# The HTTP transport under an SDK client: the SDKs' default httpx one, or their aiohttp one
-# (``DefaultAioHttpClient``). Same requests and headers; aiohttp costs less CPU per stream, but when
-# the connection is cut it drops what it had read and not yet handed over, so a stream cut mid-way
-# may lose its last chunks (never reorder or repeat them). docs/performance.md lists the rest.
+# The HTTP transport under an SDK client: the SDKs' aiohttp one (``DefaultAioHttpClient``, wrapped
+# by ``_aiohttp.keeping_buffered`` so a cut loses nothing; routesvc's default) or their own default,
+# httpx. Same requests and headers; aiohttp costs less CPU per stream. docs/performance.md lists
+# the differences.
 HttpClientKind = Literal["aiohttp", "httpx"]
 
 

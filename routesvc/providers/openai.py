@@ -30,6 +30,7 @@ from openai.types.shared_params import FunctionDefinition
 
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._http import (
     END_OF_STREAM,
     aiohttp_connection_failure,
@@ -115,7 +116,7 @@ class OpenAIProvider:
         base_url: str | None = None,
         kind: str = "openai",
         *,
-        http_client: HttpClientKind = "httpx",
+        http_client: HttpClientKind = "aiohttp",
     ) -> None:
         if kind not in _KINDS:
             raise ConfigError(f"providers.{name}.kind: {kind!r} is not one of {sorted(_KINDS)}")
@@ -127,7 +128,7 @@ class OpenAIProvider:
             api_key=api_key or "unused",
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
-            http_client=openai.DefaultAioHttpClient() if http_client == "aiohttp" else None,
+            http_client=keeping_buffered(openai.DefaultAioHttpClient) if http_client == "aiohttp" else None,
         )
         self._http_client: HttpClientKind = http_client
 

@@ -1,0 +1,84 @@
+"""The SDKs' aiohttp transport, made to hand over what arrived before a cut.
+
+Both SDKs ship ``DefaultAioHttpClient``: an httpx2 client whose transport is aiohttp. When a
+provider closes the connection in the middle of a body, aiohttp marks the body's reader failed and
+its next read raises at once, even though bytes that came in with the close are still in the
+reader's buffer; those are the stream's last chunks. ``keeping_buffered`` wraps each transport of
+such a client so that, on that error, the buffered bytes are yielded first and the error raised
+after them: the same chunks reach the caller as over httpx.
+
+aiohttp offers no public way to read its buffer once the reader has failed, so this reads the
+reader's ``_buffer`` (a deque of bytes) and ``_buffer_offset``. Where a future aiohttp lacks them,
+nothing is recovered and the stream fails as it would without this (the aiohttp cut test says so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import httpx2
+
+
+def unread_bytes(reader: object) -> bytes:
+    """What an aiohttp ``StreamReader`` holds but has not handed over; b"" if unknown."""
+    buffer = getattr(reader, "_buffer", None)
+    offset = getattr(reader, "_buffer_offset", 0)
+    if not buffer or not isinstance(offset, int):
+        return b""
+    return b"".join(buffer)[offset:]
+
+
+class _KeepingStream(httpx2.AsyncByteStream):
+    """A response body that yields aiohttp's buffered bytes before the error that ended it."""
+
+    def __init__(self, inner: httpx2.AsyncByteStream, reader: object) -> None:
+        self._inner = inner
+        self._reader = reader
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        except httpx2.ReadError as exc:
+            if not isinstance(exc.__cause__, aiohttp.ClientPayloadError):
+                raise
+            rest = unread_bytes(self._reader)
+            if rest:
+                yield rest
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _KeepingTransport(httpx2.AsyncBaseTransport):
+    """Delegates to the SDK's aiohttp transport; wraps each response body in ``_KeepingStream``."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        aiohttp_response = getattr(response.stream, "_aiohttp_response", None)
+        if isinstance(aiohttp_response, aiohttp.ClientResponse) and isinstance(response.stream, httpx2.AsyncByteStream):
+            response.stream = _KeepingStream(response.stream, aiohttp_response.content)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def keeping_buffered(client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
+    """An instance of the SDK's ``DefaultAioHttpClient`` class whose transports (direct and proxy)
+    are wrapped in ``_KeepingTransport``; its defaults (timeouts, connection limits) are the SDK's."""
+
+    class KeepingClient(client_class):  # type: ignore[misc,valid-type]
+        def _init_transport(self, *args: Any, **kwargs: Any) -> httpx2.AsyncBaseTransport:
+            return _KeepingTransport(super()._init_transport(*args, **kwargs))
+
+        def _init_proxy_transport(self, *args: Any, **kwargs: Any) -> httpx2.AsyncBaseTransport:
+            return _KeepingTransport(super()._init_proxy_transport(*args, **kwargs))
+
+    return KeepingClient()
