@@ -7,6 +7,7 @@ process boundary).
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import time
@@ -232,7 +233,25 @@ def merge_streams(results: list[dict[str, Any]], stall_seconds: float) -> dict[s
         errors=sum(result["errors"] for result in results),
         streams_per_s=sum(result["streams_per_s"] for result in results),
         stall_seconds=stall_seconds,
-    ) | {"primed": sum(result["primed"] for result in results)}
+    ) | {
+        "primed": sum(result["primed"] for result in results),
+        "load_gc_max_ms": max(result["load_gc_max_ms"] for result in results),
+    }
+
+
+class _GcPauses:
+    """The longest garbage collection in a load process while it measures: a pause there shows
+    as a gap in every stream it reads, whatever the target."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._started = 0.0
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.longest = max(self.longest, time.perf_counter() - self._started)
 
 
 def _summary(
@@ -359,16 +378,20 @@ async def _streams(
         batch = range(start, min(start + concurrency, primers))
         await asyncio.gather(*(one_stream(i) for i in batch), return_exceptions=True)
     measuring = True
+    pauses = _GcPauses()
+    gc.callbacks.append(pauses.on_gc)
     stop_at = time.perf_counter() + duration
     began = time.perf_counter()
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - began
+    gc.callbacks.remove(pauses.on_gc)
     for close in closers:
         await close()
     result = _summary(
         ttft, totals, gaps, done=done, errors=errors, streams_per_s=done / elapsed, stall_seconds=stall_seconds
     )
     result["primed"] = primers
+    result["load_gc_max_ms"] = round(pauses.longest * 1000, 3)
     if raw:
         result |= {"ttft_s": ttft, "totals_s": totals, "gaps_s": gaps}
     return result

@@ -39,7 +39,7 @@ from routesvc.client import RouterClient, build_chat
 from routesvc.config import LoggingConfig, parse_config
 from routesvc.server import Server
 from routesvc.telemetry import configure_logging
-from routesvc.testing import FakeProvider, Fault, Script
+from routesvc.testing import FakeProvider, Fault, RecordedRequest, Script
 
 RESULTS = Path(__file__).parent / "results"
 _TAG = re.compile(r"(req-\d+) please")
@@ -74,6 +74,9 @@ class Tally:
     lost_or_duplicated: int = 0
     violations: list[str] = field(default_factory=list)
     cancel_times: dict[str, float] = field(default_factory=dict)
+    # Deltas received by each stream that ended UNAVAILABLE without a client cancel.
+    unavailable_deltas: dict[str, int] = field(default_factory=dict)
+    cuts_checked: int = 0
 
 
 def _check(tag: str, texts: list[str], expected: int | None, tally: Tally) -> None:
@@ -83,6 +86,23 @@ def _check(tag: str, texts: list[str], expected: int | None, tally: Tally) -> No
         tally.lost_or_duplicated += 1
         if len(tally.violations) < 20:
             tally.violations.append(f"{tag}: got {len(texts)} chunks, expected {expected}")
+
+
+def _check_cut(record: RecordedRequest, tag: str, tally: Tally) -> None:
+    """RELIABILITY 7: a provider's FIN after content delivers every chunk it sent before it.
+    Scripts are taken from a shared queue by whichever request comes first, so the fake's record
+    (which script, how many chunks sent) is matched to the stream by the tag in its prompt."""
+    script = record.script
+    if script is None or script.fault is not Fault.CUT or record.chunks_sent == 0:
+        return
+    delivered = tally.unavailable_deltas.get(tag)
+    if delivered is None:  # the client cancelled, or the stream ended otherwise
+        return
+    tally.cuts_checked += 1
+    if delivered != record.chunks_sent:
+        tally.lost_or_duplicated += 1
+        if len(tally.violations) < 20:
+            tally.violations.append(f"{tag}: provider cut after {record.chunks_sent} chunks, {delivered} delivered")
 
 
 async def _one(
@@ -129,6 +149,8 @@ async def _one(
         trailers = dict(error.trailing_metadata() or ())
         committed = trailers.get("routesvc-chunks-sent")
         _check(tag, texts, int(committed) if committed is not None else (0 if not texts else None), tally)
+        if code == "UNAVAILABLE" and cancel_after is None:
+            tally.unavailable_deltas[tag] = len(texts)
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
 
@@ -162,6 +184,7 @@ async def _load(to_server: Any, from_server: Any, args: argparse.Namespace) -> N
             cancelled_at = tally.cancel_times.get(found.group(1)) if found else None
             if cancelled_at is not None and record.aborted_at is not None:
                 aborts.append(max(0.0, record.aborted_at - cancelled_at))
+            _check_cut(record, found.group(1) if found else "", tally)
         to_server.put(
             {
                 "requests": tally.requests,
@@ -171,6 +194,7 @@ async def _load(to_server: Any, from_server: Any, args: argparse.Namespace) -> N
                 "chunks_checked": tally.chunks,
                 "lost_duplicated_or_reordered_streams": tally.lost_or_duplicated,
                 "violations": tally.violations,
+                "cuts_checked": tally.cuts_checked,
                 "upstream_calls": len(fake.requests),
                 "injected_faults": faults,
                 "upstream_abort_after_cancel_s": {
@@ -359,6 +383,7 @@ def main() -> None:
     print(f"injected faults {result['injected_faults']}  upstream calls {result['upstream_calls']}")
     bad = result["lost_duplicated_or_reordered_streams"]
     print(f"chunks checked {result['chunks_checked']}  lost/duplicated/reordered streams {bad}")
+    print(f"provider cuts after content checked for every chunk sent: {result['cuts_checked']}")
     print(f"upstream abort after cancel: {result['upstream_abort_after_cancel_s']}")
     print(
         f"rss {warm[0]['rss_mib']} -> {warm[-1]['rss_mib']} MiB after warm-up "
