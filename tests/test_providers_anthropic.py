@@ -308,6 +308,35 @@ class TestErrorTranslation:
         assert "connection failed" in error.message  # not "timed out", over either transport
         assert_sanitized(error)
 
+    async def test_closing_the_adapter_ends_a_stream_being_read(
+        self, fake: FakeProvider, http_client: HttpClientKind
+    ) -> None:
+        """``aclose()`` while a stream waits on a silent provider fails that stream at once
+        (ProviderUnavailable), over either transport, not at the call's 8 s deadline."""
+        fake.enqueue(Script(chunk_count=10, fault=Fault.HANG, fault_after=3))
+        adapter = AnthropicProvider("p", CANARY_KEY, fake.anthropic_base_url, http_client=http_client)
+        texts: list[str] = []
+        three = asyncio.Event()
+
+        async def read() -> ProviderError | None:
+            try:
+                async for event in adapter.stream(make_call(timeout=8.0)):
+                    if isinstance(event, TextDelta):
+                        texts.append(event.text)
+                        if len(texts) == 3:
+                            three.set()
+            except ProviderError as error:
+                return error
+            return None
+
+        reading = asyncio.ensure_future(read())
+        await asyncio.wait_for(three.wait(), 5.0)
+        started = time.monotonic()
+        await adapter.aclose()
+        error = await asyncio.wait_for(reading, 5.0)
+        assert time.monotonic() - started < 1.0
+        assert (len(texts), type(error)) == (3, ProviderUnavailable)
+
 
 class TestMidStreamFailures:
     async def test_cut_after_40_of_60_chunks(self, fake: FakeProvider, provider: AnthropicProvider) -> None:

@@ -10,10 +10,14 @@ after them: the same chunks reach the caller as over httpx.
 aiohttp offers no public way to read its buffer once the reader has failed, so this reads the
 reader's ``_buffer`` (a deque of bytes) and ``_buffer_offset``. Where a future aiohttp lacks them,
 nothing is recovered and the stream fails as it would without this (the aiohttp cut test says so).
+
+Closing the client also fails the bodies still being read (as httpx does); without it, closing
+aiohttp's session leaves such a read waiting for its timeout.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,6 +40,7 @@ class _KeepingStream(httpx2.AsyncByteStream):
     def __init__(self, inner: httpx2.AsyncByteStream, reader: object) -> None:
         self._inner = inner
         self._reader = reader
+        self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -50,7 +55,14 @@ class _KeepingStream(httpx2.AsyncByteStream):
             raise
 
     async def aclose(self) -> None:
+        self._closed = True
         await self._inner.aclose()
+
+    def fail(self) -> None:
+        """End the body: a read waiting on it raises at once (the client is being closed)."""
+        fail = getattr(self._reader, "set_exception", None)
+        if not self._closed and callable(fail):
+            fail(aiohttp.ClientPayloadError("the HTTP client was closed"))
 
 
 class _KeepingTransport(httpx2.AsyncBaseTransport):
@@ -58,15 +70,20 @@ class _KeepingTransport(httpx2.AsyncBaseTransport):
 
     def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
         self._inner = inner
+        self._open: weakref.WeakSet[_KeepingStream] = weakref.WeakSet()
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         response = await self._inner.handle_async_request(request)
         aiohttp_response = getattr(response.stream, "_aiohttp_response", None)
         if isinstance(aiohttp_response, aiohttp.ClientResponse) and isinstance(response.stream, httpx2.AsyncByteStream):
-            response.stream = _KeepingStream(response.stream, aiohttp_response.content)
+            stream = _KeepingStream(response.stream, aiohttp_response.content)
+            self._open.add(stream)
+            response.stream = stream
         return response
 
     async def aclose(self) -> None:
+        for stream in list(self._open):
+            stream.fail()
         await self._inner.aclose()
 
 
