@@ -154,7 +154,8 @@ class TestBenchHarness:
 
     def test_streams_from_several_load_processes_merge_into_one_distribution(self) -> None:
         """--load-processes: the samples of load processes that ran side by side are pooled before
-        percentiles are taken (not averaged percentiles), counts and rates summed."""
+        percentiles are taken (not averaged percentiles), counts and rates summed, the longest
+        garbage collection of any of them kept."""
         first = {
             "ttft_s": [0.010] * 99,
             "totals_s": [0.4] * 99,
@@ -163,6 +164,7 @@ class TestBenchHarness:
             "errors": 0,
             "streams_per_s": 9.9,
             "primed": 8,
+            "load_gc_max_ms": 1.5,
         }
         second = {
             "ttft_s": [0.110],
@@ -172,11 +174,13 @@ class TestBenchHarness:
             "errors": 2,
             "streams_per_s": 0.1,
             "primed": 8,
+            "load_gc_max_ms": 40.0,
         }
         merged = _load.merge_streams([first, second], stall_seconds=0.25)
         assert (merged["streams"], merged["errors"], merged["streams_per_s"], merged["stalls"]) == (100, 2, 10.0, 1)
         assert (merged["ttft_p50_ms"], merged["primed"]) == (10.0, 16)
         assert merged["ttft_p99_ms"] == pytest.approx(11.0)
+        assert merged["load_gc_max_ms"] == 40.0
 
 
 class TestHandLabels:
