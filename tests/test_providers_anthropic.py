@@ -24,6 +24,7 @@ from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.testing import FakeProvider, Fault, Script
+from tests.conftest import close_while_reading
 
 CANARY_PROMPT = "canary-prompt-0b7e11 please repeat this"
 CANARY_KEY = "sk-ant-canary-key-3c5a90"
@@ -315,26 +316,8 @@ class TestErrorTranslation:
         (ProviderUnavailable), over either transport, not at the call's 8 s deadline."""
         fake.enqueue(Script(chunk_count=10, fault=Fault.HANG, fault_after=3))
         adapter = AnthropicProvider("p", CANARY_KEY, fake.anthropic_base_url, http_client=http_client)
-        texts: list[str] = []
-        three = asyncio.Event()
-
-        async def read() -> ProviderError | None:
-            try:
-                async for event in adapter.stream(make_call(timeout=8.0)):
-                    if isinstance(event, TextDelta):
-                        texts.append(event.text)
-                        if len(texts) == 3:
-                            three.set()
-            except ProviderError as error:
-                return error
-            return None
-
-        reading = asyncio.ensure_future(read())
-        await asyncio.wait_for(three.wait(), 5.0)
-        started = time.monotonic()
-        await adapter.aclose()
-        error = await asyncio.wait_for(reading, 5.0)
-        assert time.monotonic() - started < 1.0
+        texts, error, took = await close_while_reading(adapter, make_call(timeout=8.0), after=3)
+        assert took < 1.0
         assert (len(texts), type(error)) == (3, ProviderUnavailable)
 
 

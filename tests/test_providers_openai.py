@@ -29,6 +29,7 @@ from routesvc.providers._http import count_field, object_field, text_field, tran
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Fault, Script
+from tests.conftest import close_while_reading
 
 CANARY_PROMPT = "canary-prompt-4f9c2e please repeat this"
 CANARY_KEY = "sk-canary-key-8d1b77"
@@ -400,26 +401,8 @@ class TestErrorTranslation:
         (ProviderUnavailable), over either transport, not at the call's 8 s deadline."""
         fake.enqueue(Script(chunk_count=10, fault=Fault.HANG, fault_after=3))
         adapter = OpenAIProvider("p", CANARY_KEY, fake.openai_base_url, "openai", http_client=http_client)
-        texts: list[str] = []
-        three = asyncio.Event()
-
-        async def read() -> ProviderError | None:
-            try:
-                async for event in adapter.stream(make_call(timeout=8.0)):
-                    if isinstance(event, TextDelta):
-                        texts.append(event.text)
-                        if len(texts) == 3:
-                            three.set()
-            except ProviderError as error:
-                return error
-            return None
-
-        reading = asyncio.ensure_future(read())
-        await asyncio.wait_for(three.wait(), 5.0)
-        started = time.monotonic()
-        await adapter.aclose()
-        error = await asyncio.wait_for(reading, 5.0)
-        assert time.monotonic() - started < 1.0
+        texts, error, took = await close_while_reading(adapter, make_call(timeout=8.0), after=3)
+        assert took < 1.0
         assert (len(texts), type(error)) == (3, ProviderUnavailable)
 
 
