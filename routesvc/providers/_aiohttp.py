@@ -9,7 +9,8 @@ after them: the same chunks reach the caller as over httpx.
 
 aiohttp offers no public way to read its buffer once the reader has failed, so this reads the
 reader's ``_buffer`` (a deque of bytes) and ``_buffer_offset``. Where a future aiohttp lacks them,
-nothing is recovered and the stream fails as it would without this (the aiohttp cut test says so).
+nothing is recovered and the stream fails as it would without this; a unit test of aiohttp's
+reader (tests/test_providers_openai.py, ``TestAiohttpBuffer``) fails first, to say so.
 
 Closing the client also fails the bodies still being read (as httpx does); without it, closing
 aiohttp's session leaves such a read waiting for its timeout.
