@@ -375,6 +375,33 @@ class TestMidStreamFailures:
         assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
         assert_sanitized(error)
 
+    async def test_malformed_http_framing_fails_at_once(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A chunk-size line that is not hex after 3 chunks, the socket left open: the 3 chunks,
+        then ProviderUnavailable at once over either transport, not at the call's 8 s deadline."""
+        script = Script(chunk_count=5, chunk_delay=0.02, fault=Fault.BAD_FRAMING, fault_after=3)
+        fake.enqueue(script)
+        started = time.monotonic()
+        texts, error = await collect_until_error(provider, make_call(timeout=8.0))
+        assert time.monotonic() - started < 1.0
+        assert (texts, type(error)) == (list(script.content_chunks()[:3]), ProviderUnavailable)
+        assert_sanitized(error)
+
+    async def test_a_kept_alive_connection_carries_only_its_own_bodys_errors(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """A whole stream, then bad framing on the same connection, then a whole stream again:
+        each ends as its own body did."""
+        fake.enqueue(
+            Script(chunk_count=3), Script(chunk_count=5, chunk_delay=0.02, fault=Fault.BAD_FRAMING, fault_after=2)
+        )
+        fake.enqueue(Script(chunk_count=3))
+        first = await collect(provider, make_call())
+        texts, error = await collect_until_error(provider, make_call(timeout=8.0))
+        third = await collect(provider, make_call())
+        assert [len([e for e in events if isinstance(e, TextDelta)]) for events in (first, third)] == [3, 3]
+        assert (len(texts), type(error)) == (2, ProviderUnavailable)
+        assert fake.requests[0].connection == fake.requests[1].connection  # the second body reused it
+
 
 class TestCancellation:
     async def test_cancel_mid_stream_aborts_upstream_within_a_second(

@@ -5,25 +5,31 @@ provider closes the connection in the middle of a body, aiohttp marks the body's
 its next read raises at once, even though bytes that came in with the close are still in the
 reader's buffer; those are the stream's last chunks. ``keeping_buffered`` wraps each transport of
 such a client so that, on that error, the buffered bytes are yielded first and the error raised
-after them: the same chunks reach the caller as over httpx.
+after them: on a cut, the same chunks reach the caller as over httpx.
 
 aiohttp offers no public way to read its buffer once the reader has failed, so this reads the
 reader's ``_buffer`` (a deque of bytes) and ``_buffer_offset``. Where a future aiohttp lacks them,
 nothing is recovered and the stream fails as it would without this; a unit test of aiohttp's
 reader (tests/test_providers_openai.py, ``TestAiohttpBuffer``) fails first, to say so.
 
-Closing the client also fails the bodies still being read (as httpx does); without it, closing
-aiohttp's session leaves such a read waiting for its timeout.
+Two more places where aiohttp leaves a body's read waiting until its timeout, which httpx fails at
+once, are closed the same way: closing the client fails the bodies still being read; and a body
+whose HTTP framing turns malformed part-way (a chunk-size line that is not hex) fails at once with
+what came before it. aiohttp reports that parse error to the connection's protocol and closes the
+connection, but not to the body's reader, so the wrapper relays it (an instance attribute over the
+protocol's ``set_exception`` while the body is open, removed when it ends).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import httpx2
+from aiohttp.http_exceptions import HttpProcessingError
 
 
 def unread_bytes(reader: object) -> bytes:
@@ -38,10 +44,12 @@ def unread_bytes(reader: object) -> bytes:
 class _KeepingStream(httpx2.AsyncByteStream):
     """A response body that yields aiohttp's buffered bytes before the error that ended it."""
 
-    def __init__(self, inner: httpx2.AsyncByteStream, reader: object) -> None:
+    def __init__(self, inner: httpx2.AsyncByteStream, reader: object, protocol: object) -> None:
         self._inner = inner
         self._reader = reader
         self._closed = False
+        self._protocol = protocol
+        self._relaying = _relay_parse_errors(protocol, self.fail)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -54,16 +62,44 @@ class _KeepingStream(httpx2.AsyncByteStream):
             if rest:
                 yield rest
             raise
+        finally:
+            self._stop_relaying()
 
     async def aclose(self) -> None:
         self._closed = True
+        self._stop_relaying()
         await self._inner.aclose()
 
-    def fail(self) -> None:
-        """End the body: a read waiting on it raises at once (the client is being closed)."""
+    def _stop_relaying(self) -> None:
+        # The connection may serve the next request (keep-alive): its errors are not this body's.
+        if self._relaying:
+            self._relaying = False
+            with contextlib.suppress(AttributeError):
+                delattr(self._protocol, "set_exception")
+
+    def fail(self, why: str = "the HTTP client was closed") -> None:
+        """End the body: a read waiting on it raises at once."""
         fail = getattr(self._reader, "set_exception", None)
-        if not self._closed and callable(fail):
-            fail(aiohttp.ClientPayloadError("the HTTP client was closed"))
+        exception = getattr(self._reader, "exception", None)
+        if self._closed or not callable(fail) or not callable(exception) or exception() is not None:
+            return
+        fail(aiohttp.ClientPayloadError(why))
+
+
+def _relay_parse_errors(protocol: object, fail: Callable[[str], None]) -> bool:
+    """Shadow ``protocol.set_exception`` so that an HTTP parse error also fails the body (``fail``);
+    False where the protocol cannot take the attribute."""
+    original = getattr(protocol, "set_exception", None)
+    if original is None or not hasattr(protocol, "__dict__"):
+        return False
+
+    def set_exception(exc: BaseException, *args: Any, **kwargs: Any) -> None:
+        original(exc, *args, **kwargs)
+        if isinstance(exc, HttpProcessingError):
+            fail("malformed response body")
+
+    protocol.__dict__["set_exception"] = set_exception
+    return True
 
 
 class _KeepingTransport(httpx2.AsyncBaseTransport):
@@ -77,7 +113,9 @@ class _KeepingTransport(httpx2.AsyncBaseTransport):
         response = await self._inner.handle_async_request(request)
         aiohttp_response = getattr(response.stream, "_aiohttp_response", None)
         if isinstance(aiohttp_response, aiohttp.ClientResponse) and isinstance(response.stream, httpx2.AsyncByteStream):
-            stream = _KeepingStream(response.stream, aiohttp_response.content)
+            connection = aiohttp_response.connection
+            protocol = connection.protocol if connection is not None else None
+            stream = _KeepingStream(response.stream, aiohttp_response.content, protocol)
             self._open.add(stream)
             response.stream = stream
         return response

@@ -94,6 +94,9 @@ async def stream_events(
                 await connection.pause(script.hang_seconds)
             elif script.fault is Fault.HANG:
                 await connection.hang()
+            elif script.fault is Fault.BAD_FRAMING:
+                await connection.send(b"zz\r\n")
+                await connection.hang()
             elif script.fault is Fault.MISSING_TERMINATOR:
                 await connection.send(_END_OF_BODY)
                 return

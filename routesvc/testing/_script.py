@@ -16,9 +16,9 @@ DEFAULT_TEXT = "Hello from the fake provider."
 class Fault(enum.Enum):
     """What goes wrong in a response, after ``Script.fault_after`` content chunks.
 
-    ``CUT``, ``RESET`` and ``HANG`` end the exchange early and leave the stream unterminated (a
-    ``HANG`` with ``Script.hang_seconds`` resumes after that stall instead); the others inject one
-    bad event and then finish the stream normally.
+    ``CUT``, ``RESET``, ``HANG`` and ``BAD_FRAMING`` end the exchange early and leave the stream
+    unterminated (a ``HANG`` with ``Script.hang_seconds`` resumes after that stall instead); the
+    others inject one bad event and then finish the stream normally.
     """
 
     NONE = "none"
@@ -35,6 +35,7 @@ class Fault(enum.Enum):
     WRONG_TYPES = "wrong_types"  # an event whose known fields hold values of the wrong JSON type
     NOT_AN_OBJECT = "not_an_object"  # a ``data:`` line that is valid JSON but not an object (OpenAI: null)
     MISSING_TERMINATOR = "missing_terminator"  # end the body without finish, usage, [DONE] or message_stop
+    BAD_FRAMING = "bad_framing"  # a chunk-size line that is not hex (HTTP framing), then silence, socket open
 
 
 @dataclass(frozen=True, slots=True)
