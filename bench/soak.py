@@ -57,6 +57,7 @@ FAULTS: list[dict[str, Any]] = [
     {"fault": Fault.HANG_BEFORE_HEADERS},
     {"fault": Fault.NOT_AN_OBJECT},
     {"fault": Fault.WRONG_TYPES},
+    {"fault": Fault.BAD_FRAMING},
 ]
 
 

@@ -11,8 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from types import MappingProxyType
 
 import aiohttp
+import httpx2
 import pytest
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.testing import capture_logs
 
 from routesvc.errors import (
@@ -24,7 +27,7 @@ from routesvc.errors import (
     ProviderUnavailable,
 )
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
-from routesvc.providers._aiohttp import unread_bytes
+from routesvc.providers._aiohttp import _KeepingStream, unread_bytes
 from routesvc.providers._http import count_field, object_field, text_field, transport_error
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
@@ -130,10 +133,11 @@ class TestTransportErrors:
         assert transport_error(KeyError("x"), provider="p", model="m") is None
 
 
-class TestAiohttpBuffer:
-    """What ``_aiohttp.keeping_buffered`` relies on: aiohttp keeps what it read in a failed
-    reader's buffer. If a new aiohttp moves it, this fails here (and nothing is recovered, as
-    before the wrapper) rather than somewhere less clear."""
+class TestAiohttpDetails:
+    """The aiohttp behaviours ``_aiohttp.keeping_buffered`` works around, on aiohttp's own objects.
+    First what it relies on: aiohttp keeps what it read in a failed reader's buffer. If a new
+    aiohttp moves it, this fails here (and nothing is recovered, as before the wrapper) rather
+    than somewhere less clear."""
 
     async def test_a_failed_reader_still_holds_what_it_read(self) -> None:
         protocol = BaseProtocol(asyncio.get_running_loop())
@@ -148,6 +152,32 @@ class TestAiohttpBuffer:
 
     def test_anything_else_holds_nothing(self) -> None:
         assert [unread_bytes(value) for value in (object(), None, b"bytes")] == [b"", b"", b""]
+
+    async def test_a_parse_error_before_the_body_was_handed_over_fails_the_body(self) -> None:
+        """Under load a malformed chunk line can be parsed before the wrapper sees the response:
+        aiohttp's protocol then holds the error already, and the body is failed at once (the
+        soak found two such streams ending INTERNAL before this)."""
+        loop = asyncio.get_running_loop()
+        protocol = ResponseHandler(loop)
+        protocol.set_exception(HttpProcessingError(message="bad chunk size"))
+        reader = aiohttp.StreamReader(protocol, 2**16, loop=loop)
+        _KeepingStream(httpx2.ByteStream(b""), reader, protocol)
+        assert isinstance(reader.exception(), aiohttp.ClientPayloadError)
+
+    async def test_a_read_on_a_connection_closed_unannounced_is_a_read_error(self) -> None:
+        """aiohttp's reader raises a bare RuntimeError when it would wait on a closed connection
+        whose body was never failed; the wrapper makes it the transport error it is."""
+        loop = asyncio.get_running_loop()
+        protocol = ResponseHandler(loop)  # never connected
+        reader = aiohttp.StreamReader(protocol, 2**16, loop=loop)
+
+        class Body(httpx2.AsyncByteStream):
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                yield await reader.read(16)
+
+        with pytest.raises(httpx2.ReadError):
+            async for _ in _KeepingStream(Body(), reader, protocol):
+                pass
 
 
 class TestConstruction:

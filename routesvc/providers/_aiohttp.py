@@ -10,14 +10,16 @@ after them: on a cut, the same chunks reach the caller as over httpx.
 aiohttp offers no public way to read its buffer once the reader has failed, so this reads the
 reader's ``_buffer`` (a deque of bytes) and ``_buffer_offset``. Where a future aiohttp lacks them,
 nothing is recovered and the stream fails as it would without this; a unit test of aiohttp's
-reader (tests/test_providers_openai.py, ``TestAiohttpBuffer``) fails first, to say so.
+reader (tests/test_providers_openai.py, ``TestAiohttpDetails``) fails first, to say so.
 
 Two more places where aiohttp leaves a body's read waiting until its timeout, which httpx fails at
 once, are closed the same way: closing the client fails the bodies still being read; and a body
 whose HTTP framing turns malformed part-way (a chunk-size line that is not hex) fails at once with
 what came before it. aiohttp reports that parse error to the connection's protocol and closes the
 connection, but not to the body's reader, so the wrapper relays it (an instance attribute over the
-protocol's ``set_exception`` while the body is open, removed when it ends).
+protocol's ``set_exception`` while the body is open, removed when it ends; an error the protocol
+took before the body reached the wrapper fails the body at once). A read that aiohttp's reader
+refuses with a bare ``RuntimeError`` because the connection is gone becomes ``httpx2.ReadError``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ class _KeepingStream(httpx2.AsyncByteStream):
             if rest:
                 yield rest
             raise
+        except RuntimeError as exc:
+            # aiohttp's reader raises a bare RuntimeError when it would wait on a connection that
+            # is already closed without having failed the body: a broken stream, not our bug.
+            if getattr(self._protocol, "connected", True):
+                raise
+            raise httpx2.ReadError("the connection closed during the response body") from exc
         finally:
             self._stop_relaying()
 
@@ -92,6 +100,11 @@ def _relay_parse_errors(protocol: object, fail: Callable[[str], None]) -> bool:
     original = getattr(protocol, "set_exception", None)
     if original is None or not hasattr(protocol, "__dict__"):
         return False
+    # The parse error may have come before the body was handed to us (under load, the bad bytes
+    # can be read before the request's task resumes): then the protocol holds it already.
+    earlier = getattr(protocol, "exception", None)
+    if callable(earlier) and isinstance(earlier(), HttpProcessingError):
+        fail("malformed response body")
 
     def set_exception(exc: BaseException, *args: Any, **kwargs: Any) -> None:
         original(exc, *args, **kwargs)
