@@ -164,6 +164,22 @@ class TestAiohttpDetails:
         _KeepingStream(httpx2.ByteStream(b""), reader, protocol)
         assert isinstance(reader.exception(), aiohttp.ClientPayloadError)
 
+    async def test_a_body_closed_late_leaves_the_next_bodys_relay_in_place(self) -> None:
+        """aiohttp may hand a kept-alive connection to the next request before the previous body
+        is closed: closing the earlier body must not remove the later body's parse-error relay,
+        and the last one closed leaves the protocol as it found it."""
+        loop = asyncio.get_running_loop()
+        protocol = ResponseHandler(loop)
+        first = aiohttp.StreamReader(protocol, 2**16, loop=loop)
+        second = aiohttp.StreamReader(protocol, 2**16, loop=loop)
+        earlier = _KeepingStream(httpx2.ByteStream(b""), first, protocol)
+        later = _KeepingStream(httpx2.ByteStream(b""), second, protocol)
+        await earlier.aclose()
+        protocol.set_exception(HttpProcessingError(message="bad chunk size"))
+        assert (first.exception(), type(second.exception())) == (None, aiohttp.ClientPayloadError)
+        await later.aclose()
+        assert "set_exception" not in vars(protocol)
+
     async def test_a_read_on_a_connection_closed_unannounced_is_a_read_error(self) -> None:
         """aiohttp's reader raises a bare RuntimeError when it would wait on a closed connection
         whose body was never failed; the wrapper makes it the transport error it is."""

@@ -24,7 +24,6 @@ refuses with a bare ``RuntimeError`` because the connection is gone becomes ``ht
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -51,7 +50,7 @@ class _KeepingStream(httpx2.AsyncByteStream):
         self._reader = reader
         self._closed = False
         self._protocol = protocol
-        self._relaying = _relay_parse_errors(protocol, self.fail)
+        self._relay = _relay_parse_errors(protocol, self.fail)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -80,10 +79,11 @@ class _KeepingStream(httpx2.AsyncByteStream):
 
     def _stop_relaying(self) -> None:
         # The connection may serve the next request (keep-alive): its errors are not this body's.
-        if self._relaying:
-            self._relaying = False
-            with contextlib.suppress(AttributeError):
-                delattr(self._protocol, "set_exception")
+        # Only our own relay is removed: the next body may have put its own there already.
+        relay, self._relay = self._relay, None
+        attributes = getattr(self._protocol, "__dict__", {})
+        if relay is not None and attributes.get("set_exception") is relay:
+            del attributes["set_exception"]
 
     def fail(self, why: str = "the HTTP client was closed") -> None:
         """End the body: a read waiting on it raises at once."""
@@ -94,12 +94,12 @@ class _KeepingStream(httpx2.AsyncByteStream):
         fail(aiohttp.ClientPayloadError(why))
 
 
-def _relay_parse_errors(protocol: object, fail: Callable[[str], None]) -> bool:
+def _relay_parse_errors(protocol: object, fail: Callable[[str], None]) -> Callable[..., None] | None:
     """Shadow ``protocol.set_exception`` so that an HTTP parse error also fails the body (``fail``);
-    False where the protocol cannot take the attribute."""
+    the relay put there, or None where the protocol cannot take the attribute."""
     original = getattr(protocol, "set_exception", None)
     if original is None or not hasattr(protocol, "__dict__"):
-        return False
+        return None
     # The parse error may have come before the body was handed to us (under load, the bad bytes
     # can be read before the request's task resumes): then the protocol holds it already.
     earlier = getattr(protocol, "exception", None)
@@ -112,7 +112,7 @@ def _relay_parse_errors(protocol: object, fail: Callable[[str], None]) -> bool:
             fail("malformed response body")
 
     protocol.__dict__["set_exception"] = set_exception
-    return True
+    return set_exception
 
 
 class _KeepingTransport(httpx2.AsyncBaseTransport):
