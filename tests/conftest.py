@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -15,11 +14,7 @@ import yaml
 
 from routesvc.client import RouterClient, build_chat
 from routesvc.config import Settings, parse_config
-from routesvc.errors import ProviderError
-from routesvc.models import TextDelta
-from routesvc.providers.anthropic import AnthropicProvider
-from routesvc.providers.base import ProviderCall
-from routesvc.providers.openai import OpenAIProvider
+from routesvc.providers.base import HttpClientKind
 from routesvc.server import Server
 from routesvc.testing import FakeProvider
 from routesvc.v1 import router_pb2 as pb
@@ -81,37 +76,17 @@ async def fake() -> AsyncIterator[FakeProvider]:
         yield running
 
 
+@pytest.fixture(params=["aiohttp", "httpx"])
+def http_client(request: pytest.FixtureRequest) -> HttpClientKind:
+    """Every adapter test runs over both SDK transports: they must behave the same."""
+    kind: HttpClientKind = request.param
+    return kind
+
+
 def process_environ() -> dict[str, str]:
     """This process's environment without the SDK and routesvc variables: for a ``routesvc`` or
     fake-provider process whose keys, URLs and config the test sets itself."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
-
-
-async def close_while_reading(
-    adapter: OpenAIProvider | AnthropicProvider, call: ProviderCall, after: int
-) -> tuple[list[str], ProviderError | None, float]:
-    """Read ``adapter``'s stream of ``call`` until ``after`` deltas came, then ``aclose()`` the
-    adapter: the deltas read, the error the stream ended with, and the seconds it took to end."""
-    texts: list[str] = []
-    enough = asyncio.Event()
-
-    async def read() -> ProviderError | None:
-        try:
-            async for event in adapter.stream(call):
-                if isinstance(event, TextDelta):
-                    texts.append(event.text)
-                    if len(texts) == after:
-                        enough.set()
-        except ProviderError as error:
-            return error
-        return None
-
-    reading = asyncio.ensure_future(read())
-    await asyncio.wait_for(enough.wait(), 5.0)
-    started = time.monotonic()
-    await adapter.aclose()
-    error = await asyncio.wait_for(reading, 5.0)
-    return texts, error, time.monotonic() - started
 
 
 def live_environ(fake: FakeProvider) -> dict[str, str]:

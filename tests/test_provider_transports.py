@@ -1,0 +1,102 @@
+"""What both adapters must do alike over both SDK transports (aiohttp, the default, and httpx)
+where the transports themselves differ: a body whose HTTP framing breaks, a kept-alive connection
+after it, and closing an adapter while a stream is being read. Real SDKs, real HTTP, the fake."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from routesvc.errors import ProviderError, ProviderUnavailable
+from routesvc.models import Message, Role, TextDelta
+from routesvc.providers.anthropic import AnthropicProvider
+from routesvc.providers.base import HttpClientKind, ProviderCall
+from routesvc.providers.openai import OpenAIProvider
+from routesvc.testing import FakeProvider, Fault, Script
+
+Adapter = OpenAIProvider | AnthropicProvider
+
+
+@pytest.fixture(params=["openai", "anthropic"])
+def kind(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+@pytest.fixture
+async def adapter(fake: FakeProvider, kind: str, http_client: HttpClientKind) -> AsyncIterator[Adapter]:
+    """An adapter of each kind, over each transport, pointed at the fake."""
+    made: Adapter = (
+        OpenAIProvider("openai", "sk-test", fake.openai_base_url, "openai", http_client=http_client)
+        if kind == "openai"
+        else AnthropicProvider("anthropic", "sk-test", fake.anthropic_base_url, http_client=http_client)
+    )
+    yield made
+    await made.aclose()
+
+
+def call(timeout: float | None = None) -> ProviderCall:
+    return ProviderCall(
+        model="m", provider_model="m", messages=(Message(Role.USER, "Say something."),), timeout=timeout
+    )
+
+
+async def read(
+    adapter: Adapter, request: ProviderCall, *, on_delta: asyncio.Event | None = None, after: int = 0
+) -> tuple[list[str], ProviderError | None]:
+    """The text deltas of a stream and the error it ended with (None if it finished); sets
+    ``on_delta`` once ``after`` deltas have come."""
+    texts: list[str] = []
+    try:
+        async for event in adapter.stream(request):
+            if isinstance(event, TextDelta):
+                texts.append(event.text)
+                if on_delta is not None and len(texts) == after:
+                    on_delta.set()
+    except ProviderError as error:
+        return texts, error
+    return texts, None
+
+
+async def test_malformed_http_framing_fails_at_once(fake: FakeProvider, adapter: Adapter) -> None:
+    """A chunk-size line that is not hex after 3 chunks, the socket left open: the 3 chunks, then
+    ProviderUnavailable at once, not at the call's 8 s deadline. (aiohttp tells the connection, not
+    the body's reader; the adapters' transport relays it.)"""
+    script = Script(chunk_count=5, chunk_delay=0.02, fault=Fault.BAD_FRAMING, fault_after=3)
+    fake.enqueue(script)
+    started = time.monotonic()
+    texts, error = await read(adapter, call(timeout=8.0))
+    assert time.monotonic() - started < 1.0
+    assert (texts, type(error)) == (list(script.content_chunks()[:3]), ProviderUnavailable)
+
+
+async def test_a_kept_alive_connection_carries_only_its_own_bodys_errors(fake: FakeProvider, adapter: Adapter) -> None:
+    """A whole stream, then bad framing on the same connection, then a whole stream again: each
+    ends as its own body did."""
+    fake.enqueue(Script(chunk_count=3), Script(chunk_count=5, chunk_delay=0.02, fault=Fault.BAD_FRAMING, fault_after=2))
+    fake.enqueue(Script(chunk_count=3))
+    outcomes = [await read(adapter, call(timeout=8.0)) for _ in range(3)]
+    assert [(len(texts), type(error)) for texts, error in outcomes] == [
+        (3, type(None)),
+        (2, ProviderUnavailable),
+        (3, type(None)),
+    ]
+    assert fake.requests[0].connection == fake.requests[1].connection  # the second body reused it
+
+
+async def test_closing_the_adapter_ends_a_stream_being_read(fake: FakeProvider, adapter: Adapter) -> None:
+    """``aclose()`` while a stream waits on a silent provider fails that stream at once
+    (ProviderUnavailable), not at the call's 8 s deadline. (Closing aiohttp's session does not wake
+    such a read; the adapters' transport fails it.)"""
+    fake.enqueue(Script(chunk_count=10, fault=Fault.HANG, fault_after=3))
+    three = asyncio.Event()
+    reading = asyncio.ensure_future(read(adapter, call(timeout=8.0), on_delta=three, after=3))
+    await asyncio.wait_for(three.wait(), 5.0)
+    started = time.monotonic()
+    await adapter.aclose()
+    texts, error = await asyncio.wait_for(reading, 5.0)
+    assert time.monotonic() - started < 1.0
+    assert (len(texts), type(error)) == (3, ProviderUnavailable)
