@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import gc
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from types import MappingProxyType
 
@@ -171,6 +173,25 @@ class TestAiohttpDetails:
         assert (first.exception(), type(second.exception())) == (None, aiohttp.ClientPayloadError)
         await later.aclose()
         assert "set_exception" not in vars(protocol)
+
+    async def test_bodies_left_unclosed_neither_chain_relays_nor_form_cycles(self) -> None:
+        """Bodies dropped without being closed on a kept-alive connection: the newest relay alone
+        answers (no chain to grow over thousands of requests), and each body is freed as soon as
+        it is dropped, without the cycle collector (whose late finalization of the SDK's async
+        generators printed "async generator already executing" in a property test)."""
+        loop = asyncio.get_running_loop()
+        protocol = ResponseHandler(loop)
+        readers = [aiohttp.StreamReader(protocol, 2**16, loop=loop) for _ in range(3)]
+        bodies = [_KeepingStream(httpx2.ByteStream(b""), reader, protocol) for reader in readers]
+        protocol.set_exception(HttpProcessingError(message="bad chunk size"))
+        assert [type(reader.exception()) for reader in readers] == [type(None), type(None), aiohttp.ClientPayloadError]
+        gone = weakref.ref(bodies[0])
+        gc.disable()
+        try:
+            del bodies[0]
+            assert gone() is None
+        finally:
+            gc.enable()
 
     async def test_a_read_on_a_connection_closed_unannounced_is_a_read_error(self) -> None:
         """aiohttp's reader raises a bare RuntimeError when it would wait on a closed connection

@@ -50,7 +50,7 @@ class _KeepingStream(httpx2.AsyncByteStream):
         self._reader = reader
         self._closed = False
         self._protocol = protocol
-        self._relay = _relay_parse_errors(protocol, self.fail)
+        self._relay = _relay_parse_errors(protocol, weakref.WeakMethod(self.fail))
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -94,25 +94,42 @@ class _KeepingStream(httpx2.AsyncByteStream):
         fail(aiohttp.ClientPayloadError(why))
 
 
-def _relay_parse_errors(protocol: object, fail: Callable[[str], None]) -> Callable[..., None] | None:
+def _relay_parse_errors(
+    protocol: object, fail: weakref.WeakMethod[Callable[[str], None]]
+) -> Callable[..., None] | None:
     """Shadow ``protocol.set_exception`` so that an HTTP parse error also fails the body (``fail``);
-    the relay put there, or None where the protocol cannot take the attribute."""
-    original = getattr(protocol, "set_exception", None)
-    if original is None or not hasattr(protocol, "__dict__"):
+    the relay put there, or None where the protocol cannot take the attribute.
+
+    The relay calls the protocol class's own method, never an earlier body's relay (a connection
+    kept alive for thousands of requests must not grow a chain of them), and holds the protocol
+    and the body weakly: no reference cycle, so a body dropped without being closed is finalized
+    at once, where it was dropped, as without the relay.
+    """
+    method = getattr(type(protocol), "set_exception", None)
+    if method is None or not hasattr(protocol, "__dict__"):
         return None
     # The parse error may have come before the body was handed to us (under load, the bad bytes
     # can be read before the request's task resumes): then the protocol holds it already.
     earlier = getattr(protocol, "exception", None)
     if callable(earlier) and isinstance(earlier(), HttpProcessingError):
-        fail("malformed response body")
+        _call(fail, "malformed response body")
+    owner = weakref.ref(protocol)
 
     def set_exception(exc: BaseException, *args: Any, **kwargs: Any) -> None:
-        original(exc, *args, **kwargs)
+        target = owner()
+        if target is not None:
+            method(target, exc, *args, **kwargs)
         if isinstance(exc, HttpProcessingError):
-            fail("malformed response body")
+            _call(fail, "malformed response body")
 
     protocol.__dict__["set_exception"] = set_exception
     return set_exception
+
+
+def _call(fail: weakref.WeakMethod[Callable[[str], None]], why: str) -> None:
+    method = fail()
+    if method is not None:
+        method(why)
 
 
 class _KeepingTransport(httpx2.AsyncBaseTransport):
