@@ -9,6 +9,7 @@ is bounded in requests and seconds, and talks to loopback only.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import multiprocessing
 import os
@@ -249,6 +250,33 @@ def in_subprocesses(function: Callable[..., Any], argsets: Sequence[tuple[Any, .
     context = multiprocessing.get_context("spawn")
     with context.Pool(len(argsets)) as pool:
         return list(pool.starmap(function, argsets))
+
+
+class GcPauses:
+    """Every garbage collection of this process while inside the ``with`` block, as (generation,
+    seconds): a pause here is a wait for everything the process runs at that moment."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._started: float | None = None
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:  # not a collection already running when the block began
+            self.pauses.append((info["generation"], time.perf_counter() - self._started))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+    @property
+    def longest(self) -> float:
+        """The longest pause, in seconds (0 if none)."""
+        return max((seconds for _, seconds in self.pauses), default=0.0)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

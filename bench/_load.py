@@ -7,13 +7,12 @@ process boundary).
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import os
 import time
 from typing import Any
 
-from bench._harness import BENCH_KEY, PROMPTS, percentile, summary_ms
+from bench._harness import BENCH_KEY, PROMPTS, GcPauses, percentile, summary_ms
 
 
 def _route_requests(with_hints: bool) -> list[Any]:
@@ -239,21 +238,6 @@ def merge_streams(results: list[dict[str, Any]], stall_seconds: float) -> dict[s
     }
 
 
-class _GcPauses:
-    """The longest garbage collection in a load process while it measures: a pause there shows
-    as a gap in every stream it reads, whatever the target."""
-
-    def __init__(self) -> None:
-        self.longest = 0.0
-        self._started = 0.0
-
-    def on_gc(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.longest = max(self.longest, time.perf_counter() - self._started)
-
-
 def _summary(
     ttft: list[float],
     totals: list[float],
@@ -378,13 +362,12 @@ async def _streams(
         batch = range(start, min(start + concurrency, primers))
         await asyncio.gather(*(one_stream(i) for i in batch), return_exceptions=True)
     measuring = True
-    pauses = _GcPauses()
-    gc.callbacks.append(pauses.on_gc)
-    stop_at = time.perf_counter() + duration
-    began = time.perf_counter()
-    await asyncio.gather(*(caller(i) for i in range(concurrency)))
-    elapsed = time.perf_counter() - began
-    gc.callbacks.remove(pauses.on_gc)
+    # The load's own collections: a pause here is a gap in every stream it reads, whatever the target.
+    with GcPauses() as pauses:
+        stop_at = time.perf_counter() + duration
+        began = time.perf_counter()
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - began
     for close in closers:
         await close()
     result = _summary(

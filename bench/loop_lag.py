@@ -20,13 +20,12 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import gc
 import sys
 import time
 from typing import Any
 
 from bench import _load
-from bench._harness import fake_provider, in_subprocesses, percentile, print_table, write_results
+from bench._harness import GcPauses, fake_provider, in_subprocesses, percentile, print_table, write_results
 from bench.profile_server import in_process_settings
 
 
@@ -38,8 +37,7 @@ class _Probes:
         self.lags: list[float] = []
         self.slow: collections.Counter[str] = collections.Counter()
         self.slow_seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
-        self.gc_pauses: list[tuple[int, float]] = []
-        self._gc_started = 0.0
+        self.gc = GcPauses()
         self.recording = False
 
     def install(self) -> None:
@@ -56,13 +54,6 @@ class _Probes:
                 probes.slow_seconds[name] += took
 
         asyncio.events.Handle._run = timed  # type: ignore[method-assign]
-        gc.callbacks.append(self._on_gc)
-
-    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._gc_started = time.perf_counter()
-        elif self.recording:
-            self.gc_pauses.append((info["generation"], time.perf_counter() - self._gc_started))
 
     async def sample_lag(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -71,7 +62,7 @@ class _Probes:
             self.lags.append(time.perf_counter() - started - 0.001)
 
     def summary(self) -> dict[str, Any]:
-        pauses = [seconds for _, seconds in self.gc_pauses]
+        pauses = [seconds for _, seconds in self.gc.pauses]
         return {
             "loop_lag_ms": {
                 "samples": len(self.lags),
@@ -86,8 +77,8 @@ class _Probes:
             ],
             "gc": {
                 "collections": len(pauses),
-                "by_generation": dict(collections.Counter(generation for generation, _ in self.gc_pauses)),
-                "max_pause_ms": round(max(pauses, default=0.0) * 1000, 2),
+                "by_generation": dict(collections.Counter(generation for generation, _ in self.gc.pauses)),
+                "max_pause_ms": round(self.gc.longest * 1000, 2),
                 "over_slow_ms": sum(1 for seconds in pauses if seconds > self.slow_s),
             },
         }
@@ -118,10 +109,11 @@ async def _measure(args: argparse.Namespace, fake_base: str | None, probes: _Pro
         await asyncio.to_thread(load, 1.0)  # warm-up: imports, connections, the classifier's memo
         stop = asyncio.Event()
         probes.recording = True
-        sampler = asyncio.create_task(probes.sample_lag(stop))
-        results = await asyncio.to_thread(load, args.duration)
-        stop.set()
-        await sampler
+        with probes.gc:
+            sampler = asyncio.create_task(probes.sample_lag(stop))
+            results = await asyncio.to_thread(load, args.duration)
+            stop.set()
+            await sampler
         probes.recording = False
     return {"load": results, **probes.summary()}
 
