@@ -45,7 +45,7 @@ def unread_bytes(reader: object) -> bytes:
 class _KeepingStream(httpx2.AsyncByteStream):
     """A response body that yields aiohttp's buffered bytes before the error that ended it."""
 
-    def __init__(self, inner: httpx2.AsyncByteStream, reader: object, protocol: object) -> None:
+    def __init__(self, inner: httpx2.AsyncByteStream, reader: aiohttp.StreamReader, protocol: object) -> None:
         self._inner = inner
         self._reader = reader
         self._closed = False
@@ -87,11 +87,8 @@ class _KeepingStream(httpx2.AsyncByteStream):
 
     def fail(self, why: str = "the HTTP client was closed") -> None:
         """End the body: a read waiting on it raises at once."""
-        fail = getattr(self._reader, "set_exception", None)
-        exception = getattr(self._reader, "exception", None)
-        if self._closed or not callable(fail) or not callable(exception) or exception() is not None:
-            return
-        fail(aiohttp.ClientPayloadError(why))
+        if not self._closed and self._reader.exception() is None:
+            self._reader.set_exception(aiohttp.ClientPayloadError(why))
 
 
 def _relay_parse_errors(
