@@ -131,6 +131,30 @@ class TestBenchHarness:
         assert result["any_function"] == pytest.approx(result["oracle"])
         assert result["difficulty"] < result["oracle"] - 0.1
 
+    def test_chat_categories_compares_each_kinds_true_gap_with_the_router_held_out(self, tmp_path: Path) -> None:
+        """Code requests need the strong model, poems do not: ranking by the classifier's label
+        alone (code first) recovers the whole gap, and each kind's true gap is reported."""
+        code = ["Write a Python function that {} a list of integers", "Implement in Rust a parser that {} JSON"]
+        poems = ["Write a short poem about {} at dawn", "Compose a haiku about {} in the rain"]
+        chat = []
+        for i, word in enumerate(["sorts", "reverses", "merges", "filters", "dedupes", "rotates"] * 2):
+            for kind, template in (("code", code[i % 2]), ("poem", poems[i % 2])):
+                wins = {STRONG: 1.0, WEAK: 0.0 if kind == "code" else 1.0}
+                chat.append(OutcomeRecord(f"{kind}{i}", template.format(word), "chat", MappingProxyType(wins), {}, "c"))
+        data = tmp_path / "data"
+        data.mkdir()
+        write_jsonl(data / "chatfile.jsonl", chat)
+        write_jsonl(data / "synthetic.jsonl", records("synthetic"))
+        out = tmp_path / "categories.json"
+        command = [sys.executable, "-m", "bench.chat_categories", "--data", str(data), "--file", "chatfile"]
+        command += ["--strong", STRONG, "--weak", WEAK, "--json", str(out)]
+        subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=180)
+        result = json.loads(out.read_text())
+        code_row, poem_row = result["labels"]["code_generation"], result["labels"]["creative_writing"]
+        assert (code_row["prompts"], code_row["gap"]) == (12, 1.0)
+        assert (poem_row["prompts"], poem_row["gap"]) == (12, 0.0)
+        assert result["apgr"]["labels alone"] == pytest.approx(result["apgr"]["oracle"])
+
     def test_classifier_bench_scores_hand_labelled_prompts_by_kind(self, tmp_path: Path) -> None:
         """--labels joins labels to prompts by source and id and reports each kind's accuracy."""
         data = tmp_path / "data"
