@@ -4,6 +4,9 @@ closed --(failure_threshold consecutive failures)--> open
 open --(open_seconds passed, or the provider's Retry-After if longer)--> half-open
 half-open --(the one probe succeeds)--> closed
 half-open --(the probe fails)--> open
+
+A probe that ends without a verdict gives its turn back (``release_probe``); one that never
+reports (a bug) holds it for at most ``open_seconds``, so a lost probe cannot keep a model out.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class _Breaker:
     opened_until: float = 0.0
     state: BreakerState = BreakerState.CLOSED
     probing: bool = False
+    probe_started: float = 0.0
 
 
 class Breakers:
@@ -58,9 +62,11 @@ class Breakers:
         if state is BreakerState.OPEN:
             return False
         breaker = self._breakers[model]
-        if breaker.probing:
+        now = self._clock()
+        if breaker.probing and now - breaker.probe_started < self._config.open_seconds:
             return False
         breaker.probing = True
+        breaker.probe_started = now
         return True
 
     def retry_in(self, model: str) -> float:

@@ -26,6 +26,7 @@ name fields and models, never prompt text or credentials.
         ├── ProviderRejected            400/404/409/413/422 from the provider    FAILED_PRECONDITION
         ├── ProviderRateLimited         429 (carries retry_after)                RESOURCE_EXHAUSTED
         ├── ProviderUnavailable         5xx, 408, connection failure, timeout    UNAVAILABLE
+        │   └── ProviderTimedOut        the call's own deadline passed           (the router: DEADLINE_EXCEEDED)
         └── StreamInterrupted           failed after content was sent            UNAVAILABLE
 """
 
@@ -209,6 +210,15 @@ class ProviderUnavailable(ProviderError):
     """The provider failed or could not be reached (5xx, 408, connection, timeout)."""
 
     reason = "PROVIDER_UNAVAILABLE"
+
+
+class ProviderTimedOut(ProviderUnavailable):
+    """The call's deadline (``ProviderCall.timeout``) passed while the provider was working.
+
+    The router gives a provider call what is left of the caller's deadline, so there this means
+    the request ran out of time, not that the model failed: the router answers DEADLINE_EXCEEDED
+    and counts it against neither the model's breaker nor the retry budget.
+    """
 
 
 class StreamInterrupted(ProviderError):

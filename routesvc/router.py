@@ -22,12 +22,15 @@ from routesvc.config import Settings
 from routesvc.cost import cost_of_usage, estimate_cost, format_usd
 from routesvc.errors import (
     CostLimitExceeded,
+    DeadlineExceeded,
     FeedbackNotEnabled,
     InvalidRequest,
     PermissionDenied,
     ProviderError,
     ProviderNotConfigured,
     ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimedOut,
     ProviderUnavailable,
     StreamInterrupted,
 )
@@ -144,6 +147,11 @@ class Router:
     def breakers(self) -> Breakers:
         """The per-model circuit breakers."""
         return self._breakers
+
+    @property
+    def retry_budget(self) -> RetryBudget:
+        """The process's retry budget (failed attempts take tokens, successes give some back)."""
+        return self._retry_budget
 
     async def aclose(self) -> None:
         """Close every provider's connections and the feedback stores."""
@@ -504,14 +512,16 @@ class Router:
                     break
                 if attempt.number > first and not self._retry_budget.can_retry():
                     break
+                # The deadline first: a half-open breaker's one probe is claimed only by an attempt
+                # that starts (``_attempt`` releases or settles it however it ends).
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining < reliability.min_attempt_seconds:
+                    raise TimeoutError
                 if not self._breakers.allow(model_id):
                     last_error = last_error or ProviderUnavailable(
                         f"circuit breaker open for model {model_id}", provider=model.provider, model=model_id
                     )
                     break
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining < reliability.min_attempt_seconds:
-                    raise TimeoutError
                 async with contextlib.aclosing(self._attempt(attempt, model, request, remaining, headers)) as events:
                     try:
                         async for event in events:
@@ -602,12 +612,23 @@ class Router:
                 cost_usd=state.cost,
                 finish_reason=finish.finish_reason,
             )
+        except ProviderTimedOut as error:
+            # ``call.timeout`` is what was left of the caller's deadline: the request ran out of
+            # time (the RPC's own timer fires at the same moment), the model did not fail.
+            outcome = AttemptOutcome.INTERRUPTED if received else AttemptOutcome.FAILED
+            self._breakers.release_probe(model.id)
+            raise DeadlineExceeded("deadline exceeded") from error
         except ProviderError as error:
             outcome = AttemptOutcome.INTERRUPTED if received else AttemptOutcome.FAILED
-            self._breakers.record_failure(
-                model.id, error.retry_after if isinstance(error, ProviderRateLimited) else None
-            )
-            self._retry_budget.record_failure()
+            if received or not isinstance(error, ProviderRejected):
+                self._breakers.record_failure(
+                    model.id, error.retry_after if isinstance(error, ProviderRateLimited) else None
+                )
+                self._retry_budget.record_failure()
+            else:
+                # The provider refused this request (400/404/409/413/422): the caller's doing, not
+                # a sign the model is down, so one tenant's bad requests open no breaker for all.
+                self._breakers.release_probe(model.id)
             if received:
                 raise StreamInterrupted(
                     f"{error.message} after {len(received)} chunks were sent",

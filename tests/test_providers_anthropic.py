@@ -18,6 +18,7 @@ from routesvc.errors import (
     ProviderError,
     ProviderRateLimited,
     ProviderRejected,
+    ProviderTimedOut,
     ProviderUnavailable,
 )
 from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
@@ -408,12 +409,13 @@ class TestCancellation:
 
 class TestTimeout:
     async def test_no_answer_within_the_timeout(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
-        """A provider that never answers fails with ProviderUnavailable at ``call.timeout``, upstream closed."""
+        """A provider that never answers fails with ProviderTimedOut (a ProviderUnavailable) at
+        ``call.timeout``, upstream closed."""
         fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS))
         started = time.monotonic()
         texts, error = await collect_until_error(provider, make_call(timeout=0.3))
         elapsed = time.monotonic() - started
-        assert (texts, type(error)) == ([], ProviderUnavailable)
+        assert (texts, type(error)) == ([], ProviderTimedOut)
         assert 0.25 <= elapsed < 1.0
         record = fake.requests[-1]
         await record.wait_ended(1.0)
@@ -424,7 +426,7 @@ class TestTimeout:
         fake.enqueue(Script(fault=Fault.HANG, fault_after=2))
         started = time.monotonic()
         texts, error = await collect_until_error(provider, make_call(timeout=0.3))
-        assert (texts, type(error)) == (["Hello ", "from "], ProviderUnavailable)
+        assert (texts, type(error)) == (["Hello ", "from "], ProviderTimedOut)
         assert time.monotonic() - started < 1.0
 
 

@@ -14,8 +14,11 @@ from decimal import Decimal
 import grpc
 import pytest
 
+from routesvc.breaker import BreakerState
 from routesvc.client import RouterClient
+from routesvc.errors import DeadlineExceeded
 from routesvc.ledger import AttemptOutcome
+from routesvc.models import ChatRequest, Message, Role, RoutingRequest
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
@@ -208,9 +211,66 @@ class TestDeadlines:
         await asyncio.sleep(0.3)
         assert len(fake.requests) == 1
 
+    @pytest.mark.parametrize("reliable", [{"retries_per_model": 0}], indirect=True)
+    async def test_the_callers_deadline_is_not_the_models_failure(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """Streams cut by their caller's deadline (here the router's own, with no RPC timer to race
+        the provider call's) end in DeadlineExceeded, recorded in the ledger, and however many
+        there are, the healthy model's breaker stays closed and the retry budget untouched."""
+        server, _ = reliable
+        fake.set_default(Script(chunk_count=400, chunk_delay=0.005))
+        request = RoutingRequest(ChatRequest((Message(Role.USER, "hello"),)))
+        for _ in range(4):  # failure_threshold is 3
+            events = server.router.complete(request, timeout=0.3)
+            with pytest.raises(DeadlineExceeded):
+                async for _ in events:
+                    pass
+        assert server.router.breakers.state("gpt-4o-mini") is BreakerState.CLOSED
+        assert server.router.retry_budget.tokens == server.router.settings.config.reliability.retry_budget_tokens
+        outcomes = [entry.outcome for entry in server.router.ledger.entries()]
+        assert outcomes == [AttemptOutcome.INTERRUPTED] * 4
+
+    async def test_a_short_deadline_does_not_take_a_half_open_breakers_probe(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """A call whose deadline is too short to start an attempt reaches a half-open breaker
+        first: it fails DEADLINE_EXCEEDED without claiming the probe, and the next call probes,
+        succeeds and closes the breaker."""
+        server, client = reliable
+        breakers = server.router.breakers
+        for _ in range(3):
+            breakers.record_failure("gpt-4o-mini")
+        await asyncio.sleep(0.6)  # open_seconds 0.5
+        assert breakers.state("gpt-4o-mini") is BreakerState.HALF_OPEN
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in client.complete(user_chat("hello"), pb.RoutingContext(model="gpt-4o-mini"), timeout=0.05):
+                pass
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        messages = await collect(client, model="gpt-4o-mini")
+        assert messages[-1].completion.model == "gpt-4o-mini"
+        assert breakers.state("gpt-4o-mini") is BreakerState.CLOSED
+
 
 class TestBreakers:
     """RELIABILITY 10 and 11: breakers open on failures, reject fast, half-open and recover."""
+
+    @pytest.mark.parametrize("reliable", [{"retries_per_model": 0}], indirect=True)
+    async def test_requests_the_provider_refuses_open_no_breaker(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """Five 400s in a row (one tenant's bad requests) are final for their callers, but the
+        model stays in service for everyone: breaker closed, retry budget untouched, the next
+        request answered by the same model."""
+        server, client = reliable
+        fake.enqueue(*[Script(status=400)] * 5, model="gpt-4o-mini")
+        for _ in range(5):
+            error, _ = await failure(client)
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert server.router.breakers.state("gpt-4o-mini") is BreakerState.CLOSED
+        assert server.router.retry_budget.tokens == server.router.settings.config.reliability.retry_budget_tokens
+        messages = await collect(client)
+        assert messages[-1].completion.model == "gpt-4o-mini"
 
     @pytest.mark.parametrize("reliable", [{"retries_per_model": 0}], indirect=True)
     async def test_breaker_opens_rejects_fast_then_recovers(

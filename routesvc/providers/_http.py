@@ -22,6 +22,7 @@ from routesvc.errors import (
     ProviderError,
     ProviderRateLimited,
     ProviderRejected,
+    ProviderTimedOut,
     ProviderUnavailable,
 )
 from routesvc.providers.base import ProviderCall
@@ -126,8 +127,8 @@ async def guarded(
         async with asyncio.timeout_at(deadline):
             return await awaitable
     except TimeoutError as exc:
-        raise ProviderUnavailable(
-            describe(name, call.model, f"timed out after {call.timeout}s"), provider=name, model=call.model
+        raise ProviderTimedOut(
+            describe(name, call.model, f"timed out after {call.timeout or 0:.3g}s"), provider=name, model=call.model
         ) from exc
     except ProviderError:
         raise

@@ -15,7 +15,7 @@ Every SDK exception is translated here, most specific first:
     anthropic.APIConnectionError ProviderUnavailable
     anthropic.APIError           invalid response: ProviderUnavailable
     httpx2 / aiohttp / decoding errors  ProviderUnavailable (this SDK does not wrap errors raised mid-stream)
-    deadline (call.timeout)      ProviderUnavailable
+    deadline (call.timeout)      ProviderTimedOut (a ProviderUnavailable)
 
 Anthropic reports cache reads and cache writes apart from ``input_tokens``; our ``Usage`` counts
 all three as input, and cache reads as ``cached_input_tokens``.

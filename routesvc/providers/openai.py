@@ -13,7 +13,7 @@ Every SDK exception is translated here, most specific first:
     openai.APIConnectionError   ProviderUnavailable
     openai.APIError             in-band ``{"error": ...}`` chunk or an invalid response: by its type
     httpx2 / aiohttp / decoding errors  ProviderUnavailable (cut, reset, malformed or non-UTF-8 stream)
-    deadline (call.timeout)     ProviderUnavailable
+    deadline (call.timeout)     ProviderTimedOut (a ProviderUnavailable)
 """
 
 from __future__ import annotations
