@@ -14,8 +14,9 @@ from decimal import Decimal
 import grpc
 import pytest
 
-from routesvc.breaker import BreakerState
+from routesvc.breaker import Breakers, BreakerState
 from routesvc.client import RouterClient
+from routesvc.config import BreakerConfig
 from routesvc.errors import DeadlineExceeded
 from routesvc.ledger import AttemptOutcome
 from routesvc.models import ChatRequest, Message, Role, RoutingRequest
@@ -254,6 +255,19 @@ class TestDeadlines:
 
 class TestBreakers:
     """RELIABILITY 10 and 11: breakers open on failures, reject fast, half-open and recover."""
+
+    def test_a_probe_that_never_reports_holds_the_slot_at_most_open_seconds(self) -> None:
+        """One probe at a time while half-open; a probe lost without a verdict (a bug) lets the
+        next one through after open_seconds instead of keeping the model out for good."""
+        now = [0.0]
+        breakers = Breakers(BreakerConfig(failure_threshold=1, open_seconds=10), clock=lambda: now[0])
+        breakers.record_failure("m")
+        now[0] = 10.0
+        assert (breakers.allow("m"), breakers.allow("m")) == (True, False)
+        now[0] = 19.9
+        assert not breakers.allow("m")
+        now[0] = 20.0
+        assert breakers.allow("m")
 
     @pytest.mark.parametrize("reliable", [{"retries_per_model": 0}], indirect=True)
     async def test_requests_the_provider_refuses_open_no_breaker(
