@@ -20,6 +20,7 @@ from routesvc.config import BreakerConfig
 from routesvc.errors import DeadlineExceeded
 from routesvc.ledger import AttemptOutcome
 from routesvc.models import ChatRequest, Message, Role, RoutingRequest
+from routesvc.providers._http import parse_retry_after
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
@@ -323,6 +324,38 @@ class TestBreakers:
         for _ in range(3):
             await failure(client, model="gpt-4o-mini")
         assert server.router.breakers.retry_in("gpt-4o-mini") > 25
+
+    @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
+    @pytest.mark.parametrize("retry_after", ["inf", "1e400"])
+    async def test_an_endless_retry_after_is_read_as_a_day(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider, retry_after: str
+    ) -> None:
+        """429s saying Retry-After: inf: each caller gets RESOURCE_EXHAUSTED with a finite retry
+        delay (never UNKNOWN), and the breaker opens for a day, not forever."""
+        server, client = reliable
+        fake.enqueue(*[Script(status=429, retry_after=retry_after)] * 3)
+        for _ in range(3):
+            error, _ = await failure(client, model="gpt-4o-mini")
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 86_000 < server.router.breakers.retry_in("gpt-4o-mini") <= 86_400
+
+    @pytest.mark.parametrize(
+        ("headers", "seconds"),
+        [
+            ({"retry-after": "3"}, 3.0),
+            ({"retry-after-ms": "250"}, 0.25),
+            ({"retry-after-ms": "soon", "retry-after": "2"}, 2.0),
+            ({"retry-after": "-5"}, 0.0),
+            ({"retry-after": "nan"}, None),
+            ({"retry-after": "Infinity"}, 86_400.0),
+            ({"retry-after-ms": "1e999"}, 86_400.0),
+            ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),
+            ({}, None),
+        ],
+    )
+    def test_retry_after_is_a_finite_number_of_seconds(self, headers: dict[str, str], seconds: float | None) -> None:
+        """Seconds or milliseconds or an HTTP date, clamped to [0, one day]; garbage reads as absent."""
+        assert parse_retry_after(headers) == seconds
 
     async def test_total_outage_keeps_upstream_calls_per_request_low(
         self, reliable: tuple[Server, RouterClient], fake: FakeProvider

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -48,27 +49,38 @@ def safe_code(value: object, *, forbidden: Iterable[str] = ()) -> str:
     return value
 
 
+# A longer wait than this is read as this: "inf" or "1e400" must not become an endless breaker.
+MAX_RETRY_AFTER_SECONDS = 86_400.0
+
+
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date); None if absent."""
-    milliseconds = headers.get("retry-after-ms")
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date), at most
+    ``MAX_RETRY_AFTER_SECONDS``; None if absent or not a number or date (``nan`` included)."""
+    milliseconds = _seconds(headers.get("retry-after-ms"), scale=1000.0)
     if milliseconds is not None:
-        try:
-            return max(0.0, float(milliseconds) / 1000.0)
-        except ValueError:
-            pass
+        return milliseconds
     value = headers.get("retry-after")
     if value is None:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    seconds = _seconds(value)
+    if seconds is not None:
+        return seconds
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
     current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
+    return min(MAX_RETRY_AFTER_SECONDS, max(0.0, when.timestamp() - current))
+
+
+def _seconds(value: str | None, *, scale: float = 1.0) -> float | None:
+    try:
+        number = float(value) / scale if value is not None else math.nan
+    except ValueError:
+        return None
+    if math.isnan(number):
+        return None
+    return min(MAX_RETRY_AFTER_SECONDS, max(0.0, number))
 
 
 def describe(provider: str, model: str, what: str, code: str = "") -> str:
