@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from routesvc.config import Settings, load_settings
-from routesvc.errors import ConfigError
+from routesvc.errors import RouteSvcError
 
 log = structlog.get_logger("routesvc.reload")
 
@@ -53,9 +53,15 @@ class ConfigWatcher:
         self._seen = fingerprint
         try:
             settings = await asyncio.to_thread(load_settings, self._path)
-        except ConfigError as error:
+            # Some mistakes show only when the new router is built (a classifier's examples file
+            # that is missing, an embedding stage's router folder): rejected the same way.
+            await self._apply(settings)
+        except RouteSvcError as error:
             log.error("config_reload_rejected", path=str(self._path), error=error.message)
             return False
-        await self._apply(settings)
+        except Exception:
+            # Our bug: the old configuration keeps serving and the watcher keeps watching.
+            log.exception("config_reload_failed", path=str(self._path))
+            return False
         log.info("config_reloaded", path=str(self._path), models=len(settings.catalog))
         return True

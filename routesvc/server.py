@@ -182,7 +182,13 @@ class Server:
         old = self._router
         same_providers = settings.providers == old.settings.providers
         providers = old.providers if same_providers else build_providers(settings)
-        router = old.reconfigured(settings, providers)
+        try:
+            router = old.reconfigured(settings, providers)
+        except BaseException:
+            if not same_providers:
+                for provider in providers.values():
+                    await provider.aclose()
+            raise
         self._service.swap_router(router)
         self._router = router
         self._settings = settings
@@ -220,7 +226,8 @@ class Server:
         self._stopped.set()
         if self._watcher is not None:
             self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # The watcher logs and survives a bad reload; whatever else ended it must not stop the drain.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watcher
         server_config = self._settings.config.server
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -117,6 +117,25 @@ class TestHotReload:
         rejected = next(entry for entry in logs if entry["event"] == "config_reload_rejected")
         assert "not valid YAML" in str(rejected["error"])
 
+    def test_a_config_that_fails_to_build_is_rejected_and_the_watcher_goes_on(
+        self, served: tuple[ConfigMapDir, str, subprocess.Popen[str], list[dict[str, object]]]
+    ) -> None:
+        """Valid YAML whose classifier stage names a missing examples file fails only when the new
+        router is built: rejected and logged like invalid YAML, the old policy keeps serving, the
+        next valid file is applied, and SIGTERM still drains to exit 0 (the fixture checks)."""
+        configmap, target, _, logs = served
+        broken = yaml.safe_load(config_text("gpt-4o"))
+        broken["routing"]["stages"] = [{"kind": "classifier", "examples": "/nonexistent/examples.jsonl"}]
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.RouterServiceStub(channel)
+            configmap.publish(yaml.safe_dump(broken))
+            assert wait_for(lambda: any(entry["event"] == "config_reload_rejected" for entry in logs))
+            assert default_model(stub) == "gpt-4o-mini"
+            configmap.publish(config_text("claude-sonnet"))
+            assert wait_for(lambda: default_model(stub) == "claude-sonnet")
+        rejected = next(entry for entry in logs if entry["event"] == "config_reload_rejected")
+        assert "examples.jsonl" in str(rejected["error"])
+
     def test_calls_keep_being_served_across_a_swap(
         self, served: tuple[ConfigMapDir, str, subprocess.Popen[str], list[dict[str, object]]]
     ) -> None:
