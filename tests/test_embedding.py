@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import sys
+import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -131,6 +134,40 @@ class TestFeedbackLoop:
         embedding_stage.remember("d", HARD, STRONG)
         store.record("d", 0.0)
         assert embedding_stage.rebuild_library() == 0
+
+    def test_scoring_while_feedback_rebuilds_the_library_in_a_thread(self, tmp_path: Path) -> None:
+        """The Feedback RPC rebuilds the library in a worker thread while Route scores on the loop:
+        with the interpreter switching threads as often as it can, a second of both never pairs
+        one build's embeddings with another's pushes (which raised IndexError, an INTERNAL)."""
+        store = FeedbackStore(tmp_path / "feedback.db")
+        scored = stage(threshold=0.5, feedback=store, feedback_weight=1.0)
+        for i in range(500):
+            scored.remember(f"d{i}", EASY, WEAK)
+            store.record(f"d{i}", 0.0)
+        assert scored.rebuild_library() == 500
+        stop = threading.Event()
+
+        def grow() -> None:
+            i = 500
+            while not stop.is_set():
+                scored.remember(f"d{i}", EASY, WEAK)
+                store.record(f"d{i}", 0.0)
+                scored.rebuild_library()
+                i += 1
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        writer = threading.Thread(target=grow)
+        writer.start()
+        try:
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                _, used = scored.score(EASY)
+                assert used >= 500
+        finally:
+            stop.set()
+            writer.join()
+            sys.setswitchinterval(interval)
 
 
 class TestComposition:

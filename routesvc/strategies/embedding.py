@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from routesvc.catalog import Catalog
@@ -27,6 +28,11 @@ from routesvc.feedback import FeedbackStore
 from routesvc.fitting import FitError, FittedRouter
 from routesvc.memo import Memo
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
+
+_EMPTY_LIBRARY: tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]] = (
+    np.zeros((0, 0), dtype=np.float32),
+    np.zeros(0, dtype=np.float64),
+)
 
 
 class EmbeddingStageConfig(BaseModel):
@@ -66,8 +72,10 @@ class EmbeddingStage:
         self._similarity = feedback_similarity
         self._weight = feedback_weight
         self._embeddings: Memo[np.ndarray[tuple[int], np.dtype[np.float32]]] = Memo(4096)
-        self._library = np.zeros((0, 0), dtype=np.float32)
-        self._library_push = np.zeros(0)
+        # The feedback examples' embeddings and pushes, one tuple: ``rebuild_library`` runs in a
+        # worker thread (the Feedback RPC) and replaces both at once, so ``score`` on the event
+        # loop never sees the embeddings of one build with the pushes of another.
+        self._library: tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]] = _EMPTY_LIBRARY
         self.rebuild_library()
 
     @property
@@ -86,11 +94,11 @@ class EmbeddingStage:
             return 0
         examples = [e for e in self._feedback.examples() if e.model == self._weak]
         if not examples:
-            self._library, self._library_push = np.zeros((0, 0), dtype=np.float32), np.zeros(0)
+            self._library = _EMPTY_LIBRARY
             return 0
-        self._library = np.vstack([e.embedding for e in examples]).astype(np.float32)
+        embeddings = np.vstack([e.embedding for e in examples]).astype(np.float32)
         # A bad weak answer (score 0) pushes up by 0.5, a good one (score 1) pulls down by 0.5.
-        self._library_push = np.array([0.5 - e.score for e in examples])
+        self._library = (embeddings, np.array([0.5 - e.score for e in examples], dtype=np.float64))
         return len(examples)
 
     def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
@@ -105,12 +113,12 @@ class EmbeddingStage:
         raw = self._router.raw([text], batch)
         value = float(self._router.calibrate(raw)[0]) if text.strip() else 0.0
         used = 0
-        if len(self._library) and self._library.shape[1] == len(embedding):
-            sims = self._library @ embedding
-            near = sims >= self._similarity
+        library, push = self._library
+        if len(library) and library.shape[1] == len(embedding):
+            near = library @ embedding >= self._similarity
             used = int(near.sum())
             if used:
-                value = float(np.clip(value + self._weight * 2 * self._library_push[near].mean(), 0.0, 1.0))
+                value = float(np.clip(value + self._weight * 2 * push[near].mean(), 0.0, 1.0))
         return value, used
 
     def remember(self, decision_id: str, text: str, model: str) -> None:
