@@ -75,17 +75,17 @@ class EscalationPolicy:
         if decision.mode is not Mode.REALTIME or decision.strategy == "pinned" or request.chat.tools:
             return decision
         eligible = {c.model for c in decision.candidates if c.eligible}
-        models: list[str] = [decision.model]
-        thresholds: list[float] = []
-        for previous, step in zip(chain.steps, chain.steps[1:], strict=False):
+        kept = [chain.steps[0]]
+        for step in chain.steps[1:]:
             provider = self._settings.providers[self._settings.catalog.get(step.model).provider]
-            if step.model not in eligible or not provider.configured or provider.name not in self._providers:
-                continue
-            assert previous.threshold is not None  # validated in config
-            models.append(step.model)
-            thresholds.append(previous.threshold)
-        if len(models) < 2:
+            if step.model in eligible and provider.configured and provider.name in self._providers:
+                kept.append(step)
+        if len(kept) < 2:
             return decision
+        # Each kept step releases at its own threshold (a skipped step's threshold goes with it).
+        models = [step.model for step in kept]
+        thresholds = [step.threshold for step in kept[:-1] if step.threshold is not None]
+        assert len(thresholds) == len(kept) - 1  # every step but a chain's last has one (config)
         steps = ", ".join(f"{m} (release at score >= {t:g})" for m, t in zip(models, thresholds, strict=False))
         reason = f"cascade: {steps}, then {models[-1]}; scorer {self._scorer.name}"
         return replace(

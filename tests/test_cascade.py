@@ -383,6 +383,30 @@ class TestCascadeCancellation:
 class TestCascadeConfig:
     """apply: always cascades every request whose decision starts a chain; a three-step chain escalates twice."""
 
+    async def test_a_skipped_middle_step_takes_its_threshold_with_it(self, fake: FakeProvider) -> None:
+        """mini (0.2) -> gpt-4o (0.95) -> claude-sonnet for a tenant that may not use gpt-4o: mini's
+        answer is released at mini's own 0.2, not at the skipped step's 0.95."""
+        config = default_config()
+        config["cascade"] = {
+            "apply": "always",
+            "scorers": ["local"],
+            "chains": [
+                {
+                    "steps": [
+                        {"model": "gpt-4o-mini", "threshold": 0.2},
+                        {"model": "gpt-4o", "threshold": 0.95},
+                        {"model": "claude-sonnet"},
+                    ]
+                }
+            ],
+        }
+        config["tenants"] = {"acme": {"allowed_models": ["gpt-4o-mini", "claude-sonnet"]}}
+        async with Server(settings_from(config, live_environ(fake)), port=0) as server:
+            request = RoutingRequest(ChatRequest((Message(Role.USER, "hi"),)), RoutingContext(tenant="acme"))
+            decision = await server.router.route(request)
+        assert (decision.cascade_models, decision.cascade_thresholds) == (("gpt-4o-mini", "claude-sonnet"), (0.2,))
+        assert decision.reasons[-1].startswith("cascade: gpt-4o-mini (release at score >= 0.2), then claude-sonnet")
+
     async def test_a_three_step_chain_escalates_step_by_step(self, fake: FakeProvider) -> None:
         """mini -> gpt-4o -> claude-sonnet, local scorer only: two refusals, two escalations."""
         config = default_config()
