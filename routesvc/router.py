@@ -306,8 +306,9 @@ class Router:
             f"estimated cost of the cheapest eligible model ({cheapest} USD) exceeds max_cost_usd {format_usd(cap)}"
         )
 
-    def _attempt_chain(self, decision: RouteDecision) -> list[str]:
-        """The decided model, then its configured fallbacks that can serve the request.
+    def _attempt_chain(self, decision: RouteDecision, cap: Decimal | None) -> list[str]:
+        """The decided model, then its configured fallbacks that can serve the request and whose
+        estimated cost is within ``cap`` (the request's ``max_cost_usd``).
 
         In a cascade step, models of later steps are left out: reaching them is an escalation,
         announced and scored, not a silent fallback.
@@ -315,13 +316,18 @@ class Router:
         eligible = {c.model for c in decision.candidates if c.eligible}
         steps = decision.cascade_models
         later = set(steps[steps.index(decision.model) + 1 :]) if decision.model in steps else set()
+        tokens_in, tokens_out = decision.estimated_input_tokens, decision.estimated_output_tokens
         chain = [decision.model]
         for name in self._routing.fallbacks.get(decision.model, ()):
-            provider = self._settings.providers[self._catalog.get(name).provider]
-            if name in later:
+            spec = self._catalog.get(name)
+            provider = self._settings.providers[spec.provider]
+            if name in later or name in chain or name not in eligible:
                 continue
-            if name in eligible and name not in chain and provider.configured and name in self._providers_by_model:
-                chain.append(name)
+            if not provider.configured or name not in self._providers_by_model:
+                continue
+            if cap is not None and estimate_cost(spec, tokens_in, tokens_out, decision.mode) > cap:
+                continue
+            chain.append(name)
         return chain
 
     async def complete(
@@ -505,7 +511,7 @@ class Router:
         reliability = self._reliability
         first = attempt.number
         last_error: ProviderError | None = None
-        for model_id in self._attempt_chain(decision):
+        for model_id in self._attempt_chain(decision, request.context.max_cost_usd):
             if last_error is not None:
                 telemetry.record_fallback(last_error.model, model_id, last_error.reason)
             model = self._catalog.get(model_id)

@@ -126,6 +126,18 @@ class TestRetriesBeforeCommit:
         assert messages[-1].completion.model == "claude-sonnet"
         assert [r.model for r in fake.requests] == ["gpt-4o", "gpt-4o", "claude-sonnet-4-6"]
 
+    async def test_a_fallback_over_the_requests_max_cost_is_not_tried(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """gpt-4o-mini fails twice (its retry spent) on a request capped at 0.001 USD: its fallback
+        claude-sonnet, estimated over the cap, is not called; the caller gets UNAVAILABLE."""
+        _, client = reliable
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o-mini")
+        error, received = await failure(client, max_cost_usd="0.001")
+        assert Decimal(received[0].decision.estimated_cost_usd) <= Decimal("0.001")
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+
     async def test_client_errors_are_not_retried(
         self, reliable: tuple[Server, RouterClient], fake: FakeProvider
     ) -> None:
