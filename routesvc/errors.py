@@ -20,6 +20,7 @@ name fields and models, never prompt text or credentials.
     ├── ProviderNotConfigured           the provider has no credentials          FAILED_PRECONDITION
     ├── FeedbackNotEnabled              no embedding stage keeps feedback        FAILED_PRECONDITION
     ├── ShuttingDown                    the server is stopping                   UNAVAILABLE
+    ├── SharedStateUnavailable          the shared limits store (Redis) failed   UNAVAILABLE
     ├── DeadlineExceeded                the caller's deadline passed             DEADLINE_EXCEEDED
     └── ProviderError                   a provider call failed
         ├── ProviderAuthFailed          401/403 from the provider                FAILED_PRECONDITION
@@ -156,6 +157,14 @@ class ShuttingDown(RouteSvcError):
         super().__init__(message)
         self.chunks_sent = chunks_sent
         self.retry_after = 1.0
+
+
+class SharedStateUnavailable(RouteSvcError):
+    """The store that tenant limits are counted in (``shared_state.redis_url``) could not be
+    reached, so the request could not be admitted; retry shortly."""
+
+    reason = "SHARED_STATE_UNAVAILABLE"
+    retry_after = 1.0
 
 
 class DeadlineExceeded(RouteSvcError):

@@ -14,6 +14,7 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 import uuid
@@ -21,10 +22,15 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
+import structlog
+from redis.exceptions import RedisError
+
 from routesvc.admission import Reservation, SettleOnce, _nothing_reserved, _periods, _seconds_to_next
 from routesvc.config import TenantConfig
 from routesvc.cost import format_usd
-from routesvc.errors import LimitExceeded
+from routesvc.errors import LimitExceeded, SharedStateUnavailable
+
+log = structlog.get_logger("routesvc.admission")
 
 _WINDOW = 60.0
 # Budgets are compared in Lua doubles; amounts are kept as decimal strings with 12 places.
@@ -123,6 +129,8 @@ class RedisAdmission:
         self._clock = wall_clock
         self._admit = self._redis.register_script(_ADMIT)
         self._settle_script = self._redis.register_script(_SETTLE)
+        # Undoing reservations whose admit did not finish (see ``admit``); awaited by ``aclose``.
+        self._undoing: set[asyncio.Task[None]] = set()
 
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
         """Apply new limits (hot reload)."""
@@ -162,9 +170,22 @@ class RedisAdmission:
             reservation_id,
             repr(self._lease),
         ]
-        verdict, detail = await self._admit(keys=keys, args=args)
+        settle = functools.partial(self._settle, tenant, reservation_id, cost, (day, month))
+        try:
+            verdict, detail = await self._admit(keys=keys, args=args)
+        except BaseException as exc:
+            # The script may have reserved before its reply was lost (the caller cancelled, the
+            # connection dropped): undo by id in the background, a no-op if nothing was reserved.
+            undo = asyncio.get_running_loop().create_task(settle(0, Decimal(0)))
+            self._undoing.add(undo)
+            undo.add_done_callback(self._undoing.discard)
+            if isinstance(exc, RedisError | OSError):
+                raise SharedStateUnavailable(
+                    f"tenant limits could not be checked: the shared state store failed ({type(exc).__name__})"
+                ) from exc
+            raise
         if verdict == "OK":
-            return SettleOnce(functools.partial(self._settle, tenant, reservation_id, cost, (day, month)))
+            return SettleOnce(settle)
         if verdict == "BUDGET_EXCEEDED":
             period = day if detail == "day" else month
             budget = limits.daily_budget_usd if detail == "day" else limits.monthly_budget_usd
@@ -193,7 +214,13 @@ class RedisAdmission:
             self._key(tenant, f"reserved:{month}"),
         ]
         args: list[str | int] = [reservation_id, tokens, _usd(reserved), _usd(cost)]
-        await self._settle_script(keys=keys, args=args)
+        try:
+            await self._settle_script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            # The request is already answered: a store that fails now must not turn it into an
+            # error. The reservation's in-flight slot ends with its lease, its tokens and USD
+            # with their windows; until then they count against the tenant.
+            log.warning("admission_settle_failed", tenant=tenant, error_type=type(exc).__name__)
 
     async def spent(self, tenant: str) -> Decimal:
         """What ``tenant`` has spent today (UTC), across replicas."""
@@ -202,5 +229,7 @@ class RedisAdmission:
         return Decimal(value or 0).quantize(_PLACES).normalize() if value else Decimal(0)
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Finish undoing unfinished admissions, then close the connection pool."""
+        if self._undoing:
+            await asyncio.wait(self._undoing, timeout=5.0)
         await self._redis.aclose()

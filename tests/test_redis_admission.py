@@ -4,11 +4,15 @@ check-and-reserve is atomic across replicas, so a limit holds exactly however th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 
 import grpc
 import pytest
+import redis.asyncio
 
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
@@ -19,6 +23,7 @@ from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
 from tests.redis_server import running_redis
+from tests.test_validation import error_info
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +95,109 @@ class TestSharedLimits:
         assert caught.value.reason == "TOKEN_RATE_LIMITED"
         for replica in (first, second):
             await replica.aclose()
+
+
+class _Proxy:
+    """A TCP proxy to Redis on loopback that can hold every reply for ``delay`` seconds (requests
+    pass at once) and can cut every connection it carries."""
+
+    def __init__(self, upstream: str, delay: float = 0.0) -> None:
+        parsed = urllib.parse.urlparse(upstream)
+        self._host, self._port = str(parsed.hostname), int(parsed.port or 6379)
+        self._delay = delay
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> _Proxy:
+        self._server = await asyncio.start_server(self._carry, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cut()
+
+    def cut(self) -> None:
+        """Close the listening socket and every carried connection."""
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
+        self._writers += [writer, up_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, delay: float) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await source.read(65536):
+                    await asyncio.sleep(delay)
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer, 0.0), pipe(up_reader, writer, self._delay))
+
+
+class TestStoreFailures:
+    async def test_an_admission_cancelled_before_its_reply_reserves_nothing(self, redis_url: str, prefix: str) -> None:
+        """The reserve script has run in Redis but its reply is held back when the caller is
+        cancelled: the reservation is undone by id, so the tenant's one slot and its budget are
+        free again."""
+        tenants = {"t": TenantConfig(max_concurrent=1, daily_budget_usd=Decimal(1))}
+        direct = redis.asyncio.Redis.from_url(redis_url)
+        async with _Proxy(redis_url, delay=0.3) as slow:
+            admission = RedisAdmission(slow.url, tenants, prefix=prefix)
+            attempt = asyncio.ensure_future(admission.admit("t", cost=Decimal("0.6")))
+            while not await direct.zcard(f"{prefix}t:inflight"):  # noqa: ASYNC110 - Redis has no event to wait on
+                await asyncio.sleep(0.01)
+            attempt.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await attempt
+            await admission.aclose()  # waits for the undo
+        assert await direct.zcard(f"{prefix}t:inflight") == 0
+        await direct.aclose()
+        again = RedisAdmission(redis_url, tenants, prefix=prefix)
+        await (await again.admit("t", cost=Decimal("0.6"))).settle(0, Decimal(0))
+        await again.aclose()
+
+    async def test_a_store_that_fails_at_settle_leaves_the_answer_alone(
+        self, redis_url: str, prefix: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Admitted, then the connection to Redis is cut before the settle: settling raises
+        nothing (the request was answered) and says so in a log line naming the tenant."""
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, {"t": TenantConfig(max_concurrent=5)}, prefix=prefix)
+            reservation = await admission.admit("t", tokens=10)
+            proxy.cut()
+            await reservation.settle(10, Decimal("0.01"))
+            await admission.aclose()
+        out = capsys.readouterr().out
+        assert "admission_settle_failed" in out
+        assert "tenant=t" in out
+
+    async def test_an_unreachable_store_is_unavailable_not_internal(self, fake: FakeProvider) -> None:
+        """shared_state.redis_url points at a closed port: a limited tenant's call is refused
+        UNAVAILABLE with reason SHARED_STATE_UNAVAILABLE, and nothing reaches the provider."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        config = default_config()
+        config["tenants"] = {"acme": {"requests_per_minute": 10}}
+        config["shared_state"] = {"redis_url": f"redis://127.0.0.1:{closed}"}
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("hi"), pb.RoutingContext(tenant="acme")):
+                    pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "SHARED_STATE_UNAVAILABLE"
+        assert fake.requests == []
 
 
 @pytest.fixture
