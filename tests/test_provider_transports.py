@@ -100,3 +100,30 @@ async def test_closing_the_adapter_ends_a_stream_being_read(fake: FakeProvider, 
     texts, error = await asyncio.wait_for(reading, 5.0)
     assert time.monotonic() - started < 1.0
     assert (len(texts), type(error)) == (3, ProviderUnavailable)
+
+
+async def test_a_big_body_read_slowly_leaves_its_connection_fit_for_the_next_call(
+    fake: FakeProvider, adapter: Adapter
+) -> None:
+    """A 2 MB stream whose reader pauses (aiohttp stops reading the socket while its buffer is
+    full) and then drains it, with a 0.5 s call deadline; then the connection idles past that
+    deadline and the next call reuses it: the next call is answered. (aiohttp rearms its socket
+    read timer when reading resumes even after the body has ended; fired on the idle pooled
+    connection, it failed the next request at once with a read timeout, without any request
+    reaching the provider. The adapters give the SDKs no read timeout of their own: the call's
+    deadline and the router's stream timers bound every read.)"""
+    failures = []
+    for _ in range(3):
+        fake.enqueue(Script(chunks=tuple(["x" * 2000] * 1000)))
+        stream = adapter.stream(call(timeout=0.5))
+        first = await anext(aiter(stream))
+        assert isinstance(first, TextDelta)
+        await asyncio.sleep(0.2)  # the provider sends the rest while nothing is read
+        async for _ in stream:
+            pass
+        await asyncio.sleep(0.6)  # past the first call's deadline, the connection idle in the pool
+        sent = len(fake.requests)
+        _, error = await read(adapter, call(timeout=5.0))
+        if error is not None:
+            failures.append((error.message, len(fake.requests) - sent))
+    assert failures == []

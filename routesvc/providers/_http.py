@@ -179,14 +179,27 @@ def transport_error(exc: Exception, *, provider: str, model: str) -> ProviderUna
     return ProviderUnavailable(describe(provider, model, what, type(exc).__name__), provider=provider, model=model)
 
 
+# Both SDKs' default (10 minutes, 5 s to connect) where a call has no deadline, read excepted.
+_NO_DEADLINE = 600.0
+_NO_DEADLINE_CONNECT = 5.0
+
+
 def request_options(call: ProviderCall) -> dict[str, object]:
     """The SDK request options of ``call`` (the ``options`` of ``AsyncOpenAI.post`` and
-    ``AsyncAnthropic.post``): its extra headers and its timeout, each only when set."""
+    ``AsyncAnthropic.post``): its extra headers when set, and its timeout.
+
+    The timeout has no socket-read part: the call's deadline (``guarded``) and the router's
+    first-token and idle timers bound every read already, and aiohttp rearms its read timer when
+    it resumes reading after a pause even if the body has ended; fired later on the connection
+    idle in the pool, that timer failed the next request at once, before it reached the provider.
+    """
     options: dict[str, object] = {}
     if call.headers:
         options["headers"] = dict(call.headers)
     if call.timeout is not None:
-        options["timeout"] = call.timeout
+        options["timeout"] = httpx2.Timeout(call.timeout, read=None)
+    else:
+        options["timeout"] = httpx2.Timeout(_NO_DEADLINE, connect=_NO_DEADLINE_CONNECT, read=None)
     return options
 
 
