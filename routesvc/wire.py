@@ -68,6 +68,13 @@ _BATCH_STATES = {
 }
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _MAX_METADATA_CHARS = 1024
+# A tool's JSON Schema nests a few levels; the SDKs' encoders recurse, so a deeper one would fail
+# upstream (or here: Python's parser recurses too) instead of being refused with its field's name.
+_MAX_JSON_DEPTH = 64
+# max_cost_usd: 12 decimal places is far below any price; a longer number is a mistake (or an
+# attempt to blow up the error message that quotes it).
+_MAX_COST_DIGITS = 24
+_MIN_COST_EXPONENT = -12
 
 
 def _message(index: int, message: pb.Message) -> Message:
@@ -80,6 +87,27 @@ def _message(index: int, message: pb.Message) -> Message:
     return Message(role, message.content)
 
 
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not standard JSON")
+
+
+def _depth(value: object) -> int:
+    """How deeply ``value`` (parsed JSON) nests objects and arrays, without recursion."""
+    deepest = 0
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict):
+            children: list[object] = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        pending.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def _tool(index: int, tool: pb.Tool) -> ToolSpec:
     field = f"chat.tools[{index}]"
     if not _TOOL_NAME.match(tool.name):
@@ -87,11 +115,15 @@ def _tool(index: int, tool: pb.Tool) -> ToolSpec:
     parameters: dict[str, object] = {}
     if tool.parameters_json:
         try:
-            parsed = json.loads(tool.parameters_json)
-        except ValueError:
-            raise InvalidRequest(f"{field}.parameters_json", "must be a JSON object") from None
+            # Standard JSON only: Python reads NaN and Infinity, which the providers' SDKs refuse
+            # to send (a request failing upstream would count against the model's breaker).
+            parsed = json.loads(tool.parameters_json, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):
+            raise InvalidRequest(f"{field}.parameters_json", "must be a JSON object (standard JSON)") from None
         if not isinstance(parsed, dict):
             raise InvalidRequest(f"{field}.parameters_json", "must be a JSON object")
+        if _depth(parsed) > _MAX_JSON_DEPTH:
+            raise InvalidRequest(f"{field}.parameters_json", f"must nest at most {_MAX_JSON_DEPTH} levels deep")
         parameters = parsed
     return ToolSpec(tool.name, tool.description, MappingProxyType(parameters))
 
@@ -142,12 +174,17 @@ def _context(context: pb.RoutingContext, limits: LimitsConfig) -> RoutingContext
             raise InvalidRequest(f"context.{name}", f"must be at most {_MAX_METADATA_CHARS} characters")
     max_cost: Decimal | None = None
     if context.max_cost_usd:
+        text = context.max_cost_usd.strip()
         try:
-            max_cost = Decimal(context.max_cost_usd)
+            max_cost = Decimal(text) if len(text) <= _MAX_COST_DIGITS and "_" not in text else None
         except InvalidOperation:
-            raise InvalidRequest("context.max_cost_usd", 'must be a decimal number of USD, e.g. "0.01"') from None
+            max_cost = None
+        if max_cost is None:
+            raise InvalidRequest("context.max_cost_usd", 'must be a decimal number of USD, e.g. "0.01"')
         if not max_cost.is_finite() or max_cost <= 0:
             raise InvalidRequest("context.max_cost_usd", "must be a positive decimal number of USD")
+        if max_cost.adjusted() < _MIN_COST_EXPONENT or max_cost.adjusted() > _MAX_COST_DIGITS:
+            raise InvalidRequest("context.max_cost_usd", "must be between 1e-12 and 1e24 USD")
     return RoutingContext(
         tenant=context.tenant,
         user_tier=context.user_tier,

@@ -62,8 +62,34 @@ BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
         pb.RoutingContext(),
         "chat.tools[0].parameters_json",
     ),
+    (
+        "tool schema with NaN",  # json.loads reads it; the SDKs refuse to send it upstream
+        _chat((USER, CANARY), tools=[pb.Tool(name="ok", parameters_json='{"type": "number", "maximum": NaN}')]),
+        pb.RoutingContext(),
+        "chat.tools[0].parameters_json",
+    ),
+    (
+        "tool schema nested 100,000 deep",  # was RecursionError -> INTERNAL
+        _chat((USER, CANARY), tools=[pb.Tool(name="ok", parameters_json="[" * 100_000)]),
+        pb.RoutingContext(),
+        "chat.tools[0].parameters_json",
+    ),
+    (
+        "tool schema nested 65 deep",
+        _chat((USER, CANARY), tools=[pb.Tool(name="ok", parameters_json='{"a":' * 65 + "1" + "}" * 65)]),
+        pb.RoutingContext(),
+        "chat.tools[0].parameters_json",
+    ),
     ("max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd=CANARY), "context.max_cost_usd"),
     ("negative max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="-1"), "context.max_cost_usd"),
+    (
+        "max cost 1e-999999",  # its error message once expanded it to 1 MB of trailers
+        _chat((USER, CANARY)),
+        pb.RoutingContext(max_cost_usd="1e-999999"),
+        "context.max_cost_usd",
+    ),
+    ("max cost 1e30", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="1e30"), "context.max_cost_usd"),
+    ("max cost 1_0", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="1_0"), "context.max_cost_usd"),
 ]
 
 
