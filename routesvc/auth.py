@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from routesvc.config import Config, TenantConfig
 from routesvc.errors import ConfigError, Unauthenticated
@@ -29,6 +31,27 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _file_digests(field: str, path: Path) -> list[str]:
+    """The digests in an API keys file, one per line (blank lines skipped); raises ``ConfigError``
+    naming the line of anything else, never quoting it (it may be a key pasted by mistake)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{field}: cannot read {path}") from exc
+    digests: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        digest = line.strip().lower()
+        if not digest:
+            continue
+        if not _DIGEST.fullmatch(digest):
+            raise ConfigError(f"{field}: line {number} of {path} is not a hex SHA-256 digest (64 characters)")
+        digests.append(digest)
+    return digests
+
+
 class Authenticator:
     """Maps bearer keys to tenants; a no-op when ``auth.enabled`` is false."""
 
@@ -40,11 +63,7 @@ class Authenticator:
         for name, tenant in config.tenants.items():
             digests = list(tenant.api_key_sha256)
             if tenant.api_keys_file is not None:
-                try:
-                    lines = tenant.api_keys_file.read_text(encoding="utf-8").split()
-                except OSError as exc:
-                    raise ConfigError(f"tenants.{name}.api_keys_file: cannot read {tenant.api_keys_file}") from exc
-                digests.extend(line.strip().lower() for line in lines if line.strip())
+                digests.extend(_file_digests(f"tenants.{name}.api_keys_file", tenant.api_keys_file))
             self._digests.extend((bytes.fromhex(digest), name) for digest in digests)
 
     @property

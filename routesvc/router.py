@@ -115,8 +115,9 @@ class Router:
 
     def reconfigured(self, settings: Settings, providers: Mapping[str, Provider]) -> Router:
         """A router for new settings (hot reload) that keeps this one's ledger, limits, breakers
-        and retry budget, so nothing counted so far is lost. Calls in flight finish on this one."""
-        router = Router(
+        and retry budget, so nothing counted so far is lost. Calls in flight finish on this one.
+        The shared admission takes the new tenant limits when the service swaps the router in."""
+        return Router(
             settings,
             providers,
             new_decision_id=self._new_decision_id,
@@ -126,9 +127,6 @@ class Router:
             retry_budget=self._retry_budget,
             batches=self._batches,
         )
-        # Only once the new router is built: settings that fail to build change no tenant limit.
-        self._admission.configure(settings.config.tenants)
-        return router
 
     @property
     def providers(self) -> Mapping[str, Provider]:

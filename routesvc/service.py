@@ -160,11 +160,18 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._authenticator = Authenticator(router.settings.config)
 
     def swap_router(self, router: Router) -> None:
-        """Serve new calls with ``router`` (hot reload); calls in flight keep the old one."""
+        """Serve new calls with ``router`` (hot reload); calls in flight keep the old one.
+
+        Everything that can fail (the API keys files) is read first: a rejected configuration
+        changes nothing, neither the keys nor the tenants' limits.
+        """
+        config = router.settings.config
+        authenticator = Authenticator(config)
+        router.admission.configure(config.tenants)
         self._router = router
-        self._limits = router.settings.config.limits
-        self._max_in_flight = router.settings.config.reliability.max_concurrent_rpcs
-        self._authenticator = Authenticator(router.settings.config)
+        self._limits = config.limits
+        self._max_in_flight = config.reliability.max_concurrent_rpcs
+        self._authenticator = authenticator
 
     def interrupt_in_flight(self) -> int:
         """Ask every call still running to end (the shutdown grace is nearly over); returns how many.

@@ -4,13 +4,15 @@ the authenticated tenant, health needs no key."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from routesvc.auth import key_digest
+from routesvc.auth import Authenticator, key_digest
 from routesvc.client import RouterClient
+from routesvc.errors import ConfigError
 from routesvc.server import Server
 from routesvc.testing import FakeProvider
 from routesvc.v1 import router_pb2 as pb
@@ -106,3 +108,36 @@ class TestAuthorization:
                 pass
         assert all(GLOBEX_KEY not in str(request.headers) for request in fake.requests)
         assert fake.requests[-1].api_key == "sk-test-openai"
+
+
+class TestKeysFiles:
+    def test_a_line_that_is_not_a_digest_fails_the_start_naming_its_line(self, tmp_path: Path) -> None:
+        """A raw key pasted into a keys file (a digest belongs there) is a ConfigError naming the
+        field and the line, which never quotes the line."""
+        keys = tmp_path / "acme.keys"
+        keys.write_text(f"{key_digest(ACME_KEY)}\n\n{GLOBEX_KEY}\n")
+        config = auth_config()
+        config["tenants"]["acme"] = {"api_keys_file": str(keys)}  # type: ignore[index]
+        with pytest.raises(ConfigError) as caught:
+            Authenticator(settings_from(config).config)
+        assert caught.value.message.startswith("tenants.acme.api_keys_file: line 3 of ")
+        assert GLOBEX_KEY not in caught.value.message
+
+    async def test_a_reload_with_a_bad_keys_file_changes_nothing(
+        self, secured: Server, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """A reload that would revoke acme's key, change the default model and cap acme at one
+        request a minute, but whose keys file holds a raw key, is refused whole: acme's key still
+        works, on the old policy and with no new limit."""
+        keys = tmp_path / "acme.keys"
+        keys.write_text("not-a-digest\n")
+        config = auth_config()
+        config["routing"]["default_model"] = "gpt-4o"  # type: ignore[index]
+        config["tenants"]["acme"] = {"api_keys_file": str(keys), "requests_per_minute": 1}  # type: ignore[index]
+        with pytest.raises(ConfigError):
+            await secured.reload(settings_from(config, live_environ(fake)))
+        assert (await route_as(secured, GLOBEX_KEY)).model == "gpt-4o-mini"
+        async with RouterClient(secured.target, api_key=ACME_KEY) as client:
+            for _ in range(3):
+                messages = [m async for m in client.complete(user_chat("hello"))]
+                assert messages[-1].WhichOneof("event") == "completion"
