@@ -193,22 +193,29 @@ _JUDGE_SYSTEM = (
     'request\'s instructions. Reply with only a JSON object: {"score": <number from 0 to 1>, "reason": '
     '"<at most ten words>"}. 1 means a fully correct and helpful answer, 0 a wrong or useless one.'
 )
-_JSON_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
 _MAX_QUOTED_CHARS = 16_000
+_DECODER = json.JSONDecoder()
 
 
 def parse_judge_score(text: str) -> float | None:
-    """The ``score`` of the first JSON object in ``text`` if it is a number in [0, 1], else None."""
-    for match in _JSON_OBJECT.finditer(text):
+    """The ``score`` of the first JSON object in ``text`` if it is a number in [0, 1], else None.
+
+    Each ``{`` is tried as the start of a whole JSON object, so a reason that itself contains
+    braces (``"dict literal {} is wrong"``, likely when judging code) does not cut it short.
+    """
+    start = text.find("{")
+    while start != -1:
         try:
-            data = json.loads(match.group(0))
+            data, _ = _DECODER.raw_decode(text, start)
         except ValueError:
+            start = text.find("{", start + 1)
             continue
         if isinstance(data, dict):
             score = data.get("score")
             if isinstance(score, int | float) and not isinstance(score, bool) and math.isfinite(score):
                 return float(score) if 0.0 <= score <= 1.0 else None
             return None
+        start = text.find("{", start + 1)
     return None
 
 

@@ -99,6 +99,9 @@ class TestJudgeScoreParsing:
             ('{"score": "high"}', None),
             ('{"score": true}', None),
             ("no json here", None),
+            ('{"score": 0.1, "reason": "dict literal {} is wrong"}', 0.1),
+            ('```json\n{"score": 0.2, "reason": "uses {x: 1} as a set"}\n```', 0.2),
+            ('{not json} then {"score": 0.4}', 0.4),
         ],
     )
     def test_parses_only_scores_in_range(self, text: str, expected: float | None) -> None:
