@@ -20,7 +20,7 @@ from typing import Protocol
 
 from routesvc.config import Settings, TenantConfig
 from routesvc.cost import format_usd
-from routesvc.errors import LimitExceeded
+from routesvc.errors import LimitExceeded, RequestTooLarge
 
 _WINDOW = 60.0
 
@@ -84,6 +84,21 @@ class SettleOnce:
         await self._apply(tokens, cost)
 
 
+def check_fits_token_rate(tenant: str, limits: TenantConfig, tokens: int) -> None:
+    """Raise ``RequestTooLarge`` (no retry delay) when one request's estimate alone is over the
+    tenant's tokens per minute: waiting would never admit it."""
+    if limits.tokens_per_minute is not None and tokens > limits.tokens_per_minute:
+        raise RequestTooLarge(
+            f"the request is estimated at {tokens} tokens (input plus max output), more than tenant"
+            f" {tenant!r}'s {limits.tokens_per_minute} tokens per minute; lower chat.max_output_tokens"
+        )
+
+
+def budget_name(period: str) -> str:
+    """ "daily" or "monthly" for a period key of ``_periods``."""
+    return "daily" if period.startswith("day") else "monthly"
+
+
 async def _nothing_reserved(tokens: int, cost: Decimal) -> None:
     del tokens, cost
 
@@ -145,6 +160,7 @@ class LocalAdmission:
                 reason="RATE_LIMITED",
                 retry_after=max(0.001, state.requests[0] + _WINDOW - now),
             )
+        check_fits_token_rate(tenant, limits, tokens)
         if limits.tokens_per_minute is not None and tokens:
             used = sum(entry.tokens for entry in state.tokens)
             if used + tokens > limits.tokens_per_minute:
@@ -165,7 +181,7 @@ class LocalAdmission:
         for period, budget in zip(periods, (limits.daily_budget_usd, limits.monthly_budget_usd), strict=True):
             if budget is not None and state.spent[period] + state.reserved[period] + cost > budget:
                 raise LimitExceeded(
-                    f"tenant {tenant!r} would exceed its {period.split(':')[0]}ly budget of {format_usd(budget)} USD",
+                    f"tenant {tenant!r} would exceed its {budget_name(period)} budget of {format_usd(budget)} USD",
                     reason="BUDGET_EXCEEDED",
                     retry_after=_seconds_to_next(period, wall),
                 )

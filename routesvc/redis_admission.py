@@ -25,7 +25,15 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 
-from routesvc.admission import Reservation, SettleOnce, _nothing_reserved, _periods, _seconds_to_next
+from routesvc.admission import (
+    Reservation,
+    SettleOnce,
+    _nothing_reserved,
+    _periods,
+    _seconds_to_next,
+    budget_name,
+    check_fits_token_rate,
+)
 from routesvc.config import TenantConfig
 from routesvc.cost import format_usd
 from routesvc.errors import LimitExceeded, SharedStateUnavailable
@@ -144,6 +152,7 @@ class RedisAdmission:
         limits = self._tenants.get(tenant)
         if limits is None:
             return SettleOnce(_nothing_reserved)
+        check_fits_token_rate(tenant, limits, tokens)
         now = self._clock()
         day, month = _periods(now)
         reservation_id = uuid.uuid4().hex
@@ -190,7 +199,8 @@ class RedisAdmission:
             period = day if detail == "day" else month
             budget = limits.daily_budget_usd if detail == "day" else limits.monthly_budget_usd
             raise LimitExceeded(
-                f"tenant {tenant!r} would exceed its {detail}ly budget of {format_usd(budget or Decimal(0))} USD",
+                f"tenant {tenant!r} would exceed its {budget_name(period)} budget of"
+                f" {format_usd(budget or Decimal(0))} USD",
                 reason="BUDGET_EXCEEDED",
                 retry_after=_seconds_to_next(period, now),
             )

@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2, status_pb2
 from routesvc.admission import LocalAdmission
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
-from routesvc.errors import LimitExceeded
+from routesvc.errors import LimitExceeded, RequestTooLarge
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
@@ -68,6 +68,24 @@ class TestAdmission:
         assert admission.in_flight("t") == 1
         await held.settle(20, Decimal(0))
         await admission.admit("t", tokens=80)
+
+    async def test_a_request_larger_than_the_token_rate_is_too_large_not_retryable(self) -> None:
+        """A request estimated at 600 tokens for a 500-tokens-per-minute tenant could never be
+        admitted, however long it waited: REQUEST_TOO_LARGE without a retry delay (a client told
+        to retry in 60 s would retry forever), and nothing reserved."""
+        admission = LocalAdmission({"t": TenantConfig(tokens_per_minute=500)})
+        with pytest.raises(RequestTooLarge) as caught:
+            await admission.admit("t", tokens=600)
+        assert caught.value.retry_after is None
+        assert "500 tokens per minute" in caught.value.message
+        await (await admission.admit("t", tokens=500)).settle(500, Decimal(0))
+
+    async def test_a_budget_refusal_names_the_daily_budget(self) -> None:
+        """The message says "daily" (it said "dayly")."""
+        admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.admit("t", cost=Decimal(2))
+        assert "its daily budget of 1 USD" in caught.value.message
 
     async def test_settling_twice_counts_once(self) -> None:
         """settle is idempotent."""

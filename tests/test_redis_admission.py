@@ -16,7 +16,7 @@ import redis.asyncio
 
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
-from routesvc.errors import LimitExceeded
+from routesvc.errors import LimitExceeded, RequestTooLarge
 from routesvc.redis_admission import RedisAdmission
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
@@ -95,6 +95,20 @@ class TestSharedLimits:
         assert caught.value.reason == "TOKEN_RATE_LIMITED"
         for replica in (first, second):
             await replica.aclose()
+
+    async def test_a_request_larger_than_the_token_rate_is_too_large(self, redis_url: str, prefix: str) -> None:
+        """As per process: an estimate over the tenant's tokens per minute is REQUEST_TOO_LARGE,
+        with no retry delay, and the daily budget's refusal says "daily"."""
+        (admission,) = await _replicas(
+            redis_url, prefix, TenantConfig(tokens_per_minute=500, daily_budget_usd=Decimal(1)), count=1
+        )
+        with pytest.raises(RequestTooLarge) as too_large:
+            await admission.admit("t", tokens=600)
+        assert too_large.value.retry_after is None
+        with pytest.raises(LimitExceeded) as over_budget:
+            await admission.admit("t", tokens=10, cost=Decimal(2))
+        assert "its daily budget of 1 USD" in over_budget.value.message
+        await admission.aclose()
 
 
 class _Proxy:
