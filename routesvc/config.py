@@ -63,7 +63,9 @@ def limit_native_threads(environ: MutableMapping[str, str] | None = None) -> Non
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No .inf or .nan anywhere: a float setting is a finite number (an infinite stats window
+    # made every GetStats fail INTERNAL).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TlsConfig(_Strict):

@@ -97,6 +97,14 @@ class TestValidation:
             (lambda c: c["models"][0].update(provider="azure"), r"models\[0\]\.provider: unknown provider 'azure'"),
             (lambda c: c["models"][0].update(input_price_per_mtok="-1"), r"models\[0\]\.input_price_per_mtok"),
             (lambda c: c["server"].update(port=70000), r"server\.port"),
+            (
+                lambda c: c.setdefault("telemetry", {}).update(stats_window_seconds=float("inf")),
+                r"telemetry\.stats_window_seconds",
+            ),
+            (
+                lambda c: c.setdefault("reliability", {}).update(backoff_seconds=float("nan")),
+                r"reliability\.backoff_seconds",
+            ),
         ],
     )
     def test_invalid_values_name_the_field(self, mutate: object, expected: str) -> None:
