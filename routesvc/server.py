@@ -130,8 +130,9 @@ class Server:
         self._settings = settings
         self.telemetry = telemetry or Telemetry(settings)
         ledger = Ledger(settings.config.reliability.ledger_entries)
-        # Batch jobs outlive routers (hot reload) and restarts: the queue belongs to the server.
-        self.batches = BatchQueue(settings, ledger)
+        # Batch jobs outlive routers (hot reload) and restarts: the queue belongs to the server,
+        # and reads the models of whichever router is current.
+        self.batches = BatchQueue(settings, ledger, catalog=lambda: self.router.settings.catalog)
         self._router = Router(
             settings,
             build_providers(settings) if providers is None else providers,

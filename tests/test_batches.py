@@ -4,6 +4,7 @@ APIs through the real SDKs to the fake; persistence across a restart; tenants se
 from __future__ import annotations
 
 import asyncio
+import copy
 from decimal import Decimal
 from pathlib import Path
 
@@ -11,9 +12,10 @@ import grpc
 import pytest
 
 from routesvc.auth import key_digest
+from routesvc.batches import BatchStore
 from routesvc.client import RouterClient
 from routesvc.server import Server
-from routesvc.testing import BatchOutcome, FakeProvider, Script
+from routesvc.testing import BatchOutcome, FakeProvider, FaultProxy, NetworkFault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
 from tests.test_validation import error_info
@@ -93,6 +95,14 @@ class TestBatchSubmitAndResults:
         assert [len(b.requests) for b in fake.batches] == [3]
 
 
+def with_model_copy(config: dict[str, object], model_id: str, of: str = "gpt-4o-mini") -> dict[str, object]:
+    """``config`` with one more catalog model, ``model_id``, priced and served like ``of``."""
+    changed = copy.deepcopy(config)
+    models: list[dict[str, object]] = changed["models"]  # type: ignore[assignment]
+    models.append({**next(m for m in models if m["id"] == of), "id": model_id, "provider_model": of})
+    return changed
+
+
 def fake_model(model: str) -> str:
     """The provider model name the fake sees for a catalog id."""
     return {"claude-sonnet": "claude-sonnet-4-6"}.get(model, model)
@@ -164,6 +174,85 @@ class TestBatchFaults:
                     await get_batch(client, batch_id, tenant)
                 assert caught.value.code() == grpc.StatusCode.NOT_FOUND
                 assert error_info(caught.value).reason == "BATCH_NOT_FOUND"
+
+
+class TestBatchPollerIsolation:
+    """One model group or one provider batch that cannot be handled fails alone; the poller goes on."""
+
+    async def test_a_model_added_by_hot_reload_is_batched(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """A job for a model the reload added succeeds at its batch price, and so does a job queued after it."""
+        config = batch_config(tmp_path)
+        environ = live_environ(fake)
+        async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+            await server.reload(settings_from(with_model_copy(config, "gpt-4o-mini-2"), environ))
+            new = (await submit(client, model="gpt-4o-mini-2"))[1].batch
+            old = (await submit(client, model="gpt-4o"))[1].batch
+            await wait_state(client, new.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            await wait_state(client, old.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            charged = {e.request_id: e.model for e in server.router.ledger.entries()}
+        assert charged == {new.batch_id: "gpt-4o-mini-2", old.batch_id: "gpt-4o"}
+
+    async def test_a_model_gone_after_a_restart_fails_its_jobs(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """Queued for a model the next configuration drops: FAILED model_not_in_catalog; other jobs succeed."""
+        waiting = with_model_copy(batch_config(tmp_path), "gpt-4o-mini-2")
+        waiting["batch"]["group_window_seconds"] = 60  # type: ignore[index]
+        environ = live_environ(fake)
+        async with Server(settings_from(waiting, environ), port=0) as server, RouterClient(server.target) as client:
+            orphan = (await submit(client, model="gpt-4o-mini-2"))[1].batch
+        async with (
+            Server(settings_from(batch_config(tmp_path), environ), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            other = (await submit(client))[1].batch
+            failed = await wait_state(client, orphan.batch_id, pb.BATCH_STATE_FAILED)
+            await wait_state(client, other.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            assert [e.request_id for e in server.router.ledger.entries()] == [other.batch_id]
+        assert failed.error == "model_not_in_catalog"
+        assert [len(b.requests) for b in fake.batches] == [1]
+
+    async def test_a_batch_the_provider_no_longer_knows_fails_alone(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """Polling one provider batch answers 404: its job ends FAILED provider_batch_not_found, uncharged,
+        and a later job's batch is still polled and succeeds."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            lost = (await submit(client))[1].batch
+            await wait_state(client, lost.batch_id, pb.BATCH_STATE_SUBMITTED)
+            fake.reset()  # the provider forgets every batch; new ones complete
+            later = (await submit(client))[1].batch
+            failed = await wait_state(client, lost.batch_id, pb.BATCH_STATE_FAILED)
+            await wait_state(client, later.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            assert [e.request_id for e in server.router.ledger.entries()] == [later.batch_id]
+        assert failed.error == "provider_batch_not_found"
+
+
+class TestBatchWorkersShareTheStore:
+    """Several workers (``server.workers``) run a poller each on one store: every job is sent once."""
+
+    async def test_two_pollers_on_one_store_submit_each_job_once(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """Two servers on one store, a slow network making each send last several poll intervals: each
+        job is in exactly one provider batch, succeeds, and is charged once across both."""
+        config = batch_config(tmp_path)
+        config["batch"]["group_window_seconds"] = 0.3  # type: ignore[index]
+        await BatchStore(tmp_path / "batches.db").aclose()  # the file exists, as after any earlier run
+        async with FaultProxy("127.0.0.1", fake.port) as proxy:
+            proxy.fault = NetworkFault(delay_per_chunk=0.15)
+            settings = settings_from(config, {**live_environ(fake), "OPENAI_BASE_URL": f"{proxy.base_url}/v1"})
+            async with (
+                Server(settings, port=0) as first,
+                Server(settings, port=0) as second,
+                RouterClient(first.target) as client,
+            ):
+                jobs = [(await submit(client))[1].batch.batch_id for _ in range(3)]
+                for batch_id in jobs:
+                    await wait_state(client, batch_id, pb.BATCH_STATE_SUCCEEDED, timeout=10)
+                await asyncio.sleep(0.3)  # both pollers have read the results
+                charged = [e.request_id for s in (first, second) for e in s.router.ledger.entries()]
+        sent = [request["custom_id"] for batch in fake.batches for request in batch.requests]
+        assert sorted(sent) == sorted(jobs)
+        assert sorted(charged) == sorted(jobs)
 
 
 class TestBatchPersistence:

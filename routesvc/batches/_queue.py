@@ -7,14 +7,31 @@ the server) groups queued jobs of one model into one provider batch once the old
 (``BatchStore.finish``), and only a succeeded job is charged, at the batch price, in the ledger.
 
 Outcomes: the provider's expiry ends a job EXPIRED, a failed request or batch FAILED (with a
-short provider code), a cancelled one CANCELLED; none of them is charged. A provider error while
-sending or polling is logged and retried on the next round (a 4xx on sending fails the jobs).
+short provider code), a cancelled one CANCELLED; none of them is charged.
+
+Each model group and each provider batch is handled on its own: what goes wrong with one is
+logged (never with prompt text) and the round goes on with the others. A retryable provider error
+(5xx, 429, timeout) is tried again next round. Any other error on sending fails that group's jobs
+(nothing was sent). On polling or reading results, a rejection (400/404/409/413/422) fails that
+batch's jobs: ``provider_batch_not_found`` for a 404 (the provider no longer knows the batch), else
+``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may be
+fixed. Models are looked up in the current catalog (``catalog``, which follows hot reloads); a
+model no longer there fails its jobs with ``model_not_in_catalog``.
+
+Several workers (``server.workers``) share one store, and each runs a poller: a group is sent
+only by the worker that claimed its jobs (``BatchStore.claim``), so each job is submitted once.
+A claim lasts ``CLAIM_SECONDS`` and a send is cut off at half of that, so it never outlives its
+claim. A worker that dies or stops mid-send leaves its claim; once it lapses any worker (or the
+restarted one) sends the jobs. That is the one case a job can reach the provider twice, if the
+first send got through before the worker died. Every worker polls every provider batch; a job
+ends once and is charged once, in the ledger of the worker that read its result.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -22,15 +39,19 @@ from collections.abc import Callable, Mapping
 import structlog
 
 from routesvc.batches._store import BatchStore, decode_request, encode_request
+from routesvc.catalog import Catalog, ModelSpec
 from routesvc.config import Settings
 from routesvc.cost import cost_of_usage, format_usd
-from routesvc.errors import BatchNotFound, ProviderError
+from routesvc.errors import BatchNotFound, ModelNotFound, ProviderError, ProviderRejected, ProviderTimedOut
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import BatchJob, BatchResult, BatchState, BatchStatus, Mode, RouteDecision, RoutingRequest
 from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult
 from routesvc.retry import is_retryable
 
 log = structlog.get_logger("routesvc.batches")
+
+CLAIM_SECONDS = 300.0
+"""How long a worker's claim on the jobs it is sending lasts (sends are cut off at half of it)."""
 
 
 def build_batch_apis(settings: Settings) -> dict[str, BatchAPI]:
@@ -50,7 +71,11 @@ def build_batch_apis(settings: Settings) -> dict[str, BatchAPI]:
 
 
 class BatchQueue:
-    """Batch jobs: submit, look up, cancel; and the poller that moves them along."""
+    """Batch jobs: submit, look up, cancel; and the poller that moves them along.
+
+    ``catalog`` gives the catalog in force now (the server passes its current router's, so models
+    added or changed by a hot reload are found); default: the catalog of ``settings``.
+    """
 
     def __init__(
         self,
@@ -58,9 +83,12 @@ class BatchQueue:
         ledger: Ledger,
         apis: Mapping[str, BatchAPI] | None = None,
         *,
+        catalog: Callable[[], Catalog] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        self._catalog = catalog or (lambda: settings.catalog)
+        self._owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._config = settings.config.batch
         self._ledger = ledger
         self._apis = dict(build_batch_apis(settings) if apis is None else apis)
@@ -163,10 +191,9 @@ class BatchQueue:
                 try:
                     next_flush = await self._flush()
                     await self._poll()
-                except ProviderError as error:
-                    log.warning("batch_round_failed", reason=error.reason)
                 except Exception:
-                    # Our bug or the store failing: log it and try again next round, never stop polling.
+                    # The store failing (groups and batches handle their own errors): log it and
+                    # try again next round, never stop polling.
                     log.exception("batch_round_crashed")
                 if next_flush is not None:
                     wait = max(0.0, min(wait, next_flush))
@@ -189,17 +216,31 @@ class BatchQueue:
                 next_due = due_in if next_due is None else min(next_due, due_in)
                 continue
             for start in range(0, len(jobs), self._config.max_group_size):
-                await self._send(model_id, jobs[start : start + self._config.max_group_size])
+                group = jobs[start : start + self._config.max_group_size]
+                try:
+                    await self._send(model_id, group)
+                except Exception:
+                    # Our bug or the store: the other groups go on. The claim is kept until it
+                    # lapses, so a group that keeps crashing is retried every CLAIM_SECONDS.
+                    log.exception("batch_send_crashed", model=model_id, jobs=len(group))
         return next_due
 
     async def _send(self, model_id: str, jobs: list[tuple[BatchStatus, str]]) -> None:
-        model = self._settings.catalog.get(model_id)
+        """Claim ``jobs`` and send the ones claimed as one provider batch."""
+        store = self._opened()
+        claimed = set(await store.claim([status.job.batch_id for status, _ in jobs], self._owner, CLAIM_SECONDS))
+        jobs = [(status, request) for status, request in jobs if status.job.batch_id in claimed]
+        if not jobs:
+            return  # another worker is sending them
+        ids = [status.job.batch_id for status, _ in jobs]
+        model = await self._model(model_id, ids)
+        if model is None:
+            return
         api = self._apis.get(model.provider)
         if api is None:
             # The provider lost its key or batch API since the job was queued (a restart with new config).
-            for status, _ in jobs:
-                await self._opened().finish(status.job.batch_id, BatchState.FAILED, error="no_batch_api")
-            log.warning("batch_provider_missing", model=model_id, provider=model.provider, jobs=len(jobs))
+            await self._fail(ids, "no_batch_api")
+            log.warning("batch_provider_missing", model=model_id, provider=model.provider, jobs=len(ids))
             return
         items = []
         for status, request in jobs:
@@ -207,35 +248,73 @@ class BatchQueue:
             items.append(
                 BatchItem(status.job.batch_id, model.id, model.provider_model, messages, max_output_tokens, temperature)
             )
-        ids = [item.custom_id for item in items]
         try:
-            provider_batch_id = await api.submit(items)
+            provider_batch_id = await self._submit(api, items)
         except ProviderError as error:
             if is_retryable(error):
-                raise
-            for batch_id in ids:
-                await self._opened().finish(batch_id, BatchState.FAILED, error=error.reason)
+                await store.release(ids, self._owner)
+                log.warning("batch_submit_failed", model=model_id, jobs=len(ids), reason=error.reason)
+                return
+            await self._fail(ids, error.reason)
             log.warning("batch_submit_rejected", model=model_id, jobs=len(ids), reason=error.reason)
             return
-        await self._opened().mark_submitted(ids, provider_batch_id)
+        await store.mark_submitted(ids, self._owner, model.provider, provider_batch_id)
         log.info("batch_submitted", model=model_id, jobs=len(ids), provider_batch_id=provider_batch_id)
 
+    async def _submit(self, api: BatchAPI, items: list[BatchItem]) -> str:
+        """``api.submit``, cut off well before the claim on its jobs lapses."""
+        seconds = CLAIM_SECONDS / 2
+        try:
+            async with asyncio.timeout(seconds):
+                return await api.submit(items)
+        except TimeoutError as exc:
+            message = f"{api.name}: batch submit took over {seconds:.0f} s"
+            raise ProviderTimedOut(message, provider=api.name, model="batch") from exc
+
+    async def _model(self, model_id: str, batch_ids: list[str]) -> ModelSpec | None:
+        """The model from the current catalog; None (and the jobs FAILED) when it is not there."""
+        try:
+            return self._catalog().get(model_id)
+        except ModelNotFound:
+            await self._fail(batch_ids, "model_not_in_catalog")
+            log.warning("batch_model_unknown", model=model_id, jobs=len(batch_ids))
+            return None
+
+    async def _fail(self, batch_ids: list[str], error: str) -> None:
+        for batch_id in batch_ids:
+            await self._opened().finish(batch_id, BatchState.FAILED, error=error)
+
     async def _poll(self) -> None:
-        store = self._opened()
-        for (provider, provider_batch_id), ids in (await store.submitted()).items():
+        """Poll each provider batch not yet ended; read the results of those that have."""
+        for (provider, provider_batch_id), ids in (await self._opened().submitted()).items():
             api = self._apis.get(provider)
             if api is None:
                 continue
-            batch = await api.poll(provider_batch_id)
-            if not batch.ended:
-                continue
-            results = {result.custom_id: result for result in await api.results(batch)}
-            for batch_id in ids:
-                result = results.get(batch_id) or ItemResult(
-                    batch_id, BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED, error="no_result"
+            try:
+                await self._poll_batch(api, provider_batch_id, ids)
+            except ProviderRejected as error:
+                code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
+                await self._fail(ids, code)
+                log.warning(
+                    "batch_lost", provider_batch_id=provider_batch_id, jobs=len(ids), status=error.status, error=code
                 )
-                await self._settle(batch_id, result)
-            log.info("batch_ended", provider_batch_id=provider_batch_id, status=batch.status, jobs=len(ids))
+            except ProviderError as error:
+                log.warning("batch_poll_failed", provider_batch_id=provider_batch_id, reason=error.reason)
+            except Exception:
+                # Our bug or the store: the other batches go on; this one is polled again next round.
+                log.exception("batch_poll_crashed", provider_batch_id=provider_batch_id)
+
+    async def _poll_batch(self, api: BatchAPI, provider_batch_id: str, ids: list[str]) -> None:
+        batch = await api.poll(provider_batch_id)
+        if not batch.ended:
+            return
+        results = {result.custom_id: result for result in await api.results(batch)}
+        for batch_id in ids:
+            result = results.get(batch_id) or ItemResult(
+                batch_id, BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED, error="no_result"
+            )
+            await self._settle(batch_id, result)
+        log.info("batch_ended", provider_batch_id=provider_batch_id, status=batch.status, jobs=len(ids))
 
     async def _settle(self, batch_id: str, result: ItemResult) -> None:
         """End one job with its result; charge it once if it succeeded (and was not cancelled)."""
@@ -246,7 +325,9 @@ class BatchQueue:
         status = await store.get_any(batch_id)
         if status is None:
             return
-        model = self._settings.catalog.get(status.job.model)
+        model = await self._model(status.job.model, [batch_id])
+        if model is None:
+            return  # without its prices the answer cannot be charged: FAILED, not given away
         cost = cost_of_usage(model, result.usage, Mode.BATCH)
         answer = BatchResult(result.text, result.usage, cost, result.finish_reason, result.provider_model)
         if not await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
@@ -258,7 +339,7 @@ class BatchQueue:
             decision_id=status.job.decision_id,
             tenant=status.job.tenant,
             model=model.id,
-            provider=model.provider,
+            provider=status.job.provider,
             attempt=1,
             outcome=AttemptOutcome.COMPLETED,
             usage=result.usage,

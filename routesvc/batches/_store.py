@@ -4,16 +4,23 @@ One row per job. A queued job keeps its request (the messages are needed to send
 request is cleared once the job is in a provider batch. A job ends exactly once: ``finish``
 changes only a job that has not ended, and says whether it did, so a result is charged once.
 Calls run in a worker thread; one lock serialises them on the one connection.
+
+Several processes may share the file (``server.workers``). A queued job is sent by whoever
+``claim``s it: one ``BEGIN IMMEDIATE`` transaction marks it with the claimant and a lease, and
+only the claimant may ``mark_submitted`` it. A claim that was neither turned into a submission nor
+``release``d (its process died or stopped while sending) lapses with its lease, and the job is
+claimable again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,10 +49,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     cost_usd TEXT,
     finish_reason TEXT,
     provider_model TEXT,
-    error TEXT NOT NULL DEFAULT ''
+    error TEXT NOT NULL DEFAULT '',
+    claimed_by TEXT,
+    claimed_until REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 """
+
+# Columns added after the first release, for files created before them.
+_ADDED_COLUMNS = (("claimed_by", "TEXT"), ("claimed_until", "REAL"))
 
 _COLUMNS = (
     "id, tenant, decision_id, model, provider, state, estimated_cost_usd, created_at, updated_at, "
@@ -69,6 +81,26 @@ def decode_request(text: str) -> tuple[tuple[Message, ...], int, float | None]:
     data = json.loads(text)
     messages = tuple(Message(Role(m["role"]), m["content"]) for m in data["messages"])
     return messages, int(data["max_output_tokens"]), data["temperature"]
+
+
+@contextlib.contextmanager
+def _immediate(connection: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, taken at its start (other processes wait on the busy timeout)."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+def _add_missing_columns(connection: sqlite3.Connection) -> None:
+    with _immediate(connection):
+        present = {row["name"] for row in connection.execute("PRAGMA table_info(jobs)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in present:
+                connection.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
 
 def _status(row: sqlite3.Row) -> BatchStatus:
@@ -104,6 +136,7 @@ class BatchStore:
         self._connection.row_factory = sqlite3.Row
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.executescript(_SCHEMA)
+        _add_missing_columns(self._connection)
         self._lock = threading.Lock()
         self._clock = clock
 
@@ -166,29 +199,66 @@ class BatchStore:
         return await self._run(select)
 
     async def queued(self) -> list[tuple[BatchStatus, str]]:
-        """Every queued job with its request, oldest first."""
+        """Every queued job nobody holds a live claim on, with its request, oldest first."""
+        now = self._clock()
 
         def select(connection: sqlite3.Connection) -> list[tuple[BatchStatus, str]]:
             rows = connection.execute(
-                f"SELECT {_COLUMNS}, request FROM jobs WHERE state = ? ORDER BY created_at",  # noqa: S608
-                (BatchState.QUEUED.value,),
+                f"SELECT {_COLUMNS}, request FROM jobs WHERE state = ?"  # noqa: S608 - constant column list
+                " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY created_at",
+                (BatchState.QUEUED.value, now),
             ).fetchall()
             return [(_status(row), row["request"]) for row in rows]
 
         return await self._run(select)
 
-    async def mark_submitted(self, batch_ids: list[str], provider_batch_id: str) -> None:
-        """The jobs are in provider batch ``provider_batch_id``; their requests are dropped."""
+    async def claim(self, batch_ids: list[str], owner: str, lease_seconds: float) -> list[str]:
+        """Claim the queued jobs of ``batch_ids`` that nobody else holds, for ``lease_seconds``.
+
+        Returns the ids claimed, in order; only these may be sent by ``owner``. Atomic across
+        processes: of two claimants of one job, exactly one gets it.
+        """
         now = self._clock()
+
+        def update(connection: sqlite3.Connection) -> list[str]:
+            claimed = []
+            with _immediate(connection):
+                for batch_id in batch_ids:
+                    cursor = connection.execute(
+                        "UPDATE jobs SET claimed_by = ?, claimed_until = ? WHERE id = ? AND state = ?"
+                        " AND (claimed_until IS NULL OR claimed_until <= ?)",
+                        (owner, now + lease_seconds, batch_id, BatchState.QUEUED.value, now),
+                    )
+                    if cursor.rowcount == 1:
+                        claimed.append(batch_id)
+            return claimed
+
+        return await self._run(update)
+
+    async def release(self, batch_ids: list[str], owner: str) -> None:
+        """Give up ``owner``'s claims on still-queued jobs (the send failed; anyone may try again)."""
 
         def update(connection: sqlite3.Connection) -> None:
             connection.executemany(
-                "UPDATE jobs SET state = ?, provider_batch_id = ?, request = '{}', updated_at = ?"
-                " WHERE id = ? AND state = ?",
-                [
-                    (BatchState.SUBMITTED.value, provider_batch_id, now, batch_id, BatchState.QUEUED.value)
-                    for batch_id in batch_ids
-                ],
+                "UPDATE jobs SET claimed_by = NULL, claimed_until = NULL WHERE id = ? AND claimed_by = ? AND state = ?",
+                [(batch_id, owner, BatchState.QUEUED.value) for batch_id in batch_ids],
+            )
+
+        await self._run(update)
+
+    async def mark_submitted(self, batch_ids: list[str], owner: str, provider: str, provider_batch_id: str) -> None:
+        """``owner``'s claimed jobs are in ``provider``'s batch ``provider_batch_id``; their requests are dropped.
+
+        A job cancelled meanwhile stays cancelled.
+        """
+        now = self._clock()
+        submitted, queued = BatchState.SUBMITTED.value, BatchState.QUEUED.value
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, request = '{}', updated_at = ?,"
+                " claimed_by = NULL, claimed_until = NULL WHERE id = ? AND state = ? AND claimed_by = ?",
+                [(submitted, provider, provider_batch_id, now, batch_id, queued, owner) for batch_id in batch_ids],
             )
 
         await self._run(update)
