@@ -40,6 +40,27 @@ def _finish(rpc: RequestTelemetry, context: grpc.aio.ServicerContext, error: Bas
     rpc.finish(code.name, code.value[0])
 
 
+async def _written(context: grpc.aio.ServicerContext, response: Any) -> bool:
+    """Write one message; False (instead of grpc's ``ExecuteBatchError``, which grpc would log
+    with a traceback) when the call is already over, so nothing can be written any more."""
+    try:
+        await context.write(response)
+    except Exception:
+        if context.done() or _past_deadline(context):
+            return False
+        raise
+    return True
+
+
+def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def _gone(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    return grpc.StatusCode.DEADLINE_EXCEEDED if _past_deadline(context) else grpc.StatusCode.CANCELLED
+
+
 def traced_unary(telemetry: Telemetry, service: str, method: str, behaviour: _Unary) -> _Unary:
     """``behaviour`` (a unary-response handler) inside the RPC's server span."""
 
@@ -70,7 +91,12 @@ def traced_stream(
             try:
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
                     async for response in responses:
-                        await context.write(response)
+                        if not await _written(context, response):
+                            # The client is gone or its deadline passed: leaving the block closes
+                            # the handler, which logs how the call ended; grpc has its status.
+                            code = _gone(context)
+                            rpc.finish(code.name, code.value[0])
+                            return
             except BaseException as error:
                 _finish(rpc, context, error)
                 raise

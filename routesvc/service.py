@@ -87,6 +87,12 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
 }
 
 
+def _ended_by_client(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """DEADLINE_EXCEEDED when the call's deadline has passed, else CANCELLED."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+
+
 def status_code_of(error: RouteSvcError) -> grpc.StatusCode:
     """The gRPC status code for ``error``, from ``STATUS_TABLE``."""
     for cls in type(error).__mro__:
@@ -259,6 +265,11 @@ class RouterService(pb_grpc.RouterServiceServicer):
             code = grpc.StatusCode.UNAVAILABLE
             await self._abort(context, record, ShuttingDown("the server is shutting down", chunks_sent=chunks))
         except grpc.aio.AbortError:
+            raise
+        except GeneratorExit:
+            # A streaming call whose write failed: the client is gone or its deadline passed, and
+            # the span wrapper closed this handler. Nothing more can be sent; log how it ended.
+            code = _ended_by_client(context)
             raise
         except Exception:
             # Our bug: log the traceback (locals are not rendered), answer INTERNAL, never UNKNOWN.

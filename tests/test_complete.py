@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient
 from routesvc.server import Server
@@ -260,6 +261,30 @@ class TestCommitRule:
 
 
 class TestDeadlinesAndCancellation:
+    async def test_a_stream_whose_deadline_passes_before_its_first_write_is_not_logged_ok(
+        self, live_client: RouterClient, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Completes with deadlines of 0.5-3 ms: whichever way each ends, a call its client saw
+        fail is never logged OK (a write that fails because the deadline passed closed the
+        handler without a status), and grpc logs no servicer traceback for it."""
+        seen: dict[str, str] = {}
+        with capture_logs() as logs:
+            for index in range(40):
+                request_id = f"tight-{index}"
+                try:
+                    async for _ in live_client.complete(
+                        user_chat("hi"), timeout=0.0005 * (1 + index % 6), metadata={"x-request-id": request_id}
+                    ):
+                        pass
+                    seen[request_id] = "OK"
+                except grpc.aio.AioRpcError as error:
+                    seen[request_id] = error.code().name
+            await asyncio.sleep(0.5)
+        logged = {entry["request_id"]: entry["code"] for entry in logs if entry["event"] == "rpc_finished"}
+        wrong = {rid: logged[rid] for rid, code in seen.items() if code != "OK" and logged.get(rid) == "OK"}
+        assert wrong == {}
+        assert not [record for record in caplog.records if "ExecuteBatchError" in record.getMessage()]
+
     async def test_deadline_before_the_first_token(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """A 0.5 s deadline against a 5 s first token: DEADLINE_EXCEEDED on time, upstream closed."""
         fake.enqueue(Script(first_chunk_delay=5.0))
