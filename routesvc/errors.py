@@ -168,9 +168,14 @@ class SharedStateUnavailable(RouteSvcError):
 
 
 class DeadlineExceeded(RouteSvcError):
-    """The caller's deadline passed before the call finished."""
+    """The caller's deadline passed before the call finished; ``chunks_sent`` content chunks
+    had reached the client."""
 
     reason = "DEADLINE_EXCEEDED"
+
+    def __init__(self, message: str, *, chunks_sent: int = 0) -> None:
+        super().__init__(message)
+        self.chunks_sent = chunks_sent
 
 
 class ProviderError(RouteSvcError):

@@ -87,6 +87,11 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
 }
 
 
+def _chunks_sent(record: _CallRecord) -> int:
+    """How many content chunks the call had sent (Complete counts them in its record)."""
+    return int(str(record.fields.get("chunks", 0)))
+
+
 def _ended_by_client(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """DEADLINE_EXCEEDED when the call's deadline has passed, else CANCELLED."""
     remaining = context.time_remaining()
@@ -252,18 +257,20 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 yield record
         except RouteSvcError as error:
             code = status_code_of(error)
+            if isinstance(error, DeadlineExceeded):
+                error.chunks_sent = _chunks_sent(record)
             await self._abort(context, record, error)
         except TimeoutError:
             code = grpc.StatusCode.DEADLINE_EXCEEDED
-            await self._abort(context, record, DeadlineExceeded("deadline exceeded"))
+            await self._abort(context, record, DeadlineExceeded("deadline exceeded", chunks_sent=_chunks_sent(record)))
         except asyncio.CancelledError:
             if task is None or task not in self._interrupted:
                 code = grpc.StatusCode.CANCELLED
                 raise
             task.uncancel()
-            chunks = int(str(record.fields.get("chunks", 0)))
             code = grpc.StatusCode.UNAVAILABLE
-            await self._abort(context, record, ShuttingDown("the server is shutting down", chunks_sent=chunks))
+            shutting_down = ShuttingDown("the server is shutting down", chunks_sent=_chunks_sent(record))
+            await self._abort(context, record, shutting_down)
         except grpc.aio.AbortError:
             raise
         except GeneratorExit:

@@ -285,6 +285,34 @@ class TestDeadlinesAndCancellation:
         assert wrong == {}
         assert not [record for record in caplog.records if "ExecuteBatchError" in record.getMessage()]
 
+    async def test_a_deadline_mid_stream_says_how_many_chunks_were_sent(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A 0.5 s deadline on a stream of a chunk every 50 ms: the server's DEADLINE_EXCEEDED
+        carries the committed trailers with the number of deltas the client got. (The client's
+        own timer can beat the server's status to it, then there are no trailers; so up to ten
+        tries, and every status that has them must count right.)"""
+        counted = []
+        for _ in range(10):
+            fake.enqueue(Script(chunk_count=100, chunk_delay=0.05))
+            received: list[pb.CompleteResponse] = []
+
+            async def read() -> None:
+                async for message in live_client.complete(user_chat("hi"), timeout=0.5):
+                    received.append(message)  # noqa: B023 - read at once, in this iteration
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await read()
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            deltas = sum(1 for message in received if message.WhichOneof("event") == "delta")
+            trailers = dict(caught.value.trailing_metadata() or ())
+            if "routesvc-chunks-sent" in trailers:
+                assert (trailers["routesvc-committed"], trailers["routesvc-chunks-sent"]) == ("true", str(deltas))
+                counted.append(deltas)
+                break
+        assert counted
+        assert counted[0] > 0
+
     async def test_deadline_before_the_first_token(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """A 0.5 s deadline against a 5 s first token: DEADLINE_EXCEEDED on time, upstream closed."""
         fake.enqueue(Script(first_chunk_delay=5.0))
