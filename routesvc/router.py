@@ -18,7 +18,7 @@ from routesvc.admission import Admission, build_admission
 from routesvc.breaker import Breakers
 from routesvc.cascade import EscalationPolicy, max_cost_reason
 from routesvc.catalog import ModelSpec
-from routesvc.config import Settings
+from routesvc.config import RulesStageConfig, Settings
 from routesvc.cost import cost_of_usage, estimate_cost, format_usd
 from routesvc.errors import (
     CostLimitExceeded,
@@ -54,6 +54,7 @@ from routesvc.providers.base import Provider, ProviderCall
 from routesvc.retry import RetryBudget, backoff_delay, is_retryable
 from routesvc.scoring import ScoringCall, ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
+from routesvc.strategies.classifier import TASK_LABELS
 from routesvc.strategies.default import no_eligible_model
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
@@ -89,6 +90,13 @@ class Router:
         self._catalog = settings.catalog
         self._limits = settings.config.limits
         self._routing = settings.config.routing
+        self._known_tasks = frozenset(TASK_LABELS) | frozenset(
+            task
+            for stage in self._routing.stages
+            if isinstance(stage, RulesStageConfig)
+            for rule in stage.rules
+            for task in rule.when.task_in or ()
+        )
         self._providers = dict(providers)
         self._policy = policy or Policy.from_config(
             settings.config.routing,
@@ -200,14 +208,18 @@ class Router:
         input_tokens = estimate_input_tokens(chat)
         output_tokens = chat.max_output_tokens or self._limits.default_output_tokens
         eligible = self._eligibility(request, input_tokens, output_tokens)
+        hint = request.context.task_hint
+        # A hint the policy does not know (not a classifier label, in no rule's task_in) would
+        # skip the classifier and match nothing: it is set aside, and the decision says so.
+        unknown_hint = bool(hint) and hint not in self._known_tasks
         routing_input = RoutingInput(
             request=request,
             estimated_input_tokens=input_tokens,
             estimated_output_tokens=output_tokens,
             models=tuple(self._catalog),
             eligible=MappingProxyType(eligible),
-            task=request.context.task_hint,
-            task_source="hint" if request.context.task_hint else "",
+            task="" if unknown_hint else hint,
+            task_source="hint" if hint and not unknown_hint else "",
         )
         if pinned is not None:
             if eligible[pinned.id].startswith("not allowed for tenant"):
@@ -228,6 +240,8 @@ class Router:
             verdict = await self._policy.decide(routing_input)
         model = self._catalog.get(verdict.model)
         reasons = list(verdict.reasons)
+        if unknown_hint:
+            reasons.insert(0, "context.task_hint is not a task this policy knows; ignored")
         excluded = [f"{model_id} excluded: {why}" for model_id, why in eligible.items() if why]
         reasons.extend(excluded)
         model, cost = self._within_max_cost(request, routing_input, model, verdict.mode, reasons)

@@ -45,6 +45,23 @@ class TestSeedPolicy:
         assert len(rule_reasons) == 1
         assert "(from hint)" in rule_reasons[0]
 
+    async def test_a_hint_the_policy_does_not_know_is_set_aside(self, client: RouterClient) -> None:
+        """A typo'd hint ("codegen") would have skipped the classifier and matched no rule: it is
+        ignored, the classifier labels the code request, and the decision says so."""
+        decision = await _route(client, "Write a Python function that merges two sorted lists", task_hint="codegen")
+        assert (decision.model, decision.task) == ("gpt-4o", "code_generation")
+        assert decision.reasons[0] == "context.task_hint is not a task this policy knows; ignored"
+
+    async def test_a_hint_a_rule_names_is_known(self) -> None:
+        """A task of the operator's own, named in a rule's task_in, is a hint the policy knows."""
+        config = default_config()
+        config["routing"]["stages"].insert(  # type: ignore[index]
+            0, {"kind": "rules", "rules": [{"name": "legal", "when": {"task_in": ["legal_review"]}, "model": "gpt-4o"}]}
+        )
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            decision = await _route(client, task_hint="legal_review")
+        assert (decision.model, decision.rule, decision.task) == ("gpt-4o", "legal", "legal_review")
+
     @pytest.mark.parametrize(
         ("prompt", "model", "task"),
         [
