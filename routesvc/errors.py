@@ -21,6 +21,7 @@ name fields and models, never prompt text or credentials.
     ├── FeedbackNotEnabled              no embedding stage keeps feedback        FAILED_PRECONDITION
     ├── ShuttingDown                    the server is stopping                   UNAVAILABLE
     ├── SharedStateUnavailable          the shared limits store (Redis) failed   UNAVAILABLE
+    ├── BatchStoreUnavailable           batch.store_path cannot be opened        FAILED_PRECONDITION
     ├── DeadlineExceeded                the caller's deadline passed             DEADLINE_EXCEEDED
     └── ProviderError                   a provider call failed
         ├── ProviderAuthFailed          401/403 from the provider                FAILED_PRECONDITION
@@ -165,6 +166,13 @@ class SharedStateUnavailable(RouteSvcError):
 
     reason = "SHARED_STATE_UNAVAILABLE"
     retry_after = 1.0
+
+
+class BatchStoreUnavailable(RouteSvcError):
+    """The batch job store (``batch.store_path``) cannot be opened or written, so no batch job can
+    be queued or read; realtime requests are not affected."""
+
+    reason = "BATCH_STORE_UNAVAILABLE"
 
 
 class DeadlineExceeded(RouteSvcError):

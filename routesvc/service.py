@@ -22,6 +22,7 @@ from routesvc.batches import BatchQueue
 from routesvc.cost import format_usd
 from routesvc.errors import (
     BatchNotFound,
+    BatchStoreUnavailable,
     ConfigError,
     ContextWindowExceeded,
     CostLimitExceeded,
@@ -80,6 +81,7 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
     StreamInterrupted: grpc.StatusCode.UNAVAILABLE,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     SharedStateUnavailable: grpc.StatusCode.UNAVAILABLE,
+    BatchStoreUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ProviderError: grpc.StatusCode.UNAVAILABLE,
     ConfigError: grpc.StatusCode.INTERNAL,

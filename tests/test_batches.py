@@ -451,3 +451,24 @@ class TestBatchAdapters:
                 await api.submit([BatchItem("job_1", "m", "m", (Message(Role.USER, "hi"),), 8)])
             await api.aclose()
         assert "wrong-key-canary" not in caught.value.message
+
+
+class TestBatchStorePath:
+    async def test_an_unusable_store_path_is_a_clear_failed_precondition(self, fake: FakeProvider) -> None:
+        """batch.store_path under /proc (no database can be created there): a realtime=false
+        Complete is FAILED_PRECONDITION, reason BATCH_STORE_UNAVAILABLE, naming the setting, not
+        INTERNAL; realtime requests are served as usual."""
+        config = default_config()
+        config["batch"] = {"store_path": "/proc/routesvc-test/batches.db"}
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("Summarise this."), pb.RoutingContext(realtime=False)):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert error_info(caught.value).reason == "BATCH_STORE_UNAVAILABLE"
+            assert "batch.store_path" in (caught.value.details() or "")
+            messages = [m async for m in client.complete(user_chat("Summarise this."))]
+            assert messages[-1].WhichOneof("event") == "completion"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -42,7 +43,14 @@ from routesvc.batches._store import BatchStore, decode_request, encode_request
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.config import Settings
 from routesvc.cost import cost_of_usage, format_usd
-from routesvc.errors import BatchNotFound, ModelNotFound, ProviderError, ProviderRejected, ProviderTimedOut
+from routesvc.errors import (
+    BatchNotFound,
+    BatchStoreUnavailable,
+    ModelNotFound,
+    ProviderError,
+    ProviderRejected,
+    ProviderTimedOut,
+)
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import BatchJob, BatchResult, BatchState, BatchStatus, Mode, RouteDecision, RoutingRequest
 from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult
@@ -106,7 +114,13 @@ class BatchQueue:
         # Opened on first use (or at start when the file exists), so a server that never sees a
         # batch request never creates the file.
         if self._store is None:
-            self._store = BatchStore(self._path, clock=self._clock)
+            try:
+                self._store = BatchStore(self._path, clock=self._clock)
+            except (OSError, sqlite3.Error) as exc:
+                log.error("batch_store_unavailable", path=str(self._path), error_type=type(exc).__name__)
+                raise BatchStoreUnavailable(
+                    f"batch.store_path {self._path} cannot be opened ({type(exc).__name__}); batch mode is unavailable"
+                ) from exc
         return self._store
 
     # -- lifecycle -------------------------------------------------------------------------------
