@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from google.protobuf import duration_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
+from pydantic import ValidationError
 
 from routesvc import config as config_module
 from routesvc import offline
 from routesvc.client import RouterClient, build_chat, tls_credentials
-from routesvc.errors import ConfigError
+from routesvc.errors import ConfigError, RouteSvcError
 from routesvc.v1 import router_pb2 as pb
 
 _MODE_NAMES = {pb.MODE_UNSPECIFIED: "unspecified", pb.MODE_REALTIME: "realtime", pb.MODE_BATCH: "batch"}
@@ -128,8 +130,7 @@ def _request_parts(args: argparse.Namespace) -> tuple[pb.ChatRequest, pb.Routing
         context.realtime = False
     if args.cascade is not None:
         context.cascade = args.cascade
-    for item in args.metadata:
-        key, _, value = item.partition("=")
+    for key, value in args.metadata:
         context.metadata[key] = value
     return chat, context
 
@@ -218,7 +219,7 @@ async def _models(args: argparse.Namespace) -> int:
 
 
 async def _batch(args: argparse.Namespace) -> int:
-    async with RouterClient(args.target, api_key=args.api_key) as client:
+    async with _client(args) as client:
         if args.action == "cancel":
             job = await client.cancel_batch(args.batch_id, tenant=args.tenant, timeout=args.timeout)
             response = pb.GetBatchResponse(job=job)
@@ -323,11 +324,21 @@ def _serve(args: argparse.Namespace) -> int:
     config_module.limit_native_threads()  # one BLAS thread here and in the spawned workers
     settings = config_module.load_settings(args.config)
     configure_logging(settings.config.logging)
-    workers = args.workers or settings.config.server.workers
+    workers = settings.config.server.workers if args.workers is None else args.workers
     uvloop = settings.config.server.uvloop if args.uvloop is None else args.uvloop
     if workers > 1:
         return serve_workers(settings, args.config, workers=workers, port=args.port, uvloop=uvloop)
-    run_event_loop(serve(settings, port=args.port), uvloop=uvloop)
+    try:
+        run_event_loop(serve(settings, port=args.port), uvloop=uvloop)
+    except RuntimeError as exc:
+        # grpc reports a port it cannot listen on only as this RuntimeError, from add_*_port.
+        if not str(exc).startswith("Failed to bind"):
+            raise
+        host = settings.config.server.host
+        port = settings.config.server.port if args.port is None else args.port
+        raise ConfigError(
+            f"server: cannot listen on {host}:{port} (the port is in use, or the host is not this machine's)"
+        ) from exc
     return 0
 
 
@@ -347,9 +358,56 @@ def _client_error(error: grpc.aio.AioRpcError) -> int:
 def _client(args: argparse.Namespace) -> RouterClient:
     """A client for the command's --target, --api-key and TLS flags."""
     credentials = None
-    if args.tls or args.tls_ca or args.tls_cert:
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
         credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
     return RouterClient(args.target, api_key=args.api_key, credentials=credentials)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: the deadline must be a number of seconds above 0")
+    return seconds
+
+
+def _tool_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the number of tools cannot be negative")
+    return count
+
+
+def _metadata_entry(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _server_override(field: str) -> Callable[[str], int]:
+    """An argparse type for ``serve --<field>``: an int that passes ``server.<field>``'s own checks."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        try:
+            config_module.ServerConfig.model_validate({field: value})
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"]
+            raise argparse.ArgumentTypeError(
+                f"{value}: {problem[0].lower()}{problem[1:]} (as server.{field})"
+            ) from None
+        return value
+
+    return parse
 
 
 def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None:
@@ -361,14 +419,14 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None
     parser.add_argument("--tls-ca", default=None, metavar="PEM", help="connect over TLS trusting this CA")
     parser.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate (mutual TLS)")
     parser.add_argument("--tls-key", default=None, metavar="PEM", help="client private key (mutual TLS)")
-    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument("--timeout", type=_positive_seconds, default=None, help="deadline in seconds (above 0)")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     if not request:
         return
     parser.add_argument("--tier", default="", help="user tier, e.g. premium")
     parser.add_argument("--tenant", default="", help="tenant id")
     parser.add_argument("--task", default="", help="task hint, e.g. code_generation")
-    parser.add_argument("--tools", type=int, default=0, help="send N placeholder tool definitions")
+    parser.add_argument("--tools", type=_tool_count, default=0, help="send N placeholder tool definitions")
     parser.add_argument("--no-realtime", action="store_true", help="the answer is not needed now (batch allowed)")
     cascade = parser.add_mutually_exclusive_group()
     cascade.add_argument(
@@ -379,7 +437,9 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None
     parser.add_argument("--max-output-tokens", type=int, default=None)
     parser.add_argument("--max-cost", default="", help="maximum estimated cost in USD")
     parser.add_argument("--system", default="", help="a system message")
-    parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="routing metadata")
+    parser.add_argument(
+        "--metadata", type=_metadata_entry, action="append", default=[], metavar="KEY=VALUE", help="routing metadata"
+    )
     parser.add_argument("prompt", help="the user prompt; '-' reads standard input")
 
 
@@ -389,8 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--config", default=None, help="YAML config (default: $ROUTESVC_CONFIG, else embedded)")
-    serve.add_argument("--port", type=int, default=None, help="override server.port")
-    serve.add_argument("--workers", type=int, default=None, help="override server.workers (processes on one port)")
+    serve.add_argument("--port", type=_server_override("port"), default=None, help="override server.port (0 to 65535)")
+    serve.add_argument(
+        "--workers",
+        type=_server_override("workers"),
+        default=None,
+        help="override server.workers (processes on one port, 1 to 64)",
+    )
     serve.add_argument(
         "--uvloop",
         action=argparse.BooleanOptionalAction,
@@ -448,8 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as error:
-        print(f"config error: {error.message}", file=sys.stderr)
+    except RouteSvcError as error:
+        print(f"error: {error.message}", file=sys.stderr)
         return 2
     except grpc.aio.AioRpcError as error:
         return _client_error(error)

@@ -9,6 +9,7 @@ from typing import Protocol
 
 import grpc
 
+from routesvc.errors import ConfigError
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -187,9 +188,23 @@ def tls_credentials(
     ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
 ) -> grpc.ChannelCredentials:
     """TLS channel credentials: trust ``ca_file`` (default: the system roots), and present a client
-    certificate when ``cert_file`` and ``key_file`` are given (mutual TLS)."""
+    certificate when ``cert_file`` and ``key_file`` are given (mutual TLS).
 
-    def read(path: str | None) -> bytes | None:
-        return Path(path).read_bytes() if path else None
+    Raises ``ConfigError`` naming the file when one cannot be read, and when only one of
+    ``cert_file`` and ``key_file`` is given (grpc aborts the process on a certificate without a key).
+    """
 
-    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+    if bool(cert_file) != bool(key_file):
+        raise ConfigError("a TLS client certificate and its private key go together: give both or neither")
+
+    def read(path: str | None, what: str) -> bytes | None:
+        if not path:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{what} {path}: cannot read: {exc.strerror}") from exc
+
+    return grpc.ssl_channel_credentials(
+        read(ca_file, "TLS CA file"), read(key_file, "TLS client key"), read(cert_file, "TLS client certificate")
+    )

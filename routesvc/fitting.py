@@ -5,7 +5,8 @@
 (lower case, no ``org/`` prefix, no ``_variant`` suffix, no trailing ``-vX.Y``), so
 ``Mixtral-8x7B-Instruct-v0.1`` stands for ``mixtral-8x7b-instruct``. A file that lacks the
 pair still teaches difficulty: its label is its strongest model's score minus the mean of its
-other models (a *proxy gap*), with a lower weight (``proxy_weight``).
+other models (a *proxy gap*), with a lower weight (``proxy_weight``). ``routesvc fit`` needs at
+least one file with the pair (``check_pair``).
 
 **Two parts of the score.** Held-out data sets are usually one task, where only the ranking
 *within* the task matters; mixed traffic also needs the level *between* tasks. So:
@@ -89,6 +90,8 @@ class FileUsage:
     strong: str
     weak: str
     kind: str  # "pair" or "proxy"
+    has_strong: bool = False  # the requested strong model is one of the file's models
+    has_weak: bool = False
 
     def describe(self) -> str:
         """One line for the fit log."""
@@ -144,7 +147,7 @@ def label_records(
                 outcomes = records[i].outcomes
                 if s in outcomes and w in outcomes:
                     gap[i], weight[i] = outcomes[s] - outcomes[w], 1.0
-            usage.append(FileUsage(source, len(rows), s, w, "pair"))
+            usage.append(FileUsage(source, len(rows), s, w, "pair", has_strong=True, has_weak=True))
             continue
         top = s or max(common, key=lambda model: totals[model] / counts[model])
         for i in rows:
@@ -154,11 +157,54 @@ def label_records(
                 continue
             baseline = outcomes[w] if w is not None and w in outcomes else float(np.mean(others))
             gap[i], weight[i] = outcomes[top] - baseline, proxy_weight
-        usage.append(FileUsage(source, len(rows), top, w or "mean of the others", "proxy"))
+        usage.append(
+            FileUsage(
+                source,
+                len(rows),
+                top,
+                w or "mean of the others",
+                "proxy",
+                has_strong=s is not None,
+                has_weak=w is not None,
+            )
+        )
     if calibrate_proxy:
         _calibrate_proxies(records, gap, weight, usage)
     tasks = [f"{record.source}:{record.task}" for record in records]
     return Labels(gap=gap, difficulty=difficulty, weight=weight, task=tasks, usage=usage)
+
+
+def _some(names: Sequence[str], shown: int = 4) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def check_pair(usage: Sequence[FileUsage], strong: str, weak: str) -> None:
+    """Raise ``FitError`` unless at least one labelled file has both models of the pair.
+
+    Files without the pair teach difficulty as proxies beside a file that has it; with no such
+    file the router would learn some other pair's gap under this pair's name. The message names
+    the model that no file has (or, when each is in some file, where each one is).
+    """
+    if not usage or any(u.kind == "pair" for u in usage):
+        return
+    files = [u.source for u in usage]
+    with_strong = [u.source for u in usage if u.has_strong]
+    with_weak = [u.source for u in usage if u.has_weak]
+    missing = [
+        f"the {role} model {model!r}"
+        for role, model, found in (("strong", strong, with_strong), ("weak", weak, with_weak))
+        if not found
+    ]
+    if missing:
+        raise FitError(
+            f"no data file has {' or '.join(missing)} (read {len(files)}: {_some(files)}; "
+            "models match by id or loose alias)"
+        )
+    raise FitError(
+        f"no data file has both {strong!r} and {weak!r} ({strong!r} in {_some(with_strong)}, {weak!r} in "
+        f"{_some(with_weak)}): at least one file needs the pair; files without it are then used as proxies"
+    )
 
 
 def _calibrate_proxies(
@@ -305,13 +351,18 @@ def fit_router(
     progress: Progress = _identity,
     embeddings: Vectors | None = None,
     calibrate: bool = True,
+    require_pair: bool = False,
 ) -> FittedRouter:
     """Fit a router for the pair from ``records``.
 
     ``embeddings`` (one row per record) skips encoding; ``calibrate=False`` skips the score
-    quantiles (rankings are unchanged; used by cross-validation).
+    quantiles (rankings are unchanged; used by cross-validation). ``require_pair`` (``routesvc
+    fit`` sets it) raises ``FitError`` unless some file has both models (``check_pair``);
+    without it a pair that no file has is fitted on proxy labels alone.
     """
     labels = label_records(records, strong, weak, settings.proxy_weight, settings.calibrate_proxy)
+    if require_pair:
+        check_pair(labels.usage, strong, weak)
     keep = np.flatnonzero(labels.weight > 0)
     if len(keep) == 0:
         raise FitError("no record has outcomes for two or more models")

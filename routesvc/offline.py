@@ -16,7 +16,7 @@ from pathlib import Path
 from routesvc.encoders import DEFAULT_ROUTER_ENCODER, WordLlamaEncoder, load_encoder
 from routesvc.errors import RouteSvcError
 from routesvc.evaluation import RoutingCurve, evaluate_scores, pair_data, plot_curves, routing_curve
-from routesvc.fitting import FitSettings, FittedRouter, fit_router
+from routesvc.fitting import FitError, FitSettings, FittedRouter, fit_router
 from routesvc.outcomes import OutcomeRecord, iter_outcomes, read_outcomes
 from routesvc.strategies.classifier import TaskClassifier, read_examples
 
@@ -47,10 +47,13 @@ def _read_prompts(path: Path) -> list[OutcomeRecord]:
 def run_fit(args: argparse.Namespace) -> int:
     """``routesvc fit``: fit a router for the pair and write it to ``--out``."""
     started = time.perf_counter()
+    if args.out.exists() and not args.out.is_dir():
+        raise FitError(f"--out {args.out}: not a folder (fit writes router.json and library.npz into one)")
     records = read_outcomes(*args.data)
     print(f"read {len(records)} prompts from {len(args.data)} path(s)", file=sys.stderr)
     settings = FitSettings(neighbours=args.neighbours, prior_weight=args.prior_weight, proxy_weight=args.proxy_weight)
-    router = fit_router(records, args.strong, args.weak, load_encoder(args.encoder), settings, progress=_progress)
+    encoder = load_encoder(args.encoder)
+    router = fit_router(records, args.strong, args.weak, encoder, settings, progress=_progress, require_pair=True)
     for usage in router.usage:
         print(f"  {usage.describe()}", file=sys.stderr)
     router.save(args.out)
@@ -145,6 +148,12 @@ def _handled(handler: object) -> object:
             return int(handler(args))  # type: ignore[operator]
         except RouteSvcError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:
+            raise  # the reader went away (`| head`): the command line exits quietly
+        except OSError as exc:  # writing --out or --plot: name the path, not a traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
             return 2
 
     return run

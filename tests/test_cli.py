@@ -1,19 +1,24 @@
-"""The command line against real processes: `routesvc serve`, then route / complete / models."""
+"""The command line against real processes: `routesvc serve`, then route / complete / models; and
+what each command says about flags and paths it cannot use (one line, exit 2, no traceback)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
+from routesvc import cli
 from tests.conftest import REPO, process_environ
+from tests.routing_data import STRONG, WEAK, records, write_jsonl
 
 
 @dataclass
@@ -182,3 +187,208 @@ class TestServeLoop:
         """``serve --no-uvloop`` runs on asyncio's own loop."""
         started = _first_line_of_serve("--no-uvloop")
         assert (started["event"], started["event_loop"]) == ("server_started", "asyncio")
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``routesvc ARGS`` in a process of its own, without the SDK and routesvc variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "routesvc", *args],
+        cwd=REPO,
+        env=process_environ(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The ``error: ...`` line of a command that failed cleanly: exit 2, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+class TestClientFlagErrors:
+    """Client flags that cannot be used are reported before any call, as one line."""
+
+    @pytest.mark.parametrize(
+        ("flags", "expected"),
+        [
+            (("--tls-ca", "/nonexistent/ca.pem"), "error: TLS CA file /nonexistent/ca.pem: cannot read: "),
+            (
+                ("--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/c.key"),
+                "error: TLS client key /nonexistent/c.key: cannot read: ",
+            ),
+        ],
+    )
+    def test_an_unreadable_tls_file_is_named(self, flags: tuple[str, ...], expected: str) -> None:
+        """A TLS file that cannot be read: exit 2 with the file and the reason, not a traceback."""
+        line = _one_line_error(_run("route", "--target", "127.0.0.1:9", *flags, "hi"))
+        assert line.startswith(expected)
+        assert line.endswith("No such file or directory")
+
+    @pytest.mark.parametrize("flag", ["--tls-cert", "--tls-key"])
+    def test_a_certificate_and_its_key_go_together(self, flag: str, tmp_path: Path) -> None:
+        """Half a client identity is a usage problem (grpc aborted the process on a certificate
+        without its key)."""
+        half = tmp_path / "half.pem"
+        half.write_text("not used")
+        line = _one_line_error(_run("route", "--target", "127.0.0.1:9", flag, str(half), "hi"))
+        assert line == "error: a TLS client certificate and its private key go together: give both or neither"
+
+    @pytest.mark.parametrize(
+        ("flags", "problem"),
+        [
+            (("--metadata", "foo"), "argument --metadata: 'foo' is not KEY=VALUE"),
+            (("--metadata", "=bar"), "argument --metadata: '=bar' is not KEY=VALUE"),
+            (("--tools", "-3"), "argument --tools: '-3': the number of tools cannot be negative"),
+            (("--timeout", "0"), "argument --timeout: '0': the deadline must be a number of seconds above 0"),
+            (("--timeout", "-1"), "argument --timeout: '-1': the deadline must be a number of seconds above 0"),
+        ],
+    )
+    def test_bad_request_flags_are_usage_errors(
+        self, running: Running, flags: tuple[str, ...], problem: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A metadata item without '=' or a key, a negative tool count, a deadline not above 0:
+        argparse's usage error (exit 2), nothing sent."""
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["route", "--target", running.target, *flags, "hello"])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err.rstrip().endswith(f"error: {problem}")
+
+    def test_metadata_values_may_be_empty_or_hold_equals(self) -> None:
+        """KEY= is an empty value and only the first '=' splits."""
+        args = cli.build_parser().parse_args(["route", "--metadata", "a=", "--metadata", "b=x=y", "hi"])
+        assert args.metadata == [("a", ""), ("b", "x=y")]
+
+
+class TestServeFlagErrors:
+    """`serve` overrides pass the checks the config file's fields do; a port it cannot have is one line."""
+
+    @pytest.mark.parametrize(
+        ("flags", "problem"),
+        [
+            (
+                ("--port", "99999"),
+                "argument --port: 99999: input should be less than or equal to 65535 (as server.port)",
+            ),
+            (("--port", "-1"), "argument --port: -1: input should be greater than or equal to 0 (as server.port)"),
+            (
+                ("--workers", "0"),
+                "argument --workers: 0: input should be greater than or equal to 1 (as server.workers)",
+            ),
+            (
+                ("--workers", "-2"),
+                "argument --workers: -2: input should be greater than or equal to 1 (as server.workers)",
+            ),
+            (
+                ("--workers", "65"),
+                "argument --workers: 65: input should be less than or equal to 64 (as server.workers)",
+            ),
+        ],
+    )
+    def test_out_of_range_overrides_are_usage_errors(self, flags: tuple[str, ...], problem: str) -> None:
+        """--port outside 0..65535 (it listened on the port modulo 65536) and --workers outside 1..64
+        (0 and below were ignored): exit 2 before serving."""
+        result = _run("serve", *flags, timeout=30)
+        assert result.returncode == 2
+        assert result.stderr.rstrip().endswith(f"error: {problem}")
+
+    def test_a_port_in_use_is_one_line(self) -> None:
+        """Another process listening on the port: exit 2 naming the address, not grpc's RuntimeError."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            line = _one_line_error(_run("serve", "--port", str(port), timeout=30))
+        assert line == (
+            f"error: server: cannot listen on 127.0.0.1:{port} (the port is in use, or the host is not this machine's)"
+        )
+
+
+def _fit_args(data: Path, out: Path) -> list[str]:
+    return [
+        "fit",
+        "--data",
+        str(data),
+        "--strong",
+        STRONG,
+        "--weak",
+        WEAK,
+        "--out",
+        str(out),
+        "--encoder",
+        "hashing-256",
+    ]
+
+
+class TestOfflineCommandErrors:
+    """fit, score, eval and classify report paths they cannot use as one line, exit 2."""
+
+    @pytest.fixture
+    def data(self, tmp_path: Path) -> Path:
+        """A small outcomes file with the pair."""
+        return write_jsonl(tmp_path / "train.jsonl", records())
+
+    @pytest.fixture
+    def router(self, data: Path, tmp_path: Path) -> Path:
+        """A router fitted on ``data``."""
+        assert cli.main(_fit_args(data, tmp_path / "router")) == 0
+        return tmp_path / "router"
+
+    def test_fit_into_a_regular_file(self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """--out naming an existing file is refused before fitting, naming the path."""
+        existing = tmp_path / "existing"
+        existing.write_text("keep me")
+        assert cli.main(_fit_args(data, existing)) == 2
+        assert capsys.readouterr().err == (
+            f"error: --out {existing}: not a folder (fit writes router.json and library.npz into one)\n"
+        )
+        assert existing.read_text() == "keep me"
+
+    def test_fit_where_no_folder_can_be_made(
+        self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--out below a regular file: the OSError is one line naming the path."""
+        blocker = tmp_path / "blocker"
+        blocker.write_text("")
+        assert cli.main(_fit_args(data, blocker / "router")) == 2
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {blocker}")
+
+    def test_score_where_the_output_cannot_be_written(
+        self, data: Path, router: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """score --out below a regular file: one line naming the path."""
+        blocker = tmp_path / "blocker"
+        blocker.write_text("")
+        capsys.readouterr()
+        code = cli.main(["score", "--router", str(router), "--data", str(data), "--out", str(blocker / "s.jsonl")])
+        assert code == 2
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {blocker}")
+
+    def test_eval_plot_into_a_missing_folder(
+        self, data: Path, router: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """eval --plot into a folder that does not exist: one line naming the file."""
+        plot = tmp_path / "missing" / "curve.png"
+        capsys.readouterr()
+        argv = ["eval", "--router", str(router), "--data", str(data), "--strong", STRONG, "--weak", WEAK]
+        assert cli.main([*argv, "--plot", str(plot)]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: {plot}: No such file or directory"
+
+    def test_classify_examples_that_are_not_json(
+        self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A line of --examples that is not JSON: the file and line, never the line's text."""
+        examples = tmp_path / "examples.jsonl"
+        examples.write_text('{"task": "chat", "prompt": "hello"}\n\nsecret text, not JSON\n')
+        code = cli.main(
+            ["classify", "--data", str(data), "--out", str(tmp_path / "l.jsonl"), "--examples", str(examples)]
+        )
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {examples}:3: not valid JSON (Expecting value)\n"
+        assert "secret" not in err

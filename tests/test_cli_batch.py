@@ -1,5 +1,6 @@
 """The command line for batch jobs and cascades, against real processes: `routesvc serve` with fast
-batch timers, `complete --no-realtime`, `batch get`, `batch cancel`, `complete --cascade`."""
+batch timers, `complete --no-realtime`, `batch get`, `batch cancel`, `complete --cascade`; and
+`batch` against a server with TLS and API keys."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from routesvc.auth import key_digest
 from tests.conftest import REPO, default_config, process_environ
+from tests.test_tls import make_pki
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -24,11 +29,10 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The fake provider and `routesvc serve` (batch store in a temporary directory) as processes."""
-    directory = tmp_path_factory.mktemp("cli-batch")
-    config = default_config()
+@contextmanager
+def _serving(directory: Path, config: dict[str, object]) -> Iterator[str]:
+    """The fake provider and `routesvc serve` with ``config`` (fast batch timers, the batch store in
+    ``directory``) as processes; yields the server's target."""
     config["batch"] = {"group_window_seconds": 0.05, "poll_interval_seconds": 0.05}
     config_path = directory / "config.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -56,6 +60,32 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if process is not None:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The default policy served in plaintext without auth."""
+    with _serving(tmp_path_factory.mktemp("cli-batch"), default_config()) as serving:
+        yield serving
+
+
+@dataclass
+class Secured:
+    target: str
+    pki: Path
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    """The default policy served over TLS, with API keys: acme-key is tenant acme."""
+    directory = tmp_path_factory.mktemp("cli-batch-tls")
+    pki = make_pki(directory)
+    config = default_config()
+    config["server"] = {"tls": {"cert_file": str(pki / "server.pem"), "key_file": str(pki / "server.key")}}
+    config["auth"] = {"enabled": True}
+    config["tenants"] = {"acme": {"api_key_sha256": [key_digest("acme-key")]}}
+    with _serving(directory, config) as serving:
+        yield Secured(serving, pki)
 
 
 def _cli(target: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -121,6 +151,36 @@ class TestCascadeCommand:
         assert lines[-1]["model"] == "gpt-4o-mini"
         assert [a["outcome"] for a in lines[-1]["attempts"]] == ["ATTEMPT_OUTCOME_COMPLETED", "ATTEMPT_OUTCOME_JUDGE"]
         assert lines[-1]["quality"]["reason"] == "judge gave no score in [0, 1]; released as configured"
+
+
+class TestBatchOverTls:
+    """`batch get` and `batch cancel` connect like every other client command: --tls-ca and
+    --api-key reach a TLS server that requires keys."""
+
+    def test_get_and_cancel_use_the_tls_and_key_flags(self, secured: Secured) -> None:
+        """A job submitted over TLS with acme's key is fetched and cancelled over TLS with the same
+        flags (it used to be dialled in plaintext: UNAVAILABLE)."""
+        flags = ("--tls-ca", str(secured.pki / "ca.pem"), "--api-key", "acme-key", "--timeout", "20")
+        submitted = _cli(secured.target, "complete", "--no-realtime", "--json", *flags, "Summarise")
+        assert submitted.returncode == 0, submitted.stderr
+        batch_id = json.loads(submitted.stdout.splitlines()[-1])["batch_id"]
+        got = _cli(secured.target, "batch", "get", batch_id, "--json", *flags)
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout)["batch_id"] == batch_id
+        cancelled = _cli(secured.target, "batch", "cancel", batch_id, "--json", *flags)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert json.loads(cancelled.stdout)["state"] in {"cancelled", "succeeded"}
+
+    def test_the_key_is_sent(self, secured: Secured) -> None:
+        """Over TLS without --api-key the service answers UNAUTHENTICATED, so the key flag is what
+        authenticates `batch`; with it, another tenant's or an unknown job is BATCH_NOT_FOUND."""
+        ca = ("--tls-ca", str(secured.pki / "ca.pem"))
+        anonymous = _cli(secured.target, "batch", "get", "batch_unknown", *ca)
+        assert anonymous.returncode == 1
+        assert anonymous.stderr.startswith("error: UNAUTHENTICATED:")
+        unknown = _cli(secured.target, "batch", "cancel", "batch_unknown", *ca, "--api-key", "acme-key")
+        assert unknown.returncode == 1
+        assert unknown.stderr.rstrip().endswith("[BATCH_NOT_FOUND]")
 
 
 def test_data_dir_is_used(tmp_path: Path) -> None:

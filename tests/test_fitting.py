@@ -126,6 +126,15 @@ class TestFittedRouter:
         with pytest.raises(FitError):
             fit_router(single, STRONG, WEAK, HashingEncoder(16))
 
+    def test_a_pair_no_file_has_is_required_only_on_request(self) -> None:
+        """``require_pair`` (what ``routesvc fit`` passes) raises ``FitError`` naming the model no
+        file has; without it the library still fits such a pair on proxy labels alone."""
+        data = records()
+        with pytest.raises(FitError, match=r"no data file has the strong model 'nope' \(read 1: synthetic;"):
+            fit_router(data, "nope", WEAK, HashingEncoder(16), require_pair=True)
+        router = fit_router(data, "nope", WEAK, HashingEncoder(16))
+        assert [u.describe() for u in router.usage] == [f"synthetic: 80 prompts, proxy label {STRONG} - {WEAK}"]
+
     def test_missing_artifact(self, tmp_path: Path) -> None:
         """Loading a folder that is not a router raises ``FitError``."""
         with pytest.raises(FitError):
@@ -185,6 +194,42 @@ class TestOfflineCommands:
         """A missing data path is a clean error, not a traceback."""
         assert run("fit", "--data", str(tmp_path / "nope"), "--strong", "a", "--weak", "b", "--out", str(tmp_path)) == 2
         assert "no such file or folder" in capsys.readouterr().err
+
+    def test_fit_of_a_model_no_file_has_fails(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """--strong or --weak that no data file has: exit 2 naming the model, nothing written (it
+        used to fit the file's strongest model against the weak one and exit 0)."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        out = tmp_path / "router"
+        assert run("fit", "--data", str(data), "--strong", "nope", "--weak", WEAK, "--out", str(out)) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            "error: no data file has the strong model 'nope' (read 1: train; models match by id or loose alias)"
+        )
+        assert run("fit", "--data", str(data), "--strong", "nope", "--weak", "nah", "--out", str(out)) == 2
+        assert "the strong model 'nope' or the weak model 'nah'" in capsys.readouterr().err
+        assert not out.exists()
+
+    def test_fit_needs_one_file_with_both_models(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Each model in some file but never together: exit 2 saying where each one is."""
+        write_jsonl(tmp_path / "a.jsonl", records("a", weak="x-small"))
+        write_jsonl(tmp_path / "b.jsonl", records("b", strong="x-large"))
+        argv = ("fit", "--data", str(tmp_path), "--strong", STRONG, "--weak", WEAK, "--out", str(tmp_path / "r"))
+        assert run(*argv) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: no data file has both '{STRONG}' and '{WEAK}' ('{STRONG}' in a, '{WEAK}' in b): at least one"
+            " file needs the pair; files without it are then used as proxies"
+        )
+
+    def test_fit_uses_files_without_the_pair_beside_one_with_it(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The documented mix: one file with the pair, another without it as a proxy; fit succeeds."""
+        write_jsonl(tmp_path / "withpair.jsonl", records("withpair"))
+        write_jsonl(tmp_path / "without.jsonl", records("without", strong="x-large", weak="x-small"))
+        argv = ("fit", "--data", str(tmp_path), "--strong", STRONG, "--weak", WEAK, "--out", str(tmp_path / "r"))
+        assert run(*argv, "--encoder", "hashing-256") == 0
+        err = capsys.readouterr().err
+        assert "without: 80 prompts, proxy label x-large - mean of the others" in err
+        assert f"withpair: 80 prompts, pair label {STRONG} - {WEAK}" in err
 
     def test_eval_plot(self, tmp_path: Path) -> None:
         """--plot writes a PNG."""

@@ -107,12 +107,18 @@ def read_examples(path: Path | None = None) -> list[tuple[str, str]]:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"classifier examples {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"classifier examples {path}: not UTF-8 text") from exc
         where = str(path)
     pairs: list[tuple[str, str]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            # exc.msg, not str(exc): never echo the example's text.
+            raise ConfigError(f"{where}:{number}: not valid JSON ({exc.msg})") from exc
         if not isinstance(row, dict) or not isinstance(row.get("task"), str) or not isinstance(row.get("prompt"), str):
             raise ConfigError(f'{where}:{number}: expected {{"task": str, "prompt": str}}')
         pairs.append((row["task"], row["prompt"]))
