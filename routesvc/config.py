@@ -701,7 +701,8 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
         for error in exc.errors():
             location = tuple(error["loc"])
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{_field_path(_without_union_tags(location))}: {message}")
+            # Whole-config checks (references between sections) name their own field path.
+            problems.append(f"{_field_path(_without_union_tags(location))}: {message}" if location else message)
         raise ConfigError(f"{source}: " + "; ".join(problems)) from exc
     providers = {name: _resolve_provider(name, provider, env) for name, provider in config.providers.items()}
     catalog = _catalog(config)

@@ -114,6 +114,15 @@ class TestValidation:
         with pytest.raises(ConfigError, match=expected):
             settings_from(config)
 
+    def test_a_cross_reference_error_reads_file_then_field(self) -> None:
+        """A check across sections (a rule naming an unknown model) reads like every other:
+        "<file>: <field path>: <problem>", with no "(top level)" in between."""
+        config = default_config()
+        config["routing"]["stages"][1]["rules"][0]["model"] = "gpt-5"  # type: ignore[index]
+        with pytest.raises(ConfigError) as caught:
+            settings_from(config)
+        assert caught.value.message.split(": ", 1)[1] == "routing.stages[1].rules[0].model: unknown model 'gpt-5'"
+
     def test_unreadable_file_is_named(self, tmp_path: Path) -> None:
         """A missing file fails with its path."""
         with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read"):
