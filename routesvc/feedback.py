@@ -2,8 +2,19 @@
 
 The router remembers each decision it may get feedback on (its id, the model that answered and
 the prompt's embedding: never the prompt text); the Feedback RPC then records an outcome score
-in [0, 1] (thumbs up = 1, thumbs down = 0) against the decision id. ``examples()`` joins the two
-so the embedding stage can rebuild its example library from them after a restart.
+in [0, 1] (thumbs up = 1, thumbs down = 0) against the decision id. A decision that receives
+feedback becomes an *example* and is kept; ``examples()`` returns them, each with its latest
+score, so the embedding stage can rebuild its example library from them after a restart.
+
+Every routed request is remembered but few get feedback, so decisions still waiting for it are
+forgotten: after ``decision_ttl_seconds``, or once ``max_pending_decisions`` newer ones wait, in
+small batches as new decisions arrive (never a scan of the file). Feedback for a forgotten
+decision is refused like feedback for one never seen (``UnknownDecision``).
+
+The two kinds live in two tables: ``decisions`` (waiting; pruned oldest first) and ``examples``
+(rated; read by ``examples()``, whose cost grows with the examples only). Reads use their own
+connection, so a rebuild reading the examples in a worker thread never holds up ``remember``,
+which runs on the event loop.
 """
 
 from __future__ import annotations
@@ -11,17 +22,28 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from routesvc.errors import InvalidRequest, RouteSvcError
+from routesvc.errors import ConfigError, InvalidRequest, RouteSvcError
+
+DEFAULT_DECISION_TTL_SECONDS = 7 * 24 * 3600.0
+"""How long a decision waits for feedback by default (a week)."""
+
+DEFAULT_MAX_PENDING_DECISIONS = 1_000_000
+"""How many decisions wait for feedback at most by default (~1.4 GB of 256-float embeddings)."""
+
+# Rows pruned at most per ``remember``: one a call keeps pace with a steady stream, and the rest
+# drain a backlog (after a long stop, or a lowered cap) without one call paying for all of it.
+_PRUNE_BATCH = 16
 
 
 class UnknownDecision(RouteSvcError):
-    """Feedback names a decision id the store never saw (or has forgotten)."""
+    """Feedback names a decision id the store never saw, or forgot without feedback."""
 
     reason = "UNKNOWN_DECISION"
 
@@ -46,6 +68,9 @@ class FeedbackExample:
     score: float
 
 
+# ``feedback.decision_id`` names a row of ``examples``; files written before examples had their
+# own table (user_version 0) declare it against ``decisions``, which SQLite does not enforce here
+# (foreign keys are off), so both read the same.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
     decision_id TEXT PRIMARY KEY,
@@ -53,65 +78,150 @@ CREATE TABLE IF NOT EXISTS decisions (
     embedding BLOB NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS decisions_created ON decisions(created_at);
+CREATE TABLE IF NOT EXISTS examples (
+    decision_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    decision_id TEXT NOT NULL REFERENCES decisions(decision_id),
+    decision_id TEXT NOT NULL REFERENCES examples(decision_id),
     score REAL NOT NULL,
     recorded_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_decision ON feedback(decision_id);
 """
 
+_SCHEMA_VERSION = 1
+
+# Before version 1 every decision, rated or not, was a row of ``decisions``: opening such a
+# file moves the rated ones to ``examples`` once.
+_MOVE_RATED_DECISIONS = (
+    "INSERT OR IGNORE INTO examples SELECT decision_id, model, embedding, created_at FROM decisions"
+    " WHERE decision_id IN (SELECT decision_id FROM feedback)",
+    "DELETE FROM decisions WHERE decision_id IN (SELECT decision_id FROM examples)",
+)
+
 
 class FeedbackStore:
-    """SQLite-backed decisions and outcomes; safe to share between threads. Close with ``close()``."""
+    """SQLite-backed decisions and outcomes; safe to share between threads. Close with ``close()``.
 
-    def __init__(self, path: Path | str) -> None:
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+    ``path`` is a file (the reads and the writes are two connections to it). ``clock`` gives the
+    time in seconds since the epoch; tests pass their own.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        decision_ttl_seconds: float = DEFAULT_DECISION_TTL_SECONDS,
+        max_pending_decisions: int = DEFAULT_MAX_PENDING_DECISIONS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if decision_ttl_seconds <= 0:
+            raise ConfigError(f"feedback: decision_ttl_seconds must be positive, got {decision_ttl_seconds}")
+        if max_pending_decisions < 1:
+            raise ConfigError(f"feedback: max_pending_decisions must be at least 1, got {max_pending_decisions}")
+        self._ttl = decision_ttl_seconds
+        self._max_pending = max_pending_decisions
+        self._clock = clock
+        self._write_lock = threading.Lock()
+        self._writer = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        # WAL with NORMAL syncs at checkpoints, not at every commit: a power cut may lose the
+        # last decisions, never corrupt the file; ``remember`` runs on the event loop.
+        self._writer.execute("PRAGMA synchronous=NORMAL")
+        self._writer.executescript(_SCHEMA)
+        with self._transaction():
+            if self._writer.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+                for statement in _MOVE_RATED_DECISIONS:
+                    self._writer.execute(statement)
+                self._writer.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._reader.execute("PRAGMA query_only = ON")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction on the writer connection, rolled back if the block raises."""
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
 
     def remember(
         self, decision_id: str, model: str, embedding: Sequence[float] | np.ndarray[tuple[int], np.dtype[np.float32]]
     ) -> None:
-        """Keep what a later outcome for ``decision_id`` will need."""
+        """Keep what a later outcome for ``decision_id`` will need; forget a few expired decisions."""
         blob = np.asarray(embedding, dtype=np.float32).tobytes()
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?)", (decision_id, model, blob, time.time())
+        now = self._clock()
+        with self._transaction():
+            self._writer.execute(
+                "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?)", (decision_id, model, blob, now)
+            )
+            # Both walk an index from the oldest row and stop after a batch.
+            self._writer.execute(
+                "DELETE FROM decisions WHERE rowid IN"
+                " (SELECT rowid FROM decisions WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+                (now - self._ttl, _PRUNE_BATCH),
+            )
+            self._writer.execute(
+                "DELETE FROM decisions WHERE rowid IN (SELECT rowid FROM decisions"
+                " WHERE rowid <= (SELECT MAX(rowid) FROM decisions) - ? ORDER BY rowid LIMIT ?)",
+                (self._max_pending, _PRUNE_BATCH),
             )
 
     def record(self, decision_id: str, score: float) -> FeedbackEntry:
-        """Store an outcome in [0, 1] for a remembered decision."""
+        """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
-        with self._lock:
-            row = self._db.execute("SELECT model FROM decisions WHERE decision_id = ?", (decision_id,)).fetchone()
+        now = self._clock()
+        with self._transaction():
+            row = self._writer.execute("SELECT model FROM examples WHERE decision_id = ?", (decision_id,)).fetchone()
             if row is None:
-                raise UnknownDecision(f"no remembered decision {decision_id!r}")
-            now = time.time()
-            self._db.execute(
+                # A waiting decision still counts if it is younger than the TTL and among the
+                # newest ``max_pending_decisions`` (rowids grow with each insert), pruned or not.
+                moved = self._writer.execute(
+                    "INSERT INTO examples SELECT decision_id, model, embedding, created_at FROM decisions"
+                    " WHERE decision_id = ? AND created_at >= ? AND rowid > (SELECT MAX(rowid) FROM decisions) - ?",
+                    (decision_id, now - self._ttl, self._max_pending),
+                )
+                if moved.rowcount == 0:
+                    raise UnknownDecision(
+                        f"no remembered decision {decision_id!r} (never seen, or forgotten without feedback)"
+                    )
+                self._writer.execute("DELETE FROM decisions WHERE decision_id = ?", (decision_id,))
+                row = self._writer.execute(
+                    "SELECT model FROM examples WHERE decision_id = ?", (decision_id,)
+                ).fetchone()
+            self._writer.execute(
                 "INSERT INTO feedback (decision_id, score, recorded_at) VALUES (?, ?, ?)", (decision_id, score, now)
             )
         return FeedbackEntry(decision_id, str(row[0]), score, now)
 
     def entries(self, limit: int = 100) -> list[FeedbackEntry]:
         """The latest ``limit`` outcomes, newest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT f.decision_id, d.model, f.score, f.recorded_at FROM feedback f"
-                " JOIN decisions d USING (decision_id) ORDER BY f.id DESC LIMIT ?",
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT f.decision_id, e.model, f.score, f.recorded_at FROM feedback f"
+                " JOIN examples e USING (decision_id) ORDER BY f.id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         return [FeedbackEntry(str(a), str(b), float(c), float(d)) for a, b, c, d in rows]
 
     def examples(self) -> list[FeedbackExample]:
         """Every decision with an outcome, scored by its latest outcome: the library's raw material."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT d.decision_id, d.model, d.embedding, f.score FROM decisions d JOIN feedback f"
-                " ON f.id = (SELECT MAX(id) FROM feedback WHERE decision_id = d.decision_id)"
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT e.decision_id, e.model, e.embedding, f.score FROM examples e JOIN feedback f"
+                " ON f.id = (SELECT MAX(id) FROM feedback WHERE decision_id = e.decision_id)"
+                " ORDER BY e.rowid"
             ).fetchall()
         return [
             FeedbackExample(str(a), str(b), np.frombuffer(blob, dtype=np.float32).copy(), float(score))
@@ -120,5 +230,7 @@ class FeedbackStore:
 
     def close(self) -> None:
         """Close the database file."""
-        with self._lock:
-            self._db.close()
+        with self._read_lock:
+            self._reader.close()
+        with self._write_lock:
+            self._writer.close()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,3 +59,223 @@ class TestFeedbackStore:
         store = FeedbackStore(tmp_path / "f.db")
         store.remember("d", "m", [1.0, 0.0])
         assert store.examples() == []
+
+
+class Clock:
+    """A clock the test moves by hand (seconds since the epoch)."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SqliteWork:
+    """The SQLite work of every connection opened while installed, counted in virtual-machine
+    steps (through SQLite's own progress handler on the real connections); it can also run an
+    action once from inside the next step, that is while a statement is part-way through."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self._during_next_step: Callable[[], None] | None = None
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real_connect = sqlite3.connect
+
+        def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            connection: sqlite3.Connection = real_connect(*args, **kwargs)
+            connection.set_progress_handler(self._step, 1)
+            return connection
+
+        monkeypatch.setattr(sqlite3, "connect", connect)
+
+    def _step(self) -> int:
+        self.steps += 1
+        action, self._during_next_step = self._during_next_step, None
+        if action is not None:
+            action()
+        return 0
+
+    def steps_of(self, call: Callable[[], object]) -> int:
+        """How many steps ``call`` took."""
+        before = self.steps
+        call()
+        return self.steps - before
+
+    def during_next_step(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once, from inside the next statement that runs."""
+        self._during_next_step = action
+
+
+@pytest.fixture
+def sqlite_work(monkeypatch: pytest.MonkeyPatch) -> SqliteWork:
+    """SQLite work counted on the connections opened during the test."""
+    work = SqliteWork()
+    work.install(monkeypatch)
+    return work
+
+
+def waiting_decisions(path: Path) -> list[str]:
+    """The ids of decisions the file keeps that have no feedback yet, oldest first."""
+    with closing(sqlite3.connect(path)) as db:
+        return [str(row[0]) for row in db.execute("SELECT decision_id FROM decisions ORDER BY rowid")]
+
+
+TTL = 3600.0
+
+
+class TestForgettingDecisions:
+    def test_a_decision_without_feedback_expires_after_the_ttl(self, tmp_path: Path) -> None:
+        """Feedback is taken until ``decision_ttl_seconds`` after the decision; after that it is
+        ``UnknownDecision``, like an id never seen, even before the row is pruned."""
+        clock = Clock()
+        store = FeedbackStore(tmp_path / "f.db", decision_ttl_seconds=TTL, clock=clock)
+        store.remember("early", "m", [1.0, 0.0])
+        store.remember("late", "m", [1.0, 0.0])
+        clock.now += TTL
+        assert store.record("late", 1.0).model == "m"
+        clock.now += 1
+        with pytest.raises(UnknownDecision) as caught:
+            store.record("early", 1.0)
+        assert caught.value.reason == "UNKNOWN_DECISION"
+
+    def test_expired_decisions_are_pruned_as_new_ones_arrive(self, tmp_path: Path) -> None:
+        """Expired decisions without feedback are deleted from the file, oldest first, a batch
+        at a time as later decisions are remembered; only the live ones stay."""
+        clock = Clock()
+        store = FeedbackStore(tmp_path / "f.db", decision_ttl_seconds=TTL, clock=clock)
+        for i in range(100):
+            store.remember(f"old-{i}", "m", [1.0, 0.0])
+        clock.now += TTL + 1
+        store.remember("new-0", "m", [1.0, 0.0])
+        after_one = waiting_decisions(tmp_path / "f.db")
+        for i in range(1, 10):
+            store.remember(f"new-{i}", "m", [1.0, 0.0])
+        assert "old-0" not in after_one
+        assert "old-99" in after_one
+        assert waiting_decisions(tmp_path / "f.db") == [f"new-{i}" for i in range(10)]
+
+    def test_at_most_max_pending_decisions_wait(self, tmp_path: Path) -> None:
+        """Past ``max_pending_decisions`` the oldest decisions without feedback are forgotten:
+        the file keeps the newest ones, and feedback for an older one is ``UnknownDecision``."""
+        store = FeedbackStore(tmp_path / "f.db", max_pending_decisions=5)
+        for i in range(20):
+            store.remember(f"d{i}", "m", [1.0, 0.0])
+        assert waiting_decisions(tmp_path / "f.db") == [f"d{i}" for i in range(15, 20)]
+        with pytest.raises(UnknownDecision):
+            store.record("d14", 1.0)
+        assert store.record("d15", 1.0).decision_id == "d15"
+
+    def test_a_lower_cap_refuses_feedback_at_once(self, tmp_path: Path) -> None:
+        """Reopened with a lower ``max_pending_decisions``, decisions over it are refused before
+        any of them is pruned."""
+        FeedbackStore(tmp_path / "f.db").close()
+        store = FeedbackStore(tmp_path / "f.db")
+        for i in range(10):
+            store.remember(f"d{i}", "m", [1.0, 0.0])
+        store.close()
+        lowered = FeedbackStore(tmp_path / "f.db", max_pending_decisions=3)
+        assert len(waiting_decisions(tmp_path / "f.db")) == 10
+        with pytest.raises(UnknownDecision):
+            lowered.record("d6", 1.0)
+        assert lowered.record("d7", 1.0).decision_id == "d7"
+
+    def test_decisions_with_feedback_are_kept_as_examples(self, tmp_path: Path) -> None:
+        """A rated decision outlives the TTL and the cap: it stays an example, takes more
+        feedback, and is still there after a reopen."""
+        clock = Clock()
+        path = tmp_path / "f.db"
+        store = FeedbackStore(path, decision_ttl_seconds=TTL, max_pending_decisions=2, clock=clock)
+        store.remember("rated", "weak", [0.6, 0.8])
+        store.record("rated", 0.0)
+        clock.now += 10 * TTL
+        for i in range(50):
+            store.remember(f"d{i}", "m", [1.0, 0.0])
+        store.record("rated", 0.5)
+        store.close()
+        reopened = FeedbackStore(path, decision_ttl_seconds=TTL, max_pending_decisions=2, clock=clock)
+        [example] = reopened.examples()
+        assert (example.decision_id, example.model, example.score) == ("rated", "weak", 0.5)
+        assert [e.score for e in reopened.entries()] == [0.5, 0.0]
+        assert waiting_decisions(path) == ["d48", "d49"]
+
+    def test_decisions_still_waiting_survive_a_reopen(self, tmp_path: Path) -> None:
+        """A decision remembered before a restart takes feedback after it, within the TTL."""
+        clock = Clock()
+        FeedbackStore(tmp_path / "f.db", decision_ttl_seconds=TTL, clock=clock).remember("d", "m", [1.0, 0.0])
+        clock.now += TTL / 2
+        reopened = FeedbackStore(tmp_path / "f.db", decision_ttl_seconds=TTL, clock=clock)
+        assert reopened.record("d", 1.0).model == "m"
+        assert [e.decision_id for e in reopened.examples()] == ["d"]
+
+    def test_a_file_written_before_examples_were_kept_apart_is_read(self, tmp_path: Path) -> None:
+        """A file whose rated and waiting decisions share one table (the first schema) keeps its
+        examples and outcomes; its waiting decisions expire like new ones."""
+        path = tmp_path / "old.db"
+        now = 1_700_000_000.0
+        with closing(sqlite3.connect(path)) as db:
+            db.executescript(
+                "CREATE TABLE decisions (decision_id TEXT PRIMARY KEY, model TEXT NOT NULL,"
+                " embedding BLOB NOT NULL, created_at REAL NOT NULL);"
+                "CREATE TABLE feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, decision_id TEXT NOT NULL"
+                " REFERENCES decisions(decision_id), score REAL NOT NULL, recorded_at REAL NOT NULL);"
+                "CREATE INDEX feedback_decision ON feedback(decision_id);"
+            )
+            blob = np.array([0.6, 0.8], dtype=np.float32).tobytes()
+            db.executemany(
+                "INSERT INTO decisions VALUES (?, ?, ?, ?)",
+                [
+                    ("rated", "weak", blob, now - 2 * TTL),
+                    ("stale", "m", blob, now - 2 * TTL),
+                    ("fresh", "m", blob, now),
+                ],
+            )
+            db.execute("INSERT INTO feedback (decision_id, score, recorded_at) VALUES ('rated', 0.25, ?)", (now,))
+            db.commit()
+        store = FeedbackStore(path, decision_ttl_seconds=TTL, clock=Clock(now))
+        [example] = store.examples()
+        assert (example.decision_id, example.score) == ("rated", 0.25)
+        assert example.embedding.tolist() == pytest.approx([0.6, 0.8])
+        with pytest.raises(UnknownDecision):
+            store.record("stale", 1.0)
+        store.record("fresh", 1.0)
+        assert [e.decision_id for e in store.entries()] == ["fresh", "rated"]
+
+
+class TestExamplesCost:
+    def test_examples_do_not_read_decisions_waiting_for_feedback(self, tmp_path: Path, sqlite_work: SqliteWork) -> None:
+        """``examples()`` reads the rated decisions only: with 2,000 more decisions waiting for
+        feedback it does exactly the same SQLite work (virtual-machine steps) as with 10."""
+        store = FeedbackStore(tmp_path / "f.db")
+        for i in range(3):
+            store.remember(f"rated-{i}", "m", [1.0, 0.0])
+            store.record(f"rated-{i}", 0.0)
+        for i in range(10):
+            store.remember(f"d{i}", "m", [1.0, 0.0])
+        store.examples()  # the first read of a connection also reads the schema
+        with_few = sqlite_work.steps_of(store.examples)
+        for i in range(10, 2010):
+            store.remember(f"d{i}", "m", [1.0, 0.0])
+        with_many = sqlite_work.steps_of(store.examples)
+        assert with_few == with_many
+
+    def test_remember_does_not_wait_for_examples_being_read(self, tmp_path: Path, sqlite_work: SqliteWork) -> None:
+        """A decision remembered (on the event loop) while a library rebuild is part-way through
+        reading the examples (in a worker thread) is stored before that read ends, not after it."""
+        store = FeedbackStore(tmp_path / "f.db")
+        store.remember("rated", "m", [1.0, 0.0])
+        store.record("rated", 0.0)
+        finished: list[bool] = []
+
+        def remember_meanwhile() -> None:
+            other = threading.Thread(target=store.remember, args=("meanwhile", "m", [1.0, 0.0]))
+            other.start()
+            # Only a guard against waiting forever on a lock held by the read in progress.
+            other.join(timeout=5)
+            finished.append(not other.is_alive())
+
+        sqlite_work.during_next_step(remember_meanwhile)
+        [example] = store.examples()
+        assert (example.decision_id, finished) == ("rated", [True])
+        assert store.record("meanwhile", 1.0).decision_id == "meanwhile"

@@ -18,8 +18,9 @@ from tests.routing_data import STRONG, WEAK, records
 from tests.test_validation import error_info
 
 
-def embedding_config(folder: Path) -> dict[str, object]:
-    """The default catalog with an embedding stage (fitted on synthetic outcomes) keeping feedback."""
+def embedding_config(folder: Path, **stage_settings: object) -> dict[str, object]:
+    """The default catalog with an embedding stage (fitted on synthetic outcomes) keeping feedback;
+    ``stage_settings`` are added to the stage's."""
     fit_router(records(), STRONG, WEAK, HashingEncoder(128), FitSettings(alpha=1.0)).save(folder / "router")
     config = default_config()
     config["routing"] = {
@@ -32,6 +33,7 @@ def embedding_config(folder: Path) -> dict[str, object]:
                 "weak_model": "gpt-4o-mini",
                 "threshold": 0.99,
                 "feedback_db": str(folder / "feedback.db"),
+                **stage_settings,
             }
         ],
     }
@@ -78,6 +80,18 @@ class TestFeedbackRpc:
         async with restarted as server, RouterClient(server.target) as client:
             response = await client.feedback(second.decision_id, score=0.25)
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 2)
+
+    async def test_feedback_for_a_forgotten_decision_is_not_found_like_an_unknown_one(self, tmp_path: Path) -> None:
+        """A decision without feedback that ``feedback_max_pending_decisions`` newer ones pushed
+        out is NOT_FOUND, reason UNKNOWN_DECISION, as if never seen; the newer one still counts."""
+        settings = settings_from(embedding_config(tmp_path, feedback_max_pending_decisions=1))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            forgotten = await client.route(user_chat("say hello to zulu"))
+            kept = await client.route(user_chat("say goodbye to zulu"))
+            error = await _feedback_error(client, forgotten.decision_id, thumbs_up=False)
+            response = await client.feedback(kept.decision_id, thumbs_up=False)
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
+        assert (response.decision_id, response.library_examples) == (kept.decision_id, 1)
 
     async def test_the_routing_decision_notes_the_embedding_score(self, tmp_path: Path) -> None:
         """The embedding stage explains its pick in the reasons."""

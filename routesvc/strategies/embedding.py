@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from routesvc.catalog import Catalog
 from routesvc.errors import ConfigError
 from routesvc.features import bounded
-from routesvc.feedback import FeedbackStore
+from routesvc.feedback import DEFAULT_DECISION_TTL_SECONDS, DEFAULT_MAX_PENDING_DECISIONS, FeedbackStore
 from routesvc.fitting import FitError, FittedRouter
 from routesvc.memo import Memo
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
@@ -48,6 +48,16 @@ class EmbeddingStageConfig(BaseModel):
     feedback_db: Path | None = Field(None, description="SQLite file of decisions and outcomes; unset: no feedback")
     feedback_similarity: float = Field(0.92, ge=0, le=1, description="cosine needed for feedback to count")
     feedback_weight: float = Field(0.3, ge=0, le=1, description="how far neighbouring feedback moves the score")
+    feedback_decision_ttl_seconds: float = Field(
+        DEFAULT_DECISION_TTL_SECONDS,
+        gt=0,
+        description="how long a decision waits for feedback before it is forgotten (rated ones are kept)",
+    )
+    feedback_max_pending_decisions: int = Field(
+        DEFAULT_MAX_PENDING_DECISIONS,
+        ge=1,
+        description="decisions kept waiting for feedback at most; the oldest are forgotten first",
+    )
 
 
 class EmbeddingStage:
@@ -172,7 +182,11 @@ def build(config: EmbeddingStageConfig, *, catalog: Catalog, feedback: FeedbackS
         if model not in catalog:
             raise ConfigError(f"embedding.{field}: {model!r} is not in the catalog")
     if feedback is None and config.feedback_db is not None:
-        feedback = FeedbackStore(config.feedback_db)
+        feedback = FeedbackStore(
+            config.feedback_db,
+            decision_ttl_seconds=config.feedback_decision_ttl_seconds,
+            max_pending_decisions=config.feedback_max_pending_decisions,
+        )
     stage = EmbeddingStage(
         router,
         strong_model=strong,
