@@ -372,6 +372,24 @@ class TestPurpose:
 
 
 class TestExport:
+    async def test_an_llm_classifier_call_is_a_client_span_of_the_route(self, fake: FakeProvider) -> None:
+        """With the llm classifier method, a Route's labelling call to gpt-4o-mini is a CLIENT span
+        (routesvc.purpose=classifier) under the routing span, with its usage and cost; the model
+        is sent the part of a huge prompt the local classifier reads, not all of it."""
+        config = default_config()
+        config["routing"]["stages"][0] = {"kind": "classifier", "method": "llm", "model": "gpt-4o-mini"}  # type: ignore[index]
+        fake.enqueue(Script(text='{"task": "summarization", "complexity": "low"}', input_tokens=900, output_tokens=12))
+        async with observed_server(fake, config=config) as observed:
+            await observed.client.route(user_chat("Summarise this report. " + "word " * 20_000))
+            (client,) = [span for span in observed.finished() if span.kind is SpanKind.CLIENT]
+            (route,) = observed.named("route")
+        attributes = _attrs(client)
+        assert (attributes["routesvc.purpose"], attributes["gen_ai.usage.input_tokens"]) == ("classifier", 900)
+        assert _parent(client) == route.context.span_id
+        assert Decimal(str(attributes["routesvc.cost_usd"])) > 0
+        sent = fake.requests[0].body["messages"][-1]["content"]
+        assert len(sent) <= 8_000
+
     async def test_a_collector_that_is_down_delays_shutdown_by_seconds_only(self, fake: FakeProvider) -> None:
         """OTLP traces and metrics to a closed port: requests are unaffected and the server stops within 5 s."""
         import socket

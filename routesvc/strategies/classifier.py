@@ -326,19 +326,33 @@ class LLMClassifierStage:
         call = ProviderCall(
             model=self._model.id,
             provider_model=self._model.provider_model,
-            messages=(Message(Role.SYSTEM, _INSTRUCTIONS), Message(Role.USER, prompt)),
+            # The part of the prompt the local classifier reads too: a huge prompt is not paid
+            # for twice, and the label depends on its start and end.
+            messages=(Message(Role.SYSTEM, _INSTRUCTIONS), Message(Role.USER, bounded(prompt))),
             max_output_tokens=40,
             temperature=0.0,
             timeout=self._timeout_s,
         )
         parts: list[str] = []
         usage = Usage()
-        async with asyncio.timeout(self._timeout_s):
-            async for event in self._provider.stream(call):
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                elif isinstance(event, ProviderFinish):
-                    usage = event.usage
+        # A client span of its own (purpose classifier): its latency, usage and cost are in the
+        # trace and the cost metrics, like a cascade judge's call. (Imported here: the config
+        # module imports this one for its settings, and telemetry imports the config.)
+        from routesvc import telemetry
+
+        stream = telemetry.observed_stream(self._provider, self._model, call, purpose="classifier")
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async for event in stream:
+                    if isinstance(event, TextDelta):
+                        parts.append(event.text)
+                    elif isinstance(event, ProviderFinish):
+                        usage = event.usage
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                # Closes the upstream HTTP response at once on a timeout.
+                await aclose()
         task, complexity = parse_answer("".join(parts))
         return task, complexity, usage
 
