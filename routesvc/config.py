@@ -500,11 +500,21 @@ class Config(_Strict):
         if self.auth.enabled and not self.tenants:
             raise ValueError("auth.enabled: no tenants are configured, so no key could ever be accepted")
         for stage_index, stage in enumerate(self.routing.stages):
+            where = f"routing.stages[{stage_index}]"
             if isinstance(stage, RulesStageConfig):
                 for rule_index, rule in enumerate(stage.rules):
                     if rule.model is not None and rule.model not in ids:
-                        where = f"routing.stages[{stage_index}].rules[{rule_index}].model"
-                        raise ValueError(f"{where}: unknown model {rule.model!r}")
+                        raise ValueError(f"{where}.rules[{rule_index}].model: unknown model {rule.model!r}")
+            elif isinstance(stage, ClassifierStageConfig) and stage.method == "llm":
+                if not stage.model:
+                    raise ValueError(f"{where}.model: the llm method needs a catalog model id")
+                if stage.model not in ids:
+                    raise ValueError(f"{where}.model: unknown model {stage.model!r}")
+            elif isinstance(stage, EmbeddingStageConfig):
+                for name in ("strong_model", "weak_model"):
+                    value = getattr(stage, name)
+                    if value and value not in ids:
+                        raise ValueError(f"{where}.{name}: unknown model {value!r}")
         return self
 
 

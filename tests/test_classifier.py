@@ -14,6 +14,7 @@ from routesvc.errors import ConfigError
 from routesvc.features import READ_CHARS
 from routesvc.models import ChatRequest, Message, Mode, Role, RoutingContext, RoutingRequest
 from routesvc.providers.openai import OpenAIProvider
+from routesvc.server import Server
 from routesvc.strategies.base import RoutingInput, Verdict
 from routesvc.strategies.classifier import (
     ClassifierAnswerError,
@@ -26,6 +27,7 @@ from routesvc.strategies.classifier import (
     read_examples,
 )
 from routesvc.testing import FakeProvider, Script
+from tests.conftest import default_config, settings_from
 
 CHEAP = ModelSpec(
     id="cheap",
@@ -305,6 +307,14 @@ class TestBuild:
         config = ClassifierStageConfig(method="llm", fallback_local=False)
         with pytest.raises(ConfigError, match="classifier"):
             build(config, catalog=Catalog([CHEAP]), provider_for=lambda name: OpenAIProvider(name, "k"))
+
+    def test_an_llm_classifier_whose_provider_has_no_key_fails_the_start(self) -> None:
+        """The llm method on a model whose provider has no credentials could never ask it: the
+        server refuses to start with a ConfigError naming the setting (was a bare KeyError)."""
+        config = default_config()
+        config["routing"]["stages"][0] = {"kind": "classifier", "method": "llm", "model": "gpt-4o"}  # type: ignore[index]
+        with pytest.raises(ConfigError, match=r"^classifier\.model: gpt-4o's provider openai has no credentials"):
+            Server(settings_from(config, {}), port=0)
 
     def test_llm_stage_from_config(self) -> None:
         """The llm method looks up the model in the catalog and its provider by name."""

@@ -98,6 +98,14 @@ class TestValidation:
             (lambda c: c["models"][0].update(input_price_per_mtok="-1"), r"models\[0\]\.input_price_per_mtok"),
             (lambda c: c["server"].update(port=70000), r"server\.port"),
             (
+                lambda c: c["routing"]["stages"].__setitem__(0, {"kind": "classifier", "method": "llm", "model": "x"}),
+                r"routing\.stages\[0\]\.model: unknown model 'x'",
+            ),
+            (
+                lambda c: c["routing"]["stages"].__setitem__(0, {"kind": "classifier", "method": "llm"}),
+                r"routing\.stages\[0\]\.model: the llm method needs a catalog model id",
+            ),
+            (
                 lambda c: c.setdefault("telemetry", {}).update(stats_window_seconds=float("inf")),
                 r"telemetry\.stats_window_seconds",
             ),

@@ -428,8 +428,15 @@ def build(
     if not config.model:
         raise ConfigError("classifier.model: the llm method needs a catalog model id")
     spec = catalog.get(config.model)
+    try:
+        provider = provider_for(spec.provider)
+    except KeyError:
+        raise ConfigError(
+            f"classifier.model: {spec.id}'s provider {spec.provider} has no credentials, so the llm method"
+            " could never ask it; set its key or use the local method"
+        ) from None
     return LLMClassifierStage(
-        provider_for(spec.provider),
+        provider,
         spec,
         timeout_s=config.timeout_s,
         cache_size=config.cache_size,
