@@ -358,6 +358,10 @@ class TestRoutesvcWiring:
         labels = backends[0]["spec"]["template"]["metadata"]["labels"]
         assert labels["app.kubernetes.io/component"] == "telemetry-collector"
 
+    def test_the_autoscaler_alone_sets_the_replica_count(self, overlay: Overlay) -> None:
+        """No replicas on the Deployment: every `kubectl apply -k` would reset the autoscaler's count."""
+        assert "replicas" not in overlay.routesvc["spec"]
+
     def test_hpa_scales_the_deployment_and_pdb_covers_its_pods(self, overlay: Overlay) -> None:
         """The autoscaler targets routesvc and the disruption budget selects routesvc's pods."""
         hpa = overlay.get("HorizontalPodAutoscaler", "routesvc")["spec"]
@@ -448,8 +452,12 @@ class TestDevOverlay:
 
     def test_single_replica(self, dev: Overlay) -> None:
         """Without shared state, dev keeps one replica so limits and budgets stay exact."""
-        assert dev.routesvc["spec"]["replicas"] == 1
-        assert dev.get("HorizontalPodAutoscaler", "routesvc")["spec"]["maxReplicas"] == 1
+        hpa = dev.get("HorizontalPodAutoscaler", "routesvc")["spec"]
+        assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 1)
+
+    def test_jaeger_gets_traces_only(self, dev: Overlay) -> None:
+        """Jaeger refuses OTLP metrics, so the dev overlay turns the metrics exporter off."""
+        assert dev.env["OTEL_METRICS_EXPORTER"]["value"] == "none"
 
     def test_jaeger_serves_otlp_and_the_ui(self, dev: Overlay) -> None:
         """The jaeger Service exposes OTLP/gRPC on 4317 and the UI on 16686."""
@@ -461,9 +469,15 @@ class TestProdOverlay:
     """prod: three or more replicas sharing state through Redis, tracing through a Collector."""
 
     def test_at_least_three_replicas(self, prod: Overlay) -> None:
-        """The Deployment starts with 3 replicas and the autoscaler never goes below that."""
-        assert prod.routesvc["spec"]["replicas"] == 3
+        """The autoscaler never goes below 3 replicas."""
         assert prod.get("HorizontalPodAutoscaler", "routesvc")["spec"]["minReplicas"] == 3
+
+    def test_the_collector_takes_metrics_too(self, prod: Overlay) -> None:
+        """routesvc exports metrics over OTLP to the collector, which needs a metrics pipeline fed
+        by its OTLP receiver (without one it answers UNIMPLEMENTED at every export)."""
+        assert "OTEL_METRICS_EXPORTER" not in prod.env
+        config = yaml.safe_load(prod.get("ConfigMap", "otel-collector")["data"]["config.yaml"])
+        assert "otlp" in config["service"]["pipelines"]["metrics"]["receivers"]
 
     def test_replicas_share_state_through_redis(self, prod: Overlay) -> None:
         """ROUTESVC_REDIS_URL names the redis Service, which selects the redis Deployment."""
