@@ -215,6 +215,14 @@ class Server:
             self._watcher = asyncio.get_running_loop().create_task(watcher.run(), name="config-watcher")
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]  # "uvloop" or "asyncio"
         log.info("server_started", target=self.target, service=SERVICE_NAME, event_loop=loop)
+        # Route works without credentials, so health stays SERVING; but Complete cannot reach a
+        # provider without its key, which an operator should see at start, not at the first call.
+        providers = self._settings.providers
+        for name, provider in providers.items():
+            if not provider.configured:
+                log.warning("provider_unconfigured", provider=name, reason=provider.missing_key_reason)
+        if providers and not any(provider.configured for provider in providers.values()):
+            log.error("no_provider_configured", detail="every Complete will fail until a provider key is set")
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for name in ("", SERVICE_NAME):
@@ -272,10 +280,11 @@ class Server:
 
 
 async def serve(settings: Settings, port: int | None = None, *, reuse_port: bool = False) -> None:
-    """Run until SIGTERM or SIGINT, then drain gracefully (``reuse_port``: as one of several workers)."""
+    """Run until SIGTERM, SIGINT or SIGHUP (the session went away), then drain gracefully
+    (``reuse_port``: as one of several workers)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
     server = Server(settings, port=port, reuse_port=reuse_port, freeze_heap=True)
     await server.start()

@@ -8,8 +8,11 @@ the process started becomes a supervisor that serves nothing itself:
 - it spawns N workers, fresh interpreters that each load the same configuration and run their
   own grpc.aio server on that port with ``SO_REUSEPORT``: the kernel spreads new connections
   over them (a client's channel stays on one worker);
-- SIGTERM or SIGINT is forwarded to every worker, each drains as a single server does (health
-  NOT_SERVING, drain delay, grace), and the supervisor exits 0 when all have exited 0;
+- SIGTERM, SIGINT or SIGHUP is forwarded to every worker (SIGHUP as SIGTERM), each drains as a
+  single server does (health NOT_SERVING, drain delay, grace), and the supervisor exits 0 when
+  all have exited 0;
+- a worker whose supervisor dies (even by SIGKILL) is sent SIGTERM by the kernel and drains
+  (Linux), so no orphan keeps serving the port with an old configuration;
 - a worker that exits on its own is a failure: the others are stopped and the supervisor exits
   1, so that the orchestrator restarts the whole.
 
@@ -34,7 +37,7 @@ from typing import Any
 import structlog
 
 from routesvc.config import Settings, load_settings
-from routesvc.errors import ConfigError
+from routesvc.errors import ConfigError, RouteSvcError
 
 log = structlog.get_logger("routesvc.supervisor")
 
@@ -70,15 +73,37 @@ def _reserve(host: str, port: int) -> socket.socket:
     return reservation
 
 
-def _worker(config_path: str | None, port: int, uvloop: bool) -> None:
-    """One worker process: the configuration loaded again, one server on the shared port."""
+def _end_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGTERM when the parent process dies (Linux ``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the supervisor died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(config_path: str | None, port: int, uvloop: bool, parent: int) -> None:
+    """One worker process: the configuration loaded again, one server on the shared port.
+
+    A problem found at start (a TLS file that cannot be read) is one line on stderr and exit 2,
+    as for a single server, not a traceback; the supervisor then stops the others and exits 1.
+    """
     from routesvc.server import serve
     from routesvc.telemetry import configure_logging
 
-    settings = load_settings(config_path)
-    configure_logging(settings.config.logging)
-    structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
-    run_event_loop(serve(settings, port=port, reuse_port=True), uvloop=uvloop)
+    _end_with_parent(parent)
+    try:
+        settings = load_settings(config_path)
+        configure_logging(settings.config.logging)
+        structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
+        run_event_loop(serve(settings, port=port, reuse_port=True), uvloop=uvloop)
+    except RouteSvcError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def serve_workers(
@@ -95,7 +120,7 @@ def serve_workers(
     bound = int(reservation.getsockname()[1])
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker, args=(config_path, bound, uvloop), name=f"routesvc-worker-{index}")
+        context.Process(target=_worker, args=(config_path, bound, uvloop, os.getpid()), name=f"routesvc-worker-{index}")
         for index in range(workers)
     ]
     stopping = False
@@ -103,11 +128,15 @@ def serve_workers(
     def stop_all(signum: int, frame: FrameType | None = None) -> None:
         nonlocal stopping
         stopping = True
+        # A hangup (the terminal or session went away) drains like SIGTERM; the workers handle
+        # SIGTERM and SIGINT.
+        forwarded = signal.SIGTERM if signum == signal.SIGHUP else signum
         for process in processes:
             if process.pid is not None and process.exitcode is None:
-                os.kill(process.pid, signum)
+                os.kill(process.pid, forwarded)
 
-    previous = {signum: signal.signal(signum, stop_all) for signum in (signal.SIGTERM, signal.SIGINT)}
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, stop_all) for signum in handled}
     failed = False
     try:
         for process in processes:

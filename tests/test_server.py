@@ -90,8 +90,10 @@ class TestMetadata:
 
 
 class TestProcess:
-    def test_sigterm_exits_zero_after_logging(self) -> None:
-        """`routesvc serve` logs JSON lines, and on SIGTERM drains and exits 0."""
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+    def test_sigterm_exits_zero_after_logging(self, signum: signal.Signals) -> None:
+        """`routesvc serve` logs JSON lines, and on SIGTERM (or SIGHUP: the session went away)
+        drains and exits 0."""
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
         process = subprocess.Popen(
             [sys.executable, "-m", "routesvc", "serve", "--port", "0"],
@@ -105,10 +107,12 @@ class TestProcess:
             assert process.stdout is not None
             started = json.loads(process.stdout.readline())
             assert started["event"] == "server_started"
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
             assert process.wait(timeout=30) == 0
             events = [json.loads(line)["event"] for line in process.stdout.read().splitlines()]
             assert events[-2:] == ["server_draining", "server_stopped"] or events[-1] == "server_stopped"
+            # Started without any provider key: said at start, once per provider and once overall.
+            assert (events.count("provider_unconfigured"), events.count("no_provider_configured")) == (2, 1)
         finally:
             process.kill()
 

@@ -90,6 +90,34 @@ class TestWorkers:
         await serve_process.until("server_stopped", count=2)
         assert (await serve_process.until("workers_stopped"))["failed"] is False
 
+    async def test_a_hangup_drains_like_sigterm(self, serve_process: _Serve) -> None:
+        """SIGHUP (the session went away) is forwarded as SIGTERM: both workers drain, exit 0."""
+        await serve_process.until("server_started", count=2)
+        serve_process.process.send_signal(signal.SIGHUP)
+        assert await asyncio.wait_for(serve_process.process.wait(), 30) == 0
+        await serve_process.until("server_stopped", count=2)
+
+    async def test_workers_do_not_outlive_a_killed_supervisor(self, serve_process: _Serve) -> None:
+        """SIGKILL to the supervisor (no chance to forward anything): the kernel sends each worker
+        SIGTERM, so none is left serving the port as an orphan."""
+        started = await serve_process.until("workers_started")
+        await serve_process.until("server_started", count=2)
+        serve_process.process.kill()
+        await serve_process.process.wait()
+        pids = [int(pid) for pid in started["pids"]]  # type: ignore[attr-defined]
+        async with asyncio.timeout(20):
+            while [pid for pid in pids if _alive(pid)]:  # noqa: ASYNC110 - other processes' lives have no event
+                await asyncio.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie waiting to be reaped counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
 
 class TestWorkerSettings:
     def test_prometheus_port_is_refused_with_workers(self) -> None:
