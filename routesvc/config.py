@@ -100,6 +100,12 @@ class ServerConfig(_Strict):
         True,
         description="Run the event loop on uvloop where it is installed (not on Windows); false: asyncio's loop.",
     )
+    max_connection_age_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Ask clients to reconnect after this long (GOAWAY; calls in flight finish), so new "
+        "replicas behind a load balancer get traffic; 0: connections live as long as clients keep them.",
+    )
 
 
 class LimitsConfig(_Strict):

@@ -139,14 +139,17 @@ class Server:
             ledger=ledger,
             batches=self.batches if settings.config.batch.enabled else None,
         )
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", settings.config.limits.max_request_bytes + 1024),
-                # Only a worker of ``server.workers`` shares its port; otherwise a second server
-                # on the same port is an error, not a silent split of the traffic.
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ],
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", settings.config.limits.max_request_bytes + 1024),
+            # Only a worker of ``server.workers`` shares its port; otherwise a second server
+            # on the same port is an error, not a silent split of the traffic.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ]
+        max_age = settings.config.server.max_connection_age_seconds
+        if max_age:
+            # GOAWAY after this long; streams in flight finish (grpc's grace is unlimited by default).
+            options.append(("grpc.max_connection_age_ms", int(max_age * 1000)))
+        self._server = grpc.aio.server(options=options)
         self._health = health.aio.HealthServicer()
         self._service = RouterService(self._router, self.telemetry, batches=self.batches)
         self._server.add_registered_method_handlers(SERVICE_NAME, _service_handlers(self._service, self.telemetry))

@@ -17,6 +17,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from routesvc.client import RouterClient
 from routesvc.server import SERVICE_NAME, Server
+from routesvc.v1 import router_pb2 as pb
+from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import REPO, default_config, settings_from, user_chat
 
 
@@ -137,3 +139,24 @@ class TestHeap:
                 assert decision.model == "gpt-4o-mini"
         finally:
             gc.unfreeze()
+
+
+class TestConnectionAge:
+    async def test_clients_are_asked_to_reconnect_after_max_connection_age(self) -> None:
+        """server.max_connection_age_seconds 0.5: the server closes the client's connection with a
+        GOAWAY once it is that old (the channel leaves READY) and the next call reconnects, so
+        long-lived clients spread over new replicas in time."""
+        config = default_config()
+        config["server"] = {"max_connection_age_seconds": 0.5}
+        async with (
+            Server(settings_from(config), port=0) as server,
+            grpc.aio.insecure_channel(server.target) as channel,
+        ):
+            stub = pb_grpc.RouterServiceStub(channel)
+            request = pb.RouteRequest(chat=user_chat("hi"))
+            await stub.Route(request, timeout=5)
+            assert channel.get_state() is grpc.ChannelConnectivity.READY
+            async with asyncio.timeout(10):
+                while channel.get_state() is grpc.ChannelConnectivity.READY:  # noqa: ASYNC110 - no state event here
+                    await asyncio.sleep(0.1)
+            assert (await stub.Route(request, timeout=5)).decision.model == "gpt-4o-mini"
