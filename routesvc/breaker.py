@@ -16,7 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
+
 from routesvc.config import BreakerConfig
+
+log = structlog.get_logger("routesvc.breaker")
 
 
 class BreakerState(enum.Enum):
@@ -78,16 +82,23 @@ class Breakers:
 
     def record_success(self, model: str) -> None:
         """A call to ``model`` succeeded: close its breaker."""
+        previous = self._breakers.get(model)
         self._breakers[model] = _Breaker()
+        if previous is not None and previous.state is not BreakerState.CLOSED:
+            log.info("breaker_closed", model=model)
 
     def record_failure(self, model: str, retry_after: float | None = None) -> None:
         """A call to ``model`` failed; open the breaker at the threshold, or when a probe fails."""
         breaker = self._breakers.setdefault(model, _Breaker())
         breaker.failures += 1
         if breaker.state is BreakerState.HALF_OPEN or breaker.failures >= self._config.failure_threshold:
+            was_open = breaker.state is BreakerState.OPEN
             breaker.state = BreakerState.OPEN
             breaker.probing = False
-            breaker.opened_until = self._clock() + max(self._config.open_seconds, retry_after or 0.0)
+            seconds = max(self._config.open_seconds, retry_after or 0.0)
+            breaker.opened_until = self._clock() + seconds
+            if not was_open:
+                log.warning("breaker_opened", model=model, failures=breaker.failures, open_seconds=seconds)
 
     def release_probe(self, model: str) -> None:
         """A half-open probe ended without a verdict (e.g. the client cancelled): allow another."""

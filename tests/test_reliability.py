@@ -13,6 +13,7 @@ from decimal import Decimal
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
 from routesvc.breaker import Breakers, BreakerState
 from routesvc.client import RouterClient
@@ -268,6 +269,24 @@ class TestDeadlines:
 
 class TestBreakers:
     """RELIABILITY 10 and 11: breakers open on failures, reject fast, half-open and recover."""
+
+    def test_opening_and_closing_are_logged_once_each(self) -> None:
+        """An operator sees a breaker open (model, failures, for how long) and close again, one
+        line each, not one per failure while it is open."""
+        now = [0.0]
+        breakers = Breakers(BreakerConfig(failure_threshold=2, open_seconds=10), clock=lambda: now[0])
+        with capture_logs() as logs:
+            for _ in range(4):
+                breakers.record_failure("m")
+            now[0] = 10.0
+            assert breakers.allow("m")
+            breakers.record_success("m")
+            breakers.record_success("m")
+        assert [(entry["event"], entry["log_level"]) for entry in logs] == [
+            ("breaker_opened", "warning"),
+            ("breaker_closed", "info"),
+        ]
+        assert (logs[0]["model"], logs[0]["failures"], logs[0]["open_seconds"]) == ("m", 2, 10)
 
     def test_a_probe_that_never_reports_holds_the_slot_at_most_open_seconds(self) -> None:
         """One probe at a time while half-open; a probe lost without a verdict (a bug) lets the
