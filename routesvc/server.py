@@ -169,6 +169,7 @@ class Server:
         self._stopped = asyncio.Event()
         self._freeze_heap = freeze_heap
         self._retired: list[Router] = []
+        self._retiring: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
 
     @property
@@ -179,9 +180,9 @@ class Server:
     async def reload(self, settings: Settings) -> None:
         """Serve new calls with ``settings``; calls in flight finish on the old configuration.
 
-        Providers are rebuilt only when their settings changed (the old ones are closed at
-        shutdown, after the calls that may still use them). Listening address, TLS and telemetry
-        settings need a restart.
+        Providers are rebuilt only when their settings changed; the old ones are closed once
+        the calls running at the swap (the only ones that can still use them) have ended.
+        Listening address, TLS and telemetry settings need a restart.
         """
         old = self._router
         same_providers = settings.providers == old.settings.providers
@@ -198,11 +199,23 @@ class Server:
         self._settings = settings
         if not same_providers:
             self._retired.append(old)
+            retiring = asyncio.get_running_loop().create_task(
+                self._retire(old, self._service.calls_in_flight()), name="retire-router"
+            )
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
         if self._freeze_heap:
             # The new router's objects join the frozen ones; cycles the old one leaves are
             # collected once here (a single pause per reload) instead of never.
             gc.unfreeze()
             _freeze_heap()
+
+    async def _retire(self, router: Router, calls: frozenset[asyncio.Task[object]]) -> None:
+        """Close ``router``'s providers once ``calls`` (those that may use it) have ended."""
+        if calls:
+            await asyncio.wait(calls)
+        await router.aclose()
+        self._retired.remove(router)
 
     async def start(self) -> None:
         """Start serving, report SERVING, and watch the config file when there is one."""
@@ -256,6 +269,10 @@ class Server:
         await self.batches.aclose()
         await self._router.aclose()
         await self._router.admission.aclose()
+        for retiring in list(self._retiring):
+            retiring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retiring
         for retired in self._retired:
             await retired.aclose()
         await asyncio.to_thread(self.telemetry.shutdown)

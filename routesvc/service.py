@@ -196,6 +196,11 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._draining = True
         return len(self._tasks)
 
+    def calls_in_flight(self) -> frozenset[asyncio.Task[object]]:
+        """The tasks of the calls running now (a reload waits for these before closing what the
+        router they use holds)."""
+        return frozenset(self._tasks)
+
     def cancel_in_flight(self) -> int:
         """Cancel the calls still running; each ends as ``interrupt_in_flight`` says."""
         for task in self._tasks:

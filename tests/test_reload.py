@@ -3,6 +3,7 @@ an invalid file is rejected, logged, and the old configuration keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,9 +18,12 @@ import grpc
 import pytest
 import yaml
 
+from routesvc.client import RouterClient
+from routesvc.server import Server
+from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import REPO, default_config, process_environ
+from tests.conftest import REPO, default_config, live_environ, process_environ, settings_from, user_chat
 
 
 class ConfigMapDir:
@@ -159,3 +163,28 @@ class TestHotReload:
                 time.sleep(0.15)
             thread.join(timeout=60)
         assert failures == []
+
+
+class TestRetiredProviders:
+    async def test_providers_a_reload_replaces_are_closed_once_their_calls_end(self, fake: FakeProvider) -> None:
+        """A reload that changes a provider builds new adapters; the old ones serve the stream
+        that was running at the swap to its end and are then closed (they were kept until
+        shutdown: ~1.7 MB per such reload)."""
+        config = default_config()
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            old = dict(server.router.providers)
+            fake.enqueue(Script(chunk_count=10, chunk_delay=0.05))
+            stream = client.complete(user_chat("hi"))
+            assert (await anext(stream)).WhichOneof("event") == "decision"
+            changed = dict(live_environ(fake), OPENAI_BASE_URL=fake.openai_base_url.rstrip("/") + "/")
+            await server.reload(settings_from(config, changed))
+            assert server.router.providers["openai"] is not old["openai"]
+            rest = [message.WhichOneof("event") async for message in stream]
+            assert (rest.count("delta"), rest[-1]) == (10, "completion")
+            async with asyncio.timeout(5):
+                while not all(provider.closed for provider in old.values()):  # noqa: ASYNC110 - no close event
+                    await asyncio.sleep(0.02)
+            assert not any(provider.closed for provider in server.router.providers.values())

@@ -183,6 +183,11 @@ class AnthropicProvider:
         """Close the SDK's HTTP connection pool."""
         await self._client.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``aclose`` has closed the connection pool."""
+        return self._client.is_closed()
+
     async def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]:
         """Stream the answer: ``TextDelta``s, then one ``ProviderFinish``; errors are ``ProviderError``s."""
         deadline = None if call.timeout is None else asyncio.get_running_loop().time() + call.timeout

@@ -151,6 +151,11 @@ class OpenAIProvider:
         """Close the SDK's HTTP connection pool."""
         await self._client.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``aclose`` has closed the connection pool."""
+        return self._client.is_closed()
+
     def _body(self, call: ProviderCall) -> dict[str, object]:
         """The chat completions request, as ``chat.completions.create`` would send it."""
         body: dict[str, object] = {
