@@ -436,8 +436,12 @@ class Router:
                     cost_usd=attempt.cost - outcome.cost_before,
                     usage=outcome.completion.usage if outcome.completion is not None else Usage(),
                 )
-            async for event in self._serve(attempt, replace(decision, model=steps[-1]), request, deadline, headers):
-                yield self._final(attempt, event) if isinstance(event, Completion) else event
+            # aclosing: when the caller goes away mid-stream, the attempt is closed (and its cost
+            # recorded) here, before the reservation below settles with ``attempt.cost``.
+            serving = self._serve(attempt, replace(decision, model=steps[-1]), request, deadline, headers)
+            async with contextlib.aclosing(serving):
+                async for event in serving:
+                    yield self._final(attempt, event) if isinstance(event, Completion) else event
         finally:
             await reservation.settle(attempt.tokens, attempt.cost)
 

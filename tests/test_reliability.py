@@ -25,6 +25,7 @@ from routesvc.providers._http import parse_retry_after
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
+from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import default_config, live_environ, settings_from, user_chat
 from tests.test_validation import error_info
 
@@ -425,6 +426,34 @@ class TestLedger:
             total = sum((e.cost_usd for e in server.router.ledger.entries(decision_id)), Decimal(0))
             assert Decimal(messages[-1].completion.cost_usd) == total
         assert len(server.router.ledger.entries()) == 4
+
+    async def test_a_cancelled_streams_cost_counts_against_the_tenants_budget(self, fake: FakeProvider) -> None:
+        """RELIABILITY 12: a tenant that cancels mid-answer is charged what the ledger charged
+        (the estimate of what it received): the reservation settles after the attempt is
+        recorded, not before with a cost of 0, which let a cancelling tenant spend for ever."""
+        config = reliable_config()
+        config["tenants"] = {"acme": {"daily_budget_usd": "5"}}
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            grpc.aio.insecure_channel(server.target) as channel,
+        ):
+            # Chunks as fast as they come: the cancel lands while the handler is writing (the
+            # stream is closed from outside), not while it waits for the provider.
+            fake.enqueue(Script(chunk_count=2000))
+            stub = pb_grpc.RouterServiceStub(channel)
+            call = stub.Complete(pb.CompleteRequest(chat=user_chat("hello"), context=pb.RoutingContext(tenant="acme")))
+            seen = 0
+            async for message in call:
+                seen += message.WhichOneof("event") == "delta"
+                if seen == 1500:
+                    call.cancel()  # a raw stub: the client wrapper would read to the end instead
+                    break
+            async with asyncio.timeout(5):
+                while server.router.admission.in_flight("acme"):  # noqa: ASYNC110 - settles off the caller's task
+                    await asyncio.sleep(0.02)
+            charged = server.router.ledger.total_cost("acme")
+            assert charged > 0
+            assert await server.router.admission.spent("acme") == charged
 
     async def test_a_cancelled_stream_is_recorded_once_as_estimated(
         self, reliable: tuple[Server, RouterClient], fake: FakeProvider
