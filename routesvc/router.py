@@ -509,7 +509,10 @@ class Router:
         """A judge's call is charged to the request like any attempt."""
         model = self._catalog.get(call.model)
         state.number += 1
-        outcome = AttemptOutcome.INTERRUPTED if call.estimated else AttemptOutcome.COMPLETED
+        if call.refused:
+            outcome = AttemptOutcome.FAILED
+        else:
+            outcome = AttemptOutcome.INTERRUPTED if call.estimated else AttemptOutcome.COMPLETED
         cost = cost_of_usage(model, call.usage, state.decision.mode)
         self._record(state, model, state.number, outcome, call.usage, cost, estimated=call.estimated)
         state.summaries[-1] = replace(state.summaries[-1], result=AttemptResult.JUDGE)

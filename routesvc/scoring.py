@@ -52,12 +52,14 @@ class ScoringInput:
 class ScoringCall:
     """An upstream call a scorer made (the judge's), to be charged to the request.
 
-    ``estimated`` is True when the call did not finish and its usage is estimated.
+    ``estimated`` is True when the call did not finish and its usage is estimated; ``refused``
+    when the provider refused it before any output (an error status: nothing to bill).
     """
 
     model: str
     usage: Usage
     estimated: bool = False
+    refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +305,7 @@ class LLMJudge:
                     input_tokens=0 if refused else sum(count_text_tokens(m.content) for m in messages),
                     output_tokens=count_text_tokens("".join(texts)),
                 )
-                used = ScoringCall(self._model.id, estimate, estimated=not refused)
+                used = ScoringCall(self._model.id, estimate, estimated=not refused, refused=refused)
             if scoring_input.charge is not None:
                 scoring_input.charge(used)
         if failure:

@@ -316,6 +316,22 @@ class TestEscalationChain:
         assert len(fake.requests) == 1
 
 
+class TestJudgeLedger:
+    async def test_a_judge_call_the_provider_refuses_is_a_failed_attempt(
+        self, live_server: Server, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap answer comes, the judge's call gets a 503: the ledger records the judge's
+        attempt FAILED at zero cost, not estimated (it was COMPLETED, as if the judge answered)."""
+        fake.enqueue(Script(text="A fine and complete answer."), Script(status=503))
+        messages = await _cascade(live_client, "say hello")
+        entries = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert [(e.model, e.outcome) for e in entries[:2]] == [
+            ("gpt-4o-mini", AttemptOutcome.COMPLETED),
+            ("gpt-4o-mini", AttemptOutcome.FAILED),
+        ]
+        assert (entries[1].cost_usd, entries[1].estimated) == (Decimal(0), False)
+
+
 class TestCascadeVisibility:
     """The plan is in Route's decision; escalations and releases reach GetStats."""
 
