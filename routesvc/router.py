@@ -167,6 +167,11 @@ class Router:
             await provider.aclose()
         self._policy.close()
 
+    def close_policy(self) -> None:
+        """Close what this router's policy holds (the feedback stores), not the providers: for a
+        router a reload replaced while keeping its providers for the new one."""
+        self._policy.close()
+
     def _eligibility(self, request: RoutingRequest, input_tokens: int, output_tokens: int) -> dict[str, str]:
         skip_unconfigured = self._routing.on_unconfigured_provider == "fallthrough"
         tenant = self._settings.config.tenants.get(request.context.tenant)

@@ -197,24 +197,29 @@ class Server:
         self._service.swap_router(router)
         self._router = router
         self._settings = settings
-        if not same_providers:
-            self._retired.append(old)
-            retiring = asyncio.get_running_loop().create_task(
-                self._retire(old, self._service.calls_in_flight()), name="retire-router"
-            )
-            self._retiring.add(retiring)
-            retiring.add_done_callback(self._retiring.discard)
+        # The old router is closed once the calls running at the swap have ended: its providers
+        # when the new router has its own, else only its policy's feedback stores.
+        self._retired.append(old)
+        retiring = asyncio.get_running_loop().create_task(
+            self._retire(old, self._service.calls_in_flight(), providers_too=not same_providers),
+            name="retire-router",
+        )
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
         if self._freeze_heap:
             # The new router's objects join the frozen ones; cycles the old one leaves are
             # collected once here (a single pause per reload) instead of never.
             gc.unfreeze()
             _freeze_heap()
 
-    async def _retire(self, router: Router, calls: frozenset[asyncio.Task[object]]) -> None:
-        """Close ``router``'s providers once ``calls`` (those that may use it) have ended."""
+    async def _retire(self, router: Router, calls: frozenset[asyncio.Task[object]], *, providers_too: bool) -> None:
+        """Close ``router`` (its providers too, or only its policy) once ``calls`` have ended."""
         if calls:
             await asyncio.wait(calls)
-        await router.aclose()
+        if providers_too:
+            await router.aclose()
+        else:
+            router.close_policy()
         self._retired.remove(router)
 
     async def start(self) -> None:
@@ -274,7 +279,12 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await retiring
         for retired in self._retired:
-            await retired.aclose()
+            # A router whose providers the current one kept closes only its policy here: the
+            # providers are closed with the current router above.
+            if _shares_providers(retired, self._router):
+                retired.close_policy()
+            else:
+                await retired.aclose()
         await asyncio.to_thread(self.telemetry.shutdown)
         log.info("server_stopped", target=self.target)
 
@@ -297,6 +307,13 @@ class Server:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _shares_providers(first: Router, second: Router) -> bool:
+    """Whether two routers hold the same provider adapters (a reload that kept the providers)."""
+    return {id(provider) for provider in first.providers.values()} == {
+        id(provider) for provider in second.providers.values()
+    }
 
 
 async def serve(settings: Settings, port: int | None = None, *, reuse_port: bool = False) -> None:

@@ -4,6 +4,9 @@ an invalid file is rejected, logged, and the old configuration keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+import gc
 import json
 import os
 import signal
@@ -24,6 +27,7 @@ from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import REPO, default_config, live_environ, process_environ, settings_from, user_chat
+from tests.test_feedback_rpc import embedding_config
 
 
 class ConfigMapDir:
@@ -188,3 +192,32 @@ class TestRetiredProviders:
                 while not all(provider.closed for provider in old.values()):  # noqa: ASYNC110 - no close event
                     await asyncio.sleep(0.02)
             assert not any(provider.closed for provider in server.router.providers.values())
+
+    async def test_a_reload_that_keeps_the_providers_closes_the_old_feedback_store(self, tmp_path: Path) -> None:
+        """Reloads of an embedding stage with a feedback_db, providers unchanged: the old
+        routers' SQLite connections are closed once nothing runs on them, so the descriptors
+        open on the store do not grow with the number of reloads (each reload left two more)."""
+        config = embedding_config(tmp_path)
+
+        def open_on_the_store() -> int:
+            count = 0
+            for fd in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor
+                    count += "feedback.db" in os.readlink(f"/proc/self/fd/{fd}")
+            return count
+
+        async def reloads(server: Server, count: int) -> int:
+            for index in range(count):
+                changed = copy.deepcopy(config)
+                changed["routing"]["stages"][0]["threshold"] = 0.9 - index * 0.01  # type: ignore[index]
+                await server.reload(settings_from(changed))
+                await asyncio.sleep(0)  # the old router is retired from a task of its own
+            async with asyncio.timeout(5):
+                while server._retired:  # noqa: ASYNC110 - no event for a retired router
+                    await asyncio.sleep(0.01)
+            gc.collect()  # what is not closed but merely unreachable goes too
+            return open_on_the_store()
+
+        async with Server(settings_from(config), port=0) as server:
+            after_two = await reloads(server, 2)
+            assert await reloads(server, 8) == after_two
