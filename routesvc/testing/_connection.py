@@ -139,6 +139,13 @@ class Connection:
         except (ConnectionError, OSError) as exc:
             self._mark_gone()
             raise ClientGone from exc
+        except RuntimeError as exc:
+            # uvloop's transport refuses a write once it is closed with a RuntimeError ("unable to
+            # perform operation on <TCPTransport closed=True ...>"): the client has left.
+            if not self._writer.is_closing():
+                raise
+            self._mark_gone()
+            raise ClientGone from exc
 
     async def send_chunk(self, data: bytes) -> None:
         """Write one chunk of a chunked body."""
