@@ -399,26 +399,26 @@ class TestCascadeCancellation:
         assert entries[1].usage.input_tokens > 0
 
 
+def _three_step_cascade(mini: float, gpt4o: float) -> dict[str, object]:
+    """The default config with ``apply: always`` and the chain mini -> gpt-4o -> claude-sonnet
+    (release thresholds ``mini`` and ``gpt4o``), scored by the local scorer only."""
+    config = default_config()
+    steps = [
+        {"model": "gpt-4o-mini", "threshold": mini},
+        {"model": "gpt-4o", "threshold": gpt4o},
+        {"model": "claude-sonnet"},
+    ]
+    config["cascade"] = {"apply": "always", "scorers": ["local"], "chains": [{"steps": steps}]}
+    return config
+
+
 class TestCascadeConfig:
     """apply: always cascades every request whose decision starts a chain; a three-step chain escalates twice."""
 
     async def test_a_skipped_middle_step_takes_its_threshold_with_it(self, fake: FakeProvider) -> None:
         """mini (0.2) -> gpt-4o (0.95) -> claude-sonnet for a tenant that may not use gpt-4o: mini's
         answer is released at mini's own 0.2, not at the skipped step's 0.95."""
-        config = default_config()
-        config["cascade"] = {
-            "apply": "always",
-            "scorers": ["local"],
-            "chains": [
-                {
-                    "steps": [
-                        {"model": "gpt-4o-mini", "threshold": 0.2},
-                        {"model": "gpt-4o", "threshold": 0.95},
-                        {"model": "claude-sonnet"},
-                    ]
-                }
-            ],
-        }
+        config = _three_step_cascade(0.2, 0.95)
         config["tenants"] = {"acme": {"allowed_models": ["gpt-4o-mini", "claude-sonnet"]}}
         async with Server(settings_from(config, live_environ(fake)), port=0) as server:
             request = RoutingRequest(ChatRequest((Message(Role.USER, "hi"),)), RoutingContext(tenant="acme"))
@@ -428,20 +428,7 @@ class TestCascadeConfig:
 
     async def test_a_three_step_chain_escalates_step_by_step(self, fake: FakeProvider) -> None:
         """mini -> gpt-4o -> claude-sonnet, local scorer only: two refusals, two escalations."""
-        config = default_config()
-        config["cascade"] = {
-            "apply": "always",
-            "scorers": ["local"],
-            "chains": [
-                {
-                    "steps": [
-                        {"model": "gpt-4o-mini", "threshold": 0.8},
-                        {"model": "gpt-4o", "threshold": 0.8},
-                        {"model": "claude-sonnet"},
-                    ]
-                }
-            ],
-        }
+        config = _three_step_cascade(0.8, 0.8)
         refusal = Script(text="I cannot help with that.")
         fake.enqueue(refusal, model="gpt-4o-mini")
         fake.enqueue(refusal, model="gpt-4o")
