@@ -89,6 +89,9 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
 }
 
 
+_SERVER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
+
+
 def _chunks_sent(record: _CallRecord) -> int:
     """How many content chunks the call had sent (Complete counts them in its record)."""
     return int(str(record.fields.get("chunks", 0)))
@@ -299,7 +302,10 @@ class RouterService(pb_grpc.RouterServiceServicer):
                     self._tasks.discard(task)
                     self._interrupted.discard(task)
             duration_ms = round((time.monotonic() - started) * 1000, 3)
-            log.info(
+            # Failures on our side or the provider's at warning, so they can be alerted on;
+            # the caller's own doing (invalid, cancelled, over a limit) stays at info.
+            emit = log.warning if code in _SERVER_FAILURES else log.info
+            emit(
                 "rpc_finished",
                 method=method,
                 code=code.name,

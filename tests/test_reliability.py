@@ -150,6 +150,20 @@ class TestRetriesBeforeCommit:
         assert (error.code(), len(fake.requests)) == (grpc.StatusCode.FAILED_PRECONDITION, 1)
 
     @pytest.mark.parametrize("reliable", [{"max_attempts": 2}], indirect=True)
+    async def test_a_call_the_providers_failed_is_logged_at_warning(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """The one rpc_finished line of a call that ended UNAVAILABLE is a warning (something to
+        alert on); a call the caller got wrong (a 400 from the provider) stays at info."""
+        _, client = reliable
+        fake.enqueue(Script(status=503), Script(status=503), Script(status=400))
+        with capture_logs() as logs:
+            await failure(client)
+            await failure(client)
+        finished = [(entry["code"], entry["log_level"]) for entry in logs if entry["event"] == "rpc_finished"]
+        assert finished == [("UNAVAILABLE", "warning"), ("FAILED_PRECONDITION", "info")]
+
+    @pytest.mark.parametrize("reliable", [{"max_attempts": 2}], indirect=True)
     async def test_attempts_are_capped(self, reliable: tuple[Server, RouterClient], fake: FakeProvider) -> None:
         """With max_attempts 2, a provider that keeps failing is called twice, then UNAVAILABLE."""
         _, client = reliable
