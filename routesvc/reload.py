@@ -32,11 +32,20 @@ class ConfigWatcher:
     """Calls ``apply`` with the new settings each time the file at ``path`` changes validly."""
 
     def __init__(
-        self, path: Path, interval: float, apply: Callable[[Settings], Awaitable[None]], *, current: str | None = None
+        self,
+        path: Path,
+        interval: float,
+        apply: Callable[[Settings], Awaitable[None]],
+        *,
+        current: str | None = None,
+        outcome: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self._path = path
         self._interval = interval
         self._apply = apply
+        # Told "applied" or "rejected" for every change seen (the server counts them in a metric,
+        # so that a rejected file, which only the next restart would trip over, can be alerted on).
+        self._outcome = outcome
         self._seen = current if current is not None else _fingerprint(path)
 
     async def run(self) -> None:
@@ -58,10 +67,13 @@ class ConfigWatcher:
             await self._apply(settings)
         except RouteSvcError as error:
             log.error("config_reload_rejected", path=str(self._path), error=error.message)
+            self._outcome("rejected")
             return False
         except Exception:
             # Our bug: the old configuration keeps serving and the watcher keeps watching.
             log.exception("config_reload_failed", path=str(self._path))
+            self._outcome("rejected")
             return False
         log.info("config_reloaded", path=str(self._path), models=len(settings.catalog))
+        self._outcome("applied")
         return True

@@ -232,7 +232,10 @@ class Server:
         interval = self._settings.config.server.reload_interval_seconds
         # Settings read from a file name it as their source; embedded or in-memory ones "<...>".
         if interval > 0 and not self._settings.source.startswith("<"):
-            watcher = ConfigWatcher(Path(self._settings.source), interval, self.reload)
+            reloads = self.telemetry.instruments.config_reloads
+            watcher = ConfigWatcher(
+                Path(self._settings.source), interval, self.reload, outcome=lambda o: reloads.add(1, {"outcome": o})
+            )
             self._watcher = asyncio.get_running_loop().create_task(watcher.run(), name="config-watcher")
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]  # "uvloop" or "asyncio"
         log.info("server_started", target=self.target, service=SERVICE_NAME, event_loop=loop)

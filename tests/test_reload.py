@@ -22,6 +22,9 @@ import pytest
 import yaml
 
 from routesvc.client import RouterClient
+from routesvc.config import Settings
+from routesvc.errors import ConfigError
+from routesvc.reload import ConfigWatcher
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
@@ -221,3 +224,25 @@ class TestRetiredProviders:
         async with Server(settings_from(config), port=0) as server:
             after_two = await reloads(server, 2)
             assert await reloads(server, 8) == after_two
+
+
+class TestReloadOutcomes:
+    async def test_every_change_is_counted_applied_or_rejected(self, tmp_path: Path) -> None:
+        """The watcher reports each change it sees: a valid file "applied", invalid YAML and a
+        file that fails to build "rejected" (the server counts them in routesvc.config.reloads,
+        so a rejected file, which only the next restart would trip over, can be alerted on)."""
+        configmap = ConfigMapDir(tmp_path)
+        configmap.publish(config_text("gpt-4o-mini"))
+        applied: list[str] = []
+        outcomes: list[str] = []
+
+        async def apply(settings: Settings) -> None:
+            if settings.config.routing.default_model == "claude-sonnet":
+                raise ConfigError("routing.stages[0].examples: cannot read it")
+            applied.append(settings.config.routing.default_model)
+
+        watcher = ConfigWatcher(configmap.path, 0.05, apply, outcome=outcomes.append)
+        for text in (config_text("gpt-4o"), "routing: {default_model: [broken", config_text("claude-sonnet")):
+            configmap.publish(text)
+            await watcher.check()
+        assert (applied, outcomes) == (["gpt-4o"], ["applied", "rejected", "rejected"])

@@ -67,6 +67,11 @@ class _Instruments:
         self.fallbacks = meter.create_counter(
             "routesvc.fallbacks", unit="{fallback}", description="Fallbacks to another model after a failure"
         )
+        self.config_reloads = meter.create_counter(
+            "routesvc.config.reloads",
+            unit="{reload}",
+            description="Changes of the configuration file seen by the watcher, by outcome (applied, rejected)",
+        )
         self.cost = meter.create_counter("routesvc.cost", unit="USD", description="Cost of upstream attempts")
         self.baseline_cost = meter.create_counter(
             "routesvc.baseline_cost", unit="USD", description="What the same requests would cost on the baseline model"
