@@ -199,7 +199,12 @@ class TestRetiredProviders:
     async def test_a_reload_that_keeps_the_providers_closes_the_old_feedback_store(self, tmp_path: Path) -> None:
         """Reloads of an embedding stage with a feedback_db, providers unchanged: the old
         routers' SQLite connections are closed once nothing runs on them, so the descriptors
-        open on the store do not grow with the number of reloads (each reload left two more)."""
+        open on the store do not grow with the number of reloads (each reload left two more).
+
+        (Not "back to the count before": SQLite on Unix keeps a closed connection's descriptors
+        while another connection of the process has the same file open, so as not to drop its
+        POSIX locks, and reuses them for the next open of that file; so the first reload leaves
+        two, and no later one adds any.)"""
         config = embedding_config(tmp_path)
 
         def open_on_the_store() -> int:
