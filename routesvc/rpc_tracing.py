@@ -57,7 +57,8 @@ def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def _gone(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def ended_by_caller(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """How a call its caller left ended: DEADLINE_EXCEEDED once its deadline passed, else CANCELLED."""
     return grpc.StatusCode.DEADLINE_EXCEEDED if _past_deadline(context) else grpc.StatusCode.CANCELLED
 
 
@@ -94,7 +95,7 @@ def traced_stream(
                         if not await _written(context, response):
                             # The client is gone or its deadline passed: leaving the block closes
                             # the handler, which logs how the call ended; grpc has its status.
-                            code = _gone(context)
+                            code = ended_by_caller(context)
                             rpc.finish(code.name, code.value[0])
                             return
             except BaseException as error:

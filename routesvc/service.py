@@ -50,6 +50,7 @@ from routesvc.errors import (
 from routesvc.feedback import UnknownDecision
 from routesvc.models import BatchJob, Completion, Escalation, RouteDecision, RoutingRequest
 from routesvc.router import Router
+from routesvc.rpc_tracing import ended_by_caller
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -98,12 +99,6 @@ _SERVER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTER
 def _chunks_sent(record: _CallRecord) -> int:
     """How many content chunks the call had sent (Complete counts them in its record)."""
     return int(str(record.fields.get("chunks", 0)))
-
-
-def _ended_by_client(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """DEADLINE_EXCEEDED when the call's deadline has passed, else CANCELLED."""
-    remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
 
 def status_code_of(error: RouteSvcError) -> grpc.StatusCode:
@@ -293,7 +288,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
         except GeneratorExit:
             # A streaming call whose write failed: the client is gone or its deadline passed, and
             # the span wrapper closed this handler. Nothing more can be sent; log how it ended.
-            code = _ended_by_client(context)
+            code = ended_by_caller(context)
             raise
         except Exception:
             # Our bug: log the traceback (locals are not rendered), answer INTERNAL, never UNKNOWN.
