@@ -168,7 +168,9 @@ class Server:
         self.target = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{self.port}"
         self._stopped = asyncio.Event()
         self._freeze_heap = freeze_heap
-        self._retired: list[Router] = []
+        # Routers a reload replaced, not yet closed: True when their providers are theirs to close,
+        # False when the router after them kept the providers (then only their policy is theirs).
+        self._retired: dict[Router, bool] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
 
@@ -199,9 +201,9 @@ class Server:
         self._settings = settings
         # The old router is closed once the calls running at the swap have ended: its providers
         # when the new router has its own, else only its policy's feedback stores.
-        self._retired.append(old)
+        self._retired[old] = not same_providers
         retiring = asyncio.get_running_loop().create_task(
-            self._retire(old, self._service.calls_in_flight(), providers_too=not same_providers),
+            self._retire(old, self._service.calls_in_flight()),
             name="retire-router",
         )
         self._retiring.add(retiring)
@@ -212,15 +214,19 @@ class Server:
             gc.unfreeze()
             _freeze_heap()
 
-    async def _retire(self, router: Router, calls: frozenset[asyncio.Task[object]], *, providers_too: bool) -> None:
-        """Close ``router`` (its providers too, or only its policy) once ``calls`` have ended."""
+    async def _retire(self, router: Router, calls: frozenset[asyncio.Task[object]]) -> None:
+        """Close ``router`` once ``calls`` (those that may still use it) have ended."""
         if calls:
             await asyncio.wait(calls)
-        if providers_too:
+        await self._close_retired(router)
+
+    async def _close_retired(self, router: Router) -> None:
+        """Close a replaced router: its providers too when they are its own, else only its policy."""
+        if self._retired[router]:
             await router.aclose()
         else:
             router.close_policy()
-        self._retired.remove(router)
+        del self._retired[router]
 
     async def start(self) -> None:
         """Start serving, report SERVING, and watch the config file when there is one."""
@@ -281,13 +287,8 @@ class Server:
             retiring.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await retiring
-        for retired in self._retired:
-            # A router whose providers the current one kept closes only its policy here: the
-            # providers are closed with the current router above.
-            if _shares_providers(retired, self._router):
-                retired.close_policy()
-            else:
-                await retired.aclose()
+        for retired in list(self._retired):
+            await self._close_retired(retired)
         await asyncio.to_thread(self.telemetry.shutdown)
         log.info("server_stopped", target=self.target)
 
@@ -310,13 +311,6 @@ class Server:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-def _shares_providers(first: Router, second: Router) -> bool:
-    """Whether two routers hold the same provider adapters (a reload that kept the providers)."""
-    return {id(provider) for provider in first.providers.values()} == {
-        id(provider) for provider in second.providers.values()
-    }
 
 
 async def serve(settings: Settings, port: int | None = None, *, reuse_port: bool = False) -> None:
