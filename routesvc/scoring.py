@@ -208,16 +208,14 @@ def parse_judge_score(text: str) -> float | None:
     start = text.find("{")
     while start != -1:
         try:
-            data, _ = _DECODER.raw_decode(text, start)
+            data, _ = _DECODER.raw_decode(text, start)  # from a "{": a JSON object, a dict
         except ValueError:
             start = text.find("{", start + 1)
             continue
-        if isinstance(data, dict):
-            score = data.get("score")
-            if isinstance(score, int | float) and not isinstance(score, bool) and math.isfinite(score):
-                return float(score) if 0.0 <= score <= 1.0 else None
-            return None
-        start = text.find("{", start + 1)
+        score = data.get("score")
+        if isinstance(score, int | float) and not isinstance(score, bool) and math.isfinite(score):
+            return float(score) if 0.0 <= score <= 1.0 else None
+        return None
     return None
 
 

@@ -74,8 +74,12 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
 
 
 def _seconds(value: str | None, *, scale: float = 1.0) -> float | None:
+    """``value`` (a number of seconds times ``scale``) as seconds in [0, one day]; None if absent,
+    not a number, or NaN."""
+    if value is None:
+        return None
     try:
-        number = float(value) / scale if value is not None else math.nan
+        number = float(value) / scale
     except ValueError:
         return None
     if math.isnan(number):
