@@ -5,7 +5,8 @@ shipped local task classifier; the router is fitted, as ``routesvc fit`` would, 
 file (the chat file held out), and scores the file. For each label the table gives the pair's true
 mean gap next to the router's two parts (the within-task model and the neighbour prior), then the
 APGR of ranking the prompts by label alone (labels ordered by ``--order``, ties broken at random),
-of the router, and of its parts. It answers whether the router ranks *kinds* of chat request the
+of the router, and of its parts (the kind prior adds a fixed amount to code and multi-step reasoning
+prompts, by the same classifier's labels). It answers whether the router ranks *kinds* of chat request the
 way the outcomes do, which is what a mixed-category chat set (e.g. MT-Bench-style) rewards.
 
     .venv/bin/python -m bench.chat_categories --data ../shared/data/routing [--json OUT]
@@ -21,11 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from routesvc.config import limit_native_threads
-from routesvc.encoders import DEFAULT_ROUTER_ENCODER, WordLlamaEncoder, load_encoder
+from routesvc.encoders import DEFAULT_ROUTER_ENCODER, load_encoder
 from routesvc.evaluation import evaluate_scores
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.outcomes import read_outcomes
-from routesvc.strategies.classifier import TaskClassifier, read_examples
 
 
 def main() -> int:
@@ -50,8 +50,8 @@ def main() -> int:
     embeddings = encoder.encode(texts)
     within = router.within.predict(router.features(texts, embeddings))[:, 0]
     prior = router.prior(embeddings)
-    classifier = TaskClassifier(WordLlamaEncoder(), read_examples(None))
-    labels = [p.task for p in classifier.predict_many(texts)]
+    labels = router.label(texts)
+    kind = router.kind_prior(texts, labels)
     strong = np.array([records[i].outcomes[args.strong] for i in held])
     weak = np.array([records[i].outcomes[args.weak] for i in held])
     by_label: dict[str, list[int]] = defaultdict(list)
@@ -63,6 +63,7 @@ def main() -> int:
             "gap": float((strong[rows] - weak[rows]).mean()),
             "within": float(within[rows].mean()),
             "prior": float(prior[rows].mean()),
+            "kind": float(kind[rows].mean()),
         }
         for label, rows in sorted(by_label.items(), key=lambda kv: -len(kv[1]))
     }
@@ -72,17 +73,19 @@ def main() -> int:
     by_label_only = [evaluate_scores(rank + 1e-3 * rng.random(len(rank)), strong, weak).apgr for _ in range(20)]
     apgr = {
         "labels alone": float(np.mean(by_label_only)),
-        "router": evaluate_scores(within + prior, strong, weak).apgr,
+        "router": evaluate_scores(within + prior + kind, strong, weak).apgr,
+        "router without the kind prior": evaluate_scores(within + prior, strong, weak).apgr,
         "within only": evaluate_scores(within, strong, weak).apgr,
         "prior only": evaluate_scores(prior, strong, weak).apgr,
         "oracle": evaluate_scores(strong - weak, strong, weak).apgr,
     }
     print(f"{args.file} held out ({len(held)} prompts), fitted without {[args.file, *args.without]}")
-    print(f"{'label':24s}{'prompts':>8s}{'true gap':>10s}{'within':>9s}{'prior':>8s}")
+    print(f"{'label':24s}{'prompts':>8s}{'true gap':>10s}{'within':>9s}{'prior':>8s}{'kind':>8s}")
     for label, row in table.items():
-        print(f"{label:24s}{row['prompts']:8d}{row['gap']:10.3f}{row['within']:9.3f}{row['prior']:8.3f}")
+        cells = f"{row['gap']:10.3f}{row['within']:9.3f}{row['prior']:8.3f}{row['kind']:8.3f}"
+        print(f"{label:24s}{row['prompts']:8d}{cells}")
     for name, value in apgr.items():
-        print(f"APGR {name:14s}{value:.3f}")
+        print(f"APGR {name:30s}{value:.3f}")
     if args.json:
         summary = {"file": args.file, "without": args.without, "labels": table, "apgr": apgr}
         args.json.write_text(json.dumps(summary, indent=1))

@@ -58,6 +58,9 @@ def variants() -> dict[str, FitSettings]:
         "lexical + prior": FitSettings(use_embedding=False),
         "embedding + prior": FitSettings(use_lexical=False),
         "pair files only": FitSettings(proxy_weight=0.0),
+        "no kind prior": FitSettings(kind_weight=0.0),
+        "kind prior x0.5": FitSettings(kind_weight=0.5),
+        "kind prior x2": FitSettings(kind_weight=2.0),
     }
 
 
@@ -181,6 +184,22 @@ def main() -> int:
         curves[key] = routing_curve(score, strong, weak)
     curves["oracle"] = routing_curve(strong - weak, strong, weak)
     summary["routerbench pooled"] = pooled
+    # Every other file of several tasks as one mixed file too (its own evaluation pair): what a
+    # held-out file mixing subjects or kinds of request rewards, beside the per-task means above.
+    for source, source_rows in sorted(by_source.items()):
+        source_tasks = {tasks[i] for i in source_rows}
+        if source == "routerbench_train" or len(source_tasks) < 2:
+            continue
+        s, w = file_pairs[source]
+        ordered = [i for t in sorted(source_tasks) for i in by_task[t]]
+        keep = [k for k, i in enumerate(ordered) if s in records[i].outcomes and w in records[i].outcomes]
+        strong = np.array([records[ordered[k]].outcomes[s] for k in keep])
+        weak = np.array([records[ordered[k]].outcomes[w] for k in keep])
+        row = {"oracle": evaluate_scores(strong - weak, strong, weak).apgr, "random": 0.5}
+        for key, per_task in held_scores.items():
+            score = np.concatenate([per_task[t] for t in sorted(source_tasks)])[keep]
+            row[key] = evaluate_scores(score, strong, weak).apgr
+        summary[f"{source} pooled"] = row
     width = max(len(m) for m in methods) + 2
     print(f"{'group':22s}" + "".join(f"{m[:width]:>{width}s}" for m in methods))
     for group, row in summary.items():

@@ -15,8 +15,16 @@ least one file with the pair (``check_pair``).
   task's mean (so it cannot lean on which task a prompt comes from, which does not transfer);
 - a *between-task prior*: the mean task-level label of the ``k`` nearest training prompts.
 
-``score = within + prior_weight * prior``, then mapped through the training scores' quantiles
-to [0, 1] (a score of 0.7 means "harder than 70% of the training prompts").
+**Kind prior.** Prompts the shipped task classifier labels as one of ``strong_kinds`` (code
+generation, multi-step reasoning: the kinds the default rule policy sends to its strong model)
+get ``kind_weight`` standard deviations of the training scores added. It is a prior, not learned
+from the outcomes: between data sets the kinds' gaps disagree (AlpacaEval's judge preference puts
+code *lowest*), so no fit on them can recover it; on the mixed-kind files that hold kinds out
+(arena chat, LLMRouter's tasks pooled) it ranks kinds the way their outcomes do (see
+docs/routing-quality.md).
+
+``score = within + prior_weight * prior + kind``, then mapped through the training scores'
+quantiles to [0, 1] (a score of 0.7 means "harder than 70% of the training prompts").
 
 **Artifact** (``--out DIR``): ``router.json`` (pair, encoder, weights, quantiles, how each file
 was used) and ``library.npz`` (training embeddings as float16 and their task-level labels). No
@@ -35,15 +43,20 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from routesvc.encoders import Encoder, Vectors, load_encoder
+from routesvc.encoders import Encoder, EncoderError, Vectors, load_encoder
 from routesvc.errors import RouteSvcError
 from routesvc.features import FEATURE_NAMES, bounded, lexical_matrix
 from routesvc.outcomes import OutcomeRecord
 from routesvc.ridge import RidgeModel
+from routesvc.strategies.classifier import shipped_classifier
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 FloatArray = npt.NDArray[np.float64]
 Progress = Callable[[Iterable[int], int, str], Iterable[int]]
+# The task kind of each text (already ``bounded``): the shipped task classifier unless given.
+Labeller = Callable[[Sequence[str]], list[str]]
+STRONG_KINDS = ("code_generation", "multi_step_reasoning")
+_SPREAD_SAMPLE = 2000
 
 
 class FitError(RouteSvcError):
@@ -79,6 +92,8 @@ class FitSettings:
     calibrate_proxy: bool = False
     use_embedding: bool = True
     use_lexical: bool = True
+    kind_weight: float = 1.0
+    strong_kinds: tuple[str, ...] = STRONG_KINDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +267,8 @@ class FittedRouter:
     library_prior: FloatArray
     quantiles: FloatArray
     usage: list[FileUsage] = field(default_factory=list)
+    kind_offset: float = 0.0  # added for a strong kind: kind_weight x the training scores' spread
+    labeller: Labeller | None = None  # None: the shipped task classifier, built when first needed
 
     def features(self, texts: Sequence[str], embeddings: Vectors | None = None) -> FloatArray:
         """The within-task model's input rows."""
@@ -262,11 +279,27 @@ class FittedRouter:
             parts.append(lexical_matrix(texts))
         return np.hstack(parts).astype(np.float64) if parts else np.zeros((len(texts), 1))
 
-    def raw(self, texts: Sequence[str], embeddings: Vectors) -> FloatArray:
+    def raw(self, texts: Sequence[str], embeddings: Vectors, kinds: Sequence[str] | None = None) -> FloatArray:
         """Uncalibrated scores of ``texts`` (already ``bounded``) with their ``embeddings``: the
-        within-task prediction plus the weighted neighbour prior."""
+        within-task prediction plus the weighted neighbour prior plus the kind prior. ``kinds``
+        (one task label per text) skips labelling them."""
         within = self.within.predict(self.features(texts, embeddings))[:, 0]
-        return within + self.settings.prior_weight * self.prior(embeddings)
+        return within + self.settings.prior_weight * self.prior(embeddings) + self.kind_prior(texts, kinds)
+
+    def kind_prior(self, texts: Sequence[str], kinds: Sequence[str] | None = None) -> FloatArray:
+        """``kind_offset`` for each text whose task kind is one of ``strong_kinds``, else 0."""
+        if self.kind_offset == 0 or not texts:
+            return np.zeros(len(texts))
+        if kinds is None:
+            kinds = self.label(texts)
+        strong = np.array([kind in self.settings.strong_kinds for kind in kinds], dtype=np.float64)
+        return self.kind_offset * strong
+
+    def label(self, texts: Sequence[str]) -> list[str]:
+        """The task kind of each text, from ``labeller`` (by default the shipped task classifier)."""
+        if self.labeller is None:
+            self.labeller = _shipped_labeller()
+        return self.labeller(texts)
 
     def raw_scores(self, texts: Sequence[str], progress: Progress = _identity, chunk: int = 512) -> FloatArray:
         """Uncalibrated scores (``raw``), encoding the texts in chunks."""
@@ -311,6 +344,7 @@ class FittedRouter:
             "settings": {name: getattr(self.settings, name) for name in self.settings.__dataclass_fields__},
             "lexical_features": list(FEATURE_NAMES),
             "within": self.within.to_dict(),
+            "kind_offset": self.kind_offset,
             "quantiles": self.quantiles.tolist(),
             "files": [usage.describe() for usage in self.usage],
         }
@@ -318,28 +352,56 @@ class FittedRouter:
         np.savez_compressed(out / "library.npz", embeddings=self.library.astype(np.float16), prior=self.library_prior)
 
     @classmethod
-    def load(cls, folder: Path, encoder: Encoder | None = None) -> FittedRouter:
-        """Read a router written by ``save``; the encoder is rebuilt from its recorded name."""
+    def load(cls, folder: Path, encoder: Encoder | None = None, labeller: Labeller | None = None) -> FittedRouter:
+        """Read a router written by ``save``; the encoder is rebuilt from its recorded name.
+
+        A version 1 artifact (before the kind prior) loads without one, so it scores as it did.
+        """
         try:
             meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
             arrays = np.load(folder / "library.npz")
         except (OSError, ValueError) as exc:
             raise FitError(f"{folder}: not a fitted router ({exc})") from exc
-        if meta.get("version") != ARTIFACT_VERSION:
+        if meta.get("version") not in (1, ARTIFACT_VERSION):
             raise FitError(f"{folder}: artifact version {meta.get('version')!r}, expected {ARTIFACT_VERSION}")
-        chosen = encoder or load_encoder(meta["encoder"])
-        if chosen.name != meta["encoder"]:
-            raise FitError(f"{folder}: fitted with encoder {meta['encoder']!r}, given {chosen.name!r}")
-        return cls(
-            strong=meta["strong"],
-            weak=meta["weak"],
-            encoder=chosen,
-            settings=FitSettings(**meta["settings"]),
-            within=RidgeModel.from_dict(meta["within"]),
-            library=np.asarray(arrays["embeddings"], dtype=np.float32),
-            library_prior=np.asarray(arrays["prior"], dtype=np.float64),
-            quantiles=np.asarray(meta["quantiles"], dtype=np.float64),
-        )
+        try:
+            chosen = encoder or load_encoder(meta["encoder"])
+            if chosen.name != meta["encoder"]:
+                raise FitError(f"{folder}: fitted with encoder {meta['encoder']!r}, given {chosen.name!r}")
+            kind_offset = float(meta.get("kind_offset", 0.0))
+            if not np.isfinite(kind_offset) or kind_offset < 0:
+                raise ValueError(f"kind_offset {kind_offset!r} is not a finite number, 0 or more")
+            router = cls(
+                strong=meta["strong"],
+                weak=meta["weak"],
+                encoder=chosen,
+                settings=_settings(meta["settings"]),
+                within=RidgeModel.from_dict(meta["within"]),
+                library=np.asarray(arrays["embeddings"], dtype=np.float32),
+                library_prior=np.asarray(arrays["prior"], dtype=np.float64),
+                quantiles=np.asarray(meta["quantiles"], dtype=np.float64),
+                kind_offset=kind_offset,
+            )
+        except (KeyError, TypeError, ValueError, EncoderError) as exc:
+            raise FitError(f"{folder}: not a fitted router ({type(exc).__name__}: {exc})") from exc
+        # Built now, not on the first prompt: a server loads the router at start.
+        router.labeller = labeller or (_shipped_labeller() if kind_offset else None)
+        return router
+
+
+def _settings(saved: dict[str, object]) -> FitSettings:
+    """``FitSettings`` from ``router.json`` (a version 1 file has no kind prior: weight 0)."""
+    values = dict(saved)
+    values.setdefault("kind_weight", 0.0)
+    kinds = values.get("strong_kinds", STRONG_KINDS)
+    values["strong_kinds"] = tuple(kinds) if isinstance(kinds, list | tuple) else STRONG_KINDS
+    return FitSettings(**values)  # type: ignore[arg-type]
+
+
+def _shipped_labeller() -> Labeller:
+    """The shipped local task classifier (team-written examples, WordLlama) as a labeller."""
+    classifier = shipped_classifier()
+    return lambda texts: [prediction.task for prediction in classifier.predict_many(texts)]
 
 
 def fit_router(
@@ -352,13 +414,15 @@ def fit_router(
     embeddings: Vectors | None = None,
     calibrate: bool = True,
     require_pair: bool = False,
+    labeller: Labeller | None = None,
 ) -> FittedRouter:
     """Fit a router for the pair from ``records``.
 
     ``embeddings`` (one row per record) skips encoding; ``calibrate=False`` skips the score
     quantiles (rankings are unchanged; used by cross-validation). ``require_pair`` (``routesvc
     fit`` sets it) raises ``FitError`` unless some file has both models (``check_pair``);
-    without it a pair that no file has is fitted on proxy labels alone.
+    without it a pair that no file has is fitted on proxy labels alone. ``labeller`` gives task
+    kinds for the kind prior (default: the shipped task classifier).
     """
     labels = label_records(records, strong, weak, settings.proxy_weight, settings.calibrate_proxy)
     if require_pair:
@@ -389,9 +453,20 @@ def fit_router(
         library_prior=level,
         quantiles=np.zeros(1),
         usage=labels.usage,
+        labeller=labeller,
     )
     router.within = RidgeModel.fit(router.features(texts, vectors), target, settings.alpha, weight)
+    # The kind prior's unit is the spread of the scores without it (a fixed number of standard
+    # deviations, so it weighs the same against routers fitted on other data), estimated on a
+    # fixed sample: the neighbour prior of every training prompt would cost a fit ~10 s more.
+    sample = np.random.default_rng(0).permutation(len(texts))[:_SPREAD_SAMPLE]
+    spread = float(router.raw([texts[i] for i in sample], vectors[sample]).std())
+    router.kind_offset = settings.kind_weight * spread
     if not calibrate:
         return router
-    router.quantiles = np.quantile(router.raw(texts, vectors), np.linspace(0, 1, 1001))
+    kinds: list[str] | None = None
+    if router.kind_offset:
+        steps = progress(range(0, len(texts), 512), -(-len(texts) // 512), "labelling kinds")
+        kinds = [kind for start in steps for kind in router.label(texts[start : start + 512])]
+    router.quantiles = np.quantile(router.raw(texts, vectors, kinds), np.linspace(0, 1, 1001))
     return router

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Iterable
@@ -28,6 +29,17 @@ def _progress(items: Iterable[int], total: int, description: str) -> Iterable[in
         return items
     bar: Iterable[int] = tqdm(items, total=total, desc=description, unit="batch", file=sys.stderr)
     return bar
+
+
+def _weight(text: str) -> float:
+    """A finite, non-negative number (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a finite number, 0 or more")
+    return value
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
@@ -51,11 +63,22 @@ def run_fit(args: argparse.Namespace) -> int:
         raise FitError(f"--out {args.out}: not a folder (fit writes router.json and library.npz into one)")
     records = read_outcomes(*args.data)
     print(f"read {len(records)} prompts from {len(args.data)} path(s)", file=sys.stderr)
-    settings = FitSettings(neighbours=args.neighbours, prior_weight=args.prior_weight, proxy_weight=args.proxy_weight)
+    settings = FitSettings(
+        neighbours=args.neighbours,
+        prior_weight=args.prior_weight,
+        proxy_weight=args.proxy_weight,
+        kind_weight=args.kind_weight,
+    )
     encoder = load_encoder(args.encoder)
     router = fit_router(records, args.strong, args.weak, encoder, settings, progress=_progress, require_pair=True)
     for usage in router.usage:
         print(f"  {usage.describe()}", file=sys.stderr)
+    if router.kind_offset:
+        kinds = ", ".join(settings.strong_kinds)
+        print(
+            f"  kind prior: +{router.kind_offset:.4f} ({settings.kind_weight:g} score spreads) for {kinds}",
+            file=sys.stderr,
+        )
     router.save(args.out)
     print(f"wrote {args.out} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
@@ -175,6 +198,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     fit.add_argument("--neighbours", type=int, default=defaults.neighbours, help=argparse.SUPPRESS)
     fit.add_argument("--prior-weight", type=float, default=defaults.prior_weight, help=argparse.SUPPRESS)
     fit.add_argument("--proxy-weight", type=float, default=defaults.proxy_weight, help=argparse.SUPPRESS)
+    fit.add_argument(
+        "--kind-weight",
+        type=_weight,
+        default=defaults.kind_weight,
+        help="score spreads added to code and multi-step reasoning prompts (0: off; default: %(default)s)",
+    )
     fit.set_defaults(func=_handled(run_fit))
 
     score = subparsers.add_parser("score", help="score prompts with a fitted router")

@@ -6,6 +6,7 @@ import functools
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -108,6 +109,28 @@ class TestEmbeddingStage:
         assert verdict.model == "fallback"
         assert verdict.reasons[0].endswith("deferred")
         assert verdict.reasons[1] == "default: fallback model"
+
+
+class TestKindPrior:
+    async def test_a_task_set_before_the_stage_is_the_kind_it_scores_with(self) -> None:
+        """The stage scores with the task an earlier stage or a hint set, without labelling the
+        text again: the same request scores higher as code than as chat."""
+        labelled: list[str] = []
+
+        def labeller(texts: Sequence[str]) -> list[str]:
+            labelled.extend(texts)
+            return ["chat"] * len(texts)
+
+        fitted = fit_router(records(), STRONG, WEAK, HashingEncoder(128), FitSettings(alpha=1.0), labeller=labeller)
+        stage = EmbeddingStage(fitted, strong_model=STRONG, weak_model=WEAK)
+        labelled.clear()
+        as_code, _ = stage.score(EASY, "code_generation")
+        as_chat, _ = stage.score(EASY, "chat")
+        assert as_code > as_chat
+        assert labelled == []
+        unlabelled, _ = stage.score(EASY)
+        assert labelled == [EASY]
+        assert unlabelled == as_chat
 
 
 class TestFeedbackLoop:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,108 @@ class TestFittedRouter:
         """Loading a folder that is not a router raises ``FitError``."""
         with pytest.raises(FitError):
             FittedRouter.load(tmp_path)
+
+
+class TestKindPrior:
+    """Prompts of the kinds the strong model is for (code, multi-step reasoning) get a fixed share
+    of the score spread added: a prior, since the data sets disagree on it (docs/routing-quality.md)."""
+
+    def test_strong_kinds_get_kind_weight_spreads_of_the_score(self) -> None:
+        data = records()
+        kinds = ["chat", "code_generation", "multi_step_reasoning", "creative_writing"]
+        router = fit_router(
+            data, STRONG, WEAK, HashingEncoder(64), FitSettings(kind_weight=2.0), labeller=lambda t: ["chat"] * len(t)
+        )
+        without = fit_router(data, STRONG, WEAK, HashingEncoder(64), FitSettings(kind_weight=0.0))
+        texts = [r.prompt for r in data]
+        spread = float(without.raw(texts, without.encoder.encode(texts)).std())
+        assert router.kind_offset == pytest.approx(2.0 * spread)
+        assert without.kind_offset == 0.0
+        four = texts[:4]
+        vectors = router.encoder.encode(four)
+        added = router.raw(four, vectors, kinds) - without.raw(four, vectors)
+        assert added == pytest.approx([0.0, 2.0 * spread, 2.0 * spread, 0.0])
+
+    def test_the_shipped_classifier_labels_kinds_by_default(self) -> None:
+        """With no labeller, a code request gets the prior and a greeting does not."""
+        router = fit_router(records(), STRONG, WEAK, HashingEncoder(64))
+        texts = ["Write a Python function that merges two sorted lists.", "Hi there, how are you today?"]
+        assert router.label(texts) == ["code_generation", "chat"]
+        assert router.kind_prior(texts).tolist() == [router.kind_offset, 0.0]
+        assert router.kind_offset > 0
+
+    def test_calibration_counts_the_prior(self) -> None:
+        """The quantiles are of the training scores with the prior, so a threshold still sends the
+        share of training-like traffic it says: half of the training prompts score at least 0.5."""
+        data = records()
+
+        def labeller(texts: Sequence[str]) -> list[str]:
+            return ["code_generation" if i % 2 else "chat" for i in range(len(texts))]
+
+        router = fit_router(data, STRONG, WEAK, HashingEncoder(64), labeller=labeller)
+        texts = [r.prompt for r in data]
+        calibrated = router.calibrate(router.raw(texts, router.encoder.encode(texts), labeller(texts)))
+        assert float((calibrated >= 0.5).mean()) == pytest.approx(0.5, abs=0.02)
+
+    def test_saved_with_the_router_and_old_artifacts_load_without_it(self, tmp_path: Path) -> None:
+        """The offset and the kinds round-trip; a version 1 artifact (before the prior) loads with
+        the prior off, so it scores as it did when it was written."""
+        data = records()
+        router = fit_router(data, STRONG, WEAK, HashingEncoder(64), labeller=lambda t: ["code_generation"] * len(t))
+        router.save(tmp_path / "r")
+        loaded = FittedRouter.load(tmp_path / "r", labeller=lambda t: ["code_generation"] * len(t))
+        assert loaded.kind_offset == router.kind_offset > 0
+        assert loaded.settings.strong_kinds == ("code_generation", "multi_step_reasoning")
+        meta = json.loads((tmp_path / "r" / "router.json").read_text())
+        meta["version"] = 1
+        del meta["kind_offset"]
+        for name in ("kind_weight", "strong_kinds"):
+            del meta["settings"][name]
+        (tmp_path / "r" / "router.json").write_text(json.dumps(meta))
+        old = FittedRouter.load(tmp_path / "r")
+        assert old.kind_offset == 0.0
+        assert old.settings.kind_weight == 0.0
+        texts = [r.prompt for r in data[:6]]
+        vectors = old.encoder.encode(texts)
+        assert old.raw(texts, vectors) == pytest.approx(router.raw(texts, vectors) - router.kind_offset)
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("kind_offset", float("nan")),
+            ("kind_offset", -1.0),
+            ("kind_offset", "lots"),
+            ("encoder", "nope"),
+            ("within", None),
+        ],
+    )
+    def test_a_damaged_artifact_is_a_fit_error(self, tmp_path: Path, field: str, value: object) -> None:
+        """A hand-edited or truncated router.json is refused with the folder named, never a bare
+        KeyError or a NaN score."""
+        fit_router(records(), STRONG, WEAK, HashingEncoder(64)).save(tmp_path / "r")
+        meta = json.loads((tmp_path / "r" / "router.json").read_text())
+        if value is None:
+            del meta[field]
+        else:
+            meta[field] = value
+        (tmp_path / "r" / "router.json").write_text(json.dumps(meta))
+        with pytest.raises(FitError, match=r"/r: not a fitted router"):
+            FittedRouter.load(tmp_path / "r")
+
+    def test_fit_kind_weight_flag(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """--kind-weight 0 turns the prior off; a negative or non-finite weight is refused."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        out = tmp_path / "router"
+        argv = ("fit", "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--out", str(out))
+        assert run(*argv, "--encoder", "hashing-256") == 0
+        assert "kind prior: +" in capsys.readouterr().err
+        assert run(*argv, "--encoder", "hashing-256", "--kind-weight", "0") == 0
+        assert json.loads((out / "router.json").read_text())["kind_offset"] == 0.0
+        assert "kind prior" not in capsys.readouterr().err
+        for bad in ("-1", "nan", "inf", "lots"):
+            with pytest.raises(SystemExit):
+                run(*argv, "--kind-weight", bad)
+            assert "--kind-weight" in capsys.readouterr().err
 
 
 def run(*argv: str) -> int:

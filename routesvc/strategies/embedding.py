@@ -115,12 +115,16 @@ class EmbeddingStage:
         """The embedding of ``text``, which is already ``bounded`` (remembered by the text)."""
         return self._embeddings.compute(text, lambda new: self._router.encoder.encode([new])[0])
 
-    def score(self, text: str) -> tuple[float, int]:
-        """The calibrated strong-model preference of ``text`` and how many feedback examples moved it."""
+    def score(self, text: str, kind: str = "") -> tuple[float, int]:
+        """The calibrated strong-model preference of ``text`` and how many feedback examples moved it.
+
+        ``kind`` is the request's task label when an earlier stage or a hint set it; otherwise the
+        router's kind prior labels the text itself.
+        """
         text = bounded(text)
         embedding = self._embed(text)
         batch = embedding[None, :]
-        raw = self._router.raw([text], batch)
+        raw = self._router.raw([text], batch, [kind] if kind else None)
         value = float(self._router.calibrate(raw)[0]) if text.strip() else 0.0
         used = 0
         library, push = self._library
@@ -138,7 +142,7 @@ class EmbeddingStage:
 
     async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
         """Strong model at or above the threshold, weak below; defer if the pick cannot serve."""
-        value, used = self.score(routing_input.request.chat.last_user_message)
+        value, used = self.score(routing_input.request.chat.last_user_message, routing_input.task)
         wants_strong = value >= self._threshold
         pick, other = (self._strong, self._weak) if wants_strong else (self._weak, self._strong)
         comparison = ">=" if wants_strong else "<"
