@@ -75,10 +75,8 @@ def run_fit(args: argparse.Namespace) -> int:
         print(f"  {usage.describe()}", file=sys.stderr)
     if router.kind_offset:
         kinds = ", ".join(settings.strong_kinds)
-        print(
-            f"  kind prior: +{router.kind_offset:.4f} ({settings.kind_weight:g} score spreads) for {kinds}",
-            file=sys.stderr,
-        )
+        spreads = f"{settings.kind_weight:g} score spread{'' if settings.kind_weight == 1 else 's'}"
+        print(f"  kind prior: +{router.kind_offset:.4f} ({spreads}) for {kinds}", file=sys.stderr)
     router.save(args.out)
     print(f"wrote {args.out} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
