@@ -114,7 +114,8 @@ class TestEmbeddingStage:
 class TestKindPrior:
     async def test_a_task_set_before_the_stage_is_the_kind_it_scores_with(self) -> None:
         """The stage scores with the task an earlier stage or a hint set, without labelling the
-        text again: the same request scores higher as code than as chat."""
+        text again: the same request scores higher as code than as chat. Unlabelled, it labels the
+        text once and remembers it."""
         labelled: list[str] = []
 
         def labeller(texts: Sequence[str]) -> list[str]:
@@ -131,6 +132,8 @@ class TestKindPrior:
         unlabelled, _ = stage.score(EASY)
         assert labelled == [EASY]
         assert unlabelled == as_chat
+        assert stage.score(EASY)[0] == as_chat
+        assert labelled == [EASY]  # the label is remembered with the text, like its embedding
 
 
 class TestFeedbackLoop:

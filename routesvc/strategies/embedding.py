@@ -82,6 +82,7 @@ class EmbeddingStage:
         self._similarity = feedback_similarity
         self._weight = feedback_weight
         self._embeddings: Memo[np.ndarray[tuple[int], np.dtype[np.float32]]] = Memo(4096)
+        self._kinds: Memo[str] = Memo(4096)  # the kind prior's labels of texts no earlier stage labelled
         # The feedback examples' embeddings and pushes, one tuple: ``rebuild_library`` runs in a
         # worker thread (the Feedback RPC) and replaces both at once, so ``score`` on the event
         # loop never sees the embeddings of one build with the pushes of another.
@@ -124,7 +125,9 @@ class EmbeddingStage:
         text = bounded(text)
         embedding = self._embed(text)
         batch = embedding[None, :]
-        raw = self._router.raw([text], batch, [kind] if kind else None)
+        if not kind and self._router.kind_offset:
+            kind = self._kinds.compute(text, lambda new: self._router.label([new])[0])
+        raw = self._router.raw([text], batch, [kind])
         value = float(self._router.calibrate(raw)[0]) if text.strip() else 0.0
         used = 0
         library, push = self._library
