@@ -43,6 +43,7 @@ def _decision_json(decision: pb.RouteDecision) -> dict[str, object]:
         "estimated_input_tokens": decision.estimated_input_tokens,
         "estimated_output_tokens": decision.estimated_output_tokens,
         "estimated_cost_usd": decision.estimated_cost_usd,
+        "routing_cost_usd": decision.routing_cost_usd,
         "mode": _MODE_NAMES.get(decision.mode, "unspecified"),
         "candidates": [
             {"model": c.model, "eligible": c.eligible, "excluded_reason": c.excluded_reason}

@@ -120,6 +120,9 @@ class RouteDecision:
     cascade_models: tuple[str, ...] = ()
     cascade_thresholds: tuple[float, ...] = ()
     cascade_scorer: str = ""
+    # Provider calls made to decide (an LLM classifier's), already in the ledger, and their cost.
+    routing_calls: tuple[UpstreamCall, ...] = ()
+    routing_cost_usd: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,22 @@ class AttemptResult(enum.Enum):
     ESCALATED = "escalated"  # answered, scored too low, not sent
     FAILED = "failed"  # failed before any text was sent
     JUDGE = "judge"  # a quality-judge call that scored an answer
+    CLASSIFIER = "classifier"  # an LLM classifier call that labelled the request's task
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    """A provider call made for a request besides its answer (a quality judge's, an LLM
+    classifier's), to be charged to the request.
+
+    ``estimated`` is True when the call did not finish and its usage is estimated; ``refused``
+    when the provider refused it before any output (an error status: nothing to bill).
+    """
+
+    model: str
+    usage: Usage
+    estimated: bool = False
+    refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +199,7 @@ class Completion:
     """The end of a successful Complete: who answered, usage and exact cost.
 
     ``usage`` is the answering attempt's; ``cost_usd`` and ``total_usage`` sum every attempt in
-    ``attempts`` (failed, escalated, judge calls). ``quality`` is set when a cascade scored it.
+    ``attempts`` (failed, escalated, judge and classifier calls). ``quality`` is set when a cascade scored it.
     """
 
     model: str

@@ -47,12 +47,13 @@ from routesvc.models import (
     RouteDecision,
     RoutingRequest,
     TextDelta,
+    UpstreamCall,
     Usage,
 )
 from routesvc.policy import Policy
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.retry import RetryBudget, backoff_delay, is_retryable
-from routesvc.scoring import ScoringCall, ScoringInput
+from routesvc.scoring import ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
 from routesvc.strategies.classifier import TASK_LABELS
 from routesvc.strategies.default import no_eligible_model
@@ -198,12 +199,16 @@ class Router:
             eligible[model.id] = why
         return eligible
 
-    async def route(self, request: RoutingRequest, *, for_completion: bool = False) -> RouteDecision:
+    async def route(
+        self, request: RoutingRequest, *, for_completion: bool = False, request_id: str = ""
+    ) -> RouteDecision:
         """Decide which model serves ``request``; raises a ``RouteSvcError`` when none can.
 
         With ``for_completion`` the decision must be callable now: a model whose provider has
         no key fails with ``ProviderNotConfigured`` (policy ``fail``); for ``Route`` alone the
-        decision is returned with a reason saying Complete would fail.
+        decision is returned with a reason saying Complete would fail. A provider call made to
+        decide (an LLM classifier's) is written to the ledger as it ends, under the decision's
+        id and ``request_id``, and comes back in ``routing_calls`` with its cost.
         """
         telemetry.start_routing(request)
         chat = request.chat
@@ -217,6 +222,26 @@ class Router:
         # A hint the policy does not know (not a classifier label, in no rule's task_in) would
         # skip the classifier and match nothing: it is set aside, and the decision says so.
         unknown_hint = bool(hint) and hint not in self._known_tasks
+        decision_id = self._new_decision_id()
+        routing_calls: list[tuple[UpstreamCall, Decimal]] = []
+
+        def charge(call: UpstreamCall) -> None:
+            model = self._catalog.get(call.model)
+            cost = cost_of_usage(model, call.usage)
+            routing_calls.append((call, cost))
+            self._ledger.record(
+                request_id=request_id,
+                decision_id=decision_id,
+                tenant=request.context.tenant,
+                model=model.id,
+                provider=model.provider,
+                attempt=len(routing_calls),
+                outcome=_side_call_outcome(call),
+                usage=call.usage,
+                cost_usd=cost,
+                estimated=call.estimated,
+            )
+
         routing_input = RoutingInput(
             request=request,
             estimated_input_tokens=input_tokens,
@@ -225,6 +250,7 @@ class Router:
             eligible=MappingProxyType(eligible),
             task="" if unknown_hint else hint,
             task_source="hint" if hint and not unknown_hint else "",
+            charge=charge,
         )
         if pinned is not None:
             if eligible[pinned.id].startswith("not allowed for tenant"):
@@ -256,7 +282,7 @@ class Router:
                 raise ProviderNotConfigured(f"model {model.id}: {provider.missing_key_reason}")
             reasons.append(f"{provider.missing_key_reason}; Complete would fail until it is set")
         decision = RouteDecision(
-            decision_id=self._new_decision_id(),
+            decision_id=decision_id,
             model=model.id,
             provider=model.provider,
             strategy=verdict.strategy,
@@ -268,6 +294,8 @@ class Router:
             mode=verdict.mode,
             candidates=tuple(Candidate(model_id, not why, why) for model_id, why in eligible.items()),
             task=verdict.task,
+            routing_calls=tuple(call for call, _ in routing_calls),
+            routing_cost_usd=sum((cost for _, cost in routing_calls), Decimal(0)),
         )
         for stage in self._policy.learning_stages:
             # Only an embedding of the prompt is kept (never its text), for later feedback.
@@ -368,7 +396,8 @@ class Router:
         mode the request is queued for the provider's batch API and one ``BatchJob`` is yielded.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        decision = await self.route(request, for_completion=True)
+        decision = await self.route(request, for_completion=True, request_id=request_id)
+        routing_tokens = sum(c.usage.input_tokens + c.usage.output_tokens for c in decision.routing_calls)
         if decision.mode is Mode.BATCH and self._batches is not None and self._batches.supports(decision.provider):
             tokens = decision.estimated_input_tokens + decision.estimated_output_tokens
             reservation = await self._admission.admit(
@@ -377,10 +406,10 @@ class Router:
             try:
                 job = await self._batches.submit(request, decision)
             except BaseException:
-                await reservation.settle(0, Decimal(0))
+                await reservation.settle(routing_tokens, decision.routing_cost_usd)
                 raise
             # A job's budget counts its estimate at once; its real cost is in the ledger when it ends.
-            await reservation.settle(tokens, decision.estimated_cost_usd)
+            await reservation.settle(tokens + routing_tokens, decision.estimated_cost_usd + decision.routing_cost_usd)
             yield decision
             yield job
             return
@@ -406,6 +435,14 @@ class Router:
             cost=decision.estimated_cost_usd,
         )
         attempt = _AttemptState(request_id, decision, tenant)
+        # Deciding's calls are the request's first attempts: in its cost, its budget, its summary.
+        for call in decision.routing_calls:
+            attempt.number += 1
+            model = self._catalog.get(call.model)
+            cost = cost_of_usage(model, call.usage)
+            attempt.tokens += call.usage.input_tokens + call.usage.output_tokens
+            attempt.cost += cost
+            attempt.summaries.append(AttemptSummary(model.id, AttemptResult.CLASSIFIER, call.usage, cost))
         try:
             yield decision
             steps = decision.cascade_models or (decision.model,)
@@ -510,15 +547,12 @@ class Router:
         )
         return _StepOutcome(tuple(deltas), completion, result.quality, cost_before)
 
-    def _record_scoring(self, state: _AttemptState, call: ScoringCall) -> None:
+    def _record_scoring(self, state: _AttemptState, call: UpstreamCall) -> None:
         """A judge's call is charged to the request like any attempt."""
         model = self._catalog.get(call.model)
         state.number += 1
-        if call.refused:
-            outcome = AttemptOutcome.FAILED
-        else:
-            outcome = AttemptOutcome.INTERRUPTED if call.estimated else AttemptOutcome.COMPLETED
         cost = cost_of_usage(model, call.usage, state.decision.mode)
+        outcome = _side_call_outcome(call)
         self._record(state, model, state.number, outcome, call.usage, cost, estimated=call.estimated)
         state.summaries[-1] = replace(state.summaries[-1], result=AttemptResult.JUDGE)
 
@@ -742,6 +776,13 @@ class _StepOutcome:
     completion: Completion | None
     quality: QualityScore
     cost_before: Decimal
+
+
+def _side_call_outcome(call: UpstreamCall) -> AttemptOutcome:
+    """How a judge's or a classifier's call ended, for the ledger."""
+    if call.refused:
+        return AttemptOutcome.FAILED
+    return AttemptOutcome.INTERRUPTED if call.estimated else AttemptOutcome.COMPLETED
 
 
 def no_eligible_model_for(decision: RouteDecision) -> ProviderUnavailable:

@@ -25,9 +25,18 @@ from typing import Literal, Protocol
 from routesvc import telemetry
 from routesvc.catalog import ModelSpec
 from routesvc.errors import ProviderError
-from routesvc.models import FinishReason, Message, ProviderFinish, QualityScore, Role, RoutingRequest, TextDelta, Usage
+from routesvc.models import (
+    FinishReason,
+    Message,
+    ProviderFinish,
+    QualityScore,
+    Role,
+    RoutingRequest,
+    TextDelta,
+    UpstreamCall,
+)
 from routesvc.providers.base import Provider, ProviderCall
-from routesvc.tokens import count_text_tokens
+from routesvc.tokens import upstream_call
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,21 +54,7 @@ class ScoringInput:
     finish_reason: FinishReason
     threshold: float
     timeout: float | None = None
-    charge: Callable[[ScoringCall], None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ScoringCall:
-    """An upstream call a scorer made (the judge's), to be charged to the request.
-
-    ``estimated`` is True when the call did not finish and its usage is estimated; ``refused``
-    when the provider refused it before any output (an error status: nothing to bill).
-    """
-
-    model: str
-    usage: Usage
-    estimated: bool = False
-    refused: bool = False
+    charge: Callable[[UpstreamCall], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +62,7 @@ class ScoreResult:
     """A score and the upstream calls made to reach it."""
 
     quality: QualityScore
-    calls: tuple[ScoringCall, ...] = ()
+    calls: tuple[UpstreamCall, ...] = ()
 
 
 class Scorer(Protocol):
@@ -294,16 +289,7 @@ class LLMJudge:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
-            if finish is not None:
-                used = ScoringCall(self._model.id, finish.usage)
-            else:
-                # Cut short after the provider started work: estimated and flagged. Refused before
-                # any output (an error status): nothing to bill.
-                estimate = Usage(
-                    input_tokens=0 if refused else sum(count_text_tokens(m.content) for m in messages),
-                    output_tokens=count_text_tokens("".join(texts)),
-                )
-                used = ScoringCall(self._model.id, estimate, estimated=not refused, refused=refused)
+            used = upstream_call(self._model.id, messages, texts, finish, refused=refused)
             if scoring_input.charge is not None:
                 scoring_input.charge(used)
         if failure:

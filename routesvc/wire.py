@@ -57,6 +57,7 @@ _ATTEMPT_RESULTS = {
     AttemptResult.ESCALATED: pb.ATTEMPT_OUTCOME_ESCALATED,
     AttemptResult.FAILED: pb.ATTEMPT_OUTCOME_FAILED,
     AttemptResult.JUDGE: pb.ATTEMPT_OUTCOME_JUDGE,
+    AttemptResult.CLASSIFIER: pb.ATTEMPT_OUTCOME_CLASSIFIER,
 }
 _BATCH_STATES = {
     BatchState.QUEUED: pb.BATCH_STATE_QUEUED,
@@ -220,6 +221,7 @@ def decision_message(decision: RouteDecision) -> pb.RouteDecision:
         estimated_input_tokens=decision.estimated_input_tokens,
         estimated_output_tokens=decision.estimated_output_tokens,
         estimated_cost_usd=format_usd(decision.estimated_cost_usd),
+        routing_cost_usd=format_usd(decision.routing_cost_usd),
         mode=_MODES[decision.mode],
         candidates=[
             pb.Candidate(model=c.model, eligible=c.eligible, excluded_reason=c.excluded_reason)

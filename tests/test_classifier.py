@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
@@ -9,10 +10,22 @@ from decimal import Decimal
 import pytest
 
 from routesvc.catalog import Catalog, ModelSpec
+from routesvc.client import RouterClient
+from routesvc.cost import cost_of_usage
 from routesvc.encoders import Vectors, WordLlamaEncoder
 from routesvc.errors import ConfigError
 from routesvc.features import READ_CHARS
-from routesvc.models import ChatRequest, Message, Mode, Role, RoutingContext, RoutingRequest
+from routesvc.ledger import AttemptOutcome
+from routesvc.models import (
+    ChatRequest,
+    Message,
+    Mode,
+    Role,
+    RoutingContext,
+    RoutingRequest,
+    UpstreamCall,
+    Usage,
+)
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.server import Server
 from routesvc.strategies.base import RoutingInput, Verdict
@@ -27,7 +40,10 @@ from routesvc.strategies.classifier import (
     read_examples,
 )
 from routesvc.testing import FakeProvider, Script
-from tests.conftest import default_config, settings_from
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, live_environ, settings_from, user_chat
+
+ACME = pb.RoutingContext(tenant="acme")
 
 CHEAP = ModelSpec(
     id="cheap",
@@ -297,6 +313,22 @@ class TestLLMClassifierStage:
         assert "local fallback" in verdict.reasons[0]
 
 
+class TestLLMClassifierCharges:
+    async def test_a_request_cancelled_mid_call_still_pays_for_it(self, fake: FakeProvider) -> None:
+        """The caller leaves while the model is still working: the call is charged once, estimated."""
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}', first_chunk_delay=5.0))
+        calls: list[UpstreamCall] = []
+        asking = asyncio.create_task(llm_stage(fake).classify("Tell me about otters.", calls.append))
+        async with asyncio.timeout(5):
+            while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                await asyncio.sleep(0.01)
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        assert [(c.model, c.estimated, c.refused) for c in calls] == [("cheap", True, False)]
+        assert calls[0].usage.input_tokens > 0
+
+
 class TestBuild:
     def test_local_is_the_default(self) -> None:
         """The default config builds an offline local stage."""
@@ -332,3 +364,94 @@ class TestBuild:
         """Config models forbid extra fields."""
         with pytest.raises(ValueError, match="extra"):
             ClassifierStageConfig.model_validate({"kind": "classifier", "colour": "blue"})
+
+
+def llm_classifier_config() -> dict[str, object]:
+    """The default policy with the llm classifier method on gpt-4o-mini, and tenant acme."""
+    config = default_config()
+    config["routing"]["stages"][0] = {"kind": "classifier", "method": "llm", "model": "gpt-4o-mini"}  # type: ignore[index]
+    config["tenants"] = {"acme": {"daily_budget_usd": "1"}}
+    return config
+
+
+class TestTheLLMClassifierIsPaidFor:
+    """A provider call made to decide is the request's to pay: in the ledger, in Complete's cost
+    and attempts, and in the tenant's budget (over a real server and the fake provider)."""
+
+    CLASSIFIER_USAGE = Usage(input_tokens=900, output_tokens=12)
+
+    async def test_a_complete_counts_the_call_in_its_cost_attempts_ledger_and_budget(self, fake: FakeProvider) -> None:
+        fake.enqueue(Script(text='{"task": "summarization", "complexity": "low"}', input_tokens=900, output_tokens=12))
+        fake.enqueue(Script(text="A short summary.", input_tokens=1000, output_tokens=500))
+        settings = settings_from(llm_classifier_config(), live_environ(fake))
+        mini = settings.catalog.get("gpt-4o-mini")
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            messages = [m async for m in client.complete(user_chat("Summarise: " + NOTES), ACME)]
+            decision, completion = messages[0].decision, messages[-1].completion
+            spent = await server.router.admission.spent("acme")
+            entries = server.router.ledger.entries(decision.decision_id)
+        labelling = cost_of_usage(mini, self.CLASSIFIER_USAGE)
+        answer = cost_of_usage(settings.catalog.get(completion.model), Usage(input_tokens=1000, output_tokens=500))
+        assert Decimal(decision.routing_cost_usd) == labelling > 0
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_CLASSIFIER),
+            (completion.model, pb.ATTEMPT_OUTCOME_COMPLETED),
+        ]
+        assert Decimal(completion.cost_usd) == labelling + answer == spent
+        assert (completion.total_usage.input_tokens, completion.total_usage.output_tokens) == (1900, 512)
+        assert [(e.attempt, e.model, e.outcome, e.cost_usd) for e in entries] == [
+            (1, "gpt-4o-mini", AttemptOutcome.COMPLETED, labelling),
+            (2, completion.model, AttemptOutcome.COMPLETED, answer),
+        ]
+        assert {e.tenant for e in entries} == {"acme"}
+
+    async def test_a_route_writes_the_call_to_the_ledger_and_says_what_it_cost(self, fake: FakeProvider) -> None:
+        """Route alone (no answer, no budget reservation): the call is in the ledger under the
+        decision, and ``routing_cost_usd`` says what deciding cost; a cached label costs nothing."""
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}', input_tokens=900, output_tokens=12))
+        settings = settings_from(llm_classifier_config(), live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            first = await client.route(user_chat("hello there"), ACME)
+            again = await client.route(user_chat("hello there"), ACME)
+            entries = server.router.ledger.entries()
+        labelling = cost_of_usage(settings.catalog.get("gpt-4o-mini"), self.CLASSIFIER_USAGE)
+        assert Decimal(first.routing_cost_usd) == labelling
+        assert Decimal(again.routing_cost_usd) == 0
+        assert [(e.decision_id, e.attempt, e.cost_usd) for e in entries] == [(first.decision_id, 1, labelling)]
+
+    async def test_a_call_cut_by_its_timeout_is_charged_an_estimate(self, fake: FakeProvider) -> None:
+        """The classifier gives up on a slow model (its 0.3 s timeout) and the local fallback labels
+        the request; the provider started work, so the call is charged an estimate, flagged."""
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["timeout_s"] = 0.3  # type: ignore[index]
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}', first_chunk_delay=2.0))
+        fake.enqueue(Script(text="Hello!"))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("Write a limerick about cheese."), ACME)]
+            decision, completion = messages[0].decision, messages[-1].completion
+            (labelling, answer) = server.router.ledger.entries(decision.decision_id)
+        assert (labelling.outcome, labelling.estimated) == (AttemptOutcome.INTERRUPTED, True)
+        assert labelling.usage.input_tokens > 0
+        assert labelling.cost_usd > 0
+        assert Decimal(decision.routing_cost_usd) == labelling.cost_usd
+        assert completion.attempts[0].outcome == pb.ATTEMPT_OUTCOME_CLASSIFIER
+        assert Decimal(completion.cost_usd) == labelling.cost_usd + answer.cost_usd
+        assert "timed out" in decision.reasons[0]
+
+    async def test_a_refused_call_costs_nothing(self, fake: FakeProvider) -> None:
+        """An HTTP 500 before any output: nothing to bill; the ledger keeps it as FAILED at $0."""
+        fake.enqueue(Script(status=500))
+        fake.enqueue(Script(text="Tea, in fourteen lines."))
+        async with (
+            Server(settings_from(llm_classifier_config(), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("Write a sonnet about tea."), ACME)]
+            decision = messages[0].decision
+            (labelling, _answer) = server.router.ledger.entries(decision.decision_id)
+        assert (labelling.outcome, labelling.estimated) == (AttemptOutcome.FAILED, False)
+        assert labelling.cost_usd == 0
+        assert Decimal(decision.routing_cost_usd) == 0

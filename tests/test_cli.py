@@ -125,6 +125,7 @@ class TestRouteCommand:
             "reasons",
             "estimated_input_tokens",
             "estimated_cost_usd",
+            "routing_cost_usd",
             "mode",
             "decision_id",
         } <= keys

@@ -9,13 +9,13 @@ adds its own reasons, so the final verdict explains what each stage contributed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
 from routesvc.catalog import ModelSpec
-from routesvc.models import Mode, RoutingRequest
+from routesvc.models import Mode, RoutingRequest, UpstreamCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +24,9 @@ class RoutingInput:
 
     ``eligible`` maps every catalog model id to ``""`` when it can serve the request, or to the
     reason it cannot. ``task`` is the task label known so far ("" when unknown) and
-    ``task_source`` says where it came from ("hint", or the stage that set it).
+    ``task_source`` says where it came from ("hint", or the stage that set it). A stage that
+    calls a provider to decide (the LLM classifier) passes each call to ``charge`` as soon as it
+    ends, however it ends, so that the request pays for it exactly once.
     """
 
     request: RoutingRequest
@@ -34,6 +36,7 @@ class RoutingInput:
     eligible: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     task: str = ""
     task_source: str = ""
+    charge: Callable[[UpstreamCall], None] | None = None
 
     def is_eligible(self, model_id: str) -> bool:
         """Whether ``model_id`` can serve this request."""

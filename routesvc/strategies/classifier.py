@@ -34,13 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.cost import cost_of_usage, format_usd
 from routesvc.encoders import Encoder, WordLlamaEncoder
-from routesvc.errors import ConfigError, RouteSvcError
+from routesvc.errors import ConfigError, ProviderError, RouteSvcError
 from routesvc.features import bounded, lexical_matrix, word_hashes
 from routesvc.memo import Memo, text_key
-from routesvc.models import Message, ProviderFinish, Role, TextDelta, Usage
+from routesvc.models import Message, ProviderFinish, Role, TextDelta, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.ridge import RidgeModel
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
+from routesvc.tokens import upstream_call
 
 TASK_LABELS: tuple[str, ...] = (
     "code_generation",
@@ -329,19 +330,21 @@ class LLMClassifierStage:
         """The stage name in decisions."""
         return "classifier"
 
-    async def _ask(self, prompt: str) -> tuple[str, str, Usage]:
+    async def _ask(self, prompt: str, charge: Callable[[UpstreamCall], None] | None) -> tuple[str, str, Usage]:
+        # The part of the prompt the local classifier reads too: a huge prompt is not paid for
+        # twice, and the label depends on its start and end.
+        messages = (Message(Role.SYSTEM, _INSTRUCTIONS), Message(Role.USER, bounded(prompt)))
         call = ProviderCall(
             model=self._model.id,
             provider_model=self._model.provider_model,
-            # The part of the prompt the local classifier reads too: a huge prompt is not paid
-            # for twice, and the label depends on its start and end.
-            messages=(Message(Role.SYSTEM, _INSTRUCTIONS), Message(Role.USER, bounded(prompt))),
+            messages=messages,
             max_output_tokens=40,
             temperature=0.0,
             timeout=self._timeout_s,
         )
         parts: list[str] = []
-        usage = Usage()
+        finish: ProviderFinish | None = None
+        refused = False
         # A client span of its own (purpose classifier): its latency, usage and cost are in the
         # trace and the cost metrics, like a cascade judge's call. (Imported here: the config
         # module imports this one for its settings, and telemetry imports the config.)
@@ -354,24 +357,32 @@ class LLMClassifierStage:
                     if isinstance(event, TextDelta):
                         parts.append(event.text)
                     elif isinstance(event, ProviderFinish):
-                        usage = event.usage
+                        finish = event
+        except ProviderError:
+            refused = not parts
+            raise
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 # Closes the upstream HTTP response at once on a timeout.
                 await aclose()
+            # Charged however the call ended (a timeout, a cancelled request): the provider
+            # bills what it started, estimated when it did not report usage.
+            if charge is not None:
+                charge(upstream_call(self._model.id, messages, parts, finish, refused=refused))
         task, complexity = parse_answer("".join(parts))
-        return task, complexity, usage
+        return task, complexity, finish.usage if finish is not None else Usage()
 
-    async def classify(self, prompt: str) -> tuple[str, str, str]:
-        """(task, complexity, explanation); task is "" when the model failed and no fallback exists."""
+    async def classify(self, prompt: str, charge: Callable[[UpstreamCall], None] | None = None) -> tuple[str, str, str]:
+        """(task, complexity, explanation); task is "" when the model failed and no fallback exists.
+        Each provider call goes to ``charge`` as it ends (an answer from the cache makes none)."""
         key = text_key(prompt)
         cached = self._cache.get(key)
         if cached is not None:
             return cached[0], cached[1], f"classifier: {self._model.id} labelled the task {cached[0]!r} (cached)"
         started = time.perf_counter()
         try:
-            task, complexity, usage = await self._ask(prompt)
+            task, complexity, usage = await self._ask(prompt, charge)
         except (TimeoutError, RouteSvcError) as exc:
             elapsed = (time.perf_counter() - started) * 1000
             problem = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
@@ -401,7 +412,7 @@ class LLMClassifierStage:
             return _with_reason(
                 verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", ""
             )
-        task, _, reason = await self.classify(routing_input.request.chat.last_user_message)
+        task, _, reason = await self.classify(routing_input.request.chat.last_user_message, routing_input.charge)
         annotated = dataclasses.replace(routing_input, task=task, task_source=self.name) if task else routing_input
         verdict = await next_stage(annotated)
         return _with_reason(verdict, reason, task)

@@ -177,6 +177,8 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     """It failed before any text was sent (retried or fallen back)."""
     ATTEMPT_OUTCOME_JUDGE: _AttemptOutcome.ValueType  # 4
     """A quality-judge call made to score an answer (not an answer itself)."""
+    ATTEMPT_OUTCOME_CLASSIFIER: _AttemptOutcome.ValueType  # 5
+    """An LLM classifier call made to decide the route (not an answer itself)."""
 
 class AttemptOutcome(_AttemptOutcome, metaclass=_AttemptOutcomeEnumTypeWrapper):
     """AttemptOutcome is how one upstream attempt ended."""
@@ -191,6 +193,8 @@ ATTEMPT_OUTCOME_FAILED: AttemptOutcome.ValueType  # 3
 """It failed before any text was sent (retried or fallen back)."""
 ATTEMPT_OUTCOME_JUDGE: AttemptOutcome.ValueType  # 4
 """A quality-judge call made to score an answer (not an answer itself)."""
+ATTEMPT_OUTCOME_CLASSIFIER: AttemptOutcome.ValueType  # 5
+"""An LLM classifier call made to decide the route (not an answer itself)."""
 Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
 
 @_typing.final
@@ -463,6 +467,7 @@ class RouteDecision(_message.Message):
     CASCADE_MODELS_FIELD_NUMBER: _builtins.int
     CASCADE_THRESHOLDS_FIELD_NUMBER: _builtins.int
     CASCADE_SCORER_FIELD_NUMBER: _builtins.int
+    ROUTING_COST_USD_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
     """Unique id of this decision, for logs, traces and feedback."""
     model: _builtins.str
@@ -486,6 +491,11 @@ class RouteDecision(_message.Message):
     cascade_scorer: _builtins.str
     """The quality scorer of the cascade (for example "local", "llm_judge",
     "min(local,llm_judge)"); empty when no cascade applies.
+    """
+    routing_cost_usd: _builtins.str
+    """What deciding cost in USD, decimal string: an LLM classifier's call when the policy
+    made one ("0" otherwise, also when it answered from its cache). Complete counts it in
+    the request's cost and attempts; it is not part of `estimated_cost_usd`.
     """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -528,10 +538,11 @@ class RouteDecision(_message.Message):
         cascade_models: _abc.Iterable[_builtins.str] | None = ...,
         cascade_thresholds: _abc.Iterable[_builtins.float] | None = ...,
         cascade_scorer: _builtins.str = ...,
+        routing_cost_usd: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "cascade_models", b"cascade_models", "cascade_scorer", b"cascade_scorer", "cascade_thresholds", b"cascade_thresholds", "decision_id", b"decision_id", "estimated_cost_usd", b"estimated_cost_usd", "estimated_input_tokens", b"estimated_input_tokens", "estimated_output_tokens", b"estimated_output_tokens", "mode", b"mode", "model", b"model", "provider", b"provider", "reasons", b"reasons", "rule", b"rule", "strategy", b"strategy", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "cascade_models", b"cascade_models", "cascade_scorer", b"cascade_scorer", "cascade_thresholds", b"cascade_thresholds", "decision_id", b"decision_id", "estimated_cost_usd", b"estimated_cost_usd", "estimated_input_tokens", b"estimated_input_tokens", "estimated_output_tokens", b"estimated_output_tokens", "mode", b"mode", "model", b"model", "provider", b"provider", "reasons", b"reasons", "routing_cost_usd", b"routing_cost_usd", "rule", b"rule", "strategy", b"strategy", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -674,8 +685,9 @@ class Completion(_message.Message):
 
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
-        """Every upstream attempt of the request in order (failed, escalated and the
-        answering one); `cost_usd` above is the sum of their costs.
+        """Every upstream attempt of the request in order (an LLM classifier's call made to
+        decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+        the sum of their costs.
         """
 
     @_builtins.property

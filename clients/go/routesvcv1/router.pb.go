@@ -294,6 +294,8 @@ const (
 	AttemptOutcome_ATTEMPT_OUTCOME_FAILED AttemptOutcome = 3
 	// A quality-judge call made to score an answer (not an answer itself).
 	AttemptOutcome_ATTEMPT_OUTCOME_JUDGE AttemptOutcome = 4
+	// An LLM classifier call made to decide the route (not an answer itself).
+	AttemptOutcome_ATTEMPT_OUTCOME_CLASSIFIER AttemptOutcome = 5
 )
 
 // Enum value maps for AttemptOutcome.
@@ -304,6 +306,7 @@ var (
 		2: "ATTEMPT_OUTCOME_ESCALATED",
 		3: "ATTEMPT_OUTCOME_FAILED",
 		4: "ATTEMPT_OUTCOME_JUDGE",
+		5: "ATTEMPT_OUTCOME_CLASSIFIER",
 	}
 	AttemptOutcome_value = map[string]int32{
 		"ATTEMPT_OUTCOME_UNSPECIFIED": 0,
@@ -311,6 +314,7 @@ var (
 		"ATTEMPT_OUTCOME_ESCALATED":   2,
 		"ATTEMPT_OUTCOME_FAILED":      3,
 		"ATTEMPT_OUTCOME_JUDGE":       4,
+		"ATTEMPT_OUTCOME_CLASSIFIER":  5,
 	}
 )
 
@@ -804,8 +808,12 @@ type RouteDecision struct {
 	// The quality scorer of the cascade (for example "local", "llm_judge",
 	// "min(local,llm_judge)"); empty when no cascade applies.
 	CascadeScorer string `protobuf:"bytes,15,opt,name=cascade_scorer,json=cascadeScorer,proto3" json:"cascade_scorer,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// What deciding cost in USD, decimal string: an LLM classifier's call when the policy
+	// made one ("0" otherwise, also when it answered from its cache). Complete counts it in
+	// the request's cost and attempts; it is not part of `estimated_cost_usd`.
+	RoutingCostUsd string `protobuf:"bytes,16,opt,name=routing_cost_usd,json=routingCostUsd,proto3" json:"routing_cost_usd,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *RouteDecision) Reset() {
@@ -939,6 +947,13 @@ func (x *RouteDecision) GetCascadeThresholds() []float64 {
 func (x *RouteDecision) GetCascadeScorer() string {
 	if x != nil {
 		return x.CascadeScorer
+	}
+	return ""
+}
+
+func (x *RouteDecision) GetRoutingCostUsd() string {
+	if x != nil {
+		return x.RoutingCostUsd
 	}
 	return ""
 }
@@ -1169,8 +1184,9 @@ type Completion struct {
 	CostUsd string `protobuf:"bytes,5,opt,name=cost_usd,json=costUsd,proto3" json:"cost_usd,omitempty"`
 	// Why the model stopped.
 	FinishReason FinishReason `protobuf:"varint,6,opt,name=finish_reason,json=finishReason,proto3,enum=routesvc.v1.FinishReason" json:"finish_reason,omitempty"`
-	// Every upstream attempt of the request in order (failed, escalated and the
-	// answering one); `cost_usd` above is the sum of their costs.
+	// Every upstream attempt of the request in order (an LLM classifier's call made to
+	// decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+	// the sum of their costs.
 	Attempts []*Attempt `protobuf:"bytes,7,rep,name=attempts,proto3" json:"attempts,omitempty"`
 	// The sum of every attempt's usage (equals `usage` when one attempt answered).
 	TotalUsage *Usage `protobuf:"bytes,8,opt,name=total_usage,json=totalUsage,proto3" json:"total_usage,omitempty"`
@@ -3017,7 +3033,7 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\tCandidate\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\beligible\x18\x02 \x01(\bR\beligible\x12'\n" +
-	"\x0fexcluded_reason\x18\x03 \x01(\tR\x0eexcludedReason\"\xb8\x04\n" +
+	"\x0fexcluded_reason\x18\x03 \x01(\tR\x0eexcludedReason\"\xe2\x04\n" +
 	"\rRouteDecision\x12\x1f\n" +
 	"\vdecision_id\x18\x01 \x01(\tR\n" +
 	"decisionId\x12\x14\n" +
@@ -3037,7 +3053,8 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x04task\x18\f \x01(\tR\x04task\x12%\n" +
 	"\x0ecascade_models\x18\r \x03(\tR\rcascadeModels\x12-\n" +
 	"\x12cascade_thresholds\x18\x0e \x03(\x01R\x11cascadeThresholds\x12%\n" +
-	"\x0ecascade_scorer\x18\x0f \x01(\tR\rcascadeScorer\"G\n" +
+	"\x0ecascade_scorer\x18\x0f \x01(\tR\rcascadeScorer\x12(\n" +
+	"\x10routing_cost_usd\x18\x10 \x01(\tR\x0eroutingCostUsd\"G\n" +
 	"\rRouteResponse\x126\n" +
 	"\bdecision\x18\x01 \x01(\v2\x1a.routesvc.v1.RouteDecisionR\bdecision\"v\n" +
 	"\x0fCompleteRequest\x12,\n" +
@@ -3219,13 +3236,14 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x14FINISH_REASON_LENGTH\x10\x02\x12\x1c\n" +
 	"\x18FINISH_REASON_TOOL_CALLS\x10\x03\x12 \n" +
 	"\x1cFINISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n" +
-	"\x13FINISH_REASON_OTHER\x10\x05*\xa6\x01\n" +
+	"\x13FINISH_REASON_OTHER\x10\x05*\xc6\x01\n" +
 	"\x0eAttemptOutcome\x12\x1f\n" +
 	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19ATTEMPT_OUTCOME_COMPLETED\x10\x01\x12\x1d\n" +
 	"\x19ATTEMPT_OUTCOME_ESCALATED\x10\x02\x12\x1a\n" +
 	"\x16ATTEMPT_OUTCOME_FAILED\x10\x03\x12\x19\n" +
-	"\x15ATTEMPT_OUTCOME_JUDGE\x10\x042\x96\x04\n" +
+	"\x15ATTEMPT_OUTCOME_JUDGE\x10\x04\x12\x1e\n" +
+	"\x1aATTEMPT_OUTCOME_CLASSIFIER\x10\x052\x96\x04\n" +
 	"\rRouterService\x12>\n" +
 	"\x05Route\x12\x19.routesvc.v1.RouteRequest\x1a\x1a.routesvc.v1.RouteResponse\x12I\n" +
 	"\bComplete\x12\x1c.routesvc.v1.CompleteRequest\x1a\x1d.routesvc.v1.CompleteResponse0\x01\x12M\n" +

@@ -53,6 +53,14 @@ public enum AttemptOutcome
    * <code>ATTEMPT_OUTCOME_JUDGE = 4;</code>
    */
   ATTEMPT_OUTCOME_JUDGE(4),
+  /**
+   * <pre>
+   * An LLM classifier call made to decide the route (not an answer itself).
+   * </pre>
+   *
+   * <code>ATTEMPT_OUTCOME_CLASSIFIER = 5;</code>
+   */
+  ATTEMPT_OUTCOME_CLASSIFIER(5),
   UNRECOGNIZED(-1),
   ;
 
@@ -96,6 +104,14 @@ public enum AttemptOutcome
    * <code>ATTEMPT_OUTCOME_JUDGE = 4;</code>
    */
   public static final int ATTEMPT_OUTCOME_JUDGE_VALUE = 4;
+  /**
+   * <pre>
+   * An LLM classifier call made to decide the route (not an answer itself).
+   * </pre>
+   *
+   * <code>ATTEMPT_OUTCOME_CLASSIFIER = 5;</code>
+   */
+  public static final int ATTEMPT_OUTCOME_CLASSIFIER_VALUE = 5;
 
 
   public final int getNumber() {
@@ -127,6 +143,7 @@ public enum AttemptOutcome
       case 2: return ATTEMPT_OUTCOME_ESCALATED;
       case 3: return ATTEMPT_OUTCOME_FAILED;
       case 4: return ATTEMPT_OUTCOME_JUDGE;
+      case 5: return ATTEMPT_OUTCOME_CLASSIFIER;
       default: return null;
     }
   }

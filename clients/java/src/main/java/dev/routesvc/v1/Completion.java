@@ -307,8 +307,9 @@ private static final long serialVersionUID = 0L;
   private java.util.List<dev.routesvc.v1.Attempt> attempts_;
   /**
    * <pre>
-   * Every upstream attempt of the request in order (failed, escalated and the
-   * answering one); `cost_usd` above is the sum of their costs.
+   * Every upstream attempt of the request in order (an LLM classifier's call made to
+   * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+   * the sum of their costs.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -319,8 +320,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Every upstream attempt of the request in order (failed, escalated and the
-   * answering one); `cost_usd` above is the sum of their costs.
+   * Every upstream attempt of the request in order (an LLM classifier's call made to
+   * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+   * the sum of their costs.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -332,8 +334,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Every upstream attempt of the request in order (failed, escalated and the
-   * answering one); `cost_usd` above is the sum of their costs.
+   * Every upstream attempt of the request in order (an LLM classifier's call made to
+   * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+   * the sum of their costs.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -344,8 +347,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Every upstream attempt of the request in order (failed, escalated and the
-   * answering one); `cost_usd` above is the sum of their costs.
+   * Every upstream attempt of the request in order (an LLM classifier's call made to
+   * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+   * the sum of their costs.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -356,8 +360,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Every upstream attempt of the request in order (failed, escalated and the
-   * answering one); `cost_usd` above is the sum of their costs.
+   * Every upstream attempt of the request in order (an LLM classifier's call made to
+   * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+   * the sum of their costs.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1674,8 +1679,9 @@ private static final long serialVersionUID = 0L;
 
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1689,8 +1695,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1704,8 +1711,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1719,8 +1727,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1741,8 +1750,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1760,8 +1770,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1781,8 +1792,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1803,8 +1815,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1822,8 +1835,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1841,8 +1855,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1861,8 +1876,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1879,8 +1895,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1897,8 +1914,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1909,8 +1927,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1924,8 +1943,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1940,8 +1960,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1952,8 +1973,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1965,8 +1987,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Every upstream attempt of the request in order (failed, escalated and the
-     * answering one); `cost_usd` above is the sum of their costs.
+     * Every upstream attempt of the request in order (an LLM classifier's call made to
+     * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+     * the sum of their costs.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>

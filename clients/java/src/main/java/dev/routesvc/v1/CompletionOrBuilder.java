@@ -136,8 +136,9 @@ public interface CompletionOrBuilder extends
 
   /**
    * <pre>
-   * Every upstream attempt of the request in order (failed, escalated and the
-   * answering one); `cost_usd` above is the sum of their costs.
+   * Every upstream attempt of the request in order (an LLM classifier's call made to
+   * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+   * the sum of their costs.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -146,8 +147,9 @@ public interface CompletionOrBuilder extends
       getAttemptsList();
   /**
    * <pre>
-   * Every upstream attempt of the request in order (failed, escalated and the
-   * answering one); `cost_usd` above is the sum of their costs.
+   * Every upstream attempt of the request in order (an LLM classifier's call made to
+   * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+   * the sum of their costs.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -155,8 +157,9 @@ public interface CompletionOrBuilder extends
   dev.routesvc.v1.Attempt getAttempts(int index);
   /**
    * <pre>
-   * Every upstream attempt of the request in order (failed, escalated and the
-   * answering one); `cost_usd` above is the sum of their costs.
+   * Every upstream attempt of the request in order (an LLM classifier's call made to
+   * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+   * the sum of their costs.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -164,8 +167,9 @@ public interface CompletionOrBuilder extends
   int getAttemptsCount();
   /**
    * <pre>
-   * Every upstream attempt of the request in order (failed, escalated and the
-   * answering one); `cost_usd` above is the sum of their costs.
+   * Every upstream attempt of the request in order (an LLM classifier's call made to
+   * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+   * the sum of their costs.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -174,8 +178,9 @@ public interface CompletionOrBuilder extends
       getAttemptsOrBuilderList();
   /**
    * <pre>
-   * Every upstream attempt of the request in order (failed, escalated and the
-   * answering one); `cost_usd` above is the sum of their costs.
+   * Every upstream attempt of the request in order (an LLM classifier's call made to
+   * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
+   * the sum of their costs.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>

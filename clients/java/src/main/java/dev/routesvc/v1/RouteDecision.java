@@ -36,6 +36,7 @@ private static final long serialVersionUID = 0L;
         com.google.protobuf.LazyStringArrayList.emptyList();
     cascadeThresholds_ = emptyDoubleList();
     cascadeScorer_ = "";
+    routingCostUsd_ = "";
   }
 
   @java.lang.Override
@@ -716,6 +717,57 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int ROUTING_COST_USD_FIELD_NUMBER = 16;
+  @SuppressWarnings("serial")
+  private volatile java.lang.Object routingCostUsd_ = "";
+  /**
+   * <pre>
+   * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
+   * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
+   * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+   * </pre>
+   *
+   * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
+   * @return The routingCostUsd.
+   */
+  @java.lang.Override
+  public java.lang.String getRoutingCostUsd() {
+    java.lang.Object ref = routingCostUsd_;
+    if (ref instanceof java.lang.String) {
+      return (java.lang.String) ref;
+    } else {
+      com.google.protobuf.ByteString bs = 
+          (com.google.protobuf.ByteString) ref;
+      java.lang.String s = bs.toStringUtf8();
+      routingCostUsd_ = s;
+      return s;
+    }
+  }
+  /**
+   * <pre>
+   * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
+   * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
+   * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+   * </pre>
+   *
+   * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
+   * @return The bytes for routingCostUsd.
+   */
+  @java.lang.Override
+  public com.google.protobuf.ByteString
+      getRoutingCostUsdBytes() {
+    java.lang.Object ref = routingCostUsd_;
+    if (ref instanceof java.lang.String) {
+      com.google.protobuf.ByteString b = 
+          com.google.protobuf.ByteString.copyFromUtf8(
+              (java.lang.String) ref);
+      routingCostUsd_ = b;
+      return b;
+    } else {
+      return (com.google.protobuf.ByteString) ref;
+    }
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -779,6 +831,9 @@ private static final long serialVersionUID = 0L;
     }
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(cascadeScorer_)) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 15, cascadeScorer_);
+    }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(routingCostUsd_)) {
+      com.google.protobuf.GeneratedMessageV3.writeString(output, 16, routingCostUsd_);
     }
     getUnknownFields().writeTo(output);
   }
@@ -856,6 +911,9 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(cascadeScorer_)) {
       size += com.google.protobuf.GeneratedMessageV3.computeStringSize(15, cascadeScorer_);
     }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(routingCostUsd_)) {
+      size += com.google.protobuf.GeneratedMessageV3.computeStringSize(16, routingCostUsd_);
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -900,6 +958,8 @@ private static final long serialVersionUID = 0L;
         .equals(other.getCascadeThresholdsList())) return false;
     if (!getCascadeScorer()
         .equals(other.getCascadeScorer())) return false;
+    if (!getRoutingCostUsd()
+        .equals(other.getRoutingCostUsd())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -951,6 +1011,8 @@ private static final long serialVersionUID = 0L;
     }
     hash = (37 * hash) + CASCADE_SCORER_FIELD_NUMBER;
     hash = (53 * hash) + getCascadeScorer().hashCode();
+    hash = (37 * hash) + ROUTING_COST_USD_FIELD_NUMBER;
+    hash = (53 * hash) + getRoutingCostUsd().hashCode();
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -1109,6 +1171,7 @@ private static final long serialVersionUID = 0L;
           com.google.protobuf.LazyStringArrayList.emptyList();
       cascadeThresholds_ = emptyDoubleList();
       cascadeScorer_ = "";
+      routingCostUsd_ = "";
       return this;
     }
 
@@ -1199,6 +1262,9 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00004000) != 0)) {
         result.cascadeScorer_ = cascadeScorer_;
+      }
+      if (((from_bitField0_ & 0x00008000) != 0)) {
+        result.routingCostUsd_ = routingCostUsd_;
       }
     }
 
@@ -1352,6 +1418,11 @@ private static final long serialVersionUID = 0L;
         bitField0_ |= 0x00004000;
         onChanged();
       }
+      if (!other.getRoutingCostUsd().isEmpty()) {
+        routingCostUsd_ = other.routingCostUsd_;
+        bitField0_ |= 0x00008000;
+        onChanged();
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -1475,6 +1546,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00004000;
               break;
             } // case 122
+            case 130: {
+              routingCostUsd_ = input.readStringRequireUtf8();
+              bitField0_ |= 0x00008000;
+              break;
+            } // case 130
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -3148,6 +3224,108 @@ private static final long serialVersionUID = 0L;
       checkByteStringIsUtf8(value);
       cascadeScorer_ = value;
       bitField0_ |= 0x00004000;
+      onChanged();
+      return this;
+    }
+
+    private java.lang.Object routingCostUsd_ = "";
+    /**
+     * <pre>
+     * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
+     * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
+     * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+     * </pre>
+     *
+     * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
+     * @return The routingCostUsd.
+     */
+    public java.lang.String getRoutingCostUsd() {
+      java.lang.Object ref = routingCostUsd_;
+      if (!(ref instanceof java.lang.String)) {
+        com.google.protobuf.ByteString bs =
+            (com.google.protobuf.ByteString) ref;
+        java.lang.String s = bs.toStringUtf8();
+        routingCostUsd_ = s;
+        return s;
+      } else {
+        return (java.lang.String) ref;
+      }
+    }
+    /**
+     * <pre>
+     * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
+     * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
+     * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+     * </pre>
+     *
+     * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
+     * @return The bytes for routingCostUsd.
+     */
+    public com.google.protobuf.ByteString
+        getRoutingCostUsdBytes() {
+      java.lang.Object ref = routingCostUsd_;
+      if (ref instanceof String) {
+        com.google.protobuf.ByteString b = 
+            com.google.protobuf.ByteString.copyFromUtf8(
+                (java.lang.String) ref);
+        routingCostUsd_ = b;
+        return b;
+      } else {
+        return (com.google.protobuf.ByteString) ref;
+      }
+    }
+    /**
+     * <pre>
+     * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
+     * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
+     * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+     * </pre>
+     *
+     * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
+     * @param value The routingCostUsd to set.
+     * @return This builder for chaining.
+     */
+    public Builder setRoutingCostUsd(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      routingCostUsd_ = value;
+      bitField0_ |= 0x00008000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
+     * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
+     * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+     * </pre>
+     *
+     * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearRoutingCostUsd() {
+      routingCostUsd_ = getDefaultInstance().getRoutingCostUsd();
+      bitField0_ = (bitField0_ & ~0x00008000);
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
+     * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
+     * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+     * </pre>
+     *
+     * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
+     * @param value The bytes for routingCostUsd to set.
+     * @return This builder for chaining.
+     */
+    public Builder setRoutingCostUsdBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      routingCostUsd_ = value;
+      bitField0_ |= 0x00008000;
       onChanged();
       return this;
     }

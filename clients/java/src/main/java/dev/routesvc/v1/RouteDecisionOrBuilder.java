@@ -378,4 +378,28 @@ public interface RouteDecisionOrBuilder extends
    */
   com.google.protobuf.ByteString
       getCascadeScorerBytes();
+
+  /**
+   * <pre>
+   * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
+   * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
+   * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+   * </pre>
+   *
+   * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
+   * @return The routingCostUsd.
+   */
+  java.lang.String getRoutingCostUsd();
+  /**
+   * <pre>
+   * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
+   * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
+   * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+   * </pre>
+   *
+   * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
+   * @return The bytes for routingCostUsd.
+   */
+  com.google.protobuf.ByteString
+      getRoutingCostUsdBytes();
 }

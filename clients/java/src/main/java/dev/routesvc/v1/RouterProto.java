@@ -221,7 +221,7 @@ public final class RouterProto {
       "context\030\002 \001(\0132\033.routesvc.v1.RoutingConte" +
       "xtR\007context\"f\n\tCandidate\022\024\n\005model\030\001 \001(\tR" +
       "\005model\022\032\n\010eligible\030\002 \001(\010R\010eligible\022\'\n\017ex" +
-      "cluded_reason\030\003 \001(\tR\016excludedReason\"\270\004\n\r" +
+      "cluded_reason\030\003 \001(\tR\016excludedReason\"\342\004\n\r" +
       "RouteDecision\022\037\n\013decision_id\030\001 \001(\tR\ndeci" +
       "sionId\022\024\n\005model\030\002 \001(\tR\005model\022\032\n\010provider" +
       "\030\003 \001(\tR\010provider\022\032\n\010strategy\030\004 \001(\tR\010stra" +
@@ -236,160 +236,162 @@ public final class RouterProto {
       "k\022%\n\016cascade_models\030\r \003(\tR\rcascadeModels" +
       "\022-\n\022cascade_thresholds\030\016 \003(\001R\021cascadeThr" +
       "esholds\022%\n\016cascade_scorer\030\017 \001(\tR\rcascade" +
-      "Scorer\"G\n\rRouteResponse\0226\n\010decision\030\001 \001(" +
-      "\0132\032.routesvc.v1.RouteDecisionR\010decision\"" +
-      "v\n\017CompleteRequest\022,\n\004chat\030\001 \001(\0132\030.route" +
-      "svc.v1.ChatRequestR\004chat\0225\n\007context\030\002 \001(" +
-      "\0132\033.routesvc.v1.RoutingContextR\007context\"" +
-      "\037\n\tTextDelta\022\022\n\004text\030\001 \001(\tR\004text\"\177\n\005Usag" +
-      "e\022!\n\014input_tokens\030\001 \001(\003R\013inputTokens\022#\n\r" +
-      "output_tokens\030\002 \001(\003R\014outputTokens\022.\n\023cac" +
-      "hed_input_tokens\030\003 \001(\003R\021cachedInputToken" +
-      "s\"\206\003\n\nCompletion\022\024\n\005model\030\001 \001(\tR\005model\022\032" +
-      "\n\010provider\030\002 \001(\tR\010provider\022%\n\016provider_m" +
-      "odel\030\003 \001(\tR\rproviderModel\022(\n\005usage\030\004 \001(\013" +
-      "2\022.routesvc.v1.UsageR\005usage\022\031\n\010cost_usd\030" +
-      "\005 \001(\tR\007costUsd\022>\n\rfinish_reason\030\006 \001(\0162\031." +
-      "routesvc.v1.FinishReasonR\014finishReason\0220" +
-      "\n\010attempts\030\007 \003(\0132\024.routesvc.v1.AttemptR\010" +
-      "attempts\0223\n\013total_usage\030\010 \001(\0132\022.routesvc" +
-      ".v1.UsageR\ntotalUsage\0223\n\007quality\030\t \001(\0132\031" +
-      ".routesvc.v1.QualityScoreR\007quality\"\233\001\n\007A" +
-      "ttempt\022\024\n\005model\030\001 \001(\tR\005model\0225\n\007outcome\030" +
-      "\002 \001(\0162\033.routesvc.v1.AttemptOutcomeR\007outc" +
-      "ome\022(\n\005usage\030\003 \001(\0132\022.routesvc.v1.UsageR\005" +
-      "usage\022\031\n\010cost_usd\030\004 \001(\tR\007costUsd\"T\n\014Qual" +
-      "ityScore\022\024\n\005score\030\001 \001(\001R\005score\022\026\n\006scorer" +
-      "\030\002 \001(\tR\006scorer\022\026\n\006reason\030\003 \001(\tR\006reason\"\336" +
-      "\001\n\nEscalation\022\035\n\nfrom_model\030\001 \001(\tR\tfromM" +
-      "odel\022\031\n\010to_model\030\002 \001(\tR\007toModel\0223\n\007quali" +
-      "ty\030\003 \001(\0132\031.routesvc.v1.QualityScoreR\007qua" +
-      "lity\022\034\n\tthreshold\030\004 \001(\001R\tthreshold\022\031\n\010co" +
-      "st_usd\030\005 \001(\tR\007costUsd\022(\n\005usage\030\006 \001(\0132\022.r" +
-      "outesvc.v1.UsageR\005usage\"\313\002\n\010BatchJob\022\031\n\010" +
-      "batch_id\030\001 \001(\tR\007batchId\022-\n\005state\030\002 \001(\0162\027" +
-      ".routesvc.v1.BatchStateR\005state\022\024\n\005model\030" +
-      "\003 \001(\tR\005model\022\032\n\010provider\030\004 \001(\tR\010provider" +
-      "\022,\n\022estimated_cost_usd\030\005 \001(\tR\020estimatedC" +
-      "ostUsd\0229\n\ncreated_at\030\006 \001(\0132\032.google.prot" +
-      "obuf.TimestampR\tcreatedAt\0229\n\nupdated_at\030" +
-      "\007 \001(\0132\032.google.protobuf.TimestampR\tupdat" +
-      "edAt\022\037\n\013decision_id\030\010 \001(\tR\ndecisionId\"\315\001" +
-      "\n\013BatchResult\022\022\n\004text\030\001 \001(\tR\004text\022(\n\005usa" +
-      "ge\030\002 \001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n\010c" +
-      "ost_usd\030\003 \001(\tR\007costUsd\022>\n\rfinish_reason\030" +
-      "\004 \001(\0162\031.routesvc.v1.FinishReasonR\014finish" +
-      "Reason\022%\n\016provider_model\030\005 \001(\tR\rprovider" +
-      "Model\"D\n\017GetBatchRequest\022\031\n\010batch_id\030\001 \001" +
-      "(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006tenant\"\203\001\n\020" +
-      "GetBatchResponse\022\'\n\003job\030\001 \001(\0132\025.routesvc" +
-      ".v1.BatchJobR\003job\0220\n\006result\030\002 \001(\0132\030.rout" +
-      "esvc.v1.BatchResultR\006result\022\024\n\005error\030\003 \001" +
-      "(\tR\005error\"G\n\022CancelBatchRequest\022\031\n\010batch" +
-      "_id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006tena" +
-      "nt\">\n\023CancelBatchResponse\022\'\n\003job\030\001 \001(\0132\025" +
-      ".routesvc.v1.BatchJobR\003job\"\252\002\n\020CompleteR" +
-      "esponse\0228\n\010decision\030\001 \001(\0132\032.routesvc.v1." +
-      "RouteDecisionH\000R\010decision\022.\n\005delta\030\002 \001(\013" +
-      "2\026.routesvc.v1.TextDeltaH\000R\005delta\0229\n\ncom" +
-      "pletion\030\003 \001(\0132\027.routesvc.v1.CompletionH\000" +
-      "R\ncompletion\0229\n\nescalation\030\004 \001(\0132\027.route" +
-      "svc.v1.EscalationH\000R\nescalation\022-\n\005batch" +
-      "\030\005 \001(\0132\025.routesvc.v1.BatchJobH\000R\005batchB\007" +
-      "\n\005event\"\023\n\021ListModelsRequest\"\277\003\n\tModelIn" +
-      "fo\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provider\030\002 \001(\tR\010pr" +
-      "ovider\022%\n\016provider_model\030\003 \001(\tR\rprovider" +
-      "Model\022/\n\024input_price_per_mtok\030\004 \001(\tR\021inp" +
-      "utPricePerMtok\0221\n\025output_price_per_mtok\030" +
-      "\005 \001(\tR\022outputPricePerMtok\022<\n\033cached_inpu" +
-      "t_price_per_mtok\030\006 \001(\tR\027cachedInputPrice" +
-      "PerMtok\022%\n\016context_window\030\007 \001(\003R\rcontext" +
-      "Window\022\"\n\014capabilities\030\010 \003(\tR\014capabiliti" +
-      "es\022%\n\016batch_discount\030\t \001(\tR\rbatchDiscoun" +
-      "t\022\034\n\tavailable\030\n \001(\010R\tavailable\022-\n\022unava" +
-      "ilable_reason\030\013 \001(\tR\021unavailableReason\"D" +
-      "\n\022ListModelsResponse\022.\n\006models\030\001 \003(\0132\026.r" +
-      "outesvc.v1.ModelInfoR\006models\"\\\n\017GetStats" +
-      "Request\022\026\n\006tenant\030\001 \001(\tR\006tenant\0221\n\006windo" +
-      "w\030\002 \001(\0132\031.google.protobuf.DurationR\006wind" +
-      "ow\"\276\002\n\nCostTotals\022\032\n\010requests\030\001 \001(\003R\010req" +
-      "uests\022\026\n\006errors\030\002 \001(\003R\006errors\022\031\n\010cost_us" +
-      "d\030\003 \001(\tR\007costUsd\022*\n\021baseline_cost_usd\030\004 " +
-      "\001(\tR\017baselineCostUsd\022\037\n\013savings_usd\030\005 \001(" +
-      "\tR\nsavingsUsd\022\'\n\017savings_percent\030\006 \001(\001R\016" +
-      "savingsPercent\022,\n\022estimated_cost_usd\030\007 \001" +
-      "(\tR\020estimatedCostUsd\022=\n\033estimated_baseli" +
-      "ne_cost_usd\030\010 \001(\tR\030estimatedBaselineCost" +
-      "Usd\"\335\001\n\nModelStats\022\024\n\005model\030\001 \001(\tR\005model" +
-      "\022\024\n\005share\030\002 \001(\001R\005share\022/\n\006totals\030\003 \001(\0132\027" +
-      ".routesvc.v1.CostTotalsR\006totals\022%\n\016feedb" +
-      "ack_count\030\004 \001(\003R\rfeedbackCount\0223\n\023mean_f" +
-      "eedback_score\030\005 \001(\001H\000R\021meanFeedbackScore" +
-      "\210\001\001B\026\n\024_mean_feedback_score\"V\n\013TenantSta" +
-      "ts\022\026\n\006tenant\030\001 \001(\tR\006tenant\022/\n\006totals\030\002 \001" +
-      "(\0132\027.routesvc.v1.CostTotalsR\006totals\"\233\001\n\022" +
-      "LatencyPercentiles\022+\n\003p50\030\001 \001(\0132\031.google" +
-      ".protobuf.DurationR\003p50\022+\n\003p95\030\002 \001(\0132\031.g" +
-      "oogle.protobuf.DurationR\003p95\022+\n\003p99\030\003 \001(" +
-      "\0132\031.google.protobuf.DurationR\003p99\"\272\005\n\020Ge" +
-      "tStatsResponse\0221\n\006window\030\001 \001(\0132\031.google." +
-      "protobuf.DurationR\006window\022\026\n\006tenant\030\002 \001(" +
-      "\tR\006tenant\022%\n\016baseline_model\030\003 \001(\tR\rbasel" +
-      "ineModel\022/\n\006totals\030\004 \001(\0132\027.routesvc.v1.C" +
-      "ostTotalsR\006totals\022/\n\006models\030\005 \003(\0132\027.rout" +
-      "esvc.v1.ModelStatsR\006models\0222\n\007tenants\030\006 " +
-      "\003(\0132\030.routesvc.v1.TenantStatsR\007tenants\022 " +
-      "\n\013escalations\030\007 \001(\003R\013escalations\022\'\n\017esca" +
-      "lation_rate\030\010 \001(\001R\016escalationRate\022\034\n\tfal" +
-      "lbacks\030\t \001(\003R\tfallbacks\022+\n\021cascade_decis" +
-      "ions\030\n \001(\003R\020cascadeDecisions\0220\n\024cascade_" +
-      "release_rate\030\013 \001(\001R\022cascadeReleaseRate\0223" +
-      "\n\023mean_released_score\030\014 \001(\001H\000R\021meanRelea" +
-      "sedScore\210\001\001\0229\n\007latency\030\r \001(\0132\037.routesvc." +
-      "v1.LatencyPercentilesR\007latency\022N\n\023time_t" +
-      "o_first_token\030\016 \001(\0132\037.routesvc.v1.Latenc" +
-      "yPercentilesR\020timeToFirstTokenB\026\n\024_mean_" +
-      "released_score\"t\n\017FeedbackRequest\022\037\n\013dec" +
-      "ision_id\030\001 \001(\tR\ndecisionId\022\026\n\005score\030\002 \001(" +
-      "\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010H\000R\010thumbsU" +
-      "pB\t\n\007outcome\"\212\001\n\020FeedbackResponse\022\037\n\013dec" +
-      "ision_id\030\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 \001(" +
-      "\tR\005model\022\024\n\005score\030\003 \001(\001R\005score\022)\n\020librar" +
-      "y_examples\030\004 \001(\003R\017libraryExamples*\303\001\n\nBa" +
-      "tchState\022\033\n\027BATCH_STATE_UNSPECIFIED\020\000\022\026\n" +
-      "\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATCH_STATE_SUB" +
-      "MITTED\020\002\022\031\n\025BATCH_STATE_SUCCEEDED\020\003\022\026\n\022B" +
-      "ATCH_STATE_FAILED\020\004\022\027\n\023BATCH_STATE_EXPIR" +
-      "ED\020\005\022\031\n\025BATCH_STATE_CANCELLED\020\006*P\n\004Role\022" +
-      "\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SYSTEM\020\001\022\r" +
-      "\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020\003*?\n\004Mod" +
-      "e\022\024\n\020MODE_UNSPECIFIED\020\000\022\021\n\rMODE_REALTIME" +
-      "\020\001\022\016\n\nMODE_BATCH\020\002*\270\001\n\014FinishReason\022\035\n\031F" +
-      "INISH_REASON_UNSPECIFIED\020\000\022\026\n\022FINISH_REA" +
-      "SON_STOP\020\001\022\030\n\024FINISH_REASON_LENGTH\020\002\022\034\n\030" +
-      "FINISH_REASON_TOOL_CALLS\020\003\022 \n\034FINISH_REA" +
-      "SON_CONTENT_FILTER\020\004\022\027\n\023FINISH_REASON_OT" +
-      "HER\020\005*\246\001\n\016AttemptOutcome\022\037\n\033ATTEMPT_OUTC" +
-      "OME_UNSPECIFIED\020\000\022\035\n\031ATTEMPT_OUTCOME_COM" +
-      "PLETED\020\001\022\035\n\031ATTEMPT_OUTCOME_ESCALATED\020\002\022" +
-      "\032\n\026ATTEMPT_OUTCOME_FAILED\020\003\022\031\n\025ATTEMPT_O" +
-      "UTCOME_JUDGE\020\0042\226\004\n\rRouterService\022>\n\005Rout" +
-      "e\022\031.routesvc.v1.RouteRequest\032\032.routesvc." +
-      "v1.RouteResponse\022I\n\010Complete\022\034.routesvc." +
-      "v1.CompleteRequest\032\035.routesvc.v1.Complet" +
-      "eResponse0\001\022M\n\nListModels\022\036.routesvc.v1." +
-      "ListModelsRequest\032\037.routesvc.v1.ListMode" +
-      "lsResponse\022G\n\010GetStats\022\034.routesvc.v1.Get" +
-      "StatsRequest\032\035.routesvc.v1.GetStatsRespo" +
-      "nse\022G\n\010GetBatch\022\034.routesvc.v1.GetBatchRe" +
-      "quest\032\035.routesvc.v1.GetBatchResponse\022P\n\013" +
-      "CancelBatch\022\037.routesvc.v1.CancelBatchReq" +
-      "uest\032 .routesvc.v1.CancelBatchResponse\022G" +
-      "\n\010Feedback\022\034.routesvc.v1.FeedbackRequest" +
-      "\032\035.routesvc.v1.FeedbackResponseB_\n\017dev.r" +
-      "outesvc.v1B\013RouterProtoP\001Z=github.com/ro" +
-      "utesvc/routesvc/clients/go/routesvcv1;ro" +
-      "utesvcv1b\006proto3"
+      "Scorer\022(\n\020routing_cost_usd\030\020 \001(\tR\016routin" +
+      "gCostUsd\"G\n\rRouteResponse\0226\n\010decision\030\001 " +
+      "\001(\0132\032.routesvc.v1.RouteDecisionR\010decisio" +
+      "n\"v\n\017CompleteRequest\022,\n\004chat\030\001 \001(\0132\030.rou" +
+      "tesvc.v1.ChatRequestR\004chat\0225\n\007context\030\002 " +
+      "\001(\0132\033.routesvc.v1.RoutingContextR\007contex" +
+      "t\"\037\n\tTextDelta\022\022\n\004text\030\001 \001(\tR\004text\"\177\n\005Us" +
+      "age\022!\n\014input_tokens\030\001 \001(\003R\013inputTokens\022#" +
+      "\n\routput_tokens\030\002 \001(\003R\014outputTokens\022.\n\023c" +
+      "ached_input_tokens\030\003 \001(\003R\021cachedInputTok" +
+      "ens\"\206\003\n\nCompletion\022\024\n\005model\030\001 \001(\tR\005model" +
+      "\022\032\n\010provider\030\002 \001(\tR\010provider\022%\n\016provider" +
+      "_model\030\003 \001(\tR\rproviderModel\022(\n\005usage\030\004 \001" +
+      "(\0132\022.routesvc.v1.UsageR\005usage\022\031\n\010cost_us" +
+      "d\030\005 \001(\tR\007costUsd\022>\n\rfinish_reason\030\006 \001(\0162" +
+      "\031.routesvc.v1.FinishReasonR\014finishReason" +
+      "\0220\n\010attempts\030\007 \003(\0132\024.routesvc.v1.Attempt" +
+      "R\010attempts\0223\n\013total_usage\030\010 \001(\0132\022.routes" +
+      "vc.v1.UsageR\ntotalUsage\0223\n\007quality\030\t \001(\013" +
+      "2\031.routesvc.v1.QualityScoreR\007quality\"\233\001\n" +
+      "\007Attempt\022\024\n\005model\030\001 \001(\tR\005model\0225\n\007outcom" +
+      "e\030\002 \001(\0162\033.routesvc.v1.AttemptOutcomeR\007ou" +
+      "tcome\022(\n\005usage\030\003 \001(\0132\022.routesvc.v1.Usage" +
+      "R\005usage\022\031\n\010cost_usd\030\004 \001(\tR\007costUsd\"T\n\014Qu" +
+      "alityScore\022\024\n\005score\030\001 \001(\001R\005score\022\026\n\006scor" +
+      "er\030\002 \001(\tR\006scorer\022\026\n\006reason\030\003 \001(\tR\006reason" +
+      "\"\336\001\n\nEscalation\022\035\n\nfrom_model\030\001 \001(\tR\tfro" +
+      "mModel\022\031\n\010to_model\030\002 \001(\tR\007toModel\0223\n\007qua" +
+      "lity\030\003 \001(\0132\031.routesvc.v1.QualityScoreR\007q" +
+      "uality\022\034\n\tthreshold\030\004 \001(\001R\tthreshold\022\031\n\010" +
+      "cost_usd\030\005 \001(\tR\007costUsd\022(\n\005usage\030\006 \001(\0132\022" +
+      ".routesvc.v1.UsageR\005usage\"\313\002\n\010BatchJob\022\031" +
+      "\n\010batch_id\030\001 \001(\tR\007batchId\022-\n\005state\030\002 \001(\016" +
+      "2\027.routesvc.v1.BatchStateR\005state\022\024\n\005mode" +
+      "l\030\003 \001(\tR\005model\022\032\n\010provider\030\004 \001(\tR\010provid" +
+      "er\022,\n\022estimated_cost_usd\030\005 \001(\tR\020estimate" +
+      "dCostUsd\0229\n\ncreated_at\030\006 \001(\0132\032.google.pr" +
+      "otobuf.TimestampR\tcreatedAt\0229\n\nupdated_a" +
+      "t\030\007 \001(\0132\032.google.protobuf.TimestampR\tupd" +
+      "atedAt\022\037\n\013decision_id\030\010 \001(\tR\ndecisionId\"" +
+      "\315\001\n\013BatchResult\022\022\n\004text\030\001 \001(\tR\004text\022(\n\005u" +
+      "sage\030\002 \001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n" +
+      "\010cost_usd\030\003 \001(\tR\007costUsd\022>\n\rfinish_reaso" +
+      "n\030\004 \001(\0162\031.routesvc.v1.FinishReasonR\014fini" +
+      "shReason\022%\n\016provider_model\030\005 \001(\tR\rprovid" +
+      "erModel\"D\n\017GetBatchRequest\022\031\n\010batch_id\030\001" +
+      " \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006tenant\"\203\001" +
+      "\n\020GetBatchResponse\022\'\n\003job\030\001 \001(\0132\025.routes" +
+      "vc.v1.BatchJobR\003job\0220\n\006result\030\002 \001(\0132\030.ro" +
+      "utesvc.v1.BatchResultR\006result\022\024\n\005error\030\003" +
+      " \001(\tR\005error\"G\n\022CancelBatchRequest\022\031\n\010bat" +
+      "ch_id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006te" +
+      "nant\">\n\023CancelBatchResponse\022\'\n\003job\030\001 \001(\013" +
+      "2\025.routesvc.v1.BatchJobR\003job\"\252\002\n\020Complet" +
+      "eResponse\0228\n\010decision\030\001 \001(\0132\032.routesvc.v" +
+      "1.RouteDecisionH\000R\010decision\022.\n\005delta\030\002 \001" +
+      "(\0132\026.routesvc.v1.TextDeltaH\000R\005delta\0229\n\nc" +
+      "ompletion\030\003 \001(\0132\027.routesvc.v1.Completion" +
+      "H\000R\ncompletion\0229\n\nescalation\030\004 \001(\0132\027.rou" +
+      "tesvc.v1.EscalationH\000R\nescalation\022-\n\005bat" +
+      "ch\030\005 \001(\0132\025.routesvc.v1.BatchJobH\000R\005batch" +
+      "B\007\n\005event\"\023\n\021ListModelsRequest\"\277\003\n\tModel" +
+      "Info\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provider\030\002 \001(\tR\010" +
+      "provider\022%\n\016provider_model\030\003 \001(\tR\rprovid" +
+      "erModel\022/\n\024input_price_per_mtok\030\004 \001(\tR\021i" +
+      "nputPricePerMtok\0221\n\025output_price_per_mto" +
+      "k\030\005 \001(\tR\022outputPricePerMtok\022<\n\033cached_in" +
+      "put_price_per_mtok\030\006 \001(\tR\027cachedInputPri" +
+      "cePerMtok\022%\n\016context_window\030\007 \001(\003R\rconte" +
+      "xtWindow\022\"\n\014capabilities\030\010 \003(\tR\014capabili" +
+      "ties\022%\n\016batch_discount\030\t \001(\tR\rbatchDisco" +
+      "unt\022\034\n\tavailable\030\n \001(\010R\tavailable\022-\n\022una" +
+      "vailable_reason\030\013 \001(\tR\021unavailableReason" +
+      "\"D\n\022ListModelsResponse\022.\n\006models\030\001 \003(\0132\026" +
+      ".routesvc.v1.ModelInfoR\006models\"\\\n\017GetSta" +
+      "tsRequest\022\026\n\006tenant\030\001 \001(\tR\006tenant\0221\n\006win" +
+      "dow\030\002 \001(\0132\031.google.protobuf.DurationR\006wi" +
+      "ndow\"\276\002\n\nCostTotals\022\032\n\010requests\030\001 \001(\003R\010r" +
+      "equests\022\026\n\006errors\030\002 \001(\003R\006errors\022\031\n\010cost_" +
+      "usd\030\003 \001(\tR\007costUsd\022*\n\021baseline_cost_usd\030" +
+      "\004 \001(\tR\017baselineCostUsd\022\037\n\013savings_usd\030\005 " +
+      "\001(\tR\nsavingsUsd\022\'\n\017savings_percent\030\006 \001(\001" +
+      "R\016savingsPercent\022,\n\022estimated_cost_usd\030\007" +
+      " \001(\tR\020estimatedCostUsd\022=\n\033estimated_base" +
+      "line_cost_usd\030\010 \001(\tR\030estimatedBaselineCo" +
+      "stUsd\"\335\001\n\nModelStats\022\024\n\005model\030\001 \001(\tR\005mod" +
+      "el\022\024\n\005share\030\002 \001(\001R\005share\022/\n\006totals\030\003 \001(\013" +
+      "2\027.routesvc.v1.CostTotalsR\006totals\022%\n\016fee" +
+      "dback_count\030\004 \001(\003R\rfeedbackCount\0223\n\023mean" +
+      "_feedback_score\030\005 \001(\001H\000R\021meanFeedbackSco" +
+      "re\210\001\001B\026\n\024_mean_feedback_score\"V\n\013TenantS" +
+      "tats\022\026\n\006tenant\030\001 \001(\tR\006tenant\022/\n\006totals\030\002" +
+      " \001(\0132\027.routesvc.v1.CostTotalsR\006totals\"\233\001" +
+      "\n\022LatencyPercentiles\022+\n\003p50\030\001 \001(\0132\031.goog" +
+      "le.protobuf.DurationR\003p50\022+\n\003p95\030\002 \001(\0132\031" +
+      ".google.protobuf.DurationR\003p95\022+\n\003p99\030\003 " +
+      "\001(\0132\031.google.protobuf.DurationR\003p99\"\272\005\n\020" +
+      "GetStatsResponse\0221\n\006window\030\001 \001(\0132\031.googl" +
+      "e.protobuf.DurationR\006window\022\026\n\006tenant\030\002 " +
+      "\001(\tR\006tenant\022%\n\016baseline_model\030\003 \001(\tR\rbas" +
+      "elineModel\022/\n\006totals\030\004 \001(\0132\027.routesvc.v1" +
+      ".CostTotalsR\006totals\022/\n\006models\030\005 \003(\0132\027.ro" +
+      "utesvc.v1.ModelStatsR\006models\0222\n\007tenants\030" +
+      "\006 \003(\0132\030.routesvc.v1.TenantStatsR\007tenants" +
+      "\022 \n\013escalations\030\007 \001(\003R\013escalations\022\'\n\017es" +
+      "calation_rate\030\010 \001(\001R\016escalationRate\022\034\n\tf" +
+      "allbacks\030\t \001(\003R\tfallbacks\022+\n\021cascade_dec" +
+      "isions\030\n \001(\003R\020cascadeDecisions\0220\n\024cascad" +
+      "e_release_rate\030\013 \001(\001R\022cascadeReleaseRate" +
+      "\0223\n\023mean_released_score\030\014 \001(\001H\000R\021meanRel" +
+      "easedScore\210\001\001\0229\n\007latency\030\r \001(\0132\037.routesv" +
+      "c.v1.LatencyPercentilesR\007latency\022N\n\023time" +
+      "_to_first_token\030\016 \001(\0132\037.routesvc.v1.Late" +
+      "ncyPercentilesR\020timeToFirstTokenB\026\n\024_mea" +
+      "n_released_score\"t\n\017FeedbackRequest\022\037\n\013d" +
+      "ecision_id\030\001 \001(\tR\ndecisionId\022\026\n\005score\030\002 " +
+      "\001(\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010H\000R\010thumb" +
+      "sUpB\t\n\007outcome\"\212\001\n\020FeedbackResponse\022\037\n\013d" +
+      "ecision_id\030\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 " +
+      "\001(\tR\005model\022\024\n\005score\030\003 \001(\001R\005score\022)\n\020libr" +
+      "ary_examples\030\004 \001(\003R\017libraryExamples*\303\001\n\n" +
+      "BatchState\022\033\n\027BATCH_STATE_UNSPECIFIED\020\000\022" +
+      "\026\n\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATCH_STATE_S" +
+      "UBMITTED\020\002\022\031\n\025BATCH_STATE_SUCCEEDED\020\003\022\026\n" +
+      "\022BATCH_STATE_FAILED\020\004\022\027\n\023BATCH_STATE_EXP" +
+      "IRED\020\005\022\031\n\025BATCH_STATE_CANCELLED\020\006*P\n\004Rol" +
+      "e\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SYSTEM\020\001" +
+      "\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020\003*?\n\004M" +
+      "ode\022\024\n\020MODE_UNSPECIFIED\020\000\022\021\n\rMODE_REALTI" +
+      "ME\020\001\022\016\n\nMODE_BATCH\020\002*\270\001\n\014FinishReason\022\035\n" +
+      "\031FINISH_REASON_UNSPECIFIED\020\000\022\026\n\022FINISH_R" +
+      "EASON_STOP\020\001\022\030\n\024FINISH_REASON_LENGTH\020\002\022\034" +
+      "\n\030FINISH_REASON_TOOL_CALLS\020\003\022 \n\034FINISH_R" +
+      "EASON_CONTENT_FILTER\020\004\022\027\n\023FINISH_REASON_" +
+      "OTHER\020\005*\306\001\n\016AttemptOutcome\022\037\n\033ATTEMPT_OU" +
+      "TCOME_UNSPECIFIED\020\000\022\035\n\031ATTEMPT_OUTCOME_C" +
+      "OMPLETED\020\001\022\035\n\031ATTEMPT_OUTCOME_ESCALATED\020" +
+      "\002\022\032\n\026ATTEMPT_OUTCOME_FAILED\020\003\022\031\n\025ATTEMPT" +
+      "_OUTCOME_JUDGE\020\004\022\036\n\032ATTEMPT_OUTCOME_CLAS" +
+      "SIFIER\020\0052\226\004\n\rRouterService\022>\n\005Route\022\031.ro" +
+      "utesvc.v1.RouteRequest\032\032.routesvc.v1.Rou" +
+      "teResponse\022I\n\010Complete\022\034.routesvc.v1.Com" +
+      "pleteRequest\032\035.routesvc.v1.CompleteRespo" +
+      "nse0\001\022M\n\nListModels\022\036.routesvc.v1.ListMo" +
+      "delsRequest\032\037.routesvc.v1.ListModelsResp" +
+      "onse\022G\n\010GetStats\022\034.routesvc.v1.GetStatsR" +
+      "equest\032\035.routesvc.v1.GetStatsResponse\022G\n" +
+      "\010GetBatch\022\034.routesvc.v1.GetBatchRequest\032" +
+      "\035.routesvc.v1.GetBatchResponse\022P\n\013Cancel" +
+      "Batch\022\037.routesvc.v1.CancelBatchRequest\032 " +
+      ".routesvc.v1.CancelBatchResponse\022G\n\010Feed" +
+      "back\022\034.routesvc.v1.FeedbackRequest\032\035.rou" +
+      "tesvc.v1.FeedbackResponseB_\n\017dev.routesv" +
+      "c.v1B\013RouterProtoP\001Z=github.com/routesvc" +
+      "/routesvc/clients/go/routesvcv1;routesvc" +
+      "v1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -444,7 +446,7 @@ public final class RouterProto {
     internal_static_routesvc_v1_RouteDecision_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_RouteDecision_descriptor,
-        new java.lang.String[] { "DecisionId", "Model", "Provider", "Strategy", "Rule", "Reasons", "EstimatedInputTokens", "EstimatedOutputTokens", "EstimatedCostUsd", "Mode", "Candidates", "Task", "CascadeModels", "CascadeThresholds", "CascadeScorer", });
+        new java.lang.String[] { "DecisionId", "Model", "Provider", "Strategy", "Rule", "Reasons", "EstimatedInputTokens", "EstimatedOutputTokens", "EstimatedCostUsd", "Mode", "Candidates", "Task", "CascadeModels", "CascadeThresholds", "CascadeScorer", "RoutingCostUsd", });
     internal_static_routesvc_v1_RouteResponse_descriptor =
       getDescriptor().getMessageTypes().get(7);
     internal_static_routesvc_v1_RouteResponse_fieldAccessorTable = new
