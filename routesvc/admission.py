@@ -59,6 +59,11 @@ class Admission(Protocol):
         """Apply new limits (hot reload); what was spent and reserved so far still counts."""
         ...
 
+    def charge(self, tenant: str, cost: Decimal) -> None:
+        """Add ``cost`` to what ``tenant`` has spent, with no check: money already spent outside
+        a reservation (an LLM classifier's call made to decide a route). Never raises."""
+        ...
+
     async def spent(self, tenant: str) -> Decimal:
         """What ``tenant`` has spent today (UTC)."""
         ...
@@ -210,6 +215,14 @@ class LocalAdmission:
             entry.tokens = tokens
         for period in periods:
             state.reserved[period] -= reserved_cost
+            state.spent[period] += cost
+
+    def charge(self, tenant: str, cost: Decimal) -> None:
+        """Add ``cost`` to what a limited ``tenant`` has spent (unlimited tenants are not counted)."""
+        if tenant not in self._tenants:
+            return
+        state = self._state[tenant]
+        for period in _periods(self._wall_clock()):
             state.spent[period] += cost
 
     async def spent(self, tenant: str) -> Decimal:

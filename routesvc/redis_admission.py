@@ -18,7 +18,7 @@ import asyncio
 import functools
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -112,6 +112,16 @@ return 1
 """
 
 
+_CHARGE = """
+local spent_d, spent_m = KEYS[1], KEYS[2]
+redis.call('INCRBYFLOAT', spent_d, ARGV[1])
+redis.call('INCRBYFLOAT', spent_m, ARGV[1])
+redis.call('EXPIRE', spent_d, 3 * 86400)
+redis.call('EXPIRE', spent_m, 40 * 86400)
+return 1
+"""
+
+
 def _usd(amount: Decimal) -> str:
     return format_usd(amount.quantize(_PLACES))
 
@@ -137,7 +147,9 @@ class RedisAdmission:
         self._clock = wall_clock
         self._admit = self._redis.register_script(_ADMIT)
         self._settle_script = self._redis.register_script(_SETTLE)
-        # Undoing reservations whose admit did not finish (see ``admit``); awaited by ``aclose``.
+        self._charge_script = self._redis.register_script(_CHARGE)
+        # Undoing reservations whose admit did not finish (see ``admit``) and charges on their
+        # way (``charge``); awaited by ``aclose``.
         self._undoing: set[asyncio.Task[None]] = set()
 
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
@@ -185,9 +197,7 @@ class RedisAdmission:
         except BaseException as exc:
             # The script may have reserved before its reply was lost (the caller cancelled, the
             # connection dropped): undo by id in the background, a no-op if nothing was reserved.
-            undo = asyncio.get_running_loop().create_task(settle(0, Decimal(0)))
-            self._undoing.add(undo)
-            undo.add_done_callback(self._undoing.discard)
+            self._in_background(settle(0, Decimal(0)))
             if isinstance(exc, RedisError | OSError):
                 raise SharedStateUnavailable(
                     f"tenant limits could not be checked: the shared state store failed ({type(exc).__name__})"
@@ -231,6 +241,26 @@ class RedisAdmission:
             # error. The reservation's in-flight slot ends with its lease, its tokens and USD
             # with their windows; until then they count against the tenant.
             log.warning("admission_settle_failed", tenant=tenant, error_type=type(exc).__name__)
+
+    def _in_background(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
+
+    def charge(self, tenant: str, cost: Decimal) -> None:
+        """Add ``cost`` to a limited ``tenant``'s spend in Redis, in the background (called where
+        the money was spent, which may be a cancelled request's cleanup); a failure is logged."""
+        if tenant not in self._tenants or cost <= 0:
+            return
+        self._in_background(self._charge(tenant, cost))
+
+    async def _charge(self, tenant: str, cost: Decimal) -> None:
+        day, month = _periods(self._clock())
+        keys = [self._key(tenant, f"spent:{day}"), self._key(tenant, f"spent:{month}")]
+        try:
+            await self._charge_script(keys=keys, args=[_usd(cost)])
+        except (RedisError, OSError) as exc:
+            log.warning("admission_charge_failed", tenant=tenant, error_type=type(exc).__name__)
 
     async def spent(self, tenant: str) -> Decimal:
         """What ``tenant`` has spent today (UTC), across replicas."""

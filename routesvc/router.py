@@ -229,6 +229,8 @@ class Router:
             model = self._catalog.get(call.model)
             cost = cost_of_usage(model, call.usage)
             routing_calls.append((call, cost))
+            # Paid where it was spent, whatever happens to the request next (also a Route alone).
+            self._admission.charge(request.context.tenant, cost)
             self._ledger.record(
                 request_id=request_id,
                 decision_id=decision_id,
@@ -397,7 +399,6 @@ class Router:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         decision = await self.route(request, for_completion=True, request_id=request_id)
-        routing_tokens = sum(c.usage.input_tokens + c.usage.output_tokens for c in decision.routing_calls)
         if decision.mode is Mode.BATCH and self._batches is not None and self._batches.supports(decision.provider):
             tokens = decision.estimated_input_tokens + decision.estimated_output_tokens
             reservation = await self._admission.admit(
@@ -406,10 +407,10 @@ class Router:
             try:
                 job = await self._batches.submit(request, decision)
             except BaseException:
-                await reservation.settle(routing_tokens, decision.routing_cost_usd)
+                await reservation.settle(0, Decimal(0))
                 raise
             # A job's budget counts its estimate at once; its real cost is in the ledger when it ends.
-            await reservation.settle(tokens + routing_tokens, decision.estimated_cost_usd + decision.routing_cost_usd)
+            await reservation.settle(tokens, decision.estimated_cost_usd)
             yield decision
             yield job
             return
@@ -435,12 +436,12 @@ class Router:
             cost=decision.estimated_cost_usd,
         )
         attempt = _AttemptState(request_id, decision, tenant)
-        # Deciding's calls are the request's first attempts: in its cost, its budget, its summary.
+        # Deciding's calls are the request's first attempts, in its cost and summary (the budget
+        # has them already: ``route`` charged them as they ended, so the settle below leaves them out).
         for call in decision.routing_calls:
             attempt.number += 1
             model = self._catalog.get(call.model)
             cost = cost_of_usage(model, call.usage)
-            attempt.tokens += call.usage.input_tokens + call.usage.output_tokens
             attempt.cost += cost
             attempt.summaries.append(AttemptSummary(model.id, AttemptResult.CLASSIFIER, call.usage, cost))
         try:
@@ -485,7 +486,7 @@ class Router:
                 async for event in serving:
                     yield self._final(attempt, event) if isinstance(event, Completion) else event
         finally:
-            await reservation.settle(attempt.tokens, attempt.cost)
+            await reservation.settle(attempt.tokens, attempt.cost - decision.routing_cost_usd)
 
     def _final(self, state: _AttemptState, completion: Completion, quality: QualityScore | None = None) -> Completion:
         """The last message: every attempt, their summed usage and cost, and the released score."""

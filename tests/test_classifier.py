@@ -405,19 +405,24 @@ class TestTheLLMClassifierIsPaidFor:
         ]
         assert {e.tenant for e in entries} == {"acme"}
 
-    async def test_a_route_writes_the_call_to_the_ledger_and_says_what_it_cost(self, fake: FakeProvider) -> None:
-        """Route alone (no answer, no budget reservation): the call is in the ledger under the
-        decision, and ``routing_cost_usd`` says what deciding cost; a cached label costs nothing."""
+    async def test_a_route_writes_the_call_to_the_ledger_and_budget_and_says_what_it_cost(
+        self, fake: FakeProvider
+    ) -> None:
+        """Route alone (no answer, no reservation): the call is in the ledger under the decision and
+        in the tenant's spend, and ``routing_cost_usd`` says what deciding cost; a cached label
+        costs nothing."""
         fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}', input_tokens=900, output_tokens=12))
         settings = settings_from(llm_classifier_config(), live_environ(fake))
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             first = await client.route(user_chat("hello there"), ACME)
             again = await client.route(user_chat("hello there"), ACME)
             entries = server.router.ledger.entries()
+            spent = await server.router.admission.spent("acme")
         labelling = cost_of_usage(settings.catalog.get("gpt-4o-mini"), self.CLASSIFIER_USAGE)
         assert Decimal(first.routing_cost_usd) == labelling
         assert Decimal(again.routing_cost_usd) == 0
         assert [(e.decision_id, e.attempt, e.cost_usd) for e in entries] == [(first.decision_id, 1, labelling)]
+        assert spent == labelling
 
     async def test_a_call_cut_by_its_timeout_is_charged_an_estimate(self, fake: FakeProvider) -> None:
         """The classifier gives up on a slow model (its 0.3 s timeout) and the local fallback labels

@@ -47,6 +47,19 @@ class TestAdmission:
         clock.now += 50.01
         await admission.admit("t")
 
+    async def test_a_charge_is_spent_at_once_without_a_check(self) -> None:
+        """Money spent outside a reservation (an LLM classifier's call) counts at once, even past
+        the budget, and then refuses the next admission; an unlimited tenant is not counted."""
+        admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
+        admission.charge("t", Decimal("0.7"))
+        admission.charge("t", Decimal("0.4"))
+        assert await admission.spent("t") == Decimal("1.1")
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.admit("t")
+        assert caught.value.reason == "BUDGET_EXCEEDED"
+        admission.charge("free", Decimal(5))
+        assert await admission.spent("free") == 0
+
     async def test_budgets_reserve_the_estimate_and_settle_the_real_cost(self) -> None:
         """A $1 daily budget: reservations count until settled, then the real cost counts."""
         admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})

@@ -78,6 +78,20 @@ class TestSharedLimits:
         for replica in (first, second):
             await replica.aclose()
 
+    async def test_a_charge_from_one_replica_counts_for_every_replica(self, redis_url: str, prefix: str) -> None:
+        """A charge (money spent outside a reservation) is added in the background; once it lands
+        both replicas see it, and the next admission past the budget is refused everywhere."""
+        first, second = await _replicas(redis_url, prefix, TenantConfig(daily_budget_usd=Decimal(1)))
+        first.charge("t", Decimal("0.6"))
+        first.charge("t", Decimal("0.5"))
+        first.charge("unlimited", Decimal(3))
+        await first.aclose()  # waits for the charges on their way
+        assert await second.spent("t") == Decimal("1.1")
+        assert await second.spent("unlimited") == 0
+        with pytest.raises(LimitExceeded):
+            await second.admit("t")
+        await second.aclose()
+
     async def test_concurrency_and_tokens_are_shared_and_rejections_reserve_nothing(
         self, redis_url: str, prefix: str
     ) -> None:
