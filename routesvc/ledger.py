@@ -14,7 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
+import structlog
+
 from routesvc.models import Usage
+
+log = structlog.get_logger("routesvc.ledger")
 
 
 class AttemptOutcome(enum.Enum):
@@ -85,7 +89,12 @@ class Ledger:
         )
         self._entries.append(entry)
         for listener in self._listeners:
-            listener(entry)
+            try:
+                listener(entry)
+            except Exception:
+                # Entries are written in cleanup paths (a cancelled call's ``finally``): a listener
+                # that fails must not replace the error or the cancellation being handled there.
+                log.exception("ledger_listener_failed", decision_id=decision_id, model=model)
         return entry
 
     def entries(self, decision_id: str | None = None) -> list[LedgerEntry]:

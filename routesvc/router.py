@@ -436,12 +436,14 @@ class Router:
             cost=decision.estimated_cost_usd,
         )
         attempt = _AttemptState(request_id, decision, tenant)
-        # Deciding's calls are the request's first attempts, in its cost and summary (the budget
-        # has them already: ``route`` charged them as they ended, so the settle below leaves them out).
+        # Deciding's calls are the request's first attempts, in its cost, summary and tokens (the
+        # budget has their cost already: ``route`` charged it as they ended, so the settle below
+        # leaves it out).
         for call in decision.routing_calls:
             attempt.number += 1
             model = self._catalog.get(call.model)
             cost = cost_of_usage(model, call.usage)
+            attempt.tokens += call.usage.input_tokens + call.usage.output_tokens
             attempt.cost += cost
             attempt.summaries.append(AttemptSummary(model.id, AttemptResult.CLASSIFIER, call.usage, cost))
         try:

@@ -7,10 +7,12 @@ import functools
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 
+import grpc
 import pytest
 
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.client import RouterClient
+from routesvc.config import TenantConfig
 from routesvc.cost import cost_of_usage
 from routesvc.encoders import Vectors, WordLlamaEncoder
 from routesvc.errors import ConfigError
@@ -42,6 +44,7 @@ from routesvc.strategies.classifier import (
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.test_validation import error_info
 
 ACME = pb.RoutingContext(tenant="acme")
 
@@ -404,6 +407,25 @@ class TestTheLLMClassifierIsPaidFor:
             (2, completion.model, AttemptOutcome.COMPLETED, answer),
         ]
         assert {e.tenant for e in entries} == {"acme"}
+
+    async def test_a_completes_classifier_tokens_count_in_the_tenants_token_window(self, fake: FakeProvider) -> None:
+        """The classifier's 912 tokens join the answer's 1,500 in the tokens-per-minute window: a
+        limit with room for the answer's tokens and one more request, but not for the
+        classifier's too, refuses the next request."""
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}', input_tokens=900, output_tokens=12))
+        fake.set_default(Script(text="Hello!", input_tokens=1000, output_tokens=500))
+        async with (
+            Server(settings_from(llm_classifier_config(), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("hello there"), ACME)]
+            decision = messages[0].decision
+            estimate = decision.estimated_input_tokens + decision.estimated_output_tokens
+            server.router.admission.configure({"acme": TenantConfig(tokens_per_minute=1500 + estimate + 500)})
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("hello there"), ACME):
+                    pass
+        assert error_info(caught.value).reason == "TOKEN_RATE_LIMITED"
 
     async def test_a_route_writes_the_call_to_the_ledger_and_budget_and_says_what_it_cost(
         self, fake: FakeProvider

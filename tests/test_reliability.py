@@ -19,8 +19,8 @@ from routesvc.breaker import Breakers, BreakerState
 from routesvc.client import RouterClient
 from routesvc.config import BreakerConfig
 from routesvc.errors import DeadlineExceeded
-from routesvc.ledger import AttemptOutcome
-from routesvc.models import ChatRequest, Message, Role, RoutingRequest
+from routesvc.ledger import AttemptOutcome, Ledger, LedgerEntry
+from routesvc.models import ChatRequest, Message, Role, RoutingRequest, Usage
 from routesvc.providers._http import parse_retry_after
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
@@ -419,6 +419,34 @@ class TestBreakers:
 
 class TestLedger:
     """RELIABILITY 14: the ledger agrees with what the provider billed."""
+
+    def test_a_failing_listener_neither_loses_the_entry_nor_raises(self) -> None:
+        """Entries are written in cleanup paths (a cancelled call's ``finally``): a listener that
+        raises is logged, and the entry and the other listeners are unaffected."""
+        ledger = Ledger(10)
+        seen: list[str] = []
+
+        def broken(entry: LedgerEntry) -> None:
+            raise RuntimeError("listener bug")
+
+        ledger.subscribe(broken)
+        ledger.subscribe(lambda entry: seen.append(entry.decision_id))
+        with capture_logs() as logs:
+            ledger.record(
+                request_id="r",
+                decision_id="d",
+                tenant="t",
+                model="m",
+                provider="p",
+                attempt=1,
+                outcome=AttemptOutcome.COMPLETED,
+                usage=Usage(1, 1),
+                cost_usd=Decimal("0.1"),
+                estimated=False,
+            )
+        assert [e.decision_id for e in ledger.entries()] == ["d"]
+        assert seen == ["d"]
+        assert [entry["event"] for entry in logs] == ["ledger_listener_failed"]
 
     async def test_ledger_equals_provider_usage(
         self, reliable: tuple[Server, RouterClient], fake: FakeProvider

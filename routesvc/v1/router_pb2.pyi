@@ -494,8 +494,9 @@ class RouteDecision(_message.Message):
     """
     routing_cost_usd: _builtins.str
     """What deciding cost in USD, decimal string: an LLM classifier's call when the policy
-    made one ("0" otherwise, also when it answered from its cache). Complete counts it in
-    the request's cost and attempts; it is not part of `estimated_cost_usd`.
+    made one ("0" otherwise, also when it answered from its cache). It is charged to the
+    tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
+    job's result does not). It is not part of `estimated_cost_usd`.
     """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

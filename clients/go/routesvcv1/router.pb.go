@@ -809,8 +809,9 @@ type RouteDecision struct {
 	// "min(local,llm_judge)"); empty when no cascade applies.
 	CascadeScorer string `protobuf:"bytes,15,opt,name=cascade_scorer,json=cascadeScorer,proto3" json:"cascade_scorer,omitempty"`
 	// What deciding cost in USD, decimal string: an LLM classifier's call when the policy
-	// made one ("0" otherwise, also when it answered from its cache). Complete counts it in
-	// the request's cost and attempts; it is not part of `estimated_cost_usd`.
+	// made one ("0" otherwise, also when it answered from its cache). It is charged to the
+	// tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
+	// job's result does not). It is not part of `estimated_cost_usd`.
 	RoutingCostUsd string `protobuf:"bytes,16,opt,name=routing_cost_usd,json=routingCostUsd,proto3" json:"routing_cost_usd,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache

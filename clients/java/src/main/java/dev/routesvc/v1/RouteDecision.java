@@ -723,8 +723,9 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
-   * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
-   * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+   * made one ("0" otherwise, also when it answered from its cache). It is charged to the
+   * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
+   * job's result does not). It is not part of `estimated_cost_usd`.
    * </pre>
    *
    * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -746,8 +747,9 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
-   * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
-   * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+   * made one ("0" otherwise, also when it answered from its cache). It is charged to the
+   * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
+   * job's result does not). It is not part of `estimated_cost_usd`.
    * </pre>
    *
    * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -3232,8 +3234,9 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
-     * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
-     * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+     * made one ("0" otherwise, also when it answered from its cache). It is charged to the
+     * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
+     * job's result does not). It is not part of `estimated_cost_usd`.
      * </pre>
      *
      * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -3254,8 +3257,9 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
-     * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
-     * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+     * made one ("0" otherwise, also when it answered from its cache). It is charged to the
+     * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
+     * job's result does not). It is not part of `estimated_cost_usd`.
      * </pre>
      *
      * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -3277,8 +3281,9 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
-     * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
-     * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+     * made one ("0" otherwise, also when it answered from its cache). It is charged to the
+     * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
+     * job's result does not). It is not part of `estimated_cost_usd`.
      * </pre>
      *
      * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -3296,8 +3301,9 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
-     * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
-     * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+     * made one ("0" otherwise, also when it answered from its cache). It is charged to the
+     * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
+     * job's result does not). It is not part of `estimated_cost_usd`.
      * </pre>
      *
      * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -3312,8 +3318,9 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
-     * made one ("0" otherwise, also when it answered from its cache). Complete counts it in
-     * the request's cost and attempts; it is not part of `estimated_cost_usd`.
+     * made one ("0" otherwise, also when it answered from its cache). It is charged to the
+     * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
+     * job's result does not). It is not part of `estimated_cost_usd`.
      * </pre>
      *
      * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
