@@ -55,6 +55,11 @@ class Admission(Protocol):
         """Check and reserve one request; raises ``LimitExceeded`` having reserved nothing."""
         ...
 
+    async def exhausted(self, tenant: str) -> str:
+        """Why ``tenant`` may not spend anything more now (a budget spent or reserved in full), or
+        "" when it may: the router pays to decide (an LLM classifier's call) only when it may."""
+        ...
+
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
         """Apply new limits (hot reload); what was spent and reserved so far still counts."""
         ...
@@ -158,6 +163,34 @@ class LocalAdmission:
             return SettleOnce(_nothing_reserved)
         now = self._clock()
         state = self._state[tenant]
+        periods = self._check(tenant, limits, state, now, tokens, cost)
+        state.requests.append(now)
+        entry = None
+        if tokens:
+            entry = _TokenEntry(now, tokens)
+            state.tokens.append(entry)
+        state.in_flight += 1
+        for period in periods:
+            state.reserved[period] += cost
+        return SettleOnce(functools.partial(self._settle, tenant, entry, cost, periods))
+
+    async def exhausted(self, tenant: str) -> str:
+        """Why ``tenant`` may not spend anything more now, or ""."""
+        limits = self._tenants.get(tenant)
+        if limits is None:
+            return ""
+        state = self._state[tenant]
+        periods = _periods(self._wall_clock())
+        for period, budget in zip(periods, (limits.daily_budget_usd, limits.monthly_budget_usd), strict=True):
+            if budget is not None and state.spent[period] + state.reserved[period] >= budget:
+                return f"tenant {tenant!r} has spent or reserved its {budget_name(period)} budget"
+        return ""
+
+    def _check(
+        self, tenant: str, limits: TenantConfig, state: _TenantState, now: float, tokens: int, cost: Decimal
+    ) -> tuple[str, str]:
+        """Raise ``LimitExceeded`` if a request of ``tokens`` and ``cost`` would pass a limit; the
+        budget periods it would count in otherwise."""
         self._prune(state, now)
         if limits.requests_per_minute is not None and len(state.requests) >= limits.requests_per_minute:
             raise LimitExceeded(
@@ -190,15 +223,7 @@ class LocalAdmission:
                     reason="BUDGET_EXCEEDED",
                     retry_after=_seconds_to_next(period, wall),
                 )
-        state.requests.append(now)
-        entry = None
-        if tokens:
-            entry = _TokenEntry(now, tokens)
-            state.tokens.append(entry)
-        state.in_flight += 1
-        for period in periods:
-            state.reserved[period] += cost
-        return SettleOnce(functools.partial(self._settle, tenant, entry, cost, periods))
+        return periods
 
     async def _settle(
         self,

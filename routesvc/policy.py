@@ -14,7 +14,7 @@ from routesvc.errors import ConfigError
 from routesvc.providers.base import Provider
 from routesvc.strategies import classifier, embedding
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
-from routesvc.strategies.classifier import ClassifierStageConfig
+from routesvc.strategies.classifier import ClassifierStageConfig, LLMClassifierStage
 from routesvc.strategies.default import DefaultStrategy
 from routesvc.strategies.embedding import EmbeddingStage, EmbeddingStageConfig
 from routesvc.strategies.rules import RulesStrategy
@@ -66,6 +66,11 @@ class Policy:
     def learning_stages(self) -> tuple[EmbeddingStage, ...]:
         """The stages that learn from feedback on their decisions."""
         return tuple(stage for stage in self._stages if isinstance(stage, EmbeddingStage))
+
+    @property
+    def pays_to_decide(self) -> bool:
+        """Whether a stage may call a provider to decide (an LLM classifier)."""
+        return any(isinstance(stage, LLMClassifierStage) for stage in self._stages)
 
     def close(self) -> None:
         """Close the learning stages' feedback stores."""

@@ -262,6 +262,25 @@ class RedisAdmission:
         except (RedisError, OSError) as exc:
             log.warning("admission_charge_failed", tenant=tenant, error_type=type(exc).__name__)
 
+    async def exhausted(self, tenant: str) -> str:
+        """Why ``tenant`` may not spend anything more now (a budget spent or reserved in full across
+        replicas), or ""; when the store cannot say, it may not (the caller decides without paying)."""
+        limits = self._tenants.get(tenant)
+        if limits is None or (limits.daily_budget_usd is None and limits.monthly_budget_usd is None):
+            return ""
+        periods = _periods(self._clock())
+        keys = [self._key(tenant, f"{kind}:{period}") for period in periods for kind in ("spent", "reserved")]
+        try:
+            values = await self._redis.mget(keys)
+        except (RedisError, OSError) as exc:
+            return f"the shared state store failed ({type(exc).__name__})"
+        amounts = [Decimal(value) if value else Decimal(0) for value in values]
+        budgets = (limits.daily_budget_usd, limits.monthly_budget_usd)
+        for index, (period, budget) in enumerate(zip(periods, budgets, strict=True)):
+            if budget is not None and amounts[2 * index] + amounts[2 * index + 1] >= budget:
+                return f"tenant {tenant!r} has spent or reserved its {budget_name(period)} budget"
+        return ""
+
     async def spent(self, tenant: str) -> Decimal:
         """What ``tenant`` has spent today (UTC), across replicas."""
         day, _ = _periods(self._clock())

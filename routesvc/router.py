@@ -253,6 +253,9 @@ class Router:
             task="" if unknown_hint else hint,
             task_source="hint" if hint and not unknown_hint else "",
             charge=charge,
+            # Deciding is paid only while the tenant can still spend (a request refused after a
+            # classifier's call would still pay for it).
+            may_not_pay=await self._admission.exhausted(request.context.tenant) if self._policy.pays_to_decide else "",
         )
         if pinned is not None:
             if eligible[pinned.id].startswith("not allowed for tenant"):

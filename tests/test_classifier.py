@@ -446,6 +446,48 @@ class TestTheLLMClassifierIsPaidFor:
         assert [(e.decision_id, e.attempt, e.cost_usd) for e in entries] == [(first.decision_id, 1, labelling)]
         assert spent == labelling
 
+    async def test_a_tenant_whose_budget_is_spent_gets_no_more_paid_labels(self, fake: FakeProvider) -> None:
+        """Three Routes with new prompts against a budget smaller than two labelling calls: the
+        first two ask the model (the second takes the spend past the budget), the third is labelled
+        by the local classifier and says why, so Route cannot spend without bound."""
+        config = llm_classifier_config()
+        config["tenants"] = {"acme": {"daily_budget_usd": "0.0002"}}
+        fake.set_default(Script(text='{"task": "chat", "complexity": "low"}', input_tokens=900, output_tokens=12))
+        settings = settings_from(config, live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            greetings = ("hello there", "good morning to you", "hi, how are you doing today?")
+            decisions = [await client.route(user_chat(greeting), ACME) for greeting in greetings]
+            spent = await server.router.admission.spent("acme")
+        labelling = cost_of_usage(settings.catalog.get("gpt-4o-mini"), self.CLASSIFIER_USAGE)
+        assert len(fake.requests) == 2
+        assert spent == 2 * labelling
+        assert [Decimal(d.routing_cost_usd) for d in decisions] == [labelling, labelling, 0]
+        assert (
+            decisions[2]
+            .reasons[0]
+            .startswith(
+                "classifier: gpt-4o-mini not asked (tenant 'acme' has spent or reserved its daily budget);"
+                " local fallback labelled the task "
+            )
+        )
+
+    async def test_refused_completes_pay_for_one_label_at_most(self, fake: FakeProvider) -> None:
+        """A budget too small for any answer: the first Complete pays for its label and is refused
+        (BUDGET_EXCEEDED); the next ones are refused without paying for one."""
+        config = llm_classifier_config()
+        config["tenants"] = {"acme": {"daily_budget_usd": "0.0000001"}}
+        fake.set_default(Script(text='{"task": "chat", "complexity": "low"}', input_tokens=900, output_tokens=12))
+        settings = settings_from(config, live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            for i in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for _ in client.complete(user_chat(f"hello number {i}"), ACME):
+                        pass
+                assert error_info(caught.value).reason == "BUDGET_EXCEEDED"
+            spent = await server.router.admission.spent("acme")
+        assert len(fake.requests) == 1
+        assert spent == cost_of_usage(settings.catalog.get("gpt-4o-mini"), self.CLASSIFIER_USAGE)
+
     async def test_a_call_cut_by_its_timeout_is_charged_an_estimate(self, fake: FakeProvider) -> None:
         """The classifier gives up on a slow model (its 0.3 s timeout) and the local fallback labels
         the request; the provider started work, so the call is charged an estimate, flagged."""

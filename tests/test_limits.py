@@ -60,6 +60,17 @@ class TestAdmission:
         admission.charge("free", Decimal(5))
         assert await admission.spent("free") == 0
 
+    async def test_exhausted_says_when_a_budget_is_spent_or_reserved_in_full(self) -> None:
+        """What the router asks before it pays to decide: nothing to say while some budget is left."""
+        admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
+        assert await admission.exhausted("t") == ""
+        reservation = await admission.admit("t", cost=Decimal("0.6"))
+        admission.charge("t", Decimal("0.4"))
+        assert await admission.exhausted("t") == "tenant 't' has spent or reserved its daily budget"
+        await reservation.settle(0, Decimal("0.1"))
+        assert await admission.exhausted("t") == ""
+        assert await admission.exhausted("unlimited") == ""
+
     async def test_budgets_reserve_the_estimate_and_settle_the_real_cost(self) -> None:
         """A $1 daily budget: reservations count until settled, then the real cost counts."""
         admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})

@@ -90,6 +90,8 @@ class TestSharedLimits:
         assert await second.spent("unlimited") == 0
         with pytest.raises(LimitExceeded):
             await second.admit("t")
+        assert await second.exhausted("t") == "tenant 't' has spent or reserved its daily budget"
+        assert await second.exhausted("unlimited") == ""
         await second.aclose()
 
     async def test_concurrency_and_tokens_are_shared_and_rejections_reserve_nothing(

@@ -26,7 +26,8 @@ class RoutingInput:
     reason it cannot. ``task`` is the task label known so far ("" when unknown) and
     ``task_source`` says where it came from ("hint", or the stage that set it). A stage that
     calls a provider to decide (the LLM classifier) passes each call to ``charge`` as soon as it
-    ends, however it ends, so that the request pays for it exactly once.
+    ends, however it ends, so that the request pays for it exactly once; when ``may_not_pay``
+    says why (the tenant's budget is spent), it decides without such a call.
     """
 
     request: RoutingRequest
@@ -37,6 +38,7 @@ class RoutingInput:
     task: str = ""
     task_source: str = ""
     charge: Callable[[UpstreamCall], None] | None = None
+    may_not_pay: str = ""
 
     def is_eligible(self, model_id: str) -> bool:
         """Whether ``model_id`` can serve this request."""

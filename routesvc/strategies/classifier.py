@@ -405,6 +405,16 @@ class LLMClassifierStage:
             f"in {elapsed:.0f} ms for ${format_usd(cost)}",
         )
 
+    def _unpaid(self, prompt: str, why: str) -> tuple[str, str]:
+        """(task, explanation) without asking the model: from its cache, else the local fallback."""
+        cached = self._cache.get(text_key(prompt))
+        if cached is not None:
+            return cached[0], f"classifier: {self._model.id} labelled the task {cached[0]!r} (cached)"
+        if self._fallback is None:
+            return "", f"classifier: {self._model.id} not asked ({why}); task left unknown"
+        task = self._fallback.predict(prompt).task
+        return task, f"classifier: {self._model.id} not asked ({why}); local fallback labelled the task {task!r}"
+
     async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
         """Set ``task`` from the model's answer (or the fallback) and defer to the rest."""
         if routing_input.task and not self._override_hint:
@@ -412,7 +422,10 @@ class LLMClassifierStage:
             return _with_reason(
                 verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", ""
             )
-        task, _, reason = await self.classify(routing_input.request.chat.last_user_message, routing_input.charge)
+        if routing_input.may_not_pay:
+            task, reason = self._unpaid(routing_input.request.chat.last_user_message, routing_input.may_not_pay)
+        else:
+            task, _, reason = await self.classify(routing_input.request.chat.last_user_message, routing_input.charge)
         annotated = dataclasses.replace(routing_input, task=task, task_source=self.name) if task else routing_input
         verdict = await next_stage(annotated)
         return _with_reason(verdict, reason, task)
