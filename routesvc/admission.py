@@ -60,6 +60,12 @@ class Admission(Protocol):
         "" when it may: the router pays to decide (an LLM classifier's call) only when it may."""
         ...
 
+    async def precheck(self, tenant: str) -> None:
+        """Raise ``LimitExceeded`` when even a request of no tokens and no cost would be refused now
+        (requests per minute used up, concurrency full, a budget already passed); reserves nothing.
+        Complete asks before it pays to decide, so that a request refused anyway costs no label."""
+        ...
+
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
         """Apply new limits (hot reload); what was spent and reserved so far still counts."""
         ...
@@ -185,6 +191,12 @@ class LocalAdmission:
             if budget is not None and state.spent[period] + state.reserved[period] >= budget:
                 return f"tenant {tenant!r} has spent or reserved its {budget_name(period)} budget"
         return ""
+
+    async def precheck(self, tenant: str) -> None:
+        """Raise ``LimitExceeded`` when even a request of no tokens and no cost would be refused now."""
+        limits = self._tenants.get(tenant)
+        if limits is not None:
+            self._check(tenant, limits, self._state[tenant], self._clock(), 0, Decimal(0))
 
     def _check(
         self, tenant: str, limits: TenantConfig, state: _TenantState, now: float, tokens: int, cost: Decimal

@@ -52,6 +52,7 @@ local rpm, tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local tokens, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
 local day_budget, month_budget = tonumber(ARGV[8]), tonumber(ARGV[9])
 local id, lease = ARGV[10], tonumber(ARGV[11])
+local dry = ARGV[12] == '1'
 redis.call('ZREMRANGEBYSCORE', req, '-inf', now - window)
 local expired = redis.call('ZRANGEBYSCORE', tok, '-inf', now - window)
 for _, old in ipairs(expired) do redis.call('HDEL', tokn, old) end
@@ -81,6 +82,7 @@ end
 if month_budget > 0 and amount(spent_m) + amount(res_m) + cost > month_budget then
   return {'BUDGET_EXCEEDED', 'month'}
 end
+if dry then return {'OK', ''} end
 redis.call('ZADD', req, now, id)
 redis.call('EXPIRE', req, math.ceil(window) + 1)
 if tokens > 0 then
@@ -168,6 +170,50 @@ class RedisAdmission:
         now = self._clock()
         day, month = _periods(now)
         reservation_id = uuid.uuid4().hex
+        settle = functools.partial(self._settle, tenant, reservation_id, cost, (day, month))
+        try:
+            verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, reservation_id, dry=False)
+        except BaseException as exc:
+            # The script may have reserved before its reply was lost (the caller cancelled, the
+            # connection dropped): undo by id in the background, a no-op if nothing was reserved.
+            self._in_background(settle(0, Decimal(0)))
+            if isinstance(exc, RedisError | OSError):
+                raise SharedStateUnavailable(
+                    f"tenant limits could not be checked: the shared state store failed ({type(exc).__name__})"
+                ) from exc
+            raise
+        if verdict == "OK":
+            return SettleOnce(settle)
+        raise self._refusal(tenant, limits, verdict, detail, now)
+
+    async def precheck(self, tenant: str) -> None:
+        """Raise ``LimitExceeded`` when even a request of no tokens and no cost would be refused now
+        (the admit script's checks, across replicas, with nothing reserved)."""
+        limits = self._tenants.get(tenant)
+        if limits is None:
+            return
+        now = self._clock()
+        try:
+            verdict, detail = await self._run_admit(tenant, limits, now, 0, Decimal(0), "", dry=True)
+        except (RedisError, OSError) as exc:
+            raise SharedStateUnavailable(
+                f"tenant limits could not be checked: the shared state store failed ({type(exc).__name__})"
+            ) from exc
+        if verdict != "OK":
+            raise self._refusal(tenant, limits, verdict, detail, now)
+
+    async def _run_admit(
+        self,
+        tenant: str,
+        limits: TenantConfig,
+        now: float,
+        tokens: int,
+        cost: Decimal,
+        reservation_id: str,
+        *,
+        dry: bool,
+    ) -> tuple[str, str]:
+        day, month = _periods(now)
         keys = [
             self._key(tenant, "req"),
             self._key(tenant, "tok"),
@@ -190,25 +236,18 @@ class RedisAdmission:
             _usd(limits.monthly_budget_usd) if limits.monthly_budget_usd is not None else 0,
             reservation_id,
             repr(self._lease),
+            "1" if dry else "0",
         ]
-        settle = functools.partial(self._settle, tenant, reservation_id, cost, (day, month))
-        try:
-            verdict, detail = await self._admit(keys=keys, args=args)
-        except BaseException as exc:
-            # The script may have reserved before its reply was lost (the caller cancelled, the
-            # connection dropped): undo by id in the background, a no-op if nothing was reserved.
-            self._in_background(settle(0, Decimal(0)))
-            if isinstance(exc, RedisError | OSError):
-                raise SharedStateUnavailable(
-                    f"tenant limits could not be checked: the shared state store failed ({type(exc).__name__})"
-                ) from exc
-            raise
-        if verdict == "OK":
-            return SettleOnce(settle)
+        verdict, detail = await self._admit(keys=keys, args=args)
+        return str(verdict), str(detail)
+
+    def _refusal(self, tenant: str, limits: TenantConfig, verdict: str, detail: str, now: float) -> LimitExceeded:
+        """The error for a refusing verdict of the admit script."""
+        day, month = _periods(now)
         if verdict == "BUDGET_EXCEEDED":
             period = day if detail == "day" else month
             budget = limits.daily_budget_usd if detail == "day" else limits.monthly_budget_usd
-            raise LimitExceeded(
+            return LimitExceeded(
                 f"tenant {tenant!r} would exceed its {budget_name(period)} budget of"
                 f" {format_usd(budget or Decimal(0))} USD",
                 reason="BUDGET_EXCEEDED",
@@ -219,7 +258,7 @@ class RedisAdmission:
             "TOKEN_RATE_LIMITED": f"tenant {tenant!r} is over its {limits.tokens_per_minute} tokens per minute",
             "CONCURRENCY_LIMITED": f"tenant {tenant!r} already has {limits.max_concurrent} requests in flight",
         }
-        raise LimitExceeded(messages[verdict], reason=verdict, retry_after=max(0.001, float(detail)))
+        return LimitExceeded(messages[verdict], reason=verdict, retry_after=max(0.001, float(detail)))
 
     async def _settle(
         self, tenant: str, reservation_id: str, reserved: Decimal, periods: tuple[str, str], tokens: int, cost: Decimal

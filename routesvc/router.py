@@ -401,6 +401,10 @@ class Router:
         mode the request is queued for the provider's batch API and one ``BatchJob`` is yielded.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._policy.pays_to_decide:
+            # A request that admission would refuse whatever it costs is refused before it pays to
+            # decide (an LLM classifier's call); the real check and reservation follow the decision.
+            await self._admission.precheck(request.context.tenant)
         decision = await self.route(request, for_completion=True, request_id=request_id)
         if decision.mode is Mode.BATCH and self._batches is not None and self._batches.supports(decision.provider):
             tokens = decision.estimated_input_tokens + decision.estimated_output_tokens

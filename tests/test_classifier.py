@@ -488,6 +488,25 @@ class TestTheLLMClassifierIsPaidFor:
         assert len(fake.requests) == 1
         assert spent == cost_of_usage(settings.catalog.get("gpt-4o-mini"), self.CLASSIFIER_USAGE)
 
+    async def test_a_complete_over_its_rate_is_refused_before_it_pays_for_a_label(self, fake: FakeProvider) -> None:
+        """A 1-rpm tenant: the first Complete pays for its label and its answer; the second is
+        RATE_LIMITED before the classifier is asked."""
+        config = llm_classifier_config()
+        config["tenants"] = {"acme": {"requests_per_minute": 1}}
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            [m async for m in client.complete(user_chat("hello there"), ACME)]
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("good morning to you"), ACME):
+                    pass
+            entries = server.router.ledger.entries()
+        assert error_info(caught.value).reason == "RATE_LIMITED"
+        assert len(fake.requests) == 2
+        assert len(entries) == 2
+
     async def test_a_call_cut_by_its_timeout_is_charged_an_estimate(self, fake: FakeProvider) -> None:
         """The classifier gives up on a slow model (its 0.3 s timeout) and the local fallback labels
         the request; the provider started work, so the call is charged an estimate, flagged."""

@@ -60,6 +60,23 @@ class TestAdmission:
         admission.charge("free", Decimal(5))
         assert await admission.spent("free") == 0
 
+    async def test_precheck_refuses_what_any_request_would_meet_and_reserves_nothing(self) -> None:
+        """A full minute of requests or a full concurrency refuses the precheck as admit would;
+        the precheck itself takes no request slot."""
+        admission = LocalAdmission({"t": TenantConfig(requests_per_minute=2, max_concurrent=1)})
+        await admission.precheck("t")
+        await admission.precheck("t")
+        first = await admission.admit("t")
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.precheck("t")
+        assert caught.value.reason == "CONCURRENCY_LIMITED"
+        await first.settle(0, Decimal(0))
+        await (await admission.admit("t")).settle(0, Decimal(0))
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.precheck("t")
+        assert caught.value.reason == "RATE_LIMITED"
+        await admission.precheck("unlimited")
+
     async def test_exhausted_says_when_a_budget_is_spent_or_reserved_in_full(self) -> None:
         """What the router asks before it pays to decide: nothing to say while some budget is left."""
         admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})

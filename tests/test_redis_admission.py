@@ -94,6 +94,20 @@ class TestSharedLimits:
         assert await second.exhausted("unlimited") == ""
         await second.aclose()
 
+    async def test_precheck_sees_every_replica_and_reserves_nothing(self, redis_url: str, prefix: str) -> None:
+        """A 2-rpm tenant: prechecks take no slot; after two admissions on one replica the other
+        replica's precheck refuses."""
+        first, second = await _replicas(redis_url, prefix, TenantConfig(requests_per_minute=2))
+        for _ in range(3):
+            await second.precheck("t")
+        await (await first.admit("t")).settle(0, Decimal(0))
+        await (await first.admit("t")).settle(0, Decimal(0))
+        with pytest.raises(LimitExceeded) as caught:
+            await second.precheck("t")
+        assert caught.value.reason == "RATE_LIMITED"
+        await first.aclose()
+        await second.aclose()
+
     async def test_concurrency_and_tokens_are_shared_and_rejections_reserve_nothing(
         self, redis_url: str, prefix: str
     ) -> None:
