@@ -120,9 +120,13 @@ class RouteDecision:
     cascade_models: tuple[str, ...] = ()
     cascade_thresholds: tuple[float, ...] = ()
     cascade_scorer: str = ""
-    # Provider calls made to decide (an LLM classifier's), already in the ledger, and their cost.
-    routing_calls: tuple[UpstreamCall, ...] = ()
-    routing_cost_usd: Decimal = Decimal(0)
+    # Provider calls made to decide (an LLM classifier's), already in the ledger and the budget.
+    routing_attempts: tuple[AttemptSummary, ...] = ()
+
+    @property
+    def routing_cost_usd(self) -> Decimal:
+        """What deciding cost: the sum of ``routing_attempts``."""
+        return sum((attempt.cost_usd for attempt in self.routing_attempts), Decimal(0))
 
 
 @dataclass(frozen=True, slots=True)

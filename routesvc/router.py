@@ -208,7 +208,7 @@ class Router:
         no key fails with ``ProviderNotConfigured`` (policy ``fail``); for ``Route`` alone the
         decision is returned with a reason saying Complete would fail. A provider call made to
         decide (an LLM classifier's) is written to the ledger as it ends, under the decision's
-        id and ``request_id``, and comes back in ``routing_calls`` with its cost.
+        id and ``request_id``, and comes back in ``routing_attempts`` with its cost.
         """
         telemetry.start_routing(request)
         chat = request.chat
@@ -223,12 +223,12 @@ class Router:
         # skip the classifier and match nothing: it is set aside, and the decision says so.
         unknown_hint = bool(hint) and hint not in self._known_tasks
         decision_id = self._new_decision_id()
-        routing_calls: list[tuple[UpstreamCall, Decimal]] = []
+        routing_attempts: list[AttemptSummary] = []
 
         def charge(call: UpstreamCall) -> None:
             model = self._catalog.get(call.model)
             cost = cost_of_usage(model, call.usage)
-            routing_calls.append((call, cost))
+            routing_attempts.append(AttemptSummary(model.id, AttemptResult.CLASSIFIER, call.usage, cost))
             # Paid where it was spent, whatever happens to the request next (also a Route alone).
             self._admission.charge(request.context.tenant, cost)
             self._ledger.record(
@@ -237,7 +237,7 @@ class Router:
                 tenant=request.context.tenant,
                 model=model.id,
                 provider=model.provider,
-                attempt=len(routing_calls),
+                attempt=len(routing_attempts),
                 outcome=_side_call_outcome(call),
                 usage=call.usage,
                 cost_usd=cost,
@@ -299,8 +299,7 @@ class Router:
             mode=verdict.mode,
             candidates=tuple(Candidate(model_id, not why, why) for model_id, why in eligible.items()),
             task=verdict.task,
-            routing_calls=tuple(call for call, _ in routing_calls),
-            routing_cost_usd=sum((cost for _, cost in routing_calls), Decimal(0)),
+            routing_attempts=tuple(routing_attempts),
         )
         for stage in self._policy.learning_stages:
             # Only an embedding of the prompt is kept (never its text), for later feedback.
@@ -446,13 +445,11 @@ class Router:
         # Deciding's calls are the request's first attempts, in its cost, summary and tokens (the
         # budget has their cost already: ``route`` charged it as they ended, so the settle below
         # leaves it out).
-        for call in decision.routing_calls:
+        for summary in decision.routing_attempts:
             attempt.number += 1
-            model = self._catalog.get(call.model)
-            cost = cost_of_usage(model, call.usage)
-            attempt.tokens += call.usage.input_tokens + call.usage.output_tokens
-            attempt.cost += cost
-            attempt.summaries.append(AttemptSummary(model.id, AttemptResult.CLASSIFIER, call.usage, cost))
+            attempt.tokens += summary.usage.input_tokens + summary.usage.output_tokens
+            attempt.cost += summary.cost_usd
+            attempt.summaries.append(summary)
         try:
             yield decision
             steps = decision.cascade_models or (decision.model,)
