@@ -13,7 +13,7 @@ import collections
 import datetime
 import functools
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
@@ -115,6 +115,16 @@ def budget_name(period: str) -> str:
     return "daily" if period.startswith("day") else "monthly"
 
 
+def exhausted_budget(tenant: str, limits: TenantConfig, periods: Sequence[str], committed: Sequence[Decimal]) -> str:
+    """Why ``tenant`` may not spend more: the first budget that its spent plus reserved USD
+    (``committed``, one amount per period of ``periods``) has reached; "" when none has."""
+    budgets = (limits.daily_budget_usd, limits.monthly_budget_usd)
+    for period, budget, used in zip(periods, budgets, committed, strict=True):
+        if budget is not None and used >= budget:
+            return f"tenant {tenant!r} has spent or reserved its {budget_name(period)} budget"
+    return ""
+
+
 async def _nothing_reserved(tokens: int, cost: Decimal) -> None:
     del tokens, cost
 
@@ -187,10 +197,7 @@ class LocalAdmission:
             return ""
         state = self._state[tenant]
         periods = _periods(self._wall_clock())
-        for period, budget in zip(periods, (limits.daily_budget_usd, limits.monthly_budget_usd), strict=True):
-            if budget is not None and state.spent[period] + state.reserved[period] >= budget:
-                return f"tenant {tenant!r} has spent or reserved its {budget_name(period)} budget"
-        return ""
+        return exhausted_budget(tenant, limits, periods, [state.spent[p] + state.reserved[p] for p in periods])
 
     async def precheck(self, tenant: str) -> None:
         """Raise ``LimitExceeded`` when even a request of no tokens and no cost would be refused now."""

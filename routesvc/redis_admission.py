@@ -33,6 +33,7 @@ from routesvc.admission import (
     _seconds_to_next,
     budget_name,
     check_fits_token_rate,
+    exhausted_budget,
 )
 from routesvc.config import TenantConfig
 from routesvc.cost import format_usd
@@ -124,6 +125,12 @@ return 1
 """
 
 
+def _store_failed(exc: BaseException) -> SharedStateUnavailable:
+    return SharedStateUnavailable(
+        f"tenant limits could not be checked: the shared state store failed ({type(exc).__name__})"
+    )
+
+
 def _usd(amount: Decimal) -> str:
     return format_usd(amount.quantize(_PLACES))
 
@@ -178,9 +185,7 @@ class RedisAdmission:
             # connection dropped): undo by id in the background, a no-op if nothing was reserved.
             self._in_background(settle(0, Decimal(0)))
             if isinstance(exc, RedisError | OSError):
-                raise SharedStateUnavailable(
-                    f"tenant limits could not be checked: the shared state store failed ({type(exc).__name__})"
-                ) from exc
+                raise _store_failed(exc) from exc
             raise
         if verdict == "OK":
             return SettleOnce(settle)
@@ -196,9 +201,7 @@ class RedisAdmission:
         try:
             verdict, detail = await self._run_admit(tenant, limits, now, 0, Decimal(0), "", dry=True)
         except (RedisError, OSError) as exc:
-            raise SharedStateUnavailable(
-                f"tenant limits could not be checked: the shared state store failed ({type(exc).__name__})"
-            ) from exc
+            raise _store_failed(exc) from exc
         if verdict != "OK":
             raise self._refusal(tenant, limits, verdict, detail, now)
 
@@ -314,11 +317,7 @@ class RedisAdmission:
         except (RedisError, OSError) as exc:
             return f"the shared state store failed ({type(exc).__name__})"
         amounts = [Decimal(value) if value else Decimal(0) for value in values]
-        budgets = (limits.daily_budget_usd, limits.monthly_budget_usd)
-        for index, (period, budget) in enumerate(zip(periods, budgets, strict=True)):
-            if budget is not None and amounts[2 * index] + amounts[2 * index + 1] >= budget:
-                return f"tenant {tenant!r} has spent or reserved its {budget_name(period)} budget"
-        return ""
+        return exhausted_budget(tenant, limits, periods, [amounts[0] + amounts[1], amounts[2] + amounts[3]])
 
     async def spent(self, tenant: str) -> Decimal:
         """What ``tenant`` has spent today (UTC), across replicas."""
