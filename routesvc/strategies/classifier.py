@@ -445,7 +445,11 @@ def build(
     """
     local: TaskClassifier | None = None
     if config.method == "local" or config.fallback_local:
-        local = TaskClassifier(encoder or WordLlamaEncoder(), read_examples(config.examples))
+        if config.examples is None and encoder is None:
+            # The one the fitted router's kind prior labels with too: fitted once per process.
+            local = shipped_classifier()
+        else:
+            local = TaskClassifier(encoder or WordLlamaEncoder(), read_examples(config.examples))
     if config.method == "local":
         assert local is not None
         return LocalClassifierStage(
