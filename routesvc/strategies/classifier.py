@@ -373,28 +373,25 @@ class LLMClassifierStage:
         task, complexity = parse_answer("".join(parts))
         return task, complexity, finish.usage if finish is not None else Usage()
 
-    async def classify(self, prompt: str, charge: Callable[[UpstreamCall], None] | None = None) -> tuple[str, str, str]:
+    async def classify(
+        self, prompt: str, charge: Callable[[UpstreamCall], None] | None = None, *, may_not_pay: str = ""
+    ) -> tuple[str, str, str]:
         """(task, complexity, explanation); task is "" when the model failed and no fallback exists.
-        Each provider call goes to ``charge`` as it ends (an answer from the cache makes none)."""
+        Each provider call goes to ``charge`` as it ends (an answer from the cache makes none).
+        When ``may_not_pay`` says why, the model is not asked: the cache or the fallback answers."""
         key = text_key(prompt)
         cached = self._cache.get(key)
         if cached is not None:
             return cached[0], cached[1], f"classifier: {self._model.id} labelled the task {cached[0]!r} (cached)"
+        if may_not_pay:
+            return self._fall_back(prompt, f"not asked ({may_not_pay})")
         started = time.perf_counter()
         try:
             task, complexity, usage = await self._ask(prompt, charge)
         except (TimeoutError, RouteSvcError) as exc:
             elapsed = (time.perf_counter() - started) * 1000
             problem = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-            if self._fallback is None:
-                return "", "", f"classifier: {self._model.id} {problem} after {elapsed:.0f} ms; task left unknown"
-            guess = self._fallback.predict(prompt)
-            return (
-                guess.task,
-                "",
-                f"classifier: {self._model.id} {problem} after {elapsed:.0f} ms; local fallback labelled "
-                f"the task {guess.task!r}",
-            )
+            return self._fall_back(prompt, f"{problem} after {elapsed:.0f} ms")
         elapsed = (time.perf_counter() - started) * 1000
         cost: Decimal = cost_of_usage(self._model, usage)
         self._cache.put(key, (task, complexity))
@@ -405,15 +402,12 @@ class LLMClassifierStage:
             f"in {elapsed:.0f} ms for ${format_usd(cost)}",
         )
 
-    def _unpaid(self, prompt: str, why: str) -> tuple[str, str]:
-        """(task, explanation) without asking the model: from its cache, else the local fallback."""
-        cached = self._cache.get(text_key(prompt))
-        if cached is not None:
-            return cached[0], f"classifier: {self._model.id} labelled the task {cached[0]!r} (cached)"
+    def _fall_back(self, prompt: str, why: str) -> tuple[str, str, str]:
+        """(task, "", explanation) when the model gave no label (``why``): the local fallback's."""
         if self._fallback is None:
-            return "", f"classifier: {self._model.id} not asked ({why}); task left unknown"
+            return "", "", f"classifier: {self._model.id} {why}; task left unknown"
         task = self._fallback.predict(prompt).task
-        return task, f"classifier: {self._model.id} not asked ({why}); local fallback labelled the task {task!r}"
+        return task, "", f"classifier: {self._model.id} {why}; local fallback labelled the task {task!r}"
 
     async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
         """Set ``task`` from the model's answer (or the fallback) and defer to the rest."""
@@ -422,10 +416,9 @@ class LLMClassifierStage:
             return _with_reason(
                 verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", ""
             )
-        if routing_input.may_not_pay:
-            task, reason = self._unpaid(routing_input.request.chat.last_user_message, routing_input.may_not_pay)
-        else:
-            task, _, reason = await self.classify(routing_input.request.chat.last_user_message, routing_input.charge)
+        task, _, reason = await self.classify(
+            routing_input.request.chat.last_user_message, routing_input.charge, may_not_pay=routing_input.may_not_pay
+        )
         annotated = dataclasses.replace(routing_input, task=task, task_source=self.name) if task else routing_input
         verdict = await next_stage(annotated)
         return _with_reason(verdict, reason, task)
