@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from routesvc.errors import ConfigError, InvalidRequest, RouteSvcError
+from routesvc.sqlite import immediate
 
 DEFAULT_DECISION_TTL_SECONDS = 7 * 24 * 3600.0
 """How long a decision waits for feedback by default (a week)."""
@@ -146,14 +147,8 @@ class FeedbackStore:
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         """One write transaction on the writer connection, rolled back if the block raises."""
-        with self._write_lock:
-            self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._writer.execute("ROLLBACK")
-                raise
-            self._writer.execute("COMMIT")
+        with self._write_lock, immediate(self._writer):
+            yield
 
     def remember(
         self, decision_id: str, model: str, embedding: Sequence[float] | np.ndarray[tuple[int], np.dtype[np.float32]]

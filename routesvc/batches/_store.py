@@ -15,17 +15,17 @@ claimable again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
 from routesvc.models import BatchJob, BatchResult, BatchState, BatchStatus, FinishReason, Message, Role, Usage
+from routesvc.sqlite import immediate
 
 _T = TypeVar("_T")
 
@@ -83,20 +83,8 @@ def decode_request(text: str) -> tuple[tuple[Message, ...], int, float | None]:
     return messages, int(data["max_output_tokens"]), data["temperature"]
 
 
-@contextlib.contextmanager
-def _immediate(connection: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction, taken at its start (other processes wait on the busy timeout)."""
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
-
-
 def _add_missing_columns(connection: sqlite3.Connection) -> None:
-    with _immediate(connection):
+    with immediate(connection):
         present = {row["name"] for row in connection.execute("PRAGMA table_info(jobs)")}
         for name, kind in _ADDED_COLUMNS:
             if name not in present:
@@ -222,7 +210,7 @@ class BatchStore:
 
         def update(connection: sqlite3.Connection) -> list[str]:
             claimed = []
-            with _immediate(connection):
+            with immediate(connection):
                 for batch_id in batch_ids:
                     cursor = connection.execute(
                         "UPDATE jobs SET claimed_by = ?, claimed_until = ? WHERE id = ? AND state = ?"

@@ -1,0 +1,20 @@
+"""What the SQLite stores (batch jobs, feedback) share: one write transaction taken at its start."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def immediate(connection: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on ``connection`` (opened with ``isolation_level=None``), taken at its
+    start so other processes wait on the busy timeout; rolled back if the block raises."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
