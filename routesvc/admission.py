@@ -60,10 +60,11 @@ class Admission(Protocol):
         "" when it may: the router pays to decide (an LLM classifier's call) only when it may."""
         ...
 
-    async def precheck(self, tenant: str) -> None:
-        """Raise ``LimitExceeded`` when even a request of no tokens and no cost would be refused now
-        (requests per minute used up, concurrency full, a budget already passed); reserves nothing.
-        Complete asks before it pays to decide, so that a request refused anyway costs no label."""
+    async def precheck(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> None:
+        """Raise what ``admit`` would raise now for a request of ``tokens`` and ``cost`` (requests
+        per minute used up, tokens per minute, concurrency full, a budget passed); reserves nothing.
+        Complete asks with its tokens and the least it can cost before it pays to decide, so that
+        a request refused anyway costs no label."""
         ...
 
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
@@ -199,11 +200,11 @@ class LocalAdmission:
         periods = _periods(self._wall_clock())
         return exhausted_budget(tenant, limits, periods, [state.spent[p] + state.reserved[p] for p in periods])
 
-    async def precheck(self, tenant: str) -> None:
-        """Raise ``LimitExceeded`` when even a request of no tokens and no cost would be refused now."""
+    async def precheck(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> None:
+        """Raise what ``admit`` would raise now for ``tokens`` and ``cost``, reserving nothing."""
         limits = self._tenants.get(tenant)
         if limits is not None:
-            self._check(tenant, limits, self._state[tenant], self._clock(), 0, Decimal(0))
+            self._check(tenant, limits, self._state[tenant], self._clock(), tokens, cost)
 
     def _check(
         self, tenant: str, limits: TenantConfig, state: _TenantState, now: float, tokens: int, cost: Decimal

@@ -191,15 +191,16 @@ class RedisAdmission:
             return SettleOnce(settle)
         raise self._refusal(tenant, limits, verdict, detail, now)
 
-    async def precheck(self, tenant: str) -> None:
-        """Raise ``LimitExceeded`` when even a request of no tokens and no cost would be refused now
-        (the admit script's checks, across replicas, with nothing reserved)."""
+    async def precheck(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> None:
+        """Raise what ``admit`` would raise now for ``tokens`` and ``cost`` (the admit script's
+        checks, across replicas, with nothing reserved)."""
         limits = self._tenants.get(tenant)
         if limits is None:
             return
+        check_fits_token_rate(tenant, limits, tokens)
         now = self._clock()
         try:
-            verdict, detail = await self._run_admit(tenant, limits, now, 0, Decimal(0), "", dry=True)
+            verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
         except (RedisError, OSError) as exc:
             raise _store_failed(exc) from exc
         if verdict != "OK":

@@ -273,6 +273,8 @@ class Router:
                 task=routing_input.task,
             )
         else:
+            if self._policy.pays_to_decide:
+                await self._refuse_before_paying(routing_input, for_completion=for_completion)
             verdict = await self._policy.decide(routing_input)
         model = self._catalog.get(verdict.model)
         reasons = list(verdict.reasons)
@@ -321,6 +323,30 @@ class Router:
             examples += stage.rebuild_library()
         telemetry.record_feedback(model, score, decision_id=decision_id, tenant=tenant)
         return model, examples
+
+    async def _refuse_before_paying(self, routing_input: RoutingInput, *, for_completion: bool) -> None:
+        """Raise what the request would meet after the policy decides, whatever model it picks,
+        before the policy pays to decide (an LLM classifier's call): a ``max_cost_usd`` below every
+        eligible model's estimate, and, for Complete, an admission refusal of its tokens (known
+        before deciding) and of the least it can cost (the cheapest eligible model in either mode).
+        """
+        request = routing_input.request
+        tokens_in, tokens_out = routing_input.estimated_input_tokens, routing_input.estimated_output_tokens
+        costs = [
+            estimate_cost(model, tokens_in, tokens_out, mode)
+            for model in self._catalog
+            if routing_input.is_eligible(model.id)
+            for mode in (Mode.REALTIME, Mode.BATCH)
+        ]
+        least = min(costs, default=Decimal(0))
+        cap = request.context.max_cost_usd
+        if costs and cap is not None and least > cap:
+            raise CostLimitExceeded(
+                f"estimated cost of the cheapest eligible model ({format_usd(least)} USD) exceeds"
+                f" max_cost_usd {format_usd(cap)}"
+            )
+        if for_completion:
+            await self._admission.precheck(request.context.tenant, tokens=tokens_in + tokens_out, cost=least)
 
     def _within_max_cost(
         self,
@@ -400,10 +426,6 @@ class Router:
         mode the request is queued for the provider's batch API and one ``BatchJob`` is yielded.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._policy.pays_to_decide:
-            # A request that admission would refuse whatever it costs is refused before it pays to
-            # decide (an LLM classifier's call); the real check and reservation follow the decision.
-            await self._admission.precheck(request.context.tenant)
         decision = await self.route(request, for_completion=True, request_id=request_id)
         if decision.mode is Mode.BATCH and self._batches is not None and self._batches.supports(decision.provider):
             tokens = decision.estimated_input_tokens + decision.estimated_output_tokens

@@ -471,9 +471,9 @@ class TestTheLLMClassifierIsPaidFor:
             )
         )
 
-    async def test_refused_completes_pay_for_one_label_at_most(self, fake: FakeProvider) -> None:
-        """A budget too small for any answer: the first Complete pays for its label and is refused
-        (BUDGET_EXCEEDED); the next ones are refused without paying for one."""
+    async def test_completes_the_budget_cannot_cover_on_any_model_pay_for_no_label(self, fake: FakeProvider) -> None:
+        """A budget smaller than the cheapest eligible model's estimate: every Complete is refused
+        (BUDGET_EXCEEDED) before the classifier is asked."""
         config = llm_classifier_config()
         config["tenants"] = {"acme": {"daily_budget_usd": "0.0000001"}}
         fake.set_default(Script(text='{"task": "chat", "complexity": "low"}', input_tokens=900, output_tokens=12))
@@ -485,8 +485,69 @@ class TestTheLLMClassifierIsPaidFor:
                         pass
                 assert error_info(caught.value).reason == "BUDGET_EXCEEDED"
             spent = await server.router.admission.spent("acme")
+        assert fake.requests == []
+        assert spent == 0
+
+    async def test_a_complete_refused_only_for_its_chosen_model_pays_for_the_label_it_was_refused_by(
+        self, fake: FakeProvider
+    ) -> None:
+        """A budget that covers the request on gpt-4o-mini but not on gpt-4o: a code request is
+        labelled (paid), routed to gpt-4o and refused; its label is the only spend."""
+        config = llm_classifier_config()
+        config["tenants"] = {"acme": {"daily_budget_usd": "0.001"}}
+        label = '{"task": "code_generation", "complexity": "high"}'
+        fake.set_default(Script(text=label, input_tokens=900, output_tokens=12))
+        settings = settings_from(config, live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("Write a Python function that sorts a list"), ACME):
+                    pass
+            spent = await server.router.admission.spent("acme")
+        assert error_info(caught.value).reason == "BUDGET_EXCEEDED"
         assert len(fake.requests) == 1
         assert spent == cost_of_usage(settings.catalog.get("gpt-4o-mini"), self.CLASSIFIER_USAGE)
+
+    async def test_a_complete_over_the_token_rate_is_refused_before_it_pays_for_a_label(
+        self, fake: FakeProvider
+    ) -> None:
+        """A request whose tokens alone (input plus max output, known before deciding) pass the
+        tenant's tokens per minute is refused before the classifier is asked, and so is one that
+        does not fit in what is left of the window."""
+        config = llm_classifier_config()
+        config["tenants"] = {"acme": {"tokens_per_minute": 300}}
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as too_large:
+                async for _ in client.complete(user_chat("hello there"), ACME):
+                    pass
+            reservation = await server.router.admission.admit("acme", tokens=250)
+            with pytest.raises(grpc.aio.AioRpcError) as over_rate:
+                async for _ in client.complete(user_chat("hello there", max_output_tokens=100), ACME):
+                    pass
+            await reservation.settle(250, Decimal(0))
+        assert error_info(too_large.value).reason == "REQUEST_TOO_LARGE"
+        assert error_info(over_rate.value).reason == "TOKEN_RATE_LIMITED"
+        assert fake.requests == []
+
+    async def test_a_max_cost_below_every_model_is_refused_before_a_label(self, fake: FakeProvider) -> None:
+        """``max_cost_usd`` below the cheapest eligible model's estimate: Route and Complete are
+        COST_LIMIT_EXCEEDED without asking the classifier."""
+        context = pb.RoutingContext(tenant="acme", max_cost_usd="0.0000001")
+        async with (
+            Server(settings_from(llm_classifier_config(), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as routed:
+                await client.route(user_chat("hello there"), context)
+            with pytest.raises(grpc.aio.AioRpcError) as completed:
+                async for _ in client.complete(user_chat("hello there"), context):
+                    pass
+            entries = server.router.ledger.entries()
+        assert error_info(routed.value).reason == error_info(completed.value).reason == "COST_LIMIT_EXCEEDED"
+        assert fake.requests == []
+        assert entries == []
 
     async def test_a_complete_over_its_rate_is_refused_before_it_pays_for_a_label(self, fake: FakeProvider) -> None:
         """A 1-rpm tenant: the first Complete pays for its label and its answer; the second is

@@ -77,6 +77,23 @@ class TestAdmission:
         assert caught.value.reason == "RATE_LIMITED"
         await admission.precheck("unlimited")
 
+    async def test_precheck_with_tokens_and_cost_refuses_what_admit_would_and_reserves_nothing(self) -> None:
+        """The tokens and cost a request will be admitted with are checked against the token window
+        and the budget as admit would check them; nothing is taken from either."""
+        admission = LocalAdmission({"t": TenantConfig(tokens_per_minute=100, daily_budget_usd=Decimal(1))})
+        with pytest.raises(RequestTooLarge):
+            await admission.precheck("t", tokens=101)
+        await admission.precheck("t", tokens=100, cost=Decimal(1))
+        await (await admission.admit("t", tokens=60, cost=Decimal("0.5"))).settle(60, Decimal("0.5"))
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.precheck("t", tokens=41)
+        assert caught.value.reason == "TOKEN_RATE_LIMITED"
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.precheck("t", cost=Decimal("0.6"))
+        assert caught.value.reason == "BUDGET_EXCEEDED"
+        await admission.precheck("t", tokens=40, cost=Decimal("0.5"))
+        await (await admission.admit("t", tokens=40, cost=Decimal("0.5"))).settle(40, Decimal("0.5"))
+
     async def test_exhausted_says_when_a_budget_is_spent_or_reserved_in_full(self) -> None:
         """What the router asks before it pays to decide: nothing to say while some budget is left."""
         admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
