@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from routesvc.encoders import Encoder, HashingEncoder, StackedEncoder, WordLlamaEncoder
 from routesvc.evaluation import RoutingCurve, evaluate_scores, plot_curves, routing_curve
+from routesvc.features import bounded
 from routesvc.fitting import FitSettings, fit_router, resolve_model
 from routesvc.outcomes import OutcomeRecord, read_outcomes
 
@@ -101,7 +102,7 @@ def main() -> int:
         pairs[task] = file_pairs[records[rows[0]].source]
     for enc_name, encoder in encoders.items():
         started = time.perf_counter()
-        embeddings = encoder.encode([r.prompt for r in records])
+        embeddings = encoder.encode([bounded(r.prompt) for r in records])
         print(f"{enc_name}: encoded {len(records)} prompts in {time.perf_counter() - started:.1f}s", file=sys.stderr)
         for var_name, settings in chosen.items():
             key = f"{enc_name} / {var_name}"

@@ -26,6 +26,7 @@ import numpy as np
 from routesvc.config import limit_native_threads
 from routesvc.encoders import DEFAULT_ROUTER_ENCODER, load_encoder
 from routesvc.evaluation import evaluate_scores
+from routesvc.features import bounded
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.outcomes import read_outcomes
 
@@ -48,7 +49,7 @@ def main() -> int:
     records = read_outcomes(args.data)
     encoder = load_encoder(args.encoder)
     started = time.perf_counter()
-    embeddings = encoder.encode([r.prompt for r in records])
+    embeddings = encoder.encode([bounded(r.prompt) for r in records])
     print(f"encoded {len(records)} prompts in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     held = [i for i, r in enumerate(records) if r.source == args.file]
     if not held:
