@@ -90,6 +90,13 @@ class ServerConfig(_Strict):
     )
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
     tls: TlsConfig | None = Field(None, description="TLS / mutual TLS; plaintext when unset.")
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="A second, plaintext port on the same host serving grpc.health.v1 alone, for probes that "
+        "cannot speak TLS (Kubernetes' gRPC probes, Docker's HEALTHCHECK); 0 picks a free one; unset: none.",
+    )
     reload_interval_seconds: float = Field(
         2.0, ge=0, description="How often a config file is checked for changes (hot reload); 0: never."
     )
@@ -106,6 +113,12 @@ class ServerConfig(_Strict):
         description="Ask clients to reconnect after this long (GOAWAY; calls in flight finish), so new "
         "replicas behind a load balancer get traffic; 0: connections live as long as clients keep them.",
     )
+
+    @model_validator(mode="after")
+    def _health_port_is_another_port(self) -> ServerConfig:
+        if self.health_port and self.health_port == self.port:
+            raise ValueError("health_port must differ from port (it serves health alone, in plaintext)")
+        return self
 
 
 class LimitsConfig(_Strict):

@@ -165,7 +165,24 @@ class Server:
             self.port = self._server.add_insecure_port(address)
         else:
             self.port = self._server.add_secure_port(address, _server_credentials(tls))
-        self.target = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{self.port}"
+        local = "127.0.0.1" if host in ("0.0.0.0", "[::]", "::") else host
+        self.target = f"{local}:{self.port}"
+        # Health alone, in plaintext, for probes that cannot speak TLS: the same servicer, so a
+        # drain turns both ports NOT_SERVING at once.
+        self._health_server: grpc.aio.Server | None = None
+        self.health_target = ""
+        health_port = settings.config.server.health_port
+        if health_port is not None:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            try:
+                bound = self._health_server.add_insecure_port(f"{host}:{health_port}")
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"server.health_port: cannot listen on {host}:{health_port} (the port is in use,"
+                    " or the host is not this machine's)"
+                ) from exc
+            self.health_target = f"{local}:{bound}"
         self._stopped = asyncio.Event()
         self._freeze_heap = freeze_heap
         # Routers a reload replaced, not yet closed: True when their providers are theirs to close,
@@ -234,6 +251,8 @@ class Server:
         if self._freeze_heap:
             _freeze_heap()  # before the port accepts calls: the one full collection pauses nobody
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         interval = self._settings.config.server.reload_interval_seconds
         # Settings read from a file name it as their source; embedded or in-memory ones "<...>".
@@ -244,7 +263,13 @@ class Server:
             )
             self._watcher = asyncio.get_running_loop().create_task(watcher.run(), name="config-watcher")
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]  # "uvloop" or "asyncio"
-        log.info("server_started", target=self.target, service=SERVICE_NAME, event_loop=loop)
+        log.info(
+            "server_started",
+            target=self.target,
+            service=SERVICE_NAME,
+            event_loop=loop,
+            **({"health_target": self.health_target} if self.health_target else {}),
+        )
         # Route works without credentials, so health stays SERVING; but Complete cannot reach a
         # provider without its key, which an operator should see at start, not at the first call.
         providers = self._settings.providers
@@ -280,6 +305,8 @@ class Server:
             interrupter = group.create_task(self._interrupt_after(grace - margin, margin))
             await self._server.stop(grace)
             interrupter.cancel()
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.batches.aclose()
         await self._router.aclose()
         await self._router.admission.aclose()

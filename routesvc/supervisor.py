@@ -116,6 +116,11 @@ def serve_workers(
             "unset it or use OTLP metrics"
         )
     server = settings.config.server
+    if workers > 1 and server.health_port == 0:
+        raise ConfigError(
+            f"{settings.source}: server.health_port: 0 would give each of {workers} workers its own port; "
+            "set a fixed one"
+        )
     reservation = _reserve(server.host, server.port if port is None else port)
     bound = int(reservation.getsockname()[1])
     context = multiprocessing.get_context("spawn")

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from routesvc.auth import key_digest
 from routesvc.client import RouterClient, tls_credentials
-from routesvc.server import Server
+from routesvc.errors import ConfigError
+from routesvc.server import SERVICE_NAME, Server
 from routesvc.testing import FakeProvider
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
@@ -95,3 +99,64 @@ class TestMutualTls:
         async with _client(server, pki, "stranger", api_key="globex-key") as client:
             decision = await client.route(user_chat("hi"), pb.RoutingContext(user_tier="premium"))
         assert decision.model == "gpt-4o"
+
+
+class TestHealthPort:
+    """``server.health_port``: health alone, in plaintext, beside a TLS port, for probes that cannot
+    speak TLS (Kubernetes' gRPC probes, Docker's HEALTHCHECK)."""
+
+    @pytest.fixture
+    async def tls_server(self, tmp_path: Path, fake: FakeProvider) -> AsyncIterator[Server]:
+        pki = make_pki(tmp_path)
+        config = default_config()
+        config["server"] = {
+            "tls": {"cert_file": str(pki / "server.pem"), "key_file": str(pki / "server.key")},
+            "health_port": 0,
+        }
+        async with Server(settings_from(config, live_environ(fake)), port=0) as server:
+            yield server
+
+    async def test_a_plaintext_probe_sees_serving_where_the_tls_port_refuses_it(self, tls_server: Server) -> None:
+        async with grpc.aio.insecure_channel(tls_server.health_target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", SERVICE_NAME):
+                response = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert response.status == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(tls_server.target) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    async def test_the_health_port_serves_nothing_else(self, tls_server: Server) -> None:
+        """Route in plaintext on the health port is UNIMPLEMENTED: it is not a way around TLS."""
+        async with RouterClient(tls_server.health_target) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.route(user_chat("hello"), pb.RoutingContext())
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    async def test_a_drain_turns_the_health_port_not_serving(self, tls_server: Server) -> None:
+        async with grpc.aio.insecure_channel(tls_server.health_target) as channel:
+            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            first = await call.read()
+            closing = asyncio.create_task(tls_server.aclose())
+            second = await call.read()
+            await closing
+        assert (first.status, second.status) == (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
+    def test_the_health_port_must_be_another_port(self) -> None:
+        config = default_config()
+        config["server"] = {"port": 50051, "health_port": 50051}
+        with pytest.raises(ConfigError, match="server: health_port must differ from port"):
+            settings_from(config, {})
+
+    async def test_a_health_port_in_use_is_a_config_error_naming_it(self) -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            config = default_config()
+            config["server"] = {"health_port": taken.getsockname()[1]}
+            with pytest.raises(ConfigError, match=r"^server.health_port: cannot listen on 127.0.0.1:\d+ "):
+                Server(settings_from(config, {}), port=0)

@@ -7,13 +7,16 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from routesvc.client import RouterClient
 from routesvc.config import NATIVE_THREAD_VARIABLES, Settings, limit_native_threads
@@ -45,9 +48,13 @@ class _Serve:
 
 @pytest.fixture
 async def serve_process(tmp_path: Path, fake: FakeProvider) -> AsyncIterator[_Serve]:
-    """Two workers on uvloop on a port the supervisor picks, both providers pointed at ``fake``."""
+    """Two workers on uvloop on a port the supervisor picks and a fixed health port, both
+    providers pointed at ``fake``."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        health_port = probe.getsockname()[1]
     config = default_config()
-    config["server"] = {"port": 0, "workers": 2, "uvloop": True, "grace_seconds": 5}
+    config["server"] = {"port": 0, "workers": 2, "uvloop": True, "grace_seconds": 5, "health_port": health_port}
     config["logging"] = {"format": "json"}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -74,6 +81,12 @@ class TestWorkers:
         await serve_process.until("server_started", count=2)
         target = str(started["target"])
         assert {e["target"] for e in serve_process.events if e["event"] == "server_started"} == {target}
+        health_targets = {e["health_target"] for e in serve_process.events if e["event"] == "server_started"}
+        assert len(health_targets) == 1
+        for _ in range(4):  # both workers share the health port too
+            async with grpc.aio.insecure_channel(str(*health_targets)) as channel:
+                response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert response.status == health_pb2.HealthCheckResponse.SERVING
         for _ in range(4):
             async with RouterClient(target) as client:
                 assert (await client.route(user_chat("What is the capital of France?"))).model == "gpt-4o-mini"
@@ -127,6 +140,13 @@ class TestWorkerSettings:
         settings: Settings = settings_from(config)
         with pytest.raises(ConfigError, match="prometheus_port"):
             serve_workers(settings, None, workers=2)
+
+    def test_a_health_port_picked_per_worker_is_refused(self) -> None:
+        """health_port 0 would give each worker its own free port, which no probe could name."""
+        config = default_config()
+        config["server"] = {"health_port": 0}
+        with pytest.raises(ConfigError, match=r"server\.health_port: 0 would give each of 2 workers"):
+            serve_workers(settings_from(config), None, workers=2)
 
     def test_workers_must_be_positive(self) -> None:
         """server.workers below 1 is a config error naming the field."""
