@@ -61,7 +61,10 @@ def variants() -> dict[str, FitSettings]:
         "pair files only": FitSettings(proxy_weight=0.0),
         "no kind prior": FitSettings(kind_weight=0.0),
         "kind prior x0.5": FitSettings(kind_weight=0.5),
+        "kind prior x1": FitSettings(kind_weight=1.0),
         "kind prior x2": FitSettings(kind_weight=2.0),
+        "kind prior x3": FitSettings(kind_weight=3.0),
+        "kind prior x4": FitSettings(kind_weight=4.0),
     }
 
 

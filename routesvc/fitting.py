@@ -92,7 +92,7 @@ class FitSettings:
     calibrate_proxy: bool = False
     use_embedding: bool = True
     use_lexical: bool = True
-    kind_weight: float = 1.0
+    kind_weight: float = 3.0
     strong_kinds: tuple[str, ...] = STRONG_KINDS
 
 
