@@ -24,6 +24,7 @@ import numpy as np
 from routesvc.config import limit_native_threads
 from routesvc.encoders import DEFAULT_ROUTER_ENCODER, load_encoder
 from routesvc.evaluation import evaluate_scores
+from routesvc.features import bounded
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.outcomes import read_outcomes
 
@@ -46,7 +47,7 @@ def main() -> int:
     train = [i for i, r in enumerate(records) if r.source != args.file and r.source not in args.without]
     encoder = load_encoder(DEFAULT_ROUTER_ENCODER)
     router = fit_router([records[i] for i in train], args.strong, args.weak, encoder, FitSettings(), calibrate=False)
-    texts = [records[i].prompt for i in held]
+    texts = [bounded(records[i].prompt) for i in held]
     embeddings = encoder.encode(texts)
     within = router.within.predict(router.features(texts, embeddings))[:, 0]
     prior = router.prior(embeddings)

@@ -120,7 +120,7 @@ def main() -> int:
                     embeddings=embeddings[train],
                     calibrate=False,
                 )
-                texts = [records[i].prompt for i in rows]
+                texts = [bounded(records[i].prompt) for i in rows]
                 held_scores[key][task] = router.raw(texts, embeddings[rows])
             print(f"{key}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     rng = np.random.default_rng(0)

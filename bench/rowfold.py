@@ -77,7 +77,7 @@ def main() -> int:
         router = fit_router(
             [records[i] for i in train], args.strong, args.weak, encoder, settings, embeddings=embeddings[train]
         )
-        scores[test] = router.calibrate(router.raw([records[i].prompt for i in test], embeddings[test]))
+        scores[test] = router.calibrate(router.raw([bounded(records[i].prompt) for i in test], embeddings[test]))
         print(f"fold {fold}: {len(test)} rows scored ({time.perf_counter() - started:.0f}s)", file=sys.stderr)
     judge_strong, judge_weak = args.judge_strong or args.strong, args.judge_weak or args.weak
     result: dict[str, dict[str, float]] = {}

@@ -326,9 +326,10 @@ class Router:
 
     async def _refuse_before_paying(self, routing_input: RoutingInput, *, for_completion: bool) -> None:
         """Raise what the request would meet after the policy decides, whatever model it picks,
-        before the policy pays to decide (an LLM classifier's call): a ``max_cost_usd`` below every
-        eligible model's estimate, and, for Complete, an admission refusal of its tokens (known
-        before deciding) and of the least it can cost (the cheapest eligible model in either mode).
+        before the policy pays to decide (an LLM classifier's call): no eligible model, a
+        ``max_cost_usd`` below every eligible model's estimate, and, for Complete, an admission
+        refusal of its tokens (known before deciding) and of the least it can cost (the cheapest
+        eligible model in either mode).
         """
         request = routing_input.request
         tokens_in, tokens_out = routing_input.estimated_input_tokens, routing_input.estimated_output_tokens
@@ -338,9 +339,11 @@ class Router:
             if routing_input.is_eligible(model.id)
             for mode in (Mode.REALTIME, Mode.BATCH)
         ]
-        least = min(costs, default=Decimal(0))
+        if not costs:
+            raise no_eligible_model(routing_input)
+        least = min(costs)
         cap = request.context.max_cost_usd
-        if costs and cap is not None and least > cap:
+        if cap is not None and least > cap:
             raise CostLimitExceeded(
                 f"estimated cost of the cheapest eligible model ({format_usd(least)} USD) exceeds"
                 f" max_cost_usd {format_usd(cap)}"

@@ -159,30 +159,34 @@ class Server:
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
             )
         host = settings.config.server.host
-        address = f"{host}:{settings.config.server.port if port is None else port}"
-        tls = settings.config.server.tls
-        if tls is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, _server_credentials(tls))
+        serving_port = settings.config.server.port if port is None else port
         local = "127.0.0.1" if host in ("0.0.0.0", "[::]", "::") else host
-        self.target = f"{local}:{self.port}"
         # Health alone, in plaintext, for probes that cannot speak TLS: the same servicer, so a
-        # drain turns both ports NOT_SERVING at once.
+        # drain turns both ports NOT_SERVING at once. Bound before the serving port, so that a
+        # health port it cannot have leaves nothing bound.
         self._health_server: grpc.aio.Server | None = None
         self.health_target = ""
         health_port = settings.config.server.health_port
         if health_port is not None:
+            if health_port and health_port == serving_port:
+                raise ConfigError(f"server.health_port: {health_port} is the serving port too; choose another")
             self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             try:
-                bound = self._health_server.add_insecure_port(f"{host}:{health_port}")
+                health_port = self._health_server.add_insecure_port(f"{host}:{health_port}")
             except RuntimeError as exc:
                 raise ConfigError(
                     f"server.health_port: cannot listen on {host}:{health_port} (the port is in use,"
                     " or the host is not this machine's)"
                 ) from exc
-            self.health_target = f"{local}:{bound}"
+            self.health_target = f"{local}:{health_port}"
+        address = f"{host}:{serving_port}"
+        tls = settings.config.server.tls
+        if tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, _server_credentials(tls))
+        self.target = f"{local}:{self.port}"
         self._stopped = asyncio.Event()
         self._freeze_heap = freeze_heap
         # Routers a reload replaced, not yet closed: True when their providers are theirs to close,
@@ -252,7 +256,11 @@ class Server:
             _freeze_heap()  # before the port accepts calls: the one full collection pauses nobody
         await self._server.start()
         if self._health_server is not None:
-            await self._health_server.start()
+            try:
+                await self._health_server.start()
+            except BaseException:
+                await self._server.stop(0)
+                raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         interval = self._settings.config.server.reload_interval_seconds
         # Settings read from a file name it as their source; embedded or in-memory ones "<...>".

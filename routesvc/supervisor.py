@@ -123,6 +123,9 @@ def serve_workers(
         )
     reservation = _reserve(server.host, server.port if port is None else port)
     bound = int(reservation.getsockname()[1])
+    if server.health_port == bound:
+        reservation.close()
+        raise ConfigError(f"{settings.source}: server.health_port: {bound} is the serving port too; choose another")
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(target=_worker, args=(config_path, bound, uvloop, os.getpid()), name=f"routesvc-worker-{index}")

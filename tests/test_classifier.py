@@ -531,6 +531,25 @@ class TestTheLLMClassifierIsPaidFor:
         assert error_info(over_rate.value).reason == "TOKEN_RATE_LIMITED"
         assert fake.requests == []
 
+    async def test_a_request_no_model_can_serve_is_refused_before_a_label(self, fake: FakeProvider) -> None:
+        """An output no model's context window holds: NO_ELIGIBLE_MODEL (or CONTEXT_WINDOW_EXCEEDED)
+        on Route and Complete without asking the classifier."""
+        chat = user_chat("hello there", max_output_tokens=65536)
+        async with (
+            Server(settings_from(llm_classifier_config(), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as routed:
+                await client.route(chat, ACME)
+            with pytest.raises(grpc.aio.AioRpcError) as completed:
+                async for _ in client.complete(chat, ACME):
+                    pass
+            entries = server.router.ledger.entries()
+        assert error_info(routed.value).reason == error_info(completed.value).reason
+        assert error_info(routed.value).reason in {"NO_ELIGIBLE_MODEL", "CONTEXT_WINDOW_EXCEEDED"}
+        assert fake.requests == []
+        assert entries == []
+
     async def test_a_max_cost_below_every_model_is_refused_before_a_label(self, fake: FakeProvider) -> None:
         """``max_cost_usd`` below the cheapest eligible model's estimate: Route and Complete are
         COST_LIMIT_EXCEEDED without asking the classifier."""

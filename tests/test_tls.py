@@ -152,11 +152,30 @@ class TestHealthPort:
         with pytest.raises(ConfigError, match="server: health_port must differ from port"):
             settings_from(config, {})
 
+    @pytest.mark.parametrize("reuse_port", [False, True], ids=["one-process", "worker"])
+    async def test_a_serving_port_given_at_start_must_not_be_the_health_port(self, reuse_port: bool) -> None:
+        """``serve --port`` (or a worker's shared port) equal to health_port is refused before
+        anything is bound: with SO_REUSEPORT both servers would take the port and split the calls."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        config = default_config()
+        config["server"] = {"port": 0, "health_port": free}
+        with pytest.raises(ConfigError, match=rf"^server.health_port: {free} is the serving port too"):
+            Server(settings_from(config, {}), port=free, reuse_port=reuse_port)
+        with socket.socket() as again:  # nothing was left bound
+            again.bind(("127.0.0.1", free))
+
     async def test_a_health_port_in_use_is_a_config_error_naming_it(self) -> None:
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             config = default_config()
             config["server"] = {"health_port": taken.getsockname()[1]}
+            with socket.socket() as serving:
+                serving.bind(("127.0.0.1", 0))
+                serving_port = serving.getsockname()[1]
             with pytest.raises(ConfigError, match=r"^server.health_port: cannot listen on 127.0.0.1:\d+ "):
-                Server(settings_from(config, {}), port=0)
+                Server(settings_from(config, {}), port=serving_port)
+        with socket.socket() as again:  # the serving port was not left bound
+            again.bind(("127.0.0.1", serving_port))

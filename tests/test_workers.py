@@ -148,6 +148,16 @@ class TestWorkerSettings:
         with pytest.raises(ConfigError, match=r"server\.health_port: 0 would give each of 2 workers"):
             serve_workers(settings_from(config), None, workers=2)
 
+    def test_a_serving_port_that_is_the_health_port_is_refused(self) -> None:
+        """``serve --workers 2 --port P`` with health_port P: refused before any worker starts."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        config = default_config()
+        config["server"] = {"port": 0, "health_port": free}
+        with pytest.raises(ConfigError, match=rf"server\.health_port: {free} is the serving port too"):
+            serve_workers(settings_from(config), None, workers=2, port=free)
+
     def test_workers_must_be_positive(self) -> None:
         """server.workers below 1 is a config error naming the field."""
         config = default_config()
