@@ -18,9 +18,10 @@ from routesvc.admission import Admission, build_admission
 from routesvc.breaker import Breakers
 from routesvc.cascade import EscalationPolicy, max_cost_reason
 from routesvc.catalog import ModelSpec
-from routesvc.config import RulesStageConfig, Settings
+from routesvc.config import BATCH_API_KINDS, RulesStageConfig, Settings
 from routesvc.cost import cost_of_usage, estimate_cost, format_usd
 from routesvc.errors import (
+    ConfigError,
     CostLimitExceeded,
     DeadlineExceeded,
     FeedbackNotEnabled,
@@ -282,7 +283,13 @@ class Router:
             reasons.insert(0, "context.task_hint is not a task this policy knows; ignored")
         excluded = [f"{model_id} excluded: {why}" for model_id, why in eligible.items() if why]
         reasons.extend(excluded)
-        model, cost = self._within_max_cost(request, routing_input, model, verdict.mode, reasons)
+        mode = verdict.mode
+        realtime_instead = self._realtime_instead_of_batch(model.provider) if mode is Mode.BATCH else ""
+        if realtime_instead:
+            # Served in realtime, so estimated, capped by max_cost_usd and admitted at that price.
+            mode = Mode.REALTIME
+            reasons.append(f"{realtime_instead}; served in realtime")
+        model, cost = self._within_max_cost(request, routing_input, model, mode, reasons)
         provider = self._settings.providers[model.provider]
         if not provider.configured:
             if for_completion:
@@ -298,7 +305,7 @@ class Router:
             estimated_input_tokens=input_tokens,
             estimated_output_tokens=output_tokens,
             estimated_cost_usd=cost,
-            mode=verdict.mode,
+            mode=mode,
             candidates=tuple(Candidate(model_id, not why, why) for model_id, why in eligible.items()),
             task=verdict.task,
             routing_attempts=tuple(routing_attempts),
@@ -323,6 +330,15 @@ class Router:
             examples += stage.rebuild_library()
         telemetry.record_feedback(model, score, decision_id=decision_id, tenant=tenant)
         return model, examples
+
+    def _realtime_instead_of_batch(self, provider: str) -> str:
+        """Why a batch-mode decision for ``provider`` is served in realtime here, or "" (also while
+        the provider has no key: Complete fails on that, and the decision says so)."""
+        if not self._settings.config.batch.enabled:
+            return "batch mode is disabled (batch.enabled false)"
+        if self._settings.providers[provider].kind not in BATCH_API_KINDS:
+            return f"provider {provider} has no batch API here"
+        return ""
 
     async def _refuse_before_paying(self, routing_input: RoutingInput, *, for_completion: bool) -> None:
         """Raise what the request would meet after the policy decides, whatever model it picks,
@@ -430,7 +446,10 @@ class Router:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         decision = await self.route(request, for_completion=True, request_id=request_id)
-        if decision.mode is Mode.BATCH and self._batches is not None and self._batches.supports(decision.provider):
+        if decision.mode is Mode.BATCH:
+            if self._batches is None or not self._batches.supports(decision.provider):
+                # ``route`` decides batch only where this service has the provider's batch API.
+                raise ConfigError(f"batch mode for provider {decision.provider}: no batch queue in this router")
             tokens = decision.estimated_input_tokens + decision.estimated_output_tokens
             reservation = await self._admission.admit(
                 request.context.tenant, tokens=tokens, cost=decision.estimated_cost_usd
@@ -445,21 +464,6 @@ class Router:
             yield decision
             yield job
             return
-        if decision.mode is Mode.BATCH:
-            model = self._catalog.get(decision.model)
-            why = (
-                "batch mode is disabled (batch.enabled false)"
-                if self._batches is None
-                else f"provider {decision.provider} has no batch API here"
-            )
-            decision = replace(
-                decision,
-                mode=Mode.REALTIME,
-                estimated_cost_usd=estimate_cost(
-                    model, decision.estimated_input_tokens, decision.estimated_output_tokens
-                ),
-                reasons=(*decision.reasons, f"{why}; served in realtime"),
-            )
         tenant = request.context.tenant
         reservation = await self._admission.admit(
             tenant,

@@ -323,6 +323,32 @@ class TestBatchModeFallsBackToRealtime:
         assert messages[0].decision.reasons[-1] == "batch mode is disabled (batch.enabled false); served in realtime"
         assert not (tmp_path / "batches.db").exists()
 
+    async def test_route_says_realtime_and_max_cost_is_checked_at_the_realtime_price(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """batch.enabled false: Route answers what Complete will do (realtime, at the realtime
+        price), and a max_cost_usd that only the batch price fits is COST_LIMIT_EXCEEDED on both,
+        with nothing called."""
+        config = batch_config(tmp_path)
+        config["batch"]["enabled"] = False  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            chat = user_chat("Summarise this report")
+            realtime = await client.route(chat, pb.RoutingContext(tenant="acme"))
+            deferred = await client.route(chat, pb.RoutingContext(tenant="acme", realtime=False))
+            cap = format(Decimal(realtime.estimated_cost_usd) * Decimal("0.75"), "f")
+            with pytest.raises(grpc.aio.AioRpcError) as routed:
+                await client.route(chat, pb.RoutingContext(tenant="acme", realtime=False, max_cost_usd=cap))
+            with pytest.raises(grpc.aio.AioRpcError) as completed:
+                await submit(client, max_cost_usd=cap)
+        assert (deferred.mode, deferred.model) == (pb.MODE_REALTIME, realtime.model)
+        assert deferred.estimated_cost_usd == realtime.estimated_cost_usd
+        assert deferred.reasons[-1] == "batch mode is disabled (batch.enabled false); served in realtime"
+        assert error_info(routed.value).reason == error_info(completed.value).reason == "COST_LIMIT_EXCEEDED"
+        assert fake.requests == []
+
     async def test_a_provider_without_a_batch_api(self, tmp_path: Path, fake: FakeProvider) -> None:
         """An openai_compatible model: served in realtime, the reason names the provider."""
         config = batch_config(tmp_path)

@@ -41,7 +41,7 @@ import structlog
 
 from routesvc.batches._store import BatchStore, decode_request, encode_request
 from routesvc.catalog import Catalog, ModelSpec
-from routesvc.config import Settings
+from routesvc.config import BATCH_API_KINDS, Settings
 from routesvc.cost import cost_of_usage, format_usd
 from routesvc.errors import (
     BatchNotFound,
@@ -69,7 +69,7 @@ def build_batch_apis(settings: Settings) -> dict[str, BatchAPI]:
 
     apis: dict[str, BatchAPI] = {}
     for name, provider in settings.providers.items():
-        if not provider.configured:
+        if not provider.configured or provider.kind not in BATCH_API_KINDS:
             continue
         if provider.kind == "anthropic":
             apis[name] = AnthropicBatches(name, provider.api_key, provider.base_url)
