@@ -177,7 +177,11 @@ class LocalAdmission:
         """
         limits = self._tenants.get(tenant)
         if limits is None:
-            return SettleOnce(_nothing_reserved)
+            # Only counted in flight, so that limits a reload adds see the requests already running;
+            # the entry goes with the last of them (tenant names are unbounded when auth is off).
+            state = self._state[tenant]
+            state.in_flight += 1
+            return SettleOnce(functools.partial(self._settle_unlimited, tenant, state))
         now = self._clock()
         state = self._state[tenant]
         periods = self._check(tenant, limits, state, now, tokens, cost)
@@ -262,6 +266,14 @@ class LocalAdmission:
             state.reserved[period] -= reserved_cost
             state.spent[period] += cost
 
+    async def _settle_unlimited(self, tenant: str, state: _TenantState, tokens: int, cost: Decimal) -> None:
+        del tokens, cost
+        state.in_flight -= 1
+        idle = not (state.in_flight or state.requests or state.tokens)
+        counted = any(state.spent.values()) or any(state.reserved.values())
+        if idle and not counted and tenant not in self._tenants and self._state.get(tenant) is state:
+            del self._state[tenant]
+
     def charge(self, tenant: str, cost: Decimal) -> None:
         """Add ``cost`` to what a limited ``tenant`` has spent (unlimited tenants are not counted)."""
         if tenant not in self._tenants:
@@ -272,14 +284,21 @@ class LocalAdmission:
 
     async def spent(self, tenant: str) -> Decimal:
         """What ``tenant`` has spent today (UTC)."""
-        return self._state[tenant].spent[_periods(self._wall_clock())[0]]
+        state = self._state.get(tenant)
+        return Decimal(0) if state is None else state.spent[_periods(self._wall_clock())[0]]
 
     async def aclose(self) -> None:
         """Nothing to release."""
 
     def in_flight(self, tenant: str) -> int:
         """Requests of ``tenant`` admitted and not settled."""
-        return self._state[tenant].in_flight
+        state = self._state.get(tenant)
+        return 0 if state is None else state.in_flight
+
+    def tracked_tenants(self) -> int:
+        """How many tenants this process keeps counts for (limited ones, and unlimited ones with
+        requests in flight)."""
+        return len(self._state)
 
 
 def build_admission(settings: Settings) -> Admission:

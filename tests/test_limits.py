@@ -94,6 +94,29 @@ class TestAdmission:
         await admission.precheck("t", tokens=40, cost=Decimal("0.5"))
         await (await admission.admit("t", tokens=40, cost=Decimal("0.5"))).settle(40, Decimal("0.5"))
 
+    async def test_a_concurrency_limit_added_by_reload_counts_the_requests_already_running(self) -> None:
+        """Two requests admitted while the tenant had no limits are still running when a reload
+        gives it max_concurrent 2: a third is refused until one of them ends."""
+        admission = LocalAdmission({})
+        running = [await admission.admit("t"), await admission.admit("t")]
+        admission.configure({"t": TenantConfig(max_concurrent=2)})
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.admit("t")
+        assert caught.value.reason == "CONCURRENCY_LIMITED"
+        await running[0].settle(0, Decimal(0))
+        third = await admission.admit("t")
+        await running[1].settle(0, Decimal(0))
+        await third.settle(0, Decimal(0))
+        assert admission.in_flight("t") == 0
+
+    async def test_tenants_without_limits_are_forgotten_when_their_last_request_ends(self) -> None:
+        """With auth off tenant names are whatever clients send: their counts must not pile up."""
+        admission = LocalAdmission({"limited": TenantConfig(requests_per_minute=100)})
+        for i in range(1000):
+            await (await admission.admit(f"client-{i}")).settle(10, Decimal("0.01"))
+        await (await admission.admit("limited")).settle(0, Decimal(0))
+        assert admission.tracked_tenants() == 1
+
     async def test_exhausted_says_when_a_budget_is_spent_or_reserved_in_full(self) -> None:
         """What the router asks before it pays to decide: nothing to say while some budget is left."""
         admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
