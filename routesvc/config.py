@@ -39,10 +39,10 @@ DEFAULT_TARGET = "localhost:50051"
 # busy cores (docs/performance.md).
 NATIVE_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-# The standard variables of each SDK, honoured so the service can be pointed at any
-# compatible endpoint without editing the file.
 # Provider kinds whose API has a batch endpoint (``routesvc.batches`` has an adapter for each).
 BATCH_API_KINDS = frozenset({"openai", "anthropic"})
+# The standard variables of each SDK, honoured so the service can be pointed at any
+# compatible endpoint without editing the file.
 _DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "openai_compatible": ""}
 _DEFAULT_BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL", "openai_compatible": ""}
 

@@ -21,7 +21,6 @@ from routesvc.catalog import ModelSpec
 from routesvc.config import BATCH_API_KINDS, RulesStageConfig, Settings
 from routesvc.cost import cost_of_usage, estimate_cost, format_usd
 from routesvc.errors import (
-    ConfigError,
     CostLimitExceeded,
     DeadlineExceeded,
     FeedbackNotEnabled,
@@ -340,6 +339,24 @@ class Router:
             return f"provider {provider} has no batch API here"
         return ""
 
+    def _in_realtime(self, decision: RouteDecision, request: RoutingRequest, why: str) -> RouteDecision:
+        """``decision`` served in realtime instead of batch: at the realtime estimate, which must
+        fit the request's ``max_cost_usd``."""
+        model = self._catalog.get(decision.model)
+        cost = estimate_cost(model, decision.estimated_input_tokens, decision.estimated_output_tokens)
+        cap = request.context.max_cost_usd
+        if cap is not None and cost > cap:
+            raise CostLimitExceeded(
+                f"{why}; its realtime estimate on {model.id} ({format_usd(cost)} USD) exceeds max_cost_usd"
+                f" {format_usd(cap)}"
+            )
+        return replace(
+            decision,
+            mode=Mode.REALTIME,
+            estimated_cost_usd=cost,
+            reasons=(*decision.reasons, f"{why}; served in realtime"),
+        )
+
     async def _refuse_before_paying(self, routing_input: RoutingInput, *, for_completion: bool) -> None:
         """Raise what the request would meet after the policy decides, whatever model it picks,
         before the policy pays to decide (an LLM classifier's call): no eligible model, a
@@ -385,6 +402,7 @@ class Router:
                 (estimate_cost(other, tokens_in, tokens_out, mode), index, other)
                 for index, other in enumerate(self._catalog)
                 if routing_input.is_eligible(other.id)
+                and (mode is not Mode.BATCH or not self._realtime_instead_of_batch(other.provider))
             ),
             key=lambda item: (item[0], item[1]),
         )
@@ -446,10 +464,11 @@ class Router:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         decision = await self.route(request, for_completion=True, request_id=request_id)
-        if decision.mode is Mode.BATCH:
-            if self._batches is None or not self._batches.supports(decision.provider):
-                # ``route`` decides batch only where this service has the provider's batch API.
-                raise ConfigError(f"batch mode for provider {decision.provider}: no batch queue in this router")
+        if decision.mode is Mode.BATCH and (self._batches is None or not self._batches.supports(decision.provider)):
+            # ``route`` decides batch only for providers with a batch API; this process's queue,
+            # built at start, lacks one added by a hot reload.
+            decision = self._in_realtime(decision, request, f"provider {decision.provider} has no batch queue here")
+        if decision.mode is Mode.BATCH and self._batches is not None:
             tokens = decision.estimated_input_tokens + decision.estimated_output_tokens
             reservation = await self._admission.admit(
                 request.context.tenant, tokens=tokens, cost=decision.estimated_cost_usd

@@ -14,7 +14,20 @@ import pytest
 from routesvc.auth import key_digest
 from routesvc.batches import BatchStore
 from routesvc.client import RouterClient
-from routesvc.server import Server
+from routesvc.cost import estimate_cost
+from routesvc.errors import CostLimitExceeded
+from routesvc.models import (
+    ChatRequest,
+    Completion,
+    Message,
+    Mode,
+    Role,
+    RouteDecision,
+    RoutingContext,
+    RoutingRequest,
+)
+from routesvc.router import Router
+from routesvc.server import Server, build_providers
 from routesvc.testing import BatchOutcome, FakeProvider, FaultProxy, NetworkFault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
@@ -30,6 +43,10 @@ def batch_config(tmp_path: Path) -> dict[str, object]:
         "poll_interval_seconds": 0.05,
     }
     return config
+
+
+def _tokens(decision: RouteDecision) -> tuple[int, int]:
+    return decision.estimated_input_tokens, decision.estimated_output_tokens
 
 
 async def submit(client: RouterClient, tenant: str = "acme", **context: object) -> list[pb.CompleteResponse]:
@@ -348,6 +365,31 @@ class TestBatchModeFallsBackToRealtime:
         assert deferred.reasons[-1] == "batch mode is disabled (batch.enabled false); served in realtime"
         assert error_info(routed.value).reason == error_info(completed.value).reason == "COST_LIMIT_EXCEEDED"
         assert fake.requests == []
+
+    async def test_a_router_whose_queue_lacks_the_provider_serves_in_realtime(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A provider a hot reload added has no batch API in the queue built at start (here: a
+        router with no queue at all): the decision said batch, Complete serves it in realtime at
+        the realtime price, and a max_cost_usd only the batch price fits is refused, not passed."""
+        settings = settings_from(batch_config(tmp_path), live_environ(fake))
+        router = Router(settings, build_providers(settings))
+        chat = ChatRequest((Message(Role.USER, "Summarise this report"),))
+        try:
+            events = [e async for e in router.complete(RoutingRequest(chat, RoutingContext(realtime=False)))]
+            decision, completion = events[0], events[-1]
+            assert isinstance(decision, RouteDecision)
+            assert isinstance(completion, Completion)
+            capped = RoutingContext(realtime=False, max_cost_usd=decision.estimated_cost_usd * Decimal("0.75"))
+            with pytest.raises(CostLimitExceeded, match="has no batch queue here; its realtime estimate"):
+                async for _ in router.complete(RoutingRequest(chat, capped)):
+                    pass
+        finally:
+            await router.aclose()
+        assert decision.mode is Mode.REALTIME
+        assert decision.reasons[-1] == "provider openai has no batch queue here; served in realtime"
+        assert decision.estimated_cost_usd == estimate_cost(settings.catalog.get(decision.model), *_tokens(decision))
+        assert len(fake.requests) == 1
 
     async def test_a_provider_without_a_batch_api(self, tmp_path: Path, fake: FakeProvider) -> None:
         """An openai_compatible model: served in realtime, the reason names the provider."""
