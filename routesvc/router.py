@@ -288,7 +288,7 @@ class Router:
             # Served in realtime, so estimated, capped by max_cost_usd and admitted at that price.
             mode = Mode.REALTIME
             reasons.append(f"{realtime_instead}; served in realtime")
-        model, cost = self._within_max_cost(request, routing_input, model, mode, reasons)
+        model, cost, mode = self._within_max_cost(request, routing_input, model, mode, reasons)
         provider = self._settings.providers[model.provider]
         if not provider.configured:
             if for_completion:
@@ -332,11 +332,17 @@ class Router:
 
     def _realtime_instead_of_batch(self, provider: str) -> str:
         """Why a batch-mode decision for ``provider`` is served in realtime here, or "" (also while
-        the provider has no key: Complete fails on that, and the decision says so)."""
-        if not self._settings.config.batch.enabled:
+        the provider has no key: Complete fails on that, and the decision says so). With a batch
+        queue, what the queue was started with decides (batch settings need a restart); without
+        one (``simulate``), the configuration."""
+        enabled = self._settings.config.batch.enabled if self._batches is None else self._batches.enabled
+        if not enabled:
             return "batch mode is disabled (batch.enabled false)"
-        if self._settings.providers[provider].kind not in BATCH_API_KINDS:
+        settings = self._settings.providers[provider]
+        if settings.kind not in BATCH_API_KINDS:
             return f"provider {provider} has no batch API here"
+        if self._batches is not None and settings.configured and not self._batches.supports(provider):
+            return f"provider {provider} has no batch queue here (it was added after the start)"
         return ""
 
     def _in_realtime(self, decision: RouteDecision, request: RoutingRequest, why: str) -> RouteDecision:
@@ -371,6 +377,7 @@ class Router:
             for model in self._catalog
             if routing_input.is_eligible(model.id)
             for mode in (Mode.REALTIME, Mode.BATCH)
+            if mode is Mode.REALTIME or not self._realtime_instead_of_batch(model.provider)
         ]
         if not costs:
             raise no_eligible_model(routing_input)
@@ -391,29 +398,33 @@ class Router:
         model: ModelSpec,
         mode: Mode,
         reasons: list[str],
-    ) -> tuple[ModelSpec, Decimal]:
+    ) -> tuple[ModelSpec, Decimal, Mode]:
+        """``model`` and its estimate in ``mode``, or the cheapest eligible model within the
+        request's ``max_cost_usd``; a batch decision moving to a model without a batch API here
+        is served by it in realtime, at that price."""
         tokens_in, tokens_out = routing_input.estimated_input_tokens, routing_input.estimated_output_tokens
         cost = estimate_cost(model, tokens_in, tokens_out, mode)
         cap = request.context.max_cost_usd
         if cap is None or cost <= cap:
-            return model, cost
-        affordable = sorted(
-            (
-                (estimate_cost(other, tokens_in, tokens_out, mode), index, other)
-                for index, other in enumerate(self._catalog)
-                if routing_input.is_eligible(other.id)
-                and (mode is not Mode.BATCH or not self._realtime_instead_of_batch(other.provider))
-            ),
-            key=lambda item: (item[0], item[1]),
-        )
-        for other_cost, _, other in affordable:
+            return model, cost, mode
+        options = []
+        for index, other in enumerate(self._catalog):
+            if not routing_input.is_eligible(other.id):
+                continue
+            realtime_instead = self._realtime_instead_of_batch(other.provider) if mode is Mode.BATCH else ""
+            other_mode = Mode.REALTIME if realtime_instead else mode
+            options.append((estimate_cost(other, tokens_in, tokens_out, other_mode), index, other, realtime_instead))
+        options.sort(key=lambda option: (option[0], option[1]))
+        for other_cost, _, other, realtime_instead in options:
             if other_cost <= cap:
                 reasons.append(
                     f"estimated cost {format_usd(cost)} USD on {model.id} exceeds max_cost_usd {format_usd(cap)}; "
                     f"downgraded to {other.id} at {format_usd(other_cost)} USD"
                 )
-                return other, other_cost
-        cheapest = format_usd(affordable[0][0]) if affordable else format_usd(cost)
+                if realtime_instead:
+                    reasons.append(f"{realtime_instead}; served in realtime")
+                return other, other_cost, Mode.REALTIME if realtime_instead else mode
+        cheapest = format_usd(options[0][0]) if options else format_usd(cost)
         raise CostLimitExceeded(
             f"estimated cost of the cheapest eligible model ({cheapest} USD) exceeds max_cost_usd {format_usd(cap)}"
         )

@@ -137,7 +137,7 @@ class Server:
             settings,
             build_providers(settings) if providers is None else providers,
             ledger=ledger,
-            batches=self.batches if settings.config.batch.enabled else None,
+            batches=self.batches,
         )
         options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", settings.config.limits.max_request_bytes + 1024),
@@ -161,9 +161,13 @@ class Server:
         host = settings.config.server.host
         serving_port = settings.config.server.port if port is None else port
         local = "127.0.0.1" if host in ("0.0.0.0", "[::]", "::") else host
+        tls = settings.config.server.tls
+        credentials = None if tls is None else _server_credentials(tls)  # unreadable files fail here
         # Health alone, in plaintext, for probes that cannot speak TLS: the same servicer, so a
         # drain turns both ports NOT_SERVING at once. Bound before the serving port, so that a
-        # health port it cannot have leaves nothing bound.
+        # health port it cannot have leaves nothing bound (grpc cannot release a port of a server
+        # that never started: a serving port that then fails to bind leaves this one bound until
+        # the process ends, which for `routesvc serve` is at once).
         self._health_server: grpc.aio.Server | None = None
         self.health_target = ""
         health_port = settings.config.server.health_port
@@ -181,11 +185,10 @@ class Server:
                 ) from exc
             self.health_target = f"{local}:{health_port}"
         address = f"{host}:{serving_port}"
-        tls = settings.config.server.tls
-        if tls is None:
+        if credentials is None:
             self.port = self._server.add_insecure_port(address)
         else:
-            self.port = self._server.add_secure_port(address, _server_credentials(tls))
+            self.port = self._server.add_secure_port(address, credentials)
         self.target = f"{local}:{self.port}"
         self._stopped = asyncio.Event()
         self._freeze_heap = freeze_heap

@@ -391,6 +391,56 @@ class TestBatchModeFallsBackToRealtime:
         assert decision.estimated_cost_usd == estimate_cost(settings.catalog.get(decision.model), *_tokens(decision))
         assert len(fake.requests) == 1
 
+    async def test_a_reload_that_enables_batch_changes_nothing_until_a_restart(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Batch settings need a restart: a server started with batch disabled keeps deciding
+        realtime after a reload enables it, so Route and Complete still agree."""
+        config = batch_config(tmp_path)
+        config["batch"]["enabled"] = False  # type: ignore[index]
+        enabled = copy.deepcopy(config)
+        enabled["batch"]["enabled"] = True  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await server.reload(settings_from(enabled, live_environ(fake)))
+            decision = await client.route(user_chat("Summarise this report"), pb.RoutingContext(realtime=False))
+            messages = await submit(client)
+        assert decision.mode == pb.MODE_REALTIME
+        assert decision.reasons[-1] == "batch mode is disabled (batch.enabled false); served in realtime"
+        assert messages[-1].WhichOneof("event") == "completion"
+
+    async def test_a_batch_request_over_its_cap_moves_to_a_cheaper_model_without_a_batch_api(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A premium batch request whose cap only a local model fits: downgraded to it, as a
+        realtime request would be, and served in realtime since it has no batch API."""
+        config = batch_config(tmp_path)
+        config["providers"]["local"] = {"kind": "openai_compatible", "base_url": fake.openai_base_url}  # type: ignore[index]
+        config["models"].append(  # type: ignore[attr-defined]
+            {
+                "id": "llama",
+                "provider": "local",
+                "input_price_per_mtok": "0.02",
+                "output_price_per_mtok": "0.05",
+                "context_window": 131072,
+            }
+        )
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            chat = user_chat("Summarise this report")
+            mini = await client.route(chat, pb.RoutingContext(realtime=False, task_hint="simple_qa"))
+            cap = format(Decimal(mini.estimated_cost_usd) / 2, "f")
+            context = pb.RoutingContext(realtime=False, user_tier="premium", max_cost_usd=cap)
+            decision = await client.route(chat, context)
+        assert (mini.mode, mini.model) == (pb.MODE_BATCH, "gpt-4o-mini")
+        assert (decision.mode, decision.model) == (pb.MODE_REALTIME, "llama")
+        assert decision.reasons[-2].endswith("downgraded to llama at " + decision.estimated_cost_usd + " USD")
+        assert decision.reasons[-1] == "provider local has no batch API here; served in realtime"
+
     async def test_a_provider_without_a_batch_api(self, tmp_path: Path, fake: FakeProvider) -> None:
         """An openai_compatible model: served in realtime, the reason names the provider."""
         config = batch_config(tmp_path)

@@ -550,6 +550,27 @@ class TestTheLLMClassifierIsPaidFor:
         assert fake.requests == []
         assert entries == []
 
+    async def test_a_max_cost_only_an_unavailable_batch_price_fits_is_refused_before_a_label(
+        self, fake: FakeProvider
+    ) -> None:
+        """Batch disabled: the batch price cannot be had, so a realtime=false request whose cap
+        lies between the batch and the realtime price of every model is refused unpaid."""
+        config = llm_classifier_config()
+        config["batch"] = {"enabled": False}
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))
+            first = await client.route(user_chat("hello there"), ACME)
+            cap = format(Decimal(first.estimated_cost_usd) * Decimal("0.75"), "f")
+            context = pb.RoutingContext(tenant="acme", realtime=False, max_cost_usd=cap)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.route(user_chat("good morning to you"), context)
+        assert first.model == "gpt-4o-mini"
+        assert error_info(caught.value).reason == "COST_LIMIT_EXCEEDED"
+        assert len(fake.requests) == 1
+
     async def test_a_max_cost_below_every_model_is_refused_before_a_label(self, fake: FakeProvider) -> None:
         """``max_cost_usd`` below the cheapest eligible model's estimate: Route and Complete are
         COST_LIMIT_EXCEEDED without asking the classifier."""

@@ -106,6 +106,11 @@ class BatchQueue:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def enabled(self) -> bool:
+        """``batch.enabled`` as the queue was started with (a change needs a restart)."""
+        return self._config.enabled
+
     def supports(self, provider: str) -> bool:
         """Whether ``provider`` has a batch API here."""
         return self._config.enabled and provider in self._apis
