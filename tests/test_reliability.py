@@ -209,7 +209,11 @@ class TestStreamTimers:
         assert fake.requests[0].aborted
 
     @pytest.mark.parametrize(
-        "reliable", [{"first_token_timeout_seconds": 0.3, "retries_per_model": 0, "max_attempts": 1}], indirect=True
+        # 1 s, not less: the fake must have received the request before the timer gives up on it
+        # (a CI run on a loaded machine once took longer than 0.3 s to get it there).
+        "reliable",
+        [{"first_token_timeout_seconds": 1.0, "retries_per_model": 0, "max_attempts": 1}],
+        indirect=True,
     )
     async def test_no_first_token_in_time_is_unavailable(
         self, reliable: tuple[Server, RouterClient], fake: FakeProvider
