@@ -14,7 +14,6 @@ below the step's threshold. Scorers never raise for a bad answer; a scorer that 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -22,21 +21,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from routesvc import telemetry
 from routesvc.catalog import ModelSpec
-from routesvc.errors import ProviderError
 from routesvc.models import (
     FinishReason,
     Message,
-    ProviderFinish,
     QualityScore,
     Role,
     RoutingRequest,
-    TextDelta,
     UpstreamCall,
 )
 from routesvc.providers.base import Provider, ProviderCall
-from routesvc.tokens import upstream_call
+from routesvc.sidecall import side_call
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,34 +262,14 @@ class LLMJudge:
             temperature=0.0,
             timeout=timeout,
         )
-        texts: list[str] = []
-        finish: ProviderFinish | None = None
-        failure = ""
-        refused = False
         # A client span of its own (purpose judge): its cost counts, it never answers the request.
-        stream = telemetry.observed_stream(self._provider, self._model, call, purpose="judge")
-        try:
-            async with asyncio.timeout(timeout):
-                async for event in stream:
-                    if isinstance(event, TextDelta):
-                        texts.append(event.text)
-                    else:
-                        finish = event
-        except TimeoutError:
-            failure = f"timed out after {timeout:g} s"
-        except ProviderError as error:
-            failure = f"failed ({error.reason})"
-            refused = not texts
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            used = upstream_call(self._model.id, messages, texts, finish, refused=refused)
-            if scoring_input.charge is not None:
-                scoring_input.charge(used)
-        if failure:
-            return ScoreResult(self._failed(failure), (used,))
-        score = parse_judge_score("".join(texts))
+        result = await side_call(self._provider, self._model, call, purpose="judge", charge=scoring_input.charge)
+        used = result.used
+        if isinstance(result.error, TimeoutError):
+            return ScoreResult(self._failed(f"timed out after {timeout:g} s"), (used,))
+        if result.error is not None:
+            return ScoreResult(self._failed(f"failed ({result.error.reason})"), (used,))
+        score = parse_judge_score(result.text)
         if score is None:
             return ScoreResult(self._failed("gave no score in [0, 1]"), (used,))
         return ScoreResult(QualityScore(score, self.name, f"judge {self._model.id} scored it"), (used,))

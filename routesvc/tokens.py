@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import bpe_openai
 
-from routesvc.models import ChatRequest, Message, ProviderFinish, UpstreamCall, Usage
+from routesvc.models import ChatRequest
 
 # Per-message framing the chat formats add around each message's text (role markers and
 # separators); OpenAI documents 3 tokens per message plus 3 to prime the reply.
@@ -87,18 +87,3 @@ def estimate_input_tokens(chat: ChatRequest) -> int:
         schema = json.dumps(dict(tool.parameters), separators=(",", ":"), sort_keys=True)
         total += count_text_tokens(f"{tool.name} {tool.description} {schema}")
     return total
-
-
-def upstream_call(
-    model: str, messages: Sequence[Message], texts: Sequence[str], finish: ProviderFinish | None, *, refused: bool
-) -> UpstreamCall:
-    """What a side call (a judge's, a classifier's) used: the provider's usage when it finished;
-    when it was cut short after the provider started work, an estimate from ``messages`` and the
-    ``texts`` received, flagged; when the provider ``refused`` it before any output, nothing."""
-    if finish is not None:
-        return UpstreamCall(model, finish.usage)
-    estimate = Usage(
-        input_tokens=0 if refused else sum(count_text_tokens(m.content) for m in messages),
-        output_tokens=count_text_tokens("".join(texts)),
-    )
-    return UpstreamCall(model, estimate, estimated=not refused, refused=refused)

@@ -15,7 +15,6 @@ Two kinds behind one stage, both of which annotate ``RoutingInput.task`` (source
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import json
@@ -34,14 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.cost import cost_of_usage, format_usd
 from routesvc.encoders import Encoder, WordLlamaEncoder
-from routesvc.errors import ConfigError, ProviderError, RouteSvcError
+from routesvc.errors import ConfigError, RouteSvcError
 from routesvc.features import bounded, lexical_matrix, word_hashes
 from routesvc.memo import Memo, text_key
-from routesvc.models import Message, ProviderFinish, Role, TextDelta, UpstreamCall, Usage
+from routesvc.models import Message, Role, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.ridge import RidgeModel
+from routesvc.sidecall import side_call
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
-from routesvc.tokens import upstream_call
 
 TASK_LABELS: tuple[str, ...] = (
     "code_generation",
@@ -342,36 +341,14 @@ class LLMClassifierStage:
             temperature=0.0,
             timeout=self._timeout_s,
         )
-        parts: list[str] = []
-        finish: ProviderFinish | None = None
-        refused = False
         # A client span of its own (purpose classifier): its latency, usage and cost are in the
-        # trace and the cost metrics, like a cascade judge's call. (Imported here: the config
-        # module imports this one for its settings, and telemetry imports the config.)
-        from routesvc import telemetry
-
-        stream = telemetry.observed_stream(self._provider, self._model, call, purpose="classifier")
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                async for event in stream:
-                    if isinstance(event, TextDelta):
-                        parts.append(event.text)
-                    elif isinstance(event, ProviderFinish):
-                        finish = event
-        except ProviderError:
-            refused = not parts
-            raise
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                # Closes the upstream HTTP response at once on a timeout.
-                await aclose()
-            # Charged however the call ended (a timeout, a cancelled request): the provider
-            # bills what it started, estimated when it did not report usage.
-            if charge is not None:
-                charge(upstream_call(self._model.id, messages, parts, finish, refused=refused))
-        task, complexity = parse_answer("".join(parts))
-        return task, complexity, finish.usage if finish is not None else Usage()
+        # trace and the cost metrics, like a cascade judge's call. Charged however the call ended
+        # (a timeout, a cancelled request): the provider bills what it started.
+        result = await side_call(self._provider, self._model, call, purpose="classifier", charge=charge)
+        if result.error is not None:
+            raise result.error
+        task, complexity = parse_answer(result.text)
+        return task, complexity, result.finish.usage if result.finish is not None else Usage()
 
     async def classify(
         self, prompt: str, charge: Callable[[UpstreamCall], None] | None = None, *, may_not_pay: str = ""

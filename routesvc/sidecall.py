@@ -1,0 +1,85 @@
+"""Side calls: provider calls made for a request besides its answer (a cascade judge's, an LLM
+classifier's), paid by the request however they end."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from routesvc.catalog import ModelSpec
+from routesvc.errors import ProviderError
+from routesvc.models import Message, ProviderFinish, TextDelta, UpstreamCall, Usage
+from routesvc.providers.base import Provider, ProviderCall
+from routesvc.tokens import count_text_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class SideCallResult:
+    """What a side call returned: its text, its finish (None when cut short), what it used, and
+    the timeout or provider error that ended it early (None when it finished)."""
+
+    text: str
+    finish: ProviderFinish | None
+    used: UpstreamCall
+    error: TimeoutError | ProviderError | None = None
+
+
+def upstream_call(
+    model: str, messages: Sequence[Message], texts: Sequence[str], finish: ProviderFinish | None, *, refused: bool
+) -> UpstreamCall:
+    """What a side call used: the provider's usage when it finished; when it was cut short after
+    the provider started work, an estimate from ``messages`` and the ``texts`` received, flagged;
+    when the provider ``refused`` it before any output, nothing."""
+    if finish is not None:
+        return UpstreamCall(model, finish.usage)
+    estimate = Usage(
+        input_tokens=0 if refused else sum(count_text_tokens(m.content) for m in messages),
+        output_tokens=count_text_tokens("".join(texts)),
+    )
+    return UpstreamCall(model, estimate, estimated=not refused, refused=refused)
+
+
+async def side_call(
+    provider: Provider,
+    model: ModelSpec,
+    call: ProviderCall,
+    *,
+    purpose: str,
+    charge: Callable[[UpstreamCall], None] | None,
+) -> SideCallResult:
+    """Stream ``call`` within ``call.timeout`` in a client span of ``purpose``, collecting its text.
+
+    However the call ends (finished, timed out, refused, the request cancelled) the upstream
+    response is closed at once and what it used goes to ``charge`` exactly once. A timeout or a
+    provider error comes back in ``error``; a cancellation propagates.
+    """
+    # Imported here: the config module imports the classifier (a caller), and telemetry imports
+    # the config.
+    from routesvc import telemetry
+
+    texts: list[str] = []
+    finish: ProviderFinish | None = None
+    error: TimeoutError | ProviderError | None = None
+    refused = False
+    stream = telemetry.observed_stream(provider, model, call, purpose=purpose)
+    try:
+        async with asyncio.timeout(call.timeout):
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    texts.append(event.text)
+                elif isinstance(event, ProviderFinish):
+                    finish = event
+    except TimeoutError as exc:
+        error = exc
+    except ProviderError as exc:
+        error = exc
+        refused = not texts
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        used = upstream_call(model.id, call.messages, texts, finish, refused=refused)
+        if charge is not None:
+            charge(used)
+    return SideCallResult("".join(texts), finish, used, error)
