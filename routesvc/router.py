@@ -476,8 +476,8 @@ class Router:
         deadline = None if timeout is None else time.monotonic() + timeout
         decision = await self.route(request, for_completion=True, request_id=request_id)
         if decision.mode is Mode.BATCH and (self._batches is None or not self._batches.supports(decision.provider)):
-            # ``route`` decides batch only for providers with a batch API; this process's queue,
-            # built at start, lacks one added by a hot reload.
+            # ``route`` decides batch only where the queue can take it; a router built without a
+            # queue (as ``simulate`` builds one) judges by the configuration and serves it here.
             decision = self._in_realtime(decision, request, f"provider {decision.provider} has no batch queue here")
         if decision.mode is Mode.BATCH and self._batches is not None:
             tokens = decision.estimated_input_tokens + decision.estimated_output_tokens
