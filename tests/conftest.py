@@ -39,6 +39,22 @@ def default_config() -> dict[str, object]:
     return loaded
 
 
+def add_local_model(config: dict[str, object], base_url: str, model_id: str, **fields: object) -> None:
+    """An openai_compatible provider ``local`` at ``base_url`` (no key, as for Ollama or vLLM) and
+    one cheap model of it, ``model_id``, in ``config``."""
+    config["providers"]["local"] = {"kind": "openai_compatible", "base_url": base_url}  # type: ignore[index]
+    config["models"].append(  # type: ignore[attr-defined]
+        {
+            "id": model_id,
+            "provider": "local",
+            **fields,
+            "input_price_per_mtok": "0.02",
+            "output_price_per_mtok": "0.05",
+            "context_window": 131072,
+        }
+    )
+
+
 def settings_from(config: dict[str, object], environ: dict[str, str] | None = None) -> Settings:
     """Validated settings from a config dict and an explicit environment."""
     return parse_config(yaml.safe_dump(config), "<test>", environ or {})

@@ -30,7 +30,7 @@ from routesvc.router import Router
 from routesvc.server import Server, build_providers
 from routesvc.testing import BatchOutcome, FakeProvider, FaultProxy, NetworkFault, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
 from tests.test_validation import error_info
 
 
@@ -417,16 +417,7 @@ class TestBatchModeFallsBackToRealtime:
         """A premium batch request whose cap only a local model fits: downgraded to it, as a
         realtime request would be, and served in realtime since it has no batch API."""
         config = batch_config(tmp_path)
-        config["providers"]["local"] = {"kind": "openai_compatible", "base_url": fake.openai_base_url}  # type: ignore[index]
-        config["models"].append(  # type: ignore[attr-defined]
-            {
-                "id": "llama",
-                "provider": "local",
-                "input_price_per_mtok": "0.02",
-                "output_price_per_mtok": "0.05",
-                "context_window": 131072,
-            }
-        )
+        add_local_model(config, fake.openai_base_url, "llama")
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
@@ -444,16 +435,7 @@ class TestBatchModeFallsBackToRealtime:
     async def test_a_provider_without_a_batch_api(self, tmp_path: Path, fake: FakeProvider) -> None:
         """An openai_compatible model: served in realtime, the reason names the provider."""
         config = batch_config(tmp_path)
-        config["providers"]["local"] = {"kind": "openai_compatible", "base_url": fake.openai_base_url}  # type: ignore[index]
-        config["models"].append(  # type: ignore[attr-defined]
-            {
-                "id": "llama",
-                "provider": "local",
-                "input_price_per_mtok": "0.02",
-                "output_price_per_mtok": "0.05",
-                "context_window": 131072,
-            }
-        )
+        add_local_model(config, fake.openai_base_url, "llama")
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,

@@ -14,7 +14,7 @@ from routesvc.client import RouterClient
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
 from tests.test_validation import error_info
 
 CANARY = "canary-prompt-51c2e"
@@ -393,17 +393,7 @@ class TestOpenAICompatible:
     async def test_a_compatible_server_is_called_through_the_openai_sdk(self, fake: FakeProvider) -> None:
         """kind openai_compatible with a base_url and no key (as for Ollama or vLLM) streams and costs."""
         config = default_config()
-        config["providers"]["local"] = {"kind": "openai_compatible", "base_url": fake.openai_base_url}  # type: ignore[index]
-        config["models"].append(  # type: ignore[attr-defined]
-            {
-                "id": "llama-local",
-                "provider": "local",
-                "provider_model": "meta-llama/Llama-3.1-8B-Instruct",
-                "input_price_per_mtok": "0.02",
-                "output_price_per_mtok": "0.05",
-                "context_window": 131072,
-            }
-        )
+        add_local_model(config, fake.openai_base_url, "llama-local", provider_model="meta-llama/Llama-3.1-8B-Instruct")
         fake.enqueue(Script(input_tokens=100, output_tokens=5))
         async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
             messages = await _collect(client, model="llama-local")

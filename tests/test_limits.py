@@ -12,7 +12,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from routesvc.admission import LocalAdmission
+from routesvc.admission import Admission, LocalAdmission
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
 from routesvc.errors import LimitExceeded, RequestTooLarge
@@ -31,6 +31,27 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+PRECHECKED = TenantConfig(tokens_per_minute=100, daily_budget_usd=Decimal(1))
+
+
+async def precheck_tokens_and_cost(checking: Admission, admitting: Admission) -> None:
+    """Tenant ``t`` (``PRECHECKED``): ``checking``'s prechecks refuse what ``admit`` would, after
+    ``admitting`` took 60 tokens and 0.5 USD, and reserve nothing themselves."""
+    with pytest.raises(RequestTooLarge):
+        await checking.precheck("t", tokens=101)
+    for _ in range(3):
+        await checking.precheck("t", tokens=100, cost=Decimal(1))
+    await (await admitting.admit("t", tokens=60, cost=Decimal("0.5"))).settle(60, Decimal("0.5"))
+    with pytest.raises(LimitExceeded) as caught:
+        await checking.precheck("t", tokens=41)
+    assert caught.value.reason == "TOKEN_RATE_LIMITED"
+    with pytest.raises(LimitExceeded) as caught:
+        await checking.precheck("t", cost=Decimal("0.6"))
+    assert caught.value.reason == "BUDGET_EXCEEDED"
+    await checking.precheck("t", tokens=40, cost=Decimal("0.5"))
+    await (await checking.admit("t", tokens=40, cost=Decimal("0.5"))).settle(40, Decimal("0.5"))
 
 
 class TestAdmission:
@@ -80,19 +101,8 @@ class TestAdmission:
     async def test_precheck_with_tokens_and_cost_refuses_what_admit_would_and_reserves_nothing(self) -> None:
         """The tokens and cost a request will be admitted with are checked against the token window
         and the budget as admit would check them; nothing is taken from either."""
-        admission = LocalAdmission({"t": TenantConfig(tokens_per_minute=100, daily_budget_usd=Decimal(1))})
-        with pytest.raises(RequestTooLarge):
-            await admission.precheck("t", tokens=101)
-        await admission.precheck("t", tokens=100, cost=Decimal(1))
-        await (await admission.admit("t", tokens=60, cost=Decimal("0.5"))).settle(60, Decimal("0.5"))
-        with pytest.raises(LimitExceeded) as caught:
-            await admission.precheck("t", tokens=41)
-        assert caught.value.reason == "TOKEN_RATE_LIMITED"
-        with pytest.raises(LimitExceeded) as caught:
-            await admission.precheck("t", cost=Decimal("0.6"))
-        assert caught.value.reason == "BUDGET_EXCEEDED"
-        await admission.precheck("t", tokens=40, cost=Decimal("0.5"))
-        await (await admission.admit("t", tokens=40, cost=Decimal("0.5"))).settle(40, Decimal("0.5"))
+        admission = LocalAdmission({"t": PRECHECKED})
+        await precheck_tokens_and_cost(admission, admission)
 
     async def test_a_concurrency_limit_added_by_reload_counts_the_requests_already_running(self) -> None:
         """Two requests admitted while the tenant had no limits are still running when a reload

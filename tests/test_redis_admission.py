@@ -23,6 +23,7 @@ from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
 from tests.redis_server import running_redis
+from tests.test_limits import PRECHECKED, precheck_tokens_and_cost
 from tests.test_validation import error_info
 
 
@@ -111,21 +112,8 @@ class TestSharedLimits:
     async def test_precheck_checks_tokens_and_cost_across_replicas(self, redis_url: str, prefix: str) -> None:
         """Tokens and spend admitted on one replica refuse the other replica's precheck of a
         request that would pass them; the precheck reserves neither."""
-        first, second = await _replicas(
-            redis_url, prefix, TenantConfig(tokens_per_minute=100, daily_budget_usd=Decimal(1))
-        )
-        with pytest.raises(RequestTooLarge):
-            await second.precheck("t", tokens=101)
-        for _ in range(3):
-            await second.precheck("t", tokens=100, cost=Decimal(1))
-        await (await first.admit("t", tokens=60, cost=Decimal("0.5"))).settle(60, Decimal("0.5"))
-        with pytest.raises(LimitExceeded) as caught:
-            await second.precheck("t", tokens=41)
-        assert caught.value.reason == "TOKEN_RATE_LIMITED"
-        with pytest.raises(LimitExceeded) as caught:
-            await second.precheck("t", cost=Decimal("0.6"))
-        assert caught.value.reason == "BUDGET_EXCEEDED"
-        await (await second.admit("t", tokens=40, cost=Decimal("0.5"))).settle(40, Decimal("0.5"))
+        first, second = await _replicas(redis_url, prefix, PRECHECKED)
+        await precheck_tokens_and_cost(second, first)
         await first.aclose()
         await second.aclose()
 

@@ -22,6 +22,18 @@ from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import REPO, default_config, settings_from, user_chat
 
 
+async def health_across_drain(server: Server, target: str, service: str = "") -> tuple[int, int]:
+    """The status a plaintext Watch on ``target`` streams first, and then once ``server`` starts
+    draining."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service))
+        first = await call.read()
+        closing = asyncio.create_task(server.aclose())
+        second = await call.read()
+        await closing
+    return first.status, second.status
+
+
 class TestHealth:
     async def test_serving_for_the_server_and_the_service(self, server: Server) -> None:
         """grpc.health.v1 Check says SERVING for "" and for routesvc.v1.RouterService."""
@@ -33,13 +45,7 @@ class TestHealth:
 
     async def test_watch_sees_not_serving_on_shutdown(self, server: Server) -> None:
         """Watch streams SERVING, then NOT_SERVING when the server starts draining."""
-        async with grpc.aio.insecure_channel(server.target) as channel:
-            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
-            first = await call.read()
-            closing = asyncio.create_task(server.aclose())
-            second = await call.read()
-            await closing
-        assert (first.status, second.status) == (
+        assert await health_across_drain(server, server.target, SERVICE_NAME) == (
             health_pb2.HealthCheckResponse.SERVING,
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from routesvc.server import SERVICE_NAME, Server
 from routesvc.testing import FakeProvider
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.test_server import health_across_drain
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -135,13 +135,7 @@ class TestHealthPort:
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
     async def test_a_drain_turns_the_health_port_not_serving(self, tls_server: Server) -> None:
-        async with grpc.aio.insecure_channel(tls_server.health_target) as channel:
-            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-            first = await call.read()
-            closing = asyncio.create_task(tls_server.aclose())
-            second = await call.read()
-            await closing
-        assert (first.status, second.status) == (
+        assert await health_across_drain(tls_server, tls_server.health_target) == (
             health_pb2.HealthCheckResponse.SERVING,
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
