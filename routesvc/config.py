@@ -189,6 +189,11 @@ class RuleCondition(_Strict):
     user_tier_in: tuple[str, ...] | None = None
     tenant_in: tuple[str, ...] | None = None
     task_in: tuple[str, ...] | None = None
+    complexity_in: tuple[Literal["low", "medium", "high"], ...] | None = Field(
+        None,
+        description="How hard the llm classifier judged the request; a request whose complexity is "
+        "unknown (no llm classifier answer) never matches.",
+    )
     realtime: bool | None = None
     metadata: dict[str, str] | None = None
     last_user_message_matches: str | None = Field(None, description="Python regex, searched, case-sensitive.")
@@ -520,13 +525,21 @@ class Config(_Strict):
                 raise ValueError(f"server.tls.client_tenants.{common_name}: unknown tenant {tenant_name!r}")
         if self.auth.enabled and not self.tenants:
             raise ValueError("auth.enabled: no tenants are configured, so no key could ever be accepted")
+        judged_complexity = False  # whether an llm classifier stage has run before this stage
         for stage_index, stage in enumerate(self.routing.stages):
             where = f"routing.stages[{stage_index}]"
             if isinstance(stage, RulesStageConfig):
                 for rule_index, rule in enumerate(stage.rules):
                     if rule.model is not None and rule.model not in ids:
                         raise ValueError(f"{where}.rules[{rule_index}].model: unknown model {rule.model!r}")
+                    if rule.when.complexity_in is not None and not judged_complexity:
+                        raise ValueError(
+                            f"{where}.rules[{rule_index}].when.complexity_in: only a classifier stage with"
+                            " method llm judges complexity, and none comes before this rules stage,"
+                            " so the rule could never match"
+                        )
             elif isinstance(stage, ClassifierStageConfig) and stage.method == "llm":
+                judged_complexity = True
                 if not stage.model:
                     raise ValueError(f"{where}.model: the llm method needs a catalog model id")
                 if stage.model not in ids:

@@ -248,8 +248,20 @@ class TestParseAnswer:
         """The first JSON object in the answer is used."""
         assert parse_answer('```json\n{"task": "chat", "complexity": "low"}\n```') == ("chat", "low")
 
+    def test_a_left_out_complexity_is_unknown_not_invented(self) -> None:
+        """An answer without complexity gives "" (no rule on complexity matches it), not a guess."""
+        assert parse_answer('{"task": "chat"}') == ("chat", "")
+
     @pytest.mark.parametrize(
-        "answer", ["no json here", '{"task": "poetry"}', '{"task": "chat", "complexity": 3}', "{bad"]
+        "answer",
+        [
+            "no json here",
+            '{"task": "poetry"}',
+            '{"task": "chat", "complexity": 3}',
+            '{"task": "chat", "complexity": null}',
+            '{"task": "chat", "complexity": "extreme"}',
+            "{bad",
+        ],
     )
     def test_refuses_bad_answers(self, answer: str) -> None:
         """Missing JSON, unknown labels and malformed JSON raise ``ClassifierAnswerError``."""
@@ -644,3 +656,73 @@ class TestTheLLMClassifierIsPaidFor:
         assert (labelling.outcome, labelling.estimated) == (AttemptOutcome.FAILED, False)
         assert labelling.cost_usd == 0
         assert Decimal(decision.routing_cost_usd) == 0
+
+
+def complexity_config() -> dict[str, object]:
+    """The llm classifier on gpt-4o-mini, then one rule: reasoning judged hard goes to gpt-4o."""
+    config = llm_classifier_config()
+    config["routing"]["stages"][1] = {  # type: ignore[index]
+        "kind": "rules",
+        "rules": [
+            {
+                "name": "hard_reasoning",
+                "when": {"task_in": ["multi_step_reasoning"], "complexity_in": ["high"]},
+                "model": "gpt-4o",
+            }
+        ],
+    }
+    return config
+
+
+class TestComplexityInRules:
+    """The llm classifier's complexity is a rule condition (``complexity_in``), over a real server
+    and the fake provider: the same task goes to the strong model only when judged hard."""
+
+    async def test_the_judged_complexity_picks_the_model(self, fake: FakeProvider) -> None:
+        fake.enqueue(Script(text='{"task": "multi_step_reasoning", "complexity": "high"}'))
+        fake.enqueue(Script(text='{"task": "multi_step_reasoning", "complexity": "low"}'))
+        hard = "Prove that there are infinitely many primes of the form 4k+3."
+        async with (
+            Server(settings_from(complexity_config(), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            judged_hard = await client.route(user_chat(hard), ACME)
+            judged_easy = await client.route(user_chat("What is 2+2?"), ACME)
+            cached = await client.route(user_chat(hard), ACME)
+        assert (judged_hard.model, judged_hard.rule) == ("gpt-4o", "hard_reasoning")
+        assert any(
+            "complexity 'high' (from classifier)" in reason and reason.endswith("; chosen")
+            for reason in judged_hard.reasons
+        )
+        assert (judged_easy.model, judged_easy.rule) == ("gpt-4o-mini", "default")
+        assert (
+            "classifier: gpt-4o-mini labelled the task 'multi_step_reasoning', complexity low"
+            in (judged_easy.reasons[0])
+        )
+        # The cached label keeps its complexity: the same prompt routes the same way, unpaid.
+        assert (cached.model, cached.rule) == ("gpt-4o", "hard_reasoning")
+        assert cached.reasons[0].endswith("complexity high (cached)")
+        assert len(fake.requests) == 2
+
+    @pytest.mark.parametrize(
+        ("answer", "explained"),
+        [
+            (Script(text='{"task": "multi_step_reasoning"}'), "complexity not given"),
+            (Script(status=500), "local fallback labelled the task 'multi_step_reasoning'"),
+        ],
+        ids=["left_out", "provider_error"],
+    )
+    async def test_an_unknown_complexity_matches_no_complexity_rule(
+        self, fake: FakeProvider, answer: Script, explained: str
+    ) -> None:
+        """No complexity from the model (left out of its answer, or no answer: the local fallback
+        labels the task only): the rule on complexity does not match, the default serves."""
+        fake.set_default(answer)
+        async with (
+            Server(settings_from(complexity_config(), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            decision = await client.route(user_chat("Solve step by step: 3x + 7 = 22, then find x squared."), ACME)
+        assert (decision.model, decision.rule) == ("gpt-4o-mini", "default")
+        assert explained in decision.reasons[0]
+        assert not any("hard_reasoning" in reason for reason in decision.reasons)

@@ -106,6 +106,16 @@ class TestValidation:
                 r"routing\.stages\[0\]\.model: the llm method needs a catalog model id",
             ),
             (
+                lambda c: c["routing"]["stages"][1]["rules"][0]["when"].update(complexity_in=["high"]),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.complexity_in: only a classifier stage with method llm"
+                r" judges complexity, and none comes before this rules stage",
+            ),
+            (
+                lambda c: c["routing"]["stages"][1]["rules"][0]["when"].update(complexity_in=["extreme"]),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.complexity_in\[0\]: "
+                r"Input should be 'low', 'medium' or 'high'",
+            ),
+            (
                 lambda c: c.setdefault("telemetry", {}).update(stats_window_seconds=float("inf")),
                 r"telemetry\.stats_window_seconds",
             ),

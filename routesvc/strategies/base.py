@@ -24,7 +24,9 @@ class RoutingInput:
 
     ``eligible`` maps every catalog model id to ``""`` when it can serve the request, or to the
     reason it cannot. ``task`` is the task label known so far ("" when unknown) and
-    ``task_source`` says where it came from ("hint", or the stage that set it). A stage that
+    ``task_source`` says where it came from ("hint", or the stage that set it). ``complexity`` is
+    how hard the llm classifier judged the request ("low", "medium", "high"; "" when no model
+    judged it: a hint kept, the local classifier, a fallback). A stage that
     calls a provider to decide (the LLM classifier) passes each call to ``charge`` as soon as it
     ends, however it ends, so that the request pays for it exactly once; when ``may_not_pay``
     says why (the tenant's budget is spent), it decides without such a call.
@@ -37,6 +39,7 @@ class RoutingInput:
     eligible: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     task: str = ""
     task_source: str = ""
+    complexity: str = ""
     charge: Callable[[UpstreamCall], None] | None = None
     may_not_pay: str = ""
 

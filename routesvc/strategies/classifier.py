@@ -286,8 +286,13 @@ _INSTRUCTIONS = (
 )
 
 
+def _judged(complexity: str) -> str:
+    return f"complexity {complexity}" if complexity else "complexity not given"
+
+
 def parse_answer(text: str) -> tuple[str, str]:
-    """(task, complexity) from the model's answer; raises ``ClassifierAnswerError`` when invalid."""
+    """(task, complexity) from the model's answer, complexity "" when the answer leaves it out;
+    raises ``ClassifierAnswerError`` when invalid."""
     match = re.search(r"\{.*\}", text, re.DOTALL)
     if match is None:
         raise ClassifierAnswerError("no JSON object in the classifier's answer")
@@ -296,10 +301,10 @@ def parse_answer(text: str) -> tuple[str, str]:
     except json.JSONDecodeError as exc:
         raise ClassifierAnswerError(f"classifier answer is not JSON: {exc.msg}") from exc
     task = data.get("task") if isinstance(data, dict) else None
-    complexity = data.get("complexity", "medium") if isinstance(data, dict) else None
+    complexity = data.get("complexity", "") if isinstance(data, dict) else None
     if task not in TASK_LABELS:
         raise ClassifierAnswerError(f"classifier answered an unknown task {task!r}")
-    if complexity not in COMPLEXITIES:
+    if complexity != "" and complexity not in COMPLEXITIES:
         raise ClassifierAnswerError(f"classifier answered an unknown complexity {complexity!r}")
     return str(task), str(complexity)
 
@@ -359,7 +364,12 @@ class LLMClassifierStage:
         key = text_key(prompt)
         cached = self._cache.get(key)
         if cached is not None:
-            return cached[0], cached[1], f"classifier: {self._model.id} labelled the task {cached[0]!r} (cached)"
+            task, complexity = cached
+            return (
+                task,
+                complexity,
+                f"classifier: {self._model.id} labelled the task {task!r}, {_judged(complexity)} (cached)",
+            )
         if may_not_pay:
             return self._fall_back(prompt, f"not asked ({may_not_pay})")
         started = time.perf_counter()
@@ -375,7 +385,7 @@ class LLMClassifierStage:
         return (
             task,
             complexity,
-            f"classifier: {self._model.id} labelled the task {task!r}, complexity {complexity}, "
+            f"classifier: {self._model.id} labelled the task {task!r}, {_judged(complexity)}, "
             f"in {elapsed:.0f} ms for ${format_usd(cost)}",
         )
 
@@ -393,10 +403,14 @@ class LLMClassifierStage:
             return _with_reason(
                 verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", ""
             )
-        task, _, reason = await self.classify(
+        task, complexity, reason = await self.classify(
             routing_input.request.chat.last_user_message, routing_input.charge, may_not_pay=routing_input.may_not_pay
         )
-        annotated = dataclasses.replace(routing_input, task=task, task_source=self.name) if task else routing_input
+        annotated = (
+            dataclasses.replace(routing_input, task=task, task_source=self.name, complexity=complexity)
+            if task
+            else routing_input
+        )
         verdict = await next_stage(annotated)
         return _with_reason(verdict, reason, task)
 

@@ -48,6 +48,10 @@ def _match(rule: _Rule, routing_input: RoutingInput) -> str | None:
         if routing_input.task not in when.task_in:
             return None
         facts.append(f"task {routing_input.task!r} (from {routing_input.task_source})")
+    if when.complexity_in is not None:
+        if routing_input.complexity not in when.complexity_in:
+            return None
+        facts.append(f"complexity {routing_input.complexity!r} (from {routing_input.task_source})")
     if when.realtime is not None:
         if context.realtime is not when.realtime:
             return None
