@@ -274,6 +274,18 @@ def _items() -> tuple[list[tuple[str, str, Callable[[], float]]], list[str]]:
                 lambda: _measure_async(lambda i: embedding.decide(inputs[i % n], terminal), reps, secs),
             )
         )
+
+        async def then_embedding(routing_input: RoutingInput, /) -> Verdict:
+            return await embedding.decide(routing_input, terminal)
+
+        classifier_stage = LocalClassifierStage(TaskClassifier(WordLlamaEncoder(), read_examples()))
+        items.append(
+            (
+                "classifier then embedding, new texts",
+                "both learned stages on a prompt neither has seen; no hint",
+                lambda: _measure_async(lambda i: classifier_stage.decide(new_input(i), then_embedding), reps, secs),
+            )
+        )
     except Exception as exc:
         missing.append(f"embedding: {type(exc).__name__}: {exc}")
     try:

@@ -196,6 +196,23 @@ class TestLexicalFeatures:
         assert features.lexical_features(text) == _reference_features(text)
 
 
+class TestRemembered:
+    def test_a_long_texts_features_are_computed_once_and_filed_by_digest(self) -> None:
+        """The classifier and a fitted router read the same message: a text over the short-text
+        cache's limit is computed once, remembered in a ``Memo`` (by digest: no prompt text kept),
+        and every later read gives the same row."""
+        long = "Explain, step by step, how 17 x 23 = 391 is checked. " * 60
+        assert len(long) > features._CACHE_MAX_CHARS
+        expected = np.array([features.lexical_features(long)], dtype=np.float32)
+        remembered = len(features._LONG_TEXTS)
+        first = features.lexical_matrix([long])
+        assert len(features._LONG_TEXTS) == remembered + 1
+        again = features.lexical_matrix([long])
+        assert len(features._LONG_TEXTS) == remembered + 1
+        np.testing.assert_array_equal(first, expected)
+        np.testing.assert_array_equal(again, expected)
+
+
 class TestBounded:
     def test_a_prompt_up_to_the_limit_is_read_whole(self) -> None:
         text = "x" * features.READ_CHARS
