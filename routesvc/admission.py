@@ -40,8 +40,22 @@ class _TenantState:
     reserved: dict[str, Decimal] = field(default_factory=lambda: collections.defaultdict(Decimal))
 
 
+@dataclass
+class _Held:
+    """The USD one local reservation holds: the estimate admitted, then any extensions."""
+
+    usd: Decimal
+
+
 class Reservation(Protocol):
     """What ``admit`` reserved for one request."""
+
+    async def extend(self, cost: Decimal) -> None:
+        """Reserve ``cost`` more USD for this request, checked against the tenant's budgets only:
+        it is about to call another model (a fallback, a cascade escalation). Raises
+        ``LimitExceeded`` (``BUDGET_EXCEEDED``) having reserved nothing more; ``settle`` releases
+        it with the rest. Does nothing once settled."""
+        ...
 
     async def settle(self, tokens: int, cost: Decimal) -> None:
         """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing."""
@@ -85,13 +99,28 @@ class Admission(Protocol):
         ...
 
 
+async def _nothing_extended(cost: Decimal) -> None:
+    del cost
+
+
 class SettleOnce:
     """A reservation settled at most once: the first ``settle`` applies the real usage, later
-    calls do nothing (a request's finally and an error path may both try)."""
+    calls do nothing (a request's finally and an error path may both try). ``extend`` reserves
+    more until then (default: nothing to check, as for a tenant without limits)."""
 
-    def __init__(self, apply: Callable[[int, Decimal], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        apply: Callable[[int, Decimal], Awaitable[None]],
+        extend: Callable[[Decimal], Awaitable[None]] = _nothing_extended,
+    ) -> None:
         self._apply = apply
+        self._extend = extend
         self._settled = False
+
+    async def extend(self, cost: Decimal) -> None:
+        """Reserve ``cost`` more USD (see ``Reservation.extend``); nothing once settled."""
+        if not self._settled and cost > 0:
+            await self._extend(cost)
 
     async def settle(self, tokens: int, cost: Decimal) -> None:
         """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing."""
@@ -193,7 +222,11 @@ class LocalAdmission:
         state.in_flight += 1
         for period in periods:
             state.reserved[period] += cost
-        return SettleOnce(functools.partial(self._settle, tenant, entry, cost, periods))
+        held = _Held(cost)
+        return SettleOnce(
+            functools.partial(self._settle, tenant, entry, held, periods),
+            functools.partial(self._extend, tenant, held, periods),
+        )
 
     async def exhausted(self, tenant: str) -> str:
         """Why ``tenant`` may not spend anything more now, or ""."""
@@ -215,6 +248,9 @@ class LocalAdmission:
     ) -> tuple[str, str]:
         """Raise ``LimitExceeded`` if a request of ``tokens`` and ``cost`` would pass a limit; the
         budget periods it would count in otherwise."""
+        # First what waiting would never cure (as the shared admission checks it), so that a client
+        # is not told to retry a request that can never be admitted.
+        check_fits_token_rate(tenant, limits, tokens)
         self._prune(state, now)
         if limits.requests_per_minute is not None and len(state.requests) >= limits.requests_per_minute:
             raise LimitExceeded(
@@ -222,7 +258,6 @@ class LocalAdmission:
                 reason="RATE_LIMITED",
                 retry_after=max(0.001, state.requests[0] + _WINDOW - now),
             )
-        check_fits_token_rate(tenant, limits, tokens)
         if limits.tokens_per_minute is not None and tokens:
             used = sum(entry.tokens for entry in state.tokens)
             if used + tokens > limits.tokens_per_minute:
@@ -240,6 +275,13 @@ class LocalAdmission:
             )
         wall = self._wall_clock()
         periods = _periods(wall)
+        self._check_budgets(tenant, limits, state, periods, wall, cost)
+        return periods
+
+    @staticmethod
+    def _check_budgets(
+        tenant: str, limits: TenantConfig, state: _TenantState, periods: Sequence[str], wall: float, cost: Decimal
+    ) -> None:
         for period, budget in zip(periods, (limits.daily_budget_usd, limits.monthly_budget_usd), strict=True):
             if budget is not None and state.spent[period] + state.reserved[period] + cost > budget:
                 raise LimitExceeded(
@@ -247,13 +289,23 @@ class LocalAdmission:
                     reason="BUDGET_EXCEEDED",
                     retry_after=_seconds_to_next(period, wall),
                 )
-        return periods
+
+    async def _extend(self, tenant: str, held: _Held, periods: tuple[str, str], cost: Decimal) -> None:
+        # Checked against the budgets as they stand now (a reload may have changed them), counted in
+        # the periods the request was admitted in, where its settle will release it.
+        limits = self._tenants.get(tenant)
+        state = self._state[tenant]
+        if limits is not None:
+            self._check_budgets(tenant, limits, state, periods, self._wall_clock(), cost)
+        for period in periods:
+            state.reserved[period] += cost
+        held.usd += cost
 
     async def _settle(
         self,
         tenant: str,
         entry: _TokenEntry | None,
-        reserved_cost: Decimal,
+        held: _Held,
         periods: tuple[str, ...],
         tokens: int,
         cost: Decimal,
@@ -263,7 +315,7 @@ class LocalAdmission:
         if entry is not None:
             entry.tokens = tokens
         for period in periods:
-            state.reserved[period] -= reserved_cost
+            state.reserved[period] -= held.usd
             state.spent[period] += cost
 
     async def _settle_unlimited(self, tenant: str, state: _TenantState, tokens: int, cost: Decimal) -> None:

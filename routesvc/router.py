@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from routesvc import telemetry
-from routesvc.admission import Admission, build_admission
+from routesvc.admission import Admission, Reservation, build_admission
 from routesvc.breaker import Breakers
 from routesvc.cascade import EscalationPolicy, max_cost_reason
 from routesvc.catalog import ModelSpec
@@ -25,6 +25,7 @@ from routesvc.errors import (
     DeadlineExceeded,
     FeedbackNotEnabled,
     InvalidRequest,
+    LimitExceeded,
     PermissionDenied,
     ProviderError,
     ProviderNotConfigured,
@@ -32,6 +33,7 @@ from routesvc.errors import (
     ProviderRejected,
     ProviderTimedOut,
     ProviderUnavailable,
+    SharedStateUnavailable,
     StreamInterrupted,
 )
 from routesvc.ledger import AttemptOutcome, Ledger
@@ -500,7 +502,7 @@ class Router:
             tokens=decision.estimated_input_tokens + decision.estimated_output_tokens,
             cost=decision.estimated_cost_usd,
         )
-        attempt = _AttemptState(request_id, decision, tenant)
+        attempt = _AttemptState(request_id, decision, tenant, reservation, decision.estimated_cost_usd)
         # Deciding's calls are the request's first attempts, in its cost, summary and tokens (the
         # budget has their cost already: ``route`` charged it as they ended, so the settle below
         # leaves it out).
@@ -526,6 +528,18 @@ class Router:
                     if cap is not None and would_cost > cap:
                         released = True
                         why = max_cost_reason(next_model, would_cost, cap)
+                        quality = replace(quality, reason=f"{quality.reason}; {why}")
+                if not released:
+                    # The next model is another call to pay for: the tenant's budget must take it
+                    # before the cheaper answer is given up; if it cannot, that answer is released
+                    # (a step that failed has none to release: the refusal is the request's).
+                    try:
+                        await self._cover(attempt, self._catalog.get(next_model))
+                    except (LimitExceeded, SharedStateUnavailable) as refused:
+                        if outcome.completion is None:
+                            raise
+                        released = True
+                        why = f"not escalated to {next_model}: {refused.message}"
                         quality = replace(quality, reason=f"{quality.reason}; {why}")
                 telemetry.record_cascade(released, outcome.quality.score)
                 if released and outcome.completion is not None:
@@ -636,9 +650,15 @@ class Router:
         first = attempt.number
         last_error: ProviderError | None = None
         for model_id in self._attempt_chain(decision, request.context.max_cost_usd):
+            model = self._catalog.get(model_id)
+            try:
+                await self._cover(attempt, model)
+            except LimitExceeded:
+                if last_error is None:
+                    raise  # the model this step was decided for: nothing cheaper to try
+                continue  # a fallback the tenant's budget cannot take is skipped, like one over max_cost_usd
             if last_error is not None:
                 telemetry.record_fallback(last_error.model, model_id, last_error.reason)
-            model = self._catalog.get(model_id)
             for try_on_model in range(reliability.retries_per_model + 1):
                 if attempt.number - first >= reliability.max_attempts:
                     break
@@ -674,6 +694,18 @@ class Router:
         if last_error is None:
             raise no_eligible_model_for(decision)
         raise last_error
+
+    async def _cover(self, state: _AttemptState, model: ModelSpec) -> None:
+        """Make the request's reservation hold what it has spent on answers so far plus ``model``'s
+        estimate, before ``model`` is called (a fallback, a cascade escalation): the tenant's budget
+        is checked for every model a request calls, not only the decided one. Raises
+        ``LimitExceeded`` when the budget cannot take the difference."""
+        decision = state.decision
+        tokens_in, tokens_out = decision.estimated_input_tokens, decision.estimated_output_tokens
+        needed = state.cost - decision.routing_cost_usd + estimate_cost(model, tokens_in, tokens_out, decision.mode)
+        if needed > state.reserved:
+            await state.reservation.extend(needed - state.reserved)
+            state.reserved = needed
 
     async def _attempt(
         self,
@@ -820,6 +852,8 @@ class _AttemptState:
     request_id: str
     decision: RouteDecision
     tenant: str
+    reservation: Reservation
+    reserved: Decimal  # USD the reservation holds: the decision's estimate, then any extensions
     number: int = 0
     chunks: int = 0
     tokens: int = 0

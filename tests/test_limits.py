@@ -54,6 +54,26 @@ async def precheck_tokens_and_cost(checking: Admission, admitting: Admission) ->
     await (await checking.admit("t", tokens=40, cost=Decimal("0.5"))).settle(40, Decimal("0.5"))
 
 
+async def extends_within_the_budget(admission: Admission) -> None:
+    """Tenant ``t`` with a $1 daily budget and nothing spent: a 0.3 reservation extended by 0.5
+    leaves room for 0.2 more, an extension past that is refused and reserves nothing, and the
+    settle releases all 0.8 and spends the real 0.6."""
+    held = await admission.admit("t", cost=Decimal("0.3"))
+    await held.extend(Decimal("0.5"))
+    with pytest.raises(LimitExceeded) as caught:
+        await admission.admit("t", cost=Decimal("0.3"))
+    assert caught.value.reason == "BUDGET_EXCEEDED"
+    with pytest.raises(LimitExceeded) as caught:
+        await held.extend(Decimal("0.3"))
+    assert caught.value.reason == "BUDGET_EXCEEDED"
+    assert caught.value.retry_after is not None
+    await admission.precheck("t", cost=Decimal("0.2"))  # the refused extension reserved nothing
+    await held.settle(0, Decimal("0.6"))
+    await held.extend(Decimal("5"))  # settled: nothing more is reserved, nothing checked
+    await (await admission.admit("t", cost=Decimal("0.4"))).settle(0, Decimal("0.4"))
+    assert await admission.spent("t") == Decimal("1.0")
+
+
 class TestAdmission:
     async def test_requests_per_minute_are_exact_and_retry_after_is_given(self) -> None:
         """The 3rd request in a minute of a 2-rpm tenant is refused with the wait until the window frees."""
@@ -171,12 +191,28 @@ class TestAdmission:
         assert "500 tokens per minute" in caught.value.message
         await (await admission.admit("t", tokens=500)).settle(500, Decimal(0))
 
+    async def test_too_large_is_said_before_a_full_request_window(self) -> None:
+        """With its one request per minute used, a request over the token rate is still
+        REQUEST_TOO_LARGE (was RATE_LIMITED with a 60 s delay, after which it would be refused
+        anyway), as the shared admission says."""
+        admission = LocalAdmission({"t": TenantConfig(requests_per_minute=1, tokens_per_minute=100)})
+        await (await admission.admit("t", tokens=10)).settle(10, Decimal(0))
+        with pytest.raises(RequestTooLarge):
+            await admission.admit("t", tokens=500)
+
     async def test_a_budget_refusal_names_the_daily_budget(self) -> None:
         """The message says "daily" (it said "dayly")."""
         admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
         with pytest.raises(LimitExceeded) as caught:
             await admission.admit("t", cost=Decimal(2))
         assert "its daily budget of 1 USD" in caught.value.message
+
+    async def test_extend_reserves_more_within_the_budgets_and_settle_releases_it(self) -> None:
+        """A request about to call a pricier model reserves the difference: refused (nothing more
+        reserved) when the budget cannot take it; the settle releases the estimate and every
+        extension and counts the real cost."""
+        admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
+        await extends_within_the_budget(admission)
 
     async def test_settling_twice_counts_once(self) -> None:
         """settle is idempotent."""
@@ -260,6 +296,105 @@ class TestTenantLimitsOverGrpc:
             "BUDGET_EXCEEDED",
         )
         assert len(fake.requests) == 1
+
+
+FAILING = Script(status=500)
+ANSWER = Script(text="Paris.", input_tokens=8, output_tokens=512)
+REFUSAL = Script(text="I cannot help with that.", input_tokens=8, output_tokens=512)
+
+
+def budget_config(budget: str, *, cascade: bool = False) -> dict[str, object]:
+    """Tenant acme with a daily budget, no retries on the same model (a failure falls back at
+    once) and, with ``cascade``, every request cascaded gpt-4o-mini -> gpt-4o on the local scorer."""
+    config = limited_config(daily_budget_usd=budget)
+    config["reliability"] = {"retries_per_model": 0}
+    if cascade:
+        steps = [{"model": "gpt-4o-mini", "threshold": 0.8}, {"model": "gpt-4o"}]
+        config["cascade"] = {"apply": "always", "scorers": ["local"], "chains": [{"steps": steps}]}
+    return config
+
+
+class TestEveryModelCalledIsWithinTheBudget:
+    """The reservation covers the decided model's estimate; a fallback or a cascade escalation
+    to a pricier model reserves the difference first, so the tenant's budget holds for every
+    model a request calls (over a real server and the fake provider). "hi" with 512 output tokens
+    is estimated at ~0.00031 USD on gpt-4o-mini and ~0.0052 on gpt-4o."""
+
+    async def test_a_fallback_the_budget_cannot_take_is_skipped(self, fake: FakeProvider) -> None:
+        fake.enqueue(FAILING, model="gpt-4o-mini")
+        fake.set_default(ANSWER)
+        async with (
+            Server(settings_from(budget_config("0.001"), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("hi"), ACME):
+                    pass
+            spent = await server.router.admission.spent("acme")
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # gpt-4o-mini's failure: gpt-4o never called
+        assert [request.model for request in fake.requests] == ["gpt-4o-mini"]
+        assert spent == 0
+
+    async def test_concurrent_fallbacks_stay_within_the_budget(self, fake: FakeProvider) -> None:
+        """Ten concurrent requests whose gpt-4o-mini call fails, with a budget for two gpt-4o
+        answers: those that fall back never take the spend past the budget (before, all ten did:
+        0.05 USD of 0.012)."""
+        for _ in range(10):
+            fake.enqueue(FAILING, model="gpt-4o-mini")
+        fake.set_default(ANSWER)
+        budget = Decimal("0.012")
+        async with (
+            Server(settings_from(budget_config(str(budget)), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+
+            async def one() -> str:
+                try:
+                    messages = [m async for m in client.complete(user_chat("hi"), ACME)]
+                except grpc.aio.AioRpcError as error:
+                    return error.code().name
+                return messages[-1].completion.model
+
+            outcomes = await asyncio.gather(*[one() for _ in range(10)])
+            spent = await server.router.admission.spent("acme")
+        served = outcomes.count("gpt-4o")
+        assert 1 <= served <= 2
+        assert outcomes.count("UNAVAILABLE") == 10 - served
+        assert [request.model for request in fake.requests].count("gpt-4o") == served
+        assert 0 < spent <= budget
+
+    async def test_an_escalation_the_budget_cannot_take_releases_the_cheaper_answer(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini's refusal fails the local scorer, but the budget cannot take gpt-4o too: the
+        refusal is released as the answer, and the score's reason says why it was not escalated."""
+        fake.set_default(REFUSAL)
+        async with (
+            Server(settings_from(budget_config("0.002", cascade=True), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("hi"), ACME)]
+            spent = await server.router.admission.spent("acme")
+        completion = messages[-1].completion
+        assert not any(m.HasField("escalation") for m in messages)
+        assert completion.model == "gpt-4o-mini"
+        assert completion.quality.reason.endswith(
+            "; not escalated to gpt-4o: tenant 'acme' would exceed its daily budget of 0.002 USD"
+        )
+        assert [request.model for request in fake.requests] == ["gpt-4o-mini"]
+        assert spent == Decimal(completion.cost_usd) > 0
+
+    async def test_an_escalation_within_the_budget_still_runs(self, fake: FakeProvider) -> None:
+        """The same request with room for both models escalates, as without a budget."""
+        fake.enqueue(REFUSAL, model="gpt-4o-mini")
+        fake.set_default(ANSWER)
+        async with (
+            Server(settings_from(budget_config("0.01", cascade=True), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("hi"), ACME)]
+            spent = await server.router.admission.spent("acme")
+        assert [m.escalation.to_model for m in messages if m.HasField("escalation")] == ["gpt-4o"]
+        assert messages[-1].completion.model == "gpt-4o"
+        assert spent == Decimal(messages[-1].completion.cost_usd)
 
 
 class TestShedding:
