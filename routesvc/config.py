@@ -616,6 +616,32 @@ class TelemetrySettings:
         return f"TelemetrySettings(traces={self.traces_exporter}, metrics={self.metrics_exporter})"
 
 
+# Read once when the server starts (listening, logging, telemetry, the batch queue, where limits
+# are counted): a hot reload that changes them applies everything else and says which of these
+# wait for a restart. Of ``server``, only the drain settings are read again (at shutdown).
+_READ_AT_START = ("server", "logging", "telemetry", "batch", "shared_state")
+_SERVER_READ_AT_SHUTDOWN = frozenset({"grace_seconds", "drain_delay_seconds"})
+
+
+def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
+    """The settings ``new`` changes that a hot reload from ``old`` cannot apply, as field paths
+    ("server.port", "shared_state.redis_url"); the Redis URL compared as resolved (the file, else
+    ``$ROUTESVC_REDIS_URL``)."""
+    changed: list[str] = []
+    for section in _READ_AT_START:
+        before, after = getattr(old.config, section), getattr(new.config, section)
+        for name in type(before).model_fields:
+            if section == "server" and name in _SERVER_READ_AT_SHUTDOWN:
+                continue
+            if section == "shared_state" and name == "redis_url":
+                if old.redis_url != new.redis_url:
+                    changed.append("shared_state.redis_url")
+                continue
+            if getattr(before, name) != getattr(after, name):
+                changed.append(f"{section}.{name}")
+    return changed
+
+
 def _otel_pairs(text: str) -> dict[str, str]:
     """``key1=value1,key2=value2`` (the OTEL_* list format), percent-decoded."""
     from urllib.parse import unquote

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from routesvc.batches import BatchQueue
-from routesvc.config import Settings, TlsConfig
+from routesvc.config import Settings, TlsConfig, changes_needing_restart
 from routesvc.errors import ConfigError
 from routesvc.ledger import Ledger
 from routesvc.providers.base import Provider
@@ -128,6 +128,7 @@ class Server:
         freeze_heap: bool = False,
     ) -> None:
         self._settings = settings
+        self._started_with = settings  # what is read only at start keeps these values
         self.telemetry = telemetry or Telemetry(settings)
         ledger = Ledger(settings.config.reliability.ledger_entries)
         # Batch jobs outlive routers (hot reload) and restarts: the queue belongs to the server,
@@ -208,7 +209,8 @@ class Server:
 
         Providers are rebuilt only when their settings changed; the old ones are closed once
         the calls running at the swap (the only ones that can still use them) have ended.
-        Listening address, TLS and telemetry settings need a restart.
+        What is read only at start (listening, TLS, logging, telemetry, batch, shared state) keeps
+        its old value until a restart, and the reload logs which of those it changed.
         """
         old = self._router
         same_providers = settings.providers == old.settings.providers
@@ -222,6 +224,9 @@ class Server:
             raise
         self._service.swap_router(router)
         self._router = router
+        waiting = changes_needing_restart(self._started_with, settings)
+        if waiting:
+            log.warning("config_reload_needs_restart", fields=waiting)
         self._settings = settings
         # The old router is closed once the calls running at the swap have ended: its providers
         # when the new router has its own, else only its policy's feedback stores.

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient
 from routesvc.config import Settings
@@ -170,6 +171,40 @@ class TestHotReload:
                 time.sleep(0.15)
             thread.join(timeout=60)
         assert failures == []
+
+
+class TestWhatWaitsForARestart:
+    async def test_a_reload_applies_the_policy_and_names_the_settings_read_only_at_start(self) -> None:
+        """A file that changes the default model, the port, batch mode and the Redis URL: the policy
+        is applied, the rest keeps its start value (limits still counted in this process) and the
+        reload logs which fields wait for a restart; so does every later reload of such a file,
+        while the grace period, read again at shutdown, is not named."""
+        config = default_config()
+        changed = copy.deepcopy(config)
+        changed["routing"]["default_model"] = "gpt-4o"  # type: ignore[index]
+        changed["server"] = {"port": 6001, "grace_seconds": 3}
+        changed["batch"] = {"enabled": False}
+        changed["shared_state"] = {"redis_url": "redis://127.0.0.1:1/0"}
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            admission = server.router.admission
+            with capture_logs() as logs:
+                await server.reload(settings_from(changed))
+                await server.reload(settings_from(changed))
+            decision = await client.route(user_chat("hello"))
+            assert server.router.admission is admission
+            assert server.batches.enabled
+        assert decision.model == "gpt-4o"
+        waiting = [entry["fields"] for entry in logs if entry["event"] == "config_reload_needs_restart"]
+        assert waiting == [["server.port", "batch.enabled", "shared_state.redis_url"]] * 2
+
+    async def test_a_reload_that_changes_only_the_policy_says_nothing_waits(self) -> None:
+        config = default_config()
+        changed = copy.deepcopy(config)
+        changed["routing"]["default_model"] = "gpt-4o"  # type: ignore[index]
+        async with Server(settings_from(config), port=0) as server:
+            with capture_logs() as logs:
+                await server.reload(settings_from(changed))
+        assert not [entry for entry in logs if entry["event"] == "config_reload_needs_restart"]
 
 
 class TestRetiredProviders:
