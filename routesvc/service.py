@@ -48,7 +48,7 @@ from routesvc.errors import (
     Unauthenticated,
 )
 from routesvc.feedback import UnknownDecision
-from routesvc.models import BatchJob, Completion, Escalation, RouteDecision, RoutingRequest
+from routesvc.models import BatchJob, Completion, Escalation, Mode, RouteDecision, RoutingRequest
 from routesvc.router import Router
 from routesvc.rpc_tracing import ended_by_caller
 from routesvc.v1 import router_pb2 as pb
@@ -360,7 +360,13 @@ class RouterService(pb_grpc.RouterServiceServicer):
                         if not chunks:
                             telemetry.record_first_chunk_sent()
                         chunks += 1
-                    if self._draining and not isinstance(event, Completion):
+                    # A batch decision comes after its job was queued: it and the job's id are
+                    # delivered even while draining (a client told "shutting down" would retry and
+                    # queue the job twice).
+                    queued = isinstance(event, BatchJob) or (
+                        isinstance(event, RouteDecision) and event.mode is Mode.BATCH
+                    )
+                    if self._draining and not isinstance(event, Completion) and not queued:
                         # Delivered so far: ``chunks`` minus the one not sent now.
                         sent = chunks - (0 if isinstance(event, RouteDecision | Escalation | BatchJob) else 1)
                         raise ShuttingDown("the server is shutting down", chunks_sent=sent)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -24,6 +25,7 @@ from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import REPO, default_config, live_environ, process_environ, settings_from, user_chat
+from tests.test_batches import batch_config, get_batch, submit
 from tests.test_validation import error_info
 
 
@@ -71,6 +73,33 @@ class TestDrain:
         assert (trailers["routesvc-committed"], trailers["routesvc-chunks-sent"]) == ("true", str(chunks))
         assert 0 < chunks < 2000
         assert elapsed < 0.3 + 1.5 + 0.5
+
+
+class TestDrainWithBatchJobs:
+    async def test_a_job_queued_before_the_interruption_is_delivered_with_its_id(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch Complete reaching its decision after the shutdown grace asked running calls to
+        end: its job is already queued, so the decision and the job's id are still sent and the
+        call ends OK (it ended UNAVAILABLE SHUTTING_DOWN with nothing committed, and a client
+        retrying that would queue the job twice). A realtime stream is still interrupted."""
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            server._service.interrupt_in_flight()  # as the grace period's end does
+            messages = await submit(client)
+            job = await get_batch(client, messages[1].batch.batch_id)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("hi")):
+                    pass
+        assert [m.WhichOneof("event") for m in messages] == ["decision", "batch"]
+        assert messages[0].decision.mode == pb.MODE_BATCH
+        assert job.job.batch_id == messages[1].batch.batch_id
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "SHUTTING_DOWN",
+        )
 
 
 class TestDrainProcess:
