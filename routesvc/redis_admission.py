@@ -1,15 +1,20 @@
 """Admission shared by every replica: the same limits and budgets as ``LocalAdmission``, counted
-in Redis. Each check-and-reserve and each settle is one Lua script, so it is atomic across
-replicas; a replica that dies with requests in flight leaves their reservations to expire with
-the window (requests and tokens) or to be settled at zero by their key's expiry (in-flight).
+in Redis. Each check-and-reserve, each extension and each settle is one Lua script, so it is
+atomic across replicas. A request whose settle never reaches Redis (its replica died, or Redis
+failed at settle time) leaves its request and tokens to expire with the window, and its
+in-flight slot and reserved USD to be released once its lease runs out (by the next admission of
+the tenant); what it really cost is never known, so nothing is added to what was spent.
 
 Keys, per tenant T (``routesvc:`` prefix configurable):
-    {prefix}T:req          sorted set of admitted request ids scored by time (requests/min)
-    {prefix}T:tok          sorted set of reservation ids scored by time, and
-    {prefix}T:tokn         hash reservation id -> tokens (tokens/min)
-    {prefix}T:inflight     sorted set of reservation ids in flight scored by expiry (concurrency)
-    {prefix}T:spent:P      spent USD in period P (day:YYYY-MM-DD, month:YYYY-MM), and
-    {prefix}T:reserved:P   USD reserved and not yet settled
+    {prefix}T:req              sorted set of admitted request ids scored by time (requests/min)
+    {prefix}T:tok              sorted set of reservation ids scored by time, and
+    {prefix}T:tokn             hash reservation id -> tokens (tokens/min)
+    {prefix}T:inflight         sorted set of reservation ids in flight scored by lease expiry
+                               (concurrency)
+    {prefix}T:spent:P          spent USD in period P (day:YYYY-MM-DD, month:YYYY-MM),
+    {prefix}T:reserved:P       USD reserved and not yet settled, and
+    {prefix}T:reservations:P   hash reservation id -> the USD it holds in reserved:P (its
+                               estimate plus extensions), released by its settle or its lease's end
 """
 
 from __future__ import annotations
@@ -45,9 +50,37 @@ _WINDOW = 60.0
 # Budgets are compared in Lua doubles; amounts are kept as decimal strings with 12 places.
 _PLACES = Decimal("0.000000000001")
 
-_ADMIT = """
+# Lua shared by the scripts below. Sums of doubles can land a few ulps past a budget that the
+# exact decimals meet (0.1 + 0.2 against 0.3, which ``LocalAdmission`` admits): a budget is passed
+# only by more than 1e-9 USD, far under any price and far over the rounding of realistic sums.
+# Amounts stay stored as before, as replicas of an older version may share these keys.
+# ``reserve`` and ``release`` keep each reservation's share of reserved:P in reservations:P.
+_FUNCTIONS = """
+local function amount(key) return tonumber(redis.call('GET', key) or '0') end
+local function over(budget, spent, reserved, cost)
+  return budget > 0 and amount(spent) + amount(reserved) + cost > budget + 1e-9
+end
+local function reserve(reserved, holds, id, usd, ttl)
+  redis.call('INCRBYFLOAT', reserved, usd)
+  redis.call('HINCRBYFLOAT', holds, id, usd)
+  redis.call('EXPIRE', reserved, ttl)
+  redis.call('EXPIRE', holds, ttl)
+end
+local function release(reserved, holds, id)
+  local usd = redis.call('HGET', holds, id)
+  if usd then
+    redis.call('INCRBYFLOAT', reserved, '-' .. usd)
+    redis.call('HDEL', holds, id)
+  end
+end
+local DAY_TTL, MONTH_TTL = 3 * 86400, 40 * 86400
+"""
+
+_ADMIT = (
+    _FUNCTIONS
+    + """
 local req, tok, tokn, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local spent_d, spent_m, res_d, res_m = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rpm, tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local tokens, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -58,6 +91,13 @@ redis.call('ZREMRANGEBYSCORE', req, '-inf', now - window)
 local expired = redis.call('ZRANGEBYSCORE', tok, '-inf', now - window)
 for _, old in ipairs(expired) do redis.call('HDEL', tokn, old) end
 redis.call('ZREMRANGEBYSCORE', tok, '-inf', now - window)
+-- A lease that ran out is a request whose settle never came: free its slot and its USD. Only
+-- the current periods' counters are corrected (an older period's is read by no check again),
+-- so a request admitted yesterday frees this month's USD and leaves yesterday's to expire.
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', inflight, '-inf', now)) do
+  release(res_d, holds_d, old)
+  release(res_m, holds_m, old)
+end
 redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
 if rpm > 0 and redis.call('ZCARD', req) >= rpm then
   local oldest = redis.call('ZRANGE', req, 0, 0, 'WITHSCORES')
@@ -76,13 +116,8 @@ end
 if maxc > 0 and redis.call('ZCARD', inflight) >= maxc then
   return {'CONCURRENCY_LIMITED', '1'}
 end
-local function amount(key) return tonumber(redis.call('GET', key) or '0') end
-if day_budget > 0 and amount(spent_d) + amount(res_d) + cost > day_budget then
-  return {'BUDGET_EXCEEDED', 'day'}
-end
-if month_budget > 0 and amount(spent_m) + amount(res_m) + cost > month_budget then
-  return {'BUDGET_EXCEEDED', 'month'}
-end
+if over(day_budget, spent_d, res_d, cost) then return {'BUDGET_EXCEEDED', 'day'} end
+if over(month_budget, spent_m, res_m, cost) then return {'BUDGET_EXCEEDED', 'month'} end
 if dry then return {'OK', ''} end
 redis.call('ZADD', req, now, id)
 redis.call('EXPIRE', req, math.ceil(window) + 1)
@@ -93,26 +128,49 @@ if tokens > 0 then
   redis.call('EXPIRE', tokn, math.ceil(window) + 1)
 end
 redis.call('ZADD', inflight, now + lease, id)
-redis.call('INCRBYFLOAT', res_d, ARGV[7])
-redis.call('INCRBYFLOAT', res_m, ARGV[7])
-redis.call('EXPIRE', res_d, 3 * 86400)
-redis.call('EXPIRE', res_m, 40 * 86400)
+reserve(res_d, holds_d, id, ARGV[7], DAY_TTL)
+reserve(res_m, holds_m, id, ARGV[7], MONTH_TTL)
 return {'OK', ''}
 """
+)
 
-_SETTLE = """
-local tokn, inflight, spent_d, spent_m, res_d, res_m = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local id, tokens, reserved, cost = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('ZREM', inflight, id) == 0 then return 0 end
+# A reservation no longer recorded in a period (its lease ran out and released it) has nothing
+# there for its settle to release, so it reserves nothing more there; its budgets still decide.
+_EXTEND = (
+    _FUNCTIONS
+    + """
+local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local id, cost = ARGV[1], tonumber(ARGV[2])
+local day_budget, month_budget = tonumber(ARGV[3]), tonumber(ARGV[4])
+if over(day_budget, spent_d, res_d, cost) then return {'BUDGET_EXCEEDED', 'day'} end
+if over(month_budget, spent_m, res_m, cost) then return {'BUDGET_EXCEEDED', 'month'} end
+if redis.call('HEXISTS', holds_d, id) == 1 then reserve(res_d, holds_d, id, ARGV[2], DAY_TTL) end
+if redis.call('HEXISTS', holds_m, id) == 1 then reserve(res_m, holds_m, id, ARGV[2], MONTH_TTL) end
+return {'OK', ''}
+"""
+)
+
+# The real cost is spent even when the lease ran out before the settle (the request outlived
+# it): the lease's end released the reservation, not the spending. So a second run would count
+# the cost twice: ``SettleOnce`` runs it once per reservation, and the client is built without
+# retries (redis-py's default), so a settle whose reply is lost is not sent again.
+_SETTLE = (
+    _FUNCTIONS
+    + """
+local tokn, inflight = KEYS[1], KEYS[2]
+local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local id, tokens, cost = ARGV[1], ARGV[2], ARGV[3]
+redis.call('ZREM', inflight, id)
 if redis.call('HEXISTS', tokn, id) == 1 then redis.call('HSET', tokn, id, tokens) end
-redis.call('INCRBYFLOAT', res_d, '-' .. reserved)
-redis.call('INCRBYFLOAT', res_m, '-' .. reserved)
+release(res_d, holds_d, id)
+release(res_m, holds_m, id)
 redis.call('INCRBYFLOAT', spent_d, cost)
 redis.call('INCRBYFLOAT', spent_m, cost)
-redis.call('EXPIRE', spent_d, 3 * 86400)
-redis.call('EXPIRE', spent_m, 40 * 86400)
+redis.call('EXPIRE', spent_d, DAY_TTL)
+redis.call('EXPIRE', spent_m, MONTH_TTL)
 return 1
 """
+)
 
 
 _CHARGE = """
@@ -135,6 +193,12 @@ def _usd(amount: Decimal) -> str:
     return format_usd(amount.quantize(_PLACES))
 
 
+def _budgets(limits: TenantConfig) -> list[str | int]:
+    """The daily and monthly budgets as the scripts take them (0: none)."""
+    budgets = (limits.daily_budget_usd, limits.monthly_budget_usd)
+    return [_usd(budget) if budget is not None else 0 for budget in budgets]
+
+
 class RedisAdmission:
     """Per-tenant limits and budgets kept in Redis at ``url`` and shared by every replica."""
 
@@ -155,6 +219,7 @@ class RedisAdmission:
         self._lease = lease_seconds
         self._clock = wall_clock
         self._admit = self._redis.register_script(_ADMIT)
+        self._extend_script = self._redis.register_script(_EXTEND)
         self._settle_script = self._redis.register_script(_SETTLE)
         self._charge_script = self._redis.register_script(_CHARGE)
         # Undoing reservations whose admit did not finish (see ``admit``) and charges on their
@@ -168,6 +233,16 @@ class RedisAdmission:
     def _key(self, tenant: str, name: str) -> str:
         return f"{self._prefix}{tenant}:{name}"
 
+    def _usd_keys(self, tenant: str, periods: tuple[str, str]) -> list[str]:
+        """The spent, reserved and reservations keys of the day and month of ``periods``, in the
+        order the scripts take them."""
+        day, month = periods
+        return [
+            self._key(tenant, f"{kind}:{period}")
+            for kind in ("spent", "reserved", "reservations")
+            for period in (day, month)
+        ]
+
     async def admit(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> Reservation:
         """Check and reserve atomically in Redis; raises ``LimitExceeded`` having reserved nothing."""
         limits = self._tenants.get(tenant)
@@ -175,9 +250,9 @@ class RedisAdmission:
             return SettleOnce(_nothing_reserved)
         check_fits_token_rate(tenant, limits, tokens)
         now = self._clock()
-        day, month = _periods(now)
+        periods = _periods(now)
         reservation_id = uuid.uuid4().hex
-        settle = functools.partial(self._settle, tenant, reservation_id, cost, (day, month))
+        settle = functools.partial(self._settle, tenant, reservation_id, periods)
         try:
             verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, reservation_id, dry=False)
         except BaseException as exc:
@@ -188,7 +263,7 @@ class RedisAdmission:
                 raise _store_failed(exc) from exc
             raise
         if verdict == "OK":
-            return SettleOnce(settle)
+            return SettleOnce(settle, functools.partial(self._extend, tenant, reservation_id, periods))
         raise self._refusal(tenant, limits, verdict, detail, now)
 
     async def precheck(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> None:
@@ -217,16 +292,12 @@ class RedisAdmission:
         *,
         dry: bool,
     ) -> tuple[str, str]:
-        day, month = _periods(now)
         keys = [
             self._key(tenant, "req"),
             self._key(tenant, "tok"),
             self._key(tenant, "tokn"),
             self._key(tenant, "inflight"),
-            self._key(tenant, f"spent:{day}"),
-            self._key(tenant, f"spent:{month}"),
-            self._key(tenant, f"reserved:{day}"),
-            self._key(tenant, f"reserved:{month}"),
+            *self._usd_keys(tenant, _periods(now)),
         ]
         args: list[str | int] = [
             repr(now),
@@ -236,8 +307,7 @@ class RedisAdmission:
             limits.max_concurrent or 0,
             tokens,
             _usd(cost),
-            _usd(limits.daily_budget_usd) if limits.daily_budget_usd is not None else 0,
-            _usd(limits.monthly_budget_usd) if limits.monthly_budget_usd is not None else 0,
+            *_budgets(limits),
             reservation_id,
             repr(self._lease),
             "1" if dry else "0",
@@ -245,8 +315,23 @@ class RedisAdmission:
         verdict, detail = await self._admit(keys=keys, args=args)
         return str(verdict), str(detail)
 
+    async def _extend(self, tenant: str, reservation_id: str, periods: tuple[str, str], cost: Decimal) -> None:
+        # Checked against the budgets as they stand now (a reload may have changed them; a tenant
+        # it removed is not checked), counted in the periods the request was admitted in, where
+        # its settle releases it. A reply lost after the script ran needs no undo: the extension
+        # is recorded under the reservation's id, so the settle releases it with the rest.
+        limits = self._tenants.get(tenant) or TenantConfig()
+        now = self._clock()
+        args = [reservation_id, _usd(cost), *_budgets(limits)]
+        try:
+            verdict, detail = await self._extend_script(keys=self._usd_keys(tenant, periods), args=args)
+        except (RedisError, OSError) as exc:
+            raise _store_failed(exc) from exc
+        if verdict != "OK":
+            raise self._refusal(tenant, limits, str(verdict), str(detail), now)
+
     def _refusal(self, tenant: str, limits: TenantConfig, verdict: str, detail: str, now: float) -> LimitExceeded:
-        """The error for a refusing verdict of the admit script."""
+        """The error for a refusing verdict of the admit or the extend script."""
         day, month = _periods(now)
         if verdict == "BUDGET_EXCEEDED":
             period = day if detail == "day" else month
@@ -265,24 +350,17 @@ class RedisAdmission:
         return LimitExceeded(messages[verdict], reason=verdict, retry_after=max(0.001, float(detail)))
 
     async def _settle(
-        self, tenant: str, reservation_id: str, reserved: Decimal, periods: tuple[str, str], tokens: int, cost: Decimal
+        self, tenant: str, reservation_id: str, periods: tuple[str, str], tokens: int, cost: Decimal
     ) -> None:
-        day, month = periods
-        keys = [
-            self._key(tenant, "tokn"),
-            self._key(tenant, "inflight"),
-            self._key(tenant, f"spent:{day}"),
-            self._key(tenant, f"spent:{month}"),
-            self._key(tenant, f"reserved:{day}"),
-            self._key(tenant, f"reserved:{month}"),
-        ]
-        args: list[str | int] = [reservation_id, tokens, _usd(reserved), _usd(cost)]
+        keys = [self._key(tenant, "tokn"), self._key(tenant, "inflight"), *self._usd_keys(tenant, periods)]
+        args: list[str | int] = [reservation_id, tokens, _usd(cost)]
         try:
             await self._settle_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             # The request is already answered: a store that fails now must not turn it into an
-            # error. The reservation's in-flight slot ends with its lease, its tokens and USD
-            # with their windows; until then they count against the tenant.
+            # error. Its tokens count until their window ends, its in-flight slot and reserved USD
+            # until its lease does (the next admission after that releases them); its real cost
+            # is never added to what was spent.
             log.warning("admission_settle_failed", tenant=tenant, error_type=type(exc).__name__)
 
     def _in_background(self, work: Coroutine[None, None, None]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import socket
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
@@ -16,14 +17,14 @@ import redis.asyncio
 
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
-from routesvc.errors import LimitExceeded, RequestTooLarge
+from routesvc.errors import LimitExceeded, RequestTooLarge, SharedStateUnavailable
 from routesvc.redis_admission import RedisAdmission
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
 from tests.redis_server import running_redis
-from tests.test_limits import PRECHECKED, precheck_tokens_and_cost
+from tests.test_limits import PRECHECKED, Clock, extends_within_the_budget, precheck_tokens_and_cost
 from tests.test_validation import error_info
 
 
@@ -45,6 +46,13 @@ def prefix() -> str:
 
 async def _replicas(url: str, prefix: str, tenant: TenantConfig, count: int = 2) -> list[RedisAdmission]:
     return [RedisAdmission(url, {"t": tenant}, prefix=prefix) for _ in range(count)]
+
+
+def _mid_january() -> Clock:
+    """A wall clock at 2030-01-15 12:00 UTC: half a day to the next day, 16.5 days to the next month."""
+    clock = Clock()
+    clock.now = datetime.datetime(2030, 1, 15, 12, tzinfo=datetime.UTC).timestamp()
+    return clock
 
 
 class TestSharedLimits:
@@ -149,6 +157,64 @@ class TestSharedLimits:
         assert "its daily budget of 1 USD" in over_budget.value.message
         await admission.aclose()
 
+    async def test_sums_within_the_budget_in_decimals_are_within_it_in_redis(self, redis_url: str, prefix: str) -> None:
+        """A 0.3 USD budget: 0.1 spent, then 0.2 more is admitted, as ``LocalAdmission`` admits it
+        (the doubles in Redis sum to a hair over 0.3), and so is an extension to 0.3; a millionth
+        of a dollar more is still refused."""
+        (admission,) = await _replicas(redis_url, prefix, TenantConfig(daily_budget_usd=Decimal("0.3")), count=1)
+        await (await admission.admit("t", cost=Decimal("0.1"))).settle(0, Decimal("0.1"))
+        await (await admission.admit("t", cost=Decimal("0.2"))).settle(0, Decimal(0))
+        held = await admission.admit("t", cost=Decimal("0.1"))
+        await held.extend(Decimal("0.1"))
+        with pytest.raises(LimitExceeded) as caught:
+            await held.extend(Decimal("0.100001"))
+        assert caught.value.reason == "BUDGET_EXCEEDED"
+        await held.settle(0, Decimal("0.2"))
+        with pytest.raises(LimitExceeded):
+            await admission.admit("t", cost=Decimal("0.000001"))
+        await admission.aclose()
+
+
+class TestExtensions:
+    async def test_an_extension_reserves_as_it_does_in_one_process(self, redis_url: str, prefix: str) -> None:
+        """The scenario ``LocalAdmission`` passes: an extension counts against the budget, one past
+        it is refused and reserves nothing, the settle releases it all; a tenant without limits
+        extends with nothing to check."""
+        (admission,) = await _replicas(redis_url, prefix, TenantConfig(daily_budget_usd=Decimal(1)), count=1)
+        await extends_within_the_budget(admission)
+        await (await admission.admit("unlimited")).extend(Decimal(100))
+        await admission.aclose()
+
+    async def test_an_extension_is_refused_across_replicas_as_an_admission_is(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """A $1 monthly budget: 0.25 admitted and extended by 0.5 on one replica leaves the other
+        0.25; an extension past it is refused with the admission's reason, message and retry
+        delay (to the next month), and a reservation admitted on the other replica fills it."""
+        clock = _mid_january()
+        first, second = [
+            RedisAdmission(
+                redis_url, {"t": TenantConfig(monthly_budget_usd=Decimal(1))}, prefix=prefix, wall_clock=clock
+            )
+            for _ in range(2)
+        ]
+        held = await first.admit("t", cost=Decimal("0.25"))
+        await held.extend(Decimal("0.5"))
+        with pytest.raises(LimitExceeded) as admitting:
+            await second.admit("t", cost=Decimal("0.3"))
+        with pytest.raises(LimitExceeded) as extending:
+            await held.extend(Decimal("0.3"))
+        expected = ("BUDGET_EXCEEDED", "tenant 't' would exceed its monthly budget of 1 USD", 16.5 * 86400)
+        assert expected == (admitting.value.reason, admitting.value.message, admitting.value.retry_after)
+        assert expected == (extending.value.reason, extending.value.message, extending.value.retry_after)
+        other = await second.admit("t", cost=Decimal("0.25"))
+        assert await second.exhausted("t") == "tenant 't' has spent or reserved its monthly budget"
+        await held.settle(0, Decimal("0.5"))
+        await other.settle(0, Decimal("0.25"))
+        assert await first.exhausted("t") == ""
+        for replica in (first, second):
+            await replica.aclose()
+
 
 class _Proxy:
     """A TCP proxy to Redis on loopback that can hold every reply for ``delay`` seconds (requests
@@ -232,6 +298,17 @@ class TestStoreFailures:
         assert "admission_settle_failed" in out
         assert "tenant=t" in out
 
+    async def test_a_store_that_fails_during_an_extension_is_unavailable(self, redis_url: str, prefix: str) -> None:
+        """Admitted, then the connection to Redis is cut: the extension raises
+        ``SharedStateUnavailable`` (the caller refuses the call it was for)."""
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, {"t": TenantConfig(daily_budget_usd=Decimal(1))}, prefix=prefix)
+            reservation = await admission.admit("t", cost=Decimal("0.1"))
+            proxy.cut()
+            with pytest.raises(SharedStateUnavailable):
+                await reservation.extend(Decimal("0.1"))
+            await admission.aclose()
+
     async def test_an_unreachable_store_is_unavailable_not_internal(self, fake: FakeProvider) -> None:
         """shared_state.redis_url points at a closed port: a limited tenant's call is refused
         UNAVAILABLE with reason SHARED_STATE_UNAVAILABLE, and nothing reaches the provider."""
@@ -251,6 +328,80 @@ class TestStoreFailures:
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_info(caught.value).reason == "SHARED_STATE_UNAVAILABLE"
         assert fake.requests == []
+
+
+class TestLeases:
+    """A reservation whose settle never reaches Redis is released when its lease runs out."""
+
+    async def test_a_replica_that_dies_holds_its_usd_only_until_its_leases_end(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """A replica reserves 0.3 and extends it by 0.5 of a $1 daily budget, then dies without
+        settling: the USD counts until the 30 s lease ends, then all 0.8 is free again (and no
+        more than that)."""
+        clock = _mid_january()
+        tenants = {"t": TenantConfig(daily_budget_usd=Decimal(1))}
+        dying, survivor = [
+            RedisAdmission(redis_url, tenants, prefix=prefix, lease_seconds=30, wall_clock=clock) for _ in range(2)
+        ]
+        held = await dying.admit("t", cost=Decimal("0.3"))
+        await held.extend(Decimal("0.5"))
+        await dying.aclose()
+        with pytest.raises(LimitExceeded):
+            await survivor.precheck("t", cost=Decimal("0.8"))
+        clock.now += 31
+        await survivor.admit("t", cost=Decimal("0.3"))
+        await survivor.admit("t", cost=Decimal("0.7"))
+        with pytest.raises(LimitExceeded):
+            await survivor.precheck("t", cost=Decimal("0.01"))
+        await survivor.aclose()
+
+    async def test_a_settle_that_fails_holds_the_usd_only_until_the_lease_ends(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """The settle of a 0.6 reservation fails (connection cut): its USD counts until its
+        lease ends, then the whole $1 budget may be reserved again."""
+        clock = _mid_january()
+        tenants = {"t": TenantConfig(daily_budget_usd=Decimal(1))}
+        survivor = RedisAdmission(redis_url, tenants, prefix=prefix, lease_seconds=30, wall_clock=clock)
+        async with _Proxy(redis_url) as proxy:
+            failing = RedisAdmission(proxy.url, tenants, prefix=prefix, lease_seconds=30, wall_clock=clock)
+            reservation = await failing.admit("t", cost=Decimal("0.6"))
+            proxy.cut()
+            await reservation.settle(0, Decimal("0.5"))
+            await failing.aclose()
+        with pytest.raises(LimitExceeded):
+            await survivor.precheck("t", cost=Decimal("0.5"))
+        clock.now += 31
+        await survivor.admit("t", cost=Decimal(1))
+        await survivor.aclose()
+
+    async def test_a_request_that_outlives_its_lease_still_spends_what_it_cost(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """0.5 reserved; the lease ends and another admission releases it; the request then
+        settles at 0.6: the 0.6 is spent, and the released USD is not released a second time."""
+        clock = _mid_january()
+        first, second = [
+            RedisAdmission(
+                redis_url,
+                {"t": TenantConfig(daily_budget_usd=Decimal(1))},
+                prefix=prefix,
+                lease_seconds=30,
+                wall_clock=clock,
+            )
+            for _ in range(2)
+        ]
+        held = await first.admit("t", cost=Decimal("0.5"))
+        clock.now += 31
+        await (await second.admit("t", cost=Decimal("0.1"))).settle(0, Decimal("0.1"))
+        await held.settle(0, Decimal("0.6"))
+        assert await second.spent("t") == Decimal("0.7")
+        await second.precheck("t", cost=Decimal("0.3"))
+        with pytest.raises(LimitExceeded):
+            await second.precheck("t", cost=Decimal("0.31"))
+        for replica in (first, second):
+            await replica.aclose()
 
 
 @pytest.fixture
