@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
+import sqlite3
+import time
 from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
 from routesvc.auth import key_digest
 from routesvc.batches import BatchStore
-from routesvc.client import RouterClient
+from routesvc.batches._store import decode_request
+from routesvc.client import RouterClient, build_chat
 from routesvc.cost import estimate_cost
 from routesvc.errors import CostLimitExceeded
 from routesvc.models import (
@@ -70,6 +75,15 @@ async def wait_state(client: RouterClient, batch_id: str, state: int, timeout: f
             await asyncio.sleep(0.05)
 
 
+def job_states(path: Path) -> list[str]:
+    """Every job's state in the store file at ``path``, read by another connection."""
+    connection = sqlite3.connect(path)
+    try:
+        return [row[0] for row in connection.execute("SELECT state FROM jobs ORDER BY created_at")]
+    finally:
+        connection.close()
+
+
 class TestBatchSubmitAndResults:
     """A batch-mode Complete returns a job at once; GetBatch returns the answer at the batch price."""
 
@@ -110,6 +124,94 @@ class TestBatchSubmitAndResults:
             for batch_id in jobs:
                 await wait_state(client, batch_id, pb.BATCH_STATE_SUCCEEDED)
         assert [len(b.requests) for b in fake.batches] == [3]
+
+    @pytest.mark.parametrize(("task", "key"), [("", "body"), ("creative_writing", "params")])
+    async def test_tools_are_sent_as_a_realtime_call_sends_them(
+        self, tmp_path: Path, fake: FakeProvider, task: str, key: str
+    ) -> None:
+        """A request with tools, in batch mode: the provider batch's request carries the tools a
+        realtime call of the same request sends (OpenAI body, Anthropic params)."""
+        parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
+        tool = pb.Tool(name="get_weather", description="The weather in a city", parameters_json=json.dumps(parameters))
+        chat = build_chat([("user", "Summarise this report")], tools=[tool])
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            realtime = [m async for m in client.complete(chat, pb.RoutingContext(tenant="acme", task_hint=task))]
+            context = pb.RoutingContext(tenant="acme", task_hint=task, realtime=False)
+            batched = [m async for m in client.complete(chat, context)]
+            await wait_state(client, batched[1].batch.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert (batched[0].decision.mode, batched[0].decision.model) == (pb.MODE_BATCH, realtime[0].decision.model)
+        assert fake.batches[0].requests[0][key]["tools"] == fake.requests[0].body["tools"]
+
+    def test_a_request_stored_before_tools_were_kept_has_none(self) -> None:
+        """A queued row written by an earlier release (no "tools" key) still decodes, with no tools."""
+        old = '{"messages": [{"role": "user", "content": "hi"}], "max_output_tokens": 16, "temperature": null}'
+        request = decode_request(old)
+        assert (request.messages, request.max_output_tokens, request.tools) == ((Message(Role.USER, "hi"),), 16, ())
+
+
+class TestBatchSubmitInterrupted:
+    """A submit that cannot finish: the caller learns no job id, so no job runs for it."""
+
+    async def test_a_caller_gone_while_its_job_is_written_leaves_it_cancelled_and_unsent(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Another process holds the store's write lock past the caller's deadline: the caller gets
+        DEADLINE_EXCEEDED; the write goes through once the lock is free, and the job ends CANCELLED,
+        never sent to the provider and never charged."""
+        path = tmp_path / "batches.db"
+        await BatchStore(path).aclose()
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")
+            try:
+                context = pb.RoutingContext(tenant="acme", realtime=False)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for _ in client.complete(user_chat("Summarise this report"), context, timeout=0.5):
+                        pass
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            async with asyncio.timeout(5):
+                while job_states(path) in ([], ["queued"]):  # noqa: ASYNC110 - another process's file, polled
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # ten group windows and poll intervals
+            states = job_states(path)
+            charged = server.router.ledger.entries()
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert states == ["cancelled"]
+        assert (fake.batches, charged) == ([], [])
+
+    async def test_a_store_locked_past_the_busy_timeout_is_batch_store_unavailable(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Another process holds the write lock longer than the busy timeout (5 s): the Complete is
+        FAILED_PRECONDITION BATCH_STORE_UNAVAILABLE naming batch.store_path, not INTERNAL, and
+        once the lock is free the next one is queued."""
+        path = tmp_path / "batches.db"
+        await BatchStore(path).aclose()
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await submit(client)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            job = (await submit(client))[1].batch
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(caught.value).reason == "BATCH_STORE_UNAVAILABLE"
+        assert "batch.store_path" in (caught.value.details() or "")
 
 
 def with_model_copy(config: dict[str, object], model_id: str, of: str = "gpt-4o-mini") -> dict[str, object]:
@@ -179,6 +281,66 @@ class TestBatchFaults:
             assert server.router.ledger.entries() == []
         assert fake.batches == []
 
+    async def test_cancel_while_the_group_is_being_sent_cancels_the_provider_batch(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """CancelBatch while the poller is uploading the job's group (a slow network): the job ends
+        CANCELLED, and the provider batch, which no job waits for, is cancelled at the provider."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with FaultProxy("127.0.0.1", fake.port) as proxy:
+            proxy.fault = NetworkFault(delay_per_chunk=0.3)
+            environ = {**live_environ(fake), "OPENAI_BASE_URL": f"{proxy.base_url}/v1"}
+            async with (
+                Server(settings_from(batch_config(tmp_path), environ), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client))[1].batch
+                await asyncio.sleep(0.3)  # grouped, claimed, and being uploaded through the slow proxy
+                cancelled = await client.cancel_batch(job.batch_id, tenant="acme")
+                async with asyncio.timeout(10):
+                    while not (fake.batches and fake.batches[0].cancelled):  # noqa: ASYNC110 - the fake has no event
+                        await asyncio.sleep(0.05)
+                state = (await get_batch(client, job.batch_id)).job.state
+                charged = server.router.ledger.entries()
+        assert (cancelled.state, state) == (pb.BATCH_STATE_CANCELLED, pb.BATCH_STATE_CANCELLED)
+        assert ([b.cancelled for b in fake.batches], charged) == ([True], [])
+
+    async def test_sibling_jobs_cancelled_at_once_cancel_their_provider_batch(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The two jobs of one provider batch cancelled at once through two workers, while a third
+        process holds the store's write lock: both end CANCELLED and the provider batch is
+        cancelled (each cancel decides in its own transaction; the later one finds no job left)."""
+        config = batch_config(tmp_path)
+        config["batch"]["group_window_seconds"] = 0.3  # type: ignore[index]
+        path = tmp_path / "batches.db"
+        await BatchStore(path).aclose()
+        fake.batch_outcome = BatchOutcome.PENDING
+        settings = settings_from(config, live_environ(fake))
+        async with (
+            Server(settings, port=0) as first,
+            Server(settings, port=0) as second,
+            RouterClient(first.target) as one,
+            RouterClient(second.target) as other,
+        ):
+            jobs = [(await submit(one))[1].batch.batch_id for _ in range(2)]
+            for batch_id in jobs:
+                await wait_state(one, batch_id, pb.BATCH_STATE_SUBMITTED)
+            locker = sqlite3.connect(path, isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                cancels = [
+                    asyncio.ensure_future(client.cancel_batch(batch_id, tenant="acme"))
+                    for client, batch_id in zip((one, other), jobs, strict=True)
+                ]
+                await asyncio.sleep(0.5)  # both cancels have read the job and wait to write
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+            cancelled = await asyncio.gather(*cancels)
+        assert [c.state for c in cancelled] == [pb.BATCH_STATE_CANCELLED] * 2
+        assert [(len(b.requests), b.cancelled) for b in fake.batches] == [(2, True)]
+
     async def test_another_tenants_or_an_unknown_job_is_not_found(self, tmp_path: Path, fake: FakeProvider) -> None:
         """GetBatch with another tenant, or an id that never existed: NOT_FOUND / BATCH_NOT_FOUND."""
         async with (
@@ -243,6 +405,84 @@ class TestBatchPollerIsolation:
             await wait_state(client, later.batch_id, pb.BATCH_STATE_SUCCEEDED)
             assert [e.request_id for e in server.router.ledger.entries()] == [later.batch_id]
         assert failed.error == "provider_batch_not_found"
+
+
+class TestBatchPollerTimers:
+    """A submit wakes the poller to group jobs; provider batches are polled once an interval."""
+
+    async def test_submits_do_not_poll_provider_batches(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """poll_interval_seconds 30, every job sent at once: five submits send five provider
+        batches, and only the first round polls (the first batch, once)."""
+        config = batch_config(tmp_path)
+        config["batch"].update(group_window_seconds=0, poll_interval_seconds=30)  # type: ignore[attr-defined]
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            for _ in range(5):
+                job = (await submit(client))[1].batch
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+        assert [b.retrieved for b in fake.batches] == [1, 0, 0, 0, 0]
+
+    async def test_a_job_submitted_during_a_round_is_sent_after_its_window(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Job B arrives while the poller is sending job A (a slow network) and poll_interval_seconds
+        is 30: B is sent as soon as that round is over, not a poll interval later."""
+        config = batch_config(tmp_path)
+        config["batch"]["poll_interval_seconds"] = 30  # type: ignore[index]
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with FaultProxy("127.0.0.1", fake.port) as proxy:
+            proxy.fault = NetworkFault(delay_per_chunk=0.1)
+            environ = {**live_environ(fake), "OPENAI_BASE_URL": f"{proxy.base_url}/v1"}
+            async with (
+                Server(settings_from(config, environ), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                first = (await submit(client))[1].batch
+                await asyncio.sleep(0.2)  # A is being uploaded through the slow proxy
+                started = time.monotonic()
+                second = (await submit(client))[1].batch
+                await wait_state(client, second.batch_id, pb.BATCH_STATE_SUBMITTED, timeout=10)
+                waited = time.monotonic() - started
+                await wait_state(client, first.batch_id, pb.BATCH_STATE_SUBMITTED)
+        assert [b.custom_ids for b in fake.batches] == [[first.batch_id], [second.batch_id]]
+        assert waited < 10
+
+    async def test_submitted_jobs_of_a_provider_without_its_key_wait_and_resume(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Restarted without the provider's key: its submitted job stays SUBMITTED, logged once
+        (batch_poll_skipped, no key and no prompt); restarted with the key, it succeeds."""
+        config = batch_config(tmp_path)
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+        fake.batch_outcome = BatchOutcome.COMPLETE
+        keyless = {k: v for k, v in live_environ(fake).items() if not k.startswith("OPENAI_API_KEY")}
+        async with (
+            Server(settings_from(config, keyless), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                await asyncio.sleep(0.5)  # ten poll intervals
+            waiting = await get_batch(client, job.batch_id)
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        skipped = [entry for entry in logs if entry["event"] == "batch_poll_skipped"]
+        assert waiting.job.state == pb.BATCH_STATE_SUBMITTED
+        assert [(e["provider"], e["provider_batch_id"], e["jobs"]) for e in skipped] == [
+            ("openai", fake.batches[0].id, 1)
+        ]
+        assert "Summarise" not in repr(skipped)
 
 
 class TestBatchWorkersShareTheStore:
@@ -512,6 +752,24 @@ class TestBatchAdapters:
             ("job_2", BatchState.EXPIRED, "batch_expired"),
         ]
         assert fake.batches[0].requests[0]["body"]["max_completion_tokens"] == 16
+
+    async def test_openai_http_errors_in_the_error_file_keep_their_status(self, fake: FakeProvider) -> None:
+        """An error-file line for a request answered with an HTTP error (response set, error null,
+        as the Batch API writes it): FAILED with http_<status>, not a generic "error"."""
+        from routesvc.models import BatchState, Message, Role
+        from routesvc.providers.batch import BatchItem
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        fake.openai_batch_http_errors_in_error_file = True
+        fake.enqueue(Script(status=400), Script(text="fine"), model="gpt-4o-mini")
+        api = OpenAIBatches("openai", "sk", fake.openai_base_url)
+        items = [BatchItem(f"job_{n}", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 16) for n in (1, 2)]
+        results = await api.results(await api.poll(await api.submit(items)))
+        await api.aclose()
+        assert sorted((r.custom_id, r.state, r.error) for r in results) == [
+            ("job_1", BatchState.FAILED, "http_400"),
+            ("job_2", BatchState.SUCCEEDED, ""),
+        ]
 
     async def test_anthropic_results_carry_text_usage_and_stop_reason(self, fake: FakeProvider) -> None:
         """Create, poll, stream the results: SUCCEEDED with text, usage (cache reads counted as input)."""

@@ -1,9 +1,11 @@
 """``BatchQueue``: batch jobs from Complete to the providers' batch APIs and back.
 
-``submit`` stores a queued job and returns at once. A poller (``start`` / ``aclose``, owned by
-the server) groups queued jobs of one model into one provider batch once the oldest has waited
-``group_window_seconds`` (or ``max_group_size`` are waiting), polls provider batches every
-``poll_interval_seconds``, and when one has ended reads its results: each job ends exactly once
+``submit`` stores a queued job and returns at once. A job whose submitter is cancelled before it
+returns (a deadline, a client gone) never learned its id: it ends CANCELLED and is never sent.
+A poller (``start`` / ``aclose``, owned by the server) groups queued jobs of one model into one
+provider batch once the oldest has waited ``group_window_seconds`` (or ``max_group_size`` are
+waiting), polls provider batches every ``poll_interval_seconds`` (a submit wakes it to group, not
+to poll), and when one has ended reads its results: each job ends exactly once
 (``BatchStore.finish``), and only a succeeded job is charged, at the batch price, in the ledger.
 
 Outcomes: the provider's expiry ends a job EXPIRED, a failed request or batch FAILED (with a
@@ -16,7 +18,12 @@ logged (never with prompt text) and the round goes on with the others. A retryab
 batch's jobs: ``provider_batch_not_found`` for a 404 (the provider no longer knows the batch), else
 ``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may be
 fixed. Models are looked up in the current catalog (``catalog``, which follows hot reloads); a
-model no longer there fails its jobs with ``model_not_in_catalog``.
+model no longer there fails its jobs with ``model_not_in_catalog``. Submitted jobs of a provider
+that has no batch API here any more (its key removed at a restart) stay SUBMITTED, logged once
+per provider batch (``batch_poll_skipped``), and are polled again once a restart brings the key back.
+
+A provider batch no job waits for any more is cancelled at the provider: when its last waiting job
+is cancelled, or when every job of a group was cancelled while the group was being sent.
 
 Several workers (``server.workers``) share one store, and each runs a poller: a group is sent
 only by the worker that claimed its jobs (``BatchStore.claim``), so each job is submitted once.
@@ -35,11 +42,12 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 import structlog
 
-from routesvc.batches._store import BatchStore, decode_request, encode_request
+from routesvc.batches._store import BatchStore, QueuedRequest, decode_request, encode_request
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.config import BATCH_API_KINDS, Settings
 from routesvc.cost import cost_of_usage, format_usd
@@ -52,11 +60,21 @@ from routesvc.errors import (
     ProviderTimedOut,
 )
 from routesvc.ledger import AttemptOutcome, Ledger
-from routesvc.models import BatchJob, BatchResult, BatchState, BatchStatus, Mode, RouteDecision, RoutingRequest
+from routesvc.models import (
+    BatchJob,
+    BatchResult,
+    BatchState,
+    BatchStatus,
+    Mode,
+    RouteDecision,
+    RoutingRequest,
+)
 from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult
 from routesvc.retry import is_retryable
 
 log = structlog.get_logger("routesvc.batches")
+
+_T = TypeVar("_T")
 
 CLAIM_SECONDS = 300.0
 """How long a worker's claim on the jobs it is sending lasts (sends are cut off at half of it)."""
@@ -105,6 +123,10 @@ class BatchQueue:
         self._store: BatchStore | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Store writes a cancelled caller left behind (see ``submit``); ``aclose`` waits for them.
+        self._pending: set[asyncio.Task[Any]] = set()
+        # Provider batches already logged as not pollable (no batch API here): logged once each.
+        self._unpollable: set[tuple[str, str]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -143,6 +165,8 @@ class BatchQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
         if self._store is not None:
             await self._store.aclose()
             self._store = None
@@ -152,7 +176,16 @@ class BatchQueue:
     # -- the RPCs --------------------------------------------------------------------------------
 
     async def submit(self, request: RoutingRequest, decision: RouteDecision) -> BatchJob:
-        """Store a queued job for ``decision`` and wake the poller."""
+        """Store a queued job for ``decision`` and wake the poller.
+
+        The job is written held by this queue (a claim), so no poller sends it before the caller
+        can learn its id; it is released as the last step. A cancelled caller (deadline, client
+        gone) cannot stop the write, which runs in a worker thread: it is let finish and the job
+        ended CANCELLED (``caller_cancelled``), so it is never sent or charged, and a retry makes
+        no duplicate. Only a cancel landing during the release itself leaves a poller an instant
+        to claim the job before it is ended; a group of nothing but such jobs is then cancelled at
+        the provider (see ``_send``).
+        """
         now = self._clock()
         job = BatchJob(
             batch_id=f"batch_{uuid.uuid4().hex}",
@@ -166,10 +199,40 @@ class BatchQueue:
             decision_id=decision.decision_id,
         )
         chat = request.chat
-        await self._opened().add(job, encode_request(chat.messages, decision.estimated_output_tokens, chat.temperature))
+        stored = QueuedRequest(chat.messages, decision.estimated_output_tokens, chat.temperature, chat.tools)
+        store = self._opened()
+        adding = self._keep(store.add(job, encode_request(stored), held_by=self._owner, hold_seconds=CLAIM_SECONDS))
+        try:
+            await asyncio.shield(adding)
+            await store.release([job.batch_id], self._owner)
+        except BaseException:
+            # Cancelled, or the store failed: the caller gets no id, so the job must not run.
+            await asyncio.shield(self._keep(self._withdraw(adding, job.batch_id)))
+            raise
         log.info("batch_job_queued", batch_id=job.batch_id, model=job.model, tenant=job.tenant)
         self._wake.set()
         return job
+
+    def _keep(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """Run ``work`` as a task that outlives its caller's cancellation (``aclose`` waits for it)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    async def _withdraw(self, adding: asyncio.Task[None], batch_id: str) -> None:
+        """Once the write ``adding`` is done, end its job CANCELLED (its submitter gave up)."""
+        try:
+            await adding
+        except Exception:
+            return  # never stored: nothing to withdraw
+        try:
+            await self._opened().finish(batch_id, BatchState.CANCELLED, error="caller_cancelled")
+        except BatchStoreUnavailable as error:
+            # Left held: it is sent once the hold lapses (CLAIM_SECONDS), as after a crash.
+            log.error("batch_withdraw_failed", batch_id=batch_id, error=error.message)
+            return
+        log.info("batch_job_withdrawn", batch_id=batch_id)
 
     async def get(self, batch_id: str, tenant: str) -> BatchStatus:
         """The job ``batch_id`` of ``tenant``; ``BatchNotFound`` for an unknown or another tenant's job."""
@@ -187,36 +250,53 @@ class BatchQueue:
         status = await self.get(batch_id, tenant)
         if status.job.state.ended:
             return status
-        store = self._opened()
-        provider_batch_id, open_jobs = await store.siblings(batch_id)
-        await store.finish(batch_id, BatchState.CANCELLED, error="cancelled")
-        if provider_batch_id is not None and open_jobs == [batch_id]:
-            api = self._apis.get(status.job.provider)
-            if api is not None:
-                try:
-                    await api.cancel(provider_batch_id)
-                except ProviderError as error:
-                    log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason=error.reason)
+        emptied = await self._opened().cancel(batch_id)
+        if emptied is not None:
+            await self._cancel_provider_batch(*emptied)
         log.info("batch_job_cancelled", batch_id=batch_id)
         return await self.get(batch_id, tenant)
+
+    async def _cancel_provider_batch(self, provider: str, provider_batch_id: str) -> None:
+        """Cancel a provider batch no job waits for; a failure is logged (the batch then runs on)."""
+        api = self._apis.get(provider)
+        if api is None:
+            log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason="no_batch_api")
+            return
+        try:
+            await api.cancel(provider_batch_id)
+        except ProviderError as error:
+            log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason=error.reason)
+            return
+        log.info("batch_provider_batch_cancelled", provider_batch_id=provider_batch_id)
 
     # -- the poller ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self._config.poll_interval_seconds
+        next_poll = loop.time()
         while True:
-            wait = self._config.poll_interval_seconds
+            # Cleared as the round starts, not after it: a job submitted while the round runs
+            # wakes the next one, instead of waiting for the next poll.
+            self._wake.clear()
+            next_flush = None
             if self._store is not None:
-                next_flush = None
                 try:
                     next_flush = await self._flush()
-                    await self._poll()
                 except Exception:
-                    # The store failing (groups and batches handle their own errors): log it and
-                    # try again next round, never stop polling.
+                    # The store failing (each group handles its own errors): log it and try again
+                    # next round, never stop polling.
                     log.exception("batch_round_crashed")
-                if next_flush is not None:
-                    wait = max(0.0, min(wait, next_flush))
-            self._wake.clear()
+                # A wake (a submit) only groups; provider batches are polled once an interval.
+                if loop.time() >= next_poll:
+                    next_poll = loop.time() + interval
+                    try:
+                        await self._poll()
+                    except Exception:
+                        log.exception("batch_round_crashed")
+            wait = max(0.0, next_poll - loop.time()) if self._store is not None else interval
+            if next_flush is not None:
+                wait = min(wait, next_flush)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
@@ -261,11 +341,19 @@ class BatchQueue:
             await self._fail(ids, "no_batch_api")
             log.warning("batch_provider_missing", model=model_id, provider=model.provider, jobs=len(ids))
             return
-        items = []
-        for status, request in jobs:
-            messages, max_output_tokens, temperature = decode_request(request)
+        items: list[BatchItem] = []
+        for status, text in jobs:
+            request = decode_request(text)
             items.append(
-                BatchItem(status.job.batch_id, model.id, model.provider_model, messages, max_output_tokens, temperature)
+                BatchItem(
+                    status.job.batch_id,
+                    model.id,
+                    model.provider_model,
+                    request.messages,
+                    request.max_output_tokens,
+                    request.temperature,
+                    request.tools,
+                )
             )
         try:
             provider_batch_id = await self._submit(api, items)
@@ -277,8 +365,12 @@ class BatchQueue:
             await self._fail(ids, error.reason)
             log.warning("batch_submit_rejected", model=model_id, jobs=len(ids), reason=error.reason)
             return
-        await store.mark_submitted(ids, self._owner, model.provider, provider_batch_id)
-        log.info("batch_submitted", model=model_id, jobs=len(ids), provider_batch_id=provider_batch_id)
+        placed = await store.mark_submitted(ids, self._owner, model.provider, provider_batch_id)
+        log.info("batch_submitted", model=model_id, jobs=placed, provider_batch_id=provider_batch_id)
+        if placed == 0:
+            # Every job was cancelled while it was being sent: nobody would poll this batch, and
+            # the provider would run (and bill) it.
+            await self._cancel_provider_batch(model.provider, provider_batch_id)
 
     async def _submit(self, api: BatchAPI, items: list[BatchItem]) -> str:
         """``api.submit``, cut off well before the claim on its jobs lapses."""
@@ -308,6 +400,16 @@ class BatchQueue:
         for (provider, provider_batch_id), ids in (await self._opened().submitted()).items():
             api = self._apis.get(provider)
             if api is None:
+                # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
+                if (provider, provider_batch_id) not in self._unpollable:
+                    self._unpollable.add((provider, provider_batch_id))
+                    log.warning(
+                        "batch_poll_skipped",
+                        provider=provider,
+                        provider_batch_id=provider_batch_id,
+                        jobs=len(ids),
+                        reason="no_batch_api",
+                    )
                 continue
             try:
                 await self._poll_batch(api, provider_batch_id, ids)

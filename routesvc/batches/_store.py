@@ -1,9 +1,11 @@
 """Batch jobs in embedded SQLite, so that a restart loses none.
 
-One row per job. A queued job keeps its request (the messages are needed to send it); the
-request is cleared once the job is in a provider batch. A job ends exactly once: ``finish``
-changes only a job that has not ended, and says whether it did, so a result is charged once.
-Calls run in a worker thread; one lock serialises them on the one connection.
+One row per job. A queued job keeps its request (messages, tools and sampling: what is needed to
+send it); the request is cleared once the job is in a provider batch. A job ends exactly once:
+``finish`` changes only a job that has not ended, and says whether it did, so a result is charged
+once. Calls run in a worker thread; one lock serialises them on the one connection. Any SQLite
+error on a call (the file locked past the busy timeout, a full disk, a read-only file) is raised
+as ``BatchStoreUnavailable``.
 
 Several processes may share the file (``server.workers``). A queued job is sent by whoever
 ``claim``s it: one ``BEGIN IMMEDIATE`` transaction marks it with the claimant and a lease, and
@@ -20,11 +22,24 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
-from routesvc.models import BatchJob, BatchResult, BatchState, BatchStatus, FinishReason, Message, Role, Usage
+from routesvc.errors import BatchStoreUnavailable
+from routesvc.models import (
+    BatchJob,
+    BatchResult,
+    BatchState,
+    BatchStatus,
+    FinishReason,
+    Message,
+    Role,
+    ToolSpec,
+    Usage,
+)
 from routesvc.sqlite import immediate
 
 _T = TypeVar("_T")
@@ -65,22 +80,42 @@ _COLUMNS = (
 )
 
 
-def encode_request(messages: tuple[Message, ...], max_output_tokens: int, temperature: float | None) -> str:
+@dataclass(frozen=True, slots=True)
+class QueuedRequest:
+    """What a queued job's provider request is made of (the model is the job's)."""
+
+    messages: tuple[Message, ...]
+    max_output_tokens: int
+    temperature: float | None = None
+    tools: tuple[ToolSpec, ...] = ()
+
+
+def encode_request(request: QueuedRequest) -> str:
     """A queued job's request as JSON."""
     return json.dumps(
         {
-            "messages": [{"role": m.role.value, "content": m.content} for m in messages],
-            "max_output_tokens": max_output_tokens,
-            "temperature": temperature,
+            "messages": [{"role": m.role.value, "content": m.content} for m in request.messages],
+            "max_output_tokens": request.max_output_tokens,
+            "temperature": request.temperature,
+            "tools": [
+                {"name": t.name, "description": t.description, "parameters": dict(t.parameters)} for t in request.tools
+            ],
         }
     )
 
 
-def decode_request(text: str) -> tuple[tuple[Message, ...], int, float | None]:
-    """The messages, output tokens and temperature of ``encode_request``."""
+def decode_request(text: str) -> QueuedRequest:
+    """The request ``encode_request`` stored; rows stored before tools were kept have none."""
     data = json.loads(text)
-    messages = tuple(Message(Role(m["role"]), m["content"]) for m in data["messages"])
-    return messages, int(data["max_output_tokens"]), data["temperature"]
+    return QueuedRequest(
+        messages=tuple(Message(Role(m["role"]), m["content"]) for m in data["messages"]),
+        max_output_tokens=int(data["max_output_tokens"]),
+        temperature=data["temperature"],
+        tools=tuple(
+            ToolSpec(t["name"], t.get("description", ""), MappingProxyType(dict(t.get("parameters") or {})))
+            for t in data.get("tools", ())
+        ),
+    )
 
 
 def _add_missing_columns(connection: sqlite3.Connection) -> None:
@@ -119,6 +154,7 @@ class BatchStore:
     """The jobs table of one SQLite file (created with its directory on open)."""
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self._path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._connection.row_factory = sqlite3.Row
@@ -133,19 +169,29 @@ class BatchStore:
             with self._lock:
                 return work(self._connection)
 
-        return await asyncio.to_thread(locked)
+        try:
+            return await asyncio.to_thread(locked)
+        except sqlite3.Error as exc:
+            # Locked past the busy timeout, disk full, read-only file, closed: the store's failure,
+            # which callers can act on (FAILED_PRECONDITION), not an INTERNAL error of ours.
+            message = f"batch.store_path {self._path} failed ({type(exc).__name__}: {exc}); batch mode is unavailable"
+            raise BatchStoreUnavailable(message) from exc
 
     async def aclose(self) -> None:
         """Close the file."""
         await self._run(lambda connection: connection.close())
 
-    async def add(self, job: BatchJob, request: str) -> None:
-        """Store a new queued job with its request."""
+    async def add(self, job: BatchJob, request: str, *, held_by: str, hold_seconds: float) -> None:
+        """Store a new queued job with its request, claimed by ``held_by`` for ``hold_seconds``.
+
+        Held, no poller sends the job until ``held_by`` ``release``s it (or the hold lapses): the
+        submitter first makes sure its caller learns the job's id.
+        """
 
         def insert(connection: sqlite3.Connection) -> None:
             connection.execute(
                 "INSERT INTO jobs (id, tenant, decision_id, model, provider, state, request, estimated_cost_usd,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, claimed_by, claimed_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.batch_id,
                     job.tenant,
@@ -157,6 +203,8 @@ class BatchStore:
                     str(job.estimated_cost_usd),
                     job.created_at,
                     job.updated_at,
+                    held_by,
+                    self._clock() + hold_seconds,
                 ),
             )
 
@@ -224,7 +272,8 @@ class BatchStore:
         return await self._run(update)
 
     async def release(self, batch_ids: list[str], owner: str) -> None:
-        """Give up ``owner``'s claims on still-queued jobs (the send failed; anyone may try again)."""
+        """Give up ``owner``'s claims on still-queued jobs (a send failed, or a job just added is
+        known to its caller); anyone may send them."""
 
         def update(connection: sqlite3.Connection) -> None:
             connection.executemany(
@@ -234,22 +283,30 @@ class BatchStore:
 
         await self._run(update)
 
-    async def mark_submitted(self, batch_ids: list[str], owner: str, provider: str, provider_batch_id: str) -> None:
+    async def mark_submitted(self, batch_ids: list[str], owner: str, provider: str, provider_batch_id: str) -> int:
         """``owner``'s claimed jobs are in ``provider``'s batch ``provider_batch_id``; their requests are dropped.
 
-        A job cancelled meanwhile stays cancelled.
+        A job cancelled meanwhile stays cancelled. Returns how many jobs are now in the batch: 0
+        means no job will ever poll it, and the caller cancels it at the provider. One
+        transaction, so a ``cancel`` sees either none of the group in the batch or all of it.
         """
         now = self._clock()
         submitted, queued = BatchState.SUBMITTED.value, BatchState.QUEUED.value
 
-        def update(connection: sqlite3.Connection) -> None:
-            connection.executemany(
-                "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, request = '{}', updated_at = ?,"
-                " claimed_by = NULL, claimed_until = NULL WHERE id = ? AND state = ? AND claimed_by = ?",
-                [(submitted, provider, provider_batch_id, now, batch_id, queued, owner) for batch_id in batch_ids],
-            )
+        def update(connection: sqlite3.Connection) -> int:
+            placed = 0
+            with immediate(connection):
+                for batch_id in batch_ids:
+                    cursor = connection.execute(
+                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, request = '{}',"
+                        " updated_at = ?, claimed_by = NULL, claimed_until = NULL"
+                        " WHERE id = ? AND state = ? AND claimed_by = ?",
+                        (submitted, provider, provider_batch_id, now, batch_id, queued, owner),
+                    )
+                    placed += cursor.rowcount
+            return placed
 
-        await self._run(update)
+        return await self._run(update)
 
     async def submitted(self) -> dict[tuple[str, str], list[str]]:
         """Job ids in provider batches not yet ended, by (provider, provider batch id)."""
@@ -266,20 +323,37 @@ class BatchStore:
 
         return await self._run(select)
 
-    async def siblings(self, batch_id: str) -> tuple[str | None, list[str]]:
-        """The job's provider batch id and the ids of its jobs that have not ended."""
+    async def cancel(self, batch_id: str) -> tuple[str, str] | None:
+        """End the job CANCELLED if it has not ended. Returns its (provider, provider batch id)
+        when that batch has no job left waiting for its answer, for the caller to cancel there.
 
-        def select(connection: sqlite3.Connection) -> tuple[str | None, list[str]]:
-            row = connection.execute("SELECT provider_batch_id FROM jobs WHERE id = ?", (batch_id,)).fetchone()
-            if row is None or row["provider_batch_id"] is None:
-                return None, []
-            rows = connection.execute(
-                "SELECT id FROM jobs WHERE provider_batch_id = ? AND state IN (?, ?)",
-                (row["provider_batch_id"], BatchState.QUEUED.value, BatchState.SUBMITTED.value),
-            ).fetchall()
-            return row["provider_batch_id"], [r["id"] for r in rows]
+        One transaction: of sibling jobs cancelled at once, exactly the last learns that the
+        batch is left with none.
+        """
+        now = self._clock()
+        queued, submitted = BatchState.QUEUED.value, BatchState.SUBMITTED.value
 
-        return await self._run(select)
+        def update(connection: sqlite3.Connection) -> tuple[str, str] | None:
+            with immediate(connection):
+                cursor = connection.execute(
+                    "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', error = 'cancelled'"
+                    " WHERE id = ? AND state IN (?, ?)",
+                    (BatchState.CANCELLED.value, now, batch_id, queued, submitted),
+                )
+                if cursor.rowcount != 1:
+                    return None
+                row = connection.execute(
+                    "SELECT provider, provider_batch_id FROM jobs WHERE id = ?", (batch_id,)
+                ).fetchone()
+                if row["provider_batch_id"] is None:
+                    return None  # not sent yet (or being sent: ``mark_submitted`` then finds none)
+                waiting = connection.execute(
+                    "SELECT 1 FROM jobs WHERE provider = ? AND provider_batch_id = ? AND state IN (?, ?) LIMIT 1",
+                    (row["provider"], row["provider_batch_id"], queued, submitted),
+                ).fetchone()
+                return None if waiting is not None else (row["provider"], row["provider_batch_id"])
+
+        return await self._run(update)
 
     async def finish(
         self,

@@ -14,7 +14,7 @@ import anthropic
 from routesvc.errors import ProviderUnavailable
 from routesvc.models import BatchState, Usage
 from routesvc.providers._http import describe, error_for_status
-from routesvc.providers.anthropic import DEFAULT_BASE_URL, _messages, _system, map_stop_reason
+from routesvc.providers.anthropic import DEFAULT_BASE_URL, _messages, _system, _tools, map_stop_reason
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
 
 _T = TypeVar("_T")
@@ -67,6 +67,8 @@ class AnthropicBatches:
             system = _system(item.messages)
             if system:
                 params["system"] = system
+            if item.tools:
+                params["tools"] = _tools(item.tools)
             if item.temperature is not None:
                 params["temperature"] = item.temperature
             requests.append({"custom_id": item.custom_id, "params": params})

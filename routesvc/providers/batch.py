@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from routesvc.models import BatchState, FinishReason, Message, Usage
+from routesvc.models import BatchState, FinishReason, Message, ToolSpec, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,7 @@ class BatchItem:
     messages: tuple[Message, ...]
     max_output_tokens: int
     temperature: float | None = None
+    tools: tuple[ToolSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

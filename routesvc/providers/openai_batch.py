@@ -16,7 +16,7 @@ from routesvc.errors import ProviderUnavailable
 from routesvc.models import BatchState, Usage
 from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
-from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, map_finish_reason
+from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, _tools, map_finish_reason
 
 _T = TypeVar("_T")
 _ENDED = frozenset({"completed", "expired", "failed", "cancelled"})
@@ -63,6 +63,8 @@ class OpenAIBatches:
                 "messages": _messages(item.messages),
                 "max_completion_tokens": item.max_output_tokens,
             }
+            if item.tools:
+                body["tools"] = _tools(item.tools)
             if item.temperature is not None:
                 body["temperature"] = item.temperature
             lines.append(json.dumps({"custom_id": item.custom_id, "method": "POST", "url": _ENDPOINT, "body": body}))
@@ -105,8 +107,10 @@ class OpenAIBatches:
         for line in output:
             results.append(self._item(line, batch.status))
         for line in errors:
+            # A request the API answered with an HTTP error has its response here and error null.
             error = line.get("error") or {}
-            code = str(error.get("code") or "error")
+            status_code = (line.get("response") or {}).get("status_code")
+            code = str(error.get("code") or (f"http_{status_code}" if status_code else "error"))
             state = BatchState.EXPIRED if code == "batch_expired" else _UNANSWERED.get(batch.status, BatchState.FAILED)
             results.append(ItemResult(str(line.get("custom_id")), state, error=code[:64]))
         return results

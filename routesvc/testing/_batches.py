@@ -14,7 +14,9 @@ Every batch stays in progress until a retrieve finds ``BatchOutcome`` (``FakePro
 other than ``PENDING``, then ends as it says: ``COMPLETE`` answers each request with the script
 the fake would use for a realtime request to its model (text, usage, or an error status);
 ``EXPIRE`` and ``FAIL`` end it without answers. Changing the outcome later ends batches that are
-still in progress, so tests can restart the service in between.
+still in progress, so tests can restart the service in between. An OpenAI request answered with an
+HTTP error is a line of the output file, or with ``http_errors_in_error_file`` a line of the error
+file with its ``response`` and ``error`` null, as the Batch API writes it.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class FakeBatches:
         self._take_script = take_script
         self._base_url = base_url
         self.outcome = BatchOutcome.COMPLETE
+        self.http_errors_in_error_file = False
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, FakeBatch] = {}
         self.files_of: dict[str, str] = {}  # OpenAI batch id -> its input file id
@@ -160,6 +163,11 @@ class FakeBatches:
             script, text, input_tokens, output_tokens = self._answer(body)
             if script.status != 200:
                 response = {"status_code": script.status, "body": {"error": {"type": "server_error"}}}
+                if self.http_errors_in_error_file:
+                    line_id = self._new_id("batch_req_")
+                    line = {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
+                    errors.append(json.dumps(line))
+                    continue
             else:
                 response = {
                     "status_code": 200,

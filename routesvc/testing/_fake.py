@@ -127,6 +127,17 @@ class FakeProvider:
         self._batches.outcome = outcome
 
     @property
+    def openai_batch_http_errors_in_error_file(self) -> bool:
+        """Whether an OpenAI batch request answered with an HTTP error is written to the error
+        file (``response`` set, ``error`` null, as the Batch API does) rather than the output file
+        (default False)."""
+        return self._batches.http_errors_in_error_file
+
+    @openai_batch_http_errors_in_error_file.setter
+    def openai_batch_http_errors_in_error_file(self, enabled: bool) -> None:
+        self._batches.http_errors_in_error_file = enabled
+
+    @property
     def batches(self) -> list[FakeBatch]:
         """Every batch created through either API, oldest first."""
         return list(self._batches.batches.values())
