@@ -85,9 +85,11 @@ class Admission(Protocol):
         """Apply new limits (hot reload); what was spent and reserved so far still counts."""
         ...
 
-    def charge(self, tenant: str, cost: Decimal) -> None:
+    def charge(self, tenant: str, cost: Decimal, *, at: float | None = None) -> None:
         """Add ``cost`` to what ``tenant`` has spent, with no check: money already spent outside
-        a reservation (an LLM classifier's call made to decide a route). Never raises."""
+        a reservation (an LLM classifier's call made to decide a route), or, negative, given back
+        (a batch job that ended for less than the estimate its budget counted). Counted in the
+        budget periods of wall time ``at`` (default now). Never raises."""
         ...
 
     async def spent(self, tenant: str) -> Decimal:
@@ -326,12 +328,13 @@ class LocalAdmission:
         if idle and not counted and tenant not in self._tenants and self._state.get(tenant) is state:
             del self._state[tenant]
 
-    def charge(self, tenant: str, cost: Decimal) -> None:
-        """Add ``cost`` to what a limited ``tenant`` has spent (unlimited tenants are not counted)."""
+    def charge(self, tenant: str, cost: Decimal, *, at: float | None = None) -> None:
+        """Add ``cost`` to what a limited ``tenant`` has spent in the periods of ``at`` (unlimited
+        tenants are not counted)."""
         if tenant not in self._tenants:
             return
         state = self._state[tenant]
-        for period in _periods(self._wall_clock()):
+        for period in _periods(self._wall_clock() if at is None else at):
             state.spent[period] += cost
 
     async def spent(self, tenant: str) -> Decimal:

@@ -368,15 +368,16 @@ class RedisAdmission:
         self._undoing.add(task)
         task.add_done_callback(self._undoing.discard)
 
-    def charge(self, tenant: str, cost: Decimal) -> None:
-        """Add ``cost`` to a limited ``tenant``'s spend in Redis, in the background (called where
-        the money was spent, which may be a cancelled request's cleanup); a failure is logged."""
-        if tenant not in self._tenants or cost <= 0:
+    def charge(self, tenant: str, cost: Decimal, *, at: float | None = None) -> None:
+        """Add ``cost`` (negative: given back) to a limited ``tenant``'s spend in Redis in the
+        periods of ``at``, in the background (called where the money was spent, which may be a
+        cancelled request's cleanup); a failure is logged."""
+        if tenant not in self._tenants or cost == 0:
             return
-        self._in_background(self._charge(tenant, cost))
+        self._in_background(self._charge(tenant, cost, self._clock() if at is None else at))
 
-    async def _charge(self, tenant: str, cost: Decimal) -> None:
-        day, month = _periods(self._clock())
+    async def _charge(self, tenant: str, cost: Decimal, at: float) -> None:
+        day, month = _periods(at)
         keys = [self._key(tenant, f"spent:{day}"), self._key(tenant, f"spent:{month}")]
         try:
             await self._charge_script(keys=keys, args=[_usd(cost)])

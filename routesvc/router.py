@@ -491,7 +491,9 @@ class Router:
             except BaseException:
                 await reservation.settle(0, Decimal(0))
                 raise
-            # A job's budget counts its estimate at once; its real cost is in the ledger when it ends.
+            # A job's budget counts its estimate at once; when it ends, the queue counts the
+            # difference to its real cost (all of it back if it ends unanswered), and the ledger
+            # has the real cost.
             await reservation.settle(tokens, decision.estimated_cost_usd)
             yield decision
             yield job

@@ -133,7 +133,13 @@ class Server:
         ledger = Ledger(settings.config.reliability.ledger_entries)
         # Batch jobs outlive routers (hot reload) and restarts: the queue belongs to the server,
         # and reads the models of whichever router is current.
-        self.batches = BatchQueue(settings, ledger, catalog=lambda: self.router.settings.catalog)
+        self.batches = BatchQueue(
+            settings,
+            ledger,
+            catalog=lambda: self.router.settings.catalog,
+            spend=lambda tenant, usd, at: self.router.admission.charge(tenant, usd, at=at),
+            shared_budgets=settings.redis_url is not None,
+        )
         self._router = Router(
             settings,
             build_providers(settings) if providers is None else providers,

@@ -531,6 +531,62 @@ class TestBatchPersistence:
         assert len(fake.batches) == 1
 
 
+def budget_config(tmp_path: Path) -> dict[str, object]:
+    """``batch_config`` with tenant acme on a daily budget."""
+    config = batch_config(tmp_path)
+    config["tenants"] = {"acme": {"daily_budget_usd": "1"}}
+    return config
+
+
+class TestBatchBudgets:
+    """A job's tenant budget counts its estimate when it is queued, and what it really cost once
+    it ends: its batch-price cost when answered, nothing when it ends unanswered."""
+
+    async def test_an_answered_job_counts_its_real_cost(self, tmp_path: Path, fake: FakeProvider) -> None:
+        fake.enqueue(Script(text="A short summary.", input_tokens=100, output_tokens=20), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(budget_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch
+            assert await server.router.admission.spent("acme") == Decimal(job.estimated_cost_usd)
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            spent = await server.router.admission.spent("acme")
+        assert spent == Decimal(done.result.cost_usd) < Decimal(job.estimated_cost_usd)
+
+    @pytest.mark.parametrize("ending", ["cancelled", "failed"])
+    async def test_a_job_ended_unanswered_counts_nothing(self, tmp_path: Path, fake: FakeProvider, ending: str) -> None:
+        """Cancelled by the caller, or failed by the provider: its estimate is given back."""
+        fake.batch_outcome = BatchOutcome.PENDING if ending == "cancelled" else BatchOutcome.COMPLETE
+        fake.enqueue(Script(status=500), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(budget_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch
+            if ending == "cancelled":
+                await client.cancel_batch(job.batch_id, tenant="acme")
+            else:
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
+            spent = await server.router.admission.spent("acme")
+        assert spent == 0
+
+    async def test_a_job_queued_before_a_restart_changes_no_fresh_local_budget(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Budgets kept in the process start from nothing after a restart, so a job queued before
+        it that ends unanswered afterwards gives nothing back (the budget would go below zero)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        settings = settings_from(budget_config(tmp_path), live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            job = (await submit(client))[1].batch
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            await client.cancel_batch(job.batch_id, tenant="acme")
+            spent = await server.router.admission.spent("acme")
+        assert spent == 0
+
+
 class TestBatchFailures:
     """A batch the provider fails, or a request in it that errors, ends FAILED with a short code, uncharged."""
 

@@ -74,6 +74,14 @@ async def extends_within_the_budget(admission: Admission) -> None:
     assert await admission.spent("t") == Decimal("1.0")
 
 
+def give_back_and_charge_in_their_periods(admission: Admission, now: float) -> None:
+    """Tenant ``t``: 0.5 charged now, 0.3 given back now, and 0.2 charged at a time of the day
+    before (a batch job queued then): ``spent`` today is 0.2, yesterday's 0.2 apart."""
+    admission.charge("t", Decimal("0.5"))
+    admission.charge("t", Decimal("-0.3"))
+    admission.charge("t", Decimal("0.2"), at=now - 86_400)
+
+
 class TestAdmission:
     async def test_requests_per_minute_are_exact_and_retry_after_is_given(self) -> None:
         """The 3rd request in a minute of a 2-rpm tenant is refused with the wait until the window frees."""
@@ -100,6 +108,17 @@ class TestAdmission:
         assert caught.value.reason == "BUDGET_EXCEEDED"
         admission.charge("free", Decimal(5))
         assert await admission.spent("free") == 0
+
+    async def test_a_charge_given_back_or_dated_counts_in_its_periods(self) -> None:
+        """A negative charge gives money back (a batch job that ended unanswered); a charge at an
+        earlier time counts in that time's day."""
+        clock = Clock()
+        clock.now = 1_800_000_000.0  # 2027-01-15 08:00 UTC
+        admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))}, wall_clock=clock)
+        give_back_and_charge_in_their_periods(admission, clock.now)
+        assert await admission.spent("t") == Decimal("0.2")
+        clock.now -= 86_400
+        assert await admission.spent("t") == Decimal("0.2")
 
     async def test_precheck_refuses_what_any_request_would_meet_and_reserves_nothing(self) -> None:
         """A full minute of requests or a full concurrency refuses the precheck as admit would;

@@ -24,7 +24,13 @@ from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
 from tests.redis_server import running_redis
-from tests.test_limits import PRECHECKED, Clock, extends_within_the_budget, precheck_tokens_and_cost
+from tests.test_limits import (
+    PRECHECKED,
+    Clock,
+    extends_within_the_budget,
+    give_back_and_charge_in_their_periods,
+    precheck_tokens_and_cost,
+)
 from tests.test_validation import error_info
 
 
@@ -101,6 +107,20 @@ class TestSharedLimits:
             await second.admit("t")
         assert await second.exhausted("t") == "tenant 't' has spent or reserved its daily budget"
         assert await second.exhausted("unlimited") == ""
+        await second.aclose()
+
+    async def test_a_charge_given_back_or_dated_counts_in_its_periods(self, redis_url: str, prefix: str) -> None:
+        """As in one process: a negative charge gives money back, a dated one counts in its day."""
+        clock = _mid_january()
+        first, second = [
+            RedisAdmission(redis_url, {"t": TenantConfig(daily_budget_usd=Decimal(1))}, prefix=prefix, wall_clock=clock)
+            for _ in range(2)
+        ]
+        give_back_and_charge_in_their_periods(first, clock.now)
+        await first.aclose()  # waits for the charges on their way
+        assert await second.spent("t") == Decimal("0.2")
+        clock.now -= 86_400
+        assert await second.spent("t") == Decimal("0.2")
         await second.aclose()
 
     async def test_precheck_sees_every_replica_and_reserves_nothing(self, redis_url: str, prefix: str) -> None:

@@ -43,6 +43,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import structlog
@@ -75,6 +76,8 @@ from routesvc.retry import is_retryable
 log = structlog.get_logger("routesvc.batches")
 
 _T = TypeVar("_T")
+
+_QUEUED_HERE_KEPT = 100_000
 
 CLAIM_SECONDS = 300.0
 """How long a worker's claim on the jobs it is sending lasts (sends are cut off at half of it)."""
@@ -111,8 +114,19 @@ class BatchQueue:
         *,
         catalog: Callable[[], Catalog] | None = None,
         clock: Callable[[], float] = time.time,
+        spend: Callable[[str, Decimal, float], None] | None = None,
+        shared_budgets: bool = False,
     ) -> None:
         self._settings = settings
+        # Told (tenant, USD, when the job was queued) as a job ends: its real cost less the
+        # estimate its tenant's budget counted when it was queued (all of it back when it ends
+        # unanswered), so that budgets count what batches really cost. Budgets kept in this
+        # process only (``shared_budgets`` false) never counted the jobs an earlier process or
+        # another worker queued: only this queue's own jobs are told.
+        self._spend = spend
+        self._shared_budgets = shared_budgets
+        # Insertion-ordered; the oldest go past _QUEUED_HERE_KEPT (jobs another worker ended).
+        self._queued_here: dict[str, None] = {}
         self._catalog = catalog or (lambda: settings.catalog)
         self._owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._config = settings.config.batch
@@ -209,6 +223,9 @@ class BatchQueue:
             # Cancelled, or the store failed: the caller gets no id, so the job must not run.
             await asyncio.shield(self._keep(self._withdraw(adding, job.batch_id)))
             raise
+        self._queued_here[job.batch_id] = None
+        if len(self._queued_here) > _QUEUED_HERE_KEPT:
+            del self._queued_here[next(iter(self._queued_here))]
         log.info("batch_job_queued", batch_id=job.batch_id, model=job.model, tenant=job.tenant)
         self._wake.set()
         return job
@@ -227,6 +244,7 @@ class BatchQueue:
         except Exception:
             return  # never stored: nothing to withdraw
         try:
+            # Not ``_ended``: its budget never counted it (the caller's reservation settles at zero).
             await self._opened().finish(batch_id, BatchState.CANCELLED, error="caller_cancelled")
         except BatchStoreUnavailable as error:
             # Left held: it is sent once the hold lapses (CLAIM_SECONDS), as after a crash.
@@ -250,7 +268,9 @@ class BatchQueue:
         status = await self.get(batch_id, tenant)
         if status.job.state.ended:
             return status
-        emptied = await self._opened().cancel(batch_id)
+        ended, emptied = await self._opened().cancel(batch_id)
+        if ended is not None:
+            self._ended(ended, Decimal(0))
         if emptied is not None:
             await self._cancel_provider_batch(*emptied)
         log.info("batch_job_cancelled", batch_id=batch_id)
@@ -393,7 +413,17 @@ class BatchQueue:
 
     async def _fail(self, batch_ids: list[str], error: str) -> None:
         for batch_id in batch_ids:
-            await self._opened().finish(batch_id, BatchState.FAILED, error=error)
+            ended = await self._opened().finish(batch_id, BatchState.FAILED, error=error)
+            if ended is not None:
+                self._ended(ended, Decimal(0))
+
+    def _ended(self, job: BatchJob, cost: Decimal) -> None:
+        """``job`` has ended here, having cost ``cost``: its tenant's budget counted its estimate
+        when it was queued, and now counts what it really cost."""
+        counted = self._shared_budgets or job.batch_id in self._queued_here
+        self._queued_here.pop(job.batch_id, None)
+        if self._spend is not None and counted and cost != job.estimated_cost_usd:
+            self._spend(job.tenant, cost - job.estimated_cost_usd, job.created_at)
 
     async def _poll(self) -> None:
         """Poll each provider batch not yet ended; read the results of those that have."""
@@ -441,7 +471,9 @@ class BatchQueue:
         """End one job with its result; charge it once if it succeeded (and was not cancelled)."""
         store = self._opened()
         if result.state is not BatchState.SUCCEEDED:
-            await store.finish(batch_id, result.state, error=result.error)
+            ended = await store.finish(batch_id, result.state, error=result.error)
+            if ended is not None:
+                self._ended(ended, Decimal(0))
             return
         status = await store.get_any(batch_id)
         if status is None:
@@ -451,10 +483,12 @@ class BatchQueue:
             return  # without its prices the answer cannot be charged: FAILED, not given away
         cost = cost_of_usage(model, result.usage, Mode.BATCH)
         answer = BatchResult(result.text, result.usage, cost, result.finish_reason, result.provider_model)
-        if not await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
+        ended = await store.finish(batch_id, BatchState.SUCCEEDED, result=answer)
+        if ended is None:
             # Cancelled (or ended) before the provider's answer arrived: not charged to the tenant.
             log.info("batch_result_discarded", batch_id=batch_id, state=status.job.state.value)
             return
+        self._ended(ended, cost)
         self._ledger.record(
             request_id=batch_id,
             decision_id=status.job.decision_id,

@@ -323,17 +323,18 @@ class BatchStore:
 
         return await self._run(select)
 
-    async def cancel(self, batch_id: str) -> tuple[str, str] | None:
-        """End the job CANCELLED if it has not ended. Returns its (provider, provider batch id)
-        when that batch has no job left waiting for its answer, for the caller to cancel there.
+    async def cancel(self, batch_id: str) -> tuple[BatchJob | None, tuple[str, str] | None]:
+        """End the job CANCELLED if it has not ended. Returns the job as ended here (None when it
+        had ended already), and its (provider, provider batch id) when that batch has no job left
+        waiting for its answer, for the caller to cancel there.
 
         One transaction: of sibling jobs cancelled at once, exactly the last learns that the
-        batch is left with none.
+        batch is left with none, and of cancels of one job, exactly one ends it.
         """
         now = self._clock()
         queued, submitted = BatchState.QUEUED.value, BatchState.SUBMITTED.value
 
-        def update(connection: sqlite3.Connection) -> tuple[str, str] | None:
+        def update(connection: sqlite3.Connection) -> tuple[BatchJob | None, tuple[str, str] | None]:
             with immediate(connection):
                 cursor = connection.execute(
                     "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', error = 'cancelled'"
@@ -341,17 +342,19 @@ class BatchStore:
                     (BatchState.CANCELLED.value, now, batch_id, queued, submitted),
                 )
                 if cursor.rowcount != 1:
-                    return None
+                    return None, None
                 row = connection.execute(
-                    "SELECT provider, provider_batch_id FROM jobs WHERE id = ?", (batch_id,)
+                    f"SELECT {_COLUMNS}, provider_batch_id FROM jobs WHERE id = ?",  # noqa: S608 - constant column list
+                    (batch_id,),
                 ).fetchone()
+                ended = _status(row).job
                 if row["provider_batch_id"] is None:
-                    return None  # not sent yet (or being sent: ``mark_submitted`` then finds none)
+                    return ended, None  # not sent yet (or being sent: ``mark_submitted`` then finds none)
                 waiting = connection.execute(
                     "SELECT 1 FROM jobs WHERE provider = ? AND provider_batch_id = ? AND state IN (?, ?) LIMIT 1",
                     (row["provider"], row["provider_batch_id"], queued, submitted),
                 ).fetchone()
-                return None if waiting is not None else (row["provider"], row["provider_batch_id"])
+                return ended, None if waiting is not None else (row["provider"], row["provider_batch_id"])
 
         return await self._run(update)
 
@@ -362,8 +365,9 @@ class BatchStore:
         *,
         result: BatchResult | None = None,
         error: str = "",
-    ) -> bool:
-        """End a job that has not ended; False (and nothing changed) when it already had."""
+    ) -> BatchJob | None:
+        """End a job that has not ended, and return it as ended; None (and nothing changed) when
+        it already had."""
         now = self._clock()
         values: dict[str, Any] = {"text": None, "input": None, "output": None, "cached": None}
         values.update(cost=None, finish=None, provider_model=None)
@@ -378,27 +382,31 @@ class BatchStore:
                 provider_model=result.provider_model,
             )
 
-        def update(connection: sqlite3.Connection) -> bool:
-            cursor = connection.execute(
-                "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', text = ?, input_tokens = ?,"
-                " output_tokens = ?, cached_input_tokens = ?, cost_usd = ?, finish_reason = ?, provider_model = ?,"
-                " error = ? WHERE id = ? AND state IN (?, ?)",
-                (
-                    state.value,
-                    now,
-                    values["text"],
-                    values["input"],
-                    values["output"],
-                    values["cached"],
-                    values["cost"],
-                    values["finish"],
-                    values["provider_model"],
-                    error,
-                    batch_id,
-                    BatchState.QUEUED.value,
-                    BatchState.SUBMITTED.value,
-                ),
-            )
-            return cursor.rowcount == 1
+        def update(connection: sqlite3.Connection) -> BatchJob | None:
+            with immediate(connection):
+                cursor = connection.execute(
+                    "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', text = ?, input_tokens = ?,"
+                    " output_tokens = ?, cached_input_tokens = ?, cost_usd = ?, finish_reason = ?, provider_model = ?,"
+                    " error = ? WHERE id = ? AND state IN (?, ?)",
+                    (
+                        state.value,
+                        now,
+                        values["text"],
+                        values["input"],
+                        values["output"],
+                        values["cached"],
+                        values["cost"],
+                        values["finish"],
+                        values["provider_model"],
+                        error,
+                        batch_id,
+                        BatchState.QUEUED.value,
+                        BatchState.SUBMITTED.value,
+                    ),
+                )
+                if cursor.rowcount != 1:
+                    return None
+                row = connection.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (batch_id,)).fetchone()  # noqa: S608 - constant column list
+                return _status(row).job
 
         return await self._run(update)
