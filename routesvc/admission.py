@@ -50,6 +50,11 @@ class _Held:
 class Reservation(Protocol):
     """What ``admit`` reserved for one request."""
 
+    @property
+    def counted(self) -> bool:
+        """Whether ``settle`` counts the request in a budget (false for a tenant without limits)."""
+        ...
+
     async def extend(self, cost: Decimal) -> None:
         """Reserve ``cost`` more USD for this request, checked against the tenant's budgets only:
         it is about to call another model (a fallback, a cascade escalation). Raises
@@ -114,10 +119,18 @@ class SettleOnce:
         self,
         apply: Callable[[int, Decimal], Awaitable[None]],
         extend: Callable[[Decimal], Awaitable[None]] = _nothing_extended,
+        *,
+        counted: bool = True,
     ) -> None:
         self._apply = apply
         self._extend = extend
         self._settled = False
+        self._counted = counted
+
+    @property
+    def counted(self) -> bool:
+        """Whether ``settle`` counts the request in a budget."""
+        return self._counted
 
     async def extend(self, cost: Decimal) -> None:
         """Reserve ``cost`` more USD (see ``Reservation.extend``); nothing once settled."""
@@ -212,7 +225,7 @@ class LocalAdmission:
             # the entry goes with the last of them (tenant names are unbounded when auth is off).
             state = self._state[tenant]
             state.in_flight += 1
-            return SettleOnce(functools.partial(self._settle_unlimited, tenant, state))
+            return SettleOnce(functools.partial(self._settle_unlimited, tenant, state), counted=False)
         now = self._clock()
         state = self._state[tenant]
         periods = self._check(tenant, limits, state, now, tokens, cost)

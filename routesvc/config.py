@@ -617,10 +617,12 @@ class TelemetrySettings:
 
 
 # Read once when the server starts (listening, logging, telemetry, the batch queue, where limits
-# are counted): a hot reload that changes them applies everything else and says which of these
-# wait for a restart. Of ``server``, only the drain settings are read again (at shutdown).
+# are counted, and the few ``reliability`` and ``limits`` fields below): a hot reload that changes
+# them applies everything else and says which of these wait for a restart. Of ``server``, only the
+# drain settings are read again (at shutdown).
 _READ_AT_START = ("server", "logging", "telemetry", "batch", "shared_state")
 _SERVER_READ_AT_SHUTDOWN = frozenset({"grace_seconds", "drain_delay_seconds"})
+_RELIABILITY_KEPT = ("ledger_entries", "retry_budget_tokens", "retry_budget_ratio", "breaker")
 
 
 def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
@@ -639,6 +641,14 @@ def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
                 continue
             if getattr(before, name) != getattr(after, name):
                 changed.append(f"{section}.{name}")
+    # Kept across reloads with the settings they were built with: the ledger, the retry budget
+    # and the breakers.
+    for name in _RELIABILITY_KEPT:
+        if getattr(old.config.reliability, name) != getattr(new.config.reliability, name):
+            changed.append(f"reliability.{name}")
+    # The service applies a lower limit at once; the transport's, set at start, caps a higher one.
+    if new.config.limits.max_request_bytes > old.config.limits.max_request_bytes:
+        changed.append("limits.max_request_bytes")
     return changed
 
 

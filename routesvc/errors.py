@@ -21,7 +21,7 @@ name fields and models, never prompt text or credentials.
     ├── FeedbackNotEnabled              no embedding stage keeps feedback        FAILED_PRECONDITION
     ├── ShuttingDown                    the server is stopping                   UNAVAILABLE
     ├── SharedStateUnavailable          the shared limits store (Redis) failed   UNAVAILABLE
-    ├── BatchStoreUnavailable           batch.store_path cannot be opened        FAILED_PRECONDITION
+    ├── BatchStoreUnavailable           batch.store_path cannot be opened/written FAILED_PRECONDITION
     ├── DeadlineExceeded                the caller's deadline passed             DEADLINE_EXCEEDED
     └── ProviderError                   a provider call failed
         ├── ProviderAuthFailed          401/403 from the provider                FAILED_PRECONDITION

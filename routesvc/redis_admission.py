@@ -247,7 +247,7 @@ class RedisAdmission:
         """Check and reserve atomically in Redis; raises ``LimitExceeded`` having reserved nothing."""
         limits = self._tenants.get(tenant)
         if limits is None:
-            return SettleOnce(_nothing_reserved)
+            return SettleOnce(_nothing_reserved, counted=False)
         check_fits_token_rate(tenant, limits, tokens)
         now = self._clock()
         periods = _periods(now)

@@ -491,12 +491,20 @@ class Router:
             except BaseException:
                 await reservation.settle(0, Decimal(0))
                 raise
-            # A job's budget counts its estimate at once; when it ends, the queue counts the
-            # difference to its real cost (all of it back if it ends unanswered), and the ledger
-            # has the real cost.
+            try:
+                yield decision
+                yield job
+            except BaseException:
+                # The call ended before the job's id was delivered (the caller left, its deadline):
+                # a job nobody knows of would run, be billed, and be queued again by a retry.
+                await self._batches.withdraw(job.batch_id)
+                await reservation.settle(0, Decimal(0))
+                raise
+            # A job's budget counts its estimate now; the queue corrects it to the real cost when
+            # the job ends (all of it back if it ends unanswered); the ledger has the real cost.
             await reservation.settle(tokens, decision.estimated_cost_usd)
-            yield decision
-            yield job
+            if reservation.counted:
+                await self._batches.counted(job.batch_id, decision.estimated_cost_usd)
             return
         tenant = request.context.tenant
         reservation = await self._admission.admit(
@@ -655,10 +663,12 @@ class Router:
             model = self._catalog.get(model_id)
             try:
                 await self._cover(attempt, model)
-            except LimitExceeded:
+            except (LimitExceeded, SharedStateUnavailable):
                 if last_error is None:
                     raise  # the model this step was decided for: nothing cheaper to try
-                continue  # a fallback the tenant's budget cannot take is skipped, like one over max_cost_usd
+                # A fallback the tenant's budget cannot take (or that cannot be checked) is
+                # skipped, like one over max_cost_usd; the request ends with the model's failure.
+                continue
             if last_error is not None:
                 telemetry.record_fallback(last_error.model, model_id, last_error.reason)
             for try_on_model in range(reliability.retries_per_model + 1):

@@ -185,6 +185,8 @@ class TestWhatWaitsForARestart:
         changed["server"] = {"port": 6001, "grace_seconds": 3}
         changed["batch"] = {"enabled": False}
         changed["shared_state"] = {"redis_url": "redis://127.0.0.1:1/0"}
+        changed["reliability"] = {"ledger_entries": 50, "max_concurrent_rpcs": 10}  # the second is applied
+        changed["limits"] = {"max_request_bytes": 8_000_000}
         async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
             admission = server.router.admission
             with capture_logs() as logs:
@@ -195,12 +197,14 @@ class TestWhatWaitsForARestart:
             assert server.batches.enabled
         assert decision.model == "gpt-4o"
         waiting = [entry["fields"] for entry in logs if entry["event"] == "config_reload_needs_restart"]
-        assert waiting == [["server.port", "batch.enabled", "shared_state.redis_url"]] * 2
+        fields = ["server.port", "batch.enabled", "shared_state.redis_url", "reliability.ledger_entries"]
+        assert waiting == [[*fields, "limits.max_request_bytes"]] * 2
 
     async def test_a_reload_that_changes_only_the_policy_says_nothing_waits(self) -> None:
         config = default_config()
         changed = copy.deepcopy(config)
         changed["routing"]["default_model"] = "gpt-4o"  # type: ignore[index]
+        changed["limits"] = {"max_request_bytes": 1_000_000}  # lower: the service applies it at once
         async with Server(settings_from(config), port=0) as server:
             with capture_logs() as logs:
                 await server.reload(settings_from(changed))

@@ -77,8 +77,6 @@ log = structlog.get_logger("routesvc.batches")
 
 _T = TypeVar("_T")
 
-_QUEUED_HERE_KEPT = 100_000
-
 CLAIM_SECONDS = 300.0
 """How long a worker's claim on the jobs it is sending lasts (sends are cut off at half of it)."""
 
@@ -118,15 +116,13 @@ class BatchQueue:
         shared_budgets: bool = False,
     ) -> None:
         self._settings = settings
-        # Told (tenant, USD, when the job was queued) as a job ends: its real cost less the
-        # estimate its tenant's budget counted when it was queued (all of it back when it ends
-        # unanswered), so that budgets count what batches really cost. Budgets kept in this
-        # process only (``shared_budgets`` false) never counted the jobs an earlier process or
-        # another worker queued: only this queue's own jobs are told.
+        # Told (tenant, USD, when the job was queued) once a job whose budget counted its
+        # estimate (``counted``) has ended: its real cost less that estimate (all of it back when
+        # it ended unanswered). Budgets kept per process (``shared_budgets`` false) are corrected
+        # only by the queue that counted them, whichever worker ended the job; a restarted
+        # process never counted its predecessor's jobs, so it corrects none of them.
         self._spend = spend
         self._shared_budgets = shared_budgets
-        # Insertion-ordered; the oldest go past _QUEUED_HERE_KEPT (jobs another worker ended).
-        self._queued_here: dict[str, None] = {}
         self._catalog = catalog or (lambda: settings.catalog)
         self._owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._config = settings.config.batch
@@ -223,9 +219,6 @@ class BatchQueue:
             # Cancelled, or the store failed: the caller gets no id, so the job must not run.
             await asyncio.shield(self._keep(self._withdraw(adding, job.batch_id)))
             raise
-        self._queued_here[job.batch_id] = None
-        if len(self._queued_here) > _QUEUED_HERE_KEPT:
-            del self._queued_here[next(iter(self._queued_here))]
         log.info("batch_job_queued", batch_id=job.batch_id, model=job.model, tenant=job.tenant)
         self._wake.set()
         return job
@@ -243,14 +236,35 @@ class BatchQueue:
             await adding
         except Exception:
             return  # never stored: nothing to withdraw
+        await self._withdraw_stored(batch_id)
+
+    async def _withdraw_stored(self, batch_id: str) -> None:
         try:
-            # Not ``_ended``: its budget never counted it (the caller's reservation settles at zero).
             await self._opened().finish(batch_id, BatchState.CANCELLED, error="caller_cancelled")
         except BatchStoreUnavailable as error:
-            # Left held: it is sent once the hold lapses (CLAIM_SECONDS), as after a crash.
+            # Left as it is: it is sent (a held one once its hold lapses, CLAIM_SECONDS), as
+            # after a crash.
             log.error("batch_withdraw_failed", batch_id=batch_id, error=error.message)
             return
         log.info("batch_job_withdrawn", batch_id=batch_id)
+
+    async def withdraw(self, batch_id: str) -> None:
+        """End a job its caller never got to know (the call ended before its id was delivered):
+        CANCELLED ``caller_cancelled``, never sent; runs to its end even if the caller is cancelled."""
+        await asyncio.shield(self._keep(self._withdraw_stored(batch_id)))
+
+    async def counted(self, batch_id: str, usd: Decimal) -> None:
+        """The job's tenant budget has counted ``usd`` for it (its estimate): corrected to the real
+        cost once the job ends."""
+        await self._opened().count_budget(batch_id, usd, self._owner)
+
+    async def _correct_budgets(self) -> None:
+        """Tell ``spend`` the corrections of counted jobs that have ended, each once."""
+        if self._spend is None or self._store is None:
+            return
+        for tenant, usd, queued_at in await self._store.budget_corrections(self._owner, any_owner=self._shared_budgets):
+            if usd:
+                self._spend(tenant, usd, queued_at)
 
     async def get(self, batch_id: str, tenant: str) -> BatchStatus:
         """The job ``batch_id`` of ``tenant``; ``BatchNotFound`` for an unknown or another tenant's job."""
@@ -268,9 +282,8 @@ class BatchQueue:
         status = await self.get(batch_id, tenant)
         if status.job.state.ended:
             return status
-        ended, emptied = await self._opened().cancel(batch_id)
-        if ended is not None:
-            self._ended(ended, Decimal(0))
+        emptied = await self._opened().cancel(batch_id)
+        await self._correct_budgets()
         if emptied is not None:
             await self._cancel_provider_batch(*emptied)
         log.info("batch_job_cancelled", batch_id=batch_id)
@@ -314,6 +327,10 @@ class BatchQueue:
                         await self._poll()
                     except Exception:
                         log.exception("batch_round_crashed")
+                try:
+                    await self._correct_budgets()  # jobs ended in this round, or by another worker
+                except Exception:
+                    log.exception("batch_round_crashed")
             wait = max(0.0, next_poll - loop.time()) if self._store is not None else interval
             if next_flush is not None:
                 wait = min(wait, next_flush)
@@ -413,17 +430,7 @@ class BatchQueue:
 
     async def _fail(self, batch_ids: list[str], error: str) -> None:
         for batch_id in batch_ids:
-            ended = await self._opened().finish(batch_id, BatchState.FAILED, error=error)
-            if ended is not None:
-                self._ended(ended, Decimal(0))
-
-    def _ended(self, job: BatchJob, cost: Decimal) -> None:
-        """``job`` has ended here, having cost ``cost``: its tenant's budget counted its estimate
-        when it was queued, and now counts what it really cost."""
-        counted = self._shared_budgets or job.batch_id in self._queued_here
-        self._queued_here.pop(job.batch_id, None)
-        if self._spend is not None and counted and cost != job.estimated_cost_usd:
-            self._spend(job.tenant, cost - job.estimated_cost_usd, job.created_at)
+            await self._opened().finish(batch_id, BatchState.FAILED, error=error)
 
     async def _poll(self) -> None:
         """Poll each provider batch not yet ended; read the results of those that have."""
@@ -471,9 +478,7 @@ class BatchQueue:
         """End one job with its result; charge it once if it succeeded (and was not cancelled)."""
         store = self._opened()
         if result.state is not BatchState.SUCCEEDED:
-            ended = await store.finish(batch_id, result.state, error=result.error)
-            if ended is not None:
-                self._ended(ended, Decimal(0))
+            await store.finish(batch_id, result.state, error=result.error)
             return
         status = await store.get_any(batch_id)
         if status is None:
@@ -483,12 +488,10 @@ class BatchQueue:
             return  # without its prices the answer cannot be charged: FAILED, not given away
         cost = cost_of_usage(model, result.usage, Mode.BATCH)
         answer = BatchResult(result.text, result.usage, cost, result.finish_reason, result.provider_model)
-        ended = await store.finish(batch_id, BatchState.SUCCEEDED, result=answer)
-        if ended is None:
+        if not await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
             # Cancelled (or ended) before the provider's answer arrived: not charged to the tenant.
             log.info("batch_result_discarded", batch_id=batch_id, state=status.job.state.value)
             return
-        self._ended(ended, cost)
         self._ledger.record(
             request_id=batch_id,
             decision_id=status.job.decision_id,

@@ -72,7 +72,15 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 """
 
 # Columns added after the first release, for files created before them.
-_ADDED_COLUMNS = (("claimed_by", "TEXT"), ("claimed_until", "REAL"))
+# budget_usd: what the job's tenant budget counted when it was queued (set once that count is
+# made), budget_by: the queue that counted it, budget_done: 1 once the end's correction is made.
+_ADDED_COLUMNS = (
+    ("claimed_by", "TEXT"),
+    ("claimed_until", "REAL"),
+    ("budget_usd", "TEXT"),
+    ("budget_by", "TEXT"),
+    ("budget_done", "INTEGER"),
+)
 
 _COLUMNS = (
     "id, tenant, decision_id, model, provider, state, estimated_cost_usd, created_at, updated_at, "
@@ -172,8 +180,11 @@ class BatchStore:
         try:
             return await asyncio.to_thread(locked)
         except sqlite3.Error as exc:
-            # Locked past the busy timeout, disk full, read-only file, closed: the store's failure,
-            # which callers can act on (FAILED_PRECONDITION), not an INTERNAL error of ours.
+            # Locked past the busy timeout, disk full, read-only file, not a database: the store's
+            # failure, which callers can act on (FAILED_PRECONDITION). A constraint or a misuse
+            # (IntegrityError, ProgrammingError, ...) is our bug: INTERNAL.
+            if not isinstance(exc, sqlite3.OperationalError) and type(exc) is not sqlite3.DatabaseError:
+                raise
             message = f"batch.store_path {self._path} failed ({type(exc).__name__}: {exc}); batch mode is unavailable"
             raise BatchStoreUnavailable(message) from exc
 
@@ -323,18 +334,17 @@ class BatchStore:
 
         return await self._run(select)
 
-    async def cancel(self, batch_id: str) -> tuple[BatchJob | None, tuple[str, str] | None]:
-        """End the job CANCELLED if it has not ended. Returns the job as ended here (None when it
-        had ended already), and its (provider, provider batch id) when that batch has no job left
-        waiting for its answer, for the caller to cancel there.
+    async def cancel(self, batch_id: str) -> tuple[str, str] | None:
+        """End the job CANCELLED if it has not ended. Returns its (provider, provider batch id)
+        when that batch has no job left waiting for its answer, for the caller to cancel there.
 
         One transaction: of sibling jobs cancelled at once, exactly the last learns that the
-        batch is left with none, and of cancels of one job, exactly one ends it.
+        batch is left with none.
         """
         now = self._clock()
         queued, submitted = BatchState.QUEUED.value, BatchState.SUBMITTED.value
 
-        def update(connection: sqlite3.Connection) -> tuple[BatchJob | None, tuple[str, str] | None]:
+        def update(connection: sqlite3.Connection) -> tuple[str, str] | None:
             with immediate(connection):
                 cursor = connection.execute(
                     "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', error = 'cancelled'"
@@ -342,19 +352,53 @@ class BatchStore:
                     (BatchState.CANCELLED.value, now, batch_id, queued, submitted),
                 )
                 if cursor.rowcount != 1:
-                    return None, None
+                    return None
                 row = connection.execute(
-                    f"SELECT {_COLUMNS}, provider_batch_id FROM jobs WHERE id = ?",  # noqa: S608 - constant column list
-                    (batch_id,),
+                    "SELECT provider, provider_batch_id FROM jobs WHERE id = ?", (batch_id,)
                 ).fetchone()
-                ended = _status(row).job
                 if row["provider_batch_id"] is None:
-                    return ended, None  # not sent yet (or being sent: ``mark_submitted`` then finds none)
+                    return None  # not sent yet (or being sent: ``mark_submitted`` then finds none)
                 waiting = connection.execute(
                     "SELECT 1 FROM jobs WHERE provider = ? AND provider_batch_id = ? AND state IN (?, ?) LIMIT 1",
                     (row["provider"], row["provider_batch_id"], queued, submitted),
                 ).fetchone()
-                return ended, None if waiting is not None else (row["provider"], row["provider_batch_id"])
+                return None if waiting is not None else (row["provider"], row["provider_batch_id"])
+
+        return await self._run(update)
+
+    async def count_budget(self, batch_id: str, usd: Decimal, owner: str) -> None:
+        """Record that the job's tenant budget counted ``usd`` for it, in ``owner``'s admission."""
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "UPDATE jobs SET budget_usd = ?, budget_by = ? WHERE id = ? AND budget_usd IS NULL",
+                (str(usd), owner, batch_id),
+            )
+
+        await self._run(update)
+
+    async def budget_corrections(self, owner: str, *, any_owner: bool) -> list[tuple[str, Decimal, float]]:
+        """(tenant, USD, queued at) for each ended job whose counted budget is not corrected yet:
+        its real cost (nothing unless it succeeded) less what was counted; those of ``owner``
+        only, unless ``any_owner`` (budgets shared by every process). Each is returned once: the
+        same transaction marks it corrected."""
+        ended = tuple(state.value for state in BatchState if state.ended)
+        marks = ", ".join("?" for _ in ended)
+
+        def update(connection: sqlite3.Connection) -> list[tuple[str, Decimal, float]]:
+            with immediate(connection):
+                rows = connection.execute(
+                    "SELECT id, tenant, state, cost_usd, budget_usd, created_at FROM jobs"  # noqa: S608 - placeholders only
+                    f" WHERE budget_usd IS NOT NULL AND budget_done IS NULL AND state IN ({marks})"
+                    " AND (? OR budget_by = ?)",
+                    (*ended, any_owner, owner),
+                ).fetchall()
+                connection.executemany("UPDATE jobs SET budget_done = 1 WHERE id = ?", [(row["id"],) for row in rows])
+            corrections = []
+            for row in rows:
+                cost = Decimal(row["cost_usd"] or 0) if row["state"] == BatchState.SUCCEEDED.value else Decimal(0)
+                corrections.append((row["tenant"], cost - Decimal(row["budget_usd"]), row["created_at"]))
+            return corrections
 
         return await self._run(update)
 
@@ -365,9 +409,8 @@ class BatchStore:
         *,
         result: BatchResult | None = None,
         error: str = "",
-    ) -> BatchJob | None:
-        """End a job that has not ended, and return it as ended; None (and nothing changed) when
-        it already had."""
+    ) -> bool:
+        """End a job that has not ended; False (and nothing changed) when it already had."""
         now = self._clock()
         values: dict[str, Any] = {"text": None, "input": None, "output": None, "cached": None}
         values.update(cost=None, finish=None, provider_model=None)
@@ -382,31 +425,27 @@ class BatchStore:
                 provider_model=result.provider_model,
             )
 
-        def update(connection: sqlite3.Connection) -> BatchJob | None:
-            with immediate(connection):
-                cursor = connection.execute(
-                    "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', text = ?, input_tokens = ?,"
-                    " output_tokens = ?, cached_input_tokens = ?, cost_usd = ?, finish_reason = ?, provider_model = ?,"
-                    " error = ? WHERE id = ? AND state IN (?, ?)",
-                    (
-                        state.value,
-                        now,
-                        values["text"],
-                        values["input"],
-                        values["output"],
-                        values["cached"],
-                        values["cost"],
-                        values["finish"],
-                        values["provider_model"],
-                        error,
-                        batch_id,
-                        BatchState.QUEUED.value,
-                        BatchState.SUBMITTED.value,
-                    ),
-                )
-                if cursor.rowcount != 1:
-                    return None
-                row = connection.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (batch_id,)).fetchone()  # noqa: S608 - constant column list
-                return _status(row).job
+        def update(connection: sqlite3.Connection) -> bool:
+            cursor = connection.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', text = ?, input_tokens = ?,"
+                " output_tokens = ?, cached_input_tokens = ?, cost_usd = ?, finish_reason = ?, provider_model = ?,"
+                " error = ? WHERE id = ? AND state IN (?, ?)",
+                (
+                    state.value,
+                    now,
+                    values["text"],
+                    values["input"],
+                    values["output"],
+                    values["cached"],
+                    values["cost"],
+                    values["finish"],
+                    values["provider_model"],
+                    error,
+                    batch_id,
+                    BatchState.QUEUED.value,
+                    BatchState.SUBMITTED.value,
+                ),
+            )
+            return cursor.rowcount == 1
 
         return await self._run(update)
