@@ -52,7 +52,8 @@ class Reservation(Protocol):
 
     @property
     def counted(self) -> bool:
-        """Whether ``settle`` counts the request in a budget (false for a tenant without limits)."""
+        """Whether ``settle`` has counted the request in its tenant's budget: false before it, for
+        a tenant without limits, and when the shared store could not be reached."""
         ...
 
     async def extend(self, cost: Decimal) -> None:
@@ -117,19 +118,17 @@ class SettleOnce:
 
     def __init__(
         self,
-        apply: Callable[[int, Decimal], Awaitable[None]],
+        apply: Callable[[int, Decimal], Awaitable[bool]],
         extend: Callable[[Decimal], Awaitable[None]] = _nothing_extended,
-        *,
-        counted: bool = True,
     ) -> None:
-        self._apply = apply
+        self._apply = apply  # returns whether it counted the request in a budget
         self._extend = extend
         self._settled = False
-        self._counted = counted
+        self._counted = False
 
     @property
     def counted(self) -> bool:
-        """Whether ``settle`` counts the request in a budget."""
+        """Whether ``settle`` has counted the request in a budget."""
         return self._counted
 
     async def extend(self, cost: Decimal) -> None:
@@ -142,7 +141,7 @@ class SettleOnce:
         if self._settled:
             return
         self._settled = True
-        await self._apply(tokens, cost)
+        self._counted = await self._apply(tokens, cost)
 
 
 def check_fits_token_rate(tenant: str, limits: TenantConfig, tokens: int) -> None:
@@ -170,8 +169,9 @@ def exhausted_budget(tenant: str, limits: TenantConfig, periods: Sequence[str], 
     return ""
 
 
-async def _nothing_reserved(tokens: int, cost: Decimal) -> None:
+async def _nothing_reserved(tokens: int, cost: Decimal) -> bool:
     del tokens, cost
+    return False
 
 
 def _periods(now: float) -> tuple[str, str]:
@@ -225,7 +225,7 @@ class LocalAdmission:
             # the entry goes with the last of them (tenant names are unbounded when auth is off).
             state = self._state[tenant]
             state.in_flight += 1
-            return SettleOnce(functools.partial(self._settle_unlimited, tenant, state), counted=False)
+            return SettleOnce(functools.partial(self._settle_unlimited, tenant, state))
         now = self._clock()
         state = self._state[tenant]
         periods = self._check(tenant, limits, state, now, tokens, cost)
@@ -324,7 +324,7 @@ class LocalAdmission:
         periods: tuple[str, ...],
         tokens: int,
         cost: Decimal,
-    ) -> None:
+    ) -> bool:
         state = self._state[tenant]
         state.in_flight -= 1
         if entry is not None:
@@ -332,14 +332,16 @@ class LocalAdmission:
         for period in periods:
             state.reserved[period] -= held.usd
             state.spent[period] += cost
+        return True
 
-    async def _settle_unlimited(self, tenant: str, state: _TenantState, tokens: int, cost: Decimal) -> None:
+    async def _settle_unlimited(self, tenant: str, state: _TenantState, tokens: int, cost: Decimal) -> bool:
         del tokens, cost
         state.in_flight -= 1
         idle = not (state.in_flight or state.requests or state.tokens)
         counted = any(state.spent.values()) or any(state.reserved.values())
         if idle and not counted and tenant not in self._tenants and self._state.get(tenant) is state:
             del self._state[tenant]
+        return False
 
     def charge(self, tenant: str, cost: Decimal, *, at: float | None = None) -> None:
         """Add ``cost`` to what a limited ``tenant`` has spent in the periods of ``at`` (unlimited

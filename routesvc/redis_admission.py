@@ -224,7 +224,7 @@ class RedisAdmission:
         self._charge_script = self._redis.register_script(_CHARGE)
         # Undoing reservations whose admit did not finish (see ``admit``) and charges on their
         # way (``charge``); awaited by ``aclose``.
-        self._undoing: set[asyncio.Task[None]] = set()
+        self._undoing: set[asyncio.Task[object]] = set()
 
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
         """Apply new limits (hot reload)."""
@@ -247,7 +247,7 @@ class RedisAdmission:
         """Check and reserve atomically in Redis; raises ``LimitExceeded`` having reserved nothing."""
         limits = self._tenants.get(tenant)
         if limits is None:
-            return SettleOnce(_nothing_reserved, counted=False)
+            return SettleOnce(_nothing_reserved)
         check_fits_token_rate(tenant, limits, tokens)
         now = self._clock()
         periods = _periods(now)
@@ -351,7 +351,7 @@ class RedisAdmission:
 
     async def _settle(
         self, tenant: str, reservation_id: str, periods: tuple[str, str], tokens: int, cost: Decimal
-    ) -> None:
+    ) -> bool:
         keys = [self._key(tenant, "tokn"), self._key(tenant, "inflight"), *self._usd_keys(tenant, periods)]
         args: list[str | int] = [reservation_id, tokens, _usd(cost)]
         try:
@@ -362,8 +362,10 @@ class RedisAdmission:
             # until its lease does (the next admission after that releases them); its real cost
             # is never added to what was spent.
             log.warning("admission_settle_failed", tenant=tenant, error_type=type(exc).__name__)
+            return False
+        return True
 
-    def _in_background(self, work: Coroutine[None, None, None]) -> None:
+    def _in_background(self, work: Coroutine[None, None, object]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._undoing.add(task)
         task.add_done_callback(self._undoing.discard)

@@ -233,6 +233,16 @@ class TestAdmission:
         admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
         await extends_within_the_budget(admission)
 
+    async def test_a_reservation_says_whether_its_settle_counted_in_a_budget(self) -> None:
+        """Counted once settled for a tenant with limits; never for one without (nothing to count
+        in: a batch job of such a tenant has no budget to correct when it ends)."""
+        admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
+        limited, unlimited = await admission.admit("t"), await admission.admit("free")
+        assert not limited.counted
+        for reservation in (limited, unlimited):
+            await reservation.settle(0, Decimal("0.1"))
+        assert (limited.counted, unlimited.counted) == (True, False)
+
     async def test_settling_twice_counts_once(self) -> None:
         """settle is idempotent."""
         admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
