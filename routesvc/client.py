@@ -28,24 +28,24 @@ async def complete_stream(start: Callable[[], CompleteCall]) -> AsyncIterator[pb
     """The messages of the Complete call ``start`` opens when the stream is first read.
 
     Leaving the ``async for`` early (``break``, an exception, task cancellation) cancels the call.
-    The completion is the last message and the status follows at once: it is handed over only when
-    the stream has ended, so a caller that stops at the completion does not cancel a finished call.
-    (A cancel there makes the server's final status fail, and grpcio leaks native memory for every
-    such call: grpc/grpc#43360.) Shared by this client and ``routesvc_client``.
+    The last message (the completion, or a batch job's id) is followed at once by the status: it is
+    handed over only when the stream has ended, so a caller that stops at it does not cancel a
+    finished call. (A cancel there makes the server's final status fail, and grpcio leaks native
+    memory for every such call: grpc/grpc#43360.) Shared by this client and ``routesvc_client``.
     """
     call = start()
-    completion: pb.CompleteResponse | None = None
+    last: pb.CompleteResponse | None = None
     try:
         async for message in call:
-            if completion is not None:
-                yield completion
-                completion = None
-            if message.WhichOneof("event") == "completion":
-                completion = message
+            if last is not None:
+                yield last
+                last = None
+            if message.WhichOneof("event") in ("completion", "batch"):
+                last = message
             else:
                 yield message
-        if completion is not None:
-            yield completion
+        if last is not None:
+            yield last
     finally:
         call.cancel()
 

@@ -493,18 +493,24 @@ class Router:
                 raise
             try:
                 yield decision
-                yield job
             except BaseException:
-                # The call ended before the job's id was delivered (the caller left, its deadline):
+                # The call ended before the job's id could be sent (the caller left, its deadline):
                 # a job nobody knows of would run, be billed, and be queued again by a retry.
-                await self._batches.withdraw(job.batch_id)
-                await reservation.settle(0, Decimal(0))
+                await self._batches.withdraw(job.batch_id, then=lambda: reservation.settle(0, Decimal(0)))
                 raise
-            # A job's budget counts its estimate now; the queue corrects it to the real cost when
-            # the job ends (all of it back if it ends unanswered); the ledger has the real cost.
-            await reservation.settle(tokens, decision.estimated_cost_usd)
-            if reservation.counted:
-                await self._batches.counted(job.batch_id, decision.estimated_cost_usd)
+
+            async def count() -> Decimal | None:
+                # The job's budget counts its estimate from now; the queue corrects it to the real
+                # cost when the job ends (all of it back if unanswered); the ledger has that cost.
+                await reservation.settle(tokens, decision.estimated_cost_usd)
+                return decision.estimated_cost_usd if reservation.counted else None
+
+            try:
+                yield job
+            finally:
+                # The job's id is on its way: the job stands however the call ends (a client may
+                # stop reading once it has the id), and may now be sent.
+                await self._batches.commit(job.batch_id, count)
             return
         tenant = request.context.tenant
         reservation = await self._admission.admit(

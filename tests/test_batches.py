@@ -155,25 +155,63 @@ class TestBatchSubmitAndResults:
 
 
 class TestBatchCallerGoneAfterTheJobWasQueued:
-    @pytest.mark.parametrize("taken", [1, 2], ids=["decision", "decision_and_job"])
-    async def test_a_call_that_ends_before_it_completes_leaves_no_job(
-        self, tmp_path: Path, fake: FakeProvider, taken: int
+    async def test_a_call_that_ends_before_the_job_id_is_sent_leaves_no_job(
+        self, tmp_path: Path, fake: FakeProvider
     ) -> None:
-        """The job is stored, then the call ends before it completes (the service closes the
-        router's stream, as when the client leaves while the decision or the job is written): the
-        job ends CANCELLED ``caller_cancelled``, nothing is sent, nothing spent, so a retry makes
-        no duplicate."""
-        fake.enqueue(Script(text="x", input_tokens=100, output_tokens=20), model="gpt-4o-mini")
+        """The job is stored and the decision delivered, then the call ends (the service closes
+        the router's stream, as when the client leaves while the decision is written): the job,
+        held until then, was never sent, and ends CANCELLED ``caller_cancelled``; nothing is spent,
+        and a retry makes no duplicate."""
         async with Server(settings_from(budget_config(tmp_path), live_environ(fake)), port=0) as server:
             chat = ChatRequest((Message(Role.USER, "Summarise this report"),))
             events = server.router.complete(RoutingRequest(chat, RoutingContext(tenant="acme", realtime=False)))
-            received = [await anext(events) for _ in range(taken)]
+            assert isinstance(await anext(events), RouteDecision)
+            await asyncio.sleep(0.3)  # six group windows: a job a poller could take would be sent by now
             await events.aclose()
-            await asyncio.sleep(0.3)  # several group windows: a queued job would have been sent
+            await asyncio.sleep(0.3)
             spent = await server.router.admission.spent("acme")
-        assert [type(event) for event in received] == [RouteDecision, BatchJob][:taken]
         assert job_states(tmp_path / "batches.db") == ["cancelled"]
         assert (fake.batches, spent) == ([], 0)
+
+    async def test_a_job_whose_id_was_handed_over_stands_when_the_call_ends(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The call ends once the job's id was handed to the transport (the service closes the
+        router's stream, as when a client cancels on reading the id): the job is sent and
+        answered, and its budget ends at its real cost."""
+        fake.enqueue(Script(text="x", input_tokens=100, output_tokens=20), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(budget_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            chat = ChatRequest((Message(Role.USER, "Summarise this report"),))
+            events = server.router.complete(RoutingRequest(chat, RoutingContext(tenant="acme", realtime=False)))
+            received = [await anext(events) for _ in range(2)]
+            await events.aclose()
+            assert isinstance(received[1], BatchJob)
+            done = await wait_state(client, received[1].batch_id, pb.BATCH_STATE_SUCCEEDED)
+            async with asyncio.timeout(5):
+                while await server.router.admission.spent("acme") != Decimal(done.result.cost_usd):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+        assert len(fake.batches) == 1
+
+    async def test_a_client_that_stops_at_the_job_id_does_not_cancel_the_call(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """``RouterClient.complete`` hands over the job's id once the stream has ended, as it does
+        the completion: a caller that breaks out on it leaves the call to end OK."""
+        async with (
+            Server(settings_from(budget_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                context = pb.RoutingContext(tenant="acme", realtime=False)
+                async for message in client.complete(user_chat("Summarise this report"), context):
+                    if message.WhichOneof("event") == "batch":
+                        break
+                await asyncio.sleep(0.2)
+        assert [entry["code"] for entry in logs if entry["event"] == "rpc_finished"] == ["OK"]
+        assert message.batch.batch_id
 
 
 class TestBatchSubmitInterrupted:

@@ -42,7 +42,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -117,7 +117,7 @@ class BatchQueue:
     ) -> None:
         self._settings = settings
         # Told (tenant, USD, when the job was queued) once a job whose budget counted its
-        # estimate (``counted``) has ended: its real cost less that estimate (all of it back when
+        # estimate (``commit``) has ended: its real cost less that estimate (all of it back when
         # it ended unanswered). Budgets kept per process (``shared_budgets`` false) are corrected
         # only by the queue that counted them, whichever worker ended the job; a restarted
         # process never counted its predecessor's jobs, so it corrects none of them.
@@ -186,15 +186,13 @@ class BatchQueue:
     # -- the RPCs --------------------------------------------------------------------------------
 
     async def submit(self, request: RoutingRequest, decision: RouteDecision) -> BatchJob:
-        """Store a queued job for ``decision`` and wake the poller.
+        """Store a queued job for ``decision``, held: no poller sends it until the caller
+        ``commit``s it (once the job's id is on its way to its client) or ``withdraw``s it.
 
-        The job is written held by this queue (a claim), so no poller sends it before the caller
-        can learn its id; it is released as the last step. A cancelled caller (deadline, client
-        gone) cannot stop the write, which runs in a worker thread: it is let finish and the job
-        ended CANCELLED (``caller_cancelled``), so it is never sent or charged, and a retry makes
-        no duplicate. Only a cancel landing during the release itself leaves a poller an instant
-        to claim the job before it is ended; a group of nothing but such jobs is then cancelled at
-        the provider (see ``_send``).
+        A cancelled caller (deadline, client gone) cannot stop the write, which runs in a worker
+        thread: it is let finish and the job ended CANCELLED (``caller_cancelled``), so it is
+        never sent or charged, and a retry makes no duplicate. A job neither committed nor
+        withdrawn (its process died) is sent once its hold lapses (``CLAIM_SECONDS``).
         """
         now = self._clock()
         job = BatchJob(
@@ -214,13 +212,11 @@ class BatchQueue:
         adding = self._keep(store.add(job, encode_request(stored), held_by=self._owner, hold_seconds=CLAIM_SECONDS))
         try:
             await asyncio.shield(adding)
-            await store.release([job.batch_id], self._owner)
         except BaseException:
             # Cancelled, or the store failed: the caller gets no id, so the job must not run.
             await asyncio.shield(self._keep(self._withdraw(adding, job.batch_id)))
             raise
         log.info("batch_job_queued", batch_id=job.batch_id, model=job.model, tenant=job.tenant)
-        self._wake.set()
         return job
 
     def _keep(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
@@ -248,23 +244,46 @@ class BatchQueue:
             return
         log.info("batch_job_withdrawn", batch_id=batch_id)
 
-    async def withdraw(self, batch_id: str) -> None:
-        """End a job its caller never got to know (the call ended before its id was delivered):
-        CANCELLED ``caller_cancelled``, never sent; runs to its end even if the caller is cancelled."""
-        await asyncio.shield(self._keep(self._withdraw_stored(batch_id)))
+    async def withdraw(self, batch_id: str, *, then: Callable[[], Awaitable[object]]) -> None:
+        """End a held job whose id never reached its caller (the call ended first): CANCELLED
+        ``caller_cancelled``, never sent; then ``then`` (the caller's settle at nothing). Both run
+        to their end in one task, whatever happens to the caller meanwhile."""
 
-    async def counted(self, batch_id: str, usd: Decimal) -> None:
-        """The job's tenant budget has counted ``usd`` for it (its estimate): corrected to the real
-        cost once the job ends."""
-        await self._opened().count_budget(batch_id, usd, self._owner)
+        async def withdrawing() -> None:
+            await self._withdraw_stored(batch_id)
+            await then()
+
+        await asyncio.shield(self._keep(withdrawing()))
+
+    async def commit(self, batch_id: str, count: Callable[[], Awaitable[Decimal | None]]) -> None:
+        """Let a held job be sent: its id is on its way to its caller, so it stands however the
+        call ends. ``count`` (the caller's settle) runs first and says what the tenant's budget
+        counted for the job (None: nothing), recorded with the release so that the job's end
+        corrects it once. Both run to their end in one task; a store failure is logged (the job is
+        then sent when its hold lapses, its budget left as counted)."""
+
+        async def committing() -> None:
+            usd = await count()
+            try:
+                await self._opened().commit(batch_id, self._owner, usd)
+            except BatchStoreUnavailable as error:
+                log.error("batch_commit_failed", batch_id=batch_id, error=error.message)
+                return
+            self._wake.set()
+
+        await asyncio.shield(self._keep(committing()))
 
     async def _correct_budgets(self) -> None:
-        """Tell ``spend`` the corrections of counted jobs that have ended, each once."""
-        if self._spend is None or self._store is None:
-            return
-        for tenant, usd, queued_at in await self._store.budget_corrections(self._owner, any_owner=self._shared_budgets):
+        """Tell ``spend`` the corrections of counted jobs that have ended, each once: read, mark
+        and tell in one task that outlives a cancelled caller (a correction marked is a
+        correction told)."""
+        if self._spend is not None and self._store is not None:
+            await asyncio.shield(self._keep(self._tell_corrections(self._store, self._spend)))
+
+    async def _tell_corrections(self, store: BatchStore, spend: Callable[[str, Decimal, float], None]) -> None:
+        for tenant, usd, queued_at in await store.budget_corrections(self._owner, any_owner=self._shared_budgets):
             if usd:
-                self._spend(tenant, usd, queued_at)
+                spend(tenant, usd, queued_at)
 
     async def get(self, batch_id: str, tenant: str) -> BatchStatus:
         """The job ``batch_id`` of ``tenant``; ``BatchNotFound`` for an unknown or another tenant's job."""
@@ -283,9 +302,12 @@ class BatchQueue:
         if status.job.state.ended:
             return status
         emptied = await self._opened().cancel(batch_id)
-        await self._correct_budgets()
         if emptied is not None:
             await self._cancel_provider_batch(*emptied)
+        try:
+            await self._correct_budgets()  # at once, rather than at the next round
+        except BatchStoreUnavailable as error:
+            log.warning("batch_budget_correction_failed", batch_id=batch_id, error=error.message)
         log.info("batch_job_cancelled", batch_id=batch_id)
         return await self.get(batch_id, tenant)
 

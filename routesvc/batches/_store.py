@@ -371,39 +371,55 @@ class BatchStore:
 
         return await self._run(update)
 
-    async def count_budget(self, batch_id: str, usd: Decimal, owner: str) -> None:
-        """Record that the job's tenant budget counted ``usd`` for it, in ``owner``'s admission."""
+    async def commit(self, batch_id: str, owner: str, budget_usd: Decimal | None) -> None:
+        """Release ``owner``'s hold on a job its caller now knows of, so a poller may send it, and
+        record ``budget_usd``, what its tenant's budget counted for it (None: nothing), with
+        ``owner`` as the one that counted it. One transaction."""
 
         def update(connection: sqlite3.Connection) -> None:
-            connection.execute(
-                "UPDATE jobs SET budget_usd = ?, budget_by = ? WHERE id = ? AND budget_usd IS NULL",
-                (str(usd), owner, batch_id),
-            )
+            with immediate(connection):
+                if budget_usd is not None:
+                    connection.execute(
+                        "UPDATE jobs SET budget_usd = ?, budget_by = ? WHERE id = ? AND budget_usd IS NULL",
+                        (str(budget_usd), owner, batch_id),
+                    )
+                connection.execute(
+                    "UPDATE jobs SET claimed_by = NULL, claimed_until = NULL"
+                    " WHERE id = ? AND claimed_by = ? AND state = ?",
+                    (batch_id, owner, BatchState.QUEUED.value),
+                )
 
         await self._run(update)
 
     async def budget_corrections(self, owner: str, *, any_owner: bool) -> list[tuple[str, Decimal, float]]:
         """(tenant, USD, queued at) for each ended job whose counted budget is not corrected yet:
-        its real cost (nothing unless it succeeded) less what was counted; those of ``owner``
-        only, unless ``any_owner`` (budgets shared by every process). Each is returned once: the
-        same transaction marks it corrected."""
+        its real cost (nothing unless it succeeded) less what was counted; those ``owner``
+        counted only, unless ``any_owner`` (budgets shared by every process). Each is returned
+        once: a job is marked corrected in the same transaction that returns it."""
         ended = tuple(state.value for state in BatchState if state.ended)
         marks = ", ".join("?" for _ in ended)
+        # The partial index holds only jobs waiting for a correction (INDEXED BY: the planner
+        # would take the state index, which holds every ended job); by owner, a lookup.
+        where = f"budget_usd IS NOT NULL AND budget_done IS NULL AND state IN ({marks})"
+        query = "SELECT id, tenant, state, cost_usd, budget_usd, created_at FROM jobs INDEXED BY jobs_uncorrected"
+        query += f" WHERE {where}" if any_owner else f" WHERE budget_by = ? AND {where}"
+        parameters = ended if any_owner else (owner, *ended)
 
         def update(connection: sqlite3.Connection) -> list[tuple[str, Decimal, float]]:
-            with immediate(connection):
-                rows = connection.execute(
-                    # INDEXED BY: the planner would pick the state index, which holds every ended job.
-                    "SELECT id, tenant, state, cost_usd, budget_usd, created_at FROM jobs INDEXED BY jobs_uncorrected"  # noqa: S608 - placeholders only
-                    f" WHERE budget_usd IS NOT NULL AND budget_done IS NULL AND state IN ({marks})"
-                    " AND (? OR budget_by = ?)",
-                    (*ended, any_owner, owner),
-                ).fetchall()
-                connection.executemany("UPDATE jobs SET budget_done = 1 WHERE id = ?", [(row["id"],) for row in rows])
+            rows = connection.execute(query, parameters).fetchall()  # read first: most rounds find none
+            if not rows:
+                return []
             corrections = []
-            for row in rows:
-                cost = Decimal(row["cost_usd"] or 0) if row["state"] == BatchState.SUCCEEDED.value else Decimal(0)
-                corrections.append((row["tenant"], cost - Decimal(row["budget_usd"]), row["created_at"]))
+            with immediate(connection):
+                for row in rows:
+                    cursor = connection.execute(
+                        "UPDATE jobs SET budget_done = 1 WHERE id = ? AND budget_done IS NULL", (row["id"],)
+                    )
+                    if cursor.rowcount != 1:
+                        continue  # another worker took it between the read and now
+                    succeeded = row["state"] == BatchState.SUCCEEDED.value
+                    cost = Decimal(row["cost_usd"] or 0) if succeeded else Decimal(0)
+                    corrections.append((row["tenant"], cost - Decimal(row["budget_usd"]), row["created_at"]))
             return corrections
 
         return await self._run(update)
