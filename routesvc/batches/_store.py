@@ -288,8 +288,8 @@ class BatchStore:
         return await self._run(update)
 
     async def release(self, batch_ids: list[str], owner: str) -> None:
-        """Give up ``owner``'s claims on still-queued jobs (a send failed, or a job just added is
-        known to its caller); anyone may send them."""
+        """Give up ``owner``'s claims on still-queued jobs (a send failed); anyone may send them.
+        (A job just added is released by ``commit``.)"""
 
         def update(connection: sqlite3.Connection) -> None:
             connection.executemany(
