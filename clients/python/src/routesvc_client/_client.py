@@ -56,10 +56,12 @@ class RouterClient:
     def complete(
         self, request: pb.CompleteRequest, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> AsyncIterator[pb.CompleteResponse]:
-        """The Complete stream: the decision, text deltas, then the completion.
+        """The Complete stream: the decision, text deltas, then the completion (or, in batch mode,
+        the decision and the batch job).
 
         Leaving the ``async for`` early (``break``, an exception, task cancellation) cancels the call;
-        the completion is handed over once the stream has ended (``routesvc.client.complete_stream``).
+        the last message (the completion or the batch job) is handed over once the stream has ended
+        (``routesvc.client.complete_stream``).
         """
         return complete_stream(lambda: self.stub.Complete(request, timeout=timeout, metadata=self.metadata(metadata)))
 
