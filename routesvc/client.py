@@ -31,7 +31,9 @@ async def complete_stream(start: Callable[[], CompleteCall]) -> AsyncIterator[pb
     The last message (the completion, or a batch job's id) is followed at once by the status: it is
     handed over only when the stream has ended, so a caller that stops at it does not cancel a
     finished call. (A cancel there makes the server's final status fail, and grpcio leaks native
-    memory for every such call: grpc/grpc#43360.) Shared by this client and ``routesvc_client``.
+    memory for every such call: grpc/grpc#43360.) When the call ends in an error after it, it is
+    handed over before the error is raised: a batch job whose id came stands, and a caller that
+    retried without it would queue a second one. Shared by this client and ``routesvc_client``.
     """
     call = start()
     last: pb.CompleteResponse | None = None
@@ -44,6 +46,11 @@ async def complete_stream(start: Callable[[], CompleteCall]) -> AsyncIterator[pb
                 last = message
             else:
                 yield message
+    except grpc.aio.AioRpcError:
+        if last is not None:
+            yield last
+        raise
+    else:
         if last is not None:
             yield last
     finally:

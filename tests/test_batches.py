@@ -15,6 +15,7 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
+from routesvc.admission import LocalAdmission
 from routesvc.auth import key_digest
 from routesvc.batches import BatchStore
 from routesvc.batches._store import decode_request
@@ -212,6 +213,64 @@ class TestBatchCallerGoneAfterTheJobWasQueued:
                 await asyncio.sleep(0.2)
         assert [entry["code"] for entry in logs if entry["event"] == "rpc_finished"] == ["OK"]
         assert message.batch.batch_id
+
+    async def test_a_call_that_fails_after_the_job_id_still_hands_the_id_over(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The job's id is sent, then the call's deadline passes while the job is being released
+        (the store write is held back here): ``RouterClient.complete`` hands the id over before it
+        raises DEADLINE_EXCEEDED, since the job stands and a retry without the id would queue it
+        twice."""
+        released = asyncio.Event()
+        commit = BatchStore.commit
+
+        async def held_commit(store: BatchStore, batch_id: str, owner: str, budget_usd: Decimal | None) -> None:
+            await released.wait()
+            await commit(store, batch_id, owner, budget_usd)
+
+        monkeypatch.setattr(BatchStore, "commit", held_commit)
+        async with (
+            Server(settings_from(budget_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            received: list[pb.CompleteResponse] = []
+
+            async def read() -> None:
+                context = pb.RoutingContext(tenant="acme", realtime=False)
+                async for message in client.complete(user_chat("Summarise this report"), context, timeout=1.0):
+                    received.append(message)
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await read()
+            released.set()
+            seen = [message.WhichOneof("event") for message in received]
+            job = received[-1].batch
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert seen == ["decision", "batch"]
+        assert done.result.text
+
+    async def test_a_settle_that_fails_at_the_commit_still_releases_the_job(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The caller's settle raises (our bug, forced here) while its job is committed: the job,
+        whose id is out, is released all the same (not held for the claim's five minutes), and
+        the failure is logged with the job's id."""
+
+        async def failing_settle(*args: object) -> bool:
+            raise RuntimeError("settle failed")
+
+        monkeypatch.setattr(LocalAdmission, "_settle", failing_settle)
+        async with (
+            Server(settings_from(budget_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        failed = [entry for entry in logs if entry["event"] == "batch_commit_count_failed"]
+        assert [entry["batch_id"] for entry in failed] == [job.batch_id]
+        assert done.result.text
 
 
 class TestBatchSubmitInterrupted:
