@@ -52,7 +52,10 @@ class _BatchStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchState
     BATCH_STATE_EXPIRED: _BatchState.ValueType  # 5
     """The provider's batch window (24 h) passed before it was answered. Nothing is charged."""
     BATCH_STATE_CANCELLED: _BatchState.ValueType  # 6
-    """Cancelled by CancelBatch before it was answered. Nothing is charged."""
+    """Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
+    because the Complete that made it ended before the job's id was sent; such a job
+    is never sent to the provider. Nothing is charged.
+    """
 
 class BatchState(_BatchState, metaclass=_BatchStateEnumTypeWrapper):
     """BatchState is where a batch job is in its life."""
@@ -70,7 +73,10 @@ BATCH_STATE_FAILED: BatchState.ValueType  # 4
 BATCH_STATE_EXPIRED: BatchState.ValueType  # 5
 """The provider's batch window (24 h) passed before it was answered. Nothing is charged."""
 BATCH_STATE_CANCELLED: BatchState.ValueType  # 6
-"""Cancelled by CancelBatch before it was answered. Nothing is charged."""
+"""Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
+because the Complete that made it ended before the job's id was sent; such a job
+is never sent to the provider. Nothing is charged.
+"""
 Global___BatchState: _TypeAlias = BatchState  # noqa: Y015
 
 class _Role:

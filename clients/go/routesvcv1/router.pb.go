@@ -52,7 +52,9 @@ const (
 	BatchState_BATCH_STATE_FAILED BatchState = 4
 	// The provider's batch window (24 h) passed before it was answered. Nothing is charged.
 	BatchState_BATCH_STATE_EXPIRED BatchState = 5
-	// Cancelled by CancelBatch before it was answered. Nothing is charged.
+	// Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
+	// because the Complete that made it ended before the job's id was sent; such a job
+	// is never sent to the provider. Nothing is charged.
 	BatchState_BATCH_STATE_CANCELLED BatchState = 6
 )
 

@@ -1607,7 +1607,9 @@ export enum BatchState {
   EXPIRED = 5,
 
   /**
-   * Cancelled by CancelBatch before it was answered. Nothing is charged.
+   * Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
+   * because the Complete that made it ended before the job's id was sent; such a job
+   * is never sent to the provider. Nothing is charged.
    *
    * @generated from enum value: BATCH_STATE_CANCELLED = 6;
    */

@@ -63,7 +63,9 @@ public enum BatchState
   BATCH_STATE_EXPIRED(5),
   /**
    * <pre>
-   * Cancelled by CancelBatch before it was answered. Nothing is charged.
+   * Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
+   * because the Complete that made it ended before the job's id was sent; such a job
+   * is never sent to the provider. Nothing is charged.
    * </pre>
    *
    * <code>BATCH_STATE_CANCELLED = 6;</code>
@@ -122,7 +124,9 @@ public enum BatchState
   public static final int BATCH_STATE_EXPIRED_VALUE = 5;
   /**
    * <pre>
-   * Cancelled by CancelBatch before it was answered. Nothing is charged.
+   * Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
+   * because the Complete that made it ended before the job's id was sent; such a job
+   * is never sent to the provider. Nothing is charged.
    * </pre>
    *
    * <code>BATCH_STATE_CANCELLED = 6;</code>
