@@ -637,8 +637,10 @@ class Router:
                 finish_reason=completion.finish_reason,
                 threshold=decision.cascade_thresholds[index],
                 timeout=None if deadline is None else deadline - time.monotonic(),
-                # Charged as each judge call ends, so a cancelled request still pays for it once.
+                # Charged as each judge call ends, so a cancelled request still pays for it once;
+                # reserved before it starts, as every model a request calls is.
                 charge=lambda call: self._record_scoring(state, call),
+                reserve=lambda cost: self._cover_cost(state, cost),
             )
         )
         return _StepOutcome(tuple(deltas), completion, result.quality, cost_before)
@@ -720,7 +722,11 @@ class Router:
         ``LimitExceeded`` when the budget cannot take the difference."""
         decision = state.decision
         tokens_in, tokens_out = decision.estimated_input_tokens, decision.estimated_output_tokens
-        needed = state.cost - decision.routing_cost_usd + estimate_cost(model, tokens_in, tokens_out, decision.mode)
+        await self._cover_cost(state, estimate_cost(model, tokens_in, tokens_out, decision.mode))
+
+    async def _cover_cost(self, state: _AttemptState, estimate: Decimal) -> None:
+        """``_cover`` for a call estimated at ``estimate`` (a cascade judge's)."""
+        needed = state.cost - state.decision.routing_cost_usd + estimate
         if needed > state.reserved:
             await state.reservation.extend(needed - state.reserved)
             state.reserved = needed

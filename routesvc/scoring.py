@@ -17,12 +17,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Literal, Protocol
 
 from routesvc.catalog import ModelSpec
+from routesvc.cost import estimate_cost
+from routesvc.errors import LimitExceeded, SharedStateUnavailable
 from routesvc.models import (
+    ChatRequest,
     FinishReason,
     Message,
     QualityScore,
@@ -32,6 +36,7 @@ from routesvc.models import (
 )
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.sidecall import side_call
+from routesvc.tokens import estimate_input_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,9 @@ class ScoringInput:
     ``timeout`` is the seconds left before the caller's deadline (None: no deadline). ``charge``
     is called once for every upstream call a scorer makes, as soon as the call ends, however it
     ends (also when the caller is cancelled mid-call), so that it is charged exactly once.
+    ``reserve`` is called with a call's estimated cost before a scorer makes it: it raises
+    ``LimitExceeded`` (or ``SharedStateUnavailable``) when the request's tenant budget cannot take
+    it, and the call is then not made.
     """
 
     request: RoutingRequest
@@ -50,6 +58,7 @@ class ScoringInput:
     threshold: float
     timeout: float | None = None
     charge: Callable[[UpstreamCall], None] | None = None
+    reserve: Callable[[Decimal], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +271,12 @@ class LLMJudge:
             temperature=0.0,
             timeout=timeout,
         )
+        if scoring_input.reserve is not None:
+            tokens_in = estimate_input_tokens(ChatRequest(messages))
+            try:
+                await scoring_input.reserve(estimate_cost(self._model, tokens_in, self._max_output_tokens))
+            except (LimitExceeded, SharedStateUnavailable) as refused:
+                return ScoreResult(self._failed(f"not asked ({refused.message})"))
         # A client span of its own (purpose judge): its cost counts, it never answers the request.
         result = await side_call(self._provider, self._model, call, purpose="judge", charge=scoring_input.charge)
         used = result.used

@@ -411,6 +411,32 @@ class TestEveryModelCalledIsWithinTheBudget:
         assert [request.model for request in fake.requests] == ["gpt-4o-mini"]
         assert spent == Decimal(completion.cost_usd) > 0
 
+    @pytest.mark.parametrize(("budget", "judged"), [("0.00032", False), ("0.01", True)])
+    async def test_a_judge_the_budget_cannot_take_is_not_asked(
+        self, fake: FakeProvider, budget: str, judged: bool
+    ) -> None:
+        """A cascade scored by the local scorer then the LLM judge (gpt-4o-mini): with a budget
+        that holds gpt-4o-mini's answer but not the judge's call too, the judge is not asked and
+        its ``on_failure`` (release) applies, the reason saying why; with room, it is asked."""
+        config = budget_config(budget, cascade=True)
+        config["cascade"]["scorers"] = ["local", "llm_judge"]  # type: ignore[index]
+        config["cascade"]["judge"] = {"model": "gpt-4o-mini"}  # type: ignore[index]
+        fake.enqueue(ANSWER, Script(text='{"score": 1}'), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("hi"), ACME)]
+            spent = await server.router.admission.spent("acme")
+        completion = messages[-1].completion
+        assert completion.model == "gpt-4o-mini"
+        assert len(fake.requests) == (2 if judged else 1)
+        if not judged:
+            assert completion.quality.reason == (
+                f"judge not asked (tenant 'acme' would exceed its daily budget of {budget} USD); released as configured"
+            )
+        assert spent == Decimal(completion.cost_usd) <= Decimal(budget)
+
     async def test_an_escalation_within_the_budget_still_runs(self, fake: FakeProvider) -> None:
         """The same request with room for both models escalates, as without a budget."""
         fake.enqueue(REFUSAL, model="gpt-4o-mini")
