@@ -221,7 +221,8 @@ def parse_judge_score(text: str) -> float | None:
 class LLMJudge:
     """Asks ``model`` (through its ``provider``) for a 0-1 score in JSON within ``timeout`` seconds.
 
-    When the judge fails (provider error, timeout, no parsable score), ``on_failure`` decides:
+    When the judge fails (provider error, timeout, no parsable score) or is not asked (the
+    request's budget cannot take its call: ``ScoringInput.reserve``), ``on_failure`` decides:
     ``release`` scores the answer 1.0, ``escalate`` 0.0; the reason says the judge failed and why.
     The judge's call is returned in ``ScoreResult.calls`` so that it is charged to the request.
     """
