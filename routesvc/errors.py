@@ -22,6 +22,7 @@ name fields and models, never prompt text or credentials.
     ├── ShuttingDown                    the server is stopping                   UNAVAILABLE
     ├── SharedStateUnavailable          the shared limits store (Redis) failed   UNAVAILABLE
     ├── BatchStoreUnavailable           batch.store_path cannot be opened/written FAILED_PRECONDITION
+    │   └── BatchStoreBusy              locked past the busy timeout (retry_after) UNAVAILABLE
     ├── DeadlineExceeded                the caller's deadline passed             DEADLINE_EXCEEDED
     └── ProviderError                   a provider call failed
         ├── ProviderAuthFailed          401/403 from the provider                FAILED_PRECONDITION
@@ -173,6 +174,14 @@ class BatchStoreUnavailable(RouteSvcError):
     be queued or read; realtime requests are not affected."""
 
     reason = "BATCH_STORE_UNAVAILABLE"
+
+
+class BatchStoreBusy(BatchStoreUnavailable):
+    """The batch job store stayed locked by another writer (another worker) past SQLite's busy
+    timeout: a passing condition; retry shortly."""
+
+    reason = "BATCH_STORE_BUSY"
+    retry_after = 1.0
 
 
 class DeadlineExceeded(RouteSvcError):

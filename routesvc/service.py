@@ -22,6 +22,7 @@ from routesvc.batches import BatchQueue
 from routesvc.cost import format_usd
 from routesvc.errors import (
     BatchNotFound,
+    BatchStoreBusy,
     BatchStoreUnavailable,
     ConfigError,
     ContextWindowExceeded,
@@ -83,6 +84,7 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     SharedStateUnavailable: grpc.StatusCode.UNAVAILABLE,
     BatchStoreUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
+    BatchStoreBusy: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ProviderError: grpc.StatusCode.UNAVAILABLE,
     ConfigError: grpc.StatusCode.INTERNAL,

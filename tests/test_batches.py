@@ -39,6 +39,7 @@ from routesvc.server import Server, build_providers
 from routesvc.testing import BatchOutcome, FakeProvider, FaultProxy, NetworkFault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.test_limits import retry_delay
 from tests.test_validation import error_info
 
 
@@ -308,12 +309,13 @@ class TestBatchSubmitInterrupted:
         assert states == ["cancelled"]
         assert (fake.batches, charged) == ([], [])
 
-    async def test_a_store_locked_past_the_busy_timeout_is_batch_store_unavailable(
+    async def test_a_store_locked_past_the_busy_timeout_is_busy_and_retryable(
         self, tmp_path: Path, fake: FakeProvider
     ) -> None:
         """Another process holds the write lock longer than the busy timeout (5 s): the Complete is
-        FAILED_PRECONDITION BATCH_STORE_UNAVAILABLE naming batch.store_path, not INTERNAL, and
-        once the lock is free the next one is queued."""
+        UNAVAILABLE BATCH_STORE_BUSY with a retry delay, naming batch.store_path, not INTERNAL
+        (nor FAILED_PRECONDITION, which says not to retry), and once the lock is free the next
+        one is queued."""
         path = tmp_path / "batches.db"
         await BatchStore(path).aclose()
         async with (
@@ -330,8 +332,9 @@ class TestBatchSubmitInterrupted:
                 other.close()
             job = (await submit(client))[1].batch
             await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert error_info(caught.value).reason == "BATCH_STORE_UNAVAILABLE"
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "BATCH_STORE_BUSY"
+        assert retry_delay(caught.value) == 1.0
         assert "batch.store_path" in (caught.value.details() or "")
 
 

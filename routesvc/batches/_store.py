@@ -28,7 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from routesvc.errors import BatchStoreUnavailable
+from routesvc.errors import BatchStoreBusy, BatchStoreUnavailable
 from routesvc.models import (
     BatchJob,
     BatchResult,
@@ -190,6 +190,10 @@ class BatchStore:
             # (IntegrityError, ProgrammingError, ...) is our bug: INTERNAL.
             if not isinstance(exc, sqlite3.OperationalError) and type(exc) is not sqlite3.DatabaseError:
                 raise
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise BatchStoreBusy(
+                    f"batch.store_path {self._path} stayed locked by another writer; retry shortly"
+                ) from exc
             message = f"batch.store_path {self._path} failed ({type(exc).__name__}: {exc}); batch mode is unavailable"
             raise BatchStoreUnavailable(message) from exc
 
