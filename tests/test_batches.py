@@ -337,6 +337,27 @@ class TestBatchSubmitInterrupted:
         assert retry_delay(caught.value) == 1.0
         assert "batch.store_path" in (caught.value.details() or "")
 
+    async def test_a_store_locked_when_first_opened_is_busy_too(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """The store file is created and write-locked by another process before this server first
+        opens it: the first batch Complete is UNAVAILABLE BATCH_STORE_BUSY as well (opening the
+        file writes to it), not FAILED_PRECONDITION."""
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            other = sqlite3.connect(tmp_path / "batches.db", isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await submit(client)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "BATCH_STORE_BUSY",
+        )
+
 
 def with_model_copy(config: dict[str, object], model_id: str, of: str = "gpt-4o-mini") -> dict[str, object]:
     """``config`` with one more catalog model, ``model_id``, priced and served like ``of``."""

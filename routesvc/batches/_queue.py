@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from routesvc.batches._store import BatchStore, QueuedRequest, decode_request, encode_request
+from routesvc.batches._store import BatchStore, QueuedRequest, decode_request, encode_request, store_failure
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.config import BATCH_API_KINDS, Settings
 from routesvc.cost import cost_of_usage, format_usd
@@ -158,9 +158,7 @@ class BatchQueue:
                 self._store = BatchStore(self._path, clock=self._clock)
             except (OSError, sqlite3.Error) as exc:
                 log.error("batch_store_unavailable", path=str(self._path), error_type=type(exc).__name__)
-                raise BatchStoreUnavailable(
-                    f"batch.store_path {self._path} cannot be opened ({type(exc).__name__}); batch mode is unavailable"
-                ) from exc
+                raise store_failure(self._path, exc, "cannot be opened") from exc
         return self._store
 
     # -- lifecycle -------------------------------------------------------------------------------

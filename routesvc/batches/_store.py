@@ -4,8 +4,9 @@ One row per job. A queued job keeps its request (messages, tools and sampling: w
 send it); the request is cleared once the job is in a provider batch. A job ends exactly once:
 ``finish`` changes only a job that has not ended, and says whether it did, so a result is charged
 once. Calls run in a worker thread; one lock serialises them on the one connection. Any SQLite
-error on a call (the file locked past the busy timeout, a full disk, a read-only file) is raised
-as ``BatchStoreUnavailable``.
+error of the store on a call (a full disk, a read-only file) is raised as
+``BatchStoreUnavailable``, the file locked by another writer past the busy timeout as its
+subclass ``BatchStoreBusy`` (``store_failure``).
 
 Several processes may share the file (``server.workers``). A queued job is sent by whoever
 ``claim``s it: one ``BEGIN IMMEDIATE`` transaction marks it with the claimant and a lease, and
@@ -163,6 +164,18 @@ def _status(row: sqlite3.Row) -> BatchStatus:
     return BatchStatus(job, result, row["error"])
 
 
+def store_failure(path: Path, exc: sqlite3.Error | OSError, doing: str) -> BatchStoreUnavailable:
+    """The error for the store at ``path`` failing with ``exc`` while it ``doing`` ("failed",
+    "cannot be opened"): ``BatchStoreBusy`` (retry shortly) when another writer held its lock past
+    the busy timeout (SQLITE_BUSY), else ``BatchStoreUnavailable`` (a full disk, a read-only file,
+    not a database: something to fix)."""
+    if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+        return BatchStoreBusy(f"batch.store_path {path} stayed locked by another writer; retry shortly")
+    return BatchStoreUnavailable(
+        f"batch.store_path {path} {doing} ({type(exc).__name__}: {exc}); batch mode is unavailable"
+    )
+
+
 class BatchStore:
     """The jobs table of one SQLite file (created with its directory on open)."""
 
@@ -185,17 +198,10 @@ class BatchStore:
         try:
             return await asyncio.to_thread(locked)
         except sqlite3.Error as exc:
-            # Locked past the busy timeout, disk full, read-only file, not a database: the store's
-            # failure, which callers can act on (FAILED_PRECONDITION). A constraint or a misuse
-            # (IntegrityError, ProgrammingError, ...) is our bug: INTERNAL.
+            # A constraint or a misuse (IntegrityError, ProgrammingError, ...) is our bug: INTERNAL.
             if not isinstance(exc, sqlite3.OperationalError) and type(exc) is not sqlite3.DatabaseError:
                 raise
-            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-                raise BatchStoreBusy(
-                    f"batch.store_path {self._path} stayed locked by another writer; retry shortly"
-                ) from exc
-            message = f"batch.store_path {self._path} failed ({type(exc).__name__}: {exc}); batch mode is unavailable"
-            raise BatchStoreUnavailable(message) from exc
+            raise store_failure(self._path, exc, "failed") from exc
 
     async def aclose(self) -> None:
         """Close the file."""
