@@ -4,10 +4,12 @@ APIs through the real SDKs to the fake; persistence across a restart; tenants se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -86,6 +88,19 @@ def job_states(path: Path) -> list[str]:
         return [row[0] for row in connection.execute("SELECT state FROM jobs ORDER BY created_at")]
     finally:
         connection.close()
+
+
+@contextlib.contextmanager
+def write_locked(path: Path) -> Iterator[None]:
+    """Another process's exclusive write lock on the store file at ``path`` (created if absent),
+    held for the block."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
 
 
 class TestBatchSubmitAndResults:
@@ -289,16 +304,11 @@ class TestBatchSubmitInterrupted:
             Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            other = sqlite3.connect(path, isolation_level=None)
-            other.execute("BEGIN EXCLUSIVE")
-            try:
+            with write_locked(path):
                 context = pb.RoutingContext(tenant="acme", realtime=False)
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     async for _ in client.complete(user_chat("Summarise this report"), context, timeout=0.5):
                         pass
-            finally:
-                other.execute("ROLLBACK")
-                other.close()
             async with asyncio.timeout(5):
                 while job_states(path) in ([], ["queued"]):  # noqa: ASYNC110 - another process's file, polled
                     await asyncio.sleep(0.05)
@@ -322,14 +332,8 @@ class TestBatchSubmitInterrupted:
             Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            other = sqlite3.connect(path, isolation_level=None)
-            other.execute("BEGIN EXCLUSIVE")
-            try:
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await submit(client)
-            finally:
-                other.execute("ROLLBACK")
-                other.close()
+            with write_locked(path), pytest.raises(grpc.aio.AioRpcError) as caught:
+                await submit(client)
             job = (await submit(client))[1].batch
             await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -345,14 +349,8 @@ class TestBatchSubmitInterrupted:
             Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            other = sqlite3.connect(tmp_path / "batches.db", isolation_level=None)
-            other.execute("BEGIN EXCLUSIVE")
-            try:
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await submit(client)
-            finally:
-                other.execute("ROLLBACK")
-                other.close()
+            with write_locked(tmp_path / "batches.db"), pytest.raises(grpc.aio.AioRpcError) as caught:
+                await submit(client)
         assert (caught.value.code(), error_info(caught.value).reason) == (
             grpc.StatusCode.UNAVAILABLE,
             "BATCH_STORE_BUSY",
@@ -471,17 +469,12 @@ class TestBatchFaults:
             jobs = [(await submit(one))[1].batch.batch_id for _ in range(2)]
             for batch_id in jobs:
                 await wait_state(one, batch_id, pb.BATCH_STATE_SUBMITTED)
-            locker = sqlite3.connect(path, isolation_level=None)
-            locker.execute("BEGIN EXCLUSIVE")
-            try:
+            with write_locked(path):
                 cancels = [
                     asyncio.ensure_future(client.cancel_batch(batch_id, tenant="acme"))
                     for client, batch_id in zip((one, other), jobs, strict=True)
                 ]
                 await asyncio.sleep(0.5)  # both cancels have read the job and wait to write
-            finally:
-                locker.execute("ROLLBACK")
-                locker.close()
             cancelled = await asyncio.gather(*cancels)
         assert [c.state for c in cancelled] == [pb.BATCH_STATE_CANCELLED] * 2
         assert [(len(b.requests), b.cancelled) for b in fake.batches] == [(2, True)]
