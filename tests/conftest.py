@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -140,3 +141,11 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
         else:
             return {"uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (bound once and released): for a server to
+    take, or for a client to find closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

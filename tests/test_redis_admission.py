@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import socket
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -22,7 +21,7 @@ from routesvc.redis_admission import RedisAdmission
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.conftest import default_config, free_port, live_environ, settings_from, user_chat
 from tests.redis_server import running_redis
 from tests.test_limits import (
     PRECHECKED,
@@ -332,9 +331,7 @@ class TestStoreFailures:
     async def test_an_unreachable_store_is_unavailable_not_internal(self, fake: FakeProvider) -> None:
         """shared_state.redis_url points at a closed port: a limited tenant's call is refused
         UNAVAILABLE with reason SHARED_STATE_UNAVAILABLE, and nothing reaches the provider."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            closed = probe.getsockname()[1]
+        closed = free_port()
         config = default_config()
         config["tenants"] = {"acme": {"requests_per_minute": 10}}
         config["shared_state"] = {"redis_url": f"redis://127.0.0.1:{closed}"}

@@ -18,7 +18,7 @@ from routesvc.errors import ConfigError
 from routesvc.server import SERVICE_NAME, Server
 from routesvc.testing import FakeProvider
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.conftest import default_config, free_port, live_environ, settings_from, user_chat
 from tests.test_server import health_across_drain
 
 
@@ -150,9 +150,7 @@ class TestHealthPort:
     async def test_a_serving_port_given_at_start_must_not_be_the_health_port(self, reuse_port: bool) -> None:
         """``serve --port`` (or a worker's shared port) equal to health_port is refused before
         anything is bound: with SO_REUSEPORT both servers would take the port and split the calls."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            free = probe.getsockname()[1]
+        free = free_port()
         config = default_config()
         config["server"] = {"port": 0, "health_port": free}
         with pytest.raises(ConfigError, match=rf"^server.health_port: {free} is the serving port too"):

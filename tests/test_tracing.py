@@ -392,16 +392,13 @@ class TestExport:
 
     async def test_a_collector_that_is_down_delays_shutdown_by_seconds_only(self, fake: FakeProvider) -> None:
         """OTLP traces and metrics to a closed port: requests are unaffected and the server stops within 5 s."""
-        import socket
         import time
 
         from routesvc.client import RouterClient
         from routesvc.server import Server
-        from tests.conftest import live_environ
+        from tests.conftest import free_port, live_environ
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        closed = f"http://127.0.0.1:{free_port()}"
         config = default_config()
         config["telemetry"] = {
             "tracing": {"exporter": "otlp", "otlp_endpoint": closed},

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from routesvc.config import NATIVE_THREAD_VARIABLES, Settings, limit_native_thre
 from routesvc.errors import ConfigError
 from routesvc.supervisor import serve_workers
 from routesvc.testing import FakeProvider, Script
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.conftest import default_config, free_port, live_environ, settings_from, user_chat
 
 
 class _Serve:
@@ -50,9 +49,7 @@ class _Serve:
 async def serve_process(tmp_path: Path, fake: FakeProvider) -> AsyncIterator[_Serve]:
     """Two workers on uvloop on a port the supervisor picks and a fixed health port, both
     providers pointed at ``fake``."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        health_port = probe.getsockname()[1]
+    health_port = free_port()
     config = default_config()
     config["server"] = {"port": 0, "workers": 2, "uvloop": True, "grace_seconds": 5, "health_port": health_port}
     config["logging"] = {"format": "json"}
@@ -150,9 +147,7 @@ class TestWorkerSettings:
 
     def test_a_serving_port_that_is_the_health_port_is_refused(self) -> None:
         """``serve --workers 2 --port P`` with health_port P: refused before any worker starts."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            free = probe.getsockname()[1]
+        free = free_port()
         config = default_config()
         config["server"] = {"port": 0, "health_port": free}
         with pytest.raises(ConfigError, match=rf"server\.health_port: {free} is the serving port too"):
