@@ -58,8 +58,9 @@ class Reservation(Protocol):
 
     async def extend(self, cost: Decimal) -> None:
         """Reserve ``cost`` more USD for this request, checked against the tenant's budgets only:
-        it is about to call another model (a fallback, a cascade escalation). Raises
-        ``LimitExceeded`` (``BUDGET_EXCEEDED``) having reserved nothing more; ``settle`` releases
+        it is about to call another model (a fallback, a cascade escalation or judge). Raises
+        ``LimitExceeded`` (``BUDGET_EXCEEDED``) having reserved nothing more (or
+        ``SharedStateUnavailable`` when the shared store cannot be reached); ``settle`` releases
         it with the rest. Does nothing once settled."""
         ...
 

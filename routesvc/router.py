@@ -536,11 +536,12 @@ class Router:
                 next_model = steps[index + 1]
                 released = outcome.completion is not None and outcome.quality.score >= threshold
                 quality = outcome.quality
+                next_cost = estimate_cost(
+                    self._catalog.get(next_model), decision.estimated_input_tokens, decision.estimated_output_tokens
+                )
                 if not released and outcome.completion is not None:
                     cap = self._escalation.max_cost(request)
-                    would_cost = attempt.cost + estimate_cost(
-                        self._catalog.get(next_model), decision.estimated_input_tokens, decision.estimated_output_tokens
-                    )
+                    would_cost = attempt.cost + next_cost
                     if cap is not None and would_cost > cap:
                         released = True
                         why = max_cost_reason(next_model, would_cost, cap)
@@ -550,7 +551,7 @@ class Router:
                     # before the cheaper answer is given up; if it cannot, that answer is released
                     # (a step that failed has none to release: the refusal is the request's).
                     try:
-                        await self._cover(attempt, self._catalog.get(next_model))
+                        await self._cover_cost(attempt, next_cost)
                     except (LimitExceeded, SharedStateUnavailable) as refused:
                         if outcome.completion is None:
                             raise
@@ -719,13 +720,14 @@ class Router:
         """Make the request's reservation hold what it has spent on answers so far plus ``model``'s
         estimate, before ``model`` is called (a fallback, a cascade escalation): the tenant's budget
         is checked for every model a request calls, not only the decided one. Raises
-        ``LimitExceeded`` when the budget cannot take the difference."""
+        ``LimitExceeded`` when the budget cannot take the difference (``SharedStateUnavailable``
+        when the shared store cannot say)."""
         decision = state.decision
         tokens_in, tokens_out = decision.estimated_input_tokens, decision.estimated_output_tokens
         await self._cover_cost(state, estimate_cost(model, tokens_in, tokens_out, decision.mode))
 
     async def _cover_cost(self, state: _AttemptState, estimate: Decimal) -> None:
-        """``_cover`` for a call estimated at ``estimate`` (a cascade judge's)."""
+        """``_cover`` for a call estimated at ``estimate`` (a cascade judge's, an escalation's)."""
         needed = state.cost - state.decision.routing_cost_usd + estimate
         if needed > state.reserved:
             await state.reservation.extend(needed - state.reserved)
