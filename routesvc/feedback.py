@@ -13,12 +13,19 @@ decision is refused like feedback for one never seen (``UnknownDecision``).
 
 The two kinds live in two tables: ``decisions`` (waiting; pruned oldest first) and ``examples``
 (rated; read by ``examples()``, whose cost grows with the examples only). Reads use their own
-connection, so a rebuild reading the examples in a worker thread never holds up ``remember``,
-which runs on the event loop.
+connection, so a rebuild reading the examples in a worker thread never holds up the writes.
+
+``remember`` and ``answered`` run on the event loop for every routed request, so they only queue
+their write: one writer thread writes what is queued in one transaction at a time. The file may
+be locked by another process for a while (a second worker, an operator's ``sqlite3`` shell, a
+backup): the writer waits on the busy timeout, routing does not, and a write that still fails is
+logged (``feedback_write_failed``) and dropped, so feedback for those decisions is refused like
+feedback for one never seen. ``record`` first waits for the writes queued before it.
 """
 
 from __future__ import annotations
 
+import queue
 import sqlite3
 import threading
 import time
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import structlog
 
 from routesvc.errors import ConfigError, InvalidRequest, RouteSvcError
 from routesvc.sqlite import immediate
@@ -38,15 +46,41 @@ DEFAULT_DECISION_TTL_SECONDS = 7 * 24 * 3600.0
 DEFAULT_MAX_PENDING_DECISIONS = 1_000_000
 """How many decisions wait for feedback at most by default (~1.4 GB of 256-float embeddings)."""
 
-# Rows pruned at most per ``remember``: one a call keeps pace with a steady stream, and the rest
-# drain a backlog (after a long stop, or a lowered cap) without one call paying for all of it.
+# Rows pruned at most per remembered decision: one a call keeps pace with a steady stream, and the
+# rest drain a backlog (after a long stop, or a lowered cap) without one write paying for all of it.
 _PRUNE_BATCH = 16
+# Queued writes the writer takes into one transaction at most, and how many may wait: past that
+# (the file locked for long under load) new decisions are dropped, and logged, rather than queued
+# without bound.
+_WRITE_BATCH = 512
+_MAX_QUEUED = 100_000
+# How long ``record`` waits for the writes queued before it (the writer may be waiting on a lock).
+_FLUSH_TIMEOUT_SECONDS = 30.0
+
+log = structlog.get_logger("routesvc.feedback")
 
 
 class UnknownDecision(RouteSvcError):
     """Feedback names a decision id the store never saw, or forgot without feedback."""
 
     reason = "UNKNOWN_DECISION"
+
+
+@dataclass(frozen=True, slots=True)
+class _Remember:
+    decision_id: str
+    model: str
+    embedding: bytes
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Answered:
+    decision_id: str
+    model: str
+
+
+_Write = _Remember | _Answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +177,12 @@ class FeedbackStore:
         self._read_lock = threading.Lock()
         self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._reader.execute("PRAGMA query_only = ON")
+        # Writes waiting for the writer thread, a flush's Event, or None to stop.
+        self._queue: queue.SimpleQueue[_Write | threading.Event | None] = queue.SimpleQueue()
+        self._dropped = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._write_queued, name="routesvc-feedback-writer", daemon=True)
+        self._thread.start()
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -153,29 +193,90 @@ class FeedbackStore:
     def remember(
         self, decision_id: str, model: str, embedding: Sequence[float] | np.ndarray[tuple[int], np.dtype[np.float32]]
     ) -> None:
-        """Keep what a later outcome for ``decision_id`` will need; forget a few expired decisions."""
+        """Keep what a later outcome for ``decision_id`` will need (queued for the writer, which
+        also forgets a few expired decisions)."""
         blob = np.asarray(embedding, dtype=np.float32).tobytes()
-        now = self._clock()
+        self._put(_Remember(decision_id, model, blob, self._clock()))
+
+    def answered(self, decision_id: str, model: str) -> None:
+        """``model``, not the one remembered, answered ``decision_id`` (queued for the writer)."""
+        self._put(_Answered(decision_id, model))
+
+    def flush(self, timeout: float = _FLUSH_TIMEOUT_SECONDS) -> bool:
+        """Wait until the writes queued so far are written (or dropped); False if ``timeout`` passed."""
+        if self._closed:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def _put(self, write: _Write) -> None:
+        if self._closed:
+            return
+        if self._queue.qsize() >= _MAX_QUEUED:
+            self._dropped += 1
+            if self._dropped == 1 or self._dropped % 10_000 == 0:
+                log.warning("feedback_write_dropped", dropped=self._dropped, queued=_MAX_QUEUED)
+            return
+        self._queue.put(write)
+
+    def _write_queued(self) -> None:
+        """The writer thread: each time, everything queued (up to a batch) in one transaction."""
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < _WRITE_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            writes = [item for item in batch if isinstance(item, _Remember | _Answered)]
+            if writes:
+                try:
+                    self._write(writes)
+                except Exception as exc:  # the thread must outlive a failed write
+                    log.warning("feedback_write_failed", writes=len(writes), error=type(exc).__name__, detail=str(exc))
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    item.set()
+            if None in batch:
+                return
+
+    def _write(self, writes: list[_Write]) -> None:
+        remembered = 0
+        now = 0.0
         with self._transaction():
-            self._writer.execute(
-                "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?)", (decision_id, model, blob, now)
-            )
-            # Both walk an index from the oldest row and stop after a batch.
-            self._writer.execute(
-                "DELETE FROM decisions WHERE rowid IN"
-                " (SELECT rowid FROM decisions WHERE created_at < ? ORDER BY created_at LIMIT ?)",
-                (now - self._ttl, _PRUNE_BATCH),
-            )
-            self._writer.execute(
-                "DELETE FROM decisions WHERE rowid IN (SELECT rowid FROM decisions"
-                " WHERE rowid <= (SELECT MAX(rowid) FROM decisions) - ? ORDER BY rowid LIMIT ?)",
-                (self._max_pending, _PRUNE_BATCH),
-            )
+            for write in writes:
+                if isinstance(write, _Remember):
+                    self._writer.execute(
+                        "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?)",
+                        (write.decision_id, write.model, write.embedding, write.at),
+                    )
+                    remembered += 1
+                    now = max(now, write.at)
+                else:
+                    for statement in (
+                        "UPDATE decisions SET model = ? WHERE decision_id = ?",
+                        "UPDATE examples SET model = ? WHERE decision_id = ?",
+                    ):
+                        self._writer.execute(statement, (write.model, write.decision_id))
+            if remembered:
+                # Both walk an index from the oldest row and stop after a batch.
+                self._writer.execute(
+                    "DELETE FROM decisions WHERE rowid IN"
+                    " (SELECT rowid FROM decisions WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+                    (now - self._ttl, _PRUNE_BATCH * remembered),
+                )
+                self._writer.execute(
+                    "DELETE FROM decisions WHERE rowid IN (SELECT rowid FROM decisions"
+                    " WHERE rowid <= (SELECT MAX(rowid) FROM decisions) - ? ORDER BY rowid LIMIT ?)",
+                    (self._max_pending, _PRUNE_BATCH * remembered),
+                )
 
     def record(self, decision_id: str, score: float) -> FeedbackEntry:
         """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
+        self.flush()
         now = self._clock()
         with self._transaction():
             row = self._writer.execute("SELECT model FROM examples WHERE decision_id = ?", (decision_id,)).fetchone()
@@ -224,7 +325,11 @@ class FeedbackStore:
         ]
 
     def close(self) -> None:
-        """Close the database file."""
+        """Write what is queued, then close the database file."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
         with self._read_lock:
             self._reader.close()
         with self._write_lock:

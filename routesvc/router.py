@@ -140,6 +140,11 @@ class Router:
         )
 
     @property
+    def policy(self) -> Policy:
+        """The routing policy's stages, in order."""
+        return self._policy
+
+    @property
     def providers(self) -> Mapping[str, Provider]:
         """The provider adapters by provider name."""
         return self._providers
@@ -591,6 +596,10 @@ class Router:
             output_tokens=sum(a.usage.output_tokens for a in state.summaries),
             cached_input_tokens=sum(a.usage.cached_input_tokens for a in state.summaries),
         )
+        if completion.model != state.decision.model:
+            # Escalated or fallen back: feedback on this answer is about the model that gave it.
+            for stage in self._policy.learning_stages:
+                stage.answered(state.decision.decision_id, completion.model)
         return replace(
             completion, cost_usd=state.cost, attempts=tuple(state.summaries), total_usage=total, quality=quality
         )

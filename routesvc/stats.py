@@ -51,6 +51,7 @@ class FeedbackOutcome:
     tenant: str
     model: str
     score: float
+    decision_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +181,11 @@ class RoutingStats:
         self._expire(self._clock())
 
     def add_feedback(self, feedback: FeedbackOutcome) -> None:
-        """Keep a feedback score; it counts for its model while it is in the window."""
+        """Keep a feedback score; it counts for its model while it is in the window. A later score
+        for the same decision replaces the earlier one (the library keeps the latest too)."""
+        if feedback.decision_id and any(f.decision_id == feedback.decision_id for f in self._feedback):
+            kept = [f for f in self._feedback if f.decision_id != feedback.decision_id]
+            self._feedback = deque(kept, maxlen=self._feedback.maxlen)
         self._feedback.append(feedback)
         self._expire(self._clock())
 

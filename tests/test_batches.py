@@ -4,12 +4,10 @@ APIs through the real SDKs to the fake; persistence across a restart; tenants se
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from routesvc.router import Router
 from routesvc.server import Server, build_providers
 from routesvc.testing import BatchOutcome, FakeProvider, FaultProxy, NetworkFault, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat, write_locked
 from tests.test_limits import retry_delay
 from tests.test_validation import error_info
 
@@ -88,19 +86,6 @@ def job_states(path: Path) -> list[str]:
         return [row[0] for row in connection.execute("SELECT state FROM jobs ORDER BY created_at")]
     finally:
         connection.close()
-
-
-@contextlib.contextmanager
-def write_locked(path: Path) -> Iterator[None]:
-    """Another process's exclusive write lock on the store file at ``path`` (created if absent),
-    held for the block."""
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN EXCLUSIVE")
-    try:
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
 
 
 class TestBatchSubmitAndResults:

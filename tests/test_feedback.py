@@ -147,11 +147,14 @@ class TestForgettingDecisions:
         store = FeedbackStore(tmp_path / "f.db", decision_ttl_seconds=TTL, clock=clock)
         for i in range(100):
             store.remember(f"old-{i}", "m", [1.0, 0.0])
+        store.flush()
         clock.now += TTL + 1
         store.remember("new-0", "m", [1.0, 0.0])
+        store.flush()
         after_one = waiting_decisions(tmp_path / "f.db")
         for i in range(1, 10):
             store.remember(f"new-{i}", "m", [1.0, 0.0])
+        store.flush()
         assert "old-0" not in after_one
         assert "old-99" in after_one
         assert waiting_decisions(tmp_path / "f.db") == [f"new-{i}" for i in range(10)]
@@ -162,6 +165,7 @@ class TestForgettingDecisions:
         store = FeedbackStore(tmp_path / "f.db", max_pending_decisions=5)
         for i in range(20):
             store.remember(f"d{i}", "m", [1.0, 0.0])
+        store.flush()
         assert waiting_decisions(tmp_path / "f.db") == [f"d{i}" for i in range(15, 20)]
         with pytest.raises(UnknownDecision):
             store.record("d14", 1.0)
@@ -203,7 +207,9 @@ class TestForgettingDecisions:
     def test_decisions_still_waiting_survive_a_reopen(self, tmp_path: Path) -> None:
         """A decision remembered before a restart takes feedback after it, within the TTL."""
         clock = Clock()
-        FeedbackStore(tmp_path / "f.db", decision_ttl_seconds=TTL, clock=clock).remember("d", "m", [1.0, 0.0])
+        store = FeedbackStore(tmp_path / "f.db", decision_ttl_seconds=TTL, clock=clock)
+        store.remember("d", "m", [1.0, 0.0])
+        store.close()
         clock.now += TTL / 2
         reopened = FeedbackStore(tmp_path / "f.db", decision_ttl_seconds=TTL, clock=clock)
         assert reopened.record("d", 1.0).model == "m"

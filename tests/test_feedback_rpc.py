@@ -3,6 +3,9 @@ library, persisted in SQLite so a restart loses nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -10,10 +13,12 @@ import pytest
 
 from routesvc.client import RouterClient
 from routesvc.encoders import HashingEncoder
+from routesvc.feedback import FeedbackExample
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.server import Server
+from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, settings_from, user_chat
+from tests.conftest import default_config, live_environ, settings_from, user_chat, write_locked
 from tests.routing_data import STRONG, WEAK, records
 from tests.test_validation import error_info
 
@@ -99,3 +104,101 @@ class TestFeedbackRpc:
         async with served as server, RouterClient(server.target) as client:
             decision = await client.route(user_chat("say hello to zulu"), pb.RoutingContext())
         assert any(reason.startswith("embedding: score") for reason in decision.reasons)
+
+
+async def _complete(client: RouterClient, prompt: str, **context: object) -> list[pb.CompleteResponse]:
+    return [message async for message in client.complete(user_chat(prompt), pb.RoutingContext(**context))]  # type: ignore[arg-type]
+
+
+class TestFeedbackIsAboutTheAnswer:
+    async def test_an_escalated_answer_is_rated_under_the_model_that_gave_it(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The weak model's answer is rejected and the strong one answers: a thumbs-up rates the
+        strong model's answer, so it is filed under it and does not teach that the weak model
+        did well on this prompt (the library keeps weak-model outcomes only)."""
+        settings = settings_from(embedding_config(tmp_path), live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            fake.enqueue(Script(text="I'm sorry, but I can't help with that."), model="gpt-4o-mini")
+            fake.enqueue(Script(text="Hello, zulu."), model="gpt-4o")
+            messages = await _complete(client, "say hello to zulu", cascade=True)
+            response = await client.feedback(messages[0].decision.decision_id, thumbs_up=True)
+        assert (messages[0].decision.model, messages[-1].completion.model) == ("gpt-4o-mini", "gpt-4o")
+        assert (response.model, response.library_examples) == ("gpt-4o", 0)
+
+    async def test_a_fallback_answer_is_rated_under_the_fallback(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """The decided model fails and its fallback answers: feedback is about the fallback's answer."""
+        config = embedding_config(tmp_path)
+        config["routing"]["fallbacks"] = {"gpt-4o-mini": ["gpt-4o"]}  # type: ignore[index]
+        settings = settings_from(config, live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o-mini")
+            messages = await _complete(client, "say hello to zulu")
+            response = await client.feedback(messages[0].decision.decision_id, thumbs_up=False)
+        assert messages[-1].completion.model == "gpt-4o"
+        assert (response.model, response.library_examples) == ("gpt-4o", 0)
+
+    async def test_repeated_feedback_on_a_decision_counts_once_in_the_stats(self, tmp_path: Path) -> None:
+        """The latest score of a decision is its outcome, in GetStats as in the library."""
+        settings = settings_from(embedding_config(tmp_path))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            for score in (0.0, 0.0, 1.0):
+                await client.feedback(decision.decision_id, score=score)
+            other = await client.route(user_chat("say goodbye to zulu"))
+            await client.feedback(other.decision_id, score=0.5)
+            stats = await client.get_stats()
+        [row] = [m for m in stats.models if m.model == "gpt-4o-mini"]
+        assert (row.feedback_count, row.mean_feedback_score) == (2, 0.75)
+
+
+class TestFeedbackStoreUnderContention:
+    async def test_a_locked_feedback_file_holds_up_no_route(self, tmp_path: Path) -> None:
+        """Another process holds the feedback file's write lock (a second worker, a ``sqlite3``
+        shell, a backup): Routes are answered at once and the event loop never waits; the
+        decisions are written once the lock is released and then take feedback."""
+        settings = settings_from(embedding_config(tmp_path))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            await client.route(user_chat("warm up"))
+            with write_locked(tmp_path / "feedback.db"):
+                started = time.monotonic()
+                decision = await client.route(user_chat("say hello to zulu"))
+                # The in-process server runs on this loop: a short sleep that overran would
+                # mean the loop was held up.
+                slept = time.monotonic()
+                await asyncio.sleep(0.05)
+                overslept = time.monotonic() - slept - 0.05
+                routed_in = time.monotonic() - started
+            response = await client.feedback(decision.decision_id, thumbs_up=False)
+        assert (routed_in < 1.0, overslept < 0.5) == (True, True)
+        assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
+
+    async def test_concurrent_feedback_leaves_the_served_library_complete(self, tmp_path: Path) -> None:
+        """Two Feedback calls rebuild the library at once; the one that read the store first is
+        made slow, so without ordering it would swap in its older library last."""
+        settings = settings_from(embedding_config(tmp_path))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            first_decision = await client.route(user_chat("say hello to zulu"))
+            second_decision = await client.route(user_chat("say goodbye to zulu"))
+            [stage] = server.router.policy.learning_stages
+            store = stage.feedback
+            assert store is not None
+            read = store.examples
+            first_read = threading.Event()
+
+            def slow_first_read() -> list[FeedbackExample]:
+                examples = read()
+                if not first_read.is_set():
+                    first_read.set()
+                    time.sleep(0.5)
+                return examples
+
+            store.examples = slow_first_read  # type: ignore[method-assign]
+            first = asyncio.create_task(client.feedback(first_decision.decision_id, thumbs_up=False))
+            assert await asyncio.to_thread(first_read.wait, 5)
+            second = await client.feedback(second_decision.decision_id, thumbs_up=False)
+            await first
+            # Each prompt's own example (similarity 1) must be in the library routing uses now.
+            moved = [stage.score(prompt)[1] for prompt in ("say hello to zulu", "say goodbye to zulu")]
+        assert second.library_examples == 2
+        assert all(count >= 1 for count in moved)

@@ -14,6 +14,7 @@ good ones push away; strong-model outcomes are kept but do not move the score.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -87,6 +88,9 @@ class EmbeddingStage:
         # worker thread (the Feedback RPC) and replaces both at once, so ``score`` on the event
         # loop never sees the embeddings of one build with the pushes of another.
         self._library: tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]] = _EMPTY_LIBRARY
+        # Two Feedback calls rebuild at once: from the read to the swap one at a time, so a build
+        # that read earlier never replaces one that read later.
+        self._rebuilding = threading.Lock()
         self.rebuild_library()
 
     @property
@@ -103,14 +107,15 @@ class EmbeddingStage:
         """Reload feedback examples from the store; returns how many weak-model examples count."""
         if self._feedback is None:
             return 0
-        examples = [e for e in self._feedback.examples() if e.model == self._weak]
-        if not examples:
-            self._library = _EMPTY_LIBRARY
-            return 0
-        embeddings = np.vstack([e.embedding for e in examples]).astype(np.float32)
-        # A bad weak answer (score 0) pushes up by 0.5, a good one (score 1) pulls down by 0.5.
-        self._library = (embeddings, np.array([0.5 - e.score for e in examples], dtype=np.float64))
-        return len(examples)
+        with self._rebuilding:
+            examples = [e for e in self._feedback.examples() if e.model == self._weak]
+            if not examples:
+                self._library = _EMPTY_LIBRARY
+                return 0
+            embeddings = np.vstack([e.embedding for e in examples]).astype(np.float32)
+            # A bad weak answer (score 0) pushes up by 0.5, a good one (score 1) pulls down by 0.5.
+            self._library = (embeddings, np.array([0.5 - e.score for e in examples], dtype=np.float64))
+            return len(examples)
 
     def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
         """The embedding of ``text``, which is already ``bounded`` (remembered by the text)."""
@@ -142,6 +147,12 @@ class EmbeddingStage:
         """Keep a decision's prompt embedding so later feedback on ``decision_id`` can teach the stage."""
         if self._feedback is not None:
             self._feedback.remember(decision_id, model, self._embed(bounded(text)))
+
+    def answered(self, decision_id: str, model: str) -> None:
+        """``model`` gave the answer to ``decision_id`` (not the model decided: a cascade escalated,
+        or a fallback served it), so feedback on that answer is filed under ``model``."""
+        if self._feedback is not None:
+            self._feedback.answered(decision_id, model)
 
     async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
         """Strong model at or above the threshold, weak below; defer if the pick cannot serve."""

@@ -234,7 +234,7 @@ def record_feedback(model: str, score: float, *, decision_id: str = "", tenant: 
     rpc = _CURRENT.get()
     if rpc is None:
         return
-    rpc.telemetry.stats.add_feedback(FeedbackOutcome(time.monotonic(), tenant, model, score))
+    rpc.telemetry.stats.add_feedback(FeedbackOutcome(time.monotonic(), tenant, model, score, decision_id))
     rpc.span.set_attributes(
         {"routesvc.feedback.model": model, "routesvc.feedback.score": score, "routesvc.decision_id": decision_id}
     )
