@@ -19,14 +19,16 @@ the curve is a straight line: the expected result of breaking the tie at random.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from routesvc.errors import RouteSvcError
+from routesvc.fitting import common_models, resolve_model
 from routesvc.outcomes import OutcomeRecord
 
 FloatArray = npt.NDArray[np.float64]
@@ -195,28 +197,73 @@ def evaluate_scores(
 
 
 @dataclass(frozen=True, slots=True)
+class PairSource:
+    """Which of one source file's model names stood for the requested pair (None: not found)."""
+
+    source: str
+    prompts: int
+    strong: str | None
+    weak: str | None
+    kept: int  # prompts with outcomes for both
+
+    def describe(self) -> str:
+        """One line for the eval log."""
+        if self.strong is None or self.weak is None:
+            return f"{self.source}: {self.prompts} prompts, skipped (no model matches the pair)"
+        return f"{self.source}: {self.kept} of {self.prompts} prompts, pair {self.strong} - {self.weak}"
+
+
+@dataclass(frozen=True, slots=True)
 class PairData:
-    """The prompts of a data set that have both models, as arrays."""
+    """The prompts of a data set that have both models, as arrays, and the names used per file."""
 
     ids: list[str]
+    prompts: list[str]
     strong: FloatArray
     weak: FloatArray
     strong_cost: FloatArray | None
     weak_cost: FloatArray | None
+    sources: list[PairSource] = field(default_factory=list)
+
+
+def _resolve(model: str, counts: Mapping[str, int], prompts: int) -> str | None:
+    """``model``'s name in a file, among its common models first, as fit's labels match it; a
+    rarer model only when no common one matches."""
+    found = resolve_model(model, common_models(counts, prompts))
+    return found if found is not None else resolve_model(model, counts)
 
 
 def pair_data(records: Sequence[OutcomeRecord], strong: str, weak: str) -> PairData:
-    """The records with both ``strong`` and ``weak`` outcomes; costs only if every one has both."""
-    kept = [r for r in records if r.has_pair(strong, weak)]
+    """The records with both ``strong`` and ``weak`` outcomes; costs only if every one has both.
+
+    Each source file's model names are matched to ``strong`` and ``weak`` as ``fit`` matches them
+    (exactly, else by loose alias: ``fitting.resolve_model``), so one folder may name the pair
+    differently in each file.
+    """
+    by_source: dict[str, list[OutcomeRecord]] = defaultdict(list)
+    for record in records:
+        by_source[record.source].append(record)
+    kept: list[tuple[OutcomeRecord, str, str]] = []
+    sources: list[PairSource] = []
+    for source, rows in by_source.items():
+        counts = Counter(model for row in rows for model in row.outcomes)
+        s, w = _resolve(strong, counts, len(rows)), _resolve(weak, counts, len(rows))
+        pairs = [(row, s, w) for row in rows if s is not None and w is not None and row.has_pair(s, w)]
+        sources.append(PairSource(source, len(rows), s, w, len(pairs)))
+        kept.extend(pairs)
     if not kept:
-        raise EvaluationError(f"no prompt has outcomes for both {strong!r} and {weak!r}")
-    with_cost = all(strong in r.cost_usd and weak in r.cost_usd for r in kept)
+        raise EvaluationError(
+            f"no prompt has outcomes for both {strong!r} and {weak!r} (models match by id or loose alias)"
+        )
+    with_cost = all(s in r.cost_usd and w in r.cost_usd for r, s, w in kept)
     return PairData(
-        ids=[r.id for r in kept],
-        strong=np.array([r.outcomes[strong] for r in kept]),
-        weak=np.array([r.outcomes[weak] for r in kept]),
-        strong_cost=np.array([r.cost_usd[strong] for r in kept]) if with_cost else None,
-        weak_cost=np.array([r.cost_usd[weak] for r in kept]) if with_cost else None,
+        ids=[r.id for r, _, _ in kept],
+        prompts=[r.prompt for r, _, _ in kept],
+        strong=np.array([r.outcomes[s] for r, s, _ in kept]),
+        weak=np.array([r.outcomes[w] for r, _, w in kept]),
+        strong_cost=np.array([r.cost_usd[s] for r, s, _ in kept]) if with_cost else None,
+        weak_cost=np.array([r.cost_usd[w] for r, _, w in kept]) if with_cost else None,
+        sources=sources,
     )
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +69,15 @@ def model_alias(model: str) -> str:
     """The loose form used to match model ids across data sets."""
     name = model.rsplit("/", 1)[-1].split("_", 1)[0].lower()
     return re.sub(r"-v\d+(?:\.\d+)*$", "", name)
+
+
+COMMON_SHARE = 0.9
+"""A model evaluated on at least this share of a file's prompts is one of the file's models."""
+
+
+def common_models(counts: Mapping[str, int], prompts: int) -> list[str]:
+    """The models of a file of ``prompts`` prompts, from how many of them each model was evaluated on."""
+    return [model for model, count in counts.items() if count >= COMMON_SHARE * prompts]
 
 
 def resolve_model(model: str, available: Iterable[str]) -> str | None:
@@ -150,7 +159,7 @@ def label_records(
             for model, score in records[i].outcomes.items():
                 counts[model] += 1
                 totals[model] += score
-        common = [model for model, count in counts.items() if count >= 0.9 * len(rows)]
+        common = common_models(counts, len(rows))
         if len(common) < 2:
             continue
         for i in rows:

@@ -17,7 +17,7 @@ from pathlib import Path
 from routesvc.encoders import DEFAULT_ROUTER_ENCODER, WordLlamaEncoder, load_encoder
 from routesvc.errors import RouteSvcError
 from routesvc.evaluation import RoutingCurve, evaluate_scores, pair_data, plot_curves, routing_curve
-from routesvc.fitting import FitError, FitSettings, FittedRouter, fit_router
+from routesvc.fitting import FitError, FitSettings, FittedRouter, fit_router, model_alias
 from routesvc.outcomes import OutcomeRecord, iter_outcomes, read_outcomes
 from routesvc.strategies.classifier import TaskClassifier, read_examples
 
@@ -114,10 +114,17 @@ _SMALL_GAP = 0.05
 def run_eval(args: argparse.Namespace) -> int:
     """``routesvc eval``: APGR, CPT(50%), CPT(80%), AIQ and savings of a router on one data set."""
     router = FittedRouter.load(args.router)
+    if (model_alias(args.strong), model_alias(args.weak)) != (model_alias(router.strong), model_alias(router.weak)):
+        print(
+            f"warning: the router was fitted for {router.strong} - {router.weak}, not {args.strong} -"
+            f" {args.weak}: its scores rank prompts by the fitted pair's gap",
+            file=sys.stderr,
+        )
     records = _read_prompts(args.data)
     pair = pair_data(records, args.strong, args.weak)
-    by_id = {r.id: r.prompt for r in records}
-    scores = router.scores([by_id[i] for i in pair.ids], progress=_progress)
+    for source in pair.sources:
+        print(f"  {source.describe()}", file=sys.stderr)
+    scores = router.scores(pair.prompts, progress=_progress)
     report = evaluate_scores(scores, pair.strong, pair.weak, pair.strong_cost, pair.weak_cost)
     gap = report.strong_quality - report.weak_quality
     if gap <= 0:

@@ -1,13 +1,15 @@
 """Routing-outcome records: how several models did on the same prompts.
 
-One JSON object per line with ``id``, ``prompt``, ``task``, ``outcomes`` (model -> score in
-[0, 1]) and optionally ``cost_usd`` (model -> USD) and ``responses``. ``read_outcomes`` takes a
-file or a folder of ``*.jsonl`` files; ``responses`` are not kept (nothing here needs them).
+One UTF-8 JSON object per line with ``id`` (unique within the file), ``prompt``, ``task``,
+``outcomes`` (model -> score in [0, 1]) and optionally ``cost_usd`` (model -> USD, 0 or more) and
+``responses``. ``read_outcomes`` takes a file or a folder of ``*.jsonl`` files; ``responses`` are
+not kept (nothing here needs them). Anything else is an ``OutcomeDataError`` naming file:line.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +40,22 @@ class OutcomeRecord:
         return strong in self.outcomes and weak in self.outcomes
 
 
-def _numbers(value: object, where: str) -> Mapping[str, float]:
+def _numbers(value: object, where: str, high: float = math.inf) -> Mapping[str, float]:
+    """Model -> number, each finite and in [0, ``high``] (json.loads accepts NaN and Infinity)."""
     if not isinstance(value, dict):
         raise OutcomeDataError(f"{where}: expected an object of model -> number")
     result: dict[str, float] = {}
     for key, number in value.items():
         if isinstance(number, bool) or not isinstance(number, int | float):
             raise OutcomeDataError(f"{where}: {key!r} is not a number")
-        result[str(key)] = float(number)
+        try:
+            amount = float(number)
+        except OverflowError:  # an integer too large for a float
+            amount = math.inf
+        if not math.isfinite(amount) or not 0 <= amount <= high:
+            bounds = "a finite number, 0 or more" if math.isinf(high) else f"a number in [0, {high:g}]"
+            raise OutcomeDataError(f"{where}: {key!r} is {amount}, not {bounds}")
+        result[str(key)] = amount
     return MappingProxyType(result)
 
 
@@ -65,7 +75,7 @@ def parse_record(line: str, where: str, source: str = "") -> OutcomeRecord:
         id=raw["id"],
         prompt=raw["prompt"],
         task=task if isinstance(task, str) else str(task),
-        outcomes=_numbers(raw.get("outcomes", {}), f"{where}: outcomes"),
+        outcomes=_numbers(raw.get("outcomes", {}), f"{where}: outcomes", high=1.0),
         cost_usd=_numbers(raw.get("cost_usd", {}), f"{where}: cost_usd"),
         source=source,
     )
@@ -81,12 +91,30 @@ def outcome_files(path: Path) -> list[Path]:
 
 
 def iter_outcomes(path: Path) -> Iterator[OutcomeRecord]:
-    """Every record under ``path`` (file or folder), tagged with its file's stem as ``source``."""
+    """Every record under ``path`` (file or folder), tagged with its file's stem as ``source``.
+
+    Ids must be unique within a file (``score`` writes them back, ``eval`` reports by them); files
+    of a folder are separate data sets, so the same id in two of them is fine.
+    """
     for file in outcome_files(path):
-        with file.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield parse_record(line, f"{file}:{number}", source=file.stem)
+        first_line: dict[str, int] = {}
+        # Bytes, decoded line by line, so that a decoding error names its own line.
+        with file.open("rb") as handle:
+            for number, data in enumerate(handle, start=1):
+                try:
+                    line = data.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise OutcomeDataError(f"{file}:{number}: not UTF-8") from exc
+                if not line.strip():
+                    continue
+                record = parse_record(line, f"{file}:{number}", source=file.stem)
+                if record.id in first_line:
+                    raise OutcomeDataError(
+                        f"{file}:{number}: id {record.id!r} repeats line {first_line[record.id]} (ids must be"
+                        " unique within a file)"
+                    )
+                first_line[record.id] = number
+                yield record
 
 
 def read_outcomes(*paths: Path) -> list[OutcomeRecord]:

@@ -4,6 +4,7 @@ what each command says about flags and paths it cannot use (one line, exit 2, no
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from routesvc import cli
+from routesvc.evaluation import evaluate_scores
 from tests.conftest import REPO, process_environ
 from tests.routing_data import STRONG, WEAK, records, write_jsonl
 
@@ -393,3 +395,192 @@ class TestOfflineCommandErrors:
         err = capsys.readouterr().err
         assert err == f"error: {examples}:3: not valid JSON (Expecting value)\n"
         assert "secret" not in err
+
+
+def _write_lines(path: Path, rows: list[dict[str, object]]) -> Path:
+    """``rows`` as JSONL (``json.dumps`` writes NaN and Infinity, as Python's own readers accept)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _row(id_: str, prompt: str, strong: float, weak: float, **extra: object) -> dict[str, object]:
+    return {"id": id_, "prompt": prompt, "task": "t", "outcomes": {STRONG: strong, WEAK: weak}, **extra}
+
+
+HARD_PROMPT = "prove that 7 squared plus 17 times 23 equals 4091 minus 12"
+EASY_PROMPT = "say hello to my friend alpha"
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A router fitted for STRONG - WEAK on the synthetic data (hard prompts need the strong model)."""
+    folder = tmp_path_factory.mktemp("fitted")
+    data = write_jsonl(folder / "train.jsonl", records())
+    assert cli.main(_fit_args(data, folder / "router")) == 0
+    return folder / "router"
+
+
+def _eval_args(router: Path, data: Path, strong: str = STRONG, weak: str = WEAK) -> list[str]:
+    return ["eval", "--router", str(router), "--data", str(data), "--strong", strong, "--weak", weak, "--json"]
+
+
+class TestOfflineDataErrors:
+    """Outcome data that breaks the format is one line naming file:line, exit 2, and nothing written."""
+
+    @pytest.mark.parametrize(("value", "shown"), [(math.nan, "nan"), (math.inf, "inf"), (-0.5, "-0.5"), (1.5, "1.5")])
+    def test_fit_refuses_outcomes_that_are_not_in_0_1(
+        self, value: float, shown: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An outcome that is NaN, infinite or outside [0, 1] names the file, line and model; no router."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        with data.open("a") as handle:
+            handle.write(json.dumps(_row("bad", HARD_PROMPT, 1.0, value)) + "\n")
+        out = tmp_path / "router"
+        assert cli.main(_fit_args(data, out)) == 2
+        expected = f"error: {data}:81: outcomes: {WEAK!r} is {shown}, not a number in [0, 1]\n"
+        assert capsys.readouterr().err.splitlines(keepends=True)[-1] == expected
+        assert not out.exists()
+
+    @pytest.mark.parametrize(("value", "shown"), [(-0.01, "-0.01"), (math.inf, "inf"), (math.nan, "nan")])
+    def test_costs_must_be_finite_and_not_negative(
+        self, value: float, shown: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A cost_usd that is negative or not finite is refused the same way."""
+        data = _write_lines(
+            tmp_path / "costs.jsonl", [_row("a", HARD_PROMPT, 1.0, 0.0, cost_usd={STRONG: 0.01, WEAK: value})]
+        )
+        assert cli.main(_fit_args(data, tmp_path / "router")) == 2
+        expected = f"error: {data}:1: cost_usd: {WEAK!r} is {shown}, not a finite number, 0 or more\n"
+        assert capsys.readouterr().err.splitlines(keepends=True)[-1] == expected
+
+    def test_eval_json_never_prints_nan(self, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """eval --json on data with a NaN outcome is an error, not a report with NaN (invalid JSON) in it."""
+        data = _write_lines(tmp_path / "nan.jsonl", [_row("a", HARD_PROMPT, math.nan, 0.0), _row("b", "y", 1, 0)])
+        capsys.readouterr()
+        assert cli.main(_eval_args(fitted, data)) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == f"error: {data}:1: outcomes: {STRONG!r} is nan, not a number in [0, 1]\n"
+
+    @pytest.mark.parametrize("command", ["fit", "score", "eval", "classify"])
+    def test_data_that_is_not_utf8_is_one_line(
+        self, command: str, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A line that is not UTF-8 (here Latin-1) is named by file and line: exit 2, no traceback."""
+        data = tmp_path / "latin1.jsonl"
+        good = json.dumps(_row("a", EASY_PROMPT, 1, 1)) + "\n" + json.dumps(_row("b", HARD_PROMPT, 1, 0)) + "\n"
+        data.write_bytes(good.encode() + json.dumps(_row("c", "café", 1, 0), ensure_ascii=False).encode("latin-1"))
+        out = tmp_path / "out.jsonl"
+        argv = {
+            "fit": _fit_args(data, tmp_path / "router"),
+            "score": ["score", "--router", str(fitted), "--data", str(data), "--out", str(out)],
+            "eval": _eval_args(fitted, data),
+            "classify": ["classify", "--data", str(data), "--out", str(out)],
+        }[command]
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: {data}:3: not UTF-8"
+        assert not out.exists()
+
+    @pytest.mark.parametrize("command", ["fit", "score", "eval"])
+    def test_ids_repeated_within_a_file_are_refused(
+        self, command: str, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An id used twice in one file is named with both lines: eval and score report by id."""
+        data = _write_lines(
+            tmp_path / "dup.jsonl",
+            [_row("x", HARD_PROMPT, 1, 0), _row("y", "what colour is the sky", 1, 1), _row("x", EASY_PROMPT, 1, 1)],
+        )
+        out = tmp_path / "scores.jsonl"
+        argv = {
+            "fit": _fit_args(data, tmp_path / "router"),
+            "score": ["score", "--router", str(fitted), "--data", str(data), "--out", str(out)],
+            "eval": _eval_args(fitted, data),
+        }[command]
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        expected = f"error: {data}:3: id 'x' repeats line 1 (ids must be unique within a file)"
+        assert capsys.readouterr().err.splitlines()[-1] == expected
+        assert not out.exists()
+
+
+class TestEvalCommand:
+    """eval scores each record's own prompt, matches names like fit, and says which names it used."""
+
+    def test_ids_shared_by_two_files_keep_their_own_prompts(
+        self, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Two files of a folder may use the same ids: fit, score and eval read both, and eval's metrics
+        are those of the scores `score` gives each record (not of the last prompt with that id)."""
+        folder = tmp_path / "data"
+        _write_lines(folder / "a.jsonl", [_row("q1", HARD_PROMPT, 1, 0), _row("q2", EASY_PROMPT, 1, 1)])
+        _write_lines(folder / "b.jsonl", [_row("q1", EASY_PROMPT, 1, 1), _row("q2", HARD_PROMPT, 1, 0)])
+        assert cli.main(_fit_args(folder, tmp_path / "router")) == 0
+        out = tmp_path / "scores.jsonl"
+        assert cli.main(["score", "--router", str(fitted), "--data", str(folder), "--out", str(out)]) == 0
+        scores = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [s["id"] for s in scores] == ["q1", "q2", "q1", "q2"]
+        hard, easy = scores[0]["score"], scores[1]["score"]
+        assert hard > easy  # the router tells the two prompts apart, so a mix-up would show
+        capsys.readouterr()
+        assert cli.main(_eval_args(fitted, folder)) == 0
+        report = json.loads(capsys.readouterr().out)
+        expected = evaluate_scores([s["score"] for s in scores], [1, 1, 1, 1], [0, 1, 1, 0]).as_dict()
+        assert expected == report
+        assert report["apgr"] == pytest.approx(0.75)  # both hard prompts first: the best order
+
+    def test_model_names_match_by_alias_in_each_file(
+        self, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Each file's names are matched to --strong/--weak as fit matches them (id, else loose alias),
+        reported per file on stderr; an alias of the router's own pair draws no warning."""
+        folder = tmp_path / "data"
+        strong_name, weak_name = f"org/{STRONG.title()}", f"{WEAK}-v0.1_concise"
+        _write_lines(
+            folder / "a.jsonl",
+            [
+                {"id": "1", "prompt": HARD_PROMPT, "outcomes": {strong_name: 1, WEAK: 0}},
+                {"id": "2", "prompt": EASY_PROMPT, "outcomes": {strong_name: 1, WEAK: 1}},
+            ],
+        )
+        _write_lines(
+            folder / "b.jsonl",
+            [
+                {"id": "1", "prompt": HARD_PROMPT, "outcomes": {STRONG: 1, weak_name: 0, "other": 0}},
+                {"id": "2", "prompt": "say hello", "outcomes": {STRONG: 1, weak_name: 1, "other": 1}},
+            ],
+        )
+        _write_lines(folder / "c.jsonl", [{"id": "1", "prompt": "hi", "outcomes": {"A": 1, "B": 0}}])
+        capsys.readouterr()
+        assert cli.main(_eval_args(fitted, folder, strong=STRONG, weak=WEAK.upper())) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["prompts"] == 4
+        used = [line for line in captured.err.splitlines() if line.startswith("  ")]
+        assert used == [
+            f"  a: 2 of 2 prompts, pair {strong_name} - {WEAK}",
+            f"  b: 2 of 2 prompts, pair {STRONG} - {weak_name}",
+            "  c: 1 prompts, skipped (no model matches the pair)",
+        ]
+        assert "warning" not in captured.err
+
+    def test_warns_when_the_pair_is_not_the_routers(
+        self, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A pair other than the one the router was fitted for is evaluated, with a warning on stderr."""
+        data = _write_lines(
+            tmp_path / "other.jsonl",
+            [
+                {"id": "1", "prompt": HARD_PROMPT, "outcomes": {"A": 1, "B": 0}},
+                {"id": "2", "prompt": EASY_PROMPT, "outcomes": {"A": 1, "B": 1}},
+            ],
+        )
+        capsys.readouterr()
+        assert cli.main(_eval_args(fitted, data, strong="A", weak="B")) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["prompts"] == 2
+        warnings = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+        assert warnings == [
+            f"warning: the router was fitted for {STRONG} - {WEAK}, not A - B: its scores rank prompts by the"
+            " fitted pair's gap"
+        ]

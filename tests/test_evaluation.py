@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import numpy as np
 import pytest
 
-from routesvc.evaluation import EvaluationError, aiq, apgr, cpt, evaluate_scores, routing_curve
+from routesvc.evaluation import EvaluationError, aiq, apgr, cpt, evaluate_scores, pair_data, routing_curve
+from routesvc.outcomes import OutcomeRecord
 
 # Four prompts. Strong gets 1,1,1,0 and weak 0,0,1,0: strong 0.75, weak 0.25, gap 0.5.
 STRONG = [1.0, 1.0, 1.0, 0.0]
@@ -89,3 +92,45 @@ class TestReport:
         assert report.cost_strong_usd == pytest.approx(3.0)
         assert report.oracle_apgr == pytest.approx(0.75)
         assert report.prompts == 4
+
+
+def _record(source: str, id_: str, prompt: str, outcomes: dict[str, float]) -> OutcomeRecord:
+    return OutcomeRecord(id=id_, prompt=prompt, task="t", outcomes=MappingProxyType(outcomes), source=source)
+
+
+class TestPairData:
+    def test_each_record_keeps_its_own_prompt(self) -> None:
+        """Records of two files with the same id keep their own prompts and outcomes, in order."""
+        records = [
+            _record("a", "q", "hard prompt", {"S": 1, "W": 0}),
+            _record("b", "q", "easy prompt", {"S": 1, "W": 1}),
+        ]
+        pair = pair_data(records, "S", "W")
+        assert (pair.ids, pair.prompts) == (["q", "q"], ["hard prompt", "easy prompt"])
+        assert (pair.strong.tolist(), pair.weak.tolist()) == ([1.0, 1.0], [0.0, 1.0])
+
+    def test_names_resolve_per_file_as_fit_resolves_them(self) -> None:
+        """Each file's names match by id, else by loose alias among the models of (nearly) every
+        prompt, as in fit; a rare variant with the same alias does not make the match ambiguous."""
+        rare = _record("a", "3", "p3", {"S-v1": 0, "S_rare": 1, "W": 0})
+        records = [
+            _record("a", "1", "p1", {"S-v1": 1, "W": 0}),
+            _record("a", "2", "p2", {"S-v1": 1, "W": 1}),
+            rare,
+            *[_record("a", f"{i}", "p", {"S-v1": 1, "W": 1}) for i in range(4, 21)],
+            _record("b", "1", "p1", {"org/s": 1, "W_concise": 1}),
+            _record("c", "1", "p1", {"X": 1, "Y": 0}),
+        ]
+        pair = pair_data(records, "s", "W")
+        assert [(s.source, s.prompts, s.strong, s.weak, s.kept) for s in pair.sources] == [
+            ("a", 20, "S-v1", "W", 20),
+            ("b", 1, "org/s", "W_concise", 1),
+            ("c", 1, None, None, 0),
+        ]
+        assert len(pair.prompts) == 21
+        assert pair.strong[2] == 0.0
+
+    def test_no_match_names_the_pair(self) -> None:
+        """With no file holding the pair, the error names the requested models and how they match."""
+        with pytest.raises(EvaluationError, match=r"'S' and 'W' \(models match by id or loose alias\)"):
+            pair_data([_record("a", "1", "p", {"X": 1, "Y": 0})], "S", "W")
