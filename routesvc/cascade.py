@@ -12,15 +12,20 @@ from collections.abc import Mapping
 from dataclasses import replace
 from decimal import Decimal
 
+import structlog
+
 from routesvc.config import CascadeConfig, Settings
 from routesvc.cost import format_usd
 from routesvc.models import Mode, RouteDecision, RoutingRequest
 from routesvc.providers.base import Provider
 from routesvc.scoring import CombinedScorer, LLMJudge, LocalScorer, Scorer
 
+log = structlog.get_logger("routesvc.cascade")
 
-def build_scorer(config: CascadeConfig, settings: Settings, providers: Mapping[str, Provider]) -> Scorer | None:
-    """The configured scorer, or None when a judge is configured whose provider has no adapter."""
+
+def build_scorer(config: CascadeConfig, settings: Settings, providers: Mapping[str, Provider]) -> Scorer:
+    """The configured scorer. A judge whose provider has no adapter (its key is not set) is kept as
+    one that cannot be asked: its ``on_failure`` applies, and the reason says why (logged at start)."""
     scorers: list[Scorer] = []
     for name in config.scorers:
         if name == "local":
@@ -30,8 +35,14 @@ def build_scorer(config: CascadeConfig, settings: Settings, providers: Mapping[s
         assert judge is not None  # validated in config
         model = settings.catalog.get(judge.model)
         provider = providers.get(model.provider)
+        unavailable = ""
         if provider is None:
-            return None
+            missing = settings.providers[model.provider].missing_key_reason
+            unavailable = missing or f"provider {model.provider} unavailable"
+            if providers:  # with no provider at all nothing cascades anyway
+                log.warning(
+                    "cascade_judge_unavailable", judge=model.id, reason=unavailable, on_failure=judge.on_failure
+                )
         scorers.append(
             LLMJudge(
                 provider,
@@ -39,6 +50,7 @@ def build_scorer(config: CascadeConfig, settings: Settings, providers: Mapping[s
                 timeout=judge.timeout_seconds,
                 max_output_tokens=judge.max_output_tokens,
                 on_failure=judge.on_failure,
+                unavailable=unavailable,
             )
         )
     return CombinedScorer(scorers, config.combine)
@@ -55,8 +67,8 @@ class EscalationPolicy:
         self._scorer = build_scorer(self._config, settings, providers)
 
     @property
-    def scorer(self) -> Scorer | None:
-        """The scorer, or None when the cascade cannot run (its judge has no provider)."""
+    def scorer(self) -> Scorer:
+        """The scorer of every cascade step's answer."""
         return self._scorer
 
     def _wanted(self, request: RoutingRequest) -> bool:
@@ -70,7 +82,7 @@ class EscalationPolicy:
     def plan(self, decision: RouteDecision, request: RoutingRequest) -> RouteDecision:
         """``decision`` with its cascade models, thresholds and scorer set, when a chain applies."""
         chain = self._chains.get(decision.model)
-        if chain is None or self._scorer is None or not self._wanted(request):
+        if chain is None or not self._wanted(request):
             return decision
         if decision.mode is not Mode.REALTIME or decision.strategy == "pinned" or request.chat.tools:
             return decision

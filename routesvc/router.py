@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -440,18 +440,19 @@ class Router:
         """The decided model, then its configured fallbacks that can serve the request and whose
         estimated cost is within ``cap`` (the request's ``max_cost_usd``).
 
-        In a cascade step, models of later steps are left out: reaching them is an escalation,
-        announced and scored, not a silent fallback.
+        In a cascade step, the chain's other models are left out: reaching a later one is an
+        escalation, announced and scored, not a silent fallback, and an earlier one's answer was
+        already rejected.
         """
         eligible = {c.model for c in decision.candidates if c.eligible}
         steps = decision.cascade_models
-        later = set(steps[steps.index(decision.model) + 1 :]) if decision.model in steps else set()
+        other_steps = set(steps) - {decision.model}
         tokens_in, tokens_out = decision.estimated_input_tokens, decision.estimated_output_tokens
         chain = [decision.model]
         for name in self._routing.fallbacks.get(decision.model, ()):
             spec = self._catalog.get(name)
             provider = self._settings.providers[spec.provider]
-            if name in later or name in chain or name not in eligible:
+            if name in other_steps or name in chain or name not in eligible:
                 continue
             if not provider.configured or name not in self._providers_by_model:
                 continue
@@ -544,22 +545,27 @@ class Router:
                 next_cost = estimate_cost(
                     self._catalog.get(next_model), decision.estimated_input_tokens, decision.estimated_output_tokens
                 )
-                if not released and outcome.completion is not None:
+                if not released:
                     cap = self._escalation.max_cost(request)
                     would_cost = attempt.cost + next_cost
                     if cap is not None and would_cost > cap:
+                        # A step that failed has no answer to release: it ends with its failure,
+                        # as a fallback over the cap is skipped.
+                        if outcome.error is not None:
+                            raise outcome.error
                         released = True
                         why = max_cost_reason(next_model, would_cost, cap)
                         quality = replace(quality, reason=f"{quality.reason}; {why}")
                 if not released:
                     # The next model is another call to pay for: the tenant's budget must take it
                     # before the cheaper answer is given up; if it cannot, that answer is released
-                    # (a step that failed has none to release: the refusal is the request's).
+                    # (a step that failed has none to release: it ends with its failure, as a
+                    # fallback the budget cannot take is skipped).
                     try:
                         await self._cover_cost(attempt, next_cost)
                     except (LimitExceeded, SharedStateUnavailable) as refused:
-                        if outcome.completion is None:
-                            raise
+                        if outcome.error is not None:
+                            raise outcome.error from refused
                         released = True
                         why = f"not escalated to {next_model}: {refused.message}"
                         quality = replace(quality, reason=f"{quality.reason}; {why}")
@@ -578,7 +584,7 @@ class Router:
                     quality=quality,
                     threshold=threshold,
                     cost_usd=attempt.cost - outcome.cost_before,
-                    usage=outcome.completion.usage if outcome.completion is not None else Usage(),
+                    usage=outcome.usage,
                 )
             # aclosing: when the caller goes away mid-stream, the attempt is closed (and its cost
             # recorded) here, before the reservation below settles with ``attempt.cost``.
@@ -591,11 +597,7 @@ class Router:
 
     def _final(self, state: _AttemptState, completion: Completion, quality: QualityScore | None = None) -> Completion:
         """The last message: every attempt, their summed usage and cost, and the released score."""
-        total = Usage(
-            input_tokens=sum(a.usage.input_tokens for a in state.summaries),
-            output_tokens=sum(a.usage.output_tokens for a in state.summaries),
-            cached_input_tokens=sum(a.usage.cached_input_tokens for a in state.summaries),
-        )
+        total = _usage_of(state.summaries)
         if completion.model != state.decision.model:
             # Escalated or fallen back: feedback on this answer is about the model that gave it.
             for stage in self._policy.learning_stages:
@@ -620,6 +622,7 @@ class Router:
         decision = state.decision
         cost_before = state.cost
         chunks_before = state.chunks
+        attempts_before = len(state.summaries)
         deltas: list[TextDelta] = []
         completion: Completion | None = None
         try:
@@ -632,12 +635,12 @@ class Router:
             if not (is_retryable(error) or isinstance(error, StreamInterrupted)):
                 raise
             failed = QualityScore(0.0, "none", f"{model_id} failed ({error.reason})")
-            return _StepOutcome(deltas=(), completion=None, quality=failed, cost_before=cost_before)
+            used = _usage_of(state.summaries[attempts_before:])
+            return _StepOutcome((), None, failed, cost_before, used, error)
         finally:
             state.chunks = chunks_before  # buffered chunks never reached the client
         assert completion is not None  # _serve ends with a completion or raises
         scorer = self._escalation.scorer
-        assert scorer is not None  # a cascade is planned only with a scorer
         index = decision.cascade_models.index(model_id)
         result = await scorer.score(
             ScoringInput(
@@ -653,7 +656,8 @@ class Router:
                 reserve=lambda cost: self._cover_cost(state, cost),
             )
         )
-        return _StepOutcome(tuple(deltas), completion, result.quality, cost_before)
+        used = _usage_of(s for s in state.summaries[attempts_before:] if s.result is not AttemptResult.JUDGE)
+        return _StepOutcome(tuple(deltas), completion, result.quality, cost_before, used)
 
     def _record_scoring(self, state: _AttemptState, call: UpstreamCall) -> None:
         """A judge's call is charged to the request like any attempt."""
@@ -905,12 +909,27 @@ class _AttemptState:
 
 @dataclass(frozen=True, slots=True)
 class _StepOutcome:
-    """A buffered cascade step: its answer (None when it failed), score, and the cost before it."""
+    """A buffered cascade step: its answer (None when it failed, with its ``error``), score, the
+    cost before it, and the usage of its attempts (a failed or cut one's estimated)."""
 
     deltas: tuple[TextDelta, ...]
     completion: Completion | None
     quality: QualityScore
     cost_before: Decimal
+    usage: Usage
+    error: ProviderError | None = None
+
+
+def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:
+    """The summed usage of ``summaries``."""
+    total = Usage()
+    for summary in summaries:
+        total = Usage(
+            input_tokens=total.input_tokens + summary.usage.input_tokens,
+            output_tokens=total.output_tokens + summary.usage.output_tokens,
+            cached_input_tokens=total.cached_input_tokens + summary.usage.cached_input_tokens,
+        )
+    return total
 
 
 def _side_call_outcome(call: UpstreamCall) -> AttemptOutcome:

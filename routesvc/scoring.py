@@ -113,6 +113,8 @@ _ASKS_FOR_ONE_CHOICE = re.compile(
 )
 _ONE_CHOICE = re.compile(r"^\W{0,3}(?:answer:?\s*)?\(?[A-Ha-h]\)?(?:\W|$)", re.IGNORECASE)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
+# The patterns spell apostrophes the ASCII way; models often write typographic ones ("I’m", "can’t").
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff07": "'"})
 
 
 def asks_for_json(request: RoutingRequest) -> bool:
@@ -166,7 +168,7 @@ class LocalScorer:
 
     def verdict(self, request: RoutingRequest, answer: str, finish_reason: FinishReason) -> QualityScore:
         """The same as ``score``, synchronously (for offline measurement)."""
-        text = answer.strip()
+        text = answer.strip().translate(_APOSTROPHES)
         if finish_reason is FinishReason.CONTENT_FILTER:
             return QualityScore(0.0, self.name, "filtered by the provider")
         if not text:
@@ -179,7 +181,7 @@ class LocalScorer:
             return QualityScore(0.2, self.name, "requested JSON does not parse")
         if text.count("```") % 2:
             return QualityScore(0.2, self.name, "unterminated code block")
-        question = request.chat.last_user_message
+        question = request.chat.last_user_message.translate(_APOSTROPHES)
         if _ASKS_FOR_PYTHON.search(question) and not _PYTHON_CODE.search(text):
             return QualityScore(0.3, self.name, "requested Python code missing")
         if _ASKS_FOR_ONE_CHOICE.search(question[-500:]) and not _ONE_CHOICE.match(text):
@@ -231,14 +233,18 @@ class LLMJudge:
 
     def __init__(
         self,
-        provider: Provider,
+        provider: Provider | None,
         model: ModelSpec,
         *,
         timeout: float,
         max_output_tokens: int = 64,
         on_failure: Literal["release", "escalate"] = "release",
+        unavailable: str = "",
     ) -> None:
+        """``provider`` None: the judge cannot be asked (``unavailable`` says why), so every score
+        is its ``on_failure``; the other scorers still run."""
         self._provider = provider
+        self._unavailable = unavailable
         self._model = model
         self._timeout = timeout
         self._max_output_tokens = max_output_tokens
@@ -262,6 +268,8 @@ class LLMJudge:
     async def score(self, scoring_input: ScoringInput, /) -> ScoreResult:
         """Ask the judge. Its usage (estimated when it did not finish) goes to ``charge`` when the
         call ends and comes back in ``calls``."""
+        if self._provider is None:
+            return ScoreResult(self._failed(f"{self._model.id} not asked ({self._unavailable})"))
         timeout = self._timeout if scoring_input.timeout is None else min(self._timeout, scoring_input.timeout)
         messages = self._messages(scoring_input)
         call = ProviderCall(

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient
 from routesvc.ledger import AttemptOutcome
@@ -19,6 +20,7 @@ from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.test_validation import error_info
 
 
 def _input(
@@ -40,6 +42,9 @@ class TestLocalScorer:
             ("", FinishReason.STOP, (0.0, "empty answer")),
             ("Paris is the capital.", FinishReason.CONTENT_FILTER, (0.0, "filtered by the provider")),
             ("I'm sorry, but I can't help with that.", FinishReason.STOP, (0.1, "refusal")),
+            ("I\u2019m sorry, but I can\u2019t help with that.", FinishReason.STOP, (0.1, "refusal")),
+            ("I won\u2019t help with that.", FinishReason.STOP, (0.1, "refusal")),
+            ("I\u2019m not sure; I don\u2019t know.", FinishReason.STOP, (0.5, "hedged answer")),
             ("The answer is", FinishReason.LENGTH, (0.2, "truncated (finish_reason length)")),
             ("I'm not sure; it cannot be determined.", FinishReason.STOP, (0.5, "hedged answer")),
             ("Paris is the capital of France.", FinishReason.STOP, (1.0, "no problem found")),
@@ -443,3 +448,99 @@ class TestCascadeConfig:
             ("gpt-4o", "claude-sonnet"),
         ]
         assert messages[-1].completion.model == "claude-sonnet"
+
+
+class TestFailedStepsKeepTheirLimits:
+    """A cascade step that fails has no answer to release: the request's limits stop the
+    escalation as they stop a fallback, and the request ends with the step's own failure."""
+
+    async def test_a_failed_step_does_not_escalate_past_max_cost(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """gpt-4o-mini answers 503 twice and gpt-4o's estimate alone is over ``max_cost_usd``: not
+        called, as without the cascade; UNAVAILABLE with the cheap model's error."""
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o-mini")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _cascade(live_client, max_cost_usd="0.001")
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "PROVIDER_UNAVAILABLE",
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+
+    async def test_a_failed_step_the_budget_cannot_escalate_ends_with_its_failure(self, fake: FakeProvider) -> None:
+        """The tenant's budget cannot take gpt-4o: the request ends UNAVAILABLE with the provider's
+        error, as the same failure without a cascade does, not BUDGET_EXCEEDED (retry tomorrow)."""
+        config = default_config()
+        config["tenants"] = {"acme": {"daily_budget_usd": "0.001"}}
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _cascade(client, "hi", tenant="acme")
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "PROVIDER_UNAVAILABLE",
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+
+    async def test_the_last_step_never_falls_back_to_a_step_it_rejected(self, fake: FakeProvider) -> None:
+        """mini -> gpt-4o -> claude-sonnet with the default fallbacks (claude-sonnet: [gpt-4o]): both
+        refusals are escalated, claude-sonnet fails, and gpt-4o, already rejected, is not asked
+        again to answer unscored."""
+        refusal = Script(text="I cannot help with that.")
+        fake.enqueue(refusal, model="gpt-4o-mini")
+        fake.enqueue(refusal, refusal, model="gpt-4o")
+        fake.enqueue(Script(status=503), Script(status=503), model="claude-sonnet-4-6")
+        async with (
+            Server(settings_from(_three_step_cascade(0.8, 0.8), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext())]
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o", "claude-sonnet-4-6", "claude-sonnet-4-6"]
+
+    async def test_an_escalation_reports_the_usage_of_a_cut_step(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap stream is cut after 30 chunks: the escalation carries that attempt's estimated
+        usage next to its cost, as the completion's attempt list does."""
+        fake.enqueue(Script(chunk_count=40, fault=Fault.CUT, fault_after=30), model="gpt-4o-mini")
+        messages = await _cascade(live_client)
+        [escalation] = [m.escalation for m in messages if m.WhichOneof("event") == "escalation"]
+        first = messages[-1].completion.attempts[0]
+        assert Decimal(escalation.cost_usd) == Decimal(first.cost_usd) > 0
+        assert escalation.usage.output_tokens > 0
+        assert (escalation.usage.input_tokens, escalation.usage.output_tokens) == (
+            first.usage.input_tokens,
+            first.usage.output_tokens,
+        )
+
+
+class TestAJudgeThatCannotBeAsked:
+    async def test_a_judge_without_a_key_applies_its_on_failure_and_the_cascade_still_runs(
+        self, fake: FakeProvider
+    ) -> None:
+        """The judge is on claude-sonnet and ANTHROPIC_API_KEY is not set: the cascade still runs
+        with the local scorer; the judge's ``on_failure`` (release) applies, and the quality
+        reason says why; the start logs it once."""
+        config = default_config()
+        config["cascade"]["judge"]["model"] = "claude-sonnet"  # type: ignore[index]
+        environ = {"OPENAI_API_KEY": "sk-test-openai", "OPENAI_BASE_URL": fake.openai_base_url}
+        fake.enqueue(Script(text="Paris is the capital."), model="gpt-4o-mini")
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(config, environ), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                messages = await _cascade(client)
+        assert list(messages[0].decision.cascade_models) == ["gpt-4o-mini", "gpt-4o"]
+        quality = messages[-1].completion.quality
+        assert quality.score == 1.0
+        assert "judge claude-sonnet not asked (" in quality.reason
+        assert "ANTHROPIC_API_KEY" in quality.reason
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+        assert [e["judge"] for e in logs if e["event"] == "cascade_judge_unavailable"] == ["claude-sonnet"]
