@@ -29,6 +29,8 @@ _FINISH_NAMES = {
     pb.FINISH_REASON_CONTENT_FILTER: "content_filter",
     pb.FINISH_REASON_OTHER: "other",
 }
+_INT32_MAX = 2**31 - 1
+_MAX_DURATION_SECONDS = 315_576_000_000
 
 
 def _decision_json(decision: pb.RouteDecision) -> dict[str, object]:
@@ -262,7 +264,13 @@ async def _stats(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         stats = await client.get_stats(tenant=args.tenant, window_seconds=args.window, timeout=args.timeout)
     if args.json:
-        print(json.dumps(json_format.MessageToDict(stats, preserving_proto_field_name=True)))
+        print(
+            json.dumps(
+                json_format.MessageToDict(
+                    stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                )
+            )
+        )
         return 0
     totals = stats.totals
     print(f"window:         {stats.window.ToNanoseconds() / 1e9:g} s ({stats.tenant or 'all tenants'})")
@@ -311,7 +319,13 @@ async def _feedback(args: argparse.Namespace) -> int:
             args.decision_id, score=args.score, thumbs_up=args.thumbs, timeout=args.timeout
         )
     if args.json:
-        print(json.dumps(json_format.MessageToDict(response, preserving_proto_field_name=True)))
+        print(
+            json.dumps(
+                json_format.MessageToDict(
+                    response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                )
+            )
+        )
     else:
         print(f"recorded {response.score:g} for {response.model} ({response.library_examples} examples in the library)")
     return 0
@@ -384,6 +398,30 @@ def _tool_count(text: str) -> int:
     return count
 
 
+def _max_output_tokens(text: str) -> int:
+    try:
+        tokens = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    # chat.max_output_tokens is an int32: a larger number cannot even be put in the request.
+    if not 1 <= tokens <= _INT32_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r}: the number of output tokens must be from 1 to {_INT32_MAX}")
+    return tokens
+
+
+def _window_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    # The window is sent as a google.protobuf.Duration, which holds at most 10,000 years.
+    if not (math.isfinite(seconds) and 0 <= seconds <= _MAX_DURATION_SECONDS):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the window must be a number of seconds from 0 to {_MAX_DURATION_SECONDS}"
+        )
+    return seconds
+
+
 def _metadata_entry(text: str) -> tuple[str, str]:
     key, equals, value = text.partition("=")
     if not equals or not key:
@@ -435,7 +473,9 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None
     )
     cascade.add_argument("--no-cascade", dest="cascade", action="store_false", help="do not run the cascade")
     parser.add_argument("--model", default="", help="pin a catalog model instead of routing")
-    parser.add_argument("--max-output-tokens", type=int, default=None)
+    parser.add_argument(
+        "--max-output-tokens", type=_max_output_tokens, default=None, help="cap on the answer's tokens (at least 1)"
+    )
     parser.add_argument("--max-cost", default="", help="maximum estimated cost in USD")
     parser.add_argument("--system", default="", help="a system message")
     parser.add_argument(
@@ -492,7 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="routing effectiveness: model mix, cost, savings, latency")
     _add_client_flags(stats, request=False)
     stats.add_argument("--tenant", default="", help="only this tenant's requests")
-    stats.add_argument("--window", type=float, default=0.0, help="seconds to look back (default: all kept)")
+    stats.add_argument(
+        "--window", type=_window_seconds, default=0.0, help="seconds to look back (default and 0: all kept)"
+    )
     stats.set_defaults(func=lambda args: asyncio.run(_stats(args)))
     simulate = commands.add_parser("simulate", help="route a JSONL file of prompts offline: mix, cost, savings")
     simulate.add_argument("--data", required=True, help="JSONL file, one object with a 'prompt' per line")

@@ -125,6 +125,15 @@ def _tool(index: int, tool: pb.Tool) -> ToolSpec:
             raise InvalidRequest(f"{field}.parameters_json", "must be a JSON object")
         if _depth(parsed) > _MAX_JSON_DEPTH:
             raise InvalidRequest(f"{field}.parameters_json", f"must nest at most {_MAX_JSON_DEPTH} levels deep")
+        try:
+            # Python reads a lone surrogate escape ("\ud800") into a string that has no UTF-8 form,
+            # so the request could never be sent: it would fail at the provider and count against
+            # the model's breaker. (The depth check above bounds this encoder's recursion.)
+            json.dumps(parsed, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                f"{field}.parameters_json", "must not escape a lone surrogate (every string must be valid UTF-8)"
+            ) from None
         parameters = parsed
     return ToolSpec(tool.name, tool.description, MappingProxyType(parameters))
 

@@ -3,6 +3,7 @@ what each command says about flags and paths it cannot use (one line, exit 2, no
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -16,11 +17,15 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from routesvc import cli
+from routesvc.client import RouterClient
 from routesvc.evaluation import evaluate_scores
-from tests.conftest import REPO, process_environ
+from routesvc.server import Server
+from tests.conftest import REPO, default_config, process_environ, settings_from, user_chat
 from tests.routing_data import STRONG, WEAK, records, write_jsonl
+from tests.test_feedback_rpc import embedding_config
 
 
 @dataclass
@@ -181,6 +186,40 @@ class TestModelsCommand:
         assert all(m["available"] for m in models.values())
 
 
+class TestJsonOutput:
+    """--json prints every field of the response, zero-valued ones too (they were left out)."""
+
+    async def test_feedback_down_prints_its_score_of_zero(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """feedback --down --json has "score": 0.0 (it had no score at all; --up had 1.0)."""
+        async with (
+            Server(settings_from(embedding_config(tmp_path)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            decision = await client.route(user_chat("say hello to zulu"))
+            argv = ["feedback", "--target", server.target, decision.decision_id, "--down", "--json"]
+            code = await asyncio.to_thread(cli.main, argv)  # the command runs its own event loop
+        assert code == 0
+        # The in-process server logs to the same stdout; the command prints one JSON line.
+        (printed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert json.loads(printed) == {
+            "decision_id": decision.decision_id,
+            "model": "gpt-4o-mini",
+            "score": 0.0,
+            "library_examples": "1",
+        }
+
+    def test_stats_prints_zero_totals(self, running: Running) -> None:
+        """stats --json of a tenant with no requests has its zero counts and rates."""
+        result = _cli(running, "stats", "--tenant", "nobody-at-all", "--json")
+        assert result.returncode == 0, result.stderr
+        stats = json.loads(result.stdout)
+        assert (stats["totals"]["requests"], stats["totals"]["errors"]) == ("0", "0")
+        assert (stats["escalations"], stats["fallbacks"], stats["escalation_rate"]) == ("0", "0", 0.0)
+        assert stats["tenant"] == "nobody-at-all"
+
+
 class TestServeLoop:
     def test_serves_on_uvloop_by_default(self, running: Running) -> None:
         """``server.uvloop`` defaults to true: the server says which loop it runs on."""
@@ -262,6 +301,50 @@ class TestClientFlagErrors:
         assert exited.value.code == 2
         assert capsys.readouterr().err.rstrip().endswith(f"error: {problem}")
 
+    @pytest.mark.parametrize(
+        ("argv", "problem"),
+        [
+            (
+                ("route", "--max-output-tokens", "99999999999", "hello"),
+                "argument --max-output-tokens: '99999999999': the number of output tokens must be from 1 to 2147483647",
+            ),
+            (
+                ("route", "--max-output-tokens", "0", "hello"),
+                "argument --max-output-tokens: '0': the number of output tokens must be from 1 to 2147483647",
+            ),
+            (
+                ("route", "--max-output-tokens", "1.5", "hello"),
+                "argument --max-output-tokens: '1.5' is not a whole number",
+            ),
+            *(
+                (
+                    ("stats", "--window", window),
+                    f"argument --window: '{window}': the window must be a number of seconds from 0 to 315576000000",
+                )
+                for window in ("nan", "inf", "1e300", "-1")
+            ),
+            (("stats", "--window", "soon"), "argument --window: 'soon' is not a number of seconds"),
+        ],
+    )
+    def test_out_of_range_numbers_are_usage_errors(
+        self, running: Running, argv: tuple[str, ...], problem: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--max-output-tokens outside an int32 from 1, and a --window that is not a finite number of
+        seconds from 0 up to a Duration's range: argparse's usage error (exit 2), nothing sent (they
+        were tracebacks from building the request)."""
+        command, *rest = argv
+        with pytest.raises(SystemExit) as exited:
+            cli.main([command, "--target", running.target, *rest])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err.rstrip().endswith(f"error: {problem}")
+
+    def test_the_bounds_themselves_are_accepted(self) -> None:
+        """The largest int32 of output tokens, and windows of 0 and of a Duration's largest, parse."""
+        parser = cli.build_parser()
+        assert parser.parse_args(["route", "--max-output-tokens", "2147483647", "hi"]).max_output_tokens == 2**31 - 1
+        assert parser.parse_args(["stats", "--window", "0"]).window == 0.0
+        assert parser.parse_args(["stats", "--window", "315576000000"]).window == 315_576_000_000.0
+
     def test_metadata_values_may_be_empty_or_hold_equals(self) -> None:
         """KEY= is an empty value and only the first '=' splits."""
         args = cli.build_parser().parse_args(["route", "--metadata", "a=", "--metadata", "b=x=y", "hi"])
@@ -309,6 +392,22 @@ class TestServeFlagErrors:
             line = _one_line_error(_run("serve", "--port", str(port), timeout=30))
         assert line == (
             f"error: server: cannot listen on 127.0.0.1:{port} (the port is in use, or the host is not this machine's)"
+        )
+
+    def test_a_prometheus_port_in_use_is_one_line(self, tmp_path: Path) -> None:
+        """telemetry.metrics.prometheus_port taken by another process: exit 2 naming the field and
+        the address, as for the gRPC port (it was a traceback and exit 1)."""
+        config = default_config()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            config["telemetry"] = {"metrics": {"prometheus_port": port}}
+            path = tmp_path / "config.yaml"
+            path.write_text(yaml.safe_dump(config), encoding="utf-8")
+            line = _one_line_error(_run("serve", "--config", str(path), "--port", "0", timeout=30))
+        assert line == (
+            f"error: telemetry.metrics.prometheus_port: cannot listen on 127.0.0.1:{port} (Address already in use)"
         )
 
 

@@ -562,12 +562,50 @@ class TestDockerfile:
         for variable in ("HOME=/tmp", "XDG_CACHE_HOME=/tmp/", "PYTHONDONTWRITEBYTECODE=1"):
             assert variable in env
 
+    def test_keeps_batch_jobs_on_a_volume_owned_by_the_runtime_user(self) -> None:
+        """$ROUTESVC_DATA_DIR (the batch job store) is a VOLUME at /var/lib/routesvc, created owned
+        by uid 10001 before the VOLUME line (later changes to it would be discarded), and it is the
+        path the Kubernetes base mounts its data volume at. It was unset: the store went to HOME,
+        the /tmp tmpfs, and a stopped container lost its jobs."""
+        final = _final_stage(_instructions(DOCKERFILE))
+        env = " ".join(args for keyword, args in final if keyword == "ENV")
+        assert "ROUTESVC_DATA_DIR=/var/lib/routesvc" in env.split()
+        volumes = [index for index, (keyword, _) in enumerate(final) if keyword == "VOLUME"]
+        assert [final[index][1] for index in volumes] == ['["/var/lib/routesvc"]']
+        created = [
+            index
+            for index, (keyword, args) in enumerate(final)
+            if keyword == "RUN" and re.search(r"install -d -o 10001 -g 10001 (-m \d+ )?/var/lib/routesvc\b", args)
+        ]
+        assert created
+        assert created[0] < volumes[0]
+
+    def test_the_kubernetes_base_mounts_the_image_data_dir(self, overlay: Overlay) -> None:
+        """The Deployment's ROUTESVC_DATA_DIR is the image's, and a volume is mounted there."""
+        data_dir = overlay.env["ROUTESVC_DATA_DIR"]["value"]
+        assert data_dir == "/var/lib/routesvc"
+        assert data_dir in {mount["mountPath"] for mount in overlay.container["volumeMounts"]}
+
     def test_serves_routesvc_on_50051(self) -> None:
         """The entrypoint is `routesvc serve`, the gRPC port is exposed, and a healthcheck is set."""
         final = dict(_final_stage(_instructions(DOCKERFILE)))
         assert final["ENTRYPOINT"] == '["routesvc", "serve"]'
         assert final["EXPOSE"] == "50051"
         assert "grpc_health" in final["HEALTHCHECK"]
+
+
+class TestCompose:
+    """deploy/compose.yaml: routesvc read-only, with its state on a named volume."""
+
+    def test_batch_jobs_live_on_a_named_volume(self) -> None:
+        """The image's data dir is the named volume routesvc-data (it was only on the /tmp tmpfs,
+        which compose discards at every stop); /tmp stays a tmpfs for scratch."""
+        compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text(encoding="utf-8"))
+        routesvc = compose["services"]["routesvc"]
+        assert routesvc["read_only"] is True
+        assert routesvc["tmpfs"] == ["/tmp"]
+        assert "routesvc-data:/var/lib/routesvc" in routesvc["volumes"]
+        assert "routesvc-data" in compose["volumes"]
 
 
 class TestDockerignore:

@@ -7,8 +7,9 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from routesvc.client import RouterClient
+from routesvc.server import Server
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import user_chat
+from tests.conftest import default_config, settings_from, user_chat
 
 CANARY = "canary-prompt-7f3a9"
 
@@ -80,6 +81,24 @@ BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
         pb.RoutingContext(),
         "chat.tools[0].parameters_json",
     ),
+    (
+        "tool schema with a lone surrogate",  # json.loads reads it; encoding it for upstream failed (UNAVAILABLE)
+        _chat((USER, CANARY), tools=[pb.Tool(name="ok", parameters_json='{"description": "\\ud800"}')]),
+        pb.RoutingContext(),
+        "chat.tools[0].parameters_json",
+    ),
+    (
+        "tool schema with a lone surrogate in a nested key",
+        _chat(
+            (USER, CANARY),
+            tools=[
+                pb.Tool(name="ok"),
+                pb.Tool(name="two", parameters_json='{"properties": {"a\\udfffb": {"type": "string"}}}'),
+            ],
+        ),
+        pb.RoutingContext(),
+        "chat.tools[1].parameters_json",
+    ),
     ("max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd=CANARY), "context.max_cost_usd"),
     ("negative max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="-1"), "context.max_cost_usd"),
     (
@@ -129,6 +148,14 @@ class TestInvalidArgument:
         assert error_info(caught.value).metadata["field"] == field
 
 
+class TestToolSchemaText:
+    async def test_an_escaped_surrogate_pair_is_accepted(self, client: RouterClient) -> None:
+        """A pair of surrogate escapes is one character with a UTF-8 form: the schema is routed."""
+        chat = _chat((USER, "hi"), tools=[pb.Tool(name="ok", parameters_json='{"description": "\\ud83d\\ude00"}')])
+        decision = await client.route(chat)
+        assert decision.model != ""
+
+
 class TestSizeLimits:
     async def test_too_many_messages_is_resource_exhausted(self, client: RouterClient) -> None:
         """10,000 messages exceed the default limit of 1,000."""
@@ -144,6 +171,33 @@ class TestSizeLimits:
             await client.route(user_chat(CANARY * 300_000))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert CANARY not in (caught.value.details() or "")
+
+    async def test_the_transport_refuses_more_than_1_kib_over_the_limit_without_error_info(self) -> None:
+        """As the README says: up to 1 KiB over limits.max_request_bytes is REQUEST_TOO_LARGE with
+        its ErrorInfo; beyond that gRPC's receive limit refuses the message, RESOURCE_EXHAUSTED with
+        no ErrorInfo."""
+        config = default_config()
+        config["limits"] = {"max_request_bytes": 10_000}
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            refused: dict[int, grpc.aio.AioRpcError] = {}
+            for over in (1, 1024 - 16, 1024 + 16):
+                size = 10_000 + over
+                # The prompt that makes the whole request exactly ``size`` bytes (a few bytes go to
+                # field tags and length prefixes).
+                (chat,) = [
+                    chat
+                    for length in range(size - 16, size)
+                    if pb.RouteRequest(chat=(chat := user_chat("x" * length))).ByteSize() == size
+                ]
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await client.route(chat)
+                refused[over] = caught.value
+        assert {over: error.code() for over, error in refused.items()} == dict.fromkeys(
+            refused, grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        assert (error_info(refused[1]).reason, error_info(refused[1024 - 16]).reason) == ("REQUEST_TOO_LARGE",) * 2
+        with pytest.raises(AssertionError, match="no ErrorInfo"):
+            error_info(refused[1024 + 16])
 
     async def test_too_many_tools_is_resource_exhausted(self, client: RouterClient) -> None:
         """More tools than max_tools are refused."""

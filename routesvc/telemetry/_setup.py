@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 
 from routesvc.config import Settings
+from routesvc.errors import ConfigError
 from routesvc.stats import RoutingStats
 from routesvc.telemetry._request import _CURRENT, _PROPAGATOR, RequestTelemetry
 
@@ -101,7 +102,14 @@ class _PrometheusEndpoint:
 
         self.registry = CollectorRegistry(auto_describe=True)
         self.reader = PrometheusMetricReader(registry=self.registry)
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            # Like the gRPC ports: a port in use (or a host that is not this machine's) is a
+            # one-line config error at start, not a traceback.
+            raise ConfigError(
+                f"telemetry.metrics.prometheus_port: cannot listen on {host}:{port} ({exc.strerror or exc})"
+            ) from exc
         self.port: int = self._server.server_port
 
     def close(self) -> None:
@@ -126,6 +134,13 @@ class Telemetry:
         metric_readers: tuple[MetricReader, ...] = (),
     ) -> None:
         config = settings.telemetry
+        # First, so that a port it cannot have fails before any exporter's thread has started.
+        self.prometheus: _PrometheusEndpoint | None = None
+        if config.prometheus_port is not None:
+            self.prometheus = _PrometheusEndpoint(config.prometheus_host, config.prometheus_port)
+            log.info(
+                "prometheus_endpoint_started", url=f"http://{config.prometheus_host}:{self.prometheus.port}/metrics"
+            )
         self.settings = settings
         self.capture_content = config.capture_content
         self.baseline = settings.catalog.get(config.baseline_model)
@@ -184,13 +199,8 @@ class Telemetry:
                     ConsoleMetricExporter(out=sys.stderr), int(config.metrics_interval_seconds * 1000)
                 )
             )
-        self.prometheus: _PrometheusEndpoint | None = None
-        if config.prometheus_port is not None:
-            self.prometheus = _PrometheusEndpoint(config.prometheus_host, config.prometheus_port)
+        if self.prometheus is not None:
             readers.append(self.prometheus.reader)
-            log.info(
-                "prometheus_endpoint_started", url=f"http://{config.prometheus_host}:{self.prometheus.port}/metrics"
-            )
         self._meter_provider: MeterProvider | None = None
         if readers:
             self._meter_provider = MeterProvider(metric_readers=readers, resource=resource, views=_views())
