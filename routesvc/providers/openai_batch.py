@@ -137,15 +137,15 @@ class OpenAIBatches:
             ),
             finish_reason=map_finish_reason(choice.get("finish_reason")),
             provider_model=str(body.get("model") or ""),
-            tool_calls=tuple(
-                ToolCall(
-                    str(call.get("id") or ""), str(function.get("name") or ""), str(function.get("arguments") or "")
-                )
-                for call in message.get("tool_calls") or ()
-                for function in (call.get("function") or {},)
-            ),
+            tool_calls=tuple(_tool_call(call) for call in message.get("tool_calls") or ()),
         )
 
     async def cancel(self, batch_id: str) -> None:
         """Cancel the batch (the provider finishes what is running and keeps its output)."""
         await self._guard("cancel", self._client.batches.cancel(batch_id))
+
+
+def _tool_call(call: dict[str, Any]) -> ToolCall:
+    """One of a result message's ``tool_calls``."""
+    function = call.get("function") or {}
+    return ToolCall(str(call.get("id") or ""), str(function.get("name") or ""), str(function.get("arguments") or ""))
