@@ -58,15 +58,19 @@ async def complete_stream(start: Callable[[], CompleteCall]) -> AsyncIterator[pb
 
 
 def build_chat(
-    messages: Sequence[tuple[str, str]],
+    messages: Sequence[tuple[str, str] | pb.Message],
     *,
     tools: Sequence[pb.Tool] = (),
     max_output_tokens: int | None = None,
     temperature: float | None = None,
 ) -> pb.ChatRequest:
-    """A ``ChatRequest`` from ``(role, content)`` pairs; role is "system", "user" or "assistant"."""
+    """A ``ChatRequest`` from ``(role, content)`` pairs (role "system", "user" or "assistant") and
+    ``pb.Message``s as they are (the turns of a tool-use loop: see ``tool_turns``)."""
     chat = pb.ChatRequest(
-        messages=[pb.Message(role=_ROLES[role], content=content) for role, content in messages],
+        messages=[
+            message if isinstance(message, pb.Message) else pb.Message(role=_ROLES[message[0]], content=message[1])
+            for message in messages
+        ],
         tools=list(tools),
     )
     if max_output_tokens is not None:
@@ -74,6 +78,16 @@ def build_chat(
     if temperature is not None:
         chat.temperature = temperature
     return chat
+
+
+def tool_turns(completion: pb.Completion, text: str, results: Mapping[str, str]) -> list[pb.Message]:
+    """The turns that continue a conversation after ``completion`` made tool calls: the assistant
+    turn (``text``, the answer's text, and its calls), then one ROLE_TOOL turn per call with
+    ``results[call id]``, in the calls' order."""
+    calls = list(completion.tool_calls)
+    turns = [pb.Message(role=pb.ROLE_ASSISTANT, content=text, tool_calls=calls)]
+    turns += [pb.Message(role=pb.ROLE_TOOL, tool_call_id=call.id, content=results[call.id]) for call in calls]
+    return turns
 
 
 class RouterClient:

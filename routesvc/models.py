@@ -15,6 +15,7 @@ class Role(enum.Enum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
+    TOOL = "tool"
 
 
 class Mode(enum.Enum):
@@ -36,11 +37,27 @@ class FinishReason(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One call of a tool that a model made: the provider's id for it, the tool's name, and the
+    arguments as the JSON object text the model produced ("" means ``{}``)."""
+
+    id: str
+    name: str
+    arguments_json: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
-    """One turn of the conversation."""
+    """One turn of the conversation.
+
+    An assistant turn may carry the ``tool_calls`` it made (its ``content`` may then be empty); a
+    ``Role.TOOL`` turn is the result of the call of an earlier assistant turn named by ``tool_call_id``.
+    """
 
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +163,23 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """An upstream chunk without answer text (reasoning, a piece of a tool call): the model is
+    alive. Never forwarded; ``text`` is what the chunk carried, counted only to estimate the
+    output of an attempt that is cut short."""
+
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderFinish:
-    """The end of a provider stream: usage, why it stopped, the model that answered."""
+    """The end of a provider stream: usage, why it stopped, the model that answered, and the
+    tool calls it made (assembled from the stream, in order)."""
 
     usage: Usage
     finish_reason: FinishReason
     provider_model: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +232,7 @@ class Completion:
 
     ``usage`` is the answering attempt's; ``cost_usd`` and ``total_usage`` sum every attempt in
     ``attempts`` (failed, escalated, judge and classifier calls). ``quality`` is set when a cascade scored it.
+    ``tool_calls`` are the answering model's.
     """
 
     model: str
@@ -215,6 +244,7 @@ class Completion:
     attempts: tuple[AttemptSummary, ...] = ()
     total_usage: Usage | None = None
     quality: QualityScore | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,13 +295,14 @@ class BatchJob:
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """The answer of a succeeded batch job, with its cost at the batch price."""
+    """The answer of a succeeded batch job (its text and tool calls), with its cost at the batch price."""
 
     text: str
     usage: Usage
     cost_usd: Decimal
     finish_reason: FinishReason
     provider_model: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,8 +314,9 @@ class BatchStatus:
     error: str = ""
 
 
-ProviderEvent = TextDelta | ProviderFinish
-"""What a provider stream yields: text deltas, then exactly one ``ProviderFinish``."""
+ProviderEvent = TextDelta | Heartbeat | ProviderFinish
+"""What a provider stream yields: text deltas (and a ``Heartbeat`` for every other chunk that
+carries something), then exactly one ``ProviderFinish``."""
 
 CompleteEvent = RouteDecision | TextDelta | Completion | Escalation | BatchJob
 """What Complete yields: the decision, then text deltas (an ``Escalation`` before each stronger

@@ -44,6 +44,7 @@ from routesvc.models import (
     CompleteEvent,
     Completion,
     Escalation,
+    Heartbeat,
     Mode,
     QualityScore,
     RouteDecision,
@@ -757,8 +758,9 @@ class Router:
         """One upstream call: yields its deltas and, on success, the ``Completion``.
 
         The first chunk must come within ``first_token_timeout_seconds`` and each next one within
-        ``stream_idle_timeout_seconds``; a stall closes the upstream request. The attempt is
-        written to the ledger exactly once however it ends.
+        ``stream_idle_timeout_seconds``; a stall closes the upstream request. Any chunk the model
+        produced counts, answer text or not (reasoning, a tool call's piece: a ``Heartbeat``, not
+        forwarded). The attempt is written to the ledger exactly once however it ends.
         """
         reliability = self._reliability
         state.number += 1
@@ -775,7 +777,8 @@ class Router:
             timeout=remaining,
             headers=MappingProxyType(dict(headers or {})),
         )
-        received: list[str] = []
+        received: list[str] = []  # what each chunk carried: answer text, reasoning, tool calls
+        sent = 0  # text chunks yielded: past the first, a failure is no longer retried
         outcome = AttemptOutcome.CANCELLED
         usage: Usage | None = None
         stream = telemetry.observed_stream(provider, model, call, decision.mode)
@@ -794,8 +797,11 @@ class Router:
                     ) from None
                 if isinstance(event, TextDelta):
                     received.append(event.text)
+                    sent += 1
                     state.chunks += 1
                     yield event
+                elif isinstance(event, Heartbeat):
+                    received.append(event.text)
                 else:
                     usage = event.usage
                     finish = event
@@ -814,6 +820,7 @@ class Router:
                 usage=usage,
                 cost_usd=state.cost,
                 finish_reason=finish.finish_reason,
+                tool_calls=finish.tool_calls,
             )
         except ProviderTimedOut as error:
             # ``call.timeout`` is what was left of the caller's deadline: the request ran out of
@@ -832,9 +839,9 @@ class Router:
                 # The provider refused this request (400/404/409/413/422): the caller's doing, not
                 # a sign the model is down, so one tenant's bad requests open no breaker for all.
                 self._breakers.release_probe(model.id)
-            if received:
+            if sent:
                 raise StreamInterrupted(
-                    f"{error.message} after {len(received)} chunks were sent",
+                    f"{error.message} after {sent} chunks were sent",
                     provider=error.provider,
                     model=model.id,
                     chunks_sent=state.chunks,

@@ -79,10 +79,14 @@ def count_text_tokens(text: str) -> int:
 
 
 def estimate_input_tokens(chat: ChatRequest) -> int:
-    """Estimated input tokens of ``chat``: message texts, framing and tool definitions."""
+    """Estimated input tokens of ``chat``: message texts and tool calls, framing and tool definitions."""
     total = _TOKENS_REPLY_PRIMER
     for message in chat.messages:
         total += _TOKENS_PER_MESSAGE + count_text_tokens(message.content)
+        for call in message.tool_calls:
+            total += count_text_tokens(f"{call.id} {call.name} {call.arguments_json}")
+        if message.tool_call_id:
+            total += count_text_tokens(message.tool_call_id)
     for tool in chat.tools:
         schema = json.dumps(dict(tool.parameters), separators=(",", ":"), sort_keys=True)
         total += count_text_tokens(f"{tool.name} {tool.description} {schema}")

@@ -36,13 +36,19 @@ from routesvc.models import (
     RoutingContext,
     RoutingRequest,
     TextDelta,
+    ToolCall,
     ToolSpec,
     Usage,
 )
 from routesvc.stats import ModelRow, Percentiles, StatsSummary, Totals
 from routesvc.v1 import router_pb2 as pb
 
-_ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}
+_ROLES = {
+    pb.ROLE_SYSTEM: Role.SYSTEM,
+    pb.ROLE_USER: Role.USER,
+    pb.ROLE_ASSISTANT: Role.ASSISTANT,
+    pb.ROLE_TOOL: Role.TOOL,
+}
 _MODES = {Mode.REALTIME: pb.MODE_REALTIME, Mode.BATCH: pb.MODE_BATCH}
 _FINISH = {
     FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
@@ -76,16 +82,38 @@ _MAX_JSON_DEPTH = 64
 # attempt to blow up the error message that quotes it).
 _MAX_COST_DIGITS = 24
 _MIN_COST_EXPONENT = -12
+# Providers' call ids are a few dozen characters ("call_...", "toolu_...").
+_MAX_TOOL_CALL_ID_CHARS = 256
 
 
-def _message(index: int, message: pb.Message) -> Message:
+def _message(index: int, message: pb.Message, earlier_calls: set[str]) -> Message:
+    """One turn; ``earlier_calls`` holds the ids of the tool calls of the turns before it."""
     field = f"chat.messages[{index}]"
     role = _ROLES.get(message.role)
     if role is None:
-        raise InvalidRequest(f"{field}.role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-    if not message.content.strip():
+        raise InvalidRequest(f"{field}.role", "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL")
+    if message.tool_calls and role is not Role.ASSISTANT:
+        raise InvalidRequest(f"{field}.tool_calls", "are allowed only on ROLE_ASSISTANT messages")
+    if message.tool_call_id and role is not Role.TOOL:
+        raise InvalidRequest(f"{field}.tool_call_id", "is allowed only on ROLE_TOOL messages")
+    if role is Role.TOOL and message.tool_call_id not in earlier_calls:
+        raise InvalidRequest(
+            f"{field}.tool_call_id", "must be the id of a tool call of an earlier ROLE_ASSISTANT message"
+        )
+    calls = tuple(_tool_call(f"{field}.tool_calls[{n}]", call) for n, call in enumerate(message.tool_calls))
+    if not message.content.strip() and not calls:
         raise InvalidRequest(f"{field}.content", "must not be empty")
-    return Message(role, message.content)
+    return Message(role, message.content, calls, message.tool_call_id)
+
+
+def _tool_call(field: str, call: pb.ToolCall) -> ToolCall:
+    if not call.id or len(call.id) > _MAX_TOOL_CALL_ID_CHARS:
+        raise InvalidRequest(f"{field}.id", f"must be 1-{_MAX_TOOL_CALL_ID_CHARS} characters (the call's id)")
+    if not _TOOL_NAME.match(call.name):
+        raise InvalidRequest(f"{field}.name", "must be 1-64 characters of letters, digits, '_' or '-'")
+    if call.arguments_json:
+        _json_object(f"{field}.arguments_json", call.arguments_json)
+    return ToolCall(call.id, call.name, call.arguments_json)
 
 
 def _refuse_constant(name: str) -> object:
@@ -113,29 +141,30 @@ def _tool(index: int, tool: pb.Tool) -> ToolSpec:
     field = f"chat.tools[{index}]"
     if not _TOOL_NAME.match(tool.name):
         raise InvalidRequest(f"{field}.name", "must be 1-64 characters of letters, digits, '_' or '-'")
-    parameters: dict[str, object] = {}
-    if tool.parameters_json:
-        try:
-            # Standard JSON only: Python reads NaN and Infinity, which the providers' SDKs refuse
-            # to send (a request failing upstream would count against the model's breaker).
-            parsed = json.loads(tool.parameters_json, parse_constant=_refuse_constant)
-        except (ValueError, RecursionError):
-            raise InvalidRequest(f"{field}.parameters_json", "must be a JSON object (standard JSON)") from None
-        if not isinstance(parsed, dict):
-            raise InvalidRequest(f"{field}.parameters_json", "must be a JSON object")
-        if _depth(parsed) > _MAX_JSON_DEPTH:
-            raise InvalidRequest(f"{field}.parameters_json", f"must nest at most {_MAX_JSON_DEPTH} levels deep")
-        try:
-            # Python reads a lone surrogate escape ("\ud800") into a string that has no UTF-8 form,
-            # so the request could never be sent: it would fail at the provider and count against
-            # the model's breaker. (The depth check above bounds this encoder's recursion.)
-            json.dumps(parsed, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
-            raise InvalidRequest(
-                f"{field}.parameters_json", "must not escape a lone surrogate (every string must be valid UTF-8)"
-            ) from None
-        parameters = parsed
+    parameters = _json_object(f"{field}.parameters_json", tool.parameters_json) if tool.parameters_json else {}
     return ToolSpec(tool.name, tool.description, MappingProxyType(parameters))
+
+
+def _json_object(field: str, text: str) -> dict[str, object]:
+    """``text`` parsed as a JSON object; ``InvalidRequest`` naming ``field`` otherwise."""
+    try:
+        # Standard JSON only: Python reads NaN and Infinity, which the providers' SDKs refuse
+        # to send (a request failing upstream would count against the model's breaker).
+        parsed = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise InvalidRequest(field, "must be a JSON object (standard JSON)") from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequest(field, "must be a JSON object")
+    if _depth(parsed) > _MAX_JSON_DEPTH:
+        raise InvalidRequest(field, f"must nest at most {_MAX_JSON_DEPTH} levels deep")
+    try:
+        # Python reads a lone surrogate escape ("\ud800") into a string that has no UTF-8 form,
+        # so the request could never be sent: it would fail at the provider and count against
+        # the model's breaker. (The depth check above bounds this encoder's recursion.)
+        json.dumps(parsed, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest(field, "must not escape a lone surrogate (every string must be valid UTF-8)") from None
+    return parsed
 
 
 def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
@@ -145,7 +174,12 @@ def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
         raise RequestTooLarge(f"chat.messages: more than {limits.max_messages} messages")
     if len(chat.tools) > limits.max_tools:
         raise RequestTooLarge(f"chat.tools: more than {limits.max_tools} tools")
-    messages = tuple(_message(index, message) for index, message in enumerate(chat.messages))
+    calls: set[str] = set()  # the ids of the tool calls made so far, which a ROLE_TOOL turn answers
+    turns: list[Message] = []
+    for index, message in enumerate(chat.messages):
+        turns.append(_message(index, message, calls))
+        calls.update(call.id for call in turns[-1].tool_calls)
+    messages = tuple(turns)
     if not any(message.role is Role.USER for message in messages):
         raise InvalidRequest("chat.messages", "must contain a ROLE_USER message")
     names = set()
@@ -255,6 +289,10 @@ def _quality(quality: QualityScore) -> pb.QualityScore:
     return pb.QualityScore(score=quality.score, scorer=quality.scorer, reason=quality.reason)
 
 
+def _tool_calls(calls: tuple[ToolCall, ...]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=call.id, name=call.name, arguments_json=call.arguments_json) for call in calls]
+
+
 def _completion(event: Completion) -> pb.Completion:
     message = pb.Completion(
         model=event.model,
@@ -273,6 +311,7 @@ def _completion(event: Completion) -> pb.Completion:
             for a in event.attempts
         ],
         total_usage=_usage(event.total_usage or event.usage),
+        tool_calls=_tool_calls(event.tool_calls),
     )
     if event.quality is not None:
         message.quality.CopyFrom(_quality(event.quality))
@@ -311,6 +350,7 @@ def batch_status_message(status: BatchStatus) -> pb.GetBatchResponse:
                 cost_usd=format_usd(result.cost_usd),
                 finish_reason=_FINISH[result.finish_reason],
                 provider_model=result.provider_model,
+                tool_calls=_tool_calls(result.tool_calls),
             )
         )
     return response

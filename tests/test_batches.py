@@ -36,7 +36,7 @@ from routesvc.models import (
 )
 from routesvc.router import Router
 from routesvc.server import Server, build_providers
-from routesvc.testing import BatchOutcome, FakeProvider, FaultProxy, NetworkFault, Script
+from routesvc.testing import BatchOutcome, FakeProvider, FakeToolCall, FaultProxy, NetworkFault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat, write_locked
 from tests.test_limits import retry_delay
@@ -88,6 +88,28 @@ def job_states(path: Path) -> list[str]:
         connection.close()
 
 
+# What each batch API gets for an assistant turn of one call and its result.
+BATCH_TOOL_TURNS = {
+    "call": [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "churn"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "churn is 2%"},
+    ],
+    "toolu": [
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "call_1", "name": "lookup", "input": {"q": "churn"}}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "churn is 2%"}]},
+    ],
+}
+
+
 class TestBatchSubmitAndResults:
     """A batch-mode Complete returns a job at once; GetBatch returns the answer at the batch price."""
 
@@ -115,6 +137,39 @@ class TestBatchSubmitAndResults:
             assert [b.api for b in fake.batches] == [api]
             entries = [e for e in server.router.ledger.entries() if e.request_id == job.batch_id]
             assert [e.cost_usd for e in entries] == [expected]
+
+    @pytest.mark.parametrize(
+        ("task", "prefix"), [("", "call"), ("creative_writing", "toolu")], ids=["openai", "anthropic"]
+    )
+    async def test_tool_turns_are_sent_and_the_tool_calls_come_back(
+        self, tmp_path: Path, fake: FakeProvider, task: str, prefix: str
+    ) -> None:
+        """A queued conversation keeps its tool calls and results (they reach the provider batch in its
+        format), and the result carries the model's new calls."""
+        call = pb.ToolCall(id="call_1", name="lookup", arguments_json='{"q": "churn"}')
+        chat = build_chat(
+            [
+                ("user", "Summarise this report"),
+                pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="churn is 2%"),
+            ],
+            tools=[pb.Tool(name="lookup", parameters_json='{"type": "object"}')],
+        )
+        fake.enqueue(Script(chunks=(), tool_calls=(FakeToolCall("lookup", '{"q": "revenue"}'),)))
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(realtime=False, tenant="acme", task_hint=task)
+            messages = [m async for m in client.complete(chat, context)]
+            done = await wait_state(client, messages[1].batch.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert list(done.result.tool_calls) == [
+            pb.ToolCall(id=f"{prefix}_fake_0", name="lookup", arguments_json='{"q": "revenue"}')
+        ]
+        assert done.result.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+        request = fake.batches[0].requests[0]
+        sent = (request.get("body") or request["params"])["messages"]
+        assert sent[1:] == BATCH_TOOL_TURNS[prefix]
 
     async def test_small_requests_are_grouped_into_one_provider_batch(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Three jobs within the window: one provider batch of three requests."""

@@ -17,7 +17,7 @@ from routesvc.models import ChatRequest, FinishReason, Message, Role, RoutingCon
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.scoring import CombinedScorer, LLMJudge, LocalScorer, ScoringInput, parse_judge_score
 from routesvc.server import Server
-from routesvc.testing import FakeProvider, Fault, Script
+from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
 from tests.test_validation import error_info
@@ -356,6 +356,16 @@ class TestCascadeVisibility:
         """context.model pins gpt-4o-mini: no cascade even when asked."""
         decision = await live_client.route(user_chat("hi"), pb.RoutingContext(cascade=True, model="gpt-4o-mini"))
         assert list(decision.cascade_models) == []
+
+    async def test_a_request_with_tools_is_never_cascaded(self, live_client: RouterClient, fake: FakeProvider) -> None:
+        """Tools and cascade true: no cascade (a tool call is no answer to score); the model's calls
+        come back in one call, none to a judge."""
+        fake.enqueue(Script(chunks=(), tool_calls=(FakeToolCall("lookup", '{"q": "France"}'),)))
+        chat = user_chat("What is the capital of France?", tools=[pb.Tool(name="lookup")])
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(cascade=True))]
+        assert list(messages[0].decision.cascade_models) == []
+        assert [call.name for call in messages[-1].completion.tool_calls] == ["lookup"]
+        assert len(fake.requests) == 1
 
     async def test_stats_count_escalations_and_releases(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """One escalated and one released request: 1 escalation, 2 cascade decisions, half released."""

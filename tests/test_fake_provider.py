@@ -408,6 +408,7 @@ class TestPublicSurface:
             "DEFAULT_TEXT",
             "FakeBatch",
             "FakeProvider",
+            "FakeToolCall",
             "Fault",
             "FaultProxy",
             "NetworkFault",

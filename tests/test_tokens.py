@@ -5,7 +5,8 @@ from __future__ import annotations
 import bpe_openai
 
 from routesvc import tokens
-from routesvc.tokens import count_text_tokens
+from routesvc.models import ChatRequest, Message, Role, ToolCall
+from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
 _ENCODING = bpe_openai.get_encoding("o200k_base")
 
@@ -39,3 +40,19 @@ class TestCountTextTokens:
         size = tokens._count_cached.cache_info().currsize
         # 60,000 words and the final space, which o200k keeps as a token of its own.
         assert (count_text_tokens(text), tokens._count_cached.cache_info().currsize) == (60_001, size)
+
+
+class TestEstimateInputTokens:
+    def test_tool_calls_and_results_are_counted(self) -> None:
+        """An assistant turn's calls (id, name, arguments) and a tool turn's call id count as input."""
+        call = ToolCall("call_1", "get_weather", '{"city": "Paris", "unit": "celsius"}')
+        plain = ChatRequest((Message(Role.USER, "Weather?"), Message(Role.ASSISTANT, ""), Message(Role.USER, "18 C")))
+        with_calls = ChatRequest(
+            (
+                Message(Role.USER, "Weather?"),
+                Message(Role.ASSISTANT, "", (call,)),
+                Message(Role.TOOL, "18 C", tool_call_id="call_1"),
+            )
+        )
+        expected = count_text_tokens("call_1 get_weather " + call.arguments_json) + count_text_tokens("call_1")
+        assert estimate_input_tokens(with_calls) - estimate_input_tokens(plain) == expected

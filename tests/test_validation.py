@@ -30,6 +30,55 @@ def _chat(*messages: tuple[int, str], **fields: object) -> pb.ChatRequest:
     return pb.ChatRequest(messages=[pb.Message(role=r, content=c) for r, c in messages], **fields)  # type: ignore[arg-type]
 
 
+def _turns(*turns: pb.Message) -> pb.ChatRequest:
+    return pb.ChatRequest(messages=[pb.Message(role=pb.ROLE_USER, content=CANARY), *turns])
+
+
+def _calls(*calls: pb.ToolCall, content: str = "") -> pb.Message:
+    return pb.Message(role=pb.ROLE_ASSISTANT, content=content, tool_calls=calls)
+
+
+def _result(call_id: str, content: str = CANARY) -> pb.Message:
+    return pb.Message(role=pb.ROLE_TOOL, tool_call_id=call_id, content=content)
+
+
+CALL = pb.ToolCall(id="call_1", name="lookup", arguments_json='{"q": "x"}')
+# (case, the turns after a first user turn, the field named): messages[1] is the first of them.
+BAD_TOOL_TURNS: list[tuple[str, tuple[pb.Message, ...], str]] = [
+    ("tool turn without a call id", (_calls(CALL), _result("")), "chat.messages[2].tool_call_id"),
+    ("tool turn naming no earlier call", (_calls(CALL), _result(CANARY)), "chat.messages[2].tool_call_id"),
+    ("tool turn before its call", (_result("call_1"), _calls(CALL)), "chat.messages[1].tool_call_id"),
+    ("tool turn without content", (_calls(CALL), _result("call_1", " ")), "chat.messages[2].content"),
+    ("call without an id", (_calls(pb.ToolCall(name="lookup")),), "chat.messages[1].tool_calls[0].id"),
+    ("call with a bad name", (_calls(pb.ToolCall(id="c", name=f"{CANARY} !")),), "chat.messages[1].tool_calls[0].name"),
+    (
+        "call arguments not an object",
+        (_calls(CALL, pb.ToolCall(id="c2", name="lookup", arguments_json=f'["{CANARY}"]')),),
+        "chat.messages[1].tool_calls[1].arguments_json",
+    ),
+    (
+        "call arguments not JSON",
+        (_calls(pb.ToolCall(id="c", name="lookup", arguments_json=f"{{{CANARY}")),),
+        "chat.messages[1].tool_calls[0].arguments_json",
+    ),
+    (
+        "tool calls on a user turn",
+        (pb.Message(role=pb.ROLE_USER, content=CANARY, tool_calls=[CALL]),),
+        "chat.messages[1].tool_calls",
+    ),
+    (
+        "call id on an assistant turn",
+        (pb.Message(role=pb.ROLE_ASSISTANT, content=CANARY, tool_call_id="call_1"),),
+        "chat.messages[1].tool_call_id",
+    ),
+    ("assistant turn without text or calls", (_calls(),), "chat.messages[1].content"),
+    (
+        "call arguments escaping a lone surrogate",  # no UTF-8 form: the provider call would fail
+        (_calls(pb.ToolCall(id="c", name="lookup", arguments_json='{"q": "\\ud800"}')),),
+        "chat.messages[1].tool_calls[0].arguments_json",
+    ),
+]
+
 USER = pb.ROLE_USER
 BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
     ("no messages", pb.ChatRequest(), pb.RoutingContext(), "chat.messages"),
@@ -99,6 +148,7 @@ BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
         pb.RoutingContext(),
         "chat.tools[1].parameters_json",
     ),
+    *[(f"tool turns: {name}", _turns(*turns), pb.RoutingContext(), field) for name, turns, field in BAD_TOOL_TURNS],
     ("max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd=CANARY), "context.max_cost_usd"),
     ("negative max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="-1"), "context.max_cost_usd"),
     (

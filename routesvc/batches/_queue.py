@@ -517,7 +517,9 @@ class BatchQueue:
         if model is None:
             return  # without its prices the answer cannot be charged: FAILED, not given away
         cost = cost_of_usage(model, result.usage, Mode.BATCH)
-        answer = BatchResult(result.text, result.usage, cost, result.finish_reason, result.provider_model)
+        answer = BatchResult(
+            result.text, result.usage, cost, result.finish_reason, result.provider_model, result.tool_calls
+        )
         if not await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
             # Cancelled (or ended) before the provider's answer arrived: not charged to the tenant.
             log.info("batch_result_discarded", batch_id=batch_id, state=status.job.state.value)

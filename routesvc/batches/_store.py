@@ -38,6 +38,7 @@ from routesvc.models import (
     FinishReason,
     Message,
     Role,
+    ToolCall,
     ToolSpec,
     Usage,
 )
@@ -75,17 +76,20 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # Columns added after the first release, for files created before them.
 # budget_usd: what the job's tenant budget counted when it was queued (set once that count is
 # made), budget_by: the queue that counted it, budget_done: 1 once the end's correction is made.
+# tool_calls: the result's tool calls, as a JSON list of {id, name, arguments_json}.
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
     ("budget_usd", "TEXT"),
     ("budget_by", "TEXT"),
     ("budget_done", "INTEGER"),
+    ("tool_calls", "TEXT"),
 )
 
 _COLUMNS = (
     "id, tenant, decision_id, model, provider, state, estimated_cost_usd, created_at, updated_at, "
-    "text, input_tokens, output_tokens, cached_input_tokens, cost_usd, finish_reason, provider_model, error"
+    "text, input_tokens, output_tokens, cached_input_tokens, cost_usd, finish_reason, provider_model, error, "
+    "tool_calls"
 )
 
 
@@ -103,7 +107,7 @@ def encode_request(request: QueuedRequest) -> str:
     """A queued job's request as JSON."""
     return json.dumps(
         {
-            "messages": [{"role": m.role.value, "content": m.content} for m in request.messages],
+            "messages": [_encode_message(m) for m in request.messages],
             "max_output_tokens": request.max_output_tokens,
             "temperature": request.temperature,
             "tools": [
@@ -117,7 +121,10 @@ def decode_request(text: str) -> QueuedRequest:
     """The request ``encode_request`` stored; rows stored before tools were kept have none."""
     data = json.loads(text)
     return QueuedRequest(
-        messages=tuple(Message(Role(m["role"]), m["content"]) for m in data["messages"]),
+        messages=tuple(
+            Message(Role(m["role"]), m["content"], _decode_calls(m.get("tool_calls")), m.get("tool_call_id", ""))
+            for m in data["messages"]
+        ),
         max_output_tokens=int(data["max_output_tokens"]),
         temperature=data["temperature"],
         tools=tuple(
@@ -125,6 +132,23 @@ def decode_request(text: str) -> QueuedRequest:
             for t in data.get("tools", ())
         ),
     )
+
+
+def _encode_message(message: Message) -> dict[str, Any]:
+    encoded: dict[str, Any] = {"role": message.role.value, "content": message.content}
+    if message.tool_calls:
+        encoded["tool_calls"] = _encode_calls(message.tool_calls)
+    if message.tool_call_id:
+        encoded["tool_call_id"] = message.tool_call_id
+    return encoded
+
+
+def _encode_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, str]]:
+    return [{"id": c.id, "name": c.name, "arguments_json": c.arguments_json} for c in calls]
+
+
+def _decode_calls(data: list[dict[str, str]] | None) -> tuple[ToolCall, ...]:
+    return tuple(ToolCall(c["id"], c["name"], c["arguments_json"]) for c in data or ())
 
 
 def _add_missing_columns(connection: sqlite3.Connection) -> None:
@@ -160,6 +184,7 @@ def _status(row: sqlite3.Row) -> BatchStatus:
             cost_usd=Decimal(row["cost_usd"] or "0"),
             finish_reason=FinishReason(row["finish_reason"] or "unspecified"),
             provider_model=row["provider_model"] or "",
+            tool_calls=_decode_calls(json.loads(row["tool_calls"] or "[]")),
         )
     return BatchStatus(job, result, row["error"])
 
@@ -445,7 +470,7 @@ class BatchStore:
         """End a job that has not ended; False (and nothing changed) when it already had."""
         now = self._clock()
         values: dict[str, Any] = {"text": None, "input": None, "output": None, "cached": None}
-        values.update(cost=None, finish=None, provider_model=None)
+        values.update(cost=None, finish=None, provider_model=None, tool_calls=None)
         if result is not None:
             values.update(
                 text=result.text,
@@ -455,13 +480,14 @@ class BatchStore:
                 cost=str(result.cost_usd),
                 finish=result.finish_reason.value,
                 provider_model=result.provider_model,
+                tool_calls=json.dumps(_encode_calls(result.tool_calls)) if result.tool_calls else None,
             )
 
         def update(connection: sqlite3.Connection) -> bool:
             cursor = connection.execute(
                 "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', text = ?, input_tokens = ?,"
                 " output_tokens = ?, cached_input_tokens = ?, cost_usd = ?, finish_reason = ?, provider_model = ?,"
-                " error = ? WHERE id = ? AND state IN (?, ?)",
+                " tool_calls = ?, error = ? WHERE id = ? AND state IN (?, ?)",
                 (
                     state.value,
                     now,
@@ -472,6 +498,7 @@ class BatchStore:
                     values["cost"],
                     values["finish"],
                     values["provider_model"],
+                    values["tool_calls"],
                     error,
                     batch_id,
                     BatchState.QUEUED.value,

@@ -25,16 +25,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import TypeVar, cast
 
 import anthropic
 import structlog
-from anthropic.types import AssistantMessageParam, MessageParam, ToolParam, UserMessageParam
+from anthropic.types import (
+    AssistantMessageParam,
+    MessageParam,
+    TextBlockParam,
+    ToolParam,
+    ToolResultBlockParam,
+    ToolUseBlockParam,
+    UserMessageParam,
+)
 
 from routesvc.errors import ProviderError, ProviderUnavailable
-from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.models import (
+    FinishReason,
+    Heartbeat,
+    Message,
+    ProviderEvent,
+    ProviderFinish,
+    Role,
+    TextDelta,
+    ToolSpec,
+    Usage,
+)
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._http import (
     END_OF_STREAM,
@@ -52,6 +71,7 @@ from routesvc.providers._http import (
     text_field,
     transport_error,
 )
+from routesvc.providers._tool_calls import ToolCallParts
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.tokens import count_text_tokens
 
@@ -98,12 +118,40 @@ def _system(messages: Iterable[Message]) -> str:
 
 
 def _messages(messages: Iterable[Message]) -> list[MessageParam]:
+    """The turns in Anthropic's shape: an assistant turn's tool calls as ``tool_use`` blocks after
+    its text; tool results as ``tool_result`` blocks of one user turn (consecutive ones merged, a
+    user text right after them joining that turn after them)."""
     result: list[MessageParam] = []
+    # The blocks of the user turn that tool results opened, while more may join it.
+    results: list[ToolResultBlockParam | TextBlockParam] | None = None
     for message in messages:
-        if message.role is Role.ASSISTANT:
+        if message.role is Role.TOOL:
+            block = ToolResultBlockParam(type="tool_result", tool_use_id=message.tool_call_id, content=message.content)
+            if results is None:
+                results = [block]
+                result.append(UserMessageParam(role="user", content=results))
+            else:
+                results.append(block)
+            continue
+        if message.role is Role.USER and results is not None:
+            results.append(TextBlockParam(type="text", text=message.content))
+        elif message.role is Role.ASSISTANT and message.tool_calls:
+            blocks: list[TextBlockParam | ToolUseBlockParam] = []
+            if message.content.strip():
+                blocks.append(TextBlockParam(type="text", text=message.content))
+            blocks.extend(
+                ToolUseBlockParam(
+                    type="tool_use", id=call.id, name=call.name, input=json.loads(call.arguments_json or "{}")
+                )
+                for call in message.tool_calls
+            )
+            result.append(AssistantMessageParam(role="assistant", content=blocks))
+        elif message.role is Role.ASSISTANT:
             result.append(AssistantMessageParam(role="assistant", content=message.content))
         elif message.role is Role.USER:
             result.append(UserMessageParam(role="user", content=message.content))
+        if message.role is not Role.SYSTEM:
+            results = None
     return result
 
 
@@ -148,6 +196,7 @@ class _Tally:
         self.provider_model = ""
         self.stopped = False
         self.output: list[str] = []
+        self.tool_calls = ToolCallParts()
 
 
 class AnthropicProvider:
@@ -203,10 +252,10 @@ class AnthropicProvider:
         try:
             tally = _Tally()
             while (event := await self._guard(call, deadline, next_event(sdk_stream))) is not END_OF_STREAM:
-                text = self._apply(tally, event_object(event, provider=self._name, model=call.model))
-                if text:
-                    tally.output.append(text)
-                    yield TextDelta(text)
+                carried = self._apply(tally, event_object(event, provider=self._name, model=call.model))
+                if carried is not None:
+                    tally.output.append(carried.text)
+                    yield carried
                 if tally.stopped:
                     await _drain(sdk_stream)
                     break
@@ -220,6 +269,7 @@ class AnthropicProvider:
                 usage=self._usage(call, tally),
                 finish_reason=map_stop_reason(tally.stop_reason),
                 provider_model=tally.provider_model or call.provider_model,
+                tool_calls=tally.tool_calls.calls(),
             )
         finally:
             # Closing the SDK stream closes the HTTP response, so the upstream sees the abort.
@@ -227,8 +277,9 @@ class AnthropicProvider:
                 await sdk_stream.close()
 
     @staticmethod
-    def _apply(tally: _Tally, event: dict[str, object]) -> str:
-        """Fold one event into ``tally``; the text it carries, if any."""
+    def _apply(tally: _Tally, event: dict[str, object]) -> TextDelta | Heartbeat | None:
+        """Fold one event into ``tally``: the answer text it carries, a ``Heartbeat`` for anything
+        else the model produced (thinking, a tool call's name or arguments), or None."""
         kind = event.get("type")
         if kind == "message_start":
             message = object_field(event.get("message"))
@@ -239,10 +290,31 @@ class AnthropicProvider:
                 tally.cache_read = count_field(usage.get("cache_read_input_tokens")) or 0
                 tally.cache_write = count_field(usage.get("cache_creation_input_tokens")) or 0
                 tally.output_tokens = count_field(usage.get("output_tokens"))
+        elif kind == "content_block_start":
+            block = object_field(event.get("content_block"))
+            index = count_field(event.get("index"))
+            if block.get("type") == "tool_use" and index is not None:
+                name = text_field(block.get("name"))
+                tally.tool_calls.add(index, call_id=text_field(block.get("id")), name=name)
+                return Heartbeat(name)
+            if block.get("type") in ("thinking", "redacted_thinking"):
+                return Heartbeat()
         elif kind == "content_block_delta":
             block_delta = object_field(event.get("delta"))
-            if block_delta.get("type") == "text_delta":
-                return text_field(block_delta.get("text"))
+            delta_kind = block_delta.get("type")
+            if delta_kind == "text_delta":
+                text = text_field(block_delta.get("text"))
+                return TextDelta(text) if text else None
+            if delta_kind == "input_json_delta":
+                index = count_field(event.get("index"))
+                piece = text_field(block_delta.get("partial_json"))
+                if index is not None:
+                    tally.tool_calls.add(index, arguments=piece)
+                return Heartbeat(piece)
+            if delta_kind == "thinking_delta":
+                return Heartbeat(text_field(block_delta.get("thinking")))
+            if delta_kind == "signature_delta":
+                return Heartbeat()
         elif kind == "message_delta":
             tally.stop_reason = text_field(object_field(event.get("delta")).get("stop_reason")) or tally.stop_reason
             usage = object_field(event.get("usage"))
@@ -253,7 +325,7 @@ class AnthropicProvider:
             tally.cache_write = _latest(usage.get("cache_creation_input_tokens"), tally.cache_write)
         elif kind == "message_stop":
             tally.stopped = True
-        return ""
+        return None
 
     def _usage(self, call: ProviderCall, tally: _Tally) -> Usage:
         if tally.input_tokens is None or tally.output_tokens is None:

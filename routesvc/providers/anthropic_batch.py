@@ -6,13 +6,14 @@ timeout errors and unreadable results to ``ProviderUnavailable``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import anthropic
 
 from routesvc.errors import ProviderUnavailable
-from routesvc.models import BatchState, Usage
+from routesvc.models import BatchState, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.anthropic import DEFAULT_BASE_URL, _messages, _system, _tools, map_stop_reason
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
@@ -95,6 +96,11 @@ class AnthropicBatches:
                 cached = usage.cache_read_input_tokens or 0
                 written = usage.cache_creation_input_tokens or 0
                 text = "".join(block.text for block in message.content if block.type == "text")
+                calls = tuple(
+                    ToolCall(block.id, block.name, json.dumps(block.input))
+                    for block in message.content
+                    if block.type == "tool_use"
+                )
                 results.append(
                     ItemResult(
                         entry.custom_id,
@@ -107,6 +113,7 @@ class AnthropicBatches:
                         ),
                         finish_reason=map_stop_reason(message.stop_reason),
                         provider_model=message.model,
+                        tool_calls=calls,
                     )
                 )
             elif result.type == "errored":

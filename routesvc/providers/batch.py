@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from routesvc.models import BatchState, FinishReason, Message, ToolSpec, Usage
+from routesvc.models import BatchState, FinishReason, Message, ToolCall, ToolSpec, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class ProviderBatch:
 
 @dataclass(frozen=True, slots=True)
 class ItemResult:
-    """One item's end: ``SUCCEEDED`` with text and usage, else ``FAILED``, ``EXPIRED`` or ``CANCELLED``
+    """One item's end: ``SUCCEEDED`` with text, tool calls and usage, else ``FAILED``, ``EXPIRED`` or ``CANCELLED``
     with a short machine ``error`` (never prompt text)."""
 
     custom_id: str
@@ -48,6 +48,7 @@ class ItemResult:
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
     provider_model: str = ""
     error: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class BatchAPI(Protocol):

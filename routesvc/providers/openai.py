@@ -29,7 +29,17 @@ from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMes
 from openai.types.shared_params import FunctionDefinition
 
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
-from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.models import (
+    FinishReason,
+    Heartbeat,
+    Message,
+    ProviderEvent,
+    ProviderFinish,
+    Role,
+    TextDelta,
+    ToolSpec,
+    Usage,
+)
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._http import (
     END_OF_STREAM,
@@ -47,6 +57,7 @@ from routesvc.providers._http import (
     text_field,
     transport_error,
 )
+from routesvc.providers._tool_calls import ToolCallParts
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.tokens import count_text_tokens
 
@@ -81,8 +92,26 @@ def _messages(messages: Iterable[Message]) -> list[ChatCompletionMessageParam]:
     for message in messages:
         if message.role is Role.SYSTEM:
             result.append({"role": "system", "content": message.content})
+        elif message.role is Role.ASSISTANT and message.tool_calls:
+            result.append(
+                {
+                    "role": "assistant",
+                    # Null rather than empty beside tool calls, as the API itself answers them.
+                    "content": message.content or None,
+                    "tool_calls": [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
+                        }
+                        for call in message.tool_calls
+                    ],
+                }
+            )
         elif message.role is Role.ASSISTANT:
             result.append({"role": "assistant", "content": message.content})
+        elif message.role is Role.TOOL:
+            result.append({"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content})
         else:
             result.append({"role": "user", "content": message.content})
     return result
@@ -99,6 +128,26 @@ def _tools(tools: Iterable[ToolSpec]) -> list[ChatCompletionFunctionToolParam]:
             function["parameters"] = dict(tool.parameters)
         result.append({"type": "function", "function": function})
     return result
+
+
+def _reasoning(delta: Mapping[str, object]) -> str:
+    """The reasoning a delta carries: ``reasoning_content`` (vLLM, DeepSeek, llama.cpp) or ``reasoning``
+    (Ollama, OpenRouter); not part of the answer."""
+    return text_field(delta.get("reasoning_content")) or text_field(delta.get("reasoning"))
+
+
+def _add_tool_calls(parts: ToolCallParts, pieces: object) -> str:
+    """Fold a delta's ``tool_calls`` pieces into ``parts``; their text (names, arguments)."""
+    texts: list[str] = []
+    for piece in pieces if isinstance(pieces, list) else ():
+        index = count_field(piece.get("index")) if isinstance(piece, dict) else None
+        if index is None:
+            continue
+        function = object_field(piece.get("function"))
+        name, arguments = text_field(function.get("name")), text_field(function.get("arguments"))
+        parts.add(index, call_id=text_field(piece.get("id")), name=name, arguments=arguments)
+        texts.append(name + arguments)
+    return "".join(texts)
 
 
 class OpenAIProvider:
@@ -189,6 +238,7 @@ class OpenAIProvider:
             finish: str | None = None
             provider_model = ""
             output: list[str] = []
+            tool_calls = ToolCallParts()
             while True:
                 event = await self._guard(call, deadline, next_event(sdk_stream))
                 if event is END_OF_STREAM:
@@ -200,10 +250,15 @@ class OpenAIProvider:
                 for choice in choices if isinstance(choices, list) else ():
                     if not isinstance(choice, dict) or choice.get("index") not in (0, None):
                         continue
-                    text = text_field(object_field(choice.get("delta")).get("content"))
+                    delta = object_field(choice.get("delta"))
+                    text = text_field(delta.get("content"))
                     if text:
                         output.append(text)
                         yield TextDelta(text)
+                    other = _reasoning(delta) + _add_tool_calls(tool_calls, delta.get("tool_calls"))
+                    if other:
+                        output.append(other)
+                        yield Heartbeat(other)
                     if choice.get("finish_reason") is not None:
                         finish = text_field(choice["finish_reason"]) or "other"
             if finish is None:
@@ -216,6 +271,7 @@ class OpenAIProvider:
                 usage=self._usage(call, usage, output),
                 finish_reason=map_finish_reason(finish),
                 provider_model=provider_model or call.provider_model,
+                tool_calls=tool_calls.calls(),
             )
         finally:
             # Closing the SDK stream closes the HTTP response, so the upstream sees the abort.

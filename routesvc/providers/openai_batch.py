@@ -13,7 +13,7 @@ from typing import Any, Final, TypeVar
 import openai
 
 from routesvc.errors import ProviderUnavailable
-from routesvc.models import BatchState, Usage
+from routesvc.models import BatchState, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
 from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, _tools, map_finish_reason
@@ -123,12 +123,13 @@ class OpenAIBatches:
         if response.get("status_code") != 200 or not body.get("choices"):
             return ItemResult(custom_id, BatchState.FAILED, error=f"http_{response.get('status_code', 'error')}")
         choice = body["choices"][0]
+        message = choice.get("message") or {}
         usage = body.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         return ItemResult(
             custom_id,
             BatchState.SUCCEEDED,
-            text=str((choice.get("message") or {}).get("content") or ""),
+            text=str(message.get("content") or ""),
             usage=Usage(
                 input_tokens=int(usage.get("prompt_tokens") or 0),
                 output_tokens=int(usage.get("completion_tokens") or 0),
@@ -136,8 +137,15 @@ class OpenAIBatches:
             ),
             finish_reason=map_finish_reason(choice.get("finish_reason")),
             provider_model=str(body.get("model") or ""),
+            tool_calls=tuple(_tool_call(call) for call in message.get("tool_calls") or ()),
         )
 
     async def cancel(self, batch_id: str) -> None:
         """Cancel the batch (the provider finishes what is running and keeps its output)."""
         await self._guard("cancel", self._client.batches.cancel(batch_id))
+
+
+def _tool_call(call: dict[str, Any]) -> ToolCall:
+    """One of a result message's ``tool_calls``."""
+    function = call.get("function") or {}
+    return ToolCall(str(call.get("id") or ""), str(function.get("name") or ""), str(function.get("arguments") or ""))

@@ -24,6 +24,7 @@ from routesvc.cost import cost_of_usage, estimate_cost, format_usd
 from routesvc.errors import ProviderError, RouteSvcError
 from routesvc.models import (
     ChatRequest,
+    Heartbeat,
     Mode,
     ProviderEvent,
     ProviderFinish,
@@ -375,6 +376,7 @@ async def observed_stream(
     started = time.monotonic()
     first_chunk: float | None = None
     texts: list[str] = []
+    unsent: list[str] = []  # what chunks without answer text carried (reasoning, tool calls)
     finish: ProviderFinish | None = None
     error_type = ""
     metric_labels = {
@@ -391,6 +393,8 @@ async def observed_stream(
                     span.set_attribute("routesvc.time_to_first_chunk_ms", round((first_chunk - started) * 1000, 3))
                     telemetry.instruments.time_to_first_chunk.record(first_chunk - started, metric_labels)
                 texts.append(event.text)
+            elif isinstance(event, Heartbeat):
+                unsent.append(event.text)
             else:
                 finish = event
             yield event
@@ -415,7 +419,9 @@ async def observed_stream(
             if aclose is not None:
                 await aclose()
         finally:
-            _end_attempt(rpc, span, model, mode, chat, finish, texts, error_type, started, metric_labels, purpose)
+            _end_attempt(
+                rpc, span, model, mode, chat, finish, texts, unsent, error_type, started, metric_labels, purpose
+            )
 
 
 def _end_attempt(
@@ -426,6 +432,7 @@ def _end_attempt(
     chat: ChatRequest,
     finish: ProviderFinish | None,
     texts: list[str],
+    unsent: list[str],
     error_type: str,
     started: float,
     metric_labels: dict[str, str],
@@ -433,7 +440,7 @@ def _end_attempt(
 ) -> None:
     telemetry = rpc.telemetry
     duration = time.monotonic() - started
-    estimated = finish is None and (bool(texts) or error_type in ("cancelled", "_OTHER"))
+    estimated = finish is None and (bool(texts or unsent) or error_type in ("cancelled", "_OTHER"))
     if finish is not None:
         usage = finish.usage
         span.set_attribute("gen_ai.response.model", finish.provider_model or model.provider_model)
@@ -441,7 +448,9 @@ def _end_attempt(
     elif estimated:
         # Interrupted after the provider started work (cancelled, cut, timed out): usage is
         # estimated from what was sent and received, and flagged.
-        usage = Usage(input_tokens=estimate_input_tokens(chat), output_tokens=sum(count_text_tokens(t) for t in texts))
+        usage = Usage(
+            input_tokens=estimate_input_tokens(chat), output_tokens=sum(count_text_tokens(t) for t in texts + unsent)
+        )
         span.set_attribute("routesvc.usage_estimated", True)
     else:
         # Refused before any content (an error status or event): nothing to bill.

@@ -32,13 +32,14 @@ Run it as a separate process for other languages and CI: ``python -m routesvc.te
 from routesvc.testing._batches import BatchOutcome, FakeBatch
 from routesvc.testing._fake import FakeProvider
 from routesvc.testing._proxy import FaultProxy, NetworkFault
-from routesvc.testing._script import DEFAULT_TEXT, Fault, RecordedRequest, Script
+from routesvc.testing._script import DEFAULT_TEXT, FakeToolCall, Fault, RecordedRequest, Script
 
 __all__ = [
     "DEFAULT_TEXT",
     "BatchOutcome",
     "FakeBatch",
     "FakeProvider",
+    "FakeToolCall",
     "Fault",
     "FaultProxy",
     "NetworkFault",

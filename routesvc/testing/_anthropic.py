@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -25,6 +26,23 @@ def error_body(status: int, error_type: str, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type, "message": message}, "request_id": f"req_fake_{status}"}
 
 
+def answer_content(script: Script, body: Any) -> list[dict[str, Any]]:
+    """The whole answer as a non-streamed response's (or a batch result's) content blocks."""
+    text = "".join(script.content_chunks())
+    calls = script.calls_for(body)
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
+    blocks += [
+        {"type": "tool_use", "id": call.call_id(index, "toolu"), "name": call.name, "input": json.loads(call.arguments)}
+        for index, call in enumerate(calls)
+    ]
+    return blocks
+
+
+def stop_reason_for(script: Script, body: Any) -> str:
+    """``tool_use`` when the answer makes tool calls, else the script's finish reason in Anthropic's name."""
+    return "tool_use" if script.calls_for(body) else _STOP_REASONS.get(script.finish_reason, script.finish_reason)
+
+
 async def respond(connection: Connection, record: RecordedRequest, script: Script) -> None:
     """Answer one messages request as ``script`` says."""
     if script.fault is Fault.HANG_BEFORE_HEADERS:
@@ -32,7 +50,8 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     if script.status != 200:
         await send_error(connection, record, script, error_body)
         return
-    stop_reason = _STOP_REASONS.get(script.finish_reason, script.finish_reason)
+    calls = script.calls_for(record.body)
+    stop_reason = stop_reason_for(script, record.body)
     input_tokens, output_tokens = usage_numbers(record, script)
     # Anthropic counts cache reads and writes apart from ``input_tokens``.
     start_usage: dict[str, Any] = {
@@ -52,11 +71,7 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     }
     if not record.stream:
         await before_json_answer(connection, script)
-        response = {
-            **message,
-            "content": [{"type": "text", "text": "".join(script.content_chunks())}],
-            "stop_reason": stop_reason,
-        }
+        response = {**message, "content": answer_content(script, record.body), "stop_reason": stop_reason}
         if not script.omit_usage:
             response["usage"] = {**start_usage, "output_tokens": output_tokens}
         await connection.send_json(200, response, {"request-id": f"req_fake_{uuid.uuid4().hex[:24]}"})
@@ -83,24 +98,55 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
         ),
         Fault.NOT_AN_OBJECT: b"event: content_block_delta\ndata: [1, 2]\n\n",
     }
-    block_start = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    # (event, whether it is a content chunk): a block's start and stop go out with the next chunk.
+    events: list[tuple[bytes, bool]] = []
+    index = 0
+    if script.reasoning:
+        events += [(_block_delta(0, type="thinking_delta", thinking=piece), True) for piece in script.reasoning]
+        events += [(_block_delta(0, type="signature_delta", signature="fake-signature"), False)]
+        events += [(_block_stop(0), False), (_block_start(1, type="text", text=""), False)]
+        index = 1
+    events += [(_block_delta(index, type="text_delta", text=text), True) for text in script.content_chunks()]
+    events.append((_block_stop(index), False))
+    for number, call in enumerate(calls):
+        index += 1
+        tool_use = {"type": "tool_use", "id": call.call_id(number, "toolu"), "name": call.name, "input": {}}
+        events.append((_block_start(index, **tool_use), False))
+        events += [(_block_delta(index, type="input_json_delta", partial_json=p), True) for p in call.argument_pieces()]
+        events.append((_block_stop(index), False))
+    content: list[bytes] = []
+    pending = b""
+    for event, is_chunk in events:
+        if is_chunk:
+            content.append(pending + event)
+            pending = b""
+        else:
+            pending += event
+    first_block = (
+        {"type": "thinking", "thinking": "", "signature": ""} if script.reasoning else {"type": "text", "text": ""}
+    )
     await stream_events(
         connection,
         record,
         script,
         opening=[
             sse({"type": "message_start", "message": message}, "message_start"),
-            sse(block_start, "content_block_start"),
+            _block_start(0, **first_block),
             sse({"type": "ping"}, "ping"),
         ],
-        content=lambda text: sse(
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
-            "content_block_delta",
-        ),
-        closing=[
-            sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-            sse(delta, "message_delta"),
-            sse({"type": "message_stop"}, "message_stop"),
-        ],
+        content=content,
+        closing=[pending, sse(delta, "message_delta"), sse({"type": "message_stop"}, "message_stop")],
         faults=faults,
     )
+
+
+def _block_start(index: int, **block: Any) -> bytes:
+    return sse({"type": "content_block_start", "index": index, "content_block": block}, "content_block_start")
+
+
+def _block_delta(index: int, **delta: Any) -> bytes:
+    return sse({"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta")
+
+
+def _block_stop(index: int) -> bytes:
+    return sse({"type": "content_block_stop", "index": index}, "content_block_stop")

@@ -30,10 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from routesvc.testing import _anthropic, _openai
 from routesvc.testing._connection import Connection, Request
 from routesvc.testing._script import RecordedRequest, Script, usage_numbers
-
-_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
 class BatchOutcome(enum.Enum):
@@ -122,12 +121,12 @@ class FakeBatches:
 
     # -- answering one request -----------------------------------------------------------------
 
-    def _answer(self, body: dict[str, Any]) -> tuple[Script, str, int, int]:
+    def _answer(self, body: dict[str, Any]) -> tuple[Script, int, int]:
         model = str(body.get("model", ""))
         script = self._take_script(model)
         record = RecordedRequest(method="POST", path="batch", headers={}, body=body, received_at=time.monotonic())
         input_tokens, output_tokens = usage_numbers(record, script)
-        return script, "".join(script.content_chunks()), input_tokens, output_tokens
+        return script, input_tokens, output_tokens
 
     def _end(self, batch: FakeBatch) -> None:
         """End ``batch`` per the outcome (once); fills its results."""
@@ -160,7 +159,7 @@ class FakeBatches:
                 errors.append(json.dumps({"id": self._new_id("batch_req_"), "custom_id": custom_id, "error": error}))
                 continue
             body = line.get("body") or {}
-            script, text, input_tokens, output_tokens = self._answer(body)
+            script, input_tokens, output_tokens = self._answer(body)
             if script.status != 200:
                 response = {"status_code": script.status, "body": {"error": {"type": "server_error"}}}
                 if self.http_errors_in_error_file:
@@ -180,8 +179,8 @@ class FakeBatches:
                         "choices": [
                             {
                                 "index": 0,
-                                "message": {"role": "assistant", "content": text},
-                                "finish_reason": script.finish_reason,
+                                "message": _openai.answer_message(script, body),
+                                "finish_reason": _openai.finish_reason_for(script, body),
                             }
                         ],
                         "usage": {
@@ -213,7 +212,7 @@ class FakeBatches:
             elif status == "failed":
                 result = {"type": "errored", "error": {"type": "error", "error": {"type": "api_error"}}}
             else:
-                script, text, input_tokens, output_tokens = self._answer(params)
+                script, input_tokens, output_tokens = self._answer(params)
                 if script.status != 200:
                     error = {"type": "error", "error": {"type": "invalid_request_error", "message": "fake"}}
                     result = {"type": "errored", "error": error}
@@ -223,8 +222,8 @@ class FakeBatches:
                         "type": "message",
                         "role": "assistant",
                         "model": script.model or params.get("model"),
-                        "content": [{"type": "text", "text": text}],
-                        "stop_reason": _STOP_REASONS.get(script.finish_reason, script.finish_reason),
+                        "content": _anthropic.answer_content(script, params),
+                        "stop_reason": _anthropic.stop_reason_for(script, params),
                         "stop_sequence": None,
                         "usage": {
                             "input_tokens": input_tokens - script.cached_input_tokens,

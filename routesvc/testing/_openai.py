@@ -19,6 +19,28 @@ def error_body(status: int, error_type: str, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
 
 
+def answer_message(script: Script, body: Any) -> dict[str, Any]:
+    """The whole answer as a non-streamed response's (or a batch result's) ``message``."""
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(script.content_chunks())}
+    calls = script.calls_for(body)
+    if calls:
+        message["content"] = message["content"] or None
+        message["tool_calls"] = [
+            {
+                "id": call.call_id(index, "call"),
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for index, call in enumerate(calls)
+        ]
+    return message
+
+
+def finish_reason_for(script: Script, body: Any) -> str:
+    """``tool_calls`` when the answer makes tool calls, else the script's finish reason."""
+    return "tool_calls" if script.calls_for(body) else script.finish_reason
+
+
 async def respond(connection: Connection, record: RecordedRequest, script: Script) -> None:
     """Answer one chat completion request as ``script`` says."""
     if script.fault is Fault.HANG_BEFORE_HEADERS:
@@ -31,6 +53,8 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     completion_id = f"chatcmpl-fake-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     input_tokens, output_tokens = usage_numbers(record, script)
+    calls = script.calls_for(body)
+    finish_reason = finish_reason_for(script, body)
     usage = {
         "prompt_tokens": input_tokens,
         "completion_tokens": output_tokens,
@@ -47,9 +71,9 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(script.content_chunks())},
+                    "message": answer_message(script, body),
                     "logprobs": None,
-                    "finish_reason": script.finish_reason,
+                    "finish_reason": finish_reason,
                 }
             ],
         }
@@ -76,7 +100,25 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
             data["usage"] = None
         return sse(data)
 
-    closing = [chunk({}, script.finish_reason)]
+    content = [chunk({"reasoning_content": piece}) for piece in script.reasoning]
+    content += [chunk({"content": text}) for text in script.content_chunks()]
+    for index, call in enumerate(calls):
+        # The first piece names the call; the arguments follow in pieces, by the call's index.
+        function = {"name": call.name, "arguments": ""}
+        content.append(
+            chunk(
+                {
+                    "tool_calls": [
+                        {"index": index, "id": call.call_id(index, "call"), "type": "function", "function": function}
+                    ]
+                }
+            )
+        )
+        content += [
+            chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+            for piece in call.argument_pieces()
+        ]
+    closing = [chunk({}, finish_reason)]
     if include_usage:
         usage_chunk = {
             "id": completion_id,
@@ -111,7 +153,7 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
         record,
         script,
         opening=[chunk({"role": "assistant", "content": ""})],
-        content=lambda text: chunk({"content": text}),
+        content=content,
         closing=closing,
         faults=faults,
     )

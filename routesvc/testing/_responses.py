@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from routesvc.testing._connection import Connection
@@ -66,11 +66,12 @@ async def stream_events(
     script: Script,
     *,
     opening: list[bytes],
-    content: Callable[[str], bytes],
+    content: Sequence[bytes],
     closing: list[bytes],
     faults: Mapping[Fault, bytes],
 ) -> None:
-    """Stream ``opening``, one event per content chunk, ``closing``; inject ``script.fault`` on the way.
+    """Stream ``opening``, each content chunk (reasoning, text, tool-call pieces: one or more events
+    each), ``closing``; inject ``script.fault`` on the way.
 
     ``faults`` holds the API's own bytes for the faults that inject an event.
     """
@@ -83,7 +84,7 @@ async def stream_events(
     await connection.send_head(200, headers)
     for event in opening:
         await connection.send_chunk(event)
-    chunks = script.content_chunks()
+    chunks = content
     for index in range(len(chunks) + 1):
         if index == script.fault_after and script.fault is not Fault.NONE:
             if script.fault is Fault.CUT:
@@ -109,7 +110,7 @@ async def stream_events(
         if index == len(chunks):
             break
         await connection.pause(script.first_chunk_delay if index == 0 else script.chunk_delay)
-        await connection.send_chunk(content(chunks[index]))
+        await connection.send_chunk(chunks[index])
         record.chunks_sent += 1
     for event in closing:
         await connection.send_chunk(event)

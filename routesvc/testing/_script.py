@@ -39,6 +39,26 @@ class Fault(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class FakeToolCall:
+    """A tool call the fake makes: the tool's ``name`` and its ``arguments`` (JSON text), streamed
+    in ``pieces`` pieces; ``id`` defaults to ``call_fake_N`` (OpenAI) or ``toolu_fake_N`` (Anthropic)."""
+
+    name: str
+    arguments: str = "{}"
+    id: str = ""
+    pieces: int = 3
+
+    def argument_pieces(self) -> tuple[str, ...]:
+        """``arguments`` cut into ``pieces`` pieces (fewer when it is shorter), in order."""
+        size = -(-len(self.arguments) // max(self.pieces, 1)) or 1
+        return tuple(self.arguments[start : start + size] for start in range(0, len(self.arguments), size))
+
+    def call_id(self, index: int, prefix: str) -> str:
+        """The call's id: ``id``, else ``{prefix}_fake_{index}``."""
+        return self.id or f"{prefix}_fake_{index}"
+
+
+@dataclass(frozen=True, slots=True)
 class Script:
     """How the fake answers one request.
 
@@ -49,6 +69,14 @@ class Script:
     them apart, as Anthropic does); ``output_tokens`` defaults to the number of chunks.
     ``finish_reason`` uses OpenAI names and is translated for Anthropic (stop -> end_turn, ...);
     an unknown name is sent as is.
+
+    ``reasoning`` pieces stream before the text as reasoning (OpenAI-compatible ``reasoning_content``,
+    an Anthropic ``thinking`` block), each after ``chunk_delay`` (the first after
+    ``first_chunk_delay``), as content chunks do. ``tool_calls`` are made when the request offers
+    tools: after the text (``chunks=()`` for none), in parallel, each in its pieces (OpenAI
+    ``delta.tool_calls`` by index, Anthropic ``tool_use`` blocks with ``input_json_delta``), and the
+    finish reason is then ``tool_calls`` (``tool_use``); a request without tools gets the text only.
+    Both count as chunks for ``fault_after`` and, with the text, for the default ``output_tokens``.
 
     An error ``status`` answers with a provider-shaped JSON error (or ``error_body`` verbatim),
     ``Retry-After: retry_after`` and ``retry-after-ms`` when set. With ``echo_prompt`` the error
@@ -79,6 +107,8 @@ class Script:
     hang_seconds: float | None = None
     oversized_bytes: int = 1024 * 1024
     echo_prompt: bool = True
+    reasoning: tuple[str, ...] = ()
+    tool_calls: tuple[FakeToolCall, ...] = ()
 
     def content_chunks(self) -> tuple[str, ...]:
         """The text pieces this script streams, in order."""
@@ -95,6 +125,8 @@ class Script:
         data["headers"] = dict(self.headers)
         if self.chunks is not None:
             data["chunks"] = list(self.chunks)
+        data["reasoning"] = list(self.reasoning)
+        data["tool_calls"] = [asdict(call) for call in self.tool_calls]
         return data
 
     @classmethod
@@ -111,7 +143,16 @@ class Script:
             values["chunks"] = tuple(str(chunk) for chunk in values["chunks"])
         if "headers" in values:
             values["headers"] = MappingProxyType({str(k): str(v) for k, v in dict(values["headers"]).items()})
+        if "reasoning" in values:
+            values["reasoning"] = tuple(str(piece) for piece in values["reasoning"])
+        if "tool_calls" in values:
+            values["tool_calls"] = tuple(FakeToolCall(**dict(call)) for call in values["tool_calls"])
         return cls(**values)
+
+    def calls_for(self, body: Any) -> tuple[FakeToolCall, ...]:
+        """The tool calls to make for a request ``body``: the script's, when it offers tools."""
+        offered = isinstance(body, dict) and bool(body.get("tools"))
+        return self.tool_calls if offered else ()
 
 
 @dataclass(eq=False, slots=True)
@@ -193,6 +234,8 @@ def received_text(body: Any) -> str:
             for part in content:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     texts.append(part["text"])
+                elif isinstance(part, dict) and isinstance(part.get("content"), str):  # a tool_result
+                    texts.append(part["content"])
 
     if isinstance(body, dict):
         collect(body.get("system"))
@@ -209,7 +252,8 @@ def usage_numbers(record: RecordedRequest, script: Script) -> tuple[int, int]:
         input_tokens = len(received_text(record.body).split())
     output_tokens = script.output_tokens
     if output_tokens is None:
-        output_tokens = len(script.content_chunks())
+        pieces = sum(len(call.argument_pieces()) for call in script.calls_for(record.body))
+        output_tokens = len(script.reasoning) + len(script.content_chunks()) + pieces
     return input_tokens, output_tokens
 
 

@@ -92,7 +92,9 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     ROLE_USER: _Role.ValueType  # 2
     """The end user."""
     ROLE_ASSISTANT: _Role.ValueType  # 3
-    """An earlier model answer."""
+    """An earlier model answer (its text, its tool calls, or both)."""
+    ROLE_TOOL: _Role.ValueType  # 4
+    """The result of a tool call an earlier assistant turn made (see Message.tool_call_id)."""
 
 class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """Role is who wrote a message."""
@@ -104,7 +106,9 @@ ROLE_SYSTEM: Role.ValueType  # 1
 ROLE_USER: Role.ValueType  # 2
 """The end user."""
 ROLE_ASSISTANT: Role.ValueType  # 3
-"""An earlier model answer."""
+"""An earlier model answer (its text, its tool calls, or both)."""
+ROLE_TOOL: Role.ValueType  # 4
+"""The result of a tool call an earlier assistant turn made (see Message.tool_call_id)."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
 class _Mode:
@@ -211,23 +215,71 @@ class Message(_message.Message):
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Who wrote it; required."""
     content: _builtins.str
-    """The text; required, non-empty."""
+    """The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls."""
+    tool_call_id: _builtins.str
+    """On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+    earlier ROLE_ASSISTANT turn, whose result `content` is.
+    """
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+        in order; only on ROLE_ASSISTANT turns.
+        """
+
     def __init__(
         self,
         *,
         role: Global___Role.ValueType = ...,
         content: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """ToolCall is one call of a tool that a model made."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The call's id, given by the model's provider (for example "call_abc" or "toolu_01");
+    a ROLE_TOOL turn names it in tool_call_id. Required in requests.
+    """
+    name: _builtins.str
+    """The name of the tool called: 1-64 characters of [a-zA-Z0-9_-]."""
+    arguments_json: _builtins.str
+    """The arguments, as the JSON object text the model produced; empty means {}. In a
+    request it must be a JSON object.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "id", b"id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
 
 @_typing.final
 class Tool(_message.Message):
@@ -676,6 +728,7 @@ class Completion(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     TOTAL_USAGE_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Catalog id of the model that actually answered."""
     provider: _builtins.str
@@ -705,6 +758,13 @@ class Completion(_message.Message):
     def quality(self) -> Global___QualityScore:
         """The quality score of the released answer, when a cascade scored it."""
 
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """The tool calls the answering model made, assembled from the stream, in order (empty
+        when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+        back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+        """
+
     def __init__(
         self,
         *,
@@ -717,10 +777,11 @@ class Completion(_message.Message):
         attempts: _abc.Iterable[Global___Attempt] | None = ...,
         total_usage: Global___Usage | None = ...,
         quality: Global___QualityScore | None = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality", "total_usage", b"total_usage", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cost_usd", b"cost_usd", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "provider_model", b"provider_model", "quality", b"quality", "total_usage", b"total_usage", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cost_usd", b"cost_usd", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "provider_model", b"provider_model", "quality", b"quality", "tool_calls", b"tool_calls", "total_usage", b"total_usage", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -909,6 +970,7 @@ class BatchResult(_message.Message):
     COST_USD_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     PROVIDER_MODEL_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The answer text."""
     cost_usd: _builtins.str
@@ -921,6 +983,10 @@ class BatchResult(_message.Message):
     def usage(self) -> Global___Usage:
         """Provider-reported usage."""
 
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """The tool calls the model made, in order (empty when it made none)."""
+
     def __init__(
         self,
         *,
@@ -929,10 +995,11 @@ class BatchResult(_message.Message):
         cost_usd: _builtins.str = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
         provider_model: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "finish_reason", b"finish_reason", "provider_model", b"provider_model", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "finish_reason", b"finish_reason", "provider_model", b"provider_model", "text", b"text", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1073,7 +1140,7 @@ class CompleteResponse(_message.Message):
 
     @_builtins.property
     def completion(self) -> Global___Completion:
-        """Always last on success: usage and cost."""
+        """Always last on success: usage, cost and the tool calls the model made."""
 
     @_builtins.property
     def escalation(self) -> Global___Escalation:

@@ -86,7 +86,8 @@ class RouterServiceServicer:
 
     def Complete(self, request, context):
         """Complete decides, calls the chosen model and streams its answer: first the
-        decision, then text deltas, then one final message with usage and exact cost.
+        decision, then text deltas, then one final message with usage, exact cost and any
+        tool calls the model made.
 
         Cascade (decision.cascade_models has two or more models): the cheap model's answer
         is buffered while it is scored and is never sent unless accepted. An accepted

@@ -51,7 +51,8 @@ class RouterServiceStub:
     """
     Complete: _grpc.UnaryStreamMultiCallable[_router_pb2.CompleteRequest, _router_pb2.CompleteResponse]
     """Complete decides, calls the chosen model and streams its answer: first the
-    decision, then text deltas, then one final message with usage and exact cost.
+    decision, then text deltas, then one final message with usage, exact cost and any
+    tool calls the model made.
 
     Cascade (decision.cascade_models has two or more models): the cheap model's answer
     is buffered while it is scored and is never sent unless accepted. An accepted
@@ -98,7 +99,8 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """
     Complete: _aio.UnaryStreamMultiCallable[_router_pb2.CompleteRequest, _router_pb2.CompleteResponse]  # type: ignore[assignment]
     """Complete decides, calls the chosen model and streams its answer: first the
-    decision, then text deltas, then one final message with usage and exact cost.
+    decision, then text deltas, then one final message with usage, exact cost and any
+    tool calls the model made.
 
     Cascade (decision.cascade_models has two or more models): the cheap model's answer
     is buffered while it is scored and is never sent unless accepted. An accepted
@@ -154,7 +156,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_router_pb2.CompleteResponse], _abc.AsyncIterator[_router_pb2.CompleteResponse]]:
         """Complete decides, calls the chosen model and streams its answer: first the
-        decision, then text deltas, then one final message with usage and exact cost.
+        decision, then text deltas, then one final message with usage, exact cost and any
+        tool calls the model made.
 
         Cascade (decision.cascade_models has two or more models): the cheap model's answer
         is buffered while it is scored and is never sent unless accepted. An accepted

@@ -117,8 +117,10 @@ const (
 	Role_ROLE_SYSTEM Role = 1
 	// The end user.
 	Role_ROLE_USER Role = 2
-	// An earlier model answer.
+	// An earlier model answer (its text, its tool calls, or both).
 	Role_ROLE_ASSISTANT Role = 3
+	// The result of a tool call an earlier assistant turn made (see Message.tool_call_id).
+	Role_ROLE_TOOL Role = 4
 )
 
 // Enum value maps for Role.
@@ -128,12 +130,14 @@ var (
 		1: "ROLE_SYSTEM",
 		2: "ROLE_USER",
 		3: "ROLE_ASSISTANT",
+		4: "ROLE_TOOL",
 	}
 	Role_value = map[string]int32{
 		"ROLE_UNSPECIFIED": 0,
 		"ROLE_SYSTEM":      1,
 		"ROLE_USER":        2,
 		"ROLE_ASSISTANT":   3,
+		"ROLE_TOOL":        4,
 	}
 )
 
@@ -352,8 +356,14 @@ type Message struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Who wrote it; required.
 	Role Role `protobuf:"varint,1,opt,name=role,proto3,enum=routesvc.v1.Role" json:"role,omitempty"`
-	// The text; required, non-empty.
-	Content       string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	// The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	// The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+	// in order; only on ROLE_ASSISTANT turns.
+	ToolCalls []*ToolCall `protobuf:"bytes,3,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
+	// On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+	// earlier ROLE_ASSISTANT turn, whose result `content` is.
+	ToolCallId    string `protobuf:"bytes,4,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -402,6 +412,86 @@ func (x *Message) GetContent() string {
 	return ""
 }
 
+func (x *Message) GetToolCalls() []*ToolCall {
+	if x != nil {
+		return x.ToolCalls
+	}
+	return nil
+}
+
+func (x *Message) GetToolCallId() string {
+	if x != nil {
+		return x.ToolCallId
+	}
+	return ""
+}
+
+// ToolCall is one call of a tool that a model made.
+type ToolCall struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The call's id, given by the model's provider (for example "call_abc" or "toolu_01");
+	// a ROLE_TOOL turn names it in tool_call_id. Required in requests.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The name of the tool called: 1-64 characters of [a-zA-Z0-9_-].
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// The arguments, as the JSON object text the model produced; empty means {}. In a
+	// request it must be a JSON object.
+	ArgumentsJson string `protobuf:"bytes,3,opt,name=arguments_json,json=argumentsJson,proto3" json:"arguments_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolCall) Reset() {
+	*x = ToolCall{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolCall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolCall) ProtoMessage() {}
+
+func (x *ToolCall) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolCall.ProtoReflect.Descriptor instead.
+func (*ToolCall) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ToolCall) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ToolCall) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ToolCall) GetArgumentsJson() string {
+	if x != nil {
+		return x.ArgumentsJson
+	}
+	return ""
+}
+
 // Tool is a function definition offered to the model.
 type Tool struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -417,7 +507,7 @@ type Tool struct {
 
 func (x *Tool) Reset() {
 	*x = Tool{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	mi := &file_routesvc_v1_router_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -429,7 +519,7 @@ func (x *Tool) String() string {
 func (*Tool) ProtoMessage() {}
 
 func (x *Tool) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	mi := &file_routesvc_v1_router_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -442,7 +532,7 @@ func (x *Tool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tool.ProtoReflect.Descriptor instead.
 func (*Tool) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{1}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Tool) GetName() string {
@@ -484,7 +574,7 @@ type ChatRequest struct {
 
 func (x *ChatRequest) Reset() {
 	*x = ChatRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[2]
+	mi := &file_routesvc_v1_router_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -496,7 +586,7 @@ func (x *ChatRequest) String() string {
 func (*ChatRequest) ProtoMessage() {}
 
 func (x *ChatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[2]
+	mi := &file_routesvc_v1_router_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -509,7 +599,7 @@ func (x *ChatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatRequest.ProtoReflect.Descriptor instead.
 func (*ChatRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{2}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ChatRequest) GetMessages() []*Message {
@@ -569,7 +659,7 @@ type RoutingContext struct {
 
 func (x *RoutingContext) Reset() {
 	*x = RoutingContext{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	mi := &file_routesvc_v1_router_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -581,7 +671,7 @@ func (x *RoutingContext) String() string {
 func (*RoutingContext) ProtoMessage() {}
 
 func (x *RoutingContext) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	mi := &file_routesvc_v1_router_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -594,7 +684,7 @@ func (x *RoutingContext) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoutingContext.ProtoReflect.Descriptor instead.
 func (*RoutingContext) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RoutingContext) GetTenant() string {
@@ -666,7 +756,7 @@ type RouteRequest struct {
 
 func (x *RouteRequest) Reset() {
 	*x = RouteRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	mi := &file_routesvc_v1_router_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -678,7 +768,7 @@ func (x *RouteRequest) String() string {
 func (*RouteRequest) ProtoMessage() {}
 
 func (x *RouteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	mi := &file_routesvc_v1_router_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -691,7 +781,7 @@ func (x *RouteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteRequest.ProtoReflect.Descriptor instead.
 func (*RouteRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RouteRequest) GetChat() *ChatRequest {
@@ -723,7 +813,7 @@ type Candidate struct {
 
 func (x *Candidate) Reset() {
 	*x = Candidate{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[5]
+	mi := &file_routesvc_v1_router_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -735,7 +825,7 @@ func (x *Candidate) String() string {
 func (*Candidate) ProtoMessage() {}
 
 func (x *Candidate) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[5]
+	mi := &file_routesvc_v1_router_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -748,7 +838,7 @@ func (x *Candidate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Candidate.ProtoReflect.Descriptor instead.
 func (*Candidate) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Candidate) GetModel() string {
@@ -821,7 +911,7 @@ type RouteDecision struct {
 
 func (x *RouteDecision) Reset() {
 	*x = RouteDecision{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[6]
+	mi := &file_routesvc_v1_router_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -833,7 +923,7 @@ func (x *RouteDecision) String() string {
 func (*RouteDecision) ProtoMessage() {}
 
 func (x *RouteDecision) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[6]
+	mi := &file_routesvc_v1_router_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -846,7 +936,7 @@ func (x *RouteDecision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteDecision.ProtoReflect.Descriptor instead.
 func (*RouteDecision) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RouteDecision) GetDecisionId() string {
@@ -972,7 +1062,7 @@ type RouteResponse struct {
 
 func (x *RouteResponse) Reset() {
 	*x = RouteResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[7]
+	mi := &file_routesvc_v1_router_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -984,7 +1074,7 @@ func (x *RouteResponse) String() string {
 func (*RouteResponse) ProtoMessage() {}
 
 func (x *RouteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[7]
+	mi := &file_routesvc_v1_router_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -997,7 +1087,7 @@ func (x *RouteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteResponse.ProtoReflect.Descriptor instead.
 func (*RouteResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RouteResponse) GetDecision() *RouteDecision {
@@ -1020,7 +1110,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[8]
+	mi := &file_routesvc_v1_router_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1032,7 +1122,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[8]
+	mi := &file_routesvc_v1_router_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1045,7 +1135,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{8}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CompleteRequest) GetChat() *ChatRequest {
@@ -1073,7 +1163,7 @@ type TextDelta struct {
 
 func (x *TextDelta) Reset() {
 	*x = TextDelta{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[9]
+	mi := &file_routesvc_v1_router_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1085,7 +1175,7 @@ func (x *TextDelta) String() string {
 func (*TextDelta) ProtoMessage() {}
 
 func (x *TextDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[9]
+	mi := &file_routesvc_v1_router_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1098,7 +1188,7 @@ func (x *TextDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TextDelta.ProtoReflect.Descriptor instead.
 func (*TextDelta) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{9}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *TextDelta) GetText() string {
@@ -1123,7 +1213,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[10]
+	mi := &file_routesvc_v1_router_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1135,7 +1225,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[10]
+	mi := &file_routesvc_v1_router_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1148,7 +1238,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{10}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Usage) GetInputTokens() int64 {
@@ -1194,14 +1284,18 @@ type Completion struct {
 	// The sum of every attempt's usage (equals `usage` when one attempt answered).
 	TotalUsage *Usage `protobuf:"bytes,8,opt,name=total_usage,json=totalUsage,proto3" json:"total_usage,omitempty"`
 	// The quality score of the released answer, when a cascade scored it.
-	Quality       *QualityScore `protobuf:"bytes,9,opt,name=quality,proto3" json:"quality,omitempty"`
+	Quality *QualityScore `protobuf:"bytes,9,opt,name=quality,proto3" json:"quality,omitempty"`
+	// The tool calls the answering model made, assembled from the stream, in order (empty
+	// when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+	// back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+	ToolCalls     []*ToolCall `protobuf:"bytes,10,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Completion) Reset() {
 	*x = Completion{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[11]
+	mi := &file_routesvc_v1_router_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1213,7 +1307,7 @@ func (x *Completion) String() string {
 func (*Completion) ProtoMessage() {}
 
 func (x *Completion) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[11]
+	mi := &file_routesvc_v1_router_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1226,7 +1320,7 @@ func (x *Completion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Completion.ProtoReflect.Descriptor instead.
 func (*Completion) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{11}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Completion) GetModel() string {
@@ -1292,6 +1386,13 @@ func (x *Completion) GetQuality() *QualityScore {
 	return nil
 }
 
+func (x *Completion) GetToolCalls() []*ToolCall {
+	if x != nil {
+		return x.ToolCalls
+	}
+	return nil
+}
+
 // Attempt is one upstream call made for a request.
 type Attempt struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1309,7 +1410,7 @@ type Attempt struct {
 
 func (x *Attempt) Reset() {
 	*x = Attempt{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[12]
+	mi := &file_routesvc_v1_router_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1321,7 +1422,7 @@ func (x *Attempt) String() string {
 func (*Attempt) ProtoMessage() {}
 
 func (x *Attempt) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[12]
+	mi := &file_routesvc_v1_router_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1334,7 +1435,7 @@ func (x *Attempt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attempt.ProtoReflect.Descriptor instead.
 func (*Attempt) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{12}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Attempt) GetModel() string {
@@ -1381,7 +1482,7 @@ type QualityScore struct {
 
 func (x *QualityScore) Reset() {
 	*x = QualityScore{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[13]
+	mi := &file_routesvc_v1_router_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1393,7 +1494,7 @@ func (x *QualityScore) String() string {
 func (*QualityScore) ProtoMessage() {}
 
 func (x *QualityScore) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[13]
+	mi := &file_routesvc_v1_router_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1406,7 +1507,7 @@ func (x *QualityScore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QualityScore.ProtoReflect.Descriptor instead.
 func (*QualityScore) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{13}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *QualityScore) GetScore() float64 {
@@ -1453,7 +1554,7 @@ type Escalation struct {
 
 func (x *Escalation) Reset() {
 	*x = Escalation{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[14]
+	mi := &file_routesvc_v1_router_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1465,7 +1566,7 @@ func (x *Escalation) String() string {
 func (*Escalation) ProtoMessage() {}
 
 func (x *Escalation) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[14]
+	mi := &file_routesvc_v1_router_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1478,7 +1579,7 @@ func (x *Escalation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Escalation.ProtoReflect.Descriptor instead.
 func (*Escalation) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{14}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Escalation) GetFromModel() string {
@@ -1548,7 +1649,7 @@ type BatchJob struct {
 
 func (x *BatchJob) Reset() {
 	*x = BatchJob{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[15]
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1560,7 +1661,7 @@ func (x *BatchJob) String() string {
 func (*BatchJob) ProtoMessage() {}
 
 func (x *BatchJob) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[15]
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1573,7 +1674,7 @@ func (x *BatchJob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchJob.ProtoReflect.Descriptor instead.
 func (*BatchJob) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{15}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *BatchJob) GetBatchId() string {
@@ -1645,13 +1746,15 @@ type BatchResult struct {
 	FinishReason FinishReason `protobuf:"varint,4,opt,name=finish_reason,json=finishReason,proto3,enum=routesvc.v1.FinishReason" json:"finish_reason,omitempty"`
 	// The model name the provider reported.
 	ProviderModel string `protobuf:"bytes,5,opt,name=provider_model,json=providerModel,proto3" json:"provider_model,omitempty"`
+	// The tool calls the model made, in order (empty when it made none).
+	ToolCalls     []*ToolCall `protobuf:"bytes,6,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BatchResult) Reset() {
 	*x = BatchResult{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1663,7 +1766,7 @@ func (x *BatchResult) String() string {
 func (*BatchResult) ProtoMessage() {}
 
 func (x *BatchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1676,7 +1779,7 @@ func (x *BatchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchResult.ProtoReflect.Descriptor instead.
 func (*BatchResult) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{16}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *BatchResult) GetText() string {
@@ -1714,6 +1817,13 @@ func (x *BatchResult) GetProviderModel() string {
 	return ""
 }
 
+func (x *BatchResult) GetToolCalls() []*ToolCall {
+	if x != nil {
+		return x.ToolCalls
+	}
+	return nil
+}
+
 // GetBatchRequest names the job to report on.
 type GetBatchRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1728,7 +1838,7 @@ type GetBatchRequest struct {
 
 func (x *GetBatchRequest) Reset() {
 	*x = GetBatchRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1740,7 +1850,7 @@ func (x *GetBatchRequest) String() string {
 func (*GetBatchRequest) ProtoMessage() {}
 
 func (x *GetBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1753,7 +1863,7 @@ func (x *GetBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBatchRequest.ProtoReflect.Descriptor instead.
 func (*GetBatchRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{17}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetBatchRequest) GetBatchId() string {
@@ -1785,7 +1895,7 @@ type GetBatchResponse struct {
 
 func (x *GetBatchResponse) Reset() {
 	*x = GetBatchResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1797,7 +1907,7 @@ func (x *GetBatchResponse) String() string {
 func (*GetBatchResponse) ProtoMessage() {}
 
 func (x *GetBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1810,7 +1920,7 @@ func (x *GetBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBatchResponse.ProtoReflect.Descriptor instead.
 func (*GetBatchResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{18}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GetBatchResponse) GetJob() *BatchJob {
@@ -1848,7 +1958,7 @@ type CancelBatchRequest struct {
 
 func (x *CancelBatchRequest) Reset() {
 	*x = CancelBatchRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1860,7 +1970,7 @@ func (x *CancelBatchRequest) String() string {
 func (*CancelBatchRequest) ProtoMessage() {}
 
 func (x *CancelBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1873,7 +1983,7 @@ func (x *CancelBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBatchRequest.ProtoReflect.Descriptor instead.
 func (*CancelBatchRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{19}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CancelBatchRequest) GetBatchId() string {
@@ -1901,7 +2011,7 @@ type CancelBatchResponse struct {
 
 func (x *CancelBatchResponse) Reset() {
 	*x = CancelBatchResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1913,7 +2023,7 @@ func (x *CancelBatchResponse) String() string {
 func (*CancelBatchResponse) ProtoMessage() {}
 
 func (x *CancelBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1926,7 +2036,7 @@ func (x *CancelBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBatchResponse.ProtoReflect.Descriptor instead.
 func (*CancelBatchResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{20}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CancelBatchResponse) GetJob() *BatchJob {
@@ -1955,7 +2065,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	mi := &file_routesvc_v1_router_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1967,7 +2077,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	mi := &file_routesvc_v1_router_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1980,7 +2090,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{21}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CompleteResponse) GetEvent() isCompleteResponse_Event {
@@ -2050,7 +2160,7 @@ type CompleteResponse_Delta struct {
 }
 
 type CompleteResponse_Completion struct {
-	// Always last on success: usage and cost.
+	// Always last on success: usage, cost and the tool calls the model made.
 	Completion *Completion `protobuf:"bytes,3,opt,name=completion,proto3,oneof"`
 }
 
@@ -2083,7 +2193,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[22]
+	mi := &file_routesvc_v1_router_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2095,7 +2205,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[22]
+	mi := &file_routesvc_v1_router_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2108,7 +2218,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{22}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{23}
 }
 
 // ModelInfo describes one catalog model.
@@ -2142,7 +2252,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[23]
+	mi := &file_routesvc_v1_router_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2154,7 +2264,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[23]
+	mi := &file_routesvc_v1_router_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2167,7 +2277,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{23}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ModelInfo) GetId() string {
@@ -2258,7 +2368,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[24]
+	mi := &file_routesvc_v1_router_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2270,7 +2380,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[24]
+	mi := &file_routesvc_v1_router_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2283,7 +2393,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{24}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListModelsResponse) GetModels() []*ModelInfo {
@@ -2307,7 +2417,7 @@ type GetStatsRequest struct {
 
 func (x *GetStatsRequest) Reset() {
 	*x = GetStatsRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[25]
+	mi := &file_routesvc_v1_router_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2319,7 +2429,7 @@ func (x *GetStatsRequest) String() string {
 func (*GetStatsRequest) ProtoMessage() {}
 
 func (x *GetStatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[25]
+	mi := &file_routesvc_v1_router_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2332,7 +2442,7 @@ func (x *GetStatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatsRequest.ProtoReflect.Descriptor instead.
 func (*GetStatsRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{25}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetStatsRequest) GetTenant() string {
@@ -2378,7 +2488,7 @@ type CostTotals struct {
 
 func (x *CostTotals) Reset() {
 	*x = CostTotals{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[26]
+	mi := &file_routesvc_v1_router_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2390,7 +2500,7 @@ func (x *CostTotals) String() string {
 func (*CostTotals) ProtoMessage() {}
 
 func (x *CostTotals) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[26]
+	mi := &file_routesvc_v1_router_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2403,7 +2513,7 @@ func (x *CostTotals) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CostTotals.ProtoReflect.Descriptor instead.
 func (*CostTotals) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{26}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CostTotals) GetRequests() int64 {
@@ -2481,7 +2591,7 @@ type ModelStats struct {
 
 func (x *ModelStats) Reset() {
 	*x = ModelStats{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[27]
+	mi := &file_routesvc_v1_router_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2493,7 +2603,7 @@ func (x *ModelStats) String() string {
 func (*ModelStats) ProtoMessage() {}
 
 func (x *ModelStats) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[27]
+	mi := &file_routesvc_v1_router_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2506,7 +2616,7 @@ func (x *ModelStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelStats.ProtoReflect.Descriptor instead.
 func (*ModelStats) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{27}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ModelStats) GetModel() string {
@@ -2557,7 +2667,7 @@ type TenantStats struct {
 
 func (x *TenantStats) Reset() {
 	*x = TenantStats{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[28]
+	mi := &file_routesvc_v1_router_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2569,7 +2679,7 @@ func (x *TenantStats) String() string {
 func (*TenantStats) ProtoMessage() {}
 
 func (x *TenantStats) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[28]
+	mi := &file_routesvc_v1_router_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2582,7 +2692,7 @@ func (x *TenantStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TenantStats.ProtoReflect.Descriptor instead.
 func (*TenantStats) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{28}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *TenantStats) GetTenant() string {
@@ -2614,7 +2724,7 @@ type LatencyPercentiles struct {
 
 func (x *LatencyPercentiles) Reset() {
 	*x = LatencyPercentiles{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[29]
+	mi := &file_routesvc_v1_router_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2626,7 +2736,7 @@ func (x *LatencyPercentiles) String() string {
 func (*LatencyPercentiles) ProtoMessage() {}
 
 func (x *LatencyPercentiles) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[29]
+	mi := &file_routesvc_v1_router_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2639,7 +2749,7 @@ func (x *LatencyPercentiles) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LatencyPercentiles.ProtoReflect.Descriptor instead.
 func (*LatencyPercentiles) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{29}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *LatencyPercentiles) GetP50() *durationpb.Duration {
@@ -2700,7 +2810,7 @@ type GetStatsResponse struct {
 
 func (x *GetStatsResponse) Reset() {
 	*x = GetStatsResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[30]
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2712,7 +2822,7 @@ func (x *GetStatsResponse) String() string {
 func (*GetStatsResponse) ProtoMessage() {}
 
 func (x *GetStatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[30]
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2725,7 +2835,7 @@ func (x *GetStatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatsResponse.ProtoReflect.Descriptor instead.
 func (*GetStatsResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{30}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *GetStatsResponse) GetWindow() *durationpb.Duration {
@@ -2844,7 +2954,7 @@ type FeedbackRequest struct {
 
 func (x *FeedbackRequest) Reset() {
 	*x = FeedbackRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2856,7 +2966,7 @@ func (x *FeedbackRequest) String() string {
 func (*FeedbackRequest) ProtoMessage() {}
 
 func (x *FeedbackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2869,7 +2979,7 @@ func (x *FeedbackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeedbackRequest.ProtoReflect.Descriptor instead.
 func (*FeedbackRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{31}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *FeedbackRequest) GetDecisionId() string {
@@ -2939,7 +3049,7 @@ type FeedbackResponse struct {
 
 func (x *FeedbackResponse) Reset() {
 	*x = FeedbackResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	mi := &file_routesvc_v1_router_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2951,7 +3061,7 @@ func (x *FeedbackResponse) String() string {
 func (*FeedbackResponse) ProtoMessage() {}
 
 func (x *FeedbackResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	mi := &file_routesvc_v1_router_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2964,7 +3074,7 @@ func (x *FeedbackResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeedbackResponse.ProtoReflect.Descriptor instead.
 func (*FeedbackResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{32}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FeedbackResponse) GetDecisionId() string {
@@ -2999,10 +3109,18 @@ var File_routesvc_v1_router_proto protoreflect.FileDescriptor
 
 const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\n" +
-	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"J\n" +
+	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x01\n" +
 	"\aMessage\x12%\n" +
 	"\x04role\x18\x01 \x01(\x0e2\x11.routesvc.v1.RoleR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"e\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\x124\n" +
+	"\n" +
+	"tool_calls\x18\x03 \x03(\v2\x15.routesvc.v1.ToolCallR\ttoolCalls\x12 \n" +
+	"\ftool_call_id\x18\x04 \x01(\tR\n" +
+	"toolCallId\"U\n" +
+	"\bToolCall\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12%\n" +
+	"\x0earguments_json\x18\x03 \x01(\tR\rargumentsJson\"e\n" +
 	"\x04Tool\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x12'\n" +
@@ -3068,7 +3186,7 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x05Usage\x12!\n" +
 	"\finput_tokens\x18\x01 \x01(\x03R\vinputTokens\x12#\n" +
 	"\routput_tokens\x18\x02 \x01(\x03R\foutputTokens\x12.\n" +
-	"\x13cached_input_tokens\x18\x03 \x01(\x03R\x11cachedInputTokens\"\x86\x03\n" +
+	"\x13cached_input_tokens\x18\x03 \x01(\x03R\x11cachedInputTokens\"\xbc\x03\n" +
 	"\n" +
 	"Completion\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
@@ -3080,7 +3198,10 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\battempts\x18\a \x03(\v2\x14.routesvc.v1.AttemptR\battempts\x123\n" +
 	"\vtotal_usage\x18\b \x01(\v2\x12.routesvc.v1.UsageR\n" +
 	"totalUsage\x123\n" +
-	"\aquality\x18\t \x01(\v2\x19.routesvc.v1.QualityScoreR\aquality\"\x9b\x01\n" +
+	"\aquality\x18\t \x01(\v2\x19.routesvc.v1.QualityScoreR\aquality\x124\n" +
+	"\n" +
+	"tool_calls\x18\n" +
+	" \x03(\v2\x15.routesvc.v1.ToolCallR\ttoolCalls\"\x9b\x01\n" +
 	"\aAttempt\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x125\n" +
 	"\aoutcome\x18\x02 \x01(\x0e2\x1b.routesvc.v1.AttemptOutcomeR\aoutcome\x12(\n" +
@@ -3110,13 +3231,15 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\n" +
 	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x1f\n" +
 	"\vdecision_id\x18\b \x01(\tR\n" +
-	"decisionId\"\xcd\x01\n" +
+	"decisionId\"\x83\x02\n" +
 	"\vBatchResult\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12(\n" +
 	"\x05usage\x18\x02 \x01(\v2\x12.routesvc.v1.UsageR\x05usage\x12\x19\n" +
 	"\bcost_usd\x18\x03 \x01(\tR\acostUsd\x12>\n" +
 	"\rfinish_reason\x18\x04 \x01(\x0e2\x19.routesvc.v1.FinishReasonR\ffinishReason\x12%\n" +
-	"\x0eprovider_model\x18\x05 \x01(\tR\rproviderModel\"D\n" +
+	"\x0eprovider_model\x18\x05 \x01(\tR\rproviderModel\x124\n" +
+	"\n" +
+	"tool_calls\x18\x06 \x03(\v2\x15.routesvc.v1.ToolCallR\ttoolCalls\"D\n" +
 	"\x0fGetBatchRequest\x12\x19\n" +
 	"\bbatch_id\x18\x01 \x01(\tR\abatchId\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\"\x83\x01\n" +
@@ -3222,12 +3345,13 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x15BATCH_STATE_SUCCEEDED\x10\x03\x12\x16\n" +
 	"\x12BATCH_STATE_FAILED\x10\x04\x12\x17\n" +
 	"\x13BATCH_STATE_EXPIRED\x10\x05\x12\x19\n" +
-	"\x15BATCH_STATE_CANCELLED\x10\x06*P\n" +
+	"\x15BATCH_STATE_CANCELLED\x10\x06*_\n" +
 	"\x04Role\x12\x14\n" +
 	"\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vROLE_SYSTEM\x10\x01\x12\r\n" +
 	"\tROLE_USER\x10\x02\x12\x12\n" +
-	"\x0eROLE_ASSISTANT\x10\x03*?\n" +
+	"\x0eROLE_ASSISTANT\x10\x03\x12\r\n" +
+	"\tROLE_TOOL\x10\x04*?\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rMODE_REALTIME\x10\x01\x12\x0e\n" +
@@ -3271,7 +3395,7 @@ func file_routesvc_v1_router_proto_rawDescGZIP() []byte {
 }
 
 var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_routesvc_v1_router_proto_goTypes = []any{
 	(BatchState)(0),               // 0: routesvc.v1.BatchState
 	(Role)(0),                     // 1: routesvc.v1.Role
@@ -3279,108 +3403,112 @@ var file_routesvc_v1_router_proto_goTypes = []any{
 	(FinishReason)(0),             // 3: routesvc.v1.FinishReason
 	(AttemptOutcome)(0),           // 4: routesvc.v1.AttemptOutcome
 	(*Message)(nil),               // 5: routesvc.v1.Message
-	(*Tool)(nil),                  // 6: routesvc.v1.Tool
-	(*ChatRequest)(nil),           // 7: routesvc.v1.ChatRequest
-	(*RoutingContext)(nil),        // 8: routesvc.v1.RoutingContext
-	(*RouteRequest)(nil),          // 9: routesvc.v1.RouteRequest
-	(*Candidate)(nil),             // 10: routesvc.v1.Candidate
-	(*RouteDecision)(nil),         // 11: routesvc.v1.RouteDecision
-	(*RouteResponse)(nil),         // 12: routesvc.v1.RouteResponse
-	(*CompleteRequest)(nil),       // 13: routesvc.v1.CompleteRequest
-	(*TextDelta)(nil),             // 14: routesvc.v1.TextDelta
-	(*Usage)(nil),                 // 15: routesvc.v1.Usage
-	(*Completion)(nil),            // 16: routesvc.v1.Completion
-	(*Attempt)(nil),               // 17: routesvc.v1.Attempt
-	(*QualityScore)(nil),          // 18: routesvc.v1.QualityScore
-	(*Escalation)(nil),            // 19: routesvc.v1.Escalation
-	(*BatchJob)(nil),              // 20: routesvc.v1.BatchJob
-	(*BatchResult)(nil),           // 21: routesvc.v1.BatchResult
-	(*GetBatchRequest)(nil),       // 22: routesvc.v1.GetBatchRequest
-	(*GetBatchResponse)(nil),      // 23: routesvc.v1.GetBatchResponse
-	(*CancelBatchRequest)(nil),    // 24: routesvc.v1.CancelBatchRequest
-	(*CancelBatchResponse)(nil),   // 25: routesvc.v1.CancelBatchResponse
-	(*CompleteResponse)(nil),      // 26: routesvc.v1.CompleteResponse
-	(*ListModelsRequest)(nil),     // 27: routesvc.v1.ListModelsRequest
-	(*ModelInfo)(nil),             // 28: routesvc.v1.ModelInfo
-	(*ListModelsResponse)(nil),    // 29: routesvc.v1.ListModelsResponse
-	(*GetStatsRequest)(nil),       // 30: routesvc.v1.GetStatsRequest
-	(*CostTotals)(nil),            // 31: routesvc.v1.CostTotals
-	(*ModelStats)(nil),            // 32: routesvc.v1.ModelStats
-	(*TenantStats)(nil),           // 33: routesvc.v1.TenantStats
-	(*LatencyPercentiles)(nil),    // 34: routesvc.v1.LatencyPercentiles
-	(*GetStatsResponse)(nil),      // 35: routesvc.v1.GetStatsResponse
-	(*FeedbackRequest)(nil),       // 36: routesvc.v1.FeedbackRequest
-	(*FeedbackResponse)(nil),      // 37: routesvc.v1.FeedbackResponse
-	nil,                           // 38: routesvc.v1.RoutingContext.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 39: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 40: google.protobuf.Duration
+	(*ToolCall)(nil),              // 6: routesvc.v1.ToolCall
+	(*Tool)(nil),                  // 7: routesvc.v1.Tool
+	(*ChatRequest)(nil),           // 8: routesvc.v1.ChatRequest
+	(*RoutingContext)(nil),        // 9: routesvc.v1.RoutingContext
+	(*RouteRequest)(nil),          // 10: routesvc.v1.RouteRequest
+	(*Candidate)(nil),             // 11: routesvc.v1.Candidate
+	(*RouteDecision)(nil),         // 12: routesvc.v1.RouteDecision
+	(*RouteResponse)(nil),         // 13: routesvc.v1.RouteResponse
+	(*CompleteRequest)(nil),       // 14: routesvc.v1.CompleteRequest
+	(*TextDelta)(nil),             // 15: routesvc.v1.TextDelta
+	(*Usage)(nil),                 // 16: routesvc.v1.Usage
+	(*Completion)(nil),            // 17: routesvc.v1.Completion
+	(*Attempt)(nil),               // 18: routesvc.v1.Attempt
+	(*QualityScore)(nil),          // 19: routesvc.v1.QualityScore
+	(*Escalation)(nil),            // 20: routesvc.v1.Escalation
+	(*BatchJob)(nil),              // 21: routesvc.v1.BatchJob
+	(*BatchResult)(nil),           // 22: routesvc.v1.BatchResult
+	(*GetBatchRequest)(nil),       // 23: routesvc.v1.GetBatchRequest
+	(*GetBatchResponse)(nil),      // 24: routesvc.v1.GetBatchResponse
+	(*CancelBatchRequest)(nil),    // 25: routesvc.v1.CancelBatchRequest
+	(*CancelBatchResponse)(nil),   // 26: routesvc.v1.CancelBatchResponse
+	(*CompleteResponse)(nil),      // 27: routesvc.v1.CompleteResponse
+	(*ListModelsRequest)(nil),     // 28: routesvc.v1.ListModelsRequest
+	(*ModelInfo)(nil),             // 29: routesvc.v1.ModelInfo
+	(*ListModelsResponse)(nil),    // 30: routesvc.v1.ListModelsResponse
+	(*GetStatsRequest)(nil),       // 31: routesvc.v1.GetStatsRequest
+	(*CostTotals)(nil),            // 32: routesvc.v1.CostTotals
+	(*ModelStats)(nil),            // 33: routesvc.v1.ModelStats
+	(*TenantStats)(nil),           // 34: routesvc.v1.TenantStats
+	(*LatencyPercentiles)(nil),    // 35: routesvc.v1.LatencyPercentiles
+	(*GetStatsResponse)(nil),      // 36: routesvc.v1.GetStatsResponse
+	(*FeedbackRequest)(nil),       // 37: routesvc.v1.FeedbackRequest
+	(*FeedbackResponse)(nil),      // 38: routesvc.v1.FeedbackResponse
+	nil,                           // 39: routesvc.v1.RoutingContext.MetadataEntry
+	(*timestamppb.Timestamp)(nil), // 40: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 41: google.protobuf.Duration
 }
 var file_routesvc_v1_router_proto_depIdxs = []int32{
 	1,  // 0: routesvc.v1.Message.role:type_name -> routesvc.v1.Role
-	5,  // 1: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
-	6,  // 2: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
-	38, // 3: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
-	7,  // 4: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	8,  // 5: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
-	2,  // 6: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
-	10, // 7: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
-	11, // 8: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	7,  // 9: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	8,  // 10: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
-	15, // 11: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
-	3,  // 12: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
-	17, // 13: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
-	15, // 14: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
-	18, // 15: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
-	4,  // 16: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
-	15, // 17: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
-	18, // 18: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
-	15, // 19: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
-	0,  // 20: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
-	39, // 21: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
-	39, // 22: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
-	15, // 23: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
-	3,  // 24: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
-	20, // 25: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	21, // 26: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
-	20, // 27: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	11, // 28: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	14, // 29: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
-	16, // 30: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
-	19, // 31: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
-	20, // 32: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
-	28, // 33: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
-	40, // 34: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
-	31, // 35: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
-	31, // 36: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
-	40, // 37: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
-	40, // 38: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
-	40, // 39: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
-	40, // 40: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
-	31, // 41: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
-	32, // 42: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
-	33, // 43: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
-	34, // 44: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
-	34, // 45: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
-	9,  // 46: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
-	13, // 47: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
-	27, // 48: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
-	30, // 49: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
-	22, // 50: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
-	24, // 51: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
-	36, // 52: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
-	12, // 53: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
-	26, // 54: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
-	29, // 55: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
-	35, // 56: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
-	23, // 57: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
-	25, // 58: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
-	37, // 59: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
-	53, // [53:60] is the sub-list for method output_type
-	46, // [46:53] is the sub-list for method input_type
-	46, // [46:46] is the sub-list for extension type_name
-	46, // [46:46] is the sub-list for extension extendee
-	0,  // [0:46] is the sub-list for field type_name
+	6,  // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
+	5,  // 2: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
+	7,  // 3: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
+	39, // 4: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
+	8,  // 5: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	9,  // 6: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
+	2,  // 7: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
+	11, // 8: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
+	12, // 9: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	8,  // 10: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	9,  // 11: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
+	16, // 12: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
+	3,  // 13: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
+	18, // 14: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
+	16, // 15: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
+	19, // 16: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
+	6,  // 17: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
+	4,  // 18: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
+	16, // 19: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
+	19, // 20: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
+	16, // 21: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
+	0,  // 22: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
+	40, // 23: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
+	40, // 24: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
+	16, // 25: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
+	3,  // 26: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
+	6,  // 27: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
+	21, // 28: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	22, // 29: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
+	21, // 30: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	12, // 31: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	15, // 32: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
+	17, // 33: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
+	20, // 34: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
+	21, // 35: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
+	29, // 36: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
+	41, // 37: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
+	32, // 38: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
+	32, // 39: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
+	41, // 40: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
+	41, // 41: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
+	41, // 42: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
+	41, // 43: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
+	32, // 44: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
+	33, // 45: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
+	34, // 46: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
+	35, // 47: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
+	35, // 48: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
+	10, // 49: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
+	14, // 50: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
+	28, // 51: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
+	31, // 52: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
+	23, // 53: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
+	25, // 54: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
+	37, // 55: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
+	13, // 56: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
+	27, // 57: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
+	30, // 58: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
+	36, // 59: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
+	24, // 60: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
+	26, // 61: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
+	38, // 62: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
+	56, // [56:63] is the sub-list for method output_type
+	49, // [49:56] is the sub-list for method input_type
+	49, // [49:49] is the sub-list for extension type_name
+	49, // [49:49] is the sub-list for extension extendee
+	0,  // [0:49] is the sub-list for field type_name
 }
 
 func init() { file_routesvc_v1_router_proto_init() }
@@ -3388,18 +3516,18 @@ func file_routesvc_v1_router_proto_init() {
 	if File_routesvc_v1_router_proto != nil {
 		return
 	}
-	file_routesvc_v1_router_proto_msgTypes[2].OneofWrappers = []any{}
 	file_routesvc_v1_router_proto_msgTypes[3].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[21].OneofWrappers = []any{
+	file_routesvc_v1_router_proto_msgTypes[4].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[22].OneofWrappers = []any{
 		(*CompleteResponse_Decision)(nil),
 		(*CompleteResponse_Delta)(nil),
 		(*CompleteResponse_Completion)(nil),
 		(*CompleteResponse_Escalation)(nil),
 		(*CompleteResponse_Batch)(nil),
 	}
-	file_routesvc_v1_router_proto_msgTypes[27].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[30].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[31].OneofWrappers = []any{
+	file_routesvc_v1_router_proto_msgTypes[28].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[31].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[32].OneofWrappers = []any{
 		(*FeedbackRequest_Score)(nil),
 		(*FeedbackRequest_ThumbsUp)(nil),
 	}
@@ -3409,7 +3537,7 @@ func file_routesvc_v1_router_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_routesvc_v1_router_proto_rawDesc), len(file_routesvc_v1_router_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   34,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -51,7 +51,8 @@ type RouterServiceClient interface {
 	// cost, without calling any provider.
 	Route(ctx context.Context, in *RouteRequest, opts ...grpc.CallOption) (*RouteResponse, error)
 	// Complete decides, calls the chosen model and streams its answer: first the
-	// decision, then text deltas, then one final message with usage and exact cost.
+	// decision, then text deltas, then one final message with usage, exact cost and any
+	// tool calls the model made.
 	//
 	// Cascade (decision.cascade_models has two or more models): the cheap model's answer
 	// is buffered while it is scored and is never sent unless accepted. An accepted
@@ -180,7 +181,8 @@ type RouterServiceServer interface {
 	// cost, without calling any provider.
 	Route(context.Context, *RouteRequest) (*RouteResponse, error)
 	// Complete decides, calls the chosen model and streams its answer: first the
-	// decision, then text deltas, then one final message with usage and exact cost.
+	// decision, then text deltas, then one final message with usage, exact cost and any
+	// tool calls the model made.
 	//
 	// Cascade (decision.cascade_models has two or more models): the cheap model's answer
 	// is buffered while it is scored and is never sent unless accepted. An accepted

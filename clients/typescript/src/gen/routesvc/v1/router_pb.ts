@@ -25,7 +25,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file routesvc/v1/router.proto.
  */
 export const file_routesvc_v1_router: GenFile = /*@__PURE__*/
-  fileDesc("Chhyb3V0ZXN2Yy92MS9yb3V0ZXIucHJvdG8SC3JvdXRlc3ZjLnYxIjsKB01lc3NhZ2USHwoEcm9sZRgBIAEoDjIRLnJvdXRlc3ZjLnYxLlJvbGUSDwoHY29udGVudBgCIAEoCSJCCgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSFwoPcGFyYW1ldGVyc19qc29uGAMgASgJIrcBCgtDaGF0UmVxdWVzdBImCghtZXNzYWdlcxgBIAMoCzIULnJvdXRlc3ZjLnYxLk1lc3NhZ2USIAoFdG9vbHMYAiADKAsyES5yb3V0ZXN2Yy52MS5Ub29sEh4KEW1heF9vdXRwdXRfdG9rZW5zGAMgASgFSACIAQESGAoLdGVtcGVyYXR1cmUYBCABKAFIAYgBAUIUChJfbWF4X291dHB1dF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlIp8CCg5Sb3V0aW5nQ29udGV4dBIOCgZ0ZW5hbnQYASABKAkSEQoJdXNlcl90aWVyGAIgASgJEhEKCXRhc2tfaGludBgDIAEoCRIVCghyZWFsdGltZRgEIAEoCEgAiAEBEjsKCG1ldGFkYXRhGAUgAygLMikucm91dGVzdmMudjEuUm91dGluZ0NvbnRleHQuTWV0YWRhdGFFbnRyeRIUCgxtYXhfY29zdF91c2QYBiABKAkSDQoFbW9kZWwYByABKAkSFAoHY2FzY2FkZRgIIAEoCEgBiAEBGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfcmVhbHRpbWVCCgoIX2Nhc2NhZGUiZAoMUm91dGVSZXF1ZXN0EiYKBGNoYXQYASABKAsyGC5yb3V0ZXN2Yy52MS5DaGF0UmVxdWVzdBIsCgdjb250ZXh0GAIgASgLMhsucm91dGVzdmMudjEuUm91dGluZ0NvbnRleHQiRQoJQ2FuZGlkYXRlEg0KBW1vZGVsGAEgASgJEhAKCGVsaWdpYmxlGAIgASgIEhcKD2V4Y2x1ZGVkX3JlYXNvbhgDIAEoCSKUAwoNUm91dGVEZWNpc2lvbhITCgtkZWNpc2lvbl9pZBgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghwcm92aWRlchgDIAEoCRIQCghzdHJhdGVneRgEIAEoCRIMCgRydWxlGAUgASgJEg8KB3JlYXNvbnMYBiADKAkSHgoWZXN0aW1hdGVkX2lucHV0X3Rva2VucxgHIAEoAxIfChdlc3RpbWF0ZWRfb3V0cHV0X3Rva2VucxgIIAEoAxIaChJlc3RpbWF0ZWRfY29zdF91c2QYCSABKAkSHwoEbW9kZRgKIAEoDjIRLnJvdXRlc3ZjLnYxLk1vZGUSKgoKY2FuZGlkYXRlcxgLIAMoCzIWLnJvdXRlc3ZjLnYxLkNhbmRpZGF0ZRIMCgR0YXNrGAwgASgJEhYKDmNhc2NhZGVfbW9kZWxzGA0gAygJEhoKEmNhc2NhZGVfdGhyZXNob2xkcxgOIAMoARIWCg5jYXNjYWRlX3Njb3JlchgPIAEoCRIYChByb3V0aW5nX2Nvc3RfdXNkGBAgASgJIj0KDVJvdXRlUmVzcG9uc2USLAoIZGVjaXNpb24YASABKAsyGi5yb3V0ZXN2Yy52MS5Sb3V0ZURlY2lzaW9uImcKD0NvbXBsZXRlUmVxdWVzdBImCgRjaGF0GAEgASgLMhgucm91dGVzdmMudjEuQ2hhdFJlcXVlc3QSLAoHY29udGV4dBgCIAEoCzIbLnJvdXRlc3ZjLnYxLlJvdXRpbmdDb250ZXh0IhkKCVRleHREZWx0YRIMCgR0ZXh0GAEgASgJIlEKBVVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAIgASgDEhsKE2NhY2hlZF9pbnB1dF90b2tlbnMYAyABKAMiqQIKCkNvbXBsZXRpb24SDQoFbW9kZWwYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSFgoOcHJvdmlkZXJfbW9kZWwYAyABKAkSIQoFdXNhZ2UYBCABKAsyEi5yb3V0ZXN2Yy52MS5Vc2FnZRIQCghjb3N0X3VzZBgFIAEoCRIwCg1maW5pc2hfcmVhc29uGAYgASgOMhkucm91dGVzdmMudjEuRmluaXNoUmVhc29uEiYKCGF0dGVtcHRzGAcgAygLMhQucm91dGVzdmMudjEuQXR0ZW1wdBInCgt0b3RhbF91c2FnZRgIIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlEioKB3F1YWxpdHkYCSABKAsyGS5yb3V0ZXN2Yy52MS5RdWFsaXR5U2NvcmUiewoHQXR0ZW1wdBINCgVtb2RlbBgBIAEoCRIsCgdvdXRjb21lGAIgASgOMhsucm91dGVzdmMudjEuQXR0ZW1wdE91dGNvbWUSIQoFdXNhZ2UYAyABKAsyEi5yb3V0ZXN2Yy52MS5Vc2FnZRIQCghjb3N0X3VzZBgEIAEoCSI9CgxRdWFsaXR5U2NvcmUSDQoFc2NvcmUYASABKAESDgoGc2NvcmVyGAIgASgJEg4KBnJlYXNvbhgDIAEoCSKmAQoKRXNjYWxhdGlvbhISCgpmcm9tX21vZGVsGAEgASgJEhAKCHRvX21vZGVsGAIgASgJEioKB3F1YWxpdHkYAyABKAsyGS5yb3V0ZXN2Yy52MS5RdWFsaXR5U2NvcmUSEQoJdGhyZXNob2xkGAQgASgBEhAKCGNvc3RfdXNkGAUgASgJEiEKBXVzYWdlGAYgASgLMhIucm91dGVzdmMudjEuVXNhZ2Ui9gEKCEJhdGNoSm9iEhAKCGJhdGNoX2lkGAEgASgJEiYKBXN0YXRlGAIgASgOMhcucm91dGVzdmMudjEuQmF0Y2hTdGF0ZRINCgVtb2RlbBgDIAEoCRIQCghwcm92aWRlchgEIAEoCRIaChJlc3RpbWF0ZWRfY29zdF91c2QYBSABKAkSLgoKY3JlYXRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLZGVjaXNpb25faWQYCCABKAkimgEKC0JhdGNoUmVzdWx0EgwKBHRleHQYASABKAkSIQoFdXNhZ2UYAiABKAsyEi5yb3V0ZXN2Yy52MS5Vc2FnZRIQCghjb3N0X3VzZBgDIAEoCRIwCg1maW5pc2hfcmVhc29uGAQgASgOMhkucm91dGVzdmMudjEuRmluaXNoUmVhc29uEhYKDnByb3ZpZGVyX21vZGVsGAUgASgJIjMKD0dldEJhdGNoUmVxdWVzdBIQCghiYXRjaF9pZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkibwoQR2V0QmF0Y2hSZXNwb25zZRIiCgNqb2IYASABKAsyFS5yb3V0ZXN2Yy52MS5CYXRjaEpvYhIoCgZyZXN1bHQYAiABKAsyGC5yb3V0ZXN2Yy52MS5CYXRjaFJlc3VsdBINCgVlcnJvchgDIAEoCSI2ChJDYW5jZWxCYXRjaFJlcXVlc3QSEAoIYmF0Y2hfaWQYASABKAkSDgoGdGVuYW50GAIgASgJIjkKE0NhbmNlbEJhdGNoUmVzcG9uc2USIgoDam9iGAEgASgLMhUucm91dGVzdmMudjEuQmF0Y2hKb2Ii+gEKEENvbXBsZXRlUmVzcG9uc2USLgoIZGVjaXNpb24YASABKAsyGi5yb3V0ZXN2Yy52MS5Sb3V0ZURlY2lzaW9uSAASJwoFZGVsdGEYAiABKAsyFi5yb3V0ZXN2Yy52MS5UZXh0RGVsdGFIABItCgpjb21wbGV0aW9uGAMgASgLMhcucm91dGVzdmMudjEuQ29tcGxldGlvbkgAEi0KCmVzY2FsYXRpb24YBCABKAsyFy5yb3V0ZXN2Yy52MS5Fc2NhbGF0aW9uSAASJgoFYmF0Y2gYBSABKAsyFS5yb3V0ZXN2Yy52MS5CYXRjaEpvYkgAQgcKBWV2ZW50IhMKEUxpc3RNb2RlbHNSZXF1ZXN0IpgCCglNb2RlbEluZm8SCgoCaWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSFgoOcHJvdmlkZXJfbW9kZWwYAyABKAkSHAoUaW5wdXRfcHJpY2VfcGVyX210b2sYBCABKAkSHQoVb3V0cHV0X3ByaWNlX3Blcl9tdG9rGAUgASgJEiMKG2NhY2hlZF9pbnB1dF9wcmljZV9wZXJfbXRvaxgGIAEoCRIWCg5jb250ZXh0X3dpbmRvdxgHIAEoAxIUCgxjYXBhYmlsaXRpZXMYCCADKAkSFgoOYmF0Y2hfZGlzY291bnQYCSABKAkSEQoJYXZhaWxhYmxlGAogASgIEhoKEnVuYXZhaWxhYmxlX3JlYXNvbhgLIAEoCSI8ChJMaXN0TW9kZWxzUmVzcG9uc2USJgoGbW9kZWxzGAEgAygLMhYucm91dGVzdmMudjEuTW9kZWxJbmZvIkwKD0dldFN0YXRzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSKQoGd2luZG93GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIsoBCgpDb3N0VG90YWxzEhAKCHJlcXVlc3RzGAEgASgDEg4KBmVycm9ycxgCIAEoAxIQCghjb3N0X3VzZBgDIAEoCRIZChFiYXNlbGluZV9jb3N0X3VzZBgEIAEoCRITCgtzYXZpbmdzX3VzZBgFIAEoCRIXCg9zYXZpbmdzX3BlcmNlbnQYBiABKAESGgoSZXN0aW1hdGVkX2Nvc3RfdXNkGAcgASgJEiMKG2VzdGltYXRlZF9iYXNlbGluZV9jb3N0X3VzZBgIIAEoCSKlAQoKTW9kZWxTdGF0cxINCgVtb2RlbBgBIAEoCRINCgVzaGFyZRgCIAEoARInCgZ0b3RhbHMYAyABKAsyFy5yb3V0ZXN2Yy52MS5Db3N0VG90YWxzEhYKDmZlZWRiYWNrX2NvdW50GAQgASgDEiAKE21lYW5fZmVlZGJhY2tfc2NvcmUYBSABKAFIAIgBAUIWChRfbWVhbl9mZWVkYmFja19zY29yZSJGCgtUZW5hbnRTdGF0cxIOCgZ0ZW5hbnQYASABKAkSJwoGdG90YWxzGAIgASgLMhcucm91dGVzdmMudjEuQ29zdFRvdGFscyKMAQoSTGF0ZW5jeVBlcmNlbnRpbGVzEiYKA3A1MBgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhImCgNwOTUYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SJgoDcDk5GAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIoYEChBHZXRTdGF0c1Jlc3BvbnNlEikKBndpbmRvdxgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZ0ZW5hbnQYAiABKAkSFgoOYmFzZWxpbmVfbW9kZWwYAyABKAkSJwoGdG90YWxzGAQgASgLMhcucm91dGVzdmMudjEuQ29zdFRvdGFscxInCgZtb2RlbHMYBSADKAsyFy5yb3V0ZXN2Yy52MS5Nb2RlbFN0YXRzEikKB3RlbmFudHMYBiADKAsyGC5yb3V0ZXN2Yy52MS5UZW5hbnRTdGF0cxITCgtlc2NhbGF0aW9ucxgHIAEoAxIXCg9lc2NhbGF0aW9uX3JhdGUYCCABKAESEQoJZmFsbGJhY2tzGAkgASgDEhkKEWNhc2NhZGVfZGVjaXNpb25zGAogASgDEhwKFGNhc2NhZGVfcmVsZWFzZV9yYXRlGAsgASgBEiAKE21lYW5fcmVsZWFzZWRfc2NvcmUYDCABKAFIAIgBARIwCgdsYXRlbmN5GA0gASgLMh8ucm91dGVzdmMudjEuTGF0ZW5jeVBlcmNlbnRpbGVzEjwKE3RpbWVfdG9fZmlyc3RfdG9rZW4YDiABKAsyHy5yb3V0ZXN2Yy52MS5MYXRlbmN5UGVyY2VudGlsZXNCFgoUX21lYW5fcmVsZWFzZWRfc2NvcmUiVwoPRmVlZGJhY2tSZXF1ZXN0EhMKC2RlY2lzaW9uX2lkGAEgASgJEg8KBXNjb3JlGAIgASgBSAASEwoJdGh1bWJzX3VwGAMgASgISABCCQoHb3V0Y29tZSJfChBGZWVkYmFja1Jlc3BvbnNlEhMKC2RlY2lzaW9uX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEg0KBXNjb3JlGAMgASgBEhgKEGxpYnJhcnlfZXhhbXBsZXMYBCABKAMqwwEKCkJhdGNoU3RhdGUSGwoXQkFUQ0hfU1RBVEVfVU5TUEVDSUZJRUQQABIWChJCQVRDSF9TVEFURV9RVUVVRUQQARIZChVCQVRDSF9TVEFURV9TVUJNSVRURUQQAhIZChVCQVRDSF9TVEFURV9TVUNDRUVERUQQAxIWChJCQVRDSF9TVEFURV9GQUlMRUQQBBIXChNCQVRDSF9TVEFURV9FWFBJUkVEEAUSGQoVQkFUQ0hfU1RBVEVfQ0FOQ0VMTEVEEAYqUAoEUm9sZRIUChBST0xFX1VOU1BFQ0lGSUVEEAASDwoLUk9MRV9TWVNURU0QARINCglST0xFX1VTRVIQAhISCg5ST0xFX0FTU0lTVEFOVBADKj8KBE1vZGUSFAoQTU9ERV9VTlNQRUNJRklFRBAAEhEKDU1PREVfUkVBTFRJTUUQARIOCgpNT0RFX0JBVENIEAIquAEKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIcChhGSU5JU0hfUkVBU09OX1RPT0xfQ0FMTFMQAxIgChxGSU5JU0hfUkVBU09OX0NPTlRFTlRfRklMVEVSEAQSFwoTRklOSVNIX1JFQVNPTl9PVEhFUhAFKsYBCg5BdHRlbXB0T3V0Y29tZRIfChtBVFRFTVBUX09VVENPTUVfVU5TUEVDSUZJRUQQABIdChlBVFRFTVBUX09VVENPTUVfQ09NUExFVEVEEAESHQoZQVRURU1QVF9PVVRDT01FX0VTQ0FMQVRFRBACEhoKFkFUVEVNUFRfT1VUQ09NRV9GQUlMRUQQAxIZChVBVFRFTVBUX09VVENPTUVfSlVER0UQBBIeChpBVFRFTVBUX09VVENPTUVfQ0xBU1NJRklFUhAFMpYECg1Sb3V0ZXJTZXJ2aWNlEj4KBVJvdXRlEhkucm91dGVzdmMudjEuUm91dGVSZXF1ZXN0Ghoucm91dGVzdmMudjEuUm91dGVSZXNwb25zZRJJCghDb21wbGV0ZRIcLnJvdXRlc3ZjLnYxLkNvbXBsZXRlUmVxdWVzdBodLnJvdXRlc3ZjLnYxLkNvbXBsZXRlUmVzcG9uc2UwARJNCgpMaXN0TW9kZWxzEh4ucm91dGVzdmMudjEuTGlzdE1vZGVsc1JlcXVlc3QaHy5yb3V0ZXN2Yy52MS5MaXN0TW9kZWxzUmVzcG9uc2USRwoIR2V0U3RhdHMSHC5yb3V0ZXN2Yy52MS5HZXRTdGF0c1JlcXVlc3QaHS5yb3V0ZXN2Yy52MS5HZXRTdGF0c1Jlc3BvbnNlEkcKCEdldEJhdGNoEhwucm91dGVzdmMudjEuR2V0QmF0Y2hSZXF1ZXN0Gh0ucm91dGVzdmMudjEuR2V0QmF0Y2hSZXNwb25zZRJQCgtDYW5jZWxCYXRjaBIfLnJvdXRlc3ZjLnYxLkNhbmNlbEJhdGNoUmVxdWVzdBogLnJvdXRlc3ZjLnYxLkNhbmNlbEJhdGNoUmVzcG9uc2USRwoIRmVlZGJhY2sSHC5yb3V0ZXN2Yy52MS5GZWVkYmFja1JlcXVlc3QaHS5yb3V0ZXN2Yy52MS5GZWVkYmFja1Jlc3BvbnNlQl8KD2Rldi5yb3V0ZXN2Yy52MUILUm91dGVyUHJvdG9QAVo9Z2l0aHViLmNvbS9yb3V0ZXN2Yy9yb3V0ZXN2Yy9jbGllbnRzL2dvL3JvdXRlc3ZjdjE7cm91dGVzdmN2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Chhyb3V0ZXN2Yy92MS9yb3V0ZXIucHJvdG8SC3JvdXRlc3ZjLnYxInwKB01lc3NhZ2USHwoEcm9sZRgBIAEoDjIRLnJvdXRlc3ZjLnYxLlJvbGUSDwoHY29udGVudBgCIAEoCRIpCgp0b29sX2NhbGxzGAMgAygLMhUucm91dGVzdmMudjEuVG9vbENhbGwSFAoMdG9vbF9jYWxsX2lkGAQgASgJIjwKCFRvb2xDYWxsEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSFgoOYXJndW1lbnRzX2pzb24YAyABKAkiQgoEVG9vbBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhcKD3BhcmFtZXRlcnNfanNvbhgDIAEoCSK3AQoLQ2hhdFJlcXVlc3QSJgoIbWVzc2FnZXMYASADKAsyFC5yb3V0ZXN2Yy52MS5NZXNzYWdlEiAKBXRvb2xzGAIgAygLMhEucm91dGVzdmMudjEuVG9vbBIeChFtYXhfb3V0cHV0X3Rva2VucxgDIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAQgASgBSAGIAQFCFAoSX21heF9vdXRwdXRfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZSKfAgoOUm91dGluZ0NvbnRleHQSDgoGdGVuYW50GAEgASgJEhEKCXVzZXJfdGllchgCIAEoCRIRCgl0YXNrX2hpbnQYAyABKAkSFQoIcmVhbHRpbWUYBCABKAhIAIgBARI7CghtZXRhZGF0YRgFIAMoCzIpLnJvdXRlc3ZjLnYxLlJvdXRpbmdDb250ZXh0Lk1ldGFkYXRhRW50cnkSFAoMbWF4X2Nvc3RfdXNkGAYgASgJEg0KBW1vZGVsGAcgASgJEhQKB2Nhc2NhZGUYCCABKAhIAYgBARovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCwoJX3JlYWx0aW1lQgoKCF9jYXNjYWRlImQKDFJvdXRlUmVxdWVzdBImCgRjaGF0GAEgASgLMhgucm91dGVzdmMudjEuQ2hhdFJlcXVlc3QSLAoHY29udGV4dBgCIAEoCzIbLnJvdXRlc3ZjLnYxLlJvdXRpbmdDb250ZXh0IkUKCUNhbmRpZGF0ZRINCgVtb2RlbBgBIAEoCRIQCghlbGlnaWJsZRgCIAEoCBIXCg9leGNsdWRlZF9yZWFzb24YAyABKAkilAMKDVJvdXRlRGVjaXNpb24SEwoLZGVjaXNpb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSEAoIcHJvdmlkZXIYAyABKAkSEAoIc3RyYXRlZ3kYBCABKAkSDAoEcnVsZRgFIAEoCRIPCgdyZWFzb25zGAYgAygJEh4KFmVzdGltYXRlZF9pbnB1dF90b2tlbnMYByABKAMSHwoXZXN0aW1hdGVkX291dHB1dF90b2tlbnMYCCABKAMSGgoSZXN0aW1hdGVkX2Nvc3RfdXNkGAkgASgJEh8KBG1vZGUYCiABKA4yES5yb3V0ZXN2Yy52MS5Nb2RlEioKCmNhbmRpZGF0ZXMYCyADKAsyFi5yb3V0ZXN2Yy52MS5DYW5kaWRhdGUSDAoEdGFzaxgMIAEoCRIWCg5jYXNjYWRlX21vZGVscxgNIAMoCRIaChJjYXNjYWRlX3RocmVzaG9sZHMYDiADKAESFgoOY2FzY2FkZV9zY29yZXIYDyABKAkSGAoQcm91dGluZ19jb3N0X3VzZBgQIAEoCSI9Cg1Sb3V0ZVJlc3BvbnNlEiwKCGRlY2lzaW9uGAEgASgLMhoucm91dGVzdmMudjEuUm91dGVEZWNpc2lvbiJnCg9Db21wbGV0ZVJlcXVlc3QSJgoEY2hhdBgBIAEoCzIYLnJvdXRlc3ZjLnYxLkNoYXRSZXF1ZXN0EiwKB2NvbnRleHQYAiABKAsyGy5yb3V0ZXN2Yy52MS5Sb3V0aW5nQ29udGV4dCIZCglUZXh0RGVsdGESDAoEdGV4dBgBIAEoCSJRCgVVc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSFQoNb3V0cHV0X3Rva2VucxgCIAEoAxIbChNjYWNoZWRfaW5wdXRfdG9rZW5zGAMgASgDItQCCgpDb21wbGV0aW9uEg0KBW1vZGVsGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEhYKDnByb3ZpZGVyX21vZGVsGAMgASgJEiEKBXVzYWdlGAQgASgLMhIucm91dGVzdmMudjEuVXNhZ2USEAoIY29zdF91c2QYBSABKAkSMAoNZmluaXNoX3JlYXNvbhgGIAEoDjIZLnJvdXRlc3ZjLnYxLkZpbmlzaFJlYXNvbhImCghhdHRlbXB0cxgHIAMoCzIULnJvdXRlc3ZjLnYxLkF0dGVtcHQSJwoLdG90YWxfdXNhZ2UYCCABKAsyEi5yb3V0ZXN2Yy52MS5Vc2FnZRIqCgdxdWFsaXR5GAkgASgLMhkucm91dGVzdmMudjEuUXVhbGl0eVNjb3JlEikKCnRvb2xfY2FsbHMYCiADKAsyFS5yb3V0ZXN2Yy52MS5Ub29sQ2FsbCJ7CgdBdHRlbXB0Eg0KBW1vZGVsGAEgASgJEiwKB291dGNvbWUYAiABKA4yGy5yb3V0ZXN2Yy52MS5BdHRlbXB0T3V0Y29tZRIhCgV1c2FnZRgDIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlEhAKCGNvc3RfdXNkGAQgASgJIj0KDFF1YWxpdHlTY29yZRINCgVzY29yZRgBIAEoARIOCgZzY29yZXIYAiABKAkSDgoGcmVhc29uGAMgASgJIqYBCgpFc2NhbGF0aW9uEhIKCmZyb21fbW9kZWwYASABKAkSEAoIdG9fbW9kZWwYAiABKAkSKgoHcXVhbGl0eRgDIAEoCzIZLnJvdXRlc3ZjLnYxLlF1YWxpdHlTY29yZRIRCgl0aHJlc2hvbGQYBCABKAESEAoIY29zdF91c2QYBSABKAkSIQoFdXNhZ2UYBiABKAsyEi5yb3V0ZXN2Yy52MS5Vc2FnZSL2AQoIQmF0Y2hKb2ISEAoIYmF0Y2hfaWQYASABKAkSJgoFc3RhdGUYAiABKA4yFy5yb3V0ZXN2Yy52MS5CYXRjaFN0YXRlEg0KBW1vZGVsGAMgASgJEhAKCHByb3ZpZGVyGAQgASgJEhoKEmVzdGltYXRlZF9jb3N0X3VzZBgFIAEoCRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtkZWNpc2lvbl9pZBgIIAEoCSLFAQoLQmF0Y2hSZXN1bHQSDAoEdGV4dBgBIAEoCRIhCgV1c2FnZRgCIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlEhAKCGNvc3RfdXNkGAMgASgJEjAKDWZpbmlzaF9yZWFzb24YBCABKA4yGS5yb3V0ZXN2Yy52MS5GaW5pc2hSZWFzb24SFgoOcHJvdmlkZXJfbW9kZWwYBSABKAkSKQoKdG9vbF9jYWxscxgGIAMoCzIVLnJvdXRlc3ZjLnYxLlRvb2xDYWxsIjMKD0dldEJhdGNoUmVxdWVzdBIQCghiYXRjaF9pZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkibwoQR2V0QmF0Y2hSZXNwb25zZRIiCgNqb2IYASABKAsyFS5yb3V0ZXN2Yy52MS5CYXRjaEpvYhIoCgZyZXN1bHQYAiABKAsyGC5yb3V0ZXN2Yy52MS5CYXRjaFJlc3VsdBINCgVlcnJvchgDIAEoCSI2ChJDYW5jZWxCYXRjaFJlcXVlc3QSEAoIYmF0Y2hfaWQYASABKAkSDgoGdGVuYW50GAIgASgJIjkKE0NhbmNlbEJhdGNoUmVzcG9uc2USIgoDam9iGAEgASgLMhUucm91dGVzdmMudjEuQmF0Y2hKb2Ii+gEKEENvbXBsZXRlUmVzcG9uc2USLgoIZGVjaXNpb24YASABKAsyGi5yb3V0ZXN2Yy52MS5Sb3V0ZURlY2lzaW9uSAASJwoFZGVsdGEYAiABKAsyFi5yb3V0ZXN2Yy52MS5UZXh0RGVsdGFIABItCgpjb21wbGV0aW9uGAMgASgLMhcucm91dGVzdmMudjEuQ29tcGxldGlvbkgAEi0KCmVzY2FsYXRpb24YBCABKAsyFy5yb3V0ZXN2Yy52MS5Fc2NhbGF0aW9uSAASJgoFYmF0Y2gYBSABKAsyFS5yb3V0ZXN2Yy52MS5CYXRjaEpvYkgAQgcKBWV2ZW50IhMKEUxpc3RNb2RlbHNSZXF1ZXN0IpgCCglNb2RlbEluZm8SCgoCaWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSFgoOcHJvdmlkZXJfbW9kZWwYAyABKAkSHAoUaW5wdXRfcHJpY2VfcGVyX210b2sYBCABKAkSHQoVb3V0cHV0X3ByaWNlX3Blcl9tdG9rGAUgASgJEiMKG2NhY2hlZF9pbnB1dF9wcmljZV9wZXJfbXRvaxgGIAEoCRIWCg5jb250ZXh0X3dpbmRvdxgHIAEoAxIUCgxjYXBhYmlsaXRpZXMYCCADKAkSFgoOYmF0Y2hfZGlzY291bnQYCSABKAkSEQoJYXZhaWxhYmxlGAogASgIEhoKEnVuYXZhaWxhYmxlX3JlYXNvbhgLIAEoCSI8ChJMaXN0TW9kZWxzUmVzcG9uc2USJgoGbW9kZWxzGAEgAygLMhYucm91dGVzdmMudjEuTW9kZWxJbmZvIkwKD0dldFN0YXRzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSKQoGd2luZG93GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIsoBCgpDb3N0VG90YWxzEhAKCHJlcXVlc3RzGAEgASgDEg4KBmVycm9ycxgCIAEoAxIQCghjb3N0X3VzZBgDIAEoCRIZChFiYXNlbGluZV9jb3N0X3VzZBgEIAEoCRITCgtzYXZpbmdzX3VzZBgFIAEoCRIXCg9zYXZpbmdzX3BlcmNlbnQYBiABKAESGgoSZXN0aW1hdGVkX2Nvc3RfdXNkGAcgASgJEiMKG2VzdGltYXRlZF9iYXNlbGluZV9jb3N0X3VzZBgIIAEoCSKlAQoKTW9kZWxTdGF0cxINCgVtb2RlbBgBIAEoCRINCgVzaGFyZRgCIAEoARInCgZ0b3RhbHMYAyABKAsyFy5yb3V0ZXN2Yy52MS5Db3N0VG90YWxzEhYKDmZlZWRiYWNrX2NvdW50GAQgASgDEiAKE21lYW5fZmVlZGJhY2tfc2NvcmUYBSABKAFIAIgBAUIWChRfbWVhbl9mZWVkYmFja19zY29yZSJGCgtUZW5hbnRTdGF0cxIOCgZ0ZW5hbnQYASABKAkSJwoGdG90YWxzGAIgASgLMhcucm91dGVzdmMudjEuQ29zdFRvdGFscyKMAQoSTGF0ZW5jeVBlcmNlbnRpbGVzEiYKA3A1MBgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhImCgNwOTUYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SJgoDcDk5GAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIoYEChBHZXRTdGF0c1Jlc3BvbnNlEikKBndpbmRvdxgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZ0ZW5hbnQYAiABKAkSFgoOYmFzZWxpbmVfbW9kZWwYAyABKAkSJwoGdG90YWxzGAQgASgLMhcucm91dGVzdmMudjEuQ29zdFRvdGFscxInCgZtb2RlbHMYBSADKAsyFy5yb3V0ZXN2Yy52MS5Nb2RlbFN0YXRzEikKB3RlbmFudHMYBiADKAsyGC5yb3V0ZXN2Yy52MS5UZW5hbnRTdGF0cxITCgtlc2NhbGF0aW9ucxgHIAEoAxIXCg9lc2NhbGF0aW9uX3JhdGUYCCABKAESEQoJZmFsbGJhY2tzGAkgASgDEhkKEWNhc2NhZGVfZGVjaXNpb25zGAogASgDEhwKFGNhc2NhZGVfcmVsZWFzZV9yYXRlGAsgASgBEiAKE21lYW5fcmVsZWFzZWRfc2NvcmUYDCABKAFIAIgBARIwCgdsYXRlbmN5GA0gASgLMh8ucm91dGVzdmMudjEuTGF0ZW5jeVBlcmNlbnRpbGVzEjwKE3RpbWVfdG9fZmlyc3RfdG9rZW4YDiABKAsyHy5yb3V0ZXN2Yy52MS5MYXRlbmN5UGVyY2VudGlsZXNCFgoUX21lYW5fcmVsZWFzZWRfc2NvcmUiVwoPRmVlZGJhY2tSZXF1ZXN0EhMKC2RlY2lzaW9uX2lkGAEgASgJEg8KBXNjb3JlGAIgASgBSAASEwoJdGh1bWJzX3VwGAMgASgISABCCQoHb3V0Y29tZSJfChBGZWVkYmFja1Jlc3BvbnNlEhMKC2RlY2lzaW9uX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEg0KBXNjb3JlGAMgASgBEhgKEGxpYnJhcnlfZXhhbXBsZXMYBCABKAMqwwEKCkJhdGNoU3RhdGUSGwoXQkFUQ0hfU1RBVEVfVU5TUEVDSUZJRUQQABIWChJCQVRDSF9TVEFURV9RVUVVRUQQARIZChVCQVRDSF9TVEFURV9TVUJNSVRURUQQAhIZChVCQVRDSF9TVEFURV9TVUNDRUVERUQQAxIWChJCQVRDSF9TVEFURV9GQUlMRUQQBBIXChNCQVRDSF9TVEFURV9FWFBJUkVEEAUSGQoVQkFUQ0hfU1RBVEVfQ0FOQ0VMTEVEEAYqXwoEUm9sZRIUChBST0xFX1VOU1BFQ0lGSUVEEAASDwoLUk9MRV9TWVNURU0QARINCglST0xFX1VTRVIQAhISCg5ST0xFX0FTU0lTVEFOVBADEg0KCVJPTEVfVE9PTBAEKj8KBE1vZGUSFAoQTU9ERV9VTlNQRUNJRklFRBAAEhEKDU1PREVfUkVBTFRJTUUQARIOCgpNT0RFX0JBVENIEAIquAEKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIcChhGSU5JU0hfUkVBU09OX1RPT0xfQ0FMTFMQAxIgChxGSU5JU0hfUkVBU09OX0NPTlRFTlRfRklMVEVSEAQSFwoTRklOSVNIX1JFQVNPTl9PVEhFUhAFKsYBCg5BdHRlbXB0T3V0Y29tZRIfChtBVFRFTVBUX09VVENPTUVfVU5TUEVDSUZJRUQQABIdChlBVFRFTVBUX09VVENPTUVfQ09NUExFVEVEEAESHQoZQVRURU1QVF9PVVRDT01FX0VTQ0FMQVRFRBACEhoKFkFUVEVNUFRfT1VUQ09NRV9GQUlMRUQQAxIZChVBVFRFTVBUX09VVENPTUVfSlVER0UQBBIeChpBVFRFTVBUX09VVENPTUVfQ0xBU1NJRklFUhAFMpYECg1Sb3V0ZXJTZXJ2aWNlEj4KBVJvdXRlEhkucm91dGVzdmMudjEuUm91dGVSZXF1ZXN0Ghoucm91dGVzdmMudjEuUm91dGVSZXNwb25zZRJJCghDb21wbGV0ZRIcLnJvdXRlc3ZjLnYxLkNvbXBsZXRlUmVxdWVzdBodLnJvdXRlc3ZjLnYxLkNvbXBsZXRlUmVzcG9uc2UwARJNCgpMaXN0TW9kZWxzEh4ucm91dGVzdmMudjEuTGlzdE1vZGVsc1JlcXVlc3QaHy5yb3V0ZXN2Yy52MS5MaXN0TW9kZWxzUmVzcG9uc2USRwoIR2V0U3RhdHMSHC5yb3V0ZXN2Yy52MS5HZXRTdGF0c1JlcXVlc3QaHS5yb3V0ZXN2Yy52MS5HZXRTdGF0c1Jlc3BvbnNlEkcKCEdldEJhdGNoEhwucm91dGVzdmMudjEuR2V0QmF0Y2hSZXF1ZXN0Gh0ucm91dGVzdmMudjEuR2V0QmF0Y2hSZXNwb25zZRJQCgtDYW5jZWxCYXRjaBIfLnJvdXRlc3ZjLnYxLkNhbmNlbEJhdGNoUmVxdWVzdBogLnJvdXRlc3ZjLnYxLkNhbmNlbEJhdGNoUmVzcG9uc2USRwoIRmVlZGJhY2sSHC5yb3V0ZXN2Yy52MS5GZWVkYmFja1JlcXVlc3QaHS5yb3V0ZXN2Yy52MS5GZWVkYmFja1Jlc3BvbnNlQl8KD2Rldi5yb3V0ZXN2Yy52MUILUm91dGVyUHJvdG9QAVo9Z2l0aHViLmNvbS9yb3V0ZXN2Yy9yb3V0ZXN2Yy9jbGllbnRzL2dvL3JvdXRlc3ZjdjE7cm91dGVzdmN2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Message is one turn of the conversation.
@@ -41,11 +41,27 @@ export type Message = Message$1<"routesvc.v1.Message"> & {
   role: Role;
 
   /**
-   * The text; required, non-empty.
+   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
    *
    * @generated from field: string content = 2;
    */
   content: string;
+
+  /**
+   * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+   * in order; only on ROLE_ASSISTANT turns.
+   *
+   * @generated from field: repeated routesvc.v1.ToolCall tool_calls = 3;
+   */
+  toolCalls: ToolCall[];
+
+  /**
+   * On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+   * earlier ROLE_ASSISTANT turn, whose result `content` is.
+   *
+   * @generated from field: string tool_call_id = 4;
+   */
+  toolCallId: string;
 };
 
 /**
@@ -54,6 +70,43 @@ export type Message = Message$1<"routesvc.v1.Message"> & {
  */
 export const MessageSchema: GenMessage<Message> = /*@__PURE__*/
   messageDesc(file_routesvc_v1_router, 0);
+
+/**
+ * ToolCall is one call of a tool that a model made.
+ *
+ * @generated from message routesvc.v1.ToolCall
+ */
+export type ToolCall = Message$1<"routesvc.v1.ToolCall"> & {
+  /**
+   * The call's id, given by the model's provider (for example "call_abc" or "toolu_01");
+   * a ROLE_TOOL turn names it in tool_call_id. Required in requests.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * The name of the tool called: 1-64 characters of [a-zA-Z0-9_-].
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * The arguments, as the JSON object text the model produced; empty means {}. In a
+   * request it must be a JSON object.
+   *
+   * @generated from field: string arguments_json = 3;
+   */
+  argumentsJson: string;
+};
+
+/**
+ * Describes the message routesvc.v1.ToolCall.
+ * Use `create(ToolCallSchema)` to create a new message.
+ */
+export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
+  messageDesc(file_routesvc_v1_router, 1);
 
 /**
  * Tool is a function definition offered to the model.
@@ -88,7 +141,7 @@ export type Tool = Message$1<"routesvc.v1.Tool"> & {
  * Use `create(ToolSchema)` to create a new message.
  */
 export const ToolSchema: GenMessage<Tool> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 1);
+  messageDesc(file_routesvc_v1_router, 2);
 
 /**
  * ChatRequest is what would be sent to a model.
@@ -131,7 +184,7 @@ export type ChatRequest = Message$1<"routesvc.v1.ChatRequest"> & {
  * Use `create(ChatRequestSchema)` to create a new message.
  */
 export const ChatRequestSchema: GenMessage<ChatRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 2);
+  messageDesc(file_routesvc_v1_router, 3);
 
 /**
  * RoutingContext is what the router knows about the request besides its text.
@@ -205,7 +258,7 @@ export type RoutingContext = Message$1<"routesvc.v1.RoutingContext"> & {
  * Use `create(RoutingContextSchema)` to create a new message.
  */
 export const RoutingContextSchema: GenMessage<RoutingContext> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 3);
+  messageDesc(file_routesvc_v1_router, 4);
 
 /**
  * RouteRequest asks for a routing decision only.
@@ -233,7 +286,7 @@ export type RouteRequest = Message$1<"routesvc.v1.RouteRequest"> & {
  * Use `create(RouteRequestSchema)` to create a new message.
  */
 export const RouteRequestSchema: GenMessage<RouteRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 4);
+  messageDesc(file_routesvc_v1_router, 5);
 
 /**
  * Candidate is one catalog model the router considered.
@@ -268,7 +321,7 @@ export type Candidate = Message$1<"routesvc.v1.Candidate"> & {
  * Use `create(CandidateSchema)` to create a new message.
  */
 export const CandidateSchema: GenMessage<Candidate> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 5);
+  messageDesc(file_routesvc_v1_router, 6);
 
 /**
  * RouteDecision is which model serves a request, and why.
@@ -402,7 +455,7 @@ export type RouteDecision = Message$1<"routesvc.v1.RouteDecision"> & {
  * Use `create(RouteDecisionSchema)` to create a new message.
  */
 export const RouteDecisionSchema: GenMessage<RouteDecision> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 6);
+  messageDesc(file_routesvc_v1_router, 7);
 
 /**
  * RouteResponse is the decision for a RouteRequest.
@@ -423,7 +476,7 @@ export type RouteResponse = Message$1<"routesvc.v1.RouteResponse"> & {
  * Use `create(RouteResponseSchema)` to create a new message.
  */
 export const RouteResponseSchema: GenMessage<RouteResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 7);
+  messageDesc(file_routesvc_v1_router, 8);
 
 /**
  * CompleteRequest asks the service to route, call the model and stream its answer.
@@ -451,7 +504,7 @@ export type CompleteRequest = Message$1<"routesvc.v1.CompleteRequest"> & {
  * Use `create(CompleteRequestSchema)` to create a new message.
  */
 export const CompleteRequestSchema: GenMessage<CompleteRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 8);
+  messageDesc(file_routesvc_v1_router, 9);
 
 /**
  * TextDelta is the next piece of the answer's text.
@@ -472,7 +525,7 @@ export type TextDelta = Message$1<"routesvc.v1.TextDelta"> & {
  * Use `create(TextDeltaSchema)` to create a new message.
  */
 export const TextDeltaSchema: GenMessage<TextDelta> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 9);
+  messageDesc(file_routesvc_v1_router, 10);
 
 /**
  * Usage is token usage as reported by the provider.
@@ -507,7 +560,7 @@ export type Usage = Message$1<"routesvc.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 10);
+  messageDesc(file_routesvc_v1_router, 11);
 
 /**
  * Completion ends a successful stream.
@@ -579,6 +632,15 @@ export type Completion = Message$1<"routesvc.v1.Completion"> & {
    * @generated from field: routesvc.v1.QualityScore quality = 9;
    */
   quality?: QualityScore | undefined;
+
+  /**
+   * The tool calls the answering model made, assembled from the stream, in order (empty
+   * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+   * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+   *
+   * @generated from field: repeated routesvc.v1.ToolCall tool_calls = 10;
+   */
+  toolCalls: ToolCall[];
 };
 
 /**
@@ -586,7 +648,7 @@ export type Completion = Message$1<"routesvc.v1.Completion"> & {
  * Use `create(CompletionSchema)` to create a new message.
  */
 export const CompletionSchema: GenMessage<Completion> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 11);
+  messageDesc(file_routesvc_v1_router, 12);
 
 /**
  * Attempt is one upstream call made for a request.
@@ -628,7 +690,7 @@ export type Attempt = Message$1<"routesvc.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 12);
+  messageDesc(file_routesvc_v1_router, 13);
 
 /**
  * QualityScore is a scorer's verdict on one answer.
@@ -664,7 +726,7 @@ export type QualityScore = Message$1<"routesvc.v1.QualityScore"> & {
  * Use `create(QualityScoreSchema)` to create a new message.
  */
 export const QualityScoreSchema: GenMessage<QualityScore> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 13);
+  messageDesc(file_routesvc_v1_router, 14);
 
 /**
  * Escalation announces, inside a Complete stream, that a cascade step's answer was
@@ -722,7 +784,7 @@ export type Escalation = Message$1<"routesvc.v1.Escalation"> & {
  * Use `create(EscalationSchema)` to create a new message.
  */
 export const EscalationSchema: GenMessage<Escalation> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 14);
+  messageDesc(file_routesvc_v1_router, 15);
 
 /**
  * BatchJob is a reference to one request sent through a provider's batch API.
@@ -792,7 +854,7 @@ export type BatchJob = Message$1<"routesvc.v1.BatchJob"> & {
  * Use `create(BatchJobSchema)` to create a new message.
  */
 export const BatchJobSchema: GenMessage<BatchJob> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 15);
+  messageDesc(file_routesvc_v1_router, 16);
 
 /**
  * BatchResult is the answer of a succeeded batch job.
@@ -834,6 +896,13 @@ export type BatchResult = Message$1<"routesvc.v1.BatchResult"> & {
    * @generated from field: string provider_model = 5;
    */
   providerModel: string;
+
+  /**
+   * The tool calls the model made, in order (empty when it made none).
+   *
+   * @generated from field: repeated routesvc.v1.ToolCall tool_calls = 6;
+   */
+  toolCalls: ToolCall[];
 };
 
 /**
@@ -841,7 +910,7 @@ export type BatchResult = Message$1<"routesvc.v1.BatchResult"> & {
  * Use `create(BatchResultSchema)` to create a new message.
  */
 export const BatchResultSchema: GenMessage<BatchResult> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 16);
+  messageDesc(file_routesvc_v1_router, 17);
 
 /**
  * GetBatchRequest names the job to report on.
@@ -870,7 +939,7 @@ export type GetBatchRequest = Message$1<"routesvc.v1.GetBatchRequest"> & {
  * Use `create(GetBatchRequestSchema)` to create a new message.
  */
 export const GetBatchRequestSchema: GenMessage<GetBatchRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 17);
+  messageDesc(file_routesvc_v1_router, 18);
 
 /**
  * GetBatchResponse is a job's state and, once succeeded, its result.
@@ -905,7 +974,7 @@ export type GetBatchResponse = Message$1<"routesvc.v1.GetBatchResponse"> & {
  * Use `create(GetBatchResponseSchema)` to create a new message.
  */
 export const GetBatchResponseSchema: GenMessage<GetBatchResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 18);
+  messageDesc(file_routesvc_v1_router, 19);
 
 /**
  * CancelBatchRequest names the job to cancel.
@@ -934,7 +1003,7 @@ export type CancelBatchRequest = Message$1<"routesvc.v1.CancelBatchRequest"> & {
  * Use `create(CancelBatchRequestSchema)` to create a new message.
  */
 export const CancelBatchRequestSchema: GenMessage<CancelBatchRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 19);
+  messageDesc(file_routesvc_v1_router, 20);
 
 /**
  * CancelBatchResponse is the job after the cancellation.
@@ -955,7 +1024,7 @@ export type CancelBatchResponse = Message$1<"routesvc.v1.CancelBatchResponse"> &
  * Use `create(CancelBatchResponseSchema)` to create a new message.
  */
 export const CancelBatchResponseSchema: GenMessage<CancelBatchResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 20);
+  messageDesc(file_routesvc_v1_router, 21);
 
 /**
  * CompleteResponse is one message of the Complete stream.
@@ -986,7 +1055,7 @@ export type CompleteResponse = Message$1<"routesvc.v1.CompleteResponse"> & {
     case: "delta";
   } | {
     /**
-     * Always last on success: usage and cost.
+     * Always last on success: usage, cost and the tool calls the model made.
      *
      * @generated from field: routesvc.v1.Completion completion = 3;
      */
@@ -1016,7 +1085,7 @@ export type CompleteResponse = Message$1<"routesvc.v1.CompleteResponse"> & {
  * Use `create(CompleteResponseSchema)` to create a new message.
  */
 export const CompleteResponseSchema: GenMessage<CompleteResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 21);
+  messageDesc(file_routesvc_v1_router, 22);
 
 /**
  * ListModelsRequest takes no parameters.
@@ -1031,7 +1100,7 @@ export type ListModelsRequest = Message$1<"routesvc.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 22);
+  messageDesc(file_routesvc_v1_router, 23);
 
 /**
  * ModelInfo describes one catalog model.
@@ -1122,7 +1191,7 @@ export type ModelInfo = Message$1<"routesvc.v1.ModelInfo"> & {
  * Use `create(ModelInfoSchema)` to create a new message.
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 23);
+  messageDesc(file_routesvc_v1_router, 24);
 
 /**
  * ListModelsResponse is the catalog.
@@ -1143,7 +1212,7 @@ export type ListModelsResponse = Message$1<"routesvc.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 24);
+  messageDesc(file_routesvc_v1_router, 25);
 
 /**
  * GetStatsRequest selects the window and tenant to report on.
@@ -1172,7 +1241,7 @@ export type GetStatsRequest = Message$1<"routesvc.v1.GetStatsRequest"> & {
  * Use `create(GetStatsRequestSchema)` to create a new message.
  */
 export const GetStatsRequestSchema: GenMessage<GetStatsRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 25);
+  messageDesc(file_routesvc_v1_router, 26);
 
 /**
  * CostTotals are the requests, cost and savings of a set of Complete requests.
@@ -1246,7 +1315,7 @@ export type CostTotals = Message$1<"routesvc.v1.CostTotals"> & {
  * Use `create(CostTotalsSchema)` to create a new message.
  */
 export const CostTotalsSchema: GenMessage<CostTotals> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 26);
+  messageDesc(file_routesvc_v1_router, 27);
 
 /**
  * ModelStats is one model's part of the window.
@@ -1295,7 +1364,7 @@ export type ModelStats = Message$1<"routesvc.v1.ModelStats"> & {
  * Use `create(ModelStatsSchema)` to create a new message.
  */
 export const ModelStatsSchema: GenMessage<ModelStats> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 27);
+  messageDesc(file_routesvc_v1_router, 28);
 
 /**
  * TenantStats is one tenant's part of the window.
@@ -1323,7 +1392,7 @@ export type TenantStats = Message$1<"routesvc.v1.TenantStats"> & {
  * Use `create(TenantStatsSchema)` to create a new message.
  */
 export const TenantStatsSchema: GenMessage<TenantStats> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 28);
+  messageDesc(file_routesvc_v1_router, 29);
 
 /**
  * LatencyPercentiles are nearest-rank percentiles of a duration; zero without samples.
@@ -1358,7 +1427,7 @@ export type LatencyPercentiles = Message$1<"routesvc.v1.LatencyPercentiles"> & {
  * Use `create(LatencyPercentilesSchema)` to create a new message.
  */
 export const LatencyPercentilesSchema: GenMessage<LatencyPercentiles> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 29);
+  messageDesc(file_routesvc_v1_router, 30);
 
 /**
  * GetStatsResponse is routing effectiveness over the window.
@@ -1470,7 +1539,7 @@ export type GetStatsResponse = Message$1<"routesvc.v1.GetStatsResponse"> & {
  * Use `create(GetStatsResponseSchema)` to create a new message.
  */
 export const GetStatsResponseSchema: GenMessage<GetStatsResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 30);
+  messageDesc(file_routesvc_v1_router, 31);
 
 /**
  * FeedbackRequest is the outcome of one earlier decision.
@@ -1514,7 +1583,7 @@ export type FeedbackRequest = Message$1<"routesvc.v1.FeedbackRequest"> & {
  * Use `create(FeedbackRequestSchema)` to create a new message.
  */
 export const FeedbackRequestSchema: GenMessage<FeedbackRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 31);
+  messageDesc(file_routesvc_v1_router, 32);
 
 /**
  * FeedbackResponse confirms what was recorded.
@@ -1556,7 +1625,7 @@ export type FeedbackResponse = Message$1<"routesvc.v1.FeedbackResponse"> & {
  * Use `create(FeedbackResponseSchema)` to create a new message.
  */
 export const FeedbackResponseSchema: GenMessage<FeedbackResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 32);
+  messageDesc(file_routesvc_v1_router, 33);
 
 /**
  * BatchState is where a batch job is in its life.
@@ -1650,11 +1719,18 @@ export enum Role {
   USER = 2,
 
   /**
-   * An earlier model answer.
+   * An earlier model answer (its text, its tool calls, or both).
    *
    * @generated from enum value: ROLE_ASSISTANT = 3;
    */
   ASSISTANT = 3,
+
+  /**
+   * The result of a tool call an earlier assistant turn made (see Message.tool_call_id).
+   *
+   * @generated from enum value: ROLE_TOOL = 4;
+   */
+  TOOL = 4,
 }
 
 /**
@@ -1826,7 +1902,8 @@ export const RouterService: GenService<{
   },
   /**
    * Complete decides, calls the chosen model and streams its answer: first the
-   * decision, then text deltas, then one final message with usage and exact cost.
+   * decision, then text deltas, then one final message with usage, exact cost and any
+   * tool calls the model made.
    *
    * Cascade (decision.cascade_models has two or more models): the cheap model's answer
    * is buffered while it is scored and is never sent unless accepted. An accepted

@@ -113,4 +113,48 @@ public interface BatchResultOrBuilder extends
    */
   com.google.protobuf.ByteString
       getProviderModelBytes();
+
+  /**
+   * <pre>
+   * The tool calls the model made, in order (empty when it made none).
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 6 [json_name = "toolCalls"];</code>
+   */
+  java.util.List<dev.routesvc.v1.ToolCall> 
+      getToolCallsList();
+  /**
+   * <pre>
+   * The tool calls the model made, in order (empty when it made none).
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 6 [json_name = "toolCalls"];</code>
+   */
+  dev.routesvc.v1.ToolCall getToolCalls(int index);
+  /**
+   * <pre>
+   * The tool calls the model made, in order (empty when it made none).
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 6 [json_name = "toolCalls"];</code>
+   */
+  int getToolCallsCount();
+  /**
+   * <pre>
+   * The tool calls the model made, in order (empty when it made none).
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 6 [json_name = "toolCalls"];</code>
+   */
+  java.util.List<? extends dev.routesvc.v1.ToolCallOrBuilder> 
+      getToolCallsOrBuilderList();
+  /**
+   * <pre>
+   * The tool calls the model made, in order (empty when it made none).
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 6 [json_name = "toolCalls"];</code>
+   */
+  dev.routesvc.v1.ToolCallOrBuilder getToolCallsOrBuilder(
+      int index);
 }

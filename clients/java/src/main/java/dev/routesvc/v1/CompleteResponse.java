@@ -180,7 +180,7 @@ private static final long serialVersionUID = 0L;
   public static final int COMPLETION_FIELD_NUMBER = 3;
   /**
    * <pre>
-   * Always last on success: usage and cost.
+   * Always last on success: usage, cost and the tool calls the model made.
    * </pre>
    *
    * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -192,7 +192,7 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Always last on success: usage and cost.
+   * Always last on success: usage, cost and the tool calls the model made.
    * </pre>
    *
    * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -207,7 +207,7 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Always last on success: usage and cost.
+   * Always last on success: usage, cost and the tool calls the model made.
    * </pre>
    *
    * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -1174,7 +1174,7 @@ private static final long serialVersionUID = 0L;
         dev.routesvc.v1.Completion, dev.routesvc.v1.Completion.Builder, dev.routesvc.v1.CompletionOrBuilder> completionBuilder_;
     /**
      * <pre>
-     * Always last on success: usage and cost.
+     * Always last on success: usage, cost and the tool calls the model made.
      * </pre>
      *
      * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -1186,7 +1186,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Always last on success: usage and cost.
+     * Always last on success: usage, cost and the tool calls the model made.
      * </pre>
      *
      * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -1208,7 +1208,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Always last on success: usage and cost.
+     * Always last on success: usage, cost and the tool calls the model made.
      * </pre>
      *
      * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -1228,7 +1228,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Always last on success: usage and cost.
+     * Always last on success: usage, cost and the tool calls the model made.
      * </pre>
      *
      * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -1246,7 +1246,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Always last on success: usage and cost.
+     * Always last on success: usage, cost and the tool calls the model made.
      * </pre>
      *
      * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -1273,7 +1273,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Always last on success: usage and cost.
+     * Always last on success: usage, cost and the tool calls the model made.
      * </pre>
      *
      * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -1296,7 +1296,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Always last on success: usage and cost.
+     * Always last on success: usage, cost and the tool calls the model made.
      * </pre>
      *
      * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -1306,7 +1306,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Always last on success: usage and cost.
+     * Always last on success: usage, cost and the tool calls the model made.
      * </pre>
      *
      * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -1324,7 +1324,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Always last on success: usage and cost.
+     * Always last on success: usage, cost and the tool calls the model made.
      * </pre>
      *
      * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>

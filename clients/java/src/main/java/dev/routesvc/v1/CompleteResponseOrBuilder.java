@@ -64,7 +64,7 @@ public interface CompleteResponseOrBuilder extends
 
   /**
    * <pre>
-   * Always last on success: usage and cost.
+   * Always last on success: usage, cost and the tool calls the model made.
    * </pre>
    *
    * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -73,7 +73,7 @@ public interface CompleteResponseOrBuilder extends
   boolean hasCompletion();
   /**
    * <pre>
-   * Always last on success: usage and cost.
+   * Always last on success: usage, cost and the tool calls the model made.
    * </pre>
    *
    * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>
@@ -82,7 +82,7 @@ public interface CompleteResponseOrBuilder extends
   dev.routesvc.v1.Completion getCompletion();
   /**
    * <pre>
-   * Always last on success: usage and cost.
+   * Always last on success: usage, cost and the tool calls the model made.
    * </pre>
    *
    * <code>.routesvc.v1.Completion completion = 3 [json_name = "completion"];</code>

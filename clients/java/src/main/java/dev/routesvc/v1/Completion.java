@@ -27,6 +27,7 @@ private static final long serialVersionUID = 0L;
     costUsd_ = "";
     finishReason_ = 0;
     attempts_ = java.util.Collections.emptyList();
+    toolCalls_ = java.util.Collections.emptyList();
   }
 
   @java.lang.Override
@@ -449,6 +450,77 @@ private static final long serialVersionUID = 0L;
     return quality_ == null ? dev.routesvc.v1.QualityScore.getDefaultInstance() : quality_;
   }
 
+  public static final int TOOL_CALLS_FIELD_NUMBER = 10;
+  @SuppressWarnings("serial")
+  private java.util.List<dev.routesvc.v1.ToolCall> toolCalls_;
+  /**
+   * <pre>
+   * The tool calls the answering model made, assembled from the stream, in order (empty
+   * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+   * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<dev.routesvc.v1.ToolCall> getToolCallsList() {
+    return toolCalls_;
+  }
+  /**
+   * <pre>
+   * The tool calls the answering model made, assembled from the stream, in order (empty
+   * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+   * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<? extends dev.routesvc.v1.ToolCallOrBuilder> 
+      getToolCallsOrBuilderList() {
+    return toolCalls_;
+  }
+  /**
+   * <pre>
+   * The tool calls the answering model made, assembled from the stream, in order (empty
+   * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+   * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public int getToolCallsCount() {
+    return toolCalls_.size();
+  }
+  /**
+   * <pre>
+   * The tool calls the answering model made, assembled from the stream, in order (empty
+   * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+   * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ToolCall getToolCalls(int index) {
+    return toolCalls_.get(index);
+  }
+  /**
+   * <pre>
+   * The tool calls the answering model made, assembled from the stream, in order (empty
+   * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+   * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ToolCallOrBuilder getToolCallsOrBuilder(
+      int index) {
+    return toolCalls_.get(index);
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -489,6 +561,9 @@ private static final long serialVersionUID = 0L;
     }
     if (((bitField0_ & 0x00000004) != 0)) {
       output.writeMessage(9, getQuality());
+    }
+    for (int i = 0; i < toolCalls_.size(); i++) {
+      output.writeMessage(10, toolCalls_.get(i));
     }
     getUnknownFields().writeTo(output);
   }
@@ -531,6 +606,10 @@ private static final long serialVersionUID = 0L;
       size += com.google.protobuf.CodedOutputStream
         .computeMessageSize(9, getQuality());
     }
+    for (int i = 0; i < toolCalls_.size(); i++) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(10, toolCalls_.get(i));
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -572,6 +651,8 @@ private static final long serialVersionUID = 0L;
       if (!getQuality()
           .equals(other.getQuality())) return false;
     }
+    if (!getToolCallsList()
+        .equals(other.getToolCallsList())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -608,6 +689,10 @@ private static final long serialVersionUID = 0L;
     if (hasQuality()) {
       hash = (37 * hash) + QUALITY_FIELD_NUMBER;
       hash = (53 * hash) + getQuality().hashCode();
+    }
+    if (getToolCallsCount() > 0) {
+      hash = (37 * hash) + TOOL_CALLS_FIELD_NUMBER;
+      hash = (53 * hash) + getToolCallsList().hashCode();
     }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
@@ -747,6 +832,7 @@ private static final long serialVersionUID = 0L;
         getAttemptsFieldBuilder();
         getTotalUsageFieldBuilder();
         getQualityFieldBuilder();
+        getToolCallsFieldBuilder();
       }
     }
     @java.lang.Override
@@ -780,6 +866,13 @@ private static final long serialVersionUID = 0L;
         qualityBuilder_.dispose();
         qualityBuilder_ = null;
       }
+      if (toolCallsBuilder_ == null) {
+        toolCalls_ = java.util.Collections.emptyList();
+      } else {
+        toolCalls_ = null;
+        toolCallsBuilder_.clear();
+      }
+      bitField0_ = (bitField0_ & ~0x00000200);
       return this;
     }
 
@@ -821,6 +914,15 @@ private static final long serialVersionUID = 0L;
         result.attempts_ = attempts_;
       } else {
         result.attempts_ = attemptsBuilder_.build();
+      }
+      if (toolCallsBuilder_ == null) {
+        if (((bitField0_ & 0x00000200) != 0)) {
+          toolCalls_ = java.util.Collections.unmodifiableList(toolCalls_);
+          bitField0_ = (bitField0_ & ~0x00000200);
+        }
+        result.toolCalls_ = toolCalls_;
+      } else {
+        result.toolCalls_ = toolCallsBuilder_.build();
       }
     }
 
@@ -965,6 +1067,32 @@ private static final long serialVersionUID = 0L;
       if (other.hasQuality()) {
         mergeQuality(other.getQuality());
       }
+      if (toolCallsBuilder_ == null) {
+        if (!other.toolCalls_.isEmpty()) {
+          if (toolCalls_.isEmpty()) {
+            toolCalls_ = other.toolCalls_;
+            bitField0_ = (bitField0_ & ~0x00000200);
+          } else {
+            ensureToolCallsIsMutable();
+            toolCalls_.addAll(other.toolCalls_);
+          }
+          onChanged();
+        }
+      } else {
+        if (!other.toolCalls_.isEmpty()) {
+          if (toolCallsBuilder_.isEmpty()) {
+            toolCallsBuilder_.dispose();
+            toolCallsBuilder_ = null;
+            toolCalls_ = other.toolCalls_;
+            bitField0_ = (bitField0_ & ~0x00000200);
+            toolCallsBuilder_ = 
+              com.google.protobuf.GeneratedMessageV3.alwaysUseFieldBuilders ?
+                 getToolCallsFieldBuilder() : null;
+          } else {
+            toolCallsBuilder_.addAllMessages(other.toolCalls_);
+          }
+        }
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -1050,6 +1178,19 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000100;
               break;
             } // case 74
+            case 82: {
+              dev.routesvc.v1.ToolCall m =
+                  input.readMessage(
+                      dev.routesvc.v1.ToolCall.parser(),
+                      extensionRegistry);
+              if (toolCallsBuilder_ == null) {
+                ensureToolCallsIsMutable();
+                toolCalls_.add(m);
+              } else {
+                toolCallsBuilder_.addMessage(m);
+              }
+              break;
+            } // case 82
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -2325,6 +2466,354 @@ private static final long serialVersionUID = 0L;
         quality_ = null;
       }
       return qualityBuilder_;
+    }
+
+    private java.util.List<dev.routesvc.v1.ToolCall> toolCalls_ =
+      java.util.Collections.emptyList();
+    private void ensureToolCallsIsMutable() {
+      if (!((bitField0_ & 0x00000200) != 0)) {
+        toolCalls_ = new java.util.ArrayList<dev.routesvc.v1.ToolCall>(toolCalls_);
+        bitField0_ |= 0x00000200;
+       }
+    }
+
+    private com.google.protobuf.RepeatedFieldBuilderV3<
+        dev.routesvc.v1.ToolCall, dev.routesvc.v1.ToolCall.Builder, dev.routesvc.v1.ToolCallOrBuilder> toolCallsBuilder_;
+
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public java.util.List<dev.routesvc.v1.ToolCall> getToolCallsList() {
+      if (toolCallsBuilder_ == null) {
+        return java.util.Collections.unmodifiableList(toolCalls_);
+      } else {
+        return toolCallsBuilder_.getMessageList();
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public int getToolCallsCount() {
+      if (toolCallsBuilder_ == null) {
+        return toolCalls_.size();
+      } else {
+        return toolCallsBuilder_.getCount();
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public dev.routesvc.v1.ToolCall getToolCalls(int index) {
+      if (toolCallsBuilder_ == null) {
+        return toolCalls_.get(index);
+      } else {
+        return toolCallsBuilder_.getMessage(index);
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public Builder setToolCalls(
+        int index, dev.routesvc.v1.ToolCall value) {
+      if (toolCallsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolCallsIsMutable();
+        toolCalls_.set(index, value);
+        onChanged();
+      } else {
+        toolCallsBuilder_.setMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public Builder setToolCalls(
+        int index, dev.routesvc.v1.ToolCall.Builder builderForValue) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.set(index, builderForValue.build());
+        onChanged();
+      } else {
+        toolCallsBuilder_.setMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(dev.routesvc.v1.ToolCall value) {
+      if (toolCallsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolCallsIsMutable();
+        toolCalls_.add(value);
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(
+        int index, dev.routesvc.v1.ToolCall value) {
+      if (toolCallsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolCallsIsMutable();
+        toolCalls_.add(index, value);
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(
+        dev.routesvc.v1.ToolCall.Builder builderForValue) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.add(builderForValue.build());
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(
+        int index, dev.routesvc.v1.ToolCall.Builder builderForValue) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.add(index, builderForValue.build());
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public Builder addAllToolCalls(
+        java.lang.Iterable<? extends dev.routesvc.v1.ToolCall> values) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        com.google.protobuf.AbstractMessageLite.Builder.addAll(
+            values, toolCalls_);
+        onChanged();
+      } else {
+        toolCallsBuilder_.addAllMessages(values);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public Builder clearToolCalls() {
+      if (toolCallsBuilder_ == null) {
+        toolCalls_ = java.util.Collections.emptyList();
+        bitField0_ = (bitField0_ & ~0x00000200);
+        onChanged();
+      } else {
+        toolCallsBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public Builder removeToolCalls(int index) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.remove(index);
+        onChanged();
+      } else {
+        toolCallsBuilder_.remove(index);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public dev.routesvc.v1.ToolCall.Builder getToolCallsBuilder(
+        int index) {
+      return getToolCallsFieldBuilder().getBuilder(index);
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public dev.routesvc.v1.ToolCallOrBuilder getToolCallsOrBuilder(
+        int index) {
+      if (toolCallsBuilder_ == null) {
+        return toolCalls_.get(index);  } else {
+        return toolCallsBuilder_.getMessageOrBuilder(index);
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public java.util.List<? extends dev.routesvc.v1.ToolCallOrBuilder> 
+         getToolCallsOrBuilderList() {
+      if (toolCallsBuilder_ != null) {
+        return toolCallsBuilder_.getMessageOrBuilderList();
+      } else {
+        return java.util.Collections.unmodifiableList(toolCalls_);
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public dev.routesvc.v1.ToolCall.Builder addToolCallsBuilder() {
+      return getToolCallsFieldBuilder().addBuilder(
+          dev.routesvc.v1.ToolCall.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public dev.routesvc.v1.ToolCall.Builder addToolCallsBuilder(
+        int index) {
+      return getToolCallsFieldBuilder().addBuilder(
+          index, dev.routesvc.v1.ToolCall.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The tool calls the answering model made, assembled from the stream, in order (empty
+     * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+     * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+     */
+    public java.util.List<dev.routesvc.v1.ToolCall.Builder> 
+         getToolCallsBuilderList() {
+      return getToolCallsFieldBuilder().getBuilderList();
+    }
+    private com.google.protobuf.RepeatedFieldBuilderV3<
+        dev.routesvc.v1.ToolCall, dev.routesvc.v1.ToolCall.Builder, dev.routesvc.v1.ToolCallOrBuilder> 
+        getToolCallsFieldBuilder() {
+      if (toolCallsBuilder_ == null) {
+        toolCallsBuilder_ = new com.google.protobuf.RepeatedFieldBuilderV3<
+            dev.routesvc.v1.ToolCall, dev.routesvc.v1.ToolCall.Builder, dev.routesvc.v1.ToolCallOrBuilder>(
+                toolCalls_,
+                ((bitField0_ & 0x00000200) != 0),
+                getParentForChildren(),
+                isClean());
+        toolCalls_ = null;
+      }
+      return toolCallsBuilder_;
     }
     @java.lang.Override
     public final Builder setUnknownFields(

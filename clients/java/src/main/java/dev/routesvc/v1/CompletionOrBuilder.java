@@ -241,4 +241,58 @@ public interface CompletionOrBuilder extends
    * <code>.routesvc.v1.QualityScore quality = 9 [json_name = "quality"];</code>
    */
   dev.routesvc.v1.QualityScoreOrBuilder getQualityOrBuilder();
+
+  /**
+   * <pre>
+   * The tool calls the answering model made, assembled from the stream, in order (empty
+   * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+   * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+   */
+  java.util.List<dev.routesvc.v1.ToolCall> 
+      getToolCallsList();
+  /**
+   * <pre>
+   * The tool calls the answering model made, assembled from the stream, in order (empty
+   * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+   * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+   */
+  dev.routesvc.v1.ToolCall getToolCalls(int index);
+  /**
+   * <pre>
+   * The tool calls the answering model made, assembled from the stream, in order (empty
+   * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+   * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+   */
+  int getToolCallsCount();
+  /**
+   * <pre>
+   * The tool calls the answering model made, assembled from the stream, in order (empty
+   * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+   * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+   */
+  java.util.List<? extends dev.routesvc.v1.ToolCallOrBuilder> 
+      getToolCallsOrBuilderList();
+  /**
+   * <pre>
+   * The tool calls the answering model made, assembled from the stream, in order (empty
+   * when it made none; finish_reason is then usually FINISH_REASON_TOOL_CALLS). Send them
+   * back as a ROLE_ASSISTANT message's tool_calls, each result as a ROLE_TOOL message.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 10 [json_name = "toolCalls"];</code>
+   */
+  dev.routesvc.v1.ToolCallOrBuilder getToolCallsOrBuilder(
+      int index);
 }

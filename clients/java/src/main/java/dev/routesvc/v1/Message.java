@@ -23,6 +23,8 @@ private static final long serialVersionUID = 0L;
   private Message() {
     role_ = 0;
     content_ = "";
+    toolCalls_ = java.util.Collections.emptyList();
+    toolCallId_ = "";
   }
 
   @java.lang.Override
@@ -76,7 +78,7 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object content_ = "";
   /**
    * <pre>
-   * The text; required, non-empty.
+   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
    * </pre>
    *
    * <code>string content = 2 [json_name = "content"];</code>
@@ -97,7 +99,7 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * The text; required, non-empty.
+   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
    * </pre>
    *
    * <code>string content = 2 [json_name = "content"];</code>
@@ -112,6 +114,121 @@ private static final long serialVersionUID = 0L;
           com.google.protobuf.ByteString.copyFromUtf8(
               (java.lang.String) ref);
       content_ = b;
+      return b;
+    } else {
+      return (com.google.protobuf.ByteString) ref;
+    }
+  }
+
+  public static final int TOOL_CALLS_FIELD_NUMBER = 3;
+  @SuppressWarnings("serial")
+  private java.util.List<dev.routesvc.v1.ToolCall> toolCalls_;
+  /**
+   * <pre>
+   * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+   * in order; only on ROLE_ASSISTANT turns.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<dev.routesvc.v1.ToolCall> getToolCallsList() {
+    return toolCalls_;
+  }
+  /**
+   * <pre>
+   * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+   * in order; only on ROLE_ASSISTANT turns.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<? extends dev.routesvc.v1.ToolCallOrBuilder> 
+      getToolCallsOrBuilderList() {
+    return toolCalls_;
+  }
+  /**
+   * <pre>
+   * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+   * in order; only on ROLE_ASSISTANT turns.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public int getToolCallsCount() {
+    return toolCalls_.size();
+  }
+  /**
+   * <pre>
+   * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+   * in order; only on ROLE_ASSISTANT turns.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ToolCall getToolCalls(int index) {
+    return toolCalls_.get(index);
+  }
+  /**
+   * <pre>
+   * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+   * in order; only on ROLE_ASSISTANT turns.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ToolCallOrBuilder getToolCallsOrBuilder(
+      int index) {
+    return toolCalls_.get(index);
+  }
+
+  public static final int TOOL_CALL_ID_FIELD_NUMBER = 4;
+  @SuppressWarnings("serial")
+  private volatile java.lang.Object toolCallId_ = "";
+  /**
+   * <pre>
+   * On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+   * earlier ROLE_ASSISTANT turn, whose result `content` is.
+   * </pre>
+   *
+   * <code>string tool_call_id = 4 [json_name = "toolCallId"];</code>
+   * @return The toolCallId.
+   */
+  @java.lang.Override
+  public java.lang.String getToolCallId() {
+    java.lang.Object ref = toolCallId_;
+    if (ref instanceof java.lang.String) {
+      return (java.lang.String) ref;
+    } else {
+      com.google.protobuf.ByteString bs = 
+          (com.google.protobuf.ByteString) ref;
+      java.lang.String s = bs.toStringUtf8();
+      toolCallId_ = s;
+      return s;
+    }
+  }
+  /**
+   * <pre>
+   * On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+   * earlier ROLE_ASSISTANT turn, whose result `content` is.
+   * </pre>
+   *
+   * <code>string tool_call_id = 4 [json_name = "toolCallId"];</code>
+   * @return The bytes for toolCallId.
+   */
+  @java.lang.Override
+  public com.google.protobuf.ByteString
+      getToolCallIdBytes() {
+    java.lang.Object ref = toolCallId_;
+    if (ref instanceof java.lang.String) {
+      com.google.protobuf.ByteString b = 
+          com.google.protobuf.ByteString.copyFromUtf8(
+              (java.lang.String) ref);
+      toolCallId_ = b;
       return b;
     } else {
       return (com.google.protobuf.ByteString) ref;
@@ -138,6 +255,12 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(content_)) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 2, content_);
     }
+    for (int i = 0; i < toolCalls_.size(); i++) {
+      output.writeMessage(3, toolCalls_.get(i));
+    }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(toolCallId_)) {
+      com.google.protobuf.GeneratedMessageV3.writeString(output, 4, toolCallId_);
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -153,6 +276,13 @@ private static final long serialVersionUID = 0L;
     }
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(content_)) {
       size += com.google.protobuf.GeneratedMessageV3.computeStringSize(2, content_);
+    }
+    for (int i = 0; i < toolCalls_.size(); i++) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(3, toolCalls_.get(i));
+    }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(toolCallId_)) {
+      size += com.google.protobuf.GeneratedMessageV3.computeStringSize(4, toolCallId_);
     }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
@@ -172,6 +302,10 @@ private static final long serialVersionUID = 0L;
     if (role_ != other.role_) return false;
     if (!getContent()
         .equals(other.getContent())) return false;
+    if (!getToolCallsList()
+        .equals(other.getToolCallsList())) return false;
+    if (!getToolCallId()
+        .equals(other.getToolCallId())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -187,6 +321,12 @@ private static final long serialVersionUID = 0L;
     hash = (53 * hash) + role_;
     hash = (37 * hash) + CONTENT_FIELD_NUMBER;
     hash = (53 * hash) + getContent().hashCode();
+    if (getToolCallsCount() > 0) {
+      hash = (37 * hash) + TOOL_CALLS_FIELD_NUMBER;
+      hash = (53 * hash) + getToolCallsList().hashCode();
+    }
+    hash = (37 * hash) + TOOL_CALL_ID_FIELD_NUMBER;
+    hash = (53 * hash) + getToolCallId().hashCode();
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -324,6 +464,14 @@ private static final long serialVersionUID = 0L;
       bitField0_ = 0;
       role_ = 0;
       content_ = "";
+      if (toolCallsBuilder_ == null) {
+        toolCalls_ = java.util.Collections.emptyList();
+      } else {
+        toolCalls_ = null;
+        toolCallsBuilder_.clear();
+      }
+      bitField0_ = (bitField0_ & ~0x00000004);
+      toolCallId_ = "";
       return this;
     }
 
@@ -350,9 +498,22 @@ private static final long serialVersionUID = 0L;
     @java.lang.Override
     public dev.routesvc.v1.Message buildPartial() {
       dev.routesvc.v1.Message result = new dev.routesvc.v1.Message(this);
+      buildPartialRepeatedFields(result);
       if (bitField0_ != 0) { buildPartial0(result); }
       onBuilt();
       return result;
+    }
+
+    private void buildPartialRepeatedFields(dev.routesvc.v1.Message result) {
+      if (toolCallsBuilder_ == null) {
+        if (((bitField0_ & 0x00000004) != 0)) {
+          toolCalls_ = java.util.Collections.unmodifiableList(toolCalls_);
+          bitField0_ = (bitField0_ & ~0x00000004);
+        }
+        result.toolCalls_ = toolCalls_;
+      } else {
+        result.toolCalls_ = toolCallsBuilder_.build();
+      }
     }
 
     private void buildPartial0(dev.routesvc.v1.Message result) {
@@ -362,6 +523,9 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000002) != 0)) {
         result.content_ = content_;
+      }
+      if (((from_bitField0_ & 0x00000008) != 0)) {
+        result.toolCallId_ = toolCallId_;
       }
     }
 
@@ -417,6 +581,37 @@ private static final long serialVersionUID = 0L;
         bitField0_ |= 0x00000002;
         onChanged();
       }
+      if (toolCallsBuilder_ == null) {
+        if (!other.toolCalls_.isEmpty()) {
+          if (toolCalls_.isEmpty()) {
+            toolCalls_ = other.toolCalls_;
+            bitField0_ = (bitField0_ & ~0x00000004);
+          } else {
+            ensureToolCallsIsMutable();
+            toolCalls_.addAll(other.toolCalls_);
+          }
+          onChanged();
+        }
+      } else {
+        if (!other.toolCalls_.isEmpty()) {
+          if (toolCallsBuilder_.isEmpty()) {
+            toolCallsBuilder_.dispose();
+            toolCallsBuilder_ = null;
+            toolCalls_ = other.toolCalls_;
+            bitField0_ = (bitField0_ & ~0x00000004);
+            toolCallsBuilder_ = 
+              com.google.protobuf.GeneratedMessageV3.alwaysUseFieldBuilders ?
+                 getToolCallsFieldBuilder() : null;
+          } else {
+            toolCallsBuilder_.addAllMessages(other.toolCalls_);
+          }
+        }
+      }
+      if (!other.getToolCallId().isEmpty()) {
+        toolCallId_ = other.toolCallId_;
+        bitField0_ |= 0x00000008;
+        onChanged();
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -453,6 +648,24 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000002;
               break;
             } // case 18
+            case 26: {
+              dev.routesvc.v1.ToolCall m =
+                  input.readMessage(
+                      dev.routesvc.v1.ToolCall.parser(),
+                      extensionRegistry);
+              if (toolCallsBuilder_ == null) {
+                ensureToolCallsIsMutable();
+                toolCalls_.add(m);
+              } else {
+                toolCallsBuilder_.addMessage(m);
+              }
+              break;
+            } // case 26
+            case 34: {
+              toolCallId_ = input.readStringRequireUtf8();
+              bitField0_ |= 0x00000008;
+              break;
+            } // case 34
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -546,7 +759,7 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object content_ = "";
     /**
      * <pre>
-     * The text; required, non-empty.
+     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
      * </pre>
      *
      * <code>string content = 2 [json_name = "content"];</code>
@@ -566,7 +779,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The text; required, non-empty.
+     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
      * </pre>
      *
      * <code>string content = 2 [json_name = "content"];</code>
@@ -587,7 +800,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The text; required, non-empty.
+     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
      * </pre>
      *
      * <code>string content = 2 [json_name = "content"];</code>
@@ -604,7 +817,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The text; required, non-empty.
+     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
      * </pre>
      *
      * <code>string content = 2 [json_name = "content"];</code>
@@ -618,7 +831,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The text; required, non-empty.
+     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
      * </pre>
      *
      * <code>string content = 2 [json_name = "content"];</code>
@@ -631,6 +844,433 @@ private static final long serialVersionUID = 0L;
       checkByteStringIsUtf8(value);
       content_ = value;
       bitField0_ |= 0x00000002;
+      onChanged();
+      return this;
+    }
+
+    private java.util.List<dev.routesvc.v1.ToolCall> toolCalls_ =
+      java.util.Collections.emptyList();
+    private void ensureToolCallsIsMutable() {
+      if (!((bitField0_ & 0x00000004) != 0)) {
+        toolCalls_ = new java.util.ArrayList<dev.routesvc.v1.ToolCall>(toolCalls_);
+        bitField0_ |= 0x00000004;
+       }
+    }
+
+    private com.google.protobuf.RepeatedFieldBuilderV3<
+        dev.routesvc.v1.ToolCall, dev.routesvc.v1.ToolCall.Builder, dev.routesvc.v1.ToolCallOrBuilder> toolCallsBuilder_;
+
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public java.util.List<dev.routesvc.v1.ToolCall> getToolCallsList() {
+      if (toolCallsBuilder_ == null) {
+        return java.util.Collections.unmodifiableList(toolCalls_);
+      } else {
+        return toolCallsBuilder_.getMessageList();
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public int getToolCallsCount() {
+      if (toolCallsBuilder_ == null) {
+        return toolCalls_.size();
+      } else {
+        return toolCallsBuilder_.getCount();
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public dev.routesvc.v1.ToolCall getToolCalls(int index) {
+      if (toolCallsBuilder_ == null) {
+        return toolCalls_.get(index);
+      } else {
+        return toolCallsBuilder_.getMessage(index);
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public Builder setToolCalls(
+        int index, dev.routesvc.v1.ToolCall value) {
+      if (toolCallsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolCallsIsMutable();
+        toolCalls_.set(index, value);
+        onChanged();
+      } else {
+        toolCallsBuilder_.setMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public Builder setToolCalls(
+        int index, dev.routesvc.v1.ToolCall.Builder builderForValue) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.set(index, builderForValue.build());
+        onChanged();
+      } else {
+        toolCallsBuilder_.setMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(dev.routesvc.v1.ToolCall value) {
+      if (toolCallsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolCallsIsMutable();
+        toolCalls_.add(value);
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(
+        int index, dev.routesvc.v1.ToolCall value) {
+      if (toolCallsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolCallsIsMutable();
+        toolCalls_.add(index, value);
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(
+        dev.routesvc.v1.ToolCall.Builder builderForValue) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.add(builderForValue.build());
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(
+        int index, dev.routesvc.v1.ToolCall.Builder builderForValue) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.add(index, builderForValue.build());
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public Builder addAllToolCalls(
+        java.lang.Iterable<? extends dev.routesvc.v1.ToolCall> values) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        com.google.protobuf.AbstractMessageLite.Builder.addAll(
+            values, toolCalls_);
+        onChanged();
+      } else {
+        toolCallsBuilder_.addAllMessages(values);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public Builder clearToolCalls() {
+      if (toolCallsBuilder_ == null) {
+        toolCalls_ = java.util.Collections.emptyList();
+        bitField0_ = (bitField0_ & ~0x00000004);
+        onChanged();
+      } else {
+        toolCallsBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public Builder removeToolCalls(int index) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.remove(index);
+        onChanged();
+      } else {
+        toolCallsBuilder_.remove(index);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public dev.routesvc.v1.ToolCall.Builder getToolCallsBuilder(
+        int index) {
+      return getToolCallsFieldBuilder().getBuilder(index);
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public dev.routesvc.v1.ToolCallOrBuilder getToolCallsOrBuilder(
+        int index) {
+      if (toolCallsBuilder_ == null) {
+        return toolCalls_.get(index);  } else {
+        return toolCallsBuilder_.getMessageOrBuilder(index);
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public java.util.List<? extends dev.routesvc.v1.ToolCallOrBuilder> 
+         getToolCallsOrBuilderList() {
+      if (toolCallsBuilder_ != null) {
+        return toolCallsBuilder_.getMessageOrBuilderList();
+      } else {
+        return java.util.Collections.unmodifiableList(toolCalls_);
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public dev.routesvc.v1.ToolCall.Builder addToolCallsBuilder() {
+      return getToolCallsFieldBuilder().addBuilder(
+          dev.routesvc.v1.ToolCall.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public dev.routesvc.v1.ToolCall.Builder addToolCallsBuilder(
+        int index) {
+      return getToolCallsFieldBuilder().addBuilder(
+          index, dev.routesvc.v1.ToolCall.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+     * in order; only on ROLE_ASSISTANT turns.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+     */
+    public java.util.List<dev.routesvc.v1.ToolCall.Builder> 
+         getToolCallsBuilderList() {
+      return getToolCallsFieldBuilder().getBuilderList();
+    }
+    private com.google.protobuf.RepeatedFieldBuilderV3<
+        dev.routesvc.v1.ToolCall, dev.routesvc.v1.ToolCall.Builder, dev.routesvc.v1.ToolCallOrBuilder> 
+        getToolCallsFieldBuilder() {
+      if (toolCallsBuilder_ == null) {
+        toolCallsBuilder_ = new com.google.protobuf.RepeatedFieldBuilderV3<
+            dev.routesvc.v1.ToolCall, dev.routesvc.v1.ToolCall.Builder, dev.routesvc.v1.ToolCallOrBuilder>(
+                toolCalls_,
+                ((bitField0_ & 0x00000004) != 0),
+                getParentForChildren(),
+                isClean());
+        toolCalls_ = null;
+      }
+      return toolCallsBuilder_;
+    }
+
+    private java.lang.Object toolCallId_ = "";
+    /**
+     * <pre>
+     * On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+     * earlier ROLE_ASSISTANT turn, whose result `content` is.
+     * </pre>
+     *
+     * <code>string tool_call_id = 4 [json_name = "toolCallId"];</code>
+     * @return The toolCallId.
+     */
+    public java.lang.String getToolCallId() {
+      java.lang.Object ref = toolCallId_;
+      if (!(ref instanceof java.lang.String)) {
+        com.google.protobuf.ByteString bs =
+            (com.google.protobuf.ByteString) ref;
+        java.lang.String s = bs.toStringUtf8();
+        toolCallId_ = s;
+        return s;
+      } else {
+        return (java.lang.String) ref;
+      }
+    }
+    /**
+     * <pre>
+     * On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+     * earlier ROLE_ASSISTANT turn, whose result `content` is.
+     * </pre>
+     *
+     * <code>string tool_call_id = 4 [json_name = "toolCallId"];</code>
+     * @return The bytes for toolCallId.
+     */
+    public com.google.protobuf.ByteString
+        getToolCallIdBytes() {
+      java.lang.Object ref = toolCallId_;
+      if (ref instanceof String) {
+        com.google.protobuf.ByteString b = 
+            com.google.protobuf.ByteString.copyFromUtf8(
+                (java.lang.String) ref);
+        toolCallId_ = b;
+        return b;
+      } else {
+        return (com.google.protobuf.ByteString) ref;
+      }
+    }
+    /**
+     * <pre>
+     * On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+     * earlier ROLE_ASSISTANT turn, whose result `content` is.
+     * </pre>
+     *
+     * <code>string tool_call_id = 4 [json_name = "toolCallId"];</code>
+     * @param value The toolCallId to set.
+     * @return This builder for chaining.
+     */
+    public Builder setToolCallId(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      toolCallId_ = value;
+      bitField0_ |= 0x00000008;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+     * earlier ROLE_ASSISTANT turn, whose result `content` is.
+     * </pre>
+     *
+     * <code>string tool_call_id = 4 [json_name = "toolCallId"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearToolCallId() {
+      toolCallId_ = getDefaultInstance().getToolCallId();
+      bitField0_ = (bitField0_ & ~0x00000008);
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+     * earlier ROLE_ASSISTANT turn, whose result `content` is.
+     * </pre>
+     *
+     * <code>string tool_call_id = 4 [json_name = "toolCallId"];</code>
+     * @param value The bytes for toolCallId to set.
+     * @return This builder for chaining.
+     */
+    public Builder setToolCallIdBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      toolCallId_ = value;
+      bitField0_ |= 0x00000008;
       onChanged();
       return this;
     }

@@ -29,7 +29,7 @@ public interface MessageOrBuilder extends
 
   /**
    * <pre>
-   * The text; required, non-empty.
+   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
    * </pre>
    *
    * <code>string content = 2 [json_name = "content"];</code>
@@ -38,7 +38,7 @@ public interface MessageOrBuilder extends
   java.lang.String getContent();
   /**
    * <pre>
-   * The text; required, non-empty.
+   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
    * </pre>
    *
    * <code>string content = 2 [json_name = "content"];</code>
@@ -46,4 +46,75 @@ public interface MessageOrBuilder extends
    */
   com.google.protobuf.ByteString
       getContentBytes();
+
+  /**
+   * <pre>
+   * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+   * in order; only on ROLE_ASSISTANT turns.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+   */
+  java.util.List<dev.routesvc.v1.ToolCall> 
+      getToolCallsList();
+  /**
+   * <pre>
+   * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+   * in order; only on ROLE_ASSISTANT turns.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+   */
+  dev.routesvc.v1.ToolCall getToolCalls(int index);
+  /**
+   * <pre>
+   * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+   * in order; only on ROLE_ASSISTANT turns.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+   */
+  int getToolCallsCount();
+  /**
+   * <pre>
+   * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+   * in order; only on ROLE_ASSISTANT turns.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+   */
+  java.util.List<? extends dev.routesvc.v1.ToolCallOrBuilder> 
+      getToolCallsOrBuilderList();
+  /**
+   * <pre>
+   * The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
+   * in order; only on ROLE_ASSISTANT turns.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ToolCall tool_calls = 3 [json_name = "toolCalls"];</code>
+   */
+  dev.routesvc.v1.ToolCallOrBuilder getToolCallsOrBuilder(
+      int index);
+
+  /**
+   * <pre>
+   * On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+   * earlier ROLE_ASSISTANT turn, whose result `content` is.
+   * </pre>
+   *
+   * <code>string tool_call_id = 4 [json_name = "toolCallId"];</code>
+   * @return The toolCallId.
+   */
+  java.lang.String getToolCallId();
+  /**
+   * <pre>
+   * On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
+   * earlier ROLE_ASSISTANT turn, whose result `content` is.
+   * </pre>
+   *
+   * <code>string tool_call_id = 4 [json_name = "toolCallId"];</code>
+   * @return The bytes for toolCallId.
+   */
+  com.google.protobuf.ByteString
+      getToolCallIdBytes();
 }

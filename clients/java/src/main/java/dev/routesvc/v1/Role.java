@@ -39,12 +39,20 @@ public enum Role
   ROLE_USER(2),
   /**
    * <pre>
-   * An earlier model answer.
+   * An earlier model answer (its text, its tool calls, or both).
    * </pre>
    *
    * <code>ROLE_ASSISTANT = 3;</code>
    */
   ROLE_ASSISTANT(3),
+  /**
+   * <pre>
+   * The result of a tool call an earlier assistant turn made (see Message.tool_call_id).
+   * </pre>
+   *
+   * <code>ROLE_TOOL = 4;</code>
+   */
+  ROLE_TOOL(4),
   UNRECOGNIZED(-1),
   ;
 
@@ -74,12 +82,20 @@ public enum Role
   public static final int ROLE_USER_VALUE = 2;
   /**
    * <pre>
-   * An earlier model answer.
+   * An earlier model answer (its text, its tool calls, or both).
    * </pre>
    *
    * <code>ROLE_ASSISTANT = 3;</code>
    */
   public static final int ROLE_ASSISTANT_VALUE = 3;
+  /**
+   * <pre>
+   * The result of a tool call an earlier assistant turn made (see Message.tool_call_id).
+   * </pre>
+   *
+   * <code>ROLE_TOOL = 4;</code>
+   */
+  public static final int ROLE_TOOL_VALUE = 4;
 
 
   public final int getNumber() {
@@ -110,6 +126,7 @@ public enum Role
       case 1: return ROLE_SYSTEM;
       case 2: return ROLE_USER;
       case 3: return ROLE_ASSISTANT;
+      case 4: return ROLE_TOOL;
       default: return null;
     }
   }

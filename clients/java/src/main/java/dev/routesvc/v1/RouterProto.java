@@ -21,6 +21,11 @@ public final class RouterProto {
     com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
       internal_static_routesvc_v1_Message_fieldAccessorTable;
   static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_ToolCall_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_ToolCall_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
     internal_static_routesvc_v1_Tool_descriptor;
   static final 
     com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
@@ -196,202 +201,209 @@ public final class RouterProto {
     java.lang.String[] descriptorData = {
       "\n\030routesvc/v1/router.proto\022\013routesvc.v1\032" +
       "\036google/protobuf/duration.proto\032\037google/" +
-      "protobuf/timestamp.proto\"J\n\007Message\022%\n\004r" +
-      "ole\030\001 \001(\0162\021.routesvc.v1.RoleR\004role\022\030\n\007co" +
-      "ntent\030\002 \001(\tR\007content\"e\n\004Tool\022\022\n\004name\030\001 \001" +
-      "(\tR\004name\022 \n\013description\030\002 \001(\tR\013descripti" +
-      "on\022\'\n\017parameters_json\030\003 \001(\tR\016parametersJ" +
-      "son\"\346\001\n\013ChatRequest\0220\n\010messages\030\001 \003(\0132\024." +
-      "routesvc.v1.MessageR\010messages\022\'\n\005tools\030\002" +
-      " \003(\0132\021.routesvc.v1.ToolR\005tools\022/\n\021max_ou" +
-      "tput_tokens\030\003 \001(\005H\000R\017maxOutputTokens\210\001\001\022" +
-      "%\n\013temperature\030\004 \001(\001H\001R\013temperature\210\001\001B\024" +
-      "\n\022_max_output_tokensB\016\n\014_temperature\"\367\002\n" +
-      "\016RoutingContext\022\026\n\006tenant\030\001 \001(\tR\006tenant\022" +
-      "\033\n\tuser_tier\030\002 \001(\tR\010userTier\022\033\n\ttask_hin" +
-      "t\030\003 \001(\tR\010taskHint\022\037\n\010realtime\030\004 \001(\010H\000R\010r" +
-      "ealtime\210\001\001\022E\n\010metadata\030\005 \003(\0132).routesvc." +
-      "v1.RoutingContext.MetadataEntryR\010metadat" +
-      "a\022 \n\014max_cost_usd\030\006 \001(\tR\nmaxCostUsd\022\024\n\005m" +
-      "odel\030\007 \001(\tR\005model\022\035\n\007cascade\030\010 \001(\010H\001R\007ca" +
-      "scade\210\001\001\032;\n\rMetadataEntry\022\020\n\003key\030\001 \001(\tR\003" +
-      "key\022\024\n\005value\030\002 \001(\tR\005value:\0028\001B\013\n\t_realti" +
-      "meB\n\n\010_cascade\"s\n\014RouteRequest\022,\n\004chat\030\001" +
-      " \001(\0132\030.routesvc.v1.ChatRequestR\004chat\0225\n\007" +
-      "context\030\002 \001(\0132\033.routesvc.v1.RoutingConte" +
-      "xtR\007context\"f\n\tCandidate\022\024\n\005model\030\001 \001(\tR" +
-      "\005model\022\032\n\010eligible\030\002 \001(\010R\010eligible\022\'\n\017ex" +
-      "cluded_reason\030\003 \001(\tR\016excludedReason\"\342\004\n\r" +
-      "RouteDecision\022\037\n\013decision_id\030\001 \001(\tR\ndeci" +
-      "sionId\022\024\n\005model\030\002 \001(\tR\005model\022\032\n\010provider" +
-      "\030\003 \001(\tR\010provider\022\032\n\010strategy\030\004 \001(\tR\010stra" +
-      "tegy\022\022\n\004rule\030\005 \001(\tR\004rule\022\030\n\007reasons\030\006 \003(" +
-      "\tR\007reasons\0224\n\026estimated_input_tokens\030\007 \001" +
-      "(\003R\024estimatedInputTokens\0226\n\027estimated_ou" +
-      "tput_tokens\030\010 \001(\003R\025estimatedOutputTokens" +
-      "\022,\n\022estimated_cost_usd\030\t \001(\tR\020estimatedC" +
-      "ostUsd\022%\n\004mode\030\n \001(\0162\021.routesvc.v1.ModeR" +
-      "\004mode\0226\n\ncandidates\030\013 \003(\0132\026.routesvc.v1." +
-      "CandidateR\ncandidates\022\022\n\004task\030\014 \001(\tR\004tas" +
-      "k\022%\n\016cascade_models\030\r \003(\tR\rcascadeModels" +
-      "\022-\n\022cascade_thresholds\030\016 \003(\001R\021cascadeThr" +
-      "esholds\022%\n\016cascade_scorer\030\017 \001(\tR\rcascade" +
-      "Scorer\022(\n\020routing_cost_usd\030\020 \001(\tR\016routin" +
-      "gCostUsd\"G\n\rRouteResponse\0226\n\010decision\030\001 " +
-      "\001(\0132\032.routesvc.v1.RouteDecisionR\010decisio" +
-      "n\"v\n\017CompleteRequest\022,\n\004chat\030\001 \001(\0132\030.rou" +
-      "tesvc.v1.ChatRequestR\004chat\0225\n\007context\030\002 " +
-      "\001(\0132\033.routesvc.v1.RoutingContextR\007contex" +
-      "t\"\037\n\tTextDelta\022\022\n\004text\030\001 \001(\tR\004text\"\177\n\005Us" +
-      "age\022!\n\014input_tokens\030\001 \001(\003R\013inputTokens\022#" +
-      "\n\routput_tokens\030\002 \001(\003R\014outputTokens\022.\n\023c" +
-      "ached_input_tokens\030\003 \001(\003R\021cachedInputTok" +
-      "ens\"\206\003\n\nCompletion\022\024\n\005model\030\001 \001(\tR\005model" +
-      "\022\032\n\010provider\030\002 \001(\tR\010provider\022%\n\016provider" +
-      "_model\030\003 \001(\tR\rproviderModel\022(\n\005usage\030\004 \001" +
-      "(\0132\022.routesvc.v1.UsageR\005usage\022\031\n\010cost_us" +
-      "d\030\005 \001(\tR\007costUsd\022>\n\rfinish_reason\030\006 \001(\0162" +
-      "\031.routesvc.v1.FinishReasonR\014finishReason" +
-      "\0220\n\010attempts\030\007 \003(\0132\024.routesvc.v1.Attempt" +
-      "R\010attempts\0223\n\013total_usage\030\010 \001(\0132\022.routes" +
-      "vc.v1.UsageR\ntotalUsage\0223\n\007quality\030\t \001(\013" +
-      "2\031.routesvc.v1.QualityScoreR\007quality\"\233\001\n" +
-      "\007Attempt\022\024\n\005model\030\001 \001(\tR\005model\0225\n\007outcom" +
-      "e\030\002 \001(\0162\033.routesvc.v1.AttemptOutcomeR\007ou" +
-      "tcome\022(\n\005usage\030\003 \001(\0132\022.routesvc.v1.Usage" +
-      "R\005usage\022\031\n\010cost_usd\030\004 \001(\tR\007costUsd\"T\n\014Qu" +
-      "alityScore\022\024\n\005score\030\001 \001(\001R\005score\022\026\n\006scor" +
-      "er\030\002 \001(\tR\006scorer\022\026\n\006reason\030\003 \001(\tR\006reason" +
-      "\"\336\001\n\nEscalation\022\035\n\nfrom_model\030\001 \001(\tR\tfro" +
-      "mModel\022\031\n\010to_model\030\002 \001(\tR\007toModel\0223\n\007qua" +
-      "lity\030\003 \001(\0132\031.routesvc.v1.QualityScoreR\007q" +
-      "uality\022\034\n\tthreshold\030\004 \001(\001R\tthreshold\022\031\n\010" +
-      "cost_usd\030\005 \001(\tR\007costUsd\022(\n\005usage\030\006 \001(\0132\022" +
-      ".routesvc.v1.UsageR\005usage\"\313\002\n\010BatchJob\022\031" +
-      "\n\010batch_id\030\001 \001(\tR\007batchId\022-\n\005state\030\002 \001(\016" +
-      "2\027.routesvc.v1.BatchStateR\005state\022\024\n\005mode" +
-      "l\030\003 \001(\tR\005model\022\032\n\010provider\030\004 \001(\tR\010provid" +
-      "er\022,\n\022estimated_cost_usd\030\005 \001(\tR\020estimate" +
-      "dCostUsd\0229\n\ncreated_at\030\006 \001(\0132\032.google.pr" +
-      "otobuf.TimestampR\tcreatedAt\0229\n\nupdated_a" +
-      "t\030\007 \001(\0132\032.google.protobuf.TimestampR\tupd" +
-      "atedAt\022\037\n\013decision_id\030\010 \001(\tR\ndecisionId\"" +
-      "\315\001\n\013BatchResult\022\022\n\004text\030\001 \001(\tR\004text\022(\n\005u" +
-      "sage\030\002 \001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n" +
-      "\010cost_usd\030\003 \001(\tR\007costUsd\022>\n\rfinish_reaso" +
-      "n\030\004 \001(\0162\031.routesvc.v1.FinishReasonR\014fini" +
-      "shReason\022%\n\016provider_model\030\005 \001(\tR\rprovid" +
-      "erModel\"D\n\017GetBatchRequest\022\031\n\010batch_id\030\001" +
-      " \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006tenant\"\203\001" +
-      "\n\020GetBatchResponse\022\'\n\003job\030\001 \001(\0132\025.routes" +
-      "vc.v1.BatchJobR\003job\0220\n\006result\030\002 \001(\0132\030.ro" +
-      "utesvc.v1.BatchResultR\006result\022\024\n\005error\030\003" +
-      " \001(\tR\005error\"G\n\022CancelBatchRequest\022\031\n\010bat" +
-      "ch_id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006te" +
-      "nant\">\n\023CancelBatchResponse\022\'\n\003job\030\001 \001(\013" +
-      "2\025.routesvc.v1.BatchJobR\003job\"\252\002\n\020Complet" +
-      "eResponse\0228\n\010decision\030\001 \001(\0132\032.routesvc.v" +
-      "1.RouteDecisionH\000R\010decision\022.\n\005delta\030\002 \001" +
-      "(\0132\026.routesvc.v1.TextDeltaH\000R\005delta\0229\n\nc" +
-      "ompletion\030\003 \001(\0132\027.routesvc.v1.Completion" +
-      "H\000R\ncompletion\0229\n\nescalation\030\004 \001(\0132\027.rou" +
-      "tesvc.v1.EscalationH\000R\nescalation\022-\n\005bat" +
-      "ch\030\005 \001(\0132\025.routesvc.v1.BatchJobH\000R\005batch" +
-      "B\007\n\005event\"\023\n\021ListModelsRequest\"\277\003\n\tModel" +
-      "Info\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provider\030\002 \001(\tR\010" +
-      "provider\022%\n\016provider_model\030\003 \001(\tR\rprovid" +
-      "erModel\022/\n\024input_price_per_mtok\030\004 \001(\tR\021i" +
-      "nputPricePerMtok\0221\n\025output_price_per_mto" +
-      "k\030\005 \001(\tR\022outputPricePerMtok\022<\n\033cached_in" +
-      "put_price_per_mtok\030\006 \001(\tR\027cachedInputPri" +
-      "cePerMtok\022%\n\016context_window\030\007 \001(\003R\rconte" +
-      "xtWindow\022\"\n\014capabilities\030\010 \003(\tR\014capabili" +
-      "ties\022%\n\016batch_discount\030\t \001(\tR\rbatchDisco" +
-      "unt\022\034\n\tavailable\030\n \001(\010R\tavailable\022-\n\022una" +
-      "vailable_reason\030\013 \001(\tR\021unavailableReason" +
-      "\"D\n\022ListModelsResponse\022.\n\006models\030\001 \003(\0132\026" +
-      ".routesvc.v1.ModelInfoR\006models\"\\\n\017GetSta" +
-      "tsRequest\022\026\n\006tenant\030\001 \001(\tR\006tenant\0221\n\006win" +
-      "dow\030\002 \001(\0132\031.google.protobuf.DurationR\006wi" +
-      "ndow\"\276\002\n\nCostTotals\022\032\n\010requests\030\001 \001(\003R\010r" +
-      "equests\022\026\n\006errors\030\002 \001(\003R\006errors\022\031\n\010cost_" +
-      "usd\030\003 \001(\tR\007costUsd\022*\n\021baseline_cost_usd\030" +
-      "\004 \001(\tR\017baselineCostUsd\022\037\n\013savings_usd\030\005 " +
-      "\001(\tR\nsavingsUsd\022\'\n\017savings_percent\030\006 \001(\001" +
-      "R\016savingsPercent\022,\n\022estimated_cost_usd\030\007" +
-      " \001(\tR\020estimatedCostUsd\022=\n\033estimated_base" +
-      "line_cost_usd\030\010 \001(\tR\030estimatedBaselineCo" +
-      "stUsd\"\335\001\n\nModelStats\022\024\n\005model\030\001 \001(\tR\005mod" +
-      "el\022\024\n\005share\030\002 \001(\001R\005share\022/\n\006totals\030\003 \001(\013" +
-      "2\027.routesvc.v1.CostTotalsR\006totals\022%\n\016fee" +
-      "dback_count\030\004 \001(\003R\rfeedbackCount\0223\n\023mean" +
-      "_feedback_score\030\005 \001(\001H\000R\021meanFeedbackSco" +
-      "re\210\001\001B\026\n\024_mean_feedback_score\"V\n\013TenantS" +
-      "tats\022\026\n\006tenant\030\001 \001(\tR\006tenant\022/\n\006totals\030\002" +
-      " \001(\0132\027.routesvc.v1.CostTotalsR\006totals\"\233\001" +
-      "\n\022LatencyPercentiles\022+\n\003p50\030\001 \001(\0132\031.goog" +
-      "le.protobuf.DurationR\003p50\022+\n\003p95\030\002 \001(\0132\031" +
-      ".google.protobuf.DurationR\003p95\022+\n\003p99\030\003 " +
-      "\001(\0132\031.google.protobuf.DurationR\003p99\"\272\005\n\020" +
-      "GetStatsResponse\0221\n\006window\030\001 \001(\0132\031.googl" +
-      "e.protobuf.DurationR\006window\022\026\n\006tenant\030\002 " +
-      "\001(\tR\006tenant\022%\n\016baseline_model\030\003 \001(\tR\rbas" +
-      "elineModel\022/\n\006totals\030\004 \001(\0132\027.routesvc.v1" +
-      ".CostTotalsR\006totals\022/\n\006models\030\005 \003(\0132\027.ro" +
-      "utesvc.v1.ModelStatsR\006models\0222\n\007tenants\030" +
-      "\006 \003(\0132\030.routesvc.v1.TenantStatsR\007tenants" +
-      "\022 \n\013escalations\030\007 \001(\003R\013escalations\022\'\n\017es" +
-      "calation_rate\030\010 \001(\001R\016escalationRate\022\034\n\tf" +
-      "allbacks\030\t \001(\003R\tfallbacks\022+\n\021cascade_dec" +
-      "isions\030\n \001(\003R\020cascadeDecisions\0220\n\024cascad" +
-      "e_release_rate\030\013 \001(\001R\022cascadeReleaseRate" +
-      "\0223\n\023mean_released_score\030\014 \001(\001H\000R\021meanRel" +
-      "easedScore\210\001\001\0229\n\007latency\030\r \001(\0132\037.routesv" +
-      "c.v1.LatencyPercentilesR\007latency\022N\n\023time" +
-      "_to_first_token\030\016 \001(\0132\037.routesvc.v1.Late" +
-      "ncyPercentilesR\020timeToFirstTokenB\026\n\024_mea" +
-      "n_released_score\"t\n\017FeedbackRequest\022\037\n\013d" +
-      "ecision_id\030\001 \001(\tR\ndecisionId\022\026\n\005score\030\002 " +
-      "\001(\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010H\000R\010thumb" +
-      "sUpB\t\n\007outcome\"\212\001\n\020FeedbackResponse\022\037\n\013d" +
-      "ecision_id\030\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 " +
-      "\001(\tR\005model\022\024\n\005score\030\003 \001(\001R\005score\022)\n\020libr" +
-      "ary_examples\030\004 \001(\003R\017libraryExamples*\303\001\n\n" +
-      "BatchState\022\033\n\027BATCH_STATE_UNSPECIFIED\020\000\022" +
-      "\026\n\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATCH_STATE_S" +
-      "UBMITTED\020\002\022\031\n\025BATCH_STATE_SUCCEEDED\020\003\022\026\n" +
-      "\022BATCH_STATE_FAILED\020\004\022\027\n\023BATCH_STATE_EXP" +
-      "IRED\020\005\022\031\n\025BATCH_STATE_CANCELLED\020\006*P\n\004Rol" +
-      "e\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SYSTEM\020\001" +
-      "\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020\003*?\n\004M" +
-      "ode\022\024\n\020MODE_UNSPECIFIED\020\000\022\021\n\rMODE_REALTI" +
-      "ME\020\001\022\016\n\nMODE_BATCH\020\002*\270\001\n\014FinishReason\022\035\n" +
-      "\031FINISH_REASON_UNSPECIFIED\020\000\022\026\n\022FINISH_R" +
-      "EASON_STOP\020\001\022\030\n\024FINISH_REASON_LENGTH\020\002\022\034" +
-      "\n\030FINISH_REASON_TOOL_CALLS\020\003\022 \n\034FINISH_R" +
-      "EASON_CONTENT_FILTER\020\004\022\027\n\023FINISH_REASON_" +
-      "OTHER\020\005*\306\001\n\016AttemptOutcome\022\037\n\033ATTEMPT_OU" +
-      "TCOME_UNSPECIFIED\020\000\022\035\n\031ATTEMPT_OUTCOME_C" +
-      "OMPLETED\020\001\022\035\n\031ATTEMPT_OUTCOME_ESCALATED\020" +
-      "\002\022\032\n\026ATTEMPT_OUTCOME_FAILED\020\003\022\031\n\025ATTEMPT" +
-      "_OUTCOME_JUDGE\020\004\022\036\n\032ATTEMPT_OUTCOME_CLAS" +
-      "SIFIER\020\0052\226\004\n\rRouterService\022>\n\005Route\022\031.ro" +
-      "utesvc.v1.RouteRequest\032\032.routesvc.v1.Rou" +
-      "teResponse\022I\n\010Complete\022\034.routesvc.v1.Com" +
-      "pleteRequest\032\035.routesvc.v1.CompleteRespo" +
-      "nse0\001\022M\n\nListModels\022\036.routesvc.v1.ListMo" +
-      "delsRequest\032\037.routesvc.v1.ListModelsResp" +
-      "onse\022G\n\010GetStats\022\034.routesvc.v1.GetStatsR" +
-      "equest\032\035.routesvc.v1.GetStatsResponse\022G\n" +
-      "\010GetBatch\022\034.routesvc.v1.GetBatchRequest\032" +
-      "\035.routesvc.v1.GetBatchResponse\022P\n\013Cancel" +
-      "Batch\022\037.routesvc.v1.CancelBatchRequest\032 " +
-      ".routesvc.v1.CancelBatchResponse\022G\n\010Feed" +
-      "back\022\034.routesvc.v1.FeedbackRequest\032\035.rou" +
-      "tesvc.v1.FeedbackResponseB_\n\017dev.routesv" +
-      "c.v1B\013RouterProtoP\001Z=github.com/routesvc" +
-      "/routesvc/clients/go/routesvcv1;routesvc" +
-      "v1b\006proto3"
+      "protobuf/timestamp.proto\"\242\001\n\007Message\022%\n\004" +
+      "role\030\001 \001(\0162\021.routesvc.v1.RoleR\004role\022\030\n\007c" +
+      "ontent\030\002 \001(\tR\007content\0224\n\ntool_calls\030\003 \003(" +
+      "\0132\025.routesvc.v1.ToolCallR\ttoolCalls\022 \n\014t" +
+      "ool_call_id\030\004 \001(\tR\ntoolCallId\"U\n\010ToolCal" +
+      "l\022\016\n\002id\030\001 \001(\tR\002id\022\022\n\004name\030\002 \001(\tR\004name\022%\n" +
+      "\016arguments_json\030\003 \001(\tR\rargumentsJson\"e\n\004" +
+      "Tool\022\022\n\004name\030\001 \001(\tR\004name\022 \n\013description\030" +
+      "\002 \001(\tR\013description\022\'\n\017parameters_json\030\003 " +
+      "\001(\tR\016parametersJson\"\346\001\n\013ChatRequest\0220\n\010m" +
+      "essages\030\001 \003(\0132\024.routesvc.v1.MessageR\010mes" +
+      "sages\022\'\n\005tools\030\002 \003(\0132\021.routesvc.v1.ToolR" +
+      "\005tools\022/\n\021max_output_tokens\030\003 \001(\005H\000R\017max" +
+      "OutputTokens\210\001\001\022%\n\013temperature\030\004 \001(\001H\001R\013" +
+      "temperature\210\001\001B\024\n\022_max_output_tokensB\016\n\014" +
+      "_temperature\"\367\002\n\016RoutingContext\022\026\n\006tenan" +
+      "t\030\001 \001(\tR\006tenant\022\033\n\tuser_tier\030\002 \001(\tR\010user" +
+      "Tier\022\033\n\ttask_hint\030\003 \001(\tR\010taskHint\022\037\n\010rea" +
+      "ltime\030\004 \001(\010H\000R\010realtime\210\001\001\022E\n\010metadata\030\005" +
+      " \003(\0132).routesvc.v1.RoutingContext.Metada" +
+      "taEntryR\010metadata\022 \n\014max_cost_usd\030\006 \001(\tR" +
+      "\nmaxCostUsd\022\024\n\005model\030\007 \001(\tR\005model\022\035\n\007cas" +
+      "cade\030\010 \001(\010H\001R\007cascade\210\001\001\032;\n\rMetadataEntr" +
+      "y\022\020\n\003key\030\001 \001(\tR\003key\022\024\n\005value\030\002 \001(\tR\005valu" +
+      "e:\0028\001B\013\n\t_realtimeB\n\n\010_cascade\"s\n\014RouteR" +
+      "equest\022,\n\004chat\030\001 \001(\0132\030.routesvc.v1.ChatR" +
+      "equestR\004chat\0225\n\007context\030\002 \001(\0132\033.routesvc" +
+      ".v1.RoutingContextR\007context\"f\n\tCandidate" +
+      "\022\024\n\005model\030\001 \001(\tR\005model\022\032\n\010eligible\030\002 \001(\010" +
+      "R\010eligible\022\'\n\017excluded_reason\030\003 \001(\tR\016exc" +
+      "ludedReason\"\342\004\n\rRouteDecision\022\037\n\013decisio" +
+      "n_id\030\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 \001(\tR\005m" +
+      "odel\022\032\n\010provider\030\003 \001(\tR\010provider\022\032\n\010stra" +
+      "tegy\030\004 \001(\tR\010strategy\022\022\n\004rule\030\005 \001(\tR\004rule" +
+      "\022\030\n\007reasons\030\006 \003(\tR\007reasons\0224\n\026estimated_" +
+      "input_tokens\030\007 \001(\003R\024estimatedInputTokens" +
+      "\0226\n\027estimated_output_tokens\030\010 \001(\003R\025estim" +
+      "atedOutputTokens\022,\n\022estimated_cost_usd\030\t" +
+      " \001(\tR\020estimatedCostUsd\022%\n\004mode\030\n \001(\0162\021.r" +
+      "outesvc.v1.ModeR\004mode\0226\n\ncandidates\030\013 \003(" +
+      "\0132\026.routesvc.v1.CandidateR\ncandidates\022\022\n" +
+      "\004task\030\014 \001(\tR\004task\022%\n\016cascade_models\030\r \003(" +
+      "\tR\rcascadeModels\022-\n\022cascade_thresholds\030\016" +
+      " \003(\001R\021cascadeThresholds\022%\n\016cascade_score" +
+      "r\030\017 \001(\tR\rcascadeScorer\022(\n\020routing_cost_u" +
+      "sd\030\020 \001(\tR\016routingCostUsd\"G\n\rRouteRespons" +
+      "e\0226\n\010decision\030\001 \001(\0132\032.routesvc.v1.RouteD" +
+      "ecisionR\010decision\"v\n\017CompleteRequest\022,\n\004" +
+      "chat\030\001 \001(\0132\030.routesvc.v1.ChatRequestR\004ch" +
+      "at\0225\n\007context\030\002 \001(\0132\033.routesvc.v1.Routin" +
+      "gContextR\007context\"\037\n\tTextDelta\022\022\n\004text\030\001" +
+      " \001(\tR\004text\"\177\n\005Usage\022!\n\014input_tokens\030\001 \001(" +
+      "\003R\013inputTokens\022#\n\routput_tokens\030\002 \001(\003R\014o" +
+      "utputTokens\022.\n\023cached_input_tokens\030\003 \001(\003" +
+      "R\021cachedInputTokens\"\274\003\n\nCompletion\022\024\n\005mo" +
+      "del\030\001 \001(\tR\005model\022\032\n\010provider\030\002 \001(\tR\010prov" +
+      "ider\022%\n\016provider_model\030\003 \001(\tR\rproviderMo" +
+      "del\022(\n\005usage\030\004 \001(\0132\022.routesvc.v1.UsageR\005" +
+      "usage\022\031\n\010cost_usd\030\005 \001(\tR\007costUsd\022>\n\rfini" +
+      "sh_reason\030\006 \001(\0162\031.routesvc.v1.FinishReas" +
+      "onR\014finishReason\0220\n\010attempts\030\007 \003(\0132\024.rou" +
+      "tesvc.v1.AttemptR\010attempts\0223\n\013total_usag" +
+      "e\030\010 \001(\0132\022.routesvc.v1.UsageR\ntotalUsage\022" +
+      "3\n\007quality\030\t \001(\0132\031.routesvc.v1.QualitySc" +
+      "oreR\007quality\0224\n\ntool_calls\030\n \003(\0132\025.route" +
+      "svc.v1.ToolCallR\ttoolCalls\"\233\001\n\007Attempt\022\024" +
+      "\n\005model\030\001 \001(\tR\005model\0225\n\007outcome\030\002 \001(\0162\033." +
+      "routesvc.v1.AttemptOutcomeR\007outcome\022(\n\005u" +
+      "sage\030\003 \001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n" +
+      "\010cost_usd\030\004 \001(\tR\007costUsd\"T\n\014QualityScore" +
+      "\022\024\n\005score\030\001 \001(\001R\005score\022\026\n\006scorer\030\002 \001(\tR\006" +
+      "scorer\022\026\n\006reason\030\003 \001(\tR\006reason\"\336\001\n\nEscal" +
+      "ation\022\035\n\nfrom_model\030\001 \001(\tR\tfromModel\022\031\n\010" +
+      "to_model\030\002 \001(\tR\007toModel\0223\n\007quality\030\003 \001(\013" +
+      "2\031.routesvc.v1.QualityScoreR\007quality\022\034\n\t" +
+      "threshold\030\004 \001(\001R\tthreshold\022\031\n\010cost_usd\030\005" +
+      " \001(\tR\007costUsd\022(\n\005usage\030\006 \001(\0132\022.routesvc." +
+      "v1.UsageR\005usage\"\313\002\n\010BatchJob\022\031\n\010batch_id" +
+      "\030\001 \001(\tR\007batchId\022-\n\005state\030\002 \001(\0162\027.routesv" +
+      "c.v1.BatchStateR\005state\022\024\n\005model\030\003 \001(\tR\005m" +
+      "odel\022\032\n\010provider\030\004 \001(\tR\010provider\022,\n\022esti" +
+      "mated_cost_usd\030\005 \001(\tR\020estimatedCostUsd\0229" +
+      "\n\ncreated_at\030\006 \001(\0132\032.google.protobuf.Tim" +
+      "estampR\tcreatedAt\0229\n\nupdated_at\030\007 \001(\0132\032." +
+      "google.protobuf.TimestampR\tupdatedAt\022\037\n\013" +
+      "decision_id\030\010 \001(\tR\ndecisionId\"\203\002\n\013BatchR" +
+      "esult\022\022\n\004text\030\001 \001(\tR\004text\022(\n\005usage\030\002 \001(\013" +
+      "2\022.routesvc.v1.UsageR\005usage\022\031\n\010cost_usd\030" +
+      "\003 \001(\tR\007costUsd\022>\n\rfinish_reason\030\004 \001(\0162\031." +
+      "routesvc.v1.FinishReasonR\014finishReason\022%" +
+      "\n\016provider_model\030\005 \001(\tR\rproviderModel\0224\n" +
+      "\ntool_calls\030\006 \003(\0132\025.routesvc.v1.ToolCall" +
+      "R\ttoolCalls\"D\n\017GetBatchRequest\022\031\n\010batch_" +
+      "id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006tenan" +
+      "t\"\203\001\n\020GetBatchResponse\022\'\n\003job\030\001 \001(\0132\025.ro" +
+      "utesvc.v1.BatchJobR\003job\0220\n\006result\030\002 \001(\0132" +
+      "\030.routesvc.v1.BatchResultR\006result\022\024\n\005err" +
+      "or\030\003 \001(\tR\005error\"G\n\022CancelBatchRequest\022\031\n" +
+      "\010batch_id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\t" +
+      "R\006tenant\">\n\023CancelBatchResponse\022\'\n\003job\030\001" +
+      " \001(\0132\025.routesvc.v1.BatchJobR\003job\"\252\002\n\020Com" +
+      "pleteResponse\0228\n\010decision\030\001 \001(\0132\032.routes" +
+      "vc.v1.RouteDecisionH\000R\010decision\022.\n\005delta" +
+      "\030\002 \001(\0132\026.routesvc.v1.TextDeltaH\000R\005delta\022" +
+      "9\n\ncompletion\030\003 \001(\0132\027.routesvc.v1.Comple" +
+      "tionH\000R\ncompletion\0229\n\nescalation\030\004 \001(\0132\027" +
+      ".routesvc.v1.EscalationH\000R\nescalation\022-\n" +
+      "\005batch\030\005 \001(\0132\025.routesvc.v1.BatchJobH\000R\005b" +
+      "atchB\007\n\005event\"\023\n\021ListModelsRequest\"\277\003\n\tM" +
+      "odelInfo\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provider\030\002 \001" +
+      "(\tR\010provider\022%\n\016provider_model\030\003 \001(\tR\rpr" +
+      "oviderModel\022/\n\024input_price_per_mtok\030\004 \001(" +
+      "\tR\021inputPricePerMtok\0221\n\025output_price_per" +
+      "_mtok\030\005 \001(\tR\022outputPricePerMtok\022<\n\033cache" +
+      "d_input_price_per_mtok\030\006 \001(\tR\027cachedInpu" +
+      "tPricePerMtok\022%\n\016context_window\030\007 \001(\003R\rc" +
+      "ontextWindow\022\"\n\014capabilities\030\010 \003(\tR\014capa" +
+      "bilities\022%\n\016batch_discount\030\t \001(\tR\rbatchD" +
+      "iscount\022\034\n\tavailable\030\n \001(\010R\tavailable\022-\n" +
+      "\022unavailable_reason\030\013 \001(\tR\021unavailableRe" +
+      "ason\"D\n\022ListModelsResponse\022.\n\006models\030\001 \003" +
+      "(\0132\026.routesvc.v1.ModelInfoR\006models\"\\\n\017Ge" +
+      "tStatsRequest\022\026\n\006tenant\030\001 \001(\tR\006tenant\0221\n" +
+      "\006window\030\002 \001(\0132\031.google.protobuf.Duration" +
+      "R\006window\"\276\002\n\nCostTotals\022\032\n\010requests\030\001 \001(" +
+      "\003R\010requests\022\026\n\006errors\030\002 \001(\003R\006errors\022\031\n\010c" +
+      "ost_usd\030\003 \001(\tR\007costUsd\022*\n\021baseline_cost_" +
+      "usd\030\004 \001(\tR\017baselineCostUsd\022\037\n\013savings_us" +
+      "d\030\005 \001(\tR\nsavingsUsd\022\'\n\017savings_percent\030\006" +
+      " \001(\001R\016savingsPercent\022,\n\022estimated_cost_u" +
+      "sd\030\007 \001(\tR\020estimatedCostUsd\022=\n\033estimated_" +
+      "baseline_cost_usd\030\010 \001(\tR\030estimatedBaseli" +
+      "neCostUsd\"\335\001\n\nModelStats\022\024\n\005model\030\001 \001(\tR" +
+      "\005model\022\024\n\005share\030\002 \001(\001R\005share\022/\n\006totals\030\003" +
+      " \001(\0132\027.routesvc.v1.CostTotalsR\006totals\022%\n" +
+      "\016feedback_count\030\004 \001(\003R\rfeedbackCount\0223\n\023" +
+      "mean_feedback_score\030\005 \001(\001H\000R\021meanFeedbac" +
+      "kScore\210\001\001B\026\n\024_mean_feedback_score\"V\n\013Ten" +
+      "antStats\022\026\n\006tenant\030\001 \001(\tR\006tenant\022/\n\006tota" +
+      "ls\030\002 \001(\0132\027.routesvc.v1.CostTotalsR\006total" +
+      "s\"\233\001\n\022LatencyPercentiles\022+\n\003p50\030\001 \001(\0132\031." +
+      "google.protobuf.DurationR\003p50\022+\n\003p95\030\002 \001" +
+      "(\0132\031.google.protobuf.DurationR\003p95\022+\n\003p9" +
+      "9\030\003 \001(\0132\031.google.protobuf.DurationR\003p99\"" +
+      "\272\005\n\020GetStatsResponse\0221\n\006window\030\001 \001(\0132\031.g" +
+      "oogle.protobuf.DurationR\006window\022\026\n\006tenan" +
+      "t\030\002 \001(\tR\006tenant\022%\n\016baseline_model\030\003 \001(\tR" +
+      "\rbaselineModel\022/\n\006totals\030\004 \001(\0132\027.routesv" +
+      "c.v1.CostTotalsR\006totals\022/\n\006models\030\005 \003(\0132" +
+      "\027.routesvc.v1.ModelStatsR\006models\0222\n\007tena" +
+      "nts\030\006 \003(\0132\030.routesvc.v1.TenantStatsR\007ten" +
+      "ants\022 \n\013escalations\030\007 \001(\003R\013escalations\022\'" +
+      "\n\017escalation_rate\030\010 \001(\001R\016escalationRate\022" +
+      "\034\n\tfallbacks\030\t \001(\003R\tfallbacks\022+\n\021cascade" +
+      "_decisions\030\n \001(\003R\020cascadeDecisions\0220\n\024ca" +
+      "scade_release_rate\030\013 \001(\001R\022cascadeRelease" +
+      "Rate\0223\n\023mean_released_score\030\014 \001(\001H\000R\021mea" +
+      "nReleasedScore\210\001\001\0229\n\007latency\030\r \001(\0132\037.rou" +
+      "tesvc.v1.LatencyPercentilesR\007latency\022N\n\023" +
+      "time_to_first_token\030\016 \001(\0132\037.routesvc.v1." +
+      "LatencyPercentilesR\020timeToFirstTokenB\026\n\024" +
+      "_mean_released_score\"t\n\017FeedbackRequest\022" +
+      "\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\026\n\005scor" +
+      "e\030\002 \001(\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010H\000R\010t" +
+      "humbsUpB\t\n\007outcome\"\212\001\n\020FeedbackResponse\022" +
+      "\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\024\n\005mode" +
+      "l\030\002 \001(\tR\005model\022\024\n\005score\030\003 \001(\001R\005score\022)\n\020" +
+      "library_examples\030\004 \001(\003R\017libraryExamples*" +
+      "\303\001\n\nBatchState\022\033\n\027BATCH_STATE_UNSPECIFIE" +
+      "D\020\000\022\026\n\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATCH_STA" +
+      "TE_SUBMITTED\020\002\022\031\n\025BATCH_STATE_SUCCEEDED\020" +
+      "\003\022\026\n\022BATCH_STATE_FAILED\020\004\022\027\n\023BATCH_STATE" +
+      "_EXPIRED\020\005\022\031\n\025BATCH_STATE_CANCELLED\020\006*_\n" +
+      "\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SYST" +
+      "EM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020\003\022" +
+      "\r\n\tROLE_TOOL\020\004*?\n\004Mode\022\024\n\020MODE_UNSPECIFI" +
+      "ED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*" +
+      "\270\001\n\014FinishReason\022\035\n\031FINISH_REASON_UNSPEC" +
+      "IFIED\020\000\022\026\n\022FINISH_REASON_STOP\020\001\022\030\n\024FINIS" +
+      "H_REASON_LENGTH\020\002\022\034\n\030FINISH_REASON_TOOL_" +
+      "CALLS\020\003\022 \n\034FINISH_REASON_CONTENT_FILTER\020" +
+      "\004\022\027\n\023FINISH_REASON_OTHER\020\005*\306\001\n\016AttemptOu" +
+      "tcome\022\037\n\033ATTEMPT_OUTCOME_UNSPECIFIED\020\000\022\035" +
+      "\n\031ATTEMPT_OUTCOME_COMPLETED\020\001\022\035\n\031ATTEMPT" +
+      "_OUTCOME_ESCALATED\020\002\022\032\n\026ATTEMPT_OUTCOME_" +
+      "FAILED\020\003\022\031\n\025ATTEMPT_OUTCOME_JUDGE\020\004\022\036\n\032A" +
+      "TTEMPT_OUTCOME_CLASSIFIER\020\0052\226\004\n\rRouterSe" +
+      "rvice\022>\n\005Route\022\031.routesvc.v1.RouteReques" +
+      "t\032\032.routesvc.v1.RouteResponse\022I\n\010Complet" +
+      "e\022\034.routesvc.v1.CompleteRequest\032\035.routes" +
+      "vc.v1.CompleteResponse0\001\022M\n\nListModels\022\036" +
+      ".routesvc.v1.ListModelsRequest\032\037.routesv" +
+      "c.v1.ListModelsResponse\022G\n\010GetStats\022\034.ro" +
+      "utesvc.v1.GetStatsRequest\032\035.routesvc.v1." +
+      "GetStatsResponse\022G\n\010GetBatch\022\034.routesvc." +
+      "v1.GetBatchRequest\032\035.routesvc.v1.GetBatc" +
+      "hResponse\022P\n\013CancelBatch\022\037.routesvc.v1.C" +
+      "ancelBatchRequest\032 .routesvc.v1.CancelBa" +
+      "tchResponse\022G\n\010Feedback\022\034.routesvc.v1.Fe" +
+      "edbackRequest\032\035.routesvc.v1.FeedbackResp" +
+      "onseB_\n\017dev.routesvc.v1B\013RouterProtoP\001Z=" +
+      "github.com/routesvc/routesvc/clients/go/" +
+      "routesvcv1;routesvcv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -404,21 +416,27 @@ public final class RouterProto {
     internal_static_routesvc_v1_Message_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Message_descriptor,
-        new java.lang.String[] { "Role", "Content", });
-    internal_static_routesvc_v1_Tool_descriptor =
+        new java.lang.String[] { "Role", "Content", "ToolCalls", "ToolCallId", });
+    internal_static_routesvc_v1_ToolCall_descriptor =
       getDescriptor().getMessageTypes().get(1);
+    internal_static_routesvc_v1_ToolCall_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_ToolCall_descriptor,
+        new java.lang.String[] { "Id", "Name", "ArgumentsJson", });
+    internal_static_routesvc_v1_Tool_descriptor =
+      getDescriptor().getMessageTypes().get(2);
     internal_static_routesvc_v1_Tool_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Tool_descriptor,
         new java.lang.String[] { "Name", "Description", "ParametersJson", });
     internal_static_routesvc_v1_ChatRequest_descriptor =
-      getDescriptor().getMessageTypes().get(2);
+      getDescriptor().getMessageTypes().get(3);
     internal_static_routesvc_v1_ChatRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ChatRequest_descriptor,
         new java.lang.String[] { "Messages", "Tools", "MaxOutputTokens", "Temperature", });
     internal_static_routesvc_v1_RoutingContext_descriptor =
-      getDescriptor().getMessageTypes().get(3);
+      getDescriptor().getMessageTypes().get(4);
     internal_static_routesvc_v1_RoutingContext_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_RoutingContext_descriptor,
@@ -430,175 +448,175 @@ public final class RouterProto {
         internal_static_routesvc_v1_RoutingContext_MetadataEntry_descriptor,
         new java.lang.String[] { "Key", "Value", });
     internal_static_routesvc_v1_RouteRequest_descriptor =
-      getDescriptor().getMessageTypes().get(4);
+      getDescriptor().getMessageTypes().get(5);
     internal_static_routesvc_v1_RouteRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_RouteRequest_descriptor,
         new java.lang.String[] { "Chat", "Context", });
     internal_static_routesvc_v1_Candidate_descriptor =
-      getDescriptor().getMessageTypes().get(5);
+      getDescriptor().getMessageTypes().get(6);
     internal_static_routesvc_v1_Candidate_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Candidate_descriptor,
         new java.lang.String[] { "Model", "Eligible", "ExcludedReason", });
     internal_static_routesvc_v1_RouteDecision_descriptor =
-      getDescriptor().getMessageTypes().get(6);
+      getDescriptor().getMessageTypes().get(7);
     internal_static_routesvc_v1_RouteDecision_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_RouteDecision_descriptor,
         new java.lang.String[] { "DecisionId", "Model", "Provider", "Strategy", "Rule", "Reasons", "EstimatedInputTokens", "EstimatedOutputTokens", "EstimatedCostUsd", "Mode", "Candidates", "Task", "CascadeModels", "CascadeThresholds", "CascadeScorer", "RoutingCostUsd", });
     internal_static_routesvc_v1_RouteResponse_descriptor =
-      getDescriptor().getMessageTypes().get(7);
+      getDescriptor().getMessageTypes().get(8);
     internal_static_routesvc_v1_RouteResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_RouteResponse_descriptor,
         new java.lang.String[] { "Decision", });
     internal_static_routesvc_v1_CompleteRequest_descriptor =
-      getDescriptor().getMessageTypes().get(8);
+      getDescriptor().getMessageTypes().get(9);
     internal_static_routesvc_v1_CompleteRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CompleteRequest_descriptor,
         new java.lang.String[] { "Chat", "Context", });
     internal_static_routesvc_v1_TextDelta_descriptor =
-      getDescriptor().getMessageTypes().get(9);
+      getDescriptor().getMessageTypes().get(10);
     internal_static_routesvc_v1_TextDelta_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_TextDelta_descriptor,
         new java.lang.String[] { "Text", });
     internal_static_routesvc_v1_Usage_descriptor =
-      getDescriptor().getMessageTypes().get(10);
+      getDescriptor().getMessageTypes().get(11);
     internal_static_routesvc_v1_Usage_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Usage_descriptor,
         new java.lang.String[] { "InputTokens", "OutputTokens", "CachedInputTokens", });
     internal_static_routesvc_v1_Completion_descriptor =
-      getDescriptor().getMessageTypes().get(11);
+      getDescriptor().getMessageTypes().get(12);
     internal_static_routesvc_v1_Completion_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Completion_descriptor,
-        new java.lang.String[] { "Model", "Provider", "ProviderModel", "Usage", "CostUsd", "FinishReason", "Attempts", "TotalUsage", "Quality", });
+        new java.lang.String[] { "Model", "Provider", "ProviderModel", "Usage", "CostUsd", "FinishReason", "Attempts", "TotalUsage", "Quality", "ToolCalls", });
     internal_static_routesvc_v1_Attempt_descriptor =
-      getDescriptor().getMessageTypes().get(12);
+      getDescriptor().getMessageTypes().get(13);
     internal_static_routesvc_v1_Attempt_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Attempt_descriptor,
         new java.lang.String[] { "Model", "Outcome", "Usage", "CostUsd", });
     internal_static_routesvc_v1_QualityScore_descriptor =
-      getDescriptor().getMessageTypes().get(13);
+      getDescriptor().getMessageTypes().get(14);
     internal_static_routesvc_v1_QualityScore_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_QualityScore_descriptor,
         new java.lang.String[] { "Score", "Scorer", "Reason", });
     internal_static_routesvc_v1_Escalation_descriptor =
-      getDescriptor().getMessageTypes().get(14);
+      getDescriptor().getMessageTypes().get(15);
     internal_static_routesvc_v1_Escalation_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Escalation_descriptor,
         new java.lang.String[] { "FromModel", "ToModel", "Quality", "Threshold", "CostUsd", "Usage", });
     internal_static_routesvc_v1_BatchJob_descriptor =
-      getDescriptor().getMessageTypes().get(15);
+      getDescriptor().getMessageTypes().get(16);
     internal_static_routesvc_v1_BatchJob_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_BatchJob_descriptor,
         new java.lang.String[] { "BatchId", "State", "Model", "Provider", "EstimatedCostUsd", "CreatedAt", "UpdatedAt", "DecisionId", });
     internal_static_routesvc_v1_BatchResult_descriptor =
-      getDescriptor().getMessageTypes().get(16);
+      getDescriptor().getMessageTypes().get(17);
     internal_static_routesvc_v1_BatchResult_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_BatchResult_descriptor,
-        new java.lang.String[] { "Text", "Usage", "CostUsd", "FinishReason", "ProviderModel", });
+        new java.lang.String[] { "Text", "Usage", "CostUsd", "FinishReason", "ProviderModel", "ToolCalls", });
     internal_static_routesvc_v1_GetBatchRequest_descriptor =
-      getDescriptor().getMessageTypes().get(17);
+      getDescriptor().getMessageTypes().get(18);
     internal_static_routesvc_v1_GetBatchRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetBatchRequest_descriptor,
         new java.lang.String[] { "BatchId", "Tenant", });
     internal_static_routesvc_v1_GetBatchResponse_descriptor =
-      getDescriptor().getMessageTypes().get(18);
+      getDescriptor().getMessageTypes().get(19);
     internal_static_routesvc_v1_GetBatchResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetBatchResponse_descriptor,
         new java.lang.String[] { "Job", "Result", "Error", });
     internal_static_routesvc_v1_CancelBatchRequest_descriptor =
-      getDescriptor().getMessageTypes().get(19);
+      getDescriptor().getMessageTypes().get(20);
     internal_static_routesvc_v1_CancelBatchRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CancelBatchRequest_descriptor,
         new java.lang.String[] { "BatchId", "Tenant", });
     internal_static_routesvc_v1_CancelBatchResponse_descriptor =
-      getDescriptor().getMessageTypes().get(20);
+      getDescriptor().getMessageTypes().get(21);
     internal_static_routesvc_v1_CancelBatchResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CancelBatchResponse_descriptor,
         new java.lang.String[] { "Job", });
     internal_static_routesvc_v1_CompleteResponse_descriptor =
-      getDescriptor().getMessageTypes().get(21);
+      getDescriptor().getMessageTypes().get(22);
     internal_static_routesvc_v1_CompleteResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CompleteResponse_descriptor,
         new java.lang.String[] { "Decision", "Delta", "Completion", "Escalation", "Batch", "Event", });
     internal_static_routesvc_v1_ListModelsRequest_descriptor =
-      getDescriptor().getMessageTypes().get(22);
+      getDescriptor().getMessageTypes().get(23);
     internal_static_routesvc_v1_ListModelsRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ListModelsRequest_descriptor,
         new java.lang.String[] { });
     internal_static_routesvc_v1_ModelInfo_descriptor =
-      getDescriptor().getMessageTypes().get(23);
+      getDescriptor().getMessageTypes().get(24);
     internal_static_routesvc_v1_ModelInfo_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ModelInfo_descriptor,
         new java.lang.String[] { "Id", "Provider", "ProviderModel", "InputPricePerMtok", "OutputPricePerMtok", "CachedInputPricePerMtok", "ContextWindow", "Capabilities", "BatchDiscount", "Available", "UnavailableReason", });
     internal_static_routesvc_v1_ListModelsResponse_descriptor =
-      getDescriptor().getMessageTypes().get(24);
+      getDescriptor().getMessageTypes().get(25);
     internal_static_routesvc_v1_ListModelsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ListModelsResponse_descriptor,
         new java.lang.String[] { "Models", });
     internal_static_routesvc_v1_GetStatsRequest_descriptor =
-      getDescriptor().getMessageTypes().get(25);
+      getDescriptor().getMessageTypes().get(26);
     internal_static_routesvc_v1_GetStatsRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetStatsRequest_descriptor,
         new java.lang.String[] { "Tenant", "Window", });
     internal_static_routesvc_v1_CostTotals_descriptor =
-      getDescriptor().getMessageTypes().get(26);
+      getDescriptor().getMessageTypes().get(27);
     internal_static_routesvc_v1_CostTotals_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CostTotals_descriptor,
         new java.lang.String[] { "Requests", "Errors", "CostUsd", "BaselineCostUsd", "SavingsUsd", "SavingsPercent", "EstimatedCostUsd", "EstimatedBaselineCostUsd", });
     internal_static_routesvc_v1_ModelStats_descriptor =
-      getDescriptor().getMessageTypes().get(27);
+      getDescriptor().getMessageTypes().get(28);
     internal_static_routesvc_v1_ModelStats_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ModelStats_descriptor,
         new java.lang.String[] { "Model", "Share", "Totals", "FeedbackCount", "MeanFeedbackScore", });
     internal_static_routesvc_v1_TenantStats_descriptor =
-      getDescriptor().getMessageTypes().get(28);
+      getDescriptor().getMessageTypes().get(29);
     internal_static_routesvc_v1_TenantStats_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_TenantStats_descriptor,
         new java.lang.String[] { "Tenant", "Totals", });
     internal_static_routesvc_v1_LatencyPercentiles_descriptor =
-      getDescriptor().getMessageTypes().get(29);
+      getDescriptor().getMessageTypes().get(30);
     internal_static_routesvc_v1_LatencyPercentiles_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_LatencyPercentiles_descriptor,
         new java.lang.String[] { "P50", "P95", "P99", });
     internal_static_routesvc_v1_GetStatsResponse_descriptor =
-      getDescriptor().getMessageTypes().get(30);
+      getDescriptor().getMessageTypes().get(31);
     internal_static_routesvc_v1_GetStatsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetStatsResponse_descriptor,
         new java.lang.String[] { "Window", "Tenant", "BaselineModel", "Totals", "Models", "Tenants", "Escalations", "EscalationRate", "Fallbacks", "CascadeDecisions", "CascadeReleaseRate", "MeanReleasedScore", "Latency", "TimeToFirstToken", });
     internal_static_routesvc_v1_FeedbackRequest_descriptor =
-      getDescriptor().getMessageTypes().get(31);
+      getDescriptor().getMessageTypes().get(32);
     internal_static_routesvc_v1_FeedbackRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_FeedbackRequest_descriptor,
         new java.lang.String[] { "DecisionId", "Score", "ThumbsUp", "Outcome", });
     internal_static_routesvc_v1_FeedbackResponse_descriptor =
-      getDescriptor().getMessageTypes().get(32);
+      getDescriptor().getMessageTypes().get(33);
     internal_static_routesvc_v1_FeedbackResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_FeedbackResponse_descriptor,

@@ -312,7 +312,8 @@ public final class RouterServiceGrpc {
     /**
      * <pre>
      * Complete decides, calls the chosen model and streams its answer: first the
-     * decision, then text deltas, then one final message with usage and exact cost.
+     * decision, then text deltas, then one final message with usage, exact cost and any
+     * tool calls the model made.
      * Cascade (decision.cascade_models has two or more models): the cheap model's answer
      * is buffered while it is scored and is never sent unless accepted. An accepted
      * answer streams as deltas then the completion; a rejected one is announced by one
@@ -435,7 +436,8 @@ public final class RouterServiceGrpc {
     /**
      * <pre>
      * Complete decides, calls the chosen model and streams its answer: first the
-     * decision, then text deltas, then one final message with usage and exact cost.
+     * decision, then text deltas, then one final message with usage, exact cost and any
+     * tool calls the model made.
      * Cascade (decision.cascade_models has two or more models): the cheap model's answer
      * is buffered while it is scored and is never sent unless accepted. An accepted
      * answer streams as deltas then the completion; a rejected one is announced by one
@@ -549,7 +551,8 @@ public final class RouterServiceGrpc {
     /**
      * <pre>
      * Complete decides, calls the chosen model and streams its answer: first the
-     * decision, then text deltas, then one final message with usage and exact cost.
+     * decision, then text deltas, then one final message with usage, exact cost and any
+     * tool calls the model made.
      * Cascade (decision.cascade_models has two or more models): the cheap model's answer
      * is buffered while it is scored and is never sent unless accepted. An accepted
      * answer streams as deltas then the completion; a rejected one is announced by one
@@ -659,7 +662,8 @@ public final class RouterServiceGrpc {
     /**
      * <pre>
      * Complete decides, calls the chosen model and streams its answer: first the
-     * decision, then text deltas, then one final message with usage and exact cost.
+     * decision, then text deltas, then one final message with usage, exact cost and any
+     * tool calls the model made.
      * Cascade (decision.cascade_models has two or more models): the cheap model's answer
      * is buffered while it is scored and is never sent unless accepted. An accepted
      * answer streams as deltas then the completion; a rejected one is announced by one

@@ -1,0 +1,248 @@
+"""Tool use: the model's tool calls come back assembled, a conversation carries calls and results
+to each provider in its own wire format, and chunks without answer text keep a stream alive."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from routesvc.client import RouterClient, build_chat, tool_turns
+from routesvc.server import Server
+from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
+from routesvc.tokens import count_text_tokens
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, live_environ, settings_from
+
+WEATHER = pb.Tool(
+    name="get_weather",
+    description="Weather for a city",
+    parameters_json='{"type": "object", "properties": {"city": {"type": "string"}}}',
+)
+TIME = pb.Tool(name="get_time", parameters_json='{"type": "object", "properties": {"tz": {"type": "string"}}}')
+CALLS = (
+    FakeToolCall("get_weather", '{"city": "Paris"}', pieces=3),
+    FakeToolCall("get_time", '{"tz": "Europe/Rome"}', pieces=4),
+)
+# Each adapter: the pinned model, the path it calls, the prefix of the fake's call ids.
+ADAPTERS = [("gpt-4o-mini", "/v1/chat/completions", "call"), ("claude-sonnet", "/v1/messages", "toolu")]
+ADAPTER_IDS = ["openai", "anthropic"]
+
+
+async def _complete(client: RouterClient, chat: pb.ChatRequest, model: str) -> list[pb.CompleteResponse]:
+    return [m async for m in client.complete(chat, pb.RoutingContext(model=model))]
+
+
+def _call(call_id: str, name: str, arguments: str) -> pb.ToolCall:
+    return pb.ToolCall(id=call_id, name=name, arguments_json=arguments)
+
+
+def _conversation() -> pb.ChatRequest:
+    """A second round of the loop: the assistant's two calls (after some text) and their results,
+    then the user's next question."""
+    return build_chat(
+        [
+            ("system", "Be brief."),
+            ("user", "Weather in Paris, and the time in Rome?"),
+            pb.Message(
+                role=pb.ROLE_ASSISTANT,
+                content="Checking both.",
+                tool_calls=[
+                    _call("call_1", "get_weather", '{"city": "Paris"}'),
+                    _call("call_2", "get_time", '{"tz": "Europe/Rome"}'),
+                ],
+            ),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="18 C, sunny"),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_2", content="14:05"),
+            ("user", "And tomorrow?"),
+        ],
+        tools=[WEATHER, TIME],
+    )
+
+
+class TestToolCallsComeBack:
+    @pytest.mark.parametrize(("model", "path", "prefix"), ADAPTERS, ids=ADAPTER_IDS)
+    async def test_parallel_calls_streamed_in_pieces_are_assembled_in_the_completion(
+        self, live_client: RouterClient, fake: FakeProvider, model: str, path: str, prefix: str
+    ) -> None:
+        """Two parallel calls, their arguments in 3 and 4 pieces after some text: the text streams
+        as deltas, the completion carries both calls whole, in order, with finish TOOL_CALLS."""
+        fake.enqueue(Script(chunks=("Let me ", "check. "), tool_calls=CALLS))
+        chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
+        messages = await _complete(live_client, chat, model)
+        assert [m.delta.text for m in messages if m.WhichOneof("event") == "delta"] == ["Let me ", "check. "]
+        completion = messages[-1].completion
+        assert list(completion.tool_calls) == [
+            _call(f"{prefix}_fake_0", "get_weather", '{"city": "Paris"}'),
+            _call(f"{prefix}_fake_1", "get_time", '{"tz": "Europe/Rome"}'),
+        ]
+        assert completion.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+        assert fake.requests[-1].path == path
+
+    async def test_the_python_client_continues_the_loop_with_the_calls_and_their_results(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """``tool_turns`` turns a completion's calls and the caller's results into the next turns;
+        the model then gets them back as the API expects."""
+        fake.enqueue(Script(chunks=(), tool_calls=CALLS), Script(text="Sunny, 14:05."))
+        question = [("user", "Weather in Paris, and the time in Rome?")]
+        first = await _complete(live_client, build_chat(question, tools=[WEATHER, TIME]), "gpt-4o-mini")
+        results = {"call_fake_0": "18 C", "call_fake_1": "14:05"}
+        turns = tool_turns(first[-1].completion, "", results)
+        second = await _complete(live_client, build_chat([*question, *turns], tools=[WEATHER, TIME]), "gpt-4o-mini")
+        assert second[-1].completion.finish_reason == pb.FINISH_REASON_STOP
+        assert fake.requests[-1].body["messages"][1:] == [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_fake_0",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    },
+                    {
+                        "id": "call_fake_1",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": '{"tz": "Europe/Rome"}'},
+                    },
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_fake_0", "content": "18 C"},
+            {"role": "tool", "tool_call_id": "call_fake_1", "content": "14:05"},
+        ]
+
+
+class TestConversationsAreTranslated:
+    async def test_openai_gets_assistant_tool_calls_and_tool_messages(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """OpenAI: the assistant turn carries ``tool_calls`` (function, arguments as text) and each
+        result is a ``tool`` message naming its call."""
+        await _complete(live_client, _conversation(), "gpt-4o-mini")
+        assert fake.requests[-1].body["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris, and the time in Rome?"},
+            {
+                "role": "assistant",
+                "content": "Checking both.",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    },
+                    {
+                        "id": "call_2",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": '{"tz": "Europe/Rome"}'},
+                    },
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "14:05"},
+            {"role": "user", "content": "And tomorrow?"},
+        ]
+
+    async def test_anthropic_gets_tool_use_blocks_and_one_user_turn_of_results(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """Anthropic: the calls are ``tool_use`` blocks after the assistant's text; both results are
+        ``tool_result`` blocks of one user turn, which the next user text joins after them."""
+        await _complete(live_client, _conversation(), "claude-sonnet")
+        body: dict[str, Any] = fake.requests[-1].body
+        assert body["system"] == "Be brief."
+        assert body["messages"] == [
+            {"role": "user", "content": "Weather in Paris, and the time in Rome?"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Checking both."},
+                    {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+                    {"type": "tool_use", "id": "call_2", "name": "get_time", "input": {"tz": "Europe/Rome"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "call_1", "content": "18 C, sunny"},
+                    {"type": "tool_result", "tool_use_id": "call_2", "content": "14:05"},
+                    {"type": "text", "text": "And tomorrow?"},
+                ],
+            },
+        ]
+
+    async def test_anthropic_gets_an_assistant_turn_of_calls_only_and_empty_arguments_as_an_object(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """An assistant turn without text is its ``tool_use`` blocks alone; empty arguments are ``{}``."""
+        chat = build_chat(
+            [
+                ("user", "What time is it?"),
+                pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[_call("toolu_9", "get_time", "")]),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id="toolu_9", content="14:05"),
+            ],
+            tools=[TIME],
+        )
+        await _complete(live_client, chat, "claude-sonnet")
+        assert fake.requests[-1].body["messages"][1:] == [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_9", "name": "get_time", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "14:05"}]},
+        ]
+
+
+@pytest.fixture
+async def impatient_client(fake: FakeProvider) -> AsyncIterator[RouterClient]:
+    """A live server that gives up on a model after 0.5 s without a chunk, and never retries."""
+    config = default_config()
+    config["reliability"] = {
+        "first_token_timeout_seconds": 0.5,
+        "stream_idle_timeout_seconds": 0.5,
+        "max_attempts": 1,
+    }
+    async with (
+        Server(settings_from(config, live_environ(fake)), port=0) as server,
+        RouterClient(server.target) as client,
+    ):
+        yield client
+
+
+class TestLiveness:
+    @pytest.mark.parametrize(("model", "path", "prefix"), ADAPTERS, ids=ADAPTER_IDS)
+    async def test_reasoning_chunks_keep_a_slow_model_alive(
+        self, impatient_client: RouterClient, fake: FakeProvider, model: str, path: str, prefix: str
+    ) -> None:
+        """Six reasoning chunks 0.3 s apart (1.8 s before any answer text, timeouts 0.5 s): the model
+        is alive, its answer comes, and it was asked once."""
+        fake.enqueue(Script(reasoning=("step ",) * 6, chunks=("42",), first_chunk_delay=0.3, chunk_delay=0.3))
+        messages = await _complete(impatient_client, build_chat([("user", "6*7?")]), model)
+        assert [m.delta.text for m in messages if m.WhichOneof("event") == "delta"] == ["42"]
+        assert messages[-1].completion.finish_reason == pb.FINISH_REASON_STOP
+        assert len(fake.requests) == 1
+
+    @pytest.mark.parametrize(("model", "path", "prefix"), ADAPTERS, ids=ADAPTER_IDS)
+    async def test_tool_call_pieces_keep_a_slow_model_alive(
+        self, impatient_client: RouterClient, fake: FakeProvider, model: str, path: str, prefix: str
+    ) -> None:
+        """A call's arguments in six pieces 0.3 s apart, with no answer text at all: not cut."""
+        fake.enqueue(
+            Script(chunks=(), tool_calls=(FakeToolCall("get_weather", '{"city": "Paris"}', pieces=6),), chunk_delay=0.3)
+        )
+        messages = await _complete(impatient_client, build_chat([("user", "Paris?")], tools=[WEATHER]), model)
+        assert list(messages[-1].completion.tool_calls) == [
+            _call(f"{prefix}_fake_0", "get_weather", '{"city": "Paris"}')
+        ]
+        assert len(fake.requests) == 1
+
+    async def test_an_attempt_cut_during_reasoning_is_billed_for_what_it_produced(
+        self, live_server: Server, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """Cut after four reasoning chunks: the failed attempt's estimate counts them as output (the
+        provider bills reasoning), and the retry answers."""
+        fake.enqueue(Script(reasoning=("thinking hard ",) * 6, fault=Fault.CUT, fault_after=4), Script(text="42"))
+        messages = await _complete(live_client, build_chat([("user", "6*7?")]), "gpt-4o-mini")
+        failed, answered = messages[-1].completion.attempts
+        assert (failed.outcome, answered.outcome) == (pb.ATTEMPT_OUTCOME_FAILED, pb.ATTEMPT_OUTCOME_COMPLETED)
+        assert failed.usage.output_tokens == count_text_tokens("thinking hard " * 4) > 0
+        assert [entry.estimated for entry in live_server.router.ledger.entries()] == [True, False]
