@@ -47,6 +47,7 @@ from routesvc.models import (
     Heartbeat,
     Mode,
     QualityScore,
+    Role,
     RouteDecision,
     RoutingRequest,
     TextDelta,
@@ -185,6 +186,9 @@ class Router:
         skip_unconfigured = self._routing.on_unconfigured_provider == "fallthrough"
         tenant = self._settings.config.tenants.get(request.context.tenant)
         allowed = None if tenant is None else tenant.allowed_models
+        # A conversation carrying tool calls or results needs a model that takes them, tools
+        # offered again or not.
+        uses_tools = any(m.tool_calls or m.role is Role.TOOL for m in request.chat.messages)
         eligible: dict[str, str] = {}
         for model in self._catalog:
             needed = input_tokens + output_tokens
@@ -196,8 +200,8 @@ class Router:
                 )
             elif request.chat.max_output_tokens is not None and model.max_output_tokens < output_tokens:
                 why = f"max output tokens {model.max_output_tokens} < {output_tokens} requested"
-            elif request.chat.tools and not model.supports("tools"):
-                why = "does not support tools"
+            elif (request.chat.tools or uses_tools) and not model.supports("tools"):
+                why = "does not support tools" if request.chat.tools else "does not support the tool turns sent"
             elif allowed is not None and model.id not in allowed:
                 why = f"not allowed for tenant {request.context.tenant!r}"
             elif skip_unconfigured and not provider.configured:

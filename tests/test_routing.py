@@ -190,6 +190,25 @@ class TestEligibility:
         assert decision.model == "gpt-4o-mini"
         assert any("skipped: does not support tools" in reason for reason in decision.reasons)
 
+    @pytest.mark.parametrize("custom_client", [(NO_TOOLS, {})], indirect=True)
+    async def test_tool_turns_need_a_model_that_takes_tools_even_without_tools_offered(
+        self, custom_client: RouterClient
+    ) -> None:
+        """A conversation that carries a tool call and its result, tools not offered again:
+        gpt-4o (no tool support here) is excluded, as it would be if tools were offered."""
+        call = pb.ToolCall(id="call_1", name="lookup", arguments_json='{"q": "x"}')
+        chat = pb.ChatRequest(
+            messages=[
+                pb.Message(role=pb.ROLE_USER, content=PLAIN),
+                pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="42"),
+            ]
+        )
+        decision = await _route(custom_client, chat=chat, user_tier="premium")
+        excluded = {c.model: c.excluded_reason for c in decision.candidates}
+        assert excluded["gpt-4o"] == "does not support the tool turns sent"
+        assert decision.model == "gpt-4o-mini"
+
     @pytest.mark.parametrize("custom_client", [(FALLTHROUGH, {"OPENAI_API_KEY": "sk-x"})], indirect=True)
     async def test_fallthrough_skips_models_without_keys(self, custom_client: RouterClient) -> None:
         """With on_unconfigured_provider fallthrough, a model without a key is not chosen."""
