@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
+from routesvc import wire
 from routesvc.config import Settings
 from routesvc.cost import estimate_cost, format_usd
 from routesvc.errors import RouteSvcError
-from routesvc.models import ChatRequest, Message, Role, RoutingContext, RoutingRequest
 from routesvc.router import Router
+from routesvc.v1 import router_pb2 as pb
 
 
 class SimulationDataError(RouteSvcError):
@@ -37,10 +38,11 @@ class SimulationDataError(RouteSvcError):
 
 @dataclass(frozen=True, slots=True)
 class SimulatedPrompt:
-    """One line of the input: what to route, and the file's scores per model, if any."""
+    """One line of the input: what to route (as a client would send it: ``simulate`` checks it as
+    the service does), and the file's scores per model, if any."""
 
     where: str
-    request: RoutingRequest
+    message: pb.RouteRequest
     outcomes: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -156,6 +158,9 @@ def _scores(value: object, where: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
 def read_prompts(path: Path) -> Iterator[SimulatedPrompt]:
     """The prompts of a JSONL file, in order; a bad line raises naming the file and line."""
     try:
@@ -174,16 +179,20 @@ def read_prompts(path: Path) -> Iterator[SimulatedPrompt]:
             if not isinstance(raw, dict) or not isinstance(raw.get("prompt"), str):
                 raise SimulationDataError(f"{where}: expected an object with a string 'prompt'")
             max_output = raw.get("max_output_tokens")
-            context = RoutingContext(
+            if max_output is not None and (isinstance(max_output, bool) or not isinstance(max_output, int)):
+                raise SimulationDataError(f"{where}: max_output_tokens must be a whole number")
+            if max_output is not None and not _INT32_MIN <= max_output <= _INT32_MAX:
+                raise SimulationDataError(f"{where}: max_output_tokens is out of the 32-bit range")
+            context = pb.RoutingContext(
                 tenant=str(raw.get("tenant") or ""),
                 user_tier=str(raw.get("user_tier") or ""),
                 task_hint=str(raw.get("task_hint") or ""),
             )
-            chat = ChatRequest(
-                messages=(Message(Role.USER, raw["prompt"]),),
-                max_output_tokens=max_output if isinstance(max_output, int) else None,
+            chat = pb.ChatRequest(
+                messages=[pb.Message(role=pb.ROLE_USER, content=raw["prompt"])], max_output_tokens=max_output
             )
-            yield SimulatedPrompt(where, RoutingRequest(chat, context), _scores(raw.get("outcomes"), where))
+            message = pb.RouteRequest(chat=chat, context=context)
+            yield SimulatedPrompt(where, message, _scores(raw.get("outcomes"), where))
 
 
 async def simulate(
@@ -198,7 +207,10 @@ async def simulate(
     report = SimulationReport(baseline_model=baseline.id, model_map=mapping)
     for prompt in prompts:
         try:
-            decision = await router.route(prompt.request)
+            # What the service would refuse (an empty prompt, max_output_tokens below 1 or over
+            # the cap) is counted as not routable, by its reason, like a request no model serves.
+            request = wire.routing_request(prompt.message, settings.config.limits)
+            decision = await router.route(request)
         except RouteSvcError as error:
             report.skipped += 1
             report.errors[error.reason] = report.errors.get(error.reason, 0) + 1

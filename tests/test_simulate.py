@@ -42,10 +42,20 @@ class TestReadPrompts:
         """tenant, user_tier, task_hint and max_output_tokens shape the routed request."""
         path = _write(tmp_path / "p.jsonl", [{"prompt": "hi", "tenant": "acme", "task_hint": "code_generation"}])
         (prompt,) = read_prompts(path)
-        assert prompt.request.chat.messages == (Message(Role.USER, "hi"),)
-        assert (prompt.request.context.tenant, prompt.request.context.task_hint) == ("acme", "code_generation")
+        assert [(m.role, m.content) for m in prompt.message.chat.messages] == [(pb.ROLE_USER, "hi")]
+        assert (prompt.message.context.tenant, prompt.message.context.task_hint) == ("acme", "code_generation")
 
-    @pytest.mark.parametrize("line", ["not json", '{"id": "x"}', '{"prompt": 3}', '{"prompt": "x", "outcomes": 1}'])
+    @pytest.mark.parametrize(
+        "line",
+        [
+            "not json",
+            '{"id": "x"}',
+            '{"prompt": 3}',
+            '{"prompt": "x", "outcomes": 1}',
+            '{"prompt": "x", "max_output_tokens": 1.5}',
+            '{"prompt": "x", "max_output_tokens": 99999999999}',
+        ],
+    )
     def test_a_bad_line_names_file_and_line(self, tmp_path: Path, line: str) -> None:
         """A line without a string prompt (or with malformed outcomes) fails naming where."""
         path = tmp_path / "bad.jsonl"
@@ -74,6 +84,21 @@ class TestSimulate:
         assert (report.estimated_cost_usd, report.baseline_cost_usd) == (mini + gpt4o, baseline)
         assert report.savings_usd == baseline - mini - gpt4o
         assert report.quality_kept is None
+
+    async def test_rows_the_service_would_refuse_are_not_routable(self, tmp_path: Path) -> None:
+        """An empty prompt and max_output_tokens below 1 or over the cap are refused as the service
+        refuses them, counted by reason; nothing is priced for them (a negative count made the
+        costs negative)."""
+        rows = [
+            {"prompt": "hi", "max_output_tokens": -100000},
+            {"prompt": "hi", "max_output_tokens": 10**9},
+            {"prompt": "   "},
+            {"prompt": "What is the capital of France?"},
+        ]
+        report = await simulate(settings_from(default_config()), read_prompts(_write(tmp_path / "p.jsonl", rows)))
+        assert (report.prompts, report.skipped) == (1, 3)
+        assert report.errors == {"INVALID_REQUEST": 3}
+        assert report.estimated_cost_usd > 0
 
     async def test_quality_kept_needs_scores_for_the_chosen_and_the_baseline_model(self, tmp_path: Path) -> None:
         """Without a map only identical ids are scored; --model-map names the file's models."""
