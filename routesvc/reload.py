@@ -47,6 +47,7 @@ class ConfigWatcher:
         # so that a rejected file, which only the next restart would trip over, can be alerted on).
         self._outcome = outcome
         self._seen = current if current is not None else _fingerprint(path)
+        self._unreadable = False  # said once while the file cannot be read; the old one keeps serving
 
     async def run(self) -> None:
         """Poll until cancelled."""
@@ -57,7 +58,16 @@ class ConfigWatcher:
     async def check(self) -> bool:
         """Look once; returns whether a new configuration was applied."""
         fingerprint = await asyncio.to_thread(_fingerprint, self._path)
-        if fingerprint is None or fingerprint == self._seen:
+        if fingerprint is None:
+            if not self._unreadable:
+                # Deleted, or a ConfigMap mount gone: nothing changes, but say so once.
+                log.warning("config_file_unreadable", path=str(self._path))
+                self._unreadable = True
+            return False
+        if self._unreadable:
+            log.info("config_file_readable", path=str(self._path))
+            self._unreadable = False
+        if fingerprint == self._seen:
             return False
         self._seen = fingerprint
         try:

@@ -290,3 +290,26 @@ class TestReloadOutcomes:
             configmap.publish(text)
             await watcher.check()
         assert (applied, outcomes) == (["gpt-4o"], ["applied", "rejected", "rejected"])
+
+
+class TestAWatchedFileThatGoesAway:
+    async def test_a_deleted_file_is_said_once_and_the_old_configuration_stays(self, tmp_path: Path) -> None:
+        """The watched file is deleted: nothing is applied, and the log says so once (not at every
+        poll); when it is back with a change, that change is applied as usual."""
+        path = tmp_path / "config.yaml"
+        path.write_text(config_text("gpt-4o-mini"), encoding="utf-8")
+        applied: list[str] = []
+
+        async def apply(settings: Settings) -> None:
+            applied.append(settings.config.routing.default_model)
+
+        watcher = ConfigWatcher(path, 0.05, apply)
+        path.unlink()
+        with capture_logs() as logs:
+            for _ in range(3):
+                assert not await watcher.check()
+            path.write_text(config_text("gpt-4o"), encoding="utf-8")
+            assert await watcher.check()
+        events = [e["event"] for e in logs if e["event"].startswith("config_")]
+        assert events == ["config_file_unreadable", "config_file_readable", "config_reloaded"]
+        assert applied == ["gpt-4o"]
