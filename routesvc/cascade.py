@@ -1,7 +1,7 @@
 """The cascade's policy: which requests cascade, through which models, scored by what.
 
 A chain (``cascade.chains`` in the config) applies when the routing decision picks its first
-model, in realtime, unpinned, without tools (a tool call is not an answer the scorers can judge),
+model, in realtime, unpinned, without tools or tool turns (a tool call is not an answer the scorers can judge),
 and when ``cascade.apply`` and the request's ``context.cascade`` say so. Later steps that cannot
 serve the request (ineligible, no key) are left out; a chain of one model is no cascade.
 """
@@ -84,7 +84,7 @@ class EscalationPolicy:
         chain = self._chains.get(decision.model)
         if chain is None or not self._wanted(request):
             return decision
-        if decision.mode is not Mode.REALTIME or decision.strategy == "pinned" or request.chat.tools:
+        if decision.mode is not Mode.REALTIME or decision.strategy == "pinned" or request.chat.uses_tools:
             return decision
         eligible = {c.model for c in decision.candidates if c.eligible}
         kept = [chain.steps[0]]

@@ -11,7 +11,11 @@ from routesvc.errors import ModelNotFound
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """One catalog model. Prices are USD per 1M tokens."""
+    """One catalog model. Prices are USD per 1M tokens.
+
+    ``cache_write_price_per_mtok`` prices input tokens written to the provider's prompt cache
+    (Anthropic's 5-minute cache), ``cache_write_1h_price_per_mtok`` those written to its 1-hour cache.
+    """
 
     id: str
     provider: str
@@ -19,6 +23,8 @@ class ModelSpec:
     input_price_per_mtok: Decimal
     output_price_per_mtok: Decimal
     cached_input_price_per_mtok: Decimal
+    cache_write_price_per_mtok: Decimal
+    cache_write_1h_price_per_mtok: Decimal
     context_window: int
     max_output_tokens: int
     capabilities: frozenset[str]

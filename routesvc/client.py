@@ -85,8 +85,16 @@ def tool_turns(completion: pb.Completion, text: str, results: Mapping[str, str])
     turn (``text``, the answer's text, and its calls), then one ROLE_TOOL turn per call with
     ``results[call id]``, in the calls' order."""
     calls = list(completion.tool_calls)
+    if not calls:
+        raise ValueError("the completion made no tool calls")
+    missing = [call.id for call in calls if call.id not in results]
+    if missing:
+        raise ValueError(f"no result for tool call(s) {', '.join(missing)}")
     turns = [pb.Message(role=pb.ROLE_ASSISTANT, content=text, tool_calls=calls)]
-    turns += [pb.Message(role=pb.ROLE_TOOL, tool_call_id=call.id, content=results[call.id]) for call in calls]
+    # A result must not be empty (a void function's result is best said in a word, "done").
+    turns += [
+        pb.Message(role=pb.ROLE_TOOL, tool_call_id=call.id, content=results[call.id] or "(no output)") for call in calls
+    ]
     return turns
 
 

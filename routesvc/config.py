@@ -174,6 +174,18 @@ class ModelConfig(_Strict):
     input_price_per_mtok: Decimal = Field(ge=0)
     output_price_per_mtok: Decimal = Field(ge=0)
     cached_input_price_per_mtok: Decimal | None = Field(None, ge=0, description="Default: the input price.")
+    cache_write_price_per_mtok: Decimal | None = Field(
+        None,
+        ge=0,
+        description="Input tokens written to the prompt cache (Anthropic's 5-minute cache). "
+        "Default: 1.25x the input price for a provider of kind anthropic, else the input price.",
+    )
+    cache_write_1h_price_per_mtok: Decimal | None = Field(
+        None,
+        ge=0,
+        description="Input tokens written to Anthropic's 1-hour prompt cache. "
+        "Default: 2x the input price for a provider of kind anthropic, else the cache write price.",
+    )
     context_window: int = Field(gt=0)
     max_output_tokens: int = Field(16384, gt=0)
     capabilities: tuple[str, ...] = ()
@@ -734,27 +746,47 @@ def _resolve_provider(name: str, provider: ProviderConfig, environ: Mapping[str,
     return ProviderSettings(name, provider.kind, base_url, api_key, missing, provider.http_client)
 
 
+# What Anthropic bills for prompt-cache writes, as multiples of the input price: 5-minute and 1-hour cache.
+_ANTHROPIC_CACHE_WRITE = Decimal("1.25")
+_ANTHROPIC_CACHE_WRITE_1H = Decimal(2)
+
+
+def _cache_write_prices(model: ModelConfig, provider_kind: str) -> tuple[Decimal, Decimal]:
+    """The model's cache write prices (5-minute, 1-hour): as configured, else the default for its provider's kind."""
+    anthropic = provider_kind == "anthropic"
+    write = model.cache_write_price_per_mtok
+    if write is None:
+        write = model.input_price_per_mtok * (_ANTHROPIC_CACHE_WRITE if anthropic else 1)
+    write_1h = model.cache_write_1h_price_per_mtok
+    if write_1h is None:
+        write_1h = model.input_price_per_mtok * _ANTHROPIC_CACHE_WRITE_1H if anthropic else write
+    return write, write_1h
+
+
 def _catalog(config: Config) -> Catalog:
-    return Catalog(
-        [
-            ModelSpec(
-                id=model.id,
-                provider=model.provider,
-                provider_model=model.provider_model or model.id,
-                input_price_per_mtok=model.input_price_per_mtok,
-                output_price_per_mtok=model.output_price_per_mtok,
-                cached_input_price_per_mtok=(
-                    model.cached_input_price_per_mtok
-                    if model.cached_input_price_per_mtok is not None
-                    else model.input_price_per_mtok
-                ),
-                context_window=model.context_window,
-                max_output_tokens=model.max_output_tokens,
-                capabilities=frozenset(model.capabilities),
-                batch_discount=model.batch_discount,
-            )
-            for model in config.models
-        ]
+    return Catalog([_model_spec(model, config.providers[model.provider].kind) for model in config.models])
+
+
+def _model_spec(model: ModelConfig, provider_kind: str) -> ModelSpec:
+    """A catalog model from its config, with every price a default stands in for resolved."""
+    cache_write, cache_write_1h = _cache_write_prices(model, provider_kind)
+    return ModelSpec(
+        id=model.id,
+        provider=model.provider,
+        provider_model=model.provider_model or model.id,
+        input_price_per_mtok=model.input_price_per_mtok,
+        output_price_per_mtok=model.output_price_per_mtok,
+        cached_input_price_per_mtok=(
+            model.cached_input_price_per_mtok
+            if model.cached_input_price_per_mtok is not None
+            else model.input_price_per_mtok
+        ),
+        cache_write_price_per_mtok=cache_write,
+        cache_write_1h_price_per_mtok=cache_write_1h,
+        context_window=model.context_window,
+        max_output_tokens=model.max_output_tokens,
+        capabilities=frozenset(model.capabilities),
+        batch_discount=model.batch_discount,
     )
 
 

@@ -15,12 +15,20 @@ def _discount(model: ModelSpec, mode: Mode) -> Decimal:
 
 
 def cost_of_usage(model: ModelSpec, usage: Usage, mode: Mode = Mode.REALTIME) -> Decimal:
-    """Exact cost of provider-reported ``usage``: cached input tokens at the cached price."""
+    """Exact cost of provider-reported ``usage``: cache reads at the cached price, cache writes at
+    the cache write price (1-hour ones at theirs), the rest of the input at the input price.
+
+    The parts are clamped so that they never add up to more than ``input_tokens``.
+    """
     cached = min(usage.cached_input_tokens, usage.input_tokens)
-    uncached = usage.input_tokens - cached
+    written = min(usage.cache_write_input_tokens, usage.input_tokens - cached)
+    written_1h = min(usage.cache_write_1h_input_tokens, written)
+    uncached = usage.input_tokens - cached - written
     total = (
         uncached * model.input_price_per_mtok
         + cached * model.cached_input_price_per_mtok
+        + (written - written_1h) * model.cache_write_price_per_mtok
+        + written_1h * model.cache_write_1h_price_per_mtok
         + usage.output_tokens * model.output_price_per_mtok
     ) / _PER_TOKEN
     return total * _discount(model, mode)

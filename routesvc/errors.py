@@ -28,6 +28,7 @@ name fields and models, never prompt text or credentials.
         ├── ProviderAuthFailed          401/403 from the provider                FAILED_PRECONDITION
         ├── ProviderRejected            400/404/409/413/422 from the provider    FAILED_PRECONDITION
         ├── ProviderRateLimited         429 (carries retry_after)                RESOURCE_EXHAUSTED
+        ├── ProviderQuotaExhausted      the key's credit or quota is spent       FAILED_PRECONDITION
         ├── ProviderUnavailable         5xx, 408, connection failure, timeout    UNAVAILABLE
         │   └── ProviderTimedOut        the call's own deadline passed           (the router: DEADLINE_EXCEEDED)
         └── StreamInterrupted           failed after content was sent            UNAVAILABLE
@@ -235,6 +236,15 @@ class ProviderRateLimited(ProviderError):
     ) -> None:
         super().__init__(message, provider=provider, model=model, status=status)
         self.retry_after = retry_after
+
+
+class ProviderQuotaExhausted(ProviderError):
+    """The provider says our account's credit or quota is spent (OpenAI's 429
+    ``insufficient_quota``, Anthropic's ``billing_error``): no wait helps until someone pays, so
+    it is not retried on the provider's models, carries no ``retry_after``, opens no breaker, and
+    the request may fall back to another provider's model."""
+
+    reason = "PROVIDER_QUOTA_EXHAUSTED"
 
 
 class ProviderUnavailable(ProviderError):

@@ -79,6 +79,11 @@ class ChatRequest:
     temperature: float | None = None
 
     @property
+    def uses_tools(self) -> bool:
+        """Whether the request offers tools or carries tool calls or results in its turns."""
+        return bool(self.tools) or any(m.tool_calls or m.role is Role.TOOL for m in self.messages)
+
+    @property
     def last_user_message(self) -> str:
         """The text of the last user message, or "" when there is none."""
         for message in reversed(self.messages):
@@ -148,11 +153,29 @@ class RouteDecision:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token usage as the provider reported it; ``input_tokens`` includes cached ones."""
+    """Token usage as the provider reported it.
+
+    ``input_tokens`` includes every input token: those read from the prompt cache
+    (``cached_input_tokens``) and those written to it (``cache_write_input_tokens``, Anthropic's
+    ``cache_creation_input_tokens``), of which ``cache_write_1h_input_tokens`` went to the 1-hour
+    cache (the rest to the 5-minute one).
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    cache_write_1h_input_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        """The two usages summed field by field (a request's attempts together)."""
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cached_input_tokens=self.cached_input_tokens + other.cached_input_tokens,
+            cache_write_input_tokens=self.cache_write_input_tokens + other.cache_write_input_tokens,
+            cache_write_1h_input_tokens=self.cache_write_1h_input_tokens + other.cache_write_1h_input_tokens,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,12 +197,14 @@ class Heartbeat:
 @dataclass(frozen=True, slots=True)
 class ProviderFinish:
     """The end of a provider stream: usage, why it stopped, the model that answered, and the
-    tool calls it made (assembled from the stream, in order)."""
+    tool calls it made (assembled from the stream, in order). ``estimated`` is True when the
+    provider reported no usage (or a malformed one) and the adapter estimated it."""
 
     usage: Usage
     finish_reason: FinishReason
     provider_model: str
     tool_calls: tuple[ToolCall, ...] = ()
+    estimated: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,12 +11,18 @@ from __future__ import annotations
 import random
 
 from routesvc.config import ReliabilityConfig
-from routesvc.errors import ProviderError, ProviderRateLimited, ProviderUnavailable
+from routesvc.errors import ProviderError, ProviderQuotaExhausted, ProviderRateLimited, ProviderUnavailable
 
 
 def is_retryable(error: ProviderError) -> bool:
     """5xx, 408, 429, connection failures and timeouts may be retried; other 4xx never."""
     return isinstance(error, ProviderUnavailable | ProviderRateLimited)
+
+
+def skips_provider(error: ProviderError) -> bool:
+    """Whether ``error`` rules out every model of its provider for the rest of the request, but not
+    another provider's fallback: the key's quota is spent (no retry, no wait, no breaker helps)."""
+    return isinstance(error, ProviderQuotaExhausted)
 
 
 def backoff_delay(config: ReliabilityConfig, retry_number: int, retry_after: float | None) -> float:

@@ -29,6 +29,7 @@ from routesvc.errors import (
     PermissionDenied,
     ProviderError,
     ProviderNotConfigured,
+    ProviderQuotaExhausted,
     ProviderRateLimited,
     ProviderRejected,
     ProviderTimedOut,
@@ -47,7 +48,6 @@ from routesvc.models import (
     Heartbeat,
     Mode,
     QualityScore,
-    Role,
     RouteDecision,
     RoutingRequest,
     TextDelta,
@@ -56,7 +56,7 @@ from routesvc.models import (
 )
 from routesvc.policy import Policy
 from routesvc.providers.base import Provider, ProviderCall
-from routesvc.retry import RetryBudget, backoff_delay, is_retryable
+from routesvc.retry import RetryBudget, backoff_delay, is_retryable, skips_provider
 from routesvc.scoring import ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
 from routesvc.strategies.classifier import TASK_LABELS
@@ -188,7 +188,7 @@ class Router:
         allowed = None if tenant is None else tenant.allowed_models
         # A conversation carrying tool calls or results needs a model that takes them, tools
         # offered again or not.
-        uses_tools = any(m.tool_calls or m.role is Role.TOOL for m in request.chat.messages)
+        uses_tools = request.chat.uses_tools
         eligible: dict[str, str] = {}
         for model in self._catalog:
             needed = input_tokens + output_tokens
@@ -200,7 +200,7 @@ class Router:
                 )
             elif request.chat.max_output_tokens is not None and model.max_output_tokens < output_tokens:
                 why = f"max output tokens {model.max_output_tokens} < {output_tokens} requested"
-            elif (request.chat.tools or uses_tools) and not model.supports("tools"):
+            elif uses_tools and not model.supports("tools"):
                 why = "does not support tools" if request.chat.tools else "does not support the tool turns sent"
             elif allowed is not None and model.id not in allowed:
                 why = f"not allowed for tenant {request.context.tenant!r}"
@@ -686,8 +686,11 @@ class Router:
         reliability = self._reliability
         first = attempt.number
         last_error: ProviderError | None = None
+        exhausted: set[str] = set()  # providers whose quota ran out: none of their models is tried
         for model_id in self._attempt_chain(decision, request.context.max_cost_usd):
             model = self._catalog.get(model_id)
+            if model.provider in exhausted:
+                continue
             try:
                 await self._cover(attempt, model)
             except (LimitExceeded, SharedStateUnavailable):
@@ -719,9 +722,12 @@ class Router:
                             yield event
                         return
                     except ProviderError as error:
-                        if attempt.chunks or not is_retryable(error):
+                        if attempt.chunks or not (is_retryable(error) or skips_provider(error)):
                             raise
                         last_error = error
+                        if skips_provider(error):
+                            exhausted.add(model.provider)
+                            break
                 retry_after = last_error.retry_after if isinstance(last_error, ProviderRateLimited) else None
                 if try_on_model == reliability.retries_per_model:
                     break
@@ -814,7 +820,7 @@ class Router:
                 raise ProviderUnavailable(message, provider=model.provider, model=model.id)
             outcome = AttemptOutcome.COMPLETED
             cost = cost_of_usage(model, usage, decision.mode)
-            self._record(state, model, number, outcome, usage, cost, estimated=False)
+            self._record(state, model, number, outcome, usage, cost, estimated=finish.estimated)
             self._breakers.record_success(model.id)
             self._retry_budget.record_success()
             yield Completion(
@@ -834,7 +840,7 @@ class Router:
             raise DeadlineExceeded("deadline exceeded") from error
         except ProviderError as error:
             outcome = AttemptOutcome.INTERRUPTED if received else AttemptOutcome.FAILED
-            if received or not isinstance(error, ProviderRejected):
+            if received or not isinstance(error, ProviderRejected | ProviderQuotaExhausted):
                 self._breakers.record_failure(
                     model.id, error.retry_after if isinstance(error, ProviderRateLimited) else None
                 )
@@ -842,6 +848,7 @@ class Router:
             else:
                 # The provider refused this request (400/404/409/413/422): the caller's doing, not
                 # a sign the model is down, so one tenant's bad requests open no breaker for all.
+                # A spent quota is the key's, not the model's: the request skips the provider.
                 self._breakers.release_probe(model.id)
             if sent:
                 raise StreamInterrupted(
@@ -933,14 +940,7 @@ class _StepOutcome:
 
 def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:
     """The summed usage of ``summaries``."""
-    total = Usage()
-    for summary in summaries:
-        total = Usage(
-            input_tokens=total.input_tokens + summary.usage.input_tokens,
-            output_tokens=total.output_tokens + summary.usage.output_tokens,
-            cached_input_tokens=total.cached_input_tokens + summary.usage.cached_input_tokens,
-        )
-    return total
+    return sum((summary.usage for summary in summaries), Usage())
 
 
 def _side_call_outcome(call: UpstreamCall) -> AttemptOutcome:

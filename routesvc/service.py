@@ -38,6 +38,7 @@ from routesvc.errors import (
     ProviderAuthFailed,
     ProviderError,
     ProviderNotConfigured,
+    ProviderQuotaExhausted,
     ProviderRateLimited,
     ProviderRejected,
     ProviderUnavailable,
@@ -79,6 +80,9 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
     ProviderAuthFailed: grpc.StatusCode.FAILED_PRECONDITION,
     ProviderRejected: grpc.StatusCode.FAILED_PRECONDITION,
     ProviderRateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # Not RESOURCE_EXHAUSTED: clients retry that after a delay, and no delay helps until the
+    # account is paid; the state must be fixed first, which is what FAILED_PRECONDITION says.
+    ProviderQuotaExhausted: grpc.StatusCode.FAILED_PRECONDITION,
     ProviderUnavailable: grpc.StatusCode.UNAVAILABLE,
     StreamInterrupted: grpc.StatusCode.UNAVAILABLE,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,

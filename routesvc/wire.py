@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
 
@@ -86,8 +87,9 @@ _MIN_COST_EXPONENT = -12
 _MAX_TOOL_CALL_ID_CHARS = 256
 
 
-def _message(index: int, message: pb.Message, earlier_calls: set[str]) -> Message:
-    """One turn; ``earlier_calls`` holds the ids of the tool calls of the turns before it."""
+def _message(index: int, message: pb.Message, open_calls: Mapping[str, str]) -> Message:
+    """One turn; ``open_calls`` holds the ids of the calls of the assistant turn before it that
+    no ROLE_TOOL turn has answered yet."""
     field = f"chat.messages[{index}]"
     role = _ROLES.get(message.role)
     if role is None:
@@ -96,9 +98,10 @@ def _message(index: int, message: pb.Message, earlier_calls: set[str]) -> Messag
         raise InvalidRequest(f"{field}.tool_calls", "are allowed only on ROLE_ASSISTANT messages")
     if message.tool_call_id and role is not Role.TOOL:
         raise InvalidRequest(f"{field}.tool_call_id", "is allowed only on ROLE_TOOL messages")
-    if role is Role.TOOL and message.tool_call_id not in earlier_calls:
+    if role is Role.TOOL and message.tool_call_id not in open_calls:
         raise InvalidRequest(
-            f"{field}.tool_call_id", "must be the id of a tool call of an earlier ROLE_ASSISTANT message"
+            f"{field}.tool_call_id",
+            "must be the id of an unanswered tool call of the ROLE_ASSISTANT message just before the results",
         )
     calls = tuple(_tool_call(f"{field}.tool_calls[{n}]", call) for n, call in enumerate(message.tool_calls))
     if not message.content.strip() and not calls:
@@ -174,11 +177,27 @@ def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
         raise RequestTooLarge(f"chat.messages: more than {limits.max_messages} messages")
     if len(chat.tools) > limits.max_tools:
         raise RequestTooLarge(f"chat.tools: more than {limits.max_tools} tools")
-    calls: set[str] = set()  # the ids of the tool calls made so far, which a ROLE_TOOL turn answers
+    # Both providers take a tool call's result only in the turns right after the call's turn, and
+    # need every call answered there: the calls still open (id -> field), and every id seen.
+    open_calls: dict[str, str] = {}
+    seen: set[str] = set()
     turns: list[Message] = []
     for index, message in enumerate(chat.messages):
-        turns.append(_message(index, message, calls))
-        calls.update(call.id for call in turns[-1].tool_calls)
+        turn = _message(index, message, open_calls)
+        if turn.role is Role.TOOL:
+            del open_calls[turn.tool_call_id]
+        elif open_calls:
+            raise InvalidRequest(
+                next(iter(open_calls.values())), f"has no ROLE_TOOL result before chat.messages[{index}]"
+            )
+        for number, call in enumerate(turn.tool_calls):
+            if call.id in seen:
+                raise InvalidRequest(f"chat.messages[{index}].tool_calls[{number}].id", "repeats an earlier call's id")
+            seen.add(call.id)
+            open_calls[call.id] = f"chat.messages[{index}].tool_calls[{number}]"
+        turns.append(turn)
+    if open_calls:
+        raise InvalidRequest(next(iter(open_calls.values())), "has no ROLE_TOOL result after it")
     messages = tuple(turns)
     if not any(message.role is Role.USER for message in messages):
         raise InvalidRequest("chat.messages", "must contain a ROLE_USER message")
@@ -282,6 +301,8 @@ def _usage(usage: Usage) -> pb.Usage:
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         cached_input_tokens=usage.cached_input_tokens,
+        cache_write_input_tokens=usage.cache_write_input_tokens,
+        cache_write_1h_input_tokens=usage.cache_write_1h_input_tokens,
     )
 
 

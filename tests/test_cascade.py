@@ -367,6 +367,20 @@ class TestCascadeVisibility:
         assert [call.name for call in messages[-1].completion.tool_calls] == ["lookup"]
         assert len(fake.requests) == 1
 
+    async def test_a_conversation_with_tool_turns_is_never_cascaded(self, live_client: RouterClient) -> None:
+        """The turn after tool results, tools not offered again: still no cascade (the answer may be
+        another call, and the scorers read text)."""
+        call = pb.ToolCall(id="call_1", name="lookup", arguments_json='{"q": "France"}')
+        chat = pb.ChatRequest(
+            messages=[
+                pb.Message(role=pb.ROLE_USER, content="What is the capital of France?"),
+                pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="Paris"),
+            ]
+        )
+        decision = await live_client.route(chat, pb.RoutingContext(cascade=True))
+        assert list(decision.cascade_models) == []
+
     async def test_stats_count_escalations_and_releases(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """One escalated and one released request: 1 escalation, 2 cascade decisions, half released."""
         fake.enqueue(Script(text="I cannot help with that."), model="gpt-4o-mini")

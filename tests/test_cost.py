@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from routesvc.catalog import ModelSpec
 from routesvc.config import load_settings
 from routesvc.cost import cost_of_usage, estimate_cost, format_usd
 from routesvc.models import Mode, Usage
+from tests.conftest import default_config, settings_from
 
 
-def _model(model_id: str):  # type: ignore[no-untyped-def]
+def _model(model_id: str) -> ModelSpec:
     return load_settings(environ={}).catalog.get(model_id)
 
 
@@ -22,6 +24,46 @@ class TestCost:
         """Of 1,000 input tokens, 400 cached on gpt-4o: 600 x 2.50 + 400 x 1.25 per 1M."""
         usage = Usage(input_tokens=1000, output_tokens=0, cached_input_tokens=400)
         assert cost_of_usage(_model("gpt-4o"), usage) == Decimal("0.002")
+
+    def test_cache_writes_are_billed_at_the_cache_write_prices(self) -> None:
+        """Of 1,000 input tokens on claude-sonnet ($3 in), 100 read from the cache, 300 written to the
+        5-minute cache and 200 to the 1-hour one: 400 x 3 + 100 x 0.30 + 300 x 3.75 + 200 x 6 per 1M."""
+        usage = Usage(
+            input_tokens=1000,
+            output_tokens=0,
+            cached_input_tokens=100,
+            cache_write_input_tokens=500,
+            cache_write_1h_input_tokens=200,
+        )
+        assert cost_of_usage(_model("claude-sonnet"), usage) == Decimal("0.003555")
+
+    def test_cache_parts_never_count_more_than_the_input(self) -> None:
+        """Counts that add up to more than ``input_tokens`` bill no token twice: reads first, then writes."""
+        usage = Usage(input_tokens=100, output_tokens=0, cached_input_tokens=60, cache_write_input_tokens=80)
+        model = _model("claude-sonnet")
+        assert cost_of_usage(model, usage) == (60 * model.cached_input_price_per_mtok + 40 * Decimal("3.75")) / 10**6
+
+    def test_cache_write_prices_default_by_provider_kind(self) -> None:
+        """An anthropic model's cache writes default to 1.25x (5-minute) and 2x (1-hour) its input
+        price; any other model's to its input price."""
+        sonnet, mini = _model("claude-sonnet"), _model("gpt-4o-mini")
+        assert (sonnet.cache_write_price_per_mtok, sonnet.cache_write_1h_price_per_mtok) == (
+            Decimal("3.75"),
+            Decimal(6),
+        )
+        assert (mini.cache_write_price_per_mtok, mini.cache_write_1h_price_per_mtok) == (
+            mini.input_price_per_mtok,
+            mini.input_price_per_mtok,
+        )
+
+    def test_configured_cache_write_prices_win(self) -> None:
+        """``cache_write_price_per_mtok`` and ``cache_write_1h_price_per_mtok`` set in the config are used as given."""
+        config = default_config()
+        for model in config["models"]:  # type: ignore[attr-defined]
+            if model["id"] == "claude-sonnet":
+                model.update(cache_write_price_per_mtok="4", cache_write_1h_price_per_mtok="7")
+        spec = settings_from(config).catalog.get("claude-sonnet")
+        assert (spec.cache_write_price_per_mtok, spec.cache_write_1h_price_per_mtok) == (Decimal(4), Decimal(7))
 
     def test_batch_mode_applies_the_discount(self) -> None:
         """The batch price is the realtime price less the catalog's batch discount."""

@@ -33,6 +33,8 @@ def spec(model_id: str) -> ModelSpec:
         input_price_per_mtok=Decimal(1),
         output_price_per_mtok=Decimal(2),
         cached_input_price_per_mtok=Decimal(1),
+        cache_write_price_per_mtok=Decimal(1),
+        cache_write_1h_price_per_mtok=Decimal(1),
         context_window=8000,
         max_output_tokens=1000,
         capabilities=frozenset(),

@@ -163,8 +163,17 @@ class TestAnthropicWire:
     async def test_usage_in_message_start_and_cumulative_output_in_message_delta(
         self, fake: FakeProvider, http: httpx2.AsyncClient
     ) -> None:
-        """Input (less cache reads and writes) in message_start; the total output in message_delta."""
-        fake.enqueue(Script(input_tokens=100, cached_input_tokens=60, cache_creation_input_tokens=10, chunk_count=7))
+        """Input (less cache reads and writes) in message_start, the writes split by cache lifetime;
+        the total output in message_delta."""
+        fake.enqueue(
+            Script(
+                input_tokens=100,
+                cached_input_tokens=60,
+                cache_creation_input_tokens=10,
+                cache_creation_1h_input_tokens=4,
+                chunk_count=7,
+            )
+        )
         events = dict(await sse_events(http, "/v1/messages", {**MESSAGES, "stream": True}))
         start = json.loads(events["message_start"])["message"]
         delta = json.loads(events["message_delta"])
@@ -172,6 +181,7 @@ class TestAnthropicWire:
             "input_tokens": 30,
             "cache_read_input_tokens": 60,
             "cache_creation_input_tokens": 10,
+            "cache_creation": {"ephemeral_5m_input_tokens": 6, "ephemeral_1h_input_tokens": 4},
             "output_tokens": 1,
         }
         assert (delta["usage"], delta["delta"]["stop_reason"]) == ({"output_tokens": 7}, "end_turn")

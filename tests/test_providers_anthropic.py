@@ -16,15 +16,28 @@ from structlog.testing import capture_logs
 from routesvc.errors import (
     ProviderAuthFailed,
     ProviderError,
+    ProviderQuotaExhausted,
     ProviderRateLimited,
     ProviderRejected,
     ProviderTimedOut,
     ProviderUnavailable,
 )
-from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.models import (
+    ChatRequest,
+    FinishReason,
+    Message,
+    ProviderEvent,
+    ProviderFinish,
+    Role,
+    TextDelta,
+    ToolCall,
+    ToolSpec,
+    Usage,
+)
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.testing import FakeProvider, Fault, Script
+from routesvc.tokens import estimate_input_tokens
 
 CANARY_PROMPT = "canary-prompt-0b7e11 please repeat this"
 CANARY_KEY = "sk-ant-canary-key-3c5a90"
@@ -115,11 +128,25 @@ class TestStreaming:
         assert events[:-1] == [TextDelta(chunk) for chunk in script.content_chunks()]
 
     async def test_input_includes_cache_reads_and_writes(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
-        """Anthropic reports cached input apart; ``input_tokens`` sums all three, cached = cache reads."""
-        fake.enqueue(Script(input_tokens=5000, cached_input_tokens=4000, cache_creation_input_tokens=600))
+        """Anthropic reports cached input apart; ``input_tokens`` sums all three, cached = cache reads,
+        cache writes counted apart too, with those of the 1-hour cache."""
+        fake.enqueue(
+            Script(
+                input_tokens=5000,
+                cached_input_tokens=4000,
+                cache_creation_input_tokens=600,
+                cache_creation_1h_input_tokens=200,
+            )
+        )
         finish = (await collect(provider, make_call()))[-1]
         assert isinstance(finish, ProviderFinish)
-        assert finish.usage == Usage(input_tokens=5000, output_tokens=5, cached_input_tokens=4000)
+        assert finish.usage == Usage(
+            input_tokens=5000,
+            output_tokens=5,
+            cached_input_tokens=4000,
+            cache_write_input_tokens=600,
+            cache_write_1h_input_tokens=200,
+        )
 
     async def test_output_tokens_are_the_last_cumulative_count(
         self, fake: FakeProvider, provider: AnthropicProvider
@@ -181,6 +208,26 @@ class TestStreaming:
         assert [entry["event"] for entry in logs] == ["provider_usage_estimated"]
         assert all(CANARY_PROMPT not in str(entry) for entry in logs)
 
+    async def test_the_estimate_is_flagged_and_covers_the_whole_request(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """The finish says the usage is estimated, and the input estimate is the router's own
+        (message framing and tool definitions included), not the message text alone."""
+        schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(20)}}
+        tools = (ToolSpec(name="fill", description="Fill a form", parameters=MappingProxyType(schema)),)
+        call = make_call(tools=tools)
+        fake.enqueue(Script(omit_usage=True))
+        finish = (await collect(provider, call))[-1]
+        assert isinstance(finish, ProviderFinish)
+        expected = estimate_input_tokens(ChatRequest(messages=call.messages, tools=tools))
+        assert (finish.estimated, finish.usage.input_tokens) == (True, expected)
+
+    async def test_reported_usage_is_not_flagged(self, provider: AnthropicProvider) -> None:
+        """A stream that reports usage ends with a finish whose usage is not estimated."""
+        finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert finish.estimated is False
+
 
 class TestRequestShape:
     async def test_system_messages_go_to_the_system_parameter(
@@ -221,6 +268,76 @@ class TestRequestShape:
             {"name": "search", "description": "Search the web", "input_schema": schema},
             {"name": "now", "input_schema": {"type": "object"}},
         ]
+
+    @pytest.mark.parametrize(("requested", "sent"), [(1.5, 1.0), (2.0, 1.0), (1.0, 1.0), (0.3, 0.3)])
+    async def test_temperature_is_sent_within_anthropics_range(
+        self, fake: FakeProvider, provider: AnthropicProvider, requested: float, sent: float
+    ) -> None:
+        """Anthropic takes temperatures 0-1 (our API, as OpenAI's, up to 2): a higher one is sent as
+        1, logged once at debug."""
+        with capture_logs() as logs:
+            await collect(provider, make_call(temperature=requested))
+        assert fake.requests[-1].body["temperature"] == sent
+        clamped = [entry for entry in logs if entry["event"] == "temperature_clamped"]
+        expected = [{"requested": requested, "sent": 1.0, "log_level": "debug"}] if requested > 1 else []
+        assert [{k: e[k] for k in ("requested", "sent", "log_level")} for e in clamped] == expected
+
+    async def test_a_final_assistant_prefill_is_sent_without_trailing_whitespace(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """Anthropic refuses a final assistant turn that ends in whitespace: it is right-stripped;
+        an earlier assistant turn is sent as it is."""
+        messages = (
+            Message(Role.USER, "Give me JSON"),
+            Message(Role.ASSISTANT, "Sure. \n"),
+            Message(Role.USER, "Now"),
+            Message(Role.ASSISTANT, "Here it is:\n "),
+        )
+        await collect(provider, make_call(messages=messages))
+        assert fake.requests[-1].body["messages"] == [
+            {"role": "user", "content": "Give me JSON"},
+            {"role": "assistant", "content": "Sure. \n"},
+            {"role": "user", "content": "Now"},
+            {"role": "assistant", "content": "Here it is:"},
+        ]
+
+    async def test_a_history_of_tool_calls_without_tools_declares_the_called_tools(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """Anthropic refuses ``tool_use`` blocks in a request that defines no tools: each tool the
+        history called is declared once, taking any object, and ``tool_choice`` none keeps the model
+        from calling it."""
+        calls = (ToolCall("toolu_1", "get_weather", '{"city": "Paris"}'), ToolCall("toolu_2", "get_time"))
+        messages = (
+            Message(Role.USER, "Weather and time in Paris?"),
+            Message(Role.ASSISTANT, "", tool_calls=calls),
+            Message(Role.TOOL, "18 C", tool_call_id="toolu_1"),
+            Message(Role.TOOL, "14:00", tool_call_id="toolu_2"),
+            Message(Role.ASSISTANT, "", tool_calls=(ToolCall("toolu_3", "get_weather", "{}"),)),
+            Message(Role.TOOL, "19 C", tool_call_id="toolu_3"),
+        )
+        await collect(provider, make_call(messages=messages))
+        body = fake.requests[-1].body
+        assert (body["tools"], body["tool_choice"]) == (
+            [
+                {"name": "get_weather", "input_schema": {"type": "object"}},
+                {"name": "get_time", "input_schema": {"type": "object"}},
+            ],
+            {"type": "none"},
+        )
+
+    async def test_offered_tools_are_sent_as_they_are_with_no_tool_choice(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """A request that offers tools sends those, whatever its history called, and no ``tool_choice``."""
+        messages = (
+            Message(Role.USER, "Weather?"),
+            Message(Role.ASSISTANT, "", tool_calls=(ToolCall("toolu_1", "get_weather"),)),
+            Message(Role.TOOL, "18 C", tool_call_id="toolu_1"),
+        )
+        await collect(provider, make_call(messages=messages, tools=(ToolSpec(name="now"),)))
+        body = fake.requests[-1].body
+        assert (body["tools"], "tool_choice" in body) == ([{"name": "now", "input_schema": {"type": "object"}}], False)
 
     async def test_key_and_extra_headers_are_sent(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
         """The key goes upstream (this SDK sends it as a Bearer token); ``ProviderCall.headers`` go too."""
@@ -290,6 +407,29 @@ class TestErrorTranslation:
         assert isinstance(error, ProviderRateLimited)
         assert error.retry_after is not None
         assert 55 <= error.retry_after <= 61
+
+    async def test_billing_error_is_quota_exhausted(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A ``billing_error`` (the account's credit is spent) is ``ProviderQuotaExhausted``, whatever its status."""
+        fake.enqueue(Script(status=402, error_type="billing_error"))
+        _, error = await collect_until_error(provider, make_call())
+        assert (type(error), error.message) == (
+            ProviderQuotaExhausted,
+            "provider anthropic model claude-sonnet: HTTP 402 (billing_error)",
+        )
+
+    async def test_the_key_echoed_as_the_error_type_is_not_copied(
+        self, fake: FakeProvider, http_client: HttpClientKind
+    ) -> None:
+        """A server that puts our key in its error type gets no part of it into the message, even a
+        key that does not look like one."""
+        key = "plain-canary-key-9b41"
+        adapter = AnthropicProvider("anthropic", key, fake.anthropic_base_url, http_client=http_client)
+        try:
+            fake.enqueue(Script(status=401, error_type=key))
+            _, error = await collect_until_error(adapter, make_call())
+        finally:
+            await adapter.aclose()
+        assert (type(error), error.message) == (ProviderAuthFailed, "provider anthropic model claude-sonnet: HTTP 401")
 
     async def test_connection_refused_is_unavailable(self, http_client: HttpClientKind) -> None:
         """Nothing listening: ProviderUnavailable, no status, said as a connection failure."""

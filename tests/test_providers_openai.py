@@ -24,17 +24,29 @@ from routesvc.errors import (
     ConfigError,
     ProviderAuthFailed,
     ProviderError,
+    ProviderQuotaExhausted,
     ProviderRateLimited,
     ProviderRejected,
     ProviderTimedOut,
     ProviderUnavailable,
 )
-from routesvc.models import FinishReason, Message, ProviderEvent, ProviderFinish, Role, TextDelta, ToolSpec, Usage
+from routesvc.models import (
+    ChatRequest,
+    FinishReason,
+    Message,
+    ProviderEvent,
+    ProviderFinish,
+    Role,
+    TextDelta,
+    ToolSpec,
+    Usage,
+)
 from routesvc.providers._aiohttp import _KeepingStream, unread_bytes
-from routesvc.providers._http import count_field, object_field, text_field, transport_error
+from routesvc.providers._http import count_field, object_field, safe_code, text_field, transport_error
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Fault, Script
+from routesvc.tokens import estimate_input_tokens
 
 CANARY_PROMPT = "canary-prompt-4f9c2e please repeat this"
 CANARY_KEY = "sk-canary-key-8d1b77"
@@ -116,6 +128,28 @@ class TestChunkFields:
         """Only a string is text and only a JSON object is an object."""
         assert [text_field(v) for v in ("a", 5, None, ["a"])] == ["a", "", "", ""]
         assert [object_field(v) for v in ({"a": 1}, [1], "x", None)] == [{"a": 1}, {}, {}, {}]
+
+
+class TestSafeCode:
+    @pytest.mark.parametrize(
+        "code",
+        ["rate_limit_exceeded", "insufficient_quota", "context_length_exceeded", "invalid_request_error", "http_429"],
+    )
+    def test_machine_codes_pass(self, code: str) -> None:
+        """The short codes providers send are kept as they are."""
+        assert safe_code(code) == code
+
+    @pytest.mark.parametrize(
+        "code",
+        ["sk-proj-abc123", "SK-ANT-api03-xyz", "a" * 41, "two words", "", None, 429],
+    )
+    def test_credentials_long_strings_and_non_codes_are_dropped(self, code: object) -> None:
+        """A code that looks like a key (``sk-``), is over 40 characters, or is no word is not copied."""
+        assert safe_code(code) == ""
+
+    def test_a_code_inside_a_forbidden_text_is_dropped(self) -> None:
+        """A code found in the prompt or the key (the adapters pass both) is not copied."""
+        assert safe_code("plain-key-77", forbidden=["the prompt", "Bearer plain-key-77"]) == ""
 
 
 class TestTransportErrors:
@@ -371,6 +405,26 @@ class TestMissingUsage:
         assert [entry["event"] for entry in logs] == ["provider_usage_estimated"]
         assert all(CANARY_PROMPT not in str(entry) for entry in logs)
 
+    async def test_the_estimate_is_flagged_and_covers_the_whole_request(
+        self, fake: FakeProvider, compatible: OpenAIProvider
+    ) -> None:
+        """The finish says the usage is estimated, and the input estimate is the router's own
+        (message framing and tool definitions included), not the message text alone."""
+        schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(20)}}
+        tools = (ToolSpec(name="fill", description="Fill a form", parameters=MappingProxyType(schema)),)
+        call = make_call(tools=tools)
+        fake.enqueue(Script(omit_usage=True))
+        finish = (await collect(compatible, call))[-1]
+        assert isinstance(finish, ProviderFinish)
+        expected = estimate_input_tokens(ChatRequest(messages=call.messages, tools=tools))
+        assert (finish.estimated, finish.usage.input_tokens) == (True, expected)
+
+    async def test_reported_usage_is_not_flagged(self, fake: FakeProvider, compatible: OpenAIProvider) -> None:
+        """A server that reports usage gets a finish whose usage is not estimated."""
+        finish = (await collect(compatible, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert finish.estimated is False
+
 
 STATUS_ERRORS = [
     (400, ProviderRejected),
@@ -435,6 +489,30 @@ class TestErrorTranslation:
         _, error = await collect_until_error(provider, make_call())
         assert isinstance(error, ProviderRateLimited)
         assert error.retry_after is None
+
+    async def test_insufficient_quota_is_quota_exhausted_not_a_rate_limit(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """A 429 whose code is ``insufficient_quota`` (billing exhausted) is ``ProviderQuotaExhausted``:
+        no retry helps, so it carries no ``retry_after`` even when the provider sent one."""
+        fake.enqueue(Script(status=429, error_type="insufficient_quota", retry_after="20"))
+        _, error = await collect_until_error(provider, make_call())
+        assert (type(error), error.status, error.retry_after) == (ProviderQuotaExhausted, 429, None)
+        assert error.message == "provider openai model gpt-4o-mini: HTTP 429 (insufficient_quota)"
+
+    async def test_the_key_echoed_as_the_error_type_is_not_copied(
+        self, fake: FakeProvider, http_client: HttpClientKind
+    ) -> None:
+        """A server that puts our key in its error type gets no part of it into the message, even a
+        key that does not look like one."""
+        key = "plain-canary-key-5e2a"
+        adapter = OpenAIProvider("openai", key, fake.openai_base_url, "openai", http_client=http_client)
+        try:
+            fake.enqueue(Script(status=401, error_type=key))
+            _, error = await collect_until_error(adapter, make_call())
+        finally:
+            await adapter.aclose()
+        assert (type(error), error.message) == (ProviderAuthFailed, "provider openai model gpt-4o-mini: HTTP 401")
 
     async def test_non_json_error_body(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
         """An HTML error page from a proxy still maps by status and is not copied."""

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from routesvc.client import RouterClient, build_chat, tool_turns
+from routesvc.models import ToolCall
+from routesvc.providers._tool_calls import ToolCallParts
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.tokens import count_text_tokens
@@ -112,6 +114,71 @@ class TestToolCallsComeBack:
             {"role": "tool", "tool_call_id": "call_fake_0", "content": "18 C"},
             {"role": "tool", "tool_call_id": "call_fake_1", "content": "14:05"},
         ]
+
+
+class TestAssemblingPieces:
+    """How the adapters' pieces become calls (``ToolCallParts``, shared by both adapters)."""
+
+    def test_openai_pieces_keyed_by_index(self) -> None:
+        """The id and name come first, the arguments follow in pieces, interleaved across indexes."""
+        parts = ToolCallParts()
+        parts.add(0, call_id="a", name="get_weather")
+        parts.add(1, call_id="b", name="get_time")
+        for index, piece in ((0, '{"city": '), (1, '{"tz": "UTC"}'), (0, '"Paris"}')):
+            parts.add(index, arguments=piece)
+        assert parts.calls() == (
+            ToolCall("a", "get_weather", '{"city": "Paris"}'),
+            ToolCall("b", "get_time", '{"tz": "UTC"}'),
+        )
+
+    def test_parallel_calls_all_at_index_0_stay_apart_by_id(self) -> None:
+        """Ollama sends every parallel call at index 0: a new id there is a new call (they were
+        glued into one call with '{...}{...}' arguments)."""
+        parts = ToolCallParts()
+        parts.add(0, call_id="a", name="get_weather", arguments='{"city": "Paris"}')
+        parts.add(0, call_id="b", name="get_weather", arguments='{"city": "Rome"}')
+        assert parts.calls() == (
+            ToolCall("a", "get_weather", '{"city": "Paris"}'),
+            ToolCall("b", "get_weather", '{"city": "Rome"}'),
+        )
+
+    def test_pieces_without_an_index_follow_their_call(self) -> None:
+        """Older servers send no index: a new id starts a call, later pieces extend the latest one
+        (they were dropped, leaving a TOOL_CALLS finish with no calls)."""
+        parts = ToolCallParts()
+        parts.add(None, call_id="a", name="lookup", arguments='{"q": ')
+        parts.add(None, arguments='"x"}')
+        parts.add(None, call_id="b", name="lookup", arguments="{}")
+        assert parts.calls() == (ToolCall("a", "lookup", '{"q": "x"}'), ToolCall("b", "lookup", "{}"))
+
+
+class TestOpenAICompatibleServers:
+    @pytest.mark.parametrize("indexes", ["zero", "none"])
+    async def test_parallel_calls_without_their_own_index_come_back_apart(
+        self, live_client: RouterClient, fake: FakeProvider, indexes: str
+    ) -> None:
+        """An OpenAI-compatible server that sends every call at index 0 (Ollama), or no index at
+        all: the two calls come back whole and apart, as from OpenAI."""
+        fake.enqueue(Script(chunks=(), tool_calls=CALLS, tool_call_indexes=indexes))
+        chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
+        messages = await _complete(live_client, chat, "gpt-4o-mini")
+        assert list(messages[-1].completion.tool_calls) == [
+            _call("call_fake_0", "get_weather", '{"city": "Paris"}'),
+            _call("call_fake_1", "get_time", '{"tz": "Europe/Rome"}'),
+        ]
+
+
+class TestToolTurnsHelper:
+    def test_an_empty_result_is_sent_as_a_word_and_a_missing_one_is_named(self) -> None:
+        """A void function's empty output would be refused as an empty turn: it is sent as
+        "(no output)"; a call without a result, or a completion without calls, is a ValueError."""
+        completion = pb.Completion(tool_calls=[_call("c1", "get_weather", "{}"), _call("c2", "get_time", "{}")])
+        turns = tool_turns(completion, "", {"c1": "", "c2": "14:05"})
+        assert [(t.tool_call_id, t.content) for t in turns[1:]] == [("c1", "(no output)"), ("c2", "14:05")]
+        with pytest.raises(ValueError, match="c2"):
+            tool_turns(completion, "", {"c1": "18 C"})
+        with pytest.raises(ValueError, match="no tool calls"):
+            tool_turns(pb.Completion(), "text", {})
 
 
 class TestConversationsAreTranslated:

@@ -42,6 +42,10 @@ def _result(call_id: str, content: str = CANARY) -> pb.Message:
     return pb.Message(role=pb.ROLE_TOOL, tool_call_id=call_id, content=content)
 
 
+def _chat_turn() -> pb.Message:
+    return pb.Message(role=pb.ROLE_USER, content=CANARY)
+
+
 CALL = pb.ToolCall(id="call_1", name="lookup", arguments_json='{"q": "x"}')
 # (case, the turns after a first user turn, the field named): messages[1] is the first of them.
 BAD_TOOL_TURNS: list[tuple[str, tuple[pb.Message, ...], str]] = [
@@ -72,6 +76,33 @@ BAD_TOOL_TURNS: list[tuple[str, tuple[pb.Message, ...], str]] = [
         "chat.messages[1].tool_call_id",
     ),
     ("assistant turn without text or calls", (_calls(),), "chat.messages[1].content"),
+    (
+        "result after an intervening user turn",
+        (_calls(CALL), _chat_turn(), _result("call_1")),
+        "chat.messages[1].tool_calls[0]",
+    ),
+    (
+        "result for a call of an older assistant turn",
+        (
+            _calls(CALL),
+            _result("call_1"),
+            _calls(pb.ToolCall(id="call_2", name="lookup")),
+            _result("call_1"),
+        ),
+        "chat.messages[4].tool_call_id",
+    ),
+    (
+        "a call left without a result",
+        (_calls(CALL, pb.ToolCall(id="call_2", name="lookup")), _result("call_1"), _chat_turn()),
+        "chat.messages[1].tool_calls[1]",
+    ),
+    ("a conversation ending on an unanswered call", (_calls(CALL),), "chat.messages[1].tool_calls[0]"),
+    ("two results for one call", (_calls(CALL), _result("call_1"), _result("call_1")), "chat.messages[3].tool_call_id"),
+    (
+        "a call id used twice",
+        (_calls(CALL), _result("call_1"), _calls(CALL), _result("call_1")),
+        "chat.messages[3].tool_calls[0].id",
+    ),
     (
         "call arguments escaping a lone surrogate",  # no UTF-8 form: the provider call would fail
         (_calls(pb.ToolCall(id="c", name="lookup", arguments_json='{"q": "\\ud800"}')),),

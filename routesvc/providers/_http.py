@@ -21,6 +21,7 @@ import httpx2
 from routesvc.errors import (
     ProviderAuthFailed,
     ProviderError,
+    ProviderQuotaExhausted,
     ProviderRateLimited,
     ProviderRejected,
     ProviderTimedOut,
@@ -30,19 +31,28 @@ from routesvc.providers.base import ProviderCall
 
 _T = TypeVar("_T")
 
-_SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# Machine codes are short words; anything longer (or shaped like a key) is not copied.
+_SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
+_KEY_PREFIX = "sk-"
+
+# Error codes that say the account's credit or quota is spent: OpenAI's 429 ``insufficient_quota``
+# (code and type), Anthropic's ``billing_error``.
+_QUOTA_CODES = frozenset({"insufficient_quota", "billing_error"})
 
 _AUTH = frozenset({401, 403})
 _REJECTED = frozenset({400, 404, 409, 413, 422})
 
 
 def safe_code(value: object, *, forbidden: Iterable[str] = ()) -> str:
-    """``value`` when it looks like a machine code (letters, digits, ``_.-``), else "".
+    """``value`` when it looks like a machine code (letters, digits, ``_.-``, at most 40), else "".
 
     A code that occurs inside any of the ``forbidden`` texts (the prompt, the key) is dropped too,
-    in case a server echoed a one-word prompt into its error code.
+    in case a server echoed a one-word prompt or the key into its error code; so is one that looks
+    like a credential (``sk-...``) whatever the texts.
     """
     if not isinstance(value, str) or not _SAFE_CODE.fullmatch(value):
+        return ""
+    if value.lower().startswith(_KEY_PREFIX):
         return ""
     if any(value in text for text in forbidden):
         return ""
@@ -93,6 +103,12 @@ def describe(provider: str, model: str, what: str, code: str = "") -> str:
     return f"provider {provider} model {model}: {what}{suffix}"
 
 
+def quota_exhausted(*codes: object) -> bool:
+    """Whether any of an error's ``codes`` (its code, its type; as received) says the account's
+    credit or quota is spent."""
+    return any(isinstance(code, str) and code.lower() in _QUOTA_CODES for code in codes)
+
+
 def error_for_status(
     status: int,
     *,
@@ -100,13 +116,17 @@ def error_for_status(
     model: str,
     code: str = "",
     headers: Mapping[str, str] | None = None,
+    quota: bool = False,
 ) -> ProviderError:
     """The error for an HTTP error status; ``code`` must already be safe (see ``safe_code``).
 
-    401/403 auth, 400/404/409/413/422 rejected, 429 rate limited (with ``retry_after``),
-    everything else (408, 5xx, 529, unknown 4xx) unavailable.
+    ``quota`` (see ``quota_exhausted``) quota exhausted whatever the status; else 401/403 auth,
+    400/404/409/413/422 rejected, 429 rate limited (with ``retry_after``), everything else (408,
+    5xx, 529, unknown 4xx) unavailable.
     """
     message = describe(provider, model, f"HTTP {status}", code)
+    if quota:
+        return ProviderQuotaExhausted(message, provider=provider, model=model, status=status)
     if status in _AUTH:
         return ProviderAuthFailed(message, provider=provider, model=model, status=status)
     if status in _REJECTED:
@@ -121,6 +141,8 @@ def error_for_event(error_type: str, *, provider: str, model: str) -> ProviderEr
     """The error for an in-band error event that arrived inside a 200 stream, by its type."""
     message = describe(provider, model, "error event in stream", error_type)
     lowered = error_type.lower()
+    if lowered in _QUOTA_CODES:
+        return ProviderQuotaExhausted(message, provider=provider, model=model)
     if "rate_limit" in lowered:
         return ProviderRateLimited(message, provider=provider, model=model, status=None)
     if lowered in {"authentication_error", "permission_error", "invalid_api_key"}:

@@ -4,6 +4,11 @@ OpenAI streams each call's ``id`` and name in its first ``delta.tool_calls`` pie
 arguments in the pieces that follow, keyed by ``index`` (parallel calls have several); Anthropic
 streams a ``tool_use`` content block's id and name in ``content_block_start`` and its arguments as
 ``input_json_delta`` pieces, keyed by the block's ``index``.
+
+OpenAI-compatible servers bend the index rule: Ollama sends every parallel call at ``index`` 0,
+told apart by their ids, and older versions send no ``index`` at all. So a piece whose id differs
+from the id of the call at its index starts a new call, and a piece without an index belongs to
+the latest call unless its id starts a new one. Calls are kept in the order they started.
 """
 
 from __future__ import annotations
@@ -21,21 +26,25 @@ class _Parts:
 
 
 class ToolCallParts:
-    """The pieces received so far, by stream index; ``calls`` assembles them in index order."""
+    """The pieces received so far; ``calls`` assembles them in the order the calls started."""
 
     def __init__(self) -> None:
-        self._parts: dict[int, _Parts] = {}
+        self._calls: list[_Parts] = []
+        self._at: dict[int, _Parts] = {}  # the latest call started at each stream index
 
-    def add(self, index: int, *, call_id: str = "", name: str = "", arguments: str = "") -> None:
+    def add(self, index: int | None, *, call_id: str = "", name: str = "", arguments: str = "") -> None:
         """Fold in one piece: the first id and name given win, arguments are appended."""
-        parts = self._parts.setdefault(index, _Parts())
+        parts = self._at.get(index) if index is not None else (self._calls[-1] if self._calls else None)
+        if parts is None or (call_id and parts.id and parts.id != call_id):
+            parts = _Parts()
+            self._calls.append(parts)
+            if index is not None:
+                self._at[index] = parts
         parts.id = parts.id or call_id
         parts.name = parts.name or name
         if arguments:
             parts.arguments.append(arguments)
 
     def calls(self) -> tuple[ToolCall, ...]:
-        """The assembled calls, in index order."""
-        return tuple(
-            ToolCall(parts.id, parts.name, "".join(parts.arguments)) for _, parts in sorted(self._parts.items())
-        )
+        """The assembled calls, in the order they started."""
+        return tuple(ToolCall(parts.id, parts.name, "".join(parts.arguments)) for parts in self._calls)

@@ -18,7 +18,15 @@ Every SDK exception is translated here, most specific first:
     deadline (call.timeout)      ProviderTimedOut (a ProviderUnavailable)
 
 Anthropic reports cache reads and cache writes apart from ``input_tokens``; our ``Usage`` counts
-all three as input, and cache reads as ``cached_input_tokens``.
+all three as input, cache reads as ``cached_input_tokens`` and cache writes as
+``cache_write_input_tokens`` (``usage.cache_creation.ephemeral_1h_input_tokens`` of them as
+``cache_write_1h_input_tokens``), each billed at its own price.
+
+``request_params`` builds the request the Messages API and the Message Batches API share. It
+adapts what Anthropic refuses but the other providers take: a ``temperature`` above 1 (Anthropic's
+range is 0-1) is sent as 1; a final assistant turn (a prefill) is sent without trailing
+whitespace; a history with tool calls in a request that offers no tools declares the called tools
+(an object schema, ``tool_choice`` none), since Anthropic refuses ``tool_use`` blocks otherwise.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from anthropic.types import (
 
 from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import (
+    ChatRequest,
     FinishReason,
     Heartbeat,
     Message,
@@ -66,6 +75,7 @@ from routesvc.providers._http import (
     guarded,
     next_event,
     object_field,
+    quota_exhausted,
     request_options,
     safe_code,
     text_field,
@@ -73,7 +83,7 @@ from routesvc.providers._http import (
 )
 from routesvc.providers._tool_calls import ToolCallParts
 from routesvc.providers.base import HttpClientKind, ProviderCall
-from routesvc.tokens import count_text_tokens
+from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 
@@ -87,6 +97,12 @@ _FINISH_REASONS = {
 }
 
 _DRAIN_SECONDS = 0.1
+
+# The Messages API's highest temperature (OpenAI's, which our API accepts, is 2).
+MAX_TEMPERATURE = 1.0
+
+# A tool that a request's history called, declared when the request offers no tools.
+_ANY_INPUT: dict[str, object] = {"type": "object"}
 
 _T = TypeVar("_T")
 _C = TypeVar("_C", int, int | None)
@@ -152,25 +168,66 @@ def _messages(messages: Iterable[Message]) -> list[MessageParam]:
             result.append(UserMessageParam(role="user", content=message.content))
         if message.role is not Role.SYSTEM:
             results = None
+    if result and result[-1]["role"] == "assistant" and isinstance(result[-1]["content"], str):
+        # A final assistant turn is a prefill, which Anthropic refuses when it ends in whitespace.
+        result[-1] = AssistantMessageParam(role="assistant", content=result[-1]["content"].rstrip())
     return result
 
 
-def _body(call: ProviderCall) -> dict[str, object]:
-    """The messages request, as ``messages.create`` would send it."""
-    body: dict[str, object] = {
-        "model": call.provider_model,
-        "max_tokens": call.max_output_tokens,
-        "messages": _messages(call.messages),
-        "stream": True,
+def request_params(
+    *,
+    provider: str,
+    model: str,
+    provider_model: str,
+    max_tokens: int,
+    messages: tuple[Message, ...],
+    tools: tuple[ToolSpec, ...] = (),
+    temperature: float | None = None,
+) -> dict[str, object]:
+    """The Messages API parameters of one request, streamed or in a batch, as ``messages.create``
+    would send them (see the module docstring for what is adapted)."""
+    params: dict[str, object] = {
+        "model": provider_model,
+        "max_tokens": max_tokens,
+        "messages": _messages(messages),
     }
-    system = _system(call.messages)
+    system = _system(messages)
     if system:
-        body["system"] = system
-    if call.tools:
-        body["tools"] = _tools(call.tools)
-    if call.temperature is not None:
-        body["temperature"] = call.temperature
-    return body
+        params["system"] = system
+    if tools:
+        params["tools"] = _tools(tools)
+    else:
+        called = _called_tools(messages)
+        if called:
+            params["tools"] = called
+            params["tool_choice"] = {"type": "none"}
+    if temperature is not None:
+        if temperature > MAX_TEMPERATURE:
+            log.debug(
+                "temperature_clamped", provider=provider, model=model, requested=temperature, sent=MAX_TEMPERATURE
+            )
+        params["temperature"] = min(temperature, MAX_TEMPERATURE)
+    return params
+
+
+def _body(provider: str, call: ProviderCall) -> dict[str, object]:
+    """The streamed messages request."""
+    params = request_params(
+        provider=provider,
+        model=call.model,
+        provider_model=call.provider_model,
+        max_tokens=call.max_output_tokens,
+        messages=call.messages,
+        tools=call.tools,
+        temperature=call.temperature,
+    )
+    return {**params, "stream": True}
+
+
+def _called_tools(messages: Iterable[Message]) -> list[ToolParam]:
+    """Each tool the history's assistant turns called, once, in order, with any object as input."""
+    names = dict.fromkeys(call.name for message in messages for call in message.tool_calls)
+    return [ToolParam(name=name, input_schema=_ANY_INPUT) for name in names]
 
 
 def _tools(tools: Iterable[ToolSpec]) -> list[ToolParam]:
@@ -191,6 +248,7 @@ class _Tally:
         self.input_tokens: int | None = None
         self.cache_read: int = 0
         self.cache_write: int = 0
+        self.cache_write_1h: int = 0
         self.output_tokens: int | None = None
         self.stop_reason: str | None = None
         self.provider_model = ""
@@ -217,6 +275,8 @@ class AnthropicProvider:
             http_client=keeping_buffered(anthropic.DefaultAioHttpClient) if http_client == "aiohttp" else None,
         )
         self._http_client: HttpClientKind = http_client
+        # Kept only so that an error code echoing it is never copied into a message.
+        self._api_key = api_key or ""
 
     @property
     def name(self) -> str:
@@ -242,7 +302,7 @@ class AnthropicProvider:
         deadline = None if call.timeout is None else asyncio.get_running_loop().time() + call.timeout
         request = self._client.post(
             "/v1/messages",
-            body=_body(call),
+            body=_body(self._name, call),
             cast_to=object,
             options=cast(anthropic.RequestOptions, request_options(call)),
             stream=True,
@@ -265,11 +325,13 @@ class AnthropicProvider:
                     provider=self._name,
                     model=call.model,
                 )
+            usage, estimated = self._usage(call, tally)
             yield ProviderFinish(
-                usage=self._usage(call, tally),
+                usage=usage,
                 finish_reason=map_stop_reason(tally.stop_reason),
                 provider_model=tally.provider_model or call.provider_model,
                 tool_calls=tally.tool_calls.calls(),
+                estimated=estimated,
             )
         finally:
             # Closing the SDK stream closes the HTTP response, so the upstream sees the abort.
@@ -289,6 +351,7 @@ class AnthropicProvider:
                 tally.input_tokens = count_field(usage.get("input_tokens"))
                 tally.cache_read = count_field(usage.get("cache_read_input_tokens")) or 0
                 tally.cache_write = count_field(usage.get("cache_creation_input_tokens")) or 0
+                tally.cache_write_1h = _cache_write_1h(usage, 0)
                 tally.output_tokens = count_field(usage.get("output_tokens"))
         elif kind == "content_block_start":
             block = object_field(event.get("content_block"))
@@ -323,24 +386,32 @@ class AnthropicProvider:
             tally.input_tokens = _latest(usage.get("input_tokens"), tally.input_tokens)
             tally.cache_read = _latest(usage.get("cache_read_input_tokens"), tally.cache_read)
             tally.cache_write = _latest(usage.get("cache_creation_input_tokens"), tally.cache_write)
+            tally.cache_write_1h = _cache_write_1h(usage, tally.cache_write_1h)
         elif kind == "message_stop":
             tally.stopped = True
         return None
 
-    def _usage(self, call: ProviderCall, tally: _Tally) -> Usage:
+    def _usage(self, call: ProviderCall, tally: _Tally) -> tuple[Usage, bool]:
+        """The reported usage, and whether it is estimated: a count the stream did not report (or
+        reported malformed) is estimated with the offline tokenizer (the input over the whole
+        request, tools included), and the estimate logged."""
         if tally.input_tokens is None or tally.output_tokens is None:
             log.warning("provider_usage_estimated", provider=self._name, model=call.model)
-            input_tokens = sum(count_text_tokens(message.content) for message in call.messages)
+            input_tokens = estimate_input_tokens(ChatRequest(messages=call.messages, tools=call.tools))
             output_tokens = count_text_tokens("".join(tally.output))
-            return Usage(
+            estimate = Usage(
                 input_tokens=input_tokens if tally.input_tokens is None else tally.input_tokens,
                 output_tokens=output_tokens if tally.output_tokens is None else tally.output_tokens,
             )
-        return Usage(
+            return estimate, True
+        reported = Usage(
             input_tokens=tally.input_tokens + tally.cache_read + tally.cache_write,
             output_tokens=tally.output_tokens,
             cached_input_tokens=tally.cache_read,
+            cache_write_input_tokens=tally.cache_write,
+            cache_write_1h_input_tokens=min(tally.cache_write_1h, tally.cache_write),
         )
+        return reported, False
 
     async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
         """Await one SDK step within the call's deadline, translating whatever it raises."""
@@ -350,13 +421,20 @@ class AnthropicProvider:
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
         name, model = self._name, call.model
         forbidden = [message.content for message in call.messages]
+        if self._api_key:
+            forbidden.append(self._api_key)
         if isinstance(exc, anthropic.APIStatusError):
             code = safe_code(exc.type, forbidden=forbidden)
             if exc.status_code < 400:
                 # ``event: error`` inside a 200 stream: the SDK raises it with the stream's status.
                 return error_for_event(code or "error", provider=name, model=model)
             return error_for_status(
-                exc.status_code, provider=name, model=model, code=code, headers=exc.response.headers
+                exc.status_code,
+                provider=name,
+                model=model,
+                code=code,
+                headers=exc.response.headers,
+                quota=quota_exhausted(exc.type),
             )
         if isinstance(exc, anthropic.APITimeoutError) and not aiohttp_connection_failure(exc):
             return ProviderUnavailable(describe(name, model, "request timed out"), provider=name, model=model)
@@ -371,6 +449,12 @@ def _latest(value: object, previous: _C) -> int | _C:
     """A cumulative count from an event, or ``previous`` when the event has none (or a malformed one)."""
     count = count_field(value)
     return previous if count is None else count
+
+
+def _cache_write_1h(usage: dict[str, object], previous: int) -> int:
+    """The 1-hour cache writes of a usage object (``cache_creation.ephemeral_1h_input_tokens``),
+    or ``previous`` when it has none."""
+    return _latest(object_field(usage.get("cache_creation")).get("ephemeral_1h_input_tokens"), previous)
 
 
 async def _drain(stream: anthropic.AsyncStream[object]) -> None:

@@ -15,7 +15,7 @@ import anthropic
 from routesvc.errors import ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status
-from routesvc.providers.anthropic import DEFAULT_BASE_URL, _messages, _system, _tools, map_stop_reason
+from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, request_params
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
 
 _T = TypeVar("_T")
@@ -60,18 +60,15 @@ class AnthropicBatches:
         """Create one message batch with the items inline."""
         requests: list[Any] = []
         for item in items:
-            params: dict[str, Any] = {
-                "model": item.provider_model,
-                "max_tokens": item.max_output_tokens,
-                "messages": _messages(item.messages),
-            }
-            system = _system(item.messages)
-            if system:
-                params["system"] = system
-            if item.tools:
-                params["tools"] = _tools(item.tools)
-            if item.temperature is not None:
-                params["temperature"] = item.temperature
+            params = request_params(
+                provider=self._name,
+                model=item.model,
+                provider_model=item.provider_model,
+                max_tokens=item.max_output_tokens,
+                messages=item.messages,
+                tools=item.tools,
+                temperature=item.temperature,
+            )
             requests.append({"custom_id": item.custom_id, "params": params})
         batch = await self._guard("create", self._client.messages.batches.create(requests=requests))
         return batch.id
@@ -95,6 +92,7 @@ class AnthropicBatches:
                 usage = message.usage
                 cached = usage.cache_read_input_tokens or 0
                 written = usage.cache_creation_input_tokens or 0
+                written_1h = usage.cache_creation.ephemeral_1h_input_tokens if usage.cache_creation else 0
                 text = "".join(block.text for block in message.content if block.type == "text")
                 calls = tuple(
                     ToolCall(block.id, block.name, json.dumps(block.input))
@@ -110,6 +108,8 @@ class AnthropicBatches:
                             input_tokens=usage.input_tokens + cached + written,
                             output_tokens=usage.output_tokens,
                             cached_input_tokens=cached,
+                            cache_write_input_tokens=written,
+                            cache_write_1h_input_tokens=min(written_1h, written),
                         ),
                         finish_reason=map_stop_reason(message.stop_reason),
                         provider_model=message.model,

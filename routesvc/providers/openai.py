@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import Literal, TypeVar, cast
 
@@ -30,6 +31,7 @@ from openai.types.shared_params import FunctionDefinition
 
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
 from routesvc.models import (
+    ChatRequest,
     FinishReason,
     Heartbeat,
     Message,
@@ -52,6 +54,7 @@ from routesvc.providers._http import (
     guarded,
     next_event,
     object_field,
+    quota_exhausted,
     request_options,
     safe_code,
     text_field,
@@ -59,7 +62,7 @@ from routesvc.providers._http import (
 )
 from routesvc.providers._tool_calls import ToolCallParts
 from routesvc.providers.base import HttpClientKind, ProviderCall
-from routesvc.tokens import count_text_tokens
+from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
 OpenAIKind = Literal["openai", "openai_compatible"]
 
@@ -140,11 +143,15 @@ def _add_tool_calls(parts: ToolCallParts, pieces: object) -> str:
     """Fold a delta's ``tool_calls`` pieces into ``parts``; their text (names, arguments)."""
     texts: list[str] = []
     for piece in pieces if isinstance(pieces, list) else ():
-        index = count_field(piece.get("index")) if isinstance(piece, dict) else None
-        if index is None:
+        if not isinstance(piece, dict):
             continue
+        # Without an index (older Ollama) the piece goes by its id: ``ToolCallParts``.
+        index = count_field(piece.get("index"))
         function = object_field(piece.get("function"))
-        name, arguments = text_field(function.get("name")), text_field(function.get("arguments"))
+        raw_arguments = function.get("arguments")
+        # Some OpenAI-compatible servers send the arguments as an object, not its JSON text.
+        arguments = json.dumps(raw_arguments) if isinstance(raw_arguments, dict) else text_field(raw_arguments)
+        name = text_field(function.get("name"))
         parts.add(index, call_id=text_field(piece.get("id")), name=name, arguments=arguments)
         texts.append(name + arguments)
     return "".join(texts)
@@ -171,6 +178,8 @@ class OpenAIProvider:
             raise ConfigError(f"providers.{name}.kind: {kind!r} is not one of {sorted(_KINDS)}")
         self._name = name
         self._kind: OpenAIKind = "openai" if kind == "openai" else "openai_compatible"
+        # Kept only so that an error code echoing it is never copied into a message.
+        self._api_key = api_key or ""
         # Passed explicitly so that the SDK never falls back to environment variables: config.py owns them.
         # Local OpenAI-compatible servers often need no key, but the SDK refuses an empty one.
         self._client = openai.AsyncOpenAI(
@@ -267,35 +276,40 @@ class OpenAIProvider:
                     provider=self._name,
                     model=call.model,
                 )
+            reported, estimated = self._usage(call, usage, output)
             yield ProviderFinish(
-                usage=self._usage(call, usage, output),
+                usage=reported,
                 finish_reason=map_finish_reason(finish),
                 provider_model=provider_model or call.provider_model,
                 tool_calls=tool_calls.calls(),
+                estimated=estimated,
             )
         finally:
             # Closing the SDK stream closes the HTTP response, so the upstream sees the abort.
             with contextlib.suppress(Exception):
                 await sdk_stream.close()
 
-    def _usage(self, call: ProviderCall, usage: Mapping[str, object], output: list[str]) -> Usage:
-        """The reported usage (the last usage object of the stream, empty when none came); a count
-        the server did not report (or reported malformed) is estimated with the offline tokenizer,
-        and the estimate logged."""
+    def _usage(self, call: ProviderCall, usage: Mapping[str, object], output: list[str]) -> tuple[Usage, bool]:
+        """The reported usage (the last usage object of the stream, empty when none came), and
+        whether part of it is estimated: a count the server did not report (or reported
+        malformed) is estimated with the offline tokenizer (the input over the whole request,
+        tools included), and the estimate logged."""
         input_tokens = count_field(usage.get("prompt_tokens"))
         output_tokens = count_field(usage.get("completion_tokens"))
-        if input_tokens is None or output_tokens is None:
+        estimated = input_tokens is None or output_tokens is None
+        if estimated:
             log.warning("provider_usage_estimated", provider=self._name, model=call.model, kind=self._kind)
         if input_tokens is None:
-            input_tokens = sum(count_text_tokens(message.content) for message in call.messages)
+            input_tokens = estimate_input_tokens(ChatRequest(messages=call.messages, tools=call.tools))
         if output_tokens is None:
             output_tokens = count_text_tokens("".join(output))
         details = object_field(usage.get("prompt_tokens_details"))
-        return Usage(
+        reported = Usage(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cached_input_tokens=count_field(details.get("cached_tokens")) or 0,
         )
+        return reported, estimated
 
     async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
         """Await one SDK step within the call's deadline, translating whatever it raises."""
@@ -305,12 +319,19 @@ class OpenAIProvider:
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
         name, model = self._name, call.model
         forbidden = [message.content for message in call.messages]
+        if self._api_key:
+            forbidden.append(self._api_key)
         code = ""
         if isinstance(exc, openai.APIError):
             code = safe_code(exc.code, forbidden=forbidden) or safe_code(exc.type, forbidden=forbidden)
         if isinstance(exc, openai.APIStatusError):
             return error_for_status(
-                exc.status_code, provider=name, model=model, code=code, headers=exc.response.headers
+                exc.status_code,
+                provider=name,
+                model=model,
+                code=code,
+                headers=exc.response.headers,
+                quota=quota_exhausted(exc.code, exc.type),
             )
         if isinstance(exc, openai.APITimeoutError) and not aiohttp_connection_failure(exc):
             return ProviderUnavailable(describe(name, model, "request timed out"), provider=name, model=model)

@@ -440,12 +440,16 @@ def _end_attempt(
 ) -> None:
     telemetry = rpc.telemetry
     duration = time.monotonic() - started
-    estimated = finish is None and (bool(texts or unsent) or error_type in ("cancelled", "_OTHER"))
+    interrupted = finish is None and (bool(texts or unsent) or error_type in ("cancelled", "_OTHER"))
+    estimated = interrupted or (finish is not None and finish.estimated)
     if finish is not None:
         usage = finish.usage
+        if finish.estimated:
+            # The provider reported no usage: the adapter estimated it.
+            span.set_attribute("routesvc.usage_estimated", True)
         span.set_attribute("gen_ai.response.model", finish.provider_model or model.provider_model)
         span.set_attribute("gen_ai.response.finish_reasons", [finish.finish_reason.value])
-    elif estimated:
+    elif interrupted:
         # Interrupted after the provider started work (cancelled, cut, timed out): usage is
         # estimated from what was sent and received, and flagged.
         usage = Usage(
@@ -463,6 +467,7 @@ def _end_attempt(
             "gen_ai.usage.input_tokens": usage.input_tokens,
             "gen_ai.usage.output_tokens": usage.output_tokens,
             "gen_ai.usage.cache_read.input_tokens": usage.cached_input_tokens,
+            "gen_ai.usage.cache_creation.input_tokens": usage.cache_write_input_tokens,
             "gen_ai.usage.cost.amount": float(cost),
             "gen_ai.usage.cost.currency": "USD",
             "routesvc.cost_usd": float(cost),

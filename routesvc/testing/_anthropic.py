@@ -38,6 +38,12 @@ def answer_content(script: Script, body: Any) -> list[dict[str, Any]]:
     return blocks
 
 
+def cache_creation(script: Script) -> dict[str, int]:
+    """The cache writes by lifetime, as ``usage.cache_creation`` reports them."""
+    hour = script.cache_creation_1h_input_tokens
+    return {"ephemeral_5m_input_tokens": script.cache_creation_input_tokens - hour, "ephemeral_1h_input_tokens": hour}
+
+
 def stop_reason_for(script: Script, body: Any) -> str:
     """``tool_use`` when the answer makes tool calls, else the script's finish reason in Anthropic's name."""
     return "tool_use" if script.calls_for(body) else _STOP_REASONS.get(script.finish_reason, script.finish_reason)
@@ -57,6 +63,7 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     start_usage: dict[str, Any] = {
         "input_tokens": input_tokens - script.cached_input_tokens - script.cache_creation_input_tokens,
         "cache_creation_input_tokens": script.cache_creation_input_tokens,
+        "cache_creation": cache_creation(script),
         "cache_read_input_tokens": script.cached_input_tokens,
         "output_tokens": 1 if output_tokens else 0,
     }

@@ -226,9 +226,12 @@ class FakeBatches:
                         "stop_reason": _anthropic.stop_reason_for(script, params),
                         "stop_sequence": None,
                         "usage": {
-                            "input_tokens": input_tokens - script.cached_input_tokens,
+                            "input_tokens": input_tokens
+                            - script.cached_input_tokens
+                            - script.cache_creation_input_tokens,
                             "cache_read_input_tokens": script.cached_input_tokens,
-                            "cache_creation_input_tokens": 0,
+                            "cache_creation_input_tokens": script.cache_creation_input_tokens,
+                            "cache_creation": _anthropic.cache_creation(script),
                             "output_tokens": output_tokens,
                         },
                     }

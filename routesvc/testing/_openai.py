@@ -14,8 +14,10 @@ PATH = "/v1/chat/completions"
 
 
 def error_body(status: int, error_type: str, message: str) -> dict[str, Any]:
-    """OpenAI's error JSON."""
-    code = "rate_limit_exceeded" if status == 429 else None
+    """OpenAI's error JSON; a spent quota has ``insufficient_quota`` as its code too, as OpenAI sends it."""
+    code = "insufficient_quota" if error_type == "insufficient_quota" else None
+    if code is None and status == 429:
+        code = "rate_limit_exceeded"
     return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
 
 
@@ -102,20 +104,19 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
 
     content = [chunk({"reasoning_content": piece}) for piece in script.reasoning]
     content += [chunk({"content": text}) for text in script.content_chunks()]
+
+    def keyed(index: int, piece: dict[str, Any]) -> dict[str, Any]:
+        if script.tool_call_indexes != "none":
+            piece["index"] = index if script.tool_call_indexes == "each" else 0
+        return piece
+
     for index, call in enumerate(calls):
         # The first piece names the call; the arguments follow in pieces, by the call's index.
         function = {"name": call.name, "arguments": ""}
-        content.append(
-            chunk(
-                {
-                    "tool_calls": [
-                        {"index": index, "id": call.call_id(index, "call"), "type": "function", "function": function}
-                    ]
-                }
-            )
-        )
+        first = keyed(index, {"id": call.call_id(index, "call"), "type": "function", "function": function})
+        content.append(chunk({"tool_calls": [first]}))
         content += [
-            chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+            chunk({"tool_calls": [keyed(index, {"function": {"arguments": piece}})]})
             for piece in call.argument_pieces()
         ]
     closing = [chunk({}, finish_reason)]

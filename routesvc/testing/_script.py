@@ -66,7 +66,8 @@ class Script:
     else ``text`` split after each run of whitespace. Usage: ``input_tokens`` defaults to the number
     of whitespace-separated words in every message (and the system prompt) received, and includes
     ``cached_input_tokens`` and ``cache_creation_input_tokens`` (the Anthropic wire format reports
-    them apart, as Anthropic does); ``output_tokens`` defaults to the number of chunks.
+    them apart, as Anthropic does, with ``cache_creation_1h_input_tokens`` of the cache writes
+    in ``cache_creation.ephemeral_1h_input_tokens``); ``output_tokens`` defaults to the number of chunks.
     ``finish_reason`` uses OpenAI names and is translated for Anthropic (stop -> end_turn, ...);
     an unknown name is sent as is.
 
@@ -93,6 +94,7 @@ class Script:
     output_tokens: int | None = None
     cached_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
     omit_usage: bool = False
     finish_reason: str = "stop"
     model: str | None = None
@@ -109,6 +111,9 @@ class Script:
     echo_prompt: bool = True
     reasoning: tuple[str, ...] = ()
     tool_calls: tuple[FakeToolCall, ...] = ()
+    # How the OpenAI format keys tool-call pieces: "each" call its own index (OpenAI), "zero"
+    # every call at index 0 (Ollama), "none" no index at all (older Ollama).
+    tool_call_indexes: str = "each"
 
     def content_chunks(self) -> tuple[str, ...]:
         """The text pieces this script streams, in order."""

@@ -10,8 +10,9 @@ micro-dollars are too coarse and binary floats do not add up exactly.
 
 Errors carry a google.rpc.ErrorInfo detail with domain "routesvc" and a stable
 `reason` (INVALID_REQUEST, MODEL_NOT_FOUND, REQUEST_TOO_LARGE, NO_ELIGIBLE_MODEL,
-PROVIDER_NOT_CONFIGURED, PROVIDER_AUTH_FAILED, PROVIDER_REJECTED, PROVIDER_RATE_LIMITED,
-PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, DEADLINE_EXCEEDED, BATCH_NOT_FOUND, INTERNAL);
+PROVIDER_NOT_CONFIGURED, PROVIDER_AUTH_FAILED, PROVIDER_QUOTA_EXHAUSTED, PROVIDER_REJECTED,
+PROVIDER_RATE_LIMITED, PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, DEADLINE_EXCEEDED,
+BATCH_NOT_FOUND, INTERNAL);
 see README.md.
 """
 
@@ -692,22 +693,34 @@ class Usage(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_1H_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """Input (prompt) tokens, cached ones included."""
     output_tokens: _builtins.int
     """Output (completion) tokens."""
     cached_input_tokens: _builtins.int
     """Input tokens served from the provider's prompt cache (billed at the cached price)."""
+    cache_write_input_tokens: _builtins.int
+    """Input tokens written to the provider's prompt cache (Anthropic's cache_creation_input_tokens),
+    billed at the model's cache write price; included in input_tokens.
+    """
+    cache_write_1h_input_tokens: _builtins.int
+    """Of cache_write_input_tokens, those written to Anthropic's 1-hour cache (billed at the 1-hour
+    cache write price).
+    """
     def __init__(
         self,
         *,
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         cached_input_tokens: _builtins.int = ...,
+        cache_write_input_tokens: _builtins.int = ...,
+        cache_write_1h_input_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_1h_input_tokens", b"cache_write_1h_input_tokens", "cache_write_input_tokens", b"cache_write_input_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -736,12 +749,14 @@ class Completion(_message.Message):
     provider_model: _builtins.str
     """The model name the provider reported."""
     cost_usd: _builtins.str
-    """Exact cost in USD from usage and catalog prices, decimal string."""
+    """Cost in USD from usage and catalog prices, decimal string (exact unless usage is estimated)."""
     finish_reason: Global___FinishReason.ValueType
     """Why the model stopped."""
     @_builtins.property
     def usage(self) -> Global___Usage:
-        """Provider-reported usage."""
+        """Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+        none; the ledger flags it).
+        """
 
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:

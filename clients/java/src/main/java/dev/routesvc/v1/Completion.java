@@ -196,7 +196,8 @@ private static final long serialVersionUID = 0L;
   private dev.routesvc.v1.Usage usage_;
   /**
    * <pre>
-   * Provider-reported usage.
+   * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+   * none; the ledger flags it).
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -208,7 +209,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Provider-reported usage.
+   * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+   * none; the ledger flags it).
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -220,7 +222,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Provider-reported usage.
+   * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+   * none; the ledger flags it).
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -235,7 +238,7 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object costUsd_ = "";
   /**
    * <pre>
-   * Exact cost in USD from usage and catalog prices, decimal string.
+   * Cost in USD from usage and catalog prices, decimal string (exact unless usage is estimated).
    * </pre>
    *
    * <code>string cost_usd = 5 [json_name = "costUsd"];</code>
@@ -256,7 +259,7 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Exact cost in USD from usage and catalog prices, decimal string.
+   * Cost in USD from usage and catalog prices, decimal string (exact unless usage is estimated).
    * </pre>
    *
    * <code>string cost_usd = 5 [json_name = "costUsd"];</code>
@@ -1489,7 +1492,8 @@ private static final long serialVersionUID = 0L;
         dev.routesvc.v1.Usage, dev.routesvc.v1.Usage.Builder, dev.routesvc.v1.UsageOrBuilder> usageBuilder_;
     /**
      * <pre>
-     * Provider-reported usage.
+     * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+     * none; the ledger flags it).
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -1500,7 +1504,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Provider-reported usage.
+     * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+     * none; the ledger flags it).
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -1515,7 +1520,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Provider-reported usage.
+     * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+     * none; the ledger flags it).
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -1535,7 +1541,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Provider-reported usage.
+     * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+     * none; the ledger flags it).
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -1553,7 +1560,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Provider-reported usage.
+     * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+     * none; the ledger flags it).
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -1578,7 +1586,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Provider-reported usage.
+     * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+     * none; the ledger flags it).
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -1595,7 +1604,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Provider-reported usage.
+     * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+     * none; the ledger flags it).
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -1607,7 +1617,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Provider-reported usage.
+     * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+     * none; the ledger flags it).
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -1622,7 +1633,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Provider-reported usage.
+     * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+     * none; the ledger flags it).
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -1644,7 +1656,7 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object costUsd_ = "";
     /**
      * <pre>
-     * Exact cost in USD from usage and catalog prices, decimal string.
+     * Cost in USD from usage and catalog prices, decimal string (exact unless usage is estimated).
      * </pre>
      *
      * <code>string cost_usd = 5 [json_name = "costUsd"];</code>
@@ -1664,7 +1676,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Exact cost in USD from usage and catalog prices, decimal string.
+     * Cost in USD from usage and catalog prices, decimal string (exact unless usage is estimated).
      * </pre>
      *
      * <code>string cost_usd = 5 [json_name = "costUsd"];</code>
@@ -1685,7 +1697,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Exact cost in USD from usage and catalog prices, decimal string.
+     * Cost in USD from usage and catalog prices, decimal string (exact unless usage is estimated).
      * </pre>
      *
      * <code>string cost_usd = 5 [json_name = "costUsd"];</code>
@@ -1702,7 +1714,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Exact cost in USD from usage and catalog prices, decimal string.
+     * Cost in USD from usage and catalog prices, decimal string (exact unless usage is estimated).
      * </pre>
      *
      * <code>string cost_usd = 5 [json_name = "costUsd"];</code>
@@ -1716,7 +1728,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Exact cost in USD from usage and catalog prices, decimal string.
+     * Cost in USD from usage and catalog prices, decimal string (exact unless usage is estimated).
      * </pre>
      *
      * <code>string cost_usd = 5 [json_name = "costUsd"];</code>

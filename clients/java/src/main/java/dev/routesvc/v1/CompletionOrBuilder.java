@@ -70,7 +70,8 @@ public interface CompletionOrBuilder extends
 
   /**
    * <pre>
-   * Provider-reported usage.
+   * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+   * none; the ledger flags it).
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -79,7 +80,8 @@ public interface CompletionOrBuilder extends
   boolean hasUsage();
   /**
    * <pre>
-   * Provider-reported usage.
+   * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+   * none; the ledger flags it).
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -88,7 +90,8 @@ public interface CompletionOrBuilder extends
   dev.routesvc.v1.Usage getUsage();
   /**
    * <pre>
-   * Provider-reported usage.
+   * Provider-reported usage (estimated with routesvc's tokenizer when the provider reported
+   * none; the ledger flags it).
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 4 [json_name = "usage"];</code>
@@ -97,7 +100,7 @@ public interface CompletionOrBuilder extends
 
   /**
    * <pre>
-   * Exact cost in USD from usage and catalog prices, decimal string.
+   * Cost in USD from usage and catalog prices, decimal string (exact unless usage is estimated).
    * </pre>
    *
    * <code>string cost_usd = 5 [json_name = "costUsd"];</code>
@@ -106,7 +109,7 @@ public interface CompletionOrBuilder extends
   java.lang.String getCostUsd();
   /**
    * <pre>
-   * Exact cost in USD from usage and catalog prices, decimal string.
+   * Cost in USD from usage and catalog prices, decimal string (exact unless usage is estimated).
    * </pre>
    *
    * <code>string cost_usd = 5 [json_name = "costUsd"];</code>

@@ -252,10 +252,13 @@ public final class RouterProto {
       "chat\030\001 \001(\0132\030.routesvc.v1.ChatRequestR\004ch" +
       "at\0225\n\007context\030\002 \001(\0132\033.routesvc.v1.Routin" +
       "gContextR\007context\"\037\n\tTextDelta\022\022\n\004text\030\001" +
-      " \001(\tR\004text\"\177\n\005Usage\022!\n\014input_tokens\030\001 \001(" +
-      "\003R\013inputTokens\022#\n\routput_tokens\030\002 \001(\003R\014o" +
-      "utputTokens\022.\n\023cached_input_tokens\030\003 \001(\003" +
-      "R\021cachedInputTokens\"\274\003\n\nCompletion\022\024\n\005mo" +
+      " \001(\tR\004text\"\366\001\n\005Usage\022!\n\014input_tokens\030\001 \001" +
+      "(\003R\013inputTokens\022#\n\routput_tokens\030\002 \001(\003R\014" +
+      "outputTokens\022.\n\023cached_input_tokens\030\003 \001(" +
+      "\003R\021cachedInputTokens\0227\n\030cache_write_inpu" +
+      "t_tokens\030\004 \001(\003R\025cacheWriteInputTokens\022<\n" +
+      "\033cache_write_1h_input_tokens\030\005 \001(\003R\027cach" +
+      "eWrite1hInputTokens\"\274\003\n\nCompletion\022\024\n\005mo" +
       "del\030\001 \001(\tR\005model\022\032\n\010provider\030\002 \001(\tR\010prov" +
       "ider\022%\n\016provider_model\030\003 \001(\tR\rproviderMo" +
       "del\022(\n\005usage\030\004 \001(\0132\022.routesvc.v1.UsageR\005" +
@@ -488,7 +491,7 @@ public final class RouterProto {
     internal_static_routesvc_v1_Usage_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Usage_descriptor,
-        new java.lang.String[] { "InputTokens", "OutputTokens", "CachedInputTokens", });
+        new java.lang.String[] { "InputTokens", "OutputTokens", "CachedInputTokens", "CacheWriteInputTokens", "CacheWrite1HInputTokens", });
     internal_static_routesvc_v1_Completion_descriptor =
       getDescriptor().getMessageTypes().get(12);
     internal_static_routesvc_v1_Completion_fieldAccessorTable = new

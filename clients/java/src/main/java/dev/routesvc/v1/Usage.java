@@ -88,6 +88,38 @@ private static final long serialVersionUID = 0L;
     return cachedInputTokens_;
   }
 
+  public static final int CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER = 4;
+  private long cacheWriteInputTokens_ = 0L;
+  /**
+   * <pre>
+   * Input tokens written to the provider's prompt cache (Anthropic's cache_creation_input_tokens),
+   * billed at the model's cache write price; included in input_tokens.
+   * </pre>
+   *
+   * <code>int64 cache_write_input_tokens = 4 [json_name = "cacheWriteInputTokens"];</code>
+   * @return The cacheWriteInputTokens.
+   */
+  @java.lang.Override
+  public long getCacheWriteInputTokens() {
+    return cacheWriteInputTokens_;
+  }
+
+  public static final int CACHE_WRITE_1H_INPUT_TOKENS_FIELD_NUMBER = 5;
+  private long cacheWrite1HInputTokens_ = 0L;
+  /**
+   * <pre>
+   * Of cache_write_input_tokens, those written to Anthropic's 1-hour cache (billed at the 1-hour
+   * cache write price).
+   * </pre>
+   *
+   * <code>int64 cache_write_1h_input_tokens = 5 [json_name = "cacheWrite1hInputTokens"];</code>
+   * @return The cacheWrite1hInputTokens.
+   */
+  @java.lang.Override
+  public long getCacheWrite1HInputTokens() {
+    return cacheWrite1HInputTokens_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -111,6 +143,12 @@ private static final long serialVersionUID = 0L;
     if (cachedInputTokens_ != 0L) {
       output.writeInt64(3, cachedInputTokens_);
     }
+    if (cacheWriteInputTokens_ != 0L) {
+      output.writeInt64(4, cacheWriteInputTokens_);
+    }
+    if (cacheWrite1HInputTokens_ != 0L) {
+      output.writeInt64(5, cacheWrite1HInputTokens_);
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -131,6 +169,14 @@ private static final long serialVersionUID = 0L;
     if (cachedInputTokens_ != 0L) {
       size += com.google.protobuf.CodedOutputStream
         .computeInt64Size(3, cachedInputTokens_);
+    }
+    if (cacheWriteInputTokens_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(4, cacheWriteInputTokens_);
+    }
+    if (cacheWrite1HInputTokens_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(5, cacheWrite1HInputTokens_);
     }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
@@ -153,6 +199,10 @@ private static final long serialVersionUID = 0L;
         != other.getOutputTokens()) return false;
     if (getCachedInputTokens()
         != other.getCachedInputTokens()) return false;
+    if (getCacheWriteInputTokens()
+        != other.getCacheWriteInputTokens()) return false;
+    if (getCacheWrite1HInputTokens()
+        != other.getCacheWrite1HInputTokens()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -173,6 +223,12 @@ private static final long serialVersionUID = 0L;
     hash = (37 * hash) + CACHED_INPUT_TOKENS_FIELD_NUMBER;
     hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
         getCachedInputTokens());
+    hash = (37 * hash) + CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getCacheWriteInputTokens());
+    hash = (37 * hash) + CACHE_WRITE_1H_INPUT_TOKENS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getCacheWrite1HInputTokens());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -311,6 +367,8 @@ private static final long serialVersionUID = 0L;
       inputTokens_ = 0L;
       outputTokens_ = 0L;
       cachedInputTokens_ = 0L;
+      cacheWriteInputTokens_ = 0L;
+      cacheWrite1HInputTokens_ = 0L;
       return this;
     }
 
@@ -352,6 +410,12 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000004) != 0)) {
         result.cachedInputTokens_ = cachedInputTokens_;
+      }
+      if (((from_bitField0_ & 0x00000008) != 0)) {
+        result.cacheWriteInputTokens_ = cacheWriteInputTokens_;
+      }
+      if (((from_bitField0_ & 0x00000010) != 0)) {
+        result.cacheWrite1HInputTokens_ = cacheWrite1HInputTokens_;
       }
     }
 
@@ -408,6 +472,12 @@ private static final long serialVersionUID = 0L;
       if (other.getCachedInputTokens() != 0L) {
         setCachedInputTokens(other.getCachedInputTokens());
       }
+      if (other.getCacheWriteInputTokens() != 0L) {
+        setCacheWriteInputTokens(other.getCacheWriteInputTokens());
+      }
+      if (other.getCacheWrite1HInputTokens() != 0L) {
+        setCacheWrite1HInputTokens(other.getCacheWrite1HInputTokens());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -449,6 +519,16 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000004;
               break;
             } // case 24
+            case 32: {
+              cacheWriteInputTokens_ = input.readInt64();
+              bitField0_ |= 0x00000008;
+              break;
+            } // case 32
+            case 40: {
+              cacheWrite1HInputTokens_ = input.readInt64();
+              bitField0_ |= 0x00000010;
+              break;
+            } // case 40
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -594,6 +674,100 @@ private static final long serialVersionUID = 0L;
     public Builder clearCachedInputTokens() {
       bitField0_ = (bitField0_ & ~0x00000004);
       cachedInputTokens_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long cacheWriteInputTokens_ ;
+    /**
+     * <pre>
+     * Input tokens written to the provider's prompt cache (Anthropic's cache_creation_input_tokens),
+     * billed at the model's cache write price; included in input_tokens.
+     * </pre>
+     *
+     * <code>int64 cache_write_input_tokens = 4 [json_name = "cacheWriteInputTokens"];</code>
+     * @return The cacheWriteInputTokens.
+     */
+    @java.lang.Override
+    public long getCacheWriteInputTokens() {
+      return cacheWriteInputTokens_;
+    }
+    /**
+     * <pre>
+     * Input tokens written to the provider's prompt cache (Anthropic's cache_creation_input_tokens),
+     * billed at the model's cache write price; included in input_tokens.
+     * </pre>
+     *
+     * <code>int64 cache_write_input_tokens = 4 [json_name = "cacheWriteInputTokens"];</code>
+     * @param value The cacheWriteInputTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheWriteInputTokens(long value) {
+
+      cacheWriteInputTokens_ = value;
+      bitField0_ |= 0x00000008;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Input tokens written to the provider's prompt cache (Anthropic's cache_creation_input_tokens),
+     * billed at the model's cache write price; included in input_tokens.
+     * </pre>
+     *
+     * <code>int64 cache_write_input_tokens = 4 [json_name = "cacheWriteInputTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCacheWriteInputTokens() {
+      bitField0_ = (bitField0_ & ~0x00000008);
+      cacheWriteInputTokens_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long cacheWrite1HInputTokens_ ;
+    /**
+     * <pre>
+     * Of cache_write_input_tokens, those written to Anthropic's 1-hour cache (billed at the 1-hour
+     * cache write price).
+     * </pre>
+     *
+     * <code>int64 cache_write_1h_input_tokens = 5 [json_name = "cacheWrite1hInputTokens"];</code>
+     * @return The cacheWrite1hInputTokens.
+     */
+    @java.lang.Override
+    public long getCacheWrite1HInputTokens() {
+      return cacheWrite1HInputTokens_;
+    }
+    /**
+     * <pre>
+     * Of cache_write_input_tokens, those written to Anthropic's 1-hour cache (billed at the 1-hour
+     * cache write price).
+     * </pre>
+     *
+     * <code>int64 cache_write_1h_input_tokens = 5 [json_name = "cacheWrite1hInputTokens"];</code>
+     * @param value The cacheWrite1hInputTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheWrite1HInputTokens(long value) {
+
+      cacheWrite1HInputTokens_ = value;
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Of cache_write_input_tokens, those written to Anthropic's 1-hour cache (billed at the 1-hour
+     * cache write price).
+     * </pre>
+     *
+     * <code>int64 cache_write_1h_input_tokens = 5 [json_name = "cacheWrite1hInputTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCacheWrite1HInputTokens() {
+      bitField0_ = (bitField0_ & ~0x00000010);
+      cacheWrite1HInputTokens_ = 0L;
       onChanged();
       return this;
     }

@@ -37,4 +37,26 @@ public interface UsageOrBuilder extends
    * @return The cachedInputTokens.
    */
   long getCachedInputTokens();
+
+  /**
+   * <pre>
+   * Input tokens written to the provider's prompt cache (Anthropic's cache_creation_input_tokens),
+   * billed at the model's cache write price; included in input_tokens.
+   * </pre>
+   *
+   * <code>int64 cache_write_input_tokens = 4 [json_name = "cacheWriteInputTokens"];</code>
+   * @return The cacheWriteInputTokens.
+   */
+  long getCacheWriteInputTokens();
+
+  /**
+   * <pre>
+   * Of cache_write_input_tokens, those written to Anthropic's 1-hour cache (billed at the 1-hour
+   * cache write price).
+   * </pre>
+   *
+   * <code>int64 cache_write_1h_input_tokens = 5 [json_name = "cacheWrite1hInputTokens"];</code>
+   * @return The cacheWrite1hInputTokens.
+   */
+  long getCacheWrite1HInputTokens();
 }

@@ -1,0 +1,184 @@
+"""What providers bill, through a real server and the fake provider: prompt-cache writes at their
+own price, a spent quota that no retry helps, and usage the provider did not report."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import status_pb2
+
+from routesvc.client import RouterClient, build_chat
+from routesvc.ledger import AttemptOutcome
+from routesvc.models import ChatRequest, Message, Role, ToolCall, ToolSpec
+from routesvc.providers.anthropic_batch import AnthropicBatches
+from routesvc.providers.batch import BatchItem
+from routesvc.server import Server
+from routesvc.testing import FakeProvider, Script
+from routesvc.tokens import estimate_input_tokens
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.test_batches import batch_config, submit, wait_state
+from tests.test_validation import error_info
+
+_PER_TOKEN = Decimal(1_000_000)
+
+
+def _details(error: grpc.aio.AioRpcError) -> list[str]:
+    """The type names of the rich status details of a failed call."""
+    metadata = dict(error.trailing_metadata() or ())
+    status = status_pb2.Status.FromString(metadata["grpc-status-details-bin"])
+    return [detail.TypeName() for detail in status.details]
+
+
+class TestCacheWrites:
+    """Anthropic bills prompt-cache writes at 1.25x the input price (5-minute cache) and 2x (1-hour)."""
+
+    async def test_a_streamed_answer_bills_cache_writes_at_their_price(
+        self, fake: FakeProvider, live_server: Server, live_client: RouterClient
+    ) -> None:
+        """100,000 input tokens written to the cache on claude-sonnet ($3 in, $15 out), 40,000 of
+        them to the 1-hour cache: 60,000 x 3.75 + 40,000 x 6 + 5 x 15 per 1M; the Completion shows
+        the writes, and the ledger holds the same cost."""
+        fake.enqueue(
+            Script(input_tokens=100_000, cache_creation_input_tokens=100_000, cache_creation_1h_input_tokens=40_000)
+        )
+        messages = [
+            m async for m in live_client.complete(user_chat("Say hello"), pb.RoutingContext(model="claude-sonnet"))
+        ]
+        completion = messages[-1].completion
+        expected = (60_000 * Decimal("3.75") + 40_000 * Decimal(6) + 5 * Decimal(15)) / _PER_TOKEN
+        assert Decimal(completion.cost_usd) == expected == Decimal("0.465075")
+        assert (completion.usage.input_tokens, completion.usage.cache_write_input_tokens) == (100_000, 100_000)
+        assert completion.usage.cache_write_1h_input_tokens == 40_000
+        assert completion.total_usage == completion.usage
+        (entry,) = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert (entry.cost_usd, entry.usage.cache_write_input_tokens) == (expected, 100_000)
+
+    async def test_a_batch_answer_bills_cache_writes_at_their_price_less_the_discount(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch job on claude-sonnet with 60 of its 100 input tokens written to the cache costs
+        (40 x 3 + 60 x 3.75 + 20 x 15) per 1M, halved by the batch discount."""
+        fake.enqueue(
+            Script(text="ok", input_tokens=100, output_tokens=20, cache_creation_input_tokens=60),
+            model="claude-sonnet-4-6",
+        )
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client, task_hint="creative_writing"))[1].batch
+            assert job.model == "claude-sonnet"
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        expected = (40 * Decimal(3) + 60 * Decimal("3.75") + 20 * Decimal(15)) / _PER_TOKEN / 2
+        assert Decimal(done.result.cost_usd) == expected
+
+
+QUOTA_BODY = json.dumps(
+    {
+        "error": {
+            "message": "You exceeded your current quota, please check your plan and billing details.",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "insufficient_quota",
+        }
+    }
+)
+
+
+class TestQuotaExhausted:
+    """OpenAI's 429 ``insufficient_quota`` (billing exhausted) is no rate limit: waiting does not help."""
+
+    async def test_the_request_falls_back_to_another_provider_without_retry_or_breaker(
+        self, fake: FakeProvider, live_server: Server, live_client: RouterClient
+    ) -> None:
+        """Six requests pinned to gpt-4o (fallback claude-sonnet) while the OpenAI key's quota is spent:
+        each calls gpt-4o once (no retry, and no breaker opens: all six still try it) and is answered
+        by claude-sonnet."""
+        fake.set_default(Script(status=429, error_body=QUOTA_BODY), model="gpt-4o")
+        answered = []
+        for _ in range(6):
+            messages = [
+                m async for m in live_client.complete(user_chat("Say hello"), pb.RoutingContext(model="gpt-4o"))
+            ]
+            answered.append(messages[-1].completion.model)
+        assert answered == ["claude-sonnet"] * 6
+        assert [r.model for r in fake.requests] == ["gpt-4o", "claude-sonnet-4-6"] * 6
+
+    async def test_the_providers_other_models_are_skipped_and_the_caller_is_not_told_to_retry(
+        self, fake: FakeProvider, live_client: RouterClient
+    ) -> None:
+        """Pinned to gpt-4o-mini, whose only fallback (gpt-4o) is on the same key: one upstream
+        request, then FAILED_PRECONDITION ``PROVIDER_QUOTA_EXHAUSTED`` with no ``RetryInfo``."""
+        fake.set_default(Script(status=429, error_body=QUOTA_BODY, retry_after="20"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in live_client.complete(user_chat("Say hello"), pb.RoutingContext(model="gpt-4o-mini")):
+                pass
+        error = caught.value
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+        assert (error.code(), error_info(error).reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "PROVIDER_QUOTA_EXHAUSTED",
+        )
+        assert _details(error) == ["google.rpc.ErrorInfo"]
+        assert error.details() == "provider openai model gpt-4o-mini: HTTP 429 (insufficient_quota)"
+
+
+class TestUnreportedUsage:
+    """A provider that reports no usage: the adapter's estimate is flagged as one."""
+
+    async def test_the_estimate_is_flagged_in_the_ledger_and_covers_the_tools(self, fake: FakeProvider) -> None:
+        """An OpenAI-compatible server without usage: the ledger entry says estimated, and the input
+        billed is the router's estimate of the whole request (its 20-field tool included)."""
+        config = default_config()
+        add_local_model(config, fake.openai_base_url, "llama", capabilities=["tools"])
+        fake.set_default(Script(omit_usage=True))
+        schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(20)}}
+        chat = build_chat(
+            [("system", "You are terse."), ("user", "Fill the form")],
+            tools=[pb.Tool(name="fill", description="Fill a form", parameters_json=json.dumps(schema))],
+        )
+        async with Server(settings_from(config, {}), port=0) as server, RouterClient(server.target) as client:
+            messages = [m async for m in client.complete(chat, pb.RoutingContext(model="llama"))]
+            (entry,) = server.router.ledger.entries(messages[0].decision.decision_id)
+        request = ChatRequest(
+            messages=(Message(Role.SYSTEM, "You are terse."), Message(Role.USER, "Fill the form")),
+            tools=(ToolSpec(name="fill", description="Fill a form", parameters=schema),),
+        )
+        assert (entry.outcome, entry.estimated) == (AttemptOutcome.COMPLETED, True)
+        assert messages[-1].completion.usage.input_tokens == entry.usage.input_tokens == estimate_input_tokens(request)
+
+    async def test_reported_usage_is_not_flagged(self, live_server: Server, live_client: RouterClient) -> None:
+        """A provider that reports usage leaves the ledger entry unflagged."""
+        messages = [m async for m in live_client.complete(user_chat("Say hello"), pb.RoutingContext(model="gpt-4o"))]
+        (entry,) = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert entry.estimated is False
+
+
+class TestAnthropicBatchRequests:
+    """The batch adapter builds its requests as the streaming one does."""
+
+    async def test_temperature_prefill_and_called_tools_are_adapted(self, fake: FakeProvider) -> None:
+        """A temperature over 1 is sent as 1, the final assistant prefill right-stripped, and the
+        tools a history called declared when the item offers none."""
+        messages = (
+            Message(Role.USER, "Weather?"),
+            Message(Role.ASSISTANT, "", tool_calls=(ToolCall("toolu_1", "get_weather"),)),
+            Message(Role.TOOL, "18 C", tool_call_id="toolu_1"),
+            Message(Role.ASSISTANT, "It is "),
+        )
+        api = AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
+        try:
+            await api.submit([BatchItem("job_1", "claude-sonnet", "claude-sonnet-4-6", messages, 64, temperature=1.7)])
+        finally:
+            await api.aclose()
+        params = fake.batches[0].requests[0]["params"]
+        assert (params["temperature"], params["messages"][-1]) == (1.0, {"role": "assistant", "content": "It is"})
+        assert (params["tools"], params["tool_choice"]) == (
+            [{"name": "get_weather", "input_schema": {"type": "object"}}],
+            {"type": "none"},
+        )
