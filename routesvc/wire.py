@@ -415,6 +415,8 @@ def model_info(model: ModelSpec, unavailable_reason: str) -> pb.ModelInfo:
         input_price_per_mtok=format_usd(model.input_price_per_mtok),
         output_price_per_mtok=format_usd(model.output_price_per_mtok),
         cached_input_price_per_mtok=format_usd(model.cached_input_price_per_mtok),
+        cache_write_price_per_mtok=format_usd(model.cache_write_price_per_mtok),
+        cache_write_1h_price_per_mtok=format_usd(model.cache_write_1h_price_per_mtok),
         context_window=model.context_window,
         capabilities=sorted(model.capabilities),
         batch_discount=format_usd(model.batch_discount),

@@ -184,6 +184,10 @@ class TestModelsCommand:
         assert set(models) == {"gpt-4o-mini", "gpt-4o", "claude-sonnet"}
         assert models["gpt-4o"]["inputPricePerMtok"] == "2.5"
         assert all(m["available"] for m in models.values())
+        # Cache writes: Anthropic's 1.25x and 2x the input price, the input price elsewhere.
+        sonnet, mini = models["claude-sonnet"], models["gpt-4o-mini"]
+        assert (sonnet["cacheWritePricePerMtok"], sonnet["cacheWrite1hPricePerMtok"]) == ("3.75", "6")
+        assert (mini["cacheWritePricePerMtok"], mini["cacheWrite1hPricePerMtok"]) == ("0.15", "0.15")
 
 
 class TestJsonOutput:

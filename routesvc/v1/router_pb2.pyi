@@ -1218,6 +1218,8 @@ class ModelInfo(_message.Message):
     BATCH_DISCOUNT_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_PRICE_PER_MTOK_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_1H_PRICE_PER_MTOK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Catalog id, for example "gpt-4o-mini"."""
     provider: _builtins.str
@@ -1238,6 +1240,10 @@ class ModelInfo(_message.Message):
     """Whether the provider has credentials configured."""
     unavailable_reason: _builtins.str
     """Why not, when unavailable (names the missing environment variable)."""
+    cache_write_price_per_mtok: _builtins.str
+    """USD per 1M input tokens written to the provider's prompt cache, decimal string."""
+    cache_write_1h_price_per_mtok: _builtins.str
+    """USD per 1M input tokens written to a one-hour prompt cache, decimal string."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Capabilities, for example "tools", "vision", "json"."""
@@ -1256,10 +1262,12 @@ class ModelInfo(_message.Message):
         batch_discount: _builtins.str = ...,
         available: _builtins.bool = ...,
         unavailable_reason: _builtins.str = ...,
+        cache_write_price_per_mtok: _builtins.str = ...,
+        cache_write_1h_price_per_mtok: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "batch_discount", b"batch_discount", "cached_input_price_per_mtok", b"cached_input_price_per_mtok", "capabilities", b"capabilities", "context_window", b"context_window", "id", b"id", "input_price_per_mtok", b"input_price_per_mtok", "output_price_per_mtok", b"output_price_per_mtok", "provider", b"provider", "provider_model", b"provider_model", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "batch_discount", b"batch_discount", "cache_write_1h_price_per_mtok", b"cache_write_1h_price_per_mtok", "cache_write_price_per_mtok", b"cache_write_price_per_mtok", "cached_input_price_per_mtok", b"cached_input_price_per_mtok", "capabilities", b"capabilities", "context_window", b"context_window", "id", b"id", "input_price_per_mtok", b"input_price_per_mtok", "output_price_per_mtok", b"output_price_per_mtok", "provider", b"provider", "provider_model", b"provider_model", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

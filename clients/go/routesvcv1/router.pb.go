@@ -2268,8 +2268,12 @@ type ModelInfo struct {
 	Available bool `protobuf:"varint,10,opt,name=available,proto3" json:"available,omitempty"`
 	// Why not, when unavailable (names the missing environment variable).
 	UnavailableReason string `protobuf:"bytes,11,opt,name=unavailable_reason,json=unavailableReason,proto3" json:"unavailable_reason,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// USD per 1M input tokens written to the provider's prompt cache, decimal string.
+	CacheWritePricePerMtok string `protobuf:"bytes,12,opt,name=cache_write_price_per_mtok,json=cacheWritePricePerMtok,proto3" json:"cache_write_price_per_mtok,omitempty"`
+	// USD per 1M input tokens written to a one-hour prompt cache, decimal string.
+	CacheWrite_1HPricePerMtok string `protobuf:"bytes,13,opt,name=cache_write_1h_price_per_mtok,json=cacheWrite1hPricePerMtok,proto3" json:"cache_write_1h_price_per_mtok,omitempty"`
+	unknownFields             protoimpl.UnknownFields
+	sizeCache                 protoimpl.SizeCache
 }
 
 func (x *ModelInfo) Reset() {
@@ -2375,6 +2379,20 @@ func (x *ModelInfo) GetAvailable() bool {
 func (x *ModelInfo) GetUnavailableReason() string {
 	if x != nil {
 		return x.UnavailableReason
+	}
+	return ""
+}
+
+func (x *ModelInfo) GetCacheWritePricePerMtok() string {
+	if x != nil {
+		return x.CacheWritePricePerMtok
+	}
+	return ""
+}
+
+func (x *ModelInfo) GetCacheWrite_1HPricePerMtok() string {
+	if x != nil {
+		return x.CacheWrite_1HPricePerMtok
 	}
 	return ""
 }
@@ -3287,7 +3305,7 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"escalation\x12-\n" +
 	"\x05batch\x18\x05 \x01(\v2\x15.routesvc.v1.BatchJobH\x00R\x05batchB\a\n" +
 	"\x05event\"\x13\n" +
-	"\x11ListModelsRequest\"\xbf\x03\n" +
+	"\x11ListModelsRequest\"\xbc\x04\n" +
 	"\tModelInfo\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12%\n" +
@@ -3300,7 +3318,9 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x0ebatch_discount\x18\t \x01(\tR\rbatchDiscount\x12\x1c\n" +
 	"\tavailable\x18\n" +
 	" \x01(\bR\tavailable\x12-\n" +
-	"\x12unavailable_reason\x18\v \x01(\tR\x11unavailableReason\"D\n" +
+	"\x12unavailable_reason\x18\v \x01(\tR\x11unavailableReason\x12:\n" +
+	"\x1acache_write_price_per_mtok\x18\f \x01(\tR\x16cacheWritePricePerMtok\x12?\n" +
+	"\x1dcache_write_1h_price_per_mtok\x18\r \x01(\tR\x18cacheWrite1hPricePerMtok\"D\n" +
 	"\x12ListModelsResponse\x12.\n" +
 	"\x06models\x18\x01 \x03(\v2\x16.routesvc.v1.ModelInfoR\x06models\"\\\n" +
 	"\x0fGetStatsRequest\x12\x16\n" +

@@ -31,6 +31,8 @@ private static final long serialVersionUID = 0L;
         com.google.protobuf.LazyStringArrayList.emptyList();
     batchDiscount_ = "";
     unavailableReason_ = "";
+    cacheWritePricePerMtok_ = "";
+    cacheWrite1HPricePerMtok_ = "";
   }
 
   @java.lang.Override
@@ -512,6 +514,100 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int CACHE_WRITE_PRICE_PER_MTOK_FIELD_NUMBER = 12;
+  @SuppressWarnings("serial")
+  private volatile java.lang.Object cacheWritePricePerMtok_ = "";
+  /**
+   * <pre>
+   * USD per 1M input tokens written to the provider's prompt cache, decimal string.
+   * </pre>
+   *
+   * <code>string cache_write_price_per_mtok = 12 [json_name = "cacheWritePricePerMtok"];</code>
+   * @return The cacheWritePricePerMtok.
+   */
+  @java.lang.Override
+  public java.lang.String getCacheWritePricePerMtok() {
+    java.lang.Object ref = cacheWritePricePerMtok_;
+    if (ref instanceof java.lang.String) {
+      return (java.lang.String) ref;
+    } else {
+      com.google.protobuf.ByteString bs = 
+          (com.google.protobuf.ByteString) ref;
+      java.lang.String s = bs.toStringUtf8();
+      cacheWritePricePerMtok_ = s;
+      return s;
+    }
+  }
+  /**
+   * <pre>
+   * USD per 1M input tokens written to the provider's prompt cache, decimal string.
+   * </pre>
+   *
+   * <code>string cache_write_price_per_mtok = 12 [json_name = "cacheWritePricePerMtok"];</code>
+   * @return The bytes for cacheWritePricePerMtok.
+   */
+  @java.lang.Override
+  public com.google.protobuf.ByteString
+      getCacheWritePricePerMtokBytes() {
+    java.lang.Object ref = cacheWritePricePerMtok_;
+    if (ref instanceof java.lang.String) {
+      com.google.protobuf.ByteString b = 
+          com.google.protobuf.ByteString.copyFromUtf8(
+              (java.lang.String) ref);
+      cacheWritePricePerMtok_ = b;
+      return b;
+    } else {
+      return (com.google.protobuf.ByteString) ref;
+    }
+  }
+
+  public static final int CACHE_WRITE_1H_PRICE_PER_MTOK_FIELD_NUMBER = 13;
+  @SuppressWarnings("serial")
+  private volatile java.lang.Object cacheWrite1HPricePerMtok_ = "";
+  /**
+   * <pre>
+   * USD per 1M input tokens written to a one-hour prompt cache, decimal string.
+   * </pre>
+   *
+   * <code>string cache_write_1h_price_per_mtok = 13 [json_name = "cacheWrite1hPricePerMtok"];</code>
+   * @return The cacheWrite1hPricePerMtok.
+   */
+  @java.lang.Override
+  public java.lang.String getCacheWrite1HPricePerMtok() {
+    java.lang.Object ref = cacheWrite1HPricePerMtok_;
+    if (ref instanceof java.lang.String) {
+      return (java.lang.String) ref;
+    } else {
+      com.google.protobuf.ByteString bs = 
+          (com.google.protobuf.ByteString) ref;
+      java.lang.String s = bs.toStringUtf8();
+      cacheWrite1HPricePerMtok_ = s;
+      return s;
+    }
+  }
+  /**
+   * <pre>
+   * USD per 1M input tokens written to a one-hour prompt cache, decimal string.
+   * </pre>
+   *
+   * <code>string cache_write_1h_price_per_mtok = 13 [json_name = "cacheWrite1hPricePerMtok"];</code>
+   * @return The bytes for cacheWrite1hPricePerMtok.
+   */
+  @java.lang.Override
+  public com.google.protobuf.ByteString
+      getCacheWrite1HPricePerMtokBytes() {
+    java.lang.Object ref = cacheWrite1HPricePerMtok_;
+    if (ref instanceof java.lang.String) {
+      com.google.protobuf.ByteString b = 
+          com.google.protobuf.ByteString.copyFromUtf8(
+              (java.lang.String) ref);
+      cacheWrite1HPricePerMtok_ = b;
+      return b;
+    } else {
+      return (com.google.protobuf.ByteString) ref;
+    }
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -558,6 +654,12 @@ private static final long serialVersionUID = 0L;
     }
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(unavailableReason_)) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 11, unavailableReason_);
+    }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(cacheWritePricePerMtok_)) {
+      com.google.protobuf.GeneratedMessageV3.writeString(output, 12, cacheWritePricePerMtok_);
+    }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(cacheWrite1HPricePerMtok_)) {
+      com.google.protobuf.GeneratedMessageV3.writeString(output, 13, cacheWrite1HPricePerMtok_);
     }
     getUnknownFields().writeTo(output);
   }
@@ -608,6 +710,12 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(unavailableReason_)) {
       size += com.google.protobuf.GeneratedMessageV3.computeStringSize(11, unavailableReason_);
     }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(cacheWritePricePerMtok_)) {
+      size += com.google.protobuf.GeneratedMessageV3.computeStringSize(12, cacheWritePricePerMtok_);
+    }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(cacheWrite1HPricePerMtok_)) {
+      size += com.google.protobuf.GeneratedMessageV3.computeStringSize(13, cacheWrite1HPricePerMtok_);
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -645,6 +753,10 @@ private static final long serialVersionUID = 0L;
         != other.getAvailable()) return false;
     if (!getUnavailableReason()
         .equals(other.getUnavailableReason())) return false;
+    if (!getCacheWritePricePerMtok()
+        .equals(other.getCacheWritePricePerMtok())) return false;
+    if (!getCacheWrite1HPricePerMtok()
+        .equals(other.getCacheWrite1HPricePerMtok())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -682,6 +794,10 @@ private static final long serialVersionUID = 0L;
         getAvailable());
     hash = (37 * hash) + UNAVAILABLE_REASON_FIELD_NUMBER;
     hash = (53 * hash) + getUnavailableReason().hashCode();
+    hash = (37 * hash) + CACHE_WRITE_PRICE_PER_MTOK_FIELD_NUMBER;
+    hash = (53 * hash) + getCacheWritePricePerMtok().hashCode();
+    hash = (37 * hash) + CACHE_WRITE_1H_PRICE_PER_MTOK_FIELD_NUMBER;
+    hash = (53 * hash) + getCacheWrite1HPricePerMtok().hashCode();
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -829,6 +945,8 @@ private static final long serialVersionUID = 0L;
       batchDiscount_ = "";
       available_ = false;
       unavailableReason_ = "";
+      cacheWritePricePerMtok_ = "";
+      cacheWrite1HPricePerMtok_ = "";
       return this;
     }
 
@@ -895,6 +1013,12 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000400) != 0)) {
         result.unavailableReason_ = unavailableReason_;
+      }
+      if (((from_bitField0_ & 0x00000800) != 0)) {
+        result.cacheWritePricePerMtok_ = cacheWritePricePerMtok_;
+      }
+      if (((from_bitField0_ & 0x00001000) != 0)) {
+        result.cacheWrite1HPricePerMtok_ = cacheWrite1HPricePerMtok_;
       }
     }
 
@@ -998,6 +1122,16 @@ private static final long serialVersionUID = 0L;
         bitField0_ |= 0x00000400;
         onChanged();
       }
+      if (!other.getCacheWritePricePerMtok().isEmpty()) {
+        cacheWritePricePerMtok_ = other.cacheWritePricePerMtok_;
+        bitField0_ |= 0x00000800;
+        onChanged();
+      }
+      if (!other.getCacheWrite1HPricePerMtok().isEmpty()) {
+        cacheWrite1HPricePerMtok_ = other.cacheWrite1HPricePerMtok_;
+        bitField0_ |= 0x00001000;
+        onChanged();
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -1080,6 +1214,16 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000400;
               break;
             } // case 90
+            case 98: {
+              cacheWritePricePerMtok_ = input.readStringRequireUtf8();
+              bitField0_ |= 0x00000800;
+              break;
+            } // case 98
+            case 106: {
+              cacheWrite1HPricePerMtok_ = input.readStringRequireUtf8();
+              bitField0_ |= 0x00001000;
+              break;
+            } // case 106
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -2064,6 +2208,190 @@ private static final long serialVersionUID = 0L;
       checkByteStringIsUtf8(value);
       unavailableReason_ = value;
       bitField0_ |= 0x00000400;
+      onChanged();
+      return this;
+    }
+
+    private java.lang.Object cacheWritePricePerMtok_ = "";
+    /**
+     * <pre>
+     * USD per 1M input tokens written to the provider's prompt cache, decimal string.
+     * </pre>
+     *
+     * <code>string cache_write_price_per_mtok = 12 [json_name = "cacheWritePricePerMtok"];</code>
+     * @return The cacheWritePricePerMtok.
+     */
+    public java.lang.String getCacheWritePricePerMtok() {
+      java.lang.Object ref = cacheWritePricePerMtok_;
+      if (!(ref instanceof java.lang.String)) {
+        com.google.protobuf.ByteString bs =
+            (com.google.protobuf.ByteString) ref;
+        java.lang.String s = bs.toStringUtf8();
+        cacheWritePricePerMtok_ = s;
+        return s;
+      } else {
+        return (java.lang.String) ref;
+      }
+    }
+    /**
+     * <pre>
+     * USD per 1M input tokens written to the provider's prompt cache, decimal string.
+     * </pre>
+     *
+     * <code>string cache_write_price_per_mtok = 12 [json_name = "cacheWritePricePerMtok"];</code>
+     * @return The bytes for cacheWritePricePerMtok.
+     */
+    public com.google.protobuf.ByteString
+        getCacheWritePricePerMtokBytes() {
+      java.lang.Object ref = cacheWritePricePerMtok_;
+      if (ref instanceof String) {
+        com.google.protobuf.ByteString b = 
+            com.google.protobuf.ByteString.copyFromUtf8(
+                (java.lang.String) ref);
+        cacheWritePricePerMtok_ = b;
+        return b;
+      } else {
+        return (com.google.protobuf.ByteString) ref;
+      }
+    }
+    /**
+     * <pre>
+     * USD per 1M input tokens written to the provider's prompt cache, decimal string.
+     * </pre>
+     *
+     * <code>string cache_write_price_per_mtok = 12 [json_name = "cacheWritePricePerMtok"];</code>
+     * @param value The cacheWritePricePerMtok to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheWritePricePerMtok(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      cacheWritePricePerMtok_ = value;
+      bitField0_ |= 0x00000800;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * USD per 1M input tokens written to the provider's prompt cache, decimal string.
+     * </pre>
+     *
+     * <code>string cache_write_price_per_mtok = 12 [json_name = "cacheWritePricePerMtok"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCacheWritePricePerMtok() {
+      cacheWritePricePerMtok_ = getDefaultInstance().getCacheWritePricePerMtok();
+      bitField0_ = (bitField0_ & ~0x00000800);
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * USD per 1M input tokens written to the provider's prompt cache, decimal string.
+     * </pre>
+     *
+     * <code>string cache_write_price_per_mtok = 12 [json_name = "cacheWritePricePerMtok"];</code>
+     * @param value The bytes for cacheWritePricePerMtok to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheWritePricePerMtokBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      cacheWritePricePerMtok_ = value;
+      bitField0_ |= 0x00000800;
+      onChanged();
+      return this;
+    }
+
+    private java.lang.Object cacheWrite1HPricePerMtok_ = "";
+    /**
+     * <pre>
+     * USD per 1M input tokens written to a one-hour prompt cache, decimal string.
+     * </pre>
+     *
+     * <code>string cache_write_1h_price_per_mtok = 13 [json_name = "cacheWrite1hPricePerMtok"];</code>
+     * @return The cacheWrite1hPricePerMtok.
+     */
+    public java.lang.String getCacheWrite1HPricePerMtok() {
+      java.lang.Object ref = cacheWrite1HPricePerMtok_;
+      if (!(ref instanceof java.lang.String)) {
+        com.google.protobuf.ByteString bs =
+            (com.google.protobuf.ByteString) ref;
+        java.lang.String s = bs.toStringUtf8();
+        cacheWrite1HPricePerMtok_ = s;
+        return s;
+      } else {
+        return (java.lang.String) ref;
+      }
+    }
+    /**
+     * <pre>
+     * USD per 1M input tokens written to a one-hour prompt cache, decimal string.
+     * </pre>
+     *
+     * <code>string cache_write_1h_price_per_mtok = 13 [json_name = "cacheWrite1hPricePerMtok"];</code>
+     * @return The bytes for cacheWrite1hPricePerMtok.
+     */
+    public com.google.protobuf.ByteString
+        getCacheWrite1HPricePerMtokBytes() {
+      java.lang.Object ref = cacheWrite1HPricePerMtok_;
+      if (ref instanceof String) {
+        com.google.protobuf.ByteString b = 
+            com.google.protobuf.ByteString.copyFromUtf8(
+                (java.lang.String) ref);
+        cacheWrite1HPricePerMtok_ = b;
+        return b;
+      } else {
+        return (com.google.protobuf.ByteString) ref;
+      }
+    }
+    /**
+     * <pre>
+     * USD per 1M input tokens written to a one-hour prompt cache, decimal string.
+     * </pre>
+     *
+     * <code>string cache_write_1h_price_per_mtok = 13 [json_name = "cacheWrite1hPricePerMtok"];</code>
+     * @param value The cacheWrite1hPricePerMtok to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheWrite1HPricePerMtok(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      cacheWrite1HPricePerMtok_ = value;
+      bitField0_ |= 0x00001000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * USD per 1M input tokens written to a one-hour prompt cache, decimal string.
+     * </pre>
+     *
+     * <code>string cache_write_1h_price_per_mtok = 13 [json_name = "cacheWrite1hPricePerMtok"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCacheWrite1HPricePerMtok() {
+      cacheWrite1HPricePerMtok_ = getDefaultInstance().getCacheWrite1HPricePerMtok();
+      bitField0_ = (bitField0_ & ~0x00001000);
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * USD per 1M input tokens written to a one-hour prompt cache, decimal string.
+     * </pre>
+     *
+     * <code>string cache_write_1h_price_per_mtok = 13 [json_name = "cacheWrite1hPricePerMtok"];</code>
+     * @param value The bytes for cacheWrite1hPricePerMtok to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheWrite1HPricePerMtokBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      cacheWrite1HPricePerMtok_ = value;
+      bitField0_ |= 0x00001000;
       onChanged();
       return this;
     }

@@ -228,4 +228,44 @@ public interface ModelInfoOrBuilder extends
    */
   com.google.protobuf.ByteString
       getUnavailableReasonBytes();
+
+  /**
+   * <pre>
+   * USD per 1M input tokens written to the provider's prompt cache, decimal string.
+   * </pre>
+   *
+   * <code>string cache_write_price_per_mtok = 12 [json_name = "cacheWritePricePerMtok"];</code>
+   * @return The cacheWritePricePerMtok.
+   */
+  java.lang.String getCacheWritePricePerMtok();
+  /**
+   * <pre>
+   * USD per 1M input tokens written to the provider's prompt cache, decimal string.
+   * </pre>
+   *
+   * <code>string cache_write_price_per_mtok = 12 [json_name = "cacheWritePricePerMtok"];</code>
+   * @return The bytes for cacheWritePricePerMtok.
+   */
+  com.google.protobuf.ByteString
+      getCacheWritePricePerMtokBytes();
+
+  /**
+   * <pre>
+   * USD per 1M input tokens written to a one-hour prompt cache, decimal string.
+   * </pre>
+   *
+   * <code>string cache_write_1h_price_per_mtok = 13 [json_name = "cacheWrite1hPricePerMtok"];</code>
+   * @return The cacheWrite1hPricePerMtok.
+   */
+  java.lang.String getCacheWrite1HPricePerMtok();
+  /**
+   * <pre>
+   * USD per 1M input tokens written to a one-hour prompt cache, decimal string.
+   * </pre>
+   *
+   * <code>string cache_write_1h_price_per_mtok = 13 [json_name = "cacheWrite1hPricePerMtok"];</code>
+   * @return The bytes for cacheWrite1hPricePerMtok.
+   */
+  com.google.protobuf.ByteString
+      getCacheWrite1HPricePerMtokBytes();
 }

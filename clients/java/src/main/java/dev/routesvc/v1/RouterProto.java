@@ -312,7 +312,7 @@ public final class RouterProto {
       "tionH\000R\ncompletion\0229\n\nescalation\030\004 \001(\0132\027" +
       ".routesvc.v1.EscalationH\000R\nescalation\022-\n" +
       "\005batch\030\005 \001(\0132\025.routesvc.v1.BatchJobH\000R\005b" +
-      "atchB\007\n\005event\"\023\n\021ListModelsRequest\"\277\003\n\tM" +
+      "atchB\007\n\005event\"\023\n\021ListModelsRequest\"\274\004\n\tM" +
       "odelInfo\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provider\030\002 \001" +
       "(\tR\010provider\022%\n\016provider_model\030\003 \001(\tR\rpr" +
       "oviderModel\022/\n\024input_price_per_mtok\030\004 \001(" +
@@ -324,89 +324,92 @@ public final class RouterProto {
       "bilities\022%\n\016batch_discount\030\t \001(\tR\rbatchD" +
       "iscount\022\034\n\tavailable\030\n \001(\010R\tavailable\022-\n" +
       "\022unavailable_reason\030\013 \001(\tR\021unavailableRe" +
-      "ason\"D\n\022ListModelsResponse\022.\n\006models\030\001 \003" +
-      "(\0132\026.routesvc.v1.ModelInfoR\006models\"\\\n\017Ge" +
-      "tStatsRequest\022\026\n\006tenant\030\001 \001(\tR\006tenant\0221\n" +
-      "\006window\030\002 \001(\0132\031.google.protobuf.Duration" +
-      "R\006window\"\276\002\n\nCostTotals\022\032\n\010requests\030\001 \001(" +
-      "\003R\010requests\022\026\n\006errors\030\002 \001(\003R\006errors\022\031\n\010c" +
-      "ost_usd\030\003 \001(\tR\007costUsd\022*\n\021baseline_cost_" +
-      "usd\030\004 \001(\tR\017baselineCostUsd\022\037\n\013savings_us" +
-      "d\030\005 \001(\tR\nsavingsUsd\022\'\n\017savings_percent\030\006" +
-      " \001(\001R\016savingsPercent\022,\n\022estimated_cost_u" +
-      "sd\030\007 \001(\tR\020estimatedCostUsd\022=\n\033estimated_" +
-      "baseline_cost_usd\030\010 \001(\tR\030estimatedBaseli" +
-      "neCostUsd\"\335\001\n\nModelStats\022\024\n\005model\030\001 \001(\tR" +
-      "\005model\022\024\n\005share\030\002 \001(\001R\005share\022/\n\006totals\030\003" +
-      " \001(\0132\027.routesvc.v1.CostTotalsR\006totals\022%\n" +
-      "\016feedback_count\030\004 \001(\003R\rfeedbackCount\0223\n\023" +
-      "mean_feedback_score\030\005 \001(\001H\000R\021meanFeedbac" +
-      "kScore\210\001\001B\026\n\024_mean_feedback_score\"V\n\013Ten" +
-      "antStats\022\026\n\006tenant\030\001 \001(\tR\006tenant\022/\n\006tota" +
-      "ls\030\002 \001(\0132\027.routesvc.v1.CostTotalsR\006total" +
-      "s\"\233\001\n\022LatencyPercentiles\022+\n\003p50\030\001 \001(\0132\031." +
-      "google.protobuf.DurationR\003p50\022+\n\003p95\030\002 \001" +
-      "(\0132\031.google.protobuf.DurationR\003p95\022+\n\003p9" +
-      "9\030\003 \001(\0132\031.google.protobuf.DurationR\003p99\"" +
-      "\272\005\n\020GetStatsResponse\0221\n\006window\030\001 \001(\0132\031.g" +
-      "oogle.protobuf.DurationR\006window\022\026\n\006tenan" +
-      "t\030\002 \001(\tR\006tenant\022%\n\016baseline_model\030\003 \001(\tR" +
-      "\rbaselineModel\022/\n\006totals\030\004 \001(\0132\027.routesv" +
-      "c.v1.CostTotalsR\006totals\022/\n\006models\030\005 \003(\0132" +
-      "\027.routesvc.v1.ModelStatsR\006models\0222\n\007tena" +
-      "nts\030\006 \003(\0132\030.routesvc.v1.TenantStatsR\007ten" +
-      "ants\022 \n\013escalations\030\007 \001(\003R\013escalations\022\'" +
-      "\n\017escalation_rate\030\010 \001(\001R\016escalationRate\022" +
-      "\034\n\tfallbacks\030\t \001(\003R\tfallbacks\022+\n\021cascade" +
-      "_decisions\030\n \001(\003R\020cascadeDecisions\0220\n\024ca" +
-      "scade_release_rate\030\013 \001(\001R\022cascadeRelease" +
-      "Rate\0223\n\023mean_released_score\030\014 \001(\001H\000R\021mea" +
-      "nReleasedScore\210\001\001\0229\n\007latency\030\r \001(\0132\037.rou" +
-      "tesvc.v1.LatencyPercentilesR\007latency\022N\n\023" +
-      "time_to_first_token\030\016 \001(\0132\037.routesvc.v1." +
-      "LatencyPercentilesR\020timeToFirstTokenB\026\n\024" +
-      "_mean_released_score\"t\n\017FeedbackRequest\022" +
-      "\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\026\n\005scor" +
-      "e\030\002 \001(\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010H\000R\010t" +
-      "humbsUpB\t\n\007outcome\"\212\001\n\020FeedbackResponse\022" +
-      "\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\024\n\005mode" +
-      "l\030\002 \001(\tR\005model\022\024\n\005score\030\003 \001(\001R\005score\022)\n\020" +
-      "library_examples\030\004 \001(\003R\017libraryExamples*" +
-      "\303\001\n\nBatchState\022\033\n\027BATCH_STATE_UNSPECIFIE" +
-      "D\020\000\022\026\n\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATCH_STA" +
-      "TE_SUBMITTED\020\002\022\031\n\025BATCH_STATE_SUCCEEDED\020" +
-      "\003\022\026\n\022BATCH_STATE_FAILED\020\004\022\027\n\023BATCH_STATE" +
-      "_EXPIRED\020\005\022\031\n\025BATCH_STATE_CANCELLED\020\006*_\n" +
-      "\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SYST" +
-      "EM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020\003\022" +
-      "\r\n\tROLE_TOOL\020\004*?\n\004Mode\022\024\n\020MODE_UNSPECIFI" +
-      "ED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*" +
-      "\270\001\n\014FinishReason\022\035\n\031FINISH_REASON_UNSPEC" +
-      "IFIED\020\000\022\026\n\022FINISH_REASON_STOP\020\001\022\030\n\024FINIS" +
-      "H_REASON_LENGTH\020\002\022\034\n\030FINISH_REASON_TOOL_" +
-      "CALLS\020\003\022 \n\034FINISH_REASON_CONTENT_FILTER\020" +
-      "\004\022\027\n\023FINISH_REASON_OTHER\020\005*\306\001\n\016AttemptOu" +
-      "tcome\022\037\n\033ATTEMPT_OUTCOME_UNSPECIFIED\020\000\022\035" +
-      "\n\031ATTEMPT_OUTCOME_COMPLETED\020\001\022\035\n\031ATTEMPT" +
-      "_OUTCOME_ESCALATED\020\002\022\032\n\026ATTEMPT_OUTCOME_" +
-      "FAILED\020\003\022\031\n\025ATTEMPT_OUTCOME_JUDGE\020\004\022\036\n\032A" +
-      "TTEMPT_OUTCOME_CLASSIFIER\020\0052\226\004\n\rRouterSe" +
-      "rvice\022>\n\005Route\022\031.routesvc.v1.RouteReques" +
-      "t\032\032.routesvc.v1.RouteResponse\022I\n\010Complet" +
-      "e\022\034.routesvc.v1.CompleteRequest\032\035.routes" +
-      "vc.v1.CompleteResponse0\001\022M\n\nListModels\022\036" +
-      ".routesvc.v1.ListModelsRequest\032\037.routesv" +
-      "c.v1.ListModelsResponse\022G\n\010GetStats\022\034.ro" +
-      "utesvc.v1.GetStatsRequest\032\035.routesvc.v1." +
-      "GetStatsResponse\022G\n\010GetBatch\022\034.routesvc." +
-      "v1.GetBatchRequest\032\035.routesvc.v1.GetBatc" +
-      "hResponse\022P\n\013CancelBatch\022\037.routesvc.v1.C" +
-      "ancelBatchRequest\032 .routesvc.v1.CancelBa" +
-      "tchResponse\022G\n\010Feedback\022\034.routesvc.v1.Fe" +
-      "edbackRequest\032\035.routesvc.v1.FeedbackResp" +
-      "onseB_\n\017dev.routesvc.v1B\013RouterProtoP\001Z=" +
-      "github.com/routesvc/routesvc/clients/go/" +
-      "routesvcv1;routesvcv1b\006proto3"
+      "ason\022:\n\032cache_write_price_per_mtok\030\014 \001(\t" +
+      "R\026cacheWritePricePerMtok\022?\n\035cache_write_" +
+      "1h_price_per_mtok\030\r \001(\tR\030cacheWrite1hPri" +
+      "cePerMtok\"D\n\022ListModelsResponse\022.\n\006model" +
+      "s\030\001 \003(\0132\026.routesvc.v1.ModelInfoR\006models\"" +
+      "\\\n\017GetStatsRequest\022\026\n\006tenant\030\001 \001(\tR\006tena" +
+      "nt\0221\n\006window\030\002 \001(\0132\031.google.protobuf.Dur" +
+      "ationR\006window\"\276\002\n\nCostTotals\022\032\n\010requests" +
+      "\030\001 \001(\003R\010requests\022\026\n\006errors\030\002 \001(\003R\006errors" +
+      "\022\031\n\010cost_usd\030\003 \001(\tR\007costUsd\022*\n\021baseline_" +
+      "cost_usd\030\004 \001(\tR\017baselineCostUsd\022\037\n\013savin" +
+      "gs_usd\030\005 \001(\tR\nsavingsUsd\022\'\n\017savings_perc" +
+      "ent\030\006 \001(\001R\016savingsPercent\022,\n\022estimated_c" +
+      "ost_usd\030\007 \001(\tR\020estimatedCostUsd\022=\n\033estim" +
+      "ated_baseline_cost_usd\030\010 \001(\tR\030estimatedB" +
+      "aselineCostUsd\"\335\001\n\nModelStats\022\024\n\005model\030\001" +
+      " \001(\tR\005model\022\024\n\005share\030\002 \001(\001R\005share\022/\n\006tot" +
+      "als\030\003 \001(\0132\027.routesvc.v1.CostTotalsR\006tota" +
+      "ls\022%\n\016feedback_count\030\004 \001(\003R\rfeedbackCoun" +
+      "t\0223\n\023mean_feedback_score\030\005 \001(\001H\000R\021meanFe" +
+      "edbackScore\210\001\001B\026\n\024_mean_feedback_score\"V" +
+      "\n\013TenantStats\022\026\n\006tenant\030\001 \001(\tR\006tenant\022/\n" +
+      "\006totals\030\002 \001(\0132\027.routesvc.v1.CostTotalsR\006" +
+      "totals\"\233\001\n\022LatencyPercentiles\022+\n\003p50\030\001 \001" +
+      "(\0132\031.google.protobuf.DurationR\003p50\022+\n\003p9" +
+      "5\030\002 \001(\0132\031.google.protobuf.DurationR\003p95\022" +
+      "+\n\003p99\030\003 \001(\0132\031.google.protobuf.DurationR" +
+      "\003p99\"\272\005\n\020GetStatsResponse\0221\n\006window\030\001 \001(" +
+      "\0132\031.google.protobuf.DurationR\006window\022\026\n\006" +
+      "tenant\030\002 \001(\tR\006tenant\022%\n\016baseline_model\030\003" +
+      " \001(\tR\rbaselineModel\022/\n\006totals\030\004 \001(\0132\027.ro" +
+      "utesvc.v1.CostTotalsR\006totals\022/\n\006models\030\005" +
+      " \003(\0132\027.routesvc.v1.ModelStatsR\006models\0222\n" +
+      "\007tenants\030\006 \003(\0132\030.routesvc.v1.TenantStats" +
+      "R\007tenants\022 \n\013escalations\030\007 \001(\003R\013escalati" +
+      "ons\022\'\n\017escalation_rate\030\010 \001(\001R\016escalation" +
+      "Rate\022\034\n\tfallbacks\030\t \001(\003R\tfallbacks\022+\n\021ca" +
+      "scade_decisions\030\n \001(\003R\020cascadeDecisions\022" +
+      "0\n\024cascade_release_rate\030\013 \001(\001R\022cascadeRe" +
+      "leaseRate\0223\n\023mean_released_score\030\014 \001(\001H\000" +
+      "R\021meanReleasedScore\210\001\001\0229\n\007latency\030\r \001(\0132" +
+      "\037.routesvc.v1.LatencyPercentilesR\007latenc" +
+      "y\022N\n\023time_to_first_token\030\016 \001(\0132\037.routesv" +
+      "c.v1.LatencyPercentilesR\020timeToFirstToke" +
+      "nB\026\n\024_mean_released_score\"t\n\017FeedbackReq" +
+      "uest\022\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\026\n" +
+      "\005score\030\002 \001(\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010" +
+      "H\000R\010thumbsUpB\t\n\007outcome\"\212\001\n\020FeedbackResp" +
+      "onse\022\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\024\n" +
+      "\005model\030\002 \001(\tR\005model\022\024\n\005score\030\003 \001(\001R\005scor" +
+      "e\022)\n\020library_examples\030\004 \001(\003R\017libraryExam" +
+      "ples*\303\001\n\nBatchState\022\033\n\027BATCH_STATE_UNSPE" +
+      "CIFIED\020\000\022\026\n\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATC" +
+      "H_STATE_SUBMITTED\020\002\022\031\n\025BATCH_STATE_SUCCE" +
+      "EDED\020\003\022\026\n\022BATCH_STATE_FAILED\020\004\022\027\n\023BATCH_" +
+      "STATE_EXPIRED\020\005\022\031\n\025BATCH_STATE_CANCELLED" +
+      "\020\006*_\n\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE" +
+      "_SYSTEM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTA" +
+      "NT\020\003\022\r\n\tROLE_TOOL\020\004*?\n\004Mode\022\024\n\020MODE_UNSP" +
+      "ECIFIED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE_BAT" +
+      "CH\020\002*\270\001\n\014FinishReason\022\035\n\031FINISH_REASON_U" +
+      "NSPECIFIED\020\000\022\026\n\022FINISH_REASON_STOP\020\001\022\030\n\024" +
+      "FINISH_REASON_LENGTH\020\002\022\034\n\030FINISH_REASON_" +
+      "TOOL_CALLS\020\003\022 \n\034FINISH_REASON_CONTENT_FI" +
+      "LTER\020\004\022\027\n\023FINISH_REASON_OTHER\020\005*\306\001\n\016Atte" +
+      "mptOutcome\022\037\n\033ATTEMPT_OUTCOME_UNSPECIFIE" +
+      "D\020\000\022\035\n\031ATTEMPT_OUTCOME_COMPLETED\020\001\022\035\n\031AT" +
+      "TEMPT_OUTCOME_ESCALATED\020\002\022\032\n\026ATTEMPT_OUT" +
+      "COME_FAILED\020\003\022\031\n\025ATTEMPT_OUTCOME_JUDGE\020\004" +
+      "\022\036\n\032ATTEMPT_OUTCOME_CLASSIFIER\020\0052\226\004\n\rRou" +
+      "terService\022>\n\005Route\022\031.routesvc.v1.RouteR" +
+      "equest\032\032.routesvc.v1.RouteResponse\022I\n\010Co" +
+      "mplete\022\034.routesvc.v1.CompleteRequest\032\035.r" +
+      "outesvc.v1.CompleteResponse0\001\022M\n\nListMod" +
+      "els\022\036.routesvc.v1.ListModelsRequest\032\037.ro" +
+      "utesvc.v1.ListModelsResponse\022G\n\010GetStats" +
+      "\022\034.routesvc.v1.GetStatsRequest\032\035.routesv" +
+      "c.v1.GetStatsResponse\022G\n\010GetBatch\022\034.rout" +
+      "esvc.v1.GetBatchRequest\032\035.routesvc.v1.Ge" +
+      "tBatchResponse\022P\n\013CancelBatch\022\037.routesvc" +
+      ".v1.CancelBatchRequest\032 .routesvc.v1.Can" +
+      "celBatchResponse\022G\n\010Feedback\022\034.routesvc." +
+      "v1.FeedbackRequest\032\035.routesvc.v1.Feedbac" +
+      "kResponseB_\n\017dev.routesvc.v1B\013RouterProt" +
+      "oP\001Z=github.com/routesvc/routesvc/client" +
+      "s/go/routesvcv1;routesvcv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -569,7 +572,7 @@ public final class RouterProto {
     internal_static_routesvc_v1_ModelInfo_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ModelInfo_descriptor,
-        new java.lang.String[] { "Id", "Provider", "ProviderModel", "InputPricePerMtok", "OutputPricePerMtok", "CachedInputPricePerMtok", "ContextWindow", "Capabilities", "BatchDiscount", "Available", "UnavailableReason", });
+        new java.lang.String[] { "Id", "Provider", "ProviderModel", "InputPricePerMtok", "OutputPricePerMtok", "CachedInputPricePerMtok", "ContextWindow", "Capabilities", "BatchDiscount", "Available", "UnavailableReason", "CacheWritePricePerMtok", "CacheWrite1HPricePerMtok", });
     internal_static_routesvc_v1_ListModelsResponse_descriptor =
       getDescriptor().getMessageTypes().get(25);
     internal_static_routesvc_v1_ListModelsResponse_fieldAccessorTable = new
