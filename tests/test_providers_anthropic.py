@@ -417,6 +417,25 @@ class TestErrorTranslation:
             "provider anthropic model claude-sonnet: HTTP 402 (billing_error)",
         )
 
+    async def test_a_credit_balance_too_low_is_quota_exhausted(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """Anthropic says an unpaid account's credit is too low with a plain 400
+        ``invalid_request_error``: that one, told apart by its message, is ``ProviderQuotaExhausted``
+        (not PROVIDER_REJECTED); the message is not copied; another 400 stays rejected."""
+        body = (
+            '{"type": "error", "error": {"type": "invalid_request_error", "message": "Your credit balance is'
+            ' too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}'
+        )
+        fake.enqueue(Script(status=400, error_body=body), Script(status=400))
+        _, error = await collect_until_error(provider, make_call())
+        assert (type(error), error.message) == (
+            ProviderQuotaExhausted,
+            "provider anthropic model claude-sonnet: HTTP 400 (invalid_request_error)",
+        )
+        _, other = await collect_until_error(provider, make_call())
+        assert type(other) is ProviderRejected
+
     async def test_the_key_echoed_as_the_error_type_is_not_copied(
         self, fake: FakeProvider, http_client: HttpClientKind
     ) -> None:
