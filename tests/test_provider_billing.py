@@ -76,6 +76,8 @@ class TestCacheWrites:
             done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
         expected = (40 * Decimal(3) + 60 * Decimal("3.75") + 20 * Decimal(15)) / _PER_TOKEN / 2
         assert Decimal(done.result.cost_usd) == expected
+        # The stored result keeps the cache writes with the rest of its usage.
+        assert (done.result.usage.input_tokens, done.result.usage.cache_write_input_tokens) == (100, 60)
 
 
 QUOTA_BODY = json.dumps(

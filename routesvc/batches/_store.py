@@ -77,6 +77,7 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # budget_usd: what the job's tenant budget counted when it was queued (set once that count is
 # made), budget_by: the queue that counted it, budget_done: 1 once the end's correction is made.
 # tool_calls: the result's tool calls, as a JSON list of {id, name, arguments_json}.
+# cache_write_tokens, cache_write_1h_tokens: the result's prompt-cache writes (Usage).
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -84,12 +85,14 @@ _ADDED_COLUMNS = (
     ("budget_by", "TEXT"),
     ("budget_done", "INTEGER"),
     ("tool_calls", "TEXT"),
+    ("cache_write_tokens", "INTEGER"),
+    ("cache_write_1h_tokens", "INTEGER"),
 )
 
 _COLUMNS = (
     "id, tenant, decision_id, model, provider, state, estimated_cost_usd, created_at, updated_at, "
     "text, input_tokens, output_tokens, cached_input_tokens, cost_usd, finish_reason, provider_model, error, "
-    "tool_calls"
+    "tool_calls, cache_write_tokens, cache_write_1h_tokens"
 )
 
 
@@ -180,7 +183,13 @@ def _status(row: sqlite3.Row) -> BatchStatus:
     if job.state is BatchState.SUCCEEDED:
         result = BatchResult(
             text=row["text"] or "",
-            usage=Usage(row["input_tokens"] or 0, row["output_tokens"] or 0, row["cached_input_tokens"] or 0),
+            usage=Usage(
+                row["input_tokens"] or 0,
+                row["output_tokens"] or 0,
+                row["cached_input_tokens"] or 0,
+                row["cache_write_tokens"] or 0,
+                row["cache_write_1h_tokens"] or 0,
+            ),
             cost_usd=Decimal(row["cost_usd"] or "0"),
             finish_reason=FinishReason(row["finish_reason"] or "unspecified"),
             provider_model=row["provider_model"] or "",
@@ -470,7 +479,7 @@ class BatchStore:
         """End a job that has not ended; False (and nothing changed) when it already had."""
         now = self._clock()
         values: dict[str, Any] = {"text": None, "input": None, "output": None, "cached": None}
-        values.update(cost=None, finish=None, provider_model=None, tool_calls=None)
+        values.update(cost=None, finish=None, provider_model=None, tool_calls=None, writes=None, writes_1h=None)
         if result is not None:
             values.update(
                 text=result.text,
@@ -481,13 +490,16 @@ class BatchStore:
                 finish=result.finish_reason.value,
                 provider_model=result.provider_model,
                 tool_calls=json.dumps(_encode_calls(result.tool_calls)) if result.tool_calls else None,
+                writes=result.usage.cache_write_input_tokens,
+                writes_1h=result.usage.cache_write_1h_input_tokens,
             )
 
         def update(connection: sqlite3.Connection) -> bool:
             cursor = connection.execute(
                 "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', text = ?, input_tokens = ?,"
                 " output_tokens = ?, cached_input_tokens = ?, cost_usd = ?, finish_reason = ?, provider_model = ?,"
-                " tool_calls = ?, error = ? WHERE id = ? AND state IN (?, ?)",
+                " tool_calls = ?, cache_write_tokens = ?, cache_write_1h_tokens = ?, error = ?"
+                " WHERE id = ? AND state IN (?, ?)",
                 (
                     state.value,
                     now,
@@ -499,6 +511,8 @@ class BatchStore:
                     values["finish"],
                     values["provider_model"],
                     values["tool_calls"],
+                    values["writes"],
+                    values["writes_1h"],
                     error,
                     batch_id,
                     BatchState.QUEUED.value,
