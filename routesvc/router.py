@@ -175,12 +175,13 @@ class Router:
         """Close every provider's connections and the feedback stores."""
         for provider in self._providers.values():
             await provider.aclose()
-        self._policy.close()
+        await self.close_policy()
 
-    def close_policy(self) -> None:
+    async def close_policy(self) -> None:
         """Close what this router's policy holds (the feedback stores), not the providers: for a
-        router a reload replaced while keeping its providers for the new one."""
-        self._policy.close()
+        router a reload replaced while keeping its providers for the new one. In a worker thread:
+        a store writes what is queued first, which waits while another process locks its file."""
+        await asyncio.to_thread(self._policy.close)
 
     def _eligibility(self, request: RoutingRequest, input_tokens: int, output_tokens: int) -> dict[str, str]:
         skip_unconfigured = self._routing.on_unconfigured_provider == "fallthrough"
@@ -326,19 +327,26 @@ class Router:
             stage.remember(decision.decision_id, request.chat.last_user_message, decision.model)
         return self._escalation.plan(decision, request)
 
-    def feedback(self, decision_id: str, score: float, *, tenant: str = "") -> tuple[str, int]:
+    async def feedback(self, decision_id: str, score: float, *, tenant: str = "") -> tuple[str, int]:
         """Record ``score`` in [0, 1] for an earlier decision; the embedding stages' libraries are
-        rebuilt from their stores. Returns the decision's model and the library size."""
+        rebuilt from their stores (SQLite and the rebuild in a worker thread). Returns the
+        decision's model and the library size."""
         stages = [stage for stage in self._policy.learning_stages if stage.feedback is not None]
         if not stages:
             raise FeedbackNotEnabled("feedback needs an embedding stage with a feedback_db in routing.stages")
-        model = ""
-        examples = 0
-        for stage in stages:
-            assert stage.feedback is not None
-            entry = stage.feedback.record(decision_id, score)
-            model = entry.model
-            examples += stage.rebuild_library()
+
+        def record() -> tuple[str, int]:
+            model = ""
+            examples = 0
+            for stage in stages:
+                assert stage.feedback is not None
+                entry = stage.feedback.record(decision_id, score)
+                model = entry.model
+                examples += stage.rebuild_library()
+            return model, examples
+
+        model, examples = await asyncio.to_thread(record)
+        # On the event loop, like every other change to the stats window.
         telemetry.record_feedback(model, score, decision_id=decision_id, tenant=tenant)
         return model, examples
 
@@ -637,10 +645,18 @@ class Router:
                 else:
                     completion = event
         except ProviderError as error:
-            if not (is_retryable(error) or isinstance(error, StreamInterrupted)):
+            if not (is_retryable(error) or skips_provider(error) or isinstance(error, StreamInterrupted)):
                 raise
             failed = QualityScore(0.0, "none", f"{model_id} failed ({error.reason})")
             used = _usage_of(state.summaries[attempts_before:])
+            if isinstance(error, StreamInterrupted):
+                # Cut mid-answer, but the answer was buffered: nothing reached the client, so if
+                # this failure ends the request it must not say the call was committed.
+                error = ProviderUnavailable(
+                    f"{error.message.split(' after ')[0]} mid-answer (nothing was sent)",
+                    provider=error.provider,
+                    model=error.model,
+                )
             return _StepOutcome((), None, failed, cost_before, used, error)
         finally:
             state.chunks = chunks_before  # buffered chunks never reached the client
@@ -686,10 +702,15 @@ class Router:
         reliability = self._reliability
         first = attempt.number
         last_error: ProviderError | None = None
-        exhausted: set[str] = set()  # providers whose quota ran out: none of their models is tried
+        retryable_error: ProviderError | None = None  # the last failure a later retry may get past
         for model_id in self._attempt_chain(decision, request.context.max_cost_usd):
             model = self._catalog.get(model_id)
-            if model.provider in exhausted:
+            if model.provider in attempt.exhausted:
+                last_error = last_error or ProviderQuotaExhausted(
+                    f"provider {model.provider} model {model_id}: quota spent (found earlier in this request)",
+                    provider=model.provider,
+                    model=model_id,
+                )
                 continue
             try:
                 await self._cover(attempt, model)
@@ -726,8 +747,9 @@ class Router:
                             raise
                         last_error = error
                         if skips_provider(error):
-                            exhausted.add(model.provider)
+                            attempt.exhausted.add(model.provider)
                             break
+                        retryable_error = error
                 retry_after = last_error.retry_after if isinstance(last_error, ProviderRateLimited) else None
                 if try_on_model == reliability.retries_per_model:
                     break
@@ -738,7 +760,9 @@ class Router:
                 await asyncio.sleep(delay)
         if last_error is None:
             raise no_eligible_model_for(decision)
-        raise last_error
+        # A spent quota says "do not retry until paid"; when another model only failed for now
+        # (rate limited, unavailable), that is what the caller is told, so a retry may succeed.
+        raise retryable_error if skips_provider(last_error) and retryable_error is not None else last_error
 
     async def _cover(self, state: _AttemptState, model: ModelSpec) -> None:
         """Make the request's reservation hold what it has spent on answers so far plus ``model``'s
@@ -911,6 +935,7 @@ class _AttemptState:
     tenant: str
     reservation: Reservation
     reserved: Decimal  # USD the reservation holds: the decision's estimate, then any extensions
+    exhausted: set[str] = field(default_factory=set)  # providers whose quota ran out: not tried again
     number: int = 0
     chunks: int = 0
     tokens: int = 0

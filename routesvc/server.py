@@ -260,7 +260,7 @@ class Server:
         if self._retired[router]:
             await router.aclose()
         else:
-            router.close_policy()
+            await router.close_policy()
         del self._retired[router]
 
     async def start(self) -> None:

@@ -432,8 +432,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
             request = self._parsed(request)
             decision_id, score = wire.feedback(request)
             tenant = record.principal.tenant or ""
-            # SQLite writes and the library rebuild run off the event loop.
-            model, examples = await asyncio.to_thread(self._router.feedback, decision_id, score, tenant=tenant)
+            model, examples = await self._router.feedback(decision_id, score, tenant=tenant)
             record.fields.update(decision_id=decision_id, model=model, feedback_score=score)
             return pb.FeedbackResponse(decision_id=decision_id, model=model, score=score, library_examples=examples)
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns

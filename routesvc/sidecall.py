@@ -28,11 +28,12 @@ class SideCallResult:
 def upstream_call(
     model: str, messages: Sequence[Message], texts: Sequence[str], finish: ProviderFinish | None, *, refused: bool
 ) -> UpstreamCall:
-    """What a side call used: the provider's usage when it finished; when it was cut short after
+    """What a side call used: the provider's usage when it finished (flagged when the provider did
+    not report it and the adapter estimated it); when it was cut short after
     the provider started work, an estimate from ``messages`` and the ``texts`` received, flagged;
     when the provider ``refused`` it before any output, nothing."""
     if finish is not None:
-        return UpstreamCall(model, finish.usage)
+        return UpstreamCall(model, finish.usage, estimated=finish.estimated)
     estimate = Usage(
         input_tokens=0 if refused else sum(count_text_tokens(m.content) for m in messages),
         output_tokens=count_text_tokens("".join(texts)),

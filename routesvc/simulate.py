@@ -178,6 +178,10 @@ def read_prompts(path: Path) -> Iterator[SimulatedPrompt]:
                 raise SimulationDataError(f"{where}: not JSON ({exc.msg})") from exc
             if not isinstance(raw, dict) or not isinstance(raw.get("prompt"), str):
                 raise SimulationDataError(f"{where}: expected an object with a string 'prompt'")
+            try:
+                raw["prompt"].encode()
+            except UnicodeEncodeError:  # a lone surrogate escape: JSON reads it, nothing can send it
+                raise SimulationDataError(f"{where}: 'prompt' is not valid UTF-8 (a lone surrogate)") from None
             max_output = raw.get("max_output_tokens")
             if max_output is not None and (isinstance(max_output, bool) or not isinstance(max_output, int)):
                 raise SimulationDataError(f"{where}: max_output_tokens must be a whole number")

@@ -178,9 +178,9 @@ def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
     if len(chat.tools) > limits.max_tools:
         raise RequestTooLarge(f"chat.tools: more than {limits.max_tools} tools")
     # Both providers take a tool call's result only in the turns right after the call's turn, and
-    # need every call answered there: the calls still open (id -> field), and every id seen.
+    # need every call answered there: the calls still open (id -> field). Ids are unique within a
+    # turn; some servers number each turn's calls from 0 again, which the providers take.
     open_calls: dict[str, str] = {}
-    seen: set[str] = set()
     turns: list[Message] = []
     for index, message in enumerate(chat.messages):
         turn = _message(index, message, open_calls)
@@ -191,9 +191,8 @@ def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
                 next(iter(open_calls.values())), f"has no ROLE_TOOL result before chat.messages[{index}]"
             )
         for number, call in enumerate(turn.tool_calls):
-            if call.id in seen:
-                raise InvalidRequest(f"chat.messages[{index}].tool_calls[{number}].id", "repeats an earlier call's id")
-            seen.add(call.id)
+            if call.id in open_calls:
+                raise InvalidRequest(f"chat.messages[{index}].tool_calls[{number}].id", "repeats another call's id")
             open_calls[call.id] = f"chat.messages[{index}].tool_calls[{number}]"
         turns.append(turn)
     if open_calls:

@@ -527,6 +527,28 @@ class TestFailedStepsKeepTheirLimits:
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o", "claude-sonnet-4-6", "claude-sonnet-4-6"]
 
+    async def test_a_cut_step_that_cannot_escalate_is_not_reported_committed(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap step's buffered stream is cut after 30 chunks and the cost cap stops the
+        escalation: nothing reached the client, so the error is an uncommitted UNAVAILABLE (safe
+        to retry), not STREAM_INTERRUPTED with 30 chunks "sent"."""
+        fake.enqueue(Script(chunk_count=40, fault=Fault.CUT, fault_after=30), model="gpt-4o-mini")
+        got: list[pb.CompleteResponse] = []
+
+        async def complete() -> None:
+            context = pb.RoutingContext(cascade=True, max_cost_usd="0.001")
+            async for message in live_client.complete(user_chat("What is the capital of France?"), context):
+                got.append(message)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await complete()
+        info = error_info(caught.value)
+        assert [m.WhichOneof("event") for m in got] == ["decision"]
+        assert (caught.value.code(), info.reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+        assert "committed" not in info.metadata or info.metadata["committed"] != "true"
+        assert caught.value.details().endswith("mid-answer (nothing was sent)")
+
     async def test_an_escalation_reports_the_usage_of_a_cut_step(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:

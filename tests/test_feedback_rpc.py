@@ -173,6 +173,28 @@ class TestFeedbackStoreUnderContention:
         assert (routed_in < 1.0, overslept < 0.5) == (True, True)
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
 
+    async def test_a_reload_while_the_file_is_locked_holds_up_no_call(self, tmp_path: Path) -> None:
+        """The old router's store, retired by a reload, writes its queued decisions before it
+        closes; while another process locks the file that waits (SQLite's 5 s busy timeout), in a
+        worker thread: the event loop goes on, and a Route right after the reload is answered."""
+        moved = embedding_config(tmp_path)
+        moved["routing"]["stages"][0]["feedback_db"] = str(tmp_path / "other.db")  # type: ignore[index]
+        served = Server(settings_from(embedding_config(tmp_path)), port=0)
+        async with served as server, RouterClient(server.target) as client:
+            await client.route(user_chat("warm up"))
+            with write_locked(tmp_path / "feedback.db"):
+                await client.route(user_chat("say hello to zulu"))
+                await asyncio.sleep(0.1)  # the writer now waits on the lock
+                await server.reload(settings_from(moved))
+                started = time.monotonic()
+                slept = time.monotonic()
+                await asyncio.sleep(0.05)
+                overslept = time.monotonic() - slept - 0.05
+                await client.route(user_chat("another prompt"))
+                routed_in = time.monotonic() - started
+        # The failure this guards against held the loop for the whole 5 s busy timeout.
+        assert (overslept < 2.5, routed_in < 2.5) == (True, True)
+
     async def test_concurrent_feedback_leaves_the_served_library_complete(self, tmp_path: Path) -> None:
         """Two Feedback calls rebuild the library at once; the one that read the store first is
         made slow, so without ordering it would swap in its older library last."""

@@ -130,6 +130,41 @@ class TestQuotaExhausted:
         assert error.details() == "provider openai model gpt-4o-mini: HTTP 429 (insufficient_quota)"
 
 
+class TestQuotaExhaustedInARequestOfSeveralModels:
+    async def test_a_cascade_step_whose_quota_is_spent_escalates_to_another_provider(self, fake: FakeProvider) -> None:
+        """Chain gpt-4o-mini -> claude-sonnet with the OpenAI key's quota spent: the step fails
+        and the request escalates to claude-sonnet, which answers (the quota error ended it)."""
+        config = default_config()
+        steps = [{"model": "gpt-4o-mini", "threshold": 0.8}, {"model": "claude-sonnet"}]
+        config["cascade"] = {"apply": "always", "scorers": ["local"], "chains": [{"steps": steps}]}
+        for model in ("gpt-4o-mini", "gpt-4o"):  # one OpenAI key: its quota is spent for both
+            fake.set_default(Script(status=429, error_body=QUOTA_BODY), model=model)
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("hi"), pb.RoutingContext())]
+        assert messages[-1].completion.model == "claude-sonnet"
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "claude-sonnet-4-6"]
+
+    async def test_a_model_only_rate_limited_is_what_the_caller_is_told(
+        self, fake: FakeProvider, live_client: RouterClient
+    ) -> None:
+        """gpt-4o is rate limited and its fallback's account is unpaid: the caller gets
+        RESOURCE_EXHAUSTED with a retry delay (a later retry may be answered by gpt-4o), not
+        'do not retry until paid'."""
+        fake.set_default(Script(status=429, retry_after="1"), model="gpt-4o")
+        fake.set_default(Script(status=402, error_type="billing_error"), model="claude-sonnet-4-6")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in live_client.complete(user_chat("Say hello"), pb.RoutingContext(model="gpt-4o")):
+                pass
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "PROVIDER_RATE_LIMITED",
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o", "gpt-4o", "claude-sonnet-4-6"]
+
+
 class TestUnreportedUsage:
     """A provider that reports no usage: the adapter's estimate is flagged as one."""
 
@@ -184,3 +219,21 @@ class TestAnthropicBatchRequests:
             [{"name": "get_weather", "input_schema": {"type": "object"}}],
             {"type": "none"},
         )
+
+
+async def test_a_judge_whose_usage_was_not_reported_is_flagged_estimated(fake: FakeProvider) -> None:
+    """A cascade judge on an OpenAI-compatible model that reports no usage: its ledger entry is
+    flagged estimated, as an answer's is (the span said so, the ledger did not)."""
+    config = default_config()
+    add_local_model(config, fake.openai_base_url, "llama")
+    config["cascade"]["judge"] = {"model": "llama", "timeout_seconds": 5, "on_failure": "release"}  # type: ignore[index]
+    fake.enqueue(Script(text="Paris is the capital of France."), model="gpt-4o-mini")
+    fake.set_default(Script(text='{"score": 0.9}', omit_usage=True), model="llama")
+    async with (
+        Server(settings_from(config, live_environ(fake)), port=0) as server,
+        RouterClient(server.target) as client,
+    ):
+        chat = user_chat("What is the capital of France?")
+        messages = [m async for m in client.complete(chat, pb.RoutingContext(cascade=True))]
+        entries = server.router.ledger.entries(messages[0].decision.decision_id)
+    assert [(e.model, e.estimated) for e in entries] == [("gpt-4o-mini", False), ("llama", True)]

@@ -54,6 +54,7 @@ class TestReadPrompts:
             '{"prompt": "x", "outcomes": 1}',
             '{"prompt": "x", "max_output_tokens": 1.5}',
             '{"prompt": "x", "max_output_tokens": 99999999999}',
+            '{"prompt": "bad \\ud800 row"}',
         ],
     )
     def test_a_bad_line_names_file_and_line(self, tmp_path: Path, line: str) -> None:

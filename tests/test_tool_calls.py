@@ -142,6 +142,15 @@ class TestAssemblingPieces:
             ToolCall("b", "get_weather", '{"city": "Rome"}'),
         )
 
+    def test_a_call_whose_id_changes_on_later_pieces_stays_one_call(self) -> None:
+        """Some servers keep the index but send another id on the argument pieces (a fresh one
+        per piece): a piece that names no tool continues the call at its index."""
+        parts = ToolCallParts()
+        parts.add(0, call_id="call_A", name="get_weather")
+        parts.add(0, call_id="call_B", arguments='{"city": ')
+        parts.add(0, call_id="call_C", arguments='"Paris"}')
+        assert parts.calls() == (ToolCall("call_A", "get_weather", '{"city": "Paris"}'),)
+
     def test_pieces_without_an_index_follow_their_call(self) -> None:
         """Older servers send no index: a new id starts a call, later pieces extend the latest one
         (they were dropped, leaving a TOOL_CALLS finish with no calls)."""

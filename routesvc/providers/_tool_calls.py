@@ -6,9 +6,11 @@ streams a ``tool_use`` content block's id and name in ``content_block_start`` an
 ``input_json_delta`` pieces, keyed by the block's ``index``.
 
 OpenAI-compatible servers bend the index rule: Ollama sends every parallel call at ``index`` 0,
-told apart by their ids, and older versions send no ``index`` at all. So a piece whose id differs
-from the id of the call at its index starts a new call, and a piece without an index belongs to
-the latest call unless its id starts a new one. Calls are kept in the order they started.
+told apart by their ids, and older versions send no ``index`` at all. So a piece that names a
+tool under an id other than that of the call at its index starts a new call, and a piece without
+an index belongs to the latest call unless it starts a new one so. (A call's first piece always
+names its tool; some servers change the id on later pieces of the same call, which therefore
+stay with it.) Calls are kept in the order they started.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class ToolCallParts:
     def add(self, index: int | None, *, call_id: str = "", name: str = "", arguments: str = "") -> None:
         """Fold in one piece: the first id and name given win, arguments are appended."""
         parts = self._at.get(index) if index is not None else (self._calls[-1] if self._calls else None)
-        if parts is None or (call_id and parts.id and parts.id != call_id):
+        if parts is None or (name and call_id and parts.id and parts.id != call_id):
             parts = _Parts()
             self._calls.append(parts)
             if index is not None:
