@@ -3,6 +3,7 @@ to each provider in its own wire format, and chunks without answer text keep a s
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -248,6 +249,41 @@ class TestConversationsAreTranslated:
                 ],
             },
         ]
+
+    @pytest.mark.parametrize(("model", "path", "prefix"), ADAPTERS, ids=ADAPTER_IDS)
+    async def test_call_ids_of_another_server_are_sent_in_a_form_each_api_takes(
+        self, live_client: RouterClient, fake: FakeProvider, model: str, path: str, prefix: str
+    ) -> None:
+        """Ids another server made ("functions.get_weather:0", 50 characters): Anthropic takes only
+        letters, digits, '_' and '-', OpenAI at most 40 characters; each call and its result get
+        the same id in that form, and two calls stay apart."""
+        odd, long = "functions.get_weather:0", "call_" + "x" * 45
+        chat = build_chat(
+            [
+                ("user", "Weather in Paris, and the time in Rome?"),
+                pb.Message(
+                    role=pb.ROLE_ASSISTANT,
+                    tool_calls=[_call(odd, "get_weather", '{"city": "Paris"}'), _call(long, "get_time", "{}")],
+                ),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id=odd, content="18 C"),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id=long, content="14:05"),
+            ],
+            tools=[WEATHER, TIME],
+        )
+        await _complete(live_client, chat, model)
+        body: dict[str, Any] = fake.requests[-1].body
+        if prefix == "call":
+            calls = [call["id"] for call in body["messages"][1]["tool_calls"]]
+            results = [turn["tool_call_id"] for turn in body["messages"][2:4]]
+            assert calls[0] == odd
+            assert len(calls[1]) <= 40
+        else:
+            calls = [block["id"] for block in body["messages"][1]["content"]]
+            results = [block["tool_use_id"] for block in body["messages"][2]["content"]]
+            assert all(re.fullmatch(r"[a-zA-Z0-9_-]+", call_id) for call_id in calls)
+            assert calls[1] == long
+        assert calls == results
+        assert len(set(calls)) == 2
 
     async def test_anthropic_gets_an_assistant_turn_of_calls_only_and_empty_arguments_as_an_object(
         self, live_client: RouterClient, fake: FakeProvider

@@ -15,6 +15,8 @@ stay with it.) Calls are kept in the order they started.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 
 from routesvc.models import ToolCall
@@ -50,3 +52,29 @@ class ToolCallParts:
     def calls(self) -> tuple[ToolCall, ...]:
         """The assembled calls, in the order they started."""
         return tuple(ToolCall(parts.id, parts.name, "".join(parts.arguments)) for parts in self._calls)
+
+
+# What each API takes as a call id in a request: Anthropic ``^[a-zA-Z0-9_-]+$``, OpenAI at most 40
+# characters. A conversation may carry another provider's ids (a fallback, a model switched
+# mid-conversation, an OpenAI-compatible server's "functions.lookup:0").
+_ANTHROPIC_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_OPENAI_ID_CHARS = 40
+
+
+def _digest(call_id: str) -> str:
+    return hashlib.sha256(call_id.encode()).hexdigest()[:10]
+
+
+def anthropic_call_id(call_id: str) -> str:
+    """``call_id`` as Anthropic takes it: itself when it fits, else its allowed characters and a
+    digest of the whole (so a call and its result still match, and two ids stay apart)."""
+    if _ANTHROPIC_ID.fullmatch(call_id):
+        return call_id
+    return f"{re.sub(r'[^a-zA-Z0-9_-]', '_', call_id)[:40]}_{_digest(call_id)}"
+
+
+def openai_call_id(call_id: str) -> str:
+    """``call_id`` as OpenAI takes it: itself when short enough, else shortened with a digest."""
+    if len(call_id) <= _OPENAI_ID_CHARS:
+        return call_id
+    return f"{call_id[: _OPENAI_ID_CHARS - 11]}_{_digest(call_id)}"

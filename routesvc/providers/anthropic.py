@@ -81,7 +81,7 @@ from routesvc.providers._http import (
     text_field,
     transport_error,
 )
-from routesvc.providers._tool_calls import ToolCallParts
+from routesvc.providers._tool_calls import ToolCallParts, anthropic_call_id
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
@@ -142,7 +142,9 @@ def _messages(messages: Iterable[Message]) -> list[MessageParam]:
     results: list[ToolResultBlockParam | TextBlockParam] | None = None
     for message in messages:
         if message.role is Role.TOOL:
-            block = ToolResultBlockParam(type="tool_result", tool_use_id=message.tool_call_id, content=message.content)
+            block = ToolResultBlockParam(
+                type="tool_result", tool_use_id=anthropic_call_id(message.tool_call_id), content=message.content
+            )
             if results is None:
                 results = [block]
                 result.append(UserMessageParam(role="user", content=results))
@@ -157,7 +159,10 @@ def _messages(messages: Iterable[Message]) -> list[MessageParam]:
                 blocks.append(TextBlockParam(type="text", text=message.content))
             blocks.extend(
                 ToolUseBlockParam(
-                    type="tool_use", id=call.id, name=call.name, input=json.loads(call.arguments_json or "{}")
+                    type="tool_use",
+                    id=anthropic_call_id(call.id),
+                    name=call.name,
+                    input=json.loads(call.arguments_json or "{}"),
                 )
                 for call in message.tool_calls
             )
