@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from routesvc.catalog import ModelSpec
 from routesvc.errors import ProviderError
-from routesvc.models import Message, ProviderFinish, TextDelta, UpstreamCall, Usage
+from routesvc.models import Heartbeat, Message, ProviderFinish, TextDelta, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.tokens import count_text_tokens
 
@@ -60,6 +60,7 @@ async def side_call(
     from routesvc import telemetry
 
     texts: list[str] = []
+    produced: list[str] = []  # reasoning and tool-call pieces: output the provider bills too
     finish: ProviderFinish | None = None
     error: TimeoutError | ProviderError | None = None
     refused = False
@@ -69,18 +70,20 @@ async def side_call(
             async for event in stream:
                 if isinstance(event, TextDelta):
                     texts.append(event.text)
+                elif isinstance(event, Heartbeat):
+                    produced.append(event.text)
                 elif isinstance(event, ProviderFinish):
                     finish = event
     except TimeoutError as exc:
         error = exc
     except ProviderError as exc:
         error = exc
-        refused = not texts
+        refused = not texts and not produced
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
-        used = upstream_call(model.id, call.messages, texts, finish, refused=refused)
+        used = upstream_call(model.id, call.messages, [*texts, *produced], finish, refused=refused)
         if charge is not None:
             charge(used)
     return SideCallResult("".join(texts), finish, used, error)

@@ -17,7 +17,7 @@ from routesvc.models import ChatRequest, Message, Role, ToolCall, ToolSpec
 from routesvc.providers.anthropic_batch import AnthropicBatches
 from routesvc.providers.batch import BatchItem
 from routesvc.server import Server
-from routesvc.testing import FakeProvider, Script
+from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.tokens import estimate_input_tokens
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
@@ -237,3 +237,24 @@ async def test_a_judge_whose_usage_was_not_reported_is_flagged_estimated(fake: F
         messages = [m async for m in client.complete(chat, pb.RoutingContext(cascade=True))]
         entries = server.router.ledger.entries(messages[0].decision.decision_id)
     assert [(e.model, e.estimated) for e in entries] == [("gpt-4o-mini", False), ("llama", True)]
+
+
+async def test_a_judge_cut_while_reasoning_is_charged_for_what_it_produced(fake: FakeProvider) -> None:
+    """The judge streams reasoning and is cut before any text: the provider billed that output, so
+    its attempt is charged an estimate, flagged (it was taken for a refusal and charged nothing)."""
+    config = default_config()
+    add_local_model(config, fake.openai_base_url, "llama")
+    config["cascade"]["judge"] = {"model": "llama", "timeout_seconds": 5, "on_failure": "release"}  # type: ignore[index]
+    fake.enqueue(Script(text="Paris is the capital of France."), model="gpt-4o-mini")
+    reasoning = tuple(f"step {n} of a long thought " for n in range(6))
+    fake.enqueue(Script(reasoning=reasoning, text='{"score": 1}', fault=Fault.CUT, fault_after=4), model="llama")
+    async with (
+        Server(settings_from(config, live_environ(fake)), port=0) as server,
+        RouterClient(server.target) as client,
+    ):
+        chat = user_chat("What is the capital of France?")
+        messages = [m async for m in client.complete(chat, pb.RoutingContext(cascade=True))]
+        entries = server.router.ledger.entries(messages[0].decision.decision_id)
+    [judge] = [e for e in entries if e.model == "llama"]
+    assert judge.estimated is True
+    assert judge.usage.output_tokens > 0
