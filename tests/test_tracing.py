@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from routesvc import telemetry
 from routesvc.models import ChatRequest, Message, Role, RoutingContext, RoutingRequest
-from routesvc.testing import FakeProvider, Script
+from routesvc.testing import FakeProvider, FakeToolCall, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, settings_from, user_chat
 from tests.observability import Observed, observed_server
@@ -244,6 +244,38 @@ class TestContent:
             {"role": "user", "parts": [{"type": "text", "content": "the question"}]}
         ]
         assert "the answer" in str(attributes["gen_ai.output.messages"])
+
+    async def test_captured_messages_carry_tool_calls_and_results(self, fake: FakeProvider) -> None:
+        """With capture on, tool turns are ``tool_call`` and ``tool_call_response`` parts (they were
+        left out: a result read as a plain text turn, a call-only turn as empty text), and the
+        model's calls are in the output message."""
+        fake.enqueue(Script(chunks=(), tool_calls=(FakeToolCall("lookup", '{"q": "y"}'),)))
+        call = pb.ToolCall(id="call_1", name="lookup", arguments_json='{"q": "x"}')
+        chat = pb.ChatRequest(
+            messages=[
+                pb.Message(role=pb.ROLE_USER, content="the question"),
+                pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="the result"),
+            ],
+            tools=[pb.Tool(name="lookup")],
+        )
+        async with observed_server(fake, telemetry={"capture_content": True}) as observed:
+            [m async for m in observed.client.complete(chat, pb.RoutingContext(model="gpt-4o-mini"))]
+            (span,) = observed.named("chat gpt-4o-mini")
+        attributes = _attrs(span)
+        assert json.loads(str(attributes["gen_ai.input.messages"]))[1:] == [
+            {
+                "role": "assistant",
+                "parts": [{"type": "tool_call", "id": "call_1", "name": "lookup", "arguments": '{"q": "x"}'}],
+            },
+            {"role": "tool", "parts": [{"type": "tool_call_response", "id": "call_1", "response": "the result"}]},
+        ]
+        assert json.loads(str(attributes["gen_ai.output.messages"])) == [
+            {
+                "role": "assistant",
+                "parts": [{"type": "tool_call", "id": "call_fake_0", "name": "lookup", "arguments": '{"q": "y"}'}],
+            }
+        ]
 
 
 class TestEvents:

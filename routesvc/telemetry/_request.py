@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextvars
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from types import MappingProxyType
@@ -31,6 +31,7 @@ from routesvc.models import (
     RouteDecision,
     RoutingRequest,
     TextDelta,
+    ToolCall,
     Usage,
 )
 from routesvc.providers.base import ProviderCall
@@ -319,9 +320,18 @@ class _Streaming(Protocol):
     def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]: ...
 
 
+def _parts(text: str, calls: Sequence[ToolCall] = (), call_id: str = "") -> list[dict[str, object]]:
+    """A message's parts as the GenAI conventions write them: a tool result, text, tool calls."""
+    if call_id:
+        return [{"type": "tool_call_response", "id": call_id, "response": text}]
+    parts: list[dict[str, object]] = [{"type": "text", "content": text}] if text or not calls else []
+    parts += [{"type": "tool_call", "id": c.id, "name": c.name, "arguments": c.arguments_json} for c in calls]
+    return parts
+
+
 def _messages_json(chat: ChatRequest) -> str:
     return json.dumps(
-        [{"role": m.role.value, "parts": [{"type": "text", "content": m.content}]} for m in chat.messages]
+        [{"role": m.role.value, "parts": _parts(m.content, m.tool_calls, m.tool_call_id)} for m in chat.messages]
     )
 
 
@@ -476,10 +486,10 @@ def _end_attempt(
     )
     if error_type:
         span.set_attribute("error.type", error_type)
-    if telemetry.capture_content and texts:
+    calls = finish.tool_calls if finish is not None else ()
+    if telemetry.capture_content and (texts or calls):
         span.set_attribute(
-            "gen_ai.output.messages",
-            json.dumps([{"role": "assistant", "parts": [{"type": "text", "content": "".join(texts)}]}]),
+            "gen_ai.output.messages", json.dumps([{"role": "assistant", "parts": _parts("".join(texts), calls)}])
         )
     span.end()
     rpc.attempts.append(_AttemptRecord(model.id, cost, usage if finish is not None else None, estimated, purpose))
