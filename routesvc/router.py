@@ -733,9 +733,11 @@ class Router:
                 if remaining is not None and remaining < reliability.min_attempt_seconds:
                     raise TimeoutError
                 if not self._breakers.allow(model_id):
-                    last_error = last_error or ProviderUnavailable(
+                    open_breaker = ProviderUnavailable(
                         f"circuit breaker open for model {model_id}", provider=model.provider, model=model_id
                     )
+                    last_error = last_error or open_breaker
+                    retryable_error = retryable_error or open_breaker  # it half-opens again soon
                     break
                 async with contextlib.aclosing(self._attempt(attempt, model, request, remaining, headers)) as events:
                     try:

@@ -165,6 +165,29 @@ class TestQuotaExhaustedInARequestOfSeveralModels:
         assert [r.model for r in fake.requests] == ["gpt-4o", "gpt-4o", "claude-sonnet-4-6"]
 
 
+class TestQuotaExhaustedBehindAnOpenBreaker:
+    async def test_a_model_behind_an_open_breaker_is_what_the_caller_is_told(self, fake: FakeProvider) -> None:
+        """gpt-4o's breaker is open (it half-opens again soon) and its fallback's account is unpaid:
+        the caller is told UNAVAILABLE, which a retry may get past, not 'do not retry until paid'."""
+        config = default_config()
+        config["reliability"] = {"breaker": {"failure_threshold": 1}}
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(Script(status=500), Script(status=500), model="gpt-4o")  # opens gpt-4o's breaker
+            fake.enqueue(Script(text="ok"), model="claude-sonnet-4-6")
+            [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o"))]
+            fake.set_default(Script(status=402, error_type="billing_error"), model="claude-sonnet-4-6")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o")):
+                    pass
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "PROVIDER_UNAVAILABLE",
+        )
+
+
 class TestUnreportedUsage:
     """A provider that reports no usage: the adapter's estimate is flagged as one."""
 

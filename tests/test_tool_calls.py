@@ -285,6 +285,42 @@ class TestConversationsAreTranslated:
         assert calls == results
         assert len(set(calls)) == 2
 
+    @pytest.mark.parametrize(("model", "path", "prefix"), ADAPTERS, ids=ADAPTER_IDS)
+    async def test_an_id_repeated_in_a_later_turn_is_sent_unique(
+        self, live_client: RouterClient, fake: FakeProvider, model: str, path: str, prefix: str
+    ) -> None:
+        """A server that numbers each turn's calls from 0 repeats ids across turns; Anthropic refuses
+        a request with a repeated tool_use id: each turn's call is sent under an id of its own, and
+        each result under its call's."""
+
+        def turn(arguments: str, result: str) -> list[pb.Message]:
+            call = _call("functions.get_weather:0", "get_weather", arguments)
+            return [
+                pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id=call.id, content=result),
+            ]
+
+        chat = build_chat(
+            [
+                ("user", "Weather in Paris?"),
+                *turn('{"city": "Paris"}', "18 C"),
+                ("user", "And Rome?"),
+                *turn('{"city": "Rome"}', "21 C"),
+            ],
+            tools=[WEATHER],
+        )
+        await _complete(live_client, chat, model)
+        body: dict[str, Any] = fake.requests[-1].body
+        if prefix == "call":
+            calls = [m["tool_calls"][0]["id"] for m in body["messages"] if m.get("tool_calls")]
+            results = [m["tool_call_id"] for m in body["messages"] if m["role"] == "tool"]
+        else:
+            blocks = [b for m in body["messages"] if isinstance(m["content"], list) for b in m["content"]]
+            calls = [b["id"] for b in blocks if b["type"] == "tool_use"]
+            results = [b["tool_use_id"] for b in blocks if b["type"] == "tool_result"]
+        assert calls == results
+        assert len(set(calls)) == 2
+
     async def test_anthropic_gets_an_assistant_turn_of_calls_only_and_empty_arguments_as_an_object(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from routesvc.models import ToolCall
@@ -78,3 +79,30 @@ def openai_call_id(call_id: str) -> str:
     if len(call_id) <= _OPENAI_ID_CHARS:
         return call_id
     return f"{call_id[: _OPENAI_ID_CHARS - 11]}_{_digest(call_id)}"
+
+
+class SentCallIds:
+    """The ids one request sends for its calls and results: each call's id in the API's form
+    (``anthropic_call_id`` or ``openai_call_id``), made unique across the request (a server that
+    numbers each turn's calls from 0 again repeats ids across turns, which Anthropic refuses); a
+    result gets the id sent for its call, which is in the assistant turn just before it."""
+
+    def __init__(self, form: Callable[[str], str]) -> None:
+        self._form = form
+        self._sent: set[str] = set()
+        self._latest: dict[str, str] = {}  # a call's id -> the id sent for it, in its latest turn
+
+    def call(self, call_id: str) -> str:
+        """The id to send for a call of an assistant turn."""
+        sent = self._form(call_id)
+        turn = 1
+        while sent in self._sent:
+            turn += 1
+            sent = self._form(f"{call_id}_{turn}")
+        self._sent.add(sent)
+        self._latest[call_id] = sent
+        return sent
+
+    def result(self, call_id: str) -> str:
+        """The id to send for the result of the call ``call_id``."""
+        return self._latest.get(call_id) or self._form(call_id)

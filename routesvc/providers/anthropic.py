@@ -81,7 +81,7 @@ from routesvc.providers._http import (
     text_field,
     transport_error,
 )
-from routesvc.providers._tool_calls import ToolCallParts, anthropic_call_id
+from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, anthropic_call_id
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
@@ -138,12 +138,13 @@ def _messages(messages: Iterable[Message]) -> list[MessageParam]:
     its text; tool results as ``tool_result`` blocks of one user turn (consecutive ones merged, a
     user text right after them joining that turn after them)."""
     result: list[MessageParam] = []
+    ids = SentCallIds(anthropic_call_id)
     # The blocks of the user turn that tool results opened, while more may join it.
     results: list[ToolResultBlockParam | TextBlockParam] | None = None
     for message in messages:
         if message.role is Role.TOOL:
             block = ToolResultBlockParam(
-                type="tool_result", tool_use_id=anthropic_call_id(message.tool_call_id), content=message.content
+                type="tool_result", tool_use_id=ids.result(message.tool_call_id), content=message.content
             )
             if results is None:
                 results = [block]
@@ -160,7 +161,7 @@ def _messages(messages: Iterable[Message]) -> list[MessageParam]:
             blocks.extend(
                 ToolUseBlockParam(
                     type="tool_use",
-                    id=anthropic_call_id(call.id),
+                    id=ids.call(call.id),
                     name=call.name,
                     input=json.loads(call.arguments_json or "{}"),
                 )

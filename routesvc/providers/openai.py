@@ -60,7 +60,7 @@ from routesvc.providers._http import (
     text_field,
     transport_error,
 )
-from routesvc.providers._tool_calls import ToolCallParts, openai_call_id
+from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, openai_call_id
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
@@ -92,6 +92,7 @@ def map_finish_reason(reason: str | None) -> FinishReason:
 
 def _messages(messages: Iterable[Message]) -> list[ChatCompletionMessageParam]:
     result: list[ChatCompletionMessageParam] = []
+    ids = SentCallIds(openai_call_id)
     for message in messages:
         if message.role is Role.SYSTEM:
             result.append({"role": "system", "content": message.content})
@@ -103,7 +104,7 @@ def _messages(messages: Iterable[Message]) -> list[ChatCompletionMessageParam]:
                     "content": message.content or None,
                     "tool_calls": [
                         {
-                            "id": openai_call_id(call.id),
+                            "id": ids.call(call.id),
                             "type": "function",
                             "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
                         }
@@ -114,7 +115,7 @@ def _messages(messages: Iterable[Message]) -> list[ChatCompletionMessageParam]:
         elif message.role is Role.ASSISTANT:
             result.append({"role": "assistant", "content": message.content})
         elif message.role is Role.TOOL:
-            call_id = openai_call_id(message.tool_call_id)
+            call_id = ids.result(message.tool_call_id)
             result.append({"role": "tool", "tool_call_id": call_id, "content": message.content})
         else:
             result.append({"role": "user", "content": message.content})
