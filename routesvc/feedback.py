@@ -181,6 +181,7 @@ class FeedbackStore:
         self._queue: queue.SimpleQueue[_Write | threading.Event | None] = queue.SimpleQueue()
         self._dropped = 0
         self._closed = False
+        self._close_lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_queued, name="routesvc-feedback-writer", daemon=True)
         self._thread.start()
 
@@ -325,12 +326,14 @@ class FeedbackStore:
         ]
 
     def close(self) -> None:
-        """Write what is queued, then close the database file."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(None)
-            self._thread.join()
-        with self._read_lock:
-            self._reader.close()
-        with self._write_lock:
-            self._writer.close()
+        """Write what is queued, then close the database file. A second close (a stop cancelling
+        a reload's close, whose thread goes on) waits for the first to end."""
+        with self._close_lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)
+                self._thread.join()
+            with self._read_lock:
+                self._reader.close()
+            with self._write_lock:
+                self._writer.close()

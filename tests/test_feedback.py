@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from routesvc.errors import InvalidRequest
 from routesvc.feedback import FeedbackStore, UnknownDecision
+from tests.conftest import write_locked
 
 
 class TestFeedbackStore:
@@ -287,3 +289,26 @@ class TestExamplesCost:
         [example] = store.examples()
         assert (example.decision_id, finished) == ("rated", [True])
         assert store.record("meanwhile", 1.0).decision_id == "meanwhile"
+
+
+class TestClosing:
+    def test_a_second_close_waits_for_the_first_and_nothing_queued_is_lost(self, tmp_path: Path) -> None:
+        """A reload's close waits for a lock another process holds; a stop then closes the same
+        store again: the second close waits for the first, so the queued decision is written (it
+        closed the connection under the writer, and the write was lost)."""
+        path = tmp_path / "f.db"
+        store = FeedbackStore(path)
+        store.remember("early", "m", [1.0, 0.0])
+        store.flush()
+        with write_locked(path):
+            for i in range(1000):  # more than one batch of the writer's
+                store.remember(f"queued-{i}", "m", [1.0, 0.0])
+            first = threading.Thread(target=store.close)
+            first.start()
+            time.sleep(0.2)  # the first close now waits for the writer, which waits for the lock
+            second = threading.Thread(target=store.close)
+            second.start()
+            time.sleep(0.2)
+        first.join(10)
+        second.join(10)
+        assert waiting_decisions(path) == ["early", *(f"queued-{i}" for i in range(1000))]
