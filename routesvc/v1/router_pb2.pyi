@@ -9,11 +9,9 @@ float: a request on a cheap model costs a few millionths of a dollar, so integer
 micro-dollars are too coarse and binary floats do not add up exactly.
 
 Errors carry a google.rpc.ErrorInfo detail with domain "routesvc" and a stable
-`reason` (INVALID_REQUEST, MODEL_NOT_FOUND, REQUEST_TOO_LARGE, NO_ELIGIBLE_MODEL,
-PROVIDER_NOT_CONFIGURED, PROVIDER_AUTH_FAILED, PROVIDER_QUOTA_EXHAUSTED, PROVIDER_REJECTED,
-PROVIDER_RATE_LIMITED, PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, DEADLINE_EXCEEDED,
-BATCH_NOT_FOUND, INTERNAL);
-see README.md.
+`reason`, for example INVALID_REQUEST, MODEL_NOT_FOUND, NO_ELIGIBLE_MODEL,
+PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED or BUDGET_EXCEEDED; README.md's error table
+lists every reason with its status and when it is used.
 """
 
 from collections import abc as _abc
@@ -334,7 +332,9 @@ class ChatRequest(_message.Message):
 
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
-        """Tools the model may call; more than a few steer routing to tool-capable models."""
+        """Tools the model may call. A request with any (or with tool calls or results in its
+        messages) is served only by a model with tool support.
+        """
 
     def __init__(
         self,
@@ -412,7 +412,8 @@ class RoutingContext(_message.Message):
     cascade: _builtins.bool
     """Whether to run the configured cascade (score the cheap answer, escalate when it
     scores too low); unset follows the config's cascade.apply ("always", or
-    "on_request": only when this is true). Ignored for pinned models and batch mode.
+    "on_request": only when this is true). Ignored for pinned models, batch mode, and
+    requests that offer tools or carry tool calls or results.
     """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -1624,7 +1625,9 @@ class FeedbackResponse(_message.Message):
     decision_id: _builtins.str
     """The decision the feedback was recorded for."""
     model: _builtins.str
-    """Catalog id of the model that decision chose."""
+    """Catalog id of the model the rating was filed under: the one that answered (after an
+    escalation or a fallback, not the one first chosen).
+    """
     score: _builtins.float
     """The score recorded, in [0, 1]."""
     library_examples: _builtins.int

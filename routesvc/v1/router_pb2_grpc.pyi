@@ -9,11 +9,9 @@ float: a request on a cheap model costs a few millionths of a dollar, so integer
 micro-dollars are too coarse and binary floats do not add up exactly.
 
 Errors carry a google.rpc.ErrorInfo detail with domain "routesvc" and a stable
-`reason` (INVALID_REQUEST, MODEL_NOT_FOUND, REQUEST_TOO_LARGE, NO_ELIGIBLE_MODEL,
-PROVIDER_NOT_CONFIGURED, PROVIDER_AUTH_FAILED, PROVIDER_QUOTA_EXHAUSTED, PROVIDER_REJECTED,
-PROVIDER_RATE_LIMITED, PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED, DEADLINE_EXCEEDED,
-BATCH_NOT_FOUND, INTERNAL);
-see README.md.
+`reason`, for example INVALID_REQUEST, MODEL_NOT_FOUND, NO_ELIGIBLE_MODEL,
+PROVIDER_UNAVAILABLE, STREAM_INTERRUPTED or BUDGET_EXCEEDED; README.md's error table
+lists every reason with its status and when it is used.
 """
 
 from collections import abc as _abc

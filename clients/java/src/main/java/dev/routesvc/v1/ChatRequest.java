@@ -112,7 +112,8 @@ private static final long serialVersionUID = 0L;
   private java.util.List<dev.routesvc.v1.Tool> tools_;
   /**
    * <pre>
-   * Tools the model may call; more than a few steer routing to tool-capable models.
+   * Tools the model may call. A request with any (or with tool calls or results in its
+   * messages) is served only by a model with tool support.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -123,7 +124,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Tools the model may call; more than a few steer routing to tool-capable models.
+   * Tools the model may call. A request with any (or with tool calls or results in its
+   * messages) is served only by a model with tool support.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -135,7 +137,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Tools the model may call; more than a few steer routing to tool-capable models.
+   * Tools the model may call. A request with any (or with tool calls or results in its
+   * messages) is served only by a model with tool support.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -146,7 +149,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Tools the model may call; more than a few steer routing to tool-capable models.
+   * Tools the model may call. A request with any (or with tool calls or results in its
+   * messages) is served only by a model with tool support.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -157,7 +161,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Tools the model may call; more than a few steer routing to tool-capable models.
+   * Tools the model may call. A request with any (or with tool calls or results in its
+   * messages) is served only by a model with tool support.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1058,7 +1063,8 @@ private static final long serialVersionUID = 0L;
 
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1072,7 +1078,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1086,7 +1093,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1100,7 +1108,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1121,7 +1130,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1139,7 +1149,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1159,7 +1170,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1180,7 +1192,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1198,7 +1211,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1216,7 +1230,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1235,7 +1250,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1252,7 +1268,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1269,7 +1286,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1280,7 +1298,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1294,7 +1313,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1309,7 +1329,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1320,7 +1341,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -1332,7 +1354,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tools the model may call; more than a few steer routing to tool-capable models.
+     * Tools the model may call. A request with any (or with tool calls or results in its
+     * messages) is served only by a model with tool support.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>

@@ -54,7 +54,8 @@ public interface ChatRequestOrBuilder extends
 
   /**
    * <pre>
-   * Tools the model may call; more than a few steer routing to tool-capable models.
+   * Tools the model may call. A request with any (or with tool calls or results in its
+   * messages) is served only by a model with tool support.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -63,7 +64,8 @@ public interface ChatRequestOrBuilder extends
       getToolsList();
   /**
    * <pre>
-   * Tools the model may call; more than a few steer routing to tool-capable models.
+   * Tools the model may call. A request with any (or with tool calls or results in its
+   * messages) is served only by a model with tool support.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -71,7 +73,8 @@ public interface ChatRequestOrBuilder extends
   dev.routesvc.v1.Tool getTools(int index);
   /**
    * <pre>
-   * Tools the model may call; more than a few steer routing to tool-capable models.
+   * Tools the model may call. A request with any (or with tool calls or results in its
+   * messages) is served only by a model with tool support.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -79,7 +82,8 @@ public interface ChatRequestOrBuilder extends
   int getToolsCount();
   /**
    * <pre>
-   * Tools the model may call; more than a few steer routing to tool-capable models.
+   * Tools the model may call. A request with any (or with tool calls or results in its
+   * messages) is served only by a model with tool support.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>
@@ -88,7 +92,8 @@ public interface ChatRequestOrBuilder extends
       getToolsOrBuilderList();
   /**
    * <pre>
-   * Tools the model may call; more than a few steer routing to tool-capable models.
+   * Tools the model may call. A request with any (or with tool calls or results in its
+   * messages) is served only by a model with tool support.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Tool tools = 2 [json_name = "tools"];</code>

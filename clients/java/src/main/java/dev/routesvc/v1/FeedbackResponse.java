@@ -97,7 +97,8 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object model_ = "";
   /**
    * <pre>
-   * Catalog id of the model that decision chose.
+   * Catalog id of the model the rating was filed under: the one that answered (after an
+   * escalation or a fallback, not the one first chosen).
    * </pre>
    *
    * <code>string model = 2 [json_name = "model"];</code>
@@ -118,7 +119,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Catalog id of the model that decision chose.
+   * Catalog id of the model the rating was filed under: the one that answered (after an
+   * escalation or a fallback, not the one first chosen).
    * </pre>
    *
    * <code>string model = 2 [json_name = "model"];</code>
@@ -667,7 +669,8 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object model_ = "";
     /**
      * <pre>
-     * Catalog id of the model that decision chose.
+     * Catalog id of the model the rating was filed under: the one that answered (after an
+     * escalation or a fallback, not the one first chosen).
      * </pre>
      *
      * <code>string model = 2 [json_name = "model"];</code>
@@ -687,7 +690,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Catalog id of the model that decision chose.
+     * Catalog id of the model the rating was filed under: the one that answered (after an
+     * escalation or a fallback, not the one first chosen).
      * </pre>
      *
      * <code>string model = 2 [json_name = "model"];</code>
@@ -708,7 +712,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Catalog id of the model that decision chose.
+     * Catalog id of the model the rating was filed under: the one that answered (after an
+     * escalation or a fallback, not the one first chosen).
      * </pre>
      *
      * <code>string model = 2 [json_name = "model"];</code>
@@ -725,7 +730,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Catalog id of the model that decision chose.
+     * Catalog id of the model the rating was filed under: the one that answered (after an
+     * escalation or a fallback, not the one first chosen).
      * </pre>
      *
      * <code>string model = 2 [json_name = "model"];</code>
@@ -739,7 +745,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Catalog id of the model that decision chose.
+     * Catalog id of the model the rating was filed under: the one that answered (after an
+     * escalation or a fallback, not the one first chosen).
      * </pre>
      *
      * <code>string model = 2 [json_name = "model"];</code>

@@ -30,7 +30,8 @@ public interface FeedbackResponseOrBuilder extends
 
   /**
    * <pre>
-   * Catalog id of the model that decision chose.
+   * Catalog id of the model the rating was filed under: the one that answered (after an
+   * escalation or a fallback, not the one first chosen).
    * </pre>
    *
    * <code>string model = 2 [json_name = "model"];</code>
@@ -39,7 +40,8 @@ public interface FeedbackResponseOrBuilder extends
   java.lang.String getModel();
   /**
    * <pre>
-   * Catalog id of the model that decision chose.
+   * Catalog id of the model the rating was filed under: the one that answered (after an
+   * escalation or a fallback, not the one first chosen).
    * </pre>
    *
    * <code>string model = 2 [json_name = "model"];</code>

@@ -428,7 +428,8 @@ java.lang.String defaultValue) {
    * <pre>
    * Whether to run the configured cascade (score the cheap answer, escalate when it
    * scores too low); unset follows the config's cascade.apply ("always", or
-   * "on_request": only when this is true). Ignored for pinned models and batch mode.
+   * "on_request": only when this is true). Ignored for pinned models, batch mode, and
+   * requests that offer tools or carry tool calls or results.
    * </pre>
    *
    * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
@@ -442,7 +443,8 @@ java.lang.String defaultValue) {
    * <pre>
    * Whether to run the configured cascade (score the cheap answer, escalate when it
    * scores too low); unset follows the config's cascade.apply ("always", or
-   * "on_request": only when this is true). Ignored for pinned models and batch mode.
+   * "on_request": only when this is true). Ignored for pinned models, batch mode, and
+   * requests that offer tools or carry tool calls or results.
    * </pre>
    *
    * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
@@ -1688,7 +1690,8 @@ java.lang.String defaultValue) {
      * <pre>
      * Whether to run the configured cascade (score the cheap answer, escalate when it
      * scores too low); unset follows the config's cascade.apply ("always", or
-     * "on_request": only when this is true). Ignored for pinned models and batch mode.
+     * "on_request": only when this is true). Ignored for pinned models, batch mode, and
+     * requests that offer tools or carry tool calls or results.
      * </pre>
      *
      * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
@@ -1702,7 +1705,8 @@ java.lang.String defaultValue) {
      * <pre>
      * Whether to run the configured cascade (score the cheap answer, escalate when it
      * scores too low); unset follows the config's cascade.apply ("always", or
-     * "on_request": only when this is true). Ignored for pinned models and batch mode.
+     * "on_request": only when this is true). Ignored for pinned models, batch mode, and
+     * requests that offer tools or carry tool calls or results.
      * </pre>
      *
      * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
@@ -1716,7 +1720,8 @@ java.lang.String defaultValue) {
      * <pre>
      * Whether to run the configured cascade (score the cheap answer, escalate when it
      * scores too low); unset follows the config's cascade.apply ("always", or
-     * "on_request": only when this is true). Ignored for pinned models and batch mode.
+     * "on_request": only when this is true). Ignored for pinned models, batch mode, and
+     * requests that offer tools or carry tool calls or results.
      * </pre>
      *
      * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
@@ -1734,7 +1739,8 @@ java.lang.String defaultValue) {
      * <pre>
      * Whether to run the configured cascade (score the cheap answer, escalate when it
      * scores too low); unset follows the config's cascade.apply ("always", or
-     * "on_request": only when this is true). Ignored for pinned models and batch mode.
+     * "on_request": only when this is true). Ignored for pinned models, batch mode, and
+     * requests that offer tools or carry tool calls or results.
      * </pre>
      *
      * <code>optional bool cascade = 8 [json_name = "cascade"];</code>

@@ -189,7 +189,8 @@ java.lang.String defaultValue);
    * <pre>
    * Whether to run the configured cascade (score the cheap answer, escalate when it
    * scores too low); unset follows the config's cascade.apply ("always", or
-   * "on_request": only when this is true). Ignored for pinned models and batch mode.
+   * "on_request": only when this is true). Ignored for pinned models, batch mode, and
+   * requests that offer tools or carry tool calls or results.
    * </pre>
    *
    * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
@@ -200,7 +201,8 @@ java.lang.String defaultValue);
    * <pre>
    * Whether to run the configured cascade (score the cheap answer, escalate when it
    * scores too low); unset follows the config's cascade.apply ("always", or
-   * "on_request": only when this is true). Ignored for pinned models and batch mode.
+   * "on_request": only when this is true). Ignored for pinned models, batch mode, and
+   * requests that offer tools or carry tool calls or results.
    * </pre>
    *
    * <code>optional bool cascade = 8 [json_name = "cascade"];</code>
