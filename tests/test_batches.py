@@ -1120,3 +1120,32 @@ class TestBatchStorePath:
             assert "batch.store_path" in (caught.value.details() or "")
             messages = [m async for m in client.complete(user_chat("Summarise this."))]
             assert messages[-1].WhichOneof("event") == "completion"
+
+
+class TestBatchSubmitWithASpentQuota:
+    async def test_jobs_wait_queued_while_the_account_is_unpaid(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """Anthropic answers the batch's creation with its 400 "credit balance is too low": the
+        jobs stay queued and are sent once the account is paid (they were failed for good as
+        PROVIDER_REJECTED); the log says why."""
+        credit = {
+            "type": "error",
+            "error": {"type": "invalid_request_error", "message": "Your credit balance is too low to access the API."},
+        }
+        fake.batch_create_error = (400, credit)
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client, task_hint="creative_writing"))[1].batch
+                assert job.model == "claude-sonnet"
+                async with asyncio.timeout(5):
+                    while True:  # until the poller has tried to send it
+                        if any(e["event"] == "batch_submit_failed" for e in logs):
+                            break
+                        await asyncio.sleep(0.05)
+            assert (await get_batch(client, job.batch_id)).job.state == pb.BATCH_STATE_QUEUED
+            fake.batch_create_error = None
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert done.result.text
+        assert next(e["reason"] for e in logs if e["event"] == "batch_submit_failed") == "PROVIDER_QUOTA_EXHAUSTED"

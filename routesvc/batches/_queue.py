@@ -71,7 +71,7 @@ from routesvc.models import (
     RoutingRequest,
 )
 from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult
-from routesvc.retry import is_retryable
+from routesvc.retry import is_retryable, skips_provider
 
 log = structlog.get_logger("routesvc.batches")
 
@@ -425,7 +425,9 @@ class BatchQueue:
         try:
             provider_batch_id = await self._submit(api, items)
         except ProviderError as error:
-            if is_retryable(error):
+            # A spent quota is not the jobs' fault: they wait, queued, until the account is paid
+            # (or they expire), as after a failure that may pass.
+            if is_retryable(error) or skips_provider(error):
                 await store.release(ids, self._owner)
                 log.warning("batch_submit_failed", model=model_id, jobs=len(ids), reason=error.reason)
                 return

@@ -263,7 +263,7 @@ class _Tally:
         self.tool_calls = ToolCallParts()
 
 
-def _credit_too_low(body: object) -> bool:
+def credit_too_low(body: object) -> bool:
     """Whether an error body is Anthropic's "credit balance is too low" refusal: a 400
     ``invalid_request_error`` that only its message tells apart from a bad request (read here, never
     copied into our messages)."""
@@ -449,7 +449,7 @@ class AnthropicProvider:
                 model=model,
                 code=code,
                 headers=exc.response.headers,
-                quota=quota_exhausted(exc.type) or _credit_too_low(exc.body),
+                quota=quota_exhausted(exc.type) or credit_too_low(exc.body),
             )
         if isinstance(exc, anthropic.APITimeoutError) and not aiohttp_connection_failure(exc):
             return ProviderUnavailable(describe(name, model, "request timed out"), provider=name, model=model)

@@ -14,8 +14,8 @@ import anthropic
 
 from routesvc.errors import ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
-from routesvc.providers._http import describe, error_for_status
-from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, request_params
+from routesvc.providers._http import describe, error_for_status, quota_exhausted
+from routesvc.providers.anthropic import DEFAULT_BASE_URL, credit_too_low, map_stop_reason, request_params
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
 
 _T = TypeVar("_T")
@@ -50,7 +50,11 @@ class AnthropicBatches:
             return await awaitable
         except anthropic.APIStatusError as exc:
             raise error_for_status(
-                exc.status_code, provider=self._name, model="batch", headers=exc.response.headers
+                exc.status_code,
+                provider=self._name,
+                model="batch",
+                headers=exc.response.headers,
+                quota=quota_exhausted(exc.type) or credit_too_low(exc.body),
             ) from exc
         except (anthropic.APIError, ValueError) as exc:
             message = describe(self._name, "batch", f"{what}: failed")

@@ -14,7 +14,7 @@ import openai
 
 from routesvc.errors import ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
-from routesvc.providers._http import describe, error_for_status
+from routesvc.providers._http import describe, error_for_status, quota_exhausted
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
 from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, _tools, map_finish_reason
 
@@ -48,7 +48,11 @@ class OpenAIBatches:
             return await awaitable
         except openai.APIStatusError as exc:
             raise error_for_status(
-                exc.status_code, provider=self._name, model="batch", headers=exc.response.headers
+                exc.status_code,
+                provider=self._name,
+                model="batch",
+                headers=exc.response.headers,
+                quota=quota_exhausted(exc.code, exc.type),
             ) from exc
         except (openai.APIConnectionError, openai.APIResponseValidationError) as exc:
             message = describe(self._name, "batch", f"{what}: connection failed")

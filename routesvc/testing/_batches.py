@@ -90,6 +90,8 @@ class FakeBatches:
         self._base_url = base_url
         self.outcome = BatchOutcome.COMPLETE
         self.http_errors_in_error_file = False
+        # (status, JSON body) that creating a batch answers instead, in both APIs; None: created.
+        self.create_error: tuple[int, Any] | None = None
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, FakeBatch] = {}
         self.files_of: dict[str, str] = {}  # OpenAI batch id -> its input file id
@@ -115,6 +117,7 @@ class FakeBatches:
         self.batches.clear()
         self.files_of.clear()
         self.outcome = BatchOutcome.COMPLETE
+        self.create_error = None
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._numbers):04d}{uuid.uuid4().hex[:12]}"
@@ -290,6 +293,9 @@ class FakeBatches:
         }
 
     async def _openai_create(self, connection: Connection, request: Request) -> bool:
+        if self.create_error is not None:
+            await connection.send_json(*self.create_error)
+            return True
         body = json.loads(request.body or b"{}")
         content = self.files.get(str(body.get("input_file_id")))
         if content is None:
@@ -348,6 +354,9 @@ class FakeBatches:
         }
 
     async def _anthropic_create(self, connection: Connection, request: Request) -> bool:
+        if self.create_error is not None:
+            await connection.send_json(*self.create_error)
+            return True
         body = json.loads(request.body or b"{}")
         requests = body.get("requests")
         if not isinstance(requests, list) or not requests:

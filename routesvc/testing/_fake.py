@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from types import MappingProxyType
+from typing import Any
 
 from routesvc.testing import _anthropic, _openai
 from routesvc.testing._batches import BatchOutcome, FakeBatch, FakeBatches
@@ -125,6 +126,15 @@ class FakeProvider:
     @batch_outcome.setter
     def batch_outcome(self, outcome: BatchOutcome) -> None:
         self._batches.outcome = outcome
+
+    @property
+    def batch_create_error(self) -> tuple[int, Any] | None:
+        """``(status, JSON body)`` that creating a batch answers in both APIs, or None (created)."""
+        return self._batches.create_error
+
+    @batch_create_error.setter
+    def batch_create_error(self, error: tuple[int, Any] | None) -> None:
+        self._batches.create_error = error
 
     @property
     def openai_batch_http_errors_in_error_file(self) -> bool:
