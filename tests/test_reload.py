@@ -258,10 +258,12 @@ class TestRetiredProviders:
                 changed = copy.deepcopy(config)
                 changed["routing"]["stages"][0]["threshold"] = 0.9 - index * 0.01  # type: ignore[index]
                 await server.reload(settings_from(changed))
-                await asyncio.sleep(0)  # the old router is retired from a task of its own
-            async with asyncio.timeout(5):
-                while server._retired:  # noqa: ASYNC110 - no event for a retired router
-                    await asyncio.sleep(0.01)
+                # The old router is retired from a task of its own, its store closed in a worker
+                # thread; each reload waits for it, as reloads seconds apart do (reloads faster
+                # than their closes hold more descriptors at once, which SQLite then keeps).
+                async with asyncio.timeout(5):
+                    while server._retired:  # noqa: ASYNC110 - no event for a retired router
+                        await asyncio.sleep(0.01)
             gc.collect()  # what is not closed but merely unreachable goes too
             return open_on_the_store()
 
