@@ -649,13 +649,13 @@ class Router:
                 raise
             failed = QualityScore(0.0, "none", f"{model_id} failed ({error.reason})")
             used = _usage_of(state.summaries[attempts_before:])
-            if isinstance(error, StreamInterrupted):
+            if isinstance(error, StreamInterrupted) and isinstance(error.__cause__, ProviderError):
                 # Cut mid-answer, but the answer was buffered: nothing reached the client, so if
-                # this failure ends the request it must not say the call was committed.
+                # this failure ends the request it must not say the call was committed. (``_attempt``
+                # raises it from the provider's failure.)
+                cut = error.__cause__
                 error = ProviderUnavailable(
-                    f"{error.message.split(' after ')[0]} mid-answer (nothing was sent)",
-                    provider=error.provider,
-                    model=error.model,
+                    f"{cut.message} mid-answer (nothing was sent)", provider=error.provider, model=error.model
                 )
             return _StepOutcome((), None, failed, cost_before, used, error)
         finally:

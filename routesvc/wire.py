@@ -112,11 +112,16 @@ def _message(index: int, message: pb.Message, open_calls: Mapping[str, str]) -> 
 def _tool_call(field: str, call: pb.ToolCall) -> ToolCall:
     if not call.id or len(call.id) > _MAX_TOOL_CALL_ID_CHARS:
         raise InvalidRequest(f"{field}.id", f"must be 1-{_MAX_TOOL_CALL_ID_CHARS} characters (the call's id)")
-    if not _TOOL_NAME.match(call.name):
-        raise InvalidRequest(f"{field}.name", "must be 1-64 characters of letters, digits, '_' or '-'")
+    _tool_name(f"{field}.name", call.name)
     if call.arguments_json:
         _json_object(f"{field}.arguments_json", call.arguments_json)
     return ToolCall(call.id, call.name, call.arguments_json)
+
+
+def _tool_name(field: str, name: str) -> None:
+    """A tool's name, offered or called, as both providers take it."""
+    if not _TOOL_NAME.match(name):
+        raise InvalidRequest(field, "must be 1-64 characters of letters, digits, '_' or '-'")
 
 
 def _refuse_constant(name: str) -> object:
@@ -142,8 +147,7 @@ def _depth(value: object) -> int:
 
 def _tool(index: int, tool: pb.Tool) -> ToolSpec:
     field = f"chat.tools[{index}]"
-    if not _TOOL_NAME.match(tool.name):
-        raise InvalidRequest(f"{field}.name", "must be 1-64 characters of letters, digits, '_' or '-'")
+    _tool_name(f"{field}.name", tool.name)
     parameters = _json_object(f"{field}.parameters_json", tool.parameters_json) if tool.parameters_json else {}
     return ToolSpec(tool.name, tool.description, MappingProxyType(parameters))
 

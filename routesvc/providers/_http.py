@@ -59,6 +59,12 @@ def safe_code(value: object, *, forbidden: Iterable[str] = ()) -> str:
     return value
 
 
+def never_echoed(call: ProviderCall, api_key: str) -> list[str]:
+    """The texts no code taken from a provider's error may occur in: the call's messages (a
+    server may echo the prompt) and the key it was sent with."""
+    return [message.content for message in call.messages] + ([api_key] if api_key else [])
+
+
 # A longer wait than this is read as this: "inf" or "1e400" must not become an endless breaker.
 MAX_RETRY_AFTER_SECONDS = 86_400.0
 

@@ -73,6 +73,7 @@ from routesvc.providers._http import (
     error_for_status,
     event_object,
     guarded,
+    never_echoed,
     next_event,
     object_field,
     quota_exhausted,
@@ -263,13 +264,13 @@ class _Tally:
         self.tool_calls = ToolCallParts()
 
 
-def credit_too_low(body: object) -> bool:
-    """Whether an error body is Anthropic's "credit balance is too low" refusal: a 400
-    ``invalid_request_error`` that only its message tells apart from a bad request (read here, never
-    copied into our messages)."""
-    error = body.get("error") if isinstance(body, dict) else None
+def quota_spent(exc: anthropic.APIStatusError) -> bool:
+    """Whether an Anthropic error says the account's credit is spent, streamed or in a batch: a
+    ``billing_error``, or the 400 ``invalid_request_error`` "credit balance is too low" that only
+    its message tells apart from a bad request (read here, never copied into our messages)."""
+    error = exc.body.get("error") if isinstance(exc.body, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
-    return isinstance(message, str) and "credit balance is too low" in message.lower()
+    return quota_exhausted(exc.type) or (isinstance(message, str) and "credit balance is too low" in message.lower())
 
 
 class AnthropicProvider:
@@ -435,9 +436,7 @@ class AnthropicProvider:
     def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
         name, model = self._name, call.model
-        forbidden = [message.content for message in call.messages]
-        if self._api_key:
-            forbidden.append(self._api_key)
+        forbidden = never_echoed(call, self._api_key)
         if isinstance(exc, anthropic.APIStatusError):
             code = safe_code(exc.type, forbidden=forbidden)
             if exc.status_code < 400:
@@ -449,7 +448,7 @@ class AnthropicProvider:
                 model=model,
                 code=code,
                 headers=exc.response.headers,
-                quota=quota_exhausted(exc.type) or credit_too_low(exc.body),
+                quota=quota_spent(exc),
             )
         if isinstance(exc, anthropic.APITimeoutError) and not aiohttp_connection_failure(exc):
             return ProviderUnavailable(describe(name, model, "request timed out"), provider=name, model=model)

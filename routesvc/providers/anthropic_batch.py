@@ -14,8 +14,8 @@ import anthropic
 
 from routesvc.errors import ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
-from routesvc.providers._http import describe, error_for_status, quota_exhausted
-from routesvc.providers.anthropic import DEFAULT_BASE_URL, credit_too_low, map_stop_reason, request_params
+from routesvc.providers._http import describe, error_for_status
+from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, quota_spent, request_params
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
 
 _T = TypeVar("_T")
@@ -54,7 +54,7 @@ class AnthropicBatches:
                 provider=self._name,
                 model="batch",
                 headers=exc.response.headers,
-                quota=quota_exhausted(exc.type) or credit_too_low(exc.body),
+                quota=quota_spent(exc),
             ) from exc
         except (anthropic.APIError, ValueError) as exc:
             message = describe(self._name, "batch", f"{what}: failed")

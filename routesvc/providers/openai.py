@@ -52,6 +52,7 @@ from routesvc.providers._http import (
     error_for_status,
     event_object,
     guarded,
+    never_echoed,
     next_event,
     object_field,
     quota_exhausted,
@@ -133,6 +134,12 @@ def _tools(tools: Iterable[ToolSpec]) -> list[ChatCompletionFunctionToolParam]:
             function["parameters"] = dict(tool.parameters)
         result.append({"type": "function", "function": function})
     return result
+
+
+def quota_spent(exc: openai.APIStatusError) -> bool:
+    """Whether an OpenAI error says the account's quota is spent (``insufficient_quota``, its code
+    or its type), streamed or in a batch."""
+    return quota_exhausted(exc.code, exc.type)
 
 
 def _reasoning(delta: Mapping[str, object]) -> str:
@@ -320,9 +327,7 @@ class OpenAIProvider:
     def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
         name, model = self._name, call.model
-        forbidden = [message.content for message in call.messages]
-        if self._api_key:
-            forbidden.append(self._api_key)
+        forbidden = never_echoed(call, self._api_key)
         code = ""
         if isinstance(exc, openai.APIError):
             code = safe_code(exc.code, forbidden=forbidden) or safe_code(exc.type, forbidden=forbidden)
@@ -333,7 +338,7 @@ class OpenAIProvider:
                 model=model,
                 code=code,
                 headers=exc.response.headers,
-                quota=quota_exhausted(exc.code, exc.type),
+                quota=quota_spent(exc),
             )
         if isinstance(exc, openai.APITimeoutError) and not aiohttp_connection_failure(exc):
             return ProviderUnavailable(describe(name, model, "request timed out"), provider=name, model=model)

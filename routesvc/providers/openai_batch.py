@@ -14,9 +14,9 @@ import openai
 
 from routesvc.errors import ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
-from routesvc.providers._http import describe, error_for_status, quota_exhausted
+from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
-from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, _tools, map_finish_reason
+from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, _tools, map_finish_reason, quota_spent
 
 _T = TypeVar("_T")
 _ENDED = frozenset({"completed", "expired", "failed", "cancelled"})
@@ -52,7 +52,7 @@ class OpenAIBatches:
                 provider=self._name,
                 model="batch",
                 headers=exc.response.headers,
-                quota=quota_exhausted(exc.code, exc.type),
+                quota=quota_spent(exc),
             ) from exc
         except (openai.APIConnectionError, openai.APIResponseValidationError) as exc:
             message = describe(self._name, "batch", f"{what}: connection failed")
