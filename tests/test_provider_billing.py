@@ -244,12 +244,18 @@ class TestAnthropicBatchRequests:
         )
 
 
-async def test_a_judge_whose_usage_was_not_reported_is_flagged_estimated(fake: FakeProvider) -> None:
-    """A cascade judge on an OpenAI-compatible model that reports no usage: its ledger entry is
-    flagged estimated, as an answer's is (the span said so, the ledger did not)."""
+def local_judge_config(fake: FakeProvider) -> dict[str, object]:
+    """The default config with the cascade's judge on "llama", an OpenAI-compatible model of ``fake``."""
     config = default_config()
     add_local_model(config, fake.openai_base_url, "llama")
     config["cascade"]["judge"] = {"model": "llama", "timeout_seconds": 5, "on_failure": "release"}  # type: ignore[index]
+    return config
+
+
+async def test_a_judge_whose_usage_was_not_reported_is_flagged_estimated(fake: FakeProvider) -> None:
+    """A cascade judge on an OpenAI-compatible model that reports no usage: its ledger entry is
+    flagged estimated, as an answer's is (the span said so, the ledger did not)."""
+    config = local_judge_config(fake)
     fake.enqueue(Script(text="Paris is the capital of France."), model="gpt-4o-mini")
     fake.set_default(Script(text='{"score": 0.9}', omit_usage=True), model="llama")
     async with (
@@ -265,9 +271,7 @@ async def test_a_judge_whose_usage_was_not_reported_is_flagged_estimated(fake: F
 async def test_a_judge_cut_while_reasoning_is_charged_for_what_it_produced(fake: FakeProvider) -> None:
     """The judge streams reasoning and is cut before any text: the provider billed that output, so
     its attempt is charged an estimate, flagged (it was taken for a refusal and charged nothing)."""
-    config = default_config()
-    add_local_model(config, fake.openai_base_url, "llama")
-    config["cascade"]["judge"] = {"model": "llama", "timeout_seconds": 5, "on_failure": "release"}  # type: ignore[index]
+    config = local_judge_config(fake)
     fake.enqueue(Script(text="Paris is the capital of France."), model="gpt-4o-mini")
     reasoning = tuple(f"step {n} of a long thought " for n in range(6))
     fake.enqueue(Script(reasoning=reasoning, text='{"score": 1}', fault=Fault.CUT, fault_after=4), model="llama")
