@@ -675,6 +675,7 @@ class Router:
                 # reserved before it starts, as every model a request calls is.
                 charge=lambda call: self._record_scoring(state, call),
                 reserve=lambda cost: self._cover_cost(state, cost),
+                spent_providers=state.exhausted,
             )
         )
         used = _usage_of(s for s in state.summaries[attempts_before:] if s.result is not AttemptResult.JUDGE)

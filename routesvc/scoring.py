@@ -18,7 +18,7 @@ import json
 import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal, Protocol
 
@@ -35,6 +35,7 @@ from routesvc.models import (
     UpstreamCall,
 )
 from routesvc.providers.base import Provider, ProviderCall
+from routesvc.retry import skips_provider
 from routesvc.sidecall import side_call
 from routesvc.tokens import estimate_input_tokens
 
@@ -48,7 +49,9 @@ class ScoringInput:
     ends (also when the caller is cancelled mid-call), so that it is charged exactly once.
     ``reserve`` is called with a call's estimated cost before a scorer makes it: it raises
     ``LimitExceeded`` (or ``SharedStateUnavailable``) when the request's tenant budget cannot take
-    it, and the call is then not made.
+    it, and the call is then not made. ``spent_providers`` names the providers whose quota this
+    request found spent: a scorer does not call them, and adds the provider of a call of its own
+    that finds its quota spent (so the request's later steps skip it too).
     """
 
     request: RoutingRequest
@@ -59,6 +62,7 @@ class ScoringInput:
     timeout: float | None = None
     charge: Callable[[UpstreamCall], None] | None = None
     reserve: Callable[[Decimal], Awaitable[None]] | None = None
+    spent_providers: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +274,9 @@ class LLMJudge:
         call ends and comes back in ``calls``."""
         if self._provider is None:
             return ScoreResult(self._failed(f"{self._model.id} not asked ({self._unavailable})"))
+        if self._model.provider in scoring_input.spent_providers:
+            why = f"provider {self._model.provider}'s quota was found spent earlier in this request"
+            return ScoreResult(self._failed(f"{self._model.id} not asked ({why})"))
         timeout = self._timeout if scoring_input.timeout is None else min(self._timeout, scoring_input.timeout)
         messages = self._messages(scoring_input)
         call = ProviderCall(
@@ -292,6 +299,8 @@ class LLMJudge:
         if isinstance(result.error, TimeoutError):
             return ScoreResult(self._failed(f"timed out after {timeout:g} s"), (used,))
         if result.error is not None:
+            if skips_provider(result.error):
+                scoring_input.spent_providers.add(self._model.provider)
             return ScoreResult(self._failed(f"failed ({result.error.reason})"), (used,))
         score = parse_judge_score(result.text)
         if score is None:

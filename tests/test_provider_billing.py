@@ -147,6 +147,59 @@ class TestQuotaExhaustedInARequestOfSeveralModels:
         assert messages[-1].completion.model == "claude-sonnet"
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "claude-sonnet-4-6"]
 
+    @staticmethod
+    def judged_chain(fake: FakeProvider, *steps: str) -> dict[str, object]:
+        """A cascade always applied over ``steps`` (each but the last held to 0.8), judged by gpt-4o
+        on the OpenAI key, whose failure escalates; requests without a task go to the first step.
+        "llama" is a local OpenAI-compatible model."""
+        config = default_config()
+        add_local_model(config, fake.openai_base_url, "llama")
+        config["routing"]["default_model"] = steps[0]  # type: ignore[index]
+        chain = [{"model": model, "threshold": 0.8} for model in steps[:-1]] + [{"model": steps[-1]}]
+        config["cascade"] = {
+            "apply": "always",
+            "scorers": ["llm_judge"],
+            "judge": {"model": "gpt-4o", "timeout_seconds": 5, "on_failure": "escalate"},
+            "chains": [{"steps": chain}],
+        }
+        return config
+
+    async def test_the_judge_is_not_asked_on_a_provider_whose_quota_the_request_found_spent(
+        self, fake: FakeProvider
+    ) -> None:
+        """Chain gpt-4o-mini -> llama -> claude-sonnet, judged by gpt-4o, with the OpenAI key's
+        quota spent: gpt-4o-mini's failure tells the request, so llama's answer is not sent to the
+        judge on the same key (a call certain to fail); the judge's on_failure escalates it."""
+        config = self.judged_chain(fake, "gpt-4o-mini", "llama", "claude-sonnet")
+        for model in ("gpt-4o-mini", "gpt-4o"):
+            fake.set_default(Script(status=429, error_body=QUOTA_BODY), model=model)
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("hi"), pb.RoutingContext())]
+        escalations = [m.escalation for m in messages if m.WhichOneof("event") == "escalation"]
+        assert messages[-1].completion.model == "claude-sonnet"
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "llama", "claude-sonnet-4-6"]
+        assert "quota was found spent" in escalations[-1].quality.reason
+
+    async def test_a_judge_that_finds_its_quota_spent_rules_out_its_provider_for_later_steps(
+        self, fake: FakeProvider
+    ) -> None:
+        """Chain llama -> gpt-4o-mini -> claude-sonnet, judged by gpt-4o, with the OpenAI key's
+        quota spent: the judge's own failure says so, and the request skips gpt-4o-mini (same key)
+        for claude-sonnet instead of calling it to find out again."""
+        config = self.judged_chain(fake, "llama", "gpt-4o-mini", "claude-sonnet")
+        for model in ("gpt-4o-mini", "gpt-4o"):
+            fake.set_default(Script(status=429, error_body=QUOTA_BODY), model=model)
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("hi"), pb.RoutingContext())]
+        assert messages[-1].completion.model == "claude-sonnet"
+        assert [r.model for r in fake.requests] == ["llama", "gpt-4o", "claude-sonnet-4-6"]
+
     async def test_a_model_only_rate_limited_is_what_the_caller_is_told(
         self, fake: FakeProvider, live_client: RouterClient
     ) -> None:
