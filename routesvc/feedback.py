@@ -1,10 +1,14 @@
 """The feedback store: outcomes reported for past decisions, kept in an embedded SQLite file.
 
-The router remembers each decision it may get feedback on (its id, the model that answered and
-the prompt's embedding: never the prompt text); the Feedback RPC then records an outcome score
-in [0, 1] (thumbs up = 1, thumbs down = 0) against the decision id. A decision that receives
-feedback becomes an *example* and is kept; ``examples()`` returns them, each with its latest
-score, so the embedding stage can rebuild its example library from them after a restart.
+The router remembers each decision it may get feedback on (its id, the model that answered, the
+prompt's embedding, never the prompt text, and the name of the encoder that made it); the Feedback
+RPC then records an outcome score in [0, 1] (thumbs up = 1, thumbs down = 0) against the decision
+id. A decision that receives feedback becomes an *example* and is kept; ``examples()`` returns
+them, each with its latest score, so the embedding stage can rebuild its example library from them
+after a restart. A stage reads only the examples its own encoder made: vectors of another encoder
+(the router refitted with another one) are in another space, even at the same dimension. Rows
+written before the encoder was kept (schema version 1 and earlier) have none recorded and are
+read when their dimension matches.
 
 Every routed request is remembered but few get feedback, so decisions still waiting for it are
 forgotten: after ``decision_ttl_seconds``, or once ``max_pending_decisions`` newer ones wait, in
@@ -71,6 +75,7 @@ class _Remember:
     decision_id: str
     model: str
     embedding: bytes
+    encoder: str
     at: float
 
 
@@ -95,30 +100,37 @@ class FeedbackEntry:
 
 @dataclass(frozen=True, slots=True)
 class FeedbackExample:
-    """A remembered prompt embedding, the model that answered it and its latest outcome score."""
+    """A remembered prompt embedding, the model that answered it and its latest outcome score.
+
+    ``encoder`` names the encoder that made the embedding ("" in files written before it was kept).
+    """
 
     decision_id: str
     model: str
     embedding: np.ndarray[tuple[int], np.dtype[np.float32]]
     score: float
+    encoder: str = ""
 
 
 # ``feedback.decision_id`` names a row of ``examples``; files written before examples had their
 # own table (user_version 0) declare it against ``decisions``, which SQLite does not enforce here
-# (foreign keys are off), so both read the same.
+# (foreign keys are off), so both read the same. Tables of files before version 2 have no
+# ``encoder`` column: it is added on open, empty.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
     decision_id TEXT PRIMARY KEY,
     model TEXT NOT NULL,
     embedding BLOB NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    encoder TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS decisions_created ON decisions(created_at);
 CREATE TABLE IF NOT EXISTS examples (
     decision_id TEXT PRIMARY KEY,
     model TEXT NOT NULL,
     embedding BLOB NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    encoder TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -129,12 +141,13 @@ CREATE TABLE IF NOT EXISTS feedback (
 CREATE INDEX IF NOT EXISTS feedback_decision ON feedback(decision_id);
 """
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
 # Before version 1 every decision, rated or not, was a row of ``decisions``: opening such a
 # file moves the rated ones to ``examples`` once.
 _MOVE_RATED_DECISIONS = (
-    "INSERT OR IGNORE INTO examples SELECT decision_id, model, embedding, created_at FROM decisions"
+    "INSERT OR IGNORE INTO examples (decision_id, model, embedding, created_at, encoder)"
+    " SELECT decision_id, model, embedding, created_at, encoder FROM decisions"
     " WHERE decision_id IN (SELECT decision_id FROM feedback)",
     "DELETE FROM decisions WHERE decision_id IN (SELECT decision_id FROM examples)",
 )
@@ -170,9 +183,15 @@ class FeedbackStore:
         self._writer.execute("PRAGMA synchronous=NORMAL")
         self._writer.executescript(_SCHEMA)
         with self._transaction():
-            if self._writer.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
-                for statement in _MOVE_RATED_DECISIONS:
-                    self._writer.execute(statement)
+            version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+            if version < _SCHEMA_VERSION:
+                for table in ("decisions", "examples"):
+                    columns = {row[1] for row in self._writer.execute(f"PRAGMA table_info({table})")}
+                    if "encoder" not in columns:
+                        self._writer.execute(f"ALTER TABLE {table} ADD COLUMN encoder TEXT NOT NULL DEFAULT ''")
+                if version < 1:
+                    for statement in _MOVE_RATED_DECISIONS:
+                        self._writer.execute(statement)
                 self._writer.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         self._read_lock = threading.Lock()
         self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -192,12 +211,16 @@ class FeedbackStore:
             yield
 
     def remember(
-        self, decision_id: str, model: str, embedding: Sequence[float] | np.ndarray[tuple[int], np.dtype[np.float32]]
+        self,
+        decision_id: str,
+        model: str,
+        embedding: Sequence[float] | np.ndarray[tuple[int], np.dtype[np.float32]],
+        encoder: str = "",
     ) -> None:
-        """Keep what a later outcome for ``decision_id`` will need (queued for the writer, which
-        also forgets a few expired decisions)."""
+        """Keep what a later outcome for ``decision_id`` will need, with the name of the ``encoder``
+        that made ``embedding`` (queued for the writer, which also forgets a few expired decisions)."""
         blob = np.asarray(embedding, dtype=np.float32).tobytes()
-        self._put(_Remember(decision_id, model, blob, self._clock()))
+        self._put(_Remember(decision_id, model, blob, encoder, self._clock()))
 
     def answered(self, decision_id: str, model: str) -> None:
         """``model``, not the one remembered, answered ``decision_id`` (queued for the writer)."""
@@ -249,8 +272,9 @@ class FeedbackStore:
             for write in writes:
                 if isinstance(write, _Remember):
                     self._writer.execute(
-                        "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?)",
-                        (write.decision_id, write.model, write.embedding, write.at),
+                        "INSERT OR REPLACE INTO decisions (decision_id, model, embedding, created_at, encoder)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (write.decision_id, write.model, write.embedding, write.at, write.encoder),
                     )
                     remembered += 1
                     now = max(now, write.at)
@@ -285,7 +309,8 @@ class FeedbackStore:
                 # A waiting decision still counts if it is younger than the TTL and among the
                 # newest ``max_pending_decisions`` (rowids grow with each insert), pruned or not.
                 moved = self._writer.execute(
-                    "INSERT INTO examples SELECT decision_id, model, embedding, created_at FROM decisions"
+                    "INSERT INTO examples (decision_id, model, embedding, created_at, encoder)"
+                    " SELECT decision_id, model, embedding, created_at, encoder FROM decisions"
                     " WHERE decision_id = ? AND created_at >= ? AND rowid > (SELECT MAX(rowid) FROM decisions) - ?",
                     (decision_id, now - self._ttl, self._max_pending),
                 )
@@ -316,13 +341,13 @@ class FeedbackStore:
         """Every decision with an outcome, scored by its latest outcome: the library's raw material."""
         with self._read_lock:
             rows = self._reader.execute(
-                "SELECT e.decision_id, e.model, e.embedding, f.score FROM examples e JOIN feedback f"
+                "SELECT e.decision_id, e.model, e.embedding, f.score, e.encoder FROM examples e JOIN feedback f"
                 " ON f.id = (SELECT MAX(id) FROM feedback WHERE decision_id = e.decision_id)"
                 " ORDER BY e.rowid"
             ).fetchall()
         return [
-            FeedbackExample(str(a), str(b), np.frombuffer(blob, dtype=np.float32).copy(), float(score))
-            for a, b, blob, score in rows
+            FeedbackExample(str(a), str(b), np.frombuffer(blob, dtype=np.float32).copy(), float(score), str(encoder))
+            for a, b, blob, score, encoder in rows
         ]
 
     def close(self) -> None:

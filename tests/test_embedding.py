@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from routesvc.catalog import Catalog, ModelSpec
@@ -162,6 +163,33 @@ class TestFeedbackLoop:
         embedding_stage.remember("d", HARD, STRONG)
         store.record("d", 0.0)
         assert embedding_stage.rebuild_library() == 0
+
+    async def test_examples_another_encoder_made_do_not_count(self, tmp_path: Path) -> None:
+        """Thumbs-down examples whose vectors another encoder of the same dimension made (the router
+        refitted with another encoder) are in another space: they do not move the score, while
+        the same examples made by the stage's own encoder do."""
+        store = FeedbackStore(tmp_path / "feedback.db")
+        vector = router().encoder.encode([bounded(EASY)])[0]
+        for encoder in ("wordllama-l2-128", router().encoder.name):
+            store.remember(encoder, WEAK, vector, encoder)
+            store.record(encoder, 0.0)
+        rebuilt = stage(threshold=0.5, feedback=store, feedback_weight=1.0)
+        assert rebuilt.rebuild_library() == 1
+        assert rebuilt.score(EASY)[1] == 1
+
+    async def test_examples_of_a_file_that_did_not_record_the_encoder_count_at_its_dimension(
+        self, tmp_path: Path
+    ) -> None:
+        """Examples remembered without an encoder name (files before it was kept) count when their
+        vectors have the encoder's dimension; others are left out, not mixed into the library."""
+        store = FeedbackStore(tmp_path / "feedback.db")
+        store.remember("same-dimension", WEAK, router().encoder.encode([bounded(EASY)])[0])
+        store.remember("other-dimension", WEAK, np.ones(256, dtype=np.float32) / 16)
+        for decision_id in ("same-dimension", "other-dimension"):
+            store.record(decision_id, 0.0)
+        rebuilt = stage(threshold=0.5, feedback=store, feedback_weight=1.0)
+        assert rebuilt.rebuild_library() == 1
+        assert (await rebuilt.decide(routing_input(EASY), default_stage)).model == STRONG
 
     def test_scoring_while_feedback_rebuilds_the_library_in_a_thread(self, tmp_path: Path) -> None:
         """The Feedback RPC rebuilds the library in a worker thread while Route scores on the loop:

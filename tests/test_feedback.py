@@ -250,6 +250,30 @@ class TestForgettingDecisions:
         store.record("fresh", 1.0)
         assert [e.decision_id for e in store.entries()] == ["fresh", "rated"]
 
+    def test_a_file_written_before_the_encoder_was_kept_is_read(self, tmp_path: Path) -> None:
+        """A version-1 file (no encoder column) keeps its examples, read with no encoder name, and
+        its waiting decisions still take feedback; new decisions record their encoder."""
+        path = tmp_path / "v1.db"
+        now = 1_700_000_000.0
+        blob = np.array([0.6, 0.8], dtype=np.float32).tobytes()
+        with closing(sqlite3.connect(path)) as db:
+            columns = "(decision_id TEXT PRIMARY KEY, model TEXT NOT NULL, embedding BLOB NOT NULL, created_at REAL)"
+            db.executescript(
+                f"CREATE TABLE decisions {columns}; CREATE TABLE examples {columns};"
+                "CREATE TABLE feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, decision_id TEXT NOT NULL,"
+                " score REAL NOT NULL, recorded_at REAL NOT NULL); PRAGMA user_version = 1;"
+            )
+            db.execute("INSERT INTO examples VALUES ('rated', 'weak', ?, ?)", (blob, now))
+            db.execute("INSERT INTO decisions VALUES ('waiting', 'weak', ?, ?)", (blob, now))
+            db.execute("INSERT INTO feedback (decision_id, score, recorded_at) VALUES ('rated', 0.25, ?)", (now,))
+            db.commit()
+        store = FeedbackStore(path, decision_ttl_seconds=TTL, clock=Clock(now))
+        store.record("waiting", 1.0)
+        store.remember("new", "weak", [1.0, 0.0], "hashing-2")
+        store.record("new", 0.0)
+        examples = {e.decision_id: (e.encoder, e.score) for e in store.examples()}
+        assert examples == {"rated": ("", 0.25), "waiting": ("", 1.0), "new": ("hashing-2", 0.0)}
+
 
 class TestExamplesCost:
     def test_examples_do_not_read_decisions_waiting_for_feedback(self, tmp_path: Path, sqlite_work: SqliteWork) -> None:

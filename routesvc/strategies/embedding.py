@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from routesvc.catalog import Catalog
@@ -34,6 +35,9 @@ _EMPTY_LIBRARY: tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]] = (
     np.zeros((0, 0), dtype=np.float32),
     np.zeros(0, dtype=np.float64),
 )
+
+
+log = structlog.get_logger("routesvc.embedding")
 
 
 class EmbeddingStageConfig(BaseModel):
@@ -91,6 +95,7 @@ class EmbeddingStage:
         # Two Feedback calls rebuild at once: from the read to the swap one at a time, so a build
         # that read earlier never replaces one that read later.
         self._rebuilding = threading.Lock()
+        self._other_encoders = 0  # examples another encoder made, last counted (logged when it changes)
         self.rebuild_library()
 
     @property
@@ -104,11 +109,27 @@ class EmbeddingStage:
         return self._feedback
 
     def rebuild_library(self) -> int:
-        """Reload feedback examples from the store; returns how many weak-model examples count."""
+        """Reload feedback examples from the store; returns how many weak-model examples count.
+
+        Only the examples this stage's encoder made count (and those of files that did not record
+        the encoder, when their dimension is the encoder's): another encoder's vectors are in
+        another space."""
         if self._feedback is None:
             return 0
+        encoder = self._router.encoder.name
+        dimension = self._router.encoder.encode([""]).shape[1]  # local encoders: no call made
         with self._rebuilding:
-            examples = [e for e in self._feedback.examples() if e.model == self._weak]
+            examples = []
+            other = 0
+            for example in self._feedback.examples():
+                if example.encoder == encoder or (not example.encoder and len(example.embedding) == dimension):
+                    if example.model == self._weak:
+                        examples.append(example)
+                else:
+                    other += 1
+            if other and other != self._other_encoders:
+                log.info("feedback_examples_skipped", examples=other, reason="made by another encoder", encoder=encoder)
+            self._other_encoders = other
             if not examples:
                 self._library = _EMPTY_LIBRARY
                 return 0
@@ -146,7 +167,7 @@ class EmbeddingStage:
     def remember(self, decision_id: str, text: str, model: str) -> None:
         """Keep a decision's prompt embedding so later feedback on ``decision_id`` can teach the stage."""
         if self._feedback is not None:
-            self._feedback.remember(decision_id, model, self._embed(bounded(text)))
+            self._feedback.remember(decision_id, model, self._embed(bounded(text)), self._router.encoder.name)
 
     def answered(self, decision_id: str, model: str) -> None:
         """``model`` gave the answer to ``decision_id`` (not the model decided: a cascade escalated,
