@@ -153,7 +153,7 @@ return {'OK', ''}
 # The real cost is spent even when the lease ran out before the settle (the request outlived
 # it): the lease's end released the reservation, not the spending. So a second run would count
 # the cost twice: ``SettleOnce`` runs it once per reservation, and the client is built without
-# retries (redis-py's default), so a settle whose reply is lost is not sent again.
+# retries, so a settle whose reply is lost is not sent again.
 _SETTLE = (
     _FUNCTIONS
     + """
@@ -212,8 +212,13 @@ class RedisAdmission:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         import redis.asyncio as redis_asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        self._redis: Any = redis_asyncio.Redis.from_url(url, decode_responses=True)
+        # No retries, said rather than left to redis-py's defaults (which have changed between
+        # versions): a command whose reply is lost may have run, and a settle run twice counts
+        # its cost twice (see ``_SETTLE``).
+        self._redis: Any = redis_asyncio.Redis.from_url(url, decode_responses=True, retry=Retry(NoBackoff(), 0))
         self._tenants = dict(tenants)
         self._prefix = prefix
         self._lease = lease_seconds

@@ -237,7 +237,8 @@ class TestExtensions:
 
 class _Proxy:
     """A TCP proxy to Redis on loopback that can hold every reply for ``delay`` seconds (requests
-    pass at once) and can cut every connection it carries."""
+    pass at once), can cut every connection it carries, and can lose the next reply (``lose_reply``:
+    the command has run in Redis, and its connection is closed instead of answered)."""
 
     def __init__(self, upstream: str, delay: float = 0.0) -> None:
         parsed = urllib.parse.urlparse(upstream)
@@ -245,6 +246,11 @@ class _Proxy:
         self._delay = delay
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
+        self._losing = False
+
+    def lose_reply(self) -> None:
+        """Close the connection that the next reply comes back on, instead of passing it on."""
+        self._losing = True
 
     @property
     def url(self) -> str:
@@ -269,15 +275,18 @@ class _Proxy:
         up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
         self._writers += [writer, up_writer]
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, delay: float) -> None:
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, delay: float, replies: bool) -> None:
             with contextlib.suppress(ConnectionError, OSError):
                 while data := await source.read(65536):
                     await asyncio.sleep(delay)
+                    if replies and self._losing:
+                        self._losing = False
+                        break
                     sink.write(data)
                     await sink.drain()
             sink.close()
 
-        await asyncio.gather(pipe(reader, up_writer, 0.0), pipe(up_reader, writer, self._delay))
+        await asyncio.gather(pipe(reader, up_writer, 0.0, False), pipe(up_reader, writer, self._delay, True))
 
 
 class TestStoreFailures:
@@ -316,6 +325,21 @@ class TestStoreFailures:
         out = capsys.readouterr().out
         assert "admission_settle_failed" in out
         assert "tenant=t" in out
+
+    async def test_a_settle_whose_reply_is_lost_is_not_sent_again(self, redis_url: str, prefix: str) -> None:
+        """The settle script runs in Redis and its reply is lost with the connection: the client
+        does not send it again (a second run would count the request's cost twice), so the day's
+        spend is the cost once."""
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, {"t": TenantConfig(daily_budget_usd=Decimal(1))}, prefix=prefix)
+            await (await admission.admit("t", cost=Decimal("0.1"))).settle(5, Decimal("0.1"))  # scripts loaded
+            reservation = await admission.admit("t", cost=Decimal("0.3"))
+            proxy.lose_reply()
+            await reservation.settle(10, Decimal("0.25"))
+            await admission.aclose()
+        checking = RedisAdmission(redis_url, {"t": TenantConfig(daily_budget_usd=Decimal(1))}, prefix=prefix)
+        assert await checking.spent("t") == Decimal("0.35")
+        await checking.aclose()
 
     async def test_a_store_that_fails_during_an_extension_is_unavailable(self, redis_url: str, prefix: str) -> None:
         """Admitted, then the connection to Redis is cut: the extension raises
