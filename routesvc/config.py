@@ -615,7 +615,8 @@ class TelemetrySettings:
     metrics_endpoint: str
     metrics_interval_seconds: float
     otlp_headers: Mapping[str, str]
-    otlp_insecure: bool
+    traces_insecure: bool
+    metrics_insecure: bool
     prometheus_host: str
     prometheus_port: int | None
     capture_content: bool
@@ -703,6 +704,7 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
     elif baseline not in catalog:
         raise ConfigError(f"{source}: telemetry.baseline_model: unknown model {baseline!r}")
     resource = _otel_pairs(env.get("OTEL_RESOURCE_ATTRIBUTES", ""))
+    insecure = env.get("OTEL_EXPORTER_OTLP_INSECURE", "").lower() == "true"
     return TelemetrySettings(
         service_name=telemetry.service_name or env.get("OTEL_SERVICE_NAME") or resource.get("service.name", "routesvc"),
         resource_attributes=resource,
@@ -713,8 +715,10 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
         metrics_endpoint=metrics_endpoint or "http://localhost:4317",
         metrics_interval_seconds=telemetry.metrics.export_interval_seconds,
         otlp_headers=_otel_pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS", "")),
-        otlp_insecure=env.get("OTEL_EXPORTER_OTLP_INSECURE", "").lower() == "true"
-        or (traces_endpoint or "http://").startswith("http://"),
+        # Each exporter by its own endpoint's scheme: http:// is plaintext (unless the variable
+        # says every endpoint is).
+        traces_insecure=insecure or (traces_endpoint or "http://").startswith("http://"),
+        metrics_insecure=insecure or (metrics_endpoint or "http://").startswith("http://"),
         prometheus_host=telemetry.metrics.prometheus_host,
         prometheus_port=telemetry.metrics.prometheus_port,
         capture_content=telemetry.capture_content,

@@ -30,7 +30,8 @@ name fields and models, never prompt text or credentials.
         ├── ProviderRateLimited         429 (carries retry_after)                RESOURCE_EXHAUSTED
         ├── ProviderQuotaExhausted      the key's credit or quota is spent       FAILED_PRECONDITION
         ├── ProviderUnavailable         5xx, 408, connection failure, timeout    UNAVAILABLE
-        │   └── ProviderTimedOut        the call's own deadline passed           (the router: DEADLINE_EXCEEDED)
+        │   ├── ProviderTimedOut        the call's own deadline passed           (the router: DEADLINE_EXCEEDED)
+        │   └── ProviderStalled         no chunk within the router's stream timers UNAVAILABLE
         └── StreamInterrupted           failed after content was sent            UNAVAILABLE
 """
 
@@ -259,6 +260,15 @@ class ProviderTimedOut(ProviderUnavailable):
     The router gives a provider call what is left of the caller's deadline, so there this means
     the request ran out of time, not that the model failed: the router answers DEADLINE_EXCEEDED
     and counts it against neither the model's breaker nor the retry budget.
+    """
+
+
+class ProviderStalled(ProviderUnavailable):
+    """The provider took the call and sent nothing, or nothing more, within the router's
+    ``first_token_timeout_seconds`` or ``stream_idle_timeout_seconds``: the router gave up on it.
+
+    Like ``ProviderTimedOut``, the call was ended from our side after the provider had it, so it
+    is charged an estimate of its input (and of what it sent), not nothing.
     """
 
 

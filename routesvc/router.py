@@ -32,6 +32,7 @@ from routesvc.errors import (
     ProviderQuotaExhausted,
     ProviderRateLimited,
     ProviderRejected,
+    ProviderStalled,
     ProviderTimedOut,
     ProviderUnavailable,
     SharedStateUnavailable,
@@ -47,6 +48,7 @@ from routesvc.models import (
     Escalation,
     Heartbeat,
     Mode,
+    ProviderEvent,
     QualityScore,
     RouteDecision,
     RoutingRequest,
@@ -721,8 +723,9 @@ class Router:
                 # A fallback the tenant's budget cannot take (or that cannot be checked) is
                 # skipped, like one over max_cost_usd; the request ends with the model's failure.
                 continue
-            if last_error is not None:
-                telemetry.record_fallback(last_error.model, model_id, last_error.reason)
+            # Recorded when its first attempt starts: a fallback the attempt limit, the retry
+            # budget, the deadline or an open breaker stops was never called.
+            fallen_from = last_error
             for try_on_model in range(reliability.retries_per_model + 1):
                 if attempt.number - first >= reliability.max_attempts:
                     break
@@ -740,6 +743,9 @@ class Router:
                     last_error = last_error or open_breaker
                     retryable_error = retryable_error or open_breaker  # it half-opens again soon
                     break
+                if fallen_from is not None:
+                    telemetry.record_fallback(fallen_from.model, model_id, fallen_from.reason)
+                    fallen_from = None
                 async with contextlib.aclosing(self._attempt(attempt, model, request, remaining, headers)) as events:
                     try:
                         async for event in events:
@@ -815,23 +821,18 @@ class Router:
             headers=MappingProxyType(dict(headers or {})),
         )
         received: list[str] = []  # what each chunk carried: answer text, reasoning, tool calls
+        ended_by_us = False  # our stream timers or the call's deadline ended it after it was sent
         sent = 0  # text chunks yielded: past the first, a failure is no longer retried
         outcome = AttemptOutcome.CANCELLED
         usage: Usage | None = None
-        stream = telemetry.observed_stream(provider, model, call, decision.mode)
+        # The timers run inside the observed stream, so the attempt's span ends with the failure
+        # they raise, as the router reports it.
+        timed = _Timed(
+            provider, model, reliability.first_token_timeout_seconds, reliability.stream_idle_timeout_seconds
+        )
+        stream = telemetry.observed_stream(timed, model, call, decision.mode)
         try:
-            iterator = aiter(stream)
-            while True:
-                limit = reliability.stream_idle_timeout_seconds if received else reliability.first_token_timeout_seconds
-                try:
-                    async with asyncio.timeout(limit):
-                        event = await anext(iterator)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise ProviderUnavailable(
-                        f"model {model.id} sent no chunk for {limit:g} s", provider=model.provider, model=model.id
-                    ) from None
+            async for event in stream:
                 if isinstance(event, TextDelta):
                     received.append(event.text)
                     sent += 1
@@ -863,10 +864,12 @@ class Router:
             # ``call.timeout`` is what was left of the caller's deadline: the request ran out of
             # time (the RPC's own timer fires at the same moment), the model did not fail.
             outcome = AttemptOutcome.INTERRUPTED if received else AttemptOutcome.FAILED
+            ended_by_us = True
             self._breakers.release_probe(model.id)
             raise DeadlineExceeded("deadline exceeded") from error
         except ProviderError as error:
             outcome = AttemptOutcome.INTERRUPTED if received else AttemptOutcome.FAILED
+            ended_by_us = isinstance(error, ProviderStalled)
             if received or not isinstance(error, ProviderRejected | ProviderQuotaExhausted):
                 self._breakers.record_failure(
                     model.id, error.retry_after if isinstance(error, ProviderRateLimited) else None
@@ -893,12 +896,16 @@ class Router:
             if outcome is not AttemptOutcome.COMPLETED:
                 if outcome is AttemptOutcome.CANCELLED:
                     self._breakers.release_probe(model.id)
+                # Ended by the provider's error before any output: nothing billed. Ended from our
+                # side once the provider had the call (a cancellation, our timers, the deadline),
+                # or cut after output: its input and what came, estimated (as its span says).
+                charged = bool(received) or ended_by_us or outcome is AttemptOutcome.CANCELLED
                 estimate = Usage(
-                    input_tokens=decision.estimated_input_tokens if received else 0,
-                    output_tokens=count_text_tokens("".join(received)) if received else 0,
+                    input_tokens=decision.estimated_input_tokens if charged else 0,
+                    output_tokens=count_text_tokens("".join(received)),
                 )
                 cost = cost_of_usage(model, estimate, decision.mode)
-                self._record(state, model, number, outcome, estimate, cost, estimated=bool(received))
+                self._record(state, model, number, outcome, estimate, cost, estimated=charged)
 
     def _record(
         self,
@@ -983,3 +990,39 @@ def no_eligible_model_for(decision: RouteDecision) -> ProviderUnavailable:
     return ProviderUnavailable(
         f"no attempt could start for model {decision.model}", provider=decision.provider, model=decision.model
     )
+
+
+class _Timed:
+    """``provider``'s streams of ``model``, failing with ``ProviderStalled`` when no event comes
+    within ``first_event`` seconds of the call, or within ``idle`` seconds of the last one (a
+    reasoning or tool-call piece counts: the model is working)."""
+
+    def __init__(self, provider: Provider, model: ModelSpec, first_event: float, idle: float) -> None:
+        self._provider = provider
+        self._model = model
+        self._first_event = first_event
+        self._idle = idle
+
+    async def stream(self, call: ProviderCall) -> AsyncGenerator[ProviderEvent, None]:
+        """The provider's events, each within its time."""
+        stream = self._provider.stream(call)
+        iterator = aiter(stream)
+        limit = self._first_event
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(limit):
+                        event = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    model = self._model
+                    raise ProviderStalled(
+                        f"model {model.id} sent no chunk for {limit:g} s", provider=model.provider, model=model.id
+                    ) from None
+                limit = self._idle
+                yield event
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -31,6 +31,27 @@ async def observed(fake: FakeProvider) -> Observed:  # type: ignore[misc]
 
 
 class TestGenAIMetrics:
+    async def test_an_attempt_refused_before_any_output_reports_no_token_usage(
+        self, observed: Observed, fake: FakeProvider
+    ) -> None:
+        """A 503, then an answer: one input and one output observation, the answer's (the refused
+        attempt added 0-token points, which the GenAI conventions say not to report)."""
+        fake.enqueue(Script(status=503), Script(input_tokens=100, output_tokens=10))
+        await _complete(observed)
+        usage = _by(observed.points("gen_ai.client.token.usage"), "gen_ai.token.type")
+        counts = {kind: (point.count, point.sum) for kind, point in usage.items()}  # type: ignore[attr-defined]
+        assert counts == {"input": (1, 100), "output": (1, 10)}
+
+    async def test_stage_durations_have_buckets_below_a_millisecond(self, observed: Observed) -> None:
+        """routesvc.routing.stage.duration is in seconds and a rules stage takes microseconds: its
+        buckets start at 10 µs (the SDK's default, 0-5-10..., put every stage in one bucket)."""
+        await observed.client.route(user_chat("hello"))
+        points = observed.points("routesvc.routing.stage.duration")
+        assert {dict(p.attributes)["routesvc.stage"] for p in points} == {"classifier", "rules", "default"}
+        for point in points:
+            assert (point.explicit_bounds[0], point.explicit_bounds[-1]) == (1e-05, 5.0)
+            assert sum(point.bucket_counts[:-1]) == 1  # within the bounds
+
     async def test_token_usage_by_type_and_operation_duration(self, observed: Observed, fake: FakeProvider) -> None:
         """gen_ai.client.token.usage has input and output points; duration and time to first chunk one each."""
         fake.enqueue(Script(input_tokens=1234, output_tokens=56))

@@ -36,7 +36,18 @@ class TestEnvironment:
         telemetry = _telemetry(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
         assert (telemetry.traces_exporter, telemetry.traces_endpoint) == ("otlp", "http://collector:4317")
         assert (telemetry.metrics_exporter, telemetry.metrics_endpoint) == ("otlp", "http://collector:4317")
-        assert telemetry.otlp_insecure is True
+        assert (telemetry.traces_insecure, telemetry.metrics_insecure) == (True, True)
+
+    def test_each_exporter_is_plaintext_by_its_own_endpoint(self) -> None:
+        """Traces to an https:// collector, metrics to an http:// one: TLS for the traces only (the
+        metrics exporter took the traces' flag and spoke TLS to a plaintext collector)."""
+        telemetry = _telemetry(
+            environ={
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://traces.example:4317",
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://metrics.local:4317",
+            }
+        )
+        assert (telemetry.traces_insecure, telemetry.metrics_insecure) == (False, True)
 
     def test_signal_specific_variables_win_over_the_shared_one(self) -> None:
         """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT and OTEL_METRICS_EXPORTER override per signal."""

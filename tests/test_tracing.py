@@ -243,7 +243,9 @@ class TestContent:
         assert json.loads(str(attributes["gen_ai.input.messages"])) == [
             {"role": "user", "parts": [{"type": "text", "content": "the question"}]}
         ]
-        assert "the answer" in str(attributes["gen_ai.output.messages"])
+        assert json.loads(str(attributes["gen_ai.output.messages"])) == [
+            {"role": "assistant", "parts": [{"type": "text", "content": "the answer"}], "finish_reason": "stop"}
+        ]
 
     async def test_captured_messages_carry_tool_calls_and_results(self, fake: FakeProvider) -> None:
         """With capture on, tool turns are ``tool_call`` and ``tool_call_response`` parts (they were
@@ -274,8 +276,95 @@ class TestContent:
             {
                 "role": "assistant",
                 "parts": [{"type": "tool_call", "id": "call_fake_0", "name": "lookup", "arguments": '{"q": "y"}'}],
+                "finish_reason": "tool_call",
             }
         ]
+
+
+def _two_fallbacks_config(**reliability: object) -> dict[str, object]:
+    """The default policy, gpt-4o-mini falling back to gpt-4o then claude-sonnet, no retries."""
+    config = default_config()
+    config["routing"]["fallbacks"] = {"gpt-4o-mini": ["gpt-4o", "claude-sonnet"]}  # type: ignore[index]
+    config["reliability"] = {"retries_per_model": 0, **reliability}
+    return config
+
+
+class TestAttemptsAsTheLedgerHasThem:
+    """An attempt's span, the cost metric and GetStats say what the ledger and the caller are told."""
+
+    async def test_an_attempt_that_sends_no_chunk_in_time_is_a_failure_charged_as_the_ledger_has_it(
+        self, fake: FakeProvider
+    ) -> None:
+        """gpt-4o-mini sends nothing within first_token_timeout_seconds and the request falls back
+        to gpt-4o: the stalled attempt's span is ERROR PROVIDER_UNAVAILABLE (it said 'cancelled',
+        unset), and it is charged its input's estimate (the provider had the prompt) in the span
+        and the ledger alike (the ledger charged nothing), so the server span, GetStats and the
+        caller's cost agree."""
+        fake.enqueue(Script(first_chunk_delay=5.0, input_tokens=100), model="gpt-4o-mini")
+        fake.enqueue(Script(input_tokens=100, output_tokens=10), model="gpt-4o")
+        async with observed_server(fake, config=_two_fallbacks_config(first_token_timeout_seconds=0.3)) as observed:
+            messages = await _complete(observed)
+            ledger = observed.server.router.ledger.entries()
+            stats = await observed.client.get_stats()
+        completion = messages[-1].completion
+        (stalled,) = observed.named("chat gpt-4o-mini")
+        (server,) = observed.named(COMPLETE)
+        assert (completion.model, stalled.status.status_code) == ("gpt-4o", StatusCode.ERROR)
+        assert _attrs(stalled)["error.type"] == "PROVIDER_UNAVAILABLE"
+        assert (ledger[0].model, ledger[0].estimated, ledger[0].cost_usd > 0) == ("gpt-4o-mini", True, True)
+        assert _attrs(stalled)["routesvc.cost_usd"] == pytest.approx(float(ledger[0].cost_usd))
+        assert _attrs(server)["routesvc.cost_usd"] == pytest.approx(float(completion.cost_usd))
+        assert Decimal(stats.totals.cost_usd) == Decimal(completion.cost_usd) == sum(e.cost_usd for e in ledger)
+
+    async def test_a_call_cancelled_before_its_first_chunk_costs_what_the_ledger_says(self, fake: FakeProvider) -> None:
+        """The caller leaves while the provider has sent nothing: span, cost metric and ledger
+        agree on an estimate of the prompt (the ledger charged nothing)."""
+        fake.enqueue(Script(first_chunk_delay=3.0, input_tokens=100))
+        async with observed_server(fake) as observed:
+            stream = observed.client.complete(user_chat("Tell me about tea " * 50))
+            async for message in stream:
+                if message.WhichOneof("event") == "decision":
+                    break
+            while not fake.requests:  # noqa: ASYNC110 - the fake has no event for a request's arrival
+                await asyncio.sleep(0.01)
+            await stream.aclose()  # type: ignore[attr-defined]
+            while not observed.named(COMPLETE):  # noqa: ASYNC110 - the span ends when the handler does
+                await asyncio.sleep(0.02)
+            ledger = observed.server.router.ledger.entries()
+            cost_metric = sum(p.value for p in observed.points("routesvc.cost"))
+        (chat,) = [span for span in observed.finished() if span.kind is SpanKind.CLIENT]
+        (server,) = observed.named(COMPLETE)
+        assert [(e.outcome.value, e.estimated, e.cost_usd > 0) for e in ledger] == [("cancelled", True, True)]
+        spent = float(ledger[0].cost_usd)
+        assert (_attrs(chat)["routesvc.cost_usd"], _attrs(server)["routesvc.cost_usd"], cost_metric) == (spent,) * 3
+
+    async def test_a_fallback_is_counted_only_when_its_model_is_called(self, fake: FakeProvider) -> None:
+        """max_attempts 1: gpt-4o-mini fails 503 and no other attempt may start, so no fallback
+        happened: none in the routing span's events, the metric, the server span or GetStats
+        (one was counted for each model left in the chain)."""
+        fake.enqueue(Script(status=503), model="gpt-4o-mini")
+        async with observed_server(fake, config=_two_fallbacks_config(max_attempts=1)) as observed:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _complete(observed)
+            stats = await observed.client.get_stats()
+            points = observed.points("routesvc.fallbacks")
+        (route,) = observed.named("route")
+        (server,) = observed.named(COMPLETE)
+        assert [s.name for s in observed.finished() if s.kind is SpanKind.CLIENT] == ["chat gpt-4o-mini"]
+        assert [e.name for e in route.events if e.name == "routesvc.fallback"] == []
+        assert (_attrs(server)["routesvc.fallbacks"], sum(p.value for p in points), stats.fallbacks) == (0, 0, 0)
+
+    async def test_a_fallback_that_is_called_is_counted_once(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini fails 503 and gpt-4o answers: one fallback, to gpt-4o, everywhere."""
+        fake.enqueue(Script(status=503), model="gpt-4o-mini")
+        async with observed_server(fake, config=_two_fallbacks_config()) as observed:
+            await _complete(observed)
+            stats = await observed.client.get_stats()
+        (route,) = observed.named("route")
+        (server,) = observed.named(COMPLETE)
+        events = [dict(e.attributes or {}) for e in route.events if e.name == "routesvc.fallback"]
+        assert [e["routesvc.to_model"] for e in events] == ["gpt-4o"]
+        assert (_attrs(server)["routesvc.fallbacks"], stats.fallbacks) == (1, 1)
 
 
 class TestEvents:

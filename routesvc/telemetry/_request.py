@@ -21,9 +21,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from routesvc.catalog import ModelSpec
 from routesvc.cost import cost_of_usage, estimate_cost, format_usd
-from routesvc.errors import ProviderError, RouteSvcError
+from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut, RouteSvcError
 from routesvc.models import (
     ChatRequest,
+    FinishReason,
     Heartbeat,
     Mode,
     ProviderEvent,
@@ -320,6 +321,10 @@ class _Streaming(Protocol):
     def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]: ...
 
 
+# The GenAI output message's finish reasons where ours are spelt otherwise.
+_OUTPUT_FINISH_REASONS = {FinishReason.TOOL_CALLS: "tool_call"}
+
+
 def _parts(text: str, calls: Sequence[ToolCall] = (), call_id: str = "") -> list[dict[str, object]]:
     """A message's parts as the GenAI conventions write them: a tool result, text, tool calls."""
     if call_id:
@@ -389,6 +394,7 @@ async def observed_stream(
     unsent: list[str] = []  # what chunks without answer text carried (reasoning, tool calls)
     finish: ProviderFinish | None = None
     error_type = ""
+    stopped = False  # the router's stream timers or the call's deadline ended it
     metric_labels = {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": gen_ai_provider,
@@ -410,6 +416,7 @@ async def observed_stream(
             yield event
     except ProviderError as error:
         error_type = error.reason
+        stopped = isinstance(error, ProviderStalled | ProviderTimedOut)
         span.set_status(Status(StatusCode.ERROR, error.reason))
         if error.status is not None:
             span.set_attribute("http.response.status_code", error.status)
@@ -430,7 +437,19 @@ async def observed_stream(
                 await aclose()
         finally:
             _end_attempt(
-                rpc, span, model, mode, chat, finish, texts, unsent, error_type, started, metric_labels, purpose
+                rpc,
+                span,
+                model,
+                mode,
+                chat,
+                finish,
+                texts,
+                unsent,
+                error_type,
+                stopped,
+                started,
+                metric_labels,
+                purpose,
             )
 
 
@@ -444,13 +463,18 @@ def _end_attempt(
     texts: list[str],
     unsent: list[str],
     error_type: str,
+    stopped: bool,
     started: float,
     metric_labels: dict[str, str],
     purpose: str,
 ) -> None:
     telemetry = rpc.telemetry
     duration = time.monotonic() - started
-    interrupted = finish is None and (bool(texts or unsent) or error_type in ("cancelled", "_OTHER"))
+    # As in the ledger: an attempt the provider ended with an error before any output is charged
+    # nothing; one ended from our side once the provider had it (a cancellation, the router's
+    # stream timers, the call's deadline), or cut after output, an estimate.
+    ended_by_us = error_type in ("cancelled", "_OTHER") or stopped
+    interrupted = finish is None and (bool(texts or unsent) or ended_by_us)
     estimated = interrupted or (finish is not None and finish.estimated)
     if finish is not None:
         usage = finish.usage
@@ -460,8 +484,8 @@ def _end_attempt(
         span.set_attribute("gen_ai.response.model", finish.provider_model or model.provider_model)
         span.set_attribute("gen_ai.response.finish_reasons", [finish.finish_reason.value])
     elif interrupted:
-        # Interrupted after the provider started work (cancelled, cut, timed out): usage is
-        # estimated from what was sent and received, and flagged.
+        # Interrupted after the provider had the call: usage is estimated from what was sent
+        # and received, and flagged.
         usage = Usage(
             input_tokens=estimate_input_tokens(chat), output_tokens=sum(count_text_tokens(t) for t in texts + unsent)
         )
@@ -488,17 +512,25 @@ def _end_attempt(
         span.set_attribute("error.type", error_type)
     calls = finish.tool_calls if finish is not None else ()
     if telemetry.capture_content and (texts or calls):
-        span.set_attribute(
-            "gen_ai.output.messages", json.dumps([{"role": "assistant", "parts": _parts("".join(texts), calls)}])
-        )
+        output = {
+            "role": "assistant",
+            "parts": _parts("".join(texts), calls),
+            "finish_reason": _OUTPUT_FINISH_REASONS.get(finish.finish_reason, finish.finish_reason.value)
+            if finish is not None
+            else "error",
+        }
+        span.set_attribute("gen_ai.output.messages", json.dumps([output]))
     span.end()
     rpc.attempts.append(_AttemptRecord(model.id, cost, usage if finish is not None else None, estimated, purpose))
     labels = {**metric_labels, "gen_ai.response.model": finish.provider_model if finish else model.provider_model}
     duration_labels = {**labels, "error.type": error_type} if error_type else labels
     instruments = telemetry.instruments
     instruments.operation_duration.record(duration, duration_labels)
-    instruments.token_usage.record(usage.input_tokens, {**labels, "gen_ai.token.type": "input"})
-    instruments.token_usage.record(usage.output_tokens, {**labels, "gen_ai.token.type": "output"})
+    if finish is not None or interrupted:
+        # An attempt that ended before any output has no usage to report (the conventions:
+        # report token usage only when it is known).
+        instruments.token_usage.record(usage.input_tokens, {**labels, "gen_ai.token.type": "input"})
+        instruments.token_usage.record(usage.output_tokens, {**labels, "gen_ai.token.type": "output"})
     instruments.cost.add(float(cost), {"routesvc.model": model.id})
     log.debug(
         "provider_attempt_finished",

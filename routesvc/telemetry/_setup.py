@@ -33,6 +33,8 @@ _TRACE_HEADERS = ("traceparent", "tracestate")
 _EXPORT_TIMEOUT_MS = 3_000
 # Bucket boundaries the GenAI conventions recommend.
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+# A policy stage takes microseconds (rules) to a few hundred milliseconds (an LLM classifier).
+_STAGE_SECONDS_BUCKETS = tuple(base * 10.0**power for power in range(-5, 1) for base in (1, 2.5, 5))
 _SECONDS_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 log = structlog.get_logger("routesvc.telemetry")
@@ -90,6 +92,10 @@ def _views() -> list[View]:
         View(instrument_name="gen_ai.client.operation.duration", aggregation=seconds),
         View(instrument_name="gen_ai.client.operation.time_to_first_chunk", aggregation=seconds),
         View(instrument_name="rpc.server.duration", aggregation=seconds),
+        View(
+            instrument_name="routesvc.routing.stage.duration",
+            aggregation=ExplicitBucketHistogramAggregation(_STAGE_SECONDS_BUCKETS),
+        ),
     ]
 
 
@@ -158,7 +164,7 @@ class Telemetry:
 
             exporter = OTLPSpanExporter(
                 endpoint=config.traces_endpoint,
-                insecure=config.otlp_insecure,
+                insecure=config.traces_insecure,
                 headers=dict(config.otlp_headers),
                 timeout=_EXPORT_TIMEOUT_MS // 1000,
             )
@@ -184,7 +190,7 @@ class Telemetry:
 
             metric_exporter = OTLPMetricExporter(
                 endpoint=config.metrics_endpoint,
-                insecure=config.otlp_insecure,
+                insecure=config.metrics_insecure,
                 headers=dict(config.otlp_headers),
                 timeout=_EXPORT_TIMEOUT_MS // 1000,
             )
