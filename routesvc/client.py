@@ -63,6 +63,7 @@ def build_chat(
     tools: Sequence[pb.Tool] = (),
     max_output_tokens: int | None = None,
     temperature: float | None = None,
+    stop: Sequence[str] = (),
 ) -> pb.ChatRequest:
     """A ``ChatRequest`` from ``(role, content)`` pairs (role "system", "user" or "assistant") and
     ``pb.Message``s as they are (the turns of a tool-use loop: see ``tool_turns``)."""
@@ -72,6 +73,7 @@ def build_chat(
             for message in messages
         ],
         tools=list(tools),
+        stop=list(stop),
     )
     if max_output_tokens is not None:
         chat.max_output_tokens = max_output_tokens

@@ -77,6 +77,7 @@ class ChatRequest:
     tools: tuple[ToolSpec, ...] = ()
     max_output_tokens: int | None = None
     temperature: float | None = None
+    stop: tuple[str, ...] = ()
 
     @property
     def uses_tools(self) -> bool:

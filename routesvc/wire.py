@@ -85,6 +85,9 @@ _MAX_COST_DIGITS = 24
 _MIN_COST_EXPONENT = -12
 # Providers' call ids are a few dozen characters ("call_...", "toolu_...").
 _MAX_TOOL_CALL_ID_CHARS = 256
+# A stop sequence is a marker ("\n\n", "</answer>", "Observation:"); neither provider documents a
+# bound, and a longer one is a mistake (or an attempt to grow every request the router sends).
+_MAX_STOP_CHARS = 256
 
 
 def _message(index: int, message: pb.Message, open_calls: Mapping[str, str]) -> Message:
@@ -174,6 +177,17 @@ def _json_object(field: str, text: str) -> dict[str, object]:
     return parsed
 
 
+def _stop(chat: pb.ChatRequest, limits: LimitsConfig) -> tuple[str, ...]:
+    """The stop sequences. Not checked for lone surrogates: a protobuf string is valid UTF-8, and
+    a request whose bytes are not is refused before it gets here (field ``request``)."""
+    if len(chat.stop) > limits.max_stop_sequences:
+        raise InvalidRequest("chat.stop", f"must hold at most {limits.max_stop_sequences} sequences")
+    for index, sequence in enumerate(chat.stop):
+        if not sequence or len(sequence) > _MAX_STOP_CHARS:
+            raise InvalidRequest(f"chat.stop[{index}]", f"must be 1-{_MAX_STOP_CHARS} characters")
+    return tuple(chat.stop)
+
+
 def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
     if not chat.messages:
         raise InvalidRequest("chat.messages", "must contain at least one message")
@@ -224,7 +238,7 @@ def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
         temperature = chat.temperature
         if not (math.isfinite(temperature) and 0.0 <= temperature <= 2.0):
             raise InvalidRequest("chat.temperature", "must be between 0 and 2")
-    return ChatRequest(messages, tuple(tools), max_output_tokens, temperature)
+    return ChatRequest(messages, tuple(tools), max_output_tokens, temperature, _stop(chat, limits))
 
 
 def _context(context: pb.RoutingContext, limits: LimitsConfig) -> RoutingContext:

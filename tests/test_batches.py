@@ -204,6 +204,30 @@ class TestBatchSubmitAndResults:
         assert (batched[0].decision.mode, batched[0].decision.model) == (pb.MODE_BATCH, realtime[0].decision.model)
         assert fake.batches[0].requests[0][key]["tools"] == fake.requests[0].body["tools"]
 
+    @pytest.mark.parametrize(
+        ("task", "key", "field"), [("", "body", "stop"), ("creative_writing", "params", "stop_sequences")]
+    )
+    async def test_stop_sequences_of_a_job_queued_across_a_restart_reach_the_provider_batch(
+        self, tmp_path: Path, fake: FakeProvider, task: str, key: str, field: str
+    ) -> None:
+        """A job still queued at shutdown keeps its stop sequences in the store: the next server's
+        provider batch carries them (OpenAI body ``stop``, Anthropic params ``stop_sequences``)."""
+        waiting = batch_config(tmp_path)
+        waiting["batch"]["group_window_seconds"] = 60  # type: ignore[index]
+        chat = build_chat([("user", "Summarise this report")], stop=["END", "Sources:"])
+        context = pb.RoutingContext(tenant="acme", task_hint=task, realtime=False)
+        async with (
+            Server(settings_from(waiting, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = [m async for m in client.complete(chat, context)][1].batch
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert fake.batches[0].requests[0][key][field] == ["END", "Sources:"]
+
     def test_a_request_stored_before_tools_were_kept_has_none(self) -> None:
         """A queued row written by an earlier release (no "tools" key) still decodes, with no tools."""
         old = '{"messages": [{"role": "user", "content": "hi"}], "max_output_tokens": 16, "temperature": null}'

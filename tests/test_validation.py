@@ -127,6 +127,14 @@ BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
         "chat.max_output_tokens",
     ),
     ("temperature", _chat((USER, CANARY), temperature=7.5), pb.RoutingContext(), "chat.temperature"),
+    ("five stop sequences", _chat((USER, CANARY), stop=[CANARY] * 5), pb.RoutingContext(), "chat.stop"),
+    ("an empty stop sequence", _chat((USER, CANARY), stop=[CANARY, "END", ""]), pb.RoutingContext(), "chat.stop[2]"),
+    (
+        "a stop sequence over 256 characters",
+        _chat((USER, CANARY), stop=["END", CANARY * 20]),
+        pb.RoutingContext(),
+        "chat.stop[1]",
+    ),
     (
         "tool name",
         _chat((USER, CANARY), tools=[pb.Tool(name=f"bad name {CANARY}")]),
@@ -288,6 +296,19 @@ class TestWireLevel:
         """A string field with bytes that are not UTF-8 is INVALID_ARGUMENT, not UNKNOWN."""
         message = bytes([0x08, 0x02, 0x12, 0x02, 0xFF, 0xFE])  # Message{role: USER, content: b"\xff\xfe"}
         chat = bytes([0x0A, len(message)]) + message
+        request = bytes([0x0A, len(chat)]) + chat
+        async with grpc.aio.insecure_channel(server.target) as channel:  # type: ignore[attr-defined]
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary("/routesvc.v1.RouterService/Route")(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).metadata["field"] == "request"
+
+    async def test_a_stop_sequence_with_a_lone_surrogate_is_invalid_argument(
+        self, client: RouterClient, server: object
+    ) -> None:
+        """A stop sequence whose bytes encode a lone surrogate (not UTF-8) is INVALID_ARGUMENT."""
+        chat = pb.ChatRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hi")]).SerializeToString()
+        chat += bytes([0x2A, 0x03, 0xED, 0xA0, 0x80])  # stop: "\ud800" as UTF-8 would spell it
         request = bytes([0x0A, len(chat)]) + chat
         async with grpc.aio.insecure_channel(server.target) as channel:  # type: ignore[attr-defined]
             with pytest.raises(grpc.aio.AioRpcError) as caught:

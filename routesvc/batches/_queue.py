@@ -210,7 +210,9 @@ class BatchQueue:
             decision_id=decision.decision_id,
         )
         chat = request.chat
-        stored = QueuedRequest(chat.messages, decision.estimated_output_tokens, chat.temperature, chat.tools)
+        stored = QueuedRequest(
+            chat.messages, decision.estimated_output_tokens, chat.temperature, chat.tools, stop=chat.stop
+        )
         store = self._opened()
         adding = self._keep(store.add(job, encode_request(stored), held_by=self._owner, hold_seconds=CLAIM_SECONDS))
         try:
@@ -420,6 +422,7 @@ class BatchQueue:
                     request.max_output_tokens,
                     request.temperature,
                     request.tools,
+                    stop=request.stop,
                 )
             )
         try:

@@ -104,6 +104,7 @@ class QueuedRequest:
     max_output_tokens: int
     temperature: float | None = None
     tools: tuple[ToolSpec, ...] = ()
+    stop: tuple[str, ...] = ()
 
 
 def encode_request(request: QueuedRequest) -> str:
@@ -116,12 +117,14 @@ def encode_request(request: QueuedRequest) -> str:
             "tools": [
                 {"name": t.name, "description": t.description, "parameters": dict(t.parameters)} for t in request.tools
             ],
+            "stop": list(request.stop),
         }
     )
 
 
 def decode_request(text: str) -> QueuedRequest:
-    """The request ``encode_request`` stored; rows stored before tools were kept have none."""
+    """The request ``encode_request`` stored; rows stored before tools (or stop sequences) were kept
+    have none."""
     data = json.loads(text)
     return QueuedRequest(
         messages=tuple(
@@ -134,6 +137,7 @@ def decode_request(text: str) -> QueuedRequest:
             ToolSpec(t["name"], t.get("description", ""), MappingProxyType(dict(t.get("parameters") or {})))
             for t in data.get("tools", ())
         ),
+        stop=tuple(data.get("stop", ())),
     )
 
 

@@ -190,6 +190,7 @@ def request_params(
     messages: tuple[Message, ...],
     tools: tuple[ToolSpec, ...] = (),
     temperature: float | None = None,
+    stop: tuple[str, ...] = (),
 ) -> dict[str, object]:
     """The Messages API parameters of one request, streamed or in a batch, as ``messages.create``
     would send them (see the module docstring for what is adapted)."""
@@ -214,6 +215,8 @@ def request_params(
                 "temperature_clamped", provider=provider, model=model, requested=temperature, sent=MAX_TEMPERATURE
             )
         params["temperature"] = min(temperature, MAX_TEMPERATURE)
+    if stop:
+        params["stop_sequences"] = list(stop)
     return params
 
 
@@ -227,6 +230,7 @@ def _body(provider: str, call: ProviderCall) -> dict[str, object]:
         messages=call.messages,
         tools=call.tools,
         temperature=call.temperature,
+        stop=call.stop,
     )
     return {**params, "stream": True}
 

@@ -72,6 +72,7 @@ class AnthropicBatches:
                 messages=item.messages,
                 tools=item.tools,
                 temperature=item.temperature,
+                stop=item.stop,
             )
             requests.append({"custom_id": item.custom_id, "params": params})
         batch = await self._guard("create", self._client.messages.batches.create(requests=requests))

@@ -7,13 +7,22 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, Protocol
 
-from routesvc.models import Message, ProviderEvent, ToolSpec
+from routesvc.models import ChatRequest, Message, ProviderEvent, ToolSpec
 
 # The HTTP transport under an SDK client: the SDKs' aiohttp one (``DefaultAioHttpClient``, wrapped
 # by ``_aiohttp.keeping_buffered`` so a cut loses nothing; routesvc's default) or their own default,
 # httpx. Same requests and headers; aiohttp costs less CPU per stream. docs/performance.md lists
 # the differences.
 HttpClientKind = Literal["aiohttp", "httpx"]
+
+
+def refusal(kind: str, chat: ChatRequest) -> str:
+    """Why an API of ``kind`` (``providers.<name>.kind``) refuses ``chat`` as asked, or "" when it
+    takes it: routing passes over its models, so the request goes to a model that can serve it
+    instead of failing upstream (and counting against that model's breaker)."""
+    if kind == "anthropic" and any(not sequence.strip() for sequence in chat.stop):
+        return "provider kind anthropic refuses a stop sequence of whitespace only"
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +40,7 @@ class ProviderCall:
     tools: tuple[ToolSpec, ...] = ()
     max_output_tokens: int = 512
     temperature: float | None = None
+    stop: tuple[str, ...] = ()
     timeout: float | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 

@@ -23,6 +23,7 @@ class BatchItem:
     max_output_tokens: int
     temperature: float | None = None
     tools: tuple[ToolSpec, ...] = ()
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,6 +235,8 @@ class OpenAIProvider:
             body["tools"] = _tools(call.tools)
         if call.temperature is not None:
             body["temperature"] = call.temperature
+        if call.stop:
+            body["stop"] = list(call.stop)
         body["max_completion_tokens" if self._kind == "openai" else "max_tokens"] = call.max_output_tokens
         return body
 

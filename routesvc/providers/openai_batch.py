@@ -71,6 +71,8 @@ class OpenAIBatches:
                 body["tools"] = _tools(item.tools)
             if item.temperature is not None:
                 body["temperature"] = item.temperature
+            if item.stop:
+                body["stop"] = list(item.stop)
             lines.append(json.dumps({"custom_id": item.custom_id, "method": "POST", "url": _ENDPOINT, "body": body}))
         content = ("\n".join(lines) + "\n").encode()
         uploaded = await self._guard(

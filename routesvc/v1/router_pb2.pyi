@@ -320,6 +320,7 @@ class ChatRequest(_message.Message):
     TOOLS_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
     max_output_tokens: _builtins.int
     """Maximum output tokens; unset uses the configured default. Must be 1 or more and
     at most the configured cap.
@@ -336,6 +337,14 @@ class ChatRequest(_message.Message):
         messages) is served only by a model with tool support.
         """
 
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Stop sequences: the model stops before writing any of them (finish reason STOP), and
+        the sequence is not part of the answer. At most the configured limit (4 by default,
+        OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+        only (such as "\\n"), so a request with one is not served by an Anthropic model.
+        """
+
     def __init__(
         self,
         *,
@@ -343,10 +352,11 @@ class ChatRequest(_message.Message):
         tools: _abc.Iterable[Global___Tool] | None = ...,
         max_output_tokens: _builtins.int | None = ...,
         temperature: _builtins.float | None = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_temperature", b"_temperature", "max_output_tokens", b"max_output_tokens", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_temperature", b"_temperature", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "temperature", b"temperature", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_temperature", b"_temperature", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "stop", b"stop", "temperature", b"temperature", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015

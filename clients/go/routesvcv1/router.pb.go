@@ -567,7 +567,12 @@ type ChatRequest struct {
 	// at most the configured cap.
 	MaxOutputTokens *int32 `protobuf:"varint,3,opt,name=max_output_tokens,json=maxOutputTokens,proto3,oneof" json:"max_output_tokens,omitempty"`
 	// Sampling temperature in [0, 2]; unset uses the provider's default.
-	Temperature   *float64 `protobuf:"fixed64,4,opt,name=temperature,proto3,oneof" json:"temperature,omitempty"`
+	Temperature *float64 `protobuf:"fixed64,4,opt,name=temperature,proto3,oneof" json:"temperature,omitempty"`
+	// Stop sequences: the model stops before writing any of them (finish reason STOP), and
+	// the sequence is not part of the answer. At most the configured limit (4 by default,
+	// OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+	// only (such as "\n"), so a request with one is not served by an Anthropic model.
+	Stop          []string `protobuf:"bytes,5,rep,name=stop,proto3" json:"stop,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -628,6 +633,13 @@ func (x *ChatRequest) GetTemperature() float64 {
 		return *x.Temperature
 	}
 	return 0
+}
+
+func (x *ChatRequest) GetStop() []string {
+	if x != nil {
+		return x.Stop
+	}
+	return nil
 }
 
 // RoutingContext is what the router knows about the request besides its text.
@@ -3165,12 +3177,13 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x04Tool\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x12'\n" +
-	"\x0fparameters_json\x18\x03 \x01(\tR\x0eparametersJson\"\xe6\x01\n" +
+	"\x0fparameters_json\x18\x03 \x01(\tR\x0eparametersJson\"\xfa\x01\n" +
 	"\vChatRequest\x120\n" +
 	"\bmessages\x18\x01 \x03(\v2\x14.routesvc.v1.MessageR\bmessages\x12'\n" +
 	"\x05tools\x18\x02 \x03(\v2\x11.routesvc.v1.ToolR\x05tools\x12/\n" +
 	"\x11max_output_tokens\x18\x03 \x01(\x05H\x00R\x0fmaxOutputTokens\x88\x01\x01\x12%\n" +
-	"\vtemperature\x18\x04 \x01(\x01H\x01R\vtemperature\x88\x01\x01B\x14\n" +
+	"\vtemperature\x18\x04 \x01(\x01H\x01R\vtemperature\x88\x01\x01\x12\x12\n" +
+	"\x04stop\x18\x05 \x03(\tR\x04stopB\x14\n" +
 	"\x12_max_output_tokensB\x0e\n" +
 	"\f_temperature\"\xf7\x02\n" +
 	"\x0eRoutingContext\x12\x16\n" +

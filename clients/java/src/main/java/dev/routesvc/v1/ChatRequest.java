@@ -23,6 +23,8 @@ private static final long serialVersionUID = 0L;
   private ChatRequest() {
     messages_ = java.util.Collections.emptyList();
     tools_ = java.util.Collections.emptyList();
+    stop_ =
+        com.google.protobuf.LazyStringArrayList.emptyList();
   }
 
   @java.lang.Override
@@ -229,6 +231,71 @@ private static final long serialVersionUID = 0L;
     return temperature_;
   }
 
+  public static final int STOP_FIELD_NUMBER = 5;
+  @SuppressWarnings("serial")
+  private com.google.protobuf.LazyStringArrayList stop_ =
+      com.google.protobuf.LazyStringArrayList.emptyList();
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @return A list containing the stop.
+   */
+  public com.google.protobuf.ProtocolStringList
+      getStopList() {
+    return stop_;
+  }
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @return The count of stop.
+   */
+  public int getStopCount() {
+    return stop_.size();
+  }
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @param index The index of the element to return.
+   * @return The stop at the given index.
+   */
+  public java.lang.String getStop(int index) {
+    return stop_.get(index);
+  }
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @param index The index of the value to return.
+   * @return The bytes of the stop at the given index.
+   */
+  public com.google.protobuf.ByteString
+      getStopBytes(int index) {
+    return stop_.getByteString(index);
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -255,6 +322,9 @@ private static final long serialVersionUID = 0L;
     if (((bitField0_ & 0x00000002) != 0)) {
       output.writeDouble(4, temperature_);
     }
+    for (int i = 0; i < stop_.size(); i++) {
+      com.google.protobuf.GeneratedMessageV3.writeString(output, 5, stop_.getRaw(i));
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -279,6 +349,14 @@ private static final long serialVersionUID = 0L;
     if (((bitField0_ & 0x00000002) != 0)) {
       size += com.google.protobuf.CodedOutputStream
         .computeDoubleSize(4, temperature_);
+    }
+    {
+      int dataSize = 0;
+      for (int i = 0; i < stop_.size(); i++) {
+        dataSize += computeStringSizeNoTag(stop_.getRaw(i));
+      }
+      size += dataSize;
+      size += 1 * getStopList().size();
     }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
@@ -310,6 +388,8 @@ private static final long serialVersionUID = 0L;
           != java.lang.Double.doubleToLongBits(
               other.getTemperature())) return false;
     }
+    if (!getStopList()
+        .equals(other.getStopList())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -337,6 +417,10 @@ private static final long serialVersionUID = 0L;
       hash = (37 * hash) + TEMPERATURE_FIELD_NUMBER;
       hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
           java.lang.Double.doubleToLongBits(getTemperature()));
+    }
+    if (getStopCount() > 0) {
+      hash = (37 * hash) + STOP_FIELD_NUMBER;
+      hash = (53 * hash) + getStopList().hashCode();
     }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
@@ -489,6 +573,8 @@ private static final long serialVersionUID = 0L;
       bitField0_ = (bitField0_ & ~0x00000002);
       maxOutputTokens_ = 0;
       temperature_ = 0D;
+      stop_ =
+          com.google.protobuf.LazyStringArrayList.emptyList();
       return this;
     }
 
@@ -552,6 +638,10 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000008) != 0)) {
         result.temperature_ = temperature_;
         to_bitField0_ |= 0x00000002;
+      }
+      if (((from_bitField0_ & 0x00000010) != 0)) {
+        stop_.makeImmutable();
+        result.stop_ = stop_;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -658,6 +748,16 @@ private static final long serialVersionUID = 0L;
       if (other.hasTemperature()) {
         setTemperature(other.getTemperature());
       }
+      if (!other.stop_.isEmpty()) {
+        if (stop_.isEmpty()) {
+          stop_ = other.stop_;
+          bitField0_ |= 0x00000010;
+        } else {
+          ensureStopIsMutable();
+          stop_.addAll(other.stop_);
+        }
+        onChanged();
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -720,6 +820,12 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000008;
               break;
             } // case 33
+            case 42: {
+              java.lang.String s = input.readStringRequireUtf8();
+              ensureStopIsMutable();
+              stop_.add(s);
+              break;
+            } // case 42
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1491,6 +1597,180 @@ private static final long serialVersionUID = 0L;
     public Builder clearTemperature() {
       bitField0_ = (bitField0_ & ~0x00000008);
       temperature_ = 0D;
+      onChanged();
+      return this;
+    }
+
+    private com.google.protobuf.LazyStringArrayList stop_ =
+        com.google.protobuf.LazyStringArrayList.emptyList();
+    private void ensureStopIsMutable() {
+      if (!stop_.isModifiable()) {
+        stop_ = new com.google.protobuf.LazyStringArrayList(stop_);
+      }
+      bitField0_ |= 0x00000010;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @return A list containing the stop.
+     */
+    public com.google.protobuf.ProtocolStringList
+        getStopList() {
+      stop_.makeImmutable();
+      return stop_;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @return The count of stop.
+     */
+    public int getStopCount() {
+      return stop_.size();
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param index The index of the element to return.
+     * @return The stop at the given index.
+     */
+    public java.lang.String getStop(int index) {
+      return stop_.get(index);
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param index The index of the value to return.
+     * @return The bytes of the stop at the given index.
+     */
+    public com.google.protobuf.ByteString
+        getStopBytes(int index) {
+      return stop_.getByteString(index);
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param index The index to set the value at.
+     * @param value The stop to set.
+     * @return This builder for chaining.
+     */
+    public Builder setStop(
+        int index, java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      ensureStopIsMutable();
+      stop_.set(index, value);
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param value The stop to add.
+     * @return This builder for chaining.
+     */
+    public Builder addStop(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      ensureStopIsMutable();
+      stop_.add(value);
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param values The stop to add.
+     * @return This builder for chaining.
+     */
+    public Builder addAllStop(
+        java.lang.Iterable<java.lang.String> values) {
+      ensureStopIsMutable();
+      com.google.protobuf.AbstractMessageLite.Builder.addAll(
+          values, stop_);
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearStop() {
+      stop_ =
+        com.google.protobuf.LazyStringArrayList.emptyList();
+      bitField0_ = (bitField0_ & ~0x00000010);;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param value The bytes of the stop to add.
+     * @return This builder for chaining.
+     */
+    public Builder addStopBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      ensureStopIsMutable();
+      stop_.add(value);
+      bitField0_ |= 0x00000010;
       onChanged();
       return this;
     }

@@ -140,4 +140,57 @@ public interface ChatRequestOrBuilder extends
    * @return The temperature.
    */
   double getTemperature();
+
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @return A list containing the stop.
+   */
+  java.util.List<java.lang.String>
+      getStopList();
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @return The count of stop.
+   */
+  int getStopCount();
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @param index The index of the element to return.
+   * @return The stop at the given index.
+   */
+  java.lang.String getStop(int index);
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @param index The index of the value to return.
+   * @return The bytes of the stop at the given index.
+   */
+  com.google.protobuf.ByteString
+      getStopBytes(int index);
 }

@@ -210,206 +210,207 @@ public final class RouterProto {
       "\016arguments_json\030\003 \001(\tR\rargumentsJson\"e\n\004" +
       "Tool\022\022\n\004name\030\001 \001(\tR\004name\022 \n\013description\030" +
       "\002 \001(\tR\013description\022\'\n\017parameters_json\030\003 " +
-      "\001(\tR\016parametersJson\"\346\001\n\013ChatRequest\0220\n\010m" +
+      "\001(\tR\016parametersJson\"\372\001\n\013ChatRequest\0220\n\010m" +
       "essages\030\001 \003(\0132\024.routesvc.v1.MessageR\010mes" +
       "sages\022\'\n\005tools\030\002 \003(\0132\021.routesvc.v1.ToolR" +
       "\005tools\022/\n\021max_output_tokens\030\003 \001(\005H\000R\017max" +
       "OutputTokens\210\001\001\022%\n\013temperature\030\004 \001(\001H\001R\013" +
-      "temperature\210\001\001B\024\n\022_max_output_tokensB\016\n\014" +
-      "_temperature\"\367\002\n\016RoutingContext\022\026\n\006tenan" +
-      "t\030\001 \001(\tR\006tenant\022\033\n\tuser_tier\030\002 \001(\tR\010user" +
-      "Tier\022\033\n\ttask_hint\030\003 \001(\tR\010taskHint\022\037\n\010rea" +
-      "ltime\030\004 \001(\010H\000R\010realtime\210\001\001\022E\n\010metadata\030\005" +
-      " \003(\0132).routesvc.v1.RoutingContext.Metada" +
-      "taEntryR\010metadata\022 \n\014max_cost_usd\030\006 \001(\tR" +
-      "\nmaxCostUsd\022\024\n\005model\030\007 \001(\tR\005model\022\035\n\007cas" +
-      "cade\030\010 \001(\010H\001R\007cascade\210\001\001\032;\n\rMetadataEntr" +
-      "y\022\020\n\003key\030\001 \001(\tR\003key\022\024\n\005value\030\002 \001(\tR\005valu" +
-      "e:\0028\001B\013\n\t_realtimeB\n\n\010_cascade\"s\n\014RouteR" +
-      "equest\022,\n\004chat\030\001 \001(\0132\030.routesvc.v1.ChatR" +
-      "equestR\004chat\0225\n\007context\030\002 \001(\0132\033.routesvc" +
-      ".v1.RoutingContextR\007context\"f\n\tCandidate" +
-      "\022\024\n\005model\030\001 \001(\tR\005model\022\032\n\010eligible\030\002 \001(\010" +
-      "R\010eligible\022\'\n\017excluded_reason\030\003 \001(\tR\016exc" +
-      "ludedReason\"\342\004\n\rRouteDecision\022\037\n\013decisio" +
-      "n_id\030\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 \001(\tR\005m" +
-      "odel\022\032\n\010provider\030\003 \001(\tR\010provider\022\032\n\010stra" +
-      "tegy\030\004 \001(\tR\010strategy\022\022\n\004rule\030\005 \001(\tR\004rule" +
-      "\022\030\n\007reasons\030\006 \003(\tR\007reasons\0224\n\026estimated_" +
-      "input_tokens\030\007 \001(\003R\024estimatedInputTokens" +
-      "\0226\n\027estimated_output_tokens\030\010 \001(\003R\025estim" +
-      "atedOutputTokens\022,\n\022estimated_cost_usd\030\t" +
-      " \001(\tR\020estimatedCostUsd\022%\n\004mode\030\n \001(\0162\021.r" +
-      "outesvc.v1.ModeR\004mode\0226\n\ncandidates\030\013 \003(" +
-      "\0132\026.routesvc.v1.CandidateR\ncandidates\022\022\n" +
-      "\004task\030\014 \001(\tR\004task\022%\n\016cascade_models\030\r \003(" +
-      "\tR\rcascadeModels\022-\n\022cascade_thresholds\030\016" +
-      " \003(\001R\021cascadeThresholds\022%\n\016cascade_score" +
-      "r\030\017 \001(\tR\rcascadeScorer\022(\n\020routing_cost_u" +
-      "sd\030\020 \001(\tR\016routingCostUsd\"G\n\rRouteRespons" +
-      "e\0226\n\010decision\030\001 \001(\0132\032.routesvc.v1.RouteD" +
-      "ecisionR\010decision\"v\n\017CompleteRequest\022,\n\004" +
-      "chat\030\001 \001(\0132\030.routesvc.v1.ChatRequestR\004ch" +
-      "at\0225\n\007context\030\002 \001(\0132\033.routesvc.v1.Routin" +
-      "gContextR\007context\"\037\n\tTextDelta\022\022\n\004text\030\001" +
-      " \001(\tR\004text\"\366\001\n\005Usage\022!\n\014input_tokens\030\001 \001" +
-      "(\003R\013inputTokens\022#\n\routput_tokens\030\002 \001(\003R\014" +
-      "outputTokens\022.\n\023cached_input_tokens\030\003 \001(" +
-      "\003R\021cachedInputTokens\0227\n\030cache_write_inpu" +
-      "t_tokens\030\004 \001(\003R\025cacheWriteInputTokens\022<\n" +
-      "\033cache_write_1h_input_tokens\030\005 \001(\003R\027cach" +
-      "eWrite1hInputTokens\"\274\003\n\nCompletion\022\024\n\005mo" +
-      "del\030\001 \001(\tR\005model\022\032\n\010provider\030\002 \001(\tR\010prov" +
-      "ider\022%\n\016provider_model\030\003 \001(\tR\rproviderMo" +
-      "del\022(\n\005usage\030\004 \001(\0132\022.routesvc.v1.UsageR\005" +
-      "usage\022\031\n\010cost_usd\030\005 \001(\tR\007costUsd\022>\n\rfini" +
-      "sh_reason\030\006 \001(\0162\031.routesvc.v1.FinishReas" +
-      "onR\014finishReason\0220\n\010attempts\030\007 \003(\0132\024.rou" +
-      "tesvc.v1.AttemptR\010attempts\0223\n\013total_usag" +
-      "e\030\010 \001(\0132\022.routesvc.v1.UsageR\ntotalUsage\022" +
-      "3\n\007quality\030\t \001(\0132\031.routesvc.v1.QualitySc" +
-      "oreR\007quality\0224\n\ntool_calls\030\n \003(\0132\025.route" +
-      "svc.v1.ToolCallR\ttoolCalls\"\233\001\n\007Attempt\022\024" +
-      "\n\005model\030\001 \001(\tR\005model\0225\n\007outcome\030\002 \001(\0162\033." +
-      "routesvc.v1.AttemptOutcomeR\007outcome\022(\n\005u" +
-      "sage\030\003 \001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n" +
-      "\010cost_usd\030\004 \001(\tR\007costUsd\"T\n\014QualityScore" +
-      "\022\024\n\005score\030\001 \001(\001R\005score\022\026\n\006scorer\030\002 \001(\tR\006" +
-      "scorer\022\026\n\006reason\030\003 \001(\tR\006reason\"\336\001\n\nEscal" +
-      "ation\022\035\n\nfrom_model\030\001 \001(\tR\tfromModel\022\031\n\010" +
-      "to_model\030\002 \001(\tR\007toModel\0223\n\007quality\030\003 \001(\013" +
-      "2\031.routesvc.v1.QualityScoreR\007quality\022\034\n\t" +
-      "threshold\030\004 \001(\001R\tthreshold\022\031\n\010cost_usd\030\005" +
-      " \001(\tR\007costUsd\022(\n\005usage\030\006 \001(\0132\022.routesvc." +
-      "v1.UsageR\005usage\"\313\002\n\010BatchJob\022\031\n\010batch_id" +
-      "\030\001 \001(\tR\007batchId\022-\n\005state\030\002 \001(\0162\027.routesv" +
-      "c.v1.BatchStateR\005state\022\024\n\005model\030\003 \001(\tR\005m" +
-      "odel\022\032\n\010provider\030\004 \001(\tR\010provider\022,\n\022esti" +
-      "mated_cost_usd\030\005 \001(\tR\020estimatedCostUsd\0229" +
-      "\n\ncreated_at\030\006 \001(\0132\032.google.protobuf.Tim" +
-      "estampR\tcreatedAt\0229\n\nupdated_at\030\007 \001(\0132\032." +
-      "google.protobuf.TimestampR\tupdatedAt\022\037\n\013" +
-      "decision_id\030\010 \001(\tR\ndecisionId\"\203\002\n\013BatchR" +
-      "esult\022\022\n\004text\030\001 \001(\tR\004text\022(\n\005usage\030\002 \001(\013" +
-      "2\022.routesvc.v1.UsageR\005usage\022\031\n\010cost_usd\030" +
-      "\003 \001(\tR\007costUsd\022>\n\rfinish_reason\030\004 \001(\0162\031." +
-      "routesvc.v1.FinishReasonR\014finishReason\022%" +
-      "\n\016provider_model\030\005 \001(\tR\rproviderModel\0224\n" +
-      "\ntool_calls\030\006 \003(\0132\025.routesvc.v1.ToolCall" +
-      "R\ttoolCalls\"D\n\017GetBatchRequest\022\031\n\010batch_" +
-      "id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006tenan" +
-      "t\"\203\001\n\020GetBatchResponse\022\'\n\003job\030\001 \001(\0132\025.ro" +
-      "utesvc.v1.BatchJobR\003job\0220\n\006result\030\002 \001(\0132" +
-      "\030.routesvc.v1.BatchResultR\006result\022\024\n\005err" +
-      "or\030\003 \001(\tR\005error\"G\n\022CancelBatchRequest\022\031\n" +
-      "\010batch_id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\t" +
-      "R\006tenant\">\n\023CancelBatchResponse\022\'\n\003job\030\001" +
-      " \001(\0132\025.routesvc.v1.BatchJobR\003job\"\252\002\n\020Com" +
-      "pleteResponse\0228\n\010decision\030\001 \001(\0132\032.routes" +
-      "vc.v1.RouteDecisionH\000R\010decision\022.\n\005delta" +
-      "\030\002 \001(\0132\026.routesvc.v1.TextDeltaH\000R\005delta\022" +
-      "9\n\ncompletion\030\003 \001(\0132\027.routesvc.v1.Comple" +
-      "tionH\000R\ncompletion\0229\n\nescalation\030\004 \001(\0132\027" +
-      ".routesvc.v1.EscalationH\000R\nescalation\022-\n" +
-      "\005batch\030\005 \001(\0132\025.routesvc.v1.BatchJobH\000R\005b" +
-      "atchB\007\n\005event\"\023\n\021ListModelsRequest\"\274\004\n\tM" +
-      "odelInfo\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provider\030\002 \001" +
-      "(\tR\010provider\022%\n\016provider_model\030\003 \001(\tR\rpr" +
-      "oviderModel\022/\n\024input_price_per_mtok\030\004 \001(" +
-      "\tR\021inputPricePerMtok\0221\n\025output_price_per" +
-      "_mtok\030\005 \001(\tR\022outputPricePerMtok\022<\n\033cache" +
-      "d_input_price_per_mtok\030\006 \001(\tR\027cachedInpu" +
-      "tPricePerMtok\022%\n\016context_window\030\007 \001(\003R\rc" +
-      "ontextWindow\022\"\n\014capabilities\030\010 \003(\tR\014capa" +
-      "bilities\022%\n\016batch_discount\030\t \001(\tR\rbatchD" +
-      "iscount\022\034\n\tavailable\030\n \001(\010R\tavailable\022-\n" +
-      "\022unavailable_reason\030\013 \001(\tR\021unavailableRe" +
-      "ason\022:\n\032cache_write_price_per_mtok\030\014 \001(\t" +
-      "R\026cacheWritePricePerMtok\022?\n\035cache_write_" +
-      "1h_price_per_mtok\030\r \001(\tR\030cacheWrite1hPri" +
-      "cePerMtok\"D\n\022ListModelsResponse\022.\n\006model" +
-      "s\030\001 \003(\0132\026.routesvc.v1.ModelInfoR\006models\"" +
-      "\\\n\017GetStatsRequest\022\026\n\006tenant\030\001 \001(\tR\006tena" +
-      "nt\0221\n\006window\030\002 \001(\0132\031.google.protobuf.Dur" +
-      "ationR\006window\"\276\002\n\nCostTotals\022\032\n\010requests" +
-      "\030\001 \001(\003R\010requests\022\026\n\006errors\030\002 \001(\003R\006errors" +
-      "\022\031\n\010cost_usd\030\003 \001(\tR\007costUsd\022*\n\021baseline_" +
-      "cost_usd\030\004 \001(\tR\017baselineCostUsd\022\037\n\013savin" +
-      "gs_usd\030\005 \001(\tR\nsavingsUsd\022\'\n\017savings_perc" +
-      "ent\030\006 \001(\001R\016savingsPercent\022,\n\022estimated_c" +
-      "ost_usd\030\007 \001(\tR\020estimatedCostUsd\022=\n\033estim" +
-      "ated_baseline_cost_usd\030\010 \001(\tR\030estimatedB" +
-      "aselineCostUsd\"\335\001\n\nModelStats\022\024\n\005model\030\001" +
-      " \001(\tR\005model\022\024\n\005share\030\002 \001(\001R\005share\022/\n\006tot" +
-      "als\030\003 \001(\0132\027.routesvc.v1.CostTotalsR\006tota" +
-      "ls\022%\n\016feedback_count\030\004 \001(\003R\rfeedbackCoun" +
-      "t\0223\n\023mean_feedback_score\030\005 \001(\001H\000R\021meanFe" +
-      "edbackScore\210\001\001B\026\n\024_mean_feedback_score\"V" +
-      "\n\013TenantStats\022\026\n\006tenant\030\001 \001(\tR\006tenant\022/\n" +
-      "\006totals\030\002 \001(\0132\027.routesvc.v1.CostTotalsR\006" +
-      "totals\"\233\001\n\022LatencyPercentiles\022+\n\003p50\030\001 \001" +
-      "(\0132\031.google.protobuf.DurationR\003p50\022+\n\003p9" +
-      "5\030\002 \001(\0132\031.google.protobuf.DurationR\003p95\022" +
-      "+\n\003p99\030\003 \001(\0132\031.google.protobuf.DurationR" +
-      "\003p99\"\272\005\n\020GetStatsResponse\0221\n\006window\030\001 \001(" +
-      "\0132\031.google.protobuf.DurationR\006window\022\026\n\006" +
-      "tenant\030\002 \001(\tR\006tenant\022%\n\016baseline_model\030\003" +
-      " \001(\tR\rbaselineModel\022/\n\006totals\030\004 \001(\0132\027.ro" +
-      "utesvc.v1.CostTotalsR\006totals\022/\n\006models\030\005" +
-      " \003(\0132\027.routesvc.v1.ModelStatsR\006models\0222\n" +
-      "\007tenants\030\006 \003(\0132\030.routesvc.v1.TenantStats" +
-      "R\007tenants\022 \n\013escalations\030\007 \001(\003R\013escalati" +
-      "ons\022\'\n\017escalation_rate\030\010 \001(\001R\016escalation" +
-      "Rate\022\034\n\tfallbacks\030\t \001(\003R\tfallbacks\022+\n\021ca" +
-      "scade_decisions\030\n \001(\003R\020cascadeDecisions\022" +
-      "0\n\024cascade_release_rate\030\013 \001(\001R\022cascadeRe" +
-      "leaseRate\0223\n\023mean_released_score\030\014 \001(\001H\000" +
-      "R\021meanReleasedScore\210\001\001\0229\n\007latency\030\r \001(\0132" +
-      "\037.routesvc.v1.LatencyPercentilesR\007latenc" +
-      "y\022N\n\023time_to_first_token\030\016 \001(\0132\037.routesv" +
-      "c.v1.LatencyPercentilesR\020timeToFirstToke" +
-      "nB\026\n\024_mean_released_score\"t\n\017FeedbackReq" +
-      "uest\022\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\026\n" +
-      "\005score\030\002 \001(\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010" +
-      "H\000R\010thumbsUpB\t\n\007outcome\"\212\001\n\020FeedbackResp" +
-      "onse\022\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\024\n" +
-      "\005model\030\002 \001(\tR\005model\022\024\n\005score\030\003 \001(\001R\005scor" +
-      "e\022)\n\020library_examples\030\004 \001(\003R\017libraryExam" +
-      "ples*\303\001\n\nBatchState\022\033\n\027BATCH_STATE_UNSPE" +
-      "CIFIED\020\000\022\026\n\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATC" +
-      "H_STATE_SUBMITTED\020\002\022\031\n\025BATCH_STATE_SUCCE" +
-      "EDED\020\003\022\026\n\022BATCH_STATE_FAILED\020\004\022\027\n\023BATCH_" +
-      "STATE_EXPIRED\020\005\022\031\n\025BATCH_STATE_CANCELLED" +
-      "\020\006*_\n\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE" +
-      "_SYSTEM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTA" +
-      "NT\020\003\022\r\n\tROLE_TOOL\020\004*?\n\004Mode\022\024\n\020MODE_UNSP" +
-      "ECIFIED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE_BAT" +
-      "CH\020\002*\270\001\n\014FinishReason\022\035\n\031FINISH_REASON_U" +
-      "NSPECIFIED\020\000\022\026\n\022FINISH_REASON_STOP\020\001\022\030\n\024" +
-      "FINISH_REASON_LENGTH\020\002\022\034\n\030FINISH_REASON_" +
-      "TOOL_CALLS\020\003\022 \n\034FINISH_REASON_CONTENT_FI" +
-      "LTER\020\004\022\027\n\023FINISH_REASON_OTHER\020\005*\306\001\n\016Atte" +
-      "mptOutcome\022\037\n\033ATTEMPT_OUTCOME_UNSPECIFIE" +
-      "D\020\000\022\035\n\031ATTEMPT_OUTCOME_COMPLETED\020\001\022\035\n\031AT" +
-      "TEMPT_OUTCOME_ESCALATED\020\002\022\032\n\026ATTEMPT_OUT" +
-      "COME_FAILED\020\003\022\031\n\025ATTEMPT_OUTCOME_JUDGE\020\004" +
-      "\022\036\n\032ATTEMPT_OUTCOME_CLASSIFIER\020\0052\226\004\n\rRou" +
-      "terService\022>\n\005Route\022\031.routesvc.v1.RouteR" +
-      "equest\032\032.routesvc.v1.RouteResponse\022I\n\010Co" +
-      "mplete\022\034.routesvc.v1.CompleteRequest\032\035.r" +
-      "outesvc.v1.CompleteResponse0\001\022M\n\nListMod" +
-      "els\022\036.routesvc.v1.ListModelsRequest\032\037.ro" +
-      "utesvc.v1.ListModelsResponse\022G\n\010GetStats" +
-      "\022\034.routesvc.v1.GetStatsRequest\032\035.routesv" +
-      "c.v1.GetStatsResponse\022G\n\010GetBatch\022\034.rout" +
-      "esvc.v1.GetBatchRequest\032\035.routesvc.v1.Ge" +
-      "tBatchResponse\022P\n\013CancelBatch\022\037.routesvc" +
-      ".v1.CancelBatchRequest\032 .routesvc.v1.Can" +
-      "celBatchResponse\022G\n\010Feedback\022\034.routesvc." +
-      "v1.FeedbackRequest\032\035.routesvc.v1.Feedbac" +
-      "kResponseB_\n\017dev.routesvc.v1B\013RouterProt" +
-      "oP\001Z=github.com/routesvc/routesvc/client" +
-      "s/go/routesvcv1;routesvcv1b\006proto3"
+      "temperature\210\001\001\022\022\n\004stop\030\005 \003(\tR\004stopB\024\n\022_m" +
+      "ax_output_tokensB\016\n\014_temperature\"\367\002\n\016Rou" +
+      "tingContext\022\026\n\006tenant\030\001 \001(\tR\006tenant\022\033\n\tu" +
+      "ser_tier\030\002 \001(\tR\010userTier\022\033\n\ttask_hint\030\003 " +
+      "\001(\tR\010taskHint\022\037\n\010realtime\030\004 \001(\010H\000R\010realt" +
+      "ime\210\001\001\022E\n\010metadata\030\005 \003(\0132).routesvc.v1.R" +
+      "outingContext.MetadataEntryR\010metadata\022 \n" +
+      "\014max_cost_usd\030\006 \001(\tR\nmaxCostUsd\022\024\n\005model" +
+      "\030\007 \001(\tR\005model\022\035\n\007cascade\030\010 \001(\010H\001R\007cascad" +
+      "e\210\001\001\032;\n\rMetadataEntry\022\020\n\003key\030\001 \001(\tR\003key\022" +
+      "\024\n\005value\030\002 \001(\tR\005value:\0028\001B\013\n\t_realtimeB\n" +
+      "\n\010_cascade\"s\n\014RouteRequest\022,\n\004chat\030\001 \001(\013" +
+      "2\030.routesvc.v1.ChatRequestR\004chat\0225\n\007cont" +
+      "ext\030\002 \001(\0132\033.routesvc.v1.RoutingContextR\007" +
+      "context\"f\n\tCandidate\022\024\n\005model\030\001 \001(\tR\005mod" +
+      "el\022\032\n\010eligible\030\002 \001(\010R\010eligible\022\'\n\017exclud" +
+      "ed_reason\030\003 \001(\tR\016excludedReason\"\342\004\n\rRout" +
+      "eDecision\022\037\n\013decision_id\030\001 \001(\tR\ndecision" +
+      "Id\022\024\n\005model\030\002 \001(\tR\005model\022\032\n\010provider\030\003 \001" +
+      "(\tR\010provider\022\032\n\010strategy\030\004 \001(\tR\010strategy" +
+      "\022\022\n\004rule\030\005 \001(\tR\004rule\022\030\n\007reasons\030\006 \003(\tR\007r" +
+      "easons\0224\n\026estimated_input_tokens\030\007 \001(\003R\024" +
+      "estimatedInputTokens\0226\n\027estimated_output" +
+      "_tokens\030\010 \001(\003R\025estimatedOutputTokens\022,\n\022" +
+      "estimated_cost_usd\030\t \001(\tR\020estimatedCostU" +
+      "sd\022%\n\004mode\030\n \001(\0162\021.routesvc.v1.ModeR\004mod" +
+      "e\0226\n\ncandidates\030\013 \003(\0132\026.routesvc.v1.Cand" +
+      "idateR\ncandidates\022\022\n\004task\030\014 \001(\tR\004task\022%\n" +
+      "\016cascade_models\030\r \003(\tR\rcascadeModels\022-\n\022" +
+      "cascade_thresholds\030\016 \003(\001R\021cascadeThresho" +
+      "lds\022%\n\016cascade_scorer\030\017 \001(\tR\rcascadeScor" +
+      "er\022(\n\020routing_cost_usd\030\020 \001(\tR\016routingCos" +
+      "tUsd\"G\n\rRouteResponse\0226\n\010decision\030\001 \001(\0132" +
+      "\032.routesvc.v1.RouteDecisionR\010decision\"v\n" +
+      "\017CompleteRequest\022,\n\004chat\030\001 \001(\0132\030.routesv" +
+      "c.v1.ChatRequestR\004chat\0225\n\007context\030\002 \001(\0132" +
+      "\033.routesvc.v1.RoutingContextR\007context\"\037\n" +
+      "\tTextDelta\022\022\n\004text\030\001 \001(\tR\004text\"\366\001\n\005Usage" +
+      "\022!\n\014input_tokens\030\001 \001(\003R\013inputTokens\022#\n\ro" +
+      "utput_tokens\030\002 \001(\003R\014outputTokens\022.\n\023cach" +
+      "ed_input_tokens\030\003 \001(\003R\021cachedInputTokens" +
+      "\0227\n\030cache_write_input_tokens\030\004 \001(\003R\025cach" +
+      "eWriteInputTokens\022<\n\033cache_write_1h_inpu" +
+      "t_tokens\030\005 \001(\003R\027cacheWrite1hInputTokens\"" +
+      "\274\003\n\nCompletion\022\024\n\005model\030\001 \001(\tR\005model\022\032\n\010" +
+      "provider\030\002 \001(\tR\010provider\022%\n\016provider_mod" +
+      "el\030\003 \001(\tR\rproviderModel\022(\n\005usage\030\004 \001(\0132\022" +
+      ".routesvc.v1.UsageR\005usage\022\031\n\010cost_usd\030\005 " +
+      "\001(\tR\007costUsd\022>\n\rfinish_reason\030\006 \001(\0162\031.ro" +
+      "utesvc.v1.FinishReasonR\014finishReason\0220\n\010" +
+      "attempts\030\007 \003(\0132\024.routesvc.v1.AttemptR\010at" +
+      "tempts\0223\n\013total_usage\030\010 \001(\0132\022.routesvc.v" +
+      "1.UsageR\ntotalUsage\0223\n\007quality\030\t \001(\0132\031.r" +
+      "outesvc.v1.QualityScoreR\007quality\0224\n\ntool" +
+      "_calls\030\n \003(\0132\025.routesvc.v1.ToolCallR\ttoo" +
+      "lCalls\"\233\001\n\007Attempt\022\024\n\005model\030\001 \001(\tR\005model" +
+      "\0225\n\007outcome\030\002 \001(\0162\033.routesvc.v1.AttemptO" +
+      "utcomeR\007outcome\022(\n\005usage\030\003 \001(\0132\022.routesv" +
+      "c.v1.UsageR\005usage\022\031\n\010cost_usd\030\004 \001(\tR\007cos" +
+      "tUsd\"T\n\014QualityScore\022\024\n\005score\030\001 \001(\001R\005sco" +
+      "re\022\026\n\006scorer\030\002 \001(\tR\006scorer\022\026\n\006reason\030\003 \001" +
+      "(\tR\006reason\"\336\001\n\nEscalation\022\035\n\nfrom_model\030" +
+      "\001 \001(\tR\tfromModel\022\031\n\010to_model\030\002 \001(\tR\007toMo" +
+      "del\0223\n\007quality\030\003 \001(\0132\031.routesvc.v1.Quali" +
+      "tyScoreR\007quality\022\034\n\tthreshold\030\004 \001(\001R\tthr" +
+      "eshold\022\031\n\010cost_usd\030\005 \001(\tR\007costUsd\022(\n\005usa" +
+      "ge\030\006 \001(\0132\022.routesvc.v1.UsageR\005usage\"\313\002\n\010" +
+      "BatchJob\022\031\n\010batch_id\030\001 \001(\tR\007batchId\022-\n\005s" +
+      "tate\030\002 \001(\0162\027.routesvc.v1.BatchStateR\005sta" +
+      "te\022\024\n\005model\030\003 \001(\tR\005model\022\032\n\010provider\030\004 \001" +
+      "(\tR\010provider\022,\n\022estimated_cost_usd\030\005 \001(\t" +
+      "R\020estimatedCostUsd\0229\n\ncreated_at\030\006 \001(\0132\032" +
+      ".google.protobuf.TimestampR\tcreatedAt\0229\n" +
+      "\nupdated_at\030\007 \001(\0132\032.google.protobuf.Time" +
+      "stampR\tupdatedAt\022\037\n\013decision_id\030\010 \001(\tR\nd" +
+      "ecisionId\"\203\002\n\013BatchResult\022\022\n\004text\030\001 \001(\tR" +
+      "\004text\022(\n\005usage\030\002 \001(\0132\022.routesvc.v1.Usage" +
+      "R\005usage\022\031\n\010cost_usd\030\003 \001(\tR\007costUsd\022>\n\rfi" +
+      "nish_reason\030\004 \001(\0162\031.routesvc.v1.FinishRe" +
+      "asonR\014finishReason\022%\n\016provider_model\030\005 \001" +
+      "(\tR\rproviderModel\0224\n\ntool_calls\030\006 \003(\0132\025." +
+      "routesvc.v1.ToolCallR\ttoolCalls\"D\n\017GetBa" +
+      "tchRequest\022\031\n\010batch_id\030\001 \001(\tR\007batchId\022\026\n" +
+      "\006tenant\030\002 \001(\tR\006tenant\"\203\001\n\020GetBatchRespon" +
+      "se\022\'\n\003job\030\001 \001(\0132\025.routesvc.v1.BatchJobR\003" +
+      "job\0220\n\006result\030\002 \001(\0132\030.routesvc.v1.BatchR" +
+      "esultR\006result\022\024\n\005error\030\003 \001(\tR\005error\"G\n\022C" +
+      "ancelBatchRequest\022\031\n\010batch_id\030\001 \001(\tR\007bat" +
+      "chId\022\026\n\006tenant\030\002 \001(\tR\006tenant\">\n\023CancelBa" +
+      "tchResponse\022\'\n\003job\030\001 \001(\0132\025.routesvc.v1.B" +
+      "atchJobR\003job\"\252\002\n\020CompleteResponse\0228\n\010dec" +
+      "ision\030\001 \001(\0132\032.routesvc.v1.RouteDecisionH" +
+      "\000R\010decision\022.\n\005delta\030\002 \001(\0132\026.routesvc.v1" +
+      ".TextDeltaH\000R\005delta\0229\n\ncompletion\030\003 \001(\0132" +
+      "\027.routesvc.v1.CompletionH\000R\ncompletion\0229" +
+      "\n\nescalation\030\004 \001(\0132\027.routesvc.v1.Escalat" +
+      "ionH\000R\nescalation\022-\n\005batch\030\005 \001(\0132\025.route" +
+      "svc.v1.BatchJobH\000R\005batchB\007\n\005event\"\023\n\021Lis" +
+      "tModelsRequest\"\274\004\n\tModelInfo\022\016\n\002id\030\001 \001(\t" +
+      "R\002id\022\032\n\010provider\030\002 \001(\tR\010provider\022%\n\016prov" +
+      "ider_model\030\003 \001(\tR\rproviderModel\022/\n\024input" +
+      "_price_per_mtok\030\004 \001(\tR\021inputPricePerMtok" +
+      "\0221\n\025output_price_per_mtok\030\005 \001(\tR\022outputP" +
+      "ricePerMtok\022<\n\033cached_input_price_per_mt" +
+      "ok\030\006 \001(\tR\027cachedInputPricePerMtok\022%\n\016con" +
+      "text_window\030\007 \001(\003R\rcontextWindow\022\"\n\014capa" +
+      "bilities\030\010 \003(\tR\014capabilities\022%\n\016batch_di" +
+      "scount\030\t \001(\tR\rbatchDiscount\022\034\n\tavailable" +
+      "\030\n \001(\010R\tavailable\022-\n\022unavailable_reason\030" +
+      "\013 \001(\tR\021unavailableReason\022:\n\032cache_write_" +
+      "price_per_mtok\030\014 \001(\tR\026cacheWritePricePer" +
+      "Mtok\022?\n\035cache_write_1h_price_per_mtok\030\r " +
+      "\001(\tR\030cacheWrite1hPricePerMtok\"D\n\022ListMod" +
+      "elsResponse\022.\n\006models\030\001 \003(\0132\026.routesvc.v" +
+      "1.ModelInfoR\006models\"\\\n\017GetStatsRequest\022\026" +
+      "\n\006tenant\030\001 \001(\tR\006tenant\0221\n\006window\030\002 \001(\0132\031" +
+      ".google.protobuf.DurationR\006window\"\276\002\n\nCo" +
+      "stTotals\022\032\n\010requests\030\001 \001(\003R\010requests\022\026\n\006" +
+      "errors\030\002 \001(\003R\006errors\022\031\n\010cost_usd\030\003 \001(\tR\007" +
+      "costUsd\022*\n\021baseline_cost_usd\030\004 \001(\tR\017base" +
+      "lineCostUsd\022\037\n\013savings_usd\030\005 \001(\tR\nsaving" +
+      "sUsd\022\'\n\017savings_percent\030\006 \001(\001R\016savingsPe" +
+      "rcent\022,\n\022estimated_cost_usd\030\007 \001(\tR\020estim" +
+      "atedCostUsd\022=\n\033estimated_baseline_cost_u" +
+      "sd\030\010 \001(\tR\030estimatedBaselineCostUsd\"\335\001\n\nM" +
+      "odelStats\022\024\n\005model\030\001 \001(\tR\005model\022\024\n\005share" +
+      "\030\002 \001(\001R\005share\022/\n\006totals\030\003 \001(\0132\027.routesvc" +
+      ".v1.CostTotalsR\006totals\022%\n\016feedback_count" +
+      "\030\004 \001(\003R\rfeedbackCount\0223\n\023mean_feedback_s" +
+      "core\030\005 \001(\001H\000R\021meanFeedbackScore\210\001\001B\026\n\024_m" +
+      "ean_feedback_score\"V\n\013TenantStats\022\026\n\006ten" +
+      "ant\030\001 \001(\tR\006tenant\022/\n\006totals\030\002 \001(\0132\027.rout" +
+      "esvc.v1.CostTotalsR\006totals\"\233\001\n\022LatencyPe" +
+      "rcentiles\022+\n\003p50\030\001 \001(\0132\031.google.protobuf" +
+      ".DurationR\003p50\022+\n\003p95\030\002 \001(\0132\031.google.pro" +
+      "tobuf.DurationR\003p95\022+\n\003p99\030\003 \001(\0132\031.googl" +
+      "e.protobuf.DurationR\003p99\"\272\005\n\020GetStatsRes" +
+      "ponse\0221\n\006window\030\001 \001(\0132\031.google.protobuf." +
+      "DurationR\006window\022\026\n\006tenant\030\002 \001(\tR\006tenant" +
+      "\022%\n\016baseline_model\030\003 \001(\tR\rbaselineModel\022" +
+      "/\n\006totals\030\004 \001(\0132\027.routesvc.v1.CostTotals" +
+      "R\006totals\022/\n\006models\030\005 \003(\0132\027.routesvc.v1.M" +
+      "odelStatsR\006models\0222\n\007tenants\030\006 \003(\0132\030.rou" +
+      "tesvc.v1.TenantStatsR\007tenants\022 \n\013escalat" +
+      "ions\030\007 \001(\003R\013escalations\022\'\n\017escalation_ra" +
+      "te\030\010 \001(\001R\016escalationRate\022\034\n\tfallbacks\030\t " +
+      "\001(\003R\tfallbacks\022+\n\021cascade_decisions\030\n \001(" +
+      "\003R\020cascadeDecisions\0220\n\024cascade_release_r" +
+      "ate\030\013 \001(\001R\022cascadeReleaseRate\0223\n\023mean_re" +
+      "leased_score\030\014 \001(\001H\000R\021meanReleasedScore\210" +
+      "\001\001\0229\n\007latency\030\r \001(\0132\037.routesvc.v1.Latenc" +
+      "yPercentilesR\007latency\022N\n\023time_to_first_t" +
+      "oken\030\016 \001(\0132\037.routesvc.v1.LatencyPercenti" +
+      "lesR\020timeToFirstTokenB\026\n\024_mean_released_" +
+      "score\"t\n\017FeedbackRequest\022\037\n\013decision_id\030" +
+      "\001 \001(\tR\ndecisionId\022\026\n\005score\030\002 \001(\001H\000R\005scor" +
+      "e\022\035\n\tthumbs_up\030\003 \001(\010H\000R\010thumbsUpB\t\n\007outc" +
+      "ome\"\212\001\n\020FeedbackResponse\022\037\n\013decision_id\030" +
+      "\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 \001(\tR\005model\022" +
+      "\024\n\005score\030\003 \001(\001R\005score\022)\n\020library_example" +
+      "s\030\004 \001(\003R\017libraryExamples*\303\001\n\nBatchState\022" +
+      "\033\n\027BATCH_STATE_UNSPECIFIED\020\000\022\026\n\022BATCH_ST" +
+      "ATE_QUEUED\020\001\022\031\n\025BATCH_STATE_SUBMITTED\020\002\022" +
+      "\031\n\025BATCH_STATE_SUCCEEDED\020\003\022\026\n\022BATCH_STAT" +
+      "E_FAILED\020\004\022\027\n\023BATCH_STATE_EXPIRED\020\005\022\031\n\025B" +
+      "ATCH_STATE_CANCELLED\020\006*_\n\004Role\022\024\n\020ROLE_U" +
+      "NSPECIFIED\020\000\022\017\n\013ROLE_SYSTEM\020\001\022\r\n\tROLE_US" +
+      "ER\020\002\022\022\n\016ROLE_ASSISTANT\020\003\022\r\n\tROLE_TOOL\020\004*" +
+      "?\n\004Mode\022\024\n\020MODE_UNSPECIFIED\020\000\022\021\n\rMODE_RE" +
+      "ALTIME\020\001\022\016\n\nMODE_BATCH\020\002*\270\001\n\014FinishReaso" +
+      "n\022\035\n\031FINISH_REASON_UNSPECIFIED\020\000\022\026\n\022FINI" +
+      "SH_REASON_STOP\020\001\022\030\n\024FINISH_REASON_LENGTH" +
+      "\020\002\022\034\n\030FINISH_REASON_TOOL_CALLS\020\003\022 \n\034FINI" +
+      "SH_REASON_CONTENT_FILTER\020\004\022\027\n\023FINISH_REA" +
+      "SON_OTHER\020\005*\306\001\n\016AttemptOutcome\022\037\n\033ATTEMP" +
+      "T_OUTCOME_UNSPECIFIED\020\000\022\035\n\031ATTEMPT_OUTCO" +
+      "ME_COMPLETED\020\001\022\035\n\031ATTEMPT_OUTCOME_ESCALA" +
+      "TED\020\002\022\032\n\026ATTEMPT_OUTCOME_FAILED\020\003\022\031\n\025ATT" +
+      "EMPT_OUTCOME_JUDGE\020\004\022\036\n\032ATTEMPT_OUTCOME_" +
+      "CLASSIFIER\020\0052\226\004\n\rRouterService\022>\n\005Route\022" +
+      "\031.routesvc.v1.RouteRequest\032\032.routesvc.v1" +
+      ".RouteResponse\022I\n\010Complete\022\034.routesvc.v1" +
+      ".CompleteRequest\032\035.routesvc.v1.CompleteR" +
+      "esponse0\001\022M\n\nListModels\022\036.routesvc.v1.Li" +
+      "stModelsRequest\032\037.routesvc.v1.ListModels" +
+      "Response\022G\n\010GetStats\022\034.routesvc.v1.GetSt" +
+      "atsRequest\032\035.routesvc.v1.GetStatsRespons" +
+      "e\022G\n\010GetBatch\022\034.routesvc.v1.GetBatchRequ" +
+      "est\032\035.routesvc.v1.GetBatchResponse\022P\n\013Ca" +
+      "ncelBatch\022\037.routesvc.v1.CancelBatchReque" +
+      "st\032 .routesvc.v1.CancelBatchResponse\022G\n\010" +
+      "Feedback\022\034.routesvc.v1.FeedbackRequest\032\035" +
+      ".routesvc.v1.FeedbackResponseB_\n\017dev.rou" +
+      "tesvc.v1B\013RouterProtoP\001Z=github.com/rout" +
+      "esvc/routesvc/clients/go/routesvcv1;rout" +
+      "esvcv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -440,7 +441,7 @@ public final class RouterProto {
     internal_static_routesvc_v1_ChatRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ChatRequest_descriptor,
-        new java.lang.String[] { "Messages", "Tools", "MaxOutputTokens", "Temperature", });
+        new java.lang.String[] { "Messages", "Tools", "MaxOutputTokens", "Temperature", "Stop", });
     internal_static_routesvc_v1_RoutingContext_descriptor =
       getDescriptor().getMessageTypes().get(4);
     internal_static_routesvc_v1_RoutingContext_fieldAccessorTable = new
