@@ -64,6 +64,8 @@ def build_chat(
     max_output_tokens: int | None = None,
     temperature: float | None = None,
     stop: Sequence[str] = (),
+    tool_choice: pb.ToolChoice | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> pb.ChatRequest:
     """A ``ChatRequest`` from ``(role, content)`` pairs (role "system", "user" or "assistant") and
     ``pb.Message``s as they are (the turns of a tool-use loop: see ``tool_turns``)."""
@@ -74,7 +76,10 @@ def build_chat(
         ],
         tools=list(tools),
         stop=list(stop),
+        tool_choice=tool_choice,
     )
+    if parallel_tool_calls is not None:
+        chat.parallel_tool_calls = parallel_tool_calls
     if max_output_tokens is not None:
         chat.max_output_tokens = max_output_tokens
     if temperature is not None:

@@ -69,6 +69,23 @@ class ToolSpec:
     parameters: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
 
 
+class ToolChoiceMode(enum.Enum):
+    """What a model must do about the tools a request offers."""
+
+    AUTO = "auto"  # the model decides
+    NONE = "none"  # it calls no tool
+    REQUIRED = "required"  # it calls at least one
+    TOOL = "tool"  # it calls the tool ``ToolChoice.name``
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """Whether, and which, tool the model must call; ``name`` only with ``ToolChoiceMode.TOOL``."""
+
+    mode: ToolChoiceMode
+    name: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     """What would be sent to a model."""
@@ -78,6 +95,9 @@ class ChatRequest:
     max_output_tokens: int | None = None
     temperature: float | None = None
     stop: tuple[str, ...] = ()
+    # None: the provider's default (the model decides; it may make several calls in a turn).
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def uses_tools(self) -> bool:

@@ -813,6 +813,8 @@ class Router:
             max_output_tokens=decision.estimated_output_tokens,
             temperature=request.chat.temperature,
             stop=request.chat.stop,
+            tool_choice=request.chat.tool_choice,
+            parallel_tool_calls=request.chat.parallel_tool_calls,
             timeout=remaining,
             headers=MappingProxyType(dict(headers or {})),
         )

@@ -38,6 +38,8 @@ from routesvc.models import (
     RoutingRequest,
     TextDelta,
     ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
     ToolSpec,
     Usage,
 )
@@ -49,6 +51,12 @@ _ROLES = {
     pb.ROLE_USER: Role.USER,
     pb.ROLE_ASSISTANT: Role.ASSISTANT,
     pb.ROLE_TOOL: Role.TOOL,
+}
+_TOOL_CHOICE_MODES = {
+    pb.TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.AUTO,
+    pb.TOOL_CHOICE_MODE_NONE: ToolChoiceMode.NONE,
+    pb.TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.REQUIRED,
+    pb.TOOL_CHOICE_MODE_TOOL: ToolChoiceMode.TOOL,
 }
 _MODES = {Mode.REALTIME: pb.MODE_REALTIME, Mode.BATCH: pb.MODE_BATCH}
 _FINISH = {
@@ -188,6 +196,31 @@ def _stop(chat: pb.ChatRequest, limits: LimitsConfig) -> tuple[str, ...]:
     return tuple(chat.stop)
 
 
+def _tool_choice(chat: pb.ChatRequest, offered: set[str]) -> ToolChoice | None:
+    """The tool choice; None when unset (the provider's default). Offered tools are required by
+    any mode that may call one, as OpenAI requires them for any ``tool_choice``."""
+    if not chat.HasField("tool_choice"):
+        return None
+    message = chat.tool_choice
+    if message.mode == pb.TOOL_CHOICE_MODE_UNSPECIFIED and not message.name:
+        return None
+    mode = _TOOL_CHOICE_MODES.get(message.mode)
+    if mode is None:
+        raise InvalidRequest(
+            "chat.tool_choice.mode",
+            "must be TOOL_CHOICE_MODE_AUTO, TOOL_CHOICE_MODE_NONE, TOOL_CHOICE_MODE_REQUIRED or TOOL_CHOICE_MODE_TOOL",
+        )
+    if mode is not ToolChoiceMode.TOOL and message.name:
+        raise InvalidRequest("chat.tool_choice.name", "is allowed only with TOOL_CHOICE_MODE_TOOL")
+    if mode is not ToolChoiceMode.NONE and not offered:
+        raise InvalidRequest("chat.tool_choice", "needs chat.tools (only TOOL_CHOICE_MODE_NONE is allowed without)")
+    if mode is ToolChoiceMode.TOOL:
+        _tool_name("chat.tool_choice.name", message.name)
+        if message.name not in offered:
+            raise InvalidRequest("chat.tool_choice.name", "must be the name of one of chat.tools")
+    return ToolChoice(mode, message.name)
+
+
 def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
     if not chat.messages:
         raise InvalidRequest("chat.messages", "must contain at least one message")
@@ -238,7 +271,20 @@ def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
         temperature = chat.temperature
         if not (math.isfinite(temperature) and 0.0 <= temperature <= 2.0):
             raise InvalidRequest("chat.temperature", "must be between 0 and 2")
-    return ChatRequest(messages, tuple(tools), max_output_tokens, temperature, _stop(chat, limits))
+    parallel_tool_calls: bool | None = None
+    if chat.HasField("parallel_tool_calls"):
+        if not tools:
+            raise InvalidRequest("chat.parallel_tool_calls", "needs chat.tools")
+        parallel_tool_calls = chat.parallel_tool_calls
+    return ChatRequest(
+        messages,
+        tuple(tools),
+        max_output_tokens,
+        temperature,
+        _stop(chat, limits),
+        _tool_choice(chat, names),
+        parallel_tool_calls,
+    )
 
 
 def _context(context: pb.RoutingContext, limits: LimitsConfig) -> RoutingContext:

@@ -57,3 +57,86 @@ class TestStopSequences:
     def test_build_chat_sets_stop(self) -> None:
         """The Python client's ``build_chat`` takes the stop sequences."""
         assert list(build_chat([("user", "hi")], stop=["END"]).stop) == ["END"]
+
+
+LOOKUP = pb.Tool(name="lookup", parameters_json='{"type": "object", "properties": {"q": {"type": "string"}}}')
+CLOCK = pb.Tool(name="clock")
+# Each mode: the request's ToolChoice, what OpenAI gets, what Anthropic gets.
+TOOL_CHOICES: list[tuple[pb.ToolChoice, object, object]] = [
+    (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO), "auto", {"type": "auto"}),
+    (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE), "none", {"type": "none"}),
+    (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED), "required", {"type": "any"}),
+    (
+        pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_TOOL, name="clock"),
+        {"type": "function", "function": {"name": "clock"}},
+        {"type": "tool", "name": "clock"},
+    ),
+]
+TOOL_CHOICE_IDS = ["auto", "none", "required", "tool"]
+
+
+class TestToolChoice:
+    @pytest.mark.parametrize(("choice", "openai", "anthropic"), TOOL_CHOICES, ids=TOOL_CHOICE_IDS)
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"], ids=ADAPTER_IDS)
+    async def test_each_mode_reaches_the_provider_in_its_form(
+        self,
+        live_client: RouterClient,
+        fake: FakeProvider,
+        model: str,
+        choice: pb.ToolChoice,
+        openai: object,
+        anthropic: object,
+    ) -> None:
+        """``chat.tool_choice`` is sent as each API spells it beside the tools."""
+        chat = user_chat("What time is it?", tools=[LOOKUP, CLOCK], tool_choice=choice)
+        await _complete(live_client, chat, model)
+        expected = openai if model == "gpt-4o-mini" else anthropic
+        assert fake.requests[-1].body["tool_choice"] == expected
+
+    @pytest.mark.parametrize(
+        ("choice", "anthropic"),
+        [
+            (None, {"type": "auto", "disable_parallel_tool_use": True}),
+            (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED), {"type": "any", "disable_parallel_tool_use": True}),
+            (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE), {"type": "none"}),
+        ],
+        ids=["no mode", "required", "none"],
+    )
+    async def test_no_parallel_calls_is_disable_parallel_tool_use_for_anthropic(
+        self, live_client: RouterClient, fake: FakeProvider, choice: pb.ToolChoice | None, anthropic: object
+    ) -> None:
+        """``parallel_tool_calls: false`` is Anthropic's ``disable_parallel_tool_use`` inside its
+        tool choice (``auto`` when no mode is given; ``none`` has no such field)."""
+        chat = user_chat("What time is it?", tools=[LOOKUP, CLOCK], tool_choice=choice, parallel_tool_calls=False)
+        await _complete(live_client, chat, "claude-sonnet")
+        body = fake.requests[-1].body
+        assert (body["tool_choice"], "parallel_tool_calls" in body) == (anthropic, False)
+
+    @pytest.mark.parametrize("parallel", [False, True])
+    async def test_parallel_tool_calls_reach_openai(
+        self, live_client: RouterClient, fake: FakeProvider, parallel: bool
+    ) -> None:
+        """``parallel_tool_calls`` goes to OpenAI as it is, without a tool choice when none is set."""
+        chat = user_chat("What time is it?", tools=[LOOKUP, CLOCK], parallel_tool_calls=parallel)
+        await _complete(live_client, chat, "gpt-4o-mini")
+        body = fake.requests[-1].body
+        assert (body["parallel_tool_calls"], "tool_choice" in body) == (parallel, False)
+
+    async def test_none_without_tools_keeps_the_declared_history_tools_for_anthropic(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """TOOL_CHOICE_MODE_NONE is allowed without tools: a history with tool calls still goes to
+        Anthropic with its called tools declared and ``tool_choice`` none, and to OpenAI with no
+        tool choice (it refuses one without tools)."""
+        history = [
+            ("user", "What time is it?"),
+            pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(id="call_1", name="clock")]),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="14:05"),
+        ]
+        chat = build_chat(history, tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE))
+        await _complete(live_client, chat, "claude-sonnet")
+        anthropic = fake.requests[-1].body
+        await _complete(live_client, chat, "gpt-4o-mini")
+        openai = fake.requests[-1].body
+        assert (anthropic["tool_choice"], [t["name"] for t in anthropic["tools"]]) == ({"type": "none"}, ["clock"])
+        assert ("tool_choice" in openai, "tools" in openai) == (False, False)

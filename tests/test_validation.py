@@ -183,6 +183,50 @@ BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
         pb.RoutingContext(),
         "chat.tools[1].parameters_json",
     ),
+    (
+        "a tool choice without tools",
+        _chat((USER, CANARY), tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)),
+        pb.RoutingContext(),
+        "chat.tool_choice",
+    ),
+    (
+        "a tool choice naming a tool not offered",
+        _chat(
+            (USER, CANARY),
+            tools=[pb.Tool(name="ok")],
+            tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_TOOL, name=CANARY),
+        ),
+        pb.RoutingContext(),
+        "chat.tool_choice.name",
+    ),
+    (
+        "a tool choice of mode TOOL without a name",
+        _chat((USER, CANARY), tools=[pb.Tool(name="ok")], tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_TOOL)),
+        pb.RoutingContext(),
+        "chat.tool_choice.name",
+    ),
+    (
+        "a tool choice with a name and mode AUTO",
+        _chat(
+            (USER, CANARY),
+            tools=[pb.Tool(name="ok")],
+            tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO, name="ok"),
+        ),
+        pb.RoutingContext(),
+        "chat.tool_choice.name",
+    ),
+    (
+        "an unknown tool choice mode",
+        _chat((USER, CANARY), tools=[pb.Tool(name="ok")], tool_choice=pb.ToolChoice(mode=42)),  # type: ignore[arg-type]
+        pb.RoutingContext(),
+        "chat.tool_choice.mode",
+    ),
+    (
+        "parallel tool calls without tools",
+        _chat((USER, CANARY), parallel_tool_calls=False),
+        pb.RoutingContext(),
+        "chat.parallel_tool_calls",
+    ),
     *[(f"tool turns: {name}", _turns(*turns), pb.RoutingContext(), field) for name, turns, field in BAD_TOOL_TURNS],
     ("max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd=CANARY), "context.max_cost_usd"),
     ("negative max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="-1"), "context.max_cost_usd"),

@@ -211,7 +211,13 @@ class BatchQueue:
         )
         chat = request.chat
         stored = QueuedRequest(
-            chat.messages, decision.estimated_output_tokens, chat.temperature, chat.tools, stop=chat.stop
+            chat.messages,
+            decision.estimated_output_tokens,
+            chat.temperature,
+            chat.tools,
+            stop=chat.stop,
+            tool_choice=chat.tool_choice,
+            parallel_tool_calls=chat.parallel_tool_calls,
         )
         store = self._opened()
         adding = self._keep(store.add(job, encode_request(stored), held_by=self._owner, hold_seconds=CLAIM_SECONDS))
@@ -423,6 +429,8 @@ class BatchQueue:
                     request.temperature,
                     request.tools,
                     stop=request.stop,
+                    tool_choice=request.tool_choice,
+                    parallel_tool_calls=request.parallel_tool_calls,
                 )
             )
         try:

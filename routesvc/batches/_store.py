@@ -39,6 +39,8 @@ from routesvc.models import (
     Message,
     Role,
     ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
     ToolSpec,
     Usage,
 )
@@ -105,6 +107,8 @@ class QueuedRequest:
     temperature: float | None = None
     tools: tuple[ToolSpec, ...] = ()
     stop: tuple[str, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def encode_request(request: QueuedRequest) -> str:
@@ -118,13 +122,15 @@ def encode_request(request: QueuedRequest) -> str:
                 {"name": t.name, "description": t.description, "parameters": dict(t.parameters)} for t in request.tools
             ],
             "stop": list(request.stop),
+            "tool_choice": _encode_tool_choice(request.tool_choice),
+            "parallel_tool_calls": request.parallel_tool_calls,
         }
     )
 
 
 def decode_request(text: str) -> QueuedRequest:
-    """The request ``encode_request`` stored; rows stored before tools (or stop sequences) were kept
-    have none."""
+    """The request ``encode_request`` stored; rows stored before tools (or stop sequences, or a tool
+    choice) were kept have none."""
     data = json.loads(text)
     return QueuedRequest(
         messages=tuple(
@@ -138,7 +144,17 @@ def decode_request(text: str) -> QueuedRequest:
             for t in data.get("tools", ())
         ),
         stop=tuple(data.get("stop", ())),
+        tool_choice=_decode_tool_choice(data.get("tool_choice")),
+        parallel_tool_calls=data.get("parallel_tool_calls"),
     )
+
+
+def _encode_tool_choice(choice: ToolChoice | None) -> dict[str, str] | None:
+    return None if choice is None else {"mode": choice.mode.value, "name": choice.name}
+
+
+def _decode_tool_choice(data: dict[str, str] | None) -> ToolChoice | None:
+    return None if data is None else ToolChoice(ToolChoiceMode(data["mode"]), data.get("name", ""))
 
 
 def _encode_message(message: Message) -> dict[str, Any]:

@@ -60,6 +60,8 @@ from routesvc.models import (
     ProviderFinish,
     Role,
     TextDelta,
+    ToolChoice,
+    ToolChoiceMode,
     ToolSpec,
     Usage,
 )
@@ -191,6 +193,8 @@ def request_params(
     tools: tuple[ToolSpec, ...] = (),
     temperature: float | None = None,
     stop: tuple[str, ...] = (),
+    tool_choice: ToolChoice | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> dict[str, object]:
     """The Messages API parameters of one request, streamed or in a batch, as ``messages.create``
     would send them (see the module docstring for what is adapted)."""
@@ -204,6 +208,9 @@ def request_params(
         params["system"] = system
     if tools:
         params["tools"] = _tools(tools)
+        choice = _tool_choice(tool_choice, parallel_tool_calls)
+        if choice is not None:
+            params["tool_choice"] = choice
     else:
         called = _called_tools(messages)
         if called:
@@ -231,8 +238,33 @@ def _body(provider: str, call: ProviderCall) -> dict[str, object]:
         tools=call.tools,
         temperature=call.temperature,
         stop=call.stop,
+        tool_choice=call.tool_choice,
+        parallel_tool_calls=call.parallel_tool_calls,
     )
     return {**params, "stream": True}
+
+
+_CHOICE_TYPES = {
+    ToolChoiceMode.AUTO: "auto",
+    ToolChoiceMode.NONE: "none",
+    ToolChoiceMode.REQUIRED: "any",
+    ToolChoiceMode.TOOL: "tool",
+}
+
+
+def _tool_choice(choice: ToolChoice | None, parallel_tool_calls: bool | None) -> dict[str, object] | None:
+    """``tool_choice`` for a request that offers tools; None for Anthropic's default (auto, parallel
+    calls allowed). No parallel calls is ``disable_parallel_tool_use`` inside it (with ``auto``
+    when no mode is given); ``none`` has no such field, and makes no calls anyway."""
+    mode = ToolChoiceMode.AUTO if choice is None else choice.mode
+    if choice is None and parallel_tool_calls is not False:
+        return None
+    param: dict[str, object] = {"type": _CHOICE_TYPES[mode]}
+    if mode is ToolChoiceMode.TOOL and choice is not None:
+        param["name"] = choice.name
+    if parallel_tool_calls is False and mode is not ToolChoiceMode.NONE:
+        param["disable_parallel_tool_use"] = True
+    return param
 
 
 def _called_tools(messages: Iterable[Message]) -> list[ToolParam]:

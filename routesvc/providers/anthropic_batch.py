@@ -73,6 +73,8 @@ class AnthropicBatches:
                 tools=item.tools,
                 temperature=item.temperature,
                 stop=item.stop,
+                tool_choice=item.tool_choice,
+                parallel_tool_calls=item.parallel_tool_calls,
             )
             requests.append({"custom_id": item.custom_id, "params": params})
         batch = await self._guard("create", self._client.messages.batches.create(requests=requests))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, Protocol
 
-from routesvc.models import ChatRequest, Message, ProviderEvent, ToolSpec
+from routesvc.models import ChatRequest, Message, ProviderEvent, ToolChoice, ToolSpec
 
 # The HTTP transport under an SDK client: the SDKs' aiohttp one (``DefaultAioHttpClient``, wrapped
 # by ``_aiohttp.keeping_buffered`` so a cut loses nothing; routesvc's default) or their own default,
@@ -41,6 +41,8 @@ class ProviderCall:
     max_output_tokens: int = 512
     temperature: float | None = None
     stop: tuple[str, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     timeout: float | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from routesvc.models import BatchState, FinishReason, Message, ToolCall, ToolSpec, Usage
+from routesvc.models import BatchState, FinishReason, Message, ToolCall, ToolChoice, ToolSpec, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +24,8 @@ class BatchItem:
     temperature: float | None = None
     tools: tuple[ToolSpec, ...] = ()
     stop: tuple[str, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

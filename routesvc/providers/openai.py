@@ -39,6 +39,8 @@ from routesvc.models import (
     ProviderFinish,
     Role,
     TextDelta,
+    ToolChoice,
+    ToolChoiceMode,
     ToolSpec,
     Usage,
 )
@@ -136,6 +138,39 @@ def _tools(tools: Iterable[ToolSpec]) -> list[ChatCompletionFunctionToolParam]:
     return result
 
 
+def _tool_choice(choice: ToolChoice) -> object:
+    """``tool_choice`` as the chat completions API takes it."""
+    if choice.mode is ToolChoiceMode.TOOL:
+        return {"type": "function", "function": {"name": choice.name}}
+    return choice.mode.value  # "auto", "none", "required"
+
+
+def chat_params(
+    *,
+    tools: tuple[ToolSpec, ...],
+    temperature: float | None,
+    stop: tuple[str, ...],
+    tool_choice: ToolChoice | None,
+    parallel_tool_calls: bool | None,
+) -> dict[str, object]:
+    """The optional parameters of one chat completions request, streamed or in a batch: only those
+    the request sets. ``tool_choice`` and ``parallel_tool_calls`` go only with tools, as OpenAI
+    refuses them otherwise (validation allows only TOOL_CHOICE_MODE_NONE without tools, which
+    then has nothing to say)."""
+    params: dict[str, object] = {}
+    if tools:
+        params["tools"] = _tools(tools)
+        if tool_choice is not None:
+            params["tool_choice"] = _tool_choice(tool_choice)
+        if parallel_tool_calls is not None:
+            params["parallel_tool_calls"] = parallel_tool_calls
+    if temperature is not None:
+        params["temperature"] = temperature
+    if stop:
+        params["stop"] = list(stop)
+    return params
+
+
 def quota_spent(exc: openai.APIStatusError) -> bool:
     """Whether an OpenAI error says the account's quota is spent (``insufficient_quota``, its code
     or its type), streamed or in a batch."""
@@ -231,12 +266,13 @@ class OpenAIProvider:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if call.tools:
-            body["tools"] = _tools(call.tools)
-        if call.temperature is not None:
-            body["temperature"] = call.temperature
-        if call.stop:
-            body["stop"] = list(call.stop)
+        body |= chat_params(
+            tools=call.tools,
+            temperature=call.temperature,
+            stop=call.stop,
+            tool_choice=call.tool_choice,
+            parallel_tool_calls=call.parallel_tool_calls,
+        )
         body["max_completion_tokens" if self._kind == "openai" else "max_tokens"] = call.max_output_tokens
         return body
 

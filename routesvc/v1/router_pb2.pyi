@@ -170,6 +170,38 @@ FINISH_REASON_OTHER: FinishReason.ValueType  # 5
 """Any other reason the provider gave."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _ToolChoiceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolChoiceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolChoiceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_CHOICE_MODE_UNSPECIFIED: _ToolChoiceMode.ValueType  # 0
+    """Not set: the provider's default (the model decides whether to call a tool)."""
+    TOOL_CHOICE_MODE_AUTO: _ToolChoiceMode.ValueType  # 1
+    """The model decides whether to call a tool."""
+    TOOL_CHOICE_MODE_NONE: _ToolChoiceMode.ValueType  # 2
+    """The model answers in text and calls no tool."""
+    TOOL_CHOICE_MODE_REQUIRED: _ToolChoiceMode.ValueType  # 3
+    """The model calls at least one tool (Anthropic's "any")."""
+    TOOL_CHOICE_MODE_TOOL: _ToolChoiceMode.ValueType  # 4
+    """The model calls the tool ToolChoice.name."""
+
+class ToolChoiceMode(_ToolChoiceMode, metaclass=_ToolChoiceModeEnumTypeWrapper):
+    """ToolChoiceMode is what a model must do about the tools a request offers."""
+
+TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.ValueType  # 0
+"""Not set: the provider's default (the model decides whether to call a tool)."""
+TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.ValueType  # 1
+"""The model decides whether to call a tool."""
+TOOL_CHOICE_MODE_NONE: ToolChoiceMode.ValueType  # 2
+"""The model answers in text and calls no tool."""
+TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.ValueType  # 3
+"""The model calls at least one tool (Anthropic's "any")."""
+TOOL_CHOICE_MODE_TOOL: ToolChoiceMode.ValueType  # 4
+"""The model calls the tool ToolChoice.name."""
+Global___ToolChoiceMode: _TypeAlias = ToolChoiceMode  # noqa: Y015
+
 class _AttemptOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -311,6 +343,36 @@ class Tool(_message.Message):
 Global___Tool: _TypeAlias = Tool  # noqa: Y015
 
 @_typing.final
+class ToolChoice(_message.Message):
+    """ToolChoice is whether, and which, tool the model must call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    mode: Global___ToolChoiceMode.ValueType
+    """What the model must do. Anything but TOOL_CHOICE_MODE_UNSPECIFIED or
+    TOOL_CHOICE_MODE_NONE needs ChatRequest.tools.
+    """
+    name: _builtins.str
+    """With TOOL_CHOICE_MODE_TOOL (required there, and only there): the name of one of
+    ChatRequest.tools.
+    """
+    def __init__(
+        self,
+        *,
+        mode: Global___ToolChoiceMode.ValueType = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
+
+@_typing.final
 class ChatRequest(_message.Message):
     """ChatRequest is what would be sent to a model."""
 
@@ -321,12 +383,19 @@ class ChatRequest(_message.Message):
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     max_output_tokens: _builtins.int
     """Maximum output tokens; unset uses the configured default. Must be 1 or more and
     at most the configured cap.
     """
     temperature: _builtins.float
     """Sampling temperature in [0, 2]; unset uses the provider's default."""
+    parallel_tool_calls: _builtins.bool
+    """Whether the model may make several tool calls in one turn; unset is the provider's
+    default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+    Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The conversation, oldest first; at least one message."""
@@ -345,6 +414,12 @@ class ChatRequest(_message.Message):
         only (such as "\\n"), so a request with one is not served by an Anthropic model.
         """
 
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Whether, and which, tool the model must call; unset is the provider's default (the
+        model decides).
+        """
+
     def __init__(
         self,
         *,
@@ -353,17 +428,23 @@ class ChatRequest(_message.Message):
         max_output_tokens: _builtins.int | None = ...,
         temperature: _builtins.float | None = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
+        parallel_tool_calls: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_temperature", b"_temperature", "max_output_tokens", b"max_output_tokens", "temperature", b"temperature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_temperature", b"_temperature", "max_output_tokens", b"max_output_tokens", "parallel_tool_calls", b"parallel_tool_calls", "temperature", b"temperature", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_temperature", b"_temperature", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "stop", b"stop", "temperature", b"temperature", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_temperature", b"_temperature", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "parallel_tool_calls", b"parallel_tool_calls", "stop", b"stop", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_output_tokens) -> _WhichOneofReturnType__max_output_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parallel_tool_calls) -> _WhichOneofReturnType__parallel_tool_calls | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
 

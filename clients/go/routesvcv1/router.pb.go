@@ -285,6 +285,67 @@ func (FinishReason) EnumDescriptor() ([]byte, []int) {
 	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
 }
 
+// ToolChoiceMode is what a model must do about the tools a request offers.
+type ToolChoiceMode int32
+
+const (
+	// Not set: the provider's default (the model decides whether to call a tool).
+	ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED ToolChoiceMode = 0
+	// The model decides whether to call a tool.
+	ToolChoiceMode_TOOL_CHOICE_MODE_AUTO ToolChoiceMode = 1
+	// The model answers in text and calls no tool.
+	ToolChoiceMode_TOOL_CHOICE_MODE_NONE ToolChoiceMode = 2
+	// The model calls at least one tool (Anthropic's "any").
+	ToolChoiceMode_TOOL_CHOICE_MODE_REQUIRED ToolChoiceMode = 3
+	// The model calls the tool ToolChoice.name.
+	ToolChoiceMode_TOOL_CHOICE_MODE_TOOL ToolChoiceMode = 4
+)
+
+// Enum value maps for ToolChoiceMode.
+var (
+	ToolChoiceMode_name = map[int32]string{
+		0: "TOOL_CHOICE_MODE_UNSPECIFIED",
+		1: "TOOL_CHOICE_MODE_AUTO",
+		2: "TOOL_CHOICE_MODE_NONE",
+		3: "TOOL_CHOICE_MODE_REQUIRED",
+		4: "TOOL_CHOICE_MODE_TOOL",
+	}
+	ToolChoiceMode_value = map[string]int32{
+		"TOOL_CHOICE_MODE_UNSPECIFIED": 0,
+		"TOOL_CHOICE_MODE_AUTO":        1,
+		"TOOL_CHOICE_MODE_NONE":        2,
+		"TOOL_CHOICE_MODE_REQUIRED":    3,
+		"TOOL_CHOICE_MODE_TOOL":        4,
+	}
+)
+
+func (x ToolChoiceMode) Enum() *ToolChoiceMode {
+	p := new(ToolChoiceMode)
+	*p = x
+	return p
+}
+
+func (x ToolChoiceMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ToolChoiceMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_routesvc_v1_router_proto_enumTypes[4].Descriptor()
+}
+
+func (ToolChoiceMode) Type() protoreflect.EnumType {
+	return &file_routesvc_v1_router_proto_enumTypes[4]
+}
+
+func (x ToolChoiceMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ToolChoiceMode.Descriptor instead.
+func (ToolChoiceMode) EnumDescriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
+}
+
 // AttemptOutcome is how one upstream attempt ended.
 type AttemptOutcome int32
 
@@ -334,11 +395,11 @@ func (x AttemptOutcome) String() string {
 }
 
 func (AttemptOutcome) Descriptor() protoreflect.EnumDescriptor {
-	return file_routesvc_v1_router_proto_enumTypes[4].Descriptor()
+	return file_routesvc_v1_router_proto_enumTypes[5].Descriptor()
 }
 
 func (AttemptOutcome) Type() protoreflect.EnumType {
-	return &file_routesvc_v1_router_proto_enumTypes[4]
+	return &file_routesvc_v1_router_proto_enumTypes[5]
 }
 
 func (x AttemptOutcome) Number() protoreflect.EnumNumber {
@@ -347,7 +408,7 @@ func (x AttemptOutcome) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use AttemptOutcome.Descriptor instead.
 func (AttemptOutcome) EnumDescriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
 }
 
 // Message is one turn of the conversation.
@@ -555,6 +616,63 @@ func (x *Tool) GetParametersJson() string {
 	return ""
 }
 
+// ToolChoice is whether, and which, tool the model must call.
+type ToolChoice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the model must do. Anything but TOOL_CHOICE_MODE_UNSPECIFIED or
+	// TOOL_CHOICE_MODE_NONE needs ChatRequest.tools.
+	Mode ToolChoiceMode `protobuf:"varint,1,opt,name=mode,proto3,enum=routesvc.v1.ToolChoiceMode" json:"mode,omitempty"`
+	// With TOOL_CHOICE_MODE_TOOL (required there, and only there): the name of one of
+	// ChatRequest.tools.
+	Name          string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolChoice) Reset() {
+	*x = ToolChoice{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolChoice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolChoice) ProtoMessage() {}
+
+func (x *ToolChoice) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolChoice.ProtoReflect.Descriptor instead.
+func (*ToolChoice) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ToolChoice) GetMode() ToolChoiceMode {
+	if x != nil {
+		return x.Mode
+	}
+	return ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED
+}
+
+func (x *ToolChoice) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 // ChatRequest is what would be sent to a model.
 type ChatRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -572,14 +690,21 @@ type ChatRequest struct {
 	// the sequence is not part of the answer. At most the configured limit (4 by default,
 	// OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
 	// only (such as "\n"), so a request with one is not served by an Anthropic model.
-	Stop          []string `protobuf:"bytes,5,rep,name=stop,proto3" json:"stop,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Stop []string `protobuf:"bytes,5,rep,name=stop,proto3" json:"stop,omitempty"`
+	// Whether, and which, tool the model must call; unset is the provider's default (the
+	// model decides).
+	ToolChoice *ToolChoice `protobuf:"bytes,6,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
+	// Whether the model may make several tool calls in one turn; unset is the provider's
+	// default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+	// Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+	ParallelToolCalls *bool `protobuf:"varint,7,opt,name=parallel_tool_calls,json=parallelToolCalls,proto3,oneof" json:"parallel_tool_calls,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *ChatRequest) Reset() {
 	*x = ChatRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	mi := &file_routesvc_v1_router_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -591,7 +716,7 @@ func (x *ChatRequest) String() string {
 func (*ChatRequest) ProtoMessage() {}
 
 func (x *ChatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	mi := &file_routesvc_v1_router_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -604,7 +729,7 @@ func (x *ChatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatRequest.ProtoReflect.Descriptor instead.
 func (*ChatRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ChatRequest) GetMessages() []*Message {
@@ -642,6 +767,20 @@ func (x *ChatRequest) GetStop() []string {
 	return nil
 }
 
+func (x *ChatRequest) GetToolChoice() *ToolChoice {
+	if x != nil {
+		return x.ToolChoice
+	}
+	return nil
+}
+
+func (x *ChatRequest) GetParallelToolCalls() bool {
+	if x != nil && x.ParallelToolCalls != nil {
+		return *x.ParallelToolCalls
+	}
+	return false
+}
+
 // RoutingContext is what the router knows about the request besides its text.
 type RoutingContext struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -672,7 +811,7 @@ type RoutingContext struct {
 
 func (x *RoutingContext) Reset() {
 	*x = RoutingContext{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	mi := &file_routesvc_v1_router_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -684,7 +823,7 @@ func (x *RoutingContext) String() string {
 func (*RoutingContext) ProtoMessage() {}
 
 func (x *RoutingContext) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	mi := &file_routesvc_v1_router_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -697,7 +836,7 @@ func (x *RoutingContext) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoutingContext.ProtoReflect.Descriptor instead.
 func (*RoutingContext) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RoutingContext) GetTenant() string {
@@ -769,7 +908,7 @@ type RouteRequest struct {
 
 func (x *RouteRequest) Reset() {
 	*x = RouteRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[5]
+	mi := &file_routesvc_v1_router_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -781,7 +920,7 @@ func (x *RouteRequest) String() string {
 func (*RouteRequest) ProtoMessage() {}
 
 func (x *RouteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[5]
+	mi := &file_routesvc_v1_router_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -794,7 +933,7 @@ func (x *RouteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteRequest.ProtoReflect.Descriptor instead.
 func (*RouteRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RouteRequest) GetChat() *ChatRequest {
@@ -826,7 +965,7 @@ type Candidate struct {
 
 func (x *Candidate) Reset() {
 	*x = Candidate{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[6]
+	mi := &file_routesvc_v1_router_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -838,7 +977,7 @@ func (x *Candidate) String() string {
 func (*Candidate) ProtoMessage() {}
 
 func (x *Candidate) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[6]
+	mi := &file_routesvc_v1_router_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -851,7 +990,7 @@ func (x *Candidate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Candidate.ProtoReflect.Descriptor instead.
 func (*Candidate) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Candidate) GetModel() string {
@@ -924,7 +1063,7 @@ type RouteDecision struct {
 
 func (x *RouteDecision) Reset() {
 	*x = RouteDecision{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[7]
+	mi := &file_routesvc_v1_router_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -936,7 +1075,7 @@ func (x *RouteDecision) String() string {
 func (*RouteDecision) ProtoMessage() {}
 
 func (x *RouteDecision) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[7]
+	mi := &file_routesvc_v1_router_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -949,7 +1088,7 @@ func (x *RouteDecision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteDecision.ProtoReflect.Descriptor instead.
 func (*RouteDecision) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RouteDecision) GetDecisionId() string {
@@ -1075,7 +1214,7 @@ type RouteResponse struct {
 
 func (x *RouteResponse) Reset() {
 	*x = RouteResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[8]
+	mi := &file_routesvc_v1_router_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1087,7 +1226,7 @@ func (x *RouteResponse) String() string {
 func (*RouteResponse) ProtoMessage() {}
 
 func (x *RouteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[8]
+	mi := &file_routesvc_v1_router_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1100,7 +1239,7 @@ func (x *RouteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteResponse.ProtoReflect.Descriptor instead.
 func (*RouteResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{8}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RouteResponse) GetDecision() *RouteDecision {
@@ -1123,7 +1262,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[9]
+	mi := &file_routesvc_v1_router_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1135,7 +1274,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[9]
+	mi := &file_routesvc_v1_router_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1148,7 +1287,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{9}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CompleteRequest) GetChat() *ChatRequest {
@@ -1176,7 +1315,7 @@ type TextDelta struct {
 
 func (x *TextDelta) Reset() {
 	*x = TextDelta{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[10]
+	mi := &file_routesvc_v1_router_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1188,7 +1327,7 @@ func (x *TextDelta) String() string {
 func (*TextDelta) ProtoMessage() {}
 
 func (x *TextDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[10]
+	mi := &file_routesvc_v1_router_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1201,7 +1340,7 @@ func (x *TextDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TextDelta.ProtoReflect.Descriptor instead.
 func (*TextDelta) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{10}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *TextDelta) GetText() string {
@@ -1232,7 +1371,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[11]
+	mi := &file_routesvc_v1_router_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1244,7 +1383,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[11]
+	mi := &file_routesvc_v1_router_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1257,7 +1396,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{11}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Usage) GetInputTokens() int64 {
@@ -1329,7 +1468,7 @@ type Completion struct {
 
 func (x *Completion) Reset() {
 	*x = Completion{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[12]
+	mi := &file_routesvc_v1_router_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1341,7 +1480,7 @@ func (x *Completion) String() string {
 func (*Completion) ProtoMessage() {}
 
 func (x *Completion) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[12]
+	mi := &file_routesvc_v1_router_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1354,7 +1493,7 @@ func (x *Completion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Completion.ProtoReflect.Descriptor instead.
 func (*Completion) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{12}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Completion) GetModel() string {
@@ -1444,7 +1583,7 @@ type Attempt struct {
 
 func (x *Attempt) Reset() {
 	*x = Attempt{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[13]
+	mi := &file_routesvc_v1_router_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1456,7 +1595,7 @@ func (x *Attempt) String() string {
 func (*Attempt) ProtoMessage() {}
 
 func (x *Attempt) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[13]
+	mi := &file_routesvc_v1_router_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1469,7 +1608,7 @@ func (x *Attempt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attempt.ProtoReflect.Descriptor instead.
 func (*Attempt) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{13}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Attempt) GetModel() string {
@@ -1516,7 +1655,7 @@ type QualityScore struct {
 
 func (x *QualityScore) Reset() {
 	*x = QualityScore{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[14]
+	mi := &file_routesvc_v1_router_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1528,7 +1667,7 @@ func (x *QualityScore) String() string {
 func (*QualityScore) ProtoMessage() {}
 
 func (x *QualityScore) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[14]
+	mi := &file_routesvc_v1_router_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1541,7 +1680,7 @@ func (x *QualityScore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QualityScore.ProtoReflect.Descriptor instead.
 func (*QualityScore) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{14}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *QualityScore) GetScore() float64 {
@@ -1588,7 +1727,7 @@ type Escalation struct {
 
 func (x *Escalation) Reset() {
 	*x = Escalation{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[15]
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1600,7 +1739,7 @@ func (x *Escalation) String() string {
 func (*Escalation) ProtoMessage() {}
 
 func (x *Escalation) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[15]
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1613,7 +1752,7 @@ func (x *Escalation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Escalation.ProtoReflect.Descriptor instead.
 func (*Escalation) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{15}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Escalation) GetFromModel() string {
@@ -1683,7 +1822,7 @@ type BatchJob struct {
 
 func (x *BatchJob) Reset() {
 	*x = BatchJob{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1695,7 +1834,7 @@ func (x *BatchJob) String() string {
 func (*BatchJob) ProtoMessage() {}
 
 func (x *BatchJob) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1708,7 +1847,7 @@ func (x *BatchJob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchJob.ProtoReflect.Descriptor instead.
 func (*BatchJob) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{16}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *BatchJob) GetBatchId() string {
@@ -1788,7 +1927,7 @@ type BatchResult struct {
 
 func (x *BatchResult) Reset() {
 	*x = BatchResult{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1800,7 +1939,7 @@ func (x *BatchResult) String() string {
 func (*BatchResult) ProtoMessage() {}
 
 func (x *BatchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1813,7 +1952,7 @@ func (x *BatchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchResult.ProtoReflect.Descriptor instead.
 func (*BatchResult) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{17}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *BatchResult) GetText() string {
@@ -1872,7 +2011,7 @@ type GetBatchRequest struct {
 
 func (x *GetBatchRequest) Reset() {
 	*x = GetBatchRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1884,7 +2023,7 @@ func (x *GetBatchRequest) String() string {
 func (*GetBatchRequest) ProtoMessage() {}
 
 func (x *GetBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1897,7 +2036,7 @@ func (x *GetBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBatchRequest.ProtoReflect.Descriptor instead.
 func (*GetBatchRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{18}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GetBatchRequest) GetBatchId() string {
@@ -1929,7 +2068,7 @@ type GetBatchResponse struct {
 
 func (x *GetBatchResponse) Reset() {
 	*x = GetBatchResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1941,7 +2080,7 @@ func (x *GetBatchResponse) String() string {
 func (*GetBatchResponse) ProtoMessage() {}
 
 func (x *GetBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1954,7 +2093,7 @@ func (x *GetBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBatchResponse.ProtoReflect.Descriptor instead.
 func (*GetBatchResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{19}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetBatchResponse) GetJob() *BatchJob {
@@ -1992,7 +2131,7 @@ type CancelBatchRequest struct {
 
 func (x *CancelBatchRequest) Reset() {
 	*x = CancelBatchRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2004,7 +2143,7 @@ func (x *CancelBatchRequest) String() string {
 func (*CancelBatchRequest) ProtoMessage() {}
 
 func (x *CancelBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2017,7 +2156,7 @@ func (x *CancelBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBatchRequest.ProtoReflect.Descriptor instead.
 func (*CancelBatchRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{20}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CancelBatchRequest) GetBatchId() string {
@@ -2045,7 +2184,7 @@ type CancelBatchResponse struct {
 
 func (x *CancelBatchResponse) Reset() {
 	*x = CancelBatchResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	mi := &file_routesvc_v1_router_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2057,7 +2196,7 @@ func (x *CancelBatchResponse) String() string {
 func (*CancelBatchResponse) ProtoMessage() {}
 
 func (x *CancelBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	mi := &file_routesvc_v1_router_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2070,7 +2209,7 @@ func (x *CancelBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBatchResponse.ProtoReflect.Descriptor instead.
 func (*CancelBatchResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{21}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CancelBatchResponse) GetJob() *BatchJob {
@@ -2099,7 +2238,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[22]
+	mi := &file_routesvc_v1_router_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2111,7 +2250,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[22]
+	mi := &file_routesvc_v1_router_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2124,7 +2263,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{22}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CompleteResponse) GetEvent() isCompleteResponse_Event {
@@ -2227,7 +2366,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[23]
+	mi := &file_routesvc_v1_router_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2239,7 +2378,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[23]
+	mi := &file_routesvc_v1_router_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2252,7 +2391,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{23}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{24}
 }
 
 // ModelInfo describes one catalog model.
@@ -2290,7 +2429,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[24]
+	mi := &file_routesvc_v1_router_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2302,7 +2441,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[24]
+	mi := &file_routesvc_v1_router_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2315,7 +2454,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{24}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ModelInfo) GetId() string {
@@ -2420,7 +2559,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[25]
+	mi := &file_routesvc_v1_router_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2432,7 +2571,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[25]
+	mi := &file_routesvc_v1_router_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2445,7 +2584,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{25}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListModelsResponse) GetModels() []*ModelInfo {
@@ -2469,7 +2608,7 @@ type GetStatsRequest struct {
 
 func (x *GetStatsRequest) Reset() {
 	*x = GetStatsRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[26]
+	mi := &file_routesvc_v1_router_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2481,7 +2620,7 @@ func (x *GetStatsRequest) String() string {
 func (*GetStatsRequest) ProtoMessage() {}
 
 func (x *GetStatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[26]
+	mi := &file_routesvc_v1_router_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2494,7 +2633,7 @@ func (x *GetStatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatsRequest.ProtoReflect.Descriptor instead.
 func (*GetStatsRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{26}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetStatsRequest) GetTenant() string {
@@ -2540,7 +2679,7 @@ type CostTotals struct {
 
 func (x *CostTotals) Reset() {
 	*x = CostTotals{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[27]
+	mi := &file_routesvc_v1_router_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2552,7 +2691,7 @@ func (x *CostTotals) String() string {
 func (*CostTotals) ProtoMessage() {}
 
 func (x *CostTotals) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[27]
+	mi := &file_routesvc_v1_router_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2565,7 +2704,7 @@ func (x *CostTotals) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CostTotals.ProtoReflect.Descriptor instead.
 func (*CostTotals) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{27}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CostTotals) GetRequests() int64 {
@@ -2643,7 +2782,7 @@ type ModelStats struct {
 
 func (x *ModelStats) Reset() {
 	*x = ModelStats{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[28]
+	mi := &file_routesvc_v1_router_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2655,7 +2794,7 @@ func (x *ModelStats) String() string {
 func (*ModelStats) ProtoMessage() {}
 
 func (x *ModelStats) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[28]
+	mi := &file_routesvc_v1_router_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2668,7 +2807,7 @@ func (x *ModelStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelStats.ProtoReflect.Descriptor instead.
 func (*ModelStats) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{28}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ModelStats) GetModel() string {
@@ -2719,7 +2858,7 @@ type TenantStats struct {
 
 func (x *TenantStats) Reset() {
 	*x = TenantStats{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[29]
+	mi := &file_routesvc_v1_router_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2731,7 +2870,7 @@ func (x *TenantStats) String() string {
 func (*TenantStats) ProtoMessage() {}
 
 func (x *TenantStats) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[29]
+	mi := &file_routesvc_v1_router_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2744,7 +2883,7 @@ func (x *TenantStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TenantStats.ProtoReflect.Descriptor instead.
 func (*TenantStats) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{29}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *TenantStats) GetTenant() string {
@@ -2776,7 +2915,7 @@ type LatencyPercentiles struct {
 
 func (x *LatencyPercentiles) Reset() {
 	*x = LatencyPercentiles{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[30]
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2788,7 +2927,7 @@ func (x *LatencyPercentiles) String() string {
 func (*LatencyPercentiles) ProtoMessage() {}
 
 func (x *LatencyPercentiles) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[30]
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2801,7 +2940,7 @@ func (x *LatencyPercentiles) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LatencyPercentiles.ProtoReflect.Descriptor instead.
 func (*LatencyPercentiles) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{30}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *LatencyPercentiles) GetP50() *durationpb.Duration {
@@ -2862,7 +3001,7 @@ type GetStatsResponse struct {
 
 func (x *GetStatsResponse) Reset() {
 	*x = GetStatsResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2874,7 +3013,7 @@ func (x *GetStatsResponse) String() string {
 func (*GetStatsResponse) ProtoMessage() {}
 
 func (x *GetStatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2887,7 +3026,7 @@ func (x *GetStatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatsResponse.ProtoReflect.Descriptor instead.
 func (*GetStatsResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{31}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GetStatsResponse) GetWindow() *durationpb.Duration {
@@ -3006,7 +3145,7 @@ type FeedbackRequest struct {
 
 func (x *FeedbackRequest) Reset() {
 	*x = FeedbackRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	mi := &file_routesvc_v1_router_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3018,7 +3157,7 @@ func (x *FeedbackRequest) String() string {
 func (*FeedbackRequest) ProtoMessage() {}
 
 func (x *FeedbackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	mi := &file_routesvc_v1_router_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3031,7 +3170,7 @@ func (x *FeedbackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeedbackRequest.ProtoReflect.Descriptor instead.
 func (*FeedbackRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{32}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FeedbackRequest) GetDecisionId() string {
@@ -3102,7 +3241,7 @@ type FeedbackResponse struct {
 
 func (x *FeedbackResponse) Reset() {
 	*x = FeedbackResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[33]
+	mi := &file_routesvc_v1_router_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3114,7 +3253,7 @@ func (x *FeedbackResponse) String() string {
 func (*FeedbackResponse) ProtoMessage() {}
 
 func (x *FeedbackResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[33]
+	mi := &file_routesvc_v1_router_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3127,7 +3266,7 @@ func (x *FeedbackResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeedbackResponse.ProtoReflect.Descriptor instead.
 func (*FeedbackResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{33}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *FeedbackResponse) GetDecisionId() string {
@@ -3177,15 +3316,23 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x04Tool\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x12'\n" +
-	"\x0fparameters_json\x18\x03 \x01(\tR\x0eparametersJson\"\xfa\x01\n" +
+	"\x0fparameters_json\x18\x03 \x01(\tR\x0eparametersJson\"Q\n" +
+	"\n" +
+	"ToolChoice\x12/\n" +
+	"\x04mode\x18\x01 \x01(\x0e2\x1b.routesvc.v1.ToolChoiceModeR\x04mode\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"\x81\x03\n" +
 	"\vChatRequest\x120\n" +
 	"\bmessages\x18\x01 \x03(\v2\x14.routesvc.v1.MessageR\bmessages\x12'\n" +
 	"\x05tools\x18\x02 \x03(\v2\x11.routesvc.v1.ToolR\x05tools\x12/\n" +
 	"\x11max_output_tokens\x18\x03 \x01(\x05H\x00R\x0fmaxOutputTokens\x88\x01\x01\x12%\n" +
 	"\vtemperature\x18\x04 \x01(\x01H\x01R\vtemperature\x88\x01\x01\x12\x12\n" +
-	"\x04stop\x18\x05 \x03(\tR\x04stopB\x14\n" +
+	"\x04stop\x18\x05 \x03(\tR\x04stop\x128\n" +
+	"\vtool_choice\x18\x06 \x01(\v2\x17.routesvc.v1.ToolChoiceR\n" +
+	"toolChoice\x123\n" +
+	"\x13parallel_tool_calls\x18\a \x01(\bH\x02R\x11parallelToolCalls\x88\x01\x01B\x14\n" +
 	"\x12_max_output_tokensB\x0e\n" +
-	"\f_temperature\"\xf7\x02\n" +
+	"\f_temperatureB\x16\n" +
+	"\x14_parallel_tool_calls\"\xf7\x02\n" +
 	"\x0eRoutingContext\x12\x16\n" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x1b\n" +
 	"\tuser_tier\x18\x02 \x01(\tR\buserTier\x12\x1b\n" +
@@ -3421,7 +3568,13 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x14FINISH_REASON_LENGTH\x10\x02\x12\x1c\n" +
 	"\x18FINISH_REASON_TOOL_CALLS\x10\x03\x12 \n" +
 	"\x1cFINISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n" +
-	"\x13FINISH_REASON_OTHER\x10\x05*\xc6\x01\n" +
+	"\x13FINISH_REASON_OTHER\x10\x05*\xa2\x01\n" +
+	"\x0eToolChoiceMode\x12 \n" +
+	"\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n" +
+	"\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_TOOL\x10\x04*\xc6\x01\n" +
 	"\x0eAttemptOutcome\x12\x1f\n" +
 	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19ATTEMPT_OUTCOME_COMPLETED\x10\x01\x12\x1d\n" +
@@ -3452,121 +3605,125 @@ func file_routesvc_v1_router_proto_rawDescGZIP() []byte {
 	return file_routesvc_v1_router_proto_rawDescData
 }
 
-var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
+var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_routesvc_v1_router_proto_goTypes = []any{
 	(BatchState)(0),               // 0: routesvc.v1.BatchState
 	(Role)(0),                     // 1: routesvc.v1.Role
 	(Mode)(0),                     // 2: routesvc.v1.Mode
 	(FinishReason)(0),             // 3: routesvc.v1.FinishReason
-	(AttemptOutcome)(0),           // 4: routesvc.v1.AttemptOutcome
-	(*Message)(nil),               // 5: routesvc.v1.Message
-	(*ToolCall)(nil),              // 6: routesvc.v1.ToolCall
-	(*Tool)(nil),                  // 7: routesvc.v1.Tool
-	(*ChatRequest)(nil),           // 8: routesvc.v1.ChatRequest
-	(*RoutingContext)(nil),        // 9: routesvc.v1.RoutingContext
-	(*RouteRequest)(nil),          // 10: routesvc.v1.RouteRequest
-	(*Candidate)(nil),             // 11: routesvc.v1.Candidate
-	(*RouteDecision)(nil),         // 12: routesvc.v1.RouteDecision
-	(*RouteResponse)(nil),         // 13: routesvc.v1.RouteResponse
-	(*CompleteRequest)(nil),       // 14: routesvc.v1.CompleteRequest
-	(*TextDelta)(nil),             // 15: routesvc.v1.TextDelta
-	(*Usage)(nil),                 // 16: routesvc.v1.Usage
-	(*Completion)(nil),            // 17: routesvc.v1.Completion
-	(*Attempt)(nil),               // 18: routesvc.v1.Attempt
-	(*QualityScore)(nil),          // 19: routesvc.v1.QualityScore
-	(*Escalation)(nil),            // 20: routesvc.v1.Escalation
-	(*BatchJob)(nil),              // 21: routesvc.v1.BatchJob
-	(*BatchResult)(nil),           // 22: routesvc.v1.BatchResult
-	(*GetBatchRequest)(nil),       // 23: routesvc.v1.GetBatchRequest
-	(*GetBatchResponse)(nil),      // 24: routesvc.v1.GetBatchResponse
-	(*CancelBatchRequest)(nil),    // 25: routesvc.v1.CancelBatchRequest
-	(*CancelBatchResponse)(nil),   // 26: routesvc.v1.CancelBatchResponse
-	(*CompleteResponse)(nil),      // 27: routesvc.v1.CompleteResponse
-	(*ListModelsRequest)(nil),     // 28: routesvc.v1.ListModelsRequest
-	(*ModelInfo)(nil),             // 29: routesvc.v1.ModelInfo
-	(*ListModelsResponse)(nil),    // 30: routesvc.v1.ListModelsResponse
-	(*GetStatsRequest)(nil),       // 31: routesvc.v1.GetStatsRequest
-	(*CostTotals)(nil),            // 32: routesvc.v1.CostTotals
-	(*ModelStats)(nil),            // 33: routesvc.v1.ModelStats
-	(*TenantStats)(nil),           // 34: routesvc.v1.TenantStats
-	(*LatencyPercentiles)(nil),    // 35: routesvc.v1.LatencyPercentiles
-	(*GetStatsResponse)(nil),      // 36: routesvc.v1.GetStatsResponse
-	(*FeedbackRequest)(nil),       // 37: routesvc.v1.FeedbackRequest
-	(*FeedbackResponse)(nil),      // 38: routesvc.v1.FeedbackResponse
-	nil,                           // 39: routesvc.v1.RoutingContext.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 40: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 41: google.protobuf.Duration
+	(ToolChoiceMode)(0),           // 4: routesvc.v1.ToolChoiceMode
+	(AttemptOutcome)(0),           // 5: routesvc.v1.AttemptOutcome
+	(*Message)(nil),               // 6: routesvc.v1.Message
+	(*ToolCall)(nil),              // 7: routesvc.v1.ToolCall
+	(*Tool)(nil),                  // 8: routesvc.v1.Tool
+	(*ToolChoice)(nil),            // 9: routesvc.v1.ToolChoice
+	(*ChatRequest)(nil),           // 10: routesvc.v1.ChatRequest
+	(*RoutingContext)(nil),        // 11: routesvc.v1.RoutingContext
+	(*RouteRequest)(nil),          // 12: routesvc.v1.RouteRequest
+	(*Candidate)(nil),             // 13: routesvc.v1.Candidate
+	(*RouteDecision)(nil),         // 14: routesvc.v1.RouteDecision
+	(*RouteResponse)(nil),         // 15: routesvc.v1.RouteResponse
+	(*CompleteRequest)(nil),       // 16: routesvc.v1.CompleteRequest
+	(*TextDelta)(nil),             // 17: routesvc.v1.TextDelta
+	(*Usage)(nil),                 // 18: routesvc.v1.Usage
+	(*Completion)(nil),            // 19: routesvc.v1.Completion
+	(*Attempt)(nil),               // 20: routesvc.v1.Attempt
+	(*QualityScore)(nil),          // 21: routesvc.v1.QualityScore
+	(*Escalation)(nil),            // 22: routesvc.v1.Escalation
+	(*BatchJob)(nil),              // 23: routesvc.v1.BatchJob
+	(*BatchResult)(nil),           // 24: routesvc.v1.BatchResult
+	(*GetBatchRequest)(nil),       // 25: routesvc.v1.GetBatchRequest
+	(*GetBatchResponse)(nil),      // 26: routesvc.v1.GetBatchResponse
+	(*CancelBatchRequest)(nil),    // 27: routesvc.v1.CancelBatchRequest
+	(*CancelBatchResponse)(nil),   // 28: routesvc.v1.CancelBatchResponse
+	(*CompleteResponse)(nil),      // 29: routesvc.v1.CompleteResponse
+	(*ListModelsRequest)(nil),     // 30: routesvc.v1.ListModelsRequest
+	(*ModelInfo)(nil),             // 31: routesvc.v1.ModelInfo
+	(*ListModelsResponse)(nil),    // 32: routesvc.v1.ListModelsResponse
+	(*GetStatsRequest)(nil),       // 33: routesvc.v1.GetStatsRequest
+	(*CostTotals)(nil),            // 34: routesvc.v1.CostTotals
+	(*ModelStats)(nil),            // 35: routesvc.v1.ModelStats
+	(*TenantStats)(nil),           // 36: routesvc.v1.TenantStats
+	(*LatencyPercentiles)(nil),    // 37: routesvc.v1.LatencyPercentiles
+	(*GetStatsResponse)(nil),      // 38: routesvc.v1.GetStatsResponse
+	(*FeedbackRequest)(nil),       // 39: routesvc.v1.FeedbackRequest
+	(*FeedbackResponse)(nil),      // 40: routesvc.v1.FeedbackResponse
+	nil,                           // 41: routesvc.v1.RoutingContext.MetadataEntry
+	(*timestamppb.Timestamp)(nil), // 42: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 43: google.protobuf.Duration
 }
 var file_routesvc_v1_router_proto_depIdxs = []int32{
 	1,  // 0: routesvc.v1.Message.role:type_name -> routesvc.v1.Role
-	6,  // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
-	5,  // 2: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
-	7,  // 3: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
-	39, // 4: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
-	8,  // 5: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	9,  // 6: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
-	2,  // 7: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
-	11, // 8: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
-	12, // 9: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	8,  // 10: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	9,  // 11: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
-	16, // 12: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
-	3,  // 13: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
-	18, // 14: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
-	16, // 15: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
-	19, // 16: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
-	6,  // 17: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
-	4,  // 18: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
-	16, // 19: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
-	19, // 20: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
-	16, // 21: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
-	0,  // 22: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
-	40, // 23: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
-	40, // 24: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
-	16, // 25: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
-	3,  // 26: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
-	6,  // 27: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
-	21, // 28: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	22, // 29: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
-	21, // 30: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	12, // 31: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	15, // 32: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
-	17, // 33: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
-	20, // 34: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
-	21, // 35: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
-	29, // 36: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
-	41, // 37: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
-	32, // 38: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
-	32, // 39: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
-	41, // 40: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
-	41, // 41: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
-	41, // 42: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
-	41, // 43: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
-	32, // 44: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
-	33, // 45: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
-	34, // 46: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
-	35, // 47: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
-	35, // 48: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
-	10, // 49: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
-	14, // 50: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
-	28, // 51: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
-	31, // 52: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
-	23, // 53: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
-	25, // 54: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
-	37, // 55: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
-	13, // 56: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
-	27, // 57: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
-	30, // 58: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
-	36, // 59: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
-	24, // 60: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
-	26, // 61: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
-	38, // 62: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
-	56, // [56:63] is the sub-list for method output_type
-	49, // [49:56] is the sub-list for method input_type
-	49, // [49:49] is the sub-list for extension type_name
-	49, // [49:49] is the sub-list for extension extendee
-	0,  // [0:49] is the sub-list for field type_name
+	7,  // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
+	4,  // 2: routesvc.v1.ToolChoice.mode:type_name -> routesvc.v1.ToolChoiceMode
+	6,  // 3: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
+	8,  // 4: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
+	9,  // 5: routesvc.v1.ChatRequest.tool_choice:type_name -> routesvc.v1.ToolChoice
+	41, // 6: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
+	10, // 7: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	11, // 8: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
+	2,  // 9: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
+	13, // 10: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
+	14, // 11: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	10, // 12: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	11, // 13: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
+	18, // 14: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
+	3,  // 15: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
+	20, // 16: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
+	18, // 17: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
+	21, // 18: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
+	7,  // 19: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
+	5,  // 20: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
+	18, // 21: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
+	21, // 22: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
+	18, // 23: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
+	0,  // 24: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
+	42, // 25: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
+	42, // 26: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
+	18, // 27: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
+	3,  // 28: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
+	7,  // 29: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
+	23, // 30: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	24, // 31: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
+	23, // 32: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	14, // 33: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	17, // 34: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
+	19, // 35: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
+	22, // 36: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
+	23, // 37: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
+	31, // 38: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
+	43, // 39: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
+	34, // 40: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
+	34, // 41: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
+	43, // 42: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
+	43, // 43: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
+	43, // 44: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
+	43, // 45: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
+	34, // 46: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
+	35, // 47: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
+	36, // 48: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
+	37, // 49: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
+	37, // 50: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
+	12, // 51: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
+	16, // 52: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
+	30, // 53: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
+	33, // 54: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
+	25, // 55: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
+	27, // 56: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
+	39, // 57: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
+	15, // 58: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
+	29, // 59: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
+	32, // 60: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
+	38, // 61: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
+	26, // 62: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
+	28, // 63: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
+	40, // 64: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
+	58, // [58:65] is the sub-list for method output_type
+	51, // [51:58] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_routesvc_v1_router_proto_init() }
@@ -3574,18 +3731,18 @@ func file_routesvc_v1_router_proto_init() {
 	if File_routesvc_v1_router_proto != nil {
 		return
 	}
-	file_routesvc_v1_router_proto_msgTypes[3].OneofWrappers = []any{}
 	file_routesvc_v1_router_proto_msgTypes[4].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[22].OneofWrappers = []any{
+	file_routesvc_v1_router_proto_msgTypes[5].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[23].OneofWrappers = []any{
 		(*CompleteResponse_Decision)(nil),
 		(*CompleteResponse_Delta)(nil),
 		(*CompleteResponse_Completion)(nil),
 		(*CompleteResponse_Escalation)(nil),
 		(*CompleteResponse_Batch)(nil),
 	}
-	file_routesvc_v1_router_proto_msgTypes[28].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[31].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[32].OneofWrappers = []any{
+	file_routesvc_v1_router_proto_msgTypes[29].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[32].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[33].OneofWrappers = []any{
 		(*FeedbackRequest_Score)(nil),
 		(*FeedbackRequest_ThumbsUp)(nil),
 	}
@@ -3594,8 +3751,8 @@ func file_routesvc_v1_router_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_routesvc_v1_router_proto_rawDesc), len(file_routesvc_v1_router_proto_rawDesc)),
-			NumEnums:      5,
-			NumMessages:   35,
+			NumEnums:      6,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

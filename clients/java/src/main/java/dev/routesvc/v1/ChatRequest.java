@@ -296,6 +296,78 @@ private static final long serialVersionUID = 0L;
     return stop_.getByteString(index);
   }
 
+  public static final int TOOL_CHOICE_FIELD_NUMBER = 6;
+  private dev.routesvc.v1.ToolChoice toolChoice_;
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   * @return Whether the toolChoice field is set.
+   */
+  @java.lang.Override
+  public boolean hasToolChoice() {
+    return ((bitField0_ & 0x00000004) != 0);
+  }
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   * @return The toolChoice.
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ToolChoice getToolChoice() {
+    return toolChoice_ == null ? dev.routesvc.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+  }
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ToolChoiceOrBuilder getToolChoiceOrBuilder() {
+    return toolChoice_ == null ? dev.routesvc.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+  }
+
+  public static final int PARALLEL_TOOL_CALLS_FIELD_NUMBER = 7;
+  private boolean parallelToolCalls_ = false;
+  /**
+   * <pre>
+   * Whether the model may make several tool calls in one turn; unset is the provider's
+   * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+   * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+   * </pre>
+   *
+   * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+   * @return Whether the parallelToolCalls field is set.
+   */
+  @java.lang.Override
+  public boolean hasParallelToolCalls() {
+    return ((bitField0_ & 0x00000008) != 0);
+  }
+  /**
+   * <pre>
+   * Whether the model may make several tool calls in one turn; unset is the provider's
+   * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+   * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+   * </pre>
+   *
+   * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+   * @return The parallelToolCalls.
+   */
+  @java.lang.Override
+  public boolean getParallelToolCalls() {
+    return parallelToolCalls_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -324,6 +396,12 @@ private static final long serialVersionUID = 0L;
     }
     for (int i = 0; i < stop_.size(); i++) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 5, stop_.getRaw(i));
+    }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      output.writeMessage(6, getToolChoice());
+    }
+    if (((bitField0_ & 0x00000008) != 0)) {
+      output.writeBool(7, parallelToolCalls_);
     }
     getUnknownFields().writeTo(output);
   }
@@ -358,6 +436,14 @@ private static final long serialVersionUID = 0L;
       size += dataSize;
       size += 1 * getStopList().size();
     }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(6, getToolChoice());
+    }
+    if (((bitField0_ & 0x00000008) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeBoolSize(7, parallelToolCalls_);
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -390,6 +476,16 @@ private static final long serialVersionUID = 0L;
     }
     if (!getStopList()
         .equals(other.getStopList())) return false;
+    if (hasToolChoice() != other.hasToolChoice()) return false;
+    if (hasToolChoice()) {
+      if (!getToolChoice()
+          .equals(other.getToolChoice())) return false;
+    }
+    if (hasParallelToolCalls() != other.hasParallelToolCalls()) return false;
+    if (hasParallelToolCalls()) {
+      if (getParallelToolCalls()
+          != other.getParallelToolCalls()) return false;
+    }
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -421,6 +517,15 @@ private static final long serialVersionUID = 0L;
     if (getStopCount() > 0) {
       hash = (37 * hash) + STOP_FIELD_NUMBER;
       hash = (53 * hash) + getStopList().hashCode();
+    }
+    if (hasToolChoice()) {
+      hash = (37 * hash) + TOOL_CHOICE_FIELD_NUMBER;
+      hash = (53 * hash) + getToolChoice().hashCode();
+    }
+    if (hasParallelToolCalls()) {
+      hash = (37 * hash) + PARALLEL_TOOL_CALLS_FIELD_NUMBER;
+      hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
+          getParallelToolCalls());
     }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
@@ -545,13 +650,21 @@ private static final long serialVersionUID = 0L;
 
     // Construct using dev.routesvc.v1.ChatRequest.newBuilder()
     private Builder() {
-
+      maybeForceBuilderInitialization();
     }
 
     private Builder(
         com.google.protobuf.GeneratedMessageV3.BuilderParent parent) {
       super(parent);
-
+      maybeForceBuilderInitialization();
+    }
+    private void maybeForceBuilderInitialization() {
+      if (com.google.protobuf.GeneratedMessageV3
+              .alwaysUseFieldBuilders) {
+        getMessagesFieldBuilder();
+        getToolsFieldBuilder();
+        getToolChoiceFieldBuilder();
+      }
     }
     @java.lang.Override
     public Builder clear() {
@@ -575,6 +688,12 @@ private static final long serialVersionUID = 0L;
       temperature_ = 0D;
       stop_ =
           com.google.protobuf.LazyStringArrayList.emptyList();
+      toolChoice_ = null;
+      if (toolChoiceBuilder_ != null) {
+        toolChoiceBuilder_.dispose();
+        toolChoiceBuilder_ = null;
+      }
+      parallelToolCalls_ = false;
       return this;
     }
 
@@ -642,6 +761,16 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000010) != 0)) {
         stop_.makeImmutable();
         result.stop_ = stop_;
+      }
+      if (((from_bitField0_ & 0x00000020) != 0)) {
+        result.toolChoice_ = toolChoiceBuilder_ == null
+            ? toolChoice_
+            : toolChoiceBuilder_.build();
+        to_bitField0_ |= 0x00000004;
+      }
+      if (((from_bitField0_ & 0x00000040) != 0)) {
+        result.parallelToolCalls_ = parallelToolCalls_;
+        to_bitField0_ |= 0x00000008;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -758,6 +887,12 @@ private static final long serialVersionUID = 0L;
         }
         onChanged();
       }
+      if (other.hasToolChoice()) {
+        mergeToolChoice(other.getToolChoice());
+      }
+      if (other.hasParallelToolCalls()) {
+        setParallelToolCalls(other.getParallelToolCalls());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -826,6 +961,18 @@ private static final long serialVersionUID = 0L;
               stop_.add(s);
               break;
             } // case 42
+            case 50: {
+              input.readMessage(
+                  getToolChoiceFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00000020;
+              break;
+            } // case 50
+            case 56: {
+              parallelToolCalls_ = input.readBool();
+              bitField0_ |= 0x00000040;
+              break;
+            } // case 56
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1771,6 +1918,236 @@ private static final long serialVersionUID = 0L;
       ensureStopIsMutable();
       stop_.add(value);
       bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+
+    private dev.routesvc.v1.ToolChoice toolChoice_;
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.ToolChoice, dev.routesvc.v1.ToolChoice.Builder, dev.routesvc.v1.ToolChoiceOrBuilder> toolChoiceBuilder_;
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     * @return Whether the toolChoice field is set.
+     */
+    public boolean hasToolChoice() {
+      return ((bitField0_ & 0x00000020) != 0);
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     * @return The toolChoice.
+     */
+    public dev.routesvc.v1.ToolChoice getToolChoice() {
+      if (toolChoiceBuilder_ == null) {
+        return toolChoice_ == null ? dev.routesvc.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+      } else {
+        return toolChoiceBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public Builder setToolChoice(dev.routesvc.v1.ToolChoice value) {
+      if (toolChoiceBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        toolChoice_ = value;
+      } else {
+        toolChoiceBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public Builder setToolChoice(
+        dev.routesvc.v1.ToolChoice.Builder builderForValue) {
+      if (toolChoiceBuilder_ == null) {
+        toolChoice_ = builderForValue.build();
+      } else {
+        toolChoiceBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public Builder mergeToolChoice(dev.routesvc.v1.ToolChoice value) {
+      if (toolChoiceBuilder_ == null) {
+        if (((bitField0_ & 0x00000020) != 0) &&
+          toolChoice_ != null &&
+          toolChoice_ != dev.routesvc.v1.ToolChoice.getDefaultInstance()) {
+          getToolChoiceBuilder().mergeFrom(value);
+        } else {
+          toolChoice_ = value;
+        }
+      } else {
+        toolChoiceBuilder_.mergeFrom(value);
+      }
+      if (toolChoice_ != null) {
+        bitField0_ |= 0x00000020;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public Builder clearToolChoice() {
+      bitField0_ = (bitField0_ & ~0x00000020);
+      toolChoice_ = null;
+      if (toolChoiceBuilder_ != null) {
+        toolChoiceBuilder_.dispose();
+        toolChoiceBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public dev.routesvc.v1.ToolChoice.Builder getToolChoiceBuilder() {
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return getToolChoiceFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public dev.routesvc.v1.ToolChoiceOrBuilder getToolChoiceOrBuilder() {
+      if (toolChoiceBuilder_ != null) {
+        return toolChoiceBuilder_.getMessageOrBuilder();
+      } else {
+        return toolChoice_ == null ?
+            dev.routesvc.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+      }
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.ToolChoice, dev.routesvc.v1.ToolChoice.Builder, dev.routesvc.v1.ToolChoiceOrBuilder> 
+        getToolChoiceFieldBuilder() {
+      if (toolChoiceBuilder_ == null) {
+        toolChoiceBuilder_ = new com.google.protobuf.SingleFieldBuilderV3<
+            dev.routesvc.v1.ToolChoice, dev.routesvc.v1.ToolChoice.Builder, dev.routesvc.v1.ToolChoiceOrBuilder>(
+                getToolChoice(),
+                getParentForChildren(),
+                isClean());
+        toolChoice_ = null;
+      }
+      return toolChoiceBuilder_;
+    }
+
+    private boolean parallelToolCalls_ ;
+    /**
+     * <pre>
+     * Whether the model may make several tool calls in one turn; unset is the provider's
+     * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+     * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+     * </pre>
+     *
+     * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+     * @return Whether the parallelToolCalls field is set.
+     */
+    @java.lang.Override
+    public boolean hasParallelToolCalls() {
+      return ((bitField0_ & 0x00000040) != 0);
+    }
+    /**
+     * <pre>
+     * Whether the model may make several tool calls in one turn; unset is the provider's
+     * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+     * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+     * </pre>
+     *
+     * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+     * @return The parallelToolCalls.
+     */
+    @java.lang.Override
+    public boolean getParallelToolCalls() {
+      return parallelToolCalls_;
+    }
+    /**
+     * <pre>
+     * Whether the model may make several tool calls in one turn; unset is the provider's
+     * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+     * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+     * </pre>
+     *
+     * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+     * @param value The parallelToolCalls to set.
+     * @return This builder for chaining.
+     */
+    public Builder setParallelToolCalls(boolean value) {
+
+      parallelToolCalls_ = value;
+      bitField0_ |= 0x00000040;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether the model may make several tool calls in one turn; unset is the provider's
+     * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+     * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+     * </pre>
+     *
+     * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearParallelToolCalls() {
+      bitField0_ = (bitField0_ & ~0x00000040);
+      parallelToolCalls_ = false;
       onChanged();
       return this;
     }

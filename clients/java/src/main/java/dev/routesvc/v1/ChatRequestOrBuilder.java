@@ -193,4 +193,57 @@ public interface ChatRequestOrBuilder extends
    */
   com.google.protobuf.ByteString
       getStopBytes(int index);
+
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   * @return Whether the toolChoice field is set.
+   */
+  boolean hasToolChoice();
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   * @return The toolChoice.
+   */
+  dev.routesvc.v1.ToolChoice getToolChoice();
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   */
+  dev.routesvc.v1.ToolChoiceOrBuilder getToolChoiceOrBuilder();
+
+  /**
+   * <pre>
+   * Whether the model may make several tool calls in one turn; unset is the provider's
+   * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+   * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+   * </pre>
+   *
+   * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+   * @return Whether the parallelToolCalls field is set.
+   */
+  boolean hasParallelToolCalls();
+  /**
+   * <pre>
+   * Whether the model may make several tool calls in one turn; unset is the provider's
+   * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+   * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+   * </pre>
+   *
+   * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+   * @return The parallelToolCalls.
+   */
+  boolean getParallelToolCalls();
 }
