@@ -66,6 +66,7 @@ def build_chat(
     stop: Sequence[str] = (),
     tool_choice: pb.ToolChoice | None = None,
     parallel_tool_calls: bool | None = None,
+    response_format: pb.ResponseFormat | None = None,
 ) -> pb.ChatRequest:
     """A ``ChatRequest`` from ``(role, content)`` pairs (role "system", "user" or "assistant") and
     ``pb.Message``s as they are (the turns of a tool-use loop: see ``tool_turns``)."""
@@ -77,6 +78,7 @@ def build_chat(
         tools=list(tools),
         stop=list(stop),
         tool_choice=tool_choice,
+        response_format=response_format,
     )
     if parallel_tool_calls is not None:
         chat.parallel_tool_calls = parallel_tool_calls

@@ -86,6 +86,23 @@ class ToolChoice:
     name: str = ""
 
 
+class ResponseFormatType(enum.Enum):
+    """The form a JSON answer must take (text needs no ``ResponseFormat``)."""
+
+    JSON_OBJECT = "json_object"  # any JSON object (OpenAI's JSON mode)
+    JSON_SCHEMA = "json_schema"  # a JSON object matching ``ResponseFormat.schema``
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """The form a JSON answer must take; ``name``, ``schema`` and ``strict`` only with ``JSON_SCHEMA``."""
+
+    type: ResponseFormatType
+    name: str = ""
+    schema: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    strict: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     """What would be sent to a model."""
@@ -98,6 +115,8 @@ class ChatRequest:
     # None: the provider's default (the model decides; it may make several calls in a turn).
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # None: text.
+    response_format: ResponseFormat | None = None
 
     @property
     def uses_tools(self) -> bool:

@@ -203,6 +203,8 @@ class Router:
                 why = f"max output tokens {model.max_output_tokens} < {output_tokens} requested"
             elif uses_tools and not model.supports("tools"):
                 why = "does not support tools" if request.chat.tools else "does not support the tool turns sent"
+            elif request.chat.response_format is not None and not model.supports("json"):
+                why = "does not support JSON output"
             elif refused := refusal(provider.kind, request.chat):
                 why = refused
             elif allowed is not None and model.id not in allowed:
@@ -815,6 +817,7 @@ class Router:
             stop=request.chat.stop,
             tool_choice=request.chat.tool_choice,
             parallel_tool_calls=request.chat.parallel_tool_calls,
+            response_format=request.chat.response_format,
             timeout=remaining,
             headers=MappingProxyType(dict(headers or {})),
         )

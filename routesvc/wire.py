@@ -32,6 +32,8 @@ from routesvc.models import (
     Message,
     Mode,
     QualityScore,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
     RouteDecision,
     RoutingContext,
@@ -83,6 +85,8 @@ _BATCH_STATES = {
     BatchState.CANCELLED: pb.BATCH_STATE_CANCELLED,
 }
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# OpenAI's rule for a JSON schema's name, which is the tools' rule.
+_SCHEMA_NAME = _TOOL_NAME
 _MAX_METADATA_CHARS = 1024
 # A tool's JSON Schema nests a few levels; the SDKs' encoders recurse, so a deeper one would fail
 # upstream (or here: Python's parser recurses too) instead of being refused with its field's name.
@@ -221,6 +225,37 @@ def _tool_choice(chat: pb.ChatRequest, offered: set[str]) -> ToolChoice | None:
     return ToolChoice(mode, message.name)
 
 
+def _response_format(chat: pb.ChatRequest) -> ResponseFormat | None:
+    """The JSON form the answer must take; None for text (unset or RESPONSE_FORMAT_TYPE_TEXT)."""
+    if not chat.HasField("response_format"):
+        return None
+    message = chat.response_format
+    field = "chat.response_format"
+    if message.type not in (
+        pb.RESPONSE_FORMAT_TYPE_UNSPECIFIED,
+        pb.RESPONSE_FORMAT_TYPE_TEXT,
+        pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+        pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+    ):
+        raise InvalidRequest(
+            f"{field}.type",
+            "must be RESPONSE_FORMAT_TYPE_TEXT, RESPONSE_FORMAT_TYPE_JSON_OBJECT or RESPONSE_FORMAT_TYPE_JSON_SCHEMA",
+        )
+    if message.type != pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+        for name in ("name", "schema_json", "strict"):
+            if getattr(message, name):
+                raise InvalidRequest(f"{field}.{name}", "is allowed only with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
+        if message.type == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
+            return ResponseFormat(ResponseFormatType.JSON_OBJECT)
+        return None
+    if not _SCHEMA_NAME.match(message.name):
+        raise InvalidRequest(f"{field}.name", "must be 1-64 characters of letters, digits, '_' or '-'")
+    if not message.schema_json:
+        raise InvalidRequest(f"{field}.schema_json", "is required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
+    schema = _json_object(f"{field}.schema_json", message.schema_json)
+    return ResponseFormat(ResponseFormatType.JSON_SCHEMA, message.name, MappingProxyType(schema), message.strict)
+
+
 def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
     if not chat.messages:
         raise InvalidRequest("chat.messages", "must contain at least one message")
@@ -284,6 +319,7 @@ def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
         _stop(chat, limits),
         _tool_choice(chat, names),
         parallel_tool_calls,
+        _response_format(chat),
     )
 
 

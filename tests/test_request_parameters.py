@@ -3,12 +3,15 @@ bodies the real SDKs sent to the fake), and a request a provider would refuse is
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from routesvc.client import RouterClient, build_chat
+from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import user_chat
+from tests.conftest import default_config, live_environ, settings_from, user_chat
 
 # Each adapter: the pinned model, and what it calls the stop sequences in its body.
 ADAPTERS = [("gpt-4o-mini", "stop"), ("claude-sonnet", "stop_sequences")]
@@ -140,3 +143,76 @@ class TestToolChoice:
         openai = fake.requests[-1].body
         assert (anthropic["tool_choice"], [t["name"] for t in anthropic["tools"]]) == ({"type": "none"}, ["clock"])
         assert ("tool_choice" in openai, "tools" in openai) == (False, False)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "celsius": {"type": "number"}},
+    "required": ["city", "celsius"],
+    "additionalProperties": False,
+}
+JSON_OBJECT = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
+JSON_SCHEMA = pb.ResponseFormat(
+    type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="weather", schema_json=json.dumps(SCHEMA), strict=True
+)
+
+
+def _without_json(model_id: str) -> dict[str, object]:
+    """The default config, with ``model_id`` lacking the ``json`` capability."""
+    config = default_config()
+    for model in config["models"]:  # type: ignore[attr-defined]
+        if model["id"] == model_id:
+            model["capabilities"] = [c for c in model["capabilities"] if c != "json"]
+    return config
+
+
+class TestResponseFormat:
+    async def test_json_object_reaches_openai_as_json_mode(self, live_client: RouterClient, fake: FakeProvider) -> None:
+        """RESPONSE_FORMAT_TYPE_JSON_OBJECT is OpenAI's ``response_format: {"type": "json_object"}``."""
+        await _complete(live_client, user_chat("Weather in Paris as JSON", response_format=JSON_OBJECT), "gpt-4o-mini")
+        assert fake.requests[-1].body["response_format"] == {"type": "json_object"}
+
+    async def test_json_schema_reaches_openai_with_its_name_and_strictness(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A JSON schema is OpenAI's ``json_schema`` response format, with name, schema and strict."""
+        await _complete(live_client, user_chat("Weather in Paris", response_format=JSON_SCHEMA), "gpt-4o-mini")
+        assert fake.requests[-1].body["response_format"] == {
+            "type": "json_schema",
+            "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True},
+        }
+
+    async def test_json_schema_reaches_anthropic_as_structured_output(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A JSON schema is Anthropic's ``output_config.format`` (no name, no strictness: it always
+        adheres), without a beta header."""
+        await _complete(live_client, user_chat("Weather in Paris", response_format=JSON_SCHEMA), "claude-sonnet")
+        request = fake.requests[-1]
+        assert request.body["output_config"] == {"format": {"type": "json_schema", "schema": SCHEMA}}
+        assert ("response_format" in request.body, "anthropic-beta" in request.headers) == (False, False)
+
+    @pytest.mark.parametrize("response_format", [JSON_OBJECT, JSON_SCHEMA], ids=["json_object", "json_schema"])
+    async def test_a_json_request_is_not_routed_to_a_model_without_json(
+        self, fake: FakeProvider, response_format: pb.ResponseFormat
+    ) -> None:
+        """Without the ``json`` capability gpt-4o-mini, the default model, serves no JSON request:
+        its candidate says why, and the answer comes from a model that has it."""
+        settings = settings_from(_without_json("gpt-4o-mini"), live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            text = await client.route(user_chat("Say hello"))
+            messages = [m async for m in client.complete(user_chat("Say hello", response_format=response_format))]
+        decision = messages[0].decision
+        assert (text.model, decision.model, messages[-1].completion.model) == ("gpt-4o-mini", "gpt-4o", "gpt-4o")
+        assert _excluded(decision)["gpt-4o-mini"] == "does not support JSON output"
+
+    async def test_json_object_is_not_routed_to_anthropic_but_a_schema_is(self, client: RouterClient) -> None:
+        """Anthropic has no JSON mode without a schema: creative writing, which goes to
+        claude-sonnet, goes elsewhere with JSON_OBJECT, and stays with JSON_SCHEMA."""
+        context = pb.RoutingContext(task_hint="creative_writing")
+        json_object = await client.route(user_chat("A poem as JSON", response_format=JSON_OBJECT), context)
+        json_schema = await client.route(user_chat("A poem as JSON", response_format=JSON_SCHEMA), context)
+        assert (json_object.model, json_schema.model) == ("gpt-4o-mini", "claude-sonnet")
+        excluded = _excluded(json_object)
+        assert list(excluded) == ["claude-sonnet"]
+        assert excluded["claude-sonnet"].startswith("provider kind anthropic has no JSON object mode")

@@ -106,6 +106,59 @@ BAD_TOOL_TURNS: list[tuple[str, tuple[pb.Message, ...], str]] = [
     ),
 ]
 
+JSON_SCHEMA = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+# (case, the response format, the field named)
+BAD_RESPONSE_FORMATS: list[tuple[str, pb.ResponseFormat, str]] = [
+    ("unknown type", pb.ResponseFormat(type=9), "chat.response_format.type"),  # type: ignore[arg-type]
+    (
+        "a name with JSON_OBJECT",
+        pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT, name="answer"),
+        "chat.response_format.name",
+    ),
+    (
+        "a schema with TEXT",
+        pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_TEXT, schema_json=f'{{"title": "{CANARY}"}}'),
+        "chat.response_format.schema_json",
+    ),
+    ("a schema with no type", pb.ResponseFormat(schema_json='{"type": "object"}'), "chat.response_format.schema_json"),
+    (
+        "strict with JSON_OBJECT",
+        pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT, strict=True),
+        "chat.response_format.strict",
+    ),
+    ("a schema without a name", pb.ResponseFormat(type=JSON_SCHEMA, schema_json="{}"), "chat.response_format.name"),
+    (
+        "a bad schema name",
+        pb.ResponseFormat(type=JSON_SCHEMA, name=f"{CANARY} !", schema_json="{}"),
+        "chat.response_format.name",
+    ),
+    (
+        "a name 65 long",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="a" * 65, schema_json="{}"),
+        "chat.response_format.name",
+    ),
+    (
+        "JSON_SCHEMA without a schema",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="answer"),
+        "chat.response_format.schema_json",
+    ),
+    (
+        "a schema that is not an object",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="answer", schema_json=f'["{CANARY}"]'),
+        "chat.response_format.schema_json",
+    ),
+    (
+        "a schema that is not JSON",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="answer", schema_json=f"{{{CANARY}"),
+        "chat.response_format.schema_json",
+    ),
+    (
+        "a schema with a lone surrogate",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="answer", schema_json='{"description": "\\ud800"}'),
+        "chat.response_format.schema_json",
+    ),
+]
+
 USER = pb.ROLE_USER
 BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
     ("no messages", pb.ChatRequest(), pb.RoutingContext(), "chat.messages"),
@@ -227,6 +280,10 @@ BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
         pb.RoutingContext(),
         "chat.parallel_tool_calls",
     ),
+    *[
+        (f"response format: {name}", _chat((USER, CANARY), response_format=response_format), pb.RoutingContext(), field)
+        for name, response_format, field in BAD_RESPONSE_FORMATS
+    ],
     *[(f"tool turns: {name}", _turns(*turns), pb.RoutingContext(), field) for name, turns, field in BAD_TOOL_TURNS],
     ("max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd=CANARY), "context.max_cost_usd"),
     ("negative max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="-1"), "context.max_cost_usd"),

@@ -218,6 +218,7 @@ class BatchQueue:
             stop=chat.stop,
             tool_choice=chat.tool_choice,
             parallel_tool_calls=chat.parallel_tool_calls,
+            response_format=chat.response_format,
         )
         store = self._opened()
         adding = self._keep(store.add(job, encode_request(stored), held_by=self._owner, hold_seconds=CLAIM_SECONDS))
@@ -431,6 +432,7 @@ class BatchQueue:
                     stop=request.stop,
                     tool_choice=request.tool_choice,
                     parallel_tool_calls=request.parallel_tool_calls,
+                    response_format=request.response_format,
                 )
             )
         try:

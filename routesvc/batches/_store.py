@@ -37,6 +37,8 @@ from routesvc.models import (
     BatchStatus,
     FinishReason,
     Message,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
     ToolCall,
     ToolChoice,
@@ -109,6 +111,7 @@ class QueuedRequest:
     stop: tuple[str, ...] = ()
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 def encode_request(request: QueuedRequest) -> str:
@@ -124,13 +127,14 @@ def encode_request(request: QueuedRequest) -> str:
             "stop": list(request.stop),
             "tool_choice": _encode_tool_choice(request.tool_choice),
             "parallel_tool_calls": request.parallel_tool_calls,
+            "response_format": _encode_response_format(request.response_format),
         }
     )
 
 
 def decode_request(text: str) -> QueuedRequest:
-    """The request ``encode_request`` stored; rows stored before tools (or stop sequences, or a tool
-    choice) were kept have none."""
+    """The request ``encode_request`` stored; rows stored before tools (or stop sequences, a tool
+    choice, a response format) were kept have none."""
     data = json.loads(text)
     return QueuedRequest(
         messages=tuple(
@@ -146,11 +150,30 @@ def decode_request(text: str) -> QueuedRequest:
         stop=tuple(data.get("stop", ())),
         tool_choice=_decode_tool_choice(data.get("tool_choice")),
         parallel_tool_calls=data.get("parallel_tool_calls"),
+        response_format=_decode_response_format(data.get("response_format")),
     )
 
 
 def _encode_tool_choice(choice: ToolChoice | None) -> dict[str, str] | None:
     return None if choice is None else {"mode": choice.mode.value, "name": choice.name}
+
+
+def _encode_response_format(response_format: ResponseFormat | None) -> dict[str, Any] | None:
+    if response_format is None:
+        return None
+    return {
+        "type": response_format.type.value,
+        "name": response_format.name,
+        "schema": dict(response_format.schema),
+        "strict": response_format.strict,
+    }
+
+
+def _decode_response_format(data: dict[str, Any] | None) -> ResponseFormat | None:
+    if data is None:
+        return None
+    schema = MappingProxyType(dict(data.get("schema") or {}))
+    return ResponseFormat(ResponseFormatType(data["type"]), data.get("name", ""), schema, bool(data.get("strict")))
 
 
 def _decode_tool_choice(data: dict[str, str] | None) -> ToolChoice | None:

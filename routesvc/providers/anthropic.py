@@ -26,7 +26,8 @@ all three as input, cache reads as ``cached_input_tokens`` and cache writes as
 adapts what Anthropic refuses but the other providers take: a ``temperature`` above 1 (Anthropic's
 range is 0-1) is sent as 1; a final assistant turn (a prefill) is sent without trailing
 whitespace; a history with tool calls in a request that offers no tools declares the called tools
-(an object schema, ``tool_choice`` none), since Anthropic refuses ``tool_use`` blocks otherwise.
+(an object schema, ``tool_choice`` none), since Anthropic refuses ``tool_use`` blocks otherwise; a
+JSON schema response format is ``output_config.format`` (structured outputs).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ from routesvc.models import (
     Message,
     ProviderEvent,
     ProviderFinish,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
     TextDelta,
     ToolChoice,
@@ -195,6 +198,7 @@ def request_params(
     stop: tuple[str, ...] = (),
     tool_choice: ToolChoice | None = None,
     parallel_tool_calls: bool | None = None,
+    response_format: ResponseFormat | None = None,
 ) -> dict[str, object]:
     """The Messages API parameters of one request, streamed or in a batch, as ``messages.create``
     would send them (see the module docstring for what is adapted)."""
@@ -224,6 +228,11 @@ def request_params(
         params["temperature"] = min(temperature, MAX_TEMPERATURE)
     if stop:
         params["stop_sequences"] = list(stop)
+    if response_format is not None and response_format.type is ResponseFormatType.JSON_SCHEMA:
+        # Structured outputs (GA, no beta header): the answer's text is JSON matching the schema,
+        # always strictly. There is no name, and no JSON mode without a schema: routing never
+        # sends a JSON_OBJECT request here (``providers.base.refusal``).
+        params["output_config"] = {"format": {"type": "json_schema", "schema": dict(response_format.schema)}}
     return params
 
 
@@ -240,6 +249,7 @@ def _body(provider: str, call: ProviderCall) -> dict[str, object]:
         stop=call.stop,
         tool_choice=call.tool_choice,
         parallel_tool_calls=call.parallel_tool_calls,
+        response_format=call.response_format,
     )
     return {**params, "stream": True}
 
@@ -449,7 +459,9 @@ class AnthropicProvider:
         request, tools included), and the estimate logged."""
         if tally.input_tokens is None or tally.output_tokens is None:
             log.warning("provider_usage_estimated", provider=self._name, model=call.model)
-            input_tokens = estimate_input_tokens(ChatRequest(messages=call.messages, tools=call.tools))
+            input_tokens = estimate_input_tokens(
+                ChatRequest(messages=call.messages, tools=call.tools, response_format=call.response_format)
+            )
             output_tokens = count_text_tokens("".join(tally.output))
             estimate = Usage(
                 input_tokens=input_tokens if tally.input_tokens is None else tally.input_tokens,

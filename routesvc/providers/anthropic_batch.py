@@ -75,6 +75,7 @@ class AnthropicBatches:
                 stop=item.stop,
                 tool_choice=item.tool_choice,
                 parallel_tool_calls=item.parallel_tool_calls,
+                response_format=item.response_format,
             )
             requests.append({"custom_id": item.custom_id, "params": params})
         batch = await self._guard("create", self._client.messages.batches.create(requests=requests))

@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, Protocol
 
-from routesvc.models import ChatRequest, Message, ProviderEvent, ToolChoice, ToolSpec
+from routesvc.models import (
+    ChatRequest,
+    Message,
+    ProviderEvent,
+    ResponseFormat,
+    ResponseFormatType,
+    ToolChoice,
+    ToolSpec,
+)
 
 # The HTTP transport under an SDK client: the SDKs' aiohttp one (``DefaultAioHttpClient``, wrapped
 # by ``_aiohttp.keeping_buffered`` so a cut loses nothing; routesvc's default) or their own default,
@@ -22,6 +30,9 @@ def refusal(kind: str, chat: ChatRequest) -> str:
     instead of failing upstream (and counting against that model's breaker)."""
     if kind == "anthropic" and any(not sequence.strip() for sequence in chat.stop):
         return "provider kind anthropic refuses a stop sequence of whitespace only"
+    json_object = chat.response_format is not None and chat.response_format.type is ResponseFormatType.JSON_OBJECT
+    if kind == "anthropic" and json_object:
+        return "provider kind anthropic has no JSON object mode (it takes RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
     return ""
 
 
@@ -43,6 +54,7 @@ class ProviderCall:
     stop: tuple[str, ...] = ()
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     timeout: float | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 

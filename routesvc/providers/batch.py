@@ -9,7 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from routesvc.models import BatchState, FinishReason, Message, ToolCall, ToolChoice, ToolSpec, Usage
+from routesvc.models import (
+    BatchState,
+    FinishReason,
+    Message,
+    ResponseFormat,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+    Usage,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +35,7 @@ class BatchItem:
     stop: tuple[str, ...] = ()
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,8 @@ from routesvc.models import (
     Message,
     ProviderEvent,
     ProviderFinish,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
     TextDelta,
     ToolChoice,
@@ -145,6 +147,14 @@ def _tool_choice(choice: ToolChoice) -> object:
     return choice.mode.value  # "auto", "none", "required"
 
 
+def _response_format(response_format: ResponseFormat) -> dict[str, object]:
+    """``response_format`` as the chat completions API takes it."""
+    if response_format.type is ResponseFormatType.JSON_OBJECT:
+        return {"type": "json_object"}
+    schema = {"name": response_format.name, "schema": dict(response_format.schema), "strict": response_format.strict}
+    return {"type": "json_schema", "json_schema": schema}
+
+
 def chat_params(
     *,
     tools: tuple[ToolSpec, ...],
@@ -152,6 +162,7 @@ def chat_params(
     stop: tuple[str, ...],
     tool_choice: ToolChoice | None,
     parallel_tool_calls: bool | None,
+    response_format: ResponseFormat | None,
 ) -> dict[str, object]:
     """The optional parameters of one chat completions request, streamed or in a batch: only those
     the request sets. ``tool_choice`` and ``parallel_tool_calls`` go only with tools, as OpenAI
@@ -168,6 +179,8 @@ def chat_params(
         params["temperature"] = temperature
     if stop:
         params["stop"] = list(stop)
+    if response_format is not None:
+        params["response_format"] = _response_format(response_format)
     return params
 
 
@@ -272,6 +285,7 @@ class OpenAIProvider:
             stop=call.stop,
             tool_choice=call.tool_choice,
             parallel_tool_calls=call.parallel_tool_calls,
+            response_format=call.response_format,
         )
         body["max_completion_tokens" if self._kind == "openai" else "max_tokens"] = call.max_output_tokens
         return body
@@ -347,7 +361,9 @@ class OpenAIProvider:
         if estimated:
             log.warning("provider_usage_estimated", provider=self._name, model=call.model, kind=self._kind)
         if input_tokens is None:
-            input_tokens = estimate_input_tokens(ChatRequest(messages=call.messages, tools=call.tools))
+            input_tokens = estimate_input_tokens(
+                ChatRequest(messages=call.messages, tools=call.tools, response_format=call.response_format)
+            )
         if output_tokens is None:
             output_tokens = count_text_tokens("".join(output))
         details = object_field(usage.get("prompt_tokens_details"))

@@ -73,6 +73,7 @@ class OpenAIBatches:
                 stop=item.stop,
                 tool_choice=item.tool_choice,
                 parallel_tool_calls=item.parallel_tool_calls,
+                response_format=item.response_format,
             )
             lines.append(json.dumps({"custom_id": item.custom_id, "method": "POST", "url": _ENDPOINT, "body": body}))
         content = ("\n".join(lines) + "\n").encode()

@@ -202,6 +202,42 @@ TOOL_CHOICE_MODE_TOOL: ToolChoiceMode.ValueType  # 4
 """The model calls the tool ToolChoice.name."""
 Global___ToolChoiceMode: _TypeAlias = ToolChoiceMode  # noqa: Y015
 
+class _ResponseFormatType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResponseFormatTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResponseFormatType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESPONSE_FORMAT_TYPE_UNSPECIFIED: _ResponseFormatType.ValueType  # 0
+    """Not set: text."""
+    RESPONSE_FORMAT_TYPE_TEXT: _ResponseFormatType.ValueType  # 1
+    """Text (the default)."""
+    RESPONSE_FORMAT_TYPE_JSON_OBJECT: _ResponseFormatType.ValueType  # 2
+    """Any JSON object (OpenAI's JSON mode). Anthropic has no such mode: its models are not
+    eligible. The prompt should still ask for JSON, as OpenAI requires.
+    """
+    RESPONSE_FORMAT_TYPE_JSON_SCHEMA: _ResponseFormatType.ValueType  # 3
+    """A JSON object that matches ResponseFormat.schema_json (OpenAI's json_schema,
+    Anthropic's output_config.format).
+    """
+
+class ResponseFormatType(_ResponseFormatType, metaclass=_ResponseFormatTypeEnumTypeWrapper):
+    """ResponseFormatType is the form the model's answer must take."""
+
+RESPONSE_FORMAT_TYPE_UNSPECIFIED: ResponseFormatType.ValueType  # 0
+"""Not set: text."""
+RESPONSE_FORMAT_TYPE_TEXT: ResponseFormatType.ValueType  # 1
+"""Text (the default)."""
+RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType.ValueType  # 2
+"""Any JSON object (OpenAI's JSON mode). Anthropic has no such mode: its models are not
+eligible. The prompt should still ask for JSON, as OpenAI requires.
+"""
+RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.ValueType  # 3
+"""A JSON object that matches ResponseFormat.schema_json (OpenAI's json_schema,
+Anthropic's output_config.format).
+"""
+Global___ResponseFormatType: _TypeAlias = ResponseFormatType  # noqa: Y015
+
 class _AttemptOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -373,6 +409,48 @@ class ToolChoice(_message.Message):
 Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
 
 @_typing.final
+class ResponseFormat(_message.Message):
+    """ResponseFormat is the form the model's answer must take."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SCHEMA_JSON_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    type: Global___ResponseFormatType.ValueType
+    """The form. A JSON form is served only by a model with the "json" capability whose
+    provider takes it.
+    """
+    name: _builtins.str
+    """With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the schema's
+    name, 1-64 characters of [a-zA-Z0-9_-].
+    """
+    schema_json: _builtins.str
+    """With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
+    Schema, as a JSON object text.
+    """
+    strict: _builtins.bool
+    """With RESPONSE_FORMAT_TYPE_JSON_SCHEMA only: OpenAI's strict schema adherence (which
+    restricts the schema, see OpenAI's structured outputs). Anthropic always adheres.
+    """
+    def __init__(
+        self,
+        *,
+        type: Global___ResponseFormatType.ValueType = ...,
+        name: _builtins.str = ...,
+        schema_json: _builtins.str = ...,
+        strict: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "schema_json", b"schema_json", "strict", b"strict", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResponseFormat: _TypeAlias = ResponseFormat  # noqa: Y015
+
+@_typing.final
 class ChatRequest(_message.Message):
     """ChatRequest is what would be sent to a model."""
 
@@ -385,6 +463,7 @@ class ChatRequest(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     max_output_tokens: _builtins.int
     """Maximum output tokens; unset uses the configured default. Must be 1 or more and
     at most the configured cap.
@@ -420,6 +499,10 @@ class ChatRequest(_message.Message):
         model decides).
         """
 
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """The form the answer must take; unset is text."""
+
     def __init__(
         self,
         *,
@@ -430,10 +513,11 @@ class ChatRequest(_message.Message):
         stop: _abc.Iterable[_builtins.str] | None = ...,
         tool_choice: Global___ToolChoice | None = ...,
         parallel_tool_calls: _builtins.bool | None = ...,
+        response_format: Global___ResponseFormat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_temperature", b"_temperature", "max_output_tokens", b"max_output_tokens", "parallel_tool_calls", b"parallel_tool_calls", "temperature", b"temperature", "tool_choice", b"tool_choice"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_temperature", b"_temperature", "max_output_tokens", b"max_output_tokens", "parallel_tool_calls", b"parallel_tool_calls", "response_format", b"response_format", "temperature", b"temperature", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_temperature", b"_temperature", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "parallel_tool_calls", b"parallel_tool_calls", "stop", b"stop", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_temperature", b"_temperature", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "parallel_tool_calls", b"parallel_tool_calls", "response_format", b"response_format", "stop", b"stop", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015

@@ -368,6 +368,44 @@ private static final long serialVersionUID = 0L;
     return parallelToolCalls_;
   }
 
+  public static final int RESPONSE_FORMAT_FIELD_NUMBER = 8;
+  private dev.routesvc.v1.ResponseFormat responseFormat_;
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   * @return Whether the responseFormat field is set.
+   */
+  @java.lang.Override
+  public boolean hasResponseFormat() {
+    return ((bitField0_ & 0x00000010) != 0);
+  }
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   * @return The responseFormat.
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ResponseFormat getResponseFormat() {
+    return responseFormat_ == null ? dev.routesvc.v1.ResponseFormat.getDefaultInstance() : responseFormat_;
+  }
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ResponseFormatOrBuilder getResponseFormatOrBuilder() {
+    return responseFormat_ == null ? dev.routesvc.v1.ResponseFormat.getDefaultInstance() : responseFormat_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -402,6 +440,9 @@ private static final long serialVersionUID = 0L;
     }
     if (((bitField0_ & 0x00000008) != 0)) {
       output.writeBool(7, parallelToolCalls_);
+    }
+    if (((bitField0_ & 0x00000010) != 0)) {
+      output.writeMessage(8, getResponseFormat());
     }
     getUnknownFields().writeTo(output);
   }
@@ -443,6 +484,10 @@ private static final long serialVersionUID = 0L;
     if (((bitField0_ & 0x00000008) != 0)) {
       size += com.google.protobuf.CodedOutputStream
         .computeBoolSize(7, parallelToolCalls_);
+    }
+    if (((bitField0_ & 0x00000010) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(8, getResponseFormat());
     }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
@@ -486,6 +531,11 @@ private static final long serialVersionUID = 0L;
       if (getParallelToolCalls()
           != other.getParallelToolCalls()) return false;
     }
+    if (hasResponseFormat() != other.hasResponseFormat()) return false;
+    if (hasResponseFormat()) {
+      if (!getResponseFormat()
+          .equals(other.getResponseFormat())) return false;
+    }
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -526,6 +576,10 @@ private static final long serialVersionUID = 0L;
       hash = (37 * hash) + PARALLEL_TOOL_CALLS_FIELD_NUMBER;
       hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
           getParallelToolCalls());
+    }
+    if (hasResponseFormat()) {
+      hash = (37 * hash) + RESPONSE_FORMAT_FIELD_NUMBER;
+      hash = (53 * hash) + getResponseFormat().hashCode();
     }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
@@ -664,6 +718,7 @@ private static final long serialVersionUID = 0L;
         getMessagesFieldBuilder();
         getToolsFieldBuilder();
         getToolChoiceFieldBuilder();
+        getResponseFormatFieldBuilder();
       }
     }
     @java.lang.Override
@@ -694,6 +749,11 @@ private static final long serialVersionUID = 0L;
         toolChoiceBuilder_ = null;
       }
       parallelToolCalls_ = false;
+      responseFormat_ = null;
+      if (responseFormatBuilder_ != null) {
+        responseFormatBuilder_.dispose();
+        responseFormatBuilder_ = null;
+      }
       return this;
     }
 
@@ -771,6 +831,12 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000040) != 0)) {
         result.parallelToolCalls_ = parallelToolCalls_;
         to_bitField0_ |= 0x00000008;
+      }
+      if (((from_bitField0_ & 0x00000080) != 0)) {
+        result.responseFormat_ = responseFormatBuilder_ == null
+            ? responseFormat_
+            : responseFormatBuilder_.build();
+        to_bitField0_ |= 0x00000010;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -893,6 +959,9 @@ private static final long serialVersionUID = 0L;
       if (other.hasParallelToolCalls()) {
         setParallelToolCalls(other.getParallelToolCalls());
       }
+      if (other.hasResponseFormat()) {
+        mergeResponseFormat(other.getResponseFormat());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -973,6 +1042,13 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000040;
               break;
             } // case 56
+            case 66: {
+              input.readMessage(
+                  getResponseFormatFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00000080;
+              break;
+            } // case 66
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -2150,6 +2226,163 @@ private static final long serialVersionUID = 0L;
       parallelToolCalls_ = false;
       onChanged();
       return this;
+    }
+
+    private dev.routesvc.v1.ResponseFormat responseFormat_;
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.ResponseFormat, dev.routesvc.v1.ResponseFormat.Builder, dev.routesvc.v1.ResponseFormatOrBuilder> responseFormatBuilder_;
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     * @return Whether the responseFormat field is set.
+     */
+    public boolean hasResponseFormat() {
+      return ((bitField0_ & 0x00000080) != 0);
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     * @return The responseFormat.
+     */
+    public dev.routesvc.v1.ResponseFormat getResponseFormat() {
+      if (responseFormatBuilder_ == null) {
+        return responseFormat_ == null ? dev.routesvc.v1.ResponseFormat.getDefaultInstance() : responseFormat_;
+      } else {
+        return responseFormatBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public Builder setResponseFormat(dev.routesvc.v1.ResponseFormat value) {
+      if (responseFormatBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        responseFormat_ = value;
+      } else {
+        responseFormatBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public Builder setResponseFormat(
+        dev.routesvc.v1.ResponseFormat.Builder builderForValue) {
+      if (responseFormatBuilder_ == null) {
+        responseFormat_ = builderForValue.build();
+      } else {
+        responseFormatBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public Builder mergeResponseFormat(dev.routesvc.v1.ResponseFormat value) {
+      if (responseFormatBuilder_ == null) {
+        if (((bitField0_ & 0x00000080) != 0) &&
+          responseFormat_ != null &&
+          responseFormat_ != dev.routesvc.v1.ResponseFormat.getDefaultInstance()) {
+          getResponseFormatBuilder().mergeFrom(value);
+        } else {
+          responseFormat_ = value;
+        }
+      } else {
+        responseFormatBuilder_.mergeFrom(value);
+      }
+      if (responseFormat_ != null) {
+        bitField0_ |= 0x00000080;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public Builder clearResponseFormat() {
+      bitField0_ = (bitField0_ & ~0x00000080);
+      responseFormat_ = null;
+      if (responseFormatBuilder_ != null) {
+        responseFormatBuilder_.dispose();
+        responseFormatBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public dev.routesvc.v1.ResponseFormat.Builder getResponseFormatBuilder() {
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return getResponseFormatFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public dev.routesvc.v1.ResponseFormatOrBuilder getResponseFormatOrBuilder() {
+      if (responseFormatBuilder_ != null) {
+        return responseFormatBuilder_.getMessageOrBuilder();
+      } else {
+        return responseFormat_ == null ?
+            dev.routesvc.v1.ResponseFormat.getDefaultInstance() : responseFormat_;
+      }
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.ResponseFormat, dev.routesvc.v1.ResponseFormat.Builder, dev.routesvc.v1.ResponseFormatOrBuilder> 
+        getResponseFormatFieldBuilder() {
+      if (responseFormatBuilder_ == null) {
+        responseFormatBuilder_ = new com.google.protobuf.SingleFieldBuilderV3<
+            dev.routesvc.v1.ResponseFormat, dev.routesvc.v1.ResponseFormat.Builder, dev.routesvc.v1.ResponseFormatOrBuilder>(
+                getResponseFormat(),
+                getParentForChildren(),
+                isClean());
+        responseFormat_ = null;
+      }
+      return responseFormatBuilder_;
     }
     @java.lang.Override
     public final Builder setUnknownFields(

@@ -246,4 +246,31 @@ public interface ChatRequestOrBuilder extends
    * @return The parallelToolCalls.
    */
   boolean getParallelToolCalls();
+
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   * @return Whether the responseFormat field is set.
+   */
+  boolean hasResponseFormat();
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   * @return The responseFormat.
+   */
+  dev.routesvc.v1.ResponseFormat getResponseFormat();
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   */
+  dev.routesvc.v1.ResponseFormatOrBuilder getResponseFormatOrBuilder();
 }
