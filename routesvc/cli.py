@@ -125,7 +125,7 @@ def _request_parts(args: argparse.Namespace) -> tuple[pb.ChatRequest, pb.Routing
     tools = [
         pb.Tool(name=f"tool_{index}", description=f"placeholder tool {index}") for index in range(1, args.tools + 1)
     ]
-    chat = build_chat(messages, tools=tools, max_output_tokens=args.max_output_tokens)
+    chat = build_chat(messages, tools=tools, max_output_tokens=args.max_output_tokens, stop=args.stop)
     context = pb.RoutingContext(
         tenant=args.tenant, user_tier=args.tier, task_hint=args.task, model=args.model, max_cost_usd=args.max_cost
     )
@@ -477,6 +477,9 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None
         "--max-output-tokens", type=_max_output_tokens, default=None, help="cap on the answer's tokens (at least 1)"
     )
     parser.add_argument("--max-cost", default="", help="maximum estimated cost in USD")
+    parser.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="a stop sequence (repeat for more, up to 4)"
+    )
     parser.add_argument("--system", default="", help="a system message")
     parser.add_argument(
         "--metadata", type=_metadata_entry, action="append", default=[], metavar="KEY=VALUE", help="routing metadata"

@@ -63,6 +63,10 @@ def build_chat(
     tools: Sequence[pb.Tool] = (),
     max_output_tokens: int | None = None,
     temperature: float | None = None,
+    stop: Sequence[str] = (),
+    tool_choice: pb.ToolChoice | None = None,
+    parallel_tool_calls: bool | None = None,
+    response_format: pb.ResponseFormat | None = None,
 ) -> pb.ChatRequest:
     """A ``ChatRequest`` from ``(role, content)`` pairs (role "system", "user" or "assistant") and
     ``pb.Message``s as they are (the turns of a tool-use loop: see ``tool_turns``)."""
@@ -72,7 +76,12 @@ def build_chat(
             for message in messages
         ],
         tools=list(tools),
+        stop=list(stop),
+        tool_choice=tool_choice,
+        response_format=response_format,
     )
+    if parallel_tool_calls is not None:
+        chat.parallel_tool_calls = parallel_tool_calls
     if max_output_tokens is not None:
         chat.max_output_tokens = max_output_tokens
     if temperature is not None:

@@ -131,6 +131,9 @@ class LimitsConfig(_Strict):
     max_tools: int = Field(128, gt=0, description="Most tool definitions in one request.")
     max_metadata_entries: int = Field(64, gt=0, description="Most routing metadata entries.")
     max_output_tokens: int = Field(65536, gt=0, description="Largest max_output_tokens a request may ask.")
+    max_stop_sequences: int = Field(
+        4, gt=0, description="Most stop sequences in one request (OpenAI refuses more than 4; Anthropic takes more)."
+    )
     default_output_tokens: int = Field(
         512, gt=0, description="Output tokens assumed for estimates and sent when a request sets none."
     )

@@ -69,6 +69,40 @@ class ToolSpec:
     parameters: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
 
 
+class ToolChoiceMode(enum.Enum):
+    """What a model must do about the tools a request offers."""
+
+    AUTO = "auto"  # the model decides
+    NONE = "none"  # it calls no tool
+    REQUIRED = "required"  # it calls at least one
+    TOOL = "tool"  # it calls the tool ``ToolChoice.name``
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """Whether, and which, tool the model must call; ``name`` only with ``ToolChoiceMode.TOOL``."""
+
+    mode: ToolChoiceMode
+    name: str = ""
+
+
+class ResponseFormatType(enum.Enum):
+    """The form a JSON answer must take (text needs no ``ResponseFormat``)."""
+
+    JSON_OBJECT = "json_object"  # any JSON object (OpenAI's JSON mode)
+    JSON_SCHEMA = "json_schema"  # a JSON object matching ``ResponseFormat.schema``
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """The form a JSON answer must take; ``name``, ``schema`` and ``strict`` only with ``JSON_SCHEMA``."""
+
+    type: ResponseFormatType
+    name: str = ""
+    schema: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    strict: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     """What would be sent to a model."""
@@ -77,6 +111,12 @@ class ChatRequest:
     tools: tuple[ToolSpec, ...] = ()
     max_output_tokens: int | None = None
     temperature: float | None = None
+    stop: tuple[str, ...] = ()
+    # None: the provider's default (the model decides; it may make several calls in a turn).
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # None: text.
+    response_format: ResponseFormat | None = None
 
     @property
     def uses_tools(self) -> bool:

@@ -57,7 +57,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.policy import Policy
-from routesvc.providers.base import Provider, ProviderCall
+from routesvc.providers.base import Provider, ProviderCall, refusal
 from routesvc.retry import RetryBudget, backoff_delay, is_retryable, skips_provider
 from routesvc.scoring import ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
@@ -205,6 +205,10 @@ class Router:
                 why = f"max output tokens {model.max_output_tokens} < {output_tokens} requested"
             elif uses_tools and not model.supports("tools"):
                 why = "does not support tools" if request.chat.tools else "does not support the tool turns sent"
+            elif request.chat.response_format is not None and not model.supports("json"):
+                why = "does not support JSON output"
+            elif refused := refusal(provider.kind, request.chat):
+                why = refused
             elif allowed is not None and model.id not in allowed:
                 why = f"not allowed for tenant {request.context.tenant!r}"
             elif skip_unconfigured and not provider.configured:
@@ -817,6 +821,10 @@ class Router:
             tools=request.chat.tools,
             max_output_tokens=decision.estimated_output_tokens,
             temperature=request.chat.temperature,
+            stop=request.chat.stop,
+            tool_choice=request.chat.tool_choice,
+            parallel_tool_calls=request.chat.parallel_tool_calls,
+            response_format=request.chat.response_format,
             timeout=remaining,
             headers=MappingProxyType(dict(headers or {})),
         )

@@ -122,9 +122,12 @@ _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff
 
 
 def asks_for_json(request: RoutingRequest) -> bool:
-    """Whether the request asks for a JSON answer: metadata ``response_format: json``, or a system
-    or the last user message saying so."""
-    if request.context.metadata.get("response_format", "").lower() == "json":
+    """Whether the request asks for a JSON answer: a JSON ``chat.response_format``, metadata
+    ``response_format: json``, or a system or the last user message saying so."""
+    if (
+        request.chat.response_format is not None
+        or request.context.metadata.get("response_format", "").lower() == "json"
+    ):
         return True
     if _ASKS_FOR_CODE.search(request.chat.last_user_message):
         return False

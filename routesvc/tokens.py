@@ -79,7 +79,8 @@ def count_text_tokens(text: str) -> int:
 
 
 def estimate_input_tokens(chat: ChatRequest) -> int:
-    """Estimated input tokens of ``chat``: message texts and tool calls, framing and tool definitions."""
+    """Estimated input tokens of ``chat``: message texts and tool calls, framing, tool definitions
+    and a response format's JSON schema (which the providers put in the prompt too)."""
     total = _TOKENS_REPLY_PRIMER
     for message in chat.messages:
         total += _TOKENS_PER_MESSAGE + count_text_tokens(message.content)
@@ -90,4 +91,7 @@ def estimate_input_tokens(chat: ChatRequest) -> int:
     for tool in chat.tools:
         schema = json.dumps(dict(tool.parameters), separators=(",", ":"), sort_keys=True)
         total += count_text_tokens(f"{tool.name} {tool.description} {schema}")
+    if chat.response_format is not None and chat.response_format.schema:
+        schema = json.dumps(dict(chat.response_format.schema), separators=(",", ":"), sort_keys=True)
+        total += count_text_tokens(f"{chat.response_format.name} {schema}")
     return total

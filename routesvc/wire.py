@@ -32,12 +32,16 @@ from routesvc.models import (
     Message,
     Mode,
     QualityScore,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
     RouteDecision,
     RoutingContext,
     RoutingRequest,
     TextDelta,
     ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
     ToolSpec,
     Usage,
 )
@@ -49,6 +53,12 @@ _ROLES = {
     pb.ROLE_USER: Role.USER,
     pb.ROLE_ASSISTANT: Role.ASSISTANT,
     pb.ROLE_TOOL: Role.TOOL,
+}
+_TOOL_CHOICE_MODES = {
+    pb.TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.AUTO,
+    pb.TOOL_CHOICE_MODE_NONE: ToolChoiceMode.NONE,
+    pb.TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.REQUIRED,
+    pb.TOOL_CHOICE_MODE_TOOL: ToolChoiceMode.TOOL,
 }
 _MODES = {Mode.REALTIME: pb.MODE_REALTIME, Mode.BATCH: pb.MODE_BATCH}
 _FINISH = {
@@ -75,6 +85,8 @@ _BATCH_STATES = {
     BatchState.CANCELLED: pb.BATCH_STATE_CANCELLED,
 }
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# OpenAI's rule for a JSON schema's name, which is the tools' rule.
+_SCHEMA_NAME = _TOOL_NAME
 _MAX_METADATA_CHARS = 1024
 # A tool's JSON Schema nests a few levels; the SDKs' encoders recurse, so a deeper one would fail
 # upstream (or here: Python's parser recurses too) instead of being refused with its field's name.
@@ -85,6 +97,9 @@ _MAX_COST_DIGITS = 24
 _MIN_COST_EXPONENT = -12
 # Providers' call ids are a few dozen characters ("call_...", "toolu_...").
 _MAX_TOOL_CALL_ID_CHARS = 256
+# A stop sequence is a marker ("\n\n", "</answer>", "Observation:"); neither provider documents a
+# bound, and a longer one is a mistake (or an attempt to grow every request the router sends).
+_MAX_STOP_CHARS = 256
 
 
 def _message(index: int, message: pb.Message, open_calls: Mapping[str, str]) -> Message:
@@ -174,6 +189,73 @@ def _json_object(field: str, text: str) -> dict[str, object]:
     return parsed
 
 
+def _stop(chat: pb.ChatRequest, limits: LimitsConfig) -> tuple[str, ...]:
+    """The stop sequences. Not checked for lone surrogates: a protobuf string is valid UTF-8, and
+    a request whose bytes are not is refused before it gets here (field ``request``)."""
+    if len(chat.stop) > limits.max_stop_sequences:
+        raise InvalidRequest("chat.stop", f"must hold at most {limits.max_stop_sequences} sequences")
+    for index, sequence in enumerate(chat.stop):
+        if not sequence or len(sequence) > _MAX_STOP_CHARS:
+            raise InvalidRequest(f"chat.stop[{index}]", f"must be 1-{_MAX_STOP_CHARS} characters")
+    return tuple(chat.stop)
+
+
+def _tool_choice(chat: pb.ChatRequest, offered: set[str]) -> ToolChoice | None:
+    """The tool choice; None when unset (the provider's default). Offered tools are required by
+    any mode that may call one, as OpenAI requires them for any ``tool_choice``."""
+    if not chat.HasField("tool_choice"):
+        return None
+    message = chat.tool_choice
+    if message.mode == pb.TOOL_CHOICE_MODE_UNSPECIFIED and not message.name:
+        return None
+    mode = _TOOL_CHOICE_MODES.get(message.mode)
+    if mode is None:
+        raise InvalidRequest(
+            "chat.tool_choice.mode",
+            "must be TOOL_CHOICE_MODE_AUTO, TOOL_CHOICE_MODE_NONE, TOOL_CHOICE_MODE_REQUIRED or TOOL_CHOICE_MODE_TOOL",
+        )
+    if mode is not ToolChoiceMode.TOOL and message.name:
+        raise InvalidRequest("chat.tool_choice.name", "is allowed only with TOOL_CHOICE_MODE_TOOL")
+    if mode is not ToolChoiceMode.NONE and not offered:
+        raise InvalidRequest("chat.tool_choice", "needs chat.tools (only TOOL_CHOICE_MODE_NONE is allowed without)")
+    if mode is ToolChoiceMode.TOOL:
+        _tool_name("chat.tool_choice.name", message.name)
+        if message.name not in offered:
+            raise InvalidRequest("chat.tool_choice.name", "must be the name of one of chat.tools")
+    return ToolChoice(mode, message.name)
+
+
+def _response_format(chat: pb.ChatRequest) -> ResponseFormat | None:
+    """The JSON form the answer must take; None for text (unset or RESPONSE_FORMAT_TYPE_TEXT)."""
+    if not chat.HasField("response_format"):
+        return None
+    message = chat.response_format
+    field = "chat.response_format"
+    if message.type not in (
+        pb.RESPONSE_FORMAT_TYPE_UNSPECIFIED,
+        pb.RESPONSE_FORMAT_TYPE_TEXT,
+        pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+        pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+    ):
+        raise InvalidRequest(
+            f"{field}.type",
+            "must be RESPONSE_FORMAT_TYPE_TEXT, RESPONSE_FORMAT_TYPE_JSON_OBJECT or RESPONSE_FORMAT_TYPE_JSON_SCHEMA",
+        )
+    if message.type != pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+        for name in ("name", "schema_json", "strict"):
+            if getattr(message, name):
+                raise InvalidRequest(f"{field}.{name}", "is allowed only with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
+        if message.type == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
+            return ResponseFormat(ResponseFormatType.JSON_OBJECT)
+        return None
+    if not _SCHEMA_NAME.match(message.name):
+        raise InvalidRequest(f"{field}.name", "must be 1-64 characters of letters, digits, '_' or '-'")
+    if not message.schema_json:
+        raise InvalidRequest(f"{field}.schema_json", "is required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
+    schema = _json_object(f"{field}.schema_json", message.schema_json)
+    return ResponseFormat(ResponseFormatType.JSON_SCHEMA, message.name, MappingProxyType(schema), message.strict)
+
+
 def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
     if not chat.messages:
         raise InvalidRequest("chat.messages", "must contain at least one message")
@@ -224,7 +306,21 @@ def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
         temperature = chat.temperature
         if not (math.isfinite(temperature) and 0.0 <= temperature <= 2.0):
             raise InvalidRequest("chat.temperature", "must be between 0 and 2")
-    return ChatRequest(messages, tuple(tools), max_output_tokens, temperature)
+    parallel_tool_calls: bool | None = None
+    if chat.HasField("parallel_tool_calls"):
+        if not tools:
+            raise InvalidRequest("chat.parallel_tool_calls", "needs chat.tools")
+        parallel_tool_calls = chat.parallel_tool_calls
+    return ChatRequest(
+        messages,
+        tuple(tools),
+        max_output_tokens,
+        temperature,
+        _stop(chat, limits),
+        _tool_choice(chat, names),
+        parallel_tool_calls,
+        _response_format(chat),
+    )
 
 
 def _context(context: pb.RoutingContext, limits: LimitsConfig) -> RoutingContext:

@@ -204,6 +204,119 @@ class TestBatchSubmitAndResults:
         assert (batched[0].decision.mode, batched[0].decision.model) == (pb.MODE_BATCH, realtime[0].decision.model)
         assert fake.batches[0].requests[0][key]["tools"] == fake.requests[0].body["tools"]
 
+    @pytest.mark.parametrize(
+        ("task", "key", "field"), [("", "body", "stop"), ("creative_writing", "params", "stop_sequences")]
+    )
+    async def test_stop_sequences_of_a_job_queued_across_a_restart_reach_the_provider_batch(
+        self, tmp_path: Path, fake: FakeProvider, task: str, key: str, field: str
+    ) -> None:
+        """A job still queued at shutdown keeps its stop sequences in the store: the next server's
+        provider batch carries them (OpenAI body ``stop``, Anthropic params ``stop_sequences``)."""
+        waiting = batch_config(tmp_path)
+        waiting["batch"]["group_window_seconds"] = 60  # type: ignore[index]
+        chat = build_chat([("user", "Summarise this report")], stop=["END", "Sources:"])
+        context = pb.RoutingContext(tenant="acme", task_hint=task, realtime=False)
+        async with (
+            Server(settings_from(waiting, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = [m async for m in client.complete(chat, context)][1].batch
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert fake.batches[0].requests[0][key][field] == ["END", "Sources:"]
+
+    @pytest.mark.parametrize(
+        ("task", "key", "expected"),
+        [
+            (
+                "",
+                "body",
+                {"tool_choice": {"type": "function", "function": {"name": "lookup"}}, "parallel_tool_calls": False},
+            ),
+            (
+                "creative_writing",
+                "params",
+                {"tool_choice": {"type": "tool", "name": "lookup", "disable_parallel_tool_use": True}},
+            ),
+        ],
+        ids=["openai", "anthropic"],
+    )
+    async def test_the_tool_choice_of_a_job_queued_across_a_restart_reaches_the_provider_batch(
+        self, tmp_path: Path, fake: FakeProvider, task: str, key: str, expected: dict[str, object]
+    ) -> None:
+        """A job still queued at shutdown keeps its tool choice and ``parallel_tool_calls`` in the
+        store: the next server's provider batch carries them as a realtime call would."""
+        waiting = batch_config(tmp_path)
+        waiting["batch"]["group_window_seconds"] = 60  # type: ignore[index]
+        chat = build_chat(
+            [("user", "Summarise this report")],
+            tools=[pb.Tool(name="lookup"), pb.Tool(name="clock")],
+            tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_TOOL, name="lookup"),
+            parallel_tool_calls=False,
+        )
+        context = pb.RoutingContext(tenant="acme", task_hint=task, realtime=False)
+        async with (
+            Server(settings_from(waiting, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = [m async for m in client.complete(chat, context)][1].batch
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        sent = fake.batches[0].requests[0][key]
+        assert {name: sent.get(name) for name in expected} == expected
+
+    @pytest.mark.parametrize(
+        ("task", "key", "field", "expected"),
+        [
+            (
+                "",
+                "body",
+                "response_format",
+                {
+                    "type": "json_schema",
+                    "json_schema": {"name": "summary", "schema": {"type": "object"}, "strict": False},
+                },
+            ),
+            (
+                "creative_writing",
+                "params",
+                "output_config",
+                {"format": {"type": "json_schema", "schema": {"type": "object"}}},
+            ),
+        ],
+        ids=["openai", "anthropic"],
+    )
+    async def test_the_response_format_of_a_job_queued_across_a_restart_reaches_the_provider_batch(
+        self, tmp_path: Path, fake: FakeProvider, task: str, key: str, field: str, expected: dict[str, object]
+    ) -> None:
+        """A job still queued at shutdown keeps its JSON schema response format in the store: the
+        next server's provider batch carries it as a realtime call would (OpenAI ``response_format``,
+        Anthropic ``output_config``)."""
+        waiting = batch_config(tmp_path)
+        waiting["batch"]["group_window_seconds"] = 60  # type: ignore[index]
+        response_format = pb.ResponseFormat(
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="summary", schema_json='{"type": "object"}'
+        )
+        chat = build_chat([("user", "Summarise this report")], response_format=response_format)
+        context = pb.RoutingContext(tenant="acme", task_hint=task, realtime=False)
+        async with (
+            Server(settings_from(waiting, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = [m async for m in client.complete(chat, context)][1].batch
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert fake.batches[0].requests[0][key][field] == expected
+
     def test_a_request_stored_before_tools_were_kept_has_none(self) -> None:
         """A queued row written by an earlier release (no "tools" key) still decodes, with no tools."""
         old = '{"messages": [{"role": "user", "content": "hi"}], "max_output_tokens": 16, "temperature": null}'

@@ -13,7 +13,17 @@ from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient
 from routesvc.ledger import AttemptOutcome
-from routesvc.models import ChatRequest, FinishReason, Message, Role, RoutingContext, RoutingRequest, Usage
+from routesvc.models import (
+    ChatRequest,
+    FinishReason,
+    Message,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+    RoutingContext,
+    RoutingRequest,
+    Usage,
+)
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.scoring import CombinedScorer, LLMJudge, LocalScorer, ScoringInput, parse_judge_score
 from routesvc.server import Server
@@ -83,6 +93,22 @@ class TestLocalScorer:
         """Routing metadata ``response_format: json`` asks for JSON too."""
         result = await LocalScorer().score(_input("not json", response_format="json"))
         assert result.quality.reason == "requested JSON does not parse"
+
+    @pytest.mark.parametrize("kind", [ResponseFormatType.JSON_OBJECT, ResponseFormatType.JSON_SCHEMA])
+    async def test_json_can_be_requested_by_the_response_format(self, kind: ResponseFormatType) -> None:
+        """A JSON ``chat.response_format`` asks for JSON, whatever the prompt says (here: code)."""
+        chat = ChatRequest(
+            (Message(Role.USER, "Write a function to add two numbers."),), response_format=ResponseFormat(kind)
+        )
+        scoring = ScoringInput(
+            request=RoutingRequest(chat),
+            model="gpt-4o-mini",
+            answer="def add(a, b): return a + b",
+            finish_reason=FinishReason.STOP,
+            threshold=0.8,
+        )
+        result = await LocalScorer().score(scoring)
+        assert (result.quality.score, result.quality.reason) == (0.2, "requested JSON does not parse")
 
     async def test_an_ignored_single_choice_format_scores_low(self) -> None:
         """A multiple-choice prompt asking for one letter, answered with prose, scores 0.4."""

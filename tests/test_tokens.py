@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import bpe_openai
 
 from routesvc import tokens
-from routesvc.models import ChatRequest, Message, Role, ToolCall
+from routesvc.models import ChatRequest, Message, ResponseFormat, ResponseFormatType, Role, ToolCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
 _ENCODING = bpe_openai.get_encoding("o200k_base")
@@ -56,3 +58,12 @@ class TestEstimateInputTokens:
         )
         expected = count_text_tokens("call_1 get_weather " + call.arguments_json) + count_text_tokens("call_1")
         assert estimate_input_tokens(with_calls) - estimate_input_tokens(plain) == expected
+
+    def test_a_response_formats_schema_is_counted(self) -> None:
+        """A JSON schema response format's name and schema (compact JSON) count as input."""
+        schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+        response_format = ResponseFormat(ResponseFormatType.JSON_SCHEMA, "weather", MappingProxyType(schema))
+        plain = ChatRequest((Message(Role.USER, "Weather?"),))
+        with_schema = ChatRequest((Message(Role.USER, "Weather?"),), response_format=response_format)
+        expected = count_text_tokens('weather {"properties":{"city":{"type":"string"}},"type":"object"}')
+        assert estimate_input_tokens(with_schema) - estimate_input_tokens(plain) == expected

@@ -161,6 +161,21 @@ class TestClientSpan:
         assert (_attrs(server)["routesvc.attempts"], _attrs(server)["routesvc.escalations"]) == (1, 0)
         assert _attrs(server)["routesvc.time_to_first_token_ms"] >= attributes["routesvc.time_to_first_chunk_ms"]  # type: ignore[operator]
 
+    async def test_stop_sequences_are_a_request_attribute(self, observed: Observed) -> None:
+        """A request's stop sequences are the chat span's ``gen_ai.request.stop_sequences``."""
+        async for _ in observed.client.complete(user_chat("Say hello", stop=["END", "7"])):
+            pass
+        (chat,) = observed.named("chat gpt-4o-mini")
+        assert list(_attrs(chat)["gen_ai.request.stop_sequences"]) == ["END", "7"]  # type: ignore[call-overload]
+
+    async def test_a_json_response_format_is_output_type_json(self, observed: Observed) -> None:
+        """A request for a JSON answer sets the chat span's ``gen_ai.output.type`` to ``json``."""
+        response_format = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
+        async for _ in observed.client.complete(user_chat("Say hello", response_format=response_format)):
+            pass
+        (chat,) = observed.named("chat gpt-4o-mini")
+        assert _attrs(chat)["gen_ai.output.type"] == "json"
+
     async def test_the_provider_receives_our_client_span_as_parent(
         self, observed: Observed, fake: FakeProvider
     ) -> None:

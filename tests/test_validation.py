@@ -106,6 +106,59 @@ BAD_TOOL_TURNS: list[tuple[str, tuple[pb.Message, ...], str]] = [
     ),
 ]
 
+JSON_SCHEMA = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+# (case, the response format, the field named)
+BAD_RESPONSE_FORMATS: list[tuple[str, pb.ResponseFormat, str]] = [
+    ("unknown type", pb.ResponseFormat(type=9), "chat.response_format.type"),  # type: ignore[arg-type]
+    (
+        "a name with JSON_OBJECT",
+        pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT, name="answer"),
+        "chat.response_format.name",
+    ),
+    (
+        "a schema with TEXT",
+        pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_TEXT, schema_json=f'{{"title": "{CANARY}"}}'),
+        "chat.response_format.schema_json",
+    ),
+    ("a schema with no type", pb.ResponseFormat(schema_json='{"type": "object"}'), "chat.response_format.schema_json"),
+    (
+        "strict with JSON_OBJECT",
+        pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT, strict=True),
+        "chat.response_format.strict",
+    ),
+    ("a schema without a name", pb.ResponseFormat(type=JSON_SCHEMA, schema_json="{}"), "chat.response_format.name"),
+    (
+        "a bad schema name",
+        pb.ResponseFormat(type=JSON_SCHEMA, name=f"{CANARY} !", schema_json="{}"),
+        "chat.response_format.name",
+    ),
+    (
+        "a name 65 long",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="a" * 65, schema_json="{}"),
+        "chat.response_format.name",
+    ),
+    (
+        "JSON_SCHEMA without a schema",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="answer"),
+        "chat.response_format.schema_json",
+    ),
+    (
+        "a schema that is not an object",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="answer", schema_json=f'["{CANARY}"]'),
+        "chat.response_format.schema_json",
+    ),
+    (
+        "a schema that is not JSON",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="answer", schema_json=f"{{{CANARY}"),
+        "chat.response_format.schema_json",
+    ),
+    (
+        "a schema with a lone surrogate",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="answer", schema_json='{"description": "\\ud800"}'),
+        "chat.response_format.schema_json",
+    ),
+]
+
 USER = pb.ROLE_USER
 BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
     ("no messages", pb.ChatRequest(), pb.RoutingContext(), "chat.messages"),
@@ -127,6 +180,14 @@ BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
         "chat.max_output_tokens",
     ),
     ("temperature", _chat((USER, CANARY), temperature=7.5), pb.RoutingContext(), "chat.temperature"),
+    ("five stop sequences", _chat((USER, CANARY), stop=[CANARY] * 5), pb.RoutingContext(), "chat.stop"),
+    ("an empty stop sequence", _chat((USER, CANARY), stop=[CANARY, "END", ""]), pb.RoutingContext(), "chat.stop[2]"),
+    (
+        "a stop sequence over 256 characters",
+        _chat((USER, CANARY), stop=["END", CANARY * 20]),
+        pb.RoutingContext(),
+        "chat.stop[1]",
+    ),
     (
         "tool name",
         _chat((USER, CANARY), tools=[pb.Tool(name=f"bad name {CANARY}")]),
@@ -175,6 +236,54 @@ BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
         pb.RoutingContext(),
         "chat.tools[1].parameters_json",
     ),
+    (
+        "a tool choice without tools",
+        _chat((USER, CANARY), tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)),
+        pb.RoutingContext(),
+        "chat.tool_choice",
+    ),
+    (
+        "a tool choice naming a tool not offered",
+        _chat(
+            (USER, CANARY),
+            tools=[pb.Tool(name="ok")],
+            tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_TOOL, name=CANARY),
+        ),
+        pb.RoutingContext(),
+        "chat.tool_choice.name",
+    ),
+    (
+        "a tool choice of mode TOOL without a name",
+        _chat((USER, CANARY), tools=[pb.Tool(name="ok")], tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_TOOL)),
+        pb.RoutingContext(),
+        "chat.tool_choice.name",
+    ),
+    (
+        "a tool choice with a name and mode AUTO",
+        _chat(
+            (USER, CANARY),
+            tools=[pb.Tool(name="ok")],
+            tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO, name="ok"),
+        ),
+        pb.RoutingContext(),
+        "chat.tool_choice.name",
+    ),
+    (
+        "an unknown tool choice mode",
+        _chat((USER, CANARY), tools=[pb.Tool(name="ok")], tool_choice=pb.ToolChoice(mode=42)),  # type: ignore[arg-type]
+        pb.RoutingContext(),
+        "chat.tool_choice.mode",
+    ),
+    (
+        "parallel tool calls without tools",
+        _chat((USER, CANARY), parallel_tool_calls=False),
+        pb.RoutingContext(),
+        "chat.parallel_tool_calls",
+    ),
+    *[
+        (f"response format: {name}", _chat((USER, CANARY), response_format=response_format), pb.RoutingContext(), field)
+        for name, response_format, field in BAD_RESPONSE_FORMATS
+    ],
     *[(f"tool turns: {name}", _turns(*turns), pb.RoutingContext(), field) for name, turns, field in BAD_TOOL_TURNS],
     ("max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd=CANARY), "context.max_cost_usd"),
     ("negative max cost", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="-1"), "context.max_cost_usd"),
@@ -288,6 +397,19 @@ class TestWireLevel:
         """A string field with bytes that are not UTF-8 is INVALID_ARGUMENT, not UNKNOWN."""
         message = bytes([0x08, 0x02, 0x12, 0x02, 0xFF, 0xFE])  # Message{role: USER, content: b"\xff\xfe"}
         chat = bytes([0x0A, len(message)]) + message
+        request = bytes([0x0A, len(chat)]) + chat
+        async with grpc.aio.insecure_channel(server.target) as channel:  # type: ignore[attr-defined]
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary("/routesvc.v1.RouterService/Route")(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).metadata["field"] == "request"
+
+    async def test_a_stop_sequence_with_a_lone_surrogate_is_invalid_argument(
+        self, client: RouterClient, server: object
+    ) -> None:
+        """A stop sequence whose bytes encode a lone surrogate (not UTF-8) is INVALID_ARGUMENT."""
+        chat = pb.ChatRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hi")]).SerializeToString()
+        chat += bytes([0x2A, 0x03, 0xED, 0xA0, 0x80])  # stop: "\ud800" as UTF-8 would spell it
         request = bytes([0x0A, len(chat)]) + chat
         async with grpc.aio.insecure_channel(server.target) as channel:  # type: ignore[attr-defined]
             with pytest.raises(grpc.aio.AioRpcError) as caught:

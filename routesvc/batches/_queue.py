@@ -210,7 +210,16 @@ class BatchQueue:
             decision_id=decision.decision_id,
         )
         chat = request.chat
-        stored = QueuedRequest(chat.messages, decision.estimated_output_tokens, chat.temperature, chat.tools)
+        stored = QueuedRequest(
+            chat.messages,
+            decision.estimated_output_tokens,
+            chat.temperature,
+            chat.tools,
+            stop=chat.stop,
+            tool_choice=chat.tool_choice,
+            parallel_tool_calls=chat.parallel_tool_calls,
+            response_format=chat.response_format,
+        )
         store = self._opened()
         adding = self._keep(store.add(job, encode_request(stored), held_by=self._owner, hold_seconds=CLAIM_SECONDS))
         try:
@@ -420,6 +429,10 @@ class BatchQueue:
                     request.max_output_tokens,
                     request.temperature,
                     request.tools,
+                    stop=request.stop,
+                    tool_choice=request.tool_choice,
+                    parallel_tool_calls=request.parallel_tool_calls,
+                    response_format=request.response_format,
                 )
             )
         try:

@@ -37,8 +37,12 @@ from routesvc.models import (
     BatchStatus,
     FinishReason,
     Message,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
     ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
     ToolSpec,
     Usage,
 )
@@ -104,6 +108,10 @@ class QueuedRequest:
     max_output_tokens: int
     temperature: float | None = None
     tools: tuple[ToolSpec, ...] = ()
+    stop: tuple[str, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 def encode_request(request: QueuedRequest) -> str:
@@ -116,12 +124,17 @@ def encode_request(request: QueuedRequest) -> str:
             "tools": [
                 {"name": t.name, "description": t.description, "parameters": dict(t.parameters)} for t in request.tools
             ],
+            "stop": list(request.stop),
+            "tool_choice": _encode_tool_choice(request.tool_choice),
+            "parallel_tool_calls": request.parallel_tool_calls,
+            "response_format": _encode_response_format(request.response_format),
         }
     )
 
 
 def decode_request(text: str) -> QueuedRequest:
-    """The request ``encode_request`` stored; rows stored before tools were kept have none."""
+    """The request ``encode_request`` stored; rows stored before tools (or stop sequences, a tool
+    choice, a response format) were kept have none."""
     data = json.loads(text)
     return QueuedRequest(
         messages=tuple(
@@ -134,7 +147,37 @@ def decode_request(text: str) -> QueuedRequest:
             ToolSpec(t["name"], t.get("description", ""), MappingProxyType(dict(t.get("parameters") or {})))
             for t in data.get("tools", ())
         ),
+        stop=tuple(data.get("stop", ())),
+        tool_choice=_decode_tool_choice(data.get("tool_choice")),
+        parallel_tool_calls=data.get("parallel_tool_calls"),
+        response_format=_decode_response_format(data.get("response_format")),
     )
+
+
+def _encode_tool_choice(choice: ToolChoice | None) -> dict[str, str] | None:
+    return None if choice is None else {"mode": choice.mode.value, "name": choice.name}
+
+
+def _encode_response_format(response_format: ResponseFormat | None) -> dict[str, Any] | None:
+    if response_format is None:
+        return None
+    return {
+        "type": response_format.type.value,
+        "name": response_format.name,
+        "schema": dict(response_format.schema),
+        "strict": response_format.strict,
+    }
+
+
+def _decode_response_format(data: dict[str, Any] | None) -> ResponseFormat | None:
+    if data is None:
+        return None
+    schema = MappingProxyType(dict(data.get("schema") or {}))
+    return ResponseFormat(ResponseFormatType(data["type"]), data.get("name", ""), schema, bool(data.get("strict")))
+
+
+def _decode_tool_choice(data: dict[str, str] | None) -> ToolChoice | None:
+    return None if data is None else ToolChoice(ToolChoiceMode(data["mode"]), data.get("name", ""))
 
 
 def _encode_message(message: Message) -> dict[str, Any]:

@@ -26,7 +26,8 @@ all three as input, cache reads as ``cached_input_tokens`` and cache writes as
 adapts what Anthropic refuses but the other providers take: a ``temperature`` above 1 (Anthropic's
 range is 0-1) is sent as 1; a final assistant turn (a prefill) is sent without trailing
 whitespace; a history with tool calls in a request that offers no tools declares the called tools
-(an object schema, ``tool_choice`` none), since Anthropic refuses ``tool_use`` blocks otherwise.
+(an object schema, ``tool_choice`` none), since Anthropic refuses ``tool_use`` blocks otherwise; a
+JSON schema response format is ``output_config.format`` (structured outputs).
 """
 
 from __future__ import annotations
@@ -58,8 +59,12 @@ from routesvc.models import (
     Message,
     ProviderEvent,
     ProviderFinish,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
     TextDelta,
+    ToolChoice,
+    ToolChoiceMode,
     ToolSpec,
     Usage,
 )
@@ -190,6 +195,10 @@ def request_params(
     messages: tuple[Message, ...],
     tools: tuple[ToolSpec, ...] = (),
     temperature: float | None = None,
+    stop: tuple[str, ...] = (),
+    tool_choice: ToolChoice | None = None,
+    parallel_tool_calls: bool | None = None,
+    response_format: ResponseFormat | None = None,
 ) -> dict[str, object]:
     """The Messages API parameters of one request, streamed or in a batch, as ``messages.create``
     would send them (see the module docstring for what is adapted)."""
@@ -203,6 +212,9 @@ def request_params(
         params["system"] = system
     if tools:
         params["tools"] = _tools(tools)
+        choice = _tool_choice(tool_choice, parallel_tool_calls)
+        if choice is not None:
+            params["tool_choice"] = choice
     else:
         called = _called_tools(messages)
         if called:
@@ -214,6 +226,13 @@ def request_params(
                 "temperature_clamped", provider=provider, model=model, requested=temperature, sent=MAX_TEMPERATURE
             )
         params["temperature"] = min(temperature, MAX_TEMPERATURE)
+    if stop:
+        params["stop_sequences"] = list(stop)
+    if response_format is not None and response_format.type is ResponseFormatType.JSON_SCHEMA:
+        # Structured outputs (GA, no beta header): the answer's text is JSON matching the schema,
+        # always strictly. There is no name, and no JSON mode without a schema: routing never
+        # sends a JSON_OBJECT request here (``providers.base.refusal``).
+        params["output_config"] = {"format": {"type": "json_schema", "schema": dict(response_format.schema)}}
     return params
 
 
@@ -227,8 +246,35 @@ def _body(provider: str, call: ProviderCall) -> dict[str, object]:
         messages=call.messages,
         tools=call.tools,
         temperature=call.temperature,
+        stop=call.stop,
+        tool_choice=call.tool_choice,
+        parallel_tool_calls=call.parallel_tool_calls,
+        response_format=call.response_format,
     )
     return {**params, "stream": True}
+
+
+_CHOICE_TYPES = {
+    ToolChoiceMode.AUTO: "auto",
+    ToolChoiceMode.NONE: "none",
+    ToolChoiceMode.REQUIRED: "any",
+    ToolChoiceMode.TOOL: "tool",
+}
+
+
+def _tool_choice(choice: ToolChoice | None, parallel_tool_calls: bool | None) -> dict[str, object] | None:
+    """``tool_choice`` for a request that offers tools; None for Anthropic's default (auto, parallel
+    calls allowed). No parallel calls is ``disable_parallel_tool_use`` inside it (with ``auto``
+    when no mode is given); ``none`` has no such field, and makes no calls anyway."""
+    mode = ToolChoiceMode.AUTO if choice is None else choice.mode
+    if choice is None and parallel_tool_calls is not False:
+        return None
+    param: dict[str, object] = {"type": _CHOICE_TYPES[mode]}
+    if mode is ToolChoiceMode.TOOL and choice is not None:
+        param["name"] = choice.name
+    if parallel_tool_calls is False and mode is not ToolChoiceMode.NONE:
+        param["disable_parallel_tool_use"] = True
+    return param
 
 
 def _called_tools(messages: Iterable[Message]) -> list[ToolParam]:
@@ -413,7 +459,9 @@ class AnthropicProvider:
         request, tools included), and the estimate logged."""
         if tally.input_tokens is None or tally.output_tokens is None:
             log.warning("provider_usage_estimated", provider=self._name, model=call.model)
-            input_tokens = estimate_input_tokens(ChatRequest(messages=call.messages, tools=call.tools))
+            input_tokens = estimate_input_tokens(
+                ChatRequest(messages=call.messages, tools=call.tools, response_format=call.response_format)
+            )
             output_tokens = count_text_tokens("".join(tally.output))
             estimate = Usage(
                 input_tokens=input_tokens if tally.input_tokens is None else tally.input_tokens,

@@ -72,6 +72,10 @@ class AnthropicBatches:
                 messages=item.messages,
                 tools=item.tools,
                 temperature=item.temperature,
+                stop=item.stop,
+                tool_choice=item.tool_choice,
+                parallel_tool_calls=item.parallel_tool_calls,
+                response_format=item.response_format,
             )
             requests.append({"custom_id": item.custom_id, "params": params})
         batch = await self._guard("create", self._client.messages.batches.create(requests=requests))

@@ -7,13 +7,33 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, Protocol
 
-from routesvc.models import Message, ProviderEvent, ToolSpec
+from routesvc.models import (
+    ChatRequest,
+    Message,
+    ProviderEvent,
+    ResponseFormat,
+    ResponseFormatType,
+    ToolChoice,
+    ToolSpec,
+)
 
 # The HTTP transport under an SDK client: the SDKs' aiohttp one (``DefaultAioHttpClient``, wrapped
 # by ``_aiohttp.keeping_buffered`` so a cut loses nothing; routesvc's default) or their own default,
 # httpx. Same requests and headers; aiohttp costs less CPU per stream. docs/performance.md lists
 # the differences.
 HttpClientKind = Literal["aiohttp", "httpx"]
+
+
+def refusal(kind: str, chat: ChatRequest) -> str:
+    """Why an API of ``kind`` (``providers.<name>.kind``) refuses ``chat`` as asked, or "" when it
+    takes it: routing passes over its models, so the request goes to a model that can serve it
+    instead of failing upstream (and counting against that model's breaker)."""
+    if kind == "anthropic" and any(not sequence.strip() for sequence in chat.stop):
+        return "provider kind anthropic refuses a stop sequence of whitespace only"
+    json_object = chat.response_format is not None and chat.response_format.type is ResponseFormatType.JSON_OBJECT
+    if kind == "anthropic" and json_object:
+        return "provider kind anthropic has no JSON object mode (it takes RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +51,10 @@ class ProviderCall:
     tools: tuple[ToolSpec, ...] = ()
     max_output_tokens: int = 512
     temperature: float | None = None
+    stop: tuple[str, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     timeout: float | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 

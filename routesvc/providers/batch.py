@@ -9,7 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from routesvc.models import BatchState, FinishReason, Message, ToolCall, ToolSpec, Usage
+from routesvc.models import (
+    BatchState,
+    FinishReason,
+    Message,
+    ResponseFormat,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+    Usage,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +32,10 @@ class BatchItem:
     max_output_tokens: int
     temperature: float | None = None
     tools: tuple[ToolSpec, ...] = ()
+    stop: tuple[str, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, slots=True)

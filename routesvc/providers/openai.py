@@ -37,8 +37,12 @@ from routesvc.models import (
     Message,
     ProviderEvent,
     ProviderFinish,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
     TextDelta,
+    ToolChoice,
+    ToolChoiceMode,
     ToolSpec,
     Usage,
 )
@@ -136,6 +140,50 @@ def _tools(tools: Iterable[ToolSpec]) -> list[ChatCompletionFunctionToolParam]:
     return result
 
 
+def _tool_choice(choice: ToolChoice) -> object:
+    """``tool_choice`` as the chat completions API takes it."""
+    if choice.mode is ToolChoiceMode.TOOL:
+        return {"type": "function", "function": {"name": choice.name}}
+    return choice.mode.value  # "auto", "none", "required"
+
+
+def _response_format(response_format: ResponseFormat) -> dict[str, object]:
+    """``response_format`` as the chat completions API takes it."""
+    if response_format.type is ResponseFormatType.JSON_OBJECT:
+        return {"type": "json_object"}
+    schema = {"name": response_format.name, "schema": dict(response_format.schema), "strict": response_format.strict}
+    return {"type": "json_schema", "json_schema": schema}
+
+
+def chat_params(
+    *,
+    tools: tuple[ToolSpec, ...],
+    temperature: float | None,
+    stop: tuple[str, ...],
+    tool_choice: ToolChoice | None,
+    parallel_tool_calls: bool | None,
+    response_format: ResponseFormat | None,
+) -> dict[str, object]:
+    """The optional parameters of one chat completions request, streamed or in a batch: only those
+    the request sets. ``tool_choice`` and ``parallel_tool_calls`` go only with tools, as OpenAI
+    refuses them otherwise (validation allows only TOOL_CHOICE_MODE_NONE without tools, which
+    then has nothing to say)."""
+    params: dict[str, object] = {}
+    if tools:
+        params["tools"] = _tools(tools)
+        if tool_choice is not None:
+            params["tool_choice"] = _tool_choice(tool_choice)
+        if parallel_tool_calls is not None:
+            params["parallel_tool_calls"] = parallel_tool_calls
+    if temperature is not None:
+        params["temperature"] = temperature
+    if stop:
+        params["stop"] = list(stop)
+    if response_format is not None:
+        params["response_format"] = _response_format(response_format)
+    return params
+
+
 def quota_spent(exc: openai.APIStatusError) -> bool:
     """Whether an OpenAI error says the account's quota is spent (``insufficient_quota``, its code
     or its type), streamed or in a batch."""
@@ -231,10 +279,14 @@ class OpenAIProvider:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if call.tools:
-            body["tools"] = _tools(call.tools)
-        if call.temperature is not None:
-            body["temperature"] = call.temperature
+        body |= chat_params(
+            tools=call.tools,
+            temperature=call.temperature,
+            stop=call.stop,
+            tool_choice=call.tool_choice,
+            parallel_tool_calls=call.parallel_tool_calls,
+            response_format=call.response_format,
+        )
         body["max_completion_tokens" if self._kind == "openai" else "max_tokens"] = call.max_output_tokens
         return body
 
@@ -309,7 +361,9 @@ class OpenAIProvider:
         if estimated:
             log.warning("provider_usage_estimated", provider=self._name, model=call.model, kind=self._kind)
         if input_tokens is None:
-            input_tokens = estimate_input_tokens(ChatRequest(messages=call.messages, tools=call.tools))
+            input_tokens = estimate_input_tokens(
+                ChatRequest(messages=call.messages, tools=call.tools, response_format=call.response_format)
+            )
         if output_tokens is None:
             output_tokens = count_text_tokens("".join(output))
         details = object_field(usage.get("prompt_tokens_details"))

@@ -16,7 +16,7 @@ from routesvc.errors import ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
-from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, _tools, map_finish_reason, quota_spent
+from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, chat_params, map_finish_reason, quota_spent
 
 _T = TypeVar("_T")
 _ENDED = frozenset({"completed", "expired", "failed", "cancelled"})
@@ -67,10 +67,14 @@ class OpenAIBatches:
                 "messages": _messages(item.messages),
                 "max_completion_tokens": item.max_output_tokens,
             }
-            if item.tools:
-                body["tools"] = _tools(item.tools)
-            if item.temperature is not None:
-                body["temperature"] = item.temperature
+            body |= chat_params(
+                tools=item.tools,
+                temperature=item.temperature,
+                stop=item.stop,
+                tool_choice=item.tool_choice,
+                parallel_tool_calls=item.parallel_tool_calls,
+                response_format=item.response_format,
+            )
             lines.append(json.dumps({"custom_id": item.custom_id, "method": "POST", "url": _ENDPOINT, "body": body}))
         content = ("\n".join(lines) + "\n").encode()
         uploaded = await self._guard(

@@ -373,6 +373,10 @@ async def observed_stream(
     }
     if call.temperature is not None:
         attributes["gen_ai.request.temperature"] = call.temperature
+    if call.stop:
+        attributes["gen_ai.request.stop_sequences"] = list(call.stop)
+    if call.response_format is not None:
+        attributes["gen_ai.output.type"] = "json"
     if provider_settings is not None and provider_settings.base_url:
         url = urlsplit(provider_settings.base_url)
         if url.hostname:

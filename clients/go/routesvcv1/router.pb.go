@@ -285,6 +285,126 @@ func (FinishReason) EnumDescriptor() ([]byte, []int) {
 	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
 }
 
+// ToolChoiceMode is what a model must do about the tools a request offers.
+type ToolChoiceMode int32
+
+const (
+	// Not set: the provider's default (the model decides whether to call a tool).
+	ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED ToolChoiceMode = 0
+	// The model decides whether to call a tool.
+	ToolChoiceMode_TOOL_CHOICE_MODE_AUTO ToolChoiceMode = 1
+	// The model answers in text and calls no tool.
+	ToolChoiceMode_TOOL_CHOICE_MODE_NONE ToolChoiceMode = 2
+	// The model calls at least one tool (Anthropic's "any").
+	ToolChoiceMode_TOOL_CHOICE_MODE_REQUIRED ToolChoiceMode = 3
+	// The model calls the tool ToolChoice.name.
+	ToolChoiceMode_TOOL_CHOICE_MODE_TOOL ToolChoiceMode = 4
+)
+
+// Enum value maps for ToolChoiceMode.
+var (
+	ToolChoiceMode_name = map[int32]string{
+		0: "TOOL_CHOICE_MODE_UNSPECIFIED",
+		1: "TOOL_CHOICE_MODE_AUTO",
+		2: "TOOL_CHOICE_MODE_NONE",
+		3: "TOOL_CHOICE_MODE_REQUIRED",
+		4: "TOOL_CHOICE_MODE_TOOL",
+	}
+	ToolChoiceMode_value = map[string]int32{
+		"TOOL_CHOICE_MODE_UNSPECIFIED": 0,
+		"TOOL_CHOICE_MODE_AUTO":        1,
+		"TOOL_CHOICE_MODE_NONE":        2,
+		"TOOL_CHOICE_MODE_REQUIRED":    3,
+		"TOOL_CHOICE_MODE_TOOL":        4,
+	}
+)
+
+func (x ToolChoiceMode) Enum() *ToolChoiceMode {
+	p := new(ToolChoiceMode)
+	*p = x
+	return p
+}
+
+func (x ToolChoiceMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ToolChoiceMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_routesvc_v1_router_proto_enumTypes[4].Descriptor()
+}
+
+func (ToolChoiceMode) Type() protoreflect.EnumType {
+	return &file_routesvc_v1_router_proto_enumTypes[4]
+}
+
+func (x ToolChoiceMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ToolChoiceMode.Descriptor instead.
+func (ToolChoiceMode) EnumDescriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
+}
+
+// ResponseFormatType is the form the model's answer must take.
+type ResponseFormatType int32
+
+const (
+	// Not set: text.
+	ResponseFormatType_RESPONSE_FORMAT_TYPE_UNSPECIFIED ResponseFormatType = 0
+	// Text (the default).
+	ResponseFormatType_RESPONSE_FORMAT_TYPE_TEXT ResponseFormatType = 1
+	// Any JSON object (OpenAI's JSON mode). Anthropic has no such mode: its models are not
+	// eligible. The prompt should still ask for JSON, as OpenAI requires.
+	ResponseFormatType_RESPONSE_FORMAT_TYPE_JSON_OBJECT ResponseFormatType = 2
+	// A JSON object that matches ResponseFormat.schema_json (OpenAI's json_schema,
+	// Anthropic's output_config.format).
+	ResponseFormatType_RESPONSE_FORMAT_TYPE_JSON_SCHEMA ResponseFormatType = 3
+)
+
+// Enum value maps for ResponseFormatType.
+var (
+	ResponseFormatType_name = map[int32]string{
+		0: "RESPONSE_FORMAT_TYPE_UNSPECIFIED",
+		1: "RESPONSE_FORMAT_TYPE_TEXT",
+		2: "RESPONSE_FORMAT_TYPE_JSON_OBJECT",
+		3: "RESPONSE_FORMAT_TYPE_JSON_SCHEMA",
+	}
+	ResponseFormatType_value = map[string]int32{
+		"RESPONSE_FORMAT_TYPE_UNSPECIFIED": 0,
+		"RESPONSE_FORMAT_TYPE_TEXT":        1,
+		"RESPONSE_FORMAT_TYPE_JSON_OBJECT": 2,
+		"RESPONSE_FORMAT_TYPE_JSON_SCHEMA": 3,
+	}
+)
+
+func (x ResponseFormatType) Enum() *ResponseFormatType {
+	p := new(ResponseFormatType)
+	*p = x
+	return p
+}
+
+func (x ResponseFormatType) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ResponseFormatType) Descriptor() protoreflect.EnumDescriptor {
+	return file_routesvc_v1_router_proto_enumTypes[5].Descriptor()
+}
+
+func (ResponseFormatType) Type() protoreflect.EnumType {
+	return &file_routesvc_v1_router_proto_enumTypes[5]
+}
+
+func (x ResponseFormatType) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ResponseFormatType.Descriptor instead.
+func (ResponseFormatType) EnumDescriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
+}
+
 // AttemptOutcome is how one upstream attempt ended.
 type AttemptOutcome int32
 
@@ -334,11 +454,11 @@ func (x AttemptOutcome) String() string {
 }
 
 func (AttemptOutcome) Descriptor() protoreflect.EnumDescriptor {
-	return file_routesvc_v1_router_proto_enumTypes[4].Descriptor()
+	return file_routesvc_v1_router_proto_enumTypes[6].Descriptor()
 }
 
 func (AttemptOutcome) Type() protoreflect.EnumType {
-	return &file_routesvc_v1_router_proto_enumTypes[4]
+	return &file_routesvc_v1_router_proto_enumTypes[6]
 }
 
 func (x AttemptOutcome) Number() protoreflect.EnumNumber {
@@ -347,7 +467,7 @@ func (x AttemptOutcome) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use AttemptOutcome.Descriptor instead.
 func (AttemptOutcome) EnumDescriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
 }
 
 // Message is one turn of the conversation.
@@ -555,6 +675,140 @@ func (x *Tool) GetParametersJson() string {
 	return ""
 }
 
+// ToolChoice is whether, and which, tool the model must call.
+type ToolChoice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the model must do. Anything but TOOL_CHOICE_MODE_UNSPECIFIED or
+	// TOOL_CHOICE_MODE_NONE needs ChatRequest.tools.
+	Mode ToolChoiceMode `protobuf:"varint,1,opt,name=mode,proto3,enum=routesvc.v1.ToolChoiceMode" json:"mode,omitempty"`
+	// With TOOL_CHOICE_MODE_TOOL (required there, and only there): the name of one of
+	// ChatRequest.tools.
+	Name          string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolChoice) Reset() {
+	*x = ToolChoice{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolChoice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolChoice) ProtoMessage() {}
+
+func (x *ToolChoice) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolChoice.ProtoReflect.Descriptor instead.
+func (*ToolChoice) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ToolChoice) GetMode() ToolChoiceMode {
+	if x != nil {
+		return x.Mode
+	}
+	return ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED
+}
+
+func (x *ToolChoice) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// ResponseFormat is the form the model's answer must take.
+type ResponseFormat struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The form. A JSON form is served only by a model with the "json" capability whose
+	// provider takes it.
+	Type ResponseFormatType `protobuf:"varint,1,opt,name=type,proto3,enum=routesvc.v1.ResponseFormatType" json:"type,omitempty"`
+	// With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the schema's
+	// name, 1-64 characters of [a-zA-Z0-9_-].
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
+	// Schema, as a JSON object text.
+	SchemaJson string `protobuf:"bytes,3,opt,name=schema_json,json=schemaJson,proto3" json:"schema_json,omitempty"`
+	// With RESPONSE_FORMAT_TYPE_JSON_SCHEMA only: OpenAI's strict schema adherence (which
+	// restricts the schema, see OpenAI's structured outputs). Anthropic always adheres.
+	Strict        bool `protobuf:"varint,4,opt,name=strict,proto3" json:"strict,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResponseFormat) Reset() {
+	*x = ResponseFormat{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResponseFormat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResponseFormat) ProtoMessage() {}
+
+func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResponseFormat.ProtoReflect.Descriptor instead.
+func (*ResponseFormat) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ResponseFormat) GetType() ResponseFormatType {
+	if x != nil {
+		return x.Type
+	}
+	return ResponseFormatType_RESPONSE_FORMAT_TYPE_UNSPECIFIED
+}
+
+func (x *ResponseFormat) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ResponseFormat) GetSchemaJson() string {
+	if x != nil {
+		return x.SchemaJson
+	}
+	return ""
+}
+
+func (x *ResponseFormat) GetStrict() bool {
+	if x != nil {
+		return x.Strict
+	}
+	return false
+}
+
 // ChatRequest is what would be sent to a model.
 type ChatRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -567,14 +821,28 @@ type ChatRequest struct {
 	// at most the configured cap.
 	MaxOutputTokens *int32 `protobuf:"varint,3,opt,name=max_output_tokens,json=maxOutputTokens,proto3,oneof" json:"max_output_tokens,omitempty"`
 	// Sampling temperature in [0, 2]; unset uses the provider's default.
-	Temperature   *float64 `protobuf:"fixed64,4,opt,name=temperature,proto3,oneof" json:"temperature,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Temperature *float64 `protobuf:"fixed64,4,opt,name=temperature,proto3,oneof" json:"temperature,omitempty"`
+	// Stop sequences: the model stops before writing any of them (finish reason STOP), and
+	// the sequence is not part of the answer. At most the configured limit (4 by default,
+	// OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+	// only (such as "\n"), so a request with one is not served by an Anthropic model.
+	Stop []string `protobuf:"bytes,5,rep,name=stop,proto3" json:"stop,omitempty"`
+	// Whether, and which, tool the model must call; unset is the provider's default (the
+	// model decides).
+	ToolChoice *ToolChoice `protobuf:"bytes,6,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
+	// Whether the model may make several tool calls in one turn; unset is the provider's
+	// default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+	// Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+	ParallelToolCalls *bool `protobuf:"varint,7,opt,name=parallel_tool_calls,json=parallelToolCalls,proto3,oneof" json:"parallel_tool_calls,omitempty"`
+	// The form the answer must take; unset is text.
+	ResponseFormat *ResponseFormat `protobuf:"bytes,8,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ChatRequest) Reset() {
 	*x = ChatRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	mi := &file_routesvc_v1_router_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -586,7 +854,7 @@ func (x *ChatRequest) String() string {
 func (*ChatRequest) ProtoMessage() {}
 
 func (x *ChatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	mi := &file_routesvc_v1_router_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -599,7 +867,7 @@ func (x *ChatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatRequest.ProtoReflect.Descriptor instead.
 func (*ChatRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ChatRequest) GetMessages() []*Message {
@@ -628,6 +896,34 @@ func (x *ChatRequest) GetTemperature() float64 {
 		return *x.Temperature
 	}
 	return 0
+}
+
+func (x *ChatRequest) GetStop() []string {
+	if x != nil {
+		return x.Stop
+	}
+	return nil
+}
+
+func (x *ChatRequest) GetToolChoice() *ToolChoice {
+	if x != nil {
+		return x.ToolChoice
+	}
+	return nil
+}
+
+func (x *ChatRequest) GetParallelToolCalls() bool {
+	if x != nil && x.ParallelToolCalls != nil {
+		return *x.ParallelToolCalls
+	}
+	return false
+}
+
+func (x *ChatRequest) GetResponseFormat() *ResponseFormat {
+	if x != nil {
+		return x.ResponseFormat
+	}
+	return nil
 }
 
 // RoutingContext is what the router knows about the request besides its text.
@@ -660,7 +956,7 @@ type RoutingContext struct {
 
 func (x *RoutingContext) Reset() {
 	*x = RoutingContext{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	mi := &file_routesvc_v1_router_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -672,7 +968,7 @@ func (x *RoutingContext) String() string {
 func (*RoutingContext) ProtoMessage() {}
 
 func (x *RoutingContext) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	mi := &file_routesvc_v1_router_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -685,7 +981,7 @@ func (x *RoutingContext) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoutingContext.ProtoReflect.Descriptor instead.
 func (*RoutingContext) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RoutingContext) GetTenant() string {
@@ -757,7 +1053,7 @@ type RouteRequest struct {
 
 func (x *RouteRequest) Reset() {
 	*x = RouteRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[5]
+	mi := &file_routesvc_v1_router_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -769,7 +1065,7 @@ func (x *RouteRequest) String() string {
 func (*RouteRequest) ProtoMessage() {}
 
 func (x *RouteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[5]
+	mi := &file_routesvc_v1_router_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -782,7 +1078,7 @@ func (x *RouteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteRequest.ProtoReflect.Descriptor instead.
 func (*RouteRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RouteRequest) GetChat() *ChatRequest {
@@ -814,7 +1110,7 @@ type Candidate struct {
 
 func (x *Candidate) Reset() {
 	*x = Candidate{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[6]
+	mi := &file_routesvc_v1_router_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -826,7 +1122,7 @@ func (x *Candidate) String() string {
 func (*Candidate) ProtoMessage() {}
 
 func (x *Candidate) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[6]
+	mi := &file_routesvc_v1_router_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -839,7 +1135,7 @@ func (x *Candidate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Candidate.ProtoReflect.Descriptor instead.
 func (*Candidate) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Candidate) GetModel() string {
@@ -912,7 +1208,7 @@ type RouteDecision struct {
 
 func (x *RouteDecision) Reset() {
 	*x = RouteDecision{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[7]
+	mi := &file_routesvc_v1_router_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -924,7 +1220,7 @@ func (x *RouteDecision) String() string {
 func (*RouteDecision) ProtoMessage() {}
 
 func (x *RouteDecision) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[7]
+	mi := &file_routesvc_v1_router_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -937,7 +1233,7 @@ func (x *RouteDecision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteDecision.ProtoReflect.Descriptor instead.
 func (*RouteDecision) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RouteDecision) GetDecisionId() string {
@@ -1063,7 +1359,7 @@ type RouteResponse struct {
 
 func (x *RouteResponse) Reset() {
 	*x = RouteResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[8]
+	mi := &file_routesvc_v1_router_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1075,7 +1371,7 @@ func (x *RouteResponse) String() string {
 func (*RouteResponse) ProtoMessage() {}
 
 func (x *RouteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[8]
+	mi := &file_routesvc_v1_router_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1088,7 +1384,7 @@ func (x *RouteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteResponse.ProtoReflect.Descriptor instead.
 func (*RouteResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{8}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RouteResponse) GetDecision() *RouteDecision {
@@ -1111,7 +1407,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[9]
+	mi := &file_routesvc_v1_router_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1123,7 +1419,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[9]
+	mi := &file_routesvc_v1_router_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1136,7 +1432,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{9}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CompleteRequest) GetChat() *ChatRequest {
@@ -1164,7 +1460,7 @@ type TextDelta struct {
 
 func (x *TextDelta) Reset() {
 	*x = TextDelta{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[10]
+	mi := &file_routesvc_v1_router_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1176,7 +1472,7 @@ func (x *TextDelta) String() string {
 func (*TextDelta) ProtoMessage() {}
 
 func (x *TextDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[10]
+	mi := &file_routesvc_v1_router_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1189,7 +1485,7 @@ func (x *TextDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TextDelta.ProtoReflect.Descriptor instead.
 func (*TextDelta) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{10}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *TextDelta) GetText() string {
@@ -1220,7 +1516,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[11]
+	mi := &file_routesvc_v1_router_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1232,7 +1528,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[11]
+	mi := &file_routesvc_v1_router_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1245,7 +1541,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{11}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Usage) GetInputTokens() int64 {
@@ -1317,7 +1613,7 @@ type Completion struct {
 
 func (x *Completion) Reset() {
 	*x = Completion{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[12]
+	mi := &file_routesvc_v1_router_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1329,7 +1625,7 @@ func (x *Completion) String() string {
 func (*Completion) ProtoMessage() {}
 
 func (x *Completion) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[12]
+	mi := &file_routesvc_v1_router_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1342,7 +1638,7 @@ func (x *Completion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Completion.ProtoReflect.Descriptor instead.
 func (*Completion) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{12}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Completion) GetModel() string {
@@ -1432,7 +1728,7 @@ type Attempt struct {
 
 func (x *Attempt) Reset() {
 	*x = Attempt{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[13]
+	mi := &file_routesvc_v1_router_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1444,7 +1740,7 @@ func (x *Attempt) String() string {
 func (*Attempt) ProtoMessage() {}
 
 func (x *Attempt) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[13]
+	mi := &file_routesvc_v1_router_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1457,7 +1753,7 @@ func (x *Attempt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attempt.ProtoReflect.Descriptor instead.
 func (*Attempt) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{13}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Attempt) GetModel() string {
@@ -1504,7 +1800,7 @@ type QualityScore struct {
 
 func (x *QualityScore) Reset() {
 	*x = QualityScore{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[14]
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1516,7 +1812,7 @@ func (x *QualityScore) String() string {
 func (*QualityScore) ProtoMessage() {}
 
 func (x *QualityScore) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[14]
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1529,7 +1825,7 @@ func (x *QualityScore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QualityScore.ProtoReflect.Descriptor instead.
 func (*QualityScore) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{14}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *QualityScore) GetScore() float64 {
@@ -1576,7 +1872,7 @@ type Escalation struct {
 
 func (x *Escalation) Reset() {
 	*x = Escalation{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[15]
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1588,7 +1884,7 @@ func (x *Escalation) String() string {
 func (*Escalation) ProtoMessage() {}
 
 func (x *Escalation) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[15]
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1601,7 +1897,7 @@ func (x *Escalation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Escalation.ProtoReflect.Descriptor instead.
 func (*Escalation) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{15}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Escalation) GetFromModel() string {
@@ -1671,7 +1967,7 @@ type BatchJob struct {
 
 func (x *BatchJob) Reset() {
 	*x = BatchJob{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1683,7 +1979,7 @@ func (x *BatchJob) String() string {
 func (*BatchJob) ProtoMessage() {}
 
 func (x *BatchJob) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1696,7 +1992,7 @@ func (x *BatchJob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchJob.ProtoReflect.Descriptor instead.
 func (*BatchJob) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{16}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *BatchJob) GetBatchId() string {
@@ -1776,7 +2072,7 @@ type BatchResult struct {
 
 func (x *BatchResult) Reset() {
 	*x = BatchResult{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1788,7 +2084,7 @@ func (x *BatchResult) String() string {
 func (*BatchResult) ProtoMessage() {}
 
 func (x *BatchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1801,7 +2097,7 @@ func (x *BatchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchResult.ProtoReflect.Descriptor instead.
 func (*BatchResult) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{17}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *BatchResult) GetText() string {
@@ -1860,7 +2156,7 @@ type GetBatchRequest struct {
 
 func (x *GetBatchRequest) Reset() {
 	*x = GetBatchRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1872,7 +2168,7 @@ func (x *GetBatchRequest) String() string {
 func (*GetBatchRequest) ProtoMessage() {}
 
 func (x *GetBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1885,7 +2181,7 @@ func (x *GetBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBatchRequest.ProtoReflect.Descriptor instead.
 func (*GetBatchRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{18}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetBatchRequest) GetBatchId() string {
@@ -1917,7 +2213,7 @@ type GetBatchResponse struct {
 
 func (x *GetBatchResponse) Reset() {
 	*x = GetBatchResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1929,7 +2225,7 @@ func (x *GetBatchResponse) String() string {
 func (*GetBatchResponse) ProtoMessage() {}
 
 func (x *GetBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1942,7 +2238,7 @@ func (x *GetBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBatchResponse.ProtoReflect.Descriptor instead.
 func (*GetBatchResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{19}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetBatchResponse) GetJob() *BatchJob {
@@ -1980,7 +2276,7 @@ type CancelBatchRequest struct {
 
 func (x *CancelBatchRequest) Reset() {
 	*x = CancelBatchRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	mi := &file_routesvc_v1_router_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1992,7 +2288,7 @@ func (x *CancelBatchRequest) String() string {
 func (*CancelBatchRequest) ProtoMessage() {}
 
 func (x *CancelBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	mi := &file_routesvc_v1_router_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2005,7 +2301,7 @@ func (x *CancelBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBatchRequest.ProtoReflect.Descriptor instead.
 func (*CancelBatchRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{20}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CancelBatchRequest) GetBatchId() string {
@@ -2033,7 +2329,7 @@ type CancelBatchResponse struct {
 
 func (x *CancelBatchResponse) Reset() {
 	*x = CancelBatchResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	mi := &file_routesvc_v1_router_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2045,7 +2341,7 @@ func (x *CancelBatchResponse) String() string {
 func (*CancelBatchResponse) ProtoMessage() {}
 
 func (x *CancelBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	mi := &file_routesvc_v1_router_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2058,7 +2354,7 @@ func (x *CancelBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBatchResponse.ProtoReflect.Descriptor instead.
 func (*CancelBatchResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{21}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CancelBatchResponse) GetJob() *BatchJob {
@@ -2087,7 +2383,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[22]
+	mi := &file_routesvc_v1_router_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2099,7 +2395,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[22]
+	mi := &file_routesvc_v1_router_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2112,7 +2408,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{22}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CompleteResponse) GetEvent() isCompleteResponse_Event {
@@ -2215,7 +2511,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[23]
+	mi := &file_routesvc_v1_router_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2227,7 +2523,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[23]
+	mi := &file_routesvc_v1_router_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2240,7 +2536,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{23}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{25}
 }
 
 // ModelInfo describes one catalog model.
@@ -2278,7 +2574,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[24]
+	mi := &file_routesvc_v1_router_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2290,7 +2586,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[24]
+	mi := &file_routesvc_v1_router_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2303,7 +2599,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{24}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ModelInfo) GetId() string {
@@ -2408,7 +2704,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[25]
+	mi := &file_routesvc_v1_router_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2420,7 +2716,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[25]
+	mi := &file_routesvc_v1_router_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2433,7 +2729,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{25}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListModelsResponse) GetModels() []*ModelInfo {
@@ -2457,7 +2753,7 @@ type GetStatsRequest struct {
 
 func (x *GetStatsRequest) Reset() {
 	*x = GetStatsRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[26]
+	mi := &file_routesvc_v1_router_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2469,7 +2765,7 @@ func (x *GetStatsRequest) String() string {
 func (*GetStatsRequest) ProtoMessage() {}
 
 func (x *GetStatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[26]
+	mi := &file_routesvc_v1_router_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2482,7 +2778,7 @@ func (x *GetStatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatsRequest.ProtoReflect.Descriptor instead.
 func (*GetStatsRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{26}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GetStatsRequest) GetTenant() string {
@@ -2528,7 +2824,7 @@ type CostTotals struct {
 
 func (x *CostTotals) Reset() {
 	*x = CostTotals{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[27]
+	mi := &file_routesvc_v1_router_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2540,7 +2836,7 @@ func (x *CostTotals) String() string {
 func (*CostTotals) ProtoMessage() {}
 
 func (x *CostTotals) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[27]
+	mi := &file_routesvc_v1_router_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2553,7 +2849,7 @@ func (x *CostTotals) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CostTotals.ProtoReflect.Descriptor instead.
 func (*CostTotals) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{27}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CostTotals) GetRequests() int64 {
@@ -2631,7 +2927,7 @@ type ModelStats struct {
 
 func (x *ModelStats) Reset() {
 	*x = ModelStats{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[28]
+	mi := &file_routesvc_v1_router_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2643,7 +2939,7 @@ func (x *ModelStats) String() string {
 func (*ModelStats) ProtoMessage() {}
 
 func (x *ModelStats) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[28]
+	mi := &file_routesvc_v1_router_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2656,7 +2952,7 @@ func (x *ModelStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelStats.ProtoReflect.Descriptor instead.
 func (*ModelStats) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{28}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ModelStats) GetModel() string {
@@ -2707,7 +3003,7 @@ type TenantStats struct {
 
 func (x *TenantStats) Reset() {
 	*x = TenantStats{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[29]
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2719,7 +3015,7 @@ func (x *TenantStats) String() string {
 func (*TenantStats) ProtoMessage() {}
 
 func (x *TenantStats) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[29]
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2732,7 +3028,7 @@ func (x *TenantStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TenantStats.ProtoReflect.Descriptor instead.
 func (*TenantStats) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{29}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *TenantStats) GetTenant() string {
@@ -2764,7 +3060,7 @@ type LatencyPercentiles struct {
 
 func (x *LatencyPercentiles) Reset() {
 	*x = LatencyPercentiles{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[30]
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2776,7 +3072,7 @@ func (x *LatencyPercentiles) String() string {
 func (*LatencyPercentiles) ProtoMessage() {}
 
 func (x *LatencyPercentiles) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[30]
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2789,7 +3085,7 @@ func (x *LatencyPercentiles) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LatencyPercentiles.ProtoReflect.Descriptor instead.
 func (*LatencyPercentiles) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{30}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *LatencyPercentiles) GetP50() *durationpb.Duration {
@@ -2850,7 +3146,7 @@ type GetStatsResponse struct {
 
 func (x *GetStatsResponse) Reset() {
 	*x = GetStatsResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	mi := &file_routesvc_v1_router_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2862,7 +3158,7 @@ func (x *GetStatsResponse) String() string {
 func (*GetStatsResponse) ProtoMessage() {}
 
 func (x *GetStatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	mi := &file_routesvc_v1_router_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2875,7 +3171,7 @@ func (x *GetStatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatsResponse.ProtoReflect.Descriptor instead.
 func (*GetStatsResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{31}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GetStatsResponse) GetWindow() *durationpb.Duration {
@@ -2994,7 +3290,7 @@ type FeedbackRequest struct {
 
 func (x *FeedbackRequest) Reset() {
 	*x = FeedbackRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	mi := &file_routesvc_v1_router_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3006,7 +3302,7 @@ func (x *FeedbackRequest) String() string {
 func (*FeedbackRequest) ProtoMessage() {}
 
 func (x *FeedbackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	mi := &file_routesvc_v1_router_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3019,7 +3315,7 @@ func (x *FeedbackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeedbackRequest.ProtoReflect.Descriptor instead.
 func (*FeedbackRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{32}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *FeedbackRequest) GetDecisionId() string {
@@ -3090,7 +3386,7 @@ type FeedbackResponse struct {
 
 func (x *FeedbackResponse) Reset() {
 	*x = FeedbackResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[33]
+	mi := &file_routesvc_v1_router_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3102,7 +3398,7 @@ func (x *FeedbackResponse) String() string {
 func (*FeedbackResponse) ProtoMessage() {}
 
 func (x *FeedbackResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[33]
+	mi := &file_routesvc_v1_router_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3115,7 +3411,7 @@ func (x *FeedbackResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeedbackResponse.ProtoReflect.Descriptor instead.
 func (*FeedbackResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{33}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *FeedbackResponse) GetDecisionId() string {
@@ -3165,14 +3461,30 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x04Tool\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x12'\n" +
-	"\x0fparameters_json\x18\x03 \x01(\tR\x0eparametersJson\"\xe6\x01\n" +
+	"\x0fparameters_json\x18\x03 \x01(\tR\x0eparametersJson\"Q\n" +
+	"\n" +
+	"ToolChoice\x12/\n" +
+	"\x04mode\x18\x01 \x01(\x0e2\x1b.routesvc.v1.ToolChoiceModeR\x04mode\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"\x92\x01\n" +
+	"\x0eResponseFormat\x123\n" +
+	"\x04type\x18\x01 \x01(\x0e2\x1f.routesvc.v1.ResponseFormatTypeR\x04type\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1f\n" +
+	"\vschema_json\x18\x03 \x01(\tR\n" +
+	"schemaJson\x12\x16\n" +
+	"\x06strict\x18\x04 \x01(\bR\x06strict\"\xc7\x03\n" +
 	"\vChatRequest\x120\n" +
 	"\bmessages\x18\x01 \x03(\v2\x14.routesvc.v1.MessageR\bmessages\x12'\n" +
 	"\x05tools\x18\x02 \x03(\v2\x11.routesvc.v1.ToolR\x05tools\x12/\n" +
 	"\x11max_output_tokens\x18\x03 \x01(\x05H\x00R\x0fmaxOutputTokens\x88\x01\x01\x12%\n" +
-	"\vtemperature\x18\x04 \x01(\x01H\x01R\vtemperature\x88\x01\x01B\x14\n" +
+	"\vtemperature\x18\x04 \x01(\x01H\x01R\vtemperature\x88\x01\x01\x12\x12\n" +
+	"\x04stop\x18\x05 \x03(\tR\x04stop\x128\n" +
+	"\vtool_choice\x18\x06 \x01(\v2\x17.routesvc.v1.ToolChoiceR\n" +
+	"toolChoice\x123\n" +
+	"\x13parallel_tool_calls\x18\a \x01(\bH\x02R\x11parallelToolCalls\x88\x01\x01\x12D\n" +
+	"\x0fresponse_format\x18\b \x01(\v2\x1b.routesvc.v1.ResponseFormatR\x0eresponseFormatB\x14\n" +
 	"\x12_max_output_tokensB\x0e\n" +
-	"\f_temperature\"\xf7\x02\n" +
+	"\f_temperatureB\x16\n" +
+	"\x14_parallel_tool_calls\"\xf7\x02\n" +
 	"\x0eRoutingContext\x12\x16\n" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x1b\n" +
 	"\tuser_tier\x18\x02 \x01(\tR\buserTier\x12\x1b\n" +
@@ -3408,7 +3720,18 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x14FINISH_REASON_LENGTH\x10\x02\x12\x1c\n" +
 	"\x18FINISH_REASON_TOOL_CALLS\x10\x03\x12 \n" +
 	"\x1cFINISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n" +
-	"\x13FINISH_REASON_OTHER\x10\x05*\xc6\x01\n" +
+	"\x13FINISH_REASON_OTHER\x10\x05*\xa2\x01\n" +
+	"\x0eToolChoiceMode\x12 \n" +
+	"\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n" +
+	"\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_TOOL\x10\x04*\xa5\x01\n" +
+	"\x12ResponseFormatType\x12$\n" +
+	" RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n" +
+	"\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n" +
+	" RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n" +
+	" RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\xc6\x01\n" +
 	"\x0eAttemptOutcome\x12\x1f\n" +
 	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19ATTEMPT_OUTCOME_COMPLETED\x10\x01\x12\x1d\n" +
@@ -3439,121 +3762,129 @@ func file_routesvc_v1_router_proto_rawDescGZIP() []byte {
 	return file_routesvc_v1_router_proto_rawDescData
 }
 
-var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
+var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_routesvc_v1_router_proto_goTypes = []any{
 	(BatchState)(0),               // 0: routesvc.v1.BatchState
 	(Role)(0),                     // 1: routesvc.v1.Role
 	(Mode)(0),                     // 2: routesvc.v1.Mode
 	(FinishReason)(0),             // 3: routesvc.v1.FinishReason
-	(AttemptOutcome)(0),           // 4: routesvc.v1.AttemptOutcome
-	(*Message)(nil),               // 5: routesvc.v1.Message
-	(*ToolCall)(nil),              // 6: routesvc.v1.ToolCall
-	(*Tool)(nil),                  // 7: routesvc.v1.Tool
-	(*ChatRequest)(nil),           // 8: routesvc.v1.ChatRequest
-	(*RoutingContext)(nil),        // 9: routesvc.v1.RoutingContext
-	(*RouteRequest)(nil),          // 10: routesvc.v1.RouteRequest
-	(*Candidate)(nil),             // 11: routesvc.v1.Candidate
-	(*RouteDecision)(nil),         // 12: routesvc.v1.RouteDecision
-	(*RouteResponse)(nil),         // 13: routesvc.v1.RouteResponse
-	(*CompleteRequest)(nil),       // 14: routesvc.v1.CompleteRequest
-	(*TextDelta)(nil),             // 15: routesvc.v1.TextDelta
-	(*Usage)(nil),                 // 16: routesvc.v1.Usage
-	(*Completion)(nil),            // 17: routesvc.v1.Completion
-	(*Attempt)(nil),               // 18: routesvc.v1.Attempt
-	(*QualityScore)(nil),          // 19: routesvc.v1.QualityScore
-	(*Escalation)(nil),            // 20: routesvc.v1.Escalation
-	(*BatchJob)(nil),              // 21: routesvc.v1.BatchJob
-	(*BatchResult)(nil),           // 22: routesvc.v1.BatchResult
-	(*GetBatchRequest)(nil),       // 23: routesvc.v1.GetBatchRequest
-	(*GetBatchResponse)(nil),      // 24: routesvc.v1.GetBatchResponse
-	(*CancelBatchRequest)(nil),    // 25: routesvc.v1.CancelBatchRequest
-	(*CancelBatchResponse)(nil),   // 26: routesvc.v1.CancelBatchResponse
-	(*CompleteResponse)(nil),      // 27: routesvc.v1.CompleteResponse
-	(*ListModelsRequest)(nil),     // 28: routesvc.v1.ListModelsRequest
-	(*ModelInfo)(nil),             // 29: routesvc.v1.ModelInfo
-	(*ListModelsResponse)(nil),    // 30: routesvc.v1.ListModelsResponse
-	(*GetStatsRequest)(nil),       // 31: routesvc.v1.GetStatsRequest
-	(*CostTotals)(nil),            // 32: routesvc.v1.CostTotals
-	(*ModelStats)(nil),            // 33: routesvc.v1.ModelStats
-	(*TenantStats)(nil),           // 34: routesvc.v1.TenantStats
-	(*LatencyPercentiles)(nil),    // 35: routesvc.v1.LatencyPercentiles
-	(*GetStatsResponse)(nil),      // 36: routesvc.v1.GetStatsResponse
-	(*FeedbackRequest)(nil),       // 37: routesvc.v1.FeedbackRequest
-	(*FeedbackResponse)(nil),      // 38: routesvc.v1.FeedbackResponse
-	nil,                           // 39: routesvc.v1.RoutingContext.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 40: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 41: google.protobuf.Duration
+	(ToolChoiceMode)(0),           // 4: routesvc.v1.ToolChoiceMode
+	(ResponseFormatType)(0),       // 5: routesvc.v1.ResponseFormatType
+	(AttemptOutcome)(0),           // 6: routesvc.v1.AttemptOutcome
+	(*Message)(nil),               // 7: routesvc.v1.Message
+	(*ToolCall)(nil),              // 8: routesvc.v1.ToolCall
+	(*Tool)(nil),                  // 9: routesvc.v1.Tool
+	(*ToolChoice)(nil),            // 10: routesvc.v1.ToolChoice
+	(*ResponseFormat)(nil),        // 11: routesvc.v1.ResponseFormat
+	(*ChatRequest)(nil),           // 12: routesvc.v1.ChatRequest
+	(*RoutingContext)(nil),        // 13: routesvc.v1.RoutingContext
+	(*RouteRequest)(nil),          // 14: routesvc.v1.RouteRequest
+	(*Candidate)(nil),             // 15: routesvc.v1.Candidate
+	(*RouteDecision)(nil),         // 16: routesvc.v1.RouteDecision
+	(*RouteResponse)(nil),         // 17: routesvc.v1.RouteResponse
+	(*CompleteRequest)(nil),       // 18: routesvc.v1.CompleteRequest
+	(*TextDelta)(nil),             // 19: routesvc.v1.TextDelta
+	(*Usage)(nil),                 // 20: routesvc.v1.Usage
+	(*Completion)(nil),            // 21: routesvc.v1.Completion
+	(*Attempt)(nil),               // 22: routesvc.v1.Attempt
+	(*QualityScore)(nil),          // 23: routesvc.v1.QualityScore
+	(*Escalation)(nil),            // 24: routesvc.v1.Escalation
+	(*BatchJob)(nil),              // 25: routesvc.v1.BatchJob
+	(*BatchResult)(nil),           // 26: routesvc.v1.BatchResult
+	(*GetBatchRequest)(nil),       // 27: routesvc.v1.GetBatchRequest
+	(*GetBatchResponse)(nil),      // 28: routesvc.v1.GetBatchResponse
+	(*CancelBatchRequest)(nil),    // 29: routesvc.v1.CancelBatchRequest
+	(*CancelBatchResponse)(nil),   // 30: routesvc.v1.CancelBatchResponse
+	(*CompleteResponse)(nil),      // 31: routesvc.v1.CompleteResponse
+	(*ListModelsRequest)(nil),     // 32: routesvc.v1.ListModelsRequest
+	(*ModelInfo)(nil),             // 33: routesvc.v1.ModelInfo
+	(*ListModelsResponse)(nil),    // 34: routesvc.v1.ListModelsResponse
+	(*GetStatsRequest)(nil),       // 35: routesvc.v1.GetStatsRequest
+	(*CostTotals)(nil),            // 36: routesvc.v1.CostTotals
+	(*ModelStats)(nil),            // 37: routesvc.v1.ModelStats
+	(*TenantStats)(nil),           // 38: routesvc.v1.TenantStats
+	(*LatencyPercentiles)(nil),    // 39: routesvc.v1.LatencyPercentiles
+	(*GetStatsResponse)(nil),      // 40: routesvc.v1.GetStatsResponse
+	(*FeedbackRequest)(nil),       // 41: routesvc.v1.FeedbackRequest
+	(*FeedbackResponse)(nil),      // 42: routesvc.v1.FeedbackResponse
+	nil,                           // 43: routesvc.v1.RoutingContext.MetadataEntry
+	(*timestamppb.Timestamp)(nil), // 44: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 45: google.protobuf.Duration
 }
 var file_routesvc_v1_router_proto_depIdxs = []int32{
 	1,  // 0: routesvc.v1.Message.role:type_name -> routesvc.v1.Role
-	6,  // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
-	5,  // 2: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
-	7,  // 3: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
-	39, // 4: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
-	8,  // 5: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	9,  // 6: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
-	2,  // 7: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
-	11, // 8: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
-	12, // 9: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	8,  // 10: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	9,  // 11: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
-	16, // 12: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
-	3,  // 13: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
-	18, // 14: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
-	16, // 15: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
-	19, // 16: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
-	6,  // 17: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
-	4,  // 18: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
-	16, // 19: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
-	19, // 20: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
-	16, // 21: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
-	0,  // 22: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
-	40, // 23: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
-	40, // 24: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
-	16, // 25: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
-	3,  // 26: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
-	6,  // 27: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
-	21, // 28: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	22, // 29: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
-	21, // 30: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	12, // 31: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	15, // 32: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
-	17, // 33: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
-	20, // 34: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
-	21, // 35: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
-	29, // 36: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
-	41, // 37: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
-	32, // 38: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
-	32, // 39: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
-	41, // 40: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
-	41, // 41: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
-	41, // 42: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
-	41, // 43: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
-	32, // 44: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
-	33, // 45: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
-	34, // 46: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
-	35, // 47: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
-	35, // 48: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
-	10, // 49: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
-	14, // 50: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
-	28, // 51: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
-	31, // 52: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
-	23, // 53: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
-	25, // 54: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
-	37, // 55: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
-	13, // 56: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
-	27, // 57: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
-	30, // 58: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
-	36, // 59: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
-	24, // 60: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
-	26, // 61: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
-	38, // 62: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
-	56, // [56:63] is the sub-list for method output_type
-	49, // [49:56] is the sub-list for method input_type
-	49, // [49:49] is the sub-list for extension type_name
-	49, // [49:49] is the sub-list for extension extendee
-	0,  // [0:49] is the sub-list for field type_name
+	8,  // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
+	4,  // 2: routesvc.v1.ToolChoice.mode:type_name -> routesvc.v1.ToolChoiceMode
+	5,  // 3: routesvc.v1.ResponseFormat.type:type_name -> routesvc.v1.ResponseFormatType
+	7,  // 4: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
+	9,  // 5: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
+	10, // 6: routesvc.v1.ChatRequest.tool_choice:type_name -> routesvc.v1.ToolChoice
+	11, // 7: routesvc.v1.ChatRequest.response_format:type_name -> routesvc.v1.ResponseFormat
+	43, // 8: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
+	12, // 9: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	13, // 10: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
+	2,  // 11: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
+	15, // 12: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
+	16, // 13: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	12, // 14: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	13, // 15: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
+	20, // 16: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
+	3,  // 17: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
+	22, // 18: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
+	20, // 19: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
+	23, // 20: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
+	8,  // 21: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
+	6,  // 22: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
+	20, // 23: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
+	23, // 24: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
+	20, // 25: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
+	0,  // 26: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
+	44, // 27: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
+	44, // 28: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
+	20, // 29: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
+	3,  // 30: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
+	8,  // 31: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
+	25, // 32: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	26, // 33: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
+	25, // 34: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	16, // 35: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	19, // 36: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
+	21, // 37: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
+	24, // 38: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
+	25, // 39: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
+	33, // 40: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
+	45, // 41: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
+	36, // 42: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
+	36, // 43: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
+	45, // 44: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
+	45, // 45: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
+	45, // 46: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
+	45, // 47: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
+	36, // 48: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
+	37, // 49: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
+	38, // 50: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
+	39, // 51: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
+	39, // 52: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
+	14, // 53: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
+	18, // 54: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
+	32, // 55: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
+	35, // 56: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
+	27, // 57: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
+	29, // 58: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
+	41, // 59: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
+	17, // 60: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
+	31, // 61: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
+	34, // 62: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
+	40, // 63: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
+	28, // 64: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
+	30, // 65: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
+	42, // 66: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
+	60, // [60:67] is the sub-list for method output_type
+	53, // [53:60] is the sub-list for method input_type
+	53, // [53:53] is the sub-list for extension type_name
+	53, // [53:53] is the sub-list for extension extendee
+	0,  // [0:53] is the sub-list for field type_name
 }
 
 func init() { file_routesvc_v1_router_proto_init() }
@@ -3561,18 +3892,18 @@ func file_routesvc_v1_router_proto_init() {
 	if File_routesvc_v1_router_proto != nil {
 		return
 	}
-	file_routesvc_v1_router_proto_msgTypes[3].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[4].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[22].OneofWrappers = []any{
+	file_routesvc_v1_router_proto_msgTypes[5].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[6].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[24].OneofWrappers = []any{
 		(*CompleteResponse_Decision)(nil),
 		(*CompleteResponse_Delta)(nil),
 		(*CompleteResponse_Completion)(nil),
 		(*CompleteResponse_Escalation)(nil),
 		(*CompleteResponse_Batch)(nil),
 	}
-	file_routesvc_v1_router_proto_msgTypes[28].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[31].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[32].OneofWrappers = []any{
+	file_routesvc_v1_router_proto_msgTypes[30].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[33].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[34].OneofWrappers = []any{
 		(*FeedbackRequest_Score)(nil),
 		(*FeedbackRequest_ThumbsUp)(nil),
 	}
@@ -3581,8 +3912,8 @@ func file_routesvc_v1_router_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_routesvc_v1_router_proto_rawDesc), len(file_routesvc_v1_router_proto_rawDesc)),
-			NumEnums:      5,
-			NumMessages:   35,
+			NumEnums:      7,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

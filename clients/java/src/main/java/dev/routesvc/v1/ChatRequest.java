@@ -23,6 +23,8 @@ private static final long serialVersionUID = 0L;
   private ChatRequest() {
     messages_ = java.util.Collections.emptyList();
     tools_ = java.util.Collections.emptyList();
+    stop_ =
+        com.google.protobuf.LazyStringArrayList.emptyList();
   }
 
   @java.lang.Override
@@ -229,6 +231,181 @@ private static final long serialVersionUID = 0L;
     return temperature_;
   }
 
+  public static final int STOP_FIELD_NUMBER = 5;
+  @SuppressWarnings("serial")
+  private com.google.protobuf.LazyStringArrayList stop_ =
+      com.google.protobuf.LazyStringArrayList.emptyList();
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @return A list containing the stop.
+   */
+  public com.google.protobuf.ProtocolStringList
+      getStopList() {
+    return stop_;
+  }
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @return The count of stop.
+   */
+  public int getStopCount() {
+    return stop_.size();
+  }
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @param index The index of the element to return.
+   * @return The stop at the given index.
+   */
+  public java.lang.String getStop(int index) {
+    return stop_.get(index);
+  }
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @param index The index of the value to return.
+   * @return The bytes of the stop at the given index.
+   */
+  public com.google.protobuf.ByteString
+      getStopBytes(int index) {
+    return stop_.getByteString(index);
+  }
+
+  public static final int TOOL_CHOICE_FIELD_NUMBER = 6;
+  private dev.routesvc.v1.ToolChoice toolChoice_;
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   * @return Whether the toolChoice field is set.
+   */
+  @java.lang.Override
+  public boolean hasToolChoice() {
+    return ((bitField0_ & 0x00000004) != 0);
+  }
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   * @return The toolChoice.
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ToolChoice getToolChoice() {
+    return toolChoice_ == null ? dev.routesvc.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+  }
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ToolChoiceOrBuilder getToolChoiceOrBuilder() {
+    return toolChoice_ == null ? dev.routesvc.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+  }
+
+  public static final int PARALLEL_TOOL_CALLS_FIELD_NUMBER = 7;
+  private boolean parallelToolCalls_ = false;
+  /**
+   * <pre>
+   * Whether the model may make several tool calls in one turn; unset is the provider's
+   * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+   * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+   * </pre>
+   *
+   * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+   * @return Whether the parallelToolCalls field is set.
+   */
+  @java.lang.Override
+  public boolean hasParallelToolCalls() {
+    return ((bitField0_ & 0x00000008) != 0);
+  }
+  /**
+   * <pre>
+   * Whether the model may make several tool calls in one turn; unset is the provider's
+   * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+   * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+   * </pre>
+   *
+   * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+   * @return The parallelToolCalls.
+   */
+  @java.lang.Override
+  public boolean getParallelToolCalls() {
+    return parallelToolCalls_;
+  }
+
+  public static final int RESPONSE_FORMAT_FIELD_NUMBER = 8;
+  private dev.routesvc.v1.ResponseFormat responseFormat_;
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   * @return Whether the responseFormat field is set.
+   */
+  @java.lang.Override
+  public boolean hasResponseFormat() {
+    return ((bitField0_ & 0x00000010) != 0);
+  }
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   * @return The responseFormat.
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ResponseFormat getResponseFormat() {
+    return responseFormat_ == null ? dev.routesvc.v1.ResponseFormat.getDefaultInstance() : responseFormat_;
+  }
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ResponseFormatOrBuilder getResponseFormatOrBuilder() {
+    return responseFormat_ == null ? dev.routesvc.v1.ResponseFormat.getDefaultInstance() : responseFormat_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -255,6 +432,18 @@ private static final long serialVersionUID = 0L;
     if (((bitField0_ & 0x00000002) != 0)) {
       output.writeDouble(4, temperature_);
     }
+    for (int i = 0; i < stop_.size(); i++) {
+      com.google.protobuf.GeneratedMessageV3.writeString(output, 5, stop_.getRaw(i));
+    }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      output.writeMessage(6, getToolChoice());
+    }
+    if (((bitField0_ & 0x00000008) != 0)) {
+      output.writeBool(7, parallelToolCalls_);
+    }
+    if (((bitField0_ & 0x00000010) != 0)) {
+      output.writeMessage(8, getResponseFormat());
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -279,6 +468,26 @@ private static final long serialVersionUID = 0L;
     if (((bitField0_ & 0x00000002) != 0)) {
       size += com.google.protobuf.CodedOutputStream
         .computeDoubleSize(4, temperature_);
+    }
+    {
+      int dataSize = 0;
+      for (int i = 0; i < stop_.size(); i++) {
+        dataSize += computeStringSizeNoTag(stop_.getRaw(i));
+      }
+      size += dataSize;
+      size += 1 * getStopList().size();
+    }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(6, getToolChoice());
+    }
+    if (((bitField0_ & 0x00000008) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeBoolSize(7, parallelToolCalls_);
+    }
+    if (((bitField0_ & 0x00000010) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(8, getResponseFormat());
     }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
@@ -310,6 +519,23 @@ private static final long serialVersionUID = 0L;
           != java.lang.Double.doubleToLongBits(
               other.getTemperature())) return false;
     }
+    if (!getStopList()
+        .equals(other.getStopList())) return false;
+    if (hasToolChoice() != other.hasToolChoice()) return false;
+    if (hasToolChoice()) {
+      if (!getToolChoice()
+          .equals(other.getToolChoice())) return false;
+    }
+    if (hasParallelToolCalls() != other.hasParallelToolCalls()) return false;
+    if (hasParallelToolCalls()) {
+      if (getParallelToolCalls()
+          != other.getParallelToolCalls()) return false;
+    }
+    if (hasResponseFormat() != other.hasResponseFormat()) return false;
+    if (hasResponseFormat()) {
+      if (!getResponseFormat()
+          .equals(other.getResponseFormat())) return false;
+    }
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -337,6 +563,23 @@ private static final long serialVersionUID = 0L;
       hash = (37 * hash) + TEMPERATURE_FIELD_NUMBER;
       hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
           java.lang.Double.doubleToLongBits(getTemperature()));
+    }
+    if (getStopCount() > 0) {
+      hash = (37 * hash) + STOP_FIELD_NUMBER;
+      hash = (53 * hash) + getStopList().hashCode();
+    }
+    if (hasToolChoice()) {
+      hash = (37 * hash) + TOOL_CHOICE_FIELD_NUMBER;
+      hash = (53 * hash) + getToolChoice().hashCode();
+    }
+    if (hasParallelToolCalls()) {
+      hash = (37 * hash) + PARALLEL_TOOL_CALLS_FIELD_NUMBER;
+      hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
+          getParallelToolCalls());
+    }
+    if (hasResponseFormat()) {
+      hash = (37 * hash) + RESPONSE_FORMAT_FIELD_NUMBER;
+      hash = (53 * hash) + getResponseFormat().hashCode();
     }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
@@ -461,13 +704,22 @@ private static final long serialVersionUID = 0L;
 
     // Construct using dev.routesvc.v1.ChatRequest.newBuilder()
     private Builder() {
-
+      maybeForceBuilderInitialization();
     }
 
     private Builder(
         com.google.protobuf.GeneratedMessageV3.BuilderParent parent) {
       super(parent);
-
+      maybeForceBuilderInitialization();
+    }
+    private void maybeForceBuilderInitialization() {
+      if (com.google.protobuf.GeneratedMessageV3
+              .alwaysUseFieldBuilders) {
+        getMessagesFieldBuilder();
+        getToolsFieldBuilder();
+        getToolChoiceFieldBuilder();
+        getResponseFormatFieldBuilder();
+      }
     }
     @java.lang.Override
     public Builder clear() {
@@ -489,6 +741,19 @@ private static final long serialVersionUID = 0L;
       bitField0_ = (bitField0_ & ~0x00000002);
       maxOutputTokens_ = 0;
       temperature_ = 0D;
+      stop_ =
+          com.google.protobuf.LazyStringArrayList.emptyList();
+      toolChoice_ = null;
+      if (toolChoiceBuilder_ != null) {
+        toolChoiceBuilder_.dispose();
+        toolChoiceBuilder_ = null;
+      }
+      parallelToolCalls_ = false;
+      responseFormat_ = null;
+      if (responseFormatBuilder_ != null) {
+        responseFormatBuilder_.dispose();
+        responseFormatBuilder_ = null;
+      }
       return this;
     }
 
@@ -552,6 +817,26 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000008) != 0)) {
         result.temperature_ = temperature_;
         to_bitField0_ |= 0x00000002;
+      }
+      if (((from_bitField0_ & 0x00000010) != 0)) {
+        stop_.makeImmutable();
+        result.stop_ = stop_;
+      }
+      if (((from_bitField0_ & 0x00000020) != 0)) {
+        result.toolChoice_ = toolChoiceBuilder_ == null
+            ? toolChoice_
+            : toolChoiceBuilder_.build();
+        to_bitField0_ |= 0x00000004;
+      }
+      if (((from_bitField0_ & 0x00000040) != 0)) {
+        result.parallelToolCalls_ = parallelToolCalls_;
+        to_bitField0_ |= 0x00000008;
+      }
+      if (((from_bitField0_ & 0x00000080) != 0)) {
+        result.responseFormat_ = responseFormatBuilder_ == null
+            ? responseFormat_
+            : responseFormatBuilder_.build();
+        to_bitField0_ |= 0x00000010;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -658,6 +943,25 @@ private static final long serialVersionUID = 0L;
       if (other.hasTemperature()) {
         setTemperature(other.getTemperature());
       }
+      if (!other.stop_.isEmpty()) {
+        if (stop_.isEmpty()) {
+          stop_ = other.stop_;
+          bitField0_ |= 0x00000010;
+        } else {
+          ensureStopIsMutable();
+          stop_.addAll(other.stop_);
+        }
+        onChanged();
+      }
+      if (other.hasToolChoice()) {
+        mergeToolChoice(other.getToolChoice());
+      }
+      if (other.hasParallelToolCalls()) {
+        setParallelToolCalls(other.getParallelToolCalls());
+      }
+      if (other.hasResponseFormat()) {
+        mergeResponseFormat(other.getResponseFormat());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -720,6 +1024,31 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000008;
               break;
             } // case 33
+            case 42: {
+              java.lang.String s = input.readStringRequireUtf8();
+              ensureStopIsMutable();
+              stop_.add(s);
+              break;
+            } // case 42
+            case 50: {
+              input.readMessage(
+                  getToolChoiceFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00000020;
+              break;
+            } // case 50
+            case 56: {
+              parallelToolCalls_ = input.readBool();
+              bitField0_ |= 0x00000040;
+              break;
+            } // case 56
+            case 66: {
+              input.readMessage(
+                  getResponseFormatFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00000080;
+              break;
+            } // case 66
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1493,6 +1822,567 @@ private static final long serialVersionUID = 0L;
       temperature_ = 0D;
       onChanged();
       return this;
+    }
+
+    private com.google.protobuf.LazyStringArrayList stop_ =
+        com.google.protobuf.LazyStringArrayList.emptyList();
+    private void ensureStopIsMutable() {
+      if (!stop_.isModifiable()) {
+        stop_ = new com.google.protobuf.LazyStringArrayList(stop_);
+      }
+      bitField0_ |= 0x00000010;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @return A list containing the stop.
+     */
+    public com.google.protobuf.ProtocolStringList
+        getStopList() {
+      stop_.makeImmutable();
+      return stop_;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @return The count of stop.
+     */
+    public int getStopCount() {
+      return stop_.size();
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param index The index of the element to return.
+     * @return The stop at the given index.
+     */
+    public java.lang.String getStop(int index) {
+      return stop_.get(index);
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param index The index of the value to return.
+     * @return The bytes of the stop at the given index.
+     */
+    public com.google.protobuf.ByteString
+        getStopBytes(int index) {
+      return stop_.getByteString(index);
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param index The index to set the value at.
+     * @param value The stop to set.
+     * @return This builder for chaining.
+     */
+    public Builder setStop(
+        int index, java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      ensureStopIsMutable();
+      stop_.set(index, value);
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param value The stop to add.
+     * @return This builder for chaining.
+     */
+    public Builder addStop(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      ensureStopIsMutable();
+      stop_.add(value);
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param values The stop to add.
+     * @return This builder for chaining.
+     */
+    public Builder addAllStop(
+        java.lang.Iterable<java.lang.String> values) {
+      ensureStopIsMutable();
+      com.google.protobuf.AbstractMessageLite.Builder.addAll(
+          values, stop_);
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearStop() {
+      stop_ =
+        com.google.protobuf.LazyStringArrayList.emptyList();
+      bitField0_ = (bitField0_ & ~0x00000010);;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+     * the sequence is not part of the answer. At most the configured limit (4 by default,
+     * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+     * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+     * </pre>
+     *
+     * <code>repeated string stop = 5 [json_name = "stop"];</code>
+     * @param value The bytes of the stop to add.
+     * @return This builder for chaining.
+     */
+    public Builder addStopBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      ensureStopIsMutable();
+      stop_.add(value);
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+
+    private dev.routesvc.v1.ToolChoice toolChoice_;
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.ToolChoice, dev.routesvc.v1.ToolChoice.Builder, dev.routesvc.v1.ToolChoiceOrBuilder> toolChoiceBuilder_;
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     * @return Whether the toolChoice field is set.
+     */
+    public boolean hasToolChoice() {
+      return ((bitField0_ & 0x00000020) != 0);
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     * @return The toolChoice.
+     */
+    public dev.routesvc.v1.ToolChoice getToolChoice() {
+      if (toolChoiceBuilder_ == null) {
+        return toolChoice_ == null ? dev.routesvc.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+      } else {
+        return toolChoiceBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public Builder setToolChoice(dev.routesvc.v1.ToolChoice value) {
+      if (toolChoiceBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        toolChoice_ = value;
+      } else {
+        toolChoiceBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public Builder setToolChoice(
+        dev.routesvc.v1.ToolChoice.Builder builderForValue) {
+      if (toolChoiceBuilder_ == null) {
+        toolChoice_ = builderForValue.build();
+      } else {
+        toolChoiceBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public Builder mergeToolChoice(dev.routesvc.v1.ToolChoice value) {
+      if (toolChoiceBuilder_ == null) {
+        if (((bitField0_ & 0x00000020) != 0) &&
+          toolChoice_ != null &&
+          toolChoice_ != dev.routesvc.v1.ToolChoice.getDefaultInstance()) {
+          getToolChoiceBuilder().mergeFrom(value);
+        } else {
+          toolChoice_ = value;
+        }
+      } else {
+        toolChoiceBuilder_.mergeFrom(value);
+      }
+      if (toolChoice_ != null) {
+        bitField0_ |= 0x00000020;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public Builder clearToolChoice() {
+      bitField0_ = (bitField0_ & ~0x00000020);
+      toolChoice_ = null;
+      if (toolChoiceBuilder_ != null) {
+        toolChoiceBuilder_.dispose();
+        toolChoiceBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public dev.routesvc.v1.ToolChoice.Builder getToolChoiceBuilder() {
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return getToolChoiceFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    public dev.routesvc.v1.ToolChoiceOrBuilder getToolChoiceOrBuilder() {
+      if (toolChoiceBuilder_ != null) {
+        return toolChoiceBuilder_.getMessageOrBuilder();
+      } else {
+        return toolChoice_ == null ?
+            dev.routesvc.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+      }
+    }
+    /**
+     * <pre>
+     * Whether, and which, tool the model must call; unset is the provider's default (the
+     * model decides).
+     * </pre>
+     *
+     * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.ToolChoice, dev.routesvc.v1.ToolChoice.Builder, dev.routesvc.v1.ToolChoiceOrBuilder> 
+        getToolChoiceFieldBuilder() {
+      if (toolChoiceBuilder_ == null) {
+        toolChoiceBuilder_ = new com.google.protobuf.SingleFieldBuilderV3<
+            dev.routesvc.v1.ToolChoice, dev.routesvc.v1.ToolChoice.Builder, dev.routesvc.v1.ToolChoiceOrBuilder>(
+                getToolChoice(),
+                getParentForChildren(),
+                isClean());
+        toolChoice_ = null;
+      }
+      return toolChoiceBuilder_;
+    }
+
+    private boolean parallelToolCalls_ ;
+    /**
+     * <pre>
+     * Whether the model may make several tool calls in one turn; unset is the provider's
+     * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+     * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+     * </pre>
+     *
+     * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+     * @return Whether the parallelToolCalls field is set.
+     */
+    @java.lang.Override
+    public boolean hasParallelToolCalls() {
+      return ((bitField0_ & 0x00000040) != 0);
+    }
+    /**
+     * <pre>
+     * Whether the model may make several tool calls in one turn; unset is the provider's
+     * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+     * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+     * </pre>
+     *
+     * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+     * @return The parallelToolCalls.
+     */
+    @java.lang.Override
+    public boolean getParallelToolCalls() {
+      return parallelToolCalls_;
+    }
+    /**
+     * <pre>
+     * Whether the model may make several tool calls in one turn; unset is the provider's
+     * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+     * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+     * </pre>
+     *
+     * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+     * @param value The parallelToolCalls to set.
+     * @return This builder for chaining.
+     */
+    public Builder setParallelToolCalls(boolean value) {
+
+      parallelToolCalls_ = value;
+      bitField0_ |= 0x00000040;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether the model may make several tool calls in one turn; unset is the provider's
+     * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+     * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+     * </pre>
+     *
+     * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearParallelToolCalls() {
+      bitField0_ = (bitField0_ & ~0x00000040);
+      parallelToolCalls_ = false;
+      onChanged();
+      return this;
+    }
+
+    private dev.routesvc.v1.ResponseFormat responseFormat_;
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.ResponseFormat, dev.routesvc.v1.ResponseFormat.Builder, dev.routesvc.v1.ResponseFormatOrBuilder> responseFormatBuilder_;
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     * @return Whether the responseFormat field is set.
+     */
+    public boolean hasResponseFormat() {
+      return ((bitField0_ & 0x00000080) != 0);
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     * @return The responseFormat.
+     */
+    public dev.routesvc.v1.ResponseFormat getResponseFormat() {
+      if (responseFormatBuilder_ == null) {
+        return responseFormat_ == null ? dev.routesvc.v1.ResponseFormat.getDefaultInstance() : responseFormat_;
+      } else {
+        return responseFormatBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public Builder setResponseFormat(dev.routesvc.v1.ResponseFormat value) {
+      if (responseFormatBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        responseFormat_ = value;
+      } else {
+        responseFormatBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public Builder setResponseFormat(
+        dev.routesvc.v1.ResponseFormat.Builder builderForValue) {
+      if (responseFormatBuilder_ == null) {
+        responseFormat_ = builderForValue.build();
+      } else {
+        responseFormatBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public Builder mergeResponseFormat(dev.routesvc.v1.ResponseFormat value) {
+      if (responseFormatBuilder_ == null) {
+        if (((bitField0_ & 0x00000080) != 0) &&
+          responseFormat_ != null &&
+          responseFormat_ != dev.routesvc.v1.ResponseFormat.getDefaultInstance()) {
+          getResponseFormatBuilder().mergeFrom(value);
+        } else {
+          responseFormat_ = value;
+        }
+      } else {
+        responseFormatBuilder_.mergeFrom(value);
+      }
+      if (responseFormat_ != null) {
+        bitField0_ |= 0x00000080;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public Builder clearResponseFormat() {
+      bitField0_ = (bitField0_ & ~0x00000080);
+      responseFormat_ = null;
+      if (responseFormatBuilder_ != null) {
+        responseFormatBuilder_.dispose();
+        responseFormatBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public dev.routesvc.v1.ResponseFormat.Builder getResponseFormatBuilder() {
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return getResponseFormatFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    public dev.routesvc.v1.ResponseFormatOrBuilder getResponseFormatOrBuilder() {
+      if (responseFormatBuilder_ != null) {
+        return responseFormatBuilder_.getMessageOrBuilder();
+      } else {
+        return responseFormat_ == null ?
+            dev.routesvc.v1.ResponseFormat.getDefaultInstance() : responseFormat_;
+      }
+    }
+    /**
+     * <pre>
+     * The form the answer must take; unset is text.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.ResponseFormat, dev.routesvc.v1.ResponseFormat.Builder, dev.routesvc.v1.ResponseFormatOrBuilder> 
+        getResponseFormatFieldBuilder() {
+      if (responseFormatBuilder_ == null) {
+        responseFormatBuilder_ = new com.google.protobuf.SingleFieldBuilderV3<
+            dev.routesvc.v1.ResponseFormat, dev.routesvc.v1.ResponseFormat.Builder, dev.routesvc.v1.ResponseFormatOrBuilder>(
+                getResponseFormat(),
+                getParentForChildren(),
+                isClean());
+        responseFormat_ = null;
+      }
+      return responseFormatBuilder_;
     }
     @java.lang.Override
     public final Builder setUnknownFields(

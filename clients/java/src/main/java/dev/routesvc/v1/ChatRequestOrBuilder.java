@@ -140,4 +140,137 @@ public interface ChatRequestOrBuilder extends
    * @return The temperature.
    */
   double getTemperature();
+
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @return A list containing the stop.
+   */
+  java.util.List<java.lang.String>
+      getStopList();
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @return The count of stop.
+   */
+  int getStopCount();
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @param index The index of the element to return.
+   * @return The stop at the given index.
+   */
+  java.lang.String getStop(int index);
+  /**
+   * <pre>
+   * Stop sequences: the model stops before writing any of them (finish reason STOP), and
+   * the sequence is not part of the answer. At most the configured limit (4 by default,
+   * OpenAI's limit), each 1-256 characters. Anthropic refuses a sequence of whitespace
+   * only (such as "&#92;n"), so a request with one is not served by an Anthropic model.
+   * </pre>
+   *
+   * <code>repeated string stop = 5 [json_name = "stop"];</code>
+   * @param index The index of the value to return.
+   * @return The bytes of the stop at the given index.
+   */
+  com.google.protobuf.ByteString
+      getStopBytes(int index);
+
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   * @return Whether the toolChoice field is set.
+   */
+  boolean hasToolChoice();
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   * @return The toolChoice.
+   */
+  dev.routesvc.v1.ToolChoice getToolChoice();
+  /**
+   * <pre>
+   * Whether, and which, tool the model must call; unset is the provider's default (the
+   * model decides).
+   * </pre>
+   *
+   * <code>.routesvc.v1.ToolChoice tool_choice = 6 [json_name = "toolChoice"];</code>
+   */
+  dev.routesvc.v1.ToolChoiceOrBuilder getToolChoiceOrBuilder();
+
+  /**
+   * <pre>
+   * Whether the model may make several tool calls in one turn; unset is the provider's
+   * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+   * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+   * </pre>
+   *
+   * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+   * @return Whether the parallelToolCalls field is set.
+   */
+  boolean hasParallelToolCalls();
+  /**
+   * <pre>
+   * Whether the model may make several tool calls in one turn; unset is the provider's
+   * default (it may). Only with tools. Sent to OpenAI as parallel_tool_calls and to
+   * Anthropic, when false, as tool_choice.disable_parallel_tool_use.
+   * </pre>
+   *
+   * <code>optional bool parallel_tool_calls = 7 [json_name = "parallelToolCalls"];</code>
+   * @return The parallelToolCalls.
+   */
+  boolean getParallelToolCalls();
+
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   * @return Whether the responseFormat field is set.
+   */
+  boolean hasResponseFormat();
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   * @return The responseFormat.
+   */
+  dev.routesvc.v1.ResponseFormat getResponseFormat();
+  /**
+   * <pre>
+   * The form the answer must take; unset is text.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ResponseFormat response_format = 8 [json_name = "responseFormat"];</code>
+   */
+  dev.routesvc.v1.ResponseFormatOrBuilder getResponseFormatOrBuilder();
 }

@@ -1,0 +1,218 @@
+"""Request parameters beyond the messages: each reaches each provider in its own wire format (the
+bodies the real SDKs sent to the fake), and a request a provider would refuse is routed elsewhere."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from routesvc.client import RouterClient, build_chat
+from routesvc.server import Server
+from routesvc.testing import FakeProvider, Script
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, live_environ, settings_from, user_chat
+
+# Each adapter: the pinned model, and what it calls the stop sequences in its body.
+ADAPTERS = [("gpt-4o-mini", "stop"), ("claude-sonnet", "stop_sequences")]
+ADAPTER_IDS = ["openai", "anthropic"]
+
+
+async def _complete(client: RouterClient, chat: pb.ChatRequest, model: str) -> list[pb.CompleteResponse]:
+    return [m async for m in client.complete(chat, pb.RoutingContext(model=model))]
+
+
+def _excluded(decision: pb.RouteDecision) -> dict[str, str]:
+    return {c.model: c.excluded_reason for c in decision.candidates if not c.eligible}
+
+
+class TestStopSequences:
+    @pytest.mark.parametrize(("model", "field"), ADAPTERS, ids=ADAPTER_IDS)
+    async def test_stop_sequences_reach_the_provider_in_its_field(
+        self, live_client: RouterClient, fake: FakeProvider, model: str, field: str
+    ) -> None:
+        """``chat.stop`` is sent as OpenAI's ``stop`` and Anthropic's ``stop_sequences``, in order."""
+        chat = user_chat("Count to ten", stop=["END", "Observation:", " \n7"])
+        await _complete(live_client, chat, model)
+        assert fake.requests[-1].body[field] == ["END", "Observation:", " \n7"]
+
+    @pytest.mark.parametrize(("model", "reason"), [("gpt-4o-mini", "stop"), ("claude-sonnet", "stop_sequence")])
+    async def test_stopping_at_a_sequence_is_finish_reason_stop(
+        self, live_client: RouterClient, fake: FakeProvider, model: str, reason: str
+    ) -> None:
+        """A model that stopped at a stop sequence (OpenAI "stop", Anthropic "stop_sequence") finished
+        with FINISH_REASON_STOP."""
+        fake.enqueue(Script(text="1 2 3", finish_reason=reason))
+        messages = await _complete(live_client, user_chat("Count to ten", stop=["4"]), model)
+        assert messages[-1].completion.finish_reason == pb.FINISH_REASON_STOP
+
+    async def test_a_whitespace_only_sequence_is_not_routed_to_anthropic(self, client: RouterClient) -> None:
+        """Anthropic refuses a stop sequence of whitespace only: creative writing, which goes to
+        claude-sonnet, goes elsewhere, and the candidates say why."""
+        context = pb.RoutingContext(task_hint="creative_writing")
+        usual = await client.route(user_chat("Write a poem", stop=["END"]), context)
+        decision = await client.route(user_chat("Write a poem", stop=["END", "\n"]), context)
+        assert (usual.model, decision.model) == ("claude-sonnet", "gpt-4o-mini")
+        assert _excluded(decision) == {
+            "claude-sonnet": "provider kind anthropic refuses a stop sequence of whitespace only"
+        }
+
+    def test_build_chat_sets_stop(self) -> None:
+        """The Python client's ``build_chat`` takes the stop sequences."""
+        assert list(build_chat([("user", "hi")], stop=["END"]).stop) == ["END"]
+
+
+LOOKUP = pb.Tool(name="lookup", parameters_json='{"type": "object", "properties": {"q": {"type": "string"}}}')
+CLOCK = pb.Tool(name="clock")
+# Each mode: the request's ToolChoice, what OpenAI gets, what Anthropic gets.
+TOOL_CHOICES: list[tuple[pb.ToolChoice, object, object]] = [
+    (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO), "auto", {"type": "auto"}),
+    (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE), "none", {"type": "none"}),
+    (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED), "required", {"type": "any"}),
+    (
+        pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_TOOL, name="clock"),
+        {"type": "function", "function": {"name": "clock"}},
+        {"type": "tool", "name": "clock"},
+    ),
+]
+TOOL_CHOICE_IDS = ["auto", "none", "required", "tool"]
+
+
+class TestToolChoice:
+    @pytest.mark.parametrize(("choice", "openai", "anthropic"), TOOL_CHOICES, ids=TOOL_CHOICE_IDS)
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"], ids=ADAPTER_IDS)
+    async def test_each_mode_reaches_the_provider_in_its_form(
+        self,
+        live_client: RouterClient,
+        fake: FakeProvider,
+        model: str,
+        choice: pb.ToolChoice,
+        openai: object,
+        anthropic: object,
+    ) -> None:
+        """``chat.tool_choice`` is sent as each API spells it beside the tools."""
+        chat = user_chat("What time is it?", tools=[LOOKUP, CLOCK], tool_choice=choice)
+        await _complete(live_client, chat, model)
+        expected = openai if model == "gpt-4o-mini" else anthropic
+        assert fake.requests[-1].body["tool_choice"] == expected
+
+    @pytest.mark.parametrize(
+        ("choice", "anthropic"),
+        [
+            (None, {"type": "auto", "disable_parallel_tool_use": True}),
+            (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED), {"type": "any", "disable_parallel_tool_use": True}),
+            (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE), {"type": "none"}),
+        ],
+        ids=["no mode", "required", "none"],
+    )
+    async def test_no_parallel_calls_is_disable_parallel_tool_use_for_anthropic(
+        self, live_client: RouterClient, fake: FakeProvider, choice: pb.ToolChoice | None, anthropic: object
+    ) -> None:
+        """``parallel_tool_calls: false`` is Anthropic's ``disable_parallel_tool_use`` inside its
+        tool choice (``auto`` when no mode is given; ``none`` has no such field)."""
+        chat = user_chat("What time is it?", tools=[LOOKUP, CLOCK], tool_choice=choice, parallel_tool_calls=False)
+        await _complete(live_client, chat, "claude-sonnet")
+        body = fake.requests[-1].body
+        assert (body["tool_choice"], "parallel_tool_calls" in body) == (anthropic, False)
+
+    @pytest.mark.parametrize("parallel", [False, True])
+    async def test_parallel_tool_calls_reach_openai(
+        self, live_client: RouterClient, fake: FakeProvider, parallel: bool
+    ) -> None:
+        """``parallel_tool_calls`` goes to OpenAI as it is, without a tool choice when none is set."""
+        chat = user_chat("What time is it?", tools=[LOOKUP, CLOCK], parallel_tool_calls=parallel)
+        await _complete(live_client, chat, "gpt-4o-mini")
+        body = fake.requests[-1].body
+        assert (body["parallel_tool_calls"], "tool_choice" in body) == (parallel, False)
+
+    async def test_none_without_tools_keeps_the_declared_history_tools_for_anthropic(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """TOOL_CHOICE_MODE_NONE is allowed without tools: a history with tool calls still goes to
+        Anthropic with its called tools declared and ``tool_choice`` none, and to OpenAI with no
+        tool choice (it refuses one without tools)."""
+        history = [
+            ("user", "What time is it?"),
+            pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(id="call_1", name="clock")]),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="14:05"),
+        ]
+        chat = build_chat(history, tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE))
+        await _complete(live_client, chat, "claude-sonnet")
+        anthropic = fake.requests[-1].body
+        await _complete(live_client, chat, "gpt-4o-mini")
+        openai = fake.requests[-1].body
+        assert (anthropic["tool_choice"], [t["name"] for t in anthropic["tools"]]) == ({"type": "none"}, ["clock"])
+        assert ("tool_choice" in openai, "tools" in openai) == (False, False)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "celsius": {"type": "number"}},
+    "required": ["city", "celsius"],
+    "additionalProperties": False,
+}
+JSON_OBJECT = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
+JSON_SCHEMA = pb.ResponseFormat(
+    type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="weather", schema_json=json.dumps(SCHEMA), strict=True
+)
+
+
+def _without_json(model_id: str) -> dict[str, object]:
+    """The default config, with ``model_id`` lacking the ``json`` capability."""
+    config = default_config()
+    for model in config["models"]:  # type: ignore[attr-defined]
+        if model["id"] == model_id:
+            model["capabilities"] = [c for c in model["capabilities"] if c != "json"]
+    return config
+
+
+class TestResponseFormat:
+    async def test_json_object_reaches_openai_as_json_mode(self, live_client: RouterClient, fake: FakeProvider) -> None:
+        """RESPONSE_FORMAT_TYPE_JSON_OBJECT is OpenAI's ``response_format: {"type": "json_object"}``."""
+        await _complete(live_client, user_chat("Weather in Paris as JSON", response_format=JSON_OBJECT), "gpt-4o-mini")
+        assert fake.requests[-1].body["response_format"] == {"type": "json_object"}
+
+    async def test_json_schema_reaches_openai_with_its_name_and_strictness(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A JSON schema is OpenAI's ``json_schema`` response format, with name, schema and strict."""
+        await _complete(live_client, user_chat("Weather in Paris", response_format=JSON_SCHEMA), "gpt-4o-mini")
+        assert fake.requests[-1].body["response_format"] == {
+            "type": "json_schema",
+            "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True},
+        }
+
+    async def test_json_schema_reaches_anthropic_as_structured_output(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A JSON schema is Anthropic's ``output_config.format`` (no name, no strictness: it always
+        adheres), without a beta header."""
+        await _complete(live_client, user_chat("Weather in Paris", response_format=JSON_SCHEMA), "claude-sonnet")
+        request = fake.requests[-1]
+        assert request.body["output_config"] == {"format": {"type": "json_schema", "schema": SCHEMA}}
+        assert ("response_format" in request.body, "anthropic-beta" in request.headers) == (False, False)
+
+    @pytest.mark.parametrize("response_format", [JSON_OBJECT, JSON_SCHEMA], ids=["json_object", "json_schema"])
+    async def test_a_json_request_is_not_routed_to_a_model_without_json(
+        self, fake: FakeProvider, response_format: pb.ResponseFormat
+    ) -> None:
+        """Without the ``json`` capability gpt-4o-mini, the default model, serves no JSON request:
+        its candidate says why, and the answer comes from a model that has it."""
+        settings = settings_from(_without_json("gpt-4o-mini"), live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            text = await client.route(user_chat("Say hello"))
+            messages = [m async for m in client.complete(user_chat("Say hello", response_format=response_format))]
+        decision = messages[0].decision
+        assert (text.model, decision.model, messages[-1].completion.model) == ("gpt-4o-mini", "gpt-4o", "gpt-4o")
+        assert _excluded(decision)["gpt-4o-mini"] == "does not support JSON output"
+
+    async def test_json_object_is_not_routed_to_anthropic_but_a_schema_is(self, client: RouterClient) -> None:
+        """Anthropic has no JSON mode without a schema: creative writing, which goes to
+        claude-sonnet, goes elsewhere with JSON_OBJECT, and stays with JSON_SCHEMA."""
+        context = pb.RoutingContext(task_hint="creative_writing")
+        json_object = await client.route(user_chat("A poem as JSON", response_format=JSON_OBJECT), context)
+        json_schema = await client.route(user_chat("A poem as JSON", response_format=JSON_SCHEMA), context)
+        assert (json_object.model, json_schema.model) == ("gpt-4o-mini", "claude-sonnet")
+        excluded = _excluded(json_object)
+        assert list(excluded) == ["claude-sonnet"]
+        assert excluded["claude-sonnet"].startswith("provider kind anthropic has no JSON object mode")
