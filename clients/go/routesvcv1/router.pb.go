@@ -355,14 +355,21 @@ type Message struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Who wrote it; required.
 	Role Role `protobuf:"varint,1,opt,name=role,proto3,enum=routesvc.v1.Role" json:"role,omitempty"`
-	// The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+	// The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+	// on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+	// text, before the parts.
 	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
 	// The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
 	// in order; only on ROLE_ASSISTANT turns.
 	ToolCalls []*ToolCall `protobuf:"bytes,3,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
 	// On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
 	// earlier ROLE_ASSISTANT turn, whose result `content` is.
-	ToolCallId    string `protobuf:"bytes,4,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
+	ToolCallId string `protobuf:"bytes,4,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
+	// The turn's content as text and images, in order, after `content` when that is non-empty
+	// (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+	// providers take images only from the user). A request with any image is served only by a
+	// model with the "vision" capability.
+	Parts         []*ContentPart `protobuf:"bytes,5,rep,name=parts,proto3" json:"parts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -425,6 +432,203 @@ func (x *Message) GetToolCallId() string {
 	return ""
 }
 
+func (x *Message) GetParts() []*ContentPart {
+	if x != nil {
+		return x.Parts
+	}
+	return nil
+}
+
+// ContentPart is one piece of a ROLE_USER turn: text or an image.
+type ContentPart struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the piece is; exactly one must be set.
+	//
+	// Types that are valid to be assigned to Part:
+	//
+	//	*ContentPart_Text
+	//	*ContentPart_Image
+	Part          isContentPart_Part `protobuf_oneof:"part"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ContentPart) Reset() {
+	*x = ContentPart{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ContentPart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ContentPart) ProtoMessage() {}
+
+func (x *ContentPart) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ContentPart.ProtoReflect.Descriptor instead.
+func (*ContentPart) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ContentPart) GetPart() isContentPart_Part {
+	if x != nil {
+		return x.Part
+	}
+	return nil
+}
+
+func (x *ContentPart) GetText() string {
+	if x != nil {
+		if x, ok := x.Part.(*ContentPart_Text); ok {
+			return x.Text
+		}
+	}
+	return ""
+}
+
+func (x *ContentPart) GetImage() *Image {
+	if x != nil {
+		if x, ok := x.Part.(*ContentPart_Image); ok {
+			return x.Image
+		}
+	}
+	return nil
+}
+
+type isContentPart_Part interface {
+	isContentPart_Part()
+}
+
+type ContentPart_Text struct {
+	// Text; non-empty (not only whitespace).
+	Text string `protobuf:"bytes,1,opt,name=text,proto3,oneof"`
+}
+
+type ContentPart_Image struct {
+	// An image.
+	Image *Image `protobuf:"bytes,2,opt,name=image,proto3,oneof"`
+}
+
+func (*ContentPart_Text) isContentPart_Part() {}
+
+func (*ContentPart_Image) isContentPart_Part() {}
+
+// Image is one image of a ROLE_USER turn, given by URL or inline.
+//
+// A request holds at most `limits.max_images` images (20 by default); each inline image is at
+// most `limits.max_image_bytes` (3.75 MiB by default: 5 MiB once base64-encoded, Anthropic's
+// per-image limit), and the whole request at most `limits.max_request_bytes` (4 MiB by default,
+// which is what limits inline images first).
+type Image struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Where the image is; exactly one must be set.
+	//
+	// Types that are valid to be assigned to Source:
+	//
+	//	*Image_Url
+	//	*Image_Data
+	Source isImage_Source `protobuf_oneof:"source"`
+	// The image format: "image/jpeg", "image/png", "image/gif" or "image/webp". Required with
+	// `data`, whose first bytes must be that format's signature; optional with `url`.
+	MediaType     string `protobuf:"bytes,3,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Image) Reset() {
+	*x = Image{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Image) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Image) ProtoMessage() {}
+
+func (x *Image) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Image.ProtoReflect.Descriptor instead.
+func (*Image) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Image) GetSource() isImage_Source {
+	if x != nil {
+		return x.Source
+	}
+	return nil
+}
+
+func (x *Image) GetUrl() string {
+	if x != nil {
+		if x, ok := x.Source.(*Image_Url); ok {
+			return x.Url
+		}
+	}
+	return ""
+}
+
+func (x *Image) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Source.(*Image_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+func (x *Image) GetMediaType() string {
+	if x != nil {
+		return x.MediaType
+	}
+	return ""
+}
+
+type isImage_Source interface {
+	isImage_Source()
+}
+
+type Image_Url struct {
+	// An https URL the provider fetches itself (at most 8192 characters); `media_type` may be
+	// left empty.
+	Url string `protobuf:"bytes,1,opt,name=url,proto3,oneof"`
+}
+
+type Image_Data struct {
+	// The image file's bytes; `media_type` is required and must match them.
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+func (*Image_Url) isImage_Source() {}
+
+func (*Image_Data) isImage_Source() {}
+
 // ToolCall is one call of a tool that a model made.
 type ToolCall struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -442,7 +646,7 @@ type ToolCall struct {
 
 func (x *ToolCall) Reset() {
 	*x = ToolCall{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	mi := &file_routesvc_v1_router_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -454,7 +658,7 @@ func (x *ToolCall) String() string {
 func (*ToolCall) ProtoMessage() {}
 
 func (x *ToolCall) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	mi := &file_routesvc_v1_router_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -467,7 +671,7 @@ func (x *ToolCall) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCall.ProtoReflect.Descriptor instead.
 func (*ToolCall) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{1}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ToolCall) GetId() string {
@@ -506,7 +710,7 @@ type Tool struct {
 
 func (x *Tool) Reset() {
 	*x = Tool{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[2]
+	mi := &file_routesvc_v1_router_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -518,7 +722,7 @@ func (x *Tool) String() string {
 func (*Tool) ProtoMessage() {}
 
 func (x *Tool) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[2]
+	mi := &file_routesvc_v1_router_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -531,7 +735,7 @@ func (x *Tool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tool.ProtoReflect.Descriptor instead.
 func (*Tool) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{2}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Tool) GetName() string {
@@ -574,7 +778,7 @@ type ChatRequest struct {
 
 func (x *ChatRequest) Reset() {
 	*x = ChatRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	mi := &file_routesvc_v1_router_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -586,7 +790,7 @@ func (x *ChatRequest) String() string {
 func (*ChatRequest) ProtoMessage() {}
 
 func (x *ChatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	mi := &file_routesvc_v1_router_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -599,7 +803,7 @@ func (x *ChatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatRequest.ProtoReflect.Descriptor instead.
 func (*ChatRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ChatRequest) GetMessages() []*Message {
@@ -660,7 +864,7 @@ type RoutingContext struct {
 
 func (x *RoutingContext) Reset() {
 	*x = RoutingContext{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	mi := &file_routesvc_v1_router_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -672,7 +876,7 @@ func (x *RoutingContext) String() string {
 func (*RoutingContext) ProtoMessage() {}
 
 func (x *RoutingContext) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	mi := &file_routesvc_v1_router_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -685,7 +889,7 @@ func (x *RoutingContext) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoutingContext.ProtoReflect.Descriptor instead.
 func (*RoutingContext) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RoutingContext) GetTenant() string {
@@ -757,7 +961,7 @@ type RouteRequest struct {
 
 func (x *RouteRequest) Reset() {
 	*x = RouteRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[5]
+	mi := &file_routesvc_v1_router_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -769,7 +973,7 @@ func (x *RouteRequest) String() string {
 func (*RouteRequest) ProtoMessage() {}
 
 func (x *RouteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[5]
+	mi := &file_routesvc_v1_router_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -782,7 +986,7 @@ func (x *RouteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteRequest.ProtoReflect.Descriptor instead.
 func (*RouteRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RouteRequest) GetChat() *ChatRequest {
@@ -814,7 +1018,7 @@ type Candidate struct {
 
 func (x *Candidate) Reset() {
 	*x = Candidate{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[6]
+	mi := &file_routesvc_v1_router_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -826,7 +1030,7 @@ func (x *Candidate) String() string {
 func (*Candidate) ProtoMessage() {}
 
 func (x *Candidate) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[6]
+	mi := &file_routesvc_v1_router_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -839,7 +1043,7 @@ func (x *Candidate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Candidate.ProtoReflect.Descriptor instead.
 func (*Candidate) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Candidate) GetModel() string {
@@ -912,7 +1116,7 @@ type RouteDecision struct {
 
 func (x *RouteDecision) Reset() {
 	*x = RouteDecision{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[7]
+	mi := &file_routesvc_v1_router_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -924,7 +1128,7 @@ func (x *RouteDecision) String() string {
 func (*RouteDecision) ProtoMessage() {}
 
 func (x *RouteDecision) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[7]
+	mi := &file_routesvc_v1_router_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -937,7 +1141,7 @@ func (x *RouteDecision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteDecision.ProtoReflect.Descriptor instead.
 func (*RouteDecision) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RouteDecision) GetDecisionId() string {
@@ -1063,7 +1267,7 @@ type RouteResponse struct {
 
 func (x *RouteResponse) Reset() {
 	*x = RouteResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[8]
+	mi := &file_routesvc_v1_router_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1075,7 +1279,7 @@ func (x *RouteResponse) String() string {
 func (*RouteResponse) ProtoMessage() {}
 
 func (x *RouteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[8]
+	mi := &file_routesvc_v1_router_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1088,7 +1292,7 @@ func (x *RouteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteResponse.ProtoReflect.Descriptor instead.
 func (*RouteResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{8}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RouteResponse) GetDecision() *RouteDecision {
@@ -1111,7 +1315,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[9]
+	mi := &file_routesvc_v1_router_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1123,7 +1327,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[9]
+	mi := &file_routesvc_v1_router_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1136,7 +1340,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{9}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CompleteRequest) GetChat() *ChatRequest {
@@ -1164,7 +1368,7 @@ type TextDelta struct {
 
 func (x *TextDelta) Reset() {
 	*x = TextDelta{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[10]
+	mi := &file_routesvc_v1_router_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1176,7 +1380,7 @@ func (x *TextDelta) String() string {
 func (*TextDelta) ProtoMessage() {}
 
 func (x *TextDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[10]
+	mi := &file_routesvc_v1_router_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1189,7 +1393,7 @@ func (x *TextDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TextDelta.ProtoReflect.Descriptor instead.
 func (*TextDelta) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{10}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *TextDelta) GetText() string {
@@ -1220,7 +1424,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[11]
+	mi := &file_routesvc_v1_router_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1232,7 +1436,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[11]
+	mi := &file_routesvc_v1_router_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1245,7 +1449,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{11}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Usage) GetInputTokens() int64 {
@@ -1317,7 +1521,7 @@ type Completion struct {
 
 func (x *Completion) Reset() {
 	*x = Completion{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[12]
+	mi := &file_routesvc_v1_router_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1329,7 +1533,7 @@ func (x *Completion) String() string {
 func (*Completion) ProtoMessage() {}
 
 func (x *Completion) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[12]
+	mi := &file_routesvc_v1_router_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1342,7 +1546,7 @@ func (x *Completion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Completion.ProtoReflect.Descriptor instead.
 func (*Completion) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{12}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Completion) GetModel() string {
@@ -1432,7 +1636,7 @@ type Attempt struct {
 
 func (x *Attempt) Reset() {
 	*x = Attempt{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[13]
+	mi := &file_routesvc_v1_router_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1444,7 +1648,7 @@ func (x *Attempt) String() string {
 func (*Attempt) ProtoMessage() {}
 
 func (x *Attempt) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[13]
+	mi := &file_routesvc_v1_router_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1457,7 +1661,7 @@ func (x *Attempt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attempt.ProtoReflect.Descriptor instead.
 func (*Attempt) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{13}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Attempt) GetModel() string {
@@ -1504,7 +1708,7 @@ type QualityScore struct {
 
 func (x *QualityScore) Reset() {
 	*x = QualityScore{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[14]
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1516,7 +1720,7 @@ func (x *QualityScore) String() string {
 func (*QualityScore) ProtoMessage() {}
 
 func (x *QualityScore) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[14]
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1529,7 +1733,7 @@ func (x *QualityScore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QualityScore.ProtoReflect.Descriptor instead.
 func (*QualityScore) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{14}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *QualityScore) GetScore() float64 {
@@ -1576,7 +1780,7 @@ type Escalation struct {
 
 func (x *Escalation) Reset() {
 	*x = Escalation{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[15]
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1588,7 +1792,7 @@ func (x *Escalation) String() string {
 func (*Escalation) ProtoMessage() {}
 
 func (x *Escalation) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[15]
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1601,7 +1805,7 @@ func (x *Escalation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Escalation.ProtoReflect.Descriptor instead.
 func (*Escalation) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{15}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Escalation) GetFromModel() string {
@@ -1671,7 +1875,7 @@ type BatchJob struct {
 
 func (x *BatchJob) Reset() {
 	*x = BatchJob{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1683,7 +1887,7 @@ func (x *BatchJob) String() string {
 func (*BatchJob) ProtoMessage() {}
 
 func (x *BatchJob) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1696,7 +1900,7 @@ func (x *BatchJob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchJob.ProtoReflect.Descriptor instead.
 func (*BatchJob) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{16}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *BatchJob) GetBatchId() string {
@@ -1776,7 +1980,7 @@ type BatchResult struct {
 
 func (x *BatchResult) Reset() {
 	*x = BatchResult{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1788,7 +1992,7 @@ func (x *BatchResult) String() string {
 func (*BatchResult) ProtoMessage() {}
 
 func (x *BatchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1801,7 +2005,7 @@ func (x *BatchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchResult.ProtoReflect.Descriptor instead.
 func (*BatchResult) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{17}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *BatchResult) GetText() string {
@@ -1860,7 +2064,7 @@ type GetBatchRequest struct {
 
 func (x *GetBatchRequest) Reset() {
 	*x = GetBatchRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1872,7 +2076,7 @@ func (x *GetBatchRequest) String() string {
 func (*GetBatchRequest) ProtoMessage() {}
 
 func (x *GetBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1885,7 +2089,7 @@ func (x *GetBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBatchRequest.ProtoReflect.Descriptor instead.
 func (*GetBatchRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{18}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetBatchRequest) GetBatchId() string {
@@ -1917,7 +2121,7 @@ type GetBatchResponse struct {
 
 func (x *GetBatchResponse) Reset() {
 	*x = GetBatchResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1929,7 +2133,7 @@ func (x *GetBatchResponse) String() string {
 func (*GetBatchResponse) ProtoMessage() {}
 
 func (x *GetBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1942,7 +2146,7 @@ func (x *GetBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBatchResponse.ProtoReflect.Descriptor instead.
 func (*GetBatchResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{19}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetBatchResponse) GetJob() *BatchJob {
@@ -1980,7 +2184,7 @@ type CancelBatchRequest struct {
 
 func (x *CancelBatchRequest) Reset() {
 	*x = CancelBatchRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	mi := &file_routesvc_v1_router_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1992,7 +2196,7 @@ func (x *CancelBatchRequest) String() string {
 func (*CancelBatchRequest) ProtoMessage() {}
 
 func (x *CancelBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	mi := &file_routesvc_v1_router_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2005,7 +2209,7 @@ func (x *CancelBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBatchRequest.ProtoReflect.Descriptor instead.
 func (*CancelBatchRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{20}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CancelBatchRequest) GetBatchId() string {
@@ -2033,7 +2237,7 @@ type CancelBatchResponse struct {
 
 func (x *CancelBatchResponse) Reset() {
 	*x = CancelBatchResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	mi := &file_routesvc_v1_router_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2045,7 +2249,7 @@ func (x *CancelBatchResponse) String() string {
 func (*CancelBatchResponse) ProtoMessage() {}
 
 func (x *CancelBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	mi := &file_routesvc_v1_router_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2058,7 +2262,7 @@ func (x *CancelBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBatchResponse.ProtoReflect.Descriptor instead.
 func (*CancelBatchResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{21}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CancelBatchResponse) GetJob() *BatchJob {
@@ -2087,7 +2291,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[22]
+	mi := &file_routesvc_v1_router_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2099,7 +2303,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[22]
+	mi := &file_routesvc_v1_router_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2112,7 +2316,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{22}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CompleteResponse) GetEvent() isCompleteResponse_Event {
@@ -2215,7 +2419,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[23]
+	mi := &file_routesvc_v1_router_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2227,7 +2431,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[23]
+	mi := &file_routesvc_v1_router_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2240,7 +2444,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{23}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{25}
 }
 
 // ModelInfo describes one catalog model.
@@ -2278,7 +2482,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[24]
+	mi := &file_routesvc_v1_router_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2290,7 +2494,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[24]
+	mi := &file_routesvc_v1_router_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2303,7 +2507,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{24}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ModelInfo) GetId() string {
@@ -2408,7 +2612,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[25]
+	mi := &file_routesvc_v1_router_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2420,7 +2624,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[25]
+	mi := &file_routesvc_v1_router_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2433,7 +2637,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{25}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListModelsResponse) GetModels() []*ModelInfo {
@@ -2457,7 +2661,7 @@ type GetStatsRequest struct {
 
 func (x *GetStatsRequest) Reset() {
 	*x = GetStatsRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[26]
+	mi := &file_routesvc_v1_router_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2469,7 +2673,7 @@ func (x *GetStatsRequest) String() string {
 func (*GetStatsRequest) ProtoMessage() {}
 
 func (x *GetStatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[26]
+	mi := &file_routesvc_v1_router_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2482,7 +2686,7 @@ func (x *GetStatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatsRequest.ProtoReflect.Descriptor instead.
 func (*GetStatsRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{26}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GetStatsRequest) GetTenant() string {
@@ -2528,7 +2732,7 @@ type CostTotals struct {
 
 func (x *CostTotals) Reset() {
 	*x = CostTotals{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[27]
+	mi := &file_routesvc_v1_router_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2540,7 +2744,7 @@ func (x *CostTotals) String() string {
 func (*CostTotals) ProtoMessage() {}
 
 func (x *CostTotals) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[27]
+	mi := &file_routesvc_v1_router_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2553,7 +2757,7 @@ func (x *CostTotals) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CostTotals.ProtoReflect.Descriptor instead.
 func (*CostTotals) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{27}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CostTotals) GetRequests() int64 {
@@ -2631,7 +2835,7 @@ type ModelStats struct {
 
 func (x *ModelStats) Reset() {
 	*x = ModelStats{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[28]
+	mi := &file_routesvc_v1_router_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2643,7 +2847,7 @@ func (x *ModelStats) String() string {
 func (*ModelStats) ProtoMessage() {}
 
 func (x *ModelStats) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[28]
+	mi := &file_routesvc_v1_router_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2656,7 +2860,7 @@ func (x *ModelStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelStats.ProtoReflect.Descriptor instead.
 func (*ModelStats) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{28}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ModelStats) GetModel() string {
@@ -2707,7 +2911,7 @@ type TenantStats struct {
 
 func (x *TenantStats) Reset() {
 	*x = TenantStats{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[29]
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2719,7 +2923,7 @@ func (x *TenantStats) String() string {
 func (*TenantStats) ProtoMessage() {}
 
 func (x *TenantStats) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[29]
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2732,7 +2936,7 @@ func (x *TenantStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TenantStats.ProtoReflect.Descriptor instead.
 func (*TenantStats) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{29}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *TenantStats) GetTenant() string {
@@ -2764,7 +2968,7 @@ type LatencyPercentiles struct {
 
 func (x *LatencyPercentiles) Reset() {
 	*x = LatencyPercentiles{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[30]
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2776,7 +2980,7 @@ func (x *LatencyPercentiles) String() string {
 func (*LatencyPercentiles) ProtoMessage() {}
 
 func (x *LatencyPercentiles) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[30]
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2789,7 +2993,7 @@ func (x *LatencyPercentiles) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LatencyPercentiles.ProtoReflect.Descriptor instead.
 func (*LatencyPercentiles) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{30}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *LatencyPercentiles) GetP50() *durationpb.Duration {
@@ -2850,7 +3054,7 @@ type GetStatsResponse struct {
 
 func (x *GetStatsResponse) Reset() {
 	*x = GetStatsResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	mi := &file_routesvc_v1_router_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2862,7 +3066,7 @@ func (x *GetStatsResponse) String() string {
 func (*GetStatsResponse) ProtoMessage() {}
 
 func (x *GetStatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	mi := &file_routesvc_v1_router_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2875,7 +3079,7 @@ func (x *GetStatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatsResponse.ProtoReflect.Descriptor instead.
 func (*GetStatsResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{31}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GetStatsResponse) GetWindow() *durationpb.Duration {
@@ -2994,7 +3198,7 @@ type FeedbackRequest struct {
 
 func (x *FeedbackRequest) Reset() {
 	*x = FeedbackRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	mi := &file_routesvc_v1_router_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3006,7 +3210,7 @@ func (x *FeedbackRequest) String() string {
 func (*FeedbackRequest) ProtoMessage() {}
 
 func (x *FeedbackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	mi := &file_routesvc_v1_router_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3019,7 +3223,7 @@ func (x *FeedbackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeedbackRequest.ProtoReflect.Descriptor instead.
 func (*FeedbackRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{32}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *FeedbackRequest) GetDecisionId() string {
@@ -3090,7 +3294,7 @@ type FeedbackResponse struct {
 
 func (x *FeedbackResponse) Reset() {
 	*x = FeedbackResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[33]
+	mi := &file_routesvc_v1_router_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3102,7 +3306,7 @@ func (x *FeedbackResponse) String() string {
 func (*FeedbackResponse) ProtoMessage() {}
 
 func (x *FeedbackResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[33]
+	mi := &file_routesvc_v1_router_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3115,7 +3319,7 @@ func (x *FeedbackResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeedbackResponse.ProtoReflect.Descriptor instead.
 func (*FeedbackResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{33}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *FeedbackResponse) GetDecisionId() string {
@@ -3150,14 +3354,25 @@ var File_routesvc_v1_router_proto protoreflect.FileDescriptor
 
 const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\n" +
-	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x01\n" +
+	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd2\x01\n" +
 	"\aMessage\x12%\n" +
 	"\x04role\x18\x01 \x01(\x0e2\x11.routesvc.v1.RoleR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x124\n" +
 	"\n" +
 	"tool_calls\x18\x03 \x03(\v2\x15.routesvc.v1.ToolCallR\ttoolCalls\x12 \n" +
 	"\ftool_call_id\x18\x04 \x01(\tR\n" +
-	"toolCallId\"U\n" +
+	"toolCallId\x12.\n" +
+	"\x05parts\x18\x05 \x03(\v2\x18.routesvc.v1.ContentPartR\x05parts\"W\n" +
+	"\vContentPart\x12\x14\n" +
+	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12*\n" +
+	"\x05image\x18\x02 \x01(\v2\x12.routesvc.v1.ImageH\x00R\x05imageB\x06\n" +
+	"\x04part\"Z\n" +
+	"\x05Image\x12\x12\n" +
+	"\x03url\x18\x01 \x01(\tH\x00R\x03url\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04data\x12\x1d\n" +
+	"\n" +
+	"media_type\x18\x03 \x01(\tR\tmediaTypeB\b\n" +
+	"\x06source\"U\n" +
 	"\bToolCall\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12%\n" +
@@ -3440,7 +3655,7 @@ func file_routesvc_v1_router_proto_rawDescGZIP() []byte {
 }
 
 var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_routesvc_v1_router_proto_goTypes = []any{
 	(BatchState)(0),               // 0: routesvc.v1.BatchState
 	(Role)(0),                     // 1: routesvc.v1.Role
@@ -3448,112 +3663,116 @@ var file_routesvc_v1_router_proto_goTypes = []any{
 	(FinishReason)(0),             // 3: routesvc.v1.FinishReason
 	(AttemptOutcome)(0),           // 4: routesvc.v1.AttemptOutcome
 	(*Message)(nil),               // 5: routesvc.v1.Message
-	(*ToolCall)(nil),              // 6: routesvc.v1.ToolCall
-	(*Tool)(nil),                  // 7: routesvc.v1.Tool
-	(*ChatRequest)(nil),           // 8: routesvc.v1.ChatRequest
-	(*RoutingContext)(nil),        // 9: routesvc.v1.RoutingContext
-	(*RouteRequest)(nil),          // 10: routesvc.v1.RouteRequest
-	(*Candidate)(nil),             // 11: routesvc.v1.Candidate
-	(*RouteDecision)(nil),         // 12: routesvc.v1.RouteDecision
-	(*RouteResponse)(nil),         // 13: routesvc.v1.RouteResponse
-	(*CompleteRequest)(nil),       // 14: routesvc.v1.CompleteRequest
-	(*TextDelta)(nil),             // 15: routesvc.v1.TextDelta
-	(*Usage)(nil),                 // 16: routesvc.v1.Usage
-	(*Completion)(nil),            // 17: routesvc.v1.Completion
-	(*Attempt)(nil),               // 18: routesvc.v1.Attempt
-	(*QualityScore)(nil),          // 19: routesvc.v1.QualityScore
-	(*Escalation)(nil),            // 20: routesvc.v1.Escalation
-	(*BatchJob)(nil),              // 21: routesvc.v1.BatchJob
-	(*BatchResult)(nil),           // 22: routesvc.v1.BatchResult
-	(*GetBatchRequest)(nil),       // 23: routesvc.v1.GetBatchRequest
-	(*GetBatchResponse)(nil),      // 24: routesvc.v1.GetBatchResponse
-	(*CancelBatchRequest)(nil),    // 25: routesvc.v1.CancelBatchRequest
-	(*CancelBatchResponse)(nil),   // 26: routesvc.v1.CancelBatchResponse
-	(*CompleteResponse)(nil),      // 27: routesvc.v1.CompleteResponse
-	(*ListModelsRequest)(nil),     // 28: routesvc.v1.ListModelsRequest
-	(*ModelInfo)(nil),             // 29: routesvc.v1.ModelInfo
-	(*ListModelsResponse)(nil),    // 30: routesvc.v1.ListModelsResponse
-	(*GetStatsRequest)(nil),       // 31: routesvc.v1.GetStatsRequest
-	(*CostTotals)(nil),            // 32: routesvc.v1.CostTotals
-	(*ModelStats)(nil),            // 33: routesvc.v1.ModelStats
-	(*TenantStats)(nil),           // 34: routesvc.v1.TenantStats
-	(*LatencyPercentiles)(nil),    // 35: routesvc.v1.LatencyPercentiles
-	(*GetStatsResponse)(nil),      // 36: routesvc.v1.GetStatsResponse
-	(*FeedbackRequest)(nil),       // 37: routesvc.v1.FeedbackRequest
-	(*FeedbackResponse)(nil),      // 38: routesvc.v1.FeedbackResponse
-	nil,                           // 39: routesvc.v1.RoutingContext.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 40: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 41: google.protobuf.Duration
+	(*ContentPart)(nil),           // 6: routesvc.v1.ContentPart
+	(*Image)(nil),                 // 7: routesvc.v1.Image
+	(*ToolCall)(nil),              // 8: routesvc.v1.ToolCall
+	(*Tool)(nil),                  // 9: routesvc.v1.Tool
+	(*ChatRequest)(nil),           // 10: routesvc.v1.ChatRequest
+	(*RoutingContext)(nil),        // 11: routesvc.v1.RoutingContext
+	(*RouteRequest)(nil),          // 12: routesvc.v1.RouteRequest
+	(*Candidate)(nil),             // 13: routesvc.v1.Candidate
+	(*RouteDecision)(nil),         // 14: routesvc.v1.RouteDecision
+	(*RouteResponse)(nil),         // 15: routesvc.v1.RouteResponse
+	(*CompleteRequest)(nil),       // 16: routesvc.v1.CompleteRequest
+	(*TextDelta)(nil),             // 17: routesvc.v1.TextDelta
+	(*Usage)(nil),                 // 18: routesvc.v1.Usage
+	(*Completion)(nil),            // 19: routesvc.v1.Completion
+	(*Attempt)(nil),               // 20: routesvc.v1.Attempt
+	(*QualityScore)(nil),          // 21: routesvc.v1.QualityScore
+	(*Escalation)(nil),            // 22: routesvc.v1.Escalation
+	(*BatchJob)(nil),              // 23: routesvc.v1.BatchJob
+	(*BatchResult)(nil),           // 24: routesvc.v1.BatchResult
+	(*GetBatchRequest)(nil),       // 25: routesvc.v1.GetBatchRequest
+	(*GetBatchResponse)(nil),      // 26: routesvc.v1.GetBatchResponse
+	(*CancelBatchRequest)(nil),    // 27: routesvc.v1.CancelBatchRequest
+	(*CancelBatchResponse)(nil),   // 28: routesvc.v1.CancelBatchResponse
+	(*CompleteResponse)(nil),      // 29: routesvc.v1.CompleteResponse
+	(*ListModelsRequest)(nil),     // 30: routesvc.v1.ListModelsRequest
+	(*ModelInfo)(nil),             // 31: routesvc.v1.ModelInfo
+	(*ListModelsResponse)(nil),    // 32: routesvc.v1.ListModelsResponse
+	(*GetStatsRequest)(nil),       // 33: routesvc.v1.GetStatsRequest
+	(*CostTotals)(nil),            // 34: routesvc.v1.CostTotals
+	(*ModelStats)(nil),            // 35: routesvc.v1.ModelStats
+	(*TenantStats)(nil),           // 36: routesvc.v1.TenantStats
+	(*LatencyPercentiles)(nil),    // 37: routesvc.v1.LatencyPercentiles
+	(*GetStatsResponse)(nil),      // 38: routesvc.v1.GetStatsResponse
+	(*FeedbackRequest)(nil),       // 39: routesvc.v1.FeedbackRequest
+	(*FeedbackResponse)(nil),      // 40: routesvc.v1.FeedbackResponse
+	nil,                           // 41: routesvc.v1.RoutingContext.MetadataEntry
+	(*timestamppb.Timestamp)(nil), // 42: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 43: google.protobuf.Duration
 }
 var file_routesvc_v1_router_proto_depIdxs = []int32{
 	1,  // 0: routesvc.v1.Message.role:type_name -> routesvc.v1.Role
-	6,  // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
-	5,  // 2: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
-	7,  // 3: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
-	39, // 4: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
-	8,  // 5: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	9,  // 6: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
-	2,  // 7: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
-	11, // 8: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
-	12, // 9: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	8,  // 10: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	9,  // 11: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
-	16, // 12: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
-	3,  // 13: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
-	18, // 14: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
-	16, // 15: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
-	19, // 16: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
-	6,  // 17: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
-	4,  // 18: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
-	16, // 19: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
-	19, // 20: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
-	16, // 21: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
-	0,  // 22: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
-	40, // 23: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
-	40, // 24: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
-	16, // 25: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
-	3,  // 26: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
-	6,  // 27: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
-	21, // 28: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	22, // 29: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
-	21, // 30: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	12, // 31: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	15, // 32: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
-	17, // 33: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
-	20, // 34: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
-	21, // 35: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
-	29, // 36: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
-	41, // 37: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
-	32, // 38: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
-	32, // 39: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
-	41, // 40: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
-	41, // 41: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
-	41, // 42: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
-	41, // 43: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
-	32, // 44: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
-	33, // 45: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
-	34, // 46: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
-	35, // 47: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
-	35, // 48: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
-	10, // 49: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
-	14, // 50: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
-	28, // 51: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
-	31, // 52: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
-	23, // 53: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
-	25, // 54: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
-	37, // 55: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
-	13, // 56: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
-	27, // 57: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
-	30, // 58: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
-	36, // 59: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
-	24, // 60: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
-	26, // 61: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
-	38, // 62: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
-	56, // [56:63] is the sub-list for method output_type
-	49, // [49:56] is the sub-list for method input_type
-	49, // [49:49] is the sub-list for extension type_name
-	49, // [49:49] is the sub-list for extension extendee
-	0,  // [0:49] is the sub-list for field type_name
+	8,  // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
+	6,  // 2: routesvc.v1.Message.parts:type_name -> routesvc.v1.ContentPart
+	7,  // 3: routesvc.v1.ContentPart.image:type_name -> routesvc.v1.Image
+	5,  // 4: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
+	9,  // 5: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
+	41, // 6: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
+	10, // 7: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	11, // 8: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
+	2,  // 9: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
+	13, // 10: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
+	14, // 11: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	10, // 12: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	11, // 13: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
+	18, // 14: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
+	3,  // 15: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
+	20, // 16: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
+	18, // 17: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
+	21, // 18: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
+	8,  // 19: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
+	4,  // 20: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
+	18, // 21: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
+	21, // 22: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
+	18, // 23: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
+	0,  // 24: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
+	42, // 25: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
+	42, // 26: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
+	18, // 27: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
+	3,  // 28: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
+	8,  // 29: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
+	23, // 30: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	24, // 31: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
+	23, // 32: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	14, // 33: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	17, // 34: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
+	19, // 35: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
+	22, // 36: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
+	23, // 37: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
+	31, // 38: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
+	43, // 39: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
+	34, // 40: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
+	34, // 41: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
+	43, // 42: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
+	43, // 43: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
+	43, // 44: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
+	43, // 45: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
+	34, // 46: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
+	35, // 47: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
+	36, // 48: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
+	37, // 49: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
+	37, // 50: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
+	12, // 51: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
+	16, // 52: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
+	30, // 53: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
+	33, // 54: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
+	25, // 55: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
+	27, // 56: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
+	39, // 57: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
+	15, // 58: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
+	29, // 59: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
+	32, // 60: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
+	38, // 61: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
+	26, // 62: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
+	28, // 63: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
+	40, // 64: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
+	58, // [58:65] is the sub-list for method output_type
+	51, // [51:58] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_routesvc_v1_router_proto_init() }
@@ -3561,18 +3780,26 @@ func file_routesvc_v1_router_proto_init() {
 	if File_routesvc_v1_router_proto != nil {
 		return
 	}
-	file_routesvc_v1_router_proto_msgTypes[3].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[4].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[22].OneofWrappers = []any{
+	file_routesvc_v1_router_proto_msgTypes[1].OneofWrappers = []any{
+		(*ContentPart_Text)(nil),
+		(*ContentPart_Image)(nil),
+	}
+	file_routesvc_v1_router_proto_msgTypes[2].OneofWrappers = []any{
+		(*Image_Url)(nil),
+		(*Image_Data)(nil),
+	}
+	file_routesvc_v1_router_proto_msgTypes[5].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[6].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[24].OneofWrappers = []any{
 		(*CompleteResponse_Decision)(nil),
 		(*CompleteResponse_Delta)(nil),
 		(*CompleteResponse_Completion)(nil),
 		(*CompleteResponse_Escalation)(nil),
 		(*CompleteResponse_Batch)(nil),
 	}
-	file_routesvc_v1_router_proto_msgTypes[28].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[31].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[32].OneofWrappers = []any{
+	file_routesvc_v1_router_proto_msgTypes[30].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[33].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[34].OneofWrappers = []any{
 		(*FeedbackRequest_Score)(nil),
 		(*FeedbackRequest_ThumbsUp)(nil),
 	}
@@ -3582,7 +3809,7 @@ func file_routesvc_v1_router_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_routesvc_v1_router_proto_rawDesc), len(file_routesvc_v1_router_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   35,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -24,7 +24,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file routesvc/v1/router.proto.
  */
 export const file_routesvc_v1_router: GenFile = /*@__PURE__*/
-  fileDesc("Chhyb3V0ZXN2Yy92MS9yb3V0ZXIucHJvdG8SC3JvdXRlc3ZjLnYxInwKB01lc3NhZ2USHwoEcm9sZRgBIAEoDjIRLnJvdXRlc3ZjLnYxLlJvbGUSDwoHY29udGVudBgCIAEoCRIpCgp0b29sX2NhbGxzGAMgAygLMhUucm91dGVzdmMudjEuVG9vbENhbGwSFAoMdG9vbF9jYWxsX2lkGAQgASgJIjwKCFRvb2xDYWxsEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSFgoOYXJndW1lbnRzX2pzb24YAyABKAkiQgoEVG9vbBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhcKD3BhcmFtZXRlcnNfanNvbhgDIAEoCSK3AQoLQ2hhdFJlcXVlc3QSJgoIbWVzc2FnZXMYASADKAsyFC5yb3V0ZXN2Yy52MS5NZXNzYWdlEiAKBXRvb2xzGAIgAygLMhEucm91dGVzdmMudjEuVG9vbBIeChFtYXhfb3V0cHV0X3Rva2VucxgDIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAQgASgBSAGIAQFCFAoSX21heF9vdXRwdXRfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZSKfAgoOUm91dGluZ0NvbnRleHQSDgoGdGVuYW50GAEgASgJEhEKCXVzZXJfdGllchgCIAEoCRIRCgl0YXNrX2hpbnQYAyABKAkSFQoIcmVhbHRpbWUYBCABKAhIAIgBARI7CghtZXRhZGF0YRgFIAMoCzIpLnJvdXRlc3ZjLnYxLlJvdXRpbmdDb250ZXh0Lk1ldGFkYXRhRW50cnkSFAoMbWF4X2Nvc3RfdXNkGAYgASgJEg0KBW1vZGVsGAcgASgJEhQKB2Nhc2NhZGUYCCABKAhIAYgBARovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCwoJX3JlYWx0aW1lQgoKCF9jYXNjYWRlImQKDFJvdXRlUmVxdWVzdBImCgRjaGF0GAEgASgLMhgucm91dGVzdmMudjEuQ2hhdFJlcXVlc3QSLAoHY29udGV4dBgCIAEoCzIbLnJvdXRlc3ZjLnYxLlJvdXRpbmdDb250ZXh0IkUKCUNhbmRpZGF0ZRINCgVtb2RlbBgBIAEoCRIQCghlbGlnaWJsZRgCIAEoCBIXCg9leGNsdWRlZF9yZWFzb24YAyABKAkilAMKDVJvdXRlRGVjaXNpb24SEwoLZGVjaXNpb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSEAoIcHJvdmlkZXIYAyABKAkSEAoIc3RyYXRlZ3kYBCABKAkSDAoEcnVsZRgFIAEoCRIPCgdyZWFzb25zGAYgAygJEh4KFmVzdGltYXRlZF9pbnB1dF90b2tlbnMYByABKAMSHwoXZXN0aW1hdGVkX291dHB1dF90b2tlbnMYCCABKAMSGgoSZXN0aW1hdGVkX2Nvc3RfdXNkGAkgASgJEh8KBG1vZGUYCiABKA4yES5yb3V0ZXN2Yy52MS5Nb2RlEioKCmNhbmRpZGF0ZXMYCyADKAsyFi5yb3V0ZXN2Yy52MS5DYW5kaWRhdGUSDAoEdGFzaxgMIAEoCRIWCg5jYXNjYWRlX21vZGVscxgNIAMoCRIaChJjYXNjYWRlX3RocmVzaG9sZHMYDiADKAESFgoOY2FzY2FkZV9zY29yZXIYDyABKAkSGAoQcm91dGluZ19jb3N0X3VzZBgQIAEoCSI9Cg1Sb3V0ZVJlc3BvbnNlEiwKCGRlY2lzaW9uGAEgASgLMhoucm91dGVzdmMudjEuUm91dGVEZWNpc2lvbiJnCg9Db21wbGV0ZVJlcXVlc3QSJgoEY2hhdBgBIAEoCzIYLnJvdXRlc3ZjLnYxLkNoYXRSZXF1ZXN0EiwKB2NvbnRleHQYAiABKAsyGy5yb3V0ZXN2Yy52MS5Sb3V0aW5nQ29udGV4dCIZCglUZXh0RGVsdGESDAoEdGV4dBgBIAEoCSKYAQoFVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgDIAEoAxIgChhjYWNoZV93cml0ZV9pbnB1dF90b2tlbnMYBCABKAMSIwobY2FjaGVfd3JpdGVfMWhfaW5wdXRfdG9rZW5zGAUgASgDItQCCgpDb21wbGV0aW9uEg0KBW1vZGVsGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEhYKDnByb3ZpZGVyX21vZGVsGAMgASgJEiEKBXVzYWdlGAQgASgLMhIucm91dGVzdmMudjEuVXNhZ2USEAoIY29zdF91c2QYBSABKAkSMAoNZmluaXNoX3JlYXNvbhgGIAEoDjIZLnJvdXRlc3ZjLnYxLkZpbmlzaFJlYXNvbhImCghhdHRlbXB0cxgHIAMoCzIULnJvdXRlc3ZjLnYxLkF0dGVtcHQSJwoLdG90YWxfdXNhZ2UYCCABKAsyEi5yb3V0ZXN2Yy52MS5Vc2FnZRIqCgdxdWFsaXR5GAkgASgLMhkucm91dGVzdmMudjEuUXVhbGl0eVNjb3JlEikKCnRvb2xfY2FsbHMYCiADKAsyFS5yb3V0ZXN2Yy52MS5Ub29sQ2FsbCJ7CgdBdHRlbXB0Eg0KBW1vZGVsGAEgASgJEiwKB291dGNvbWUYAiABKA4yGy5yb3V0ZXN2Yy52MS5BdHRlbXB0T3V0Y29tZRIhCgV1c2FnZRgDIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlEhAKCGNvc3RfdXNkGAQgASgJIj0KDFF1YWxpdHlTY29yZRINCgVzY29yZRgBIAEoARIOCgZzY29yZXIYAiABKAkSDgoGcmVhc29uGAMgASgJIqYBCgpFc2NhbGF0aW9uEhIKCmZyb21fbW9kZWwYASABKAkSEAoIdG9fbW9kZWwYAiABKAkSKgoHcXVhbGl0eRgDIAEoCzIZLnJvdXRlc3ZjLnYxLlF1YWxpdHlTY29yZRIRCgl0aHJlc2hvbGQYBCABKAESEAoIY29zdF91c2QYBSABKAkSIQoFdXNhZ2UYBiABKAsyEi5yb3V0ZXN2Yy52MS5Vc2FnZSL2AQoIQmF0Y2hKb2ISEAoIYmF0Y2hfaWQYASABKAkSJgoFc3RhdGUYAiABKA4yFy5yb3V0ZXN2Yy52MS5CYXRjaFN0YXRlEg0KBW1vZGVsGAMgASgJEhAKCHByb3ZpZGVyGAQgASgJEhoKEmVzdGltYXRlZF9jb3N0X3VzZBgFIAEoCRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtkZWNpc2lvbl9pZBgIIAEoCSLFAQoLQmF0Y2hSZXN1bHQSDAoEdGV4dBgBIAEoCRIhCgV1c2FnZRgCIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlEhAKCGNvc3RfdXNkGAMgASgJEjAKDWZpbmlzaF9yZWFzb24YBCABKA4yGS5yb3V0ZXN2Yy52MS5GaW5pc2hSZWFzb24SFgoOcHJvdmlkZXJfbW9kZWwYBSABKAkSKQoKdG9vbF9jYWxscxgGIAMoCzIVLnJvdXRlc3ZjLnYxLlRvb2xDYWxsIjMKD0dldEJhdGNoUmVxdWVzdBIQCghiYXRjaF9pZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkibwoQR2V0QmF0Y2hSZXNwb25zZRIiCgNqb2IYASABKAsyFS5yb3V0ZXN2Yy52MS5CYXRjaEpvYhIoCgZyZXN1bHQYAiABKAsyGC5yb3V0ZXN2Yy52MS5CYXRjaFJlc3VsdBINCgVlcnJvchgDIAEoCSI2ChJDYW5jZWxCYXRjaFJlcXVlc3QSEAoIYmF0Y2hfaWQYASABKAkSDgoGdGVuYW50GAIgASgJIjkKE0NhbmNlbEJhdGNoUmVzcG9uc2USIgoDam9iGAEgASgLMhUucm91dGVzdmMudjEuQmF0Y2hKb2Ii+gEKEENvbXBsZXRlUmVzcG9uc2USLgoIZGVjaXNpb24YASABKAsyGi5yb3V0ZXN2Yy52MS5Sb3V0ZURlY2lzaW9uSAASJwoFZGVsdGEYAiABKAsyFi5yb3V0ZXN2Yy52MS5UZXh0RGVsdGFIABItCgpjb21wbGV0aW9uGAMgASgLMhcucm91dGVzdmMudjEuQ29tcGxldGlvbkgAEi0KCmVzY2FsYXRpb24YBCABKAsyFy5yb3V0ZXN2Yy52MS5Fc2NhbGF0aW9uSAASJgoFYmF0Y2gYBSABKAsyFS5yb3V0ZXN2Yy52MS5CYXRjaEpvYkgAQgcKBWV2ZW50IhMKEUxpc3RNb2RlbHNSZXF1ZXN0IuMCCglNb2RlbEluZm8SCgoCaWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSFgoOcHJvdmlkZXJfbW9kZWwYAyABKAkSHAoUaW5wdXRfcHJpY2VfcGVyX210b2sYBCABKAkSHQoVb3V0cHV0X3ByaWNlX3Blcl9tdG9rGAUgASgJEiMKG2NhY2hlZF9pbnB1dF9wcmljZV9wZXJfbXRvaxgGIAEoCRIWCg5jb250ZXh0X3dpbmRvdxgHIAEoAxIUCgxjYXBhYmlsaXRpZXMYCCADKAkSFgoOYmF0Y2hfZGlzY291bnQYCSABKAkSEQoJYXZhaWxhYmxlGAogASgIEhoKEnVuYXZhaWxhYmxlX3JlYXNvbhgLIAEoCRIiChpjYWNoZV93cml0ZV9wcmljZV9wZXJfbXRvaxgMIAEoCRIlCh1jYWNoZV93cml0ZV8xaF9wcmljZV9wZXJfbXRvaxgNIAEoCSI8ChJMaXN0TW9kZWxzUmVzcG9uc2USJgoGbW9kZWxzGAEgAygLMhYucm91dGVzdmMudjEuTW9kZWxJbmZvIkwKD0dldFN0YXRzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSKQoGd2luZG93GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIsoBCgpDb3N0VG90YWxzEhAKCHJlcXVlc3RzGAEgASgDEg4KBmVycm9ycxgCIAEoAxIQCghjb3N0X3VzZBgDIAEoCRIZChFiYXNlbGluZV9jb3N0X3VzZBgEIAEoCRITCgtzYXZpbmdzX3VzZBgFIAEoCRIXCg9zYXZpbmdzX3BlcmNlbnQYBiABKAESGgoSZXN0aW1hdGVkX2Nvc3RfdXNkGAcgASgJEiMKG2VzdGltYXRlZF9iYXNlbGluZV9jb3N0X3VzZBgIIAEoCSKlAQoKTW9kZWxTdGF0cxINCgVtb2RlbBgBIAEoCRINCgVzaGFyZRgCIAEoARInCgZ0b3RhbHMYAyABKAsyFy5yb3V0ZXN2Yy52MS5Db3N0VG90YWxzEhYKDmZlZWRiYWNrX2NvdW50GAQgASgDEiAKE21lYW5fZmVlZGJhY2tfc2NvcmUYBSABKAFIAIgBAUIWChRfbWVhbl9mZWVkYmFja19zY29yZSJGCgtUZW5hbnRTdGF0cxIOCgZ0ZW5hbnQYASABKAkSJwoGdG90YWxzGAIgASgLMhcucm91dGVzdmMudjEuQ29zdFRvdGFscyKMAQoSTGF0ZW5jeVBlcmNlbnRpbGVzEiYKA3A1MBgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhImCgNwOTUYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SJgoDcDk5GAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIoYEChBHZXRTdGF0c1Jlc3BvbnNlEikKBndpbmRvdxgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZ0ZW5hbnQYAiABKAkSFgoOYmFzZWxpbmVfbW9kZWwYAyABKAkSJwoGdG90YWxzGAQgASgLMhcucm91dGVzdmMudjEuQ29zdFRvdGFscxInCgZtb2RlbHMYBSADKAsyFy5yb3V0ZXN2Yy52MS5Nb2RlbFN0YXRzEikKB3RlbmFudHMYBiADKAsyGC5yb3V0ZXN2Yy52MS5UZW5hbnRTdGF0cxITCgtlc2NhbGF0aW9ucxgHIAEoAxIXCg9lc2NhbGF0aW9uX3JhdGUYCCABKAESEQoJZmFsbGJhY2tzGAkgASgDEhkKEWNhc2NhZGVfZGVjaXNpb25zGAogASgDEhwKFGNhc2NhZGVfcmVsZWFzZV9yYXRlGAsgASgBEiAKE21lYW5fcmVsZWFzZWRfc2NvcmUYDCABKAFIAIgBARIwCgdsYXRlbmN5GA0gASgLMh8ucm91dGVzdmMudjEuTGF0ZW5jeVBlcmNlbnRpbGVzEjwKE3RpbWVfdG9fZmlyc3RfdG9rZW4YDiABKAsyHy5yb3V0ZXN2Yy52MS5MYXRlbmN5UGVyY2VudGlsZXNCFgoUX21lYW5fcmVsZWFzZWRfc2NvcmUiVwoPRmVlZGJhY2tSZXF1ZXN0EhMKC2RlY2lzaW9uX2lkGAEgASgJEg8KBXNjb3JlGAIgASgBSAASEwoJdGh1bWJzX3VwGAMgASgISABCCQoHb3V0Y29tZSJfChBGZWVkYmFja1Jlc3BvbnNlEhMKC2RlY2lzaW9uX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEg0KBXNjb3JlGAMgASgBEhgKEGxpYnJhcnlfZXhhbXBsZXMYBCABKAMqwwEKCkJhdGNoU3RhdGUSGwoXQkFUQ0hfU1RBVEVfVU5TUEVDSUZJRUQQABIWChJCQVRDSF9TVEFURV9RVUVVRUQQARIZChVCQVRDSF9TVEFURV9TVUJNSVRURUQQAhIZChVCQVRDSF9TVEFURV9TVUNDRUVERUQQAxIWChJCQVRDSF9TVEFURV9GQUlMRUQQBBIXChNCQVRDSF9TVEFURV9FWFBJUkVEEAUSGQoVQkFUQ0hfU1RBVEVfQ0FOQ0VMTEVEEAYqXwoEUm9sZRIUChBST0xFX1VOU1BFQ0lGSUVEEAASDwoLUk9MRV9TWVNURU0QARINCglST0xFX1VTRVIQAhISCg5ST0xFX0FTU0lTVEFOVBADEg0KCVJPTEVfVE9PTBAEKj8KBE1vZGUSFAoQTU9ERV9VTlNQRUNJRklFRBAAEhEKDU1PREVfUkVBTFRJTUUQARIOCgpNT0RFX0JBVENIEAIquAEKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIcChhGSU5JU0hfUkVBU09OX1RPT0xfQ0FMTFMQAxIgChxGSU5JU0hfUkVBU09OX0NPTlRFTlRfRklMVEVSEAQSFwoTRklOSVNIX1JFQVNPTl9PVEhFUhAFKsYBCg5BdHRlbXB0T3V0Y29tZRIfChtBVFRFTVBUX09VVENPTUVfVU5TUEVDSUZJRUQQABIdChlBVFRFTVBUX09VVENPTUVfQ09NUExFVEVEEAESHQoZQVRURU1QVF9PVVRDT01FX0VTQ0FMQVRFRBACEhoKFkFUVEVNUFRfT1VUQ09NRV9GQUlMRUQQAxIZChVBVFRFTVBUX09VVENPTUVfSlVER0UQBBIeChpBVFRFTVBUX09VVENPTUVfQ0xBU1NJRklFUhAFMpYECg1Sb3V0ZXJTZXJ2aWNlEj4KBVJvdXRlEhkucm91dGVzdmMudjEuUm91dGVSZXF1ZXN0Ghoucm91dGVzdmMudjEuUm91dGVSZXNwb25zZRJJCghDb21wbGV0ZRIcLnJvdXRlc3ZjLnYxLkNvbXBsZXRlUmVxdWVzdBodLnJvdXRlc3ZjLnYxLkNvbXBsZXRlUmVzcG9uc2UwARJNCgpMaXN0TW9kZWxzEh4ucm91dGVzdmMudjEuTGlzdE1vZGVsc1JlcXVlc3QaHy5yb3V0ZXN2Yy52MS5MaXN0TW9kZWxzUmVzcG9uc2USRwoIR2V0U3RhdHMSHC5yb3V0ZXN2Yy52MS5HZXRTdGF0c1JlcXVlc3QaHS5yb3V0ZXN2Yy52MS5HZXRTdGF0c1Jlc3BvbnNlEkcKCEdldEJhdGNoEhwucm91dGVzdmMudjEuR2V0QmF0Y2hSZXF1ZXN0Gh0ucm91dGVzdmMudjEuR2V0QmF0Y2hSZXNwb25zZRJQCgtDYW5jZWxCYXRjaBIfLnJvdXRlc3ZjLnYxLkNhbmNlbEJhdGNoUmVxdWVzdBogLnJvdXRlc3ZjLnYxLkNhbmNlbEJhdGNoUmVzcG9uc2USRwoIRmVlZGJhY2sSHC5yb3V0ZXN2Yy52MS5GZWVkYmFja1JlcXVlc3QaHS5yb3V0ZXN2Yy52MS5GZWVkYmFja1Jlc3BvbnNlQl8KD2Rldi5yb3V0ZXN2Yy52MUILUm91dGVyUHJvdG9QAVo9Z2l0aHViLmNvbS9yb3V0ZXN2Yy9yb3V0ZXN2Yy9jbGllbnRzL2dvL3JvdXRlc3ZjdjE7cm91dGVzdmN2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Chhyb3V0ZXN2Yy92MS9yb3V0ZXIucHJvdG8SC3JvdXRlc3ZjLnYxIqUBCgdNZXNzYWdlEh8KBHJvbGUYASABKA4yES5yb3V0ZXN2Yy52MS5Sb2xlEg8KB2NvbnRlbnQYAiABKAkSKQoKdG9vbF9jYWxscxgDIAMoCzIVLnJvdXRlc3ZjLnYxLlRvb2xDYWxsEhQKDHRvb2xfY2FsbF9pZBgEIAEoCRInCgVwYXJ0cxgFIAMoCzIYLnJvdXRlc3ZjLnYxLkNvbnRlbnRQYXJ0IkoKC0NvbnRlbnRQYXJ0Eg4KBHRleHQYASABKAlIABIjCgVpbWFnZRgCIAEoCzISLnJvdXRlc3ZjLnYxLkltYWdlSABCBgoEcGFydCJECgVJbWFnZRINCgN1cmwYASABKAlIABIOCgRkYXRhGAIgASgMSAASEgoKbWVkaWFfdHlwZRgDIAEoCUIICgZzb3VyY2UiPAoIVG9vbENhbGwSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIWCg5hcmd1bWVudHNfanNvbhgDIAEoCSJCCgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSFwoPcGFyYW1ldGVyc19qc29uGAMgASgJIrcBCgtDaGF0UmVxdWVzdBImCghtZXNzYWdlcxgBIAMoCzIULnJvdXRlc3ZjLnYxLk1lc3NhZ2USIAoFdG9vbHMYAiADKAsyES5yb3V0ZXN2Yy52MS5Ub29sEh4KEW1heF9vdXRwdXRfdG9rZW5zGAMgASgFSACIAQESGAoLdGVtcGVyYXR1cmUYBCABKAFIAYgBAUIUChJfbWF4X291dHB1dF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlIp8CCg5Sb3V0aW5nQ29udGV4dBIOCgZ0ZW5hbnQYASABKAkSEQoJdXNlcl90aWVyGAIgASgJEhEKCXRhc2tfaGludBgDIAEoCRIVCghyZWFsdGltZRgEIAEoCEgAiAEBEjsKCG1ldGFkYXRhGAUgAygLMikucm91dGVzdmMudjEuUm91dGluZ0NvbnRleHQuTWV0YWRhdGFFbnRyeRIUCgxtYXhfY29zdF91c2QYBiABKAkSDQoFbW9kZWwYByABKAkSFAoHY2FzY2FkZRgIIAEoCEgBiAEBGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfcmVhbHRpbWVCCgoIX2Nhc2NhZGUiZAoMUm91dGVSZXF1ZXN0EiYKBGNoYXQYASABKAsyGC5yb3V0ZXN2Yy52MS5DaGF0UmVxdWVzdBIsCgdjb250ZXh0GAIgASgLMhsucm91dGVzdmMudjEuUm91dGluZ0NvbnRleHQiRQoJQ2FuZGlkYXRlEg0KBW1vZGVsGAEgASgJEhAKCGVsaWdpYmxlGAIgASgIEhcKD2V4Y2x1ZGVkX3JlYXNvbhgDIAEoCSKUAwoNUm91dGVEZWNpc2lvbhITCgtkZWNpc2lvbl9pZBgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghwcm92aWRlchgDIAEoCRIQCghzdHJhdGVneRgEIAEoCRIMCgRydWxlGAUgASgJEg8KB3JlYXNvbnMYBiADKAkSHgoWZXN0aW1hdGVkX2lucHV0X3Rva2VucxgHIAEoAxIfChdlc3RpbWF0ZWRfb3V0cHV0X3Rva2VucxgIIAEoAxIaChJlc3RpbWF0ZWRfY29zdF91c2QYCSABKAkSHwoEbW9kZRgKIAEoDjIRLnJvdXRlc3ZjLnYxLk1vZGUSKgoKY2FuZGlkYXRlcxgLIAMoCzIWLnJvdXRlc3ZjLnYxLkNhbmRpZGF0ZRIMCgR0YXNrGAwgASgJEhYKDmNhc2NhZGVfbW9kZWxzGA0gAygJEhoKEmNhc2NhZGVfdGhyZXNob2xkcxgOIAMoARIWCg5jYXNjYWRlX3Njb3JlchgPIAEoCRIYChByb3V0aW5nX2Nvc3RfdXNkGBAgASgJIj0KDVJvdXRlUmVzcG9uc2USLAoIZGVjaXNpb24YASABKAsyGi5yb3V0ZXN2Yy52MS5Sb3V0ZURlY2lzaW9uImcKD0NvbXBsZXRlUmVxdWVzdBImCgRjaGF0GAEgASgLMhgucm91dGVzdmMudjEuQ2hhdFJlcXVlc3QSLAoHY29udGV4dBgCIAEoCzIbLnJvdXRlc3ZjLnYxLlJvdXRpbmdDb250ZXh0IhkKCVRleHREZWx0YRIMCgR0ZXh0GAEgASgJIpgBCgVVc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSFQoNb3V0cHV0X3Rva2VucxgCIAEoAxIbChNjYWNoZWRfaW5wdXRfdG9rZW5zGAMgASgDEiAKGGNhY2hlX3dyaXRlX2lucHV0X3Rva2VucxgEIAEoAxIjChtjYWNoZV93cml0ZV8xaF9pbnB1dF90b2tlbnMYBSABKAMi1AIKCkNvbXBsZXRpb24SDQoFbW9kZWwYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSFgoOcHJvdmlkZXJfbW9kZWwYAyABKAkSIQoFdXNhZ2UYBCABKAsyEi5yb3V0ZXN2Yy52MS5Vc2FnZRIQCghjb3N0X3VzZBgFIAEoCRIwCg1maW5pc2hfcmVhc29uGAYgASgOMhkucm91dGVzdmMudjEuRmluaXNoUmVhc29uEiYKCGF0dGVtcHRzGAcgAygLMhQucm91dGVzdmMudjEuQXR0ZW1wdBInCgt0b3RhbF91c2FnZRgIIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlEioKB3F1YWxpdHkYCSABKAsyGS5yb3V0ZXN2Yy52MS5RdWFsaXR5U2NvcmUSKQoKdG9vbF9jYWxscxgKIAMoCzIVLnJvdXRlc3ZjLnYxLlRvb2xDYWxsInsKB0F0dGVtcHQSDQoFbW9kZWwYASABKAkSLAoHb3V0Y29tZRgCIAEoDjIbLnJvdXRlc3ZjLnYxLkF0dGVtcHRPdXRjb21lEiEKBXVzYWdlGAMgASgLMhIucm91dGVzdmMudjEuVXNhZ2USEAoIY29zdF91c2QYBCABKAkiPQoMUXVhbGl0eVNjb3JlEg0KBXNjb3JlGAEgASgBEg4KBnNjb3JlchgCIAEoCRIOCgZyZWFzb24YAyABKAkipgEKCkVzY2FsYXRpb24SEgoKZnJvbV9tb2RlbBgBIAEoCRIQCgh0b19tb2RlbBgCIAEoCRIqCgdxdWFsaXR5GAMgASgLMhkucm91dGVzdmMudjEuUXVhbGl0eVNjb3JlEhEKCXRocmVzaG9sZBgEIAEoARIQCghjb3N0X3VzZBgFIAEoCRIhCgV1c2FnZRgGIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlIvYBCghCYXRjaEpvYhIQCghiYXRjaF9pZBgBIAEoCRImCgVzdGF0ZRgCIAEoDjIXLnJvdXRlc3ZjLnYxLkJhdGNoU3RhdGUSDQoFbW9kZWwYAyABKAkSEAoIcHJvdmlkZXIYBCABKAkSGgoSZXN0aW1hdGVkX2Nvc3RfdXNkGAUgASgJEi4KCmNyZWF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2RlY2lzaW9uX2lkGAggASgJIsUBCgtCYXRjaFJlc3VsdBIMCgR0ZXh0GAEgASgJEiEKBXVzYWdlGAIgASgLMhIucm91dGVzdmMudjEuVXNhZ2USEAoIY29zdF91c2QYAyABKAkSMAoNZmluaXNoX3JlYXNvbhgEIAEoDjIZLnJvdXRlc3ZjLnYxLkZpbmlzaFJlYXNvbhIWCg5wcm92aWRlcl9tb2RlbBgFIAEoCRIpCgp0b29sX2NhbGxzGAYgAygLMhUucm91dGVzdmMudjEuVG9vbENhbGwiMwoPR2V0QmF0Y2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgJEg4KBnRlbmFudBgCIAEoCSJvChBHZXRCYXRjaFJlc3BvbnNlEiIKA2pvYhgBIAEoCzIVLnJvdXRlc3ZjLnYxLkJhdGNoSm9iEigKBnJlc3VsdBgCIAEoCzIYLnJvdXRlc3ZjLnYxLkJhdGNoUmVzdWx0Eg0KBWVycm9yGAMgASgJIjYKEkNhbmNlbEJhdGNoUmVxdWVzdBIQCghiYXRjaF9pZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkiOQoTQ2FuY2VsQmF0Y2hSZXNwb25zZRIiCgNqb2IYASABKAsyFS5yb3V0ZXN2Yy52MS5CYXRjaEpvYiL6AQoQQ29tcGxldGVSZXNwb25zZRIuCghkZWNpc2lvbhgBIAEoCzIaLnJvdXRlc3ZjLnYxLlJvdXRlRGVjaXNpb25IABInCgVkZWx0YRgCIAEoCzIWLnJvdXRlc3ZjLnYxLlRleHREZWx0YUgAEi0KCmNvbXBsZXRpb24YAyABKAsyFy5yb3V0ZXN2Yy52MS5Db21wbGV0aW9uSAASLQoKZXNjYWxhdGlvbhgEIAEoCzIXLnJvdXRlc3ZjLnYxLkVzY2FsYXRpb25IABImCgViYXRjaBgFIAEoCzIVLnJvdXRlc3ZjLnYxLkJhdGNoSm9iSABCBwoFZXZlbnQiEwoRTGlzdE1vZGVsc1JlcXVlc3Qi4wIKCU1vZGVsSW5mbxIKCgJpZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRIWCg5wcm92aWRlcl9tb2RlbBgDIAEoCRIcChRpbnB1dF9wcmljZV9wZXJfbXRvaxgEIAEoCRIdChVvdXRwdXRfcHJpY2VfcGVyX210b2sYBSABKAkSIwobY2FjaGVkX2lucHV0X3ByaWNlX3Blcl9tdG9rGAYgASgJEhYKDmNvbnRleHRfd2luZG93GAcgASgDEhQKDGNhcGFiaWxpdGllcxgIIAMoCRIWCg5iYXRjaF9kaXNjb3VudBgJIAEoCRIRCglhdmFpbGFibGUYCiABKAgSGgoSdW5hdmFpbGFibGVfcmVhc29uGAsgASgJEiIKGmNhY2hlX3dyaXRlX3ByaWNlX3Blcl9tdG9rGAwgASgJEiUKHWNhY2hlX3dyaXRlXzFoX3ByaWNlX3Blcl9tdG9rGA0gASgJIjwKEkxpc3RNb2RlbHNSZXNwb25zZRImCgZtb2RlbHMYASADKAsyFi5yb3V0ZXN2Yy52MS5Nb2RlbEluZm8iTAoPR2V0U3RhdHNSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCRIpCgZ3aW5kb3cYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iygEKCkNvc3RUb3RhbHMSEAoIcmVxdWVzdHMYASABKAMSDgoGZXJyb3JzGAIgASgDEhAKCGNvc3RfdXNkGAMgASgJEhkKEWJhc2VsaW5lX2Nvc3RfdXNkGAQgASgJEhMKC3NhdmluZ3NfdXNkGAUgASgJEhcKD3NhdmluZ3NfcGVyY2VudBgGIAEoARIaChJlc3RpbWF0ZWRfY29zdF91c2QYByABKAkSIwobZXN0aW1hdGVkX2Jhc2VsaW5lX2Nvc3RfdXNkGAggASgJIqUBCgpNb2RlbFN0YXRzEg0KBW1vZGVsGAEgASgJEg0KBXNoYXJlGAIgASgBEicKBnRvdGFscxgDIAEoCzIXLnJvdXRlc3ZjLnYxLkNvc3RUb3RhbHMSFgoOZmVlZGJhY2tfY291bnQYBCABKAMSIAoTbWVhbl9mZWVkYmFja19zY29yZRgFIAEoAUgAiAEBQhYKFF9tZWFuX2ZlZWRiYWNrX3Njb3JlIkYKC1RlbmFudFN0YXRzEg4KBnRlbmFudBgBIAEoCRInCgZ0b3RhbHMYAiABKAsyFy5yb3V0ZXN2Yy52MS5Db3N0VG90YWxzIowBChJMYXRlbmN5UGVyY2VudGlsZXMSJgoDcDUwGAEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEiYKA3A5NRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhImCgNwOTkYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24ihgQKEEdldFN0YXRzUmVzcG9uc2USKQoGd2luZG93GAEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg4KBnRlbmFudBgCIAEoCRIWCg5iYXNlbGluZV9tb2RlbBgDIAEoCRInCgZ0b3RhbHMYBCABKAsyFy5yb3V0ZXN2Yy52MS5Db3N0VG90YWxzEicKBm1vZGVscxgFIAMoCzIXLnJvdXRlc3ZjLnYxLk1vZGVsU3RhdHMSKQoHdGVuYW50cxgGIAMoCzIYLnJvdXRlc3ZjLnYxLlRlbmFudFN0YXRzEhMKC2VzY2FsYXRpb25zGAcgASgDEhcKD2VzY2FsYXRpb25fcmF0ZRgIIAEoARIRCglmYWxsYmFja3MYCSABKAMSGQoRY2FzY2FkZV9kZWNpc2lvbnMYCiABKAMSHAoUY2FzY2FkZV9yZWxlYXNlX3JhdGUYCyABKAESIAoTbWVhbl9yZWxlYXNlZF9zY29yZRgMIAEoAUgAiAEBEjAKB2xhdGVuY3kYDSABKAsyHy5yb3V0ZXN2Yy52MS5MYXRlbmN5UGVyY2VudGlsZXMSPAoTdGltZV90b19maXJzdF90b2tlbhgOIAEoCzIfLnJvdXRlc3ZjLnYxLkxhdGVuY3lQZXJjZW50aWxlc0IWChRfbWVhbl9yZWxlYXNlZF9zY29yZSJXCg9GZWVkYmFja1JlcXVlc3QSEwoLZGVjaXNpb25faWQYASABKAkSDwoFc2NvcmUYAiABKAFIABITCgl0aHVtYnNfdXAYAyABKAhIAEIJCgdvdXRjb21lIl8KEEZlZWRiYWNrUmVzcG9uc2USEwoLZGVjaXNpb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSDQoFc2NvcmUYAyABKAESGAoQbGlicmFyeV9leGFtcGxlcxgEIAEoAyrDAQoKQmF0Y2hTdGF0ZRIbChdCQVRDSF9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkJBVENIX1NUQVRFX1FVRVVFRBABEhkKFUJBVENIX1NUQVRFX1NVQk1JVFRFRBACEhkKFUJBVENIX1NUQVRFX1NVQ0NFRURFRBADEhYKEkJBVENIX1NUQVRFX0ZBSUxFRBAEEhcKE0JBVENIX1NUQVRFX0VYUElSRUQQBRIZChVCQVRDSF9TVEFURV9DQU5DRUxMRUQQBipfCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABIPCgtST0xFX1NZU1RFTRABEg0KCVJPTEVfVVNFUhACEhIKDlJPTEVfQVNTSVNUQU5UEAMSDQoJUk9MRV9UT09MEAQqPwoETW9kZRIUChBNT0RFX1VOU1BFQ0lGSUVEEAASEQoNTU9ERV9SRUFMVElNRRABEg4KCk1PREVfQkFUQ0gQAiq4AQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhwKGEZJTklTSF9SRUFTT05fVE9PTF9DQUxMUxADEiAKHEZJTklTSF9SRUFTT05fQ09OVEVOVF9GSUxURVIQBBIXChNGSU5JU0hfUkVBU09OX09USEVSEAUqxgEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9DT01QTEVURUQQARIdChlBVFRFTVBUX09VVENPTUVfRVNDQUxBVEVEEAISGgoWQVRURU1QVF9PVVRDT01FX0ZBSUxFRBADEhkKFUFUVEVNUFRfT1VUQ09NRV9KVURHRRAEEh4KGkFUVEVNUFRfT1VUQ09NRV9DTEFTU0lGSUVSEAUylgQKDVJvdXRlclNlcnZpY2USPgoFUm91dGUSGS5yb3V0ZXN2Yy52MS5Sb3V0ZVJlcXVlc3QaGi5yb3V0ZXN2Yy52MS5Sb3V0ZVJlc3BvbnNlEkkKCENvbXBsZXRlEhwucm91dGVzdmMudjEuQ29tcGxldGVSZXF1ZXN0Gh0ucm91dGVzdmMudjEuQ29tcGxldGVSZXNwb25zZTABEk0KCkxpc3RNb2RlbHMSHi5yb3V0ZXN2Yy52MS5MaXN0TW9kZWxzUmVxdWVzdBofLnJvdXRlc3ZjLnYxLkxpc3RNb2RlbHNSZXNwb25zZRJHCghHZXRTdGF0cxIcLnJvdXRlc3ZjLnYxLkdldFN0YXRzUmVxdWVzdBodLnJvdXRlc3ZjLnYxLkdldFN0YXRzUmVzcG9uc2USRwoIR2V0QmF0Y2gSHC5yb3V0ZXN2Yy52MS5HZXRCYXRjaFJlcXVlc3QaHS5yb3V0ZXN2Yy52MS5HZXRCYXRjaFJlc3BvbnNlElAKC0NhbmNlbEJhdGNoEh8ucm91dGVzdmMudjEuQ2FuY2VsQmF0Y2hSZXF1ZXN0GiAucm91dGVzdmMudjEuQ2FuY2VsQmF0Y2hSZXNwb25zZRJHCghGZWVkYmFjaxIcLnJvdXRlc3ZjLnYxLkZlZWRiYWNrUmVxdWVzdBodLnJvdXRlc3ZjLnYxLkZlZWRiYWNrUmVzcG9uc2VCXwoPZGV2LnJvdXRlc3ZjLnYxQgtSb3V0ZXJQcm90b1ABWj1naXRodWIuY29tL3JvdXRlc3ZjL3JvdXRlc3ZjL2NsaWVudHMvZ28vcm91dGVzdmN2MTtyb3V0ZXN2Y3YxYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Message is one turn of the conversation.
@@ -40,7 +40,9 @@ export type Message = Message$1<"routesvc.v1.Message"> & {
   role: Role;
 
   /**
-   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+   * on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+   * text, before the parts.
    *
    * @generated from field: string content = 2;
    */
@@ -61,6 +63,16 @@ export type Message = Message$1<"routesvc.v1.Message"> & {
    * @generated from field: string tool_call_id = 4;
    */
   toolCallId: string;
+
+  /**
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   *
+   * @generated from field: repeated routesvc.v1.ContentPart parts = 5;
+   */
+  parts: ContentPart[];
 };
 
 /**
@@ -69,6 +81,94 @@ export type Message = Message$1<"routesvc.v1.Message"> & {
  */
 export const MessageSchema: GenMessage<Message> = /*@__PURE__*/
   messageDesc(file_routesvc_v1_router, 0);
+
+/**
+ * ContentPart is one piece of a ROLE_USER turn: text or an image.
+ *
+ * @generated from message routesvc.v1.ContentPart
+ */
+export type ContentPart = Message$1<"routesvc.v1.ContentPart"> & {
+  /**
+   * What the piece is; exactly one must be set.
+   *
+   * @generated from oneof routesvc.v1.ContentPart.part
+   */
+  part: {
+    /**
+     * Text; non-empty (not only whitespace).
+     *
+     * @generated from field: string text = 1;
+     */
+    value: string;
+    case: "text";
+  } | {
+    /**
+     * An image.
+     *
+     * @generated from field: routesvc.v1.Image image = 2;
+     */
+    value: Image;
+    case: "image";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message routesvc.v1.ContentPart.
+ * Use `create(ContentPartSchema)` to create a new message.
+ */
+export const ContentPartSchema: GenMessage<ContentPart> = /*@__PURE__*/
+  messageDesc(file_routesvc_v1_router, 1);
+
+/**
+ * Image is one image of a ROLE_USER turn, given by URL or inline.
+ *
+ * A request holds at most `limits.max_images` images (20 by default); each inline image is at
+ * most `limits.max_image_bytes` (3.75 MiB by default: 5 MiB once base64-encoded, Anthropic's
+ * per-image limit), and the whole request at most `limits.max_request_bytes` (4 MiB by default,
+ * which is what limits inline images first).
+ *
+ * @generated from message routesvc.v1.Image
+ */
+export type Image = Message$1<"routesvc.v1.Image"> & {
+  /**
+   * Where the image is; exactly one must be set.
+   *
+   * @generated from oneof routesvc.v1.Image.source
+   */
+  source: {
+    /**
+     * An https URL the provider fetches itself (at most 8192 characters); `media_type` may be
+     * left empty.
+     *
+     * @generated from field: string url = 1;
+     */
+    value: string;
+    case: "url";
+  } | {
+    /**
+     * The image file's bytes; `media_type` is required and must match them.
+     *
+     * @generated from field: bytes data = 2;
+     */
+    value: Uint8Array;
+    case: "data";
+  } | { case: undefined; value?: undefined };
+
+  /**
+   * The image format: "image/jpeg", "image/png", "image/gif" or "image/webp". Required with
+   * `data`, whose first bytes must be that format's signature; optional with `url`.
+   *
+   * @generated from field: string media_type = 3;
+   */
+  mediaType: string;
+};
+
+/**
+ * Describes the message routesvc.v1.Image.
+ * Use `create(ImageSchema)` to create a new message.
+ */
+export const ImageSchema: GenMessage<Image> = /*@__PURE__*/
+  messageDesc(file_routesvc_v1_router, 2);
 
 /**
  * ToolCall is one call of a tool that a model made.
@@ -105,7 +205,7 @@ export type ToolCall = Message$1<"routesvc.v1.ToolCall"> & {
  * Use `create(ToolCallSchema)` to create a new message.
  */
 export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 1);
+  messageDesc(file_routesvc_v1_router, 3);
 
 /**
  * Tool is a function definition offered to the model.
@@ -140,7 +240,7 @@ export type Tool = Message$1<"routesvc.v1.Tool"> & {
  * Use `create(ToolSchema)` to create a new message.
  */
 export const ToolSchema: GenMessage<Tool> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 2);
+  messageDesc(file_routesvc_v1_router, 4);
 
 /**
  * ChatRequest is what would be sent to a model.
@@ -184,7 +284,7 @@ export type ChatRequest = Message$1<"routesvc.v1.ChatRequest"> & {
  * Use `create(ChatRequestSchema)` to create a new message.
  */
 export const ChatRequestSchema: GenMessage<ChatRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 3);
+  messageDesc(file_routesvc_v1_router, 5);
 
 /**
  * RoutingContext is what the router knows about the request besides its text.
@@ -259,7 +359,7 @@ export type RoutingContext = Message$1<"routesvc.v1.RoutingContext"> & {
  * Use `create(RoutingContextSchema)` to create a new message.
  */
 export const RoutingContextSchema: GenMessage<RoutingContext> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 4);
+  messageDesc(file_routesvc_v1_router, 6);
 
 /**
  * RouteRequest asks for a routing decision only.
@@ -287,7 +387,7 @@ export type RouteRequest = Message$1<"routesvc.v1.RouteRequest"> & {
  * Use `create(RouteRequestSchema)` to create a new message.
  */
 export const RouteRequestSchema: GenMessage<RouteRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 5);
+  messageDesc(file_routesvc_v1_router, 7);
 
 /**
  * Candidate is one catalog model the router considered.
@@ -322,7 +422,7 @@ export type Candidate = Message$1<"routesvc.v1.Candidate"> & {
  * Use `create(CandidateSchema)` to create a new message.
  */
 export const CandidateSchema: GenMessage<Candidate> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 6);
+  messageDesc(file_routesvc_v1_router, 8);
 
 /**
  * RouteDecision is which model serves a request, and why.
@@ -456,7 +556,7 @@ export type RouteDecision = Message$1<"routesvc.v1.RouteDecision"> & {
  * Use `create(RouteDecisionSchema)` to create a new message.
  */
 export const RouteDecisionSchema: GenMessage<RouteDecision> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 7);
+  messageDesc(file_routesvc_v1_router, 9);
 
 /**
  * RouteResponse is the decision for a RouteRequest.
@@ -477,7 +577,7 @@ export type RouteResponse = Message$1<"routesvc.v1.RouteResponse"> & {
  * Use `create(RouteResponseSchema)` to create a new message.
  */
 export const RouteResponseSchema: GenMessage<RouteResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 8);
+  messageDesc(file_routesvc_v1_router, 10);
 
 /**
  * CompleteRequest asks the service to route, call the model and stream its answer.
@@ -505,7 +605,7 @@ export type CompleteRequest = Message$1<"routesvc.v1.CompleteRequest"> & {
  * Use `create(CompleteRequestSchema)` to create a new message.
  */
 export const CompleteRequestSchema: GenMessage<CompleteRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 9);
+  messageDesc(file_routesvc_v1_router, 11);
 
 /**
  * TextDelta is the next piece of the answer's text.
@@ -526,7 +626,7 @@ export type TextDelta = Message$1<"routesvc.v1.TextDelta"> & {
  * Use `create(TextDeltaSchema)` to create a new message.
  */
 export const TextDeltaSchema: GenMessage<TextDelta> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 10);
+  messageDesc(file_routesvc_v1_router, 12);
 
 /**
  * Usage is token usage as reported by the provider.
@@ -577,7 +677,7 @@ export type Usage = Message$1<"routesvc.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 11);
+  messageDesc(file_routesvc_v1_router, 13);
 
 /**
  * Completion ends a successful stream.
@@ -666,7 +766,7 @@ export type Completion = Message$1<"routesvc.v1.Completion"> & {
  * Use `create(CompletionSchema)` to create a new message.
  */
 export const CompletionSchema: GenMessage<Completion> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 12);
+  messageDesc(file_routesvc_v1_router, 14);
 
 /**
  * Attempt is one upstream call made for a request.
@@ -708,7 +808,7 @@ export type Attempt = Message$1<"routesvc.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 13);
+  messageDesc(file_routesvc_v1_router, 15);
 
 /**
  * QualityScore is a scorer's verdict on one answer.
@@ -744,7 +844,7 @@ export type QualityScore = Message$1<"routesvc.v1.QualityScore"> & {
  * Use `create(QualityScoreSchema)` to create a new message.
  */
 export const QualityScoreSchema: GenMessage<QualityScore> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 14);
+  messageDesc(file_routesvc_v1_router, 16);
 
 /**
  * Escalation announces, inside a Complete stream, that a cascade step's answer was
@@ -802,7 +902,7 @@ export type Escalation = Message$1<"routesvc.v1.Escalation"> & {
  * Use `create(EscalationSchema)` to create a new message.
  */
 export const EscalationSchema: GenMessage<Escalation> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 15);
+  messageDesc(file_routesvc_v1_router, 17);
 
 /**
  * BatchJob is a reference to one request sent through a provider's batch API.
@@ -872,7 +972,7 @@ export type BatchJob = Message$1<"routesvc.v1.BatchJob"> & {
  * Use `create(BatchJobSchema)` to create a new message.
  */
 export const BatchJobSchema: GenMessage<BatchJob> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 16);
+  messageDesc(file_routesvc_v1_router, 18);
 
 /**
  * BatchResult is the answer of a succeeded batch job.
@@ -928,7 +1028,7 @@ export type BatchResult = Message$1<"routesvc.v1.BatchResult"> & {
  * Use `create(BatchResultSchema)` to create a new message.
  */
 export const BatchResultSchema: GenMessage<BatchResult> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 17);
+  messageDesc(file_routesvc_v1_router, 19);
 
 /**
  * GetBatchRequest names the job to report on.
@@ -957,7 +1057,7 @@ export type GetBatchRequest = Message$1<"routesvc.v1.GetBatchRequest"> & {
  * Use `create(GetBatchRequestSchema)` to create a new message.
  */
 export const GetBatchRequestSchema: GenMessage<GetBatchRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 18);
+  messageDesc(file_routesvc_v1_router, 20);
 
 /**
  * GetBatchResponse is a job's state and, once succeeded, its result.
@@ -992,7 +1092,7 @@ export type GetBatchResponse = Message$1<"routesvc.v1.GetBatchResponse"> & {
  * Use `create(GetBatchResponseSchema)` to create a new message.
  */
 export const GetBatchResponseSchema: GenMessage<GetBatchResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 19);
+  messageDesc(file_routesvc_v1_router, 21);
 
 /**
  * CancelBatchRequest names the job to cancel.
@@ -1021,7 +1121,7 @@ export type CancelBatchRequest = Message$1<"routesvc.v1.CancelBatchRequest"> & {
  * Use `create(CancelBatchRequestSchema)` to create a new message.
  */
 export const CancelBatchRequestSchema: GenMessage<CancelBatchRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 20);
+  messageDesc(file_routesvc_v1_router, 22);
 
 /**
  * CancelBatchResponse is the job after the cancellation.
@@ -1042,7 +1142,7 @@ export type CancelBatchResponse = Message$1<"routesvc.v1.CancelBatchResponse"> &
  * Use `create(CancelBatchResponseSchema)` to create a new message.
  */
 export const CancelBatchResponseSchema: GenMessage<CancelBatchResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 21);
+  messageDesc(file_routesvc_v1_router, 23);
 
 /**
  * CompleteResponse is one message of the Complete stream.
@@ -1103,7 +1203,7 @@ export type CompleteResponse = Message$1<"routesvc.v1.CompleteResponse"> & {
  * Use `create(CompleteResponseSchema)` to create a new message.
  */
 export const CompleteResponseSchema: GenMessage<CompleteResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 22);
+  messageDesc(file_routesvc_v1_router, 24);
 
 /**
  * ListModelsRequest takes no parameters.
@@ -1118,7 +1218,7 @@ export type ListModelsRequest = Message$1<"routesvc.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 23);
+  messageDesc(file_routesvc_v1_router, 25);
 
 /**
  * ModelInfo describes one catalog model.
@@ -1223,7 +1323,7 @@ export type ModelInfo = Message$1<"routesvc.v1.ModelInfo"> & {
  * Use `create(ModelInfoSchema)` to create a new message.
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 24);
+  messageDesc(file_routesvc_v1_router, 26);
 
 /**
  * ListModelsResponse is the catalog.
@@ -1244,7 +1344,7 @@ export type ListModelsResponse = Message$1<"routesvc.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 25);
+  messageDesc(file_routesvc_v1_router, 27);
 
 /**
  * GetStatsRequest selects the window and tenant to report on.
@@ -1273,7 +1373,7 @@ export type GetStatsRequest = Message$1<"routesvc.v1.GetStatsRequest"> & {
  * Use `create(GetStatsRequestSchema)` to create a new message.
  */
 export const GetStatsRequestSchema: GenMessage<GetStatsRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 26);
+  messageDesc(file_routesvc_v1_router, 28);
 
 /**
  * CostTotals are the requests, cost and savings of a set of Complete requests.
@@ -1347,7 +1447,7 @@ export type CostTotals = Message$1<"routesvc.v1.CostTotals"> & {
  * Use `create(CostTotalsSchema)` to create a new message.
  */
 export const CostTotalsSchema: GenMessage<CostTotals> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 27);
+  messageDesc(file_routesvc_v1_router, 29);
 
 /**
  * ModelStats is one model's part of the window.
@@ -1396,7 +1496,7 @@ export type ModelStats = Message$1<"routesvc.v1.ModelStats"> & {
  * Use `create(ModelStatsSchema)` to create a new message.
  */
 export const ModelStatsSchema: GenMessage<ModelStats> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 28);
+  messageDesc(file_routesvc_v1_router, 30);
 
 /**
  * TenantStats is one tenant's part of the window.
@@ -1424,7 +1524,7 @@ export type TenantStats = Message$1<"routesvc.v1.TenantStats"> & {
  * Use `create(TenantStatsSchema)` to create a new message.
  */
 export const TenantStatsSchema: GenMessage<TenantStats> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 29);
+  messageDesc(file_routesvc_v1_router, 31);
 
 /**
  * LatencyPercentiles are nearest-rank percentiles of a duration; zero without samples.
@@ -1459,7 +1559,7 @@ export type LatencyPercentiles = Message$1<"routesvc.v1.LatencyPercentiles"> & {
  * Use `create(LatencyPercentilesSchema)` to create a new message.
  */
 export const LatencyPercentilesSchema: GenMessage<LatencyPercentiles> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 30);
+  messageDesc(file_routesvc_v1_router, 32);
 
 /**
  * GetStatsResponse is routing effectiveness over the window.
@@ -1571,7 +1671,7 @@ export type GetStatsResponse = Message$1<"routesvc.v1.GetStatsResponse"> & {
  * Use `create(GetStatsResponseSchema)` to create a new message.
  */
 export const GetStatsResponseSchema: GenMessage<GetStatsResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 31);
+  messageDesc(file_routesvc_v1_router, 33);
 
 /**
  * FeedbackRequest is the outcome of one earlier decision.
@@ -1615,7 +1715,7 @@ export type FeedbackRequest = Message$1<"routesvc.v1.FeedbackRequest"> & {
  * Use `create(FeedbackRequestSchema)` to create a new message.
  */
 export const FeedbackRequestSchema: GenMessage<FeedbackRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 32);
+  messageDesc(file_routesvc_v1_router, 34);
 
 /**
  * FeedbackResponse confirms what was recorded.
@@ -1658,7 +1758,7 @@ export type FeedbackResponse = Message$1<"routesvc.v1.FeedbackResponse"> & {
  * Use `create(FeedbackResponseSchema)` to create a new message.
  */
 export const FeedbackResponseSchema: GenMessage<FeedbackResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 33);
+  messageDesc(file_routesvc_v1_router, 35);
 
 /**
  * BatchState is where a batch job is in its life.
