@@ -8,6 +8,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf import duration_pb2, json_format
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 
 from routesvc import config as config_module
 from routesvc import offline
-from routesvc.client import RouterClient, build_chat, tls_credentials
+from routesvc.client import RouterClient, build_chat, image_part, tls_credentials
 from routesvc.errors import ConfigError, RouteSvcError
 from routesvc.v1 import router_pb2 as pb
 
@@ -120,8 +121,9 @@ def _escalation_json(escalation: pb.Escalation) -> dict[str, object]:
 
 def _request_parts(args: argparse.Namespace) -> tuple[pb.ChatRequest, pb.RoutingContext]:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    messages = [("system", args.system)] if args.system else []
-    messages.append(("user", prompt))
+    messages: list[tuple[str, str] | pb.Message] = [("system", args.system)] if args.system else []
+    images = [image_part(image if image.startswith("https://") else Path(image)) for image in args.image]
+    messages.append(pb.Message(role=pb.ROLE_USER, content=prompt, parts=images))
     tools = [
         pb.Tool(name=f"tool_{index}", description=f"placeholder tool {index}") for index in range(1, args.tools + 1)
     ]
@@ -481,6 +483,13 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None
         "--stop", action="append", default=[], metavar="TEXT", help="a stop sequence (repeat for more, up to 4)"
     )
     parser.add_argument("--system", default="", help="a system message")
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image file (JPEG, PNG, GIF, WebP) or https URL sent with the prompt; repeatable",
+    )
     parser.add_argument(
         "--metadata", type=_metadata_entry, action="append", default=[], metavar="KEY=VALUE", help="routing metadata"
     )

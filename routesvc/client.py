@@ -10,6 +10,7 @@ from typing import Protocol
 import grpc
 
 from routesvc.errors import ConfigError
+from routesvc.images import sniff_media_type
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -87,6 +88,27 @@ def build_chat(
     if temperature is not None:
         chat.temperature = temperature
     return chat
+
+
+def image_part(image: str | bytes | Path) -> pb.ContentPart:
+    """An image for a ROLE_USER message's ``parts``: an https URL (a ``str``), an image file's
+    bytes, or a file to read (a ``Path``); the media type of bytes is read from their first bytes.
+    Raises ``ConfigError`` naming a file that cannot be read or is not a JPEG, PNG, GIF or WebP.
+
+    ``pb.Message(role=pb.ROLE_USER, content="What is this?", parts=[image_part(Path("a.png"))])``
+    """
+    if isinstance(image, str):
+        return pb.ContentPart(image=pb.Image(url=image))
+    what = f"image file {image}" if isinstance(image, Path) else "image"
+    if isinstance(image, Path):
+        try:
+            image = image.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot read: {exc.strerror}") from exc
+    media_type = sniff_media_type(image)
+    if not media_type:
+        raise ConfigError(f"{what}: not a JPEG, PNG, GIF or WebP file")
+    return pb.ContentPart(image=pb.Image(data=image, media_type=media_type))
 
 
 def tool_turns(completion: pb.Completion, text: str, results: Mapping[str, str]) -> list[pb.Message]:

@@ -130,6 +130,13 @@ class LimitsConfig(_Strict):
     max_messages: int = Field(1000, gt=0, description="Most messages in one request.")
     max_tools: int = Field(128, gt=0, description="Most tool definitions in one request.")
     max_metadata_entries: int = Field(64, gt=0, description="Most routing metadata entries.")
+    max_images: int = Field(20, gt=0, description="Most images in one request (in all its messages).")
+    max_image_bytes: int = Field(
+        3 * 1024 * 1024 + 768 * 1024,
+        gt=0,
+        description="Largest inline image (Image.data), in bytes: 3.75 MiB is 5 MiB once base64-encoded, "
+        "Anthropic's per-image limit. The request's max_request_bytes bounds it too.",
+    )
     max_output_tokens: int = Field(65536, gt=0, description="Largest max_output_tokens a request may ask.")
     max_stop_sequences: int = Field(
         4, gt=0, description="Most stop sequences in one request (OpenAI refuses more than 4; Anthropic takes more)."

@@ -47,17 +47,40 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class Image:
+    """An image of a user turn: an https ``url`` the provider fetches, or the file's bytes in
+    ``data`` (then ``media_type``, for example "image/png", says their format). ``width`` and
+    ``height`` are what the file's header says (0 when unknown, as for a URL). ``data`` is left
+    out of the repr, so that no log line can carry it."""
+
+    media_type: str = ""
+    url: str = ""
+    data: bytes = field(default=b"", repr=False)
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """One turn of the conversation.
 
     An assistant turn may carry the ``tool_calls`` it made (its ``content`` may then be empty); a
     ``Role.TOOL`` turn is the result of the call of an earlier assistant turn named by ``tool_call_id``.
+    A user turn with images has ``parts``: its texts and images in order; its ``content`` is then
+    its texts alone, joined by newlines (what every reader of text, the classifier, the token
+    counter or a judge, sees). A turn without images has no ``parts``.
     """
 
     role: Role
     content: str
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str = ""
+    parts: tuple[str | Image, ...] = ()
+
+    @property
+    def images(self) -> tuple[Image, ...]:
+        """The turn's images, in order."""
+        return tuple(part for part in self.parts if isinstance(part, Image))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +145,11 @@ class ChatRequest:
     def uses_tools(self) -> bool:
         """Whether the request offers tools or carries tool calls or results in its turns."""
         return bool(self.tools) or any(m.tool_calls or m.role is Role.TOOL for m in self.messages)
+
+    @property
+    def uses_images(self) -> bool:
+        """Whether any turn carries an image (only a model with the "vision" capability takes it)."""
+        return any(m.images for m in self.messages)
 
     @property
     def last_user_message(self) -> str:

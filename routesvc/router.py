@@ -192,6 +192,7 @@ class Router:
         # A conversation carrying tool calls or results needs a model that takes them, tools
         # offered again or not.
         uses_tools = request.chat.uses_tools
+        uses_images = request.chat.uses_images
         eligible: dict[str, str] = {}
         for model in self._catalog:
             needed = input_tokens + output_tokens
@@ -205,6 +206,8 @@ class Router:
                 why = f"max output tokens {model.max_output_tokens} < {output_tokens} requested"
             elif uses_tools and not model.supports("tools"):
                 why = "does not support tools" if request.chat.tools else "does not support the tool turns sent"
+            elif uses_images and not model.supports("vision"):
+                why = "does not support images (no vision capability)"
             elif request.chat.response_format is not None and not model.supports("json"):
                 why = "does not support JSON output"
             elif refused := refusal(provider.kind, request.chat):

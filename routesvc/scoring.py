@@ -261,6 +261,10 @@ class LLMJudge:
         chat = scoring_input.request.chat
         instructions = "\n\n".join(m.content for m in chat.messages if m.role is Role.SYSTEM)[:_MAX_QUOTED_CHARS]
         question = chat.last_user_message[-_MAX_QUOTED_CHARS:]
+        images = next((len(m.images) for m in reversed(chat.messages) if m.role is Role.USER), 0)
+        if images:
+            # The judge reads text only: it is told that the answer may describe what it cannot see.
+            question = f"{question}\n[{images} image(s) sent with the request, not shown here]"
         answer = scoring_input.answer[:_MAX_QUOTED_CHARS]
         prompt = f"<request>\n{question}\n</request>\n\n<answer>\n{answer}\n</answer>\n\nGrade the answer."
         if instructions:

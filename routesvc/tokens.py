@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import bpe_openai
 
+from routesvc.images import image_tokens
 from routesvc.models import ChatRequest
 
 # Per-message framing the chat formats add around each message's text (role markers and
@@ -79,11 +80,13 @@ def count_text_tokens(text: str) -> int:
 
 
 def estimate_input_tokens(chat: ChatRequest) -> int:
-    """Estimated input tokens of ``chat``: message texts and tool calls, framing, tool definitions
-    and a response format's JSON schema (which the providers put in the prompt too)."""
+    """Estimated input tokens of ``chat``: message texts, images (``routesvc.images``) and tool
+    calls, framing, tool definitions and a response format's JSON schema (which the providers put
+    in the prompt too)."""
     total = _TOKENS_REPLY_PRIMER
     for message in chat.messages:
         total += _TOKENS_PER_MESSAGE + count_text_tokens(message.content)
+        total += sum(image_tokens(image.width, image.height) for image in message.images)
         for call in message.tool_calls:
             total += count_text_tokens(f"{call.id} {call.name} {call.arguments_json}")
         if message.tool_call_id:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
+from urllib.parse import urlsplit
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -19,6 +20,7 @@ from routesvc.catalog import ModelSpec
 from routesvc.config import LimitsConfig
 from routesvc.cost import format_usd
 from routesvc.errors import InvalidRequest, RequestTooLarge
+from routesvc.images import MEDIA_TYPES, dimensions, sniff_media_type
 from routesvc.models import (
     AttemptResult,
     BatchJob,
@@ -29,6 +31,7 @@ from routesvc.models import (
     Completion,
     Escalation,
     FinishReason,
+    Image,
     Message,
     Mode,
     QualityScore,
@@ -100,9 +103,11 @@ _MAX_TOOL_CALL_ID_CHARS = 256
 # A stop sequence is a marker ("\n\n", "</answer>", "Observation:"); neither provider documents a
 # bound, and a longer one is a mistake (or an attempt to grow every request the router sends).
 _MAX_STOP_CHARS = 256
+# Signed image URLs run to a few thousand characters; browsers and CDNs stop at about 8K.
+_MAX_IMAGE_URL_CHARS = 8192
 
 
-def _message(index: int, message: pb.Message, open_calls: Mapping[str, str]) -> Message:
+def _message(index: int, message: pb.Message, open_calls: Mapping[str, str], limits: LimitsConfig) -> Message:
     """One turn; ``open_calls`` holds the ids of the calls of the assistant turn before it that
     no ROLE_TOOL turn has answered yet."""
     field = f"chat.messages[{index}]"
@@ -113,6 +118,10 @@ def _message(index: int, message: pb.Message, open_calls: Mapping[str, str]) -> 
         raise InvalidRequest(f"{field}.tool_calls", "are allowed only on ROLE_ASSISTANT messages")
     if message.tool_call_id and role is not Role.TOOL:
         raise InvalidRequest(f"{field}.tool_call_id", "is allowed only on ROLE_TOOL messages")
+    if message.parts:
+        if role is not Role.USER:
+            raise InvalidRequest(f"{field}.parts", "are allowed only on ROLE_USER messages")
+        return _user_parts(field, message, limits)
     if role is Role.TOOL and message.tool_call_id not in open_calls:
         raise InvalidRequest(
             f"{field}.tool_call_id",
@@ -122,6 +131,59 @@ def _message(index: int, message: pb.Message, open_calls: Mapping[str, str]) -> 
     if not message.content.strip() and not calls:
         raise InvalidRequest(f"{field}.content", "must not be empty")
     return Message(role, message.content, calls, message.tool_call_id)
+
+
+def _user_parts(field: str, message: pb.Message, limits: LimitsConfig) -> Message:
+    """A ROLE_USER turn with parts: ``content`` (when not blank) then the parts, in order; a
+    turn whose parts hold no image is plain text."""
+    parts: list[str | Image] = [message.content] if message.content.strip() else []
+    for number, part in enumerate(message.parts):
+        where = f"{field}.parts[{number}]"
+        kind = part.WhichOneof("part")
+        if kind == "text":
+            if not part.text.strip():
+                raise InvalidRequest(f"{where}.text", "must not be empty")
+            parts.append(part.text)
+        elif kind == "image":
+            parts.append(_image(f"{where}.image", part.image, limits))
+        else:
+            raise InvalidRequest(where, "must set text or image")
+    text = "\n".join(part for part in parts if isinstance(part, str))
+    images = any(isinstance(part, Image) for part in parts)
+    return Message(Role.USER, text, parts=tuple(parts) if images else ())
+
+
+def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
+    """An image as both providers take it: an https URL, or bytes of a format they read that are
+    what ``media_type`` says (a provider refusing garbage would count against its breaker).
+    Problems are named, never the URL or the bytes."""
+    media_type = image.media_type
+    if media_type and media_type not in MEDIA_TYPES:
+        raise InvalidRequest(f"{field}.media_type", f"must be one of {', '.join(MEDIA_TYPES)}")
+    source = image.WhichOneof("source")
+    if source == "url":
+        if len(image.url) > _MAX_IMAGE_URL_CHARS:
+            raise InvalidRequest(f"{field}.url", f"must be at most {_MAX_IMAGE_URL_CHARS} characters")
+        try:
+            url = urlsplit(image.url)
+            https = url.scheme.lower() == "https" and bool(url.hostname)
+        except ValueError:  # an invalid port or IPv6 address
+            https = False
+        if not https or any(c.isspace() or ord(c) < 32 for c in image.url):
+            raise InvalidRequest(f"{field}.url", "must be an https URL (send an inline image as data)")
+        return Image(media_type=media_type, url=image.url)
+    if source != "data":
+        raise InvalidRequest(field, "must set url or data")
+    if not media_type:
+        raise InvalidRequest(f"{field}.media_type", f"is required with data: one of {', '.join(MEDIA_TYPES)}")
+    if len(image.data) > limits.max_image_bytes:
+        raise RequestTooLarge(f"{field}.data: {len(image.data)} bytes; the limit is {limits.max_image_bytes}")
+    found = sniff_media_type(image.data)
+    if found != media_type:
+        seen = f"they look like {found}" if found else "they are none of the formats taken"
+        raise InvalidRequest(f"{field}.data", f"must be the bytes of a {media_type} file ({seen})")
+    width, height = dimensions(image.data, media_type)
+    return Image(media_type=media_type, data=image.data, width=width, height=height)
 
 
 def _tool_call(field: str, call: pb.ToolCall) -> ToolCall:
@@ -268,8 +330,12 @@ def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
     # turn; some servers number each turn's calls from 0 again, which the providers take.
     open_calls: dict[str, str] = {}
     turns: list[Message] = []
+    images = 0
     for index, message in enumerate(chat.messages):
-        turn = _message(index, message, open_calls)
+        turn = _message(index, message, open_calls, limits)
+        images += len(turn.images)
+        if images > limits.max_images:
+            raise RequestTooLarge(f"chat.messages[{index}].parts: more than {limits.max_images} images in the request")
         if turn.role is Role.TOOL:
             del open_calls[turn.tool_call_id]
         elif open_calls:

@@ -18,6 +18,7 @@ claimable again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sqlite3
 import threading
@@ -36,6 +37,7 @@ from routesvc.models import (
     BatchState,
     BatchStatus,
     FinishReason,
+    Image,
     Message,
     ResponseFormat,
     ResponseFormatType,
@@ -138,7 +140,13 @@ def decode_request(text: str) -> QueuedRequest:
     data = json.loads(text)
     return QueuedRequest(
         messages=tuple(
-            Message(Role(m["role"]), m["content"], _decode_calls(m.get("tool_calls")), m.get("tool_call_id", ""))
+            Message(
+                Role(m["role"]),
+                m["content"],
+                _decode_calls(m.get("tool_calls")),
+                m.get("tool_call_id", ""),
+                _decode_parts(m.get("parts")),
+            )
             for m in data["messages"]
         ),
         max_output_tokens=int(data["max_output_tokens"]),
@@ -186,7 +194,39 @@ def _encode_message(message: Message) -> dict[str, Any]:
         encoded["tool_calls"] = _encode_calls(message.tool_calls)
     if message.tool_call_id:
         encoded["tool_call_id"] = message.tool_call_id
+    if message.parts:
+        encoded["parts"] = [_encode_part(part) for part in message.parts]
     return encoded
+
+
+def _encode_part(part: str | Image) -> dict[str, Any]:
+    """A text part as ``{"text"}``, an image as ``{"image"}`` with its bytes in base64."""
+    if isinstance(part, str):
+        return {"text": part}
+    return {
+        "image": {
+            "media_type": part.media_type,
+            "url": part.url,
+            "data": base64.b64encode(part.data).decode("ascii"),
+            "width": part.width,
+            "height": part.height,
+        }
+    }
+
+
+def _decode_parts(data: list[dict[str, Any]] | None) -> tuple[str | Image, ...]:
+    parts: list[str | Image] = []
+    for part in data or ():
+        if "text" in part:
+            parts.append(part["text"])
+        else:
+            image = part["image"]
+            parts.append(
+                Image(
+                    image["media_type"], image["url"], base64.b64decode(image["data"]), image["width"], image["height"]
+                )
+            )
+    return tuple(parts)
 
 
 def _encode_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, str]]:

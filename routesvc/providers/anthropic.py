@@ -33,16 +33,18 @@ JSON schema response format is ``output_config.format`` (structured outputs).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from typing import TypeVar, cast
+from typing import Literal, TypeVar, cast
 
 import anthropic
 import structlog
 from anthropic.types import (
     AssistantMessageParam,
+    ImageBlockParam,
     MessageParam,
     TextBlockParam,
     ToolParam,
@@ -56,6 +58,7 @@ from routesvc.models import (
     ChatRequest,
     FinishReason,
     Heartbeat,
+    Image,
     Message,
     ProviderEvent,
     ProviderFinish,
@@ -146,7 +149,7 @@ def _messages(messages: Iterable[Message]) -> list[MessageParam]:
     result: list[MessageParam] = []
     ids = SentCallIds(anthropic_call_id)
     # The blocks of the user turn that tool results opened, while more may join it.
-    results: list[ToolResultBlockParam | TextBlockParam] | None = None
+    results: list[ToolResultBlockParam | TextBlockParam | ImageBlockParam] | None = None
     for message in messages:
         if message.role is Role.TOOL:
             block = ToolResultBlockParam(
@@ -159,7 +162,7 @@ def _messages(messages: Iterable[Message]) -> list[MessageParam]:
                 results.append(block)
             continue
         if message.role is Role.USER and results is not None:
-            results.append(TextBlockParam(type="text", text=message.content))
+            results.extend(_user_blocks(message))
         elif message.role is Role.ASSISTANT and message.tool_calls:
             blocks: list[TextBlockParam | ToolUseBlockParam] = []
             if message.content.strip():
@@ -176,6 +179,8 @@ def _messages(messages: Iterable[Message]) -> list[MessageParam]:
             result.append(AssistantMessageParam(role="assistant", content=blocks))
         elif message.role is Role.ASSISTANT:
             result.append(AssistantMessageParam(role="assistant", content=message.content))
+        elif message.role is Role.USER and message.parts:
+            result.append(UserMessageParam(role="user", content=_user_blocks(message)))
         elif message.role is Role.USER:
             result.append(UserMessageParam(role="user", content=message.content))
         if message.role is not Role.SYSTEM:
@@ -184,6 +189,26 @@ def _messages(messages: Iterable[Message]) -> list[MessageParam]:
         # A final assistant turn is a prefill, which Anthropic refuses when it ends in whitespace.
         result[-1] = AssistantMessageParam(role="assistant", content=result[-1]["content"].rstrip())
     return result
+
+
+def _user_blocks(message: Message) -> list[TextBlockParam | ImageBlockParam]:
+    """A user turn's text and images as content blocks (a text-only turn is one text block)."""
+    blocks: list[TextBlockParam | ImageBlockParam] = []
+    for part in message.parts or (message.content,):
+        if isinstance(part, str):
+            blocks.append(TextBlockParam(type="text", text=part))
+        else:
+            blocks.append(_image_block(part))
+    return blocks
+
+
+def _image_block(image: Image) -> ImageBlockParam:
+    if image.url:
+        return ImageBlockParam(type="image", source={"type": "url", "url": image.url})
+    data = base64.b64encode(image.data).decode("ascii")
+    # wire.py takes only the four media types this literal names.
+    media_type = cast(Literal["image/jpeg", "image/png", "image/gif", "image/webp"], image.media_type)
+    return ImageBlockParam(type="image", source={"type": "base64", "media_type": media_type, "data": data})
 
 
 def request_params(

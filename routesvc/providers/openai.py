@@ -19,6 +19,7 @@ Every SDK exception is translated here, most specific first:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
@@ -26,7 +27,11 @@ from typing import Literal, TypeVar, cast
 
 import openai
 import structlog
-from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
+from openai.types.chat import (
+    ChatCompletionContentPartParam,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageParam,
+)
 from openai.types.shared_params import FunctionDefinition
 
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
@@ -34,6 +39,7 @@ from routesvc.models import (
     ChatRequest,
     FinishReason,
     Heartbeat,
+    Image,
     Message,
     ProviderEvent,
     ProviderFinish,
@@ -122,9 +128,19 @@ def _messages(messages: Iterable[Message]) -> list[ChatCompletionMessageParam]:
         elif message.role is Role.TOOL:
             call_id = ids.result(message.tool_call_id)
             result.append({"role": "tool", "tool_call_id": call_id, "content": message.content})
+        elif message.parts:
+            result.append({"role": "user", "content": [_part(part) for part in message.parts]})
         else:
             result.append({"role": "user", "content": message.content})
     return result
+
+
+def _part(part: str | Image) -> ChatCompletionContentPartParam:
+    """A user turn's text or image; an inline image goes as a ``data:`` URL."""
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    url = part.url or f"data:{part.media_type};base64,{base64.b64encode(part.data).decode('ascii')}"
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def _tools(tools: Iterable[ToolSpec]) -> list[ChatCompletionFunctionToolParam]:

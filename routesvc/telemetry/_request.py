@@ -26,6 +26,7 @@ from routesvc.models import (
     ChatRequest,
     FinishReason,
     Heartbeat,
+    Image,
     Mode,
     ProviderEvent,
     ProviderFinish,
@@ -334,9 +335,29 @@ def _parts(text: str, calls: Sequence[ToolCall] = (), call_id: str = "") -> list
     return parts
 
 
+def _content_part(part: str | Image) -> dict[str, object]:
+    """A user turn's text or image as the GenAI conventions write it, an image never with its
+    bytes (a ``blob`` without ``content``) nor its URL's query (signed URLs carry credentials)."""
+    if isinstance(part, str):
+        return {"type": "text", "content": part}
+    if part.url:
+        url = urlsplit(part.url)
+        uri = url._replace(query="", fragment="").geturl()
+        return {"type": "uri", "modality": "image", "mime_type": part.media_type, "uri": uri}
+    return {"type": "blob", "modality": "image", "mime_type": part.media_type, "size_bytes": len(part.data)}
+
+
 def _messages_json(chat: ChatRequest) -> str:
     return json.dumps(
-        [{"role": m.role.value, "parts": _parts(m.content, m.tool_calls, m.tool_call_id)} for m in chat.messages]
+        [
+            {
+                "role": m.role.value,
+                "parts": [_content_part(p) for p in m.parts]
+                if m.parts
+                else _parts(m.content, m.tool_calls, m.tool_call_id),
+            }
+            for m in chat.messages
+        ]
     )
 
 

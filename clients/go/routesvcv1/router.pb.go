@@ -475,14 +475,21 @@ type Message struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Who wrote it; required.
 	Role Role `protobuf:"varint,1,opt,name=role,proto3,enum=routesvc.v1.Role" json:"role,omitempty"`
-	// The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+	// The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+	// on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+	// text, before the parts.
 	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
 	// The tool calls of a ROLE_ASSISTANT turn (as a Completion's tool_calls reported them),
 	// in order; only on ROLE_ASSISTANT turns.
 	ToolCalls []*ToolCall `protobuf:"bytes,3,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
 	// On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
 	// earlier ROLE_ASSISTANT turn, whose result `content` is.
-	ToolCallId    string `protobuf:"bytes,4,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
+	ToolCallId string `protobuf:"bytes,4,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
+	// The turn's content as text and images, in order, after `content` when that is non-empty
+	// (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+	// providers take images only from the user). A request with any image is served only by a
+	// model with the "vision" capability.
+	Parts         []*ContentPart `protobuf:"bytes,5,rep,name=parts,proto3" json:"parts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -545,6 +552,203 @@ func (x *Message) GetToolCallId() string {
 	return ""
 }
 
+func (x *Message) GetParts() []*ContentPart {
+	if x != nil {
+		return x.Parts
+	}
+	return nil
+}
+
+// ContentPart is one piece of a ROLE_USER turn: text or an image.
+type ContentPart struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the piece is; exactly one must be set.
+	//
+	// Types that are valid to be assigned to Part:
+	//
+	//	*ContentPart_Text
+	//	*ContentPart_Image
+	Part          isContentPart_Part `protobuf_oneof:"part"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ContentPart) Reset() {
+	*x = ContentPart{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ContentPart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ContentPart) ProtoMessage() {}
+
+func (x *ContentPart) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ContentPart.ProtoReflect.Descriptor instead.
+func (*ContentPart) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ContentPart) GetPart() isContentPart_Part {
+	if x != nil {
+		return x.Part
+	}
+	return nil
+}
+
+func (x *ContentPart) GetText() string {
+	if x != nil {
+		if x, ok := x.Part.(*ContentPart_Text); ok {
+			return x.Text
+		}
+	}
+	return ""
+}
+
+func (x *ContentPart) GetImage() *Image {
+	if x != nil {
+		if x, ok := x.Part.(*ContentPart_Image); ok {
+			return x.Image
+		}
+	}
+	return nil
+}
+
+type isContentPart_Part interface {
+	isContentPart_Part()
+}
+
+type ContentPart_Text struct {
+	// Text; non-empty (not only whitespace).
+	Text string `protobuf:"bytes,1,opt,name=text,proto3,oneof"`
+}
+
+type ContentPart_Image struct {
+	// An image.
+	Image *Image `protobuf:"bytes,2,opt,name=image,proto3,oneof"`
+}
+
+func (*ContentPart_Text) isContentPart_Part() {}
+
+func (*ContentPart_Image) isContentPart_Part() {}
+
+// Image is one image of a ROLE_USER turn, given by URL or inline.
+//
+// A request holds at most `limits.max_images` images (20 by default); each inline image is at
+// most `limits.max_image_bytes` (3.75 MiB by default: 5 MiB once base64-encoded, Anthropic's
+// per-image limit), and the whole request at most `limits.max_request_bytes` (4 MiB by default,
+// which is what limits inline images first).
+type Image struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Where the image is; exactly one must be set.
+	//
+	// Types that are valid to be assigned to Source:
+	//
+	//	*Image_Url
+	//	*Image_Data
+	Source isImage_Source `protobuf_oneof:"source"`
+	// The image format: "image/jpeg", "image/png", "image/gif" or "image/webp". Required with
+	// `data`, whose first bytes must be that format's signature; optional with `url`.
+	MediaType     string `protobuf:"bytes,3,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Image) Reset() {
+	*x = Image{}
+	mi := &file_routesvc_v1_router_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Image) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Image) ProtoMessage() {}
+
+func (x *Image) ProtoReflect() protoreflect.Message {
+	mi := &file_routesvc_v1_router_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Image.ProtoReflect.Descriptor instead.
+func (*Image) Descriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Image) GetSource() isImage_Source {
+	if x != nil {
+		return x.Source
+	}
+	return nil
+}
+
+func (x *Image) GetUrl() string {
+	if x != nil {
+		if x, ok := x.Source.(*Image_Url); ok {
+			return x.Url
+		}
+	}
+	return ""
+}
+
+func (x *Image) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Source.(*Image_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+func (x *Image) GetMediaType() string {
+	if x != nil {
+		return x.MediaType
+	}
+	return ""
+}
+
+type isImage_Source interface {
+	isImage_Source()
+}
+
+type Image_Url struct {
+	// An https URL the provider fetches itself (at most 8192 characters); `media_type` may be
+	// left empty.
+	Url string `protobuf:"bytes,1,opt,name=url,proto3,oneof"`
+}
+
+type Image_Data struct {
+	// The image file's bytes; `media_type` is required and must match them.
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+func (*Image_Url) isImage_Source() {}
+
+func (*Image_Data) isImage_Source() {}
+
 // ToolCall is one call of a tool that a model made.
 type ToolCall struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -562,7 +766,7 @@ type ToolCall struct {
 
 func (x *ToolCall) Reset() {
 	*x = ToolCall{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	mi := &file_routesvc_v1_router_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -574,7 +778,7 @@ func (x *ToolCall) String() string {
 func (*ToolCall) ProtoMessage() {}
 
 func (x *ToolCall) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[1]
+	mi := &file_routesvc_v1_router_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -587,7 +791,7 @@ func (x *ToolCall) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCall.ProtoReflect.Descriptor instead.
 func (*ToolCall) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{1}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ToolCall) GetId() string {
@@ -626,7 +830,7 @@ type Tool struct {
 
 func (x *Tool) Reset() {
 	*x = Tool{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[2]
+	mi := &file_routesvc_v1_router_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -638,7 +842,7 @@ func (x *Tool) String() string {
 func (*Tool) ProtoMessage() {}
 
 func (x *Tool) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[2]
+	mi := &file_routesvc_v1_router_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -651,7 +855,7 @@ func (x *Tool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tool.ProtoReflect.Descriptor instead.
 func (*Tool) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{2}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Tool) GetName() string {
@@ -690,7 +894,7 @@ type ToolChoice struct {
 
 func (x *ToolChoice) Reset() {
 	*x = ToolChoice{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	mi := &file_routesvc_v1_router_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -702,7 +906,7 @@ func (x *ToolChoice) String() string {
 func (*ToolChoice) ProtoMessage() {}
 
 func (x *ToolChoice) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[3]
+	mi := &file_routesvc_v1_router_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -715,7 +919,7 @@ func (x *ToolChoice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolChoice.ProtoReflect.Descriptor instead.
 func (*ToolChoice) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{3}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ToolChoice) GetMode() ToolChoiceMode {
@@ -753,7 +957,7 @@ type ResponseFormat struct {
 
 func (x *ResponseFormat) Reset() {
 	*x = ResponseFormat{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	mi := &file_routesvc_v1_router_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -765,7 +969,7 @@ func (x *ResponseFormat) String() string {
 func (*ResponseFormat) ProtoMessage() {}
 
 func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[4]
+	mi := &file_routesvc_v1_router_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -778,7 +982,7 @@ func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResponseFormat.ProtoReflect.Descriptor instead.
 func (*ResponseFormat) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{4}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ResponseFormat) GetType() ResponseFormatType {
@@ -842,7 +1046,7 @@ type ChatRequest struct {
 
 func (x *ChatRequest) Reset() {
 	*x = ChatRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[5]
+	mi := &file_routesvc_v1_router_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -854,7 +1058,7 @@ func (x *ChatRequest) String() string {
 func (*ChatRequest) ProtoMessage() {}
 
 func (x *ChatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[5]
+	mi := &file_routesvc_v1_router_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -867,7 +1071,7 @@ func (x *ChatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatRequest.ProtoReflect.Descriptor instead.
 func (*ChatRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ChatRequest) GetMessages() []*Message {
@@ -956,7 +1160,7 @@ type RoutingContext struct {
 
 func (x *RoutingContext) Reset() {
 	*x = RoutingContext{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[6]
+	mi := &file_routesvc_v1_router_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -968,7 +1172,7 @@ func (x *RoutingContext) String() string {
 func (*RoutingContext) ProtoMessage() {}
 
 func (x *RoutingContext) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[6]
+	mi := &file_routesvc_v1_router_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -981,7 +1185,7 @@ func (x *RoutingContext) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoutingContext.ProtoReflect.Descriptor instead.
 func (*RoutingContext) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RoutingContext) GetTenant() string {
@@ -1053,7 +1257,7 @@ type RouteRequest struct {
 
 func (x *RouteRequest) Reset() {
 	*x = RouteRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[7]
+	mi := &file_routesvc_v1_router_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1065,7 +1269,7 @@ func (x *RouteRequest) String() string {
 func (*RouteRequest) ProtoMessage() {}
 
 func (x *RouteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[7]
+	mi := &file_routesvc_v1_router_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1078,7 +1282,7 @@ func (x *RouteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteRequest.ProtoReflect.Descriptor instead.
 func (*RouteRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RouteRequest) GetChat() *ChatRequest {
@@ -1110,7 +1314,7 @@ type Candidate struct {
 
 func (x *Candidate) Reset() {
 	*x = Candidate{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[8]
+	mi := &file_routesvc_v1_router_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1122,7 +1326,7 @@ func (x *Candidate) String() string {
 func (*Candidate) ProtoMessage() {}
 
 func (x *Candidate) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[8]
+	mi := &file_routesvc_v1_router_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1135,7 +1339,7 @@ func (x *Candidate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Candidate.ProtoReflect.Descriptor instead.
 func (*Candidate) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{8}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Candidate) GetModel() string {
@@ -1208,7 +1412,7 @@ type RouteDecision struct {
 
 func (x *RouteDecision) Reset() {
 	*x = RouteDecision{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[9]
+	mi := &file_routesvc_v1_router_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1220,7 +1424,7 @@ func (x *RouteDecision) String() string {
 func (*RouteDecision) ProtoMessage() {}
 
 func (x *RouteDecision) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[9]
+	mi := &file_routesvc_v1_router_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1233,7 +1437,7 @@ func (x *RouteDecision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteDecision.ProtoReflect.Descriptor instead.
 func (*RouteDecision) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{9}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RouteDecision) GetDecisionId() string {
@@ -1359,7 +1563,7 @@ type RouteResponse struct {
 
 func (x *RouteResponse) Reset() {
 	*x = RouteResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[10]
+	mi := &file_routesvc_v1_router_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1371,7 +1575,7 @@ func (x *RouteResponse) String() string {
 func (*RouteResponse) ProtoMessage() {}
 
 func (x *RouteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[10]
+	mi := &file_routesvc_v1_router_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1384,7 +1588,7 @@ func (x *RouteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteResponse.ProtoReflect.Descriptor instead.
 func (*RouteResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{10}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RouteResponse) GetDecision() *RouteDecision {
@@ -1407,7 +1611,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[11]
+	mi := &file_routesvc_v1_router_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1419,7 +1623,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[11]
+	mi := &file_routesvc_v1_router_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1432,7 +1636,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{11}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CompleteRequest) GetChat() *ChatRequest {
@@ -1460,7 +1664,7 @@ type TextDelta struct {
 
 func (x *TextDelta) Reset() {
 	*x = TextDelta{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[12]
+	mi := &file_routesvc_v1_router_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1472,7 +1676,7 @@ func (x *TextDelta) String() string {
 func (*TextDelta) ProtoMessage() {}
 
 func (x *TextDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[12]
+	mi := &file_routesvc_v1_router_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1485,7 +1689,7 @@ func (x *TextDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TextDelta.ProtoReflect.Descriptor instead.
 func (*TextDelta) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{12}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *TextDelta) GetText() string {
@@ -1516,7 +1720,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[13]
+	mi := &file_routesvc_v1_router_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1528,7 +1732,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[13]
+	mi := &file_routesvc_v1_router_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1541,7 +1745,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{13}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Usage) GetInputTokens() int64 {
@@ -1613,7 +1817,7 @@ type Completion struct {
 
 func (x *Completion) Reset() {
 	*x = Completion{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[14]
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1625,7 +1829,7 @@ func (x *Completion) String() string {
 func (*Completion) ProtoMessage() {}
 
 func (x *Completion) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[14]
+	mi := &file_routesvc_v1_router_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1638,7 +1842,7 @@ func (x *Completion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Completion.ProtoReflect.Descriptor instead.
 func (*Completion) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{14}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Completion) GetModel() string {
@@ -1728,7 +1932,7 @@ type Attempt struct {
 
 func (x *Attempt) Reset() {
 	*x = Attempt{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[15]
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1740,7 +1944,7 @@ func (x *Attempt) String() string {
 func (*Attempt) ProtoMessage() {}
 
 func (x *Attempt) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[15]
+	mi := &file_routesvc_v1_router_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1753,7 +1957,7 @@ func (x *Attempt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attempt.ProtoReflect.Descriptor instead.
 func (*Attempt) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{15}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Attempt) GetModel() string {
@@ -1800,7 +2004,7 @@ type QualityScore struct {
 
 func (x *QualityScore) Reset() {
 	*x = QualityScore{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1812,7 +2016,7 @@ func (x *QualityScore) String() string {
 func (*QualityScore) ProtoMessage() {}
 
 func (x *QualityScore) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[16]
+	mi := &file_routesvc_v1_router_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1825,7 +2029,7 @@ func (x *QualityScore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QualityScore.ProtoReflect.Descriptor instead.
 func (*QualityScore) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{16}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *QualityScore) GetScore() float64 {
@@ -1872,7 +2076,7 @@ type Escalation struct {
 
 func (x *Escalation) Reset() {
 	*x = Escalation{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1884,7 +2088,7 @@ func (x *Escalation) String() string {
 func (*Escalation) ProtoMessage() {}
 
 func (x *Escalation) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[17]
+	mi := &file_routesvc_v1_router_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1897,7 +2101,7 @@ func (x *Escalation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Escalation.ProtoReflect.Descriptor instead.
 func (*Escalation) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{17}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Escalation) GetFromModel() string {
@@ -1967,7 +2171,7 @@ type BatchJob struct {
 
 func (x *BatchJob) Reset() {
 	*x = BatchJob{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1979,7 +2183,7 @@ func (x *BatchJob) String() string {
 func (*BatchJob) ProtoMessage() {}
 
 func (x *BatchJob) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[18]
+	mi := &file_routesvc_v1_router_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1992,7 +2196,7 @@ func (x *BatchJob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchJob.ProtoReflect.Descriptor instead.
 func (*BatchJob) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{18}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *BatchJob) GetBatchId() string {
@@ -2072,7 +2276,7 @@ type BatchResult struct {
 
 func (x *BatchResult) Reset() {
 	*x = BatchResult{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2084,7 +2288,7 @@ func (x *BatchResult) String() string {
 func (*BatchResult) ProtoMessage() {}
 
 func (x *BatchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[19]
+	mi := &file_routesvc_v1_router_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2097,7 +2301,7 @@ func (x *BatchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchResult.ProtoReflect.Descriptor instead.
 func (*BatchResult) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{19}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *BatchResult) GetText() string {
@@ -2156,7 +2360,7 @@ type GetBatchRequest struct {
 
 func (x *GetBatchRequest) Reset() {
 	*x = GetBatchRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	mi := &file_routesvc_v1_router_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2168,7 +2372,7 @@ func (x *GetBatchRequest) String() string {
 func (*GetBatchRequest) ProtoMessage() {}
 
 func (x *GetBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[20]
+	mi := &file_routesvc_v1_router_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2181,7 +2385,7 @@ func (x *GetBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBatchRequest.ProtoReflect.Descriptor instead.
 func (*GetBatchRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{20}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetBatchRequest) GetBatchId() string {
@@ -2213,7 +2417,7 @@ type GetBatchResponse struct {
 
 func (x *GetBatchResponse) Reset() {
 	*x = GetBatchResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	mi := &file_routesvc_v1_router_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2225,7 +2429,7 @@ func (x *GetBatchResponse) String() string {
 func (*GetBatchResponse) ProtoMessage() {}
 
 func (x *GetBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[21]
+	mi := &file_routesvc_v1_router_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2238,7 +2442,7 @@ func (x *GetBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBatchResponse.ProtoReflect.Descriptor instead.
 func (*GetBatchResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{21}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetBatchResponse) GetJob() *BatchJob {
@@ -2276,7 +2480,7 @@ type CancelBatchRequest struct {
 
 func (x *CancelBatchRequest) Reset() {
 	*x = CancelBatchRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[22]
+	mi := &file_routesvc_v1_router_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2288,7 +2492,7 @@ func (x *CancelBatchRequest) String() string {
 func (*CancelBatchRequest) ProtoMessage() {}
 
 func (x *CancelBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[22]
+	mi := &file_routesvc_v1_router_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2301,7 +2505,7 @@ func (x *CancelBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBatchRequest.ProtoReflect.Descriptor instead.
 func (*CancelBatchRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{22}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CancelBatchRequest) GetBatchId() string {
@@ -2329,7 +2533,7 @@ type CancelBatchResponse struct {
 
 func (x *CancelBatchResponse) Reset() {
 	*x = CancelBatchResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[23]
+	mi := &file_routesvc_v1_router_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2341,7 +2545,7 @@ func (x *CancelBatchResponse) String() string {
 func (*CancelBatchResponse) ProtoMessage() {}
 
 func (x *CancelBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[23]
+	mi := &file_routesvc_v1_router_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2354,7 +2558,7 @@ func (x *CancelBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBatchResponse.ProtoReflect.Descriptor instead.
 func (*CancelBatchResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{23}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CancelBatchResponse) GetJob() *BatchJob {
@@ -2383,7 +2587,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[24]
+	mi := &file_routesvc_v1_router_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2395,7 +2599,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[24]
+	mi := &file_routesvc_v1_router_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2408,7 +2612,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{24}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CompleteResponse) GetEvent() isCompleteResponse_Event {
@@ -2511,7 +2715,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[25]
+	mi := &file_routesvc_v1_router_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2523,7 +2727,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[25]
+	mi := &file_routesvc_v1_router_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2536,7 +2740,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{25}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{27}
 }
 
 // ModelInfo describes one catalog model.
@@ -2574,7 +2778,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[26]
+	mi := &file_routesvc_v1_router_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2586,7 +2790,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[26]
+	mi := &file_routesvc_v1_router_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2599,7 +2803,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{26}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ModelInfo) GetId() string {
@@ -2704,7 +2908,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[27]
+	mi := &file_routesvc_v1_router_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2716,7 +2920,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[27]
+	mi := &file_routesvc_v1_router_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2729,7 +2933,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{27}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListModelsResponse) GetModels() []*ModelInfo {
@@ -2753,7 +2957,7 @@ type GetStatsRequest struct {
 
 func (x *GetStatsRequest) Reset() {
 	*x = GetStatsRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[28]
+	mi := &file_routesvc_v1_router_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2765,7 +2969,7 @@ func (x *GetStatsRequest) String() string {
 func (*GetStatsRequest) ProtoMessage() {}
 
 func (x *GetStatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[28]
+	mi := &file_routesvc_v1_router_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2778,7 +2982,7 @@ func (x *GetStatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatsRequest.ProtoReflect.Descriptor instead.
 func (*GetStatsRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{28}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GetStatsRequest) GetTenant() string {
@@ -2824,7 +3028,7 @@ type CostTotals struct {
 
 func (x *CostTotals) Reset() {
 	*x = CostTotals{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[29]
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2836,7 +3040,7 @@ func (x *CostTotals) String() string {
 func (*CostTotals) ProtoMessage() {}
 
 func (x *CostTotals) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[29]
+	mi := &file_routesvc_v1_router_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2849,7 +3053,7 @@ func (x *CostTotals) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CostTotals.ProtoReflect.Descriptor instead.
 func (*CostTotals) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{29}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CostTotals) GetRequests() int64 {
@@ -2927,7 +3131,7 @@ type ModelStats struct {
 
 func (x *ModelStats) Reset() {
 	*x = ModelStats{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[30]
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2939,7 +3143,7 @@ func (x *ModelStats) String() string {
 func (*ModelStats) ProtoMessage() {}
 
 func (x *ModelStats) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[30]
+	mi := &file_routesvc_v1_router_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2952,7 +3156,7 @@ func (x *ModelStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelStats.ProtoReflect.Descriptor instead.
 func (*ModelStats) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{30}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ModelStats) GetModel() string {
@@ -3003,7 +3207,7 @@ type TenantStats struct {
 
 func (x *TenantStats) Reset() {
 	*x = TenantStats{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	mi := &file_routesvc_v1_router_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3015,7 +3219,7 @@ func (x *TenantStats) String() string {
 func (*TenantStats) ProtoMessage() {}
 
 func (x *TenantStats) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[31]
+	mi := &file_routesvc_v1_router_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3028,7 +3232,7 @@ func (x *TenantStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TenantStats.ProtoReflect.Descriptor instead.
 func (*TenantStats) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{31}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *TenantStats) GetTenant() string {
@@ -3060,7 +3264,7 @@ type LatencyPercentiles struct {
 
 func (x *LatencyPercentiles) Reset() {
 	*x = LatencyPercentiles{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	mi := &file_routesvc_v1_router_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3072,7 +3276,7 @@ func (x *LatencyPercentiles) String() string {
 func (*LatencyPercentiles) ProtoMessage() {}
 
 func (x *LatencyPercentiles) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[32]
+	mi := &file_routesvc_v1_router_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3085,7 +3289,7 @@ func (x *LatencyPercentiles) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LatencyPercentiles.ProtoReflect.Descriptor instead.
 func (*LatencyPercentiles) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{32}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *LatencyPercentiles) GetP50() *durationpb.Duration {
@@ -3146,7 +3350,7 @@ type GetStatsResponse struct {
 
 func (x *GetStatsResponse) Reset() {
 	*x = GetStatsResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[33]
+	mi := &file_routesvc_v1_router_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3158,7 +3362,7 @@ func (x *GetStatsResponse) String() string {
 func (*GetStatsResponse) ProtoMessage() {}
 
 func (x *GetStatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[33]
+	mi := &file_routesvc_v1_router_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3171,7 +3375,7 @@ func (x *GetStatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatsResponse.ProtoReflect.Descriptor instead.
 func (*GetStatsResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{33}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *GetStatsResponse) GetWindow() *durationpb.Duration {
@@ -3290,7 +3494,7 @@ type FeedbackRequest struct {
 
 func (x *FeedbackRequest) Reset() {
 	*x = FeedbackRequest{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[34]
+	mi := &file_routesvc_v1_router_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3302,7 +3506,7 @@ func (x *FeedbackRequest) String() string {
 func (*FeedbackRequest) ProtoMessage() {}
 
 func (x *FeedbackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[34]
+	mi := &file_routesvc_v1_router_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3315,7 +3519,7 @@ func (x *FeedbackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeedbackRequest.ProtoReflect.Descriptor instead.
 func (*FeedbackRequest) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{34}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *FeedbackRequest) GetDecisionId() string {
@@ -3386,7 +3590,7 @@ type FeedbackResponse struct {
 
 func (x *FeedbackResponse) Reset() {
 	*x = FeedbackResponse{}
-	mi := &file_routesvc_v1_router_proto_msgTypes[35]
+	mi := &file_routesvc_v1_router_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3398,7 +3602,7 @@ func (x *FeedbackResponse) String() string {
 func (*FeedbackResponse) ProtoMessage() {}
 
 func (x *FeedbackResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_routesvc_v1_router_proto_msgTypes[35]
+	mi := &file_routesvc_v1_router_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3411,7 +3615,7 @@ func (x *FeedbackResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeedbackResponse.ProtoReflect.Descriptor instead.
 func (*FeedbackResponse) Descriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{35}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *FeedbackResponse) GetDecisionId() string {
@@ -3446,14 +3650,25 @@ var File_routesvc_v1_router_proto protoreflect.FileDescriptor
 
 const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\n" +
-	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x01\n" +
+	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd2\x01\n" +
 	"\aMessage\x12%\n" +
 	"\x04role\x18\x01 \x01(\x0e2\x11.routesvc.v1.RoleR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x124\n" +
 	"\n" +
 	"tool_calls\x18\x03 \x03(\v2\x15.routesvc.v1.ToolCallR\ttoolCalls\x12 \n" +
 	"\ftool_call_id\x18\x04 \x01(\tR\n" +
-	"toolCallId\"U\n" +
+	"toolCallId\x12.\n" +
+	"\x05parts\x18\x05 \x03(\v2\x18.routesvc.v1.ContentPartR\x05parts\"W\n" +
+	"\vContentPart\x12\x14\n" +
+	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12*\n" +
+	"\x05image\x18\x02 \x01(\v2\x12.routesvc.v1.ImageH\x00R\x05imageB\x06\n" +
+	"\x04part\"Z\n" +
+	"\x05Image\x12\x12\n" +
+	"\x03url\x18\x01 \x01(\tH\x00R\x03url\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04data\x12\x1d\n" +
+	"\n" +
+	"media_type\x18\x03 \x01(\tR\tmediaTypeB\b\n" +
+	"\x06source\"U\n" +
 	"\bToolCall\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12%\n" +
@@ -3763,7 +3978,7 @@ func file_routesvc_v1_router_proto_rawDescGZIP() []byte {
 }
 
 var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
-var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_routesvc_v1_router_proto_goTypes = []any{
 	(BatchState)(0),               // 0: routesvc.v1.BatchState
 	(Role)(0),                     // 1: routesvc.v1.Role
@@ -3773,118 +3988,122 @@ var file_routesvc_v1_router_proto_goTypes = []any{
 	(ResponseFormatType)(0),       // 5: routesvc.v1.ResponseFormatType
 	(AttemptOutcome)(0),           // 6: routesvc.v1.AttemptOutcome
 	(*Message)(nil),               // 7: routesvc.v1.Message
-	(*ToolCall)(nil),              // 8: routesvc.v1.ToolCall
-	(*Tool)(nil),                  // 9: routesvc.v1.Tool
-	(*ToolChoice)(nil),            // 10: routesvc.v1.ToolChoice
-	(*ResponseFormat)(nil),        // 11: routesvc.v1.ResponseFormat
-	(*ChatRequest)(nil),           // 12: routesvc.v1.ChatRequest
-	(*RoutingContext)(nil),        // 13: routesvc.v1.RoutingContext
-	(*RouteRequest)(nil),          // 14: routesvc.v1.RouteRequest
-	(*Candidate)(nil),             // 15: routesvc.v1.Candidate
-	(*RouteDecision)(nil),         // 16: routesvc.v1.RouteDecision
-	(*RouteResponse)(nil),         // 17: routesvc.v1.RouteResponse
-	(*CompleteRequest)(nil),       // 18: routesvc.v1.CompleteRequest
-	(*TextDelta)(nil),             // 19: routesvc.v1.TextDelta
-	(*Usage)(nil),                 // 20: routesvc.v1.Usage
-	(*Completion)(nil),            // 21: routesvc.v1.Completion
-	(*Attempt)(nil),               // 22: routesvc.v1.Attempt
-	(*QualityScore)(nil),          // 23: routesvc.v1.QualityScore
-	(*Escalation)(nil),            // 24: routesvc.v1.Escalation
-	(*BatchJob)(nil),              // 25: routesvc.v1.BatchJob
-	(*BatchResult)(nil),           // 26: routesvc.v1.BatchResult
-	(*GetBatchRequest)(nil),       // 27: routesvc.v1.GetBatchRequest
-	(*GetBatchResponse)(nil),      // 28: routesvc.v1.GetBatchResponse
-	(*CancelBatchRequest)(nil),    // 29: routesvc.v1.CancelBatchRequest
-	(*CancelBatchResponse)(nil),   // 30: routesvc.v1.CancelBatchResponse
-	(*CompleteResponse)(nil),      // 31: routesvc.v1.CompleteResponse
-	(*ListModelsRequest)(nil),     // 32: routesvc.v1.ListModelsRequest
-	(*ModelInfo)(nil),             // 33: routesvc.v1.ModelInfo
-	(*ListModelsResponse)(nil),    // 34: routesvc.v1.ListModelsResponse
-	(*GetStatsRequest)(nil),       // 35: routesvc.v1.GetStatsRequest
-	(*CostTotals)(nil),            // 36: routesvc.v1.CostTotals
-	(*ModelStats)(nil),            // 37: routesvc.v1.ModelStats
-	(*TenantStats)(nil),           // 38: routesvc.v1.TenantStats
-	(*LatencyPercentiles)(nil),    // 39: routesvc.v1.LatencyPercentiles
-	(*GetStatsResponse)(nil),      // 40: routesvc.v1.GetStatsResponse
-	(*FeedbackRequest)(nil),       // 41: routesvc.v1.FeedbackRequest
-	(*FeedbackResponse)(nil),      // 42: routesvc.v1.FeedbackResponse
-	nil,                           // 43: routesvc.v1.RoutingContext.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 44: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 45: google.protobuf.Duration
+	(*ContentPart)(nil),           // 8: routesvc.v1.ContentPart
+	(*Image)(nil),                 // 9: routesvc.v1.Image
+	(*ToolCall)(nil),              // 10: routesvc.v1.ToolCall
+	(*Tool)(nil),                  // 11: routesvc.v1.Tool
+	(*ToolChoice)(nil),            // 12: routesvc.v1.ToolChoice
+	(*ResponseFormat)(nil),        // 13: routesvc.v1.ResponseFormat
+	(*ChatRequest)(nil),           // 14: routesvc.v1.ChatRequest
+	(*RoutingContext)(nil),        // 15: routesvc.v1.RoutingContext
+	(*RouteRequest)(nil),          // 16: routesvc.v1.RouteRequest
+	(*Candidate)(nil),             // 17: routesvc.v1.Candidate
+	(*RouteDecision)(nil),         // 18: routesvc.v1.RouteDecision
+	(*RouteResponse)(nil),         // 19: routesvc.v1.RouteResponse
+	(*CompleteRequest)(nil),       // 20: routesvc.v1.CompleteRequest
+	(*TextDelta)(nil),             // 21: routesvc.v1.TextDelta
+	(*Usage)(nil),                 // 22: routesvc.v1.Usage
+	(*Completion)(nil),            // 23: routesvc.v1.Completion
+	(*Attempt)(nil),               // 24: routesvc.v1.Attempt
+	(*QualityScore)(nil),          // 25: routesvc.v1.QualityScore
+	(*Escalation)(nil),            // 26: routesvc.v1.Escalation
+	(*BatchJob)(nil),              // 27: routesvc.v1.BatchJob
+	(*BatchResult)(nil),           // 28: routesvc.v1.BatchResult
+	(*GetBatchRequest)(nil),       // 29: routesvc.v1.GetBatchRequest
+	(*GetBatchResponse)(nil),      // 30: routesvc.v1.GetBatchResponse
+	(*CancelBatchRequest)(nil),    // 31: routesvc.v1.CancelBatchRequest
+	(*CancelBatchResponse)(nil),   // 32: routesvc.v1.CancelBatchResponse
+	(*CompleteResponse)(nil),      // 33: routesvc.v1.CompleteResponse
+	(*ListModelsRequest)(nil),     // 34: routesvc.v1.ListModelsRequest
+	(*ModelInfo)(nil),             // 35: routesvc.v1.ModelInfo
+	(*ListModelsResponse)(nil),    // 36: routesvc.v1.ListModelsResponse
+	(*GetStatsRequest)(nil),       // 37: routesvc.v1.GetStatsRequest
+	(*CostTotals)(nil),            // 38: routesvc.v1.CostTotals
+	(*ModelStats)(nil),            // 39: routesvc.v1.ModelStats
+	(*TenantStats)(nil),           // 40: routesvc.v1.TenantStats
+	(*LatencyPercentiles)(nil),    // 41: routesvc.v1.LatencyPercentiles
+	(*GetStatsResponse)(nil),      // 42: routesvc.v1.GetStatsResponse
+	(*FeedbackRequest)(nil),       // 43: routesvc.v1.FeedbackRequest
+	(*FeedbackResponse)(nil),      // 44: routesvc.v1.FeedbackResponse
+	nil,                           // 45: routesvc.v1.RoutingContext.MetadataEntry
+	(*timestamppb.Timestamp)(nil), // 46: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 47: google.protobuf.Duration
 }
 var file_routesvc_v1_router_proto_depIdxs = []int32{
 	1,  // 0: routesvc.v1.Message.role:type_name -> routesvc.v1.Role
-	8,  // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
-	4,  // 2: routesvc.v1.ToolChoice.mode:type_name -> routesvc.v1.ToolChoiceMode
-	5,  // 3: routesvc.v1.ResponseFormat.type:type_name -> routesvc.v1.ResponseFormatType
-	7,  // 4: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
-	9,  // 5: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
-	10, // 6: routesvc.v1.ChatRequest.tool_choice:type_name -> routesvc.v1.ToolChoice
-	11, // 7: routesvc.v1.ChatRequest.response_format:type_name -> routesvc.v1.ResponseFormat
-	43, // 8: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
-	12, // 9: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	13, // 10: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
-	2,  // 11: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
-	15, // 12: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
-	16, // 13: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	12, // 14: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	13, // 15: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
-	20, // 16: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
-	3,  // 17: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
-	22, // 18: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
-	20, // 19: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
-	23, // 20: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
-	8,  // 21: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
-	6,  // 22: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
-	20, // 23: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
-	23, // 24: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
-	20, // 25: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
-	0,  // 26: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
-	44, // 27: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
-	44, // 28: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
-	20, // 29: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
-	3,  // 30: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
-	8,  // 31: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
-	25, // 32: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	26, // 33: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
-	25, // 34: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	16, // 35: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	19, // 36: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
-	21, // 37: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
-	24, // 38: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
-	25, // 39: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
-	33, // 40: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
-	45, // 41: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
-	36, // 42: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
-	36, // 43: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
-	45, // 44: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
-	45, // 45: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
-	45, // 46: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
-	45, // 47: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
-	36, // 48: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
-	37, // 49: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
-	38, // 50: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
-	39, // 51: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
-	39, // 52: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
-	14, // 53: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
-	18, // 54: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
-	32, // 55: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
-	35, // 56: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
-	27, // 57: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
-	29, // 58: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
-	41, // 59: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
-	17, // 60: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
-	31, // 61: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
-	34, // 62: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
-	40, // 63: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
-	28, // 64: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
-	30, // 65: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
-	42, // 66: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
-	60, // [60:67] is the sub-list for method output_type
-	53, // [53:60] is the sub-list for method input_type
-	53, // [53:53] is the sub-list for extension type_name
-	53, // [53:53] is the sub-list for extension extendee
-	0,  // [0:53] is the sub-list for field type_name
+	10, // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
+	8,  // 2: routesvc.v1.Message.parts:type_name -> routesvc.v1.ContentPart
+	9,  // 3: routesvc.v1.ContentPart.image:type_name -> routesvc.v1.Image
+	4,  // 4: routesvc.v1.ToolChoice.mode:type_name -> routesvc.v1.ToolChoiceMode
+	5,  // 5: routesvc.v1.ResponseFormat.type:type_name -> routesvc.v1.ResponseFormatType
+	7,  // 6: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
+	11, // 7: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
+	12, // 8: routesvc.v1.ChatRequest.tool_choice:type_name -> routesvc.v1.ToolChoice
+	13, // 9: routesvc.v1.ChatRequest.response_format:type_name -> routesvc.v1.ResponseFormat
+	45, // 10: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
+	14, // 11: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	15, // 12: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
+	2,  // 13: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
+	17, // 14: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
+	18, // 15: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	14, // 16: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	15, // 17: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
+	22, // 18: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
+	3,  // 19: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
+	24, // 20: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
+	22, // 21: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
+	25, // 22: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
+	10, // 23: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
+	6,  // 24: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
+	22, // 25: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
+	25, // 26: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
+	22, // 27: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
+	0,  // 28: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
+	46, // 29: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
+	46, // 30: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
+	22, // 31: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
+	3,  // 32: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
+	10, // 33: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
+	27, // 34: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	28, // 35: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
+	27, // 36: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	18, // 37: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	21, // 38: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
+	23, // 39: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
+	26, // 40: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
+	27, // 41: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
+	35, // 42: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
+	47, // 43: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
+	38, // 44: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
+	38, // 45: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
+	47, // 46: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
+	47, // 47: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
+	47, // 48: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
+	47, // 49: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
+	38, // 50: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
+	39, // 51: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
+	40, // 52: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
+	41, // 53: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
+	41, // 54: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
+	16, // 55: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
+	20, // 56: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
+	34, // 57: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
+	37, // 58: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
+	29, // 59: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
+	31, // 60: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
+	43, // 61: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
+	19, // 62: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
+	33, // 63: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
+	36, // 64: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
+	42, // 65: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
+	30, // 66: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
+	32, // 67: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
+	44, // 68: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
+	62, // [62:69] is the sub-list for method output_type
+	55, // [55:62] is the sub-list for method input_type
+	55, // [55:55] is the sub-list for extension type_name
+	55, // [55:55] is the sub-list for extension extendee
+	0,  // [0:55] is the sub-list for field type_name
 }
 
 func init() { file_routesvc_v1_router_proto_init() }
@@ -3892,18 +4111,26 @@ func file_routesvc_v1_router_proto_init() {
 	if File_routesvc_v1_router_proto != nil {
 		return
 	}
-	file_routesvc_v1_router_proto_msgTypes[5].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[6].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[24].OneofWrappers = []any{
+	file_routesvc_v1_router_proto_msgTypes[1].OneofWrappers = []any{
+		(*ContentPart_Text)(nil),
+		(*ContentPart_Image)(nil),
+	}
+	file_routesvc_v1_router_proto_msgTypes[2].OneofWrappers = []any{
+		(*Image_Url)(nil),
+		(*Image_Data)(nil),
+	}
+	file_routesvc_v1_router_proto_msgTypes[7].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[8].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[26].OneofWrappers = []any{
 		(*CompleteResponse_Decision)(nil),
 		(*CompleteResponse_Delta)(nil),
 		(*CompleteResponse_Completion)(nil),
 		(*CompleteResponse_Escalation)(nil),
 		(*CompleteResponse_Batch)(nil),
 	}
-	file_routesvc_v1_router_proto_msgTypes[30].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[33].OneofWrappers = []any{}
-	file_routesvc_v1_router_proto_msgTypes[34].OneofWrappers = []any{
+	file_routesvc_v1_router_proto_msgTypes[32].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[35].OneofWrappers = []any{}
+	file_routesvc_v1_router_proto_msgTypes[36].OneofWrappers = []any{
 		(*FeedbackRequest_Score)(nil),
 		(*FeedbackRequest_ThumbsUp)(nil),
 	}
@@ -3913,7 +4140,7 @@ func file_routesvc_v1_router_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_routesvc_v1_router_proto_rawDesc), len(file_routesvc_v1_router_proto_rawDesc)),
 			NumEnums:      7,
-			NumMessages:   37,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -24,7 +24,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file routesvc/v1/router.proto.
  */
 export const file_routesvc_v1_router: GenFile = /*@__PURE__*/
-  fileDesc("Chhyb3V0ZXN2Yy92MS9yb3V0ZXIucHJvdG8SC3JvdXRlc3ZjLnYxInwKB01lc3NhZ2USHwoEcm9sZRgBIAEoDjIRLnJvdXRlc3ZjLnYxLlJvbGUSDwoHY29udGVudBgCIAEoCRIpCgp0b29sX2NhbGxzGAMgAygLMhUucm91dGVzdmMudjEuVG9vbENhbGwSFAoMdG9vbF9jYWxsX2lkGAQgASgJIjwKCFRvb2xDYWxsEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSFgoOYXJndW1lbnRzX2pzb24YAyABKAkiQgoEVG9vbBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhcKD3BhcmFtZXRlcnNfanNvbhgDIAEoCSJFCgpUb29sQ2hvaWNlEikKBG1vZGUYASABKA4yGy5yb3V0ZXN2Yy52MS5Ub29sQ2hvaWNlTW9kZRIMCgRuYW1lGAIgASgJInIKDlJlc3BvbnNlRm9ybWF0Ei0KBHR5cGUYASABKA4yHy5yb3V0ZXN2Yy52MS5SZXNwb25zZUZvcm1hdFR5cGUSDAoEbmFtZRgCIAEoCRITCgtzY2hlbWFfanNvbhgDIAEoCRIOCgZzdHJpY3QYBCABKAgi4wIKC0NoYXRSZXF1ZXN0EiYKCG1lc3NhZ2VzGAEgAygLMhQucm91dGVzdmMudjEuTWVzc2FnZRIgCgV0b29scxgCIAMoCzIRLnJvdXRlc3ZjLnYxLlRvb2wSHgoRbWF4X291dHB1dF90b2tlbnMYAyABKAVIAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAUgBiAEBEgwKBHN0b3AYBSADKAkSLAoLdG9vbF9jaG9pY2UYBiABKAsyFy5yb3V0ZXN2Yy52MS5Ub29sQ2hvaWNlEiAKE3BhcmFsbGVsX3Rvb2xfY2FsbHMYByABKAhIAogBARI0Cg9yZXNwb25zZV9mb3JtYXQYCCABKAsyGy5yb3V0ZXN2Yy52MS5SZXNwb25zZUZvcm1hdEIUChJfbWF4X291dHB1dF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlQhYKFF9wYXJhbGxlbF90b29sX2NhbGxzIp8CCg5Sb3V0aW5nQ29udGV4dBIOCgZ0ZW5hbnQYASABKAkSEQoJdXNlcl90aWVyGAIgASgJEhEKCXRhc2tfaGludBgDIAEoCRIVCghyZWFsdGltZRgEIAEoCEgAiAEBEjsKCG1ldGFkYXRhGAUgAygLMikucm91dGVzdmMudjEuUm91dGluZ0NvbnRleHQuTWV0YWRhdGFFbnRyeRIUCgxtYXhfY29zdF91c2QYBiABKAkSDQoFbW9kZWwYByABKAkSFAoHY2FzY2FkZRgIIAEoCEgBiAEBGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfcmVhbHRpbWVCCgoIX2Nhc2NhZGUiZAoMUm91dGVSZXF1ZXN0EiYKBGNoYXQYASABKAsyGC5yb3V0ZXN2Yy52MS5DaGF0UmVxdWVzdBIsCgdjb250ZXh0GAIgASgLMhsucm91dGVzdmMudjEuUm91dGluZ0NvbnRleHQiRQoJQ2FuZGlkYXRlEg0KBW1vZGVsGAEgASgJEhAKCGVsaWdpYmxlGAIgASgIEhcKD2V4Y2x1ZGVkX3JlYXNvbhgDIAEoCSKUAwoNUm91dGVEZWNpc2lvbhITCgtkZWNpc2lvbl9pZBgBIAEoCRINCgVtb2RlbBgCIAEoCRIQCghwcm92aWRlchgDIAEoCRIQCghzdHJhdGVneRgEIAEoCRIMCgRydWxlGAUgASgJEg8KB3JlYXNvbnMYBiADKAkSHgoWZXN0aW1hdGVkX2lucHV0X3Rva2VucxgHIAEoAxIfChdlc3RpbWF0ZWRfb3V0cHV0X3Rva2VucxgIIAEoAxIaChJlc3RpbWF0ZWRfY29zdF91c2QYCSABKAkSHwoEbW9kZRgKIAEoDjIRLnJvdXRlc3ZjLnYxLk1vZGUSKgoKY2FuZGlkYXRlcxgLIAMoCzIWLnJvdXRlc3ZjLnYxLkNhbmRpZGF0ZRIMCgR0YXNrGAwgASgJEhYKDmNhc2NhZGVfbW9kZWxzGA0gAygJEhoKEmNhc2NhZGVfdGhyZXNob2xkcxgOIAMoARIWCg5jYXNjYWRlX3Njb3JlchgPIAEoCRIYChByb3V0aW5nX2Nvc3RfdXNkGBAgASgJIj0KDVJvdXRlUmVzcG9uc2USLAoIZGVjaXNpb24YASABKAsyGi5yb3V0ZXN2Yy52MS5Sb3V0ZURlY2lzaW9uImcKD0NvbXBsZXRlUmVxdWVzdBImCgRjaGF0GAEgASgLMhgucm91dGVzdmMudjEuQ2hhdFJlcXVlc3QSLAoHY29udGV4dBgCIAEoCzIbLnJvdXRlc3ZjLnYxLlJvdXRpbmdDb250ZXh0IhkKCVRleHREZWx0YRIMCgR0ZXh0GAEgASgJIpgBCgVVc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSFQoNb3V0cHV0X3Rva2VucxgCIAEoAxIbChNjYWNoZWRfaW5wdXRfdG9rZW5zGAMgASgDEiAKGGNhY2hlX3dyaXRlX2lucHV0X3Rva2VucxgEIAEoAxIjChtjYWNoZV93cml0ZV8xaF9pbnB1dF90b2tlbnMYBSABKAMi1AIKCkNvbXBsZXRpb24SDQoFbW9kZWwYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSFgoOcHJvdmlkZXJfbW9kZWwYAyABKAkSIQoFdXNhZ2UYBCABKAsyEi5yb3V0ZXN2Yy52MS5Vc2FnZRIQCghjb3N0X3VzZBgFIAEoCRIwCg1maW5pc2hfcmVhc29uGAYgASgOMhkucm91dGVzdmMudjEuRmluaXNoUmVhc29uEiYKCGF0dGVtcHRzGAcgAygLMhQucm91dGVzdmMudjEuQXR0ZW1wdBInCgt0b3RhbF91c2FnZRgIIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlEioKB3F1YWxpdHkYCSABKAsyGS5yb3V0ZXN2Yy52MS5RdWFsaXR5U2NvcmUSKQoKdG9vbF9jYWxscxgKIAMoCzIVLnJvdXRlc3ZjLnYxLlRvb2xDYWxsInsKB0F0dGVtcHQSDQoFbW9kZWwYASABKAkSLAoHb3V0Y29tZRgCIAEoDjIbLnJvdXRlc3ZjLnYxLkF0dGVtcHRPdXRjb21lEiEKBXVzYWdlGAMgASgLMhIucm91dGVzdmMudjEuVXNhZ2USEAoIY29zdF91c2QYBCABKAkiPQoMUXVhbGl0eVNjb3JlEg0KBXNjb3JlGAEgASgBEg4KBnNjb3JlchgCIAEoCRIOCgZyZWFzb24YAyABKAkipgEKCkVzY2FsYXRpb24SEgoKZnJvbV9tb2RlbBgBIAEoCRIQCgh0b19tb2RlbBgCIAEoCRIqCgdxdWFsaXR5GAMgASgLMhkucm91dGVzdmMudjEuUXVhbGl0eVNjb3JlEhEKCXRocmVzaG9sZBgEIAEoARIQCghjb3N0X3VzZBgFIAEoCRIhCgV1c2FnZRgGIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlIvYBCghCYXRjaEpvYhIQCghiYXRjaF9pZBgBIAEoCRImCgVzdGF0ZRgCIAEoDjIXLnJvdXRlc3ZjLnYxLkJhdGNoU3RhdGUSDQoFbW9kZWwYAyABKAkSEAoIcHJvdmlkZXIYBCABKAkSGgoSZXN0aW1hdGVkX2Nvc3RfdXNkGAUgASgJEi4KCmNyZWF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2RlY2lzaW9uX2lkGAggASgJIsUBCgtCYXRjaFJlc3VsdBIMCgR0ZXh0GAEgASgJEiEKBXVzYWdlGAIgASgLMhIucm91dGVzdmMudjEuVXNhZ2USEAoIY29zdF91c2QYAyABKAkSMAoNZmluaXNoX3JlYXNvbhgEIAEoDjIZLnJvdXRlc3ZjLnYxLkZpbmlzaFJlYXNvbhIWCg5wcm92aWRlcl9tb2RlbBgFIAEoCRIpCgp0b29sX2NhbGxzGAYgAygLMhUucm91dGVzdmMudjEuVG9vbENhbGwiMwoPR2V0QmF0Y2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgJEg4KBnRlbmFudBgCIAEoCSJvChBHZXRCYXRjaFJlc3BvbnNlEiIKA2pvYhgBIAEoCzIVLnJvdXRlc3ZjLnYxLkJhdGNoSm9iEigKBnJlc3VsdBgCIAEoCzIYLnJvdXRlc3ZjLnYxLkJhdGNoUmVzdWx0Eg0KBWVycm9yGAMgASgJIjYKEkNhbmNlbEJhdGNoUmVxdWVzdBIQCghiYXRjaF9pZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkiOQoTQ2FuY2VsQmF0Y2hSZXNwb25zZRIiCgNqb2IYASABKAsyFS5yb3V0ZXN2Yy52MS5CYXRjaEpvYiL6AQoQQ29tcGxldGVSZXNwb25zZRIuCghkZWNpc2lvbhgBIAEoCzIaLnJvdXRlc3ZjLnYxLlJvdXRlRGVjaXNpb25IABInCgVkZWx0YRgCIAEoCzIWLnJvdXRlc3ZjLnYxLlRleHREZWx0YUgAEi0KCmNvbXBsZXRpb24YAyABKAsyFy5yb3V0ZXN2Yy52MS5Db21wbGV0aW9uSAASLQoKZXNjYWxhdGlvbhgEIAEoCzIXLnJvdXRlc3ZjLnYxLkVzY2FsYXRpb25IABImCgViYXRjaBgFIAEoCzIVLnJvdXRlc3ZjLnYxLkJhdGNoSm9iSABCBwoFZXZlbnQiEwoRTGlzdE1vZGVsc1JlcXVlc3Qi4wIKCU1vZGVsSW5mbxIKCgJpZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRIWCg5wcm92aWRlcl9tb2RlbBgDIAEoCRIcChRpbnB1dF9wcmljZV9wZXJfbXRvaxgEIAEoCRIdChVvdXRwdXRfcHJpY2VfcGVyX210b2sYBSABKAkSIwobY2FjaGVkX2lucHV0X3ByaWNlX3Blcl9tdG9rGAYgASgJEhYKDmNvbnRleHRfd2luZG93GAcgASgDEhQKDGNhcGFiaWxpdGllcxgIIAMoCRIWCg5iYXRjaF9kaXNjb3VudBgJIAEoCRIRCglhdmFpbGFibGUYCiABKAgSGgoSdW5hdmFpbGFibGVfcmVhc29uGAsgASgJEiIKGmNhY2hlX3dyaXRlX3ByaWNlX3Blcl9tdG9rGAwgASgJEiUKHWNhY2hlX3dyaXRlXzFoX3ByaWNlX3Blcl9tdG9rGA0gASgJIjwKEkxpc3RNb2RlbHNSZXNwb25zZRImCgZtb2RlbHMYASADKAsyFi5yb3V0ZXN2Yy52MS5Nb2RlbEluZm8iTAoPR2V0U3RhdHNSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCRIpCgZ3aW5kb3cYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iygEKCkNvc3RUb3RhbHMSEAoIcmVxdWVzdHMYASABKAMSDgoGZXJyb3JzGAIgASgDEhAKCGNvc3RfdXNkGAMgASgJEhkKEWJhc2VsaW5lX2Nvc3RfdXNkGAQgASgJEhMKC3NhdmluZ3NfdXNkGAUgASgJEhcKD3NhdmluZ3NfcGVyY2VudBgGIAEoARIaChJlc3RpbWF0ZWRfY29zdF91c2QYByABKAkSIwobZXN0aW1hdGVkX2Jhc2VsaW5lX2Nvc3RfdXNkGAggASgJIqUBCgpNb2RlbFN0YXRzEg0KBW1vZGVsGAEgASgJEg0KBXNoYXJlGAIgASgBEicKBnRvdGFscxgDIAEoCzIXLnJvdXRlc3ZjLnYxLkNvc3RUb3RhbHMSFgoOZmVlZGJhY2tfY291bnQYBCABKAMSIAoTbWVhbl9mZWVkYmFja19zY29yZRgFIAEoAUgAiAEBQhYKFF9tZWFuX2ZlZWRiYWNrX3Njb3JlIkYKC1RlbmFudFN0YXRzEg4KBnRlbmFudBgBIAEoCRInCgZ0b3RhbHMYAiABKAsyFy5yb3V0ZXN2Yy52MS5Db3N0VG90YWxzIowBChJMYXRlbmN5UGVyY2VudGlsZXMSJgoDcDUwGAEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEiYKA3A5NRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhImCgNwOTkYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24ihgQKEEdldFN0YXRzUmVzcG9uc2USKQoGd2luZG93GAEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg4KBnRlbmFudBgCIAEoCRIWCg5iYXNlbGluZV9tb2RlbBgDIAEoCRInCgZ0b3RhbHMYBCABKAsyFy5yb3V0ZXN2Yy52MS5Db3N0VG90YWxzEicKBm1vZGVscxgFIAMoCzIXLnJvdXRlc3ZjLnYxLk1vZGVsU3RhdHMSKQoHdGVuYW50cxgGIAMoCzIYLnJvdXRlc3ZjLnYxLlRlbmFudFN0YXRzEhMKC2VzY2FsYXRpb25zGAcgASgDEhcKD2VzY2FsYXRpb25fcmF0ZRgIIAEoARIRCglmYWxsYmFja3MYCSABKAMSGQoRY2FzY2FkZV9kZWNpc2lvbnMYCiABKAMSHAoUY2FzY2FkZV9yZWxlYXNlX3JhdGUYCyABKAESIAoTbWVhbl9yZWxlYXNlZF9zY29yZRgMIAEoAUgAiAEBEjAKB2xhdGVuY3kYDSABKAsyHy5yb3V0ZXN2Yy52MS5MYXRlbmN5UGVyY2VudGlsZXMSPAoTdGltZV90b19maXJzdF90b2tlbhgOIAEoCzIfLnJvdXRlc3ZjLnYxLkxhdGVuY3lQZXJjZW50aWxlc0IWChRfbWVhbl9yZWxlYXNlZF9zY29yZSJXCg9GZWVkYmFja1JlcXVlc3QSEwoLZGVjaXNpb25faWQYASABKAkSDwoFc2NvcmUYAiABKAFIABITCgl0aHVtYnNfdXAYAyABKAhIAEIJCgdvdXRjb21lIl8KEEZlZWRiYWNrUmVzcG9uc2USEwoLZGVjaXNpb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSDQoFc2NvcmUYAyABKAESGAoQbGlicmFyeV9leGFtcGxlcxgEIAEoAyrDAQoKQmF0Y2hTdGF0ZRIbChdCQVRDSF9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkJBVENIX1NUQVRFX1FVRVVFRBABEhkKFUJBVENIX1NUQVRFX1NVQk1JVFRFRBACEhkKFUJBVENIX1NUQVRFX1NVQ0NFRURFRBADEhYKEkJBVENIX1NUQVRFX0ZBSUxFRBAEEhcKE0JBVENIX1NUQVRFX0VYUElSRUQQBRIZChVCQVRDSF9TVEFURV9DQU5DRUxMRUQQBipfCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABIPCgtST0xFX1NZU1RFTRABEg0KCVJPTEVfVVNFUhACEhIKDlJPTEVfQVNTSVNUQU5UEAMSDQoJUk9MRV9UT09MEAQqPwoETW9kZRIUChBNT0RFX1VOU1BFQ0lGSUVEEAASEQoNTU9ERV9SRUFMVElNRRABEg4KCk1PREVfQkFUQ0gQAiq4AQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhwKGEZJTklTSF9SRUFTT05fVE9PTF9DQUxMUxADEiAKHEZJTklTSF9SRUFTT05fQ09OVEVOVF9GSUxURVIQBBIXChNGSU5JU0hfUkVBU09OX09USEVSEAUqogEKDlRvb2xDaG9pY2VNb2RlEiAKHFRPT0xfQ0hPSUNFX01PREVfVU5TUEVDSUZJRUQQABIZChVUT09MX0NIT0lDRV9NT0RFX0FVVE8QARIZChVUT09MX0NIT0lDRV9NT0RFX05PTkUQAhIdChlUT09MX0NIT0lDRV9NT0RFX1JFUVVJUkVEEAMSGQoVVE9PTF9DSE9JQ0VfTU9ERV9UT09MEAQqpQEKElJlc3BvbnNlRm9ybWF0VHlwZRIkCiBSRVNQT05TRV9GT1JNQVRfVFlQRV9VTlNQRUNJRklFRBAAEh0KGVJFU1BPTlNFX0ZPUk1BVF9UWVBFX1RFWFQQARIkCiBSRVNQT05TRV9GT1JNQVRfVFlQRV9KU09OX09CSkVDVBACEiQKIFJFU1BPTlNFX0ZPUk1BVF9UWVBFX0pTT05fU0NIRU1BEAMqxgEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9DT01QTEVURUQQARIdChlBVFRFTVBUX09VVENPTUVfRVNDQUxBVEVEEAISGgoWQVRURU1QVF9PVVRDT01FX0ZBSUxFRBADEhkKFUFUVEVNUFRfT1VUQ09NRV9KVURHRRAEEh4KGkFUVEVNUFRfT1VUQ09NRV9DTEFTU0lGSUVSEAUylgQKDVJvdXRlclNlcnZpY2USPgoFUm91dGUSGS5yb3V0ZXN2Yy52MS5Sb3V0ZVJlcXVlc3QaGi5yb3V0ZXN2Yy52MS5Sb3V0ZVJlc3BvbnNlEkkKCENvbXBsZXRlEhwucm91dGVzdmMudjEuQ29tcGxldGVSZXF1ZXN0Gh0ucm91dGVzdmMudjEuQ29tcGxldGVSZXNwb25zZTABEk0KCkxpc3RNb2RlbHMSHi5yb3V0ZXN2Yy52MS5MaXN0TW9kZWxzUmVxdWVzdBofLnJvdXRlc3ZjLnYxLkxpc3RNb2RlbHNSZXNwb25zZRJHCghHZXRTdGF0cxIcLnJvdXRlc3ZjLnYxLkdldFN0YXRzUmVxdWVzdBodLnJvdXRlc3ZjLnYxLkdldFN0YXRzUmVzcG9uc2USRwoIR2V0QmF0Y2gSHC5yb3V0ZXN2Yy52MS5HZXRCYXRjaFJlcXVlc3QaHS5yb3V0ZXN2Yy52MS5HZXRCYXRjaFJlc3BvbnNlElAKC0NhbmNlbEJhdGNoEh8ucm91dGVzdmMudjEuQ2FuY2VsQmF0Y2hSZXF1ZXN0GiAucm91dGVzdmMudjEuQ2FuY2VsQmF0Y2hSZXNwb25zZRJHCghGZWVkYmFjaxIcLnJvdXRlc3ZjLnYxLkZlZWRiYWNrUmVxdWVzdBodLnJvdXRlc3ZjLnYxLkZlZWRiYWNrUmVzcG9uc2VCXwoPZGV2LnJvdXRlc3ZjLnYxQgtSb3V0ZXJQcm90b1ABWj1naXRodWIuY29tL3JvdXRlc3ZjL3JvdXRlc3ZjL2NsaWVudHMvZ28vcm91dGVzdmN2MTtyb3V0ZXN2Y3YxYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Chhyb3V0ZXN2Yy92MS9yb3V0ZXIucHJvdG8SC3JvdXRlc3ZjLnYxIqUBCgdNZXNzYWdlEh8KBHJvbGUYASABKA4yES5yb3V0ZXN2Yy52MS5Sb2xlEg8KB2NvbnRlbnQYAiABKAkSKQoKdG9vbF9jYWxscxgDIAMoCzIVLnJvdXRlc3ZjLnYxLlRvb2xDYWxsEhQKDHRvb2xfY2FsbF9pZBgEIAEoCRInCgVwYXJ0cxgFIAMoCzIYLnJvdXRlc3ZjLnYxLkNvbnRlbnRQYXJ0IkoKC0NvbnRlbnRQYXJ0Eg4KBHRleHQYASABKAlIABIjCgVpbWFnZRgCIAEoCzISLnJvdXRlc3ZjLnYxLkltYWdlSABCBgoEcGFydCJECgVJbWFnZRINCgN1cmwYASABKAlIABIOCgRkYXRhGAIgASgMSAASEgoKbWVkaWFfdHlwZRgDIAEoCUIICgZzb3VyY2UiPAoIVG9vbENhbGwSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIWCg5hcmd1bWVudHNfanNvbhgDIAEoCSJCCgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSFwoPcGFyYW1ldGVyc19qc29uGAMgASgJIkUKClRvb2xDaG9pY2USKQoEbW9kZRgBIAEoDjIbLnJvdXRlc3ZjLnYxLlRvb2xDaG9pY2VNb2RlEgwKBG5hbWUYAiABKAkicgoOUmVzcG9uc2VGb3JtYXQSLQoEdHlwZRgBIAEoDjIfLnJvdXRlc3ZjLnYxLlJlc3BvbnNlRm9ybWF0VHlwZRIMCgRuYW1lGAIgASgJEhMKC3NjaGVtYV9qc29uGAMgASgJEg4KBnN0cmljdBgEIAEoCCLjAgoLQ2hhdFJlcXVlc3QSJgoIbWVzc2FnZXMYASADKAsyFC5yb3V0ZXN2Yy52MS5NZXNzYWdlEiAKBXRvb2xzGAIgAygLMhEucm91dGVzdmMudjEuVG9vbBIeChFtYXhfb3V0cHV0X3Rva2VucxgDIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAQgASgBSAGIAQESDAoEc3RvcBgFIAMoCRIsCgt0b29sX2Nob2ljZRgGIAEoCzIXLnJvdXRlc3ZjLnYxLlRvb2xDaG9pY2USIAoTcGFyYWxsZWxfdG9vbF9jYWxscxgHIAEoCEgCiAEBEjQKD3Jlc3BvbnNlX2Zvcm1hdBgIIAEoCzIbLnJvdXRlc3ZjLnYxLlJlc3BvbnNlRm9ybWF0QhQKEl9tYXhfb3V0cHV0X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmVCFgoUX3BhcmFsbGVsX3Rvb2xfY2FsbHMinwIKDlJvdXRpbmdDb250ZXh0Eg4KBnRlbmFudBgBIAEoCRIRCgl1c2VyX3RpZXIYAiABKAkSEQoJdGFza19oaW50GAMgASgJEhUKCHJlYWx0aW1lGAQgASgISACIAQESOwoIbWV0YWRhdGEYBSADKAsyKS5yb3V0ZXN2Yy52MS5Sb3V0aW5nQ29udGV4dC5NZXRhZGF0YUVudHJ5EhQKDG1heF9jb3N0X3VzZBgGIAEoCRINCgVtb2RlbBgHIAEoCRIUCgdjYXNjYWRlGAggASgISAGIAQEaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9yZWFsdGltZUIKCghfY2FzY2FkZSJkCgxSb3V0ZVJlcXVlc3QSJgoEY2hhdBgBIAEoCzIYLnJvdXRlc3ZjLnYxLkNoYXRSZXF1ZXN0EiwKB2NvbnRleHQYAiABKAsyGy5yb3V0ZXN2Yy52MS5Sb3V0aW5nQ29udGV4dCJFCglDYW5kaWRhdGUSDQoFbW9kZWwYASABKAkSEAoIZWxpZ2libGUYAiABKAgSFwoPZXhjbHVkZWRfcmVhc29uGAMgASgJIpQDCg1Sb3V0ZURlY2lzaW9uEhMKC2RlY2lzaW9uX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEhAKCHByb3ZpZGVyGAMgASgJEhAKCHN0cmF0ZWd5GAQgASgJEgwKBHJ1bGUYBSABKAkSDwoHcmVhc29ucxgGIAMoCRIeChZlc3RpbWF0ZWRfaW5wdXRfdG9rZW5zGAcgASgDEh8KF2VzdGltYXRlZF9vdXRwdXRfdG9rZW5zGAggASgDEhoKEmVzdGltYXRlZF9jb3N0X3VzZBgJIAEoCRIfCgRtb2RlGAogASgOMhEucm91dGVzdmMudjEuTW9kZRIqCgpjYW5kaWRhdGVzGAsgAygLMhYucm91dGVzdmMudjEuQ2FuZGlkYXRlEgwKBHRhc2sYDCABKAkSFgoOY2FzY2FkZV9tb2RlbHMYDSADKAkSGgoSY2FzY2FkZV90aHJlc2hvbGRzGA4gAygBEhYKDmNhc2NhZGVfc2NvcmVyGA8gASgJEhgKEHJvdXRpbmdfY29zdF91c2QYECABKAkiPQoNUm91dGVSZXNwb25zZRIsCghkZWNpc2lvbhgBIAEoCzIaLnJvdXRlc3ZjLnYxLlJvdXRlRGVjaXNpb24iZwoPQ29tcGxldGVSZXF1ZXN0EiYKBGNoYXQYASABKAsyGC5yb3V0ZXN2Yy52MS5DaGF0UmVxdWVzdBIsCgdjb250ZXh0GAIgASgLMhsucm91dGVzdmMudjEuUm91dGluZ0NvbnRleHQiGQoJVGV4dERlbHRhEgwKBHRleHQYASABKAkimAEKBVVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAIgASgDEhsKE2NhY2hlZF9pbnB1dF90b2tlbnMYAyABKAMSIAoYY2FjaGVfd3JpdGVfaW5wdXRfdG9rZW5zGAQgASgDEiMKG2NhY2hlX3dyaXRlXzFoX2lucHV0X3Rva2VucxgFIAEoAyLUAgoKQ29tcGxldGlvbhINCgVtb2RlbBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRIWCg5wcm92aWRlcl9tb2RlbBgDIAEoCRIhCgV1c2FnZRgEIAEoCzISLnJvdXRlc3ZjLnYxLlVzYWdlEhAKCGNvc3RfdXNkGAUgASgJEjAKDWZpbmlzaF9yZWFzb24YBiABKA4yGS5yb3V0ZXN2Yy52MS5GaW5pc2hSZWFzb24SJgoIYXR0ZW1wdHMYByADKAsyFC5yb3V0ZXN2Yy52MS5BdHRlbXB0EicKC3RvdGFsX3VzYWdlGAggASgLMhIucm91dGVzdmMudjEuVXNhZ2USKgoHcXVhbGl0eRgJIAEoCzIZLnJvdXRlc3ZjLnYxLlF1YWxpdHlTY29yZRIpCgp0b29sX2NhbGxzGAogAygLMhUucm91dGVzdmMudjEuVG9vbENhbGwiewoHQXR0ZW1wdBINCgVtb2RlbBgBIAEoCRIsCgdvdXRjb21lGAIgASgOMhsucm91dGVzdmMudjEuQXR0ZW1wdE91dGNvbWUSIQoFdXNhZ2UYAyABKAsyEi5yb3V0ZXN2Yy52MS5Vc2FnZRIQCghjb3N0X3VzZBgEIAEoCSI9CgxRdWFsaXR5U2NvcmUSDQoFc2NvcmUYASABKAESDgoGc2NvcmVyGAIgASgJEg4KBnJlYXNvbhgDIAEoCSKmAQoKRXNjYWxhdGlvbhISCgpmcm9tX21vZGVsGAEgASgJEhAKCHRvX21vZGVsGAIgASgJEioKB3F1YWxpdHkYAyABKAsyGS5yb3V0ZXN2Yy52MS5RdWFsaXR5U2NvcmUSEQoJdGhyZXNob2xkGAQgASgBEhAKCGNvc3RfdXNkGAUgASgJEiEKBXVzYWdlGAYgASgLMhIucm91dGVzdmMudjEuVXNhZ2Ui9gEKCEJhdGNoSm9iEhAKCGJhdGNoX2lkGAEgASgJEiYKBXN0YXRlGAIgASgOMhcucm91dGVzdmMudjEuQmF0Y2hTdGF0ZRINCgVtb2RlbBgDIAEoCRIQCghwcm92aWRlchgEIAEoCRIaChJlc3RpbWF0ZWRfY29zdF91c2QYBSABKAkSLgoKY3JlYXRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLZGVjaXNpb25faWQYCCABKAkixQEKC0JhdGNoUmVzdWx0EgwKBHRleHQYASABKAkSIQoFdXNhZ2UYAiABKAsyEi5yb3V0ZXN2Yy52MS5Vc2FnZRIQCghjb3N0X3VzZBgDIAEoCRIwCg1maW5pc2hfcmVhc29uGAQgASgOMhkucm91dGVzdmMudjEuRmluaXNoUmVhc29uEhYKDnByb3ZpZGVyX21vZGVsGAUgASgJEikKCnRvb2xfY2FsbHMYBiADKAsyFS5yb3V0ZXN2Yy52MS5Ub29sQ2FsbCIzCg9HZXRCYXRjaFJlcXVlc3QSEAoIYmF0Y2hfaWQYASABKAkSDgoGdGVuYW50GAIgASgJIm8KEEdldEJhdGNoUmVzcG9uc2USIgoDam9iGAEgASgLMhUucm91dGVzdmMudjEuQmF0Y2hKb2ISKAoGcmVzdWx0GAIgASgLMhgucm91dGVzdmMudjEuQmF0Y2hSZXN1bHQSDQoFZXJyb3IYAyABKAkiNgoSQ2FuY2VsQmF0Y2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgJEg4KBnRlbmFudBgCIAEoCSI5ChNDYW5jZWxCYXRjaFJlc3BvbnNlEiIKA2pvYhgBIAEoCzIVLnJvdXRlc3ZjLnYxLkJhdGNoSm9iIvoBChBDb21wbGV0ZVJlc3BvbnNlEi4KCGRlY2lzaW9uGAEgASgLMhoucm91dGVzdmMudjEuUm91dGVEZWNpc2lvbkgAEicKBWRlbHRhGAIgASgLMhYucm91dGVzdmMudjEuVGV4dERlbHRhSAASLQoKY29tcGxldGlvbhgDIAEoCzIXLnJvdXRlc3ZjLnYxLkNvbXBsZXRpb25IABItCgplc2NhbGF0aW9uGAQgASgLMhcucm91dGVzdmMudjEuRXNjYWxhdGlvbkgAEiYKBWJhdGNoGAUgASgLMhUucm91dGVzdmMudjEuQmF0Y2hKb2JIAEIHCgVldmVudCITChFMaXN0TW9kZWxzUmVxdWVzdCLjAgoJTW9kZWxJbmZvEgoKAmlkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEhYKDnByb3ZpZGVyX21vZGVsGAMgASgJEhwKFGlucHV0X3ByaWNlX3Blcl9tdG9rGAQgASgJEh0KFW91dHB1dF9wcmljZV9wZXJfbXRvaxgFIAEoCRIjChtjYWNoZWRfaW5wdXRfcHJpY2VfcGVyX210b2sYBiABKAkSFgoOY29udGV4dF93aW5kb3cYByABKAMSFAoMY2FwYWJpbGl0aWVzGAggAygJEhYKDmJhdGNoX2Rpc2NvdW50GAkgASgJEhEKCWF2YWlsYWJsZRgKIAEoCBIaChJ1bmF2YWlsYWJsZV9yZWFzb24YCyABKAkSIgoaY2FjaGVfd3JpdGVfcHJpY2VfcGVyX210b2sYDCABKAkSJQodY2FjaGVfd3JpdGVfMWhfcHJpY2VfcGVyX210b2sYDSABKAkiPAoSTGlzdE1vZGVsc1Jlc3BvbnNlEiYKBm1vZGVscxgBIAMoCzIWLnJvdXRlc3ZjLnYxLk1vZGVsSW5mbyJMCg9HZXRTdGF0c1JlcXVlc3QSDgoGdGVuYW50GAEgASgJEikKBndpbmRvdxgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiLKAQoKQ29zdFRvdGFscxIQCghyZXF1ZXN0cxgBIAEoAxIOCgZlcnJvcnMYAiABKAMSEAoIY29zdF91c2QYAyABKAkSGQoRYmFzZWxpbmVfY29zdF91c2QYBCABKAkSEwoLc2F2aW5nc191c2QYBSABKAkSFwoPc2F2aW5nc19wZXJjZW50GAYgASgBEhoKEmVzdGltYXRlZF9jb3N0X3VzZBgHIAEoCRIjChtlc3RpbWF0ZWRfYmFzZWxpbmVfY29zdF91c2QYCCABKAkipQEKCk1vZGVsU3RhdHMSDQoFbW9kZWwYASABKAkSDQoFc2hhcmUYAiABKAESJwoGdG90YWxzGAMgASgLMhcucm91dGVzdmMudjEuQ29zdFRvdGFscxIWCg5mZWVkYmFja19jb3VudBgEIAEoAxIgChNtZWFuX2ZlZWRiYWNrX3Njb3JlGAUgASgBSACIAQFCFgoUX21lYW5fZmVlZGJhY2tfc2NvcmUiRgoLVGVuYW50U3RhdHMSDgoGdGVuYW50GAEgASgJEicKBnRvdGFscxgCIAEoCzIXLnJvdXRlc3ZjLnYxLkNvc3RUb3RhbHMijAEKEkxhdGVuY3lQZXJjZW50aWxlcxImCgNwNTAYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SJgoDcDk1GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEiYKA3A5ORgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKGBAoQR2V0U3RhdHNSZXNwb25zZRIpCgZ3aW5kb3cYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDgoGdGVuYW50GAIgASgJEhYKDmJhc2VsaW5lX21vZGVsGAMgASgJEicKBnRvdGFscxgEIAEoCzIXLnJvdXRlc3ZjLnYxLkNvc3RUb3RhbHMSJwoGbW9kZWxzGAUgAygLMhcucm91dGVzdmMudjEuTW9kZWxTdGF0cxIpCgd0ZW5hbnRzGAYgAygLMhgucm91dGVzdmMudjEuVGVuYW50U3RhdHMSEwoLZXNjYWxhdGlvbnMYByABKAMSFwoPZXNjYWxhdGlvbl9yYXRlGAggASgBEhEKCWZhbGxiYWNrcxgJIAEoAxIZChFjYXNjYWRlX2RlY2lzaW9ucxgKIAEoAxIcChRjYXNjYWRlX3JlbGVhc2VfcmF0ZRgLIAEoARIgChNtZWFuX3JlbGVhc2VkX3Njb3JlGAwgASgBSACIAQESMAoHbGF0ZW5jeRgNIAEoCzIfLnJvdXRlc3ZjLnYxLkxhdGVuY3lQZXJjZW50aWxlcxI8ChN0aW1lX3RvX2ZpcnN0X3Rva2VuGA4gASgLMh8ucm91dGVzdmMudjEuTGF0ZW5jeVBlcmNlbnRpbGVzQhYKFF9tZWFuX3JlbGVhc2VkX3Njb3JlIlcKD0ZlZWRiYWNrUmVxdWVzdBITCgtkZWNpc2lvbl9pZBgBIAEoCRIPCgVzY29yZRgCIAEoAUgAEhMKCXRodW1ic191cBgDIAEoCEgAQgkKB291dGNvbWUiXwoQRmVlZGJhY2tSZXNwb25zZRITCgtkZWNpc2lvbl9pZBgBIAEoCRINCgVtb2RlbBgCIAEoCRINCgVzY29yZRgDIAEoARIYChBsaWJyYXJ5X2V4YW1wbGVzGAQgASgDKsMBCgpCYXRjaFN0YXRlEhsKF0JBVENIX1NUQVRFX1VOU1BFQ0lGSUVEEAASFgoSQkFUQ0hfU1RBVEVfUVVFVUVEEAESGQoVQkFUQ0hfU1RBVEVfU1VCTUlUVEVEEAISGQoVQkFUQ0hfU1RBVEVfU1VDQ0VFREVEEAMSFgoSQkFUQ0hfU1RBVEVfRkFJTEVEEAQSFwoTQkFUQ0hfU1RBVEVfRVhQSVJFRBAFEhkKFUJBVENIX1NUQVRFX0NBTkNFTExFRBAGKl8KBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg8KC1JPTEVfU1lTVEVNEAESDQoJUk9MRV9VU0VSEAISEgoOUk9MRV9BU1NJU1RBTlQQAxINCglST0xFX1RPT0wQBCo/CgRNb2RlEhQKEE1PREVfVU5TUEVDSUZJRUQQABIRCg1NT0RFX1JFQUxUSU1FEAESDgoKTU9ERV9CQVRDSBACKrgBCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISHAoYRklOSVNIX1JFQVNPTl9UT09MX0NBTExTEAMSIAocRklOSVNIX1JFQVNPTl9DT05URU5UX0ZJTFRFUhAEEhcKE0ZJTklTSF9SRUFTT05fT1RIRVIQBSqiAQoOVG9vbENob2ljZU1vZGUSIAocVE9PTF9DSE9JQ0VfTU9ERV9VTlNQRUNJRklFRBAAEhkKFVRPT0xfQ0hPSUNFX01PREVfQVVUTxABEhkKFVRPT0xfQ0hPSUNFX01PREVfTk9ORRACEh0KGVRPT0xfQ0hPSUNFX01PREVfUkVRVUlSRUQQAxIZChVUT09MX0NIT0lDRV9NT0RFX1RPT0wQBCqlAQoSUmVzcG9uc2VGb3JtYXRUeXBlEiQKIFJFU1BPTlNFX0ZPUk1BVF9UWVBFX1VOU1BFQ0lGSUVEEAASHQoZUkVTUE9OU0VfRk9STUFUX1RZUEVfVEVYVBABEiQKIFJFU1BPTlNFX0ZPUk1BVF9UWVBFX0pTT05fT0JKRUNUEAISJAogUkVTUE9OU0VfRk9STUFUX1RZUEVfSlNPTl9TQ0hFTUEQAyrGAQoOQXR0ZW1wdE91dGNvbWUSHwobQVRURU1QVF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASHQoZQVRURU1QVF9PVVRDT01FX0NPTVBMRVRFRBABEh0KGUFUVEVNUFRfT1VUQ09NRV9FU0NBTEFURUQQAhIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAMSGQoVQVRURU1QVF9PVVRDT01FX0pVREdFEAQSHgoaQVRURU1QVF9PVVRDT01FX0NMQVNTSUZJRVIQBTKWBAoNUm91dGVyU2VydmljZRI+CgVSb3V0ZRIZLnJvdXRlc3ZjLnYxLlJvdXRlUmVxdWVzdBoaLnJvdXRlc3ZjLnYxLlJvdXRlUmVzcG9uc2USSQoIQ29tcGxldGUSHC5yb3V0ZXN2Yy52MS5Db21wbGV0ZVJlcXVlc3QaHS5yb3V0ZXN2Yy52MS5Db21wbGV0ZVJlc3BvbnNlMAESTQoKTGlzdE1vZGVscxIeLnJvdXRlc3ZjLnYxLkxpc3RNb2RlbHNSZXF1ZXN0Gh8ucm91dGVzdmMudjEuTGlzdE1vZGVsc1Jlc3BvbnNlEkcKCEdldFN0YXRzEhwucm91dGVzdmMudjEuR2V0U3RhdHNSZXF1ZXN0Gh0ucm91dGVzdmMudjEuR2V0U3RhdHNSZXNwb25zZRJHCghHZXRCYXRjaBIcLnJvdXRlc3ZjLnYxLkdldEJhdGNoUmVxdWVzdBodLnJvdXRlc3ZjLnYxLkdldEJhdGNoUmVzcG9uc2USUAoLQ2FuY2VsQmF0Y2gSHy5yb3V0ZXN2Yy52MS5DYW5jZWxCYXRjaFJlcXVlc3QaIC5yb3V0ZXN2Yy52MS5DYW5jZWxCYXRjaFJlc3BvbnNlEkcKCEZlZWRiYWNrEhwucm91dGVzdmMudjEuRmVlZGJhY2tSZXF1ZXN0Gh0ucm91dGVzdmMudjEuRmVlZGJhY2tSZXNwb25zZUJfCg9kZXYucm91dGVzdmMudjFCC1JvdXRlclByb3RvUAFaPWdpdGh1Yi5jb20vcm91dGVzdmMvcm91dGVzdmMvY2xpZW50cy9nby9yb3V0ZXN2Y3YxO3JvdXRlc3ZjdjFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Message is one turn of the conversation.
@@ -40,7 +40,9 @@ export type Message = Message$1<"routesvc.v1.Message"> & {
   role: Role;
 
   /**
-   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+   * on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+   * text, before the parts.
    *
    * @generated from field: string content = 2;
    */
@@ -61,6 +63,16 @@ export type Message = Message$1<"routesvc.v1.Message"> & {
    * @generated from field: string tool_call_id = 4;
    */
   toolCallId: string;
+
+  /**
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   *
+   * @generated from field: repeated routesvc.v1.ContentPart parts = 5;
+   */
+  parts: ContentPart[];
 };
 
 /**
@@ -69,6 +81,94 @@ export type Message = Message$1<"routesvc.v1.Message"> & {
  */
 export const MessageSchema: GenMessage<Message> = /*@__PURE__*/
   messageDesc(file_routesvc_v1_router, 0);
+
+/**
+ * ContentPart is one piece of a ROLE_USER turn: text or an image.
+ *
+ * @generated from message routesvc.v1.ContentPart
+ */
+export type ContentPart = Message$1<"routesvc.v1.ContentPart"> & {
+  /**
+   * What the piece is; exactly one must be set.
+   *
+   * @generated from oneof routesvc.v1.ContentPart.part
+   */
+  part: {
+    /**
+     * Text; non-empty (not only whitespace).
+     *
+     * @generated from field: string text = 1;
+     */
+    value: string;
+    case: "text";
+  } | {
+    /**
+     * An image.
+     *
+     * @generated from field: routesvc.v1.Image image = 2;
+     */
+    value: Image;
+    case: "image";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message routesvc.v1.ContentPart.
+ * Use `create(ContentPartSchema)` to create a new message.
+ */
+export const ContentPartSchema: GenMessage<ContentPart> = /*@__PURE__*/
+  messageDesc(file_routesvc_v1_router, 1);
+
+/**
+ * Image is one image of a ROLE_USER turn, given by URL or inline.
+ *
+ * A request holds at most `limits.max_images` images (20 by default); each inline image is at
+ * most `limits.max_image_bytes` (3.75 MiB by default: 5 MiB once base64-encoded, Anthropic's
+ * per-image limit), and the whole request at most `limits.max_request_bytes` (4 MiB by default,
+ * which is what limits inline images first).
+ *
+ * @generated from message routesvc.v1.Image
+ */
+export type Image = Message$1<"routesvc.v1.Image"> & {
+  /**
+   * Where the image is; exactly one must be set.
+   *
+   * @generated from oneof routesvc.v1.Image.source
+   */
+  source: {
+    /**
+     * An https URL the provider fetches itself (at most 8192 characters); `media_type` may be
+     * left empty.
+     *
+     * @generated from field: string url = 1;
+     */
+    value: string;
+    case: "url";
+  } | {
+    /**
+     * The image file's bytes; `media_type` is required and must match them.
+     *
+     * @generated from field: bytes data = 2;
+     */
+    value: Uint8Array;
+    case: "data";
+  } | { case: undefined; value?: undefined };
+
+  /**
+   * The image format: "image/jpeg", "image/png", "image/gif" or "image/webp". Required with
+   * `data`, whose first bytes must be that format's signature; optional with `url`.
+   *
+   * @generated from field: string media_type = 3;
+   */
+  mediaType: string;
+};
+
+/**
+ * Describes the message routesvc.v1.Image.
+ * Use `create(ImageSchema)` to create a new message.
+ */
+export const ImageSchema: GenMessage<Image> = /*@__PURE__*/
+  messageDesc(file_routesvc_v1_router, 2);
 
 /**
  * ToolCall is one call of a tool that a model made.
@@ -105,7 +205,7 @@ export type ToolCall = Message$1<"routesvc.v1.ToolCall"> & {
  * Use `create(ToolCallSchema)` to create a new message.
  */
 export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 1);
+  messageDesc(file_routesvc_v1_router, 3);
 
 /**
  * Tool is a function definition offered to the model.
@@ -140,7 +240,7 @@ export type Tool = Message$1<"routesvc.v1.Tool"> & {
  * Use `create(ToolSchema)` to create a new message.
  */
 export const ToolSchema: GenMessage<Tool> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 2);
+  messageDesc(file_routesvc_v1_router, 4);
 
 /**
  * ToolChoice is whether, and which, tool the model must call.
@@ -170,7 +270,7 @@ export type ToolChoice = Message$1<"routesvc.v1.ToolChoice"> & {
  * Use `create(ToolChoiceSchema)` to create a new message.
  */
 export const ToolChoiceSchema: GenMessage<ToolChoice> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 3);
+  messageDesc(file_routesvc_v1_router, 5);
 
 /**
  * ResponseFormat is the form the model's answer must take.
@@ -216,7 +316,7 @@ export type ResponseFormat = Message$1<"routesvc.v1.ResponseFormat"> & {
  * Use `create(ResponseFormatSchema)` to create a new message.
  */
 export const ResponseFormatSchema: GenMessage<ResponseFormat> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 4);
+  messageDesc(file_routesvc_v1_router, 6);
 
 /**
  * ChatRequest is what would be sent to a model.
@@ -294,7 +394,7 @@ export type ChatRequest = Message$1<"routesvc.v1.ChatRequest"> & {
  * Use `create(ChatRequestSchema)` to create a new message.
  */
 export const ChatRequestSchema: GenMessage<ChatRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 5);
+  messageDesc(file_routesvc_v1_router, 7);
 
 /**
  * RoutingContext is what the router knows about the request besides its text.
@@ -369,7 +469,7 @@ export type RoutingContext = Message$1<"routesvc.v1.RoutingContext"> & {
  * Use `create(RoutingContextSchema)` to create a new message.
  */
 export const RoutingContextSchema: GenMessage<RoutingContext> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 6);
+  messageDesc(file_routesvc_v1_router, 8);
 
 /**
  * RouteRequest asks for a routing decision only.
@@ -397,7 +497,7 @@ export type RouteRequest = Message$1<"routesvc.v1.RouteRequest"> & {
  * Use `create(RouteRequestSchema)` to create a new message.
  */
 export const RouteRequestSchema: GenMessage<RouteRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 7);
+  messageDesc(file_routesvc_v1_router, 9);
 
 /**
  * Candidate is one catalog model the router considered.
@@ -432,7 +532,7 @@ export type Candidate = Message$1<"routesvc.v1.Candidate"> & {
  * Use `create(CandidateSchema)` to create a new message.
  */
 export const CandidateSchema: GenMessage<Candidate> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 8);
+  messageDesc(file_routesvc_v1_router, 10);
 
 /**
  * RouteDecision is which model serves a request, and why.
@@ -566,7 +666,7 @@ export type RouteDecision = Message$1<"routesvc.v1.RouteDecision"> & {
  * Use `create(RouteDecisionSchema)` to create a new message.
  */
 export const RouteDecisionSchema: GenMessage<RouteDecision> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 9);
+  messageDesc(file_routesvc_v1_router, 11);
 
 /**
  * RouteResponse is the decision for a RouteRequest.
@@ -587,7 +687,7 @@ export type RouteResponse = Message$1<"routesvc.v1.RouteResponse"> & {
  * Use `create(RouteResponseSchema)` to create a new message.
  */
 export const RouteResponseSchema: GenMessage<RouteResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 10);
+  messageDesc(file_routesvc_v1_router, 12);
 
 /**
  * CompleteRequest asks the service to route, call the model and stream its answer.
@@ -615,7 +715,7 @@ export type CompleteRequest = Message$1<"routesvc.v1.CompleteRequest"> & {
  * Use `create(CompleteRequestSchema)` to create a new message.
  */
 export const CompleteRequestSchema: GenMessage<CompleteRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 11);
+  messageDesc(file_routesvc_v1_router, 13);
 
 /**
  * TextDelta is the next piece of the answer's text.
@@ -636,7 +736,7 @@ export type TextDelta = Message$1<"routesvc.v1.TextDelta"> & {
  * Use `create(TextDeltaSchema)` to create a new message.
  */
 export const TextDeltaSchema: GenMessage<TextDelta> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 12);
+  messageDesc(file_routesvc_v1_router, 14);
 
 /**
  * Usage is token usage as reported by the provider.
@@ -687,7 +787,7 @@ export type Usage = Message$1<"routesvc.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 13);
+  messageDesc(file_routesvc_v1_router, 15);
 
 /**
  * Completion ends a successful stream.
@@ -776,7 +876,7 @@ export type Completion = Message$1<"routesvc.v1.Completion"> & {
  * Use `create(CompletionSchema)` to create a new message.
  */
 export const CompletionSchema: GenMessage<Completion> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 14);
+  messageDesc(file_routesvc_v1_router, 16);
 
 /**
  * Attempt is one upstream call made for a request.
@@ -818,7 +918,7 @@ export type Attempt = Message$1<"routesvc.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 15);
+  messageDesc(file_routesvc_v1_router, 17);
 
 /**
  * QualityScore is a scorer's verdict on one answer.
@@ -854,7 +954,7 @@ export type QualityScore = Message$1<"routesvc.v1.QualityScore"> & {
  * Use `create(QualityScoreSchema)` to create a new message.
  */
 export const QualityScoreSchema: GenMessage<QualityScore> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 16);
+  messageDesc(file_routesvc_v1_router, 18);
 
 /**
  * Escalation announces, inside a Complete stream, that a cascade step's answer was
@@ -912,7 +1012,7 @@ export type Escalation = Message$1<"routesvc.v1.Escalation"> & {
  * Use `create(EscalationSchema)` to create a new message.
  */
 export const EscalationSchema: GenMessage<Escalation> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 17);
+  messageDesc(file_routesvc_v1_router, 19);
 
 /**
  * BatchJob is a reference to one request sent through a provider's batch API.
@@ -982,7 +1082,7 @@ export type BatchJob = Message$1<"routesvc.v1.BatchJob"> & {
  * Use `create(BatchJobSchema)` to create a new message.
  */
 export const BatchJobSchema: GenMessage<BatchJob> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 18);
+  messageDesc(file_routesvc_v1_router, 20);
 
 /**
  * BatchResult is the answer of a succeeded batch job.
@@ -1038,7 +1138,7 @@ export type BatchResult = Message$1<"routesvc.v1.BatchResult"> & {
  * Use `create(BatchResultSchema)` to create a new message.
  */
 export const BatchResultSchema: GenMessage<BatchResult> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 19);
+  messageDesc(file_routesvc_v1_router, 21);
 
 /**
  * GetBatchRequest names the job to report on.
@@ -1067,7 +1167,7 @@ export type GetBatchRequest = Message$1<"routesvc.v1.GetBatchRequest"> & {
  * Use `create(GetBatchRequestSchema)` to create a new message.
  */
 export const GetBatchRequestSchema: GenMessage<GetBatchRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 20);
+  messageDesc(file_routesvc_v1_router, 22);
 
 /**
  * GetBatchResponse is a job's state and, once succeeded, its result.
@@ -1102,7 +1202,7 @@ export type GetBatchResponse = Message$1<"routesvc.v1.GetBatchResponse"> & {
  * Use `create(GetBatchResponseSchema)` to create a new message.
  */
 export const GetBatchResponseSchema: GenMessage<GetBatchResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 21);
+  messageDesc(file_routesvc_v1_router, 23);
 
 /**
  * CancelBatchRequest names the job to cancel.
@@ -1131,7 +1231,7 @@ export type CancelBatchRequest = Message$1<"routesvc.v1.CancelBatchRequest"> & {
  * Use `create(CancelBatchRequestSchema)` to create a new message.
  */
 export const CancelBatchRequestSchema: GenMessage<CancelBatchRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 22);
+  messageDesc(file_routesvc_v1_router, 24);
 
 /**
  * CancelBatchResponse is the job after the cancellation.
@@ -1152,7 +1252,7 @@ export type CancelBatchResponse = Message$1<"routesvc.v1.CancelBatchResponse"> &
  * Use `create(CancelBatchResponseSchema)` to create a new message.
  */
 export const CancelBatchResponseSchema: GenMessage<CancelBatchResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 23);
+  messageDesc(file_routesvc_v1_router, 25);
 
 /**
  * CompleteResponse is one message of the Complete stream.
@@ -1213,7 +1313,7 @@ export type CompleteResponse = Message$1<"routesvc.v1.CompleteResponse"> & {
  * Use `create(CompleteResponseSchema)` to create a new message.
  */
 export const CompleteResponseSchema: GenMessage<CompleteResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 24);
+  messageDesc(file_routesvc_v1_router, 26);
 
 /**
  * ListModelsRequest takes no parameters.
@@ -1228,7 +1328,7 @@ export type ListModelsRequest = Message$1<"routesvc.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 25);
+  messageDesc(file_routesvc_v1_router, 27);
 
 /**
  * ModelInfo describes one catalog model.
@@ -1333,7 +1433,7 @@ export type ModelInfo = Message$1<"routesvc.v1.ModelInfo"> & {
  * Use `create(ModelInfoSchema)` to create a new message.
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 26);
+  messageDesc(file_routesvc_v1_router, 28);
 
 /**
  * ListModelsResponse is the catalog.
@@ -1354,7 +1454,7 @@ export type ListModelsResponse = Message$1<"routesvc.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 27);
+  messageDesc(file_routesvc_v1_router, 29);
 
 /**
  * GetStatsRequest selects the window and tenant to report on.
@@ -1383,7 +1483,7 @@ export type GetStatsRequest = Message$1<"routesvc.v1.GetStatsRequest"> & {
  * Use `create(GetStatsRequestSchema)` to create a new message.
  */
 export const GetStatsRequestSchema: GenMessage<GetStatsRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 28);
+  messageDesc(file_routesvc_v1_router, 30);
 
 /**
  * CostTotals are the requests, cost and savings of a set of Complete requests.
@@ -1457,7 +1557,7 @@ export type CostTotals = Message$1<"routesvc.v1.CostTotals"> & {
  * Use `create(CostTotalsSchema)` to create a new message.
  */
 export const CostTotalsSchema: GenMessage<CostTotals> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 29);
+  messageDesc(file_routesvc_v1_router, 31);
 
 /**
  * ModelStats is one model's part of the window.
@@ -1506,7 +1606,7 @@ export type ModelStats = Message$1<"routesvc.v1.ModelStats"> & {
  * Use `create(ModelStatsSchema)` to create a new message.
  */
 export const ModelStatsSchema: GenMessage<ModelStats> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 30);
+  messageDesc(file_routesvc_v1_router, 32);
 
 /**
  * TenantStats is one tenant's part of the window.
@@ -1534,7 +1634,7 @@ export type TenantStats = Message$1<"routesvc.v1.TenantStats"> & {
  * Use `create(TenantStatsSchema)` to create a new message.
  */
 export const TenantStatsSchema: GenMessage<TenantStats> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 31);
+  messageDesc(file_routesvc_v1_router, 33);
 
 /**
  * LatencyPercentiles are nearest-rank percentiles of a duration; zero without samples.
@@ -1569,7 +1669,7 @@ export type LatencyPercentiles = Message$1<"routesvc.v1.LatencyPercentiles"> & {
  * Use `create(LatencyPercentilesSchema)` to create a new message.
  */
 export const LatencyPercentilesSchema: GenMessage<LatencyPercentiles> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 32);
+  messageDesc(file_routesvc_v1_router, 34);
 
 /**
  * GetStatsResponse is routing effectiveness over the window.
@@ -1681,7 +1781,7 @@ export type GetStatsResponse = Message$1<"routesvc.v1.GetStatsResponse"> & {
  * Use `create(GetStatsResponseSchema)` to create a new message.
  */
 export const GetStatsResponseSchema: GenMessage<GetStatsResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 33);
+  messageDesc(file_routesvc_v1_router, 35);
 
 /**
  * FeedbackRequest is the outcome of one earlier decision.
@@ -1725,7 +1825,7 @@ export type FeedbackRequest = Message$1<"routesvc.v1.FeedbackRequest"> & {
  * Use `create(FeedbackRequestSchema)` to create a new message.
  */
 export const FeedbackRequestSchema: GenMessage<FeedbackRequest> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 34);
+  messageDesc(file_routesvc_v1_router, 36);
 
 /**
  * FeedbackResponse confirms what was recorded.
@@ -1768,7 +1868,7 @@ export type FeedbackResponse = Message$1<"routesvc.v1.FeedbackResponse"> & {
  * Use `create(FeedbackResponseSchema)` to create a new message.
  */
 export const FeedbackResponseSchema: GenMessage<FeedbackResponse> = /*@__PURE__*/
-  messageDesc(file_routesvc_v1_router, 35);
+  messageDesc(file_routesvc_v1_router, 37);
 
 /**
  * BatchState is where a batch job is in its life.

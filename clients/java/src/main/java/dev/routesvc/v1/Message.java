@@ -25,6 +25,7 @@ private static final long serialVersionUID = 0L;
     content_ = "";
     toolCalls_ = java.util.Collections.emptyList();
     toolCallId_ = "";
+    parts_ = java.util.Collections.emptyList();
   }
 
   @java.lang.Override
@@ -78,7 +79,9 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object content_ = "";
   /**
    * <pre>
-   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+   * on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+   * text, before the parts.
    * </pre>
    *
    * <code>string content = 2 [json_name = "content"];</code>
@@ -99,7 +102,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+   * on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+   * text, before the parts.
    * </pre>
    *
    * <code>string content = 2 [json_name = "content"];</code>
@@ -235,6 +240,82 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int PARTS_FIELD_NUMBER = 5;
+  @SuppressWarnings("serial")
+  private java.util.List<dev.routesvc.v1.ContentPart> parts_;
+  /**
+   * <pre>
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<dev.routesvc.v1.ContentPart> getPartsList() {
+    return parts_;
+  }
+  /**
+   * <pre>
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<? extends dev.routesvc.v1.ContentPartOrBuilder> 
+      getPartsOrBuilderList() {
+    return parts_;
+  }
+  /**
+   * <pre>
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+   */
+  @java.lang.Override
+  public int getPartsCount() {
+    return parts_.size();
+  }
+  /**
+   * <pre>
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ContentPart getParts(int index) {
+    return parts_.get(index);
+  }
+  /**
+   * <pre>
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.ContentPartOrBuilder getPartsOrBuilder(
+      int index) {
+    return parts_.get(index);
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -261,6 +342,9 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(toolCallId_)) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 4, toolCallId_);
     }
+    for (int i = 0; i < parts_.size(); i++) {
+      output.writeMessage(5, parts_.get(i));
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -284,6 +368,10 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(toolCallId_)) {
       size += com.google.protobuf.GeneratedMessageV3.computeStringSize(4, toolCallId_);
     }
+    for (int i = 0; i < parts_.size(); i++) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(5, parts_.get(i));
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -306,6 +394,8 @@ private static final long serialVersionUID = 0L;
         .equals(other.getToolCallsList())) return false;
     if (!getToolCallId()
         .equals(other.getToolCallId())) return false;
+    if (!getPartsList()
+        .equals(other.getPartsList())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -327,6 +417,10 @@ private static final long serialVersionUID = 0L;
     }
     hash = (37 * hash) + TOOL_CALL_ID_FIELD_NUMBER;
     hash = (53 * hash) + getToolCallId().hashCode();
+    if (getPartsCount() > 0) {
+      hash = (37 * hash) + PARTS_FIELD_NUMBER;
+      hash = (53 * hash) + getPartsList().hashCode();
+    }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -472,6 +566,13 @@ private static final long serialVersionUID = 0L;
       }
       bitField0_ = (bitField0_ & ~0x00000004);
       toolCallId_ = "";
+      if (partsBuilder_ == null) {
+        parts_ = java.util.Collections.emptyList();
+      } else {
+        parts_ = null;
+        partsBuilder_.clear();
+      }
+      bitField0_ = (bitField0_ & ~0x00000010);
       return this;
     }
 
@@ -513,6 +614,15 @@ private static final long serialVersionUID = 0L;
         result.toolCalls_ = toolCalls_;
       } else {
         result.toolCalls_ = toolCallsBuilder_.build();
+      }
+      if (partsBuilder_ == null) {
+        if (((bitField0_ & 0x00000010) != 0)) {
+          parts_ = java.util.Collections.unmodifiableList(parts_);
+          bitField0_ = (bitField0_ & ~0x00000010);
+        }
+        result.parts_ = parts_;
+      } else {
+        result.parts_ = partsBuilder_.build();
       }
     }
 
@@ -612,6 +722,32 @@ private static final long serialVersionUID = 0L;
         bitField0_ |= 0x00000008;
         onChanged();
       }
+      if (partsBuilder_ == null) {
+        if (!other.parts_.isEmpty()) {
+          if (parts_.isEmpty()) {
+            parts_ = other.parts_;
+            bitField0_ = (bitField0_ & ~0x00000010);
+          } else {
+            ensurePartsIsMutable();
+            parts_.addAll(other.parts_);
+          }
+          onChanged();
+        }
+      } else {
+        if (!other.parts_.isEmpty()) {
+          if (partsBuilder_.isEmpty()) {
+            partsBuilder_.dispose();
+            partsBuilder_ = null;
+            parts_ = other.parts_;
+            bitField0_ = (bitField0_ & ~0x00000010);
+            partsBuilder_ = 
+              com.google.protobuf.GeneratedMessageV3.alwaysUseFieldBuilders ?
+                 getPartsFieldBuilder() : null;
+          } else {
+            partsBuilder_.addAllMessages(other.parts_);
+          }
+        }
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -666,6 +802,19 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000008;
               break;
             } // case 34
+            case 42: {
+              dev.routesvc.v1.ContentPart m =
+                  input.readMessage(
+                      dev.routesvc.v1.ContentPart.parser(),
+                      extensionRegistry);
+              if (partsBuilder_ == null) {
+                ensurePartsIsMutable();
+                parts_.add(m);
+              } else {
+                partsBuilder_.addMessage(m);
+              }
+              break;
+            } // case 42
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -759,7 +908,9 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object content_ = "";
     /**
      * <pre>
-     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+     * on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+     * text, before the parts.
      * </pre>
      *
      * <code>string content = 2 [json_name = "content"];</code>
@@ -779,7 +930,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+     * on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+     * text, before the parts.
      * </pre>
      *
      * <code>string content = 2 [json_name = "content"];</code>
@@ -800,7 +953,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+     * on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+     * text, before the parts.
      * </pre>
      *
      * <code>string content = 2 [json_name = "content"];</code>
@@ -817,7 +972,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+     * on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+     * text, before the parts.
      * </pre>
      *
      * <code>string content = 2 [json_name = "content"];</code>
@@ -831,7 +988,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+     * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+     * on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+     * text, before the parts.
      * </pre>
      *
      * <code>string content = 2 [json_name = "content"];</code>
@@ -1273,6 +1432,372 @@ private static final long serialVersionUID = 0L;
       bitField0_ |= 0x00000008;
       onChanged();
       return this;
+    }
+
+    private java.util.List<dev.routesvc.v1.ContentPart> parts_ =
+      java.util.Collections.emptyList();
+    private void ensurePartsIsMutable() {
+      if (!((bitField0_ & 0x00000010) != 0)) {
+        parts_ = new java.util.ArrayList<dev.routesvc.v1.ContentPart>(parts_);
+        bitField0_ |= 0x00000010;
+       }
+    }
+
+    private com.google.protobuf.RepeatedFieldBuilderV3<
+        dev.routesvc.v1.ContentPart, dev.routesvc.v1.ContentPart.Builder, dev.routesvc.v1.ContentPartOrBuilder> partsBuilder_;
+
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public java.util.List<dev.routesvc.v1.ContentPart> getPartsList() {
+      if (partsBuilder_ == null) {
+        return java.util.Collections.unmodifiableList(parts_);
+      } else {
+        return partsBuilder_.getMessageList();
+      }
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public int getPartsCount() {
+      if (partsBuilder_ == null) {
+        return parts_.size();
+      } else {
+        return partsBuilder_.getCount();
+      }
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public dev.routesvc.v1.ContentPart getParts(int index) {
+      if (partsBuilder_ == null) {
+        return parts_.get(index);
+      } else {
+        return partsBuilder_.getMessage(index);
+      }
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public Builder setParts(
+        int index, dev.routesvc.v1.ContentPart value) {
+      if (partsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensurePartsIsMutable();
+        parts_.set(index, value);
+        onChanged();
+      } else {
+        partsBuilder_.setMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public Builder setParts(
+        int index, dev.routesvc.v1.ContentPart.Builder builderForValue) {
+      if (partsBuilder_ == null) {
+        ensurePartsIsMutable();
+        parts_.set(index, builderForValue.build());
+        onChanged();
+      } else {
+        partsBuilder_.setMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public Builder addParts(dev.routesvc.v1.ContentPart value) {
+      if (partsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensurePartsIsMutable();
+        parts_.add(value);
+        onChanged();
+      } else {
+        partsBuilder_.addMessage(value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public Builder addParts(
+        int index, dev.routesvc.v1.ContentPart value) {
+      if (partsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensurePartsIsMutable();
+        parts_.add(index, value);
+        onChanged();
+      } else {
+        partsBuilder_.addMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public Builder addParts(
+        dev.routesvc.v1.ContentPart.Builder builderForValue) {
+      if (partsBuilder_ == null) {
+        ensurePartsIsMutable();
+        parts_.add(builderForValue.build());
+        onChanged();
+      } else {
+        partsBuilder_.addMessage(builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public Builder addParts(
+        int index, dev.routesvc.v1.ContentPart.Builder builderForValue) {
+      if (partsBuilder_ == null) {
+        ensurePartsIsMutable();
+        parts_.add(index, builderForValue.build());
+        onChanged();
+      } else {
+        partsBuilder_.addMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public Builder addAllParts(
+        java.lang.Iterable<? extends dev.routesvc.v1.ContentPart> values) {
+      if (partsBuilder_ == null) {
+        ensurePartsIsMutable();
+        com.google.protobuf.AbstractMessageLite.Builder.addAll(
+            values, parts_);
+        onChanged();
+      } else {
+        partsBuilder_.addAllMessages(values);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public Builder clearParts() {
+      if (partsBuilder_ == null) {
+        parts_ = java.util.Collections.emptyList();
+        bitField0_ = (bitField0_ & ~0x00000010);
+        onChanged();
+      } else {
+        partsBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public Builder removeParts(int index) {
+      if (partsBuilder_ == null) {
+        ensurePartsIsMutable();
+        parts_.remove(index);
+        onChanged();
+      } else {
+        partsBuilder_.remove(index);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public dev.routesvc.v1.ContentPart.Builder getPartsBuilder(
+        int index) {
+      return getPartsFieldBuilder().getBuilder(index);
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public dev.routesvc.v1.ContentPartOrBuilder getPartsOrBuilder(
+        int index) {
+      if (partsBuilder_ == null) {
+        return parts_.get(index);  } else {
+        return partsBuilder_.getMessageOrBuilder(index);
+      }
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public java.util.List<? extends dev.routesvc.v1.ContentPartOrBuilder> 
+         getPartsOrBuilderList() {
+      if (partsBuilder_ != null) {
+        return partsBuilder_.getMessageOrBuilderList();
+      } else {
+        return java.util.Collections.unmodifiableList(parts_);
+      }
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public dev.routesvc.v1.ContentPart.Builder addPartsBuilder() {
+      return getPartsFieldBuilder().addBuilder(
+          dev.routesvc.v1.ContentPart.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public dev.routesvc.v1.ContentPart.Builder addPartsBuilder(
+        int index) {
+      return getPartsFieldBuilder().addBuilder(
+          index, dev.routesvc.v1.ContentPart.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The turn's content as text and images, in order, after `content` when that is non-empty
+     * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+     * providers take images only from the user). A request with any image is served only by a
+     * model with the "vision" capability.
+     * </pre>
+     *
+     * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+     */
+    public java.util.List<dev.routesvc.v1.ContentPart.Builder> 
+         getPartsBuilderList() {
+      return getPartsFieldBuilder().getBuilderList();
+    }
+    private com.google.protobuf.RepeatedFieldBuilderV3<
+        dev.routesvc.v1.ContentPart, dev.routesvc.v1.ContentPart.Builder, dev.routesvc.v1.ContentPartOrBuilder> 
+        getPartsFieldBuilder() {
+      if (partsBuilder_ == null) {
+        partsBuilder_ = new com.google.protobuf.RepeatedFieldBuilderV3<
+            dev.routesvc.v1.ContentPart, dev.routesvc.v1.ContentPart.Builder, dev.routesvc.v1.ContentPartOrBuilder>(
+                parts_,
+                ((bitField0_ & 0x00000010) != 0),
+                getParentForChildren(),
+                isClean());
+        parts_ = null;
+      }
+      return partsBuilder_;
     }
     @java.lang.Override
     public final Builder setUnknownFields(

@@ -29,7 +29,9 @@ public interface MessageOrBuilder extends
 
   /**
    * <pre>
-   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+   * on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+   * text, before the parts.
    * </pre>
    *
    * <code>string content = 2 [json_name = "content"];</code>
@@ -38,7 +40,9 @@ public interface MessageOrBuilder extends
   java.lang.String getContent();
   /**
    * <pre>
-   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls.
+   * The text; required, non-empty, except on a ROLE_ASSISTANT turn that has tool_calls and
+   * on a ROLE_USER turn that has parts. With parts, a non-empty `content` is the turn's first
+   * text, before the parts.
    * </pre>
    *
    * <code>string content = 2 [json_name = "content"];</code>
@@ -117,4 +121,63 @@ public interface MessageOrBuilder extends
    */
   com.google.protobuf.ByteString
       getToolCallIdBytes();
+
+  /**
+   * <pre>
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+   */
+  java.util.List<dev.routesvc.v1.ContentPart> 
+      getPartsList();
+  /**
+   * <pre>
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+   */
+  dev.routesvc.v1.ContentPart getParts(int index);
+  /**
+   * <pre>
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+   */
+  int getPartsCount();
+  /**
+   * <pre>
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+   */
+  java.util.List<? extends dev.routesvc.v1.ContentPartOrBuilder> 
+      getPartsOrBuilderList();
+  /**
+   * <pre>
+   * The turn's content as text and images, in order, after `content` when that is non-empty
+   * (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
+   * providers take images only from the user). A request with any image is served only by a
+   * model with the "vision" capability.
+   * </pre>
+   *
+   * <code>repeated .routesvc.v1.ContentPart parts = 5 [json_name = "parts"];</code>
+   */
+  dev.routesvc.v1.ContentPartOrBuilder getPartsOrBuilder(
+      int index);
 }

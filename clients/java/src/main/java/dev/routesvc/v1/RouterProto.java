@@ -21,6 +21,16 @@ public final class RouterProto {
     com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
       internal_static_routesvc_v1_Message_fieldAccessorTable;
   static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_ContentPart_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_ContentPart_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_routesvc_v1_Image_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_routesvc_v1_Image_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
     internal_static_routesvc_v1_ToolCall_descriptor;
   static final 
     com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
@@ -211,235 +221,241 @@ public final class RouterProto {
     java.lang.String[] descriptorData = {
       "\n\030routesvc/v1/router.proto\022\013routesvc.v1\032" +
       "\036google/protobuf/duration.proto\032\037google/" +
-      "protobuf/timestamp.proto\"\242\001\n\007Message\022%\n\004" +
+      "protobuf/timestamp.proto\"\322\001\n\007Message\022%\n\004" +
       "role\030\001 \001(\0162\021.routesvc.v1.RoleR\004role\022\030\n\007c" +
       "ontent\030\002 \001(\tR\007content\0224\n\ntool_calls\030\003 \003(" +
       "\0132\025.routesvc.v1.ToolCallR\ttoolCalls\022 \n\014t" +
-      "ool_call_id\030\004 \001(\tR\ntoolCallId\"U\n\010ToolCal" +
-      "l\022\016\n\002id\030\001 \001(\tR\002id\022\022\n\004name\030\002 \001(\tR\004name\022%\n" +
-      "\016arguments_json\030\003 \001(\tR\rargumentsJson\"e\n\004" +
-      "Tool\022\022\n\004name\030\001 \001(\tR\004name\022 \n\013description\030" +
-      "\002 \001(\tR\013description\022\'\n\017parameters_json\030\003 " +
-      "\001(\tR\016parametersJson\"Q\n\nToolChoice\022/\n\004mod" +
-      "e\030\001 \001(\0162\033.routesvc.v1.ToolChoiceModeR\004mo" +
-      "de\022\022\n\004name\030\002 \001(\tR\004name\"\222\001\n\016ResponseForma" +
-      "t\0223\n\004type\030\001 \001(\0162\037.routesvc.v1.ResponseFo" +
-      "rmatTypeR\004type\022\022\n\004name\030\002 \001(\tR\004name\022\037\n\013sc" +
-      "hema_json\030\003 \001(\tR\nschemaJson\022\026\n\006strict\030\004 " +
-      "\001(\010R\006strict\"\307\003\n\013ChatRequest\0220\n\010messages\030" +
-      "\001 \003(\0132\024.routesvc.v1.MessageR\010messages\022\'\n" +
-      "\005tools\030\002 \003(\0132\021.routesvc.v1.ToolR\005tools\022/" +
-      "\n\021max_output_tokens\030\003 \001(\005H\000R\017maxOutputTo" +
-      "kens\210\001\001\022%\n\013temperature\030\004 \001(\001H\001R\013temperat" +
-      "ure\210\001\001\022\022\n\004stop\030\005 \003(\tR\004stop\0228\n\013tool_choic" +
-      "e\030\006 \001(\0132\027.routesvc.v1.ToolChoiceR\ntoolCh" +
-      "oice\0223\n\023parallel_tool_calls\030\007 \001(\010H\002R\021par" +
-      "allelToolCalls\210\001\001\022D\n\017response_format\030\010 \001" +
-      "(\0132\033.routesvc.v1.ResponseFormatR\016respons" +
-      "eFormatB\024\n\022_max_output_tokensB\016\n\014_temper" +
-      "atureB\026\n\024_parallel_tool_calls\"\367\002\n\016Routin" +
-      "gContext\022\026\n\006tenant\030\001 \001(\tR\006tenant\022\033\n\tuser" +
-      "_tier\030\002 \001(\tR\010userTier\022\033\n\ttask_hint\030\003 \001(\t" +
-      "R\010taskHint\022\037\n\010realtime\030\004 \001(\010H\000R\010realtime" +
-      "\210\001\001\022E\n\010metadata\030\005 \003(\0132).routesvc.v1.Rout" +
-      "ingContext.MetadataEntryR\010metadata\022 \n\014ma" +
-      "x_cost_usd\030\006 \001(\tR\nmaxCostUsd\022\024\n\005model\030\007 " +
-      "\001(\tR\005model\022\035\n\007cascade\030\010 \001(\010H\001R\007cascade\210\001" +
-      "\001\032;\n\rMetadataEntry\022\020\n\003key\030\001 \001(\tR\003key\022\024\n\005" +
-      "value\030\002 \001(\tR\005value:\0028\001B\013\n\t_realtimeB\n\n\010_" +
-      "cascade\"s\n\014RouteRequest\022,\n\004chat\030\001 \001(\0132\030." +
-      "routesvc.v1.ChatRequestR\004chat\0225\n\007context" +
-      "\030\002 \001(\0132\033.routesvc.v1.RoutingContextR\007con" +
-      "text\"f\n\tCandidate\022\024\n\005model\030\001 \001(\tR\005model\022" +
-      "\032\n\010eligible\030\002 \001(\010R\010eligible\022\'\n\017excluded_" +
-      "reason\030\003 \001(\tR\016excludedReason\"\342\004\n\rRouteDe" +
-      "cision\022\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022" +
-      "\024\n\005model\030\002 \001(\tR\005model\022\032\n\010provider\030\003 \001(\tR" +
-      "\010provider\022\032\n\010strategy\030\004 \001(\tR\010strategy\022\022\n" +
-      "\004rule\030\005 \001(\tR\004rule\022\030\n\007reasons\030\006 \003(\tR\007reas" +
-      "ons\0224\n\026estimated_input_tokens\030\007 \001(\003R\024est" +
-      "imatedInputTokens\0226\n\027estimated_output_to" +
-      "kens\030\010 \001(\003R\025estimatedOutputTokens\022,\n\022est" +
-      "imated_cost_usd\030\t \001(\tR\020estimatedCostUsd\022" +
-      "%\n\004mode\030\n \001(\0162\021.routesvc.v1.ModeR\004mode\0226" +
-      "\n\ncandidates\030\013 \003(\0132\026.routesvc.v1.Candida" +
-      "teR\ncandidates\022\022\n\004task\030\014 \001(\tR\004task\022%\n\016ca" +
-      "scade_models\030\r \003(\tR\rcascadeModels\022-\n\022cas" +
-      "cade_thresholds\030\016 \003(\001R\021cascadeThresholds" +
-      "\022%\n\016cascade_scorer\030\017 \001(\tR\rcascadeScorer\022" +
-      "(\n\020routing_cost_usd\030\020 \001(\tR\016routingCostUs" +
-      "d\"G\n\rRouteResponse\0226\n\010decision\030\001 \001(\0132\032.r" +
-      "outesvc.v1.RouteDecisionR\010decision\"v\n\017Co" +
-      "mpleteRequest\022,\n\004chat\030\001 \001(\0132\030.routesvc.v" +
-      "1.ChatRequestR\004chat\0225\n\007context\030\002 \001(\0132\033.r" +
-      "outesvc.v1.RoutingContextR\007context\"\037\n\tTe" +
-      "xtDelta\022\022\n\004text\030\001 \001(\tR\004text\"\366\001\n\005Usage\022!\n" +
-      "\014input_tokens\030\001 \001(\003R\013inputTokens\022#\n\routp" +
-      "ut_tokens\030\002 \001(\003R\014outputTokens\022.\n\023cached_" +
-      "input_tokens\030\003 \001(\003R\021cachedInputTokens\0227\n" +
-      "\030cache_write_input_tokens\030\004 \001(\003R\025cacheWr" +
-      "iteInputTokens\022<\n\033cache_write_1h_input_t" +
-      "okens\030\005 \001(\003R\027cacheWrite1hInputTokens\"\274\003\n" +
-      "\nCompletion\022\024\n\005model\030\001 \001(\tR\005model\022\032\n\010pro" +
-      "vider\030\002 \001(\tR\010provider\022%\n\016provider_model\030" +
-      "\003 \001(\tR\rproviderModel\022(\n\005usage\030\004 \001(\0132\022.ro" +
-      "utesvc.v1.UsageR\005usage\022\031\n\010cost_usd\030\005 \001(\t" +
-      "R\007costUsd\022>\n\rfinish_reason\030\006 \001(\0162\031.route" +
-      "svc.v1.FinishReasonR\014finishReason\0220\n\010att" +
-      "empts\030\007 \003(\0132\024.routesvc.v1.AttemptR\010attem" +
-      "pts\0223\n\013total_usage\030\010 \001(\0132\022.routesvc.v1.U" +
-      "sageR\ntotalUsage\0223\n\007quality\030\t \001(\0132\031.rout" +
-      "esvc.v1.QualityScoreR\007quality\0224\n\ntool_ca" +
-      "lls\030\n \003(\0132\025.routesvc.v1.ToolCallR\ttoolCa" +
-      "lls\"\233\001\n\007Attempt\022\024\n\005model\030\001 \001(\tR\005model\0225\n" +
-      "\007outcome\030\002 \001(\0162\033.routesvc.v1.AttemptOutc" +
-      "omeR\007outcome\022(\n\005usage\030\003 \001(\0132\022.routesvc.v" +
-      "1.UsageR\005usage\022\031\n\010cost_usd\030\004 \001(\tR\007costUs" +
-      "d\"T\n\014QualityScore\022\024\n\005score\030\001 \001(\001R\005score\022" +
-      "\026\n\006scorer\030\002 \001(\tR\006scorer\022\026\n\006reason\030\003 \001(\tR" +
-      "\006reason\"\336\001\n\nEscalation\022\035\n\nfrom_model\030\001 \001" +
-      "(\tR\tfromModel\022\031\n\010to_model\030\002 \001(\tR\007toModel" +
-      "\0223\n\007quality\030\003 \001(\0132\031.routesvc.v1.QualityS" +
-      "coreR\007quality\022\034\n\tthreshold\030\004 \001(\001R\tthresh" +
-      "old\022\031\n\010cost_usd\030\005 \001(\tR\007costUsd\022(\n\005usage\030" +
-      "\006 \001(\0132\022.routesvc.v1.UsageR\005usage\"\313\002\n\010Bat" +
-      "chJob\022\031\n\010batch_id\030\001 \001(\tR\007batchId\022-\n\005stat" +
-      "e\030\002 \001(\0162\027.routesvc.v1.BatchStateR\005state\022" +
-      "\024\n\005model\030\003 \001(\tR\005model\022\032\n\010provider\030\004 \001(\tR" +
-      "\010provider\022,\n\022estimated_cost_usd\030\005 \001(\tR\020e" +
-      "stimatedCostUsd\0229\n\ncreated_at\030\006 \001(\0132\032.go" +
-      "ogle.protobuf.TimestampR\tcreatedAt\0229\n\nup" +
-      "dated_at\030\007 \001(\0132\032.google.protobuf.Timesta" +
-      "mpR\tupdatedAt\022\037\n\013decision_id\030\010 \001(\tR\ndeci" +
-      "sionId\"\203\002\n\013BatchResult\022\022\n\004text\030\001 \001(\tR\004te" +
-      "xt\022(\n\005usage\030\002 \001(\0132\022.routesvc.v1.UsageR\005u" +
-      "sage\022\031\n\010cost_usd\030\003 \001(\tR\007costUsd\022>\n\rfinis" +
-      "h_reason\030\004 \001(\0162\031.routesvc.v1.FinishReaso" +
-      "nR\014finishReason\022%\n\016provider_model\030\005 \001(\tR" +
-      "\rproviderModel\0224\n\ntool_calls\030\006 \003(\0132\025.rou" +
-      "tesvc.v1.ToolCallR\ttoolCalls\"D\n\017GetBatch" +
-      "Request\022\031\n\010batch_id\030\001 \001(\tR\007batchId\022\026\n\006te" +
-      "nant\030\002 \001(\tR\006tenant\"\203\001\n\020GetBatchResponse\022" +
-      "\'\n\003job\030\001 \001(\0132\025.routesvc.v1.BatchJobR\003job" +
-      "\0220\n\006result\030\002 \001(\0132\030.routesvc.v1.BatchResu" +
-      "ltR\006result\022\024\n\005error\030\003 \001(\tR\005error\"G\n\022Canc" +
-      "elBatchRequest\022\031\n\010batch_id\030\001 \001(\tR\007batchI" +
-      "d\022\026\n\006tenant\030\002 \001(\tR\006tenant\">\n\023CancelBatch" +
-      "Response\022\'\n\003job\030\001 \001(\0132\025.routesvc.v1.Batc" +
-      "hJobR\003job\"\252\002\n\020CompleteResponse\0228\n\010decisi" +
-      "on\030\001 \001(\0132\032.routesvc.v1.RouteDecisionH\000R\010" +
-      "decision\022.\n\005delta\030\002 \001(\0132\026.routesvc.v1.Te" +
-      "xtDeltaH\000R\005delta\0229\n\ncompletion\030\003 \001(\0132\027.r" +
-      "outesvc.v1.CompletionH\000R\ncompletion\0229\n\ne" +
-      "scalation\030\004 \001(\0132\027.routesvc.v1.Escalation" +
-      "H\000R\nescalation\022-\n\005batch\030\005 \001(\0132\025.routesvc" +
-      ".v1.BatchJobH\000R\005batchB\007\n\005event\"\023\n\021ListMo" +
-      "delsRequest\"\274\004\n\tModelInfo\022\016\n\002id\030\001 \001(\tR\002i" +
-      "d\022\032\n\010provider\030\002 \001(\tR\010provider\022%\n\016provide" +
-      "r_model\030\003 \001(\tR\rproviderModel\022/\n\024input_pr" +
-      "ice_per_mtok\030\004 \001(\tR\021inputPricePerMtok\0221\n" +
-      "\025output_price_per_mtok\030\005 \001(\tR\022outputPric" +
-      "ePerMtok\022<\n\033cached_input_price_per_mtok\030" +
-      "\006 \001(\tR\027cachedInputPricePerMtok\022%\n\016contex" +
-      "t_window\030\007 \001(\003R\rcontextWindow\022\"\n\014capabil" +
-      "ities\030\010 \003(\tR\014capabilities\022%\n\016batch_disco" +
-      "unt\030\t \001(\tR\rbatchDiscount\022\034\n\tavailable\030\n " +
-      "\001(\010R\tavailable\022-\n\022unavailable_reason\030\013 \001" +
-      "(\tR\021unavailableReason\022:\n\032cache_write_pri" +
-      "ce_per_mtok\030\014 \001(\tR\026cacheWritePricePerMto" +
-      "k\022?\n\035cache_write_1h_price_per_mtok\030\r \001(\t" +
-      "R\030cacheWrite1hPricePerMtok\"D\n\022ListModels" +
-      "Response\022.\n\006models\030\001 \003(\0132\026.routesvc.v1.M" +
-      "odelInfoR\006models\"\\\n\017GetStatsRequest\022\026\n\006t" +
-      "enant\030\001 \001(\tR\006tenant\0221\n\006window\030\002 \001(\0132\031.go" +
-      "ogle.protobuf.DurationR\006window\"\276\002\n\nCostT" +
-      "otals\022\032\n\010requests\030\001 \001(\003R\010requests\022\026\n\006err" +
-      "ors\030\002 \001(\003R\006errors\022\031\n\010cost_usd\030\003 \001(\tR\007cos" +
-      "tUsd\022*\n\021baseline_cost_usd\030\004 \001(\tR\017baselin" +
-      "eCostUsd\022\037\n\013savings_usd\030\005 \001(\tR\nsavingsUs" +
-      "d\022\'\n\017savings_percent\030\006 \001(\001R\016savingsPerce" +
-      "nt\022,\n\022estimated_cost_usd\030\007 \001(\tR\020estimate" +
-      "dCostUsd\022=\n\033estimated_baseline_cost_usd\030" +
-      "\010 \001(\tR\030estimatedBaselineCostUsd\"\335\001\n\nMode" +
-      "lStats\022\024\n\005model\030\001 \001(\tR\005model\022\024\n\005share\030\002 " +
-      "\001(\001R\005share\022/\n\006totals\030\003 \001(\0132\027.routesvc.v1" +
-      ".CostTotalsR\006totals\022%\n\016feedback_count\030\004 " +
-      "\001(\003R\rfeedbackCount\0223\n\023mean_feedback_scor" +
-      "e\030\005 \001(\001H\000R\021meanFeedbackScore\210\001\001B\026\n\024_mean" +
-      "_feedback_score\"V\n\013TenantStats\022\026\n\006tenant" +
-      "\030\001 \001(\tR\006tenant\022/\n\006totals\030\002 \001(\0132\027.routesv" +
-      "c.v1.CostTotalsR\006totals\"\233\001\n\022LatencyPerce" +
-      "ntiles\022+\n\003p50\030\001 \001(\0132\031.google.protobuf.Du" +
-      "rationR\003p50\022+\n\003p95\030\002 \001(\0132\031.google.protob" +
-      "uf.DurationR\003p95\022+\n\003p99\030\003 \001(\0132\031.google.p" +
-      "rotobuf.DurationR\003p99\"\272\005\n\020GetStatsRespon" +
-      "se\0221\n\006window\030\001 \001(\0132\031.google.protobuf.Dur" +
-      "ationR\006window\022\026\n\006tenant\030\002 \001(\tR\006tenant\022%\n" +
-      "\016baseline_model\030\003 \001(\tR\rbaselineModel\022/\n\006" +
-      "totals\030\004 \001(\0132\027.routesvc.v1.CostTotalsR\006t" +
-      "otals\022/\n\006models\030\005 \003(\0132\027.routesvc.v1.Mode" +
-      "lStatsR\006models\0222\n\007tenants\030\006 \003(\0132\030.routes" +
-      "vc.v1.TenantStatsR\007tenants\022 \n\013escalation" +
-      "s\030\007 \001(\003R\013escalations\022\'\n\017escalation_rate\030" +
-      "\010 \001(\001R\016escalationRate\022\034\n\tfallbacks\030\t \001(\003" +
-      "R\tfallbacks\022+\n\021cascade_decisions\030\n \001(\003R\020" +
-      "cascadeDecisions\0220\n\024cascade_release_rate" +
-      "\030\013 \001(\001R\022cascadeReleaseRate\0223\n\023mean_relea" +
-      "sed_score\030\014 \001(\001H\000R\021meanReleasedScore\210\001\001\022" +
-      "9\n\007latency\030\r \001(\0132\037.routesvc.v1.LatencyPe" +
-      "rcentilesR\007latency\022N\n\023time_to_first_toke" +
-      "n\030\016 \001(\0132\037.routesvc.v1.LatencyPercentiles" +
-      "R\020timeToFirstTokenB\026\n\024_mean_released_sco" +
-      "re\"t\n\017FeedbackRequest\022\037\n\013decision_id\030\001 \001" +
-      "(\tR\ndecisionId\022\026\n\005score\030\002 \001(\001H\000R\005score\022\035" +
-      "\n\tthumbs_up\030\003 \001(\010H\000R\010thumbsUpB\t\n\007outcome" +
-      "\"\212\001\n\020FeedbackResponse\022\037\n\013decision_id\030\001 \001" +
-      "(\tR\ndecisionId\022\024\n\005model\030\002 \001(\tR\005model\022\024\n\005" +
-      "score\030\003 \001(\001R\005score\022)\n\020library_examples\030\004" +
-      " \001(\003R\017libraryExamples*\303\001\n\nBatchState\022\033\n\027" +
-      "BATCH_STATE_UNSPECIFIED\020\000\022\026\n\022BATCH_STATE" +
-      "_QUEUED\020\001\022\031\n\025BATCH_STATE_SUBMITTED\020\002\022\031\n\025" +
-      "BATCH_STATE_SUCCEEDED\020\003\022\026\n\022BATCH_STATE_F" +
-      "AILED\020\004\022\027\n\023BATCH_STATE_EXPIRED\020\005\022\031\n\025BATC" +
-      "H_STATE_CANCELLED\020\006*_\n\004Role\022\024\n\020ROLE_UNSP" +
-      "ECIFIED\020\000\022\017\n\013ROLE_SYSTEM\020\001\022\r\n\tROLE_USER\020" +
-      "\002\022\022\n\016ROLE_ASSISTANT\020\003\022\r\n\tROLE_TOOL\020\004*?\n\004" +
-      "Mode\022\024\n\020MODE_UNSPECIFIED\020\000\022\021\n\rMODE_REALT" +
-      "IME\020\001\022\016\n\nMODE_BATCH\020\002*\270\001\n\014FinishReason\022\035" +
-      "\n\031FINISH_REASON_UNSPECIFIED\020\000\022\026\n\022FINISH_" +
-      "REASON_STOP\020\001\022\030\n\024FINISH_REASON_LENGTH\020\002\022" +
-      "\034\n\030FINISH_REASON_TOOL_CALLS\020\003\022 \n\034FINISH_" +
-      "REASON_CONTENT_FILTER\020\004\022\027\n\023FINISH_REASON" +
-      "_OTHER\020\005*\242\001\n\016ToolChoiceMode\022 \n\034TOOL_CHOI" +
-      "CE_MODE_UNSPECIFIED\020\000\022\031\n\025TOOL_CHOICE_MOD" +
-      "E_AUTO\020\001\022\031\n\025TOOL_CHOICE_MODE_NONE\020\002\022\035\n\031T" +
-      "OOL_CHOICE_MODE_REQUIRED\020\003\022\031\n\025TOOL_CHOIC" +
-      "E_MODE_TOOL\020\004*\245\001\n\022ResponseFormatType\022$\n " +
-      "RESPONSE_FORMAT_TYPE_UNSPECIFIED\020\000\022\035\n\031RE" +
-      "SPONSE_FORMAT_TYPE_TEXT\020\001\022$\n RESPONSE_FO" +
-      "RMAT_TYPE_JSON_OBJECT\020\002\022$\n RESPONSE_FORM" +
-      "AT_TYPE_JSON_SCHEMA\020\003*\306\001\n\016AttemptOutcome" +
-      "\022\037\n\033ATTEMPT_OUTCOME_UNSPECIFIED\020\000\022\035\n\031ATT" +
-      "EMPT_OUTCOME_COMPLETED\020\001\022\035\n\031ATTEMPT_OUTC" +
-      "OME_ESCALATED\020\002\022\032\n\026ATTEMPT_OUTCOME_FAILE" +
-      "D\020\003\022\031\n\025ATTEMPT_OUTCOME_JUDGE\020\004\022\036\n\032ATTEMP" +
-      "T_OUTCOME_CLASSIFIER\020\0052\226\004\n\rRouterService" +
-      "\022>\n\005Route\022\031.routesvc.v1.RouteRequest\032\032.r" +
-      "outesvc.v1.RouteResponse\022I\n\010Complete\022\034.r" +
-      "outesvc.v1.CompleteRequest\032\035.routesvc.v1" +
-      ".CompleteResponse0\001\022M\n\nListModels\022\036.rout" +
-      "esvc.v1.ListModelsRequest\032\037.routesvc.v1." +
-      "ListModelsResponse\022G\n\010GetStats\022\034.routesv" +
-      "c.v1.GetStatsRequest\032\035.routesvc.v1.GetSt" +
-      "atsResponse\022G\n\010GetBatch\022\034.routesvc.v1.Ge" +
-      "tBatchRequest\032\035.routesvc.v1.GetBatchResp" +
-      "onse\022P\n\013CancelBatch\022\037.routesvc.v1.Cancel" +
-      "BatchRequest\032 .routesvc.v1.CancelBatchRe" +
-      "sponse\022G\n\010Feedback\022\034.routesvc.v1.Feedbac" +
-      "kRequest\032\035.routesvc.v1.FeedbackResponseB" +
-      "_\n\017dev.routesvc.v1B\013RouterProtoP\001Z=githu" +
-      "b.com/routesvc/routesvc/clients/go/route" +
-      "svcv1;routesvcv1b\006proto3"
+      "ool_call_id\030\004 \001(\tR\ntoolCallId\022.\n\005parts\030\005" +
+      " \003(\0132\030.routesvc.v1.ContentPartR\005parts\"W\n" +
+      "\013ContentPart\022\024\n\004text\030\001 \001(\tH\000R\004text\022*\n\005im" +
+      "age\030\002 \001(\0132\022.routesvc.v1.ImageH\000R\005imageB\006" +
+      "\n\004part\"Z\n\005Image\022\022\n\003url\030\001 \001(\tH\000R\003url\022\024\n\004d" +
+      "ata\030\002 \001(\014H\000R\004data\022\035\n\nmedia_type\030\003 \001(\tR\tm" +
+      "ediaTypeB\010\n\006source\"U\n\010ToolCall\022\016\n\002id\030\001 \001" +
+      "(\tR\002id\022\022\n\004name\030\002 \001(\tR\004name\022%\n\016arguments_" +
+      "json\030\003 \001(\tR\rargumentsJson\"e\n\004Tool\022\022\n\004nam" +
+      "e\030\001 \001(\tR\004name\022 \n\013description\030\002 \001(\tR\013desc" +
+      "ription\022\'\n\017parameters_json\030\003 \001(\tR\016parame" +
+      "tersJson\"Q\n\nToolChoice\022/\n\004mode\030\001 \001(\0162\033.r" +
+      "outesvc.v1.ToolChoiceModeR\004mode\022\022\n\004name\030" +
+      "\002 \001(\tR\004name\"\222\001\n\016ResponseFormat\0223\n\004type\030\001" +
+      " \001(\0162\037.routesvc.v1.ResponseFormatTypeR\004t" +
+      "ype\022\022\n\004name\030\002 \001(\tR\004name\022\037\n\013schema_json\030\003" +
+      " \001(\tR\nschemaJson\022\026\n\006strict\030\004 \001(\010R\006strict" +
+      "\"\307\003\n\013ChatRequest\0220\n\010messages\030\001 \003(\0132\024.rou" +
+      "tesvc.v1.MessageR\010messages\022\'\n\005tools\030\002 \003(" +
+      "\0132\021.routesvc.v1.ToolR\005tools\022/\n\021max_outpu" +
+      "t_tokens\030\003 \001(\005H\000R\017maxOutputTokens\210\001\001\022%\n\013" +
+      "temperature\030\004 \001(\001H\001R\013temperature\210\001\001\022\022\n\004s" +
+      "top\030\005 \003(\tR\004stop\0228\n\013tool_choice\030\006 \001(\0132\027.r" +
+      "outesvc.v1.ToolChoiceR\ntoolChoice\0223\n\023par" +
+      "allel_tool_calls\030\007 \001(\010H\002R\021parallelToolCa" +
+      "lls\210\001\001\022D\n\017response_format\030\010 \001(\0132\033.routes" +
+      "vc.v1.ResponseFormatR\016responseFormatB\024\n\022" +
+      "_max_output_tokensB\016\n\014_temperatureB\026\n\024_p" +
+      "arallel_tool_calls\"\367\002\n\016RoutingContext\022\026\n" +
+      "\006tenant\030\001 \001(\tR\006tenant\022\033\n\tuser_tier\030\002 \001(\t" +
+      "R\010userTier\022\033\n\ttask_hint\030\003 \001(\tR\010taskHint\022" +
+      "\037\n\010realtime\030\004 \001(\010H\000R\010realtime\210\001\001\022E\n\010meta" +
+      "data\030\005 \003(\0132).routesvc.v1.RoutingContext." +
+      "MetadataEntryR\010metadata\022 \n\014max_cost_usd\030" +
+      "\006 \001(\tR\nmaxCostUsd\022\024\n\005model\030\007 \001(\tR\005model\022" +
+      "\035\n\007cascade\030\010 \001(\010H\001R\007cascade\210\001\001\032;\n\rMetada" +
+      "taEntry\022\020\n\003key\030\001 \001(\tR\003key\022\024\n\005value\030\002 \001(\t" +
+      "R\005value:\0028\001B\013\n\t_realtimeB\n\n\010_cascade\"s\n\014" +
+      "RouteRequest\022,\n\004chat\030\001 \001(\0132\030.routesvc.v1" +
+      ".ChatRequestR\004chat\0225\n\007context\030\002 \001(\0132\033.ro" +
+      "utesvc.v1.RoutingContextR\007context\"f\n\tCan" +
+      "didate\022\024\n\005model\030\001 \001(\tR\005model\022\032\n\010eligible" +
+      "\030\002 \001(\010R\010eligible\022\'\n\017excluded_reason\030\003 \001(" +
+      "\tR\016excludedReason\"\342\004\n\rRouteDecision\022\037\n\013d" +
+      "ecision_id\030\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 " +
+      "\001(\tR\005model\022\032\n\010provider\030\003 \001(\tR\010provider\022\032" +
+      "\n\010strategy\030\004 \001(\tR\010strategy\022\022\n\004rule\030\005 \001(\t" +
+      "R\004rule\022\030\n\007reasons\030\006 \003(\tR\007reasons\0224\n\026esti" +
+      "mated_input_tokens\030\007 \001(\003R\024estimatedInput" +
+      "Tokens\0226\n\027estimated_output_tokens\030\010 \001(\003R" +
+      "\025estimatedOutputTokens\022,\n\022estimated_cost" +
+      "_usd\030\t \001(\tR\020estimatedCostUsd\022%\n\004mode\030\n \001" +
+      "(\0162\021.routesvc.v1.ModeR\004mode\0226\n\ncandidate" +
+      "s\030\013 \003(\0132\026.routesvc.v1.CandidateR\ncandida" +
+      "tes\022\022\n\004task\030\014 \001(\tR\004task\022%\n\016cascade_model" +
+      "s\030\r \003(\tR\rcascadeModels\022-\n\022cascade_thresh" +
+      "olds\030\016 \003(\001R\021cascadeThresholds\022%\n\016cascade" +
+      "_scorer\030\017 \001(\tR\rcascadeScorer\022(\n\020routing_" +
+      "cost_usd\030\020 \001(\tR\016routingCostUsd\"G\n\rRouteR" +
+      "esponse\0226\n\010decision\030\001 \001(\0132\032.routesvc.v1." +
+      "RouteDecisionR\010decision\"v\n\017CompleteReque" +
+      "st\022,\n\004chat\030\001 \001(\0132\030.routesvc.v1.ChatReque" +
+      "stR\004chat\0225\n\007context\030\002 \001(\0132\033.routesvc.v1." +
+      "RoutingContextR\007context\"\037\n\tTextDelta\022\022\n\004" +
+      "text\030\001 \001(\tR\004text\"\366\001\n\005Usage\022!\n\014input_toke" +
+      "ns\030\001 \001(\003R\013inputTokens\022#\n\routput_tokens\030\002" +
+      " \001(\003R\014outputTokens\022.\n\023cached_input_token" +
+      "s\030\003 \001(\003R\021cachedInputTokens\0227\n\030cache_writ" +
+      "e_input_tokens\030\004 \001(\003R\025cacheWriteInputTok" +
+      "ens\022<\n\033cache_write_1h_input_tokens\030\005 \001(\003" +
+      "R\027cacheWrite1hInputTokens\"\274\003\n\nCompletion" +
+      "\022\024\n\005model\030\001 \001(\tR\005model\022\032\n\010provider\030\002 \001(\t" +
+      "R\010provider\022%\n\016provider_model\030\003 \001(\tR\rprov" +
+      "iderModel\022(\n\005usage\030\004 \001(\0132\022.routesvc.v1.U" +
+      "sageR\005usage\022\031\n\010cost_usd\030\005 \001(\tR\007costUsd\022>" +
+      "\n\rfinish_reason\030\006 \001(\0162\031.routesvc.v1.Fini" +
+      "shReasonR\014finishReason\0220\n\010attempts\030\007 \003(\013" +
+      "2\024.routesvc.v1.AttemptR\010attempts\0223\n\013tota" +
+      "l_usage\030\010 \001(\0132\022.routesvc.v1.UsageR\ntotal" +
+      "Usage\0223\n\007quality\030\t \001(\0132\031.routesvc.v1.Qua" +
+      "lityScoreR\007quality\0224\n\ntool_calls\030\n \003(\0132\025" +
+      ".routesvc.v1.ToolCallR\ttoolCalls\"\233\001\n\007Att" +
+      "empt\022\024\n\005model\030\001 \001(\tR\005model\0225\n\007outcome\030\002 " +
+      "\001(\0162\033.routesvc.v1.AttemptOutcomeR\007outcom" +
+      "e\022(\n\005usage\030\003 \001(\0132\022.routesvc.v1.UsageR\005us" +
+      "age\022\031\n\010cost_usd\030\004 \001(\tR\007costUsd\"T\n\014Qualit" +
+      "yScore\022\024\n\005score\030\001 \001(\001R\005score\022\026\n\006scorer\030\002" +
+      " \001(\tR\006scorer\022\026\n\006reason\030\003 \001(\tR\006reason\"\336\001\n" +
+      "\nEscalation\022\035\n\nfrom_model\030\001 \001(\tR\tfromMod" +
+      "el\022\031\n\010to_model\030\002 \001(\tR\007toModel\0223\n\007quality" +
+      "\030\003 \001(\0132\031.routesvc.v1.QualityScoreR\007quali" +
+      "ty\022\034\n\tthreshold\030\004 \001(\001R\tthreshold\022\031\n\010cost" +
+      "_usd\030\005 \001(\tR\007costUsd\022(\n\005usage\030\006 \001(\0132\022.rou" +
+      "tesvc.v1.UsageR\005usage\"\313\002\n\010BatchJob\022\031\n\010ba" +
+      "tch_id\030\001 \001(\tR\007batchId\022-\n\005state\030\002 \001(\0162\027.r" +
+      "outesvc.v1.BatchStateR\005state\022\024\n\005model\030\003 " +
+      "\001(\tR\005model\022\032\n\010provider\030\004 \001(\tR\010provider\022," +
+      "\n\022estimated_cost_usd\030\005 \001(\tR\020estimatedCos" +
+      "tUsd\0229\n\ncreated_at\030\006 \001(\0132\032.google.protob" +
+      "uf.TimestampR\tcreatedAt\0229\n\nupdated_at\030\007 " +
+      "\001(\0132\032.google.protobuf.TimestampR\tupdated" +
+      "At\022\037\n\013decision_id\030\010 \001(\tR\ndecisionId\"\203\002\n\013" +
+      "BatchResult\022\022\n\004text\030\001 \001(\tR\004text\022(\n\005usage" +
+      "\030\002 \001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n\010cos" +
+      "t_usd\030\003 \001(\tR\007costUsd\022>\n\rfinish_reason\030\004 " +
+      "\001(\0162\031.routesvc.v1.FinishReasonR\014finishRe" +
+      "ason\022%\n\016provider_model\030\005 \001(\tR\rproviderMo" +
+      "del\0224\n\ntool_calls\030\006 \003(\0132\025.routesvc.v1.To" +
+      "olCallR\ttoolCalls\"D\n\017GetBatchRequest\022\031\n\010" +
+      "batch_id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR" +
+      "\006tenant\"\203\001\n\020GetBatchResponse\022\'\n\003job\030\001 \001(" +
+      "\0132\025.routesvc.v1.BatchJobR\003job\0220\n\006result\030" +
+      "\002 \001(\0132\030.routesvc.v1.BatchResultR\006result\022" +
+      "\024\n\005error\030\003 \001(\tR\005error\"G\n\022CancelBatchRequ" +
+      "est\022\031\n\010batch_id\030\001 \001(\tR\007batchId\022\026\n\006tenant" +
+      "\030\002 \001(\tR\006tenant\">\n\023CancelBatchResponse\022\'\n" +
+      "\003job\030\001 \001(\0132\025.routesvc.v1.BatchJobR\003job\"\252" +
+      "\002\n\020CompleteResponse\0228\n\010decision\030\001 \001(\0132\032." +
+      "routesvc.v1.RouteDecisionH\000R\010decision\022.\n" +
+      "\005delta\030\002 \001(\0132\026.routesvc.v1.TextDeltaH\000R\005" +
+      "delta\0229\n\ncompletion\030\003 \001(\0132\027.routesvc.v1." +
+      "CompletionH\000R\ncompletion\0229\n\nescalation\030\004" +
+      " \001(\0132\027.routesvc.v1.EscalationH\000R\nescalat" +
+      "ion\022-\n\005batch\030\005 \001(\0132\025.routesvc.v1.BatchJo" +
+      "bH\000R\005batchB\007\n\005event\"\023\n\021ListModelsRequest" +
+      "\"\274\004\n\tModelInfo\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provid" +
+      "er\030\002 \001(\tR\010provider\022%\n\016provider_model\030\003 \001" +
+      "(\tR\rproviderModel\022/\n\024input_price_per_mto" +
+      "k\030\004 \001(\tR\021inputPricePerMtok\0221\n\025output_pri" +
+      "ce_per_mtok\030\005 \001(\tR\022outputPricePerMtok\022<\n" +
+      "\033cached_input_price_per_mtok\030\006 \001(\tR\027cach" +
+      "edInputPricePerMtok\022%\n\016context_window\030\007 " +
+      "\001(\003R\rcontextWindow\022\"\n\014capabilities\030\010 \003(\t" +
+      "R\014capabilities\022%\n\016batch_discount\030\t \001(\tR\r" +
+      "batchDiscount\022\034\n\tavailable\030\n \001(\010R\tavaila" +
+      "ble\022-\n\022unavailable_reason\030\013 \001(\tR\021unavail" +
+      "ableReason\022:\n\032cache_write_price_per_mtok" +
+      "\030\014 \001(\tR\026cacheWritePricePerMtok\022?\n\035cache_" +
+      "write_1h_price_per_mtok\030\r \001(\tR\030cacheWrit" +
+      "e1hPricePerMtok\"D\n\022ListModelsResponse\022.\n" +
+      "\006models\030\001 \003(\0132\026.routesvc.v1.ModelInfoR\006m" +
+      "odels\"\\\n\017GetStatsRequest\022\026\n\006tenant\030\001 \001(\t" +
+      "R\006tenant\0221\n\006window\030\002 \001(\0132\031.google.protob" +
+      "uf.DurationR\006window\"\276\002\n\nCostTotals\022\032\n\010re" +
+      "quests\030\001 \001(\003R\010requests\022\026\n\006errors\030\002 \001(\003R\006" +
+      "errors\022\031\n\010cost_usd\030\003 \001(\tR\007costUsd\022*\n\021bas" +
+      "eline_cost_usd\030\004 \001(\tR\017baselineCostUsd\022\037\n" +
+      "\013savings_usd\030\005 \001(\tR\nsavingsUsd\022\'\n\017saving" +
+      "s_percent\030\006 \001(\001R\016savingsPercent\022,\n\022estim" +
+      "ated_cost_usd\030\007 \001(\tR\020estimatedCostUsd\022=\n" +
+      "\033estimated_baseline_cost_usd\030\010 \001(\tR\030esti" +
+      "matedBaselineCostUsd\"\335\001\n\nModelStats\022\024\n\005m" +
+      "odel\030\001 \001(\tR\005model\022\024\n\005share\030\002 \001(\001R\005share\022" +
+      "/\n\006totals\030\003 \001(\0132\027.routesvc.v1.CostTotals" +
+      "R\006totals\022%\n\016feedback_count\030\004 \001(\003R\rfeedba" +
+      "ckCount\0223\n\023mean_feedback_score\030\005 \001(\001H\000R\021" +
+      "meanFeedbackScore\210\001\001B\026\n\024_mean_feedback_s" +
+      "core\"V\n\013TenantStats\022\026\n\006tenant\030\001 \001(\tR\006ten" +
+      "ant\022/\n\006totals\030\002 \001(\0132\027.routesvc.v1.CostTo" +
+      "talsR\006totals\"\233\001\n\022LatencyPercentiles\022+\n\003p" +
+      "50\030\001 \001(\0132\031.google.protobuf.DurationR\003p50" +
+      "\022+\n\003p95\030\002 \001(\0132\031.google.protobuf.Duration" +
+      "R\003p95\022+\n\003p99\030\003 \001(\0132\031.google.protobuf.Dur" +
+      "ationR\003p99\"\272\005\n\020GetStatsResponse\0221\n\006windo" +
+      "w\030\001 \001(\0132\031.google.protobuf.DurationR\006wind" +
+      "ow\022\026\n\006tenant\030\002 \001(\tR\006tenant\022%\n\016baseline_m" +
+      "odel\030\003 \001(\tR\rbaselineModel\022/\n\006totals\030\004 \001(" +
+      "\0132\027.routesvc.v1.CostTotalsR\006totals\022/\n\006mo" +
+      "dels\030\005 \003(\0132\027.routesvc.v1.ModelStatsR\006mod" +
+      "els\0222\n\007tenants\030\006 \003(\0132\030.routesvc.v1.Tenan" +
+      "tStatsR\007tenants\022 \n\013escalations\030\007 \001(\003R\013es" +
+      "calations\022\'\n\017escalation_rate\030\010 \001(\001R\016esca" +
+      "lationRate\022\034\n\tfallbacks\030\t \001(\003R\tfallbacks" +
+      "\022+\n\021cascade_decisions\030\n \001(\003R\020cascadeDeci" +
+      "sions\0220\n\024cascade_release_rate\030\013 \001(\001R\022cas" +
+      "cadeReleaseRate\0223\n\023mean_released_score\030\014" +
+      " \001(\001H\000R\021meanReleasedScore\210\001\001\0229\n\007latency\030" +
+      "\r \001(\0132\037.routesvc.v1.LatencyPercentilesR\007" +
+      "latency\022N\n\023time_to_first_token\030\016 \001(\0132\037.r" +
+      "outesvc.v1.LatencyPercentilesR\020timeToFir" +
+      "stTokenB\026\n\024_mean_released_score\"t\n\017Feedb" +
+      "ackRequest\022\037\n\013decision_id\030\001 \001(\tR\ndecisio" +
+      "nId\022\026\n\005score\030\002 \001(\001H\000R\005score\022\035\n\tthumbs_up" +
+      "\030\003 \001(\010H\000R\010thumbsUpB\t\n\007outcome\"\212\001\n\020Feedba" +
+      "ckResponse\022\037\n\013decision_id\030\001 \001(\tR\ndecisio" +
+      "nId\022\024\n\005model\030\002 \001(\tR\005model\022\024\n\005score\030\003 \001(\001" +
+      "R\005score\022)\n\020library_examples\030\004 \001(\003R\017libra" +
+      "ryExamples*\303\001\n\nBatchState\022\033\n\027BATCH_STATE" +
+      "_UNSPECIFIED\020\000\022\026\n\022BATCH_STATE_QUEUED\020\001\022\031" +
+      "\n\025BATCH_STATE_SUBMITTED\020\002\022\031\n\025BATCH_STATE" +
+      "_SUCCEEDED\020\003\022\026\n\022BATCH_STATE_FAILED\020\004\022\027\n\023" +
+      "BATCH_STATE_EXPIRED\020\005\022\031\n\025BATCH_STATE_CAN" +
+      "CELLED\020\006*_\n\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017" +
+      "\n\013ROLE_SYSTEM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_A" +
+      "SSISTANT\020\003\022\r\n\tROLE_TOOL\020\004*?\n\004Mode\022\024\n\020MOD" +
+      "E_UNSPECIFIED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMO" +
+      "DE_BATCH\020\002*\270\001\n\014FinishReason\022\035\n\031FINISH_RE" +
+      "ASON_UNSPECIFIED\020\000\022\026\n\022FINISH_REASON_STOP" +
+      "\020\001\022\030\n\024FINISH_REASON_LENGTH\020\002\022\034\n\030FINISH_R" +
+      "EASON_TOOL_CALLS\020\003\022 \n\034FINISH_REASON_CONT" +
+      "ENT_FILTER\020\004\022\027\n\023FINISH_REASON_OTHER\020\005*\242\001" +
+      "\n\016ToolChoiceMode\022 \n\034TOOL_CHOICE_MODE_UNS" +
+      "PECIFIED\020\000\022\031\n\025TOOL_CHOICE_MODE_AUTO\020\001\022\031\n" +
+      "\025TOOL_CHOICE_MODE_NONE\020\002\022\035\n\031TOOL_CHOICE_" +
+      "MODE_REQUIRED\020\003\022\031\n\025TOOL_CHOICE_MODE_TOOL" +
+      "\020\004*\245\001\n\022ResponseFormatType\022$\n RESPONSE_FO" +
+      "RMAT_TYPE_UNSPECIFIED\020\000\022\035\n\031RESPONSE_FORM" +
+      "AT_TYPE_TEXT\020\001\022$\n RESPONSE_FORMAT_TYPE_J" +
+      "SON_OBJECT\020\002\022$\n RESPONSE_FORMAT_TYPE_JSO" +
+      "N_SCHEMA\020\003*\306\001\n\016AttemptOutcome\022\037\n\033ATTEMPT" +
+      "_OUTCOME_UNSPECIFIED\020\000\022\035\n\031ATTEMPT_OUTCOM" +
+      "E_COMPLETED\020\001\022\035\n\031ATTEMPT_OUTCOME_ESCALAT" +
+      "ED\020\002\022\032\n\026ATTEMPT_OUTCOME_FAILED\020\003\022\031\n\025ATTE" +
+      "MPT_OUTCOME_JUDGE\020\004\022\036\n\032ATTEMPT_OUTCOME_C" +
+      "LASSIFIER\020\0052\226\004\n\rRouterService\022>\n\005Route\022\031" +
+      ".routesvc.v1.RouteRequest\032\032.routesvc.v1." +
+      "RouteResponse\022I\n\010Complete\022\034.routesvc.v1." +
+      "CompleteRequest\032\035.routesvc.v1.CompleteRe" +
+      "sponse0\001\022M\n\nListModels\022\036.routesvc.v1.Lis" +
+      "tModelsRequest\032\037.routesvc.v1.ListModelsR" +
+      "esponse\022G\n\010GetStats\022\034.routesvc.v1.GetSta" +
+      "tsRequest\032\035.routesvc.v1.GetStatsResponse" +
+      "\022G\n\010GetBatch\022\034.routesvc.v1.GetBatchReque" +
+      "st\032\035.routesvc.v1.GetBatchResponse\022P\n\013Can" +
+      "celBatch\022\037.routesvc.v1.CancelBatchReques" +
+      "t\032 .routesvc.v1.CancelBatchResponse\022G\n\010F" +
+      "eedback\022\034.routesvc.v1.FeedbackRequest\032\035." +
+      "routesvc.v1.FeedbackResponseB_\n\017dev.rout" +
+      "esvc.v1B\013RouterProtoP\001Z=github.com/route" +
+      "svc/routesvc/clients/go/routesvcv1;route" +
+      "svcv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -452,39 +468,51 @@ public final class RouterProto {
     internal_static_routesvc_v1_Message_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Message_descriptor,
-        new java.lang.String[] { "Role", "Content", "ToolCalls", "ToolCallId", });
-    internal_static_routesvc_v1_ToolCall_descriptor =
+        new java.lang.String[] { "Role", "Content", "ToolCalls", "ToolCallId", "Parts", });
+    internal_static_routesvc_v1_ContentPart_descriptor =
       getDescriptor().getMessageTypes().get(1);
+    internal_static_routesvc_v1_ContentPart_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_ContentPart_descriptor,
+        new java.lang.String[] { "Text", "Image", "Part", });
+    internal_static_routesvc_v1_Image_descriptor =
+      getDescriptor().getMessageTypes().get(2);
+    internal_static_routesvc_v1_Image_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_routesvc_v1_Image_descriptor,
+        new java.lang.String[] { "Url", "Data", "MediaType", "Source", });
+    internal_static_routesvc_v1_ToolCall_descriptor =
+      getDescriptor().getMessageTypes().get(3);
     internal_static_routesvc_v1_ToolCall_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ToolCall_descriptor,
         new java.lang.String[] { "Id", "Name", "ArgumentsJson", });
     internal_static_routesvc_v1_Tool_descriptor =
-      getDescriptor().getMessageTypes().get(2);
+      getDescriptor().getMessageTypes().get(4);
     internal_static_routesvc_v1_Tool_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Tool_descriptor,
         new java.lang.String[] { "Name", "Description", "ParametersJson", });
     internal_static_routesvc_v1_ToolChoice_descriptor =
-      getDescriptor().getMessageTypes().get(3);
+      getDescriptor().getMessageTypes().get(5);
     internal_static_routesvc_v1_ToolChoice_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ToolChoice_descriptor,
         new java.lang.String[] { "Mode", "Name", });
     internal_static_routesvc_v1_ResponseFormat_descriptor =
-      getDescriptor().getMessageTypes().get(4);
+      getDescriptor().getMessageTypes().get(6);
     internal_static_routesvc_v1_ResponseFormat_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ResponseFormat_descriptor,
         new java.lang.String[] { "Type", "Name", "SchemaJson", "Strict", });
     internal_static_routesvc_v1_ChatRequest_descriptor =
-      getDescriptor().getMessageTypes().get(5);
+      getDescriptor().getMessageTypes().get(7);
     internal_static_routesvc_v1_ChatRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ChatRequest_descriptor,
         new java.lang.String[] { "Messages", "Tools", "MaxOutputTokens", "Temperature", "Stop", "ToolChoice", "ParallelToolCalls", "ResponseFormat", });
     internal_static_routesvc_v1_RoutingContext_descriptor =
-      getDescriptor().getMessageTypes().get(6);
+      getDescriptor().getMessageTypes().get(8);
     internal_static_routesvc_v1_RoutingContext_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_RoutingContext_descriptor,
@@ -496,175 +524,175 @@ public final class RouterProto {
         internal_static_routesvc_v1_RoutingContext_MetadataEntry_descriptor,
         new java.lang.String[] { "Key", "Value", });
     internal_static_routesvc_v1_RouteRequest_descriptor =
-      getDescriptor().getMessageTypes().get(7);
+      getDescriptor().getMessageTypes().get(9);
     internal_static_routesvc_v1_RouteRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_RouteRequest_descriptor,
         new java.lang.String[] { "Chat", "Context", });
     internal_static_routesvc_v1_Candidate_descriptor =
-      getDescriptor().getMessageTypes().get(8);
+      getDescriptor().getMessageTypes().get(10);
     internal_static_routesvc_v1_Candidate_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Candidate_descriptor,
         new java.lang.String[] { "Model", "Eligible", "ExcludedReason", });
     internal_static_routesvc_v1_RouteDecision_descriptor =
-      getDescriptor().getMessageTypes().get(9);
+      getDescriptor().getMessageTypes().get(11);
     internal_static_routesvc_v1_RouteDecision_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_RouteDecision_descriptor,
         new java.lang.String[] { "DecisionId", "Model", "Provider", "Strategy", "Rule", "Reasons", "EstimatedInputTokens", "EstimatedOutputTokens", "EstimatedCostUsd", "Mode", "Candidates", "Task", "CascadeModels", "CascadeThresholds", "CascadeScorer", "RoutingCostUsd", });
     internal_static_routesvc_v1_RouteResponse_descriptor =
-      getDescriptor().getMessageTypes().get(10);
+      getDescriptor().getMessageTypes().get(12);
     internal_static_routesvc_v1_RouteResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_RouteResponse_descriptor,
         new java.lang.String[] { "Decision", });
     internal_static_routesvc_v1_CompleteRequest_descriptor =
-      getDescriptor().getMessageTypes().get(11);
+      getDescriptor().getMessageTypes().get(13);
     internal_static_routesvc_v1_CompleteRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CompleteRequest_descriptor,
         new java.lang.String[] { "Chat", "Context", });
     internal_static_routesvc_v1_TextDelta_descriptor =
-      getDescriptor().getMessageTypes().get(12);
+      getDescriptor().getMessageTypes().get(14);
     internal_static_routesvc_v1_TextDelta_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_TextDelta_descriptor,
         new java.lang.String[] { "Text", });
     internal_static_routesvc_v1_Usage_descriptor =
-      getDescriptor().getMessageTypes().get(13);
+      getDescriptor().getMessageTypes().get(15);
     internal_static_routesvc_v1_Usage_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Usage_descriptor,
         new java.lang.String[] { "InputTokens", "OutputTokens", "CachedInputTokens", "CacheWriteInputTokens", "CacheWrite1HInputTokens", });
     internal_static_routesvc_v1_Completion_descriptor =
-      getDescriptor().getMessageTypes().get(14);
+      getDescriptor().getMessageTypes().get(16);
     internal_static_routesvc_v1_Completion_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Completion_descriptor,
         new java.lang.String[] { "Model", "Provider", "ProviderModel", "Usage", "CostUsd", "FinishReason", "Attempts", "TotalUsage", "Quality", "ToolCalls", });
     internal_static_routesvc_v1_Attempt_descriptor =
-      getDescriptor().getMessageTypes().get(15);
+      getDescriptor().getMessageTypes().get(17);
     internal_static_routesvc_v1_Attempt_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Attempt_descriptor,
         new java.lang.String[] { "Model", "Outcome", "Usage", "CostUsd", });
     internal_static_routesvc_v1_QualityScore_descriptor =
-      getDescriptor().getMessageTypes().get(16);
+      getDescriptor().getMessageTypes().get(18);
     internal_static_routesvc_v1_QualityScore_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_QualityScore_descriptor,
         new java.lang.String[] { "Score", "Scorer", "Reason", });
     internal_static_routesvc_v1_Escalation_descriptor =
-      getDescriptor().getMessageTypes().get(17);
+      getDescriptor().getMessageTypes().get(19);
     internal_static_routesvc_v1_Escalation_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Escalation_descriptor,
         new java.lang.String[] { "FromModel", "ToModel", "Quality", "Threshold", "CostUsd", "Usage", });
     internal_static_routesvc_v1_BatchJob_descriptor =
-      getDescriptor().getMessageTypes().get(18);
+      getDescriptor().getMessageTypes().get(20);
     internal_static_routesvc_v1_BatchJob_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_BatchJob_descriptor,
         new java.lang.String[] { "BatchId", "State", "Model", "Provider", "EstimatedCostUsd", "CreatedAt", "UpdatedAt", "DecisionId", });
     internal_static_routesvc_v1_BatchResult_descriptor =
-      getDescriptor().getMessageTypes().get(19);
+      getDescriptor().getMessageTypes().get(21);
     internal_static_routesvc_v1_BatchResult_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_BatchResult_descriptor,
         new java.lang.String[] { "Text", "Usage", "CostUsd", "FinishReason", "ProviderModel", "ToolCalls", });
     internal_static_routesvc_v1_GetBatchRequest_descriptor =
-      getDescriptor().getMessageTypes().get(20);
+      getDescriptor().getMessageTypes().get(22);
     internal_static_routesvc_v1_GetBatchRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetBatchRequest_descriptor,
         new java.lang.String[] { "BatchId", "Tenant", });
     internal_static_routesvc_v1_GetBatchResponse_descriptor =
-      getDescriptor().getMessageTypes().get(21);
+      getDescriptor().getMessageTypes().get(23);
     internal_static_routesvc_v1_GetBatchResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetBatchResponse_descriptor,
         new java.lang.String[] { "Job", "Result", "Error", });
     internal_static_routesvc_v1_CancelBatchRequest_descriptor =
-      getDescriptor().getMessageTypes().get(22);
+      getDescriptor().getMessageTypes().get(24);
     internal_static_routesvc_v1_CancelBatchRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CancelBatchRequest_descriptor,
         new java.lang.String[] { "BatchId", "Tenant", });
     internal_static_routesvc_v1_CancelBatchResponse_descriptor =
-      getDescriptor().getMessageTypes().get(23);
+      getDescriptor().getMessageTypes().get(25);
     internal_static_routesvc_v1_CancelBatchResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CancelBatchResponse_descriptor,
         new java.lang.String[] { "Job", });
     internal_static_routesvc_v1_CompleteResponse_descriptor =
-      getDescriptor().getMessageTypes().get(24);
+      getDescriptor().getMessageTypes().get(26);
     internal_static_routesvc_v1_CompleteResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CompleteResponse_descriptor,
         new java.lang.String[] { "Decision", "Delta", "Completion", "Escalation", "Batch", "Event", });
     internal_static_routesvc_v1_ListModelsRequest_descriptor =
-      getDescriptor().getMessageTypes().get(25);
+      getDescriptor().getMessageTypes().get(27);
     internal_static_routesvc_v1_ListModelsRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ListModelsRequest_descriptor,
         new java.lang.String[] { });
     internal_static_routesvc_v1_ModelInfo_descriptor =
-      getDescriptor().getMessageTypes().get(26);
+      getDescriptor().getMessageTypes().get(28);
     internal_static_routesvc_v1_ModelInfo_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ModelInfo_descriptor,
         new java.lang.String[] { "Id", "Provider", "ProviderModel", "InputPricePerMtok", "OutputPricePerMtok", "CachedInputPricePerMtok", "ContextWindow", "Capabilities", "BatchDiscount", "Available", "UnavailableReason", "CacheWritePricePerMtok", "CacheWrite1HPricePerMtok", });
     internal_static_routesvc_v1_ListModelsResponse_descriptor =
-      getDescriptor().getMessageTypes().get(27);
+      getDescriptor().getMessageTypes().get(29);
     internal_static_routesvc_v1_ListModelsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ListModelsResponse_descriptor,
         new java.lang.String[] { "Models", });
     internal_static_routesvc_v1_GetStatsRequest_descriptor =
-      getDescriptor().getMessageTypes().get(28);
+      getDescriptor().getMessageTypes().get(30);
     internal_static_routesvc_v1_GetStatsRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetStatsRequest_descriptor,
         new java.lang.String[] { "Tenant", "Window", });
     internal_static_routesvc_v1_CostTotals_descriptor =
-      getDescriptor().getMessageTypes().get(29);
+      getDescriptor().getMessageTypes().get(31);
     internal_static_routesvc_v1_CostTotals_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_CostTotals_descriptor,
         new java.lang.String[] { "Requests", "Errors", "CostUsd", "BaselineCostUsd", "SavingsUsd", "SavingsPercent", "EstimatedCostUsd", "EstimatedBaselineCostUsd", });
     internal_static_routesvc_v1_ModelStats_descriptor =
-      getDescriptor().getMessageTypes().get(30);
+      getDescriptor().getMessageTypes().get(32);
     internal_static_routesvc_v1_ModelStats_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_ModelStats_descriptor,
         new java.lang.String[] { "Model", "Share", "Totals", "FeedbackCount", "MeanFeedbackScore", });
     internal_static_routesvc_v1_TenantStats_descriptor =
-      getDescriptor().getMessageTypes().get(31);
+      getDescriptor().getMessageTypes().get(33);
     internal_static_routesvc_v1_TenantStats_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_TenantStats_descriptor,
         new java.lang.String[] { "Tenant", "Totals", });
     internal_static_routesvc_v1_LatencyPercentiles_descriptor =
-      getDescriptor().getMessageTypes().get(32);
+      getDescriptor().getMessageTypes().get(34);
     internal_static_routesvc_v1_LatencyPercentiles_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_LatencyPercentiles_descriptor,
         new java.lang.String[] { "P50", "P95", "P99", });
     internal_static_routesvc_v1_GetStatsResponse_descriptor =
-      getDescriptor().getMessageTypes().get(33);
+      getDescriptor().getMessageTypes().get(35);
     internal_static_routesvc_v1_GetStatsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetStatsResponse_descriptor,
         new java.lang.String[] { "Window", "Tenant", "BaselineModel", "Totals", "Models", "Tenants", "Escalations", "EscalationRate", "Fallbacks", "CascadeDecisions", "CascadeReleaseRate", "MeanReleasedScore", "Latency", "TimeToFirstToken", });
     internal_static_routesvc_v1_FeedbackRequest_descriptor =
-      getDescriptor().getMessageTypes().get(34);
+      getDescriptor().getMessageTypes().get(36);
     internal_static_routesvc_v1_FeedbackRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_FeedbackRequest_descriptor,
         new java.lang.String[] { "DecisionId", "Score", "ThumbsUp", "Outcome", });
     internal_static_routesvc_v1_FeedbackResponse_descriptor =
-      getDescriptor().getMessageTypes().get(35);
+      getDescriptor().getMessageTypes().get(37);
     internal_static_routesvc_v1_FeedbackResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_FeedbackResponse_descriptor,

@@ -1,0 +1,459 @@
+"""Images in user turns: validated with the field named (never echoed), sent in each API's format,
+served only by models with the vision capability, counted in the token estimate, kept out of
+telemetry and logs, and carried through the batch store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import grpc
+import pytest
+from structlog.testing import capture_logs
+
+from routesvc import cli
+from routesvc.batches._store import QueuedRequest, decode_request, encode_request
+from routesvc.client import RouterClient, build_chat, image_part
+from routesvc.images import UNKNOWN_SIZE_TOKENS, dimensions, image_tokens, sniff_media_type
+from routesvc.models import Image, Message, Role
+from routesvc.server import Server
+from routesvc.testing import FakeProvider, Script
+from routesvc.v1 import router_pb2 as pb
+from routesvc.wire import routing_request
+from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.observability import observed_server
+from tests.test_batches import batch_config, wait_state
+from tests.test_validation import error_info
+
+CANARY = "canary-prompt-7f3a9"
+SECRET_URL = "https://images.example.com/cat.png?signature=canary-sig-51c2"
+
+
+def png(width: int, height: int, marker: bytes = b"") -> bytes:
+    """A real grayscale PNG of ``width`` x ``height`` (all black), with ``marker`` in a text chunk."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + bytes(width) for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    text = chunk(b"tEXt", b"Comment\x00" + marker) if marker else b""
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + text + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+def jpeg_header(width: int, height: int) -> bytes:
+    """A JPEG's first segments: SOI, an APP0 (JFIF), a DQT, then a baseline frame header (SOF0)."""
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    dqt = b"\xff\xdb" + struct.pack(">H", 67) + bytes(65)
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 17, 8, height, width, 3) + bytes(9)
+    return b"\xff\xd8" + app0 + dqt + sof
+
+
+def gif_header(width: int, height: int) -> bytes:
+    return b"GIF89a" + struct.pack("<HH", width, height) + b"\x00\x00\x00"
+
+
+def webp_header(chunk: bytes, width: int, height: int) -> bytes:
+    """The first bytes of a WebP file whose first chunk is ``chunk`` (VP8X, VP8L or "VP8 ")."""
+    if chunk == b"VP8X":
+        body = bytes(4) + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    elif chunk == b"VP8L":
+        body = b"\x2f" + ((width - 1) | (height - 1) << 14).to_bytes(4, "little")
+    else:
+        body = bytes(3) + b"\x9d\x01\x2a" + struct.pack("<HH", width, height)
+    return b"RIFF" + struct.pack("<I", 4 + 8 + len(body)) + b"WEBP" + chunk + struct.pack("<I", len(body)) + body
+
+
+def data_part(data: bytes, media_type: str = "image/png") -> pb.ContentPart:
+    return pb.ContentPart(image=pb.Image(data=data, media_type=media_type))
+
+
+def url_part(url: str, media_type: str = "") -> pb.ContentPart:
+    return pb.ContentPart(image=pb.Image(url=url, media_type=media_type))
+
+
+def text_part(text: str) -> pb.ContentPart:
+    return pb.ContentPart(text=text)
+
+
+def image_chat(*parts: pb.ContentPart, content: str = "What is in these?") -> pb.ChatRequest:
+    """One user turn of ``content`` and ``parts``."""
+    return build_chat([pb.Message(role=pb.ROLE_USER, content=content, parts=parts)])
+
+
+PIXEL = png(2, 1)
+PIXEL_URL = f"data:image/png;base64,{base64.b64encode(PIXEL).decode()}"
+ANTHROPIC_PIXEL = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PIXEL).decode()}
+
+# What each API gets for: content, a URL image, a text part, an inline image.
+SENT_PARTS = {
+    "gpt-4o-mini": [
+        {"type": "text", "text": "What is in these?"},
+        {"type": "image_url", "image_url": {"url": "https://images.example.com/cat.png"}},
+        {"type": "text", "text": "and this one"},
+        {"type": "image_url", "image_url": {"url": PIXEL_URL}},
+    ],
+    "claude-sonnet": [
+        {"type": "text", "text": "What is in these?"},
+        {"type": "image", "source": {"type": "url", "url": "https://images.example.com/cat.png"}},
+        {"type": "text", "text": "and this one"},
+        {"type": "image", "source": ANTHROPIC_PIXEL},
+    ],
+}
+MIXED = (url_part("https://images.example.com/cat.png"), text_part("and this one"), data_part(PIXEL))
+
+
+async def _complete(client: RouterClient, chat: pb.ChatRequest, **context: object) -> list[pb.CompleteResponse]:
+    return [m async for m in client.complete(chat, pb.RoutingContext(**context))]  # type: ignore[arg-type]
+
+
+class TestImagesReachEachProvider:
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"], ids=["openai", "anthropic"])
+    async def test_url_and_inline_images_are_sent_in_each_apis_format(
+        self, live_client: RouterClient, fake: FakeProvider, model: str
+    ) -> None:
+        """The turn's content then its parts, in order: OpenAI gets text and ``image_url`` parts (an
+        inline image as a base64 data URL), Anthropic text and ``image`` blocks (url or base64)."""
+        messages = await _complete(live_client, image_chat(*MIXED), model=model)
+        assert messages[-1].completion.model == model
+        assert fake.requests[-1].body["messages"] == [{"role": "user", "content": SENT_PARTS[model]}]
+
+    async def test_a_user_turn_after_tool_results_joins_them_with_its_images_on_anthropic(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """Anthropic takes the results and the next user turn as one user turn: its image joins too."""
+        call = pb.ToolCall(id="call_1", name="lookup", arguments_json="{}")
+        chat = build_chat(
+            [
+                ("user", "Look it up"),
+                pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+                pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="found"),
+                pb.Message(role=pb.ROLE_USER, parts=[data_part(PIXEL)]),
+            ],
+            tools=[pb.Tool(name="lookup")],
+        )
+        await _complete(live_client, chat, model="claude-sonnet")
+        assert fake.requests[-1].body["messages"][2] == {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "call_1", "content": "found"},
+                {"type": "image", "source": ANTHROPIC_PIXEL},
+            ],
+        }
+
+
+def _vision_config(fake: FakeProvider | None = None) -> dict[str, object]:
+    """The default policy with a cheap local model without the vision capability as its default."""
+    config = default_config()
+    add_local_model(config, fake.openai_base_url if fake else "http://127.0.0.1:9/v1", "llama", capabilities=["tools"])
+    config["routing"]["default_model"] = "llama"  # type: ignore[index]
+    return config
+
+
+class TestVisionRouting:
+    async def test_a_model_without_vision_is_excluded_and_says_why(self) -> None:
+        """An image request skips the default model when it lacks vision, and the decision's
+        candidates say why; the same request without the image is served by it."""
+        async with (
+            Server(settings_from(_vision_config()), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            text = await client.route(user_chat("What is in this picture?"))
+            image = await client.route(image_chat(data_part(PIXEL), content="What is in this picture?"))
+        assert text.model == "llama"
+        candidates = {c.model: c.excluded_reason for c in image.candidates}
+        assert candidates["llama"] == "does not support images (no vision capability)"
+        assert image.model == "gpt-4o-mini"
+        assert "llama excluded: does not support images (no vision capability)" in image.reasons
+
+    async def test_a_turn_of_images_alone_is_routed(self, client: RouterClient) -> None:
+        """A user turn without any text still gets a decision: the classifier reads empty text."""
+        decision = await client.route(image_chat(data_part(PIXEL), content=""))
+        assert (decision.model, decision.estimated_input_tokens > 255) == ("gpt-4o-mini", True)
+
+    async def test_a_pinned_model_without_vision_is_refused_as_no_eligible_model(self, fake: FakeProvider) -> None:
+        """Pinning a model without vision for an image request is FAILED_PRECONDITION
+        NO_ELIGIBLE_MODEL, as pinning one without tools for a tool request is; nothing is called."""
+        async with (
+            Server(settings_from(_vision_config(fake), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _complete(client, image_chat(data_part(PIXEL)), model="llama")
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(caught.value).reason == "NO_ELIGIBLE_MODEL"
+        assert "llama: does not support images" in str(caught.value.details())
+        assert fake.requests == []
+
+    async def test_an_image_request_cascades_and_the_judge_is_told_of_the_images(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cascade runs on vision models; the judge reads the question's text with a note that
+        images came with it (never the images)."""
+        fake.enqueue(Script(text="A black square."), Script(text='{"score": 0.9}'))
+        chat = image_chat(data_part(PIXEL), content="What colour is it?")
+        messages = await _complete(live_client, chat, cascade=True, task_hint="simple_qa")
+        assert list(messages[0].decision.cascade_models) == ["gpt-4o-mini", "gpt-4o"]
+        judge = fake.requests[1].body["messages"]
+        assert "<request>\nWhat colour is it?\n[1 image(s) sent with the request, not shown here]\n</request>" in str(
+            judge[-1]["content"]
+        )
+        assert "base64" not in json.dumps(judge)
+
+
+TALL_URL = "https://images.example.com/" + "a" * 8200
+# (case, the parts of a user turn, the field named)
+BAD_PARTS: list[tuple[str, tuple[pb.ContentPart, ...], str]] = [
+    ("empty part", (pb.ContentPart(),), "chat.messages[0].parts[0]"),
+    ("blank text", (text_part(" \n"),), "chat.messages[0].parts[0].text"),
+    ("image without a source", (text_part("x"), pb.ContentPart(image=pb.Image())), "chat.messages[0].parts[1].image"),
+    ("http url", (url_part(SECRET_URL.replace("https", "http")),), "chat.messages[0].parts[0].image.url"),
+    ("data url", (url_part(PIXEL_URL),), "chat.messages[0].parts[0].image.url"),
+    ("url with a space", (url_part(f"https://x.example/{CANARY} a.png"),), "chat.messages[0].parts[0].image.url"),
+    ("url too long", (url_part(TALL_URL),), "chat.messages[0].parts[0].image.url"),
+    ("unknown media type", (url_part(SECRET_URL, "image/bmp"),), "chat.messages[0].parts[0].image.media_type"),
+    ("data without media type", (data_part(PIXEL, ""),), "chat.messages[0].parts[0].image.media_type"),
+    (
+        "png sent as jpeg",
+        (data_part(png(1, 1, CANARY.encode()), "image/jpeg"),),
+        "chat.messages[0].parts[0].image.data",
+    ),
+    ("not an image", (data_part(CANARY.encode()),), "chat.messages[0].parts[0].image.data"),
+    ("empty data", (data_part(b""),), "chat.messages[0].parts[0].image.data"),
+]
+
+
+class TestImageValidation:
+    @pytest.mark.parametrize(("parts", "field"), [c[1:] for c in BAD_PARTS], ids=[c[0] for c in BAD_PARTS])
+    async def test_each_rule_names_the_field_and_echoes_nothing(
+        self, client: RouterClient, parts: tuple[pb.ContentPart, ...], field: str
+    ) -> None:
+        """INVALID_ARGUMENT, reason INVALID_REQUEST naming the field; neither the URL, the bytes
+        nor the prompt is in the message."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.route(image_chat(*parts, content=CANARY))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).metadata["field"] == field
+        details = str(caught.value.details())
+        assert CANARY not in details
+        assert "canary-sig" not in details
+        assert "images.example.com" not in details
+
+    @pytest.mark.parametrize("role", [pb.ROLE_SYSTEM, pb.ROLE_ASSISTANT])
+    async def test_only_user_turns_carry_parts(self, client: RouterClient, role: int) -> None:
+        """Both providers take images only from the user: parts on another turn are refused."""
+        chat = build_chat([("user", CANARY), pb.Message(role=role, parts=[data_part(PIXEL)]), ("user", "and?")])  # type: ignore[arg-type]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.route(chat)
+        assert error_info(caught.value).metadata["field"] == "chat.messages[1].parts"
+
+    async def test_an_image_over_max_image_bytes_or_too_many_images_is_too_large(self) -> None:
+        """``limits.max_image_bytes`` and ``limits.max_images`` refuse with RESOURCE_EXHAUSTED
+        REQUEST_TOO_LARGE naming where, like the other size limits."""
+        config = default_config()
+        config["limits"] = {"max_image_bytes": 1000, "max_images": 2}
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as big:
+                await client.route(image_chat(data_part(png(64, 64, CANARY.encode() * 80))))
+            with pytest.raises(grpc.aio.AioRpcError) as many:
+                await client.route(image_chat(*[url_part(SECRET_URL)] * 3))
+            allowed = await client.route(image_chat(*[url_part(SECRET_URL)] * 2))
+        assert (big.value.code(), error_info(big.value).reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "REQUEST_TOO_LARGE",
+        )
+        assert str(big.value.details()).startswith("chat.messages[0].parts[0].image.data: ")
+        assert CANARY not in str(big.value.details())
+        assert (many.value.code(), error_info(many.value).reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "REQUEST_TOO_LARGE",
+        )
+        assert "more than 2 images" in str(many.value.details())
+        assert allowed.model
+
+    def test_the_domain_turn_has_its_text_as_content_and_its_parts_in_order(self) -> None:
+        """Every reader of text (classifier, features, token counter, judge) reads ``content``: the
+        turn's texts alone, joined by newlines; the parts keep the images in place."""
+        request = routing_request(
+            pb.RouteRequest(chat=image_chat(*MIXED, content="first")), settings_from(default_config()).config.limits
+        )
+        (turn,) = request.chat.messages
+        assert turn.content == "first\nand this one"
+        assert request.chat.last_user_message == "first\nand this one"
+        assert turn.parts == (
+            "first",
+            Image(url="https://images.example.com/cat.png"),
+            "and this one",
+            Image("image/png", data=PIXEL, width=2, height=1),
+        )
+        assert request.chat.uses_images
+
+    def test_text_parts_without_images_make_a_plain_text_turn(self) -> None:
+        """A turn of text parts only is plain text: any model serves it."""
+        request = routing_request(
+            pb.RouteRequest(chat=image_chat(text_part("b"), content="a")), settings_from(default_config()).config.limits
+        )
+        assert request.chat.messages == (Message(Role.USER, "a\nb"),)
+        assert not request.chat.uses_images
+
+
+class TestImageHeaders:
+    @pytest.mark.parametrize(
+        ("data", "media_type", "size"),
+        [
+            (png(300, 200), "image/png", (300, 200)),
+            (jpeg_header(640, 480), "image/jpeg", (640, 480)),
+            (gif_header(32, 16), "image/gif", (32, 16)),
+            (webp_header(b"VP8X", 1920, 1080), "image/webp", (1920, 1080)),
+            (webp_header(b"VP8L", 800, 600), "image/webp", (800, 600)),
+            (webp_header(b"VP8 ", 100, 50), "image/webp", (100, 50)),
+        ],
+        ids=["png", "jpeg", "gif", "webp-vp8x", "webp-vp8l", "webp-vp8"],
+    )
+    def test_format_and_size_are_read_from_the_header(
+        self, data: bytes, media_type: str, size: tuple[int, int]
+    ) -> None:
+        """Each format's signature is recognised and its size read without decoding the image."""
+        assert (sniff_media_type(data), dimensions(data, media_type)) == (media_type, size)
+
+    def test_a_truncated_header_has_no_size(self) -> None:
+        """A header cut short says nothing: the image counts as of unknown size."""
+        assert dimensions(jpeg_header(640, 480)[:30], "image/jpeg") == (0, 0)
+        assert image_tokens(0, 0) == UNKNOWN_SIZE_TOKENS
+
+    @pytest.mark.parametrize(
+        ("width", "height", "tokens"),
+        [
+            (200, 100, 255),  # OpenAI: one tile (85 + 170) > Anthropic's 27
+            (1024, 1024, 1399),  # Anthropic: 1024 * 1024 / 750 > OpenAI's 4 tiles (765)
+            (4000, 3000, 1600),  # Anthropic scales it down to ~1,600 tokens
+            (2048, 768, 1445),  # OpenAI: 4 x 2 tiles > Anthropic (long edge 1568: 1568 x 588 -> 1230)
+        ],
+    )
+    def test_an_image_costs_the_larger_of_the_providers_formulas(self, width: int, height: int, tokens: int) -> None:
+        """Anthropic's width * height / 750 (within 1568 px and ~1,600 tokens) or OpenAI's 85 + 170
+        per 512-px tile (within 2048 px, shortest side 768), whichever is more."""
+        assert image_tokens(width, height) == tokens
+
+
+class TestImageTokens:
+    async def test_the_estimate_grows_with_the_image_size(self, client: RouterClient) -> None:
+        """Route's estimated input tokens count each image by its size; a URL image, whose size is
+        unknown, counts as the most an image costs."""
+        text = await client.route(user_chat("What is it?"))
+        small = await client.route(image_chat(data_part(png(200, 100)), content="What is it?"))
+        large = await client.route(image_chat(data_part(png(1024, 1024)), content="What is it?"))
+        url = await client.route(image_chat(url_part(SECRET_URL), content="What is it?"))
+        base = text.estimated_input_tokens
+        assert small.estimated_input_tokens - base == 255
+        assert large.estimated_input_tokens - base == 1399
+        assert url.estimated_input_tokens - base == UNKNOWN_SIZE_TOKENS
+        assert float(large.estimated_cost_usd) > float(small.estimated_cost_usd)
+
+
+class TestImagesStayOutOfTelemetry:
+    async def test_captured_messages_and_logs_hold_no_image_data(self, fake: FakeProvider) -> None:
+        """With content capture on, an inline image is a ``blob`` part with its type and size but no
+        bytes, a URL image a ``uri`` part without the URL's query; no log line holds either."""
+        data = png(16, 16, b"canary-bytes-0d9e" * 8)
+        chat = image_chat(data_part(data), url_part(SECRET_URL))
+        async with observed_server(fake, telemetry={"capture_content": True}) as observed:
+            with capture_logs() as logs:
+                [m async for m in observed.client.complete(chat, pb.RoutingContext(model="gpt-4o-mini"))]
+            (span,) = observed.named("chat gpt-4o-mini")
+            dumped = json.dumps([s.to_json() for s in observed.finished()])
+        assert "rpc_finished" in [entry["event"] for entry in logs]
+        assert json.loads(str(dict(span.attributes or {})["gen_ai.input.messages"])) == [
+            {
+                "role": "user",
+                "parts": [
+                    {"type": "text", "content": "What is in these?"},
+                    {"type": "blob", "modality": "image", "mime_type": "image/png", "size_bytes": len(data)},
+                    {"type": "uri", "modality": "image", "mime_type": "", "uri": "https://images.example.com/cat.png"},
+                ],
+            }
+        ]
+        encoded = base64.b64encode(data).decode()
+        for text in (dumped, repr(logs)):
+            assert encoded not in text
+            assert encoded[:40] not in text
+            assert "canary-sig" not in text
+            assert "canary-bytes" not in text
+
+
+class TestBatchImages:
+    @pytest.mark.parametrize(
+        ("task", "content"),
+        [("", SENT_PARTS["gpt-4o-mini"]), ("creative_writing", SENT_PARTS["claude-sonnet"])],
+        ids=["openai", "anthropic"],
+    )
+    async def test_images_survive_a_restart_in_the_store_and_reach_the_provider_batch(
+        self, tmp_path: Path, fake: FakeProvider, task: str, content: list[dict[str, object]]
+    ) -> None:
+        """A queued image request is stored with its images (base64 in the job's JSON); after a
+        restart the next server sends it, and the provider batch gets what a realtime call sends."""
+        waiting = batch_config(tmp_path)
+        waiting["batch"]["group_window_seconds"] = 60  # type: ignore[index]
+        context = pb.RoutingContext(realtime=False, tenant="acme", task_hint=task)
+        async with (
+            Server(settings_from(waiting, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = [m async for m in client.complete(image_chat(*MIXED), context)][1].batch
+        assert fake.batches == []
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        request = fake.batches[0].requests[0]
+        assert (request.get("body") or request["params"])["messages"] == [{"role": "user", "content": content}]
+
+    def test_the_stored_request_decodes_to_the_same_turns(self) -> None:
+        """encode_request / decode_request keep every part, bytes and size included."""
+        turn = Message(
+            Role.USER, "a", parts=("a", Image("image/png", data=PIXEL, width=2, height=1), Image(url=SECRET_URL))
+        )
+        request = QueuedRequest((turn,), 16)
+        assert decode_request(encode_request(request)) == request
+
+
+class TestClientHelper:
+    def test_image_part_reads_a_file_and_its_type(self, tmp_path: Path) -> None:
+        """``image_part`` takes an https URL, bytes or a file, and names the media type of bytes."""
+        path = tmp_path / "a.gif"
+        path.write_bytes(gif_header(1, 1))
+        assert image_part(path) == data_part(gif_header(1, 1), "image/gif")
+        assert image_part(PIXEL) == data_part(PIXEL)
+        assert image_part(SECRET_URL) == url_part(SECRET_URL)
+
+
+class TestCommandLine:
+    async def test_route_image_sends_the_file_with_the_prompt(
+        self, server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``--image PATH`` adds the file to the user turn: the estimate counts it."""
+        path = tmp_path / "shot.png"
+        path.write_bytes(png(1024, 1024))
+        plain = ["route", "--target", server.target, "--json", "What is it?"]
+        assert await asyncio.to_thread(cli.main, plain) == 0  # the command runs its own event loop
+        assert await asyncio.to_thread(cli.main, [*plain[:-1], "--image", str(path), "What is it?"]) == 0
+        without, with_image = [
+            json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+        ]
+        assert int(with_image["estimated_input_tokens"]) - int(without["estimated_input_tokens"]) == 1399
+
+    def test_a_file_that_is_no_image_is_one_line_and_exit_2(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A file that is not a JPEG, PNG, GIF or WebP is named before any call."""
+        path = tmp_path / "notes.txt"
+        path.write_text(CANARY)
+        assert cli.main(["route", "--target", "127.0.0.1:9", "--image", str(path), "hello"]) == 2
+        assert capsys.readouterr().err.strip() == f"error: image file {path}: not a JPEG, PNG, GIF or WebP file"
