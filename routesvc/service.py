@@ -249,6 +249,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
         started = time.monotonic()
         incoming = dict(context.invocation_metadata() or ())
         request_id = str(incoming.get(REQUEST_ID_HEADER) or os.urandom(16).hex())
+        # Every line logged while this RPC runs names it (each RPC is a task of its own, so the
+        # binding ends with it); ``_record_decision`` adds the decision id.
+        structlog.contextvars.bind_contextvars(request_id=request_id)
         await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         record = _CallRecord(method, request_id, started)
         code = grpc.StatusCode.OK
@@ -456,6 +459,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
 
 def _record_decision(record: _CallRecord, decision: RouteDecision) -> None:
     telemetry.record_decision(decision)
+    structlog.contextvars.bind_contextvars(decision_id=decision.decision_id)
     record.fields.update(
         decision_id=decision.decision_id,
         model=decision.model,

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from decimal import Decimal
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
+from routesvc.client import RouterClient
 from routesvc.config import LoggingConfig
+from routesvc.server import Server
 from routesvc.telemetry import configure_logging
+from routesvc.testing import FakeProvider, Script
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import default_config, live_environ, settings_from, user_chat
 
 SECRET = "canary-prompt-in-a-local-41c7"
 
@@ -64,3 +71,31 @@ class TestJsonLines:
             lambda: structlog.get_logger("t").info("odd", counts={1: 2}, big=2**70, cost=Decimal("0.5")),
         )
         assert (lines[0]["counts"], lines[0]["big"], lines[0]["cost"]) == ({"1": 2}, 2**70, "Decimal('0.5')")
+
+
+class TestLinesOfAnRpc:
+    async def test_lines_logged_inside_concurrent_calls_name_their_own_request_and_decision(
+        self, fake: FakeProvider
+    ) -> None:
+        """Two Completes at once, each first refused 503 and then answered without usage: the
+        lines logged inside each (the attempts, the usage estimate) carry its own request id and
+        decision id, as its ``rpc_finished`` does (they carried neither, and with tracing off no
+        trace id either, so they could not be told apart)."""
+        fake.set_default(Script(omit_usage=True, chunk_count=5, chunk_delay=0.02))
+        fake.enqueue(Script(status=503), Script(status=503))
+        settings = settings_from(default_config(), live_environ(fake))
+        with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+
+                async def complete(request_id: str) -> None:
+                    chat = user_chat("hello")
+                    metadata = {"x-request-id": request_id}
+                    [m async for m in client.complete(chat, pb.RoutingContext(), metadata=metadata)]
+
+                await asyncio.gather(complete("request-a"), complete("request-b"))
+        finished = {line["request_id"]: line["decision_id"] for line in logs if line["event"] == "rpc_finished"}
+        inside = [line for line in logs if line["event"] in ("provider_attempt_finished", "provider_usage_estimated")]
+        assert sorted(finished) == ["request-a", "request-b"]
+        assert len(inside) == 6  # per call: the refused attempt, the answer and its estimate
+        for line in inside:
+            assert line["decision_id"] == finished[str(line["request_id"])], line
