@@ -262,6 +262,28 @@ class TestContent:
             {"role": "assistant", "parts": [{"type": "text", "content": "the answer"}], "finish_reason": "stop"}
         ]
 
+    async def test_captured_messages_are_bounded_keeping_the_latest(self, fake: FakeProvider) -> None:
+        """A 300,000-character system prompt and a short question, with capture on: the input
+        attribute keeps the question whole and cuts the system prompt, saying how much it left out
+        (the whole prompt became one span attribute, which can make an export batch too large for
+        a collector); the answer is kept, as it is short."""
+        fake.enqueue(Script(text="the answer"))
+        chat = pb.ChatRequest(
+            messages=[
+                pb.Message(role=pb.ROLE_SYSTEM, content="rules " * 50_000),
+                pb.Message(role=pb.ROLE_USER, content="the question"),
+            ]
+        )
+        async with observed_server(fake, telemetry={"capture_content": True}) as observed:
+            [m async for m in observed.client.complete(chat, pb.RoutingContext(model="gpt-4o-mini"))]
+            (span,) = observed.named("chat gpt-4o-mini")
+        system, user = json.loads(str(_attrs(span)["gen_ai.input.messages"]))
+        assert user["parts"] == [{"type": "text", "content": "the question"}]
+        kept = telemetry.CAPTURE_MAX_CHARS - len("the question")
+        left_out = 300_000 - kept
+        assert system["parts"][0]["content"] == ("rules " * 50_000)[:kept] + f"[... {left_out} characters not captured]"
+        assert "the answer" in str(_attrs(span)["gen_ai.output.messages"])
+
     async def test_captured_messages_carry_tool_calls_and_results(self, fake: FakeProvider) -> None:
         """With capture on, tool turns are ``tool_call`` and ``tool_call_response`` parts (they were
         left out: a result read as a plain text turn, a call-only turn as empty text), and the

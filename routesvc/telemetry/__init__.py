@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from routesvc.telemetry._logging import add_trace_context, configure_logging
 from routesvc.telemetry._request import (
+    CAPTURE_MAX_CHARS,
     RequestTelemetry,
     current_request,
     observed_stream,
@@ -42,6 +43,7 @@ from routesvc.telemetry._request import (
 from routesvc.telemetry._setup import Telemetry
 
 __all__ = [
+    "CAPTURE_MAX_CHARS",
     "RequestTelemetry",
     "Telemetry",
     "add_trace_context",

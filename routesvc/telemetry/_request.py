@@ -347,8 +347,30 @@ def _content_part(part: str | Image) -> dict[str, object]:
     return {"type": "blob", "modality": "image", "mime_type": part.media_type, "size_bytes": len(part.data)}
 
 
+# Captured messages are span attributes, exported in batches: one attribute holds at most this
+# many characters of text (the latest messages first), so a 4 MiB prompt cannot make a span, or
+# the export batch it rides in, too large for a collector.
+CAPTURE_MAX_CHARS = 32_768
+
+
+def _bounded_json(messages: list[dict[str, Any]]) -> str:
+    """``messages`` as JSON, their texts (contents, tool results, call arguments) cut to
+    ``CAPTURE_MAX_CHARS`` in all, from the last message back, each cut text saying so."""
+    left = CAPTURE_MAX_CHARS
+    for message in reversed(messages):
+        for part in message["parts"]:
+            for key in ("content", "response", "arguments"):
+                value = part.get(key)
+                if isinstance(value, str):
+                    kept = value[: max(left, 0)]
+                    left -= len(kept)
+                    if len(kept) < len(value):
+                        part[key] = f"{kept}[... {len(value) - len(kept)} characters not captured]"
+    return json.dumps(messages)
+
+
 def _messages_json(chat: ChatRequest) -> str:
-    return json.dumps(
+    return _bounded_json(
         [
             {
                 "role": m.role.value,
@@ -544,7 +566,7 @@ def _end_attempt(
             if finish is not None
             else "error",
         }
-        span.set_attribute("gen_ai.output.messages", json.dumps([output]))
+        span.set_attribute("gen_ai.output.messages", _bounded_json([output]))
     span.end()
     rpc.attempts.append(_AttemptRecord(model.id, cost, usage if finish is not None else None, estimated, purpose))
     labels = {**metric_labels, "gen_ai.response.model": finish.provider_model if finish else model.provider_model}
