@@ -139,6 +139,7 @@ class Server:
             catalog=lambda: self.router.settings.catalog,
             spend=lambda tenant, usd, at: self.router.admission.charge(tenant, usd, at=at),
             shared_budgets=settings.redis_url is not None,
+            answered=self.telemetry.record_batch_answer,
         )
         self._router = Router(
             settings,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, user_chat
 from tests.observability import Observed, observed_server
+from tests.test_batches import batch_config, fake_model, submit, wait_state
 
 
 def _by(points: list[object], key: str) -> dict[object, object]:
@@ -137,3 +139,19 @@ class TestPrometheus:
     async def test_off_by_default(self, observed: Observed) -> None:
         """No port is opened unless configured."""
         assert observed.server.telemetry.prometheus is None
+
+
+class TestBatchAnswers:
+    async def test_a_batch_answer_is_in_the_cost_and_token_metrics(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """A batch job's answer is billed when its provider batch ends, outside any RPC: its cost
+        and tokens reach routesvc.cost and gen_ai.client.token.usage as a realtime answer's do
+        (they never did, so the metrics left out the traffic sent to batch)."""
+        answer = Script(text="A short summary.", input_tokens=100, output_tokens=20)
+        fake.enqueue(answer, model=fake_model("gpt-4o-mini"))
+        async with observed_server(fake, config=batch_config(tmp_path)) as observed:
+            job = (await submit(observed.client))[1].batch
+            done = await wait_state(observed.client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            cost = _by(observed.points("routesvc.cost"), "routesvc.model")
+            usage = _by(observed.points("gen_ai.client.token.usage"), "gen_ai.token.type")
+        assert cost["gpt-4o-mini"].value == pytest.approx(float(Decimal(done.result.cost_usd)))  # type: ignore[attr-defined]
+        assert (usage["input"].sum, usage["output"].sum) == (100, 20)  # type: ignore[attr-defined]

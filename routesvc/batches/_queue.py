@@ -69,6 +69,7 @@ from routesvc.models import (
     Mode,
     RouteDecision,
     RoutingRequest,
+    Usage,
 )
 from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult
 from routesvc.retry import is_retryable, skips_provider
@@ -114,8 +115,11 @@ class BatchQueue:
         clock: Callable[[], float] = time.time,
         spend: Callable[[str, Decimal, float], None] | None = None,
         shared_budgets: bool = False,
+        answered: Callable[[ModelSpec, str, Usage, Decimal], None] | None = None,
     ) -> None:
         self._settings = settings
+        # Told (model, provider model, usage, cost) of each answer charged, for the metrics.
+        self._answered = answered
         # Told (tenant, USD, when the job was queued) once a job whose budget counted its
         # estimate (``commit``) has ended: its real cost less that estimate (all of it back when
         # it ended unanswered). Budgets kept per process (``shared_budgets`` false) are corrected
@@ -551,4 +555,6 @@ class BatchQueue:
             cost_usd=cost,
             estimated=False,
         )
+        if self._answered is not None:
+            self._answered(model, result.provider_model, result.usage, cost)
         log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))

@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from routesvc.catalog import ModelSpec
+from routesvc.config import Settings
 from routesvc.cost import cost_of_usage, estimate_cost, format_usd
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut, RouteSvcError
 from routesvc.models import (
@@ -353,6 +354,14 @@ def _content_part(part: str | Image) -> dict[str, object]:
 CAPTURE_MAX_CHARS = 32_768
 
 
+def gen_ai_provider_name(settings: Settings, model: ModelSpec) -> str:
+    """``gen_ai.provider.name`` of ``model``: the well-known name of its provider's kind, else the
+    configured provider name (a provider added by a config reload is not in ``settings``)."""
+    provider_settings = settings.providers.get(model.provider)
+    kind = provider_settings.kind if provider_settings is not None else ""
+    return _GEN_AI_PROVIDERS.get(kind, model.provider)
+
+
 def _bounded_json(messages: list[dict[str, Any]]) -> str:
     """``messages`` as JSON, their texts (contents, tool results, call arguments) cut to
     ``CAPTURE_MAX_CHARS`` in all, from the last message back, each cut text saying so."""
@@ -401,10 +410,8 @@ async def observed_stream(
             yield event
         return
     telemetry = rpc.telemetry
-    # A provider added by a config reload is not in the settings telemetry started with.
+    gen_ai_provider = gen_ai_provider_name(telemetry.settings, model)
     provider_settings = telemetry.settings.providers.get(model.provider)
-    kind = provider_settings.kind if provider_settings is not None else ""
-    gen_ai_provider = _GEN_AI_PROVIDERS.get(kind, model.provider)
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": gen_ai_provider,

@@ -6,6 +6,7 @@ import contextlib
 import sys
 import threading
 from collections.abc import Iterable, Iterator
+from decimal import Decimal
 
 import structlog
 from opentelemetry import trace
@@ -23,10 +24,12 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 
+from routesvc.catalog import ModelSpec
 from routesvc.config import Settings
 from routesvc.errors import ConfigError
+from routesvc.models import Usage
 from routesvc.stats import RoutingStats
-from routesvc.telemetry._request import _CURRENT, _PROPAGATOR, RequestTelemetry
+from routesvc.telemetry._request import _CURRENT, _PROPAGATOR, RequestTelemetry, gen_ai_provider_name
 
 _SCOPE = "routesvc"
 _TRACE_HEADERS = ("traceparent", "tracestate")
@@ -237,6 +240,20 @@ class Telemetry:
             thread.join()
         if self.prometheus is not None:
             self.prometheus.close()
+
+    def record_batch_answer(self, model: ModelSpec, provider_model: str, usage: Usage, cost: Decimal) -> None:
+        """A batch job's answer, billed when its provider batch ends (outside any RPC): its cost
+        and tokens in the metrics every realtime attempt goes to."""
+        instruments = self.instruments
+        labels = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": gen_ai_provider_name(self.settings, model),
+            "gen_ai.request.model": model.provider_model,
+            "gen_ai.response.model": provider_model or model.provider_model,
+        }
+        instruments.token_usage.record(usage.input_tokens, {**labels, "gen_ai.token.type": "input"})
+        instruments.token_usage.record(usage.output_tokens, {**labels, "gen_ai.token.type": "output"})
+        instruments.cost.add(float(cost), {"routesvc.model": model.id})
 
     @contextlib.contextmanager
     def server_rpc(
