@@ -109,14 +109,19 @@ class TestRoutingMetrics:
         assert savings_point.value == pytest.approx(baseline - cost)
 
     async def test_rpc_duration_by_method_and_code(self, observed: Observed) -> None:
-        """rpc.server.duration has one point per method and status."""
+        """rpc.server.call.duration (seconds, the stable RPC conventions; rpc.server.duration is
+        their deprecated name in milliseconds) has one point per method and status."""
         await observed.client.list_models()
         await _complete(observed)
+        points = observed.points("rpc.server.call.duration")
         keys = {
-            (dict(p.attributes)["rpc.method"], dict(p.attributes)["rpc.grpc.status_code"])
-            for p in observed.points("rpc.server.duration")
+            tuple(dict(p.attributes)[key] for key in ("rpc.system.name", "rpc.method", "rpc.response.status_code"))
+            for p in points
         }
-        assert keys == {("ListModels", "OK"), ("Complete", "OK")}
+        assert keys == {
+            ("grpc", "routesvc.v1.RouterService/ListModels", "OK"),
+            ("grpc", "routesvc.v1.RouterService/Complete", "OK"),
+        }
 
 
 class TestPrometheus:

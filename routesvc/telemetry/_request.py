@@ -71,6 +71,7 @@ class RequestTelemetry:
     telemetry: Telemetry
     span: trace.Span
     method: str
+    full_method: str = ""  # "routesvc.v1.RouterService/Complete"
     started: float = field(default_factory=time.monotonic)
     routing_span: trace.Span | None = None
     routing_started: float = 0.0
@@ -128,8 +129,10 @@ class RequestTelemetry:
         if self.decision is not None:
             self.span.set_attribute("routesvc.decision_id", self.decision.decision_id)
             self.span.set_attribute("routesvc.selected_model", self.decision.model)
+        # The stable RPC conventions' names: the method fully qualified, the status code's name.
         telemetry.instruments.rpc_duration.record(
-            duration, {"rpc.system": "grpc", "rpc.method": self.method, "rpc.grpc.status_code": self.code}
+            duration,
+            {"rpc.system.name": "grpc", "rpc.method": self.full_method, "rpc.response.status_code": self.code},
         )
         if self.decision is None:
             return

@@ -57,7 +57,7 @@ class _Instruments:
             "gen_ai.client.operation.time_to_first_chunk", unit="s", description="Upstream time to first chunk"
         )
         self.rpc_duration = meter.create_histogram(
-            "rpc.server.duration", unit="s", description="Duration of routesvc RPCs"
+            "rpc.server.call.duration", unit="s", description="Duration of routesvc RPCs"
         )
         self.stage_duration = meter.create_histogram(
             "routesvc.routing.stage.duration", unit="s", description="Time each policy stage took on its own"
@@ -94,7 +94,7 @@ def _views() -> list[View]:
         View(instrument_name="gen_ai.client.token.usage", aggregation=tokens),
         View(instrument_name="gen_ai.client.operation.duration", aggregation=seconds),
         View(instrument_name="gen_ai.client.operation.time_to_first_chunk", aggregation=seconds),
-        View(instrument_name="rpc.server.duration", aggregation=seconds),
+        View(instrument_name="rpc.server.call.duration", aggregation=seconds),
         View(
             instrument_name="routesvc.routing.stage.duration",
             aggregation=ExplicitBucketHistogramAggregation(_STAGE_SECONDS_BUCKETS),
@@ -267,7 +267,7 @@ class Telemetry:
         carrier = {key: value for key, value in metadata if key in _TRACE_HEADERS and isinstance(value, str)}
         if not carrier and self._tracer_provider is None:
             # Nothing to record and no caller's context to pass on: no span to open.
-            yield from self._in_request(RequestTelemetry(self, trace.INVALID_SPAN, method))
+            yield from self._in_request(RequestTelemetry(self, trace.INVALID_SPAN, method, f"{service}/{method}"))
             return
         with self.tracer.start_as_current_span(
             f"{service}/{method}",
@@ -278,7 +278,7 @@ class Telemetry:
             set_status_on_exception=False,
             end_on_exit=True,
         ) as span:
-            yield from self._in_request(RequestTelemetry(self, span, method))
+            yield from self._in_request(RequestTelemetry(self, span, method, f"{service}/{method}"))
 
     @staticmethod
     def _in_request(request: RequestTelemetry) -> Iterator[RequestTelemetry]:
