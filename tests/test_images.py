@@ -30,7 +30,7 @@ from tests.test_batches import batch_config, wait_state
 from tests.test_validation import error_info
 
 CANARY = "canary-prompt-7f3a9"
-SECRET_URL = "https://images.example.com/cat.png?signature=canary-sig-51c2"
+SECRET_URL = "https://canary-user:canary-pass@images.example.com/cat.png?signature=canary-sig-51c2"
 
 
 def png(width: int, height: int, marker: bytes = b"") -> bytes:
@@ -171,6 +171,17 @@ class TestVisionRouting:
         assert candidates["llama"] == "does not support images (no vision capability)"
         assert image.model == "gpt-4o-mini"
         assert "llama excluded: does not support images (no vision capability)" in image.reasons
+
+    async def test_an_image_over_8000_px_on_a_side_is_not_routed_to_anthropic(self, client: RouterClient) -> None:
+        """Anthropic refuses images over 8000 px on a side: creative writing, which goes to
+        claude-sonnet, goes to an OpenAI model with such an image (it failed upstream as
+        PROVIDER_REJECTED), and stays with claude-sonnet at 8000 px."""
+        context = pb.RoutingContext(task_hint="creative_writing")
+        wide = await client.route(image_chat(data_part(png(8001, 1)), content="A poem on this"), context)
+        fits = await client.route(image_chat(data_part(png(8000, 1)), content="A poem on this"), context)
+        assert (wide.model, fits.model) == ("gpt-4o-mini", "claude-sonnet")
+        excluded = {c.model: c.excluded_reason for c in wide.candidates if c.excluded_reason}
+        assert excluded == {"claude-sonnet": "provider kind anthropic refuses images over 8000 px on a side"}
 
     async def test_a_turn_of_images_alone_is_routed(self, client: RouterClient) -> None:
         """A user turn without any text still gets a decision: the classifier reads empty text."""
@@ -384,6 +395,7 @@ class TestImagesStayOutOfTelemetry:
             assert encoded not in text
             assert encoded[:40] not in text
             assert "canary-sig" not in text
+            assert "canary-pass" not in text
             assert "canary-bytes" not in text
 
 

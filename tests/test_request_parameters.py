@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import pytest
 
 from routesvc.client import RouterClient, build_chat
@@ -201,10 +202,21 @@ class TestResponseFormat:
         settings = settings_from(_without_json("gpt-4o-mini"), live_environ(fake))
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             text = await client.route(user_chat("Say hello"))
-            messages = [m async for m in client.complete(user_chat("Say hello", response_format=response_format))]
+            chat = user_chat("Say hello in JSON", response_format=response_format)
+            messages = [m async for m in client.complete(chat)]
         decision = messages[0].decision
         assert (text.model, decision.model, messages[-1].completion.model) == ("gpt-4o-mini", "gpt-4o", "gpt-4o")
         assert _excluded(decision)["gpt-4o-mini"] == "does not support JSON output"
+
+    async def test_json_object_goes_to_openai_only_when_a_message_asks_for_json(self, client: RouterClient) -> None:
+        """OpenAI refuses a JSON object format unless a message says 'json' (a 400 upstream): such
+        a request passes over the OpenAI models, each saying why, and is refused before any call."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.route(user_chat("List three colours", response_format=JSON_OBJECT))
+        asks = await client.route(user_chat("List three colours as a JSON object", response_format=JSON_OBJECT))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "takes a JSON object format only when a message asks for JSON" in str(caught.value.details())
+        assert asks.model == "gpt-4o-mini"
 
     async def test_json_object_is_not_routed_to_anthropic_but_a_schema_is(self, client: RouterClient) -> None:
         """Anthropic has no JSON mode without a schema: creative writing, which goes to

@@ -171,7 +171,7 @@ class TestClientSpan:
     async def test_a_json_response_format_is_output_type_json(self, observed: Observed) -> None:
         """A request for a JSON answer sets the chat span's ``gen_ai.output.type`` to ``json``."""
         response_format = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
-        async for _ in observed.client.complete(user_chat("Say hello", response_format=response_format)):
+        async for _ in observed.client.complete(user_chat("Say hello in JSON", response_format=response_format)):
             pass
         (chat,) = observed.named("chat gpt-4o-mini")
         assert _attrs(chat)["gen_ai.output.type"] == "json"

@@ -24,6 +24,10 @@ from routesvc.models import (
 HttpClientKind = Literal["aiohttp", "httpx"]
 
 
+# Anthropic's vision limit: an image over this many pixels on either side is refused.
+_ANTHROPIC_MAX_IMAGE_SIDE = 8000
+
+
 def refusal(kind: str, chat: ChatRequest) -> str:
     """Why an API of ``kind`` (``providers.<name>.kind``) refuses ``chat`` as asked, or "" when it
     takes it: routing passes over its models, so the request goes to a model that can serve it
@@ -33,6 +37,11 @@ def refusal(kind: str, chat: ChatRequest) -> str:
     json_object = chat.response_format is not None and chat.response_format.type is ResponseFormatType.JSON_OBJECT
     if kind == "anthropic" and json_object:
         return "provider kind anthropic has no JSON object mode (it takes RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
+    if kind == "openai" and json_object and not any("json" in m.content.lower() for m in chat.messages):
+        return "provider kind openai takes a JSON object format only when a message asks for JSON (says 'json')"
+    images = [image for message in chat.messages for image in message.images]
+    if kind == "anthropic" and any(max(image.width, image.height) > _ANTHROPIC_MAX_IMAGE_SIDE for image in images):
+        return f"provider kind anthropic refuses images over {_ANTHROPIC_MAX_IMAGE_SIDE} px on a side"
     return ""
 
 

@@ -346,7 +346,8 @@ def _content_part(part: str | Image) -> dict[str, object]:
         return {"type": "text", "content": part}
     if part.url:
         url = urlsplit(part.url)
-        uri = url._replace(query="", fragment="").geturl()
+        # Credentials ride in a signed URL's query and in a URL's user:password@.
+        uri = url._replace(netloc=url.netloc.rpartition("@")[2], query="", fragment="").geturl()
         return {"type": "uri", "modality": "image", "mime_type": part.media_type, "uri": uri}
     return {"type": "blob", "modality": "image", "mime_type": part.media_type, "size_bytes": len(part.data)}
 
