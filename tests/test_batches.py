@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from routesvc.admission import LocalAdmission
 from routesvc.auth import key_digest
 from routesvc.batches import BatchStore
+from routesvc.batches import _queue as batch_queue
 from routesvc.batches._store import decode_request
 from routesvc.client import RouterClient, build_chat
 from routesvc.cost import estimate_cost
@@ -183,6 +184,25 @@ class TestBatchSubmitAndResults:
             for batch_id in jobs:
                 await wait_state(client, batch_id, pb.BATCH_STATE_SUCCEEDED)
         assert [len(b.requests) for b in fake.batches] == [3]
+
+    async def test_a_group_is_bounded_by_its_requests_size(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The providers refuse a batch over 200 MB (OpenAI's file) or 256 MB (Anthropic), which
+        inline images reach in a few dozen jobs, and a refused batch fails every job in it: a
+        group holds at most ``_MAX_GROUP_CHARS`` of requests. With the bound below one request,
+        three jobs in one window go as three provider batches (they went as one)."""
+        monkeypatch.setattr(batch_queue, "_MAX_GROUP_CHARS", 1)
+        config = batch_config(tmp_path)
+        config["batch"]["group_window_seconds"] = 0.5  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            jobs = [(await submit(client))[1].batch.batch_id for _ in range(3)]
+            for batch_id in jobs:
+                await wait_state(client, batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert [len(b.requests) for b in fake.batches] == [1, 1, 1]
 
     @pytest.mark.parametrize(("task", "key"), [("", "body"), ("creative_writing", "params")])
     async def test_tools_are_sent_as_a_realtime_call_sends_them(

@@ -77,6 +77,11 @@ from routesvc.retry import is_retryable, skips_provider
 log = structlog.get_logger("routesvc.batches")
 
 _T = TypeVar("_T")
+# A provider batch's size: OpenAI takes an input file of up to 200 MB, Anthropic a batch of up to
+# 256 MB. The jobs' stored requests (JSON, inline images in base64) are about what is sent; a
+# group holds half the smaller limit at most, so that images cannot make a batch the provider
+# refuses whole.
+_MAX_GROUP_CHARS = 100_000_000
 
 CLAIM_SECONDS = 300.0
 """How long a worker's claim on the jobs it is sending lasts (sends are cut off at half of it)."""
@@ -394,8 +399,7 @@ class BatchQueue:
             if due_in > 0 and len(jobs) < self._config.max_group_size:
                 next_due = due_in if next_due is None else min(next_due, due_in)
                 continue
-            for start in range(0, len(jobs), self._config.max_group_size):
-                group = jobs[start : start + self._config.max_group_size]
+            for group in _groups(jobs, self._config.max_group_size, _MAX_GROUP_CHARS):
                 try:
                     await self._send(model_id, group)
                 except Exception:
@@ -558,3 +562,18 @@ class BatchQueue:
         if self._answered is not None:
             self._answered(model, result.provider_model, result.usage, cost)
         log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))
+
+
+def _groups(jobs: list[tuple[BatchStatus, str]], max_jobs: int, max_chars: int) -> list[list[tuple[BatchStatus, str]]]:
+    """``jobs`` (status, encoded request) in order, cut into groups of at most ``max_jobs`` whose
+    requests hold at most ``max_chars`` characters together (a job larger alone is a group alone)."""
+    groups: list[list[tuple[BatchStatus, str]]] = []
+    size = 0
+    for job in jobs:
+        length = len(job[1])
+        if not groups or len(groups[-1]) >= max_jobs or size + length > max_chars:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += length
+    return groups
