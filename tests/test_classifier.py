@@ -302,6 +302,13 @@ class TestLLMClassifierStage:
         assert len(fake.requests) == 1
         assert verdict.reasons[0].endswith("(cached)")
 
+    async def test_a_turn_without_text_is_not_sent_to_the_model(self, fake: FakeProvider) -> None:
+        """A last user turn with no text (images alone) is not sent to the model, which would be
+        asked about an empty prompt (Anthropic refuses one): the local fallback labels it."""
+        verdict = await llm_stage(fake).decide(routing_input("  "), Recorder())
+        assert fake.requests == []
+        assert "not asked (the last user turn has no text); local fallback labelled the task" in verdict.reasons[0]
+
     async def test_timeout_falls_back_to_the_local_classifier(self, fake: FakeProvider) -> None:
         """A model slower than the timeout is abandoned; the local label is used and the request served."""
         fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}', first_chunk_delay=2.0))

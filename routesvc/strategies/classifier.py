@@ -372,6 +372,9 @@ class LLMClassifierStage:
             )
         if may_not_pay:
             return self._fall_back(prompt, f"not asked ({may_not_pay})")
+        if not prompt.strip():
+            # Nothing to label (a turn of images alone): a call would be refused or wasted.
+            return self._fall_back(prompt, "not asked (the last user turn has no text)")
         started = time.perf_counter()
         try:
             task, complexity, usage = await self._ask(prompt, charge)
