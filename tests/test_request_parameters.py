@@ -218,6 +218,41 @@ class TestResponseFormat:
         assert "takes a JSON object format only when a message asks for JSON" in str(caught.value.details())
         assert asks.model == "gpt-4o-mini"
 
+    @pytest.mark.parametrize(
+        ("schema", "problem"),
+        [
+            ({**SCHEMA, "additionalProperties": True}, "an object without additionalProperties false"),
+            (
+                {**SCHEMA, "properties": {"city": {"type": "string", "maxLength": 40}, "celsius": {"type": "number"}}},
+                "keyword 'maxLength'",
+            ),
+            (
+                {
+                    **SCHEMA,
+                    "properties": {"days": {"type": "array", "items": {"type": "object", "properties": {}}}},
+                    "required": ["days"],
+                },
+                "an object without additionalProperties false",
+            ),
+        ],
+        ids=["open_object", "string_bound", "nested_open_object"],
+    )
+    async def test_a_schema_anthropic_refuses_is_not_routed_to_anthropic(
+        self, client: RouterClient, schema: dict[str, object], problem: str
+    ) -> None:
+        """Anthropic's structured outputs refuse bounds (maxLength, minimum, ...) and objects that
+        do not close with additionalProperties false (a 400 upstream, and after a fallback from
+        OpenAI a permanent FAILED_PRECONDITION): such a schema passes over Anthropic's models."""
+        response_format = pb.ResponseFormat(
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="weather", schema_json=json.dumps(schema)
+        )
+        context = pb.RoutingContext(task_hint="creative_writing")
+        decision = await client.route(user_chat("A poem as JSON", response_format=response_format), context)
+        assert decision.model == "gpt-4o-mini"
+        assert _excluded(decision) == {
+            "claude-sonnet": f"provider kind anthropic's structured outputs refuse this schema ({problem})"
+        }
+
     async def test_json_object_is_not_routed_to_anthropic_but_a_schema_is(self, client: RouterClient) -> None:
         """Anthropic has no JSON mode without a schema: creative writing, which goes to
         claude-sonnet, goes elsewhere with JSON_OBJECT, and stays with JSON_SCHEMA."""

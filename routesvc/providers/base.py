@@ -28,6 +28,48 @@ HttpClientKind = Literal["aiohttp", "httpx"]
 _ANTHROPIC_MAX_IMAGE_SIDE = 8000
 
 
+# JSON Schema keywords Anthropic's structured outputs refuse (their grammar has no bounds), and
+# every object there must close itself with ``additionalProperties: false``.
+_ANTHROPIC_REFUSED_KEYWORDS = frozenset(
+    {
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "minLength",
+        "maxLength",
+        "maxItems",
+        "uniqueItems",
+        "minProperties",
+        "maxProperties",
+    }
+)
+
+
+def _anthropic_schema_problem(schema: object) -> str:
+    """What in ``schema`` Anthropic's structured outputs refuse, or "" (only subschemas are read:
+    property names, enums and defaults are data)."""
+    if not isinstance(schema, Mapping):
+        return ""
+    refused = sorted(_ANTHROPIC_REFUSED_KEYWORDS.intersection(schema))
+    if refused:
+        return f"keyword {refused[0]!r}"
+    is_object = schema.get("type") == "object" or "properties" in schema
+    if is_object and schema.get("additionalProperties") is not False:
+        return "an object without additionalProperties false"
+    children: list[object] = []
+    for key in ("items", "not", "additionalProperties"):
+        children.append(schema.get(key))
+    for key in ("prefixItems", "anyOf", "allOf", "oneOf"):
+        value = schema.get(key)
+        children.extend(value if isinstance(value, list) else [])
+    for key in ("properties", "patternProperties", "$defs", "definitions"):
+        value = schema.get(key)
+        children.extend(value.values() if isinstance(value, Mapping) else [])
+    return next((problem for child in children if (problem := _anthropic_schema_problem(child))), "")
+
+
 def refusal(kind: str, chat: ChatRequest) -> str:
     """Why an API of ``kind`` (``providers.<name>.kind``) refuses ``chat`` as asked, or "" when it
     takes it: routing passes over its models, so the request goes to a model that can serve it
@@ -39,6 +81,10 @@ def refusal(kind: str, chat: ChatRequest) -> str:
         return "provider kind anthropic has no JSON object mode (it takes RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
     if kind == "openai" and json_object and not any("json" in m.content.lower() for m in chat.messages):
         return "provider kind openai takes a JSON object format only when a message asks for JSON (says 'json')"
+    if kind == "anthropic" and chat.response_format is not None and chat.response_format.schema:
+        problem = _anthropic_schema_problem(chat.response_format.schema)
+        if problem:
+            return f"provider kind anthropic's structured outputs refuse this schema ({problem})"
     images = [image for message in chat.messages for image in message.images]
     if kind == "anthropic" and any(max(image.width, image.height) > _ANTHROPIC_MAX_IMAGE_SIDE for image in images):
         return f"provider kind anthropic refuses images over {_ANTHROPIC_MAX_IMAGE_SIDE} px on a side"
