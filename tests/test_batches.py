@@ -8,6 +8,7 @@ import copy
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -70,14 +71,21 @@ async def get_batch(client: RouterClient, batch_id: str, tenant: str = "acme") -
     return await client.get_batch(batch_id, tenant=tenant)
 
 
-async def wait_state(client: RouterClient, batch_id: str, state: int, timeout: float = 5.0) -> pb.GetBatchResponse:
-    """Poll GetBatch until the job reaches ``state``."""
+async def wait_state(client: RouterClient, batch_id: str, state: int, timeout: float = 15.0) -> pb.GetBatchResponse:
+    """Poll GetBatch until the job reaches ``state`` (a generous cap: a loaded machine is only slower)."""
     async with asyncio.timeout(timeout):
         while True:
             response = await get_batch(client, batch_id)
             if response.job.state == state:
                 return response
             await asyncio.sleep(0.05)
+
+
+async def until(predicate: Callable[[], bool], cap: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds (a generous cap: a loaded machine is only slower)."""
+    async with asyncio.timeout(cap):
+        while not predicate():  # noqa: ASYNC110 - logs, ledgers and the proxy's counters are polled
+            await asyncio.sleep(0.02)
 
 
 def job_states(path: Path) -> list[str]:
@@ -175,7 +183,8 @@ class TestBatchSubmitAndResults:
     async def test_small_requests_are_grouped_into_one_provider_batch(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Three jobs within the window: one provider batch of three requests."""
         config = batch_config(tmp_path)
-        config["batch"]["group_window_seconds"] = 0.5  # type: ignore[index]
+        # 1.5 s: the three submits must all land in the window, however loaded the machine is.
+        config["batch"]["group_window_seconds"] = 1.5  # type: ignore[index]
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
@@ -399,7 +408,9 @@ class TestBatchCallerGoneAfterTheJobWasQueued:
                 async for message in client.complete(user_chat("Summarise this report"), context):
                     if message.WhichOneof("event") == "batch":
                         break
-                await asyncio.sleep(0.2)
+                # The call's end is logged off the caller's task: wait for it, not a fixed 0.2 s.
+                await until(lambda: any(entry["event"] == "rpc_finished" for entry in logs))
+                await asyncio.sleep(0.2)  # and no second line follows
         assert [entry["code"] for entry in logs if entry["event"] == "rpc_finished"] == ["OK"]
         assert message.batch.batch_id
 
@@ -582,14 +593,16 @@ class TestBatchFaults:
     async def test_cancel_while_queued_never_reaches_the_provider(self, tmp_path: Path, fake: FakeProvider) -> None:
         """A job still in the grouping window: CANCELLED at once, never sent, nothing charged."""
         config = batch_config(tmp_path)
-        config["batch"]["group_window_seconds"] = 0.5  # type: ignore[index]
+        # 1.5 s: the cancel must land within the window however loaded the machine is (0.5 s
+        # left a submit and a cancel little room).
+        config["batch"]["group_window_seconds"] = 1.5  # type: ignore[index]
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
             job = (await submit(client))[1].batch
             cancelled = await client.cancel_batch(job.batch_id, tenant="acme")
-            await asyncio.sleep(0.8)
+            await asyncio.sleep(2.0)  # past the window: the job would have been sent by now
             assert (cancelled.state, (await get_batch(client, job.batch_id)).job.state) == (
                 pb.BATCH_STATE_CANCELLED,
                 pb.BATCH_STATE_CANCELLED,
@@ -611,7 +624,9 @@ class TestBatchFaults:
                 RouterClient(server.target) as client,
             ):
                 job = (await submit(client))[1].batch
-                await asyncio.sleep(0.3)  # grouped, claimed, and being uploaded through the slow proxy
+                # Grouped, claimed, and being uploaded through the slow proxy: the poller has
+                # connected (a fixed 0.3 s sleep could end before it did on a loaded machine).
+                await until(lambda: proxy.connections >= 1)
                 cancelled = await client.cancel_batch(job.batch_id, tenant="acme")
                 async with asyncio.timeout(10):
                     while not (fake.batches and fake.batches[0].cancelled):  # noqa: ASYNC110 - the fake has no event
@@ -752,7 +767,10 @@ class TestBatchPollerTimers:
                 RouterClient(server.target) as client,
             ):
                 first = (await submit(client))[1].batch
-                await asyncio.sleep(0.2)  # A is being uploaded through the slow proxy
+                # A is being uploaded through the slow proxy: the poller has connected (a fixed
+                # 0.2 s sleep could end before it did on a loaded machine, and then A and B were
+                # one group).
+                await until(lambda: proxy.connections >= 1)
                 started = time.monotonic()
                 second = (await submit(client))[1].batch
                 await wait_state(client, second.batch_id, pb.BATCH_STATE_SUBMITTED, timeout=10)
@@ -781,7 +799,9 @@ class TestBatchPollerTimers:
             RouterClient(server.target) as client,
         ):
             with capture_logs() as logs:
-                await asyncio.sleep(0.5)  # ten poll intervals
+                # A round has skipped the job, however long a loaded machine takes to get there ...
+                await until(lambda: any(entry["event"] == "batch_poll_skipped" for entry in logs))
+                await asyncio.sleep(0.5)  # ... and ten more poll intervals: logged once
             waiting = await get_batch(client, job.batch_id)
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
@@ -816,6 +836,7 @@ class TestBatchWorkersShareTheStore:
                 jobs = [(await submit(client))[1].batch.batch_id for _ in range(3)]
                 for batch_id in jobs:
                     await wait_state(client, batch_id, pb.BATCH_STATE_SUCCEEDED, timeout=10)
+                await until(lambda: sum(len(s.router.ledger.entries()) for s in (first, second)) >= len(jobs))
                 await asyncio.sleep(0.3)  # both pollers have read the results
                 charged = [e.request_id for s in (first, second) for e in s.router.ledger.entries()]
         sent = [request["custom_id"] for batch in fake.batches for request in batch.requests]
@@ -837,7 +858,8 @@ class TestBatchPersistence:
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
             assert done.result.text
-            await asyncio.sleep(0.2)
+            await until(lambda: any(e.request_id == job.batch_id for e in server.router.ledger.entries()))
+            await asyncio.sleep(0.2)  # more rounds: charged once
             assert len([e for e in server.router.ledger.entries() if e.request_id == job.batch_id]) == 1
         assert len(fake.batches) == 1
 

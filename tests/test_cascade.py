@@ -175,11 +175,16 @@ class TestLLMJudge:
 
     async def test_a_timeout_escalates_when_configured(self, provider: OpenAIProvider, fake: FakeProvider) -> None:
         """A judge slower than its timeout: on_failure escalate scores 0.0; the upstream call is closed."""
+        # A whole judge answer first opens the connection, so that the slow call reaches the fake
+        # within its 0.3 s even on a loaded machine (a cold connect can take most of it).
+        fake.enqueue(Script(text='{"score": 0.9}'))
+        await self._judge(provider).score(_input("Paris"))
         fake.enqueue(Script(first_chunk_delay=5))
         result = await self._judge(provider, timeout=0.3, on_failure="escalate").score(_input("Paris"))
         assert result.quality.score == 0.0
         assert result.quality.reason == "judge timed out after 0.3 s; escalated as configured"
-        await fake.requests[-1].wait_ended(2)
+        assert len(fake.requests) == 2
+        await fake.requests[-1].wait_ended(5)
         assert fake.requests[-1].aborted
         assert result.calls[0].estimated
 

@@ -170,7 +170,9 @@ class TestFeedbackStoreUnderContention:
                 overslept = time.monotonic() - slept - 0.05
                 routed_in = time.monotonic() - started
             response = await client.feedback(decision.decision_id, thumbs_up=False)
-        assert (routed_in < 1.0, overslept < 0.5) == (True, True)
+        # The failure this guards against held the loop for the whole 5 s busy timeout; the bounds
+        # leave a loaded machine room (as the reload test's do).
+        assert (routed_in < 2.5, overslept < 2.5) == (True, True)
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
 
     async def test_a_reload_while_the_file_is_locked_holds_up_no_call(self, tmp_path: Path) -> None:

@@ -30,8 +30,9 @@ def _config(service: str, endpoint: str) -> dict[str, object]:
     assert isinstance(routing, dict)
     routing["fallbacks"] = {"gpt-4o-mini": ["gpt-4o"]}
     # The first attempt is abandoned when its first chunk is late: usage is estimated and billed,
-    # so both client spans carry a cost; then the fallback answers.
-    config["reliability"] = {"retries_per_model": 0, "first_token_timeout_seconds": 0.3}
+    # so both client spans carry a cost; then the fallback answers. 1 s, not 0.3: the fallback's
+    # first chunk must come within it too, however loaded the machine (its first is 2 s late).
+    config["reliability"] = {"retries_per_model": 0, "first_token_timeout_seconds": 1.0}
     config["telemetry"] = {"service_name": service, "tracing": {"exporter": "otlp", "otlp_endpoint": endpoint}}
     return config
 

@@ -342,11 +342,13 @@ class TestConversationsAreTranslated:
 
 @pytest.fixture
 async def impatient_client(fake: FakeProvider) -> AsyncIterator[RouterClient]:
-    """A live server that gives up on a model after 0.5 s without a chunk, and never retries."""
+    """A live server that gives up on a model after 1.2 s without a chunk, and never retries.
+    (1.2 s, not 0.5: the 0.3 s gaps of the tests must never look like a timeout to a loaded
+    machine, a cold first request included, while the 1.8 s they add up to still exceeds it.)"""
     config = default_config()
     config["reliability"] = {
-        "first_token_timeout_seconds": 0.5,
-        "stream_idle_timeout_seconds": 0.5,
+        "first_token_timeout_seconds": 1.2,
+        "stream_idle_timeout_seconds": 1.2,
         "max_attempts": 1,
     }
     async with (
@@ -361,7 +363,7 @@ class TestLiveness:
     async def test_reasoning_chunks_keep_a_slow_model_alive(
         self, impatient_client: RouterClient, fake: FakeProvider, model: str, path: str, prefix: str
     ) -> None:
-        """Six reasoning chunks 0.3 s apart (1.8 s before any answer text, timeouts 0.5 s): the model
+        """Six reasoning chunks 0.3 s apart (1.8 s before any answer text, timeouts 1.2 s): the model
         is alive, its answer comes, and it was asked once."""
         fake.enqueue(Script(reasoning=("step ",) * 6, chunks=("42",), first_chunk_delay=0.3, chunk_delay=0.3))
         messages = await _complete(impatient_client, build_chat([("user", "6*7?")]), model)

@@ -222,10 +222,11 @@ class TestCancellation:
             if deltas == 3:
                 break
         await stream.aclose()  # type: ignore[attr-defined]
-        for _ in range(100):
-            if observed.named(COMPLETE):
-                break
-            await asyncio.sleep(0.02)
+        # The spans end off the caller's task: wait for both, with a cap a loaded machine cannot
+        # reach (it was 2 s, for the server span only).
+        async with asyncio.timeout(10):
+            while not (observed.named(COMPLETE) and observed.named("chat gpt-4o-mini")):  # noqa: ASYNC110 - no span event
+                await asyncio.sleep(0.02)
         (server,) = observed.named(COMPLETE)
         (chat,) = observed.named("chat gpt-4o-mini")
         attributes = _attrs(chat)
