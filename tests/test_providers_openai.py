@@ -405,6 +405,18 @@ class TestMissingUsage:
         assert [entry["event"] for entry in logs] == ["provider_usage_estimated"]
         assert all(CANARY_PROMPT not in str(entry) for entry in logs)
 
+    async def test_a_server_that_never_reports_usage_warns_once_per_model(
+        self, fake: FakeProvider, compatible: OpenAIProvider
+    ) -> None:
+        """Many OpenAI-compatible servers never report usage: the first estimate of a model is a
+        warning, the next ones are at debug (every request warned)."""
+        fake.set_default(Script(omit_usage=True))
+        with capture_logs() as logs:
+            for _ in range(3):
+                await collect(compatible, make_call())
+        levels = [entry["log_level"] for entry in logs if entry["event"] == "provider_usage_estimated"]
+        assert levels == ["warning", "debug", "debug"]
+
     async def test_the_estimate_is_flagged_and_covers_the_whole_request(
         self, fake: FakeProvider, compatible: OpenAIProvider
     ) -> None:

@@ -17,6 +17,7 @@ from typing import TypeVar
 import aiohttp
 import anyio
 import httpx2
+import structlog
 
 from routesvc.errors import (
     ProviderAuthFailed,
@@ -30,6 +31,8 @@ from routesvc.errors import (
 from routesvc.providers.base import ProviderCall
 
 _T = TypeVar("_T")
+
+_log = structlog.get_logger("routesvc.providers")
 
 # Machine codes are short words; anything longer (or shaped like a key) is not copied.
 _SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
@@ -275,3 +278,22 @@ def event_object(event: object, *, provider: str, model: str) -> dict[str, objec
 def object_field(value: object) -> dict[str, object]:
     """An object field of a streamed event; anything else reads as empty."""
     return value if isinstance(value, dict) else {}
+
+
+class EstimatedUsageLog:
+    """Says that a model's usage was estimated (its server reported none): a warning the first
+    time for each model, then at debug, since a server that never reports usage (many
+    OpenAI-compatible ones) would otherwise warn on every request."""
+
+    def __init__(self) -> None:
+        self._warned: set[str] = set()
+
+    def estimated(self, provider: str, model: str, **fields: object) -> None:
+        """Log one estimate of ``model``'s usage."""
+        if model in self._warned:
+            _log.debug("provider_usage_estimated", provider=provider, model=model, **fields)
+            return
+        self._warned.add(model)
+        _log.warning(
+            "provider_usage_estimated", provider=provider, model=model, repeats="at debug from now on", **fields
+        )

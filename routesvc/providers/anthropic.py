@@ -74,6 +74,7 @@ from routesvc.models import (
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._http import (
     END_OF_STREAM,
+    EstimatedUsageLog,
     aiohttp_connection_failure,
     count_field,
     describe,
@@ -351,6 +352,7 @@ class AnthropicProvider:
         self, name: str, api_key: str | None, base_url: str | None = None, *, http_client: HttpClientKind = "aiohttp"
     ) -> None:
         self._name = name
+        self._usage_log = EstimatedUsageLog()
         # Explicit base_url and key so the SDK reads no environment variables (config.py owns them). The SDK's
         # own spans and trace propagation are off: routesvc makes one client span per attempt and sends
         # ``traceparent`` itself through ``ProviderCall.headers``, and content never goes into spans.
@@ -483,7 +485,7 @@ class AnthropicProvider:
         reported malformed) is estimated with the offline tokenizer (the input over the whole
         request, tools included), and the estimate logged."""
         if tally.input_tokens is None or tally.output_tokens is None:
-            log.warning("provider_usage_estimated", provider=self._name, model=call.model)
+            self._usage_log.estimated(self._name, call.model)
             input_tokens = estimate_input_tokens(
                 ChatRequest(messages=call.messages, tools=call.tools, response_format=call.response_format)
             )

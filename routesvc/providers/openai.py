@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import Literal, TypeVar, cast
 
 import openai
-import structlog
 from openai.types.chat import (
     ChatCompletionContentPartParam,
     ChatCompletionFunctionToolParam,
@@ -55,6 +54,7 @@ from routesvc.models import (
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._http import (
     END_OF_STREAM,
+    EstimatedUsageLog,
     aiohttp_connection_failure,
     count_field,
     describe,
@@ -90,8 +90,6 @@ _FINISH_REASONS = {
 }
 
 _T = TypeVar("_T")
-
-log = structlog.get_logger(__name__)
 
 
 def map_finish_reason(reason: str | None) -> FinishReason:
@@ -250,6 +248,7 @@ class OpenAIProvider:
         if kind not in _KINDS:
             raise ConfigError(f"providers.{name}.kind: {kind!r} is not one of {sorted(_KINDS)}")
         self._name = name
+        self._usage_log = EstimatedUsageLog()
         self._kind: OpenAIKind = "openai" if kind == "openai" else "openai_compatible"
         # Kept only so that an error code echoing it is never copied into a message.
         self._api_key = api_key or ""
@@ -375,7 +374,7 @@ class OpenAIProvider:
         output_tokens = count_field(usage.get("completion_tokens"))
         estimated = input_tokens is None or output_tokens is None
         if estimated:
-            log.warning("provider_usage_estimated", provider=self._name, model=call.model, kind=self._kind)
+            self._usage_log.estimated(self._name, call.model, kind=self._kind)
         if input_tokens is None:
             input_tokens = estimate_input_tokens(
                 ChatRequest(messages=call.messages, tools=call.tools, response_format=call.response_format)
