@@ -621,6 +621,7 @@ class TelemetrySettings:
     traces_exporter: str
     traces_endpoint: str
     sample_ratio: float
+    sampler: str
     metrics_exporter: str
     metrics_endpoint: str
     metrics_interval_seconds: float
@@ -687,6 +688,18 @@ def _otel_pairs(text: str) -> dict[str, str]:
     return pairs
 
 
+TRACE_SAMPLERS = (
+    "parentbased_traceidratio",
+    "traceidratio",
+    "parentbased_always_on",
+    "always_on",
+    "parentbased_always_off",
+    "always_off",
+)
+"""The ``OTEL_TRACES_SAMPLER`` values routesvc takes (the SDK's built-in samplers); the ratio ones
+sample ``sample_ratio`` of traces."""
+
+
 def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mapping[str, str]) -> TelemetrySettings:
     telemetry = config.telemetry
     base_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
@@ -708,6 +721,10 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
             ratio = min(max(float(env.get("OTEL_TRACES_SAMPLER_ARG", "1")), 0.0), 1.0)
         except ValueError as exc:
             raise ConfigError(f"{source}: $OTEL_TRACES_SAMPLER_ARG: not a number") from exc
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_traceidratio"
+    if sampler not in TRACE_SAMPLERS:
+        known = ", ".join(TRACE_SAMPLERS)
+        raise ConfigError(f"{source}: $OTEL_TRACES_SAMPLER: unsupported sampler {sampler!r} ({known})")
     baseline = telemetry.baseline_model
     if baseline is None:
         baseline = max(catalog, key=lambda m: m.input_price_per_mtok + m.output_price_per_mtok).id
@@ -721,6 +738,7 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
         traces_exporter=exporter(telemetry.tracing.exporter, "OTEL_TRACES_EXPORTER", traces_endpoint),
         traces_endpoint=traces_endpoint or "http://localhost:4317",
         sample_ratio=ratio,
+        sampler=sampler,
         metrics_exporter=exporter(telemetry.metrics.exporter, "OTEL_METRICS_EXPORTER", metrics_endpoint),
         metrics_endpoint=metrics_endpoint or "http://localhost:4317",
         metrics_interval_seconds=telemetry.metrics.export_interval_seconds,

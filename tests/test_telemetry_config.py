@@ -117,7 +117,36 @@ class TestPublicSurface:
         public = {name for name in dir(telemetry) if not name.startswith("_")} - {"annotations"}
         assert public == set(telemetry.__all__)
         assert set(telemetry.__all__) == {
-            "RequestTelemetry", "Telemetry", "add_trace_context", "configure_logging", "current_request",
+            "CAPTURE_MAX_CHARS", "RequestTelemetry", "Telemetry", "add_trace_context", "configure_logging", "current_request",
             "observed_stream", "record_cascade", "record_decision", "record_escalation", "record_fallback",
             "record_feedback", "record_first_chunk_sent", "record_stage_latency", "start_routing",
         }  # fmt: skip
+
+
+class TestSampler:
+    @pytest.mark.parametrize(
+        ("sampler", "recorded"),
+        [("always_off", 0), ("parentbased_always_off", 0), ("always_on", 1), ("", 1)],
+        ids=["always_off", "parentbased_always_off", "always_on", "default"],
+    )
+    def test_otel_traces_sampler_chooses_the_sampler(self, sampler: str, recorded: int) -> None:
+        """OTEL_TRACES_SAMPLER picks the SDK's sampler (it was ignored: always_off still traced
+        every call); unset, parent-based with the ratio, 1 by default."""
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from routesvc.telemetry import Telemetry
+
+        exporter = InMemorySpanExporter()
+        settings = settings_from(default_config(), {"OTEL_TRACES_SAMPLER": sampler} if sampler else {})
+        telemetry = Telemetry(settings, span_exporter=exporter)
+        try:
+            with telemetry.server_rpc("routesvc.v1.RouterService", "Route", ()) as rpc:
+                rpc.finish("OK", 0)
+        finally:
+            telemetry.shutdown()
+        assert len(exporter.get_finished_spans()) == recorded
+
+    def test_an_unknown_sampler_is_a_config_error_naming_the_variable(self) -> None:
+        """A sampler the SDK does not build here fails at start, listing the ones it takes."""
+        with pytest.raises(ConfigError, match=r"\$OTEL_TRACES_SAMPLER: unsupported sampler 'jaeger_remote'"):
+            _telemetry(environ={"OTEL_TRACES_SAMPLER": "jaeger_remote"})

@@ -21,7 +21,7 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 
 from routesvc.catalog import ModelSpec
@@ -85,6 +85,14 @@ class _Instruments:
         self.savings = meter.create_up_down_counter(
             "routesvc.savings", unit="USD", description="Baseline cost minus actual cost"
         )
+
+
+def _sampler(name: str, ratio: float) -> Sampler:
+    """The sampler ``OTEL_TRACES_SAMPLER`` names (``routesvc.config.TRACE_SAMPLERS``)."""
+    root: Sampler = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}.get(
+        name.removeprefix("parentbased_"), TraceIdRatioBased(ratio)
+    )
+    return ParentBased(root) if name.startswith("parentbased_") else root
 
 
 def _views() -> list[View]:
@@ -178,7 +186,7 @@ class Telemetry:
         self._tracer_provider: TracerProvider | None = None
         if processors:
             self._tracer_provider = TracerProvider(
-                resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio))
+                resource=resource, sampler=_sampler(config.sampler, config.sample_ratio)
             )
             for processor in processors:
                 self._tracer_provider.add_span_processor(processor)
