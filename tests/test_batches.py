@@ -44,6 +44,9 @@ from tests.conftest import add_local_model, default_config, live_environ, settin
 from tests.test_limits import retry_delay
 from tests.test_validation import error_info
 
+# A schema both providers take (Anthropic's structured outputs want every object closed).
+SUMMARY_SCHEMA = {"type": "object", "additionalProperties": False}
+
 
 def batch_config(tmp_path: Path) -> dict[str, object]:
     """The default policy with fast batch timers and the store under ``tmp_path``."""
@@ -309,14 +312,14 @@ class TestBatchSubmitAndResults:
                 "response_format",
                 {
                     "type": "json_schema",
-                    "json_schema": {"name": "summary", "schema": {"type": "object"}, "strict": False},
+                    "json_schema": {"name": "summary", "schema": SUMMARY_SCHEMA, "strict": False},
                 },
             ),
             (
                 "creative_writing",
                 "params",
                 "output_config",
-                {"format": {"type": "json_schema", "schema": {"type": "object"}}},
+                {"format": {"type": "json_schema", "schema": SUMMARY_SCHEMA}},
             ),
         ],
         ids=["openai", "anthropic"],
@@ -330,7 +333,7 @@ class TestBatchSubmitAndResults:
         waiting = batch_config(tmp_path)
         waiting["batch"]["group_window_seconds"] = 60  # type: ignore[index]
         response_format = pb.ResponseFormat(
-            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="summary", schema_json='{"type": "object"}'
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="summary", schema_json=json.dumps(SUMMARY_SCHEMA)
         )
         chat = build_chat([("user", "Summarise this report")], response_format=response_format)
         context = pb.RoutingContext(tenant="acme", task_hint=task, realtime=False)

@@ -117,9 +117,9 @@ class TestPublicSurface:
         public = {name for name in dir(telemetry) if not name.startswith("_")} - {"annotations"}
         assert public == set(telemetry.__all__)
         assert set(telemetry.__all__) == {
-            "CAPTURE_MAX_CHARS", "RequestTelemetry", "Telemetry", "add_trace_context", "configure_logging", "current_request",
-            "observed_stream", "record_cascade", "record_decision", "record_escalation", "record_fallback",
-            "record_feedback", "record_first_chunk_sent", "record_stage_latency", "start_routing",
+            "CAPTURE_MAX_CHARS", "RequestTelemetry", "Telemetry", "add_trace_context", "configure_logging",
+            "current_request", "observed_stream", "record_cascade", "record_decision", "record_escalation",
+            "record_fallback", "record_feedback", "record_first_chunk_sent", "record_stage_latency", "start_routing",
         }  # fmt: skip
 
 
