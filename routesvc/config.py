@@ -725,6 +725,9 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
     if sampler not in TRACE_SAMPLERS:
         known = ", ".join(TRACE_SAMPLERS)
         raise ConfigError(f"{source}: $OTEL_TRACES_SAMPLER: unsupported sampler {sampler!r} ({known})")
+    if telemetry.tracing.sample_ratio is not None and not sampler.endswith("traceidratio"):
+        # The file wins: a ratio set there samples by ratio, whatever sampler the variable names.
+        sampler = "parentbased_traceidratio"
     baseline = telemetry.baseline_model
     if baseline is None:
         baseline = max(catalog, key=lambda m: m.input_price_per_mtok + m.output_price_per_mtok).id

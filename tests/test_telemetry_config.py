@@ -146,6 +146,14 @@ class TestSampler:
             telemetry.shutdown()
         assert len(exporter.get_finished_spans()) == recorded
 
+    def test_a_ratio_in_the_file_wins_over_the_variables_sampler(self) -> None:
+        """The file wins when both say: sample_ratio set there samples by ratio (parent-based)
+        even when OTEL_TRACES_SAMPLER names always_on; a ratio sampler from the variable stays."""
+        on = _telemetry({"tracing": {"sample_ratio": 0.25}}, {"OTEL_TRACES_SAMPLER": "always_on"})
+        ratio = _telemetry({"tracing": {"sample_ratio": 0.25}}, {"OTEL_TRACES_SAMPLER": "traceidratio"})
+        assert (on.sampler, on.sample_ratio) == ("parentbased_traceidratio", 0.25)
+        assert ratio.sampler == "traceidratio"
+
     def test_an_unknown_sampler_is_a_config_error_naming_the_variable(self) -> None:
         """A sampler the SDK does not build here fails at start, listing the ones it takes."""
         with pytest.raises(ConfigError, match=r"\$OTEL_TRACES_SAMPLER: unsupported sampler 'jaeger_remote'"):

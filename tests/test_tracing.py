@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from routesvc import telemetry
 from routesvc.models import ChatRequest, Message, Role, RoutingContext, RoutingRequest
-from routesvc.testing import FakeProvider, FakeToolCall, Script
+from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, settings_from, user_chat
 from tests.observability import Observed, observed_server
@@ -375,6 +375,44 @@ class TestAttemptsAsTheLedgerHasThem:
         assert [(e.outcome.value, e.estimated, e.cost_usd > 0) for e in ledger] == [("cancelled", True, True)]
         spent = float(ledger[0].cost_usd)
         assert (_attrs(chat)["routesvc.cost_usd"], _attrs(server)["routesvc.cost_usd"], cost_metric) == (spent,) * 3
+
+    async def test_a_stream_cut_after_sub_word_chunks_is_estimated_as_the_ledger_has_it(
+        self, fake: FakeProvider
+    ) -> None:
+        """Cut by the idle timer after four sub-word chunks: the span counts the output from the
+        chunks joined, as the ledger does (it counted each chunk apart: 4 tokens for "Hello wor"
+        and "ld", the ledger 2), so its cost is the ledger's."""
+        fake.enqueue(Script(chunks=("Hel", "lo", " wor", "ld", "!"), fault=Fault.HANG, fault_after=4))
+        config = default_config()
+        config["reliability"] = {"retries_per_model": 0, "max_attempts": 1, "stream_idle_timeout_seconds": 1.0}
+        async with observed_server(fake, config=config) as observed:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _complete(observed, model="gpt-4o-mini")
+            (entry,) = observed.server.router.ledger.entries()
+        (chat,) = [span for span in observed.finished() if span.kind is SpanKind.CLIENT]
+        usage = (_attrs(chat)["gen_ai.usage.input_tokens"], _attrs(chat)["gen_ai.usage.output_tokens"])
+        assert usage == (entry.usage.input_tokens, entry.usage.output_tokens)
+        assert _attrs(chat)["routesvc.cost_usd"] == pytest.approx(float(entry.cost_usd))
+
+    async def test_a_stalled_json_schema_request_counts_its_schema_as_the_ledger_does(self, fake: FakeProvider) -> None:
+        """A JSON-schema request whose attempt stalls: the span's input estimate counts the
+        schema, as the router's does (it left it out: 9 tokens against 822)."""
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS))
+        properties = {f"field_{i}": {"type": "string", "description": f"field number {i}"} for i in range(40)}
+        schema = {"type": "object", "properties": properties, "additionalProperties": False}
+        response_format = pb.ResponseFormat(
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="fields", schema_json=json.dumps(schema)
+        )
+        config = default_config()
+        config["reliability"] = {"retries_per_model": 0, "max_attempts": 1, "first_token_timeout_seconds": 1.0}
+        async with observed_server(fake, config=config) as observed:
+            chat = user_chat("Give me JSON", response_format=response_format)
+            with pytest.raises(grpc.aio.AioRpcError):
+                [m async for m in observed.client.complete(chat, pb.RoutingContext(model="gpt-4o-mini"))]
+            (entry,) = observed.server.router.ledger.entries()
+        (span,) = [span for span in observed.finished() if span.kind is SpanKind.CLIENT]
+        assert entry.usage.input_tokens > 500
+        assert _attrs(span)["gen_ai.usage.input_tokens"] == entry.usage.input_tokens
 
     async def test_a_fallback_is_counted_only_when_its_model_is_called(self, fake: FakeProvider) -> None:
         """max_attempts 1: gpt-4o-mini fails 503 and no other attempt may start, so no fallback

@@ -117,7 +117,8 @@ class EmbeddingStage:
         if self._feedback is None:
             return 0
         encoder = self._router.encoder.name
-        dimension = self._router.encoder.encode([""]).shape[1]  # local encoders: no call made
+        # No texts: no model call and no shared memo (this runs in the Feedback RPC's thread).
+        dimension = self._router.encoder.encode([]).shape[1]
         with self._rebuilding:
             examples = []
             other = 0

@@ -439,7 +439,8 @@ async def observed_stream(
     parent = trace.set_span_in_context(rpc.routing_span or rpc.span)
     span = telemetry.tracer.start_span(f"chat {model.provider_model}", context=parent, kind=SpanKind.CLIENT)
     span.set_attributes(attributes)
-    chat = ChatRequest(messages=call.messages, tools=call.tools)
+    # What the router's estimate counts too (a response format's schema is in the prompt).
+    chat = ChatRequest(messages=call.messages, tools=call.tools, response_format=call.response_format)
     if telemetry.capture_content:
         span.set_attribute("gen_ai.input.messages", _messages_json(chat))
     headers = dict(call.headers)
@@ -449,7 +450,9 @@ async def observed_stream(
     started = time.monotonic()
     first_chunk: float | None = None
     texts: list[str] = []
-    unsent: list[str] = []  # what chunks without answer text carried (reasoning, tool calls)
+    # What every chunk carried, in order: answer text, reasoning, tool-call pieces (an interrupted
+    # attempt's output is estimated from them joined, as the ledger does).
+    produced: list[str] = []
     finish: ProviderFinish | None = None
     error_type = ""
     stopped = False  # the router's stream timers or the call's deadline ended it
@@ -467,8 +470,9 @@ async def observed_stream(
                     span.set_attribute("routesvc.time_to_first_chunk_ms", round((first_chunk - started) * 1000, 3))
                     telemetry.instruments.time_to_first_chunk.record(first_chunk - started, metric_labels)
                 texts.append(event.text)
+                produced.append(event.text)
             elif isinstance(event, Heartbeat):
-                unsent.append(event.text)
+                produced.append(event.text)
             else:
                 finish = event
             yield event
@@ -502,7 +506,7 @@ async def observed_stream(
                 chat,
                 finish,
                 texts,
-                unsent,
+                produced,
                 error_type,
                 stopped,
                 started,
@@ -519,7 +523,7 @@ def _end_attempt(
     chat: ChatRequest,
     finish: ProviderFinish | None,
     texts: list[str],
-    unsent: list[str],
+    produced: list[str],
     error_type: str,
     stopped: bool,
     started: float,
@@ -532,7 +536,7 @@ def _end_attempt(
     # nothing; one ended from our side once the provider had it (a cancellation, the router's
     # stream timers, the call's deadline), or cut after output, an estimate.
     ended_by_us = error_type in ("cancelled", "_OTHER") or stopped
-    interrupted = finish is None and (bool(texts or unsent) or ended_by_us)
+    interrupted = finish is None and (bool(produced) or ended_by_us)
     estimated = interrupted or (finish is not None and finish.estimated)
     if finish is not None:
         usage = finish.usage
@@ -544,9 +548,7 @@ def _end_attempt(
     elif interrupted:
         # Interrupted after the provider had the call: usage is estimated from what was sent
         # and received, and flagged.
-        usage = Usage(
-            input_tokens=estimate_input_tokens(chat), output_tokens=sum(count_text_tokens(t) for t in texts + unsent)
-        )
+        usage = Usage(input_tokens=estimate_input_tokens(chat), output_tokens=count_text_tokens("".join(produced)))
         span.set_attribute("routesvc.usage_estimated", True)
     else:
         # Refused before any content (an error status or event): nothing to bill.
