@@ -900,23 +900,41 @@ class Router:
                 ) from error
             raise
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                # Closing the generator closes the upstream HTTP response (also on cancellation).
-                await aclose()
-            if outcome is not AttemptOutcome.COMPLETED:
-                if outcome is AttemptOutcome.CANCELLED:
-                    self._breakers.release_probe(model.id)
-                # Ended by the provider's error before any output: nothing billed. Ended from our
-                # side once the provider had the call (a cancellation, our timers, the deadline),
-                # or cut after output: its input and what came, estimated (as its span says).
-                charged = bool(received) or ended_by_us or outcome is AttemptOutcome.CANCELLED
-                estimate = Usage(
-                    input_tokens=decision.estimated_input_tokens if charged else 0,
-                    output_tokens=count_text_tokens("".join(received)),
-                )
-                cost = cost_of_usage(model, estimate, decision.mode)
-                self._record(state, model, number, outcome, estimate, cost, estimated=charged)
+            try:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    # Closing the generator closes the upstream HTTP response (also on cancellation).
+                    await aclose()
+            finally:
+                # Recorded even when a second cancellation interrupts the close.
+                self._record_unfinished(state, model, number, outcome, received, ended_by_us)
+
+    def _record_unfinished(
+        self,
+        state: _AttemptState,
+        model: ModelSpec,
+        number: int,
+        outcome: AttemptOutcome,
+        received: list[str],
+        ended_by_us: bool,
+    ) -> None:
+        """Write an attempt that did not complete to the ledger (a completed one wrote itself).
+
+        Ended by the provider's error before any output: nothing billed. Ended from our side once
+        the provider had the call (a cancellation, our timers, the deadline), or cut after output:
+        its input and what came, estimated (as its span says)."""
+        if outcome is AttemptOutcome.COMPLETED:
+            return
+        if outcome is AttemptOutcome.CANCELLED:
+            self._breakers.release_probe(model.id)
+        decision = state.decision
+        charged = bool(received) or ended_by_us or outcome is AttemptOutcome.CANCELLED
+        estimate = Usage(
+            input_tokens=decision.estimated_input_tokens if charged else 0,
+            output_tokens=count_text_tokens("".join(received)),
+        )
+        cost = cost_of_usage(model, estimate, decision.mode)
+        self._record(state, model, number, outcome, estimate, cost, estimated=charged)
 
     def _record(
         self,
