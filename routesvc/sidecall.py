@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from routesvc.catalog import ModelSpec
-from routesvc.errors import ProviderError
+from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut
 from routesvc.models import Heartbeat, Message, ProviderFinish, TextDelta, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.tokens import count_text_tokens
@@ -78,7 +78,9 @@ async def side_call(
         error = exc
     except ProviderError as exc:
         error = exc
-        refused = not texts and not produced
+        # Refused by the provider before any output: nothing billed. Its own deadline passing
+        # ends it from our side once sent, like the timeout above: estimated, as its span says.
+        refused = not texts and not produced and not isinstance(exc, ProviderTimedOut | ProviderStalled)
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:

@@ -4,6 +4,7 @@ own price, a spent quota that no retry helps, and usage the provider did not rep
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -12,16 +13,20 @@ import pytest
 from google.rpc import status_pb2
 
 from routesvc.client import RouterClient, build_chat
+from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut, ProviderUnavailable
 from routesvc.ledger import AttemptOutcome
-from routesvc.models import ChatRequest, Message, Role, ToolCall, ToolSpec
+from routesvc.models import ChatRequest, Message, ProviderEvent, Role, ToolCall, ToolSpec, UpstreamCall
 from routesvc.providers.anthropic_batch import AnthropicBatches
+from routesvc.providers.base import ProviderCall
 from routesvc.providers.batch import BatchItem
 from routesvc.server import Server
+from routesvc.sidecall import side_call
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.tokens import estimate_input_tokens
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
 from tests.test_batches import batch_config, submit, wait_state
+from tests.test_classifier import CHEAP
 from tests.test_validation import error_info
 
 _PER_TOKEN = Decimal(1_000_000)
@@ -338,3 +343,43 @@ async def test_a_judge_cut_while_reasoning_is_charged_for_what_it_produced(fake:
     [judge] = [e for e in entries if e.model == "llama"]
     assert judge.estimated is True
     assert judge.usage.output_tokens > 0
+
+
+class _EndsWith:
+    """A provider whose every stream fails at once with ``error`` (what an adapter raises when its
+    own deadline passes, or when the provider refuses the call)."""
+
+    name = "openai"
+
+    def __init__(self, error: ProviderError) -> None:
+        self._error = error
+
+    async def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]:
+        raise self._error
+        yield  # pragma: no cover - makes this an async generator
+
+    async def aclose(self) -> None:
+        pass
+
+
+class TestSideCallCharges:
+    @pytest.mark.parametrize(
+        ("error", "charged"),
+        [
+            (ProviderTimedOut("deadline", provider="openai", model="cheap"), True),
+            (ProviderStalled("silent", provider="openai", model="cheap"), True),
+            (ProviderUnavailable("HTTP 503", provider="openai", model="cheap", status=503), False),
+        ],
+        ids=["its_deadline", "stalled", "refused"],
+    )
+    async def test_a_side_call_ended_from_our_side_is_charged_its_prompt(
+        self, error: ProviderError, charged: bool
+    ) -> None:
+        """A judge's or classifier's call whose own deadline passes in the adapter (the race with
+        its asyncio timeout goes either way) is charged its prompt's estimate, flagged, as the
+        timeout is and as its span says (it was charged nothing); a refusal costs nothing."""
+        call = ProviderCall(model="cheap", provider_model="cheap", messages=(Message(Role.USER, "Grade this"),))
+        charges: list[UpstreamCall] = []
+        result = await side_call(_EndsWith(error), CHEAP, call, purpose="judge", charge=charges.append)
+        (used,) = charges
+        assert (result.error is error, used.estimated, used.usage.input_tokens > 0) == (True, charged, charged)
