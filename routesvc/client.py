@@ -15,6 +15,7 @@ from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
 _ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+_CACHE_BREAKPOINTS = {"5m": pb.CACHE_BREAKPOINT_FIVE_MINUTES, "1h": pb.CACHE_BREAKPOINT_ONE_HOUR}
 
 
 class CompleteCall(Protocol):
@@ -59,7 +60,7 @@ async def complete_stream(start: Callable[[], CompleteCall]) -> AsyncIterator[pb
 
 
 def build_chat(
-    messages: Sequence[tuple[str, str] | pb.Message],
+    messages: Sequence[tuple[str, str] | tuple[str, str, str] | pb.Message],
     *,
     tools: Sequence[pb.Tool] = (),
     max_output_tokens: int | None = None,
@@ -70,12 +71,11 @@ def build_chat(
     response_format: pb.ResponseFormat | None = None,
 ) -> pb.ChatRequest:
     """A ``ChatRequest`` from ``(role, content)`` pairs (role "system", "user" or "assistant") and
-    ``pb.Message``s as they are (the turns of a tool-use loop: see ``tool_turns``)."""
+    ``pb.Message``s as they are (the turns of a tool-use loop: see ``tool_turns``). A third item,
+    ``(role, content, "5m")`` or ``"1h"``, marks a prompt-cache breakpoint at the end of that turn
+    (``Message.cache_breakpoint``); raises ``ValueError`` for any other."""
     chat = pb.ChatRequest(
-        messages=[
-            message if isinstance(message, pb.Message) else pb.Message(role=_ROLES[message[0]], content=message[1])
-            for message in messages
-        ],
+        messages=[message if isinstance(message, pb.Message) else _message(*message) for message in messages],
         tools=list(tools),
         stop=list(stop),
         tool_choice=tool_choice,
@@ -88,6 +88,15 @@ def build_chat(
     if temperature is not None:
         chat.temperature = temperature
     return chat
+
+
+def _message(role: str, content: str, cache: str = "") -> pb.Message:
+    message = pb.Message(role=_ROLES[role], content=content)
+    if cache:
+        if cache not in _CACHE_BREAKPOINTS:
+            raise ValueError(f"cache breakpoint {cache!r}: must be '5m' or '1h'")
+        message.cache_breakpoint = _CACHE_BREAKPOINTS[cache]
+    return message
 
 
 def image_part(image: str | bytes | Path) -> pb.ContentPart:

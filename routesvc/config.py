@@ -141,6 +141,13 @@ class LimitsConfig(_Strict):
     max_stop_sequences: int = Field(
         4, gt=0, description="Most stop sequences in one request (OpenAI refuses more than 4; Anthropic takes more)."
     )
+    max_cache_breakpoints: int = Field(
+        4,
+        gt=0,
+        le=4,
+        description="Most prompt-cache breakpoints (Message.cache_breakpoint, Tool.cache_breakpoint) in one "
+        "request; Anthropic refuses more than 4.",
+    )
     default_output_tokens: int = Field(
         512, gt=0, description="Output tokens assumed for estimates and sent when a request sets none."
     )

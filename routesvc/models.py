@@ -36,6 +36,14 @@ class FinishReason(enum.Enum):
     OTHER = "other"
 
 
+class CacheTtl(enum.Enum):
+    """How long a provider keeps the prompt prefix that a cache breakpoint ends (Anthropic's
+    ``cache_control.ttl``; OpenAI caches by itself and is sent nothing)."""
+
+    FIVE_MINUTES = "5m"
+    ONE_HOUR = "1h"
+
+
 @dataclass(frozen=True, slots=True)
 class ToolCall:
     """One call of a tool that a model made: the provider's id for it, the tool's name, and the
@@ -69,6 +77,7 @@ class Message:
     A user turn with images has ``parts``: its texts and images in order; its ``content`` is then
     its texts alone, joined by newlines (what every reader of text, the classifier, the token
     counter or a judge, sees). A turn without images has no ``parts``.
+    ``cache_breakpoint`` marks the end of a prompt prefix to cache (None: no breakpoint).
     """
 
     role: Role
@@ -76,6 +85,7 @@ class Message:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str = ""
     parts: tuple[str | Image, ...] = ()
+    cache_breakpoint: CacheTtl | None = None
 
     @property
     def images(self) -> tuple[Image, ...]:
@@ -85,11 +95,13 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class ToolSpec:
-    """A function the model may call; ``parameters`` is a JSON Schema object."""
+    """A function the model may call; ``parameters`` is a JSON Schema object. ``cache_breakpoint``
+    marks the end of a prompt prefix to cache after its definition (None: no breakpoint)."""
 
     name: str
     description: str = ""
     parameters: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    cache_breakpoint: CacheTtl | None = None
 
 
 class ToolChoiceMode(enum.Enum):

@@ -10,6 +10,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
 from urllib.parse import urlsplit
@@ -26,6 +27,7 @@ from routesvc.models import (
     BatchJob,
     BatchState,
     BatchStatus,
+    CacheTtl,
     ChatRequest,
     CompleteEvent,
     Completion,
@@ -62,6 +64,11 @@ _TOOL_CHOICE_MODES = {
     pb.TOOL_CHOICE_MODE_NONE: ToolChoiceMode.NONE,
     pb.TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.REQUIRED,
     pb.TOOL_CHOICE_MODE_TOOL: ToolChoiceMode.TOOL,
+}
+_CACHE_BREAKPOINTS = {
+    pb.CACHE_BREAKPOINT_UNSPECIFIED: None,
+    pb.CACHE_BREAKPOINT_FIVE_MINUTES: CacheTtl.FIVE_MINUTES,
+    pb.CACHE_BREAKPOINT_ONE_HOUR: CacheTtl.ONE_HOUR,
 }
 _MODES = {Mode.REALTIME: pb.MODE_REALTIME, Mode.BATCH: pb.MODE_BATCH}
 _FINISH = {
@@ -118,10 +125,11 @@ def _message(index: int, message: pb.Message, open_calls: Mapping[str, str], lim
         raise InvalidRequest(f"{field}.tool_calls", "are allowed only on ROLE_ASSISTANT messages")
     if message.tool_call_id and role is not Role.TOOL:
         raise InvalidRequest(f"{field}.tool_call_id", "is allowed only on ROLE_TOOL messages")
+    cache = _cache_breakpoint(f"{field}.cache_breakpoint", message.cache_breakpoint)
     if message.parts:
         if role is not Role.USER:
             raise InvalidRequest(f"{field}.parts", "are allowed only on ROLE_USER messages")
-        return _user_parts(field, message, limits)
+        return replace(_user_parts(field, message, limits), cache_breakpoint=cache)
     if role is Role.TOOL and message.tool_call_id not in open_calls:
         raise InvalidRequest(
             f"{field}.tool_call_id",
@@ -130,7 +138,44 @@ def _message(index: int, message: pb.Message, open_calls: Mapping[str, str], lim
     calls = tuple(_tool_call(f"{field}.tool_calls[{n}]", call) for n, call in enumerate(message.tool_calls))
     if not message.content.strip() and not calls:
         raise InvalidRequest(f"{field}.content", "must not be empty")
-    return Message(role, message.content, calls, message.tool_call_id)
+    return Message(role, message.content, calls, message.tool_call_id, cache_breakpoint=cache)
+
+
+def _cache_breakpoint(field: str, value: pb.CacheBreakpoint.ValueType) -> CacheTtl | None:
+    """A message's or tool's cache breakpoint; None when unset. An unknown value (a newer
+    client's) is refused rather than taken as none: the caller meant some breakpoint."""
+    if value not in _CACHE_BREAKPOINTS:
+        raise InvalidRequest(
+            field, "must be CACHE_BREAKPOINT_UNSPECIFIED, CACHE_BREAKPOINT_FIVE_MINUTES or CACHE_BREAKPOINT_ONE_HOUR"
+        )
+    return _CACHE_BREAKPOINTS[value]
+
+
+def _check_cache_breakpoints(chat: ChatRequest, limits: LimitsConfig) -> None:
+    """At most ``limits.max_cache_breakpoints`` (Anthropic's 4), and no one-hour breakpoint after
+    a five-minute one in the order Anthropic reads the prompt (tools, system messages, the other
+    messages): Anthropic refuses both, and a refusal upstream would count against the model's
+    breaker. The error names the breakpoint that breaks the rule."""
+    indexed = list(enumerate(chat.messages))
+    in_order = [(f"chat.tools[{n}]", tool.cache_breakpoint) for n, tool in enumerate(chat.tools)]
+    in_order += [(f"chat.messages[{n}]", m.cache_breakpoint) for n, m in indexed if m.role is Role.SYSTEM]
+    in_order += [(f"chat.messages[{n}]", m.cache_breakpoint) for n, m in indexed if m.role is not Role.SYSTEM]
+    marked = [(f"{where}.cache_breakpoint", ttl) for where, ttl in in_order if ttl is not None]
+    if len(marked) > limits.max_cache_breakpoints:
+        raise InvalidRequest(
+            marked[limits.max_cache_breakpoints][0],
+            f"is one breakpoint too many: a request marks at most {limits.max_cache_breakpoints} "
+            "(messages and tools together)",
+        )
+    short = False
+    for field, ttl in marked:
+        if ttl is CacheTtl.ONE_HOUR and short:
+            raise InvalidRequest(
+                field,
+                "is CACHE_BREAKPOINT_ONE_HOUR after a CACHE_BREAKPOINT_FIVE_MINUTES breakpoint: one-hour "
+                "breakpoints come first, in the order tools, system messages, other messages",
+            )
+        short = short or ttl is CacheTtl.FIVE_MINUTES
 
 
 def _user_parts(field: str, message: pb.Message, limits: LimitsConfig) -> Message:
@@ -226,7 +271,8 @@ def _tool(index: int, tool: pb.Tool) -> ToolSpec:
     field = f"chat.tools[{index}]"
     _tool_name(f"{field}.name", tool.name)
     parameters = _json_object(f"{field}.parameters_json", tool.parameters_json) if tool.parameters_json else {}
-    return ToolSpec(tool.name, tool.description, MappingProxyType(parameters))
+    cache = _cache_breakpoint(f"{field}.cache_breakpoint", tool.cache_breakpoint)
+    return ToolSpec(tool.name, tool.description, MappingProxyType(parameters), cache)
 
 
 def _json_object(field: str, text: str) -> dict[str, object]:
@@ -377,7 +423,7 @@ def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
         if not tools:
             raise InvalidRequest("chat.parallel_tool_calls", "needs chat.tools")
         parallel_tool_calls = chat.parallel_tool_calls
-    return ChatRequest(
+    request = ChatRequest(
         messages,
         tuple(tools),
         max_output_tokens,
@@ -387,6 +433,8 @@ def _chat(chat: pb.ChatRequest, limits: LimitsConfig) -> ChatRequest:
         parallel_tool_calls,
         _response_format(chat),
     )
+    _check_cache_breakpoints(request, limits)
+    return request
 
 
 def _context(context: pb.RoutingContext, limits: LimitsConfig) -> RoutingContext:

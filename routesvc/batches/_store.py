@@ -36,6 +36,7 @@ from routesvc.models import (
     BatchResult,
     BatchState,
     BatchStatus,
+    CacheTtl,
     FinishReason,
     Image,
     Message,
@@ -123,9 +124,7 @@ def encode_request(request: QueuedRequest) -> str:
             "messages": [_encode_message(m) for m in request.messages],
             "max_output_tokens": request.max_output_tokens,
             "temperature": request.temperature,
-            "tools": [
-                {"name": t.name, "description": t.description, "parameters": dict(t.parameters)} for t in request.tools
-            ],
+            "tools": [_encode_tool(tool) for tool in request.tools],
             "stop": list(request.stop),
             "tool_choice": _encode_tool_choice(request.tool_choice),
             "parallel_tool_calls": request.parallel_tool_calls,
@@ -136,7 +135,7 @@ def encode_request(request: QueuedRequest) -> str:
 
 def decode_request(text: str) -> QueuedRequest:
     """The request ``encode_request`` stored; rows stored before tools (or stop sequences, a tool
-    choice, a response format) were kept have none."""
+    choice, a response format, cache breakpoints) were kept have none."""
     data = json.loads(text)
     return QueuedRequest(
         messages=tuple(
@@ -146,13 +145,19 @@ def decode_request(text: str) -> QueuedRequest:
                 _decode_calls(m.get("tool_calls")),
                 m.get("tool_call_id", ""),
                 _decode_parts(m.get("parts")),
+                _decode_cache(m.get("cache_breakpoint")),
             )
             for m in data["messages"]
         ),
         max_output_tokens=int(data["max_output_tokens"]),
         temperature=data["temperature"],
         tools=tuple(
-            ToolSpec(t["name"], t.get("description", ""), MappingProxyType(dict(t.get("parameters") or {})))
+            ToolSpec(
+                t["name"],
+                t.get("description", ""),
+                MappingProxyType(dict(t.get("parameters") or {})),
+                _decode_cache(t.get("cache_breakpoint")),
+            )
             for t in data.get("tools", ())
         ),
         stop=tuple(data.get("stop", ())),
@@ -188,8 +193,22 @@ def _decode_tool_choice(data: dict[str, str] | None) -> ToolChoice | None:
     return None if data is None else ToolChoice(ToolChoiceMode(data["mode"]), data.get("name", ""))
 
 
+def _encode_tool(tool: ToolSpec) -> dict[str, Any]:
+    encoded: dict[str, Any] = {"name": tool.name, "description": tool.description, "parameters": dict(tool.parameters)}
+    if tool.cache_breakpoint is not None:
+        encoded["cache_breakpoint"] = tool.cache_breakpoint.value
+    return encoded
+
+
+def _decode_cache(value: str | None) -> CacheTtl | None:
+    """A cache breakpoint as ``CacheTtl.value`` stored it ("5m", "1h"); None when none was."""
+    return None if value is None else CacheTtl(value)
+
+
 def _encode_message(message: Message) -> dict[str, Any]:
     encoded: dict[str, Any] = {"role": message.role.value, "content": message.content}
+    if message.cache_breakpoint is not None:
+        encoded["cache_breakpoint"] = message.cache_breakpoint.value
     if message.tool_calls:
         encoded["tool_calls"] = _encode_calls(message.tool_calls)
     if message.tool_call_id:

@@ -27,7 +27,9 @@ adapts what Anthropic refuses but the other providers take: a ``temperature`` ab
 range is 0-1) is sent as 1; a final assistant turn (a prefill) is sent without trailing
 whitespace; a history with tool calls in a request that offers no tools declares the called tools
 (an object schema, ``tool_choice`` none), since Anthropic refuses ``tool_use`` blocks otherwise; a
-JSON schema response format is ``output_config.format`` (structured outputs).
+JSON schema response format is ``output_config.format`` (structured outputs). A cache breakpoint
+is ``cache_control`` on the marked turn's last block (a marked turn's text becomes one text block;
+marked system messages make ``system`` a list of blocks) or on the marked tool's definition.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import anthropic
 import structlog
 from anthropic.types import (
     AssistantMessageParam,
+    CacheControlEphemeralParam,
     ImageBlockParam,
     MessageParam,
     TextBlockParam,
@@ -55,6 +58,7 @@ from anthropic.types import (
 
 from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import (
+    CacheTtl,
     ChatRequest,
     FinishReason,
     Heartbeat,
@@ -114,6 +118,9 @@ MAX_TEMPERATURE = 1.0
 # A tool that a request's history called, declared when the request offers no tools.
 _ANY_INPUT: dict[str, object] = {"type": "object"}
 
+# A content block of a turn this adapter builds.
+_Block = TextBlockParam | ImageBlockParam | ToolUseBlockParam | ToolResultBlockParam
+
 _T = TypeVar("_T")
 _C = TypeVar("_C", int, int | None)
 
@@ -139,33 +146,69 @@ def map_stop_reason(reason: str | None) -> FinishReason:
     return _FINISH_REASONS.get(reason, FinishReason.OTHER)
 
 
-def _system(messages: Iterable[Message]) -> str:
-    return "\n\n".join(message.content for message in messages if message.role is Role.SYSTEM)
+def _cache_control(ttl: CacheTtl) -> CacheControlEphemeralParam:
+    """The ``cache_control`` of a breakpoint: five minutes is Anthropic's default (sent without a
+    ``ttl``), one hour is ``"ttl": "1h"`` (generally available: no beta header)."""
+    if ttl is CacheTtl.ONE_HOUR:
+        return CacheControlEphemeralParam(type="ephemeral", ttl="1h")
+    return CacheControlEphemeralParam(type="ephemeral")
+
+
+def _marked(blocks: list[_Block], ttl: CacheTtl | None) -> list[_Block]:
+    """``blocks`` (one turn's, never empty) with the turn's cache breakpoint on the last one."""
+    if ttl is not None:
+        blocks[-1]["cache_control"] = _cache_control(ttl)
+    return blocks
+
+
+def _text(text: str, ttl: CacheTtl | None) -> str | list[TextBlockParam]:
+    """A turn's text: a string, or one text block carrying the breakpoint when it has one (a
+    string cannot carry ``cache_control``)."""
+    if ttl is None:
+        return text
+    return [TextBlockParam(type="text", text=text, cache_control=_cache_control(ttl))]
+
+
+def _system(messages: Iterable[Message]) -> str | list[TextBlockParam]:
+    """The system messages: one string (joined by blank lines), or, when any of them marks a
+    cache breakpoint, one text block each, the marked ones carrying ``cache_control``."""
+    system = [message for message in messages if message.role is Role.SYSTEM]
+    if not any(message.cache_breakpoint for message in system):
+        return "\n\n".join(message.content for message in system)
+    blocks: list[TextBlockParam] = []
+    for message in system:
+        block = TextBlockParam(type="text", text=message.content)
+        if message.cache_breakpoint is not None:
+            block["cache_control"] = _cache_control(message.cache_breakpoint)
+        blocks.append(block)
+    return blocks
 
 
 def _messages(messages: Iterable[Message]) -> list[MessageParam]:
     """The turns in Anthropic's shape: an assistant turn's tool calls as ``tool_use`` blocks after
     its text; tool results as ``tool_result`` blocks of one user turn (consecutive ones merged, a
-    user text right after them joining that turn after them)."""
+    user text right after them joining that turn after them). A turn's cache breakpoint goes on
+    its own last block, wherever the turn was merged."""
     result: list[MessageParam] = []
     ids = SentCallIds(anthropic_call_id)
     # The blocks of the user turn that tool results opened, while more may join it.
-    results: list[ToolResultBlockParam | TextBlockParam | ImageBlockParam] | None = None
+    results: list[_Block] | None = None
     for message in messages:
+        ttl = message.cache_breakpoint
         if message.role is Role.TOOL:
             block = ToolResultBlockParam(
                 type="tool_result", tool_use_id=ids.result(message.tool_call_id), content=message.content
             )
             if results is None:
-                results = [block]
+                results = _marked([block], ttl)
                 result.append(UserMessageParam(role="user", content=results))
             else:
-                results.append(block)
+                results.extend(_marked([block], ttl))
             continue
         if message.role is Role.USER and results is not None:
-            results.extend(_user_blocks(message))
+            results.extend(_marked(_user_blocks(message), ttl))
         elif message.role is Role.ASSISTANT and message.tool_calls:
-            blocks: list[TextBlockParam | ToolUseBlockParam] = []
+            blocks: list[_Block] = []
             if message.content.strip():
                 blocks.append(TextBlockParam(type="text", text=message.content))
             blocks.extend(
@@ -177,24 +220,28 @@ def _messages(messages: Iterable[Message]) -> list[MessageParam]:
                 )
                 for call in message.tool_calls
             )
-            result.append(AssistantMessageParam(role="assistant", content=blocks))
+            result.append(AssistantMessageParam(role="assistant", content=_marked(blocks, ttl)))
         elif message.role is Role.ASSISTANT:
-            result.append(AssistantMessageParam(role="assistant", content=message.content))
+            result.append(AssistantMessageParam(role="assistant", content=_text(message.content, ttl)))
         elif message.role is Role.USER and message.parts:
-            result.append(UserMessageParam(role="user", content=_user_blocks(message)))
+            result.append(UserMessageParam(role="user", content=_marked(_user_blocks(message), ttl)))
         elif message.role is Role.USER:
-            result.append(UserMessageParam(role="user", content=message.content))
+            result.append(UserMessageParam(role="user", content=_text(message.content, ttl)))
         if message.role is not Role.SYSTEM:
             results = None
-    if result and result[-1]["role"] == "assistant" and isinstance(result[-1]["content"], str):
+    if result and result[-1]["role"] == "assistant":
         # A final assistant turn is a prefill, which Anthropic refuses when it ends in whitespace.
-        result[-1] = AssistantMessageParam(role="assistant", content=result[-1]["content"].rstrip())
+        content = result[-1]["content"]
+        if isinstance(content, str):
+            result[-1] = AssistantMessageParam(role="assistant", content=content.rstrip())
+        elif isinstance(content, list) and len(content) == 1 and content[0]["type"] == "text":
+            content[0]["text"] = content[0]["text"].rstrip()
     return result
 
 
-def _user_blocks(message: Message) -> list[TextBlockParam | ImageBlockParam]:
+def _user_blocks(message: Message) -> list[_Block]:
     """A user turn's text and images as content blocks (a text-only turn is one text block)."""
-    blocks: list[TextBlockParam | ImageBlockParam] = []
+    blocks: list[_Block] = []
     for part in message.parts or (message.content,):
         if isinstance(part, str):
             blocks.append(TextBlockParam(type="text", text=part))
@@ -316,6 +363,8 @@ def _tools(tools: Iterable[ToolSpec]) -> list[ToolParam]:
         param: ToolParam = {"name": tool.name, "input_schema": schema}
         if tool.description:
             param["description"] = tool.description
+        if tool.cache_breakpoint is not None:
+            param["cache_control"] = _cache_control(tool.cache_breakpoint)
         result.append(param)
     return result
 

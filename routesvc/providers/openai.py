@@ -14,6 +14,10 @@ Every SDK exception is translated here, most specific first:
     openai.APIError             in-band ``{"error": ...}`` chunk or an invalid response: by its type
     httpx2 / aiohttp / decoding errors  ProviderUnavailable (cut, reset, malformed or non-UTF-8 stream)
     deadline (call.timeout)     ProviderTimedOut (a ProviderUnavailable)
+
+Cache breakpoints (``Message.cache_breakpoint``, ``ToolSpec.cache_breakpoint``) are not sent:
+OpenAI caches a long prompt's prefix by itself and reports the reads as ``cached_tokens``, and the
+compatible servers take no such field.
 """
 
 from __future__ import annotations

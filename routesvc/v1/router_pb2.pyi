@@ -238,6 +238,39 @@ Anthropic's output_config.format).
 """
 Global___ResponseFormatType: _TypeAlias = ResponseFormatType  # noqa: Y015
 
+class _CacheBreakpoint:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CacheBreakpointEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheBreakpoint.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CACHE_BREAKPOINT_UNSPECIFIED: _CacheBreakpoint.ValueType  # 0
+    """Not set: no breakpoint here."""
+    CACHE_BREAKPOINT_FIVE_MINUTES: _CacheBreakpoint.ValueType  # 1
+    """Cache the prefix that ends here for five minutes (Anthropic's default lifetime)."""
+    CACHE_BREAKPOINT_ONE_HOUR: _CacheBreakpoint.ValueType  # 2
+    """Cache the prefix that ends here for one hour (a higher write price)."""
+
+class CacheBreakpoint(_CacheBreakpoint, metaclass=_CacheBreakpointEnumTypeWrapper):
+    """CacheBreakpoint marks the end of a prompt prefix the provider should cache, and for how long.
+
+    Anthropic caches a prefix only where a request marks one: the marked prefix (tools, then system
+    messages, then the other messages, in that order) is written to the cache at 1.25x the input
+    price (five minutes) or 2x (one hour), and later requests with the same prefix read it at 0.1x.
+    A prefix shorter than the model's minimum (1024 to 4096 tokens) is not cached, without error.
+    A request holds at most `limits.max_cache_breakpoints` (4, Anthropic's limit), and every
+    one-hour breakpoint comes before every five-minute one in that order (Anthropic's rule).
+    OpenAI caches long prefixes by itself: nothing is sent there, and the markers change nothing.
+    """
+
+CACHE_BREAKPOINT_UNSPECIFIED: CacheBreakpoint.ValueType  # 0
+"""Not set: no breakpoint here."""
+CACHE_BREAKPOINT_FIVE_MINUTES: CacheBreakpoint.ValueType  # 1
+"""Cache the prefix that ends here for five minutes (Anthropic's default lifetime)."""
+CACHE_BREAKPOINT_ONE_HOUR: CacheBreakpoint.ValueType  # 2
+"""Cache the prefix that ends here for one hour (a higher write price)."""
+Global___CacheBreakpoint: _TypeAlias = CacheBreakpoint  # noqa: Y015
+
 class _AttemptOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -285,6 +318,7 @@ class Message(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
+    CACHE_BREAKPOINT_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Who wrote it; required."""
     content: _builtins.str
@@ -295,6 +329,10 @@ class Message(_message.Message):
     tool_call_id: _builtins.str
     """On a ROLE_TOOL turn (required there, and only there): the id of the call, made by an
     earlier ROLE_ASSISTANT turn, whose result `content` is.
+    """
+    cache_breakpoint: Global___CacheBreakpoint.ValueType
+    """Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
+    result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
     """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
@@ -318,10 +356,11 @@ class Message(_message.Message):
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
         tool_call_id: _builtins.str = ...,
         parts: _abc.Iterable[Global___ContentPart] | None = ...,
+        cache_breakpoint: Global___CacheBreakpoint.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "parts", b"parts", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "content", b"content", "parts", b"parts", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -442,22 +481,29 @@ class Tool(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
+    CACHE_BREAKPOINT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Function name: 1-64 characters of [a-zA-Z0-9_-]."""
     description: _builtins.str
     """What the function does."""
     parameters_json: _builtins.str
     """JSON Schema of the arguments, as a JSON object text; empty means no arguments."""
+    cache_breakpoint: Global___CacheBreakpoint.ValueType
+    """Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
+    tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
+    breakpoint.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         parameters_json: _builtins.str = ...,
+        cache_breakpoint: Global___CacheBreakpoint.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters_json", b"parameters_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "description", b"description", "name", b"name", "parameters_json", b"parameters_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -405,6 +405,67 @@ func (ResponseFormatType) EnumDescriptor() ([]byte, []int) {
 	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{5}
 }
 
+// CacheBreakpoint marks the end of a prompt prefix the provider should cache, and for how long.
+//
+// Anthropic caches a prefix only where a request marks one: the marked prefix (tools, then system
+// messages, then the other messages, in that order) is written to the cache at 1.25x the input
+// price (five minutes) or 2x (one hour), and later requests with the same prefix read it at 0.1x.
+// A prefix shorter than the model's minimum (1024 to 4096 tokens) is not cached, without error.
+// A request holds at most `limits.max_cache_breakpoints` (4, Anthropic's limit), and every
+// one-hour breakpoint comes before every five-minute one in that order (Anthropic's rule).
+// OpenAI caches long prefixes by itself: nothing is sent there, and the markers change nothing.
+type CacheBreakpoint int32
+
+const (
+	// Not set: no breakpoint here.
+	CacheBreakpoint_CACHE_BREAKPOINT_UNSPECIFIED CacheBreakpoint = 0
+	// Cache the prefix that ends here for five minutes (Anthropic's default lifetime).
+	CacheBreakpoint_CACHE_BREAKPOINT_FIVE_MINUTES CacheBreakpoint = 1
+	// Cache the prefix that ends here for one hour (a higher write price).
+	CacheBreakpoint_CACHE_BREAKPOINT_ONE_HOUR CacheBreakpoint = 2
+)
+
+// Enum value maps for CacheBreakpoint.
+var (
+	CacheBreakpoint_name = map[int32]string{
+		0: "CACHE_BREAKPOINT_UNSPECIFIED",
+		1: "CACHE_BREAKPOINT_FIVE_MINUTES",
+		2: "CACHE_BREAKPOINT_ONE_HOUR",
+	}
+	CacheBreakpoint_value = map[string]int32{
+		"CACHE_BREAKPOINT_UNSPECIFIED":  0,
+		"CACHE_BREAKPOINT_FIVE_MINUTES": 1,
+		"CACHE_BREAKPOINT_ONE_HOUR":     2,
+	}
+)
+
+func (x CacheBreakpoint) Enum() *CacheBreakpoint {
+	p := new(CacheBreakpoint)
+	*p = x
+	return p
+}
+
+func (x CacheBreakpoint) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CacheBreakpoint) Descriptor() protoreflect.EnumDescriptor {
+	return file_routesvc_v1_router_proto_enumTypes[6].Descriptor()
+}
+
+func (CacheBreakpoint) Type() protoreflect.EnumType {
+	return &file_routesvc_v1_router_proto_enumTypes[6]
+}
+
+func (x CacheBreakpoint) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CacheBreakpoint.Descriptor instead.
+func (CacheBreakpoint) EnumDescriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
+}
+
 // AttemptOutcome is how one upstream attempt ended.
 type AttemptOutcome int32
 
@@ -454,11 +515,11 @@ func (x AttemptOutcome) String() string {
 }
 
 func (AttemptOutcome) Descriptor() protoreflect.EnumDescriptor {
-	return file_routesvc_v1_router_proto_enumTypes[6].Descriptor()
+	return file_routesvc_v1_router_proto_enumTypes[7].Descriptor()
 }
 
 func (AttemptOutcome) Type() protoreflect.EnumType {
-	return &file_routesvc_v1_router_proto_enumTypes[6]
+	return &file_routesvc_v1_router_proto_enumTypes[7]
 }
 
 func (x AttemptOutcome) Number() protoreflect.EnumNumber {
@@ -467,7 +528,7 @@ func (x AttemptOutcome) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use AttemptOutcome.Descriptor instead.
 func (AttemptOutcome) EnumDescriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
 }
 
 // Message is one turn of the conversation.
@@ -489,9 +550,12 @@ type Message struct {
 	// (a ROLE_USER turn with parts may leave `content` empty). Only on ROLE_USER turns (both
 	// providers take images only from the user). A request with any image is served only by a
 	// model with the "vision" capability.
-	Parts         []*ContentPart `protobuf:"bytes,5,rep,name=parts,proto3" json:"parts,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Parts []*ContentPart `protobuf:"bytes,5,rep,name=parts,proto3" json:"parts,omitempty"`
+	// Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
+	// result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
+	CacheBreakpoint CacheBreakpoint `protobuf:"varint,6,opt,name=cache_breakpoint,json=cacheBreakpoint,proto3,enum=routesvc.v1.CacheBreakpoint" json:"cache_breakpoint,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Message) Reset() {
@@ -557,6 +621,13 @@ func (x *Message) GetParts() []*ContentPart {
 		return x.Parts
 	}
 	return nil
+}
+
+func (x *Message) GetCacheBreakpoint() CacheBreakpoint {
+	if x != nil {
+		return x.CacheBreakpoint
+	}
+	return CacheBreakpoint_CACHE_BREAKPOINT_UNSPECIFIED
 }
 
 // ContentPart is one piece of a ROLE_USER turn: text or an image.
@@ -824,8 +895,12 @@ type Tool struct {
 	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
 	// JSON Schema of the arguments, as a JSON object text; empty means no arguments.
 	ParametersJson string `protobuf:"bytes,3,opt,name=parameters_json,json=parametersJson,proto3" json:"parameters_json,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
+	// tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
+	// breakpoint.
+	CacheBreakpoint CacheBreakpoint `protobuf:"varint,4,opt,name=cache_breakpoint,json=cacheBreakpoint,proto3,enum=routesvc.v1.CacheBreakpoint" json:"cache_breakpoint,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Tool) Reset() {
@@ -877,6 +952,13 @@ func (x *Tool) GetParametersJson() string {
 		return x.ParametersJson
 	}
 	return ""
+}
+
+func (x *Tool) GetCacheBreakpoint() CacheBreakpoint {
+	if x != nil {
+		return x.CacheBreakpoint
+	}
+	return CacheBreakpoint_CACHE_BREAKPOINT_UNSPECIFIED
 }
 
 // ToolChoice is whether, and which, tool the model must call.
@@ -3650,7 +3732,7 @@ var File_routesvc_v1_router_proto protoreflect.FileDescriptor
 
 const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\n" +
-	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd2\x01\n" +
+	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x02\n" +
 	"\aMessage\x12%\n" +
 	"\x04role\x18\x01 \x01(\x0e2\x11.routesvc.v1.RoleR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x124\n" +
@@ -3658,7 +3740,8 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"tool_calls\x18\x03 \x03(\v2\x15.routesvc.v1.ToolCallR\ttoolCalls\x12 \n" +
 	"\ftool_call_id\x18\x04 \x01(\tR\n" +
 	"toolCallId\x12.\n" +
-	"\x05parts\x18\x05 \x03(\v2\x18.routesvc.v1.ContentPartR\x05parts\"W\n" +
+	"\x05parts\x18\x05 \x03(\v2\x18.routesvc.v1.ContentPartR\x05parts\x12G\n" +
+	"\x10cache_breakpoint\x18\x06 \x01(\x0e2\x1c.routesvc.v1.CacheBreakpointR\x0fcacheBreakpoint\"W\n" +
 	"\vContentPart\x12\x14\n" +
 	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12*\n" +
 	"\x05image\x18\x02 \x01(\v2\x12.routesvc.v1.ImageH\x00R\x05imageB\x06\n" +
@@ -3672,11 +3755,12 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\bToolCall\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12%\n" +
-	"\x0earguments_json\x18\x03 \x01(\tR\rargumentsJson\"e\n" +
+	"\x0earguments_json\x18\x03 \x01(\tR\rargumentsJson\"\xae\x01\n" +
 	"\x04Tool\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x12'\n" +
-	"\x0fparameters_json\x18\x03 \x01(\tR\x0eparametersJson\"Q\n" +
+	"\x0fparameters_json\x18\x03 \x01(\tR\x0eparametersJson\x12G\n" +
+	"\x10cache_breakpoint\x18\x04 \x01(\x0e2\x1c.routesvc.v1.CacheBreakpointR\x0fcacheBreakpoint\"Q\n" +
 	"\n" +
 	"ToolChoice\x12/\n" +
 	"\x04mode\x18\x01 \x01(\x0e2\x1b.routesvc.v1.ToolChoiceModeR\x04mode\x12\x12\n" +
@@ -3946,7 +4030,11 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	" RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n" +
 	" RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n" +
-	" RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\xc6\x01\n" +
+	" RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*u\n" +
+	"\x0fCacheBreakpoint\x12 \n" +
+	"\x1cCACHE_BREAKPOINT_UNSPECIFIED\x10\x00\x12!\n" +
+	"\x1dCACHE_BREAKPOINT_FIVE_MINUTES\x10\x01\x12\x1d\n" +
+	"\x19CACHE_BREAKPOINT_ONE_HOUR\x10\x02*\xc6\x01\n" +
 	"\x0eAttemptOutcome\x12\x1f\n" +
 	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19ATTEMPT_OUTCOME_COMPLETED\x10\x01\x12\x1d\n" +
@@ -3977,7 +4065,7 @@ func file_routesvc_v1_router_proto_rawDescGZIP() []byte {
 	return file_routesvc_v1_router_proto_rawDescData
 }
 
-var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
+var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
 var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_routesvc_v1_router_proto_goTypes = []any{
 	(BatchState)(0),               // 0: routesvc.v1.BatchState
@@ -3986,124 +4074,127 @@ var file_routesvc_v1_router_proto_goTypes = []any{
 	(FinishReason)(0),             // 3: routesvc.v1.FinishReason
 	(ToolChoiceMode)(0),           // 4: routesvc.v1.ToolChoiceMode
 	(ResponseFormatType)(0),       // 5: routesvc.v1.ResponseFormatType
-	(AttemptOutcome)(0),           // 6: routesvc.v1.AttemptOutcome
-	(*Message)(nil),               // 7: routesvc.v1.Message
-	(*ContentPart)(nil),           // 8: routesvc.v1.ContentPart
-	(*Image)(nil),                 // 9: routesvc.v1.Image
-	(*ToolCall)(nil),              // 10: routesvc.v1.ToolCall
-	(*Tool)(nil),                  // 11: routesvc.v1.Tool
-	(*ToolChoice)(nil),            // 12: routesvc.v1.ToolChoice
-	(*ResponseFormat)(nil),        // 13: routesvc.v1.ResponseFormat
-	(*ChatRequest)(nil),           // 14: routesvc.v1.ChatRequest
-	(*RoutingContext)(nil),        // 15: routesvc.v1.RoutingContext
-	(*RouteRequest)(nil),          // 16: routesvc.v1.RouteRequest
-	(*Candidate)(nil),             // 17: routesvc.v1.Candidate
-	(*RouteDecision)(nil),         // 18: routesvc.v1.RouteDecision
-	(*RouteResponse)(nil),         // 19: routesvc.v1.RouteResponse
-	(*CompleteRequest)(nil),       // 20: routesvc.v1.CompleteRequest
-	(*TextDelta)(nil),             // 21: routesvc.v1.TextDelta
-	(*Usage)(nil),                 // 22: routesvc.v1.Usage
-	(*Completion)(nil),            // 23: routesvc.v1.Completion
-	(*Attempt)(nil),               // 24: routesvc.v1.Attempt
-	(*QualityScore)(nil),          // 25: routesvc.v1.QualityScore
-	(*Escalation)(nil),            // 26: routesvc.v1.Escalation
-	(*BatchJob)(nil),              // 27: routesvc.v1.BatchJob
-	(*BatchResult)(nil),           // 28: routesvc.v1.BatchResult
-	(*GetBatchRequest)(nil),       // 29: routesvc.v1.GetBatchRequest
-	(*GetBatchResponse)(nil),      // 30: routesvc.v1.GetBatchResponse
-	(*CancelBatchRequest)(nil),    // 31: routesvc.v1.CancelBatchRequest
-	(*CancelBatchResponse)(nil),   // 32: routesvc.v1.CancelBatchResponse
-	(*CompleteResponse)(nil),      // 33: routesvc.v1.CompleteResponse
-	(*ListModelsRequest)(nil),     // 34: routesvc.v1.ListModelsRequest
-	(*ModelInfo)(nil),             // 35: routesvc.v1.ModelInfo
-	(*ListModelsResponse)(nil),    // 36: routesvc.v1.ListModelsResponse
-	(*GetStatsRequest)(nil),       // 37: routesvc.v1.GetStatsRequest
-	(*CostTotals)(nil),            // 38: routesvc.v1.CostTotals
-	(*ModelStats)(nil),            // 39: routesvc.v1.ModelStats
-	(*TenantStats)(nil),           // 40: routesvc.v1.TenantStats
-	(*LatencyPercentiles)(nil),    // 41: routesvc.v1.LatencyPercentiles
-	(*GetStatsResponse)(nil),      // 42: routesvc.v1.GetStatsResponse
-	(*FeedbackRequest)(nil),       // 43: routesvc.v1.FeedbackRequest
-	(*FeedbackResponse)(nil),      // 44: routesvc.v1.FeedbackResponse
-	nil,                           // 45: routesvc.v1.RoutingContext.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 46: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 47: google.protobuf.Duration
+	(CacheBreakpoint)(0),          // 6: routesvc.v1.CacheBreakpoint
+	(AttemptOutcome)(0),           // 7: routesvc.v1.AttemptOutcome
+	(*Message)(nil),               // 8: routesvc.v1.Message
+	(*ContentPart)(nil),           // 9: routesvc.v1.ContentPart
+	(*Image)(nil),                 // 10: routesvc.v1.Image
+	(*ToolCall)(nil),              // 11: routesvc.v1.ToolCall
+	(*Tool)(nil),                  // 12: routesvc.v1.Tool
+	(*ToolChoice)(nil),            // 13: routesvc.v1.ToolChoice
+	(*ResponseFormat)(nil),        // 14: routesvc.v1.ResponseFormat
+	(*ChatRequest)(nil),           // 15: routesvc.v1.ChatRequest
+	(*RoutingContext)(nil),        // 16: routesvc.v1.RoutingContext
+	(*RouteRequest)(nil),          // 17: routesvc.v1.RouteRequest
+	(*Candidate)(nil),             // 18: routesvc.v1.Candidate
+	(*RouteDecision)(nil),         // 19: routesvc.v1.RouteDecision
+	(*RouteResponse)(nil),         // 20: routesvc.v1.RouteResponse
+	(*CompleteRequest)(nil),       // 21: routesvc.v1.CompleteRequest
+	(*TextDelta)(nil),             // 22: routesvc.v1.TextDelta
+	(*Usage)(nil),                 // 23: routesvc.v1.Usage
+	(*Completion)(nil),            // 24: routesvc.v1.Completion
+	(*Attempt)(nil),               // 25: routesvc.v1.Attempt
+	(*QualityScore)(nil),          // 26: routesvc.v1.QualityScore
+	(*Escalation)(nil),            // 27: routesvc.v1.Escalation
+	(*BatchJob)(nil),              // 28: routesvc.v1.BatchJob
+	(*BatchResult)(nil),           // 29: routesvc.v1.BatchResult
+	(*GetBatchRequest)(nil),       // 30: routesvc.v1.GetBatchRequest
+	(*GetBatchResponse)(nil),      // 31: routesvc.v1.GetBatchResponse
+	(*CancelBatchRequest)(nil),    // 32: routesvc.v1.CancelBatchRequest
+	(*CancelBatchResponse)(nil),   // 33: routesvc.v1.CancelBatchResponse
+	(*CompleteResponse)(nil),      // 34: routesvc.v1.CompleteResponse
+	(*ListModelsRequest)(nil),     // 35: routesvc.v1.ListModelsRequest
+	(*ModelInfo)(nil),             // 36: routesvc.v1.ModelInfo
+	(*ListModelsResponse)(nil),    // 37: routesvc.v1.ListModelsResponse
+	(*GetStatsRequest)(nil),       // 38: routesvc.v1.GetStatsRequest
+	(*CostTotals)(nil),            // 39: routesvc.v1.CostTotals
+	(*ModelStats)(nil),            // 40: routesvc.v1.ModelStats
+	(*TenantStats)(nil),           // 41: routesvc.v1.TenantStats
+	(*LatencyPercentiles)(nil),    // 42: routesvc.v1.LatencyPercentiles
+	(*GetStatsResponse)(nil),      // 43: routesvc.v1.GetStatsResponse
+	(*FeedbackRequest)(nil),       // 44: routesvc.v1.FeedbackRequest
+	(*FeedbackResponse)(nil),      // 45: routesvc.v1.FeedbackResponse
+	nil,                           // 46: routesvc.v1.RoutingContext.MetadataEntry
+	(*timestamppb.Timestamp)(nil), // 47: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 48: google.protobuf.Duration
 }
 var file_routesvc_v1_router_proto_depIdxs = []int32{
 	1,  // 0: routesvc.v1.Message.role:type_name -> routesvc.v1.Role
-	10, // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
-	8,  // 2: routesvc.v1.Message.parts:type_name -> routesvc.v1.ContentPart
-	9,  // 3: routesvc.v1.ContentPart.image:type_name -> routesvc.v1.Image
-	4,  // 4: routesvc.v1.ToolChoice.mode:type_name -> routesvc.v1.ToolChoiceMode
-	5,  // 5: routesvc.v1.ResponseFormat.type:type_name -> routesvc.v1.ResponseFormatType
-	7,  // 6: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
-	11, // 7: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
-	12, // 8: routesvc.v1.ChatRequest.tool_choice:type_name -> routesvc.v1.ToolChoice
-	13, // 9: routesvc.v1.ChatRequest.response_format:type_name -> routesvc.v1.ResponseFormat
-	45, // 10: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
-	14, // 11: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	15, // 12: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
-	2,  // 13: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
-	17, // 14: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
-	18, // 15: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	14, // 16: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	15, // 17: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
-	22, // 18: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
-	3,  // 19: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
-	24, // 20: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
-	22, // 21: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
-	25, // 22: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
-	10, // 23: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
-	6,  // 24: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
-	22, // 25: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
-	25, // 26: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
-	22, // 27: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
-	0,  // 28: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
-	46, // 29: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
-	46, // 30: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
-	22, // 31: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
-	3,  // 32: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
-	10, // 33: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
-	27, // 34: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	28, // 35: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
-	27, // 36: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	18, // 37: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	21, // 38: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
-	23, // 39: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
-	26, // 40: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
-	27, // 41: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
-	35, // 42: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
-	47, // 43: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
-	38, // 44: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
-	38, // 45: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
-	47, // 46: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
-	47, // 47: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
-	47, // 48: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
-	47, // 49: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
-	38, // 50: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
-	39, // 51: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
-	40, // 52: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
-	41, // 53: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
-	41, // 54: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
-	16, // 55: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
-	20, // 56: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
-	34, // 57: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
-	37, // 58: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
-	29, // 59: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
-	31, // 60: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
-	43, // 61: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
-	19, // 62: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
-	33, // 63: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
-	36, // 64: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
-	42, // 65: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
-	30, // 66: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
-	32, // 67: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
-	44, // 68: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
-	62, // [62:69] is the sub-list for method output_type
-	55, // [55:62] is the sub-list for method input_type
-	55, // [55:55] is the sub-list for extension type_name
-	55, // [55:55] is the sub-list for extension extendee
-	0,  // [0:55] is the sub-list for field type_name
+	11, // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
+	9,  // 2: routesvc.v1.Message.parts:type_name -> routesvc.v1.ContentPart
+	6,  // 3: routesvc.v1.Message.cache_breakpoint:type_name -> routesvc.v1.CacheBreakpoint
+	10, // 4: routesvc.v1.ContentPart.image:type_name -> routesvc.v1.Image
+	6,  // 5: routesvc.v1.Tool.cache_breakpoint:type_name -> routesvc.v1.CacheBreakpoint
+	4,  // 6: routesvc.v1.ToolChoice.mode:type_name -> routesvc.v1.ToolChoiceMode
+	5,  // 7: routesvc.v1.ResponseFormat.type:type_name -> routesvc.v1.ResponseFormatType
+	8,  // 8: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
+	12, // 9: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
+	13, // 10: routesvc.v1.ChatRequest.tool_choice:type_name -> routesvc.v1.ToolChoice
+	14, // 11: routesvc.v1.ChatRequest.response_format:type_name -> routesvc.v1.ResponseFormat
+	46, // 12: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
+	15, // 13: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	16, // 14: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
+	2,  // 15: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
+	18, // 16: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
+	19, // 17: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	15, // 18: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	16, // 19: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
+	23, // 20: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
+	3,  // 21: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
+	25, // 22: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
+	23, // 23: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
+	26, // 24: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
+	11, // 25: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
+	7,  // 26: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
+	23, // 27: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
+	26, // 28: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
+	23, // 29: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
+	0,  // 30: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
+	47, // 31: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
+	47, // 32: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
+	23, // 33: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
+	3,  // 34: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
+	11, // 35: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
+	28, // 36: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	29, // 37: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
+	28, // 38: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	19, // 39: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	22, // 40: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
+	24, // 41: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
+	27, // 42: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
+	28, // 43: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
+	36, // 44: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
+	48, // 45: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
+	39, // 46: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
+	39, // 47: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
+	48, // 48: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
+	48, // 49: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
+	48, // 50: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
+	48, // 51: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
+	39, // 52: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
+	40, // 53: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
+	41, // 54: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
+	42, // 55: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
+	42, // 56: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
+	17, // 57: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
+	21, // 58: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
+	35, // 59: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
+	38, // 60: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
+	30, // 61: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
+	32, // 62: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
+	44, // 63: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
+	20, // 64: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
+	34, // 65: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
+	37, // 66: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
+	43, // 67: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
+	31, // 68: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
+	33, // 69: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
+	45, // 70: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
+	64, // [64:71] is the sub-list for method output_type
+	57, // [57:64] is the sub-list for method input_type
+	57, // [57:57] is the sub-list for extension type_name
+	57, // [57:57] is the sub-list for extension extendee
+	0,  // [0:57] is the sub-list for field type_name
 }
 
 func init() { file_routesvc_v1_router_proto_init() }
@@ -4139,7 +4230,7 @@ func file_routesvc_v1_router_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_routesvc_v1_router_proto_rawDesc), len(file_routesvc_v1_router_proto_rawDesc)),
-			NumEnums:      7,
+			NumEnums:      8,
 			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,

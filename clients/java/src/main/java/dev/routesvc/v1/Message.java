@@ -26,6 +26,7 @@ private static final long serialVersionUID = 0L;
     toolCalls_ = java.util.Collections.emptyList();
     toolCallId_ = "";
     parts_ = java.util.Collections.emptyList();
+    cacheBreakpoint_ = 0;
   }
 
   @java.lang.Override
@@ -316,6 +317,34 @@ private static final long serialVersionUID = 0L;
     return parts_.get(index);
   }
 
+  public static final int CACHE_BREAKPOINT_FIELD_NUMBER = 6;
+  private int cacheBreakpoint_ = 0;
+  /**
+   * <pre>
+   * Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
+   * result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 6 [json_name = "cacheBreakpoint"];</code>
+   * @return The enum numeric value on the wire for cacheBreakpoint.
+   */
+  @java.lang.Override public int getCacheBreakpointValue() {
+    return cacheBreakpoint_;
+  }
+  /**
+   * <pre>
+   * Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
+   * result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 6 [json_name = "cacheBreakpoint"];</code>
+   * @return The cacheBreakpoint.
+   */
+  @java.lang.Override public dev.routesvc.v1.CacheBreakpoint getCacheBreakpoint() {
+    dev.routesvc.v1.CacheBreakpoint result = dev.routesvc.v1.CacheBreakpoint.forNumber(cacheBreakpoint_);
+    return result == null ? dev.routesvc.v1.CacheBreakpoint.UNRECOGNIZED : result;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -345,6 +374,9 @@ private static final long serialVersionUID = 0L;
     for (int i = 0; i < parts_.size(); i++) {
       output.writeMessage(5, parts_.get(i));
     }
+    if (cacheBreakpoint_ != dev.routesvc.v1.CacheBreakpoint.CACHE_BREAKPOINT_UNSPECIFIED.getNumber()) {
+      output.writeEnum(6, cacheBreakpoint_);
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -372,6 +404,10 @@ private static final long serialVersionUID = 0L;
       size += com.google.protobuf.CodedOutputStream
         .computeMessageSize(5, parts_.get(i));
     }
+    if (cacheBreakpoint_ != dev.routesvc.v1.CacheBreakpoint.CACHE_BREAKPOINT_UNSPECIFIED.getNumber()) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeEnumSize(6, cacheBreakpoint_);
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -396,6 +432,7 @@ private static final long serialVersionUID = 0L;
         .equals(other.getToolCallId())) return false;
     if (!getPartsList()
         .equals(other.getPartsList())) return false;
+    if (cacheBreakpoint_ != other.cacheBreakpoint_) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -421,6 +458,8 @@ private static final long serialVersionUID = 0L;
       hash = (37 * hash) + PARTS_FIELD_NUMBER;
       hash = (53 * hash) + getPartsList().hashCode();
     }
+    hash = (37 * hash) + CACHE_BREAKPOINT_FIELD_NUMBER;
+    hash = (53 * hash) + cacheBreakpoint_;
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -573,6 +612,7 @@ private static final long serialVersionUID = 0L;
         partsBuilder_.clear();
       }
       bitField0_ = (bitField0_ & ~0x00000010);
+      cacheBreakpoint_ = 0;
       return this;
     }
 
@@ -636,6 +676,9 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000008) != 0)) {
         result.toolCallId_ = toolCallId_;
+      }
+      if (((from_bitField0_ & 0x00000020) != 0)) {
+        result.cacheBreakpoint_ = cacheBreakpoint_;
       }
     }
 
@@ -748,6 +791,9 @@ private static final long serialVersionUID = 0L;
           }
         }
       }
+      if (other.cacheBreakpoint_ != 0) {
+        setCacheBreakpointValue(other.getCacheBreakpointValue());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -815,6 +861,11 @@ private static final long serialVersionUID = 0L;
               }
               break;
             } // case 42
+            case 48: {
+              cacheBreakpoint_ = input.readEnum();
+              bitField0_ |= 0x00000020;
+              break;
+            } // case 48
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1798,6 +1849,84 @@ private static final long serialVersionUID = 0L;
         parts_ = null;
       }
       return partsBuilder_;
+    }
+
+    private int cacheBreakpoint_ = 0;
+    /**
+     * <pre>
+     * Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
+     * result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 6 [json_name = "cacheBreakpoint"];</code>
+     * @return The enum numeric value on the wire for cacheBreakpoint.
+     */
+    @java.lang.Override public int getCacheBreakpointValue() {
+      return cacheBreakpoint_;
+    }
+    /**
+     * <pre>
+     * Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
+     * result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 6 [json_name = "cacheBreakpoint"];</code>
+     * @param value The enum numeric value on the wire for cacheBreakpoint to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheBreakpointValue(int value) {
+      cacheBreakpoint_ = value;
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
+     * result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 6 [json_name = "cacheBreakpoint"];</code>
+     * @return The cacheBreakpoint.
+     */
+    @java.lang.Override
+    public dev.routesvc.v1.CacheBreakpoint getCacheBreakpoint() {
+      dev.routesvc.v1.CacheBreakpoint result = dev.routesvc.v1.CacheBreakpoint.forNumber(cacheBreakpoint_);
+      return result == null ? dev.routesvc.v1.CacheBreakpoint.UNRECOGNIZED : result;
+    }
+    /**
+     * <pre>
+     * Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
+     * result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 6 [json_name = "cacheBreakpoint"];</code>
+     * @param value The cacheBreakpoint to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheBreakpoint(dev.routesvc.v1.CacheBreakpoint value) {
+      if (value == null) {
+        throw new NullPointerException();
+      }
+      bitField0_ |= 0x00000020;
+      cacheBreakpoint_ = value.getNumber();
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
+     * result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 6 [json_name = "cacheBreakpoint"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCacheBreakpoint() {
+      bitField0_ = (bitField0_ & ~0x00000020);
+      cacheBreakpoint_ = 0;
+      onChanged();
+      return this;
     }
     @java.lang.Override
     public final Builder setUnknownFields(

@@ -180,4 +180,25 @@ public interface MessageOrBuilder extends
    */
   dev.routesvc.v1.ContentPartOrBuilder getPartsOrBuilder(
       int index);
+
+  /**
+   * <pre>
+   * Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
+   * result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 6 [json_name = "cacheBreakpoint"];</code>
+   * @return The enum numeric value on the wire for cacheBreakpoint.
+   */
+  int getCacheBreakpointValue();
+  /**
+   * <pre>
+   * Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
+   * result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 6 [json_name = "cacheBreakpoint"];</code>
+   * @return The cacheBreakpoint.
+   */
+  dev.routesvc.v1.CacheBreakpoint getCacheBreakpoint();
 }

@@ -221,241 +221,247 @@ public final class RouterProto {
     java.lang.String[] descriptorData = {
       "\n\030routesvc/v1/router.proto\022\013routesvc.v1\032" +
       "\036google/protobuf/duration.proto\032\037google/" +
-      "protobuf/timestamp.proto\"\322\001\n\007Message\022%\n\004" +
+      "protobuf/timestamp.proto\"\233\002\n\007Message\022%\n\004" +
       "role\030\001 \001(\0162\021.routesvc.v1.RoleR\004role\022\030\n\007c" +
       "ontent\030\002 \001(\tR\007content\0224\n\ntool_calls\030\003 \003(" +
       "\0132\025.routesvc.v1.ToolCallR\ttoolCalls\022 \n\014t" +
       "ool_call_id\030\004 \001(\tR\ntoolCallId\022.\n\005parts\030\005" +
-      " \003(\0132\030.routesvc.v1.ContentPartR\005parts\"W\n" +
-      "\013ContentPart\022\024\n\004text\030\001 \001(\tH\000R\004text\022*\n\005im" +
-      "age\030\002 \001(\0132\022.routesvc.v1.ImageH\000R\005imageB\006" +
-      "\n\004part\"Z\n\005Image\022\022\n\003url\030\001 \001(\tH\000R\003url\022\024\n\004d" +
-      "ata\030\002 \001(\014H\000R\004data\022\035\n\nmedia_type\030\003 \001(\tR\tm" +
-      "ediaTypeB\010\n\006source\"U\n\010ToolCall\022\016\n\002id\030\001 \001" +
-      "(\tR\002id\022\022\n\004name\030\002 \001(\tR\004name\022%\n\016arguments_" +
-      "json\030\003 \001(\tR\rargumentsJson\"e\n\004Tool\022\022\n\004nam" +
-      "e\030\001 \001(\tR\004name\022 \n\013description\030\002 \001(\tR\013desc" +
-      "ription\022\'\n\017parameters_json\030\003 \001(\tR\016parame" +
-      "tersJson\"Q\n\nToolChoice\022/\n\004mode\030\001 \001(\0162\033.r" +
-      "outesvc.v1.ToolChoiceModeR\004mode\022\022\n\004name\030" +
-      "\002 \001(\tR\004name\"\222\001\n\016ResponseFormat\0223\n\004type\030\001" +
-      " \001(\0162\037.routesvc.v1.ResponseFormatTypeR\004t" +
-      "ype\022\022\n\004name\030\002 \001(\tR\004name\022\037\n\013schema_json\030\003" +
-      " \001(\tR\nschemaJson\022\026\n\006strict\030\004 \001(\010R\006strict" +
-      "\"\307\003\n\013ChatRequest\0220\n\010messages\030\001 \003(\0132\024.rou" +
-      "tesvc.v1.MessageR\010messages\022\'\n\005tools\030\002 \003(" +
-      "\0132\021.routesvc.v1.ToolR\005tools\022/\n\021max_outpu" +
-      "t_tokens\030\003 \001(\005H\000R\017maxOutputTokens\210\001\001\022%\n\013" +
-      "temperature\030\004 \001(\001H\001R\013temperature\210\001\001\022\022\n\004s" +
-      "top\030\005 \003(\tR\004stop\0228\n\013tool_choice\030\006 \001(\0132\027.r" +
-      "outesvc.v1.ToolChoiceR\ntoolChoice\0223\n\023par" +
-      "allel_tool_calls\030\007 \001(\010H\002R\021parallelToolCa" +
-      "lls\210\001\001\022D\n\017response_format\030\010 \001(\0132\033.routes" +
-      "vc.v1.ResponseFormatR\016responseFormatB\024\n\022" +
-      "_max_output_tokensB\016\n\014_temperatureB\026\n\024_p" +
-      "arallel_tool_calls\"\367\002\n\016RoutingContext\022\026\n" +
-      "\006tenant\030\001 \001(\tR\006tenant\022\033\n\tuser_tier\030\002 \001(\t" +
-      "R\010userTier\022\033\n\ttask_hint\030\003 \001(\tR\010taskHint\022" +
-      "\037\n\010realtime\030\004 \001(\010H\000R\010realtime\210\001\001\022E\n\010meta" +
-      "data\030\005 \003(\0132).routesvc.v1.RoutingContext." +
-      "MetadataEntryR\010metadata\022 \n\014max_cost_usd\030" +
-      "\006 \001(\tR\nmaxCostUsd\022\024\n\005model\030\007 \001(\tR\005model\022" +
-      "\035\n\007cascade\030\010 \001(\010H\001R\007cascade\210\001\001\032;\n\rMetada" +
-      "taEntry\022\020\n\003key\030\001 \001(\tR\003key\022\024\n\005value\030\002 \001(\t" +
-      "R\005value:\0028\001B\013\n\t_realtimeB\n\n\010_cascade\"s\n\014" +
-      "RouteRequest\022,\n\004chat\030\001 \001(\0132\030.routesvc.v1" +
-      ".ChatRequestR\004chat\0225\n\007context\030\002 \001(\0132\033.ro" +
-      "utesvc.v1.RoutingContextR\007context\"f\n\tCan" +
-      "didate\022\024\n\005model\030\001 \001(\tR\005model\022\032\n\010eligible" +
-      "\030\002 \001(\010R\010eligible\022\'\n\017excluded_reason\030\003 \001(" +
-      "\tR\016excludedReason\"\342\004\n\rRouteDecision\022\037\n\013d" +
-      "ecision_id\030\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 " +
-      "\001(\tR\005model\022\032\n\010provider\030\003 \001(\tR\010provider\022\032" +
-      "\n\010strategy\030\004 \001(\tR\010strategy\022\022\n\004rule\030\005 \001(\t" +
-      "R\004rule\022\030\n\007reasons\030\006 \003(\tR\007reasons\0224\n\026esti" +
-      "mated_input_tokens\030\007 \001(\003R\024estimatedInput" +
-      "Tokens\0226\n\027estimated_output_tokens\030\010 \001(\003R" +
-      "\025estimatedOutputTokens\022,\n\022estimated_cost" +
-      "_usd\030\t \001(\tR\020estimatedCostUsd\022%\n\004mode\030\n \001" +
-      "(\0162\021.routesvc.v1.ModeR\004mode\0226\n\ncandidate" +
-      "s\030\013 \003(\0132\026.routesvc.v1.CandidateR\ncandida" +
-      "tes\022\022\n\004task\030\014 \001(\tR\004task\022%\n\016cascade_model" +
-      "s\030\r \003(\tR\rcascadeModels\022-\n\022cascade_thresh" +
-      "olds\030\016 \003(\001R\021cascadeThresholds\022%\n\016cascade" +
-      "_scorer\030\017 \001(\tR\rcascadeScorer\022(\n\020routing_" +
-      "cost_usd\030\020 \001(\tR\016routingCostUsd\"G\n\rRouteR" +
-      "esponse\0226\n\010decision\030\001 \001(\0132\032.routesvc.v1." +
-      "RouteDecisionR\010decision\"v\n\017CompleteReque" +
-      "st\022,\n\004chat\030\001 \001(\0132\030.routesvc.v1.ChatReque" +
-      "stR\004chat\0225\n\007context\030\002 \001(\0132\033.routesvc.v1." +
-      "RoutingContextR\007context\"\037\n\tTextDelta\022\022\n\004" +
-      "text\030\001 \001(\tR\004text\"\366\001\n\005Usage\022!\n\014input_toke" +
-      "ns\030\001 \001(\003R\013inputTokens\022#\n\routput_tokens\030\002" +
-      " \001(\003R\014outputTokens\022.\n\023cached_input_token" +
-      "s\030\003 \001(\003R\021cachedInputTokens\0227\n\030cache_writ" +
-      "e_input_tokens\030\004 \001(\003R\025cacheWriteInputTok" +
-      "ens\022<\n\033cache_write_1h_input_tokens\030\005 \001(\003" +
-      "R\027cacheWrite1hInputTokens\"\274\003\n\nCompletion" +
-      "\022\024\n\005model\030\001 \001(\tR\005model\022\032\n\010provider\030\002 \001(\t" +
-      "R\010provider\022%\n\016provider_model\030\003 \001(\tR\rprov" +
-      "iderModel\022(\n\005usage\030\004 \001(\0132\022.routesvc.v1.U" +
-      "sageR\005usage\022\031\n\010cost_usd\030\005 \001(\tR\007costUsd\022>" +
-      "\n\rfinish_reason\030\006 \001(\0162\031.routesvc.v1.Fini" +
-      "shReasonR\014finishReason\0220\n\010attempts\030\007 \003(\013" +
-      "2\024.routesvc.v1.AttemptR\010attempts\0223\n\013tota" +
-      "l_usage\030\010 \001(\0132\022.routesvc.v1.UsageR\ntotal" +
-      "Usage\0223\n\007quality\030\t \001(\0132\031.routesvc.v1.Qua" +
-      "lityScoreR\007quality\0224\n\ntool_calls\030\n \003(\0132\025" +
-      ".routesvc.v1.ToolCallR\ttoolCalls\"\233\001\n\007Att" +
-      "empt\022\024\n\005model\030\001 \001(\tR\005model\0225\n\007outcome\030\002 " +
-      "\001(\0162\033.routesvc.v1.AttemptOutcomeR\007outcom" +
-      "e\022(\n\005usage\030\003 \001(\0132\022.routesvc.v1.UsageR\005us" +
-      "age\022\031\n\010cost_usd\030\004 \001(\tR\007costUsd\"T\n\014Qualit" +
-      "yScore\022\024\n\005score\030\001 \001(\001R\005score\022\026\n\006scorer\030\002" +
-      " \001(\tR\006scorer\022\026\n\006reason\030\003 \001(\tR\006reason\"\336\001\n" +
-      "\nEscalation\022\035\n\nfrom_model\030\001 \001(\tR\tfromMod" +
-      "el\022\031\n\010to_model\030\002 \001(\tR\007toModel\0223\n\007quality" +
-      "\030\003 \001(\0132\031.routesvc.v1.QualityScoreR\007quali" +
-      "ty\022\034\n\tthreshold\030\004 \001(\001R\tthreshold\022\031\n\010cost" +
-      "_usd\030\005 \001(\tR\007costUsd\022(\n\005usage\030\006 \001(\0132\022.rou" +
-      "tesvc.v1.UsageR\005usage\"\313\002\n\010BatchJob\022\031\n\010ba" +
-      "tch_id\030\001 \001(\tR\007batchId\022-\n\005state\030\002 \001(\0162\027.r" +
-      "outesvc.v1.BatchStateR\005state\022\024\n\005model\030\003 " +
-      "\001(\tR\005model\022\032\n\010provider\030\004 \001(\tR\010provider\022," +
-      "\n\022estimated_cost_usd\030\005 \001(\tR\020estimatedCos" +
-      "tUsd\0229\n\ncreated_at\030\006 \001(\0132\032.google.protob" +
-      "uf.TimestampR\tcreatedAt\0229\n\nupdated_at\030\007 " +
-      "\001(\0132\032.google.protobuf.TimestampR\tupdated" +
-      "At\022\037\n\013decision_id\030\010 \001(\tR\ndecisionId\"\203\002\n\013" +
-      "BatchResult\022\022\n\004text\030\001 \001(\tR\004text\022(\n\005usage" +
-      "\030\002 \001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n\010cos" +
-      "t_usd\030\003 \001(\tR\007costUsd\022>\n\rfinish_reason\030\004 " +
-      "\001(\0162\031.routesvc.v1.FinishReasonR\014finishRe" +
-      "ason\022%\n\016provider_model\030\005 \001(\tR\rproviderMo" +
-      "del\0224\n\ntool_calls\030\006 \003(\0132\025.routesvc.v1.To" +
-      "olCallR\ttoolCalls\"D\n\017GetBatchRequest\022\031\n\010" +
-      "batch_id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR" +
-      "\006tenant\"\203\001\n\020GetBatchResponse\022\'\n\003job\030\001 \001(" +
-      "\0132\025.routesvc.v1.BatchJobR\003job\0220\n\006result\030" +
-      "\002 \001(\0132\030.routesvc.v1.BatchResultR\006result\022" +
-      "\024\n\005error\030\003 \001(\tR\005error\"G\n\022CancelBatchRequ" +
-      "est\022\031\n\010batch_id\030\001 \001(\tR\007batchId\022\026\n\006tenant" +
-      "\030\002 \001(\tR\006tenant\">\n\023CancelBatchResponse\022\'\n" +
-      "\003job\030\001 \001(\0132\025.routesvc.v1.BatchJobR\003job\"\252" +
-      "\002\n\020CompleteResponse\0228\n\010decision\030\001 \001(\0132\032." +
-      "routesvc.v1.RouteDecisionH\000R\010decision\022.\n" +
-      "\005delta\030\002 \001(\0132\026.routesvc.v1.TextDeltaH\000R\005" +
-      "delta\0229\n\ncompletion\030\003 \001(\0132\027.routesvc.v1." +
-      "CompletionH\000R\ncompletion\0229\n\nescalation\030\004" +
-      " \001(\0132\027.routesvc.v1.EscalationH\000R\nescalat" +
-      "ion\022-\n\005batch\030\005 \001(\0132\025.routesvc.v1.BatchJo" +
-      "bH\000R\005batchB\007\n\005event\"\023\n\021ListModelsRequest" +
-      "\"\274\004\n\tModelInfo\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provid" +
-      "er\030\002 \001(\tR\010provider\022%\n\016provider_model\030\003 \001" +
-      "(\tR\rproviderModel\022/\n\024input_price_per_mto" +
-      "k\030\004 \001(\tR\021inputPricePerMtok\0221\n\025output_pri" +
-      "ce_per_mtok\030\005 \001(\tR\022outputPricePerMtok\022<\n" +
-      "\033cached_input_price_per_mtok\030\006 \001(\tR\027cach" +
-      "edInputPricePerMtok\022%\n\016context_window\030\007 " +
-      "\001(\003R\rcontextWindow\022\"\n\014capabilities\030\010 \003(\t" +
-      "R\014capabilities\022%\n\016batch_discount\030\t \001(\tR\r" +
-      "batchDiscount\022\034\n\tavailable\030\n \001(\010R\tavaila" +
-      "ble\022-\n\022unavailable_reason\030\013 \001(\tR\021unavail" +
-      "ableReason\022:\n\032cache_write_price_per_mtok" +
-      "\030\014 \001(\tR\026cacheWritePricePerMtok\022?\n\035cache_" +
-      "write_1h_price_per_mtok\030\r \001(\tR\030cacheWrit" +
-      "e1hPricePerMtok\"D\n\022ListModelsResponse\022.\n" +
-      "\006models\030\001 \003(\0132\026.routesvc.v1.ModelInfoR\006m" +
-      "odels\"\\\n\017GetStatsRequest\022\026\n\006tenant\030\001 \001(\t" +
-      "R\006tenant\0221\n\006window\030\002 \001(\0132\031.google.protob" +
-      "uf.DurationR\006window\"\276\002\n\nCostTotals\022\032\n\010re" +
-      "quests\030\001 \001(\003R\010requests\022\026\n\006errors\030\002 \001(\003R\006" +
-      "errors\022\031\n\010cost_usd\030\003 \001(\tR\007costUsd\022*\n\021bas" +
-      "eline_cost_usd\030\004 \001(\tR\017baselineCostUsd\022\037\n" +
-      "\013savings_usd\030\005 \001(\tR\nsavingsUsd\022\'\n\017saving" +
-      "s_percent\030\006 \001(\001R\016savingsPercent\022,\n\022estim" +
-      "ated_cost_usd\030\007 \001(\tR\020estimatedCostUsd\022=\n" +
-      "\033estimated_baseline_cost_usd\030\010 \001(\tR\030esti" +
-      "matedBaselineCostUsd\"\335\001\n\nModelStats\022\024\n\005m" +
-      "odel\030\001 \001(\tR\005model\022\024\n\005share\030\002 \001(\001R\005share\022" +
-      "/\n\006totals\030\003 \001(\0132\027.routesvc.v1.CostTotals" +
-      "R\006totals\022%\n\016feedback_count\030\004 \001(\003R\rfeedba" +
-      "ckCount\0223\n\023mean_feedback_score\030\005 \001(\001H\000R\021" +
-      "meanFeedbackScore\210\001\001B\026\n\024_mean_feedback_s" +
-      "core\"V\n\013TenantStats\022\026\n\006tenant\030\001 \001(\tR\006ten" +
-      "ant\022/\n\006totals\030\002 \001(\0132\027.routesvc.v1.CostTo" +
-      "talsR\006totals\"\233\001\n\022LatencyPercentiles\022+\n\003p" +
-      "50\030\001 \001(\0132\031.google.protobuf.DurationR\003p50" +
-      "\022+\n\003p95\030\002 \001(\0132\031.google.protobuf.Duration" +
-      "R\003p95\022+\n\003p99\030\003 \001(\0132\031.google.protobuf.Dur" +
-      "ationR\003p99\"\272\005\n\020GetStatsResponse\0221\n\006windo" +
-      "w\030\001 \001(\0132\031.google.protobuf.DurationR\006wind" +
-      "ow\022\026\n\006tenant\030\002 \001(\tR\006tenant\022%\n\016baseline_m" +
-      "odel\030\003 \001(\tR\rbaselineModel\022/\n\006totals\030\004 \001(" +
-      "\0132\027.routesvc.v1.CostTotalsR\006totals\022/\n\006mo" +
-      "dels\030\005 \003(\0132\027.routesvc.v1.ModelStatsR\006mod" +
-      "els\0222\n\007tenants\030\006 \003(\0132\030.routesvc.v1.Tenan" +
-      "tStatsR\007tenants\022 \n\013escalations\030\007 \001(\003R\013es" +
-      "calations\022\'\n\017escalation_rate\030\010 \001(\001R\016esca" +
-      "lationRate\022\034\n\tfallbacks\030\t \001(\003R\tfallbacks" +
-      "\022+\n\021cascade_decisions\030\n \001(\003R\020cascadeDeci" +
-      "sions\0220\n\024cascade_release_rate\030\013 \001(\001R\022cas" +
-      "cadeReleaseRate\0223\n\023mean_released_score\030\014" +
-      " \001(\001H\000R\021meanReleasedScore\210\001\001\0229\n\007latency\030" +
-      "\r \001(\0132\037.routesvc.v1.LatencyPercentilesR\007" +
-      "latency\022N\n\023time_to_first_token\030\016 \001(\0132\037.r" +
-      "outesvc.v1.LatencyPercentilesR\020timeToFir" +
-      "stTokenB\026\n\024_mean_released_score\"t\n\017Feedb" +
-      "ackRequest\022\037\n\013decision_id\030\001 \001(\tR\ndecisio" +
-      "nId\022\026\n\005score\030\002 \001(\001H\000R\005score\022\035\n\tthumbs_up" +
-      "\030\003 \001(\010H\000R\010thumbsUpB\t\n\007outcome\"\212\001\n\020Feedba" +
-      "ckResponse\022\037\n\013decision_id\030\001 \001(\tR\ndecisio" +
-      "nId\022\024\n\005model\030\002 \001(\tR\005model\022\024\n\005score\030\003 \001(\001" +
-      "R\005score\022)\n\020library_examples\030\004 \001(\003R\017libra" +
-      "ryExamples*\303\001\n\nBatchState\022\033\n\027BATCH_STATE" +
-      "_UNSPECIFIED\020\000\022\026\n\022BATCH_STATE_QUEUED\020\001\022\031" +
-      "\n\025BATCH_STATE_SUBMITTED\020\002\022\031\n\025BATCH_STATE" +
-      "_SUCCEEDED\020\003\022\026\n\022BATCH_STATE_FAILED\020\004\022\027\n\023" +
-      "BATCH_STATE_EXPIRED\020\005\022\031\n\025BATCH_STATE_CAN" +
-      "CELLED\020\006*_\n\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017" +
-      "\n\013ROLE_SYSTEM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_A" +
-      "SSISTANT\020\003\022\r\n\tROLE_TOOL\020\004*?\n\004Mode\022\024\n\020MOD" +
-      "E_UNSPECIFIED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMO" +
-      "DE_BATCH\020\002*\270\001\n\014FinishReason\022\035\n\031FINISH_RE" +
-      "ASON_UNSPECIFIED\020\000\022\026\n\022FINISH_REASON_STOP" +
-      "\020\001\022\030\n\024FINISH_REASON_LENGTH\020\002\022\034\n\030FINISH_R" +
-      "EASON_TOOL_CALLS\020\003\022 \n\034FINISH_REASON_CONT" +
-      "ENT_FILTER\020\004\022\027\n\023FINISH_REASON_OTHER\020\005*\242\001" +
-      "\n\016ToolChoiceMode\022 \n\034TOOL_CHOICE_MODE_UNS" +
-      "PECIFIED\020\000\022\031\n\025TOOL_CHOICE_MODE_AUTO\020\001\022\031\n" +
-      "\025TOOL_CHOICE_MODE_NONE\020\002\022\035\n\031TOOL_CHOICE_" +
-      "MODE_REQUIRED\020\003\022\031\n\025TOOL_CHOICE_MODE_TOOL" +
-      "\020\004*\245\001\n\022ResponseFormatType\022$\n RESPONSE_FO" +
-      "RMAT_TYPE_UNSPECIFIED\020\000\022\035\n\031RESPONSE_FORM" +
-      "AT_TYPE_TEXT\020\001\022$\n RESPONSE_FORMAT_TYPE_J" +
-      "SON_OBJECT\020\002\022$\n RESPONSE_FORMAT_TYPE_JSO" +
-      "N_SCHEMA\020\003*\306\001\n\016AttemptOutcome\022\037\n\033ATTEMPT" +
-      "_OUTCOME_UNSPECIFIED\020\000\022\035\n\031ATTEMPT_OUTCOM" +
-      "E_COMPLETED\020\001\022\035\n\031ATTEMPT_OUTCOME_ESCALAT" +
-      "ED\020\002\022\032\n\026ATTEMPT_OUTCOME_FAILED\020\003\022\031\n\025ATTE" +
-      "MPT_OUTCOME_JUDGE\020\004\022\036\n\032ATTEMPT_OUTCOME_C" +
-      "LASSIFIER\020\0052\226\004\n\rRouterService\022>\n\005Route\022\031" +
-      ".routesvc.v1.RouteRequest\032\032.routesvc.v1." +
-      "RouteResponse\022I\n\010Complete\022\034.routesvc.v1." +
-      "CompleteRequest\032\035.routesvc.v1.CompleteRe" +
-      "sponse0\001\022M\n\nListModels\022\036.routesvc.v1.Lis" +
-      "tModelsRequest\032\037.routesvc.v1.ListModelsR" +
-      "esponse\022G\n\010GetStats\022\034.routesvc.v1.GetSta" +
-      "tsRequest\032\035.routesvc.v1.GetStatsResponse" +
-      "\022G\n\010GetBatch\022\034.routesvc.v1.GetBatchReque" +
-      "st\032\035.routesvc.v1.GetBatchResponse\022P\n\013Can" +
-      "celBatch\022\037.routesvc.v1.CancelBatchReques" +
-      "t\032 .routesvc.v1.CancelBatchResponse\022G\n\010F" +
-      "eedback\022\034.routesvc.v1.FeedbackRequest\032\035." +
-      "routesvc.v1.FeedbackResponseB_\n\017dev.rout" +
-      "esvc.v1B\013RouterProtoP\001Z=github.com/route" +
-      "svc/routesvc/clients/go/routesvcv1;route" +
-      "svcv1b\006proto3"
+      " \003(\0132\030.routesvc.v1.ContentPartR\005parts\022G\n" +
+      "\020cache_breakpoint\030\006 \001(\0162\034.routesvc.v1.Ca" +
+      "cheBreakpointR\017cacheBreakpoint\"W\n\013Conten" +
+      "tPart\022\024\n\004text\030\001 \001(\tH\000R\004text\022*\n\005image\030\002 \001" +
+      "(\0132\022.routesvc.v1.ImageH\000R\005imageB\006\n\004part\"" +
+      "Z\n\005Image\022\022\n\003url\030\001 \001(\tH\000R\003url\022\024\n\004data\030\002 \001" +
+      "(\014H\000R\004data\022\035\n\nmedia_type\030\003 \001(\tR\tmediaTyp" +
+      "eB\010\n\006source\"U\n\010ToolCall\022\016\n\002id\030\001 \001(\tR\002id\022" +
+      "\022\n\004name\030\002 \001(\tR\004name\022%\n\016arguments_json\030\003 " +
+      "\001(\tR\rargumentsJson\"\256\001\n\004Tool\022\022\n\004name\030\001 \001(" +
+      "\tR\004name\022 \n\013description\030\002 \001(\tR\013descriptio" +
+      "n\022\'\n\017parameters_json\030\003 \001(\tR\016parametersJs" +
+      "on\022G\n\020cache_breakpoint\030\004 \001(\0162\034.routesvc." +
+      "v1.CacheBreakpointR\017cacheBreakpoint\"Q\n\nT" +
+      "oolChoice\022/\n\004mode\030\001 \001(\0162\033.routesvc.v1.To" +
+      "olChoiceModeR\004mode\022\022\n\004name\030\002 \001(\tR\004name\"\222" +
+      "\001\n\016ResponseFormat\0223\n\004type\030\001 \001(\0162\037.routes" +
+      "vc.v1.ResponseFormatTypeR\004type\022\022\n\004name\030\002" +
+      " \001(\tR\004name\022\037\n\013schema_json\030\003 \001(\tR\nschemaJ" +
+      "son\022\026\n\006strict\030\004 \001(\010R\006strict\"\307\003\n\013ChatRequ" +
+      "est\0220\n\010messages\030\001 \003(\0132\024.routesvc.v1.Mess" +
+      "ageR\010messages\022\'\n\005tools\030\002 \003(\0132\021.routesvc." +
+      "v1.ToolR\005tools\022/\n\021max_output_tokens\030\003 \001(" +
+      "\005H\000R\017maxOutputTokens\210\001\001\022%\n\013temperature\030\004" +
+      " \001(\001H\001R\013temperature\210\001\001\022\022\n\004stop\030\005 \003(\tR\004st" +
+      "op\0228\n\013tool_choice\030\006 \001(\0132\027.routesvc.v1.To" +
+      "olChoiceR\ntoolChoice\0223\n\023parallel_tool_ca" +
+      "lls\030\007 \001(\010H\002R\021parallelToolCalls\210\001\001\022D\n\017res" +
+      "ponse_format\030\010 \001(\0132\033.routesvc.v1.Respons" +
+      "eFormatR\016responseFormatB\024\n\022_max_output_t" +
+      "okensB\016\n\014_temperatureB\026\n\024_parallel_tool_" +
+      "calls\"\367\002\n\016RoutingContext\022\026\n\006tenant\030\001 \001(\t" +
+      "R\006tenant\022\033\n\tuser_tier\030\002 \001(\tR\010userTier\022\033\n" +
+      "\ttask_hint\030\003 \001(\tR\010taskHint\022\037\n\010realtime\030\004" +
+      " \001(\010H\000R\010realtime\210\001\001\022E\n\010metadata\030\005 \003(\0132)." +
+      "routesvc.v1.RoutingContext.MetadataEntry" +
+      "R\010metadata\022 \n\014max_cost_usd\030\006 \001(\tR\nmaxCos" +
+      "tUsd\022\024\n\005model\030\007 \001(\tR\005model\022\035\n\007cascade\030\010 " +
+      "\001(\010H\001R\007cascade\210\001\001\032;\n\rMetadataEntry\022\020\n\003ke" +
+      "y\030\001 \001(\tR\003key\022\024\n\005value\030\002 \001(\tR\005value:\0028\001B\013" +
+      "\n\t_realtimeB\n\n\010_cascade\"s\n\014RouteRequest\022" +
+      ",\n\004chat\030\001 \001(\0132\030.routesvc.v1.ChatRequestR" +
+      "\004chat\0225\n\007context\030\002 \001(\0132\033.routesvc.v1.Rou" +
+      "tingContextR\007context\"f\n\tCandidate\022\024\n\005mod" +
+      "el\030\001 \001(\tR\005model\022\032\n\010eligible\030\002 \001(\010R\010eligi" +
+      "ble\022\'\n\017excluded_reason\030\003 \001(\tR\016excludedRe" +
+      "ason\"\342\004\n\rRouteDecision\022\037\n\013decision_id\030\001 " +
+      "\001(\tR\ndecisionId\022\024\n\005model\030\002 \001(\tR\005model\022\032\n" +
+      "\010provider\030\003 \001(\tR\010provider\022\032\n\010strategy\030\004 " +
+      "\001(\tR\010strategy\022\022\n\004rule\030\005 \001(\tR\004rule\022\030\n\007rea" +
+      "sons\030\006 \003(\tR\007reasons\0224\n\026estimated_input_t" +
+      "okens\030\007 \001(\003R\024estimatedInputTokens\0226\n\027est" +
+      "imated_output_tokens\030\010 \001(\003R\025estimatedOut" +
+      "putTokens\022,\n\022estimated_cost_usd\030\t \001(\tR\020e" +
+      "stimatedCostUsd\022%\n\004mode\030\n \001(\0162\021.routesvc" +
+      ".v1.ModeR\004mode\0226\n\ncandidates\030\013 \003(\0132\026.rou" +
+      "tesvc.v1.CandidateR\ncandidates\022\022\n\004task\030\014" +
+      " \001(\tR\004task\022%\n\016cascade_models\030\r \003(\tR\rcasc" +
+      "adeModels\022-\n\022cascade_thresholds\030\016 \003(\001R\021c" +
+      "ascadeThresholds\022%\n\016cascade_scorer\030\017 \001(\t" +
+      "R\rcascadeScorer\022(\n\020routing_cost_usd\030\020 \001(" +
+      "\tR\016routingCostUsd\"G\n\rRouteResponse\0226\n\010de" +
+      "cision\030\001 \001(\0132\032.routesvc.v1.RouteDecision" +
+      "R\010decision\"v\n\017CompleteRequest\022,\n\004chat\030\001 " +
+      "\001(\0132\030.routesvc.v1.ChatRequestR\004chat\0225\n\007c" +
+      "ontext\030\002 \001(\0132\033.routesvc.v1.RoutingContex" +
+      "tR\007context\"\037\n\tTextDelta\022\022\n\004text\030\001 \001(\tR\004t" +
+      "ext\"\366\001\n\005Usage\022!\n\014input_tokens\030\001 \001(\003R\013inp" +
+      "utTokens\022#\n\routput_tokens\030\002 \001(\003R\014outputT" +
+      "okens\022.\n\023cached_input_tokens\030\003 \001(\003R\021cach" +
+      "edInputTokens\0227\n\030cache_write_input_token" +
+      "s\030\004 \001(\003R\025cacheWriteInputTokens\022<\n\033cache_" +
+      "write_1h_input_tokens\030\005 \001(\003R\027cacheWrite1" +
+      "hInputTokens\"\274\003\n\nCompletion\022\024\n\005model\030\001 \001" +
+      "(\tR\005model\022\032\n\010provider\030\002 \001(\tR\010provider\022%\n" +
+      "\016provider_model\030\003 \001(\tR\rproviderModel\022(\n\005" +
+      "usage\030\004 \001(\0132\022.routesvc.v1.UsageR\005usage\022\031" +
+      "\n\010cost_usd\030\005 \001(\tR\007costUsd\022>\n\rfinish_reas" +
+      "on\030\006 \001(\0162\031.routesvc.v1.FinishReasonR\014fin" +
+      "ishReason\0220\n\010attempts\030\007 \003(\0132\024.routesvc.v" +
+      "1.AttemptR\010attempts\0223\n\013total_usage\030\010 \001(\013" +
+      "2\022.routesvc.v1.UsageR\ntotalUsage\0223\n\007qual" +
+      "ity\030\t \001(\0132\031.routesvc.v1.QualityScoreR\007qu" +
+      "ality\0224\n\ntool_calls\030\n \003(\0132\025.routesvc.v1." +
+      "ToolCallR\ttoolCalls\"\233\001\n\007Attempt\022\024\n\005model" +
+      "\030\001 \001(\tR\005model\0225\n\007outcome\030\002 \001(\0162\033.routesv" +
+      "c.v1.AttemptOutcomeR\007outcome\022(\n\005usage\030\003 " +
+      "\001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n\010cost_u" +
+      "sd\030\004 \001(\tR\007costUsd\"T\n\014QualityScore\022\024\n\005sco" +
+      "re\030\001 \001(\001R\005score\022\026\n\006scorer\030\002 \001(\tR\006scorer\022" +
+      "\026\n\006reason\030\003 \001(\tR\006reason\"\336\001\n\nEscalation\022\035" +
+      "\n\nfrom_model\030\001 \001(\tR\tfromModel\022\031\n\010to_mode" +
+      "l\030\002 \001(\tR\007toModel\0223\n\007quality\030\003 \001(\0132\031.rout" +
+      "esvc.v1.QualityScoreR\007quality\022\034\n\tthresho" +
+      "ld\030\004 \001(\001R\tthreshold\022\031\n\010cost_usd\030\005 \001(\tR\007c" +
+      "ostUsd\022(\n\005usage\030\006 \001(\0132\022.routesvc.v1.Usag" +
+      "eR\005usage\"\313\002\n\010BatchJob\022\031\n\010batch_id\030\001 \001(\tR" +
+      "\007batchId\022-\n\005state\030\002 \001(\0162\027.routesvc.v1.Ba" +
+      "tchStateR\005state\022\024\n\005model\030\003 \001(\tR\005model\022\032\n" +
+      "\010provider\030\004 \001(\tR\010provider\022,\n\022estimated_c" +
+      "ost_usd\030\005 \001(\tR\020estimatedCostUsd\0229\n\ncreat" +
+      "ed_at\030\006 \001(\0132\032.google.protobuf.TimestampR" +
+      "\tcreatedAt\0229\n\nupdated_at\030\007 \001(\0132\032.google." +
+      "protobuf.TimestampR\tupdatedAt\022\037\n\013decisio" +
+      "n_id\030\010 \001(\tR\ndecisionId\"\203\002\n\013BatchResult\022\022" +
+      "\n\004text\030\001 \001(\tR\004text\022(\n\005usage\030\002 \001(\0132\022.rout" +
+      "esvc.v1.UsageR\005usage\022\031\n\010cost_usd\030\003 \001(\tR\007" +
+      "costUsd\022>\n\rfinish_reason\030\004 \001(\0162\031.routesv" +
+      "c.v1.FinishReasonR\014finishReason\022%\n\016provi" +
+      "der_model\030\005 \001(\tR\rproviderModel\0224\n\ntool_c" +
+      "alls\030\006 \003(\0132\025.routesvc.v1.ToolCallR\ttoolC" +
+      "alls\"D\n\017GetBatchRequest\022\031\n\010batch_id\030\001 \001(" +
+      "\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006tenant\"\203\001\n\020G" +
+      "etBatchResponse\022\'\n\003job\030\001 \001(\0132\025.routesvc." +
+      "v1.BatchJobR\003job\0220\n\006result\030\002 \001(\0132\030.route" +
+      "svc.v1.BatchResultR\006result\022\024\n\005error\030\003 \001(" +
+      "\tR\005error\"G\n\022CancelBatchRequest\022\031\n\010batch_" +
+      "id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006tenan" +
+      "t\">\n\023CancelBatchResponse\022\'\n\003job\030\001 \001(\0132\025." +
+      "routesvc.v1.BatchJobR\003job\"\252\002\n\020CompleteRe" +
+      "sponse\0228\n\010decision\030\001 \001(\0132\032.routesvc.v1.R" +
+      "outeDecisionH\000R\010decision\022.\n\005delta\030\002 \001(\0132" +
+      "\026.routesvc.v1.TextDeltaH\000R\005delta\0229\n\ncomp" +
+      "letion\030\003 \001(\0132\027.routesvc.v1.CompletionH\000R" +
+      "\ncompletion\0229\n\nescalation\030\004 \001(\0132\027.routes" +
+      "vc.v1.EscalationH\000R\nescalation\022-\n\005batch\030" +
+      "\005 \001(\0132\025.routesvc.v1.BatchJobH\000R\005batchB\007\n" +
+      "\005event\"\023\n\021ListModelsRequest\"\274\004\n\tModelInf" +
+      "o\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provider\030\002 \001(\tR\010pro" +
+      "vider\022%\n\016provider_model\030\003 \001(\tR\rproviderM" +
+      "odel\022/\n\024input_price_per_mtok\030\004 \001(\tR\021inpu" +
+      "tPricePerMtok\0221\n\025output_price_per_mtok\030\005" +
+      " \001(\tR\022outputPricePerMtok\022<\n\033cached_input" +
+      "_price_per_mtok\030\006 \001(\tR\027cachedInputPriceP" +
+      "erMtok\022%\n\016context_window\030\007 \001(\003R\rcontextW" +
+      "indow\022\"\n\014capabilities\030\010 \003(\tR\014capabilitie" +
+      "s\022%\n\016batch_discount\030\t \001(\tR\rbatchDiscount" +
+      "\022\034\n\tavailable\030\n \001(\010R\tavailable\022-\n\022unavai" +
+      "lable_reason\030\013 \001(\tR\021unavailableReason\022:\n" +
+      "\032cache_write_price_per_mtok\030\014 \001(\tR\026cache" +
+      "WritePricePerMtok\022?\n\035cache_write_1h_pric" +
+      "e_per_mtok\030\r \001(\tR\030cacheWrite1hPricePerMt" +
+      "ok\"D\n\022ListModelsResponse\022.\n\006models\030\001 \003(\013" +
+      "2\026.routesvc.v1.ModelInfoR\006models\"\\\n\017GetS" +
+      "tatsRequest\022\026\n\006tenant\030\001 \001(\tR\006tenant\0221\n\006w" +
+      "indow\030\002 \001(\0132\031.google.protobuf.DurationR\006" +
+      "window\"\276\002\n\nCostTotals\022\032\n\010requests\030\001 \001(\003R" +
+      "\010requests\022\026\n\006errors\030\002 \001(\003R\006errors\022\031\n\010cos" +
+      "t_usd\030\003 \001(\tR\007costUsd\022*\n\021baseline_cost_us" +
+      "d\030\004 \001(\tR\017baselineCostUsd\022\037\n\013savings_usd\030" +
+      "\005 \001(\tR\nsavingsUsd\022\'\n\017savings_percent\030\006 \001" +
+      "(\001R\016savingsPercent\022,\n\022estimated_cost_usd" +
+      "\030\007 \001(\tR\020estimatedCostUsd\022=\n\033estimated_ba" +
+      "seline_cost_usd\030\010 \001(\tR\030estimatedBaseline" +
+      "CostUsd\"\335\001\n\nModelStats\022\024\n\005model\030\001 \001(\tR\005m" +
+      "odel\022\024\n\005share\030\002 \001(\001R\005share\022/\n\006totals\030\003 \001" +
+      "(\0132\027.routesvc.v1.CostTotalsR\006totals\022%\n\016f" +
+      "eedback_count\030\004 \001(\003R\rfeedbackCount\0223\n\023me" +
+      "an_feedback_score\030\005 \001(\001H\000R\021meanFeedbackS" +
+      "core\210\001\001B\026\n\024_mean_feedback_score\"V\n\013Tenan" +
+      "tStats\022\026\n\006tenant\030\001 \001(\tR\006tenant\022/\n\006totals" +
+      "\030\002 \001(\0132\027.routesvc.v1.CostTotalsR\006totals\"" +
+      "\233\001\n\022LatencyPercentiles\022+\n\003p50\030\001 \001(\0132\031.go" +
+      "ogle.protobuf.DurationR\003p50\022+\n\003p95\030\002 \001(\013" +
+      "2\031.google.protobuf.DurationR\003p95\022+\n\003p99\030" +
+      "\003 \001(\0132\031.google.protobuf.DurationR\003p99\"\272\005" +
+      "\n\020GetStatsResponse\0221\n\006window\030\001 \001(\0132\031.goo" +
+      "gle.protobuf.DurationR\006window\022\026\n\006tenant\030" +
+      "\002 \001(\tR\006tenant\022%\n\016baseline_model\030\003 \001(\tR\rb" +
+      "aselineModel\022/\n\006totals\030\004 \001(\0132\027.routesvc." +
+      "v1.CostTotalsR\006totals\022/\n\006models\030\005 \003(\0132\027." +
+      "routesvc.v1.ModelStatsR\006models\0222\n\007tenant" +
+      "s\030\006 \003(\0132\030.routesvc.v1.TenantStatsR\007tenan" +
+      "ts\022 \n\013escalations\030\007 \001(\003R\013escalations\022\'\n\017" +
+      "escalation_rate\030\010 \001(\001R\016escalationRate\022\034\n" +
+      "\tfallbacks\030\t \001(\003R\tfallbacks\022+\n\021cascade_d" +
+      "ecisions\030\n \001(\003R\020cascadeDecisions\0220\n\024casc" +
+      "ade_release_rate\030\013 \001(\001R\022cascadeReleaseRa" +
+      "te\0223\n\023mean_released_score\030\014 \001(\001H\000R\021meanR" +
+      "eleasedScore\210\001\001\0229\n\007latency\030\r \001(\0132\037.route" +
+      "svc.v1.LatencyPercentilesR\007latency\022N\n\023ti" +
+      "me_to_first_token\030\016 \001(\0132\037.routesvc.v1.La" +
+      "tencyPercentilesR\020timeToFirstTokenB\026\n\024_m" +
+      "ean_released_score\"t\n\017FeedbackRequest\022\037\n" +
+      "\013decision_id\030\001 \001(\tR\ndecisionId\022\026\n\005score\030" +
+      "\002 \001(\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010H\000R\010thu" +
+      "mbsUpB\t\n\007outcome\"\212\001\n\020FeedbackResponse\022\037\n" +
+      "\013decision_id\030\001 \001(\tR\ndecisionId\022\024\n\005model\030" +
+      "\002 \001(\tR\005model\022\024\n\005score\030\003 \001(\001R\005score\022)\n\020li" +
+      "brary_examples\030\004 \001(\003R\017libraryExamples*\303\001" +
+      "\n\nBatchState\022\033\n\027BATCH_STATE_UNSPECIFIED\020" +
+      "\000\022\026\n\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATCH_STATE" +
+      "_SUBMITTED\020\002\022\031\n\025BATCH_STATE_SUCCEEDED\020\003\022" +
+      "\026\n\022BATCH_STATE_FAILED\020\004\022\027\n\023BATCH_STATE_E" +
+      "XPIRED\020\005\022\031\n\025BATCH_STATE_CANCELLED\020\006*_\n\004R" +
+      "ole\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SYSTEM" +
+      "\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020\003\022\r\n" +
+      "\tROLE_TOOL\020\004*?\n\004Mode\022\024\n\020MODE_UNSPECIFIED" +
+      "\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*\270\001" +
+      "\n\014FinishReason\022\035\n\031FINISH_REASON_UNSPECIF" +
+      "IED\020\000\022\026\n\022FINISH_REASON_STOP\020\001\022\030\n\024FINISH_" +
+      "REASON_LENGTH\020\002\022\034\n\030FINISH_REASON_TOOL_CA" +
+      "LLS\020\003\022 \n\034FINISH_REASON_CONTENT_FILTER\020\004\022" +
+      "\027\n\023FINISH_REASON_OTHER\020\005*\242\001\n\016ToolChoiceM" +
+      "ode\022 \n\034TOOL_CHOICE_MODE_UNSPECIFIED\020\000\022\031\n" +
+      "\025TOOL_CHOICE_MODE_AUTO\020\001\022\031\n\025TOOL_CHOICE_" +
+      "MODE_NONE\020\002\022\035\n\031TOOL_CHOICE_MODE_REQUIRED" +
+      "\020\003\022\031\n\025TOOL_CHOICE_MODE_TOOL\020\004*\245\001\n\022Respon" +
+      "seFormatType\022$\n RESPONSE_FORMAT_TYPE_UNS" +
+      "PECIFIED\020\000\022\035\n\031RESPONSE_FORMAT_TYPE_TEXT\020" +
+      "\001\022$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\020\002\022" +
+      "$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\020\003*u\n" +
+      "\017CacheBreakpoint\022 \n\034CACHE_BREAKPOINT_UNS" +
+      "PECIFIED\020\000\022!\n\035CACHE_BREAKPOINT_FIVE_MINU" +
+      "TES\020\001\022\035\n\031CACHE_BREAKPOINT_ONE_HOUR\020\002*\306\001\n" +
+      "\016AttemptOutcome\022\037\n\033ATTEMPT_OUTCOME_UNSPE" +
+      "CIFIED\020\000\022\035\n\031ATTEMPT_OUTCOME_COMPLETED\020\001\022" +
+      "\035\n\031ATTEMPT_OUTCOME_ESCALATED\020\002\022\032\n\026ATTEMP" +
+      "T_OUTCOME_FAILED\020\003\022\031\n\025ATTEMPT_OUTCOME_JU" +
+      "DGE\020\004\022\036\n\032ATTEMPT_OUTCOME_CLASSIFIER\020\0052\226\004" +
+      "\n\rRouterService\022>\n\005Route\022\031.routesvc.v1.R" +
+      "outeRequest\032\032.routesvc.v1.RouteResponse\022" +
+      "I\n\010Complete\022\034.routesvc.v1.CompleteReques" +
+      "t\032\035.routesvc.v1.CompleteResponse0\001\022M\n\nLi" +
+      "stModels\022\036.routesvc.v1.ListModelsRequest" +
+      "\032\037.routesvc.v1.ListModelsResponse\022G\n\010Get" +
+      "Stats\022\034.routesvc.v1.GetStatsRequest\032\035.ro" +
+      "utesvc.v1.GetStatsResponse\022G\n\010GetBatch\022\034" +
+      ".routesvc.v1.GetBatchRequest\032\035.routesvc." +
+      "v1.GetBatchResponse\022P\n\013CancelBatch\022\037.rou" +
+      "tesvc.v1.CancelBatchRequest\032 .routesvc.v" +
+      "1.CancelBatchResponse\022G\n\010Feedback\022\034.rout" +
+      "esvc.v1.FeedbackRequest\032\035.routesvc.v1.Fe" +
+      "edbackResponseB_\n\017dev.routesvc.v1B\013Route" +
+      "rProtoP\001Z=github.com/routesvc/routesvc/c" +
+      "lients/go/routesvcv1;routesvcv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -468,7 +474,7 @@ public final class RouterProto {
     internal_static_routesvc_v1_Message_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Message_descriptor,
-        new java.lang.String[] { "Role", "Content", "ToolCalls", "ToolCallId", "Parts", });
+        new java.lang.String[] { "Role", "Content", "ToolCalls", "ToolCallId", "Parts", "CacheBreakpoint", });
     internal_static_routesvc_v1_ContentPart_descriptor =
       getDescriptor().getMessageTypes().get(1);
     internal_static_routesvc_v1_ContentPart_fieldAccessorTable = new
@@ -492,7 +498,7 @@ public final class RouterProto {
     internal_static_routesvc_v1_Tool_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Tool_descriptor,
-        new java.lang.String[] { "Name", "Description", "ParametersJson", });
+        new java.lang.String[] { "Name", "Description", "ParametersJson", "CacheBreakpoint", });
     internal_static_routesvc_v1_ToolChoice_descriptor =
       getDescriptor().getMessageTypes().get(5);
     internal_static_routesvc_v1_ToolChoice_fieldAccessorTable = new

@@ -24,6 +24,7 @@ private static final long serialVersionUID = 0L;
     name_ = "";
     description_ = "";
     parametersJson_ = "";
+    cacheBreakpoint_ = 0;
   }
 
   @java.lang.Override
@@ -187,6 +188,36 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int CACHE_BREAKPOINT_FIELD_NUMBER = 4;
+  private int cacheBreakpoint_ = 0;
+  /**
+   * <pre>
+   * Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
+   * tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
+   * breakpoint.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 4 [json_name = "cacheBreakpoint"];</code>
+   * @return The enum numeric value on the wire for cacheBreakpoint.
+   */
+  @java.lang.Override public int getCacheBreakpointValue() {
+    return cacheBreakpoint_;
+  }
+  /**
+   * <pre>
+   * Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
+   * tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
+   * breakpoint.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 4 [json_name = "cacheBreakpoint"];</code>
+   * @return The cacheBreakpoint.
+   */
+  @java.lang.Override public dev.routesvc.v1.CacheBreakpoint getCacheBreakpoint() {
+    dev.routesvc.v1.CacheBreakpoint result = dev.routesvc.v1.CacheBreakpoint.forNumber(cacheBreakpoint_);
+    return result == null ? dev.routesvc.v1.CacheBreakpoint.UNRECOGNIZED : result;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -210,6 +241,9 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(parametersJson_)) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 3, parametersJson_);
     }
+    if (cacheBreakpoint_ != dev.routesvc.v1.CacheBreakpoint.CACHE_BREAKPOINT_UNSPECIFIED.getNumber()) {
+      output.writeEnum(4, cacheBreakpoint_);
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -227,6 +261,10 @@ private static final long serialVersionUID = 0L;
     }
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(parametersJson_)) {
       size += com.google.protobuf.GeneratedMessageV3.computeStringSize(3, parametersJson_);
+    }
+    if (cacheBreakpoint_ != dev.routesvc.v1.CacheBreakpoint.CACHE_BREAKPOINT_UNSPECIFIED.getNumber()) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeEnumSize(4, cacheBreakpoint_);
     }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
@@ -249,6 +287,7 @@ private static final long serialVersionUID = 0L;
         .equals(other.getDescription())) return false;
     if (!getParametersJson()
         .equals(other.getParametersJson())) return false;
+    if (cacheBreakpoint_ != other.cacheBreakpoint_) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -266,6 +305,8 @@ private static final long serialVersionUID = 0L;
     hash = (53 * hash) + getDescription().hashCode();
     hash = (37 * hash) + PARAMETERS_JSON_FIELD_NUMBER;
     hash = (53 * hash) + getParametersJson().hashCode();
+    hash = (37 * hash) + CACHE_BREAKPOINT_FIELD_NUMBER;
+    hash = (53 * hash) + cacheBreakpoint_;
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -404,6 +445,7 @@ private static final long serialVersionUID = 0L;
       name_ = "";
       description_ = "";
       parametersJson_ = "";
+      cacheBreakpoint_ = 0;
       return this;
     }
 
@@ -445,6 +487,9 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000004) != 0)) {
         result.parametersJson_ = parametersJson_;
+      }
+      if (((from_bitField0_ & 0x00000008) != 0)) {
+        result.cacheBreakpoint_ = cacheBreakpoint_;
       }
     }
 
@@ -507,6 +552,9 @@ private static final long serialVersionUID = 0L;
         bitField0_ |= 0x00000004;
         onChanged();
       }
+      if (other.cacheBreakpoint_ != 0) {
+        setCacheBreakpointValue(other.getCacheBreakpointValue());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -548,6 +596,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000004;
               break;
             } // case 26
+            case 32: {
+              cacheBreakpoint_ = input.readEnum();
+              bitField0_ |= 0x00000008;
+              break;
+            } // case 32
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -837,6 +890,89 @@ private static final long serialVersionUID = 0L;
       checkByteStringIsUtf8(value);
       parametersJson_ = value;
       bitField0_ |= 0x00000004;
+      onChanged();
+      return this;
+    }
+
+    private int cacheBreakpoint_ = 0;
+    /**
+     * <pre>
+     * Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
+     * tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
+     * breakpoint.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 4 [json_name = "cacheBreakpoint"];</code>
+     * @return The enum numeric value on the wire for cacheBreakpoint.
+     */
+    @java.lang.Override public int getCacheBreakpointValue() {
+      return cacheBreakpoint_;
+    }
+    /**
+     * <pre>
+     * Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
+     * tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
+     * breakpoint.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 4 [json_name = "cacheBreakpoint"];</code>
+     * @param value The enum numeric value on the wire for cacheBreakpoint to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheBreakpointValue(int value) {
+      cacheBreakpoint_ = value;
+      bitField0_ |= 0x00000008;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
+     * tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
+     * breakpoint.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 4 [json_name = "cacheBreakpoint"];</code>
+     * @return The cacheBreakpoint.
+     */
+    @java.lang.Override
+    public dev.routesvc.v1.CacheBreakpoint getCacheBreakpoint() {
+      dev.routesvc.v1.CacheBreakpoint result = dev.routesvc.v1.CacheBreakpoint.forNumber(cacheBreakpoint_);
+      return result == null ? dev.routesvc.v1.CacheBreakpoint.UNRECOGNIZED : result;
+    }
+    /**
+     * <pre>
+     * Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
+     * tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
+     * breakpoint.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 4 [json_name = "cacheBreakpoint"];</code>
+     * @param value The cacheBreakpoint to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheBreakpoint(dev.routesvc.v1.CacheBreakpoint value) {
+      if (value == null) {
+        throw new NullPointerException();
+      }
+      bitField0_ |= 0x00000008;
+      cacheBreakpoint_ = value.getNumber();
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
+     * tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
+     * breakpoint.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 4 [json_name = "cacheBreakpoint"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCacheBreakpoint() {
+      bitField0_ = (bitField0_ & ~0x00000008);
+      cacheBreakpoint_ = 0;
       onChanged();
       return this;
     }

@@ -67,4 +67,27 @@ public interface ToolOrBuilder extends
    */
   com.google.protobuf.ByteString
       getParametersJsonBytes();
+
+  /**
+   * <pre>
+   * Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
+   * tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
+   * breakpoint.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 4 [json_name = "cacheBreakpoint"];</code>
+   * @return The enum numeric value on the wire for cacheBreakpoint.
+   */
+  int getCacheBreakpointValue();
+  /**
+   * <pre>
+   * Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
+   * tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
+   * breakpoint.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CacheBreakpoint cache_breakpoint = 4 [json_name = "cacheBreakpoint"];</code>
+   * @return The cacheBreakpoint.
+   */
+  dev.routesvc.v1.CacheBreakpoint getCacheBreakpoint();
 }
