@@ -58,13 +58,15 @@ class TestAnthropicBody:
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
         """With any system message marked, ``system`` is one text block per system message and only
-        the marked one carries ``cache_control`` (five minutes: no ``ttl``); the unmarked user turn
+        the marked one carries ``cache_control`` (five minutes: no ``ttl``); the blocks read as the
+        unmarked string does (Anthropic joins blocks with nothing between them, so each but the
+        last ends in the blank line the string has; they ran together); the unmarked user turn
         stays a string."""
         chat = build_chat([("system", "Long shared instructions"), ("system", "Today's note", "5m"), ("user", "Hello")])
         await _complete(live_client, chat, model="claude-sonnet")
         body = fake.requests[-1].body
         assert body["system"] == [
-            {"type": "text", "text": "Long shared instructions"},
+            {"type": "text", "text": "Long shared instructions\n\n"},
             {"type": "text", "text": "Today's note", "cache_control": EPHEMERAL},
         ]
         assert body["messages"] == [{"role": "user", "content": "Hello"}]

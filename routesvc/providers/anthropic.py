@@ -171,13 +171,16 @@ def _text(text: str, ttl: CacheTtl | None) -> str | list[TextBlockParam]:
 
 def _system(messages: Iterable[Message]) -> str | list[TextBlockParam]:
     """The system messages: one string (joined by blank lines), or, when any of them marks a
-    cache breakpoint, one text block each, the marked ones carrying ``cache_control``."""
+    cache breakpoint, one text block each, the marked ones carrying ``cache_control``; Anthropic
+    joins blocks with nothing between them, so each but the last ends in the same blank line (the
+    model reads the same text either way)."""
     system = [message for message in messages if message.role is Role.SYSTEM]
     if not any(message.cache_breakpoint for message in system):
         return "\n\n".join(message.content for message in system)
     blocks: list[TextBlockParam] = []
-    for message in system:
-        block = TextBlockParam(type="text", text=message.content)
+    for index, message in enumerate(system):
+        separator = "\n\n" if index < len(system) - 1 else ""
+        block = TextBlockParam(type="text", text=message.content + separator)
         if message.cache_breakpoint is not None:
             block["cache_control"] = _cache_control(message.cache_breakpoint)
         blocks.append(block)
