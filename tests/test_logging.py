@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 from decimal import Decimal
 
 import pytest
@@ -71,6 +72,36 @@ class TestJsonLines:
             lambda: structlog.get_logger("t").info("odd", counts={1: 2}, big=2**70, cost=Decimal("0.5")),
         )
         assert (lines[0]["counts"], lines[0]["big"], lines[0]["cost"]) == ({"1": 2}, 2**70, "Decimal('0.5')")
+
+
+class TestThirdPartyLines:
+    def test_a_libraries_warning_is_a_json_line_on_stderr(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A warning a library logs through the standard library (an OTel exporter that cannot
+        reach its collector) is a JSON line on stderr with level, logger and timestamp (it was
+        plain text a JSON log pipeline could not read); its traceback carries no locals; the
+        library's debug and info lines stay out."""
+        stderr = io.StringIO()
+        monkeypatch.setattr("sys.stderr", stderr)
+        configure_logging(LoggingConfig(level="debug", format="json"))
+        library = logging.getLogger("opentelemetry.exporter.otlp")
+        library.info("sending %s", "a request body")
+
+        def export(secret: str) -> None:
+            raise ConnectionError("collector unreachable")
+
+        try:
+            export(SECRET)
+        except ConnectionError:
+            library.warning("Failed to export %s", "spans", exc_info=True)
+        (line,) = [json.loads(text) for text in stderr.getvalue().splitlines()]
+        assert (line["event"], line["level"], line["logger"]) == (
+            "Failed to export spans",
+            "warning",
+            "opentelemetry.exporter.otlp",
+        )
+        assert str(line["timestamp"]).endswith("Z")
+        assert line["exception"][0]["exc_type"] == "ConnectionError"
+        assert SECRET not in stderr.getvalue()
 
 
 class TestLinesOfAnRpc:

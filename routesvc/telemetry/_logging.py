@@ -17,6 +17,8 @@ from routesvc.config import LoggingConfig
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # Tracebacks as JSON, without local variables: a frame's locals can hold a prompt or a key.
 _TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+# The handler ``configure_logging`` put on the root logger (replaced, not added to, when called again).
+_stdlib_handler: logging.Handler | None = None
 
 
 def add_trace_context(
@@ -72,8 +74,32 @@ def configure_logging(config: LoggingConfig) -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    # Third-party libraries (grpc, httpx, the SDKs) log through the standard library; keep them
-    # at WARNING so request URLs and bodies of debug logging never reach the output.
-    logging.basicConfig(
-        level=max(level, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
-    )
+    # Third-party libraries (grpc, httpx, the SDKs, the OTel exporters) log through the standard
+    # library; keep them at WARNING so request URLs and bodies of debug logging never reach the
+    # output. On stderr, as JSON lines too unless the console renders: their warnings are the
+    # failures a log pipeline must be able to read (an exporter that cannot reach its collector).
+    global _stdlib_handler
+    root = logging.getLogger()
+    if _stdlib_handler is not None:
+        root.removeHandler(_stdlib_handler)
+    _stdlib_handler = logging.StreamHandler(sys.stderr)
+    if console:
+        _stdlib_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    else:
+        _stdlib_handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=[
+                    structlog.stdlib.add_log_level,
+                    structlog.stdlib.add_logger_name,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    add_trace_context,
+                    _TRACEBACKS,
+                ],
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.JSONRenderer(),
+                ],
+            )
+        )
+    root.addHandler(_stdlib_handler)
+    root.setLevel(max(level, logging.WARNING))
