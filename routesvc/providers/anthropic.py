@@ -66,7 +66,6 @@ from routesvc.models import (
     Message,
     ProviderEvent,
     ProviderFinish,
-    ResponseFormat,
     ResponseFormatType,
     Role,
     TextDelta,
@@ -96,7 +95,7 @@ from routesvc.providers._http import (
     transport_error,
 )
 from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, anthropic_call_id
-from routesvc.providers.base import HttpClientKind, ProviderCall
+from routesvc.providers.base import HttpClientKind, ModelRequest, ProviderCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -262,33 +261,21 @@ def _image_block(image: Image) -> ImageBlockParam:
     return ImageBlockParam(type="image", source={"type": "base64", "media_type": media_type, "data": data})
 
 
-def request_params(
-    *,
-    provider: str,
-    model: str,
-    provider_model: str,
-    max_tokens: int,
-    messages: tuple[Message, ...],
-    tools: tuple[ToolSpec, ...] = (),
-    temperature: float | None = None,
-    stop: tuple[str, ...] = (),
-    tool_choice: ToolChoice | None = None,
-    parallel_tool_calls: bool | None = None,
-    response_format: ResponseFormat | None = None,
-) -> dict[str, object]:
+def request_params(provider: str, request: ModelRequest) -> dict[str, object]:
     """The Messages API parameters of one request, streamed or in a batch, as ``messages.create``
     would send them (see the module docstring for what is adapted)."""
+    messages, temperature = request.messages, request.temperature
     params: dict[str, object] = {
-        "model": provider_model,
-        "max_tokens": max_tokens,
+        "model": request.provider_model,
+        "max_tokens": request.max_output_tokens,
         "messages": _messages(messages),
     }
     system = _system(messages)
     if system:
         params["system"] = system
-    if tools:
-        params["tools"] = _tools(tools)
-        choice = _tool_choice(tool_choice, parallel_tool_calls)
+    if request.tools:
+        params["tools"] = _tools(request.tools)
+        choice = _tool_choice(request.tool_choice, request.parallel_tool_calls)
         if choice is not None:
             params["tool_choice"] = choice
     else:
@@ -299,11 +286,16 @@ def request_params(
     if temperature is not None:
         if temperature > MAX_TEMPERATURE:
             log.debug(
-                "temperature_clamped", provider=provider, model=model, requested=temperature, sent=MAX_TEMPERATURE
+                "temperature_clamped",
+                provider=provider,
+                model=request.model,
+                requested=temperature,
+                sent=MAX_TEMPERATURE,
             )
         params["temperature"] = min(temperature, MAX_TEMPERATURE)
-    if stop:
-        params["stop_sequences"] = list(stop)
+    if request.stop:
+        params["stop_sequences"] = list(request.stop)
+    response_format = request.response_format
     if response_format is not None and response_format.type is ResponseFormatType.JSON_SCHEMA:
         # Structured outputs (GA, no beta header): the answer's text is JSON matching the schema,
         # always strictly. There is no name, and no JSON mode without a schema: routing never
@@ -314,19 +306,7 @@ def request_params(
 
 def _body(provider: str, call: ProviderCall) -> dict[str, object]:
     """The streamed messages request."""
-    params = request_params(
-        provider=provider,
-        model=call.model,
-        provider_model=call.provider_model,
-        max_tokens=call.max_output_tokens,
-        messages=call.messages,
-        tools=call.tools,
-        temperature=call.temperature,
-        stop=call.stop,
-        tool_choice=call.tool_choice,
-        parallel_tool_calls=call.parallel_tool_calls,
-        response_format=call.response_format,
-    )
+    params = request_params(provider, call)
     return {**params, "stream": True}
 
 

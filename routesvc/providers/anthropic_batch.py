@@ -64,19 +64,7 @@ class AnthropicBatches:
         """Create one message batch with the items inline."""
         requests: list[Any] = []
         for item in items:
-            params = request_params(
-                provider=self._name,
-                model=item.model,
-                provider_model=item.provider_model,
-                max_tokens=item.max_output_tokens,
-                messages=item.messages,
-                tools=item.tools,
-                temperature=item.temperature,
-                stop=item.stop,
-                tool_choice=item.tool_choice,
-                parallel_tool_calls=item.parallel_tool_calls,
-                response_format=item.response_format,
-            )
+            params = request_params(self._name, item)
             requests.append({"custom_id": item.custom_id, "params": params})
         batch = await self._guard("create", self._client.messages.batches.create(requests=requests))
         return batch.id

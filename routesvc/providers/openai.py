@@ -76,7 +76,7 @@ from routesvc.providers._http import (
     transport_error,
 )
 from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, openai_call_id
-from routesvc.providers.base import HttpClientKind, ProviderCall
+from routesvc.providers.base import HttpClientKind, ModelRequest, ProviderCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
 OpenAIKind = Literal["openai", "openai_compatible"]
@@ -173,32 +173,24 @@ def _response_format(response_format: ResponseFormat) -> dict[str, object]:
     return {"type": "json_schema", "json_schema": schema}
 
 
-def chat_params(
-    *,
-    tools: tuple[ToolSpec, ...],
-    temperature: float | None,
-    stop: tuple[str, ...],
-    tool_choice: ToolChoice | None,
-    parallel_tool_calls: bool | None,
-    response_format: ResponseFormat | None,
-) -> dict[str, object]:
+def chat_params(request: ModelRequest) -> dict[str, object]:
     """The optional parameters of one chat completions request, streamed or in a batch: only those
     the request sets. ``tool_choice`` and ``parallel_tool_calls`` go only with tools, as OpenAI
     refuses them otherwise (validation allows only TOOL_CHOICE_MODE_NONE without tools, which
     then has nothing to say)."""
     params: dict[str, object] = {}
-    if tools:
-        params["tools"] = _tools(tools)
-        if tool_choice is not None:
-            params["tool_choice"] = _tool_choice(tool_choice)
-        if parallel_tool_calls is not None:
-            params["parallel_tool_calls"] = parallel_tool_calls
-    if temperature is not None:
-        params["temperature"] = temperature
-    if stop:
-        params["stop"] = list(stop)
-    if response_format is not None:
-        params["response_format"] = _response_format(response_format)
+    if request.tools:
+        params["tools"] = _tools(request.tools)
+        if request.tool_choice is not None:
+            params["tool_choice"] = _tool_choice(request.tool_choice)
+        if request.parallel_tool_calls is not None:
+            params["parallel_tool_calls"] = request.parallel_tool_calls
+    if request.temperature is not None:
+        params["temperature"] = request.temperature
+    if request.stop:
+        params["stop"] = list(request.stop)
+    if request.response_format is not None:
+        params["response_format"] = _response_format(request.response_format)
     return params
 
 
@@ -298,14 +290,7 @@ class OpenAIProvider:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        body |= chat_params(
-            tools=call.tools,
-            temperature=call.temperature,
-            stop=call.stop,
-            tool_choice=call.tool_choice,
-            parallel_tool_calls=call.parallel_tool_calls,
-            response_format=call.response_format,
-        )
+        body |= chat_params(call)
         body["max_completion_tokens" if self._kind == "openai" else "max_tokens"] = call.max_output_tokens
         return body
 

@@ -67,14 +67,7 @@ class OpenAIBatches:
                 "messages": _messages(item.messages),
                 "max_completion_tokens": item.max_output_tokens,
             }
-            body |= chat_params(
-                tools=item.tools,
-                temperature=item.temperature,
-                stop=item.stop,
-                tool_choice=item.tool_choice,
-                parallel_tool_calls=item.parallel_tool_calls,
-                response_format=item.response_format,
-            )
+            body |= chat_params(item)
             lines.append(json.dumps({"custom_id": item.custom_id, "method": "POST", "url": _ENDPOINT, "body": body}))
         content = ("\n".join(lines) + "\n").encode()
         uploaded = await self._guard(
