@@ -253,6 +253,24 @@ class TestResponseFormat:
             "claude-sonnet": f"provider kind anthropic's structured outputs refuse this schema ({problem})"
         }
 
+    async def test_a_schema_openais_strict_mode_refuses_is_not_routed_to_openai(self, client: RouterClient) -> None:
+        """OpenAI's strict mode refuses an object whose required leaves a property out (a 400
+        upstream): with strict set such a schema passes over OpenAI's models, each saying why,
+        and goes to a model that takes it; without strict, OpenAI serves it."""
+        schema = {**SCHEMA, "required": ["city"]}
+
+        def asking(strict: bool) -> pb.ChatRequest:
+            response_format = pb.ResponseFormat(
+                type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="weather", schema_json=json.dumps(schema), strict=strict
+            )
+            return user_chat("Say hello", response_format=response_format)
+
+        strict, lenient = await client.route(asking(True)), await client.route(asking(False))
+        assert (strict.model, lenient.model) == ("claude-sonnet", "gpt-4o-mini")
+        problem = "an object whose required does not list every property"
+        reason = f"provider kind openai's strict mode refuses this schema ({problem})"
+        assert _excluded(strict) == {"gpt-4o-mini": reason, "gpt-4o": reason}
+
     async def test_json_object_is_not_routed_to_anthropic_but_a_schema_is(self, client: RouterClient) -> None:
         """Anthropic has no JSON mode without a schema: creative writing, which goes to
         claude-sonnet, goes elsewhere with JSON_OBJECT, and stays with JSON_SCHEMA."""

@@ -47,17 +47,24 @@ _ANTHROPIC_REFUSED_KEYWORDS = frozenset(
 )
 
 
-def _anthropic_schema_problem(schema: object) -> str:
-    """What in ``schema`` Anthropic's structured outputs refuse, or "" (only subschemas are read:
-    property names, enums and defaults are data)."""
+def _schema_problem(schema: object, *, refused: frozenset[str], all_required: bool) -> str:
+    """What in ``schema`` a strict structured-output mode refuses, or "": a keyword of ``refused``,
+    an object not closed by ``additionalProperties: false``, or (``all_required``) one whose
+    ``required`` does not list every property. Only subschemas are read: property names, enums
+    and defaults are data."""
     if not isinstance(schema, Mapping):
         return ""
-    refused = sorted(_ANTHROPIC_REFUSED_KEYWORDS.intersection(schema))
-    if refused:
-        return f"keyword {refused[0]!r}"
+    found = sorted(refused.intersection(schema))
+    if found:
+        return f"keyword {found[0]!r}"
     is_object = schema.get("type") == "object" or "properties" in schema
     if is_object and schema.get("additionalProperties") is not False:
         return "an object without additionalProperties false"
+    properties = schema.get("properties")
+    if all_required and isinstance(properties, Mapping):
+        required = schema.get("required")
+        if not isinstance(required, list) or set(required) != set(properties):
+            return "an object whose required does not list every property"
     children: list[object] = []
     for key in ("items", "not", "additionalProperties"):
         children.append(schema.get(key))
@@ -67,7 +74,14 @@ def _anthropic_schema_problem(schema: object) -> str:
     for key in ("properties", "patternProperties", "$defs", "definitions"):
         value = schema.get(key)
         children.extend(value.values() if isinstance(value, Mapping) else [])
-    return next((problem for child in children if (problem := _anthropic_schema_problem(child))), "")
+    return next(
+        (
+            problem
+            for child in children
+            if (problem := _schema_problem(child, refused=refused, all_required=all_required))
+        ),
+        "",
+    )
 
 
 def refusal(kind: str, chat: ChatRequest) -> str:
@@ -81,10 +95,15 @@ def refusal(kind: str, chat: ChatRequest) -> str:
         return "provider kind anthropic has no JSON object mode (it takes RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
     if kind == "openai" and json_object and not any("json" in m.content.lower() for m in chat.messages):
         return "provider kind openai takes a JSON object format only when a message asks for JSON (says 'json')"
-    if kind == "anthropic" and chat.response_format is not None and chat.response_format.schema:
-        problem = _anthropic_schema_problem(chat.response_format.schema)
+    response_format = chat.response_format
+    if kind == "anthropic" and response_format is not None and response_format.schema:
+        problem = _schema_problem(response_format.schema, refused=_ANTHROPIC_REFUSED_KEYWORDS, all_required=False)
         if problem:
             return f"provider kind anthropic's structured outputs refuse this schema ({problem})"
+    if kind == "openai" and response_format is not None and response_format.strict and response_format.schema:
+        problem = _schema_problem(response_format.schema, refused=frozenset(), all_required=True)
+        if problem:
+            return f"provider kind openai's strict mode refuses this schema ({problem})"
     images = [image for message in chat.messages for image in message.images]
     if kind == "anthropic" and any(max(image.width, image.height) > _ANTHROPIC_MAX_IMAGE_SIDE for image in images):
         return f"provider kind anthropic refuses images over {_ANTHROPIC_MAX_IMAGE_SIDE} px on a side"
