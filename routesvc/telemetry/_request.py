@@ -358,12 +358,29 @@ def _content_part(part: str | Image) -> dict[str, object]:
 CAPTURE_MAX_CHARS = 32_768
 
 
-def gen_ai_provider_name(settings: Settings, model: ModelSpec) -> str:
-    """``gen_ai.provider.name`` of ``model``: the well-known name of its provider's kind, else the
-    configured provider name (a provider added by a config reload is not in ``settings``)."""
+def gen_ai_labels(settings: Settings, model: ModelSpec) -> dict[str, str]:
+    """The GenAI attributes of every call to ``model``, on its span and its metrics: the operation,
+    ``gen_ai.provider.name`` (the well-known name of its provider's kind, else the configured
+    provider name: a provider added by a config reload is not in ``settings``) and the model."""
     provider_settings = settings.providers.get(model.provider)
     kind = provider_settings.kind if provider_settings is not None else ""
-    return _GEN_AI_PROVIDERS.get(kind, model.provider)
+    return {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": _GEN_AI_PROVIDERS.get(kind, model.provider),
+        "gen_ai.request.model": model.provider_model,
+    }
+
+
+def record_usage(
+    telemetry: Telemetry, labels: dict[str, str], model_id: str, usage: Usage | None, cost: Decimal
+) -> None:
+    """One upstream call's tokens (``usage``; None when unknown, which the conventions say not to
+    report) and cost in the metrics; ``labels`` are its GenAI labels with the response model."""
+    instruments = telemetry.instruments
+    if usage is not None:
+        instruments.token_usage.record(usage.input_tokens, {**labels, "gen_ai.token.type": "input"})
+        instruments.token_usage.record(usage.output_tokens, {**labels, "gen_ai.token.type": "output"})
+    instruments.cost.add(float(cost), {"routesvc.model": model_id})
 
 
 def _bounded_json(messages: list[dict[str, Any]]) -> str:
@@ -414,12 +431,10 @@ async def observed_stream(
             yield event
         return
     telemetry = rpc.telemetry
-    gen_ai_provider = gen_ai_provider_name(telemetry.settings, model)
+    metric_labels = gen_ai_labels(telemetry.settings, model)
     provider_settings = telemetry.settings.providers.get(model.provider)
     attributes: dict[str, Any] = {
-        "gen_ai.operation.name": "chat",
-        "gen_ai.provider.name": gen_ai_provider,
-        "gen_ai.request.model": model.provider_model,
+        **metric_labels,
         "gen_ai.request.max_tokens": call.max_output_tokens,
         "routesvc.model": model.id,
         "routesvc.attempt": len(rpc.attempts) + 1,
@@ -456,11 +471,6 @@ async def observed_stream(
     finish: ProviderFinish | None = None
     error_type = ""
     stopped = False  # the router's stream timers or the call's deadline ended it
-    metric_labels = {
-        "gen_ai.operation.name": "chat",
-        "gen_ai.provider.name": gen_ai_provider,
-        "gen_ai.request.model": model.provider_model,
-    }
     stream = provider.stream(replace(call, headers=MappingProxyType(headers)))
     try:
         async for event in stream:
@@ -584,14 +594,9 @@ def _end_attempt(
     rpc.attempts.append(_AttemptRecord(model.id, cost, usage if finish is not None else None, estimated, purpose))
     labels = {**metric_labels, "gen_ai.response.model": finish.provider_model if finish else model.provider_model}
     duration_labels = {**labels, "error.type": error_type} if error_type else labels
-    instruments = telemetry.instruments
-    instruments.operation_duration.record(duration, duration_labels)
-    if finish is not None or interrupted:
-        # An attempt that ended before any output has no usage to report (the conventions:
-        # report token usage only when it is known).
-        instruments.token_usage.record(usage.input_tokens, {**labels, "gen_ai.token.type": "input"})
-        instruments.token_usage.record(usage.output_tokens, {**labels, "gen_ai.token.type": "output"})
-    instruments.cost.add(float(cost), {"routesvc.model": model.id})
+    telemetry.instruments.operation_duration.record(duration, duration_labels)
+    # An attempt that ended before any output has no usage to report.
+    record_usage(telemetry, labels, model.id, usage if finish is not None or interrupted else None, cost)
     log.debug(
         "provider_attempt_finished",
         model=model.id,

@@ -29,7 +29,7 @@ from routesvc.config import Settings
 from routesvc.errors import ConfigError
 from routesvc.models import Usage
 from routesvc.stats import RoutingStats
-from routesvc.telemetry._request import _CURRENT, _PROPAGATOR, RequestTelemetry, gen_ai_provider_name
+from routesvc.telemetry._request import _CURRENT, _PROPAGATOR, RequestTelemetry, gen_ai_labels, record_usage
 
 _SCOPE = "routesvc"
 _TRACE_HEADERS = ("traceparent", "tracestate")
@@ -252,16 +252,11 @@ class Telemetry:
     def record_batch_answer(self, model: ModelSpec, provider_model: str, usage: Usage, cost: Decimal) -> None:
         """A batch job's answer, billed when its provider batch ends (outside any RPC): its cost
         and tokens in the metrics every realtime attempt goes to."""
-        instruments = self.instruments
         labels = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": gen_ai_provider_name(self.settings, model),
-            "gen_ai.request.model": model.provider_model,
+            **gen_ai_labels(self.settings, model),
             "gen_ai.response.model": provider_model or model.provider_model,
         }
-        instruments.token_usage.record(usage.input_tokens, {**labels, "gen_ai.token.type": "input"})
-        instruments.token_usage.record(usage.output_tokens, {**labels, "gen_ai.token.type": "output"})
-        instruments.cost.add(float(cost), {"routesvc.model": model.id})
+        record_usage(self, labels, model.id, usage, cost)
 
     @contextlib.contextmanager
     def server_rpc(
@@ -273,12 +268,13 @@ class Telemetry:
         The caller reports the status with ``RequestTelemetry.finish`` before leaving the block.
         """
         carrier = {key: value for key, value in metadata if key in _TRACE_HEADERS and isinstance(value, str)}
+        full_method = f"{service}/{method}"
         if not carrier and self._tracer_provider is None:
             # Nothing to record and no caller's context to pass on: no span to open.
-            yield from self._in_request(RequestTelemetry(self, trace.INVALID_SPAN, method, f"{service}/{method}"))
+            yield from self._in_request(RequestTelemetry(self, trace.INVALID_SPAN, method, full_method))
             return
         with self.tracer.start_as_current_span(
-            f"{service}/{method}",
+            full_method,
             context=_PROPAGATOR.extract(carrier),
             kind=SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
@@ -286,7 +282,7 @@ class Telemetry:
             set_status_on_exception=False,
             end_on_exit=True,
         ) as span:
-            yield from self._in_request(RequestTelemetry(self, span, method, f"{service}/{method}"))
+            yield from self._in_request(RequestTelemetry(self, span, method, full_method))
 
     @staticmethod
     def _in_request(request: RequestTelemetry) -> Iterator[RequestTelemetry]:
