@@ -88,25 +88,41 @@ def refusal(kind: str, chat: ChatRequest) -> str:
     """Why an API of ``kind`` (``providers.<name>.kind``) refuses ``chat`` as asked, or "" when it
     takes it: routing passes over its models, so the request goes to a model that can serve it
     instead of failing upstream (and counting against that model's breaker)."""
-    if kind == "anthropic" and any(not sequence.strip() for sequence in chat.stop):
+    if kind == "anthropic":
+        return _anthropic_refusal(chat)
+    if kind == "openai":
+        return _openai_refusal(chat)
+    return ""
+
+
+def _anthropic_refusal(chat: ChatRequest) -> str:
+    if any(not sequence.strip() for sequence in chat.stop):
         return "provider kind anthropic refuses a stop sequence of whitespace only"
-    json_object = chat.response_format is not None and chat.response_format.type is ResponseFormatType.JSON_OBJECT
-    if kind == "anthropic" and json_object:
-        return "provider kind anthropic has no JSON object mode (it takes RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
-    if kind == "openai" and json_object and not any("json" in m.content.lower() for m in chat.messages):
-        return "provider kind openai takes a JSON object format only when a message asks for JSON (says 'json')"
     response_format = chat.response_format
-    if kind == "anthropic" and response_format is not None and response_format.schema:
+    if response_format is not None and response_format.type is ResponseFormatType.JSON_OBJECT:
+        return "provider kind anthropic has no JSON object mode (it takes RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
+    if response_format is not None and response_format.schema:
         problem = _schema_problem(response_format.schema, refused=_ANTHROPIC_REFUSED_KEYWORDS, all_required=False)
         if problem:
             return f"provider kind anthropic's structured outputs refuse this schema ({problem})"
-    if kind == "openai" and response_format is not None and response_format.strict and response_format.schema:
+    images = (image for message in chat.messages for image in message.images)
+    if any(max(image.width, image.height) > _ANTHROPIC_MAX_IMAGE_SIDE for image in images):
+        return f"provider kind anthropic refuses images over {_ANTHROPIC_MAX_IMAGE_SIDE} px on a side"
+    return ""
+
+
+def _openai_refusal(chat: ChatRequest) -> str:
+    response_format = chat.response_format
+    if response_format is None:
+        return ""
+    if response_format.type is ResponseFormatType.JSON_OBJECT and not any(
+        "json" in message.content.lower() for message in chat.messages
+    ):
+        return "provider kind openai takes a JSON object format only when a message asks for JSON (says 'json')"
+    if response_format.strict and response_format.schema:
         problem = _schema_problem(response_format.schema, refused=frozenset(), all_required=True)
         if problem:
             return f"provider kind openai's strict mode refuses this schema ({problem})"
-    images = [image for message in chat.messages for image in message.images]
-    if kind == "anthropic" and any(max(image.width, image.height) > _ANTHROPIC_MAX_IMAGE_SIDE for image in images):
-        return f"provider kind anthropic refuses images over {_ANTHROPIC_MAX_IMAGE_SIDE} px on a side"
     return ""
 
 
