@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from routesvc.catalog import ModelSpec
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut
-from routesvc.models import Heartbeat, Message, ProviderFinish, TextDelta, UpstreamCall, Usage
+from routesvc.models import Heartbeat, ProviderFinish, TextDelta, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
-from routesvc.tokens import count_text_tokens
+from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,17 +26,17 @@ class SideCallResult:
 
 
 def upstream_call(
-    model: str, messages: Sequence[Message], texts: Sequence[str], finish: ProviderFinish | None, *, refused: bool
+    model: str, call: ProviderCall, produced: Sequence[str], finish: ProviderFinish | None, *, refused: bool
 ) -> UpstreamCall:
     """What a side call used: the provider's usage when it finished (flagged when the provider did
-    not report it and the adapter estimated it); when it was cut short after
-    the provider started work, an estimate from ``messages`` and the ``texts`` received, flagged;
-    when the provider ``refused`` it before any output, nothing."""
+    not report it and the adapter estimated it); when it was cut short after the provider had it,
+    an estimate of ``call``'s input and of what it ``produced`` (every piece, in order), flagged,
+    as its span counts it; when the provider ``refused`` it before any output, nothing."""
     if finish is not None:
         return UpstreamCall(model, finish.usage, estimated=finish.estimated)
     estimate = Usage(
-        input_tokens=0 if refused else sum(count_text_tokens(m.content) for m in messages),
-        output_tokens=count_text_tokens("".join(texts)),
+        input_tokens=0 if refused else estimate_input_tokens(call.as_chat()),
+        output_tokens=count_text_tokens("".join(produced)),
     )
     return UpstreamCall(model, estimate, estimated=not refused, refused=refused)
 
@@ -60,7 +60,7 @@ async def side_call(
     from routesvc import telemetry
 
     texts: list[str] = []
-    produced: list[str] = []  # reasoning and tool-call pieces: output the provider bills too
+    produced: list[str] = []  # every piece in order (text, reasoning, tool calls): billed output
     finish: ProviderFinish | None = None
     error: TimeoutError | ProviderError | None = None
     refused = False
@@ -70,6 +70,7 @@ async def side_call(
             async for event in stream:
                 if isinstance(event, TextDelta):
                     texts.append(event.text)
+                    produced.append(event.text)
                 elif isinstance(event, Heartbeat):
                     produced.append(event.text)
                 elif isinstance(event, ProviderFinish):
@@ -80,12 +81,12 @@ async def side_call(
         error = exc
         # Refused by the provider before any output: nothing billed. Its own deadline passing
         # ends it from our side once sent, like the timeout above: estimated, as its span says.
-        refused = not texts and not produced and not isinstance(exc, ProviderTimedOut | ProviderStalled)
+        refused = not produced and not isinstance(exc, ProviderTimedOut | ProviderStalled)
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
-        used = upstream_call(model.id, call.messages, [*texts, *produced], finish, refused=refused)
+        used = upstream_call(model.id, call, produced, finish, refused=refused)
         if charge is not None:
             charge(used)
     return SideCallResult("".join(texts), finish, used, error)

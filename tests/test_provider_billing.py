@@ -25,6 +25,7 @@ from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.tokens import estimate_input_tokens
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.observability import observed_server
 from tests.test_batches import batch_config, submit, wait_state
 from tests.test_classifier import CHEAP
 from tests.test_validation import error_info
@@ -383,3 +384,35 @@ class TestSideCallCharges:
         result = await side_call(_EndsWith(error), CHEAP, call, purpose="judge", charge=charges.append)
         (used,) = charges
         assert (result.error is error, used.estimated, used.usage.input_tokens > 0) == (True, charged, charged)
+
+
+@pytest.mark.parametrize(
+    ("script", "label"),
+    [
+        (Script(reasoning=tuple(f"step {n} of a long thought " for n in range(6)), text='{"score": 1}',
+                fault=Fault.CUT, fault_after=4), "cut while reasoning"),
+        (Script(chunks=('{"sc', 'ore', '": 0', ".9}"), fault=Fault.CUT, fault_after=3), "cut in its answer"),
+    ],
+    ids=["reasoning", "answer"],
+)  # fmt: skip
+async def test_a_judge_cut_short_is_charged_as_its_span_counts_it(
+    fake: FakeProvider, script: Script, label: str
+) -> None:
+    """A cascade judge cut short after output: its ledger entry has the usage its span reports
+    (the ledger counted only the messages' text, without the prompt's framing, and joined the
+    answer before the reasoning, so the two disagreed)."""
+    config = local_judge_config(fake)
+    fake.enqueue(Script(text="Paris is the capital of France."), model="gpt-4o-mini")
+    fake.enqueue(script, model="llama")
+    async with observed_server(fake, config=config) as observed:
+        chat = user_chat("What is the capital of France?")
+        messages = [m async for m in observed.client.complete(chat, pb.RoutingContext(cascade=True))]
+        entries = observed.server.router.ledger.entries(messages[0].decision.decision_id)
+    [judge] = [e for e in entries if e.model == "llama"]
+    (span,) = observed.named("chat llama")
+    attributes = dict(span.attributes or {})
+    assert judge.estimated, label
+    assert (attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.usage.output_tokens"]) == (
+        judge.usage.input_tokens,
+        judge.usage.output_tokens,
+    )

@@ -59,7 +59,6 @@ from anthropic.types import (
 from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import (
     CacheTtl,
-    ChatRequest,
     FinishReason,
     Heartbeat,
     Image,
@@ -518,9 +517,7 @@ class AnthropicProvider:
         request, tools included), and the estimate logged."""
         if tally.input_tokens is None or tally.output_tokens is None:
             self._usage_log.estimated(self._name, call.model)
-            input_tokens = estimate_input_tokens(
-                ChatRequest(messages=call.messages, tools=call.tools, response_format=call.response_format)
-            )
+            input_tokens = estimate_input_tokens(call.as_chat())
             output_tokens = count_text_tokens("".join(tally.output))
             estimate = Usage(
                 input_tokens=input_tokens if tally.input_tokens is None else tally.input_tokens,

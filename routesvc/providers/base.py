@@ -174,6 +174,11 @@ class ProviderCall:
     timeout: float | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
+    def as_chat(self) -> ChatRequest:
+        """What the call puts in the prompt, as a ``ChatRequest``: what its input is estimated
+        from (``tokens.estimate_input_tokens``) wherever the provider reports none."""
+        return ChatRequest(messages=self.messages, tools=self.tools, response_format=self.response_format)
+
 
 class Provider(Protocol):
     """A model API family (OpenAI, Anthropic, OpenAI-compatible).

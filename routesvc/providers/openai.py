@@ -39,7 +39,6 @@ from openai.types.shared_params import FunctionDefinition
 
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
 from routesvc.models import (
-    ChatRequest,
     FinishReason,
     Heartbeat,
     Image,
@@ -365,9 +364,7 @@ class OpenAIProvider:
         if estimated:
             self._usage_log.estimated(self._name, call.model, kind=self._kind)
         if input_tokens is None:
-            input_tokens = estimate_input_tokens(
-                ChatRequest(messages=call.messages, tools=call.tools, response_format=call.response_format)
-            )
+            input_tokens = estimate_input_tokens(call.as_chat())
         if output_tokens is None:
             output_tokens = count_text_tokens("".join(output))
         details = object_field(usage.get("prompt_tokens_details"))

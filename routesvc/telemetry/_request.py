@@ -454,8 +454,7 @@ async def observed_stream(
     parent = trace.set_span_in_context(rpc.routing_span or rpc.span)
     span = telemetry.tracer.start_span(f"chat {model.provider_model}", context=parent, kind=SpanKind.CLIENT)
     span.set_attributes(attributes)
-    # What the router's estimate counts too (a response format's schema is in the prompt).
-    chat = ChatRequest(messages=call.messages, tools=call.tools, response_format=call.response_format)
+    chat = call.as_chat()
     if telemetry.capture_content:
         span.set_attribute("gen_ai.input.messages", _messages_json(chat))
     headers = dict(call.headers)
