@@ -95,8 +95,6 @@ _BATCH_STATES = {
     BatchState.CANCELLED: pb.BATCH_STATE_CANCELLED,
 }
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-# OpenAI's rule for a JSON schema's name, which is the tools' rule.
-_SCHEMA_NAME = _TOOL_NAME
 _MAX_METADATA_CHARS = 1024
 # A tool's JSON Schema nests a few levels; the SDKs' encoders recurse, so a deeper one would fail
 # upstream (or here: Python's parser recurses too) instead of being refused with its field's name.
@@ -241,7 +239,8 @@ def _tool_call(field: str, call: pb.ToolCall) -> ToolCall:
 
 
 def _tool_name(field: str, name: str) -> None:
-    """A tool's name, offered or called, as both providers take it."""
+    """A tool's name, offered or called, as both providers take it (OpenAI's rule for a JSON
+    schema's name too)."""
     if not _TOOL_NAME.match(name):
         raise InvalidRequest(field, "must be 1-64 characters of letters, digits, '_' or '-'")
 
@@ -356,8 +355,7 @@ def _response_format(chat: pb.ChatRequest) -> ResponseFormat | None:
         if message.type == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
             return ResponseFormat(ResponseFormatType.JSON_OBJECT)
         return None
-    if not _SCHEMA_NAME.match(message.name):
-        raise InvalidRequest(f"{field}.name", "must be 1-64 characters of letters, digits, '_' or '-'")
+    _tool_name(f"{field}.name", message.name)
     if not message.schema_json:
         raise InvalidRequest(f"{field}.schema_json", "is required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
     schema = _json_object(f"{field}.schema_json", message.schema_json)
