@@ -29,6 +29,8 @@ class ModelSpec:
     max_output_tokens: int
     capabilities: frozenset[str]
     batch_discount: Decimal
+    # Request parameters the model refuses: a request that sets one is not routed to it.
+    unsupported_parameters: frozenset[str] = frozenset()
 
     def supports(self, capability: str) -> bool:
         """Whether the model has ``capability`` (for example "tools")."""

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.errors import ConfigError
+from routesvc.models import RequestParameter
 from routesvc.providers.base import HttpClientKind
 from routesvc.strategies.classifier import ClassifierStageConfig
 from routesvc.strategies.embedding import EmbeddingStageConfig
@@ -206,6 +207,11 @@ class ModelConfig(_Strict):
     context_window: int = Field(gt=0)
     max_output_tokens: int = Field(16384, gt=0)
     capabilities: tuple[str, ...] = ()
+    unsupported_parameters: tuple[RequestParameter, ...] = Field(
+        (),
+        description="Request parameters the model refuses (OpenAI's reasoning models refuse "
+        "temperature and stop): a request that sets one is not routed to it.",
+    )
     batch_discount: Decimal = Field(Decimal(0), ge=0, le=1, description="Fraction off in batch mode.")
 
 
@@ -829,6 +835,7 @@ def _model_spec(model: ModelConfig, provider_kind: str) -> ModelSpec:
         max_output_tokens=model.max_output_tokens,
         capabilities=frozenset(model.capabilities),
         batch_discount=model.batch_discount,
+        unsupported_parameters=frozenset(model.unsupported_parameters),
     )
 
 

@@ -7,6 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
+from typing import Literal
+
+# The request parameters a model may refuse (``ModelConfig.unsupported_parameters``).
+RequestParameter = Literal["temperature", "stop", "tool_choice", "parallel_tool_calls"]
 
 
 class Role(enum.Enum):
@@ -162,6 +166,17 @@ class ChatRequest:
     def uses_images(self) -> bool:
         """Whether any turn carries an image (only a model with the "vision" capability takes it)."""
         return any(m.images for m in self.messages)
+
+    @property
+    def parameters_set(self) -> tuple[RequestParameter, ...]:
+        """The optional parameters this request sets, in ``RequestParameter``'s order."""
+        given: tuple[tuple[RequestParameter, bool], ...] = (
+            ("temperature", self.temperature is not None),
+            ("stop", bool(self.stop)),
+            ("tool_choice", self.tool_choice is not None),
+            ("parallel_tool_calls", self.parallel_tool_calls is not None),
+        )
+        return tuple(name for name, is_set in given if is_set)
 
     @property
     def last_user_message(self) -> str:

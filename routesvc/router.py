@@ -193,6 +193,7 @@ class Router:
         # offered again or not.
         uses_tools = request.chat.uses_tools
         uses_images = request.chat.uses_images
+        parameters = request.chat.parameters_set
         eligible: dict[str, str] = {}
         for model in self._catalog:
             needed = input_tokens + output_tokens
@@ -212,6 +213,8 @@ class Router:
                 why = "does not support JSON output"
             elif refused := refusal(provider.kind, request.chat):
                 why = refused
+            elif unsupported := [name for name in parameters if name in model.unsupported_parameters]:
+                why = f"refuses the parameter {unsupported[0]} (unsupported_parameters)"
             elif allowed is not None and model.id not in allowed:
                 why = f"not allowed for tenant {request.context.tenant!r}"
             elif skip_unconfigured and not provider.configured:

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from routesvc.client import RouterClient, build_chat
+from routesvc.errors import ConfigError
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
@@ -281,3 +282,58 @@ class TestResponseFormat:
         excluded = _excluded(json_object)
         assert list(excluded) == ["claude-sonnet"]
         assert excluded["claude-sonnet"].startswith("provider kind anthropic has no JSON object mode")
+
+
+def _refusing(model_id: str, *parameters: str) -> dict[str, object]:
+    """The default config, with ``model_id`` refusing ``parameters`` (as OpenAI's reasoning models
+    refuse temperature and stop)."""
+    config = default_config()
+    for model in config["models"]:  # type: ignore[attr-defined]
+        if model["id"] == model_id:
+            model["unsupported_parameters"] = list(parameters)
+    return config
+
+
+class TestUnsupportedParameters:
+    @pytest.mark.parametrize(
+        ("parameter", "chat_options"),
+        [
+            ("temperature", {"temperature": 0.2}),
+            ("stop", {"stop": ["END"]}),
+            ("tool_choice", {"tool_choice": pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO)}),
+            ("parallel_tool_calls", {"parallel_tool_calls": False}),
+        ],
+    )
+    async def test_a_request_setting_a_refused_parameter_passes_over_the_model(
+        self, parameter: str, chat_options: dict[str, object]
+    ) -> None:
+        """Code generation goes to gpt-4o; when gpt-4o refuses a parameter the request sets, the
+        request goes to the next choice and gpt-4o's candidate names the parameter."""
+        settings = settings_from(_refusing("gpt-4o", parameter))
+        context = pb.RoutingContext(task_hint="code_generation")
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            usual = await client.route(user_chat("Write a parser"), context)
+            chat = user_chat("Write a parser", **chat_options)
+            if parameter in ("tool_choice", "parallel_tool_calls"):
+                chat.tools.add(name="run_tests", description="Run the tests", parameters_json="{}")
+            decision = await client.route(chat, context)
+        assert (usual.model, decision.model) == ("gpt-4o", "gpt-4o-mini")
+        assert _excluded(decision)["gpt-4o"] == f"refuses the parameter {parameter} (unsupported_parameters)"
+
+    async def test_a_model_pinned_with_a_refused_parameter_is_refused_before_any_call(self, fake: FakeProvider) -> None:
+        """A request pinned to a model that refuses one of its parameters fails at once, naming the
+        parameter; the provider is never called."""
+        settings = settings_from(_refusing("gpt-4o", "temperature", "stop"), live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _complete(client, user_chat("Say hello", stop=["END"]), "gpt-4o")
+            answered = await _complete(client, user_chat("Say hello"), "gpt-4o")
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "refuses the parameter stop" in (caught.value.details() or "")
+        assert answered[-1].completion.model == "gpt-4o"
+        assert len(fake.requests) == 1
+
+    def test_an_unknown_parameter_is_a_config_error_naming_the_field(self) -> None:
+        """``unsupported_parameters`` takes only the parameters a request can set."""
+        with pytest.raises(ConfigError, match=r"models\[1\]\.unsupported_parameters\[0\]"):
+            settings_from(_refusing("gpt-4o", "top_k"))
