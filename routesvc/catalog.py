@@ -31,6 +31,8 @@ class ModelSpec:
     batch_discount: Decimal
     # Request parameters the model refuses: a request that sets one is not routed to it.
     unsupported_parameters: frozenset[str] = frozenset()
+    # Input tokens the model bills per token of the catalog's image estimate (``routesvc.images``).
+    image_token_scale: Decimal = Decimal(1)
 
     def supports(self, capability: str) -> bool:
         """Whether the model has ``capability`` (for example "tools")."""

@@ -212,6 +212,12 @@ class ModelConfig(_Strict):
         description="Request parameters the model refuses (OpenAI's reasoning models refuse "
         "temperature and stop): a request that sets one is not routed to it.",
     )
+    image_token_scale: Decimal = Field(
+        Decimal(1),
+        gt=0,
+        description="Input tokens the model bills per token of the catalog's image estimate "
+        "(routesvc.images): gpt-4o-mini counts ~33.3x gpt-4o's tokens for an image.",
+    )
     batch_discount: Decimal = Field(Decimal(0), ge=0, le=1, description="Fraction off in batch mode.")
 
 
@@ -836,6 +842,7 @@ def _model_spec(model: ModelConfig, provider_kind: str) -> ModelSpec:
         capabilities=frozenset(model.capabilities),
         batch_discount=model.batch_discount,
         unsupported_parameters=frozenset(model.unsupported_parameters),
+        image_token_scale=model.image_token_scale,
     )
 
 

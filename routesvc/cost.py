@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 
 from routesvc.catalog import ModelSpec
@@ -34,9 +35,22 @@ def cost_of_usage(model: ModelSpec, usage: Usage, mode: Mode = Mode.REALTIME) ->
     return total * _discount(model, mode)
 
 
-def estimate_cost(model: ModelSpec, input_tokens: int, output_tokens: int, mode: Mode = Mode.REALTIME) -> Decimal:
-    """Estimated cost of a call before it is made (no prompt-cache hits assumed)."""
-    return cost_of_usage(model, Usage(input_tokens=input_tokens, output_tokens=output_tokens), mode)
+def estimate_cost(
+    model: ModelSpec, input_tokens: int, output_tokens: int, mode: Mode = Mode.REALTIME, *, image_tokens: int = 0
+) -> Decimal:
+    """Estimated cost of a call before it is made (no prompt-cache hits assumed). ``image_tokens``
+    is the part of ``input_tokens`` that images make up, which ``model`` bills at its
+    ``image_token_scale``."""
+    usage = Usage(input_tokens=billed_input_tokens(model, input_tokens, image_tokens), output_tokens=output_tokens)
+    return cost_of_usage(model, usage, mode)
+
+
+def billed_input_tokens(model: ModelSpec, input_tokens: int, image_tokens: int) -> int:
+    """The input tokens ``model`` bills for an estimate of ``input_tokens``, ``image_tokens`` of
+    them images (billed at the model's ``image_token_scale``)."""
+    if not image_tokens:
+        return input_tokens
+    return input_tokens - image_tokens + math.ceil(image_tokens * model.image_token_scale)
 
 
 def format_usd(amount: Decimal) -> str:

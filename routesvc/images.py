@@ -12,11 +12,13 @@ publish for the models of the catalog:
 
 One estimate serves every model (the estimate is made before the model is chosen), so it is the
 larger of the two. An image whose size is unknown (given by URL, which routesvc never fetches)
-counts as ``UNKNOWN_SIZE_TOKENS``, the most either formula gives. Not modelled: OpenAI's low
-detail (always 85), and models that bill images at other rates: gpt-4o-mini counts ~33x
-gpt-4o's tokens for an image (2,833 + 5,667 per tile) at its own price, ~17x lower than gpt-4o's,
-so an image's estimated cost on gpt-4o-mini is low by up to ~8x; Claude models with a larger
-native resolution than 1568 px cost more per large image.
+counts as ``UNKNOWN_SIZE_TOKENS``, the most either formula gives. A model that bills images at
+another rate says so with ``image_token_scale`` (``cost.billed_input_tokens``): gpt-4o-mini
+counts ~33.3x gpt-4o's tokens for an image (2,833 + 5,667 per tile), so the default config
+gives it 33.33; since the scale multiplies the larger of the two formulas, its estimate for an
+image is high by up to ~1.8x (a square image, where Anthropic's formula gives more). Not
+modelled: OpenAI's low detail (always 85), and Claude models with a larger native resolution
+than 1568 px, which cost more per large image.
 """
 
 from __future__ import annotations

@@ -239,6 +239,9 @@ class RouteDecision:
     cascade_scorer: str = ""
     # Provider calls made to decide (an LLM classifier's), already in the ledger and the budget.
     routing_attempts: tuple[AttemptSummary, ...] = ()
+    # The part of ``estimated_input_tokens`` that images make up (each model bills them at its
+    # ``image_token_scale``).
+    estimated_image_tokens: int = 0
 
     @property
     def routing_cost_usd(self) -> Decimal:

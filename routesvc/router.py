@@ -19,7 +19,7 @@ from routesvc.breaker import Breakers
 from routesvc.cascade import EscalationPolicy, max_cost_reason
 from routesvc.catalog import ModelSpec
 from routesvc.config import BATCH_API_KINDS, RulesStageConfig, Settings
-from routesvc.cost import cost_of_usage, estimate_cost, format_usd
+from routesvc.cost import billed_input_tokens, cost_of_usage, estimate_cost, format_usd
 from routesvc.errors import (
     CostLimitExceeded,
     DeadlineExceeded,
@@ -63,7 +63,7 @@ from routesvc.scoring import ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
 from routesvc.strategies.classifier import TASK_LABELS
 from routesvc.strategies.default import no_eligible_model
-from routesvc.tokens import count_text_tokens, estimate_input_tokens
+from routesvc.tokens import count_text_tokens, estimate_image_tokens, estimate_input_tokens
 
 if TYPE_CHECKING:
     from routesvc.batches import BatchQueue
@@ -241,6 +241,7 @@ class Router:
             raise InvalidRequest("chat.max_output_tokens", f"must be at most {self._limits.max_output_tokens}")
         pinned = self._catalog.get(request.context.model) if request.context.model else None
         input_tokens = estimate_input_tokens(chat)
+        image_tokens = estimate_image_tokens(chat) if chat.uses_images else 0
         output_tokens = chat.max_output_tokens or self._limits.default_output_tokens
         eligible = self._eligibility(request, input_tokens, output_tokens)
         hint = request.context.task_hint
@@ -273,6 +274,7 @@ class Router:
             request=request,
             estimated_input_tokens=input_tokens,
             estimated_output_tokens=output_tokens,
+            estimated_image_tokens=image_tokens,
             models=tuple(self._catalog),
             eligible=MappingProxyType(eligible),
             task="" if unknown_hint else hint,
@@ -333,6 +335,7 @@ class Router:
             candidates=tuple(Candidate(model_id, not why, why) for model_id, why in eligible.items()),
             task=verdict.task,
             routing_attempts=tuple(routing_attempts),
+            estimated_image_tokens=image_tokens,
         )
         for stage in self._policy.learning_stages:
             # Only an embedding of the prompt is kept (never its text), for later feedback.
@@ -381,7 +384,12 @@ class Router:
         """``decision`` served in realtime instead of batch: at the realtime estimate, which must
         fit the request's ``max_cost_usd``."""
         model = self._catalog.get(decision.model)
-        cost = estimate_cost(model, decision.estimated_input_tokens, decision.estimated_output_tokens)
+        cost = estimate_cost(
+            model,
+            decision.estimated_input_tokens,
+            decision.estimated_output_tokens,
+            image_tokens=decision.estimated_image_tokens,
+        )
         cap = request.context.max_cost_usd
         if cap is not None and cost > cap:
             raise CostLimitExceeded(
@@ -405,7 +413,7 @@ class Router:
         request = routing_input.request
         tokens_in, tokens_out = routing_input.estimated_input_tokens, routing_input.estimated_output_tokens
         costs = [
-            estimate_cost(model, tokens_in, tokens_out, mode)
+            estimate_cost(model, tokens_in, tokens_out, mode, image_tokens=routing_input.estimated_image_tokens)
             for model in self._catalog
             if routing_input.is_eligible(model.id)
             for mode in (Mode.REALTIME, Mode.BATCH)
@@ -435,7 +443,8 @@ class Router:
         request's ``max_cost_usd``; a batch decision moving to a model without a batch API here
         is served by it in realtime, at that price."""
         tokens_in, tokens_out = routing_input.estimated_input_tokens, routing_input.estimated_output_tokens
-        cost = estimate_cost(model, tokens_in, tokens_out, mode)
+        images = routing_input.estimated_image_tokens
+        cost = estimate_cost(model, tokens_in, tokens_out, mode, image_tokens=images)
         cap = request.context.max_cost_usd
         if cap is None or cost <= cap:
             return model, cost, mode
@@ -445,7 +454,8 @@ class Router:
                 continue
             realtime_instead = self._realtime_instead_of_batch(other.provider) if mode is Mode.BATCH else ""
             other_mode = Mode.REALTIME if realtime_instead else mode
-            options.append((estimate_cost(other, tokens_in, tokens_out, other_mode), index, other, realtime_instead))
+            other_cost = estimate_cost(other, tokens_in, tokens_out, other_mode, image_tokens=images)
+            options.append((other_cost, index, other, realtime_instead))
         options.sort(key=lambda option: (option[0], option[1]))
         for other_cost, _, other, realtime_instead in options:
             if other_cost <= cap:
@@ -473,6 +483,7 @@ class Router:
         steps = decision.cascade_models
         other_steps = set(steps) - {decision.model}
         tokens_in, tokens_out = decision.estimated_input_tokens, decision.estimated_output_tokens
+        images = decision.estimated_image_tokens
         chain = [decision.model]
         for name in self._routing.fallbacks.get(decision.model, ()):
             spec = self._catalog.get(name)
@@ -481,7 +492,7 @@ class Router:
                 continue
             if not provider.configured or name not in self._providers_by_model:
                 continue
-            if cap is not None and estimate_cost(spec, tokens_in, tokens_out, decision.mode) > cap:
+            if cap is not None and estimate_cost(spec, tokens_in, tokens_out, decision.mode, image_tokens=images) > cap:
                 continue
             chain.append(name)
         return chain
@@ -568,7 +579,10 @@ class Router:
                 released = outcome.completion is not None and outcome.quality.score >= threshold
                 quality = outcome.quality
                 next_cost = estimate_cost(
-                    self._catalog.get(next_model), decision.estimated_input_tokens, decision.estimated_output_tokens
+                    self._catalog.get(next_model),
+                    decision.estimated_input_tokens,
+                    decision.estimated_output_tokens,
+                    image_tokens=decision.estimated_image_tokens,
                 )
                 if not released:
                     cap = self._escalation.max_cost(request)
@@ -791,7 +805,8 @@ class Router:
         when the shared store cannot say)."""
         decision = state.decision
         tokens_in, tokens_out = decision.estimated_input_tokens, decision.estimated_output_tokens
-        await self._cover_cost(state, estimate_cost(model, tokens_in, tokens_out, decision.mode))
+        images = decision.estimated_image_tokens
+        await self._cover_cost(state, estimate_cost(model, tokens_in, tokens_out, decision.mode, image_tokens=images))
 
     async def _cover_cost(self, state: _AttemptState, estimate: Decimal) -> None:
         """``_cover`` for a call estimated at ``estimate`` (a cascade judge's, an escalation's)."""
@@ -932,8 +947,9 @@ class Router:
             self._breakers.release_probe(model.id)
         decision = state.decision
         charged = bool(received) or ended_by_us or outcome is AttemptOutcome.CANCELLED
+        billed = billed_input_tokens(model, decision.estimated_input_tokens, decision.estimated_image_tokens)
         estimate = Usage(
-            input_tokens=decision.estimated_input_tokens if charged else 0,
+            input_tokens=billed if charged else 0,
             output_tokens=count_text_tokens("".join(received)),
         )
         cost = cost_of_usage(model, estimate, decision.mode)

@@ -291,7 +291,8 @@ class LLMJudge:
             provider_model=self._model.provider_model,
             messages=messages,
             max_output_tokens=self._max_output_tokens,
-            temperature=0.0,
+            # Deterministic where the model takes a temperature (a reasoning model refuses one).
+            temperature=None if "temperature" in self._model.unsupported_parameters else 0.0,
             timeout=timeout,
         )
         if scoring_input.reserve is not None:

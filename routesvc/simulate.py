@@ -225,7 +225,11 @@ async def simulate(
         share.estimated_cost_usd += decision.estimated_cost_usd
         report.estimated_cost_usd += decision.estimated_cost_usd
         report.baseline_cost_usd += estimate_cost(
-            baseline, decision.estimated_input_tokens, decision.estimated_output_tokens, decision.mode
+            baseline,
+            decision.estimated_input_tokens,
+            decision.estimated_output_tokens,
+            decision.mode,
+            image_tokens=decision.estimated_image_tokens,
         )
         chosen = prompt.outcomes.get(mapping.get(decision.model, decision.model))
         reference = prompt.outcomes.get(mapping.get(baseline.id, baseline.id))

@@ -79,6 +79,11 @@ def count_text_tokens(text: str) -> int:
     return _count_uncached(text)
 
 
+def estimate_image_tokens(chat: ChatRequest) -> int:
+    """The part of ``estimate_input_tokens(chat)`` that its images make up."""
+    return sum(image_tokens(image.width, image.height) for message in chat.messages for image in message.images)
+
+
 def estimate_input_tokens(chat: ChatRequest) -> int:
     """Estimated input tokens of ``chat``: message texts, images (``routesvc.images``) and tool
     calls, framing, tool definitions and a response format's JSON schema (which the providers put

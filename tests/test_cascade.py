@@ -166,6 +166,19 @@ class TestLLMJudge:
         ]
         assert fake.requests[-1].body["messages"][0]["role"] == "system"
 
+    async def test_a_judge_that_refuses_temperature_is_asked_without_one(
+        self, provider: OpenAIProvider, fake: FakeProvider
+    ) -> None:
+        """The judge asks at temperature 0, except a model that refuses the parameter (OpenAI's
+        reasoning models), which gets none instead of a 400."""
+        config = default_config()
+        config["models"][0]["unsupported_parameters"] = ["temperature"]  # type: ignore[index]
+        refusing = settings_from(config).catalog.get("gpt-4o-mini")
+        for model in (settings_from(default_config()).catalog.get("gpt-4o-mini"), refusing):
+            fake.enqueue(Script(text='{"score": 0.9}'))
+            await LLMJudge(provider, model, timeout=2.0).score(_input("Paris"))
+        assert [request.body.get("temperature") for request in fake.requests] == [0.0, None]
+
     async def test_garbage_releases_by_default(self, provider: OpenAIProvider, fake: FakeProvider) -> None:
         """A judge answer without a score: on_failure release scores 1.0 and says why."""
         fake.enqueue(Script(text="I think it is fine"))

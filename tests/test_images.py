@@ -9,6 +9,7 @@ import base64
 import json
 import struct
 import zlib
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
@@ -366,6 +367,37 @@ class TestImageTokens:
         assert large.estimated_input_tokens - base == 1399
         assert url.estimated_input_tokens - base == UNKNOWN_SIZE_TOKENS
         assert float(large.estimated_cost_usd) > float(small.estimated_cost_usd)
+
+    async def test_each_model_prices_the_images_at_its_own_scale(self, client: RouterClient) -> None:
+        """gpt-4o-mini bills ~33.3x gpt-4o's tokens for an image (``image_token_scale: 33.33`` in
+        the default config): its estimate counts the image's 255 tokens as 8,500, gpt-4o's as 255;
+        the text is priced as it was."""
+        chat = image_chat(data_part(png(200, 100)), content="What is it?")
+        mini = await client.route(chat)
+        strong = await client.route(chat, pb.RoutingContext(model="gpt-4o"))
+        text_tokens = mini.estimated_input_tokens - 255
+        output = mini.estimated_output_tokens
+        assert (
+            Decimal(mini.estimated_cost_usd)
+            == ((text_tokens + 8500) * Decimal("0.15") + output * Decimal("0.60")) / 10**6
+        )
+        assert (
+            Decimal(strong.estimated_cost_usd)
+            == ((text_tokens + 255) * Decimal("2.50") + output * Decimal("10.00")) / 10**6
+        )
+
+    async def test_a_cost_cap_weighs_the_image_at_each_models_scale(self, client: RouterClient) -> None:
+        """A large image with a short answer costs more on gpt-4o-mini than on gpt-4o (46,630 image
+        tokens at $0.15/M against 1,399 at $2.50/M): under a cap between the two, the request moves
+        to gpt-4o, and the decision says so."""
+        chat = image_chat(data_part(png(1024, 1024)), content="What is it?")
+        chat.max_output_tokens = 16
+        capped = await client.route(chat, pb.RoutingContext(max_cost_usd="0.005"))
+        assert capped.model == "gpt-4o"
+        assert Decimal(capped.estimated_cost_usd) < Decimal("0.005")
+        assert any(
+            reason.startswith("estimated cost 0.007") and "downgraded to gpt-4o" in reason for reason in capped.reasons
+        )
 
 
 class TestImagesStayOutOfTelemetry:

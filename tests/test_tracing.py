@@ -13,11 +13,13 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from routesvc import telemetry
+from routesvc.client import build_chat
 from routesvc.models import ChatRequest, Message, Role, RoutingContext, RoutingRequest
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, settings_from, user_chat
 from tests.observability import Observed, observed_server
+from tests.test_images import png
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"
@@ -412,6 +414,24 @@ class TestAttemptsAsTheLedgerHasThem:
             (entry,) = observed.server.router.ledger.entries()
         (span,) = [span for span in observed.finished() if span.kind is SpanKind.CLIENT]
         assert entry.usage.input_tokens > 500
+        assert _attrs(span)["gen_ai.usage.input_tokens"] == entry.usage.input_tokens
+
+    async def test_a_stalled_image_request_counts_the_image_at_the_models_scale(self, fake: FakeProvider) -> None:
+        """An image request to gpt-4o-mini whose attempt stalls: the ledger and the span estimate
+        its input with the image at gpt-4o-mini's ``image_token_scale`` (8,500 tokens for an image
+        of 255), as the decision's estimate does."""
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS))
+        image = pb.ContentPart(image=pb.Image(data=png(200, 100), media_type="image/png"))
+        chat = build_chat([pb.Message(role=pb.ROLE_USER, content="What is it?", parts=[image])])
+        config = default_config()
+        config["reliability"] = {"retries_per_model": 0, "max_attempts": 1, "first_token_timeout_seconds": 1.0}
+        async with observed_server(fake, config=config) as observed:
+            decision = await observed.client.route(chat, pb.RoutingContext(model="gpt-4o-mini"))
+            with pytest.raises(grpc.aio.AioRpcError):
+                [m async for m in observed.client.complete(chat, pb.RoutingContext(model="gpt-4o-mini"))]
+            (entry,) = observed.server.router.ledger.entries()
+        (span,) = [span for span in observed.finished() if span.kind is SpanKind.CLIENT]
+        assert entry.usage.input_tokens == decision.estimated_input_tokens - 255 + 8500
         assert _attrs(span)["gen_ai.usage.input_tokens"] == entry.usage.input_tokens
 
     async def test_a_fallback_is_counted_only_when_its_model_is_called(self, fake: FakeProvider) -> None:

@@ -42,6 +42,8 @@ class RoutingInput:
     complexity: str = ""
     charge: Callable[[UpstreamCall], None] | None = None
     may_not_pay: str = ""
+    # The part of ``estimated_input_tokens`` that images make up.
+    estimated_image_tokens: int = 0
 
     def is_eligible(self, model_id: str) -> bool:
         """Whether ``model_id`` can serve this request."""

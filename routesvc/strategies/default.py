@@ -32,7 +32,10 @@ class DefaultStrategy:
         cheapest = min(
             eligible,
             key=lambda model: estimate_cost(
-                model, routing_input.estimated_input_tokens, routing_input.estimated_output_tokens
+                model,
+                routing_input.estimated_input_tokens,
+                routing_input.estimated_output_tokens,
+                image_tokens=routing_input.estimated_image_tokens,
             ),
         )
         why = routing_input.eligible.get(self._default_model, "unknown model")

@@ -21,7 +21,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from routesvc.catalog import ModelSpec
 from routesvc.config import Settings
-from routesvc.cost import cost_of_usage, estimate_cost, format_usd
+from routesvc.cost import billed_input_tokens, cost_of_usage, estimate_cost, format_usd
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut, RouteSvcError
 from routesvc.models import (
     ChatRequest,
@@ -39,7 +39,7 @@ from routesvc.models import (
 )
 from routesvc.providers.base import ProviderCall
 from routesvc.stats import FeedbackOutcome, RequestOutcome
-from routesvc.tokens import count_text_tokens, estimate_input_tokens
+from routesvc.tokens import count_text_tokens, estimate_image_tokens, estimate_input_tokens
 
 if TYPE_CHECKING:
     from routesvc.telemetry._setup import Telemetry
@@ -153,7 +153,11 @@ class RequestTelemetry:
             telemetry.instruments.baseline_cost.add(float(baseline), model_label)
             telemetry.instruments.savings.add(float(baseline - cost), model_label)
         estimated_baseline = estimate_cost(
-            telemetry.baseline, decision.estimated_input_tokens, decision.estimated_output_tokens, decision.mode
+            telemetry.baseline,
+            decision.estimated_input_tokens,
+            decision.estimated_output_tokens,
+            decision.mode,
+            image_tokens=decision.estimated_image_tokens,
         )
         telemetry.stats.add(
             RequestOutcome(
@@ -557,7 +561,8 @@ def _end_attempt(
     elif interrupted:
         # Interrupted after the provider had the call: usage is estimated from what was sent
         # and received, and flagged.
-        usage = Usage(input_tokens=estimate_input_tokens(chat), output_tokens=count_text_tokens("".join(produced)))
+        sent = billed_input_tokens(model, estimate_input_tokens(chat), estimate_image_tokens(chat))
+        usage = Usage(input_tokens=sent, output_tokens=count_text_tokens("".join(produced)))
         span.set_attribute("routesvc.usage_estimated", True)
     else:
         # Refused before any content (an error status or event): nothing to bill.
