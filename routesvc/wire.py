@@ -94,7 +94,7 @@ _BATCH_STATES = {
     BatchState.EXPIRED: pb.BATCH_STATE_EXPIRED,
     BatchState.CANCELLED: pb.BATCH_STATE_CANCELLED,
 }
-_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _MAX_METADATA_CHARS = 1024
 # A tool's JSON Schema nests a few levels; the SDKs' encoders recurse, so a deeper one would fail
 # upstream (or here: Python's parser recurses too) instead of being refused with its field's name.
@@ -209,7 +209,8 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
             raise InvalidRequest(f"{field}.url", f"must be at most {_MAX_IMAGE_URL_CHARS} characters")
         try:
             url = urlsplit(image.url)
-            https = url.scheme.lower() == "https" and bool(url.hostname)
+            # Reading the port checks it (urlsplit alone lets "h:99999" and "h:abc" through).
+            https = url.scheme.lower() == "https" and bool(url.hostname) and url.port != 0
         except ValueError:  # an invalid port or IPv6 address
             https = False
         if not https or any(c.isspace() or ord(c) < 32 for c in image.url):
@@ -241,12 +242,21 @@ def _tool_call(field: str, call: pb.ToolCall) -> ToolCall:
 def _tool_name(field: str, name: str) -> None:
     """A tool's name, offered or called, as both providers take it (OpenAI's rule for a JSON
     schema's name too)."""
-    if not _TOOL_NAME.match(name):
+    if not _TOOL_NAME.fullmatch(name):
         raise InvalidRequest(field, "must be 1-64 characters of letters, digits, '_' or '-'")
 
 
 def _refuse_constant(name: str) -> object:
     raise ValueError(f"{name} is not standard JSON")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; a number too large for one (``1e400``) would be infinity, which
+    the SDKs refuse to send, as they refuse the ``Infinity`` literal."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("a number out of range")
+    return value
 
 
 def _depth(value: object) -> int:
@@ -279,7 +289,7 @@ def _json_object(field: str, text: str) -> dict[str, object]:
     try:
         # Standard JSON only: Python reads NaN and Infinity, which the providers' SDKs refuse
         # to send (a request failing upstream would count against the model's breaker).
-        parsed = json.loads(text, parse_constant=_refuse_constant)
+        parsed = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise InvalidRequest(field, "must be a JSON object (standard JSON)") from None
     if not isinstance(parsed, dict):

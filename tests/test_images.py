@@ -229,6 +229,16 @@ BAD_PARTS: list[tuple[str, tuple[pb.ContentPart, ...], str]] = [
     ("data url", (url_part(PIXEL_URL),), "chat.messages[0].parts[0].image.url"),
     ("url with a space", (url_part(f"https://x.example/{CANARY} a.png"),), "chat.messages[0].parts[0].image.url"),
     ("url too long", (url_part(TALL_URL),), "chat.messages[0].parts[0].image.url"),
+    (
+        "url with a port out of range",
+        (url_part("https://images.example.com:99999/a.png"),),
+        "chat.messages[0].parts[0].image.url",
+    ),
+    (
+        "url with a port not a number",
+        (url_part("https://images.example.com:abc/a.png"),),
+        "chat.messages[0].parts[0].image.url",
+    ),
     ("unknown media type", (url_part(SECRET_URL, "image/bmp"),), "chat.messages[0].parts[0].image.media_type"),
     ("data without media type", (data_part(PIXEL, ""),), "chat.messages[0].parts[0].image.media_type"),
     (

@@ -56,6 +56,11 @@ BAD_TOOL_TURNS: list[tuple[str, tuple[pb.Message, ...], str]] = [
     ("call without an id", (_calls(pb.ToolCall(name="lookup")),), "chat.messages[1].tool_calls[0].id"),
     ("call with a bad name", (_calls(pb.ToolCall(id="c", name=f"{CANARY} !")),), "chat.messages[1].tool_calls[0].name"),
     (
+        "call arguments with a number too large for a float",
+        (_calls(pb.ToolCall(id="c", name="lookup", arguments_json='{"n": 1e400}')),),
+        "chat.messages[1].tool_calls[0].arguments_json",
+    ),
+    (
         "call arguments not an object",
         (_calls(CALL, pb.ToolCall(id="c2", name="lookup", arguments_json=f'["{CANARY}"]')),),
         "chat.messages[1].tool_calls[1].arguments_json",
@@ -153,6 +158,16 @@ BAD_RESPONSE_FORMATS: list[tuple[str, pb.ResponseFormat, str]] = [
         "chat.response_format.schema_json",
     ),
     (
+        "a schema with a number too large for a float",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="answer", schema_json='{"maximum": -1E+999}'),
+        "chat.response_format.schema_json",
+    ),
+    (
+        "a schema name ending in a newline",
+        pb.ResponseFormat(type=JSON_SCHEMA, name="answer\n", schema_json="{}"),
+        "chat.response_format.name",
+    ),
+    (
         "a schema with a lone surrogate",
         pb.ResponseFormat(type=JSON_SCHEMA, name="answer", schema_json='{"description": "\\ud800"}'),
         "chat.response_format.schema_json",
@@ -195,8 +210,20 @@ BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
         "chat.tools[0].name",
     ),
     (
+        "tool name ending in a newline",  # "$" matched before it: sent upstream, refused there
+        _chat((USER, CANARY), tools=[pb.Tool(name="lookup\n")]),
+        pb.RoutingContext(),
+        "chat.tools[0].name",
+    ),
+    (
         "tool schema",
         _chat((USER, CANARY), tools=[pb.Tool(name="ok", parameters_json=f'["{CANARY}"]')]),
+        pb.RoutingContext(),
+        "chat.tools[0].parameters_json",
+    ),
+    (
+        "tool schema with a number too large for a float",  # read as inf: the SDKs refused to send it (UNAVAILABLE)
+        _chat((USER, CANARY), tools=[pb.Tool(name="ok", parameters_json='{"type": "number", "maximum": 1e400}')]),
         pb.RoutingContext(),
         "chat.tools[0].parameters_json",
     ),
