@@ -210,7 +210,8 @@ class ModelConfig(_Strict):
     unsupported_parameters: tuple[RequestParameter, ...] = Field(
         (),
         description="Request parameters the model refuses (OpenAI's reasoning models refuse "
-        "temperature and stop): a request that sets one is not routed to it.",
+        "temperature and stop; Claude 4.6 models a prefill, a conversation that ends in an assistant "
+        "turn): a request that sets one is not routed to it.",
     )
     image_token_scale: Decimal = Field(
         Decimal(1),

@@ -9,8 +9,9 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Literal
 
-# The request parameters a model may refuse (``ModelConfig.unsupported_parameters``).
-RequestParameter = Literal["temperature", "stop", "tool_choice", "parallel_tool_calls"]
+# The request parameters a model may refuse (``ModelConfig.unsupported_parameters``); "prefill"
+# is a conversation that ends in an assistant turn, for the model to continue.
+RequestParameter = Literal["temperature", "stop", "tool_choice", "parallel_tool_calls", "prefill"]
 
 
 class Role(enum.Enum):
@@ -175,6 +176,7 @@ class ChatRequest:
             ("stop", bool(self.stop)),
             ("tool_choice", self.tool_choice is not None),
             ("parallel_tool_calls", self.parallel_tool_calls is not None),
+            ("prefill", bool(self.messages) and self.messages[-1].role is Role.ASSISTANT),
         )
         return tuple(name for name, is_set in given if is_set)
 

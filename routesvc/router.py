@@ -69,6 +69,10 @@ if TYPE_CHECKING:
     from routesvc.batches import BatchQueue
 
 
+# How a candidate says it refuses a request parameter that is not a field of the request.
+_REFUSED_PARAMETER = {"prefill": "refuses a prefill, a conversation that ends in an assistant turn"}
+
+
 def _new_decision_id() -> str:
     return os.urandom(16).hex()
 
@@ -214,7 +218,8 @@ class Router:
             elif refused := refusal(provider.kind, request.chat):
                 why = refused
             elif unsupported := [name for name in parameters if name in model.unsupported_parameters]:
-                why = f"refuses the parameter {unsupported[0]} (unsupported_parameters)"
+                why = _REFUSED_PARAMETER.get(unsupported[0], f"refuses the parameter {unsupported[0]}")
+                why += " (unsupported_parameters)"
             elif allowed is not None and model.id not in allowed:
                 why = f"not allowed for tenant {request.context.tenant!r}"
             elif skip_unconfigured and not provider.configured:

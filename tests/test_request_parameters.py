@@ -333,6 +333,19 @@ class TestUnsupportedParameters:
         assert answered[-1].completion.model == "gpt-4o"
         assert len(fake.requests) == 1
 
+    async def test_a_prefill_is_not_routed_to_claude_sonnet_4_6(self, client: RouterClient, fake: FakeProvider) -> None:
+        """Claude 4.6 models refuse a conversation that ends in an assistant turn (a 400 upstream):
+        the default config says so for claude-sonnet, so creative writing with a prefill goes to
+        the next choice, whose candidate list says why; an earlier assistant turn is no prefill."""
+        context = pb.RoutingContext(task_hint="creative_writing")
+        prefill = build_chat([("user", "Write a poem"), ("assistant", "Roses")])
+        history = build_chat([("user", "Write a poem"), ("assistant", "Roses"), ("user", "Another")])
+        decision = await client.route(prefill, context)
+        assert ((await client.route(history, context)).model, decision.model) == ("claude-sonnet", "gpt-4o-mini")
+        assert _excluded(decision) == {
+            "claude-sonnet": "refuses a prefill, a conversation that ends in an assistant turn (unsupported_parameters)"
+        }
+
     def test_an_unknown_parameter_is_a_config_error_naming_the_field(self) -> None:
         """``unsupported_parameters`` takes only the parameters a request can set."""
         with pytest.raises(ConfigError, match=r"models\[1\]\.unsupported_parameters\[0\]"):
