@@ -313,6 +313,19 @@ class TestStreaming:
         assert isinstance(finish, ProviderFinish)
         assert finish.finish_reason == expected
 
+    async def test_a_refusal_is_the_answer_and_finishes_as_content_filter(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """A model refusing (structured outputs) streams its words in ``delta.refusal`` and ends with
+        ``stop``: they are the answer's text (they were dropped: an empty answer finished STOP), and
+        the answer finishes CONTENT_FILTER, as Anthropic's ``refusal`` stop does."""
+        fake.enqueue(Script(text="I'm sorry, I can't help with that.", refusal=True, output_tokens=9))
+        events = await collect(provider, make_call())
+        finish = events[-1]
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "I'm sorry, I can't help with that."
+        assert isinstance(finish, ProviderFinish)
+        assert (finish.finish_reason, finish.usage.output_tokens) == (FinishReason.CONTENT_FILTER, 9)
+
     async def test_unknown_chunks_and_oversized_lines_are_tolerated(
         self, fake: FakeProvider, provider: OpenAIProvider
     ) -> None:

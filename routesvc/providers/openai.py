@@ -311,6 +311,7 @@ class OpenAIProvider:
             finish: str | None = None
             provider_model = ""
             output: list[str] = []
+            refused = False
             tool_calls = ToolCallParts()
             while True:
                 event = await self._guard(call, deadline, next_event(sdk_stream))
@@ -324,7 +325,11 @@ class OpenAIProvider:
                     if not isinstance(choice, dict) or choice.get("index") not in (0, None):
                         continue
                     delta = object_field(choice.get("delta"))
-                    text = text_field(delta.get("content"))
+                    # A refusal (structured outputs) comes in its own field: it is the answer,
+                    # and the answer was filtered.
+                    refusal = text_field(delta.get("refusal"))
+                    refused = refused or bool(refusal)
+                    text = text_field(delta.get("content")) + refusal
                     if text:
                         output.append(text)
                         yield TextDelta(text)
@@ -343,7 +348,7 @@ class OpenAIProvider:
             reported, estimated = self._usage(call, usage, output)
             yield ProviderFinish(
                 usage=reported,
-                finish_reason=map_finish_reason(finish),
+                finish_reason=FinishReason.CONTENT_FILTER if refused else map_finish_reason(finish),
                 provider_model=provider_model or call.provider_model,
                 tool_calls=tool_calls.calls(),
                 estimated=estimated,

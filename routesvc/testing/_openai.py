@@ -24,6 +24,8 @@ def error_body(status: int, error_type: str, message: str) -> dict[str, Any]:
 def answer_message(script: Script, body: Any) -> dict[str, Any]:
     """The whole answer as a non-streamed response's (or a batch result's) ``message``."""
     message: dict[str, Any] = {"role": "assistant", "content": "".join(script.content_chunks())}
+    if script.refusal:
+        message["refusal"], message["content"] = message["content"], None
     calls = script.calls_for(body)
     if calls:
         message["content"] = message["content"] or None
@@ -103,7 +105,8 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
         return sse(data)
 
     content = [chunk({"reasoning_content": piece}) for piece in script.reasoning]
-    content += [chunk({"content": text}) for text in script.content_chunks()]
+    key = "refusal" if script.refusal else "content"
+    content += [chunk({key: text}) for text in script.content_chunks()]
 
     def keyed(index: int, piece: dict[str, Any]) -> dict[str, Any]:
         if script.tool_call_indexes != "none":

@@ -114,6 +114,9 @@ class Script:
     # How the OpenAI format keys tool-call pieces: "each" call its own index (OpenAI), "zero"
     # every call at index 0 (Ollama), "none" no index at all (older Ollama).
     tool_call_indexes: str = "each"
+    # The text is the model's refusal: the OpenAI format streams it in ``delta.refusal`` (and a
+    # whole answer's ``message.refusal``, ``content`` null), as OpenAI's structured outputs do.
+    refusal: bool = False
 
     def content_chunks(self) -> tuple[str, ...]:
         """The text pieces this script streams, in order."""
