@@ -235,8 +235,12 @@ class TestResponseFormat:
                 },
                 "an object without additionalProperties false",
             ),
+            (
+                {**SCHEMA, "properties": {"days": {"type": "array", "minItems": 3}}, "required": ["days"]},
+                "minItems 3 (at most 1)",
+            ),
         ],
-        ids=["open_object", "string_bound", "nested_open_object"],
+        ids=["open_object", "string_bound", "nested_open_object", "min_items_over_1"],
     )
     async def test_a_schema_anthropic_refuses_is_not_routed_to_anthropic(
         self, client: RouterClient, schema: dict[str, object], problem: str

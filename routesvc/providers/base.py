@@ -28,8 +28,9 @@ HttpClientKind = Literal["aiohttp", "httpx"]
 _ANTHROPIC_MAX_IMAGE_SIDE = 8000
 
 
-# JSON Schema keywords Anthropic's structured outputs refuse (their grammar has no bounds), and
-# every object there must close itself with ``additionalProperties: false``.
+# JSON Schema keywords Anthropic's structured outputs refuse (their grammar has no bounds, but
+# for ``minItems`` 0 or 1), and every object there must close itself with
+# ``additionalProperties: false``.
 _ANTHROPIC_REFUSED_KEYWORDS = frozenset(
     {
         "minimum",
@@ -47,16 +48,21 @@ _ANTHROPIC_REFUSED_KEYWORDS = frozenset(
 )
 
 
-def _schema_problem(schema: object, *, refused: frozenset[str], all_required: bool) -> str:
+def _schema_problem(
+    schema: object, *, refused: frozenset[str], all_required: bool, min_items_at_most: int | None = None
+) -> str:
     """What in ``schema`` a strict structured-output mode refuses, or "": a keyword of ``refused``,
-    an object not closed by ``additionalProperties: false``, or (``all_required``) one whose
-    ``required`` does not list every property. Only subschemas are read: property names, enums
-    and defaults are data."""
+    a ``minItems`` over ``min_items_at_most``, an object not closed by ``additionalProperties:
+    false``, or (``all_required``) one whose ``required`` does not list every property. Only
+    subschemas are read: property names, enums and defaults are data."""
     if not isinstance(schema, Mapping):
         return ""
     found = sorted(refused.intersection(schema))
     if found:
         return f"keyword {found[0]!r}"
+    min_items = schema.get("minItems", 0)
+    if min_items_at_most is not None and isinstance(min_items, int) and min_items > min_items_at_most:
+        return f"minItems {min_items} (at most {min_items_at_most})"
     is_object = schema.get("type") == "object" or "properties" in schema
     if is_object and schema.get("additionalProperties") is not False:
         return "an object without additionalProperties false"
@@ -78,7 +84,11 @@ def _schema_problem(schema: object, *, refused: frozenset[str], all_required: bo
         (
             problem
             for child in children
-            if (problem := _schema_problem(child, refused=refused, all_required=all_required))
+            if (
+                problem := _schema_problem(
+                    child, refused=refused, all_required=all_required, min_items_at_most=min_items_at_most
+                )
+            )
         ),
         "",
     )
@@ -102,7 +112,9 @@ def _anthropic_refusal(chat: ChatRequest) -> str:
     if response_format is not None and response_format.type is ResponseFormatType.JSON_OBJECT:
         return "provider kind anthropic has no JSON object mode (it takes RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
     if response_format is not None and response_format.schema:
-        problem = _schema_problem(response_format.schema, refused=_ANTHROPIC_REFUSED_KEYWORDS, all_required=False)
+        problem = _schema_problem(
+            response_format.schema, refused=_ANTHROPIC_REFUSED_KEYWORDS, all_required=False, min_items_at_most=1
+        )
         if problem:
             return f"provider kind anthropic's structured outputs refuse this schema ({problem})"
     images = (image for message in chat.messages for image in message.images)
