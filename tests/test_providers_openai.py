@@ -579,6 +579,11 @@ class TestMidStreamFailures:
             ("server_error", ProviderUnavailable),
             ("rate_limit_error", ProviderRateLimited),
             ("invalid_request_error", ProviderRejected),
+            ("context_length_exceeded", ProviderRejected),
+            ("BadRequestError", ProviderRejected),  # vLLM's: the exception's class name
+            ("NotFoundError", ProviderRejected),
+            ("RateLimitError", ProviderRateLimited),
+            ("AuthenticationError", ProviderAuthFailed),
         ],
     )
     async def test_in_band_error_chunk(

@@ -41,6 +41,21 @@ _KEY_PREFIX = "sk-"
 # Error codes that say the account's credit or quota is spent: OpenAI's 429 ``insufficient_quota``
 # (code and type), Anthropic's ``billing_error``.
 _QUOTA_CODES = frozenset({"insufficient_quota", "billing_error"})
+# In-band error events that say the request, not the server, is at fault, or the key.
+_REJECTED_EVENT_TYPES = frozenset(
+    {
+        "invalid_request_error",
+        "not_found_error",
+        "request_too_large",
+        "context_length_exceeded",
+        "badrequesterror",
+        "notfounderror",
+        "unprocessableentityerror",
+    }
+)
+_AUTH_EVENT_TYPES = frozenset(
+    {"authentication_error", "permission_error", "invalid_api_key", "authenticationerror", "permissiondeniederror"}
+)
 
 _AUTH = frozenset({401, 403})
 _REJECTED = frozenset({400, 404, 409, 413, 422})
@@ -149,14 +164,15 @@ def error_for_status(
 def error_for_event(error_type: str, *, provider: str, model: str) -> ProviderError:
     """The error for an in-band error event that arrived inside a 200 stream, by its type."""
     message = describe(provider, model, "error event in stream", error_type)
+    # OpenAI's and Anthropic's types and codes, and the exception class names vLLM sends as types.
     lowered = error_type.lower()
     if lowered in _QUOTA_CODES:
         return ProviderQuotaExhausted(message, provider=provider, model=model)
-    if "rate_limit" in lowered:
+    if "rate_limit" in lowered or lowered == "ratelimiterror":
         return ProviderRateLimited(message, provider=provider, model=model, status=None)
-    if lowered in {"authentication_error", "permission_error", "invalid_api_key"}:
+    if lowered in _AUTH_EVENT_TYPES:
         return ProviderAuthFailed(message, provider=provider, model=model)
-    if lowered in {"invalid_request_error", "not_found_error", "request_too_large"}:
+    if lowered in _REJECTED_EVENT_TYPES:
         return ProviderRejected(message, provider=provider, model=model)
     return ProviderUnavailable(message, provider=provider, model=model)
 
