@@ -702,8 +702,10 @@ def stats_message(summary: StatsSummary) -> pb.GetStatsResponse:
 
 def feedback(message: pb.FeedbackRequest) -> tuple[str, float]:
     """The decision id and score in [0, 1] of a Feedback request; raises ``InvalidRequest``."""
-    if not message.decision_id or len(message.decision_id) > _MAX_METADATA_CHARS:
+    if not message.decision_id:
         raise InvalidRequest("decision_id", "is required (the decision_id of a RouteDecision)")
+    if len(message.decision_id) > _MAX_METADATA_CHARS:
+        raise InvalidRequest("decision_id", f"must be at most {_MAX_METADATA_CHARS} characters")
     outcome = message.WhichOneof("outcome")
     if outcome is None:
         raise InvalidRequest("outcome", "set score (0 to 1) or thumbs_up")

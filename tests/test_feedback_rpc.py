@@ -59,15 +59,22 @@ class TestFeedbackRpc:
         assert (error.code(), error_info(error).reason) == (grpc.StatusCode.FAILED_PRECONDITION, "FEEDBACK_NOT_ENABLED")
 
     @pytest.mark.parametrize(
-        ("decision_id", "outcome", "field"),
-        [("", {"score": 1.0}, "decision_id"), ("d", {}, "outcome"), ("d", {"score": 1.5}, "score")],
+        ("decision_id", "outcome", "field", "problem"),
+        [
+            ("", {"score": 1.0}, "decision_id", "decision_id: is required"),
+            ("d" * 1025, {"score": 1.0}, "decision_id", "decision_id: must be at most 1024 characters"),
+            ("d", {}, "outcome", "outcome: set score"),
+            ("d", {"score": 1.5}, "score", "score: must be between 0 and 1"),
+        ],
     )
     async def test_bad_feedback_names_the_field(
-        self, client: RouterClient, decision_id: str, outcome: dict[str, float], field: str
+        self, client: RouterClient, decision_id: str, outcome: dict[str, float], field: str, problem: str
     ) -> None:
-        """A missing decision id, a missing outcome or a score outside [0, 1] is INVALID_ARGUMENT."""
+        """A missing or oversized decision id, a missing outcome or a score outside [0, 1] is
+        INVALID_ARGUMENT naming the field and the problem."""
         error = await _feedback_error(client, decision_id, **outcome)
         assert (error.code(), error_info(error).metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, field)
+        assert problem in (error.details() or "")
 
     async def test_feedback_grows_the_library_and_survives_a_restart(self, tmp_path: Path) -> None:
         """A thumbs-down on a weak-model decision adds one library example; after a restart the
