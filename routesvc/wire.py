@@ -103,6 +103,7 @@ _MAX_JSON_DEPTH = 64
 # attempt to blow up the error message that quotes it).
 _MAX_COST_DIGITS = 24
 _MIN_COST_EXPONENT = -12
+_MAX_COST = Decimal("1e24")
 # Providers' call ids are a few dozen characters ("call_...", "toolu_...").
 _MAX_TOOL_CALL_ID_CHARS = 256
 # A stop sequence is a marker ("\n\n", "</answer>", "Observation:"); neither provider documents a
@@ -460,14 +461,16 @@ def _context(context: pb.RoutingContext, limits: LimitsConfig) -> RoutingContext
     if context.max_cost_usd:
         text = context.max_cost_usd.strip()
         try:
-            max_cost = Decimal(text) if len(text) <= _MAX_COST_DIGITS and "_" not in text else None
+            # ASCII only: Decimal also reads other scripts' digits ("١٢").
+            plain = len(text) <= _MAX_COST_DIGITS and text.isascii() and "_" not in text
+            max_cost = Decimal(text) if plain else None
         except InvalidOperation:
             max_cost = None
         if max_cost is None:
             raise InvalidRequest("context.max_cost_usd", 'must be a decimal number of USD, e.g. "0.01"')
         if not max_cost.is_finite() or max_cost <= 0:
             raise InvalidRequest("context.max_cost_usd", "must be a positive decimal number of USD")
-        if max_cost.adjusted() < _MIN_COST_EXPONENT or max_cost.adjusted() > _MAX_COST_DIGITS:
+        if max_cost.adjusted() < _MIN_COST_EXPONENT or max_cost > _MAX_COST:
             raise InvalidRequest("context.max_cost_usd", "must be between 1e-12 and 1e24 USD")
     return RoutingContext(
         tenant=context.tenant,

@@ -321,6 +321,13 @@ BAD_REQUESTS: list[tuple[str, pb.ChatRequest, pb.RoutingContext, str]] = [
         "context.max_cost_usd",
     ),
     ("max cost 1e30", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="1e30"), "context.max_cost_usd"),
+    (
+        "max cost just over 1e24",
+        _chat((USER, CANARY)),
+        pb.RoutingContext(max_cost_usd="9.99E+24"),
+        "context.max_cost_usd",
+    ),
+    ("max cost in other digits", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="١٢"), "context.max_cost_usd"),
     ("max cost 1_0", _chat((USER, CANARY)), pb.RoutingContext(max_cost_usd="1_0"), "context.max_cost_usd"),
 ]
 
