@@ -320,7 +320,9 @@ class Router:
             # Served in realtime, so estimated, capped by max_cost_usd and admitted at that price.
             mode = Mode.REALTIME
             reasons.append(f"{realtime_instead}; served in realtime")
-        model, cost, mode = self._within_max_cost(request, routing_input, model, mode, reasons)
+        model, cost, mode = self._within_max_cost(
+            request, routing_input, model, mode, reasons, pinned=pinned is not None
+        )
         provider = self._settings.providers[model.provider]
         if not provider.configured:
             if for_completion:
@@ -443,16 +445,24 @@ class Router:
         model: ModelSpec,
         mode: Mode,
         reasons: list[str],
+        *,
+        pinned: bool,
     ) -> tuple[ModelSpec, Decimal, Mode]:
         """``model`` and its estimate in ``mode``, or the cheapest eligible model within the
         request's ``max_cost_usd``; a batch decision moving to a model without a batch API here
-        is served by it in realtime, at that price."""
+        is served by it in realtime, at that price. A ``pinned`` model is never replaced: over the
+        cap, the request is refused."""
         tokens_in, tokens_out = routing_input.estimated_input_tokens, routing_input.estimated_output_tokens
         images = routing_input.estimated_image_tokens
         cost = estimate_cost(model, tokens_in, tokens_out, mode, image_tokens=images)
         cap = request.context.max_cost_usd
         if cap is None or cost <= cap:
             return model, cost, mode
+        if pinned:
+            raise CostLimitExceeded(
+                f"estimated cost of the pinned model {model.id} ({format_usd(cost)} USD) exceeds"
+                f" max_cost_usd {format_usd(cap)}"
+            )
         options = []
         for index, other in enumerate(self._catalog):
             if not routing_input.is_eligible(other.id):

@@ -243,6 +243,17 @@ class TestMaxCost:
         assert decision.model == "gpt-4o-mini"
         assert "exceeds max_cost_usd 0.001; downgraded to gpt-4o-mini" in decision.reasons[-2]
 
+    async def test_a_pinned_model_over_the_cap_is_refused_not_replaced(self, client: RouterClient) -> None:
+        """A pin replaces the policy's choice, so it is not downgraded: a pinned model whose
+        estimate is over the cap is RESOURCE_EXHAUSTED naming it (it was served by gpt-4o-mini
+        under a decision saying "model gpt-4o pinned by the request")."""
+        within = await _route(client, model="gpt-4o", max_cost_usd="1")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _route(client, model="gpt-4o", max_cost_usd="0.001")
+        assert within.model == "gpt-4o"
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "pinned model gpt-4o" in (caught.value.details() or "")
+
     async def test_nothing_within_the_cap_is_resource_exhausted(self, client: RouterClient) -> None:
         """When even the cheapest eligible model costs more than the cap, the request is refused."""
         with pytest.raises(grpc.aio.AioRpcError) as caught:
