@@ -15,7 +15,6 @@ below the step's threshold. Scorers never raise for a bad answer; a scorer that 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -221,8 +220,9 @@ def parse_judge_score(text: str) -> float | None:
             start = text.find("{", start + 1)
             continue
         score = data.get("score")
-        if isinstance(score, int | float) and not isinstance(score, bool) and math.isfinite(score):
-            return float(score) if 0.0 <= score <= 1.0 else None
+        # The range first: an integer too large for a float (309 digits) has no isfinite.
+        if isinstance(score, int | float) and not isinstance(score, bool) and 0 <= score <= 1:
+            return float(score)
         return None
     return None
 

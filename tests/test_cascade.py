@@ -133,6 +133,7 @@ class TestJudgeScoreParsing:
             ('{"score": 0.1, "reason": "dict literal {} is wrong"}', 0.1),
             ('```json\n{"score": 0.2, "reason": "uses {x: 1} as a set"}\n```', 0.2),
             ('{not json} then {"score": 0.4}', 0.4),
+            ('{"score": 1' + "0" * 400 + "}", None),  # too large for a float: OverflowError, INTERNAL
         ],
     )
     def test_parses_only_scores_in_range(self, text: str, expected: float | None) -> None:

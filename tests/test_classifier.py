@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
@@ -205,6 +206,17 @@ class TestLocalClassifierStage:
         assert recorder.seen[0].task == ""
         assert "task left unknown" in verdict.reasons[0]
 
+    async def test_with_override_hint_a_low_confidence_keeps_the_hint_and_says_so(self) -> None:
+        """With ``override_hint``, a guess below ``min_confidence`` leaves the hint's task in place,
+        and the reason says so (it said "task left unknown" while the hint routed), with enough
+        digits to show the comparison (0.9987 was printed "1.00 is below 1.00")."""
+        recorder = Recorder()
+        stage = LocalClassifierStage(classifier(), min_confidence=1.0, override_hint=True)
+        verdict = await stage.decide(routing_input("Write a haiku about rain.", "summarization"), recorder)
+        assert recorder.seen[0].task == "summarization"
+        assert verdict.reasons[0].endswith("is below 1; kept task 'summarization' from hint")
+        assert "confidence 1 " not in verdict.reasons[0]
+
     async def test_a_prompt_seen_before_is_labelled_from_memory(self) -> None:
         """The same last message gets the same label without encoding it again; ``cache_size: 0``
         encodes every time."""
@@ -327,6 +339,29 @@ class TestLLMClassifierStage:
         assert recorder.seen[0].task == ""
         assert "ClassifierAnswerError" in verdict.reasons[0]
         assert verdict.mode is Mode.REALTIME
+
+    async def test_a_failure_with_override_hint_and_no_fallback_keeps_the_hint_and_says_so(
+        self, fake: FakeProvider
+    ) -> None:
+        """With ``override_hint`` and no fallback, a failed call leaves the hint's task, and the
+        reason says so (it said "task left unknown" while the hint routed)."""
+        fake.enqueue(Script(text="not json"))
+        recorder = Recorder()
+        provider = OpenAIProvider("openai", "test-key", base_url=fake.openai_base_url)
+        stage = LLMClassifierStage(provider, CHEAP, timeout_s=2.0, fallback=None, override_hint=True)
+        verdict = await stage.decide(routing_input("Sort a list in Go.", "summarization"), recorder)
+        assert recorder.seen[0].task == "summarization"
+        assert verdict.reasons[0].endswith("; kept task 'summarization' from hint")
+
+    async def test_a_model_that_refuses_temperature_is_asked_without_one(self, fake: FakeProvider) -> None:
+        """The classifier asks at temperature 0, except a model that refuses the parameter (a
+        reasoning model), which gets none (a 400 on every call, each falling back, before)."""
+        refusing = dataclasses.replace(CHEAP, unsupported_parameters=frozenset({"temperature"}))
+        provider = OpenAIProvider("openai", "test-key", base_url=fake.openai_base_url)
+        for model in (CHEAP, refusing):
+            fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))
+            await LLMClassifierStage(provider, model, timeout_s=2.0).decide(routing_input(f"hi {model.id}"), Recorder())
+        assert [request.body.get("temperature") for request in fake.requests] == [0.0, None]
 
     async def test_provider_errors_fall_back(self, fake: FakeProvider) -> None:
         """An HTTP 500 from the provider is a fallback, not a failed request."""

@@ -223,6 +223,14 @@ def _softmax(scores: np.ndarray, sharpness: float) -> np.ndarray[tuple[int, int]
     return np.asarray(exp / exp.sum(axis=1, keepdims=True), dtype=np.float64)
 
 
+def _left(routing_input: RoutingInput) -> str:
+    """What a classifier that could not label a request leaves: the task an earlier stage or the
+    request's hint set (with ``override_hint``), or none."""
+    if routing_input.task:
+        return f"kept task {routing_input.task!r} from {routing_input.task_source}"
+    return "task left unknown"
+
+
 def _with_reason(verdict: Verdict, reason: str, task: str) -> Verdict:
     return dataclasses.replace(verdict, reasons=(reason, *verdict.reasons), task=verdict.task or task)
 
@@ -259,8 +267,8 @@ class LocalClassifierStage:
         if prediction.confidence < self._min_confidence:
             verdict = await next_stage(routing_input)
             reason = (
-                f"classifier: local guess {prediction.task!r} at confidence {prediction.confidence:.2f}"
-                f" is below {self._min_confidence:.2f}; task left unknown"
+                f"classifier: local guess {prediction.task!r} at confidence {prediction.confidence:.4g}"
+                f" is below {self._min_confidence:.4g}; {_left(routing_input)}"
             )
             return _with_reason(verdict, reason, "")
         annotated = dataclasses.replace(routing_input, task=prediction.task, task_source=self.name)
@@ -343,7 +351,8 @@ class LLMClassifierStage:
             provider_model=self._model.provider_model,
             messages=messages,
             max_output_tokens=40,
-            temperature=0.0,
+            # Deterministic where the model takes a temperature (a reasoning model refuses one).
+            temperature=None if "temperature" in self._model.unsupported_parameters else 0.0,
             timeout=self._timeout_s,
         )
         # A client span of its own (purpose classifier): its latency, usage and cost are in the
@@ -395,7 +404,7 @@ class LLMClassifierStage:
     def _fall_back(self, prompt: str, why: str) -> tuple[str, str, str]:
         """(task, "", explanation) when the model gave no label (``why``): the local fallback's."""
         if self._fallback is None:
-            return "", "", f"classifier: {self._model.id} {why}; task left unknown"
+            return "", "", f"classifier: {self._model.id} {why}"
         task = self._fallback.predict(prompt).task
         return task, "", f"classifier: {self._model.id} {why}; local fallback labelled the task {task!r}"
 
@@ -409,6 +418,8 @@ class LLMClassifierStage:
         task, complexity, reason = await self.classify(
             routing_input.request.chat.last_user_message, routing_input.charge, may_not_pay=routing_input.may_not_pay
         )
+        if not task:
+            reason = f"{reason}; {_left(routing_input)}"
         annotated = (
             dataclasses.replace(routing_input, task=task, task_source=self.name, complexity=complexity)
             if task
