@@ -216,9 +216,14 @@ class RouterService(pb_grpc.RouterServiceServicer):
         return len(self._tasks)
 
     def _as_principal(self, request: RoutingRequest, principal: Principal) -> RoutingRequest:
-        """Routing follows the authenticated tenant, never one the client names."""
+        """Routing follows the authenticated tenant, never one the client names. With auth off the
+        named tenant is taken as given, its configured ``user_tier`` included, as its allow-list
+        and limits are."""
         if principal.tenant is None:
-            return request
+            named = self._router.settings.config.tenants.get(request.context.tenant)
+            if named is None or not named.user_tier or request.context.user_tier:
+                return request
+            return replace(request, context=replace(request.context, user_tier=named.user_tier))
         context = request.context
         if context.tenant and context.tenant != principal.tenant:
             raise PermissionDenied("context.tenant does not match the authenticated tenant")

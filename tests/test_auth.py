@@ -86,6 +86,20 @@ class TestAuthorization:
         globex = await route_as(secured, GLOBEX_KEY, user_tier="premium")
         assert globex.model == "gpt-4o"
 
+    async def test_with_auth_off_a_named_tenant_gets_its_configured_tier(self) -> None:
+        """With auth off the named tenant is taken as given, its default tier included (as its
+        allow-list is): globex, premium by default here, routes as premium unless the request
+        names a tier; an unnamed or unknown tenant gets none (the tier was ignored)."""
+        config = auth_config()
+        config["auth"] = {"enabled": False}
+        config["tenants"]["globex"]["user_tier"] = "premium"  # type: ignore[index]
+        async with Server(settings_from(config), port=0) as server:
+            named = await route_as(server, None, tenant="globex")
+            standard = await route_as(server, None, tenant="globex", user_tier="standard")
+            unknown = await route_as(server, None, tenant="initech")
+        assert (named.model, standard.model, unknown.model) == ("gpt-4o", "gpt-4o-mini", "gpt-4o-mini")
+        assert any("premium_tier" in reason and "chosen" in reason for reason in named.reasons)
+
     async def test_a_model_outside_the_allow_list_is_permission_denied(self, secured: Server) -> None:
         """acme pinning gpt-4o is PERMISSION_DENIED."""
         with pytest.raises(grpc.aio.AioRpcError) as caught:
