@@ -1001,6 +1001,22 @@ class TestBatchFailures:
         assert (failed.error, done.result.text) == ("http_500", "fine")
         assert len(fake.batches) == 1
 
+    async def test_line_and_paragraph_separators_in_an_answer_come_back_whole(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The output file holds U+2028, U+2029 and U+0085 raw inside an answer's JSON string (JSON
+        Lines ends a line at "\\n" only): the job succeeds with the text as written (the file was
+        called malformed, and every job of the batch stayed SUBMITTED for ever)."""
+        text = "first\u2028second\u2029third\u0085fourth"
+        fake.enqueue(Script(text=text), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert done.result.text == text
+
 
 class TestBatchModeFallsBackToRealtime:
     """Where no batch API is available the request is served in realtime and the reasons say why."""
@@ -1208,6 +1224,34 @@ class TestBatchAdapters:
             ("job_1", BatchState.FAILED, "http_400"),
             ("job_2", BatchState.SUCCEEDED, ""),
         ]
+
+    async def test_an_openai_results_line_that_is_not_json_fails_only_its_job(self, fake: FakeProvider) -> None:
+        """An output file with a line cut short: that line's job FAILED malformed_result, the other
+        job of the file SUCCEEDED (the whole file was refused, and no job of the batch ever ended);
+        the log names the job, never the line."""
+        import openai
+
+        from routesvc.models import BatchState
+        from routesvc.providers.batch import ProviderBatch
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        body = {"model": "gpt-4o-mini", "choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}]}
+        good = json.dumps({"custom_id": "job_2", "response": {"status_code": 200, "body": body}})
+        broken = json.dumps({"custom_id": "job_1", "response": {"status_code": 200, "body": body}})[:-20]
+        sdk = openai.AsyncOpenAI(api_key="sk", base_url=fake.openai_base_url)
+        output = await sdk.files.create(file=("out.jsonl", f"{broken}\n{good}\n".encode()), purpose="batch")
+        await sdk.close()
+        api = OpenAIBatches("openai", "sk", fake.openai_base_url)
+        with capture_logs() as logs:
+            results = await api.results(ProviderBatch("batch_1", True, "completed", output_file_id=output.id))
+        await api.aclose()
+        assert sorted((r.custom_id, r.state, r.error, r.text) for r in results) == [
+            ("job_1", BatchState.FAILED, "malformed_result", ""),
+            ("job_2", BatchState.SUCCEEDED, "", "fine"),
+        ]
+        malformed = [e for e in logs if e["event"] == "batch_result_malformed"]
+        assert [(e["batch_id"], e["line"]) for e in malformed] == [("job_1", 1)]
+        assert "fine" not in repr(malformed)
 
     async def test_anthropic_results_carry_text_usage_and_stop_reason(self, fake: FakeProvider) -> None:
         """Create, poll, stream the results: SUCCEEDED with text, usage (cache reads counted as input)."""

@@ -7,10 +7,12 @@ timeout errors to ``ProviderUnavailable``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable
 from typing import Any, Final, TypeVar
 
 import openai
+import structlog
 
 from routesvc.errors import ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
@@ -18,11 +20,15 @@ from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
 from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, chat_params, map_finish_reason, quota_spent
 
+log = structlog.get_logger(__name__)
+
 _T = TypeVar("_T")
 _ENDED = frozenset({"completed", "expired", "failed", "cancelled"})
 _ENDPOINT: Final = "/v1/chat/completions"
 # Items the output and error files leave out end as the batch did.
 _UNANSWERED = {"expired": BatchState.EXPIRED, "cancelled": BatchState.CANCELLED}
+# The job a line that is not JSON was for, when its custom_id can still be read.
+_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]*)"')
 
 
 class OpenAIBatches:
@@ -90,21 +96,41 @@ class OpenAIBatches:
             error_file_id=batch.error_file_id,
         )
 
-    async def _lines(self, file_id: str | None) -> list[dict[str, Any]]:
+    async def _lines(self, file_id: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+        """The file's JSON lines, and the custom_ids of lines that are not JSON (one such line
+        fails its own job, not the file)."""
         if not file_id:
-            return []
+            return [], []
         content = await self._guard("download", self._client.files.content(file_id))
-        return [json.loads(line) for line in content.text.splitlines() if line.strip()]
+        lines: list[dict[str, Any]] = []
+        malformed: list[str] = []
+        # JSON Lines ends a line at "\n" only: str.splitlines() also ends one at U+2028, U+2029
+        # or U+0085, which an answer may hold raw inside a JSON string.
+        for number, text in enumerate(content.text.split("\n"), start=1):
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+            except ValueError:
+                line = None
+            if isinstance(line, dict):
+                lines.append(line)
+                continue
+            found = _CUSTOM_ID.search(text)
+            custom_id = found.group(1) if found else ""
+            if custom_id:
+                malformed.append(custom_id)
+            # Never the line itself: it holds the answer.
+            log.warning("batch_result_malformed", provider=self._name, file_id=file_id, line=number, batch_id=custom_id)
+        return lines, malformed
 
     async def results(self, batch: ProviderBatch) -> list[ItemResult]:
-        """Read the output and error files of an ended batch."""
+        """Read the output and error files of an ended batch. A line that is not JSON fails its
+        job (``malformed_result``); one whose job cannot be told is left out (the job then ends
+        as an item with no result)."""
         results: list[ItemResult] = []
-        try:
-            output = await self._lines(batch.output_file_id)
-            errors = await self._lines(batch.error_file_id)
-        except ValueError as exc:
-            message = describe(self._name, "batch", "malformed results file")
-            raise ProviderUnavailable(message, provider=self._name, model="batch") from exc
+        output, unreadable = await self._lines(batch.output_file_id)
+        errors, unreadable_errors = await self._lines(batch.error_file_id)
         for line in output:
             results.append(self._item(line, batch.status))
         for line in errors:
@@ -114,6 +140,8 @@ class OpenAIBatches:
             code = str(error.get("code") or (f"http_{status_code}" if status_code else "error"))
             state = BatchState.EXPIRED if code == "batch_expired" else _UNANSWERED.get(batch.status, BatchState.FAILED)
             results.append(ItemResult(str(line.get("custom_id")), state, error=code[:64]))
+        for custom_id in unreadable + unreadable_errors:
+            results.append(ItemResult(custom_id, BatchState.FAILED, error="malformed_result"))
         return results
 
     @staticmethod

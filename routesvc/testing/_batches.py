@@ -16,7 +16,8 @@ the fake would use for a realtime request to its model (text, usage, or an error
 ``EXPIRE`` and ``FAIL`` end it without answers. Changing the outcome later ends batches that are
 still in progress, so tests can restart the service in between. An OpenAI request answered with an
 HTTP error is a line of the output file, or with ``http_errors_in_error_file`` a line of the error
-file with its ``response`` and ``error`` null, as the Batch API writes it.
+file with its ``response`` and ``error`` null, as the Batch API writes it. Output lines hold
+non-ASCII characters raw (UTF-8), U+2028 and U+2029 too: JSON Lines ends a line at "\n" only.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ class FakeBatches:
                         },
                     },
                 }
-            output.append(json.dumps({"id": self._new_id("batch_req_"), "custom_id": custom_id, "response": response}))
+            answered = {"id": self._new_id("batch_req_"), "custom_id": custom_id, "response": response}
+            output.append(json.dumps(answered, ensure_ascii=False))
         if output:
             batch.output_file_id = self._new_id("file-out-")
             self.files[batch.output_file_id] = ("\n".join(output) + "\n").encode()
@@ -301,7 +303,7 @@ class FakeBatches:
         if content is None:
             await connection.send_json(400, {"error": {"type": "invalid_request_error", "message": "no such file"}})
             return True
-        lines = [json.loads(line) for line in content.decode().splitlines() if line.strip()]
+        lines = [json.loads(line) for line in content.decode().split("\n") if line.strip()]
         batch = FakeBatch(self._new_id("batch_"), "openai", lines, time.time())
         self.batches[batch.id] = batch
         self.files_of[batch.id] = str(body["input_file_id"])
