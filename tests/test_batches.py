@@ -1351,3 +1351,52 @@ class TestBatchSubmitWithASpentQuota:
             done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
         assert done.result.text
         assert next(e["reason"] for e in logs if e["event"] == "batch_submit_failed") == "PROVIDER_QUOTA_EXHAUSTED"
+
+    async def test_an_openai_input_file_whose_batch_was_not_created_is_deleted(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """OpenAI refuses to create the batch (429 insufficient_quota) round after round: each
+        round's uploaded input file is deleted again (they were left in the account, one more
+        every poll round); once the account is paid the batch is created and its input file kept,
+        so the provider holds that file and the batch's output file, nothing else."""
+        quota = {"error": {"type": "insufficient_quota", "code": "insufficient_quota", "message": "quota"}}
+        fake.batch_create_error = (429, quota)
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                assert job.model == "gpt-4o-mini"
+                await until(lambda: sum(e["event"] == "batch_submit_failed" for e in logs) >= 3)
+            fake.batch_create_error = None
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        [batch] = fake.batches
+        assert len(fake.files) == 2
+        assert batch.output_file_id in fake.files
+
+    async def test_a_job_queued_past_max_queued_seconds_ends_expired(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """The quota stays spent for batch.max_queued_seconds: the job ends EXPIRED
+        queued_too_long (it stayed QUEUED for ever), uncharged, and the estimate its tenant's
+        budget counted is given back."""
+        config = budget_config(tmp_path)
+        config["batch"]["max_queued_seconds"] = 0.5  # type: ignore[index]
+        quota = {"error": {"type": "insufficient_quota", "code": "insufficient_quota", "message": "quota"}}
+        fake.batch_create_error = (429, quota)
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                assert await server.router.admission.spent("acme") == Decimal(job.estimated_cost_usd)
+                expired = await wait_state(client, job.batch_id, pb.BATCH_STATE_EXPIRED)
+                async with asyncio.timeout(5):  # corrected by the poller's round that ended it
+                    while await server.router.admission.spent("acme"):  # noqa: ASYNC110 - the round has no event
+                        await asyncio.sleep(0.02)
+            assert server.router.ledger.entries() == []
+        assert expired.error == "queued_too_long"
+        assert fake.batches == []
+        assert [(e["jobs"], e["reason"]) for e in logs if e["event"] == "batch_jobs_expired"] == [
+            (1, "queued_too_long")
+        ]

@@ -9,7 +9,9 @@ to poll), and when one has ended reads its results: each job ends exactly once
 (``BatchStore.finish``), and only a succeeded job is charged, at the batch price, in the ledger.
 
 Outcomes: the provider's expiry ends a job EXPIRED, a failed request or batch FAILED (with a
-short provider code), a cancelled one CANCELLED; none of them is charged.
+short provider code), a cancelled one CANCELLED; none of them is charged. A job still queued
+after ``max_queued_seconds`` (a spent quota, a provider down all that time) ends EXPIRED
+``queued_too_long``.
 
 Each model group and each provider batch is handled on its own: what goes wrong with one is
 logged (never with prompt text) and the round goes on with the others. A retryable provider error
@@ -363,6 +365,7 @@ class BatchQueue:
             next_flush = None
             if self._store is not None:
                 try:
+                    await self._expire_queued()
                     next_flush = await self._flush()
                 except Exception:
                     # The store failing (each group handles its own errors): log it and try again
@@ -385,6 +388,14 @@ class BatchQueue:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
+
+    async def _expire_queued(self) -> None:
+        """End EXPIRED ``queued_too_long`` the jobs that have waited, queued, ``max_queued_seconds``
+        (never sent: uncharged, and their budget is given back as for any job ended unanswered)."""
+        queued_before = self._clock() - self._config.max_queued_seconds
+        expired = await self._opened().expire_queued(queued_before, "queued_too_long")
+        if expired:
+            log.warning("batch_jobs_expired", jobs=expired, reason="queued_too_long")
 
     async def _flush(self) -> float | None:
         """Send due groups of queued jobs; seconds until the next group is due (None: none waiting)."""
@@ -447,7 +458,8 @@ class BatchQueue:
             provider_batch_id = await self._submit(api, items)
         except ProviderError as error:
             # A spent quota is not the jobs' fault: they wait, queued, until the account is paid
-            # (or they expire), as after a failure that may pass.
+            # (or they have waited max_queued_seconds: ``_expire_queued``), as after a failure
+            # that may pass.
             if is_retryable(error) or skips_provider(error):
                 await store.release(ids, self._owner)
                 log.warning("batch_submit_failed", model=model_id, jobs=len(ids), reason=error.reason)

@@ -410,6 +410,22 @@ class BatchStore:
 
         return await self._run(select)
 
+    async def expire_queued(self, queued_before: float, error: str) -> int:
+        """End EXPIRED (with ``error``) every job queued before ``queued_before`` that is still
+        queued and nobody holds a live claim on (a send under way decides its jobs' end).
+        Returns how many ended."""
+        now = self._clock()
+
+        def update(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', error = ?"
+                " WHERE state = ? AND created_at < ? AND (claimed_until IS NULL OR claimed_until <= ?)",
+                (BatchState.EXPIRED.value, now, error, BatchState.QUEUED.value, queued_before, now),
+            )
+            return cursor.rowcount
+
+        return await self._run(update)
+
     async def claim(self, batch_ids: list[str], owner: str, lease_seconds: float) -> list[str]:
         """Claim the queued jobs of ``batch_ids`` that nobody else holds, for ``lease_seconds``.
 

@@ -1,7 +1,8 @@
 """The OpenAI Batch API via ``AsyncOpenAI``: upload a JSONL file, create a batch, poll, read output files.
 
 SDK exceptions are translated here: ``openai.APIStatusError`` by HTTP status, connection and
-timeout errors to ``ProviderUnavailable``.
+timeout errors to ``ProviderUnavailable``. An input file whose batch could not be created is
+deleted again.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Final, TypeVar
 import openai
 import structlog
 
-from routesvc.errors import ProviderUnavailable
+from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
@@ -79,11 +80,26 @@ class OpenAIBatches:
         uploaded = await self._guard(
             "upload", self._client.files.create(file=("batch.jsonl", content), purpose="batch")
         )
-        batch = await self._guard(
-            "create",
-            self._client.batches.create(input_file_id=uploaded.id, endpoint=_ENDPOINT, completion_window="24h"),
-        )
+        try:
+            batch = await self._guard(
+                "create",
+                self._client.batches.create(input_file_id=uploaded.id, endpoint=_ENDPOINT, completion_window="24h"),
+            )
+        except Exception:
+            # The file is of no use without its batch, and a retry uploads the jobs again: each
+            # round of a spent quota would leave one more file in the account. (A created
+            # batch needs its file until it ends, so it is kept then.)
+            await self._delete_file(uploaded.id)
+            raise
         return batch.id
+
+    async def _delete_file(self, file_id: str) -> None:
+        """Delete an uploaded file; a failure is logged, never raised (the file is left over)."""
+        try:
+            await self._guard("delete", self._client.files.delete(file_id))
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, ProviderError) else type(exc).__name__
+            log.warning("batch_file_delete_failed", provider=self._name, file_id=file_id, reason=reason)
 
     async def poll(self, batch_id: str) -> ProviderBatch:
         """Retrieve the batch."""

@@ -2,6 +2,7 @@
 
     POST /v1/files                          multipart upload (purpose "batch") of a JSONL file
     GET  /v1/files/{id}/content             a file's bytes (input, output or error file)
+    DELETE /v1/files/{id}                   delete a file
     POST /v1/batches                        create from an uploaded file
     GET  /v1/batches/{id}                   retrieve (ends the batch per the outcome, see below)
     POST /v1/batches/{id}/cancel            cancel
@@ -103,6 +104,7 @@ class FakeBatches:
         return {
             ("POST", "/v1/files"): self._upload,
             ("GET", "/v1/files/*/content"): self._file_content,
+            ("DELETE", "/v1/files/*"): self._file_delete,
             ("POST", "/v1/batches"): self._openai_create,
             ("GET", "/v1/batches/*"): self._openai_retrieve,
             ("POST", "/v1/batches/*/cancel"): self._openai_cancel,
@@ -275,6 +277,14 @@ class FakeBatches:
         headers = {"content-type": "application/octet-stream", "content-length": str(len(content))}
         await connection.send_head(200, headers)
         await connection.send(content)
+        return True
+
+    async def _file_delete(self, connection: Connection, request: Request) -> bool:
+        file_id = request.path.split("?")[0].split("/")[3]
+        if self.files.pop(file_id, None) is None:
+            await connection.send_json(404, {"error": {"type": "not_found_error", "message": "no such file"}})
+            return True
+        await connection.send_json(200, {"id": file_id, "object": "file", "deleted": True})
         return True
 
     def _openai_json(self, batch: FakeBatch, input_file_id: str) -> dict[str, Any]:

@@ -152,6 +152,12 @@ class FakeProvider:
         """Every batch created through either API, oldest first."""
         return list(self._batches.batches.values())
 
+    @property
+    def files(self) -> list[str]:
+        """The ids of the OpenAI files the fake holds (uploaded and not deleted, and batch
+        output and error files), oldest first."""
+        return list(self._batches.files)
+
     def reset(self) -> None:
         """Forget queued and per-model scripts, recorded requests and batches (the global default stays)."""
         self._batches.reset()
