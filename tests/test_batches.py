@@ -1400,3 +1400,47 @@ class TestBatchSubmitWithASpentQuota:
         assert [(e["jobs"], e["reason"]) for e in logs if e["event"] == "batch_jobs_expired"] == [
             (1, "queued_too_long")
         ]
+
+
+def _text_chars(value: object) -> int:
+    """The characters of every string in ``value`` (nested lists, tuples, dicts' values)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return sum(_text_chars(item) for item in value)
+    return 0
+
+
+class TestBatchPollerMemory:
+    async def test_a_round_reads_one_groups_requests_at_a_time(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Twelve large jobs wait, the provider failing every send (500), max_group_size 3: no
+        read of the store in a round returns more than one group's requests (each round read
+        every queued job's request, due or not, so memory grew with the whole backlog)."""
+        reads: list[int] = []
+        run = BatchStore._run
+
+        async def measured(self: BatchStore, work: Callable[[sqlite3.Connection], object]) -> object:
+            result = await run(self, work)
+            reads.append(_text_chars(result))
+            return result
+
+        monkeypatch.setattr(BatchStore, "_run", measured)
+        fake.batch_create_error = (500, {"error": {"type": "server_error", "message": "down"}})
+        config = batch_config(tmp_path)
+        config["batch"]["max_group_size"] = 3  # type: ignore[index]
+        prompt = "Summarise this report. " + "x" * 200_000
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                for _ in range(12):
+                    [m async for m in client.complete(user_chat(prompt), pb.RoutingContext(realtime=False))]
+                queued = len(logs)
+                # Rounds with all twelve queued have sent each of the four groups (and failed).
+                await until(lambda: sum(e["event"] == "batch_submit_failed" for e in logs[queued:]) >= 8)
+        assert 3 * len(prompt) <= max(reads) < 3 * len(prompt) * 1.1

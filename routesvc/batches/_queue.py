@@ -50,7 +50,14 @@ from typing import Any, TypeVar
 
 import structlog
 
-from routesvc.batches._store import BatchStore, QueuedRequest, decode_request, encode_request, store_failure
+from routesvc.batches._store import (
+    BatchStore,
+    QueuedJob,
+    QueuedRequest,
+    decode_request,
+    encode_request,
+    store_failure,
+)
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.config import BATCH_API_KINDS, Settings
 from routesvc.cost import cost_of_usage, format_usd
@@ -398,50 +405,54 @@ class BatchQueue:
             log.warning("batch_jobs_expired", jobs=expired, reason="queued_too_long")
 
     async def _flush(self) -> float | None:
-        """Send due groups of queued jobs; seconds until the next group is due (None: none waiting)."""
-        store = self._opened()
-        groups: dict[str, list[tuple[BatchStatus, str]]] = {}
-        for status, request in await store.queued():
-            groups.setdefault(status.job.model, []).append((status, request))
+        """Send due groups of queued jobs; seconds until the next group is due (None: none waiting).
+
+        Of all the jobs only ids and request sizes are read; a group's requests (prompts, inline
+        images) are read once it is claimed, one group at a time, however many jobs wait."""
+        groups: dict[str, list[QueuedJob]] = {}
+        for job in await self._opened().queued():
+            groups.setdefault(job.model, []).append(job)
         now = self._clock()
         next_due: float | None = None
         for model_id, jobs in groups.items():
-            due_in = jobs[0][0].job.created_at + self._config.group_window_seconds - now
+            due_in = jobs[0].created_at + self._config.group_window_seconds - now
             if due_in > 0 and len(jobs) < self._config.max_group_size:
                 next_due = due_in if next_due is None else min(next_due, due_in)
                 continue
             for group in _groups(jobs, self._config.max_group_size, _MAX_GROUP_CHARS):
                 try:
-                    await self._send(model_id, group)
+                    await self._send(model_id, [job.batch_id for job in group])
                 except Exception:
                     # Our bug or the store: the other groups go on. The claim is kept until it
                     # lapses, so a group that keeps crashing is retried every CLAIM_SECONDS.
                     log.exception("batch_send_crashed", model=model_id, jobs=len(group))
         return next_due
 
-    async def _send(self, model_id: str, jobs: list[tuple[BatchStatus, str]]) -> None:
-        """Claim ``jobs`` and send the ones claimed as one provider batch."""
+    async def _send(self, model_id: str, batch_ids: list[str]) -> None:
+        """Claim the jobs of ``batch_ids`` and send the ones claimed as one provider batch."""
         store = self._opened()
-        claimed = set(await store.claim([status.job.batch_id for status, _ in jobs], self._owner, CLAIM_SECONDS))
-        jobs = [(status, request) for status, request in jobs if status.job.batch_id in claimed]
-        if not jobs:
+        claimed = await store.claim(batch_ids, self._owner, CLAIM_SECONDS)
+        if not claimed:
             return  # another worker is sending them
-        ids = [status.job.batch_id for status, _ in jobs]
-        model = await self._model(model_id, ids)
+        model = await self._model(model_id, claimed)
         if model is None:
             return
         api = self._apis.get(model.provider)
         if api is None:
             # The provider lost its key or batch API since the job was queued (a restart with new config).
-            await self._fail(ids, "no_batch_api")
-            log.warning("batch_provider_missing", model=model_id, provider=model.provider, jobs=len(ids))
+            await self._fail(claimed, "no_batch_api")
+            log.warning("batch_provider_missing", model=model_id, provider=model.provider, jobs=len(claimed))
+            return
+        requests = await store.requests(claimed, self._owner)
+        ids = [batch_id for batch_id in claimed if batch_id in requests]  # less any cancelled since
+        if not ids:
             return
         items: list[BatchItem] = []
-        for status, text in jobs:
-            request = decode_request(text)
+        for batch_id in ids:
+            request = decode_request(requests.pop(batch_id))
             items.append(
                 BatchItem(
-                    status.job.batch_id,
+                    batch_id,
                     model.id,
                     model.provider_model,
                     request.messages,
@@ -576,16 +587,15 @@ class BatchQueue:
         log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))
 
 
-def _groups(jobs: list[tuple[BatchStatus, str]], max_jobs: int, max_chars: int) -> list[list[tuple[BatchStatus, str]]]:
-    """``jobs`` (status, encoded request) in order, cut into groups of at most ``max_jobs`` whose
-    requests hold at most ``max_chars`` characters together (a job larger alone is a group alone)."""
-    groups: list[list[tuple[BatchStatus, str]]] = []
+def _groups(jobs: list[QueuedJob], max_jobs: int, max_chars: int) -> list[list[QueuedJob]]:
+    """``jobs`` in order, cut into groups of at most ``max_jobs`` whose requests hold at most
+    ``max_chars`` characters together (a job larger alone is a group alone)."""
+    groups: list[list[QueuedJob]] = []
     size = 0
     for job in jobs:
-        length = len(job[1])
-        if not groups or len(groups[-1]) >= max_jobs or size + length > max_chars:
+        if not groups or len(groups[-1]) >= max_jobs or size + job.request_chars > max_chars:
             groups.append([])
             size = 0
         groups[-1].append(job)
-        size += length
+        size += job.request_chars
     return groups
