@@ -1444,3 +1444,37 @@ class TestBatchPollerMemory:
                 # Rounds with all twelve queued have sent each of the four groups (and failed).
                 await until(lambda: sum(e["event"] == "batch_submit_failed" for e in logs[queued:]) >= 8)
         assert 3 * len(prompt) <= max(reads) < 3 * len(prompt) * 1.1
+
+
+class TestBatchKeyRotation:
+    async def test_a_key_rotated_by_hot_reload_reaches_the_batch_adapters(self, tmp_path: Path) -> None:
+        """The provider takes only a new key before the key file has it: a job sent then is
+        refused (401) and stays QUEUED (it was FAILED PROVIDER_AUTH_FAILED for good); the file
+        gets the new key and the config is reloaded: that job and one submitted before the
+        rotation (SUBMITTED, polled with the old key) both succeed (the batch adapters kept the
+        key they started with, and every later job failed)."""
+        key = tmp_path / "openai.key"
+        key.write_text("key-A\n")
+        async with FakeProvider(api_key="key-A") as fake:
+            config = batch_config(tmp_path)
+            for name, base_url in (("openai", fake.openai_base_url), ("anthropic", fake.anthropic_base_url)):
+                config["providers"][name] = {"kind": name, "api_key_file": str(key), "base_url": base_url}  # type: ignore[index]
+            async with (
+                Server(settings_from(config), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                fake.batch_outcome = BatchOutcome.PENDING
+                before = (await submit(client))[1].batch
+                await wait_state(client, before.batch_id, pb.BATCH_STATE_SUBMITTED)
+                fake.api_key = "key-B"  # rotated at the provider; the file follows later
+                with capture_logs() as logs:
+                    refused = (await submit(client))[1].batch
+                    await until(lambda: any(e["event"] == "batch_submit_failed" for e in logs))
+                waiting = await get_batch(client, refused.batch_id)
+                key.write_text("key-B\n")
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                await server.reload(settings_from(config))
+                await wait_state(client, refused.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                await wait_state(client, before.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert waiting.job.state == pb.BATCH_STATE_QUEUED
+        assert next(e["reason"] for e in logs if e["event"] == "batch_submit_failed") == "PROVIDER_AUTH_FAILED"
