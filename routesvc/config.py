@@ -440,6 +440,12 @@ class BatchConfig(_Strict):
     )
     max_group_size: int = Field(1000, ge=1, description="Most requests in one provider batch.")
     poll_interval_seconds: float = Field(30.0, gt=0, description="How often provider batches are polled.")
+    max_queued_seconds: float = Field(
+        86400.0,
+        gt=0,
+        description="How long a job may wait, queued, to be sent (a spent quota, a provider down): then it ends "
+        "EXPIRED queued_too_long, uncharged. The provider's own 24 h window starts once it is sent.",
+    )
 
 
 class SharedStateConfig(_Strict):

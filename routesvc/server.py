@@ -235,6 +235,8 @@ class Server:
         if waiting:
             log.warning("config_reload_needs_restart", fields=waiting)
         self._settings = settings
+        # The batch queue outlives routers: it sends and polls with the new credentials too.
+        self.batches.use_providers(settings.providers)
         # The old router is closed once the calls running at the swap have ended: its providers
         # when the new router has its own, else only its policy's feedback stores.
         self._retired[old] = not same_providers

@@ -1001,6 +1001,22 @@ class TestBatchFailures:
         assert (failed.error, done.result.text) == ("http_500", "fine")
         assert len(fake.batches) == 1
 
+    async def test_line_and_paragraph_separators_in_an_answer_come_back_whole(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The output file holds U+2028, U+2029 and U+0085 raw inside an answer's JSON string (JSON
+        Lines ends a line at "\\n" only): the job succeeds with the text as written (the file was
+        called malformed, and every job of the batch stayed SUBMITTED for ever)."""
+        text = "first\u2028second\u2029third\u0085fourth"
+        fake.enqueue(Script(text=text), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert done.result.text == text
+
 
 class TestBatchModeFallsBackToRealtime:
     """Where no batch API is available the request is served in realtime and the reasons say why."""
@@ -1209,6 +1225,34 @@ class TestBatchAdapters:
             ("job_2", BatchState.SUCCEEDED, ""),
         ]
 
+    async def test_an_openai_results_line_that_is_not_json_fails_only_its_job(self, fake: FakeProvider) -> None:
+        """An output file with a line cut short: that line's job FAILED malformed_result, the other
+        job of the file SUCCEEDED (the whole file was refused, and no job of the batch ever ended);
+        the log names the job, never the line."""
+        import openai
+
+        from routesvc.models import BatchState
+        from routesvc.providers.batch import ProviderBatch
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        body = {"model": "gpt-4o-mini", "choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}]}
+        good = json.dumps({"custom_id": "job_2", "response": {"status_code": 200, "body": body}})
+        broken = json.dumps({"custom_id": "job_1", "response": {"status_code": 200, "body": body}})[:-20]
+        sdk = openai.AsyncOpenAI(api_key="sk", base_url=fake.openai_base_url)
+        output = await sdk.files.create(file=("out.jsonl", f"{broken}\n{good}\n".encode()), purpose="batch")
+        await sdk.close()
+        api = OpenAIBatches("openai", "sk", fake.openai_base_url)
+        with capture_logs() as logs:
+            results = await api.results(ProviderBatch("batch_1", True, "completed", output_file_id=output.id))
+        await api.aclose()
+        assert sorted((r.custom_id, r.state, r.error, r.text) for r in results) == [
+            ("job_1", BatchState.FAILED, "malformed_result", ""),
+            ("job_2", BatchState.SUCCEEDED, "", "fine"),
+        ]
+        malformed = [e for e in logs if e["event"] == "batch_result_malformed"]
+        assert [(e["batch_id"], e["line"]) for e in malformed] == [("job_1", 1)]
+        assert "fine" not in repr(malformed)
+
     async def test_anthropic_results_carry_text_usage_and_stop_reason(self, fake: FakeProvider) -> None:
         """Create, poll, stream the results: SUCCEEDED with text, usage (cache reads counted as input)."""
         from routesvc.models import BatchState, FinishReason, Message, Role, Usage
@@ -1307,3 +1351,130 @@ class TestBatchSubmitWithASpentQuota:
             done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
         assert done.result.text
         assert next(e["reason"] for e in logs if e["event"] == "batch_submit_failed") == "PROVIDER_QUOTA_EXHAUSTED"
+
+    async def test_an_openai_input_file_whose_batch_was_not_created_is_deleted(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """OpenAI refuses to create the batch (429 insufficient_quota) round after round: each
+        round's uploaded input file is deleted again (they were left in the account, one more
+        every poll round); once the account is paid the batch is created and its input file kept,
+        so the provider holds that file and the batch's output file, nothing else."""
+        quota = {"error": {"type": "insufficient_quota", "code": "insufficient_quota", "message": "quota"}}
+        fake.batch_create_error = (429, quota)
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                assert job.model == "gpt-4o-mini"
+                await until(lambda: sum(e["event"] == "batch_submit_failed" for e in logs) >= 3)
+            fake.batch_create_error = None
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        [batch] = fake.batches
+        assert len(fake.files) == 2
+        assert batch.output_file_id in fake.files
+
+    async def test_a_job_queued_past_max_queued_seconds_ends_expired(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """The quota stays spent for batch.max_queued_seconds: the job ends EXPIRED
+        queued_too_long (it stayed QUEUED for ever), uncharged, and the estimate its tenant's
+        budget counted is given back."""
+        config = budget_config(tmp_path)
+        config["batch"]["max_queued_seconds"] = 0.5  # type: ignore[index]
+        quota = {"error": {"type": "insufficient_quota", "code": "insufficient_quota", "message": "quota"}}
+        fake.batch_create_error = (429, quota)
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                assert await server.router.admission.spent("acme") == Decimal(job.estimated_cost_usd)
+                expired = await wait_state(client, job.batch_id, pb.BATCH_STATE_EXPIRED)
+                async with asyncio.timeout(5):  # corrected by the poller's round that ended it
+                    while await server.router.admission.spent("acme"):  # noqa: ASYNC110 - the round has no event
+                        await asyncio.sleep(0.02)
+            assert server.router.ledger.entries() == []
+        assert expired.error == "queued_too_long"
+        assert fake.batches == []
+        assert [(e["jobs"], e["reason"]) for e in logs if e["event"] == "batch_jobs_expired"] == [
+            (1, "queued_too_long")
+        ]
+
+
+def _text_chars(value: object) -> int:
+    """The characters of every string in ``value`` (nested lists, tuples, dicts' values)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return sum(_text_chars(item) for item in value)
+    return 0
+
+
+class TestBatchPollerMemory:
+    async def test_a_round_reads_one_groups_requests_at_a_time(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Twelve large jobs wait, the provider failing every send (500), max_group_size 3: no
+        read of the store in a round returns more than one group's requests (each round read
+        every queued job's request, due or not, so memory grew with the whole backlog)."""
+        reads: list[int] = []
+        run = BatchStore._run
+
+        async def measured(self: BatchStore, work: Callable[[sqlite3.Connection], object]) -> object:
+            result = await run(self, work)
+            reads.append(_text_chars(result))
+            return result
+
+        monkeypatch.setattr(BatchStore, "_run", measured)
+        fake.batch_create_error = (500, {"error": {"type": "server_error", "message": "down"}})
+        config = batch_config(tmp_path)
+        config["batch"]["max_group_size"] = 3  # type: ignore[index]
+        prompt = "Summarise this report. " + "x" * 200_000
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                for _ in range(12):
+                    [m async for m in client.complete(user_chat(prompt), pb.RoutingContext(realtime=False))]
+                queued = len(logs)
+                # Rounds with all twelve queued have sent each of the four groups (and failed).
+                await until(lambda: sum(e["event"] == "batch_submit_failed" for e in logs[queued:]) >= 8)
+        assert 3 * len(prompt) <= max(reads) < 3 * len(prompt) * 1.1
+
+
+class TestBatchKeyRotation:
+    async def test_a_key_rotated_by_hot_reload_reaches_the_batch_adapters(self, tmp_path: Path) -> None:
+        """The provider takes only a new key before the key file has it: a job sent then is
+        refused (401) and stays QUEUED (it was FAILED PROVIDER_AUTH_FAILED for good); the file
+        gets the new key and the config is reloaded: that job and one submitted before the
+        rotation (SUBMITTED, polled with the old key) both succeed (the batch adapters kept the
+        key they started with, and every later job failed)."""
+        key = tmp_path / "openai.key"
+        key.write_text("key-A\n")
+        async with FakeProvider(api_key="key-A") as fake:
+            config = batch_config(tmp_path)
+            for name, base_url in (("openai", fake.openai_base_url), ("anthropic", fake.anthropic_base_url)):
+                config["providers"][name] = {"kind": name, "api_key_file": str(key), "base_url": base_url}  # type: ignore[index]
+            async with (
+                Server(settings_from(config), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                fake.batch_outcome = BatchOutcome.PENDING
+                before = (await submit(client))[1].batch
+                await wait_state(client, before.batch_id, pb.BATCH_STATE_SUBMITTED)
+                fake.api_key = "key-B"  # rotated at the provider; the file follows later
+                with capture_logs() as logs:
+                    refused = (await submit(client))[1].batch
+                    await until(lambda: any(e["event"] == "batch_submit_failed" for e in logs))
+                waiting = await get_batch(client, refused.batch_id)
+                key.write_text("key-B\n")
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                await server.reload(settings_from(config))
+                await wait_state(client, refused.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                await wait_state(client, before.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert waiting.job.state == pb.BATCH_STATE_QUEUED
+        assert next(e["reason"] for e in logs if e["event"] == "batch_submit_failed") == "PROVIDER_AUTH_FAILED"

@@ -9,18 +9,23 @@ to poll), and when one has ended reads its results: each job ends exactly once
 (``BatchStore.finish``), and only a succeeded job is charged, at the batch price, in the ledger.
 
 Outcomes: the provider's expiry ends a job EXPIRED, a failed request or batch FAILED (with a
-short provider code), a cancelled one CANCELLED; none of them is charged.
+short provider code), a cancelled one CANCELLED; none of them is charged. A job still queued
+after ``max_queued_seconds`` (a spent quota, a provider down all that time) ends EXPIRED
+``queued_too_long``.
 
 Each model group and each provider batch is handled on its own: what goes wrong with one is
 logged (never with prompt text) and the round goes on with the others. A retryable provider error
-(5xx, 429, timeout) is tried again next round. Any other error on sending fails that group's jobs
-(nothing was sent). On polling or reading results, a rejection (400/404/409/413/422) fails that
-batch's jobs: ``provider_batch_not_found`` for a 404 (the provider no longer knows the batch), else
+(5xx, 429, timeout), a spent quota or a refused key (401/403) on sending leaves the group's jobs
+queued, tried again next round. Any other error on sending fails that group's jobs (nothing was
+sent). On polling or reading results, a rejection (400/404/409/413/422) fails that batch's jobs:
+``provider_batch_not_found`` for a 404 (the provider no longer knows the batch), else
 ``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may be
-fixed. Models are looked up in the current catalog (``catalog``, which follows hot reloads); a
-model no longer there fails its jobs with ``model_not_in_catalog``. Submitted jobs of a provider
-that has no batch API here any more (its key removed at a restart) stay SUBMITTED, logged once
-per provider batch (``batch_poll_skipped``), and are polled again once a restart brings the key back.
+fixed. A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
+which are otherwise those the queue started with. Models are looked up in the current catalog
+(``catalog``, which follows hot reloads); a model no longer there fails its jobs with
+``model_not_in_catalog``. Submitted jobs of a provider that has no batch API here any more (its
+key removed at a restart) stay SUBMITTED, logged once per provider batch
+(``batch_poll_skipped``), and are polled again once a restart brings the key back.
 
 A provider batch no job waits for any more is cancelled at the provider: when its last waiting job
 is cancelled, or when every job of a group was cancelled while the group was being sent.
@@ -37,25 +42,34 @@ ends once and is charged once, in the ledger of the worker that read its result.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from decimal import Decimal
 from typing import Any, TypeVar
 
 import structlog
 
-from routesvc.batches._store import BatchStore, QueuedRequest, decode_request, encode_request, store_failure
+from routesvc.batches._store import (
+    BatchStore,
+    QueuedJob,
+    QueuedRequest,
+    decode_request,
+    encode_request,
+    store_failure,
+)
 from routesvc.catalog import Catalog, ModelSpec
-from routesvc.config import BATCH_API_KINDS, Settings
+from routesvc.config import BATCH_API_KINDS, ProviderSettings, Settings
 from routesvc.cost import cost_of_usage, format_usd
 from routesvc.errors import (
     BatchNotFound,
     BatchStoreUnavailable,
     ModelNotFound,
+    ProviderAuthFailed,
     ProviderError,
     ProviderRejected,
     ProviderTimedOut,
@@ -89,18 +103,26 @@ CLAIM_SECONDS = 300.0
 
 def build_batch_apis(settings: Settings) -> dict[str, BatchAPI]:
     """A batch adapter per configured provider with credentials and a batch API."""
+    apis: dict[str, BatchAPI] = {}
+    for name, provider in settings.providers.items():
+        api = _batch_api(provider)
+        if api is not None:
+            apis[name] = api
+    return apis
+
+
+def _batch_api(provider: ProviderSettings) -> BatchAPI | None:
+    """The provider's batch adapter; None without credentials or a batch API."""
     from routesvc.providers.anthropic_batch import AnthropicBatches
     from routesvc.providers.openai_batch import OpenAIBatches
 
-    apis: dict[str, BatchAPI] = {}
-    for name, provider in settings.providers.items():
-        if not provider.configured or provider.kind not in BATCH_API_KINDS:
-            continue
-        if provider.kind == "anthropic":
-            apis[name] = AnthropicBatches(name, provider.api_key, provider.base_url)
-        elif provider.kind == "openai":
-            apis[name] = OpenAIBatches(name, provider.api_key, provider.base_url)
-    return apis
+    if not provider.configured or provider.kind not in BATCH_API_KINDS:
+        return None
+    if provider.kind == "anthropic":
+        return AnthropicBatches(provider.name, provider.api_key, provider.base_url)
+    if provider.kind == "openai":
+        return OpenAIBatches(provider.name, provider.api_key, provider.base_url)
+    return None
 
 
 class BatchQueue:
@@ -137,6 +159,13 @@ class BatchQueue:
         self._config = settings.config.batch
         self._ledger = ledger
         self._apis = dict(build_batch_apis(settings) if apis is None else apis)
+        # What each adapter was built from (``use_providers`` rebuilds one when it changes);
+        # adapters given as ``apis`` are never replaced.
+        self._built_from = {} if apis is not None else {name: settings.providers[name] for name in self._apis}
+        # Adapters in use now (a send, a poll, a cancel), and replaced ones that are, to be
+        # closed when their last use ends.
+        self._uses: collections.Counter[BatchAPI] = collections.Counter()
+        self._replaced: set[BatchAPI] = set()
         self._clock = clock
         self._path = settings.batch_store_path
         self._store: BatchStore | None = None
@@ -156,6 +185,45 @@ class BatchQueue:
     def supports(self, provider: str) -> bool:
         """Whether ``provider`` has a batch API here."""
         return self._config.enabled and provider in self._apis
+
+    def use_providers(self, providers: Mapping[str, ProviderSettings]) -> None:
+        """Send, poll and cancel with ``providers``' credentials from now on (a hot reload, e.g.
+        a rotated key): each provider with a batch adapter here whose settings changed, and that
+        still has a key and a batch API, gets a new adapter; the old one is closed once nothing
+        uses it. Which providers have a batch API here stays as the queue started (a provider
+        whose key is gone keeps its old adapter: batch settings need a restart)."""
+        for name, api in list(self._apis.items()):
+            provider, built_from = providers.get(name), self._built_from.get(name)
+            if provider is None or built_from is None or provider == built_from:
+                continue
+            fresh = _batch_api(provider)
+            if fresh is None:
+                continue
+            self._apis[name] = fresh
+            self._built_from[name] = provider
+            if self._uses[api]:
+                self._replaced.add(api)
+            else:
+                self._keep(api.aclose())
+            log.info("batch_provider_updated", provider=name)
+
+    @contextlib.contextmanager
+    def _using(self, provider: str) -> Iterator[BatchAPI | None]:
+        """The provider's adapter (None: no batch API here), kept open while the block runs."""
+        api = self._apis.get(provider)
+        if api is None:
+            yield None
+            return
+        self._uses[api] += 1
+        try:
+            yield api
+        finally:
+            self._uses[api] -= 1
+            if not self._uses[api]:
+                del self._uses[api]
+                if api in self._replaced:
+                    self._replaced.discard(api)
+                    self._keep(api.aclose())
 
     def _opened(self) -> BatchStore:
         # Opened on first use (or at start when the file exists), so a server that never sees a
@@ -192,8 +260,9 @@ class BatchQueue:
         if self._store is not None:
             await self._store.aclose()
             self._store = None
-        for api in self._apis.values():
+        for api in [*self._apis.values(), *self._replaced]:
             await api.aclose()
+        self._replaced.clear()
 
     # -- the RPCs --------------------------------------------------------------------------------
 
@@ -339,15 +408,15 @@ class BatchQueue:
 
     async def _cancel_provider_batch(self, provider: str, provider_batch_id: str) -> None:
         """Cancel a provider batch no job waits for; a failure is logged (the batch then runs on)."""
-        api = self._apis.get(provider)
-        if api is None:
-            log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason="no_batch_api")
-            return
-        try:
-            await api.cancel(provider_batch_id)
-        except ProviderError as error:
-            log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason=error.reason)
-            return
+        with self._using(provider) as api:
+            if api is None:
+                log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason="no_batch_api")
+                return
+            try:
+                await api.cancel(provider_batch_id)
+            except ProviderError as error:
+                log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason=error.reason)
+                return
         log.info("batch_provider_batch_cancelled", provider_batch_id=provider_batch_id)
 
     # -- the poller ------------------------------------------------------------------------------
@@ -363,6 +432,7 @@ class BatchQueue:
             next_flush = None
             if self._store is not None:
                 try:
+                    await self._expire_queued()
                     next_flush = await self._flush()
                 except Exception:
                     # The store failing (each group handles its own errors): log it and try again
@@ -386,75 +456,72 @@ class BatchQueue:
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
 
+    async def _expire_queued(self) -> None:
+        """End EXPIRED ``queued_too_long`` the jobs that have waited, queued, ``max_queued_seconds``
+        (never sent: uncharged, and their budget is given back as for any job ended unanswered)."""
+        queued_before = self._clock() - self._config.max_queued_seconds
+        expired = await self._opened().expire_queued(queued_before, "queued_too_long")
+        if expired:
+            log.warning("batch_jobs_expired", jobs=expired, reason="queued_too_long")
+
     async def _flush(self) -> float | None:
-        """Send due groups of queued jobs; seconds until the next group is due (None: none waiting)."""
-        store = self._opened()
-        groups: dict[str, list[tuple[BatchStatus, str]]] = {}
-        for status, request in await store.queued():
-            groups.setdefault(status.job.model, []).append((status, request))
+        """Send due groups of queued jobs; seconds until the next group is due (None: none waiting).
+
+        Of all the jobs only ids and request sizes are read; a group's requests (prompts, inline
+        images) are read once it is claimed, one group at a time, however many jobs wait."""
+        groups: dict[str, list[QueuedJob]] = {}
+        for job in await self._opened().queued():
+            groups.setdefault(job.model, []).append(job)
         now = self._clock()
         next_due: float | None = None
         for model_id, jobs in groups.items():
-            due_in = jobs[0][0].job.created_at + self._config.group_window_seconds - now
+            due_in = jobs[0].created_at + self._config.group_window_seconds - now
             if due_in > 0 and len(jobs) < self._config.max_group_size:
                 next_due = due_in if next_due is None else min(next_due, due_in)
                 continue
             for group in _groups(jobs, self._config.max_group_size, _MAX_GROUP_CHARS):
                 try:
-                    await self._send(model_id, group)
+                    await self._send(model_id, [job.batch_id for job in group])
                 except Exception:
                     # Our bug or the store: the other groups go on. The claim is kept until it
                     # lapses, so a group that keeps crashing is retried every CLAIM_SECONDS.
                     log.exception("batch_send_crashed", model=model_id, jobs=len(group))
         return next_due
 
-    async def _send(self, model_id: str, jobs: list[tuple[BatchStatus, str]]) -> None:
-        """Claim ``jobs`` and send the ones claimed as one provider batch."""
+    async def _send(self, model_id: str, batch_ids: list[str]) -> None:
+        """Claim the jobs of ``batch_ids`` and send the ones claimed as one provider batch."""
         store = self._opened()
-        claimed = set(await store.claim([status.job.batch_id for status, _ in jobs], self._owner, CLAIM_SECONDS))
-        jobs = [(status, request) for status, request in jobs if status.job.batch_id in claimed]
-        if not jobs:
+        claimed = await store.claim(batch_ids, self._owner, CLAIM_SECONDS)
+        if not claimed:
             return  # another worker is sending them
-        ids = [status.job.batch_id for status, _ in jobs]
-        model = await self._model(model_id, ids)
+        model = await self._model(model_id, claimed)
         if model is None:
             return
-        api = self._apis.get(model.provider)
-        if api is None:
-            # The provider lost its key or batch API since the job was queued (a restart with new config).
-            await self._fail(ids, "no_batch_api")
-            log.warning("batch_provider_missing", model=model_id, provider=model.provider, jobs=len(ids))
-            return
-        items: list[BatchItem] = []
-        for status, text in jobs:
-            request = decode_request(text)
-            items.append(
-                BatchItem(
-                    status.job.batch_id,
-                    model.id,
-                    model.provider_model,
-                    request.messages,
-                    request.max_output_tokens,
-                    request.temperature,
-                    request.tools,
-                    stop=request.stop,
-                    tool_choice=request.tool_choice,
-                    parallel_tool_calls=request.parallel_tool_calls,
-                    response_format=request.response_format,
-                )
-            )
-        try:
-            provider_batch_id = await self._submit(api, items)
-        except ProviderError as error:
-            # A spent quota is not the jobs' fault: they wait, queued, until the account is paid
-            # (or they expire), as after a failure that may pass.
-            if is_retryable(error) or skips_provider(error):
-                await store.release(ids, self._owner)
-                log.warning("batch_submit_failed", model=model_id, jobs=len(ids), reason=error.reason)
+        with self._using(model.provider) as api:
+            if api is None:
+                # The provider lost its key or batch API since the job was queued (a restart with new config).
+                await self._fail(claimed, "no_batch_api")
+                log.warning("batch_provider_missing", model=model_id, provider=model.provider, jobs=len(claimed))
                 return
-            await self._fail(ids, error.reason)
-            log.warning("batch_submit_rejected", model=model_id, jobs=len(ids), reason=error.reason)
-            return
+            requests = await store.requests(claimed, self._owner)
+            ids = [batch_id for batch_id in claimed if batch_id in requests]  # less any cancelled since
+            if not ids:
+                return
+            items = [_item(batch_id, model, decode_request(requests.pop(batch_id))) for batch_id in ids]
+            try:
+                provider_batch_id = await self._submit(api, items)
+            except ProviderError as error:
+                # Not the jobs' fault: a spent quota, or a key refused (401/403: one being rotated,
+                # which a reload brings). They wait, queued, until the account is paid or the key
+                # fixed (or they have waited max_queued_seconds: ``_expire_queued``), as after a
+                # failure that may pass.
+                if is_retryable(error) or skips_provider(error) or isinstance(error, ProviderAuthFailed):
+                    await store.release(ids, self._owner)
+                    log.warning("batch_submit_failed", model=model_id, jobs=len(ids), reason=error.reason)
+                    return
+                await self._fail(ids, error.reason)
+                log.warning("batch_submit_rejected", model=model_id, jobs=len(ids), reason=error.reason)
+                return
         placed = await store.mark_submitted(ids, self._owner, model.provider, provider_batch_id)
         log.info("batch_submitted", model=model_id, jobs=placed, provider_batch_id=provider_batch_id)
         if placed == 0:
@@ -488,32 +555,36 @@ class BatchQueue:
     async def _poll(self) -> None:
         """Poll each provider batch not yet ended; read the results of those that have."""
         for (provider, provider_batch_id), ids in (await self._opened().submitted()).items():
-            api = self._apis.get(provider)
-            if api is None:
-                # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
-                if (provider, provider_batch_id) not in self._unpollable:
-                    self._unpollable.add((provider, provider_batch_id))
-                    log.warning(
-                        "batch_poll_skipped",
-                        provider=provider,
-                        provider_batch_id=provider_batch_id,
-                        jobs=len(ids),
-                        reason="no_batch_api",
-                    )
-                continue
-            try:
-                await self._poll_batch(api, provider_batch_id, ids)
-            except ProviderRejected as error:
-                code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
-                await self._fail(ids, code)
-                log.warning(
-                    "batch_lost", provider_batch_id=provider_batch_id, jobs=len(ids), status=error.status, error=code
-                )
-            except ProviderError as error:
-                log.warning("batch_poll_failed", provider_batch_id=provider_batch_id, reason=error.reason)
-            except Exception:
-                # Our bug or the store: the other batches go on; this one is polled again next round.
-                log.exception("batch_poll_crashed", provider_batch_id=provider_batch_id)
+            with self._using(provider) as api:
+                if api is None:
+                    # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
+                    if (provider, provider_batch_id) not in self._unpollable:
+                        self._unpollable.add((provider, provider_batch_id))
+                        log.warning(
+                            "batch_poll_skipped",
+                            provider=provider,
+                            provider_batch_id=provider_batch_id,
+                            jobs=len(ids),
+                            reason="no_batch_api",
+                        )
+                    continue
+                await self._poll_one(api, provider_batch_id, ids)
+
+    async def _poll_one(self, api: BatchAPI, provider_batch_id: str, ids: list[str]) -> None:
+        """Poll one provider batch; what goes wrong with it is logged (or fails its jobs)."""
+        try:
+            await self._poll_batch(api, provider_batch_id, ids)
+        except ProviderRejected as error:
+            code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
+            await self._fail(ids, code)
+            log.warning(
+                "batch_lost", provider_batch_id=provider_batch_id, jobs=len(ids), status=error.status, error=code
+            )
+        except ProviderError as error:
+            log.warning("batch_poll_failed", provider_batch_id=provider_batch_id, reason=error.reason)
+        except Exception:
+            # Our bug or the store: the other batches go on; this one is polled again next round.
+            log.exception("batch_poll_crashed", provider_batch_id=provider_batch_id)
 
     async def _poll_batch(self, api: BatchAPI, provider_batch_id: str, ids: list[str]) -> None:
         batch = await api.poll(provider_batch_id)
@@ -564,16 +635,32 @@ class BatchQueue:
         log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))
 
 
-def _groups(jobs: list[tuple[BatchStatus, str]], max_jobs: int, max_chars: int) -> list[list[tuple[BatchStatus, str]]]:
-    """``jobs`` (status, encoded request) in order, cut into groups of at most ``max_jobs`` whose
-    requests hold at most ``max_chars`` characters together (a job larger alone is a group alone)."""
-    groups: list[list[tuple[BatchStatus, str]]] = []
+def _item(batch_id: str, model: ModelSpec, request: QueuedRequest) -> BatchItem:
+    """The provider batch item of job ``batch_id``."""
+    return BatchItem(
+        batch_id,
+        model.id,
+        model.provider_model,
+        request.messages,
+        request.max_output_tokens,
+        request.temperature,
+        request.tools,
+        stop=request.stop,
+        tool_choice=request.tool_choice,
+        parallel_tool_calls=request.parallel_tool_calls,
+        response_format=request.response_format,
+    )
+
+
+def _groups(jobs: list[QueuedJob], max_jobs: int, max_chars: int) -> list[list[QueuedJob]]:
+    """``jobs`` in order, cut into groups of at most ``max_jobs`` whose requests hold at most
+    ``max_chars`` characters together (a job larger alone is a group alone)."""
+    groups: list[list[QueuedJob]] = []
     size = 0
     for job in jobs:
-        length = len(job[1])
-        if not groups or len(groups[-1]) >= max_jobs or size + length > max_chars:
+        if not groups or len(groups[-1]) >= max_jobs or size + job.request_chars > max_chars:
             groups.append([])
             size = 0
         groups[-1].append(job)
-        size += length
+        size += job.request_chars
     return groups

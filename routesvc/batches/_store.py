@@ -117,6 +117,16 @@ class QueuedRequest:
     response_format: ResponseFormat | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """A queued job as the poller groups it: its request's size, not the request."""
+
+    batch_id: str
+    model: str
+    created_at: float
+    request_chars: int
+
+
 def encode_request(request: QueuedRequest) -> str:
     """A queued job's request as JSON."""
     return json.dumps(
@@ -396,19 +406,53 @@ class BatchStore:
 
         return await self._run(select)
 
-    async def queued(self) -> list[tuple[BatchStatus, str]]:
-        """Every queued job nobody holds a live claim on, with its request, oldest first."""
+    async def queued(self) -> list[QueuedJob]:
+        """Every queued job nobody holds a live claim on, oldest first, without its request (which
+        may hold megabytes of images: ``requests`` reads those of one group once it is claimed)."""
         now = self._clock()
 
-        def select(connection: sqlite3.Connection) -> list[tuple[BatchStatus, str]]:
+        def select(connection: sqlite3.Connection) -> list[QueuedJob]:
             rows = connection.execute(
-                f"SELECT {_COLUMNS}, request FROM jobs WHERE state = ?"  # noqa: S608 - constant column list
+                "SELECT id, model, created_at, length(request) AS request_chars FROM jobs WHERE state = ?"
                 " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY created_at",
                 (BatchState.QUEUED.value, now),
             ).fetchall()
-            return [(_status(row), row["request"]) for row in rows]
+            return [QueuedJob(row["id"], row["model"], row["created_at"], row["request_chars"]) for row in rows]
 
         return await self._run(select)
+
+    async def requests(self, batch_ids: list[str], owner: str) -> dict[str, str]:
+        """The requests of the jobs of ``batch_ids`` still queued and claimed by ``owner``, by id
+        (a job cancelled since it was claimed is left out)."""
+
+        def select(connection: sqlite3.Connection) -> dict[str, str]:
+            found = {}
+            for batch_id in batch_ids:
+                row = connection.execute(
+                    "SELECT request FROM jobs WHERE id = ? AND state = ? AND claimed_by = ?",
+                    (batch_id, BatchState.QUEUED.value, owner),
+                ).fetchone()
+                if row is not None:
+                    found[batch_id] = row["request"]
+            return found
+
+        return await self._run(select)
+
+    async def expire_queued(self, queued_before: float, error: str) -> int:
+        """End EXPIRED (with ``error``) every job queued before ``queued_before`` that is still
+        queued and nobody holds a live claim on (a send under way decides its jobs' end).
+        Returns how many ended."""
+        now = self._clock()
+
+        def update(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', error = ?"
+                " WHERE state = ? AND created_at < ? AND (claimed_until IS NULL OR claimed_until <= ?)",
+                (BatchState.EXPIRED.value, now, error, BatchState.QUEUED.value, queued_before, now),
+            )
+            return cursor.rowcount
+
+        return await self._run(update)
 
     async def claim(self, batch_ids: list[str], owner: str, lease_seconds: float) -> list[str]:
         """Claim the queued jobs of ``batch_ids`` that nobody else holds, for ``lease_seconds``.

@@ -1,28 +1,35 @@
 """The OpenAI Batch API via ``AsyncOpenAI``: upload a JSONL file, create a batch, poll, read output files.
 
 SDK exceptions are translated here: ``openai.APIStatusError`` by HTTP status, connection and
-timeout errors to ``ProviderUnavailable``.
+timeout errors to ``ProviderUnavailable``. An input file whose batch could not be created is
+deleted again.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable
 from typing import Any, Final, TypeVar
 
 import openai
+import structlog
 
-from routesvc.errors import ProviderUnavailable
+from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
 from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, chat_params, map_finish_reason, quota_spent
+
+log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
 _ENDED = frozenset({"completed", "expired", "failed", "cancelled"})
 _ENDPOINT: Final = "/v1/chat/completions"
 # Items the output and error files leave out end as the batch did.
 _UNANSWERED = {"expired": BatchState.EXPIRED, "cancelled": BatchState.CANCELLED}
+# The job a line that is not JSON was for, when its custom_id can still be read.
+_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]*)"')
 
 
 class OpenAIBatches:
@@ -73,11 +80,26 @@ class OpenAIBatches:
         uploaded = await self._guard(
             "upload", self._client.files.create(file=("batch.jsonl", content), purpose="batch")
         )
-        batch = await self._guard(
-            "create",
-            self._client.batches.create(input_file_id=uploaded.id, endpoint=_ENDPOINT, completion_window="24h"),
-        )
+        try:
+            batch = await self._guard(
+                "create",
+                self._client.batches.create(input_file_id=uploaded.id, endpoint=_ENDPOINT, completion_window="24h"),
+            )
+        except Exception:
+            # The file is of no use without its batch, and a retry uploads the jobs again: each
+            # round of a spent quota would leave one more file in the account. (A created
+            # batch needs its file until it ends, so it is kept then.)
+            await self._delete_file(uploaded.id)
+            raise
         return batch.id
+
+    async def _delete_file(self, file_id: str) -> None:
+        """Delete an uploaded file; a failure is logged, never raised (the file is left over)."""
+        try:
+            await self._guard("delete", self._client.files.delete(file_id))
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, ProviderError) else type(exc).__name__
+            log.warning("batch_file_delete_failed", provider=self._name, file_id=file_id, reason=reason)
 
     async def poll(self, batch_id: str) -> ProviderBatch:
         """Retrieve the batch."""
@@ -90,21 +112,41 @@ class OpenAIBatches:
             error_file_id=batch.error_file_id,
         )
 
-    async def _lines(self, file_id: str | None) -> list[dict[str, Any]]:
+    async def _lines(self, file_id: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+        """The file's JSON lines, and the custom_ids of lines that are not JSON (one such line
+        fails its own job, not the file)."""
         if not file_id:
-            return []
+            return [], []
         content = await self._guard("download", self._client.files.content(file_id))
-        return [json.loads(line) for line in content.text.splitlines() if line.strip()]
+        lines: list[dict[str, Any]] = []
+        malformed: list[str] = []
+        # JSON Lines ends a line at "\n" only: str.splitlines() also ends one at U+2028, U+2029
+        # or U+0085, which an answer may hold raw inside a JSON string.
+        for number, text in enumerate(content.text.split("\n"), start=1):
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+            except ValueError:
+                line = None
+            if isinstance(line, dict):
+                lines.append(line)
+                continue
+            found = _CUSTOM_ID.search(text)
+            custom_id = found.group(1) if found else ""
+            if custom_id:
+                malformed.append(custom_id)
+            # Never the line itself: it holds the answer.
+            log.warning("batch_result_malformed", provider=self._name, file_id=file_id, line=number, batch_id=custom_id)
+        return lines, malformed
 
     async def results(self, batch: ProviderBatch) -> list[ItemResult]:
-        """Read the output and error files of an ended batch."""
+        """Read the output and error files of an ended batch. A line that is not JSON fails its
+        job (``malformed_result``); one whose job cannot be told is left out (the job then ends
+        as an item with no result)."""
         results: list[ItemResult] = []
-        try:
-            output = await self._lines(batch.output_file_id)
-            errors = await self._lines(batch.error_file_id)
-        except ValueError as exc:
-            message = describe(self._name, "batch", "malformed results file")
-            raise ProviderUnavailable(message, provider=self._name, model="batch") from exc
+        output, unreadable = await self._lines(batch.output_file_id)
+        errors, unreadable_errors = await self._lines(batch.error_file_id)
         for line in output:
             results.append(self._item(line, batch.status))
         for line in errors:
@@ -114,6 +156,8 @@ class OpenAIBatches:
             code = str(error.get("code") or (f"http_{status_code}" if status_code else "error"))
             state = BatchState.EXPIRED if code == "batch_expired" else _UNANSWERED.get(batch.status, BatchState.FAILED)
             results.append(ItemResult(str(line.get("custom_id")), state, error=code[:64]))
+        for custom_id in unreadable + unreadable_errors:
+            results.append(ItemResult(custom_id, BatchState.FAILED, error="malformed_result"))
         return results
 
     @staticmethod

@@ -2,6 +2,7 @@
 
     POST /v1/files                          multipart upload (purpose "batch") of a JSONL file
     GET  /v1/files/{id}/content             a file's bytes (input, output or error file)
+    DELETE /v1/files/{id}                   delete a file
     POST /v1/batches                        create from an uploaded file
     GET  /v1/batches/{id}                   retrieve (ends the batch per the outcome, see below)
     POST /v1/batches/{id}/cancel            cancel
@@ -16,7 +17,8 @@ the fake would use for a realtime request to its model (text, usage, or an error
 ``EXPIRE`` and ``FAIL`` end it without answers. Changing the outcome later ends batches that are
 still in progress, so tests can restart the service in between. An OpenAI request answered with an
 HTTP error is a line of the output file, or with ``http_errors_in_error_file`` a line of the error
-file with its ``response`` and ``error`` null, as the Batch API writes it.
+file with its ``response`` and ``error`` null, as the Batch API writes it. Output lines hold
+non-ASCII characters raw (UTF-8), U+2028 and U+2029 too: JSON Lines ends a line at "\n" only.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class FakeBatches:
         return {
             ("POST", "/v1/files"): self._upload,
             ("GET", "/v1/files/*/content"): self._file_content,
+            ("DELETE", "/v1/files/*"): self._file_delete,
             ("POST", "/v1/batches"): self._openai_create,
             ("GET", "/v1/batches/*"): self._openai_retrieve,
             ("POST", "/v1/batches/*/cancel"): self._openai_cancel,
@@ -194,7 +197,8 @@ class FakeBatches:
                         },
                     },
                 }
-            output.append(json.dumps({"id": self._new_id("batch_req_"), "custom_id": custom_id, "response": response}))
+            answered = {"id": self._new_id("batch_req_"), "custom_id": custom_id, "response": response}
+            output.append(json.dumps(answered, ensure_ascii=False))
         if output:
             batch.output_file_id = self._new_id("file-out-")
             self.files[batch.output_file_id] = ("\n".join(output) + "\n").encode()
@@ -275,6 +279,14 @@ class FakeBatches:
         await connection.send(content)
         return True
 
+    async def _file_delete(self, connection: Connection, request: Request) -> bool:
+        file_id = request.path.split("?")[0].split("/")[3]
+        if self.files.pop(file_id, None) is None:
+            await connection.send_json(404, {"error": {"type": "not_found_error", "message": "no such file"}})
+            return True
+        await connection.send_json(200, {"id": file_id, "object": "file", "deleted": True})
+        return True
+
     def _openai_json(self, batch: FakeBatch, input_file_id: str) -> dict[str, Any]:
         ended = batch.status not in ("in_progress", "validating")
         done = len(batch.requests) if batch.status == "completed" else 0
@@ -301,7 +313,7 @@ class FakeBatches:
         if content is None:
             await connection.send_json(400, {"error": {"type": "invalid_request_error", "message": "no such file"}})
             return True
-        lines = [json.loads(line) for line in content.decode().splitlines() if line.strip()]
+        lines = [json.loads(line) for line in content.decode().split("\n") if line.strip()]
         batch = FakeBatch(self._new_id("batch_"), "openai", lines, time.time())
         self.batches[batch.id] = batch
         self.files_of[batch.id] = str(body["input_file_id"])

@@ -119,6 +119,15 @@ class FakeProvider:
         self._queues[model].extend(scripts)
 
     @property
+    def api_key(self) -> str | None:
+        """The key API requests must carry (None: any); set it to rotate the provider's key."""
+        return self._api_key
+
+    @api_key.setter
+    def api_key(self, key: str | None) -> None:
+        self._api_key = key
+
+    @property
     def batch_outcome(self) -> BatchOutcome:
         """How batches end at their next retrieve (default ``COMPLETE``)."""
         return self._batches.outcome
@@ -151,6 +160,12 @@ class FakeProvider:
     def batches(self) -> list[FakeBatch]:
         """Every batch created through either API, oldest first."""
         return list(self._batches.batches.values())
+
+    @property
+    def files(self) -> list[str]:
+        """The ids of the OpenAI files the fake holds (uploaded and not deleted, and batch
+        output and error files), oldest first."""
+        return list(self._batches.files)
 
     def reset(self) -> None:
         """Forget queued and per-model scripts, recorded requests and batches (the global default stays)."""
