@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -22,11 +22,13 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
+from routesvc.auth import key_digest
 from routesvc.client import RouterClient
 from routesvc.config import Settings
 from routesvc.errors import ConfigError
+from routesvc.providers.base import Provider
 from routesvc.reload import ConfigWatcher
-from routesvc.server import Server
+from routesvc.server import Server, build_providers
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
@@ -270,6 +272,50 @@ class TestRetiredProviders:
         async with Server(settings_from(config), port=0) as server:
             after_two = await reloads(server, 2)
             assert await reloads(server, 8) == after_two
+
+
+def feedback_writers() -> int:
+    """The feedback stores' writer threads alive in this process."""
+    return sum(thread.name == "routesvc-feedback-writer" and thread.is_alive() for thread in threading.enumerate())
+
+
+class TestARejectedReloadClosesWhatItBuilt:
+    @pytest.mark.parametrize("providers_change", [True, False], ids=["new-providers", "same-providers"])
+    async def test_a_reload_whose_api_keys_file_is_missing_closes_the_router_it_built(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, providers_change: bool
+    ) -> None:
+        """A new file naming a tenant's api_keys_file that is not there is rejected after its
+        router was built: the old configuration keeps serving, and the new router's feedback store
+        (its writer thread and SQLite connections) and, when the providers changed, its new
+        provider clients are closed (they were left open, on every rejected version of the file)."""
+        config = embedding_config(tmp_path)
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {"acme": {"api_key_sha256": [key_digest("acme-key")]}}
+        environ = {"OPENAI_API_KEY": "sk-a", "ANTHROPIC_API_KEY": "sk-b"}
+        built: list[Mapping[str, Provider]] = []
+
+        def recorded(settings: Settings) -> dict[str, Provider]:
+            providers = build_providers(settings)
+            built.append(providers)
+            return providers
+
+        monkeypatch.setattr("routesvc.server.build_providers", recorded)
+        async with Server(settings_from(config, environ), port=0) as server:
+            old = server.router
+            writers = feedback_writers()
+            rejected = copy.deepcopy(config)
+            rejected["tenants"] = {"acme": {"api_keys_file": str(tmp_path / "not-mounted-yet.keys")}}
+            if providers_change:
+                environ = dict(environ, OPENAI_API_KEY="sk-rotated")
+            with pytest.raises(ConfigError, match=r"tenants\.acme\.api_keys_file"):
+                await server.reload(settings_from(rejected, environ))
+            assert server.router is old
+            assert feedback_writers() == writers
+            rebuilt = built[1:]  # built[0]: the providers the server started with
+            assert [all(provider.closed for provider in new.values()) for new in rebuilt] == [True] * providers_change
+            assert not any(provider.closed for provider in old.providers.values())
+            async with RouterClient(server.target, api_key="acme-key") as client:
+                assert (await client.route(user_chat("hello"))).model
 
 
 class TestReloadOutcomes:
