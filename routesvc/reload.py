@@ -1,35 +1,73 @@
-"""Hot reload: watch the config file and swap in a new valid configuration without a restart.
+"""Hot reload: watch the config file, and the files it names that a reload reads again, and swap
+in a new valid configuration without a restart.
 
-Kubernetes updates a mounted ConfigMap by writing a new directory and swapping a symlink
-(``..data``) atomically, so the file is compared by the identity and content of what its path
-resolves to, polled every ``server.reload_interval_seconds``. An invalid new file is rejected
-and logged; the running configuration keeps serving.
+Kubernetes updates a mounted ConfigMap or Secret by writing a new directory and swapping a symlink
+(``..data``) atomically, so each file is compared by the content of what its path resolves to,
+polled every ``server.reload_interval_seconds``. Besides the config file the watcher reads the files
+a reload reads again: each tenant's ``api_keys_file`` (a key removed from it is revoked) and each
+provider's ``api_key_file`` (a rotated key). An invalid version is rejected and logged once; the
+running configuration keeps serving, and the rejected version is tried again at every poll, so one
+rejected for a file that is not there yet (a Secret mounted after the ConfigMap naming it) is
+applied once the file is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from routesvc.config import Settings, load_settings
-from routesvc.errors import RouteSvcError
+from routesvc.config import Config, Settings, parse_config
+from routesvc.errors import ConfigError, RouteSvcError
 
 log = structlog.get_logger("routesvc.reload")
 
 
-def _fingerprint(path: Path) -> str | None:
+def _files_reread(config: Config) -> tuple[Path, ...]:
+    """The files other than the config file that a reload reads again: the tenants' API keys files
+    and the providers' key files (TLS files are read only at start)."""
+    tenants = [tenant.api_keys_file for tenant in config.tenants.values() if tenant.api_keys_file is not None]
+    providers = [provider.api_key_file for provider in config.providers.values() if provider.api_key_file is not None]
+    return tuple(dict.fromkeys([*tenants, *providers]))
+
+
+def _read(path: Path) -> bytes | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return path.read_bytes()
     except OSError:
         return None
 
 
+def _digest(content: bytes | None) -> str | None:
+    return None if content is None else hashlib.sha256(content).hexdigest()
+
+
+def _parsed(text: bytes, source: str) -> Settings:
+    """Settings from the config file's bytes as read (not read again: what is applied is what was
+    fingerprinted)."""
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text") from exc
+    return parse_config(decoded, source)
+
+
+@dataclass(frozen=True, slots=True)
+class _Version:
+    """What one poll read: the config file, and the fingerprint of it and of the files it names."""
+
+    text: bytes
+    fingerprint: str
+
+
 class ConfigWatcher:
-    """Calls ``apply`` with the new settings each time the file at ``path`` changes validly."""
+    """Calls ``apply`` with the new settings each time the file at ``path``, or a file it names
+    that a reload reads again, changes to a valid configuration."""
 
     def __init__(
         self,
@@ -43,10 +81,16 @@ class ConfigWatcher:
         self._path = path
         self._interval = interval
         self._apply = apply
-        # Told "applied" or "rejected" for every change seen (the server counts them in a metric,
-        # so that a rejected file, which only the next restart would trip over, can be alerted on).
+        # Told "applied" or "rejected" once for every version seen (the server counts them in a
+        # metric, so that a rejected file, which only the next restart would trip over, can be
+        # alerted on).
         self._outcome = outcome
-        self._seen = current if current is not None else _fingerprint(path)
+        # The files the config file names, and the digest of the config file that named them.
+        self._files: tuple[Path, ...] = ()
+        self._files_named_by: str | None = None
+        version = self._look()
+        self._applied = current if current is not None else (version.fingerprint if version else None)
+        self._rejected: str | None = None  # said once; tried again at every poll until it changes
         self._unreadable = False  # said once while the file cannot be read; the old one keeps serving
 
     async def run(self) -> None:
@@ -55,10 +99,29 @@ class ConfigWatcher:
             await asyncio.sleep(self._interval)
             await self.check()
 
+    def _look(self) -> _Version | None:
+        """Read the config file and the files it names; None when the config file cannot be read."""
+        text = _read(self._path)
+        if text is None:
+            return None
+        config_digest = _digest(text)
+        if config_digest != self._files_named_by:
+            # Which files matter changes only with the config file: parsed for them only then.
+            try:
+                self._files = _files_reread(_parsed(text, str(self._path)).config)
+            except Exception:
+                # Invalid (or our bug): the apply below reports it and rejects it whatever the
+                # files hold; the watcher must not die here.
+                self._files = ()
+            self._files_named_by = config_digest
+        files = [(str(path), _digest(_read(path))) for path in self._files]  # None: not there (yet)
+        fingerprint = hashlib.sha256(json.dumps([config_digest, files]).encode("utf-8")).hexdigest()
+        return _Version(text, fingerprint)
+
     async def check(self) -> bool:
         """Look once; returns whether a new configuration was applied."""
-        fingerprint = await asyncio.to_thread(_fingerprint, self._path)
-        if fingerprint is None:
+        version = await asyncio.to_thread(self._look)
+        if version is None:
             if not self._unreadable:
                 # Deleted, or a ConfigMap mount gone: nothing changes, but say so once.
                 log.warning("config_file_unreadable", path=str(self._path))
@@ -67,23 +130,33 @@ class ConfigWatcher:
         if self._unreadable:
             log.info("config_file_readable", path=str(self._path))
             self._unreadable = False
-        if fingerprint == self._seen:
+        if version.fingerprint == self._applied:
+            self._rejected = None  # back to what serves: a rejected version that returns is said again
             return False
-        self._seen = fingerprint
+        # A version rejected before is tried again (it may have failed on a file it names that is
+        # not there yet, or on something not fingerprinted), but said only once.
+        first_try = version.fingerprint != self._rejected
         try:
-            settings = await asyncio.to_thread(load_settings, self._path)
+            settings = await asyncio.to_thread(_parsed, version.text, str(self._path))
             # Some mistakes show only when the new router is built (a classifier's examples file
-            # that is missing, an embedding stage's router folder): rejected the same way.
+            # that is missing, an embedding stage's router folder, a tenant's API keys file): rejected
+            # the same way.
             await self._apply(settings)
         except RouteSvcError as error:
-            log.error("config_reload_rejected", path=str(self._path), error=error.message)
-            self._outcome("rejected")
+            if first_try:
+                log.error("config_reload_rejected", path=str(self._path), error=error.message)
+                self._outcome("rejected")
+            self._rejected = version.fingerprint
             return False
         except Exception:
             # Our bug: the old configuration keeps serving and the watcher keeps watching.
-            log.exception("config_reload_failed", path=str(self._path))
-            self._outcome("rejected")
+            if first_try:
+                log.exception("config_reload_failed", path=str(self._path))
+                self._outcome("rejected")
+            self._rejected = version.fingerprint
             return False
+        self._applied = version.fingerprint
+        self._rejected = None
         log.info("config_reloaded", path=str(self._path), models=len(settings.catalog))
         self._outcome("applied")
         return True

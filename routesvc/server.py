@@ -222,14 +222,20 @@ class Server:
         old = self._router
         same_providers = settings.providers == old.settings.providers
         providers = old.providers if same_providers else build_providers(settings)
+        router: Router | None = None
         try:
             router = old.reconfigured(settings, providers)
+            # Reads the tenants' API keys files: one it cannot read rejects the reload here.
+            self._service.swap_router(router)
         except BaseException:
+            # Nothing was swapped in: close what this reload built (the policy's feedback stores,
+            # new provider clients), never what the old router still serves with.
+            if router is not None:
+                await router.close_policy()
             if not same_providers:
                 for provider in providers.values():
                     await provider.aclose()
             raise
-        self._service.swap_router(router)
         self._router = router
         waiting = changes_needing_restart(self._started_with, settings)
         if waiting:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -22,11 +22,13 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
+from routesvc.auth import key_digest
 from routesvc.client import RouterClient
-from routesvc.config import Settings
+from routesvc.config import Settings, load_settings
 from routesvc.errors import ConfigError
+from routesvc.providers.base import Provider
 from routesvc.reload import ConfigWatcher
-from routesvc.server import Server
+from routesvc.server import Server, build_providers
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
@@ -270,6 +272,141 @@ class TestRetiredProviders:
         async with Server(settings_from(config), port=0) as server:
             after_two = await reloads(server, 2)
             assert await reloads(server, 8) == after_two
+
+
+def feedback_writers() -> int:
+    """The feedback stores' writer threads alive in this process."""
+    return sum(thread.name == "routesvc-feedback-writer" and thread.is_alive() for thread in threading.enumerate())
+
+
+class TestARejectedReloadClosesWhatItBuilt:
+    @pytest.mark.parametrize("providers_change", [True, False], ids=["new-providers", "same-providers"])
+    async def test_a_reload_whose_api_keys_file_is_missing_closes_the_router_it_built(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, providers_change: bool
+    ) -> None:
+        """A new file naming a tenant's api_keys_file that is not there is rejected after its
+        router was built: the old configuration keeps serving, and the new router's feedback store
+        (its writer thread and SQLite connections) and, when the providers changed, its new
+        provider clients are closed (they were left open, on every rejected version of the file)."""
+        config = embedding_config(tmp_path)
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {"acme": {"api_key_sha256": [key_digest("acme-key")]}}
+        environ = {"OPENAI_API_KEY": "sk-a", "ANTHROPIC_API_KEY": "sk-b"}
+        built: list[Mapping[str, Provider]] = []
+
+        def recorded(settings: Settings) -> dict[str, Provider]:
+            providers = build_providers(settings)
+            built.append(providers)
+            return providers
+
+        monkeypatch.setattr("routesvc.server.build_providers", recorded)
+        async with Server(settings_from(config, environ), port=0) as server:
+            old = server.router
+            writers = feedback_writers()
+            rejected = copy.deepcopy(config)
+            rejected["tenants"] = {"acme": {"api_keys_file": str(tmp_path / "not-mounted-yet.keys")}}
+            if providers_change:
+                environ = dict(environ, OPENAI_API_KEY="sk-rotated")
+            with pytest.raises(ConfigError, match=r"tenants\.acme\.api_keys_file"):
+                await server.reload(settings_from(rejected, environ))
+            assert server.router is old
+            assert feedback_writers() == writers
+            rebuilt = built[1:]  # built[0]: the providers the server started with
+            assert [all(provider.closed for provider in new.values()) for new in rebuilt] == [True] * providers_change
+            assert not any(provider.closed for provider in old.providers.values())
+            async with RouterClient(server.target, api_key="acme-key") as client:
+                assert (await client.route(user_chat("hello"))).model
+
+
+def watched_config(tmp_path: Path, config: dict[str, object]) -> Path:
+    """``config`` written to a file, with the server's own watcher off (the test drives one)."""
+    config["server"] = {"reload_interval_seconds": 0}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+async def route_status(server: Server, api_key: str) -> grpc.StatusCode:
+    """The status of a Route call made with ``api_key``."""
+    async with RouterClient(server.target, api_key=api_key) as client:
+        try:
+            await client.route(user_chat("hello"))
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+    return grpc.StatusCode.OK
+
+
+class TestFilesTheConfigNames:
+    async def test_a_version_rejected_for_a_keys_file_not_there_yet_is_applied_once_it_is(self, tmp_path: Path) -> None:
+        """A new config names a tenant's api_keys_file before the Secret holding it is mounted: it
+        is rejected, and tried again at every poll but said (logged, counted) once per version of
+        the files; when the file appears, with a bad line and then fixed, each version is tried at
+        the next poll (it was never tried again: only the config file was watched, and a version
+        once rejected was taken as seen)."""
+        config = default_config()
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {"acme": {"api_key_sha256": [key_digest("acme-key")]}}
+        path = watched_config(tmp_path, config)
+        outcomes: list[str] = []
+        async with Server(load_settings(path, {}), port=0) as server:
+            watcher = ConfigWatcher(path, 1.0, server.reload, outcome=outcomes.append)
+            keys = tmp_path / "beta.keys"
+            config["tenants"]["beta"] = {"api_keys_file": str(keys)}  # type: ignore[index]
+            path.write_text(yaml.safe_dump(config), encoding="utf-8")
+            with capture_logs() as logs:
+                assert [await watcher.check() for _ in range(3)] == [False] * 3
+                keys.write_text("not a digest\n", encoding="utf-8")
+                assert [await watcher.check() for _ in range(2)] == [False] * 2
+                keys.write_text(key_digest("beta-key") + "\n", encoding="utf-8")
+                assert await watcher.check()
+                assert not await watcher.check()
+            assert await route_status(server, "beta-key") == grpc.StatusCode.OK
+            assert await route_status(server, "acme-key") == grpc.StatusCode.OK
+        rejections = [entry["error"] for entry in logs if entry["event"] == "config_reload_rejected"]
+        assert rejections == [
+            f"tenants.beta.api_keys_file: cannot read {keys}",
+            f"tenants.beta.api_keys_file: line 1 of {keys} is not a hex SHA-256 digest (64 characters)",
+        ]
+        assert outcomes == ["rejected", "rejected", "applied"]
+
+    async def test_a_key_removed_from_a_tenants_keys_file_is_revoked(self, tmp_path: Path) -> None:
+        """The config file unchanged, a key removed from a tenant's api_keys_file (a leaked key
+        revoked): the next poll applies it, and the key is refused UNAUTHENTICATED while the key
+        added beside it works (the old key kept working until the config file changed or a restart)."""
+        keys = tmp_path / "acme.keys"
+        keys.write_text(key_digest("leaked-key") + "\n", encoding="utf-8")
+        config = default_config()
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {"acme": {"api_keys_file": str(keys)}}
+        path = watched_config(tmp_path, config)
+        async with Server(load_settings(path, {}), port=0) as server:
+            watcher = ConfigWatcher(path, 1.0, server.reload)
+            assert await route_status(server, "leaked-key") == grpc.StatusCode.OK
+            keys.write_text(key_digest("new-key") + "\n", encoding="utf-8")
+            assert await watcher.check()
+            assert await route_status(server, "leaked-key") == grpc.StatusCode.UNAUTHENTICATED
+            assert await route_status(server, "new-key") == grpc.StatusCode.OK
+
+    async def test_a_rotated_provider_key_file_is_sent_upstream_after_the_next_poll(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A provider's api_key_file rewritten (a rotated Secret), the config file unchanged: the
+        next poll applies it and the next call upstream carries the new key."""
+        key_file = tmp_path / "openai.key"
+        key_file.write_text("sk-before\n", encoding="utf-8")
+        config = default_config()
+        config["providers"]["openai"].update(api_key_file=str(key_file), base_url=fake.openai_base_url)  # type: ignore[index]
+        path = watched_config(tmp_path, config)
+        async with Server(load_settings(path, {}), port=0) as server, RouterClient(server.target) as client:
+            watcher = ConfigWatcher(path, 1.0, server.reload)
+            sent: list[str] = []
+            for key in ("sk-before", "sk-rotated"):
+                key_file.write_text(key + "\n", encoding="utf-8")
+                assert await watcher.check() == (key == "sk-rotated")
+                events = [message.WhichOneof("event") async for message in client.complete(user_chat("hi"))]
+                assert events[-1] == "completion"
+                sent.append(fake.requests[-1].headers["authorization"])
+        assert sent == ["Bearer sk-before", "Bearer sk-rotated"]
 
 
 class TestReloadOutcomes:
