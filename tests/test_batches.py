@@ -972,9 +972,11 @@ class TestBatchBudgets:
 class TestBatchFailures:
     """A batch the provider fails, or a request in it that errors, ends FAILED with a short code, uncharged."""
 
-    @pytest.mark.parametrize(("task", "code"), [("", "batch_failed"), ("creative_writing", "api_error")])
+    @pytest.mark.parametrize(("task", "code"), [("", "token_limit_exceeded"), ("creative_writing", "api_error")])
     async def test_a_failed_batch_ends_failed(self, tmp_path: Path, fake: FakeProvider, task: str, code: str) -> None:
-        """OpenAI batch status failed / Anthropic requests errored: FAILED, an error code, no ledger entry."""
+        """OpenAI batch status failed (validation: no file, the reason in the batch's errors, which
+        the jobs carry; they said no_result) / Anthropic requests errored: FAILED, an error code,
+        no ledger entry."""
         fake.batch_outcome = BatchOutcome.FAIL
         async with (
             Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
@@ -1252,6 +1254,62 @@ class TestBatchAdapters:
         malformed = [e for e in logs if e["event"] == "batch_result_malformed"]
         assert [(e["batch_id"], e["line"]) for e in malformed] == [("job_1", 1)]
         assert "fine" not in repr(malformed)
+
+    async def test_an_openai_results_line_of_the_wrong_shape_fails_only_its_job(self, fake: FakeProvider) -> None:
+        """Lines of JSON whose fields have other types (a choice that is a string, usage that is a
+        list, an error that is a string): each fails its own job, malformed_result; the other job
+        of the file SUCCEEDED (the whole read raised, and the batch was read again every round)."""
+        import openai
+
+        from routesvc.models import BatchState
+        from routesvc.providers.batch import ProviderBatch
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        body = {"model": "gpt-4o-mini", "choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}]}
+        lines = [
+            {"custom_id": "job_1", "response": {"status_code": 200, "body": {"choices": ["not a choice"]}}},
+            {"custom_id": "job_2", "response": {"status_code": 200, "body": {**body, "usage": [1, 2]}}},
+            {"custom_id": "job_3", "response": {"status_code": 200, "body": body}},
+        ]
+        errors = [{"custom_id": "job_4", "error": "quota"}]
+        sdk = openai.AsyncOpenAI(api_key="sk", base_url=fake.openai_base_url)
+        output = await sdk.files.create(
+            file=("out.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()), purpose="batch"
+        )
+        error = await sdk.files.create(
+            file=("err.jsonl", "".join(json.dumps(x) + "\n" for x in errors).encode()), purpose="batch"
+        )
+        await sdk.close()
+        api = OpenAIBatches("openai", "sk", fake.openai_base_url)
+        batch = ProviderBatch("batch_1", True, "completed", output_file_id=output.id, error_file_id=error.id)
+        results = await api.results(batch)
+        await api.aclose()
+        assert sorted((r.custom_id, r.state, r.error, r.text) for r in results) == [
+            ("job_1", BatchState.FAILED, "malformed_result", ""),
+            ("job_2", BatchState.FAILED, "malformed_result", ""),
+            ("job_3", BatchState.SUCCEEDED, "", "fine"),
+            ("job_4", BatchState.FAILED, "malformed_result", ""),
+        ]
+
+    async def test_an_openai_refusal_in_a_batch_is_the_answer_and_content_filter(self, fake: FakeProvider) -> None:
+        """A result whose message is a refusal (``content`` null, ``refusal`` its words): SUCCEEDED
+        with the refusal as the text and FINISH CONTENT_FILTER, as a streamed refusal is (it was an
+        empty answer that finished STOP)."""
+        from routesvc.models import BatchState, FinishReason, Message, Role
+        from routesvc.providers.batch import BatchItem
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        fake.enqueue(Script(text="I can't help with that.", refusal=True))
+        fake.batch_outcome = BatchOutcome.COMPLETE
+        api = OpenAIBatches("openai", "sk", fake.openai_base_url)
+        batch_id = await api.submit([BatchItem("job_1", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 64)])
+        (result,) = await api.results(await api.poll(batch_id))
+        await api.aclose()
+        assert (result.state, result.text, result.finish_reason) == (
+            BatchState.SUCCEEDED,
+            "I can't help with that.",
+            FinishReason.CONTENT_FILTER,
+        )
 
     async def test_anthropic_results_carry_text_usage_and_stop_reason(self, fake: FakeProvider) -> None:
         """Create, poll, stream the results: SUCCEEDED with text, usage (cache reads counted as input)."""

@@ -593,7 +593,9 @@ class BatchQueue:
         results = {result.custom_id: result for result in await api.results(batch)}
         for batch_id in ids:
             result = results.get(batch_id) or ItemResult(
-                batch_id, BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED, error="no_result"
+                batch_id,
+                BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED,
+                error=batch.error or "no_result",
             )
             await self._settle(batch_id, result)
         log.info("batch_ended", provider_batch_id=provider_batch_id, status=batch.status, jobs=len(ids))

@@ -47,6 +47,8 @@ class ProviderBatch:
     status: str
     output_file_id: str | None = None
     error_file_id: str | None = None
+    # Why the whole batch failed, a short machine code (OpenAI's validation errors), or "".
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)

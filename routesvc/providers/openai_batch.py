@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import openai
 import structlog
 
 from routesvc.errors import ProviderError, ProviderUnavailable
-from routesvc.models import BatchState, ToolCall, Usage
-from routesvc.providers._http import describe, error_for_status
+from routesvc.models import BatchState, FinishReason, ToolCall, Usage
+from routesvc.providers._http import describe, error_for_status, safe_code
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
 from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, chat_params, map_finish_reason, quota_spent
 
@@ -104,12 +104,16 @@ class OpenAIBatches:
     async def poll(self, batch_id: str) -> ProviderBatch:
         """Retrieve the batch."""
         batch = await self._guard("retrieve", self._client.batches.retrieve(batch_id))
+        # A batch that failed validation (an enqueued token limit, a bad line) says why here and
+        # writes no file: its jobs end with the first error's code.
+        errors = batch.errors.data if batch.errors is not None and batch.errors.data else []
         return ProviderBatch(
             id=batch.id,
             ended=batch.status in _ENDED,
             status=batch.status,
             output_file_id=batch.output_file_id,
             error_file_id=batch.error_file_id,
+            error=safe_code(errors[0].code) if errors else "",
         )
 
     async def _lines(self, file_id: str | None) -> tuple[list[dict[str, Any]], list[str]]:
@@ -148,14 +152,9 @@ class OpenAIBatches:
         output, unreadable = await self._lines(batch.output_file_id)
         errors, unreadable_errors = await self._lines(batch.error_file_id)
         for line in output:
-            results.append(self._item(line, batch.status))
+            results.append(_guarded_line(line, lambda line: self._item(line, batch.status)))
         for line in errors:
-            # A request the API answered with an HTTP error has its response here and error null.
-            error = line.get("error") or {}
-            status_code = (line.get("response") or {}).get("status_code")
-            code = str(error.get("code") or (f"http_{status_code}" if status_code else "error"))
-            state = BatchState.EXPIRED if code == "batch_expired" else _UNANSWERED.get(batch.status, BatchState.FAILED)
-            results.append(ItemResult(str(line.get("custom_id")), state, error=code[:64]))
+            results.append(_guarded_line(line, lambda line: _error_item(line, batch.status)))
         for custom_id in unreadable + unreadable_errors:
             results.append(ItemResult(custom_id, BatchState.FAILED, error="malformed_result"))
         return results
@@ -171,16 +170,18 @@ class OpenAIBatches:
         message = choice.get("message") or {}
         usage = body.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
+        # A refusal (structured outputs) is the answer, and the answer was filtered.
+        refusal = str(message.get("refusal") or "")
         return ItemResult(
             custom_id,
             BatchState.SUCCEEDED,
-            text=str(message.get("content") or ""),
+            text=str(message.get("content") or "") + refusal,
             usage=Usage(
                 input_tokens=int(usage.get("prompt_tokens") or 0),
                 output_tokens=int(usage.get("completion_tokens") or 0),
                 cached_input_tokens=int(details.get("cached_tokens") or 0),
             ),
-            finish_reason=map_finish_reason(choice.get("finish_reason")),
+            finish_reason=FinishReason.CONTENT_FILTER if refusal else map_finish_reason(choice.get("finish_reason")),
             provider_model=str(body.get("model") or ""),
             tool_calls=tuple(_tool_call(call) for call in message.get("tool_calls") or ()),
         )
@@ -188,6 +189,28 @@ class OpenAIBatches:
     async def cancel(self, batch_id: str) -> None:
         """Cancel the batch (the provider finishes what is running and keeps its output)."""
         await self._guard("cancel", self._client.batches.cancel(batch_id))
+
+
+def _error_item(line: dict[str, Any], status: str) -> ItemResult:
+    """A line of the error file. A request the API answered with an HTTP error has its response
+    here and error null."""
+    error = line.get("error") or {}
+    status_code = (line.get("response") or {}).get("status_code")
+    code = str(error.get("code") or (f"http_{status_code}" if status_code else "error"))
+    state = BatchState.EXPIRED if code == "batch_expired" else _UNANSWERED.get(status, BatchState.FAILED)
+    return ItemResult(str(line.get("custom_id")), state, error=code[:64])
+
+
+def _guarded_line(line: dict[str, Any], read: Callable[[dict[str, Any]], ItemResult]) -> ItemResult:
+    """``read(line)``; a line of JSON that is not of the documented shape (a field of another
+    type) fails its own job, ``malformed_result``, not the whole file (which was read again and
+    again, every job of the batch waiting)."""
+    try:
+        return read(line)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError):
+        custom_id = line.get("custom_id")
+        log.warning("batch_result_malformed", batch_id=str(custom_id) if isinstance(custom_id, str) else "")
+        return ItemResult(str(custom_id), BatchState.FAILED, error="malformed_result")
 
 
 def _tool_call(call: dict[str, Any]) -> ToolCall:

@@ -36,6 +36,19 @@ from routesvc.testing import _anthropic, _openai
 from routesvc.testing._connection import Connection, Request
 from routesvc.testing._script import RecordedRequest, Script, usage_numbers
 
+# What OpenAI says of a batch that failed validation (it then writes no output or error file).
+_VALIDATION_ERRORS = {
+    "object": "list",
+    "data": [
+        {
+            "code": "token_limit_exceeded",
+            "message": "Enqueued token limit reached for this model in the organization.",
+            "param": None,
+            "line": None,
+        }
+    ],
+}
+
 
 class BatchOutcome(enum.Enum):
     """How the fake ends a batch at its next retrieve."""
@@ -43,7 +56,7 @@ class BatchOutcome(enum.Enum):
     PENDING = "pending"  # stays in progress
     COMPLETE = "complete"  # every request answered by its script
     EXPIRE = "expire"  # the 24 h window passed: no request answered
-    FAIL = "fail"  # OpenAI: the batch failed validation; Anthropic: every request errored
+    FAIL = "fail"  # OpenAI: the batch failed validation (token_limit_exceeded); Anthropic: every request errored
 
 
 @dataclass(slots=True)
@@ -157,6 +170,9 @@ class FakeBatches:
     def _end_openai(self, batch: FakeBatch) -> None:
         output: list[str] = []
         errors: list[str] = []
+        if batch.status == "failed":
+            # Validation failed: no output or error file, the reason in the batch's ``errors``.
+            return
         for line in batch.requests:
             custom_id = line.get("custom_id")
             if batch.status != "completed":
@@ -302,6 +318,7 @@ class FakeBatches:
             "created_at": int(batch.created_at),
             "completed_at": int(time.time()) if ended else None,
             "request_counts": {"total": len(batch.requests), "completed": done, "failed": len(batch.requests) - done},
+            "errors": _VALIDATION_ERRORS if batch.status == "failed" else None,
         }
 
     async def _openai_create(self, connection: Connection, request: Request) -> bool:
