@@ -987,6 +987,22 @@ class TestBatchFailures:
             assert failed.error == code
             assert server.router.ledger.entries() == []
 
+    async def test_an_anthropic_batch_whose_results_were_deleted_ends_failed(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """An ended Anthropic batch without a results URL (results deleted after 29 days): its jobs
+        end FAILED results_deleted, uncharged (the SDK's error escaped the adapter, and the poll
+        crashed every round, the jobs SUBMITTED for ever)."""
+        fake.anthropic_batch_results_deleted = True
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client, task_hint="creative_writing"))[1].batch
+            failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
+            assert failed.error == "results_deleted"
+            assert server.router.ledger.entries() == []
+
     async def test_one_erroring_request_fails_alone(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Two jobs in one batch, the provider answers the first with a 500: it fails, the other succeeds."""
         config = batch_config(tmp_path)

@@ -27,6 +27,9 @@ _STATES = {
 }
 
 
+_RESULTS_DELETED = "results_deleted"
+
+
 class AnthropicBatches:
     """Batches of messages requests through the Message Batches API."""
 
@@ -72,10 +75,22 @@ class AnthropicBatches:
     async def poll(self, batch_id: str) -> ProviderBatch:
         """Retrieve the batch."""
         batch = await self._guard("retrieve", self._client.messages.batches.retrieve(batch_id))
-        return ProviderBatch(id=batch.id, ended=batch.processing_status == "ended", status=batch.processing_status)
+        ended = batch.processing_status == "ended"
+        # Anthropic deletes a batch's results 29 days after its creation (a long outage, a key
+        # missing for weeks): no results URL then, and none will come.
+        deleted = ended and not batch.results_url
+        return ProviderBatch(
+            id=batch.id,
+            ended=ended,
+            status=batch.processing_status,
+            error=_RESULTS_DELETED if deleted else "",
+        )
 
     async def results(self, batch: ProviderBatch) -> list[ItemResult]:
-        """Stream the results of an ended batch."""
+        """Stream the results of an ended batch; none when they were deleted (its jobs end with
+        the batch's error)."""
+        if batch.error == _RESULTS_DELETED:
+            return []
         return await self._guard("results", self._read_results(batch.id))
 
     async def _read_results(self, batch_id: str) -> list[ItemResult]:

@@ -105,6 +105,7 @@ class FakeBatches:
         self._base_url = base_url
         self.outcome = BatchOutcome.COMPLETE
         self.http_errors_in_error_file = False
+        self.results_deleted = False
         # (status, JSON body) that creating a batch answers instead, in both APIs; None: created.
         self.create_error: tuple[int, Any] | None = None
         self.files: dict[str, bytes] = {}
@@ -133,6 +134,7 @@ class FakeBatches:
         self.batches.clear()
         self.files_of.clear()
         self.outcome = BatchOutcome.COMPLETE
+        self.results_deleted = False
         self.create_error = None
 
     def _new_id(self, prefix: str) -> str:
@@ -379,7 +381,11 @@ class FakeBatches:
             "ended_at": _iso(time.time()) if ended else None,
             "archived_at": None,
             "cancel_initiated_at": _iso(time.time()) if batch.cancelled else None,
-            "results_url": f"{self._base_url()}/v1/messages/batches/{batch.id}/results" if ended else None,
+            "results_url": (
+                f"{self._base_url()}/v1/messages/batches/{batch.id}/results"
+                if ended and not self.results_deleted
+                else None
+            ),
         }
 
     async def _anthropic_create(self, connection: Connection, request: Request) -> bool:

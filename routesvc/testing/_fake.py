@@ -157,6 +157,16 @@ class FakeProvider:
         self._batches.http_errors_in_error_file = enabled
 
     @property
+    def anthropic_batch_results_deleted(self) -> bool:
+        """Whether an ended Anthropic batch has no ``results_url`` (its results deleted, as
+        Anthropic does 29 days after creation; default False)."""
+        return self._batches.results_deleted
+
+    @anthropic_batch_results_deleted.setter
+    def anthropic_batch_results_deleted(self, deleted: bool) -> None:
+        self._batches.results_deleted = deleted
+
+    @property
     def batches(self) -> list[FakeBatch]:
         """Every batch created through either API, oldest first."""
         return list(self._batches.batches.values())
