@@ -438,7 +438,12 @@ class BatchConfig(_Strict):
     group_window_seconds: float = Field(
         5.0, ge=0, description="How long a job may wait to be grouped with others into one provider batch."
     )
-    max_group_size: int = Field(1000, ge=1, description="Most requests in one provider batch.")
+    max_group_size: int = Field(
+        1000,
+        ge=1,
+        le=50_000,
+        description="Most requests in one provider batch (OpenAI takes at most 50,000, Anthropic 100,000).",
+    )
     poll_interval_seconds: float = Field(30.0, gt=0, description="How often provider batches are polled.")
     max_queued_seconds: float = Field(
         86400.0,

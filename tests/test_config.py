@@ -97,6 +97,7 @@ class TestValidation:
             (lambda c: c["models"][0].update(provider="azure"), r"models\[0\]\.provider: unknown provider 'azure'"),
             (lambda c: c["models"][0].update(input_price_per_mtok="-1"), r"models\[0\]\.input_price_per_mtok"),
             (lambda c: c["server"].update(port=70000), r"server\.port"),
+            (lambda c: c.setdefault("batch", {}).update(max_group_size=50_001), r"batch\.max_group_size"),
             (
                 lambda c: c["routing"]["stages"].__setitem__(0, {"kind": "classifier", "method": "llm", "model": "x"}),
                 r"routing\.stages\[0\]\.model: unknown model 'x'",
