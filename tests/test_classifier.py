@@ -262,6 +262,13 @@ class TestParseAnswer:
         """The first JSON object in the answer is used."""
         assert parse_answer('```json\n{"task": "chat", "complexity": "low"}\n```') == ("chat", "low")
 
+    def test_the_first_object_counts_whatever_follows_it(self) -> None:
+        """Text with braces after the answer, or a second object, does not spoil the first (a
+        match from the first "{" to the last "}" was not JSON, and the paid label was lost)."""
+        assert parse_answer('{"task": "chat", "complexity": "low"} (a {greeting})') == ("chat", "low")
+        assert parse_answer('{"task": "extraction"}\n{"task": "chat"}') == ("extraction", "")
+        assert parse_answer('Set {x} aside. {"task": "chat"}') == ("chat", "")
+
     def test_a_left_out_complexity_is_unknown_not_invented(self) -> None:
         """An answer without complexity gives "" (no rule on complexity matches it), not a guess."""
         assert parse_answer('{"task": "chat"}') == ("chat", "")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -298,18 +297,27 @@ def _judged(complexity: str) -> str:
     return f"complexity {complexity}" if complexity else "complexity not given"
 
 
+_DECODER = json.JSONDecoder()
+
+
 def parse_answer(text: str) -> tuple[str, str]:
     """(task, complexity) from the model's answer, complexity "" when the answer leaves it out;
     raises ``ClassifierAnswerError`` when invalid."""
-    match = re.search(r"\{.*\}", text, re.DOTALL)
-    if match is None:
+    start = text.find("{")
+    if start == -1:
         raise ClassifierAnswerError("no JSON object in the classifier's answer")
-    try:
-        data = json.loads(match.group(0))
-    except json.JSONDecodeError as exc:
-        raise ClassifierAnswerError(f"classifier answer is not JSON: {exc.msg}") from exc
-    task = data.get("task") if isinstance(data, dict) else None
-    complexity = data.get("complexity", "") if isinstance(data, dict) else None
+    data: object = None
+    while start != -1 and not isinstance(data, dict):
+        # The first JSON object from a "{", whatever follows it (prose with braces, a second object).
+        try:
+            data, _ = _DECODER.raw_decode(text, start)
+        except json.JSONDecodeError:
+            data = None
+        start = text.find("{", start + 1)
+    if not isinstance(data, dict):
+        raise ClassifierAnswerError("classifier answer is not JSON (no object parses)")
+    task = data.get("task")
+    complexity = data.get("complexity", "")
     if task not in TASK_LABELS:
         raise ClassifierAnswerError(f"classifier answered an unknown task {task!r}")
     if complexity != "" and complexity not in COMPLEXITIES:
