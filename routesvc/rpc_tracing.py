@@ -26,7 +26,7 @@ _Stream = Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]
 
 def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
     if isinstance(error, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
+        return ended_by_caller(context)
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
@@ -92,7 +92,17 @@ def traced_stream(
             try:
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
                     async for response in responses:
-                        if not await _written(context, response):
+                        try:
+                            written = await _written(context, response)
+                        except asyncio.CancelledError as cancelled:
+                            # The handler's own deadline timer (or a shutdown) cancels the task
+                            # where it waits, mostly here when the client reads slowly. Raised at
+                            # the handler's yield, it ends the call as it would had the handler
+                            # been waiting itself: DEADLINE_EXCEEDED (or SHUTTING_DOWN) with the
+                            # committed trailers, where closing it would end it without a status.
+                            await responses.athrow(cancelled)
+                            raise  # the handler did not end the call: it is cancelled
+                        if not written:
                             # The client is gone or its deadline passed: leaving the block closes
                             # the handler, which logs how the call ended; grpc has its status.
                             code = ended_by_caller(context)

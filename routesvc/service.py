@@ -107,6 +107,15 @@ def _chunks_sent(record: _CallRecord) -> int:
     return int(str(record.fields.get("chunks", 0)))
 
 
+def _ended_by_caller(context: grpc.aio.ServicerContext, record: _CallRecord) -> grpc.StatusCode:
+    """How a call that can send nothing more ended (``ended_by_caller``); a passed deadline is
+    also its record's ``error_reason``, as when our own timer ends the call."""
+    code = ended_by_caller(context)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        record.fields["error_reason"] = DeadlineExceeded.reason
+    return code
+
+
 def status_code_of(error: RouteSvcError) -> grpc.StatusCode:
     """The gRPC status code for ``error``, from ``STATUS_TABLE``."""
     for cls in type(error).__mro__:
@@ -246,7 +255,14 @@ class RouterService(pb_grpc.RouterServiceServicer):
         if error.chunks_sent:
             trailers += [("routesvc-committed", "true"), ("routesvc-chunks-sent", str(error.chunks_sent))]
         record.fields["error_reason"] = error.reason
-        await context.abort(code, error.message, trailing_metadata=tuple(trailers))
+        try:
+            await context.abort(code, error.message, trailing_metadata=tuple(trailers))
+        except grpc.aio.InternalError as failure:
+            # grpc ended the call (its deadline passed, or the client left) while our status was
+            # on its way, so nothing can be sent. The abort marked the status sent, which keeps
+            # grpc from cancelling this task as it does when a call ends first: end it that way
+            # (a failed send would be logged by grpc with a traceback).
+            raise asyncio.CancelledError from failure
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:
@@ -291,7 +307,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
             await self._abort(context, record, DeadlineExceeded("deadline exceeded", chunks_sent=_chunks_sent(record)))
         except asyncio.CancelledError:
             if task is None or task not in self._interrupted:
-                code = grpc.StatusCode.CANCELLED
+                # The caller left, or grpc ended the call at its deadline before our timer could
+                # (a busy loop runs it late): grpc has the status; log how the call ended.
+                code = _ended_by_caller(context, record)
                 raise
             task.uncancel()
             code = grpc.StatusCode.UNAVAILABLE
@@ -302,7 +320,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
         except GeneratorExit:
             # A streaming call whose write failed: the client is gone or its deadline passed, and
             # the span wrapper closed this handler. Nothing more can be sent; log how it ended.
-            code = ended_by_caller(context)
+            code = _ended_by_caller(context, record)
             raise
         except Exception:
             # Our bug: log the traceback (locals are not rendered), answer INTERNAL, never UNKNOWN.
@@ -384,6 +402,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
                         # Delivered so far: ``chunks`` minus the one not sent now.
                         sent = chunks - (0 if isinstance(event, RouteDecision | Escalation | BatchJob) else 1)
                         raise ShuttingDown("the server is shutting down", chunks_sent=sent)
+                    # Counted before its write: a write the deadline or a shutdown cuts short (a
+                    # client reading slowly) has handed the message to grpc, which sends it before
+                    # the status, so a client that reads on gets it and the trailers count it.
                     record.fields["chunks"] = chunks
                     yield wire.complete_message(event)
 

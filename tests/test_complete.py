@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from decimal import Decimal
 
 import grpc
 import pytest
 from structlog.testing import capture_logs
+from structlog.typing import EventDict, WrappedLogger
 
 from routesvc.client import RouterClient
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
+from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.observability import observed_server
 from tests.test_validation import error_info
 
 CANARY = "canary-prompt-51c2e"
+COMPLETE = "routesvc.v1.RouterService/Complete"
 
 
 async def _collect(
@@ -316,6 +321,79 @@ class TestDeadlinesAndCancellation:
                 break
         assert counted
         assert counted[0] > 0
+
+    async def test_a_deadline_while_the_client_holds_a_write_back_still_ends_the_call_with_its_status(
+        self, fake: FakeProvider
+    ) -> None:
+        """A client that stops reading mid-answer holds the server's write back (flow control) when
+        the deadline comes: the server still ends the call DEADLINE_EXCEEDED (its log line with the
+        reason, its span and its duration metric say so) and closes the provider request, and a
+        client that reads on before its own deadline gets the committed trailers, counting every
+        delta it got (the message whose write was cut short too: grpc sends it before the status).
+        Reading on within the server's 20 ms lead is a race on a loaded machine, so up to ten
+        tries; the server's record is checked on each."""
+        big = "x" * 16_384
+        # A 64 KiB receive window that never grows: a few chunks fill it, the server's write then
+        # waits, and the client has little to read before the status.
+        options = [("grpc.http2.lookahead_bytes", 65_536), ("grpc.http2.bdp_probe", 0)]
+        finished: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+        def notify(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+            if event["event"] == "rpc_finished":
+                finished[str(event["request_id"])].set()
+            return event
+
+        async with (
+            observed_server(fake) as observed,
+            grpc.aio.insecure_channel(observed.server.target, options=options) as channel,
+        ):
+            await _collect(observed.client)  # opens the provider connection (see above)
+            stub = pb_grpc.RouterServiceStub(channel)
+            tries = 0
+            with capture_logs(processors=[notify]) as logs:
+                for tries in range(1, 11):
+                    fake.enqueue(Script(chunks=(big,) * 2_000))
+                    request_id = f"slow-reader-{tries}"
+                    call = stub.Complete(
+                        pb.CompleteRequest(chat=user_chat("hi")), timeout=1.0, metadata=(("x-request-id", request_id),)
+                    )
+                    received = [await call.read(), await call.read()]
+                    assert [m.WhichOneof("event") for m in received] == ["decision", "delta"]
+                    # Read nothing more until the server has given up on the provider, at its deadline.
+                    await fake.requests[-1].wait_ended(timeout=10.0)
+
+                    async def read_on() -> None:
+                        while (message := await call.read()) is not grpc.aio.EOF:  # noqa: B023 - this try's call
+                            received.append(message)  # noqa: B023 - read at once, in this iteration
+
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await read_on()
+                    deltas = sum(1 for m in received if m.WhichOneof("event") == "delta")
+                    async with asyncio.timeout(10):
+                        await finished[request_id].wait()
+                    (line,) = [e for e in logs if e["event"] == "rpc_finished" and e["request_id"] == request_id]
+                    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    assert (line["code"], line.get("error_reason")) == ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")
+                    assert fake.requests[-1].aborted
+                    trailers = dict(caught.value.trailing_metadata() or ())
+                    if "routesvc-chunks-sent" in trailers:
+                        assert error_info(caught.value).reason == "DEADLINE_EXCEEDED"
+                        counts = (trailers["routesvc-committed"], trailers["routesvc-chunks-sent"], line["chunks"])
+                        assert counts == ("true", str(deltas), deltas)
+                        break
+                    # The client's own timer won: it lost what it had not read, not what was sent.
+                    assert line["chunks"] >= deltas
+                else:
+                    pytest.fail("no try got the committed trailers")
+            # The span ends as the line is logged, before the caller's task runs again.
+            codes = [dict(span.attributes or {})["rpc.grpc.status_code"] for span in observed.named(COMPLETE)]
+            assert codes == [grpc.StatusCode.OK.value[0]] + [grpc.StatusCode.DEADLINE_EXCEEDED.value[0]] * tries
+            durations = {
+                dict(point.attributes)["rpc.response.status_code"]
+                for point in observed.points("rpc.server.call.duration")
+                if dict(point.attributes)["rpc.method"] == COMPLETE
+            }
+            assert durations == {"OK", "DEADLINE_EXCEEDED"}
 
     async def test_deadline_before_the_first_token(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """A 0.5 s deadline against a 5 s first token: DEADLINE_EXCEEDED on time, upstream closed."""
