@@ -490,6 +490,12 @@ def fit_router(
     kinds for the kind prior (default: the shipped task classifier).
     """
     labels = label_records(records, strong, weak, settings.proxy_weight, settings.calibrate_proxy)
+    for usage in labels.usage:
+        if usage.kind == "pair" and usage.strong == usage.weak:
+            raise FitError(
+                f"the strong model {strong!r} and the weak model {weak!r} are the same model in {usage.source}"
+                f" ({usage.strong!r}; models match by id or loose alias): a router between them learns nothing"
+            )
     if require_pair:
         check_pair(labels.usage, strong, weak)
     keep = np.flatnonzero(labels.weight > 0)

@@ -695,6 +695,25 @@ class TestEvalCommand:
         assert expected == report
         assert report["apgr"] == pytest.approx(0.75)  # both hard prompts first: the best order
 
+    @pytest.mark.parametrize("command", ["score", "classify"])
+    def test_each_row_names_its_source_file(
+        self, command: str, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """score and classify write "source" (the file's name without .jsonl) beside "id": files of a
+        folder may share ids, and the output is joined back by both."""
+        folder = tmp_path / "data"
+        _write_lines(folder / "a.jsonl", [_row("q1", HARD_PROMPT, 1, 0)])
+        _write_lines(folder / "b.jsonl", [_row("q1", EASY_PROMPT, 1, 1)])
+        out = tmp_path / "out.jsonl"
+        argv = {
+            "score": ["score", "--router", str(fitted), "--data", str(folder), "--out", str(out)],
+            "classify": ["classify", "--data", str(folder), "--out", str(out)],
+        }[command]
+        assert cli.main(argv) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [(row["source"], row["id"]) for row in rows] == [("a", "q1"), ("b", "q1")]
+        assert all(set(row) == {"source", "id", "score" if command == "score" else "task"} for row in rows)
+
     def test_model_names_match_by_alias_in_each_file(
         self, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

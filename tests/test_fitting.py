@@ -321,7 +321,7 @@ def run(*argv: str) -> int:
 
 class TestOfflineCommands:
     def test_fit_score_eval_classify(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        """fit writes a router; score writes one {id, score} per prompt; eval prints the metrics as JSON."""
+        """fit writes a router; score writes one {source, id, score} per prompt; eval prints the metrics as JSON."""
         data = write_jsonl(tmp_path / "train.jsonl", records())
         out = tmp_path / "router"
         assert run("fit", "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--out", str(out)) == 0
@@ -378,6 +378,27 @@ class TestOfflineCommands:
         assert run("fit", "--data", str(data), "--strong", "nope", "--weak", "nah", "--out", str(out)) == 2
         assert "the strong model 'nope' or the weak model 'nah'" in capsys.readouterr().err
         assert not out.exists()
+
+    @pytest.mark.parametrize("weak", [STRONG, STRONG.upper(), f"org/{STRONG}-v1.0"])
+    def test_a_pair_of_one_model_is_refused(
+        self, weak: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--strong and --weak that are, or match by loose alias, the same model of a file: fit writes no
+        router and eval reports nothing (exit 2, one line): there is no choice between them to learn."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        out = tmp_path / "router"
+        assert run("fit", "--data", str(data), "--strong", STRONG, "--weak", weak, "--out", str(out)) == 2
+        expected = (
+            f"error: the strong model {STRONG!r} and the weak model {weak!r} are the same model in train"
+            f" ({STRONG!r}; models match by id or loose alias): "
+        )
+        assert capsys.readouterr().err.splitlines()[-1] == expected + "a router between them learns nothing"
+        assert not out.exists()
+        fit_router(records(), STRONG, WEAK, HashingEncoder(64)).save(out)
+        assert run("eval", "--router", str(out), "--data", str(data), "--strong", STRONG, "--weak", weak) == 2
+        captured = capsys.readouterr()
+        assert captured.err.splitlines()[-1] == expected + "there is no choice to evaluate"
+        assert captured.out == ""
 
     def test_fit_needs_one_file_with_both_models(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """Each model in some file but never together: exit 2 saying where each one is."""
