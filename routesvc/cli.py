@@ -119,8 +119,23 @@ def _escalation_json(escalation: pb.Escalation) -> dict[str, object]:
     }
 
 
+class InputError(RouteSvcError):
+    """What a command reads from standard input is not usable (never sent: nothing to map)."""
+
+    reason = "INVALID_INPUT"
+
+
+def _stdin_text() -> str:
+    """Standard input as text, strictly UTF-8 whatever the locale: a prompt is sent as UTF-8, and
+    text read in another encoding (or with surrogate escapes) cannot be."""
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("standard input is not UTF-8") from None
+
+
 def _request_parts(args: argparse.Namespace) -> tuple[pb.ChatRequest, pb.RoutingContext]:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _stdin_text() if args.prompt == "-" else args.prompt
     messages: list[tuple[str, str] | pb.Message] = [("system", args.system)] if args.system else []
     images = [image_part(image if image.startswith("https://") else Path(image)) for image in args.image]
     messages.append(pb.Message(role=pb.ROLE_USER, content=prompt, parts=images))

@@ -248,6 +248,11 @@ def pair_data(records: Sequence[OutcomeRecord], strong: str, weak: str) -> PairD
     for source, rows in by_source.items():
         counts = Counter(model for row in rows for model in row.outcomes)
         s, w = _resolve(strong, counts, len(rows)), _resolve(weak, counts, len(rows))
+        if s is not None and s == w:
+            raise EvaluationError(
+                f"the strong model {strong!r} and the weak model {weak!r} are the same model in {source}"
+                f" ({s!r}; models match by id or loose alias): there is no choice to evaluate"
+            )
         pairs = [(row, s, w) for row in rows if s is not None and w is not None and row.has_pair(s, w)]
         sources.append(PairSource(source, len(rows), s, w, len(pairs)))
         kept.extend(pairs)

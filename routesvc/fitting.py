@@ -34,7 +34,9 @@ prompt text is stored.
 from __future__ import annotations
 
 import json
+import math
 import re
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -342,6 +344,39 @@ class FittedRouter:
         calibrated[blank] = 0.0
         return calibrated
 
+    def _mismatch(self, lexical: object) -> str:
+        """What does not fit together in a loaded router ("" when all does): the library's width
+        and the encoder's, the library and its priors, the within-task weights and the features
+        they take (``lexical``: the feature names saved with them), the quantiles."""
+        dim = int(self.encoder.encode([""]).shape[1])
+        if self.library.ndim != 2 or (len(self.library) and self.library.shape[1] != dim):
+            shape = self.library.shape
+            return (
+                f"library.npz holds embeddings of shape {shape}, the encoder {self.encoder.name!r} gives {dim} values"
+            )
+        if self.library_prior.shape != (len(self.library),):
+            return f"library.npz holds {len(self.library)} embeddings and a prior of shape {self.library_prior.shape}"
+        if self.settings.use_lexical and lexical != list(FEATURE_NAMES):
+            # The weights are of the features named when it was fitted, in their order.
+            saved = f"{len(lexical)} lexical features" if isinstance(lexical, list) else "no list of lexical features"
+            return f"saved with {saved}, not the {len(FEATURE_NAMES)} this version computes: fit it again"
+        # ``features`` gives one column of zeros when neither part is used.
+        width = (dim if self.settings.use_embedding else 0) + (len(FEATURE_NAMES) if self.settings.use_lexical else 0)
+        width = width or 1
+        within = self.within
+        shapes = (within.mean.shape, within.scale.shape, within.coef.shape, within.intercept.shape)
+        if shapes != ((width,), (width,), (width, 1), (1,)):
+            return f"the within-task weights have shapes {shapes}, the features {width} columns and the score one"
+        arrays = (within.mean, within.scale, within.coef, within.intercept, self.library, self.library_prior)
+        if not all(np.isfinite(array).all() for array in arrays) or not (within.scale > 0).all():
+            return "the within-task weights or the library hold numbers that are not finite"
+        quantiles = self.quantiles
+        if quantiles.ndim != 1 or len(quantiles) == 0 or not np.isfinite(quantiles).all():
+            return "quantiles must be a non-empty list of finite numbers"
+        if (np.diff(quantiles) < 0).any():
+            return "quantiles must be in increasing order"
+        return ""
+
     def save(self, out: Path) -> None:
         """Write ``router.json`` and ``library.npz`` into folder ``out``."""
         out.mkdir(parents=True, exist_ok=True)
@@ -368,11 +403,17 @@ class FittedRouter:
         """
         try:
             meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
-            arrays = np.load(folder / "library.npz")
-        except (OSError, ValueError) as exc:
-            raise FitError(f"{folder}: not a fitted router ({exc})") from exc
-        if meta.get("version") not in (1, ARTIFACT_VERSION):
-            raise FitError(f"{folder}: artifact version {meta.get('version')!r}, expected {ARTIFACT_VERSION}")
+            with np.load(folder / "library.npz") as arrays:
+                embeddings, prior = np.asarray(arrays["embeddings"]), np.asarray(arrays["prior"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, zipfile.BadZipFile) as exc:
+            # ValueError covers a router.json that is not JSON or UTF-8; the rest, a library.npz
+            # that is not an archive of those two arrays (np.load gives some files other types).
+            raise FitError(f"{folder}: not a fitted router ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(meta, dict):
+            raise FitError(f"{folder}: not a fitted router (router.json is not a JSON object)")
+        version = meta.get("version")
+        if isinstance(version, bool) or version not in (1, ARTIFACT_VERSION):
+            raise FitError(f"{folder}: artifact version {version!r}, expected {ARTIFACT_VERSION}")
         try:
             chosen = encoder or load_encoder(meta["encoder"])
             if chosen.name != meta["encoder"]:
@@ -380,19 +421,24 @@ class FittedRouter:
             kind_offset = float(meta.get("kind_offset", 0.0))
             if not np.isfinite(kind_offset) or kind_offset < 0:
                 raise ValueError(f"kind_offset {kind_offset!r} is not a finite number, 0 or more")
+            if not isinstance(meta["strong"], str) or not isinstance(meta["weak"], str):
+                raise TypeError("strong and weak must be model ids")
             router = cls(
                 strong=meta["strong"],
                 weak=meta["weak"],
                 encoder=chosen,
                 settings=_settings(meta["settings"]),
                 within=RidgeModel.from_dict(meta["within"]),
-                library=np.asarray(arrays["embeddings"], dtype=np.float32),
-                library_prior=np.asarray(arrays["prior"], dtype=np.float64),
+                library=np.asarray(embeddings, dtype=np.float32),
+                library_prior=np.asarray(prior, dtype=np.float64),
                 quantiles=np.asarray(meta["quantiles"], dtype=np.float64),
                 kind_offset=kind_offset,
             )
+            problem = router._mismatch(meta.get("lexical_features"))
         except (KeyError, TypeError, ValueError, EncoderError) as exc:
             raise FitError(f"{folder}: not a fitted router ({type(exc).__name__}: {exc})") from exc
+        if problem:
+            raise FitError(f"{folder}: the router's parts do not fit together: {problem}")
         # Built now, not on the first prompt: a server loads the router at start.
         router.labeller = labeller or (_shipped_labeller() if kind_offset else None)
         return router
@@ -404,6 +450,16 @@ def _settings(saved: dict[str, object]) -> FitSettings:
     values.setdefault("kind_weight", 0.0)
     kinds = values.get("strong_kinds", STRONG_KINDS)
     values["strong_kinds"] = tuple(kinds) if isinstance(kinds, list | tuple) else STRONG_KINDS
+    # What scoring reads (the rest only shaped the fit): refused here, not a NaN score later.
+    neighbours = values.get("neighbours", 1)
+    if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
+        raise ValueError(f"settings.neighbours {neighbours!r} is not a whole number of at least 1")
+    prior_weight = values.get("prior_weight", 0.0)
+    if isinstance(prior_weight, bool) or not isinstance(prior_weight, int | float) or not math.isfinite(prior_weight):
+        raise ValueError(f"settings.prior_weight {prior_weight!r} is not a finite number")
+    for name in ("use_embedding", "use_lexical"):
+        if not isinstance(values.get(name, True), bool):
+            raise ValueError(f"settings.{name} {values[name]!r} is not true or false")
     return FitSettings(**values)  # type: ignore[arg-type]
 
 
@@ -434,6 +490,12 @@ def fit_router(
     kinds for the kind prior (default: the shipped task classifier).
     """
     labels = label_records(records, strong, weak, settings.proxy_weight, settings.calibrate_proxy)
+    for usage in labels.usage:
+        if usage.kind == "pair" and usage.strong == usage.weak:
+            raise FitError(
+                f"the strong model {strong!r} and the weak model {weak!r} are the same model in {usage.source}"
+                f" ({usage.strong!r}; models match by id or loose alias): a router between them learns nothing"
+            )
     if require_pair:
         check_pair(labels.usage, strong, weak)
     keep = np.flatnonzero(labels.weight > 0)

@@ -83,26 +83,30 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    """``routesvc score``: one ``{"id", "score"}`` per prompt (higher = prefer the strong model)."""
+    """``routesvc score``: one ``{"source", "id", "score"}`` per prompt (higher = prefer the strong
+    model); ``source`` is the file's name without ``.jsonl``, since files of a folder may share ids."""
     router = FittedRouter.load(args.router)
     records = _read_prompts(args.data)
     scores = router.scores([r.prompt for r in records], progress=_progress)
-    count = _write_jsonl(
-        args.out, ({"id": r.id, "score": round(float(s), 6)} for r, s in zip(records, scores, strict=True))
-    )
+    rows = ({"source": r.source, "id": r.id, "score": round(float(s), 6)} for r, s in zip(records, scores, strict=True))
+    count = _write_jsonl(args.out, rows)
     print(f"wrote {count} scores to {args.out}", file=sys.stderr)
     return 0
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    """``routesvc classify``: one ``{"id", "task"}`` per prompt from the local task classifier."""
+    """``routesvc classify``: one ``{"source", "id", "task"}`` per prompt from the local task
+    classifier (``source`` as in ``score``)."""
     classifier = TaskClassifier(WordLlamaEncoder(), read_examples(args.examples))
     records = _read_prompts(args.data)
     labels: list[str] = []
     chunk = 512
     for start in _progress(range(0, len(records), chunk), -(-len(records) // chunk), "classifying"):
         labels.extend(p.task for p in classifier.predict_many([r.prompt for r in records[start : start + chunk]]))
-    count = _write_jsonl(args.out, ({"id": r.id, "task": t} for r, t in zip(records, labels, strict=True)))
+    rows: Iterable[dict[str, object]] = (
+        {"source": r.source, "id": r.id, "task": t} for r, t in zip(records, labels, strict=True)
+    )
+    count = _write_jsonl(args.out, rows)
     print(f"wrote {count} labels to {args.out}", file=sys.stderr)
     return 0
 
@@ -214,12 +218,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     score = subparsers.add_parser("score", help="score prompts with a fitted router")
     score.add_argument("--router", type=Path, required=True, help="folder written by fit")
     score.add_argument("--data", type=Path, required=True, help="outcomes (or prompts) file or folder")
-    score.add_argument("--out", type=Path, required=True, help="JSONL of {id, score}")
+    score.add_argument("--out", type=Path, required=True, help="JSONL of {source, id, score}")
     score.set_defaults(func=_handled(run_score))
 
     classify = subparsers.add_parser("classify", help="label prompts with the local task classifier")
     classify.add_argument("--data", type=Path, required=True, help="outcomes (or prompts) file or folder")
-    classify.add_argument("--out", type=Path, required=True, help="JSONL of {id, task}")
+    classify.add_argument("--out", type=Path, required=True, help="JSONL of {source, id, task}")
     classify.add_argument("--examples", type=Path, default=None, help="JSONL of {task, prompt}; default: shipped")
     classify.set_defaults(func=_handled(run_classify))
 

@@ -40,7 +40,7 @@ class OutcomeRecord:
         return strong in self.outcomes and weak in self.outcomes
 
 
-def _numbers(value: object, where: str, high: float = math.inf) -> Mapping[str, float]:
+def model_numbers(value: object, where: str, high: float = math.inf) -> Mapping[str, float]:
     """Model -> number, each finite and in [0, ``high``] (json.loads accepts NaN and Infinity)."""
     if not isinstance(value, dict):
         raise OutcomeDataError(f"{where}: expected an object of model -> number")
@@ -65,18 +65,24 @@ def parse_record(line: str, where: str, source: str = "") -> OutcomeRecord:
         raw = json.loads(line)
     except json.JSONDecodeError as exc:
         raise OutcomeDataError(f"{where}: not JSON ({exc.msg})") from exc
+    except RecursionError:  # json's parser recurses once per nested array or object
+        raise OutcomeDataError(f"{where}: not JSON (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise OutcomeDataError(f"{where}: expected a JSON object")
     for name in ("id", "prompt"):
         if not isinstance(raw.get(name), str):
             raise OutcomeDataError(f"{where}: field {name!r} must be a string")
+    try:
+        raw["prompt"].encode()
+    except UnicodeEncodeError:  # a lone surrogate escape: JSON reads it, no encoder or model can take it
+        raise OutcomeDataError(f"{where}: 'prompt' is not valid UTF-8 (a lone surrogate)") from None
     task = raw.get("task", "")
     return OutcomeRecord(
         id=raw["id"],
         prompt=raw["prompt"],
         task=task if isinstance(task, str) else str(task),
-        outcomes=_numbers(raw.get("outcomes", {}), f"{where}: outcomes", high=1.0),
-        cost_usd=_numbers(raw.get("cost_usd", {}), f"{where}: cost_usd"),
+        outcomes=model_numbers(raw.get("outcomes", {}), f"{where}: outcomes", high=1.0),
+        cost_usd=model_numbers(raw.get("cost_usd", {}), f"{where}: cost_usd"),
         source=source,
     )
 

@@ -16,6 +16,7 @@ and ``estimated_baseline_cost_usd`` after the same prompts are sent through the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ from routesvc import wire
 from routesvc.config import Settings
 from routesvc.cost import estimate_cost, format_usd
 from routesvc.errors import RouteSvcError
+from routesvc.outcomes import OutcomeDataError, model_numbers
 from routesvc.router import Router
+from routesvc.strategies.embedding import EmbeddingStageConfig
 from routesvc.v1 import router_pb2 as pb
 
 
@@ -151,11 +154,13 @@ def parse_model_map(pairs: Iterable[str]) -> dict[str, str]:
 
 
 def _scores(value: object, where: str) -> dict[str, float]:
+    """The line's ``outcomes``: model -> score, each a finite number in [0, 1], as ``fit`` reads them."""
     if value is None:
         return {}
-    if not isinstance(value, dict):
-        raise SimulationDataError(f"{where}: outcomes must be an object of model -> score")
-    return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    try:
+        return dict(model_numbers(value, f"{where}: outcomes", high=1.0))
+    except OutcomeDataError as exc:
+        raise SimulationDataError(exc.message) from None
 
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
@@ -164,18 +169,25 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 def read_prompts(path: Path) -> Iterator[SimulatedPrompt]:
     """The prompts of a JSONL file, in order; a bad line raises naming the file and line."""
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except OSError as exc:
         raise SimulationDataError(f"{path}: cannot read: {exc.strerror}") from exc
     with handle:
-        for number, line in enumerate(handle, start=1):
+        # Bytes, decoded line by line, so that a decoding error names its own line.
+        for number, data in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SimulationDataError(f"{where}: not UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SimulationDataError(f"{where}: not JSON ({exc.msg})") from exc
+            except RecursionError:  # json's parser recurses once per nested array or object
+                raise SimulationDataError(f"{where}: not JSON (nested too deeply)") from None
             if not isinstance(raw, dict) or not isinstance(raw.get("prompt"), str):
                 raise SimulationDataError(f"{where}: expected an object with a string 'prompt'")
             try:
@@ -199,16 +211,45 @@ def read_prompts(path: Path) -> Iterator[SimulatedPrompt]:
             yield SimulatedPrompt(where, message, _scores(raw.get("outcomes"), where))
 
 
+def _without_feedback(settings: Settings) -> Settings:
+    """``settings`` with no embedding stage's ``feedback_db``: a simulated decision is not one
+    to wait for feedback on, and remembering it in the live store would push real ones out."""
+    routing = settings.config.routing
+    stages = tuple(
+        stage.model_copy(update={"feedback_db": None}) if isinstance(stage, EmbeddingStageConfig) else stage
+        for stage in routing.stages
+    )
+    config = settings.config.model_copy(update={"routing": routing.model_copy(update={"stages": stages})})
+    return dataclasses.replace(settings, config=config)
+
+
 async def simulate(
     settings: Settings, prompts: Iterable[SimulatedPrompt], model_map: Mapping[str, str] | None = None
 ) -> SimulationReport:
-    """Route every prompt with the configured policy (no provider is called) and sum up."""
-    router = Router(settings, providers={})
+    """Route every prompt with the configured policy (no provider is called) and sum up.
+
+    No feedback store is opened: the simulation neither writes its decisions into the live one
+    nor uses the feedback the live service has learned from.
+    """
     baseline = settings.catalog.get(settings.telemetry.baseline_model)
     mapping = dict(model_map or {})
     for catalog_id in mapping:
         settings.catalog.get(catalog_id)  # an unknown catalog id fails here, naming the known ones
     report = SimulationReport(baseline_model=baseline.id, model_map=mapping)
+    router = Router(_without_feedback(settings), providers={})
+    try:
+        await _route_all(router, settings, prompts, report)
+    finally:
+        await router.aclose()
+    return report
+
+
+async def _route_all(
+    router: Router, settings: Settings, prompts: Iterable[SimulatedPrompt], report: SimulationReport
+) -> None:
+    """Route ``prompts`` with ``router``, adding each decision (or why there is none) to ``report``."""
+    baseline = settings.catalog.get(report.baseline_model)
+    mapping = report.model_map
     for prompt in prompts:
         try:
             # What the service would refuse (an empty prompt, max_output_tokens below 1 or over
@@ -237,5 +278,3 @@ async def simulate(
             report.scored += 1
             report.chosen_score += chosen
             report.baseline_score += reference
-    await router.aclose()
-    return report

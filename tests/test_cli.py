@@ -23,6 +23,7 @@ from routesvc import cli
 from routesvc.client import RouterClient
 from routesvc.evaluation import evaluate_scores
 from routesvc.server import Server
+from routesvc.strategies.classifier import read_examples
 from tests.conftest import REPO, default_config, process_environ, settings_from, user_chat
 from tests.routing_data import STRONG, WEAK, records, write_jsonl
 from tests.test_feedback_rpc import embedding_config
@@ -355,6 +356,23 @@ class TestClientFlagErrors:
         assert args.metadata == [("a", ""), ("b", "x=y")]
 
 
+class TestStandardInput:
+    @pytest.mark.parametrize("command", ["route", "complete"])
+    def test_text_that_is_not_utf8_is_one_line(self, command: str) -> None:
+        """`cat long.txt | routesvc route -` with Latin-1 text: one line and exit 2, before any call
+        (a prompt is sent as UTF-8; the locale's decoding smuggled it through as a traceback)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "routesvc", command, "--target", "localhost:1", "--timeout", "5", "-"],
+            cwd=REPO,
+            env=process_environ(),
+            input="a café prompt\n".encode("latin-1"),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert (result.returncode, result.stderr.decode()) == (2, "error: standard input is not UTF-8\n")
+
+
 class TestServeFlagErrors:
     """`serve` overrides pass the checks the config file's fields do; a port it cannot have is one line."""
 
@@ -499,6 +517,20 @@ class TestOfflineCommandErrors:
         assert err == f"error: {examples}:3: not valid JSON (Expecting value)\n"
         assert "secret" not in err
 
+    def test_classify_examples_may_hold_line_separators_inside_strings(
+        self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """JSON allows U+2028, U+2029 and U+0085 raw inside a string: a line ends at "\\n" only, so such
+        an examples file is read as written (str.splitlines cut it there: 'not valid JSON')."""
+        examples = tmp_path / "examples.jsonl"
+        prompt = "Write a poem\u2028about\u2029the\x85sea"
+        rows = [{"task": "creative_writing", "prompt": prompt}, {"task": "chat", "prompt": "hello"}]
+        examples.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        out = tmp_path / "l.jsonl"
+        assert cli.main(["classify", "--data", str(data), "--out", str(out), "--examples", str(examples)]) == 0
+        assert {json.loads(line)["task"] for line in out.read_text().splitlines()} <= {"creative_writing", "chat"}
+        assert read_examples(examples) == [("creative_writing", prompt), ("chat", "hello")]
+
 
 def _write_lines(path: Path, rows: list[dict[str, object]]) -> Path:
     """``rows`` as JSONL (``json.dumps`` writes NaN and Infinity, as Python's own readers accept)."""
@@ -586,6 +618,36 @@ class TestOfflineDataErrors:
         assert capsys.readouterr().err.splitlines()[-1] == f"error: {data}:3: not UTF-8"
         assert not out.exists()
 
+    @pytest.mark.parametrize("command", ["fit", "score", "eval", "classify"])
+    @pytest.mark.parametrize(
+        ("line", "problem"),
+        [
+            (json.dumps(_row("c", "bad \ud800 prompt", 1, 0)), "'prompt' is not valid UTF-8 (a lone surrogate)"),
+            ("[" * 100_000 + "]" * 100_000, "not JSON (nested too deeply)"),
+        ],
+        ids=["lone-surrogate", "nested-too-deeply"],
+    )
+    def test_lines_json_reads_but_nothing_can_use_are_one_line(
+        self, command: str, line: str, problem: str, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A prompt with a lone surrogate escape ("\\ud800": JSON reads it, no encoder takes it) and a
+        line nested past the parser's recursion limit are named by file and line: exit 2, no traceback."""
+        data = tmp_path / "odd.jsonl"
+        good = json.dumps(_row("a", EASY_PROMPT, 1, 1)) + "\n" + json.dumps(_row("b", HARD_PROMPT, 1, 0)) + "\n"
+        data.write_text(good + line + "\n", encoding="utf-8")
+        out = tmp_path / "out.jsonl"
+        argv = {
+            "fit": _fit_args(data, tmp_path / "router"),
+            "score": ["score", "--router", str(fitted), "--data", str(data), "--out", str(out)],
+            "eval": _eval_args(fitted, data),
+            "classify": ["classify", "--data", str(data), "--out", str(out)],
+        }[command]
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: {data}:3: {problem}"
+        assert not out.exists()
+        assert not (tmp_path / "router").exists()
+
     @pytest.mark.parametrize("command", ["fit", "score", "eval"])
     def test_ids_repeated_within_a_file_are_refused(
         self, command: str, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -632,6 +694,25 @@ class TestEvalCommand:
         expected = evaluate_scores([s["score"] for s in scores], [1, 1, 1, 1], [0, 1, 1, 0]).as_dict()
         assert expected == report
         assert report["apgr"] == pytest.approx(0.75)  # both hard prompts first: the best order
+
+    @pytest.mark.parametrize("command", ["score", "classify"])
+    def test_each_row_names_its_source_file(
+        self, command: str, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """score and classify write "source" (the file's name without .jsonl) beside "id": files of a
+        folder may share ids, and the output is joined back by both."""
+        folder = tmp_path / "data"
+        _write_lines(folder / "a.jsonl", [_row("q1", HARD_PROMPT, 1, 0)])
+        _write_lines(folder / "b.jsonl", [_row("q1", EASY_PROMPT, 1, 1)])
+        out = tmp_path / "out.jsonl"
+        argv = {
+            "score": ["score", "--router", str(fitted), "--data", str(folder), "--out", str(out)],
+            "classify": ["classify", "--data", str(folder), "--out", str(out)],
+        }[command]
+        assert cli.main(argv) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [(row["source"], row["id"]) for row in rows] == [("a", "q1"), ("b", "q1")]
+        assert all(set(row) == {"source", "id", "score" if command == "score" else "task"} for row in rows)
 
     def test_model_names_match_by_alias_in_each_file(
         self, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

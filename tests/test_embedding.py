@@ -268,6 +268,16 @@ class TestBuild:
         with pytest.raises(ConfigError, match=r"embedding\.strong_model"):
             build(config, catalog=CATALOG)
 
+    def test_a_router_whose_parts_do_not_fit_is_a_config_error_at_start(self, tmp_path: Path) -> None:
+        """A library of another width than the encoder's fails when the stage is built, naming the
+        field and the mismatch (it failed INTERNAL on the first request)."""
+        router().save(tmp_path / "r")
+        with np.load(tmp_path / "r" / "library.npz") as arrays:
+            embeddings, prior = arrays["embeddings"][:, :16], arrays["prior"]
+        np.savez_compressed(tmp_path / "r" / "library.npz", embeddings=embeddings, prior=prior)
+        with pytest.raises(ConfigError, match=r"^embedding\.router: .*/r: the router's parts do not fit together"):
+            build(EmbeddingStageConfig(router=tmp_path / "r"), catalog=CATALOG)
+
     def test_missing_router_is_a_config_error(self, tmp_path: Path) -> None:
         """A router folder that does not hold a fitted router fails at start."""
         with pytest.raises(ConfigError, match=r"embedding\.router"):

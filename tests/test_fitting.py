@@ -228,6 +228,74 @@ class TestKindPrior:
         with pytest.raises(FitError, match=r"/r: not a fitted router"):
             FittedRouter.load(tmp_path / "r")
 
+    @pytest.mark.parametrize(
+        ("damage", "problem"),
+        [
+            ("router.json a list", r"not a fitted router \(router\.json is not a JSON object\)"),
+            ("version true", r"artifact version True, expected 2"),
+            ("embeddings of another width", r"embeddings of shape \(80, 32\), the encoder 'hashing-64' gives 64"),
+            ("prior shorter than the library", r"80 embeddings and a prior of shape \(10,\)"),
+            ("one lexical feature fewer", r"saved with 14 lexical features, not the 15 this version computes"),
+            ("weights one column short", r"within-task weights have shapes"),
+            ("empty quantiles", r"quantiles must be a non-empty list of finite numbers"),
+            ("quantiles out of order", r"quantiles must be in increasing order"),
+            ("neighbours 0", r"settings\.neighbours 0 is not a whole number of at least 1"),
+            ("a NaN prior", r"not finite"),
+        ],
+    )
+    def test_parts_that_do_not_fit_together_are_a_fit_error(self, tmp_path: Path, damage: str, problem: str) -> None:
+        """An artifact whose parts disagree (the library and the encoder, the library and its prior,
+        the weights and the features, the quantiles, the settings) is refused at load with the folder
+        and the mismatch named: not an error on the first prompt scored, nor a NaN score."""
+        folder = tmp_path / "r"
+        fit_router(records(), STRONG, WEAK, HashingEncoder(64)).save(folder)
+        meta = json.loads((folder / "router.json").read_text())
+        with np.load(folder / "library.npz") as arrays:
+            embeddings, prior = arrays["embeddings"], arrays["prior"]
+        if damage == "router.json a list":
+            meta = [meta]
+        elif damage == "version true":
+            meta["version"] = True
+        elif damage == "embeddings of another width":
+            embeddings = embeddings[:, :32]
+        elif damage == "prior shorter than the library":
+            prior = prior[:10]
+        elif damage == "one lexical feature fewer":
+            meta["lexical_features"] = meta["lexical_features"][:-1]
+            for name in ("mean", "scale", "coef"):
+                meta["within"][name] = meta["within"][name][:-1]
+        elif damage == "weights one column short":
+            meta["within"]["coef"] = meta["within"]["coef"][:-1]
+        elif damage == "empty quantiles":
+            meta["quantiles"] = []
+        elif damage == "quantiles out of order":
+            meta["quantiles"] = meta["quantiles"][::-1]
+        elif damage == "neighbours 0":
+            meta["settings"]["neighbours"] = 0
+        else:
+            prior = prior.copy()
+            prior[3] = np.nan
+        (folder / "router.json").write_text(json.dumps(meta))
+        np.savez_compressed(folder / "library.npz", embeddings=embeddings, prior=prior)
+        with pytest.raises(FitError, match=rf"^{tmp_path}/r: .*{problem}"):
+            FittedRouter.load(folder)
+
+    def test_score_with_a_mismatched_artifact_is_one_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """score with a router whose library is of another width: one line naming the folder, exit 2."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        folder = tmp_path / "r"
+        fit_router(records(), STRONG, WEAK, HashingEncoder(64)).save(folder)
+        with np.load(folder / "library.npz") as arrays:
+            np.savez_compressed(folder / "library.npz", embeddings=arrays["embeddings"][:, :32], prior=arrays["prior"])
+        assert run("score", "--router", str(folder), "--data", str(data), "--out", str(tmp_path / "s.jsonl")) == 2
+        assert capsys.readouterr().err == (
+            f"error: {folder}: the router's parts do not fit together: library.npz holds embeddings of shape"
+            " (80, 32), the encoder 'hashing-64' gives 64 values\n"
+        )
+        assert not (tmp_path / "s.jsonl").exists()
+
     def test_fit_kind_weight_flag(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """--kind-weight 0 turns the prior off; a negative or non-finite weight is refused."""
         data = write_jsonl(tmp_path / "train.jsonl", records())
@@ -253,7 +321,7 @@ def run(*argv: str) -> int:
 
 class TestOfflineCommands:
     def test_fit_score_eval_classify(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        """fit writes a router; score writes one {id, score} per prompt; eval prints the metrics as JSON."""
+        """fit writes a router; score writes one {source, id, score} per prompt; eval prints the metrics as JSON."""
         data = write_jsonl(tmp_path / "train.jsonl", records())
         out = tmp_path / "router"
         assert run("fit", "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--out", str(out)) == 0
@@ -310,6 +378,27 @@ class TestOfflineCommands:
         assert run("fit", "--data", str(data), "--strong", "nope", "--weak", "nah", "--out", str(out)) == 2
         assert "the strong model 'nope' or the weak model 'nah'" in capsys.readouterr().err
         assert not out.exists()
+
+    @pytest.mark.parametrize("weak", [STRONG, STRONG.upper(), f"org/{STRONG}-v1.0"])
+    def test_a_pair_of_one_model_is_refused(
+        self, weak: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--strong and --weak that are, or match by loose alias, the same model of a file: fit writes no
+        router and eval reports nothing (exit 2, one line): there is no choice between them to learn."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        out = tmp_path / "router"
+        assert run("fit", "--data", str(data), "--strong", STRONG, "--weak", weak, "--out", str(out)) == 2
+        expected = (
+            f"error: the strong model {STRONG!r} and the weak model {weak!r} are the same model in train"
+            f" ({STRONG!r}; models match by id or loose alias): "
+        )
+        assert capsys.readouterr().err.splitlines()[-1] == expected + "a router between them learns nothing"
+        assert not out.exists()
+        fit_router(records(), STRONG, WEAK, HashingEncoder(64)).save(out)
+        assert run("eval", "--router", str(out), "--data", str(data), "--strong", STRONG, "--weak", weak) == 2
+        captured = capsys.readouterr()
+        assert captured.err.splitlines()[-1] == expected + "there is no choice to evaluate"
+        assert captured.out == ""
 
     def test_fit_needs_one_file_with_both_models(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """Each model in some file but never together: exit 2 saying where each one is."""

@@ -9,15 +9,19 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from routesvc.feedback import FeedbackStore
 from routesvc.models import ChatRequest, Message, Role
+from routesvc.router import Router
 from routesvc.simulate import SimulationDataError, read_prompts, simulate
 from routesvc.testing import FakeProvider, Script
 from routesvc.tokens import estimate_input_tokens
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import REPO, SHARED_DATA, default_config, settings_from, user_chat
 from tests.observability import observed_server
+from tests.test_feedback_rpc import embedding_config
 
 ROUTERBENCH = SHARED_DATA / "routerbench_train.jsonl"
 
@@ -35,6 +39,11 @@ def _routerbench_rows(count: int) -> list[dict[str, object]]:
         rows[index]["task_hint"] = hint
     rows[9]["user_tier"] = "premium"
     return rows
+
+
+def _feedback_files(folder: Path) -> dict[str, bytes]:
+    """The bytes of the feedback database's files (the database, and its WAL and index if open)."""
+    return {path.name: path.read_bytes() for path in folder.glob("feedback.db*")}
 
 
 class TestReadPrompts:
@@ -63,6 +72,31 @@ class TestReadPrompts:
         path.write_text('{"prompt": "fine"}\n\n' + line + "\n", encoding="utf-8")
         with pytest.raises(SimulationDataError, match=r"bad\.jsonl:3"):
             list(read_prompts(path))
+
+    @pytest.mark.parametrize(
+        ("line", "problem"),
+        [
+            (b'{"prompt": "caf\xe9"}', "not UTF-8"),
+            (b"[" * 100_000 + b"]" * 100_000, "not JSON (nested too deeply)"),
+            (b'{"prompt": "x", "outcomes": {"m": NaN}}', "outcomes: 'm' is nan, not a number in [0, 1]"),
+            (b'{"prompt": "x", "outcomes": {"m": 7}}', "outcomes: 'm' is 7.0, not a number in [0, 1]"),
+            (
+                b'{"prompt": "x", "outcomes": {"m": ' + b"9" * 400 + b"}}",
+                "outcomes: 'm' is inf, not a number in [0, 1]",
+            ),
+            (b'{"prompt": "x", "outcomes": {"m": "good"}}', "outcomes: 'm' is not a number"),
+        ],
+        ids=["latin-1", "nested", "nan", "seven", "400-digit", "text"],
+    )
+    def test_lines_fit_would_refuse_are_refused_the_same_way(self, tmp_path: Path, line: bytes, problem: str) -> None:
+        """Each line is decoded as UTF-8 by itself and its outcomes checked as fit checks them (a
+        score is a finite number in [0, 1]), so a bad one is named by file and line: no traceback,
+        and no NaN in the --json report."""
+        path = tmp_path / "bad.jsonl"
+        path.write_bytes(b'{"prompt": "fine", "outcomes": {"m": 1}}\n\n' + line + b"\n")
+        with pytest.raises(SimulationDataError) as caught:
+            list(read_prompts(path))
+        assert caught.value.message == f"{path}:3: {problem}"
 
 
 class TestSimulate:
@@ -130,6 +164,45 @@ class TestSimulate:
         report = await simulate(settings_from(config), read_prompts(path))
         assert report.baseline_model == "gpt-4o"
 
+    async def test_the_live_feedback_store_is_left_alone(self, tmp_path: Path) -> None:
+        """With an embedding stage that keeps feedback, a simulation routes by the stage's router but
+        opens no feedback store: the file is unchanged, and the real decisions waiting in it (here
+        at its cap of 2) are not pushed out by simulated ones."""
+        config = embedding_config(tmp_path, feedback_max_pending_decisions=2)
+        store = FeedbackStore(tmp_path / "feedback.db", max_pending_decisions=2)
+        for decision_id in ("real-1", "real-2"):
+            store.remember(decision_id, "gpt-4o", np.ones(128, np.float32), "hashing-128")
+        store.close()
+        before = _feedback_files(tmp_path)
+        rows = [{"prompt": f"say hello to {name}"} for name in ("alpha", "bravo", "charlie", "delta")]
+        report = await simulate(settings_from(config), read_prompts(_write(tmp_path / "p.jsonl", rows)))
+        assert report.prompts == 4
+        assert _feedback_files(tmp_path) == before
+        store = FeedbackStore(tmp_path / "feedback.db", max_pending_decisions=2)
+        try:
+            assert store.record("real-1", 1.0).decision_id == "real-1"
+        finally:
+            store.close()
+
+    async def test_the_router_is_closed_when_a_line_fails_mid_run(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bad line after some routed ones ends the run with its data error, and the router (with
+        whatever its policy holds open) is closed all the same."""
+        closed: list[Router] = []
+        aclose = Router.aclose
+
+        async def recording_aclose(self: Router) -> None:
+            closed.append(self)
+            await aclose(self)
+
+        monkeypatch.setattr(Router, "aclose", recording_aclose)
+        path = tmp_path / "p.jsonl"
+        path.write_text('{"prompt": "hello"}\n{"prompt": 3}\n', encoding="utf-8")
+        with pytest.raises(SimulationDataError, match=r"p\.jsonl:2"):
+            await simulate(settings_from(default_config()), read_prompts(path))
+        assert len(closed) == 1
+
 
 class TestMatchesTheLiveService:
     async def test_simulate_equals_getstats_after_the_same_prompts(self, tmp_path: Path, fake: FakeProvider) -> None:
@@ -181,6 +254,18 @@ class TestSimulateCommand:
         assert any(line.startswith("  gpt-4o-mini") for line in lines)
         assert any(line.startswith("savings:") and "%" in line for line in lines)
         assert any(line.startswith("quality kept:    ") and "scored prompts" in line for line in lines)
+
+    def test_json_output_never_carries_nan(self, tmp_path: Path) -> None:
+        """--json on a file with a NaN outcome: one line naming file and line, exit 2, nothing on
+        stdout (the report printed NaN, which is not JSON, with exit 0)."""
+        path = tmp_path / "nan.jsonl"
+        path.write_text('{"prompt": "What is 2+2?", "outcomes": {"gpt-4o-mini": NaN, "claude-sonnet": 1}}\n')
+        result = subprocess.run(
+            [sys.executable, "-m", "routesvc", "simulate", "--data", str(path), "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == f"error: {path}:1: outcomes: 'gpt-4o-mini' is nan, not a number in [0, 1]\n"
 
     def test_a_missing_file_is_one_line_and_exit_2(self, tmp_path: Path) -> None:
         """An unreadable --data file is reported without a traceback."""

@@ -111,7 +111,9 @@ def read_examples(path: Path | None = None) -> list[tuple[str, str]]:
             raise ConfigError(f"classifier examples {path}: not UTF-8 text") from exc
         where = str(path)
     pairs: list[tuple[str, str]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines ends a line at "\n" only: str.splitlines() also ends one at U+2028, U+2029 or
+    # U+0085, which a prompt may hold raw inside a JSON string.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -119,6 +121,8 @@ def read_examples(path: Path | None = None) -> list[tuple[str, str]]:
         except json.JSONDecodeError as exc:
             # exc.msg, not str(exc): never echo the example's text.
             raise ConfigError(f"{where}:{number}: not valid JSON ({exc.msg})") from exc
+        except RecursionError:  # json's parser recurses once per nested array or object
+            raise ConfigError(f"{where}:{number}: not valid JSON (nested too deeply)") from None
         if not isinstance(row, dict) or not isinstance(row.get("task"), str) or not isinstance(row.get("prompt"), str):
             raise ConfigError(f'{where}:{number}: expected {{"task": str, "prompt": str}}')
         pairs.append((row["task"], row["prompt"]))
