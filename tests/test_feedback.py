@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from routesvc.errors import InvalidRequest
+from routesvc.errors import ConfigError, InvalidRequest
 from routesvc.feedback import FeedbackStore, UnknownDecision
 from tests.conftest import write_locked
 
@@ -61,6 +61,36 @@ class TestFeedbackStore:
         store = FeedbackStore(tmp_path / "f.db")
         store.remember("d", "m", [1.0, 0.0])
         assert store.examples() == []
+
+
+class TestOpening:
+    def test_a_file_that_is_not_sqlite_is_a_config_error_naming_it(self, tmp_path: Path) -> None:
+        """A feedback_db that is some other file: a ``ConfigError`` naming the path (it was
+        sqlite3.DatabaseError, a traceback and exit 1 from ``routesvc serve``)."""
+        path = tmp_path / "notes.jsonl"
+        path.write_text('{"id": "q1", "prompt": "not a database, but long enough to have a header"}\n' * 4)
+        with pytest.raises(ConfigError) as caught:
+            FeedbackStore(path)
+        assert caught.value.message == f"feedback_db {path}: file is not a database"
+
+    def test_a_folder_that_is_not_there_is_a_config_error_naming_it(self, tmp_path: Path) -> None:
+        """A feedback_db in a folder that does not exist: a ``ConfigError`` naming the path (it was
+        sqlite3.OperationalError "unable to open database file")."""
+        path = tmp_path / "no" / "such" / "feedback.db"
+        with pytest.raises(ConfigError) as caught:
+            FeedbackStore(path)
+        assert caught.value.message == f"feedback_db {path}: unable to open database file"
+
+    def test_a_file_locked_past_the_busy_timeout_is_a_config_error(self, tmp_path: Path) -> None:
+        """Opening while another process holds the file's write lock past the busy timeout: a
+        ``ConfigError`` naming the path (a reload is then rejected and tried again at the next
+        poll, not taken for our bug), and the file is left for the other process."""
+        path = tmp_path / "f.db"
+        FeedbackStore(path).close()
+        with write_locked(path), pytest.raises(ConfigError) as caught:
+            FeedbackStore(path, busy_timeout_seconds=0.01)
+        assert caught.value.message == f"feedback_db {path}: database is locked"
+        FeedbackStore(path).close()
 
 
 class Clock:

@@ -10,11 +10,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
+from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient
+from routesvc.config import load_settings
 from routesvc.encoders import HashingEncoder
 from routesvc.feedback import FeedbackExample
 from routesvc.fitting import FitSettings, fit_router
+from routesvc.reload import ConfigWatcher
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
@@ -233,3 +237,28 @@ class TestFeedbackStoreUnderContention:
             moved = [stage.score(prompt)[1] for prompt in ("say hello to zulu", "say goodbye to zulu")]
         assert second.library_examples == 2
         assert all(count >= 1 for count in moved)
+
+
+class TestAFeedbackDbThatCannotBeOpened:
+    async def test_a_reload_to_a_file_that_is_not_sqlite_is_rejected_and_the_old_config_serves(
+        self, tmp_path: Path
+    ) -> None:
+        """A reloaded config whose feedback_db is not an SQLite file is a rejected configuration
+        (``config_reload_rejected`` naming feedback_db and the file), as any invalid one is; it went
+        down the watcher's "our bug" path (``config_reload_failed``, a traceback). The running
+        configuration keeps serving and taking feedback."""
+        not_sqlite = tmp_path / "notes.txt"
+        not_sqlite.write_text("not a database, but long enough to have a header of one\n" * 4)
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(embedding_config(tmp_path)), encoding="utf-8")
+        async with Server(load_settings(path, {}), port=0) as server, RouterClient(server.target) as client:
+            watcher = ConfigWatcher(path, 1.0, server.reload)
+            path.write_text(yaml.safe_dump(embedding_config(tmp_path, feedback_db=str(not_sqlite))), encoding="utf-8")
+            with capture_logs() as logs:
+                applied = await watcher.check()
+            decision = await client.route(user_chat("say hello to zulu"))
+            response = await client.feedback(decision.decision_id, thumbs_up=False)
+        events = [(entry["event"], entry.get("error")) for entry in logs if entry["event"].startswith("config_reload")]
+        assert applied is False
+        assert events == [("config_reload_rejected", f"feedback_db {not_sqlite}: file is not a database")]
+        assert response.library_examples == 1
