@@ -24,7 +24,9 @@ their write: one writer thread writes what is queued in one transaction at a tim
 be locked by another process for a while (a second worker, an operator's ``sqlite3`` shell, a
 backup): the writer waits on the busy timeout, routing does not, and a write that still fails is
 logged (``feedback_write_failed``) and dropped, so feedback for those decisions is refused like
-feedback for one never seen. ``record`` first waits for the writes queued before it.
+feedback for one never seen. ``record`` first waits for the writes queued before it; if
+another process then holds the lock past the busy timeout it stores nothing and raises
+``FeedbackStoreBusy`` (the caller sends it again).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from routesvc.errors import ConfigError, InvalidRequest, RouteSvcError
-from routesvc.sqlite import immediate
+from routesvc.errors import ConfigError, FeedbackStoreBusy, InvalidRequest, RouteSvcError
+from routesvc.sqlite import immediate, is_busy
 
 DEFAULT_DECISION_TTL_SECONDS = 7 * 24 * 3600.0
 """How long a decision waits for feedback by default (a week)."""
@@ -214,6 +216,7 @@ class FeedbackStore:
         self._ttl = decision_ttl_seconds
         self._max_pending = max_pending_decisions
         self._clock = clock
+        self._path = path
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         try:
@@ -324,10 +327,23 @@ class FeedbackStore:
                 )
 
     def record(self, decision_id: str, score: float) -> FeedbackEntry:
-        """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example."""
+        """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example.
+
+        ``FeedbackStoreBusy`` when another process held the file's lock past the busy timeout
+        (nothing was stored: the caller may send it again)."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
         self.flush()
+        try:
+            return self._record(decision_id, score)
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            raise FeedbackStoreBusy(
+                f"feedback_db {self._path} stayed locked by another process; retry shortly"
+            ) from exc
+
+    def _record(self, decision_id: str, score: float) -> FeedbackEntry:
         now = self._clock()
         with self._transaction():
             row = self._writer.execute("SELECT model FROM examples WHERE decision_id = ?", (decision_id,)).fetchone()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from routesvc.errors import ConfigError, InvalidRequest
+from routesvc.errors import ConfigError, FeedbackStoreBusy, InvalidRequest
 from routesvc.feedback import FeedbackStore, UnknownDecision
 from tests.conftest import write_locked
 
@@ -91,6 +91,26 @@ class TestOpening:
             FeedbackStore(path, busy_timeout_seconds=0.01)
         assert caught.value.message == f"feedback_db {path}: database is locked"
         FeedbackStore(path).close()
+
+
+class TestRecordingUnderALock:
+    def test_feedback_while_another_process_holds_the_lock_is_busy_and_can_be_sent_again(self, tmp_path: Path) -> None:
+        """``record`` while another process holds the write lock past the busy timeout raises
+        ``FeedbackStoreBusy`` (retry shortly; it was a raw sqlite3.OperationalError, INTERNAL over
+        gRPC); nothing was stored, and the same outcome sent again once the lock is free is."""
+        path = tmp_path / "f.db"
+        store = FeedbackStore(path, busy_timeout_seconds=0.01)
+        store.remember("d", "m", [1.0, 0.0])
+        store.flush()
+        with write_locked(path), pytest.raises(FeedbackStoreBusy) as caught:
+            store.record("d", 0.0)
+        stored_meanwhile = store.entries()
+        entry = store.record("d", 0.0)
+        store.close()
+        assert (caught.value.reason, caught.value.retry_after) == ("FEEDBACK_STORE_BUSY", 1.0)
+        assert str(path) in caught.value.message
+        assert stored_meanwhile == []
+        assert (entry.decision_id, entry.model, entry.score) == ("d", "m", 0.0)
 
 
 class Clock:

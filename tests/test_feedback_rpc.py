@@ -24,6 +24,7 @@ from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat, write_locked
 from tests.routing_data import STRONG, WEAK, records
+from tests.test_limits import retry_delay
 from tests.test_validation import error_info
 
 
@@ -207,6 +208,27 @@ class TestFeedbackStoreUnderContention:
                 routed_in = time.monotonic() - started
         # The failure this guards against held the loop for the whole 5 s busy timeout.
         assert (overslept < 2.5, routed_in < 2.5) == (True, True)
+
+    async def test_feedback_while_another_process_holds_the_lock_is_unavailable_and_retryable(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process holds the feedback file's write lock past SQLite's busy timeout (5 s)
+        when a Feedback call comes: UNAVAILABLE FEEDBACK_STORE_BUSY with a 1 s RetryInfo, naming
+        feedback_db (it was INTERNAL "internal error", logged as our bug), and the same call sent
+        again once the lock is free is recorded."""
+        settings = settings_from(embedding_config(tmp_path))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            assert await asyncio.to_thread(stage.feedback.flush)  # the decision is in the file
+            with write_locked(tmp_path / "feedback.db"):
+                error = await _feedback_error(client, decision.decision_id, thumbs_up=False)
+            response = await client.feedback(decision.decision_id, thumbs_up=False)
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "FEEDBACK_STORE_BUSY")
+        assert retry_delay(error) == 1.0
+        assert "feedback_db" in (error.details() or "")
+        assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
 
     async def test_concurrent_feedback_leaves_the_served_library_complete(self, tmp_path: Path) -> None:
         """Two Feedback calls rebuild the library at once; the one that read the store first is
