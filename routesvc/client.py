@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -26,37 +27,107 @@ class CompleteCall(Protocol):
     def cancel(self) -> bool: ...
 
 
-async def complete_stream(start: Callable[[], CompleteCall]) -> AsyncIterator[pb.CompleteResponse]:
-    """The messages of the Complete call ``start`` opens when the stream is first read.
+class CompleteStream:
+    """The messages of one Complete call: the decision, text deltas, then the completion (or, in
+    batch mode, the decision and the batch job). The call starts when the stream is first read.
 
-    Leaving the ``async for`` early (``break``, an exception, task cancellation) cancels the call.
-    The last message (the completion, or a batch job's id) is followed at once by the status: it is
-    handed over only when the stream has ended, so a caller that stops at it does not cancel a
-    finished call. (A cancel there makes the server's final status fail, and grpcio leaks native
-    memory for every such call: grpc/grpc#43360.) When the call ends in an error after it, it is
-    handed over before the error is raised: a batch job whose id came stands, and a caller that
-    retried without it would queue a second one. Shared by this client and ``routesvc_client``.
+    Leave it with ``async with``, which cancels a call still running when the block ends (a
+    ``break``, an exception, task cancellation), or call ``aclose()``::
+
+        async with client.complete(chat) as stream:
+            async for message in stream:
+                ...
+
+    A stream held by nothing but a bare ``async for`` is cancelled as the loop is left, when it is
+    dropped; one kept in a variable runs on (and the provider with it) until it is closed or
+    dropped. The last message (the completion, or a batch job's id) is followed at once by the
+    status: it is handed over only when the stream has ended, so a caller that stops at it does
+    not cancel a finished call. (A cancel there makes the server's final status fail, and grpcio
+    leaks native memory for every such call: grpc/grpc#43360.) When the call ends in an error
+    after it, it is handed over before the error is raised: a batch job whose id came stands, and
+    a caller that retried without it would queue a second one. Shared by this client and
+    ``routesvc_client``.
     """
-    call = start()
-    last: pb.CompleteResponse | None = None
-    try:
-        async for message in call:
-            if last is not None:
-                yield last
-                last = None
-            if message.WhichOneof("event") in ("completion", "batch"):
-                last = message
-            else:
-                yield message
-    except grpc.aio.AioRpcError:
-        if last is not None:
-            yield last
-        raise
-    else:
-        if last is not None:
-            yield last
-    finally:
-        call.cancel()
+
+    def __init__(self, start: Callable[[], CompleteCall]) -> None:
+        self._start = start
+        self._call: CompleteCall | None = None
+        self._messages: AsyncIterator[pb.CompleteResponse] | None = None
+        self._ready: collections.deque[pb.CompleteResponse] = collections.deque()
+        self._last: pb.CompleteResponse | None = None  # held until the stream ends
+        self._error: grpc.aio.AioRpcError | None = None  # raised once ``_ready`` is handed over
+        self._ended = False
+
+    def __aiter__(self) -> CompleteStream:
+        return self
+
+    async def __anext__(self) -> pb.CompleteResponse:
+        while not self._ready:
+            if self._ended:
+                error, self._error = self._error, None
+                if error is not None:
+                    raise error
+                raise StopAsyncIteration
+            await self._read()
+        return self._ready.popleft()
+
+    async def _read(self) -> None:
+        """Read one message of the call (starting it first), or its end."""
+        if self._messages is None:
+            self._call = self._start()
+            self._messages = aiter(self._call)
+        try:
+            message = await anext(self._messages)
+        except StopAsyncIteration:
+            self._end(None)
+            return
+        except grpc.aio.AioRpcError as error:
+            self._end(error)
+            return
+        except BaseException:
+            # Task cancellation (or a failure of the transport itself): the call must not run on.
+            self._end(None)
+            self._cancel()
+            raise
+        if self._last is not None:
+            self._ready.append(self._last)
+            self._last = None
+        if message.WhichOneof("event") in ("completion", "batch"):
+            self._last = message
+        else:
+            self._ready.append(message)
+
+    def _end(self, error: grpc.aio.AioRpcError | None) -> None:
+        self._ended = True
+        self._error = error
+        if self._last is not None:
+            self._ready.append(self._last)
+            self._last = None
+
+    def _cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()  # a no-op once the call has ended
+
+    async def aclose(self) -> None:
+        """Cancel the call if it is still running; the stream yields nothing more."""
+        self._end(None)
+        self._ready.clear()
+        self._error = None
+        self._cancel()
+
+    async def __aenter__(self) -> CompleteStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # Dropped unclosed (a bare ``async for`` left by ``break``): cancel now rather than when
+        # grpc's call object is collected, which can wait for a garbage collection.
+        if not self._ended:
+            self._cancel()
 
 
 def build_chat(
@@ -181,10 +252,11 @@ class RouterClient:
         *,
         timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[pb.CompleteResponse]:
-        """The Complete stream: the decision, text deltas, then the completion."""
+    ) -> CompleteStream:
+        """The Complete stream: the decision, text deltas, then the completion. ``async with`` it
+        (or ``aclose()`` it) to cancel a call left early: see ``CompleteStream``."""
         request = pb.CompleteRequest(chat=chat, context=context or pb.RoutingContext())
-        return complete_stream(
+        return CompleteStream(
             lambda: self._stub.Complete(request, timeout=timeout, metadata=self._call_metadata(metadata))
         )
 

@@ -19,6 +19,7 @@ name fields and models, never prompt text or credentials.
     │   └── Overloaded                  the process is at its concurrency cap    RESOURCE_EXHAUSTED
     ├── ProviderNotConfigured           the provider has no credentials          FAILED_PRECONDITION
     ├── FeedbackNotEnabled              no embedding stage keeps feedback        FAILED_PRECONDITION
+    ├── FeedbackStoreBusy               feedback_db locked past the busy timeout UNAVAILABLE
     ├── ShuttingDown                    the server is stopping                   UNAVAILABLE
     ├── SharedStateUnavailable          the shared limits store (Redis) failed   UNAVAILABLE
     ├── BatchStoreUnavailable           batch.store_path cannot be opened/written FAILED_PRECONDITION
@@ -141,6 +142,15 @@ class FeedbackNotEnabled(RouteSvcError):
     """Feedback arrived but no routing stage keeps it (no embedding stage with a feedback_db)."""
 
     reason = "FEEDBACK_NOT_ENABLED"
+
+
+class FeedbackStoreBusy(RouteSvcError):
+    """The feedback store (an embedding stage's ``feedback_db``) stayed locked by another process
+    (another worker, an operator's ``sqlite3`` shell, a backup) past SQLite's busy timeout, so the
+    outcome was not stored: a passing condition; retry shortly."""
+
+    reason = "FEEDBACK_STORE_BUSY"
+    retry_after = 1.0
 
 
 class ProviderNotConfigured(RouteSvcError):

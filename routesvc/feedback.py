@@ -24,7 +24,9 @@ their write: one writer thread writes what is queued in one transaction at a tim
 be locked by another process for a while (a second worker, an operator's ``sqlite3`` shell, a
 backup): the writer waits on the busy timeout, routing does not, and a write that still fails is
 logged (``feedback_write_failed``) and dropped, so feedback for those decisions is refused like
-feedback for one never seen. ``record`` first waits for the writes queued before it.
+feedback for one never seen. ``record`` first waits for the writes queued before it; if
+another process then holds the lock past the busy timeout it stores nothing and raises
+``FeedbackStoreBusy`` (the caller sends it again).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from routesvc.errors import ConfigError, InvalidRequest, RouteSvcError
-from routesvc.sqlite import immediate
+from routesvc.errors import ConfigError, FeedbackStoreBusy, InvalidRequest, RouteSvcError
+from routesvc.sqlite import immediate, is_busy
 
 DEFAULT_DECISION_TTL_SECONDS = 7 * 24 * 3600.0
 """How long a decision waits for feedback by default (a week)."""
@@ -60,6 +62,9 @@ _WRITE_BATCH = 512
 _MAX_QUEUED = 100_000
 # How long ``record`` waits for the writes queued before it (the writer may be waiting on a lock).
 _FLUSH_TIMEOUT_SECONDS = 30.0
+
+DEFAULT_BUSY_TIMEOUT_SECONDS = 5.0
+"""How long a statement waits for another process's lock on the file (SQLite's busy timeout)."""
 
 log = structlog.get_logger("routesvc.feedback")
 
@@ -153,11 +158,46 @@ _MOVE_RATED_DECISIONS = (
 )
 
 
+def _open(path: Path | str, busy_timeout_seconds: float) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+    """The writer and reader connections to ``path``, the schema made current (closed again
+    if that fails)."""
+    opened: list[sqlite3.Connection] = []
+    try:
+        writer = sqlite3.connect(str(path), timeout=busy_timeout_seconds, check_same_thread=False, isolation_level=None)
+        opened.append(writer)
+        writer.execute("PRAGMA journal_mode=WAL")
+        # WAL with NORMAL syncs at checkpoints, not at every commit: a power cut may lose the
+        # last decisions, never corrupt the file; ``remember`` runs on the event loop.
+        writer.execute("PRAGMA synchronous=NORMAL")
+        writer.executescript(_SCHEMA)
+        with immediate(writer):
+            version = writer.execute("PRAGMA user_version").fetchone()[0]
+            if version < _SCHEMA_VERSION:
+                for table in ("decisions", "examples"):
+                    columns = {row[1] for row in writer.execute(f"PRAGMA table_info({table})")}
+                    if "encoder" not in columns:
+                        writer.execute(f"ALTER TABLE {table} ADD COLUMN encoder TEXT NOT NULL DEFAULT ''")
+                if version < 1:
+                    for statement in _MOVE_RATED_DECISIONS:
+                        writer.execute(statement)
+                writer.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        reader = sqlite3.connect(str(path), timeout=busy_timeout_seconds, check_same_thread=False, isolation_level=None)
+        opened.append(reader)
+        reader.execute("PRAGMA query_only = ON")
+    except BaseException:
+        for connection in opened:
+            connection.close()
+        raise
+    return writer, reader
+
+
 class FeedbackStore:
     """SQLite-backed decisions and outcomes; safe to share between threads. Close with ``close()``.
 
-    ``path`` is a file (the reads and the writes are two connections to it). ``clock`` gives the
-    time in seconds since the epoch; tests pass their own.
+    ``path`` is a file (the reads and the writes are two connections to it); one that cannot be
+    opened (not a database, in a folder that is not there, locked by another process past
+    ``busy_timeout_seconds``) is a ``ConfigError`` naming it. ``clock`` gives the time in seconds
+    since the epoch; tests pass their own.
     """
 
     def __init__(
@@ -166,6 +206,7 @@ class FeedbackStore:
         *,
         decision_ttl_seconds: float = DEFAULT_DECISION_TTL_SECONDS,
         max_pending_decisions: int = DEFAULT_MAX_PENDING_DECISIONS,
+        busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if decision_ttl_seconds <= 0:
@@ -175,27 +216,15 @@ class FeedbackStore:
         self._ttl = decision_ttl_seconds
         self._max_pending = max_pending_decisions
         self._clock = clock
+        self._path = path
         self._write_lock = threading.Lock()
-        self._writer = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._writer.execute("PRAGMA journal_mode=WAL")
-        # WAL with NORMAL syncs at checkpoints, not at every commit: a power cut may lose the
-        # last decisions, never corrupt the file; ``remember`` runs on the event loop.
-        self._writer.execute("PRAGMA synchronous=NORMAL")
-        self._writer.executescript(_SCHEMA)
-        with self._transaction():
-            version = self._writer.execute("PRAGMA user_version").fetchone()[0]
-            if version < _SCHEMA_VERSION:
-                for table in ("decisions", "examples"):
-                    columns = {row[1] for row in self._writer.execute(f"PRAGMA table_info({table})")}
-                    if "encoder" not in columns:
-                        self._writer.execute(f"ALTER TABLE {table} ADD COLUMN encoder TEXT NOT NULL DEFAULT ''")
-                if version < 1:
-                    for statement in _MOVE_RATED_DECISIONS:
-                        self._writer.execute(statement)
-                self._writer.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         self._read_lock = threading.Lock()
-        self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._reader.execute("PRAGMA query_only = ON")
+        try:
+            self._writer, self._reader = _open(path, busy_timeout_seconds)
+        except sqlite3.Error as exc:
+            # Not a database, a folder that is not there, a file locked past the busy timeout: a
+            # configuration the operator must fix (``serve`` exits 2; a reload is rejected).
+            raise ConfigError(f"feedback_db {path}: {exc}") from exc
         # Writes waiting for the writer thread, a flush's Event, or None to stop.
         self._queue: queue.SimpleQueue[_Write | threading.Event | None] = queue.SimpleQueue()
         self._dropped = 0
@@ -298,10 +327,23 @@ class FeedbackStore:
                 )
 
     def record(self, decision_id: str, score: float) -> FeedbackEntry:
-        """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example."""
+        """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example.
+
+        ``FeedbackStoreBusy`` when another process held the file's lock past the busy timeout
+        (nothing was stored: the caller may send it again)."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
         self.flush()
+        try:
+            return self._record(decision_id, score)
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            raise FeedbackStoreBusy(
+                f"feedback_db {self._path} stayed locked by another process; retry shortly"
+            ) from exc
+
+    def _record(self, decision_id: str, score: float) -> FeedbackEntry:
         now = self._clock()
         with self._transaction():
             row = self._writer.execute("SELECT model FROM examples WHERE decision_id = ?", (decision_id,)).fetchone()

@@ -1,4 +1,5 @@
-"""What the SQLite stores (batch jobs, feedback) share: one write transaction taken at its start."""
+"""What the SQLite stores (batch jobs, feedback) share: one write transaction taken at its start,
+and telling a lock held too long by another process from other failures."""
 
 from __future__ import annotations
 
@@ -18,3 +19,9 @@ def immediate(connection: sqlite3.Connection) -> Iterator[None]:
         connection.execute("ROLLBACK")
         raise
     connection.execute("COMMIT")
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` is SQLITE_BUSY: another connection held the lock past the busy timeout (a
+    passing condition, unlike a full disk or a file that is not a database)."""
+    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY

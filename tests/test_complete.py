@@ -432,7 +432,7 @@ class TestDeadlinesAndCancellation:
                 break
             if seen >= after:
                 break
-        await call.aclose()  # type: ignore[attr-defined]
+        await call.aclose()
         cancelled_at = time.monotonic()
         recorded = fake.requests[-1]
         await recorded.wait_ended(timeout=2.0)
@@ -440,6 +440,23 @@ class TestDeadlinesAndCancellation:
         assert recorded.aborted_at is not None
         assert recorded.aborted_at - cancelled_at < 1.0
         assert recorded.chunks_sent < 1000
+
+    async def test_leaving_an_async_with_stream_cancels_the_call_it_still_holds(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """``async with client.complete(...) as stream``, left by a ``break`` while ``stream`` still
+        holds it: the call is cancelled as the block ends and the provider's request is aborted (a
+        stream in a variable ran on, with the provider, until it was collected)."""
+        fake.enqueue(Script(chunk_count=1000, chunk_delay=0.02))
+        async with live_client.complete(user_chat("hi")) as stream:
+            async for message in stream:
+                if message.HasField("delta"):
+                    break
+        recorded = fake.requests[-1]
+        await recorded.wait_ended(timeout=10.0)  # the whole answer takes 20 s
+        assert (recorded.aborted, recorded.completed) == (True, False)
+        assert recorded.chunks_sent < 1000
+        assert [message async for message in stream] == []
 
     async def test_the_server_keeps_serving_after_cancels(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """Cancelled calls leave nothing behind that breaks the next call."""

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from routesvc.errors import InvalidRequest
+from routesvc.errors import ConfigError, FeedbackStoreBusy, InvalidRequest
 from routesvc.feedback import FeedbackStore, UnknownDecision
 from tests.conftest import write_locked
 
@@ -61,6 +61,56 @@ class TestFeedbackStore:
         store = FeedbackStore(tmp_path / "f.db")
         store.remember("d", "m", [1.0, 0.0])
         assert store.examples() == []
+
+
+class TestOpening:
+    def test_a_file_that_is_not_sqlite_is_a_config_error_naming_it(self, tmp_path: Path) -> None:
+        """A feedback_db that is some other file: a ``ConfigError`` naming the path (it was
+        sqlite3.DatabaseError, a traceback and exit 1 from ``routesvc serve``)."""
+        path = tmp_path / "notes.jsonl"
+        path.write_text('{"id": "q1", "prompt": "not a database, but long enough to have a header"}\n' * 4)
+        with pytest.raises(ConfigError) as caught:
+            FeedbackStore(path)
+        assert caught.value.message == f"feedback_db {path}: file is not a database"
+
+    def test_a_folder_that_is_not_there_is_a_config_error_naming_it(self, tmp_path: Path) -> None:
+        """A feedback_db in a folder that does not exist: a ``ConfigError`` naming the path (it was
+        sqlite3.OperationalError "unable to open database file")."""
+        path = tmp_path / "no" / "such" / "feedback.db"
+        with pytest.raises(ConfigError) as caught:
+            FeedbackStore(path)
+        assert caught.value.message == f"feedback_db {path}: unable to open database file"
+
+    def test_a_file_locked_past_the_busy_timeout_is_a_config_error(self, tmp_path: Path) -> None:
+        """Opening while another process holds the file's write lock past the busy timeout: a
+        ``ConfigError`` naming the path (a reload is then rejected and tried again at the next
+        poll, not taken for our bug), and the file is left for the other process."""
+        path = tmp_path / "f.db"
+        FeedbackStore(path).close()
+        with write_locked(path), pytest.raises(ConfigError) as caught:
+            FeedbackStore(path, busy_timeout_seconds=0.01)
+        assert caught.value.message == f"feedback_db {path}: database is locked"
+        FeedbackStore(path).close()
+
+
+class TestRecordingUnderALock:
+    def test_feedback_while_another_process_holds_the_lock_is_busy_and_can_be_sent_again(self, tmp_path: Path) -> None:
+        """``record`` while another process holds the write lock past the busy timeout raises
+        ``FeedbackStoreBusy`` (retry shortly; it was a raw sqlite3.OperationalError, INTERNAL over
+        gRPC); nothing was stored, and the same outcome sent again once the lock is free is."""
+        path = tmp_path / "f.db"
+        store = FeedbackStore(path, busy_timeout_seconds=0.01)
+        store.remember("d", "m", [1.0, 0.0])
+        store.flush()
+        with write_locked(path), pytest.raises(FeedbackStoreBusy) as caught:
+            store.record("d", 0.0)
+        stored_meanwhile = store.entries()
+        entry = store.record("d", 0.0)
+        store.close()
+        assert (caught.value.reason, caught.value.retry_after) == ("FEEDBACK_STORE_BUSY", 1.0)
+        assert str(path) in caught.value.message
+        assert stored_meanwhile == []
+        assert (entry.decision_id, entry.model, entry.score) == ("d", "m", 0.0)
 
 
 class Clock:

@@ -10,16 +10,21 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
+from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient
+from routesvc.config import load_settings
 from routesvc.encoders import HashingEncoder
 from routesvc.feedback import FeedbackExample
 from routesvc.fitting import FitSettings, fit_router
+from routesvc.reload import ConfigWatcher
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat, write_locked
 from tests.routing_data import STRONG, WEAK, records
+from tests.test_limits import retry_delay
 from tests.test_validation import error_info
 
 
@@ -204,6 +209,27 @@ class TestFeedbackStoreUnderContention:
         # The failure this guards against held the loop for the whole 5 s busy timeout.
         assert (overslept < 2.5, routed_in < 2.5) == (True, True)
 
+    async def test_feedback_while_another_process_holds_the_lock_is_unavailable_and_retryable(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process holds the feedback file's write lock past SQLite's busy timeout (5 s)
+        when a Feedback call comes: UNAVAILABLE FEEDBACK_STORE_BUSY with a 1 s RetryInfo, naming
+        feedback_db (it was INTERNAL "internal error", logged as our bug), and the same call sent
+        again once the lock is free is recorded."""
+        settings = settings_from(embedding_config(tmp_path))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            assert await asyncio.to_thread(stage.feedback.flush)  # the decision is in the file
+            with write_locked(tmp_path / "feedback.db"):
+                error = await _feedback_error(client, decision.decision_id, thumbs_up=False)
+            response = await client.feedback(decision.decision_id, thumbs_up=False)
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "FEEDBACK_STORE_BUSY")
+        assert retry_delay(error) == 1.0
+        assert "feedback_db" in (error.details() or "")
+        assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
+
     async def test_concurrent_feedback_leaves_the_served_library_complete(self, tmp_path: Path) -> None:
         """Two Feedback calls rebuild the library at once; the one that read the store first is
         made slow, so without ordering it would swap in its older library last."""
@@ -233,3 +259,28 @@ class TestFeedbackStoreUnderContention:
             moved = [stage.score(prompt)[1] for prompt in ("say hello to zulu", "say goodbye to zulu")]
         assert second.library_examples == 2
         assert all(count >= 1 for count in moved)
+
+
+class TestAFeedbackDbThatCannotBeOpened:
+    async def test_a_reload_to_a_file_that_is_not_sqlite_is_rejected_and_the_old_config_serves(
+        self, tmp_path: Path
+    ) -> None:
+        """A reloaded config whose feedback_db is not an SQLite file is a rejected configuration
+        (``config_reload_rejected`` naming feedback_db and the file), as any invalid one is; it went
+        down the watcher's "our bug" path (``config_reload_failed``, a traceback). The running
+        configuration keeps serving and taking feedback."""
+        not_sqlite = tmp_path / "notes.txt"
+        not_sqlite.write_text("not a database, but long enough to have a header of one\n" * 4)
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(embedding_config(tmp_path)), encoding="utf-8")
+        async with Server(load_settings(path, {}), port=0) as server, RouterClient(server.target) as client:
+            watcher = ConfigWatcher(path, 1.0, server.reload)
+            path.write_text(yaml.safe_dump(embedding_config(tmp_path, feedback_db=str(not_sqlite))), encoding="utf-8")
+            with capture_logs() as logs:
+                applied = await watcher.check()
+            decision = await client.route(user_chat("say hello to zulu"))
+            response = await client.feedback(decision.decision_id, thumbs_up=False)
+        events = [(entry["event"], entry.get("error")) for entry in logs if entry["event"].startswith("config_reload")]
+        assert applied is False
+        assert events == [("config_reload_rejected", f"feedback_db {not_sqlite}: file is not a database")]
+        assert response.library_examples == 1

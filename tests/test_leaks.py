@@ -137,7 +137,7 @@ async def _cancel_mid_stream(client: RouterClient, served: Served) -> None:
     async for message in stream:
         if message.WhichOneof("event") == "delta":
             break
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
 
 
 class TestCanaries:

@@ -102,7 +102,7 @@ class TestSlowConsumer:
         fast_seconds = time.monotonic() - started
         slow_record = next(r for r in fake.requests if r.model == "gpt-4o")
         pushed = slow_record.chunks_sent
-        await slow.aclose()  # type: ignore[attr-defined]
+        await slow.aclose()
         assert fast[-1].WhichOneof("event") == "completion"
         assert fast_seconds < 2.0
         assert pushed < 1_000, f"the provider pushed {pushed} of 2000 chunks for a reader that took {read}"
@@ -139,7 +139,7 @@ class TestResourcesReturnToBaseline:
             except grpc.aio.AioRpcError:
                 pass
             finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+                await stream.aclose()
         for _ in range(50):
             if len(asyncio.all_tasks()) <= tasks and _fds() <= fds + 4:
                 break

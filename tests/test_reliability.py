@@ -548,7 +548,7 @@ class TestLedger:
             seen += message.WhichOneof("event") == "delta"
             if seen == 10:
                 break
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         await fake.requests[0].wait_ended(timeout=5.0)
         await until(lambda: bool(server.router.ledger.entries()))
         (entry,) = server.router.ledger.entries()

@@ -223,7 +223,7 @@ class TestCancellation:
             deltas += message.WhichOneof("event") == "delta"
             if deltas == 3:
                 break
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         # The spans end off the caller's task: wait for both, with a cap a loaded machine cannot
         # reach (it was 2 s, for the server span only).
         async with asyncio.timeout(10):
@@ -367,7 +367,7 @@ class TestAttemptsAsTheLedgerHasThem:
                     break
             while not fake.requests:  # noqa: ASYNC110 - the fake has no event for a request's arrival
                 await asyncio.sleep(0.01)
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
             while not observed.named(COMPLETE):  # noqa: ASYNC110 - the span ends when the handler does
                 await asyncio.sleep(0.02)
             ledger = observed.server.router.ledger.entries()

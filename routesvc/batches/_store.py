@@ -49,7 +49,7 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
-from routesvc.sqlite import immediate
+from routesvc.sqlite import immediate, is_busy
 
 _T = TypeVar("_T")
 
@@ -315,7 +315,7 @@ def store_failure(path: Path, exc: sqlite3.Error | OSError, doing: str) -> Batch
     "cannot be opened"): ``BatchStoreBusy`` (retry shortly) when another writer held its lock past
     the busy timeout (SQLITE_BUSY), else ``BatchStoreUnavailable`` (a full disk, a read-only file,
     not a database: something to fix)."""
-    if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+    if isinstance(exc, sqlite3.Error) and is_busy(exc):
         return BatchStoreBusy(f"batch.store_path {path} stayed locked by another writer; retry shortly")
     return BatchStoreUnavailable(
         f"batch.store_path {path} {doing} ({type(exc).__name__}: {exc}); batch mode is unavailable"

@@ -22,16 +22,18 @@ async def main(target: str, prompt: str) -> int:
         try:
             decision = await client.route(pb.RouteRequest(chat=user_prompt(prompt)), timeout=30)
             print(f"route: {decision.model} ({decision.rule}), estimated {decision.estimated_cost_usd} USD")
-            async for message in client.complete(pb.CompleteRequest(chat=user_prompt(prompt)), timeout=30):
-                kind = message.WhichOneof("event")
-                if kind == "decision":
-                    print(f"[{message.decision.model}]")
-                elif kind == "delta":
-                    print(message.delta.text, end="", flush=True)
-                else:
-                    completion = message.completion
-                    tokens = f"{completion.usage.input_tokens} in / {completion.usage.output_tokens} out tokens"
-                    print(f"\n[{tokens}, {completion.cost_usd} USD]")
+            # Leaving the block early (an exception, Ctrl-C) cancels the call.
+            async with client.complete(pb.CompleteRequest(chat=user_prompt(prompt)), timeout=30) as stream:
+                async for message in stream:
+                    kind = message.WhichOneof("event")
+                    if kind == "decision":
+                        print(f"[{message.decision.model}]")
+                    elif kind == "delta":
+                        print(message.delta.text, end="", flush=True)
+                    else:
+                        completion = message.completion
+                        tokens = f"{completion.usage.input_tokens} in / {completion.usage.output_tokens} out tokens"
+                        print(f"\n[{tokens}, {completion.cost_usd} USD]")
         except grpc.aio.AioRpcError as error:
             info = error_info(error)
             print(f"{error.code().name}: {error.details()} (reason {info.reason if info else 'none'})", file=sys.stderr)

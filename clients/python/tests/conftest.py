@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import urllib.request
@@ -18,6 +19,7 @@ PINNED_MODEL = "claude-sonnet"
 model name is consumed only by them, never by the unscripted tests (routed to the default gpt-4o-mini)."""
 
 Script = Callable[..., Awaitable[None]]
+Upstream = Callable[[], Awaitable[dict[str, Any]]]
 
 
 @pytest.fixture
@@ -52,3 +54,30 @@ def script(client: RouterClient) -> Script:
         post("/_fake/script", {"script": fields, "model": provider_model, "mode": "enqueue"})
 
     return enqueue
+
+
+@pytest.fixture
+def upstream() -> Upstream:
+    """The fake provider's record of the last request it received, once that request has ended
+    (completed, cut or aborted by routesvc): ``aborted`` says whether routesvc closed it early."""
+    fake_url = os.environ.get("ROUTESVC_FAKE_URL")
+    if not fake_url:
+        pytest.skip("ROUTESVC_FAKE_URL not set: cannot see the upstream request")
+
+    def requests() -> list[dict[str, Any]]:
+        # S310: the URL is the loopback fake named by the test environment, always http.
+        with urllib.request.urlopen(f"{fake_url}/_fake/requests", timeout=10) as response:  # noqa: S310
+            recorded: list[dict[str, Any]] = json.load(response)["requests"]
+        return recorded
+
+    async def last_ended() -> dict[str, Any]:
+        # The fake is another process with no event to wait on: a bounded poll, well past the
+        # scripted answer's length, so an uncancelled request ends completed rather than timing out.
+        async with asyncio.timeout(20):
+            while True:
+                recorded = await asyncio.to_thread(requests)
+                if recorded and recorded[-1]["ended"]:
+                    return recorded[-1]
+                await asyncio.sleep(0.05)
+
+    return last_ended

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from conftest import PINNED_MODEL, Script
+from conftest import PINNED_MODEL, Script, Upstream
 from routesvc.v1 import router_pb2 as pb
 from routesvc_client import RouterClient, error_info, user_prompt
 
@@ -62,15 +62,53 @@ class TestRouterClient:
         assert call.cancel()
         assert await call.code() == grpc.StatusCode.CANCELLED
 
-    async def test_leaving_the_stream_early_cancels_it(self, client: RouterClient, script: Script) -> None:
-        """Breaking out of ``complete()`` cancels the call instead of reading it to the end."""
+    async def test_leaving_an_async_with_stream_early_cancels_it_upstream(
+        self, client: RouterClient, script: Script, upstream: Upstream
+    ) -> None:
+        """Breaking out of ``async with client.complete(...) as stream`` cancels the call when the
+        block is left, so routesvc aborts the provider's request (a 5 s answer) instead of letting
+        it stream on while the caller still holds the stream."""
+        await script(chunk_count=100, chunk_delay=0.05)
+        seen = []
+        async with client.complete(pinned("Count slowly"), timeout=20) as stream:
+            async for message in stream:
+                seen.append(message.WhichOneof("event"))
+                if message.HasField("delta"):
+                    break
+        recorded = await upstream()
+        assert seen == ["decision", "delta"]
+        assert (recorded["aborted"], recorded["completed"]) == (True, False)
+        assert recorded["chunks_sent"] < 100
+
+    async def test_aclose_cancels_a_stream_held_in_a_variable(
+        self, client: RouterClient, script: Script, upstream: Upstream
+    ) -> None:
+        """A stream kept in a variable and left by ``break`` is cancelled by ``aclose()``: the
+        provider's request is aborted while the variable still holds the stream."""
+        await script(chunk_count=100, chunk_delay=0.05)
+        stream = client.complete(pinned("Count slowly"), timeout=20)
+        async for message in stream:
+            if message.HasField("delta"):
+                break
+        await stream.aclose()
+        recorded = await upstream()
+        assert [message async for message in stream] == []
+        assert (recorded["aborted"], recorded["chunks_sent"] < 100) == (True, True)
+
+    async def test_leaving_a_bare_loop_early_cancels_it_upstream(
+        self, client: RouterClient, script: Script, upstream: Upstream
+    ) -> None:
+        """Breaking out of ``async for message in client.complete(...)``, the stream held by
+        nothing else, cancels the call as the loop is left: the provider's request is aborted."""
         await script(chunk_count=100, chunk_delay=0.05)
         seen = []
         async for message in client.complete(pinned("Count slowly"), timeout=20):
             seen.append(message.WhichOneof("event"))
             if message.HasField("delta"):
                 break
+        recorded = await upstream()
         assert seen == ["decision", "delta"]
+        assert (recorded["aborted"], recorded["chunks_sent"] < 100) == (True, True)
 
     async def test_invalid_argument_carries_error_info_reason(self, client: RouterClient) -> None:
         """Empty messages are INVALID_ARGUMENT with ErrorInfo reason INVALID_REQUEST in domain routesvc."""

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from routesvc.client import complete_stream
+from routesvc.client import CompleteStream
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -55,15 +55,18 @@ class RouterClient:
 
     def complete(
         self, request: pb.CompleteRequest, *, timeout: float | None = None, metadata: Metadata | None = None
-    ) -> AsyncIterator[pb.CompleteResponse]:
+    ) -> CompleteStream:
         """The Complete stream: the decision, text deltas, then the completion (or, in batch mode,
-        the decision and the batch job).
+        the decision and the batch job). The call starts when the stream is first read.
 
-        Leaving the ``async for`` early (``break``, an exception, task cancellation) cancels the call;
-        the last message (the completion or the batch job) is handed over once the stream has ended
-        (``routesvc.client.complete_stream``).
+        Read it inside ``async with client.complete(...) as stream:``: leaving the block early
+        (``break``, an exception, task cancellation) cancels the call, and routesvc the provider's
+        request; ``aclose()`` does the same. A bare ``async for`` over ``complete(...)`` is
+        cancelled as the loop is left; a stream kept in a variable runs on until it is closed or
+        dropped. The last message (the completion or the batch job) is handed over once the stream
+        has ended (``routesvc.client.CompleteStream``).
         """
-        return complete_stream(lambda: self.stub.Complete(request, timeout=timeout, metadata=self.metadata(metadata)))
+        return CompleteStream(lambda: self.stub.Complete(request, timeout=timeout, metadata=self.metadata(metadata)))
 
     async def list_models(
         self, *, timeout: float | None = None, metadata: Metadata | None = None
