@@ -36,8 +36,27 @@ class Policy:
         base_dir: Path | None = None,
     ) -> Policy:
         """The policy described by ``config``; relative paths in stages are read from ``base_dir``
-        (the config file's folder)."""
+        (the config file's folder). A stage that fails to build closes the feedback stores the
+        stages before it opened (a reload retries a rejected version at every poll)."""
         stages: list[Strategy] = []
+        try:
+            cls._build_stages(config, stages, catalog=catalog, providers=providers, base_dir=base_dir)
+        except BaseException:
+            cls(stages).close()
+            raise
+        stages.append(DefaultStrategy(config.default_model))
+        return cls(stages)
+
+    @staticmethod
+    def _build_stages(
+        config: RoutingConfig,
+        stages: list[Strategy],
+        *,
+        catalog: Catalog | None,
+        providers: Mapping[str, Provider] | None,
+        base_dir: Path | None,
+    ) -> None:
+        """Append each configured stage to ``stages`` as it is built."""
         for stage in config.stages:
             if isinstance(stage, RulesStageConfig):
                 stages.append(RulesStrategy.from_config(stage))
@@ -59,8 +78,6 @@ class Policy:
                     }
                 )
                 stages.append(embedding.build(resolved_embedding, catalog=catalog))
-        stages.append(DefaultStrategy(config.default_model))
-        return cls(stages)
 
     @property
     def learning_stages(self) -> tuple[EmbeddingStage, ...]:

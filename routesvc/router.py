@@ -115,17 +115,23 @@ class Router:
             providers=self._providers,
             base_dir=None if settings.source.startswith("<") else Path(settings.source).parent,
         )
-        self._new_decision_id = new_decision_id
-        self._reliability = settings.config.reliability
-        self._ledger = ledger or Ledger(self._reliability.ledger_entries)
-        self._admission = admission or build_admission(settings)
-        self._breakers = breakers or Breakers(self._reliability.breaker)
-        self._retry_budget = retry_budget or RetryBudget(
-            self._reliability.retry_budget_tokens, self._reliability.retry_budget_ratio
-        )
-        self._providers_by_model = {m.id for m in self._catalog if m.provider in self._providers}
-        self._escalation = EscalationPolicy(settings, self._providers)
-        self._batches = batches
+        try:
+            self._new_decision_id = new_decision_id
+            self._reliability = settings.config.reliability
+            self._ledger = ledger or Ledger(self._reliability.ledger_entries)
+            self._admission = admission or build_admission(settings)
+            self._breakers = breakers or Breakers(self._reliability.breaker)
+            self._retry_budget = retry_budget or RetryBudget(
+                self._reliability.retry_budget_tokens, self._reliability.retry_budget_ratio
+            )
+            self._providers_by_model = {m.id for m in self._catalog if m.provider in self._providers}
+            self._escalation = EscalationPolicy(settings, self._providers)
+            self._batches = batches
+        except BaseException:
+            if policy is None:
+                # Built here, so closed here: no router will (its feedback stores' threads).
+                self._policy.close()
+            raise
 
     @property
     def settings(self) -> Settings:

@@ -317,6 +317,25 @@ class TestARejectedReloadClosesWhatItBuilt:
             async with RouterClient(server.target, api_key="acme-key") as client:
                 assert (await client.route(user_chat("hello"))).model
 
+    async def test_a_policy_that_fails_after_an_embedding_stage_closes_its_feedback_store(self, tmp_path: Path) -> None:
+        """A new version whose embedding stage opens its feedback store and whose next stage then
+        fails (examples not there) is rejected at every poll: each try closes the store it opened
+        (one writer thread and two SQLite connections were left per poll)."""
+        config = embedding_config(tmp_path)
+        config["server"] = {"reload_interval_seconds": 0}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        async with Server(settings_from(config), port=0) as server:
+            watcher = ConfigWatcher(path, 1.0, server.reload)
+            broken = copy.deepcopy(config)
+            broken["routing"]["stages"].append(  # type: ignore[index]
+                {"kind": "classifier", "examples": str(tmp_path / "missing.jsonl")}
+            )
+            path.write_text(yaml.safe_dump(broken), encoding="utf-8")
+            writers = feedback_writers()
+            assert [await watcher.check() for _ in range(3)] == [False] * 3
+            assert feedback_writers() == writers
+
 
 def watched_config(tmp_path: Path, config: dict[str, object]) -> Path:
     """``config`` written to a file, with the server's own watcher off (the test drives one)."""
