@@ -153,7 +153,7 @@ async def _one(
         if code == "UNAVAILABLE" and cancel_after is None:
             tally.unavailable_deltas[tag] = len(texts)
     finally:
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
 
 
 async def _load(to_server: Any, from_server: Any, args: argparse.Namespace) -> None:

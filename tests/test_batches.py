@@ -1454,7 +1454,8 @@ class TestBatchSubmitWithASpentQuota:
         queued_too_long (it stayed QUEUED for ever), uncharged, and the estimate its tenant's
         budget counted is given back."""
         config = budget_config(tmp_path)
-        config["batch"]["max_queued_seconds"] = 0.5  # type: ignore[index]
+        # Long enough that the budget is read before the job can expire, on a loaded machine too.
+        config["batch"]["max_queued_seconds"] = 2.0  # type: ignore[index]
         quota = {"error": {"type": "insufficient_quota", "code": "insufficient_quota", "message": "quota"}}
         fake.batch_create_error = (429, quota)
         async with (
