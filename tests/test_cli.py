@@ -570,6 +570,17 @@ def _eval_args(router: Path, data: Path, strong: str = STRONG, weak: str = WEAK)
     return ["eval", "--router", str(router), "--data", str(data), "--strong", strong, "--weak", weak, "--json"]
 
 
+def _offline_argv(command: str, data: Path, fitted: Path, tmp_path: Path, out: Path) -> list[str]:
+    """The arguments of offline ``command`` on ``data`` (fit writes ``tmp_path/router``; score and
+    classify write ``out``)."""
+    return {
+        "fit": _fit_args(data, tmp_path / "router"),
+        "score": ["score", "--router", str(fitted), "--data", str(data), "--out", str(out)],
+        "eval": _eval_args(fitted, data),
+        "classify": ["classify", "--data", str(data), "--out", str(out)],
+    }[command]
+
+
 class TestOfflineDataErrors:
     """Outcome data that breaks the format is one line naming file:line, exit 2, and nothing written."""
 
@@ -617,14 +628,8 @@ class TestOfflineDataErrors:
         good = json.dumps(_row("a", EASY_PROMPT, 1, 1)) + "\n" + json.dumps(_row("b", HARD_PROMPT, 1, 0)) + "\n"
         data.write_bytes(good.encode() + json.dumps(_row("c", "café", 1, 0), ensure_ascii=False).encode("latin-1"))
         out = tmp_path / "out.jsonl"
-        argv = {
-            "fit": _fit_args(data, tmp_path / "router"),
-            "score": ["score", "--router", str(fitted), "--data", str(data), "--out", str(out)],
-            "eval": _eval_args(fitted, data),
-            "classify": ["classify", "--data", str(data), "--out", str(out)],
-        }[command]
         capsys.readouterr()
-        assert cli.main(argv) == 2
+        assert cli.main(_offline_argv(command, data, fitted, tmp_path, out)) == 2
         assert capsys.readouterr().err.splitlines()[-1] == f"error: {data}:3: not UTF-8"
         assert not out.exists()
 
@@ -646,14 +651,8 @@ class TestOfflineDataErrors:
         good = json.dumps(_row("a", EASY_PROMPT, 1, 1)) + "\n" + json.dumps(_row("b", HARD_PROMPT, 1, 0)) + "\n"
         data.write_text(good + line + "\n", encoding="utf-8")
         out = tmp_path / "out.jsonl"
-        argv = {
-            "fit": _fit_args(data, tmp_path / "router"),
-            "score": ["score", "--router", str(fitted), "--data", str(data), "--out", str(out)],
-            "eval": _eval_args(fitted, data),
-            "classify": ["classify", "--data", str(data), "--out", str(out)],
-        }[command]
         capsys.readouterr()
-        assert cli.main(argv) == 2
+        assert cli.main(_offline_argv(command, data, fitted, tmp_path, out)) == 2
         assert capsys.readouterr().err.splitlines()[-1] == f"error: {data}:3: {problem}"
         assert not out.exists()
         assert not (tmp_path / "router").exists()
