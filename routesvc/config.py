@@ -451,6 +451,12 @@ class BatchConfig(_Strict):
         description="How long a job may wait, queued, to be sent (a spent quota, a provider down): then it ends "
         "EXPIRED queued_too_long, uncharged. The provider's own 24 h window starts once it is sent.",
     )
+    retention_seconds: float = Field(
+        604800.0,
+        gt=0,
+        description="How long an ended job (its answer) is kept for GetBatch: then it is deleted from the store, "
+        "and GetBatch answers NOT_FOUND.",
+    )
 
 
 class SharedStateConfig(_Strict):

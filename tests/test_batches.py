@@ -969,6 +969,34 @@ class TestBatchBudgets:
         assert spent == 0
 
 
+class TestRetention:
+    async def test_an_ended_job_is_deleted_after_retention_seconds(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """A job that ended is kept for batch.retention_seconds, then deleted from the store
+        (GetBatch NOT_FOUND): the store kept every answer for ever, and its volume filled."""
+        config = batch_config(tmp_path)
+        # Long enough that the ended job is read before it goes, on a loaded machine too.
+        config["batch"]["retention_seconds"] = 3.0  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                async with asyncio.timeout(15):
+                    while True:
+                        try:
+                            await get_batch(client, job.batch_id)
+                        except grpc.aio.AioRpcError as error:
+                            gone = error
+                            break
+                        await asyncio.sleep(0.1)
+            assert server.router.ledger.entries()  # charged once before it went
+        assert done.job.state == pb.BATCH_STATE_SUCCEEDED
+        assert gone.code() == grpc.StatusCode.NOT_FOUND
+        assert [e["jobs"] for e in logs if e["event"] == "batch_jobs_pruned"] == [1]
+
+
 class TestBatchFailures:
     """A batch the provider fails, or a request in it that errors, ends FAILED with a short code, uncharged."""
 

@@ -96,6 +96,8 @@ _T = TypeVar("_T")
 # group holds half the smaller limit at most, so that images cannot make a batch the provider
 # refuses whole.
 _MAX_GROUP_CHARS = 100_000_000
+# Ended jobs deleted at most per poll round once past ``batch.retention_seconds``.
+_PRUNE_PER_ROUND = 1000
 
 CLAIM_SECONDS = 300.0
 """How long a worker's claim on the jobs it is sending lasts (sends are cut off at half of it)."""
@@ -443,6 +445,7 @@ class BatchQueue:
                     next_poll = loop.time() + interval
                     try:
                         await self._poll()
+                        await self._prune_ended()
                     except Exception:
                         log.exception("batch_round_crashed")
                 try:
@@ -455,6 +458,14 @@ class BatchQueue:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
+
+    async def _prune_ended(self) -> None:
+        """Delete jobs ended more than ``retention_seconds`` ago, a bounded number a round (a
+        backlog drains over a few rounds, and no round holds the store for long)."""
+        ended_before = self._clock() - self._config.retention_seconds
+        pruned = await self._opened().prune_ended(ended_before, _PRUNE_PER_ROUND)
+        if pruned:
+            log.info("batch_jobs_pruned", jobs=pruned)
 
     async def _expire_queued(self) -> None:
         """End EXPIRED ``queued_too_long`` the jobs that have waited, queued, ``max_queued_seconds``

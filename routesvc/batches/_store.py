@@ -53,6 +53,9 @@ from routesvc.sqlite import immediate, is_busy
 
 _T = TypeVar("_T")
 
+# The states a job ends in: nothing changes it any more.
+_ENDED_STATES = (BatchState.SUCCEEDED, BatchState.FAILED, BatchState.EXPIRED, BatchState.CANCELLED)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -453,6 +456,21 @@ class BatchStore:
             return cursor.rowcount
 
         return await self._run(update)
+
+    async def prune_ended(self, ended_before: float, limit: int) -> int:
+        """Delete at most ``limit`` jobs that ended before ``ended_before`` and whose budget needs
+        no more correction (one waiting for it is kept until it is made). Returns how many."""
+        ended = tuple(state.value for state in _ENDED_STATES)
+
+        def delete(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(
+                "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE state IN (?, ?, ?, ?)"
+                " AND updated_at < ? AND (budget_usd IS NULL OR budget_done IS NOT NULL) LIMIT ?)",
+                (*ended, ended_before, limit),
+            )
+            return cursor.rowcount
+
+        return await self._run(delete)
 
     async def claim(self, batch_ids: list[str], owner: str, lease_seconds: float) -> list[str]:
         """Claim the queued jobs of ``batch_ids`` that nobody else holds, for ``lease_seconds``.
