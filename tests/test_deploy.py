@@ -401,9 +401,10 @@ class TestNetworkPolicy:
         """The provider rule opens 443 to public addresses only, never the cloud metadata address."""
         policy = overlay.get("NetworkPolicy", "routesvc")["spec"]
         (rule,) = [rule for rule in policy["egress"] if any(p["port"] == 443 for p in rule["ports"])]
-        (peer,) = rule["to"]
-        assert peer["ipBlock"]["cidr"] == "0.0.0.0/0"
-        assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(peer["ipBlock"]["except"])
+        peers = {peer["ipBlock"]["cidr"]: set(peer["ipBlock"]["except"]) for peer in rule["to"]}
+        assert peers.keys() == {"0.0.0.0/0", "::/0"}
+        assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= peers["0.0.0.0/0"]
+        assert {"fc00::/7", "fe80::/10"} <= peers["::/0"]
 
 
 class TestPodSecurityRestricted:
