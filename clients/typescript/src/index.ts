@@ -9,8 +9,9 @@
  * client.close();
  * ```
  *
- * Deadlines are `timeoutMs`, cancellation is an `AbortSignal`, and custom metadata
- * is `headers` / `onHeader` / `onTrailer`, all in Connect's `CallOptions`.
+ * Deadlines are `timeoutMs`, cancellation is an `AbortSignal` (or leaving the loop over
+ * `complete()`), and custom metadata is `headers` / `onHeader` / `onTrailer`, all in
+ * Connect's `CallOptions`.
  */
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { ConnectError, createClient, type CallOptions, type Client, type Interceptor } from "@connectrpc/connect";
@@ -90,11 +91,79 @@ export class RouterClient {
   }
 
   /**
-   * The Complete stream: first the decision, then text deltas, then one completion.
-   * Abort `options.signal` to cancel it.
+   * The Complete stream: first the decision, then text deltas, then one completion (or, in
+   * batch mode, the decision and the batch job). The call starts when iteration starts.
+   *
+   * Leaving a `for await` loop over it early (`break`, `return`, an exception) or
+   * `await stream.return()` cancels the call, and routesvc then aborts the provider's
+   * request; so does aborting `options.signal`. A stream that is started and then neither
+   * read to its end nor closed keeps running (and the provider keeps generating) until
+   * `timeoutMs`, or without one to its end.
+   *
+   * The last message (the completion or the batch job) is followed at once by the status:
+   * it is handed over only when the stream has ended, so a caller that stops at it does not
+   * cancel a finished call (a cancel there makes the server's final status fail, and grpcio
+   * leaks native memory for every such call: grpc/grpc#43360). When the call ends in an
+   * error after it, it is handed over before the error is thrown.
    */
-  complete(request: MessageInitShape<typeof CompleteRequestSchema>, options?: CallOptions): AsyncIterable<CompleteResponse> {
-    return this.stub.complete(request, options);
+  complete(
+    request: MessageInitShape<typeof CompleteRequestSchema>,
+    options?: CallOptions,
+  ): AsyncGenerator<CompleteResponse, void, undefined> {
+    const stub = this.stub;
+    // Connect-ES's stream iterator has only next() (no return()), so leaving a loop over it
+    // would not end the HTTP/2 stream: the call would run on until its deadline. This
+    // generator owns the call's AbortController and aborts it when it is closed early.
+    return (async function* () {
+      const controller = new AbortController();
+      const callerSignal = options?.signal;
+      const onCallerAbort = () => controller.abort(callerSignal?.reason);
+      if (callerSignal?.aborted) {
+        onCallerAbort();
+      } else {
+        callerSignal?.addEventListener("abort", onCallerAbort, { once: true });
+      }
+      const stream = stub.complete(request, { ...options, signal: controller.signal })[Symbol.asyncIterator]();
+      let ended = false; // by itself: read to its end, or failed
+      let last: CompleteResponse | undefined; // held until the stream ends
+      try {
+        for (;;) {
+          let result: IteratorResult<CompleteResponse>;
+          try {
+            result = await stream.next();
+          } catch (error) {
+            ended = true;
+            if (last) yield last;
+            throw error;
+          }
+          if (result.done) {
+            ended = true;
+            if (last) yield last;
+            return;
+          }
+          if (last) {
+            const held = last;
+            last = undefined;
+            yield held;
+          }
+          const kind = result.value.event.case;
+          if (kind === "completion" || kind === "batch") {
+            last = result.value;
+          } else {
+            yield result.value;
+          }
+        }
+      } finally {
+        callerSignal?.removeEventListener("abort", onCallerAbort);
+        if (!ended) {
+          controller.abort();
+          // Connect clears the call's deadline timer only once its iterator reports the end
+          // or an error: read the aborted stream out in the background, or the timer holds
+          // the event loop open until timeoutMs.
+          void drain(stream);
+        }
+      }
+    })();
   }
 
   /** The model catalog. */
@@ -110,6 +179,17 @@ export class RouterClient {
   /** Close the HTTP/2 connection; calls in flight fail. */
   close(): void {
     this.session.abort();
+  }
+}
+
+/** Read an iterator to its end or first error, discarding what it yields. */
+async function drain(iterator: AsyncIterator<unknown>): Promise<void> {
+  try {
+    while (!(await iterator.next()).done) {
+      // discard
+    }
+  } catch {
+    // the expected end of an aborted call
   }
 }
 

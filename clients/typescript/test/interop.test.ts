@@ -42,6 +42,33 @@ async function script(client: RouterClient, fields: Record<string, unknown>): Pr
   }
 }
 
+/** What the fake provider recorded of one request it received (GET /_fake/requests). */
+interface UpstreamRequest {
+  chunks_sent: number;
+  completed: boolean;
+  aborted: boolean;
+  ended: boolean;
+}
+
+/**
+ * The fake provider's record of the last request it received, once that request has ended
+ * (completed, cut or aborted by routesvc): `aborted` says whether routesvc closed it early.
+ * A bounded poll (the fake is another process), well past a scripted 5 s answer, so an
+ * uncancelled request ends completed rather than timing out.
+ */
+async function upstream(): Promise<UpstreamRequest> {
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    const response = await fetch(`${fakeUrl}/_fake/requests`);
+    assert.equal(response.status, 200);
+    const recorded = ((await response.json()) as { requests: UpstreamRequest[] }).requests;
+    const last = recorded.at(-1);
+    if (last?.ended) return last;
+    assert.ok(Date.now() < deadline, "the provider request did not end within 20 s");
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
 async function rejection(promise: Promise<unknown>): Promise<ConnectError> {
   try {
     await promise;
@@ -110,6 +137,46 @@ describe("routesvc interop (TypeScript)", { skip }, () => {
     })());
     assert.deepEqual(seen, ["decision", "delta"]);
     assert.equal(error.code, Code.Canceled, String(error));
+  });
+
+  it("leaving the loop early cancels the call upstream", { skip: skipFake }, async () => {
+    await script(client, { chunk_count: 100, chunk_delay: 0.05 });
+    const seen: (string | undefined)[] = [];
+    for await (const message of client.complete({ chat: userPrompt("Count slowly"), context: { model: PINNED } }, { timeoutMs: 20_000 })) {
+      seen.push(message.event.case);
+      if (message.event.case === "delta") break;
+    }
+    const recorded = await upstream();
+    assert.deepEqual(seen, ["decision", "delta"]);
+    assert.deepEqual([recorded.aborted, recorded.completed], [true, false]);
+    assert.ok(recorded.chunks_sent < 100, `chunks_sent: ${recorded.chunks_sent}`);
+  });
+
+  it("an exception inside the loop cancels the call upstream", { skip: skipFake }, async () => {
+    await script(client, { chunk_count: 100, chunk_delay: 0.05 });
+    const seen: (string | undefined)[] = [];
+    await assert.rejects(async () => {
+      for await (const message of client.complete({ chat: userPrompt("Count slowly"), context: { model: PINNED } }, { timeoutMs: 20_000 })) {
+        seen.push(message.event.case);
+        if (message.event.case === "delta") throw new Error("caller gave up");
+      }
+    }, /caller gave up/);
+    const recorded = await upstream();
+    assert.deepEqual(seen, ["decision", "delta"]);
+    assert.deepEqual([recorded.aborted, recorded.completed], [true, false]);
+    assert.ok(recorded.chunks_sent < 100, `chunks_sent: ${recorded.chunks_sent}`);
+  });
+
+  it("the completion is handed over once the stream has ended, so stopping at it cancels nothing", async () => {
+    let trailer: Headers | undefined;
+    let trailerAtCompletion: Headers | undefined;
+    for await (const message of client.complete({ chat: userPrompt("Say hello") }, { timeoutMs: 20_000, onTrailer: (t) => (trailer = t) })) {
+      if (message.event.case === "completion") {
+        trailerAtCompletion = trailer;
+        break;
+      }
+    }
+    assert.ok(trailerAtCompletion, "the completion came before the call's status");
   });
 
   it("empty messages are INVALID_ARGUMENT with ErrorInfo reason INVALID_REQUEST", async () => {
