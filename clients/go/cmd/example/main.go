@@ -21,7 +21,7 @@ import (
 func main() {
 	target := flag.String("target", "127.0.0.1:50051", "routesvc address, host:port")
 	plaintext := flag.Bool("insecure", false, "use plaintext instead of TLS")
-	timeout := flag.Duration("timeout", 30*time.Second, "deadline for each call")
+	timeout := flag.Duration("timeout", 30*time.Second, "deadline for the whole run (Route, then the Complete stream)")
 	flag.Parse()
 	prompt := strings.Join(flag.Args(), " ")
 	if prompt == "" {
