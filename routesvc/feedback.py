@@ -1,14 +1,17 @@
 """The feedback store: outcomes reported for past decisions, kept in an embedded SQLite file.
 
 The router remembers each decision it may get feedback on (its id, the model that answered, the
-prompt's embedding, never the prompt text, and the name of the encoder that made it); the Feedback
-RPC then records an outcome score in [0, 1] (thumbs up = 1, thumbs down = 0) against the decision
-id. A decision that receives feedback becomes an *example* and is kept; ``examples()`` returns
-them, each with its latest score, so the embedding stage can rebuild its example library from them
+prompt's embedding, never the prompt text, the name of the encoder that made it and the tenant it
+was routed for); the Feedback RPC then records an outcome score in [0, 1] (thumbs up = 1, thumbs
+down = 0) against the decision id. An authenticated caller may rate only its own tenant's
+decisions: another tenant's is refused like one never seen, so its existence is not revealed. A
+decision that receives feedback becomes an *example* and is kept; ``examples()`` returns them,
+each with its latest score, so the embedding stage can rebuild its example library from them
 after a restart. A stage reads only the examples its own encoder made: vectors of another encoder
 (the router refitted with another one) are in another space, even at the same dimension. Rows
 written before the encoder was kept (schema version 1 and earlier) have none recorded and are
-read when their dimension matches.
+read when their dimension matches. Rows written before the tenant was kept (version 2 and
+earlier) have none either: only a caller that is not authenticated may rate them.
 
 Every routed request is remembered but few get feedback, so decisions still waiting for it are
 forgotten: after ``decision_ttl_seconds``, or once ``max_pending_decisions`` newer ones wait, in
@@ -81,6 +84,7 @@ class _Remember:
     model: str
     embedding: bytes
     encoder: str
+    tenant: str
     at: float
 
 
@@ -95,12 +99,13 @@ _Write = _Remember | _Answered
 
 @dataclass(frozen=True, slots=True)
 class FeedbackEntry:
-    """One recorded outcome."""
+    """One recorded outcome; ``tenant`` is the one the decision was routed for ("" for none)."""
 
     decision_id: str
     model: str
     score: float
     recorded_at: float
+    tenant: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,14 +125,15 @@ class FeedbackExample:
 # ``feedback.decision_id`` names a row of ``examples``; files written before examples had their
 # own table (user_version 0) declare it against ``decisions``, which SQLite does not enforce here
 # (foreign keys are off), so both read the same. Tables of files before version 2 have no
-# ``encoder`` column: it is added on open, empty.
+# ``encoder`` column, and before version 3 no ``tenant`` column: they are added on open, empty.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
     decision_id TEXT PRIMARY KEY,
     model TEXT NOT NULL,
     embedding BLOB NOT NULL,
     created_at REAL NOT NULL,
-    encoder TEXT NOT NULL DEFAULT ''
+    encoder TEXT NOT NULL DEFAULT '',
+    tenant TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS decisions_created ON decisions(created_at);
 CREATE TABLE IF NOT EXISTS examples (
@@ -135,7 +141,8 @@ CREATE TABLE IF NOT EXISTS examples (
     model TEXT NOT NULL,
     embedding BLOB NOT NULL,
     created_at REAL NOT NULL,
-    encoder TEXT NOT NULL DEFAULT ''
+    encoder TEXT NOT NULL DEFAULT '',
+    tenant TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -146,13 +153,13 @@ CREATE TABLE IF NOT EXISTS feedback (
 CREATE INDEX IF NOT EXISTS feedback_decision ON feedback(decision_id);
 """
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 
 # Before version 1 every decision, rated or not, was a row of ``decisions``: opening such a
 # file moves the rated ones to ``examples`` once.
 _MOVE_RATED_DECISIONS = (
-    "INSERT OR IGNORE INTO examples (decision_id, model, embedding, created_at, encoder)"
-    " SELECT decision_id, model, embedding, created_at, encoder FROM decisions"
+    "INSERT OR IGNORE INTO examples (decision_id, model, embedding, created_at, encoder, tenant)"
+    " SELECT decision_id, model, embedding, created_at, encoder, tenant FROM decisions"
     " WHERE decision_id IN (SELECT decision_id FROM feedback)",
     "DELETE FROM decisions WHERE decision_id IN (SELECT decision_id FROM examples)",
 )
@@ -175,8 +182,9 @@ def _open(path: Path | str, busy_timeout_seconds: float) -> tuple[sqlite3.Connec
             if version < _SCHEMA_VERSION:
                 for table in ("decisions", "examples"):
                     columns = {row[1] for row in writer.execute(f"PRAGMA table_info({table})")}
-                    if "encoder" not in columns:
-                        writer.execute(f"ALTER TABLE {table} ADD COLUMN encoder TEXT NOT NULL DEFAULT ''")
+                    for column in ("encoder", "tenant"):
+                        if column not in columns:
+                            writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
                 if version < 1:
                     for statement in _MOVE_RATED_DECISIONS:
                         writer.execute(statement)
@@ -245,11 +253,13 @@ class FeedbackStore:
         model: str,
         embedding: Sequence[float] | np.ndarray[tuple[int], np.dtype[np.float32]],
         encoder: str = "",
+        tenant: str = "",
     ) -> None:
         """Keep what a later outcome for ``decision_id`` will need, with the name of the ``encoder``
-        that made ``embedding`` (queued for the writer, which also forgets a few expired decisions)."""
+        that made ``embedding`` and the ``tenant`` it was routed for ("" for none) (queued for the
+        writer, which also forgets a few expired decisions)."""
         blob = np.asarray(embedding, dtype=np.float32).tobytes()
-        self._put(_Remember(decision_id, model, blob, encoder, self._clock()))
+        self._put(_Remember(decision_id, model, blob, encoder, tenant, self._clock()))
 
     def answered(self, decision_id: str, model: str) -> None:
         """``model``, not the one remembered, answered ``decision_id`` (queued for the writer)."""
@@ -301,9 +311,9 @@ class FeedbackStore:
             for write in writes:
                 if isinstance(write, _Remember):
                     self._writer.execute(
-                        "INSERT OR REPLACE INTO decisions (decision_id, model, embedding, created_at, encoder)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (write.decision_id, write.model, write.embedding, write.at, write.encoder),
+                        "INSERT OR REPLACE INTO decisions (decision_id, model, embedding, created_at, encoder, tenant)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (write.decision_id, write.model, write.embedding, write.at, write.encoder, write.tenant),
                     )
                     remembered += 1
                     now = max(now, write.at)
@@ -326,16 +336,18 @@ class FeedbackStore:
                     (self._max_pending, _PRUNE_BATCH * remembered),
                 )
 
-    def record(self, decision_id: str, score: float) -> FeedbackEntry:
+    def record(self, decision_id: str, score: float, *, tenant: str | None = None) -> FeedbackEntry:
         """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example.
 
-        ``FeedbackStoreBusy`` when another process held the file's lock past the busy timeout
-        (nothing was stored: the caller may send it again)."""
+        ``tenant`` is the authenticated caller's (None: not authenticated, any decision may be
+        rated): a decision routed for another tenant, or for none, is ``UnknownDecision`` like one
+        never seen, and nothing is stored. ``FeedbackStoreBusy`` when another process held the
+        file's lock past the busy timeout (nothing was stored: the caller may send it again)."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
         self.flush()
         try:
-            return self._record(decision_id, score)
+            return self._record(decision_id, score, tenant)
         except sqlite3.OperationalError as exc:
             if not is_busy(exc):
                 raise
@@ -343,41 +355,43 @@ class FeedbackStore:
                 f"feedback_db {self._path} stayed locked by another process; retry shortly"
             ) from exc
 
-    def _record(self, decision_id: str, score: float) -> FeedbackEntry:
+    def _record(self, decision_id: str, score: float, tenant: str | None) -> FeedbackEntry:
         now = self._clock()
+        unknown = UnknownDecision(f"no remembered decision {decision_id!r} (never seen, or forgotten without feedback)")
+        select = "SELECT model, tenant FROM examples WHERE decision_id = ?"
         with self._transaction():
-            row = self._writer.execute("SELECT model FROM examples WHERE decision_id = ?", (decision_id,)).fetchone()
+            row = self._writer.execute(select, (decision_id,)).fetchone()
             if row is None:
                 # A waiting decision still counts if it is younger than the TTL and among the
                 # newest ``max_pending_decisions`` (rowids grow with each insert), pruned or not.
                 moved = self._writer.execute(
-                    "INSERT INTO examples (decision_id, model, embedding, created_at, encoder)"
-                    " SELECT decision_id, model, embedding, created_at, encoder FROM decisions"
+                    "INSERT INTO examples (decision_id, model, embedding, created_at, encoder, tenant)"
+                    " SELECT decision_id, model, embedding, created_at, encoder, tenant FROM decisions"
                     " WHERE decision_id = ? AND created_at >= ? AND rowid > (SELECT MAX(rowid) FROM decisions) - ?",
                     (decision_id, now - self._ttl, self._max_pending),
                 )
                 if moved.rowcount == 0:
-                    raise UnknownDecision(
-                        f"no remembered decision {decision_id!r} (never seen, or forgotten without feedback)"
-                    )
+                    raise unknown
                 self._writer.execute("DELETE FROM decisions WHERE decision_id = ?", (decision_id,))
-                row = self._writer.execute(
-                    "SELECT model FROM examples WHERE decision_id = ?", (decision_id,)
-                ).fetchone()
+                row = self._writer.execute(select, (decision_id,)).fetchone()
+            if tenant is not None and row[1] != tenant:
+                # Another tenant's decision: raising rolls the move back, and the message is the
+                # one for an unknown id, so the caller learns nothing of the decision.
+                raise unknown
             self._writer.execute(
                 "INSERT INTO feedback (decision_id, score, recorded_at) VALUES (?, ?, ?)", (decision_id, score, now)
             )
-        return FeedbackEntry(decision_id, str(row[0]), score, now)
+        return FeedbackEntry(decision_id, str(row[0]), score, now, str(row[1]))
 
     def entries(self, limit: int = 100) -> list[FeedbackEntry]:
         """The latest ``limit`` outcomes, newest first."""
         with self._read_lock:
             rows = self._reader.execute(
-                "SELECT f.decision_id, e.model, f.score, f.recorded_at FROM feedback f"
+                "SELECT f.decision_id, e.model, f.score, f.recorded_at, e.tenant FROM feedback f"
                 " JOIN examples e USING (decision_id) ORDER BY f.id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [FeedbackEntry(str(a), str(b), float(c), float(d)) for a, b, c, d in rows]
+        return [FeedbackEntry(str(a), str(b), float(c), float(d), str(e)) for a, b, c, d, e in rows]
 
     def examples(self) -> list[FeedbackExample]:
         """Every decision with an outcome, scored by its latest outcome: the library's raw material."""

@@ -352,30 +352,34 @@ class Router:
         )
         for stage in self._policy.learning_stages:
             # Only an embedding of the prompt is kept (never its text), for later feedback.
-            stage.remember(decision.decision_id, request.chat.last_user_message, decision.model)
+            stage.remember(decision.decision_id, request.chat.last_user_message, decision.model, request.context.tenant)
         return self._escalation.plan(decision, request)
 
-    async def feedback(self, decision_id: str, score: float, *, tenant: str = "") -> tuple[str, int]:
+    async def feedback(self, decision_id: str, score: float, *, tenant: str | None = None) -> tuple[str, int]:
         """Record ``score`` in [0, 1] for an earlier decision; the embedding stages' libraries are
         rebuilt from their stores (SQLite and the rebuild in a worker thread). Returns the
-        decision's model and the library size."""
+        decision's model and the library size.
+
+        ``tenant`` is the authenticated caller's (None with auth off: any decision may be rated).
+        Another tenant's decision is ``UnknownDecision``, as one never seen. The score counts in
+        the stats of the tenant the decision was routed for, whoever sent it."""
         stages = [stage for stage in self._policy.learning_stages if stage.feedback is not None]
         if not stages:
             raise FeedbackNotEnabled("feedback needs an embedding stage with a feedback_db in routing.stages")
 
-        def record() -> tuple[str, int]:
-            model = ""
+        def record() -> tuple[str, str, int]:
+            model = owner = ""
             examples = 0
             for stage in stages:
                 assert stage.feedback is not None
-                entry = stage.feedback.record(decision_id, score)
-                model = entry.model
+                entry = stage.feedback.record(decision_id, score, tenant=tenant)
+                model, owner = entry.model, entry.tenant
                 examples += stage.rebuild_library()
-            return model, examples
+            return model, owner, examples
 
-        model, examples = await asyncio.to_thread(record)
+        model, owner, examples = await asyncio.to_thread(record)
         # On the event loop, like every other change to the stats window.
-        telemetry.record_feedback(model, score, decision_id=decision_id, tenant=tenant)
+        telemetry.record_feedback(model, score, decision_id=decision_id, tenant=owner)
         return model, examples
 
     def _realtime_instead_of_batch(self, provider: str) -> str:

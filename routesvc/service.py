@@ -462,8 +462,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
         async with self._rpc("Feedback", context) as record:
             request = self._parsed(request)
             decision_id, score = wire.feedback(request)
-            tenant = record.principal.tenant or ""
-            model, examples = await self._router.feedback(decision_id, score, tenant=tenant)
+            # An authenticated caller rates its own tenant's decisions only; the router files the
+            # score under the decision's tenant.
+            model, examples = await self._router.feedback(decision_id, score, tenant=record.principal.tenant)
             record.fields.update(decision_id=decision_id, model=model, feedback_score=score)
             return pb.FeedbackResponse(decision_id=decision_id, model=model, score=score, library_examples=examples)
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns

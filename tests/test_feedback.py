@@ -324,6 +324,44 @@ class TestForgettingDecisions:
         examples = {e.decision_id: (e.encoder, e.score) for e in store.examples()}
         assert examples == {"rated": ("", 0.25), "waiting": ("", 1.0), "new": ("hashing-2", 0.0)}
 
+    def test_a_file_written_before_the_tenant_was_kept_is_upgraded_in_place(self, tmp_path: Path) -> None:
+        """A version-2 file (no tenant column) is upgraded in place to version 3: its examples and
+        waiting decisions keep working, with no tenant, so only a caller that is not authenticated
+        may rate them; new decisions record their tenant, and only that tenant may rate them."""
+        path = tmp_path / "v2.db"
+        now = 1_700_000_000.0
+        blob = np.array([0.6, 0.8], dtype=np.float32).tobytes()
+        with closing(sqlite3.connect(path)) as db:
+            columns = (
+                "(decision_id TEXT PRIMARY KEY, model TEXT NOT NULL, embedding BLOB NOT NULL,"
+                " created_at REAL NOT NULL, encoder TEXT NOT NULL DEFAULT '')"
+            )
+            db.executescript(
+                f"CREATE TABLE decisions {columns}; CREATE TABLE examples {columns};"
+                "CREATE INDEX decisions_created ON decisions(created_at);"
+                "CREATE TABLE feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, decision_id TEXT NOT NULL"
+                " REFERENCES examples(decision_id), score REAL NOT NULL, recorded_at REAL NOT NULL);"
+                "CREATE INDEX feedback_decision ON feedback(decision_id); PRAGMA user_version = 2;"
+            )
+            db.execute("INSERT INTO examples VALUES ('rated', 'weak', ?, ?, 'hashing-2')", (blob, now))
+            db.execute("INSERT INTO decisions VALUES ('waiting', 'weak', ?, ?, 'hashing-2')", (blob, now))
+            db.execute("INSERT INTO feedback (decision_id, score, recorded_at) VALUES ('rated', 0.25, ?)", (now,))
+            db.commit()
+        store = FeedbackStore(path, decision_ttl_seconds=TTL, clock=Clock(now))
+        with pytest.raises(UnknownDecision):
+            store.record("waiting", 1.0, tenant="acme")
+        assert store.record("waiting", 1.0).tenant == ""
+        store.remember("new", "weak", [1.0, 0.0], "hashing-2", tenant="acme")
+        with pytest.raises(UnknownDecision):
+            store.record("new", 0.0, tenant="globex")
+        assert store.record("new", 0.0, tenant="acme").tenant == "acme"
+        examples = {e.decision_id: (e.encoder, e.score) for e in store.examples()}
+        store.close()
+        with closing(sqlite3.connect(path)) as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+        assert examples == {"rated": ("hashing-2", 0.25), "waiting": ("hashing-2", 1.0), "new": ("hashing-2", 0.0)}
+        assert version == 3
+
 
 class TestExamplesCost:
     def test_examples_do_not_read_decisions_waiting_for_feedback(self, tmp_path: Path, sqlite_work: SqliteWork) -> None:

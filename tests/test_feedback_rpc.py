@@ -13,6 +13,7 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
+from routesvc.auth import key_digest
 from routesvc.client import RouterClient
 from routesvc.config import load_settings
 from routesvc.encoders import HashingEncoder
@@ -162,6 +163,48 @@ class TestFeedbackIsAboutTheAnswer:
             stats = await client.get_stats()
         [row] = [m for m in stats.models if m.model == "gpt-4o-mini"]
         assert (row.feedback_count, row.mean_feedback_score) == (2, 0.75)
+
+
+class TestFeedbackBelongsToTheDecisionsTenant:
+    async def test_with_auth_off_feedback_counts_for_the_tenant_the_decision_was_routed_for(
+        self, tmp_path: Path
+    ) -> None:
+        """A decision routed for acme and rated by a caller that names no tenant counts in acme's
+        GetStats, not in an unnamed tenant's (it was filed under the caller's tenant, "")."""
+        settings = settings_from(embedding_config(tmp_path))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"), pb.RoutingContext(tenant="acme"))
+            await client.feedback(decision.decision_id, thumbs_up=False)
+            acme = await client.get_stats(tenant="acme")
+        assert [(m.model, m.feedback_count, m.mean_feedback_score) for m in acme.models] == [("gpt-4o-mini", 1, 0.0)]
+
+    async def test_with_auth_on_only_the_decisions_tenant_may_rate_it(self, tmp_path: Path) -> None:
+        """globex rating acme's decision is NOT_FOUND UNKNOWN_DECISION with the message of an id
+        never seen (the decision's existence is not revealed), and nothing is stored or learnt;
+        acme rating it is recorded and counts in acme's stats."""
+        config = embedding_config(tmp_path)
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {
+            "acme": {"api_key_sha256": [key_digest("acme-key")]},
+            "globex": {"api_key_sha256": [key_digest("globex-key")]},
+        }
+        async with Server(settings_from(config), port=0) as server:
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            async with RouterClient(server.target, api_key="acme-key") as acme:
+                decision = await acme.route(user_chat("say hello to zulu"))
+                async with RouterClient(server.target, api_key="globex-key") as globex:
+                    refused = await _feedback_error(globex, decision.decision_id, thumbs_up=False)
+                    unknown = await _feedback_error(globex, "no-such-decision", thumbs_up=False)
+                    globex_stats = await globex.get_stats()
+                stored_after_refusal = await asyncio.to_thread(stage.feedback.examples)
+                response = await acme.feedback(decision.decision_id, thumbs_up=False)
+                acme_stats = await acme.get_stats()
+        assert (refused.code(), error_info(refused).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
+        assert (refused.details() or "").replace(decision.decision_id, "no-such-decision") == unknown.details()
+        assert (stored_after_refusal, list(globex_stats.models)) == ([], [])
+        assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
+        assert [(m.model, m.feedback_count) for m in acme_stats.models] == [("gpt-4o-mini", 1)]
 
 
 class TestFeedbackStoreUnderContention:

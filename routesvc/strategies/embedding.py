@@ -165,10 +165,12 @@ class EmbeddingStage:
                 value = float(np.clip(value + self._weight * 2 * push[near].mean(), 0.0, 1.0))
         return value, used
 
-    def remember(self, decision_id: str, text: str, model: str) -> None:
-        """Keep a decision's prompt embedding so later feedback on ``decision_id`` can teach the stage."""
+    def remember(self, decision_id: str, text: str, model: str, tenant: str = "") -> None:
+        """Keep a decision's prompt embedding so later feedback on ``decision_id`` can teach the stage,
+        with the ``tenant`` it was routed for (whose feedback it takes and whose stats it counts in)."""
         if self._feedback is not None:
-            self._feedback.remember(decision_id, model, self._embed(bounded(text)), self._router.encoder.name)
+            embedding = self._embed(bounded(text))
+            self._feedback.remember(decision_id, model, embedding, self._router.encoder.name, tenant)
 
     def answered(self, decision_id: str, model: str) -> None:
         """``model`` gave the answer to ``decision_id`` (not the model decided: a cascade escalated,
