@@ -199,6 +199,10 @@ def _budgets(limits: TenantConfig) -> list[str | int]:
     return [_usd(budget) if budget is not None else 0 for budget in budgets]
 
 
+# How long a Redis command or connection may take before the store counts as unavailable.
+_TIMEOUT_SECONDS = 1.0
+
+
 class RedisAdmission:
     """Per-tenant limits and budgets kept in Redis at ``url`` and shared by every replica."""
 
@@ -217,8 +221,16 @@ class RedisAdmission:
 
         # No retries, said rather than left to redis-py's defaults (which have changed between
         # versions): a command whose reply is lost may have run, and a settle run twice counts
-        # its cost twice (see ``_SETTLE``).
-        self._redis: Any = redis_asyncio.Redis.from_url(url, decode_responses=True, retry=Retry(NoBackoff(), 0))
+        # its cost twice (see ``_SETTLE``). Timeouts said too (older releases have none): a
+        # Redis that takes a connection and never answers is SHARED_STATE_UNAVAILABLE within
+        # a second, not a hang or the caller's DEADLINE_EXCEEDED.
+        self._redis: Any = redis_asyncio.Redis.from_url(
+            url,
+            decode_responses=True,
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=_TIMEOUT_SECONDS,
+            socket_connect_timeout=_TIMEOUT_SECONDS,
+        )
         self._tenants = dict(tenants)
         self._prefix = prefix
         self._lease = lease_seconds

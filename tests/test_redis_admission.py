@@ -370,6 +370,38 @@ class TestStoreFailures:
         assert error_info(caught.value).reason == "SHARED_STATE_UNAVAILABLE"
         assert fake.requests == []
 
+    async def test_a_store_that_never_answers_is_unavailable_within_a_second(self, fake: FakeProvider) -> None:
+        """shared_state.redis_url points at a server that takes connections and never answers: a
+        limited tenant's call with a 4 s deadline is refused UNAVAILABLE SHARED_STATE_UNAVAILABLE
+        (it waited for redis-py's default and ended DEADLINE_EXCEEDED; older releases wait for
+        ever), and nothing reaches the provider."""
+        held: list[asyncio.StreamWriter] = []
+
+        async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+
+        black_hole = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = black_hole.sockets[0].getsockname()[1]
+        config = default_config()
+        config["tenants"] = {"acme": {"requests_per_minute": 10}}
+        config["shared_state"] = {"redis_url": f"redis://127.0.0.1:{port}"}
+        try:
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                context = pb.RoutingContext(tenant="acme")
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for _ in client.complete(user_chat("hi"), context, timeout=4.0):
+                        pass
+        finally:
+            black_hole.close()
+            for writer in held:
+                writer.close()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "SHARED_STATE_UNAVAILABLE"
+        assert fake.requests == []
+
 
 class TestLeases:
     """A reservation whose settle never reaches Redis is released when its lease runs out."""
