@@ -371,6 +371,15 @@ class RedisAdmission:
     ) -> bool:
         keys = [self._key(tenant, "tokn"), self._key(tenant, "inflight"), *self._usd_keys(tenant, periods)]
         args: list[str | int] = [reservation_id, tokens, _usd(cost)]
+        # A settle runs once (``SettleOnce``): a request's cleanup cancelled again while it runs
+        # (a drain's cancel, then grpc's) must not lose it, which would hold the tenant's
+        # in-flight slot and reserved USD until the lease ends. Its own task runs it to the end.
+        task = asyncio.get_running_loop().create_task(self._run_settle(tenant, keys, args))
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
+        return await asyncio.shield(task)
+
+    async def _run_settle(self, tenant: str, keys: list[str], args: list[str | int]) -> bool:
         try:
             await self._settle_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:

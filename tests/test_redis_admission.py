@@ -290,6 +290,26 @@ class _Proxy:
 
 
 class TestStoreFailures:
+    async def test_a_settle_cancelled_on_its_way_still_frees_the_slot(self, redis_url: str, prefix: str) -> None:
+        """A request's settle is cancelled while it connects to Redis (a second cancellation of
+        the request's task): it still runs, so the tenant's one in-flight slot is free again
+        (it was held until the lease ended, and a later settle did nothing)."""
+        admission = RedisAdmission(redis_url, {"t": TenantConfig(max_concurrent=1)}, prefix=prefix)
+        reservation = await admission.admit("t")
+        # No idle connection: the settle has to connect first, and is cancelled meanwhile.
+        await admission._redis.connection_pool.disconnect()
+        settling = asyncio.ensure_future(reservation.settle(0, Decimal(0)))
+        await asyncio.sleep(0)
+        settling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await settling
+        async with asyncio.timeout(10):
+            while admission._undoing:  # noqa: ASYNC110 - the settle's own task, awaited by aclose too
+                await asyncio.sleep(0.01)
+        again = await admission.admit("t")
+        await again.settle(0, Decimal(0))
+        await admission.aclose()
+
     async def test_an_admission_cancelled_before_its_reply_reserves_nothing(self, redis_url: str, prefix: str) -> None:
         """The reserve script has run in Redis but its reply is held back when the caller is
         cancelled: the reservation is undone by id, so the tenant's one slot and its budget are
