@@ -5,8 +5,11 @@ open --(open_seconds passed, or the provider's Retry-After if longer)--> half-op
 half-open --(the one probe succeeds)--> closed
 half-open --(the probe fails)--> open
 
-A probe that ends without a verdict gives its turn back (``release_probe``); one that never
-reports (a bug) holds it for at most ``open_seconds``, so a lost probe cannot keep a model out.
+``allow`` hands each call a ``Permit``; the one that took the half-open probe is the only one
+whose ``release_probe`` gives the turn back, when it ends without a verdict (another call ending
+so, one started while the breaker was closed, frees nothing: two probes never run at once). A
+probe that never reports (a bug) holds the turn for at most ``open_seconds``, so a lost probe
+cannot keep a model out.
 """
 
 from __future__ import annotations
@@ -31,12 +34,21 @@ class BreakerState(enum.Enum):
     HALF_OPEN = "half_open"
 
 
+@dataclass(frozen=True, eq=False)
+class Permit:
+    """Leave for one call to ``model`` to start (from ``Breakers.allow``); ``probe`` when the call
+    is a half-open breaker's one probe. Compared by identity: each call's permit is its own."""
+
+    model: str
+    probe: bool = False
+
+
 @dataclass
 class _Breaker:
     failures: int = 0
     opened_until: float = 0.0
     state: BreakerState = BreakerState.CLOSED
-    probing: bool = False
+    probe: Permit | None = None  # the half-open breaker's running probe
     probe_started: float = 0.0
 
 
@@ -55,23 +67,24 @@ class Breakers:
             return BreakerState.CLOSED
         if breaker.state is BreakerState.OPEN and self._clock() >= breaker.opened_until:
             breaker.state = BreakerState.HALF_OPEN
-            breaker.probing = False
+            breaker.probe = None
         return breaker.state
 
-    def allow(self, model: str) -> bool:
-        """Whether a call to ``model`` may start now; a half-open breaker lets one probe through."""
+    def allow(self, model: str) -> Permit | None:
+        """A permit for a call to ``model`` to start now, or None; a half-open breaker lets one
+        probe through (its permit is the probe's)."""
         state = self.state(model)
         if state is BreakerState.CLOSED:
-            return True
+            return Permit(model)
         if state is BreakerState.OPEN:
-            return False
+            return None
         breaker = self._breakers[model]
         now = self._clock()
-        if breaker.probing and now - breaker.probe_started < self._config.open_seconds:
-            return False
-        breaker.probing = True
+        if breaker.probe is not None and now - breaker.probe_started < self._config.open_seconds:
+            return None
+        breaker.probe = Permit(model, probe=True)
         breaker.probe_started = now
-        return True
+        return breaker.probe
 
     def retry_in(self, model: str) -> float:
         """Seconds until ``model``'s open breaker lets a probe through (0 when not open)."""
@@ -94,14 +107,15 @@ class Breakers:
         if breaker.state is BreakerState.HALF_OPEN or breaker.failures >= self._config.failure_threshold:
             was_open = breaker.state is BreakerState.OPEN
             breaker.state = BreakerState.OPEN
-            breaker.probing = False
+            breaker.probe = None
             seconds = max(self._config.open_seconds, retry_after or 0.0)
             breaker.opened_until = self._clock() + seconds
             if not was_open:
                 log.warning("breaker_opened", model=model, failures=breaker.failures, open_seconds=seconds)
 
-    def release_probe(self, model: str) -> None:
-        """A half-open probe ended without a verdict (e.g. the client cancelled): allow another."""
-        breaker = self._breakers.get(model)
-        if breaker is not None:
-            breaker.probing = False
+    def release_probe(self, permit: Permit) -> None:
+        """The call ``permit`` let start ended without a verdict (e.g. the client cancelled): if it
+        is the running half-open probe, allow another; any other call's permit frees nothing."""
+        breaker = self._breakers.get(permit.model)
+        if breaker is not None and breaker.probe is permit:
+            breaker.probe = None

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from routesvc import telemetry
 from routesvc.admission import Admission, Reservation, build_admission
-from routesvc.breaker import Breakers
+from routesvc.breaker import Breakers, Permit
 from routesvc.cascade import EscalationPolicy, max_cost_reason
 from routesvc.catalog import ModelSpec
 from routesvc.config import BATCH_API_KINDS, RulesStageConfig, Settings
@@ -785,7 +785,8 @@ class Router:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining < reliability.min_attempt_seconds:
                     raise TimeoutError
-                if not self._breakers.allow(model_id):
+                permit = self._breakers.allow(model_id)
+                if permit is None:
                     open_breaker = ProviderUnavailable(
                         f"circuit breaker open for model {model_id}", provider=model.provider, model=model_id
                     )
@@ -795,7 +796,8 @@ class Router:
                 if fallen_from is not None:
                     telemetry.record_fallback(fallen_from.model, model_id, fallen_from.reason)
                     fallen_from = None
-                async with contextlib.aclosing(self._attempt(attempt, model, request, remaining, headers)) as events:
+                attempted = self._attempt(attempt, model, permit, request, remaining, headers)
+                async with contextlib.aclosing(attempted) as events:
                     try:
                         async for event in events:
                             yield event
@@ -844,11 +846,13 @@ class Router:
         self,
         state: _AttemptState,
         model: ModelSpec,
+        permit: Permit,
         request: RoutingRequest,
         remaining: float | None,
         headers: Mapping[str, str] | None,
     ) -> AsyncGenerator[TextDelta | Completion, None]:
-        """One upstream call: yields its deltas and, on success, the ``Completion``.
+        """One upstream call, started on the breaker's ``permit``: yields its deltas and, on
+        success, the ``Completion``.
 
         The first chunk must come within ``first_token_timeout_seconds`` and each next one within
         ``stream_idle_timeout_seconds``; a stall closes the upstream request. Any chunk the model
@@ -919,7 +923,7 @@ class Router:
             # time (the RPC's own timer fires at the same moment), the model did not fail.
             outcome = AttemptOutcome.INTERRUPTED if received else AttemptOutcome.FAILED
             ended_by_us = True
-            self._breakers.release_probe(model.id)
+            self._breakers.release_probe(permit)
             raise DeadlineExceeded("deadline exceeded") from error
         except ProviderError as error:
             outcome = AttemptOutcome.INTERRUPTED if received else AttemptOutcome.FAILED
@@ -933,7 +937,7 @@ class Router:
                 # The provider refused this request (400/404/409/413/422): the caller's doing, not
                 # a sign the model is down, so one tenant's bad requests open no breaker for all.
                 # A spent quota is the key's, not the model's: the request skips the provider.
-                self._breakers.release_probe(model.id)
+                self._breakers.release_probe(permit)
             if sent:
                 raise StreamInterrupted(
                     f"{error.message} after {sent} chunks were sent",
@@ -950,12 +954,13 @@ class Router:
                     await aclose()
             finally:
                 # Recorded even when a second cancellation interrupts the close.
-                self._record_unfinished(state, model, number, outcome, received, ended_by_us)
+                self._record_unfinished(state, model, permit, number, outcome, received, ended_by_us)
 
     def _record_unfinished(
         self,
         state: _AttemptState,
         model: ModelSpec,
+        permit: Permit,
         number: int,
         outcome: AttemptOutcome,
         received: list[str],
@@ -969,7 +974,7 @@ class Router:
         if outcome is AttemptOutcome.COMPLETED:
             return
         if outcome is AttemptOutcome.CANCELLED:
-            self._breakers.release_probe(model.id)
+            self._breakers.release_probe(permit)
         decision = state.decision
         charged = bool(received) or ended_by_us or outcome is AttemptOutcome.CANCELLED
         billed = billed_input_tokens(model, decision.estimated_input_tokens, decision.estimated_image_tokens)

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from routesvc.batches import BatchQueue
 from routesvc.config import Settings, TlsConfig, changes_needing_restart
 from routesvc.errors import ConfigError
+from routesvc.health import HealthServicer
 from routesvc.ledger import Ledger
 from routesvc.providers.base import Provider
 from routesvc.reload import ConfigWatcher
@@ -158,7 +159,7 @@ class Server:
             # GOAWAY after this long; streams in flight finish (grpc's grace is unlimited by default).
             options.append(("grpc.max_connection_age_ms", int(max_age * 1000)))
         self._server = grpc.aio.server(options=options)
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self._service = RouterService(self._router, self.telemetry, batches=self.batches)
         self._server.add_registered_method_handlers(SERVICE_NAME, _service_handlers(self._service, self.telemetry))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -315,7 +316,8 @@ class Server:
             await self._health.set(name, status)
 
     async def aclose(self) -> None:
-        """Drain in order: health NOT_SERVING, wait the drain delay, stop(grace), close providers."""
+        """Drain in order: health NOT_SERVING, wait the drain delay, end health Watch streams,
+        stop(grace), close providers."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -332,6 +334,9 @@ class Server:
         # Calls still running shortly before the grace ends are ended with a status (and the
         # committed trailers) rather than cut by the transport.
         margin = min(2.0, grace / 4)
+        # Health Watch streams end here, having streamed NOT_SERVING: left open, each would hold
+        # the stop below for the whole grace like a call in flight (both ports share the servicer).
+        await self._health.close()
         async with asyncio.TaskGroup() as group:
             interrupter = group.create_task(self._interrupt_after(grace - margin, margin))
             await self._server.stop(grace)

@@ -75,6 +75,34 @@ class TestDrain:
         # Bounded by drain and grace, not by the 20 s stream; the slack is for a loaded machine.
         assert elapsed < 0.3 + 1.5 + 2.0
 
+    async def test_an_open_health_watch_does_not_hold_the_drain(self, fake: FakeProvider) -> None:
+        """Watches on both ports stream NOT_SERVING, then end OK; the stop does not wait the
+        10 s grace for them (no RouterService call is in flight)."""
+        config = default_config()
+        config["server"] = {"grace_seconds": 10, "drain_delay_seconds": 0, "health_port": 0}
+        server = Server(settings_from(config, live_environ(fake)), port=0)
+        await server.start()
+        async with (
+            grpc.aio.insecure_channel(server.target) as channel,
+            grpc.aio.insecure_channel(server.health_target) as health_channel,
+        ):
+            watches = [
+                health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()),
+                health_pb2_grpc.HealthStub(health_channel).Watch(health_pb2.HealthCheckRequest()),
+            ]
+            for watch in watches:
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            closing = asyncio.create_task(server.aclose())
+            for watch in watches:
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert await watch.read() is grpc.aio.EOF
+                assert await watch.code() == grpc.StatusCode.OK
+            await closing
+            elapsed = loop.time() - started
+        assert elapsed < 5.0  # half the grace: generous for a loaded machine, far from the 10 s
+
 
 class TestDrainWithBatchJobs:
     async def test_a_job_queued_before_the_interruption_is_delivered_with_its_id(

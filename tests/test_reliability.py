@@ -341,11 +341,42 @@ class TestBreakers:
         breakers = Breakers(BreakerConfig(failure_threshold=1, open_seconds=10), clock=lambda: now[0])
         breakers.record_failure("m")
         now[0] = 10.0
-        assert (breakers.allow("m"), breakers.allow("m")) == (True, False)
+        assert (bool(breakers.allow("m")), breakers.allow("m")) == (True, None)
         now[0] = 19.9
         assert not breakers.allow("m")
         now[0] = 20.0
         assert breakers.allow("m")
+
+    def test_only_the_probe_gives_the_half_open_turn_back(self) -> None:
+        """A call started while the breaker was closed (a long stream) that ends without a verdict
+        (cancelled, its deadline, a refused request) while a half-open probe runs frees nothing:
+        no second probe starts beside the first. The probe's own end gives the turn back, once;
+        a lost probe's late release does not free its successor's turn."""
+        now = [0.0]
+        breakers = Breakers(BreakerConfig(failure_threshold=1, open_seconds=30), clock=lambda: now[0])
+        stream = breakers.allow("m")
+        assert stream is not None
+        assert not stream.probe
+        breakers.record_failure("m")  # another call fails: the breaker opens
+        now[0] = 31.0
+        probe = breakers.allow("m")
+        assert probe is not None
+        assert probe.probe
+        breakers.release_probe(stream)
+        assert breakers.allow("m") is None
+        breakers.release_probe(probe)
+        second = breakers.allow("m")
+        assert second is not None
+        assert second.probe
+        breakers.release_probe(probe)  # the first probe's end reported twice
+        assert breakers.allow("m") is None
+        now[0] = 61.0  # the second probe never reported: a third may go, and the second's
+        third = breakers.allow("m")  # late release leaves the third's turn taken
+        assert third is not None
+        assert third.probe
+        breakers.release_probe(second)
+        assert breakers.allow("m") is None
+        assert breakers.state("m") is BreakerState.HALF_OPEN
 
     @pytest.mark.parametrize("reliable", [{"retries_per_model": 0}], indirect=True)
     async def test_requests_the_provider_refuses_open_no_breaker(

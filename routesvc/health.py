@@ -1,0 +1,65 @@
+"""grpc.health.v1 for the serving port and ``server.health_port``, with Watch streams a drain ends.
+
+grpc's own servicer keeps every ``Watch`` open until the call is cancelled, and ``server.stop(grace)``
+waits for it like any other call: one open watcher made every drain last the whole grace. Here
+``close()`` (the drain, once its delay is over and just before the stop) ends each Watch with OK
+after it has streamed the last status (NOT_SERVING); a Watch opened after that gets the status
+and ends at once. ``Check`` answers as before, throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # generated, untyped
+    """Check and Watch for the statuses ``set`` gives; ``close`` ends the Watch streams."""
+
+    def __init__(self) -> None:
+        self._statuses: dict[str, health_pb2.HealthCheckResponse.ServingStatus] = {
+            "": health_pb2.HealthCheckResponse.SERVING
+        }
+        self._changed = asyncio.Condition()
+        self._closed = False
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        """Report ``status`` for ``service`` to Check and to every Watch of it."""
+        async with self._changed:
+            self._statuses[service] = status
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        """End every Watch (with OK) once it has streamed the current status, and each new one
+        right after its first message."""
+        async with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._statuses.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND)
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        last: health_pb2.HealthCheckResponse.ServingStatus | None = None
+        while True:
+            async with self._changed:
+                status, closed = self._status(request.service), self._closed
+                while status == last and not closed:
+                    await self._changed.wait()
+                    status, closed = self._status(request.service), self._closed
+            # Written outside the lock: a watcher that reads slowly holds up nobody's ``set``.
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if closed:
+                return
+
+    def _status(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
+        return self._statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
