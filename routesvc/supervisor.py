@@ -3,8 +3,9 @@
 One Python process serves on one core. With ``workers: N`` (or ``routesvc serve --workers N``)
 the process started becomes a supervisor that serves nothing itself:
 
-- it reserves the port (bound with ``SO_REUSEPORT``, never listening, so port 0 works too) and
-  logs ``workers_started`` with the target;
+- it refuses a port something already holds (exit 2, as a single server), then reserves the port
+  and ``server.health_port`` (bound with ``SO_REUSEPORT``, never listening, so port 0 works too)
+  and logs ``workers_started`` with the target;
 - it spawns N workers, fresh interpreters that each load the same configuration and run their
   own grpc.aio server on that port with ``SO_REUSEPORT``: the kernel spreads new connections
   over them (a client's channel stays on one worker);
@@ -58,18 +59,36 @@ def run_event_loop(main: Coroutine[Any, Any, None], *, uvloop: bool = True) -> N
     asyncio.run(main)
 
 
-def _reserve(host: str, port: int) -> socket.socket:
+def _reserve(host: str, port: int, field: str = "server") -> socket.socket:
     """A socket bound to ``host:port`` with ``SO_REUSEPORT`` that never listens: it holds the port
-    (and picks one for port 0) while the workers listen on it."""
+    (and picks one for port 0) while the workers listen on it.
+
+    A port something else already holds is refused first, as a single server refuses it: the
+    reservation and the workers share the port with ``SO_REUSEPORT``, which any other process of
+    the same user could join too, silently taking a share of the connections. ``field`` names the
+    setting in the error."""
     bare = host.strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    in_use = ConfigError(
+        f"{field}: cannot listen on {host}:{port} (the port is in use, or the host is not this machine's)"
+    )
+    if port:
+        # Without SO_REUSEPORT this bind fails on any socket bound or listening there (another
+        # supervisor's reservation or workers, a single server); SO_REUSEADDR only lets it past
+        # connections of an earlier server still in TIME_WAIT, as grpc's own bind does.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((bare, port))
+            except OSError as exc:
+                raise in_use from exc
     reservation = socket.socket(family, socket.SOCK_STREAM)
     try:
         reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reservation.bind((bare, port))
     except OSError as exc:
         reservation.close()
-        raise ConfigError(f"server: cannot bind {host}:{port} for the workers: {exc.strerror}") from exc
+        raise in_use from exc
     return reservation
 
 
@@ -126,6 +145,14 @@ def serve_workers(
     if server.health_port == bound:
         reservation.close()
         raise ConfigError(f"{settings.source}: server.health_port: {bound} is the serving port too; choose another")
+    try:
+        # Held too, so that the workers' health servers (also SO_REUSEPORT) join no other process's.
+        health_reservation = (
+            None if server.health_port is None else _reserve(server.host, server.health_port, "server.health_port")
+        )
+    except ConfigError:
+        reservation.close()
+        raise
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(target=_worker, args=(config_path, bound, uvloop, os.getpid()), name=f"routesvc-worker-{index}")
@@ -172,5 +199,7 @@ def serve_workers(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         reservation.close()
+        if health_reservation is not None:
+            health_reservation.close()
     log.info("workers_stopped", workers=workers, failed=failed)
     return 1 if failed else 0
