@@ -11,7 +11,7 @@ the process started becomes a supervisor that serves nothing itself:
   over them (a client's channel stays on one worker);
 - SIGTERM, SIGINT or SIGHUP is forwarded to every worker (SIGHUP as SIGTERM), each drains as a
   single server does (health NOT_SERVING, drain delay, grace), and the supervisor exits 0 when
-  all have exited 0;
+  all have exited 0; a worker still starting then stops without serving, also a clean stop;
 - a worker whose supervisor dies (even by SIGKILL) is sent SIGTERM by the kernel and drains
   (Linux), so no orphan keeps serving the port with an old configuration;
 - a worker that exits on its own is a failure: the others are stopped and the supervisor exits
@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 from collections.abc import Coroutine
+from multiprocessing import resource_tracker
 from types import FrameType
 from typing import Any
 
@@ -41,6 +42,8 @@ from routesvc.config import Settings, load_settings
 from routesvc.errors import ConfigError, RouteSvcError
 
 log = structlog.get_logger("routesvc.supervisor")
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def run_event_loop(main: Coroutine[Any, Any, None], *, uvloop: bool = True) -> None:
@@ -108,18 +111,33 @@ def _end_with_parent(parent: int) -> None:
 def _worker(config_path: str | None, port: int, uvloop: bool, parent: int) -> None:
     """One worker process: the configuration loaded again, one server on the shared port.
 
-    A problem found at start (a TLS file that cannot be read) is one line on stderr and exit 2,
-    as for a single server, not a traceback; the supervisor then stops the others and exits 1.
+    The process starts with the stop signals blocked (the supervisor blocks them while it spawns
+    the workers, and a new process inherits that): here they are first handled, by noting them,
+    then let through, so one the supervisor forwarded while this worker was still starting stops it
+    at once and cleanly instead of killing it half-started. A problem found at start (a TLS file
+    that cannot be read) is one line on stderr and exit 2, as for a single server, not a
+    traceback; the supervisor then stops the others and exits 1.
     """
+    requested: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        requested.append(signum)
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, note)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    _end_with_parent(parent)
+
     from routesvc.server import serve
     from routesvc.telemetry import configure_logging
 
-    _end_with_parent(parent)
     try:
         settings = load_settings(config_path)
         configure_logging(settings.config.logging)
         structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
-        run_event_loop(serve(settings, port=port, reuse_port=True), uvloop=uvloop)
+        run_event_loop(
+            serve(settings, port=port, reuse_port=True, stop_requested=lambda: bool(requested)), uvloop=uvloop
+        )
     except RouteSvcError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -170,14 +188,19 @@ def serve_workers(
             if process.pid is not None and process.exitcode is None:
                 os.kill(process.pid, forwarded)
 
-    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, stop_all) for signum in handled}
+    previous = {signum: signal.signal(signum, stop_all) for signum in _STOP_SIGNALS}
     failed = False
     try:
-        for process in processes:
-            process.start()
-        if stopping:  # a signal came while the workers were starting
-            stop_all(signal.SIGTERM)
+        # Blocked while the workers are spawned, so that each starts with them blocked until it
+        # handles them (see _worker); one sent here meanwhile is forwarded once all have a pid.
+        # The resource tracker is started first: starting it unblocks SIGINT and SIGTERM here.
+        resource_tracker.ensure_running()
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            for process in processes:
+                process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         log.info(
             "workers_started",
             workers=workers,
@@ -190,7 +213,9 @@ def serve_workers(
             for process in [p for p in running if p.sentinel in ended]:
                 process.join()
                 running.remove(process)
-                if process.exitcode != 0 or not stopping:
+                # Once stopping, a worker ended by the signal forwarded to it (before it could
+                # handle it, or after its event loop closed) stopped as asked.
+                if not stopping or process.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT):
                     failed = True
                     log.error("worker_exited", pid=process.pid, exit_code=process.exitcode, stopping=stopping)
                     if not stopping:

@@ -132,6 +132,39 @@ class TestWorkers:
             [_in_use("server", f"127.0.0.1:{port}")],
         )
 
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+    async def test_a_stop_signal_while_the_workers_start_is_a_clean_stop(
+        self, tmp_path: Path, signum: signal.Signals
+    ) -> None:
+        """SIGTERM or SIGINT as soon as the workers are spawned (still loading): each worker stops
+        as asked, without a traceback, and the supervisor exits 0."""
+        config = default_config()
+        config["server"] = {"port": 0, "workers": 2, "grace_seconds": 2, "health_port": free_port()}
+        config["logging"] = {"format": "json"}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ROUTESVC_"))}
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "routesvc", "serve", "--config", str(path)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        try:
+            serving = _Serve(process)
+            await serving.until("workers_started")
+            process.send_signal(signum)
+            async with asyncio.timeout(60):
+                stdout, stderr = await process.communicate()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode == 0, stderr.decode()
+        assert "Traceback" not in stderr.decode()
+        stopped = [json.loads(line) for line in stdout.splitlines() if b'"workers_stopped"' in line]
+        assert stopped[0]["failed"] is False
+
 
 def _serve_once(tmp_path: Path, config: dict[str, object], *args: str) -> subprocess.CompletedProcess[str]:
     """``python -m routesvc serve`` with ``config`` and ``args``, expected to end by itself."""
