@@ -15,7 +15,8 @@ the process started becomes a supervisor that serves nothing itself:
 - a worker whose supervisor dies (even by SIGKILL) is sent SIGTERM by the kernel and drains
   (Linux), so no orphan keeps serving the port with an old configuration;
 - a worker that exits on its own is a failure: the others are stopped and the supervisor exits
-  1, so that the orchestrator restarts the whole.
+  1, so that the orchestrator restarts the whole; one that exits on a problem found at start (a
+  TLS file it cannot read) makes the supervisor print that once and exit 2, as a single server.
 
 Each worker keeps its own state: per-tenant limits, breakers, the retry budget, ``GetStats`` and
 metrics are per process, so limits are per worker. ``telemetry.metrics.prometheus_port`` cannot
@@ -25,6 +26,7 @@ be shared and is refused with more than one worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -108,15 +110,18 @@ def _end_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(config_path: str | None, port: int, uvloop: bool, parent: int) -> None:
+def _worker(
+    config_path: str | None, port: int, uvloop: bool, parent: int, errors: multiprocessing.connection.Connection
+) -> None:
     """One worker process: the configuration loaded again, one server on the shared port.
 
     The process starts with the stop signals blocked (the supervisor blocks them while it spawns
     the workers, and a new process inherits that): here they are first handled, by noting them,
     then let through, so one the supervisor forwarded while this worker was still starting stops it
     at once and cleanly instead of killing it half-started. A problem found at start (a TLS file
-    that cannot be read) is one line on stderr and exit 2, as for a single server, not a
-    traceback; the supervisor then stops the others and exits 1.
+    that cannot be read) goes back to the supervisor on ``errors`` and the worker exits 2; the
+    supervisor stops the others, prints the first such problem once and exits 2, as a single
+    server does.
     """
     requested: list[int] = []
 
@@ -139,7 +144,7 @@ def _worker(config_path: str | None, port: int, uvloop: bool, parent: int) -> No
             serve(settings, port=port, reuse_port=True, stop_requested=lambda: bool(requested)), uvloop=uvloop
         )
     except RouteSvcError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        errors.send(exc.message)
         raise SystemExit(2) from None
 
 
@@ -172,10 +177,15 @@ def serve_workers(
         reservation.close()
         raise
     context = multiprocessing.get_context("spawn")
+    pipes = [context.Pipe(duplex=False) for _ in range(workers)]  # (supervisor's end, worker's end)
     processes = [
-        context.Process(target=_worker, args=(config_path, bound, uvloop, os.getpid()), name=f"routesvc-worker-{index}")
-        for index in range(workers)
+        context.Process(
+            target=_worker, args=(config_path, bound, uvloop, os.getpid(), sending), name=f"routesvc-worker-{index}"
+        )
+        for index, (_, sending) in enumerate(pipes)
     ]
+    received = dict(zip(processes, (receiving for receiving, _ in pipes), strict=True))
+    start_error: str | None = None  # the first problem a worker found at start
     stopping = False
 
     def stop_all(signum: int, frame: FrameType | None = None) -> None:
@@ -201,6 +211,8 @@ def serve_workers(
                 process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+            for _, sending in pipes:
+                sending.close()
         log.info(
             "workers_started",
             workers=workers,
@@ -213,6 +225,10 @@ def serve_workers(
             for process in [p for p in running if p.sentinel in ended]:
                 process.join()
                 running.remove(process)
+                if start_error is None and received[process].poll():
+                    # Ready at the end of the pipe too, for a worker that sent nothing.
+                    with contextlib.suppress(EOFError):
+                        start_error = received[process].recv()
                 # Once stopping, a worker ended by the signal forwarded to it (before it could
                 # handle it, or after its event loop closed) stopped as asked.
                 if not stopping or process.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT):
@@ -226,5 +242,11 @@ def serve_workers(
         reservation.close()
         if health_reservation is not None:
             health_reservation.close()
+        for receiving, _ in pipes:
+            receiving.close()
     log.info("workers_stopped", workers=workers, failed=failed)
+    if start_error is not None:
+        # Every worker finds the same problem: one line, and the exit code of a single server.
+        print(f"error: {start_error}", file=sys.stderr)
+        return 2
     return 1 if failed else 0

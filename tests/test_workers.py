@@ -201,6 +201,22 @@ class TestPortsInUse:
         )
         assert "workers_started" not in result.stdout
 
+    def test_a_problem_every_worker_finds_at_start_is_one_line_and_exit_2(self, tmp_path: Path) -> None:
+        """A TLS file that cannot be read is found by the workers only: the supervisor prints it
+        once and exits 2, as a single server does, not one line per worker and exit 1."""
+        missing = tmp_path / "missing.pem"
+        config = default_config()
+        config["server"] = {
+            "port": 0,
+            "health_port": free_port(),
+            "tls": {"cert_file": str(missing), "key_file": str(missing)},
+        }
+        result = _serve_once(tmp_path, config, "--workers", "2")
+        assert (result.returncode, result.stderr.splitlines()) == (
+            2,
+            [f"error: server.tls: cannot read {missing}: No such file or directory"],
+        )
+
 
 def _alive(pid: int) -> bool:
     """Whether ``pid`` is a running process (a zombie waiting to be reaped counts as ended)."""
