@@ -376,13 +376,24 @@ class Server:
         await self.aclose()
 
 
-async def serve(settings: Settings, port: int | None = None, *, reuse_port: bool = False) -> None:
+async def serve(
+    settings: Settings,
+    port: int | None = None,
+    *,
+    reuse_port: bool = False,
+    stop_requested: Callable[[], bool] | None = None,
+) -> None:
     """Run until SIGTERM, SIGINT or SIGHUP (the session went away), then drain gracefully
-    (``reuse_port``: as one of several workers)."""
+    (``reuse_port``: as one of several workers). ``stop_requested`` tells whether such a signal
+    came before this could handle them (a worker notes them from its first line): the server is
+    then not started at all."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
+    if stop_requested is not None and stop_requested():
+        log.info("server_not_started", reason="stopped by a signal while starting")
+        return
     server = Server(settings, port=port, reuse_port=reuse_port, freeze_heap=True)
     await server.start()
     await stop.wait()

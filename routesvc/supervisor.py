@@ -3,18 +3,20 @@
 One Python process serves on one core. With ``workers: N`` (or ``routesvc serve --workers N``)
 the process started becomes a supervisor that serves nothing itself:
 
-- it reserves the port (bound with ``SO_REUSEPORT``, never listening, so port 0 works too) and
-  logs ``workers_started`` with the target;
+- it refuses a port something already holds (exit 2, as a single server), then reserves the port
+  and ``server.health_port`` (bound with ``SO_REUSEPORT``, never listening, so port 0 works too)
+  and logs ``workers_started`` with the target;
 - it spawns N workers, fresh interpreters that each load the same configuration and run their
   own grpc.aio server on that port with ``SO_REUSEPORT``: the kernel spreads new connections
   over them (a client's channel stays on one worker);
 - SIGTERM, SIGINT or SIGHUP is forwarded to every worker (SIGHUP as SIGTERM), each drains as a
   single server does (health NOT_SERVING, drain delay, grace), and the supervisor exits 0 when
-  all have exited 0;
+  all have exited 0; a worker still starting then stops without serving, also a clean stop;
 - a worker whose supervisor dies (even by SIGKILL) is sent SIGTERM by the kernel and drains
   (Linux), so no orphan keeps serving the port with an old configuration;
 - a worker that exits on its own is a failure: the others are stopped and the supervisor exits
-  1, so that the orchestrator restarts the whole.
+  1, so that the orchestrator restarts the whole; one that exits on a problem found at start (a
+  TLS file it cannot read) makes the supervisor print that once and exit 2, as a single server.
 
 Each worker keeps its own state: per-tenant limits, breakers, the retry budget, ``GetStats`` and
 metrics are per process, so limits are per worker. ``telemetry.metrics.prometheus_port`` cannot
@@ -24,6 +26,7 @@ be shared and is refused with more than one worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -31,6 +34,7 @@ import signal
 import socket
 import sys
 from collections.abc import Coroutine
+from multiprocessing import resource_tracker
 from types import FrameType
 from typing import Any
 
@@ -40,6 +44,8 @@ from routesvc.config import Settings, load_settings
 from routesvc.errors import ConfigError, RouteSvcError
 
 log = structlog.get_logger("routesvc.supervisor")
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def run_event_loop(main: Coroutine[Any, Any, None], *, uvloop: bool = True) -> None:
@@ -58,18 +64,36 @@ def run_event_loop(main: Coroutine[Any, Any, None], *, uvloop: bool = True) -> N
     asyncio.run(main)
 
 
-def _reserve(host: str, port: int) -> socket.socket:
+def _reserve(host: str, port: int, field: str = "server") -> socket.socket:
     """A socket bound to ``host:port`` with ``SO_REUSEPORT`` that never listens: it holds the port
-    (and picks one for port 0) while the workers listen on it."""
+    (and picks one for port 0) while the workers listen on it.
+
+    A port something else already holds is refused first, as a single server refuses it: the
+    reservation and the workers share the port with ``SO_REUSEPORT``, which any other process of
+    the same user could join too, silently taking a share of the connections. ``field`` names the
+    setting in the error."""
     bare = host.strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    in_use = ConfigError(
+        f"{field}: cannot listen on {host}:{port} (the port is in use, or the host is not this machine's)"
+    )
+    if port:
+        # Without SO_REUSEPORT this bind fails on any socket bound or listening there (another
+        # supervisor's reservation or workers, a single server); SO_REUSEADDR only lets it past
+        # connections of an earlier server still in TIME_WAIT, as grpc's own bind does.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((bare, port))
+            except OSError as exc:
+                raise in_use from exc
     reservation = socket.socket(family, socket.SOCK_STREAM)
     try:
         reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reservation.bind((bare, port))
     except OSError as exc:
         reservation.close()
-        raise ConfigError(f"server: cannot bind {host}:{port} for the workers: {exc.strerror}") from exc
+        raise in_use from exc
     return reservation
 
 
@@ -86,23 +110,41 @@ def _end_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(config_path: str | None, port: int, uvloop: bool, parent: int) -> None:
+def _worker(
+    config_path: str | None, port: int, uvloop: bool, parent: int, errors: multiprocessing.connection.Connection
+) -> None:
     """One worker process: the configuration loaded again, one server on the shared port.
 
-    A problem found at start (a TLS file that cannot be read) is one line on stderr and exit 2,
-    as for a single server, not a traceback; the supervisor then stops the others and exits 1.
+    The process starts with the stop signals blocked (the supervisor blocks them while it spawns
+    the workers, and a new process inherits that): here they are first handled, by noting them,
+    then let through, so one the supervisor forwarded while this worker was still starting stops it
+    at once and cleanly instead of killing it half-started. A problem found at start (a TLS file
+    that cannot be read) goes back to the supervisor on ``errors`` and the worker exits 2; the
+    supervisor stops the others, prints the first such problem once and exits 2, as a single
+    server does.
     """
+    requested: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        requested.append(signum)
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, note)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    _end_with_parent(parent)
+
     from routesvc.server import serve
     from routesvc.telemetry import configure_logging
 
-    _end_with_parent(parent)
     try:
         settings = load_settings(config_path)
         configure_logging(settings.config.logging)
         structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
-        run_event_loop(serve(settings, port=port, reuse_port=True), uvloop=uvloop)
+        run_event_loop(
+            serve(settings, port=port, reuse_port=True, stop_requested=lambda: bool(requested)), uvloop=uvloop
+        )
     except RouteSvcError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        errors.send(exc.message)
         raise SystemExit(2) from None
 
 
@@ -126,11 +168,24 @@ def serve_workers(
     if server.health_port == bound:
         reservation.close()
         raise ConfigError(f"{settings.source}: server.health_port: {bound} is the serving port too; choose another")
+    try:
+        # Held too, so that the workers' health servers (also SO_REUSEPORT) join no other process's.
+        health_reservation = (
+            None if server.health_port is None else _reserve(server.host, server.health_port, "server.health_port")
+        )
+    except ConfigError:
+        reservation.close()
+        raise
     context = multiprocessing.get_context("spawn")
+    pipes = [context.Pipe(duplex=False) for _ in range(workers)]  # (supervisor's end, worker's end)
     processes = [
-        context.Process(target=_worker, args=(config_path, bound, uvloop, os.getpid()), name=f"routesvc-worker-{index}")
-        for index in range(workers)
+        context.Process(
+            target=_worker, args=(config_path, bound, uvloop, os.getpid(), sending), name=f"routesvc-worker-{index}"
+        )
+        for index, (_, sending) in enumerate(pipes)
     ]
+    received = dict(zip(processes, (receiving for receiving, _ in pipes), strict=True))
+    start_error: str | None = None  # the first problem a worker found at start
     stopping = False
 
     def stop_all(signum: int, frame: FrameType | None = None) -> None:
@@ -143,14 +198,21 @@ def serve_workers(
             if process.pid is not None and process.exitcode is None:
                 os.kill(process.pid, forwarded)
 
-    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, stop_all) for signum in handled}
+    previous = {signum: signal.signal(signum, stop_all) for signum in _STOP_SIGNALS}
     failed = False
     try:
-        for process in processes:
-            process.start()
-        if stopping:  # a signal came while the workers were starting
-            stop_all(signal.SIGTERM)
+        # Blocked while the workers are spawned, so that each starts with them blocked until it
+        # handles them (see _worker); one sent here meanwhile is forwarded once all have a pid.
+        # The resource tracker is started first: starting it unblocks SIGINT and SIGTERM here.
+        resource_tracker.ensure_running()
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            for process in processes:
+                process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+            for _, sending in pipes:
+                sending.close()
         log.info(
             "workers_started",
             workers=workers,
@@ -163,7 +225,13 @@ def serve_workers(
             for process in [p for p in running if p.sentinel in ended]:
                 process.join()
                 running.remove(process)
-                if process.exitcode != 0 or not stopping:
+                if start_error is None and received[process].poll():
+                    # Ready at the end of the pipe too, for a worker that sent nothing.
+                    with contextlib.suppress(EOFError):
+                        start_error = received[process].recv()
+                # Once stopping, a worker ended by the signal forwarded to it (before it could
+                # handle it, or after its event loop closed) stopped as asked.
+                if not stopping or process.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT):
                     failed = True
                     log.error("worker_exited", pid=process.pid, exit_code=process.exitcode, stopping=stopping)
                     if not stopping:
@@ -172,5 +240,13 @@ def serve_workers(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         reservation.close()
+        if health_reservation is not None:
+            health_reservation.close()
+        for receiving, _ in pipes:
+            receiving.close()
     log.info("workers_stopped", workers=workers, failed=failed)
+    if start_error is not None:
+        # Every worker finds the same problem: one line, and the exit code of a single server.
+        print(f"error: {start_error}", file=sys.stderr)
+        return 2
     return 1 if failed else 0

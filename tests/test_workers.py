@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -118,6 +119,103 @@ class TestWorkers:
         async with asyncio.timeout(20):
             while [pid for pid in pids if _alive(pid)]:  # noqa: ASYNC110 - other processes' lives have no event
                 await asyncio.sleep(0.1)
+
+    async def test_a_second_supervisor_on_a_served_port_is_refused(self, serve_process: _Serve, tmp_path: Path) -> None:
+        """``serve --workers 2 --port P`` while another supervisor's workers serve P: one error line
+        and exit 2, not a second set of workers silently taking a share of the connections."""
+        started = await serve_process.until("workers_started")
+        await serve_process.until("server_started", count=2)
+        port = str(started["target"]).rpartition(":")[2]
+        second = await asyncio.to_thread(_serve_once, tmp_path, default_config(), "--workers", "2", "--port", port)
+        assert (second.returncode, second.stderr.splitlines()) == (
+            2,
+            [_in_use("server", f"127.0.0.1:{port}")],
+        )
+
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+    async def test_a_stop_signal_while_the_workers_start_is_a_clean_stop(
+        self, tmp_path: Path, signum: signal.Signals
+    ) -> None:
+        """SIGTERM or SIGINT as soon as the workers are spawned (still loading): each worker stops
+        as asked, without a traceback, and the supervisor exits 0."""
+        config = default_config()
+        config["server"] = {"port": 0, "workers": 2, "grace_seconds": 2, "health_port": free_port()}
+        config["logging"] = {"format": "json"}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ROUTESVC_"))}
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "routesvc", "serve", "--config", str(path)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        try:
+            serving = _Serve(process)
+            await serving.until("workers_started")
+            process.send_signal(signum)
+            async with asyncio.timeout(60):
+                stdout, stderr = await process.communicate()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode == 0, stderr.decode()
+        assert "Traceback" not in stderr.decode()
+        stopped = [json.loads(line) for line in stdout.splitlines() if b'"workers_stopped"' in line]
+        assert stopped[0]["failed"] is False
+
+
+def _serve_once(tmp_path: Path, config: dict[str, object], *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m routesvc serve`` with ``config`` and ``args``, expected to end by itself."""
+    path = tmp_path / "once.yaml"
+    path.write_text(yaml.safe_dump(config | {"logging": {"format": "json"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ROUTESVC_"))}
+    command = [sys.executable, "-m", "routesvc", "serve", "--config", str(path), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _in_use(field: str, address: str) -> str:
+    """The one line ``serve`` prints for a port it cannot have."""
+    return f"error: {field}: cannot listen on {address} (the port is in use, or the host is not this machine's)"
+
+
+class TestPortsInUse:
+    @pytest.mark.parametrize("field", ["server", "server.health_port"])
+    def test_a_port_something_listens_on_is_refused_before_any_worker(self, tmp_path: Path, field: str) -> None:
+        """A plain socket listening on the serving or the health port: the supervisor exits 2 with
+        one line naming the setting and the address, as a single server does."""
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            config = default_config()
+            if field == "server":
+                config["server"] = {"port": port, "health_port": free_port()}
+            else:
+                config["server"] = {"port": 0, "health_port": port}
+            result = _serve_once(tmp_path, config, "--workers", "2")
+        assert (result.returncode, result.stderr.splitlines()) == (
+            2,
+            [_in_use(field, f"127.0.0.1:{port}")],
+        )
+        assert "workers_started" not in result.stdout
+
+    def test_a_problem_every_worker_finds_at_start_is_one_line_and_exit_2(self, tmp_path: Path) -> None:
+        """A TLS file that cannot be read is found by the workers only: the supervisor prints it
+        once and exits 2, as a single server does, not one line per worker and exit 1."""
+        missing = tmp_path / "missing.pem"
+        config = default_config()
+        config["server"] = {
+            "port": 0,
+            "health_port": free_port(),
+            "tls": {"cert_file": str(missing), "key_file": str(missing)},
+        }
+        result = _serve_once(tmp_path, config, "--workers", "2")
+        assert (result.returncode, result.stderr.splitlines()) == (
+            2,
+            [f"error: server.tls: cannot read {missing}: No such file or directory"],
+        )
 
 
 def _alive(pid: int) -> bool:
