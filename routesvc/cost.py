@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal
+from typing import Protocol
 
 from routesvc.catalog import ModelSpec
 from routesvc.models import Mode, Usage
@@ -43,6 +44,28 @@ def estimate_cost(
     ``image_token_scale``."""
     usage = Usage(input_tokens=billed_input_tokens(model, input_tokens, image_tokens), output_tokens=output_tokens)
     return cost_of_usage(model, usage, mode)
+
+
+class Estimated(Protocol):
+    """A routed request's token estimate: a ``RouteDecision``'s, or a ``RoutingInput``'s."""
+
+    @property
+    def estimated_input_tokens(self) -> int: ...
+    @property
+    def estimated_output_tokens(self) -> int: ...
+    @property
+    def estimated_image_tokens(self) -> int: ...
+
+
+def estimated_cost(model: ModelSpec, estimate: Estimated, mode: Mode = Mode.REALTIME) -> Decimal:
+    """``estimate_cost`` of a routed request's ``estimate`` on ``model``, its images included."""
+    return estimate_cost(
+        model,
+        estimate.estimated_input_tokens,
+        estimate.estimated_output_tokens,
+        mode,
+        image_tokens=estimate.estimated_image_tokens,
+    )
 
 
 def billed_input_tokens(model: ModelSpec, input_tokens: int, image_tokens: int) -> int:

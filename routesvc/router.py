@@ -19,7 +19,7 @@ from routesvc.breaker import Breakers, Permit
 from routesvc.cascade import EscalationPolicy, max_cost_reason
 from routesvc.catalog import ModelSpec
 from routesvc.config import BATCH_API_KINDS, RulesStageConfig, Settings
-from routesvc.cost import billed_input_tokens, cost_of_usage, estimate_cost, format_usd
+from routesvc.cost import billed_input_tokens, cost_of_usage, estimated_cost, format_usd
 from routesvc.errors import (
     CostLimitExceeded,
     DeadlineExceeded,
@@ -401,12 +401,7 @@ class Router:
         """``decision`` served in realtime instead of batch: at the realtime estimate, which must
         fit the request's ``max_cost_usd``."""
         model = self._catalog.get(decision.model)
-        cost = estimate_cost(
-            model,
-            decision.estimated_input_tokens,
-            decision.estimated_output_tokens,
-            image_tokens=decision.estimated_image_tokens,
-        )
+        cost = estimated_cost(model, decision)
         cap = request.context.max_cost_usd
         if cap is not None and cost > cap:
             raise CostLimitExceeded(
@@ -428,9 +423,8 @@ class Router:
         eligible model in either mode).
         """
         request = routing_input.request
-        tokens_in, tokens_out = routing_input.estimated_input_tokens, routing_input.estimated_output_tokens
         costs = [
-            estimate_cost(model, tokens_in, tokens_out, mode, image_tokens=routing_input.estimated_image_tokens)
+            estimated_cost(model, routing_input, mode)
             for model in self._catalog
             if routing_input.is_eligible(model.id)
             for mode in (Mode.REALTIME, Mode.BATCH)
@@ -446,7 +440,8 @@ class Router:
                 f" max_cost_usd {format_usd(cap)}"
             )
         if for_completion:
-            await self._admission.precheck(request.context.tenant, tokens=tokens_in + tokens_out, cost=least)
+            tokens = routing_input.estimated_input_tokens + routing_input.estimated_output_tokens
+            await self._admission.precheck(request.context.tenant, tokens=tokens, cost=least)
 
     def _within_max_cost(
         self,
@@ -462,9 +457,7 @@ class Router:
         request's ``max_cost_usd``; a batch decision moving to a model without a batch API here
         is served by it in realtime, at that price. A ``pinned`` model is never replaced: over the
         cap, the request is refused."""
-        tokens_in, tokens_out = routing_input.estimated_input_tokens, routing_input.estimated_output_tokens
-        images = routing_input.estimated_image_tokens
-        cost = estimate_cost(model, tokens_in, tokens_out, mode, image_tokens=images)
+        cost = estimated_cost(model, routing_input, mode)
         cap = request.context.max_cost_usd
         if cap is None or cost <= cap:
             return model, cost, mode
@@ -479,7 +472,7 @@ class Router:
                 continue
             realtime_instead = self._realtime_instead_of_batch(other.provider) if mode is Mode.BATCH else ""
             other_mode = Mode.REALTIME if realtime_instead else mode
-            other_cost = estimate_cost(other, tokens_in, tokens_out, other_mode, image_tokens=images)
+            other_cost = estimated_cost(other, routing_input, other_mode)
             options.append((other_cost, index, other, realtime_instead))
         options.sort(key=lambda option: (option[0], option[1]))
         for other_cost, _, other, realtime_instead in options:
@@ -507,8 +500,6 @@ class Router:
         eligible = {c.model for c in decision.candidates if c.eligible}
         steps = decision.cascade_models
         other_steps = set(steps) - {decision.model}
-        tokens_in, tokens_out = decision.estimated_input_tokens, decision.estimated_output_tokens
-        images = decision.estimated_image_tokens
         chain = [decision.model]
         for name in self._routing.fallbacks.get(decision.model, ()):
             spec = self._catalog.get(name)
@@ -517,7 +508,7 @@ class Router:
                 continue
             if not provider.configured or name not in self._providers_by_model:
                 continue
-            if cap is not None and estimate_cost(spec, tokens_in, tokens_out, decision.mode, image_tokens=images) > cap:
+            if cap is not None and estimated_cost(spec, decision, decision.mode) > cap:
                 continue
             chain.append(name)
         return chain
@@ -603,12 +594,7 @@ class Router:
                 next_model = steps[index + 1]
                 released = outcome.completion is not None and outcome.quality.score >= threshold
                 quality = outcome.quality
-                next_cost = estimate_cost(
-                    self._catalog.get(next_model),
-                    decision.estimated_input_tokens,
-                    decision.estimated_output_tokens,
-                    image_tokens=decision.estimated_image_tokens,
-                )
+                next_cost = estimated_cost(self._catalog.get(next_model), decision)
                 if not released:
                     cap = self._escalation.max_cost(request)
                     would_cost = attempt.cost + next_cost
@@ -831,9 +817,7 @@ class Router:
         ``LimitExceeded`` when the budget cannot take the difference (``SharedStateUnavailable``
         when the shared store cannot say)."""
         decision = state.decision
-        tokens_in, tokens_out = decision.estimated_input_tokens, decision.estimated_output_tokens
-        images = decision.estimated_image_tokens
-        await self._cover_cost(state, estimate_cost(model, tokens_in, tokens_out, decision.mode, image_tokens=images))
+        await self._cover_cost(state, estimated_cost(model, decision, decision.mode))
 
     async def _cover_cost(self, state: _AttemptState, estimate: Decimal) -> None:
         """``_cover`` for a call estimated at ``estimate`` (a cascade judge's, an escalation's)."""

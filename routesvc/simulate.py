@@ -25,7 +25,7 @@ from pathlib import Path
 
 from routesvc import wire
 from routesvc.config import Settings
-from routesvc.cost import estimate_cost, format_usd
+from routesvc.cost import estimated_cost, format_usd
 from routesvc.errors import RouteSvcError
 from routesvc.outcomes import OutcomeDataError, model_numbers
 from routesvc.router import Router
@@ -265,13 +265,7 @@ async def _route_all(
         share.requests += 1
         share.estimated_cost_usd += decision.estimated_cost_usd
         report.estimated_cost_usd += decision.estimated_cost_usd
-        report.baseline_cost_usd += estimate_cost(
-            baseline,
-            decision.estimated_input_tokens,
-            decision.estimated_output_tokens,
-            decision.mode,
-            image_tokens=decision.estimated_image_tokens,
-        )
+        report.baseline_cost_usd += estimated_cost(baseline, decision, decision.mode)
         chosen = prompt.outcomes.get(mapping.get(decision.model, decision.model))
         reference = prompt.outcomes.get(mapping.get(baseline.id, baseline.id))
         if chosen is not None and reference is not None:

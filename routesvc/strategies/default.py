@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from routesvc.cost import estimate_cost
+from routesvc.cost import estimated_cost
 from routesvc.errors import ContextWindowExceeded, NoEligibleModel
 from routesvc.strategies.base import NextStage, RoutingInput, Verdict
 
@@ -31,12 +31,7 @@ class DefaultStrategy:
             raise no_eligible_model(routing_input)
         cheapest = min(
             eligible,
-            key=lambda model: estimate_cost(
-                model,
-                routing_input.estimated_input_tokens,
-                routing_input.estimated_output_tokens,
-                image_tokens=routing_input.estimated_image_tokens,
-            ),
+            key=lambda model: estimated_cost(model, routing_input),
         )
         why = routing_input.eligible.get(self._default_model, "unknown model")
         return Verdict(

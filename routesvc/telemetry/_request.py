@@ -21,7 +21,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from routesvc.catalog import ModelSpec
 from routesvc.config import Settings
-from routesvc.cost import billed_input_tokens, cost_of_usage, estimate_cost, format_usd
+from routesvc.cost import billed_input_tokens, cost_of_usage, estimated_cost, format_usd
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut, RouteSvcError
 from routesvc.models import (
     ChatRequest,
@@ -152,13 +152,7 @@ class RequestTelemetry:
             model_label = {"routesvc.model": answered}
             telemetry.instruments.baseline_cost.add(float(baseline), model_label)
             telemetry.instruments.savings.add(float(baseline - cost), model_label)
-        estimated_baseline = estimate_cost(
-            telemetry.baseline,
-            decision.estimated_input_tokens,
-            decision.estimated_output_tokens,
-            decision.mode,
-            image_tokens=decision.estimated_image_tokens,
-        )
+        estimated_baseline = estimated_cost(telemetry.baseline, decision, decision.mode)
         telemetry.stats.add(
             RequestOutcome(
                 at=time.monotonic(),
