@@ -35,7 +35,7 @@ from routesvc.models import (
 )
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.retry import skips_provider
-from routesvc.sidecall import side_call
+from routesvc.sidecall import deterministic_temperature, side_call
 from routesvc.tokens import estimate_input_tokens
 
 
@@ -291,8 +291,7 @@ class LLMJudge:
             provider_model=self._model.provider_model,
             messages=messages,
             max_output_tokens=self._max_output_tokens,
-            # Deterministic where the model takes a temperature (a reasoning model refuses one).
-            temperature=None if "temperature" in self._model.unsupported_parameters else 0.0,
+            temperature=deterministic_temperature(self._model),
             timeout=timeout,
         )
         if scoring_input.reserve is not None:

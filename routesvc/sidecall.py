@@ -25,6 +25,12 @@ class SideCallResult:
     error: TimeoutError | ProviderError | None = None
 
 
+def deterministic_temperature(model: ModelSpec) -> float | None:
+    """A side call's temperature on ``model``: 0, so that its answer is deterministic, or none for
+    a model that refuses the parameter (OpenAI's reasoning models)."""
+    return None if "temperature" in model.unsupported_parameters else 0.0
+
+
 def upstream_call(
     model: str, call: ProviderCall, produced: Sequence[str], finish: ProviderFinish | None, *, refused: bool
 ) -> UpstreamCall:

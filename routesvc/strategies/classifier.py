@@ -38,7 +38,7 @@ from routesvc.memo import Memo, text_key
 from routesvc.models import Message, Role, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.ridge import RidgeModel
-from routesvc.sidecall import side_call
+from routesvc.sidecall import deterministic_temperature, side_call
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
 
 TASK_LABELS: tuple[str, ...] = (
@@ -363,8 +363,7 @@ class LLMClassifierStage:
             provider_model=self._model.provider_model,
             messages=messages,
             max_output_tokens=40,
-            # Deterministic where the model takes a temperature (a reasoning model refuses one).
-            temperature=None if "temperature" in self._model.unsupported_parameters else 0.0,
+            temperature=deterministic_temperature(self._model),
             timeout=self._timeout_s,
         )
         # A client span of its own (purpose classifier): its latency, usage and cost are in the
