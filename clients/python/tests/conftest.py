@@ -32,12 +32,19 @@ async def client() -> AsyncIterator[RouterClient]:
 
 
 @pytest.fixture
-def script(client: RouterClient) -> Script:
+def fake_url() -> str:
+    """The fake provider's URL; the tests that script it or read its records are skipped when
+    run by hand without one (.ci/clients.sh always sets it)."""
+    url = os.environ.get("ROUTESVC_FAKE_URL")
+    if not url:
+        pytest.skip("ROUTESVC_FAKE_URL not set: no fake provider to script or read")
+    return url
+
+
+@pytest.fixture
+def script(client: RouterClient, fake_url: str) -> Script:
     """Reset the fake provider, then queue one scripted answer for the provider model serving
     ``PINNED_MODEL`` (as ListModels reports it)."""
-    fake_url = os.environ.get("ROUTESVC_FAKE_URL")
-    if not fake_url:
-        pytest.skip("ROUTESVC_FAKE_URL not set: cannot script a slow provider")
 
     def post(path: str, payload: object) -> None:
         # S310: the URL is the loopback fake named by the test environment, always http.
@@ -57,12 +64,9 @@ def script(client: RouterClient) -> Script:
 
 
 @pytest.fixture
-def upstream() -> Upstream:
+def upstream(fake_url: str) -> Upstream:
     """The fake provider's record of the last request it received, once that request has ended
     (completed, cut or aborted by routesvc): ``aborted`` says whether routesvc closed it early."""
-    fake_url = os.environ.get("ROUTESVC_FAKE_URL")
-    if not fake_url:
-        pytest.skip("ROUTESVC_FAKE_URL not set: cannot see the upstream request")
 
     def requests() -> list[dict[str, Any]]:
         # S310: the URL is the loopback fake named by the test environment, always http.
