@@ -75,7 +75,6 @@ class ConfigWatcher:
         interval: float,
         apply: Callable[[Settings], Awaitable[None]],
         *,
-        current: str | None = None,
         outcome: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self._path = path
@@ -89,7 +88,7 @@ class ConfigWatcher:
         self._files: tuple[Path, ...] = ()
         self._files_named_by: str | None = None
         version = self._look()
-        self._applied = current if current is not None else (version.fingerprint if version else None)
+        self._applied = version.fingerprint if version else None
         self._rejected: str | None = None  # said once; tried again at every poll until it changes
         self._unreadable = False  # said once while the file cannot be read; the old one keeps serving
 
