@@ -368,9 +368,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise
         host = settings.config.server.host
         port = settings.config.server.port if args.port is None else args.port
-        raise ConfigError(
-            f"server: cannot listen on {host}:{port} (the port is in use, or the host is not this machine's)"
-        ) from exc
+        raise ConfigError.port_in_use("server", host, port) from exc
     return 0
 
 

@@ -60,6 +60,11 @@ class ConfigError(RouteSvcError):
 
     reason = "INVALID_CONFIG"
 
+    @classmethod
+    def port_in_use(cls, field: str, host: str, port: int) -> ConfigError:
+        """The error for a port ``field`` names that cannot be listened on."""
+        return cls(f"{field}: cannot listen on {host}:{port} (the port is in use, or the host is not this machine's)")
+
 
 class InvalidRequest(RouteSvcError):
     """The request is malformed; ``field`` names the offending field path."""

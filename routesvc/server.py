@@ -188,10 +188,7 @@ class Server:
             try:
                 health_port = self._health_server.add_insecure_port(f"{host}:{health_port}")
             except RuntimeError as exc:
-                raise ConfigError(
-                    f"server.health_port: cannot listen on {host}:{health_port} (the port is in use,"
-                    " or the host is not this machine's)"
-                ) from exc
+                raise ConfigError.port_in_use("server.health_port", host, health_port) from exc
             self.health_target = f"{local}:{health_port}"
         address = f"{host}:{serving_port}"
         if credentials is None:

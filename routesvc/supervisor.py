@@ -74,9 +74,7 @@ def _reserve(host: str, port: int, field: str = "server") -> socket.socket:
     setting in the error."""
     bare = host.strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-    in_use = ConfigError(
-        f"{field}: cannot listen on {host}:{port} (the port is in use, or the host is not this machine's)"
-    )
+    in_use = ConfigError.port_in_use(field, host, port)
     if port:
         # Without SO_REUSEPORT this bind fails on any socket bound or listening there (another
         # supervisor's reservation or workers, a single server); SO_REUSEADDR only lets it past
