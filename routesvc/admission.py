@@ -34,6 +34,7 @@ class _TokenEntry:
 @dataclass
 class _TenantState:
     requests: collections.deque[float] = field(default_factory=collections.deque)
+    routes: collections.deque[float] = field(default_factory=collections.deque)  # Route calls
     tokens: collections.deque[_TokenEntry] = field(default_factory=collections.deque)
     in_flight: int = 0
     spent: dict[str, Decimal] = field(default_factory=lambda: collections.defaultdict(Decimal))
@@ -74,6 +75,13 @@ class Admission(Protocol):
 
     async def admit(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> Reservation:
         """Check and reserve one request; raises ``LimitExceeded`` having reserved nothing."""
+        ...
+
+    async def count_route(self, tenant: str) -> None:
+        """Count one ``Route`` call of ``tenant`` against its ``route_requests_per_minute``: raises
+        ``LimitExceeded`` (``RATE_LIMITED``) having counted nothing when its minute is full. Route
+        calls are counted apart from ``requests_per_minute`` (Complete calls and batch jobs), so
+        that a client asking Route before it completes is not counted twice."""
         ...
 
     async def exhausted(self, tenant: str) -> str:
@@ -155,6 +163,15 @@ def check_fits_token_rate(tenant: str, limits: TenantConfig, tokens: int) -> Non
         )
 
 
+def route_rate_limited(tenant: str, limits: TenantConfig, retry_after: float) -> LimitExceeded:
+    """The refusal of a Route call over the tenant's ``route_requests_per_minute``."""
+    return LimitExceeded(
+        f"tenant {tenant!r} is over its {limits.route_requests_per_minute} Route calls per minute",
+        reason="RATE_LIMITED",
+        retry_after=retry_after,
+    )
+
+
 def budget_name(period: str) -> str:
     """ "daily" or "monthly" for a period key of ``_periods``."""
     return "daily" if period.startswith("day") else "monthly"
@@ -212,6 +229,8 @@ class LocalAdmission:
     def _prune(self, state: _TenantState, now: float) -> None:
         while state.requests and state.requests[0] <= now - _WINDOW:
             state.requests.popleft()
+        while state.routes and state.routes[0] <= now - _WINDOW:
+            state.routes.popleft()
         while state.tokens and state.tokens[0].at <= now - _WINDOW:
             state.tokens.popleft()
 
@@ -243,6 +262,18 @@ class LocalAdmission:
             functools.partial(self._settle, tenant, entry, held, periods),
             functools.partial(self._extend, tenant, held, periods),
         )
+
+    async def count_route(self, tenant: str) -> None:
+        """Count one Route call against the tenant's ``route_requests_per_minute``, or refuse it."""
+        limits = self._tenants.get(tenant)
+        if limits is None or limits.route_requests_per_minute is None:
+            return
+        now = self._clock()
+        state = self._state[tenant]
+        self._prune(state, now)
+        if len(state.routes) >= limits.route_requests_per_minute:
+            raise route_rate_limited(tenant, limits, max(0.001, state.routes[0] + _WINDOW - now))
+        state.routes.append(now)
 
     async def exhausted(self, tenant: str) -> str:
         """Why ``tenant`` may not spend anything more now, or ""."""
@@ -338,7 +369,7 @@ class LocalAdmission:
     async def _settle_unlimited(self, tenant: str, state: _TenantState, tokens: int, cost: Decimal) -> bool:
         del tokens, cost
         state.in_flight -= 1
-        idle = not (state.in_flight or state.requests or state.tokens)
+        idle = not (state.in_flight or state.requests or state.routes or state.tokens)
         counted = any(state.spent.values()) or any(state.reserved.values())
         if idle and not counted and tenant not in self._tenants and self._state.get(tenant) is state:
             del self._state[tenant]

@@ -343,7 +343,10 @@ class TenantConfig(_Strict):
     api_keys_file: Path | None = Field(None, description="File of hex SHA-256 digests, one per line.")
     allowed_models: tuple[str, ...] | None = Field(None, description="Models it may use; default: all.")
     user_tier: str | None = Field(None, description="Tier used when a request names none.")
-    requests_per_minute: int | None = Field(None, gt=0)
+    requests_per_minute: int | None = Field(None, gt=0, description="Complete calls (batch jobs included).")
+    route_requests_per_minute: int | None = Field(
+        None, gt=0, description="Route calls, counted apart from requests_per_minute."
+    )
     tokens_per_minute: int | None = Field(None, gt=0, description="Estimated at admission, settled on usage.")
     max_concurrent: int | None = Field(None, gt=0, description="RPCs in flight at once.")
     daily_budget_usd: Decimal | None = Field(None, gt=0, description="UTC day.")

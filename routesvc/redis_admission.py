@@ -7,6 +7,7 @@ the tenant); what it really cost is never known, so nothing is added to what was
 
 Keys, per tenant T (``routesvc:`` prefix configurable):
     {prefix}T:req              sorted set of admitted request ids scored by time (requests/min)
+    {prefix}T:route            sorted set of Route call ids scored by time (Route calls/min)
     {prefix}T:tok              sorted set of reservation ids scored by time, and
     {prefix}T:tokn             hash reservation id -> tokens (tokens/min)
     {prefix}T:inflight         sorted set of reservation ids in flight scored by lease expiry
@@ -39,6 +40,7 @@ from routesvc.admission import (
     budget_name,
     check_fits_token_rate,
     exhausted_budget,
+    route_rate_limited,
 )
 from routesvc.config import TenantConfig
 from routesvc.cost import format_usd
@@ -133,6 +135,19 @@ reserve(res_m, holds_m, id, ARGV[7], MONTH_TTL)
 return {'OK', ''}
 """
 )
+
+_COUNT_ROUTE = """
+local key = KEYS[1]
+local now, window, limit, id = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+if redis.call('ZCARD', key) >= limit then
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return {'RATE_LIMITED', tostring(tonumber(oldest[2]) + window - now)}
+end
+redis.call('ZADD', key, now, id)
+redis.call('EXPIRE', key, math.ceil(window) + 1)
+return {'OK', ''}
+"""
 
 # A reservation no longer recorded in a period (its lease ran out and released it) has nothing
 # there for its settle to release, so it reserves nothing more there; its budgets still decide.
@@ -239,6 +254,7 @@ class RedisAdmission:
         self._extend_script = self._redis.register_script(_EXTEND)
         self._settle_script = self._redis.register_script(_SETTLE)
         self._charge_script = self._redis.register_script(_CHARGE)
+        self._count_route_script = self._redis.register_script(_COUNT_ROUTE)
         # Undoing reservations whose admit did not finish (see ``admit``) and charges on their
         # way (``charge``); awaited by ``aclose``.
         self._undoing: set[asyncio.Task[object]] = set()
@@ -282,6 +298,22 @@ class RedisAdmission:
         if verdict == "OK":
             return SettleOnce(settle, functools.partial(self._extend, tenant, reservation_id, periods))
         raise self._refusal(tenant, limits, verdict, detail, now)
+
+    async def count_route(self, tenant: str) -> None:
+        """Count one Route call against the tenant's ``route_requests_per_minute`` across
+        replicas, or refuse it. A reply lost after the script ran leaves the call counted (one
+        Route call too many in the minute, never one too few)."""
+        limits = self._tenants.get(tenant)
+        if limits is None or limits.route_requests_per_minute is None:
+            return
+        now = self._clock()
+        args: list[str | int] = [repr(now), repr(_WINDOW), limits.route_requests_per_minute, uuid.uuid4().hex]
+        try:
+            verdict, detail = await self._count_route_script(keys=[self._key(tenant, "route")], args=args)
+        except (RedisError, OSError) as exc:
+            raise _store_failed(exc) from exc
+        if verdict != "OK":
+            raise route_rate_limited(tenant, limits, max(0.001, float(detail)))
 
     async def precheck(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> None:
         """Raise what ``admit`` would raise now for ``tokens`` and ``cost`` (the admit script's

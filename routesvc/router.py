@@ -242,7 +242,8 @@ class Router:
 
         With ``for_completion`` the decision must be callable now: a model whose provider has
         no key fails with ``ProviderNotConfigured`` (policy ``fail``); for ``Route`` alone the
-        decision is returned with a reason saying Complete would fail. A provider call made to
+        decision is returned with a reason saying Complete would fail, and the call counts against
+        the tenant's ``route_requests_per_minute``. A provider call made to
         decide (an LLM classifier's) is written to the ledger as it ends, under the decision's
         id and ``request_id``, and comes back in ``routing_attempts`` with its cost.
         """
@@ -281,6 +282,10 @@ class Router:
                 estimated=call.estimated,
             )
 
+        if not for_completion:
+            # A Route call counts against the tenant's Route calls per minute before it can cost
+            # anything (an LLM classifier's call); Complete is admitted by ``complete``.
+            await self._admission.count_route(request.context.tenant)
         routing_input = RoutingInput(
             request=request,
             estimated_input_tokens=input_tokens,

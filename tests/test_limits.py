@@ -307,6 +307,41 @@ class TestTenantLimitsOverGrpc:
         assert all(retry_delay(error) > 0 for error in refused)
         assert len(fake.requests) == 50
 
+    @pytest.mark.parametrize(
+        "limited", [{"tenant": {"route_requests_per_minute": 3, "requests_per_minute": 1}}], indirect=True
+    )
+    async def test_route_calls_have_their_own_limit_apart_from_completes(
+        self, limited: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """route_requests_per_minute 3: of 5 concurrent Route calls exactly 3 are answered and 2 are
+        RESOURCE_EXHAUSTED RATE_LIMITED with a retry delay, naming Route calls; those Route calls
+        use none of the tenant's one Complete a minute, and that Complete uses no Route call."""
+        _, client = limited
+
+        async def one() -> grpc.aio.AioRpcError | None:
+            try:
+                await client.route(user_chat("hi"), ACME)
+            except grpc.aio.AioRpcError as error:
+                return error
+            return None
+
+        refused = [error for error in await asyncio.gather(*[one() for _ in range(5)]) if error is not None]
+        assert len(refused) == 2
+        assert {(e.code(), error_info(e).reason) for e in refused} == {
+            (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+        }
+        assert all("3 Route calls per minute" in (e.details() or "") for e in refused)
+        assert all(0 < retry_delay(e) <= 60 for e in refused)
+        async for _ in client.complete(user_chat("hi"), ACME):
+            pass
+        assert len(fake.requests) == 1
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in client.complete(user_chat("hi"), ACME):
+                pass
+        assert "1 requests per minute" in (caught.value.details() or "")
+        # Another tenant is not counted with acme.
+        await client.route(user_chat("hi"), pb.RoutingContext(tenant="other"))
+
     @pytest.mark.parametrize("limited", [{"tenant": {"daily_budget_usd": "0.0005"}}], indirect=True)
     async def test_budget_exhaustion_stops_further_calls(
         self, limited: tuple[Server, RouterClient], fake: FakeProvider

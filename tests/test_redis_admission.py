@@ -77,6 +77,29 @@ class TestSharedLimits:
             await replica.aclose()
         assert (results.count("ok"), results.count("RATE_LIMITED")) == (50, 50)
 
+    async def test_route_calls_per_minute_hold_exactly_across_replicas(self, redis_url: str, prefix: str) -> None:
+        """60 concurrent Route calls split over two replicas of a tenant allowed 20 a minute:
+        exactly 20 pass, and they use none of its requests per minute."""
+        replicas = await _replicas(redis_url, prefix, TenantConfig(route_requests_per_minute=20, requests_per_minute=1))
+
+        async def one(index: int) -> LimitExceeded | None:
+            try:
+                await replicas[index % 2].count_route("t")
+            except LimitExceeded as error:
+                return error
+            return None
+
+        results = await asyncio.gather(*[one(i) for i in range(60)])
+        refused = [error for error in results if error is not None]
+        reservation = await replicas[1].admit("t")
+        await reservation.settle(0, Decimal(0))
+        for replica in replicas:
+            await replica.aclose()
+        assert (len(results) - len(refused), len(refused)) == (20, 40)
+        assert {error.reason for error in refused} == {"RATE_LIMITED"}
+        assert all("20 Route calls per minute" in str(error) for error in refused)
+        assert all(0 < (error.retry_after or 0) <= 60 for error in refused)
+
     async def test_budgets_settle_across_replicas(self, redis_url: str, prefix: str) -> None:
         """Spend settled on one replica counts on the other; reservations count until settled."""
         first, second = await _replicas(redis_url, prefix, TenantConfig(daily_budget_usd=Decimal(1)))
