@@ -30,6 +30,9 @@ from routesvc.v1 import router_pb2
 
 log = structlog.get_logger("routesvc.server")
 
+# The most request metadata (headers) a call may carry, in bytes.
+_MAX_METADATA_BYTES = 16 * 1024
+
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
@@ -150,6 +153,10 @@ class Server:
         )
         options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", settings.config.limits.max_request_bytes + 1024),
+            # Request metadata: up to 16 KiB taken, more refused. grpc's soft limit (8 KiB by
+            # default) refuses calls between the two limits at random; it is set to the hard one.
+            ("grpc.max_metadata_size", _MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", _MAX_METADATA_BYTES),
             # Only a worker of ``server.workers`` shares its port; otherwise a second server
             # on the same port is an error, not a silent split of the traffic.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
