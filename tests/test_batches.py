@@ -1355,6 +1355,41 @@ class TestBatchAdapters:
             FinishReason.CONTENT_FILTER,
         )
 
+    async def test_an_anthropic_results_line_cut_short_or_of_the_wrong_shape_fails_only_its_job(
+        self, fake: FakeProvider
+    ) -> None:
+        """A results file with a line cut short and a line whose content is not a list: each fails
+        its own job, malformed_result, and the good line (whose answer holds U+2028, which is no
+        line break in JSON Lines) SUCCEEDED with its text; the SDK's results stream raised at the
+        first bad line, so no job of the batch ever ended and the batch was read again every
+        round. The log names the job, never the line."""
+        from routesvc.models import BatchState, Message, Role
+        from routesvc.providers.anthropic_batch import AnthropicBatches
+        from routesvc.providers.batch import BatchItem
+
+        def succeeded(custom_id: str, content: object) -> str:
+            message = {"model": "claude-sonnet-4-6", "content": content, "stop_reason": "end_turn", "usage": {}}
+            return json.dumps({"custom_id": custom_id, "result": {"type": "succeeded", "message": message}})
+
+        api = AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
+        hi = (Message(Role.USER, "hi"),)
+        items = [BatchItem(f"job_{n}", "claude-sonnet", "claude-sonnet-4-6", hi, 16) for n in (1, 2, 3)]
+        batch = await api.poll(await api.submit(items))
+        good = succeeded("job_3", [{"type": "text", "text": "one\u2028two"}]).replace("\\u2028", "\u2028")
+        lines = [succeeded("job_1", [{"type": "text", "text": "fine"}])[:-25], succeeded("job_2", "not a list"), good]
+        fake.batches[0].raw_results = ("\n".join(lines) + "\n").encode()
+        with capture_logs() as logs:
+            results = await api.results(batch)
+        await api.aclose()
+        assert sorted((r.custom_id, r.state, r.error, r.text) for r in results) == [
+            ("job_1", BatchState.FAILED, "malformed_result", ""),
+            ("job_2", BatchState.FAILED, "malformed_result", ""),
+            ("job_3", BatchState.SUCCEEDED, "", "one\u2028two"),
+        ]
+        malformed = [e for e in logs if e["event"] == "batch_result_malformed"]
+        assert sorted(e["batch_id"] for e in malformed) == ["job_1", "job_2"]
+        assert "fine" not in repr(malformed)
+
     async def test_anthropic_results_carry_text_usage_and_stop_reason(self, fake: FakeProvider) -> None:
         """Create, poll, stream the results: SUCCEEDED with text, usage (cache reads counted as input)."""
         from routesvc.models import BatchState, FinishReason, Message, Role, Usage

@@ -1,7 +1,8 @@
 """Anthropic Message Batches via ``AsyncAnthropic``: create, poll, stream results, cancel.
 
 SDK exceptions are translated here: ``anthropic.APIStatusError`` by HTTP status, connection and
-timeout errors and unreadable results to ``ProviderUnavailable``.
+timeout errors and an unreadable results file to ``ProviderUnavailable``; a results line that is
+cut short or of another shape fails its own job (``malformed_result``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from routesvc.errors import ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, quota_spent, request_params
-from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
+from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch, guarded_line, json_lines
 
 _T = TypeVar("_T")
 _STATES = {
@@ -94,46 +95,63 @@ class AnthropicBatches:
         return await self._guard("results", self._read_results(batch.id))
 
     async def _read_results(self, batch_id: str) -> list[ItemResult]:
-        results: list[ItemResult] = []
-        async for entry in await self._client.messages.batches.results(batch_id):
-            result = entry.result
-            state = _STATES.get(result.type, BatchState.FAILED)
-            if result.type == "succeeded":
-                message = result.message
-                usage = message.usage
-                cached = usage.cache_read_input_tokens or 0
-                written = usage.cache_creation_input_tokens or 0
-                written_1h = usage.cache_creation.ephemeral_1h_input_tokens if usage.cache_creation else 0
-                text = "".join(block.text for block in message.content if block.type == "text")
-                calls = tuple(
-                    ToolCall(block.id, block.name, json.dumps(block.input))
-                    for block in message.content
-                    if block.type == "tool_use"
-                )
-                results.append(
-                    ItemResult(
-                        entry.custom_id,
-                        state,
-                        text=text,
-                        usage=Usage(
-                            input_tokens=usage.input_tokens + cached + written,
-                            output_tokens=usage.output_tokens,
-                            cached_input_tokens=cached,
-                            cache_write_input_tokens=written,
-                            cache_write_1h_input_tokens=min(written_1h, written),
-                        ),
-                        finish_reason=map_stop_reason(message.stop_reason),
-                        provider_model=message.model,
-                        tool_calls=calls,
-                    )
-                )
-            elif result.type == "errored":
-                error_type = str(getattr(getattr(result.error, "error", None), "type", "") or "errored")
-                results.append(ItemResult(entry.custom_id, state, error=error_type[:64]))
-            else:
-                results.append(ItemResult(entry.custom_id, state, error=result.type))
+        # Read as JSON Lines here, not through the SDK's results stream, which parses every line
+        # and raises at the first one cut short: the whole batch would be read again every round,
+        # none of its jobs ending. Such a line fails its own job (``json_lines``, ``guarded_line``).
+        batch = await self._client.messages.batches.retrieve(batch_id)
+        if not batch.results_url:
+            raise ValueError("the batch has no results_url")
+        content = await self._client.get(
+            batch.results_url, cast_to=bytes, options={"headers": {"Accept": "application/binary"}}
+        )
+        text = content.decode("utf-8", errors="replace")
+        lines, malformed = json_lines(text, provider=self._name, provider_batch=batch_id)
+        results = [guarded_line(line, _entry_result) for line in lines]
+        results += [ItemResult(custom_id, BatchState.FAILED, error="malformed_result") for custom_id in malformed]
         return results
 
     async def cancel(self, batch_id: str) -> None:
         """Ask for the batch to be cancelled."""
         await self._guard("cancel", self._client.messages.batches.cancel(batch_id))
+
+
+def _entry_result(line: dict[str, Any]) -> ItemResult:
+    """One line of a batch's results (a line of another shape raises: ``guarded_line``)."""
+    custom_id = line["custom_id"]
+    if not isinstance(custom_id, str):
+        raise TypeError("custom_id")
+    result = line["result"]
+    kind = str(result["type"])
+    state = _STATES.get(kind, BatchState.FAILED)
+    if kind == "succeeded":
+        message = result["message"]
+        usage = message.get("usage") or {}
+        cached = int(usage.get("cache_read_input_tokens") or 0)
+        written = int(usage.get("cache_creation_input_tokens") or 0)
+        written_1h = int((usage.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0)
+        blocks = message.get("content") or []
+        text = "".join(str(block["text"]) for block in blocks if block["type"] == "text")
+        calls = tuple(
+            ToolCall(str(block["id"]), str(block["name"]), json.dumps(block.get("input") or {}))
+            for block in blocks
+            if block["type"] == "tool_use"
+        )
+        return ItemResult(
+            custom_id,
+            state,
+            text=text,
+            usage=Usage(
+                input_tokens=int(usage.get("input_tokens") or 0) + cached + written,
+                output_tokens=int(usage.get("output_tokens") or 0),
+                cached_input_tokens=cached,
+                cache_write_input_tokens=written,
+                cache_write_1h_input_tokens=min(written_1h, written),
+            ),
+            finish_reason=map_stop_reason(message.get("stop_reason")),
+            provider_model=str(message.get("model") or ""),
+            tool_calls=calls,
+        )
+    if kind == "errored":
+        error_type = str(((result.get("error") or {}).get("error") or {}).get("type") or "errored")
+        return ItemResult(custom_id, state, error=error_type[:64])
+    return ItemResult(custom_id, state, error=kind[:64])

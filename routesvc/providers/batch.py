@@ -6,8 +6,13 @@ then its per-item results are read. Adapters translate every SDK exception to a 
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+import structlog
 
 from routesvc.models import (
     BatchState,
@@ -19,6 +24,38 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
+
+log = structlog.get_logger(__name__)
+
+# A custom_id read from a line that is not JSON (cut short), to fail that line's job alone.
+_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]*)"')
+
+
+def json_lines(text: str, **where: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The JSON objects of a results file in JSON Lines, and the custom_ids of lines that are not
+    one (a line cut short: it fails its own job, not the file; a line whose job cannot be told is
+    left out). Each such line is logged, with ``where`` and its number, never its text (it holds
+    the answer)."""
+    lines: list[dict[str, Any]] = []
+    malformed: list[str] = []
+    # JSON Lines ends a line at "\n" only: str.splitlines() also ends one at U+2028, U+2029 or
+    # U+0085, which an answer may hold raw inside a JSON string.
+    for number, line_text in enumerate(text.split("\n"), start=1):
+        if not line_text.strip():
+            continue
+        try:
+            line = json.loads(line_text)
+        except ValueError:
+            line = None
+        if isinstance(line, dict):
+            lines.append(line)
+            continue
+        found = _CUSTOM_ID.search(line_text)
+        custom_id = found.group(1) if found else ""
+        if custom_id:
+            malformed.append(custom_id)
+        log.warning("batch_result_malformed", **where, line=number, batch_id=custom_id)
+    return lines, malformed
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,3 +130,15 @@ class BatchAPI(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
         ...
+
+
+def guarded_line(line: dict[str, Any], read: Callable[[dict[str, Any]], ItemResult]) -> ItemResult:
+    """``read(line)``; a line of JSON that is not of the documented shape (a field of another
+    type) fails its own job, ``malformed_result``, not the whole file (which would be read
+    again and again, every job of the batch waiting)."""
+    try:
+        return read(line)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError):
+        custom_id = line.get("custom_id")
+        log.warning("batch_result_malformed", batch_id=str(custom_id) if isinstance(custom_id, str) else "")
+        return ItemResult(str(custom_id), BatchState.FAILED, error="malformed_result")

@@ -8,8 +8,7 @@ deleted again.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, Final, TypeVar
 
 import openai
@@ -18,7 +17,7 @@ import structlog
 from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import BatchState, FinishReason, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status, safe_code
-from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch
+from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch, guarded_line, json_lines
 from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, chat_params, map_finish_reason, quota_spent
 
 log = structlog.get_logger(__name__)
@@ -28,8 +27,6 @@ _ENDED = frozenset({"completed", "expired", "failed", "cancelled"})
 _ENDPOINT: Final = "/v1/chat/completions"
 # Items the output and error files leave out end as the batch did.
 _UNANSWERED = {"expired": BatchState.EXPIRED, "cancelled": BatchState.CANCELLED}
-# The job a line that is not JSON was for, when its custom_id can still be read.
-_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]*)"')
 
 
 class OpenAIBatches:
@@ -117,32 +114,11 @@ class OpenAIBatches:
         )
 
     async def _lines(self, file_id: str | None) -> tuple[list[dict[str, Any]], list[str]]:
-        """The file's JSON lines, and the custom_ids of lines that are not JSON (one such line
-        fails its own job, not the file)."""
+        """The file's JSON lines, and the custom_ids of lines that are not JSON (``json_lines``)."""
         if not file_id:
             return [], []
         content = await self._guard("download", self._client.files.content(file_id))
-        lines: list[dict[str, Any]] = []
-        malformed: list[str] = []
-        # JSON Lines ends a line at "\n" only: str.splitlines() also ends one at U+2028, U+2029
-        # or U+0085, which an answer may hold raw inside a JSON string.
-        for number, text in enumerate(content.text.split("\n"), start=1):
-            if not text.strip():
-                continue
-            try:
-                line = json.loads(text)
-            except ValueError:
-                line = None
-            if isinstance(line, dict):
-                lines.append(line)
-                continue
-            found = _CUSTOM_ID.search(text)
-            custom_id = found.group(1) if found else ""
-            if custom_id:
-                malformed.append(custom_id)
-            # Never the line itself: it holds the answer.
-            log.warning("batch_result_malformed", provider=self._name, file_id=file_id, line=number, batch_id=custom_id)
-        return lines, malformed
+        return json_lines(content.text, provider=self._name, file_id=file_id)
 
     async def results(self, batch: ProviderBatch) -> list[ItemResult]:
         """Read the output and error files of an ended batch. A line that is not JSON fails its
@@ -152,9 +128,9 @@ class OpenAIBatches:
         output, unreadable = await self._lines(batch.output_file_id)
         errors, unreadable_errors = await self._lines(batch.error_file_id)
         for line in output:
-            results.append(_guarded_line(line, lambda line: self._item(line, batch.status)))
+            results.append(guarded_line(line, lambda line: self._item(line, batch.status)))
         for line in errors:
-            results.append(_guarded_line(line, lambda line: _error_item(line, batch.status)))
+            results.append(guarded_line(line, lambda line: _error_item(line, batch.status)))
         for custom_id in unreadable + unreadable_errors:
             results.append(ItemResult(custom_id, BatchState.FAILED, error="malformed_result"))
         return results
@@ -199,18 +175,6 @@ def _error_item(line: dict[str, Any], status: str) -> ItemResult:
     code = str(error.get("code") or (f"http_{status_code}" if status_code else "error"))
     state = BatchState.EXPIRED if code == "batch_expired" else _UNANSWERED.get(status, BatchState.FAILED)
     return ItemResult(str(line.get("custom_id")), state, error=code[:64])
-
-
-def _guarded_line(line: dict[str, Any], read: Callable[[dict[str, Any]], ItemResult]) -> ItemResult:
-    """``read(line)``; a line of JSON that is not of the documented shape (a field of another
-    type) fails its own job, ``malformed_result``, not the whole file (which was read again and
-    again, every job of the batch waiting)."""
-    try:
-        return read(line)
-    except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError):
-        custom_id = line.get("custom_id")
-        log.warning("batch_result_malformed", batch_id=str(custom_id) if isinstance(custom_id, str) else "")
-        return ItemResult(str(custom_id), BatchState.FAILED, error="malformed_result")
 
 
 def _tool_call(call: dict[str, Any]) -> ToolCall:

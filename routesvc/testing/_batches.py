@@ -73,6 +73,8 @@ class FakeBatch:
     error_file_id: str | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
     retrieved: int = 0
+    # The Anthropic results file served instead of ``results`` (a test's damaged file).
+    raw_results: bytes | None = None
 
     @property
     def custom_ids(self) -> list[str]:
@@ -427,7 +429,9 @@ class FakeBatches:
             error = {"type": "error", "error": {"type": "invalid_request_error", "message": "not ended"}}
             await connection.send_json(400, error)
             return True
-        content = "".join(json.dumps(entry) + "\n" for entry in batch.results).encode()
+        content = batch.raw_results
+        if content is None:
+            content = "".join(json.dumps(entry) + "\n" for entry in batch.results).encode()
         headers = {"content-type": "application/binary", "content-length": str(len(content))}
         await connection.send_head(200, headers)
         await connection.send(content)
