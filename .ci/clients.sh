@@ -3,7 +3,8 @@
 # service.
 #
 #   .ci/clients.sh                 everything: tools, regenerate + drift check, buf lint/breaking,
-#                                  start fake provider + service, Go/TypeScript/Java/Python tests
+#                                  start fake provider + service (and, for Java, a second service
+#                                  over mutual TLS), Go/TypeScript/Java/Python tests
 #   .ci/clients.sh --regenerate    only install the plugins and run `buf generate` (after a proto change)
 #   .ci/clients.sh --only go,java  run the interop tests of some languages only
 #                  (go, typescript, java, python); generation and lint still run
@@ -178,17 +179,20 @@ mvn_run() {  # args... ; runs in clients/java, logs to $LOGS/maven.log
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/routesvc-clients.XXXXXX")
 fake_pid=
 service_pid=
+tls_service_pid=
 stop_processes() {
   local status=$?
-  for pid in $service_pid $fake_pid; do
+  for pid in $tls_service_pid $service_pid $fake_pid; do
     kill "$pid" 2>/dev/null || true
   done
-  for pid in $service_pid $fake_pid; do
+  for pid in $tls_service_pid $service_pid $fake_pid; do
     wait "$pid" 2>/dev/null || true
   done
   if [[ $status -ne 0 && -f $LOGS/service.log ]]; then
-    echo "[clients.sh] last lines of the service log ($LOGS/service.log):" >&2
-    tail -n 30 "$LOGS/service.log" >&2
+    for log in "$LOGS"/service*.log; do
+      echo "[clients.sh] last lines of the service log ($log):" >&2
+      tail -n 30 "$log" >&2
+    done
   elif [[ $status -eq 0 ]]; then
     rm -rf "$LOGS"
   fi
@@ -208,22 +212,32 @@ done
 FAKE_URL=$(head -n1 "$LOGS/fake.out")
 [[ $FAKE_URL == http://* ]] || { echo "[clients.sh] fake provider did not start" >&2; cat "$LOGS/fake.log" >&2; exit 1; }
 
-step "start routesvc (fake provider at $FAKE_URL)"
-port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-env -u ROUTESVC_CONFIG \
-  OPENAI_API_KEY=fake-openai-key OPENAI_BASE_URL="$FAKE_URL/v1" \
-  ANTHROPIC_API_KEY=fake-anthropic-key ANTHROPIC_BASE_URL="$FAKE_URL" \
-  "$PY" -m routesvc serve --port "$port" >"$LOGS/service.log" 2>&1 &
-service_pid=$!
-TARGET=127.0.0.1:$port
-"$PY" - "$TARGET" "$service_pid" <<'EOF'
+free_port() {
+  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+start_service() {  # port log [config]: routesvc behind the fake provider, in the background
+  env -u ROUTESVC_CONFIG \
+    OPENAI_API_KEY=fake-openai-key OPENAI_BASE_URL="$FAKE_URL/v1" \
+    ANTHROPIC_API_KEY=fake-anthropic-key ANTHROPIC_BASE_URL="$FAKE_URL" \
+    "$PY" -m routesvc serve --port "$1" ${3:+--config "$3"} >"$2" 2>&1 &
+}
+wait_serving() {  # target pid [tls-folder]: until RouterService is SERVING (over mutual TLS with a folder)
+  "$PY" - "$@" <<'EOF'
 import os, sys, time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 target, pid = sys.argv[1], int(sys.argv[2])
+if len(sys.argv) > 3:
+    def read(name):
+        with open(os.path.join(sys.argv[3], name), "rb") as file:
+            return file.read()
+    credentials = grpc.ssl_channel_credentials(read("ca.pem"), read("client.key"), read("client.pem"))
+    channel = grpc.secure_channel(target, credentials)
+else:
+    channel = grpc.insecure_channel(target)
 deadline = time.monotonic() + 60
-with grpc.insecure_channel(target) as channel:
+with channel:
     stub = health_pb2_grpc.HealthStub(channel)
     request = health_pb2.HealthCheckRequest(service="routesvc.v1.RouterService")
     while True:
@@ -240,6 +254,53 @@ with grpc.insecure_channel(target) as channel:
             sys.exit(f"routesvc at {target} was not SERVING within 60s")
         time.sleep(0.2)
 EOF
+}
+
+step "start routesvc (fake provider at $FAKE_URL)"
+port=$(free_port)
+start_service "$port" "$LOGS/service.log"
+service_pid=$!
+TARGET=127.0.0.1:$port
+
+# The Java client's TLS options are tested against a second routesvc that requires client
+# certificates (mutual TLS): a CA, a server certificate for 127.0.0.1 and a client certificate.
+if wants java; then
+  step "start routesvc over mutual TLS (the Java client's TLS tests)"
+  command -v openssl >/dev/null || { echo "[clients.sh] openssl is not on PATH (it makes the test certificates)" >&2; exit 1; }
+  TLS_DIR=$LOGS/tls
+  mkdir -p "$TLS_DIR"
+  echo "subjectAltName=DNS:localhost,IP:127.0.0.1" >"$TLS_DIR/server.ext"
+  (
+    cd "$TLS_DIR"
+    key=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)  # PKCS#8 PEM, as grpc-java reads it
+    openssl req -x509 "${key[@]}" -keyout ca.key -out ca.pem -days 2 -subj "/CN=routesvc interop CA"
+    openssl req "${key[@]}" -keyout server.key -out server.csr -subj "/CN=interop-server"
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext
+    openssl req "${key[@]}" -keyout client.key -out client.csr -subj "/CN=interop-client"
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2
+  ) >"$LOGS/openssl.log" 2>&1 || { cat "$LOGS/openssl.log" >&2; exit 1; }
+  "$PY" - "$TLS_DIR" >"$TLS_DIR/config.yaml" <<'EOF'
+import sys
+from importlib import resources
+
+import yaml
+
+folder = sys.argv[1]
+config = yaml.safe_load(resources.files("routesvc").joinpath("default_config.yaml").read_text())
+config["server"]["tls"] = {
+    "cert_file": f"{folder}/server.pem",
+    "key_file": f"{folder}/server.key",
+    "client_ca_file": f"{folder}/ca.pem",
+}
+yaml.safe_dump(config, sys.stdout, sort_keys=False)
+EOF
+  tls_port=$(free_port)
+  start_service "$tls_port" "$LOGS/service-tls.log" "$TLS_DIR/config.yaml"
+  tls_service_pid=$!
+  TLS_TARGET=127.0.0.1:$tls_port
+fi
+
+wait_serving "$TARGET" "$service_pid"  # the TLS one starts up meanwhile; the Java step waits for it
 export ROUTESVC_TARGET=$TARGET ROUTESVC_FAKE_URL=$FAKE_URL
 
 declare -A passed failed
@@ -266,7 +327,9 @@ if wants typescript; then
 fi
 
 if wants java; then
-  step "java: mvn test, example, interop tests against $TARGET"
+  step "java: mvn test, example, interop tests against $TARGET and $TLS_TARGET (mutual TLS)"
+  wait_serving "$TLS_TARGET" "$tls_service_pid" "$TLS_DIR"
+  export ROUTESVC_TLS_TARGET=$TLS_TARGET ROUTESVC_TLS_DIR=$TLS_DIR
   mvn_run test "$MAVEN_DEPENDENCY_PLUGIN:build-classpath" -Dmdep.outputFile=target/classpath.txt -Dmdep.includeScope=runtime
   cp "$LOGS/maven.log" "$LOGS/java.log"
   (cd clients/java && java -cp "target/classes:$(cat target/classpath.txt)" dev.routesvc.client.Example "$TARGET" "Say hello")

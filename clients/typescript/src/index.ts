@@ -92,13 +92,14 @@ export class RouterClient {
 
   /**
    * The Complete stream: first the decision, then text deltas, then one completion (or, in
-   * batch mode, the decision and the batch job). The call starts when iteration starts.
+   * batch mode, the decision and the batch job). The call starts now, as `complete()` is
+   * called, so `timeoutMs` counts from here whenever the stream is first read.
    *
    * Leaving a `for await` loop over it early (`break`, `return`, an exception) or
    * `await stream.return()` cancels the call, and routesvc then aborts the provider's
-   * request; so does aborting `options.signal`. A stream that is started and then neither
-   * read to its end nor closed keeps running (and the provider keeps generating) until
-   * `timeoutMs`, or without one to its end.
+   * request; so does aborting `options.signal`. Both work on a stream not read yet. A stream
+   * neither read to its end nor closed keeps running (and the provider keeps generating)
+   * until `timeoutMs`, or until it is garbage-collected, which may be late: close it.
    *
    * The last message (the completion or the batch job) is followed at once by the status:
    * it is handed over only when the stream has ended, so a caller that stops at it does not
@@ -110,60 +111,7 @@ export class RouterClient {
     request: MessageInitShape<typeof CompleteRequestSchema>,
     options?: CallOptions,
   ): AsyncGenerator<CompleteResponse, void, undefined> {
-    const stub = this.stub;
-    // Connect-ES's stream iterator has only next() (no return()), so leaving a loop over it
-    // would not end the HTTP/2 stream: the call would run on until its deadline. This
-    // generator owns the call's AbortController and aborts it when it is closed early.
-    return (async function* () {
-      const controller = new AbortController();
-      const callerSignal = options?.signal;
-      const onCallerAbort = () => controller.abort(callerSignal?.reason);
-      if (callerSignal?.aborted) {
-        onCallerAbort();
-      } else {
-        callerSignal?.addEventListener("abort", onCallerAbort, { once: true });
-      }
-      const stream = stub.complete(request, { ...options, signal: controller.signal })[Symbol.asyncIterator]();
-      let ended = false; // by itself: read to its end, or failed
-      let last: CompleteResponse | undefined; // held until the stream ends
-      try {
-        for (;;) {
-          let result: IteratorResult<CompleteResponse>;
-          try {
-            result = await stream.next();
-          } catch (error) {
-            ended = true;
-            if (last) yield last;
-            throw error;
-          }
-          if (result.done) {
-            ended = true;
-            if (last) yield last;
-            return;
-          }
-          if (last) {
-            const held = last;
-            last = undefined;
-            yield held;
-          }
-          const kind = result.value.event.case;
-          if (kind === "completion" || kind === "batch") {
-            last = result.value;
-          } else {
-            yield result.value;
-          }
-        }
-      } finally {
-        callerSignal?.removeEventListener("abort", onCallerAbort);
-        if (!ended) {
-          controller.abort();
-          // Connect clears the call's deadline timer only once its iterator reports the end
-          // or an error: read the aborted stream out in the background, or the timer holds
-          // the event loop open until timeoutMs.
-          void drain(stream);
-        }
-      }
-    })();
+    return new CompleteStream(new CompleteCall(this.stub, request, options));
   }
 
   /** The model catalog. */
@@ -179,6 +127,144 @@ export class RouterClient {
   /** Close the HTTP/2 connection; calls in flight fail. */
   close(): void {
     this.session.abort();
+  }
+}
+
+/**
+ * One Complete call, started as it is created, with its own AbortController: Connect-ES's
+ * stream iterator has only next() (no return()), so leaving a loop over it would not end the
+ * HTTP/2 stream, and the call would run on until its deadline.
+ */
+class CompleteCall {
+  private readonly controller = new AbortController();
+  private readonly callerSignal: AbortSignal | undefined;
+  private readonly onCallerAbort = () => this.controller.abort(this.callerSignal?.reason);
+  private readonly messages: AsyncIterator<CompleteResponse>;
+  private pending: Promise<IteratorResult<CompleteResponse>> | undefined; // the first read
+  private ended = false; // by itself: read to its end, or failed
+  private closed = false;
+
+  constructor(
+    stub: Client<typeof RouterService>,
+    request: MessageInitShape<typeof CompleteRequestSchema>,
+    options: CallOptions | undefined,
+  ) {
+    this.callerSignal = options?.signal;
+    if (this.callerSignal?.aborted) {
+      this.onCallerAbort();
+    } else {
+      this.callerSignal?.addEventListener("abort", this.onCallerAbort, { once: true });
+    }
+    this.messages = stub.complete(request, { ...options, signal: this.controller.signal })[Symbol.asyncIterator]();
+    // Connect sends the request now but awaits the response only on the first read: read it
+    // now, or a call that fails before the caller reads would be an unhandled rejection.
+    this.pending = this.messages.next();
+    this.pending.catch(() => undefined);
+  }
+
+  /** The next message, or the end of the call; throws the call's error. */
+  async read(): Promise<IteratorResult<CompleteResponse>> {
+    const next = this.pending ?? this.messages.next();
+    this.pending = undefined;
+    try {
+      const result = await next;
+      this.ended ||= Boolean(result.done);
+      return result;
+    } catch (error) {
+      this.ended = true;
+      throw error;
+    }
+  }
+
+  /** Abort the call unless it ended by itself; idempotent. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    unclosedCalls.unregister(this);
+    this.callerSignal?.removeEventListener("abort", this.onCallerAbort);
+    if (!this.ended) {
+      this.controller.abort();
+      // Connect clears the call's deadline timer only once its iterator reports the end or an
+      // error: read the aborted stream out in the background, or the timer holds the event
+      // loop open until timeoutMs.
+      void drain(this.messages);
+    }
+  }
+}
+
+/** Calls whose stream was dropped unclosed (and unread to its end): aborted when it is collected. */
+const unclosedCalls = new FinalizationRegistry<CompleteCall>((call) => call.close());
+
+/**
+ * What `complete()` returns: the messages of a started call, with the last one held until the
+ * call has ended. A generator closed before its first read never runs its body (nor its
+ * `finally`), so return() and throw() close the call themselves.
+ */
+class CompleteStream implements AsyncGenerator<CompleteResponse, void, undefined> {
+  readonly #call: CompleteCall;
+  readonly #messages: AsyncGenerator<CompleteResponse, void, undefined>;
+
+  constructor(call: CompleteCall) {
+    this.#call = call;
+    this.#messages = handOver(call);
+    unclosedCalls.register(this, call, call);
+  }
+
+  next(): Promise<IteratorResult<CompleteResponse, void>> {
+    return this.#messages.next();
+  }
+
+  async return(value?: void | PromiseLike<void>): Promise<IteratorResult<CompleteResponse, void>> {
+    try {
+      return await this.#messages.return(value);
+    } finally {
+      this.#call.close();
+    }
+  }
+
+  async throw(error: unknown): Promise<IteratorResult<CompleteResponse, void>> {
+    try {
+      return await this.#messages.throw(error);
+    } finally {
+      this.#call.close();
+    }
+  }
+
+  [Symbol.asyncIterator](): this {
+    return this;
+  }
+}
+
+/** The messages of `call`, each handed over as the next has come (the last: once the call ended). */
+async function* handOver(call: CompleteCall): AsyncGenerator<CompleteResponse, void, undefined> {
+  let last: CompleteResponse | undefined; // held until the stream ends
+  try {
+    for (;;) {
+      let result: IteratorResult<CompleteResponse>;
+      try {
+        result = await call.read();
+      } catch (error) {
+        if (last) yield last;
+        throw error;
+      }
+      if (result.done) {
+        if (last) yield last;
+        return;
+      }
+      if (last) {
+        const held = last;
+        last = undefined;
+        yield held;
+      }
+      const kind = result.value.event.case;
+      if (kind === "completion" || kind === "batch") {
+        last = result.value;
+      } else {
+        yield result.value;
+      }
+    }
+  } finally {
+    call.close();
   }
 }
 

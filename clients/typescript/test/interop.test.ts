@@ -1,7 +1,10 @@
 // Interop tests against a live routesvc: ROUTESVC_TARGET=host:port (plaintext) and,
 // for the slow-provider cases, ROUTESVC_FAKE_URL of the fake provider behind it.
 import assert from "node:assert/strict";
+import { createServer } from "node:net";
 import { after, before, describe, it } from "node:test";
+import { setFlagsFromString } from "node:v8";
+import { runInNewContext } from "node:vm";
 
 import {
   Code,
@@ -65,6 +68,18 @@ async function upstream(): Promise<UpstreamRequest> {
     const last = recorded.at(-1);
     if (last?.ended) return last;
     assert.ok(Date.now() < deadline, "the provider request did not end within 20 s");
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/** Wait until the fake provider has received a request (after a reset: the one under test). */
+async function upstreamReceived(): Promise<void> {
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    const response = await fetch(`${fakeUrl}/_fake/requests`);
+    assert.equal(response.status, 200);
+    if (((await response.json()) as { requests: UpstreamRequest[] }).requests.length > 0) return;
+    assert.ok(Date.now() < deadline, "the provider received no request within 20 s");
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
 }
@@ -167,6 +182,55 @@ describe("routesvc interop (TypeScript)", { skip }, () => {
     assert.ok(recorded.chunks_sent < 100, `chunks_sent: ${recorded.chunks_sent}`);
   });
 
+  it("the call starts when complete() is called, so timeoutMs counts from there", { skip: skipFake }, async () => {
+    await script(client, { first_chunk_delay: 10.0 });
+    const stream = client.complete({ chat: userPrompt("Say hello slowly"), context: { model: PINNED } }, { timeoutMs: 1000 });
+    // Nothing is read until the deadline has passed and routesvc has given up on the provider.
+    const recorded = await upstream();
+    assert.deepEqual([recorded.aborted, recorded.completed], [true, false]);
+    const seen: (string | undefined)[] = [];
+    const error = await rejection((async () => { for await (const message of stream) seen.push(message.event.case); })());
+    assert.deepEqual(seen, ["decision"]);
+    assert.equal(error.code, Code.DeadlineExceeded, String(error));
+  });
+
+  it("closing a stream before reading it cancels the call upstream", { skip: skipFake }, async () => {
+    await script(client, { chunk_count: 100, chunk_delay: 0.05 });
+    const stream = client.complete({ chat: userPrompt("Count slowly"), context: { model: PINNED } }, { timeoutMs: 20_000 });
+    await upstreamReceived();
+    await stream.return();
+    const recorded = await upstream();
+    assert.deepEqual([recorded.aborted, recorded.completed], [true, false]);
+    assert.ok(recorded.chunks_sent < 100, `chunks_sent: ${recorded.chunks_sent}`);
+    assert.deepEqual(await stream.next(), { done: true, value: undefined });
+  });
+
+  it("aborting the signal cancels a stream not read yet", { skip: skipFake }, async () => {
+    await script(client, { chunk_count: 100, chunk_delay: 0.05 });
+    const abort = new AbortController();
+    const stream = client.complete({ chat: userPrompt("Count slowly"), context: { model: PINNED } }, { signal: abort.signal, timeoutMs: 20_000 });
+    await upstreamReceived();
+    abort.abort();
+    const recorded = await upstream();
+    assert.deepEqual([recorded.aborted, recorded.completed], [true, false]);
+    const error = await rejection((async () => { for await (const _ of stream) { /* drain */ } })());
+    assert.equal(error.code, Code.Canceled, String(error));
+  });
+
+  it("a stream dropped unread and unclosed is cancelled when it is garbage-collected", { skip: skipFake }, async () => {
+    setFlagsFromString("--expose-gc");
+    const gc = runInNewContext("gc") as () => void;
+    await script(client, { chunk_count: 100, chunk_delay: 0.05 });
+    (() => {
+      client.complete({ chat: userPrompt("Count slowly"), context: { model: PINNED } }, { timeoutMs: 20_000 });
+    })();
+    await upstreamReceived();
+    gc();
+    const recorded = await upstream();
+    assert.deepEqual([recorded.aborted, recorded.completed], [true, false]);
+    assert.ok(recorded.chunks_sent < 100, `chunks_sent: ${recorded.chunks_sent}`);
+  });
+
   it("the completion is handed over once the stream has ended, so stopping at it cancels nothing", async () => {
     let trailer: Headers | undefined;
     let trailerAtCompletion: Headers | undefined;
@@ -201,5 +265,50 @@ describe("routesvc interop (TypeScript)", { skip }, () => {
 
   it("the health check reports SERVING", async () => {
     assert.equal(await client.healthStatus({ timeoutMs: 10_000 }), HealthCheckResponse_ServingStatus.SERVING);
+  });
+});
+
+describe("Complete without a server (TypeScript)", () => {
+  /** A loopback port nothing listens on. */
+  async function closedPort(): Promise<number> {
+    const server = createServer();
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    const address = server.address();
+    assert.ok(address && typeof address === "object");
+    await new Promise((resolve) => server.close(resolve));
+    return address.port;
+  }
+
+  it("a call that fails before it is read is no unhandled rejection", { timeout: 10_000 }, async () => {
+    const unhandled: unknown[] = [];
+    const onUnhandled = (reason: unknown) => unhandled.push(reason);
+    process.on("unhandledRejection", onUnhandled);
+    let failed: () => void = () => undefined;
+    const failure = new Promise<void>((resolve) => (failed = resolve));
+    const refused = RouterClient.dial(`127.0.0.1:${await closedPort()}`, {
+      insecure: true,
+      interceptors: [
+        (next) => async (request) => {
+          try {
+            return await next(request);
+          } catch (error) {
+            failed();
+            throw error;
+          }
+        },
+      ],
+    });
+    try {
+      const stream = refused.complete({ chat: userPrompt("Say hello") }, { timeoutMs: 10_000 });
+      await failure;
+      // Node reports a rejection as unhandled once the microtasks queued with it have run.
+      await new Promise((resolve) => setImmediate(resolve));
+      assert.deepEqual(unhandled, []);
+      const error = await rejection(stream.next());
+      assert.equal(error.code, Code.Unavailable, String(error));
+    } finally {
+      process.off("unhandledRejection", onUnhandled);
+      refused.close();
+    }
   });
 });

@@ -13,17 +13,26 @@ import dev.routesvc.v1.Role;
 import dev.routesvc.v1.RouteDecision;
 import dev.routesvc.v1.RouteRequest;
 import dev.routesvc.v1.RouterServiceGrpc;
+import io.grpc.CallOptions;
+import io.grpc.Channel;
+import io.grpc.ChannelCredentials;
+import io.grpc.ClientCall;
 import io.grpc.ClientInterceptor;
+import io.grpc.Context;
 import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
 import io.grpc.Metadata;
+import io.grpc.MethodDescriptor;
 import io.grpc.TlsChannelCredentials;
 import io.grpc.health.v1.HealthCheckRequest;
 import io.grpc.health.v1.HealthCheckResponse;
 import io.grpc.health.v1.HealthGrpc;
 import io.grpc.protobuf.StatusProto;
 import io.grpc.stub.MetadataUtils;
+import java.io.IOException;
+import java.io.UncheckedIOException;
+import java.nio.file.Path;
 import java.time.Duration;
 import java.util.ArrayList;
 import java.util.Iterator;
@@ -41,7 +50,9 @@ import java.util.concurrent.TimeUnit;
  * }
  * }</pre>
  *
- * <p>Every call takes a deadline. For cancellation or custom metadata use {@link #stub()} with
+ * <p>Every call has a deadline: the one given to a helper, else one set on the stub or the
+ * {@code Context}, else the client's {@link Builder#defaultTimeout(Duration) default} (30 s), calls
+ * through {@link #stub()} included. For cancellation or custom metadata use {@link #stub()} with
  * grpc-java's own tools ({@code Context.CancellableContext}, {@code MetadataUtils}). Errors are
  * {@link io.grpc.StatusRuntimeException}s; {@link #errorInfo(Throwable)} reads routesvc's reason.
  */
@@ -49,15 +60,20 @@ public final class RouterClient implements AutoCloseable {
   /** The ErrorInfo domain of errors raised by routesvc itself. */
   public static final String ERROR_DOMAIN = "routesvc";
 
+  /** The deadline of a call that sets none, unless {@link Builder#defaultTimeout(Duration)} says otherwise. */
+  public static final Duration DEFAULT_TIMEOUT = Duration.ofSeconds(30);
+
   private static final Metadata.Key<String> AUTHORIZATION =
       Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
 
   private final ManagedChannel channel;
+  private final Duration defaultTimeout;
   private final RouterServiceGrpc.RouterServiceBlockingStub stub;
   private final HealthGrpc.HealthBlockingStub health;
 
-  private RouterClient(ManagedChannel channel, List<ClientInterceptor> interceptors) {
+  private RouterClient(ManagedChannel channel, Duration defaultTimeout, List<ClientInterceptor> interceptors) {
     this.channel = channel;
+    this.defaultTimeout = defaultTimeout;
     this.stub = RouterServiceGrpc.newBlockingStub(channel).withInterceptors(interceptors.toArray(ClientInterceptor[]::new));
     this.health = HealthGrpc.newBlockingStub(channel);
   }
@@ -72,6 +88,10 @@ public final class RouterClient implements AutoCloseable {
     private final String target;
     private boolean plaintext;
     private String apiKey;
+    private Duration defaultTimeout = DEFAULT_TIMEOUT;
+    private Path caFile;
+    private Path certFile;
+    private Path keyFile;
     private final List<ClientInterceptor> interceptors = new ArrayList<>();
 
     private Builder(String target) {
@@ -90,12 +110,47 @@ public final class RouterClient implements AutoCloseable {
       return this;
     }
 
+    /**
+     * The deadline of every call that sets none (30 s unless set): calls through {@link #stub()}
+     * and the helpers called without a timeout. A deadline on the stub ({@code
+     * stub().withDeadlineAfter(...)}) or on the calling {@code Context} replaces it.
+     */
+    public Builder defaultTimeout(Duration timeout) {
+      if (timeout.isNegative() || timeout.isZero()) {
+        throw new IllegalArgumentException("defaultTimeout must be above zero, not " + timeout);
+      }
+      this.defaultTimeout = timeout;
+      return this;
+    }
+
+    /** Trust the CA certificates in this PEM file instead of the system roots (a private CA). */
+    public Builder tlsCaFile(Path caFile) {
+      this.caFile = caFile;
+      return this;
+    }
+
+    /**
+     * Present this client certificate chain and its private key (PEM files; the key PKCS#8,
+     * as {@code openssl genpkey} or {@code openssl req -newkey} write it), for mutual TLS.
+     */
+    public Builder tlsClientCertificate(Path certFile, Path keyFile) {
+      this.certFile = certFile;
+      this.keyFile = keyFile;
+      return this;
+    }
+
     /** Extra interceptors for every RouterService call. */
     public Builder intercept(ClientInterceptor interceptor) {
       interceptors.add(interceptor);
       return this;
     }
 
+    /**
+     * The client. Like grpc-java's channels it connects on the first call.
+     *
+     * @throws IllegalStateException when TLS files are given with {@link #usePlaintext()}
+     * @throws UncheckedIOException naming the file when a TLS file cannot be read
+     */
     public RouterClient build() {
       List<ClientInterceptor> all = new ArrayList<>(interceptors);
       if (apiKey != null && !apiKey.isEmpty()) {
@@ -103,22 +158,79 @@ public final class RouterClient implements AutoCloseable {
         headers.put(AUTHORIZATION, "Bearer " + apiKey);
         all.add(MetadataUtils.newAttachHeadersInterceptor(headers));
       }
-      ManagedChannel channel =
-          Grpc.newChannelBuilder(
-                  target, plaintext ? InsecureChannelCredentials.create() : TlsChannelCredentials.create())
-              .build();
-      return new RouterClient(channel, all);
+      // Last, so that it runs first: the caller's interceptors see the deadline the call has.
+      all.add(new DefaultDeadline(defaultTimeout));
+      ManagedChannel channel = Grpc.newChannelBuilder(target, credentials()).build();
+      return new RouterClient(channel, defaultTimeout, all);
+    }
+
+    private ChannelCredentials credentials() {
+      if (plaintext) {
+        if (caFile != null || certFile != null) {
+          throw new IllegalStateException("usePlaintext() with tlsCaFile or tlsClientCertificate: choose TLS or plaintext");
+        }
+        return InsecureChannelCredentials.create();
+      }
+      TlsChannelCredentials.Builder tls = TlsChannelCredentials.newBuilder();
+      if (caFile != null) {
+        try {
+          tls.trustManager(caFile.toFile());
+        } catch (IOException e) {
+          throw new UncheckedIOException("TLS CA file " + caFile + ": cannot read", e);
+        }
+      }
+      if (certFile != null) {
+        try {
+          tls.keyManager(certFile.toFile(), keyFile.toFile());
+        } catch (IOException e) {
+          throw new UncheckedIOException(
+              "TLS client certificate " + certFile + " or key " + keyFile + ": cannot read", e);
+        }
+      }
+      return tls.build();
     }
   }
 
-  /** The generated blocking stub (with the API key attached), for calls the wrapper does not cover. */
+  /** Gives a call the client's default deadline unless the stub or the calling Context set one. */
+  private static final class DefaultDeadline implements ClientInterceptor {
+    private final Duration timeout;
+
+    DefaultDeadline(Duration timeout) {
+      this.timeout = timeout;
+    }
+
+    @Override
+    public <ReqT, RespT> ClientCall<ReqT, RespT> interceptCall(
+        MethodDescriptor<ReqT, RespT> method, CallOptions options, Channel next) {
+      if (options.getDeadline() == null && Context.current().getDeadline() == null) {
+        options = options.withDeadlineAfter(timeout.toNanos(), TimeUnit.NANOSECONDS);
+      }
+      return next.newCall(method, options);
+    }
+  }
+
+  /**
+   * The generated blocking stub, for calls the wrapper does not cover: the API key is attached,
+   * and a call without a deadline of its own gets the {@link Builder#defaultTimeout(Duration)
+   * default}.
+   */
   public RouterServiceGrpc.RouterServiceBlockingStub stub() {
     return stub;
+  }
+
+  /** The routing decision for {@code request}, within the default timeout. */
+  public RouteDecision route(RouteRequest request) {
+    return route(request, defaultTimeout);
   }
 
   /** The routing decision for {@code request}, without calling any model. */
   public RouteDecision route(RouteRequest request, Duration timeout) {
     return withDeadline(stub, timeout).route(request).getDecision();
+  }
+
+  /** The Complete stream within the default timeout; see {@link #complete(CompleteRequest, Duration)}. */
+  public Iterator<CompleteResponse> complete(CompleteRequest request) {
+    return complete(request, defaultTimeout);
   }
 
   /**
@@ -129,9 +241,19 @@ public final class RouterClient implements AutoCloseable {
     return withDeadline(stub, timeout).complete(request);
   }
 
+  /** The model catalog, within the default timeout. */
+  public List<ModelInfo> listModels() {
+    return listModels(defaultTimeout);
+  }
+
   /** The model catalog. */
   public List<ModelInfo> listModels(Duration timeout) {
     return withDeadline(stub, timeout).listModels(ListModelsRequest.getDefaultInstance()).getModelsList();
+  }
+
+  /** The server's grpc.health.v1 status for RouterService, within the default timeout. */
+  public HealthCheckResponse.ServingStatus health() {
+    return health(defaultTimeout);
   }
 
   /** The server's grpc.health.v1 status for RouterService. */

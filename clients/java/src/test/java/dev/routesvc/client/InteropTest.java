@@ -2,6 +2,9 @@ package dev.routesvc.client;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertNotNull;
+import static org.junit.jupiter.api.Assertions.assertNull;
+import static org.junit.jupiter.api.Assertions.assertSame;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 import static org.junit.jupiter.api.Assumptions.assumeTrue;
@@ -12,12 +15,19 @@ import dev.routesvc.v1.CompleteRequest;
 import dev.routesvc.v1.CompleteResponse;
 import dev.routesvc.v1.Completion;
 import dev.routesvc.v1.FinishReason;
+import dev.routesvc.v1.ListModelsRequest;
 import dev.routesvc.v1.ModelInfo;
 import dev.routesvc.v1.RouteDecision;
 import dev.routesvc.v1.RouteRequest;
 import dev.routesvc.v1.RoutingContext;
+import io.grpc.CallOptions;
+import io.grpc.Channel;
+import io.grpc.ClientCall;
+import io.grpc.ClientInterceptor;
 import io.grpc.Context;
+import io.grpc.Deadline;
 import io.grpc.Metadata;
+import io.grpc.MethodDescriptor;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
 import io.grpc.health.v1.HealthCheckResponse;
@@ -30,6 +40,9 @@ import java.time.Duration;
 import java.util.ArrayList;
 import java.util.Iterator;
 import java.util.List;
+import java.util.concurrent.Executors;
+import java.util.concurrent.ScheduledExecutorService;
+import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicReference;
 import org.junit.jupiter.api.AfterAll;
 import org.junit.jupiter.api.BeforeAll;
@@ -95,6 +108,18 @@ class InteropTest {
         .build();
   }
 
+  /** An interceptor that keeps the deadline each call's options carry when it reaches the channel. */
+  private static ClientInterceptor deadlineOf(AtomicReference<Deadline> seen) {
+    return new ClientInterceptor() {
+      @Override
+      public <ReqT, RespT> ClientCall<ReqT, RespT> interceptCall(
+          MethodDescriptor<ReqT, RespT> method, CallOptions options, Channel next) {
+        seen.set(options.getDeadline());
+        return next.newCall(method, options);
+      }
+    };
+  }
+
   @Test
   @DisplayName("Route returns a decision")
   void route() {
@@ -156,6 +181,54 @@ class InteropTest {
       }
     });
     assertEquals(Status.Code.DEADLINE_EXCEEDED, error.getStatus().getCode(), error.toString());
+  }
+
+  @Test
+  @DisplayName("a call through stub() without a deadline gets the client's default")
+  void stubCallsGetTheDefaultDeadline() throws InterruptedException {
+    AtomicReference<Deadline> seen = new AtomicReference<>();
+    try (RouterClient capturing = RouterClient.newBuilder(TARGET).usePlaintext().intercept(deadlineOf(seen)).build()) {
+      capturing.stub().listModels(ListModelsRequest.getDefaultInstance());
+    }
+    assertNotNull(seen.get(), "the stub() call had no deadline");
+    // Set before this one, with the same 30 s: not after it.
+    assertFalse(Deadline.after(RouterClient.DEFAULT_TIMEOUT.toNanos(), TimeUnit.NANOSECONDS).isBefore(seen.get()));
+  }
+
+  @Test
+  @DisplayName("a deadline on the stub or on the calling Context replaces the default")
+  void ownDeadlinesReplaceTheDefault() throws InterruptedException {
+    AtomicReference<Deadline> seen = new AtomicReference<>();
+    Deadline own = Deadline.after(1, TimeUnit.HOURS);
+    ScheduledExecutorService scheduler = Executors.newSingleThreadScheduledExecutor();
+    try (RouterClient capturing = RouterClient.newBuilder(TARGET).usePlaintext().intercept(deadlineOf(seen)).build()) {
+      capturing.stub().withDeadline(own).listModels(ListModelsRequest.getDefaultInstance());
+      assertSame(own, seen.get());
+      Context.CancellableContext context = Context.current().withDeadline(own, scheduler);
+      try {
+        context.run(() -> capturing.stub().listModels(ListModelsRequest.getDefaultInstance()));
+      } finally {
+        context.cancel(null);
+      }
+      assertNull(seen.get(), "the Context's deadline applies; none is added to the call");
+    } finally {
+      scheduler.shutdownNow();
+    }
+  }
+
+  @Test
+  @DisplayName("a stub() call ends at the default deadline: a slow provider is DEADLINE_EXCEEDED")
+  void stubCallsEndAtTheDefaultDeadline() throws Exception {
+    script("{\"first_chunk_delay\": 10.0}");
+    try (RouterClient quick = RouterClient.newBuilder(TARGET).usePlaintext().defaultTimeout(Duration.ofSeconds(1)).build()) {
+      StatusRuntimeException error = assertThrows(StatusRuntimeException.class, () -> {
+        Iterator<CompleteResponse> stream = quick.stub().complete(pinned("Say hello slowly"));
+        while (stream.hasNext()) {
+          stream.next();
+        }
+      });
+      assertEquals(Status.Code.DEADLINE_EXCEEDED, error.getStatus().getCode(), error.toString());
+    }
   }
 
   @Test
