@@ -29,7 +29,8 @@ class CompleteCall(Protocol):
 
 class CompleteStream:
     """The messages of one Complete call: the decision, text deltas, then the completion (or, in
-    batch mode, the decision and the batch job). The call starts when the stream is first read.
+    batch mode, the decision and the batch job). The call starts when the stream is made (by
+    ``complete``), so its timeout counts from then, however late the stream is first read.
 
     Leave it with ``async with``, which cancels a call still running when the block ends (a
     ``break``, an exception, task cancellation), or call ``aclose()``::
@@ -50,9 +51,9 @@ class CompleteStream:
     """
 
     def __init__(self, start: Callable[[], CompleteCall]) -> None:
-        self._start = start
-        self._call: CompleteCall | None = None
-        self._messages: AsyncIterator[pb.CompleteResponse] | None = None
+        self._ended = True  # until the call has started: nothing for ``__del__`` to cancel
+        self._call = start()
+        self._messages: AsyncIterator[pb.CompleteResponse] = aiter(self._call)
         self._ready: collections.deque[pb.CompleteResponse] = collections.deque()
         self._last: pb.CompleteResponse | None = None  # held until the stream ends
         self._error: grpc.aio.AioRpcError | None = None  # raised once ``_ready`` is handed over
@@ -72,10 +73,7 @@ class CompleteStream:
         return self._ready.popleft()
 
     async def _read(self) -> None:
-        """Read one message of the call (starting it first), or its end."""
-        if self._messages is None:
-            self._call = self._start()
-            self._messages = aiter(self._call)
+        """Read one message of the call, or its end."""
         try:
             message = await anext(self._messages)
         except StopAsyncIteration:
@@ -105,8 +103,7 @@ class CompleteStream:
             self._last = None
 
     def _cancel(self) -> None:
-        if self._call is not None:
-            self._call.cancel()  # a no-op once the call has ended
+        self._call.cancel()  # a no-op once the call has ended
 
     async def aclose(self) -> None:
         """Cancel the call if it is still running; the stream yields nothing more."""

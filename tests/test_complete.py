@@ -441,6 +441,28 @@ class TestDeadlinesAndCancellation:
         assert recorded.aborted_at - cancelled_at < 1.0
         assert recorded.chunks_sent < 1000
 
+    async def test_the_call_starts_when_complete_is_called_not_at_the_first_read(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The provider is asked before the stream is read (the call started at the first read, so
+        a timeout counted from then, unlike the Go, Java and TypeScript clients); the answer is
+        then read whole, and a stream never read is cancelled by ``aclose``."""
+        stream = live_client.complete(user_chat("hi"), timeout=10)
+        async with asyncio.timeout(5):
+            while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                await asyncio.sleep(0.01)
+        events = [message.WhichOneof("event") async for message in stream]
+        assert events[0] == "decision"
+        assert events[-1] == "completion"
+        fake.enqueue(Script(chunk_count=1000, chunk_delay=0.02))
+        unread = live_client.complete(user_chat("hi"))
+        async with asyncio.timeout(5):
+            while len(fake.requests) < 2:  # noqa: ASYNC110 - a bounded poll, as above
+                await asyncio.sleep(0.01)
+        await unread.aclose()
+        await fake.requests[-1].wait_ended(timeout=2.0)
+        assert fake.requests[-1].aborted
+
     async def test_leaving_an_async_with_stream_cancels_the_call_it_still_holds(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
