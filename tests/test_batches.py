@@ -11,8 +11,10 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import grpc
+import openai
 import pytest
 from structlog.testing import capture_logs
 
@@ -23,7 +25,7 @@ from routesvc.batches import _queue as batch_queue
 from routesvc.batches._store import decode_request
 from routesvc.client import RouterClient, build_chat
 from routesvc.cost import estimate_cost
-from routesvc.errors import CostLimitExceeded
+from routesvc.errors import BatchStoreUnavailable, CostLimitExceeded
 from routesvc.models import (
     BatchJob,
     BatchState,
@@ -38,7 +40,15 @@ from routesvc.models import (
 )
 from routesvc.router import Router
 from routesvc.server import Server, build_providers
-from routesvc.testing import BatchOutcome, FakeProvider, FakeToolCall, FaultProxy, NetworkFault, Script
+from routesvc.testing import (
+    DEFAULT_TEXT,
+    BatchOutcome,
+    FakeProvider,
+    FakeToolCall,
+    FaultProxy,
+    NetworkFault,
+    Script,
+)
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat, write_locked
 from tests.test_limits import retry_delay
@@ -1410,6 +1420,28 @@ class TestBatchAdapters:
         assert fake.batches[0].requests[0]["params"]["system"] == "be brief"
 
     @pytest.mark.parametrize("kind", ["openai", "anthropic"])
+    async def test_discarding_a_batch_already_discarded_is_quiet(self, fake: FakeProvider, kind: str) -> None:
+        """Two workers read an ended batch and both discard it: the second finds it gone (404),
+        which is what it wanted, and logs no failure; the provider holds nothing of it."""
+        from routesvc.models import Message, Role
+        from routesvc.providers.anthropic_batch import AnthropicBatches
+        from routesvc.providers.batch import BatchItem
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        api = (
+            OpenAIBatches("openai", "sk", fake.openai_base_url)
+            if kind == "openai"
+            else AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
+        )
+        batch = await api.poll(await api.submit([BatchItem("job_1", "m", "m", (Message(Role.USER, "hi"),), 8)]))
+        await api.discard(batch)
+        with capture_logs() as logs:
+            await api.discard(batch)
+        await api.aclose()
+        assert [e for e in logs if e["log_level"] == "warning"] == []
+        assert (fake.files, [b.deleted for b in fake.batches]) == ([], [kind == "anthropic"])
+
+    @pytest.mark.parametrize("kind", ["openai", "anthropic"])
     async def test_a_wrong_key_is_provider_auth_failed(self, kind: str) -> None:
         """The provider answers 401 to our key: ProviderAuthFailed, and the key is not in the message."""
         from routesvc.errors import ProviderAuthFailed
@@ -1494,8 +1526,9 @@ class TestBatchSubmitWithASpentQuota:
     ) -> None:
         """OpenAI refuses to create the batch (429 insufficient_quota) round after round: each
         round's uploaded input file is deleted again (they were left in the account, one more
-        every poll round); once the account is paid the batch is created and its input file kept,
-        so the provider holds that file and the batch's output file, nothing else."""
+        every poll round); once the account is paid the batch is created and its input file kept
+        until the batch's results are stored, when it goes with the output file: the provider
+        holds no file at the end."""
         quota = {"error": {"type": "insufficient_quota", "code": "insufficient_quota", "message": "quota"}}
         fake.batch_create_error = (429, quota)
         async with (
@@ -1508,9 +1541,11 @@ class TestBatchSubmitWithASpentQuota:
                 await until(lambda: sum(e["event"] == "batch_submit_failed" for e in logs) >= 3)
             fake.batch_create_error = None
             await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            await until(lambda: not fake.files)
         [batch] = fake.batches
-        assert len(fake.files) == 2
-        assert batch.output_file_id in fake.files
+        rounds = sum(e["event"] == "batch_submit_failed" for e in logs)
+        assert len(fake.deleted_files) == rounds + 2
+        assert fake.deleted_files[-2:] == [batch.input_file_id, batch.output_file_id]
 
     async def test_a_job_queued_past_max_queued_seconds_ends_expired(self, tmp_path: Path, fake: FakeProvider) -> None:
         """The quota stays spent for batch.max_queued_seconds: the job ends EXPIRED
@@ -1538,6 +1573,156 @@ class TestBatchSubmitWithASpentQuota:
         assert [(e["jobs"], e["reason"]) for e in logs if e["event"] == "batch_jobs_expired"] == [
             (1, "queued_too_long")
         ]
+
+
+async def cancel_at_the_provider(fake: FakeProvider, batch_id: str) -> None:
+    """Cancel an OpenAI batch as someone else would (an operator, the dashboard), through the SDK."""
+    sdk = openai.AsyncOpenAI(api_key="sk", base_url=fake.openai_base_url)
+    try:
+        await sdk.batches.cancel(batch_id)
+    finally:
+        await sdk.close()
+
+
+class TestBatchProviderCleanup:
+    """What the provider keeps of a batch (prompts and answers) is deleted once its jobs' ends
+    are stored, never before; a delete that fails is logged and fails nothing."""
+
+    @pytest.mark.parametrize(
+        ("outcome", "state", "files"),
+        [
+            (BatchOutcome.COMPLETE, pb.BATCH_STATE_SUCCEEDED, ("input_file_id", "output_file_id")),
+            (BatchOutcome.EXPIRE, pb.BATCH_STATE_EXPIRED, ("input_file_id", "error_file_id")),
+            (BatchOutcome.FAIL, pb.BATCH_STATE_FAILED, ("input_file_id",)),
+            (None, pb.BATCH_STATE_CANCELLED, ("input_file_id", "error_file_id")),
+        ],
+        ids=["completed", "expired", "failed", "cancelled"],
+    )
+    async def test_an_ended_openai_batchs_files_are_deleted(
+        self, tmp_path: Path, fake: FakeProvider, outcome: BatchOutcome | None, state: int, files: tuple[str, ...]
+    ) -> None:
+        """An OpenAI batch completed, expired, failed or cancelled at the provider (``None``):
+        once its job has ended in the store, the input file and whichever output and error files
+        the batch wrote are deleted at OpenAI, and the provider holds no file (they were left in
+        the account for ever)."""
+        fake.batch_outcome = outcome or BatchOutcome.PENDING
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch
+            if outcome is None:
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+                await cancel_at_the_provider(fake, fake.batches[0].id)
+            await wait_state(client, job.batch_id, state)
+            await until(lambda: not fake.files)
+        [batch] = fake.batches
+        assert fake.deleted_files == [getattr(batch, name) for name in files]
+
+    async def test_an_ended_anthropic_batch_is_deleted(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """An Anthropic message batch that ended is deleted at Anthropic (its requests and
+        results with it) once its job's answer is stored; GetBatch still returns the answer."""
+        fake.enqueue(Script(text="A short summary."), model="claude-sonnet-4-6")
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client, task_hint="creative_writing"))[1].batch
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            await until(lambda: all(b.deleted for b in fake.batches))
+            answer = await get_batch(client, job.batch_id)
+        assert answer.result.text == "A short summary."
+        assert [(b.status, b.deleted) for b in fake.batches] == [("ended", True)]
+
+    async def test_results_the_store_failed_to_write_are_read_again_from_files_not_deleted(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The store fails to write the first result read (a full disk, forced here): the files
+        are not deleted, so the next round reads the output file again and the job succeeds;
+        only then are the files deleted."""
+        finish = BatchStore.finish
+        failures = [BatchStoreUnavailable("disk full")]
+
+        async def failing_once(store: BatchStore, batch_id: str, state: BatchState, **values: Any) -> bool:
+            if failures:
+                raise failures.pop()
+            return await finish(store, batch_id, state, **values)
+
+        monkeypatch.setattr(BatchStore, "finish", failing_once)
+        fake.enqueue(Script(text="A short summary."), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                await until(lambda: not fake.files)
+        [batch] = fake.batches
+        assert [e["event"] for e in logs if e["event"] == "batch_poll_crashed"] == ["batch_poll_crashed"]
+        assert done.result.text == "A short summary."
+        assert fake.deleted_files == [batch.input_file_id, batch.output_file_id]
+
+    @pytest.mark.parametrize(
+        ("task", "event"), [("", "batch_file_delete_failed"), ("creative_writing", "batch_delete_failed")]
+    )
+    async def test_a_delete_that_fails_fails_no_job_and_is_not_tried_again(
+        self, tmp_path: Path, fake: FakeProvider, task: str, event: str
+    ) -> None:
+        """The provider answers the deletes with 500: the job stays SUCCEEDED, each failed delete
+        is logged once with its id and reason (never the prompt or the answer), and the poller
+        goes on: a later job succeeds and its batch is deleted, while the first batch's remains
+        (no round tries it again)."""
+        fake.batch_delete_error = (500, {"error": {"type": "server_error", "message": "down"}})
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                first = (await submit(client, task_hint=task))[1].batch
+                await wait_state(client, first.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                expected = 2 if task == "" else 1  # the input and output files; the message batch
+                await until(lambda: sum(e["event"] == event for e in logs) == expected)
+                fake.batch_delete_error = None
+                later = (await submit(client, task_hint=task))[1].batch
+                await wait_state(client, later.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                if task == "":
+                    await until(lambda: len(fake.deleted_files) == 2)
+                else:
+                    await until(lambda: fake.batches[-1].deleted)
+            state = (await get_batch(client, first.batch_id)).job.state
+        failed = [e for e in logs if e["event"] == event]
+        assert state == pb.BATCH_STATE_SUCCEEDED
+        assert [e["reason"] for e in failed] == ["PROVIDER_UNAVAILABLE"] * expected
+        assert "Summarise" not in repr(failed)
+        assert DEFAULT_TEXT not in repr(failed)
+        first_batch, later_batch = fake.batches
+        if task == "":
+            assert [e["file_id"] for e in failed] == [first_batch.input_file_id, first_batch.output_file_id]
+            assert fake.files == [first_batch.input_file_id, first_batch.output_file_id]
+            assert fake.deleted_files == [later_batch.input_file_id, later_batch.output_file_id]
+        else:
+            assert [e["provider_batch_id"] for e in failed] == [first_batch.id]
+            assert [b.deleted for b in fake.batches] == [False, True]
+
+    async def test_an_input_file_whose_batch_create_a_shutdown_cut_off_is_deleted(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The server stops while OpenAI is creating the batch of a file just uploaded: the
+        send is cancelled, the file is deleted on the way out (it was left in the account), and
+        no batch was made; the job stays QUEUED, to be sent once its claim lapses."""
+        fake.batch_create_hold = asyncio.Event()
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await submit(client)
+            async with asyncio.timeout(10):
+                await fake.batch_create_waiting.wait()
+            uploaded = fake.files
+        assert (fake.files, fake.deleted_files, fake.batches) == ([], uploaded, [])
+        assert len(uploaded) == 1
+        assert job_states(tmp_path / "batches.db") == ["queued"]
 
 
 def _text_chars(value: object) -> int:

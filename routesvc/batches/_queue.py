@@ -27,8 +27,17 @@ which are otherwise those the queue started with. Models are looked up in the cu
 key removed at a restart) stay SUBMITTED, logged once per provider batch
 (``batch_poll_skipped``), and are polled again once a restart brings the key back.
 
+Once every job of an ended provider batch has its end stored, what the provider keeps of the batch
+(prompts and answers) is deleted there (``BatchAPI.discard``: OpenAI's input, output and error
+files; the Anthropic message batch). Never before: a round whose store writes fail leaves the
+batch to be read again. A delete that fails is logged (``batch_file_delete_failed``,
+``batch_delete_failed``) and not tried again: no round comes back to a batch whose jobs have
+ended, and the provider expires what is left (OpenAI's batch files after 30 days by default,
+Anthropic's results 29 days after the batch's creation).
+
 A provider batch no job waits for any more is cancelled at the provider: when its last waiting job
-is cancelled, or when every job of a group was cancelled while the group was being sent.
+is cancelled, or when every job of a group was cancelled while the group was being sent. No round
+polls it after that, so what the provider keeps of it is left to the provider's expiry.
 
 Several workers (``server.workers``) share one store, and each runs a poller: a group is sent
 only by the worker that claimed its jobs (``BatchStore.claim``), so each job is submitted once.
@@ -559,9 +568,12 @@ class BatchQueue:
             log.warning("batch_model_unknown", model=model_id, jobs=len(batch_ids))
             return None
 
-    async def _fail(self, batch_ids: list[str], error: str) -> None:
+    async def _fail(self, batch_ids: list[str], error: str) -> int:
+        """End FAILED the jobs of ``batch_ids`` that had not ended; how many did."""
+        failed = 0
         for batch_id in batch_ids:
-            await self._opened().finish(batch_id, BatchState.FAILED, error=error)
+            failed += await self._opened().finish(batch_id, BatchState.FAILED, error=error)
+        return failed
 
     async def _poll(self) -> None:
         """Poll each provider batch not yet ended; read the results of those that have."""
@@ -587,10 +599,12 @@ class BatchQueue:
             await self._poll_batch(api, provider_batch_id, ids)
         except ProviderRejected as error:
             code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
-            await self._fail(ids, code)
-            log.warning(
-                "batch_lost", provider_batch_id=provider_batch_id, jobs=len(ids), status=error.status, error=code
-            )
+            # None failed: another worker stored the results and deleted the batch (or its files)
+            # since this round listed its jobs.
+            if failed := await self._fail(ids, code):
+                log.warning(
+                    "batch_lost", provider_batch_id=provider_batch_id, jobs=failed, status=error.status, error=code
+                )
         except ProviderError as error:
             log.warning("batch_poll_failed", provider_batch_id=provider_batch_id, reason=error.reason)
         except Exception:
@@ -610,6 +624,11 @@ class BatchQueue:
             )
             await self._settle(batch_id, result)
         log.info("batch_ended", provider_batch_id=provider_batch_id, status=batch.status, jobs=len(ids))
+        # Every job's end is stored (a store failure above leaves the batch to be read again next
+        # round): what the provider keeps of it, prompts and answers, is deleted. In one task a
+        # shutdown waits for; a delete that fails is logged and not tried again, as no round
+        # comes back to a batch whose jobs have ended.
+        await asyncio.shield(self._keep(api.discard(batch)))
 
     async def _settle(self, batch_id: str, result: ItemResult) -> None:
         """End one job with its result; charge it once if it succeeded (and was not cancelled)."""

@@ -1,23 +1,29 @@
-"""Anthropic Message Batches via ``AsyncAnthropic``: create, poll, stream results, cancel.
+"""Anthropic Message Batches via ``AsyncAnthropic``: create, poll, stream results, cancel, delete.
 
 SDK exceptions are translated here: ``anthropic.APIStatusError`` by HTTP status, connection and
 timeout errors and an unreadable results file to ``ProviderUnavailable``; a results line that is
-cut short or of another shape fails its own job (``malformed_result``).
+cut short or of another shape fails its own job (``malformed_result``). An ended batch (its requests
+and results) is deleted by ``discard`` once its results are stored; a delete that fails is logged
+and left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import anthropic
+import structlog
 
-from routesvc.errors import ProviderUnavailable
+from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, quota_spent, request_params
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch, guarded_line, json_lines
+
+log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
 _STATES = {
@@ -29,6 +35,8 @@ _STATES = {
 
 
 _RESULTS_DELETED = "results_deleted"
+# A batch delete is given up after this long (a poll round waits for it).
+_DELETE_SECONDS: Final = 10.0
 
 
 class AnthropicBatches:
@@ -113,6 +121,19 @@ class AnthropicBatches:
     async def cancel(self, batch_id: str) -> None:
         """Ask for the batch to be cancelled."""
         await self._guard("cancel", self._client.messages.batches.cancel(batch_id))
+
+    async def discard(self, batch: ProviderBatch) -> None:
+        """Delete the ended batch, its requests and results with it, within ``_DELETE_SECONDS``.
+        A batch already gone (another worker deleted it) counts as deleted."""
+        try:
+            async with asyncio.timeout(_DELETE_SECONDS):
+                await self._guard("delete", self._client.messages.batches.delete(batch.id))
+        except ProviderRejected as exc:
+            if exc.status != 404:
+                log.warning("batch_delete_failed", provider=self._name, provider_batch_id=batch.id, reason=exc.reason)
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, ProviderError) else type(exc).__name__
+            log.warning("batch_delete_failed", provider=self._name, provider_batch_id=batch.id, reason=reason)
 
 
 def _entry_result(line: dict[str, Any]) -> ItemResult:

@@ -1,7 +1,8 @@
 """The ``BatchAPI`` protocol: a provider's batch endpoint (OpenAI Batch API, Anthropic Message Batches).
 
 A batch is created from several ``BatchItem``s at once, polled until the provider says it ended,
-then its per-item results are read. Adapters translate every SDK exception to a ``ProviderError``.
+then its per-item results are read, and once they are stored what the provider keeps of it (the
+requests and answers) is deleted. Adapters translate every SDK exception to a ``ProviderError``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class ProviderBatch:
     id: str
     ended: bool
     status: str
+    input_file_id: str | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
     # Why the whole batch failed, a short machine code (OpenAI's validation errors), or "".
@@ -125,6 +127,11 @@ class BatchAPI(Protocol):
 
     async def cancel(self, batch_id: str) -> None:
         """Ask the provider to cancel the batch."""
+        ...
+
+    async def discard(self, batch: ProviderBatch) -> None:
+        """Delete what the provider keeps of an ended batch whose results are stored (its requests
+        and answers); a failure is logged (never with their text), never raised."""
         ...
 
     async def aclose(self) -> None:

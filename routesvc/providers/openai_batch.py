@@ -1,12 +1,14 @@
 """The OpenAI Batch API via ``AsyncOpenAI``: upload a JSONL file, create a batch, poll, read output files.
 
 SDK exceptions are translated here: ``openai.APIStatusError`` by HTTP status, connection and
-timeout errors to ``ProviderUnavailable``. An input file whose batch could not be created is
-deleted again.
+timeout errors to ``ProviderUnavailable``. An input file whose batch could not be created (an
+error, or the send cancelled) is deleted again; an ended batch's input, output and error files are
+deleted by ``discard`` once its results are stored. A delete that fails is logged and left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable
 from typing import Any, Final, TypeVar
@@ -14,7 +16,7 @@ from typing import Any, Final, TypeVar
 import openai
 import structlog
 
-from routesvc.errors import ProviderError, ProviderUnavailable
+from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, FinishReason, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status, safe_code
 from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch, guarded_line, json_lines
@@ -27,6 +29,9 @@ _ENDED = frozenset({"completed", "expired", "failed", "cancelled"})
 _ENDPOINT: Final = "/v1/chat/completions"
 # Items the output and error files leave out end as the batch did.
 _UNANSWERED = {"expired": BatchState.EXPIRED, "cancelled": BatchState.CANCELLED}
+# A file delete is given up after this long: one run when the send was cancelled holds up the
+# cancellation (a shutdown) at most this long.
+_DELETE_SECONDS: Final = 10.0
 
 
 class OpenAIBatches:
@@ -37,6 +42,8 @@ class OpenAIBatches:
         self._client = openai.AsyncOpenAI(
             api_key=api_key or "unused", base_url=base_url or DEFAULT_BASE_URL, max_retries=0, timeout=timeout
         )
+        # Deletes of input files whose send was cancelled (see ``submit``), kept until they end.
+        self._deleting: set[asyncio.Task[None]] = set()
 
     @property
     def name(self) -> str:
@@ -44,7 +51,9 @@ class OpenAIBatches:
         return self._name
 
     async def aclose(self) -> None:
-        """Close the SDK's connection pool."""
+        """Let the deletes under way end (each is bounded), then close the SDK's connection pool."""
+        if self._deleting:
+            await asyncio.wait(self._deleting)
         await self._client.close()
 
     async def _guard(self, what: str, awaitable: Awaitable[_T]) -> _T:
@@ -82,21 +91,39 @@ class OpenAIBatches:
                 "create",
                 self._client.batches.create(input_file_id=uploaded.id, endpoint=_ENDPOINT, completion_window="24h"),
             )
-        except Exception:
+        except (Exception, asyncio.CancelledError):
             # The file is of no use without its batch, and a retry uploads the jobs again: each
-            # round of a spent quota would leave one more file in the account. (A created
-            # batch needs its file until it ends, so it is kept then.)
-            await self._delete_file(uploaded.id)
+            # round of a spent quota, or each send a shutdown cut off, would leave one more file
+            # of prompts in the account. (A created batch needs its file until it ends, so it is
+            # kept then.) Shielded, so that a cancellation does not cut the delete off, and
+            # bounded, so that it goes on within _DELETE_SECONDS; ``aclose`` waits for a delete a
+            # second cancellation left running.
+            deleting = asyncio.ensure_future(self._delete_file(uploaded.id))
+            self._deleting.add(deleting)
+            deleting.add_done_callback(self._deleting.discard)
+            await asyncio.shield(deleting)
             raise
         return batch.id
 
     async def _delete_file(self, file_id: str) -> None:
-        """Delete an uploaded file; a failure is logged, never raised (the file is left over)."""
+        """Delete a file within ``_DELETE_SECONDS``; a failure is logged, never raised (the file is
+        left over). A file already gone (another worker deleted it) counts as deleted."""
         try:
-            await self._guard("delete", self._client.files.delete(file_id))
+            async with asyncio.timeout(_DELETE_SECONDS):
+                await self._guard("delete", self._client.files.delete(file_id))
+        except ProviderRejected as exc:
+            if exc.status != 404:
+                log.warning("batch_file_delete_failed", provider=self._name, file_id=file_id, reason=exc.reason)
         except Exception as exc:
             reason = exc.reason if isinstance(exc, ProviderError) else type(exc).__name__
             log.warning("batch_file_delete_failed", provider=self._name, file_id=file_id, reason=reason)
+
+    async def discard(self, batch: ProviderBatch) -> None:
+        """Delete the ended batch's input, output and error files (the batch itself cannot be
+        deleted: it keeps only their ids and counts)."""
+        for file_id in (batch.input_file_id, batch.output_file_id, batch.error_file_id):
+            if file_id:
+                await self._delete_file(file_id)
 
     async def poll(self, batch_id: str) -> ProviderBatch:
         """Retrieve the batch."""
@@ -108,6 +135,7 @@ class OpenAIBatches:
             id=batch.id,
             ended=batch.status in _ENDED,
             status=batch.status,
+            input_file_id=batch.input_file_id,
             output_file_id=batch.output_file_id,
             error_file_id=batch.error_file_id,
             error=safe_code(errors[0].code) if errors else "",

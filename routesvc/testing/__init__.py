@@ -7,9 +7,12 @@ transfer encoding) that speaks what the official SDKs expect:
                                 ``choices`` when ``stream_options.include_usage``, then ``data: [DONE]``
     POST /v1/messages           Anthropic: JSON, or ``event:``/``data:`` pairs from ``message_start``
                                 to ``message_stop``, with cumulative output tokens in ``message_delta``
-    /v1/files, /v1/batches     OpenAI Batch API (upload, create, retrieve, cancel, output files) and
-    /v1/messages/batches       Anthropic Message Batches (create, retrieve, results, cancel); batches
-                               end as ``FakeProvider.batch_outcome`` says (complete, expire, fail)
+    /v1/files, /v1/batches     OpenAI Batch API (upload, create, retrieve, cancel, output files,
+                               file delete) and
+    /v1/messages/batches       Anthropic Message Batches (create, retrieve, results, cancel, delete);
+                               batches end as ``FakeProvider.batch_outcome`` says (complete, expire,
+                               fail); ``files``, ``deleted_files`` and ``batches`` (``deleted``) say
+                               what the provider still holds
     POST /_fake/script          control: ``{"script": {...}, "model": "...", "mode": "enqueue" | "default"}``
     GET  /_fake/requests        control: every request received, with whether the client aborted
     POST /_fake/reset           control: forget scripts and requests

@@ -2,7 +2,7 @@
 
     POST /v1/files                          multipart upload (purpose "batch") of a JSONL file
     GET  /v1/files/{id}/content             a file's bytes (input, output or error file)
-    DELETE /v1/files/{id}                   delete a file
+    DELETE /v1/files/{id}                   delete a file (recorded in ``deleted_files``)
     POST /v1/batches                        create from an uploaded file
     GET  /v1/batches/{id}                   retrieve (ends the batch per the outcome, see below)
     POST /v1/batches/{id}/cancel            cancel
@@ -10,6 +10,7 @@
     GET  /v1/messages/batches/{id}          retrieve
     GET  /v1/messages/batches/{id}/results  JSONL results once ended
     POST /v1/messages/batches/{id}/cancel   cancel
+    DELETE /v1/messages/batches/{id}        delete an ended batch (``deleted``; then 404 like an unknown one)
 
 Every batch stays in progress until a retrieve finds ``BatchOutcome`` (``FakeProvider.batch_outcome``)
 other than ``PENDING``, then ends as it says: ``COMPLETE`` answers each request with the script
@@ -19,10 +20,15 @@ still in progress, so tests can restart the service in between. An OpenAI reques
 HTTP error is a line of the output file, or with ``http_errors_in_error_file`` a line of the error
 file with its ``response`` and ``error`` null, as the Batch API writes it. Output lines hold
 non-ASCII characters raw (UTF-8), U+2028 and U+2029 too: JSON Lines ends a line at "\n" only.
+
+Faults: ``create_error`` answers creates (both APIs), ``delete_error`` deletes (files and message
+batches) with an error; ``create_hold`` keeps creates waiting until the test sets it
+(``create_waiting`` is set once one waits).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import json
@@ -67,8 +73,10 @@ class FakeBatch:
     api: str  # "openai" or "anthropic"
     requests: list[dict[str, Any]]
     created_at: float
+    input_file_id: str | None = None  # OpenAI
     status: str = "in_progress"
     cancelled: bool = False
+    deleted: bool = False  # Anthropic: deleted once ended
     output_file_id: str | None = None
     error_file_id: str | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -110,9 +118,14 @@ class FakeBatches:
         self.results_deleted = False
         # (status, JSON body) that creating a batch answers instead, in both APIs; None: created.
         self.create_error: tuple[int, Any] | None = None
+        # (status, JSON body) that deleting a file or a message batch answers instead; None: deleted.
+        self.delete_error: tuple[int, Any] | None = None
+        # A create waits until this is set (None: answers at once); ``create_waiting`` says one does.
+        self.create_hold: asyncio.Event | None = None
+        self.create_waiting = asyncio.Event()
         self.files: dict[str, bytes] = {}
+        self.deleted_files: list[str] = []
         self.batches: dict[str, FakeBatch] = {}
-        self.files_of: dict[str, str] = {}  # OpenAI batch id -> its input file id
         self._numbers = itertools.count(1)
 
     def routes(self) -> dict[tuple[str, str], Callable[[Connection, Request], Any]]:
@@ -128,16 +141,20 @@ class FakeBatches:
             ("GET", "/v1/messages/batches/*"): self._anthropic_retrieve,
             ("GET", "/v1/messages/batches/*/results"): self._anthropic_results,
             ("POST", "/v1/messages/batches/*/cancel"): self._anthropic_cancel,
+            ("DELETE", "/v1/messages/batches/*"): self._anthropic_delete,
         }
 
     def reset(self) -> None:
-        """Forget files and batches; batches complete again."""
+        """Forget files, deletes and batches; batches complete again, and faults are off."""
         self.files.clear()
+        self.deleted_files.clear()
         self.batches.clear()
-        self.files_of.clear()
         self.outcome = BatchOutcome.COMPLETE
         self.results_deleted = False
         self.create_error = None
+        self.delete_error = None
+        self.create_hold = None
+        self.create_waiting.clear()
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._numbers):04d}{uuid.uuid4().hex[:12]}"
@@ -301,20 +318,31 @@ class FakeBatches:
 
     async def _file_delete(self, connection: Connection, request: Request) -> bool:
         file_id = request.path.split("?")[0].split("/")[3]
-        if self.files.pop(file_id, None) is None:
+        if file_id not in self.files:
             await connection.send_json(404, {"error": {"type": "not_found_error", "message": "no such file"}})
             return True
+        if self.delete_error is not None:
+            await connection.send_json(*self.delete_error)
+            return True
+        del self.files[file_id]
+        self.deleted_files.append(file_id)
         await connection.send_json(200, {"id": file_id, "object": "file", "deleted": True})
         return True
 
-    def _openai_json(self, batch: FakeBatch, input_file_id: str) -> dict[str, Any]:
+    async def _held(self) -> None:
+        """Wait at ``create_hold`` while it is set to an event not set yet."""
+        if self.create_hold is not None and not self.create_hold.is_set():
+            self.create_waiting.set()
+            await self.create_hold.wait()
+
+    def _openai_json(self, batch: FakeBatch) -> dict[str, Any]:
         ended = batch.status not in ("in_progress", "validating")
         done = len(batch.requests) if batch.status == "completed" else 0
         return {
             "id": batch.id,
             "object": "batch",
             "endpoint": "/v1/chat/completions",
-            "input_file_id": input_file_id,
+            "input_file_id": batch.input_file_id,
             "completion_window": "24h",
             "status": batch.status,
             "output_file_id": batch.output_file_id,
@@ -326,6 +354,7 @@ class FakeBatches:
         }
 
     async def _openai_create(self, connection: Connection, request: Request) -> bool:
+        await self._held()
         if self.create_error is not None:
             await connection.send_json(*self.create_error)
             return True
@@ -335,10 +364,9 @@ class FakeBatches:
             await connection.send_json(400, {"error": {"type": "invalid_request_error", "message": "no such file"}})
             return True
         lines = [json.loads(line) for line in content.decode().split("\n") if line.strip()]
-        batch = FakeBatch(self._new_id("batch_"), "openai", lines, time.time())
+        batch = FakeBatch(self._new_id("batch_"), "openai", lines, time.time(), str(body["input_file_id"]))
         self.batches[batch.id] = batch
-        self.files_of[batch.id] = str(body["input_file_id"])
-        await connection.send_json(200, self._openai_json(batch, self.files_of[batch.id]))
+        await connection.send_json(200, self._openai_json(batch))
         return True
 
     async def _openai_found(self, connection: Connection, request: Request) -> FakeBatch | None:
@@ -353,7 +381,7 @@ class FakeBatches:
         if batch is not None:
             batch.retrieved += 1
             self._end(batch)
-            await connection.send_json(200, self._openai_json(batch, self.files_of.get(batch.id, "")))
+            await connection.send_json(200, self._openai_json(batch))
         return True
 
     async def _openai_cancel(self, connection: Connection, request: Request) -> bool:
@@ -361,7 +389,7 @@ class FakeBatches:
         if batch is not None:
             batch.cancelled = True
             self._end(batch)
-            await connection.send_json(200, self._openai_json(batch, self.files_of.get(batch.id, "")))
+            await connection.send_json(200, self._openai_json(batch))
         return True
 
     # -- Anthropic -----------------------------------------------------------------------------
@@ -391,6 +419,7 @@ class FakeBatches:
         }
 
     async def _anthropic_create(self, connection: Connection, request: Request) -> bool:
+        await self._held()
         if self.create_error is not None:
             await connection.send_json(*self.create_error)
             return True
@@ -407,7 +436,7 @@ class FakeBatches:
 
     async def _anthropic_found(self, connection: Connection, request: Request) -> FakeBatch | None:
         batch = self.batches.get(request.path.split("?")[0].split("/")[4])
-        if batch is None or batch.api != "anthropic":
+        if batch is None or batch.api != "anthropic" or batch.deleted:
             error = {"type": "error", "error": {"type": "not_found_error", "message": "no such batch"}}
             await connection.send_json(404, error)
             return None
@@ -443,4 +472,21 @@ class FakeBatches:
             batch.cancelled = True
             self._end(batch)
             await connection.send_json(200, self._anthropic_json(batch))
+        return True
+
+    async def _anthropic_delete(self, connection: Connection, request: Request) -> bool:
+        batch = await self._anthropic_found(connection, request)
+        if batch is None:
+            return True
+        if batch.status != "ended":
+            message = "Message Batches can only be deleted once they've finished processing."
+            await connection.send_json(
+                400, {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+            )
+            return True
+        if self.delete_error is not None:
+            await connection.send_json(*self.delete_error)
+            return True
+        batch.deleted = True
+        await connection.send_json(200, {"id": batch.id, "type": "message_batch_deleted"})
         return True

@@ -146,6 +146,31 @@ class FakeProvider:
         self._batches.create_error = error
 
     @property
+    def batch_delete_error(self) -> tuple[int, Any] | None:
+        """``(status, JSON body)`` that deleting an OpenAI file or an Anthropic message batch
+        answers, or None (deleted)."""
+        return self._batches.delete_error
+
+    @batch_delete_error.setter
+    def batch_delete_error(self, error: tuple[int, Any] | None) -> None:
+        self._batches.delete_error = error
+
+    @property
+    def batch_create_hold(self) -> asyncio.Event | None:
+        """While set to an event that is not set, creating a batch (either API) waits for it
+        before answering; None (the default) answers at once."""
+        return self._batches.create_hold
+
+    @batch_create_hold.setter
+    def batch_create_hold(self, hold: asyncio.Event | None) -> None:
+        self._batches.create_hold = hold
+
+    @property
+    def batch_create_waiting(self) -> asyncio.Event:
+        """Set once a batch create waits at ``batch_create_hold``."""
+        return self._batches.create_waiting
+
+    @property
     def openai_batch_http_errors_in_error_file(self) -> bool:
         """Whether an OpenAI batch request answered with an HTTP error is written to the error
         file (``response`` set, ``error`` null, as the Batch API does) rather than the output file
@@ -168,7 +193,7 @@ class FakeProvider:
 
     @property
     def batches(self) -> list[FakeBatch]:
-        """Every batch created through either API, oldest first."""
+        """Every batch created through either API, oldest first, deleted ones too (``deleted``)."""
         return list(self._batches.batches.values())
 
     @property
@@ -176,6 +201,11 @@ class FakeProvider:
         """The ids of the OpenAI files the fake holds (uploaded and not deleted, and batch
         output and error files), oldest first."""
         return list(self._batches.files)
+
+    @property
+    def deleted_files(self) -> list[str]:
+        """The ids of the OpenAI files deleted, in the order they were."""
+        return list(self._batches.deleted_files)
 
     def reset(self) -> None:
         """Forget queued and per-model scripts, recorded requests and batches (the global default stays)."""
