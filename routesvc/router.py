@@ -771,6 +771,13 @@ class Router:
                     break
                 if attempt.number > first and not self._retry_budget.can_retry():
                     break
+                if try_on_model:
+                    # A retry may cost again what the failed attempt was charged (a stall): the
+                    # budget must take it, as for a fallback; one it cannot take is not made.
+                    try:
+                        await self._cover(attempt, model)
+                    except (LimitExceeded, SharedStateUnavailable):
+                        break
                 # The deadline first: a half-open breaker's one probe is claimed only by an attempt
                 # that starts (``_attempt`` releases or settles it however it ends).
                 remaining = None if deadline is None else deadline - time.monotonic()

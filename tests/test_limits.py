@@ -342,6 +342,38 @@ class TestTenantLimitsOverGrpc:
         # Another tenant is not counted with acme.
         await client.route(user_chat("hi"), pb.RoutingContext(tenant="other"))
 
+    @pytest.mark.parametrize(
+        "limited",
+        [
+            {
+                "tenant": {"daily_budget_usd": "0.08"},
+                "reliability": {"first_token_timeout_seconds": 0.5, "retries_per_model": 1},
+            }
+        ],
+        indirect=True,
+    )
+    async def test_a_retry_the_budget_cannot_take_is_not_made(
+        self, limited: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """A 20,000-token prompt pinned to gpt-4o (estimate ~0.055 USD) stalls and is charged its
+        input (~0.050 USD); a retry would need ~0.055 more, past the 0.08 USD daily budget, so it
+        is not made: the call fails with the stall, one provider request, and the tenant has spent
+        only the stalled attempt (the retry was made unchecked: 0.105 USD spent, 131% of the budget)."""
+        server, client = limited
+        fake.enqueue(
+            Script(text="late", first_chunk_delay=3.0),
+            Script(text="Paris.", input_tokens=20003, output_tokens=512),
+            model="gpt-4o",
+        )
+        context = pb.RoutingContext(tenant="acme", model="gpt-4o")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in client.complete(user_chat("hello " * 20000), context):
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert [r.model for r in fake.requests] == ["gpt-4o"]
+        spent = await server.router.admission.spent("acme")
+        assert Decimal("0.04") < spent <= Decimal("0.08")
+
     @pytest.mark.parametrize("limited", [{"tenant": {"daily_budget_usd": "0.0005"}}], indirect=True)
     async def test_budget_exhaustion_stops_further_calls(
         self, limited: tuple[Server, RouterClient], fake: FakeProvider
