@@ -883,7 +883,10 @@ class RouteDecision(_message.Message):
     rule: _builtins.str
     """The rule that decided, or "default"."""
     estimated_input_tokens: _builtins.int
-    """Estimated input tokens of the request."""
+    """Estimated input tokens of the request on the chosen model: its images are counted by
+    the formula of the model's provider (OpenAI's tiles, or 85 at IMAGE_DETAIL_LOW;
+    Anthropic's pixels / 750; the larger of the two for an OpenAI-compatible server).
+    """
     estimated_output_tokens: _builtins.int
     """Output tokens assumed for the estimate."""
     estimated_cost_usd: _builtins.str

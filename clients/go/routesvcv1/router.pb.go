@@ -1528,7 +1528,9 @@ type RouteDecision struct {
 	// Human-readable reasons: every rule that matched, in precedence order, and why
 	// candidates were excluded.
 	Reasons []string `protobuf:"bytes,6,rep,name=reasons,proto3" json:"reasons,omitempty"`
-	// Estimated input tokens of the request.
+	// Estimated input tokens of the request on the chosen model: its images are counted by
+	// the formula of the model's provider (OpenAI's tiles, or 85 at IMAGE_DETAIL_LOW;
+	// Anthropic's pixels / 750; the larger of the two for an OpenAI-compatible server).
 	EstimatedInputTokens int64 `protobuf:"varint,7,opt,name=estimated_input_tokens,json=estimatedInputTokens,proto3" json:"estimated_input_tokens,omitempty"`
 	// Output tokens assumed for the estimate.
 	EstimatedOutputTokens int64 `protobuf:"varint,8,opt,name=estimated_output_tokens,json=estimatedOutputTokens,proto3" json:"estimated_output_tokens,omitempty"`

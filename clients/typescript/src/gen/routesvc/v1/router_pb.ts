@@ -610,7 +610,9 @@ export type RouteDecision = Message$1<"routesvc.v1.RouteDecision"> & {
   reasons: string[];
 
   /**
-   * Estimated input tokens of the request.
+   * Estimated input tokens of the request on the chosen model: its images are counted by
+   * the formula of the model's provider (OpenAI's tiles, or 85 at IMAGE_DETAIL_LOW;
+   * Anthropic's pixels / 750; the larger of the two for an OpenAI-compatible server).
    *
    * @generated from field: int64 estimated_input_tokens = 7;
    */
