@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from routesvc.errors import ModelNotFound
+from routesvc.models import ProviderKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +32,11 @@ class ModelSpec:
     batch_discount: Decimal
     # Request parameters the model refuses: a request that sets one is not routed to it.
     unsupported_parameters: frozenset[str] = frozenset()
-    # Input tokens the model bills per token of the catalog's image estimate (``routesvc.images``).
+    # Input tokens the model bills per token of its image estimate (``routesvc.images``).
     image_token_scale: Decimal = Decimal(1)
+    # The kind of its provider, whose formula estimates its images (the larger of OpenAI's and
+    # Anthropic's for an OpenAI-compatible server, whose formula is unknown).
+    provider_kind: ProviderKind = "openai_compatible"
 
     def supports(self, capability: str) -> bool:
         """Whether the model has ``capability`` (for example "tools")."""

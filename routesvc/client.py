@@ -167,15 +167,18 @@ def _message(role: str, content: str, cache: str = "") -> pb.Message:
     return message
 
 
-def image_part(image: str | bytes | Path) -> pb.ContentPart:
+def image_part(
+    image: str | bytes | Path, *, detail: pb.ImageDetail.ValueType = pb.IMAGE_DETAIL_UNSPECIFIED
+) -> pb.ContentPart:
     """An image for a ROLE_USER message's ``parts``: an https URL (a ``str``), an image file's
     bytes, or a file to read (a ``Path``); the media type of bytes is read from their first bytes.
-    Raises ``ConfigError`` naming a file that cannot be read or is not a JPEG, PNG, GIF or WebP.
+    ``detail`` is OpenAI's (``pb.IMAGE_DETAIL_LOW``: a flat 85 tokens). Raises ``ConfigError``
+    naming a file that cannot be read or is not a JPEG, PNG, GIF or WebP.
 
     ``pb.Message(role=pb.ROLE_USER, content="What is this?", parts=[image_part(Path("a.png"))])``
     """
     if isinstance(image, str):
-        return pb.ContentPart(image=pb.Image(url=image))
+        return pb.ContentPart(image=pb.Image(url=image, detail=detail))
     what = f"image file {image}" if isinstance(image, Path) else "image"
     if isinstance(image, Path):
         try:
@@ -185,7 +188,7 @@ def image_part(image: str | bytes | Path) -> pb.ContentPart:
     media_type = sniff_media_type(image)
     if not media_type:
         raise ConfigError(f"{what}: not a JPEG, PNG, GIF or WebP file")
-    return pb.ContentPart(image=pb.Image(data=image, media_type=media_type))
+    return pb.ContentPart(image=pb.Image(data=image, media_type=media_type, detail=detail))
 
 
 def tool_turns(completion: pb.Completion, text: str, results: Mapping[str, str]) -> list[pb.Message]:

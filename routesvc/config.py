@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.errors import ConfigError
-from routesvc.models import RequestParameter
+from routesvc.models import ProviderKind, RequestParameter
 from routesvc.providers.base import HttpClientKind
 from routesvc.strategies.classifier import ClassifierStageConfig
 from routesvc.strategies.embedding import EmbeddingStageConfig
@@ -157,7 +157,7 @@ class LimitsConfig(_Strict):
 class ProviderConfig(_Strict):
     """One model API endpoint and where its key comes from (never the key itself)."""
 
-    kind: Literal["openai", "anthropic", "openai_compatible"]
+    kind: ProviderKind
     base_url: str | None = Field(None, description="Endpoint; default: the SDK's variable, then its default.")
     api_key_env: str | None = Field(None, description="Environment variable holding the key.")
     api_key_file: Path | None = Field(None, description="File holding the key (for mounted secrets).")
@@ -216,8 +216,8 @@ class ModelConfig(_Strict):
     image_token_scale: Decimal = Field(
         Decimal(1),
         gt=0,
-        description="Input tokens the model bills per token of the catalog's image estimate "
-        "(routesvc.images): gpt-4o-mini counts ~33.3x gpt-4o's tokens for an image.",
+        description="Input tokens the model bills per token of its image estimate (routesvc.images: "
+        "the formula of its provider's kind): gpt-4o-mini counts ~33.3x gpt-4o's tokens for an image.",
     )
     batch_discount: Decimal = Field(Decimal(0), ge=0, le=1, description="Fraction off in batch mode.")
 
@@ -842,7 +842,7 @@ def _catalog(config: Config) -> Catalog:
     return Catalog([_model_spec(model, config.providers[model.provider].kind) for model in config.models])
 
 
-def _model_spec(model: ModelConfig, provider_kind: str) -> ModelSpec:
+def _model_spec(model: ModelConfig, provider_kind: ProviderKind) -> ModelSpec:
     """A catalog model from its config, with every price a default stands in for resolved."""
     cache_write, cache_write_1h = _cache_write_prices(model, provider_kind)
     return ModelSpec(
@@ -864,6 +864,7 @@ def _model_spec(model: ModelConfig, provider_kind: str) -> ModelSpec:
         batch_discount=model.batch_discount,
         unsupported_parameters=frozenset(model.unsupported_parameters),
         image_token_scale=model.image_token_scale,
+        provider_kind=provider_kind,
     )
 
 

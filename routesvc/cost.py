@@ -7,7 +7,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from routesvc.catalog import ModelSpec
-from routesvc.models import Mode, Usage
+from routesvc.models import ImageEstimate, Mode, Usage
 
 _PER_TOKEN = Decimal(1_000_000)
 
@@ -47,7 +47,11 @@ def estimate_cost(
 
 
 class Estimated(Protocol):
-    """A routed request's token estimate: a ``RouteDecision``'s, or a ``RoutingInput``'s."""
+    """A routed request's token estimate: a ``RouteDecision``'s, or a ``RoutingInput``'s.
+
+    ``estimated_input_tokens`` counts the images as some kind's formula does (the chosen model's
+    for a decision, the larger of all for a routing input), ``estimated_image_tokens`` is the
+    part they make up in it, and ``image_estimate`` has them by every kind."""
 
     @property
     def estimated_input_tokens(self) -> int: ...
@@ -55,17 +59,22 @@ class Estimated(Protocol):
     def estimated_output_tokens(self) -> int: ...
     @property
     def estimated_image_tokens(self) -> int: ...
+    @property
+    def image_estimate(self) -> ImageEstimate: ...
+
+
+def input_tokens_on(model: ModelSpec, estimate: Estimated) -> tuple[int, int]:
+    """``estimate``'s input tokens on ``model``, and the part its images make up, counted by the
+    formula of the model's provider kind (before its ``image_token_scale``)."""
+    images = estimate.image_estimate.for_kind(model.provider_kind)
+    return estimate.estimated_input_tokens - estimate.estimated_image_tokens + images, images
 
 
 def estimated_cost(model: ModelSpec, estimate: Estimated, mode: Mode = Mode.REALTIME) -> Decimal:
-    """``estimate_cost`` of a routed request's ``estimate`` on ``model``, its images included."""
-    return estimate_cost(
-        model,
-        estimate.estimated_input_tokens,
-        estimate.estimated_output_tokens,
-        mode,
-        image_tokens=estimate.estimated_image_tokens,
-    )
+    """``estimate_cost`` of a routed request's ``estimate`` on ``model``, its images counted by
+    the model's own formula and scale."""
+    input_tokens, image_tokens = input_tokens_on(model, estimate)
+    return estimate_cost(model, input_tokens, estimate.estimated_output_tokens, mode, image_tokens=image_tokens)
 
 
 def billed_input_tokens(model: ModelSpec, input_tokens: int, image_tokens: int) -> int:

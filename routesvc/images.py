@@ -6,30 +6,31 @@ header, WebP's VP8/VP8L/VP8X header), never decoded. Its token cost follows what
 publish for the models of the catalog:
 
 - Anthropic: an image whose long edge is over 1568 px is scaled to fit it, and one of more than
-  ~1,600 tokens is scaled to about that; it then costs width * height / 750 tokens.
-- OpenAI (high detail, the default ``auto`` for large images): scaled to fit 2048 x 2048, then
-  down so that its shortest side is at most 768 px; it costs 85 tokens plus 170 per 512-px tile.
+  ~1,600 tokens is scaled to about that; it then costs width * height / 750 tokens. Anthropic
+  has no ``detail``: an image costs the same whatever the request sets.
+- OpenAI, high detail (and the default ``auto``, which may choose high): scaled to fit 2048 x
+  2048, then down so that its shortest side is at most 768 px; it costs 85 tokens plus 170 per
+  512-px tile. Low detail: a flat 85 tokens, whatever the size.
 
-One estimate serves every model (the estimate is made before the model is chosen), so it is the
-larger of the two. An image whose size is unknown (given by URL, which routesvc never fetches)
-counts as ``UNKNOWN_SIZE_TOKENS``, the most either formula gives. A model that bills images at
-another rate says so with ``image_token_scale`` (``cost.billed_input_tokens``): gpt-4o-mini
-counts ~33.3x gpt-4o's tokens for an image (2,833 + 5,667 per tile), so the default config
-gives it 33.33; since the scale multiplies the larger of the two formulas, its estimate for an
-image is high by up to ~1.8x (a square image, where Anthropic's formula gives more). Not
-modelled: OpenAI's low detail (always 85), and Claude models with a larger native resolution
-than 1568 px, which cost more per large image.
+Each model's images are estimated by the formula of its provider's kind (``image_estimate``
+gives all of them, ``ImageEstimate.for_kind`` picks one): OpenAI's for ``openai``, Anthropic's
+for ``anthropic``, and the larger of the two, image by image, for ``openai_compatible``, a
+server whose formula is unknown. An image whose size is unknown (given by URL, which routesvc
+never fetches) counts as the most its formula gives: ``OPENAI_MAX_TOKENS`` (8 tiles) at high or
+auto detail, 85 at low, ``ANTHROPIC_MAX_TOKENS`` on Anthropic. A model that bills images at
+another rate says so with ``image_token_scale`` (``cost.billed_input_tokens``), which multiplies
+its own formula's tokens: gpt-4o-mini counts ~33.3x gpt-4o's tokens for an image (2,833 + 5,667
+per tile; 2,833 at low detail), so the default config gives it 33.33. Not modelled: Claude
+models with a larger native resolution than 1568 px, which cost more per large image.
 """
 
 from __future__ import annotations
 
 import math
 
-MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+from routesvc.models import Image, ImageDetail, ImageEstimate
 
-# The most the Anthropic formula gives (it scales larger images down to about this), which is
-# also above OpenAI's highest (a 2048 x 768 image: 85 + 170 * 8 = 1445).
-UNKNOWN_SIZE_TOKENS = 1600
+MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 
 _ANTHROPIC_LONG_EDGE = 1568
 _ANTHROPIC_PIXELS_PER_TOKEN = 750
@@ -38,6 +39,14 @@ _OPENAI_SHORT_SIDE = 768
 _OPENAI_TILE = 512
 _OPENAI_BASE_TOKENS = 85
 _OPENAI_TILE_TOKENS = 170
+
+# The most Anthropic's formula gives: it scales larger images down to about this.
+ANTHROPIC_MAX_TOKENS = 1600
+# The most OpenAI's high detail gives: within 2048 px, with the short side at most 768 px, an
+# image spans at most 4 x 2 tiles (a 2048 x 768 image): 85 + 170 * 8.
+OPENAI_MAX_TOKENS = _OPENAI_BASE_TOKENS + _OPENAI_TILE_TOKENS * (_OPENAI_BOX // _OPENAI_TILE) * math.ceil(
+    _OPENAI_SHORT_SIDE / _OPENAI_TILE
+)
 
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic), which hold the size;
 # C4 (Huffman tables), C8 (reserved) and CC (arithmetic conditioning) are not frames.
@@ -99,21 +108,27 @@ def _jpeg_dimensions(data: bytes) -> tuple[int, int]:
     return 0, 0
 
 
-def image_tokens(width: int, height: int) -> int:
-    """Estimated input tokens of an image of ``width`` x ``height`` pixels (0 either way: unknown);
-    see the module docstring."""
-    if width <= 0 or height <= 0:
-        return UNKNOWN_SIZE_TOKENS
-    return max(_anthropic_tokens(width, height), _openai_tokens(width, height))
+def image_estimate(image: Image) -> ImageEstimate:
+    """``image``'s estimated input tokens under each provider kind's formula; see the module
+    docstring."""
+    openai = _openai_tokens(image.width, image.height, image.detail)
+    anthropic = _anthropic_tokens(image.width, image.height)
+    return ImageEstimate(openai=openai, anthropic=anthropic, larger=max(openai, anthropic))
 
 
 def _anthropic_tokens(width: int, height: int) -> int:
+    if width <= 0 or height <= 0:
+        return ANTHROPIC_MAX_TOKENS
     scale = min(1.0, _ANTHROPIC_LONG_EDGE / max(width, height))
     tokens = math.ceil(width * scale * (height * scale) / _ANTHROPIC_PIXELS_PER_TOKEN)
-    return min(tokens, UNKNOWN_SIZE_TOKENS)
+    return min(tokens, ANTHROPIC_MAX_TOKENS)
 
 
-def _openai_tokens(width: int, height: int) -> int:
+def _openai_tokens(width: int, height: int, detail: ImageDetail) -> int:
+    if detail is ImageDetail.LOW:
+        return _OPENAI_BASE_TOKENS
+    if width <= 0 or height <= 0:
+        return OPENAI_MAX_TOKENS
     scale = min(1.0, _OPENAI_BOX / max(width, height))
     w, h = width * scale, height * scale
     scale = min(1.0, _OPENAI_SHORT_SIDE / min(w, h))

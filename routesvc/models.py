@@ -13,6 +13,9 @@ from typing import Literal
 # is a conversation that ends in an assistant turn, for the model to continue.
 RequestParameter = Literal["temperature", "stop", "tool_choice", "parallel_tool_calls", "prefill"]
 
+# The APIs a provider speaks (``ProviderConfig.kind``): each has its own image formula.
+ProviderKind = Literal["openai", "anthropic", "openai_compatible"]
+
 
 class Role(enum.Enum):
     """Who wrote a message."""
@@ -59,6 +62,15 @@ class ToolCall:
     arguments_json: str = ""
 
 
+class ImageDetail(enum.Enum):
+    """How closely an OpenAI model looks at an image (OpenAI's ``detail``). Anthropic has no such
+    parameter: its models see the image as it is."""
+
+    AUTO = "auto"  # not set: nothing is sent, the model chooses (estimated as high)
+    LOW = "low"  # a 512 x 512 version, at a flat 85 tokens
+    HIGH = "high"  # 512-px tiles
+
+
 @dataclass(frozen=True, slots=True)
 class Image:
     """An image of a user turn: an https ``url`` the provider fetches, or the file's bytes in
@@ -71,6 +83,30 @@ class Image:
     data: bytes = field(default=b"", repr=False)
     width: int = 0
     height: int = 0
+    detail: ImageDetail = ImageDetail.AUTO
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEstimate:
+    """A request's images in input tokens, under each provider kind's formula
+    (``routesvc.images``): ``openai``'s, ``anthropic``'s, and for an ``openai_compatible``
+    server, whose formula is unknown, ``larger``: the larger of the two, image by image."""
+
+    openai: int = 0
+    anthropic: int = 0
+    larger: int = 0
+
+    def __add__(self, other: ImageEstimate) -> ImageEstimate:
+        """Both estimates' images together."""
+        return ImageEstimate(self.openai + other.openai, self.anthropic + other.anthropic, self.larger + other.larger)
+
+    def for_kind(self, kind: ProviderKind) -> int:
+        """The tokens of the images on a model of a provider of ``kind``."""
+        if kind == "openai":
+            return self.openai
+        if kind == "anthropic":
+            return self.anthropic
+        return self.larger
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,9 +277,12 @@ class RouteDecision:
     cascade_scorer: str = ""
     # Provider calls made to decide (an LLM classifier's), already in the ledger and the budget.
     routing_attempts: tuple[AttemptSummary, ...] = ()
-    # The part of ``estimated_input_tokens`` that images make up (each model bills them at its
-    # ``image_token_scale``).
+    # The decision's estimate is ``model``'s: ``estimated_input_tokens`` counts the images by the
+    # formula of its provider's kind, and ``estimated_image_tokens`` is the part they make up
+    # (before its ``image_token_scale``). ``image_estimate`` has them by every kind, for the
+    # other models a request may reach (fallbacks, cascade steps): ``cost.estimated_cost``.
     estimated_image_tokens: int = 0
+    image_estimate: ImageEstimate = ImageEstimate()
 
     @property
     def routing_cost_usd(self) -> Decimal:

@@ -19,7 +19,7 @@ from routesvc.breaker import Breakers, Permit
 from routesvc.cascade import EscalationPolicy, max_cost_reason
 from routesvc.catalog import ModelSpec
 from routesvc.config import BATCH_API_KINDS, RulesStageConfig, Settings
-from routesvc.cost import billed_input_tokens, cost_of_usage, estimated_cost, format_usd
+from routesvc.cost import billed_input_tokens, cost_of_usage, estimated_cost, format_usd, input_tokens_on
 from routesvc.errors import (
     CostLimitExceeded,
     DeadlineExceeded,
@@ -47,6 +47,7 @@ from routesvc.models import (
     Completion,
     Escalation,
     Heartbeat,
+    ImageEstimate,
     Mode,
     ProviderEvent,
     QualityScore,
@@ -195,7 +196,11 @@ class Router:
         a store writes what is queued first, which waits while another process locks its file."""
         await asyncio.to_thread(self._policy.close)
 
-    def _eligibility(self, request: RoutingRequest, input_tokens: int, output_tokens: int) -> dict[str, str]:
+    def _eligibility(
+        self, request: RoutingRequest, text_tokens: int, images: ImageEstimate, output_tokens: int
+    ) -> dict[str, str]:
+        """Each catalog model's id mapped to "" when it can serve ``request``, else why not; its
+        input is ``text_tokens`` (all but the images) and ``images`` by its provider kind's formula."""
         skip_unconfigured = self._routing.on_unconfigured_provider == "fallthrough"
         tenant = self._settings.config.tenants.get(request.context.tenant)
         allowed = None if tenant is None else tenant.allowed_models
@@ -206,6 +211,7 @@ class Router:
         parameters = request.chat.parameters_set
         eligible: dict[str, str] = {}
         for model in self._catalog:
+            input_tokens = text_tokens + images.for_kind(model.provider_kind)
             needed = input_tokens + output_tokens
             provider = self._settings.providers[model.provider]
             if model.context_window < needed:
@@ -252,10 +258,13 @@ class Router:
         if chat.max_output_tokens is not None and chat.max_output_tokens > self._limits.max_output_tokens:
             raise InvalidRequest("chat.max_output_tokens", f"must be at most {self._limits.max_output_tokens}")
         pinned = self._catalog.get(request.context.model) if request.context.model else None
+        # Before a model is chosen, the images count by the larger of the providers' formulas;
+        # each model is weighed (context window, cost) by its own.
         input_tokens = estimate_input_tokens(chat)
-        image_tokens = estimate_image_tokens(chat) if chat.uses_images else 0
+        images = estimate_image_tokens(chat) if chat.uses_images else ImageEstimate()
+        text_tokens = input_tokens - images.larger
         output_tokens = chat.max_output_tokens or self._limits.default_output_tokens
-        eligible = self._eligibility(request, input_tokens, output_tokens)
+        eligible = self._eligibility(request, text_tokens, images, output_tokens)
         hint = request.context.task_hint
         # A hint the policy does not know (not a classifier label, in no rule's task_in) would
         # skip the classifier and match nothing: it is set aside, and the decision says so.
@@ -290,7 +299,8 @@ class Router:
             request=request,
             estimated_input_tokens=input_tokens,
             estimated_output_tokens=output_tokens,
-            estimated_image_tokens=image_tokens,
+            estimated_image_tokens=images.larger,
+            image_estimate=images,
             models=tuple(self._catalog),
             eligible=MappingProxyType(eligible),
             task="" if unknown_hint else hint,
@@ -346,14 +356,15 @@ class Router:
             strategy=verdict.strategy,
             rule=verdict.rule,
             reasons=tuple(reasons),
-            estimated_input_tokens=input_tokens,
+            estimated_input_tokens=text_tokens + images.for_kind(model.provider_kind),
             estimated_output_tokens=output_tokens,
             estimated_cost_usd=cost,
             mode=mode,
             candidates=tuple(Candidate(model_id, not why, why) for model_id, why in eligible.items()),
             task=verdict.task,
             routing_attempts=tuple(routing_attempts),
-            estimated_image_tokens=image_tokens,
+            estimated_image_tokens=images.for_kind(model.provider_kind),
+            image_estimate=images,
         )
         for stage in self._policy.learning_stages:
             # Only an embedding of the prompt is kept (never its text), for later feedback.
@@ -445,7 +456,14 @@ class Router:
                 f" max_cost_usd {format_usd(cap)}"
             )
         if for_completion:
-            tokens = routing_input.estimated_input_tokens + routing_input.estimated_output_tokens
+            # The fewest tokens it can take, as the cost is the least it can cost: the images count
+            # by each eligible model's formula.
+            fewest = min(
+                input_tokens_on(model, routing_input)[0]
+                for model in self._catalog
+                if routing_input.is_eligible(model.id)
+            )
+            tokens = fewest + routing_input.estimated_output_tokens
             await self._admission.precheck(request.context.tenant, tokens=tokens, cost=least)
 
     def _within_max_cost(
@@ -973,7 +991,7 @@ class Router:
             self._breakers.release_probe(permit)
         decision = state.decision
         charged = bool(received) or ended_by_us or outcome is AttemptOutcome.CANCELLED
-        billed = billed_input_tokens(model, decision.estimated_input_tokens, decision.estimated_image_tokens)
+        billed = billed_input_tokens(model, *input_tokens_on(model, decision))
         estimate = Usage(
             input_tokens=billed if charged else 0,
             output_tokens=count_text_tokens("".join(received)),

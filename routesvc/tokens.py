@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import bpe_openai
 
-from routesvc.images import image_tokens
-from routesvc.models import ChatRequest
+from routesvc.images import image_estimate
+from routesvc.models import ChatRequest, ImageEstimate, ProviderKind
 
 # Per-message framing the chat formats add around each message's text (role markers and
 # separators); OpenAI documents 3 tokens per message plus 3 to prime the reply.
@@ -79,19 +79,26 @@ def count_text_tokens(text: str) -> int:
     return _count_uncached(text)
 
 
-def estimate_image_tokens(chat: ChatRequest) -> int:
-    """The part of ``estimate_input_tokens(chat)`` that its images make up."""
-    return sum(image_tokens(image.width, image.height) for message in chat.messages for image in message.images)
+def estimate_image_tokens(chat: ChatRequest) -> ImageEstimate:
+    """The part of ``estimate_input_tokens(chat, kind)`` that its images make up, by each kind."""
+    total = ImageEstimate()
+    for message in chat.messages:
+        for image in message.images:
+            total += image_estimate(image)
+    return total
 
 
-def estimate_input_tokens(chat: ChatRequest) -> int:
-    """Estimated input tokens of ``chat``: message texts, images (``routesvc.images``) and tool
-    calls, framing, tool definitions and a response format's JSON schema (which the providers put
-    in the prompt too)."""
+def estimate_input_tokens(chat: ChatRequest, kind: ProviderKind = "openai_compatible") -> int:
+    """Estimated input tokens of ``chat`` on a model of a provider of ``kind``: message texts,
+    images (by that kind's formula, ``routesvc.images``; the larger of OpenAI's and Anthropic's
+    unless told) and tool calls, framing, tool definitions and a response format's JSON schema
+    (which the providers put in the prompt too)."""
     total = _TOKENS_REPLY_PRIMER
+    images = ImageEstimate()
     for message in chat.messages:
         total += _TOKENS_PER_MESSAGE + count_text_tokens(message.content)
-        total += sum(image_tokens(image.width, image.height) for image in message.images)
+        for image in message.images:
+            images += image_estimate(image)
         for call in message.tool_calls:
             total += count_text_tokens(f"{call.id} {call.name} {call.arguments_json}")
         if message.tool_call_id:
@@ -102,4 +109,4 @@ def estimate_input_tokens(chat: ChatRequest) -> int:
     if chat.response_format is not None and chat.response_format.schema:
         schema = json.dumps(dict(chat.response_format.schema), separators=(",", ":"), sort_keys=True)
         total += count_text_tokens(f"{chat.response_format.name} {schema}")
-    return total
+    return total + images.for_kind(kind)

@@ -34,6 +34,7 @@ from routesvc.models import (
     Escalation,
     FinishReason,
     Image,
+    ImageDetail,
     Message,
     Mode,
     QualityScore,
@@ -69,6 +70,11 @@ _CACHE_BREAKPOINTS = {
     pb.CACHE_BREAKPOINT_UNSPECIFIED: None,
     pb.CACHE_BREAKPOINT_FIVE_MINUTES: CacheTtl.FIVE_MINUTES,
     pb.CACHE_BREAKPOINT_ONE_HOUR: CacheTtl.ONE_HOUR,
+}
+_IMAGE_DETAILS = {
+    pb.IMAGE_DETAIL_UNSPECIFIED: ImageDetail.AUTO,
+    pb.IMAGE_DETAIL_LOW: ImageDetail.LOW,
+    pb.IMAGE_DETAIL_HIGH: ImageDetail.HIGH,
 }
 _MODES = {Mode.REALTIME: pb.MODE_REALTIME, Mode.BATCH: pb.MODE_BATCH}
 _FINISH = {
@@ -204,6 +210,12 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
     media_type = image.media_type
     if media_type and media_type not in MEDIA_TYPES:
         raise InvalidRequest(f"{field}.media_type", f"must be one of {', '.join(MEDIA_TYPES)}")
+    if image.detail not in _IMAGE_DETAILS:
+        # A newer client's value is refused rather than taken as auto: the caller meant some detail.
+        raise InvalidRequest(
+            f"{field}.detail", "must be IMAGE_DETAIL_UNSPECIFIED, IMAGE_DETAIL_LOW or IMAGE_DETAIL_HIGH"
+        )
+    detail = _IMAGE_DETAILS[image.detail]
     source = image.WhichOneof("source")
     if source == "url":
         if len(image.url) > _MAX_IMAGE_URL_CHARS:
@@ -216,7 +228,7 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
             https = False
         if not https or any(c.isspace() or ord(c) < 32 for c in image.url):
             raise InvalidRequest(f"{field}.url", "must be an https URL (send an inline image as data)")
-        return Image(media_type=media_type, url=image.url)
+        return Image(media_type=media_type, url=image.url, detail=detail)
     if source != "data":
         raise InvalidRequest(field, "must set url or data")
     if not media_type:
@@ -228,7 +240,7 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
         seen = f"they look like {found}" if found else "they are none of the formats taken"
         raise InvalidRequest(f"{field}.data", f"must be the bytes of a {media_type} file ({seen})")
     width, height = dimensions(image.data, media_type)
-    return Image(media_type=media_type, data=image.data, width=width, height=height)
+    return Image(media_type=media_type, data=image.data, width=width, height=height, detail=detail)
 
 
 def _tool_call(field: str, call: pb.ToolCall) -> ToolCall:

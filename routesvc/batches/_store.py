@@ -39,6 +39,7 @@ from routesvc.models import (
     CacheTtl,
     FinishReason,
     Image,
+    ImageDetail,
     Message,
     ResponseFormat,
     ResponseFormatType,
@@ -242,6 +243,7 @@ def _encode_part(part: str | Image) -> dict[str, Any]:
             "data": base64.b64encode(part.data).decode("ascii"),
             "width": part.width,
             "height": part.height,
+            "detail": part.detail.value,
         }
     }
 
@@ -255,7 +257,13 @@ def _decode_parts(data: list[dict[str, Any]] | None) -> tuple[str | Image, ...]:
             image = part["image"]
             parts.append(
                 Image(
-                    image["media_type"], image["url"], base64.b64decode(image["data"]), image["width"], image["height"]
+                    image["media_type"],
+                    image["url"],
+                    base64.b64decode(image["data"]),
+                    image["width"],
+                    image["height"],
+                    # Stored before images had a detail: auto, as they were sent.
+                    ImageDetail(image.get("detail", ImageDetail.AUTO.value)),
                 )
             )
     return tuple(parts)

@@ -252,6 +252,8 @@ def _user_blocks(message: Message) -> list[_Block]:
 
 
 def _image_block(image: Image) -> ImageBlockParam:
+    """An image block; ``image.detail`` is OpenAI's alone (Anthropic has no such parameter), so
+    the image goes as it is."""
     if image.url:
         return ImageBlockParam(type="image", source={"type": "url", "url": image.url})
     data = base64.b64encode(image.data).decode("ascii")
@@ -517,7 +519,7 @@ class AnthropicProvider:
         request, tools included), and the estimate logged."""
         if tally.input_tokens is None or tally.output_tokens is None:
             self._usage_log.estimated(self._name, call.model)
-            input_tokens = estimate_input_tokens(call.as_chat())
+            input_tokens = estimate_input_tokens(call.as_chat(), "anthropic")
             output_tokens = count_text_tokens("".join(tally.output))
             estimate = Usage(
                 input_tokens=input_tokens if tally.input_tokens is None else tally.input_tokens,

@@ -35,6 +35,7 @@ from openai.types.chat import (
     ChatCompletionFunctionToolParam,
     ChatCompletionMessageParam,
 )
+from openai.types.chat.chat_completion_content_part_image_param import ImageURL
 from openai.types.shared_params import FunctionDefinition
 
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
@@ -42,6 +43,7 @@ from routesvc.models import (
     FinishReason,
     Heartbeat,
     Image,
+    ImageDetail,
     Message,
     ProviderEvent,
     ProviderFinish,
@@ -136,12 +138,21 @@ def _messages(messages: Iterable[Message]) -> list[ChatCompletionMessageParam]:
     return result
 
 
+# The ``detail`` sent for an image; none for ``ImageDetail.AUTO`` (OpenAI's default).
+_DETAILS: dict[ImageDetail, Literal["low", "high"]] = {ImageDetail.LOW: "low", ImageDetail.HIGH: "high"}
+
+
 def _part(part: str | Image) -> ChatCompletionContentPartParam:
-    """A user turn's text or image; an inline image goes as a ``data:`` URL."""
+    """A user turn's text or image; an inline image goes as a ``data:`` URL, with its ``detail``
+    when the request set one (never null: vLLM refuses ``"detail": null``, and logs that it
+    ignores a value it does not use)."""
     if isinstance(part, str):
         return {"type": "text", "text": part}
     url = part.url or f"data:{part.media_type};base64,{base64.b64encode(part.data).decode('ascii')}"
-    return {"type": "image_url", "image_url": {"url": url}}
+    image: ImageURL = {"url": url}
+    if part.detail in _DETAILS:
+        image["detail"] = _DETAILS[part.detail]
+    return {"type": "image_url", "image_url": image}
 
 
 def _tools(tools: Iterable[ToolSpec]) -> list[ChatCompletionFunctionToolParam]:
@@ -369,7 +380,7 @@ class OpenAIProvider:
         if estimated:
             self._usage_log.estimated(self._name, call.model, kind=self._kind)
         if input_tokens is None:
-            input_tokens = estimate_input_tokens(call.as_chat())
+            input_tokens = estimate_input_tokens(call.as_chat(), self._kind)
         if output_tokens is None:
             output_tokens = count_text_tokens("".join(output))
         details = object_field(usage.get("prompt_tokens_details"))

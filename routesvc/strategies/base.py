@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from routesvc.catalog import ModelSpec
-from routesvc.models import Mode, RoutingRequest, UpstreamCall
+from routesvc.models import ImageEstimate, Mode, RoutingRequest, UpstreamCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +42,12 @@ class RoutingInput:
     complexity: str = ""
     charge: Callable[[UpstreamCall], None] | None = None
     may_not_pay: str = ""
-    # The part of ``estimated_input_tokens`` that images make up.
+    # ``estimated_input_tokens`` counts the images by the larger of the providers' formulas (no
+    # model is chosen yet); ``estimated_image_tokens`` is the part they make up, and
+    # ``image_estimate`` has them by each provider kind's formula: ``cost.estimated_cost`` prices
+    # each model by its own.
     estimated_image_tokens: int = 0
+    image_estimate: ImageEstimate = field(default_factory=ImageEstimate)
 
     def is_eligible(self, model_id: str) -> bool:
         """Whether ``model_id`` can serve this request."""

@@ -555,7 +555,11 @@ def _end_attempt(
     elif interrupted:
         # Interrupted after the provider had the call: usage is estimated from what was sent
         # and received, and flagged.
-        sent = billed_input_tokens(model, estimate_input_tokens(chat), estimate_image_tokens(chat))
+        sent = billed_input_tokens(
+            model,
+            estimate_input_tokens(chat, model.provider_kind),
+            estimate_image_tokens(chat).for_kind(model.provider_kind),
+        )
         usage = Usage(input_tokens=sent, output_tokens=count_text_tokens("".join(produced)))
         span.set_attribute("routesvc.usage_estimated", True)
     else:

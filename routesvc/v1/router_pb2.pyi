@@ -271,6 +271,37 @@ CACHE_BREAKPOINT_ONE_HOUR: CacheBreakpoint.ValueType  # 2
 """Cache the prefix that ends here for one hour (a higher write price)."""
 Global___CacheBreakpoint: _TypeAlias = CacheBreakpoint  # noqa: Y015
 
+class _ImageDetail:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImageDetailEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageDetail.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMAGE_DETAIL_UNSPECIFIED: _ImageDetail.ValueType  # 0
+    """Not set: OpenAI's "auto" (nothing is sent; the model chooses, and routesvc estimates it
+    as high detail).
+    """
+    IMAGE_DETAIL_LOW: _ImageDetail.ValueType  # 1
+    """A 512 x 512 version of the image, at a flat 85 tokens on gpt-4o (x33.3 on gpt-4o-mini)."""
+    IMAGE_DETAIL_HIGH: _ImageDetail.ValueType  # 2
+    """The image in 512-px tiles: 85 tokens plus 170 per tile on gpt-4o."""
+
+class ImageDetail(_ImageDetail, metaclass=_ImageDetailEnumTypeWrapper):
+    """ImageDetail is the resolution at which OpenAI's models look at an image (OpenAI's
+    `detail`), which sets what it costs there. Anthropic has no such parameter: its models see
+    the image as it is, whatever is set.
+    """
+
+IMAGE_DETAIL_UNSPECIFIED: ImageDetail.ValueType  # 0
+"""Not set: OpenAI's "auto" (nothing is sent; the model chooses, and routesvc estimates it
+as high detail).
+"""
+IMAGE_DETAIL_LOW: ImageDetail.ValueType  # 1
+"""A 512 x 512 version of the image, at a flat 85 tokens on gpt-4o (x33.3 on gpt-4o-mini)."""
+IMAGE_DETAIL_HIGH: ImageDetail.ValueType  # 2
+"""The image in 512-px tiles: 85 tokens plus 170 per tile on gpt-4o."""
+Global___ImageDetail: _TypeAlias = ImageDetail  # noqa: Y015
+
 class _AttemptOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -411,6 +442,7 @@ class Image(_message.Message):
     URL_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """An https URL the provider fetches itself (at most 8192 characters); `media_type` may be
     left empty.
@@ -421,16 +453,22 @@ class Image(_message.Message):
     """The image format: "image/jpeg", "image/png", "image/gif" or "image/webp". Required with
     `data`, whose first bytes must be that format's signature; optional with `url`.
     """
+    detail: Global___ImageDetail.ValueType
+    """How closely an OpenAI model looks at the image (OpenAI's `detail`); see ImageDetail.
+    Sent to OpenAI and OpenAI-compatible servers when set; not sent to Anthropic. It also
+    sets the image's estimated tokens on OpenAI models.
+    """
     def __init__(
         self,
         *,
         url: _builtins.str = ...,
         data: _builtins.bytes = ...,
         media_type: _builtins.str = ...,
+        detail: Global___ImageDetail.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "source", b"source", "url", b"url"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "media_type", b"media_type", "source", b"source", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "detail", b"detail", "media_type", b"media_type", "source", b"source", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["url", "data"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -845,7 +883,10 @@ class RouteDecision(_message.Message):
     rule: _builtins.str
     """The rule that decided, or "default"."""
     estimated_input_tokens: _builtins.int
-    """Estimated input tokens of the request."""
+    """Estimated input tokens of the request on the chosen model: its images are counted by
+    the formula of the model's provider (OpenAI's tiles, or 85 at IMAGE_DETAIL_LOW;
+    Anthropic's pixels / 750; the larger of the two for an OpenAI-compatible server).
+    """
     estimated_output_tokens: _builtins.int
     """Output tokens assumed for the estimate."""
     estimated_cost_usd: _builtins.str

@@ -466,6 +466,62 @@ func (CacheBreakpoint) EnumDescriptor() ([]byte, []int) {
 	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{6}
 }
 
+// ImageDetail is the resolution at which OpenAI's models look at an image (OpenAI's
+// `detail`), which sets what it costs there. Anthropic has no such parameter: its models see
+// the image as it is, whatever is set.
+type ImageDetail int32
+
+const (
+	// Not set: OpenAI's "auto" (nothing is sent; the model chooses, and routesvc estimates it
+	// as high detail).
+	ImageDetail_IMAGE_DETAIL_UNSPECIFIED ImageDetail = 0
+	// A 512 x 512 version of the image, at a flat 85 tokens on gpt-4o (x33.3 on gpt-4o-mini).
+	ImageDetail_IMAGE_DETAIL_LOW ImageDetail = 1
+	// The image in 512-px tiles: 85 tokens plus 170 per tile on gpt-4o.
+	ImageDetail_IMAGE_DETAIL_HIGH ImageDetail = 2
+)
+
+// Enum value maps for ImageDetail.
+var (
+	ImageDetail_name = map[int32]string{
+		0: "IMAGE_DETAIL_UNSPECIFIED",
+		1: "IMAGE_DETAIL_LOW",
+		2: "IMAGE_DETAIL_HIGH",
+	}
+	ImageDetail_value = map[string]int32{
+		"IMAGE_DETAIL_UNSPECIFIED": 0,
+		"IMAGE_DETAIL_LOW":         1,
+		"IMAGE_DETAIL_HIGH":        2,
+	}
+)
+
+func (x ImageDetail) Enum() *ImageDetail {
+	p := new(ImageDetail)
+	*p = x
+	return p
+}
+
+func (x ImageDetail) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ImageDetail) Descriptor() protoreflect.EnumDescriptor {
+	return file_routesvc_v1_router_proto_enumTypes[7].Descriptor()
+}
+
+func (ImageDetail) Type() protoreflect.EnumType {
+	return &file_routesvc_v1_router_proto_enumTypes[7]
+}
+
+func (x ImageDetail) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ImageDetail.Descriptor instead.
+func (ImageDetail) EnumDescriptor() ([]byte, []int) {
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
+}
+
 // AttemptOutcome is how one upstream attempt ended.
 type AttemptOutcome int32
 
@@ -515,11 +571,11 @@ func (x AttemptOutcome) String() string {
 }
 
 func (AttemptOutcome) Descriptor() protoreflect.EnumDescriptor {
-	return file_routesvc_v1_router_proto_enumTypes[7].Descriptor()
+	return file_routesvc_v1_router_proto_enumTypes[8].Descriptor()
 }
 
 func (AttemptOutcome) Type() protoreflect.EnumType {
-	return &file_routesvc_v1_router_proto_enumTypes[7]
+	return &file_routesvc_v1_router_proto_enumTypes[8]
 }
 
 func (x AttemptOutcome) Number() protoreflect.EnumNumber {
@@ -528,7 +584,7 @@ func (x AttemptOutcome) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use AttemptOutcome.Descriptor instead.
 func (AttemptOutcome) EnumDescriptor() ([]byte, []int) {
-	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{7}
+	return file_routesvc_v1_router_proto_rawDescGZIP(), []int{8}
 }
 
 // Message is one turn of the conversation.
@@ -734,7 +790,11 @@ type Image struct {
 	Source isImage_Source `protobuf_oneof:"source"`
 	// The image format: "image/jpeg", "image/png", "image/gif" or "image/webp". Required with
 	// `data`, whose first bytes must be that format's signature; optional with `url`.
-	MediaType     string `protobuf:"bytes,3,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	MediaType string `protobuf:"bytes,3,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	// How closely an OpenAI model looks at the image (OpenAI's `detail`); see ImageDetail.
+	// Sent to OpenAI and OpenAI-compatible servers when set; not sent to Anthropic. It also
+	// sets the image's estimated tokens on OpenAI models.
+	Detail        ImageDetail `protobuf:"varint,4,opt,name=detail,proto3,enum=routesvc.v1.ImageDetail" json:"detail,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -799,6 +859,13 @@ func (x *Image) GetMediaType() string {
 		return x.MediaType
 	}
 	return ""
+}
+
+func (x *Image) GetDetail() ImageDetail {
+	if x != nil {
+		return x.Detail
+	}
+	return ImageDetail_IMAGE_DETAIL_UNSPECIFIED
 }
 
 type isImage_Source interface {
@@ -1461,7 +1528,9 @@ type RouteDecision struct {
 	// Human-readable reasons: every rule that matched, in precedence order, and why
 	// candidates were excluded.
 	Reasons []string `protobuf:"bytes,6,rep,name=reasons,proto3" json:"reasons,omitempty"`
-	// Estimated input tokens of the request.
+	// Estimated input tokens of the request on the chosen model: its images are counted by
+	// the formula of the model's provider (OpenAI's tiles, or 85 at IMAGE_DETAIL_LOW;
+	// Anthropic's pixels / 750; the larger of the two for an OpenAI-compatible server).
 	EstimatedInputTokens int64 `protobuf:"varint,7,opt,name=estimated_input_tokens,json=estimatedInputTokens,proto3" json:"estimated_input_tokens,omitempty"`
 	// Output tokens assumed for the estimate.
 	EstimatedOutputTokens int64 `protobuf:"varint,8,opt,name=estimated_output_tokens,json=estimatedOutputTokens,proto3" json:"estimated_output_tokens,omitempty"`
@@ -3745,12 +3814,13 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\vContentPart\x12\x14\n" +
 	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12*\n" +
 	"\x05image\x18\x02 \x01(\v2\x12.routesvc.v1.ImageH\x00R\x05imageB\x06\n" +
-	"\x04part\"Z\n" +
+	"\x04part\"\x8c\x01\n" +
 	"\x05Image\x12\x12\n" +
 	"\x03url\x18\x01 \x01(\tH\x00R\x03url\x12\x14\n" +
 	"\x04data\x18\x02 \x01(\fH\x00R\x04data\x12\x1d\n" +
 	"\n" +
-	"media_type\x18\x03 \x01(\tR\tmediaTypeB\b\n" +
+	"media_type\x18\x03 \x01(\tR\tmediaType\x120\n" +
+	"\x06detail\x18\x04 \x01(\x0e2\x18.routesvc.v1.ImageDetailR\x06detailB\b\n" +
 	"\x06source\"U\n" +
 	"\bToolCall\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
@@ -4034,7 +4104,11 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x0fCacheBreakpoint\x12 \n" +
 	"\x1cCACHE_BREAKPOINT_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dCACHE_BREAKPOINT_FIVE_MINUTES\x10\x01\x12\x1d\n" +
-	"\x19CACHE_BREAKPOINT_ONE_HOUR\x10\x02*\xc6\x01\n" +
+	"\x19CACHE_BREAKPOINT_ONE_HOUR\x10\x02*X\n" +
+	"\vImageDetail\x12\x1c\n" +
+	"\x18IMAGE_DETAIL_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10IMAGE_DETAIL_LOW\x10\x01\x12\x15\n" +
+	"\x11IMAGE_DETAIL_HIGH\x10\x02*\xc6\x01\n" +
 	"\x0eAttemptOutcome\x12\x1f\n" +
 	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19ATTEMPT_OUTCOME_COMPLETED\x10\x01\x12\x1d\n" +
@@ -4065,7 +4139,7 @@ func file_routesvc_v1_router_proto_rawDescGZIP() []byte {
 	return file_routesvc_v1_router_proto_rawDescData
 }
 
-var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
+var file_routesvc_v1_router_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
 var file_routesvc_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_routesvc_v1_router_proto_goTypes = []any{
 	(BatchState)(0),               // 0: routesvc.v1.BatchState
@@ -4075,126 +4149,128 @@ var file_routesvc_v1_router_proto_goTypes = []any{
 	(ToolChoiceMode)(0),           // 4: routesvc.v1.ToolChoiceMode
 	(ResponseFormatType)(0),       // 5: routesvc.v1.ResponseFormatType
 	(CacheBreakpoint)(0),          // 6: routesvc.v1.CacheBreakpoint
-	(AttemptOutcome)(0),           // 7: routesvc.v1.AttemptOutcome
-	(*Message)(nil),               // 8: routesvc.v1.Message
-	(*ContentPart)(nil),           // 9: routesvc.v1.ContentPart
-	(*Image)(nil),                 // 10: routesvc.v1.Image
-	(*ToolCall)(nil),              // 11: routesvc.v1.ToolCall
-	(*Tool)(nil),                  // 12: routesvc.v1.Tool
-	(*ToolChoice)(nil),            // 13: routesvc.v1.ToolChoice
-	(*ResponseFormat)(nil),        // 14: routesvc.v1.ResponseFormat
-	(*ChatRequest)(nil),           // 15: routesvc.v1.ChatRequest
-	(*RoutingContext)(nil),        // 16: routesvc.v1.RoutingContext
-	(*RouteRequest)(nil),          // 17: routesvc.v1.RouteRequest
-	(*Candidate)(nil),             // 18: routesvc.v1.Candidate
-	(*RouteDecision)(nil),         // 19: routesvc.v1.RouteDecision
-	(*RouteResponse)(nil),         // 20: routesvc.v1.RouteResponse
-	(*CompleteRequest)(nil),       // 21: routesvc.v1.CompleteRequest
-	(*TextDelta)(nil),             // 22: routesvc.v1.TextDelta
-	(*Usage)(nil),                 // 23: routesvc.v1.Usage
-	(*Completion)(nil),            // 24: routesvc.v1.Completion
-	(*Attempt)(nil),               // 25: routesvc.v1.Attempt
-	(*QualityScore)(nil),          // 26: routesvc.v1.QualityScore
-	(*Escalation)(nil),            // 27: routesvc.v1.Escalation
-	(*BatchJob)(nil),              // 28: routesvc.v1.BatchJob
-	(*BatchResult)(nil),           // 29: routesvc.v1.BatchResult
-	(*GetBatchRequest)(nil),       // 30: routesvc.v1.GetBatchRequest
-	(*GetBatchResponse)(nil),      // 31: routesvc.v1.GetBatchResponse
-	(*CancelBatchRequest)(nil),    // 32: routesvc.v1.CancelBatchRequest
-	(*CancelBatchResponse)(nil),   // 33: routesvc.v1.CancelBatchResponse
-	(*CompleteResponse)(nil),      // 34: routesvc.v1.CompleteResponse
-	(*ListModelsRequest)(nil),     // 35: routesvc.v1.ListModelsRequest
-	(*ModelInfo)(nil),             // 36: routesvc.v1.ModelInfo
-	(*ListModelsResponse)(nil),    // 37: routesvc.v1.ListModelsResponse
-	(*GetStatsRequest)(nil),       // 38: routesvc.v1.GetStatsRequest
-	(*CostTotals)(nil),            // 39: routesvc.v1.CostTotals
-	(*ModelStats)(nil),            // 40: routesvc.v1.ModelStats
-	(*TenantStats)(nil),           // 41: routesvc.v1.TenantStats
-	(*LatencyPercentiles)(nil),    // 42: routesvc.v1.LatencyPercentiles
-	(*GetStatsResponse)(nil),      // 43: routesvc.v1.GetStatsResponse
-	(*FeedbackRequest)(nil),       // 44: routesvc.v1.FeedbackRequest
-	(*FeedbackResponse)(nil),      // 45: routesvc.v1.FeedbackResponse
-	nil,                           // 46: routesvc.v1.RoutingContext.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 47: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 48: google.protobuf.Duration
+	(ImageDetail)(0),              // 7: routesvc.v1.ImageDetail
+	(AttemptOutcome)(0),           // 8: routesvc.v1.AttemptOutcome
+	(*Message)(nil),               // 9: routesvc.v1.Message
+	(*ContentPart)(nil),           // 10: routesvc.v1.ContentPart
+	(*Image)(nil),                 // 11: routesvc.v1.Image
+	(*ToolCall)(nil),              // 12: routesvc.v1.ToolCall
+	(*Tool)(nil),                  // 13: routesvc.v1.Tool
+	(*ToolChoice)(nil),            // 14: routesvc.v1.ToolChoice
+	(*ResponseFormat)(nil),        // 15: routesvc.v1.ResponseFormat
+	(*ChatRequest)(nil),           // 16: routesvc.v1.ChatRequest
+	(*RoutingContext)(nil),        // 17: routesvc.v1.RoutingContext
+	(*RouteRequest)(nil),          // 18: routesvc.v1.RouteRequest
+	(*Candidate)(nil),             // 19: routesvc.v1.Candidate
+	(*RouteDecision)(nil),         // 20: routesvc.v1.RouteDecision
+	(*RouteResponse)(nil),         // 21: routesvc.v1.RouteResponse
+	(*CompleteRequest)(nil),       // 22: routesvc.v1.CompleteRequest
+	(*TextDelta)(nil),             // 23: routesvc.v1.TextDelta
+	(*Usage)(nil),                 // 24: routesvc.v1.Usage
+	(*Completion)(nil),            // 25: routesvc.v1.Completion
+	(*Attempt)(nil),               // 26: routesvc.v1.Attempt
+	(*QualityScore)(nil),          // 27: routesvc.v1.QualityScore
+	(*Escalation)(nil),            // 28: routesvc.v1.Escalation
+	(*BatchJob)(nil),              // 29: routesvc.v1.BatchJob
+	(*BatchResult)(nil),           // 30: routesvc.v1.BatchResult
+	(*GetBatchRequest)(nil),       // 31: routesvc.v1.GetBatchRequest
+	(*GetBatchResponse)(nil),      // 32: routesvc.v1.GetBatchResponse
+	(*CancelBatchRequest)(nil),    // 33: routesvc.v1.CancelBatchRequest
+	(*CancelBatchResponse)(nil),   // 34: routesvc.v1.CancelBatchResponse
+	(*CompleteResponse)(nil),      // 35: routesvc.v1.CompleteResponse
+	(*ListModelsRequest)(nil),     // 36: routesvc.v1.ListModelsRequest
+	(*ModelInfo)(nil),             // 37: routesvc.v1.ModelInfo
+	(*ListModelsResponse)(nil),    // 38: routesvc.v1.ListModelsResponse
+	(*GetStatsRequest)(nil),       // 39: routesvc.v1.GetStatsRequest
+	(*CostTotals)(nil),            // 40: routesvc.v1.CostTotals
+	(*ModelStats)(nil),            // 41: routesvc.v1.ModelStats
+	(*TenantStats)(nil),           // 42: routesvc.v1.TenantStats
+	(*LatencyPercentiles)(nil),    // 43: routesvc.v1.LatencyPercentiles
+	(*GetStatsResponse)(nil),      // 44: routesvc.v1.GetStatsResponse
+	(*FeedbackRequest)(nil),       // 45: routesvc.v1.FeedbackRequest
+	(*FeedbackResponse)(nil),      // 46: routesvc.v1.FeedbackResponse
+	nil,                           // 47: routesvc.v1.RoutingContext.MetadataEntry
+	(*timestamppb.Timestamp)(nil), // 48: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 49: google.protobuf.Duration
 }
 var file_routesvc_v1_router_proto_depIdxs = []int32{
 	1,  // 0: routesvc.v1.Message.role:type_name -> routesvc.v1.Role
-	11, // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
-	9,  // 2: routesvc.v1.Message.parts:type_name -> routesvc.v1.ContentPart
+	12, // 1: routesvc.v1.Message.tool_calls:type_name -> routesvc.v1.ToolCall
+	10, // 2: routesvc.v1.Message.parts:type_name -> routesvc.v1.ContentPart
 	6,  // 3: routesvc.v1.Message.cache_breakpoint:type_name -> routesvc.v1.CacheBreakpoint
-	10, // 4: routesvc.v1.ContentPart.image:type_name -> routesvc.v1.Image
-	6,  // 5: routesvc.v1.Tool.cache_breakpoint:type_name -> routesvc.v1.CacheBreakpoint
-	4,  // 6: routesvc.v1.ToolChoice.mode:type_name -> routesvc.v1.ToolChoiceMode
-	5,  // 7: routesvc.v1.ResponseFormat.type:type_name -> routesvc.v1.ResponseFormatType
-	8,  // 8: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
-	12, // 9: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
-	13, // 10: routesvc.v1.ChatRequest.tool_choice:type_name -> routesvc.v1.ToolChoice
-	14, // 11: routesvc.v1.ChatRequest.response_format:type_name -> routesvc.v1.ResponseFormat
-	46, // 12: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
-	15, // 13: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	16, // 14: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
-	2,  // 15: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
-	18, // 16: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
-	19, // 17: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	15, // 18: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
-	16, // 19: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
-	23, // 20: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
-	3,  // 21: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
-	25, // 22: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
-	23, // 23: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
-	26, // 24: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
-	11, // 25: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
-	7,  // 26: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
-	23, // 27: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
-	26, // 28: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
-	23, // 29: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
-	0,  // 30: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
-	47, // 31: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
-	47, // 32: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
-	23, // 33: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
-	3,  // 34: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
-	11, // 35: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
-	28, // 36: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	29, // 37: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
-	28, // 38: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
-	19, // 39: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
-	22, // 40: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
-	24, // 41: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
-	27, // 42: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
-	28, // 43: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
-	36, // 44: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
-	48, // 45: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
-	39, // 46: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
-	39, // 47: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
-	48, // 48: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
-	48, // 49: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
-	48, // 50: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
-	48, // 51: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
-	39, // 52: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
-	40, // 53: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
-	41, // 54: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
-	42, // 55: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
-	42, // 56: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
-	17, // 57: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
-	21, // 58: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
-	35, // 59: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
-	38, // 60: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
-	30, // 61: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
-	32, // 62: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
-	44, // 63: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
-	20, // 64: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
-	34, // 65: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
-	37, // 66: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
-	43, // 67: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
-	31, // 68: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
-	33, // 69: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
-	45, // 70: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
-	64, // [64:71] is the sub-list for method output_type
-	57, // [57:64] is the sub-list for method input_type
-	57, // [57:57] is the sub-list for extension type_name
-	57, // [57:57] is the sub-list for extension extendee
-	0,  // [0:57] is the sub-list for field type_name
+	11, // 4: routesvc.v1.ContentPart.image:type_name -> routesvc.v1.Image
+	7,  // 5: routesvc.v1.Image.detail:type_name -> routesvc.v1.ImageDetail
+	6,  // 6: routesvc.v1.Tool.cache_breakpoint:type_name -> routesvc.v1.CacheBreakpoint
+	4,  // 7: routesvc.v1.ToolChoice.mode:type_name -> routesvc.v1.ToolChoiceMode
+	5,  // 8: routesvc.v1.ResponseFormat.type:type_name -> routesvc.v1.ResponseFormatType
+	9,  // 9: routesvc.v1.ChatRequest.messages:type_name -> routesvc.v1.Message
+	13, // 10: routesvc.v1.ChatRequest.tools:type_name -> routesvc.v1.Tool
+	14, // 11: routesvc.v1.ChatRequest.tool_choice:type_name -> routesvc.v1.ToolChoice
+	15, // 12: routesvc.v1.ChatRequest.response_format:type_name -> routesvc.v1.ResponseFormat
+	47, // 13: routesvc.v1.RoutingContext.metadata:type_name -> routesvc.v1.RoutingContext.MetadataEntry
+	16, // 14: routesvc.v1.RouteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	17, // 15: routesvc.v1.RouteRequest.context:type_name -> routesvc.v1.RoutingContext
+	2,  // 16: routesvc.v1.RouteDecision.mode:type_name -> routesvc.v1.Mode
+	19, // 17: routesvc.v1.RouteDecision.candidates:type_name -> routesvc.v1.Candidate
+	20, // 18: routesvc.v1.RouteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	16, // 19: routesvc.v1.CompleteRequest.chat:type_name -> routesvc.v1.ChatRequest
+	17, // 20: routesvc.v1.CompleteRequest.context:type_name -> routesvc.v1.RoutingContext
+	24, // 21: routesvc.v1.Completion.usage:type_name -> routesvc.v1.Usage
+	3,  // 22: routesvc.v1.Completion.finish_reason:type_name -> routesvc.v1.FinishReason
+	26, // 23: routesvc.v1.Completion.attempts:type_name -> routesvc.v1.Attempt
+	24, // 24: routesvc.v1.Completion.total_usage:type_name -> routesvc.v1.Usage
+	27, // 25: routesvc.v1.Completion.quality:type_name -> routesvc.v1.QualityScore
+	12, // 26: routesvc.v1.Completion.tool_calls:type_name -> routesvc.v1.ToolCall
+	8,  // 27: routesvc.v1.Attempt.outcome:type_name -> routesvc.v1.AttemptOutcome
+	24, // 28: routesvc.v1.Attempt.usage:type_name -> routesvc.v1.Usage
+	27, // 29: routesvc.v1.Escalation.quality:type_name -> routesvc.v1.QualityScore
+	24, // 30: routesvc.v1.Escalation.usage:type_name -> routesvc.v1.Usage
+	0,  // 31: routesvc.v1.BatchJob.state:type_name -> routesvc.v1.BatchState
+	48, // 32: routesvc.v1.BatchJob.created_at:type_name -> google.protobuf.Timestamp
+	48, // 33: routesvc.v1.BatchJob.updated_at:type_name -> google.protobuf.Timestamp
+	24, // 34: routesvc.v1.BatchResult.usage:type_name -> routesvc.v1.Usage
+	3,  // 35: routesvc.v1.BatchResult.finish_reason:type_name -> routesvc.v1.FinishReason
+	12, // 36: routesvc.v1.BatchResult.tool_calls:type_name -> routesvc.v1.ToolCall
+	29, // 37: routesvc.v1.GetBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	30, // 38: routesvc.v1.GetBatchResponse.result:type_name -> routesvc.v1.BatchResult
+	29, // 39: routesvc.v1.CancelBatchResponse.job:type_name -> routesvc.v1.BatchJob
+	20, // 40: routesvc.v1.CompleteResponse.decision:type_name -> routesvc.v1.RouteDecision
+	23, // 41: routesvc.v1.CompleteResponse.delta:type_name -> routesvc.v1.TextDelta
+	25, // 42: routesvc.v1.CompleteResponse.completion:type_name -> routesvc.v1.Completion
+	28, // 43: routesvc.v1.CompleteResponse.escalation:type_name -> routesvc.v1.Escalation
+	29, // 44: routesvc.v1.CompleteResponse.batch:type_name -> routesvc.v1.BatchJob
+	37, // 45: routesvc.v1.ListModelsResponse.models:type_name -> routesvc.v1.ModelInfo
+	49, // 46: routesvc.v1.GetStatsRequest.window:type_name -> google.protobuf.Duration
+	40, // 47: routesvc.v1.ModelStats.totals:type_name -> routesvc.v1.CostTotals
+	40, // 48: routesvc.v1.TenantStats.totals:type_name -> routesvc.v1.CostTotals
+	49, // 49: routesvc.v1.LatencyPercentiles.p50:type_name -> google.protobuf.Duration
+	49, // 50: routesvc.v1.LatencyPercentiles.p95:type_name -> google.protobuf.Duration
+	49, // 51: routesvc.v1.LatencyPercentiles.p99:type_name -> google.protobuf.Duration
+	49, // 52: routesvc.v1.GetStatsResponse.window:type_name -> google.protobuf.Duration
+	40, // 53: routesvc.v1.GetStatsResponse.totals:type_name -> routesvc.v1.CostTotals
+	41, // 54: routesvc.v1.GetStatsResponse.models:type_name -> routesvc.v1.ModelStats
+	42, // 55: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
+	43, // 56: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
+	43, // 57: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
+	18, // 58: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
+	22, // 59: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
+	36, // 60: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
+	39, // 61: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
+	31, // 62: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
+	33, // 63: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
+	45, // 64: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
+	21, // 65: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
+	35, // 66: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
+	38, // 67: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
+	44, // 68: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
+	32, // 69: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
+	34, // 70: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
+	46, // 71: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
+	65, // [65:72] is the sub-list for method output_type
+	58, // [58:65] is the sub-list for method input_type
+	58, // [58:58] is the sub-list for extension type_name
+	58, // [58:58] is the sub-list for extension extendee
+	0,  // [0:58] is the sub-list for field type_name
 }
 
 func init() { file_routesvc_v1_router_proto_init() }
@@ -4230,7 +4306,7 @@ func file_routesvc_v1_router_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_routesvc_v1_router_proto_rawDesc), len(file_routesvc_v1_router_proto_rawDesc)),
-			NumEnums:      8,
+			NumEnums:      9,
 			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,

@@ -174,7 +174,7 @@ public enum AttemptOutcome
   }
   public static final com.google.protobuf.Descriptors.EnumDescriptor
       getDescriptor() {
-    return dev.routesvc.v1.RouterProto.getDescriptor().getEnumTypes().get(7);
+    return dev.routesvc.v1.RouterProto.getDescriptor().getEnumTypes().get(8);
   }
 
   private static final AttemptOutcome[] VALUES = values();

@@ -27,6 +27,7 @@ private static final long serialVersionUID = 0L;
   }
   private Image() {
     mediaType_ = "";
+    detail_ = 0;
   }
 
   @java.lang.Override
@@ -236,6 +237,36 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int DETAIL_FIELD_NUMBER = 4;
+  private int detail_ = 0;
+  /**
+   * <pre>
+   * How closely an OpenAI model looks at the image (OpenAI's `detail`); see ImageDetail.
+   * Sent to OpenAI and OpenAI-compatible servers when set; not sent to Anthropic. It also
+   * sets the image's estimated tokens on OpenAI models.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ImageDetail detail = 4 [json_name = "detail"];</code>
+   * @return The enum numeric value on the wire for detail.
+   */
+  @java.lang.Override public int getDetailValue() {
+    return detail_;
+  }
+  /**
+   * <pre>
+   * How closely an OpenAI model looks at the image (OpenAI's `detail`); see ImageDetail.
+   * Sent to OpenAI and OpenAI-compatible servers when set; not sent to Anthropic. It also
+   * sets the image's estimated tokens on OpenAI models.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ImageDetail detail = 4 [json_name = "detail"];</code>
+   * @return The detail.
+   */
+  @java.lang.Override public dev.routesvc.v1.ImageDetail getDetail() {
+    dev.routesvc.v1.ImageDetail result = dev.routesvc.v1.ImageDetail.forNumber(detail_);
+    return result == null ? dev.routesvc.v1.ImageDetail.UNRECOGNIZED : result;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -260,6 +291,9 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(mediaType_)) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 3, mediaType_);
     }
+    if (detail_ != dev.routesvc.v1.ImageDetail.IMAGE_DETAIL_UNSPECIFIED.getNumber()) {
+      output.writeEnum(4, detail_);
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -280,6 +314,10 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(mediaType_)) {
       size += com.google.protobuf.GeneratedMessageV3.computeStringSize(3, mediaType_);
     }
+    if (detail_ != dev.routesvc.v1.ImageDetail.IMAGE_DETAIL_UNSPECIFIED.getNumber()) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeEnumSize(4, detail_);
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -297,6 +335,7 @@ private static final long serialVersionUID = 0L;
 
     if (!getMediaType()
         .equals(other.getMediaType())) return false;
+    if (detail_ != other.detail_) return false;
     if (!getSourceCase().equals(other.getSourceCase())) return false;
     switch (sourceCase_) {
       case 1:
@@ -323,6 +362,8 @@ private static final long serialVersionUID = 0L;
     hash = (19 * hash) + getDescriptor().hashCode();
     hash = (37 * hash) + MEDIA_TYPE_FIELD_NUMBER;
     hash = (53 * hash) + getMediaType().hashCode();
+    hash = (37 * hash) + DETAIL_FIELD_NUMBER;
+    hash = (53 * hash) + detail_;
     switch (sourceCase_) {
       case 1:
         hash = (37 * hash) + URL_FIELD_NUMBER;
@@ -476,6 +517,7 @@ private static final long serialVersionUID = 0L;
       super.clear();
       bitField0_ = 0;
       mediaType_ = "";
+      detail_ = 0;
       sourceCase_ = 0;
       source_ = null;
       return this;
@@ -514,6 +556,9 @@ private static final long serialVersionUID = 0L;
       int from_bitField0_ = bitField0_;
       if (((from_bitField0_ & 0x00000004) != 0)) {
         result.mediaType_ = mediaType_;
+      }
+      if (((from_bitField0_ & 0x00000008) != 0)) {
+        result.detail_ = detail_;
       }
     }
 
@@ -570,6 +615,9 @@ private static final long serialVersionUID = 0L;
         mediaType_ = other.mediaType_;
         bitField0_ |= 0x00000004;
         onChanged();
+      }
+      if (other.detail_ != 0) {
+        setDetailValue(other.getDetailValue());
       }
       switch (other.getSourceCase()) {
         case URL: {
@@ -628,6 +676,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000004;
               break;
             } // case 26
+            case 32: {
+              detail_ = input.readEnum();
+              bitField0_ |= 0x00000008;
+              break;
+            } // case 32
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -934,6 +987,89 @@ private static final long serialVersionUID = 0L;
       checkByteStringIsUtf8(value);
       mediaType_ = value;
       bitField0_ |= 0x00000004;
+      onChanged();
+      return this;
+    }
+
+    private int detail_ = 0;
+    /**
+     * <pre>
+     * How closely an OpenAI model looks at the image (OpenAI's `detail`); see ImageDetail.
+     * Sent to OpenAI and OpenAI-compatible servers when set; not sent to Anthropic. It also
+     * sets the image's estimated tokens on OpenAI models.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ImageDetail detail = 4 [json_name = "detail"];</code>
+     * @return The enum numeric value on the wire for detail.
+     */
+    @java.lang.Override public int getDetailValue() {
+      return detail_;
+    }
+    /**
+     * <pre>
+     * How closely an OpenAI model looks at the image (OpenAI's `detail`); see ImageDetail.
+     * Sent to OpenAI and OpenAI-compatible servers when set; not sent to Anthropic. It also
+     * sets the image's estimated tokens on OpenAI models.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ImageDetail detail = 4 [json_name = "detail"];</code>
+     * @param value The enum numeric value on the wire for detail to set.
+     * @return This builder for chaining.
+     */
+    public Builder setDetailValue(int value) {
+      detail_ = value;
+      bitField0_ |= 0x00000008;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * How closely an OpenAI model looks at the image (OpenAI's `detail`); see ImageDetail.
+     * Sent to OpenAI and OpenAI-compatible servers when set; not sent to Anthropic. It also
+     * sets the image's estimated tokens on OpenAI models.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ImageDetail detail = 4 [json_name = "detail"];</code>
+     * @return The detail.
+     */
+    @java.lang.Override
+    public dev.routesvc.v1.ImageDetail getDetail() {
+      dev.routesvc.v1.ImageDetail result = dev.routesvc.v1.ImageDetail.forNumber(detail_);
+      return result == null ? dev.routesvc.v1.ImageDetail.UNRECOGNIZED : result;
+    }
+    /**
+     * <pre>
+     * How closely an OpenAI model looks at the image (OpenAI's `detail`); see ImageDetail.
+     * Sent to OpenAI and OpenAI-compatible servers when set; not sent to Anthropic. It also
+     * sets the image's estimated tokens on OpenAI models.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ImageDetail detail = 4 [json_name = "detail"];</code>
+     * @param value The detail to set.
+     * @return This builder for chaining.
+     */
+    public Builder setDetail(dev.routesvc.v1.ImageDetail value) {
+      if (value == null) {
+        throw new NullPointerException();
+      }
+      bitField0_ |= 0x00000008;
+      detail_ = value.getNumber();
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * How closely an OpenAI model looks at the image (OpenAI's `detail`); see ImageDetail.
+     * Sent to OpenAI and OpenAI-compatible servers when set; not sent to Anthropic. It also
+     * sets the image's estimated tokens on OpenAI models.
+     * </pre>
+     *
+     * <code>.routesvc.v1.ImageDetail detail = 4 [json_name = "detail"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearDetail() {
+      bitField0_ = (bitField0_ & ~0x00000008);
+      detail_ = 0;
       onChanged();
       return this;
     }

@@ -81,5 +81,28 @@ public interface ImageOrBuilder extends
   com.google.protobuf.ByteString
       getMediaTypeBytes();
 
+  /**
+   * <pre>
+   * How closely an OpenAI model looks at the image (OpenAI's `detail`); see ImageDetail.
+   * Sent to OpenAI and OpenAI-compatible servers when set; not sent to Anthropic. It also
+   * sets the image's estimated tokens on OpenAI models.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ImageDetail detail = 4 [json_name = "detail"];</code>
+   * @return The enum numeric value on the wire for detail.
+   */
+  int getDetailValue();
+  /**
+   * <pre>
+   * How closely an OpenAI model looks at the image (OpenAI's `detail`); see ImageDetail.
+   * Sent to OpenAI and OpenAI-compatible servers when set; not sent to Anthropic. It also
+   * sets the image's estimated tokens on OpenAI models.
+   * </pre>
+   *
+   * <code>.routesvc.v1.ImageDetail detail = 4 [json_name = "detail"];</code>
+   * @return The detail.
+   */
+  dev.routesvc.v1.ImageDetail getDetail();
+
   dev.routesvc.v1.Image.SourceCase getSourceCase();
 }

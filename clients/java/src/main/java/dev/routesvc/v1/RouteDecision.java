@@ -355,7 +355,9 @@ private static final long serialVersionUID = 0L;
   private long estimatedInputTokens_ = 0L;
   /**
    * <pre>
-   * Estimated input tokens of the request.
+   * Estimated input tokens of the request on the chosen model: its images are counted by
+   * the formula of the model's provider (OpenAI's tiles, or 85 at IMAGE_DETAIL_LOW;
+   * Anthropic's pixels / 750; the larger of the two for an OpenAI-compatible server).
    * </pre>
    *
    * <code>int64 estimated_input_tokens = 7 [json_name = "estimatedInputTokens"];</code>
@@ -2189,7 +2191,9 @@ private static final long serialVersionUID = 0L;
     private long estimatedInputTokens_ ;
     /**
      * <pre>
-     * Estimated input tokens of the request.
+     * Estimated input tokens of the request on the chosen model: its images are counted by
+     * the formula of the model's provider (OpenAI's tiles, or 85 at IMAGE_DETAIL_LOW;
+     * Anthropic's pixels / 750; the larger of the two for an OpenAI-compatible server).
      * </pre>
      *
      * <code>int64 estimated_input_tokens = 7 [json_name = "estimatedInputTokens"];</code>
@@ -2201,7 +2205,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Estimated input tokens of the request.
+     * Estimated input tokens of the request on the chosen model: its images are counted by
+     * the formula of the model's provider (OpenAI's tiles, or 85 at IMAGE_DETAIL_LOW;
+     * Anthropic's pixels / 750; the larger of the two for an OpenAI-compatible server).
      * </pre>
      *
      * <code>int64 estimated_input_tokens = 7 [json_name = "estimatedInputTokens"];</code>
@@ -2217,7 +2223,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Estimated input tokens of the request.
+     * Estimated input tokens of the request on the chosen model: its images are counted by
+     * the formula of the model's provider (OpenAI's tiles, or 85 at IMAGE_DETAIL_LOW;
+     * Anthropic's pixels / 750; the larger of the two for an OpenAI-compatible server).
      * </pre>
      *
      * <code>int64 estimated_input_tokens = 7 [json_name = "estimatedInputTokens"];</code>

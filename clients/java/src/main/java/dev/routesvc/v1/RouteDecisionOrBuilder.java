@@ -155,7 +155,9 @@ public interface RouteDecisionOrBuilder extends
 
   /**
    * <pre>
-   * Estimated input tokens of the request.
+   * Estimated input tokens of the request on the chosen model: its images are counted by
+   * the formula of the model's provider (OpenAI's tiles, or 85 at IMAGE_DETAIL_LOW;
+   * Anthropic's pixels / 750; the larger of the two for an OpenAI-compatible server).
    * </pre>
    *
    * <code>int64 estimated_input_tokens = 7 [json_name = "estimatedInputTokens"];</code>
