@@ -119,6 +119,7 @@ class Message:
     its texts alone, joined by newlines (what every reader of text, the classifier, the token
     counter or a judge, sees). A turn without images has no ``parts``.
     ``cache_breakpoint`` marks the end of a prompt prefix to cache (None: no breakpoint).
+    ``tool_error`` says a ``Role.TOOL`` turn's call failed and ``content`` is its error.
     """
 
     role: Role
@@ -127,6 +128,7 @@ class Message:
     tool_call_id: str = ""
     parts: tuple[str | Image, ...] = ()
     cache_breakpoint: CacheTtl | None = None
+    tool_error: bool = False
 
     @property
     def images(self) -> tuple[Image, ...]:

@@ -130,6 +130,8 @@ def _message(index: int, message: pb.Message, open_calls: Mapping[str, str], lim
         raise InvalidRequest(f"{field}.tool_calls", "are allowed only on ROLE_ASSISTANT messages")
     if message.tool_call_id and role is not Role.TOOL:
         raise InvalidRequest(f"{field}.tool_call_id", "is allowed only on ROLE_TOOL messages")
+    if message.tool_error and role is not Role.TOOL:
+        raise InvalidRequest(f"{field}.tool_error", "is allowed only on ROLE_TOOL messages")
     cache = _cache_breakpoint(f"{field}.cache_breakpoint", message.cache_breakpoint)
     if message.parts:
         if role is not Role.USER:
@@ -143,7 +145,9 @@ def _message(index: int, message: pb.Message, open_calls: Mapping[str, str], lim
     calls = tuple(_tool_call(f"{field}.tool_calls[{n}]", call) for n, call in enumerate(message.tool_calls))
     if not message.content.strip() and not calls:
         raise InvalidRequest(f"{field}.content", "must not be empty")
-    return Message(role, message.content, calls, message.tool_call_id, cache_breakpoint=cache)
+    return Message(
+        role, message.content, calls, message.tool_call_id, cache_breakpoint=cache, tool_error=message.tool_error
+    )
 
 
 def _cache_breakpoint(field: str, value: pb.CacheBreakpoint.ValueType) -> CacheTtl | None:

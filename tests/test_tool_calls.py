@@ -7,6 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 
 from routesvc.client import RouterClient, build_chat, tool_turns
@@ -17,6 +18,7 @@ from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.tokens import count_text_tokens
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from
+from tests.test_validation import error_info
 
 WEATHER = pb.Tool(
     name="get_weather",
@@ -249,6 +251,39 @@ class TestConversationsAreTranslated:
                 ],
             },
         ]
+
+    async def test_a_failed_call_is_an_error_result_for_anthropic_and_its_text_for_openai(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A ROLE_TOOL turn with ``tool_error``: Anthropic's ``tool_result`` says ``is_error``, the
+        other result does not; OpenAI, which has no such flag, gets the content alone; a batch
+        job keeps the flag (stored and read back)."""
+        from routesvc.batches._store import QueuedRequest, decode_request, encode_request
+        from routesvc.models import Message, Role
+
+        chat = _conversation()
+        chat.messages[3].tool_error = True
+        chat.messages[3].content = "Error: the weather service timed out"
+        await _complete(live_client, chat, "claude-sonnet")
+        blocks = fake.requests[-1].body["messages"][2]["content"]
+        assert [(b["tool_use_id"], b.get("is_error")) for b in blocks if b["type"] == "tool_result"] == [
+            ("call_1", True),
+            ("call_2", None),
+        ]
+        await _complete(live_client, chat, "gpt-4o-mini")
+        results = [m for m in fake.requests[-1].body["messages"] if m["role"] == "tool"]
+        assert results[0] == {"role": "tool", "tool_call_id": "call_1", "content": chat.messages[3].content}
+        failed = Message(Role.TOOL, "Error: timed out", tool_call_id="call_1", tool_error=True)
+        request = QueuedRequest((failed, Message(Role.TOOL, "14:05", tool_call_id="call_2")), 16)
+        assert decode_request(encode_request(request)) == request
+
+    async def test_tool_error_on_a_turn_that_is_not_a_tool_result_is_invalid(self, live_client: RouterClient) -> None:
+        """``tool_error`` on a user turn: INVALID_ARGUMENT naming the field."""
+        chat = build_chat([pb.Message(role=pb.ROLE_USER, content="hi", tool_error=True)])
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await live_client.route(chat)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).metadata["field"] == "chat.messages[0].tool_error"
 
     @pytest.mark.parametrize(("model", "path", "prefix"), ADAPTERS, ids=ADAPTER_IDS)
     async def test_call_ids_of_another_server_are_sent_in_a_form_each_api_takes(

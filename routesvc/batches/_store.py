@@ -149,7 +149,7 @@ def encode_request(request: QueuedRequest) -> str:
 
 def decode_request(text: str) -> QueuedRequest:
     """The request ``encode_request`` stored; rows stored before tools (or stop sequences, a tool
-    choice, a response format, cache breakpoints) were kept have none."""
+    choice, a response format, cache breakpoints, tool errors) were kept have none."""
     data = json.loads(text)
     return QueuedRequest(
         messages=tuple(
@@ -160,6 +160,7 @@ def decode_request(text: str) -> QueuedRequest:
                 m.get("tool_call_id", ""),
                 _decode_parts(m.get("parts")),
                 _decode_cache(m.get("cache_breakpoint")),
+                bool(m.get("tool_error", False)),
             )
             for m in data["messages"]
         ),
@@ -227,6 +228,8 @@ def _encode_message(message: Message) -> dict[str, Any]:
         encoded["tool_calls"] = _encode_calls(message.tool_calls)
     if message.tool_call_id:
         encoded["tool_call_id"] = message.tool_call_id
+    if message.tool_error:
+        encoded["tool_error"] = True
     if message.parts:
         encoded["parts"] = [_encode_part(part) for part in message.parts]
     return encoded

@@ -200,6 +200,8 @@ def _messages(messages: Iterable[Message]) -> list[MessageParam]:
             block = ToolResultBlockParam(
                 type="tool_result", tool_use_id=ids.result(message.tool_call_id), content=message.content
             )
+            if message.tool_error:
+                block["is_error"] = True
             if results is None:
                 results = _marked([block], ttl)
                 result.append(UserMessageParam(role="user", content=results))

@@ -350,6 +350,7 @@ class Message(_message.Message):
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
     CACHE_BREAKPOINT_FIELD_NUMBER: _builtins.int
+    TOOL_ERROR_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Who wrote it; required."""
     content: _builtins.str
@@ -364,6 +365,11 @@ class Message(_message.Message):
     cache_breakpoint: Global___CacheBreakpoint.ValueType
     """Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
     result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
+    """
+    tool_error: _builtins.bool
+    """On a ROLE_TOOL turn (only there): the call failed, and `content` is its error. Anthropic's
+    models are told so (the tool_result's `is_error`); OpenAI's API has no such flag, so there
+    the content alone says it (write it as an error: "Error: ...").
     """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
@@ -388,10 +394,11 @@ class Message(_message.Message):
         tool_call_id: _builtins.str = ...,
         parts: _abc.Iterable[Global___ContentPart] | None = ...,
         cache_breakpoint: Global___CacheBreakpoint.ValueType = ...,
+        tool_error: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "content", b"content", "parts", b"parts", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "content", b"content", "parts", b"parts", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls", "tool_error", b"tool_error"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -610,8 +610,12 @@ type Message struct {
 	// Whether the prompt prefix that ends with this turn (its last text, image, tool call or tool
 	// result) is cached, and for how long; see CacheBreakpoint. Unset: no breakpoint.
 	CacheBreakpoint CacheBreakpoint `protobuf:"varint,6,opt,name=cache_breakpoint,json=cacheBreakpoint,proto3,enum=routesvc.v1.CacheBreakpoint" json:"cache_breakpoint,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// On a ROLE_TOOL turn (only there): the call failed, and `content` is its error. Anthropic's
+	// models are told so (the tool_result's `is_error`); OpenAI's API has no such flag, so there
+	// the content alone says it (write it as an error: "Error: ...").
+	ToolError     bool `protobuf:"varint,7,opt,name=tool_error,json=toolError,proto3" json:"tool_error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Message) Reset() {
@@ -684,6 +688,13 @@ func (x *Message) GetCacheBreakpoint() CacheBreakpoint {
 		return x.CacheBreakpoint
 	}
 	return CacheBreakpoint_CACHE_BREAKPOINT_UNSPECIFIED
+}
+
+func (x *Message) GetToolError() bool {
+	if x != nil {
+		return x.ToolError
+	}
+	return false
 }
 
 // ContentPart is one piece of a ROLE_USER turn: text or an image.
@@ -3801,7 +3812,7 @@ var File_routesvc_v1_router_proto protoreflect.FileDescriptor
 
 const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\n" +
-	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x02\n" +
+	"\x18routesvc/v1/router.proto\x12\vroutesvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x02\n" +
 	"\aMessage\x12%\n" +
 	"\x04role\x18\x01 \x01(\x0e2\x11.routesvc.v1.RoleR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x124\n" +
@@ -3810,7 +3821,9 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\ftool_call_id\x18\x04 \x01(\tR\n" +
 	"toolCallId\x12.\n" +
 	"\x05parts\x18\x05 \x03(\v2\x18.routesvc.v1.ContentPartR\x05parts\x12G\n" +
-	"\x10cache_breakpoint\x18\x06 \x01(\x0e2\x1c.routesvc.v1.CacheBreakpointR\x0fcacheBreakpoint\"W\n" +
+	"\x10cache_breakpoint\x18\x06 \x01(\x0e2\x1c.routesvc.v1.CacheBreakpointR\x0fcacheBreakpoint\x12\x1d\n" +
+	"\n" +
+	"tool_error\x18\a \x01(\bR\ttoolError\"W\n" +
 	"\vContentPart\x12\x14\n" +
 	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12*\n" +
 	"\x05image\x18\x02 \x01(\v2\x12.routesvc.v1.ImageH\x00R\x05imageB\x06\n" +

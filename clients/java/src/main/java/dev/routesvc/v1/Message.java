@@ -345,6 +345,23 @@ private static final long serialVersionUID = 0L;
     return result == null ? dev.routesvc.v1.CacheBreakpoint.UNRECOGNIZED : result;
   }
 
+  public static final int TOOL_ERROR_FIELD_NUMBER = 7;
+  private boolean toolError_ = false;
+  /**
+   * <pre>
+   * On a ROLE_TOOL turn (only there): the call failed, and `content` is its error. Anthropic's
+   * models are told so (the tool_result's `is_error`); OpenAI's API has no such flag, so there
+   * the content alone says it (write it as an error: "Error: ...").
+   * </pre>
+   *
+   * <code>bool tool_error = 7 [json_name = "toolError"];</code>
+   * @return The toolError.
+   */
+  @java.lang.Override
+  public boolean getToolError() {
+    return toolError_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -377,6 +394,9 @@ private static final long serialVersionUID = 0L;
     if (cacheBreakpoint_ != dev.routesvc.v1.CacheBreakpoint.CACHE_BREAKPOINT_UNSPECIFIED.getNumber()) {
       output.writeEnum(6, cacheBreakpoint_);
     }
+    if (toolError_ != false) {
+      output.writeBool(7, toolError_);
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -408,6 +428,10 @@ private static final long serialVersionUID = 0L;
       size += com.google.protobuf.CodedOutputStream
         .computeEnumSize(6, cacheBreakpoint_);
     }
+    if (toolError_ != false) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeBoolSize(7, toolError_);
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -433,6 +457,8 @@ private static final long serialVersionUID = 0L;
     if (!getPartsList()
         .equals(other.getPartsList())) return false;
     if (cacheBreakpoint_ != other.cacheBreakpoint_) return false;
+    if (getToolError()
+        != other.getToolError()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -460,6 +486,9 @@ private static final long serialVersionUID = 0L;
     }
     hash = (37 * hash) + CACHE_BREAKPOINT_FIELD_NUMBER;
     hash = (53 * hash) + cacheBreakpoint_;
+    hash = (37 * hash) + TOOL_ERROR_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
+        getToolError());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -613,6 +642,7 @@ private static final long serialVersionUID = 0L;
       }
       bitField0_ = (bitField0_ & ~0x00000010);
       cacheBreakpoint_ = 0;
+      toolError_ = false;
       return this;
     }
 
@@ -679,6 +709,9 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000020) != 0)) {
         result.cacheBreakpoint_ = cacheBreakpoint_;
+      }
+      if (((from_bitField0_ & 0x00000040) != 0)) {
+        result.toolError_ = toolError_;
       }
     }
 
@@ -794,6 +827,9 @@ private static final long serialVersionUID = 0L;
       if (other.cacheBreakpoint_ != 0) {
         setCacheBreakpointValue(other.getCacheBreakpointValue());
       }
+      if (other.getToolError() != false) {
+        setToolError(other.getToolError());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -866,6 +902,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000020;
               break;
             } // case 48
+            case 56: {
+              toolError_ = input.readBool();
+              bitField0_ |= 0x00000040;
+              break;
+            } // case 56
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1925,6 +1966,56 @@ private static final long serialVersionUID = 0L;
     public Builder clearCacheBreakpoint() {
       bitField0_ = (bitField0_ & ~0x00000020);
       cacheBreakpoint_ = 0;
+      onChanged();
+      return this;
+    }
+
+    private boolean toolError_ ;
+    /**
+     * <pre>
+     * On a ROLE_TOOL turn (only there): the call failed, and `content` is its error. Anthropic's
+     * models are told so (the tool_result's `is_error`); OpenAI's API has no such flag, so there
+     * the content alone says it (write it as an error: "Error: ...").
+     * </pre>
+     *
+     * <code>bool tool_error = 7 [json_name = "toolError"];</code>
+     * @return The toolError.
+     */
+    @java.lang.Override
+    public boolean getToolError() {
+      return toolError_;
+    }
+    /**
+     * <pre>
+     * On a ROLE_TOOL turn (only there): the call failed, and `content` is its error. Anthropic's
+     * models are told so (the tool_result's `is_error`); OpenAI's API has no such flag, so there
+     * the content alone says it (write it as an error: "Error: ...").
+     * </pre>
+     *
+     * <code>bool tool_error = 7 [json_name = "toolError"];</code>
+     * @param value The toolError to set.
+     * @return This builder for chaining.
+     */
+    public Builder setToolError(boolean value) {
+
+      toolError_ = value;
+      bitField0_ |= 0x00000040;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * On a ROLE_TOOL turn (only there): the call failed, and `content` is its error. Anthropic's
+     * models are told so (the tool_result's `is_error`); OpenAI's API has no such flag, so there
+     * the content alone says it (write it as an error: "Error: ...").
+     * </pre>
+     *
+     * <code>bool tool_error = 7 [json_name = "toolError"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearToolError() {
+      bitField0_ = (bitField0_ & ~0x00000040);
+      toolError_ = false;
       onChanged();
       return this;
     }

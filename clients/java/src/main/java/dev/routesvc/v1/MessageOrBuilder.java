@@ -201,4 +201,16 @@ public interface MessageOrBuilder extends
    * @return The cacheBreakpoint.
    */
   dev.routesvc.v1.CacheBreakpoint getCacheBreakpoint();
+
+  /**
+   * <pre>
+   * On a ROLE_TOOL turn (only there): the call failed, and `content` is its error. Anthropic's
+   * models are told so (the tool_result's `is_error`); OpenAI's API has no such flag, so there
+   * the content alone says it (write it as an error: "Error: ...").
+   * </pre>
+   *
+   * <code>bool tool_error = 7 [json_name = "toolError"];</code>
+   * @return The toolError.
+   */
+  boolean getToolError();
 }

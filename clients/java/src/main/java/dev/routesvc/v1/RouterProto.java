@@ -221,251 +221,252 @@ public final class RouterProto {
     java.lang.String[] descriptorData = {
       "\n\030routesvc/v1/router.proto\022\013routesvc.v1\032" +
       "\036google/protobuf/duration.proto\032\037google/" +
-      "protobuf/timestamp.proto\"\233\002\n\007Message\022%\n\004" +
+      "protobuf/timestamp.proto\"\272\002\n\007Message\022%\n\004" +
       "role\030\001 \001(\0162\021.routesvc.v1.RoleR\004role\022\030\n\007c" +
       "ontent\030\002 \001(\tR\007content\0224\n\ntool_calls\030\003 \003(" +
       "\0132\025.routesvc.v1.ToolCallR\ttoolCalls\022 \n\014t" +
       "ool_call_id\030\004 \001(\tR\ntoolCallId\022.\n\005parts\030\005" +
       " \003(\0132\030.routesvc.v1.ContentPartR\005parts\022G\n" +
       "\020cache_breakpoint\030\006 \001(\0162\034.routesvc.v1.Ca" +
-      "cheBreakpointR\017cacheBreakpoint\"W\n\013Conten" +
-      "tPart\022\024\n\004text\030\001 \001(\tH\000R\004text\022*\n\005image\030\002 \001" +
-      "(\0132\022.routesvc.v1.ImageH\000R\005imageB\006\n\004part\"" +
-      "\214\001\n\005Image\022\022\n\003url\030\001 \001(\tH\000R\003url\022\024\n\004data\030\002 " +
-      "\001(\014H\000R\004data\022\035\n\nmedia_type\030\003 \001(\tR\tmediaTy" +
-      "pe\0220\n\006detail\030\004 \001(\0162\030.routesvc.v1.ImageDe" +
-      "tailR\006detailB\010\n\006source\"U\n\010ToolCall\022\016\n\002id" +
-      "\030\001 \001(\tR\002id\022\022\n\004name\030\002 \001(\tR\004name\022%\n\016argume" +
-      "nts_json\030\003 \001(\tR\rargumentsJson\"\256\001\n\004Tool\022\022" +
-      "\n\004name\030\001 \001(\tR\004name\022 \n\013description\030\002 \001(\tR" +
-      "\013description\022\'\n\017parameters_json\030\003 \001(\tR\016p" +
-      "arametersJson\022G\n\020cache_breakpoint\030\004 \001(\0162" +
-      "\034.routesvc.v1.CacheBreakpointR\017cacheBrea" +
-      "kpoint\"Q\n\nToolChoice\022/\n\004mode\030\001 \001(\0162\033.rou" +
-      "tesvc.v1.ToolChoiceModeR\004mode\022\022\n\004name\030\002 " +
-      "\001(\tR\004name\"\222\001\n\016ResponseFormat\0223\n\004type\030\001 \001" +
-      "(\0162\037.routesvc.v1.ResponseFormatTypeR\004typ" +
-      "e\022\022\n\004name\030\002 \001(\tR\004name\022\037\n\013schema_json\030\003 \001" +
-      "(\tR\nschemaJson\022\026\n\006strict\030\004 \001(\010R\006strict\"\307" +
-      "\003\n\013ChatRequest\0220\n\010messages\030\001 \003(\0132\024.route" +
-      "svc.v1.MessageR\010messages\022\'\n\005tools\030\002 \003(\0132" +
-      "\021.routesvc.v1.ToolR\005tools\022/\n\021max_output_" +
-      "tokens\030\003 \001(\005H\000R\017maxOutputTokens\210\001\001\022%\n\013te" +
-      "mperature\030\004 \001(\001H\001R\013temperature\210\001\001\022\022\n\004sto" +
-      "p\030\005 \003(\tR\004stop\0228\n\013tool_choice\030\006 \001(\0132\027.rou" +
-      "tesvc.v1.ToolChoiceR\ntoolChoice\0223\n\023paral" +
-      "lel_tool_calls\030\007 \001(\010H\002R\021parallelToolCall" +
-      "s\210\001\001\022D\n\017response_format\030\010 \001(\0132\033.routesvc" +
-      ".v1.ResponseFormatR\016responseFormatB\024\n\022_m" +
-      "ax_output_tokensB\016\n\014_temperatureB\026\n\024_par" +
-      "allel_tool_calls\"\367\002\n\016RoutingContext\022\026\n\006t" +
-      "enant\030\001 \001(\tR\006tenant\022\033\n\tuser_tier\030\002 \001(\tR\010" +
-      "userTier\022\033\n\ttask_hint\030\003 \001(\tR\010taskHint\022\037\n" +
-      "\010realtime\030\004 \001(\010H\000R\010realtime\210\001\001\022E\n\010metada" +
-      "ta\030\005 \003(\0132).routesvc.v1.RoutingContext.Me" +
-      "tadataEntryR\010metadata\022 \n\014max_cost_usd\030\006 " +
-      "\001(\tR\nmaxCostUsd\022\024\n\005model\030\007 \001(\tR\005model\022\035\n" +
-      "\007cascade\030\010 \001(\010H\001R\007cascade\210\001\001\032;\n\rMetadata" +
-      "Entry\022\020\n\003key\030\001 \001(\tR\003key\022\024\n\005value\030\002 \001(\tR\005" +
-      "value:\0028\001B\013\n\t_realtimeB\n\n\010_cascade\"s\n\014Ro" +
-      "uteRequest\022,\n\004chat\030\001 \001(\0132\030.routesvc.v1.C" +
-      "hatRequestR\004chat\0225\n\007context\030\002 \001(\0132\033.rout" +
-      "esvc.v1.RoutingContextR\007context\"f\n\tCandi" +
-      "date\022\024\n\005model\030\001 \001(\tR\005model\022\032\n\010eligible\030\002" +
-      " \001(\010R\010eligible\022\'\n\017excluded_reason\030\003 \001(\tR" +
-      "\016excludedReason\"\342\004\n\rRouteDecision\022\037\n\013dec" +
-      "ision_id\030\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 \001(" +
-      "\tR\005model\022\032\n\010provider\030\003 \001(\tR\010provider\022\032\n\010" +
-      "strategy\030\004 \001(\tR\010strategy\022\022\n\004rule\030\005 \001(\tR\004" +
-      "rule\022\030\n\007reasons\030\006 \003(\tR\007reasons\0224\n\026estima" +
-      "ted_input_tokens\030\007 \001(\003R\024estimatedInputTo" +
-      "kens\0226\n\027estimated_output_tokens\030\010 \001(\003R\025e" +
-      "stimatedOutputTokens\022,\n\022estimated_cost_u" +
-      "sd\030\t \001(\tR\020estimatedCostUsd\022%\n\004mode\030\n \001(\016" +
-      "2\021.routesvc.v1.ModeR\004mode\0226\n\ncandidates\030" +
-      "\013 \003(\0132\026.routesvc.v1.CandidateR\ncandidate" +
-      "s\022\022\n\004task\030\014 \001(\tR\004task\022%\n\016cascade_models\030" +
-      "\r \003(\tR\rcascadeModels\022-\n\022cascade_threshol" +
-      "ds\030\016 \003(\001R\021cascadeThresholds\022%\n\016cascade_s" +
-      "corer\030\017 \001(\tR\rcascadeScorer\022(\n\020routing_co" +
-      "st_usd\030\020 \001(\tR\016routingCostUsd\"G\n\rRouteRes" +
-      "ponse\0226\n\010decision\030\001 \001(\0132\032.routesvc.v1.Ro" +
-      "uteDecisionR\010decision\"v\n\017CompleteRequest" +
-      "\022,\n\004chat\030\001 \001(\0132\030.routesvc.v1.ChatRequest" +
-      "R\004chat\0225\n\007context\030\002 \001(\0132\033.routesvc.v1.Ro" +
-      "utingContextR\007context\"\037\n\tTextDelta\022\022\n\004te" +
-      "xt\030\001 \001(\tR\004text\"\366\001\n\005Usage\022!\n\014input_tokens" +
-      "\030\001 \001(\003R\013inputTokens\022#\n\routput_tokens\030\002 \001" +
-      "(\003R\014outputTokens\022.\n\023cached_input_tokens\030" +
-      "\003 \001(\003R\021cachedInputTokens\0227\n\030cache_write_" +
-      "input_tokens\030\004 \001(\003R\025cacheWriteInputToken" +
-      "s\022<\n\033cache_write_1h_input_tokens\030\005 \001(\003R\027" +
-      "cacheWrite1hInputTokens\"\274\003\n\nCompletion\022\024" +
-      "\n\005model\030\001 \001(\tR\005model\022\032\n\010provider\030\002 \001(\tR\010" +
-      "provider\022%\n\016provider_model\030\003 \001(\tR\rprovid" +
-      "erModel\022(\n\005usage\030\004 \001(\0132\022.routesvc.v1.Usa" +
-      "geR\005usage\022\031\n\010cost_usd\030\005 \001(\tR\007costUsd\022>\n\r" +
-      "finish_reason\030\006 \001(\0162\031.routesvc.v1.Finish" +
-      "ReasonR\014finishReason\0220\n\010attempts\030\007 \003(\0132\024" +
-      ".routesvc.v1.AttemptR\010attempts\0223\n\013total_" +
-      "usage\030\010 \001(\0132\022.routesvc.v1.UsageR\ntotalUs" +
-      "age\0223\n\007quality\030\t \001(\0132\031.routesvc.v1.Quali" +
-      "tyScoreR\007quality\0224\n\ntool_calls\030\n \003(\0132\025.r" +
-      "outesvc.v1.ToolCallR\ttoolCalls\"\233\001\n\007Attem" +
-      "pt\022\024\n\005model\030\001 \001(\tR\005model\0225\n\007outcome\030\002 \001(" +
-      "\0162\033.routesvc.v1.AttemptOutcomeR\007outcome\022" +
-      "(\n\005usage\030\003 \001(\0132\022.routesvc.v1.UsageR\005usag" +
-      "e\022\031\n\010cost_usd\030\004 \001(\tR\007costUsd\"T\n\014QualityS" +
-      "core\022\024\n\005score\030\001 \001(\001R\005score\022\026\n\006scorer\030\002 \001" +
-      "(\tR\006scorer\022\026\n\006reason\030\003 \001(\tR\006reason\"\336\001\n\nE" +
-      "scalation\022\035\n\nfrom_model\030\001 \001(\tR\tfromModel" +
-      "\022\031\n\010to_model\030\002 \001(\tR\007toModel\0223\n\007quality\030\003" +
-      " \001(\0132\031.routesvc.v1.QualityScoreR\007quality" +
-      "\022\034\n\tthreshold\030\004 \001(\001R\tthreshold\022\031\n\010cost_u" +
-      "sd\030\005 \001(\tR\007costUsd\022(\n\005usage\030\006 \001(\0132\022.route" +
-      "svc.v1.UsageR\005usage\"\313\002\n\010BatchJob\022\031\n\010batc" +
-      "h_id\030\001 \001(\tR\007batchId\022-\n\005state\030\002 \001(\0162\027.rou" +
-      "tesvc.v1.BatchStateR\005state\022\024\n\005model\030\003 \001(" +
-      "\tR\005model\022\032\n\010provider\030\004 \001(\tR\010provider\022,\n\022" +
-      "estimated_cost_usd\030\005 \001(\tR\020estimatedCostU" +
-      "sd\0229\n\ncreated_at\030\006 \001(\0132\032.google.protobuf" +
-      ".TimestampR\tcreatedAt\0229\n\nupdated_at\030\007 \001(" +
-      "\0132\032.google.protobuf.TimestampR\tupdatedAt" +
-      "\022\037\n\013decision_id\030\010 \001(\tR\ndecisionId\"\203\002\n\013Ba" +
-      "tchResult\022\022\n\004text\030\001 \001(\tR\004text\022(\n\005usage\030\002" +
-      " \001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n\010cost_" +
-      "usd\030\003 \001(\tR\007costUsd\022>\n\rfinish_reason\030\004 \001(" +
-      "\0162\031.routesvc.v1.FinishReasonR\014finishReas" +
-      "on\022%\n\016provider_model\030\005 \001(\tR\rproviderMode" +
-      "l\0224\n\ntool_calls\030\006 \003(\0132\025.routesvc.v1.Tool" +
-      "CallR\ttoolCalls\"D\n\017GetBatchRequest\022\031\n\010ba" +
-      "tch_id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006t" +
-      "enant\"\203\001\n\020GetBatchResponse\022\'\n\003job\030\001 \001(\0132" +
-      "\025.routesvc.v1.BatchJobR\003job\0220\n\006result\030\002 " +
-      "\001(\0132\030.routesvc.v1.BatchResultR\006result\022\024\n" +
-      "\005error\030\003 \001(\tR\005error\"G\n\022CancelBatchReques" +
-      "t\022\031\n\010batch_id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002" +
-      " \001(\tR\006tenant\">\n\023CancelBatchResponse\022\'\n\003j" +
-      "ob\030\001 \001(\0132\025.routesvc.v1.BatchJobR\003job\"\252\002\n" +
-      "\020CompleteResponse\0228\n\010decision\030\001 \001(\0132\032.ro" +
-      "utesvc.v1.RouteDecisionH\000R\010decision\022.\n\005d" +
-      "elta\030\002 \001(\0132\026.routesvc.v1.TextDeltaH\000R\005de" +
-      "lta\0229\n\ncompletion\030\003 \001(\0132\027.routesvc.v1.Co" +
-      "mpletionH\000R\ncompletion\0229\n\nescalation\030\004 \001" +
-      "(\0132\027.routesvc.v1.EscalationH\000R\nescalatio" +
-      "n\022-\n\005batch\030\005 \001(\0132\025.routesvc.v1.BatchJobH" +
-      "\000R\005batchB\007\n\005event\"\023\n\021ListModelsRequest\"\274" +
-      "\004\n\tModelInfo\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provider" +
-      "\030\002 \001(\tR\010provider\022%\n\016provider_model\030\003 \001(\t" +
-      "R\rproviderModel\022/\n\024input_price_per_mtok\030" +
-      "\004 \001(\tR\021inputPricePerMtok\0221\n\025output_price" +
-      "_per_mtok\030\005 \001(\tR\022outputPricePerMtok\022<\n\033c" +
-      "ached_input_price_per_mtok\030\006 \001(\tR\027cached" +
-      "InputPricePerMtok\022%\n\016context_window\030\007 \001(" +
-      "\003R\rcontextWindow\022\"\n\014capabilities\030\010 \003(\tR\014" +
-      "capabilities\022%\n\016batch_discount\030\t \001(\tR\rba" +
-      "tchDiscount\022\034\n\tavailable\030\n \001(\010R\tavailabl" +
-      "e\022-\n\022unavailable_reason\030\013 \001(\tR\021unavailab" +
-      "leReason\022:\n\032cache_write_price_per_mtok\030\014" +
-      " \001(\tR\026cacheWritePricePerMtok\022?\n\035cache_wr" +
-      "ite_1h_price_per_mtok\030\r \001(\tR\030cacheWrite1" +
-      "hPricePerMtok\"D\n\022ListModelsResponse\022.\n\006m" +
-      "odels\030\001 \003(\0132\026.routesvc.v1.ModelInfoR\006mod" +
-      "els\"\\\n\017GetStatsRequest\022\026\n\006tenant\030\001 \001(\tR\006" +
-      "tenant\0221\n\006window\030\002 \001(\0132\031.google.protobuf" +
-      ".DurationR\006window\"\276\002\n\nCostTotals\022\032\n\010requ" +
-      "ests\030\001 \001(\003R\010requests\022\026\n\006errors\030\002 \001(\003R\006er" +
-      "rors\022\031\n\010cost_usd\030\003 \001(\tR\007costUsd\022*\n\021basel" +
-      "ine_cost_usd\030\004 \001(\tR\017baselineCostUsd\022\037\n\013s" +
-      "avings_usd\030\005 \001(\tR\nsavingsUsd\022\'\n\017savings_" +
-      "percent\030\006 \001(\001R\016savingsPercent\022,\n\022estimat" +
-      "ed_cost_usd\030\007 \001(\tR\020estimatedCostUsd\022=\n\033e" +
-      "stimated_baseline_cost_usd\030\010 \001(\tR\030estima" +
-      "tedBaselineCostUsd\"\335\001\n\nModelStats\022\024\n\005mod" +
-      "el\030\001 \001(\tR\005model\022\024\n\005share\030\002 \001(\001R\005share\022/\n" +
-      "\006totals\030\003 \001(\0132\027.routesvc.v1.CostTotalsR\006" +
-      "totals\022%\n\016feedback_count\030\004 \001(\003R\rfeedback" +
-      "Count\0223\n\023mean_feedback_score\030\005 \001(\001H\000R\021me" +
-      "anFeedbackScore\210\001\001B\026\n\024_mean_feedback_sco" +
-      "re\"V\n\013TenantStats\022\026\n\006tenant\030\001 \001(\tR\006tenan" +
-      "t\022/\n\006totals\030\002 \001(\0132\027.routesvc.v1.CostTota" +
-      "lsR\006totals\"\233\001\n\022LatencyPercentiles\022+\n\003p50" +
-      "\030\001 \001(\0132\031.google.protobuf.DurationR\003p50\022+" +
-      "\n\003p95\030\002 \001(\0132\031.google.protobuf.DurationR\003" +
-      "p95\022+\n\003p99\030\003 \001(\0132\031.google.protobuf.Durat" +
-      "ionR\003p99\"\272\005\n\020GetStatsResponse\0221\n\006window\030" +
-      "\001 \001(\0132\031.google.protobuf.DurationR\006window" +
-      "\022\026\n\006tenant\030\002 \001(\tR\006tenant\022%\n\016baseline_mod" +
-      "el\030\003 \001(\tR\rbaselineModel\022/\n\006totals\030\004 \001(\0132" +
-      "\027.routesvc.v1.CostTotalsR\006totals\022/\n\006mode" +
-      "ls\030\005 \003(\0132\027.routesvc.v1.ModelStatsR\006model" +
-      "s\0222\n\007tenants\030\006 \003(\0132\030.routesvc.v1.TenantS" +
-      "tatsR\007tenants\022 \n\013escalations\030\007 \001(\003R\013esca" +
-      "lations\022\'\n\017escalation_rate\030\010 \001(\001R\016escala" +
-      "tionRate\022\034\n\tfallbacks\030\t \001(\003R\tfallbacks\022+" +
-      "\n\021cascade_decisions\030\n \001(\003R\020cascadeDecisi" +
-      "ons\0220\n\024cascade_release_rate\030\013 \001(\001R\022casca" +
-      "deReleaseRate\0223\n\023mean_released_score\030\014 \001" +
-      "(\001H\000R\021meanReleasedScore\210\001\001\0229\n\007latency\030\r " +
-      "\001(\0132\037.routesvc.v1.LatencyPercentilesR\007la" +
-      "tency\022N\n\023time_to_first_token\030\016 \001(\0132\037.rou" +
-      "tesvc.v1.LatencyPercentilesR\020timeToFirst" +
-      "TokenB\026\n\024_mean_released_score\"t\n\017Feedbac" +
-      "kRequest\022\037\n\013decision_id\030\001 \001(\tR\ndecisionI" +
-      "d\022\026\n\005score\030\002 \001(\001H\000R\005score\022\035\n\tthumbs_up\030\003" +
-      " \001(\010H\000R\010thumbsUpB\t\n\007outcome\"\212\001\n\020Feedback" +
-      "Response\022\037\n\013decision_id\030\001 \001(\tR\ndecisionI" +
-      "d\022\024\n\005model\030\002 \001(\tR\005model\022\024\n\005score\030\003 \001(\001R\005" +
-      "score\022)\n\020library_examples\030\004 \001(\003R\017library" +
-      "Examples*\303\001\n\nBatchState\022\033\n\027BATCH_STATE_U" +
-      "NSPECIFIED\020\000\022\026\n\022BATCH_STATE_QUEUED\020\001\022\031\n\025" +
-      "BATCH_STATE_SUBMITTED\020\002\022\031\n\025BATCH_STATE_S" +
-      "UCCEEDED\020\003\022\026\n\022BATCH_STATE_FAILED\020\004\022\027\n\023BA" +
-      "TCH_STATE_EXPIRED\020\005\022\031\n\025BATCH_STATE_CANCE" +
-      "LLED\020\006*_\n\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013" +
-      "ROLE_SYSTEM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASS" +
-      "ISTANT\020\003\022\r\n\tROLE_TOOL\020\004*?\n\004Mode\022\024\n\020MODE_" +
-      "UNSPECIFIED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE" +
-      "_BATCH\020\002*\270\001\n\014FinishReason\022\035\n\031FINISH_REAS" +
-      "ON_UNSPECIFIED\020\000\022\026\n\022FINISH_REASON_STOP\020\001" +
-      "\022\030\n\024FINISH_REASON_LENGTH\020\002\022\034\n\030FINISH_REA" +
-      "SON_TOOL_CALLS\020\003\022 \n\034FINISH_REASON_CONTEN" +
-      "T_FILTER\020\004\022\027\n\023FINISH_REASON_OTHER\020\005*\242\001\n\016" +
-      "ToolChoiceMode\022 \n\034TOOL_CHOICE_MODE_UNSPE" +
-      "CIFIED\020\000\022\031\n\025TOOL_CHOICE_MODE_AUTO\020\001\022\031\n\025T" +
-      "OOL_CHOICE_MODE_NONE\020\002\022\035\n\031TOOL_CHOICE_MO" +
-      "DE_REQUIRED\020\003\022\031\n\025TOOL_CHOICE_MODE_TOOL\020\004" +
-      "*\245\001\n\022ResponseFormatType\022$\n RESPONSE_FORM" +
-      "AT_TYPE_UNSPECIFIED\020\000\022\035\n\031RESPONSE_FORMAT" +
-      "_TYPE_TEXT\020\001\022$\n RESPONSE_FORMAT_TYPE_JSO" +
-      "N_OBJECT\020\002\022$\n RESPONSE_FORMAT_TYPE_JSON_" +
-      "SCHEMA\020\003*u\n\017CacheBreakpoint\022 \n\034CACHE_BRE" +
-      "AKPOINT_UNSPECIFIED\020\000\022!\n\035CACHE_BREAKPOIN" +
-      "T_FIVE_MINUTES\020\001\022\035\n\031CACHE_BREAKPOINT_ONE" +
-      "_HOUR\020\002*X\n\013ImageDetail\022\034\n\030IMAGE_DETAIL_U" +
-      "NSPECIFIED\020\000\022\024\n\020IMAGE_DETAIL_LOW\020\001\022\025\n\021IM" +
-      "AGE_DETAIL_HIGH\020\002*\306\001\n\016AttemptOutcome\022\037\n\033" +
-      "ATTEMPT_OUTCOME_UNSPECIFIED\020\000\022\035\n\031ATTEMPT" +
-      "_OUTCOME_COMPLETED\020\001\022\035\n\031ATTEMPT_OUTCOME_" +
-      "ESCALATED\020\002\022\032\n\026ATTEMPT_OUTCOME_FAILED\020\003\022" +
-      "\031\n\025ATTEMPT_OUTCOME_JUDGE\020\004\022\036\n\032ATTEMPT_OU" +
-      "TCOME_CLASSIFIER\020\0052\226\004\n\rRouterService\022>\n\005" +
-      "Route\022\031.routesvc.v1.RouteRequest\032\032.route" +
-      "svc.v1.RouteResponse\022I\n\010Complete\022\034.route" +
-      "svc.v1.CompleteRequest\032\035.routesvc.v1.Com" +
-      "pleteResponse0\001\022M\n\nListModels\022\036.routesvc" +
-      ".v1.ListModelsRequest\032\037.routesvc.v1.List" +
-      "ModelsResponse\022G\n\010GetStats\022\034.routesvc.v1" +
-      ".GetStatsRequest\032\035.routesvc.v1.GetStatsR" +
-      "esponse\022G\n\010GetBatch\022\034.routesvc.v1.GetBat" +
-      "chRequest\032\035.routesvc.v1.GetBatchResponse" +
-      "\022P\n\013CancelBatch\022\037.routesvc.v1.CancelBatc" +
-      "hRequest\032 .routesvc.v1.CancelBatchRespon" +
-      "se\022G\n\010Feedback\022\034.routesvc.v1.FeedbackReq" +
-      "uest\032\035.routesvc.v1.FeedbackResponseB_\n\017d" +
-      "ev.routesvc.v1B\013RouterProtoP\001Z=github.co" +
-      "m/routesvc/routesvc/clients/go/routesvcv" +
-      "1;routesvcv1b\006proto3"
+      "cheBreakpointR\017cacheBreakpoint\022\035\n\ntool_e" +
+      "rror\030\007 \001(\010R\ttoolError\"W\n\013ContentPart\022\024\n\004" +
+      "text\030\001 \001(\tH\000R\004text\022*\n\005image\030\002 \001(\0132\022.rout" +
+      "esvc.v1.ImageH\000R\005imageB\006\n\004part\"\214\001\n\005Image" +
+      "\022\022\n\003url\030\001 \001(\tH\000R\003url\022\024\n\004data\030\002 \001(\014H\000R\004da" +
+      "ta\022\035\n\nmedia_type\030\003 \001(\tR\tmediaType\0220\n\006det" +
+      "ail\030\004 \001(\0162\030.routesvc.v1.ImageDetailR\006det" +
+      "ailB\010\n\006source\"U\n\010ToolCall\022\016\n\002id\030\001 \001(\tR\002i" +
+      "d\022\022\n\004name\030\002 \001(\tR\004name\022%\n\016arguments_json\030" +
+      "\003 \001(\tR\rargumentsJson\"\256\001\n\004Tool\022\022\n\004name\030\001 " +
+      "\001(\tR\004name\022 \n\013description\030\002 \001(\tR\013descript" +
+      "ion\022\'\n\017parameters_json\030\003 \001(\tR\016parameters" +
+      "Json\022G\n\020cache_breakpoint\030\004 \001(\0162\034.routesv" +
+      "c.v1.CacheBreakpointR\017cacheBreakpoint\"Q\n" +
+      "\nToolChoice\022/\n\004mode\030\001 \001(\0162\033.routesvc.v1." +
+      "ToolChoiceModeR\004mode\022\022\n\004name\030\002 \001(\tR\004name" +
+      "\"\222\001\n\016ResponseFormat\0223\n\004type\030\001 \001(\0162\037.rout" +
+      "esvc.v1.ResponseFormatTypeR\004type\022\022\n\004name" +
+      "\030\002 \001(\tR\004name\022\037\n\013schema_json\030\003 \001(\tR\nschem" +
+      "aJson\022\026\n\006strict\030\004 \001(\010R\006strict\"\307\003\n\013ChatRe" +
+      "quest\0220\n\010messages\030\001 \003(\0132\024.routesvc.v1.Me" +
+      "ssageR\010messages\022\'\n\005tools\030\002 \003(\0132\021.routesv" +
+      "c.v1.ToolR\005tools\022/\n\021max_output_tokens\030\003 " +
+      "\001(\005H\000R\017maxOutputTokens\210\001\001\022%\n\013temperature" +
+      "\030\004 \001(\001H\001R\013temperature\210\001\001\022\022\n\004stop\030\005 \003(\tR\004" +
+      "stop\0228\n\013tool_choice\030\006 \001(\0132\027.routesvc.v1." +
+      "ToolChoiceR\ntoolChoice\0223\n\023parallel_tool_" +
+      "calls\030\007 \001(\010H\002R\021parallelToolCalls\210\001\001\022D\n\017r" +
+      "esponse_format\030\010 \001(\0132\033.routesvc.v1.Respo" +
+      "nseFormatR\016responseFormatB\024\n\022_max_output" +
+      "_tokensB\016\n\014_temperatureB\026\n\024_parallel_too" +
+      "l_calls\"\367\002\n\016RoutingContext\022\026\n\006tenant\030\001 \001" +
+      "(\tR\006tenant\022\033\n\tuser_tier\030\002 \001(\tR\010userTier\022" +
+      "\033\n\ttask_hint\030\003 \001(\tR\010taskHint\022\037\n\010realtime" +
+      "\030\004 \001(\010H\000R\010realtime\210\001\001\022E\n\010metadata\030\005 \003(\0132" +
+      ").routesvc.v1.RoutingContext.MetadataEnt" +
+      "ryR\010metadata\022 \n\014max_cost_usd\030\006 \001(\tR\nmaxC" +
+      "ostUsd\022\024\n\005model\030\007 \001(\tR\005model\022\035\n\007cascade\030" +
+      "\010 \001(\010H\001R\007cascade\210\001\001\032;\n\rMetadataEntry\022\020\n\003" +
+      "key\030\001 \001(\tR\003key\022\024\n\005value\030\002 \001(\tR\005value:\0028\001" +
+      "B\013\n\t_realtimeB\n\n\010_cascade\"s\n\014RouteReques" +
+      "t\022,\n\004chat\030\001 \001(\0132\030.routesvc.v1.ChatReques" +
+      "tR\004chat\0225\n\007context\030\002 \001(\0132\033.routesvc.v1.R" +
+      "outingContextR\007context\"f\n\tCandidate\022\024\n\005m" +
+      "odel\030\001 \001(\tR\005model\022\032\n\010eligible\030\002 \001(\010R\010eli" +
+      "gible\022\'\n\017excluded_reason\030\003 \001(\tR\016excluded" +
+      "Reason\"\342\004\n\rRouteDecision\022\037\n\013decision_id\030" +
+      "\001 \001(\tR\ndecisionId\022\024\n\005model\030\002 \001(\tR\005model\022" +
+      "\032\n\010provider\030\003 \001(\tR\010provider\022\032\n\010strategy\030" +
+      "\004 \001(\tR\010strategy\022\022\n\004rule\030\005 \001(\tR\004rule\022\030\n\007r" +
+      "easons\030\006 \003(\tR\007reasons\0224\n\026estimated_input" +
+      "_tokens\030\007 \001(\003R\024estimatedInputTokens\0226\n\027e" +
+      "stimated_output_tokens\030\010 \001(\003R\025estimatedO" +
+      "utputTokens\022,\n\022estimated_cost_usd\030\t \001(\tR" +
+      "\020estimatedCostUsd\022%\n\004mode\030\n \001(\0162\021.routes" +
+      "vc.v1.ModeR\004mode\0226\n\ncandidates\030\013 \003(\0132\026.r" +
+      "outesvc.v1.CandidateR\ncandidates\022\022\n\004task" +
+      "\030\014 \001(\tR\004task\022%\n\016cascade_models\030\r \003(\tR\rca" +
+      "scadeModels\022-\n\022cascade_thresholds\030\016 \003(\001R" +
+      "\021cascadeThresholds\022%\n\016cascade_scorer\030\017 \001" +
+      "(\tR\rcascadeScorer\022(\n\020routing_cost_usd\030\020 " +
+      "\001(\tR\016routingCostUsd\"G\n\rRouteResponse\0226\n\010" +
+      "decision\030\001 \001(\0132\032.routesvc.v1.RouteDecisi" +
+      "onR\010decision\"v\n\017CompleteRequest\022,\n\004chat\030" +
+      "\001 \001(\0132\030.routesvc.v1.ChatRequestR\004chat\0225\n" +
+      "\007context\030\002 \001(\0132\033.routesvc.v1.RoutingCont" +
+      "extR\007context\"\037\n\tTextDelta\022\022\n\004text\030\001 \001(\tR" +
+      "\004text\"\366\001\n\005Usage\022!\n\014input_tokens\030\001 \001(\003R\013i" +
+      "nputTokens\022#\n\routput_tokens\030\002 \001(\003R\014outpu" +
+      "tTokens\022.\n\023cached_input_tokens\030\003 \001(\003R\021ca" +
+      "chedInputTokens\0227\n\030cache_write_input_tok" +
+      "ens\030\004 \001(\003R\025cacheWriteInputTokens\022<\n\033cach" +
+      "e_write_1h_input_tokens\030\005 \001(\003R\027cacheWrit" +
+      "e1hInputTokens\"\274\003\n\nCompletion\022\024\n\005model\030\001" +
+      " \001(\tR\005model\022\032\n\010provider\030\002 \001(\tR\010provider\022" +
+      "%\n\016provider_model\030\003 \001(\tR\rproviderModel\022(" +
+      "\n\005usage\030\004 \001(\0132\022.routesvc.v1.UsageR\005usage" +
+      "\022\031\n\010cost_usd\030\005 \001(\tR\007costUsd\022>\n\rfinish_re" +
+      "ason\030\006 \001(\0162\031.routesvc.v1.FinishReasonR\014f" +
+      "inishReason\0220\n\010attempts\030\007 \003(\0132\024.routesvc" +
+      ".v1.AttemptR\010attempts\0223\n\013total_usage\030\010 \001" +
+      "(\0132\022.routesvc.v1.UsageR\ntotalUsage\0223\n\007qu" +
+      "ality\030\t \001(\0132\031.routesvc.v1.QualityScoreR\007" +
+      "quality\0224\n\ntool_calls\030\n \003(\0132\025.routesvc.v" +
+      "1.ToolCallR\ttoolCalls\"\233\001\n\007Attempt\022\024\n\005mod" +
+      "el\030\001 \001(\tR\005model\0225\n\007outcome\030\002 \001(\0162\033.route" +
+      "svc.v1.AttemptOutcomeR\007outcome\022(\n\005usage\030" +
+      "\003 \001(\0132\022.routesvc.v1.UsageR\005usage\022\031\n\010cost" +
+      "_usd\030\004 \001(\tR\007costUsd\"T\n\014QualityScore\022\024\n\005s" +
+      "core\030\001 \001(\001R\005score\022\026\n\006scorer\030\002 \001(\tR\006score" +
+      "r\022\026\n\006reason\030\003 \001(\tR\006reason\"\336\001\n\nEscalation" +
+      "\022\035\n\nfrom_model\030\001 \001(\tR\tfromModel\022\031\n\010to_mo" +
+      "del\030\002 \001(\tR\007toModel\0223\n\007quality\030\003 \001(\0132\031.ro" +
+      "utesvc.v1.QualityScoreR\007quality\022\034\n\tthres" +
+      "hold\030\004 \001(\001R\tthreshold\022\031\n\010cost_usd\030\005 \001(\tR" +
+      "\007costUsd\022(\n\005usage\030\006 \001(\0132\022.routesvc.v1.Us" +
+      "ageR\005usage\"\313\002\n\010BatchJob\022\031\n\010batch_id\030\001 \001(" +
+      "\tR\007batchId\022-\n\005state\030\002 \001(\0162\027.routesvc.v1." +
+      "BatchStateR\005state\022\024\n\005model\030\003 \001(\tR\005model\022" +
+      "\032\n\010provider\030\004 \001(\tR\010provider\022,\n\022estimated" +
+      "_cost_usd\030\005 \001(\tR\020estimatedCostUsd\0229\n\ncre" +
+      "ated_at\030\006 \001(\0132\032.google.protobuf.Timestam" +
+      "pR\tcreatedAt\0229\n\nupdated_at\030\007 \001(\0132\032.googl" +
+      "e.protobuf.TimestampR\tupdatedAt\022\037\n\013decis" +
+      "ion_id\030\010 \001(\tR\ndecisionId\"\203\002\n\013BatchResult" +
+      "\022\022\n\004text\030\001 \001(\tR\004text\022(\n\005usage\030\002 \001(\0132\022.ro" +
+      "utesvc.v1.UsageR\005usage\022\031\n\010cost_usd\030\003 \001(\t" +
+      "R\007costUsd\022>\n\rfinish_reason\030\004 \001(\0162\031.route" +
+      "svc.v1.FinishReasonR\014finishReason\022%\n\016pro" +
+      "vider_model\030\005 \001(\tR\rproviderModel\0224\n\ntool" +
+      "_calls\030\006 \003(\0132\025.routesvc.v1.ToolCallR\ttoo" +
+      "lCalls\"D\n\017GetBatchRequest\022\031\n\010batch_id\030\001 " +
+      "\001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006tenant\"\203\001\n" +
+      "\020GetBatchResponse\022\'\n\003job\030\001 \001(\0132\025.routesv" +
+      "c.v1.BatchJobR\003job\0220\n\006result\030\002 \001(\0132\030.rou" +
+      "tesvc.v1.BatchResultR\006result\022\024\n\005error\030\003 " +
+      "\001(\tR\005error\"G\n\022CancelBatchRequest\022\031\n\010batc" +
+      "h_id\030\001 \001(\tR\007batchId\022\026\n\006tenant\030\002 \001(\tR\006ten" +
+      "ant\">\n\023CancelBatchResponse\022\'\n\003job\030\001 \001(\0132" +
+      "\025.routesvc.v1.BatchJobR\003job\"\252\002\n\020Complete" +
+      "Response\0228\n\010decision\030\001 \001(\0132\032.routesvc.v1" +
+      ".RouteDecisionH\000R\010decision\022.\n\005delta\030\002 \001(" +
+      "\0132\026.routesvc.v1.TextDeltaH\000R\005delta\0229\n\nco" +
+      "mpletion\030\003 \001(\0132\027.routesvc.v1.CompletionH" +
+      "\000R\ncompletion\0229\n\nescalation\030\004 \001(\0132\027.rout" +
+      "esvc.v1.EscalationH\000R\nescalation\022-\n\005batc" +
+      "h\030\005 \001(\0132\025.routesvc.v1.BatchJobH\000R\005batchB" +
+      "\007\n\005event\"\023\n\021ListModelsRequest\"\274\004\n\tModelI" +
+      "nfo\022\016\n\002id\030\001 \001(\tR\002id\022\032\n\010provider\030\002 \001(\tR\010p" +
+      "rovider\022%\n\016provider_model\030\003 \001(\tR\rprovide" +
+      "rModel\022/\n\024input_price_per_mtok\030\004 \001(\tR\021in" +
+      "putPricePerMtok\0221\n\025output_price_per_mtok" +
+      "\030\005 \001(\tR\022outputPricePerMtok\022<\n\033cached_inp" +
+      "ut_price_per_mtok\030\006 \001(\tR\027cachedInputPric" +
+      "ePerMtok\022%\n\016context_window\030\007 \001(\003R\rcontex" +
+      "tWindow\022\"\n\014capabilities\030\010 \003(\tR\014capabilit" +
+      "ies\022%\n\016batch_discount\030\t \001(\tR\rbatchDiscou" +
+      "nt\022\034\n\tavailable\030\n \001(\010R\tavailable\022-\n\022unav" +
+      "ailable_reason\030\013 \001(\tR\021unavailableReason\022" +
+      ":\n\032cache_write_price_per_mtok\030\014 \001(\tR\026cac" +
+      "heWritePricePerMtok\022?\n\035cache_write_1h_pr" +
+      "ice_per_mtok\030\r \001(\tR\030cacheWrite1hPricePer" +
+      "Mtok\"D\n\022ListModelsResponse\022.\n\006models\030\001 \003" +
+      "(\0132\026.routesvc.v1.ModelInfoR\006models\"\\\n\017Ge" +
+      "tStatsRequest\022\026\n\006tenant\030\001 \001(\tR\006tenant\0221\n" +
+      "\006window\030\002 \001(\0132\031.google.protobuf.Duration" +
+      "R\006window\"\276\002\n\nCostTotals\022\032\n\010requests\030\001 \001(" +
+      "\003R\010requests\022\026\n\006errors\030\002 \001(\003R\006errors\022\031\n\010c" +
+      "ost_usd\030\003 \001(\tR\007costUsd\022*\n\021baseline_cost_" +
+      "usd\030\004 \001(\tR\017baselineCostUsd\022\037\n\013savings_us" +
+      "d\030\005 \001(\tR\nsavingsUsd\022\'\n\017savings_percent\030\006" +
+      " \001(\001R\016savingsPercent\022,\n\022estimated_cost_u" +
+      "sd\030\007 \001(\tR\020estimatedCostUsd\022=\n\033estimated_" +
+      "baseline_cost_usd\030\010 \001(\tR\030estimatedBaseli" +
+      "neCostUsd\"\335\001\n\nModelStats\022\024\n\005model\030\001 \001(\tR" +
+      "\005model\022\024\n\005share\030\002 \001(\001R\005share\022/\n\006totals\030\003" +
+      " \001(\0132\027.routesvc.v1.CostTotalsR\006totals\022%\n" +
+      "\016feedback_count\030\004 \001(\003R\rfeedbackCount\0223\n\023" +
+      "mean_feedback_score\030\005 \001(\001H\000R\021meanFeedbac" +
+      "kScore\210\001\001B\026\n\024_mean_feedback_score\"V\n\013Ten" +
+      "antStats\022\026\n\006tenant\030\001 \001(\tR\006tenant\022/\n\006tota" +
+      "ls\030\002 \001(\0132\027.routesvc.v1.CostTotalsR\006total" +
+      "s\"\233\001\n\022LatencyPercentiles\022+\n\003p50\030\001 \001(\0132\031." +
+      "google.protobuf.DurationR\003p50\022+\n\003p95\030\002 \001" +
+      "(\0132\031.google.protobuf.DurationR\003p95\022+\n\003p9" +
+      "9\030\003 \001(\0132\031.google.protobuf.DurationR\003p99\"" +
+      "\272\005\n\020GetStatsResponse\0221\n\006window\030\001 \001(\0132\031.g" +
+      "oogle.protobuf.DurationR\006window\022\026\n\006tenan" +
+      "t\030\002 \001(\tR\006tenant\022%\n\016baseline_model\030\003 \001(\tR" +
+      "\rbaselineModel\022/\n\006totals\030\004 \001(\0132\027.routesv" +
+      "c.v1.CostTotalsR\006totals\022/\n\006models\030\005 \003(\0132" +
+      "\027.routesvc.v1.ModelStatsR\006models\0222\n\007tena" +
+      "nts\030\006 \003(\0132\030.routesvc.v1.TenantStatsR\007ten" +
+      "ants\022 \n\013escalations\030\007 \001(\003R\013escalations\022\'" +
+      "\n\017escalation_rate\030\010 \001(\001R\016escalationRate\022" +
+      "\034\n\tfallbacks\030\t \001(\003R\tfallbacks\022+\n\021cascade" +
+      "_decisions\030\n \001(\003R\020cascadeDecisions\0220\n\024ca" +
+      "scade_release_rate\030\013 \001(\001R\022cascadeRelease" +
+      "Rate\0223\n\023mean_released_score\030\014 \001(\001H\000R\021mea" +
+      "nReleasedScore\210\001\001\0229\n\007latency\030\r \001(\0132\037.rou" +
+      "tesvc.v1.LatencyPercentilesR\007latency\022N\n\023" +
+      "time_to_first_token\030\016 \001(\0132\037.routesvc.v1." +
+      "LatencyPercentilesR\020timeToFirstTokenB\026\n\024" +
+      "_mean_released_score\"t\n\017FeedbackRequest\022" +
+      "\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\026\n\005scor" +
+      "e\030\002 \001(\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010H\000R\010t" +
+      "humbsUpB\t\n\007outcome\"\212\001\n\020FeedbackResponse\022" +
+      "\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\024\n\005mode" +
+      "l\030\002 \001(\tR\005model\022\024\n\005score\030\003 \001(\001R\005score\022)\n\020" +
+      "library_examples\030\004 \001(\003R\017libraryExamples*" +
+      "\303\001\n\nBatchState\022\033\n\027BATCH_STATE_UNSPECIFIE" +
+      "D\020\000\022\026\n\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATCH_STA" +
+      "TE_SUBMITTED\020\002\022\031\n\025BATCH_STATE_SUCCEEDED\020" +
+      "\003\022\026\n\022BATCH_STATE_FAILED\020\004\022\027\n\023BATCH_STATE" +
+      "_EXPIRED\020\005\022\031\n\025BATCH_STATE_CANCELLED\020\006*_\n" +
+      "\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SYST" +
+      "EM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020\003\022" +
+      "\r\n\tROLE_TOOL\020\004*?\n\004Mode\022\024\n\020MODE_UNSPECIFI" +
+      "ED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*" +
+      "\270\001\n\014FinishReason\022\035\n\031FINISH_REASON_UNSPEC" +
+      "IFIED\020\000\022\026\n\022FINISH_REASON_STOP\020\001\022\030\n\024FINIS" +
+      "H_REASON_LENGTH\020\002\022\034\n\030FINISH_REASON_TOOL_" +
+      "CALLS\020\003\022 \n\034FINISH_REASON_CONTENT_FILTER\020" +
+      "\004\022\027\n\023FINISH_REASON_OTHER\020\005*\242\001\n\016ToolChoic" +
+      "eMode\022 \n\034TOOL_CHOICE_MODE_UNSPECIFIED\020\000\022" +
+      "\031\n\025TOOL_CHOICE_MODE_AUTO\020\001\022\031\n\025TOOL_CHOIC" +
+      "E_MODE_NONE\020\002\022\035\n\031TOOL_CHOICE_MODE_REQUIR" +
+      "ED\020\003\022\031\n\025TOOL_CHOICE_MODE_TOOL\020\004*\245\001\n\022Resp" +
+      "onseFormatType\022$\n RESPONSE_FORMAT_TYPE_U" +
+      "NSPECIFIED\020\000\022\035\n\031RESPONSE_FORMAT_TYPE_TEX" +
+      "T\020\001\022$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\020" +
+      "\002\022$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\020\003*" +
+      "u\n\017CacheBreakpoint\022 \n\034CACHE_BREAKPOINT_U" +
+      "NSPECIFIED\020\000\022!\n\035CACHE_BREAKPOINT_FIVE_MI" +
+      "NUTES\020\001\022\035\n\031CACHE_BREAKPOINT_ONE_HOUR\020\002*X" +
+      "\n\013ImageDetail\022\034\n\030IMAGE_DETAIL_UNSPECIFIE" +
+      "D\020\000\022\024\n\020IMAGE_DETAIL_LOW\020\001\022\025\n\021IMAGE_DETAI" +
+      "L_HIGH\020\002*\306\001\n\016AttemptOutcome\022\037\n\033ATTEMPT_O" +
+      "UTCOME_UNSPECIFIED\020\000\022\035\n\031ATTEMPT_OUTCOME_" +
+      "COMPLETED\020\001\022\035\n\031ATTEMPT_OUTCOME_ESCALATED" +
+      "\020\002\022\032\n\026ATTEMPT_OUTCOME_FAILED\020\003\022\031\n\025ATTEMP" +
+      "T_OUTCOME_JUDGE\020\004\022\036\n\032ATTEMPT_OUTCOME_CLA" +
+      "SSIFIER\020\0052\226\004\n\rRouterService\022>\n\005Route\022\031.r" +
+      "outesvc.v1.RouteRequest\032\032.routesvc.v1.Ro" +
+      "uteResponse\022I\n\010Complete\022\034.routesvc.v1.Co" +
+      "mpleteRequest\032\035.routesvc.v1.CompleteResp" +
+      "onse0\001\022M\n\nListModels\022\036.routesvc.v1.ListM" +
+      "odelsRequest\032\037.routesvc.v1.ListModelsRes" +
+      "ponse\022G\n\010GetStats\022\034.routesvc.v1.GetStats" +
+      "Request\032\035.routesvc.v1.GetStatsResponse\022G" +
+      "\n\010GetBatch\022\034.routesvc.v1.GetBatchRequest" +
+      "\032\035.routesvc.v1.GetBatchResponse\022P\n\013Cance" +
+      "lBatch\022\037.routesvc.v1.CancelBatchRequest\032" +
+      " .routesvc.v1.CancelBatchResponse\022G\n\010Fee" +
+      "dback\022\034.routesvc.v1.FeedbackRequest\032\035.ro" +
+      "utesvc.v1.FeedbackResponseB_\n\017dev.routes" +
+      "vc.v1B\013RouterProtoP\001Z=github.com/routesv" +
+      "c/routesvc/clients/go/routesvcv1;routesv" +
+      "cv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -478,7 +479,7 @@ public final class RouterProto {
     internal_static_routesvc_v1_Message_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_Message_descriptor,
-        new java.lang.String[] { "Role", "Content", "ToolCalls", "ToolCallId", "Parts", "CacheBreakpoint", });
+        new java.lang.String[] { "Role", "Content", "ToolCalls", "ToolCallId", "Parts", "CacheBreakpoint", "ToolError", });
     internal_static_routesvc_v1_ContentPart_descriptor =
       getDescriptor().getMessageTypes().get(1);
     internal_static_routesvc_v1_ContentPart_fieldAccessorTable = new
