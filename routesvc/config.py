@@ -785,7 +785,11 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
         metrics_exporter=exporter(telemetry.metrics.exporter, "OTEL_METRICS_EXPORTER", metrics_endpoint),
         metrics_endpoint=metrics_endpoint or "http://localhost:4317",
         metrics_interval_seconds=telemetry.metrics.export_interval_seconds,
-        otlp_headers=_otel_pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS", "")),
+        # Lower case, as the SDK reads the variable: gRPC refuses a metadata key with capitals
+        # ("Authorization=Bearer ..."), and every export would fail.
+        otlp_headers={
+            key.lower(): value for key, value in _otel_pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS", "")).items()
+        },
         # Each exporter by its own endpoint's scheme: http:// is plaintext (unless the variable
         # says every endpoint is).
         traces_insecure=insecure or (traces_endpoint or "http://").startswith("http://"),
@@ -875,13 +879,26 @@ def _field_path(location: tuple[int | str, ...]) -> str:
     return path or "(top level)"
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong with a YAML text, and where, without the text itself: PyYAML's message quotes
+    the line, which may hold a secret (a password in a Redis URL) and is logged on a reload."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    parts = [
+        f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else text
+        for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark))
+        if text
+    ]
+    return "; ".join(parts) or "syntax error"
+
+
 def parse_config(text: str, source: str, environ: Mapping[str, str] | None = None) -> Settings:
     """Validate YAML ``text`` (from ``source``, for messages) and resolve it against ``environ``."""
     env = os.environ if environ is None else environ
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     try:

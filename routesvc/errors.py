@@ -44,11 +44,16 @@ class RouteSvcError(Exception):
 
     ``retry_after`` (seconds) is set when the caller should wait before trying again, and
     ``chunks_sent`` when the call failed after that many content chunks reached the client.
+    ``operator_must_act`` marks a failure only the service's operator can end (a provider key
+    refused, an account unpaid, a store that cannot be written) although its status is not a
+    server error: it is logged at warning and marks the server span as an error, so it can be
+    alerted on like UNAVAILABLE and INTERNAL.
     """
 
     reason = "INTERNAL"
     retry_after: float | None = None
     chunks_sent: int = 0
+    operator_must_act = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -162,6 +167,7 @@ class ProviderNotConfigured(RouteSvcError):
     """The chosen model's provider has no credentials; names the missing variable."""
 
     reason = "PROVIDER_NOT_CONFIGURED"
+    operator_must_act = True
 
 
 class ShuttingDown(RouteSvcError):
@@ -191,6 +197,7 @@ class BatchStoreUnavailable(RouteSvcError):
     be queued or read; realtime requests are not affected."""
 
     reason = "BATCH_STORE_UNAVAILABLE"
+    operator_must_act = True
 
 
 class BatchStoreBusy(BatchStoreUnavailable):
@@ -228,6 +235,7 @@ class ProviderAuthFailed(ProviderError):
     """The provider refused our credentials (HTTP 401 or 403)."""
 
     reason = "PROVIDER_AUTH_FAILED"
+    operator_must_act = True
 
 
 class ProviderRejected(ProviderError):
@@ -261,6 +269,7 @@ class ProviderQuotaExhausted(ProviderError):
     the request may fall back to another provider's model."""
 
     reason = "PROVIDER_QUOTA_EXHAUSTED"
+    operator_must_act = True
 
 
 class ProviderUnavailable(ProviderError):

@@ -278,6 +278,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
         await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         record = _CallRecord(method, request_id, started)
         code = grpc.StatusCode.OK
+        alert = False  # a failure the operator must act on whatever its code (operator_must_act)
         task = asyncio.current_task()
         admitted = False
         try:
@@ -301,6 +302,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 yield record
         except RouteSvcError as error:
             code = status_code_of(error)
+            if error.operator_must_act:
+                alert = True
+                telemetry.record_operator_failure(error.reason)
             if isinstance(error, DeadlineExceeded):
                 error.chunks_sent = _chunks_sent(record)
             await self._abort(context, record, error)
@@ -340,7 +344,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
             duration_ms = round((time.monotonic() - started) * 1000, 3)
             # Failures on our side or the provider's at warning, so they can be alerted on;
             # the caller's own doing (invalid, cancelled, over a limit) stays at info.
-            emit = log.warning if code in _SERVER_FAILURES else log.info
+            emit = log.warning if alert or code in _SERVER_FAILURES else log.info
             emit(
                 "rpc_finished",
                 method=method,

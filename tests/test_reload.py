@@ -118,18 +118,22 @@ class TestHotReload:
     def test_a_valid_swap_changes_the_policy_and_an_invalid_one_is_rejected(
         self, served: tuple[ConfigMapDir, str, subprocess.Popen[str], list[dict[str, object]]]
     ) -> None:
-        """gpt-4o-mini -> (swap) gpt-4o -> (invalid swap) still gpt-4o, with config_reload_rejected logged."""
+        """gpt-4o-mini -> (swap) gpt-4o -> (invalid swap) still gpt-4o, with config_reload_rejected
+        logged, naming the line but never quoting it (PyYAML's message quoted the line, and with
+        it the password of a Redis URL)."""
         configmap, target, _, logs = served
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.RouterServiceStub(channel)
             assert default_model(stub) == "gpt-4o-mini"
             configmap.publish(config_text("gpt-4o"))
             assert wait_for(lambda: default_model(stub) == "gpt-4o")
-            configmap.publish("routing: {default_model: [broken")
+            configmap.publish('shared_state:\n  redis_url: "redis://:s3cr3t-pass@redis:6379\n')
             assert wait_for(lambda: any(entry["event"] == "config_reload_rejected" for entry in logs))
             assert default_model(stub) == "gpt-4o"
         rejected = next(entry for entry in logs if entry["event"] == "config_reload_rejected")
         assert "not valid YAML" in str(rejected["error"])
+        assert "(line 2, column 14)" in str(rejected["error"])
+        assert "s3cr3t-pass" not in repr(logs)
 
     def test_a_config_that_fails_to_build_is_rejected_and_the_watcher_goes_on(
         self, served: tuple[ConfigMapDir, str, subprocess.Popen[str], list[dict[str, object]]]

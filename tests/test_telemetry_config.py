@@ -67,12 +67,13 @@ class TestEnvironment:
                 "OTEL_SERVICE_NAME": "router-eu",
                 "OTEL_TRACES_SAMPLER_ARG": "0.25",
                 "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,team=ml%20infra",
-                "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=secret-telemetry-key",
+                "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=secret-telemetry-key,Authorization=Bearer%20t",
             }
         )
         assert (telemetry.service_name, telemetry.sample_ratio) == ("router-eu", 0.25)
         assert dict(telemetry.resource_attributes) == {"deployment.environment": "prod", "team": "ml infra"}
-        assert dict(telemetry.otlp_headers) == {"x-api-key": "secret-telemetry-key"}
+        # Header keys in lower case (gRPC refuses "Authorization"; every export failed), values as they are.
+        assert dict(telemetry.otlp_headers) == {"x-api-key": "secret-telemetry-key", "authorization": "Bearer t"}
         assert "secret-telemetry-key" not in repr(telemetry)
 
     def test_the_file_wins_over_the_environment(self) -> None:
@@ -119,7 +120,8 @@ class TestPublicSurface:
         assert set(telemetry.__all__) == {
             "CAPTURE_MAX_CHARS", "RequestTelemetry", "Telemetry", "add_trace_context", "configure_logging",
             "current_request", "observed_stream", "record_cascade", "record_decision", "record_escalation",
-            "record_fallback", "record_feedback", "record_first_chunk_sent", "record_stage_latency", "start_routing",
+            "record_fallback", "record_feedback", "record_first_chunk_sent", "record_operator_failure",
+            "record_stage_latency", "start_routing",
         }  # fmt: skip
 
 

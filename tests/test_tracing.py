@@ -92,6 +92,36 @@ class TestServerSpan:
         assert (_attrs(route)["rpc.grpc.status_code"], route.status.status_code) == (3, StatusCode.UNSET)
         assert (_attrs(complete)["rpc.grpc.status_code"], complete.status.status_code) == (14, StatusCode.ERROR)
 
+    @pytest.mark.parametrize(
+        ("script", "reason"),
+        [
+            (Script(status=401), "PROVIDER_AUTH_FAILED"),
+            (Script(status=429, error_type="insufficient_quota"), "PROVIDER_QUOTA_EXHAUSTED"),
+        ],
+    )
+    async def test_a_failure_only_the_operator_can_end_is_an_error_span_and_a_warning(
+        self, observed: Observed, fake: FakeProvider, script: Script, reason: str
+    ) -> None:
+        """routesvc's provider key refused, or its account unpaid: the call is FAILED_PRECONDITION
+        (9), yet its server span is an error and its rpc_finished line a warning, so the outage
+        can be alerted on (both were as quiet as a caller's bad request)."""
+        from structlog.testing import capture_logs
+
+        from tests.test_reliability import until
+
+        fake.set_default(script)
+        with capture_logs() as logs:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _complete(observed)
+            # Logged, and the span ended, as the handler ends, just after the client has the status.
+            await until(lambda: any(entry["event"] == "rpc_finished" for entry in logs) and observed.named(COMPLETE))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        (complete,) = observed.named(COMPLETE)
+        assert (_attrs(complete)["rpc.grpc.status_code"], complete.status.status_code) == (9, StatusCode.ERROR)
+        assert complete.status.description == reason
+        (line,) = [entry for entry in logs if entry["event"] == "rpc_finished"]
+        assert (line["log_level"], line["error_reason"]) == ("warning", reason)
+
     async def test_health_checks_are_not_traced(self, observed: Observed) -> None:
         """Only RouterService RPCs are traced; a health check leaves no span."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc

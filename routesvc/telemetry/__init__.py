@@ -16,6 +16,7 @@ them unconditionally::
     record_escalation(from_model, to_model, reason, score=None)   (cascade)
     record_cascade(released, score=None)          the cascade's verdict on a cheap answer
     record_first_chunk_sent()                     time to first token ends (service)
+    record_operator_failure(reason)               the server span is an error (service)
     record_feedback(model, score, decision_id="", tenant="")      from an RPC receiving feedback
 
 The span tree of a Complete is ``RouterService/Complete`` (server) -> ``route`` (internal) ->
@@ -37,6 +38,7 @@ from routesvc.telemetry._request import (
     record_fallback,
     record_feedback,
     record_first_chunk_sent,
+    record_operator_failure,
     record_stage_latency,
     start_routing,
 )
@@ -56,6 +58,7 @@ __all__ = [
     "record_fallback",
     "record_feedback",
     "record_first_chunk_sent",
+    "record_operator_failure",
     "record_stage_latency",
     "start_routing",
 ]

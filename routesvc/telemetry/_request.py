@@ -257,6 +257,14 @@ def record_first_chunk_sent() -> None:
         rpc.span.set_attribute("routesvc.time_to_first_token_ms", round((rpc.first_chunk_at - rpc.started) * 1000, 3))
 
 
+def record_operator_failure(reason: str) -> None:
+    """The RPC fails for a reason only the operator can end (``RouteSvcError.operator_must_act``):
+    its server span is an error, whatever its gRPC status."""
+    rpc = _CURRENT.get()
+    if rpc is not None:
+        rpc.span.set_status(Status(StatusCode.ERROR, reason))
+
+
 def record_stage_latency(stage: str, seconds: float) -> None:
     """How long one policy stage took on its own (classifier, embedding, scorer, rules, ...)."""
     rpc = _CURRENT.get()
