@@ -85,10 +85,19 @@ class TestServerSpan:
         """A bad request is INVALID_ARGUMENT (3) and not an error span; an outage is UNAVAILABLE (14) and is."""
         with pytest.raises(grpc.aio.AioRpcError):
             await observed.client.route(pb.ChatRequest())
+        from tests.test_reliability import until
+
         fake.set_default(Script(status=503))
         with pytest.raises(grpc.aio.AioRpcError):
             await _complete(observed)
-        route, complete = (s for s in observed.finished() if s.kind is SpanKind.SERVER)
+
+        def servers() -> list[ReadableSpan]:
+            return [s for s in observed.finished() if s.kind is SpanKind.SERVER]
+
+        # A span ends as its handler does, just after the client has the status (on a loaded
+        # machine the Complete's was not ended yet).
+        await until(lambda: len(servers()) == 2)
+        route, complete = servers()
         assert (_attrs(route)["rpc.grpc.status_code"], route.status.status_code) == (3, StatusCode.UNSET)
         assert (_attrs(complete)["rpc.grpc.status_code"], complete.status.status_code) == (14, StatusCode.ERROR)
 
@@ -630,10 +639,16 @@ class TestExport:
             await observed.client.route(user_chat("Summarise this report. " + "word " * 20_000))
             (client,) = [span for span in observed.finished() if span.kind is SpanKind.CLIENT]
             (route,) = observed.named("route")
+            (server,) = observed.named("routesvc.v1.RouterService/Route")
         attributes = _attrs(client)
         assert (attributes["routesvc.purpose"], attributes["gen_ai.usage.input_tokens"]) == ("classifier", 900)
         assert _parent(client) == route.context.span_id
         assert Decimal(str(attributes["routesvc.cost_usd"])) > 0
+        # The Route paid for that call: its server span says what it cost (it said nothing).
+        assert (_attrs(server)["routesvc.cost_usd"], _attrs(server)["routesvc.attempts"]) == (
+            attributes["routesvc.cost_usd"],
+            1,
+        )
         sent = fake.requests[0].body["messages"][-1]["content"]
         assert len(sent) <= 8_000
 

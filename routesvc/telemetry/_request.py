@@ -126,6 +126,9 @@ class RequestTelemetry:
                     "routesvc.fallbacks": self.fallbacks,
                 }
             )
+        elif self.attempts:
+            # A Route that paid to decide (an LLM classifier's call): what that cost.
+            self.span.set_attributes({"routesvc.cost_usd": float(cost), "routesvc.attempts": len(self.attempts)})
         if self.decision is not None:
             self.span.set_attribute("routesvc.decision_id", self.decision.decision_id)
             self.span.set_attribute("routesvc.selected_model", self.decision.model)
