@@ -19,6 +19,7 @@ from routesvc import config as config_module
 from routesvc import offline
 from routesvc.client import RouterClient, build_chat, image_part, tls_credentials
 from routesvc.errors import ConfigError, RouteSvcError
+from routesvc.signals import StopSignal, stop_on_signals
 from routesvc.v1 import router_pb2 as pb
 
 _MODE_NAMES = {pb.MODE_UNSPECIFIED: "unspecified", pb.MODE_REALTIME: "realtime", pb.MODE_BATCH: "batch"}
@@ -349,26 +350,35 @@ async def _feedback(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from routesvc.server import serve
+    """Serve until a stop signal, then drain; exits 0, also when the signal came while starting
+    (``routesvc.signals``: the server is then not started)."""
+    from routesvc.server import log_not_started, serve
     from routesvc.supervisor import run_event_loop, serve_workers
     from routesvc.telemetry import configure_logging
 
-    config_module.limit_native_threads()  # one BLAS thread here and in the spawned workers
-    settings = config_module.load_settings(args.config)
-    configure_logging(settings.config.logging)
-    workers = settings.config.server.workers if args.workers is None else args.workers
-    uvloop = settings.config.server.uvloop if args.uvloop is None else args.uvloop
-    if workers > 1:
-        return serve_workers(settings, args.config, workers=workers, port=args.port, uvloop=uvloop)
+    settings: config_module.Settings | None = None
     try:
-        run_event_loop(serve(settings, port=args.port), uvloop=uvloop)
-    except RuntimeError as exc:
-        # grpc reports a port it cannot listen on only as this RuntimeError, from add_*_port.
-        if not str(exc).startswith("Failed to bind"):
-            raise
-        host = settings.config.server.host
-        port = settings.config.server.port if args.port is None else args.port
-        raise ConfigError.port_in_use("server", host, port) from exc
+        stop_on_signals()
+        config_module.limit_native_threads()  # one BLAS thread here and in the spawned workers
+        settings = config_module.load_settings(args.config)
+        configure_logging(settings.config.logging)
+        workers = settings.config.server.workers if args.workers is None else args.workers
+        uvloop = settings.config.server.uvloop if args.uvloop is None else args.uvloop
+        if workers > 1:
+            return serve_workers(settings, args.config, workers=workers, port=args.port, uvloop=uvloop)
+        try:
+            run_event_loop(serve(settings, port=args.port), uvloop=uvloop)
+        except RuntimeError as exc:
+            # grpc reports a port it cannot listen on only as this RuntimeError, from add_*_port.
+            if not str(exc).startswith("Failed to bind"):
+                raise
+            host = settings.config.server.host
+            port = settings.config.server.port if args.port is None else args.port
+            raise ConfigError.port_in_use("server", host, port) from exc
+    except StopSignal as stop:
+        # Before the config was read, its logging settings are not known: the default's then.
+        configure_logging(config_module.LoggingConfig() if settings is None else settings.config.logging)
+        log_not_started(stop)
     return 0
 
 

@@ -19,7 +19,10 @@ name fields and models, never prompt text or credentials.
     │   └── Overloaded                  the process is at its concurrency cap    RESOURCE_EXHAUSTED
     ├── ProviderNotConfigured           the provider has no credentials          FAILED_PRECONDITION
     ├── FeedbackNotEnabled              no embedding stage keeps feedback        FAILED_PRECONDITION
-    ├── FeedbackStoreBusy               feedback_db locked past the busy timeout UNAVAILABLE
+    ├── FeedbackStoreUnavailable        feedback_db cannot be written (read-only) FAILED_PRECONDITION
+    │   ├── FeedbackStoreBusy           locked past the busy timeout (retry_after) UNAVAILABLE
+    │   ├── FeedbackStoreFull           its disk is full                         RESOURCE_EXHAUSTED
+    │   └── FeedbackStoreDiskError      a disk I/O error                         UNAVAILABLE
     ├── ShuttingDown                    the server is stopping                   UNAVAILABLE
     ├── SharedStateUnavailable          the shared limits store (Redis) failed   UNAVAILABLE
     ├── BatchStoreUnavailable           batch.store_path cannot be opened/written FAILED_PRECONDITION
@@ -154,13 +157,35 @@ class FeedbackNotEnabled(RouteSvcError):
     reason = "FEEDBACK_NOT_ENABLED"
 
 
-class FeedbackStoreBusy(RouteSvcError):
-    """The feedback store (an embedding stage's ``feedback_db``) stayed locked by another process
-    (another worker, an operator's ``sqlite3`` shell, a backup) past SQLite's busy timeout, so the
-    outcome was not stored: a passing condition; retry shortly."""
+class FeedbackStoreUnavailable(RouteSvcError):
+    """The feedback store (an embedding stage's ``feedback_db``) cannot be written (a read-only
+    file, a damaged one), so the outcome was not stored: an operator must fix the file first.
+    Routing goes on."""
+
+    reason = "FEEDBACK_STORE_UNAVAILABLE"
+
+
+class FeedbackStoreBusy(FeedbackStoreUnavailable):
+    """The feedback store stayed locked by another process (another worker, an operator's
+    ``sqlite3`` shell, a backup) past SQLite's busy timeout, so the outcome was not stored: a
+    passing condition; retry shortly."""
 
     reason = "FEEDBACK_STORE_BUSY"
     retry_after = 1.0
+
+
+class FeedbackStoreFull(FeedbackStoreUnavailable):
+    """The feedback store's disk is full (SQLITE_FULL), so the outcome was not stored: retry once
+    space is freed."""
+
+    reason = "FEEDBACK_STORE_FULL"
+
+
+class FeedbackStoreDiskError(FeedbackStoreUnavailable):
+    """The feedback store's disk failed to read or write (SQLITE_IOERR: a network volume that went
+    away, a failing disk), so the outcome was not stored: it may pass; retry with backoff."""
+
+    reason = "FEEDBACK_STORE_DISK_ERROR"
 
 
 class ProviderNotConfigured(RouteSvcError):

@@ -7,8 +7,10 @@ down = 0) against the decision id. An authenticated caller may rate only its own
 decisions: another tenant's is refused like one never seen, so its existence is not revealed. A
 decision that receives feedback becomes an *example* and is kept; ``examples()`` returns them,
 each with its latest score, so the embedding stage can rebuild its example library from them
-after a restart. A stage reads only the examples its own encoder made: vectors of another encoder
-(the router refitted with another one) are in another space, even at the same dimension. Rows
+after a restart. Recording the score a decision has already is a no-op, so a Feedback sent again
+(its answer lost, or its deadline passed while its SQLite work went on) is not stored twice. A
+stage reads only the examples its own encoder made: vectors of another encoder (the router
+refitted with another one) are in another space, even at the same dimension. Rows
 written before the encoder was kept (schema version 1 and earlier) have none recorded and are
 read when their dimension matches. Rows written before the tenant was kept (version 2 and
 earlier) have none either: only a caller that is not authenticated may rate them.
@@ -29,7 +31,9 @@ backup): the writer waits on the busy timeout, routing does not, and a write tha
 logged (``feedback_write_failed``) and dropped, so feedback for those decisions is refused like
 feedback for one never seen. ``record`` first waits for the writes queued before it; if
 another process then holds the lock past the busy timeout it stores nothing and raises
-``FeedbackStoreBusy`` (the caller sends it again).
+``FeedbackStoreBusy`` (the caller sends it again). Other failures of the file while it records
+or reads are the errors of the tree too (``store_failure``: a full disk, a disk I/O error, a
+read-only file), with nothing stored.
 """
 
 from __future__ import annotations
@@ -46,7 +50,15 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from routesvc.errors import ConfigError, FeedbackStoreBusy, InvalidRequest, RouteSvcError
+from routesvc.errors import (
+    ConfigError,
+    FeedbackStoreBusy,
+    FeedbackStoreDiskError,
+    FeedbackStoreFull,
+    FeedbackStoreUnavailable,
+    InvalidRequest,
+    RouteSvcError,
+)
 from routesvc.sqlite import immediate, is_busy
 
 DEFAULT_DECISION_TTL_SECONDS = 7 * 24 * 3600.0
@@ -199,6 +211,22 @@ def _open(path: Path | str, busy_timeout_seconds: float) -> tuple[sqlite3.Connec
     return writer, reader
 
 
+def store_failure(path: Path | str, exc: sqlite3.Error) -> FeedbackStoreUnavailable:
+    """The error for the file at ``path`` failing with ``exc`` (nothing of the call was stored:
+    its transaction rolled back): another process's lock held past the busy timeout is
+    ``FeedbackStoreBusy`` (retry shortly), a full disk ``FeedbackStoreFull``, a disk I/O error
+    ``FeedbackStoreDiskError`` (may pass), anything else (a read-only or damaged file)
+    ``FeedbackStoreUnavailable``, for an operator to fix."""
+    code = exc.sqlite_errorcode & 0xFF  # the primary result code of an extended one
+    if is_busy(exc):
+        return FeedbackStoreBusy(f"feedback_db {path} stayed locked by another process; retry shortly")
+    if code == sqlite3.SQLITE_FULL:
+        return FeedbackStoreFull(f"feedback_db {path}: the disk is full; nothing was stored")
+    if code == sqlite3.SQLITE_IOERR:
+        return FeedbackStoreDiskError(f"feedback_db {path}: disk I/O error ({exc}); nothing was stored")
+    return FeedbackStoreUnavailable(f"feedback_db {path} cannot be written ({exc}); nothing was stored")
+
+
 class FeedbackStore:
     """SQLite-backed decisions and outcomes; safe to share between threads. Close with ``close()``.
 
@@ -339,21 +367,30 @@ class FeedbackStore:
     def record(self, decision_id: str, score: float, *, tenant: str | None = None) -> FeedbackEntry:
         """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example.
 
-        ``tenant`` is the authenticated caller's (None: not authenticated, any decision may be
-        rated): a decision routed for another tenant, or for none, is ``UnknownDecision`` like one
-        never seen, and nothing is stored. ``FeedbackStoreBusy`` when another process held the
-        file's lock past the busy timeout (nothing was stored: the caller may send it again)."""
+        Idempotent: the decision's latest outcome repeated stores nothing more (the entry returned
+        is the one stored first), so a call sent again is safe whether or not the first was
+        stored; another score is a new outcome, the latest. ``tenant`` is the authenticated
+        caller's (None: not authenticated, any decision may be rated): a decision routed for
+        another tenant, or for none, is ``UnknownDecision`` like one never seen, and nothing is
+        stored. A failure of the file is an error of ``store_failure`` (nothing stored):
+        ``FeedbackStoreBusy`` when another process held its lock past the busy timeout (the caller
+        may send it again), ``FeedbackStoreFull`` for a full disk, and so on."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
         self.flush()
-        try:
+        with self._translated_failures():
             return self._record(decision_id, score, tenant)
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc):
+
+    @contextmanager
+    def _translated_failures(self) -> Iterator[None]:
+        """SQLite's failures of the file, as the errors of the tree (``store_failure``)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            # A constraint or a misuse (IntegrityError, ProgrammingError, ...) is our bug: INTERNAL.
+            if not isinstance(exc, sqlite3.OperationalError) and type(exc) is not sqlite3.DatabaseError:
                 raise
-            raise FeedbackStoreBusy(
-                f"feedback_db {self._path} stayed locked by another process; retry shortly"
-            ) from exc
+            raise store_failure(self._path, exc) from exc
 
     def _record(self, decision_id: str, score: float, tenant: str | None) -> FeedbackEntry:
         now = self._clock()
@@ -378,6 +415,14 @@ class FeedbackStore:
                 # Another tenant's decision: raising rolls the move back, and the message is the
                 # one for an unknown id, so the caller learns nothing of the decision.
                 raise unknown
+            latest = self._writer.execute(
+                "SELECT score, recorded_at FROM feedback WHERE decision_id = ? ORDER BY id DESC LIMIT 1",
+                (decision_id,),
+            ).fetchone()
+            if latest is not None and latest[0] == score:
+                # The same outcome again: a call sent again (its answer lost, its deadline passed
+                # while this ran in its thread) or a repeat. It is recorded already.
+                return FeedbackEntry(decision_id, str(row[0]), score, float(latest[1]), str(row[1]))
             self._writer.execute(
                 "INSERT INTO feedback (decision_id, score, recorded_at) VALUES (?, ?, ?)", (decision_id, score, now)
             )
@@ -385,7 +430,7 @@ class FeedbackStore:
 
     def entries(self, limit: int = 100) -> list[FeedbackEntry]:
         """The latest ``limit`` outcomes, newest first."""
-        with self._read_lock:
+        with self._translated_failures(), self._read_lock:
             rows = self._reader.execute(
                 "SELECT f.decision_id, e.model, f.score, f.recorded_at, e.tenant FROM feedback f"
                 " JOIN examples e USING (decision_id) ORDER BY f.id DESC LIMIT ?",
@@ -395,7 +440,7 @@ class FeedbackStore:
 
     def examples(self) -> list[FeedbackExample]:
         """Every decision with an outcome, scored by its latest outcome: the library's raw material."""
-        with self._read_lock:
+        with self._translated_failures(), self._read_lock:
             rows = self._reader.execute(
                 "SELECT e.decision_id, e.model, e.embedding, f.score, e.encoder FROM examples e JOIN feedback f"
                 " ON f.id = (SELECT MAX(id) FROM feedback WHERE decision_id = e.decision_id)"

@@ -6,9 +6,13 @@ Kubernetes updates a mounted ConfigMap or Secret by writing a new directory and 
 polled every ``server.reload_interval_seconds``. Besides the config file the watcher reads the files
 a reload reads again: each tenant's ``api_keys_file`` (a key removed from it is revoked) and each
 provider's ``api_key_file`` (a rotated key). An invalid version is rejected and logged once; the
-running configuration keeps serving, and the rejected version is tried again at every poll, so one
-rejected for a file that is not there yet (a Secret mounted after the ConfigMap naming it) is
-applied once the file is.
+running configuration keeps serving. A rejected version is tried again at once when anything
+fingerprinted changes (a keys file that was not there is mounted: a Secret after the ConfigMap
+naming it), and otherwise after a backoff, since it may have failed on a file not fingerprinted
+(a classifier's examples, an embedding stage's router folder, a feedback_db locked by another
+process): the next poll, then twice as long each time, up to ``MAX_RETRY_SECONDS``. Each try
+builds the version's router (reading its model files), so a version left rejected is not rebuilt
+at every poll.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,9 @@ from routesvc.config import Config, Settings, parse_config
 from routesvc.errors import ConfigError, RouteSvcError
 
 log = structlog.get_logger("routesvc.reload")
+
+MAX_RETRY_SECONDS = 60.0
+"""The longest a rejected version waits to be tried again while nothing fingerprinted changes."""
 
 
 def _files_reread(config: Config) -> tuple[Path, ...]:
@@ -76,9 +84,11 @@ class ConfigWatcher:
         apply: Callable[[Settings], Awaitable[None]],
         *,
         outcome: Callable[[str], None] = lambda outcome: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._path = path
         self._interval = interval
+        self._clock = clock
         self._apply = apply
         # Told "applied" or "rejected" once for every version seen (the server counts them in a
         # metric, so that a rejected file, which only the next restart would trip over, can be
@@ -89,7 +99,9 @@ class ConfigWatcher:
         self._files_named_by: str | None = None
         version = self._look()
         self._applied = version.fingerprint if version else None
-        self._rejected: str | None = None  # said once; tried again at every poll until it changes
+        self._rejected: str | None = None  # said once; tried again after a backoff until it changes
+        self._retry_delay = 0.0  # how long the rejected version waits after its latest try
+        self._retry_at = 0.0  # the clock's time of its next try
         self._unreadable = False  # said once while the file cannot be read; the old one keeps serving
 
     async def run(self) -> None:
@@ -132,9 +144,11 @@ class ConfigWatcher:
         if version.fingerprint == self._applied:
             self._rejected = None  # back to what serves: a rejected version that returns is said again
             return False
-        # A version rejected before is tried again (it may have failed on a file it names that is
-        # not there yet, or on something not fingerprinted), but said only once.
+        # A version rejected before is tried again (it may have failed on something not
+        # fingerprinted), but said only once, and only once its backoff is over.
         first_try = version.fingerprint != self._rejected
+        if not first_try and self._clock() < self._retry_at:
+            return False
         try:
             settings = await asyncio.to_thread(_parsed, version.text, str(self._path))
             # Some mistakes show only when the new router is built (a classifier's examples file
@@ -145,17 +159,27 @@ class ConfigWatcher:
             if first_try:
                 log.error("config_reload_rejected", path=str(self._path), error=error.message)
                 self._outcome("rejected")
-            self._rejected = version.fingerprint
+            self._reject(version, first_try)
             return False
         except Exception:
             # Our bug: the old configuration keeps serving and the watcher keeps watching.
             if first_try:
                 log.exception("config_reload_failed", path=str(self._path))
                 self._outcome("rejected")
-            self._rejected = version.fingerprint
+            self._reject(version, first_try)
             return False
         self._applied = version.fingerprint
         self._rejected = None
         log.info("config_reloaded", path=str(self._path), models=len(settings.catalog))
         self._outcome("applied")
         return True
+
+    def _reject(self, version: _Version, first_try: bool) -> None:
+        """Note ``version`` rejected: tried again at the next poll after its first rejection, then
+        after twice the wait of the try before, up to ``MAX_RETRY_SECONDS``."""
+        self._rejected = version.fingerprint
+        if first_try:
+            self._retry_delay = self._interval
+        else:
+            self._retry_delay = min(2 * self._retry_delay, max(MAX_RETRY_SECONDS, self._interval))
+        self._retry_at = self._clock() + self._retry_delay

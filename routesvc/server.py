@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from routesvc.reload import ConfigWatcher
 from routesvc.router import Router
 from routesvc.rpc_tracing import traced_stream, traced_unary
 from routesvc.service import RouterService
+from routesvc.signals import STOP_SIGNALS, StopSignal
 from routesvc.telemetry import Telemetry
 from routesvc.v1 import router_pb2
 
@@ -380,25 +380,21 @@ class Server:
         await self.aclose()
 
 
-async def serve(
-    settings: Settings,
-    port: int | None = None,
-    *,
-    reuse_port: bool = False,
-    stop_requested: Callable[[], bool] | None = None,
-) -> None:
+def log_not_started(stop: StopSignal) -> None:
+    """Say that a stop signal ended start-up before the server served."""
+    log.info("server_not_started", reason="stopped by a signal while starting", signal=stop.name)
+
+
+async def serve(settings: Settings, port: int | None = None, *, reuse_port: bool = False) -> None:
     """Run until SIGTERM, SIGINT or SIGHUP (the session went away), then drain gracefully
-    (``reuse_port``: as one of several workers). ``stop_requested`` tells whether such a signal
-    came before this could handle them (a worker notes them from its first line): the server is
-    then not started at all."""
+    (``reuse_port``: as one of several workers). Until the server is built, such a signal raises
+    ``StopSignal`` in a process that took them at its start (``routesvc.signals``), and the server
+    is not started at all; from then on it drains the server."""
+    server = Server(settings, port=port, reuse_port=reuse_port, freeze_heap=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
-    if stop_requested is not None and stop_requested():
-        log.info("server_not_started", reason="stopped by a signal while starting")
-        return
-    server = Server(settings, port=port, reuse_port=reuse_port, freeze_heap=True)
     await server.start()
     await stop.wait()
     log.info("server_draining")

@@ -30,6 +30,9 @@ from routesvc.errors import (
     DeadlineExceeded,
     FeedbackNotEnabled,
     FeedbackStoreBusy,
+    FeedbackStoreDiskError,
+    FeedbackStoreFull,
+    FeedbackStoreUnavailable,
     InvalidRequest,
     LimitExceeded,
     ModelNotFound,
@@ -74,7 +77,12 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
     CostLimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ProviderNotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
     FeedbackNotEnabled: grpc.StatusCode.FAILED_PRECONDITION,
+    # Read-only or damaged: no retry helps until an operator fixes the file.
+    FeedbackStoreUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     FeedbackStoreBusy: grpc.StatusCode.UNAVAILABLE,
+    # gRPC's own words for RESOURCE_EXHAUSTED include "the entire file system is out of space".
+    FeedbackStoreFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    FeedbackStoreDiskError: grpc.StatusCode.UNAVAILABLE,
     UnknownDecision: grpc.StatusCode.NOT_FOUND,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,

@@ -11,14 +11,18 @@ from collections.abc import Iterator
 @contextlib.contextmanager
 def immediate(connection: sqlite3.Connection) -> Iterator[None]:
     """One write transaction on ``connection`` (opened with ``isolation_level=None``), taken at its
-    start so other processes wait on the busy timeout; rolled back if the block raises."""
+    start so other processes wait on the busy timeout; rolled back if the block (or the commit)
+    raises."""
     connection.execute("BEGIN IMMEDIATE")
     try:
         yield
+        connection.execute("COMMIT")
     except BaseException:
-        connection.execute("ROLLBACK")
+        # SQLite has rolled back already after some errors (a full disk, an I/O error): a second
+        # ROLLBACK would fail and hide the error that ended the transaction.
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
         raise
-    connection.execute("COMMIT")
 
 
 def is_busy(exc: sqlite3.Error) -> bool:

@@ -40,12 +40,11 @@ from typing import Any
 
 import structlog
 
-from routesvc.config import Settings, load_settings
+from routesvc.config import LoggingConfig, Settings, load_settings
 from routesvc.errors import ConfigError, RouteSvcError
+from routesvc.signals import STOP_SIGNALS, StopSignal, note_stop_signals, stop_on_signals
 
 log = structlog.get_logger("routesvc.supervisor")
-
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def run_event_loop(main: Coroutine[Any, Any, None], *, uvloop: bool = True) -> None:
@@ -114,33 +113,29 @@ def _worker(
     """One worker process: the configuration loaded again, one server on the shared port.
 
     The process starts with the stop signals blocked (the supervisor blocks them while it spawns
-    the workers, and a new process inherits that): here they are first handled, by noting them,
-    then let through, so one the supervisor forwarded while this worker was still starting stops it
-    at once and cleanly instead of killing it half-started. A problem found at start (a TLS file
-    that cannot be read) goes back to the supervisor on ``errors`` and the worker exits 2; the
-    supervisor stops the others, prints the first such problem once and exits 2, as a single
-    server does.
+    the workers, and a new process inherits that): here they are first taken, then let through
+    (``routesvc.signals``), so one the supervisor forwarded while this worker was still starting
+    stops it at once and cleanly, without serving, instead of killing it half-started. A problem
+    found at start (a TLS file that cannot be read) goes back to the supervisor on ``errors`` and
+    the worker exits 2; the supervisor stops the others, prints the first such problem once and
+    exits 2, as a single server does.
     """
-    requested: list[int] = []
-
-    def note(signum: int, frame: FrameType | None) -> None:
-        requested.append(signum)
-
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, note)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    note_stop_signals()
     _end_with_parent(parent)
 
-    from routesvc.server import serve
+    from routesvc.server import log_not_started, serve
     from routesvc.telemetry import configure_logging
 
+    settings: Settings | None = None
     try:
+        stop_on_signals()
         settings = load_settings(config_path)
         configure_logging(settings.config.logging)
         structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
-        run_event_loop(
-            serve(settings, port=port, reuse_port=True, stop_requested=lambda: bool(requested)), uvloop=uvloop
-        )
+        run_event_loop(serve(settings, port=port, reuse_port=True), uvloop=uvloop)
+    except StopSignal as stop:
+        configure_logging(LoggingConfig() if settings is None else settings.config.logging)
+        log_not_started(stop)
     except RouteSvcError as exc:
         errors.send(exc.message)
         raise SystemExit(2) from None
@@ -196,14 +191,14 @@ def serve_workers(
             if process.pid is not None and process.exitcode is None:
                 os.kill(process.pid, forwarded)
 
-    previous = {signum: signal.signal(signum, stop_all) for signum in _STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, stop_all) for signum in STOP_SIGNALS}
     failed = False
     try:
         # Blocked while the workers are spawned, so that each starts with them blocked until it
         # handles them (see _worker); one sent here meanwhile is forwarded once all have a pid.
         # The resource tracker is started first: starting it unblocks SIGINT and SIGTERM here.
         resource_tracker.ensure_running()
-        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for process in processes:
                 process.start()

@@ -13,8 +13,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from routesvc.errors import ConfigError, FeedbackStoreBusy, InvalidRequest
-from routesvc.feedback import FeedbackStore, UnknownDecision
+from routesvc.errors import (
+    ConfigError,
+    FeedbackStoreBusy,
+    FeedbackStoreDiskError,
+    FeedbackStoreFull,
+    FeedbackStoreUnavailable,
+    InvalidRequest,
+)
+from routesvc.feedback import FeedbackStore, UnknownDecision, store_failure
 from tests.conftest import write_locked
 
 
@@ -111,6 +118,97 @@ class TestRecordingUnderALock:
         assert str(path) in caught.value.message
         assert stored_meanwhile == []
         assert (entry.decision_id, entry.model, entry.score) == ("d", "m", 0.0)
+
+
+def small_pages(path: Path) -> None:
+    """Create the store file at ``path`` with 512-byte pages: a 2-float embedding's row then fits
+    in a page, but a 256-float one needs new (overflow) pages wherever it is written."""
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("PRAGMA page_size = 512")
+        connection.execute("PRAGMA journal_mode = WAL")  # writes the header with that page size
+
+
+def disk_full(store: FeedbackStore) -> None:
+    """A full disk for ``store``'s writes from now on: its file may not grow a page (SQLite's
+    ``max_page_count`` on the store's own connection, which is what makes SQLITE_FULL here)."""
+    writer: sqlite3.Connection = store._writer  # private: the pragma holds per connection
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    writer.execute(f"PRAGMA max_page_count = {pages}")
+
+
+class TestRecordingTwice:
+    def test_the_same_outcome_again_stores_nothing_more(self, tmp_path: Path) -> None:
+        """A decision's latest outcome sent again (a call retried after its answer was lost or its
+        deadline passed) is not stored twice; another score is a new, latest outcome, and the
+        first score again after it is newer still."""
+        store = FeedbackStore(tmp_path / "f.db")
+        store.remember("d", "m", [1.0, 0.0])
+        first = store.record("d", 0.0)
+        again = store.record("d", 0.0)
+        store.record("d", 1.0)
+        store.record("d", 0.0)
+        scores = [e.score for e in store.entries()]
+        store.close()
+        assert again == first
+        assert scores == [0.0, 1.0, 0.0]
+
+
+class TestStoreFailures:
+    def test_a_full_disk_stores_nothing_and_is_feedback_store_full(self, tmp_path: Path) -> None:
+        """SQLITE_FULL while recording is ``FeedbackStoreFull`` naming the file (it was a raw
+        sqlite3 error, hidden by a failed second ROLLBACK: INTERNAL over gRPC); nothing is half
+        stored: the decision still waits, and takes the outcome once there is room."""
+        path = tmp_path / "f.db"
+        small_pages(path)
+        store = FeedbackStore(path)
+        store.remember("d", "m", np.ones(256, dtype=np.float32))
+        assert store.flush()
+        disk_full(store)
+        with pytest.raises(FeedbackStoreFull) as caught:
+            store.record("d", 0.0)
+        stored_meanwhile = (store.entries(), store.examples())
+        store._writer.execute("PRAGMA max_page_count = 1000000")  # private: room again
+        entry = store.record("d", 0.0)
+        store.close()
+        assert (caught.value.reason, str(path) in caught.value.message) == ("FEEDBACK_STORE_FULL", True)
+        assert stored_meanwhile == ([], [])
+        assert (entry.decision_id, entry.score) == ("d", 0.0)
+
+    def test_a_read_only_file_stores_nothing_and_is_feedback_store_unavailable(self, tmp_path: Path) -> None:
+        """SQLITE_READONLY while recording (here the store's connection made query-only, as root
+        ignores file modes) is ``FeedbackStoreUnavailable``: for an operator to fix, no retry."""
+        store = FeedbackStore(tmp_path / "f.db")
+        store.remember("d", "m", [1.0, 0.0])
+        assert store.flush()
+        store._writer.execute("PRAGMA query_only = ON")  # private: a read-only file for this connection
+        with pytest.raises(FeedbackStoreUnavailable) as caught:
+            store.record("d", 0.0)
+        stored_meanwhile = store.entries()
+        store._writer.execute("PRAGMA query_only = OFF")  # private: close writes nothing more
+        store.close()
+        assert (type(caught.value), caught.value.reason) == (FeedbackStoreUnavailable, "FEEDBACK_STORE_UNAVAILABLE")
+        assert stored_meanwhile == []
+
+    @pytest.mark.parametrize(
+        ("code", "error"),
+        [
+            (sqlite3.SQLITE_BUSY, FeedbackStoreBusy),
+            (sqlite3.SQLITE_FULL, FeedbackStoreFull),
+            (sqlite3.SQLITE_IOERR_WRITE, FeedbackStoreDiskError),
+            (sqlite3.SQLITE_IOERR_FSYNC, FeedbackStoreDiskError),
+            (sqlite3.SQLITE_READONLY, FeedbackStoreUnavailable),
+            (sqlite3.SQLITE_CORRUPT, FeedbackStoreUnavailable),
+        ],
+    )
+    def test_each_failure_of_the_file_is_an_error_of_the_tree(
+        self, code: int, error: type[FeedbackStoreUnavailable]
+    ) -> None:
+        """``store_failure`` sorts SQLite's result codes, extended ones by their primary code: the
+        lock held (retry shortly), a full disk, a disk I/O error (may pass), the rest (fix the
+        file). Every one is a ``FeedbackStoreUnavailable``, never a bare sqlite3 error."""
+        failure = sqlite3.OperationalError("failed")
+        failure.sqlite_errorcode = code
+        assert type(store_failure("f.db", failure)) is error
 
 
 class Clock:

@@ -25,6 +25,7 @@ from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat, write_locked
 from tests.routing_data import STRONG, WEAK, records
+from tests.test_feedback import disk_full, small_pages
 from tests.test_limits import retry_delay
 from tests.test_validation import error_info
 
@@ -302,6 +303,58 @@ class TestFeedbackStoreUnderContention:
             moved = [stage.score(prompt)[1] for prompt in ("say hello to zulu", "say goodbye to zulu")]
         assert second.library_examples == 2
         assert all(count >= 1 for count in moved)
+
+
+class TestFeedbackSentAgain:
+    async def test_a_feedback_sent_again_after_its_deadline_passed_is_stored_once(self, tmp_path: Path) -> None:
+        """A Feedback whose deadline passes while its SQLite work waits (another process holds the
+        file's lock) is still stored once the lock is free, though the client saw
+        DEADLINE_EXCEEDED; the client sending it again then stores nothing more: one outcome in
+        the file, one in GetStats, one example in the library."""
+        settings = settings_from(embedding_config(tmp_path))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            assert await asyncio.to_thread(stage.feedback.flush)  # the decision is in the file
+            with write_locked(tmp_path / "feedback.db"):
+                error = await _feedback_error(client, decision.decision_id, thumbs_up=False, timeout=0.3)
+            # Its thread took the store's write lock before the deadline: this one waits for it.
+            response = await client.feedback(decision.decision_id, thumbs_up=False)
+            stored = await asyncio.to_thread(stage.feedback.entries)
+            stats = await client.get_stats()
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert [(e.decision_id, e.score) for e in stored] == [(decision.decision_id, 0.0)]
+        assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
+        assert [(m.model, m.feedback_count) for m in stats.models if m.feedback_count] == [("gpt-4o-mini", 1)]
+
+    async def test_with_two_stages_a_call_sent_again_after_the_second_failed_stores_the_first_once(
+        self, tmp_path: Path
+    ) -> None:
+        """Two embedding stages keep feedback, each in its own file; the second's disk is full, so
+        the call fails RESOURCE_EXHAUSTED FEEDBACK_STORE_FULL (it was INTERNAL) after the first
+        stage stored the outcome. Sent again once there is room, it is stored in the second and
+        not a second time in the first."""
+        config = embedding_config(tmp_path)
+        [first_stage] = config["routing"]["stages"]  # type: ignore[index]
+        second_stage = {**first_stage, "feedback_db": str(tmp_path / "second.db")}
+        config["routing"]["stages"] = [first_stage, second_stage]  # type: ignore[index]
+        small_pages(tmp_path / "second.db")
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            first, second = (stage.feedback for stage in server.router.policy.learning_stages)
+            assert first is not None
+            assert second is not None
+            assert await asyncio.to_thread(second.flush)
+            disk_full(second)
+            error = await _feedback_error(client, decision.decision_id, thumbs_up=False)
+            second._writer.execute("PRAGMA max_page_count = 1000000")  # private: room again
+            response = await client.feedback(decision.decision_id, thumbs_up=False)
+            stored = [[e.score for e in await asyncio.to_thread(store.entries)] for store in (first, second)]
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "FEEDBACK_STORE_FULL")
+        assert "second.db" in (error.details() or "")
+        assert stored == [[0.0], [0.0]]
+        assert (response.model, response.library_examples) == ("gpt-4o-mini", 2)
 
 
 class TestAFeedbackDbThatCannotBeOpened:

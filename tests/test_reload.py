@@ -27,7 +27,7 @@ from routesvc.client import RouterClient
 from routesvc.config import Settings, load_settings
 from routesvc.errors import ConfigError
 from routesvc.providers.base import Provider
-from routesvc.reload import ConfigWatcher
+from routesvc.reload import MAX_RETRY_SECONDS, ConfigWatcher
 from routesvc.server import Server, build_providers
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
@@ -323,21 +323,26 @@ class TestARejectedReloadClosesWhatItBuilt:
 
     async def test_a_policy_that_fails_after_an_embedding_stage_closes_its_feedback_store(self, tmp_path: Path) -> None:
         """A new version whose embedding stage opens its feedback store and whose next stage then
-        fails (examples not there) is rejected at every poll: each try closes the store it opened
+        fails (examples not there) is rejected at every try: each try closes the store it opened
         (one writer thread and two SQLite connections were left per poll)."""
         config = embedding_config(tmp_path)
         config["server"] = {"reload_interval_seconds": 0}
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        clock = Clock()
         async with Server(settings_from(config), port=0) as server:
-            watcher = ConfigWatcher(path, 1.0, server.reload)
+            watcher = ConfigWatcher(path, 1.0, server.reload, clock=clock)
             broken = copy.deepcopy(config)
             broken["routing"]["stages"].append(  # type: ignore[index]
                 {"kind": "classifier", "examples": str(tmp_path / "missing.jsonl")}
             )
             path.write_text(yaml.safe_dump(broken), encoding="utf-8")
             writers = feedback_writers()
-            assert [await watcher.check() for _ in range(3)] == [False] * 3
+            tried = []
+            for _ in range(3):
+                clock.now += MAX_RETRY_SECONDS  # each poll a real try, past any backoff
+                tried.append(await watcher.check())
+            assert tried == [False] * 3
             assert feedback_writers() == writers
 
 
@@ -430,6 +435,65 @@ class TestFilesTheConfigNames:
                 assert events[-1] == "completion"
                 sent.append(fake.requests[-1].headers["authorization"])
         assert sent == ["Bearer sk-before", "Bearer sk-rotated"]
+
+
+class Clock:
+    """A monotonic clock the test sets by hand (seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestARejectedVersionBacksOff:
+    async def test_a_rejected_version_is_rebuilt_less_and_less_often_until_its_files_are_there(
+        self, tmp_path: Path
+    ) -> None:
+        """A new version whose embedding stage names a router folder not there yet (not
+        fingerprinted: the watcher cannot tell when it comes) is rejected and said once; while
+        nothing fingerprinted changes it is built again at the next poll, then after 2, 4, 8, ...
+        polls, up to a minute (it was built again at every poll, its router read each time). A
+        changed config file is tried at once, and a try once the folder is there applies it."""
+        stage = embedding_config(tmp_path)["routing"]["stages"][0]  # type: ignore[index]
+        del stage["feedback_db"]
+        config = default_config()
+        path = watched_config(tmp_path, config)
+        clock = Clock()
+        tries: list[float] = []
+        async with Server(load_settings(path, {}), port=0) as server:
+
+            async def apply(settings: Settings) -> None:
+                tries.append(clock.now)
+                await server.reload(settings)
+
+            watcher = ConfigWatcher(path, 1.0, apply, clock=clock)
+            config["routing"] = {
+                "default_model": "gpt-4o-mini",
+                "stages": [{**stage, "router": str(tmp_path / "later")}],
+            }
+            path.write_text(yaml.safe_dump(config), encoding="utf-8")
+            with capture_logs() as logs:
+                for second in range(250):  # a poll a second
+                    clock.now = second
+                    assert not await watcher.check()
+                backed_off = list(tries)
+                config["routing"]["stages"][0]["threshold"] = 0.5  # type: ignore[index]
+                path.write_text(yaml.safe_dump(config), encoding="utf-8")
+                clock.now = 250
+                assert not await watcher.check()
+                (tmp_path / "router").rename(tmp_path / "later")
+                clock.now = 251
+                applied = await watcher.check()
+        assert backed_off == [0, 1, 3, 7, 15, 31, 63, 123, 183, 243]
+        assert tries[len(backed_off) :] == [250, 251]
+        assert applied
+        assert [entry["event"] for entry in logs if entry["event"].startswith("config_")] == [
+            "config_reload_rejected",
+            "config_reload_rejected",
+            "config_reloaded",
+        ]
 
 
 class TestReloadOutcomes:

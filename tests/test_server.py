@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -123,6 +128,116 @@ class TestProcess:
             assert (events.count("provider_unconfigured"), events.count("no_provider_configured")) == (2, 1)
         finally:
             process.kill()
+
+
+def _pid_namespaces() -> bool:
+    """Whether this host lets the tests start a process as PID 1 of its own PID namespace."""
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def _serve_without_keys(
+    *args: str, wrapper: Sequence[str] = (), preexec_fn: Callable[[], object] | None = None
+) -> subprocess.Popen[str]:
+    """``[wrapper] python -m routesvc serve --port 0 [args]``, no provider key set, logs piped."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    return subprocess.Popen(
+        [*wrapper, sys.executable, "-m", "routesvc", "serve", "--port", "0", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=preexec_fn,
+    )
+
+
+def _assert_stopped_while_starting(process: subprocess.Popen[str]) -> None:
+    """``process`` logged only that a SIGTERM stopped it before serving, and exited 0 without a
+    traceback (one that ignored the signal logs ``server_started`` first; one that died of it,
+    nothing)."""
+    assert process.stdout is not None
+    assert process.stderr is not None
+    line = process.stdout.readline()
+    assert line, f"no log line; exit {process.wait(timeout=30)}"
+    assert (json.loads(line)["event"], json.loads(line)["signal"]) == ("server_not_started", "SIGTERM")
+    assert process.wait(timeout=30) == 0
+    assert process.stdout.read() == ""
+    assert "Traceback" not in process.stderr.read()
+
+
+class TestStopWhileStarting:
+    """A stop signal that comes while ``routesvc serve`` starts (imports, config) ends it at once
+    and cleanly: exit 0 and ``server_not_started``, never a server that then serves. As PID 1
+    (in a container) a SIGTERM without a handler is dropped by the kernel instead of killing."""
+
+    @pytest.mark.parametrize(
+        ("fifo", "pid1"),
+        [("config", False), ("config", True), ("examples", False)],
+        ids=["config read", "config read as PID 1", "server built"],
+    )
+    def test_a_sigterm_while_starting_exits_zero_without_serving(self, tmp_path: Path, fifo: str, pid1: bool) -> None:
+        """A FIFO catches the server at a point of its start, its imports done: reading its config
+        file (before its event loop runs), or building the server (in its event loop: a
+        classifier stage's examples file). A SIGTERM then stops it without reading on, also as
+        PID 1 of a PID namespace, where the default action of SIGTERM is none (a server without a
+        handler then read on)."""
+        if pid1 and not _pid_namespaces():
+            pytest.skip("no PID namespaces here (unshare --pid needs CAP_SYS_ADMIN)")
+        config = tmp_path / "config.yaml"
+        examples = tmp_path / "examples.jsonl"
+        if fifo == "config":
+            os.mkfifo(config)
+            held = config
+        else:
+            os.mkfifo(examples)
+            held = examples
+            settings = default_config()
+            settings["routing"]["stages"] = [{"kind": "classifier", "examples": str(examples)}]  # type: ignore[index]
+            config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+        # --kill-child: killing unshare in the end kills the server in it too.
+        process = _serve_without_keys(
+            "--config", str(config), wrapper=["unshare", "--pid", "--fork", "--kill-child"] if pid1 else []
+        )
+
+        def unblock_if_gone() -> None:
+            # A server that died before opening the FIFO would leave open() below blocked.
+            process.wait()
+            with contextlib.suppress(OSError):
+                os.close(os.open(held, os.O_RDONLY | os.O_NONBLOCK))
+
+        threading.Thread(target=unblock_if_gone, daemon=True).start()
+        try:
+            writer = os.open(held, os.O_WRONLY)  # returns once the server opened it to read
+            try:
+                assert process.poll() is None, process.communicate()
+                server = process.pid
+                if pid1:  # unshare's one child, PID 1 inside
+                    (server,) = map(int, Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split())
+                os.kill(server, signal.SIGTERM)
+                # A server that ignored the signal reads on, finds this invalid and exits 2.
+                with contextlib.suppress(BrokenPipeError):
+                    os.write(writer, b"server: {port: not-a-port}\n" if fifo == "config" else b"not json\n")
+            finally:
+                os.close(writer)
+            _assert_stopped_while_starting(process)
+        finally:
+            process.kill()
+            process.wait()
+
+    def test_a_sigterm_before_the_first_line_is_handled_once_it_can_be(self) -> None:
+        """A SIGTERM sent before the process could set any handler (here held back by starting it
+        with SIGTERM blocked, as the supervisor starts its workers) is taken from the first line
+        on and stops the start-up: exit 0, nothing served."""
+        process = _serve_without_keys(preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM]))
+        try:
+            process.send_signal(signal.SIGTERM)
+            _assert_stopped_while_starting(process)
+        finally:
+            process.kill()
+            process.wait()
 
 
 class TestHeap:
