@@ -124,7 +124,9 @@ class FeedbackEntry:
 class FeedbackExample:
     """A remembered prompt embedding, the model that answered it and its latest outcome score.
 
-    ``encoder`` names the encoder that made the embedding ("" in files written before it was kept).
+    ``encoder`` names the encoder that made the embedding ("" in files written before it was kept),
+    ``tenant`` the tenant the decision was routed for ("" for none, and in files written before
+    it was kept).
     """
 
     decision_id: str
@@ -132,6 +134,7 @@ class FeedbackExample:
     embedding: np.ndarray[tuple[int], np.dtype[np.float32]]
     score: float
     encoder: str = ""
+    tenant: str = ""
 
 
 # ``feedback.decision_id`` names a row of ``examples``; files written before examples had their
@@ -442,13 +445,15 @@ class FeedbackStore:
         """Every decision with an outcome, scored by its latest outcome: the library's raw material."""
         with self._translated_failures(), self._read_lock:
             rows = self._reader.execute(
-                "SELECT e.decision_id, e.model, e.embedding, f.score, e.encoder FROM examples e JOIN feedback f"
-                " ON f.id = (SELECT MAX(id) FROM feedback WHERE decision_id = e.decision_id)"
+                "SELECT e.decision_id, e.model, e.embedding, f.score, e.encoder, e.tenant FROM examples e"
+                " JOIN feedback f ON f.id = (SELECT MAX(id) FROM feedback WHERE decision_id = e.decision_id)"
                 " ORDER BY e.rowid"
             ).fetchall()
         return [
-            FeedbackExample(str(a), str(b), np.frombuffer(blob, dtype=np.float32).copy(), float(score), str(encoder))
-            for a, b, blob, score, encoder in rows
+            FeedbackExample(
+                str(a), str(b), np.frombuffer(blob, dtype=np.float32).copy(), float(score), str(encoder), str(tenant)
+            )
+            for a, b, blob, score, encoder, tenant in rows
         ]
 
     def close(self) -> None:

@@ -100,6 +100,23 @@ class TestFeedbackRpc:
             response = await client.feedback(second.decision_id, score=0.25)
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 2)
 
+    @pytest.mark.parametrize("scope", ["tenant", "shared"])
+    async def test_a_tenants_ratings_move_only_its_own_routing_unless_shared(self, tmp_path: Path, scope: str) -> None:
+        """Tenant acme rates a weak-model answer down: its next request like it is moved by that
+        example; another tenant's is not with feedback_scope tenant (the default; one tenant's
+        ratings steered everyone's routing), and is with shared."""
+        settings = settings_from(embedding_config(tmp_path, feedback_weight=1.0, feedback_scope=scope))
+        acme, other = pb.RoutingContext(tenant="acme"), pb.RoutingContext(tenant="globex")
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            first = await client.route(user_chat("say hello to zulu"), acme)
+            await client.feedback(first.decision_id, thumbs_up=False)
+            own = await client.route(user_chat("say hello to zulu"), acme)
+            others = await client.route(user_chat("say hello to zulu"), other)
+        assert "moved by 1 feedback example" in own.reasons[0]
+        assert own.model == "gpt-4o"
+        moved = "moved by 1 feedback example" in others.reasons[0]
+        assert (moved, others.model) == ((True, "gpt-4o") if scope == "shared" else (False, "gpt-4o-mini"))
+
     async def test_feedback_for_a_forgotten_decision_is_not_found_like_an_unknown_one(self, tmp_path: Path) -> None:
         """A decision without feedback that ``feedback_max_pending_decisions`` newer ones pushed
         out is NOT_FOUND, reason UNKNOWN_DECISION, as if never seen; the newer one still counts."""

@@ -9,7 +9,9 @@ traffic like the training mix to the strong model.
 
 Outcomes reported through the feedback store nudge the score: near neighbours (cosine at least
 ``feedback_similarity``) whose weak-model answer scored badly push towards the strong model,
-good ones push away; strong-model outcomes are kept but do not move the score.
+good ones push away; strong-model outcomes are kept but do not move the score. With
+``feedback_scope: tenant`` (the default) only the request's own tenant's outcomes move its score,
+so one tenant's ratings cannot steer another's routing; ``shared`` pools every tenant's.
 """
 
 from __future__ import annotations
@@ -31,10 +33,9 @@ from routesvc.fitting import FitError, FittedRouter
 from routesvc.memo import Memo
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
 
-_EMPTY_LIBRARY: tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]] = (
-    np.zeros((0, 0), dtype=np.float32),
-    np.zeros(0, dtype=np.float64),
-)
+# The feedback examples' embeddings, pushes and tenants.
+_Library = tuple[npt.NDArray[np.float32], npt.NDArray[np.float64], npt.NDArray[np.str_]]
+_EMPTY_LIBRARY: _Library = (np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.float64), np.zeros(0, dtype=str))
 
 
 log = structlog.get_logger("routesvc.embedding")
@@ -53,6 +54,10 @@ class EmbeddingStageConfig(BaseModel):
     feedback_db: Path | None = Field(None, description="SQLite file of decisions and outcomes; unset: no feedback")
     feedback_similarity: float = Field(0.92, ge=0, le=1, description="cosine needed for feedback to count")
     feedback_weight: float = Field(0.3, ge=0, le=1, description="how far neighbouring feedback moves the score")
+    feedback_scope: Literal["tenant", "shared"] = Field(
+        "tenant",
+        description="whose outcomes move a request's score: its own tenant's (tenant), or every tenant's (shared)",
+    )
     feedback_decision_ttl_seconds: float = Field(
         DEFAULT_DECISION_TTL_SECONDS,
         gt=0,
@@ -78,6 +83,7 @@ class EmbeddingStage:
         feedback: FeedbackStore | None = None,
         feedback_similarity: float = 0.92,
         feedback_weight: float = 0.3,
+        feedback_scope: Literal["tenant", "shared"] = "tenant",
     ) -> None:
         self._router = router
         self._strong = strong_model
@@ -86,12 +92,13 @@ class EmbeddingStage:
         self._feedback = feedback
         self._similarity = feedback_similarity
         self._weight = feedback_weight
+        self._per_tenant = feedback_scope == "tenant"
         self._embeddings: Memo[np.ndarray[tuple[int], np.dtype[np.float32]]] = Memo(4096)
         self._kinds: Memo[str] = Memo(4096)  # the kind prior's labels of texts no earlier stage labelled
-        # The feedback examples' embeddings and pushes, one tuple: ``rebuild_library`` runs in a
-        # worker thread (the Feedback RPC) and replaces both at once, so ``score`` on the event
-        # loop never sees the embeddings of one build with the pushes of another.
-        self._library: tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]] = _EMPTY_LIBRARY
+        # The feedback examples' embeddings, pushes and tenants, one tuple: ``rebuild_library``
+        # runs in a worker thread (the Feedback RPC) and replaces them at once, so ``score`` on
+        # the event loop never sees the embeddings of one build with the pushes of another.
+        self._library: _Library = _EMPTY_LIBRARY
         # Two Feedback calls rebuild at once: from the read to the swap one at a time, so a build
         # that read earlier never replaces one that read later.
         self._rebuilding = threading.Lock()
@@ -136,18 +143,20 @@ class EmbeddingStage:
                 return 0
             embeddings = np.vstack([e.embedding for e in examples]).astype(np.float32)
             # A bad weak answer (score 0) pushes up by 0.5, a good one (score 1) pulls down by 0.5.
-            self._library = (embeddings, np.array([0.5 - e.score for e in examples], dtype=np.float64))
+            pushes = np.array([0.5 - e.score for e in examples], dtype=np.float64)
+            self._library = (embeddings, pushes, np.array([e.tenant for e in examples], dtype=str))
             return len(examples)
 
     def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
         """The embedding of ``text``, which is already ``bounded`` (remembered by the text)."""
         return self._embeddings.compute(text, lambda new: self._router.encoder.encode([new])[0])
 
-    def score(self, text: str, kind: str = "") -> tuple[float, int]:
+    def score(self, text: str, kind: str = "", tenant: str = "") -> tuple[float, int]:
         """The calibrated strong-model preference of ``text`` and how many feedback examples moved it.
 
         ``kind`` is the request's task label when an earlier stage or a hint set it; otherwise the
-        router's kind prior labels the text itself.
+        router's kind prior labels the text itself. With ``feedback_scope: tenant`` only the
+        examples of ``tenant`` (the request's) count.
         """
         text = bounded(text)
         embedding = self._embed(text)
@@ -157,9 +166,11 @@ class EmbeddingStage:
         raw = self._router.raw([text], batch, [kind])
         value = float(self._router.calibrate(raw)[0]) if text.strip() else 0.0
         used = 0
-        library, push = self._library
+        library, push, tenants = self._library
         if len(library) and library.shape[1] == len(embedding):
             near = library @ embedding >= self._similarity
+            if self._per_tenant:
+                near &= tenants == tenant
             used = int(near.sum())
             if used:
                 value = float(np.clip(value + self._weight * 2 * push[near].mean(), 0.0, 1.0))
@@ -180,7 +191,8 @@ class EmbeddingStage:
 
     async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
         """Strong model at or above the threshold, weak below; defer if the pick cannot serve."""
-        value, used = self.score(routing_input.request.chat.last_user_message, routing_input.task)
+        request = routing_input.request
+        value, used = self.score(request.chat.last_user_message, routing_input.task, request.context.tenant)
         wants_strong = value >= self._threshold
         pick, other = (self._strong, self._weak) if wants_strong else (self._weak, self._strong)
         comparison = ">=" if wants_strong else "<"
@@ -237,6 +249,7 @@ def build(config: EmbeddingStageConfig, *, catalog: Catalog, feedback: FeedbackS
         feedback=feedback,
         feedback_similarity=config.feedback_similarity,
         feedback_weight=config.feedback_weight,
+        feedback_scope=config.feedback_scope,
     )
     strategy: Strategy = stage
     del strategy  # EmbeddingStage satisfies the Strategy protocol (checked by mypy here)
