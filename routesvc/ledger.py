@@ -25,9 +25,16 @@ class AttemptOutcome(enum.Enum):
     """How an upstream attempt ended."""
 
     COMPLETED = "completed"
+    """The provider answered; its reported usage (a batch job: once its result was read)."""
     FAILED = "failed"
+    """The provider refused or failed the call before any output: nothing billed, zero usage."""
     INTERRUPTED = "interrupted"
+    """Cut after output (a stall, an error mid-stream): its input and what came, estimated."""
     CANCELLED = "cancelled"
+    """The caller cancelled once the provider had the call, yet the provider bills it. A realtime
+    call: its input and what came, estimated. A batch job cancelled after it was sent that the
+    provider answered all the same: the provider's usage, not estimated (the job stays
+    CANCELLED for its caller, and no answer is returned)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,9 @@ from routesvc.batches import BatchStore
 from routesvc.batches import _queue as batch_queue
 from routesvc.batches._store import decode_request
 from routesvc.client import RouterClient, build_chat
-from routesvc.cost import estimate_cost
+from routesvc.cost import cost_of_usage, estimate_cost
 from routesvc.errors import BatchStoreUnavailable, CostLimitExceeded
+from routesvc.ledger import AttemptOutcome
 from routesvc.models import (
     BatchJob,
     BatchState,
@@ -37,6 +38,7 @@ from routesvc.models import (
     RouteDecision,
     RoutingContext,
     RoutingRequest,
+    Usage,
 )
 from routesvc.router import Router
 from routesvc.server import Server, build_providers
@@ -977,6 +979,205 @@ class TestBatchBudgets:
             await client.cancel_batch(job.batch_id, tenant="acme")
             spent = await server.router.admission.spent("acme")
         assert spent == 0
+
+
+async def spent_reaches(server: Server, expected: Decimal, tenant: str = "acme") -> Decimal:
+    """Wait until ``tenant`` has spent ``expected`` (the poller's round corrects it; a generous cap)."""
+    async with asyncio.timeout(10):
+        while (spent := await server.router.admission.spent(tenant)) != expected:  # noqa: ASYNC110 - no event
+            await asyncio.sleep(0.02)
+    return spent
+
+
+def corrections_due(path: Path) -> int:
+    """Jobs in the store at ``path`` whose counted budget still waits for its correction."""
+    connection = sqlite3.connect(path)
+    try:
+        return int(
+            connection.execute(
+                "SELECT count(*) FROM jobs WHERE budget_usd IS NOT NULL AND budget_done IS NULL"
+            ).fetchone()[0]
+        )
+    finally:
+        connection.close()
+
+
+def discarded(fake: FakeProvider) -> bool:
+    """Whether what the provider kept of every batch is deleted (OpenAI's files, Anthropic's batches)."""
+    return not fake.files and all(b.deleted for b in fake.batches if b.api == "anthropic")
+
+
+# The answer the provider bills for each request in the tests of cancelled jobs.
+BILLED = Script(text="A short summary.", input_tokens=100, output_tokens=20)
+
+
+def billed_cost(server: Server, model: str) -> Decimal:
+    """What ``BILLED`` costs on ``model`` at the batch price."""
+    return cost_of_usage(server.router.settings.catalog.get(model), Usage(100, 20), Mode.BATCH)
+
+
+def cancelled_config(tmp_path: Path) -> dict[str, object]:
+    """``budget_config`` with a window long enough to group two jobs submitted one after the other."""
+    config = budget_config(tmp_path)
+    config["batch"]["group_window_seconds"] = 0.3  # type: ignore[index]
+    return config
+
+
+class TestBatchJobCancelledAfterItWasSent:
+    """A job cancelled once it is in a provider batch may be answered, and billed, by the
+    provider all the same. Its batch is read once it ends: the job stays CANCELLED with no answer,
+    and is charged once what the provider billed (ledger outcome CANCELLED, not estimated), its
+    budget holding the estimate until then; only then is the batch discarded."""
+
+    @pytest.mark.parametrize("task", ["", "creative_writing"], ids=["openai", "anthropic"])
+    async def test_a_sibling_keeps_the_batch_running_and_the_cancelled_job_is_charged(
+        self, tmp_path: Path, fake: FakeProvider, task: str
+    ) -> None:
+        """Of two jobs in one provider batch, one is cancelled: the batch is not cancelled (the
+        other waits), and the provider answers and bills both. The cancelled job's bill is in the
+        ledger and its tenant's budget (the ledger left it out and the budget got the whole
+        estimate back)."""
+        model = "claude-sonnet" if task else "gpt-4o-mini"
+        fake.enqueue(BILLED, BILLED, model=fake_model(model))
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(cancelled_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            cancelled, kept = [(await submit(client, task_hint=task))[1].batch for _ in range(2)]
+            for job in (cancelled, kept):
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+            await client.cancel_batch(cancelled.batch_id, tenant="acme")
+            estimates = Decimal(cancelled.estimated_cost_usd) + Decimal(kept.estimated_cost_usd)
+            held = await server.router.admission.spent("acme")
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            await wait_state(client, kept.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            await until(lambda: discarded(fake))  # after every job of the batch is settled
+            ledger = {e.request_id: (e.outcome, e.cost_usd, e.estimated) for e in server.router.ledger.entries()}
+            after = await get_batch(client, cancelled.batch_id)
+            cost = billed_cost(server, model)
+            spent = await spent_reaches(server, 2 * cost)
+        [batch] = fake.batches
+        assert (len(batch.requests), batch.cancelled) == (2, False)
+        assert held == estimates  # the cancelled job's estimate is held while the provider may bill it
+        assert ledger == {
+            cancelled.batch_id: (AttemptOutcome.CANCELLED, cost, False),
+            kept.batch_id: (AttemptOutcome.COMPLETED, cost, False),
+        }
+        assert (after.job.state, after.HasField("result")) == (pb.BATCH_STATE_CANCELLED, False)
+        assert spent == 2 * cost
+        assert corrections_due(tmp_path / "batches.db") == 0  # corrected once: nothing more to come
+
+    @pytest.mark.parametrize("task", ["", "creative_writing"], ids=["openai", "anthropic"])
+    async def test_answers_finished_before_the_provider_batch_was_cancelled_are_charged(
+        self, tmp_path: Path, fake: FakeProvider, task: str
+    ) -> None:
+        """Both jobs of a provider batch are cancelled, so routesvc cancels the batch; the
+        provider had answered the first request by then (OpenAI: in the cancelled batch's output
+        file; Anthropic: a ``succeeded`` result of the ended batch). The cancelled batch is polled
+        until it ends and read: the answered job is charged what it was billed, the other
+        nothing; then the batch is discarded (it was left at the provider, never read)."""
+        model = "claude-sonnet" if task else "gpt-4o-mini"
+        fake.enqueue(BILLED, model=fake_model(model))
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_answered_before_cancel = 1
+        async with (
+            Server(settings_from(cancelled_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            jobs = [(await submit(client, task_hint=task))[1].batch.batch_id for _ in range(2)]
+            for batch_id in jobs:
+                await wait_state(client, batch_id, pb.BATCH_STATE_SUBMITTED)
+            for batch_id in jobs:
+                await client.cancel_batch(batch_id, tenant="acme")
+            await until(lambda: discarded(fake))
+            ledger = [(e.request_id, e.outcome, e.cost_usd, e.estimated) for e in server.router.ledger.entries()]
+            states = [(await get_batch(client, batch_id)).job.state for batch_id in jobs]
+            cost = billed_cost(server, model)
+            spent = await spent_reaches(server, cost)
+        [batch] = fake.batches
+        answered = batch.custom_ids[0]
+        assert batch.cancelled
+        assert ledger == [(answered, AttemptOutcome.CANCELLED, cost, False)]
+        assert states == [pb.BATCH_STATE_CANCELLED] * 2
+        assert spent == cost
+        assert corrections_due(tmp_path / "batches.db") == 0
+        if not task:
+            assert fake.deleted_files == [batch.input_file_id, batch.output_file_id, batch.error_file_id]
+
+    async def test_a_job_cancelled_while_its_group_was_sent_is_charged_what_it_was_billed(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """CancelBatch while the poller uploads the job's group: the cancel gives the job's
+        estimate back at once (nothing was sent, as far as the store knew), the provider batch
+        that is then created is cancelled, and the provider had answered the request by then.
+        The batch is read once it ends and the job charged what it was billed, from nothing."""
+        fake.enqueue(BILLED, model="gpt-4o-mini")
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_answered_before_cancel = 1
+        async with FaultProxy("127.0.0.1", fake.port) as proxy:
+            proxy.fault = NetworkFault(delay_per_chunk=0.3)
+            environ = {**live_environ(fake), "OPENAI_BASE_URL": f"{proxy.base_url}/v1"}
+            async with (
+                Server(settings_from(budget_config(tmp_path), environ), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client))[1].batch
+                await until(lambda: proxy.connections >= 1)  # grouped, claimed and being uploaded
+                await client.cancel_batch(job.batch_id, tenant="acme")
+                given_back = await spent_reaches(server, Decimal(0))
+                await until(lambda: bool(fake.batches) and discarded(fake))
+                ledger = [(e.request_id, e.outcome, e.cost_usd) for e in server.router.ledger.entries()]
+                state = (await get_batch(client, job.batch_id)).job.state
+                cost = billed_cost(server, "gpt-4o-mini")
+                spent = await spent_reaches(server, cost)
+        assert given_back == 0
+        assert [b.cancelled for b in fake.batches] == [True]
+        assert ledger == [(job.batch_id, AttemptOutcome.CANCELLED, cost)]
+        assert (state, spent) == (pb.BATCH_STATE_CANCELLED, cost)
+        assert corrections_due(tmp_path / "batches.db") == 0
+
+    async def test_a_store_file_from_before_is_upgraded_in_place(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """A store written before cancelled jobs were tied to their provider batch (no
+        provider_pending column) is upgraded when opened: a job it holds in a provider batch,
+        cancelled after the upgrade while a sibling keeps the batch running, is charged what the
+        provider billed."""
+        fake.enqueue(BILLED, BILLED, model="gpt-4o-mini")
+        fake.batch_outcome = BatchOutcome.PENDING
+        settings = settings_from(cancelled_config(tmp_path), live_environ(fake))
+        path = tmp_path / "batches.db"
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            jobs = [(await submit(client))[1].batch.batch_id for _ in range(2)]
+            for batch_id in jobs:
+                await wait_state(client, batch_id, pb.BATCH_STATE_SUBMITTED)
+        connection = sqlite3.connect(path)
+        connection.execute("DROP INDEX jobs_provider_pending")
+        connection.execute("ALTER TABLE jobs DROP COLUMN provider_pending")
+        connection.close()
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            await client.cancel_batch(jobs[0], tenant="acme")
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            await wait_state(client, jobs[1], pb.BATCH_STATE_SUCCEEDED)
+            await until(lambda: discarded(fake))
+            ledger = [(e.request_id, e.outcome) for e in server.router.ledger.entries()]
+        assert sorted(ledger) == sorted([(jobs[0], AttemptOutcome.CANCELLED), (jobs[1], AttemptOutcome.COMPLETED)])
+
+    async def test_a_cancelled_job_is_kept_until_its_provider_batch_is_read(self, tmp_path: Path) -> None:
+        """Retention never prunes a cancelled job whose provider batch is still to be read (its
+        bill would be lost); once it is closed, it is pruned as any ended job."""
+        store = BatchStore(tmp_path / "batches.db")
+        try:
+            job = BatchJob("batch_1", "acme", BatchState.QUEUED, "gpt-4o-mini", "openai", Decimal("0.01"), 0.0, 0.0)
+            await store.add(job, "{}", held_by="me", hold_seconds=0)
+            assert await store.claim(["batch_1"], "me", 60) == ["batch_1"]
+            assert await store.mark_submitted(["batch_1"], "me", "openai", "batch_p") == 1
+            await store.cancel("batch_1")
+            kept = await store.prune_ended(time.time() + 60, 10)
+            closed = await store.close_cancelled("batch_1", None)
+            pruned = await store.prune_ended(time.time() + 60, 10)
+        finally:
+            await store.aclose()
+        assert (kept, closed, pruned) == (0, True, 1)
 
 
 class TestRetention:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from routesvc.testing import FakeProvider, Script
+from routesvc.testing import BatchOutcome, FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, user_chat
 from tests.observability import Observed, observed_server
-from tests.test_batches import batch_config, fake_model, submit, wait_state
+from tests.test_batches import batch_config, fake_model, submit, until, wait_state
 
 
 def _by(points: list[object], key: str) -> dict[object, object]:
@@ -159,4 +159,25 @@ class TestBatchAnswers:
             cost = _by(observed.points("routesvc.cost"), "routesvc.model")
             usage = _by(observed.points("gen_ai.client.token.usage"), "gen_ai.token.type")
         assert cost["gpt-4o-mini"].value == pytest.approx(float(Decimal(done.result.cost_usd)))  # type: ignore[attr-defined]
+        assert (usage["input"].sum, usage["output"].sum) == (100, 20)  # type: ignore[attr-defined]
+
+    async def test_a_cancelled_job_the_provider_billed_is_in_the_cost_and_token_metrics(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A job cancelled after it was sent, which the provider had answered before the cancel
+        reached its batch: what it was billed reaches routesvc.cost and gen_ai.client.token.usage
+        (it was left out, as from the ledger)."""
+        fake.enqueue(Script(text="A short summary.", input_tokens=100, output_tokens=20), model="gpt-4o-mini")
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_answered_before_cancel = 1
+        async with observed_server(fake, config=batch_config(tmp_path)) as observed:
+            job = (await submit(observed.client))[1].batch
+            await wait_state(observed.client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+            await observed.client.cancel_batch(job.batch_id, tenant="acme")
+            await until(lambda: not fake.files)  # read, charged, then discarded
+            [billed] = observed.server.router.ledger.entries()
+            cost = _by(observed.points("routesvc.cost"), "routesvc.model")
+            usage = _by(observed.points("gen_ai.client.token.usage"), "gen_ai.token.type")
+        assert cost["gpt-4o-mini"].value == pytest.approx(float(billed.cost_usd))  # type: ignore[attr-defined]
+        assert billed.cost_usd > 0
         assert (usage["input"].sum, usage["output"].sum) == (100, 20)  # type: ignore[attr-defined]

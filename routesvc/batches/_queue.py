@@ -9,9 +9,19 @@ to poll), and when one has ended reads its results: each job ends exactly once
 (``BatchStore.finish``), and only a succeeded job is charged, at the batch price, in the ledger.
 
 Outcomes: the provider's expiry ends a job EXPIRED, a failed request or batch FAILED (with a
-short provider code), a cancelled one CANCELLED; none of them is charged. A job still queued
-after ``max_queued_seconds`` (a spent quota, a provider down all that time) ends EXPIRED
+short provider code), a cancelled one CANCELLED; none of them is charged, but for a job cancelled
+after it was sent what the provider billed for it. A job still queued after
+``max_queued_seconds`` (a spent quota, a provider down all that time) ends EXPIRED
 ``queued_too_long``.
+
+A job cancelled after it was sent may be answered, and billed, by the provider all the same: when
+other jobs keep its provider batch running, or when the provider had answered it before the
+cancel reached it (OpenAI writes those answers to the cancelled batch's output file; Anthropic
+gives them ``succeeded`` results in the ended batch). Its provider batch is polled until it ends
+and read like any other: such a job stays CANCELLED for its caller (no answer is returned), and
+is charged once what the provider billed for it, in the ledger (outcome ``CANCELLED``, the
+provider's usage, not estimated), in the metrics (``answered``), and in its tenant's budget, whose
+estimate is held until then and corrected to that cost (to nothing when it was not answered).
 
 Each model group and each provider batch is handled on its own: what goes wrong with one is
 logged (never with prompt text) and the round goes on with the others. A retryable provider error
@@ -36,8 +46,10 @@ ended, and the provider expires what is left (OpenAI's batch files after 30 days
 Anthropic's results 29 days after the batch's creation).
 
 A provider batch no job waits for any more is cancelled at the provider: when its last waiting job
-is cancelled, or when every job of a group was cancelled while the group was being sent. No round
-polls it after that, so what the provider keeps of it is left to the provider's expiry.
+is cancelled, or when every job of a group was cancelled while the group was being sent. It is
+still polled until it ends (OpenAI's ``cancelling`` lasts up to 10 minutes; Anthropic's
+``canceling`` until the requests under way end), read for the answers it was billed for, and
+then discarded as any other.
 
 Several workers (``server.workers``) share one store, and each runs a poller: a group is sent
 only by the worker that claimed its jobs (``BatchStore.claim``), so each job is submitted once.
@@ -45,7 +57,8 @@ A claim lasts ``CLAIM_SECONDS`` and a send is cut off at half of that, so it nev
 claim. A worker that dies or stops mid-send leaves its claim; once it lapses any worker (or the
 restarted one) sends the jobs. That is the one case a job can reach the provider twice, if the
 first send got through before the worker died. Every worker polls every provider batch; a job
-ends once and is charged once, in the ledger of the worker that read its result.
+ends once and is charged once, in the ledger of the worker that read its result (a cancelled
+job's bill too: ``BatchStore.close_cancelled``).
 """
 
 from __future__ import annotations
@@ -67,6 +80,7 @@ from routesvc.batches._store import (
     BatchStore,
     QueuedJob,
     QueuedRequest,
+    SentJobs,
     decode_request,
     encode_request,
     store_failure,
@@ -156,13 +170,16 @@ class BatchQueue:
         answered: Callable[[ModelSpec, str, Usage, Decimal], None] | None = None,
     ) -> None:
         self._settings = settings
-        # Told (model, provider model, usage, cost) of each answer charged, for the metrics.
+        # Told (model, provider model, usage, cost) of each answer charged, for the metrics
+        # (also of a cancelled job the provider answered and billed).
         self._answered = answered
         # Told (tenant, USD, when the job was queued) once a job whose budget counted its
         # estimate (``commit``) has ended: its real cost less that estimate (all of it back when
-        # it ended unanswered). Budgets kept per process (``shared_budgets`` false) are corrected
-        # only by the queue that counted them, whichever worker ended the job; a restarted
-        # process never counted its predecessor's jobs, so it corrects none of them.
+        # it ended unanswered; a job cancelled after it was sent, once its provider batch is
+        # read: what the provider billed for it, often nothing). Budgets kept per process
+        # (``shared_budgets`` false) are corrected only by the queue that counted them, whichever
+        # worker ended the job; a restarted process never counted its predecessor's jobs, so it
+        # corrects none of them.
         self._spend = spend
         self._shared_budgets = shared_budgets
         self._catalog = catalog or (lambda: settings.catalog)
@@ -399,10 +416,13 @@ class BatchQueue:
         return status
 
     async def cancel(self, batch_id: str, tenant: str) -> BatchStatus:
-        """Cancel a job that has not ended (it is never charged); an ended job is returned as it is.
+        """Cancel a job that has not ended; an ended job is returned as it is.
 
-        A job already in a provider batch is cancelled there when no other job of that batch is
-        still waiting for its answer.
+        A job not sent yet is never sent or charged. A job already in a provider batch is
+        cancelled there when no other job of that batch is still waiting for its answer; the
+        provider may have answered it (and billed it) all the same, so it is charged what the
+        provider billed once that batch has ended (see the module's docstring), and its
+        tenant's budget keeps its estimate until then.
         """
         status = await self.get(batch_id, tenant)
         if status.job.state.ended:
@@ -545,8 +565,8 @@ class BatchQueue:
         placed = await store.mark_submitted(ids, self._owner, model.provider, provider_batch_id)
         log.info("batch_submitted", model=model_id, jobs=placed, provider_batch_id=provider_batch_id)
         if placed == 0:
-            # Every job was cancelled while it was being sent: nobody would poll this batch, and
-            # the provider would run (and bill) it.
+            # Every job was cancelled while it was being sent: the provider would run (and bill)
+            # the whole batch. It is read once it ends, for what it answered before the cancel.
             await self._cancel_provider_batch(model.provider, provider_batch_id)
 
     async def _submit(self, api: BatchAPI, items: list[BatchItem]) -> str:
@@ -576,8 +596,8 @@ class BatchQueue:
         return failed
 
     async def _poll(self) -> None:
-        """Poll each provider batch not yet ended; read the results of those that have."""
-        for (provider, provider_batch_id), ids in (await self._opened().submitted()).items():
+        """Poll each provider batch not yet read; read the results of those that have ended."""
+        for (provider, provider_batch_id), jobs in (await self._opened().submitted()).items():
             with self._using(provider) as api:
                 if api is None:
                     # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
@@ -587,23 +607,33 @@ class BatchQueue:
                             "batch_poll_skipped",
                             provider=provider,
                             provider_batch_id=provider_batch_id,
-                            jobs=len(ids),
+                            jobs=len(jobs.waiting) + len(jobs.cancelled),
                             reason="no_batch_api",
                         )
                     continue
-                await self._poll_one(api, provider_batch_id, ids)
+                await self._poll_one(api, provider_batch_id, jobs)
 
-    async def _poll_one(self, api: BatchAPI, provider_batch_id: str, ids: list[str]) -> None:
+    async def _poll_one(self, api: BatchAPI, provider_batch_id: str, jobs: SentJobs) -> None:
         """Poll one provider batch; what goes wrong with it is logged (or fails its jobs)."""
         try:
-            await self._poll_batch(api, provider_batch_id, ids)
+            await self._poll_batch(api, provider_batch_id, jobs)
         except ProviderRejected as error:
             code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
-            # None failed: another worker stored the results and deleted the batch (or its files)
-            # since this round listed its jobs.
-            if failed := await self._fail(ids, code):
+            # None failed or closed: another worker stored the results and deleted the batch (or
+            # its files) since this round listed its jobs. A cancelled job's bill cannot be read
+            # any more: it is charged nothing.
+            failed = await self._fail(list(jobs.waiting), code)
+            closed = 0
+            for batch_id in jobs.cancelled:
+                closed += await self._opened().close_cancelled(batch_id, None)
+            if failed or closed:
                 log.warning(
-                    "batch_lost", provider_batch_id=provider_batch_id, jobs=failed, status=error.status, error=code
+                    "batch_lost",
+                    provider_batch_id=provider_batch_id,
+                    jobs=failed,
+                    cancelled_jobs=closed,
+                    status=error.status,
+                    error=code,
                 )
         except ProviderError as error:
             log.warning("batch_poll_failed", provider_batch_id=provider_batch_id, reason=error.reason)
@@ -611,30 +641,40 @@ class BatchQueue:
             # Our bug or the store: the other batches go on; this one is polled again next round.
             log.exception("batch_poll_crashed", provider_batch_id=provider_batch_id)
 
-    async def _poll_batch(self, api: BatchAPI, provider_batch_id: str, ids: list[str]) -> None:
+    async def _poll_batch(self, api: BatchAPI, provider_batch_id: str, jobs: SentJobs) -> None:
         batch = await api.poll(provider_batch_id)
         if not batch.ended:
             return
         results = {result.custom_id: result for result in await api.results(batch)}
-        for batch_id in ids:
+        for batch_id in jobs.waiting:
             result = results.get(batch_id) or ItemResult(
                 batch_id,
                 BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED,
                 error=batch.error or "no_result",
             )
             await self._settle(batch_id, result)
-        log.info("batch_ended", provider_batch_id=provider_batch_id, status=batch.status, jobs=len(ids))
-        # Every job's end is stored (a store failure above leaves the batch to be read again next
-        # round): what the provider keeps of it, prompts and answers, is deleted. In one task a
-        # shutdown waits for; a delete that fails is logged and not tried again, as no round
-        # comes back to a batch whose jobs have ended.
+        for batch_id in jobs.cancelled:
+            await self._settle_cancelled(batch_id, results.get(batch_id))
+        log.info(
+            "batch_ended",
+            provider_batch_id=provider_batch_id,
+            status=batch.status,
+            jobs=len(jobs.waiting),
+            cancelled_jobs=len(jobs.cancelled),
+        )
+        # Every job's end, and every cancelled job's bill, is stored (a store failure above
+        # leaves the batch to be read again next round): what the provider keeps of it, prompts
+        # and answers, is deleted. In one task a shutdown waits for; a delete that fails is
+        # logged and not tried again, as no round comes back to a batch whose jobs are settled.
         await asyncio.shield(self._keep(api.discard(batch)))
 
     async def _settle(self, batch_id: str, result: ItemResult) -> None:
-        """End one job with its result; charge it once if it succeeded (and was not cancelled)."""
+        """End one job with its result; charge it once if it succeeded. A job cancelled since
+        this round listed it is charged what the provider billed (``_settle_cancelled``)."""
         store = self._opened()
         if result.state is not BatchState.SUCCEEDED:
-            await store.finish(batch_id, result.state, error=result.error)
+            if not await store.finish(batch_id, result.state, error=result.error):
+                await self._settle_cancelled(batch_id, result)
             return
         status = await store.get_any(batch_id)
         if status is None:
@@ -647,24 +687,55 @@ class BatchQueue:
             result.text, result.usage, cost, result.finish_reason, result.provider_model, result.tool_calls
         )
         if not await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
-            # Cancelled (or ended) before the provider's answer arrived: not charged to the tenant.
-            log.info("batch_result_discarded", batch_id=batch_id, state=status.job.state.value)
+            # Cancelled (or ended by another worker) since this round listed it.
+            await self._settle_cancelled(batch_id, result)
             return
+        self._charge(status.job, model, answer, AttemptOutcome.COMPLETED)
+        log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))
+
+    async def _settle_cancelled(self, batch_id: str, result: ItemResult | None) -> None:
+        """Close a job cancelled after it was sent, its provider batch read: charged once what
+        the provider billed for it when it answered it (``result`` SUCCEEDED), else nothing.
+        Nothing is done for a job not waiting for its batch (closed by another worker, or one
+        whose cancel came before it was sent)."""
+        store = self._opened()
+        if result is None or result.state is not BatchState.SUCCEEDED:
+            await store.close_cancelled(batch_id, None)
+            return
+        status = await store.get_any(batch_id)
+        if status is None:
+            return
+        try:
+            model = self._catalog().get(status.job.model)
+        except ModelNotFound:
+            # Without its prices the bill cannot be counted: logged, for the provider's invoice
+            # to be checked by hand.
+            if await store.close_cancelled(batch_id, None):
+                log.warning("batch_cancelled_job_unpriced", batch_id=batch_id, model=status.job.model)
+            return
+        cost = cost_of_usage(model, result.usage, Mode.BATCH)
+        billed = BatchResult("", result.usage, cost, result.finish_reason, result.provider_model)
+        if not await store.close_cancelled(batch_id, billed):
+            return
+        self._charge(status.job, model, billed, AttemptOutcome.CANCELLED)
+        log.info("batch_cancelled_job_billed", batch_id=batch_id, cost_usd=format_usd(cost))
+
+    def _charge(self, job: BatchJob, model: ModelSpec, answer: BatchResult, outcome: AttemptOutcome) -> None:
+        """Record what the provider billed for ``job``'s answer: the ledger, then the metrics."""
         self._ledger.record(
-            request_id=batch_id,
-            decision_id=status.job.decision_id,
-            tenant=status.job.tenant,
+            request_id=job.batch_id,
+            decision_id=job.decision_id,
+            tenant=job.tenant,
             model=model.id,
-            provider=status.job.provider,
+            provider=job.provider,
             attempt=1,
-            outcome=AttemptOutcome.COMPLETED,
-            usage=result.usage,
-            cost_usd=cost,
+            outcome=outcome,
+            usage=answer.usage,
+            cost_usd=answer.cost_usd,
             estimated=False,
         )
         if self._answered is not None:
-            self._answered(model, result.provider_model, result.usage, cost)
-        log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))
+            self._answered(model, answer.provider_model, answer.usage, answer.cost_usd)
 
 
 def _item(batch_id: str, model: ModelSpec, request: QueuedRequest) -> BatchItem:

@@ -3,10 +3,12 @@
 One row per job. A queued job keeps its request (messages, tools and sampling: what is needed to
 send it); the request is cleared once the job is in a provider batch. A job ends exactly once:
 ``finish`` changes only a job that has not ended, and says whether it did, so a result is charged
-once. Calls run in a worker thread; one lock serialises them on the one connection. Any SQLite
-error of the store on a call (a full disk, a read-only file) is raised as
-``BatchStoreUnavailable``, the file locked by another writer past the busy timeout as its
-subclass ``BatchStoreBusy`` (``store_failure``).
+once. A job cancelled after it was sent stays tied to its provider batch (``provider_pending``),
+which the provider may still answer it in (and bill), until that batch's results are read:
+``close_cancelled`` then stores what it was billed, once. Calls run in a worker thread; one lock
+serialises them on the one connection. Any SQLite error of the store on a call (a full disk, a
+read-only file) is raised as ``BatchStoreUnavailable``, the file locked by another writer past the
+busy timeout as its subclass ``BatchStoreBusy`` (``store_failure``).
 
 Several processes may share the file (``server.workers``). A queued job is sent by whoever
 ``claim``s it: one ``BEGIN IMMEDIATE`` transaction marks it with the claimant and a lease, and
@@ -89,6 +91,9 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # made), budget_by: the queue that counted it, budget_done: 1 once the end's correction is made.
 # tool_calls: the result's tool calls, as a JSON list of {id, name, arguments_json}.
 # cache_write_tokens, cache_write_1h_tokens: the result's prompt-cache writes (Usage).
+# provider_pending: 1 while a job cancelled after it was sent waits for its provider batch's
+# results (its usage and cost_usd are then what the provider billed for it, if it answered it);
+# NULL otherwise. Jobs cancelled before the column was added have none: their batches are not read.
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -98,6 +103,7 @@ _ADDED_COLUMNS = (
     ("tool_calls", "TEXT"),
     ("cache_write_tokens", "INTEGER"),
     ("cache_write_1h_tokens", "INTEGER"),
+    ("provider_pending", "INTEGER"),
 )
 
 _COLUMNS = (
@@ -129,6 +135,16 @@ class QueuedJob:
     model: str
     created_at: float
     request_chars: int
+
+
+@dataclass(frozen=True, slots=True)
+class SentJobs:
+    """The jobs of one provider batch that wait for its results: ``waiting`` (SUBMITTED: the
+    results end them) and ``cancelled`` (cancelled after they were sent: the provider may have
+    answered them, and billed them, all the same)."""
+
+    waiting: tuple[str, ...] = ()
+    cancelled: tuple[str, ...] = ()
 
 
 def encode_request(request: QueuedRequest) -> str:
@@ -290,6 +306,11 @@ def _add_missing_columns(connection: sqlite3.Connection) -> None:
         connection.execute(
             "CREATE INDEX IF NOT EXISTS jobs_uncorrected ON jobs (budget_by)"
             " WHERE budget_usd IS NOT NULL AND budget_done IS NULL"
+        )
+        # The few cancelled jobs whose provider batch is still read, listed every poller round.
+        connection.execute(
+            "CREATE INDEX IF NOT EXISTS jobs_provider_pending ON jobs (provider, provider_batch_id)"
+            " WHERE provider_pending IS NOT NULL"
         )
 
 
@@ -469,14 +490,16 @@ class BatchStore:
         return await self._run(update)
 
     async def prune_ended(self, ended_before: float, limit: int) -> int:
-        """Delete at most ``limit`` jobs that ended before ``ended_before`` and whose budget needs
-        no more correction (one waiting for it is kept until it is made). Returns how many."""
+        """Delete at most ``limit`` jobs that ended before ``ended_before``, whose budget needs
+        no more correction and whose provider batch is not still to be read (such a job is kept
+        until both are done). Returns how many."""
         ended = tuple(state.value for state in _ENDED_STATES)
 
         def delete(connection: sqlite3.Connection) -> int:
             cursor = connection.execute(
                 "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE state IN (?, ?, ?, ?)"
-                " AND updated_at < ? AND (budget_usd IS NULL OR budget_done IS NOT NULL) LIMIT ?)",
+                " AND updated_at < ? AND (budget_usd IS NULL OR budget_done IS NOT NULL)"
+                " AND provider_pending IS NULL LIMIT ?)",
                 (*ended, ended_before, limit),
             )
             return cursor.rowcount
@@ -521,12 +544,15 @@ class BatchStore:
     async def mark_submitted(self, batch_ids: list[str], owner: str, provider: str, provider_batch_id: str) -> int:
         """``owner``'s claimed jobs are in ``provider``'s batch ``provider_batch_id``; their requests are dropped.
 
-        A job cancelled meanwhile stays cancelled. Returns how many jobs are now in the batch: 0
-        means no job will ever poll it, and the caller cancels it at the provider. One
-        transaction, so a ``cancel`` sees either none of the group in the batch or all of it.
+        A job cancelled meanwhile (it was sent all the same) stays cancelled, tied to the batch
+        to be read once it ends (``provider_pending``); its budget, if the cancel already
+        corrected it to nothing, is due a correction again, from nothing to what the provider
+        bills for it. Returns how many jobs wait for the batch: 0 means every job was cancelled,
+        and the caller cancels it at the provider. One transaction, so a ``cancel`` sees either
+        none of the group in the batch or all of it.
         """
         now = self._clock()
-        submitted, queued = BatchState.SUBMITTED.value, BatchState.QUEUED.value
+        submitted, queued, cancelled = BatchState.SUBMITTED.value, BatchState.QUEUED.value, BatchState.CANCELLED.value
 
         def update(connection: sqlite3.Connection) -> int:
             placed = 0
@@ -539,22 +565,36 @@ class BatchStore:
                         (submitted, provider, provider_batch_id, now, batch_id, queued, owner),
                     )
                     placed += cursor.rowcount
+                    if cursor.rowcount:
+                        continue
+                    # A correction made counts nothing for the job now: budget_usd says so.
+                    connection.execute(
+                        "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1,"
+                        " claimed_by = NULL, claimed_until = NULL,"
+                        " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
+                        " WHERE id = ? AND state = ? AND claimed_by = ? AND provider_batch_id IS NULL",
+                        (provider, provider_batch_id, batch_id, cancelled, owner),
+                    )
             return placed
 
         return await self._run(update)
 
-    async def submitted(self) -> dict[tuple[str, str], list[str]]:
-        """Job ids in provider batches not yet ended, by (provider, provider batch id)."""
+    async def submitted(self) -> dict[tuple[str, str], SentJobs]:
+        """The jobs of provider batches still to be read, by (provider, provider batch id): those
+        waiting for their results, and those cancelled after they were sent (``SentJobs``)."""
+        submitted = BatchState.SUBMITTED.value
 
-        def select(connection: sqlite3.Connection) -> dict[tuple[str, str], list[str]]:
+        def select(connection: sqlite3.Connection) -> dict[tuple[str, str], SentJobs]:
             rows = connection.execute(
-                "SELECT id, provider, provider_batch_id FROM jobs WHERE state = ? ORDER BY created_at",
-                (BatchState.SUBMITTED.value,),
+                "SELECT id, provider, provider_batch_id, state FROM jobs"
+                " WHERE state = ? OR provider_pending IS NOT NULL ORDER BY created_at",
+                (submitted,),
             ).fetchall()
-            found: dict[tuple[str, str], list[str]] = {}
+            found: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
             for row in rows:
-                found.setdefault((row["provider"], row["provider_batch_id"]), []).append(row["id"])
-            return found
+                waiting, cancelled = found.setdefault((row["provider"], row["provider_batch_id"]), ([], []))
+                (waiting if row["state"] == submitted else cancelled).append(row["id"])
+            return {key: SentJobs(tuple(waiting), tuple(cancelled)) for key, (waiting, cancelled) in found.items()}
 
         return await self._run(select)
 
@@ -562,18 +602,24 @@ class BatchStore:
         """End the job CANCELLED if it has not ended. Returns its (provider, provider batch id)
         when that batch has no job left waiting for its answer, for the caller to cancel there.
 
-        One transaction: of sibling jobs cancelled at once, exactly the last learns that the
-        batch is left with none.
+        A job already sent stays tied to its provider batch (``provider_pending``), to be read
+        once that batch ends: the provider may have answered it, and billed it, before a cancel
+        reaches it, or answer it anyway when other jobs keep the batch running. Its budget is not
+        corrected until then. One transaction: of sibling jobs cancelled at once, exactly the
+        last learns that the batch is left with none.
         """
         now = self._clock()
         queued, submitted = BatchState.QUEUED.value, BatchState.SUBMITTED.value
 
         def update(connection: sqlite3.Connection) -> tuple[str, str] | None:
             with immediate(connection):
+                # The right-hand sides read the row as it was: provider_pending is set for a job
+                # that was SUBMITTED.
                 cursor = connection.execute(
-                    "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', error = 'cancelled'"
+                    "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', error = 'cancelled',"
+                    " provider_pending = CASE WHEN state = ? THEN 1 END"
                     " WHERE id = ? AND state IN (?, ?)",
-                    (BatchState.CANCELLED.value, now, batch_id, queued, submitted),
+                    (BatchState.CANCELLED.value, now, submitted, batch_id, queued, submitted),
                 )
                 if cursor.rowcount != 1:
                     return None
@@ -612,15 +658,17 @@ class BatchStore:
 
     async def budget_corrections(self, owner: str, *, any_owner: bool) -> list[tuple[str, Decimal, float]]:
         """(tenant, USD, queued at) for each ended job whose counted budget is not corrected yet:
-        its real cost (nothing unless it succeeded) less what was counted; those ``owner``
-        counted only, unless ``any_owner`` (budgets shared by every process). Each is returned
-        once: a job is marked corrected in the same transaction that returns it."""
+        its real cost (what the provider billed: nothing unless it answered the job) less what
+        was counted; those ``owner`` counted only, unless ``any_owner`` (budgets shared by every
+        process). A job cancelled after it was sent waits until its provider batch is read
+        (``close_cancelled``). Each is returned once: a job is marked corrected in the same
+        transaction that returns it."""
         ended = tuple(state.value for state in BatchState if state.ended)
         marks = ", ".join("?" for _ in ended)
         # The partial index holds only jobs waiting for a correction (INDEXED BY: the planner
         # would take the state index, which holds every ended job); by owner, a lookup.
-        where = f"budget_usd IS NOT NULL AND budget_done IS NULL AND state IN ({marks})"
-        query = "SELECT id, tenant, state, cost_usd, budget_usd, created_at FROM jobs INDEXED BY jobs_uncorrected"
+        where = f"budget_usd IS NOT NULL AND budget_done IS NULL AND provider_pending IS NULL AND state IN ({marks})"
+        query = "SELECT id FROM jobs INDEXED BY jobs_uncorrected"
         query += f" WHERE {where}" if any_owner else f" WHERE budget_by = ? AND {where}"
         parameters = ended if any_owner else (owner, *ended)
 
@@ -631,15 +679,50 @@ class BatchStore:
             corrections = []
             with immediate(connection):
                 for row in rows:
-                    cursor = connection.execute(
-                        "UPDATE jobs SET budget_done = 1 WHERE id = ? AND budget_done IS NULL", (row["id"],)
-                    )
-                    if cursor.rowcount != 1:
-                        continue  # another worker took it between the read and now
-                    succeeded = row["state"] == BatchState.SUCCEEDED.value
-                    cost = Decimal(row["cost_usd"] or 0) if succeeded else Decimal(0)
-                    corrections.append((row["tenant"], cost - Decimal(row["budget_usd"]), row["created_at"]))
+                    # Read again under the write lock: another worker may have corrected it, or
+                    # tied it to its provider batch (``mark_submitted``), since the read above.
+                    job = connection.execute(
+                        "SELECT tenant, cost_usd, budget_usd, created_at FROM jobs"
+                        " WHERE id = ? AND budget_done IS NULL AND provider_pending IS NULL",
+                        (row["id"],),
+                    ).fetchone()
+                    if job is None:
+                        continue
+                    connection.execute("UPDATE jobs SET budget_done = 1 WHERE id = ?", (row["id"],))
+                    # cost_usd is set only for a job the provider answered (SUCCEEDED, or billed
+                    # though cancelled).
+                    cost = Decimal(job["cost_usd"] or 0)
+                    corrections.append((job["tenant"], cost - Decimal(job["budget_usd"]), job["created_at"]))
             return corrections
+
+        return await self._run(update)
+
+    async def close_cancelled(self, batch_id: str, billed: BatchResult | None) -> bool:
+        """A job cancelled after it was sent, once its provider batch's results are read: store
+        what the provider billed for it (``billed``: its usage and cost, the answer's text left
+        out, as a cancelled job returns none; None: it was not answered), which its budget is
+        then corrected to. True for the one call that closed it (whose caller charges it);
+        False when it was not waiting (never sent, or closed by another worker)."""
+        usage = billed.usage if billed is not None else None
+
+        def update(connection: sqlite3.Connection) -> bool:
+            cursor = connection.execute(
+                "UPDATE jobs SET provider_pending = NULL, cost_usd = ?, input_tokens = ?, output_tokens = ?,"
+                " cached_input_tokens = ?, cache_write_tokens = ?, cache_write_1h_tokens = ?, provider_model = ?"
+                " WHERE id = ? AND state = ? AND provider_pending IS NOT NULL",
+                (
+                    None if billed is None else str(billed.cost_usd),
+                    None if usage is None else usage.input_tokens,
+                    None if usage is None else usage.output_tokens,
+                    None if usage is None else usage.cached_input_tokens,
+                    None if usage is None else usage.cache_write_input_tokens,
+                    None if usage is None else usage.cache_write_1h_input_tokens,
+                    None if billed is None else billed.provider_model,
+                    batch_id,
+                    BatchState.CANCELLED.value,
+                ),
+            )
+            return cursor.rowcount == 1
 
         return await self._run(update)
 

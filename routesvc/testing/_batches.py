@@ -5,11 +5,11 @@
     DELETE /v1/files/{id}                   delete a file (recorded in ``deleted_files``)
     POST /v1/batches                        create from an uploaded file
     GET  /v1/batches/{id}                   retrieve (ends the batch per the outcome, see below)
-    POST /v1/batches/{id}/cancel            cancel
+    POST /v1/batches/{id}/cancel            cancel ("cancelling"; "cancelled" at the next retrieve)
     POST /v1/messages/batches               create with inline requests
     GET  /v1/messages/batches/{id}          retrieve
     GET  /v1/messages/batches/{id}/results  JSONL results once ended
-    POST /v1/messages/batches/{id}/cancel   cancel
+    POST /v1/messages/batches/{id}/cancel   cancel ("canceling"; "ended" at the next retrieve)
     DELETE /v1/messages/batches/{id}        delete an ended batch (``deleted``; then 404 like an unknown one)
 
 Every batch stays in progress until a retrieve finds ``BatchOutcome`` (``FakeProvider.batch_outcome``)
@@ -20,6 +20,13 @@ still in progress, so tests can restart the service in between. An OpenAI reques
 HTTP error is a line of the output file, or with ``http_errors_in_error_file`` a line of the error
 file with its ``response`` and ``error`` null, as the Batch API writes it. Output lines hold
 non-ASCII characters raw (UTF-8), U+2028 and U+2029 too: JSON Lines ends a line at "\n" only.
+
+A cancel ends a batch still in progress as the real APIs do, at the next retrieve: the first
+``answered_before_cancel`` requests (as many as the provider had finished when the cancel came)
+are answered by their scripts, and billed; the others are cancelled. An OpenAI batch then is
+"cancelled" with those answers in its output file and the rest in its error file
+(``batch_cancelled``); an Anthropic one "ended" with ``succeeded`` (or ``errored``) results for
+them and ``canceled`` for the rest.
 
 Faults: ``create_error`` answers creates (both APIs), ``delete_error`` deletes (files and message
 batches) with an error; ``create_hold`` keeps creates waiting until the test sets it
@@ -56,6 +63,10 @@ _VALIDATION_ERRORS = {
 }
 
 
+# The statuses of a batch not ended yet, in either API.
+_RUNNING = ("in_progress", "validating", "cancelling", "canceling")
+
+
 class BatchOutcome(enum.Enum):
     """How the fake ends a batch at its next retrieve."""
 
@@ -76,6 +87,8 @@ class FakeBatch:
     input_file_id: str | None = None  # OpenAI
     status: str = "in_progress"
     cancelled: bool = False
+    # How many requests (the first ones) the provider had answered when the cancel came.
+    answered_before_cancel: int = 0
     deleted: bool = False  # Anthropic: deleted once ended
     output_file_id: str | None = None
     error_file_id: str | None = None
@@ -116,6 +129,8 @@ class FakeBatches:
         self.outcome = BatchOutcome.COMPLETE
         self.http_errors_in_error_file = False
         self.results_deleted = False
+        # How many of a batch's requests (the first ones) are answered when a cancel reaches it.
+        self.answered_before_cancel = 0
         # (status, JSON body) that creating a batch answers instead, in both APIs; None: created.
         self.create_error: tuple[int, Any] | None = None
         # (status, JSON body) that deleting a file or a message batch answers instead; None: deleted.
@@ -151,6 +166,7 @@ class FakeBatches:
         self.batches.clear()
         self.outcome = BatchOutcome.COMPLETE
         self.results_deleted = False
+        self.answered_before_cancel = 0
         self.create_error = None
         self.delete_error = None
         self.create_hold = None
@@ -169,8 +185,8 @@ class FakeBatches:
         return script, input_tokens, output_tokens
 
     def _end(self, batch: FakeBatch) -> None:
-        """End ``batch`` per the outcome (once); fills its results."""
-        if batch.status not in ("in_progress", "validating"):
+        """End ``batch`` per the outcome, or as cancelled (once); fills its results."""
+        if batch.status not in _RUNNING:
             return
         outcome = self.outcome
         if batch.cancelled:
@@ -188,15 +204,23 @@ class FakeBatches:
         else:
             self._end_anthropic(batch)
 
+    @staticmethod
+    def _answered(batch: FakeBatch) -> int:
+        """How many of an ended batch's requests (the first ones) the provider answered."""
+        if batch.status == "completed":
+            return len(batch.requests)
+        return min(batch.answered_before_cancel, len(batch.requests)) if batch.cancelled else 0
+
     def _end_openai(self, batch: FakeBatch) -> None:
         output: list[str] = []
         errors: list[str] = []
         if batch.status == "failed":
             # Validation failed: no output or error file, the reason in the batch's ``errors``.
             return
-        for line in batch.requests:
+        done = self._answered(batch)
+        for number, line in enumerate(batch.requests):
             custom_id = line.get("custom_id")
-            if batch.status != "completed":
+            if number >= done:
                 code = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(batch.status, "batch_failed")
                 error = {"code": code, "message": f"request {batch.status}"}
                 errors.append(json.dumps({"id": self._new_id("batch_req_"), "custom_id": custom_id, "error": error}))
@@ -245,11 +269,12 @@ class FakeBatches:
 
     def _end_anthropic(self, batch: FakeBatch) -> None:
         status = batch.status
+        done = self._answered(batch)
         batch.status = "ended"
-        for item in batch.requests:
+        for number, item in enumerate(batch.requests):
             custom_id = item.get("custom_id")
             params = item.get("params") or {}
-            if status == "cancelled":
+            if status == "cancelled" and number >= done:
                 result: dict[str, Any] = {"type": "canceled"}
             elif status == "expired":
                 result = {"type": "expired"}
@@ -336,8 +361,8 @@ class FakeBatches:
             await self.create_hold.wait()
 
     def _openai_json(self, batch: FakeBatch) -> dict[str, Any]:
-        ended = batch.status not in ("in_progress", "validating")
-        done = len(batch.requests) if batch.status == "completed" else 0
+        ended = batch.status not in _RUNNING
+        done = self._answered(batch) if ended else 0
         return {
             "id": batch.id,
             "object": "batch",
@@ -384,11 +409,18 @@ class FakeBatches:
             await connection.send_json(200, self._openai_json(batch))
         return True
 
+    def _cancel(self, batch: FakeBatch, cancelling: str) -> None:
+        """Cancel ``batch`` if it still runs: ``cancelling`` until the next retrieve ends it, with
+        the answers of the requests finished by now."""
+        if batch.status in _RUNNING and not batch.cancelled:
+            batch.cancelled = True
+            batch.answered_before_cancel = self.answered_before_cancel
+            batch.status = cancelling
+
     async def _openai_cancel(self, connection: Connection, request: Request) -> bool:
         batch = await self._openai_found(connection, request)
         if batch is not None:
-            batch.cancelled = True
-            self._end(batch)
+            self._cancel(batch, "cancelling")
             await connection.send_json(200, self._openai_json(batch))
         return True
 
@@ -469,8 +501,7 @@ class FakeBatches:
     async def _anthropic_cancel(self, connection: Connection, request: Request) -> bool:
         batch = await self._anthropic_found(connection, request)
         if batch is not None:
-            batch.cancelled = True
-            self._end(batch)
+            self._cancel(batch, "canceling")
             await connection.send_json(200, self._anthropic_json(batch))
         return True
 

@@ -137,6 +137,17 @@ class FakeProvider:
         self._batches.outcome = outcome
 
     @property
+    def batch_answered_before_cancel(self) -> int:
+        """How many of a batch's requests (the first ones) the provider has answered when a cancel
+        reaches it (default 0): the cancelled batch ends with their answers, billed, as the real
+        APIs do (OpenAI's output file, Anthropic's ``succeeded`` results), the others cancelled."""
+        return self._batches.answered_before_cancel
+
+    @batch_answered_before_cancel.setter
+    def batch_answered_before_cancel(self, answered: int) -> None:
+        self._batches.answered_before_cancel = answered
+
+    @property
     def batch_create_error(self) -> tuple[int, Any] | None:
         """``(status, JSON body)`` that creating a batch answers in both APIs, or None (created)."""
         return self._batches.create_error

@@ -53,7 +53,9 @@ class _BatchStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchState
     BATCH_STATE_CANCELLED: _BatchState.ValueType  # 6
     """Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
     because the Complete that made it ended before the job's id was sent; such a job
-    is never sent to the provider. Nothing is charged.
+    is never sent to the provider. Nothing is charged, unless the provider answered the
+    job before the cancel reached it (or another job kept its provider batch running):
+    then what the provider billed is charged, and no answer is returned.
     """
 
 class BatchState(_BatchState, metaclass=_BatchStateEnumTypeWrapper):
@@ -74,7 +76,9 @@ BATCH_STATE_EXPIRED: BatchState.ValueType  # 5
 BATCH_STATE_CANCELLED: BatchState.ValueType  # 6
 """Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
 because the Complete that made it ended before the job's id was sent; such a job
-is never sent to the provider. Nothing is charged.
+is never sent to the provider. Nothing is charged, unless the provider answered the
+job before the cancel reached it (or another job kept its provider batch running):
+then what the provider billed is charged, and no answer is returned.
 """
 Global___BatchState: _TypeAlias = BatchState  # noqa: Y015
 

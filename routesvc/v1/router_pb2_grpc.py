@@ -128,9 +128,10 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelBatch(self, request, context):
-        """CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-        returns its state; a job that already ended is returned unchanged. An unknown job,
-        or another tenant's, is NOT_FOUND.
+        """CancelBatch cancels a batch job that has not ended and returns its state; a job that
+        already ended is returned unchanged. Nothing is charged for it unless the provider had
+        already answered it (and bills it): a job cancelled after it was sent is charged that
+        bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

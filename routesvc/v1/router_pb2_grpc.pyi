@@ -76,9 +76,10 @@ class RouterServiceStub:
     cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
     """
     CancelBatch: _grpc.UnaryUnaryMultiCallable[_router_pb2.CancelBatchRequest, _router_pb2.CancelBatchResponse]
-    """CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-    returns its state; a job that already ended is returned unchanged. An unknown job,
-    or another tenant's, is NOT_FOUND.
+    """CancelBatch cancels a batch job that has not ended and returns its state; a job that
+    already ended is returned unchanged. Nothing is charged for it unless the provider had
+    already answered it (and bills it): a job cancelled after it was sent is charged that
+    bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
     """
     Feedback: _grpc.UnaryUnaryMultiCallable[_router_pb2.FeedbackRequest, _router_pb2.FeedbackResponse]
     """Feedback records how good the answer of an earlier decision was. The embedding
@@ -124,9 +125,10 @@ class RouterServiceAsyncStub(RouterServiceStub):
     cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
     """
     CancelBatch: _aio.UnaryUnaryMultiCallable[_router_pb2.CancelBatchRequest, _router_pb2.CancelBatchResponse]  # type: ignore[assignment]
-    """CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-    returns its state; a job that already ended is returned unchanged. An unknown job,
-    or another tenant's, is NOT_FOUND.
+    """CancelBatch cancels a batch job that has not ended and returns its state; a job that
+    already ended is returned unchanged. Nothing is charged for it unless the provider had
+    already answered it (and bills it): a job cancelled after it was sent is charged that
+    bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
     """
     Feedback: _aio.UnaryUnaryMultiCallable[_router_pb2.FeedbackRequest, _router_pb2.FeedbackResponse]  # type: ignore[assignment]
     """Feedback records how good the answer of an earlier decision was. The embedding
@@ -205,9 +207,10 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _router_pb2.CancelBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_router_pb2.CancelBatchResponse, _abc.Awaitable[_router_pb2.CancelBatchResponse]]:
-        """CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-        returns its state; a job that already ended is returned unchanged. An unknown job,
-        or another tenant's, is NOT_FOUND.
+        """CancelBatch cancels a batch job that has not ended and returns its state; a job that
+        already ended is returned unchanged. Nothing is charged for it unless the provider had
+        already answered it (and bills it): a job cancelled after it was sent is charged that
+        bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
         """
 
     @_abc_1.abstractmethod

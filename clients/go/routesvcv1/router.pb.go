@@ -53,7 +53,9 @@ const (
 	BatchState_BATCH_STATE_EXPIRED BatchState = 5
 	// Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
 	// because the Complete that made it ended before the job's id was sent; such a job
-	// is never sent to the provider. Nothing is charged.
+	// is never sent to the provider. Nothing is charged, unless the provider answered the
+	// job before the cancel reached it (or another job kept its provider batch running):
+	// then what the provider billed is charged, and no answer is returned.
 	BatchState_BATCH_STATE_CANCELLED BatchState = 6
 )
 

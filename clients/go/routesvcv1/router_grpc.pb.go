@@ -72,9 +72,10 @@ type RouterServiceClient interface {
 	// GetBatch reports a batch job's state and, once it succeeded, its answer, usage and
 	// cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
 	GetBatch(ctx context.Context, in *GetBatchRequest, opts ...grpc.CallOption) (*GetBatchResponse, error)
-	// CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-	// returns its state; a job that already ended is returned unchanged. An unknown job,
-	// or another tenant's, is NOT_FOUND.
+	// CancelBatch cancels a batch job that has not ended and returns its state; a job that
+	// already ended is returned unchanged. Nothing is charged for it unless the provider had
+	// already answered it (and bills it): a job cancelled after it was sent is charged that
+	// bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
 	CancelBatch(ctx context.Context, in *CancelBatchRequest, opts ...grpc.CallOption) (*CancelBatchResponse, error)
 	// Feedback records how good the answer of an earlier decision was. The embedding
 	// router learns from it (its example library grows, persisted in SQLite) and GetStats
@@ -202,9 +203,10 @@ type RouterServiceServer interface {
 	// GetBatch reports a batch job's state and, once it succeeded, its answer, usage and
 	// cost at the batch price. An unknown job, or another tenant's, is NOT_FOUND.
 	GetBatch(context.Context, *GetBatchRequest) (*GetBatchResponse, error)
-	// CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-	// returns its state; a job that already ended is returned unchanged. An unknown job,
-	// or another tenant's, is NOT_FOUND.
+	// CancelBatch cancels a batch job that has not ended and returns its state; a job that
+	// already ended is returned unchanged. Nothing is charged for it unless the provider had
+	// already answered it (and bills it): a job cancelled after it was sent is charged that
+	// bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
 	CancelBatch(context.Context, *CancelBatchRequest) (*CancelBatchResponse, error)
 	// Feedback records how good the answer of an earlier decision was. The embedding
 	// router learns from it (its example library grows, persisted in SQLite) and GetStats

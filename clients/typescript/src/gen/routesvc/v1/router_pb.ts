@@ -1958,7 +1958,9 @@ export enum BatchState {
   /**
    * Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
    * because the Complete that made it ended before the job's id was sent; such a job
-   * is never sent to the provider. Nothing is charged.
+   * is never sent to the provider. Nothing is charged, unless the provider answered the
+   * job before the cancel reached it (or another job kept its provider batch running):
+   * then what the provider billed is charged, and no answer is returned.
    *
    * @generated from enum value: BATCH_STATE_CANCELLED = 6;
    */
@@ -2406,9 +2408,10 @@ export const RouterService: GenService<{
     output: typeof GetBatchResponseSchema;
   },
   /**
-   * CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-   * returns its state; a job that already ended is returned unchanged. An unknown job,
-   * or another tenant's, is NOT_FOUND.
+   * CancelBatch cancels a batch job that has not ended and returns its state; a job that
+   * already ended is returned unchanged. Nothing is charged for it unless the provider had
+   * already answered it (and bills it): a job cancelled after it was sent is charged that
+   * bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
    *
    * @generated from rpc routesvc.v1.RouterService.CancelBatch
    */

@@ -65,7 +65,9 @@ public enum BatchState
    * <pre>
    * Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
    * because the Complete that made it ended before the job's id was sent; such a job
-   * is never sent to the provider. Nothing is charged.
+   * is never sent to the provider. Nothing is charged, unless the provider answered the
+   * job before the cancel reached it (or another job kept its provider batch running):
+   * then what the provider billed is charged, and no answer is returned.
    * </pre>
    *
    * <code>BATCH_STATE_CANCELLED = 6;</code>
@@ -126,7 +128,9 @@ public enum BatchState
    * <pre>
    * Cancelled by CancelBatch before it was answered, or (`error` "caller_cancelled")
    * because the Complete that made it ended before the job's id was sent; such a job
-   * is never sent to the provider. Nothing is charged.
+   * is never sent to the provider. Nothing is charged, unless the provider answered the
+   * job before the cancel reached it (or another job kept its provider batch running):
+   * then what the provider billed is charged, and no answer is returned.
    * </pre>
    *
    * <code>BATCH_STATE_CANCELLED = 6;</code>

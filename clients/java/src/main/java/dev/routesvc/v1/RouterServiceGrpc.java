@@ -364,9 +364,10 @@ public final class RouterServiceGrpc {
 
     /**
      * <pre>
-     * CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-     * returns its state; a job that already ended is returned unchanged. An unknown job,
-     * or another tenant's, is NOT_FOUND.
+     * CancelBatch cancels a batch job that has not ended and returns its state; a job that
+     * already ended is returned unchanged. Nothing is charged for it unless the provider had
+     * already answered it (and bills it): a job cancelled after it was sent is charged that
+     * bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
      * </pre>
      */
     default void cancelBatch(dev.routesvc.v1.CancelBatchRequest request,
@@ -492,9 +493,10 @@ public final class RouterServiceGrpc {
 
     /**
      * <pre>
-     * CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-     * returns its state; a job that already ended is returned unchanged. An unknown job,
-     * or another tenant's, is NOT_FOUND.
+     * CancelBatch cancels a batch job that has not ended and returns its state; a job that
+     * already ended is returned unchanged. Nothing is charged for it unless the provider had
+     * already answered it (and bills it): a job cancelled after it was sent is charged that
+     * bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
      * </pre>
      */
     public void cancelBatch(dev.routesvc.v1.CancelBatchRequest request,
@@ -605,9 +607,10 @@ public final class RouterServiceGrpc {
 
     /**
      * <pre>
-     * CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-     * returns its state; a job that already ended is returned unchanged. An unknown job,
-     * or another tenant's, is NOT_FOUND.
+     * CancelBatch cancels a batch job that has not ended and returns its state; a job that
+     * already ended is returned unchanged. Nothing is charged for it unless the provider had
+     * already answered it (and bills it): a job cancelled after it was sent is charged that
+     * bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
      * </pre>
      */
     public dev.routesvc.v1.CancelBatchResponse cancelBatch(dev.routesvc.v1.CancelBatchRequest request) throws io.grpc.StatusException {
@@ -715,9 +718,10 @@ public final class RouterServiceGrpc {
 
     /**
      * <pre>
-     * CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-     * returns its state; a job that already ended is returned unchanged. An unknown job,
-     * or another tenant's, is NOT_FOUND.
+     * CancelBatch cancels a batch job that has not ended and returns its state; a job that
+     * already ended is returned unchanged. Nothing is charged for it unless the provider had
+     * already answered it (and bills it): a job cancelled after it was sent is charged that
+     * bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
      * </pre>
      */
     public dev.routesvc.v1.CancelBatchResponse cancelBatch(dev.routesvc.v1.CancelBatchRequest request) {
@@ -809,9 +813,10 @@ public final class RouterServiceGrpc {
 
     /**
      * <pre>
-     * CancelBatch cancels a batch job that has not ended (nothing is charged for it) and
-     * returns its state; a job that already ended is returned unchanged. An unknown job,
-     * or another tenant's, is NOT_FOUND.
+     * CancelBatch cancels a batch job that has not ended and returns its state; a job that
+     * already ended is returned unchanged. Nothing is charged for it unless the provider had
+     * already answered it (and bills it): a job cancelled after it was sent is charged that
+     * bill once its provider batch ends. An unknown job, or another tenant's, is NOT_FOUND.
      * </pre>
      */
     public com.google.common.util.concurrent.ListenableFuture<dev.routesvc.v1.CancelBatchResponse> cancelBatch(
