@@ -19,7 +19,7 @@ from routesvc import config as config_module
 from routesvc import offline
 from routesvc.client import RouterClient, build_chat, image_part, tls_credentials
 from routesvc.errors import ConfigError, RouteSvcError
-from routesvc.signals import StopSignal, stop_on_signals
+from routesvc.signals import stop_on_signals, stop_signal_in
 from routesvc.v1 import router_pb2 as pb
 
 _MODE_NAMES = {pb.MODE_UNSPECIFIED: "unspecified", pb.MODE_REALTIME: "realtime", pb.MODE_BATCH: "batch"}
@@ -375,7 +375,10 @@ def _serve(args: argparse.Namespace) -> int:
             host = settings.config.server.host
             port = settings.config.server.port if args.port is None else args.port
             raise ConfigError.port_in_use("server", host, port) from exc
-    except StopSignal as stop:
+    except BaseException as error:
+        stop = stop_signal_in(error)
+        if stop is None:
+            raise
         # Before the config was read, its logging settings are not known: the default's then.
         configure_logging(config_module.LoggingConfig() if settings is None else settings.config.logging)
         log_not_started(stop)

@@ -242,14 +242,15 @@ class Router:
         return eligible
 
     async def route(
-        self, request: RoutingRequest, *, for_completion: bool = False, request_id: str = ""
+        self, request: RoutingRequest, *, for_completion: bool = False, count_route: bool = False, request_id: str = ""
     ) -> RouteDecision:
         """Decide which model serves ``request``; raises a ``RouteSvcError`` when none can.
 
         With ``for_completion`` the decision must be callable now: a model whose provider has
         no key fails with ``ProviderNotConfigured`` (policy ``fail``); for ``Route`` alone the
-        decision is returned with a reason saying Complete would fail, and the call counts against
-        the tenant's ``route_requests_per_minute``. A provider call made to
+        decision is returned with a reason saying Complete would fail. With ``count_route`` (the
+        Route RPC; not ``simulate``) the call counts against the tenant's
+        ``route_requests_per_minute``. A provider call made to
         decide (an LLM classifier's) is written to the ledger as it ends, under the decision's
         id and ``request_id``, and comes back in ``routing_attempts`` with its cost.
         """
@@ -291,7 +292,7 @@ class Router:
                 estimated=call.estimated,
             )
 
-        if not for_completion:
+        if count_route:
             # A Route call counts against the tenant's Route calls per minute before it can cost
             # anything (an LLM classifier's call); Complete is admitted by ``complete``.
             await self._admission.count_route(request.context.tenant)

@@ -9,8 +9,10 @@ So a serving process takes the signals first (``note_stop_signals``): one that c
 imports is noted. Once the imports are done, start-up runs under ``stop_on_signals``: a noted
 signal, or one that comes later, raises ``StopSignal`` where start-up is, which ends it cleanly
 without serving, until the server's event loop takes the signals over and drains on them.
-Importing is not interrupted: an import cut short leaves half-built modules behind, and the
-exit path needs them.
+The heavy imports come before; a module start-up loads lazily (a provider's batch adapter and
+its SDK) can still be cut short, and Python then raises another error from the ``StopSignal``
+(a ``RuntimeError`` from a class body): ``stop_signal_in`` finds the signal behind it, so that
+start-up still ends as the signal asked, not with a traceback.
 """
 
 from __future__ import annotations
@@ -68,3 +70,16 @@ def stop_on_signals() -> None:
     if _noted:  # checked after the switch, so that none noted in between is missed
         _handle_with(_note)
         raise StopSignal(_noted[0])
+
+
+def stop_signal_in(error: BaseException) -> StopSignal | None:
+    """The ``StopSignal`` that ``error`` is, or that it was raised from or while handling (an
+    import the signal cut short ends in another error); None when no signal is behind it."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, StopSignal):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

@@ -42,7 +42,7 @@ import structlog
 
 from routesvc.config import LoggingConfig, Settings, load_settings
 from routesvc.errors import ConfigError, RouteSvcError
-from routesvc.signals import STOP_SIGNALS, StopSignal, note_stop_signals, stop_on_signals
+from routesvc.signals import STOP_SIGNALS, note_stop_signals, stop_on_signals, stop_signal_in
 
 log = structlog.get_logger("routesvc.supervisor")
 
@@ -133,12 +133,15 @@ def _worker(
         configure_logging(settings.config.logging)
         structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
         run_event_loop(serve(settings, port=port, reuse_port=True), uvloop=uvloop)
-    except StopSignal as stop:
-        configure_logging(LoggingConfig() if settings is None else settings.config.logging)
-        log_not_started(stop)
     except RouteSvcError as exc:
         errors.send(exc.message)
         raise SystemExit(2) from None
+    except BaseException as error:
+        stop = stop_signal_in(error)
+        if stop is None:
+            raise
+        configure_logging(LoggingConfig() if settings is None else settings.config.logging)
+        log_not_started(stop)
 
 
 def serve_workers(

@@ -135,6 +135,16 @@ class TestSimulate:
         assert report.errors == {"INVALID_REQUEST": 3}
         assert report.estimated_cost_usd > 0
 
+    async def test_tenants_route_limits_are_not_counted(self, tmp_path: Path) -> None:
+        """Five prompts of a tenant allowed two Route calls a minute are all routed: simulate
+        calls no provider and is no Route traffic (three were not routable, RATE_LIMITED, and
+        with shared_state.redis_url each was counted in the live tenant's shared counter)."""
+        config = default_config()
+        config["tenants"] = {"acme": {"route_requests_per_minute": 2}}
+        rows = [{"prompt": f"Say hi {n}", "tenant": "acme"} for n in range(5)]
+        report = await simulate(settings_from(config), read_prompts(_write(tmp_path / "p.jsonl", rows)))
+        assert (report.prompts, report.skipped, report.errors) == (5, 0, {})
+
     async def test_quality_kept_needs_scores_for_the_chosen_and_the_baseline_model(self, tmp_path: Path) -> None:
         """Without a map only identical ids are scored; --model-map names the file's models."""
         rows = [
