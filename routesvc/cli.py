@@ -172,6 +172,11 @@ async def _route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_flag(args: argparse.Namespace) -> str:
+    """`` --target HOST:PORT`` for a command to print when the target is not the default one."""
+    return "" if args.target == config_module.client_target() else f" --target {args.target}"
+
+
 async def _complete(args: argparse.Namespace) -> int:
     chat, context = _request_parts(args)
     async with _client(args) as client:
@@ -205,7 +210,7 @@ async def _complete(args: argparse.Namespace) -> int:
                 print(job.batch_id)
                 print(
                     f"[batch job {_BATCH_STATES.get(job.state)} on {job.model}, estimate {job.estimated_cost_usd} USD; "
-                    f"'routesvc batch get {job.batch_id}' fetches the answer]",
+                    f"'routesvc batch get{_target_flag(args)} {job.batch_id}' fetches the answer]",
                     file=sys.stderr,
                 )
             else:
@@ -385,7 +390,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client_error(error: grpc.aio.AioRpcError) -> int:
+def _client_error(error: grpc.aio.AioRpcError, target: str = "") -> int:
     reason = ""
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
@@ -394,7 +399,11 @@ def _client_error(error: grpc.aio.AioRpcError) -> int:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
                     reason = f" [{info.reason}]"
-    print(f"error: {error.code().name}: {error.details()}{reason}", file=sys.stderr)
+    hint = ""
+    if error.code() is grpc.StatusCode.UNAVAILABLE and "failed to connect" in (error.details() or ""):
+        # The channel's own failure, not routesvc's: say what to check.
+        hint = f" (is routesvc serving at {target}? start it with `make run`, or pass --target HOST:PORT)"
+    print(f"error: {error.code().name}: {error.details()}{reason}{hint}", file=sys.stderr)
     return 1
 
 
@@ -598,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
     except grpc.aio.AioRpcError as error:
-        return _client_error(error)
+        return _client_error(error, getattr(args, "target", ""))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

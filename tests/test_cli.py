@@ -24,7 +24,7 @@ from routesvc.client import RouterClient
 from routesvc.evaluation import evaluate_scores
 from routesvc.server import Server
 from routesvc.strategies.classifier import read_examples
-from tests.conftest import REPO, default_config, process_environ, settings_from, user_chat
+from tests.conftest import REPO, default_config, free_port, process_environ, settings_from, user_chat
 from tests.routing_data import STRONG, WEAK, records, write_jsonl
 from tests.test_feedback_rpc import embedding_config
 
@@ -354,6 +354,19 @@ class TestClientFlagErrors:
         """KEY= is an empty value and only the first '=' splits."""
         args = cli.build_parser().parse_args(["route", "--metadata", "a=", "--metadata", "b=x=y", "hi"])
         assert args.metadata == [("a", ""), ("b", "x=y")]
+
+
+class TestNoServer:
+    def test_no_service_at_the_target_says_what_to_check(self) -> None:
+        """A client command with nothing listening at --target: one error line, exit 1, that says
+        to start the service or pass --target (grpc's "failed to connect ... Connection refused"
+        alone did not say what was wrong)."""
+        target = f"127.0.0.1:{free_port()}"
+        result = _run("route", "--target", target, "--timeout", "5", "hi")
+        assert (result.returncode, "Traceback" in result.stderr) == (1, False)
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert line.startswith("error: UNAVAILABLE: ")
+        assert f"is routesvc serving at {target}? start it with `make run`, or pass --target HOST:PORT" in line
 
 
 class TestStandardInput:

@@ -104,7 +104,17 @@ class TestBatchCommands:
         assert submitted.returncode == 0, submitted.stderr
         batch_id = submitted.stdout.strip()
         assert batch_id.startswith("batch_")
-        assert "routesvc batch get" in submitted.stderr
+        assert f"'routesvc batch get {batch_id}' fetches the answer" in submitted.stderr
+        # A target given by flag is in the command to run next (it was left out).
+        flagged = subprocess.run(
+            [sys.executable, "-m", "routesvc", "complete", "--target", target, "--no-realtime", "--tenant", "a", "x"],
+            cwd=REPO,
+            env={k: v for k, v in os.environ.items() if k != "ROUTESVC_TARGET"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert f"'routesvc batch get --target {target} {flagged.stdout.strip()}'" in flagged.stderr
         deadline = time.monotonic() + 20
         while True:
             got = _cli(target, "batch", "get", batch_id, "--tenant", "acme", "--json")
