@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -16,7 +18,7 @@ import structlog
 import yaml
 
 from routesvc.client import RouterClient, build_chat
-from routesvc.config import Settings, parse_config
+from routesvc.config import DATA_DIR_ENV, Settings, parse_config
 from routesvc.providers.base import HttpClientKind
 from routesvc.server import Server
 from routesvc.testing import FakeProvider
@@ -24,6 +26,18 @@ from routesvc.v1 import router_pb2 as pb
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "routing"
+
+
+# The data dir of the whole run: a fresh one, never the user's (~/.local/share/routesvc holds the
+# batch store of their own servers, whose jobs a test server would otherwise open and poll).
+# Set at import, before any test or fixture resolves settings; removed when the run ends.
+TEST_DATA_DIR = tempfile.mkdtemp(prefix="routesvc-test-data-")
+os.environ[DATA_DIR_ENV] = TEST_DATA_DIR
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the run's data dir."""
+    shutil.rmtree(TEST_DATA_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -72,8 +86,9 @@ def add_local_model(config: dict[str, object], base_url: str, model_id: str, **f
 
 
 def settings_from(config: dict[str, object], environ: dict[str, str] | None = None) -> Settings:
-    """Validated settings from a config dict and an explicit environment."""
-    return parse_config(yaml.safe_dump(config), "<test>", environ or {})
+    """Validated settings from a config dict and an explicit environment (plus the run's data dir,
+    unless it names one)."""
+    return parse_config(yaml.safe_dump(config), "<test>", {DATA_DIR_ENV: TEST_DATA_DIR, **(environ or {})})
 
 
 @pytest.fixture
@@ -117,8 +132,9 @@ def http_client(request: pytest.FixtureRequest) -> HttpClientKind:
 
 def process_environ() -> dict[str, str]:
     """This process's environment without the SDK and routesvc variables: for a ``routesvc`` or
-    fake-provider process whose keys, URLs and config the test sets itself."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+    fake-provider process whose keys, URLs and config the test sets itself; but the run's data dir."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "ROUTESVC_"))}
+    return {**kept, DATA_DIR_ENV: TEST_DATA_DIR}
 
 
 def live_environ(fake: FakeProvider) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -52,7 +53,16 @@ from routesvc.testing import (
     Script,
 )
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat, write_locked
+from tests.conftest import (
+    TEST_DATA_DIR,
+    add_local_model,
+    default_config,
+    live_environ,
+    process_environ,
+    settings_from,
+    user_chat,
+    write_locked,
+)
 from tests.test_limits import retry_delay
 from tests.test_validation import error_info
 
@@ -1170,7 +1180,7 @@ class TestBatchJobCancelledAfterItWasSent:
             job = BatchJob("batch_1", "acme", BatchState.QUEUED, "gpt-4o-mini", "openai", Decimal("0.01"), 0.0, 0.0)
             await store.add(job, "{}", held_by="me", hold_seconds=0)
             assert await store.claim(["batch_1"], "me", 60) == ["batch_1"]
-            assert await store.mark_submitted(["batch_1"], "me", "openai", "batch_p") == 1
+            assert await store.mark_submitted(["batch_1"], "me", "openai", "batch_p", ("http://fake/v1", "")) == 1
             await store.cancel("batch_1")
             kept = await store.prune_ended(time.time() + 60, 10)
             closed = await store.close_cancelled("batch_1", None)
@@ -2002,3 +2012,100 @@ class TestBatchKeyRotation:
                 await wait_state(client, before.batch_id, pb.BATCH_STATE_SUCCEEDED)
         assert waiting.job.state == pb.BATCH_STATE_QUEUED
         assert next(e["reason"] for e in logs if e["event"] == "batch_submit_failed") == "PROVIDER_AUTH_FAILED"
+
+
+async def sent(client: RouterClient, batch_id: str) -> None:
+    """Wait until the job has left the queue (sent, or ended)."""
+    async with asyncio.timeout(15):
+        while (await get_batch(client, batch_id)).job.state == pb.BATCH_STATE_QUEUED:  # noqa: ASYNC110 - the job is polled through GetBatch
+            await asyncio.sleep(0.05)
+
+
+def sent_jobs(fake: FakeProvider) -> list[str]:
+    """The job ids of every request sent to ``fake`` in a batch."""
+    return sorted(request["custom_id"] for batch in fake.batches for request in batch.requests)
+
+
+class TestBatchStoreSharedAcrossEndpoints:
+    """Processes on one store file whose provider of one name is another endpoint (a test run
+    against the fake beside a server on the real provider): each handles only its own jobs."""
+
+    async def test_each_servers_jobs_go_to_its_own_provider_and_neither_fails_the_others(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Two servers, each with its own fake provider, share the store: each one's job is sent
+        to its own provider only, the other server leaves that provider batch alone (logged
+        once, not polled at its own provider, which would answer 404 and fail it), and both
+        jobs succeed (a job was FAILED provider_batch_not_found by the other server)."""
+        async with FakeProvider() as other:
+            for provider in (fake, other):
+                provider.batch_outcome = BatchOutcome.PENDING
+            config = batch_config(tmp_path)
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as first,
+                Server(settings_from(config, live_environ(other)), port=0) as second,
+                RouterClient(first.target) as first_client,
+                RouterClient(second.target) as second_client,
+            ):
+                with capture_logs() as logs:
+                    first_job = (await submit(first_client))[1].batch.batch_id
+                    second_job = (await submit(second_client))[1].batch.batch_id
+                    await sent(first_client, first_job)
+                    await sent(second_client, second_job)
+
+                    def skipped() -> list[str]:
+                        return [e["reason"] for e in logs if e["event"] == "batch_poll_skipped"]
+
+                    await until(lambda: len(skipped()) >= 2 or any(e["event"] == "batch_lost" for e in logs))
+                    for provider in (fake, other):
+                        provider.batch_outcome = BatchOutcome.COMPLETE
+                    ends = [
+                        (await get_batch(first_client, first_job)).job.state,
+                        (await get_batch(second_client, second_job)).job.state,
+                    ]
+                    if pb.BATCH_STATE_FAILED not in ends:
+                        await wait_state(first_client, first_job, pb.BATCH_STATE_SUCCEEDED)
+                        await wait_state(second_client, second_job, pb.BATCH_STATE_SUCCEEDED)
+                        await until(lambda: discarded(fake) and discarded(other))
+                charged = {s is first: [e.request_id for e in s.router.ledger.entries()] for s in (first, second)}
+        assert ends == [pb.BATCH_STATE_SUBMITTED] * 2
+        assert skipped() == ["other_endpoint", "other_endpoint"]
+        assert not any(e["event"] == "batch_lost" for e in logs)
+        assert ([first_job], [second_job]) == (sent_jobs(fake), sent_jobs(other))
+        assert {True: [first_job], False: [second_job]} == charged
+
+    async def test_a_job_sent_before_the_upgrade_is_still_polled(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """A store written before endpoints were recorded (no endpoint, key_id columns) is
+        upgraded in place when opened; a job it holds in a provider batch, whose endpoint is
+        not known, is polled as before and succeeds."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        settings = settings_from(batch_config(tmp_path), live_environ(fake))
+        path = tmp_path / "batches.db"
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            batch_id = (await submit(client))[1].batch.batch_id
+            await wait_state(client, batch_id, pb.BATCH_STATE_SUBMITTED)
+        connection = sqlite3.connect(path)
+        connection.execute("ALTER TABLE jobs DROP COLUMN endpoint")
+        connection.execute("ALTER TABLE jobs DROP COLUMN key_id")
+        connection.close()
+        fake.batch_outcome = BatchOutcome.COMPLETE
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            await wait_state(client, batch_id, pb.BATCH_STATE_SUCCEEDED)
+        connection = sqlite3.connect(path)
+        try:
+            endpoints = connection.execute("SELECT endpoint, key_id FROM jobs").fetchall()
+        finally:
+            connection.close()
+        assert endpoints == [(None, None)]
+
+
+class TestTheSuiteKeepsToItsOwnDataDir:
+    def test_settings_and_processes_of_the_suite_use_a_temporary_data_dir(self) -> None:
+        """Tests never resolve the user's data dir (~/.local/share/routesvc): the batch store of
+        settings built without a store path, and the data dir of ``routesvc`` processes the tests
+        start, are in the run's temporary directory (a test server opened, and polled, the
+        user's own store)."""
+        home_store = Path.home() / ".local" / "share" / "routesvc" / "batches.db"
+        store = settings_from(default_config()).batch_store_path
+        assert Path(TEST_DATA_DIR) / "batches.db" == store != home_store
+        assert TEST_DATA_DIR == process_environ()["ROUTESVC_DATA_DIR"] == os.environ["ROUTESVC_DATA_DIR"]

@@ -28,7 +28,7 @@ logged (never with prompt text) and the round goes on with the others. A retryab
 (5xx, 429, timeout), a spent quota or a refused key (401/403) on sending leaves the group's jobs
 queued, tried again next round. Any other error on sending fails that group's jobs (nothing was
 sent). On polling or reading results, a rejection (400/404/409/413/422) fails that batch's jobs:
-``provider_batch_not_found`` for a 404 (the provider no longer knows the batch), else
+``provider_batch_not_found`` for a 404 (the provider no longer knows a batch sent with its key), else
 ``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may be
 fixed. A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
 which are otherwise those the queue started with. Models are looked up in the current catalog
@@ -56,9 +56,33 @@ only by the worker that claimed its jobs (``BatchStore.claim``), so each job is 
 A claim lasts ``CLAIM_SECONDS`` and a send is cut off at half of that, so it never outlives its
 claim. A worker that dies or stops mid-send leaves its claim; once it lapses any worker (or the
 restarted one) sends the jobs. That is the one case a job can reach the provider twice, if the
-first send got through before the worker died. Every worker polls every provider batch; a job
-ends once and is charged once, in the ledger of the worker that read its result (a cancelled
-job's bill too: ``BatchStore.close_cancelled``).
+first send got through before the worker died. Every worker polls every provider batch (of its
+endpoints, below); a job ends once and is charged once, in the ledger of the worker that read
+its result (a cancelled job's bill too: ``BatchStore.close_cancelled``).
+
+Other processes may share the store with other providers behind the same provider name (a test
+run against the fake provider beside a server on the real one, two deployments with their own
+keys): a provider answers 404 for a batch it does not know, which would fail the jobs that
+another provider is still running (and will bill). So each job records its endpoint, the
+provider's base URL, where it is queued and where it is sent, and the fingerprint of the key it
+was sent with (``key_id``), and a queue handles only its own:
+
+- it sends only jobs queued for its own base URL of their provider (another's stay queued, for
+  their own process to send);
+- it polls, reads and discards only provider batches sent to its own base URL, and cancels only
+  those at the provider (another's are left alone, logged once each: ``batch_poll_skipped``
+  ``other_endpoint``);
+- a batch sent to its base URL with another key is polled all the same, as a rotated key of the
+  same account (a hot reload, a restart) must go on with its jobs: when the provider knows it,
+  the key now in use becomes its key (``BatchStore.adopt``); when it answers 404 the batch is
+  another account's (another deployment at the same URL) and is left alone (``other_key``),
+  never failed.
+
+The base URL decides, not the key, so that a rotated key never strands a batch, at the cost of a
+poll a round for each batch of another account at the same URL. Changing a provider's base URL
+leaves what was queued for or sent to the old one to a process that still uses it (queued jobs
+nobody sends end EXPIRED after ``max_queued_seconds``). Rows stored before endpoints were
+recorded are anyone's, as before. Workers of ``server.workers`` (one config) share everything.
 """
 
 from __future__ import annotations
@@ -80,9 +104,11 @@ from routesvc.batches._store import (
     BatchStore,
     QueuedJob,
     QueuedRequest,
+    SentBatch,
     SentJobs,
     decode_request,
     encode_request,
+    key_id,
     store_failure,
 )
 from routesvc.catalog import Catalog, ModelSpec
@@ -134,6 +160,16 @@ def build_batch_apis(settings: Settings) -> dict[str, BatchAPI]:
         if api is not None:
             apis[name] = api
     return apis
+
+
+def _sends_to(provider: ProviderSettings) -> tuple[str, str]:
+    """Where the provider's batch adapter sends: its base URL as the SDK resolves it (the
+    configured one, else the SDK's default), and its key's fingerprint (``key_id``)."""
+    from routesvc.providers.anthropic import DEFAULT_BASE_URL as ANTHROPIC_URL
+    from routesvc.providers.openai import DEFAULT_BASE_URL as OPENAI_URL
+
+    default = ANTHROPIC_URL if provider.kind == "anthropic" else OPENAI_URL
+    return (provider.base_url or default).rstrip("/"), key_id(provider.api_key)
 
 
 def _batch_api(provider: ProviderSettings) -> BatchAPI | None:
@@ -190,6 +226,8 @@ class BatchQueue:
         # What each adapter was built from (``use_providers`` rebuilds one when it changes);
         # adapters given as ``apis`` are never replaced.
         self._built_from = {} if apis is not None else {name: settings.providers[name] for name in self._apis}
+        # Where each adapter sends (base URL, key fingerprint): whose jobs this queue handles.
+        self._sends_to = {name: _sends_to(settings.providers[name]) for name in self._apis.keys() & settings.providers}
         # Adapters in use now (a send, a poll, a cancel), and replaced ones that are, to be
         # closed when their last use ends.
         self._uses: collections.Counter[BatchAPI] = collections.Counter()
@@ -202,7 +240,8 @@ class BatchQueue:
         # Store writes a cancelled caller left behind (see ``submit``); ``aclose`` waits for them.
         self._pending: set[asyncio.Task[Any]] = set()
         self._closed = False
-        # Provider batches already logged as not pollable (no batch API here): logged once each.
+        # Provider batches already logged as not polled here (no batch API, another endpoint's,
+        # another account's): logged once each.
         self._unpollable: set[tuple[str, str]] = set()
 
     @property
@@ -229,6 +268,7 @@ class BatchQueue:
                 continue
             self._apis[name] = fresh
             self._built_from[name] = provider
+            self._sends_to[name] = _sends_to(provider)
             if self._uses[api]:
                 self._replaced.add(api)
             else:
@@ -327,7 +367,10 @@ class BatchQueue:
             response_format=chat.response_format,
         )
         store = self._opened()
-        adding = self._keep(store.add(job, encode_request(stored), held_by=self._owner, hold_seconds=CLAIM_SECONDS))
+        endpoint = self._endpoint(job.provider)
+        adding = self._keep(
+            store.add(job, encode_request(stored), held_by=self._owner, hold_seconds=CLAIM_SECONDS, endpoint=endpoint)
+        )
         try:
             await asyncio.shield(adding)
         except BaseException:
@@ -336,6 +379,30 @@ class BatchQueue:
             raise
         log.info("batch_job_queued", batch_id=job.batch_id, model=job.model, tenant=job.tenant)
         return job
+
+    def _endpoint(self, provider: str) -> str | None:
+        """The base URL this queue sends ``provider``'s batches to; None without a batch API for it."""
+        sent_to = self._sends_to.get(provider)
+        return None if sent_to is None else sent_to[0]
+
+    def _ours(self, provider: str, endpoint: str | None) -> bool:
+        """Whether a job or batch of ``provider`` recorded for ``endpoint`` is this queue's to
+        handle: one for its base URL of that provider, or one stored before endpoints were."""
+        return endpoint is None or endpoint == self._endpoint(provider)
+
+    def _skip_once(self, provider: str, provider_batch_id: str, jobs: SentJobs, reason: str) -> None:
+        """Log, once per provider batch, that it is left alone here (``reason``)."""
+        if (provider, provider_batch_id) in self._unpollable:
+            return
+        self._unpollable.add((provider, provider_batch_id))
+        emit = log.warning if reason == "no_batch_api" else log.info
+        emit(
+            "batch_poll_skipped",
+            provider=provider,
+            provider_batch_id=provider_batch_id,
+            jobs=len(jobs.waiting) + len(jobs.cancelled),
+            reason=reason,
+        )
 
     def _keep(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         """Run ``work`` as a task that outlives its caller's cancellation (``aclose`` waits for it)."""
@@ -429,13 +496,21 @@ class BatchQueue:
             return status
         emptied = await self._opened().cancel(batch_id)
         if emptied is not None:
-            await self._cancel_provider_batch(*emptied)
+            await self._cancel_sent_batch(emptied)
         try:
             await self._correct_budgets()  # at once, rather than at the next round
         except BatchStoreUnavailable as error:
             log.warning("batch_budget_correction_failed", batch_id=batch_id, error=error.message)
         log.info("batch_job_cancelled", batch_id=batch_id)
         return await self.get(batch_id, tenant)
+
+    async def _cancel_sent_batch(self, batch: SentBatch) -> None:
+        """Cancel a provider batch no job waits for, when it was sent to this queue's endpoint;
+        another endpoint's batch runs on, read by its own process once it ends."""
+        if not self._ours(batch.provider, batch.endpoint):
+            log.info("batch_cancel_skipped", provider_batch_id=batch.provider_batch_id, reason="other_endpoint")
+            return
+        await self._cancel_provider_batch(batch.provider, batch.provider_batch_id)
 
     async def _cancel_provider_batch(self, provider: str, provider_batch_id: str) -> None:
         """Cancel a provider batch no job waits for; a failure is logged (the batch then runs on)."""
@@ -511,7 +586,8 @@ class BatchQueue:
         images) are read once it is claimed, one group at a time, however many jobs wait."""
         groups: dict[str, list[QueuedJob]] = {}
         for job in await self._opened().queued():
-            groups.setdefault(job.model, []).append(job)
+            if self._ours(job.provider, job.endpoint):  # another endpoint's process sends the others
+                groups.setdefault(job.model, []).append(job)
         now = self._clock()
         next_due: float | None = None
         for model_id, jobs in groups.items():
@@ -562,7 +638,8 @@ class BatchQueue:
                 await self._fail(ids, error.reason)
                 log.warning("batch_submit_rejected", model=model_id, jobs=len(ids), reason=error.reason)
                 return
-        placed = await store.mark_submitted(ids, self._owner, model.provider, provider_batch_id)
+        sent_to = self._sends_to.get(model.provider) or _sends_to(self._settings.providers[model.provider])
+        placed = await store.mark_submitted(ids, self._owner, model.provider, provider_batch_id, sent_to)
         log.info("batch_submitted", model=model_id, jobs=placed, provider_batch_id=provider_batch_id)
         if placed == 0:
             # Every job was cancelled while it was being sent: the provider would run (and bill)
@@ -601,22 +678,19 @@ class BatchQueue:
             with self._using(provider) as api:
                 if api is None:
                     # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
-                    if (provider, provider_batch_id) not in self._unpollable:
-                        self._unpollable.add((provider, provider_batch_id))
-                        log.warning(
-                            "batch_poll_skipped",
-                            provider=provider,
-                            provider_batch_id=provider_batch_id,
-                            jobs=len(jobs.waiting) + len(jobs.cancelled),
-                            reason="no_batch_api",
-                        )
+                    self._skip_once(provider, provider_batch_id, jobs, "no_batch_api")
                     continue
-                await self._poll_one(api, provider_batch_id, jobs)
+                if not self._ours(provider, jobs.endpoint):
+                    # Sent to another endpoint by another process, which reads it: a poll here
+                    # would get a 404 and fail jobs that are running there.
+                    self._skip_once(provider, provider_batch_id, jobs, "other_endpoint")
+                    continue
+                await self._poll_one(api, provider, provider_batch_id, jobs)
 
-    async def _poll_one(self, api: BatchAPI, provider_batch_id: str, jobs: SentJobs) -> None:
+    async def _poll_one(self, api: BatchAPI, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
         """Poll one provider batch; what goes wrong with it is logged (or fails its jobs)."""
         try:
-            await self._poll_batch(api, provider_batch_id, jobs)
+            await self._poll_batch(api, provider, provider_batch_id, jobs)
         except ProviderRejected as error:
             code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
             # None failed or closed: another worker stored the results and deleted the batch (or
@@ -641,8 +715,22 @@ class BatchQueue:
             # Our bug or the store: the other batches go on; this one is polled again next round.
             log.exception("batch_poll_crashed", provider_batch_id=provider_batch_id)
 
-    async def _poll_batch(self, api: BatchAPI, provider_batch_id: str, jobs: SentJobs) -> None:
-        batch = await api.poll(provider_batch_id)
+    async def _poll_batch(self, api: BatchAPI, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
+        own_key = self._sends_to[provider][1] if provider in self._sends_to else None
+        other_key = jobs.key_id is not None and own_key is not None and jobs.key_id != own_key
+        try:
+            batch = await api.poll(provider_batch_id)
+        except ProviderRejected as error:
+            if other_key and error.status == 404:
+                # Sent to this URL with another key, and this one does not see it: another
+                # account's (another deployment), which reads it; not lost.
+                self._skip_once(provider, provider_batch_id, jobs, "other_key")
+                return
+            raise
+        if other_key and own_key is not None:
+            # This key sees it: the same account's rotated key, the batch's key from now on (a
+            # 404 then means lost, as for any batch).
+            await self._opened().adopt(provider, provider_batch_id, own_key)
         if not batch.ended:
             return
         results = {result.custom_id: result for result in await api.results(batch)}

@@ -15,12 +15,20 @@ Several processes may share the file (``server.workers``). A queued job is sent 
 only the claimant may ``mark_submitted`` it. A claim that was neither turned into a submission nor
 ``release``d (its process died or stopped while sending) lapses with its lease, and the job is
 claimable again.
+
+Processes that share the file may send one provider name to different endpoints (a test run
+against the fake provider beside a server on the real one, two deployments with their own keys).
+Each job records the endpoint it is for: ``endpoint``, the provider's base URL where it was queued
+and then where it was sent, and ``key_id``, a fingerprint of the key that sent it (``key_id``).
+The queue sends, polls and cancels only jobs of its own endpoints (see ``BatchQueue``); rows
+stored before these columns have neither, and are anyone's, as they were.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import sqlite3
 import threading
@@ -94,6 +102,8 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # provider_pending: 1 while a job cancelled after it was sent waits for its provider batch's
 # results (its usage and cost_usd are then what the provider billed for it, if it answered it);
 # NULL otherwise. Jobs cancelled before the column was added have none: their batches are not read.
+# endpoint: the provider's base URL the job was queued for, then the one it was sent to; key_id:
+# the fingerprint of the key that sent it (``key_id``). NULL in rows stored before they were added.
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -104,6 +114,8 @@ _ADDED_COLUMNS = (
     ("cache_write_tokens", "INTEGER"),
     ("cache_write_1h_tokens", "INTEGER"),
     ("provider_pending", "INTEGER"),
+    ("endpoint", "TEXT"),
+    ("key_id", "TEXT"),
 )
 
 _COLUMNS = (
@@ -135,6 +147,9 @@ class QueuedJob:
     model: str
     created_at: float
     request_chars: int
+    provider: str = ""
+    # The base URL it was queued for; None in a row stored before endpoints were recorded.
+    endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +160,25 @@ class SentJobs:
 
     waiting: tuple[str, ...] = ()
     cancelled: tuple[str, ...] = ()
+    # Where the batch was sent (base URL) and with which key (``key_id``); None in rows stored
+    # before these were recorded.
+    endpoint: str | None = None
+    key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SentBatch:
+    """A provider batch: its provider name and id, and the endpoint it was sent to (None: not recorded)."""
+
+    provider: str
+    provider_batch_id: str
+    endpoint: str | None
+
+
+def key_id(api_key: str | None) -> str:
+    """A fingerprint of ``api_key`` that is safe to store and log: the first 8 hex digits of its
+    SHA-256 ("" without a key). It tells two keys apart, never the key itself."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:8] if api_key else ""
 
 
 def encode_request(request: QueuedRequest) -> str:
@@ -388,8 +422,11 @@ class BatchStore:
         """Close the file."""
         await self._run(lambda connection: connection.close())
 
-    async def add(self, job: BatchJob, request: str, *, held_by: str, hold_seconds: float) -> None:
-        """Store a new queued job with its request, claimed by ``held_by`` for ``hold_seconds``.
+    async def add(
+        self, job: BatchJob, request: str, *, held_by: str, hold_seconds: float, endpoint: str | None = None
+    ) -> None:
+        """Store a new queued job with its request, claimed by ``held_by`` for ``hold_seconds``,
+        for its provider's ``endpoint`` (the base URL that is to send it).
 
         Held, no poller sends the job until ``held_by`` ``release``s it (or the hold lapses): the
         submitter first makes sure its caller learns the job's id.
@@ -398,7 +435,8 @@ class BatchStore:
         def insert(connection: sqlite3.Connection) -> None:
             connection.execute(
                 "INSERT INTO jobs (id, tenant, decision_id, model, provider, state, request, estimated_cost_usd,"
-                " created_at, updated_at, claimed_by, claimed_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, claimed_by, claimed_until, endpoint)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.batch_id,
                     job.tenant,
@@ -412,6 +450,7 @@ class BatchStore:
                     job.updated_at,
                     held_by,
                     self._clock() + hold_seconds,
+                    endpoint,
                 ),
             )
 
@@ -448,11 +487,16 @@ class BatchStore:
 
         def select(connection: sqlite3.Connection) -> list[QueuedJob]:
             rows = connection.execute(
-                "SELECT id, model, created_at, length(request) AS request_chars FROM jobs WHERE state = ?"
-                " AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY created_at",
+                "SELECT id, model, created_at, length(request) AS request_chars, provider, endpoint FROM jobs"
+                " WHERE state = ? AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY created_at",
                 (BatchState.QUEUED.value, now),
             ).fetchall()
-            return [QueuedJob(row["id"], row["model"], row["created_at"], row["request_chars"]) for row in rows]
+            return [
+                QueuedJob(
+                    row["id"], row["model"], row["created_at"], row["request_chars"], row["provider"], row["endpoint"]
+                )
+                for row in rows
+            ]
 
         return await self._run(select)
 
@@ -541,8 +585,11 @@ class BatchStore:
 
         await self._run(update)
 
-    async def mark_submitted(self, batch_ids: list[str], owner: str, provider: str, provider_batch_id: str) -> int:
-        """``owner``'s claimed jobs are in ``provider``'s batch ``provider_batch_id``; their requests are dropped.
+    async def mark_submitted(
+        self, batch_ids: list[str], owner: str, provider: str, provider_batch_id: str, sent_to: tuple[str, str]
+    ) -> int:
+        """``owner``'s claimed jobs are in ``provider``'s batch ``provider_batch_id``, sent to
+        ``sent_to`` (the endpoint, the key's ``key_id``); their requests are dropped.
 
         A job cancelled meanwhile (it was sent all the same) stays cancelled, tied to the batch
         to be read once it ends (``provider_pending``); its budget, if the cancel already
@@ -553,6 +600,7 @@ class BatchStore:
         """
         now = self._clock()
         submitted, queued, cancelled = BatchState.SUBMITTED.value, BatchState.QUEUED.value, BatchState.CANCELLED.value
+        endpoint, sent_key = sent_to
 
         def update(connection: sqlite3.Connection) -> int:
             placed = 0
@@ -560,9 +608,9 @@ class BatchStore:
                 for batch_id in batch_ids:
                     cursor = connection.execute(
                         "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, request = '{}',"
-                        " updated_at = ?, claimed_by = NULL, claimed_until = NULL"
+                        " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?"
                         " WHERE id = ? AND state = ? AND claimed_by = ?",
-                        (submitted, provider, provider_batch_id, now, batch_id, queued, owner),
+                        (submitted, provider, provider_batch_id, now, endpoint, sent_key, batch_id, queued, owner),
                     )
                     placed += cursor.rowcount
                     if cursor.rowcount:
@@ -570,10 +618,10 @@ class BatchStore:
                     # A correction made counts nothing for the job now: budget_usd says so.
                     connection.execute(
                         "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1,"
-                        " claimed_by = NULL, claimed_until = NULL,"
+                        " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
                         " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
                         " WHERE id = ? AND state = ? AND claimed_by = ? AND provider_batch_id IS NULL",
-                        (provider, provider_batch_id, batch_id, cancelled, owner),
+                        (provider, provider_batch_id, endpoint, sent_key, batch_id, cancelled, owner),
                     )
             return placed
 
@@ -581,26 +629,33 @@ class BatchStore:
 
     async def submitted(self) -> dict[tuple[str, str], SentJobs]:
         """The jobs of provider batches still to be read, by (provider, provider batch id): those
-        waiting for their results, and those cancelled after they were sent (``SentJobs``)."""
+        waiting for their results, and those cancelled after they were sent, with where the
+        batch was sent (``SentJobs``)."""
         submitted = BatchState.SUBMITTED.value
 
         def select(connection: sqlite3.Connection) -> dict[tuple[str, str], SentJobs]:
             rows = connection.execute(
-                "SELECT id, provider, provider_batch_id, state FROM jobs"
+                "SELECT id, provider, provider_batch_id, state, endpoint, key_id FROM jobs"
                 " WHERE state = ? OR provider_pending IS NOT NULL ORDER BY created_at",
                 (submitted,),
             ).fetchall()
             found: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+            sent_to: dict[tuple[str, str], tuple[str | None, str | None]] = {}
             for row in rows:
-                waiting, cancelled = found.setdefault((row["provider"], row["provider_batch_id"]), ([], []))
+                key = (row["provider"], row["provider_batch_id"])
+                waiting, cancelled = found.setdefault(key, ([], []))
                 (waiting if row["state"] == submitted else cancelled).append(row["id"])
-            return {key: SentJobs(tuple(waiting), tuple(cancelled)) for key, (waiting, cancelled) in found.items()}
+                sent_to.setdefault(key, (row["endpoint"], row["key_id"]))
+            return {
+                key: SentJobs(tuple(waiting), tuple(cancelled), *sent_to[key])
+                for key, (waiting, cancelled) in found.items()
+            }
 
         return await self._run(select)
 
-    async def cancel(self, batch_id: str) -> tuple[str, str] | None:
-        """End the job CANCELLED if it has not ended. Returns its (provider, provider batch id)
-        when that batch has no job left waiting for its answer, for the caller to cancel there.
+    async def cancel(self, batch_id: str) -> SentBatch | None:
+        """End the job CANCELLED if it has not ended. Returns its provider batch when that batch
+        has no job left waiting for its answer, for the caller to cancel there.
 
         A job already sent stays tied to its provider batch (``provider_pending``), to be read
         once that batch ends: the provider may have answered it, and billed it, before a cancel
@@ -611,7 +666,7 @@ class BatchStore:
         now = self._clock()
         queued, submitted = BatchState.QUEUED.value, BatchState.SUBMITTED.value
 
-        def update(connection: sqlite3.Connection) -> tuple[str, str] | None:
+        def update(connection: sqlite3.Connection) -> SentBatch | None:
             with immediate(connection):
                 # The right-hand sides read the row as it was: provider_pending is set for a job
                 # that was SUBMITTED.
@@ -624,7 +679,7 @@ class BatchStore:
                 if cursor.rowcount != 1:
                     return None
                 row = connection.execute(
-                    "SELECT provider, provider_batch_id FROM jobs WHERE id = ?", (batch_id,)
+                    "SELECT provider, provider_batch_id, endpoint FROM jobs WHERE id = ?", (batch_id,)
                 ).fetchone()
                 if row["provider_batch_id"] is None:
                     return None  # not sent yet (or being sent: ``mark_submitted`` then finds none)
@@ -632,9 +687,23 @@ class BatchStore:
                     "SELECT 1 FROM jobs WHERE provider = ? AND provider_batch_id = ? AND state IN (?, ?) LIMIT 1",
                     (row["provider"], row["provider_batch_id"], queued, submitted),
                 ).fetchone()
-                return None if waiting is not None else (row["provider"], row["provider_batch_id"])
+                if waiting is not None:
+                    return None
+                return SentBatch(row["provider"], row["provider_batch_id"], row["endpoint"])
 
         return await self._run(update)
+
+    async def adopt(self, provider: str, provider_batch_id: str, sent_key: str) -> None:
+        """Record ``sent_key`` as the key of the provider batch: a key that reads it (a rotated
+        key of the same account) is its key from now on."""
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "UPDATE jobs SET key_id = ? WHERE provider = ? AND provider_batch_id = ?",
+                (sent_key, provider, provider_batch_id),
+            )
+
+        await self._run(update)
 
     async def commit(self, batch_id: str, owner: str, budget_usd: Decimal | None) -> None:
         """Release ``owner``'s hold on a job its caller now knows of, so a poller may send it, and
