@@ -2057,12 +2057,13 @@ class TestBatchStoreSharedAcrossEndpoints:
                         return [e["reason"] for e in logs if e["event"] == "batch_poll_skipped"]
 
                     await until(lambda: len(skipped()) >= 2 or any(e["event"] == "batch_lost" for e in logs))
-                    for provider in (fake, other):
-                        provider.batch_outcome = BatchOutcome.COMPLETE
+                    # Read before the batches may complete (a poll right after would end them).
                     ends = [
                         (await get_batch(first_client, first_job)).job.state,
                         (await get_batch(second_client, second_job)).job.state,
                     ]
+                    for provider in (fake, other):
+                        provider.batch_outcome = BatchOutcome.COMPLETE
                     if pb.BATCH_STATE_FAILED not in ends:
                         await wait_state(first_client, first_job, pb.BATCH_STATE_SUCCEEDED)
                         await wait_state(second_client, second_job, pb.BATCH_STATE_SUCCEEDED)
