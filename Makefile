@@ -13,15 +13,20 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 .PHONY: install run test proto check-generated lint typecheck tools pytest clients clean
 
-$(VENV)/.installed: pyproject.toml
+# What serving needs (`make run`), then the tools and test dependencies on top (everything else).
+$(VENV)/.installed-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-run
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
 
-run: install
+run: $(VENV)/.installed-run
 	$(VENV)/bin/routesvc serve $(ARGS)
 
 # Regenerate the Python stubs in routesvc/v1 from protos/ (never edit them by hand).
