@@ -78,7 +78,9 @@ class TestGenAIMetrics:
 
 class TestRoutingMetrics:
     async def test_requests_by_selected_model_and_strategy(self, observed: Observed) -> None:
-        """routesvc.requests counts decisions by selected model, strategy and method (Route and Complete)."""
+        """routesvc.requests counts decisions by selected model, strategy and method (Route and
+        Complete), the method named as rpc.server.call.duration names it (it was the bare method
+        name there, so the two metrics could not be joined on rpc.method)."""
         await _complete(observed)
         await _complete(observed)
         await _complete(observed, task_hint="code_generation")
@@ -90,9 +92,9 @@ class TestRoutingMetrics:
             for p in observed.points("routesvc.requests")
         }
         assert counts == {
-            ("gpt-4o-mini", "default", "Complete"): 2,
-            ("gpt-4o", "rules", "Complete"): 1,
-            ("gpt-4o-mini", "default", "Route"): 1,
+            ("gpt-4o-mini", "default", "routesvc.v1.RouterService/Complete"): 2,
+            ("gpt-4o", "rules", "routesvc.v1.RouterService/Complete"): 1,
+            ("gpt-4o-mini", "default", "routesvc.v1.RouterService/Route"): 1,
         }
 
     async def test_cost_baseline_and_savings(self, observed: Observed, fake: FakeProvider) -> None:

@@ -143,7 +143,7 @@ class RequestTelemetry:
         labels = {
             "routesvc.selected_model": decision.model,
             "routesvc.strategy": decision.strategy,
-            "rpc.method": self.method,
+            "rpc.method": self.full_method,  # as rpc.server.call.duration names it
         }
         telemetry.instruments.requests.add(1, labels)
         if self.method != "Complete":
