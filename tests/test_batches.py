@@ -1189,6 +1189,25 @@ class TestBatchJobCancelledAfterItWasSent:
             await store.aclose()
         assert (kept, closed, pruned) == (0, True, 1)
 
+    async def test_a_job_cancelled_while_it_is_sent_is_kept_until_it_is_tied_to_its_batch(self, tmp_path: Path) -> None:
+        """A job cancelled while its group is uploaded (claimed, no provider batch yet) is not
+        pruned by another worker's retention round before the send ties it to its provider batch
+        (it was: the batch then had no row, and was never read, charged or deleted)."""
+        store = BatchStore(tmp_path / "batches.db")
+        try:
+            job = BatchJob("batch_1", "acme", BatchState.QUEUED, "gpt-4o-mini", "openai", Decimal("0.01"), 0.0, 0.0)
+            await store.add(job, "{}", held_by="me", hold_seconds=0)
+            assert await store.claim(["batch_1"], "me", 300) == ["batch_1"]
+            assert await store.requests(["batch_1"], "me")  # read to be sent: the send is under way
+            await store.cancel("batch_1")
+            pruned = await store.prune_ended(time.time() + 60, 10)
+            await store.mark_submitted(["batch_1"], "me", "openai", "batch_p", ("http://fake/v1", ""))
+            polled = await store.submitted()
+        finally:
+            await store.aclose()
+        assert pruned == 0
+        assert ("openai", "batch_p") in polled
+
 
 class TestRetention:
     async def test_an_ended_job_is_deleted_after_retention_seconds(self, tmp_path: Path, fake: FakeProvider) -> None:
@@ -2074,6 +2093,65 @@ class TestBatchStoreSharedAcrossEndpoints:
         assert not any(e["event"] == "batch_lost" for e in logs)
         assert ([first_job], [second_job]) == (sent_jobs(fake), sent_jobs(other))
         assert {True: [first_job], False: [second_job]} == charged
+
+    async def test_a_reload_while_a_batch_is_sent_records_where_it_was_sent(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The provider's base URL changes by hot reload while a group is being sent (the create
+        held): the batch went to the old URL, and that is the endpoint recorded, so the old one
+        keeps being polled (the new one was recorded: polled there, found missing, and the job
+        FAILED provider_batch_not_found while the old endpoint ran and billed it)."""
+
+        def pointed_at(provider: FakeProvider) -> dict[str, Any]:
+            key = tmp_path / "key"
+            key.write_text("sk-test\n", encoding="utf-8")
+            config = batch_config(tmp_path)
+            for name, base_url in (("openai", provider.openai_base_url), ("anthropic", provider.anthropic_base_url)):
+                config["providers"][name] = {"kind": name, "api_key_file": str(key), "base_url": base_url}
+            return config
+
+        async with FakeProvider() as new:
+            fake.batch_outcome = BatchOutcome.PENDING
+            fake.batch_create_hold = asyncio.Event()
+            async with (
+                Server(settings_from(pointed_at(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client))[1].batch.batch_id
+                async with asyncio.timeout(10):
+                    await fake.batch_create_waiting.wait()  # uploaded; the create waits
+                await server.reload(settings_from(pointed_at(new)))
+                fake.batch_create_hold.set()
+                await sent(client, job)
+                connection = sqlite3.connect(tmp_path / "batches.db")
+                try:
+                    [(endpoint,)] = connection.execute("SELECT endpoint FROM jobs").fetchall()
+                finally:
+                    connection.close()
+                assert endpoint == fake.openai_base_url.rstrip("/")
+                assert (await get_batch(client, job)).job.state == pb.BATCH_STATE_SUBMITTED
+        assert new.batches == []
+
+    async def test_a_job_cancelled_through_the_other_server_cancels_its_provider_batch(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The only job of a provider batch is cancelled through a server of another endpoint
+        (same store, same tenant): the server that sent it cancels the batch at its provider, as
+        a cancel through itself does (neither did: the provider ran and billed the batch whole)."""
+        async with FakeProvider() as other:
+            fake.batch_outcome = BatchOutcome.PENDING
+            config = batch_config(tmp_path)
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as first,
+                Server(settings_from(config, live_environ(other)), port=0) as second,
+                RouterClient(first.target) as first_client,
+                RouterClient(second.target) as second_client,
+            ):
+                job = (await submit(first_client))[1].batch.batch_id
+                await sent(first_client, job)
+                await second_client.cancel_batch(job, tenant="acme")
+                await until(lambda: any(batch.cancelled for batch in fake.batches))
+        assert other.batches == []
 
     async def test_a_job_sent_before_the_upgrade_is_still_polled(self, tmp_path: Path, fake: FakeProvider) -> None:
         """A store written before endpoints were recorded (no endpoint, key_id columns) is

@@ -162,6 +162,10 @@ def build_batch_apis(settings: Settings) -> dict[str, BatchAPI]:
     return apis
 
 
+# A provider batch's status once its cancel was asked for (OpenAI's spelling, then Anthropic's).
+_CANCELLING = frozenset({"cancelling", "canceling"})
+
+
 def _sends_to(provider: ProviderSettings) -> tuple[str, str]:
     """Where the provider's batch adapter sends: its base URL as the SDK resolves it (the
     configured one, else the SDK's default), and its key's fingerprint (``key_id``)."""
@@ -231,6 +235,8 @@ class BatchQueue:
         # Adapters in use now (a send, a poll, a cancel), and replaced ones that are, to be
         # closed when their last use ends.
         self._uses: collections.Counter[BatchAPI] = collections.Counter()
+        # Provider batches whose cancel this process asked for when it found no job waiting.
+        self._cancel_asked: set[str] = set()
         self._replaced: set[BatchAPI] = set()
         self._clock = clock
         self._path = settings.batch_store_path
@@ -506,7 +512,8 @@ class BatchQueue:
 
     async def _cancel_sent_batch(self, batch: SentBatch) -> None:
         """Cancel a provider batch no job waits for, when it was sent to this queue's endpoint;
-        another endpoint's batch runs on, read by its own process once it ends."""
+        another endpoint's is cancelled by its own process when it next polls it (``_poll_batch``)
+        and read by it once it ends."""
         if not self._ours(batch.provider, batch.endpoint):
             log.info("batch_cancel_skipped", provider_batch_id=batch.provider_batch_id, reason="other_endpoint")
             return
@@ -518,11 +525,16 @@ class BatchQueue:
             if api is None:
                 log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason="no_batch_api")
                 return
-            try:
-                await api.cancel(provider_batch_id)
-            except ProviderError as error:
-                log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason=error.reason)
-                return
+            await self._cancel_with(api, provider_batch_id)
+
+    @staticmethod
+    async def _cancel_with(api: BatchAPI, provider_batch_id: str) -> None:
+        """Cancel ``provider_batch_id`` through ``api``; a failure is logged (the batch runs on)."""
+        try:
+            await api.cancel(provider_batch_id)
+        except ProviderError as error:
+            log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason=error.reason)
+            return
         log.info("batch_provider_batch_cancelled", provider_batch_id=provider_batch_id)
 
     # -- the poller ------------------------------------------------------------------------------
@@ -619,6 +631,10 @@ class BatchQueue:
                 await self._fail(claimed, "no_batch_api")
                 log.warning("batch_provider_missing", model=model_id, provider=model.provider, jobs=len(claimed))
                 return
+            # Where this adapter sends, read with it: a reload while the batch is sent changes
+            # both for later sends, not for this one (recorded as sent to the new endpoint, it
+            # was polled there, found missing and failed while the old endpoint ran and billed it).
+            sent_to = self._sends_to.get(model.provider) or _sends_to(self._settings.providers[model.provider])
             requests = await store.requests(claimed, self._owner)
             ids = [batch_id for batch_id in claimed if batch_id in requests]  # less any cancelled since
             if not ids:
@@ -638,13 +654,13 @@ class BatchQueue:
                 await self._fail(ids, error.reason)
                 log.warning("batch_submit_rejected", model=model_id, jobs=len(ids), reason=error.reason)
                 return
-        sent_to = self._sends_to.get(model.provider) or _sends_to(self._settings.providers[model.provider])
-        placed = await store.mark_submitted(ids, self._owner, model.provider, provider_batch_id, sent_to)
-        log.info("batch_submitted", model=model_id, jobs=placed, provider_batch_id=provider_batch_id)
-        if placed == 0:
-            # Every job was cancelled while it was being sent: the provider would run (and bill)
-            # the whole batch. It is read once it ends, for what it answered before the cancel.
-            await self._cancel_provider_batch(model.provider, provider_batch_id)
+            placed = await store.mark_submitted(ids, self._owner, model.provider, provider_batch_id, sent_to)
+            log.info("batch_submitted", model=model_id, jobs=placed, provider_batch_id=provider_batch_id)
+            if placed == 0:
+                # Every job was cancelled while it was being sent: the provider would run (and bill)
+                # the whole batch. It is read once it ends, for what it answered before the cancel.
+                # Cancelled where it was sent.
+                await self._cancel_with(api, provider_batch_id)
 
     async def _submit(self, api: BatchAPI, items: list[BatchItem]) -> str:
         """``api.submit``, cut off well before the claim on its jobs lapses."""
@@ -732,7 +748,14 @@ class BatchQueue:
             # 404 then means lost, as for any batch).
             await self._opened().adopt(provider, provider_batch_id, own_key)
         if not batch.ended:
+            if not jobs.waiting and batch.status not in _CANCELLING and provider_batch_id not in self._cancel_asked:
+                # Every job of it was cancelled, through a process that cannot reach it (another
+                # endpoint's): it is cancelled here, where it was sent, once; else the provider
+                # runs and bills it whole.
+                self._cancel_asked.add(provider_batch_id)
+                await self._cancel_with(api, provider_batch_id)
             return
+        self._cancel_asked.discard(provider_batch_id)
         results = {result.custom_id: result for result in await api.results(batch)}
         for batch_id in jobs.waiting:
             result = results.get(batch_id) or ItemResult(

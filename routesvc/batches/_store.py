@@ -535,16 +535,18 @@ class BatchStore:
 
     async def prune_ended(self, ended_before: float, limit: int) -> int:
         """Delete at most ``limit`` jobs that ended before ``ended_before``, whose budget needs
-        no more correction and whose provider batch is not still to be read (such a job is kept
-        until both are done). Returns how many."""
+        no more correction, whose provider batch is not still to be read, and that is not claimed
+        (a job cancelled while its group is sent is tied to its provider batch only once the send
+        ends); such a job is kept until all are done. Returns how many."""
         ended = tuple(state.value for state in _ENDED_STATES)
+        now = self._clock()
 
         def delete(connection: sqlite3.Connection) -> int:
             cursor = connection.execute(
                 "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE state IN (?, ?, ?, ?)"
                 " AND updated_at < ? AND (budget_usd IS NULL OR budget_done IS NOT NULL)"
-                " AND provider_pending IS NULL LIMIT ?)",
-                (*ended, ended_before, limit),
+                " AND provider_pending IS NULL AND (claimed_until IS NULL OR claimed_until <= ?) LIMIT ?)",
+                (*ended, ended_before, now, limit),
             )
             return cursor.rowcount
 
