@@ -517,15 +517,11 @@ class BatchQueue:
         if not self._ours(batch.provider, batch.endpoint):
             log.info("batch_cancel_skipped", provider_batch_id=batch.provider_batch_id, reason="other_endpoint")
             return
-        await self._cancel_provider_batch(batch.provider, batch.provider_batch_id)
-
-    async def _cancel_provider_batch(self, provider: str, provider_batch_id: str) -> None:
-        """Cancel a provider batch no job waits for; a failure is logged (the batch then runs on)."""
-        with self._using(provider) as api:
+        with self._using(batch.provider) as api:
             if api is None:
-                log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason="no_batch_api")
+                log.warning("batch_cancel_failed", provider_batch_id=batch.provider_batch_id, reason="no_batch_api")
                 return
-            await self._cancel_with(api, provider_batch_id)
+            await self._cancel_with(api, batch.provider_batch_id)
 
     @staticmethod
     async def _cancel_with(api: BatchAPI, provider_batch_id: str) -> None:
@@ -634,7 +630,7 @@ class BatchQueue:
             # Where this adapter sends, read with it: a reload while the batch is sent changes
             # both for later sends, not for this one (recorded as sent to the new endpoint, it
             # was polled there, found missing and failed while the old endpoint ran and billed it).
-            sent_to = self._sends_to.get(model.provider) or _sends_to(self._settings.providers[model.provider])
+            sent_to = self._sends_to[model.provider]  # set with every adapter
             requests = await store.requests(claimed, self._owner)
             ids = [batch_id for batch_id in claimed if batch_id in requests]  # less any cancelled since
             if not ids:
