@@ -23,6 +23,7 @@ from routesvc.admission import LocalAdmission
 from routesvc.auth import key_digest
 from routesvc.batches import BatchStore
 from routesvc.batches import _queue as batch_queue
+from routesvc.batches._queue import OTHER_KEY_LOST_AFTER_SECONDS
 from routesvc.batches._store import decode_request
 from routesvc.client import RouterClient, build_chat
 from routesvc.cost import cost_of_usage, estimate_cost
@@ -2031,6 +2032,49 @@ class TestBatchKeyRotation:
                 await wait_state(client, before.batch_id, pb.BATCH_STATE_SUCCEEDED)
         assert waiting.job.state == pb.BATCH_STATE_QUEUED
         assert next(e["reason"] for e in logs if e["event"] == "batch_submit_failed") == "PROVIDER_AUTH_FAILED"
+
+    async def test_a_batch_lost_before_the_rotated_key_saw_it_fails_once_no_account_can_read_it(
+        self, tmp_path: Path
+    ) -> None:
+        """The provider loses a batch sent with the old key before the rotated key first polls
+        it: its 404 cannot tell it from another account's batch at the same URL, so it is left
+        alone (``other_key``) while that account could still read it, and once it has waited
+        past any provider's window (the store's send time moved two days and more back) its job
+        ends FAILED provider_batch_not_found (it stayed SUBMITTED, polled for ever)."""
+        key = tmp_path / "openai.key"
+        key.write_text("key-A\n")
+        async with FakeProvider(api_key="key-A") as fake:
+            config = batch_config(tmp_path)
+            for name, base_url in (("openai", fake.openai_base_url), ("anthropic", fake.anthropic_base_url)):
+                config["providers"][name] = {"kind": name, "api_key_file": str(key), "base_url": base_url}  # type: ignore[index]
+            async with (
+                Server(settings_from(config), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                fake.batch_outcome = BatchOutcome.PENDING
+                job = (await submit(client))[1].batch
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+                [batch] = fake.batches
+                batch.lost = True
+                fake.api_key = "key-B"
+                key.write_text("key-B\n")
+                with capture_logs() as logs:
+                    await server.reload(settings_from(config))
+                    await until(lambda: any(e["event"] == "batch_poll_skipped" for e in logs))
+                    skipped = await get_batch(client, job.batch_id)
+                    connection = sqlite3.connect(tmp_path / "batches.db")
+                    try:
+                        with connection:
+                            connection.execute(
+                                "UPDATE jobs SET updated_at = updated_at - ?", (OTHER_KEY_LOST_AFTER_SECONDS + 60,)
+                            )
+                    finally:
+                        connection.close()
+                    failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
+        assert skipped.job.state == pb.BATCH_STATE_SUBMITTED
+        assert [e["reason"] for e in logs if e["event"] == "batch_poll_skipped"] == ["other_key"]
+        assert failed.error == "provider_batch_not_found"
+        assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
 
 
 async def sent(client: RouterClient, batch_id: str) -> None:

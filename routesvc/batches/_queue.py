@@ -76,7 +76,10 @@ was sent with (``key_id``), and a queue handles only its own:
   same account (a hot reload, a restart) must go on with its jobs: when the provider knows it,
   the key now in use becomes its key (``BatchStore.adopt``); when it answers 404 the batch is
   another account's (another deployment at the same URL) and is left alone (``other_key``),
-  never failed.
+  never failed, until ``OTHER_KEY_LOST_AFTER_SECONDS`` after it was sent: by then the provider
+  has ended any batch it holds and the account that reads it has settled its jobs, so jobs still
+  waiting are the rotated key's own, lost by the provider before the new key first polled it,
+  and they end FAILED ``provider_batch_not_found`` as a lost batch's do.
 
 The base URL decides, not the key, so that a rotated key never strands a batch, at the cost of a
 poll a round for each batch of another account at the same URL. Changing a provider's base URL
@@ -147,6 +150,11 @@ _T = TypeVar("_T")
 _MAX_GROUP_CHARS = 100_000_000
 # Ended jobs deleted at most per poll round once past ``batch.retention_seconds``.
 _PRUNE_PER_ROUND = 1000
+
+OTHER_KEY_LOST_AFTER_SECONDS = 2 * 86400.0
+"""How long after it was sent a batch that another key sent to this URL, and this key does not
+see (404), is left alone as another account's: twice the providers' 24 h batch window. Then its
+jobs, still waiting, are failed as lost (the account that owned it would have settled them)."""
 
 CLAIM_SECONDS = 300.0
 """How long a worker's claim on the jobs it is sending lasts (sends are cut off at half of it)."""
@@ -733,7 +741,7 @@ class BatchQueue:
         try:
             batch = await api.poll(provider_batch_id)
         except ProviderRejected as error:
-            if other_key and error.status == 404:
+            if other_key and error.status == 404 and not self._owner_gone(jobs):
                 # Sent to this URL with another key, and this one does not see it: another
                 # account's (another deployment), which reads it; not lost.
                 self._skip_once(provider, provider_batch_id, jobs, "other_key")
@@ -774,6 +782,11 @@ class BatchQueue:
         # and answers, is deleted. In one task a shutdown waits for; a delete that fails is
         # logged and not tried again, as no round comes back to a batch whose jobs are settled.
         await asyncio.shield(self._keep(api.discard(batch)))
+
+    def _owner_gone(self, jobs: SentJobs) -> bool:
+        """Whether a batch another key sent has waited past any account's reading of it: then
+        what still waits is this deployment's own, lost by the provider (``OTHER_KEY_LOST_AFTER_SECONDS``)."""
+        return jobs.sent_at is not None and self._clock() - jobs.sent_at > OTHER_KEY_LOST_AFTER_SECONDS
 
     async def _settle(self, batch_id: str, result: ItemResult) -> None:
         """End one job with its result; charge it once if it succeeded. A job cancelled since

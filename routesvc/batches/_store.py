@@ -164,6 +164,8 @@ class SentJobs:
     # before these were recorded.
     endpoint: str | None = None
     key_id: str | None = None
+    # When the batch was sent (the earliest of its jobs' last changes); None: no job of it listed.
+    sent_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -637,19 +639,22 @@ class BatchStore:
 
         def select(connection: sqlite3.Connection) -> dict[tuple[str, str], SentJobs]:
             rows = connection.execute(
-                "SELECT id, provider, provider_batch_id, state, endpoint, key_id FROM jobs"
+                "SELECT id, provider, provider_batch_id, state, endpoint, key_id, updated_at FROM jobs"
                 " WHERE state = ? OR provider_pending IS NOT NULL ORDER BY created_at",
                 (submitted,),
             ).fetchall()
             found: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
             sent_to: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+            sent_at: dict[tuple[str, str], float] = {}
             for row in rows:
                 key = (row["provider"], row["provider_batch_id"])
                 waiting, cancelled = found.setdefault(key, ([], []))
                 (waiting if row["state"] == submitted else cancelled).append(row["id"])
                 sent_to.setdefault(key, (row["endpoint"], row["key_id"]))
+                # A SUBMITTED job last changed when it was sent; a cancelled one, when cancelled.
+                sent_at[key] = min(sent_at.get(key, row["updated_at"]), row["updated_at"])
             return {
-                key: SentJobs(tuple(waiting), tuple(cancelled), *sent_to[key])
+                key: SentJobs(tuple(waiting), tuple(cancelled), *sent_to[key], sent_at=sent_at[key])
                 for key, (waiting, cancelled) in found.items()
             }
 

@@ -90,6 +90,7 @@ class FakeBatch:
     # How many requests (the first ones) the provider had answered when the cancel came.
     answered_before_cancel: int = 0
     deleted: bool = False  # Anthropic: deleted once ended
+    lost: bool = False  # the provider no longer knows it (a test's): 404, as for an unknown id
     output_file_id: str | None = None
     error_file_id: str | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -396,7 +397,7 @@ class FakeBatches:
 
     async def _openai_found(self, connection: Connection, request: Request) -> FakeBatch | None:
         batch = self.batches.get(request.path.split("?")[0].split("/")[3])
-        if batch is None or batch.api != "openai":
+        if batch is None or batch.api != "openai" or batch.lost:
             await connection.send_json(404, {"error": {"type": "not_found_error", "message": "no such batch"}})
             return None
         return batch
@@ -468,7 +469,7 @@ class FakeBatches:
 
     async def _anthropic_found(self, connection: Connection, request: Request) -> FakeBatch | None:
         batch = self.batches.get(request.path.split("?")[0].split("/")[4])
-        if batch is None or batch.api != "anthropic" or batch.deleted:
+        if batch is None or batch.api != "anthropic" or batch.deleted or batch.lost:
             error = {"type": "error", "error": {"type": "not_found_error", "message": "no such batch"}}
             await connection.send_json(404, error)
             return None
