@@ -674,6 +674,9 @@ class TelemetrySettings:
     baseline_model: str
     stats_window_seconds: float
     stats_max_requests: int
+    # Which RPC conventions server spans carry ($OTEL_SEMCONV_STABILITY_OPT_IN): "old" (v1.37 and
+    # before: rpc.system, rpc.service, rpc.method, rpc.grpc.status_code), "stable", or both.
+    rpc_conventions: frozenset[str] = frozenset({"old"})
 
     def __repr__(self) -> str:
         # OTLP headers often carry an API key of the telemetry backend.
@@ -800,7 +803,18 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
         baseline_model=baseline,
         stats_window_seconds=telemetry.stats_window_seconds,
         stats_max_requests=telemetry.stats_max_requests,
+        rpc_conventions=_rpc_conventions(env.get("OTEL_SEMCONV_STABILITY_OPT_IN", "")),
     )
+
+
+def _rpc_conventions(opt_in: str) -> frozenset[str]:
+    """The RPC conventions ``$OTEL_SEMCONV_STABILITY_OPT_IN`` asks for, as OpenTelemetry's
+    migration plan defines it: ``rpc/dup`` both (it wins over ``rpc``), ``rpc`` the stable ones
+    alone, else the old ones; other categories in the list are not ours."""
+    categories = {category.strip().lower() for category in opt_in.split(",")}
+    if "rpc/dup" in categories:
+        return frozenset({"old", "stable"})
+    return frozenset({"stable"}) if "rpc" in categories else frozenset({"old"})
 
 
 def _resolve_provider(name: str, provider: ProviderConfig, environ: Mapping[str, str]) -> ProviderSettings:

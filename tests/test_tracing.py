@@ -72,6 +72,41 @@ class TestServerSpan:
         )
         assert attributes["rpc.grpc.status_code"] == 0
 
+    @pytest.mark.parametrize(
+        ("opt_in", "old", "stable"),
+        [("rpc", False, True), ("http, rpc/dup", True, True), ("http", True, False)],
+        ids=["stable", "both", "old"],
+    )
+    async def test_the_stable_rpc_conventions_are_opted_into(
+        self, fake: FakeProvider, opt_in: str, old: bool, stable: bool
+    ) -> None:
+        """OTEL_SEMCONV_STABILITY_OPT_IN, as OpenTelemetry's migration plan defines it: ``rpc``
+        puts the stable RPC attributes on server spans instead of the old ones (rpc.method fully
+        qualified, the status code by name, error.type on a failure), ``rpc/dup`` both (the
+        fully qualified rpc.method wins), anything else the old ones alone."""
+        async with observed_server(fake, environ={"OTEL_SEMCONV_STABILITY_OPT_IN": opt_in}) as running:
+            await _complete(running)
+            fake.set_default(Script(status=503))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _complete(running)
+            from tests.test_reliability import until
+
+            await until(lambda: len(running.named(COMPLETE)) == 2)
+            ok, failed = (_attrs(span) for span in running.named(COMPLETE))
+        method = COMPLETE if stable else "Complete"
+        expected_ok: dict[str, object] = {"rpc.method": method}
+        expected_failed: dict[str, object] = {"rpc.method": method}
+        if old:
+            expected_ok |= {"rpc.system": "grpc", "rpc.service": "routesvc.v1.RouterService", "rpc.grpc.status_code": 0}
+            expected_failed |= {"rpc.system": "grpc", "rpc.service": "routesvc.v1.RouterService"}
+            expected_failed |= {"rpc.grpc.status_code": 14}
+        if stable:
+            expected_ok |= {"rpc.system.name": "grpc", "rpc.response.status_code": "OK"}
+            expected_failed |= {"rpc.system.name": "grpc", "rpc.response.status_code": "UNAVAILABLE"}
+            expected_failed |= {"error.type": "UNAVAILABLE"}
+        for attributes, expected in ((ok, expected_ok), (failed, expected_failed)):
+            assert {key: value for key, value in attributes.items() if key.startswith(("rpc.", "error."))} == expected
+
     async def test_continues_the_callers_trace(self, observed: Observed) -> None:
         """An incoming traceparent makes the server span a child of the caller's span, in its trace."""
         await _complete(observed)

@@ -105,9 +105,15 @@ class RequestTelemetry:
     def finish(self, code_name: str, code_value: int) -> None:
         """Record the RPC's gRPC status on the server span."""
         self.code = code_name
-        self.span.set_attribute("rpc.grpc.status_code", code_value)
+        conventions = self.telemetry.settings.telemetry.rpc_conventions
+        if "old" in conventions:
+            self.span.set_attribute("rpc.grpc.status_code", code_value)
+        if "stable" in conventions:
+            self.span.set_attribute("rpc.response.status_code", code_name)
         if code_name in _SERVER_ERROR_CODES:
             self.span.set_status(Status(StatusCode.ERROR, code_name))
+            if "stable" in conventions:
+                self.span.set_attribute("error.type", code_name)
 
     def close(self) -> None:
         """End the routing span, put the totals on the server span, record metrics and stats."""

@@ -273,11 +273,18 @@ class Telemetry:
             # Nothing to record and no caller's context to pass on: no span to open.
             yield from self._in_request(RequestTelemetry(self, trace.INVALID_SPAN, method, full_method))
             return
+        attributes: dict[str, str] = {}
+        conventions = self.settings.telemetry.rpc_conventions
+        if "old" in conventions:
+            attributes.update({"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+        if "stable" in conventions:
+            # The stable conventions' rpc.method is fully qualified (it wins when both are asked for).
+            attributes.update({"rpc.system.name": "grpc", "rpc.method": full_method})
         with self.tracer.start_as_current_span(
             full_method,
             context=_PROPAGATOR.extract(carrier),
             kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+            attributes=attributes,
             record_exception=False,
             set_status_on_exception=False,
             end_on_exit=True,
