@@ -65,6 +65,7 @@ _Request = TypeVar("_Request")
 
 ERROR_DOMAIN = "routesvc"
 REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128
 
 # The one table from our errors to gRPC status codes; the most specific class wins.
 STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
@@ -279,7 +280,12 @@ class RouterService(pb_grpc.RouterServiceServicer):
         """Run one RPC: echo the request id, bound it by the deadline, map errors, log once."""
         started = time.monotonic()
         incoming = dict(context.invocation_metadata() or ())
-        request_id = str(incoming.get(REQUEST_ID_HEADER) or os.urandom(16).hex())
+        given_id = incoming.get(REQUEST_ID_HEADER)
+        # A longer id is refused (below) and one is made up in its place: echoed twice, in the
+        # initial and the trailing metadata, a long one put the answer past the caller's own
+        # metadata limit (8 KiB by default), so that a call served and billed failed there.
+        valid_id = isinstance(given_id, str) and len(given_id) <= MAX_REQUEST_ID_CHARS
+        request_id = str(given_id) if given_id and valid_id else os.urandom(16).hex()
         # Every line logged while this RPC runs names it (each RPC is a task of its own, so the
         # binding ends with it); ``_record_decision`` adds the decision id.
         structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -299,6 +305,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
             authenticator = self._authenticator
             peers = _peer_common_names(context) if authenticator.uses_certificates else ()
             record.principal = authenticator.authenticate(incoming, peers)
+            if given_id is not None and not valid_id:
+                raise InvalidRequest(REQUEST_ID_HEADER, f"at most {MAX_REQUEST_ID_CHARS} characters")
             if record.principal.tenant is not None:
                 record.fields["tenant"] = record.principal.tenant
             remaining = context.time_remaining()

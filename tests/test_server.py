@@ -17,14 +17,16 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from routesvc.client import RouterClient
 from routesvc.server import SERVICE_NAME, Server
+from routesvc.testing import FakeProvider
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import REPO, default_config, settings_from, user_chat
+from tests.conftest import REPO, default_config, live_environ, settings_from, user_chat
 
 
 async def health_across_drain(server: Server, target: str, service: str = "") -> tuple[int, int]:
@@ -90,6 +92,51 @@ class TestMetadata:
             initial = dict(await call.initial_metadata())
             trailing = dict(await call.trailing_metadata())
         assert (initial["x-request-id"], trailing["x-request-id"]) == ("req-123", "req-123")
+
+    @pytest.mark.parametrize("method", ["Route", "Complete"])
+    async def test_a_request_id_over_128_characters_is_invalid_and_a_made_up_one_is_echoed(
+        self, fake: FakeProvider, method: str
+    ) -> None:
+        """An x-request-id of 129 characters or more is INVALID_ARGUMENT naming it, and the
+        provider is not called; a made-up id is echoed in its place, and one of 128 characters
+        round-trips. (A 9,000-character one was echoed twice, over the caller's own 8 KiB
+        metadata limit: a Complete served, and billed, failed RESOURCE_EXHAUSTED at the caller.)"""
+        async with (
+            Server(settings_from(default_config(), live_environ(fake)), port=0) as server,
+            grpc.aio.insecure_channel(server.target) as channel,
+        ):
+            stub = pb_grpc.RouterServiceStub(channel)
+
+            async def call(request_id: str) -> tuple[dict[str, str | bytes], grpc.StatusCode, str]:
+                metadata = (("x-request-id", request_id),)
+                if method == "Route":
+                    unary = stub.Route(pb.RouteRequest(chat=user_chat("hi")), metadata=metadata)
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await unary
+                    initial, code = dict(await unary.initial_metadata()), await unary.code()
+                    trailing = dict(await unary.trailing_metadata())
+                else:
+                    stream = stub.Complete(pb.CompleteRequest(chat=user_chat("hi")), metadata=metadata)
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        [m async for m in stream]
+                    initial, code = dict(await stream.initial_metadata()), await stream.code()
+                    trailing = dict(await stream.trailing_metadata())
+                assert initial["x-request-id"] == trailing["x-request-id"]
+                field = ""
+                if code is grpc.StatusCode.INVALID_ARGUMENT:
+                    status = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])  # type: ignore[arg-type]
+                    info = error_details_pb2.ErrorInfo()
+                    status.details[0].Unpack(info)
+                    field = info.metadata["field"]
+                return initial, code, field
+
+            longest = "r" * 128
+            refused = [await call("x" * length) for length in (129, 9000)]
+            served = await call(longest)
+        assert [(code, field) for _, code, field in refused] == [(grpc.StatusCode.INVALID_ARGUMENT, "x-request-id")] * 2
+        assert all(len(str(initial["x-request-id"])) == 32 for initial, _, _ in refused)
+        assert (served[0]["x-request-id"], served[1]) == (longest, grpc.StatusCode.OK)
+        assert len(fake.requests) == (1 if method == "Complete" else 0)
 
     async def test_a_request_id_is_made_when_missing(self, client: RouterClient, server: Server) -> None:
         """Without x-request-id the server makes one up and returns it."""
