@@ -10,6 +10,7 @@ this process (one synchronous step on the event loop, so nothing slips in betwee
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import functools
 import time
@@ -77,11 +78,13 @@ class Admission(Protocol):
         """Check and reserve one request; raises ``LimitExceeded`` having reserved nothing."""
         ...
 
-    async def count_route(self, tenant: str) -> None:
+    async def count_route(self, tenant: str) -> Callable[[], None]:
         """Count one ``Route`` call of ``tenant`` against its ``route_requests_per_minute``: raises
         ``LimitExceeded`` (``RATE_LIMITED``) having counted nothing when its minute is full. Route
         calls are counted apart from ``requests_per_minute`` (Complete calls and batch jobs), so
-        that a client asking Route before it completes is not counted twice."""
+        that a client asking Route before it completes is not counted twice. Returns what gives
+        the count back, for a Route refused before it cost anything (rejected requests consume
+        nothing); a no-op when nothing was counted."""
         ...
 
     async def exhausted(self, tenant: str) -> str:
@@ -187,6 +190,10 @@ def exhausted_budget(tenant: str, limits: TenantConfig, periods: Sequence[str], 
     return ""
 
 
+def _nothing_counted() -> None:
+    """The give-back of a Route call that was not counted (its tenant has no Route limit)."""
+
+
 async def _nothing_reserved(tokens: int, cost: Decimal) -> bool:
     del tokens, cost
     return False
@@ -263,17 +270,23 @@ class LocalAdmission:
             functools.partial(self._extend, tenant, held, periods),
         )
 
-    async def count_route(self, tenant: str) -> None:
+    async def count_route(self, tenant: str) -> Callable[[], None]:
         """Count one Route call against the tenant's ``route_requests_per_minute``, or refuse it."""
         limits = self._tenants.get(tenant)
         if limits is None or limits.route_requests_per_minute is None:
-            return
+            return _nothing_counted
         now = self._clock()
         state = self._state[tenant]
         self._prune(state, now)
         if len(state.routes) >= limits.route_requests_per_minute:
             raise route_rate_limited(tenant, limits, max(0.001, state.routes[0] + _WINDOW - now))
         state.routes.append(now)
+
+        def give_back() -> None:
+            with contextlib.suppress(ValueError):  # pruned already: its minute is over
+                state.routes.remove(now)
+
+        return give_back
 
     async def exhausted(self, tenant: str) -> str:
         """Why ``tenant`` may not spend anything more now, or ""."""

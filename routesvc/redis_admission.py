@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from routesvc.admission import (
     Reservation,
     SettleOnce,
+    _nothing_counted,
     _nothing_reserved,
     _periods,
     _seconds_to_next,
@@ -299,21 +300,34 @@ class RedisAdmission:
             return SettleOnce(settle, functools.partial(self._extend, tenant, reservation_id, periods))
         raise self._refusal(tenant, limits, verdict, detail, now)
 
-    async def count_route(self, tenant: str) -> None:
+    async def count_route(self, tenant: str) -> Callable[[], None]:
         """Count one Route call against the tenant's ``route_requests_per_minute`` across
         replicas, or refuse it. A reply lost after the script ran leaves the call counted (one
-        Route call too many in the minute, never one too few)."""
+        Route call too many in the minute, never one too few); so does a give-back that fails
+        (logged), which runs in the background."""
         limits = self._tenants.get(tenant)
         if limits is None or limits.route_requests_per_minute is None:
-            return
+            return _nothing_counted
         now = self._clock()
-        args: list[str | int] = [repr(now), repr(_WINDOW), limits.route_requests_per_minute, uuid.uuid4().hex]
+        key, call_id = self._key(tenant, "route"), uuid.uuid4().hex
+        args: list[str | int] = [repr(now), repr(_WINDOW), limits.route_requests_per_minute, call_id]
         try:
-            verdict, detail = await self._count_route_script(keys=[self._key(tenant, "route")], args=args)
+            verdict, detail = await self._count_route_script(keys=[key], args=args)
         except (RedisError, OSError) as exc:
             raise _store_failed(exc) from exc
         if verdict != "OK":
             raise route_rate_limited(tenant, limits, max(0.001, float(detail)))
+
+        def give_back() -> None:
+            self._in_background(self._uncount_route(tenant, key, call_id))
+
+        return give_back
+
+    async def _uncount_route(self, tenant: str, key: str, call_id: str) -> None:
+        try:
+            await self._redis.zrem(key, call_id)
+        except (RedisError, OSError) as exc:
+            log.warning("admission_uncount_failed", tenant=tenant, error_type=type(exc).__name__)
 
     async def precheck(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> None:
         """Raise what ``admit`` would raise now for ``tokens`` and ``cost`` (the admit script's

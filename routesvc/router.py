@@ -35,6 +35,7 @@ from routesvc.errors import (
     ProviderStalled,
     ProviderTimedOut,
     ProviderUnavailable,
+    RouteSvcError,
     SharedStateUnavailable,
     StreamInterrupted,
 )
@@ -292,85 +293,96 @@ class Router:
                 estimated=call.estimated,
             )
 
+        give_back: Callable[[], None] | None = None
         if count_route:
             # A Route call counts against the tenant's Route calls per minute before it can cost
             # anything (an LLM classifier's call); Complete is admitted by ``complete``.
-            await self._admission.count_route(request.context.tenant)
-        routing_input = RoutingInput(
-            request=request,
-            estimated_input_tokens=input_tokens,
-            estimated_output_tokens=output_tokens,
-            estimated_image_tokens=images.larger,
-            image_estimate=images,
-            models=tuple(self._catalog),
-            eligible=MappingProxyType(eligible),
-            task="" if unknown_hint else hint,
-            task_source="hint" if hint and not unknown_hint else "",
-            charge=charge,
-            # Deciding is paid only while the tenant can still spend (a request refused after a
-            # classifier's call would still pay for it).
-            may_not_pay=await self._admission.exhausted(request.context.tenant) if self._policy.pays_to_decide else "",
-        )
-        if pinned is not None:
-            if eligible[pinned.id].startswith("not allowed for tenant"):
-                raise PermissionDenied(f"model {pinned.id} is {eligible[pinned.id]}")
-            if eligible[pinned.id]:
-                raise no_eligible_model(
-                    replace(routing_input, eligible=MappingProxyType({pinned.id: eligible[pinned.id]}))
-                )
-            verdict = Verdict(
-                model=pinned.id,
-                strategy="pinned",
-                rule="model",
-                reasons=(f"model {pinned.id} pinned by the request",),
-                mode=Mode.REALTIME if request.context.realtime else Mode.BATCH,
-                task=routing_input.task,
+            give_back = await self._admission.count_route(request.context.tenant)
+        try:
+            routing_input = RoutingInput(
+                request=request,
+                estimated_input_tokens=input_tokens,
+                estimated_output_tokens=output_tokens,
+                estimated_image_tokens=images.larger,
+                image_estimate=images,
+                models=tuple(self._catalog),
+                eligible=MappingProxyType(eligible),
+                task="" if unknown_hint else hint,
+                task_source="hint" if hint and not unknown_hint else "",
+                charge=charge,
+                # Deciding is paid only while the tenant can still spend (a request refused after a
+                # classifier's call would still pay for it).
+                may_not_pay=(
+                    await self._admission.exhausted(request.context.tenant) if self._policy.pays_to_decide else ""
+                ),
             )
-        else:
-            if self._policy.pays_to_decide:
-                await self._refuse_before_paying(routing_input, for_completion=for_completion)
-            verdict = await self._policy.decide(routing_input)
-        model = self._catalog.get(verdict.model)
-        reasons = list(verdict.reasons)
-        if unknown_hint:
-            reasons.insert(0, "context.task_hint is not a task this policy knows; ignored")
-        excluded = [f"{model_id} excluded: {why}" for model_id, why in eligible.items() if why]
-        reasons.extend(excluded)
-        mode = verdict.mode
-        realtime_instead = self._realtime_instead_of_batch(model.provider) if mode is Mode.BATCH else ""
-        if realtime_instead:
-            # Served in realtime, so estimated, capped by max_cost_usd and admitted at that price.
-            mode = Mode.REALTIME
-            reasons.append(f"{realtime_instead}; served in realtime")
-        model, cost, mode = self._within_max_cost(
-            request, routing_input, model, mode, reasons, pinned=pinned is not None
-        )
-        provider = self._settings.providers[model.provider]
-        if not provider.configured:
-            if for_completion:
-                raise ProviderNotConfigured(f"model {model.id}: {provider.missing_key_reason}")
-            reasons.append(f"{provider.missing_key_reason}; Complete would fail until it is set")
-        decision = RouteDecision(
-            decision_id=decision_id,
-            model=model.id,
-            provider=model.provider,
-            strategy=verdict.strategy,
-            rule=verdict.rule,
-            reasons=tuple(reasons),
-            estimated_input_tokens=text_tokens + images.for_kind(model.provider_kind),
-            estimated_output_tokens=output_tokens,
-            estimated_cost_usd=cost,
-            mode=mode,
-            candidates=tuple(Candidate(model_id, not why, why) for model_id, why in eligible.items()),
-            task=verdict.task,
-            routing_attempts=tuple(routing_attempts),
-            estimated_image_tokens=images.for_kind(model.provider_kind),
-            image_estimate=images,
-        )
-        for stage in self._policy.learning_stages:
-            # Only an embedding of the prompt is kept (never its text), for later feedback.
-            stage.remember(decision.decision_id, request.chat.last_user_message, decision.model, request.context.tenant)
-        return self._escalation.plan(decision, request)
+            if pinned is not None:
+                if eligible[pinned.id].startswith("not allowed for tenant"):
+                    raise PermissionDenied(f"model {pinned.id} is {eligible[pinned.id]}")
+                if eligible[pinned.id]:
+                    raise no_eligible_model(
+                        replace(routing_input, eligible=MappingProxyType({pinned.id: eligible[pinned.id]}))
+                    )
+                verdict = Verdict(
+                    model=pinned.id,
+                    strategy="pinned",
+                    rule="model",
+                    reasons=(f"model {pinned.id} pinned by the request",),
+                    mode=Mode.REALTIME if request.context.realtime else Mode.BATCH,
+                    task=routing_input.task,
+                )
+            else:
+                if self._policy.pays_to_decide:
+                    await self._refuse_before_paying(routing_input, for_completion=for_completion)
+                verdict = await self._policy.decide(routing_input)
+            model = self._catalog.get(verdict.model)
+            reasons = list(verdict.reasons)
+            if unknown_hint:
+                reasons.insert(0, "context.task_hint is not a task this policy knows; ignored")
+            excluded = [f"{model_id} excluded: {why}" for model_id, why in eligible.items() if why]
+            reasons.extend(excluded)
+            mode = verdict.mode
+            realtime_instead = self._realtime_instead_of_batch(model.provider) if mode is Mode.BATCH else ""
+            if realtime_instead:
+                # Served in realtime, so estimated, capped by max_cost_usd and admitted at that price.
+                mode = Mode.REALTIME
+                reasons.append(f"{realtime_instead}; served in realtime")
+            model, cost, mode = self._within_max_cost(
+                request, routing_input, model, mode, reasons, pinned=pinned is not None
+            )
+            provider = self._settings.providers[model.provider]
+            if not provider.configured:
+                if for_completion:
+                    raise ProviderNotConfigured(f"model {model.id}: {provider.missing_key_reason}")
+                reasons.append(f"{provider.missing_key_reason}; Complete would fail until it is set")
+            decision = RouteDecision(
+                decision_id=decision_id,
+                model=model.id,
+                provider=model.provider,
+                strategy=verdict.strategy,
+                rule=verdict.rule,
+                reasons=tuple(reasons),
+                estimated_input_tokens=text_tokens + images.for_kind(model.provider_kind),
+                estimated_output_tokens=output_tokens,
+                estimated_cost_usd=cost,
+                mode=mode,
+                candidates=tuple(Candidate(model_id, not why, why) for model_id, why in eligible.items()),
+                task=verdict.task,
+                routing_attempts=tuple(routing_attempts),
+                estimated_image_tokens=images.for_kind(model.provider_kind),
+                image_estimate=images,
+            )
+            for stage in self._policy.learning_stages:
+                # Only an embedding of the prompt is kept (never its text), for later feedback.
+                stage.remember(
+                    decision.decision_id, request.chat.last_user_message, decision.model, request.context.tenant
+                )
+            return self._escalation.plan(decision, request)
+        except RouteSvcError:
+            if give_back is not None and not routing_attempts:
+                # Refused before it cost anything: it consumes nothing of the tenant's Route limit.
+                give_back()
+            raise
 
     async def feedback(self, decision_id: str, score: float, *, tenant: str | None = None) -> tuple[str, int]:
         """Record ``score`` in [0, 1] for an earlier decision; the embedding stages' libraries are

@@ -344,6 +344,42 @@ class TestTenantLimitsOverGrpc:
 
     @pytest.mark.parametrize(
         "limited",
+        [{"tenant": {"route_requests_per_minute": 2, "allowed_models": ["gpt-4o-mini", "gpt-4o"]}}],
+        indirect=True,
+    )
+    async def test_a_route_refused_before_it_cost_anything_uses_no_route_call(
+        self, limited: tuple[Server, RouterClient]
+    ) -> None:
+        """Route calls refused after they were counted, for a pinned model the tenant may not use
+        (PERMISSION_DENIED) and over their max_cost_usd (COST_LIMIT_EXCEEDED), give their count
+        back: the tenant's two Route calls a minute are still both answered after them (they
+        were used up, and the next valid Route was RATE_LIMITED)."""
+        _, client = limited
+        refusals = [
+            pb.RoutingContext(tenant="acme", model="claude-sonnet"),
+            pb.RoutingContext(tenant="acme", max_cost_usd="0.000000001"),
+        ]
+        codes = []
+        for context in refusals * 2:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.route(user_chat("hi"), context)
+            codes.append((caught.value.code(), error_info(caught.value).reason))
+        for _ in range(2):
+            await client.route(user_chat("hi"), ACME)
+        with pytest.raises(grpc.aio.AioRpcError) as over:
+            await client.route(user_chat("hi"), ACME)
+        assert (
+            codes
+            == [
+                (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
+                (grpc.StatusCode.RESOURCE_EXHAUSTED, "COST_LIMIT_EXCEEDED"),
+            ]
+            * 2
+        )
+        assert error_info(over.value).reason == "RATE_LIMITED"
+
+    @pytest.mark.parametrize(
+        "limited",
         [
             {
                 "tenant": {"daily_budget_usd": "0.08"},

@@ -100,6 +100,20 @@ class TestSharedLimits:
         assert all("20 Route calls per minute" in str(error) for error in refused)
         assert all(0 < (error.retry_after or 0) <= 60 for error in refused)
 
+    async def test_a_route_call_given_back_frees_its_place_on_every_replica(self, redis_url: str, prefix: str) -> None:
+        """A Route call refused before it cost anything gives its count back: of a tenant's two
+        Route calls a minute, one counted and given back on one replica leaves two for the other."""
+        first, second = await _replicas(redis_url, prefix, TenantConfig(route_requests_per_minute=2))
+        give_back = await first.count_route("t")
+        await first.count_route("t")
+        give_back()
+        await first.aclose()  # waits for the give-back, made in the background
+        await second.count_route("t")
+        with pytest.raises(LimitExceeded) as caught:
+            await second.count_route("t")
+        await second.aclose()
+        assert caught.value.reason == "RATE_LIMITED"
+
     async def test_budgets_settle_across_replicas(self, redis_url: str, prefix: str) -> None:
         """Spend settled on one replica counts on the other; reservations count until settled."""
         first, second = await _replicas(redis_url, prefix, TenantConfig(daily_budget_usd=Decimal(1)))
