@@ -180,3 +180,11 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+async def until(predicate: Callable[[], bool], cap: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds (breaker states, ledgers, captured logs, the fake's
+    records: plain attributes, polled); a generous cap, so that a loaded machine is only slower."""
+    async with asyncio.timeout(cap):
+        while not predicate():  # noqa: ASYNC110 - plain attributes, polled
+            await asyncio.sleep(0.02)

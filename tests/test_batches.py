@@ -61,6 +61,7 @@ from tests.conftest import (
     live_environ,
     process_environ,
     settings_from,
+    until,
     user_chat,
     write_locked,
 )
@@ -105,13 +106,6 @@ async def wait_state(client: RouterClient, batch_id: str, state: int, timeout: f
             if response.job.state == state:
                 return response
             await asyncio.sleep(0.05)
-
-
-async def until(predicate: Callable[[], bool], cap: float = 10.0) -> None:
-    """Wait until ``predicate()`` holds (a generous cap: a loaded machine is only slower)."""
-    async with asyncio.timeout(cap):
-        while not predicate():  # noqa: ASYNC110 - logs, ledgers and the proxy's counters are polled
-            await asyncio.sleep(0.02)
 
 
 def job_states(path: Path) -> list[str]:

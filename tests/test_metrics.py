@@ -12,9 +12,9 @@ import pytest
 
 from routesvc.testing import BatchOutcome, FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, user_chat
+from tests.conftest import default_config, until, user_chat
 from tests.observability import Observed, observed_server
-from tests.test_batches import batch_config, fake_model, submit, until, wait_state
+from tests.test_batches import batch_config, fake_model, submit, wait_state
 
 
 def _by(points: list[object], key: str) -> dict[object, object]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import grpc
@@ -26,7 +26,7 @@ from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.conftest import default_config, live_environ, settings_from, until, user_chat
 from tests.test_validation import error_info
 
 
@@ -70,13 +70,6 @@ async def failure(client: RouterClient, **context: object) -> tuple[grpc.aio.Aio
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await read()
     return caught.value, received
-
-
-async def until(predicate: Callable[[], bool], cap: float = 10.0) -> None:
-    """Wait until ``predicate()`` holds: a generous cap, so that a loaded machine is only slower."""
-    async with asyncio.timeout(cap):
-        while not predicate():  # noqa: ASYNC110 - breaker states and ledgers are plain attributes, polled
-            await asyncio.sleep(0.02)
 
 
 def kinds(messages: list[pb.CompleteResponse]) -> list[str]:

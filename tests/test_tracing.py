@@ -17,7 +17,7 @@ from routesvc.client import build_chat
 from routesvc.models import ChatRequest, Message, Role, RoutingContext, RoutingRequest
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, settings_from, user_chat
+from tests.conftest import default_config, settings_from, until, user_chat
 from tests.observability import Observed, observed_server
 from tests.test_images import png
 
@@ -89,7 +89,6 @@ class TestServerSpan:
             fake.set_default(Script(status=503))
             with pytest.raises(grpc.aio.AioRpcError):
                 await _complete(running)
-            from tests.test_reliability import until
 
             await until(lambda: len(running.named(COMPLETE)) == 2)
             ok, failed = (_attrs(span) for span in running.named(COMPLETE))
@@ -120,7 +119,6 @@ class TestServerSpan:
         """A bad request is INVALID_ARGUMENT (3) and not an error span; an outage is UNAVAILABLE (14) and is."""
         with pytest.raises(grpc.aio.AioRpcError):
             await observed.client.route(pb.ChatRequest())
-        from tests.test_reliability import until
 
         fake.set_default(Script(status=503))
         with pytest.raises(grpc.aio.AioRpcError):
@@ -150,8 +148,6 @@ class TestServerSpan:
         (9), yet its server span is an error and its rpc_finished line a warning, so the outage
         can be alerted on (both were as quiet as a caller's bad request)."""
         from structlog.testing import capture_logs
-
-        from tests.test_reliability import until
 
         fake.set_default(script)
         with capture_logs() as logs:
