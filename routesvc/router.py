@@ -702,37 +702,43 @@ class Router:
     ) -> _StepOutcome:
         """Run one cascade step with its retries, keep its answer, and score it.
 
-        Nothing is sent, so a failure that would end a streamed call (also mid-answer) lets the
-        cascade escalate instead; errors that the next model would meet too (4xx) are raised.
+        Nothing is sent, so nothing commits: a failure, also mid-answer, is retried and falls
+        back as one before the first chunk does (the text of a failed attempt is dropped), and a
+        step that still fails lets the cascade escalate; errors that the next model would meet
+        too (4xx before any text) are raised.
         """
         decision = state.decision
         cost_before = state.cost
-        chunks_before = state.chunks
         attempts_before = len(state.summaries)
         deltas: list[TextDelta] = []
+        answering = 0  # the attempt whose text ``deltas`` holds
         completion: Completion | None = None
+        state.buffering = True
         try:
             async for event in self._serve(state, replace(decision, model=model_id), request, deadline, headers):
                 if isinstance(event, TextDelta):
+                    if state.number != answering:
+                        # A retry or fallback answers after a failed attempt's partial text.
+                        deltas.clear()
+                        answering = state.number
                     deltas.append(event)
                 else:
                     completion = event
         except ProviderError as error:
-            if not (is_retryable(error) or skips_provider(error) or isinstance(error, StreamInterrupted)):
+            cut = bool(deltas) and answering == state.number  # the last attempt failed mid-answer
+            if not (is_retryable(error) or skips_provider(error) or cut):
                 raise
             failed = QualityScore(0.0, "none", f"{model_id} failed ({error.reason})")
             used = _usage_of(state.summaries[attempts_before:])
-            if isinstance(error, StreamInterrupted) and isinstance(error.__cause__, ProviderError):
-                # Cut mid-answer, but the answer was buffered: nothing reached the client, so if
-                # this failure ends the request it must not say the call was committed. (``_attempt``
-                # raises it from the provider's failure.)
-                cut = error.__cause__
+            if cut:
+                # If this failure ends the request, it says where it came, and that nothing was
+                # sent (so the call is not committed, and safe to retry).
                 error = ProviderUnavailable(
-                    f"{cut.message} mid-answer (nothing was sent)", provider=error.provider, model=error.model
+                    f"{error.message} mid-answer (nothing was sent)", provider=error.provider, model=error.model
                 )
             return _StepOutcome((), None, failed, cost_before, used, error)
         finally:
-            state.chunks = chunks_before  # buffered chunks never reached the client
+            state.buffering = False
         assert completion is not None  # _serve ends with a completion or raises
         scorer = self._escalation.scorer
         index = decision.cascade_models.index(model_id)
@@ -920,8 +926,9 @@ class Router:
             async for event in stream:
                 if isinstance(event, TextDelta):
                     received.append(event.text)
-                    sent += 1
-                    state.chunks += 1
+                    if not state.buffering:
+                        sent += 1
+                        state.chunks += 1
                     yield event
                 elif isinstance(event, Heartbeat):
                     received.append(event.text)
@@ -1052,7 +1059,8 @@ class _AttemptState:
     reserved: Decimal  # USD the reservation holds: the decision's estimate, then any extensions
     exhausted: set[str] = field(default_factory=set)  # providers whose quota ran out: not tried again
     number: int = 0
-    chunks: int = 0
+    chunks: int = 0  # text chunks sent to the caller (a buffered cascade step's are not)
+    buffering: bool = False  # a cascade step runs: its text is kept, not sent, so nothing commits
     tokens: int = 0
     cost: Decimal = Decimal(0)
     summaries: list[AttemptSummary] = field(default_factory=list)

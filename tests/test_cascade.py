@@ -339,11 +339,14 @@ class TestEscalationChain:
     async def test_a_cut_buffered_answer_escalates_instead_of_interrupting(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
-        """The cheap stream is cut after 3 chunks: nothing reached the client, so it escalates cleanly."""
-        fake.enqueue(Script(chunk_count=6, fault=Fault.CUT, fault_after=3), model="gpt-4o-mini")
+        """The cheap stream is cut after 3 chunks, and so is its retry: nothing reached the
+        client, so it escalates cleanly, and none of the cut text is sent."""
+        cut = Script(text="Lyon Lyon Lyon Lyon Lyon Lyon", chunk_count=6, fault=Fault.CUT, fault_after=3)
+        fake.enqueue(cut, cut, model="gpt-4o-mini")
         messages = await _cascade(live_client)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
-        assert "chunk-" not in _text(messages)
+        assert "Lyon" not in _text(messages)
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]
 
     async def test_max_cost_stops_escalation_and_releases_the_cheap_answer(
         self, live_client: RouterClient, fake: FakeProvider
@@ -575,10 +578,11 @@ class TestFailedStepsKeepTheirLimits:
     async def test_a_cut_step_that_cannot_escalate_is_not_reported_committed(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
-        """The cheap step's buffered stream is cut after 30 chunks and the cost cap stops the
-        escalation: nothing reached the client, so the error is an uncommitted UNAVAILABLE (safe
-        to retry), not STREAM_INTERRUPTED with 30 chunks "sent"."""
-        fake.enqueue(Script(chunk_count=40, fault=Fault.CUT, fault_after=30), model="gpt-4o-mini")
+        """The cheap step's buffered stream is cut after 30 chunks, and so is its retry; the cost
+        cap stops its fallback and the escalation: nothing reached the client, so the error is an
+        uncommitted UNAVAILABLE (safe to retry), not STREAM_INTERRUPTED with 30 chunks "sent"."""
+        cut = Script(chunk_count=40, fault=Fault.CUT, fault_after=30)
+        fake.enqueue(cut, cut, model="gpt-4o-mini")
         got: list[pb.CompleteResponse] = []
 
         async def complete() -> None:
@@ -593,21 +597,55 @@ class TestFailedStepsKeepTheirLimits:
         assert (caught.value.code(), info.reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
         assert "committed" not in info.metadata or info.metadata["committed"] != "true"
         assert caught.value.details().endswith("mid-answer (nothing was sent)")
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+
+    @pytest.mark.parametrize("fault", [Fault.CUT, Fault.ERROR_EVENT], ids=["cut", "in-band error"])
+    async def test_a_step_that_fails_mid_answer_is_retried_and_only_the_retry_is_sent(
+        self, live_client: RouterClient, fake: FakeProvider, fault: Fault
+    ) -> None:
+        """The cheap step's stream fails after 3 chunks: nothing was sent, so it is retried on the
+        same model, as a failure before the first chunk is (it escalated at once, and under a cost
+        cap that stops the escalation the request failed after one call); the retry's answer is
+        released, and the client gets its text alone, not the failed attempt's before it."""
+        fake.enqueue(
+            Script(text="Lyon Lyon Lyon Lyon", chunk_count=4, fault=fault, fault_after=3),
+            Script(text="Paris is the capital of France."),
+            Script(text='{"score": 0.9}'),
+            model="gpt-4o-mini",
+        )
+        context = {"max_cost_usd": "0.001"}
+        messages = await _cascade(live_client, **context)
+        completion = messages[-1].completion
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert _text(messages) == "Paris is the capital of France."
+        assert completion.model == "gpt-4o-mini"
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_FAILED),
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_JUDGE),
+        ]
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"] * 3
 
     async def test_an_escalation_reports_the_usage_of_a_cut_step(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
-        """The cheap stream is cut after 30 chunks: the escalation carries that attempt's estimated
-        usage next to its cost, as the completion's attempt list does."""
-        fake.enqueue(Script(chunk_count=40, fault=Fault.CUT, fault_after=30), model="gpt-4o-mini")
+        """The cheap stream is cut after 30 chunks and its retry refuses: the escalation carries
+        both attempts' usage next to their cost (the cut one's estimated), as the completion's
+        attempt list does."""
+        fake.enqueue(
+            Script(chunk_count=40, fault=Fault.CUT, fault_after=30),
+            Script(text="I cannot help with that."),
+            model="gpt-4o-mini",
+        )
         messages = await _cascade(live_client)
         [escalation] = [m.escalation for m in messages if m.WhichOneof("event") == "escalation"]
-        first = messages[-1].completion.attempts[0]
-        assert Decimal(escalation.cost_usd) == Decimal(first.cost_usd) > 0
-        assert escalation.usage.output_tokens > 0
+        cheap = [a for a in messages[-1].completion.attempts if a.model == "gpt-4o-mini"]
+        assert [a.outcome for a in cheap][:2] == [pb.ATTEMPT_OUTCOME_FAILED, pb.ATTEMPT_OUTCOME_ESCALATED]
+        assert cheap[0].usage.output_tokens > 0
+        assert Decimal(escalation.cost_usd) == sum(Decimal(a.cost_usd) for a in cheap) > 0
         assert (escalation.usage.input_tokens, escalation.usage.output_tokens) == (
-            first.usage.input_tokens,
-            first.usage.output_tokens,
+            sum(a.usage.input_tokens for a in cheap if a.outcome != pb.ATTEMPT_OUTCOME_JUDGE),
+            sum(a.usage.output_tokens for a in cheap if a.outcome != pb.ATTEMPT_OUTCOME_JUDGE),
         )
 
 
