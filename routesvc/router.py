@@ -642,6 +642,15 @@ class Router:
                         released = True
                         why = max_cost_reason(next_model, would_cost, cap)
                         quality = replace(quality, reason=f"{quality.reason}; {why}")
+                left = None if deadline is None else deadline - time.monotonic()
+                if not released and left is not None and left < self._reliability.min_attempt_seconds:
+                    # No attempt starts that cannot finish: the next model would not be called,
+                    # so the answer in hand is released (a failed step ends with its failure).
+                    if outcome.error is not None:
+                        raise outcome.error
+                    released = True
+                    why = f"not escalated to {next_model}: {max(left, 0.0):.3f} s of the deadline left"
+                    quality = replace(quality, reason=f"{quality.reason}; {why}")
                 if not released:
                     # The next model is another call to pay for: the tenant's budget must take it
                     # before the cheaper answer is given up; if it cannot, that answer is released

@@ -360,6 +360,28 @@ class TestEscalationChain:
         assert "escalation to gpt-4o stopped" in quality.reason
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
 
+    async def test_an_escalation_that_could_not_start_before_the_deadline_releases_the_answer(
+        self, fake: FakeProvider
+    ) -> None:
+        """The cheap answer (a refusal) comes with less than reliability.min_attempt_seconds of the
+        caller's deadline left: gpt-4o could not be called, so the answer in hand is released,
+        with a reason saying why (an Escalation was announced, gpt-4o never called, and the call
+        ended DEADLINE_EXCEEDED before its deadline, the paid answer thrown away)."""
+        config = default_config()
+        config["reliability"] = {"min_attempt_seconds": 1.0}
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal, first_chunk_delay=0.7), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=1.6)]
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert _text(messages) == refusal
+        assert "not escalated to gpt-4o" in messages[-1].completion.quality.reason
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
     async def test_without_opting_in_nothing_is_buffered_or_scored(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
