@@ -693,13 +693,17 @@ class Router:
     def _final(self, state: _AttemptState, completion: Completion, quality: QualityScore | None = None) -> Completion:
         """The last message: every attempt, their summed usage and cost, and the released score."""
         total = _usage_of(state.summaries)
-        if completion.model != state.decision.model:
-            # Escalated or fallen back: feedback on this answer is about the model that gave it.
-            for stage in self._policy.learning_stages:
-                stage.answered(state.decision.decision_id, completion.model)
+        self._answered_by(state, completion.model)
         return replace(
             completion, cost_usd=state.cost, attempts=tuple(state.summaries), total_usage=total, quality=quality
         )
+
+    def _answered_by(self, state: _AttemptState, model_id: str) -> None:
+        """``model_id`` gave the answer the caller gets: when it is not the decided model (a
+        cascade escalated, a fallback served), feedback on that answer is filed under it."""
+        if model_id != state.decision.model:
+            for stage in self._policy.learning_stages:
+                stage.answered(state.decision.decision_id, model_id)
 
     async def _buffered_step(
         self,
@@ -938,6 +942,9 @@ class Router:
                     if not state.buffering:
                         sent += 1
                         state.chunks += 1
+                        if sent == 1:
+                            # Its text reaches the caller from now on, however the call ends.
+                            self._answered_by(state, model.id)
                     yield event
                 elif isinstance(event, Heartbeat):
                     received.append(event.text)

@@ -21,7 +21,7 @@ from routesvc.feedback import FeedbackExample
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.reload import ConfigWatcher
 from routesvc.server import Server
-from routesvc.testing import FakeProvider, Script
+from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat, write_locked
 from tests.routing_data import STRONG, WEAK, records
@@ -156,6 +156,31 @@ class TestFeedbackIsAboutTheAnswer:
             response = await client.feedback(messages[0].decision.decision_id, thumbs_up=True)
         assert (messages[0].decision.model, messages[-1].completion.model) == ("gpt-4o-mini", "gpt-4o")
         assert (response.model, response.library_examples) == ("gpt-4o", 0)
+
+    async def test_an_escalated_answer_cut_after_its_text_is_rated_and_counted_under_its_model(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The strong model's stream, after the escalation, is cut once 5 chunks were sent: the
+        caller saw only its text, so feedback is filed under it and GetStats counts the request
+        under it (both went to the rejected weak model, whose answer the caller never saw)."""
+        settings = settings_from(embedding_config(tmp_path), live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            fake.enqueue(Script(text="I'm sorry, but I can't help with that."), model="gpt-4o-mini")
+            fake.enqueue(Script(chunk_count=20, fault=Fault.CUT, fault_after=5), model="gpt-4o")
+            messages: list[pb.CompleteResponse] = []
+
+            async def complete() -> None:
+                async for message in client.complete(user_chat("say hello to zulu"), pb.RoutingContext(cascade=True)):
+                    messages.append(message)
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await complete()
+            response = await client.feedback(messages[0].decision.decision_id, thumbs_up=False)
+            stats = await client.get_stats()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert sum(m.WhichOneof("event") == "delta" for m in messages) == 5
+        assert response.model == "gpt-4o"
+        assert [(m.model, m.totals.requests) for m in stats.models] == [("gpt-4o", 1)]
 
     async def test_a_fallback_answer_is_rated_under_the_fallback(self, tmp_path: Path, fake: FakeProvider) -> None:
         """The decided model fails and its fallback answers: feedback is about the fallback's answer."""

@@ -610,7 +610,10 @@ def _end_attempt(
         }
         span.set_attribute("gen_ai.output.messages", _bounded_json([output]))
     span.end()
-    rpc.attempts.append(_AttemptRecord(model.id, cost, usage if finish is not None else None, estimated, purpose))
+    # An attempt cut after its text came counts as an answer too (its usage estimated): what the
+    # caller saw of it is that model's, for the stats and the baseline.
+    answered = finish is not None or (interrupted and bool(texts))
+    rpc.attempts.append(_AttemptRecord(model.id, cost, usage if answered else None, estimated, purpose))
     labels = {**metric_labels, "gen_ai.response.model": finish.provider_model if finish else model.provider_model}
     duration_labels = {**labels, "error.type": error_type} if error_type else labels
     telemetry.instruments.operation_duration.record(duration, duration_labels)
