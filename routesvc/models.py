@@ -336,6 +336,16 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class InputReported:
+    """The input the provider says it bills for the call, told before any output (Anthropic's
+    ``message_start``: the input, the cache reads and the cache writes). An attempt cut short
+    after it is charged this input, and only its output is estimated. Never forwarded, and not a
+    sign the model is answering (the first-chunk timer still runs)."""
+
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderFinish:
     """The end of a provider stream: usage, why it stopped, the model that answered, and the
     tool calls it made (assembled from the stream, in order). ``estimated`` is True when the
@@ -480,9 +490,10 @@ class BatchStatus:
     error: str = ""
 
 
-ProviderEvent = TextDelta | Heartbeat | ProviderFinish
+ProviderEvent = TextDelta | Heartbeat | InputReported | ProviderFinish
 """What a provider stream yields: text deltas (and a ``Heartbeat`` for every other chunk that
-carries something), then exactly one ``ProviderFinish``."""
+carries something, an ``InputReported`` when the provider tells its input first), then exactly
+one ``ProviderFinish``."""
 
 CompleteEvent = RouteDecision | TextDelta | Completion | Escalation | BatchJob
 """What Complete yields: the decision, then text deltas (an ``Escalation`` before each stronger

@@ -49,6 +49,7 @@ from routesvc.models import (
     Escalation,
     Heartbeat,
     ImageEstimate,
+    InputReported,
     Mode,
     ProviderEvent,
     QualityScore,
@@ -925,6 +926,7 @@ class Router:
             headers=MappingProxyType(dict(headers or {})),
         )
         received: list[str] = []  # what each chunk carried: answer text, reasoning, tool calls
+        reported: Usage | None = None  # the input the provider said it bills, before any output
         ended_by_us = False  # our stream timers or the call's deadline ended it after it was sent
         sent = 0  # text chunks yielded: past the first, a failure is no longer retried
         outcome = AttemptOutcome.CANCELLED
@@ -948,6 +950,8 @@ class Router:
                     yield event
                 elif isinstance(event, Heartbeat):
                     received.append(event.text)
+                elif isinstance(event, InputReported):
+                    reported = event.usage
                 else:
                     usage = event.usage
                     finish = event
@@ -1004,7 +1008,7 @@ class Router:
                     await aclose()
             finally:
                 # Recorded even when a second cancellation interrupts the close.
-                self._record_unfinished(state, model, permit, number, outcome, received, ended_by_us)
+                self._record_unfinished(state, model, permit, number, outcome, received, ended_by_us, reported)
 
     def _record_unfinished(
         self,
@@ -1015,23 +1019,28 @@ class Router:
         outcome: AttemptOutcome,
         received: list[str],
         ended_by_us: bool,
+        reported: Usage | None,
     ) -> None:
         """Write an attempt that did not complete to the ledger (a completed one wrote itself).
 
         Ended by the provider's error before any output: nothing billed. Ended from our side once
         the provider had the call (a cancellation, our timers, the deadline), or cut after output:
-        its input and what came, estimated (as its span says)."""
+        its input and what came, estimated (as its span says); the input as the provider
+        ``reported`` it, when it did (with its cache reads and writes), else the tokenizer's."""
         if outcome is AttemptOutcome.COMPLETED:
             return
         if outcome is AttemptOutcome.CANCELLED:
             self._breakers.release_probe(permit)
         decision = state.decision
         charged = bool(received) or ended_by_us or outcome is AttemptOutcome.CANCELLED
-        billed = billed_input_tokens(model, *input_tokens_on(model, decision))
-        estimate = Usage(
-            input_tokens=billed if charged else 0,
-            output_tokens=count_text_tokens("".join(received)),
-        )
+        output_tokens = count_text_tokens("".join(received))
+        if not charged:
+            estimate = Usage(output_tokens=output_tokens)
+        elif reported is not None:
+            estimate = replace(reported, output_tokens=output_tokens)
+        else:
+            billed = billed_input_tokens(model, *input_tokens_on(model, decision))
+            estimate = Usage(input_tokens=billed, output_tokens=output_tokens)
         cost = cost_of_usage(model, estimate, decision.mode)
         self._record(state, model, number, outcome, estimate, cost, estimated=charged)
 
@@ -1149,7 +1158,8 @@ class _Timed:
                     raise ProviderStalled(
                         f"model {model.id} sent no chunk for {limit:g} s", provider=model.provider, model=model.id
                     ) from None
-                limit = self._idle
+                if not isinstance(event, InputReported):
+                    limit = self._idle  # the model is answering (the input's report says nothing of it)
                 yield event
         finally:
             aclose = getattr(stream, "aclose", None)

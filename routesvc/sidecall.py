@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from routesvc.catalog import ModelSpec
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut
-from routesvc.models import Heartbeat, ProviderFinish, TextDelta, UpstreamCall, Usage
+from routesvc.models import Heartbeat, InputReported, ProviderFinish, TextDelta, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
@@ -32,18 +32,28 @@ def deterministic_temperature(model: ModelSpec) -> float | None:
 
 
 def upstream_call(
-    model: str, call: ProviderCall, produced: Sequence[str], finish: ProviderFinish | None, *, refused: bool
+    model: str,
+    call: ProviderCall,
+    produced: Sequence[str],
+    finish: ProviderFinish | None,
+    *,
+    refused: bool,
+    reported: Usage | None = None,
 ) -> UpstreamCall:
     """What a side call used: the provider's usage when it finished (flagged when the provider did
     not report it and the adapter estimated it); when it was cut short after the provider had it,
-    an estimate of ``call``'s input and of what it ``produced`` (every piece, in order), flagged,
-    as its span counts it; when the provider ``refused`` it before any output, nothing."""
+    its input (as the provider ``reported`` it, when it did, else estimated from ``call``) and an
+    estimate of what it ``produced`` (every piece, in order), flagged, as its span counts it; when
+    the provider ``refused`` it before any output, nothing."""
     if finish is not None:
         return UpstreamCall(model, finish.usage, estimated=finish.estimated)
-    estimate = Usage(
-        input_tokens=0 if refused else estimate_input_tokens(call.as_chat()),
-        output_tokens=count_text_tokens("".join(produced)),
-    )
+    output_tokens = count_text_tokens("".join(produced))
+    if refused:
+        estimate = Usage(output_tokens=output_tokens)
+    elif reported is not None:
+        estimate = replace(reported, output_tokens=output_tokens)
+    else:
+        estimate = Usage(input_tokens=estimate_input_tokens(call.as_chat()), output_tokens=output_tokens)
     return UpstreamCall(model, estimate, estimated=not refused, refused=refused)
 
 
@@ -68,6 +78,7 @@ async def side_call(
     texts: list[str] = []
     produced: list[str] = []  # every piece in order (text, reasoning, tool calls): billed output
     finish: ProviderFinish | None = None
+    reported: Usage | None = None
     error: TimeoutError | ProviderError | None = None
     refused = False
     stream = telemetry.observed_stream(provider, model, call, purpose=purpose)
@@ -79,6 +90,8 @@ async def side_call(
                     produced.append(event.text)
                 elif isinstance(event, Heartbeat):
                     produced.append(event.text)
+                elif isinstance(event, InputReported):
+                    reported = event.usage
                 elif isinstance(event, ProviderFinish):
                     finish = event
     except TimeoutError as exc:
@@ -92,7 +105,7 @@ async def side_call(
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
-        used = upstream_call(model.id, call, produced, finish, refused=refused)
+        used = upstream_call(model.id, call, produced, finish, refused=refused, reported=reported)
         if charge is not None:
             charge(used)
     return SideCallResult("".join(texts), finish, used, error)

@@ -16,6 +16,7 @@ from routesvc.client import RouterClient, build_chat
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut, ProviderUnavailable
 from routesvc.ledger import AttemptOutcome
 from routesvc.models import ChatRequest, Message, ProviderEvent, Role, ToolCall, ToolSpec, UpstreamCall
+from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.anthropic_batch import AnthropicBatches
 from routesvc.providers.base import ProviderCall
 from routesvc.providers.batch import BatchItem
@@ -24,7 +25,7 @@ from routesvc.sidecall import side_call
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.tokens import estimate_input_tokens
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.conftest import add_local_model, default_config, live_environ, settings_from, until, user_chat
 from tests.observability import observed_server
 from tests.test_batches import batch_config, submit, wait_state
 from tests.test_classifier import CHEAP
@@ -276,6 +277,69 @@ class TestUnreportedUsage:
         messages = [m async for m in live_client.complete(user_chat("Say hello"), pb.RoutingContext(model="gpt-4o"))]
         (entry,) = live_server.router.ledger.entries(messages[0].decision.decision_id)
         assert entry.estimated is False
+
+
+class TestInputReportedBeforeTheAnswer:
+    """Anthropic tells the input it bills (cache reads and writes apart) in ``message_start``: a
+    stream cut short after it is charged that input, and only its output is estimated."""
+
+    async def test_a_cut_stream_is_charged_the_input_anthropic_reported(self, fake: FakeProvider) -> None:
+        """40,000 input tokens, 39,000 of them read from the cache, cut after 3 chunks: the ledger,
+        the completion's attempt and the span charge 1,000 x $3 + 39,000 x $0.30 per 1M and the
+        estimated output (the tokenizer's estimate of the prompt was billed, all at the full
+        input price: 10x too much for the cache reads)."""
+        fake.enqueue(
+            Script(input_tokens=40_000, cached_input_tokens=39_000, chunk_count=10, fault=Fault.CUT, fault_after=3),
+            model="claude-sonnet-4-6",
+        )
+        async with observed_server(fake) as observed:
+            messages: list[pb.CompleteResponse] = []
+
+            async def complete() -> None:
+                context = pb.RoutingContext(model="claude-sonnet")
+                async for message in observed.client.complete(user_chat("Summarise the contract"), context):
+                    messages.append(message)
+
+            with pytest.raises(grpc.aio.AioRpcError):
+                await complete()
+            # The attempt's span ends as the handler does, just after the client has the status.
+            await until(lambda: len(observed.named("chat claude-sonnet-4-6")) == 1)
+            [entry] = observed.server.router.ledger.entries(messages[0].decision.decision_id)
+            (span,) = observed.named("chat claude-sonnet-4-6")
+        attributes = dict(span.attributes or {})
+        expected = (
+            1_000 * Decimal(3) + 39_000 * Decimal("0.30") + entry.usage.output_tokens * Decimal(15)
+        ) / _PER_TOKEN
+        assert (entry.outcome, entry.estimated) == (AttemptOutcome.INTERRUPTED, True)
+        assert (entry.usage.input_tokens, entry.usage.cached_input_tokens) == (40_000, 39_000)
+        assert entry.usage.output_tokens > 0
+        assert entry.cost_usd == expected
+        assert (attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.usage.cache_read.input_tokens"]) == (
+            40_000,
+            39_000,
+        )
+        assert Decimal(str(attributes["routesvc.cost_usd"])) == expected
+
+    async def test_a_side_call_cut_short_is_charged_the_input_anthropic_reported(self, fake: FakeProvider) -> None:
+        """A judge's or classifier's call on Anthropic, cut after 2 chunks: its charge has the
+        input message_start reported, cache reads apart."""
+        fake.enqueue(
+            Script(input_tokens=5_000, cached_input_tokens=4_000, chunk_count=6, fault=Fault.CUT, fault_after=2)
+        )
+        provider = AnthropicProvider("anthropic", "sk-test", fake.anthropic_base_url)
+        model = settings_from(default_config()).catalog.get("claude-sonnet")
+        call = ProviderCall(
+            model=model.id, provider_model=model.provider_model, messages=(Message(Role.USER, "Grade this"),)
+        )
+        charges: list[UpstreamCall] = []
+        try:
+            result = await side_call(provider, model, call, purpose="judge", charge=charges.append)
+        finally:
+            await provider.aclose()
+        [used] = charges
+        assert isinstance(result.error, ProviderError)
+        assert used.estimated
+        assert (used.usage.input_tokens, used.usage.cached_input_tokens) == (5_000, 4_000)
 
 
 class TestAnthropicBatchRequests:

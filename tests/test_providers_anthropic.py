@@ -25,6 +25,7 @@ from routesvc.errors import (
 from routesvc.models import (
     ChatRequest,
     FinishReason,
+    InputReported,
     Message,
     ProviderEvent,
     ProviderFinish,
@@ -70,6 +71,8 @@ async def collect_until_error(provider: AnthropicProvider, call: ProviderCall) -
 
     async def drain() -> None:
         async for event in provider.stream(call):
+            if isinstance(event, InputReported):
+                continue
             assert isinstance(event, TextDelta)
             texts.append(event.text)
 
@@ -108,12 +111,15 @@ async def provider(fake: FakeProvider, http_client: HttpClientKind) -> AsyncIter
 
 class TestStreaming:
     async def test_default_answer_streams_word_chunks_then_usage(self, provider: AnthropicProvider) -> None:
-        """The default script's words arrive as deltas in order, then one finish with usage."""
+        """The input message_start reports comes first, then the default script's words as deltas
+        in order, then one finish with usage."""
         events = await collect(provider, make_call())
         words = ["Hello ", "from ", "the ", "fake ", "provider."]
-        assert events[:-1] == [TextDelta(word) for word in words]
+        input_tokens = len(f"You are terse. {CANARY_PROMPT} Sure. Go on.".split())
+        assert events[0] == InputReported(Usage(input_tokens=input_tokens))
+        assert events[1:-1] == [TextDelta(word) for word in words]
         assert events[-1] == ProviderFinish(
-            usage=Usage(input_tokens=len(f"You are terse. {CANARY_PROMPT} Sure. Go on.".split()), output_tokens=5),
+            usage=Usage(input_tokens=input_tokens, output_tokens=5),
             finish_reason=FinishReason.STOP,
             provider_model="claude-sonnet-test",
         )
@@ -125,7 +131,7 @@ class TestStreaming:
         script = Script(chunk_count=60)
         fake.enqueue(script)
         events = await collect(provider, make_call())
-        assert events[:-1] == [TextDelta(chunk) for chunk in script.content_chunks()]
+        assert events[1:-1] == [TextDelta(chunk) for chunk in script.content_chunks()]
 
     async def test_input_includes_cache_reads_and_writes(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
         """Anthropic reports cached input apart; ``input_tokens`` sums all three, cached = cache reads,

@@ -40,6 +40,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Iterable
+from dataclasses import replace
 from typing import Literal, TypeVar, cast
 
 import anthropic
@@ -62,6 +63,7 @@ from routesvc.models import (
     FinishReason,
     Heartbeat,
     Image,
+    InputReported,
     Message,
     ProviderEvent,
     ProviderFinish,
@@ -371,6 +373,18 @@ class _Tally:
         self.tool_calls = ToolCallParts()
 
 
+def _input_usage(tally: _Tally) -> Usage:
+    """The input the stream reported (``tally.input_tokens`` is known): every input token, the
+    cache reads and writes among them."""
+    assert tally.input_tokens is not None
+    return Usage(
+        input_tokens=tally.input_tokens + tally.cache_read + tally.cache_write,
+        cached_input_tokens=tally.cache_read,
+        cache_write_input_tokens=tally.cache_write,
+        cache_write_1h_input_tokens=min(tally.cache_write_1h, tally.cache_write),
+    )
+
+
 def quota_spent(exc: anthropic.APIStatusError) -> bool:
     """Whether an Anthropic error says the account's credit is spent, streamed or in a batch: a
     ``billing_error``, or the 400 ``invalid_request_error`` "credit balance is too low" that only
@@ -437,8 +451,9 @@ class AnthropicProvider:
             tally = _Tally()
             while (event := await self._guard(call, deadline, next_event(sdk_stream))) is not END_OF_STREAM:
                 carried = self._apply(tally, event_object(event, provider=self._name, model=call.model))
-                if carried is not None:
+                if isinstance(carried, TextDelta | Heartbeat):
                     tally.output.append(carried.text)
+                if carried is not None:
                     yield carried
                 if tally.stopped:
                     await _drain(sdk_stream)
@@ -463,9 +478,10 @@ class AnthropicProvider:
                 await sdk_stream.close()
 
     @staticmethod
-    def _apply(tally: _Tally, event: dict[str, object]) -> TextDelta | Heartbeat | None:
+    def _apply(tally: _Tally, event: dict[str, object]) -> TextDelta | Heartbeat | InputReported | None:
         """Fold one event into ``tally``: the answer text it carries, a ``Heartbeat`` for anything
-        else the model produced (thinking, a tool call's name or arguments), or None."""
+        else the model produced (thinking, a tool call's name or arguments), the billed input
+        ``message_start`` tells (``InputReported``), or None."""
         kind = event.get("type")
         if kind == "message_start":
             message = object_field(event.get("message"))
@@ -477,6 +493,8 @@ class AnthropicProvider:
                 tally.cache_write = count_field(usage.get("cache_creation_input_tokens")) or 0
                 tally.cache_write_1h = _cache_write_1h(usage, 0)
                 tally.output_tokens = count_field(usage.get("output_tokens"))
+                if tally.input_tokens is not None:
+                    return InputReported(_input_usage(tally))
         elif kind == "content_block_start":
             block = object_field(event.get("content_block"))
             index = count_field(event.get("index"))
@@ -528,14 +546,7 @@ class AnthropicProvider:
                 output_tokens=output_tokens if tally.output_tokens is None else tally.output_tokens,
             )
             return estimate, True
-        reported = Usage(
-            input_tokens=tally.input_tokens + tally.cache_read + tally.cache_write,
-            output_tokens=tally.output_tokens,
-            cached_input_tokens=tally.cache_read,
-            cache_write_input_tokens=tally.cache_write,
-            cache_write_1h_input_tokens=min(tally.cache_write_1h, tally.cache_write),
-        )
-        return reported, False
+        return replace(_input_usage(tally), output_tokens=tally.output_tokens), False
 
     async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
         """Await one SDK step within the call's deadline, translating whatever it raises."""

@@ -28,6 +28,7 @@ from routesvc.models import (
     FinishReason,
     Heartbeat,
     Image,
+    InputReported,
     Mode,
     ProviderEvent,
     ProviderFinish,
@@ -483,6 +484,7 @@ async def observed_stream(
     # attempt's output is estimated from them joined, as the ledger does).
     produced: list[str] = []
     finish: ProviderFinish | None = None
+    reported: Usage | None = None  # the input the provider said it bills, before any output
     error_type = ""
     stopped = False  # the router's stream timers or the call's deadline ended it
     stream = provider.stream(replace(call, headers=MappingProxyType(headers)))
@@ -497,6 +499,8 @@ async def observed_stream(
                 produced.append(event.text)
             elif isinstance(event, Heartbeat):
                 produced.append(event.text)
+            elif isinstance(event, InputReported):
+                reported = event.usage
             else:
                 finish = event
             yield event
@@ -529,6 +533,7 @@ async def observed_stream(
                 mode,
                 chat,
                 finish,
+                reported,
                 texts,
                 produced,
                 error_type,
@@ -546,6 +551,7 @@ def _end_attempt(
     mode: Mode,
     chat: ChatRequest,
     finish: ProviderFinish | None,
+    reported: Usage | None,
     texts: list[str],
     produced: list[str],
     error_type: str,
@@ -571,13 +577,17 @@ def _end_attempt(
         span.set_attribute("gen_ai.response.finish_reasons", [finish.finish_reason.value])
     elif interrupted:
         # Interrupted after the provider had the call: usage is estimated from what was sent
-        # and received, and flagged.
-        sent = billed_input_tokens(
-            model,
-            estimate_input_tokens(chat, model.provider_kind),
-            estimate_image_tokens(chat).for_kind(model.provider_kind),
-        )
-        usage = Usage(input_tokens=sent, output_tokens=count_text_tokens("".join(produced)))
+        # (what the provider reported of it, when it did) and received, and flagged.
+        output_tokens = count_text_tokens("".join(produced))
+        if reported is not None:
+            usage = replace(reported, output_tokens=output_tokens)
+        else:
+            sent = billed_input_tokens(
+                model,
+                estimate_input_tokens(chat, model.provider_kind),
+                estimate_image_tokens(chat).for_kind(model.provider_kind),
+            )
+            usage = Usage(input_tokens=sent, output_tokens=output_tokens)
         span.set_attribute("routesvc.usage_estimated", True)
     else:
         # Refused before any content (an error status or event): nothing to bill.
