@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import replace
 from decimal import Decimal, InvalidOperation
@@ -230,7 +231,8 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
             https = url.scheme.lower() == "https" and bool(url.hostname) and url.port != 0
         except ValueError:  # an invalid port or IPv6 address
             https = False
-        if not https or any(c.isspace() or ord(c) < 32 for c in image.url):
+        if not https or any(c.isspace() or unicodedata.category(c) == "Cc" for c in image.url):
+            # Cc: the C0 controls, DEL and the C1 controls; a URL carries them percent-encoded.
             raise InvalidRequest(f"{field}.url", "must be an https URL (send an inline image as data)")
         return Image(media_type=media_type, url=image.url, detail=detail)
     if source != "data":
@@ -244,6 +246,10 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
         seen = f"they look like {found}" if found else "they are none of the formats taken"
         raise InvalidRequest(f"{field}.data", f"must be the bytes of a {media_type} file ({seen})")
     width, height = dimensions(image.data, media_type)
+    if width <= 0 or height <= 0:
+        # A signature and nothing behind it (or a 0 x 0 screen): no provider reads it, and a
+        # refusal upstream would count against the model's breaker.
+        raise InvalidRequest(f"{field}.data", f"must be a {media_type} file whose header gives its size (above 0 x 0)")
     return Image(media_type=media_type, data=image.data, width=width, height=height, detail=detail)
 
 
