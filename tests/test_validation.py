@@ -461,3 +461,48 @@ class TestWireLevel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await client.route(user_chat("hi"), metadata={"x-padding": "a" * size})
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# Unknown ids of the 1024 characters validation takes, whole in an error message: "é" is 6 bytes
+# percent-encoded in grpc-message, U+E0001 10 characters in the quote ('\U000e0001'). With the
+# status details the trailers passed the client's 8 KiB metadata soft limit (refused at random)
+# or its 16 KiB hard limit (always): RESOURCE_EXHAUSTED without ErrorInfo, not NOT_FOUND.
+LONG_IDS = ["é" * 1024, "\U000e0001" * 1024, "\x01" * 1024]
+LONG_ID_NAMES = ["e-acute", "tag-character", "control"]
+
+
+class TestCallerIdsInErrors:
+    @pytest.mark.parametrize("model", LONG_IDS, ids=LONG_ID_NAMES)
+    async def test_a_long_unknown_model_is_not_found_every_time_on_route_and_complete(
+        self, client: RouterClient, model: str
+    ) -> None:
+        """A pinned model that is no catalog id is NOT_FOUND with MODEL_NOT_FOUND on every call,
+        however long the id: the message quotes its first 64 characters only."""
+        context = pb.RoutingContext(model=model)
+        refused: list[tuple[grpc.StatusCode, str, str]] = []
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as routed:
+                await client.route(user_chat("hi"), context)
+            with pytest.raises(grpc.aio.AioRpcError) as completed:
+                [m async for m in client.complete(user_chat("hi"), context)]
+            for error in (routed.value, completed.value):
+                refused.append((error.code(), error_info(error).reason, str(error.details())))
+        quoted = f"unknown model {model[:64]!r}...; known models: "
+        assert {(code, reason) for code, reason, _ in refused} == {(grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")}
+        assert all(details.startswith(quoted) for _, _, details in refused)
+
+    async def test_a_long_tenant_name_in_a_limit_error_is_quoted_short(self) -> None:
+        """A tenant's limit error quotes its name like any caller-given id: a configured name of
+        1024 characters still gives RESOURCE_EXHAUSTED with its ErrorInfo reason."""
+        tenant = "\U000e0001" * 1024
+        config = default_config()
+        config["tenants"] = {tenant: {"route_requests_per_minute": 1}}
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            await client.route(user_chat("hi"), pb.RoutingContext(tenant=tenant))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.route(user_chat("hi"), pb.RoutingContext(tenant=tenant))
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED",
+        )
+        assert str(caught.value.details()).startswith(f"tenant {tenant[:64]!r}... is over its 1 Route calls")
