@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from routesvc.client import RouterClient
 from routesvc.server import Server
 from routesvc.v1 import router_pb2 as pb
+from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import default_config, settings_from, user_chat
 
 CANARY = "canary-prompt-7f3a9"
@@ -506,3 +508,41 @@ class TestCallerIdsInErrors:
             "RATE_LIMITED",
         )
         assert str(caught.value.details()).startswith(f"tenant {tenant[:64]!r}... is over its 1 Route calls")
+
+
+class TestGetStatsRequest:
+    @pytest.mark.parametrize(
+        "window",
+        [
+            duration_pb2.Duration(seconds=1, nanos=1_500_000_000),
+            duration_pb2.Duration(seconds=1, nanos=-999_999_999),
+            duration_pb2.Duration(seconds=2**63 - 1),
+            duration_pb2.Duration(seconds=315_576_000_001),
+        ],
+        ids=["nanos-over-a-second", "nanos-of-the-other-sign", "int64-max-seconds", "over-10000-years"],
+    )
+    async def test_a_window_that_is_no_valid_duration_is_invalid_argument(
+        self, server: Server, window: duration_pb2.Duration
+    ) -> None:
+        """A window outside google.protobuf.Duration's own rules is INVALID_ARGUMENT naming it (it
+        was read as some other length)."""
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await pb_grpc.RouterServiceStub(channel).GetStats(pb.GetStatsRequest(window=window))
+        assert (caught.value.code(), error_info(caught.value).metadata["field"]) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "window",
+        )
+
+    async def test_a_tenant_over_1024_characters_is_invalid_argument(self, client: RouterClient) -> None:
+        """GetStats's tenant is held to context.tenant's limit, with its message (a tenant of
+        1 MB was taken and echoed back in the answer); 1024 characters are taken."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.get_stats(tenant="t" * 1025)
+        taken = await client.get_stats(tenant="t" * 1024, window_seconds=1e9)
+        assert (caught.value.code(), caught.value.details(), error_info(caught.value).metadata["field"]) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tenant: must be at most 1024 characters",
+            "tenant",
+        )
+        assert taken.tenant == "t" * 1024
