@@ -21,7 +21,7 @@ from typing import Protocol
 
 from routesvc.config import Settings, TenantConfig
 from routesvc.cost import format_usd
-from routesvc.errors import LimitExceeded, RequestTooLarge
+from routesvc.errors import LimitExceeded, RequestTooLarge, quoted_id
 
 _WINDOW = 60.0
 
@@ -162,14 +162,14 @@ def check_fits_token_rate(tenant: str, limits: TenantConfig, tokens: int) -> Non
     if limits.tokens_per_minute is not None and tokens > limits.tokens_per_minute:
         raise RequestTooLarge(
             f"the request is estimated at {tokens} tokens (input plus max output), more than tenant"
-            f" {tenant!r}'s {limits.tokens_per_minute} tokens per minute; lower chat.max_output_tokens"
+            f" {quoted_id(tenant)}'s {limits.tokens_per_minute} tokens per minute; lower chat.max_output_tokens"
         )
 
 
 def route_rate_limited(tenant: str, limits: TenantConfig, retry_after: float) -> LimitExceeded:
     """The refusal of a Route call over the tenant's ``route_requests_per_minute``."""
     return LimitExceeded(
-        f"tenant {tenant!r} is over its {limits.route_requests_per_minute} Route calls per minute",
+        f"tenant {quoted_id(tenant)} is over its {limits.route_requests_per_minute} Route calls per minute",
         reason="RATE_LIMITED",
         retry_after=retry_after,
     )
@@ -186,7 +186,7 @@ def exhausted_budget(tenant: str, limits: TenantConfig, periods: Sequence[str], 
     budgets = (limits.daily_budget_usd, limits.monthly_budget_usd)
     for period, budget, used in zip(periods, budgets, committed, strict=True):
         if budget is not None and used >= budget:
-            return f"tenant {tenant!r} has spent or reserved its {budget_name(period)} budget"
+            return f"tenant {quoted_id(tenant)} has spent or reserved its {budget_name(period)} budget"
     return ""
 
 
@@ -314,7 +314,7 @@ class LocalAdmission:
         self._prune(state, now)
         if limits.requests_per_minute is not None and len(state.requests) >= limits.requests_per_minute:
             raise LimitExceeded(
-                f"tenant {tenant!r} is over its {limits.requests_per_minute} requests per minute",
+                f"tenant {quoted_id(tenant)} is over its {limits.requests_per_minute} requests per minute",
                 reason="RATE_LIMITED",
                 retry_after=max(0.001, state.requests[0] + _WINDOW - now),
             )
@@ -323,13 +323,13 @@ class LocalAdmission:
             if used + tokens > limits.tokens_per_minute:
                 retry_after = max(0.001, state.tokens[0].at + _WINDOW - now) if state.tokens else _WINDOW
                 raise LimitExceeded(
-                    f"tenant {tenant!r} is over its {limits.tokens_per_minute} tokens per minute",
+                    f"tenant {quoted_id(tenant)} is over its {limits.tokens_per_minute} tokens per minute",
                     reason="TOKEN_RATE_LIMITED",
                     retry_after=retry_after,
                 )
         if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
             raise LimitExceeded(
-                f"tenant {tenant!r} already has {limits.max_concurrent} requests in flight",
+                f"tenant {quoted_id(tenant)} already has {limits.max_concurrent} requests in flight",
                 reason="CONCURRENCY_LIMITED",
                 retry_after=1.0,
             )
@@ -345,7 +345,8 @@ class LocalAdmission:
         for period, budget in zip(periods, (limits.daily_budget_usd, limits.monthly_budget_usd), strict=True):
             if budget is not None and state.spent[period] + state.reserved[period] + cost > budget:
                 raise LimitExceeded(
-                    f"tenant {tenant!r} would exceed its {budget_name(period)} budget of {format_usd(budget)} USD",
+                    f"tenant {quoted_id(tenant)} would exceed its {budget_name(period)} budget of"
+                    f" {format_usd(budget)} USD",
                     reason="BUDGET_EXCEEDED",
                     retry_after=_seconds_to_next(period, wall),
                 )

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from routesvc.errors import ModelNotFound
+from routesvc.errors import ModelNotFound, quoted_id
 from routesvc.models import ProviderKind
 
 
@@ -65,4 +65,4 @@ class Catalog:
             return self._by_id[model_id]
         except KeyError:
             known = ", ".join(self._by_id)
-            raise ModelNotFound(f"unknown model {model_id!r}; known models: {known}") from None
+            raise ModelNotFound(f"unknown model {quoted_id(model_id)}; known models: {known}") from None

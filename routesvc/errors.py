@@ -41,6 +41,23 @@ name fields and models, never prompt text or credentials.
 
 from __future__ import annotations
 
+QUOTED_ID_CHARS = 64
+"""The most characters of a caller-given id that an error message quotes (``quoted_id``)."""
+
+
+def quoted_id(value: str) -> str:
+    """A caller-given id (a model, decision or batch id, a tenant) as an error message quotes it:
+    the ``repr`` of its first ``QUOTED_ID_CHARS`` characters, with "..." after it when cut.
+
+    The message travels twice in the status trailers (``grpc-message``, percent-encoded, and the
+    ``google.rpc.Status`` of ``grpc-status-details-bin``), and grpc clients refuse trailers over
+    8 KiB by default, at random up to 16 KiB and always past it: an id of the 1024 characters
+    validation allows, quoted whole, made NOT_FOUND a RESOURCE_EXHAUSTED without ``ErrorInfo``.
+    """
+    if len(value) <= QUOTED_ID_CHARS:
+        return repr(value)
+    return f"{value[:QUOTED_ID_CHARS]!r}..."
+
 
 class RouteSvcError(Exception):
     """Root of every error routesvc raises on purpose.

@@ -58,6 +58,7 @@ from routesvc.errors import (
     FeedbackStoreUnavailable,
     InvalidRequest,
     RouteSvcError,
+    quoted_id,
 )
 from routesvc.sqlite import immediate, is_busy
 
@@ -397,7 +398,9 @@ class FeedbackStore:
 
     def _record(self, decision_id: str, score: float, tenant: str | None) -> FeedbackEntry:
         now = self._clock()
-        unknown = UnknownDecision(f"no remembered decision {decision_id!r} (never seen, or forgotten without feedback)")
+        unknown = UnknownDecision(
+            f"no remembered decision {quoted_id(decision_id)} (never seen, or forgotten without feedback)"
+        )
         select = "SELECT model, tenant FROM examples WHERE decision_id = ?"
         with self._transaction():
             row = self._writer.execute(select, (decision_id,)).fetchone()

@@ -68,8 +68,9 @@ def sniff_media_type(data: bytes) -> str:
 
 def dimensions(data: bytes, media_type: str) -> tuple[int, int]:
     """Width and height in pixels from the header of an image of ``media_type``; (0, 0) when the
-    header does not say (truncated, or a kind of file this does not read)."""
-    if media_type == "image/png" and data[12:16] == b"IHDR":
+    header does not say (truncated, or a kind of file this does not read). A size read may be 0
+    (a GIF's screen, a VP8 frame's): request validation refuses both."""
+    if media_type == "image/png" and data[12:16] == b"IHDR" and len(data) >= 24:
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     if media_type == "image/gif" and len(data) >= 10:
         return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")

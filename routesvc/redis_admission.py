@@ -45,7 +45,7 @@ from routesvc.admission import (
 )
 from routesvc.config import TenantConfig
 from routesvc.cost import format_usd
-from routesvc.errors import LimitExceeded, SharedStateUnavailable
+from routesvc.errors import LimitExceeded, SharedStateUnavailable, quoted_id
 
 log = structlog.get_logger("routesvc.admission")
 
@@ -396,19 +396,19 @@ class RedisAdmission:
     def _refusal(self, tenant: str, limits: TenantConfig, verdict: str, detail: str, now: float) -> LimitExceeded:
         """The error for a refusing verdict of the admit or the extend script."""
         day, month = _periods(now)
+        who = f"tenant {quoted_id(tenant)}"
         if verdict == "BUDGET_EXCEEDED":
             period = day if detail == "day" else month
             budget = limits.daily_budget_usd if detail == "day" else limits.monthly_budget_usd
             return LimitExceeded(
-                f"tenant {tenant!r} would exceed its {budget_name(period)} budget of"
-                f" {format_usd(budget or Decimal(0))} USD",
+                f"{who} would exceed its {budget_name(period)} budget of {format_usd(budget or Decimal(0))} USD",
                 reason="BUDGET_EXCEEDED",
                 retry_after=_seconds_to_next(period, now),
             )
         messages = {
-            "RATE_LIMITED": f"tenant {tenant!r} is over its {limits.requests_per_minute} requests per minute",
-            "TOKEN_RATE_LIMITED": f"tenant {tenant!r} is over its {limits.tokens_per_minute} tokens per minute",
-            "CONCURRENCY_LIMITED": f"tenant {tenant!r} already has {limits.max_concurrent} requests in flight",
+            "RATE_LIMITED": f"{who} is over its {limits.requests_per_minute} requests per minute",
+            "TOKEN_RATE_LIMITED": f"{who} is over its {limits.tokens_per_minute} tokens per minute",
+            "CONCURRENCY_LIMITED": f"{who} already has {limits.max_concurrent} requests in flight",
         }
         return LimitExceeded(messages[verdict], reason=verdict, retry_after=max(0.001, float(detail)))
 

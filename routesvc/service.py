@@ -458,9 +458,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
     async def GetBatch(self, request: pb.GetBatchRequest, context: grpc.aio.ServicerContext) -> pb.GetBatchResponse:
         """A batch job's state and, once it succeeded, its result."""
         async with self._rpc("GetBatch", context) as record:
-            request = self._parsed(request)
-            batches, tenant = self._batch_owner(request.tenant, record.principal)
-            status = await batches.get(wire.batch_id(request.batch_id), tenant)
+            batch_id, named = wire.batch_request(self._parsed(request))
+            batches, tenant = self._batch_owner(named, record.principal)
+            status = await batches.get(batch_id, tenant)
             record.fields.update(batch_id=status.job.batch_id, batch_state=status.job.state.value)
             return wire.batch_status_message(status)
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
@@ -470,9 +470,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
     ) -> pb.CancelBatchResponse:
         """Cancel a batch job that has not ended."""
         async with self._rpc("CancelBatch", context) as record:
-            request = self._parsed(request)
-            batches, tenant = self._batch_owner(request.tenant, record.principal)
-            status = await batches.cancel(wire.batch_id(request.batch_id), tenant)
+            batch_id, named = wire.batch_request(self._parsed(request))
+            batches, tenant = self._batch_owner(named, record.principal)
+            status = await batches.cancel(batch_id, tenant)
             record.fields.update(batch_id=status.job.batch_id, batch_state=status.job.state.value)
             return pb.CancelBatchResponse(job=wire.batch_job_message(status.job))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
@@ -492,11 +492,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
         """Routing effectiveness over the window, for one tenant or all."""
         async with self._rpc("GetStats", context) as record:
-            request = self._parsed(request)
-            window = request.window.ToNanoseconds() / 1e9 if request.HasField("window") else 0.0
-            if window < 0:
-                raise InvalidRequest("window", "must not be negative")
-            tenant = request.tenant
+            tenant, window = wire.stats_request(self._parsed(request))
             if record.principal.tenant is not None:
                 # An authenticated tenant sees its own numbers only.
                 if tenant and tenant != record.principal.tenant:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import replace
 from decimal import Decimal, InvalidOperation
@@ -115,6 +116,10 @@ _MAX_TOOL_CALL_ID_CHARS = 256
 # A stop sequence is a marker ("\n\n", "</answer>", "Observation:"); neither provider documents a
 # bound, and a longer one is a mistake (or an attempt to grow every request the router sends).
 _MAX_STOP_CHARS = 256
+# Every job's id: "batch_" and a uuid4's hex (documented on BatchJob.batch_id).
+_BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
+# google.protobuf.Duration holds at most 10,000 years.
+_MAX_DURATION_SECONDS = 315_576_000_000
 # Signed image URLs run to a few thousand characters; browsers and CDNs stop at about 8K.
 _MAX_IMAGE_URL_CHARS = 8192
 
@@ -148,6 +153,14 @@ def _message(index: int, message: pb.Message, open_calls: Mapping[str, str], lim
     return Message(
         role, message.content, calls, message.tool_call_id, cache_breakpoint=cache, tool_error=message.tool_error
     )
+
+
+def _short_string(field: str, value: str) -> str:
+    """A tenant, user tier, task hint or model id: at most ``_MAX_METADATA_CHARS`` characters,
+    the one limit (and message) of every such field."""
+    if len(value) > _MAX_METADATA_CHARS:
+        raise InvalidRequest(field, f"must be at most {_MAX_METADATA_CHARS} characters")
+    return value
 
 
 def _cache_breakpoint(field: str, value: pb.CacheBreakpoint.ValueType) -> CacheTtl | None:
@@ -230,7 +243,8 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
             https = url.scheme.lower() == "https" and bool(url.hostname) and url.port != 0
         except ValueError:  # an invalid port or IPv6 address
             https = False
-        if not https or any(c.isspace() or ord(c) < 32 for c in image.url):
+        if not https or any(c.isspace() or unicodedata.category(c) == "Cc" for c in image.url):
+            # Cc: the C0 controls, DEL and the C1 controls; a URL carries them percent-encoded.
             raise InvalidRequest(f"{field}.url", "must be an https URL (send an inline image as data)")
         return Image(media_type=media_type, url=image.url, detail=detail)
     if source != "data":
@@ -244,6 +258,10 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
         seen = f"they look like {found}" if found else "they are none of the formats taken"
         raise InvalidRequest(f"{field}.data", f"must be the bytes of a {media_type} file ({seen})")
     width, height = dimensions(image.data, media_type)
+    if width <= 0 or height <= 0:
+        # A signature and nothing behind it (or a 0 x 0 screen): no provider reads it, and a
+        # refusal upstream would count against the model's breaker.
+        raise InvalidRequest(f"{field}.data", f"must be a {media_type} file whose header gives its size (above 0 x 0)")
     return Image(media_type=media_type, data=image.data, width=width, height=height, detail=detail)
 
 
@@ -470,9 +488,10 @@ def _context(context: pb.RoutingContext, limits: LimitsConfig) -> RoutingContext
             raise InvalidRequest(
                 "context.metadata", f"keys must be non-empty; keys and values at most {_MAX_METADATA_CHARS} characters"
             )
+    # A model id is not held to a charset: the catalog's ids are the operator's (any non-empty
+    # string); an unknown one is NOT_FOUND, and its error quotes only its start (``quoted_id``).
     for name in ("tenant", "user_tier", "task_hint", "model"):
-        if len(getattr(context, name)) > _MAX_METADATA_CHARS:
-            raise InvalidRequest(f"context.{name}", f"must be at most {_MAX_METADATA_CHARS} characters")
+        _short_string(f"context.{name}", getattr(context, name))
     max_cost: Decimal | None = None
     if context.max_cost_usd:
         text = context.max_cost_usd.strip()
@@ -617,11 +636,32 @@ def batch_status_message(status: BatchStatus) -> pb.GetBatchResponse:
     return response
 
 
-def batch_id(value: str) -> str:
-    """A GetBatch or CancelBatch ``batch_id``; INVALID_ARGUMENT when empty or overlong."""
-    if not value or len(value) > 128:
-        raise InvalidRequest("batch_id", "must be the batch_id of a BatchJob")
-    return value
+def batch_request(message: pb.GetBatchRequest | pb.CancelBatchRequest) -> tuple[str, str]:
+    """The ``batch_id`` and ``tenant`` of a GetBatch or CancelBatch request; raises
+    ``InvalidRequest`` for an id not of the form every job's id has (an unknown id of that form
+    is the queue's ``BatchNotFound``)."""
+    if not _BATCH_ID.fullmatch(message.batch_id):
+        raise InvalidRequest("batch_id", 'must be the batch_id of a BatchJob ("batch_" and 32 lowercase hex digits)')
+    return message.batch_id, _short_string("tenant", message.tenant)
+
+
+def stats_request(message: pb.GetStatsRequest) -> tuple[str, float]:
+    """The ``tenant`` and window in seconds (0: the whole window kept) of a GetStats request;
+    raises ``InvalidRequest``."""
+    window = 0.0
+    if message.HasField("window"):
+        seconds, nanos = message.window.seconds, message.window.nanos
+        # google.protobuf.Duration's own rules: nanos below a second, of the seconds' sign.
+        if abs(seconds) > _MAX_DURATION_SECONDS or abs(nanos) >= 1_000_000_000 or seconds * nanos < 0:
+            raise InvalidRequest(
+                "window",
+                "must be a valid google.protobuf.Duration (nanos under 1e9 and of the seconds' sign;"
+                " at most 10,000 years)",
+            )
+        window = seconds + nanos / 1e9
+    if window < 0:
+        raise InvalidRequest("window", "must not be negative")
+    return _short_string("tenant", message.tenant), window
 
 
 def complete_message(event: CompleteEvent) -> pb.CompleteResponse:

@@ -72,6 +72,10 @@ from tests.test_validation import error_info
 SUMMARY_SCHEMA = {"type": "object", "additionalProperties": False}
 
 
+# Of the form of every job's id, and no job's.
+UNKNOWN_BATCH_ID = "batch_" + "0" * 32
+
+
 def batch_config(tmp_path: Path) -> dict[str, object]:
     """The default policy with fast batch timers and the store under ``tmp_path``."""
     config = default_config()
@@ -694,11 +698,52 @@ class TestBatchFaults:
             RouterClient(server.target) as client,
         ):
             job = (await submit(client, tenant="acme"))[1].batch
-            for batch_id, tenant in ((job.batch_id, "globex"), ("batch_unknown", "acme")):
+            for batch_id, tenant in ((job.batch_id, "globex"), (UNKNOWN_BATCH_ID, "acme")):
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await get_batch(client, batch_id, tenant)
                 assert caught.value.code() == grpc.StatusCode.NOT_FOUND
                 assert error_info(caught.value).reason == "BATCH_NOT_FOUND"
+
+    @pytest.mark.parametrize(
+        "batch_id",
+        ["xyz", "\x00", "   ", "batch_" + "0" * 31, "batch_" + "A" * 32, UNKNOWN_BATCH_ID + "\n", "b" * 129],
+        ids=["word", "nul", "blank", "31-digits", "upper-case", "newline-after", "overlong"],
+    )
+    async def test_an_id_not_of_the_batch_id_form_is_invalid_argument(self, tmp_path: Path, batch_id: str) -> None:
+        """GetBatch and CancelBatch take "batch_" and 32 lowercase hex digits, the form of every
+        job's id: another string is INVALID_ARGUMENT naming batch_id (it was NOT_FOUND, as if such a
+        job could exist), whatever the tenant; an unknown id of the form stays NOT_FOUND."""
+        async with (
+            Server(settings_from(batch_config(tmp_path)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            refused = []
+            for call in (client.get_batch, client.cancel_batch):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call(batch_id, tenant="acme")
+                refused.append((caught.value.code(), error_info(caught.value).metadata["field"]))
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await client.cancel_batch(UNKNOWN_BATCH_ID, tenant="acme")
+        assert refused == [(grpc.StatusCode.INVALID_ARGUMENT, "batch_id")] * 2
+        assert (unknown.value.code(), error_info(unknown.value).reason) == (
+            grpc.StatusCode.NOT_FOUND,
+            "BATCH_NOT_FOUND",
+        )
+
+    async def test_a_tenant_over_1024_characters_is_invalid_argument(self, tmp_path: Path) -> None:
+        """GetBatch's and CancelBatch's tenant is held to context.tenant's limit, with its message."""
+        async with (
+            Server(settings_from(batch_config(tmp_path)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            refused = []
+            for call in (client.get_batch, client.cancel_batch):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call(UNKNOWN_BATCH_ID, tenant="t" * 1025)
+                refused.append(
+                    (caught.value.code(), caught.value.details(), error_info(caught.value).metadata["field"])
+                )
+        assert refused == [(grpc.StatusCode.INVALID_ARGUMENT, "tenant: must be at most 1024 characters", "tenant")] * 2
 
 
 class TestBatchPollerIsolation:

@@ -20,6 +20,7 @@ import yaml
 
 from routesvc.auth import key_digest
 from tests.conftest import REPO, default_config, process_environ
+from tests.test_batches import UNKNOWN_BATCH_ID
 from tests.test_tls import make_pki
 
 
@@ -185,10 +186,10 @@ class TestBatchOverTls:
         """Over TLS without --api-key the service answers UNAUTHENTICATED, so the key flag is what
         authenticates `batch`; with it, another tenant's or an unknown job is BATCH_NOT_FOUND."""
         ca = ("--tls-ca", str(secured.pki / "ca.pem"))
-        anonymous = _cli(secured.target, "batch", "get", "batch_unknown", *ca)
+        anonymous = _cli(secured.target, "batch", "get", UNKNOWN_BATCH_ID, *ca)
         assert anonymous.returncode == 1
         assert anonymous.stderr.startswith("error: UNAUTHENTICATED:")
-        unknown = _cli(secured.target, "batch", "cancel", "batch_unknown", *ca, "--api-key", "acme-key")
+        unknown = _cli(secured.target, "batch", "cancel", UNKNOWN_BATCH_ID, *ca, "--api-key", "acme-key")
         assert unknown.returncode == 1
         assert unknown.stderr.rstrip().endswith("[BATCH_NOT_FOUND]")
 

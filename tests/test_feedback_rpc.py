@@ -27,7 +27,7 @@ from tests.conftest import default_config, live_environ, settings_from, user_cha
 from tests.routing_data import STRONG, WEAK, records
 from tests.test_feedback import disk_full, small_pages
 from tests.test_limits import retry_delay
-from tests.test_validation import error_info
+from tests.test_validation import LONG_ID_NAMES, LONG_IDS, error_info
 
 
 def embedding_config(folder: Path, **stage_settings: object) -> dict[str, object]:
@@ -116,6 +116,20 @@ class TestFeedbackRpc:
         assert own.model == "gpt-4o"
         moved = "moved by 1 feedback example" in others.reasons[0]
         assert (moved, others.model) == ((True, "gpt-4o") if scope == "shared" else (False, "gpt-4o-mini"))
+
+    @pytest.mark.parametrize("decision_id", LONG_IDS, ids=LONG_ID_NAMES)
+    async def test_a_long_unknown_decision_id_is_not_found_every_time(self, tmp_path: Path, decision_id: str) -> None:
+        """An unknown decision id of the 1024 characters taken is NOT_FOUND with UNKNOWN_DECISION
+        on every call, its message quoting its first 64 characters only (whole, the trailers
+        passed the client's metadata limit: RESOURCE_EXHAUSTED without ErrorInfo)."""
+        served = Server(settings_from(embedding_config(tmp_path)), port=0)
+        async with served as server, RouterClient(server.target) as client:
+            errors = [await _feedback_error(client, decision_id, score=0.5) for _ in range(5)]
+        assert {(error.code(), error_info(error).reason) for error in errors} == {
+            (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
+        }
+        quoted = f"no remembered decision {decision_id[:64]!r}... (never seen"
+        assert all(str(error.details()).startswith(quoted) for error in errors)
 
     async def test_feedback_for_a_forgotten_decision_is_not_found_like_an_unknown_one(self, tmp_path: Path) -> None:
         """A decision without feedback that ``feedback_max_pending_decisions`` newer ones pushed

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import struct
 import zlib
@@ -301,6 +302,40 @@ BAD_PARTS: list[tuple[str, tuple[pb.ContentPart, ...], str]] = [
         "chat.messages[0].parts[0].image.data",
     ),
     ("not an image", (data_part(CANARY.encode()),), "chat.messages[0].parts[0].image.data"),
+    # A signature with no size behind it, or a size of 0: no provider reads it (they went upstream).
+    ("png signature alone", (data_part(b"\x89PNG\r\n\x1a\n"),), "chat.messages[0].parts[0].image.data"),
+    ("png cut inside its IHDR", (data_part(png(300, 200)[:22]),), "chat.messages[0].parts[0].image.data"),
+    ("png of 0 x 0", (data_part(png(0, 0)),), "chat.messages[0].parts[0].image.data"),
+    ("gif of 0 x 0", (data_part(gif_header(0, 0), "image/gif"),), "chat.messages[0].parts[0].image.data"),
+    ("gif 0 px high", (data_part(gif_header(32, 0), "image/gif"),), "chat.messages[0].parts[0].image.data"),
+    (
+        "jpeg start and junk",
+        (data_part(b"\xff\xd8\xff" + CANARY.encode(), "image/jpeg"),),
+        "chat.messages[0].parts[0].image.data",
+    ),
+    ("jpeg cut short", (data_part(jpeg_header(640, 480)[:30], "image/jpeg"),), "chat.messages[0].parts[0].image.data"),
+    ("jpeg 0 px wide", (data_part(jpeg_header(0, 480), "image/jpeg"),), "chat.messages[0].parts[0].image.data"),
+    (
+        "webp VP8 of 0 x 0",
+        (data_part(webp_header(b"VP8 ", 0, 0), "image/webp"),),
+        "chat.messages[0].parts[0].image.data",
+    ),
+    (
+        "webp chunk unknown",
+        (data_part(b"RIFF\x04\x00\x00\x00WEBPJUNK", "image/webp"),),
+        "chat.messages[0].parts[0].image.data",
+    ),
+    ("url with DEL", (url_part("https://images.example.com/a\x7fb.png"),), "chat.messages[0].parts[0].image.url"),
+    (
+        "url with a C1 control",
+        (url_part("https://images.example.com/a\x9bb.png"),),
+        "chat.messages[0].parts[0].image.url",
+    ),
+    (
+        "url with a no-break space",
+        (url_part("https://images.example.com/a\xa0b.png"),),
+        "chat.messages[0].parts[0].image.url",
+    ),
     ("empty data", (data_part(b""),), "chat.messages[0].parts[0].image.data"),
     (
         "unknown detail",
@@ -404,8 +439,45 @@ class TestImageHeaders:
         assert (sniff_media_type(data), dimensions(data, media_type)) == (media_type, size)
 
     def test_a_truncated_header_has_no_size(self) -> None:
-        """A header cut short says nothing: the image counts as of unknown size."""
+        """A header cut short says nothing, (0, 0), which request validation refuses."""
         assert dimensions(jpeg_header(640, 480)[:30], "image/jpeg") == (0, 0)
+        assert dimensions(png(300, 200)[:22], "image/png") == (0, 0)
+
+    async def test_files_an_encoder_wrote_are_read_and_taken(self, client: RouterClient) -> None:
+        """Whole files as Pillow writes them (PNG of each colour type, baseline, progressive and
+        Exif JPEG, animated GIF, lossy, lossless, alpha and animated WebP): their sizes are read
+        from their headers and Route takes each one."""
+        pil = pytest.importorskip("PIL.Image")
+
+        def encoded(image: object, kind: str, **options: object) -> bytes:
+            out = io.BytesIO()
+            image.save(out, kind, **options)  # type: ignore[attr-defined]
+            return out.getvalue()
+
+        files: list[tuple[str, bytes]] = []
+        for size in ((1, 1), (3, 7), (640, 480)):
+            rgb, rgba = pil.new("RGB", size, (10, 200, 30)), pil.new("RGBA", size, (1, 2, 3, 100))
+            second = pil.new("RGB", size)
+            files += [
+                ("image/png", encoded(rgb, "PNG")),
+                ("image/png", encoded(rgba, "PNG")),
+                ("image/png", encoded(rgb.convert("P"), "PNG")),
+                ("image/png", encoded(rgb.convert("L"), "PNG")),
+                ("image/jpeg", encoded(rgb, "JPEG")),
+                ("image/jpeg", encoded(rgb, "JPEG", progressive=True)),
+                ("image/jpeg", encoded(rgb, "JPEG", exif=pil.Exif().tobytes(), icc_profile=bytes(4000))),
+                ("image/gif", encoded(rgb, "GIF")),
+                ("image/gif", encoded(rgb, "GIF", save_all=True, append_images=[second])),
+                ("image/webp", encoded(rgb, "WEBP")),
+                ("image/webp", encoded(rgb, "WEBP", lossless=True)),
+                ("image/webp", encoded(rgba, "WEBP")),
+                ("image/webp", encoded(rgb, "WEBP", save_all=True, append_images=[second])),
+            ]
+            assert [(kind, dimensions(data, kind)) for kind, data in files[-13:]] == [
+                (kind, size) for kind, _ in files[-13:]
+            ]
+        for kind, data in files:
+            assert (await client.route(image_chat(data_part(data, kind)))).model
 
 
 def _sized(width: int, height: int, detail: ImageDetail = ImageDetail.AUTO) -> Image:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from routesvc.client import RouterClient
 from routesvc.server import Server
 from routesvc.v1 import router_pb2 as pb
+from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import default_config, settings_from, user_chat
 
 CANARY = "canary-prompt-7f3a9"
@@ -461,3 +463,86 @@ class TestWireLevel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await client.route(user_chat("hi"), metadata={"x-padding": "a" * size})
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# Unknown ids of the 1024 characters validation takes, whole in an error message: "é" is 6 bytes
+# percent-encoded in grpc-message, U+E0001 10 characters in the quote ('\U000e0001'). With the
+# status details the trailers passed the client's 8 KiB metadata soft limit (refused at random)
+# or its 16 KiB hard limit (always): RESOURCE_EXHAUSTED without ErrorInfo, not NOT_FOUND.
+LONG_IDS = ["é" * 1024, "\U000e0001" * 1024, "\x01" * 1024]
+LONG_ID_NAMES = ["e-acute", "tag-character", "control"]
+
+
+class TestCallerIdsInErrors:
+    @pytest.mark.parametrize("model", LONG_IDS, ids=LONG_ID_NAMES)
+    async def test_a_long_unknown_model_is_not_found_every_time_on_route_and_complete(
+        self, client: RouterClient, model: str
+    ) -> None:
+        """A pinned model that is no catalog id is NOT_FOUND with MODEL_NOT_FOUND on every call,
+        however long the id: the message quotes its first 64 characters only."""
+        context = pb.RoutingContext(model=model)
+        refused: list[tuple[grpc.StatusCode, str, str]] = []
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as routed:
+                await client.route(user_chat("hi"), context)
+            with pytest.raises(grpc.aio.AioRpcError) as completed:
+                [m async for m in client.complete(user_chat("hi"), context)]
+            for error in (routed.value, completed.value):
+                refused.append((error.code(), error_info(error).reason, str(error.details())))
+        quoted = f"unknown model {model[:64]!r}...; known models: "
+        assert {(code, reason) for code, reason, _ in refused} == {(grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")}
+        assert all(details.startswith(quoted) for _, _, details in refused)
+
+    async def test_a_long_tenant_name_in_a_limit_error_is_quoted_short(self) -> None:
+        """A tenant's limit error quotes its name like any caller-given id: a configured name of
+        1024 characters still gives RESOURCE_EXHAUSTED with its ErrorInfo reason."""
+        tenant = "\U000e0001" * 1024
+        config = default_config()
+        config["tenants"] = {tenant: {"route_requests_per_minute": 1}}
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            await client.route(user_chat("hi"), pb.RoutingContext(tenant=tenant))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.route(user_chat("hi"), pb.RoutingContext(tenant=tenant))
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED",
+        )
+        assert str(caught.value.details()).startswith(f"tenant {tenant[:64]!r}... is over its 1 Route calls")
+
+
+class TestGetStatsRequest:
+    @pytest.mark.parametrize(
+        "window",
+        [
+            duration_pb2.Duration(seconds=1, nanos=1_500_000_000),
+            duration_pb2.Duration(seconds=1, nanos=-999_999_999),
+            duration_pb2.Duration(seconds=2**63 - 1),
+            duration_pb2.Duration(seconds=315_576_000_001),
+        ],
+        ids=["nanos-over-a-second", "nanos-of-the-other-sign", "int64-max-seconds", "over-10000-years"],
+    )
+    async def test_a_window_that_is_no_valid_duration_is_invalid_argument(
+        self, server: Server, window: duration_pb2.Duration
+    ) -> None:
+        """A window outside google.protobuf.Duration's own rules is INVALID_ARGUMENT naming it (it
+        was read as some other length)."""
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await pb_grpc.RouterServiceStub(channel).GetStats(pb.GetStatsRequest(window=window))
+        assert (caught.value.code(), error_info(caught.value).metadata["field"]) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "window",
+        )
+
+    async def test_a_tenant_over_1024_characters_is_invalid_argument(self, client: RouterClient) -> None:
+        """GetStats's tenant is held to context.tenant's limit, with its message (a tenant of
+        1 MB was taken and echoed back in the answer); 1024 characters are taken."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.get_stats(tenant="t" * 1025)
+        taken = await client.get_stats(tenant="t" * 1024, window_seconds=1e9)
+        assert (caught.value.code(), caught.value.details(), error_info(caught.value).metadata["field"]) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tenant: must be at most 1024 characters",
+            "tenant",
+        )
+        assert taken.tenant == "t" * 1024

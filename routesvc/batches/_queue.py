@@ -125,6 +125,7 @@ from routesvc.errors import (
     ProviderError,
     ProviderRejected,
     ProviderTimedOut,
+    quoted_id,
 )
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import (
@@ -493,7 +494,7 @@ class BatchQueue:
         """The job ``batch_id`` of ``tenant``; ``BatchNotFound`` for an unknown or another tenant's job."""
         status = None if self._store is None and not self._path.exists() else await self._opened().get(batch_id, tenant)
         if status is None:
-            raise BatchNotFound(f"no batch job {batch_id!r}")
+            raise BatchNotFound(f"no batch job {quoted_id(batch_id)}")
         return status
 
     async def cancel(self, batch_id: str, tenant: str) -> BatchStatus:
