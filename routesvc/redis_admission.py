@@ -206,6 +206,14 @@ def _store_failed(exc: BaseException) -> SharedStateUnavailable:
     )
 
 
+def _retry_after(detail: str) -> float:
+    """The retry delay of a window the scripts found full: when its oldest entry leaves. Within the
+    window: an entry is scored by the time its caller read, and a caller that read earlier may
+    reach Redis later (a busy replica, a clock behind another's), which would put its wait past a
+    window."""
+    return min(_WINDOW, max(0.001, float(detail)))
+
+
 def _usd(amount: Decimal) -> str:
     return format_usd(amount.quantize(_PLACES))
 
@@ -319,7 +327,7 @@ class RedisAdmission:
         except (RedisError, OSError) as exc:
             raise _store_failed(exc) from exc
         if verdict != "OK":
-            raise route_rate_limited(tenant, limits, max(0.001, float(detail)))
+            raise route_rate_limited(tenant, limits, _retry_after(detail))
 
         def give_back() -> None:
             self._in_background(self._uncount_route(tenant, key, call_id))
@@ -416,7 +424,7 @@ class RedisAdmission:
             "TOKEN_RATE_LIMITED": f"tenant {tenant!r} is over its {limits.tokens_per_minute} tokens per minute",
             "CONCURRENCY_LIMITED": f"tenant {tenant!r} already has {limits.max_concurrent} requests in flight",
         }
-        return LimitExceeded(messages[verdict], reason=verdict, retry_after=max(0.001, float(detail)))
+        return LimitExceeded(messages[verdict], reason=verdict, retry_after=_retry_after(detail))
 
     async def _settle(
         self, tenant: str, reservation_id: str, periods: tuple[str, str], tokens: int, cost: Decimal

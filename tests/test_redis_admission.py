@@ -101,6 +101,25 @@ class TestSharedLimits:
         assert all("20 Route calls per minute" in str(error) for error in refused)
         assert all(0 < (error.retry_after or 0) <= 60 for error in refused)
 
+    async def test_a_retry_delay_is_never_longer_than_the_window(self, redis_url: str, prefix: str) -> None:
+        """A replica whose clock reads 5 s behind the one that filled the minute (or whose call
+        reached Redis after later ones) is told to retry within 60 s, not in 65: each window's
+        delay is capped at the window (this made the test above fail now and then)."""
+        ahead, behind = Clock(), Clock()
+        ahead.now, behind.now = 1_005.0, 1_000.0
+        limits = {"t": TenantConfig(route_requests_per_minute=1, requests_per_minute=1)}
+        first = RedisAdmission(redis_url, limits, prefix=prefix, wall_clock=ahead)
+        second = RedisAdmission(redis_url, limits, prefix=prefix, wall_clock=behind)
+        await first.count_route("t")
+        await (await first.admit("t")).settle(0, Decimal(0))
+        with pytest.raises(LimitExceeded) as route:
+            await second.count_route("t")
+        with pytest.raises(LimitExceeded) as complete:
+            await second.admit("t")
+        for replica in (first, second):
+            await replica.aclose()
+        assert (route.value.retry_after, complete.value.retry_after) == (60.0, 60.0)
+
     async def test_a_route_call_given_back_frees_its_place_on_every_replica(self, redis_url: str, prefix: str) -> None:
         """A Route call refused before it cost anything gives its count back: of a tenant's two
         Route calls a minute, one counted and given back on one replica leaves two for the other."""
