@@ -41,6 +41,7 @@ from routesvc.errors import (
 )
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import (
+    AllowList,
     AttemptResult,
     AttemptSummary,
     Candidate,
@@ -197,14 +198,19 @@ class Router:
         a store writes what is queued first, which waits while another process locks its file."""
         await asyncio.to_thread(self._policy.close)
 
+    def _allow_list(self, request: RoutingRequest) -> AllowList:
+        """The models ``request``'s tenant may use."""
+        tenant = self._settings.config.tenants.get(request.context.tenant)
+        allowed = None if tenant is None or tenant.allowed_models is None else frozenset(tenant.allowed_models)
+        return AllowList(request.context.tenant, allowed)
+
     def _eligibility(
         self, request: RoutingRequest, text_tokens: int, images: ImageEstimate, output_tokens: int
     ) -> dict[str, str]:
         """Each catalog model's id mapped to "" when it can serve ``request``, else why not; its
         input is ``text_tokens`` (all but the images) and ``images`` by its provider kind's formula."""
         skip_unconfigured = self._routing.on_unconfigured_provider == "fallthrough"
-        tenant = self._settings.config.tenants.get(request.context.tenant)
-        allowed = None if tenant is None else tenant.allowed_models
+        allow_list = self._allow_list(request)
         # A conversation carrying tool calls or results needs a model that takes them, tools
         # offered again or not.
         uses_tools = request.chat.uses_tools
@@ -233,8 +239,8 @@ class Router:
             elif unsupported := [name for name in parameters if name in model.unsupported_parameters]:
                 why = _REFUSED_PARAMETER.get(unsupported[0], f"refuses the parameter {unsupported[0]}")
                 why += " (unsupported_parameters)"
-            elif allowed is not None and model.id not in allowed:
-                why = f"not allowed for tenant {request.context.tenant!r}"
+            elif refused := allow_list.refuses(model.id):
+                why = refused
             elif skip_unconfigured and not provider.configured:
                 why = provider.missing_key_reason
             else:
@@ -315,6 +321,7 @@ class Router:
                 may_not_pay=(
                     await self._admission.exhausted(request.context.tenant) if self._policy.pays_to_decide else ""
                 ),
+                allow_list=self._allow_list(request),
             )
             if pinned is not None:
                 if eligible[pinned.id].startswith("not allowed for tenant"):
@@ -749,6 +756,7 @@ class Router:
                 charge=lambda call: self._record_scoring(state, call),
                 reserve=lambda cost: self._cover_cost(state, cost),
                 spent_providers=state.exhausted,
+                allow_list=self._allow_list(request),
             )
         )
         used = _usage_of(s for s in state.summaries[attempts_before:] if s.result is not AttemptResult.JUDGE)
