@@ -156,6 +156,30 @@ class SettleOnce:
         self._counted = await self._apply(tokens, cost)
 
 
+def has_limits(limits: TenantConfig | None) -> bool:
+    """Whether a tenant's entry sets any limit or budget. One that sets none (it only names its
+    keys, allow-list or tier: with auth on, every tenant has an entry) is admitted as a tenant
+    without an entry is: at once, counted nowhere, and never refused because the shared state
+    store cannot be reached."""
+    if limits is None:
+        return False
+    bounds = (
+        limits.requests_per_minute,
+        limits.route_requests_per_minute,
+        limits.tokens_per_minute,
+        limits.max_concurrent,
+        limits.daily_budget_usd,
+        limits.monthly_budget_usd,
+    )
+    return any(bound is not None for bound in bounds)
+
+
+def limited_tenants(tenants: Mapping[str, TenantConfig]) -> dict[str, TenantConfig]:
+    """The tenants of ``tenants`` that have limits (``has_limits``): the only ones an admission
+    counts or checks."""
+    return {name: limits for name, limits in tenants.items() if has_limits(limits)}
+
+
 def check_fits_token_rate(tenant: str, limits: TenantConfig, tokens: int) -> None:
     """Raise ``RequestTooLarge`` (no retry delay) when one request's estimate alone is over the
     tenant's tokens per minute: waiting would never admit it."""
@@ -215,7 +239,8 @@ def _seconds_to_next(period: str, now: float) -> float:
 
 
 class LocalAdmission:
-    """Per-tenant limits from config, counted in this process; tenants without an entry are unlimited."""
+    """Per-tenant limits from config, counted in this process; tenants without limits (no entry, or
+    one that sets none) are unlimited."""
 
     def __init__(
         self,
@@ -224,14 +249,14 @@ class LocalAdmission:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._tenants = dict(tenants)
+        self._tenants = limited_tenants(tenants)
         self._clock = clock
         self._wall_clock = wall_clock
         self._state: dict[str, _TenantState] = collections.defaultdict(_TenantState)
 
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
         """Apply new limits (hot reload); what was spent and reserved so far still counts."""
-        self._tenants = dict(tenants)
+        self._tenants = limited_tenants(tenants)
 
     def _prune(self, state: _TenantState, now: float) -> None:
         while state.requests and state.requests[0] <= now - _WINDOW:

@@ -250,6 +250,22 @@ class RoutingRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class AllowList:
+    """The models a request's tenant may use: its ``tenants.NAME.allowed_models`` (``models`` None:
+    every model). It binds every model the request reaches, the ones that decide or judge it
+    included: an allow-list is often where a tenant's data may go."""
+
+    tenant: str = ""
+    models: frozenset[str] | None = None
+
+    def refuses(self, model_id: str) -> str:
+        """Why the tenant may not use ``model_id``, or "" when it may."""
+        if self.models is None or model_id in self.models:
+            return ""
+        return f"not allowed for tenant {self.tenant!r}"
+
+
+@dataclass(frozen=True, slots=True)
 class Candidate:
     """A catalog model considered for a request."""
 

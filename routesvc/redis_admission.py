@@ -41,6 +41,7 @@ from routesvc.admission import (
     budget_name,
     check_fits_token_rate,
     exhausted_budget,
+    limited_tenants,
     route_rate_limited,
 )
 from routesvc.config import TenantConfig
@@ -205,6 +206,14 @@ def _store_failed(exc: BaseException) -> SharedStateUnavailable:
     )
 
 
+def _retry_after(detail: str) -> float:
+    """The retry delay of a window the scripts found full: when its oldest entry leaves. Within the
+    window: an entry is scored by the time its caller read, and a caller that read earlier may
+    reach Redis later (a busy replica, a clock behind another's), which would put its wait past a
+    window."""
+    return min(_WINDOW, max(0.001, float(detail)))
+
+
 def _usd(amount: Decimal) -> str:
     return format_usd(amount.quantize(_PLACES))
 
@@ -220,7 +229,9 @@ _TIMEOUT_SECONDS = 1.0
 
 
 class RedisAdmission:
-    """Per-tenant limits and budgets kept in Redis at ``url`` and shared by every replica."""
+    """Per-tenant limits and budgets kept in Redis at ``url`` and shared by every replica. A tenant
+    without limits (``has_limits``) costs no round trip, so a store that cannot be reached never
+    refuses it."""
 
     def __init__(
         self,
@@ -247,7 +258,7 @@ class RedisAdmission:
             socket_timeout=_TIMEOUT_SECONDS,
             socket_connect_timeout=_TIMEOUT_SECONDS,
         )
-        self._tenants = dict(tenants)
+        self._tenants = limited_tenants(tenants)
         self._prefix = prefix
         self._lease = lease_seconds
         self._clock = wall_clock
@@ -262,7 +273,7 @@ class RedisAdmission:
 
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
         """Apply new limits (hot reload)."""
-        self._tenants = dict(tenants)
+        self._tenants = limited_tenants(tenants)
 
     def _key(self, tenant: str, name: str) -> str:
         return f"{self._prefix}{tenant}:{name}"
@@ -316,7 +327,7 @@ class RedisAdmission:
         except (RedisError, OSError) as exc:
             raise _store_failed(exc) from exc
         if verdict != "OK":
-            raise route_rate_limited(tenant, limits, max(0.001, float(detail)))
+            raise route_rate_limited(tenant, limits, _retry_after(detail))
 
         def give_back() -> None:
             self._in_background(self._uncount_route(tenant, key, call_id))
@@ -379,11 +390,14 @@ class RedisAdmission:
         return str(verdict), str(detail)
 
     async def _extend(self, tenant: str, reservation_id: str, periods: tuple[str, str], cost: Decimal) -> None:
-        # Checked against the budgets as they stand now (a reload may have changed them; a tenant
-        # it removed is not checked), counted in the periods the request was admitted in, where
-        # its settle releases it. A reply lost after the script ran needs no undo: the extension
-        # is recorded under the reservation's id, so the settle releases it with the rest.
-        limits = self._tenants.get(tenant) or TenantConfig()
+        # Checked against the budgets as they stand now (a reload may have changed them; one that
+        # took every limit away leaves nothing to check or reserve: the settle still releases what
+        # the reservation holds), counted in the periods the request was admitted in, where its
+        # settle releases it. A reply lost after the script ran needs no undo: the extension is
+        # recorded under the reservation's id, so the settle releases it with the rest.
+        limits = self._tenants.get(tenant)
+        if limits is None:
+            return
         now = self._clock()
         args = [reservation_id, _usd(cost), *_budgets(limits)]
         try:
@@ -410,7 +424,7 @@ class RedisAdmission:
             "TOKEN_RATE_LIMITED": f"{who} is over its {limits.tokens_per_minute} tokens per minute",
             "CONCURRENCY_LIMITED": f"{who} already has {limits.max_concurrent} requests in flight",
         }
-        return LimitExceeded(messages[verdict], reason=verdict, retry_after=max(0.001, float(detail)))
+        return LimitExceeded(messages[verdict], reason=verdict, retry_after=_retry_after(detail))
 
     async def _settle(
         self, tenant: str, reservation_id: str, periods: tuple[str, str], tokens: int, cost: Decimal

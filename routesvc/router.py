@@ -26,6 +26,7 @@ from routesvc.errors import (
     FeedbackNotEnabled,
     InvalidRequest,
     LimitExceeded,
+    ModelNotFound,
     PermissionDenied,
     ProviderError,
     ProviderNotConfigured,
@@ -38,9 +39,11 @@ from routesvc.errors import (
     RouteSvcError,
     SharedStateUnavailable,
     StreamInterrupted,
+    quoted_id,
 )
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import (
+    AllowList,
     AttemptResult,
     AttemptSummary,
     Candidate,
@@ -198,14 +201,35 @@ class Router:
         a store writes what is queued first, which waits while another process locks its file."""
         await asyncio.to_thread(self._policy.close)
 
+    def allow_list(self, tenant: str) -> AllowList:
+        """The models ``tenant`` may use (its ``allowed_models``; every model without one)."""
+        config = self._settings.config.tenants.get(tenant)
+        allowed = None if config is None or config.allowed_models is None else frozenset(config.allowed_models)
+        return AllowList(tenant, allowed)
+
+    def _pinned(self, request: RoutingRequest) -> ModelSpec | None:
+        """The catalog model ``request`` pins, or None. An unknown id is ``ModelNotFound`` naming
+        the models the request's tenant may use (not the catalog: a model its allow-list leaves
+        out is none of its business)."""
+        model_id = request.context.model
+        if not model_id:
+            return None
+        if model_id in self._catalog:
+            return self._catalog.get(model_id)
+        allow_list = self.allow_list(request.context.tenant)
+        usable = ", ".join(model.id for model in self._catalog if not allow_list.refuses(model.id))
+        if allow_list.models is None:
+            raise ModelNotFound(f"unknown model {quoted_id(model_id)}; known models: {usable}")
+        tenant = quoted_id(request.context.tenant)
+        raise ModelNotFound(f"unknown model {quoted_id(model_id)}; tenant {tenant} may use: {usable}")
+
     def _eligibility(
         self, request: RoutingRequest, text_tokens: int, images: ImageEstimate, output_tokens: int
     ) -> dict[str, str]:
         """Each catalog model's id mapped to "" when it can serve ``request``, else why not; its
         input is ``text_tokens`` (all but the images) and ``images`` by its provider kind's formula."""
         skip_unconfigured = self._routing.on_unconfigured_provider == "fallthrough"
-        tenant = self._settings.config.tenants.get(request.context.tenant)
-        allowed = None if tenant is None else tenant.allowed_models
+        allow_list = self.allow_list(request.context.tenant)
         # A conversation carrying tool calls or results needs a model that takes them, tools
         # offered again or not.
         uses_tools = request.chat.uses_tools
@@ -234,8 +258,8 @@ class Router:
             elif unsupported := [name for name in parameters if name in model.unsupported_parameters]:
                 why = _REFUSED_PARAMETER.get(unsupported[0], f"refuses the parameter {unsupported[0]}")
                 why += " (unsupported_parameters)"
-            elif allowed is not None and model.id not in allowed:
-                why = f"not allowed for tenant {request.context.tenant!r}"
+            elif refused := allow_list.refuses(model.id):
+                why = refused
             elif skip_unconfigured and not provider.configured:
                 why = provider.missing_key_reason
             else:
@@ -260,7 +284,7 @@ class Router:
         chat = request.chat
         if chat.max_output_tokens is not None and chat.max_output_tokens > self._limits.max_output_tokens:
             raise InvalidRequest("chat.max_output_tokens", f"must be at most {self._limits.max_output_tokens}")
-        pinned = self._catalog.get(request.context.model) if request.context.model else None
+        pinned = self._pinned(request)
         # Before a model is chosen, the images count by the larger of the providers' formulas;
         # each model is weighed (context window, cost) by its own.
         input_tokens = estimate_input_tokens(chat)
@@ -316,6 +340,7 @@ class Router:
                 may_not_pay=(
                     await self._admission.exhausted(request.context.tenant) if self._policy.pays_to_decide else ""
                 ),
+                allow_list=self.allow_list(request.context.tenant),
             )
             if pinned is not None:
                 if eligible[pinned.id].startswith("not allowed for tenant"):
@@ -769,6 +794,7 @@ class Router:
                 charge=lambda call: self._record_scoring(state, call),
                 reserve=lambda cost: self._cover_cost(state, cost),
                 spent_providers=state.exhausted,
+                allow_list=self.allow_list(request.context.tenant),
             )
         )
         used = _usage_of(s for s in state.summaries[attempts_before:] if s.result is not AttemptResult.JUDGE)

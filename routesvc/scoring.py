@@ -25,6 +25,7 @@ from routesvc.catalog import ModelSpec
 from routesvc.cost import estimate_cost
 from routesvc.errors import LimitExceeded, SharedStateUnavailable
 from routesvc.models import (
+    AllowList,
     ChatRequest,
     FinishReason,
     Message,
@@ -50,7 +51,9 @@ class ScoringInput:
     ``LimitExceeded`` (or ``SharedStateUnavailable``) when the request's tenant budget cannot take
     it, and the call is then not made. ``spent_providers`` names the providers whose quota this
     request found spent: a scorer does not call them, and adds the provider of a call of its own
-    that finds its quota spent (so the request's later steps skip it too).
+    that finds its quota spent (so the request's later steps skip it too). ``allow_list`` is the
+    tenant's: a scorer does not call a model it refuses (the request and answer would go where the
+    tenant's data may not).
     """
 
     request: RoutingRequest
@@ -62,6 +65,7 @@ class ScoringInput:
     charge: Callable[[UpstreamCall], None] | None = None
     reserve: Callable[[Decimal], Awaitable[None]] | None = None
     spent_providers: set[str] = field(default_factory=set)
+    allow_list: AllowList = field(default_factory=AllowList)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +235,8 @@ class LLMJudge:
     """Asks ``model`` (through its ``provider``) for a 0-1 score in JSON within ``timeout`` seconds.
 
     When the judge fails (provider error, timeout, no parsable score) or is not asked (the
-    request's budget cannot take its call: ``ScoringInput.reserve``), ``on_failure`` decides:
+    request's budget cannot take its call: ``ScoringInput.reserve``; the tenant may not use its
+    model: ``ScoringInput.allow_list``), ``on_failure`` decides:
     ``release`` scores the answer 1.0, ``escalate`` 0.0; the reason says the judge failed and why.
     The judge's call is returned in ``ScoreResult.calls`` so that it is charged to the request.
     """
@@ -281,6 +286,8 @@ class LLMJudge:
         call ends and comes back in ``calls``."""
         if self._provider is None:
             return ScoreResult(self._failed(f"{self._model.id} not asked ({self._unavailable})"))
+        if disallowed := scoring_input.allow_list.refuses(self._model.id):
+            return ScoreResult(self._failed(f"{self._model.id} not asked ({disallowed})"))
         if self._model.provider in scoring_input.spent_providers:
             why = f"provider {self._model.provider}'s quota was found spent earlier in this request"
             return ScoreResult(self._failed(f"{self._model.id} not asked ({why})"))

@@ -433,13 +433,19 @@ class RouterService(pb_grpc.RouterServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        """The catalog."""
-        async with self._rpc("ListModels", context):
+        """The catalog; for an authenticated tenant with an allow-list, the models it leaves out are
+        unavailable, saying so."""
+        async with self._rpc("ListModels", context) as record:
             self._parsed(request)
             settings = self._router.settings
+            # Auth off: no tenant, as routing sees a request that names none.
+            allow_list = self._router.allow_list(record.principal.tenant or "")
             return pb.ListModelsResponse(
                 models=[
-                    wire.model_info(model, settings.providers[model.provider].missing_key_reason)
+                    wire.model_info(
+                        model,
+                        allow_list.refuses(model.id) or settings.providers[model.provider].missing_key_reason,
+                    )
                     for model in settings.catalog
                 ]
             )

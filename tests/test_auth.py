@@ -106,6 +106,36 @@ class TestAuthorization:
             await route_as(secured, ACME_KEY, model="gpt-4o")
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
+    async def test_an_unknown_pinned_model_lists_only_the_models_the_tenant_may_use(self, secured: Server) -> None:
+        """acme (allowed only gpt-4o-mini) pinning an unknown model is NOT_FOUND naming only
+        gpt-4o-mini, not the catalog; globex, with no allow-list, is told the whole catalog."""
+        details = {}
+        for key in (ACME_KEY, GLOBEX_KEY):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await route_as(secured, key, model="gpt-5-secret")
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            details[key] = caught.value.details()
+        assert details == {
+            ACME_KEY: "unknown model 'gpt-5-secret'; tenant 'acme' may use: gpt-4o-mini",
+            GLOBEX_KEY: "unknown model 'gpt-5-secret'; known models: gpt-4o-mini, gpt-4o, claude-sonnet",
+        }
+
+    async def test_model_listing_marks_the_models_outside_the_allow_list_unavailable(self, secured: Server) -> None:
+        """ListModels as acme lists the whole catalog (as the proto says), the models it may not use
+        unavailable and saying why; as globex, every model is available."""
+        listed = {}
+        for key in (ACME_KEY, GLOBEX_KEY):
+            async with RouterClient(secured.target, api_key=key) as client:
+                listed[key] = [(m.id, m.available, m.unavailable_reason) for m in await client.list_models()]
+        assert listed == {
+            ACME_KEY: [
+                ("gpt-4o-mini", True, ""),
+                ("gpt-4o", False, "not allowed for tenant 'acme'"),
+                ("claude-sonnet", False, "not allowed for tenant 'acme'"),
+            ],
+            GLOBEX_KEY: [("gpt-4o-mini", True, ""), ("gpt-4o", True, ""), ("claude-sonnet", True, "")],
+        }
+
     async def test_a_spoofed_tenant_is_permission_denied(self, secured: Server) -> None:
         """acme's key claiming to be globex is PERMISSION_DENIED; a header claiming it changes nothing."""
         with pytest.raises(grpc.aio.AioRpcError) as caught:

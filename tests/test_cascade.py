@@ -672,6 +672,32 @@ class TestFailedStepsKeepTheirLimits:
 
 
 class TestAJudgeThatCannotBeAsked:
+    @pytest.mark.parametrize(
+        ("on_failure", "answered_by", "verb"),
+        [("release", "gpt-4o-mini", "released"), ("escalate", "gpt-4o", "escalated")],
+    )
+    async def test_a_judge_the_tenant_may_not_use_is_not_asked_and_its_on_failure_applies(
+        self, fake: FakeProvider, on_failure: str, answered_by: str, verb: str
+    ) -> None:
+        """The judge is on claude-sonnet and tenant acme may use only the OpenAI models: the
+        request and the cheap answer are not sent to the judge; its ``on_failure`` applies (the
+        answer released, or escalated to gpt-4o), the quality reason saying why."""
+        config = default_config()
+        config["cascade"]["judge"] = {"model": "claude-sonnet", "on_failure": on_failure}  # type: ignore[index]
+        config["tenants"] = {"acme": {"allowed_models": ["gpt-4o-mini", "gpt-4o"]}}
+        fake.set_default(Script(text="Paris is the capital."))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await _cascade(client, tenant="acme")
+        completion = messages[-1].completion
+        escalations = [m.escalation for m in messages if m.HasField("escalation")]
+        quality = escalations[0].quality if escalations else completion.quality
+        assert (completion.model, len(escalations)) == (answered_by, 1 if on_failure == "escalate" else 0)
+        assert quality.reason == f"judge claude-sonnet not asked (not allowed for tenant 'acme'); {verb} as configured"
+        assert {request.path for request in fake.requests} == {"/v1/chat/completions"}
+
     async def test_a_judge_without_a_key_applies_its_on_failure_and_the_cascade_still_runs(
         self, fake: FakeProvider
     ) -> None:

@@ -709,6 +709,37 @@ class TestTheLLMClassifierIsPaidFor:
         assert Decimal(decision.routing_cost_usd) == 0
 
 
+class TestTheLLMClassifierKeepsToTheAllowList:
+    """A tenant's ``allowed_models`` binds the classifier's model too: its prompt is not sent to a
+    model it may not use (an allow-list is often where its data may go)."""
+
+    async def test_a_tenant_that_may_not_use_the_classifiers_model_is_labelled_locally(
+        self, fake: FakeProvider
+    ) -> None:
+        """The classifier is on claude-sonnet; acme may use only the OpenAI models, globex all: acme's
+        Complete is labelled by the local fallback, saying why, and pays no label; globex's Route
+        asks claude-sonnet. Only globex's prompt reaches Anthropic."""
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["model"] = "claude-sonnet"  # type: ignore[index]
+        config["tenants"] = {"acme": {"allowed_models": ["gpt-4o-mini", "gpt-4o"]}, "globex": {}}
+        fake.set_default(Script(text='{"task": "chat", "complexity": "low"}'))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("Tell me about otters."), ACME)]
+            acme_requests = list(fake.requests)
+            globex = await client.route(user_chat("Tell me about badgers."), pb.RoutingContext(tenant="globex"))
+        decision, completion = messages[0].decision, messages[-1].completion
+        assert decision.reasons[0].startswith(
+            "classifier: claude-sonnet not asked (not allowed for tenant 'acme'); local fallback labelled the task "
+        )
+        assert (Decimal(decision.routing_cost_usd), completion.model) == (0, "gpt-4o-mini")
+        assert [request.path for request in acme_requests] == ["/v1/chat/completions"]
+        assert [request.path for request in fake.requests[len(acme_requests) :]] == ["/v1/messages"]
+        assert Decimal(globex.routing_cost_usd) > 0
+
+
 def complexity_config() -> dict[str, object]:
     """The llm classifier on gpt-4o-mini, then one rule: reasoning judged hard goes to gpt-4o."""
     config = llm_classifier_config()

@@ -166,6 +166,19 @@ class TestAdmission:
         await (await admission.admit("limited")).settle(0, Decimal(0))
         assert admission.tracked_tenants() == 1
 
+    async def test_an_entry_without_limits_is_counted_as_no_entry_is(self) -> None:
+        """A tenant whose entry names only its tier (or keys, or allow-list) is unlimited as one
+        without an entry: nothing counted, its state gone with its last request, a charge ignored."""
+        admission = LocalAdmission({"keyed": TenantConfig(user_tier="premium")})
+        reservation = await admission.admit("keyed", tokens=10, cost=Decimal("0.01"))
+        await reservation.settle(10, Decimal("0.01"))
+        admission.charge("keyed", Decimal("0.02"))
+        assert (reservation.counted, await admission.spent("keyed"), admission.tracked_tenants()) == (
+            False,
+            Decimal(0),
+            0,
+        )
+
     async def test_exhausted_says_when_a_budget_is_spent_or_reserved_in_full(self) -> None:
         """What the router asks before it pays to decide: nothing to say while some budget is left."""
         admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import redis.asyncio
 
+from routesvc.auth import key_digest
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
 from routesvc.errors import LimitExceeded, RequestTooLarge, SharedStateUnavailable
@@ -99,6 +100,25 @@ class TestSharedLimits:
         assert {error.reason for error in refused} == {"RATE_LIMITED"}
         assert all("20 Route calls per minute" in str(error) for error in refused)
         assert all(0 < (error.retry_after or 0) <= 60 for error in refused)
+
+    async def test_a_retry_delay_is_never_longer_than_the_window(self, redis_url: str, prefix: str) -> None:
+        """A replica whose clock reads 5 s behind the one that filled the minute (or whose call
+        reached Redis after later ones) is told to retry within 60 s, not in 65: each window's
+        delay is capped at the window (this made the test above fail now and then)."""
+        ahead, behind = Clock(), Clock()
+        ahead.now, behind.now = 1_005.0, 1_000.0
+        limits = {"t": TenantConfig(route_requests_per_minute=1, requests_per_minute=1)}
+        first = RedisAdmission(redis_url, limits, prefix=prefix, wall_clock=ahead)
+        second = RedisAdmission(redis_url, limits, prefix=prefix, wall_clock=behind)
+        await first.count_route("t")
+        await (await first.admit("t")).settle(0, Decimal(0))
+        with pytest.raises(LimitExceeded) as route:
+            await second.count_route("t")
+        with pytest.raises(LimitExceeded) as complete:
+            await second.admit("t")
+        for replica in (first, second):
+            await replica.aclose()
+        assert (route.value.retry_after, complete.value.retry_after) == (60.0, 60.0)
 
     async def test_a_route_call_given_back_frees_its_place_on_every_replica(self, redis_url: str, prefix: str) -> None:
         """A Route call refused before it cost anything gives its count back: of a tenant's two
@@ -458,6 +478,53 @@ class TestStoreFailures:
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_info(caught.value).reason == "SHARED_STATE_UNAVAILABLE"
         assert fake.requests == []
+
+
+class TestTenantsWithoutLimits:
+    """A tenant whose entry sets no limit (it names its keys, allow-list or tier: with auth on every
+    tenant has an entry) costs no round trip to Redis, so a store that is down never refuses it."""
+
+    async def test_a_tenant_without_limits_leaves_nothing_in_redis(self, redis_url: str, prefix: str) -> None:
+        """Every call of the admission for an entry without limits (a Route counted, a precheck, an
+        admission extended and settled, a charge, the budget question) writes no key."""
+        entry = TenantConfig(allowed_models=("gpt-4o-mini",), user_tier="premium")
+        admission = RedisAdmission(redis_url, {"t": entry}, prefix=prefix)
+        (await admission.count_route("t"))()
+        await admission.precheck("t", tokens=100, cost=Decimal("0.1"))
+        reservation = await admission.admit("t", tokens=100, cost=Decimal("0.1"))
+        await reservation.extend(Decimal("0.2"))
+        await reservation.settle(120, Decimal("0.3"))
+        admission.charge("t", Decimal("0.4"))
+        assert await admission.exhausted("t") == ""
+        await admission.aclose()
+        store = redis.asyncio.Redis.from_url(redis_url)
+        assert await store.keys(f"{prefix}*") == []
+        assert not reservation.counted
+        await store.aclose()
+
+    async def test_a_tenant_without_limits_is_served_while_the_store_is_down(self, fake: FakeProvider) -> None:
+        """Auth on, shared_state.redis_url at a closed port: acme, whose entry has only its key, is
+        routed and served; limited, with requests_per_minute, is refused UNAVAILABLE
+        SHARED_STATE_UNAVAILABLE before anything reaches the provider."""
+        config = default_config()
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {
+            "acme": {"api_key_sha256": [key_digest("acme-key-0001")]},
+            "limited": {"api_key_sha256": [key_digest("limited-key-0002")], "requests_per_minute": 10},
+        }
+        config["shared_state"] = {"redis_url": f"redis://127.0.0.1:{free_port()}"}
+        async with Server(settings_from(config, live_environ(fake)), port=0) as server:
+            async with RouterClient(server.target, api_key="acme-key-0001") as acme:
+                decision = await acme.route(user_chat("hi"))
+                answers = [chunk async for chunk in acme.complete(user_chat("hi"))]
+            async with RouterClient(server.target, api_key="limited-key-0002") as limited:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for _ in limited.complete(user_chat("hi")):
+                        pass
+        assert answers[-1].completion.model == decision.model
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "SHARED_STATE_UNAVAILABLE"
+        assert len(fake.requests) == 1
 
 
 class TestLeases:

@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from routesvc.catalog import ModelSpec
-from routesvc.models import ImageEstimate, Mode, RoutingRequest, UpstreamCall
+from routesvc.models import AllowList, ImageEstimate, Mode, RoutingRequest, UpstreamCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,8 @@ class RoutingInput:
     judged it: a hint kept, the local classifier, a fallback). A stage that
     calls a provider to decide (the LLM classifier) passes each call to ``charge`` as soon as it
     ends, however it ends, so that the request pays for it exactly once; when ``may_not_pay``
-    says why (the tenant's budget is spent), it decides without such a call.
+    says why (the tenant's budget is spent), it decides without such a call, as it does when
+    ``allow_list`` refuses the model it would call (the tenant may not use it).
     """
 
     request: RoutingRequest
@@ -42,6 +43,7 @@ class RoutingInput:
     complexity: str = ""
     charge: Callable[[UpstreamCall], None] | None = None
     may_not_pay: str = ""
+    allow_list: AllowList = field(default_factory=AllowList)
     # ``estimated_input_tokens`` counts the images by the larger of the providers' formulas (no
     # model is chosen yet); ``estimated_image_tokens`` is the part they make up, and
     # ``image_estimate`` has them by each provider kind's formula: ``cost.estimated_cost`` prices

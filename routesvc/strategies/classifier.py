@@ -380,7 +380,8 @@ class LLMClassifierStage:
     ) -> tuple[str, str, str]:
         """(task, complexity, explanation); task is "" when the model failed and no fallback exists.
         Each provider call goes to ``charge`` as it ends (an answer from the cache makes none).
-        When ``may_not_pay`` says why, the model is not asked: the cache or the fallback answers."""
+        When ``may_not_pay`` says why it may not be asked (the budget is spent, the tenant may not use
+        the model), it is not: the cache or the fallback answers."""
         key = text_key(prompt)
         cached = self._cache.get(key)
         if cached is not None:
@@ -426,8 +427,11 @@ class LLMClassifierStage:
             return _with_reason(
                 verdict, f"classifier: kept task {routing_input.task!r} from {routing_input.task_source}", ""
             )
+        # A model the tenant may not use is not sent its prompt, as a paid call is not made once
+        # its budget is spent.
+        not_asked = routing_input.may_not_pay or routing_input.allow_list.refuses(self._model.id)
         task, complexity, reason = await self.classify(
-            routing_input.request.chat.last_user_message, routing_input.charge, may_not_pay=routing_input.may_not_pay
+            routing_input.request.chat.last_user_message, routing_input.charge, may_not_pay=not_asked
         )
         if not task:
             reason = f"{reason}; {_left(routing_input)}"

@@ -1596,9 +1596,13 @@ class ModelInfo(_message.Message):
     batch_discount: _builtins.str
     """Fraction taken off both prices in batch mode, decimal string (for example "0.5")."""
     available: _builtins.bool
-    """Whether the provider has credentials configured."""
+    """Whether the model can be used: its provider has credentials configured, and the
+    authenticated tenant's allowed_models, if it has one, include it.
+    """
     unavailable_reason: _builtins.str
-    """Why not, when unavailable (names the missing environment variable)."""
+    """Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+    missing credentials (naming the environment variable to set).
+    """
     cache_write_price_per_mtok: _builtins.str
     """USD per 1M input tokens written to the provider's prompt cache, decimal string."""
     cache_write_1h_price_per_mtok: _builtins.str

@@ -104,7 +104,8 @@ class RouterServiceServicer:
 
     def ListModels(self, request, context):
         """ListModels returns the model catalog with prices, limits, capabilities and
-        whether each model's provider has credentials configured.
+        whether each model can be used: its provider has credentials configured and, for
+        a caller authenticated as a tenant with allowed_models, the model is on that list.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

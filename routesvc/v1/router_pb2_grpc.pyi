@@ -64,7 +64,8 @@ class RouterServiceStub:
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_router_pb2.ListModelsRequest, _router_pb2.ListModelsResponse]
     """ListModels returns the model catalog with prices, limits, capabilities and
-    whether each model's provider has credentials configured.
+    whether each model can be used: its provider has credentials configured and, for
+    a caller authenticated as a tenant with allowed_models, the model is on that list.
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_router_pb2.GetStatsRequest, _router_pb2.GetStatsResponse]
     """GetStats reports routing effectiveness over a recent window: requests and share
@@ -113,7 +114,8 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_router_pb2.ListModelsRequest, _router_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels returns the model catalog with prices, limits, capabilities and
-    whether each model's provider has credentials configured.
+    whether each model can be used: its provider has credentials configured and, for
+    a caller authenticated as a tenant with allowed_models, the model is on that list.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_router_pb2.GetStatsRequest, _router_pb2.GetStatsResponse]  # type: ignore[assignment]
     """GetStats reports routing effectiveness over a recent window: requests and share
@@ -177,7 +179,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_pb2.ListModelsResponse, _abc.Awaitable[_router_pb2.ListModelsResponse]]:
         """ListModels returns the model catalog with prices, limits, capabilities and
-        whether each model's provider has credentials configured.
+        whether each model can be used: its provider has credentials configured and, for
+        a caller authenticated as a tenant with allowed_models, the model is on that list.
         """
 
     @_abc_1.abstractmethod

@@ -2928,9 +2928,11 @@ type ModelInfo struct {
 	Capabilities []string `protobuf:"bytes,8,rep,name=capabilities,proto3" json:"capabilities,omitempty"`
 	// Fraction taken off both prices in batch mode, decimal string (for example "0.5").
 	BatchDiscount string `protobuf:"bytes,9,opt,name=batch_discount,json=batchDiscount,proto3" json:"batch_discount,omitempty"`
-	// Whether the provider has credentials configured.
+	// Whether the model can be used: its provider has credentials configured, and the
+	// authenticated tenant's allowed_models, if it has one, include it.
 	Available bool `protobuf:"varint,10,opt,name=available,proto3" json:"available,omitempty"`
-	// Why not, when unavailable (names the missing environment variable).
+	// Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+	// missing credentials (naming the environment variable to set).
 	UnavailableReason string `protobuf:"bytes,11,opt,name=unavailable_reason,json=unavailableReason,proto3" json:"unavailable_reason,omitempty"`
 	// USD per 1M input tokens written to the provider's prompt cache, decimal string.
 	CacheWritePricePerMtok string `protobuf:"bytes,12,opt,name=cache_write_price_per_mtok,json=cacheWritePricePerMtok,proto3" json:"cache_write_price_per_mtok,omitempty"`

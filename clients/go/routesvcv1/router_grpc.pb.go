@@ -63,7 +63,8 @@ type RouterServiceClient interface {
 	// BatchJob message and ends; the answer is fetched later with GetBatch.
 	Complete(ctx context.Context, in *CompleteRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[CompleteResponse], error)
 	// ListModels returns the model catalog with prices, limits, capabilities and
-	// whether each model's provider has credentials configured.
+	// whether each model can be used: its provider has credentials configured and, for
+	// a caller authenticated as a tenant with allowed_models, the model is on that list.
 	ListModels(ctx context.Context, in *ListModelsRequest, opts ...grpc.CallOption) (*ListModelsResponse, error)
 	// GetStats reports routing effectiveness over a recent window: requests and share
 	// per model, cost against the baseline model, savings, escalations, fallbacks,
@@ -194,7 +195,8 @@ type RouterServiceServer interface {
 	// BatchJob message and ends; the answer is fetched later with GetBatch.
 	Complete(*CompleteRequest, grpc.ServerStreamingServer[CompleteResponse]) error
 	// ListModels returns the model catalog with prices, limits, capabilities and
-	// whether each model's provider has credentials configured.
+	// whether each model can be used: its provider has credentials configured and, for
+	// a caller authenticated as a tenant with allowed_models, the model is on that list.
 	ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error)
 	// GetStats reports routing effectiveness over a recent window: requests and share
 	// per model, cost against the baseline model, savings, escalations, fallbacks,

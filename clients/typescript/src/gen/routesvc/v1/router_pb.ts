@@ -1437,14 +1437,16 @@ export type ModelInfo = Message$1<"routesvc.v1.ModelInfo"> & {
   batchDiscount: string;
 
   /**
-   * Whether the provider has credentials configured.
+   * Whether the model can be used: its provider has credentials configured, and the
+   * authenticated tenant's allowed_models, if it has one, include it.
    *
    * @generated from field: bool available = 10;
    */
   available: boolean;
 
   /**
-   * Why not, when unavailable (names the missing environment variable).
+   * Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+   * missing credentials (naming the environment variable to set).
    *
    * @generated from field: string unavailable_reason = 11;
    */
@@ -2375,7 +2377,8 @@ export const RouterService: GenService<{
   },
   /**
    * ListModels returns the model catalog with prices, limits, capabilities and
-   * whether each model's provider has credentials configured.
+   * whether each model can be used: its provider has credentials configured and, for
+   * a caller authenticated as a tenant with allowed_models, the model is on that list.
    *
    * @generated from rpc routesvc.v1.RouterService.ListModels
    */

@@ -456,7 +456,8 @@ private static final long serialVersionUID = 0L;
   private boolean available_ = false;
   /**
    * <pre>
-   * Whether the provider has credentials configured.
+   * Whether the model can be used: its provider has credentials configured, and the
+   * authenticated tenant's allowed_models, if it has one, include it.
    * </pre>
    *
    * <code>bool available = 10 [json_name = "available"];</code>
@@ -472,7 +473,8 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object unavailableReason_ = "";
   /**
    * <pre>
-   * Why not, when unavailable (names the missing environment variable).
+   * Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+   * missing credentials (naming the environment variable to set).
    * </pre>
    *
    * <code>string unavailable_reason = 11 [json_name = "unavailableReason"];</code>
@@ -493,7 +495,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Why not, when unavailable (names the missing environment variable).
+   * Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+   * missing credentials (naming the environment variable to set).
    * </pre>
    *
    * <code>string unavailable_reason = 11 [json_name = "unavailableReason"];</code>
@@ -2079,7 +2082,8 @@ private static final long serialVersionUID = 0L;
     private boolean available_ ;
     /**
      * <pre>
-     * Whether the provider has credentials configured.
+     * Whether the model can be used: its provider has credentials configured, and the
+     * authenticated tenant's allowed_models, if it has one, include it.
      * </pre>
      *
      * <code>bool available = 10 [json_name = "available"];</code>
@@ -2091,7 +2095,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Whether the provider has credentials configured.
+     * Whether the model can be used: its provider has credentials configured, and the
+     * authenticated tenant's allowed_models, if it has one, include it.
      * </pre>
      *
      * <code>bool available = 10 [json_name = "available"];</code>
@@ -2107,7 +2112,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Whether the provider has credentials configured.
+     * Whether the model can be used: its provider has credentials configured, and the
+     * authenticated tenant's allowed_models, if it has one, include it.
      * </pre>
      *
      * <code>bool available = 10 [json_name = "available"];</code>
@@ -2123,7 +2129,8 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object unavailableReason_ = "";
     /**
      * <pre>
-     * Why not, when unavailable (names the missing environment variable).
+     * Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+     * missing credentials (naming the environment variable to set).
      * </pre>
      *
      * <code>string unavailable_reason = 11 [json_name = "unavailableReason"];</code>
@@ -2143,7 +2150,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Why not, when unavailable (names the missing environment variable).
+     * Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+     * missing credentials (naming the environment variable to set).
      * </pre>
      *
      * <code>string unavailable_reason = 11 [json_name = "unavailableReason"];</code>
@@ -2164,7 +2172,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Why not, when unavailable (names the missing environment variable).
+     * Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+     * missing credentials (naming the environment variable to set).
      * </pre>
      *
      * <code>string unavailable_reason = 11 [json_name = "unavailableReason"];</code>
@@ -2181,7 +2190,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Why not, when unavailable (names the missing environment variable).
+     * Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+     * missing credentials (naming the environment variable to set).
      * </pre>
      *
      * <code>string unavailable_reason = 11 [json_name = "unavailableReason"];</code>
@@ -2195,7 +2205,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Why not, when unavailable (names the missing environment variable).
+     * Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+     * missing credentials (naming the environment variable to set).
      * </pre>
      *
      * <code>string unavailable_reason = 11 [json_name = "unavailableReason"];</code>

@@ -201,7 +201,8 @@ public interface ModelInfoOrBuilder extends
 
   /**
    * <pre>
-   * Whether the provider has credentials configured.
+   * Whether the model can be used: its provider has credentials configured, and the
+   * authenticated tenant's allowed_models, if it has one, include it.
    * </pre>
    *
    * <code>bool available = 10 [json_name = "available"];</code>
@@ -211,7 +212,8 @@ public interface ModelInfoOrBuilder extends
 
   /**
    * <pre>
-   * Why not, when unavailable (names the missing environment variable).
+   * Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+   * missing credentials (naming the environment variable to set).
    * </pre>
    *
    * <code>string unavailable_reason = 11 [json_name = "unavailableReason"];</code>
@@ -220,7 +222,8 @@ public interface ModelInfoOrBuilder extends
   java.lang.String getUnavailableReason();
   /**
    * <pre>
-   * Why not, when unavailable (names the missing environment variable).
+   * Why not, when unavailable: "not allowed for tenant 'T'", or the provider's
+   * missing credentials (naming the environment variable to set).
    * </pre>
    *
    * <code>string unavailable_reason = 11 [json_name = "unavailableReason"];</code>

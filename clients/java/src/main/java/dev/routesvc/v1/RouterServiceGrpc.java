@@ -331,7 +331,8 @@ public final class RouterServiceGrpc {
     /**
      * <pre>
      * ListModels returns the model catalog with prices, limits, capabilities and
-     * whether each model's provider has credentials configured.
+     * whether each model can be used: its provider has credentials configured and, for
+     * a caller authenticated as a tenant with allowed_models, the model is on that list.
      * </pre>
      */
     default void listModels(dev.routesvc.v1.ListModelsRequest request,
@@ -457,7 +458,8 @@ public final class RouterServiceGrpc {
     /**
      * <pre>
      * ListModels returns the model catalog with prices, limits, capabilities and
-     * whether each model's provider has credentials configured.
+     * whether each model can be used: its provider has credentials configured and, for
+     * a caller authenticated as a tenant with allowed_models, the model is on that list.
      * </pre>
      */
     public void listModels(dev.routesvc.v1.ListModelsRequest request,
@@ -574,7 +576,8 @@ public final class RouterServiceGrpc {
     /**
      * <pre>
      * ListModels returns the model catalog with prices, limits, capabilities and
-     * whether each model's provider has credentials configured.
+     * whether each model can be used: its provider has credentials configured and, for
+     * a caller authenticated as a tenant with allowed_models, the model is on that list.
      * </pre>
      */
     public dev.routesvc.v1.ListModelsResponse listModels(dev.routesvc.v1.ListModelsRequest request) throws io.grpc.StatusException {
@@ -685,7 +688,8 @@ public final class RouterServiceGrpc {
     /**
      * <pre>
      * ListModels returns the model catalog with prices, limits, capabilities and
-     * whether each model's provider has credentials configured.
+     * whether each model can be used: its provider has credentials configured and, for
+     * a caller authenticated as a tenant with allowed_models, the model is on that list.
      * </pre>
      */
     public dev.routesvc.v1.ListModelsResponse listModels(dev.routesvc.v1.ListModelsRequest request) {
@@ -777,7 +781,8 @@ public final class RouterServiceGrpc {
     /**
      * <pre>
      * ListModels returns the model catalog with prices, limits, capabilities and
-     * whether each model's provider has credentials configured.
+     * whether each model can be used: its provider has credentials configured and, for
+     * a caller authenticated as a tenant with allowed_models, the model is on that list.
      * </pre>
      */
     public com.google.common.util.concurrent.ListenableFuture<dev.routesvc.v1.ListModelsResponse> listModels(
