@@ -495,7 +495,12 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None
     parser.add_argument("--tls-ca", default=None, metavar="PEM", help="connect over TLS trusting this CA")
     parser.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate (mutual TLS)")
     parser.add_argument("--tls-key", default=None, metavar="PEM", help="client private key (mutual TLS)")
-    parser.add_argument("--timeout", type=_positive_seconds, default=None, help="deadline in seconds (above 0)")
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=None,
+        help="deadline in seconds (above 0; default 30, for complete's whole stream 300)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     if not request:
         return

@@ -15,6 +15,14 @@ from routesvc.images import sniff_media_type
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
+DEFAULT_TIMEOUT = 30.0
+"""The deadline (seconds) of a unary call given no ``timeout``, unless the client says otherwise."""
+
+DEFAULT_STREAM_TIMEOUT = 300.0
+"""The deadline (seconds) of a Complete stream given no ``timeout``, unless the client says otherwise.
+It bounds the whole answer, so it is longer than ``DEFAULT_TIMEOUT``: 30 s would cut long answers,
+paid for, short."""
+
 _ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
 _CACHE_BREAKPOINTS = {"5m": pb.CACHE_BREAKPOINT_FIVE_MINUTES, "1h": pb.CACHE_BREAKPOINT_ONE_HOUR}
 
@@ -25,6 +33,10 @@ class CompleteCall(Protocol):
     def __aiter__(self) -> AsyncIterator[pb.CompleteResponse]: ...
 
     def cancel(self) -> bool: ...
+
+    async def initial_metadata(self) -> grpc.aio.Metadata | None: ...
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata | None: ...
 
 
 class CompleteStream:
@@ -104,6 +116,14 @@ class CompleteStream:
 
     def _cancel(self) -> None:
         self._call.cancel()  # a no-op once the call has ended
+
+    async def initial_metadata(self) -> grpc.aio.Metadata | None:
+        """The server's initial metadata (``x-request-id`` among it), once it has come."""
+        return await self._call.initial_metadata()
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata | None:
+        """The server's trailing metadata (``x-request-id`` among it), once the call has ended."""
+        return await self._call.trailing_metadata()
 
     async def aclose(self) -> None:
         """Cancel the call if it is still running; the stream yields nothing more."""
@@ -209,9 +229,20 @@ def tool_turns(completion: pb.Completion, text: str, results: Mapping[str, str])
     return turns
 
 
+def checked_timeout(name: str, value: float | None) -> float | None:
+    """``value``, a default deadline in seconds: above zero, or None for none (else ``ValueError``)."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be above zero (or None for none), not {value!r}")
+    return value
+
+
 class RouterClient:
     """``async with RouterClient("localhost:50051") as client``: Route, Complete, ListModels, GetStats,
-    GetBatch, CancelBatch."""
+    GetBatch, CancelBatch, Feedback.
+
+    A call given no ``timeout`` gets ``default_timeout`` (``DEFAULT_TIMEOUT``, 30 s), a Complete
+    stream ``default_stream_timeout`` (``DEFAULT_STREAM_TIMEOUT``, 5 minutes, for the whole
+    answer); None turns a default off."""
 
     def __init__(
         self,
@@ -220,7 +251,11 @@ class RouterClient:
         api_key: str | None = None,
         channel: grpc.aio.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        default_timeout: float | None = DEFAULT_TIMEOUT,
+        default_stream_timeout: float | None = DEFAULT_STREAM_TIMEOUT,
     ) -> None:
+        self._timeout = checked_timeout("default_timeout", default_timeout)
+        self._stream_timeout = checked_timeout("default_stream_timeout", default_stream_timeout)
         if channel is None:
             channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
         self._channel = channel
@@ -229,6 +264,9 @@ class RouterClient:
 
     def _call_metadata(self, extra: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
         return self._metadata + tuple((extra or {}).items())
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self._timeout if timeout is None else timeout
 
     async def route(
         self,
@@ -241,7 +279,7 @@ class RouterClient:
         """The routing decision for ``chat``."""
         request = pb.RouteRequest(chat=chat, context=context or pb.RoutingContext())
         response: pb.RouteResponse = await self._stub.Route(
-            request, timeout=timeout, metadata=self._call_metadata(metadata)
+            request, timeout=self._deadline(timeout), metadata=self._call_metadata(metadata)
         )
         return response.decision
 
@@ -254,16 +292,18 @@ class RouterClient:
         metadata: Mapping[str, str] | None = None,
     ) -> CompleteStream:
         """The Complete stream: the decision, text deltas, then the completion. ``async with`` it
-        (or ``aclose()`` it) to cancel a call left early: see ``CompleteStream``."""
+        (or ``aclose()`` it) to cancel a call left early: see ``CompleteStream``. Without a
+        ``timeout`` the whole stream has the client's ``default_stream_timeout``."""
         request = pb.CompleteRequest(chat=chat, context=context or pb.RoutingContext())
+        deadline = self._stream_timeout if timeout is None else timeout
         return CompleteStream(
-            lambda: self._stub.Complete(request, timeout=timeout, metadata=self._call_metadata(metadata))
+            lambda: self._stub.Complete(request, timeout=deadline, metadata=self._call_metadata(metadata))
         )
 
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         """The model catalog."""
         response: pb.ListModelsResponse = await self._stub.ListModels(
-            pb.ListModelsRequest(), timeout=timeout, metadata=self._call_metadata(None)
+            pb.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self._call_metadata(None)
         )
         return list(response.models)
 
@@ -275,21 +315,25 @@ class RouterClient:
         if window_seconds:
             request.window.FromNanoseconds(round(window_seconds * 1e9))
         response: pb.GetStatsResponse = await self._stub.GetStats(
-            request, timeout=timeout, metadata=self._call_metadata(None)
+            request, timeout=self._deadline(timeout), metadata=self._call_metadata(None)
         )
         return response
 
     async def get_batch(self, batch_id: str, *, tenant: str = "", timeout: float | None = None) -> pb.GetBatchResponse:
         """A batch job's state and, once it succeeded, its result."""
         response: pb.GetBatchResponse = await self._stub.GetBatch(
-            pb.GetBatchRequest(batch_id=batch_id, tenant=tenant), timeout=timeout, metadata=self._call_metadata(None)
+            pb.GetBatchRequest(batch_id=batch_id, tenant=tenant),
+            timeout=self._deadline(timeout),
+            metadata=self._call_metadata(None),
         )
         return response
 
     async def cancel_batch(self, batch_id: str, *, tenant: str = "", timeout: float | None = None) -> pb.BatchJob:
         """Cancel a batch job that has not ended; the job as it is afterwards."""
         response: pb.CancelBatchResponse = await self._stub.CancelBatch(
-            pb.CancelBatchRequest(batch_id=batch_id, tenant=tenant), timeout=timeout, metadata=self._call_metadata(None)
+            pb.CancelBatchRequest(batch_id=batch_id, tenant=tenant),
+            timeout=self._deadline(timeout),
+            metadata=self._call_metadata(None),
         )
         return response.job
 
@@ -308,7 +352,7 @@ class RouterClient:
         if thumbs_up is not None:
             request.thumbs_up = thumbs_up
         response: pb.FeedbackResponse = await self._stub.Feedback(
-            request, timeout=timeout, metadata=self._call_metadata(None)
+            request, timeout=self._deadline(timeout), metadata=self._call_metadata(None)
         )
         return response
 

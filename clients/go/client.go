@@ -3,8 +3,12 @@
 // It wraps the generated stubs in routesvcv1 with what every caller needs: a
 // connection with TLS (or plaintext for loopback), an API key sent as
 // "authorization: Bearer" metadata, and access to the google.rpc.ErrorInfo that
-// the service attaches to every error. Deadlines and cancellation come from the
-// context passed to each call.
+// the service attaches to every error (RetryInfo too: how long to wait). Deadlines
+// and cancellation come from the context passed to each call; a call whose context
+// has no deadline gets the client's default: DefaultTimeout (30 s) for unary calls,
+// DefaultStreamTimeout (5 minutes) for a whole Complete stream, calls through Stub
+// included (WithDefaultTimeout and WithDefaultStreamTimeout change them, 0 turns
+// them off).
 //
 //	client, err := routesvc.Dial("routesvc.internal:443", routesvc.WithAPIKey(key))
 //	...
@@ -17,6 +21,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -31,6 +36,15 @@ import (
 // ErrorDomain is the ErrorInfo domain of errors raised by routesvc itself.
 const ErrorDomain = "routesvc"
 
+// DefaultTimeout is the deadline of a unary call whose context has none, unless
+// WithDefaultTimeout says otherwise.
+const DefaultTimeout = 30 * time.Second
+
+// DefaultStreamTimeout is the deadline of a Complete stream whose context has none,
+// unless WithDefaultStreamTimeout says otherwise. It bounds the whole answer, so it
+// is longer than DefaultTimeout: 30 s would cut long answers, paid for, short.
+const DefaultStreamTimeout = 5 * time.Minute
+
 // Client is a connection to a routesvc server. It is safe for concurrent use.
 type Client struct {
 	conn   *grpc.ClientConn
@@ -39,10 +53,12 @@ type Client struct {
 }
 
 type options struct {
-	tls      *tls.Config
-	insecure bool
-	apiKey   string
-	dialOpts []grpc.DialOption
+	tls           *tls.Config
+	insecure      bool
+	apiKey        string
+	timeout       time.Duration // 0: none
+	streamTimeout time.Duration // 0: none
+	dialOpts      []grpc.DialOption
 }
 
 // Option configures Dial.
@@ -64,6 +80,20 @@ func WithAPIKey(key string) Option {
 	return func(o *options) { o.apiKey = key }
 }
 
+// WithDefaultTimeout sets the deadline of every unary call whose context has none
+// (DefaultTimeout unless set), calls through Stub included. 0 turns it off: such a
+// call has no deadline.
+func WithDefaultTimeout(d time.Duration) Option {
+	return func(o *options) { o.timeout = max(d, 0) }
+}
+
+// WithDefaultStreamTimeout sets the deadline of every Complete stream whose context
+// has none (DefaultStreamTimeout unless set), calls through Stub included. 0 turns
+// it off.
+func WithDefaultStreamTimeout(d time.Duration) Option {
+	return func(o *options) { o.streamTimeout = max(d, 0) }
+}
+
 // WithDialOptions passes extra options to grpc.NewClient (interceptors, keepalive, ...).
 func WithDialOptions(opts ...grpc.DialOption) Option {
 	return func(o *options) { o.dialOpts = append(o.dialOpts, opts...) }
@@ -72,11 +102,15 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 // Dial creates a client for target ("host:port"). Like grpc.NewClient it does not
 // connect until the first call.
 func Dial(target string, opts ...Option) (*Client, error) {
-	var o options
+	o := options{timeout: DefaultTimeout, streamTimeout: DefaultStreamTimeout}
 	for _, opt := range opts {
 		opt(&o)
 	}
-	dialOpts := []grpc.DialOption{}
+	// First in the chain, so that the caller's interceptors see the deadline the call has.
+	dialOpts := []grpc.DialOption{
+		grpc.WithChainUnaryInterceptor(defaultUnaryDeadline(o.timeout)),
+		grpc.WithChainStreamInterceptor(defaultStreamDeadline(o.streamTimeout)),
+	}
 	if o.insecure {
 		dialOpts = append(dialOpts, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	} else {
@@ -158,6 +192,67 @@ func ErrorInfo(err error) *errdetails.ErrorInfo {
 		}
 	}
 	return nil
+}
+
+// RetryInfo returns the google.rpc.RetryInfo of err, or nil when it has none: how
+// long to wait before trying again (GetRetryDelay().AsDuration()), on
+// RESOURCE_EXHAUSTED (RATE_LIMITED, OVERLOADED, ...) and some UNAVAILABLE errors.
+func RetryInfo(err error) *errdetails.RetryInfo {
+	var withStatus interface{ GRPCStatus() *status.Status }
+	if !errors.As(err, &withStatus) {
+		return nil
+	}
+	for _, detail := range withStatus.GRPCStatus().Details() {
+		if info, ok := detail.(*errdetails.RetryInfo); ok {
+			return info
+		}
+	}
+	return nil
+}
+
+// defaultUnaryDeadline gives a unary call whose context has no deadline one of d
+// from now (none when d is 0).
+func defaultUnaryDeadline(d time.Duration) grpc.UnaryClientInterceptor {
+	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if _, ok := ctx.Deadline(); ok || d == 0 {
+			return invoker(ctx, method, req, reply, cc, opts...)
+		}
+		ctx, cancel := context.WithTimeout(ctx, d)
+		defer cancel()
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
+}
+
+// defaultStreamDeadline gives a stream whose context has no deadline one of d from
+// now (none when d is 0); its timer is released when the stream ends.
+func defaultStreamDeadline(d time.Duration) grpc.StreamClientInterceptor {
+	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		if _, ok := ctx.Deadline(); ok || d == 0 {
+			return streamer(ctx, desc, cc, method, opts...)
+		}
+		ctx, cancel := context.WithTimeout(ctx, d)
+		stream, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		return &deadlineStream{ClientStream: stream, cancel: cancel}, nil
+	}
+}
+
+// deadlineStream releases its deadline's timer once the stream has ended (RecvMsg
+// returned io.EOF or the call's error). A stream left unread keeps it until it passes.
+type deadlineStream struct {
+	grpc.ClientStream
+	cancel context.CancelFunc
+}
+
+func (s *deadlineStream) RecvMsg(m any) error {
+	err := s.ClientStream.RecvMsg(m)
+	if err != nil {
+		s.cancel()
+	}
+	return err
 }
 
 // bearer sends the API key on every call; it refuses plaintext unless the caller

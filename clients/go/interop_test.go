@@ -15,11 +15,13 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	routesvc "github.com/routesvc/routesvc/clients/go"
 	routesvcv1 "github.com/routesvc/routesvc/clients/go/routesvcv1"
@@ -30,13 +32,13 @@ import (
 // tests (routed to the default gpt-4o-mini).
 const pinnedModel = "claude-sonnet"
 
-func dial(t *testing.T) *routesvc.Client {
+func dial(t *testing.T, opts ...routesvc.Option) *routesvc.Client {
 	t.Helper()
 	target := os.Getenv("ROUTESVC_TARGET")
 	if target == "" {
 		t.Skip("ROUTESVC_TARGET not set: no live service to test against")
 	}
-	client, err := routesvc.Dial(target, routesvc.WithInsecure(), routesvc.WithAPIKey("interop-key"))
+	client, err := routesvc.Dial(target, append([]routesvc.Option{routesvc.WithInsecure(), routesvc.WithAPIKey("interop-key")}, opts...)...)
 	if err != nil {
 		t.Fatalf("Dial: %v", err)
 	}
@@ -175,6 +177,49 @@ func TestDeadlineExceededWhenTheProviderIsSlow(t *testing.T) {
 	}
 	if got := status.Code(err); got != codes.DeadlineExceeded {
 		t.Fatalf("want DEADLINE_EXCEEDED, got %v", err)
+	}
+}
+
+func TestUnaryCallsWithoutADeadlineGetTheDefault(t *testing.T) {
+	client := dial(t, routesvc.WithDefaultTimeout(time.Nanosecond))
+	_, err := client.ListModels(context.Background())
+	if got := status.Code(err); got != codes.DeadlineExceeded {
+		t.Fatalf("want DEADLINE_EXCEEDED from a 1 ns default, got %v", err)
+	}
+	// A deadline of the caller's own replaces the default.
+	if _, err := client.ListModels(withTimeout(t, 10*time.Second)); err != nil {
+		t.Fatalf("ListModels with its own deadline: %v", err)
+	}
+}
+
+func TestCompleteWithoutADeadlineEndsAtTheDefaultStreamTimeout(t *testing.T) {
+	client := dial(t, routesvc.WithDefaultStreamTimeout(time.Second))
+	script(t, client, map[string]any{"first_chunk_delay": 10.0})
+	stream, err := client.Complete(context.Background(), pinned("Say hello slowly"))
+	for err == nil {
+		_, err = stream.Recv()
+	}
+	if got := status.Code(err); got != codes.DeadlineExceeded {
+		t.Fatalf("want DEADLINE_EXCEEDED, got %v", err)
+	}
+}
+
+func TestRetryInfoReadsTheRetryDelay(t *testing.T) {
+	st, err := status.New(codes.ResourceExhausted, "tenant 'a' is over its 1 requests per minute").WithDetails(
+		&errdetails.ErrorInfo{Reason: "RATE_LIMITED", Domain: routesvc.ErrorDomain},
+		&errdetails.RetryInfo{RetryDelay: durationpb.New(42500 * time.Millisecond)},
+	)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := routesvc.RetryInfo(st.Err()).GetRetryDelay().AsDuration(); got != 42500*time.Millisecond {
+		t.Fatalf("retry delay = %v, want 42.5s", got)
+	}
+	if got := routesvc.ErrorInfo(st.Err()).GetReason(); got != "RATE_LIMITED" {
+		t.Fatalf("reason = %q, want RATE_LIMITED", got)
+	}
+	if info := routesvc.RetryInfo(status.Error(codes.Unavailable, "no details")); info != nil {
+		t.Fatalf("RetryInfo of an error without one = %v, want nil", info)
 	}
 }
 

@@ -23,10 +23,16 @@ Upstream = Callable[[], Awaitable[dict[str, Any]]]
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[RouterClient]:
+def target() -> str:
+    """The live service's ``host:port``; the tests that need one are skipped without it."""
     target = os.environ.get("ROUTESVC_TARGET")
     if not target:
         pytest.skip("ROUTESVC_TARGET not set: no live service to test against")
+    return target
+
+
+@pytest.fixture
+async def client(target: str) -> AsyncIterator[RouterClient]:
     async with RouterClient(target, api_key="interop-key") as client:
         yield client
 

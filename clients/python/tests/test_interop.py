@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+
 import grpc
 import pytest
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 
 from conftest import PINNED_MODEL, Script, Upstream
 from routesvc.v1 import router_pb2 as pb
-from routesvc_client import RouterClient, error_info, user_prompt
+from routesvc_client import DEFAULT_STREAM_TIMEOUT, DEFAULT_TIMEOUT, RouterClient, error_info, retry_info, user_prompt
 
 
 def pinned(prompt: str) -> pb.CompleteRequest:
@@ -52,6 +56,41 @@ class TestRouterClient:
             async for _ in client.complete(pinned("Say hello slowly"), timeout=1):
                 pass
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def test_a_call_without_a_timeout_gets_the_default(self, target: str) -> None:
+        """A call given no ``timeout`` ends at ``default_timeout`` (30 s unless set, as in Go, Java
+        and TypeScript): against a server that never answers (TCP accepted, no HTTP/2) it is
+        DEADLINE_EXCEEDED, where without a deadline it would wait for the connection to fail."""
+        assert (DEFAULT_TIMEOUT, DEFAULT_STREAM_TIMEOUT) == (30.0, 300.0)
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            port = silent.getsockname()[1]
+            async with RouterClient(f"127.0.0.1:{port}", default_timeout=0.2) as quick:
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await quick.list_models()
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def test_a_complete_without_a_timeout_ends_at_the_default_stream_deadline(
+        self, client: RouterClient, target: str, script: Script
+    ) -> None:
+        """A Complete given no ``timeout`` is bounded by ``default_stream_timeout``: a provider
+        slower than it ends the stream DEADLINE_EXCEEDED."""
+        await script(first_chunk_delay=10.0)
+        async with RouterClient(target, default_stream_timeout=1) as quick:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                async for _ in quick.complete(pinned("Say hello slowly")):
+                    pass
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def test_a_streams_metadata_carries_the_request_id(self, client: RouterClient) -> None:
+        """After a successful Complete the stream gives its call's initial and trailing metadata,
+        with the x-request-id sent."""
+        request = pb.CompleteRequest(chat=user_prompt("Say hello"))
+        async with client.complete(request, timeout=20, metadata={"x-request-id": "py-interop-c0de"}) as stream:
+            kinds = [message.WhichOneof("event") async for message in stream]
+            initial = dict(await stream.initial_metadata() or ())
+            trailing = dict(await stream.trailing_metadata() or ())
+        assert kinds[-1] == "completion"
+        assert (initial["x-request-id"], trailing["x-request-id"]) == ("py-interop-c0de", "py-interop-c0de")
 
     async def test_cancel_mid_stream(self, client: RouterClient, script: Script) -> None:
         """Cancelling a call after the first delta ends it as CANCELLED on the client."""
@@ -134,3 +173,32 @@ class TestRouterClient:
     async def test_health_check_reports_serving(self, client: RouterClient) -> None:
         """The grpc.health.v1 check for RouterService is SERVING."""
         assert await client.health(timeout=10) == health_pb2.HealthCheckResponse.SERVING
+
+
+class TestErrorDetails:
+    def test_retry_info_reads_the_delay_and_error_info_the_reason(self) -> None:
+        """``retry_info`` reads the RetryInfo a RESOURCE_EXHAUSTED error carries, ``error_info`` its
+        reason; an error without them has neither."""
+        status = status_pb2.Status(
+            code=code_pb2.RESOURCE_EXHAUSTED, message="tenant 'a' is over its 1 requests per minute"
+        )
+        status.details.add().Pack(error_details_pb2.ErrorInfo(reason="RATE_LIMITED", domain="routesvc"))
+        status.details.add().Pack(
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=42, nanos=5 * 10**8))
+        )
+        error = grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString())),
+        )
+        bare = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+        info = retry_info(error)
+        assert info is not None
+        assert info.retry_delay.ToMilliseconds() == 42_500
+        assert getattr(error_info(error), "reason", None) == "RATE_LIMITED"
+        assert (retry_info(bare), error_info(bare)) == (None, None)
+
+    def test_a_default_timeout_not_above_zero_is_refused(self) -> None:
+        """A default deadline of zero or less is a ``ValueError`` naming it (None turns it off)."""
+        with pytest.raises(ValueError, match="default_stream_timeout"):
+            RouterClient("127.0.0.1:1", default_stream_timeout=0)

@@ -11,14 +11,24 @@
  *
  * Deadlines are `timeoutMs`, cancellation is an `AbortSignal` (or leaving the loop over
  * `complete()`), and custom metadata is `headers` / `onHeader` / `onTrailer`, all in
- * Connect's `CallOptions`.
+ * Connect's `CallOptions`. A call without `timeoutMs` gets the client's default:
+ * `DEFAULT_TIMEOUT_MS` (30 s) for unary calls, `DEFAULT_STREAM_TIMEOUT_MS` (5 minutes) for a
+ * whole Complete stream, calls through `stub` included (`DialOptions.defaultTimeoutMs` and
+ * `defaultStreamTimeoutMs` change them; `null` turns them off).
  */
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { ConnectError, createClient, type CallOptions, type Client, type Interceptor } from "@connectrpc/connect";
+import {
+  ConnectError,
+  createClient,
+  type CallOptions,
+  type Client,
+  type Interceptor,
+  type Transport,
+} from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import type { SecureClientSessionOptions } from "node:http2";
 
-import { ErrorInfoSchema, type ErrorInfo } from "./gen/google/rpc/error_details_pb.js";
+import { ErrorInfoSchema, RetryInfoSchema, type ErrorInfo, type RetryInfo } from "./gen/google/rpc/error_details_pb.js";
 import { Health, HealthCheckResponse_ServingStatus } from "./gen/grpc/health/v1/health_pb.js";
 import {
   ChatRequestSchema,
@@ -34,11 +44,21 @@ import {
 
 export * from "./gen/routesvc/v1/router_pb.js";
 export { HealthCheckResponse_ServingStatus } from "./gen/grpc/health/v1/health_pb.js";
-export type { ErrorInfo } from "./gen/google/rpc/error_details_pb.js";
+export { ErrorInfoSchema, RetryInfoSchema, type ErrorInfo, type RetryInfo } from "./gen/google/rpc/error_details_pb.js";
 export { Code, ConnectError, type CallOptions } from "@connectrpc/connect";
 
 /** The ErrorInfo domain of errors raised by routesvc itself. */
 export const ERROR_DOMAIN = "routesvc";
+
+/** The deadline of a unary call without `timeoutMs`, unless `DialOptions.defaultTimeoutMs` says otherwise. */
+export const DEFAULT_TIMEOUT_MS = 30_000;
+
+/**
+ * The deadline of a Complete stream without `timeoutMs`, unless `DialOptions.defaultStreamTimeoutMs`
+ * says otherwise. It bounds the whole answer, so it is longer than `DEFAULT_TIMEOUT_MS`: 30 s
+ * would cut long answers, paid for, short.
+ */
+export const DEFAULT_STREAM_TIMEOUT_MS = 300_000;
 
 export interface DialOptions {
   /** Plaintext HTTP/2 instead of TLS, for loopback and tests. */
@@ -49,6 +69,16 @@ export interface DialOptions {
   tls?: SecureClientSessionOptions;
   /** Extra Connect interceptors, run after the one that adds the API key. */
   interceptors?: Interceptor[];
+  /**
+   * The deadline (ms) of every unary call without `timeoutMs`, calls through `stub` included
+   * (default `DEFAULT_TIMEOUT_MS`, 30 s); `null`: none.
+   */
+  defaultTimeoutMs?: number | null;
+  /**
+   * The deadline (ms) of every Complete stream without `timeoutMs`, calls through `stub` included
+   * (default `DEFAULT_STREAM_TIMEOUT_MS`, 5 minutes); `null`: none.
+   */
+  defaultStreamTimeoutMs?: number | null;
 }
 
 /** A connection to a routesvc server; call close() when done. */
@@ -64,8 +94,13 @@ export class RouterClient {
     this.session = session;
   }
 
-  /** A client for `target` ("host:port"). It connects on the first call. */
+  /**
+   * A client for `target` ("host:port"). It connects on the first call. Throws a RangeError for a
+   * default timeout that is not a number above zero (or null).
+   */
   static dial(target: string, options: DialOptions = {}): RouterClient {
+    const unaryMs = checkedTimeout("defaultTimeoutMs", options.defaultTimeoutMs, DEFAULT_TIMEOUT_MS);
+    const streamMs = checkedTimeout("defaultStreamTimeoutMs", options.defaultStreamTimeoutMs, DEFAULT_STREAM_TIMEOUT_MS);
     const baseUrl = `${options.insecure ? "http" : "https"}://${target}`;
     const session = new Http2SessionManager(baseUrl, {}, options.insecure ? {} : (options.tls ?? {}));
     const interceptors: Interceptor[] = [];
@@ -77,7 +112,11 @@ export class RouterClient {
       });
     }
     interceptors.push(...(options.interceptors ?? []));
-    const transport = createGrpcTransport({ baseUrl, sessionManager: session, interceptors });
+    const transport = withDefaultTimeouts(
+      createGrpcTransport({ baseUrl, sessionManager: session, interceptors }),
+      unaryMs,
+      streamMs,
+    );
     return new RouterClient(createClient(RouterService, transport), createClient(Health, transport), session);
   }
 
@@ -279,6 +318,26 @@ async function drain(iterator: AsyncIterator<unknown>): Promise<void> {
   }
 }
 
+/** `value` if given (a number above zero, or null), else `fallback`. */
+function checkedTimeout(name: string, value: number | null | undefined, fallback: number): number | undefined {
+  if (value === undefined) return fallback;
+  if (value === null) return undefined;
+  if (typeof value !== "number" || !Number.isFinite(value) || value <= 0) {
+    throw new RangeError(`${name} must be a number of milliseconds above zero (or null for none), not ${value}`);
+  }
+  return value;
+}
+
+/** `transport`, giving a call without `timeoutMs` the default of its kind (none when undefined). */
+function withDefaultTimeouts(transport: Transport, unaryMs: number | undefined, streamMs: number | undefined): Transport {
+  return {
+    unary: (method, signal, timeoutMs, header, input, contextValues) =>
+      transport.unary(method, signal, timeoutMs ?? unaryMs, header, input, contextValues),
+    stream: (method, signal, timeoutMs, header, input, contextValues) =>
+      transport.stream(method, signal, timeoutMs ?? streamMs, header, input, contextValues),
+  };
+}
+
 /** A ChatRequest with one user message. */
 export function userPrompt(prompt: string): ChatRequest {
   return create(ChatRequestSchema, { messages: [{ role: Role.USER, content: prompt }] });
@@ -293,4 +352,16 @@ export function errorInfo(error: unknown): ErrorInfo | undefined {
     return undefined;
   }
   return error.findDetails(ErrorInfoSchema).find((info) => info.domain === ERROR_DOMAIN);
+}
+
+/**
+ * The google.rpc.RetryInfo of an error, or undefined: how long to wait before trying again
+ * (`retryDelay`, a Duration: `Number(seconds) * 1000 + nanos / 1e6` ms), on RESOURCE_EXHAUSTED
+ * (RATE_LIMITED, OVERLOADED, ...) and some UNAVAILABLE errors.
+ */
+export function retryInfo(error: unknown): RetryInfo | undefined {
+  if (!(error instanceof ConnectError)) {
+    return undefined;
+  }
+  return error.findDetails(RetryInfoSchema)[0];
 }

@@ -9,12 +9,17 @@ import { runInNewContext } from "node:vm";
 import {
   Code,
   ConnectError,
+  DEFAULT_TIMEOUT_MS,
+  ErrorInfoSchema,
   errorInfo,
   FinishReason,
   HealthCheckResponse_ServingStatus,
+  retryInfo,
+  RetryInfoSchema,
   RouterClient,
   userPrompt,
   type CompleteResponse,
+  type DialOptions,
 } from "../src/index.js";
 
 const target = process.env.ROUTESVC_TARGET;
@@ -137,6 +142,39 @@ describe("routesvc interop (TypeScript)", { skip }, () => {
     const stream = client.complete({ chat: userPrompt("Say hello slowly"), context: { model: PINNED } }, { timeoutMs: 1000 });
     const error = await rejection((async () => { for await (const _ of stream) { /* drain */ } })());
     assert.equal(error.code, Code.DeadlineExceeded, String(error));
+  });
+
+  it("a call without timeoutMs is sent with the default deadline; its own or null replaces it", async () => {
+    const sent: (string | null)[] = [];
+    const capture = (defaults: Pick<DialOptions, "defaultTimeoutMs">) =>
+      RouterClient.dial(target ?? "", {
+        insecure: true,
+        ...defaults,
+        interceptors: [(next) => (request) => (sent.push(request.header.get("grpc-timeout")), next(request))],
+      });
+    const withDefault = capture({});
+    const without = capture({ defaultTimeoutMs: null });
+    try {
+      await withDefault.listModels();
+      await withDefault.listModels({ timeoutMs: 10_000 });
+      await without.listModels();
+    } finally {
+      withDefault.close();
+      without.close();
+    }
+    assert.deepEqual(sent, [`${DEFAULT_TIMEOUT_MS}m`, "10000m", null]);
+  });
+
+  it("a Complete without timeoutMs ends at the default stream deadline", { skip: skipFake }, async () => {
+    await script(client, { first_chunk_delay: 10.0 });
+    const quick = RouterClient.dial(target ?? "", { insecure: true, defaultStreamTimeoutMs: 1000 });
+    try {
+      const stream = quick.complete({ chat: userPrompt("Say hello slowly"), context: { model: PINNED } });
+      const error = await rejection((async () => { for await (const _ of stream) { /* drain */ } })());
+      assert.equal(error.code, Code.DeadlineExceeded, String(error));
+    } finally {
+      quick.close();
+    }
   });
 
   it("cancelling mid-stream ends the call as CANCELLED", { skip: skipFake }, async () => {
@@ -265,6 +303,25 @@ describe("routesvc interop (TypeScript)", { skip }, () => {
 
   it("the health check reports SERVING", async () => {
     assert.equal(await client.healthStatus({ timeoutMs: 10_000 }), HealthCheckResponse_ServingStatus.SERVING);
+  });
+});
+
+describe("errors and options without a server (TypeScript)", () => {
+  it("retryInfo reads the delay a RESOURCE_EXHAUSTED error carries; errorInfo its reason", () => {
+    const error = new ConnectError("tenant 'a' is over its 1 requests per minute", Code.ResourceExhausted, undefined, [
+      { desc: ErrorInfoSchema, value: { reason: "RATE_LIMITED", domain: "routesvc" } },
+      { desc: RetryInfoSchema, value: { retryDelay: { seconds: 42n, nanos: 500_000_000 } } },
+    ]);
+    const delay = retryInfo(error)?.retryDelay;
+    assert.deepEqual([delay?.seconds, delay?.nanos], [42n, 500_000_000]);
+    assert.equal(errorInfo(error)?.reason, "RATE_LIMITED");
+    assert.equal(retryInfo(new ConnectError("no details", Code.Unavailable)), undefined);
+    assert.equal(retryInfo(new Error("not a ConnectError")), undefined);
+  });
+
+  it("a default timeout that is not above zero is refused", () => {
+    assert.throws(() => RouterClient.dial("127.0.0.1:1", { defaultTimeoutMs: 0 }), RangeError);
+    assert.throws(() => RouterClient.dial("127.0.0.1:1", { defaultStreamTimeoutMs: -1 }), RangeError);
   });
 });
 

@@ -6,10 +6,11 @@ from collections.abc import Mapping
 from types import TracebackType
 
 import grpc
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from routesvc.client import CompleteStream
+from routesvc.client import DEFAULT_STREAM_TIMEOUT, DEFAULT_TIMEOUT, CompleteStream, checked_timeout
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -27,12 +28,23 @@ class RouterClient:
 
     Plaintext unless ``credentials`` are given (``grpc.ssl_channel_credentials()`` for TLS);
     ``api_key`` is sent as ``authorization: Bearer <key>`` on every call. Each call takes a
-    ``timeout`` in seconds (the gRPC deadline) and extra ``metadata``.
+    ``timeout`` in seconds (the gRPC deadline) and extra ``metadata``. A call given no ``timeout``
+    gets ``default_timeout`` (``DEFAULT_TIMEOUT``, 30 s), a Complete stream
+    ``default_stream_timeout`` (``DEFAULT_STREAM_TIMEOUT``, 5 minutes, for the whole answer); None
+    turns a default off. Calls made through ``stub`` take only the ``timeout`` given to them.
     """
 
     def __init__(
-        self, target: str, api_key: str | None = None, *, credentials: grpc.ChannelCredentials | None = None
+        self,
+        target: str,
+        api_key: str | None = None,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        default_timeout: float | None = DEFAULT_TIMEOUT,
+        default_stream_timeout: float | None = DEFAULT_STREAM_TIMEOUT,
     ) -> None:
+        self._timeout = checked_timeout("default_timeout", default_timeout)
+        self._stream_timeout = checked_timeout("default_stream_timeout", default_stream_timeout)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target)
         else:
@@ -46,11 +58,16 @@ class RouterClient:
         """The metadata every call sends: the API key, then ``extra``."""
         return self._auth + tuple((extra or {}).items())
 
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self._timeout if timeout is None else timeout
+
     async def route(
         self, request: pb.RouteRequest, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> pb.RouteDecision:
         """The routing decision for ``request``, without calling any model."""
-        response: pb.RouteResponse = await self.stub.Route(request, timeout=timeout, metadata=self.metadata(metadata))
+        response: pb.RouteResponse = await self.stub.Route(
+            request, timeout=self._deadline(timeout), metadata=self.metadata(metadata)
+        )
         return response.decision
 
     def complete(
@@ -65,23 +82,26 @@ class RouterClient:
         request; ``aclose()`` does the same. A bare ``async for`` over ``complete(...)`` is
         cancelled as the loop is left; a stream kept in a variable runs on until it is closed or
         dropped. The last message (the completion or the batch job) is handed over once the stream
-        has ended (``routesvc.client.CompleteStream``).
+        has ended (``routesvc.client.CompleteStream``), whose ``initial_metadata()`` and
+        ``trailing_metadata()`` are the call's. Without a ``timeout`` the whole stream has the
+        client's ``default_stream_timeout``.
         """
-        return CompleteStream(lambda: self.stub.Complete(request, timeout=timeout, metadata=self.metadata(metadata)))
+        deadline = self._stream_timeout if timeout is None else timeout
+        return CompleteStream(lambda: self.stub.Complete(request, timeout=deadline, metadata=self.metadata(metadata)))
 
     async def list_models(
         self, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> list[pb.ModelInfo]:
         """The model catalog."""
         response: pb.ListModelsResponse = await self.stub.ListModels(
-            pb.ListModelsRequest(), timeout=timeout, metadata=self.metadata(metadata)
+            pb.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self.metadata(metadata)
         )
         return list(response.models)
 
     async def health(self, *, timeout: float | None = None) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
         """The server's ``grpc.health.v1`` status for RouterService."""
         response: health_pb2.HealthCheckResponse = await self._health.Check(
-            health_pb2.HealthCheckRequest(service=_SERVICE_NAME), timeout=timeout
+            health_pb2.HealthCheckRequest(service=_SERVICE_NAME), timeout=self._deadline(timeout)
         )
         return response.status
 
@@ -108,12 +128,28 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | Non
 
     Switch on its ``reason`` ("INVALID_REQUEST", "MODEL_NOT_FOUND", ...).
     """
-    for key, value in error.trailing_metadata() or ():
-        if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
-                return info
+    for detail in _details(error):
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+            return info
     return None
+
+
+def retry_info(error: grpc.aio.AioRpcError) -> error_details_pb2.RetryInfo | None:
+    """The ``google.rpc.RetryInfo`` of ``error``, or None: how long to wait before trying again
+    (``retry_delay.ToTimedelta()``), on RESOURCE_EXHAUSTED (RATE_LIMITED, OVERLOADED, ...) and some
+    UNAVAILABLE errors."""
+    for detail in _details(error):
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info
+    return None
+
+
+def _details(error: grpc.aio.AioRpcError) -> list[any_pb2.Any]:
+    """The ``google.rpc.Status`` details in ``error``'s trailing metadata."""
+    details: list[any_pb2.Any] = []
+    for key, value in error.trailing_metadata() or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            details.extend(status_pb2.Status.FromString(value).details)
+    return details

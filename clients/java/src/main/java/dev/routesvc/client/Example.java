@@ -8,7 +8,6 @@ import dev.routesvc.v1.RouteRequest;
 import io.grpc.StatusRuntimeException;
 import java.time.Duration;
 import java.util.Arrays;
-import java.util.Iterator;
 
 /**
  * Routes a prompt, then streams a completion for it.
@@ -32,19 +31,20 @@ public final class Example {
           client.route(RouteRequest.newBuilder().setChat(RouterClient.userPrompt(prompt)).build(), Duration.ofSeconds(30));
       System.out.printf("route: %s (%s), estimated %s USD%n", decision.getModel(), decision.getRule(), decision.getEstimatedCostUsd());
 
-      Iterator<CompleteResponse> stream =
-          client.complete(CompleteRequest.newBuilder().setChat(RouterClient.userPrompt(prompt)).build(), Duration.ofSeconds(30));
-      while (stream.hasNext()) {
-        CompleteResponse message = stream.next();
-        switch (message.getEventCase()) {
-          case DECISION -> System.out.printf("[%s]%n", message.getDecision().getModel());
-          case DELTA -> System.out.print(message.getDelta().getText());
-          case COMPLETION -> {
-            Completion c = message.getCompletion();
-            System.out.printf("%n[%d in / %d out tokens, %s USD]%n",
-                c.getUsage().getInputTokens(), c.getUsage().getOutputTokens(), c.getCostUsd());
+      try (CompleteStream stream =
+          client.complete(CompleteRequest.newBuilder().setChat(RouterClient.userPrompt(prompt)).build(), Duration.ofSeconds(30))) {
+        while (stream.hasNext()) {
+          CompleteResponse message = stream.next();
+          switch (message.getEventCase()) {
+            case DECISION -> System.out.printf("[%s]%n", message.getDecision().getModel());
+            case DELTA -> System.out.print(message.getDelta().getText());
+            case COMPLETION -> {
+              Completion c = message.getCompletion();
+              System.out.printf("%n[%d in / %d out tokens, %s USD]%n",
+                  c.getUsage().getInputTokens(), c.getUsage().getOutputTokens(), c.getCostUsd());
+            }
+            default -> { }
           }
-          default -> { }
         }
       }
     } catch (StatusRuntimeException e) {

@@ -3,6 +3,7 @@ package dev.routesvc.client;
 import com.google.protobuf.Any;
 import com.google.protobuf.InvalidProtocolBufferException;
 import com.google.rpc.ErrorInfo;
+import com.google.rpc.RetryInfo;
 import dev.routesvc.v1.ChatRequest;
 import dev.routesvc.v1.CompleteRequest;
 import dev.routesvc.v1.CompleteResponse;
@@ -35,7 +36,6 @@ import java.io.UncheckedIOException;
 import java.nio.file.Path;
 import java.time.Duration;
 import java.util.ArrayList;
-import java.util.Iterator;
 import java.util.List;
 import java.util.Optional;
 import java.util.concurrent.TimeUnit;
@@ -51,29 +51,42 @@ import java.util.concurrent.TimeUnit;
  * }</pre>
  *
  * <p>Every call has a deadline: the one given to a helper, else one set on the stub or the
- * {@code Context}, else the client's {@link Builder#defaultTimeout(Duration) default} (30 s), calls
- * through {@link #stub()} included. For cancellation or custom metadata use {@link #stub()} with
- * grpc-java's own tools ({@code Context.CancellableContext}, {@code MetadataUtils}). Errors are
- * {@link io.grpc.StatusRuntimeException}s; {@link #errorInfo(Throwable)} reads routesvc's reason.
+ * {@code Context}, else the client's default, calls through {@link #stub()} included: {@link
+ * Builder#defaultTimeout(Duration)} (30 s) for unary calls, {@link
+ * Builder#defaultStreamTimeout(Duration)} (5 minutes) for a whole Complete stream. Read a Complete
+ * stream in try-with-resources ({@link CompleteStream}): leaving it early cancels the call. For
+ * custom metadata use {@link #stub()} with grpc-java's own tools ({@code MetadataUtils}). Errors are
+ * {@link io.grpc.StatusRuntimeException}s; {@link #errorInfo(Throwable)} reads routesvc's reason,
+ * {@link #retryInfo(Throwable)} how long to wait before trying again.
  */
 public final class RouterClient implements AutoCloseable {
   /** The ErrorInfo domain of errors raised by routesvc itself. */
   public static final String ERROR_DOMAIN = "routesvc";
 
-  /** The deadline of a call that sets none, unless {@link Builder#defaultTimeout(Duration)} says otherwise. */
+  /** The deadline of a unary call that sets none, unless {@link Builder#defaultTimeout(Duration)} says otherwise. */
   public static final Duration DEFAULT_TIMEOUT = Duration.ofSeconds(30);
+
+  /**
+   * The deadline of a Complete stream that sets none, unless {@link
+   * Builder#defaultStreamTimeout(Duration)} says otherwise. It bounds the whole answer, so it is
+   * longer than {@link #DEFAULT_TIMEOUT}: 30 s would cut long answers, paid for, short.
+   */
+  public static final Duration DEFAULT_STREAM_TIMEOUT = Duration.ofMinutes(5);
 
   private static final Metadata.Key<String> AUTHORIZATION =
       Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
 
   private final ManagedChannel channel;
-  private final Duration defaultTimeout;
+  private final Duration defaultTimeout; // null: none
+  private final Duration defaultStreamTimeout; // null: none
   private final RouterServiceGrpc.RouterServiceBlockingStub stub;
   private final HealthGrpc.HealthBlockingStub health;
 
-  private RouterClient(ManagedChannel channel, Duration defaultTimeout, List<ClientInterceptor> interceptors) {
+  private RouterClient(
+      ManagedChannel channel, Duration defaultTimeout, Duration defaultStreamTimeout, List<ClientInterceptor> interceptors) {
     this.channel = channel;
     this.defaultTimeout = defaultTimeout;
+    this.defaultStreamTimeout = defaultStreamTimeout;
     this.stub = RouterServiceGrpc.newBlockingStub(channel).withInterceptors(interceptors.toArray(ClientInterceptor[]::new));
     this.health = HealthGrpc.newBlockingStub(channel);
   }
@@ -89,6 +102,7 @@ public final class RouterClient implements AutoCloseable {
     private boolean plaintext;
     private String apiKey;
     private Duration defaultTimeout = DEFAULT_TIMEOUT;
+    private Duration defaultStreamTimeout = DEFAULT_STREAM_TIMEOUT;
     private Path caFile;
     private Path certFile;
     private Path keyFile;
@@ -111,16 +125,31 @@ public final class RouterClient implements AutoCloseable {
     }
 
     /**
-     * The deadline of every call that sets none (30 s unless set): calls through {@link #stub()}
-     * and the helpers called without a timeout. A deadline on the stub ({@code
-     * stub().withDeadlineAfter(...)}) or on the calling {@code Context} replaces it.
+     * The deadline of every unary call that sets none ({@link #DEFAULT_TIMEOUT}, 30 s, unless
+     * set): calls through {@link #stub()} and the helpers called without a timeout. A deadline on
+     * the stub ({@code stub().withDeadlineAfter(...)}) or on the calling {@code Context} replaces
+     * it. {@code null}: no default, a call without a deadline of its own has none.
      */
     public Builder defaultTimeout(Duration timeout) {
-      if (timeout.isNegative() || timeout.isZero()) {
-        throw new IllegalArgumentException("defaultTimeout must be above zero, not " + timeout);
-      }
-      this.defaultTimeout = timeout;
+      this.defaultTimeout = checked("defaultTimeout", timeout);
       return this;
+    }
+
+    /**
+     * The deadline of every Complete stream that sets none ({@link #DEFAULT_STREAM_TIMEOUT}, 5
+     * minutes, unless set), through {@link #stub()} too; it bounds the whole answer. {@code
+     * null}: no default.
+     */
+    public Builder defaultStreamTimeout(Duration timeout) {
+      this.defaultStreamTimeout = checked("defaultStreamTimeout", timeout);
+      return this;
+    }
+
+    private static Duration checked(String name, Duration timeout) {
+      if (timeout != null && (timeout.isNegative() || timeout.isZero())) {
+        throw new IllegalArgumentException(name + " must be above zero (or null for none), not " + timeout);
+      }
+      return timeout;
     }
 
     /** Trust the CA certificates in this PEM file instead of the system roots (a private CA). */
@@ -159,9 +188,9 @@ public final class RouterClient implements AutoCloseable {
         all.add(MetadataUtils.newAttachHeadersInterceptor(headers));
       }
       // Last, so that it runs first: the caller's interceptors see the deadline the call has.
-      all.add(new DefaultDeadline(defaultTimeout));
+      all.add(new DefaultDeadline(defaultTimeout, defaultStreamTimeout));
       ManagedChannel channel = Grpc.newChannelBuilder(target, credentials()).build();
-      return new RouterClient(channel, defaultTimeout, all);
+      return new RouterClient(channel, defaultTimeout, defaultStreamTimeout, all);
     }
 
     private ChannelCredentials credentials() {
@@ -193,16 +222,19 @@ public final class RouterClient implements AutoCloseable {
 
   /** Gives a call the client's default deadline unless the stub or the calling Context set one. */
   private static final class DefaultDeadline implements ClientInterceptor {
-    private final Duration timeout;
+    private final Duration unary; // null: none
+    private final Duration stream; // null: none
 
-    DefaultDeadline(Duration timeout) {
-      this.timeout = timeout;
+    DefaultDeadline(Duration unary, Duration stream) {
+      this.unary = unary;
+      this.stream = stream;
     }
 
     @Override
     public <ReqT, RespT> ClientCall<ReqT, RespT> interceptCall(
         MethodDescriptor<ReqT, RespT> method, CallOptions options, Channel next) {
-      if (options.getDeadline() == null && Context.current().getDeadline() == null) {
+      Duration timeout = method.getType().serverSendsOneMessage() ? unary : stream;
+      if (timeout != null && options.getDeadline() == null && Context.current().getDeadline() == null) {
         options = options.withDeadlineAfter(timeout.toNanos(), TimeUnit.NANOSECONDS);
       }
       return next.newCall(method, options);
@@ -212,7 +244,8 @@ public final class RouterClient implements AutoCloseable {
   /**
    * The generated blocking stub, for calls the wrapper does not cover: the API key is attached,
    * and a call without a deadline of its own gets the {@link Builder#defaultTimeout(Duration)
-   * default}.
+   * default} ({@link Builder#defaultStreamTimeout(Duration)} for Complete). Its Complete returns
+   * grpc-java's plain iterator, which leaving early does not cancel: prefer {@link #complete}.
    */
   public RouterServiceGrpc.RouterServiceBlockingStub stub() {
     return stub;
@@ -228,17 +261,30 @@ public final class RouterClient implements AutoCloseable {
     return withDeadline(stub, timeout).route(request).getDecision();
   }
 
-  /** The Complete stream within the default timeout; see {@link #complete(CompleteRequest, Duration)}. */
-  public Iterator<CompleteResponse> complete(CompleteRequest request) {
-    return complete(request, defaultTimeout);
+  /**
+   * The Complete stream within the {@link Builder#defaultStreamTimeout(Duration) default stream
+   * timeout}; see {@link #complete(CompleteRequest, Duration)}.
+   */
+  public CompleteStream complete(CompleteRequest request) {
+    return complete(request, defaultStreamTimeout);
   }
 
   /**
-   * The Complete stream: first the decision, then text deltas, then one completion. Read the
-   * iterator to its end, or cancel the enclosing {@code Context.CancellableContext} to stop early.
+   * The Complete stream: first the decision, then text deltas, then one completion. Read it in
+   * try-with-resources: closing it before its end cancels the call ({@link CompleteStream}), as
+   * does cancelling a {@code Context.CancellableContext} it was started in.
    */
-  public Iterator<CompleteResponse> complete(CompleteRequest request, Duration timeout) {
-    return withDeadline(stub, timeout).complete(request);
+  public CompleteStream complete(CompleteRequest request, Duration timeout) {
+    Context.CancellableContext context = Context.current().withCancellation();
+    Context previous = context.attach();
+    try {
+      return new CompleteStream(context, withDeadline(stub, timeout).complete(request));
+    } catch (RuntimeException e) {
+      context.cancel(e);
+      throw e;
+    } finally {
+      context.detach(previous);
+    }
   }
 
   /** The model catalog, within the default timeout. */
@@ -275,27 +321,40 @@ public final class RouterClient implements AutoCloseable {
    * reason ("INVALID_REQUEST", "MODEL_NOT_FOUND", ...).
    */
   public static Optional<ErrorInfo> errorInfo(Throwable error) {
+    return details(error, ErrorInfo.class).stream().filter(info -> ERROR_DOMAIN.equals(info.getDomain())).findFirst();
+  }
+
+  /**
+   * The {@code google.rpc.RetryInfo} of a failed call, if any: how long to wait before trying
+   * again ({@code getRetryDelay()}), on RESOURCE_EXHAUSTED (RATE_LIMITED, OVERLOADED, ...) and
+   * some UNAVAILABLE errors.
+   */
+  public static Optional<RetryInfo> retryInfo(Throwable error) {
+    return details(error, RetryInfo.class).stream().findFirst();
+  }
+
+  /** The status details of {@code type} in a failed call's error, in order; unreadable ones skipped. */
+  private static <T extends com.google.protobuf.Message> List<T> details(Throwable error, Class<T> type) {
+    List<T> found = new ArrayList<>();
     com.google.rpc.Status status = StatusProto.fromThrowable(error);
     if (status == null) {
-      return Optional.empty();
+      return found;
     }
     for (Any detail : status.getDetailsList()) {
-      if (detail.is(ErrorInfo.class)) {
+      if (detail.is(type)) {
         try {
-          ErrorInfo info = detail.unpack(ErrorInfo.class);
-          if (ERROR_DOMAIN.equals(info.getDomain())) {
-            return Optional.of(info);
-          }
+          found.add(detail.unpack(type));
         } catch (InvalidProtocolBufferException e) {
-          return Optional.empty();
+          // a detail we cannot read says nothing
         }
       }
     }
-    return Optional.empty();
+    return found;
   }
 
+  /** {@code stub} with a deadline {@code timeout} from now; as it is when {@code timeout} is null. */
   private static <S extends io.grpc.stub.AbstractStub<S>> S withDeadline(S stub, Duration timeout) {
-    return stub.withDeadlineAfter(timeout.toNanos(), TimeUnit.NANOSECONDS);
+    return timeout == null ? stub : stub.withDeadlineAfter(timeout.toNanos(), TimeUnit.NANOSECONDS);
   }
 
   /** Shuts the channel down, waiting up to five seconds for calls in flight. */

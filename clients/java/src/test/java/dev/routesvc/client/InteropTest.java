@@ -44,6 +44,8 @@ import java.util.concurrent.Executors;
 import java.util.concurrent.ScheduledExecutorService;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicReference;
+import java.util.regex.Matcher;
+import java.util.regex.Pattern;
 import org.junit.jupiter.api.AfterAll;
 import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.DisplayName;
@@ -89,6 +91,38 @@ class InteropTest {
         .getProviderModel();
     post("/_fake/reset", "{}");
     post("/_fake/script", "{\"model\": \"" + providerModel + "\", \"mode\": \"enqueue\", \"script\": " + json + "}");
+  }
+
+  /** What the fake provider recorded of the one request it received since the last reset. */
+  private record Upstream(boolean completed, boolean aborted, int chunksSent) {}
+
+  private static final Pattern RECORD = Pattern.compile(
+      "\"chunks_sent\": (\\d+), \"completed\": (true|false), \"aborted\": (true|false), .*?\"ended\": (true|false)");
+
+  /**
+   * The fake provider's record of the request it received since {@link #script}, once that
+   * request has ended (completed, cut or aborted by routesvc): {@code aborted} says whether
+   * routesvc closed it early. A bounded poll (the fake is another process), well past a scripted
+   * 5 s answer, so an uncancelled request ends completed rather than timing out.
+   */
+  private static Upstream upstream() throws Exception {
+    long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(20);
+    while (true) {
+      HttpResponse<String> response = HttpClient.newHttpClient().send(
+          HttpRequest.newBuilder(URI.create(FAKE_URL + "/_fake/requests")).build(), HttpResponse.BodyHandlers.ofString());
+      assertEquals(200, response.statusCode(), response.body());
+      Matcher record = RECORD.matcher(response.body());
+      if (record.find()) {
+        assertFalse(record.find(), "more than one provider request: " + response.body());
+        record.reset().find();
+        if (record.group(4).equals("true")) {
+          return new Upstream(
+              record.group(2).equals("true"), record.group(3).equals("true"), Integer.parseInt(record.group(1)));
+        }
+      }
+      assertTrue(System.nanoTime() < deadline, "the provider request did not end within 20 s: " + response.body());
+      Thread.sleep(50);
+    }
   }
 
   private static void post(String path, String body) throws Exception {
@@ -217,10 +251,11 @@ class InteropTest {
   }
 
   @Test
-  @DisplayName("a stub() call ends at the default deadline: a slow provider is DEADLINE_EXCEEDED")
+  @DisplayName("a stub() Complete ends at the default stream deadline: a slow provider is DEADLINE_EXCEEDED")
   void stubCallsEndAtTheDefaultDeadline() throws Exception {
     script("{\"first_chunk_delay\": 10.0}");
-    try (RouterClient quick = RouterClient.newBuilder(TARGET).usePlaintext().defaultTimeout(Duration.ofSeconds(1)).build()) {
+    try (RouterClient quick =
+        RouterClient.newBuilder(TARGET).usePlaintext().defaultStreamTimeout(Duration.ofSeconds(1)).build()) {
       StatusRuntimeException error = assertThrows(StatusRuntimeException.class, () -> {
         Iterator<CompleteResponse> stream = quick.stub().complete(pinned("Say hello slowly"));
         while (stream.hasNext()) {
@@ -229,6 +264,80 @@ class InteropTest {
       });
       assertEquals(Status.Code.DEADLINE_EXCEEDED, error.getStatus().getCode(), error.toString());
     }
+  }
+
+  @Test
+  @DisplayName("complete() without a timeout ends at the default stream deadline: a slow provider is DEADLINE_EXCEEDED")
+  void completeEndsAtTheDefaultStreamDeadline() throws Exception {
+    script("{\"first_chunk_delay\": 10.0}");
+    try (RouterClient quick =
+        RouterClient.newBuilder(TARGET).usePlaintext().defaultStreamTimeout(Duration.ofSeconds(1)).build()) {
+      StatusRuntimeException error = assertThrows(StatusRuntimeException.class, () -> {
+        try (CompleteStream stream = quick.complete(pinned("Say hello slowly"))) {
+          while (stream.hasNext()) {
+            stream.next();
+          }
+        }
+      });
+      assertEquals(Status.Code.DEADLINE_EXCEEDED, error.getStatus().getCode(), error.toString());
+    }
+  }
+
+  @Test
+  @DisplayName("an exception inside try-with-resources cancels the stream upstream")
+  void exceptionInTheLoopCancelsUpstream() throws Exception {
+    script("{\"chunk_count\": 100, \"chunk_delay\": 0.05}");
+    List<CompleteResponse.EventCase> seen = new ArrayList<>();
+    IllegalStateException error = assertThrows(IllegalStateException.class, () -> {
+      try (CompleteStream stream = client.complete(pinned("Count slowly"), TIMEOUT)) {
+        while (stream.hasNext()) {
+          CompleteResponse message = stream.next();
+          seen.add(message.getEventCase());
+          if (message.hasDelta()) {
+            throw new IllegalStateException("caller gave up");
+          }
+        }
+      }
+    });
+    assertEquals("caller gave up", error.getMessage());
+    Upstream recorded = upstream();
+    assertEquals(List.of(CompleteResponse.EventCase.DECISION, CompleteResponse.EventCase.DELTA), seen);
+    assertEquals(List.of(true, false), List.of(recorded.aborted(), recorded.completed()), recorded.toString());
+    assertTrue(recorded.chunksSent() < 100, recorded.toString());
+  }
+
+  @Test
+  @DisplayName("close() on a stream held in a variable cancels it upstream; it yields nothing more")
+  void closeCancelsUpstream() throws Exception {
+    script("{\"chunk_count\": 100, \"chunk_delay\": 0.05}");
+    CompleteStream stream = client.complete(pinned("Count slowly"), TIMEOUT);
+    assertTrue(stream.next().hasDecision());
+    assertTrue(stream.next().hasDelta());
+    stream.close();
+    Upstream recorded = upstream();
+    assertEquals(List.of(true, false), List.of(recorded.aborted(), recorded.completed()), recorded.toString());
+    assertTrue(recorded.chunksSent() < 100, recorded.toString());
+    assertFalse(stream.hasNext());
+  }
+
+  @Test
+  @DisplayName("the completion is handed over once the call has ended, so stopping at it cancels nothing")
+  void completionComesAfterTheStatus() throws InterruptedException {
+    AtomicReference<Metadata> headers = new AtomicReference<>();
+    AtomicReference<Metadata> trailers = new AtomicReference<>();
+    Metadata trailersAtCompletion = null;
+    try (RouterClient capturing = RouterClient.newBuilder(TARGET).usePlaintext()
+            .intercept(MetadataUtils.newCaptureMetadataInterceptor(headers, trailers)).build();
+        CompleteStream stream =
+            capturing.complete(CompleteRequest.newBuilder().setChat(RouterClient.userPrompt("Say hello")).build(), TIMEOUT)) {
+      while (stream.hasNext()) {
+        if (stream.next().hasCompletion()) {
+          trailersAtCompletion = trailers.get();
+          break;
+        }
+      }
+    }
+    assertNotNull(trailersAtCompletion, "the completion came before the call's status");
   }
 
   @Test

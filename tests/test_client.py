@@ -1,0 +1,79 @@
+"""routesvc.client.RouterClient against the real in-process server: the deadlines a call gets when
+its caller gives none, and what a Complete stream tells of its call."""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+import pytest
+
+from routesvc.client import DEFAULT_STREAM_TIMEOUT, DEFAULT_TIMEOUT, RouterClient
+from routesvc.server import Server
+from routesvc.testing import FakeProvider, Script
+from tests.conftest import user_chat
+
+
+class TestDefaultDeadlines:
+    def test_the_defaults_are_those_of_the_other_clients(self) -> None:
+        """30 s for a unary call, 5 minutes for a whole Complete stream, as the Go, Java and
+        TypeScript clients have."""
+        assert (DEFAULT_TIMEOUT, DEFAULT_STREAM_TIMEOUT) == (30.0, 300.0)
+
+    async def test_a_call_without_a_timeout_gets_the_default(self) -> None:
+        """A call given no ``timeout`` ends at the client's ``default_timeout``: against a server
+        that never answers (TCP accepted, no HTTP/2) it is DEADLINE_EXCEEDED, where without a
+        deadline it would wait for the connection to fail."""
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            port = silent.getsockname()[1]
+            async with RouterClient(f"127.0.0.1:{port}", default_timeout=0.2) as client:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await client.get_stats()
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def test_a_timeout_given_replaces_the_default(self) -> None:
+        """A call given a ``timeout`` has that deadline, not the default."""
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            port = silent.getsockname()[1]
+            async with RouterClient(f"127.0.0.1:{port}", default_timeout=600) as client:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await client.list_models(timeout=0.2)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def test_a_complete_without_a_timeout_ends_at_the_default_stream_deadline(
+        self, fake: FakeProvider, live_server: Server
+    ) -> None:
+        """A Complete given no ``timeout`` is bounded by ``default_stream_timeout``: a provider
+        slower than it ends the stream DEADLINE_EXCEEDED."""
+        fake.enqueue(Script(first_chunk_delay=10.0))
+        async with RouterClient(live_server.target, default_stream_timeout=0.5) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("Say hello slowly")):
+                    pass
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def test_none_turns_a_default_off(self, server: Server) -> None:
+        """``default_timeout=None``: a call given no ``timeout`` has no deadline (and succeeds)."""
+        async with RouterClient(server.target, default_timeout=None) as client:
+            assert await client.list_models()
+
+    @pytest.mark.parametrize("name", ["default_timeout", "default_stream_timeout"])
+    @pytest.mark.parametrize("value", [0, -1.0])
+    def test_a_default_not_above_zero_is_refused(self, name: str, value: float) -> None:
+        """A default deadline of zero or less is a ``ValueError`` naming it (None is how to turn it off)."""
+        with pytest.raises(ValueError, match=name):
+            RouterClient("127.0.0.1:1", **{name: value})  # type: ignore[arg-type]
+
+
+class TestCompleteStreamMetadata:
+    async def test_the_request_id_is_in_the_streams_initial_and_trailing_metadata(
+        self, live_client: RouterClient
+    ) -> None:
+        """After a successful Complete the stream gives its call's initial and trailing metadata,
+        each with the x-request-id the caller sent."""
+        async with live_client.complete(user_chat("Say hello"), metadata={"x-request-id": "py-client-7f3a"}) as stream:
+            kinds = [message.WhichOneof("event") async for message in stream]
+            initial = dict(await stream.initial_metadata() or ())
+            trailing = dict(await stream.trailing_metadata() or ())
+        assert kinds[-1] == "completion"
+        assert (initial["x-request-id"], trailing["x-request-id"]) == ("py-client-7f3a", "py-client-7f3a")
