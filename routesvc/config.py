@@ -168,6 +168,12 @@ class ProviderConfig(_Strict):
         "per stream than httpx; the default) or httpx (the SDKs' own default client); docs/performance.md. "
         "Streamed and unary calls; batch calls keep the SDKs' default client.",
     )
+    stream_usage: bool = Field(
+        True,
+        description="Ask an OpenAI-style API for the stream's usage (stream_options.include_usage). false for an "
+        "OpenAI-compatible server that refuses the field (HTTP 400 on every call): usage is then estimated "
+        "and flagged, unless the server reports it anyway. Not read for kind anthropic.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -628,6 +634,7 @@ class ProviderSettings:
     api_key: str | None
     missing_key_reason: str
     http_client: HttpClientKind = "aiohttp"
+    stream_usage: bool = True
 
     @property
     def configured(self) -> bool:
@@ -836,7 +843,9 @@ def _resolve_provider(name: str, provider: ProviderConfig, environ: Mapping[str,
         if provider.api_key_file is not None:
             sources.append(f"file {provider.api_key_file}")
         missing = f"provider {name!r} has no API key: set {' or '.join(sources) or 'api_key_env in the config'}"
-    return ProviderSettings(name, provider.kind, base_url, api_key, missing, provider.http_client)
+    return ProviderSettings(
+        name, provider.kind, base_url, api_key, missing, provider.http_client, provider.stream_usage
+    )
 
 
 # What Anthropic bills for prompt-cache writes, as multiples of the input price: 5-minute and 1-hour cache.

@@ -51,7 +51,12 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             )
         else:
             providers[name] = OpenAIProvider(
-                name, provider.api_key, provider.base_url, provider.kind, http_client=provider.http_client
+                name,
+                provider.api_key,
+                provider.base_url,
+                provider.kind,
+                http_client=provider.http_client,
+                stream_usage=provider.stream_usage,
             )
     return providers
 

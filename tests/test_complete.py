@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 from structlog.typing import EventDict, WrappedLogger
 
 from routesvc.client import RouterClient
+from routesvc.ledger import AttemptOutcome
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
@@ -527,3 +528,18 @@ class TestOpenAICompatible:
         assert (completion.model, completion.provider) == ("llama-local", "local")
         assert Decimal(completion.cost_usd) == (100 * Decimal("0.02") + 5 * Decimal("0.05")) / 1_000_000
         assert fake.requests[-1].body["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+        assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+
+    async def test_stream_usage_false_sends_no_stream_options_and_estimates_the_usage(self, fake: FakeProvider) -> None:
+        """providers.local.stream_usage false, for a server that refuses stream_options (older vLLM,
+        some hosted endpoints answer 400 to every call that has it): the field is not sent, and the
+        usage the server then leaves out is estimated, in the ledger as flagged."""
+        config = default_config()
+        add_local_model(config, fake.openai_base_url, "llama-local")
+        config["providers"]["local"]["stream_usage"] = False  # type: ignore[index]
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            messages = await _collect(client, model="llama-local")
+            [entry] = server.router.ledger.entries(messages[0].decision.decision_id)
+        assert "stream_options" not in fake.requests[-1].body
+        assert messages[-1].completion.usage.output_tokens > 0
+        assert (entry.outcome, entry.estimated) == (AttemptOutcome.COMPLETED, True)

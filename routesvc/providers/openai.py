@@ -250,10 +250,12 @@ class OpenAIProvider:
         kind: str = "openai",
         *,
         http_client: HttpClientKind = "aiohttp",
+        stream_usage: bool = True,
     ) -> None:
         if kind not in _KINDS:
             raise ConfigError(f"providers.{name}.kind: {kind!r} is not one of {sorted(_KINDS)}")
         self._name = name
+        self._stream_usage = stream_usage
         self._usage_log = EstimatedUsageLog()
         self._kind: OpenAIKind = "openai" if kind == "openai" else "openai_compatible"
         # Kept only so that an error code echoing it is never copied into a message.
@@ -298,8 +300,9 @@ class OpenAIProvider:
             "model": call.provider_model,
             "messages": _messages(call.messages),
             "stream": True,
-            "stream_options": {"include_usage": True},
         }
+        if self._stream_usage:
+            body["stream_options"] = {"include_usage": True}
         body |= chat_params(call)
         body["max_completion_tokens" if self._kind == "openai" else "max_tokens"] = call.max_output_tokens
         return body
