@@ -34,21 +34,23 @@ def key_digest(key: str) -> str:
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-def _file_digests(field: str, path: Path) -> list[str]:
-    """The digests in an API keys file, one per line (blank lines skipped); raises ``ConfigError``
-    naming the line of anything else, never quoting it (it may be a key pasted by mistake)."""
+def _file_digests(field: str, path: Path) -> list[tuple[str, str]]:
+    """The digests in an API keys file, one per line (blank lines skipped), each with where it is
+    ("FIELD: line N of PATH"); raises ``ConfigError`` naming the line of anything else, never
+    quoting it (it may be a key pasted by mistake)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{field}: cannot read {path}") from exc
-    digests: list[str] = []
+    digests: list[tuple[str, str]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         digest = line.strip().lower()
         if not digest:
             continue
+        where = f"{field}: line {number} of {path}"
         if not _DIGEST.fullmatch(digest):
-            raise ConfigError(f"{field}: line {number} of {path} is not a hex SHA-256 digest (64 characters)")
-        digests.append(digest)
+            raise ConfigError(f"{where} is not a hex SHA-256 digest (64 characters)")
+        digests.append((where, digest))
     return digests
 
 
@@ -60,11 +62,22 @@ class Authenticator:
         self._cert_tenants = dict(config.server.tls.client_tenants) if config.server.tls else {}
         self._tenants = dict(config.tenants)
         self._digests: list[tuple[bytes, str]] = []
+        owners: dict[str, tuple[str, str]] = {}  # digest -> the tenant it authenticates, and where it is
         for name, tenant in config.tenants.items():
-            digests = list(tenant.api_key_sha256)
+            digests = [
+                (f"tenants.{name}.api_key_sha256[{i}]", digest) for i, digest in enumerate(tenant.api_key_sha256)
+            ]
             if tenant.api_keys_file is not None:
                 digests.extend(_file_digests(f"tenants.{name}.api_keys_file", tenant.api_keys_file))
-            self._digests.extend((bytes.fromhex(digest), name) for digest in digests)
+            for where, digest in digests:
+                # A key of two tenants authenticated as the first, silently.
+                owner, first = owners.setdefault(digest, (name, where))
+                if owner != name:
+                    raise ConfigError(
+                        f"{where}: the same key digest as {first}, a key of tenant {owner!r};"
+                        " a key belongs to one tenant"
+                    )
+                self._digests.append((bytes.fromhex(digest), name))
 
     @property
     def enabled(self) -> bool:

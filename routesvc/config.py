@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.errors import ConfigError
-from routesvc.models import ProviderKind, RequestParameter
+from routesvc.models import Capability, ProviderKind, RequestParameter
 from routesvc.providers.base import HttpClientKind
 from routesvc.strategies.classifier import ClassifierStageConfig
 from routesvc.strategies.embedding import EmbeddingStageConfig
@@ -47,6 +47,20 @@ BATCH_API_KINDS = frozenset({"openai", "anthropic"})
 _DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "openai_compatible": ""}
 _DEFAULT_BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL", "openai_compatible": ""}
 
+# gRPC takes its channel options as 32-bit integers: a larger one failed the server's start with
+# an OverflowError. The connection age goes in milliseconds; the transport's message limit is 1 KiB
+# above the request limit (``Server``).
+_GRPC_INT_MAX = 2**31 - 1
+MAX_CONNECTION_AGE_SECONDS = _GRPC_INT_MAX // 1000
+MAX_REQUEST_BYTES = _GRPC_INT_MAX - 1024
+
+# The name of an environment variable, as a POSIX shell takes it.
+_ENVIRONMENT_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# How the keys of common model APIs begin (OpenAI and Anthropic "sk-", Google "AIza", Groq "gsk_",
+# Hugging Face "hf_", xAI "xai-"): a long value that begins so is a key pasted in place of a name.
+_API_KEY_PREFIXES = ("sk-", "sk_", "AIza", "gsk_", "hf_", "xai-")
+_SHORTEST_PASTED_KEY = 20
+
 
 def limit_native_threads(environ: MutableMapping[str, str] | None = None) -> None:
     """One BLAS / OpenMP thread per process unless the environment already sets a number.
@@ -65,10 +79,28 @@ def limit_native_threads(environ: MutableMapping[str, str] | None = None) -> Non
         threadpool_limits(limits=1)
 
 
+def _environment_variable_name(value: str) -> str:
+    """``value`` if it is the name of an environment variable; the ``ValueError`` never quotes it,
+    since what stands in a name's place is most often the secret itself (the name then reached the
+    logs, ListModels and every FAILED_PRECONDITION message)."""
+    if value.startswith(_API_KEY_PREFIXES) and len(value) >= _SHORTEST_PASTED_KEY:
+        raise ValueError(
+            "this looks like an API key pasted in place of a variable name (not shown): put the key in an "
+            "environment variable, or a file named by api_key_file, and write the variable's name here"
+        )
+    if not _ENVIRONMENT_VARIABLE_NAME.fullmatch(value):
+        raise ValueError(
+            "must be the name of an environment variable (letters, digits and _, not starting with a digit); "
+            "the value is not shown, in case it is a key"
+        )
+    return value
+
+
 class _Strict(BaseModel):
     # No .inf or .nan anywhere: a float setting is a finite number (an infinite stats window
-    # made every GetStats fail INTERNAL).
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # made every GetStats fail INTERNAL). The values refused are left out of pydantic's message
+    # (the ``ConfigError``'s cause): one may be a key pasted where a variable's name belongs.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, hide_input_in_errors=True)
 
 
 class TlsConfig(_Strict):
@@ -113,8 +145,10 @@ class ServerConfig(_Strict):
     max_connection_age_seconds: float = Field(
         0.0,
         ge=0,
+        le=MAX_CONNECTION_AGE_SECONDS,
         description="Ask clients to reconnect after this long (GOAWAY; calls in flight finish), so new "
-        "replicas behind a load balancer get traffic; 0: connections live as long as clients keep them.",
+        "replicas behind a load balancer get traffic; 0: connections live as long as clients keep them. "
+        "At most 2147483 (24.8 days: gRPC takes it in milliseconds, as a 32-bit integer).",
     )
 
     @model_validator(mode="after")
@@ -127,7 +161,13 @@ class ServerConfig(_Strict):
 class LimitsConfig(_Strict):
     """Limits on what one request may ask for; checked before any work."""
 
-    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest serialized request.")
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024,
+        gt=0,
+        le=MAX_REQUEST_BYTES,
+        description="Largest serialized request; at most 2 GiB less 1 KiB and one byte (gRPC's message limit "
+        "is a 32-bit integer).",
+    )
     max_messages: int = Field(1000, gt=0, description="Most messages in one request.")
     max_tools: int = Field(128, gt=0, description="Most tool definitions in one request.")
     max_metadata_entries: int = Field(64, gt=0, description="Most routing metadata entries.")
@@ -150,7 +190,10 @@ class LimitsConfig(_Strict):
         "request; Anthropic refuses more than 4.",
     )
     default_output_tokens: int = Field(
-        512, gt=0, description="Output tokens assumed for estimates and sent when a request sets none."
+        512,
+        gt=0,
+        description="Output tokens assumed for estimates and sent when a request sets none; at most every "
+        "model's max_output_tokens.",
     )
 
 
@@ -159,7 +202,9 @@ class ProviderConfig(_Strict):
 
     kind: ProviderKind
     base_url: str | None = Field(None, description="Endpoint; default: the SDK's variable, then its default.")
-    api_key_env: str | None = Field(None, description="Environment variable holding the key.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the key (never the key: refused unshown)."
+    )
     api_key_file: Path | None = Field(None, description="File holding the key (for mounted secrets).")
     requires_key: bool | None = Field(None, description="Whether a key is needed; default: not for compatible.")
     http_client: HttpClientKind = Field(
@@ -174,6 +219,11 @@ class ProviderConfig(_Strict):
         "OpenAI-compatible server that refuses the field (HTTP 400 on every call): usage is then estimated "
         "and flagged, unless the server reports it anyway. Not read for kind anthropic.",
     )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_name(cls, value: str | None) -> str | None:
+        return None if value is None else _environment_variable_name(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -212,7 +262,11 @@ class ModelConfig(_Strict):
     )
     context_window: int = Field(gt=0)
     max_output_tokens: int = Field(16384, gt=0)
-    capabilities: tuple[str, ...] = ()
+    capabilities: tuple[Capability, ...] = Field(
+        (),
+        description="tools, vision, json: a request with tools needs tools, one with images vision, one with "
+        "a JSON response_format json.",
+    )
     unsupported_parameters: tuple[RequestParameter, ...] = Field(
         (),
         description="Request parameters the model refuses (OpenAI's reasoning models refuse "
@@ -353,7 +407,11 @@ class TenantConfig(_Strict):
     route_requests_per_minute: int | None = Field(
         None, gt=0, description="Route calls, counted apart from requests_per_minute."
     )
-    tokens_per_minute: int | None = Field(None, gt=0, description="Estimated at admission, settled on usage.")
+    tokens_per_minute: int | None = Field(
+        None,
+        gt=0,
+        description="Estimated at admission, settled on usage; more than limits.default_output_tokens.",
+    )
     max_concurrent: int | None = Field(None, gt=0, description="RPCs in flight at once.")
     daily_budget_usd: Decimal | None = Field(None, gt=0, description="UTC day.")
     monthly_budget_usd: Decimal | None = Field(None, gt=0, description="UTC calendar month.")
@@ -576,10 +634,36 @@ class Config(_Strict):
             for name in (source, *targets):
                 if name not in ids:
                     raise ValueError(f"routing.fallbacks.{source}: unknown model {name!r}")
+        # A request that sets no max_output_tokens asks every model for this many.
+        default_output = self.limits.default_output_tokens
+        smallest = min(self.models, key=lambda model: model.max_output_tokens)
+        if default_output > smallest.max_output_tokens:
+            raise ValueError(
+                f"limits.default_output_tokens: {default_output} is more than the max_output_tokens of model"
+                f" {smallest.id!r} ({smallest.max_output_tokens}): a request that sets no max_output_tokens would"
+                " ask it for more output than it gives"
+            )
+        key_owners: dict[str, tuple[str, int]] = {}  # digest -> the tenant it authenticates, and its index there
         for tenant_name, tenant in self.tenants.items():
             for name in tenant.allowed_models or ():
                 if name not in ids:
                     raise ValueError(f"tenants.{tenant_name}.allowed_models: unknown model {name!r}")
+            for index, digest in enumerate(tenant.api_key_sha256):
+                owner, first = key_owners.setdefault(digest, (tenant_name, index))
+                if owner != tenant_name:
+                    raise ValueError(
+                        f"tenants.{tenant_name}.api_key_sha256[{index}]: the same key digest as"
+                        f" tenants.{owner}.api_key_sha256[{first}], a key of tenant {owner!r};"
+                        " a key belongs to one tenant"
+                    )
+            tokens_per_minute = tenant.tokens_per_minute
+            if tokens_per_minute is not None and tokens_per_minute <= default_output:
+                raise ValueError(
+                    f"tenants.{tenant_name}.tokens_per_minute: {tokens_per_minute} is not more than"
+                    f" limits.default_output_tokens ({default_output}): a request that sets no max_output_tokens"
+                    f" is estimated at its input plus {default_output} tokens, so every such request would be"
+                    " refused"
+                )
         for chain_index, chain in enumerate(self.cascade.chains):
             for step_index, step in enumerate(chain.steps):
                 if step.model not in ids:
@@ -600,6 +684,12 @@ class Config(_Strict):
                 for rule_index, rule in enumerate(stage.rules):
                     if rule.model is not None and rule.model not in ids:
                         raise ValueError(f"{where}.rules[{rule_index}].model: unknown model {rule.model!r}")
+                    unknown_tenants = [name for name in rule.when.tenant_in or () if name not in self.tenants]
+                    if self.auth.enabled and unknown_tenants:
+                        raise ValueError(
+                            f"{where}.rules[{rule_index}].when.tenant_in: unknown tenant {unknown_tenants[0]!r};"
+                            " with auth.enabled a request's tenant is a configured one, so it could never match"
+                        )
                     if rule.when.complexity_in is not None and not judged_complexity:
                         raise ValueError(
                             f"{where}.rules[{rule_index}].when.complexity_in: only a classifier stage with"
@@ -915,11 +1005,100 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return "; ".join(parts) or "syntax error"
 
 
+class _RepeatedKey(yaml.YAMLError):
+    """A mapping key written twice, at ``path``, on lines ``first`` and ``second``."""
+
+    def __init__(self, path: str, first: int, second: int) -> None:
+        super().__init__(path)
+        self.path = path
+        self.first = first
+        self.second = second
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _refuse_repeated_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
+    """Raise ``_RepeatedKey`` for the first mapping under ``node`` that has a key twice."""
+    if id(node) in seen:  # an alias of a node already checked (or of one that holds it)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+            child = f"{path}.{name}" if path else name
+            # A merge key (<<) brings keys that the mapping's own may override, as YAML means.
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                tag_and_name = (key.tag, key.value)
+                if tag_and_name in lines:
+                    raise _RepeatedKey(child, lines[tag_and_name], key.start_mark.line + 1)
+                lines[tag_and_name] = key.start_mark.line + 1
+            _refuse_repeated_keys(value, child, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_repeated_keys(item, f"{path}[{index}]", seen)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping key written twice: PyYAML keeps the last one
+    silently, so a tenant written again further down a long file lost its budget and allow-list."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _refuse_repeated_keys(node, "", set())
+        return self.construct_document(node)
+
+
+def _unquoted_name(path: tuple[int | str, ...], name: object) -> str:
+    """The problem with a mapping key YAML did not read as a string (``123:``, ``no:``)."""
+    shown = "null" if name is None else str(name).lower() if isinstance(name, bool) else str(name)
+    example = shown  # as written
+    if isinstance(name, bool):
+        kind, example = "a boolean (unquoted yes, no, on, off, true and false are)", "yes" if name else "no"
+    elif name is None:
+        kind = "null (an unquoted ~ or null is)"
+    else:
+        kind = "a number" if isinstance(name, int | float) else f"a {type(name).__name__}"
+    return f'{_field_path(path)}: YAML reads the name {shown} as {kind}: quote it as written, e.g. "{example}":'
+
+
+def _checked_redis_url(config: Config, env: Mapping[str, str], source: str) -> str | None:
+    """The Redis URL limits are counted at (the file's, else ``$ROUTESVC_REDIS_URL``), parsed as
+    redis-py will parse it when the server starts: a bad one failed the start with a traceback
+    that printed its password. The error names the field or variable, never the URL."""
+    url = config.shared_state.redis_url or env.get(REDIS_URL_ENV) or None
+    if url is None:
+        return None
+    where = "shared_state.redis_url" if config.shared_state.redis_url else f"${REDIS_URL_ENV}"
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{source}: {where}: must start with redis://, rediss:// or unix:// (the URL is not shown)")
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError:
+        # Not chained: the parser's message may quote the password (taken for a port).
+        raise ConfigError(
+            f"{source}: {where}: not a valid Redis URL (the URL is not shown): the form is"
+            " redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], with a port from 0 to 65535 and a password's"
+            " reserved characters percent-encoded"
+        ) from None
+    return url
+
+
 def parse_config(text: str, source: str, environ: Mapping[str, str] | None = None) -> Settings:
     """Validate YAML ``text`` (from ``source``, for messages) and resolve it against ``environ``."""
     env = os.environ if environ is None else environ
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  # _UniqueKeyLoader is a SafeLoader
+    except _RepeatedKey as exc:
+        raise ConfigError(
+            f"{source}: {exc.path}: written twice (lines {exc.first} and {exc.second}); YAML would keep the last"
+            " one only"
+        ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(raw, dict):
@@ -930,6 +1109,9 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
         problems = []
         for error in exc.errors():
             location = tuple(error["loc"])
+            if location[-1:] == ("[key]",) and error["type"] == "string_type":
+                problems.append(_unquoted_name(location[:-2], error["input"]))
+                continue
             message = error["msg"].removeprefix("Value error, ")
             # Whole-config checks (references between sections) name their own field path.
             problems.append(f"{_field_path(_without_union_tags(location))}: {message}" if location else message)
@@ -944,7 +1126,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
         providers=providers,
         telemetry=telemetry,
         batch_store_path=config.batch.store_path or _data_dir(env) / "batches.db",
-        redis_url=config.shared_state.redis_url or env.get(REDIS_URL_ENV) or None,
+        redis_url=_checked_redis_url(config, env, source),
     )
 
 
@@ -977,6 +1159,8 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
             text = Path(chosen).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{chosen}: cannot read: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{chosen}: not UTF-8 text") from exc
         return parse_config(text, str(chosen), env)
     text = resources.files("routesvc").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
     return parse_config(text, f"<embedded {DEFAULT_CONFIG_NAME}>", env)

@@ -13,6 +13,10 @@ from typing import Literal
 # is a conversation that ends in an assistant turn, for the model to continue.
 RequestParameter = Literal["temperature", "stop", "tool_choice", "parallel_tool_calls", "prefill"]
 
+# What a catalog model can take (``ModelConfig.capabilities``): a request with tools needs "tools",
+# one with images "vision", one with a JSON response_format "json" (``Router``'s eligibility).
+Capability = Literal["tools", "vision", "json"]
+
 # The APIs a provider speaks (``ProviderConfig.kind``): each has its own image formula.
 ProviderKind = Literal["openai", "anthropic", "openai_compatible"]
 

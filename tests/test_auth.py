@@ -167,6 +167,37 @@ class TestKeysFiles:
         assert caught.value.message.startswith("tenants.acme.api_keys_file: line 3 of ")
         assert GLOBEX_KEY not in caught.value.message
 
+    def test_a_key_of_another_tenant_fails_the_start_naming_both(self, tmp_path: Path) -> None:
+        """A keys file holding the digest of another tenant's key is a ConfigError naming the line
+        and that tenant: the key authenticated as whichever tenant came first, silently."""
+        keys = tmp_path / "globex.keys"
+        keys.write_text(f"{key_digest(REVOKED_KEY)}\n{key_digest(ACME_KEY)}\n")
+        config = auth_config()
+        config["tenants"]["globex"] = {"api_keys_file": str(keys)}  # type: ignore[index]
+        with pytest.raises(ConfigError) as caught:
+            Authenticator(settings_from(config).config)
+        assert caught.value.message == (
+            f"tenants.globex.api_keys_file: line 2 of {keys}: the same key digest as tenants.acme.api_key_sha256[0],"
+            " a key of tenant 'acme'; a key belongs to one tenant"
+        )
+
+    async def test_a_reload_giving_a_key_to_a_second_tenant_changes_nothing(
+        self, secured: Server, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """A reload whose keys file gives acme globex's key too is refused: globex's key still
+        authenticates globex (it would have authenticated acme, the first tenant)."""
+        keys = tmp_path / "acme.keys"
+        keys.write_text(f"{key_digest(GLOBEX_KEY)}\n")
+        config = auth_config()
+        config["tenants"]["acme"]["api_keys_file"] = str(keys)  # type: ignore[index]
+        with pytest.raises(ConfigError) as caught:
+            await secured.reload(settings_from(config, live_environ(fake)))
+        assert caught.value.message == (
+            f"tenants.globex.api_key_sha256[0]: the same key digest as tenants.acme.api_keys_file: line 1 of {keys},"
+            " a key of tenant 'acme'; a key belongs to one tenant"
+        )
+        assert (await route_as(secured, GLOBEX_KEY, tenant="globex")).model == "gpt-4o-mini"
+
     async def test_a_reload_with_a_bad_keys_file_changes_nothing(
         self, secured: Server, fake: FakeProvider, tmp_path: Path
     ) -> None:

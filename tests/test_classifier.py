@@ -577,19 +577,19 @@ class TestTheLLMClassifierIsPaidFor:
         tenant's tokens per minute is refused before the classifier is asked, and so is one that
         does not fit in what is left of the window."""
         config = llm_classifier_config()
-        config["tenants"] = {"acme": {"tokens_per_minute": 300}}
+        config["tenants"] = {"acme": {"tokens_per_minute": 600}}
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
             with pytest.raises(grpc.aio.AioRpcError) as too_large:
-                async for _ in client.complete(user_chat("hello there"), ACME):
+                async for _ in client.complete(user_chat("hello there", max_output_tokens=700), ACME):
                     pass
-            reservation = await server.router.admission.admit("acme", tokens=250)
+            reservation = await server.router.admission.admit("acme", tokens=550)
             with pytest.raises(grpc.aio.AioRpcError) as over_rate:
                 async for _ in client.complete(user_chat("hello there", max_output_tokens=100), ACME):
                     pass
-            await reservation.settle(250, Decimal(0))
+            await reservation.settle(550, Decimal(0))
         assert error_info(too_large.value).reason == "REQUEST_TOO_LARGE"
         assert error_info(over_rate.value).reason == "TOKEN_RATE_LIMITED"
         assert fake.requests == []

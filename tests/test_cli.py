@@ -455,6 +455,20 @@ class TestServeFlagErrors:
         line = _one_line_error(_run("serve", "--config", str(path), "--port", "0", timeout=30))
         assert line == f"error: feedback_db {not_sqlite}: file is not a database"
 
+    def test_a_bad_redis_url_is_one_line_before_the_workers_start(self, tmp_path: Path) -> None:
+        """A Redis URL missing its host (the password read as a port), with two workers: exit 2
+        and one line naming the field, from the supervisor, without the password (each worker
+        failed with a traceback that printed it, and exit 1)."""
+        config = default_config()
+        config["shared_state"] = {"redis_url": "redis://default:S3cretPw/0"}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        result = _run("serve", "--config", str(path), "--port", "0", "--workers", "2", timeout=30)
+        line = _one_line_error(result)
+        assert line.startswith(f"error: {path}: shared_state.redis_url: not a valid Redis URL (the URL is not shown)")
+        assert "S3cretPw" not in result.stderr + result.stdout
+        assert "workers_started" not in result.stderr + result.stdout
+
 
 def _fit_args(data: Path, out: Path) -> list[str]:
     return [

@@ -6,9 +6,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import yaml
 
-from routesvc.config import load_settings, parse_config
+from routesvc.config import MAX_CONNECTION_AGE_SECONDS, MAX_REQUEST_BYTES, load_settings, parse_config
 from routesvc.errors import ConfigError
+from routesvc.server import Server
 from tests.conftest import default_config, settings_from
 
 
@@ -29,8 +31,6 @@ class TestEmbeddedDefault:
         config = default_config()
         config["server"] = {"port": 6123}
         path = tmp_path / "c.yaml"
-        import yaml
-
         path.write_text(yaml.safe_dump(config))
         assert load_settings(environ={"ROUTESVC_CONFIG": str(path)}).config.server.port == 6123
 
@@ -68,6 +68,34 @@ class TestCredentials:
         """Debug output of provider settings never contains the key."""
         provider = load_settings(environ={"OPENAI_API_KEY": "sk-canary-123"}).providers["openai"]
         assert "sk-canary-123" not in repr(provider)
+
+    @pytest.mark.parametrize(
+        ("value", "problem"),
+        [
+            ("sk-proj-REALSECRET1234567890", "this looks like an API key pasted in place of a variable name"),
+            ("AIzaSyREALSECRET1234567890abcd", "this looks like an API key pasted in place of a variable name"),
+            ("my key", "must be the name of an environment variable"),
+            ("1OPENAI_KEY", "must be the name of an environment variable"),
+            ("", "must be the name of an environment variable"),
+        ],
+    )
+    def test_api_key_env_is_a_variable_name_never_quoted(self, value: str, problem: str) -> None:
+        """api_key_env holding anything but a variable's name (a key pasted there, above all) is an
+        error naming the field that never quotes the value, nor does the pydantic error it is
+        chained from: it was accepted, and the key then appeared in the logs, ListModels and every
+        FAILED_PRECONDITION message."""
+        config = default_config()
+        config["providers"]["openai"]["api_key_env"] = value  # type: ignore[index]
+        with pytest.raises(ConfigError) as caught:
+            settings_from(config)
+        assert caught.value.message.startswith(f"<test>: providers.openai.api_key_env: {problem}")
+        assert not value or value not in caught.value.message + str(caught.value.__cause__)
+
+    def test_api_key_env_names_the_variable_read(self) -> None:
+        """A variable's name in api_key_env is where the key comes from."""
+        config = default_config()
+        config["providers"]["openai"]["api_key_env"] = "team_b_OPENAI_KEY2"  # type: ignore[index]
+        assert settings_from(config, {"team_b_OPENAI_KEY2": "sk-b"}).providers["openai"].api_key == "sk-b"
 
     def test_inline_keys_are_refused(self) -> None:
         """A key written in the file is an error naming the provider field."""
@@ -117,6 +145,45 @@ class TestValidation:
                 r"Input should be 'low', 'medium' or 'high'",
             ),
             (
+                lambda c: c["models"][2].update(capabilities=["tool", "vision", "json"]),
+                r"models\[2\]\.capabilities\[0\]: Input should be 'tools', 'vision' or 'json'",
+            ),
+            (
+                lambda c: c["server"].update(max_connection_age_seconds=2_592_000),
+                r"server\.max_connection_age_seconds: Input should be less than or equal to 2147483$",
+            ),
+            (
+                lambda c: c["limits"].update(max_request_bytes=2_147_483_647),
+                r"limits\.max_request_bytes: Input should be less than or equal to 2147482623$",
+            ),
+            (
+                lambda c: c["limits"].update(default_output_tokens=20_000),
+                r"limits\.default_output_tokens: 20000 is more than the max_output_tokens of model 'gpt-4o-mini'"
+                r" \(16384\)",
+            ),
+            (
+                lambda c: c.update(tenants={"acme": {"tokens_per_minute": 500}}),
+                r"tenants\.acme\.tokens_per_minute: 500 is not more than limits\.default_output_tokens \(512\)",
+            ),
+            (
+                lambda c: c.update(
+                    auth={"enabled": True},
+                    tenants={
+                        "acme": {"api_key_sha256": ["a" * 64]},
+                        "globex": {"api_key_sha256": ["b" * 64, "a" * 64]},
+                    },
+                ),
+                r"tenants\.globex\.api_key_sha256\[1\]: the same key digest as tenants\.acme\.api_key_sha256\[0\],"
+                r" a key of tenant 'acme'; a key belongs to one tenant",
+            ),
+            (
+                lambda c: (
+                    c.update(auth={"enabled": True}, tenants={"acme": {"api_key_sha256": ["a" * 64]}}),
+                    c["routing"]["stages"][1]["rules"][0]["when"].update(tenant_in=["acme", "acmee"]),
+                ),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.tenant_in: unknown tenant 'acmee'; with auth\.enabled",
+            ),
+            (
                 lambda c: c.setdefault("telemetry", {}).update(stats_window_seconds=float("inf")),
                 r"telemetry\.stats_window_seconds",
             ),
@@ -133,6 +200,22 @@ class TestValidation:
         with pytest.raises(ConfigError, match=expected):
             settings_from(config)
 
+    def test_tenant_in_may_name_any_tenant_without_auth(self) -> None:
+        """Without auth a request names its own tenant, so a rule's tenant_in may name one that is
+        not configured."""
+        config = default_config()
+        config["routing"]["stages"][1]["rules"][0]["when"]["tenant_in"] = ["acme"]  # type: ignore[index]
+        settings_from(config)
+
+    async def test_the_largest_bounds_start_a_server(self) -> None:
+        """The largest max_connection_age_seconds and max_request_bytes the config takes fit gRPC's
+        32-bit options: a server starts with them (larger ones failed its start with OverflowError)."""
+        config = default_config()
+        config["server"]["max_connection_age_seconds"] = MAX_CONNECTION_AGE_SECONDS  # type: ignore[index]
+        config["limits"]["max_request_bytes"] = MAX_REQUEST_BYTES  # type: ignore[index]
+        async with Server(settings_from(config), port=0) as server:
+            assert server.target
+
     def test_a_cross_reference_error_reads_file_then_field(self) -> None:
         """A check across sections (a rule naming an unknown model) reads like every other:
         "<file>: <field path>: <problem>", with no "(top level)" in between."""
@@ -146,6 +229,14 @@ class TestValidation:
         """A missing file fails with its path."""
         with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read"):
             load_settings(tmp_path / "missing.yaml", environ={})
+
+    def test_a_file_that_is_not_utf8_is_named(self, tmp_path: Path) -> None:
+        """A config file in Latin-1 is a ConfigError naming it (it was a UnicodeDecodeError and a
+        traceback at start; a reload already said so)."""
+        path = tmp_path / "latin1.yaml"
+        path.write_bytes(yaml.safe_dump(default_config()).encode("utf-8") + "# café\n".encode("latin-1"))
+        with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text$"):
+            load_settings(path, environ={})
 
     def test_not_yaml_is_named(self) -> None:
         """Broken YAML fails with the source name."""
@@ -181,3 +272,85 @@ class TestHttpClient:
             "openai": "httpx",
             "anthropic": "aiohttp",
         }
+
+
+class TestYamlKeys:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            (
+                "tenants:\n  acme: {}\n  globex: {}\n  acme: {user_tier: premium}\n",
+                "tenants.acme: written twice (lines 2 and 4)",
+            ),
+            ("a: 1\nb: 2\na: 3\n", "a: written twice (lines 1 and 3)"),
+            ("models:\n- id: x\n  provider: p\n  id: y\n", "models[0].id: written twice (lines 2 and 4)"),
+        ],
+    )
+    def test_a_key_written_twice_is_refused_by_its_path(self, text: str, expected: str) -> None:
+        """A mapping key written twice is an error naming its path and lines, not its values
+        (PyYAML kept the last silently: a tenant written again lost its budget and allow-list)."""
+        with pytest.raises(ConfigError) as caught:
+            parse_config(text, "dup.yaml", {})
+        assert caught.value.message == f"dup.yaml: {expected}; YAML would keep the last one only"
+
+    def test_merge_keys_may_be_overridden(self) -> None:
+        """A key that overrides one a merge key (<<) brought is what YAML means, not a repeat."""
+        text = yaml.safe_dump(default_config()) + (
+            "tenants:\n  acme: &base {requests_per_minute: 5}\n  globex:\n    <<: *base\n    requests_per_minute: 7\n"
+        )
+        tenants = parse_config(text, "merge.yaml", {}).config.tenants
+        assert (tenants["acme"].requests_per_minute, tenants["globex"].requests_per_minute) == (5, 7)
+
+    @pytest.mark.parametrize(
+        ("name", "expected"),
+        [
+            ("123", 'tenants: YAML reads the name 123 as a number: quote it as written, e.g. "123":'),
+            (
+                "no",
+                "tenants: YAML reads the name false as a boolean (unquoted yes, no, on, off, true and false are):"
+                ' quote it as written, e.g. "no":',
+            ),
+        ],
+    )
+    def test_a_tenant_name_yaml_reads_as_a_value_says_to_quote_it(self, name: str, expected: str) -> None:
+        """A tenant named 123 or no (YAML reads a number or a boolean) says to quote the name, instead
+        of "tenants[123].[key]: Input should be a valid string"."""
+        text = yaml.safe_dump(default_config()) + f"tenants:\n  {name}:\n    requests_per_minute: 5\n"
+        with pytest.raises(ConfigError) as caught:
+            parse_config(text, "t.yaml", {})
+        assert caught.value.message == f"t.yaml: {expected}"
+
+
+class TestRedisUrl:
+    @pytest.mark.parametrize(
+        ("url", "problem"),
+        [
+            ("http://user:S3cretPw@localhost:6379/0", "must start with redis://, rediss:// or unix://"),
+            ("redis://default:S3cretPw/0", "not a valid Redis URL"),
+            ("redis://:S3cretPw@localhost:notaport/0", "not a valid Redis URL"),
+        ],
+    )
+    @pytest.mark.parametrize("source", ["file", "variable"])
+    def test_a_bad_url_is_named_never_quoted(self, url: str, problem: str, source: str) -> None:
+        """A Redis URL redis-py cannot parse, in the file or in $ROUTESVC_REDIS_URL, is an error at
+        load naming where it came from, without the URL (it failed the start with a traceback that
+        printed the password)."""
+        config = default_config()
+        environ = {}
+        if source == "file":
+            config["shared_state"] = {"redis_url": url}
+        else:
+            environ["ROUTESVC_REDIS_URL"] = url
+        with pytest.raises(ConfigError) as caught:
+            settings_from(config, environ)
+        where = "shared_state.redis_url" if source == "file" else "$ROUTESVC_REDIS_URL"
+        assert caught.value.message.startswith(f"<test>: {where}: {problem}")
+        assert "S3cretPw" not in caught.value.message
+        assert caught.value.__cause__ is None or "S3cretPw" not in str(caught.value.__cause__)
+
+    def test_a_valid_url_is_kept(self) -> None:
+        """The file's URL wins over the variable's, as before."""
+        config = default_config()
+        config["shared_state"] = {"redis_url": "rediss://:pw@redis.internal:6380/2"}
+        settings = settings_from(config, {"ROUTESVC_REDIS_URL": "redis://other:6379/0"})
+        assert settings.redis_url == "rediss://:pw@redis.internal:6380/2"
