@@ -395,7 +395,7 @@ class TestSizeLimits:
         assert CANARY not in (caught.value.details() or "")
 
     async def test_the_transport_refuses_more_than_1_kib_over_the_limit_without_error_info(self) -> None:
-        """As the README says: up to 1 KiB over limits.max_request_bytes is REQUEST_TOO_LARGE with
+        """As docs/api.md says: up to 1 KiB over limits.max_request_bytes is REQUEST_TOO_LARGE with
         its ErrorInfo; beyond that gRPC's receive limit refuses the message, RESOURCE_EXHAUSTED with
         no ErrorInfo."""
         config = default_config()
