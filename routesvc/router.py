@@ -692,6 +692,8 @@ class Router:
                         quality = replace(quality, reason=f"{quality.reason}; {why}")
                 telemetry.record_cascade(released, outcome.quality.score)
                 if released and outcome.completion is not None:
+                    # Its text reaches the caller from now on, however the call ends.
+                    self._answered_by(attempt, outcome.completion.model)
                     for delta in outcome.deltas:
                         yield delta
                     yield self._final(attempt, outcome.completion, quality)
@@ -1171,22 +1173,27 @@ class _Timed:
         """The provider's events, each within its time."""
         stream = self._provider.stream(call)
         iterator = aiter(stream)
-        limit = self._first_event
+        loop = asyncio.get_running_loop()
+        # The first chunk's time runs from the call, through anything before it that is not
+        # output (Anthropic's input report); each next chunk's from when it is asked for.
+        answering = False
+        deadline = loop.time() + self._first_event
         try:
             while True:
                 try:
-                    async with asyncio.timeout(limit):
+                    async with asyncio.timeout_at(deadline):
                         event = await anext(iterator)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    model = self._model
+                    model, limit = self._model, self._idle if answering else self._first_event
                     raise ProviderStalled(
                         f"model {model.id} sent no chunk for {limit:g} s", provider=model.provider, model=model.id
                     ) from None
-                if not isinstance(event, InputReported):
-                    limit = self._idle  # the model is answering (the input's report says nothing of it)
+                answering = answering or not isinstance(event, InputReported)
                 yield event
+                if answering:
+                    deadline = loop.time() + self._idle
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:

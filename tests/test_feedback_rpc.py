@@ -196,6 +196,35 @@ class TestFeedbackIsAboutTheAnswer:
         assert response.model == "gpt-4o"
         assert [(m.model, m.totals.requests) for m in stats.models] == [("gpt-4o", 1)]
 
+    async def test_a_released_fallback_answer_the_caller_left_is_rated_under_the_fallback(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """In a cascade step, gpt-4o-mini fails and its fallback claude-sonnet answers; the answer
+        is released, ~12 MB, and the caller leaves after its first delta, while the rest is still
+        being sent: what it saw was claude-sonnet's, so feedback is filed under claude-sonnet (it
+        went to the decided gpt-4o-mini, re-filed only once the whole answer had been sent)."""
+        config = embedding_config(tmp_path)
+        config["routing"]["fallbacks"] = {"gpt-4o-mini": ["claude-sonnet"]}  # type: ignore[index]
+        config["cascade"]["scorers"] = ["local"]  # type: ignore[index]
+        settings = settings_from(config, live_environ(fake))
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o-mini")
+        fake.enqueue(Script(chunks=tuple("x" * 4000 + f" {i} " for i in range(3000))), model="claude-sonnet-4-6")
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            call = client.complete(user_chat("say hello to zulu"), pb.RoutingContext(cascade=True))
+            decision_id = ""
+            async for message in call:
+                if message.WhichOneof("event") == "decision":
+                    decision_id = message.decision.decision_id
+                elif message.WhichOneof("event") == "delta":
+                    break
+            await call.aclose()  # the caller leaves after the first delta
+            async with asyncio.timeout(15):
+                while (await client.get_stats()).totals.requests < 1:  # noqa: ASYNC110 - the call's end is polled through GetStats
+                    await asyncio.sleep(0.05)
+            response = await client.feedback(decision_id, thumbs_up=False)
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini", "claude-sonnet-4-6"]
+        assert response.model == "claude-sonnet"
+
     async def test_a_fallback_answer_is_rated_under_the_fallback(self, tmp_path: Path, fake: FakeProvider) -> None:
         """The decided model fails and its fallback answers: feedback is about the fallback's answer."""
         config = embedding_config(tmp_path)

@@ -70,6 +70,27 @@ class TestNetworkFaults:
         # Not before the timer; after it only by a loaded machine's slack (nothing else would end it).
         assert 0.5 <= time.monotonic() - started < 0.5 + 2.5
 
+    async def test_the_first_token_timer_runs_from_the_call_through_anthropics_input_report(
+        self, fake: FakeProvider
+    ) -> None:
+        """first_token_timeout_seconds 1: Anthropic's message_start (the input report) comes 0.5 s
+        late and the first text 0.8 s after it: the call stalls at 1 s from its start, as an
+        OpenAI stream would (the timer started again at the input report, and the text, 1.3 s
+        after the call, was taken)."""
+        async with FaultProxy("127.0.0.1", fake.port) as proxy:
+            proxy.fault = NetworkFault(delay_per_chunk=0.5)
+            config = default_config()
+            config["reliability"] = {"first_token_timeout_seconds": 1.0, "retries_per_model": 0}
+            config["routing"]["fallbacks"] = {}  # type: ignore[index]
+            environ = {"ANTHROPIC_API_KEY": "sk-test-anthropic", "ANTHROPIC_BASE_URL": proxy.base_url}
+            fake.enqueue(Script(text="late first token", first_chunk_delay=0.8), model="claude-sonnet-4-6")
+            async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for _ in client.complete(user_chat("hi"), pb.RoutingContext(model="claude-sonnet")):
+                        pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "sent no chunk for 1 s" in (caught.value.details() or "")
+
     async def test_a_slow_network_is_not_a_stall(
         self, proxied: tuple[FaultProxy, RouterClient], fake: FakeProvider
     ) -> None:
