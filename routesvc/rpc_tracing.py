@@ -45,6 +45,10 @@ async def _written(context: grpc.aio.ServicerContext, response: Any) -> bool:
     with a traceback) when the call is already over, so nothing can be written any more."""
     try:
         await context.write(response)
+    except grpc.aio.InternalError:
+        # The core failed the write (``ExecuteBatchError``): the call is over, the caller gone or
+        # the transport closed, whether or not its cancellation has reached this task yet.
+        return False
     except Exception:
         if context.done() or _past_deadline(context):
             return False

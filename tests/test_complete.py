@@ -267,6 +267,24 @@ class TestCommitRule:
 
 
 class TestDeadlinesAndCancellation:
+    async def test_a_caller_that_leaves_while_the_server_waits_to_write_is_not_an_error(
+        self, fake: FakeProvider, live_server: Server, live_client: RouterClient
+    ) -> None:
+        """The caller reads one delta of a ~12 MB answer, waits while the server blocks on flow
+        control, and leaves: GetStats counts a request and no error (grpc failed the pending
+        write before the cancel reached the handler, which raised it: an error in GetStats, code
+        UNKNOWN on the span, and grpc logged ExecuteBatchError with a traceback)."""
+        fake.enqueue(Script(chunks=tuple("z" * 4000 + f" {i} " for i in range(3000))), model="gpt-4o-mini")
+        async with live_client.complete(user_chat("say hello")) as stream:
+            async for message in stream:
+                if message.WhichOneof("event") == "delta":
+                    await asyncio.sleep(1.0)  # the server fills the windows and waits to write
+                    break
+        async with asyncio.timeout(15):
+            while (stats := await live_client.get_stats()).totals.requests < 1:  # noqa: ASYNC110 - polled through GetStats
+                await asyncio.sleep(0.05)
+        assert (stats.totals.requests, stats.totals.errors) == (1, 0)
+
     async def test_a_stream_whose_deadline_passes_before_its_first_write_is_not_logged_ok(
         self, live_client: RouterClient, caplog: pytest.LogCaptureFixture
     ) -> None:
