@@ -19,7 +19,7 @@ from routesvc import config as config_module
 from routesvc import offline
 from routesvc.client import RouterClient, build_chat, image_part, tls_credentials
 from routesvc.errors import ConfigError, RouteSvcError
-from routesvc.signals import stop_on_signals, stop_signal_in
+from routesvc.signals import stop_on_signals
 from routesvc.v1 import router_pb2 as pb
 
 _MODE_NAMES = {pb.MODE_UNSPECIFIED: "unspecified", pb.MODE_REALTIME: "realtime", pb.MODE_BATCH: "batch"}
@@ -357,7 +357,7 @@ async def _feedback(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     """Serve until a stop signal, then drain; exits 0, also when the signal came while starting
     (``routesvc.signals``: the server is then not started)."""
-    from routesvc.server import log_not_started, serve
+    from routesvc.server import serve, stopped_while_starting
     from routesvc.supervisor import run_event_loop, serve_workers
     from routesvc.telemetry import configure_logging
 
@@ -381,12 +381,8 @@ def _serve(args: argparse.Namespace) -> int:
             port = settings.config.server.port if args.port is None else args.port
             raise ConfigError.port_in_use("server", host, port) from exc
     except BaseException as error:
-        stop = stop_signal_in(error)
-        if stop is None:
+        if not stopped_while_starting(error, None if settings is None else settings.config.logging):
             raise
-        # Before the config was read, its logging settings are not known: the default's then.
-        configure_logging(config_module.LoggingConfig() if settings is None else settings.config.logging)
-        log_not_started(stop)
     return 0
 
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from routesvc.batches import BatchQueue
-from routesvc.config import Settings, TlsConfig, changes_needing_restart
+from routesvc.config import LoggingConfig, Settings, TlsConfig, changes_needing_restart
 from routesvc.errors import ConfigError
 from routesvc.health import HealthServicer
 from routesvc.ledger import Ledger
@@ -24,8 +24,8 @@ from routesvc.reload import ConfigWatcher
 from routesvc.router import Router
 from routesvc.rpc_tracing import traced_stream, traced_unary
 from routesvc.service import RouterService
-from routesvc.signals import STOP_SIGNALS, StopSignal
-from routesvc.telemetry import Telemetry
+from routesvc.signals import STOP_SIGNALS, stop_signal_in
+from routesvc.telemetry import Telemetry, configure_logging
 from routesvc.v1 import router_pb2
 
 log = structlog.get_logger("routesvc.server")
@@ -385,9 +385,17 @@ class Server:
         await self.aclose()
 
 
-def log_not_started(stop: StopSignal) -> None:
-    """Say that a stop signal ended start-up before the server served."""
+def stopped_while_starting(error: BaseException, logging: LoggingConfig | None) -> bool:
+    """Whether a stop signal is behind ``error``, raised while the process started
+    (``routesvc.signals``): then start-up ended as the signal asked, and it is logged
+    (``server_not_started``) with ``logging``, the config's (None before it was read: the
+    default's); the caller exits 0. False: ``error`` is the caller's to raise."""
+    stop = stop_signal_in(error)
+    if stop is None:
+        return False
+    configure_logging(logging or LoggingConfig())
     log.info("server_not_started", reason="stopped by a signal while starting", signal=stop.name)
+    return True
 
 
 async def serve(settings: Settings, port: int | None = None, *, reuse_port: bool = False) -> None:

@@ -40,9 +40,9 @@ from typing import Any
 
 import structlog
 
-from routesvc.config import LoggingConfig, Settings, load_settings
+from routesvc.config import Settings, load_settings
 from routesvc.errors import ConfigError, RouteSvcError
-from routesvc.signals import STOP_SIGNALS, note_stop_signals, stop_on_signals, stop_signal_in
+from routesvc.signals import STOP_SIGNALS, note_stop_signals, stop_on_signals
 
 log = structlog.get_logger("routesvc.supervisor")
 
@@ -123,7 +123,7 @@ def _worker(
     note_stop_signals()
     _end_with_parent(parent)
 
-    from routesvc.server import log_not_started, serve
+    from routesvc.server import serve, stopped_while_starting
     from routesvc.telemetry import configure_logging
 
     settings: Settings | None = None
@@ -137,11 +137,8 @@ def _worker(
         errors.send(exc.message)
         raise SystemExit(2) from None
     except BaseException as error:
-        stop = stop_signal_in(error)
-        if stop is None:
+        if not stopped_while_starting(error, None if settings is None else settings.config.logging):
             raise
-        configure_logging(LoggingConfig() if settings is None else settings.config.logging)
-        log_not_started(stop)
 
 
 def serve_workers(
