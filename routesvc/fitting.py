@@ -59,6 +59,7 @@ Progress = Callable[[Iterable[int], int, str], Iterable[int]]
 Labeller = Callable[[Sequence[str]], list[str]]
 STRONG_KINDS = ("code_generation", "multi_step_reasoning")
 _SPREAD_SAMPLE = 2000
+_PRIOR_ROWS = 512  # embeddings scored against the library at once (``FittedRouter.prior``)
 
 
 class FitError(RouteSvcError):
@@ -325,9 +326,15 @@ class FittedRouter:
         if len(self.library) == 0 or self.settings.prior_weight == 0:
             return np.zeros(len(embeddings))
         k = min(self.settings.neighbours, len(self.library))
-        sims = embeddings.astype(np.float32) @ self.library.T.astype(np.float32)
-        nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        return np.asarray(self.library_prior[nearest].mean(axis=1), dtype=np.float64)
+        library = self.library.T.astype(np.float32)
+        prior = np.empty(len(embeddings), dtype=np.float64)
+        # By rows, so that memory stays that of _PRIOR_ROWS x the library (fit scores every
+        # training prompt against the library: the whole matrix was 3 GB for 14,000 prompts).
+        for start in range(0, len(embeddings), _PRIOR_ROWS):
+            sims = embeddings[start : start + _PRIOR_ROWS].astype(np.float32) @ library
+            nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            prior[start : start + _PRIOR_ROWS] = self.library_prior[nearest].mean(axis=1)
+        return prior
 
     def calibrate(self, raw: FloatArray) -> FloatArray:
         """Raw scores as the share of training prompts scoring lower, in [0, 1]."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -43,12 +44,23 @@ def _weight(text: str) -> float:
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
+    """Write ``rows`` to ``path`` whole or not at all: into a file beside it, then renamed over it
+    (a failure part way, a full disk, left a cut file where a good one may have been)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
     count = 0
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-            count += 1
+    try:
+        with partial.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+                count += 1
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return count
 
 

@@ -88,9 +88,13 @@ def parse_record(line: str, where: str, source: str = "") -> OutcomeRecord:
 
 
 def outcome_files(path: Path) -> list[Path]:
-    """The JSONL files at ``path``: the file itself, or a folder's ``*.jsonl`` sorted by name."""
+    """The JSONL files at ``path``: the file itself, or a folder's ``*.jsonl`` sorted by name (a
+    folder with none is an error: a typo'd path must not read as no data)."""
     if path.is_dir():
-        return sorted(p for p in path.glob("*.jsonl") if p.is_file())
+        files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
+        if not files:
+            raise OutcomeDataError(f"{path}: no *.jsonl files in this folder")
+        return files
     if path.is_file():
         return [path]
     raise OutcomeDataError(f"{path}: no such file or folder")
@@ -108,7 +112,8 @@ def iter_outcomes(path: Path) -> Iterator[OutcomeRecord]:
         with file.open("rb") as handle:
             for number, data in enumerate(handle, start=1):
                 try:
-                    line = data.decode("utf-8")
+                    # A byte order mark (files some Windows tools write) is not part of the data.
+                    line = data.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
                     raise OutcomeDataError(f"{file}:{number}: not UTF-8") from exc
                 if not line.strip():
@@ -124,5 +129,19 @@ def iter_outcomes(path: Path) -> Iterator[OutcomeRecord]:
 
 
 def read_outcomes(*paths: Path) -> list[OutcomeRecord]:
-    """All records under ``paths``, in file then line order."""
+    """All records under ``paths``, in file then line order. Each file is one data set, named by
+    its stem (``source``): a file given twice, or two files of one name in different folders
+    (which would be taken for one data set), is an error."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        for file in outcome_files(path):
+            other = seen.setdefault(file.stem, file)
+            if other is file:
+                continue
+            if other.resolve() == file.resolve():
+                raise OutcomeDataError(f"{file}: given twice (its records would count twice)")
+            raise OutcomeDataError(
+                f"{file}: another data file is named {file.name} ({other}); each file is a data set of its own, "
+                "named by its file name: rename one"
+            )
     return [record for path in paths for record in iter_outcomes(path)]

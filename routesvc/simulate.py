@@ -177,7 +177,8 @@ def read_prompts(path: Path) -> Iterator[SimulatedPrompt]:
         for number, data in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:
-                line = data.decode("utf-8")
+                # A byte order mark (files some Windows tools write) is not part of the data.
+                line = data.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise SimulationDataError(f"{where}: not UTF-8") from None
             if not line.strip():

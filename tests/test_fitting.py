@@ -104,6 +104,28 @@ class TestFittedRouter:
         report = evaluate_scores(scores, [r.outcomes[STRONG] for r in test], [r.outcomes[WEAK] for r in test])
         assert report.apgr > 0.7
 
+    def test_the_neighbour_prior_of_many_prompts_takes_memory_in_rows_not_squared(self) -> None:
+        """Scoring 3,000 prompts against a library of 3,000 (as fit does for all its training
+        prompts) never holds the whole 3,000 x 3,000 similarity matrix (36 MB, and its argpartition
+        72 MB more: 3.6 GB for the 14,000 shared prompts), and gives what it would give."""
+        import tracemalloc
+
+        router = fit_router(records(), STRONG, WEAK, HashingEncoder(32))
+        generator = np.random.default_rng(7)
+        router.library = generator.standard_normal((3000, 128)).astype(np.float32)
+        router.library_prior = generator.standard_normal(3000)
+        embeddings = generator.standard_normal((3000, 128)).astype(np.float32)
+        tracemalloc.start()
+        try:
+            prior = router.prior(embeddings)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        k = min(router.settings.neighbours, 3000)
+        nearest = np.argpartition(-(embeddings @ router.library.T), k - 1, axis=1)[:, :k]
+        assert peak < 72_000_000  # half the whole matrix and its argpartition: 144 MB
+        assert np.array_equal(prior, router.library_prior[nearest].mean(axis=1))
+
     def test_blank_prompts_score_zero(self) -> None:
         """An empty or whitespace prompt never asks for the strong model."""
         router = fit_router(records(), STRONG, WEAK, HashingEncoder(32))
@@ -365,6 +387,78 @@ class TestOfflineCommands:
         """A missing data path is a clean error, not a traceback."""
         assert run("fit", "--data", str(tmp_path / "nope"), "--strong", "a", "--weak", "b", "--out", str(tmp_path)) == 2
         assert "no such file or folder" in capsys.readouterr().err
+
+    def test_a_folder_without_data_files_is_an_error(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A folder with no *.jsonl file (a typo'd path, data saved as .json): exit 2 saying so, and
+        score writes nothing (it wrote an empty file and exited 0; fit blamed the models)."""
+        folder = tmp_path / "data"
+        folder.mkdir()
+        (folder / "train.json").write_text("{}\n")
+        router = tmp_path / "router"
+        fit_router(records(), STRONG, WEAK, HashingEncoder(32)).save(router)
+        out = tmp_path / "s.jsonl"
+        assert run("score", "--router", str(router), "--data", str(folder), "--out", str(out)) == 2
+        assert run("fit", "--data", str(folder), "--strong", STRONG, "--weak", WEAK, "--out", str(router)) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: {folder}: no *.jsonl files in this folder"] * 2
+        assert not out.exists()
+
+    def test_one_data_set_given_twice_or_two_of_one_name_are_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A file is a data set named by its file name: the same folder given twice (its records
+        counted twice) or two folders' data.jsonl (taken for one data set, their models pooled)
+        is exit 2 naming both, not a fit."""
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            write_jsonl(tmp_path / name / "data.jsonl", records(name))
+        out = tmp_path / "router"
+        twice = ("--data", str(tmp_path / "a"), "--data", str(tmp_path / "a"))
+        assert run("fit", *twice, "--strong", STRONG, "--weak", WEAK, "--out", str(out)) == 2
+        assert (
+            capsys.readouterr().err.splitlines()[-1]
+            == f"error: {tmp_path / 'a' / 'data.jsonl'}: given twice (its records would count twice)"
+        )
+        both = ("--data", str(tmp_path / "a"), "--data", str(tmp_path / "b"))
+        assert run("fit", *both, "--strong", STRONG, "--weak", WEAK, "--out", str(out)) == 2
+        assert f"another data file is named data.jsonl ({tmp_path / 'a' / 'data.jsonl'})" in capsys.readouterr().err
+        assert not out.exists()
+
+    def test_score_writes_its_file_whole_or_leaves_the_old_one(self, tmp_path: Path) -> None:
+        """The disk refuses the output part way (a file size limit of 64 KiB, for 2,000 scores):
+        exit 2 naming --out, the previous output still there, whole, and no partial file beside
+        it (the output was written in place: cut at 64 KiB, mid-line, the old one gone)."""
+        import subprocess
+        import sys
+
+        rows = [
+            OutcomeRecord(f"p{n}", r.prompt, r.task, r.outcomes, r.cost_usd, r.source)
+            for n, r in enumerate(records() * (2000 // len(records()) + 1))
+        ][:2000]
+        data = write_jsonl(tmp_path / "train.jsonl", rows)
+        router = tmp_path / "router"
+        fit_router(records(), STRONG, WEAK, HashingEncoder(32)).save(router)
+        out = tmp_path / "s.jsonl"
+        out.write_text('{"old": true}\n')
+        limited = (
+            "import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+            "from routesvc.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n"
+        )
+        argv = ["score", "--router", str(router), "--data", str(data), "--out", str(out)]
+        done = subprocess.run([sys.executable, "-c", limited, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines()[-1].startswith(f"error: {out}: ")
+        assert out.read_text() == '{"old": true}\n'
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["router", "s.jsonl", "train.jsonl"]
+
+    def test_a_byte_order_mark_is_not_data(self, tmp_path: Path) -> None:
+        """A file that starts with a UTF-8 byte order mark (as some Windows tools write) is read
+        (its first line was refused as not JSON)."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())
+        assert [r.id for r in read_outcomes(data)] == [r.id for r in records()]
 
     def test_fit_of_a_model_no_file_has_fails(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """--strong or --weak that no data file has: exit 2 naming the model, nothing written (it
