@@ -224,6 +224,10 @@ class PairData:
     strong_cost: FloatArray | None
     weak_cost: FloatArray | None
     sources: list[PairSource] = field(default_factory=list)
+    # Prompts without a cost_usd for both models, and the first of them ("source id"), when some
+    # have one: the costs are then left out (AIQ and the savings need every prompt's).
+    without_cost: int = 0
+    first_without_cost: str = ""
 
 
 def _resolve(model: str, counts: Mapping[str, int], prompts: int) -> str | None:
@@ -260,7 +264,9 @@ def pair_data(records: Sequence[OutcomeRecord], strong: str, weak: str) -> PairD
         raise EvaluationError(
             f"no prompt has outcomes for both {strong!r} and {weak!r} (models match by id or loose alias)"
         )
-    with_cost = all(s in r.cost_usd and w in r.cost_usd for r, s, w in kept)
+    costless = [r for r, s, w in kept if s not in r.cost_usd or w not in r.cost_usd]
+    with_cost = not costless
+    partly = 0 < len(costless) < len(kept)
     return PairData(
         ids=[r.id for r, _, _ in kept],
         prompts=[r.prompt for r, _, _ in kept],
@@ -269,6 +275,8 @@ def pair_data(records: Sequence[OutcomeRecord], strong: str, weak: str) -> PairD
         strong_cost=np.array([r.cost_usd[s] for r, s, _ in kept]) if with_cost else None,
         weak_cost=np.array([r.cost_usd[w] for r, _, w in kept]) if with_cost else None,
         sources=sources,
+        without_cost=len(costless) if partly else 0,
+        first_without_cost=f"{costless[0].source} id {costless[0].id}" if partly else "",
     )
 
 

@@ -140,6 +140,12 @@ def run_eval(args: argparse.Namespace) -> int:
     pair = pair_data(records, args.strong, args.weak)
     for source in pair.sources:
         print(f"  {source.describe()}", file=sys.stderr)
+    if pair.without_cost:
+        print(
+            f"warning: {pair.without_cost} of {len(pair.ids)} prompts have no cost_usd for both models (the first:"
+            f" {pair.first_without_cost}): AIQ and the savings need every prompt's, so they are left out",
+            file=sys.stderr,
+        )
     scores = router.scores(pair.prompts, progress=_progress)
     report = evaluate_scores(scores, pair.strong, pair.weak, pair.strong_cost, pair.weak_cost)
     gap = report.strong_quality - report.weak_quality

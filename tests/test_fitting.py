@@ -453,6 +453,26 @@ class TestOfflineCommands:
         assert out.read_text() == '{"old": true}\n'
         assert sorted(p.name for p in tmp_path.iterdir()) == ["router", "s.jsonl", "train.jsonl"]
 
+    def test_eval_says_when_some_prompts_have_no_cost(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """One prompt without a cost for the pair: AIQ and the savings are left out, and a warning
+        says how many prompts lack one and names the first (they were left out silently)."""
+        rows = records()
+        first = rows[3]
+        rows[3] = OutcomeRecord(first.id, first.prompt, first.task, first.outcomes, {}, first.source)
+        data = write_jsonl(tmp_path / "train.jsonl", rows)
+        router = tmp_path / "router"
+        fit_router(records(), STRONG, WEAK, HashingEncoder(32)).save(router)
+        capsys.readouterr()
+        assert (
+            run("eval", "--router", str(router), "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--json") == 0
+        )
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["aiq"] is None
+        assert (
+            f"warning: 1 of {len(rows)} prompts have no cost_usd for both models (the first: train id {first.id})"
+            in captured.err
+        )
+
     def test_a_byte_order_mark_is_not_data(self, tmp_path: Path) -> None:
         """A file that starts with a UTF-8 byte order mark (as some Windows tools write) is read
         (its first line was refused as not JSON)."""
