@@ -1936,13 +1936,13 @@ class TestBatchProviderCleanup:
     @pytest.mark.parametrize(
         ("task", "event"), [("", "batch_file_delete_failed"), ("creative_writing", "batch_delete_failed")]
     )
-    async def test_a_delete_that_fails_fails_no_job_and_is_not_tried_again(
+    async def test_a_delete_that_fails_fails_no_job_and_is_tried_again(
         self, tmp_path: Path, fake: FakeProvider, task: str, event: str
     ) -> None:
         """The provider answers the deletes with 500: the job stays SUCCEEDED, each failed delete
-        is logged once with its id and reason (never the prompt or the answer), and the poller
-        goes on: a later job succeeds and its batch is deleted, while the first batch's remains
-        (no round tries it again)."""
+        is logged with its id and reason (never the prompt or the answer), and once the provider
+        takes deletes again a later round deletes what was left (it stayed at the provider until
+        its expiry: no round tried it again)."""
         fake.batch_delete_error = (500, {"error": {"type": "server_error", "message": "down"}})
         async with (
             Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
@@ -1952,28 +1952,45 @@ class TestBatchProviderCleanup:
                 first = (await submit(client, task_hint=task))[1].batch
                 await wait_state(client, first.batch_id, pb.BATCH_STATE_SUCCEEDED)
                 expected = 2 if task == "" else 1  # the input and output files; the message batch
-                await until(lambda: sum(e["event"] == event for e in logs) == expected)
+                await until(lambda: sum(e["event"] == event for e in logs) >= expected)
                 fake.batch_delete_error = None
-                later = (await submit(client, task_hint=task))[1].batch
-                await wait_state(client, later.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                [batch] = fake.batches
                 if task == "":
                     await until(lambda: len(fake.deleted_files) == 2)
                 else:
-                    await until(lambda: fake.batches[-1].deleted)
+                    await until(lambda: batch.deleted)
             state = (await get_batch(client, first.batch_id)).job.state
         failed = [e for e in logs if e["event"] == event]
         assert state == pb.BATCH_STATE_SUCCEEDED
-        assert [e["reason"] for e in failed] == ["PROVIDER_UNAVAILABLE"] * expected
+        assert {e["reason"] for e in failed} == {"PROVIDER_UNAVAILABLE"}
         assert "Summarise" not in repr(failed)
         assert DEFAULT_TEXT not in repr(failed)
-        first_batch, later_batch = fake.batches
         if task == "":
-            assert [e["file_id"] for e in failed] == [first_batch.input_file_id, first_batch.output_file_id]
-            assert fake.files == [first_batch.input_file_id, first_batch.output_file_id]
-            assert fake.deleted_files == [later_batch.input_file_id, later_batch.output_file_id]
+            assert {e["file_id"] for e in failed} == {batch.input_file_id, batch.output_file_id}
+            assert fake.files == []
         else:
-            assert [e["provider_batch_id"] for e in failed] == [first_batch.id]
-            assert [b.deleted for b in fake.batches] == [False, True]
+            assert {e["provider_batch_id"] for e in failed} == {batch.id}
+
+    async def test_a_delete_that_keeps_failing_is_given_up(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The deletes keep failing: after the set number of tries the leftover is given up,
+        logged once (the provider's own expiry deletes it), and not tried again."""
+        monkeypatch.setattr(batch_queue, "_DISCARD_TRIES", 2)
+        fake.batch_delete_error = (500, {"error": {"type": "server_error", "message": "down"}})
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                await until(lambda: any(e["event"] == "batch_discard_abandoned" for e in logs))
+        [batch] = fake.batches
+        abandoned = [e for e in logs if e["event"] == "batch_discard_abandoned"]
+        assert [(e["provider_batch_id"], e["tries"]) for e in abandoned] == [(batch.id, 2)]
+        assert sum(e["event"] == "batch_file_delete_failed" for e in logs) == 2 * 2  # two files, twice
+        assert fake.files == [batch.input_file_id, batch.output_file_id]
 
     async def test_an_input_file_whose_batch_create_a_shutdown_cut_off_is_deleted(
         self, tmp_path: Path, fake: FakeProvider

@@ -41,9 +41,10 @@ Once every job of an ended provider batch has its end stored, what the provider 
 (prompts and answers) is deleted there (``BatchAPI.discard``: OpenAI's input, output and error
 files; the Anthropic message batch). Never before: a round whose store writes fail leaves the
 batch to be read again. A delete that fails is logged (``batch_file_delete_failed``,
-``batch_delete_failed``) and not tried again: no round comes back to a batch whose jobs have
-ended, and the provider expires what is left (OpenAI's batch files after 30 days by default,
-Anthropic's results 29 days after the batch's creation).
+``batch_delete_failed``) and tried again by later rounds (``_discard_leftovers``, kept in memory:
+a restart, or giving up after ``_DISCARD_TRIES``, leaves it to the provider, which expires what is
+left: OpenAI's batch files after 30 days by default, Anthropic's results 29 days after the batch's
+creation).
 
 A provider batch no job waits for any more is cancelled at the provider: when its last waiting job
 is cancelled, or when every job of a group was cancelled while the group was being sent. It is
@@ -93,6 +94,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import os
 import sqlite3
 import time
@@ -138,7 +140,7 @@ from routesvc.models import (
     RoutingRequest,
     Usage,
 )
-from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult
+from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult, ProviderBatch
 from routesvc.retry import is_retryable, skips_provider
 
 log = structlog.get_logger("routesvc.batches")
@@ -156,6 +158,23 @@ OTHER_KEY_LOST_AFTER_SECONDS = 2 * 86400.0
 """How long after it was sent a batch that another key sent to this URL, and this key does not
 see (404), is left alone as another account's: twice the providers' 24 h batch window. Then its
 jobs, still waiting, are failed as lost (the account that owned it would have settled them)."""
+
+# A delete that left something at the provider is tried again this often at most, after delays
+# doubling from the poll interval to an hour; this many leftovers are kept at most.
+_DISCARD_TRIES = 8
+_MAX_DISCARD_DELAY = 3600.0
+_MAX_LEFTOVERS = 10_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Leftover:
+    """An ended provider batch some of which a delete left there: where it was, and when to try again."""
+
+    batch: ProviderBatch
+    endpoint: str | None
+    tries: int
+    due: float
+
 
 CLAIM_SECONDS = 300.0
 """How long a worker's claim on the jobs it is sending lasts (sends are cut off at half of it)."""
@@ -246,6 +265,8 @@ class BatchQueue:
         self._uses: collections.Counter[BatchAPI] = collections.Counter()
         # Provider batches whose cancel this process asked for when it found no job waiting.
         self._cancel_asked: set[str] = set()
+        # What deletes left at the provider, by (provider, provider batch id), to try again.
+        self._leftovers: dict[tuple[str, str], _Leftover] = {}
         self._replaced: set[BatchAPI] = set()
         self._clock = clock
         self._path = settings.batch_store_path
@@ -566,6 +587,7 @@ class BatchQueue:
                     next_poll = loop.time() + interval
                     try:
                         await self._poll()
+                        await self._discard_leftovers()
                         await self._prune_ended()
                     except Exception:
                         log.exception("batch_round_crashed")
@@ -780,9 +802,37 @@ class BatchQueue:
         )
         # Every job's end, and every cancelled job's bill, is stored (a store failure above
         # leaves the batch to be read again next round): what the provider keeps of it, prompts
-        # and answers, is deleted. In one task a shutdown waits for; a delete that fails is
-        # logged and not tried again, as no round comes back to a batch whose jobs are settled.
-        await asyncio.shield(self._keep(api.discard(batch)))
+        # and answers, is deleted. In one task a shutdown waits for; what a delete left is tried
+        # again in later rounds (``_discard_leftovers``).
+        await asyncio.shield(self._keep(self._discard(api, provider, batch)))
+
+    async def _discard(self, api: BatchAPI, provider: str, batch: ProviderBatch, tries: int = 0) -> None:
+        """``api.discard(batch)``; when some of it is left at the provider, it is tried again after
+        a delay that doubles (from the poll interval to an hour) up to ``_DISCARD_TRIES`` times,
+        by this process (a restart forgets it: the provider's own expiry deletes it then)."""
+        if await api.discard(batch):
+            self._leftovers.pop((provider, batch.id), None)
+            return
+        tries += 1
+        if tries >= _DISCARD_TRIES or len(self._leftovers) >= _MAX_LEFTOVERS:
+            self._leftovers.pop((provider, batch.id), None)
+            log.warning("batch_discard_abandoned", provider=provider, provider_batch_id=batch.id, tries=tries)
+            return
+        delay = min(_MAX_DISCARD_DELAY, self._config.poll_interval_seconds * 2 ** (tries - 1))
+        self._leftovers[(provider, batch.id)] = _Leftover(batch, self._endpoint(provider), tries, self._clock() + delay)
+
+    async def _discard_leftovers(self) -> None:
+        """Try again what earlier deletes left at the provider, where the delay has passed."""
+        now = self._clock()
+        for (provider, batch_id), leftover in list(self._leftovers.items()):
+            if leftover.due > now:
+                continue
+            with self._using(provider) as api:
+                if api is None or self._endpoint(provider) != leftover.endpoint:
+                    # The provider was removed or now points elsewhere: that endpoint is not ours.
+                    self._leftovers.pop((provider, batch_id), None)
+                    continue
+                await asyncio.shield(self._keep(self._discard(api, provider, leftover.batch, leftover.tries)))
 
     def _owner_gone(self, jobs: SentJobs) -> bool:
         """Whether a batch another key sent has waited past any account's reading of it: then

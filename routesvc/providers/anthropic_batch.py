@@ -122,7 +122,7 @@ class AnthropicBatches:
         """Ask for the batch to be cancelled."""
         await self._guard("cancel", self._client.messages.batches.cancel(batch_id))
 
-    async def discard(self, batch: ProviderBatch) -> None:
+    async def discard(self, batch: ProviderBatch) -> bool:
         """Delete the ended batch, its requests and results with it, within ``_DELETE_SECONDS``.
         A batch already gone (another worker deleted it) counts as deleted."""
         try:
@@ -131,9 +131,12 @@ class AnthropicBatches:
         except ProviderRejected as exc:
             if exc.status != 404:
                 log.warning("batch_delete_failed", provider=self._name, provider_batch_id=batch.id, reason=exc.reason)
+                return False
         except Exception as exc:
             reason = exc.reason if isinstance(exc, ProviderError) else type(exc).__name__
             log.warning("batch_delete_failed", provider=self._name, provider_batch_id=batch.id, reason=reason)
+            return False
+        return True
 
 
 def _entry_result(line: dict[str, Any]) -> ItemResult:

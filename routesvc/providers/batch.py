@@ -129,9 +129,10 @@ class BatchAPI(Protocol):
         """Ask the provider to cancel the batch."""
         ...
 
-    async def discard(self, batch: ProviderBatch) -> None:
+    async def discard(self, batch: ProviderBatch) -> bool:
         """Delete what the provider keeps of an ended batch whose results are stored (its requests
-        and answers); a failure is logged (never with their text), never raised."""
+        and answers). False when some of it could not be deleted (logged, never with their text,
+        never raised): the caller may try again; what is already gone counts as deleted."""
         ...
 
     async def aclose(self) -> None:

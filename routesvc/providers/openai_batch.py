@@ -43,7 +43,7 @@ class OpenAIBatches:
             api_key=api_key or "unused", base_url=base_url or DEFAULT_BASE_URL, max_retries=0, timeout=timeout
         )
         # Deletes of input files whose send was cancelled (see ``submit``), kept until they end.
-        self._deleting: set[asyncio.Task[None]] = set()
+        self._deleting: set[asyncio.Task[bool]] = set()
 
     @property
     def name(self) -> str:
@@ -105,25 +105,31 @@ class OpenAIBatches:
             raise
         return batch.id
 
-    async def _delete_file(self, file_id: str) -> None:
-        """Delete a file within ``_DELETE_SECONDS``; a failure is logged, never raised (the file is
-        left over). A file already gone (another worker deleted it) counts as deleted."""
+    async def _delete_file(self, file_id: str) -> bool:
+        """Delete a file within ``_DELETE_SECONDS``; whether it is gone. A failure is logged, never
+        raised (the file is left over). A file already gone (another worker deleted it) counts as
+        deleted."""
         try:
             async with asyncio.timeout(_DELETE_SECONDS):
                 await self._guard("delete", self._client.files.delete(file_id))
         except ProviderRejected as exc:
             if exc.status != 404:
                 log.warning("batch_file_delete_failed", provider=self._name, file_id=file_id, reason=exc.reason)
+                return False
         except Exception as exc:
             reason = exc.reason if isinstance(exc, ProviderError) else type(exc).__name__
             log.warning("batch_file_delete_failed", provider=self._name, file_id=file_id, reason=reason)
+            return False
+        return True
 
-    async def discard(self, batch: ProviderBatch) -> None:
+    async def discard(self, batch: ProviderBatch) -> bool:
         """Delete the ended batch's input, output and error files (the batch itself cannot be
         deleted: it keeps only their ids and counts)."""
+        gone = True
         for file_id in (batch.input_file_id, batch.output_file_id, batch.error_file_id):
             if file_id:
-                await self._delete_file(file_id)
+                gone = await self._delete_file(file_id) and gone
+        return gone
 
     async def poll(self, batch_id: str) -> ProviderBatch:
         """Retrieve the batch."""
