@@ -2056,6 +2056,14 @@ class TestBatchPollerMemory:
         assert 3 * len(prompt) <= max(reads) < 3 * len(prompt) * 1.1
 
 
+def _keyed_by_file(tmp_path: Path, fake: FakeProvider, key: Path) -> dict[str, object]:
+    """``batch_config`` with both providers at ``fake``, their key read from the file ``key``."""
+    config = batch_config(tmp_path)
+    for name, base_url in (("openai", fake.openai_base_url), ("anthropic", fake.anthropic_base_url)):
+        config["providers"][name] = {"kind": name, "api_key_file": str(key), "base_url": base_url}  # type: ignore[index]
+    return config
+
+
 class TestBatchKeyRotation:
     async def test_a_key_rotated_by_hot_reload_reaches_the_batch_adapters(self, tmp_path: Path) -> None:
         """The provider takes only a new key before the key file has it: a job sent then is
@@ -2066,9 +2074,7 @@ class TestBatchKeyRotation:
         key = tmp_path / "openai.key"
         key.write_text("key-A\n")
         async with FakeProvider(api_key="key-A") as fake:
-            config = batch_config(tmp_path)
-            for name, base_url in (("openai", fake.openai_base_url), ("anthropic", fake.anthropic_base_url)):
-                config["providers"][name] = {"kind": name, "api_key_file": str(key), "base_url": base_url}  # type: ignore[index]
+            config = _keyed_by_file(tmp_path, fake, key)
             async with (
                 Server(settings_from(config), port=0) as server,
                 RouterClient(server.target) as client,
@@ -2100,9 +2106,7 @@ class TestBatchKeyRotation:
         key = tmp_path / "openai.key"
         key.write_text("key-A\n")
         async with FakeProvider(api_key="key-A") as fake:
-            config = batch_config(tmp_path)
-            for name, base_url in (("openai", fake.openai_base_url), ("anthropic", fake.anthropic_base_url)):
-                config["providers"][name] = {"kind": name, "api_key_file": str(key), "base_url": base_url}  # type: ignore[index]
+            config = _keyed_by_file(tmp_path, fake, key)
             async with (
                 Server(settings_from(config), port=0) as server,
                 RouterClient(server.target) as client,
