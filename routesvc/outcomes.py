@@ -107,25 +107,30 @@ def iter_outcomes(path: Path) -> Iterator[OutcomeRecord]:
     of a folder are separate data sets, so the same id in two of them is fine.
     """
     for file in outcome_files(path):
-        first_line: dict[str, int] = {}
-        # Bytes, decoded line by line, so that a decoding error names its own line.
-        with file.open("rb") as handle:
-            for number, data in enumerate(handle, start=1):
-                try:
-                    # A byte order mark (files some Windows tools write) is not part of the data.
-                    line = data.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as exc:
-                    raise OutcomeDataError(f"{file}:{number}: not UTF-8") from exc
-                if not line.strip():
-                    continue
-                record = parse_record(line, f"{file}:{number}", source=file.stem)
-                if record.id in first_line:
-                    raise OutcomeDataError(
-                        f"{file}:{number}: id {record.id!r} repeats line {first_line[record.id]} (ids must be"
-                        " unique within a file)"
-                    )
-                first_line[record.id] = number
-                yield record
+        yield from _file_records(file)
+
+
+def _file_records(file: Path) -> Iterator[OutcomeRecord]:
+    """The records of one JSONL ``file``, tagged with its stem as ``source``."""
+    first_line: dict[str, int] = {}
+    # Bytes, decoded line by line, so that a decoding error names its own line.
+    with file.open("rb") as handle:
+        for number, data in enumerate(handle, start=1):
+            try:
+                # A byte order mark (files some Windows tools write) is not part of the data.
+                line = data.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise OutcomeDataError(f"{file}:{number}: not UTF-8") from exc
+            if not line.strip():
+                continue
+            record = parse_record(line, f"{file}:{number}", source=file.stem)
+            if record.id in first_line:
+                raise OutcomeDataError(
+                    f"{file}:{number}: id {record.id!r} repeats line {first_line[record.id]} (ids must be"
+                    " unique within a file)"
+                )
+            first_line[record.id] = number
+            yield record
 
 
 def read_outcomes(*paths: Path) -> list[OutcomeRecord]:
@@ -144,4 +149,4 @@ def read_outcomes(*paths: Path) -> list[OutcomeRecord]:
                 f"{file}: another data file is named {file.name} ({other}); each file is a data set of its own, "
                 "named by its file name: rename one"
             )
-    return [record for path in paths for record in iter_outcomes(path)]
+    return [record for file in seen.values() for record in _file_records(file)]

@@ -727,11 +727,14 @@ class Router:
         )
 
     def _answered_by(self, state: _AttemptState, model_id: str) -> None:
-        """``model_id`` gave the answer the caller gets: when it is not the decided model (a
-        cascade escalated, a fallback served), feedback on that answer is filed under it."""
-        if model_id != state.decision.model:
-            for stage in self._policy.learning_stages:
-                stage.answered(state.decision.decision_id, model_id)
+        """``model_id`` gave the answer the caller gets: when it is not the model the decision is
+        filed under (the decided one, until a cascade escalated or a fallback served), feedback on
+        that answer is filed under it, once (its first text, then its completion, both say so)."""
+        if model_id == (state.answered_by or state.decision.model):
+            return
+        state.answered_by = model_id
+        for stage in self._policy.learning_stages:
+            stage.answered(state.decision.decision_id, model_id)
 
     async def _buffered_step(
         self,
@@ -1117,6 +1120,7 @@ class _AttemptState:
     tokens: int = 0
     cost: Decimal = Decimal(0)
     summaries: list[AttemptSummary] = field(default_factory=list)
+    answered_by: str = ""  # the model the decision was re-filed under for feedback ("": none)
 
     def mark_escalated(self) -> None:
         """The last answering attempt's answer was rejected by the cascade."""
