@@ -914,21 +914,38 @@ def _rpc_conventions(opt_in: str) -> frozenset[str]:
     return frozenset({"stable"}) if "rpc" in categories else frozenset({"old"})
 
 
+_HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e]+")
+"""An API key goes out in an HTTP header: visible ASCII only."""
+
+
 def _resolve_provider(name: str, provider: ProviderConfig, environ: Mapping[str, str]) -> ProviderSettings:
     key_env = provider.api_key_env if provider.api_key_env is not None else _DEFAULT_KEY_ENV[provider.kind]
     url_env = _DEFAULT_BASE_URL_ENV[provider.kind]
     base_url = provider.base_url or (environ.get(url_env) if url_env else None) or None
     api_key: str | None = None
+    key_source = ""
     if provider.api_key_file is not None:
         try:
             api_key = provider.api_key_file.read_text(encoding="utf-8").strip() or None
+            key_source = f"file {provider.api_key_file}"
         except OSError:
             api_key = None
     if api_key is None and key_env:
-        api_key = environ.get(key_env) or None
+        # Stripped as the file is: a secret made with `kubectl create secret --from-file` ends in
+        # a newline, which no HTTP header can carry.
+        api_key = environ.get(key_env, "").strip() or None
+        key_source = f"environment variable {key_env}"
     requires_key = provider.requires_key if provider.requires_key is not None else provider.kind != "openai_compatible"
     missing = ""
-    if api_key is None and requires_key:
+    if api_key is not None and not _HEADER_SAFE_KEY.fullmatch(api_key):
+        # Sent as a header, such a key fails every call as a broken connection or stream, which
+        # points nowhere near the key; the provider is unconfigured instead, and says why.
+        api_key = None
+        missing = (
+            f"provider {name!r}: the API key in {key_source} has spaces or control characters, "
+            "which an HTTP header cannot carry"
+        )
+    elif api_key is None and requires_key:
         sources = [f"environment variable {key_env}"] if key_env else []
         if provider.api_key_file is not None:
             sources.append(f"file {provider.api_key_file}")

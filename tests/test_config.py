@@ -64,6 +64,23 @@ class TestCredentials:
         }
         assert settings_from(config).providers["openai"].api_key == "sk-from-file"
 
+    def test_a_key_from_the_environment_is_stripped_as_a_file_key_is(self) -> None:
+        """A secret made from a file ends in a newline: the key sent is without it."""
+        provider = load_settings(environ={"OPENAI_API_KEY": "sk-from-secret\n"}).providers["openai"]
+        assert provider.api_key == "sk-from-secret"
+        assert provider.configured
+
+    @pytest.mark.parametrize("key", ["sk-one\nsk-two", "sk one", "sk-\x00nul", "sk-caf\u00e9"])
+    def test_a_key_no_header_can_carry_leaves_the_provider_unconfigured_naming_where_it_came_from(
+        self, key: str
+    ) -> None:
+        """Such a key would fail every call as a broken stream; instead the provider says why."""
+        provider = load_settings(environ={"OPENAI_API_KEY": key}).providers["openai"]
+        assert not provider.configured
+        assert provider.api_key is None
+        assert "environment variable OPENAI_API_KEY" in provider.missing_key_reason
+        assert key not in provider.missing_key_reason
+
     def test_repr_never_shows_the_key(self) -> None:
         """Debug output of provider settings never contains the key."""
         provider = load_settings(environ={"OPENAI_API_KEY": "sk-canary-123"}).providers["openai"]
