@@ -853,7 +853,21 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
         chosen = configured or env.get(variable, "").split(",")[0].strip().lower() or ("otlp" if endpoint else "none")
         if chosen not in ("none", "console", "otlp"):
             raise ConfigError(f"{source}: ${variable}: unsupported exporter {chosen!r} (none, console, otlp)")
-        return "none" if disabled and configured is None else chosen
+        chosen = "none" if disabled and configured is None else chosen
+        if chosen == "otlp":
+            # The exporters speak OTLP over gRPC only: one told to use http/protobuf (port 4318)
+            # would send gRPC to an HTTP endpoint and export nothing, failing quietly forever.
+            signal = variable.removeprefix("OTEL_").removesuffix("_EXPORTER")
+            for protocol_variable in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+                protocol = env.get(protocol_variable, "").strip().lower()
+                if protocol:
+                    if protocol != "grpc":
+                        raise ConfigError(
+                            f"{source}: ${protocol_variable}: routesvc exports OTLP over grpc only, "
+                            f"not {protocol[:32]!r}"
+                        )
+                    break
+        return chosen
 
     ratio = telemetry.tracing.sample_ratio
     if ratio is None:

@@ -84,6 +84,18 @@ class TestEnvironment:
         )
         assert (telemetry.service_name, telemetry.traces_exporter) == ("from-file", "console")
 
+    def test_the_protocol_variables_may_say_grpc_and_matter_only_to_an_otlp_exporter(self) -> None:
+        """grpc is what the exporters speak; another protocol is refused only where OTLP is used."""
+        telemetry = _telemetry(
+            environ={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_METRICS_EXPORTER": "none",
+                "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf",
+            }
+        )
+        assert (telemetry.traces_exporter, telemetry.metrics_exporter) == ("otlp", "none")
+
     def test_sdk_disabled_turns_off_what_the_file_does_not_ask_for(self) -> None:
         """OTEL_SDK_DISABLED=true switches off exporters chosen by the environment."""
         telemetry = _telemetry(environ={"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
@@ -96,6 +108,16 @@ class TestInvalid:
         [
             ({}, {"OTEL_TRACES_EXPORTER": "zipkin"}, "$OTEL_TRACES_EXPORTER: unsupported exporter 'zipkin'"),
             ({}, {"OTEL_TRACES_SAMPLER_ARG": "half"}, "$OTEL_TRACES_SAMPLER_ARG: not a number"),
+            (
+                {},
+                {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+                "$OTEL_EXPORTER_OTLP_PROTOCOL: routesvc exports OTLP over grpc only, not 'http/protobuf'",
+            ),
+            (
+                {},
+                {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/json"},
+                "$OTEL_EXPORTER_OTLP_METRICS_PROTOCOL: routesvc exports OTLP over grpc only",
+            ),
             ({"baseline_model": "gpt-5"}, {}, "telemetry.baseline_model: unknown model 'gpt-5'"),
             ({"tracing": {"exporter": "jaeger"}}, {}, "telemetry.tracing.exporter"),
             ({"metrics": {"prometheus_port": 70000}}, {}, "telemetry.metrics.prometheus_port"),
