@@ -280,6 +280,14 @@ def pair_data(records: Sequence[OutcomeRecord], strong: str, weak: str) -> PairD
     )
 
 
+def require_plotting() -> None:
+    """Raise ``EvaluationError`` naming the ``plot`` extra when matplotlib cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise EvaluationError("plotting needs matplotlib: pip install 'routesvc[plot]'") from exc
+
+
 def plot_curves(
     curves: dict[str, RoutingCurve],
     out: Path,
@@ -289,13 +297,12 @@ def plot_curves(
 
     Needs matplotlib (the ``plot`` extra); raises ``EvaluationError`` naming it otherwise.
     """
-    try:
-        import matplotlib
+    require_plotting()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise EvaluationError("plotting needs matplotlib: pip install 'routesvc[plot]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     any_curve = next(iter(curves.values()))
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for name, curve in curves.items():

@@ -7,17 +7,26 @@ parsed arguments and returns an exit code. Progress bars go to stderr (tqdm, whe
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from routesvc.encoders import DEFAULT_ROUTER_ENCODER, WordLlamaEncoder, load_encoder
 from routesvc.errors import RouteSvcError
-from routesvc.evaluation import RoutingCurve, evaluate_scores, pair_data, plot_curves, routing_curve
+from routesvc.evaluation import (
+    RoutingCurve,
+    evaluate_scores,
+    pair_data,
+    plot_curves,
+    require_plotting,
+    routing_curve,
+)
 from routesvc.fitting import FitError, FitSettings, FittedRouter, fit_router, model_alias
 from routesvc.outcomes import OutcomeRecord, iter_outcomes, read_outcomes
 from routesvc.strategies.classifier import TaskClassifier, read_examples
@@ -64,6 +73,23 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
     return count
 
 
+def _check_writable(path: Path, *, parents: bool = True) -> None:
+    """Fail in a moment rather than after minutes of fitting or scoring: a file can be made in
+    the folder ``path`` is (or would be) written in, or, when the writer makes missing folders
+    (``parents``), in its nearest existing parent."""
+    folder = path if path.is_dir() else path.parent
+    while parents and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.exists():
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(folder))
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
 def _read_prompts(path: Path) -> list[OutcomeRecord]:
     return list(iter_outcomes(path))
 
@@ -73,6 +99,7 @@ def run_fit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.out.exists() and not args.out.is_dir():
         raise FitError(f"--out {args.out}: not a folder (fit writes router.json and library.npz into one)")
+    _check_writable(args.out)
     records = read_outcomes(*args.data)
     print(f"read {len(records)} prompts from {len(args.data)} path(s)", file=sys.stderr)
     settings = FitSettings(
@@ -98,6 +125,7 @@ def run_score(args: argparse.Namespace) -> int:
     """``routesvc score``: one ``{"source", "id", "score"}`` per prompt (higher = prefer the strong
     model); ``source`` is the file's name without ``.jsonl``, since files of a folder may share ids."""
     router = FittedRouter.load(args.router)
+    _check_writable(args.out)
     records = _read_prompts(args.data)
     scores = router.scores([r.prompt for r in records], progress=_progress)
     rows = ({"source": r.source, "id": r.id, "score": round(float(s), 6)} for r, s in zip(records, scores, strict=True))
@@ -109,6 +137,7 @@ def run_score(args: argparse.Namespace) -> int:
 def run_classify(args: argparse.Namespace) -> int:
     """``routesvc classify``: one ``{"source", "id", "task"}`` per prompt from the local task
     classifier (``source`` as in ``score``)."""
+    _check_writable(args.out)
     classifier = TaskClassifier(WordLlamaEncoder(), read_examples(args.examples))
     records = _read_prompts(args.data)
     labels: list[str] = []
@@ -136,6 +165,9 @@ def run_eval(args: argparse.Namespace) -> int:
             f" {args.weak}: its scores rank prompts by the fitted pair's gap",
             file=sys.stderr,
         )
+    if args.plot:
+        require_plotting()
+        _check_writable(args.plot, parents=False)
     records = _read_prompts(args.data)
     pair = pair_data(records, args.strong, args.weak)
     for source in pair.sources:

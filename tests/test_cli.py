@@ -513,11 +513,12 @@ class TestOfflineCommandErrors:
     def test_fit_where_no_folder_can_be_made(
         self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """--out below a regular file: the OSError is one line naming the path."""
+        """--out below a regular file: one line naming the path, before any data is read."""
         blocker = tmp_path / "blocker"
         blocker.write_text("")
         assert cli.main(_fit_args(data, blocker / "router")) == 2
-        assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {blocker}")
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: {blocker}")
 
     def test_score_where_the_output_cannot_be_written(
         self, data: Path, router: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -528,17 +529,29 @@ class TestOfflineCommandErrors:
         capsys.readouterr()
         code = cli.main(["score", "--router", str(router), "--data", str(data), "--out", str(blocker / "s.jsonl")])
         assert code == 2
-        assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {blocker}")
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: {blocker}")
 
     def test_eval_plot_into_a_missing_folder(
         self, data: Path, router: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """eval --plot into a folder that does not exist: one line naming the file."""
+        """eval --plot into a folder that does not exist: one line naming the file, before any
+        prompt is scored (nothing else is printed)."""
         plot = tmp_path / "missing" / "curve.png"
         capsys.readouterr()
         argv = ["eval", "--router", str(router), "--data", str(data), "--strong", STRONG, "--weak", WEAK]
         assert cli.main([*argv, "--plot", str(plot)]) == 2
-        assert capsys.readouterr().err.splitlines()[-1] == f"error: {plot}: No such file or directory"
+        assert capsys.readouterr().err.splitlines() == [f"error: {plot}: No such file or directory"]
+
+    def test_classify_where_the_output_cannot_be_written(
+        self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """classify --out below a regular file: one line naming the path, before classifying."""
+        blocker = tmp_path / "blocker"
+        blocker.write_text("")
+        assert cli.main(["classify", "--data", str(data), "--out", str(blocker / "l.jsonl")]) == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: {blocker}")
 
     def test_classify_examples_that_are_not_json(
         self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
