@@ -1551,6 +1551,44 @@ class TestBatchAdapters:
             ("job_2", BatchState.SUCCEEDED, ""),
         ]
 
+    @pytest.mark.parametrize("outcome", [BatchOutcome.EXPIRE, BatchOutcome.COMPLETE])
+    async def test_an_openai_http_error_fails_with_its_code_whatever_the_batch_ended_as(
+        self, fake: FakeProvider, outcome: BatchOutcome
+    ) -> None:
+        """A request OpenAI answered with a 400 before the batch ended (an error-file line with
+        its response, error null): FAILED with the code of its error body,
+        context_length_exceeded, also in an expired batch (it ended EXPIRED http_400 there, a
+        failed request taken for one the window cut off, and http_400 in any batch). A request
+        the window did cut off stays EXPIRED batch_expired."""
+        from routesvc.models import BatchState, Message, Role
+        from routesvc.providers.batch import BatchItem
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        too_long = {
+            "error": {
+                "message": "too long",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
+        fake.openai_batch_http_errors_in_error_file = True
+        fake.batch_outcome = outcome
+        fake.batch_answered_before_expiry = 2
+        fake.enqueue(Script(status=400, error_body=json.dumps(too_long)), Script(text="fine"), model="gpt-4o-mini")
+        api = OpenAIBatches("openai", "sk", fake.openai_base_url)
+        items = [
+            BatchItem(f"job_{n}", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 16) for n in (1, 2, 3)
+        ]
+        results = await api.results(await api.poll(await api.submit(items)))
+        await api.aclose()
+        third = (BatchState.EXPIRED, "batch_expired") if outcome is BatchOutcome.EXPIRE else (BatchState.SUCCEEDED, "")
+        assert sorted((r.custom_id, r.state, r.error) for r in results) == [
+            ("job_1", BatchState.FAILED, "context_length_exceeded"),
+            ("job_2", BatchState.SUCCEEDED, ""),
+            ("job_3", *third),
+        ]
+
     async def test_an_openai_results_line_that_is_not_json_fails_only_its_job(self, fake: FakeProvider) -> None:
         """An output file with a line cut short: that line's job FAILED malformed_result, the other
         job of the file SUCCEEDED (the whole file was refused, and no job of the batch ever ended);

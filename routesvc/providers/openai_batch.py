@@ -175,7 +175,7 @@ class OpenAIBatches:
         response = line.get("response") or {}
         body = response.get("body") or {}
         if response.get("status_code") != 200 or not body.get("choices"):
-            return ItemResult(custom_id, BatchState.FAILED, error=f"http_{response.get('status_code', 'error')}")
+            return ItemResult(custom_id, BatchState.FAILED, error=_http_error_code(response))
         choice = body["choices"][0]
         message = choice.get("message") or {}
         usage = body.get("usage") or {}
@@ -203,12 +203,26 @@ class OpenAIBatches:
 
 def _error_item(line: dict[str, Any], status: str) -> ItemResult:
     """A line of the error file. A request the API answered with an HTTP error has its response
-    here and error null."""
+    here and error null: it failed, whatever the batch's status (it was run, not cut off by the
+    window or a cancel), with the code of its error body. Any other line is a request the batch
+    never ran: EXPIRED or CANCELLED as the batch ended (``batch_expired`` EXPIRED in any batch)."""
+    custom_id = str(line.get("custom_id"))
+    response = line.get("response")
+    if isinstance(response, dict) and response.get("status_code") != 200:
+        return ItemResult(custom_id, BatchState.FAILED, error=_http_error_code(response))
     error = line.get("error") or {}
-    status_code = (line.get("response") or {}).get("status_code")
-    code = str(error.get("code") or (f"http_{status_code}" if status_code else "error"))
+    code = safe_code(error.get("code")) or "error"
     state = BatchState.EXPIRED if code == "batch_expired" else _UNANSWERED.get(status, BatchState.FAILED)
-    return ItemResult(str(line.get("custom_id")), state, error=code[:64])
+    return ItemResult(custom_id, state, error=code)
+
+
+def _http_error_code(response: dict[str, Any]) -> str:
+    """The machine code of a request's HTTP error (its body's ``error.code``, such as
+    ``context_length_exceeded``), else ``http_<status>``."""
+    body = response.get("body")
+    error = body.get("error") if isinstance(body, dict) else None
+    code = safe_code(error.get("code")) if isinstance(error, dict) else ""
+    return code or f"http_{response.get('status_code', 'error')}"
 
 
 def _tool_call(call: dict[str, Any]) -> ToolCall:

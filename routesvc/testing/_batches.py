@@ -16,9 +16,12 @@ Every batch stays in progress until a retrieve finds ``BatchOutcome`` (``FakePro
 other than ``PENDING``, then ends as it says: ``COMPLETE`` answers each request with the script
 the fake would use for a realtime request to its model (text, usage, or an error status);
 ``EXPIRE`` and ``FAIL`` end it without answers. Changing the outcome later ends batches that are
-still in progress, so tests can restart the service in between. An OpenAI request answered with an
-HTTP error is a line of the output file, or with ``http_errors_in_error_file`` a line of the error
-file with its ``response`` and ``error`` null, as the Batch API writes it. Output lines hold
+still in progress, so tests can restart the service in between. With ``answered_before_expiry``
+an expired batch has answered its first requests first (the window cut off the rest), as a real
+one may. An OpenAI request answered with an HTTP error is a line of the output file, or with
+``http_errors_in_error_file`` a line of the error file with its ``response`` and ``error`` null, as
+the Batch API writes it; its body is OpenAI's error JSON (``code`` null), or the script's
+``error_body`` (JSON) to carry a code such as ``context_length_exceeded``. Output lines hold
 non-ASCII characters raw (UTF-8), U+2028 and U+2029 too: JSON Lines ends a line at "\n" only.
 
 A cancel ends a batch still in progress as the real APIs do, at the next retrieve: the first
@@ -47,6 +50,7 @@ from typing import Any
 
 from routesvc.testing import _anthropic, _openai
 from routesvc.testing._connection import Connection, Request
+from routesvc.testing._responses import ERROR_TYPES
 from routesvc.testing._script import RecordedRequest, Script, usage_numbers
 
 # What OpenAI says of a batch that failed validation (it then writes no output or error file).
@@ -89,6 +93,8 @@ class FakeBatch:
     cancelled: bool = False
     # How many requests (the first ones) the provider had answered when the cancel came.
     answered_before_cancel: int = 0
+    # How many requests (the first ones) it had answered when the 24 h window ended it.
+    answered_before_expiry: int = 0
     deleted: bool = False  # Anthropic: deleted once ended
     lost: bool = False  # the provider no longer knows it (a test's): 404, as for an unknown id
     output_file_id: str | None = None
@@ -106,6 +112,15 @@ class FakeBatch:
 
 def _iso(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _http_error_body(script: Script) -> Any:
+    """The body of a batch request's HTTP error: the script's ``error_body`` (JSON), else OpenAI's
+    error JSON for its status."""
+    if script.error_body is not None:
+        return json.loads(script.error_body)
+    error_type = script.error_type or ERROR_TYPES.get(script.status, "api_error")
+    return _openai.error_body(script.status, error_type, f"fake error {script.status}")
 
 
 def _multipart_file(request: Request) -> bytes | None:
@@ -130,8 +145,10 @@ class FakeBatches:
         self.outcome = BatchOutcome.COMPLETE
         self.http_errors_in_error_file = False
         self.results_deleted = False
-        # How many of a batch's requests (the first ones) are answered when a cancel reaches it.
+        # How many of a batch's requests (the first ones) are answered when a cancel reaches it,
+        # and when the 24 h window ends it (EXPIRE).
         self.answered_before_cancel = 0
+        self.answered_before_expiry = 0
         # (status, JSON body) that creating a batch answers instead, in both APIs; None: created.
         self.create_error: tuple[int, Any] | None = None
         # (status, JSON body) that deleting a file or a message batch answers instead; None: deleted.
@@ -168,6 +185,7 @@ class FakeBatches:
         self.outcome = BatchOutcome.COMPLETE
         self.results_deleted = False
         self.answered_before_cancel = 0
+        self.answered_before_expiry = 0
         self.create_error = None
         self.delete_error = None
         self.create_hold = None
@@ -196,6 +214,7 @@ class FakeBatches:
             return
         elif outcome is BatchOutcome.EXPIRE:
             batch.status = "expired"
+            batch.answered_before_expiry = self.answered_before_expiry
         elif outcome is BatchOutcome.FAIL:
             batch.status = "failed"
         else:
@@ -210,7 +229,11 @@ class FakeBatches:
         """How many of an ended batch's requests (the first ones) the provider answered."""
         if batch.status == "completed":
             return len(batch.requests)
-        return min(batch.answered_before_cancel, len(batch.requests)) if batch.cancelled else 0
+        if batch.cancelled:
+            return min(batch.answered_before_cancel, len(batch.requests))
+        if batch.status == "expired":
+            return min(batch.answered_before_expiry, len(batch.requests))
+        return 0
 
     def _end_openai(self, batch: FakeBatch) -> None:
         output: list[str] = []
@@ -229,7 +252,11 @@ class FakeBatches:
             body = line.get("body") or {}
             script, input_tokens, output_tokens = self._answer(body)
             if script.status != 200:
-                response = {"status_code": script.status, "body": {"error": {"type": "server_error"}}}
+                response = {
+                    "status_code": script.status,
+                    "request_id": self._new_id("req_"),
+                    "body": _http_error_body(script),
+                }
                 if self.http_errors_in_error_file:
                     line_id = self._new_id("batch_req_")
                     line = {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
@@ -275,10 +302,8 @@ class FakeBatches:
         for number, item in enumerate(batch.requests):
             custom_id = item.get("custom_id")
             params = item.get("params") or {}
-            if status == "cancelled" and number >= done:
-                result: dict[str, Any] = {"type": "canceled"}
-            elif status == "expired":
-                result = {"type": "expired"}
+            if status in ("cancelled", "expired") and number >= done:
+                result: dict[str, Any] = {"type": "canceled" if status == "cancelled" else "expired"}
             elif status == "failed":
                 result = {"type": "errored", "error": {"type": "error", "error": {"type": "api_error"}}}
             else:
