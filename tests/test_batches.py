@@ -121,6 +121,15 @@ def job_states(path: Path) -> list[str]:
         connection.close()
 
 
+def stored_requests(path: Path) -> list[str]:
+    """Every job's stored request in the store file at ``path``, read by another connection."""
+    connection = sqlite3.connect(path)
+    try:
+        return [row[0] for row in connection.execute("SELECT request FROM jobs ORDER BY created_at")]
+    finally:
+        connection.close()
+
+
 # What each batch API gets for an assistant turn of one call and its result.
 BATCH_TOOL_TURNS = {
     "call": [
@@ -1280,20 +1289,87 @@ class TestRetention:
 class TestBatchFailures:
     """A batch the provider fails, or a request in it that errors, ends FAILED with a short code, uncharged."""
 
-    @pytest.mark.parametrize(("task", "code"), [("", "token_limit_exceeded"), ("creative_writing", "api_error")])
-    async def test_a_failed_batch_ends_failed(self, tmp_path: Path, fake: FakeProvider, task: str, code: str) -> None:
-        """OpenAI batch status failed (validation: no file, the reason in the batch's errors, which
-        the jobs carry; they said no_result) / Anthropic requests errored: FAILED, an error code,
-        no ledger entry."""
+    async def test_a_failed_batch_ends_failed(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """Anthropic requests errored: FAILED, an error code, no ledger entry."""
         fake.batch_outcome = BatchOutcome.FAIL
         async with (
             Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            job = (await submit(client, task_hint=task))[1].batch
+            job = (await submit(client, task_hint="creative_writing"))[1].batch
             failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
-            assert failed.error == code
+            assert failed.error == "api_error"
             assert server.router.ledger.entries() == []
+
+    async def test_jobs_of_a_batch_over_the_enqueued_token_limit_are_queued_and_sent_again(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """OpenAI fails the batch at validation, token_limit_exceeded ("try again once some
+        in_progress batches have been completed"): its jobs go back to QUEUED, no error shown,
+        and are sent again, together, after a wait; once the limit has room they succeed,
+        charged once each (they were failed for good). The refused batch's input file is
+        deleted as any ended batch's."""
+        config = batch_config(tmp_path)
+        config["batch"]["group_window_seconds"] = 0.3  # type: ignore[index]
+        fake.batch_outcome = BatchOutcome.FAIL
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                jobs = [(await submit(client))[1].batch.batch_id for _ in range(2)]
+                await until(lambda: any(e["event"] == "batch_requeued" for e in logs))
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                done = [await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED) for job in jobs]
+            entries = server.router.ledger.entries()
+        requeued = next(e for e in logs if e["event"] == "batch_requeued")
+        assert (requeued["jobs"], requeued["reason"]) == (2, "token_limit_exceeded")
+        assert [r.error for r in done] == ["", ""]
+        assert sorted(e.request_id for e in entries) == sorted(jobs)
+        assert fake.batches[0].status == "failed"
+        assert fake.batches[-1].custom_ids == jobs
+        assert fake.batches[0].input_file_id in fake.deleted_files
+
+    @pytest.mark.parametrize("task", ["", "creative_writing"])
+    async def test_a_sent_jobs_request_leaves_the_store_once_the_provider_accepted_its_batch(
+        self, tmp_path: Path, fake: FakeProvider, task: str
+    ) -> None:
+        """The request (the prompt) of a sent job is kept only while its provider batch may be
+        refused for a while: once a poll finds the batch accepted (in progress), it is cleared
+        from the store, the job still waiting."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        path = tmp_path / "batches.db"
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client, task_hint=task))[1].batch
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: stored_requests(path) == ["{}"])
+            assert (await get_batch(client, job.batch_id)).job.state == pb.BATCH_STATE_SUBMITTED
+
+    async def test_a_batch_over_the_enqueued_token_limit_fails_its_jobs_past_max_queued_seconds(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The enqueued token limit stays reached for batch.max_queued_seconds: the jobs, sent
+        again and again meanwhile, end FAILED token_limit_exceeded (not EXPIRED queued_too_long),
+        uncharged; every refused batch's input file is deleted."""
+        config = batch_config(tmp_path)
+        config["batch"]["max_queued_seconds"] = 1.0  # type: ignore[index]
+        fake.batch_outcome = BatchOutcome.FAIL
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
+            assert server.router.ledger.entries() == []
+            await until(lambda: not fake.files)
+        assert failed.error == "token_limit_exceeded"
+        assert any(e["event"] == "batch_requeued" for e in logs)
+        assert len(fake.batches) >= 2
+        assert sorted(fake.deleted_files) == sorted(str(batch.input_file_id) for batch in fake.batches)
 
     async def test_an_anthropic_batch_whose_results_were_deleted_ends_failed(
         self, tmp_path: Path, fake: FakeProvider
@@ -1901,18 +1977,17 @@ class TestBatchProviderCleanup:
         [
             (BatchOutcome.COMPLETE, pb.BATCH_STATE_SUCCEEDED, ("input_file_id", "output_file_id")),
             (BatchOutcome.EXPIRE, pb.BATCH_STATE_EXPIRED, ("input_file_id", "error_file_id")),
-            (BatchOutcome.FAIL, pb.BATCH_STATE_FAILED, ("input_file_id",)),
             (None, pb.BATCH_STATE_CANCELLED, ("input_file_id", "error_file_id")),
         ],
-        ids=["completed", "expired", "failed", "cancelled"],
+        ids=["completed", "expired", "cancelled"],
     )
     async def test_an_ended_openai_batchs_files_are_deleted(
         self, tmp_path: Path, fake: FakeProvider, outcome: BatchOutcome | None, state: int, files: tuple[str, ...]
     ) -> None:
-        """An OpenAI batch completed, expired, failed or cancelled at the provider (``None``):
-        once its job has ended in the store, the input file and whichever output and error files
-        the batch wrote are deleted at OpenAI, and the provider holds no file (they were left in
-        the account for ever)."""
+        """An OpenAI batch completed, expired or cancelled at the provider (``None``): once its
+        job has ended in the store, the input file and whichever output and error files the batch
+        wrote are deleted at OpenAI, and the provider holds no file (they were left in the account
+        for ever). A failed batch's: ``TestBatchFailures``."""
         fake.batch_outcome = outcome or BatchOutcome.PENDING
         async with (
             Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,

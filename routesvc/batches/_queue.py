@@ -12,7 +12,12 @@ Outcomes: the provider's expiry ends a job EXPIRED, a failed request or batch FA
 short provider code), a cancelled one CANCELLED; none of them is charged, but for a job cancelled
 after it was sent what the provider billed for it. A job still queued after
 ``max_queued_seconds`` (a spent quota, a provider down all that time) ends EXPIRED
-``queued_too_long``.
+``queued_too_long``. A provider batch refused whole for a reason that passes (OpenAI's enqueued
+token limit, ``ProviderBatch.retry_later``) is no failure of its jobs: they go back to QUEUED
+(``BatchStore.requeue``, their requests kept in the store until the provider accepts a batch of
+them) and are sent again as one group after a wait as long as they have waited so far (at least
+the poll interval, at most ``_MAX_RESEND_DELAY``); past ``max_queued_seconds`` they end FAILED
+with the batch's code.
 
 A job cancelled after it was sent may be answered, and billed, by the provider all the same: when
 other jobs keep its provider batch running, or when the provider had answered it before the
@@ -106,6 +111,7 @@ from typing import Any, TypeVar
 import structlog
 
 from routesvc.batches._store import (
+    Backoff,
     BatchStore,
     QueuedJob,
     QueuedRequest,
@@ -164,6 +170,9 @@ jobs, still waiting, are failed as lost (the account that owned it would have se
 _DISCARD_TRIES = 8
 _MAX_DISCARD_DELAY = 3600.0
 _MAX_LEFTOVERS = 10_000
+# Jobs of a provider batch refused for a while (OpenAI's enqueued token limit) wait as long as they
+# have waited so far before they are sent again: at least the poll interval, at most this.
+_MAX_RESEND_DELAY = 3600.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -265,6 +274,9 @@ class BatchQueue:
         self._uses: collections.Counter[BatchAPI] = collections.Counter()
         # Provider batches whose cancel this process asked for when it found no job waiting.
         self._cancel_asked: set[str] = set()
+        # Provider batches under way whose jobs' requests were dropped here once the provider
+        # accepted them (``drop_requests``), so that a round does not write that again.
+        self._accepted: set[tuple[str, str]] = set()
         # What deletes left at the provider, by (provider, provider batch id), to try again.
         self._leftovers: dict[tuple[str, str], _Leftover] = {}
         self._replaced: set[BatchAPI] = set()
@@ -735,6 +747,7 @@ class BatchQueue:
         try:
             await self._poll_batch(api, provider, provider_batch_id, jobs)
         except ProviderRejected as error:
+            self._accepted.discard((provider, provider_batch_id))
             code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
             # None failed or closed: another worker stored the results and deleted the batch (or
             # its files) since this round listed its jobs. A cancelled job's bill cannot be read
@@ -775,6 +788,10 @@ class BatchQueue:
             # 404 then means lost, as for any batch).
             await self._opened().adopt(provider, provider_batch_id, own_key)
         if not batch.ended:
+            if batch.accepted and (provider, provider_batch_id) not in self._accepted:
+                # Past the provider's validation: the requests are never sent again.
+                await self._opened().drop_requests(provider, provider_batch_id)
+                self._accepted.add((provider, provider_batch_id))
             if not jobs.waiting and batch.status not in _CANCELLING and provider_batch_id not in self._cancel_asked:
                 # Every job of it was cancelled, through a process that cannot reach it (another
                 # endpoint's): it is cancelled here, where it was sent, once; else the provider
@@ -783,8 +800,12 @@ class BatchQueue:
                 await self._cancel_with(api, provider_batch_id)
             return
         self._cancel_asked.discard(provider_batch_id)
+        self._accepted.discard((provider, provider_batch_id))
+        waiting = list(jobs.waiting)
+        if batch.retry_later and waiting:
+            waiting = await self._requeue(provider, batch, waiting)
         results = {result.custom_id: result for result in await api.results(batch)}
-        for batch_id in jobs.waiting:
+        for batch_id in waiting:
             result = results.get(batch_id) or ItemResult(
                 batch_id,
                 BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED,
@@ -805,6 +826,17 @@ class BatchQueue:
         # and answers, is deleted. In one task a shutdown waits for; what a delete left is tried
         # again in later rounds (``_discard_leftovers``).
         await asyncio.shield(self._keep(self._discard(api, provider, batch)))
+
+    async def _requeue(self, provider: str, batch: ProviderBatch, waiting: list[str]) -> list[str]:
+        """Queue ``waiting`` again, their provider batch refused whole for a while (OpenAI's
+        enqueued token limit), to be sent after a wait that doubles (``Backoff``); those past
+        ``max_queued_seconds`` by then are left to end with the batch's code. Returns the jobs
+        left to end with the batch (a job another worker has queued again is in neither list)."""
+        backoff = Backoff(self._config.poll_interval_seconds, _MAX_RESEND_DELAY, self._config.max_queued_seconds)
+        again, left = await self._opened().requeue(provider, batch.id, waiting, batch.error, backoff)
+        if again:
+            log.warning("batch_requeued", provider_batch_id=batch.id, jobs=len(again), reason=batch.error)
+        return left
 
     async def _discard(self, api: BatchAPI, provider: str, batch: ProviderBatch, tries: int = 0) -> None:
         """``api.discard(batch)``; when some of it is left at the provider, it is tried again after

@@ -88,6 +88,12 @@ class ProviderBatch:
     error_file_id: str | None = None
     # Why the whole batch failed, a short machine code (OpenAI's validation errors), or "".
     error: str = ""
+    # Whether the provider has accepted the batch's requests (OpenAI: past its validation), so
+    # that they will never be sent again.
+    accepted: bool = True
+    # Whether the whole batch was refused for a reason that passes (OpenAI's enqueued token
+    # limit): its jobs are to be sent again later, not failed.
+    retry_later: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,9 @@ log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 _ENDED = frozenset({"completed", "expired", "failed", "cancelled"})
 _ENDPOINT: Final = "/v1/chat/completions"
+# Why OpenAI fails a whole batch at validation for a while: the organization's enqueued tokens
+# for the model are at its limit ("try again once some in_progress batches have been completed").
+_PASSING_ERRORS = frozenset({"token_limit_exceeded"})
 # Items the output and error files leave out end as the batch did.
 _UNANSWERED = {"expired": BatchState.EXPIRED, "cancelled": BatchState.CANCELLED}
 # A file delete is given up after this long: one run when the send was cancelled holds up the
@@ -135,8 +138,10 @@ class OpenAIBatches:
         """Retrieve the batch."""
         batch = await self._guard("retrieve", self._client.batches.retrieve(batch_id))
         # A batch that failed validation (an enqueued token limit, a bad line) says why here and
-        # writes no file: its jobs end with the first error's code.
+        # writes no file: its jobs end with the first error's code, or are sent again when that
+        # passes (the token limit, once other batches have completed).
         errors = batch.errors.data if batch.errors is not None and batch.errors.data else []
+        error = safe_code(errors[0].code) if errors else ""
         return ProviderBatch(
             id=batch.id,
             ended=batch.status in _ENDED,
@@ -144,7 +149,9 @@ class OpenAIBatches:
             input_file_id=batch.input_file_id,
             output_file_id=batch.output_file_id,
             error_file_id=batch.error_file_id,
-            error=safe_code(errors[0].code) if errors else "",
+            error=error,
+            accepted=batch.status not in ("validating", "failed"),
+            retry_later=batch.status == "failed" and error in _PASSING_ERRORS,
         )
 
     async def _lines(self, file_id: str | None) -> tuple[list[dict[str, Any]], list[str]]:
