@@ -1598,7 +1598,7 @@ class TestBatchAdapters:
         fake.batch_outcome = BatchOutcome.EXPIRE
         api = OpenAIBatches("openai", "sk", fake.openai_base_url)
         items = [BatchItem(f"job_{n}", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 16) for n in (1, 2)]
-        batch_id = await api.submit(items)
+        batch_id = await api.submit(items, "tag")
         batch = await api.poll(batch_id)
         results = await api.results(batch)
         await api.aclose()
@@ -1620,7 +1620,7 @@ class TestBatchAdapters:
         fake.enqueue(Script(status=400), Script(text="fine"), model="gpt-4o-mini")
         api = OpenAIBatches("openai", "sk", fake.openai_base_url)
         items = [BatchItem(f"job_{n}", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 16) for n in (1, 2)]
-        results = await api.results(await api.poll(await api.submit(items)))
+        results = await api.results(await api.poll(await api.submit(items, "tag")))
         await api.aclose()
         assert sorted((r.custom_id, r.state, r.error) for r in results) == [
             ("job_1", BatchState.FAILED, "http_400"),
@@ -1656,7 +1656,7 @@ class TestBatchAdapters:
         items = [
             BatchItem(f"job_{n}", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 16) for n in (1, 2, 3)
         ]
-        results = await api.results(await api.poll(await api.submit(items)))
+        results = await api.results(await api.poll(await api.submit(items, "tag")))
         await api.aclose()
         third = (BatchState.EXPIRED, "batch_expired") if outcome is BatchOutcome.EXPIRE else (BatchState.SUCCEEDED, "")
         assert sorted((r.custom_id, r.state, r.error) for r in results) == [
@@ -1740,7 +1740,9 @@ class TestBatchAdapters:
         fake.enqueue(Script(text="I can't help with that.", refusal=True))
         fake.batch_outcome = BatchOutcome.COMPLETE
         api = OpenAIBatches("openai", "sk", fake.openai_base_url)
-        batch_id = await api.submit([BatchItem("job_1", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 64)])
+        batch_id = await api.submit(
+            [BatchItem("job_1", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 64)], "tag"
+        )
         (result,) = await api.results(await api.poll(batch_id))
         await api.aclose()
         assert (result.state, result.text, result.finish_reason) == (
@@ -1768,7 +1770,7 @@ class TestBatchAdapters:
         api = AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
         hi = (Message(Role.USER, "hi"),)
         items = [BatchItem(f"job_{n}", "claude-sonnet", "claude-sonnet-4-6", hi, 16) for n in (1, 2, 3)]
-        batch = await api.poll(await api.submit(items))
+        batch = await api.poll(await api.submit(items, "tag"))
         good = succeeded("job_3", [{"type": "text", "text": "one\u2028two"}]).replace("\\u2028", "\u2028")
         lines = [succeeded("job_1", [{"type": "text", "text": "fine"}])[:-25], succeeded("job_2", "not a list"), good]
         fake.batches[0].raw_results = ("\n".join(lines) + "\n").encode()
@@ -1795,7 +1797,7 @@ class TestBatchAdapters:
         )
         api = AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
         messages = (Message(Role.SYSTEM, "be brief"), Message(Role.USER, "hi"))
-        batch_id = await api.submit([BatchItem("job_1", "claude-sonnet", "claude-sonnet-4-6", messages, 64)])
+        batch_id = await api.submit([BatchItem("job_1", "claude-sonnet", "claude-sonnet-4-6", messages, 64)], "tag")
         results = await api.results(await api.poll(batch_id))
         await api.aclose()
         assert [(r.state, r.text, r.usage, r.finish_reason) for r in results] == [
@@ -1817,7 +1819,7 @@ class TestBatchAdapters:
             if kind == "openai"
             else AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
         )
-        batch = await api.poll(await api.submit([BatchItem("job_1", "m", "m", (Message(Role.USER, "hi"),), 8)]))
+        batch = await api.poll(await api.submit([BatchItem("job_1", "m", "m", (Message(Role.USER, "hi"),), 8)], "tag"))
         await api.discard(batch)
         with capture_logs() as logs:
             await api.discard(batch)
@@ -1841,7 +1843,7 @@ class TestBatchAdapters:
                 else AnthropicBatches("anthropic", "wrong-key-canary", fake.anthropic_base_url)
             )
             with pytest.raises(ProviderAuthFailed) as caught:
-                await api.submit([BatchItem("job_1", "m", "m", (Message(Role.USER, "hi"),), 8)])
+                await api.submit([BatchItem("job_1", "m", "m", (Message(Role.USER, "hi"),), 8)], "tag")
             await api.aclose()
         assert "wrong-key-canary" not in caught.value.message
 
@@ -1875,6 +1877,44 @@ class TestBatchStorePath:
             assert "batch.store_path" in (caught.value.details() or "")
             messages = [m async for m in client.complete(user_chat("Summarise this."))]
             assert messages[-1].WhichOneof("event") == "completion"
+
+
+class TestBatchCreateReplyLost:
+    """A batch create (or OpenAI upload) the provider handled whose reply was lost is not sent twice."""
+
+    @pytest.mark.parametrize(
+        ("task", "reset_after"),
+        [("creative_writing", 0), ("", 600), ("", 0)],
+        ids=["anthropic-create", "openai-create", "openai-upload"],
+    )
+    async def test_the_batch_a_lost_reply_created_is_adopted_and_a_lost_upload_deleted(
+        self, tmp_path: Path, fake: FakeProvider, task: str, reset_after: int
+    ) -> None:
+        """The connection is reset after the provider handled the create (or the OpenAI upload):
+        the next round finds the batch that create made (OpenAI by the tag in its metadata,
+        Anthropic by its request count and time) and places the job in it, so the provider holds
+        one batch of the job, charged once (a second batch was created, the first never read,
+        deleted or cancelled); a file whose upload reply was lost is deleted, and at the end the
+        provider holds no file."""
+        async with FaultProxy("127.0.0.1", fake.port) as proxy:
+            proxy.fault = NetworkFault(reset_after_bytes=reset_after)
+            environ = live_environ(fake)
+            if task:
+                environ["ANTHROPIC_BASE_URL"] = proxy.base_url
+            else:
+                environ["OPENAI_BASE_URL"] = f"{proxy.base_url}/v1"
+            async with (
+                Server(settings_from(batch_config(tmp_path), environ), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client, task_hint=task))[1].batch
+                await until(lambda: proxy.faults_injected > 0)
+                proxy.fault = NetworkFault()
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                await until(lambda: not fake.files)
+                entries = server.router.ledger.entries()
+        assert [batch.custom_ids for batch in fake.batches] == [[job.batch_id]]
+        assert [entry.request_id for entry in entries] == [job.batch_id]
 
 
 class TestBatchSubmitWithASpentQuota:

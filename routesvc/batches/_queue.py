@@ -61,8 +61,21 @@ Several workers (``server.workers``) share one store, and each runs a poller: a 
 only by the worker that claimed its jobs (``BatchStore.claim``), so each job is submitted once.
 A claim lasts ``CLAIM_SECONDS`` and a send is cut off at half of that, so it never outlives its
 claim. A worker that dies or stops mid-send leaves its claim; once it lapses any worker (or the
-restarted one) sends the jobs. That is the one case a job can reach the provider twice, if the
-first send got through before the worker died. Every worker polls every provider batch (of its
+restarted one) sends the jobs.
+
+A send whose reply is lost (a connection reset after the provider handled it, a timeout, the
+cut-off above, a worker gone mid-send) may have created the provider batch all the same. So each
+send is tagged with an id of ours, stored with its jobs before the request leaves
+(``BatchStore.tag_send``), and the next send of those jobs first looks that batch up
+(``BatchAPI.find``) and adopts it when the provider has it (``batch_send_adopted``); it sends
+nothing while the provider cannot be asked. OpenAI keeps the tag in the batch's metadata and the
+input file's name (a file whose upload reply was lost is deleted then). An Anthropic message batch
+keeps no tag, nor, before it ends, its requests' custom_ids: the lookup takes the one batch of as
+many requests created since the send began that no job of the store is in; with several such
+(another process with the same key sending as many requests at once) it adopts none
+(``batch_send_ambiguous``) and sends again: that, and jobs whose next send never comes (cancelled
+or expired meanwhile, when an OpenAI input file of a lost reply is left to OpenAI's expiry), are
+the cases a job can still reach the provider twice. Every worker polls every provider batch (of its
 endpoints, below); a job ends once and is charged once, in the ledger of the worker that read
 its result (a cancelled job's bill too: ``BatchStore.close_cancelled``).
 
@@ -676,11 +689,16 @@ class BatchQueue:
             sent_to = self._sends_to[model.provider]  # set with every adapter
             requests = await store.requests(claimed, self._owner)
             ids = [batch_id for batch_id in claimed if batch_id in requests]  # less any cancelled since
+            ids = await self._adopt_earlier(api, model, ids, sent_to)
             if not ids:
                 return
             items = [_item(batch_id, model, decode_request(requests.pop(batch_id))) for batch_id in ids]
+            tag = uuid.uuid4().hex
+            # Stored before the create leaves: if its reply is lost (a reset, a timeout, a crash)
+            # the batch may exist all the same, and whoever sends these jobs next adopts it.
+            await store.tag_send(ids, self._owner, tag)
             try:
-                provider_batch_id = await self._submit(api, items)
+                provider_batch_id = await self._submit(api, items, tag)
             except ProviderError as error:
                 # Not the jobs' fault: a spent quota, or a key refused (401/403: one being rotated,
                 # which a reload brings). They wait, queued, until the account is paid or the key
@@ -701,12 +719,43 @@ class BatchQueue:
                 # Cancelled where it was sent.
                 await self._cancel_with(api, provider_batch_id)
 
-    async def _submit(self, api: BatchAPI, items: list[BatchItem]) -> str:
+    async def _adopt_earlier(
+        self, api: BatchAPI, model: ModelSpec, ids: list[str], sent_to: tuple[str, str]
+    ) -> list[str]:
+        """Of the claimed jobs ``ids``, those to send: a job whose earlier send may have reached
+        the provider (its reply lost) is placed in the batch that send created, when the
+        provider has it (``BatchAPI.find``); none is sent when the provider cannot be asked (the
+        jobs are released, to be looked up again next round)."""
+        store = self._opened()
+        to_send = list(ids)
+        for tag, (since, tagged) in (await store.sends(ids)).items():
+            try:
+                async with asyncio.timeout(CLAIM_SECONDS / 2):
+                    found = await api.find(tag, len(tagged), since)
+                found = [batch for batch in found if not await store.knows(model.provider, batch)]
+            except (ProviderError, TimeoutError) as error:
+                await store.release(ids, self._owner)
+                reason = error.reason if isinstance(error, ProviderError) else "timeout"
+                log.warning("batch_submit_failed", model=model.id, jobs=len(ids), reason=reason)
+                return []
+            if len(found) != 1:
+                if found:
+                    # Anthropic keeps no tag: as many batches of as many requests since then.
+                    log.warning("batch_send_ambiguous", model=model.id, jobs=len(tagged), candidates=len(found))
+                continue
+            placed = await store.mark_submitted(tagged, self._owner, model.provider, found[0], sent_to)
+            log.info("batch_send_adopted", model=model.id, jobs=placed, provider_batch_id=found[0])
+            if placed == 0:
+                await self._cancel_with(api, found[0])
+            to_send = [batch_id for batch_id in to_send if batch_id not in tagged]
+        return to_send
+
+    async def _submit(self, api: BatchAPI, items: list[BatchItem], tag: str) -> str:
         """``api.submit``, cut off well before the claim on its jobs lapses."""
         seconds = CLAIM_SECONDS / 2
         try:
             async with asyncio.timeout(seconds):
-                return await api.submit(items)
+                return await api.submit(items, tag)
         except TimeoutError as exc:
             message = f"{api.name}: batch submit took over {seconds:.0f} s"
             raise ProviderTimedOut(message, provider=api.name, model="batch") from exc

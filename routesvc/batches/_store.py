@@ -107,6 +107,8 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # NULL otherwise. Jobs cancelled before the column was added have none: their batches are not read.
 # endpoint: the provider's base URL the job was queued for, then the one it was sent to; key_id:
 # the fingerprint of the key that sent it (``key_id``). NULL in rows stored before they were added.
+# send_tag, send_at: the tag (our id) of the last provider batch create of the job that may have
+# reached the provider without its reply reaching us, and when it began; NULL once it is placed.
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -119,6 +121,8 @@ _ADDED_COLUMNS = (
     ("provider_pending", "INTEGER"),
     ("endpoint", "TEXT"),
     ("key_id", "TEXT"),
+    ("send_tag", "TEXT"),
+    ("send_at", "REAL"),
 )
 
 # The holder of jobs queued again after their provider batch was refused for a while, until their
@@ -617,6 +621,47 @@ class BatchStore:
 
         await self._run(update)
 
+    async def tag_send(self, batch_ids: list[str], owner: str, tag: str) -> None:
+        """Record, before it leaves, that ``owner`` is sending its claimed jobs of ``batch_ids`` in
+        a provider batch tagged ``tag``: until they are placed (``mark_submitted``), whoever sends
+        them next looks that batch up first (``sends``), as it may have been created."""
+        now = self._clock()
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "UPDATE jobs SET send_tag = ?, send_at = ? WHERE id = ? AND state = ? AND claimed_by = ?",
+                [(tag, now, batch_id, BatchState.QUEUED.value, owner) for batch_id in batch_ids],
+            )
+
+        await self._run(update)
+
+    async def sends(self, batch_ids: list[str]) -> dict[str, tuple[float, list[str]]]:
+        """Earlier sends of the jobs of ``batch_ids`` that may have reached the provider, by tag:
+        when each began, and its jobs among ``batch_ids``."""
+
+        def select(connection: sqlite3.Connection) -> dict[str, tuple[float, list[str]]]:
+            found: dict[str, tuple[float, list[str]]] = {}
+            for batch_id in batch_ids:
+                row = connection.execute(
+                    "SELECT send_tag, send_at FROM jobs WHERE id = ? AND send_tag IS NOT NULL", (batch_id,)
+                ).fetchone()
+                if row is not None:
+                    found.setdefault(row["send_tag"], (row["send_at"], []))[1].append(batch_id)
+            return found
+
+        return await self._run(select)
+
+    async def knows(self, provider: str, provider_batch_id: str) -> bool:
+        """Whether a job of the store was placed in ``provider``'s batch ``provider_batch_id``."""
+
+        def select(connection: sqlite3.Connection) -> bool:
+            row = connection.execute(
+                "SELECT 1 FROM jobs WHERE provider = ? AND provider_batch_id = ? LIMIT 1", (provider, provider_batch_id)
+            ).fetchone()
+            return row is not None
+
+        return await self._run(select)
+
     async def mark_submitted(
         self, batch_ids: list[str], owner: str, provider: str, provider_batch_id: str, sent_to: tuple[str, str]
     ) -> int:
@@ -640,7 +685,7 @@ class BatchStore:
             with immediate(connection):
                 for batch_id in batch_ids:
                     cursor = connection.execute(
-                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
+                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '', send_tag = NULL,"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?"
                         " WHERE id = ? AND state = ? AND claimed_by = ?",
                         (submitted, provider, provider_batch_id, now, endpoint, sent_key, batch_id, queued, owner),
@@ -650,7 +695,7 @@ class BatchStore:
                         continue
                     # A correction made counts nothing for the job now: budget_usd says so.
                     connection.execute(
-                        "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1,"
+                        "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1, send_tag = NULL,"
                         " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
                         " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
                         " WHERE id = ? AND state = ? AND claimed_by = ? AND provider_batch_id IS NULL",
