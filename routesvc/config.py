@@ -516,7 +516,8 @@ class BatchConfig(_Strict):
         86400.0,
         gt=0,
         description="How long a job may wait, queued, to be sent (a spent quota, a provider down): then it ends "
-        "EXPIRED queued_too_long, uncharged. The provider's own 24 h window starts once it is sent.",
+        "EXPIRED queued_too_long, uncharged (FAILED token_limit_exceeded when OpenAI refused its batches for "
+        "the enqueued token limit). The provider's own 24 h window starts once it is sent.",
     )
     retention_seconds: float = Field(
         604800.0,

@@ -121,6 +121,15 @@ def job_states(path: Path) -> list[str]:
         connection.close()
 
 
+def stored_requests(path: Path) -> list[str]:
+    """Every job's stored request in the store file at ``path``, read by another connection."""
+    connection = sqlite3.connect(path)
+    try:
+        return [row[0] for row in connection.execute("SELECT request FROM jobs ORDER BY created_at")]
+    finally:
+        connection.close()
+
+
 # What each batch API gets for an assistant turn of one call and its result.
 BATCH_TOOL_TURNS = {
     "call": [
@@ -1280,20 +1289,87 @@ class TestRetention:
 class TestBatchFailures:
     """A batch the provider fails, or a request in it that errors, ends FAILED with a short code, uncharged."""
 
-    @pytest.mark.parametrize(("task", "code"), [("", "token_limit_exceeded"), ("creative_writing", "api_error")])
-    async def test_a_failed_batch_ends_failed(self, tmp_path: Path, fake: FakeProvider, task: str, code: str) -> None:
-        """OpenAI batch status failed (validation: no file, the reason in the batch's errors, which
-        the jobs carry; they said no_result) / Anthropic requests errored: FAILED, an error code,
-        no ledger entry."""
+    async def test_a_failed_batch_ends_failed(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """Anthropic requests errored: FAILED, an error code, no ledger entry."""
         fake.batch_outcome = BatchOutcome.FAIL
         async with (
             Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            job = (await submit(client, task_hint=task))[1].batch
+            job = (await submit(client, task_hint="creative_writing"))[1].batch
             failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
-            assert failed.error == code
+            assert failed.error == "api_error"
             assert server.router.ledger.entries() == []
+
+    async def test_jobs_of_a_batch_over_the_enqueued_token_limit_are_queued_and_sent_again(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """OpenAI fails the batch at validation, token_limit_exceeded ("try again once some
+        in_progress batches have been completed"): its jobs go back to QUEUED, no error shown,
+        and are sent again, together, after a wait; once the limit has room they succeed,
+        charged once each (they were failed for good). The refused batch's input file is
+        deleted as any ended batch's."""
+        config = batch_config(tmp_path)
+        config["batch"]["group_window_seconds"] = 0.3  # type: ignore[index]
+        fake.batch_outcome = BatchOutcome.FAIL
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                jobs = [(await submit(client))[1].batch.batch_id for _ in range(2)]
+                await until(lambda: any(e["event"] == "batch_requeued" for e in logs))
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                done = [await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED) for job in jobs]
+            entries = server.router.ledger.entries()
+        requeued = next(e for e in logs if e["event"] == "batch_requeued")
+        assert (requeued["jobs"], requeued["reason"]) == (2, "token_limit_exceeded")
+        assert [r.error for r in done] == ["", ""]
+        assert sorted(e.request_id for e in entries) == sorted(jobs)
+        assert fake.batches[0].status == "failed"
+        assert fake.batches[-1].custom_ids == jobs
+        assert fake.batches[0].input_file_id in fake.deleted_files
+
+    @pytest.mark.parametrize("task", ["", "creative_writing"])
+    async def test_a_sent_jobs_request_leaves_the_store_once_the_provider_accepted_its_batch(
+        self, tmp_path: Path, fake: FakeProvider, task: str
+    ) -> None:
+        """The request (the prompt) of a sent job is kept only while its provider batch may be
+        refused for a while: once a poll finds the batch accepted (in progress), it is cleared
+        from the store, the job still waiting."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        path = tmp_path / "batches.db"
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client, task_hint=task))[1].batch
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: stored_requests(path) == ["{}"])
+            assert (await get_batch(client, job.batch_id)).job.state == pb.BATCH_STATE_SUBMITTED
+
+    async def test_a_batch_over_the_enqueued_token_limit_fails_its_jobs_past_max_queued_seconds(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The enqueued token limit stays reached for batch.max_queued_seconds: the jobs, sent
+        again and again meanwhile, end FAILED token_limit_exceeded (not EXPIRED queued_too_long),
+        uncharged; every refused batch's input file is deleted."""
+        config = batch_config(tmp_path)
+        config["batch"]["max_queued_seconds"] = 1.0  # type: ignore[index]
+        fake.batch_outcome = BatchOutcome.FAIL
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
+            assert server.router.ledger.entries() == []
+            await until(lambda: not fake.files)
+        assert failed.error == "token_limit_exceeded"
+        assert any(e["event"] == "batch_requeued" for e in logs)
+        assert len(fake.batches) >= 2
+        assert sorted(fake.deleted_files) == sorted(str(batch.input_file_id) for batch in fake.batches)
 
     async def test_an_anthropic_batch_whose_results_were_deleted_ends_failed(
         self, tmp_path: Path, fake: FakeProvider
@@ -1522,7 +1598,7 @@ class TestBatchAdapters:
         fake.batch_outcome = BatchOutcome.EXPIRE
         api = OpenAIBatches("openai", "sk", fake.openai_base_url)
         items = [BatchItem(f"job_{n}", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 16) for n in (1, 2)]
-        batch_id = await api.submit(items)
+        batch_id = await api.submit(items, "tag")
         batch = await api.poll(batch_id)
         results = await api.results(batch)
         await api.aclose()
@@ -1544,11 +1620,49 @@ class TestBatchAdapters:
         fake.enqueue(Script(status=400), Script(text="fine"), model="gpt-4o-mini")
         api = OpenAIBatches("openai", "sk", fake.openai_base_url)
         items = [BatchItem(f"job_{n}", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 16) for n in (1, 2)]
-        results = await api.results(await api.poll(await api.submit(items)))
+        results = await api.results(await api.poll(await api.submit(items, "tag")))
         await api.aclose()
         assert sorted((r.custom_id, r.state, r.error) for r in results) == [
             ("job_1", BatchState.FAILED, "http_400"),
             ("job_2", BatchState.SUCCEEDED, ""),
+        ]
+
+    @pytest.mark.parametrize("outcome", [BatchOutcome.EXPIRE, BatchOutcome.COMPLETE])
+    async def test_an_openai_http_error_fails_with_its_code_whatever_the_batch_ended_as(
+        self, fake: FakeProvider, outcome: BatchOutcome
+    ) -> None:
+        """A request OpenAI answered with a 400 before the batch ended (an error-file line with
+        its response, error null): FAILED with the code of its error body,
+        context_length_exceeded, also in an expired batch (it ended EXPIRED http_400 there, a
+        failed request taken for one the window cut off, and http_400 in any batch). A request
+        the window did cut off stays EXPIRED batch_expired."""
+        from routesvc.models import BatchState, Message, Role
+        from routesvc.providers.batch import BatchItem
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        too_long = {
+            "error": {
+                "message": "too long",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
+        fake.openai_batch_http_errors_in_error_file = True
+        fake.batch_outcome = outcome
+        fake.batch_answered_before_expiry = 2
+        fake.enqueue(Script(status=400, error_body=json.dumps(too_long)), Script(text="fine"), model="gpt-4o-mini")
+        api = OpenAIBatches("openai", "sk", fake.openai_base_url)
+        items = [
+            BatchItem(f"job_{n}", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 16) for n in (1, 2, 3)
+        ]
+        results = await api.results(await api.poll(await api.submit(items, "tag")))
+        await api.aclose()
+        third = (BatchState.EXPIRED, "batch_expired") if outcome is BatchOutcome.EXPIRE else (BatchState.SUCCEEDED, "")
+        assert sorted((r.custom_id, r.state, r.error) for r in results) == [
+            ("job_1", BatchState.FAILED, "context_length_exceeded"),
+            ("job_2", BatchState.SUCCEEDED, ""),
+            ("job_3", *third),
         ]
 
     async def test_an_openai_results_line_that_is_not_json_fails_only_its_job(self, fake: FakeProvider) -> None:
@@ -1626,7 +1740,9 @@ class TestBatchAdapters:
         fake.enqueue(Script(text="I can't help with that.", refusal=True))
         fake.batch_outcome = BatchOutcome.COMPLETE
         api = OpenAIBatches("openai", "sk", fake.openai_base_url)
-        batch_id = await api.submit([BatchItem("job_1", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 64)])
+        batch_id = await api.submit(
+            [BatchItem("job_1", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "hi"),), 64)], "tag"
+        )
         (result,) = await api.results(await api.poll(batch_id))
         await api.aclose()
         assert (result.state, result.text, result.finish_reason) == (
@@ -1654,7 +1770,7 @@ class TestBatchAdapters:
         api = AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
         hi = (Message(Role.USER, "hi"),)
         items = [BatchItem(f"job_{n}", "claude-sonnet", "claude-sonnet-4-6", hi, 16) for n in (1, 2, 3)]
-        batch = await api.poll(await api.submit(items))
+        batch = await api.poll(await api.submit(items, "tag"))
         good = succeeded("job_3", [{"type": "text", "text": "one\u2028two"}]).replace("\\u2028", "\u2028")
         lines = [succeeded("job_1", [{"type": "text", "text": "fine"}])[:-25], succeeded("job_2", "not a list"), good]
         fake.batches[0].raw_results = ("\n".join(lines) + "\n").encode()
@@ -1681,7 +1797,7 @@ class TestBatchAdapters:
         )
         api = AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
         messages = (Message(Role.SYSTEM, "be brief"), Message(Role.USER, "hi"))
-        batch_id = await api.submit([BatchItem("job_1", "claude-sonnet", "claude-sonnet-4-6", messages, 64)])
+        batch_id = await api.submit([BatchItem("job_1", "claude-sonnet", "claude-sonnet-4-6", messages, 64)], "tag")
         results = await api.results(await api.poll(batch_id))
         await api.aclose()
         assert [(r.state, r.text, r.usage, r.finish_reason) for r in results] == [
@@ -1703,7 +1819,7 @@ class TestBatchAdapters:
             if kind == "openai"
             else AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
         )
-        batch = await api.poll(await api.submit([BatchItem("job_1", "m", "m", (Message(Role.USER, "hi"),), 8)]))
+        batch = await api.poll(await api.submit([BatchItem("job_1", "m", "m", (Message(Role.USER, "hi"),), 8)], "tag"))
         await api.discard(batch)
         with capture_logs() as logs:
             await api.discard(batch)
@@ -1727,7 +1843,7 @@ class TestBatchAdapters:
                 else AnthropicBatches("anthropic", "wrong-key-canary", fake.anthropic_base_url)
             )
             with pytest.raises(ProviderAuthFailed) as caught:
-                await api.submit([BatchItem("job_1", "m", "m", (Message(Role.USER, "hi"),), 8)])
+                await api.submit([BatchItem("job_1", "m", "m", (Message(Role.USER, "hi"),), 8)], "tag")
             await api.aclose()
         assert "wrong-key-canary" not in caught.value.message
 
@@ -1761,6 +1877,44 @@ class TestBatchStorePath:
             assert "batch.store_path" in (caught.value.details() or "")
             messages = [m async for m in client.complete(user_chat("Summarise this."))]
             assert messages[-1].WhichOneof("event") == "completion"
+
+
+class TestBatchCreateReplyLost:
+    """A batch create (or OpenAI upload) the provider handled whose reply was lost is not sent twice."""
+
+    @pytest.mark.parametrize(
+        ("task", "reset_after"),
+        [("creative_writing", 0), ("", 600), ("", 0)],
+        ids=["anthropic-create", "openai-create", "openai-upload"],
+    )
+    async def test_the_batch_a_lost_reply_created_is_adopted_and_a_lost_upload_deleted(
+        self, tmp_path: Path, fake: FakeProvider, task: str, reset_after: int
+    ) -> None:
+        """The connection is reset after the provider handled the create (or the OpenAI upload):
+        the next round finds the batch that create made (OpenAI by the tag in its metadata,
+        Anthropic by its request count and time) and places the job in it, so the provider holds
+        one batch of the job, charged once (a second batch was created, the first never read,
+        deleted or cancelled); a file whose upload reply was lost is deleted, and at the end the
+        provider holds no file."""
+        async with FaultProxy("127.0.0.1", fake.port) as proxy:
+            proxy.fault = NetworkFault(reset_after_bytes=reset_after)
+            environ = live_environ(fake)
+            if task:
+                environ["ANTHROPIC_BASE_URL"] = proxy.base_url
+            else:
+                environ["OPENAI_BASE_URL"] = f"{proxy.base_url}/v1"
+            async with (
+                Server(settings_from(batch_config(tmp_path), environ), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client, task_hint=task))[1].batch
+                await until(lambda: proxy.faults_injected > 0)
+                proxy.fault = NetworkFault()
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                await until(lambda: not fake.files)
+                entries = server.router.ledger.entries()
+        assert [batch.custom_ids for batch in fake.batches] == [[job.batch_id]]
+        assert [entry.request_id for entry in entries] == [job.batch_id]
 
 
 class TestBatchSubmitWithASpentQuota:
@@ -1863,18 +2017,17 @@ class TestBatchProviderCleanup:
         [
             (BatchOutcome.COMPLETE, pb.BATCH_STATE_SUCCEEDED, ("input_file_id", "output_file_id")),
             (BatchOutcome.EXPIRE, pb.BATCH_STATE_EXPIRED, ("input_file_id", "error_file_id")),
-            (BatchOutcome.FAIL, pb.BATCH_STATE_FAILED, ("input_file_id",)),
             (None, pb.BATCH_STATE_CANCELLED, ("input_file_id", "error_file_id")),
         ],
-        ids=["completed", "expired", "failed", "cancelled"],
+        ids=["completed", "expired", "cancelled"],
     )
     async def test_an_ended_openai_batchs_files_are_deleted(
         self, tmp_path: Path, fake: FakeProvider, outcome: BatchOutcome | None, state: int, files: tuple[str, ...]
     ) -> None:
-        """An OpenAI batch completed, expired, failed or cancelled at the provider (``None``):
-        once its job has ended in the store, the input file and whichever output and error files
-        the batch wrote are deleted at OpenAI, and the provider holds no file (they were left in
-        the account for ever)."""
+        """An OpenAI batch completed, expired or cancelled at the provider (``None``): once its
+        job has ended in the store, the input file and whichever output and error files the batch
+        wrote are deleted at OpenAI, and the provider holds no file (they were left in the account
+        for ever). A failed batch's: ``TestBatchFailures``."""
         fake.batch_outcome = outcome or BatchOutcome.PENDING
         async with (
             Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,

@@ -356,7 +356,9 @@ class TestAnthropicBatchRequests:
         )
         api = AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
         try:
-            await api.submit([BatchItem("job_1", "claude-sonnet", "claude-sonnet-4-6", messages, 64, temperature=1.7)])
+            await api.submit(
+                [BatchItem("job_1", "claude-sonnet", "claude-sonnet-4-6", messages, 64, temperature=1.7)], "tag"
+            )
         finally:
             await api.aclose()
         params = fake.batches[0].requests[0]["params"]

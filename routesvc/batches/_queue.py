@@ -12,7 +12,12 @@ Outcomes: the provider's expiry ends a job EXPIRED, a failed request or batch FA
 short provider code), a cancelled one CANCELLED; none of them is charged, but for a job cancelled
 after it was sent what the provider billed for it. A job still queued after
 ``max_queued_seconds`` (a spent quota, a provider down all that time) ends EXPIRED
-``queued_too_long``.
+``queued_too_long``. A provider batch refused whole for a reason that passes (OpenAI's enqueued
+token limit, ``ProviderBatch.retry_later``) is no failure of its jobs: they go back to QUEUED
+(``BatchStore.requeue``, their requests kept in the store until the provider accepts a batch of
+them) and are sent again as one group after a wait as long as they have waited so far (at least
+the poll interval, at most ``_MAX_RESEND_DELAY``); past ``max_queued_seconds`` they end FAILED
+with the batch's code.
 
 A job cancelled after it was sent may be answered, and billed, by the provider all the same: when
 other jobs keep its provider batch running, or when the provider had answered it before the
@@ -56,8 +61,21 @@ Several workers (``server.workers``) share one store, and each runs a poller: a 
 only by the worker that claimed its jobs (``BatchStore.claim``), so each job is submitted once.
 A claim lasts ``CLAIM_SECONDS`` and a send is cut off at half of that, so it never outlives its
 claim. A worker that dies or stops mid-send leaves its claim; once it lapses any worker (or the
-restarted one) sends the jobs. That is the one case a job can reach the provider twice, if the
-first send got through before the worker died. Every worker polls every provider batch (of its
+restarted one) sends the jobs.
+
+A send whose reply is lost (a connection reset after the provider handled it, a timeout, the
+cut-off above, a worker gone mid-send) may have created the provider batch all the same. So each
+send is tagged with an id of ours, stored with its jobs before the request leaves
+(``BatchStore.tag_send``), and the next send of those jobs first looks that batch up
+(``BatchAPI.find``) and adopts it when the provider has it (``batch_send_adopted``); it sends
+nothing while the provider cannot be asked. OpenAI keeps the tag in the batch's metadata and the
+input file's name (a file whose upload reply was lost is deleted then). An Anthropic message batch
+keeps no tag, nor, before it ends, its requests' custom_ids: the lookup takes the one batch of as
+many requests created since the send began that no job of the store is in; with several such
+(another process with the same key sending as many requests at once) it adopts none
+(``batch_send_ambiguous``) and sends again: that, and jobs whose next send never comes (cancelled
+or expired meanwhile, when an OpenAI input file of a lost reply is left to OpenAI's expiry), are
+the cases a job can still reach the provider twice. Every worker polls every provider batch (of its
 endpoints, below); a job ends once and is charged once, in the ledger of the worker that read
 its result (a cancelled job's bill too: ``BatchStore.close_cancelled``).
 
@@ -106,6 +124,7 @@ from typing import Any, TypeVar
 import structlog
 
 from routesvc.batches._store import (
+    Backoff,
     BatchStore,
     QueuedJob,
     QueuedRequest,
@@ -164,6 +183,9 @@ jobs, still waiting, are failed as lost (the account that owned it would have se
 _DISCARD_TRIES = 8
 _MAX_DISCARD_DELAY = 3600.0
 _MAX_LEFTOVERS = 10_000
+# Jobs of a provider batch refused for a while (OpenAI's enqueued token limit) wait as long as they
+# have waited so far before they are sent again: at least the poll interval, at most this.
+_MAX_RESEND_DELAY = 3600.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -265,6 +287,9 @@ class BatchQueue:
         self._uses: collections.Counter[BatchAPI] = collections.Counter()
         # Provider batches whose cancel this process asked for when it found no job waiting.
         self._cancel_asked: set[str] = set()
+        # Provider batches under way whose jobs' requests were dropped here once the provider
+        # accepted them (``drop_requests``), so that a round does not write that again.
+        self._accepted: set[tuple[str, str]] = set()
         # What deletes left at the provider, by (provider, provider batch id), to try again.
         self._leftovers: dict[tuple[str, str], _Leftover] = {}
         self._replaced: set[BatchAPI] = set()
@@ -664,11 +689,16 @@ class BatchQueue:
             sent_to = self._sends_to[model.provider]  # set with every adapter
             requests = await store.requests(claimed, self._owner)
             ids = [batch_id for batch_id in claimed if batch_id in requests]  # less any cancelled since
+            ids = await self._adopt_earlier(api, model, ids, sent_to)
             if not ids:
                 return
             items = [_item(batch_id, model, decode_request(requests.pop(batch_id))) for batch_id in ids]
+            tag = uuid.uuid4().hex
+            # Stored before the create leaves: if its reply is lost (a reset, a timeout, a crash)
+            # the batch may exist all the same, and whoever sends these jobs next adopts it.
+            await store.tag_send(ids, self._owner, tag)
             try:
-                provider_batch_id = await self._submit(api, items)
+                provider_batch_id = await self._submit(api, items, tag)
             except ProviderError as error:
                 # Not the jobs' fault: a spent quota, or a key refused (401/403: one being rotated,
                 # which a reload brings). They wait, queued, until the account is paid or the key
@@ -689,12 +719,43 @@ class BatchQueue:
                 # Cancelled where it was sent.
                 await self._cancel_with(api, provider_batch_id)
 
-    async def _submit(self, api: BatchAPI, items: list[BatchItem]) -> str:
+    async def _adopt_earlier(
+        self, api: BatchAPI, model: ModelSpec, ids: list[str], sent_to: tuple[str, str]
+    ) -> list[str]:
+        """Of the claimed jobs ``ids``, those to send: a job whose earlier send may have reached
+        the provider (its reply lost) is placed in the batch that send created, when the
+        provider has it (``BatchAPI.find``); none is sent when the provider cannot be asked (the
+        jobs are released, to be looked up again next round)."""
+        store = self._opened()
+        to_send = list(ids)
+        for tag, (since, tagged) in (await store.sends(ids)).items():
+            try:
+                async with asyncio.timeout(CLAIM_SECONDS / 2):
+                    found = await api.find(tag, len(tagged), since)
+                found = [batch for batch in found if not await store.knows(model.provider, batch)]
+            except (ProviderError, TimeoutError) as error:
+                await store.release(ids, self._owner)
+                reason = error.reason if isinstance(error, ProviderError) else "timeout"
+                log.warning("batch_submit_failed", model=model.id, jobs=len(ids), reason=reason)
+                return []
+            if len(found) != 1:
+                if found:
+                    # Anthropic keeps no tag: as many batches of as many requests since then.
+                    log.warning("batch_send_ambiguous", model=model.id, jobs=len(tagged), candidates=len(found))
+                continue
+            placed = await store.mark_submitted(tagged, self._owner, model.provider, found[0], sent_to)
+            log.info("batch_send_adopted", model=model.id, jobs=placed, provider_batch_id=found[0])
+            if placed == 0:
+                await self._cancel_with(api, found[0])
+            to_send = [batch_id for batch_id in to_send if batch_id not in tagged]
+        return to_send
+
+    async def _submit(self, api: BatchAPI, items: list[BatchItem], tag: str) -> str:
         """``api.submit``, cut off well before the claim on its jobs lapses."""
         seconds = CLAIM_SECONDS / 2
         try:
             async with asyncio.timeout(seconds):
-                return await api.submit(items)
+                return await api.submit(items, tag)
         except TimeoutError as exc:
             message = f"{api.name}: batch submit took over {seconds:.0f} s"
             raise ProviderTimedOut(message, provider=api.name, model="batch") from exc
@@ -735,6 +796,7 @@ class BatchQueue:
         try:
             await self._poll_batch(api, provider, provider_batch_id, jobs)
         except ProviderRejected as error:
+            self._accepted.discard((provider, provider_batch_id))
             code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
             # None failed or closed: another worker stored the results and deleted the batch (or
             # its files) since this round listed its jobs. A cancelled job's bill cannot be read
@@ -775,6 +837,10 @@ class BatchQueue:
             # 404 then means lost, as for any batch).
             await self._opened().adopt(provider, provider_batch_id, own_key)
         if not batch.ended:
+            if batch.accepted and (provider, provider_batch_id) not in self._accepted:
+                # Past the provider's validation: the requests are never sent again.
+                await self._opened().drop_requests(provider, provider_batch_id)
+                self._accepted.add((provider, provider_batch_id))
             if not jobs.waiting and batch.status not in _CANCELLING and provider_batch_id not in self._cancel_asked:
                 # Every job of it was cancelled, through a process that cannot reach it (another
                 # endpoint's): it is cancelled here, where it was sent, once; else the provider
@@ -783,8 +849,12 @@ class BatchQueue:
                 await self._cancel_with(api, provider_batch_id)
             return
         self._cancel_asked.discard(provider_batch_id)
+        self._accepted.discard((provider, provider_batch_id))
+        waiting = list(jobs.waiting)
+        if batch.retry_later and waiting:
+            waiting = await self._requeue(provider, batch, waiting)
         results = {result.custom_id: result for result in await api.results(batch)}
-        for batch_id in jobs.waiting:
+        for batch_id in waiting:
             result = results.get(batch_id) or ItemResult(
                 batch_id,
                 BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED,
@@ -805,6 +875,17 @@ class BatchQueue:
         # and answers, is deleted. In one task a shutdown waits for; what a delete left is tried
         # again in later rounds (``_discard_leftovers``).
         await asyncio.shield(self._keep(self._discard(api, provider, batch)))
+
+    async def _requeue(self, provider: str, batch: ProviderBatch, waiting: list[str]) -> list[str]:
+        """Queue ``waiting`` again, their provider batch refused whole for a while (OpenAI's
+        enqueued token limit), to be sent after a wait that doubles (``Backoff``); those past
+        ``max_queued_seconds`` by then are left to end with the batch's code. Returns the jobs
+        left to end with the batch (a job another worker has queued again is in neither list)."""
+        backoff = Backoff(self._config.poll_interval_seconds, _MAX_RESEND_DELAY, self._config.max_queued_seconds)
+        again, left = await self._opened().requeue(provider, batch.id, waiting, batch.error, backoff)
+        if again:
+            log.warning("batch_requeued", provider_batch_id=batch.id, jobs=len(again), reason=batch.error)
+        return left
 
     async def _discard(self, api: BatchAPI, provider: str, batch: ProviderBatch, tries: int = 0) -> None:
         """``api.discard(batch)``; when some of it is left at the provider, it is tried again after

@@ -1,7 +1,10 @@
 """Batch jobs in embedded SQLite, so that a restart loses none.
 
 One row per job. A queued job keeps its request (messages, tools and sampling: what is needed to
-send it); the request is cleared once the job is in a provider batch. A job ends exactly once:
+send it); the request is kept while its provider batch may still be refused whole for a reason
+that passes (OpenAI's enqueued token limit, found as it validates the batch: ``requeue`` then
+queues the jobs again), and cleared once the provider has accepted the batch (``drop_requests``)
+or the job has ended. A job ends exactly once:
 ``finish`` changes only a job that has not ended, and says whether it did, so a result is charged
 once. A job cancelled after it was sent stays tied to its provider batch (``provider_pending``),
 which the provider may still answer it in (and bill), until that batch's results are read:
@@ -104,6 +107,8 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # NULL otherwise. Jobs cancelled before the column was added have none: their batches are not read.
 # endpoint: the provider's base URL the job was queued for, then the one it was sent to; key_id:
 # the fingerprint of the key that sent it (``key_id``). NULL in rows stored before they were added.
+# send_tag, send_at: the tag (our id) of the last provider batch create of the job that may have
+# reached the provider without its reply reaching us, and when it began; NULL once it is placed.
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -116,7 +121,13 @@ _ADDED_COLUMNS = (
     ("provider_pending", "INTEGER"),
     ("endpoint", "TEXT"),
     ("key_id", "TEXT"),
+    ("send_tag", "TEXT"),
+    ("send_at", "REAL"),
 )
+
+# The holder of jobs queued again after their provider batch was refused for a while, until their
+# delay has passed (``requeue``).
+_BACKING_OFF = "backing-off"
 
 _COLUMNS = (
     "id, tenant, decision_id, model, provider, state, estimated_cost_usd, created_at, updated_at, "
@@ -166,6 +177,21 @@ class SentJobs:
     key_id: str | None = None
     # When the batch was sent (the earliest of its jobs' last changes); None: no job of it listed.
     sent_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """How long jobs whose provider batch was refused for a while wait before they are sent again:
+    as long as they have waited so far (so the waits double), at least ``floor`` and at most
+    ``cap`` seconds; never past ``max_age`` seconds after they were queued."""
+
+    floor: float
+    cap: float
+    max_age: float
+
+    def delay(self, age: float) -> float:
+        """The wait of a job queued ``age`` seconds ago."""
+        return min(self.cap, max(self.floor, age))
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,7 +404,9 @@ def _status(row: sqlite3.Row) -> BatchStatus:
             provider_model=row["provider_model"] or "",
             tool_calls=_decode_calls(json.loads(row["tool_calls"] or "[]")),
         )
-    return BatchStatus(job, result, row["error"])
+    # A job queued again after its provider batch was refused for a while keeps that code, for
+    # when it waits too long (``expire_queued``); callers see an error only once the job ended.
+    return BatchStatus(job, result, row["error"] if job.state.ended else "")
 
 
 def store_failure(path: Path, exc: sqlite3.Error | OSError, doing: str) -> BatchStoreUnavailable:
@@ -521,15 +549,19 @@ class BatchStore:
 
     async def expire_queued(self, queued_before: float, error: str) -> int:
         """End EXPIRED (with ``error``) every job queued before ``queued_before`` that is still
-        queued and nobody holds a live claim on (a send under way decides its jobs' end).
-        Returns how many ended."""
+        queued and nobody holds a live claim on (a send under way decides its jobs' end); one
+        queued again after its provider batch was refused (``requeue``) ends FAILED with that
+        code instead. Returns how many ended."""
         now = self._clock()
+        expired, failed = BatchState.EXPIRED.value, BatchState.FAILED.value
 
         def update(connection: sqlite3.Connection) -> int:
+            # The right-hand sides read the row as it was.
             cursor = connection.execute(
-                "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', error = ?"
+                "UPDATE jobs SET state = CASE WHEN error = '' THEN ? ELSE ? END, updated_at = ?, request = '{}',"
+                " error = CASE WHEN error = '' THEN ? ELSE error END"
                 " WHERE state = ? AND created_at < ? AND (claimed_until IS NULL OR claimed_until <= ?)",
-                (BatchState.EXPIRED.value, now, error, BatchState.QUEUED.value, queued_before, now),
+                (expired, failed, now, error, BatchState.QUEUED.value, queued_before, now),
             )
             return cursor.rowcount
 
@@ -589,11 +621,53 @@ class BatchStore:
 
         await self._run(update)
 
+    async def tag_send(self, batch_ids: list[str], owner: str, tag: str) -> None:
+        """Record, before it leaves, that ``owner`` is sending its claimed jobs of ``batch_ids`` in
+        a provider batch tagged ``tag``: until they are placed (``mark_submitted``), whoever sends
+        them next looks that batch up first (``sends``), as it may have been created."""
+        now = self._clock()
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "UPDATE jobs SET send_tag = ?, send_at = ? WHERE id = ? AND state = ? AND claimed_by = ?",
+                [(tag, now, batch_id, BatchState.QUEUED.value, owner) for batch_id in batch_ids],
+            )
+
+        await self._run(update)
+
+    async def sends(self, batch_ids: list[str]) -> dict[str, tuple[float, list[str]]]:
+        """Earlier sends of the jobs of ``batch_ids`` that may have reached the provider, by tag:
+        when each began, and its jobs among ``batch_ids``."""
+
+        def select(connection: sqlite3.Connection) -> dict[str, tuple[float, list[str]]]:
+            found: dict[str, tuple[float, list[str]]] = {}
+            for batch_id in batch_ids:
+                row = connection.execute(
+                    "SELECT send_tag, send_at FROM jobs WHERE id = ? AND send_tag IS NOT NULL", (batch_id,)
+                ).fetchone()
+                if row is not None:
+                    found.setdefault(row["send_tag"], (row["send_at"], []))[1].append(batch_id)
+            return found
+
+        return await self._run(select)
+
+    async def knows(self, provider: str, provider_batch_id: str) -> bool:
+        """Whether a job of the store was placed in ``provider``'s batch ``provider_batch_id``."""
+
+        def select(connection: sqlite3.Connection) -> bool:
+            row = connection.execute(
+                "SELECT 1 FROM jobs WHERE provider = ? AND provider_batch_id = ? LIMIT 1", (provider, provider_batch_id)
+            ).fetchone()
+            return row is not None
+
+        return await self._run(select)
+
     async def mark_submitted(
         self, batch_ids: list[str], owner: str, provider: str, provider_batch_id: str, sent_to: tuple[str, str]
     ) -> int:
         """``owner``'s claimed jobs are in ``provider``'s batch ``provider_batch_id``, sent to
-        ``sent_to`` (the endpoint, the key's ``key_id``); their requests are dropped.
+        ``sent_to`` (the endpoint, the key's ``key_id``); their requests are kept until the
+        provider has accepted the batch (``drop_requests``).
 
         A job cancelled meanwhile (it was sent all the same) stays cancelled, tied to the batch
         to be read once it ends (``provider_pending``); its budget, if the cancel already
@@ -611,7 +685,7 @@ class BatchStore:
             with immediate(connection):
                 for batch_id in batch_ids:
                     cursor = connection.execute(
-                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, request = '{}',"
+                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '', send_tag = NULL,"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?"
                         " WHERE id = ? AND state = ? AND claimed_by = ?",
                         (submitted, provider, provider_batch_id, now, endpoint, sent_key, batch_id, queued, owner),
@@ -621,13 +695,70 @@ class BatchStore:
                         continue
                     # A correction made counts nothing for the job now: budget_usd says so.
                     connection.execute(
-                        "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1,"
+                        "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1, send_tag = NULL,"
                         " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
                         " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
                         " WHERE id = ? AND state = ? AND claimed_by = ? AND provider_batch_id IS NULL",
                         (provider, provider_batch_id, endpoint, sent_key, batch_id, cancelled, owner),
                     )
             return placed
+
+        return await self._run(update)
+
+    async def drop_requests(self, provider: str, provider_batch_id: str) -> None:
+        """Clear the requests of the jobs waiting for ``provider``'s batch ``provider_batch_id``,
+        which the provider has accepted (they are not sent again)."""
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "UPDATE jobs SET request = '{}' WHERE provider = ? AND provider_batch_id = ? AND state = ?"
+                " AND request != '{}'",
+                (provider, provider_batch_id, BatchState.SUBMITTED.value),
+            )
+
+        await self._run(update)
+
+    async def requeue(
+        self, provider: str, provider_batch_id: str, batch_ids: list[str], error: str, backoff: Backoff
+    ) -> tuple[list[str], list[str]]:
+        """Queue again the jobs of ``batch_ids`` still waiting for ``provider``'s batch
+        ``provider_batch_id``, which the provider refused whole for a while (``error``, kept for
+        ``expire_queued``): held for ``backoff.delay`` of the oldest one's age, then any worker
+        may send them. Returns the ids queued again, and those left to end with the batch: a job
+        that would be older than ``backoff.max_age`` by then, or whose request was dropped
+        (stored before requests were kept). A job no longer waiting for the batch (another
+        worker read it) is in neither. One transaction."""
+        now = self._clock()
+        queued, submitted = BatchState.QUEUED.value, BatchState.SUBMITTED.value
+
+        def update(connection: sqlite3.Connection) -> tuple[list[str], list[str]]:
+            again: list[str] = []
+            left: list[str] = []
+            with immediate(connection):
+                rows = []
+                for batch_id in batch_ids:
+                    row = connection.execute(
+                        "SELECT id, created_at, request != '{}' AS kept FROM jobs"
+                        " WHERE id = ? AND state = ? AND provider = ? AND provider_batch_id = ?",
+                        (batch_id, submitted, provider, provider_batch_id),
+                    ).fetchone()
+                    if row is not None:
+                        rows.append(row)
+                if not rows:
+                    return again, left
+                # One wait for the group, by its oldest job, so that it is sent again as one batch.
+                wait = backoff.delay(max(now - row["created_at"] for row in rows))
+                for row in rows:
+                    if not row["kept"] or now - row["created_at"] + wait >= backoff.max_age:
+                        left.append(row["id"])
+                        continue
+                    connection.execute(
+                        "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, updated_at = ?,"
+                        " error = ?, claimed_by = ?, claimed_until = ? WHERE id = ?",
+                        (queued, now, error, _BACKING_OFF, now + wait, row["id"]),
+                    )
+                    again.append(row["id"])
+            return again, left
 
         return await self._run(update)
 

@@ -35,6 +35,9 @@ _STATES = {
 
 
 _RESULTS_DELETED = "results_deleted"
+# The difference between our clock and the provider's that a lookup of batches created since a
+# moment allows for.
+_CLOCK_SLACK: Final = 300.0
 # A batch delete is given up after this long (a poll round waits for it).
 _DELETE_SECONDS: Final = 10.0
 
@@ -72,14 +75,35 @@ class AnthropicBatches:
             message = describe(self._name, "batch", f"{what}: failed")
             raise ProviderUnavailable(message, provider=self._name, model="batch") from exc
 
-    async def submit(self, items: list[BatchItem]) -> str:
-        """Create one message batch with the items inline."""
+    async def submit(self, items: list[BatchItem], tag: str) -> str:
+        """Create one message batch with the items inline (a message batch keeps no tag of ours:
+        ``find``)."""
         requests: list[Any] = []
         for item in items:
             params = request_params(self._name, item)
             requests.append({"custom_id": item.custom_id, "params": params})
         batch = await self._guard("create", self._client.messages.batches.create(requests=requests))
         return batch.id
+
+    async def find(self, tag: str, count: int, since: float) -> list[str]:
+        """Every message batch of ``count`` requests created since ``since`` (newest first):
+        Anthropic keeps no metadata of a batch nor, before it ends, its requests' custom_ids, so
+        the one a lost reply created cannot be told from another batch of as many requests
+        created meanwhile with the same key."""
+        found: list[str] = []
+        after = since - _CLOCK_SLACK
+        pages = self._client.messages.batches.list(limit=100).__aiter__()
+        while True:
+            try:
+                batch = await self._guard("list batches", pages.__anext__())
+            except StopAsyncIteration:
+                return found
+            if batch.created_at.timestamp() < after:
+                return found
+            counts = batch.request_counts
+            total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+            if total == count:
+                found.append(batch.id)
 
     async def poll(self, batch_id: str) -> ProviderBatch:
         """Retrieve the batch."""

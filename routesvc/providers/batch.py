@@ -88,6 +88,12 @@ class ProviderBatch:
     error_file_id: str | None = None
     # Why the whole batch failed, a short machine code (OpenAI's validation errors), or "".
     error: str = ""
+    # Whether the provider has accepted the batch's requests (OpenAI: past its validation), so
+    # that they will never be sent again.
+    accepted: bool = True
+    # Whether the whole batch was refused for a reason that passes (OpenAI's enqueued token
+    # limit): its jobs are to be sent again later, not failed.
+    retry_later: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +119,18 @@ class BatchAPI(Protocol):
         """The configured provider name."""
         ...
 
-    async def submit(self, items: list[BatchItem]) -> str:
-        """Create one provider batch of ``items``; returns its id."""
+    async def submit(self, items: list[BatchItem], tag: str) -> str:
+        """Create one provider batch of ``items``, tagged ``tag`` (our id of this send) where the
+        provider keeps such a tag; returns its id."""
+        ...
+
+    async def find(self, tag: str, count: int, since: float) -> list[str]:
+        """The batches that a ``submit`` of ``count`` items tagged ``tag``, begun at ``since``
+        (epoch seconds), may have created without its reply reaching us (a connection reset, a
+        timeout): the one tagged ``tag`` where the provider keeps tags, else every batch of
+        ``count`` requests created since then (the caller tells its own from others'). What such
+        a submit left without a batch (an uploaded file) is deleted. Raises ``ProviderError``
+        when the provider cannot be asked."""
         ...
 
     async def poll(self, batch_id: str) -> ProviderBatch:

@@ -1,8 +1,10 @@
 """The OpenAI Batch API via ``AsyncOpenAI``: upload a JSONL file, create a batch, poll, read output files.
 
 SDK exceptions are translated here: ``openai.APIStatusError`` by HTTP status, connection and
-timeout errors to ``ProviderUnavailable``. An input file whose batch could not be created (an
-error, or the send cancelled) is deleted again; an ended batch's input, output and error files are
+timeout errors to ``ProviderUnavailable``. An input file whose batch OpenAI refused (a 4xx), or
+whose send was cancelled, is deleted again; one whose create may have reached OpenAI (its reply
+lost) is kept for the batch, and ``find`` looks the batch up by the tag in its metadata, or deletes
+the file by its name; an ended batch's input, output and error files are
 deleted by ``discard`` once its results are stored. A delete that fails is logged and left.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Final, TypeVar
 
 import openai
@@ -27,6 +29,13 @@ log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 _ENDED = frozenset({"completed", "expired", "failed", "cancelled"})
 _ENDPOINT: Final = "/v1/chat/completions"
+# Why OpenAI fails a whole batch at validation for a while: the organization's enqueued tokens
+# for the model are at its limit ("try again once some in_progress batches have been completed").
+_PASSING_ERRORS = frozenset({"token_limit_exceeded"})
+# The metadata key of a batch's tag, and the difference between our clock and the provider's that
+# a lookup of a batch created since a moment allows for.
+_TAG_KEY: Final = "routesvc_send"
+_CLOCK_SLACK: Final = 300.0
 # Items the output and error files leave out end as the batch did.
 _UNANSWERED = {"expired": BatchState.EXPIRED, "cancelled": BatchState.CANCELLED}
 # A file delete is given up after this long: one run when the send was cancelled holds up the
@@ -71,8 +80,9 @@ class OpenAIBatches:
             message = describe(self._name, "batch", f"{what}: connection failed")
             raise ProviderUnavailable(message, provider=self._name, model="batch") from exc
 
-    async def submit(self, items: list[BatchItem]) -> str:
-        """Upload the items as one JSONL file and create a batch of it."""
+    async def submit(self, items: list[BatchItem], tag: str) -> str:
+        """Upload the items as one JSONL file named after ``tag`` and create a batch of it, with
+        ``tag`` in its metadata (``find``)."""
         lines = []
         for item in items:
             body: dict[str, Any] = {
@@ -84,26 +94,69 @@ class OpenAIBatches:
             lines.append(json.dumps({"custom_id": item.custom_id, "method": "POST", "url": _ENDPOINT, "body": body}))
         content = ("\n".join(lines) + "\n").encode()
         uploaded = await self._guard(
-            "upload", self._client.files.create(file=("batch.jsonl", content), purpose="batch")
+            "upload", self._client.files.create(file=(_filename(tag), content), purpose="batch")
         )
         try:
             batch = await self._guard(
                 "create",
-                self._client.batches.create(input_file_id=uploaded.id, endpoint=_ENDPOINT, completion_window="24h"),
+                self._client.batches.create(
+                    input_file_id=uploaded.id,
+                    endpoint=_ENDPOINT,
+                    completion_window="24h",
+                    metadata={_TAG_KEY: tag},
+                ),
             )
+        except ProviderError as exc:
+            if exc.status is None or exc.status >= 500:
+                # The create may have reached OpenAI, its reply lost (a reset, a timeout): the
+                # batch would need its file. The next send of these jobs finds the batch by its
+                # tag, or else deletes the file by its name (``find``).
+                raise
+            await self._forget_file(uploaded.id)
+            raise
         except (Exception, asyncio.CancelledError):
-            # The file is of no use without its batch, and a retry uploads the jobs again: each
-            # round of a spent quota, or each send a shutdown cut off, would leave one more file
-            # of prompts in the account. (A created batch needs its file until it ends, so it is
-            # kept then.) Shielded, so that a cancellation does not cut the delete off, and
-            # bounded, so that it goes on within _DELETE_SECONDS; ``aclose`` waits for a delete a
-            # second cancellation left running.
-            deleting = asyncio.ensure_future(self._delete_file(uploaded.id))
-            self._deleting.add(deleting)
-            deleting.add_done_callback(self._deleting.discard)
-            await asyncio.shield(deleting)
+            await self._forget_file(uploaded.id)
             raise
         return batch.id
+
+    async def _forget_file(self, file_id: str) -> None:
+        """Delete the input file of a batch that was not created."""
+        # The file is of no use without its batch, and a retry uploads the jobs again: each round
+        # of a spent quota, or each send a shutdown cut off, would leave one more file of prompts
+        # in the account. (A created batch needs its file until it ends, so it is kept then.)
+        # Shielded, so that a cancellation does not cut the delete off, and bounded, so that it
+        # goes on within _DELETE_SECONDS; ``aclose`` waits for a delete a second cancellation
+        # left running.
+        deleting = asyncio.ensure_future(self._delete_file(file_id))
+        self._deleting.add(deleting)
+        deleting.add_done_callback(self._deleting.discard)
+        await asyncio.shield(deleting)
+
+    async def find(self, tag: str, count: int, since: float) -> list[str]:
+        """The batch whose metadata holds ``tag`` (newest first, back to ``since``); without one,
+        the files the submit uploaded (named after ``tag``) are deleted."""
+        after = since - _CLOCK_SLACK
+        async for batch in self._pages("list batches", self._client.batches.list(limit=100)):
+            if batch.created_at < after:
+                break
+            if (batch.metadata or {}).get(_TAG_KEY) == tag:
+                return [batch.id]
+        files = self._client.files.list(purpose="batch", limit=100, order="desc")
+        async for file in self._pages("list files", files):
+            if file.created_at < after:
+                break
+            if file.filename == _filename(tag):
+                await self._delete_file(file.id)
+        return []
+
+    async def _pages(self, what: str, pages: Any) -> AsyncIterator[Any]:
+        """Every item of a listing, page after page, its errors translated."""
+        iterator = pages.__aiter__()
+        while True:
+            try:
+                yield await self._guard(what, iterator.__anext__())
+            except StopAsyncIteration:
+                return
 
     async def _delete_file(self, file_id: str) -> bool:
         """Delete a file within ``_DELETE_SECONDS``; whether it is gone. A failure is logged, never
@@ -135,8 +188,10 @@ class OpenAIBatches:
         """Retrieve the batch."""
         batch = await self._guard("retrieve", self._client.batches.retrieve(batch_id))
         # A batch that failed validation (an enqueued token limit, a bad line) says why here and
-        # writes no file: its jobs end with the first error's code.
+        # writes no file: its jobs end with the first error's code, or are sent again when that
+        # passes (the token limit, once other batches have completed).
         errors = batch.errors.data if batch.errors is not None and batch.errors.data else []
+        error = safe_code(errors[0].code) if errors else ""
         return ProviderBatch(
             id=batch.id,
             ended=batch.status in _ENDED,
@@ -144,7 +199,9 @@ class OpenAIBatches:
             input_file_id=batch.input_file_id,
             output_file_id=batch.output_file_id,
             error_file_id=batch.error_file_id,
-            error=safe_code(errors[0].code) if errors else "",
+            error=error,
+            accepted=batch.status not in ("validating", "failed"),
+            retry_later=batch.status == "failed" and error in _PASSING_ERRORS,
         )
 
     async def _lines(self, file_id: str | None) -> tuple[list[dict[str, Any]], list[str]]:
@@ -175,7 +232,7 @@ class OpenAIBatches:
         response = line.get("response") or {}
         body = response.get("body") or {}
         if response.get("status_code") != 200 or not body.get("choices"):
-            return ItemResult(custom_id, BatchState.FAILED, error=f"http_{response.get('status_code', 'error')}")
+            return ItemResult(custom_id, BatchState.FAILED, error=_http_error_code(response))
         choice = body["choices"][0]
         message = choice.get("message") or {}
         usage = body.get("usage") or {}
@@ -203,12 +260,31 @@ class OpenAIBatches:
 
 def _error_item(line: dict[str, Any], status: str) -> ItemResult:
     """A line of the error file. A request the API answered with an HTTP error has its response
-    here and error null."""
+    here and error null: it failed, whatever the batch's status (it was run, not cut off by the
+    window or a cancel), with the code of its error body. Any other line is a request the batch
+    never ran: EXPIRED or CANCELLED as the batch ended (``batch_expired`` EXPIRED in any batch)."""
+    custom_id = str(line.get("custom_id"))
+    response = line.get("response")
+    if isinstance(response, dict) and response.get("status_code") != 200:
+        return ItemResult(custom_id, BatchState.FAILED, error=_http_error_code(response))
     error = line.get("error") or {}
-    status_code = (line.get("response") or {}).get("status_code")
-    code = str(error.get("code") or (f"http_{status_code}" if status_code else "error"))
+    code = safe_code(error.get("code")) or "error"
     state = BatchState.EXPIRED if code == "batch_expired" else _UNANSWERED.get(status, BatchState.FAILED)
-    return ItemResult(str(line.get("custom_id")), state, error=code[:64])
+    return ItemResult(custom_id, state, error=code)
+
+
+def _http_error_code(response: dict[str, Any]) -> str:
+    """The machine code of a request's HTTP error (its body's ``error.code``, such as
+    ``context_length_exceeded``), else ``http_<status>``."""
+    body = response.get("body")
+    error = body.get("error") if isinstance(body, dict) else None
+    code = safe_code(error.get("code")) if isinstance(error, dict) else ""
+    return code or f"http_{response.get('status_code', 'error')}"
+
+
+def _filename(tag: str) -> str:
+    """The name of the input file of the send tagged ``tag``."""
+    return f"routesvc-{tag}.jsonl"
 
 
 def _tool_call(call: dict[str, Any]) -> ToolCall:

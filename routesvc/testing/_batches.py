@@ -1,12 +1,15 @@
 """The fake's batch APIs: OpenAI files + batches, and Anthropic message batches.
 
     POST /v1/files                          multipart upload (purpose "batch") of a JSONL file
+    GET  /v1/files                          list files, newest first (``purpose``, ``after``, ``limit``)
     GET  /v1/files/{id}/content             a file's bytes (input, output or error file)
     DELETE /v1/files/{id}                   delete a file (recorded in ``deleted_files``)
-    POST /v1/batches                        create from an uploaded file
+    POST /v1/batches                        create from an uploaded file (with ``metadata``)
+    GET  /v1/batches                        list batches, newest first (``after``, ``limit``)
     GET  /v1/batches/{id}                   retrieve (ends the batch per the outcome, see below)
     POST /v1/batches/{id}/cancel            cancel ("cancelling"; "cancelled" at the next retrieve)
     POST /v1/messages/batches               create with inline requests
+    GET  /v1/messages/batches               list batches, newest first (``after_id``, ``limit``)
     GET  /v1/messages/batches/{id}          retrieve
     GET  /v1/messages/batches/{id}/results  JSONL results once ended
     POST /v1/messages/batches/{id}/cancel   cancel ("canceling"; "ended" at the next retrieve)
@@ -16,9 +19,12 @@ Every batch stays in progress until a retrieve finds ``BatchOutcome`` (``FakePro
 other than ``PENDING``, then ends as it says: ``COMPLETE`` answers each request with the script
 the fake would use for a realtime request to its model (text, usage, or an error status);
 ``EXPIRE`` and ``FAIL`` end it without answers. Changing the outcome later ends batches that are
-still in progress, so tests can restart the service in between. An OpenAI request answered with an
-HTTP error is a line of the output file, or with ``http_errors_in_error_file`` a line of the error
-file with its ``response`` and ``error`` null, as the Batch API writes it. Output lines hold
+still in progress, so tests can restart the service in between. With ``answered_before_expiry``
+an expired batch has answered its first requests first (the window cut off the rest), as a real
+one may. An OpenAI request answered with an HTTP error is a line of the output file, or with
+``http_errors_in_error_file`` a line of the error file with its ``response`` and ``error`` null, as
+the Batch API writes it; its body is OpenAI's error JSON (``code`` null), or the script's
+``error_body`` (JSON) to carry a code such as ``context_length_exceeded``. Output lines hold
 non-ASCII characters raw (UTF-8), U+2028 and U+2029 too: JSON Lines ends a line at "\n" only.
 
 A cancel ends a batch still in progress as the real APIs do, at the next retrieve: the first
@@ -39,7 +45,9 @@ import asyncio
 import enum
 import itertools
 import json
+import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +55,7 @@ from typing import Any
 
 from routesvc.testing import _anthropic, _openai
 from routesvc.testing._connection import Connection, Request
+from routesvc.testing._responses import ERROR_TYPES
 from routesvc.testing._script import RecordedRequest, Script, usage_numbers
 
 # What OpenAI says of a batch that failed validation (it then writes no output or error file).
@@ -85,10 +94,13 @@ class FakeBatch:
     requests: list[dict[str, Any]]
     created_at: float
     input_file_id: str | None = None  # OpenAI
+    metadata: dict[str, str] | None = None  # OpenAI
     status: str = "in_progress"
     cancelled: bool = False
     # How many requests (the first ones) the provider had answered when the cancel came.
     answered_before_cancel: int = 0
+    # How many requests (the first ones) it had answered when the 24 h window ended it.
+    answered_before_expiry: int = 0
     deleted: bool = False  # Anthropic: deleted once ended
     lost: bool = False  # the provider no longer knows it (a test's): 404, as for an unknown id
     output_file_id: str | None = None
@@ -106,6 +118,38 @@ class FakeBatch:
 
 def _iso(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _http_error_body(script: Script) -> Any:
+    """The body of a batch request's HTTP error: the script's ``error_body`` (JSON), else OpenAI's
+    error JSON for its status."""
+    if script.error_body is not None:
+        return json.loads(script.error_body)
+    error_type = script.error_type or ERROR_TYPES.get(script.status, "api_error")
+    return _openai.error_body(script.status, error_type, f"fake error {script.status}")
+
+
+def _query(request: Request) -> dict[str, str]:
+    """The request's query parameters (the last of each name)."""
+    return dict(urllib.parse.parse_qsl(request.path.partition("?")[2]))
+
+
+def _page(ids: list[str], after: str | None, limit: str | None) -> list[str]:
+    """The ids of one page of a listing: those after ``after`` (all without), at most ``limit`` (20)."""
+    start = ids.index(after) + 1 if after in ids else 0
+    return ids[start : start + int(limit or 20)]
+
+
+def _openai_list(data: list[dict[str, Any]], page: list[str], *, has_more: bool) -> dict[str, Any]:
+    """An OpenAI list object."""
+    first, last = (page[0], page[-1]) if page else (None, None)
+    return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more}
+
+
+def _multipart_filename(request: Request) -> str | None:
+    """The ``filename`` of the ``file`` part of a multipart/form-data body."""
+    found = re.search(rb'name="file"; filename="([^"]*)"', request.body)
+    return found.group(1).decode() if found else None
 
 
 def _multipart_file(request: Request) -> bytes | None:
@@ -130,8 +174,10 @@ class FakeBatches:
         self.outcome = BatchOutcome.COMPLETE
         self.http_errors_in_error_file = False
         self.results_deleted = False
-        # How many of a batch's requests (the first ones) are answered when a cancel reaches it.
+        # How many of a batch's requests (the first ones) are answered when a cancel reaches it,
+        # and when the 24 h window ends it (EXPIRE).
         self.answered_before_cancel = 0
+        self.answered_before_expiry = 0
         # (status, JSON body) that creating a batch answers instead, in both APIs; None: created.
         self.create_error: tuple[int, Any] | None = None
         # (status, JSON body) that deleting a file or a message batch answers instead; None: deleted.
@@ -140,6 +186,8 @@ class FakeBatches:
         self.create_hold: asyncio.Event | None = None
         self.create_waiting = asyncio.Event()
         self.files: dict[str, bytes] = {}
+        # Each file's name and when it was uploaded (files.list).
+        self.file_names: dict[str, tuple[str, float]] = {}
         self.deleted_files: list[str] = []
         self.batches: dict[str, FakeBatch] = {}
         self._numbers = itertools.count(1)
@@ -148,12 +196,15 @@ class FakeBatches:
         """The route table entries; ``*`` matches one path segment."""
         return {
             ("POST", "/v1/files"): self._upload,
+            ("GET", "/v1/files"): self._file_list,
             ("GET", "/v1/files/*/content"): self._file_content,
             ("DELETE", "/v1/files/*"): self._file_delete,
             ("POST", "/v1/batches"): self._openai_create,
+            ("GET", "/v1/batches"): self._openai_list,
             ("GET", "/v1/batches/*"): self._openai_retrieve,
             ("POST", "/v1/batches/*/cancel"): self._openai_cancel,
             ("POST", "/v1/messages/batches"): self._anthropic_create,
+            ("GET", "/v1/messages/batches"): self._anthropic_list,
             ("GET", "/v1/messages/batches/*"): self._anthropic_retrieve,
             ("GET", "/v1/messages/batches/*/results"): self._anthropic_results,
             ("POST", "/v1/messages/batches/*/cancel"): self._anthropic_cancel,
@@ -163,11 +214,13 @@ class FakeBatches:
     def reset(self) -> None:
         """Forget files, deletes and batches; batches complete again, and faults are off."""
         self.files.clear()
+        self.file_names.clear()
         self.deleted_files.clear()
         self.batches.clear()
         self.outcome = BatchOutcome.COMPLETE
         self.results_deleted = False
         self.answered_before_cancel = 0
+        self.answered_before_expiry = 0
         self.create_error = None
         self.delete_error = None
         self.create_hold = None
@@ -196,6 +249,7 @@ class FakeBatches:
             return
         elif outcome is BatchOutcome.EXPIRE:
             batch.status = "expired"
+            batch.answered_before_expiry = self.answered_before_expiry
         elif outcome is BatchOutcome.FAIL:
             batch.status = "failed"
         else:
@@ -210,7 +264,11 @@ class FakeBatches:
         """How many of an ended batch's requests (the first ones) the provider answered."""
         if batch.status == "completed":
             return len(batch.requests)
-        return min(batch.answered_before_cancel, len(batch.requests)) if batch.cancelled else 0
+        if batch.cancelled:
+            return min(batch.answered_before_cancel, len(batch.requests))
+        if batch.status == "expired":
+            return min(batch.answered_before_expiry, len(batch.requests))
+        return 0
 
     def _end_openai(self, batch: FakeBatch) -> None:
         output: list[str] = []
@@ -229,7 +287,11 @@ class FakeBatches:
             body = line.get("body") or {}
             script, input_tokens, output_tokens = self._answer(body)
             if script.status != 200:
-                response = {"status_code": script.status, "body": {"error": {"type": "server_error"}}}
+                response = {
+                    "status_code": script.status,
+                    "request_id": self._new_id("req_"),
+                    "body": _http_error_body(script),
+                }
                 if self.http_errors_in_error_file:
                     line_id = self._new_id("batch_req_")
                     line = {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
@@ -275,10 +337,8 @@ class FakeBatches:
         for number, item in enumerate(batch.requests):
             custom_id = item.get("custom_id")
             params = item.get("params") or {}
-            if status == "cancelled" and number >= done:
-                result: dict[str, Any] = {"type": "canceled"}
-            elif status == "expired":
-                result = {"type": "expired"}
+            if status in ("cancelled", "expired") and number >= done:
+                result: dict[str, Any] = {"type": "canceled" if status == "cancelled" else "expired"}
             elif status == "failed":
                 result = {"type": "errored", "error": {"type": "error", "error": {"type": "api_error"}}}
             else:
@@ -317,18 +377,33 @@ class FakeBatches:
             return True
         file_id = self._new_id("file-")
         self.files[file_id] = content
-        await connection.send_json(
-            200,
-            {
-                "id": file_id,
-                "object": "file",
-                "bytes": len(content),
-                "created_at": int(time.time()),
-                "filename": "batch.jsonl",
-                "purpose": "batch",
-                "status": "processed",
-            },
-        )
+        self.file_names[file_id] = (_multipart_filename(request) or "upload", time.time())
+        await connection.send_json(200, self._file_json(file_id))
+        return True
+
+    def _file_json(self, file_id: str) -> dict[str, Any]:
+        name, created_at = self.file_names.get(file_id, ("", time.time()))
+        return {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(self.files[file_id]),
+            "created_at": int(created_at),
+            "filename": name,
+            "purpose": "batch",
+            "status": "processed",
+        }
+
+    async def _file_list(self, connection: Connection, request: Request) -> bool:
+        query = _query(request)
+        if query.get("purpose", "batch") != "batch":
+            ids: list[str] = []  # the fake holds batch files only
+        else:
+            ids = list(self.files)
+        if query.get("order", "desc") == "desc":
+            ids.reverse()
+        page = _page(ids, query.get("after"), query.get("limit"))
+        data = [self._file_json(file_id) for file_id in page]
+        await connection.send_json(200, _openai_list(data, page, has_more=page[-1:] != ids[-1:]))
         return True
 
     async def _file_content(self, connection: Connection, request: Request) -> bool:
@@ -351,6 +426,7 @@ class FakeBatches:
             await connection.send_json(*self.delete_error)
             return True
         del self.files[file_id]
+        self.file_names.pop(file_id, None)
         self.deleted_files.append(file_id)
         await connection.send_json(200, {"id": file_id, "object": "file", "deleted": True})
         return True
@@ -377,7 +453,16 @@ class FakeBatches:
             "completed_at": int(time.time()) if ended else None,
             "request_counts": {"total": len(batch.requests), "completed": done, "failed": len(batch.requests) - done},
             "errors": _VALIDATION_ERRORS if batch.status == "failed" else None,
+            "metadata": batch.metadata,
         }
+
+    async def _openai_list(self, connection: Connection, request: Request) -> bool:
+        query = _query(request)
+        ids = [batch.id for batch in reversed(self.batches.values()) if batch.api == "openai" and not batch.lost]
+        page = _page(ids, query.get("after"), query.get("limit"))
+        data = [self._openai_json(self.batches[batch_id]) for batch_id in page]
+        await connection.send_json(200, _openai_list(data, page, has_more=page[-1:] != ids[-1:]))
+        return True
 
     async def _openai_create(self, connection: Connection, request: Request) -> bool:
         await self._held()
@@ -391,6 +476,8 @@ class FakeBatches:
             return True
         lines = [json.loads(line) for line in content.decode().split("\n") if line.strip()]
         batch = FakeBatch(self._new_id("batch_"), "openai", lines, time.time(), str(body["input_file_id"]))
+        metadata = body.get("metadata")
+        batch.metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else None
         self.batches[batch.id] = batch
         await connection.send_json(200, self._openai_json(batch))
         return True
@@ -465,6 +552,20 @@ class FakeBatches:
         batch = FakeBatch(self._new_id("msgbatch_"), "anthropic", requests, time.time())
         self.batches[batch.id] = batch
         await connection.send_json(200, self._anthropic_json(batch))
+        return True
+
+    async def _anthropic_list(self, connection: Connection, request: Request) -> bool:
+        query = _query(request)
+        ids = [
+            batch.id
+            for batch in reversed(self.batches.values())
+            if batch.api == "anthropic" and not batch.deleted and not batch.lost
+        ]
+        page = _page(ids, query.get("after_id"), query.get("limit"))
+        data = [self._anthropic_json(self.batches[batch_id]) for batch_id in page]
+        first, last = (page[0], page[-1]) if page else (None, None)
+        body = {"data": data, "first_id": first, "last_id": last, "has_more": page[-1:] != ids[-1:]}
+        await connection.send_json(200, body)
         return True
 
     async def _anthropic_found(self, connection: Connection, request: Request) -> FakeBatch | None:

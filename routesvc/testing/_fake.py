@@ -148,6 +148,17 @@ class FakeProvider:
         self._batches.answered_before_cancel = answered
 
     @property
+    def batch_answered_before_expiry(self) -> int:
+        """How many of a batch's requests (the first ones) the provider has answered when its
+        window ends it (``BatchOutcome.EXPIRE``; default 0): the expired batch ends with their
+        answers (or HTTP errors), the others expired, as the real APIs do."""
+        return self._batches.answered_before_expiry
+
+    @batch_answered_before_expiry.setter
+    def batch_answered_before_expiry(self, answered: int) -> None:
+        self._batches.answered_before_expiry = answered
+
+    @property
     def batch_create_error(self) -> tuple[int, Any] | None:
         """``(status, JSON body)`` that creating a batch answers in both APIs, or None (created)."""
         return self._batches.create_error
