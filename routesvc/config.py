@@ -519,6 +519,15 @@ class BatchConfig(_Strict):
         "EXPIRED queued_too_long, uncharged (FAILED token_limit_exceeded when OpenAI refused its batches for "
         "the enqueued token limit). The provider's own 24 h window starts once it is sent.",
     )
+    max_stored_request_bytes: int = Field(
+        268_435_456,
+        gt=0,
+        le=2**40,
+        description="The most bytes of requests (prompts, inline images) the store keeps for jobs no provider "
+        "has taken yet: a job that would pass it is refused RESOURCE_EXHAUSTED BATCH_STORE_FULL (retry later) "
+        "rather than growing the file without bound while a provider is down. The file on disk can reach about "
+        "twice this (its write-ahead log).",
+    )
     retention_seconds: float = Field(
         604800.0,
         gt=0,

@@ -26,7 +26,8 @@ name fields and models, never prompt text or credentials.
     ├── ShuttingDown                    the server is stopping                   UNAVAILABLE
     ├── SharedStateUnavailable          the shared limits store (Redis) failed   UNAVAILABLE
     ├── BatchStoreUnavailable           batch.store_path cannot be opened/written FAILED_PRECONDITION
-    │   └── BatchStoreBusy              locked past the busy timeout (retry_after) UNAVAILABLE
+    │   ├── BatchStoreBusy              locked past the busy timeout (retry_after) UNAVAILABLE
+    │   └── BatchStoreFull              its request cap or disk is full (retry_after) RESOURCE_EXHAUSTED
     ├── DeadlineExceeded                the caller's deadline passed             DEADLINE_EXCEEDED
     └── ProviderError                   a provider call failed
         ├── ProviderAuthFailed          401/403 from the provider                FAILED_PRECONDITION
@@ -248,6 +249,16 @@ class BatchStoreBusy(BatchStoreUnavailable):
 
     reason = "BATCH_STORE_BUSY"
     retry_after = 1.0
+
+
+class BatchStoreFull(BatchStoreUnavailable):
+    """The batch job store holds ``batch.max_stored_request_bytes`` of requests no provider has
+    taken yet (a provider down, a quota spent), or its disk is full: no new job is queued until
+    queued ones are sent; realtime requests are not affected."""
+
+    reason = "BATCH_STORE_FULL"
+    operator_must_act = False
+    retry_after = 30.0
 
 
 class DeadlineExceeded(RouteSvcError):

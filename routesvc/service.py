@@ -23,6 +23,7 @@ from routesvc.cost import format_usd
 from routesvc.errors import (
     BatchNotFound,
     BatchStoreBusy,
+    BatchStoreFull,
     BatchStoreUnavailable,
     ConfigError,
     ContextWindowExceeded,
@@ -100,6 +101,7 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
     SharedStateUnavailable: grpc.StatusCode.UNAVAILABLE,
     BatchStoreUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     BatchStoreBusy: grpc.StatusCode.UNAVAILABLE,
+    BatchStoreFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ProviderError: grpc.StatusCode.UNAVAILABLE,
     ConfigError: grpc.StatusCode.INTERNAL,

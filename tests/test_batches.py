@@ -574,6 +574,44 @@ class TestBatchSubmitInterrupted:
         )
 
 
+class TestBatchStoreBound:
+    """The store keeps at most batch.max_stored_request_bytes of requests no provider has taken."""
+
+    async def test_a_job_past_the_bound_is_refused_until_a_kept_one_goes(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """With one job's request kept (its provider has not taken it) and room for less than two,
+        the next job is RESOURCE_EXHAUSTED BATCH_STORE_FULL with a retry delay, naming the setting
+        and storing nothing; once the kept one is cancelled (its request dropped) a job is queued
+        again. The bound counts what the file holds, across a restart."""
+        config = batch_config(tmp_path)
+        config["batch"]["group_window_seconds"] = 600  # type: ignore[index]  # kept, never sent here
+        path = tmp_path / "batches.db"
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            first = (await submit(client))[1].batch
+        [request] = stored_requests(path)
+        config["batch"]["max_stored_request_bytes"] = 2 * len(request) - 1  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await submit(client)
+            assert len(job_states(path)) == 1
+            await client.cancel_batch(first.batch_id, tenant="acme")
+            second = (await submit(client))[1].batch
+            assert (await get_batch(client, second.batch_id)).job.state == pb.BATCH_STATE_QUEUED
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(caught.value).reason == "BATCH_STORE_FULL"
+        assert retry_delay(caught.value) == 30.0
+        assert "batch.max_stored_request_bytes" in (caught.value.details() or "")
+        assert "Summarise" not in (caught.value.details() or "")
+        assert fake.batches == []
+
+
 def with_model_copy(config: dict[str, object], model_id: str, of: str = "gpt-4o-mini") -> dict[str, object]:
     """``config`` with one more catalog model, ``model_id``, priced and served like ``of``."""
     changed = copy.deepcopy(config)

@@ -361,7 +361,9 @@ class BatchQueue:
             raise BatchStoreUnavailable("the batch queue is closed (the server is stopping)")
         if self._store is None:
             try:
-                self._store = BatchStore(self._path, clock=self._clock)
+                self._store = BatchStore(
+                    self._path, clock=self._clock, max_request_bytes=self._config.max_stored_request_bytes
+                )
             except (OSError, sqlite3.Error) as exc:
                 log.error("batch_store_unavailable", path=str(self._path), error_type=type(exc).__name__)
                 raise store_failure(self._path, exc, "cannot be opened") from exc

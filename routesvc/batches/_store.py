@@ -43,7 +43,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from routesvc.errors import BatchStoreBusy, BatchStoreUnavailable
+from routesvc.errors import BatchStoreBusy, BatchStoreFull, BatchStoreUnavailable
 from routesvc.models import (
     BatchJob,
     BatchResult,
@@ -109,6 +109,8 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # the fingerprint of the key that sent it (``key_id``). NULL in rows stored before they were added.
 # send_tag, send_at: the tag (our id) of the last provider batch create of the job that may have
 # reached the provider without its reply reaching us, and when it began; NULL once it is placed.
+# request_bytes: the size of the stored request while it is kept, 0 once it is cleared (NULL in
+# rows stored before it was added, counted as 0), summed through its own index (``add``).
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -123,6 +125,7 @@ _ADDED_COLUMNS = (
     ("key_id", "TEXT"),
     ("send_tag", "TEXT"),
     ("send_at", "REAL"),
+    ("request_bytes", "INTEGER"),
 )
 
 # The holder of jobs queued again after their provider batch was refused for a while, until their
@@ -374,6 +377,9 @@ def _add_missing_columns(connection: sqlite3.Connection) -> None:
             "CREATE INDEX IF NOT EXISTS jobs_provider_pending ON jobs (provider, provider_batch_id)"
             " WHERE provider_pending IS NOT NULL"
         )
+        # What the kept requests weigh, summed from this index alone at every ``add``: the rows
+        # themselves hold the requests, so a sum over them would read every stored byte.
+        connection.execute("CREATE INDEX IF NOT EXISTS jobs_request_bytes ON jobs (request_bytes)")
 
 
 def _status(row: sqlite3.Row) -> BatchStatus:
@@ -416,6 +422,8 @@ def store_failure(path: Path, exc: sqlite3.Error | OSError, doing: str) -> Batch
     not a database: something to fix)."""
     if isinstance(exc, sqlite3.Error) and is_busy(exc):
         return BatchStoreBusy(f"batch.store_path {path} stayed locked by another writer; retry shortly")
+    if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
+        return BatchStoreFull(f"batch.store_path {path}: the disk is full; nothing was stored")
     return BatchStoreUnavailable(
         f"batch.store_path {path} {doing} ({type(exc).__name__}: {exc}); batch mode is unavailable"
     )
@@ -424,8 +432,11 @@ def store_failure(path: Path, exc: sqlite3.Error | OSError, doing: str) -> Batch
 class BatchStore:
     """The jobs table of one SQLite file (created with its directory on open)."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: Path, *, clock: Callable[[], float] = time.time, max_request_bytes: int | None = None
+    ) -> None:
         self._path = path
+        self._max_request_bytes = max_request_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
         self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._connection.row_factory = sqlite3.Row
@@ -463,10 +474,24 @@ class BatchStore:
         """
 
         def insert(connection: sqlite3.Connection) -> None:
+            with immediate(connection):
+                if self._max_request_bytes is not None:
+                    (kept,) = connection.execute(
+                        "SELECT COALESCE(SUM(request_bytes), 0) FROM jobs INDEXED BY jobs_request_bytes"
+                    ).fetchone()
+                    if kept + len(request) > self._max_request_bytes:
+                        raise BatchStoreFull(
+                            f"batch.max_stored_request_bytes: the store keeps {kept} bytes of requests not yet"
+                            f" taken by a provider, and this one ({len(request)}) would pass"
+                            f" {self._max_request_bytes}; retry once queued jobs are sent"
+                        )
+                _insert(connection)
+
+        def _insert(connection: sqlite3.Connection) -> None:
             connection.execute(
                 "INSERT INTO jobs (id, tenant, decision_id, model, provider, state, request, estimated_cost_usd,"
-                " created_at, updated_at, claimed_by, claimed_until, endpoint)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, claimed_by, claimed_until, endpoint, request_bytes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.batch_id,
                     job.tenant,
@@ -481,6 +506,7 @@ class BatchStore:
                     held_by,
                     self._clock() + hold_seconds,
                     endpoint,
+                    len(request),
                 ),
             )
 
@@ -559,7 +585,7 @@ class BatchStore:
             # The right-hand sides read the row as it was.
             cursor = connection.execute(
                 "UPDATE jobs SET state = CASE WHEN error = '' THEN ? ELSE ? END, updated_at = ?, request = '{}',"
-                " error = CASE WHEN error = '' THEN ? ELSE error END"
+                " request_bytes = 0, error = CASE WHEN error = '' THEN ? ELSE error END"
                 " WHERE state = ? AND created_at < ? AND (claimed_until IS NULL OR claimed_until <= ?)",
                 (expired, failed, now, error, BatchState.QUEUED.value, queued_before, now),
             )
@@ -711,8 +737,8 @@ class BatchStore:
 
         def update(connection: sqlite3.Connection) -> None:
             connection.execute(
-                "UPDATE jobs SET request = '{}' WHERE provider = ? AND provider_batch_id = ? AND state = ?"
-                " AND request != '{}'",
+                "UPDATE jobs SET request = '{}', request_bytes = 0"
+                " WHERE provider = ? AND provider_batch_id = ? AND state = ? AND request != '{}'",
                 (provider, provider_batch_id, BatchState.SUBMITTED.value),
             )
 
@@ -809,7 +835,7 @@ class BatchStore:
                 # The right-hand sides read the row as it was: provider_pending is set for a job
                 # that was SUBMITTED.
                 cursor = connection.execute(
-                    "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', error = 'cancelled',"
+                    "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', request_bytes = 0, error = 'cancelled',"
                     " provider_pending = CASE WHEN state = ? THEN 1 END"
                     " WHERE id = ? AND state IN (?, ?)",
                     (BatchState.CANCELLED.value, now, submitted, batch_id, queued, submitted),
@@ -961,9 +987,9 @@ class BatchStore:
 
         def update(connection: sqlite3.Connection) -> bool:
             cursor = connection.execute(
-                "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', text = ?, input_tokens = ?,"
-                " output_tokens = ?, cached_input_tokens = ?, cost_usd = ?, finish_reason = ?, provider_model = ?,"
-                " tool_calls = ?, cache_write_tokens = ?, cache_write_1h_tokens = ?, error = ?"
+                "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', request_bytes = 0, text = ?,"
+                " input_tokens = ?, output_tokens = ?, cached_input_tokens = ?, cost_usd = ?, finish_reason = ?,"
+                " provider_model = ?, tool_calls = ?, cache_write_tokens = ?, cache_write_1h_tokens = ?, error = ?"
                 " WHERE id = ? AND state IN (?, ?)",
                 (
                     state.value,
