@@ -1,13 +1,17 @@
-"""Pure cost arithmetic in ``Decimal`` USD: estimates before a call, exact cost after it."""
+"""Pure cost arithmetic in ``Decimal`` USD: estimates before a call, exact cost after it, and the
+usage of a call cut short (``interrupted_usage``)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import replace
 from decimal import Decimal
 from typing import Protocol
 
 from routesvc.catalog import ModelSpec
-from routesvc.models import ImageEstimate, Mode, Usage
+from routesvc.models import ChatRequest, ImageEstimate, Mode, Usage
+from routesvc.tokens import count_text_tokens, estimate_image_tokens, estimate_input_tokens
 
 _PER_TOKEN = Decimal(1_000_000)
 
@@ -83,6 +87,24 @@ def billed_input_tokens(model: ModelSpec, input_tokens: int, image_tokens: int) 
     if not image_tokens:
         return input_tokens
     return input_tokens - image_tokens + math.ceil(image_tokens * model.image_token_scale)
+
+
+def interrupted_usage(model: ModelSpec, chat: ChatRequest, produced: Sequence[str], reported: Usage | None) -> Usage:
+    """The usage of a call on ``model`` cut short after the provider had it (a stream cut, a
+    cancellation, a stall, the deadline), before it reported its final usage: an estimate.
+
+    The output is what it ``produced`` (every piece in order: text, reasoning, tool-call parts)
+    counted; the input is what the provider ``reported`` it bills before any output (Anthropic's
+    ``message_start``: with its cache reads and writes) when it did, else ``chat`` (what the
+    call put in the prompt) counted for ``model``: its images by its kind's formula and scale.
+    The ledger, the attempt's span and a side call's charge all take it from here, so that they
+    agree."""
+    output_tokens = count_text_tokens("".join(produced))
+    if reported is not None:
+        return replace(reported, output_tokens=output_tokens)
+    images = estimate_image_tokens(chat).for_kind(model.provider_kind)
+    input_tokens = billed_input_tokens(model, estimate_input_tokens(chat, model.provider_kind), images)
+    return Usage(input_tokens=input_tokens, output_tokens=output_tokens)
 
 
 def format_usd(amount: Decimal) -> str:

@@ -8,7 +8,6 @@ not kept (nothing here needs them). Anything else is an ``OutcomeDataError`` nam
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from routesvc.errors import RouteSvcError
+from routesvc.jsonlines import JsonLineError, json_lines
 
 
 class OutcomeDataError(RouteSvcError):
@@ -59,14 +59,8 @@ def model_numbers(value: object, where: str, high: float = math.inf) -> Mapping[
     return MappingProxyType(result)
 
 
-def parse_record(line: str, where: str, source: str = "") -> OutcomeRecord:
-    """One JSONL line as an ``OutcomeRecord``; ``where`` names the file and line in errors."""
-    try:
-        raw = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise OutcomeDataError(f"{where}: not JSON ({exc.msg})") from exc
-    except RecursionError:  # json's parser recurses once per nested array or object
-        raise OutcomeDataError(f"{where}: not JSON (nested too deeply)") from None
+def parse_record(raw: object, where: str, source: str = "") -> OutcomeRecord:
+    """One JSONL line's value as an ``OutcomeRecord``; ``where`` names the file and line in errors."""
     if not isinstance(raw, dict):
         raise OutcomeDataError(f"{where}: expected a JSON object")
     for name in ("id", "prompt"):
@@ -113,24 +107,19 @@ def iter_outcomes(path: Path) -> Iterator[OutcomeRecord]:
 def _file_records(file: Path) -> Iterator[OutcomeRecord]:
     """The records of one JSONL ``file``, tagged with its stem as ``source``."""
     first_line: dict[str, int] = {}
-    # Bytes, decoded line by line, so that a decoding error names its own line.
     with file.open("rb") as handle:
-        for number, data in enumerate(handle, start=1):
-            try:
-                # A byte order mark (files some Windows tools write) is not part of the data.
-                line = data.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise OutcomeDataError(f"{file}:{number}: not UTF-8") from exc
-            if not line.strip():
-                continue
-            record = parse_record(line, f"{file}:{number}", source=file.stem)
-            if record.id in first_line:
-                raise OutcomeDataError(
-                    f"{file}:{number}: id {record.id!r} repeats line {first_line[record.id]} (ids must be"
-                    " unique within a file)"
-                )
-            first_line[record.id] = number
-            yield record
+        try:
+            for number, raw in json_lines(handle, file):
+                record = parse_record(raw, f"{file}:{number}", source=file.stem)
+                if record.id in first_line:
+                    raise OutcomeDataError(
+                        f"{file}:{number}: id {record.id!r} repeats line {first_line[record.id]} (ids must be"
+                        " unique within a file)"
+                    )
+                first_line[record.id] = number
+                yield record
+        except JsonLineError as exc:
+            raise OutcomeDataError(exc.message) from exc
 
 
 def read_outcomes(*paths: Path) -> list[OutcomeRecord]:

@@ -19,7 +19,7 @@ from routesvc.breaker import Breakers, Permit
 from routesvc.cascade import EscalationPolicy, max_cost_reason
 from routesvc.catalog import ModelSpec
 from routesvc.config import BATCH_API_KINDS, RulesStageConfig, Settings
-from routesvc.cost import billed_input_tokens, cost_of_usage, estimated_cost, format_usd, input_tokens_on
+from routesvc.cost import cost_of_usage, estimated_cost, format_usd, input_tokens_on, interrupted_usage
 from routesvc.errors import (
     CostLimitExceeded,
     DeadlineExceeded,
@@ -69,7 +69,7 @@ from routesvc.scoring import ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
 from routesvc.strategies.classifier import TASK_LABELS
 from routesvc.strategies.default import no_eligible_model
-from routesvc.tokens import count_text_tokens, estimate_image_tokens, estimate_input_tokens
+from routesvc.tokens import estimate_image_tokens, estimate_input_tokens
 
 if TYPE_CHECKING:
     from routesvc.batches import BatchQueue
@@ -1039,12 +1039,13 @@ class Router:
                     await aclose()
             finally:
                 # Recorded even when a second cancellation interrupts the close.
-                self._record_unfinished(state, model, permit, number, outcome, received, ended_by_us, reported)
+                self._record_unfinished(state, model, call, permit, number, outcome, received, ended_by_us, reported)
 
     def _record_unfinished(
         self,
         state: _AttemptState,
         model: ModelSpec,
+        call: ProviderCall,
         permit: Permit,
         number: int,
         outcome: AttemptOutcome,
@@ -1056,23 +1057,15 @@ class Router:
 
         Ended by the provider's error before any output: nothing billed. Ended from our side once
         the provider had the call (a cancellation, our timers, the deadline), or cut after output:
-        its input and what came, estimated (as its span says); the input as the provider
-        ``reported`` it, when it did (with its cache reads and writes), else the tokenizer's."""
+        ``interrupted_usage`` of ``call`` (what came, and the input as the provider ``reported``
+        it, when it did, else the tokenizer's), as its span counts it."""
         if outcome is AttemptOutcome.COMPLETED:
             return
         if outcome is AttemptOutcome.CANCELLED:
             self._breakers.release_probe(permit)
-        decision = state.decision
         charged = bool(received) or ended_by_us or outcome is AttemptOutcome.CANCELLED
-        output_tokens = count_text_tokens("".join(received))
-        if not charged:
-            estimate = Usage(output_tokens=output_tokens)
-        elif reported is not None:
-            estimate = replace(reported, output_tokens=output_tokens)
-        else:
-            billed = billed_input_tokens(model, *input_tokens_on(model, decision))
-            estimate = Usage(input_tokens=billed, output_tokens=output_tokens)
-        cost = cost_of_usage(model, estimate, decision.mode)
+        estimate = interrupted_usage(model, call.as_chat(), received, reported) if charged else Usage()
+        cost = cost_of_usage(model, estimate, state.decision.mode)
         self._record(state, model, number, outcome, estimate, cost, estimated=charged)
 
     def _record(

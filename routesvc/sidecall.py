@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from routesvc.catalog import ModelSpec
+from routesvc.cost import interrupted_usage
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut
 from routesvc.models import Heartbeat, InputReported, ProviderFinish, TextDelta, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
-from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +32,7 @@ def deterministic_temperature(model: ModelSpec) -> float | None:
 
 
 def upstream_call(
-    model: str,
+    model: ModelSpec,
     call: ProviderCall,
     produced: Sequence[str],
     finish: ProviderFinish | None,
@@ -42,19 +42,14 @@ def upstream_call(
 ) -> UpstreamCall:
     """What a side call used: the provider's usage when it finished (flagged when the provider did
     not report it and the adapter estimated it); when it was cut short after the provider had it,
-    its input (as the provider ``reported`` it, when it did, else estimated from ``call``) and an
-    estimate of what it ``produced`` (every piece, in order), flagged, as its span counts it; when
-    the provider ``refused`` it before any output, nothing."""
+    ``interrupted_usage`` of ``call`` (what it ``produced``, every piece in order, and its input
+    as the provider ``reported`` it, when it did), flagged, as its span counts it; when the
+    provider ``refused`` it before any output, nothing."""
     if finish is not None:
-        return UpstreamCall(model, finish.usage, estimated=finish.estimated)
-    output_tokens = count_text_tokens("".join(produced))
+        return UpstreamCall(model.id, finish.usage, estimated=finish.estimated)
     if refused:
-        estimate = Usage(output_tokens=output_tokens)
-    elif reported is not None:
-        estimate = replace(reported, output_tokens=output_tokens)
-    else:
-        estimate = Usage(input_tokens=estimate_input_tokens(call.as_chat()), output_tokens=output_tokens)
-    return UpstreamCall(model, estimate, estimated=not refused, refused=refused)
+        return UpstreamCall(model.id, Usage(), refused=True)
+    return UpstreamCall(model.id, interrupted_usage(model, call.as_chat(), produced, reported), estimated=True)
 
 
 async def side_call(
@@ -105,7 +100,7 @@ async def side_call(
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
-        used = upstream_call(model.id, call, produced, finish, refused=refused, reported=reported)
+        used = upstream_call(model, call, produced, finish, refused=refused, reported=reported)
         if charge is not None:
             charge(used)
     return SideCallResult("".join(texts), finish, used, error)

@@ -17,7 +17,6 @@ and ``estimated_baseline_cost_usd`` after the same prompts are sent through the 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -27,6 +26,7 @@ from routesvc import wire
 from routesvc.config import Settings
 from routesvc.cost import estimated_cost, format_usd
 from routesvc.errors import RouteSvcError
+from routesvc.jsonlines import JsonLineError, json_lines
 from routesvc.outcomes import OutcomeDataError, model_numbers
 from routesvc.router import Router
 from routesvc.strategies.embedding import EmbeddingStageConfig
@@ -173,43 +173,34 @@ def read_prompts(path: Path) -> Iterator[SimulatedPrompt]:
     except OSError as exc:
         raise SimulationDataError(f"{path}: cannot read: {exc.strerror}") from exc
     with handle:
-        # Bytes, decoded line by line, so that a decoding error names its own line.
-        for number, data in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                # A byte order mark (files some Windows tools write) is not part of the data.
-                line = data.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise SimulationDataError(f"{where}: not UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SimulationDataError(f"{where}: not JSON ({exc.msg})") from exc
-            except RecursionError:  # json's parser recurses once per nested array or object
-                raise SimulationDataError(f"{where}: not JSON (nested too deeply)") from None
-            if not isinstance(raw, dict) or not isinstance(raw.get("prompt"), str):
-                raise SimulationDataError(f"{where}: expected an object with a string 'prompt'")
-            try:
-                raw["prompt"].encode()
-            except UnicodeEncodeError:  # a lone surrogate escape: JSON reads it, nothing can send it
-                raise SimulationDataError(f"{where}: 'prompt' is not valid UTF-8 (a lone surrogate)") from None
-            max_output = raw.get("max_output_tokens")
-            if max_output is not None and (isinstance(max_output, bool) or not isinstance(max_output, int)):
-                raise SimulationDataError(f"{where}: max_output_tokens must be a whole number")
-            if max_output is not None and not _INT32_MIN <= max_output <= _INT32_MAX:
-                raise SimulationDataError(f"{where}: max_output_tokens is out of the 32-bit range")
-            context = pb.RoutingContext(
-                tenant=str(raw.get("tenant") or ""),
-                user_tier=str(raw.get("user_tier") or ""),
-                task_hint=str(raw.get("task_hint") or ""),
-            )
-            chat = pb.ChatRequest(
-                messages=[pb.Message(role=pb.ROLE_USER, content=raw["prompt"])], max_output_tokens=max_output
-            )
-            message = pb.RouteRequest(chat=chat, context=context)
-            yield SimulatedPrompt(where, message, _scores(raw.get("outcomes"), where))
+        try:
+            for number, raw in json_lines(handle, path):
+                yield _prompt(raw, f"{path}:{number}")
+        except JsonLineError as exc:
+            raise SimulationDataError(exc.message) from exc
+
+
+def _prompt(raw: object, where: str) -> SimulatedPrompt:
+    """One line's JSON value as a ``SimulatedPrompt``; ``where`` names the file and line in errors."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("prompt"), str):
+        raise SimulationDataError(f"{where}: expected an object with a string 'prompt'")
+    try:
+        raw["prompt"].encode()
+    except UnicodeEncodeError:  # a lone surrogate escape: JSON reads it, nothing can send it
+        raise SimulationDataError(f"{where}: 'prompt' is not valid UTF-8 (a lone surrogate)") from None
+    max_output = raw.get("max_output_tokens")
+    if max_output is not None and (isinstance(max_output, bool) or not isinstance(max_output, int)):
+        raise SimulationDataError(f"{where}: max_output_tokens must be a whole number")
+    if max_output is not None and not _INT32_MIN <= max_output <= _INT32_MAX:
+        raise SimulationDataError(f"{where}: max_output_tokens is out of the 32-bit range")
+    context = pb.RoutingContext(
+        tenant=str(raw.get("tenant") or ""),
+        user_tier=str(raw.get("user_tier") or ""),
+        task_hint=str(raw.get("task_hint") or ""),
+    )
+    chat = pb.ChatRequest(messages=[pb.Message(role=pb.ROLE_USER, content=raw["prompt"])], max_output_tokens=max_output)
+    message = pb.RouteRequest(chat=chat, context=context)
+    return SimulatedPrompt(where, message, _scores(raw.get("outcomes"), where))
 
 
 def _without_feedback(settings: Settings) -> Settings:

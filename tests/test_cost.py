@@ -6,8 +6,9 @@ from decimal import Decimal
 
 from routesvc.catalog import ModelSpec
 from routesvc.config import load_settings
-from routesvc.cost import cost_of_usage, estimate_cost, format_usd
-from routesvc.models import Mode, Usage
+from routesvc.cost import cost_of_usage, estimate_cost, format_usd, interrupted_usage
+from routesvc.models import ChatRequest, Image, Message, Mode, Role, Usage
+from routesvc.tokens import count_text_tokens, estimate_input_tokens
 from tests.conftest import default_config, settings_from
 
 
@@ -81,3 +82,28 @@ class TestCost:
             "12.5",
             "0",
         )
+
+
+class TestInterruptedUsage:
+    """``interrupted_usage``: what the ledger, the attempt's span and a side call charge for a
+    call cut short before its final usage."""
+
+    _CHAT = ChatRequest(messages=(Message(Role.USER, "What is the capital of France?"),))
+
+    def test_the_input_the_provider_reported_is_kept_and_the_output_counted(self) -> None:
+        """Anthropic's message_start told the input with its cache reads and writes: they stand
+        as told; only the output is estimated, from every piece produced, joined."""
+        reported = Usage(input_tokens=1000, cached_input_tokens=200, cache_write_input_tokens=100)
+        usage = interrupted_usage(_model("claude-sonnet"), self._CHAT, ["Par", "is is"], reported)
+        expected = Usage(1000, count_text_tokens("Paris is"), cached_input_tokens=200, cache_write_input_tokens=100)
+        assert expected == usage
+
+    def test_without_a_report_the_input_is_the_chat_counted_for_the_model(self) -> None:
+        """No report: the input is the chat's estimate, its image by the model's formula and at
+        its ``image_token_scale`` (gpt-4o-mini: OpenAI's 765 tokens for a 1024 px square image,
+        x 33.33 = 25,497.45, rounded up)."""
+        image = Image(media_type="image/png", data=b"png", width=1024, height=1024)
+        chat = ChatRequest(messages=(Message(Role.USER, "What is in it?", parts=("What is in it?", image)),))
+        text = ChatRequest(messages=(Message(Role.USER, "What is in it?"),))
+        usage = interrupted_usage(_model("gpt-4o-mini"), chat, ["It is"], None)
+        assert Usage(estimate_input_tokens(text) + 25498, count_text_tokens("It is")) == usage

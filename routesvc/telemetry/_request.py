@@ -21,7 +21,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from routesvc.catalog import ModelSpec
 from routesvc.config import Settings
-from routesvc.cost import billed_input_tokens, cost_of_usage, estimated_cost, format_usd
+from routesvc.cost import cost_of_usage, estimated_cost, format_usd, interrupted_usage
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut, RouteSvcError
 from routesvc.models import (
     ChatRequest,
@@ -40,7 +40,6 @@ from routesvc.models import (
 )
 from routesvc.providers.base import ProviderCall
 from routesvc.stats import FeedbackOutcome, RequestOutcome
-from routesvc.tokens import count_text_tokens, estimate_image_tokens, estimate_input_tokens
 
 if TYPE_CHECKING:
     from routesvc.telemetry._setup import Telemetry
@@ -578,16 +577,7 @@ def _end_attempt(
     elif interrupted:
         # Interrupted after the provider had the call: usage is estimated from what was sent
         # (what the provider reported of it, when it did) and received, and flagged.
-        output_tokens = count_text_tokens("".join(produced))
-        if reported is not None:
-            usage = replace(reported, output_tokens=output_tokens)
-        else:
-            sent = billed_input_tokens(
-                model,
-                estimate_input_tokens(chat, model.provider_kind),
-                estimate_image_tokens(chat).for_kind(model.provider_kind),
-            )
-            usage = Usage(input_tokens=sent, output_tokens=output_tokens)
+        usage = interrupted_usage(model, chat, produced, reported)
         span.set_attribute("routesvc.usage_estimated", True)
     else:
         # Refused before any content (an error status or event): nothing to bill.
