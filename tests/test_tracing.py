@@ -684,27 +684,39 @@ class TestExport:
         assert len(sent) <= 8_000
 
     async def test_a_collector_that_is_down_delays_shutdown_by_seconds_only(self, fake: FakeProvider) -> None:
-        """OTLP traces and metrics to a closed port: requests are unaffected and the server stops within 5 s."""
+        """OTLP traces to a collector that takes the connection and never answers, metrics to a
+        closed port: requests are unaffected, and with the span queue full (2048 spans, four
+        batches of 512, each export attempt waiting out its 3 s timeout: 12 s and more) the
+        server still stops within a few seconds, the flush cut short and logged."""
+        import socket
         import time
+
+        from structlog.testing import capture_logs
 
         from routesvc.client import RouterClient
         from routesvc.server import Server
         from tests.conftest import free_port, live_environ
 
-        closed = f"http://127.0.0.1:{free_port()}"
         config = default_config()
-        config["telemetry"] = {
-            "tracing": {"exporter": "otlp", "otlp_endpoint": closed},
-            "metrics": {"exporter": "otlp", "otlp_endpoint": closed},
-        }
-        server = Server(settings_from(config, live_environ(fake)), port=0)
-        await server.start()
-        try:
-            async with RouterClient(server.target) as client:
-                messages = [m async for m in client.complete(user_chat("hi"))]
-        finally:
-            started = time.monotonic()
-            await server.aclose()
-            took = time.monotonic() - started
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            config["telemetry"] = {
+                "tracing": {"exporter": "otlp", "otlp_endpoint": f"http://127.0.0.1:{silent.getsockname()[1]}"},
+                "metrics": {"exporter": "otlp", "otlp_endpoint": f"http://127.0.0.1:{free_port()}"},
+            }
+            server = Server(settings_from(config, live_environ(fake)), port=0)
+            await server.start()
+            try:
+                async with RouterClient(server.target) as client:
+                    messages = [m async for m in client.complete(user_chat("hi"))]
+                for number in range(2048):
+                    server.telemetry.tracer.start_span(f"queued {number}").end()
+            finally:
+                started = time.monotonic()
+                with capture_logs() as logs:
+                    await server.aclose()
+                took = time.monotonic() - started
         assert messages[-1].WhichOneof("event") == "completion"
-        assert took < 5
+        assert took < 8
+        assert [entry["unfinished"] for entry in logs if entry["event"] == "telemetry_flush_cut_short"] == [
+            ["routesvc-telemetry-traces"]
+        ]
