@@ -60,9 +60,10 @@ log = structlog.get_logger("routesvc.telemetry")
 class _AttemptRecord:
     model: str
     cost: Decimal
-    usage: Usage | None
+    usage: Usage | None  # None unless the attempt answered (what the caller saw of it was its)
     estimated: bool
     purpose: str = "answer"
+    billed: Usage = field(default_factory=Usage)  # what it is charged for, answered or not
 
 
 @dataclass
@@ -90,6 +91,14 @@ class RequestTelemetry:
     def cost(self) -> Decimal:
         """What every upstream attempt of this request cost, estimated ones included."""
         return sum((attempt.cost for attempt in self.attempts), Decimal(0))
+
+    @property
+    def usage(self) -> Usage:
+        """The tokens every upstream attempt of this request is charged for, as its ``cost``."""
+        return Usage(
+            input_tokens=sum(attempt.billed.input_tokens for attempt in self.attempts),
+            output_tokens=sum(attempt.billed.output_tokens for attempt in self.attempts),
+        )
 
     @property
     def baseline_cost(self) -> Decimal:
@@ -623,7 +632,7 @@ def _end_attempt(
     # An attempt cut after its text came counts as an answer too (its usage estimated): what the
     # caller saw of it is that model's, for the stats and the baseline.
     answered = finish is not None or (interrupted and bool(texts))
-    rpc.attempts.append(_AttemptRecord(model.id, cost, usage if answered else None, estimated, purpose))
+    rpc.attempts.append(_AttemptRecord(model.id, cost, usage if answered else None, estimated, purpose, usage))
     labels = {**metric_labels, "gen_ai.response.model": finish.provider_model if finish else model.provider_model}
     duration_labels = {**labels, "error.type": error_type} if error_type else labels
     telemetry.instruments.operation_duration.record(duration, duration_labels)
