@@ -162,6 +162,25 @@ class TestServerSpan:
         (line,) = [entry for entry in logs if entry["event"] == "rpc_finished"]
         assert (line["log_level"], line["error_reason"]) == ("warning", reason)
 
+    async def test_a_failure_only_the_operator_can_end_names_its_code_in_the_stable_conventions(
+        self, fake: FakeProvider
+    ) -> None:
+        """With OTEL_SEMCONV_STABILITY_OPT_IN=rpc an error span carries ``error.type``, the code's
+        name: so does the error span of a refused provider key (FAILED_PRECONDITION, whose
+        description stays the reason; it had no ``error.type``)."""
+        fake.set_default(Script(status=401))
+        async with observed_server(fake, environ={"OTEL_SEMCONV_STABILITY_OPT_IN": "rpc"}) as running:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _complete(running)
+            await until(lambda: bool(running.named(COMPLETE)))
+            (complete,) = running.named(COMPLETE)
+        attributes = _attrs(complete)
+        assert (complete.status.status_code, complete.status.description) == (StatusCode.ERROR, "PROVIDER_AUTH_FAILED")
+        assert (attributes["rpc.response.status_code"], attributes.get("error.type")) == (
+            "FAILED_PRECONDITION",
+            "FAILED_PRECONDITION",
+        )
+
     async def test_health_checks_are_not_traced(self, observed: Observed) -> None:
         """Only RouterService RPCs are traced; a health check leaves no span."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -86,6 +86,7 @@ class RequestTelemetry:
     cascade_score: float | None = None
     first_chunk_at: float | None = None
     code: str = "OK"
+    operator_failure: bool = False  # failed for a reason only the operator can end
 
     @property
     def cost(self) -> Decimal:
@@ -122,8 +123,9 @@ class RequestTelemetry:
             self.span.set_attribute("rpc.response.status_code", code_name)
         if code_name in _SERVER_ERROR_CODES:
             self.span.set_status(Status(StatusCode.ERROR, code_name))
-            if "stable" in conventions:
-                self.span.set_attribute("error.type", code_name)
+        if (code_name in _SERVER_ERROR_CODES or self.operator_failure) and "stable" in conventions:
+            # Every error span names its code (an operator's failure keeps its reason as the description).
+            self.span.set_attribute("error.type", code_name)
 
     def close(self) -> None:
         """End the routing span, put the totals on the server span, record metrics and stats."""
@@ -281,6 +283,7 @@ def record_operator_failure(reason: str) -> None:
     its server span is an error, whatever its gRPC status."""
     rpc = _CURRENT.get()
     if rpc is not None:
+        rpc.operator_failure = True
         rpc.span.set_status(Status(StatusCode.ERROR, reason))
 
 
