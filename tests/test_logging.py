@@ -105,6 +105,23 @@ class TestThirdPartyLines:
         assert line["exception"][0]["exc_type"] == "ConnectionError"
         assert SECRET not in stderr.getvalue()
 
+    def test_a_libraries_warning_inside_an_rpc_names_its_request_and_decision(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A library's warning logged while an RPC runs (its ids bound, as the service binds them)
+        carries its request id and decision id, as routesvc's own lines do (it had neither)."""
+        stderr = io.StringIO()
+        monkeypatch.setattr("sys.stderr", stderr)
+        configure_logging(LoggingConfig(level="info", format="json"))
+        with structlog.contextvars.bound_contextvars(request_id="request-a", decision_id="decision-a"):
+            logging.getLogger("httpx").warning("connection reset")
+        (line,) = [json.loads(text) for text in stderr.getvalue().splitlines()]
+        assert (line["event"], line.get("request_id"), line.get("decision_id")) == (
+            "connection reset",
+            "request-a",
+            "decision-a",
+        )
+
 
 class TestLinesOfAnRpc:
     async def test_lines_logged_inside_concurrent_calls_name_their_own_request_and_decision(
