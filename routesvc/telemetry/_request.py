@@ -636,7 +636,8 @@ def _end_attempt(
     # caller saw of it is that model's, for the stats and the baseline.
     answered = finish is not None or (interrupted and bool(texts))
     rpc.attempts.append(_AttemptRecord(model.id, cost, usage if answered else None, estimated, purpose, usage))
-    labels = {**metric_labels, "gen_ai.response.model": finish.provider_model if finish else model.provider_model}
+    response_model = telemetry.response_model(model, finish.provider_model if finish else "")
+    labels = {**metric_labels, "gen_ai.response.model": response_model}
     duration_labels = {**labels, "error.type": error_type} if error_type else labels
     telemetry.instruments.operation_duration.record(duration, duration_labels)
     # An attempt that ended before any output has no usage to report.

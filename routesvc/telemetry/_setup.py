@@ -42,6 +42,10 @@ _EXPORT_TIMEOUT_MS = 3_000
 _FLUSH_SECONDS = 4.0
 # Once the flush is cut short, how long its threads may take to see their exporters shut.
 _CUT_SECONDS = 1.0
+# How many names one catalog model's answers are put under in the metrics' gen_ai.response.model
+# (the provider says which model answered: a dated version of the one asked for, or whatever an
+# OpenAI-compatible server says); later new ones are "_OTHER", so the label stays bounded.
+RESPONSE_MODELS_PER_MODEL = 4
 # Bucket boundaries the GenAI conventions recommend.
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 # A policy stage takes microseconds (rules) to a few hundred milliseconds (an LLM classifier).
@@ -236,6 +240,7 @@ class Telemetry:
         else:
             meter = NoOpMeterProvider().get_meter(_SCOPE)
         self.instruments = _Instruments(meter)
+        self._response_models: dict[str, set[str]] = {}
 
     @property
     def tracing(self) -> bool:
@@ -274,12 +279,26 @@ class Telemetry:
         if self.prometheus is not None:
             self.prometheus.close()
 
+    def response_model(self, model: ModelSpec, provider_model: str) -> str:
+        """The ``gen_ai.response.model`` metric label of an answer of ``model`` the provider says
+        ``provider_model`` gave: that name for the first ``RESPONSE_MODELS_PER_MODEL`` it names
+        (the catalog's provider model when it names none), ``_OTHER`` for any later new one."""
+        if not provider_model or provider_model == model.provider_model:
+            return model.provider_model
+        seen = self._response_models.setdefault(model.id, set())
+        if provider_model in seen:
+            return provider_model
+        if len(seen) < RESPONSE_MODELS_PER_MODEL:
+            seen.add(provider_model)
+            return provider_model
+        return "_OTHER"
+
     def record_batch_answer(self, model: ModelSpec, provider_model: str, usage: Usage, cost: Decimal) -> None:
         """A batch job's answer, billed when its provider batch ends (outside any RPC): its cost
         and tokens in the metrics every realtime attempt goes to."""
         labels = {
             **gen_ai_labels(self.settings, model),
-            "gen_ai.response.model": provider_model or model.provider_model,
+            "gen_ai.response.model": self.response_model(model, provider_model),
         }
         record_usage(self, labels, model.id, usage, cost)
 
