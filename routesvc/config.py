@@ -838,6 +838,34 @@ def _otel_pairs(text: str) -> dict[str, str]:
     return pairs
 
 
+# What gRPC takes as metadata (its core's validate_metadata): a key of lower-case letters, digits,
+# '-', '_' and '.'; the value of a key not ending in "-bin" printable ASCII. Anything else fails
+# every export, so it is refused at start.
+_GRPC_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+_GRPC_METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
+
+
+def _otlp_headers(text: str, source: str) -> dict[str, str]:
+    """``$OTEL_EXPORTER_OTLP_HEADERS``, keys in lower case, as the SDK reads it (gRPC refuses
+    "Authorization"); a header gRPC would refuse is a config error naming the variable, never
+    showing a value (they hold the telemetry backend's keys), nor a name that is not one."""
+    headers: dict[str, str] = {}
+    for number, (key, value) in enumerate(_otel_pairs(text).items(), start=1):
+        name = key.lower()
+        if not _GRPC_METADATA_KEY.fullmatch(name):
+            raise ConfigError(
+                f"{source}: $OTEL_EXPORTER_OTLP_HEADERS: the name of header {number} is not one gRPC takes "
+                "(letters, digits, '-', '_' and '.')"
+            )
+        if not name.endswith("-bin") and not _GRPC_METADATA_VALUE.fullmatch(value):
+            raise ConfigError(
+                f"{source}: $OTEL_EXPORTER_OTLP_HEADERS: the value of header {name!r} holds a character gRPC "
+                "refuses (a line break, another control character or non-ASCII; the value is not shown)"
+            )
+        headers[name] = value
+    return headers
+
+
 TRACE_SAMPLERS = (
     "parentbased_traceidratio",
     "traceidratio",
@@ -909,11 +937,7 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
         metrics_exporter=exporter(telemetry.metrics.exporter, "OTEL_METRICS_EXPORTER", metrics_endpoint),
         metrics_endpoint=metrics_endpoint or "http://localhost:4317",
         metrics_interval_seconds=telemetry.metrics.export_interval_seconds,
-        # Lower case, as the SDK reads the variable: gRPC refuses a metadata key with capitals
-        # ("Authorization=Bearer ..."), and every export would fail.
-        otlp_headers={
-            key.lower(): value for key, value in _otel_pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS", "")).items()
-        },
+        otlp_headers=_otlp_headers(env.get("OTEL_EXPORTER_OTLP_HEADERS", ""), source),
         # Each exporter by its own endpoint's scheme: http:// is plaintext (unless the variable
         # says every endpoint is).
         traces_insecure=insecure or (traces_endpoint or "http://").startswith("http://"),

@@ -120,6 +120,21 @@ def _chunks_sent(record: _CallRecord) -> int:
     return int(str(record.fields.get("chunks", 0)))
 
 
+def _spent(method: str) -> dict[str, object]:
+    """What the RPC in progress spent upstream, every attempt counted as in the ledger (a failed,
+    cancelled or escalated one included): always for Complete, for another method only when it
+    paid for a call (a Route's LLM classifier)."""
+    request = telemetry.current_request()
+    if request is None or (method != "Complete" and not request.attempts):
+        return {}
+    usage = request.usage
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cost_usd": format_usd(request.cost),
+    }
+
+
 def _ended_by_caller(context: grpc.aio.ServicerContext, record: _CallRecord) -> grpc.StatusCode:
     """How a call that can send nothing more ended (``ended_by_caller``); a passed deadline is
     also its record's ``error_reason``, as when our own timer ends the call."""
@@ -370,6 +385,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 request_id=request_id,
                 duration_ms=duration_ms,
                 **record.fields,
+                **_spent(method),
             )
 
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
@@ -405,13 +421,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
                     elif isinstance(event, BatchJob):
                         record.fields["batch_id"] = event.batch_id
                     elif isinstance(event, Completion):
-                        record.fields.update(
-                            answered_by=event.model,
-                            input_tokens=event.usage.input_tokens,
-                            output_tokens=event.usage.output_tokens,
-                            cost_usd=format_usd(event.cost_usd),
-                            finish_reason=event.finish_reason.value,
-                        )
+                        record.fields.update(answered_by=event.model, finish_reason=event.finish_reason.value)
                     else:
                         if not chunks:
                             telemetry.record_first_chunk_sent()

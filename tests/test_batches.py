@@ -1824,6 +1824,24 @@ class TestBatchAdapters:
         assert sorted(e["batch_id"] for e in malformed) == ["job_1", "job_2"]
         assert "fine" not in repr(malformed)
 
+    async def test_the_anthropic_sdk_adds_no_trace_context_of_its_own(self, fake: FakeProvider) -> None:
+        """A batch created while a span is current goes without the SDK's own trace context, as
+        realtime Anthropic calls do (the SDK's OpenTelemetry is off: it sent a ``traceparent``
+        naming the span current where the batch was sent, and spans to a global tracer provider)."""
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from routesvc.models import Message, Role
+        from routesvc.providers.anthropic_batch import AnthropicBatches
+        from routesvc.providers.batch import BatchItem
+
+        api = AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
+        item = BatchItem("job_1", "claude-sonnet", "claude-sonnet-4-6", (Message(Role.USER, "hi"),), 16)
+        with TracerProvider().get_tracer("test").start_as_current_span("queue round"):
+            await api.submit([item])
+        await api.aclose()
+        (batch,) = fake.batches
+        assert (batch.api, "traceparent" in batch.headers) == ("anthropic", False)
+
     async def test_anthropic_results_carry_text_usage_and_stop_reason(self, fake: FakeProvider) -> None:
         """Create, poll, stream the results: SUCCEEDED with text, usage (cache reads counted as input)."""
         from routesvc.models import BatchState, FinishReason, Message, Role, Usage

@@ -8,15 +8,17 @@ import json
 import logging
 from decimal import Decimal
 
+import grpc
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient
 from routesvc.config import LoggingConfig
+from routesvc.cost import format_usd
 from routesvc.server import Server
 from routesvc.telemetry import configure_logging
-from routesvc.testing import FakeProvider, Script
+from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
 
@@ -103,6 +105,23 @@ class TestThirdPartyLines:
         assert line["exception"][0]["exc_type"] == "ConnectionError"
         assert SECRET not in stderr.getvalue()
 
+    def test_a_libraries_warning_inside_an_rpc_names_its_request_and_decision(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A library's warning logged while an RPC runs (its ids bound, as the service binds them)
+        carries its request id and decision id, as routesvc's own lines do (it had neither)."""
+        stderr = io.StringIO()
+        monkeypatch.setattr("sys.stderr", stderr)
+        configure_logging(LoggingConfig(level="info", format="json"))
+        with structlog.contextvars.bound_contextvars(request_id="request-a", decision_id="decision-a"):
+            logging.getLogger("httpx").warning("connection reset")
+        (line,) = [json.loads(text) for text in stderr.getvalue().splitlines()]
+        assert (line["event"], line.get("request_id"), line.get("decision_id")) == (
+            "connection reset",
+            "request-a",
+            "decision-a",
+        )
+
 
 class TestLinesOfAnRpc:
     async def test_lines_logged_inside_concurrent_calls_name_their_own_request_and_decision(
@@ -130,3 +149,52 @@ class TestLinesOfAnRpc:
         assert len(inside) == 6  # per call: the refused attempt, the answer and its estimate
         for line in inside:
             assert line["decision_id"] == finished[str(line["request_id"])], line
+
+    async def test_rpc_finished_carries_what_the_whole_request_spent(self, fake: FakeProvider) -> None:
+        """Each Complete's ``rpc_finished`` line has the tokens and cost of every attempt the
+        ledger charges the request for: a cascade's cheap answer, its judge and the stronger
+        model's answer (it had the last answer's tokens beside the request's cost), and a stream
+        cut after text, which fails UNAVAILABLE (it had neither)."""
+        fake.enqueue(
+            Script(text="Lyon maybe", input_tokens=10, output_tokens=2),
+            Script(text='{"score": 0.1}', input_tokens=50, output_tokens=5),
+            model="gpt-4o-mini",
+        )
+        fake.enqueue(Script(text="Paris.", input_tokens=10, output_tokens=1), model="gpt-4o")
+        settings = settings_from(default_config(), live_environ(fake))
+        with capture_logs() as logs:
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                cascade = [
+                    m
+                    async for m in client.complete(
+                        user_chat("What is the capital of France?"),
+                        pb.RoutingContext(cascade=True),
+                        metadata={"x-request-id": "cascade"},
+                    )
+                ]
+                fake.enqueue(Script(chunk_count=6, fault=Fault.CUT, fault_after=3), model="gpt-4o-mini")
+                cut: list[pb.CompleteResponse] = []
+
+                async def read_cut() -> None:
+                    chat, pinned = user_chat("hello there"), pb.RoutingContext(model="gpt-4o-mini")
+                    async for message in client.complete(chat, pinned, metadata={"x-request-id": "cut"}):
+                        cut.append(message)
+
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await read_cut()
+                ledger = server.router.ledger
+                charged = {
+                    request_id: ledger.entries(messages[0].decision.decision_id)
+                    for request_id, messages in (("cascade", cascade), ("cut", cut))
+                }
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert [len(entries) for entries in charged.values()] == [3, 1]
+        finished = {line["request_id"]: line for line in logs if line["event"] == "rpc_finished"}
+        for request_id, entries in charged.items():
+            line = finished[request_id]
+            expected = (
+                sum(entry.usage.input_tokens for entry in entries),
+                sum(entry.usage.output_tokens for entry in entries),
+                format_usd(sum((entry.cost_usd for entry in entries), Decimal(0))),
+            )
+            assert expected == (line.get("input_tokens"), line.get("output_tokens"), line.get("cost_usd")), request_id

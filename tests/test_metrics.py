@@ -68,6 +68,21 @@ class TestGenAIMetrics:
         assert duration.count == first_chunk.count == 1
         assert 0 < first_chunk.sum <= duration.sum
 
+    async def test_the_response_model_label_is_bounded(self, observed: Observed, fake: FakeProvider) -> None:
+        """The provider names the model that answered (a dated version, whatever an OpenAI-compatible
+        server says): the metrics keep the first four names per catalog model and put later new
+        ones under ``_OTHER`` (every name became a label value: unbounded series); the span keeps
+        what the provider said."""
+        names = [f"gpt-4o-mini-2025-0{n}-01" for n in range(1, 7)]
+        fake.enqueue(*(Script(model=name) for name in names), Script(model=names[0]), model="gpt-4o-mini")
+        for _ in range(7):
+            await _complete(observed)
+        usage = observed.points("gen_ai.client.token.usage")
+        labels = {dict(p.attributes)["gen_ai.response.model"] for p in usage}
+        assert labels == {*names[:4], "_OTHER"}
+        spans = [dict(span.attributes or {}) for span in observed.finished() if span.name == "chat gpt-4o-mini"]
+        assert [span["gen_ai.response.model"] for span in spans] == [*names, names[0]]
+
     async def test_a_failed_attempt_has_an_error_type(self, observed: Observed, fake: FakeProvider) -> None:
         """The duration of a failed attempt is recorded with error.type."""
         fake.enqueue(Script(status=503), Script())

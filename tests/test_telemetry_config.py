@@ -131,6 +131,24 @@ class TestInvalid:
             _telemetry(section, environ)
         assert message in caught.value.message
 
+    @pytest.mark.parametrize(
+        ("headers", "message"),
+        [
+            ("authorization=Bearer%20canary-otlp-key%0A", "the value of header 'authorization' holds a character"),
+            ("x api key=canary-otlp-key", "the name of header 1 is not one gRPC takes"),
+            ("x-team=ml,canary-otlp-key:x=1", "the name of header 2 is not one gRPC takes"),
+        ],
+        ids=["value-ending-in-a-newline", "name-with-spaces", "name-with-a-colon"],
+    )
+    def test_an_otlp_header_grpc_refuses_fails_at_start_without_its_value(self, headers: str, message: str) -> None:
+        """A header in $OTEL_EXPORTER_OTLP_HEADERS that gRPC refuses (a key file's trailing newline
+        in the value, a name with spaces) fails at start naming the variable and the header, never
+        showing a value or a name that may be one (every export failed, the key logged by gRPC)."""
+        with pytest.raises(ConfigError, match="<test>: ") as caught:
+            _telemetry(environ={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_HEADERS": headers})
+        assert f"$OTEL_EXPORTER_OTLP_HEADERS: {message}" in caught.value.message
+        assert "canary-otlp-key" not in caught.value.message
+
 
 class TestPublicSurface:
     def test_the_telemetry_package_exports_exactly_its_api(self) -> None:

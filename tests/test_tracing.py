@@ -162,6 +162,25 @@ class TestServerSpan:
         (line,) = [entry for entry in logs if entry["event"] == "rpc_finished"]
         assert (line["log_level"], line["error_reason"]) == ("warning", reason)
 
+    async def test_a_failure_only_the_operator_can_end_names_its_code_in_the_stable_conventions(
+        self, fake: FakeProvider
+    ) -> None:
+        """With OTEL_SEMCONV_STABILITY_OPT_IN=rpc an error span carries ``error.type``, the code's
+        name: so does the error span of a refused provider key (FAILED_PRECONDITION, whose
+        description stays the reason; it had no ``error.type``)."""
+        fake.set_default(Script(status=401))
+        async with observed_server(fake, environ={"OTEL_SEMCONV_STABILITY_OPT_IN": "rpc"}) as running:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _complete(running)
+            await until(lambda: bool(running.named(COMPLETE)))
+            (complete,) = running.named(COMPLETE)
+        attributes = _attrs(complete)
+        assert (complete.status.status_code, complete.status.description) == (StatusCode.ERROR, "PROVIDER_AUTH_FAILED")
+        assert (attributes["rpc.response.status_code"], attributes.get("error.type")) == (
+            "FAILED_PRECONDITION",
+            "FAILED_PRECONDITION",
+        )
+
     async def test_health_checks_are_not_traced(self, observed: Observed) -> None:
         """Only RouterService RPCs are traced; a health check leaves no span."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -684,27 +703,39 @@ class TestExport:
         assert len(sent) <= 8_000
 
     async def test_a_collector_that_is_down_delays_shutdown_by_seconds_only(self, fake: FakeProvider) -> None:
-        """OTLP traces and metrics to a closed port: requests are unaffected and the server stops within 5 s."""
+        """OTLP traces to a collector that takes the connection and never answers, metrics to a
+        closed port: requests are unaffected, and with the span queue full (2048 spans, four
+        batches of 512, each export attempt waiting out its 3 s timeout: 12 s and more) the
+        server still stops within a few seconds, the flush cut short and logged."""
+        import socket
         import time
+
+        from structlog.testing import capture_logs
 
         from routesvc.client import RouterClient
         from routesvc.server import Server
         from tests.conftest import free_port, live_environ
 
-        closed = f"http://127.0.0.1:{free_port()}"
         config = default_config()
-        config["telemetry"] = {
-            "tracing": {"exporter": "otlp", "otlp_endpoint": closed},
-            "metrics": {"exporter": "otlp", "otlp_endpoint": closed},
-        }
-        server = Server(settings_from(config, live_environ(fake)), port=0)
-        await server.start()
-        try:
-            async with RouterClient(server.target) as client:
-                messages = [m async for m in client.complete(user_chat("hi"))]
-        finally:
-            started = time.monotonic()
-            await server.aclose()
-            took = time.monotonic() - started
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            config["telemetry"] = {
+                "tracing": {"exporter": "otlp", "otlp_endpoint": f"http://127.0.0.1:{silent.getsockname()[1]}"},
+                "metrics": {"exporter": "otlp", "otlp_endpoint": f"http://127.0.0.1:{free_port()}"},
+            }
+            server = Server(settings_from(config, live_environ(fake)), port=0)
+            await server.start()
+            try:
+                async with RouterClient(server.target) as client:
+                    messages = [m async for m in client.complete(user_chat("hi"))]
+                for number in range(2048):
+                    server.telemetry.tracer.start_span(f"queued {number}").end()
+            finally:
+                started = time.monotonic()
+                with capture_logs() as logs:
+                    await server.aclose()
+                took = time.monotonic() - started
         assert messages[-1].WhichOneof("event") == "completion"
-        assert took < 5
+        assert took < 8
+        assert [entry["unfinished"] for entry in logs if entry["event"] == "telemetry_flush_cut_short"] == [
+            ["routesvc-telemetry-traces"]
+        ]

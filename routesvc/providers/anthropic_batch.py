@@ -47,8 +47,15 @@ class AnthropicBatches:
 
     def __init__(self, name: str, api_key: str | None, base_url: str | None = None, *, timeout: float = 60.0) -> None:
         self._name = name
+        # As for realtime calls (``AnthropicProvider``): the SDK's own spans and trace propagation
+        # off, so it reads no ANTHROPIC_OPEN_TELEMETRY* variable (config.py owns the environment)
+        # and a global tracer provider gets no spans of batch calls, whose bodies hold prompts.
         self._client = anthropic.AsyncAnthropic(
-            api_key=api_key or "unused", base_url=base_url or DEFAULT_BASE_URL, max_retries=0, timeout=timeout
+            api_key=api_key or "unused",
+            base_url=base_url or DEFAULT_BASE_URL,
+            max_retries=0,
+            timeout=timeout,
+            open_telemetry={"traces": False, "propagation": False},
         )
 
     @property

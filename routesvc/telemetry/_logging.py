@@ -89,6 +89,8 @@ def configure_logging(config: LoggingConfig) -> None:
         _stdlib_handler.setFormatter(
             structlog.stdlib.ProcessorFormatter(
                 foreign_pre_chain=[
+                    # A library's line inside an RPC names it, as routesvc's own lines do.
+                    structlog.contextvars.merge_contextvars,
                     structlog.stdlib.add_log_level,
                     structlog.stdlib.add_logger_name,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -59,9 +59,10 @@ log = structlog.get_logger("routesvc.telemetry")
 class _AttemptRecord:
     model: str
     cost: Decimal
-    usage: Usage | None
+    usage: Usage | None  # None unless the attempt answered (what the caller saw of it was its)
     estimated: bool
     purpose: str = "answer"
+    billed: Usage = field(default_factory=Usage)  # what it is charged for, answered or not
 
 
 @dataclass
@@ -84,11 +85,20 @@ class RequestTelemetry:
     cascade_score: float | None = None
     first_chunk_at: float | None = None
     code: str = "OK"
+    operator_failure: bool = False  # failed for a reason only the operator can end
 
     @property
     def cost(self) -> Decimal:
         """What every upstream attempt of this request cost, estimated ones included."""
         return sum((attempt.cost for attempt in self.attempts), Decimal(0))
+
+    @property
+    def usage(self) -> Usage:
+        """The tokens every upstream attempt of this request is charged for, as its ``cost``."""
+        return Usage(
+            input_tokens=sum(attempt.billed.input_tokens for attempt in self.attempts),
+            output_tokens=sum(attempt.billed.output_tokens for attempt in self.attempts),
+        )
 
     @property
     def baseline_cost(self) -> Decimal:
@@ -112,8 +122,9 @@ class RequestTelemetry:
             self.span.set_attribute("rpc.response.status_code", code_name)
         if code_name in _SERVER_ERROR_CODES:
             self.span.set_status(Status(StatusCode.ERROR, code_name))
-            if "stable" in conventions:
-                self.span.set_attribute("error.type", code_name)
+        if (code_name in _SERVER_ERROR_CODES or self.operator_failure) and "stable" in conventions:
+            # Every error span names its code (an operator's failure keeps its reason as the description).
+            self.span.set_attribute("error.type", code_name)
 
     def close(self) -> None:
         """End the routing span, put the totals on the server span, record metrics and stats."""
@@ -271,6 +282,7 @@ def record_operator_failure(reason: str) -> None:
     its server span is an error, whatever its gRPC status."""
     rpc = _CURRENT.get()
     if rpc is not None:
+        rpc.operator_failure = True
         rpc.span.set_status(Status(StatusCode.ERROR, reason))
 
 
@@ -613,8 +625,9 @@ def _end_attempt(
     # An attempt cut after its text came counts as an answer too (its usage estimated): what the
     # caller saw of it is that model's, for the stats and the baseline.
     answered = finish is not None or (interrupted and bool(texts))
-    rpc.attempts.append(_AttemptRecord(model.id, cost, usage if answered else None, estimated, purpose))
-    labels = {**metric_labels, "gen_ai.response.model": finish.provider_model if finish else model.provider_model}
+    rpc.attempts.append(_AttemptRecord(model.id, cost, usage if answered else None, estimated, purpose, usage))
+    response_model = telemetry.response_model(model, finish.provider_model if finish else "")
+    labels = {**metric_labels, "gen_ai.response.model": response_model}
     duration_labels = {**labels, "error.type": error_type} if error_type else labels
     telemetry.instruments.operation_duration.record(duration, duration_labels)
     # An attempt that ended before any output has no usage to report.

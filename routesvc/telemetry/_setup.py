@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from decimal import Decimal
 
@@ -14,6 +16,7 @@ from opentelemetry.metrics import Meter, NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
+    MetricExporter,
     MetricReader,
     PeriodicExportingMetricReader,
 )
@@ -34,6 +37,15 @@ from routesvc.telemetry._request import _CURRENT, _PROPAGATOR, RequestTelemetry,
 _SCOPE = "routesvc"
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _EXPORT_TIMEOUT_MS = 3_000
+# A shutdown flushes for at most this long in all: one export attempt's timeout, and a second for
+# a collector that is up to take what is left.
+_FLUSH_SECONDS = 4.0
+# Once the flush is cut short, how long its threads may take to see their exporters shut.
+_CUT_SECONDS = 1.0
+# How many names one catalog model's answers are put under in the metrics' gen_ai.response.model
+# (the provider says which model answered: a dated version of the one asked for, or whatever an
+# OpenAI-compatible server says); later new ones are "_OTHER", so the label stays bounded.
+RESPONSE_MODELS_PER_MODEL = 4
 # Bucket boundaries the GenAI conventions recommend.
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 # A policy stage takes microseconds (rules) to a few hundred milliseconds (an LLM classifier).
@@ -166,6 +178,8 @@ class Telemetry:
             {**config.resource_attributes, "service.name": config.service_name, "service.version": _version()}
         )
         processors: list[SpanProcessor] = []
+        # What a shutdown cuts short when a collector does not answer in time.
+        self._otlp_exporters: list[SpanExporter | MetricExporter] = []
         if span_exporter is not None:
             from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
@@ -179,7 +193,7 @@ class Telemetry:
                 headers=dict(config.otlp_headers),
                 timeout=_EXPORT_TIMEOUT_MS // 1000,
             )
-            # Bounded, so a collector that is down delays shutdown by seconds, not the grace period.
+            self._otlp_exporters.append(exporter)
             processors.append(BatchSpanProcessor(exporter, export_timeout_millis=_EXPORT_TIMEOUT_MS))
         elif config.traces_exporter == "console":
             processors.append(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
@@ -205,6 +219,7 @@ class Telemetry:
                 headers=dict(config.otlp_headers),
                 timeout=_EXPORT_TIMEOUT_MS // 1000,
             )
+            self._otlp_exporters.append(metric_exporter)
             readers.append(
                 PeriodicExportingMetricReader(
                     metric_exporter, int(config.metrics_interval_seconds * 1000), _EXPORT_TIMEOUT_MS
@@ -225,6 +240,7 @@ class Telemetry:
         else:
             meter = NoOpMeterProvider().get_meter(_SCOPE)
         self.instruments = _Instruments(meter)
+        self._response_models: dict[str, set[str]] = {}
 
     @property
     def tracing(self) -> bool:
@@ -234,27 +250,55 @@ class Telemetry:
     def shutdown(self) -> None:
         """Flush and stop the exporters (blocking; call it from a worker thread in async code).
 
-        Traces and metrics flush side by side, each bounded by the export timeout, so a collector
-        that is down delays a shutdown by a few seconds at most.
+        Traces and metrics flush side by side for ``_FLUSH_SECONDS`` in all. A collector that is
+        down makes each export attempt wait out its timeout, and the span queue (up to 2048 spans)
+        goes in batches of 512: what is still unsent by then is dropped, the OTLP exporters shut
+        (which ends the attempt in flight and fails the rest at once), so a shutdown is held up
+        by a few seconds at most.
         """
-        flushing = [
-            threading.Thread(target=provider.shutdown, name=f"routesvc-telemetry-{kind}")
-            for kind, provider in (("traces", self._tracer_provider), ("metrics", self._meter_provider))
-            if provider is not None
-        ]
+        deadline = time.monotonic() + _FLUSH_SECONDS
+        flushing: list[threading.Thread] = []
+        if self._tracer_provider is not None:
+            flushing.append(
+                threading.Thread(target=self._tracer_provider.shutdown, name="routesvc-telemetry-traces", daemon=True)
+            )
+        if self._meter_provider is not None:
+            flush_metrics = functools.partial(self._meter_provider.shutdown, timeout_millis=_FLUSH_SECONDS * 1000)
+            flushing.append(threading.Thread(target=flush_metrics, name="routesvc-telemetry-metrics", daemon=True))
         for thread in flushing:
             thread.start()
         for thread in flushing:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        late = [thread.name for thread in flushing if thread.is_alive()]
+        if late:
+            log.warning("telemetry_flush_cut_short", after_seconds=_FLUSH_SECONDS, unfinished=late)
+            for exporter in self._otlp_exporters:
+                exporter.shutdown()
+            for thread in flushing:
+                thread.join(_CUT_SECONDS)
         if self.prometheus is not None:
             self.prometheus.close()
+
+    def response_model(self, model: ModelSpec, provider_model: str) -> str:
+        """The ``gen_ai.response.model`` metric label of an answer of ``model`` the provider says
+        ``provider_model`` gave: that name for the first ``RESPONSE_MODELS_PER_MODEL`` it names
+        (the catalog's provider model when it names none), ``_OTHER`` for any later new one."""
+        if not provider_model or provider_model == model.provider_model:
+            return model.provider_model
+        seen = self._response_models.setdefault(model.id, set())
+        if provider_model in seen:
+            return provider_model
+        if len(seen) < RESPONSE_MODELS_PER_MODEL:
+            seen.add(provider_model)
+            return provider_model
+        return "_OTHER"
 
     def record_batch_answer(self, model: ModelSpec, provider_model: str, usage: Usage, cost: Decimal) -> None:
         """A batch job's answer, billed when its provider batch ends (outside any RPC): its cost
         and tokens in the metrics every realtime attempt goes to."""
         labels = {
             **gen_ai_labels(self.settings, model),
-            "gen_ai.response.model": provider_model or model.provider_model,
+            "gen_ai.response.model": self.response_model(model, provider_model),
         }
         record_usage(self, labels, model.id, usage, cost)
 

@@ -109,6 +109,8 @@ class FakeBatch:
     retrieved: int = 0
     # The Anthropic results file served instead of ``results`` (a test's damaged file).
     raw_results: bytes | None = None
+    # The headers of the request that created it (lower-case names).
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def custom_ids(self) -> list[str]:
@@ -475,7 +477,9 @@ class FakeBatches:
             await connection.send_json(400, {"error": {"type": "invalid_request_error", "message": "no such file"}})
             return True
         lines = [json.loads(line) for line in content.decode().split("\n") if line.strip()]
-        batch = FakeBatch(self._new_id("batch_"), "openai", lines, time.time(), str(body["input_file_id"]))
+        batch = FakeBatch(
+            self._new_id("batch_"), "openai", lines, time.time(), str(body["input_file_id"]), headers=request.headers
+        )
         metadata = body.get("metadata")
         batch.metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else None
         self.batches[batch.id] = batch
@@ -549,7 +553,7 @@ class FakeBatches:
             error = {"type": "error", "error": {"type": "invalid_request_error", "message": "requests required"}}
             await connection.send_json(400, error)
             return True
-        batch = FakeBatch(self._new_id("msgbatch_"), "anthropic", requests, time.time())
+        batch = FakeBatch(self._new_id("msgbatch_"), "anthropic", requests, time.time(), headers=request.headers)
         self.batches[batch.id] = batch
         await connection.send_json(200, self._anthropic_json(batch))
         return True
