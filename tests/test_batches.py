@@ -1837,7 +1837,7 @@ class TestBatchAdapters:
         api = AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
         item = BatchItem("job_1", "claude-sonnet", "claude-sonnet-4-6", (Message(Role.USER, "hi"),), 16)
         with TracerProvider().get_tracer("test").start_as_current_span("queue round"):
-            await api.submit([item])
+            await api.submit([item], "tag")
         await api.aclose()
         (batch,) = fake.batches
         assert (batch.api, "traceparent" in batch.headers) == ("anthropic", False)
