@@ -1,11 +1,23 @@
-"""What the SQLite stores (batch jobs, feedback) share: one write transaction taken at its start,
-and telling a lock held too long by another process from other failures."""
+"""What the SQLite stores (batch jobs, feedback) share: files only their owner can read, one write
+transaction taken at its start, and telling a lock held too long by another process from other
+failures."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
+
+
+def create_private(path: Path | str) -> None:
+    """Create the database file at ``path``, readable and writable by its owner only, unless it
+    exists. SQLite would create it 0644 (less the umask), readable by every local user, and gives
+    its -wal and -shm files the database file's mode: the batch store holds prompts and answers,
+    the feedback store embeddings of prompts and tenant names."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 @contextlib.contextmanager

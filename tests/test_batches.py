@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -974,6 +975,27 @@ class TestBatchPersistence:
             await asyncio.sleep(0.2)  # more rounds: charged once
             assert len([e for e in server.router.ledger.entries() if e.request_id == job.batch_id]) == 1
         assert len(fake.batches) == 1
+
+    async def test_the_store_files_are_readable_by_their_owner_only(self, tmp_path: Path, fake: FakeProvider) -> None:
+        """The store holds prompts and answers: it and its write-ahead files are 0600, whatever the
+        umask (SQLite alone made them 0644, readable by every local user)."""
+        previous = os.umask(0o022)
+        try:
+            async with (
+                Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client))[1].batch
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                modes = file_modes(tmp_path, "batches.db*")
+        finally:
+            os.umask(previous)
+        assert modes == {"batches.db": 0o600, "batches.db-wal": 0o600, "batches.db-shm": 0o600}
+
+
+def file_modes(folder: Path, pattern: str) -> dict[str, int]:
+    """The permission bits of each file in ``folder`` matching ``pattern``, by name."""
+    return {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.glob(pattern)}
 
 
 def budget_config(tmp_path: Path) -> dict[str, object]:

@@ -63,7 +63,7 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
-from routesvc.sqlite import immediate, is_busy
+from routesvc.sqlite import create_private, immediate, is_busy
 
 _T = TypeVar("_T")
 
@@ -438,6 +438,7 @@ class BatchStore:
         self._path = path
         self._max_request_bytes = max_request_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(path)
         self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._connection.row_factory = sqlite3.Row
         self._connection.execute("PRAGMA journal_mode=WAL")
