@@ -2164,6 +2164,28 @@ class TestBatchProviderCleanup:
         assert done.result.text == "A short summary."
         assert fake.deleted_files == [batch.input_file_id, batch.output_file_id]
 
+    @pytest.mark.parametrize("task", ["", "creative_writing"])
+    async def test_a_shutdown_waits_for_a_provider_delete_a_few_seconds_only(
+        self, tmp_path: Path, fake: FakeProvider, task: str
+    ) -> None:
+        """A delete the provider does not answer is given up when the server stops (logged
+        batch_close_cut_short), so the queue's close keeps within what the Kubernetes grace
+        period leaves after the drain; it waited out each delete's own 10 s bound."""
+        fake.batch_delete_hold = asyncio.Event()
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client, task_hint=task))[1].batch
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                await fake.batch_delete_waiting.wait()
+        fake.batch_delete_hold.set()
+        [cut] = [e for e in logs if e["event"] == "batch_close_cut_short"]
+        assert cut["seconds"] == 4.0
+        assert fake.deleted_files == []
+        assert not any(batch.deleted for batch in fake.batches)
+
     @pytest.mark.parametrize(
         ("task", "event"), [("", "batch_file_delete_failed"), ("creative_writing", "batch_delete_failed")]
     )

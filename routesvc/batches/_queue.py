@@ -186,6 +186,10 @@ _MAX_LEFTOVERS = 10_000
 # Jobs of a provider batch refused for a while (OpenAI's enqueued token limit) wait as long as they
 # have waited so far before they are sent again: at least the poll interval, at most this.
 _MAX_RESEND_DELAY = 3600.0
+_CLOSE_SECONDS = 4.0
+"""What ``aclose`` waits, in all, for the queue's writes and provider deletes still under way.
+The Kubernetes grace period leaves 10 s after the drain and ``grace_seconds`` for this and the
+telemetry flush (at most 4 s)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -385,15 +389,29 @@ class BatchQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
-        self._closed = True
-        if self._store is not None:
-            await self._store.aclose()
-            self._store = None
-        for api in [*self._apis.values(), *self._replaced]:
-            await api.aclose()
-        self._replaced.clear()
+        waiting_for = "the queue's writes and provider deletes"
+        try:
+            async with asyncio.timeout(_CLOSE_SECONDS):
+                if self._pending:
+                    await asyncio.gather(*self._pending, return_exceptions=True)
+                self._closed = True
+                waiting_for = "the store"
+                if self._store is not None:
+                    await self._store.aclose()
+                    self._store = None
+                waiting_for = "the provider clients' deletes"
+                for api in [*self._apis.values(), *self._replaced]:
+                    await api.aclose()
+        except TimeoutError:
+            # A provider delete (a file of prompts, a batch's answers) or a store write still
+            # running: what it would have done is left to the provider's expiry or, for a job
+            # whose hold it would have released, to the hold's lapse, as after a crash.
+            log.warning("batch_close_cut_short", seconds=_CLOSE_SECONDS, waiting_for=waiting_for)
+            for task in list(self._pending):
+                task.cancel()
+        finally:
+            self._closed = True
+            self._replaced.clear()
 
     # -- the RPCs --------------------------------------------------------------------------------
 

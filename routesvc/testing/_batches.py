@@ -36,7 +36,7 @@ them and ``canceled`` for the rest.
 
 Faults: ``create_error`` answers creates (both APIs), ``delete_error`` deletes (files and message
 batches) with an error; ``create_hold`` keeps creates waiting until the test sets it
-(``create_waiting`` is set once one waits).
+(``create_waiting`` is set once one waits), and ``delete_hold`` deletes (``delete_waiting``).
 """
 
 from __future__ import annotations
@@ -187,6 +187,9 @@ class FakeBatches:
         # A create waits until this is set (None: answers at once); ``create_waiting`` says one does.
         self.create_hold: asyncio.Event | None = None
         self.create_waiting = asyncio.Event()
+        # The same for deleting a file or a message batch.
+        self.delete_hold: asyncio.Event | None = None
+        self.delete_waiting = asyncio.Event()
         self.files: dict[str, bytes] = {}
         # Each file's name and when it was uploaded (files.list).
         self.file_names: dict[str, tuple[str, float]] = {}
@@ -227,6 +230,8 @@ class FakeBatches:
         self.delete_error = None
         self.create_hold = None
         self.create_waiting.clear()
+        self.delete_hold = None
+        self.delete_waiting.clear()
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._numbers):04d}{uuid.uuid4().hex[:12]}"
@@ -424,6 +429,7 @@ class FakeBatches:
         if file_id not in self.files:
             await connection.send_json(404, {"error": {"type": "not_found_error", "message": "no such file"}})
             return True
+        await self._delete_held()
         if self.delete_error is not None:
             await connection.send_json(*self.delete_error)
             return True
@@ -432,6 +438,12 @@ class FakeBatches:
         self.deleted_files.append(file_id)
         await connection.send_json(200, {"id": file_id, "object": "file", "deleted": True})
         return True
+
+    async def _delete_held(self) -> None:
+        """Wait at ``delete_hold`` while it is set to an event not set yet."""
+        if self.delete_hold is not None and not self.delete_hold.is_set():
+            self.delete_waiting.set()
+            await self.delete_hold.wait()
 
     async def _held(self) -> None:
         """Wait at ``create_hold`` while it is set to an event not set yet."""
@@ -621,6 +633,7 @@ class FakeBatches:
                 400, {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
             )
             return True
+        await self._delete_held()
         if self.delete_error is not None:
             await connection.send_json(*self.delete_error)
             return True

@@ -188,6 +188,21 @@ class FakeProvider:
         self._batches.create_hold = hold
 
     @property
+    def batch_delete_hold(self) -> asyncio.Event | None:
+        """While set to an event that is not set, deleting an OpenAI file or an Anthropic message
+        batch waits for it before answering; None (the default) answers at once."""
+        return self._batches.delete_hold
+
+    @batch_delete_hold.setter
+    def batch_delete_hold(self, hold: asyncio.Event | None) -> None:
+        self._batches.delete_hold = hold
+
+    @property
+    def batch_delete_waiting(self) -> asyncio.Event:
+        """Set once a delete waits at ``batch_delete_hold``."""
+        return self._batches.delete_waiting
+
+    @property
     def batch_create_waiting(self) -> asyncio.Event:
         """Set once a batch create waits at ``batch_create_hold``."""
         return self._batches.create_waiting
