@@ -4,8 +4,10 @@ library, persisted in SQLite so a restart loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -17,7 +19,8 @@ from routesvc.auth import key_digest
 from routesvc.client import RouterClient
 from routesvc.config import load_settings
 from routesvc.encoders import HashingEncoder
-from routesvc.feedback import FeedbackExample
+from routesvc.errors import FeedbackStoreUnavailable
+from routesvc.feedback import FeedbackExample, FeedbackStore
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.reload import ConfigWatcher
 from routesvc.server import Server
@@ -465,3 +468,38 @@ class TestAFeedbackDbThatCannotBeOpened:
         assert applied is False
         assert events == [("config_reload_rejected", f"feedback_db {not_sqlite}: file is not a database")]
         assert response.library_examples == 1
+
+    async def test_a_reload_to_a_damaged_file_is_rejected_and_leaves_its_store_closed(self, tmp_path: Path) -> None:
+        """A reloaded config whose feedback_db opens but whose examples cannot be read (a damaged
+        page) is rejected, and the store the reload opened for it is closed again: its writer
+        thread left running (with its open files) on every rejected reload, which the watcher
+        tries at every poll."""
+        damaged = tmp_path / "damaged.db"
+        _damage_the_examples_table(damaged)
+        good = tmp_path / "good"
+        good.mkdir()
+        async with Server(settings_from(embedding_config(good)), port=0) as server:
+            writers_before = _feedback_writers()
+            for _ in range(2):
+                with pytest.raises(FeedbackStoreUnavailable):
+                    await server.reload(settings_from(embedding_config(tmp_path, feedback_db=str(damaged))))
+            writers_after = _feedback_writers()
+        assert writers_after == writers_before
+
+
+def _feedback_writers() -> int:
+    """How many feedback stores' writer threads run in this process."""
+    return sum(thread.name == "routesvc-feedback-writer" for thread in threading.enumerate())
+
+
+def _damage_the_examples_table(path: Path) -> None:
+    """A feedback file at ``path`` that opens, with the root page of its ``examples`` table
+    overwritten (as by a disk fault), so reading the examples fails."""
+    FeedbackStore(path).close()
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [root] = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = 'examples'").fetchone()
+        [page_size] = connection.execute("PRAGMA page_size").fetchone()
+    data = bytearray(path.read_bytes())
+    data[(root - 1) * page_size : root * page_size] = b"\xff" * page_size
+    path.write_bytes(bytes(data))

@@ -235,22 +235,30 @@ def build(config: EmbeddingStageConfig, *, catalog: Catalog, feedback: FeedbackS
     for field, model in (("strong_model", strong), ("weak_model", weak)):
         if model not in catalog:
             raise ConfigError(f"embedding.{field}: {model!r} is not in the catalog")
+    opened: FeedbackStore | None = None
     if feedback is None and config.feedback_db is not None:
-        feedback = FeedbackStore(
+        feedback = opened = FeedbackStore(
             config.feedback_db,
             decision_ttl_seconds=config.feedback_decision_ttl_seconds,
             max_pending_decisions=config.feedback_max_pending_decisions,
         )
-    stage = EmbeddingStage(
-        router,
-        strong_model=strong,
-        weak_model=weak,
-        threshold=config.threshold,
-        feedback=feedback,
-        feedback_similarity=config.feedback_similarity,
-        feedback_weight=config.feedback_weight,
-        feedback_scope=config.feedback_scope,
-    )
+    try:
+        stage = EmbeddingStage(
+            router,
+            strong_model=strong,
+            weak_model=weak,
+            threshold=config.threshold,
+            feedback=feedback,
+            feedback_similarity=config.feedback_similarity,
+            feedback_weight=config.feedback_weight,
+            feedback_scope=config.feedback_scope,
+        )
+    except BaseException:
+        # The library could not be read (a damaged file): no stage owns the store opened here,
+        # so close it (its writer thread and files), or each rejected reload would leak one.
+        if opened is not None:
+            opened.close()
+        raise
     strategy: Strategy = stage
     del strategy  # EmbeddingStage satisfies the Strategy protocol (checked by mypy here)
     return stage
