@@ -79,6 +79,32 @@ if TYPE_CHECKING:
 _REFUSED_PARAMETER = {"prefill": "refuses a prefill, a conversation that ends in an assistant turn"}
 
 
+def _policy_for(settings: Settings, providers: Mapping[str, Provider]) -> Policy:
+    """The routing policy ``settings`` describe; relative paths are read from the config file's folder."""
+    return Policy.from_config(
+        settings.config.routing,
+        catalog=settings.catalog,
+        providers=providers,
+        base_dir=None if settings.source.startswith("<") else Path(settings.source).parent,
+    )
+
+
+async def _built_in_thread(build: Callable[[], Policy]) -> Policy:
+    """``build()`` run in a worker thread. If the caller is cancelled meanwhile (a stop during a
+    reload) the thread goes on, and the policy it then builds is closed: no one else will."""
+    building = asyncio.ensure_future(asyncio.to_thread(build))
+    try:
+        return await asyncio.shield(building)
+    except asyncio.CancelledError:
+
+        def close_unused(done: asyncio.Future[Policy]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result().close()  # just opened, nothing queued: closing is quick
+
+        building.add_done_callback(close_unused)
+        raise
+
+
 def _new_decision_id() -> str:
     return os.urandom(16).hex()
 
@@ -115,12 +141,7 @@ class Router:
             for task in rule.when.task_in or ()
         )
         self._providers = dict(providers)
-        self._policy = policy or Policy.from_config(
-            settings.config.routing,
-            catalog=self._catalog,
-            providers=self._providers,
-            base_dir=None if settings.source.startswith("<") else Path(settings.source).parent,
-        )
+        self._policy = policy or _policy_for(settings, self._providers)
         try:
             self._new_decision_id = new_decision_id
             self._reliability = settings.config.reliability
@@ -144,20 +165,30 @@ class Router:
         """The settings this router was built from."""
         return self._settings
 
-    def reconfigured(self, settings: Settings, providers: Mapping[str, Provider]) -> Router:
+    async def reconfigured(self, settings: Settings, providers: Mapping[str, Provider]) -> Router:
         """A router for new settings (hot reload) that keeps this one's ledger, limits, breakers
         and retry budget, so nothing counted so far is lost. Calls in flight finish on this one.
-        The shared admission takes the new tenant limits when the service swaps the router in."""
-        return Router(
-            settings,
-            providers,
-            new_decision_id=self._new_decision_id,
-            ledger=self._ledger,
-            admission=self._admission,
-            breakers=self._breakers,
-            retry_budget=self._retry_budget,
-            batches=self._batches,
-        )
+        The shared admission takes the new tenant limits when the service swaps the router in.
+
+        Its policy is built in a worker thread: that opens the feedback stores (waiting up to the
+        busy timeout while another process locks a file) and reads their example libraries, which
+        must not hold up the calls the event loop serves meanwhile."""
+        policy = await _built_in_thread(lambda: _policy_for(settings, providers))
+        try:
+            return Router(
+                settings,
+                providers,
+                policy,
+                new_decision_id=self._new_decision_id,
+                ledger=self._ledger,
+                admission=self._admission,
+                breakers=self._breakers,
+                retry_budget=self._retry_budget,
+                batches=self._batches,
+            )
+        except BaseException:
+            await asyncio.to_thread(policy.close)
+            raise
 
     @property
     def policy(self) -> Policy:

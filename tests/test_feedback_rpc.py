@@ -341,6 +341,25 @@ class TestFeedbackStoreUnderContention:
         # The failure this guards against held the loop for the whole 5 s busy timeout.
         assert (overslept < 2.5, routed_in < 2.5) == (True, True)
 
+    async def test_a_reload_opening_a_file_another_process_locks_holds_up_no_route(self, tmp_path: Path) -> None:
+        """A reload opens the stages' feedback stores anew, here the same file, while another
+        process holds its write lock: opening waits for the lock (up to SQLite's 5 s busy
+        timeout), in a worker thread, so a Route sent during the reload is answered before the
+        reload ends (it held up the event loop, every call with it, until the lock was released
+        or the timeout rejected the reload); once the lock is released the reload is applied."""
+        config = embedding_config(tmp_path)
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            old_router = server.router
+            await client.route(user_chat("warm up"))
+            with write_locked(tmp_path / "feedback.db"):
+                reload = asyncio.create_task(server.reload(settings_from(config)))
+                await client.route(user_chat("say hello to zulu"))
+                reloading_when_routed = not reload.done()
+            await reload
+            decision = await client.route(user_chat("say goodbye to zulu"))
+            replaced = server.router is not old_router
+        assert (reloading_when_routed, replaced, decision.model) == (True, True, "gpt-4o-mini")
+
     async def test_feedback_while_another_process_holds_the_lock_is_unavailable_and_retryable(
         self, tmp_path: Path
     ) -> None:
