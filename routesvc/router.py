@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,7 @@ from routesvc.errors import (
     StreamInterrupted,
     quoted_id,
 )
+from routesvc.feedback import FeedbackStore, Recorded
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import (
     AllowList,
@@ -154,6 +156,7 @@ class Router:
             self._providers_by_model = {m.id for m in self._catalog if m.provider in self._providers}
             self._escalation = EscalationPolicy(settings, self._providers)
             self._batches = batches
+            self._recording = threading.Lock()
         except BaseException:
             if policy is None:
                 # Built here, so closed here: no router will (its feedback stores' threads).
@@ -442,8 +445,8 @@ class Router:
             raise
 
     async def feedback(self, decision_id: str, score: float, *, tenant: str | None = None) -> tuple[str, int]:
-        """Record ``score`` in [0, 1] for an earlier decision; the embedding stages' libraries are
-        rebuilt from their stores (SQLite and the rebuild in a worker thread). Returns the
+        """Record ``score`` in [0, 1] for an earlier decision; each embedding stage's library takes
+        the one example (``EmbeddingStage.learn``; SQLite and that in a worker thread). Returns the
         decision's model and the library size.
 
         ``tenant`` is the authenticated caller's (None with auth off: any decision may be rated).
@@ -456,11 +459,18 @@ class Router:
         def record() -> tuple[str, str, int]:
             model = owner = ""
             examples = 0
-            for stage in stages:
-                assert stage.feedback is not None
-                entry = stage.feedback.record(decision_id, score, tenant=tenant)
-                model, owner = entry.model, entry.tenant
-                examples += stage.rebuild_library()
+            # One call at a time, so the libraries take the outcomes in the order the stores
+            # recorded them (an older score never replaces a newer one, an eviction comes after
+            # the add it follows).
+            with self._recording:
+                recorded: dict[FeedbackStore, Recorded] = {}
+                for stage in stages:
+                    assert stage.feedback is not None
+                    if stage.feedback not in recorded:  # stages sharing a store record once
+                        recorded[stage.feedback] = stage.feedback.record_outcome(decision_id, score, tenant=tenant)
+                    entry = recorded[stage.feedback].entry
+                    model, owner = entry.model, entry.tenant
+                    examples += stage.learn(recorded[stage.feedback])
             return model, owner, examples
 
         model, owner, examples = await asyncio.to_thread(record)

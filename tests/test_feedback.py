@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -459,6 +459,37 @@ class TestForgettingDecisions:
             version = db.execute("PRAGMA user_version").fetchone()[0]
         assert examples == {"rated": ("hashing-2", 0.25), "waiting": ("hashing-2", 1.0), "new": ("hashing-2", 0.0)}
         assert version == 3
+
+
+class TestKeepingExamples:
+    def test_a_file_over_a_lowered_cap_keeps_each_tenants_newest_examples(self, tmp_path: Path) -> None:
+        """A file opened with a ``max_examples`` below what it keeps (kept before the cap, or
+        the cap lowered) loses each tenant's oldest examples and their outcomes at once; capped
+        in all (``examples_per_tenant`` False) it keeps the newest of all tenants."""
+        path = tmp_path / "f.db"
+        with closing_store(path) as store:
+            for i in range(3):
+                for tenant in ("acme", "globex"):
+                    store.remember(f"{tenant}-{i}", "m", [1.0, 0.0], tenant=tenant)
+                    store.record(f"{tenant}-{i}", 0.0)
+        with closing_store(path, max_examples=2) as store:
+            per_tenant = sorted(example.decision_id for example in store.examples())
+            outcomes = len(store.entries())
+        with closing_store(path, max_examples=3, examples_per_tenant=False) as store:
+            in_all = [example.decision_id for example in store.examples()]
+        assert per_tenant == ["acme-1", "acme-2", "globex-1", "globex-2"]
+        assert outcomes == 4
+        assert in_all == ["globex-1", "acme-2", "globex-2"]
+
+
+@contextmanager
+def closing_store(path: Path, **settings: Any) -> Iterator[FeedbackStore]:
+    """A store at ``path`` with ``settings``, closed after the block."""
+    store = FeedbackStore(path, **settings)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 class TestExamplesCost:

@@ -20,7 +20,7 @@ from routesvc.client import RouterClient
 from routesvc.config import load_settings
 from routesvc.encoders import HashingEncoder
 from routesvc.errors import FeedbackStoreUnavailable
-from routesvc.feedback import FeedbackExample, FeedbackStore
+from routesvc.feedback import FeedbackStore
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.reload import ConfigWatcher
 from routesvc.server import Server
@@ -28,7 +28,7 @@ from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat, write_locked
 from tests.routing_data import STRONG, WEAK, records
-from tests.test_feedback import disk_full, small_pages
+from tests.test_feedback import SqliteWork, disk_full, small_pages
 from tests.test_limits import retry_delay
 from tests.test_validation import LONG_ID_NAMES, LONG_IDS, error_info
 
@@ -381,35 +381,89 @@ class TestFeedbackStoreUnderContention:
         assert "feedback_db" in (error.details() or "")
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
 
-    async def test_concurrent_feedback_leaves_the_served_library_complete(self, tmp_path: Path) -> None:
-        """Two Feedback calls rebuild the library at once; the one that read the store first is
-        made slow, so without ordering it would swap in its older library last."""
+    async def test_concurrent_feedback_leaves_the_served_library_as_the_store_has_it(self, tmp_path: Path) -> None:
+        """Feedback calls at once (new examples, and one decision rated again and again with
+        another score each time) leave the library routing uses scoring every prompt as a library
+        rebuilt from the file does: no example missing, no older score in place of the latest."""
+        settings = settings_from(embedding_config(tmp_path))
+        prompts = [f"say hello to zulu number {i}" for i in range(4)]
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decisions = [await client.route(user_chat(prompt)) for prompt in prompts]
+            rerated = decisions[0].decision_id
+            calls = [client.feedback(d.decision_id, thumbs_up=False) for d in decisions[1:]]
+            calls += [client.feedback(rerated, score=i % 2) for i in range(6)]
+            await asyncio.gather(*calls)
+            [stage] = server.router.policy.learning_stages
+            served = [stage.score(prompt) for prompt in prompts]
+            rebuilt = stage.rebuild_library()
+            from_the_file = [stage.score(prompt) for prompt in prompts]
+        assert rebuilt == 4
+        assert served == from_the_file
+
+
+class TestTheLibraryStaysBounded:
+    async def test_a_feedbacks_sqlite_work_does_not_grow_with_the_library(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A Feedback call adds or re-scores its one example: its SQLite work is the same with 2
+        examples as with 40 (every call re-read the whole library, O(examples) a call), and a
+        repeat of the latest score, which stores nothing, does no more than that either."""
+        sqlite_work = SqliteWork()
+        sqlite_work.install(monkeypatch)
         settings = settings_from(embedding_config(tmp_path))
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
-            first_decision = await client.route(user_chat("say hello to zulu"))
-            second_decision = await client.route(user_chat("say goodbye to zulu"))
+            decisions = [await client.route(user_chat(f"prompt {i} about zulu")) for i in range(42)]
             [stage] = server.router.policy.learning_stages
-            store = stage.feedback
-            assert store is not None
-            read = store.examples
-            first_read = threading.Event()
+            assert stage.feedback is not None
+            assert await asyncio.to_thread(stage.feedback.flush)
 
-            def slow_first_read() -> list[FeedbackExample]:
-                examples = read()
-                if not first_read.is_set():
-                    first_read.set()
-                    time.sleep(0.5)
-                return examples
+            async def steps_of_feedback(decision: pb.RouteResponse) -> int:
+                before = sqlite_work.steps
+                await client.feedback(decision.decision_id, thumbs_up=False)
+                return sqlite_work.steps - before
 
-            store.examples = slow_first_read  # type: ignore[method-assign]
-            first = asyncio.create_task(client.feedback(first_decision.decision_id, thumbs_up=False))
-            assert await asyncio.to_thread(first_read.wait, 5)
-            second = await client.feedback(second_decision.decision_id, thumbs_up=False)
-            await first
-            # Each prompt's own example (similarity 1) must be in the library routing uses now.
-            moved = [stage.score(prompt)[1] for prompt in ("say hello to zulu", "say goodbye to zulu")]
-        assert second.library_examples == 2
-        assert all(count >= 1 for count in moved)
+            await client.feedback(decisions[0].decision_id, thumbs_up=False)
+            with_few = await steps_of_feedback(decisions[1])
+            repeat_with_few = await steps_of_feedback(decisions[1])
+            for decision in decisions[2:40]:
+                await client.feedback(decision.decision_id, thumbs_up=False)
+            with_many = await steps_of_feedback(decisions[40])
+            repeat_with_many = await steps_of_feedback(decisions[40])
+            library = (await client.feedback(decisions[41].decision_id, thumbs_up=False)).library_examples
+        assert library == 42
+        assert (with_many, repeat_with_many) == (with_few, repeat_with_few)
+
+    @pytest.mark.parametrize("scope", ["tenant", "shared"])
+    async def test_only_the_newest_examples_are_kept(self, tmp_path: Path, scope: str) -> None:
+        """With ``feedback_max_examples: 2`` a third rated decision evicts the oldest example, from
+        the library (it moves no score) and from the file (its outcome is gone; rating it again is
+        NOT_FOUND, and a restart does not bring it back); per tenant with feedback_scope tenant
+        (another tenant's example stays), of all tenants with shared. Examples grew for good."""
+        settings = settings_from(embedding_config(tmp_path, feedback_max_examples=2, feedback_scope=scope))
+        acme, globex = pb.RoutingContext(tenant="acme"), pb.RoutingContext(tenant="globex")
+        prompts = ["globex says hello", "acme says hello", "acme says goodbye", "acme says thanks"]
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decisions = [
+                await client.route(user_chat(prompt), globex if prompt.startswith("globex") else acme)
+                for prompt in prompts
+            ]
+            for decision in decisions:
+                await client.feedback(decision.decision_id, thumbs_up=False)
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            kept = sorted(entry.decision_id for entry in await asyncio.to_thread(stage.feedback.entries))
+            moved = [stage.score(prompt, tenant=prompt.split()[0])[1] for prompt in prompts]
+            evicted = decisions[1] if scope == "tenant" else decisions[0]
+            refused = await _feedback_error(client, evicted.decision_id, thumbs_up=True)
+        async with Server(settings, port=0) as server:
+            [stage] = server.router.policy.learning_stages
+            after_restart = [stage.score(prompt, tenant=prompt.split()[0])[1] for prompt in prompts]
+        expected_kept = [
+            d.decision_id for d in decisions if d is not evicted and (scope == "tenant" or d is not decisions[1])
+        ]
+        assert kept == sorted(expected_kept)
+        assert moved == after_restart == [int(d.decision_id in expected_kept) for d in decisions]
+        assert (refused.code(), error_info(refused).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
 
 
 class TestFeedbackSentAgain:
