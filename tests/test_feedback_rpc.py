@@ -295,6 +295,29 @@ class TestFeedbackBelongsToTheDecisionsTenant:
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
         assert [(m.model, m.feedback_count) for m in acme_stats.models] == [("gpt-4o-mini", 1)]
 
+    @pytest.mark.parametrize("scope", ["tenant", "shared"])
+    async def test_the_library_size_answered_counts_only_the_decisions_tenant(self, tmp_path: Path, scope: str) -> None:
+        """With auth on and feedback_scope tenant, a FeedbackResponse's ``library_examples``
+        counts the examples of the decision's tenant, the ones that move its routing (it counted
+        every tenant's, telling acme how much globex rates); with shared, every tenant's."""
+        config = embedding_config(tmp_path, feedback_scope=scope)
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {
+            "acme": {"api_key_sha256": [key_digest("acme-key")]},
+            "globex": {"api_key_sha256": [key_digest("globex-key")]},
+        }
+        async with Server(settings_from(config), port=0) as server:
+            async with RouterClient(server.target, api_key="globex-key") as globex:
+                for prompt in ("globex says hello", "globex says goodbye"):
+                    decision = await globex.route(user_chat(prompt))
+                    await globex.feedback(decision.decision_id, thumbs_up=False)
+            async with RouterClient(server.target, api_key="acme-key") as acme:
+                decision = await acme.route(user_chat("acme says hello"))
+                response = await acme.feedback(decision.decision_id, thumbs_up=False)
+                repeated = await acme.feedback(decision.decision_id, thumbs_up=False)
+        expected = 1 if scope == "tenant" else 3
+        assert (response.library_examples, repeated.library_examples) == (expected, expected)
+
 
 class TestFeedbackStoreUnderContention:
     async def test_a_locked_feedback_file_holds_up_no_route(self, tmp_path: Path) -> None:

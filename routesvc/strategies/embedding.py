@@ -228,7 +228,9 @@ class EmbeddingStage:
         """Bring the library up to date with what the store just did (``record_outcome``): the
         rated example added, given its new score, or dropped (no longer the weak model's), and
         the examples evicted dropped; nothing when nothing was stored. Returns how many
-        weak-model examples count. Calls must come in the order the store recorded them."""
+        weak-model examples count for the decision's tenant: its own with ``feedback_scope:
+        tenant``, every tenant's with ``shared``. Calls must come in the order the store recorded
+        them."""
         example = recorded.example
         kept = example is not None and example.model == self._weak and self._made_here(example, self._dimension())
         with self._library_lock:
@@ -245,7 +247,12 @@ class EmbeddingStage:
                     library.put(example.decision_id, example.embedding, _push(example.score))
                 elif library is not None:
                     library.remove(example.decision_id)
-            return sum(len(scoped) for scoped in self._libraries.values())
+            if not self._per_tenant:
+                return sum(len(scoped) for scoped in self._libraries.values())
+            # Only the decision's tenant's examples move its tenant's routing; counting the others
+            # would tell a caller how much every other tenant rates.
+            own = self._libraries.get(recorded.entry.tenant)
+            return 0 if own is None else len(own)
 
     def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
         """The embedding of ``text``, which is already ``bounded`` (remembered by the text)."""
