@@ -76,6 +76,9 @@ _PRUNE_BATCH = 16
 # without bound.
 _WRITE_BATCH = 512
 _MAX_QUEUED = 100_000
+# A failing file (a full disk) fails every batch, about one a routed request: the first failure
+# is logged, then every this many, and the recovery once.
+_FAILURES_PER_LOG = 1000
 # How long ``record`` waits for the writes queued before it (the writer may be waiting on a lock).
 _FLUSH_TIMEOUT_SECONDS = 30.0
 
@@ -309,6 +312,8 @@ class FeedbackStore:
         # Writes waiting for the writer thread, a flush's Event, or None to stop.
         self._queue: queue.SimpleQueue[_Write | threading.Event | None] = queue.SimpleQueue()
         self._dropped = 0
+        self._failed_batches = 0  # since the last batch written
+        self._failed_writes = 0
         self._closed = False
         self._close_lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_queued, name="routesvc-feedback-writer", daemon=True)
@@ -370,12 +375,33 @@ class FeedbackStore:
                 try:
                     self._write(writes)
                 except Exception as exc:  # the thread must outlive a failed write
-                    log.warning("feedback_write_failed", writes=len(writes), error=type(exc).__name__, detail=str(exc))
+                    self._failed(len(writes), exc)
+                else:
+                    if self._failed_batches:
+                        log.info(
+                            "feedback_writes_resumed", failed_batches=self._failed_batches, lost=self._failed_writes
+                        )
+                        self._failed_batches = self._failed_writes = 0
             for item in batch:
                 if isinstance(item, threading.Event):
                     item.set()
             if None in batch:
                 return
+
+    def _failed(self, writes: int, exc: Exception) -> None:
+        """Count a batch of ``writes`` lost to ``exc``; log the first of a run, then every
+        ``_FAILURES_PER_LOG``-th (a warning a routed request flooded the logs)."""
+        self._failed_batches += 1
+        self._failed_writes += writes
+        if self._failed_batches % _FAILURES_PER_LOG == 1:
+            log.warning(
+                "feedback_write_failed",
+                writes=writes,
+                failed_batches=self._failed_batches,
+                lost=self._failed_writes,
+                error=type(exc).__name__,
+                detail=str(exc),
+            )
 
     def _write(self, writes: list[_Write]) -> None:
         remembered = 0

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from routesvc.errors import (
     ConfigError,
@@ -173,6 +174,32 @@ class TestStoreFailures:
         assert (caught.value.reason, str(path) in caught.value.message) == ("FEEDBACK_STORE_FULL", True)
         assert stored_meanwhile == ([], [])
         assert (entry.decision_id, entry.score) == ("d", 0.0)
+
+    def test_a_full_disk_logs_the_first_failed_write_not_each(self, tmp_path: Path) -> None:
+        """On a full disk every batch the writer writes fails, about one a routed request: the
+        first is logged (``feedback_write_failed``), the next ones only counted (each was a
+        warning), and the first batch written again logs ``feedback_writes_resumed`` with how
+        many batches and writes were lost."""
+        path = tmp_path / "f.db"
+        small_pages(path)
+        store = FeedbackStore(path)
+        store.remember("before", "m", np.ones(256, dtype=np.float32))
+        assert store.flush()
+        disk_full(store)
+        with capture_logs() as logs:
+            for i in range(5):
+                store.remember(f"d{i}", "m", np.ones(256, dtype=np.float32))
+                assert store.flush()  # each its own batch
+            store._writer.execute("PRAGMA max_page_count = 1000000")  # private: room again
+            store.remember("after", "m", np.ones(256, dtype=np.float32))
+            assert store.flush()
+        store.close()
+        events = [
+            (entry["event"], entry.get("failed_batches"), entry.get("lost"))
+            for entry in logs
+            if entry["event"].startswith("feedback_write")
+        ]
+        assert events == [("feedback_write_failed", 1, 1), ("feedback_writes_resumed", 5, 5)]
 
     def test_a_read_only_file_stores_nothing_and_is_feedback_store_unavailable(self, tmp_path: Path) -> None:
         """SQLITE_READONLY while recording (here the store's connection made query-only, as root
