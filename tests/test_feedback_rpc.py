@@ -19,7 +19,7 @@ from routesvc.auth import key_digest
 from routesvc.client import RouterClient
 from routesvc.config import load_settings
 from routesvc.encoders import HashingEncoder
-from routesvc.errors import FeedbackStoreUnavailable
+from routesvc.errors import ConfigError, FeedbackStoreUnavailable
 from routesvc.feedback import FeedbackStore
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.reload import ConfigWatcher
@@ -564,6 +564,25 @@ class TestAFeedbackDbThatCannotBeOpened:
         assert applied is False
         assert events == [("config_reload_rejected", f"feedback_db {not_sqlite}: file is not a database")]
         assert response.library_examples == 1
+
+    @pytest.mark.parametrize("second", ["relative", "absolute"])
+    async def test_two_stages_naming_one_file_are_a_config_error(self, tmp_path: Path, second: str) -> None:
+        """Two embedding stages whose feedback_db is one file, written alike or one relative to
+        the config file's folder and one absolute, are a configuration error naming the second
+        stage's setting (both stores remembered each decision, and one rating was counted twice
+        in the stats while the second stage, seeing a repeat, never learnt it); nothing starts."""
+        config = embedding_config(tmp_path)
+        [stage] = config["routing"]["stages"]  # type: ignore[index]
+        stage["feedback_db"] = "feedback.db"
+        other = "feedback.db" if second == "relative" else str(tmp_path / "feedback.db")
+        config["routing"]["stages"] = [stage, {**stage, "feedback_db": other}]  # type: ignore[index]
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        writers_before = _feedback_writers()
+        with pytest.raises(ConfigError) as caught:
+            Server(load_settings(path, {}), port=0)
+        assert "routing.stages[1].feedback_db" in caught.value.message
+        assert _feedback_writers() == writers_before
 
     async def test_a_reload_to_a_damaged_file_is_rejected_and_leaves_its_store_closed(self, tmp_path: Path) -> None:
         """A reloaded config whose feedback_db opens but whose examples cannot be read (a damaged
