@@ -688,8 +688,18 @@ class Config(_Strict):
         if self.auth.enabled and not self.tenants:
             raise ValueError("auth.enabled: no tenants are configured, so no key could ever be accepted")
         judged_complexity = False  # whether an llm classifier stage has run before this stage
+        feedback_files: dict[str, str] = {}  # each stage's feedback_db, normalised: where it is set
         for stage_index, stage in enumerate(self.routing.stages):
             where = f"routing.stages[{stage_index}]"
+            if isinstance(stage, EmbeddingStageConfig) and stage.feedback_db is not None:
+                # Two stores on one file both remember each decision and record each outcome:
+                # ratings counted twice, or refused as repeats by the second and lost to it.
+                same = feedback_files.setdefault(os.path.normpath(stage.feedback_db), where)
+                if same != where:
+                    raise ValueError(
+                        f"{where}.feedback_db: {str(stage.feedback_db)!r} is {same}'s feedback_db too;"
+                        " each embedding stage needs its own file"
+                    )
             if isinstance(stage, RulesStageConfig):
                 for rule_index, rule in enumerate(stage.rules):
                     if rule.model is not None and rule.model not in ids:

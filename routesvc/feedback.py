@@ -76,8 +76,14 @@ _PRUNE_BATCH = 16
 # without bound.
 _WRITE_BATCH = 512
 _MAX_QUEUED = 100_000
+# A failing file (a full disk) fails every batch, about one a routed request: the first failure
+# is logged, then every this many, and the recovery once.
+_FAILURES_PER_LOG = 1000
 # How long ``record`` waits for the writes queued before it (the writer may be waiting on a lock).
 _FLUSH_TIMEOUT_SECONDS = 30.0
+
+DEFAULT_MAX_EXAMPLES = 20_000
+"""How many examples are kept at most by default (per tenant, or in all, as the store is told)."""
 
 DEFAULT_BUSY_TIMEOUT_SECONDS = 5.0
 """How long a statement waits for another process's lock on the file (SQLite's busy timeout)."""
@@ -138,6 +144,17 @@ class FeedbackExample:
     tenant: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What ``record_outcome`` did: the ``entry`` (as ``record`` returns it); the ``example`` as it
+    is now when a new outcome was stored (None: the same score again, nothing stored); the
+    decision ids of the oldest examples ``evicted`` to keep within ``max_examples``."""
+
+    entry: FeedbackEntry
+    example: FeedbackExample | None
+    evicted: tuple[str, ...] = ()
+
+
 # ``feedback.decision_id`` names a row of ``examples``; files written before examples had their
 # own table (user_version 0) declare it against ``decisions``, which SQLite does not enforce here
 # (foreign keys are off), so both read the same. Tables of files before version 2 have no
@@ -167,6 +184,10 @@ CREATE TABLE IF NOT EXISTS feedback (
     recorded_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_decision ON feedback(decision_id);
+CREATE TABLE IF NOT EXISTS example_counts (
+    tenant TEXT PRIMARY KEY,
+    examples INTEGER NOT NULL
+);
 """
 
 _SCHEMA_VERSION = 3
@@ -205,6 +226,11 @@ def _open(path: Path | str, busy_timeout_seconds: float) -> tuple[sqlite3.Connec
                     for statement in _MOVE_RATED_DECISIONS:
                         writer.execute(statement)
                 writer.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            # After the upgrade: files before version 3 have no ``tenant`` column until then.
+            writer.execute("CREATE INDEX IF NOT EXISTS examples_tenant ON examples(tenant)")
+            # Counted anew at each open (a release before the counts may have written examples).
+            writer.execute("DELETE FROM example_counts")
+            writer.execute("INSERT INTO example_counts SELECT tenant, COUNT(*) FROM examples GROUP BY tenant")
         reader = sqlite3.connect(str(path), timeout=busy_timeout_seconds, check_same_thread=False, isolation_level=None)
         opened.append(reader)
         reader.execute("PRAGMA query_only = ON")
@@ -247,12 +273,18 @@ class FeedbackStore:
         decision_ttl_seconds: float = DEFAULT_DECISION_TTL_SECONDS,
         max_pending_decisions: int = DEFAULT_MAX_PENDING_DECISIONS,
         busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS,
+        max_examples: int = DEFAULT_MAX_EXAMPLES,
+        examples_per_tenant: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if decision_ttl_seconds <= 0:
             raise ConfigError(f"feedback: decision_ttl_seconds must be positive, got {decision_ttl_seconds}")
         if max_pending_decisions < 1:
             raise ConfigError(f"feedback: max_pending_decisions must be at least 1, got {max_pending_decisions}")
+        if max_examples < 1:
+            raise ConfigError(f"feedback: max_examples must be at least 1, got {max_examples}")
+        self._max_examples = max_examples
+        self._examples_per_tenant = examples_per_tenant
         self._ttl = decision_ttl_seconds
         self._max_pending = max_pending_decisions
         self._clock = clock
@@ -265,9 +297,23 @@ class FeedbackStore:
             # Not a database, a folder that is not there, a file locked past the busy timeout: a
             # configuration the operator must fix (``serve`` exits 2; a reload is rejected).
             raise ConfigError(f"feedback_db {path}: {exc}") from exc
+        try:
+            # A file over the cap (kept before it, or a lowered cap) loses its oldest examples now.
+            with self._transaction():
+                tenants = [str(row[0]) for row in self._writer.execute("SELECT tenant FROM example_counts")]
+                for tenant in tenants if examples_per_tenant else [""]:
+                    self._evict_over_the_cap(tenant)
+        except BaseException as exc:
+            self._reader.close()
+            self._writer.close()
+            if isinstance(exc, sqlite3.Error):
+                raise ConfigError(f"feedback_db {path}: {exc}") from exc
+            raise
         # Writes waiting for the writer thread, a flush's Event, or None to stop.
         self._queue: queue.SimpleQueue[_Write | threading.Event | None] = queue.SimpleQueue()
         self._dropped = 0
+        self._failed_batches = 0  # since the last batch written
+        self._failed_writes = 0
         self._closed = False
         self._close_lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_queued, name="routesvc-feedback-writer", daemon=True)
@@ -329,12 +375,33 @@ class FeedbackStore:
                 try:
                     self._write(writes)
                 except Exception as exc:  # the thread must outlive a failed write
-                    log.warning("feedback_write_failed", writes=len(writes), error=type(exc).__name__, detail=str(exc))
+                    self._failed(len(writes), exc)
+                else:
+                    if self._failed_batches:
+                        log.info(
+                            "feedback_writes_resumed", failed_batches=self._failed_batches, lost=self._failed_writes
+                        )
+                        self._failed_batches = self._failed_writes = 0
             for item in batch:
                 if isinstance(item, threading.Event):
                     item.set()
             if None in batch:
                 return
+
+    def _failed(self, writes: int, exc: Exception) -> None:
+        """Count a batch of ``writes`` lost to ``exc``; log the first of a run, then every
+        ``_FAILURES_PER_LOG``-th (a warning a routed request flooded the logs)."""
+        self._failed_batches += 1
+        self._failed_writes += writes
+        if self._failed_batches % _FAILURES_PER_LOG == 1:
+            log.warning(
+                "feedback_write_failed",
+                writes=writes,
+                failed_batches=self._failed_batches,
+                lost=self._failed_writes,
+                error=type(exc).__name__,
+                detail=str(exc),
+            )
 
     def _write(self, writes: list[_Write]) -> None:
         remembered = 0
@@ -369,6 +436,10 @@ class FeedbackStore:
                 )
 
     def record(self, decision_id: str, score: float, *, tenant: str | None = None) -> FeedbackEntry:
+        """Store an outcome (``record_outcome``); the entry stored."""
+        return self.record_outcome(decision_id, score, tenant=tenant).entry
+
+    def record_outcome(self, decision_id: str, score: float, *, tenant: str | None = None) -> Recorded:
         """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example.
 
         Idempotent: the decision's latest outcome repeated stores nothing more (the entry returned
@@ -378,7 +449,10 @@ class FeedbackStore:
         another tenant, or for none, is ``UnknownDecision`` like one never seen, and nothing is
         stored. A failure of the file is an error of ``store_failure`` (nothing stored):
         ``FeedbackStoreBusy`` when another process held its lock past the busy timeout (the caller
-        may send it again), ``FeedbackStoreFull`` for a full disk, and so on."""
+        may send it again), ``FeedbackStoreFull`` for a full disk, and so on.
+
+        A decision that becomes an example past ``max_examples`` (its tenant's, or all of them)
+        evicts the oldest, outcomes and all; the result names them, so a library drops them too."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
         self.flush()
@@ -396,12 +470,13 @@ class FeedbackStore:
                 raise
             raise store_failure(self._path, exc) from exc
 
-    def _record(self, decision_id: str, score: float, tenant: str | None) -> FeedbackEntry:
+    def _record(self, decision_id: str, score: float, tenant: str | None) -> Recorded:
         now = self._clock()
         unknown = UnknownDecision(
             f"no remembered decision {quoted_id(decision_id)} (never seen, or forgotten without feedback)"
         )
-        select = "SELECT model, tenant FROM examples WHERE decision_id = ?"
+        select = "SELECT model, tenant, embedding, encoder FROM examples WHERE decision_id = ?"
+        evicted: tuple[str, ...] = ()
         with self._transaction():
             row = self._writer.execute(select, (decision_id,)).fetchone()
             if row is None:
@@ -417,6 +492,13 @@ class FeedbackStore:
                     raise unknown
                 self._writer.execute("DELETE FROM decisions WHERE decision_id = ?", (decision_id,))
                 row = self._writer.execute(select, (decision_id,)).fetchone()
+                if tenant is None or row[1] == tenant:
+                    self._writer.execute(
+                        "INSERT INTO example_counts (tenant, examples) VALUES (?, 1)"
+                        " ON CONFLICT (tenant) DO UPDATE SET examples = examples + 1",
+                        (row[1],),
+                    )
+                    evicted = self._evict_over_the_cap(row[1] if self._examples_per_tenant else "")
             if tenant is not None and row[1] != tenant:
                 # Another tenant's decision: raising rolls the move back, and the message is the
                 # one for an unknown id, so the caller learns nothing of the decision.
@@ -428,11 +510,42 @@ class FeedbackStore:
             if latest is not None and latest[0] == score:
                 # The same outcome again: a call sent again (its answer lost, its deadline passed
                 # while this ran in its thread) or a repeat. It is recorded already.
-                return FeedbackEntry(decision_id, str(row[0]), score, float(latest[1]), str(row[1]))
+                return Recorded(FeedbackEntry(decision_id, str(row[0]), score, float(latest[1]), str(row[1])), None)
             self._writer.execute(
                 "INSERT INTO feedback (decision_id, score, recorded_at) VALUES (?, ?, ?)", (decision_id, score, now)
             )
-        return FeedbackEntry(decision_id, str(row[0]), score, now, str(row[1]))
+        model, owner, blob, encoder = str(row[0]), str(row[1]), row[2], str(row[3])
+        embedding = np.frombuffer(blob, dtype=np.float32).copy()
+        example = FeedbackExample(decision_id, model, embedding, score, encoder, owner)
+        return Recorded(FeedbackEntry(decision_id, model, score, now, owner), example, evicted)
+
+    def _evict_over_the_cap(self, tenant: str) -> tuple[str, ...]:
+        """Delete the oldest examples (and their outcomes) past ``max_examples``: of ``tenant``
+        when examples are capped per tenant, else of all (``tenant`` is then ignored). Returns
+        their decision ids. The counts make it cost what it deletes, not what is kept."""
+        if self._examples_per_tenant:
+            [count] = self._writer.execute(
+                "SELECT COALESCE(SUM(examples), 0) FROM example_counts WHERE tenant = ?", (tenant,)
+            ).fetchone()
+            over = int(count) - self._max_examples
+            if over <= 0:
+                return ()
+            rows = self._writer.execute(
+                "SELECT decision_id, tenant FROM examples WHERE tenant = ? ORDER BY rowid LIMIT ?", (tenant, over)
+            ).fetchall()
+        else:
+            [count] = self._writer.execute("SELECT COALESCE(SUM(examples), 0) FROM example_counts").fetchone()
+            over = int(count) - self._max_examples
+            if over <= 0:
+                return ()
+            rows = self._writer.execute(
+                "SELECT decision_id, tenant FROM examples ORDER BY rowid LIMIT ?", (over,)
+            ).fetchall()
+        for decision_id, owner in rows:
+            self._writer.execute("DELETE FROM feedback WHERE decision_id = ?", (decision_id,))
+            self._writer.execute("DELETE FROM examples WHERE decision_id = ?", (decision_id,))
+            self._writer.execute("UPDATE example_counts SET examples = examples - 1 WHERE tenant = ?", (owner,))
+        return tuple(str(row[0]) for row in rows)
 
     def entries(self, limit: int = 100) -> list[FeedbackEntry]:
         """The latest ``limit`` outcomes, newest first."""

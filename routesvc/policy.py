@@ -57,7 +57,8 @@ class Policy:
         base_dir: Path | None,
     ) -> None:
         """Append each configured stage to ``stages`` as it is built."""
-        for stage in config.stages:
+        feedback_files: dict[Path, int] = {}  # each embedding stage's feedback_db, resolved: its stage
+        for index, stage in enumerate(config.stages):
             if isinstance(stage, RulesStageConfig):
                 stages.append(RulesStrategy.from_config(stage))
             elif isinstance(stage, ClassifierStageConfig):
@@ -77,6 +78,16 @@ class Policy:
                         "feedback_db": _resolve(stage.feedback_db, base_dir),
                     }
                 )
+                if resolved_embedding.feedback_db is not None:
+                    # The config checked the paths as written; here they are resolved against the
+                    # config's folder and links (``a.db`` and ``/abs/a.db`` may be one file).
+                    path = resolved_embedding.feedback_db.resolve()
+                    if feedback_files.setdefault(path, index) != index:
+                        raise ConfigError(
+                            f"routing.stages[{index}].feedback_db: {str(stage.feedback_db)!r} is"
+                            f" routing.stages[{feedback_files[path]}]'s feedback_db too; each embedding stage"
+                            " needs its own file"
+                        )
                 stages.append(embedding.build(resolved_embedding, catalog=catalog))
 
     @property

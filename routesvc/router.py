@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,7 @@ from routesvc.errors import (
     StreamInterrupted,
     quoted_id,
 )
+from routesvc.feedback import FeedbackStore, Recorded
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import (
     AllowList,
@@ -79,6 +81,32 @@ if TYPE_CHECKING:
 _REFUSED_PARAMETER = {"prefill": "refuses a prefill, a conversation that ends in an assistant turn"}
 
 
+def _policy_for(settings: Settings, providers: Mapping[str, Provider]) -> Policy:
+    """The routing policy ``settings`` describe; relative paths are read from the config file's folder."""
+    return Policy.from_config(
+        settings.config.routing,
+        catalog=settings.catalog,
+        providers=providers,
+        base_dir=None if settings.source.startswith("<") else Path(settings.source).parent,
+    )
+
+
+async def _built_in_thread(build: Callable[[], Policy]) -> Policy:
+    """``build()`` run in a worker thread. If the caller is cancelled meanwhile (a stop during a
+    reload) the thread goes on, and the policy it then builds is closed: no one else will."""
+    building = asyncio.ensure_future(asyncio.to_thread(build))
+    try:
+        return await asyncio.shield(building)
+    except asyncio.CancelledError:
+
+        def close_unused(done: asyncio.Future[Policy]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result().close()  # just opened, nothing queued: closing is quick
+
+        building.add_done_callback(close_unused)
+        raise
+
+
 def _new_decision_id() -> str:
     return os.urandom(16).hex()
 
@@ -115,12 +143,7 @@ class Router:
             for task in rule.when.task_in or ()
         )
         self._providers = dict(providers)
-        self._policy = policy or Policy.from_config(
-            settings.config.routing,
-            catalog=self._catalog,
-            providers=self._providers,
-            base_dir=None if settings.source.startswith("<") else Path(settings.source).parent,
-        )
+        self._policy = policy or _policy_for(settings, self._providers)
         try:
             self._new_decision_id = new_decision_id
             self._reliability = settings.config.reliability
@@ -133,6 +156,7 @@ class Router:
             self._providers_by_model = {m.id for m in self._catalog if m.provider in self._providers}
             self._escalation = EscalationPolicy(settings, self._providers)
             self._batches = batches
+            self._recording = threading.Lock()
         except BaseException:
             if policy is None:
                 # Built here, so closed here: no router will (its feedback stores' threads).
@@ -144,20 +168,30 @@ class Router:
         """The settings this router was built from."""
         return self._settings
 
-    def reconfigured(self, settings: Settings, providers: Mapping[str, Provider]) -> Router:
+    async def reconfigured(self, settings: Settings, providers: Mapping[str, Provider]) -> Router:
         """A router for new settings (hot reload) that keeps this one's ledger, limits, breakers
         and retry budget, so nothing counted so far is lost. Calls in flight finish on this one.
-        The shared admission takes the new tenant limits when the service swaps the router in."""
-        return Router(
-            settings,
-            providers,
-            new_decision_id=self._new_decision_id,
-            ledger=self._ledger,
-            admission=self._admission,
-            breakers=self._breakers,
-            retry_budget=self._retry_budget,
-            batches=self._batches,
-        )
+        The shared admission takes the new tenant limits when the service swaps the router in.
+
+        Its policy is built in a worker thread: that opens the feedback stores (waiting up to the
+        busy timeout while another process locks a file) and reads their example libraries, which
+        must not hold up the calls the event loop serves meanwhile."""
+        policy = await _built_in_thread(lambda: _policy_for(settings, providers))
+        try:
+            return Router(
+                settings,
+                providers,
+                policy,
+                new_decision_id=self._new_decision_id,
+                ledger=self._ledger,
+                admission=self._admission,
+                breakers=self._breakers,
+                retry_budget=self._retry_budget,
+                batches=self._batches,
+            )
+        except BaseException:
+            await asyncio.to_thread(policy.close)
+            raise
 
     @property
     def policy(self) -> Policy:
@@ -411,8 +445,8 @@ class Router:
             raise
 
     async def feedback(self, decision_id: str, score: float, *, tenant: str | None = None) -> tuple[str, int]:
-        """Record ``score`` in [0, 1] for an earlier decision; the embedding stages' libraries are
-        rebuilt from their stores (SQLite and the rebuild in a worker thread). Returns the
+        """Record ``score`` in [0, 1] for an earlier decision; each embedding stage's library takes
+        the one example (``EmbeddingStage.learn``; SQLite and that in a worker thread). Returns the
         decision's model and the library size.
 
         ``tenant`` is the authenticated caller's (None with auth off: any decision may be rated).
@@ -425,11 +459,18 @@ class Router:
         def record() -> tuple[str, str, int]:
             model = owner = ""
             examples = 0
-            for stage in stages:
-                assert stage.feedback is not None
-                entry = stage.feedback.record(decision_id, score, tenant=tenant)
-                model, owner = entry.model, entry.tenant
-                examples += stage.rebuild_library()
+            # One call at a time, so the libraries take the outcomes in the order the stores
+            # recorded them (an older score never replaces a newer one, an eviction comes after
+            # the add it follows).
+            with self._recording:
+                recorded: dict[FeedbackStore, Recorded] = {}
+                for stage in stages:
+                    assert stage.feedback is not None
+                    if stage.feedback not in recorded:  # stages sharing a store record once
+                        recorded[stage.feedback] = stage.feedback.record_outcome(decision_id, score, tenant=tenant)
+                    entry = recorded[stage.feedback].entry
+                    model, owner = entry.model, entry.tenant
+                    examples += stage.learn(recorded[stage.feedback])
             return model, owner, examples
 
         model, owner, examples = await asyncio.to_thread(record)

@@ -215,6 +215,7 @@ class Server:
         self._retired: dict[Router, bool] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
+        self._reloading = asyncio.Lock()
 
     @property
     def router(self) -> Router:
@@ -227,14 +228,20 @@ class Server:
         Providers are rebuilt only when their settings changed; the old ones are closed once
         the calls running at the swap (the only ones that can still use them) have ended.
         What is read only at start (listening, TLS, logging, telemetry, batch, shared state) keeps
-        its old value until a restart, and the reload logs which of those it changed.
+        its old value until a restart, and the reload logs which of those it changed. The new
+        policy is built in a worker thread (calls go on being served meanwhile); reloads run one
+        at a time, so each replaces the router the one before swapped in.
         """
+        async with self._reloading:
+            await self._reload(settings)
+
+    async def _reload(self, settings: Settings) -> None:
         old = self._router
         same_providers = settings.providers == old.settings.providers
         providers = old.providers if same_providers else build_providers(settings)
         router: Router | None = None
         try:
-            router = old.reconfigured(settings, providers)
+            router = await old.reconfigured(settings, providers)
             # Reads the tenants' API keys files: one it cannot read rejects the reload here.
             self._service.swap_router(router)
         except BaseException:

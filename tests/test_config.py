@@ -122,6 +122,11 @@ class TestCredentials:
             settings_from(config)
 
 
+def _embedding_stage(feedback_db: str) -> dict[str, object]:
+    """An embedding stage keeping its feedback in ``feedback_db`` (its router is not read here)."""
+    return {"kind": "embedding", "router": "router", "feedback_db": feedback_db}
+
+
 class TestValidation:
     @pytest.mark.parametrize(
         ("mutate", "expected"),
@@ -138,6 +143,14 @@ class TestValidation:
             (
                 lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"colour": "red"}),
                 r"routing\.stages\[1\]\.rules\[0\]\.when\.colour: Extra inputs are not permitted",
+            ),
+            (
+                lambda c: c["routing"].update(stages=[_embedding_stage("f.db"), _embedding_stage("logs/../f.db")]),
+                r"routing\.stages\[1\]\.feedback_db: 'logs/\.\./f\.db' is routing\.stages\[0\]'s feedback_db too",
+            ),
+            (
+                lambda c: c["routing"].update(stages=[{**_embedding_stage("f.db"), "feedback_max_examples": 0}]),
+                r"routing\.stages\[0\]\.feedback_max_examples",
             ),
             (lambda c: c["models"][0].update(provider="azure"), r"models\[0\]\.provider: unknown provider 'azure'"),
             (lambda c: c["models"][0].update(input_price_per_mtok="-1"), r"models\[0\]\.input_price_per_mtok"),

@@ -5,13 +5,14 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from routesvc.errors import (
     ConfigError,
@@ -173,6 +174,32 @@ class TestStoreFailures:
         assert (caught.value.reason, str(path) in caught.value.message) == ("FEEDBACK_STORE_FULL", True)
         assert stored_meanwhile == ([], [])
         assert (entry.decision_id, entry.score) == ("d", 0.0)
+
+    def test_a_full_disk_logs_the_first_failed_write_not_each(self, tmp_path: Path) -> None:
+        """On a full disk every batch the writer writes fails, about one a routed request: the
+        first is logged (``feedback_write_failed``), the next ones only counted (each was a
+        warning), and the first batch written again logs ``feedback_writes_resumed`` with how
+        many batches and writes were lost."""
+        path = tmp_path / "f.db"
+        small_pages(path)
+        store = FeedbackStore(path)
+        store.remember("before", "m", np.ones(256, dtype=np.float32))
+        assert store.flush()
+        disk_full(store)
+        with capture_logs() as logs:
+            for i in range(5):
+                store.remember(f"d{i}", "m", np.ones(256, dtype=np.float32))
+                assert store.flush()  # each its own batch
+            store._writer.execute("PRAGMA max_page_count = 1000000")  # private: room again
+            store.remember("after", "m", np.ones(256, dtype=np.float32))
+            assert store.flush()
+        store.close()
+        events = [
+            (entry["event"], entry.get("failed_batches"), entry.get("lost"))
+            for entry in logs
+            if entry["event"].startswith("feedback_write")
+        ]
+        assert events == [("feedback_write_failed", 1, 1), ("feedback_writes_resumed", 5, 5)]
 
     def test_a_read_only_file_stores_nothing_and_is_feedback_store_unavailable(self, tmp_path: Path) -> None:
         """SQLITE_READONLY while recording (here the store's connection made query-only, as root
@@ -459,6 +486,37 @@ class TestForgettingDecisions:
             version = db.execute("PRAGMA user_version").fetchone()[0]
         assert examples == {"rated": ("hashing-2", 0.25), "waiting": ("hashing-2", 1.0), "new": ("hashing-2", 0.0)}
         assert version == 3
+
+
+class TestKeepingExamples:
+    def test_a_file_over_a_lowered_cap_keeps_each_tenants_newest_examples(self, tmp_path: Path) -> None:
+        """A file opened with a ``max_examples`` below what it keeps (kept before the cap, or
+        the cap lowered) loses each tenant's oldest examples and their outcomes at once; capped
+        in all (``examples_per_tenant`` False) it keeps the newest of all tenants."""
+        path = tmp_path / "f.db"
+        with closing_store(path) as store:
+            for i in range(3):
+                for tenant in ("acme", "globex"):
+                    store.remember(f"{tenant}-{i}", "m", [1.0, 0.0], tenant=tenant)
+                    store.record(f"{tenant}-{i}", 0.0)
+        with closing_store(path, max_examples=2) as store:
+            per_tenant = sorted(example.decision_id for example in store.examples())
+            outcomes = len(store.entries())
+        with closing_store(path, max_examples=3, examples_per_tenant=False) as store:
+            in_all = [example.decision_id for example in store.examples()]
+        assert per_tenant == ["acme-1", "acme-2", "globex-1", "globex-2"]
+        assert outcomes == 4
+        assert in_all == ["globex-1", "acme-2", "globex-2"]
+
+
+@contextmanager
+def closing_store(path: Path, **settings: Any) -> Iterator[FeedbackStore]:
+    """A store at ``path`` with ``settings``, closed after the block."""
+    store = FeedbackStore(path, **settings)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 class TestExamplesCost:

@@ -4,8 +4,10 @@ library, persisted in SQLite so a restart loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -17,7 +19,8 @@ from routesvc.auth import key_digest
 from routesvc.client import RouterClient
 from routesvc.config import load_settings
 from routesvc.encoders import HashingEncoder
-from routesvc.feedback import FeedbackExample
+from routesvc.errors import ConfigError, FeedbackStoreUnavailable
+from routesvc.feedback import FeedbackStore
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.reload import ConfigWatcher
 from routesvc.server import Server
@@ -25,7 +28,7 @@ from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat, write_locked
 from tests.routing_data import STRONG, WEAK, records
-from tests.test_feedback import disk_full, small_pages
+from tests.test_feedback import SqliteWork, disk_full, small_pages
 from tests.test_limits import retry_delay
 from tests.test_validation import LONG_ID_NAMES, LONG_IDS, error_info
 
@@ -292,6 +295,29 @@ class TestFeedbackBelongsToTheDecisionsTenant:
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
         assert [(m.model, m.feedback_count) for m in acme_stats.models] == [("gpt-4o-mini", 1)]
 
+    @pytest.mark.parametrize("scope", ["tenant", "shared"])
+    async def test_the_library_size_answered_counts_only_the_decisions_tenant(self, tmp_path: Path, scope: str) -> None:
+        """With auth on and feedback_scope tenant, a FeedbackResponse's ``library_examples``
+        counts the examples of the decision's tenant, the ones that move its routing (it counted
+        every tenant's, telling acme how much globex rates); with shared, every tenant's."""
+        config = embedding_config(tmp_path, feedback_scope=scope)
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {
+            "acme": {"api_key_sha256": [key_digest("acme-key")]},
+            "globex": {"api_key_sha256": [key_digest("globex-key")]},
+        }
+        async with Server(settings_from(config), port=0) as server:
+            async with RouterClient(server.target, api_key="globex-key") as globex:
+                for prompt in ("globex says hello", "globex says goodbye"):
+                    decision = await globex.route(user_chat(prompt))
+                    await globex.feedback(decision.decision_id, thumbs_up=False)
+            async with RouterClient(server.target, api_key="acme-key") as acme:
+                decision = await acme.route(user_chat("acme says hello"))
+                response = await acme.feedback(decision.decision_id, thumbs_up=False)
+                repeated = await acme.feedback(decision.decision_id, thumbs_up=False)
+        expected = 1 if scope == "tenant" else 3
+        assert (response.library_examples, repeated.library_examples) == (expected, expected)
+
 
 class TestFeedbackStoreUnderContention:
     async def test_a_locked_feedback_file_holds_up_no_route(self, tmp_path: Path) -> None:
@@ -338,6 +364,25 @@ class TestFeedbackStoreUnderContention:
         # The failure this guards against held the loop for the whole 5 s busy timeout.
         assert (overslept < 2.5, routed_in < 2.5) == (True, True)
 
+    async def test_a_reload_opening_a_file_another_process_locks_holds_up_no_route(self, tmp_path: Path) -> None:
+        """A reload opens the stages' feedback stores anew, here the same file, while another
+        process holds its write lock: opening waits for the lock (up to SQLite's 5 s busy
+        timeout), in a worker thread, so a Route sent during the reload is answered before the
+        reload ends (it held up the event loop, every call with it, until the lock was released
+        or the timeout rejected the reload); once the lock is released the reload is applied."""
+        config = embedding_config(tmp_path)
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            old_router = server.router
+            await client.route(user_chat("warm up"))
+            with write_locked(tmp_path / "feedback.db"):
+                reload = asyncio.create_task(server.reload(settings_from(config)))
+                await client.route(user_chat("say hello to zulu"))
+                reloading_when_routed = not reload.done()
+            await reload
+            decision = await client.route(user_chat("say goodbye to zulu"))
+            replaced = server.router is not old_router
+        assert (reloading_when_routed, replaced, decision.model) == (True, True, "gpt-4o-mini")
+
     async def test_feedback_while_another_process_holds_the_lock_is_unavailable_and_retryable(
         self, tmp_path: Path
     ) -> None:
@@ -359,35 +404,89 @@ class TestFeedbackStoreUnderContention:
         assert "feedback_db" in (error.details() or "")
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
 
-    async def test_concurrent_feedback_leaves_the_served_library_complete(self, tmp_path: Path) -> None:
-        """Two Feedback calls rebuild the library at once; the one that read the store first is
-        made slow, so without ordering it would swap in its older library last."""
+    async def test_concurrent_feedback_leaves_the_served_library_as_the_store_has_it(self, tmp_path: Path) -> None:
+        """Feedback calls at once (new examples, and one decision rated again and again with
+        another score each time) leave the library routing uses scoring every prompt as a library
+        rebuilt from the file does: no example missing, no older score in place of the latest."""
+        settings = settings_from(embedding_config(tmp_path))
+        prompts = [f"say hello to zulu number {i}" for i in range(4)]
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decisions = [await client.route(user_chat(prompt)) for prompt in prompts]
+            rerated = decisions[0].decision_id
+            calls = [client.feedback(d.decision_id, thumbs_up=False) for d in decisions[1:]]
+            calls += [client.feedback(rerated, score=i % 2) for i in range(6)]
+            await asyncio.gather(*calls)
+            [stage] = server.router.policy.learning_stages
+            served = [stage.score(prompt) for prompt in prompts]
+            rebuilt = stage.rebuild_library()
+            from_the_file = [stage.score(prompt) for prompt in prompts]
+        assert rebuilt == 4
+        assert served == from_the_file
+
+
+class TestTheLibraryStaysBounded:
+    async def test_a_feedbacks_sqlite_work_does_not_grow_with_the_library(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A Feedback call adds or re-scores its one example: its SQLite work is the same with 2
+        examples as with 40 (every call re-read the whole library, O(examples) a call), and a
+        repeat of the latest score, which stores nothing, does no more than that either."""
+        sqlite_work = SqliteWork()
+        sqlite_work.install(monkeypatch)
         settings = settings_from(embedding_config(tmp_path))
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
-            first_decision = await client.route(user_chat("say hello to zulu"))
-            second_decision = await client.route(user_chat("say goodbye to zulu"))
+            decisions = [await client.route(user_chat(f"prompt {i} about zulu")) for i in range(42)]
             [stage] = server.router.policy.learning_stages
-            store = stage.feedback
-            assert store is not None
-            read = store.examples
-            first_read = threading.Event()
+            assert stage.feedback is not None
+            assert await asyncio.to_thread(stage.feedback.flush)
 
-            def slow_first_read() -> list[FeedbackExample]:
-                examples = read()
-                if not first_read.is_set():
-                    first_read.set()
-                    time.sleep(0.5)
-                return examples
+            async def steps_of_feedback(decision: pb.RouteResponse) -> int:
+                before = sqlite_work.steps
+                await client.feedback(decision.decision_id, thumbs_up=False)
+                return sqlite_work.steps - before
 
-            store.examples = slow_first_read  # type: ignore[method-assign]
-            first = asyncio.create_task(client.feedback(first_decision.decision_id, thumbs_up=False))
-            assert await asyncio.to_thread(first_read.wait, 5)
-            second = await client.feedback(second_decision.decision_id, thumbs_up=False)
-            await first
-            # Each prompt's own example (similarity 1) must be in the library routing uses now.
-            moved = [stage.score(prompt)[1] for prompt in ("say hello to zulu", "say goodbye to zulu")]
-        assert second.library_examples == 2
-        assert all(count >= 1 for count in moved)
+            await client.feedback(decisions[0].decision_id, thumbs_up=False)
+            with_few = await steps_of_feedback(decisions[1])
+            repeat_with_few = await steps_of_feedback(decisions[1])
+            for decision in decisions[2:40]:
+                await client.feedback(decision.decision_id, thumbs_up=False)
+            with_many = await steps_of_feedback(decisions[40])
+            repeat_with_many = await steps_of_feedback(decisions[40])
+            library = (await client.feedback(decisions[41].decision_id, thumbs_up=False)).library_examples
+        assert library == 42
+        assert (with_many, repeat_with_many) == (with_few, repeat_with_few)
+
+    @pytest.mark.parametrize("scope", ["tenant", "shared"])
+    async def test_only_the_newest_examples_are_kept(self, tmp_path: Path, scope: str) -> None:
+        """With ``feedback_max_examples: 2`` a third rated decision evicts the oldest example, from
+        the library (it moves no score) and from the file (its outcome is gone; rating it again is
+        NOT_FOUND, and a restart does not bring it back); per tenant with feedback_scope tenant
+        (another tenant's example stays), of all tenants with shared. Examples grew for good."""
+        settings = settings_from(embedding_config(tmp_path, feedback_max_examples=2, feedback_scope=scope))
+        acme, globex = pb.RoutingContext(tenant="acme"), pb.RoutingContext(tenant="globex")
+        prompts = ["globex says hello", "acme says hello", "acme says goodbye", "acme says thanks"]
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decisions = [
+                await client.route(user_chat(prompt), globex if prompt.startswith("globex") else acme)
+                for prompt in prompts
+            ]
+            for decision in decisions:
+                await client.feedback(decision.decision_id, thumbs_up=False)
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            kept = sorted(entry.decision_id for entry in await asyncio.to_thread(stage.feedback.entries))
+            moved = [stage.score(prompt, tenant=prompt.split()[0])[1] for prompt in prompts]
+            evicted = decisions[1] if scope == "tenant" else decisions[0]
+            refused = await _feedback_error(client, evicted.decision_id, thumbs_up=True)
+        async with Server(settings, port=0) as server:
+            [stage] = server.router.policy.learning_stages
+            after_restart = [stage.score(prompt, tenant=prompt.split()[0])[1] for prompt in prompts]
+        expected_kept = [
+            d.decision_id for d in decisions if d is not evicted and (scope == "tenant" or d is not decisions[1])
+        ]
+        assert kept == sorted(expected_kept)
+        assert moved == after_restart == [int(d.decision_id in expected_kept) for d in decisions]
+        assert (refused.code(), error_info(refused).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
 
 
 class TestFeedbackSentAgain:
@@ -465,3 +564,57 @@ class TestAFeedbackDbThatCannotBeOpened:
         assert applied is False
         assert events == [("config_reload_rejected", f"feedback_db {not_sqlite}: file is not a database")]
         assert response.library_examples == 1
+
+    @pytest.mark.parametrize("second", ["relative", "absolute"])
+    async def test_two_stages_naming_one_file_are_a_config_error(self, tmp_path: Path, second: str) -> None:
+        """Two embedding stages whose feedback_db is one file, written alike or one relative to
+        the config file's folder and one absolute, are a configuration error naming the second
+        stage's setting (both stores remembered each decision, and one rating was counted twice
+        in the stats while the second stage, seeing a repeat, never learnt it); nothing starts."""
+        config = embedding_config(tmp_path)
+        [stage] = config["routing"]["stages"]  # type: ignore[index]
+        stage["feedback_db"] = "feedback.db"
+        other = "feedback.db" if second == "relative" else str(tmp_path / "feedback.db")
+        config["routing"]["stages"] = [stage, {**stage, "feedback_db": other}]  # type: ignore[index]
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        writers_before = _feedback_writers()
+        with pytest.raises(ConfigError) as caught:
+            Server(load_settings(path, {}), port=0)
+        assert "routing.stages[1].feedback_db" in caught.value.message
+        assert _feedback_writers() == writers_before
+
+    async def test_a_reload_to_a_damaged_file_is_rejected_and_leaves_its_store_closed(self, tmp_path: Path) -> None:
+        """A reloaded config whose feedback_db opens but whose examples cannot be read (a damaged
+        page) is rejected, and the store the reload opened for it is closed again: its writer
+        thread left running (with its open files) on every rejected reload, which the watcher
+        tries at every poll."""
+        damaged = tmp_path / "damaged.db"
+        _damage_the_examples_table(damaged)
+        good = tmp_path / "good"
+        good.mkdir()
+        async with Server(settings_from(embedding_config(good)), port=0) as server:
+            writers_before = _feedback_writers()
+            for _ in range(2):
+                with pytest.raises(FeedbackStoreUnavailable):
+                    await server.reload(settings_from(embedding_config(tmp_path, feedback_db=str(damaged))))
+            writers_after = _feedback_writers()
+        assert writers_after == writers_before
+
+
+def _feedback_writers() -> int:
+    """How many feedback stores' writer threads run in this process."""
+    return sum(thread.name == "routesvc-feedback-writer" for thread in threading.enumerate())
+
+
+def _damage_the_examples_table(path: Path) -> None:
+    """A feedback file at ``path`` that opens, with the root page of its ``examples`` table
+    overwritten (as by a disk fault), so reading the examples fails."""
+    FeedbackStore(path).close()
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [root] = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = 'examples'").fetchone()
+        [page_size] = connection.execute("PRAGMA page_size").fetchone()
+    data = bytearray(path.read_bytes())
+    data[(root - 1) * page_size : root * page_size] = b"\xff" * page_size
+    path.write_bytes(bytes(data))

@@ -28,17 +28,78 @@ from pydantic import BaseModel, ConfigDict, Field
 from routesvc.catalog import Catalog
 from routesvc.errors import ConfigError
 from routesvc.features import bounded
-from routesvc.feedback import DEFAULT_DECISION_TTL_SECONDS, DEFAULT_MAX_PENDING_DECISIONS, FeedbackStore
+from routesvc.feedback import (
+    DEFAULT_DECISION_TTL_SECONDS,
+    DEFAULT_MAX_EXAMPLES,
+    DEFAULT_MAX_PENDING_DECISIONS,
+    FeedbackExample,
+    FeedbackStore,
+    Recorded,
+)
 from routesvc.fitting import FitError, FittedRouter
 from routesvc.memo import Memo
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
 
-# The feedback examples' embeddings, pushes and tenants.
-_Library = tuple[npt.NDArray[np.float32], npt.NDArray[np.float64], npt.NDArray[np.str_]]
-_EMPTY_LIBRARY: _Library = (np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.float64), np.zeros(0, dtype=str))
-
-
 log = structlog.get_logger("routesvc.embedding")
+
+
+class _Library:
+    """The weak-model examples of one scope (a tenant's, or every tenant's when shared): their
+    embeddings and pushes in rows with room to grow, each row's decision id. Not thread-safe: the
+    stage guards it."""
+
+    def __init__(self, embeddings: npt.NDArray[np.float32], pushes: npt.NDArray[np.float64], ids: list[str]) -> None:
+        self._embeddings = embeddings
+        self._pushes = pushes
+        self._ids = ids
+        self._rows = {decision_id: row for row, decision_id in enumerate(ids)}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def put(self, decision_id: str, embedding: npt.NDArray[np.float32], push: float) -> None:
+        """Add the example of ``decision_id``, or give it its new push."""
+        row = self._rows.get(decision_id)
+        if row is None:
+            row = len(self._ids)
+            if row == len(self._pushes):  # full: twice the room, so adding costs O(1) on average
+                room = max(16, 2 * row)
+                embeddings = np.zeros((room, len(embedding)), dtype=np.float32)
+                embeddings[:row] = self._embeddings[:row]
+                pushes = np.zeros(room, dtype=np.float64)
+                pushes[:row] = self._pushes[:row]
+                self._embeddings, self._pushes = embeddings, pushes
+            self._ids.append(decision_id)
+            self._rows[decision_id] = row
+        self._embeddings[row] = embedding
+        self._pushes[row] = push
+
+    def remove(self, decision_id: str) -> None:
+        """Drop the example of ``decision_id`` if it is here (the last row takes its place)."""
+        row = self._rows.pop(decision_id, None)
+        if row is None:
+            return
+        last = len(self._ids) - 1
+        if row != last:
+            moved = self._ids[last]
+            self._ids[row] = moved
+            self._rows[moved] = row
+            self._embeddings[row] = self._embeddings[last]
+            self._pushes[row] = self._pushes[last]
+        self._ids.pop()
+
+    def near_pushes(self, embedding: npt.NDArray[np.float32], similarity: float) -> npt.NDArray[np.float64]:
+        """The pushes of the examples at cosine ``similarity`` or more from ``embedding``."""
+        count = len(self._ids)
+        if not count or self._embeddings.shape[1] != len(embedding):
+            return self._pushes[:0]
+        return self._pushes[:count][self._embeddings[:count] @ embedding >= similarity]
+
+
+def _push(score: float) -> float:
+    """How an example's outcome moves the score: a bad weak answer (score 0) pushes up by 0.5, a
+    good one (score 1) pulls down by 0.5."""
+    return 0.5 - score
 
 
 class EmbeddingStageConfig(BaseModel):
@@ -68,6 +129,14 @@ class EmbeddingStageConfig(BaseModel):
         ge=1,
         description="decisions kept waiting for feedback at most; the oldest are forgotten first",
     )
+    feedback_max_examples: int = Field(
+        DEFAULT_MAX_EXAMPLES,
+        ge=1,
+        description=(
+            "rated decisions (examples) kept at most, per tenant with feedback_scope tenant, else in all;"
+            " the oldest are forgotten first"
+        ),
+    )
 
 
 class EmbeddingStage:
@@ -95,13 +164,12 @@ class EmbeddingStage:
         self._per_tenant = feedback_scope == "tenant"
         self._embeddings: Memo[np.ndarray[tuple[int], np.dtype[np.float32]]] = Memo(4096)
         self._kinds: Memo[str] = Memo(4096)  # the kind prior's labels of texts no earlier stage labelled
-        # The feedback examples' embeddings, pushes and tenants, one tuple: ``rebuild_library``
-        # runs in a worker thread (the Feedback RPC) and replaces them at once, so ``score`` on
-        # the event loop never sees the embeddings of one build with the pushes of another.
-        self._library: _Library = _EMPTY_LIBRARY
-        # Two Feedback calls rebuild at once: from the read to the swap one at a time, so a build
-        # that read earlier never replaces one that read later.
-        self._rebuilding = threading.Lock()
+        # The weak-model examples by scope (the tenant, or "" for all when shared). ``learn`` runs
+        # in the Feedback RPC's worker thread and changes a row while ``score`` reads them on the
+        # event loop: both hold this lock (a row's change takes microseconds), so a score never
+        # sees half a row or a row without its push.
+        self._libraries: dict[str, _Library] = {}
+        self._library_lock = threading.Lock()
         self._other_encoders = 0  # examples another encoder made, last counted (logged when it changes)
         self.rebuild_library()
 
@@ -115,37 +183,76 @@ class EmbeddingStage:
         """The store that outcomes for this stage's decisions go to (None: feedback off)."""
         return self._feedback
 
-    def rebuild_library(self) -> int:
-        """Reload feedback examples from the store; returns how many weak-model examples count.
+    def _made_here(self, example: FeedbackExample, dimension: int) -> bool:
+        """Whether this stage's encoder made ``example``'s embedding (or, in files that did not
+        record the encoder, one of its dimension): another encoder's vectors are in another space."""
+        encoder = self._router.encoder.name
+        return example.encoder == encoder or (not example.encoder and len(example.embedding) == dimension)
 
-        Only the examples this stage's encoder made count (and those of files that did not record
-        the encoder, when their dimension is the encoder's): another encoder's vectors are in
-        another space."""
+    def _dimension(self) -> int:
+        # No texts: no model call and no shared memo (this may run in the Feedback RPC's thread).
+        return int(self._router.encoder.encode([]).shape[1])
+
+    def rebuild_library(self) -> int:
+        """Reload every feedback example from the store (at start and on a reload; a Feedback
+        call changes only its example, ``learn``); returns how many weak-model examples count.
+
+        Only the examples this stage's encoder made count (``_made_here``)."""
         if self._feedback is None:
             return 0
-        encoder = self._router.encoder.name
-        # No texts: no model call and no shared memo (this runs in the Feedback RPC's thread).
-        dimension = self._router.encoder.encode([]).shape[1]
-        with self._rebuilding:
-            examples = []
-            other = 0
-            for example in self._feedback.examples():
-                if example.encoder == encoder or (not example.encoder and len(example.embedding) == dimension):
-                    if example.model == self._weak:
-                        examples.append(example)
-                else:
-                    other += 1
-            if other and other != self._other_encoders:
-                log.info("feedback_examples_skipped", examples=other, reason="made by another encoder", encoder=encoder)
-            self._other_encoders = other
-            if not examples:
-                self._library = _EMPTY_LIBRARY
-                return 0
-            embeddings = np.vstack([e.embedding for e in examples]).astype(np.float32)
-            # A bad weak answer (score 0) pushes up by 0.5, a good one (score 1) pulls down by 0.5.
-            pushes = np.array([0.5 - e.score for e in examples], dtype=np.float64)
-            self._library = (embeddings, pushes, np.array([e.tenant for e in examples], dtype=str))
-            return len(examples)
+        dimension = self._dimension()
+        grouped: dict[str, list[FeedbackExample]] = {}
+        other = 0
+        for example in self._feedback.examples():
+            if not self._made_here(example, dimension):
+                other += 1
+            elif example.model == self._weak:
+                grouped.setdefault(example.tenant if self._per_tenant else "", []).append(example)
+        if other and other != self._other_encoders:
+            encoder = self._router.encoder.name
+            log.info("feedback_examples_skipped", examples=other, reason="made by another encoder", encoder=encoder)
+        self._other_encoders = other
+        libraries = {
+            scope: _Library(
+                np.vstack([e.embedding for e in examples]).astype(np.float32),
+                np.array([_push(e.score) for e in examples], dtype=np.float64),
+                [e.decision_id for e in examples],
+            )
+            for scope, examples in grouped.items()
+        }
+        with self._library_lock:
+            self._libraries = libraries
+            return sum(len(library) for library in libraries.values())
+
+    def learn(self, recorded: Recorded) -> int:
+        """Bring the library up to date with what the store just did (``record_outcome``): the
+        rated example added, given its new score, or dropped (no longer the weak model's), and
+        the examples evicted dropped; nothing when nothing was stored. Returns how many
+        weak-model examples count for the decision's tenant: its own with ``feedback_scope:
+        tenant``, every tenant's with ``shared``. Calls must come in the order the store recorded
+        them."""
+        example = recorded.example
+        kept = example is not None and example.model == self._weak and self._made_here(example, self._dimension())
+        with self._library_lock:
+            for decision_id in recorded.evicted:
+                for scoped in self._libraries.values():
+                    scoped.remove(decision_id)
+            if example is not None:
+                scope = example.tenant if self._per_tenant else ""
+                library = self._libraries.get(scope)
+                if kept:
+                    if library is None:
+                        empty = np.zeros((0, len(example.embedding)), np.float32)
+                        library = self._libraries[scope] = _Library(empty, np.zeros(0), [])
+                    library.put(example.decision_id, example.embedding, _push(example.score))
+                elif library is not None:
+                    library.remove(example.decision_id)
+            if not self._per_tenant:
+                return sum(len(scoped) for scoped in self._libraries.values())
+            # Only the decision's tenant's examples move its tenant's routing; counting the others
+            # would tell a caller how much every other tenant rates.
+            own = self._libraries.get(recorded.entry.tenant)
+            return 0 if own is None else len(own)
 
     def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
         """The embedding of ``text``, which is already ``bounded`` (remembered by the text)."""
@@ -165,15 +272,12 @@ class EmbeddingStage:
             kind = self._kinds.compute(text, lambda new: self._router.label([new])[0])
         raw = self._router.raw([text], batch, [kind])
         value = float(self._router.calibrate(raw)[0]) if text.strip() else 0.0
-        used = 0
-        library, push, tenants = self._library
-        if len(library) and library.shape[1] == len(embedding):
-            near = library @ embedding >= self._similarity
-            if self._per_tenant:
-                near &= tenants == tenant
-            used = int(near.sum())
-            if used:
-                value = float(np.clip(value + self._weight * 2 * push[near].mean(), 0.0, 1.0))
+        with self._library_lock:
+            library = self._libraries.get(tenant if self._per_tenant else "")
+            pushes = library.near_pushes(embedding, self._similarity) if library is not None else None
+        used = 0 if pushes is None else len(pushes)
+        if pushes is not None and used:
+            value = float(np.clip(value + self._weight * 2 * pushes.mean(), 0.0, 1.0))
         return value, used
 
     def remember(self, decision_id: str, text: str, model: str, tenant: str = "") -> None:
@@ -235,22 +339,32 @@ def build(config: EmbeddingStageConfig, *, catalog: Catalog, feedback: FeedbackS
     for field, model in (("strong_model", strong), ("weak_model", weak)):
         if model not in catalog:
             raise ConfigError(f"embedding.{field}: {model!r} is not in the catalog")
+    opened: FeedbackStore | None = None
     if feedback is None and config.feedback_db is not None:
-        feedback = FeedbackStore(
+        feedback = opened = FeedbackStore(
             config.feedback_db,
             decision_ttl_seconds=config.feedback_decision_ttl_seconds,
             max_pending_decisions=config.feedback_max_pending_decisions,
+            max_examples=config.feedback_max_examples,
+            examples_per_tenant=config.feedback_scope == "tenant",
         )
-    stage = EmbeddingStage(
-        router,
-        strong_model=strong,
-        weak_model=weak,
-        threshold=config.threshold,
-        feedback=feedback,
-        feedback_similarity=config.feedback_similarity,
-        feedback_weight=config.feedback_weight,
-        feedback_scope=config.feedback_scope,
-    )
+    try:
+        stage = EmbeddingStage(
+            router,
+            strong_model=strong,
+            weak_model=weak,
+            threshold=config.threshold,
+            feedback=feedback,
+            feedback_similarity=config.feedback_similarity,
+            feedback_weight=config.feedback_weight,
+            feedback_scope=config.feedback_scope,
+        )
+    except BaseException:
+        # The library could not be read (a damaged file): no stage owns the store opened here,
+        # so close it (its writer thread and files), or each rejected reload would leak one.
+        if opened is not None:
+            opened.close()
+        raise
     strategy: Strategy = stage
     del strategy  # EmbeddingStage satisfies the Strategy protocol (checked by mypy here)
     return stage
