@@ -60,7 +60,7 @@ from routesvc.errors import (
     RouteSvcError,
     quoted_id,
 )
-from routesvc.sqlite import immediate, is_busy
+from routesvc.sqlite import create_private, immediate, is_busy
 
 DEFAULT_DECISION_TTL_SECONDS = 7 * 24 * 3600.0
 """How long a decision waits for feedback by default (a week)."""
@@ -292,6 +292,8 @@ class FeedbackStore:
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         try:
+            if str(path) != ":memory:":
+                create_private(path)
             self._writer, self._reader = _open(path, busy_timeout_seconds)
         except sqlite3.Error as exc:
             # Not a database, a folder that is not there, a file locked past the busy timeout: a

@@ -15,8 +15,9 @@ def create_private(path: Path | str) -> None:
     """Create the database file at ``path``, readable and writable by its owner only, unless it
     exists. SQLite would create it 0644 (less the umask), readable by every local user, and gives
     its -wal and -shm files the database file's mode: the batch store holds prompts and answers,
-    the feedback store embeddings of prompts and tenant names."""
-    with contextlib.suppress(FileExistsError):
+    the feedback store embeddings of prompts and tenant names. A file that cannot be made here
+    (a folder that is not there, a read-only one) is left to SQLite's open, which says why."""
+    with contextlib.suppress(OSError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 

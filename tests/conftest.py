@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import resources
@@ -46,6 +47,11 @@ def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
+
+
+def file_modes(folder: Path, pattern: str) -> dict[str, int]:
+    """The permission bits of each file in ``folder`` matching ``pattern``, by name."""
+    return {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.glob(pattern)}
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ import copy
 import json
 import os
 import sqlite3
-import stat
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -59,6 +58,7 @@ from tests.conftest import (
     TEST_DATA_DIR,
     add_local_model,
     default_config,
+    file_modes,
     live_environ,
     process_environ,
     settings_from,
@@ -991,11 +991,6 @@ class TestBatchPersistence:
         finally:
             os.umask(previous)
         assert modes == {"batches.db": 0o600, "batches.db-wal": 0o600, "batches.db-shm": 0o600}
-
-
-def file_modes(folder: Path, pattern: str) -> dict[str, int]:
-    """The permission bits of each file in ``folder`` matching ``pattern``, by name."""
-    return {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.glob(pattern)}
 
 
 def budget_config(tmp_path: Path) -> dict[str, object]:

@@ -4,6 +4,7 @@ library, persisted in SQLite so a restart loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
@@ -26,7 +27,7 @@ from routesvc.reload import ConfigWatcher
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, live_environ, settings_from, user_chat, write_locked
+from tests.conftest import default_config, file_modes, live_environ, settings_from, user_chat, write_locked
 from tests.routing_data import STRONG, WEAK, records
 from tests.test_feedback import SqliteWork, disk_full, small_pages
 from tests.test_limits import retry_delay
@@ -102,6 +103,20 @@ class TestFeedbackRpc:
         async with restarted as server, RouterClient(server.target) as client:
             response = await client.feedback(second.decision_id, score=0.25)
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 2)
+
+    async def test_the_store_files_are_readable_by_their_owner_only(self, tmp_path: Path) -> None:
+        """The file holds embeddings of rated prompts and tenant names: it and its write-ahead
+        files are 0600, whatever the umask (SQLite alone made them 0644)."""
+        previous = os.umask(0o022)
+        try:
+            async with Server(settings_from(embedding_config(tmp_path)), port=0) as server:
+                async with RouterClient(server.target) as client:
+                    decision = await client.route(user_chat("say hello to zulu"))
+                    await client.feedback(decision.decision_id, thumbs_up=False)
+                modes = file_modes(tmp_path, "feedback.db*")
+        finally:
+            os.umask(previous)
+        assert modes == {"feedback.db": 0o600, "feedback.db-wal": 0o600, "feedback.db-shm": 0o600}
 
     @pytest.mark.parametrize("scope", ["tenant", "shared"])
     async def test_a_tenants_ratings_move_only_its_own_routing_unless_shared(self, tmp_path: Path, scope: str) -> None:
