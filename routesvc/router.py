@@ -14,6 +14,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+import structlog
+
 from routesvc import telemetry
 from routesvc.admission import Admission, Reservation, build_admission
 from routesvc.breaker import Breakers, Permit
@@ -76,6 +78,7 @@ from routesvc.tokens import estimate_image_tokens, estimate_input_tokens
 if TYPE_CHECKING:
     from routesvc.batches import BatchQueue
 
+log = structlog.get_logger("routesvc.router")
 
 # How a candidate says it refuses a request parameter that is not a field of the request.
 _REFUSED_PARAMETER = {"prefill": "refuses a prefill, a conversation that ends in an assistant turn"}
@@ -107,6 +110,18 @@ async def _built_in_thread(build: Callable[[], Policy]) -> Policy:
         raise
 
 
+@dataclass(slots=True)
+class _Learning:
+    """What the routers a server swaps in by reload share for Feedback: one lock, so outcomes
+    reach the stores and the libraries one at a time and in order, whichever router a call
+    came to; the policy whose stages they teach (the newest swapped in); and how many Feedback
+    calls were recorded, so a policy built meanwhile knows its libraries missed some."""
+
+    lock: threading.Lock
+    policy: Policy
+    recorded: int = 0
+
+
 def _new_decision_id() -> str:
     return os.urandom(16).hex()
 
@@ -130,6 +145,7 @@ class Router:
         breakers: Breakers | None = None,
         retry_budget: RetryBudget | None = None,
         batches: BatchQueue | None = None,
+        learning: _Learning | None = None,
     ) -> None:
         self._settings = settings
         self._catalog = settings.catalog
@@ -156,7 +172,9 @@ class Router:
             self._providers_by_model = {m.id for m in self._catalog if m.provider in self._providers}
             self._escalation = EscalationPolicy(settings, self._providers)
             self._batches = batches
-            self._recording = threading.Lock()
+            self._learning = learning or _Learning(threading.Lock(), self._policy)
+            # Feedback recorded before this router's policy read its libraries (``take_over_feedback``).
+            self._recorded_before_build = self._learning.recorded
         except BaseException:
             if policy is None:
                 # Built here, so closed here: no router will (its feedback stores' threads).
@@ -175,10 +193,12 @@ class Router:
 
         Its policy is built in a worker thread: that opens the feedback stores (waiting up to the
         busy timeout while another process locks a file) and reads their example libraries, which
-        must not hold up the calls the event loop serves meanwhile."""
+        must not hold up the calls the event loop serves meanwhile. Feedback calls go on teaching
+        this router's policy until the new one, swapped in, ``take_over_feedback``."""
+        recorded_before = self._learning.recorded
         policy = await _built_in_thread(lambda: _policy_for(settings, providers))
         try:
-            return Router(
+            router = Router(
                 settings,
                 providers,
                 policy,
@@ -188,10 +208,33 @@ class Router:
                 breakers=self._breakers,
                 retry_budget=self._retry_budget,
                 batches=self._batches,
+                learning=self._learning,
             )
         except BaseException:
             await asyncio.to_thread(policy.close)
             raise
+        router._recorded_before_build = recorded_before
+        return router
+
+    async def take_over_feedback(self) -> None:
+        """Make this router's policy the one Feedback calls teach, once it serves (a reload
+        swapped it in). A Feedback recorded while it was being built reached the stores after
+        its libraries were read: they are read again then (in a worker thread), else those
+        examples would move no routing until the next reload."""
+
+        def take_over() -> None:
+            with self._learning.lock:
+                if self._learning.policy is self._policy:
+                    return
+                if self._learning.recorded != self._recorded_before_build:
+                    for stage in self._policy.learning_stages:
+                        try:
+                            stage.rebuild_library()
+                        except Exception as exc:  # a file damaged since: it keeps what it read
+                            log.warning("feedback_library_reread_failed", error_type=type(exc).__name__)
+                self._learning.policy = self._policy
+
+        await asyncio.to_thread(take_over)
 
     @property
     def policy(self) -> Policy:
@@ -452,17 +495,21 @@ class Router:
         ``tenant`` is the authenticated caller's (None with auth off: any decision may be rated).
         Another tenant's decision is ``UnknownDecision``, as one never seen. The score counts in
         the stats of the tenant the decision was routed for, whoever sent it."""
-        stages = [stage for stage in self._policy.learning_stages if stage.feedback is not None]
-        if not stages:
-            raise FeedbackNotEnabled("feedback needs an embedding stage with a feedback_db in routing.stages")
+        enabled = "feedback needs an embedding stage with a feedback_db in routing.stages"
+        if not any(stage.feedback is not None for stage in self._policy.learning_stages):
+            raise FeedbackNotEnabled(enabled)
 
         def record() -> tuple[str, str, int]:
             model = owner = ""
             examples = 0
-            # One call at a time, so the libraries take the outcomes in the order the stores
-            # recorded them (an older score never replaces a newer one, an eviction comes after
-            # the add it follows).
-            with self._recording:
+            # One call at a time, across reloads too, so the libraries take the outcomes in the
+            # order the stores recorded them (an older score never replaces a newer one, an
+            # eviction comes after the add it follows); taught to the newest policy swapped in.
+            with self._learning.lock:
+                stages = [s for s in self._learning.policy.learning_stages if s.feedback is not None]
+                if not stages:
+                    raise FeedbackNotEnabled(enabled)
+                self._learning.recorded += 1
                 recorded: dict[FeedbackStore, Recorded] = {}
                 for stage in stages:
                     assert stage.feedback is not None

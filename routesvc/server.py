@@ -254,6 +254,9 @@ class Server:
                     await provider.aclose()
             raise
         self._router = router
+        # Feedback calls teach the new policy from here on (those it missed while it was built
+        # are read again into it).
+        await router.take_over_feedback()
         waiting = changes_needing_restart(self._started_with, settings)
         if waiting:
             log.warning("config_reload_needs_restart", fields=waiting)

@@ -10,12 +10,14 @@ import threading
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 import yaml
 from structlog.testing import capture_logs
 
+from routesvc import router as router_module
 from routesvc.auth import key_digest
 from routesvc.client import RouterClient
 from routesvc.config import load_settings
@@ -23,6 +25,7 @@ from routesvc.encoders import HashingEncoder
 from routesvc.errors import ConfigError, FeedbackStoreUnavailable
 from routesvc.feedback import FeedbackStore
 from routesvc.fitting import FitSettings, fit_router
+from routesvc.policy import Policy
 from routesvc.reload import ConfigWatcher
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
@@ -397,6 +400,35 @@ class TestFeedbackStoreUnderContention:
             decision = await client.route(user_chat("say goodbye to zulu"))
             replaced = server.router is not old_router
         assert (reloading_when_routed, replaced, decision.model) == (True, True, "gpt-4o-mini")
+
+    async def test_feedback_given_while_a_reload_builds_moves_the_new_routers_routing(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A thumbs-down served by the old router after the reload's policy read its library, and
+        before the swap, reaches the new router's library too (it was in the file only: since a
+        Feedback changes just its example, the new library never learnt it until the next
+        reload). The build is held after reading the library, so the Feedback comes in between."""
+        built, release = threading.Event(), threading.Event()
+        build = router_module._policy_for
+
+        def held_build(*args: Any) -> Policy:
+            policy = build(*args)
+            built.set()
+            release.wait(30)
+            return policy
+
+        config = embedding_config(tmp_path, feedback_weight=1.0)
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            monkeypatch.setattr(router_module, "_policy_for", held_build)
+            reload = asyncio.create_task(server.reload(settings_from(config)))
+            await asyncio.to_thread(built.wait, 30)
+            await client.feedback(decision.decision_id, thumbs_up=False)
+            release.set()
+            await reload
+            again = await client.route(user_chat("say hello to zulu"))
+        assert decision.model == "gpt-4o-mini"
+        assert (again.model, "moved by 1 feedback example" in " ".join(again.reasons)) == ("gpt-4o", True)
 
     async def test_feedback_while_another_process_holds_the_lock_is_unavailable_and_retryable(
         self, tmp_path: Path
