@@ -73,10 +73,13 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
     return count
 
 
-def _check_writable(path: Path, *, parents: bool = True) -> None:
+def _check_writable(path: Path, *, parents: bool = True, folder_out: bool = False) -> None:
     """Fail in a moment rather than after minutes of fitting or scoring: a file can be made in
     the folder ``path`` is (or would be) written in, or, when the writer makes missing folders
-    (``parents``), in its nearest existing parent."""
+    (``parents``), in its nearest existing parent. ``path`` names a file to write, or with
+    ``folder_out`` a folder to write into."""
+    if path.is_dir() and not folder_out:
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     folder = path if path.is_dir() else path.parent
     while parents and not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -99,7 +102,7 @@ def run_fit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.out.exists() and not args.out.is_dir():
         raise FitError(f"--out {args.out}: not a folder (fit writes router.json and library.npz into one)")
-    _check_writable(args.out)
+    _check_writable(args.out, folder_out=True)
     records = read_outcomes(*args.data)
     print(f"read {len(records)} prompts from {len(args.data)} path(s)", file=sys.stderr)
     settings = FitSettings(

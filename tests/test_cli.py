@@ -543,6 +543,25 @@ class TestOfflineCommandErrors:
         assert cli.main([*argv, "--plot", str(plot)]) == 2
         assert capsys.readouterr().err.splitlines() == [f"error: {plot}: No such file or directory"]
 
+    @pytest.mark.parametrize("command", ["score", "classify", "eval --plot"])
+    def test_an_output_file_that_is_a_folder_is_refused_before_the_work(
+        self, command: str, data: Path, router: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--out (or --plot) naming an existing folder: one line naming it, nothing scored first."""
+        folder = tmp_path / "scores"
+        folder.mkdir()
+        argv = {
+            "score": ["score", "--router", str(router), "--data", str(data), "--out", str(folder)],
+            "classify": ["classify", "--data", str(data), "--out", str(folder)],
+            "eval --plot": [
+                "eval", "--router", str(router), "--data", str(data), "--strong", STRONG, "--weak", WEAK,
+                "--plot", str(folder),
+            ],
+        }[command]  # fmt: skip
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: {folder}: Is a directory"]
+
     def test_classify_where_the_output_cannot_be_written(
         self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
