@@ -21,6 +21,7 @@ import yaml
 
 from routesvc import cli
 from routesvc.client import RouterClient
+from routesvc.errors import ConfigError
 from routesvc.evaluation import evaluate_scores
 from routesvc.server import Server
 from routesvc.strategies.classifier import read_examples
@@ -583,7 +584,7 @@ class TestOfflineCommandErrors:
         )
         assert code == 2
         err = capsys.readouterr().err
-        assert err == f"error: {examples}:3: not valid JSON (Expecting value)\n"
+        assert err == f"error: {examples}:3: not JSON (Expecting value)\n"
         assert "secret" not in err
 
     def test_classify_examples_may_hold_line_separators_inside_strings(
@@ -599,6 +600,18 @@ class TestOfflineCommandErrors:
         assert cli.main(["classify", "--data", str(data), "--out", str(out), "--examples", str(examples)]) == 0
         assert {json.loads(line)["task"] for line in out.read_text().splitlines()} <= {"creative_writing", "chat"}
         assert read_examples(examples) == [("creative_writing", prompt), ("chat", "hello")]
+
+    def test_classify_examples_are_read_as_the_outcome_files_are(self, tmp_path: Path) -> None:
+        """The examples file is decoded line by line as the outcome files are: a leading byte
+        order mark is allowed, and a line that is not UTF-8 is named by its number (the whole
+        file was "not UTF-8 text", and a byte order mark made line 1 "not valid JSON")."""
+        examples = tmp_path / "examples.jsonl"
+        examples.write_bytes(b'\xef\xbb\xbf{"task": "chat", "prompt": "hello"}\n')
+        assert read_examples(examples) == [("chat", "hello")]
+        examples.write_bytes(b'{"task": "chat", "prompt": "hello"}\n{"task": "chat", "prompt": "caf\xe9"}\n')
+        with pytest.raises(ConfigError) as caught:
+            read_examples(examples)
+        assert caught.value.message == f"{examples}:2: not UTF-8"
 
 
 def _write_lines(path: Path, rows: list[dict[str, object]]) -> Path:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
@@ -34,6 +35,7 @@ from routesvc.cost import cost_of_usage, format_usd
 from routesvc.encoders import Encoder, WordLlamaEncoder
 from routesvc.errors import ConfigError, RouteSvcError
 from routesvc.features import bounded, lexical_matrix, word_hashes
+from routesvc.jsonlines import JsonLineError, json_lines
 from routesvc.memo import Memo, text_key
 from routesvc.models import Message, Role, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
@@ -100,32 +102,24 @@ class TaskPrediction:
 def read_examples(path: Path | None = None) -> list[tuple[str, str]]:
     """(task, prompt) pairs from a JSONL file, or the shipped team-written examples."""
     if path is None:
-        text = resources.files("routesvc").joinpath("data", "task_examples.jsonl").read_text(encoding="utf-8")
-        where = "routesvc/data/task_examples.jsonl"
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"classifier examples {path}: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"classifier examples {path}: not UTF-8 text") from exc
-        where = str(path)
+        data = resources.files("routesvc").joinpath("data", "task_examples.jsonl").read_bytes()
+        return _examples(io.BytesIO(data), "routesvc/data/task_examples.jsonl")
+    try:
+        with path.open("rb") as handle:
+            return _examples(handle, path)
+    except OSError as exc:
+        raise ConfigError(f"classifier examples {path}: {exc.strerror}") from exc
+
+
+def _examples(handle: Iterable[bytes], where: Path | str) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
-    # JSON Lines ends a line at "\n" only: str.splitlines() also ends one at U+2028, U+2029 or
-    # U+0085, which a prompt may hold raw inside a JSON string.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            # exc.msg, not str(exc): never echo the example's text.
-            raise ConfigError(f"{where}:{number}: not valid JSON ({exc.msg})") from exc
-        except RecursionError:  # json's parser recurses once per nested array or object
-            raise ConfigError(f"{where}:{number}: not valid JSON (nested too deeply)") from None
-        if not isinstance(row, dict) or not isinstance(row.get("task"), str) or not isinstance(row.get("prompt"), str):
-            raise ConfigError(f'{where}:{number}: expected {{"task": str, "prompt": str}}')
-        pairs.append((row["task"], row["prompt"]))
+    try:
+        for number, row in json_lines(handle, where):
+            if not (isinstance(row, dict) and isinstance(row.get("task"), str) and isinstance(row.get("prompt"), str)):
+                raise ConfigError(f'{where}:{number}: expected {{"task": str, "prompt": str}}')
+            pairs.append((row["task"], row["prompt"]))
+    except JsonLineError as exc:
+        raise ConfigError(exc.message) from exc
     return pairs
 
 
