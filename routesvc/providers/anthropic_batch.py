@@ -21,7 +21,7 @@ from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, quota_spent, request_params
-from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch, guarded_line, json_lines
+from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch, guarded_line, result_lines
 
 log = structlog.get_logger(__name__)
 
@@ -136,7 +136,7 @@ class AnthropicBatches:
     async def _read_results(self, batch_id: str) -> list[ItemResult]:
         # Read as JSON Lines here, not through the SDK's results stream, which parses every line
         # and raises at the first one cut short: the whole batch would be read again every round,
-        # none of its jobs ending. Such a line fails its own job (``json_lines``, ``guarded_line``).
+        # none of its jobs ending. Such a line fails its own job (``result_lines``, ``guarded_line``).
         batch = await self._client.messages.batches.retrieve(batch_id)
         if not batch.results_url:
             raise ValueError("the batch has no results_url")
@@ -144,7 +144,7 @@ class AnthropicBatches:
             batch.results_url, cast_to=bytes, options={"headers": {"Accept": "application/binary"}}
         )
         text = content.decode("utf-8", errors="replace")
-        lines, malformed = json_lines(text, provider=self._name, provider_batch=batch_id)
+        lines, malformed = result_lines(text, provider=self._name, provider_batch=batch_id)
         results = [guarded_line(line, _entry_result) for line in lines]
         results += [ItemResult(custom_id, BatchState.FAILED, error="malformed_result") for custom_id in malformed]
         return results

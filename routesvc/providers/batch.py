@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 _CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]*)"')
 
 
-def json_lines(text: str, **where: str) -> tuple[list[dict[str, Any]], list[str]]:
+def result_lines(text: str, **where: str) -> tuple[list[dict[str, Any]], list[str]]:
     """The JSON objects of a results file in JSON Lines, and the custom_ids of lines that are not
     one (a line cut short: it fails its own job, not the file; a line whose job cannot be told is
     left out). Each such line is logged, with ``where`` and its number, never its text (it holds

@@ -21,7 +21,7 @@ import structlog
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, FinishReason, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status, safe_code
-from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch, guarded_line, json_lines
+from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch, guarded_line, result_lines
 from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, chat_params, map_finish_reason, quota_spent
 
 log = structlog.get_logger(__name__)
@@ -205,11 +205,11 @@ class OpenAIBatches:
         )
 
     async def _lines(self, file_id: str | None) -> tuple[list[dict[str, Any]], list[str]]:
-        """The file's JSON lines, and the custom_ids of lines that are not JSON (``json_lines``)."""
+        """The file's JSON lines, and the custom_ids of lines that are not JSON (``result_lines``)."""
         if not file_id:
             return [], []
         content = await self._guard("download", self._client.files.content(file_id))
-        return json_lines(content.text, provider=self._name, file_id=file_id)
+        return result_lines(content.text, provider=self._name, file_id=file_id)
 
     async def results(self, batch: ProviderBatch) -> list[ItemResult]:
         """Read the output and error files of an ended batch. A line that is not JSON fails its
