@@ -1993,7 +1993,9 @@ class FeedbackResponse(_message.Message):
     score: _builtins.float
     """The score recorded, in [0, 1]."""
     library_examples: _builtins.int
-    """Feedback examples the embedding router's library counts after this one."""
+    """Feedback examples the embedding router's library counts after this one: the
+    decision's tenant's with feedback_scope tenant (the default), every tenant's with shared.
+    """
     def __init__(
         self,
         *,

@@ -3748,7 +3748,8 @@ type FeedbackResponse struct {
 	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
 	// The score recorded, in [0, 1].
 	Score float64 `protobuf:"fixed64,3,opt,name=score,proto3" json:"score,omitempty"`
-	// Feedback examples the embedding router's library counts after this one.
+	// Feedback examples the embedding router's library counts after this one: the
+	// decision's tenant's with feedback_scope tenant (the default), every tenant's with shared.
 	LibraryExamples int64 `protobuf:"varint,4,opt,name=library_examples,json=libraryExamples,proto3" json:"library_examples,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache

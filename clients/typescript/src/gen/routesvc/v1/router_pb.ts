@@ -1895,7 +1895,8 @@ export type FeedbackResponse = Message$1<"routesvc.v1.FeedbackResponse"> & {
   score: number;
 
   /**
-   * Feedback examples the embedding router's library counts after this one.
+   * Feedback examples the embedding router's library counts after this one: the
+   * decision's tenant's with feedback_scope tenant (the default), every tenant's with shared.
    *
    * @generated from field: int64 library_examples = 4;
    */

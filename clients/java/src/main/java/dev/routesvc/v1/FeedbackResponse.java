@@ -160,7 +160,8 @@ private static final long serialVersionUID = 0L;
   private long libraryExamples_ = 0L;
   /**
    * <pre>
-   * Feedback examples the embedding router's library counts after this one.
+   * Feedback examples the embedding router's library counts after this one: the
+   * decision's tenant's with feedback_scope tenant (the default), every tenant's with shared.
    * </pre>
    *
    * <code>int64 library_examples = 4 [json_name = "libraryExamples"];</code>
@@ -810,7 +811,8 @@ private static final long serialVersionUID = 0L;
     private long libraryExamples_ ;
     /**
      * <pre>
-     * Feedback examples the embedding router's library counts after this one.
+     * Feedback examples the embedding router's library counts after this one: the
+     * decision's tenant's with feedback_scope tenant (the default), every tenant's with shared.
      * </pre>
      *
      * <code>int64 library_examples = 4 [json_name = "libraryExamples"];</code>
@@ -822,7 +824,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Feedback examples the embedding router's library counts after this one.
+     * Feedback examples the embedding router's library counts after this one: the
+     * decision's tenant's with feedback_scope tenant (the default), every tenant's with shared.
      * </pre>
      *
      * <code>int64 library_examples = 4 [json_name = "libraryExamples"];</code>
@@ -838,7 +841,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Feedback examples the embedding router's library counts after this one.
+     * Feedback examples the embedding router's library counts after this one: the
+     * decision's tenant's with feedback_scope tenant (the default), every tenant's with shared.
      * </pre>
      *
      * <code>int64 library_examples = 4 [json_name = "libraryExamples"];</code>

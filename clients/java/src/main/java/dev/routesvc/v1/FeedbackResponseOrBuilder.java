@@ -62,7 +62,8 @@ public interface FeedbackResponseOrBuilder extends
 
   /**
    * <pre>
-   * Feedback examples the embedding router's library counts after this one.
+   * Feedback examples the embedding router's library counts after this one: the
+   * decision's tenant's with feedback_scope tenant (the default), every tenant's with shared.
    * </pre>
    *
    * <code>int64 library_examples = 4 [json_name = "libraryExamples"];</code>
