@@ -803,9 +803,11 @@ class TelemetrySettings:
 # Read once when the server starts (listening, logging, telemetry, the batch queue, where limits
 # are counted, and the few ``reliability`` and ``limits`` fields below): a hot reload that changes
 # them applies everything else and says which of these wait for a restart. Of ``server``, only the
-# drain settings are read again (at shutdown).
+# drain settings are read again (at shutdown), and ``tls.client_tenants``, which the
+# authenticator a reload builds reads (so that a mapping removed stops authenticating at once).
 _READ_AT_START = ("server", "logging", "telemetry", "batch", "shared_state")
 _SERVER_READ_AT_SHUTDOWN = frozenset({"grace_seconds", "drain_delay_seconds"})
+_TLS_RELOADED = frozenset({"client_tenants"})
 _RELIABILITY_KEPT = ("ledger_entries", "retry_budget_tokens", "retry_budget_ratio", "breaker")
 
 
@@ -823,6 +825,9 @@ def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
                 if old.redis_url != new.redis_url:
                     changed.append("shared_state.redis_url")
                 continue
+            if section == "server" and name == "tls":
+                changed.extend(_tls_changes(before.tls, after.tls))
+                continue
             if getattr(before, name) != getattr(after, name):
                 changed.append(f"{section}.{name}")
     # Kept across reloads with the settings they were built with: the ledger, the retry budget
@@ -834,6 +839,15 @@ def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
     if new.config.limits.max_request_bytes > old.config.limits.max_request_bytes:
         changed.append("limits.max_request_bytes")
     return changed
+
+
+def _tls_changes(before: TlsConfig | None, after: TlsConfig | None) -> list[str]:
+    """The TLS settings that wait for a restart: all but ``client_tenants`` (the server's
+    credentials are built at start)."""
+    if before is None or after is None:
+        return [] if before is after else ["server.tls"]
+    names = [name for name in TlsConfig.model_fields if name not in _TLS_RELOADED]
+    return [f"server.tls.{name}" for name in names if getattr(before, name) != getattr(after, name)]
 
 
 def _otel_pairs(text: str) -> dict[str, str]:
