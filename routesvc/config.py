@@ -734,8 +734,10 @@ class Config(_Strict):
 class ProviderSettings:
     """A provider with its credentials resolved from the environment.
 
-    ``api_key`` is None when no key is configured; ``missing_key_reason`` then names the
-    variable or file to set.
+    ``api_key`` is None when no key is configured. ``missing_key_reason`` then says why to
+    callers (ListModels, a decision's reasons, errors): it names the environment variable to set
+    but never a file's path, which tells where the operator keeps secrets;
+    ``missing_key_detail``, logged at start, names the file too.
     """
 
     name: str
@@ -743,6 +745,7 @@ class ProviderSettings:
     base_url: str | None
     api_key: str | None
     missing_key_reason: str
+    missing_key_detail: str
     http_client: HttpClientKind = "aiohttp"
     stream_usage: bool = True
 
@@ -803,9 +806,11 @@ class TelemetrySettings:
 # Read once when the server starts (listening, logging, telemetry, the batch queue, where limits
 # are counted, and the few ``reliability`` and ``limits`` fields below): a hot reload that changes
 # them applies everything else and says which of these wait for a restart. Of ``server``, only the
-# drain settings are read again (at shutdown).
+# drain settings are read again (at shutdown), and ``tls.client_tenants``, which the
+# authenticator a reload builds reads (so that a mapping removed stops authenticating at once).
 _READ_AT_START = ("server", "logging", "telemetry", "batch", "shared_state")
 _SERVER_READ_AT_SHUTDOWN = frozenset({"grace_seconds", "drain_delay_seconds"})
+_TLS_RELOADED = frozenset({"client_tenants"})
 _RELIABILITY_KEPT = ("ledger_entries", "retry_budget_tokens", "retry_budget_ratio", "breaker")
 
 
@@ -823,6 +828,9 @@ def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
                 if old.redis_url != new.redis_url:
                     changed.append("shared_state.redis_url")
                 continue
+            if section == "server" and name == "tls":
+                changed.extend(_tls_changes(before.tls, after.tls))
+                continue
             if getattr(before, name) != getattr(after, name):
                 changed.append(f"{section}.{name}")
     # Kept across reloads with the settings they were built with: the ledger, the retry budget
@@ -834,6 +842,15 @@ def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
     if new.config.limits.max_request_bytes > old.config.limits.max_request_bytes:
         changed.append("limits.max_request_bytes")
     return changed
+
+
+def _tls_changes(before: TlsConfig | None, after: TlsConfig | None) -> list[str]:
+    """The TLS settings that wait for a restart: all but ``client_tenants`` (the server's
+    credentials are built at start)."""
+    if before is None or after is None:
+        return [] if before is after else ["server.tls"]
+    names = [name for name in TlsConfig.model_fields if name not in _TLS_RELOADED]
+    return [f"server.tls.{name}" for name in names if getattr(before, name) != getattr(after, name)]
 
 
 def _otel_pairs(text: str) -> dict[str, str]:
@@ -981,36 +998,49 @@ def _resolve_provider(name: str, provider: ProviderConfig, environ: Mapping[str,
     url_env = _DEFAULT_BASE_URL_ENV[provider.kind]
     base_url = provider.base_url or (environ.get(url_env) if url_env else None) or None
     api_key: str | None = None
-    key_source = ""
+    from_file = False
     if provider.api_key_file is not None:
         try:
             api_key = provider.api_key_file.read_text(encoding="utf-8").strip() or None
-            key_source = f"file {provider.api_key_file}"
+            from_file = api_key is not None
         except OSError:
             api_key = None
     if api_key is None and key_env:
         # Stripped as the file is: a secret made with `kubectl create secret --from-file` ends in
         # a newline, which no HTTP header can carry.
         api_key = environ.get(key_env, "").strip() or None
-        key_source = f"environment variable {key_env}"
     requires_key = provider.requires_key if provider.requires_key is not None else provider.kind != "openai_compatible"
-    missing = ""
-    if api_key is not None and not _HEADER_SAFE_KEY.fullmatch(api_key):
+    unusable = api_key is not None and not _HEADER_SAFE_KEY.fullmatch(api_key)
+    if unusable:
         # Sent as a header, such a key fails every call as a broken connection or stream, which
         # points nowhere near the key; the provider is unconfigured instead, and says why.
         api_key = None
-        missing = (
-            f"provider {name!r}: the API key in {key_source} has spaces or control characters, "
+    reason = detail = ""
+    if unusable or (api_key is None and requires_key):
+        reason = _missing_key(name, provider, key_env, unusable=unusable, from_file=from_file, shown="its api_key_file")
+        detail = _missing_key(
+            name, provider, key_env, unusable=unusable, from_file=from_file, shown=f"file {provider.api_key_file}"
+        )
+    return ProviderSettings(
+        name, provider.kind, base_url, api_key, reason, detail, provider.http_client, provider.stream_usage
+    )
+
+
+def _missing_key(
+    name: str, provider: ProviderConfig, key_env: str, *, unusable: bool, from_file: bool, shown: str
+) -> str:
+    """Why a provider has no key, naming where it came from or where to set it, never the key;
+    ``shown``: how the key file is named (its path for the operator's log, not for callers)."""
+    if unusable:
+        source = shown if from_file else f"environment variable {key_env}"
+        return (
+            f"provider {name!r}: the API key in {source} has spaces or control characters, "
             "which an HTTP header cannot carry"
         )
-    elif api_key is None and requires_key:
-        sources = [f"environment variable {key_env}"] if key_env else []
-        if provider.api_key_file is not None:
-            sources.append(f"file {provider.api_key_file}")
-        missing = f"provider {name!r} has no API key: set {' or '.join(sources) or 'api_key_env in the config'}"
-    return ProviderSettings(
-        name, provider.kind, base_url, api_key, missing, provider.http_client, provider.stream_usage
-    )
+    sources = [f"environment variable {key_env}"] if key_env else []
+    if provider.api_key_file is not None:
+        sources.append(shown)
+    return f"provider {name!r} has no API key configured: set {' or '.join(sources) or 'api_key_env in the config'}"
 
 
 # What Anthropic bills for prompt-cache writes, as multiples of the input price: 5-minute and 1-hour cache.

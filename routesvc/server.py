@@ -326,7 +326,7 @@ class Server:
         providers = self._settings.providers
         for name, provider in providers.items():
             if not provider.configured:
-                log.warning("provider_unconfigured", provider=name, reason=provider.missing_key_reason)
+                log.warning("provider_unconfigured", provider=name, reason=provider.missing_key_detail)
         if providers and not any(provider.configured for provider in providers.values()):
             log.error("no_provider_configured", detail="every Complete will fail until a provider key is set")
 

@@ -6,9 +6,11 @@ Validation errors name the field path (``chat.messages[2].role``) and never echo
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
+import socket
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import replace
@@ -122,6 +124,12 @@ _BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 _MAX_DURATION_SECONDS = 315_576_000_000
 # Signed image URLs run to a few thousand characters; browsers and CDNs stop at about 8K.
 _MAX_IMAGE_URL_CHARS = 8192
+# Names no public host has: special-use (RFC 6761, 6762, 8375), cloud metadata
+# (metadata.google.internal) and Kubernetes service names (name.namespace.svc).
+_INTERNAL_NAME_SUFFIXES = (".localhost", ".internal", ".local", ".localdomain", ".home.arpa", ".svc")
+# NAT64's well-known prefix (RFC 6052): a provider host behind NAT64 reaches the IPv4 address
+# in its last 32 bits.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 def _message(index: int, message: pb.Message, open_calls: Mapping[str, str], limits: LimitsConfig) -> Message:
@@ -246,6 +254,12 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
         if not https or any(c.isspace() or unicodedata.category(c) == "Cc" for c in image.url):
             # Cc: the C0 controls, DEL and the C1 controls; a URL carries them percent-encoded.
             raise InvalidRequest(f"{field}.url", "must be an https URL (send an inline image as data)")
+        if _internal_host(url.hostname or ""):
+            raise InvalidRequest(
+                f"{field}.url",
+                "must name a public host, not a private, loopback, link-local or internal address "
+                "(send such an image inline as data)",
+            )
         return Image(media_type=media_type, url=image.url, detail=detail)
     if source != "data":
         raise InvalidRequest(field, "must set url or data")
@@ -263,6 +277,34 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
         # refusal upstream would count against the model's breaker.
         raise InvalidRequest(f"{field}.data", f"must be a {media_type} file whose header gives its size (above 0 x 0)")
     return Image(media_type=media_type, data=image.data, width=width, height=height, detail=detail)
+
+
+def _internal_host(hostname: str) -> bool:
+    """Whether an image URL's host is one a provider inside the operator's network (vLLM,
+    Ollama) would fetch from that network: an IP literal that is not a global unicast address
+    (private, loopback, link-local, unique-local, reserved, unspecified, multicast; an IPv4
+    address mapped into IPv6 or NAT64 as itself), or a name no public host has. Names are not
+    resolved: one that resolves to a private address passes."""
+    # The forms a URL parser may read as another host: full-width characters and ideographic
+    # full stops (IDNA maps them), a trailing dot (the same name, rooted), percent-encoding.
+    host = unicodedata.normalize("NFKC", hostname).replace("\u3002", ".").lower().rstrip(".")
+    if "%" in host:  # a percent-encoded name, or an IPv6 zone (link-local)
+        return True
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            # inet_aton reads what URL fetchers read as IPv4 and ip_address refuses:
+            # 127.1, 2130706433, 0x7f.0.0.1, 0177.0.0.1 (a DNS name is never all numbers).
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return "." not in host or host == "localhost" or host.endswith(_INTERNAL_NAME_SUFFIXES)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address in _NAT64:
+            address = ipaddress.IPv4Address(address.packed[-4:])
+    return not address.is_global or address.is_multicast
 
 
 def _tool_call(field: str, call: pb.ToolCall) -> ToolCall:

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from structlog.testing import capture_logs
 
 from routesvc.auth import Authenticator, key_digest
 from routesvc.client import RouterClient
@@ -152,6 +153,50 @@ class TestAuthorization:
                 pass
         assert all(GLOBEX_KEY not in str(request.headers) for request in fake.requests)
         assert fake.requests[-1].api_key == "sk-test-openai"
+
+
+class TestProviderKeysShownToTenants:
+    async def test_a_tenant_is_told_which_provider_lacks_a_key_but_not_where_the_operator_keeps_it(
+        self, tmp_path: Path
+    ) -> None:
+        """ListModels, a Route decision's reasons and a Complete's error name the provider, the
+        environment variable and "its api_key_file", never the file's path (where the operator
+        keeps secrets); the ``provider_unconfigured`` log at start names the path."""
+        secrets = tmp_path / "run-secrets-canary"
+        secrets.mkdir()
+        (secrets / "anthropic-key").write_text("sk-ant with a space\n")
+        config = auth_config()
+        config["providers"]["openai"]["api_key_file"] = str(secrets / "openai-key")  # type: ignore[index]
+        config["providers"]["anthropic"]["api_key_file"] = str(secrets / "anthropic-key")  # type: ignore[index]
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(config), port=0) as server,
+                RouterClient(server.target, api_key=GLOBEX_KEY) as client,
+            ):
+                models = await client.list_models()
+                openai = await client.route(user_chat("hi"))
+                anthropic = await client.route(user_chat("hi"), pb.RoutingContext(model="claude-sonnet"))
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="claude-sonnet"))]
+        shown = [m.unavailable_reason for m in models] + [*openai.reasons, *anthropic.reasons, caught.value.details()]
+        assert "run-secrets-canary" not in str(shown)
+        assert all("its api_key_file" in str(said) for said in (openai.reasons, anthropic.reasons, shown[-1]))
+        no_key = "provider 'openai' has no API key configured: set environment variable OPENAI_API_KEY or {}"
+        spaces = (
+            "provider 'anthropic': the API key in {} has spaces or control characters, "
+            "which an HTTP header cannot carry"
+        )
+        assert {m.id: m.unavailable_reason for m in models} == {
+            "gpt-4o-mini": no_key.format("its api_key_file"),
+            "gpt-4o": no_key.format("its api_key_file"),
+            "claude-sonnet": spaces.format("its api_key_file"),
+        }
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        logged = {entry["provider"]: entry["reason"] for entry in logs if entry["event"] == "provider_unconfigured"}
+        assert logged == {
+            "openai": no_key.format(f"file {secrets / 'openai-key'}"),
+            "anthropic": spaces.format(f"file {secrets / 'anthropic-key'}"),
+        }
 
 
 class TestKeysFiles:

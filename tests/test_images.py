@@ -204,6 +204,74 @@ class TestImageDetail:
         ]
 
 
+# Hosts an in-network provider (vLLM, Ollama) would fetch from the operator's network.
+INTERNAL_HOSTS = [
+    "169.254.169.254",  # cloud metadata (link-local)
+    "127.0.0.1:6443",
+    "10.0.0.1",
+    "172.16.5.4",
+    "192.168.1.1",
+    "100.64.0.1",  # shared address space (carrier-grade NAT, some clusters' pods)
+    "0.0.0.0",
+    "127.1",  # the short and numeric forms URL fetchers read as 127.0.0.1
+    "2130706433",
+    "0x7f.0.0.1",
+    "[::1]",
+    "[::]",
+    "[fe80::1]",
+    "[fd00::1]",
+    "[::ffff:10.0.0.1]",  # IPv4-mapped
+    "[64:ff9b::a9fe:a9fe]",  # NAT64 of 169.254.169.254
+    "[ff02::1]",
+    "224.0.0.1",
+    "localhost",
+    "LOCALHOST.",
+    "api.localhost",
+    "metadata.google.internal",
+    "metadata.google.internal.",
+    "printer.local",
+    "kubernetes.default.svc",
+    "kubernetes",  # one label: a search-domain name
+    "%31%32%37.0.0.1",
+    "\uff11\uff12\uff17.0.0.1",  # full-width digits, which IDNA maps to 127.0.0.1
+]
+
+
+class TestInternalImageHosts:
+    async def test_an_url_naming_an_internal_host_is_refused_before_any_provider_sees_it(
+        self, fake: FakeProvider
+    ) -> None:
+        """An ``openai_compatible`` server inside the operator's network fetches image URLs from
+        there: an IP literal outside the global unicast range, or a name no public host has, is
+        INVALID_ARGUMENT naming ``...image.url``, and neither the host nor the URL is echoed."""
+        config = default_config()
+        add_local_model(config, fake.openai_base_url, "llava", capabilities=["vision"])
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            for host in INTERNAL_HOSTS:
+                url = f"https://{host}/canary-path-3c1e/cat.png"
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await _complete(client, image_chat(text_part("a"), url_part(url)), model="llava")
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, host
+                assert error_info(caught.value).metadata["field"] == "chat.messages[0].parts[1].image.url"
+                assert "canary-path" not in str(caught.value.details())
+                assert host.strip("[]").lower() not in str(caught.value.details())
+        assert fake.requests == []
+
+    async def test_public_hosts_reach_an_openai_compatible_server_unchanged(self, fake: FakeProvider) -> None:
+        """Global addresses, literal or named, pass as they are."""
+        urls = [
+            "https://93.184.215.14/cat.png",
+            "https://[2606:4700:4700::1111]:8443/cat.png",
+            "https://images.example.com/cat.png",
+        ]
+        config = default_config()
+        add_local_model(config, fake.openai_base_url, "llava", capabilities=["vision"])
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            await _complete(client, image_chat(*[url_part(url) for url in urls], content="a"), model="llava")
+        sent = fake.requests[-1].body["messages"][0]["content"]
+        assert [part["image_url"]["url"] for part in sent[1:]] == urls
+
+
 def _vision_config(fake: FakeProvider | None = None) -> dict[str, object]:
     """The default policy with a cheap local model without the vision capability as its default."""
     config = default_config()

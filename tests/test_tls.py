@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from structlog.testing import capture_logs
 
 from routesvc.auth import key_digest
 from routesvc.client import RouterClient, tls_credentials
@@ -42,10 +45,9 @@ def make_pki(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture
-async def mtls(tmp_path: Path, fake: FakeProvider) -> AsyncIterator[tuple[Server, Path]]:
-    """A server requiring client certificates; acme-client maps to tenant acme (gpt-4o-mini only)."""
-    pki = make_pki(tmp_path)
+def mtls_config(pki: Path) -> dict[str, Any]:
+    """Client certificates required; acme-client maps to tenant acme (gpt-4o-mini only), globex
+    has a key."""
     config = default_config()
     config["server"] = {
         "tls": {
@@ -60,7 +62,14 @@ async def mtls(tmp_path: Path, fake: FakeProvider) -> AsyncIterator[tuple[Server
         "acme": {"allowed_models": ["gpt-4o-mini"]},
         "globex": {"api_key_sha256": [key_digest("globex-key")]},
     }
-    async with Server(settings_from(config, live_environ(fake)), port=0) as server:
+    return config
+
+
+@pytest.fixture
+async def mtls(tmp_path: Path, fake: FakeProvider) -> AsyncIterator[tuple[Server, Path]]:
+    """A server with ``mtls_config``."""
+    pki = make_pki(tmp_path)
+    async with Server(settings_from(mtls_config(pki), live_environ(fake)), port=0) as server:
         yield server, pki
 
 
@@ -99,6 +108,37 @@ class TestMutualTls:
         async with _client(server, pki, "stranger", api_key="globex-key") as client:
             decision = await client.route(user_chat("hi"), pb.RoutingContext(user_tier="premium"))
         assert decision.model == "gpt-4o"
+
+
+class TestClientTenantsReload:
+    async def test_a_reload_applies_client_tenants_at_once_and_the_credentials_at_a_restart(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """``client_tenants`` is read again by a hot reload: a certificate mapped to another tenant
+        is that tenant from the next call, one whose mapping is removed needs a key, and the
+        reload does not say it waits for a restart; a changed ``cert_file`` (the server's
+        credentials, built at start) does, by its own name."""
+        pki = make_pki(tmp_path)
+        config = mtls_config(pki)
+        moved = copy.deepcopy(config)
+        moved["server"]["tls"]["client_tenants"] = {"acme-client": "globex"}
+        removed = copy.deepcopy(config)
+        removed["server"]["tls"]["client_tenants"] = {}
+        removed["server"]["tls"]["cert_file"] = str(shutil.copy(pki / "server.pem", pki / "renewed.pem"))
+        environ = live_environ(fake)
+        async with Server(settings_from(config, environ), port=0) as server:
+            with capture_logs() as logs:
+                await server.reload(settings_from(moved, environ))
+                async with _client(server, pki, "acme-client") as client:
+                    decision = await client.route(user_chat("hi"), pb.RoutingContext(user_tier="premium"))
+                await server.reload(settings_from(removed, environ))
+                async with _client(server, pki, "acme-client") as client:
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await client.route(user_chat("hi"))
+        assert decision.model == "gpt-4o"  # globex has no allowed_models
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        waiting = [entry["fields"] for entry in logs if entry["event"] == "config_reload_needs_restart"]
+        assert waiting == [["server.tls.cert_file"]]
 
 
 class TestHealthPort:
