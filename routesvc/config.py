@@ -151,6 +151,13 @@ class ServerConfig(_Strict):
         "At most 2147483 (24.8 days: gRPC takes it in milliseconds, as a 32-bit integer).",
     )
 
+    max_health_watch_streams: int = Field(
+        1000,
+        ge=1,
+        description="grpc.health.v1 Watch streams open at once (both ports together; health needs no "
+        "key): more are refused RESOURCE_EXHAUSTED.",
+    )
+
     @model_validator(mode="after")
     def _health_port_is_another_port(self) -> ServerConfig:
         if self.health_port and self.health_port == self.port:
@@ -389,6 +396,11 @@ class ReliabilityConfig(_Strict):
     )
     first_token_timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for a provider's first chunk.")
     stream_idle_timeout_seconds: float = Field(60.0, gt=0, description="Longest gap between two chunks.")
+    client_write_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait for one message's write to a stream's caller (one that stops reading).",
+    )
     max_concurrent_rpcs: int = Field(1024, ge=1, description="RPCs served at once; more are shed.")
     ledger_entries: int = Field(20_000, ge=1, description="Upstream attempts the in-memory ledger keeps.")
     breaker: BreakerConfig = BreakerConfig()
@@ -841,6 +853,9 @@ def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
     # The service applies a lower limit at once; the transport's, set at start, caps a higher one.
     if new.config.limits.max_request_bytes > old.config.limits.max_request_bytes:
         changed.append("limits.max_request_bytes")
+    # Likewise the streams one connection may open (``grpc.max_concurrent_streams``, from this).
+    if new.config.reliability.max_concurrent_rpcs > old.config.reliability.max_concurrent_rpcs:
+        changed.append("reliability.max_concurrent_rpcs")
     return changed
 
 

@@ -29,6 +29,7 @@ name fields and models, never prompt text or credentials.
     │   ├── BatchStoreBusy              locked past the busy timeout (retry_after) UNAVAILABLE
     │   └── BatchStoreFull              its request cap or disk is full (retry_after) RESOURCE_EXHAUSTED
     ├── DeadlineExceeded                the caller's deadline passed             DEADLINE_EXCEEDED
+    │   └── ClientStalled               the caller stopped reading a stream      DEADLINE_EXCEEDED
     └── ProviderError                   a provider call failed
         ├── ProviderAuthFailed          401/403 from the provider                FAILED_PRECONDITION
         ├── ProviderRejected            400/404/409/413/422 from the provider    FAILED_PRECONDITION
@@ -270,6 +271,19 @@ class DeadlineExceeded(RouteSvcError):
     def __init__(self, message: str, *, chunks_sent: int = 0) -> None:
         super().__init__(message)
         self.chunks_sent = chunks_sent
+
+
+class ClientStalled(DeadlineExceeded):
+    """The caller stopped reading a stream: one message's write waited longer than
+    ``reliability.client_write_timeout_seconds`` (HTTP/2 flow control held it), so the server
+    ended the call rather than hold its slot, upstream request and reservation for as long as the
+    caller does not read. ``chunks_sent`` content chunks had been handed to the transport."""
+
+    reason = "CLIENT_STALLED"
+
+    def __init__(self, message: str, *, write_timeout: float, chunks_sent: int = 0) -> None:
+        super().__init__(message, chunks_sent=chunks_sent)
+        self.write_timeout = write_timeout
 
 
 class ProviderError(RouteSvcError):

@@ -5,6 +5,9 @@ waits for it like any other call: one open watcher made every drain last the who
 ``close()`` (the drain, once its delay is over and just before the stop) ends each Watch with OK
 after it has streamed the last status (NOT_SERVING); a Watch opened after that gets the status
 and ends at once. ``Check`` answers as before, throughout.
+
+Health needs no key, so the Watch streams open at once are capped (``server.max_health_watch_streams``,
+both ports together): one more is refused RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # generated, untyped
     """Check and Watch for the statuses ``set`` gives; ``close`` ends the Watch streams."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_watchers: int) -> None:
         self._statuses: dict[str, health_pb2.HealthCheckResponse.ServingStatus] = {
             "": health_pb2.HealthCheckResponse.SERVING
         }
         self._changed = asyncio.Condition()
         self._closed = False
+        self._max_watchers = max_watchers
+        self._watchers = 0
 
     async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         """Report ``status`` for ``service`` to Check and to every Watch of it."""
@@ -47,13 +52,24 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # g
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        if self._watchers >= self._max_watchers:
+            # Health needs no key: without a cap anyone could hold any number of streams open.
+            message = f"at most {self._max_watchers} health Watch streams at once (server.max_health_watch_streams)"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        self._watchers += 1
+        try:
+            await self._watch(request.service, context)
+        finally:
+            self._watchers -= 1
+
+    async def _watch(self, service: str, context: grpc.aio.ServicerContext) -> None:
         last: health_pb2.HealthCheckResponse.ServingStatus | None = None
         while True:
             async with self._changed:
-                status, closed = self._status(request.service), self._closed
+                status, closed = self._status(service), self._closed
                 while status == last and not closed:
                     await self._changed.wait()
-                    status, closed = self._status(request.service), self._closed
+                    status, closed = self._status(service), self._closed
             # Written outside the lock: a watcher that reads slowly holds up nobody's ``set``.
             if status != last:
                 await context.write(health_pb2.HealthCheckResponse(status=status))

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from routesvc.errors import ClientStalled
 from routesvc.telemetry import RequestTelemetry, Telemetry
 
 _Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -40,11 +41,21 @@ def _finish(rpc: RequestTelemetry, context: grpc.aio.ServicerContext, error: Bas
     rpc.finish(code.name, code.value[0])
 
 
-async def _written(context: grpc.aio.ServicerContext, response: Any) -> bool:
+async def _written(context: grpc.aio.ServicerContext, response: Any, timeout: float) -> bool:
     """Write one message; False (instead of grpc's ``ExecuteBatchError``, which grpc would log
-    with a traceback) when the call is already over, so nothing can be written any more."""
+    with a traceback) when the call is already over, so nothing can be written any more.
+
+    A write still waiting after ``timeout`` seconds (the caller reads nothing, and HTTP/2 flow
+    control holds the message back) raises ``ClientStalled``.
+    """
     try:
-        await context.write(response)
+        async with asyncio.timeout(timeout) as bound:
+            await context.write(response)
+    except TimeoutError as error:
+        if not bound.expired():
+            raise  # not our bound's (cannot be: a write raises no TimeoutError of its own)
+        message = f"the caller read nothing for {timeout:g} s (reliability.client_write_timeout_seconds)"
+        raise ClientStalled(message, write_timeout=timeout) from error
     except grpc.aio.InternalError:
         # The core failed the write (``ExecuteBatchError``): the call is over, the caller gone or
         # the transport closed, whether or not its cancellation has reached this task yet.
@@ -83,9 +94,10 @@ def traced_unary(telemetry: Telemetry, service: str, method: str, behaviour: _Un
 
 
 def traced_stream(
-    telemetry: Telemetry, service: str, method: str, behaviour: _Stream
+    telemetry: Telemetry, service: str, method: str, behaviour: _Stream, write_timeout: Callable[[], float]
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
-    """``behaviour`` (a server-streaming handler) inside the RPC's server span."""
+    """``behaviour`` (a server-streaming handler) inside the RPC's server span; each message's
+    write is bounded by ``write_timeout()`` seconds (read per call: a reload may change it)."""
 
     async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
         # A coroutine that writes, not a generator that yields: every await (writes included)
@@ -93,11 +105,21 @@ def traced_stream(
         # variables in the task and context that set them. A generator left suspended at a
         # yield would be finalized later in another context.
         with telemetry.server_rpc(service, method, context.invocation_metadata()) as rpc:
+            timeout = write_timeout()
+            caller_stalled = False
             try:
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
                     async for response in responses:
                         try:
-                            written = await _written(context, response)
+                            written = await _written(context, response, timeout)
+                        except ClientStalled as stalled:
+                            # Raised at the handler's yield, as a deadline is below: the handler
+                            # closes the upstream request and ends the call with its status,
+                            # then leaves that status to grpc (it waits behind what the caller
+                            # does not read) by ending cancelled.
+                            caller_stalled = True
+                            await responses.athrow(stalled)
+                            raise  # the handler did not end the call: it is cancelled
                         except asyncio.CancelledError as cancelled:
                             # The handler's own deadline timer (or a shutdown) cancels the task
                             # where it waits, mostly here when the client reads slowly. Raised at
@@ -113,7 +135,8 @@ def traced_stream(
                             rpc.finish(code.name, code.value[0])
                             return
             except BaseException as error:
-                _finish(rpc, context, error)
+                # A stalled call's handler set its status (the abort's code) before it ended cancelled.
+                _finish(rpc, context, None if caller_stalled else error)
                 raise
             _finish(rpc, context, None)
 

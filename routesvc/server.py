@@ -33,6 +33,9 @@ log = structlog.get_logger("routesvc.server")
 # The most request metadata (headers) a call may carry, in bytes.
 _MAX_METADATA_BYTES = 16 * 1024
 
+# Streams a connection to the health port may open beside the capped Watch streams (its Checks).
+_HEALTH_CHECK_STREAMS = 16
+
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
@@ -96,9 +99,15 @@ def _service_handlers(service: RouterService, telemetry: Telemetry) -> dict[str,
         response_type = getattr(router_pb2, method.output_type.name)
         streaming = method.server_streaming
         make = grpc.unary_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
-        traced = traced_stream if streaming else traced_unary
+        behaviour = getattr(service, method.name)
+        if streaming:
+            traced = traced_stream(
+                telemetry, SERVICE_NAME, method.name, behaviour, lambda: service.client_write_timeout
+            )
+        else:
+            traced = traced_unary(telemetry, SERVICE_NAME, method.name, behaviour)
         handlers[method.name] = make(
-            traced(telemetry, SERVICE_NAME, method.name, getattr(service, method.name)),
+            traced,
             request_deserializer=_lenient_parser(request_type),
             response_serializer=response_type.SerializeToString,
         )
@@ -166,12 +175,18 @@ class Server:
             # on the same port is an error, not a silent split of the traffic.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
+        # Streams one connection may open at once (HTTP/2 SETTINGS; grpc's default is unbounded):
+        # enough for the calls and health watchers the service itself caps, whose refusals
+        # (OVERLOADED, RESOURCE_EXHAUSTED) then still come at once instead of the client queueing.
+        watchers = settings.config.server.max_health_watch_streams
+        streams = settings.config.reliability.max_concurrent_rpcs + watchers
+        options.append(("grpc.max_concurrent_streams", streams))
         max_age = settings.config.server.max_connection_age_seconds
         if max_age:
             # GOAWAY after this long; streams in flight finish (grpc's grace is unlimited by default).
             options.append(("grpc.max_connection_age_ms", int(max_age * 1000)))
         self._server = grpc.aio.server(options=options)
-        self._health = HealthServicer()
+        self._health = HealthServicer(watchers)
         self._service = RouterService(self._router, self.telemetry, batches=self.batches)
         self._server.add_registered_method_handlers(SERVICE_NAME, _service_handlers(self._service, self.telemetry))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -195,7 +210,11 @@ class Server:
         if health_port is not None:
             if health_port and health_port == serving_port:
                 raise ConfigError(f"server.health_port: {health_port} is the serving port too; choose another")
-            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+            health_options = [
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+                ("grpc.max_concurrent_streams", watchers + _HEALTH_CHECK_STREAMS),
+            ]
+            self._health_server = grpc.aio.server(options=health_options)
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             try:
                 health_port = self._health_server.add_insecure_port(f"{host}:{health_port}")

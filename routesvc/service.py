@@ -25,6 +25,7 @@ from routesvc.errors import (
     BatchStoreBusy,
     BatchStoreFull,
     BatchStoreUnavailable,
+    ClientStalled,
     ConfigError,
     ContextWindowExceeded,
     CostLimitExceeded,
@@ -240,6 +241,12 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._draining = True
         return len(self._tasks)
 
+    @property
+    def client_write_timeout(self) -> float:
+        """How long one message's write to a streaming call's caller may wait (the current
+        configuration's ``reliability.client_write_timeout_seconds``)."""
+        return self._router.settings.config.reliability.client_write_timeout_seconds
+
     def calls_in_flight(self) -> frozenset[asyncio.Task[object]]:
         """The tasks of the calls running now (a reload waits for these before closing what the
         router they use holds)."""
@@ -283,14 +290,21 @@ class RouterService(pb_grpc.RouterServiceServicer):
         if error.chunks_sent:
             trailers += [("routesvc-committed", "true"), ("routesvc-chunks-sent", str(error.chunks_sent))]
         record.fields["error_reason"] = error.reason
+        # A caller that stopped reading holds the status back too (it waits behind the messages
+        # flow control holds): wait for it as long as for a write, then leave it to grpc, which
+        # sends it if the caller reads on, and free the call's slot.
+        bound = error.write_timeout if isinstance(error, ClientStalled) else None
         try:
-            await context.abort(code, error.message, trailing_metadata=tuple(trailers))
+            async with asyncio.timeout(bound):
+                await context.abort(code, error.message, trailing_metadata=tuple(trailers))
         except grpc.aio.InternalError as failure:
             # grpc ended the call (its deadline passed, or the client left) while our status was
             # on its way, so nothing can be sent. The abort marked the status sent, which keeps
             # grpc from cancelling this task as it does when a call ends first: end it that way
             # (a failed send would be logged by grpc with a traceback).
             raise asyncio.CancelledError from failure
+        except TimeoutError as stalled:
+            raise asyncio.CancelledError from stalled  # as above: the status is marked sent
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:
@@ -340,6 +354,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 telemetry.record_operator_failure(error.reason)
             if isinstance(error, DeadlineExceeded):
                 error.chunks_sent = _chunks_sent(record)
+            if isinstance(error, ClientStalled):
+                telemetry.record_client_stalled()
             await self._abort(context, record, error)
         except TimeoutError:
             code = grpc.StatusCode.DEADLINE_EXCEEDED

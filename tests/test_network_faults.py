@@ -10,12 +10,17 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
+from structlog.typing import EventDict, WrappedLogger
 
 from routesvc.client import RouterClient
+from routesvc.ledger import AttemptOutcome
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, FaultProxy, NetworkFault, Script
 from routesvc.v1 import router_pb2 as pb
+from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.observability import observed_server
 from tests.test_validation import error_info
 
 
@@ -127,6 +132,72 @@ class TestSlowConsumer:
         assert fast[-1].WhichOneof("event") == "completion"
         assert fast_seconds < 2.0
         assert pushed < 1_000, f"the provider pushed {pushed} of 2000 chunks for a reader that took {read}"
+
+    async def test_a_caller_that_stops_reading_is_ended_and_frees_what_it_held(self, fake: FakeProvider) -> None:
+        """A raw gRPC caller opens Complete with no deadline, reads the decision and nothing more:
+        once a write has waited client_write_timeout_seconds (0.3) the server ends the call
+        DEADLINE_EXCEEDED, reason CLIENT_STALLED (logged, a span event and a metric), closes the
+        provider request, charges the attempt once (estimated, as a cancel), and frees the
+        server's only RPC slot and the tenant's only concurrency reservation, so the tenant's
+        next call is served. A caller that reads on gets that status with the committed trailers."""
+        config = default_config()
+        config["reliability"] = {"max_concurrent_rpcs": 1, "client_write_timeout_seconds": 0.3}
+        config["tenants"] = {"mallory": {"max_concurrent": 1}}
+        tenant = pb.RoutingContext(tenant="mallory")
+        fake.enqueue(Script(chunks=("x" * 16_384,) * 600))  # ~10 MB: far more than the windows hold
+        finished = asyncio.Event()
+
+        def notify(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+            if event["event"] == "rpc_finished" and event.get("request_id") == "stalled":
+                finished.set()
+            return event
+
+        # A 64 KiB receive window that never grows, so the server's writes wait soon.
+        options = [("grpc.http2.lookahead_bytes", 65_536), ("grpc.http2.bdp_probe", 0)]
+        async with (
+            observed_server(fake, config=config) as observed,
+            grpc.aio.insecure_channel(observed.server.target, options=options) as channel,
+        ):
+            stub = pb_grpc.RouterServiceStub(channel)
+            with capture_logs(processors=[notify]) as logs:
+                call = stub.Complete(
+                    pb.CompleteRequest(chat=user_chat("write a lot"), context=tenant),
+                    metadata=(("x-request-id", "stalled"),),
+                )
+                decision = (await call.read()).decision
+                async with asyncio.timeout(10):
+                    await finished.wait()
+            (line,) = [e for e in logs if e["event"] == "rpc_finished" and e["request_id"] == "stalled"]
+            await fake.requests[-1].wait_ended(timeout=5.0)
+            (entry,) = observed.server.router.ledger.entries(decision.decision_id)
+            assert (line["code"], line["error_reason"]) == ("DEADLINE_EXCEEDED", "CLIENT_STALLED")
+            assert fake.requests[-1].aborted
+            assert (entry.outcome, entry.estimated) == (AttemptOutcome.CANCELLED, True)
+            assert [p.value for p in observed.points("routesvc.client_stalls")] == [1]
+            (span,) = observed.named("routesvc.v1.RouterService/Complete")
+            assert [event.name for event in span.events] == ["routesvc.client_stalled"]
+            assert observed.server._service.calls_in_flight() == frozenset()
+
+            # The slot and the reservation are free: the tenant's next call is served.
+            fake.enqueue(Script(chunk_count=3))
+            answer = [m async for m in observed.client.complete(user_chat("hi"), tenant)]
+            assert answer[-1].WhichOneof("event") == "completion"
+
+            received: list[pb.CompleteResponse] = []
+
+            async def read_on() -> None:
+                while (message := await call.read()) is not grpc.aio.EOF:
+                    received.append(message)
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await read_on()
+        deltas = sum(1 for message in received if message.WhichOneof("event") == "delta")
+        trailers = dict(caught.value.trailing_metadata() or ())
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "CLIENT_STALLED",
+        )
+        assert (trailers["routesvc-committed"], trailers["routesvc-chunks-sent"]) == ("true", str(deltas))
 
 
 def _fds() -> int:

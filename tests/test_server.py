@@ -57,6 +57,74 @@ class TestHealth:
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
 
+    async def test_watch_streams_are_capped_across_both_ports(self) -> None:
+        """Health needs no key, so the Watch streams open at once are capped
+        (server.max_health_watch_streams 3, both ports together): a fourth is refused
+        RESOURCE_EXHAUSTED, Check still answers, and a Watch that ends frees its place."""
+        config = default_config()
+        config["server"] = {**config["server"], "health_port": 0, "max_health_watch_streams": 3}
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        async with (
+            Server(settings_from(config), port=0) as server,
+            grpc.aio.insecure_channel(server.target) as channel,
+            grpc.aio.insecure_channel(server.health_target) as health_channel,
+        ):
+            stubs = [health_pb2_grpc.HealthStub(channel), health_pb2_grpc.HealthStub(health_channel)]
+            watches = [stubs[0].Watch(request), stubs[0].Watch(request), stubs[1].Watch(request)]
+            firsts = [(await watch.read()).status for watch in watches]
+            refused = [stub.Watch(request) for stub in stubs]
+            with pytest.raises(grpc.aio.AioRpcError) as on_serving_port:
+                await refused[0].read()
+            with pytest.raises(grpc.aio.AioRpcError) as on_health_port:
+                await refused[1].read()
+            checked = [(await stub.Check(request)).status for stub in stubs]
+
+            watches.pop().cancel()
+
+            async def watch_again() -> health_pb2.HealthCheckResponse.ServingStatus:
+                while True:  # until the server has seen the cancel and ended that Watch
+                    try:
+                        return (await stubs[0].Watch(request).read()).status
+                    except grpc.aio.AioRpcError as error:
+                        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            raise
+                    await asyncio.sleep(0.01)
+
+            async with asyncio.timeout(10):
+                again = await watch_again()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert firsts == [serving] * 3
+        assert (on_serving_port.value.code(), on_health_port.value.code()) == (grpc.StatusCode.RESOURCE_EXHAUSTED,) * 2
+        assert "server.max_health_watch_streams" in (on_serving_port.value.details() or "")
+        assert (checked, again) == ([serving, serving], serving)
+
+    async def test_a_connection_opens_a_bounded_number_of_streams(self) -> None:
+        """grpc.max_concurrent_streams per connection on the serving port: max_concurrent_rpcs 1
+        plus max_health_watch_streams 2. With two Watch streams and a reflection stream held
+        open on one connection, a Check on it cannot start (its deadline passes while the client
+        waits for a stream); on another connection it is answered."""
+        config = default_config()
+        config["server"] = {**config["server"], "max_health_watch_streams": 2}
+        config["reliability"] = {"max_concurrent_rpcs": 1}
+        request = health_pb2.HealthCheckRequest()
+        async with (
+            Server(settings_from(config), port=0) as server,
+            grpc.aio.insecure_channel(server.target) as channel,
+            grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)]) as other,
+        ):
+            stub = health_pb2_grpc.HealthStub(channel)
+            watches = [stub.Watch(request) for _ in range(2)]
+            firsts = [(await watch.read()).status for watch in watches]
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+            await reflection.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            await reflection.read()  # the third stream is open, and stays open
+            with pytest.raises(grpc.aio.AioRpcError) as waiting:
+                await stub.Check(request, timeout=0.5)
+            answered = await health_pb2_grpc.HealthStub(other).Check(request)
+        assert firsts == [health_pb2.HealthCheckResponse.SERVING] * 2
+        assert waiting.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert answered.status == health_pb2.HealthCheckResponse.SERVING
+
 
 class TestReflection:
     async def test_lists_the_services(self, server: Server) -> None:

@@ -17,6 +17,7 @@ them unconditionally::
     record_cascade(released, score=None)          the cascade's verdict on a cheap answer
     record_first_chunk_sent()                     time to first token ends (service)
     record_operator_failure(reason)               the server span is an error (service)
+    record_client_stalled()                       the caller stopped reading: an event, a metric (service)
     record_feedback(model, score, decision_id="", tenant="")      from an RPC receiving feedback
 
 The span tree of a Complete is ``RouterService/Complete`` (server) -> ``route`` (internal) ->
@@ -33,6 +34,7 @@ from routesvc.telemetry._request import (
     current_request,
     observed_stream,
     record_cascade,
+    record_client_stalled,
     record_decision,
     record_escalation,
     record_fallback,
@@ -53,6 +55,7 @@ __all__ = [
     "current_request",
     "observed_stream",
     "record_cascade",
+    "record_client_stalled",
     "record_decision",
     "record_escalation",
     "record_fallback",

@@ -286,6 +286,16 @@ def record_operator_failure(reason: str) -> None:
         rpc.span.set_status(Status(StatusCode.ERROR, reason))
 
 
+def record_client_stalled() -> None:
+    """The RPC's caller read nothing for ``client_write_timeout_seconds``, and the server ended
+    the call (reason ``CLIENT_STALLED``): a span event and a metric."""
+    rpc = _CURRENT.get()
+    if rpc is None:
+        return
+    rpc.span.add_event("routesvc.client_stalled")
+    rpc.telemetry.instruments.client_stalls.add(1, {"rpc.method": rpc.full_method})
+
+
 def record_stage_latency(stage: str, seconds: float) -> None:
     """How long one policy stage took on its own (classifier, embedding, scorer, rules, ...)."""
     rpc = _CURRENT.get()

@@ -90,6 +90,11 @@ class _Instruments:
             unit="{reload}",
             description="Changes of the configuration file seen by the watcher, by outcome (applied, rejected)",
         )
+        self.client_stalls = meter.create_counter(
+            "routesvc.client_stalls",
+            unit="{call}",
+            description="Streams ended because their caller read nothing for client_write_timeout_seconds",
+        )
         self.cost = meter.create_counter("routesvc.cost", unit="USD", description="Cost of upstream attempts")
         self.baseline_cost = meter.create_counter(
             "routesvc.baseline_cost", unit="USD", description="What the same requests would cost on the baseline model"
