@@ -7,7 +7,9 @@ after it has streamed the last status (NOT_SERVING); a Watch opened after that g
 and ends at once. ``Check`` answers as before, throughout.
 
 Health needs no key, so the Watch streams open at once are capped (``server.max_health_watch_streams``,
-both ports together): one more is refused RESOURCE_EXHAUSTED.
+both ports together): one more is refused RESOURCE_EXHAUSTED; and a Watch of a service name longer
+than ``MAX_SERVICE_CHARS`` (no service is named so) is refused INVALID_ARGUMENT rather than kept
+open holding the name (up to the message size limit each).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import asyncio
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+MAX_SERVICE_CHARS = 256
+"""The longest service name a Watch is kept open for (gRPC service names are far shorter)."""
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # generated, untyped
@@ -52,6 +57,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # g
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        if len(request.service) > MAX_SERVICE_CHARS:
+            message = f"service: must be at most {MAX_SERVICE_CHARS} characters"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         if self._watchers >= self._max_watchers:
             # Health needs no key: without a cap anyone could hold any number of streams open.
             message = f"at most {self._max_watchers} health Watch streams at once (server.max_health_watch_streams)"

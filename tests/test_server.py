@@ -57,6 +57,23 @@ class TestHealth:
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
 
+    async def test_a_watch_of_a_service_no_one_could_name_is_refused_not_kept(self, server: Server) -> None:
+        """A Watch's service name is held while it is open: one over 256 characters (no service
+        is named so) is INVALID_ARGUMENT at once, so 1,000 unauthenticated Watch streams cannot
+        hold a 4 MiB name each; an unknown name of ordinary length still streams SERVICE_UNKNOWN."""
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Watch(health_pb2.HealthCheckRequest(service="s" * 100_000)).read()
+            unknown = stub.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"))
+            first = await unknown.read()
+            unknown.cancel()
+        assert (caught.value.code(), caught.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "service: must be at most 256 characters",
+        )
+        assert first.status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
     async def test_watch_streams_are_capped_across_both_ports(self) -> None:
         """Health needs no key, so the Watch streams open at once are capped
         (server.max_health_watch_streams 3, both ports together): a fourth is refused
