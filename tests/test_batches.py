@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import grpc
 import openai
 import pytest
@@ -47,6 +48,7 @@ from routesvc.server import Server, build_providers
 from routesvc.testing import (
     DEFAULT_TEXT,
     BatchOutcome,
+    FakeBatch,
     FakeProvider,
     FakeToolCall,
     FaultProxy,
@@ -118,6 +120,16 @@ def job_states(path: Path) -> list[str]:
     connection = sqlite3.connect(path)
     try:
         return [row[0] for row in connection.execute("SELECT state FROM jobs ORDER BY created_at")]
+    finally:
+        connection.close()
+
+
+def send_tags(path: Path) -> list[bool]:
+    """Whether each job in the store file at ``path`` has a send tag (a send that may have reached
+    the provider), read by another connection."""
+    connection = sqlite3.connect(path)
+    try:
+        return [row[0] is not None for row in connection.execute("SELECT send_tag FROM jobs ORDER BY created_at")]
     finally:
         connection.close()
 
@@ -1989,6 +2001,157 @@ class TestBatchCreateReplyLost:
         assert [batch.custom_ids for batch in fake.batches] == [[job.batch_id]]
         assert [entry.request_id for entry in entries] == [job.batch_id]
 
+    @pytest.mark.parametrize("status", [400, 500], ids=["refused", "server-error"])
+    async def test_a_batch_another_client_created_before_the_send_is_never_adopted(
+        self, tmp_path: Path, fake: FakeProvider, status: int
+    ) -> None:
+        """Another client of the workspace created a batch of as many requests just before our
+        send, whose create Anthropic answers with an error: a refusal (400 credit balance too
+        low) made nothing, so no lookup follows; a 5xx may have made the batch, but the lookup
+        takes only batches created once the send began. Either way the job is sent in a batch
+        of its own once the provider takes it, and the other client's batch is never adopted,
+        cancelled or deleted (it was adopted, the job failed no_result, and the batch deleted)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        theirs = await create_foreign_batch(fake)
+        body = {"type": "error", "error": {"type": "invalid_request_error", "message": "credit balance is too low"}}
+        fake.batch_create_error = (status, body)
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client, task_hint="creative_writing"))[1].batch
+                await until(lambda: any(e["event"] == "batch_submit_failed" for e in logs))
+                fake.batch_create_error = None
+                await until(lambda: len(fake.batches) == 2)
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert not any(e["event"] == "batch_send_adopted" for e in logs)
+        assert [batch.custom_ids for batch in fake.batches] == [["theirs"], [job.batch_id]]
+        assert (theirs.cancelled, theirs.deleted) == (False, False)
+
+    @pytest.mark.parametrize(
+        ("cancelled", "gone"),
+        [(False, False), (True, False), (False, True)],
+        ids=["waiting", "cancelled", "deleted-by-its-owner"],
+    )
+    async def test_a_batch_adopted_by_its_shape_that_is_another_clients_is_left_alone(
+        self, tmp_path: Path, fake: FakeProvider, cancelled: bool, gone: bool
+    ) -> None:
+        """While our create is under way (Anthropic answers it 500: maybe made), another client
+        creates a batch of as many requests: the lookup cannot tell it from ours and adopts it,
+        unverified. It is never cancelled (our job cancelled meanwhile left it running), and once
+        it ends its results name none of our jobs: it is another client's, left there (never
+        deleted), and our job, never sent, is queued again and sent in a batch of its own (or,
+        cancelled, closes unbilled). So too when its owner deletes it before we read it (a 404:
+        we never delete one unread), rather than failing the job provider_batch_not_found."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        hold = asyncio.Event()
+        fake.batch_create_hold = hold
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client, task_hint="creative_writing"))[1].batch
+                async with asyncio.timeout(10):
+                    await fake.batch_create_waiting.wait()
+                fake.batch_create_hold = None
+                theirs = await create_foreign_batch(fake)
+                fake.batch_create_error = (500, {"type": "error", "error": {"type": "api_error", "message": "down"}})
+                hold.set()
+                await until(lambda: any(e["event"] == "batch_send_adopted" for e in logs))
+                fake.batch_create_error = None
+                if cancelled:
+                    await client.cancel_batch(job.batch_id, tenant="acme")
+                    await until(lambda: theirs.retrieved >= 2)  # polled since: not cancelled then
+                if gone:
+                    theirs.lost = True
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                await until(lambda: any(e["event"] == "batch_adoption_undone" for e in logs))
+                end = pb.BATCH_STATE_CANCELLED if cancelled else pb.BATCH_STATE_SUCCEEDED
+                await wait_state(client, job.batch_id, end)
+                entries = server.router.ledger.entries()
+        assert [e["verified"] for e in logs if e["event"] == "batch_send_adopted"] == [False]
+        assert (theirs.cancelled, theirs.deleted) == (False, False)
+        ours = [] if cancelled else [[job.batch_id]]
+        assert [batch.custom_ids for batch in fake.batches] == [["theirs"], *ours]
+        assert [entry.request_id for entry in entries] == [b for [b] in ours]
+
+    async def test_the_lookup_finds_a_batch_whose_send_had_a_job_cancelled_since(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Two jobs are sent in one Anthropic batch whose create reply is lost; one is cancelled
+        before the next send: the lookup goes by the size of the send (two requests), finds the
+        batch, places the other job in it and ties the cancelled one to it, which is then read
+        for its bill and deleted. The jobs are not sent again (they were, in a second batch,
+        while the first was never read or deleted)."""
+        config = batch_config(tmp_path)
+        # Both jobs in one group, sent at once; the one left is due a second after it was queued.
+        config["batch"] |= {"group_window_seconds": 1.0, "max_group_size": 2}  # type: ignore[operator]
+        async with FaultProxy("127.0.0.1", fake.port) as proxy:
+            proxy.fault = NetworkFault(reset_after_bytes=0)
+            environ = live_environ(fake)
+            environ["ANTHROPIC_BASE_URL"] = proxy.base_url
+            async with (
+                Server(settings_from(config, environ), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                gone, kept = [
+                    responses[1].batch
+                    for responses in await asyncio.gather(
+                        submit(client, task_hint="creative_writing"), submit(client, task_hint="creative_writing")
+                    )
+                ]
+                await until(lambda: len(fake.batches) == 1)
+                await client.cancel_batch(gone.batch_id, tenant="acme")
+                proxy.fault = NetworkFault()
+                await wait_state(client, kept.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                [batch] = fake.batches
+                await until(lambda: batch.deleted)
+                entries = server.router.ledger.entries()
+        assert sorted(batch.custom_ids) == sorted([gone.batch_id, kept.batch_id])
+        assert sorted((entry.request_id, entry.outcome) for entry in entries) == sorted(
+            [(gone.batch_id, AttemptOutcome.CANCELLED), (kept.batch_id, AttemptOutcome.COMPLETED)]
+        )
+
+    async def test_an_openai_create_cut_off_by_the_send_timeout_keeps_its_file(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """OpenAI made the batch but its reply comes after the send's timeout (half the claim),
+        which cancels the create: the input file is kept (it was deleted, under the batch that
+        the next round adopts), the batch is adopted by its tag, and its file goes only with its
+        results."""
+        monkeypatch.setattr(batch_queue, "CLAIM_SECONDS", 0.4)
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_create_reply_hold = asyncio.Event()
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                await until(lambda: any(e["event"] == "batch_send_adopted" for e in logs))
+                [batch] = fake.batches
+                files_while_running = fake.files
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                await until(lambda: not fake.files)
+        assert files_while_running == [batch.input_file_id]
+        assert batch.custom_ids == [job.batch_id]
+        assert fake.deleted_files == [batch.input_file_id, batch.output_file_id]
+
+
+async def create_foreign_batch(fake: FakeProvider) -> FakeBatch:
+    """A one-request Anthropic message batch another client of the workspace creates."""
+    other = anthropic.AsyncAnthropic(api_key="sk-test-anthropic", base_url=fake.anthropic_base_url)
+    try:
+        params = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+        created = await other.messages.batches.create(requests=[{"custom_id": "theirs", "params": params}])  # type: ignore[list-item]
+    finally:
+        await other.close()
+    return next(batch for batch in fake.batches if batch.id == created.id)
+
 
 class TestBatchSubmitWithASpentQuota:
     async def test_jobs_wait_queued_while_the_account_is_unpaid(self, tmp_path: Path, fake: FakeProvider) -> None:
@@ -2240,12 +2403,13 @@ class TestBatchProviderCleanup:
         assert sum(e["event"] == "batch_file_delete_failed" for e in logs) == 2 * 2  # two files, twice
         assert fake.files == [batch.input_file_id, batch.output_file_id]
 
-    async def test_an_input_file_whose_batch_create_a_shutdown_cut_off_is_deleted(
+    async def test_an_input_file_whose_batch_create_a_shutdown_cut_off_is_kept_for_the_lookup(
         self, tmp_path: Path, fake: FakeProvider
     ) -> None:
         """The server stops while OpenAI is creating the batch of a file just uploaded: the
-        send is cancelled, the file is deleted on the way out (it was left in the account), and
-        no batch was made; the job stays QUEUED, to be sent once its claim lapses."""
+        send is cancelled, but the create may have reached OpenAI, so the file is kept (a batch
+        made of it needs it); the job stays QUEUED, its send's tag stored, and whoever sends it
+        once its claim lapses looks that batch up, or else deletes the file by its name."""
         fake.batch_create_hold = asyncio.Event()
         async with (
             Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
@@ -2255,9 +2419,10 @@ class TestBatchProviderCleanup:
             async with asyncio.timeout(10):
                 await fake.batch_create_waiting.wait()
             uploaded = fake.files
-        assert (fake.files, fake.deleted_files, fake.batches) == ([], uploaded, [])
+        assert (fake.files, fake.deleted_files, fake.batches) == (uploaded, [], [])
         assert len(uploaded) == 1
         assert job_states(tmp_path / "batches.db") == ["queued"]
+        assert send_tags(tmp_path / "batches.db") == [True]
 
 
 def _text_chars(value: object) -> int:

@@ -65,17 +65,24 @@ restarted one) sends the jobs.
 
 A send whose reply is lost (a connection reset after the provider handled it, a timeout, the
 cut-off above, a worker gone mid-send) may have created the provider batch all the same. So each
-send is tagged with an id of ours, stored with its jobs before the request leaves
+send is tagged with an id of ours, stored with its jobs and its size before the request leaves
 (``BatchStore.tag_send``), and the next send of those jobs first looks that batch up
-(``BatchAPI.find``) and adopts it when the provider has it (``batch_send_adopted``); it sends
-nothing while the provider cannot be asked. OpenAI keeps the tag in the batch's metadata and the
-input file's name (a file whose upload reply was lost is deleted then). An Anthropic message batch
-keeps no tag, nor, before it ends, its requests' custom_ids: the lookup takes the one batch of as
-many requests created since the send began that no job of the store is in; with several such
-(another process with the same key sending as many requests at once) it adopts none
-(``batch_send_ambiguous``) and sends again: that, and jobs whose next send never comes (cancelled
-or expired meanwhile, when an OpenAI input file of a lost reply is left to OpenAI's expiry), are
-the cases a job can still reach the provider twice. Every worker polls every provider batch (of its
+(``BatchAPI.find``) and adopts it when the provider has it (``batch_send_adopted``), tying to it
+the send's jobs cancelled since (read for their bill); it sends nothing while the provider cannot
+be asked. A create answered with an HTTP status below 500 (a spent quota, a refused key) made
+nothing: its tag is forgotten and no lookup follows. OpenAI keeps the tag in the batch's metadata
+and the input file's name (a file whose upload reply was lost is deleted then). An Anthropic
+message batch keeps no tag, nor, before it ends, its requests' custom_ids, and the list shows the
+whole workspace's: the lookup takes the one batch of as many requests as the send held, created
+between the send's start and its cut-off, that no job of the store is in; with several such
+(another client sending as many requests at once) it adopts none (``batch_send_ambiguous``) and
+sends again: that, and jobs whose next send never comes (cancelled or expired meanwhile, when an
+OpenAI input file of a lost reply is left to OpenAI's expiry), are the cases a job can still reach
+the provider twice. A batch adopted by its shape (``BatchAPI.tags_batches`` false) may be another
+client's until its results name its jobs: it is never cancelled (``batch_cancel_skipped``
+``unverified``), its jobs' requests are kept, and when it ends with results that name none of its
+jobs it is left alone, never deleted, and its jobs, never sent, are queued again
+(``batch_adoption_undone``). Every worker polls every provider batch (of its
 endpoints, below); a job ends once and is charged once, in the ledger of the worker that read
 its result (a cancelled job's bill too: ``BatchStore.close_cancelled``).
 
@@ -304,6 +311,8 @@ class BatchQueue:
         self._task: asyncio.Task[None] | None = None
         # Store writes a cancelled caller left behind (see ``submit``); ``aclose`` waits for them.
         self._pending: set[asyncio.Task[Any]] = set()
+        # Reads of budget corrections, whose callbacks tell them (``_tell_corrections``).
+        self._reading: set[asyncio.Future[Any]] = set()
         self._closed = False
         # Provider batches already logged as not polled here (no batch API, another endpoint's,
         # another account's): logged once each.
@@ -552,9 +561,22 @@ class BatchQueue:
             await asyncio.shield(self._keep(self._tell_corrections(self._store, self._spend)))
 
     async def _tell_corrections(self, store: BatchStore, spend: Callable[[str, Decimal, float], None]) -> None:
-        for tenant, usd, queued_at in await store.budget_corrections(self._owner, any_owner=self._shared_budgets):
-            if usd:
-                spend(tenant, usd, queued_at)
+        # The store marks the corrections it returns as made, in a worker thread that runs to its
+        # end whatever happens to this task: they are told as that read ends, in its callback, so
+        # that a cancellation of this task (``aclose`` cut short) cannot drop corrections marked.
+        reading = asyncio.ensure_future(store.budget_corrections(self._owner, any_owner=self._shared_budgets))
+        self._reading.add(reading)
+
+        def tell(done: asyncio.Future[list[tuple[str, Decimal, float]]]) -> None:
+            self._reading.discard(reading)
+            if done.cancelled() or done.exception() is not None:
+                return  # nothing marked (the awaiting caller gets the error)
+            for tenant, usd, queued_at in done.result():
+                if usd:
+                    spend(tenant, usd, queued_at)
+
+        reading.add_done_callback(tell)
+        await asyncio.shield(reading)
 
     async def get(self, batch_id: str, tenant: str) -> BatchStatus:
         """The job ``batch_id`` of ``tenant``; ``BatchNotFound`` for an unknown or another tenant's job."""
@@ -591,6 +613,11 @@ class BatchQueue:
         and read by it once it ends."""
         if not self._ours(batch.provider, batch.endpoint):
             log.info("batch_cancel_skipped", provider_batch_id=batch.provider_batch_id, reason="other_endpoint")
+            return
+        if batch.unverified:
+            # Adopted by its shape, it may be another client's: never cancelled (it runs, and
+            # is read, as it is; its results tell).
+            log.info("batch_cancel_skipped", provider_batch_id=batch.provider_batch_id, reason="unverified")
             return
         with self._using(batch.provider) as api:
             if api is None:
@@ -725,7 +752,11 @@ class BatchQueue:
                 # fixed (or they have waited max_queued_seconds: ``_expire_queued``), as after a
                 # failure that may pass.
                 if is_retryable(error) or skips_provider(error) or isinstance(error, ProviderAuthFailed):
-                    await store.release(ids, self._owner)
+                    # Answered with a status below 500 (a spent quota, a key refused), the create
+                    # made nothing: its tag is forgotten, so no lookup follows. Only a reply lost
+                    # (no status: a reset, a timeout) or a 5xx leaves it.
+                    refused = error.status is not None and error.status < 500
+                    await store.release(ids, self._owner, refused=refused)
                     log.warning("batch_submit_failed", model=model_id, jobs=len(ids), reason=error.reason)
                     return
                 await self._fail(ids, error.reason)
@@ -748,10 +779,12 @@ class BatchQueue:
         jobs are released, to be looked up again next round)."""
         store = self._opened()
         to_send = list(ids)
-        for tag, (since, tagged) in (await store.sends(ids)).items():
+        for tag, (since, count, tagged) in (await store.sends(ids)).items():
             try:
                 async with asyncio.timeout(CLAIM_SECONDS / 2):
-                    found = await api.find(tag, len(tagged), since)
+                    # The send was cut off at half of CLAIM_SECONDS; the rest is room for the
+                    # provider to have stamped a create it received by then.
+                    found = await api.find(tag, count, since, since + CLAIM_SECONDS)
                 found = [batch for batch in found if not await store.knows(model.provider, batch)]
             except (ProviderError, TimeoutError) as error:
                 await store.release(ids, self._owner)
@@ -763,9 +796,17 @@ class BatchQueue:
                     # Anthropic keeps no tag: as many batches of as many requests since then.
                     log.warning("batch_send_ambiguous", model=model.id, jobs=len(tagged), candidates=len(found))
                 continue
-            placed = await store.mark_submitted(tagged, self._owner, model.provider, found[0], sent_to)
-            log.info("batch_send_adopted", model=model.id, jobs=placed, provider_batch_id=found[0])
-            if placed == 0:
+            unverified = not api.tags_batches
+            placed = await store.mark_submitted(
+                tagged, self._owner, model.provider, found[0], sent_to, tag=tag, unverified=unverified
+            )
+            log.info(
+                "batch_send_adopted", model=model.id, jobs=placed, provider_batch_id=found[0], verified=not unverified
+            )
+            if placed == 0 and unverified:
+                # It may be another client's: never cancelled (``_cancel_sent_batch``).
+                log.info("batch_cancel_skipped", provider_batch_id=found[0], reason="unverified")
+            elif placed == 0:
                 await self._cancel_with(api, found[0])
             to_send = [batch_id for batch_id in to_send if batch_id not in tagged]
         return to_send
@@ -817,6 +858,11 @@ class BatchQueue:
             await self._poll_batch(api, provider, provider_batch_id, jobs)
         except ProviderRejected as error:
             self._accepted.discard((provider, provider_batch_id))
+            if error.status == 404 and jobs.unverified:
+                # Adopted by its shape and gone before we read it: another client's, deleted by
+                # its owner once read (we never delete one unread); its jobs were never sent.
+                await self._disown(provider, provider_batch_id, jobs, answered=True)
+                return
             code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
             # None failed or closed: another worker stored the results and deleted the batch (or
             # its files) since this round listed its jobs. A cancelled job's bill cannot be read
@@ -857,11 +903,17 @@ class BatchQueue:
             # 404 then means lost, as for any batch).
             await self._opened().adopt(provider, provider_batch_id, own_key)
         if not batch.ended:
-            if batch.accepted and (provider, provider_batch_id) not in self._accepted:
-                # Past the provider's validation: the requests are never sent again.
+            if batch.accepted and not jobs.unverified and (provider, provider_batch_id) not in self._accepted:
+                # Past the provider's validation: the requests are never sent again (those of a
+                # batch that may be another client's are kept until its results tell).
                 await self._opened().drop_requests(provider, provider_batch_id)
                 self._accepted.add((provider, provider_batch_id))
-            if not jobs.waiting and batch.status not in _CANCELLING and provider_batch_id not in self._cancel_asked:
+            if (
+                not jobs.waiting
+                and not jobs.unverified
+                and batch.status not in _CANCELLING
+                and provider_batch_id not in self._cancel_asked
+            ):
                 # Every job of it was cancelled, through a process that cannot reach it (another
                 # endpoint's): it is cancelled here, where it was sent, once; else the provider
                 # runs and bills it whole.
@@ -874,6 +926,10 @@ class BatchQueue:
         if batch.retry_later and waiting:
             waiting = await self._requeue(provider, batch, waiting)
         results = {result.custom_id: result for result in await api.results(batch)}
+        if jobs.unverified and not results.keys() & {*jobs.waiting, *jobs.cancelled}:
+            await self._disown(provider, batch.id, jobs, answered=bool(results))
+            if results:
+                return
         for batch_id in waiting:
             result = results.get(batch_id) or ItemResult(
                 batch_id,
@@ -890,11 +946,28 @@ class BatchQueue:
             jobs=len(jobs.waiting),
             cancelled_jobs=len(jobs.cancelled),
         )
+        if jobs.unverified and not results:
+            return  # its results are gone: whose it was cannot be told, so it is not deleted
         # Every job's end, and every cancelled job's bill, is stored (a store failure above
         # leaves the batch to be read again next round): what the provider keeps of it, prompts
         # and answers, is deleted. In one task a shutdown waits for; what a delete left is tried
         # again in later rounds (``_discard_leftovers``).
         await asyncio.shield(self._keep(self._discard(api, provider, batch)))
+
+    async def _disown(self, provider: str, provider_batch_id: str, jobs: SentJobs, *, answered: bool) -> None:
+        """A batch adopted by its shape (``_adopt_earlier``) whose results name none of its jobs
+        (or gone before it was read): when it has results, it is another client's, which is left
+        alone (never deleted), and its jobs, never sent, are queued again (those cancelled since
+        close unbilled). Without results (deleted by the provider) whose it was cannot be told:
+        its jobs end with the batch's code, and it is not deleted."""
+        if not answered:
+            log.warning("batch_adoption_unverified", provider_batch_id=provider_batch_id, jobs=len(jobs.waiting))
+            return
+        again = await self._opened().disown(provider, provider_batch_id)
+        for batch_id in jobs.cancelled:
+            await self._opened().close_cancelled(batch_id, None)
+        log.warning("batch_adoption_undone", provider_batch_id=provider_batch_id, jobs=len(again))
+        self._wake.set()
 
     async def _requeue(self, provider: str, batch: ProviderBatch, waiting: list[str]) -> list[str]:
         """Queue ``waiting`` again, their provider batch refused whole for a while (OpenAI's

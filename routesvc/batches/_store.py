@@ -107,8 +107,11 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # NULL otherwise. Jobs cancelled before the column was added have none: their batches are not read.
 # endpoint: the provider's base URL the job was queued for, then the one it was sent to; key_id:
 # the fingerprint of the key that sent it (``key_id``). NULL in rows stored before they were added.
-# send_tag, send_at: the tag (our id) of the last provider batch create of the job that may have
-# reached the provider without its reply reaching us, and when it began; NULL once it is placed.
+# send_tag, send_at, send_count: the tag (our id) of the last provider batch create of the job that
+# may have reached the provider without its reply reaching us, when it began, and how many requests
+# it held; NULL once it is placed, or once the provider refused it (nothing created).
+# unverified: 1 while the job waits for a provider batch adopted by its shape (Anthropic keeps no
+# tag: ``BatchAPI.tags_batches``), until its results show whether it holds the job; NULL otherwise.
 # request_bytes: the size of the stored request while it is kept, 0 once it is cleared (NULL in
 # rows stored before it was added, counted as 0), summed through its own index (``add``).
 _ADDED_COLUMNS = (
@@ -126,6 +129,8 @@ _ADDED_COLUMNS = (
     ("send_tag", "TEXT"),
     ("send_at", "REAL"),
     ("request_bytes", "INTEGER"),
+    ("send_count", "INTEGER"),
+    ("unverified", "INTEGER"),
 )
 
 # The holder of jobs queued again after their provider batch was refused for a while, until their
@@ -180,6 +185,9 @@ class SentJobs:
     key_id: str | None = None
     # When the batch was sent (the earliest of its jobs' last changes); None: no job of it listed.
     sent_at: float | None = None
+    # Adopted by its shape, not by a tag (``BatchStore.mark_submitted``): it may be another
+    # client's, which only its results can tell.
+    unverified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,11 +207,13 @@ class Backoff:
 
 @dataclass(frozen=True, slots=True)
 class SentBatch:
-    """A provider batch: its provider name and id, and the endpoint it was sent to (None: not recorded)."""
+    """A provider batch: its provider name and id, the endpoint it was sent to (None: not
+    recorded), and whether it was adopted by its shape and may be another client's (``SentJobs``)."""
 
     provider: str
     provider_batch_id: str
     endpoint: str | None
+    unverified: bool = False
 
 
 def key_id(api_key: str | None) -> str:
@@ -636,13 +646,17 @@ class BatchStore:
 
         return await self._run(update)
 
-    async def release(self, batch_ids: list[str], owner: str) -> None:
+    async def release(self, batch_ids: list[str], owner: str, *, refused: bool = False) -> None:
         """Give up ``owner``'s claims on still-queued jobs (a send failed); anyone may send them.
-        (A job just added is released by ``commit``.)"""
+        ``refused``: the provider answered the send's create with a refusal (nothing was
+        created), so its tag is forgotten and no lookup follows (``sends``). (A job just added is
+        released by ``commit``.)"""
+        forget = ", send_tag = NULL, send_at = NULL, send_count = NULL" if refused else ""
 
         def update(connection: sqlite3.Connection) -> None:
             connection.executemany(
-                "UPDATE jobs SET claimed_by = NULL, claimed_until = NULL WHERE id = ? AND claimed_by = ? AND state = ?",
+                f"UPDATE jobs SET claimed_by = NULL, claimed_until = NULL{forget}"  # noqa: S608 - constant text
+                " WHERE id = ? AND claimed_by = ? AND state = ?",
                 [(batch_id, owner, BatchState.QUEUED.value) for batch_id in batch_ids],
             )
 
@@ -651,30 +665,35 @@ class BatchStore:
     async def tag_send(self, batch_ids: list[str], owner: str, tag: str) -> None:
         """Record, before it leaves, that ``owner`` is sending its claimed jobs of ``batch_ids`` in
         a provider batch tagged ``tag``: until they are placed (``mark_submitted``), whoever sends
-        them next looks that batch up first (``sends``), as it may have been created."""
+        them next looks that batch up first (``sends``), as it may have been created. The send
+        holds every job of ``batch_ids``: their count is recorded, as the batch's size."""
         now = self._clock()
+        count = len(batch_ids)
 
         def update(connection: sqlite3.Connection) -> None:
             connection.executemany(
-                "UPDATE jobs SET send_tag = ?, send_at = ? WHERE id = ? AND state = ? AND claimed_by = ?",
-                [(tag, now, batch_id, BatchState.QUEUED.value, owner) for batch_id in batch_ids],
+                "UPDATE jobs SET send_tag = ?, send_at = ?, send_count = ?"
+                " WHERE id = ? AND state = ? AND claimed_by = ?",
+                [(tag, now, count, batch_id, BatchState.QUEUED.value, owner) for batch_id in batch_ids],
             )
 
         await self._run(update)
 
-    async def sends(self, batch_ids: list[str]) -> dict[str, tuple[float, list[str]]]:
+    async def sends(self, batch_ids: list[str]) -> dict[str, tuple[float, int, list[str]]]:
         """Earlier sends of the jobs of ``batch_ids`` that may have reached the provider, by tag:
-        when each began, and its jobs among ``batch_ids``."""
+        when each began, how many requests it held (jobs cancelled since included), and its jobs
+        among ``batch_ids``."""
 
-        def select(connection: sqlite3.Connection) -> dict[str, tuple[float, list[str]]]:
-            found: dict[str, tuple[float, list[str]]] = {}
+        def select(connection: sqlite3.Connection) -> dict[str, tuple[float, int, list[str]]]:
+            found: dict[str, tuple[float, int, list[str]]] = {}
             for batch_id in batch_ids:
                 row = connection.execute(
-                    "SELECT send_tag, send_at FROM jobs WHERE id = ? AND send_tag IS NOT NULL", (batch_id,)
+                    "SELECT send_tag, send_at, send_count FROM jobs WHERE id = ? AND send_tag IS NOT NULL",
+                    (batch_id,),
                 ).fetchone()
                 if row is not None:
-                    found.setdefault(row["send_tag"], (row["send_at"], []))[1].append(batch_id)
-            return found
+                    found.setdefault(row["send_tag"], (row["send_at"], row["send_count"] or 0, []))[2].append(batch_id)
+            return {tag: (since, count or len(tagged), tagged) for tag, (since, count, tagged) in found.items()}
 
         return await self._run(select)
 
@@ -690,7 +709,15 @@ class BatchStore:
         return await self._run(select)
 
     async def mark_submitted(
-        self, batch_ids: list[str], owner: str, provider: str, provider_batch_id: str, sent_to: tuple[str, str]
+        self,
+        batch_ids: list[str],
+        owner: str,
+        provider: str,
+        provider_batch_id: str,
+        sent_to: tuple[str, str],
+        *,
+        tag: str | None = None,
+        unverified: bool = False,
     ) -> int:
         """``owner``'s claimed jobs are in ``provider``'s batch ``provider_batch_id``, sent to
         ``sent_to`` (the endpoint, the key's ``key_id``); their requests are kept until the
@@ -702,10 +729,20 @@ class BatchStore:
         bills for it. Returns how many jobs wait for the batch: 0 means every job was cancelled,
         and the caller cancels it at the provider. One transaction, so a ``cancel`` sees either
         none of the group in the batch or all of it.
+
+        ``tag``: the batch is the one an earlier send tagged ``tag`` created (its reply lost), and
+        jobs of that send cancelled since are tied to it as well, as sent. ``unverified``: it was
+        found by its shape, not its tag, and may be another client's (``SentJobs.unverified``).
         """
         now = self._clock()
+        shape = 1 if unverified else None
         submitted, queued, cancelled = BatchState.SUBMITTED.value, BatchState.QUEUED.value, BatchState.CANCELLED.value
         endpoint, sent_key = sent_to
+        tie_cancelled = (
+            "provider = ?, provider_batch_id = ?, provider_pending = 1, send_tag = NULL,"
+            " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?,"
+            " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
+        )
 
         def update(connection: sqlite3.Connection) -> int:
             placed = 0
@@ -713,20 +750,35 @@ class BatchStore:
                 for batch_id in batch_ids:
                     cursor = connection.execute(
                         "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '', send_tag = NULL,"
-                        " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?"
-                        " WHERE id = ? AND state = ? AND claimed_by = ?",
-                        (submitted, provider, provider_batch_id, now, endpoint, sent_key, batch_id, queued, owner),
+                        " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
+                        " unverified = ? WHERE id = ? AND state = ? AND claimed_by = ?",
+                        (
+                            submitted,
+                            provider,
+                            provider_batch_id,
+                            now,
+                            endpoint,
+                            sent_key,
+                            shape,
+                            batch_id,
+                            queued,
+                            owner,
+                        ),
                     )
                     placed += cursor.rowcount
                     if cursor.rowcount:
                         continue
                     # A correction made counts nothing for the job now: budget_usd says so.
                     connection.execute(
-                        "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1, send_tag = NULL,"
-                        " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
-                        " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
+                        f"UPDATE jobs SET {tie_cancelled}"  # noqa: S608 - constant text
                         " WHERE id = ? AND state = ? AND claimed_by = ? AND provider_batch_id IS NULL",
-                        (provider, provider_batch_id, endpoint, sent_key, batch_id, cancelled, owner),
+                        (provider, provider_batch_id, endpoint, sent_key, shape, batch_id, cancelled, owner),
+                    )
+                if tag is not None:
+                    connection.execute(
+                        f"UPDATE jobs SET {tie_cancelled}"  # noqa: S608 - constant text
+                        " WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
+                        (provider, provider_batch_id, endpoint, sent_key, shape, tag, cancelled),
                     )
             return placed
 
@@ -744,6 +796,29 @@ class BatchStore:
             )
 
         await self._run(update)
+
+    async def disown(self, provider: str, provider_batch_id: str) -> list[str]:
+        """Queue again the jobs waiting for ``provider``'s batch ``provider_batch_id``, adopted by
+        its shape (``mark_submitted`` ``unverified``) and shown by its results to be another
+        client's: they were never sent. Their requests were kept (``drop_requests`` is not asked
+        for such a batch). Returns their ids; jobs cancelled since are the caller's to close."""
+        now = self._clock()
+        queued, submitted = BatchState.QUEUED.value, BatchState.SUBMITTED.value
+
+        def update(connection: sqlite3.Connection) -> list[str]:
+            with immediate(connection):
+                rows = connection.execute(
+                    "SELECT id FROM jobs WHERE provider = ? AND provider_batch_id = ? AND state = ?",
+                    (provider, provider_batch_id, submitted),
+                ).fetchall()
+                connection.executemany(
+                    "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, unverified = NULL,"
+                    " updated_at = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
+                    [(queued, now, row["id"]) for row in rows],
+                )
+            return [row["id"] for row in rows]
+
+        return await self._run(update)
 
     async def requeue(
         self, provider: str, provider_batch_id: str, batch_ids: list[str], error: str, backoff: Backoff
@@ -797,13 +872,14 @@ class BatchStore:
 
         def select(connection: sqlite3.Connection) -> dict[tuple[str, str], SentJobs]:
             rows = connection.execute(
-                "SELECT id, provider, provider_batch_id, state, endpoint, key_id, updated_at FROM jobs"
+                "SELECT id, provider, provider_batch_id, state, endpoint, key_id, updated_at, unverified FROM jobs"
                 " WHERE state = ? OR provider_pending IS NOT NULL ORDER BY created_at",
                 (submitted,),
             ).fetchall()
             found: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
             sent_to: dict[tuple[str, str], tuple[str | None, str | None]] = {}
             sent_at: dict[tuple[str, str], float] = {}
+            unverified: set[tuple[str, str]] = set()
             for row in rows:
                 key = (row["provider"], row["provider_batch_id"])
                 waiting, cancelled = found.setdefault(key, ([], []))
@@ -811,8 +887,12 @@ class BatchStore:
                 sent_to.setdefault(key, (row["endpoint"], row["key_id"]))
                 # A SUBMITTED job last changed when it was sent; a cancelled one, when cancelled.
                 sent_at[key] = min(sent_at.get(key, row["updated_at"]), row["updated_at"])
+                if row["unverified"]:
+                    unverified.add(key)
             return {
-                key: SentJobs(tuple(waiting), tuple(cancelled), *sent_to[key], sent_at=sent_at[key])
+                key: SentJobs(
+                    tuple(waiting), tuple(cancelled), *sent_to[key], sent_at=sent_at[key], unverified=key in unverified
+                )
                 for key, (waiting, cancelled) in found.items()
             }
 
@@ -844,7 +924,7 @@ class BatchStore:
                 if cursor.rowcount != 1:
                     return None
                 row = connection.execute(
-                    "SELECT provider, provider_batch_id, endpoint FROM jobs WHERE id = ?", (batch_id,)
+                    "SELECT provider, provider_batch_id, endpoint, unverified FROM jobs WHERE id = ?", (batch_id,)
                 ).fetchone()
                 if row["provider_batch_id"] is None:
                     return None  # not sent yet (or being sent: ``mark_submitted`` then finds none)
@@ -854,7 +934,7 @@ class BatchStore:
                 ).fetchone()
                 if waiting is not None:
                     return None
-                return SentBatch(row["provider"], row["provider_batch_id"], row["endpoint"])
+                return SentBatch(row["provider"], row["provider_batch_id"], row["endpoint"], bool(row["unverified"]))
 
         return await self._run(update)
 

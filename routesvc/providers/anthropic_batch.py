@@ -35,9 +35,6 @@ _STATES = {
 
 
 _RESULTS_DELETED = "results_deleted"
-# The difference between our clock and the provider's that a lookup of batches created since a
-# moment allows for.
-_CLOCK_SLACK: Final = 300.0
 # A batch delete is given up after this long (a poll round waits for it).
 _DELETE_SECONDS: Final = 10.0
 
@@ -82,6 +79,11 @@ class AnthropicBatches:
             message = describe(self._name, "batch", f"{what}: failed")
             raise ProviderUnavailable(message, provider=self._name, model="batch") from exc
 
+    @property
+    def tags_batches(self) -> bool:
+        """False: a message batch keeps no tag of ours (``find``)."""
+        return False
+
     async def submit(self, items: list[BatchItem], tag: str) -> str:
         """Create one message batch with the items inline (a message batch keeps no tag of ours:
         ``find``)."""
@@ -92,21 +94,28 @@ class AnthropicBatches:
         batch = await self._guard("create", self._client.messages.batches.create(requests=requests))
         return batch.id
 
-    async def find(self, tag: str, count: int, since: float) -> list[str]:
-        """Every message batch of ``count`` requests created since ``since`` (newest first):
-        Anthropic keeps no metadata of a batch nor, before it ends, its requests' custom_ids, so
-        the one a lost reply created cannot be told from another batch of as many requests
-        created meanwhile with the same key."""
+    async def find(self, tag: str, count: int, since: float, until: float) -> list[str]:
+        """Every message batch of ``count`` requests created from ``since`` to ``until`` (newest
+        first). Anthropic keeps no metadata of a batch nor, before it ends, its requests'
+        custom_ids, so the one a lost reply created cannot be told from another batch of as many
+        requests created meanwhile in the workspace (another client of it): the caller verifies
+        the batch once its results name its requests. No allowance is made for a difference
+        between our clock and Anthropic's: a batch stamped before ``since`` by Anthropic's clock
+        (ours ahead of it by more than the create's way there, which NTP keeps to milliseconds)
+        is not taken, so its jobs are sent again, as they would be without a lookup, rather than
+        placed in a batch that a client created before this send began."""
         found: list[str] = []
-        after = since - _CLOCK_SLACK
         pages = self._client.messages.batches.list(limit=100).__aiter__()
         while True:
             try:
                 batch = await self._guard("list batches", pages.__anext__())
             except StopAsyncIteration:
                 return found
-            if batch.created_at.timestamp() < after:
+            created = batch.created_at.timestamp()
+            if created < since:
                 return found
+            if created > until:
+                continue
             counts = batch.request_counts
             total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
             if total == count:

@@ -124,13 +124,20 @@ class BatchAPI(Protocol):
         provider keeps such a tag; returns its id."""
         ...
 
-    async def find(self, tag: str, count: int, since: float) -> list[str]:
-        """The batches that a ``submit`` of ``count`` items tagged ``tag``, begun at ``since``
-        (epoch seconds), may have created without its reply reaching us (a connection reset, a
-        timeout): the one tagged ``tag`` where the provider keeps tags, else every batch of
-        ``count`` requests created since then (the caller tells its own from others'). What such
-        a submit left without a batch (an uploaded file) is deleted. Raises ``ProviderError``
-        when the provider cannot be asked."""
+    @property
+    def tags_batches(self) -> bool:
+        """Whether the provider keeps a send's tag with its batch, so that ``find`` names the
+        batch a send created for certain; else ``find`` goes by the batch's size and time, and
+        the batch may be another client's until its results show our jobs in it."""
+        ...
+
+    async def find(self, tag: str, count: int, since: float, until: float) -> list[str]:
+        """The batches that a ``submit`` of ``count`` items tagged ``tag``, begun at ``since`` and
+        cut off by ``until`` (epoch seconds), may have created without its reply reaching us (a
+        connection reset, a timeout): the one tagged ``tag`` where the provider keeps tags, else
+        every batch of ``count`` requests created between the two (the caller tells its own from
+        others'). What such a submit left without a batch (an uploaded file) is deleted. Raises
+        ``ProviderError`` when the provider cannot be asked."""
         ...
 
     async def poll(self, batch_id: str) -> ProviderBatch:

@@ -1,11 +1,12 @@
 """The OpenAI Batch API via ``AsyncOpenAI``: upload a JSONL file, create a batch, poll, read output files.
 
 SDK exceptions are translated here: ``openai.APIStatusError`` by HTTP status, connection and
-timeout errors to ``ProviderUnavailable``. An input file whose batch OpenAI refused (a 4xx), or
-whose send was cancelled, is deleted again; one whose create may have reached OpenAI (its reply
-lost) is kept for the batch, and ``find`` looks the batch up by the tag in its metadata, or deletes
-the file by its name; an ended batch's input, output and error files are
-deleted by ``discard`` once its results are stored. A delete that fails is logged and left.
+timeout errors to ``ProviderUnavailable``. An input file whose batch OpenAI refused (a 4xx) is
+deleted again; one whose create may have reached OpenAI (its reply lost, or its send cancelled:
+cut off by the queue's timeout, a shutdown) is kept for the batch, and ``find`` looks the batch up
+by the tag in its metadata, or deletes the file by its name; an ended batch's input, output and
+error files are deleted by ``discard`` once its results are stored. A delete that fails is logged
+and left.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ _TAG_KEY: Final = "routesvc_send"
 _CLOCK_SLACK: Final = 300.0
 # Items the output and error files leave out end as the batch did.
 _UNANSWERED = {"expired": BatchState.EXPIRED, "cancelled": BatchState.CANCELLED}
-# A file delete is given up after this long: one run when the send was cancelled holds up the
-# cancellation (a shutdown) at most this long.
+# A file delete is given up after this long: one run when the send was cancelled meanwhile holds
+# up the cancellation (a shutdown) at most this long.
 _DELETE_SECONDS: Final = 10.0
 
 
@@ -51,7 +52,7 @@ class OpenAIBatches:
         self._client = openai.AsyncOpenAI(
             api_key=api_key or "unused", base_url=base_url or DEFAULT_BASE_URL, max_retries=0, timeout=timeout
         )
-        # Deletes of input files whose send was cancelled (see ``submit``), kept until they end.
+        # Deletes of input files of batches not created (see ``submit``), kept until they end.
         self._deleting: set[asyncio.Task[bool]] = set()
 
     @property
@@ -114,16 +115,18 @@ class OpenAIBatches:
                 raise
             await self._forget_file(uploaded.id)
             raise
-        except (Exception, asyncio.CancelledError):
+        except Exception:
             await self._forget_file(uploaded.id)
             raise
+        # A cancelled send (cut off by the queue's timeout, a shutdown) keeps the file: the create
+        # may have reached OpenAI, as when its reply is lost (``find`` then, as above).
         return batch.id
 
     async def _forget_file(self, file_id: str) -> None:
         """Delete the input file of a batch that was not created."""
         # The file is of no use without its batch, and a retry uploads the jobs again: each round
-        # of a spent quota, or each send a shutdown cut off, would leave one more file of prompts
-        # in the account. (A created batch needs its file until it ends, so it is kept then.)
+        # of a spent quota would leave one more file of prompts in the account. (A created batch
+        # needs its file until it ends, so it is kept then, and when the create may have landed.)
         # Shielded, so that a cancellation does not cut the delete off, and bounded, so that it
         # goes on within _DELETE_SECONDS; ``aclose`` waits for a delete a second cancellation
         # left running.
@@ -132,7 +135,12 @@ class OpenAIBatches:
         deleting.add_done_callback(self._deleting.discard)
         await asyncio.shield(deleting)
 
-    async def find(self, tag: str, count: int, since: float) -> list[str]:
+    @property
+    def tags_batches(self) -> bool:
+        """True: a batch keeps the tag in its metadata (``find``)."""
+        return True
+
+    async def find(self, tag: str, count: int, since: float, until: float) -> list[str]:
         """The batch whose metadata holds ``tag`` (newest first, back to ``since``); without one,
         the files the submit uploaded (named after ``tag``) are deleted."""
         after = since - _CLOCK_SLACK

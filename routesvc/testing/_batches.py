@@ -36,7 +36,9 @@ them and ``canceled`` for the rest.
 
 Faults: ``create_error`` answers creates (both APIs), ``delete_error`` deletes (files and message
 batches) with an error; ``create_hold`` keeps creates waiting until the test sets it
-(``create_waiting`` is set once one waits), and ``delete_hold`` deletes (``delete_waiting``).
+(``create_waiting`` is set once one waits), ``create_reply_hold`` the replies of creates made
+(a create that reached the provider, its reply late or lost), and ``delete_hold`` deletes
+(``delete_waiting``). An Anthropic batch's times have microseconds, as the API's do.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class FakeBatch:
 
 
 def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    micros = int(seconds % 1 * 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
 
 
 def _http_error_body(script: Script) -> Any:
@@ -187,6 +190,8 @@ class FakeBatches:
         # A create waits until this is set (None: answers at once); ``create_waiting`` says one does.
         self.create_hold: asyncio.Event | None = None
         self.create_waiting = asyncio.Event()
+        # A create's reply, the batch made, waits until this is set (None: answers at once).
+        self.create_reply_hold: asyncio.Event | None = None
         # The same for deleting a file or a message batch.
         self.delete_hold: asyncio.Event | None = None
         self.delete_waiting = asyncio.Event()
@@ -230,6 +235,7 @@ class FakeBatches:
         self.delete_error = None
         self.create_hold = None
         self.create_waiting.clear()
+        self.create_reply_hold = None
         self.delete_hold = None
         self.delete_waiting.clear()
 
@@ -451,6 +457,12 @@ class FakeBatches:
             self.create_waiting.set()
             await self.create_hold.wait()
 
+    async def _reply_held(self) -> None:
+        """Wait at ``create_reply_hold`` (the batch made) while it is set to an event not set yet."""
+        if self.create_reply_hold is not None and not self.create_reply_hold.is_set():
+            self.create_waiting.set()
+            await self.create_reply_hold.wait()
+
     def _openai_json(self, batch: FakeBatch) -> dict[str, Any]:
         ended = batch.status not in _RUNNING
         done = self._answered(batch) if ended else 0
@@ -495,6 +507,7 @@ class FakeBatches:
         metadata = body.get("metadata")
         batch.metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else None
         self.batches[batch.id] = batch
+        await self._reply_held()
         await connection.send_json(200, self._openai_json(batch))
         return True
 
@@ -567,6 +580,7 @@ class FakeBatches:
             return True
         batch = FakeBatch(self._new_id("msgbatch_"), "anthropic", requests, time.time(), headers=request.headers)
         self.batches[batch.id] = batch
+        await self._reply_held()
         await connection.send_json(200, self._anthropic_json(batch))
         return True
 

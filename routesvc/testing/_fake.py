@@ -188,6 +188,17 @@ class FakeProvider:
         self._batches.create_hold = hold
 
     @property
+    def batch_create_reply_hold(self) -> asyncio.Event | None:
+        """While set to an event that is not set, a batch create (either API) makes the batch,
+        then waits for it before answering (``batch_create_waiting`` is set): a create that
+        reached the provider whose reply is late or lost. None (the default) answers at once."""
+        return self._batches.create_reply_hold
+
+    @batch_create_reply_hold.setter
+    def batch_create_reply_hold(self, hold: asyncio.Event | None) -> None:
+        self._batches.create_reply_hold = hold
+
+    @property
     def batch_delete_hold(self) -> asyncio.Event | None:
         """While set to an event that is not set, deleting an OpenAI file or an Anthropic message
         batch waits for it before answering; None (the default) answers at once."""
