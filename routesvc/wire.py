@@ -18,6 +18,7 @@ from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
+import idna
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from routesvc.catalog import ModelSpec
@@ -251,7 +252,13 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
             https = url.scheme.lower() == "https" and bool(url.hostname) and url.port != 0
         except ValueError:  # an invalid port or IPv6 address
             https = False
-        if not https or any(c.isspace() or unicodedata.category(c) == "Cc" for c in image.url):
+        if (
+            not https
+            or any(c.isspace() or unicodedata.category(c) == "Cc" for c in image.url)
+            # A fetcher that parses URLs as browsers do reads "\" as "/", so for it the host of
+            # https://10.0.0.1\@example.com is 10.0.0.1, where urlsplit reads example.com.
+            or "\\" in image.url
+        ):
             # Cc: the C0 controls, DEL and the C1 controls; a URL carries them percent-encoded.
             raise InvalidRequest(f"{field}.url", "must be an https URL (send an inline image as data)")
         if _internal_host(url.hostname or ""):
@@ -285,11 +292,18 @@ def _internal_host(hostname: str) -> bool:
     (private, loopback, link-local, unique-local, reserved, unspecified, multicast; an IPv4
     address mapped into IPv6 or NAT64 as itself), or a name no public host has. Names are not
     resolved: one that resolves to a private address passes."""
-    # The forms a URL parser may read as another host: full-width characters and ideographic
-    # full stops (IDNA maps them), a trailing dot (the same name, rooted), percent-encoding.
-    host = unicodedata.normalize("NFKC", hostname).replace("\u3002", ".").lower().rstrip(".")
+    host = hostname.lower()
     if "%" in host:  # a percent-encoded name, or an IPv6 zone (link-local)
         return True
+    if not host.isascii():
+        # The name a fetcher looks up: IDNA's mapping (UTS 46) turns full-width digits and
+        # ideographic full stops into ASCII ones and drops soft hyphens and zero-width spaces
+        # (127.0.0.\u00ad1 is 127.0.0.1 to it); one IDNA refuses, no fetcher can look up.
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            return True
+    host = host.rstrip(".")  # the same name, rooted
     try:
         address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
     except ValueError:

@@ -234,6 +234,10 @@ INTERNAL_HOSTS = [
     "kubernetes",  # one label: a search-domain name
     "%31%32%37.0.0.1",
     "\uff11\uff12\uff17.0.0.1",  # full-width digits, which IDNA maps to 127.0.0.1
+    "127.0.0.\u00ad1",  # a soft hyphen, which IDNA drops
+    "169.254.169.254\u200b",  # a zero-width space, which IDNA drops
+    "metadata.google.internal\u200b",
+    "169.254.169.254\\@example.com",  # a browser-like parser reads "\\" as "/": host 169.254.169.254
 ]
 
 
@@ -263,6 +267,9 @@ class TestInternalImageHosts:
             "https://93.184.215.14/cat.png",
             "https://[2606:4700:4700::1111]:8443/cat.png",
             "https://images.example.com/cat.png",
+            "https://b\u00fccher.example/cat.png",  # an internationalised name
+            "https://1e100.net/cat.png",
+            "https://old_bucket.example.com/cat.png",  # an underscore, as some older names have
         ]
         config = default_config()
         add_local_model(config, fake.openai_base_url, "llava", capabilities=["vision"])
