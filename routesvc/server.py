@@ -35,6 +35,7 @@ _MAX_METADATA_BYTES = 16 * 1024
 
 # Streams a connection to the health port may open beside the capped Watch streams (its Checks).
 _HEALTH_CHECK_STREAMS = 16
+_INT32_MAX = 2**31 - 1
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
@@ -180,7 +181,8 @@ class Server:
         # (OVERLOADED, RESOURCE_EXHAUSTED) then still come at once instead of the client queueing.
         watchers = settings.config.server.max_health_watch_streams
         streams = settings.config.reliability.max_concurrent_rpcs + watchers
-        options.append(("grpc.max_concurrent_streams", streams))
+        # gRPC takes it as a 32-bit count: an "unlimited" max_concurrent_rpcs must not stop the start.
+        options.append(("grpc.max_concurrent_streams", min(streams, _INT32_MAX)))
         max_age = settings.config.server.max_connection_age_seconds
         if max_age:
             # GOAWAY after this long; streams in flight finish (grpc's grace is unlimited by default).
@@ -212,7 +214,7 @@ class Server:
                 raise ConfigError(f"server.health_port: {health_port} is the serving port too; choose another")
             health_options = [
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
-                ("grpc.max_concurrent_streams", watchers + _HEALTH_CHECK_STREAMS),
+                ("grpc.max_concurrent_streams", min(watchers + _HEALTH_CHECK_STREAMS, _INT32_MAX)),
             ]
             self._health_server = grpc.aio.server(options=health_options)
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)

@@ -57,6 +57,17 @@ class TestHealth:
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
 
+    async def test_limits_near_gRPCs_32_bit_counts_still_start_the_server(self) -> None:
+        """max_concurrent_rpcs and max_health_watch_streams set "unlimited" (near 2**31): their
+        sum, each connection's stream limit, is capped at gRPC's 32-bit maximum (the server
+        failed to start with an OverflowError)."""
+        config = default_config()
+        config["server"] = {**config["server"], "health_port": 0, "max_health_watch_streams": 2_147_483_000}
+        config["reliability"] = {"max_concurrent_rpcs": 2_147_483_000}
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            models = await client.list_models()
+        assert models
+
     async def test_a_watch_of_a_service_no_one_could_name_is_refused_not_kept(self, server: Server) -> None:
         """A Watch's service name is held while it is open: one over 256 characters (no service
         is named so) is INVALID_ARGUMENT at once, so 1,000 unauthenticated Watch streams cannot
