@@ -157,6 +157,13 @@ class ServerConfig(_Strict):
         description="grpc.health.v1 Watch streams open at once (both ports together; health needs no "
         "key): more are refused RESOURCE_EXHAUSTED.",
     )
+    max_health_watch_streams_per_peer: int = Field(
+        100,
+        ge=1,
+        description="grpc.health.v1 Watch streams one client address (its IP, any port) may hold open at "
+        "once: more are refused RESOURCE_EXHAUSTED, so one unauthenticated peer cannot take every Watch "
+        "place and make the replica look unhealthy to the clients that watch it.",
+    )
 
     @model_validator(mode="after")
     def _health_port_is_another_port(self) -> ServerConfig:

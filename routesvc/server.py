@@ -188,7 +188,7 @@ class Server:
             # GOAWAY after this long; streams in flight finish (grpc's grace is unlimited by default).
             options.append(("grpc.max_connection_age_ms", int(max_age * 1000)))
         self._server = grpc.aio.server(options=options)
-        self._health = HealthServicer(watchers)
+        self._health = HealthServicer(watchers, settings.config.server.max_health_watch_streams_per_peer)
         self._service = RouterService(self._router, self.telemetry, batches=self.batches)
         self._server.add_registered_method_handlers(SERVICE_NAME, _service_handlers(self._service, self.telemetry))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

@@ -68,6 +68,36 @@ class TestHealth:
             models = await client.list_models()
         assert models
 
+    async def test_one_address_holds_only_its_share_of_the_watch_streams(self) -> None:
+        """server.max_health_watch_streams_per_peer 2: a third Watch from 127.0.0.1 (any
+        connection) is refused RESOURCE_EXHAUSTED naming the setting, while another address (::1)
+        is still served: one peer, no key needed, cannot take every place and make the replica
+        look unhealthy to every client that watches it."""
+        config = default_config()
+        config["server"] = {
+            **config["server"],
+            "host": "[::]",
+            "max_health_watch_streams": 10,
+            "max_health_watch_streams_per_peer": 2,
+        }
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        async with Server(settings_from(config), port=0) as server:
+            port = server.target.rsplit(":", 1)[1]
+            async with (
+                grpc.aio.insecure_channel(f"127.0.0.1:{port}") as first,
+                grpc.aio.insecure_channel(f"127.0.0.1:{port}") as second,
+                grpc.aio.insecure_channel(f"[::1]:{port}") as other,
+            ):
+                held = [health_pb2_grpc.HealthStub(c).Watch(request) for c in (first, second)]
+                statuses = [(await watch.read()).status for watch in held]
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await health_pb2_grpc.HealthStub(first).Watch(request).read()
+                elsewhere = await health_pb2_grpc.HealthStub(other).Watch(request).read()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert (statuses, elsewhere.status) == ([serving, serving], serving)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "server.max_health_watch_streams_per_peer" in (refused.value.details() or "")
+
     async def test_a_watch_of_a_service_no_one_could_name_is_refused_not_kept(self, server: Server) -> None:
         """A Watch's service name is held while it is open: one over 256 characters (no service
         is named so) is INVALID_ARGUMENT at once, so 1,000 unauthenticated Watch streams cannot
