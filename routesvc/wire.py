@@ -10,7 +10,6 @@ import ipaddress
 import json
 import math
 import re
-import socket
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import replace
@@ -296,29 +295,57 @@ def _internal_host(hostname: str) -> bool:
     if "%" in host:  # a percent-encoded name, or an IPv6 zone (link-local)
         return True
     if not host.isascii():
-        # The name a fetcher looks up: IDNA's mapping (UTS 46) turns full-width digits and
-        # ideographic full stops into ASCII ones and drops soft hyphens and zero-width spaces
-        # (127.0.0.\u00ad1 is 127.0.0.1 to it); one IDNA refuses, no fetcher can look up.
+        # The name a fetcher looks up: IDNA's mapping (UTS 46, as URL parsers apply it) turns
+        # full-width digits and ideographic full stops into ASCII ones and drops soft hyphens
+        # and zero-width spaces (127.0.0.\u00ad1 is 127.0.0.1 to it).
         try:
-            host = idna.encode(host, uts46=True).decode("ascii")
+            host = idna.uts46_remap(host, std3_rules=False, transitional=False).lower()
         except (idna.IDNAError, UnicodeError):
             return True
     host = host.rstrip(".")  # the same name, rooted
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
     try:
-        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host)
     except ValueError:
         try:
-            # inet_aton reads what URL fetchers read as IPv4 and ip_address refuses:
-            # 127.1, 2130706433, 0x7f.0.0.1, 0177.0.0.1 (a DNS name is never all numbers).
-            address = ipaddress.IPv4Address(socket.inet_aton(host))
-        except OSError:
+            as_url_reads = _url_ipv4(host)
+        except ValueError:  # a host a URL parser refuses: no fetcher takes it
+            return True
+        if as_url_reads is None:
             return "." not in host or host == "localhost" or host.endswith(_INTERNAL_NAME_SUFFIXES)
+        address = as_url_reads
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         elif address in _NAT64:
             address = ipaddress.IPv4Address(address.packed[-4:])
     return not address.is_global or address.is_multicast
+
+
+_IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
+
+
+def _url_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a URL parser (the WHATWG URL standard's, which browsers and many HTTP
+    clients follow) reads ``host`` as, or None when it reads it as a name: one whose last label is
+    a number (digits, or ``0x`` and hex digits, even none) is an address, each part decimal,
+    octal (a leading 0) or hex (``0x``, empty meaning 0), the last filling the remaining bytes:
+    127.1, 2130706433, 0x7f.0.0.1, 0177.0.0.1 and 127.0x.0x.1 are all 127.0.0.1. Raises
+    ``ValueError`` for such a host no parser takes (a part not a number, one out of range)."""
+    parts = host.split(".")
+    last = parts[-1]
+    if not (last.isascii() and (last.isdigit() or re.fullmatch(r"0[xX][0-9a-fA-F]*", last))):
+        return None
+    if len(parts) > 4 or not all(_IPV4_PART.fullmatch(part) for part in parts):
+        raise ValueError(host)
+    numbers = [
+        int(part[2:] or "0", 16) if part[:2].lower() == "0x" else int(part, 8 if part[0] == "0" else 10)
+        for part in parts
+    ]
+    if any(number > 255 for number in numbers[:-1]) or numbers[-1] >= 256 ** (5 - len(numbers)):
+        raise ValueError(host)
+    value = numbers[-1] + sum(number << (8 * (3 - index)) for index, number in enumerate(numbers[:-1]))
+    return ipaddress.IPv4Address(value)
 
 
 def _tool_call(field: str, call: pb.ToolCall) -> ToolCall:

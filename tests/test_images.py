@@ -238,6 +238,9 @@ INTERNAL_HOSTS = [
     "169.254.169.254\u200b",  # a zero-width space, which IDNA drops
     "metadata.google.internal\u200b",
     "169.254.169.254\\@example.com",  # a browser-like parser reads "\\" as "/": host 169.254.169.254
+    "127.0x.0x.1",  # to a WHATWG URL parser "0x" alone is 0: 127.0.0.1
+    "0x.0x.0x.0x",
+    "169.254.0x.0x",
 ]
 
 
@@ -270,6 +273,7 @@ class TestInternalImageHosts:
             "https://b\u00fccher.example/cat.png",  # an internationalised name
             "https://1e100.net/cat.png",
             "https://old_bucket.example.com/cat.png",  # an underscore, as some older names have
+            "https://i\u2764.ws/cat.png",  # a name browsers take and IDNA 2008's strict rules refuse
         ]
         config = default_config()
         add_local_model(config, fake.openai_base_url, "llava", capabilities=["vision"])
