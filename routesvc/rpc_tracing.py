@@ -67,7 +67,9 @@ class _WriteWatch:
             self._task.cancel()
             return
         since = now if started is None else started
-        self._handle = self._loop.call_later(max(since + self.timeout - now, 0.0), self._check)
+        # At least a millisecond: uvloop rounds timers to whole milliseconds and may call this one
+        # up to one early, which re-armed at 0 would spin until the write is due.
+        self._handle = self._loop.call_later(max(since + self.timeout - now, 0.001), self._check)
 
     def begin(self) -> None:
         """A write begins now (``started`` is set back to None when it is over)."""
