@@ -275,9 +275,6 @@ class Server:
                     await provider.aclose()
             raise
         self._router = router
-        # Feedback calls teach the new policy from here on (those it missed while it was built
-        # are read again into it).
-        await router.take_over_feedback()
         waiting = changes_needing_restart(self._started_with, settings)
         if waiting:
             log.warning("config_reload_needs_restart", fields=waiting)
@@ -287,12 +284,18 @@ class Server:
         # The old router is closed once the calls running at the swap have ended: its providers
         # when the new router has its own, else only its policy's feedback stores.
         self._retired[old] = not same_providers
-        retiring = asyncio.get_running_loop().create_task(
-            self._retire(old, self._service.calls_in_flight()),
-            name="retire-router",
-        )
-        self._retiring.add(retiring)
-        retiring.add_done_callback(self._retiring.discard)
+        try:
+            # Feedback calls teach the new policy from here on (those it missed while it was
+            # built are read again into it); until then they teach the old one, whose stores
+            # must stay open, so its retirement starts only now (also if a stop cuts this short).
+            await router.take_over_feedback()
+        finally:
+            retiring = asyncio.get_running_loop().create_task(
+                self._retire(old, self._service.calls_in_flight()),
+                name="retire-router",
+            )
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
         if self._freeze_heap:
             # The new router's objects join the frozen ones; cycles the old one leaves are
             # collected once here (a single pause per reload) instead of never.
