@@ -322,7 +322,8 @@ def _internal_host(hostname: str) -> bool:
     return not address.is_global or address.is_multicast
 
 
-_IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
+_IPV4_HEX = re.compile(r"0[xX][0-9a-fA-F]*")
+_IPV4_PART = re.compile(rf"{_IPV4_HEX.pattern}|0[0-7]*|[1-9][0-9]*")
 
 
 def _url_ipv4(host: str) -> ipaddress.IPv4Address | None:
@@ -334,12 +335,12 @@ def _url_ipv4(host: str) -> ipaddress.IPv4Address | None:
     ``ValueError`` for such a host no parser takes (a part not a number, one out of range)."""
     parts = host.split(".")
     last = parts[-1]
-    if not (last.isascii() and (last.isdigit() or re.fullmatch(r"0[xX][0-9a-fA-F]*", last))):
+    if not (last.isascii() and (last.isdigit() or _IPV4_HEX.fullmatch(last))):
         return None
     if len(parts) > 4 or not all(_IPV4_PART.fullmatch(part) for part in parts):
         raise ValueError(host)
     numbers = [
-        int(part[2:] or "0", 16) if part[:2].lower() == "0x" else int(part, 8 if part[0] == "0" else 10)
+        int(part[2:] or "0", 16) if _IPV4_HEX.fullmatch(part) else int(part, 8 if part[0] == "0" else 10)
         for part in parts
     ]
     if any(number > 255 for number in numbers[:-1]) or numbers[-1] >= 256 ** (5 - len(numbers)):
