@@ -190,6 +190,18 @@ def check_fits_token_rate(tenant: str, limits: TenantConfig, tokens: int) -> Non
         )
 
 
+def check_fits_budgets(tenant: str, limits: TenantConfig, cost: Decimal) -> None:
+    """Raise ``RequestTooLarge`` (no retry delay) when one request's estimate alone is over the
+    tenant's daily or monthly budget: no day or month would ever admit it."""
+    for name, budget in (("daily", limits.daily_budget_usd), ("monthly", limits.monthly_budget_usd)):
+        if budget is not None and cost > budget:
+            raise RequestTooLarge(
+                f"the request is estimated at {format_usd(cost)} USD (input plus max output), more than"
+                f" tenant {quoted_id(tenant)}'s {name} budget of {format_usd(budget)} USD; lower"
+                " chat.max_output_tokens or choose a cheaper model"
+            )
+
+
 def route_rate_limited(tenant: str, limits: TenantConfig, retry_after: float) -> LimitExceeded:
     """The refusal of a Route call over the tenant's ``route_requests_per_minute``."""
     return LimitExceeded(
@@ -336,6 +348,7 @@ class LocalAdmission:
         # First what waiting would never cure (as the shared admission checks it), so that a client
         # is not told to retry a request that can never be admitted.
         check_fits_token_rate(tenant, limits, tokens)
+        check_fits_budgets(tenant, limits, cost)
         self._prune(state, now)
         if limits.requests_per_minute is not None and len(state.requests) >= limits.requests_per_minute:
             raise LimitExceeded(
@@ -367,7 +380,9 @@ class LocalAdmission:
     def _check_budgets(
         tenant: str, limits: TenantConfig, state: _TenantState, periods: Sequence[str], wall: float, cost: Decimal
     ) -> None:
-        for period, budget in zip(periods, (limits.daily_budget_usd, limits.monthly_budget_usd), strict=True):
+        # The month first: when both budgets are passed, the retry delay is the later boundary's.
+        budgets = zip(periods, (limits.daily_budget_usd, limits.monthly_budget_usd), strict=True)
+        for period, budget in reversed(list(budgets)):
             if budget is not None and state.spent[period] + state.reserved[period] + cost > budget:
                 raise LimitExceeded(
                     f"tenant {quoted_id(tenant)} would exceed its {budget_name(period)} budget of"
@@ -447,7 +462,8 @@ def build_admission(settings: Settings) -> Admission:
     if settings.redis_url:
         from routesvc.redis_admission import RedisAdmission
 
+        shared = settings.config.shared_state
         return RedisAdmission(
-            settings.redis_url, settings.config.tenants, prefix=settings.config.shared_state.key_prefix
+            settings.redis_url, settings.config.tenants, prefix=shared.key_prefix, lease_seconds=shared.lease_seconds
         )
     return LocalAdmission(settings.config.tenants)

@@ -562,6 +562,12 @@ class SharedStateConfig(_Strict):
         None, description="redis://HOST:PORT/DB for limits and budgets shared by every replica ($ROUTESVC_REDIS_URL)."
     )
     key_prefix: str = Field("routesvc:", description="Prefix of every Redis key.")
+    lease_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="How long a reservation whose settle never reaches Redis (its replica died, or Redis stayed"
+        " unreachable that long) holds its tenant's in-flight slot and reserved USD; above the longest request.",
+    )
 
 
 class AuthConfig(_Strict):

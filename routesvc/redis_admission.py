@@ -1,9 +1,15 @@
 """Admission shared by every replica: the same limits and budgets as ``LocalAdmission``, counted
 in Redis. Each check-and-reserve, each extension and each settle is one Lua script, so it is
-atomic across replicas. A request whose settle never reaches Redis (its replica died, or Redis
-failed at settle time) leaves its request and tokens to expire with the window, and its
-in-flight slot and reserved USD to be released once its lease runs out (by the next admission of
-the tenant); what it really cost is never known, so nothing is added to what was spent.
+atomic across replicas. The rate windows and leases are scored by Redis's clock (``TIME`` inside
+the script), the same for every replica; the budget periods (UTC day and month) by the replica's.
+
+A settle that fails (Redis unreachable for a moment) is tried again in the background, after
+doubling delays, until it reaches Redis or the reservation's lease has run out; a retry settles
+only a reservation still in flight, so a first try that ran and lost its reply is not counted
+twice. A request whose settle never reaches Redis (its replica died, or Redis stayed away past the
+lease) leaves its request and tokens to expire with the window, and its in-flight slot and
+reserved USD to be released once its lease runs out (by the next admission of the tenant); what it
+really cost is never known, so nothing is added to what was spent.
 
 Keys, per tenant T (``routesvc:`` prefix configurable):
     {prefix}T:req              sorted set of admitted request ids scored by time (requests/min)
@@ -21,10 +27,12 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import itertools
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -39,6 +47,7 @@ from routesvc.admission import (
     _periods,
     _seconds_to_next,
     budget_name,
+    check_fits_budgets,
     check_fits_token_rate,
     exhausted_budget,
     limited_tenants,
@@ -59,7 +68,19 @@ _PLACES = Decimal("0.000000000001")
 # only by more than 1e-9 USD, far under any price and far over the rounding of realistic sums.
 # Amounts stay stored as before, as replicas of an older version may share these keys.
 # ``reserve`` and ``release`` keep each reservation's share of reserved:P in reservations:P.
-_FUNCTIONS = """
+# ``clock``: the time a script was given (tests), else Redis's own. Redis 5 and later replicate a
+# script's effects, not the script, so reading ``TIME`` before writing is allowed.
+_CLOCK = """
+local function clock(given)
+  if given ~= '' then return tonumber(given) end
+  local time = redis.call('TIME')
+  return tonumber(time[1]) + tonumber(time[2]) / 1000000
+end
+"""
+
+_FUNCTIONS = (
+    _CLOCK
+    + """
 local function amount(key) return tonumber(redis.call('GET', key) or '0') end
 local function over(budget, spent, reserved, cost)
   return budget > 0 and amount(spent) + amount(reserved) + cost > budget + 1e-9
@@ -79,13 +100,14 @@ local function release(reserved, holds, id)
 end
 local DAY_TTL, MONTH_TTL = 3 * 86400, 40 * 86400
 """
+)
 
 _ADMIT = (
     _FUNCTIONS
     + """
 local req, tok, tokn, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now, window = clock(ARGV[1]), tonumber(ARGV[2])
 local rpm, tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local tokens, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
 local day_budget, month_budget = tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -120,8 +142,9 @@ end
 if maxc > 0 and redis.call('ZCARD', inflight) >= maxc then
   return {'CONCURRENCY_LIMITED', '1'}
 end
-if over(day_budget, spent_d, res_d, cost) then return {'BUDGET_EXCEEDED', 'day'} end
+-- The month first: when both budgets are passed, the retry delay is the later boundary's.
 if over(month_budget, spent_m, res_m, cost) then return {'BUDGET_EXCEEDED', 'month'} end
+if over(day_budget, spent_d, res_d, cost) then return {'BUDGET_EXCEEDED', 'day'} end
 if dry then return {'OK', ''} end
 redis.call('ZADD', req, now, id)
 redis.call('EXPIRE', req, math.ceil(window) + 1)
@@ -138,9 +161,11 @@ return {'OK', ''}
 """
 )
 
-_COUNT_ROUTE = """
+_COUNT_ROUTE = (
+    _CLOCK
+    + """
 local key = KEYS[1]
-local now, window, limit, id = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local now, window, limit, id = clock(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
 if redis.call('ZCARD', key) >= limit then
   local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
@@ -150,6 +175,7 @@ redis.call('ZADD', key, now, id)
 redis.call('EXPIRE', key, math.ceil(window) + 1)
 return {'OK', ''}
 """
+)
 
 # A reservation no longer recorded in a period (its lease ran out and released it) has nothing
 # there for its settle to release, so it reserves nothing more there; its budgets still decide.
@@ -159,8 +185,9 @@ _EXTEND = (
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local id, cost = ARGV[1], tonumber(ARGV[2])
 local day_budget, month_budget = tonumber(ARGV[3]), tonumber(ARGV[4])
-if over(day_budget, spent_d, res_d, cost) then return {'BUDGET_EXCEEDED', 'day'} end
+-- The month first: when both budgets are passed, the retry delay is the later boundary's.
 if over(month_budget, spent_m, res_m, cost) then return {'BUDGET_EXCEEDED', 'month'} end
+if over(day_budget, spent_d, res_d, cost) then return {'BUDGET_EXCEEDED', 'day'} end
 if redis.call('HEXISTS', holds_d, id) == 1 then reserve(res_d, holds_d, id, ARGV[2], DAY_TTL) end
 if redis.call('HEXISTS', holds_m, id) == 1 then reserve(res_m, holds_m, id, ARGV[2], MONTH_TTL) end
 return {'OK', ''}
@@ -169,14 +196,16 @@ return {'OK', ''}
 
 # The real cost is spent even when the lease ran out before the settle (the request outlived
 # it): the lease's end released the reservation, not the spending. So a second run would count
-# the cost twice: ``SettleOnce`` runs it once per reservation, and the client is built without
-# retries, so a settle whose reply is lost is not sent again.
+# the cost twice: ``SettleOnce`` runs it once per reservation, and a retry (ARGV[4] '1', after a
+# try that failed and may have run) settles only a reservation still in flight; one no longer
+# there was settled by that try, or released by its lease's end.
 _SETTLE = (
     _FUNCTIONS
     + """
 local tokn, inflight = KEYS[1], KEYS[2]
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local id, tokens, cost = ARGV[1], ARGV[2], ARGV[3]
+local id, tokens, cost, retry = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
+if retry and not redis.call('ZSCORE', inflight, id) then return 0 end
 redis.call('ZREM', inflight, id)
 if redis.call('HEXISTS', tokn, id) == 1 then redis.call('HSET', tokn, id, tokens) end
 release(res_d, holds_d, id)
@@ -189,6 +218,24 @@ return 1
 """
 )
 
+# Undoes an admission that may have run (its reply lost, its caller cancelled): everything it
+# reserved, its place in the requests and tokens per minute too, so a refused request reserves
+# nothing. Running it again, or for an admission that never ran, changes nothing.
+_UNDO = (
+    _FUNCTIONS
+    + """
+local req, tok, tokn, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local res_d, res_m, holds_d, holds_m = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local id = ARGV[1]
+redis.call('ZREM', req, id)
+redis.call('ZREM', tok, id)
+redis.call('HDEL', tokn, id)
+redis.call('ZREM', inflight, id)
+release(res_d, holds_d, id)
+release(res_m, holds_m, id)
+return 1
+"""
+)
 
 _CHARGE = """
 local spent_d, spent_m = KEYS[1], KEYS[2]
@@ -208,9 +255,7 @@ def _store_failed(exc: BaseException) -> SharedStateUnavailable:
 
 def _retry_after(detail: str) -> float:
     """The retry delay of a window the scripts found full: when its oldest entry leaves. Within the
-    window: an entry is scored by the time its caller read, and a caller that read earlier may
-    reach Redis later (a busy replica, a clock behind another's), which would put its wait past a
-    window."""
+    window, whatever clocks scored it (a test's, or an older replica's own)."""
     return min(_WINDOW, max(0.001, float(detail)))
 
 
@@ -226,12 +271,19 @@ def _budgets(limits: TenantConfig) -> list[str | int]:
 
 # How long a Redis command or connection may take before the store counts as unavailable.
 _TIMEOUT_SECONDS = 1.0
+# A failed settle is tried again after these delays, doubling from the first to the last.
+_RETRY_FIRST_SECONDS = 0.1
+_RETRY_MAX_SECONDS = 10.0
+# How long ``aclose`` waits for undos and settles (each failed one tried once more at once).
+_CLOSE_SECONDS = 5.0
 
 
 class RedisAdmission:
     """Per-tenant limits and budgets kept in Redis at ``url`` and shared by every replica. A tenant
     without limits (``has_limits``) costs no round trip, so a store that cannot be reached never
-    refuses it."""
+    refuses it. ``lease_seconds``: how long a reservation whose settle never reaches Redis holds
+    its slot and USD. ``clock``: what scores the rate windows and leases (default: Redis's own
+    ``TIME``, the same for every replica); ``wall_clock``: what dates the budget periods."""
 
     def __init__(
         self,
@@ -240,6 +292,7 @@ class RedisAdmission:
         *,
         prefix: str = "routesvc:",
         lease_seconds: float = 3600.0,
+        clock: Callable[[], float] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         import redis.asyncio as redis_asyncio
@@ -247,10 +300,11 @@ class RedisAdmission:
         from redis.backoff import NoBackoff
 
         # No retries, said rather than left to redis-py's defaults (which have changed between
-        # versions): a command whose reply is lost may have run, and a settle run twice counts
-        # its cost twice (see ``_SETTLE``). Timeouts said too (older releases have none): a
-        # Redis that takes a connection and never answers is SHARED_STATE_UNAVAILABLE within
-        # a second, not a hang or the caller's DEADLINE_EXCEEDED.
+        # versions): a command whose reply is lost may have run, and an admission run twice
+        # reserves twice (a settle is retried here, in a form that cannot count twice).
+        # Timeouts said too (older releases have none): a Redis that takes a connection and
+        # never answers is SHARED_STATE_UNAVAILABLE within a second, not a hang or the caller's
+        # DEADLINE_EXCEEDED.
         self._redis: Any = redis_asyncio.Redis.from_url(
             url,
             decode_responses=True,
@@ -261,15 +315,18 @@ class RedisAdmission:
         self._tenants = limited_tenants(tenants)
         self._prefix = prefix
         self._lease = lease_seconds
+        self._store_clock = clock
         self._clock = wall_clock
         self._admit = self._redis.register_script(_ADMIT)
         self._extend_script = self._redis.register_script(_EXTEND)
         self._settle_script = self._redis.register_script(_SETTLE)
+        self._undo_script = self._redis.register_script(_UNDO)
         self._charge_script = self._redis.register_script(_CHARGE)
         self._count_route_script = self._redis.register_script(_COUNT_ROUTE)
-        # Undoing reservations whose admit did not finish (see ``admit``) and charges on their
-        # way (``charge``); awaited by ``aclose``.
+        # Undoing reservations whose admit did not finish (see ``admit``), settles and their
+        # retries, charges on their way (``charge``); awaited by ``aclose``, for a while.
         self._undoing: set[asyncio.Task[object]] = set()
+        self._closing = asyncio.Event()  # set by ``aclose``: retry what failed once more, now
 
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
         """Apply new limits (hot reload)."""
@@ -277,6 +334,10 @@ class RedisAdmission:
 
     def _key(self, tenant: str, name: str) -> str:
         return f"{self._prefix}{tenant}:{name}"
+
+    def _now(self) -> str:
+        """The time the scripts score windows and leases by: "" for Redis's own."""
+        return "" if self._store_clock is None else repr(self._store_clock())
 
     def _usd_keys(self, tenant: str, periods: tuple[str, str]) -> list[str]:
         """The spent, reserved and reservations keys of the day and month of ``periods``, in the
@@ -294,6 +355,7 @@ class RedisAdmission:
         if limits is None:
             return SettleOnce(_nothing_reserved)
         check_fits_token_rate(tenant, limits, tokens)
+        check_fits_budgets(tenant, limits, cost)
         now = self._clock()
         periods = _periods(now)
         reservation_id = uuid.uuid4().hex
@@ -303,7 +365,7 @@ class RedisAdmission:
         except BaseException as exc:
             # The script may have reserved before its reply was lost (the caller cancelled, the
             # connection dropped): undo by id in the background, a no-op if nothing was reserved.
-            self._in_background(settle(0, Decimal(0)))
+            self._in_background(self._undo(tenant, reservation_id, periods))
             if isinstance(exc, RedisError | OSError):
                 raise _store_failed(exc) from exc
             raise
@@ -319,9 +381,8 @@ class RedisAdmission:
         limits = self._tenants.get(tenant)
         if limits is None or limits.route_requests_per_minute is None:
             return _nothing_counted
-        now = self._clock()
         key, call_id = self._key(tenant, "route"), uuid.uuid4().hex
-        args: list[str | int] = [repr(now), repr(_WINDOW), limits.route_requests_per_minute, call_id]
+        args: list[str | int] = [self._now(), repr(_WINDOW), limits.route_requests_per_minute, call_id]
         try:
             verdict, detail = await self._count_route_script(keys=[key], args=args)
         except (RedisError, OSError) as exc:
@@ -347,6 +408,7 @@ class RedisAdmission:
         if limits is None:
             return
         check_fits_token_rate(tenant, limits, tokens)
+        check_fits_budgets(tenant, limits, cost)
         now = self._clock()
         try:
             verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
@@ -374,7 +436,7 @@ class RedisAdmission:
             *self._usd_keys(tenant, _periods(now)),
         ]
         args: list[str | int] = [
-            repr(now),
+            self._now(),
             repr(_WINDOW),
             limits.requests_per_minute or 0,
             limits.tokens_per_minute or 0,
@@ -441,15 +503,55 @@ class RedisAdmission:
 
     async def _run_settle(self, tenant: str, keys: list[str], args: list[str | int]) -> bool:
         try:
-            await self._settle_script(keys=keys, args=args)
+            await self._settle_script(keys=keys, args=[*args, "0"])
         except (RedisError, OSError) as exc:
             # The request is already answered: a store that fails now must not turn it into an
-            # error. Its tokens count until their window ends, its in-flight slot and reserved USD
-            # until its lease does (the next admission after that releases them); its real cost
-            # is never added to what was spent.
+            # error. The settle is tried again in the background (see the module's docstring);
+            # the request counts as not counted (``Reservation.counted``), as a retry may not be.
             log.warning("admission_settle_failed", tenant=tenant, error_type=type(exc).__name__)
+            retry = functools.partial(self._settle_script, keys=keys, args=[*args, "1"])
+            self._in_background(self._retry("settle", tenant, retry))
             return False
         return True
+
+    async def _undo(self, tenant: str, reservation_id: str, periods: tuple[str, str]) -> None:
+        keys = [
+            self._key(tenant, "req"),
+            self._key(tenant, "tok"),
+            self._key(tenant, "tokn"),
+            self._key(tenant, "inflight"),
+            *self._usd_keys(tenant, periods)[2:],
+        ]
+        undo = functools.partial(self._undo_script, keys=keys, args=[reservation_id])
+        try:
+            await undo()
+        except (RedisError, OSError) as exc:
+            log.warning("admission_undo_failed", tenant=tenant, error_type=type(exc).__name__)
+            await self._retry("undo", tenant, undo)
+
+    async def _retry(self, what: str, tenant: str, run: Callable[[], Awaitable[object]]) -> None:
+        """Run ``run`` (a settle or an undo, either safe to run again) until it reaches Redis,
+        after doubling delays, for as long as a lease (past it, the lease's end has released the
+        reservation); once more at once when ``aclose`` starts, and no more after that."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._lease
+        delay = _RETRY_FIRST_SECONDS
+        for attempt in itertools.count(2):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._closing.wait()
+            try:
+                await run()
+            except (RedisError, OSError) as exc:
+                if self._closing.is_set() or loop.time() + delay > give_up:
+                    log.warning(
+                        "admission_retry_abandoned", operation=what, tenant=tenant, error_type=type(exc).__name__
+                    )
+                    return
+                delay = min(2 * delay, _RETRY_MAX_SECONDS)
+                continue
+            log.info("admission_retry_succeeded", operation=what, tenant=tenant, attempts=attempt)
+            return
 
     def _in_background(self, work: Coroutine[None, None, object]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -494,7 +596,17 @@ class RedisAdmission:
         return Decimal(value or 0).quantize(_PLACES).normalize() if value else Decimal(0)
 
     async def aclose(self) -> None:
-        """Finish undoing unfinished admissions, then close the connection pool."""
-        if self._undoing:
-            await asyncio.wait(self._undoing, timeout=5.0)
+        """Finish undoing unfinished admissions and settling (each failed settle or undo tried
+        once more at once) for at most ``_CLOSE_SECONDS``, cancel what is left, then close the
+        connection pool."""
+        self._closing.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CLOSE_SECONDS
+        # A loop: a settle that fails now starts its retry (tried at once, as closing is set).
+        while self._undoing and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._undoing), timeout=left)
+        left_over = set(self._undoing)
+        for task in left_over:
+            task.cancel()
+        await asyncio.gather(*left_over, return_exceptions=True)
         await self._redis.aclose()

@@ -536,7 +536,7 @@ class TestTheLLMClassifierIsPaidFor:
 
     async def test_completes_the_budget_cannot_cover_on_any_model_pay_for_no_label(self, fake: FakeProvider) -> None:
         """A budget smaller than the cheapest eligible model's estimate: every Complete is refused
-        (BUDGET_EXCEEDED) before the classifier is asked."""
+        (REQUEST_TOO_LARGE: no day would admit it) before the classifier is asked."""
         config = llm_classifier_config()
         config["tenants"] = {"acme": {"daily_budget_usd": "0.0000001"}}
         fake.set_default(Script(text='{"task": "chat", "complexity": "low"}', input_tokens=900, output_tokens=12))
@@ -546,7 +546,7 @@ class TestTheLLMClassifierIsPaidFor:
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     async for _ in client.complete(user_chat(f"hello number {i}"), ACME):
                         pass
-                assert error_info(caught.value).reason == "BUDGET_EXCEEDED"
+                assert error_info(caught.value).reason == "REQUEST_TOO_LARGE"
             spent = await server.router.admission.spent("acme")
         assert fake.requests == []
         assert spent == 0
@@ -555,7 +555,8 @@ class TestTheLLMClassifierIsPaidFor:
         self, fake: FakeProvider
     ) -> None:
         """A budget that covers the request on gpt-4o-mini but not on gpt-4o: a code request is
-        labelled (paid), routed to gpt-4o and refused; its label is the only spend."""
+        labelled (paid), routed to gpt-4o and refused (REQUEST_TOO_LARGE: its estimate there is over
+        the budget alone); its label is the only spend."""
         config = llm_classifier_config()
         config["tenants"] = {"acme": {"daily_budget_usd": "0.001"}}
         label = '{"task": "code_generation", "complexity": "high"}'
@@ -566,7 +567,7 @@ class TestTheLLMClassifierIsPaidFor:
                 async for _ in client.complete(user_chat("Write a Python function that sorts a list"), ACME):
                     pass
             spent = await server.router.admission.spent("acme")
-        assert error_info(caught.value).reason == "BUDGET_EXCEEDED"
+        assert error_info(caught.value).reason == "REQUEST_TOO_LARGE"
         assert len(fake.requests) == 1
         assert spent == cost_of_usage(settings.catalog.get("gpt-4o-mini"), self.CLASSIFIER_USAGE)
 

@@ -4,6 +4,7 @@ requests consume nothing, and the process sheds calls over its concurrency cap."
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -72,6 +73,31 @@ async def extends_within_the_budget(admission: Admission) -> None:
     await held.extend(Decimal("5"))  # settled: nothing more is reserved, nothing checked
     await (await admission.admit("t", cost=Decimal("0.4"))).settle(0, Decimal("0.4"))
     assert await admission.spent("t") == Decimal("1.0")
+
+
+async def budgets_refuse_as_waiting_would_help(admission: Admission, clock: Clock) -> None:
+    """Tenant ``t`` with $1 a day and $2 a month, ``clock`` at 2030-01-15 12:00 UTC: an estimate
+    over a budget alone is REQUEST_TOO_LARGE with no retry delay (no day admits it); one the day's
+    spend blocks is told to retry at the next day, and once the month's spend blocks it too, at
+    the next month (not the day's boundary, when it would be refused again)."""
+    for too_large in (Decimal("1.5"), Decimal("2.5")):
+        with pytest.raises(RequestTooLarge) as caught:
+            await admission.admit("t", cost=too_large)
+        assert caught.value.retry_after is None
+        with pytest.raises(RequestTooLarge):
+            await admission.precheck("t", cost=too_large)
+    assert "daily budget of 1 USD" in caught.value.message
+    await (await admission.admit("t", cost=Decimal(1))).settle(0, Decimal(1))
+    with pytest.raises(LimitExceeded) as day:
+        await admission.admit("t", cost=Decimal("0.5"))
+    clock.now -= 86_400
+    await (await admission.admit("t", cost=Decimal(1))).settle(0, Decimal(1))
+    clock.now += 86_400
+    with pytest.raises(LimitExceeded) as month:
+        await admission.admit("t", cost=Decimal("0.5"))
+    assert (day.value.reason, day.value.retry_after) == ("BUDGET_EXCEEDED", 43_200)
+    assert (month.value.reason, month.value.retry_after) == ("BUDGET_EXCEEDED", 16.5 * 86_400)
+    assert "monthly budget of 2 USD" in month.value.message
 
 
 def give_back_and_charge_in_their_periods(admission: Admission, now: float) -> None:
@@ -235,9 +261,18 @@ class TestAdmission:
     async def test_a_budget_refusal_names_the_daily_budget(self) -> None:
         """The message says "daily" (it said "dayly")."""
         admission = LocalAdmission({"t": TenantConfig(daily_budget_usd=Decimal(1))})
+        await admission.admit("t", cost=Decimal("0.6"))
         with pytest.raises(LimitExceeded) as caught:
-            await admission.admit("t", cost=Decimal(2))
+            await admission.admit("t", cost=Decimal("0.6"))
         assert "its daily budget of 1 USD" in caught.value.message
+
+    async def test_budgets_refuse_as_waiting_would_help(self) -> None:
+        """An estimate over a budget alone is REQUEST_TOO_LARGE without a retry delay; a request
+        both budgets block retries at the later boundary, the next month's."""
+        clock = Clock()
+        clock.now = datetime.datetime(2030, 1, 15, 12, tzinfo=datetime.UTC).timestamp()
+        budgets = TenantConfig(daily_budget_usd=Decimal(1), monthly_budget_usd=Decimal(2))
+        await budgets_refuse_as_waiting_would_help(LocalAdmission({"t": budgets}, wall_clock=clock), clock)
 
     async def test_extend_reserves_more_within_the_budgets_and_settle_releases_it(self) -> None:
         """A request about to call a pricier model reserves the difference: refused (nothing more

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -27,6 +28,7 @@ from tests.redis_server import running_redis
 from tests.test_limits import (
     PRECHECKED,
     Clock,
+    budgets_refuse_as_waiting_would_help,
     extends_within_the_budget,
     give_back_and_charge_in_their_periods,
     precheck_tokens_and_cost,
@@ -102,14 +104,14 @@ class TestSharedLimits:
         assert all(0 < (error.retry_after or 0) <= 60 for error in refused)
 
     async def test_a_retry_delay_is_never_longer_than_the_window(self, redis_url: str, prefix: str) -> None:
-        """A replica whose clock reads 5 s behind the one that filled the minute (or whose call
-        reached Redis after later ones) is told to retry within 60 s, not in 65: each window's
-        delay is capped at the window (this made the test above fail now and then)."""
+        """Windows scored by clocks 5 s apart (given clocks; an older replica's own): the one
+        behind is told to retry within 60 s, not in 65: each window's delay is capped at the
+        window."""
         ahead, behind = Clock(), Clock()
         ahead.now, behind.now = 1_005.0, 1_000.0
         limits = {"t": TenantConfig(route_requests_per_minute=1, requests_per_minute=1)}
-        first = RedisAdmission(redis_url, limits, prefix=prefix, wall_clock=ahead)
-        second = RedisAdmission(redis_url, limits, prefix=prefix, wall_clock=behind)
+        first = RedisAdmission(redis_url, limits, prefix=prefix, clock=ahead)
+        second = RedisAdmission(redis_url, limits, prefix=prefix, clock=behind)
         await first.count_route("t")
         await (await first.admit("t")).settle(0, Decimal(0))
         with pytest.raises(LimitExceeded) as route:
@@ -133,6 +135,27 @@ class TestSharedLimits:
             await second.count_route("t")
         await second.aclose()
         assert caught.value.reason == "RATE_LIMITED"
+
+    async def test_windows_are_scored_by_the_clock_of_redis(self, redis_url: str, prefix: str) -> None:
+        """Two replicas whose clocks are 90 s apart share a tenant of 10 requests and 10 Route
+        calls a minute: 10 of 30 of each pass (scored by each replica's clock, the one ahead took
+        the other's 10 for over a minute old, and 20 passed)."""
+        behind, ahead = Clock(), Clock()
+        behind.now, ahead.now = time.time() - 45, time.time() + 45
+        limits = {"t": TenantConfig(requests_per_minute=10, route_requests_per_minute=10)}
+        replicas = [RedisAdmission(redis_url, limits, prefix=prefix, wall_clock=clock) for clock in (behind, ahead)]
+        admitted = routed = 0
+        for replica in replicas:
+            for _ in range(15):
+                with contextlib.suppress(LimitExceeded):
+                    await replica.admit("t")
+                    admitted += 1
+                with contextlib.suppress(LimitExceeded):
+                    await replica.count_route("t")
+                    routed += 1
+        for replica in replicas:
+            await replica.aclose()
+        assert (admitted, routed) == (10, 10)
 
     async def test_budgets_settle_across_replicas(self, redis_url: str, prefix: str) -> None:
         """Spend settled on one replica counts on the other; reservations count until settled."""
@@ -228,9 +251,19 @@ class TestSharedLimits:
         with pytest.raises(RequestTooLarge) as too_large:
             await admission.admit("t", tokens=600)
         assert too_large.value.retry_after is None
+        await admission.admit("t", tokens=10, cost=Decimal("0.6"))
         with pytest.raises(LimitExceeded) as over_budget:
-            await admission.admit("t", tokens=10, cost=Decimal(2))
+            await admission.admit("t", tokens=10, cost=Decimal("0.6"))
         assert "its daily budget of 1 USD" in over_budget.value.message
+        await admission.aclose()
+
+    async def test_budgets_refuse_as_waiting_would_help(self, redis_url: str, prefix: str) -> None:
+        """As per process: an estimate over a budget alone is REQUEST_TOO_LARGE without a retry
+        delay; a request both budgets block retries at the later boundary, the next month's."""
+        clock = _mid_january()
+        budgets = TenantConfig(daily_budget_usd=Decimal(1), monthly_budget_usd=Decimal(2))
+        admission = RedisAdmission(redis_url, {"t": budgets}, prefix=prefix, wall_clock=clock)
+        await budgets_refuse_as_waiting_would_help(admission, clock)
         await admission.aclose()
 
     async def test_sums_within_the_budget_in_decimals_are_within_it_in_redis(self, redis_url: str, prefix: str) -> None:
@@ -294,16 +327,29 @@ class TestExtensions:
 
 class _Proxy:
     """A TCP proxy to Redis on loopback that can hold every reply for ``delay`` seconds (requests
-    pass at once), can cut every connection it carries, and can lose the next reply (``lose_reply``:
-    the command has run in Redis, and its connection is closed instead of answered)."""
+    pass at once; settable), can cut every connection it carries, can be down for a while (``down``
+    and ``up``: it cuts every connection and closes new ones at once), and can lose the next reply
+    (``lose_reply``: the command has run in Redis, and its connection is closed instead of
+    answered)."""
 
     def __init__(self, upstream: str, delay: float = 0.0) -> None:
         parsed = urllib.parse.urlparse(upstream)
         self._host, self._port = str(parsed.hostname), int(parsed.port or 6379)
-        self._delay = delay
+        self.delay = delay
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
         self._losing = False
+        self._down = False
+
+    def down(self) -> None:
+        """Cut every connection, and close new ones at once until ``up``."""
+        self._down = True
+        for writer in self._writers:
+            writer.close()
+
+    def up(self) -> None:
+        """Carry new connections again."""
+        self._down = False
 
     def lose_reply(self) -> None:
         """Close the connection that the next reply comes back on, instead of passing it on."""
@@ -329,13 +375,17 @@ class _Proxy:
             writer.close()
 
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._down:
+            writer.close()
+            return
         up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
         self._writers += [writer, up_writer]
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, delay: float, replies: bool) -> None:
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, replies: bool) -> None:
             with contextlib.suppress(ConnectionError, OSError):
                 while data := await source.read(65536):
-                    await asyncio.sleep(delay)
+                    if replies:
+                        await asyncio.sleep(self.delay)
                     if replies and self._losing:
                         self._losing = False
                         break
@@ -343,7 +393,7 @@ class _Proxy:
                     await sink.drain()
             sink.close()
 
-        await asyncio.gather(pipe(reader, up_writer, 0.0, False), pipe(up_reader, writer, self._delay, True))
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
 
 
 class TestStoreFailures:
@@ -403,10 +453,10 @@ class TestStoreFailures:
         assert "admission_settle_failed" in out
         assert "tenant=t" in out
 
-    async def test_a_settle_whose_reply_is_lost_is_not_sent_again(self, redis_url: str, prefix: str) -> None:
-        """The settle script runs in Redis and its reply is lost with the connection: the client
-        does not send it again (a second run would count the request's cost twice), so the day's
-        spend is the cost once."""
+    async def test_a_settle_whose_reply_is_lost_counts_its_cost_once(self, redis_url: str, prefix: str) -> None:
+        """The settle script runs in Redis and its reply is lost with the connection: the settle
+        is tried again, and the retry, finding the reservation settled, counts nothing, so the
+        day's spend is the cost once."""
         async with _Proxy(redis_url) as proxy:
             admission = RedisAdmission(proxy.url, {"t": TenantConfig(daily_budget_usd=Decimal(1))}, prefix=prefix)
             await (await admission.admit("t", cost=Decimal("0.1"))).settle(5, Decimal("0.1"))  # scripts loaded
@@ -417,6 +467,42 @@ class TestStoreFailures:
         checking = RedisAdmission(redis_url, {"t": TenantConfig(daily_budget_usd=Decimal(1))}, prefix=prefix)
         assert await checking.spent("t") == Decimal("0.35")
         await checking.aclose()
+
+    async def test_a_settle_that_fails_is_retried_once_redis_is_back(self, redis_url: str, prefix: str) -> None:
+        """Redis is unreachable while a request of a tenant with one in-flight slot settles: once
+        Redis is back the settle is tried again, so the slot is free (it was held for the hour's
+        lease) and the request's cost is spent once."""
+        tenants = {"t": TenantConfig(max_concurrent=1, daily_budget_usd=Decimal(1))}
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            reservation = await admission.admit("t", cost=Decimal("0.2"))
+            proxy.down()
+            await reservation.settle(0, Decimal("0.1"))
+            proxy.up()
+            async with asyncio.timeout(10):
+                while admission._undoing:  # the retry in the background
+                    await asyncio.wait(set(admission._undoing))
+            await (await admission.admit("t")).settle(0, Decimal(0))
+            assert await admission.spent("t") == Decimal("0.1")
+            await admission.aclose()
+
+    async def test_a_request_refused_unavailable_uses_no_request_per_minute(self, redis_url: str, prefix: str) -> None:
+        """The admit script runs but its reply comes after the command timeout: the caller is
+        refused SHARED_STATE_UNAVAILABLE and the undo gives back all it took, its place in the
+        requests and tokens per minute too, so the tenant's one request a minute is still free."""
+        tenants = {"t": TenantConfig(requests_per_minute=1, tokens_per_minute=100, max_concurrent=1)}
+        tenants["warm"] = TenantConfig(max_concurrent=9)
+        async with _Proxy(redis_url) as slow:
+            admission = RedisAdmission(slow.url, tenants, prefix=prefix)
+            await (await admission.admit("warm")).settle(0, Decimal(0))  # connected, scripts loaded
+            slow.delay = 1.5
+            with pytest.raises(SharedStateUnavailable):
+                await admission.admit("t", tokens=100)
+            slow.delay = 0.0
+            await admission.aclose()  # waits for the undo
+        again = RedisAdmission(redis_url, tenants, prefix=prefix)
+        await (await again.admit("t", tokens=100)).settle(100, Decimal(0))
+        await again.aclose()
 
     async def test_a_store_that_fails_during_an_extension_is_unavailable(self, redis_url: str, prefix: str) -> None:
         """Admitted, then the connection to Redis is cut: the extension raises
@@ -539,7 +625,8 @@ class TestLeases:
         clock = _mid_january()
         tenants = {"t": TenantConfig(daily_budget_usd=Decimal(1))}
         dying, survivor = [
-            RedisAdmission(redis_url, tenants, prefix=prefix, lease_seconds=30, wall_clock=clock) for _ in range(2)
+            RedisAdmission(redis_url, tenants, prefix=prefix, lease_seconds=30, clock=clock, wall_clock=clock)
+            for _ in range(2)
         ]
         held = await dying.admit("t", cost=Decimal("0.3"))
         await held.extend(Decimal("0.5"))
@@ -560,9 +647,9 @@ class TestLeases:
         lease ends, then the whole $1 budget may be reserved again."""
         clock = _mid_january()
         tenants = {"t": TenantConfig(daily_budget_usd=Decimal(1))}
-        survivor = RedisAdmission(redis_url, tenants, prefix=prefix, lease_seconds=30, wall_clock=clock)
+        survivor = RedisAdmission(redis_url, tenants, prefix=prefix, lease_seconds=30, clock=clock, wall_clock=clock)
         async with _Proxy(redis_url) as proxy:
-            failing = RedisAdmission(proxy.url, tenants, prefix=prefix, lease_seconds=30, wall_clock=clock)
+            failing = RedisAdmission(proxy.url, tenants, prefix=prefix, lease_seconds=30, clock=clock, wall_clock=clock)
             reservation = await failing.admit("t", cost=Decimal("0.6"))
             proxy.cut()
             await reservation.settle(0, Decimal("0.5"))
@@ -586,6 +673,7 @@ class TestLeases:
                 {"t": TenantConfig(daily_budget_usd=Decimal(1))},
                 prefix=prefix,
                 lease_seconds=30,
+                clock=clock,
                 wall_clock=clock,
             )
             for _ in range(2)
