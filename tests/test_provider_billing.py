@@ -136,6 +136,27 @@ class TestQuotaExhausted:
         assert _details(error) == ["google.rpc.ErrorInfo"]
         assert error.details() == "provider openai model gpt-4o-mini: HTTP 429 (insufficient_quota)"
 
+    async def test_a_gateways_402_for_spent_credits_is_quota_exhausted(self, fake: FakeProvider) -> None:
+        """An OpenAI-compatible gateway that answers 402 for a spent balance (OpenRouter's
+        "insufficient credits", its code a number): one upstream request, then FAILED_PRECONDITION
+        ``PROVIDER_QUOTA_EXHAUSTED`` (it was read as an outage: retried, UNAVAILABLE)."""
+        config = default_config()
+        add_local_model(config, fake.openai_base_url, "routed")
+        credits = {"error": {"code": 402, "message": "Insufficient credits. Add more using the credits page"}}
+        fake.set_default(Script(status=402, error_body=json.dumps(credits)))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("Say hello"), pb.RoutingContext(model="routed")):
+                    pass
+        assert len(fake.requests) == 1
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "PROVIDER_QUOTA_EXHAUSTED",
+        )
+
 
 class TestQuotaExhaustedInARequestOfSeveralModels:
     async def test_a_cascade_step_whose_quota_is_spent_escalates_to_another_provider(self, fake: FakeProvider) -> None:

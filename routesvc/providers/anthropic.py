@@ -536,17 +536,17 @@ class AnthropicProvider:
     def _usage(self, call: ProviderCall, tally: _Tally) -> tuple[Usage, bool]:
         """The reported usage, and whether it is estimated: a count the stream did not report (or
         reported malformed) is estimated with the offline tokenizer (the input over the whole
-        request, tools included), and the estimate logged."""
-        if tally.input_tokens is None or tally.output_tokens is None:
+        request, tools included), and the estimate logged; a reported input keeps its cache
+        reads and writes."""
+        estimated = tally.input_tokens is None or tally.output_tokens is None
+        if estimated:
             self._usage_log.estimated(self._name, call.model)
-            input_tokens = estimate_input_tokens(call.as_chat(), "anthropic")
-            output_tokens = count_text_tokens("".join(tally.output))
-            estimate = Usage(
-                input_tokens=input_tokens if tally.input_tokens is None else tally.input_tokens,
-                output_tokens=output_tokens if tally.output_tokens is None else tally.output_tokens,
-            )
-            return estimate, True
-        return replace(_input_usage(tally), output_tokens=tally.output_tokens), False
+        if tally.input_tokens is None:
+            usage = Usage(input_tokens=estimate_input_tokens(call.as_chat(), "anthropic"))
+        else:
+            usage = _input_usage(tally)
+        output_tokens = count_text_tokens("".join(tally.output)) if tally.output_tokens is None else tally.output_tokens
+        return replace(usage, output_tokens=output_tokens), estimated
 
     async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
         """Await one SDK step within the call's deadline, translating whatever it raises."""
@@ -560,7 +560,7 @@ class AnthropicProvider:
             code = safe_code(exc.type, forbidden=forbidden)
             if exc.status_code < 400:
                 # ``event: error`` inside a 200 stream: the SDK raises it with the stream's status.
-                return error_for_event(code or "error", provider=name, model=model)
+                return error_for_event("", code, provider=name, model=model)
             return error_for_status(
                 exc.status_code,
                 provider=name,
