@@ -95,6 +95,7 @@ from routesvc.providers._http import (
     text_field,
     transport_error,
 )
+from routesvc.providers._sending import sending, traced
 from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, anthropic_call_id
 from routesvc.providers.base import HttpClientKind, ModelRequest, ProviderCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
@@ -410,7 +411,11 @@ class AnthropicProvider:
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
             open_telemetry={"traces": False, "propagation": False},
-            http_client=keeping_buffered(anthropic.DefaultAioHttpClient) if http_client == "aiohttp" else None,
+            http_client=(
+                keeping_buffered(anthropic.DefaultAioHttpClient)
+                if http_client == "aiohttp"
+                else traced(anthropic.DefaultAsyncHttpxClient)
+            ),
         )
         self._http_client: HttpClientKind = http_client
         # Kept only so that an error code echoing it is never copied into a message.
@@ -446,7 +451,8 @@ class AnthropicProvider:
             stream=True,
             stream_cls=anthropic.AsyncStream[object],
         )
-        sdk_stream = await self._guard(call, deadline, request)
+        with sending(call.sent):
+            sdk_stream = await self._guard(call, deadline, request)
         try:
             tally = _Tally()
             while (event := await self._guard(call, deadline, next_event(sdk_stream))) is not END_OF_STREAM:

@@ -76,6 +76,7 @@ from routesvc.providers._http import (
     text_field,
     transport_error,
 )
+from routesvc.providers._sending import sending, traced
 from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, openai_call_id
 from routesvc.providers.base import HttpClientKind, ModelRequest, ProviderCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
@@ -275,7 +276,11 @@ class OpenAIProvider:
             api_key=api_key or "unused",
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
-            http_client=keeping_buffered(openai.DefaultAioHttpClient) if http_client == "aiohttp" else None,
+            http_client=(
+                keeping_buffered(openai.DefaultAioHttpClient)
+                if http_client == "aiohttp"
+                else traced(openai.DefaultAsyncHttpxClient)
+            ),
         )
         self._http_client: HttpClientKind = http_client
 
@@ -328,7 +333,8 @@ class OpenAIProvider:
             stream=True,
             stream_cls=openai.AsyncStream[object],
         )
-        sdk_stream = await self._guard(call, deadline, request)
+        with sending(call.sent):
+            sdk_stream = await self._guard(call, deadline, request)
         try:
             usage: dict[str, object] = {}
             finish: str | None = None
