@@ -6,7 +6,10 @@ accepts, a full pool) cost the provider nothing. Only the HTTP transport knows w
 was written, so each SDK client's transport is hooked:
 
     aiohttp (the default)   a ``TraceConfig`` on the SDK transport's session: ``on_request_headers_sent``
-    httpx                   the httpcore ``trace`` request extension: ``*.send_request_headers.complete``
+    httpx                   the httpcore ``trace`` request extension: ``*.send_request_headers.started``
+
+Both fire on an open connection as the request's headers are about to be written, the body
+right after them: from then on the request is the provider's.
 
 The adapter awaits the SDK's request inside ``sending(call.sent)``, which the hooks find in a
 context variable: they run in that task (or, for aiohttp's body writer, in a task it starts
@@ -76,7 +79,8 @@ def trace_session(transport: object) -> None:
 
 
 async def _on_httpcore_event(name: str, info: dict[str, Any]) -> None:
-    if name.endswith("send_request_headers.complete"):
+    # A proxy tunnel's CONNECT carries the request's extensions too: it is not the request.
+    if name.endswith("send_request_headers.started") and getattr(info.get("request"), "method", None) != b"CONNECT":
         _went_out()
 
 
