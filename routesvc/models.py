@@ -403,7 +403,8 @@ class UpstreamCall:
     classifier's), to be charged to the request.
 
     ``estimated`` is True when the call did not finish and its usage is estimated; ``refused``
-    when the provider refused it before any output (an error status: nothing to bill).
+    when it failed with nothing to bill: the provider refused it before any output (an error
+    status), or it was cut before its request went out.
     """
 
     model: str

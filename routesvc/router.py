@@ -1143,7 +1143,8 @@ class Router:
     ) -> None:
         """Write an attempt that did not complete to the ledger (a completed one wrote itself).
 
-        Ended by the provider's error before any output: nothing billed. Ended from our side once
+        Ended by the provider's error before any output, or from our side before its request went
+        out (``call.sent``: its connection never made): nothing billed. Ended from our side once
         the provider had the call (a cancellation, our timers, the deadline), or cut after output:
         ``interrupted_usage`` of ``call`` (what came, and the input as the provider ``reported``
         it, when it did, else the tokenizer's), as its span counts it."""
@@ -1151,7 +1152,8 @@ class Router:
             return
         if outcome is AttemptOutcome.CANCELLED:
             self._breakers.release_probe(permit)
-        charged = bool(received) or ended_by_us or outcome is AttemptOutcome.CANCELLED
+        cut_by_us = ended_by_us or outcome is AttemptOutcome.CANCELLED
+        charged = bool(received) or (cut_by_us and call.sent.is_set())
         estimate = interrupted_usage(model, call.as_chat(), received, reported) if charged else Usage()
         cost = cost_of_usage(model, estimate, state.decision.mode)
         self._record(state, model, number, outcome, estimate, cost, estimated=charged)

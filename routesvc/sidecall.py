@@ -44,10 +44,11 @@ def upstream_call(
     not report it and the adapter estimated it); when it was cut short after the provider had it,
     ``interrupted_usage`` of ``call`` (what it ``produced``, every piece in order, and its input
     as the provider ``reported`` it, when it did), flagged, as its span counts it; when the
-    provider ``refused`` it before any output, nothing."""
+    provider ``refused`` it before any output, or it was cut before its request went out
+    (``call.sent``), nothing."""
     if finish is not None:
         return UpstreamCall(model.id, finish.usage, estimated=finish.estimated)
-    if refused:
+    if refused or not (produced or call.sent.is_set()):
         return UpstreamCall(model.id, Usage(), refused=True)
     return UpstreamCall(model.id, interrupted_usage(model, call.as_chat(), produced, reported), estimated=True)
 

@@ -188,6 +188,24 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@pytest.fixture
+def unaccepting_port() -> Iterator[int]:
+    """A loopback port whose TCP handshake never completes: it listens, but its accept queue
+    (one connection: backlog 0) is full and never accepted, so the kernel drops every further SYN
+    and a connect waits until its caller gives up. A provider there never gets a byte."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = int(listener.getsockname()[1])
+        for _ in range(2):  # the first fills the queue; the second is left waiting, as ours will be
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        yield port
+
+
 async def until(predicate: Callable[[], bool], cap: float = 10.0) -> None:
     """Wait until ``predicate()`` holds (breaker states, ledgers, captured logs, the fake's
     records: plain attributes, polled); a generous cap, so that a loaded machine is only slower."""

@@ -200,7 +200,8 @@ class TestBatchSubmitAndResults:
         self, tmp_path: Path, fake: FakeProvider, task: str, prefix: str
     ) -> None:
         """A queued conversation keeps its tool calls and results (they reach the provider batch in its
-        format), and the result carries the model's new calls."""
+        format), and the result carries the model's new calls, finished TOOL_CALLS (OpenAI says
+        "stop" when ``tool_choice`` named the tool, as here)."""
         call = pb.ToolCall(id="call_1", name="lookup", arguments_json='{"q": "churn"}')
         chat = build_chat(
             [
@@ -209,6 +210,7 @@ class TestBatchSubmitAndResults:
                 pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="churn is 2%"),
             ],
             tools=[pb.Tool(name="lookup", parameters_json='{"type": "object"}')],
+            tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_TOOL, name="lookup"),
         )
         fake.enqueue(Script(chunks=(), tool_calls=(FakeToolCall("lookup", '{"q": "revenue"}'),)))
         async with (

@@ -136,6 +136,27 @@ class TestQuotaExhausted:
         assert _details(error) == ["google.rpc.ErrorInfo"]
         assert error.details() == "provider openai model gpt-4o-mini: HTTP 429 (insufficient_quota)"
 
+    async def test_a_gateways_402_for_spent_credits_is_quota_exhausted(self, fake: FakeProvider) -> None:
+        """An OpenAI-compatible gateway that answers 402 for a spent balance (OpenRouter's
+        "insufficient credits", its code a number): one upstream request, then FAILED_PRECONDITION
+        ``PROVIDER_QUOTA_EXHAUSTED`` (it was read as an outage: retried, UNAVAILABLE)."""
+        config = default_config()
+        add_local_model(config, fake.openai_base_url, "routed")
+        credits = {"error": {"code": 402, "message": "Insufficient credits. Add more using the credits page"}}
+        fake.set_default(Script(status=402, error_body=json.dumps(credits)))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("Say hello"), pb.RoutingContext(model="routed")):
+                    pass
+        assert len(fake.requests) == 1
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "PROVIDER_QUOTA_EXHAUSTED",
+        )
+
 
 class TestQuotaExhaustedInARequestOfSeveralModels:
     async def test_a_cascade_step_whose_quota_is_spent_escalates_to_another_provider(self, fake: FakeProvider) -> None:
@@ -246,6 +267,62 @@ class TestQuotaExhaustedBehindAnOpenBreaker:
             grpc.StatusCode.UNAVAILABLE,
             "PROVIDER_UNAVAILABLE",
         )
+
+
+class TestAttemptsThatNeverReachedTheProvider:
+    """An attempt cut before its request went out (its connection never made) cost nothing."""
+
+    @pytest.mark.parametrize("reached", [False, True], ids=["never_connected", "received_unanswered"])
+    async def test_a_stalled_attempt_is_charged_only_once_the_provider_had_it(
+        self, fake: FakeProvider, unaccepting_port: int, reached: bool
+    ) -> None:
+        """A 2,000-token prompt to a local model that sends nothing, stalled twice (a retry) by
+        the first-token timer: at a host whose TCP handshake never completes, both attempts cost
+        nothing and the tenant has spent nothing (each was charged its input estimate); at a
+        provider that read the request and never answered, each is charged that estimate."""
+        config = default_config()
+        url = fake.openai_base_url if reached else f"http://127.0.0.1:{unaccepting_port}/v1"
+        add_local_model(config, url, "local-model")
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        config["reliability"] = {"first_token_timeout_seconds": 0.3, "retries_per_model": 1, "backoff_seconds": 0}
+        config["tenants"] = {"acme": {"daily_budget_usd": "10"}}
+        fake.set_default(Script(fault=Fault.HANG_BEFORE_HEADERS))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(tenant="acme", model="local-model")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("hello " * 2000), context):
+                    pass
+            entries = server.router.ledger.entries()
+            spent = await server.router.admission.spent("acme")
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(fake.requests) == (2 if reached else 0)
+        assert [(entry.outcome, entry.estimated) for entry in entries] == [(AttemptOutcome.FAILED, reached)] * 2
+        assert all((entry.usage.input_tokens > 2000) is reached for entry in entries)
+        assert (spent > 0) is reached
+        assert spent == sum(entry.cost_usd for entry in entries)
+
+    async def test_an_attempt_cut_by_the_deadline_before_it_connected_costs_nothing(
+        self, unaccepting_port: int
+    ) -> None:
+        """The caller's deadline passes while the connection is still being made: DEADLINE_EXCEEDED,
+        and the attempt is in the ledger at no cost, not estimated (it was charged the prompt's
+        input estimate)."""
+        config = default_config()
+        add_local_model(config, f"http://127.0.0.1:{unaccepting_port}/v1", "local-model")
+        config["tenants"] = {"acme": {"daily_budget_usd": "10"}}
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            context = pb.RoutingContext(tenant="acme", model="local-model")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in client.complete(user_chat("hello " * 2000), context, timeout=1.0):
+                    pass
+            await until(lambda: len(server.router.ledger.entries()) == 1)
+            (entry,) = server.router.ledger.entries()
+            spent = await server.router.admission.spent("acme")
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (entry.cost_usd, entry.usage.input_tokens, entry.estimated, spent) == (0, 0, False, 0)
 
 
 class TestUnreportedUsage:
@@ -418,10 +495,13 @@ class _EndsWith:
 
     name = "openai"
 
-    def __init__(self, error: ProviderError) -> None:
+    def __init__(self, error: ProviderError, *, sent: bool = True) -> None:
         self._error = error
+        self._sent = sent
 
     async def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]:
+        if self._sent:
+            call.sent.set()  # as the adapters' transports do once the request went out
         raise self._error
         yield  # pragma: no cover - makes this an async generator
 
@@ -431,23 +511,26 @@ class _EndsWith:
 
 class TestSideCallCharges:
     @pytest.mark.parametrize(
-        ("error", "charged"),
+        ("error", "sent", "charged"),
         [
-            (ProviderTimedOut("deadline", provider="openai", model="cheap"), True),
-            (ProviderStalled("silent", provider="openai", model="cheap"), True),
-            (ProviderUnavailable("HTTP 503", provider="openai", model="cheap", status=503), False),
+            (ProviderTimedOut("deadline", provider="openai", model="cheap"), True, True),
+            (ProviderStalled("silent", provider="openai", model="cheap"), True, True),
+            (ProviderUnavailable("HTTP 503", provider="openai", model="cheap", status=503), True, False),
+            (ProviderTimedOut("deadline", provider="openai", model="cheap"), False, False),
         ],
-        ids=["its_deadline", "stalled", "refused"],
+        ids=["its_deadline", "stalled", "refused", "its_deadline_before_it_was_sent"],
     )
     async def test_a_side_call_ended_from_our_side_is_charged_its_prompt(
-        self, error: ProviderError, charged: bool
+        self, error: ProviderError, sent: bool, charged: bool
     ) -> None:
         """A judge's or classifier's call whose own deadline passes in the adapter (the race with
         its asyncio timeout goes either way) is charged its prompt's estimate, flagged, as the
-        timeout is and as its span says (it was charged nothing); a refusal costs nothing."""
+        timeout is and as its span says (it was charged nothing); a refusal costs nothing, and so
+        does a call cut before its request went out."""
         call = ProviderCall(model="cheap", provider_model="cheap", messages=(Message(Role.USER, "Grade this"),))
         charges: list[UpstreamCall] = []
-        result = await side_call(_EndsWith(error), CHEAP, call, purpose="judge", charge=charges.append)
+        provider = _EndsWith(error, sent=sent)
+        result = await side_call(provider, CHEAP, call, purpose="judge", charge=charges.append)
         (used,) = charges
         assert (result.error is error, used.estimated, used.usage.input_tokens > 0) == (True, charged, charged)
 

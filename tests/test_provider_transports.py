@@ -1,6 +1,7 @@
 """What both adapters must do alike over both SDK transports (aiohttp, the default, and httpx)
 where the transports themselves differ: a body whose HTTP framing breaks, a kept-alive connection
-after it, and closing an adapter while a stream is being read. Real SDKs, real HTTP, the fake."""
+after it, closing an adapter while a stream is being read, and telling whether a request went
+out. Real SDKs, real HTTP, the fake."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from routesvc.errors import ProviderError, ProviderUnavailable
+from routesvc.errors import ProviderError, ProviderTimedOut, ProviderUnavailable
 from routesvc.models import InputReported, Message, Role, TextDelta
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Fault, Script
+from tests.conftest import until
 
 Adapter = OpenAIProvider | AnthropicProvider
 
@@ -26,14 +28,16 @@ def kind(request: pytest.FixtureRequest) -> str:
     return value
 
 
+def make_adapter(kind: str, http_client: HttpClientKind, openai_url: str, anthropic_url: str) -> Adapter:
+    if kind == "openai":
+        return OpenAIProvider("openai", "sk-test", openai_url, "openai", http_client=http_client)
+    return AnthropicProvider("anthropic", "sk-test", anthropic_url, http_client=http_client)
+
+
 @pytest.fixture
 async def adapter(fake: FakeProvider, kind: str, http_client: HttpClientKind) -> AsyncIterator[Adapter]:
     """An adapter of each kind, over each transport, pointed at the fake."""
-    made: Adapter = (
-        OpenAIProvider("openai", "sk-test", fake.openai_base_url, "openai", http_client=http_client)
-        if kind == "openai"
-        else AnthropicProvider("anthropic", "sk-test", fake.anthropic_base_url, http_client=http_client)
-    )
+    made = make_adapter(kind, http_client, fake.openai_base_url, fake.anthropic_base_url)
     yield made
     await made.aclose()
 
@@ -131,3 +135,34 @@ async def test_a_big_body_read_slowly_leaves_its_connection_fit_for_the_next_cal
         if error is not None:
             failures.append((error.message, len(fake.requests) - sent))
     assert failures == []
+
+
+class TestRequestSent:
+    """``ProviderCall.sent``: set once the request went out, what a call cut short is billed on."""
+
+    async def test_a_request_the_provider_received_is_marked_sent(self, fake: FakeProvider, adapter: Adapter) -> None:
+        """A provider that reads the request and never answers: once it has the request, the call
+        is marked sent (the caller then cancels it)."""
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS))
+        request = call(timeout=30.0)
+        reading = asyncio.ensure_future(read(adapter, request))
+        try:
+            await until(lambda: len(fake.requests) == 1)
+            assert request.sent.is_set()
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+
+    async def test_a_request_whose_connection_never_opened_is_not_marked_sent(
+        self, unaccepting_port: int, kind: str, http_client: HttpClientKind
+    ) -> None:
+        """A host whose TCP handshake never completes: the call's deadline ends it, and it is not
+        marked sent (the router charges such an attempt nothing)."""
+        url = f"http://127.0.0.1:{unaccepting_port}"
+        made = make_adapter(kind, http_client, f"{url}/v1", url)
+        try:
+            request = call(timeout=0.3)
+            _, error = await read(made, request)
+        finally:
+            await made.aclose()
+        assert (type(error), request.sent.is_set()) == (ProviderTimedOut, False)

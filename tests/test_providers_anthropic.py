@@ -8,6 +8,7 @@ import email.utils
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from types import MappingProxyType
 
 import pytest
@@ -38,7 +39,7 @@ from routesvc.models import (
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.testing import FakeProvider, Fault, Script
-from routesvc.tokens import estimate_input_tokens
+from routesvc.tokens import count_text_tokens, estimate_input_tokens
 
 CANARY_PROMPT = "canary-prompt-0b7e11 please repeat this"
 CANARY_KEY = "sk-ant-canary-key-3c5a90"
@@ -214,6 +215,22 @@ class TestStreaming:
         assert [entry["event"] for entry in logs] == ["provider_usage_estimated"]
         assert all(CANARY_PROMPT not in str(entry) for entry in logs)
 
+    async def test_a_missing_output_count_is_estimated_and_the_reported_input_kept(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """A stream that reports its input (with cache reads and writes) but no output count (a
+        proxy): only the output is estimated; the cache tokens reported are kept (they were
+        dropped, the input billed as the uncached part alone)."""
+        script = Script(input_tokens=5000, cached_input_tokens=4000, cache_creation_input_tokens=600)
+        fake.enqueue(replace(script, omit_output_tokens=True))
+        finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        output = count_text_tokens("Hello from the fake provider.")
+        assert finish.usage == Usage(
+            input_tokens=5000, output_tokens=output, cached_input_tokens=4000, cache_write_input_tokens=600
+        )
+        assert finish.estimated is True
+
     async def test_the_estimate_is_flagged_and_covers_the_whole_request(
         self, fake: FakeProvider, provider: AnthropicProvider
     ) -> None:
@@ -368,6 +385,7 @@ STATUS_ERRORS = [
     (413, ProviderRejected),
     (422, ProviderRejected),
     (429, ProviderRateLimited),
+    (402, ProviderQuotaExhausted),
     (500, ProviderUnavailable),
     (502, ProviderUnavailable),
     (503, ProviderUnavailable),

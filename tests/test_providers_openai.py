@@ -302,6 +302,10 @@ class TestStreaming:
             ("function_call", FinishReason.TOOL_CALLS),
             ("content_filter", FinishReason.CONTENT_FILTER),
             ("something_new", FinishReason.OTHER),
+            # OpenAI-compatible servers' names for a natural stop: TGI's, Together's.
+            ("eos_token", FinishReason.STOP),
+            ("eos", FinishReason.STOP),
+            ("stop_sequence", FinishReason.STOP),
         ],
     )
     async def test_finish_reasons_are_normalised(
@@ -461,6 +465,7 @@ STATUS_ERRORS = [
     (413, ProviderRejected),
     (422, ProviderRejected),
     (429, ProviderRateLimited),
+    (402, ProviderQuotaExhausted),  # a gateway's "insufficient credits" (OpenRouter)
     (500, ProviderUnavailable),
     (502, ProviderUnavailable),
     (503, ProviderUnavailable),
@@ -594,6 +599,32 @@ class TestMidStreamFailures:
         texts, error = await collect_until_error(provider, make_call())
         assert (texts, type(error)) == (["Hello ", "from "], error_class)
         assert_sanitized(error)
+
+    @pytest.mark.parametrize(
+        ("error_type", "code", "error_class"),
+        [
+            ("BadRequestError", 400, ProviderRejected),  # vLLM: the HTTP status as a number
+            ("NotFoundError", 404, ProviderRejected),
+            ("InternalServerError", 500, ProviderUnavailable),
+            ("throttled", "429", ProviderRateLimited),  # LiteLLM: the status as text
+            ("BadRequestError", "unknown_word", ProviderRejected),  # a code not known: the type
+            ("server_error", "rate_limit_exceeded", ProviderRateLimited),  # a code known: the code
+            ("insufficient_quota", 429, ProviderQuotaExhausted),
+        ],
+    )
+    async def test_in_band_error_chunk_by_its_code(
+        self,
+        fake: FakeProvider,
+        compatible: OpenAIProvider,
+        error_type: str,
+        code: str | int,
+        error_class: type[ProviderError],
+    ) -> None:
+        """An error chunk's code that is an HTTP status is read as that status (vLLM's 400 was
+        read as an unknown word: unavailable, retried); a code word not known gives way to the type."""
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, error_type=error_type, error_code=code))
+        _, error = await collect_until_error(compatible, make_call())
+        assert (type(error), error.status) == (error_class, None)
 
     async def test_in_band_error_before_content(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
         """An error chunk before any text is an error with nothing yielded (retryable pre-commit)."""

@@ -149,6 +149,16 @@ class TestRetriesBeforeCommit:
         error, _ = await failure(client)
         assert (error.code(), len(fake.requests)) == (grpc.StatusCode.FAILED_PRECONDITION, 1)
 
+    async def test_an_in_band_error_whose_code_is_a_client_error_is_not_retried(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """vLLM's in-band error ``{"type": "BadRequestError", "code": 400}`` is final like a 400:
+        one upstream call, FAILED_PRECONDITION (it was read as an outage: retried, UNAVAILABLE)."""
+        _, client = reliable
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, error_type="BadRequestError", error_code=400))
+        error, _ = await failure(client)
+        assert (error.code(), len(fake.requests)) == (grpc.StatusCode.FAILED_PRECONDITION, 1)
+
     @pytest.mark.parametrize("reliable", [{"max_attempts": 2}], indirect=True)
     async def test_a_call_the_providers_failed_is_logged_at_warning(
         self, reliable: tuple[Server, RouterClient], fake: FakeProvider

@@ -118,6 +118,19 @@ class TestToolCallsComeBack:
             {"role": "tool", "tool_call_id": "call_fake_1", "content": "14:05"},
         ]
 
+    @pytest.mark.parametrize(("model", "path", "prefix"), ADAPTERS, ids=ADAPTER_IDS)
+    async def test_a_call_to_the_named_tool_finishes_as_tool_calls(
+        self, live_client: RouterClient, fake: FakeProvider, model: str, path: str, prefix: str
+    ) -> None:
+        """``tool_choice`` naming the tool: OpenAI ends that answer with finish "stop" (Anthropic
+        with ``tool_use``); both come back TOOL_CALLS, as every answer that makes calls does."""
+        fake.enqueue(Script(chunks=(), tool_calls=CALLS[:1]))
+        named = pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_TOOL, name="get_weather")
+        chat = build_chat([("user", "Weather in Paris?")], tools=[WEATHER], tool_choice=named)
+        completion = (await _complete(live_client, chat, model))[-1].completion
+        assert list(completion.tool_calls) == [_call(f"{prefix}_fake_0", "get_weather", '{"city": "Paris"}')]
+        assert completion.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+
 
 class TestAssemblingPieces:
     """How the adapters' pieces become calls (``ToolCallParts``, shared by both adapters)."""
@@ -178,6 +191,46 @@ class TestOpenAICompatibleServers:
             _call("call_fake_0", "get_weather", '{"city": "Paris"}'),
             _call("call_fake_1", "get_time", '{"tz": "Europe/Rome"}'),
         ]
+
+    async def test_calls_finished_with_stop_in_auto_mode_finish_as_tool_calls(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A server that ends an answer with calls by "stop" even in auto mode: TOOL_CALLS; a call
+        cut by "length" stays LENGTH."""
+        fake.enqueue(
+            Script(chunks=(), tool_calls=CALLS, tool_calls_finish_reason="stop"),
+            Script(chunks=(), tool_calls=CALLS, tool_calls_finish_reason="length"),
+        )
+        chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
+        stopped = (await _complete(live_client, chat, "gpt-4o-mini"))[-1].completion
+        cut = (await _complete(live_client, chat, "gpt-4o-mini"))[-1].completion
+        assert (len(stopped.tool_calls), stopped.finish_reason) == (2, pb.FINISH_REASON_TOOL_CALLS)
+        assert (len(cut.tool_calls), cut.finish_reason) == (2, pb.FINISH_REASON_LENGTH)
+
+    async def test_calls_without_an_id_get_one_and_the_loop_continues(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A server that streams calls without an ``id`` (vLLM, NIM, LM Studio): each call comes
+        back with an id made up for it, unique across responses, and sending the calls back with
+        their results is accepted (an empty id was refused INVALID_ARGUMENT) and reaches the model
+        under those ids."""
+        fake.enqueue(
+            Script(chunks=(), tool_calls=CALLS, omit_tool_call_ids=True),
+            Script(chunks=(), tool_calls=CALLS, omit_tool_call_ids=True),
+            Script(text="Sunny, 14:05."),
+        )
+        question = [("user", "Weather in Paris, and the time in Rome?")]
+        chat = build_chat(question, tools=[WEATHER, TIME])
+        first = (await _complete(live_client, chat, "gpt-4o-mini"))[-1].completion
+        second = (await _complete(live_client, chat, "gpt-4o-mini"))[-1].completion
+        ids = [call.id for call in (*first.tool_calls, *second.tool_calls)]
+        assert all(re.fullmatch(r"call_[0-9a-f]+_[01]", call_id) for call_id in ids)
+        assert len(set(ids)) == 4
+        turns = tool_turns(first, "", {call.id: "done" for call in first.tool_calls})
+        await _complete(live_client, build_chat([*question, *turns], tools=[WEATHER, TIME]), "gpt-4o-mini")
+        sent = fake.requests[-1].body["messages"]
+        assert [call["id"] for call in sent[1]["tool_calls"]] == ids[:2]
+        assert [turn["tool_call_id"] for turn in sent[2:4]] == ids[:2]
 
 
 class TestToolTurnsHelper:

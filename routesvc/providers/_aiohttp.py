@@ -32,6 +32,8 @@ import aiohttp
 import httpx2
 from aiohttp.http_exceptions import HttpProcessingError
 
+from routesvc.providers._sending import trace_session
+
 
 def unread_bytes(reader: object) -> bytes:
     """What an aiohttp ``StreamReader`` holds but has not handed over; b"" if unknown."""
@@ -130,13 +132,15 @@ def _call(fail: weakref.WeakMethod[Callable[[str], None]], why: str) -> None:
 
 
 class _KeepingTransport(httpx2.AsyncBaseTransport):
-    """Delegates to the SDK's aiohttp transport; wraps each response body in ``_KeepingStream``."""
+    """Delegates to the SDK's aiohttp transport, its session hooked to say when a request goes out
+    (``_sending``); wraps each response body in ``_KeepingStream``."""
 
     def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
         self._inner = inner
         self._open: weakref.WeakSet[_KeepingStream] = weakref.WeakSet()
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        trace_session(self._inner)
         response = await self._inner.handle_async_request(request)
         aiohttp_response = getattr(response.stream, "_aiohttp_response", None)
         if isinstance(aiohttp_response, aiohttp.ClientResponse) and isinstance(response.stream, httpx2.AsyncByteStream):

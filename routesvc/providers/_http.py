@@ -39,7 +39,7 @@ _SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
 _KEY_PREFIX = "sk-"
 
 # Error codes that say the account's credit or quota is spent: OpenAI's 429 ``insufficient_quota``
-# (code and type), Anthropic's ``billing_error``.
+# (code and type), Anthropic's ``billing_error`` (and any HTTP 402: ``error_for_status``).
 _QUOTA_CODES = frozenset({"insufficient_quota", "billing_error"})
 # In-band error events that say the request, not the server, is at fault, or the key.
 _REJECTED_EVENT_TYPES = frozenset(
@@ -144,36 +144,55 @@ def error_for_status(
 ) -> ProviderError:
     """The error for an HTTP error status; ``code`` must already be safe (see ``safe_code``).
 
-    ``quota`` (see ``quota_exhausted``) quota exhausted whatever the status; else 401/403 auth,
-    400/404/409/413/422 rejected, 429 rate limited (with ``retry_after``), everything else (408,
-    5xx, 529, unknown 4xx) unavailable.
+    ``quota`` (see ``quota_exhausted``) quota exhausted whatever the status; else 402 (a gateway's
+    "insufficient credits", OpenRouter's) quota exhausted too, 401/403 auth, 400/404/409/413/422
+    rejected, 429 rate limited (with ``retry_after``), everything else (408, 5xx, 529, unknown
+    4xx) unavailable.
     """
     message = describe(provider, model, f"HTTP {status}", code)
     if quota:
         return ProviderQuotaExhausted(message, provider=provider, model=model, status=status)
+    retry_after = parse_retry_after(headers) if headers is not None and status == 429 else None
+    return _by_status(status, message, provider=provider, model=model, recorded=status, retry_after=retry_after)
+
+
+def _by_status(
+    status: int, message: str, *, provider: str, model: str, recorded: int | None, retry_after: float | None = None
+) -> ProviderError:
+    """The error HTTP ``status`` says (see ``error_for_status``), with ``message`` and the
+    ``recorded`` status (None for an in-band error, which came in a 200)."""
+    if status == 402:
+        return ProviderQuotaExhausted(message, provider=provider, model=model, status=recorded)
     if status in _AUTH:
-        return ProviderAuthFailed(message, provider=provider, model=model, status=status)
+        return ProviderAuthFailed(message, provider=provider, model=model, status=recorded)
     if status in _REJECTED:
-        return ProviderRejected(message, provider=provider, model=model, status=status)
+        return ProviderRejected(message, provider=provider, model=model, status=recorded)
     if status == 429:
-        retry_after = parse_retry_after(headers) if headers is not None else None
-        return ProviderRateLimited(message, provider=provider, model=model, status=status, retry_after=retry_after)
-    return ProviderUnavailable(message, provider=provider, model=model, status=status)
+        return ProviderRateLimited(message, provider=provider, model=model, status=recorded, retry_after=retry_after)
+    return ProviderUnavailable(message, provider=provider, model=model, status=recorded)
 
 
-def error_for_event(error_type: str, *, provider: str, model: str) -> ProviderError:
-    """The error for an in-band error event that arrived inside a 200 stream, by its type."""
-    message = describe(provider, model, "error event in stream", error_type)
-    # OpenAI's and Anthropic's types and codes, and the exception class names vLLM sends as types.
-    lowered = error_type.lower()
-    if lowered in _QUOTA_CODES:
+def error_for_event(code: str, error_type: str = "", *, provider: str, model: str) -> ProviderError:
+    """The error for an in-band error event that arrived inside a 200 stream, by its ``code`` and
+    ``error_type`` (both safe, see ``safe_code``; either may be empty).
+
+    A spent quota in either wins; a code of digits is the HTTP status the server would have
+    answered (vLLM sends 400, LiteLLM "429"), read as ``error_for_status`` reads it; else the
+    code, when it is a word known here, and then the type: OpenAI's and Anthropic's types and
+    codes, and the exception class names vLLM sends as types. Anything else is unavailable.
+    """
+    message = describe(provider, model, "error event in stream", code or error_type)
+    if quota_exhausted(code, error_type):
         return ProviderQuotaExhausted(message, provider=provider, model=model)
-    if "rate_limit" in lowered or lowered == "ratelimiterror":
-        return ProviderRateLimited(message, provider=provider, model=model, status=None)
-    if lowered in _AUTH_EVENT_TYPES:
-        return ProviderAuthFailed(message, provider=provider, model=model)
-    if lowered in _REJECTED_EVENT_TYPES:
-        return ProviderRejected(message, provider=provider, model=model)
+    if code.isdigit():
+        return _by_status(int(code), message, provider=provider, model=model, recorded=None)
+    for word in (code.lower(), error_type.lower()):
+        if "rate_limit" in word or word == "ratelimiterror":
+            return ProviderRateLimited(message, provider=provider, model=model, status=None)
+        if word in _AUTH_EVENT_TYPES:
+            return ProviderAuthFailed(message, provider=provider, model=model)
+        if word in _REJECTED_EVENT_TYPES:
+            return ProviderRejected(message, provider=provider, model=model)
     return ProviderUnavailable(message, provider=provider, model=model)
 
 

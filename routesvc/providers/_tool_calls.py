@@ -10,13 +10,17 @@ told apart by their ids, and older versions send no ``index`` at all. So a piece
 tool under an id other than that of the call at its index starts a new call, and a piece without
 an index belongs to the latest call unless it starts a new one so. (A call's first piece always
 names its tool; some servers change the id on later pieces of the same call, which therefore
-stay with it.) Calls are kept in the order they started.
+stay with it.) Calls are kept in the order they started. Some send no id at all (vLLM, NVIDIA
+NIM, LM Studio): such a call gets one made up, ``call_`` and a token of its response and its
+place in it, so that the caller can send it back with its result, and two responses' calls in
+one conversation stay apart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +40,7 @@ class ToolCallParts:
     def __init__(self) -> None:
         self._calls: list[_Parts] = []
         self._at: dict[int, _Parts] = {}  # the latest call started at each stream index
+        self._response = ""  # the token of the ids made up for calls that came without one
 
     def add(self, index: int | None, *, call_id: str = "", name: str = "", arguments: str = "") -> None:
         """Fold in one piece: the first id and name given win, arguments are appended."""
@@ -51,8 +56,16 @@ class ToolCallParts:
             parts.arguments.append(arguments)
 
     def calls(self) -> tuple[ToolCall, ...]:
-        """The assembled calls, in the order they started."""
-        return tuple(ToolCall(parts.id, parts.name, "".join(parts.arguments)) for parts in self._calls)
+        """The assembled calls, in the order they started; a call that came without an id gets
+        one made up (the same each time this is asked)."""
+        return tuple(
+            ToolCall(parts.id or self._made_up_id(position), parts.name, "".join(parts.arguments))
+            for position, parts in enumerate(self._calls)
+        )
+
+    def _made_up_id(self, position: int) -> str:
+        self._response = self._response or uuid.uuid4().hex[:16]
+        return f"call_{self._response}_{position}"
 
 
 # What each API takes as a call id in a request: Anthropic ``^[a-zA-Z0-9_-]+$``, OpenAI at most 40

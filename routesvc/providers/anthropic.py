@@ -95,6 +95,7 @@ from routesvc.providers._http import (
     text_field,
     transport_error,
 )
+from routesvc.providers._sending import sending, traced
 from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, anthropic_call_id
 from routesvc.providers.base import HttpClientKind, ModelRequest, ProviderCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
@@ -410,7 +411,11 @@ class AnthropicProvider:
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
             open_telemetry={"traces": False, "propagation": False},
-            http_client=keeping_buffered(anthropic.DefaultAioHttpClient) if http_client == "aiohttp" else None,
+            http_client=(
+                keeping_buffered(anthropic.DefaultAioHttpClient)
+                if http_client == "aiohttp"
+                else traced(anthropic.DefaultAsyncHttpxClient)
+            ),
         )
         self._http_client: HttpClientKind = http_client
         # Kept only so that an error code echoing it is never copied into a message.
@@ -446,7 +451,8 @@ class AnthropicProvider:
             stream=True,
             stream_cls=anthropic.AsyncStream[object],
         )
-        sdk_stream = await self._guard(call, deadline, request)
+        with sending(call.sent):
+            sdk_stream = await self._guard(call, deadline, request)
         try:
             tally = _Tally()
             while (event := await self._guard(call, deadline, next_event(sdk_stream))) is not END_OF_STREAM:
@@ -536,17 +542,17 @@ class AnthropicProvider:
     def _usage(self, call: ProviderCall, tally: _Tally) -> tuple[Usage, bool]:
         """The reported usage, and whether it is estimated: a count the stream did not report (or
         reported malformed) is estimated with the offline tokenizer (the input over the whole
-        request, tools included), and the estimate logged."""
-        if tally.input_tokens is None or tally.output_tokens is None:
+        request, tools included), and the estimate logged; a reported input keeps its cache
+        reads and writes."""
+        estimated = tally.input_tokens is None or tally.output_tokens is None
+        if estimated:
             self._usage_log.estimated(self._name, call.model)
-            input_tokens = estimate_input_tokens(call.as_chat(), "anthropic")
-            output_tokens = count_text_tokens("".join(tally.output))
-            estimate = Usage(
-                input_tokens=input_tokens if tally.input_tokens is None else tally.input_tokens,
-                output_tokens=output_tokens if tally.output_tokens is None else tally.output_tokens,
-            )
-            return estimate, True
-        return replace(_input_usage(tally), output_tokens=tally.output_tokens), False
+        if tally.input_tokens is None:
+            usage = Usage(input_tokens=estimate_input_tokens(call.as_chat(), "anthropic"))
+        else:
+            usage = _input_usage(tally)
+        output_tokens = count_text_tokens("".join(tally.output)) if tally.output_tokens is None else tally.output_tokens
+        return replace(usage, output_tokens=output_tokens), estimated
 
     async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
         """Await one SDK step within the call's deadline, translating whatever it raises."""
@@ -560,7 +566,7 @@ class AnthropicProvider:
             code = safe_code(exc.type, forbidden=forbidden)
             if exc.status_code < 400:
                 # ``event: error`` inside a 200 stream: the SDK raises it with the stream's status.
-                return error_for_event(code or "error", provider=name, model=model)
+                return error_for_event("", code, provider=name, model=model)
             return error_for_status(
                 exc.status_code,
                 provider=name,

@@ -164,13 +164,34 @@ class ModelRequest(Protocol):
     def response_format(self) -> ResponseFormat | None: ...
 
 
+class RequestSent:
+    """Whether a call's request went out to the provider: set by the adapter's HTTP transport once
+    the request's headers are written on an open connection (the body follows at once). A call
+    cut before then (its connection never made, or a wait for a pooled one) never reached the
+    provider, which therefore bills nothing for it."""
+
+    __slots__ = ("_sent",)
+
+    def __init__(self) -> None:
+        self._sent = False
+
+    def set(self) -> None:
+        """The request went out."""
+        self._sent = True
+
+    def is_set(self) -> bool:
+        """Whether the request went out."""
+        return self._sent
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderCall:
     """One call to a model: what to send, and how long it may take.
 
     ``timeout`` is the seconds left before the caller's deadline (None: no deadline); the
     adapter bounds the whole HTTP exchange by it. ``headers`` are extra HTTP headers to send
-    upstream (for example ``traceparent``); never the client's own credentials.
+    upstream (for example ``traceparent``); never the client's own credentials. ``sent`` is set
+    once the request went out (``RequestSent``): what a call cut short is charged on.
     """
 
     model: str
@@ -185,6 +206,7 @@ class ProviderCall:
     response_format: ResponseFormat | None = None
     timeout: float | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    sent: RequestSent = field(default_factory=RequestSent, compare=False, repr=False)
 
     def as_chat(self) -> ChatRequest:
         """What the call puts in the prompt, as a ``ChatRequest``: what its input is estimated
@@ -198,7 +220,7 @@ class Provider(Protocol):
     ``stream`` yields ``TextDelta``s in order and then exactly one ``ProviderFinish``; every SDK
     exception is translated to a ``routesvc.errors.ProviderError`` subclass inside the adapter.
     Closing the iterator early (``aclose``, or cancelling the task that iterates it) closes the
-    upstream HTTP request.
+    upstream HTTP request. ``call.sent`` is set once the request went out.
     """
 
     @property

@@ -76,6 +76,7 @@ from routesvc.providers._http import (
     text_field,
     transport_error,
 )
+from routesvc.providers._sending import sending, traced
 from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, openai_call_id
 from routesvc.providers.base import HttpClientKind, ModelRequest, ProviderCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
@@ -92,16 +93,25 @@ _FINISH_REASONS = {
     "tool_calls": FinishReason.TOOL_CALLS,
     "function_call": FinishReason.TOOL_CALLS,
     "content_filter": FinishReason.CONTENT_FILTER,
+    # OpenAI-compatible servers' names for a natural stop: TGI (before 2.2.1) "eos_token" and
+    # "stop_sequence", Together "eos".
+    "eos_token": FinishReason.STOP,
+    "eos": FinishReason.STOP,
+    "stop_sequence": FinishReason.STOP,
 }
 
 _T = TypeVar("_T")
 
 
-def map_finish_reason(reason: str | None) -> FinishReason:
-    """The domain finish reason for an OpenAI ``finish_reason``."""
+def map_finish_reason(reason: str | None, *, made_calls: bool = False) -> FinishReason:
+    """The domain finish reason for an OpenAI ``finish_reason``, of an answer that ``made_calls``
+    or not. Such an answer that stopped of itself is TOOL_CALLS: OpenAI says "stop" when
+    ``tool_choice`` named the tool, and some compatible servers do even in auto mode (a cut by
+    length or filter stays what it is)."""
     if reason is None:
         return FinishReason.UNSPECIFIED
-    return _FINISH_REASONS.get(reason, FinishReason.OTHER)
+    finish = _FINISH_REASONS.get(reason, FinishReason.OTHER)
+    return FinishReason.TOOL_CALLS if made_calls and finish is FinishReason.STOP else finish
 
 
 def _messages(messages: Iterable[Message]) -> list[ChatCompletionMessageParam]:
@@ -266,7 +276,11 @@ class OpenAIProvider:
             api_key=api_key or "unused",
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
-            http_client=keeping_buffered(openai.DefaultAioHttpClient) if http_client == "aiohttp" else None,
+            http_client=(
+                keeping_buffered(openai.DefaultAioHttpClient)
+                if http_client == "aiohttp"
+                else traced(openai.DefaultAsyncHttpxClient)
+            ),
         )
         self._http_client: HttpClientKind = http_client
 
@@ -319,7 +333,8 @@ class OpenAIProvider:
             stream=True,
             stream_cls=openai.AsyncStream[object],
         )
-        sdk_stream = await self._guard(call, deadline, request)
+        with sending(call.sent):
+            sdk_stream = await self._guard(call, deadline, request)
         try:
             usage: dict[str, object] = {}
             finish: str | None = None
@@ -360,11 +375,14 @@ class OpenAIProvider:
                     model=call.model,
                 )
             reported, estimated = self._usage(call, usage, output)
+            calls = tool_calls.calls()
             yield ProviderFinish(
                 usage=reported,
-                finish_reason=FinishReason.CONTENT_FILTER if refused else map_finish_reason(finish),
+                finish_reason=(
+                    FinishReason.CONTENT_FILTER if refused else map_finish_reason(finish, made_calls=bool(calls))
+                ),
                 provider_model=provider_model or call.provider_model,
-                tool_calls=tool_calls.calls(),
+                tool_calls=calls,
                 estimated=estimated,
             )
         finally:
@@ -402,15 +420,16 @@ class OpenAIProvider:
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
         name, model = self._name, call.model
         forbidden = never_echoed(call, self._api_key)
-        code = ""
+        code = error_type = ""
         if isinstance(exc, openai.APIError):
-            code = safe_code(exc.code, forbidden=forbidden) or safe_code(exc.type, forbidden=forbidden)
+            # The SDK gives a numeric code (vLLM's 400) as its text.
+            code, error_type = safe_code(exc.code, forbidden=forbidden), safe_code(exc.type, forbidden=forbidden)
         if isinstance(exc, openai.APIStatusError):
             return error_for_status(
                 exc.status_code,
                 provider=name,
                 model=model,
-                code=code,
+                code=code or error_type,
                 headers=exc.response.headers,
                 quota=quota_spent(exc),
             )
@@ -422,5 +441,5 @@ class OpenAIProvider:
             return ProviderUnavailable(describe(name, model, "invalid response"), provider=name, model=model)
         if isinstance(exc, openai.APIError):
             # An ``{"error": ...}`` chunk inside a 200 stream.
-            return error_for_event(code or "error", provider=name, model=model)
+            return error_for_event(code, error_type, provider=name, model=model)
         return transport_error(exc, provider=name, model=model)

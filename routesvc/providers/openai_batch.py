@@ -247,6 +247,8 @@ class OpenAIBatches:
         details = usage.get("prompt_tokens_details") or {}
         # A refusal (structured outputs) is the answer, and the answer was filtered.
         refusal = str(message.get("refusal") or "")
+        calls = tuple(_tool_call(call) for call in message.get("tool_calls") or ())
+        finish = map_finish_reason(choice.get("finish_reason"), made_calls=bool(calls))
         return ItemResult(
             custom_id,
             BatchState.SUCCEEDED,
@@ -256,9 +258,9 @@ class OpenAIBatches:
                 output_tokens=int(usage.get("completion_tokens") or 0),
                 cached_input_tokens=int(details.get("cached_tokens") or 0),
             ),
-            finish_reason=FinishReason.CONTENT_FILTER if refusal else map_finish_reason(choice.get("finish_reason")),
+            finish_reason=FinishReason.CONTENT_FILTER if refusal else finish,
             provider_model=str(body.get("model") or ""),
-            tool_calls=tuple(_tool_call(call) for call in message.get("tool_calls") or ()),
+            tool_calls=calls,
         )
 
     async def cancel(self, batch_id: str) -> None:

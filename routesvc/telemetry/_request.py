@@ -559,6 +559,7 @@ async def observed_stream(
                 produced,
                 error_type,
                 stopped,
+                call.sent.is_set(),
                 started,
                 metric_labels,
                 purpose,
@@ -577,6 +578,7 @@ def _end_attempt(
     produced: list[str],
     error_type: str,
     stopped: bool,
+    sent: bool,
     started: float,
     metric_labels: dict[str, str],
     purpose: str,
@@ -584,9 +586,10 @@ def _end_attempt(
     telemetry = rpc.telemetry
     duration = time.monotonic() - started
     # As in the ledger: an attempt the provider ended with an error before any output is charged
-    # nothing; one ended from our side once the provider had it (a cancellation, the router's
-    # stream timers, the call's deadline), or cut after output, an estimate.
-    ended_by_us = error_type in ("cancelled", "_OTHER") or stopped
+    # nothing, and so is one ended from our side before its request went out; one ended from our
+    # side once the provider had it (a cancellation, the router's stream timers, the call's
+    # deadline), or cut after output, an estimate.
+    ended_by_us = (error_type in ("cancelled", "_OTHER") or stopped) and sent
     interrupted = finish is None and (bool(produced) or ended_by_us)
     estimated = interrupted or (finish is not None and finish.estimated)
     if finish is not None:

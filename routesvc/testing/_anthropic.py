@@ -67,6 +67,8 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
         "cache_read_input_tokens": script.cached_input_tokens,
         "output_tokens": 1 if output_tokens else 0,
     }
+    if script.omit_output_tokens:
+        del start_usage["output_tokens"]
     message: dict[str, Any] = {
         "id": f"msg_fake_{uuid.uuid4().hex[:24]}",
         "type": "message",
@@ -80,14 +82,15 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
         await before_json_answer(connection, script)
         response = {**message, "content": answer_content(script, record.body), "stop_reason": stop_reason}
         if not script.omit_usage:
-            response["usage"] = {**start_usage, "output_tokens": output_tokens}
+            whole = {} if script.omit_output_tokens else {"output_tokens": output_tokens}
+            response["usage"] = {**start_usage, **whole}
         await connection.send_json(200, response, {"request-id": f"req_fake_{uuid.uuid4().hex[:24]}"})
         return
 
     if not script.omit_usage:
         message["usage"] = start_usage
     delta: dict[str, Any] = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None}}
-    if not script.omit_usage:
+    if not script.omit_usage and not script.omit_output_tokens:
         delta["usage"] = {"output_tokens": output_tokens}  # cumulative: the total so far
     error = error_body(
         529, script.error_type or "overloaded_error", error_message(record, script, "fake in-band error")

@@ -13,9 +13,11 @@ from routesvc.testing._script import Fault, RecordedRequest, Script, error_messa
 PATH = "/v1/chat/completions"
 
 
-def error_body(status: int, error_type: str, message: str) -> dict[str, Any]:
-    """OpenAI's error JSON; a spent quota has ``insufficient_quota`` as its code too, as OpenAI sends it."""
-    code = "insufficient_quota" if error_type == "insufficient_quota" else None
+def error_body(status: int, error_type: str, message: str, code: str | int | None = None) -> dict[str, Any]:
+    """OpenAI's error JSON, with ``code`` when given; else a spent quota has ``insufficient_quota``
+    as its code too and a 429 ``rate_limit_exceeded``, as OpenAI sends them, and any other null."""
+    if code is None and error_type == "insufficient_quota":
+        code = "insufficient_quota"
     if code is None and status == 429:
         code = "rate_limit_exceeded"
     return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
@@ -31,7 +33,7 @@ def answer_message(script: Script, body: Any) -> dict[str, Any]:
         message["content"] = message["content"] or None
         message["tool_calls"] = [
             {
-                "id": call.call_id(index, "call"),
+                **({} if script.omit_tool_call_ids else {"id": call.call_id(index, "call")}),
                 "type": "function",
                 "function": {"name": call.name, "arguments": call.arguments},
             }
@@ -41,8 +43,14 @@ def answer_message(script: Script, body: Any) -> dict[str, Any]:
 
 
 def finish_reason_for(script: Script, body: Any) -> str:
-    """``tool_calls`` when the answer makes tool calls, else the script's finish reason."""
-    return "tool_calls" if script.calls_for(body) else script.finish_reason
+    """The script's finish reason; for an answer that makes tool calls, the script's
+    ``tool_calls_finish_reason``, else OpenAI's: ``stop`` when ``tool_choice`` named the tool,
+    else ``tool_calls``."""
+    if not script.calls_for(body):
+        return script.finish_reason
+    if script.tool_calls_finish_reason is not None:
+        return script.tool_calls_finish_reason
+    return "stop" if isinstance(body.get("tool_choice"), dict) else "tool_calls"
 
 
 async def respond(connection: Connection, record: RecordedRequest, script: Script) -> None:
@@ -50,7 +58,9 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     if script.fault is Fault.HANG_BEFORE_HEADERS:
         await connection.hang()
     if script.status != 200:
-        await send_error(connection, record, script, error_body)
+        await send_error(
+            connection, record, script, lambda status, kind, text: error_body(status, kind, text, script.error_code)
+        )
         return
     body: dict[str, Any] = record.body
     model = script.model or record.model
@@ -59,12 +69,14 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     input_tokens, output_tokens = usage_numbers(record, script)
     calls = script.calls_for(body)
     finish_reason = finish_reason_for(script, body)
-    usage = {
+    usage: dict[str, Any] = {
         "prompt_tokens": input_tokens,
         "completion_tokens": output_tokens,
         "total_tokens": input_tokens + output_tokens,
         "prompt_tokens_details": {"cached_tokens": script.cached_input_tokens},
     }
+    if script.omit_output_tokens:
+        del usage["completion_tokens"], usage["total_tokens"]
     if not record.stream:
         await before_json_answer(connection, script)
         response: dict[str, Any] = {
@@ -116,7 +128,9 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     for index, call in enumerate(calls):
         # The first piece names the call; the arguments follow in pieces, by the call's index.
         function = {"name": call.name, "arguments": ""}
-        first = keyed(index, {"id": call.call_id(index, "call"), "type": "function", "function": function})
+        first = keyed(index, {"type": "function", "function": function})
+        if not script.omit_tool_call_ids:
+            first["id"] = call.call_id(index, "call")
         content.append(chunk({"tool_calls": [first]}))
         content += [
             chunk({"tool_calls": [keyed(index, {"function": {"arguments": piece}})]})
@@ -134,7 +148,8 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
         }
         closing.append(sse(usage_chunk))
     closing.append(b"data: [DONE]\n\n")
-    error = error_body(500, script.error_type or "server_error", error_message(record, script, "fake in-band error"))
+    message = error_message(record, script, "fake in-band error")
+    error = error_body(500, script.error_type or "server_error", message, script.error_code)
     faults = {
         Fault.ERROR_EVENT: sse(error),
         Fault.MALFORMED_LINE: b'data: {"choices": [{"delta": \n\n',

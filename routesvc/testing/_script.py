@@ -117,6 +117,18 @@ class Script:
     # The text is the model's refusal: the OpenAI format streams it in ``delta.refusal`` (and a
     # whole answer's ``message.refusal``, ``content`` null), as OpenAI's structured outputs do.
     refusal: bool = False
+    # The OpenAI format's calls come without an ``id`` (vLLM, NVIDIA NIM, LM Studio).
+    omit_tool_call_ids: bool = False
+    # The OpenAI format's finish reason of an answer that makes tool calls; None as OpenAI:
+    # "stop" when ``tool_choice`` named the tool, else "tool_calls".
+    tool_calls_finish_reason: str | None = None
+    # The ``code`` of an OpenAI-format error (an HTTP error's body, an in-band error event); None by
+    # type as OpenAI: ``insufficient_quota``, ``rate_limit_exceeded`` on a 429, else null. vLLM
+    # sends the HTTP status as a number (400), LiteLLM as text ("429").
+    error_code: str | int | None = None
+    # Usage without the output count (a proxy that passes the input on only): Anthropic's
+    # ``output_tokens`` (``message_start``, ``message_delta``), OpenAI's ``completion_tokens``.
+    omit_output_tokens: bool = False
 
     def content_chunks(self) -> tuple[str, ...]:
         """The text pieces this script streams, in order."""
