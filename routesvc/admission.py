@@ -55,7 +55,10 @@ class Reservation(Protocol):
     @property
     def counted(self) -> bool:
         """Whether ``settle`` has counted the request in its tenant's budget: false before it, for
-        a tenant without limits, and when the shared store could not be reached."""
+        a tenant without limits, and when the shared store could not be reached and the settle
+        could not be left to a retry in the background. One left to a retry counts as counted:
+        the retry counts it, unless the store stays away until the lease ends (or the process
+        stops meanwhile)."""
         ...
 
     async def extend(self, cost: Decimal) -> None:

@@ -3,13 +3,18 @@ in Redis. Each check-and-reserve, each extension and each settle is one Lua scri
 atomic across replicas. The rate windows and leases are scored by Redis's clock (``TIME`` inside
 the script), the same for every replica; the budget periods (UTC day and month) by the replica's.
 
-A settle that fails (Redis unreachable for a moment) is tried again in the background, after
-doubling delays, until it reaches Redis or the reservation's lease has run out; a retry settles
-only a reservation still in flight, so a first try that ran and lost its reply is not counted
-twice. A request whose settle never reaches Redis (its replica died, or Redis stayed away past the
-lease) leaves its request and tokens to expire with the window, and its in-flight slot and
-reserved USD to be released once its lease runs out (by the next admission of the tenant); what it
-really cost is never known, so nothing is added to what was spent.
+A settle that fails (Redis unreachable for a moment), and the undo of an admission whose script
+may have run without its reply reaching us, are sent again in the background by one loop, in
+batches, after jittered doubling delays, until they reach Redis or the reservation's lease has run
+out (at most ``_RETRY_MAX_PENDING`` wait at once). Each is safe to run twice, and to arrive late:
+a retried settle settles only a reservation still in flight (its first try may have run and lost
+its reply) and leaves a marker that makes a first try arriving after it count nothing; an undo
+leaves a marker that makes its admission, if it arrives after it, reserve nothing. An admission
+whose connection was refused sent nothing, and needs no undo. A request whose settle never
+reaches Redis (its replica died, or Redis stayed away past the lease) leaves its request and
+tokens to expire with the window, and its in-flight slot and reserved USD to be released once its
+lease runs out (by the next admission of the tenant); what it really cost is never known, so
+nothing is added to what was spent.
 
 Keys, per tenant T (``routesvc:`` prefix configurable):
     {prefix}T:req              sorted set of admitted request ids scored by time (requests/min)
@@ -22,17 +27,23 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
     {prefix}T:reserved:P       USD reserved and not yet settled, and
     {prefix}T:reservations:P   hash reservation id -> the USD it holds in reserved:P (its
                                estimate plus extensions), released by its settle or its lease's end
+    {prefix}T:settled:ID       set by a retried settle of reservation ID, and
+    {prefix}T:undone:ID        by the undo of admission ID, each for a lease (see above)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import functools
-import itertools
+import math
+import random
+import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -68,11 +79,14 @@ _PLACES = Decimal("0.000000000001")
 # only by more than 1e-9 USD, far under any price and far over the rounding of realistic sums.
 # Amounts stay stored as before, as replicas of an older version may share these keys.
 # ``reserve`` and ``release`` keep each reservation's share of reserved:P in reservations:P.
-# ``clock``: the time a script was given (tests), else Redis's own. Redis 5 and later replicate a
-# script's effects, not the script, so reading ``TIME`` before writing is allowed.
+# ``clock``: the time a script was given (tests), else Redis's own. Reading ``TIME`` before
+# writing needs the script's effects replicated, not the script: the default from Redis 5, asked
+# for on Redis 3.2 and 4 by ``replicate_commands`` (on later ones it changes nothing; it must
+# come before any write, and ``clock`` is called before any).
 _CLOCK = """
 local function clock(given)
   if given ~= '' then return tonumber(given) end
+  redis.replicate_commands()
   local time = redis.call('TIME')
   return tonumber(time[1]) + tonumber(time[2]) / 1000000
 end
@@ -113,6 +127,8 @@ local tokens, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
 local day_budget, month_budget = tonumber(ARGV[8]), tonumber(ARGV[9])
 local id, lease = ARGV[10], tonumber(ARGV[11])
 local dry = ARGV[12] == '1'
+-- Undone before it arrived (its caller gave up on it, ``_UNDO``): it reserves nothing.
+if redis.call('EXISTS', KEYS[11]) == 1 then return {'UNDONE', ''} end
 redis.call('ZREMRANGEBYSCORE', req, '-inf', now - window)
 local expired = redis.call('ZRANGEBYSCORE', tok, '-inf', now - window)
 for _, old in ipairs(expired) do redis.call('HDEL', tokn, old) end
@@ -196,16 +212,24 @@ return {'OK', ''}
 
 # The real cost is spent even when the lease ran out before the settle (the request outlived
 # it): the lease's end released the reservation, not the spending. So a second run would count
-# the cost twice: ``SettleOnce`` runs it once per reservation, and a retry (ARGV[4] '1', after a
-# try that failed and may have run) settles only a reservation still in flight; one no longer
-# there was settled by that try, or released by its lease's end.
+# the cost twice: ``SettleOnce`` runs it once per reservation, and its tries are told apart. A
+# retry (ARGV[5] '1', after a first try that failed and may have run, sent only while the lease
+# lasts) settles only a reservation still in flight, as one no longer there was settled by the
+# first try; and it leaves a marker (``settled``, for a lease) that makes the first try, if it
+# arrives after it (held up on the network past its timeout), count nothing. A first try leaves
+# none, which would cost a key per request: it takes the reservation out of flight for a retry to
+# see.
 _SETTLE = (
     _FUNCTIONS
     + """
-local tokn, inflight = KEYS[1], KEYS[2]
-local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local id, tokens, cost, retry = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
-if retry and not redis.call('ZSCORE', inflight, id) then return 0 end
+local tokn, inflight, settled = KEYS[1], KEYS[2], KEYS[3]
+local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local id, tokens, cost, marked_for, retry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
+if redis.call('EXISTS', settled) == 1 then return 0 end
+if retry then
+  if not redis.call('ZSCORE', inflight, id) then return 0 end
+  redis.call('SET', settled, '1', 'EX', marked_for)
+end
 redis.call('ZREM', inflight, id)
 if redis.call('HEXISTS', tokn, id) == 1 then redis.call('HSET', tokn, id, tokens) end
 release(res_d, holds_d, id)
@@ -220,13 +244,16 @@ return 1
 
 # Undoes an admission that may have run (its reply lost, its caller cancelled): everything it
 # reserved, its place in the requests and tokens per minute too, so a refused request reserves
-# nothing. Running it again, or for an admission that never ran, changes nothing.
+# nothing; and it marks the id undone for a lease, so that the admission, if it arrives after
+# this (held up on the network past its timeout), reserves nothing either. Running it again, or
+# for an admission that never ran, changes nothing more.
 _UNDO = (
     _FUNCTIONS
     + """
 local req, tok, tokn, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local res_d, res_m, holds_d, holds_m = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local id = ARGV[1]
+local res_d, res_m, holds_d, holds_m, undone = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local id, marked_for = ARGV[1], ARGV[2]
+redis.call('SET', undone, '1', 'EX', marked_for)
 redis.call('ZREM', req, id)
 redis.call('ZREM', tok, id)
 redis.call('HDEL', tokn, id)
@@ -245,6 +272,13 @@ redis.call('EXPIRE', spent_d, 3 * 86400)
 redis.call('EXPIRE', spent_m, 40 * 86400)
 return 1
 """
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether ``exc`` shows that a command never left for Redis: the connection was refused, or
+    Redis's host name not found (redis-py meets these only while it connects). A timeout, or a
+    connection lost, may have come after the command was sent."""
+    return isinstance(exc.__context__, ConnectionRefusedError | socket.gaierror)
 
 
 def _store_failed(exc: BaseException) -> SharedStateUnavailable:
@@ -271,11 +305,28 @@ def _budgets(limits: TenantConfig) -> list[str | int]:
 
 # How long a Redis command or connection may take before the store counts as unavailable.
 _TIMEOUT_SECONDS = 1.0
-# A failed settle is tried again after these delays, doubling from the first to the last.
+# Failed settles and undos are sent again after these delays (jittered: from half of each),
+# doubling from the first to the last while Redis fails, this many to a round trip; at most
+# ``_RETRY_MAX_PENDING`` wait (about a kilobyte each), past which more are dropped (logged).
 _RETRY_FIRST_SECONDS = 0.1
 _RETRY_MAX_SECONDS = 10.0
-# How long ``aclose`` waits for undos and settles (each failed one tried once more at once).
+_RETRY_BATCH = 100
+_RETRY_MAX_PENDING = 10_000
+# How long ``aclose`` waits for settles and the retry loop (which sends what waits once more, now).
 _CLOSE_SECONDS = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Resend:
+    """A settle or an undo that failed, to send again (``script`` with ``keys`` and ``args``: safe
+    to run twice) until the loop time ``until``, when the reservation's lease ends."""
+
+    operation: str
+    tenant: str
+    script: Any
+    keys: list[str]
+    args: list[str | int]
+    until: float
 
 
 class RedisAdmission:
@@ -315,6 +366,7 @@ class RedisAdmission:
         self._tenants = limited_tenants(tenants)
         self._prefix = prefix
         self._lease = lease_seconds
+        self._marked_for = max(1, math.ceil(lease_seconds))  # seconds a settled or undone marker lasts
         self._store_clock = clock
         self._clock = wall_clock
         self._admit = self._redis.register_script(_ADMIT)
@@ -323,10 +375,13 @@ class RedisAdmission:
         self._undo_script = self._redis.register_script(_UNDO)
         self._charge_script = self._redis.register_script(_CHARGE)
         self._count_route_script = self._redis.register_script(_COUNT_ROUTE)
-        # Undoing reservations whose admit did not finish (see ``admit``), settles and their
-        # retries, charges on their way (``charge``); awaited by ``aclose``, for a while.
+        # Settles, charges (``charge``) and give-backs on their way, and the one loop that sends
+        # ``_resends`` again (``_retry``); awaited by ``aclose``, for a while.
         self._undoing: set[asyncio.Task[object]] = set()
-        self._closing = asyncio.Event()  # set by ``aclose``: retry what failed once more, now
+        self._resends: list[_Resend] = []
+        self._retrying: asyncio.Task[object] | None = None
+        self._dropping = False  # whether the last resend was dropped (``_RETRY_MAX_PENDING``)
+        self._closing = asyncio.Event()  # set by ``aclose``: send what waits once more, now
 
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
         """Apply new limits (hot reload)."""
@@ -359,17 +414,20 @@ class RedisAdmission:
         now = self._clock()
         periods = _periods(now)
         reservation_id = uuid.uuid4().hex
-        settle = functools.partial(self._settle, tenant, reservation_id, periods)
+        lease_ends = asyncio.get_running_loop().time() + self._lease
         try:
             verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, reservation_id, dry=False)
         except BaseException as exc:
-            # The script may have reserved before its reply was lost (the caller cancelled, the
-            # connection dropped): undo by id in the background, a no-op if nothing was reserved.
-            self._in_background(self._undo(tenant, reservation_id, periods))
+            if not _never_sent(exc):
+                # The script may have reserved before its reply was lost (the caller cancelled,
+                # a timeout, the connection dropped): undo by id in the background, a no-op if
+                # nothing was reserved, and one the script respects if it arrives after it.
+                self._undo(tenant, reservation_id, periods, lease_ends)
             if isinstance(exc, RedisError | OSError):
                 raise _store_failed(exc) from exc
             raise
         if verdict == "OK":
+            settle = functools.partial(self._settle, tenant, reservation_id, periods, lease_ends)
             return SettleOnce(settle, functools.partial(self._extend, tenant, reservation_id, periods))
         raise self._refusal(tenant, limits, verdict, detail, now)
 
@@ -434,6 +492,7 @@ class RedisAdmission:
             self._key(tenant, "tokn"),
             self._key(tenant, "inflight"),
             *self._usd_keys(tenant, _periods(now)),
+            self._key(tenant, f"undone:{reservation_id}"),
         ]
         args: list[str | int] = [
             self._now(),
@@ -489,74 +548,104 @@ class RedisAdmission:
         return LimitExceeded(messages[verdict], reason=verdict, retry_after=_retry_after(detail))
 
     async def _settle(
-        self, tenant: str, reservation_id: str, periods: tuple[str, str], tokens: int, cost: Decimal
+        self, tenant: str, reservation_id: str, periods: tuple[str, str], lease_ends: float, tokens: int, cost: Decimal
     ) -> bool:
-        keys = [self._key(tenant, "tokn"), self._key(tenant, "inflight"), *self._usd_keys(tenant, periods)]
-        args: list[str | int] = [reservation_id, tokens, _usd(cost)]
+        keys = [
+            self._key(tenant, "tokn"),
+            self._key(tenant, "inflight"),
+            self._key(tenant, f"settled:{reservation_id}"),
+            *self._usd_keys(tenant, periods),
+        ]
+        args: list[str | int] = [reservation_id, tokens, _usd(cost), self._marked_for]
         # A settle runs once (``SettleOnce``): a request's cleanup cancelled again while it runs
         # (a drain's cancel, then grpc's) must not lose it, which would hold the tenant's
         # in-flight slot and reserved USD until the lease ends. Its own task runs it to the end.
-        task = asyncio.get_running_loop().create_task(self._run_settle(tenant, keys, args))
+        task = asyncio.get_running_loop().create_task(self._run_settle(tenant, keys, args, lease_ends))
         self._undoing.add(task)
         task.add_done_callback(self._undoing.discard)
         return await asyncio.shield(task)
 
-    async def _run_settle(self, tenant: str, keys: list[str], args: list[str | int]) -> bool:
+    async def _run_settle(self, tenant: str, keys: list[str], args: list[str | int], lease_ends: float) -> bool:
         try:
             await self._settle_script(keys=keys, args=[*args, "0"])
         except (RedisError, OSError) as exc:
             # The request is already answered: a store that fails now must not turn it into an
-            # error. The settle is tried again in the background (see the module's docstring);
-            # the request counts as not counted (``Reservation.counted``), as a retry may not be.
+            # error. The settle is sent again in the background (see the module's docstring),
+            # and counts as counted (``Reservation.counted``) unless it could not wait: a batch
+            # job's end then corrects the estimate the retry counts.
             log.warning("admission_settle_failed", tenant=tenant, error_type=type(exc).__name__)
-            retry = functools.partial(self._settle_script, keys=keys, args=[*args, "1"])
-            self._in_background(self._retry("settle", tenant, retry))
-            return False
+            retry = _Resend("settle", tenant, self._settle_script, keys, [*args, "1"], lease_ends)
+            return self._resend_later(retry)
         return True
 
-    async def _undo(self, tenant: str, reservation_id: str, periods: tuple[str, str]) -> None:
+    def _undo(self, tenant: str, reservation_id: str, periods: tuple[str, str], lease_ends: float) -> None:
         keys = [
             self._key(tenant, "req"),
             self._key(tenant, "tok"),
             self._key(tenant, "tokn"),
             self._key(tenant, "inflight"),
             *self._usd_keys(tenant, periods)[2:],
+            self._key(tenant, f"undone:{reservation_id}"),
         ]
-        undo = functools.partial(self._undo_script, keys=keys, args=[reservation_id])
-        try:
-            await undo()
-        except (RedisError, OSError) as exc:
-            log.warning("admission_undo_failed", tenant=tenant, error_type=type(exc).__name__)
-            await self._retry("undo", tenant, undo)
+        self._resend_later(
+            _Resend("undo", tenant, self._undo_script, keys, [reservation_id, self._marked_for], lease_ends)
+        )
 
-    async def _retry(self, what: str, tenant: str, run: Callable[[], Awaitable[object]]) -> None:
-        """Run ``run`` (a settle or an undo, either safe to run again) until it reaches Redis,
-        after doubling delays, for as long as a lease (past it, the lease's end has released the
-        reservation); once more at once when ``aclose`` starts, and no more after that."""
+    def _resend_later(self, resend: _Resend) -> bool:
+        """Leave ``resend`` to the retry loop (started if it is not running); False when too many
+        wait already: it is dropped (logged once until one is taken again)."""
+        if len(self._resends) >= _RETRY_MAX_PENDING:
+            if not self._dropping:
+                log.warning("admission_retries_dropped", operation=resend.operation, waiting=len(self._resends))
+            self._dropping = True
+            return False
+        self._dropping = False
+        self._resends.append(resend)
+        if self._retrying is None or self._retrying.done():
+            # A context of its own: the loop outlives the request that starts it, and is not its
+            # work (its logs carry none of that request's fields).
+            self._retrying = self._in_background(self._retry(), context=contextvars.Context())
+        return True
+
+    async def _retry(self) -> None:
+        """Send the settles and undos that wait (``_resends``) until none is left: after a jittered
+        delay that doubles while Redis fails, in batches of one round trip each, dropping those
+        whose lease has ended (their reservations are released by it); once more at once when
+        ``aclose`` starts, and no more after that."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._lease
         delay = _RETRY_FIRST_SECONDS
-        for attempt in itertools.count(2):
+        while self._resends:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
+                async with asyncio.timeout(random.uniform(delay / 2, delay)):  # noqa: S311 - jitter, not cryptography
                     await self._closing.wait()
+            now = loop.time()
+            if expired := [resend for resend in self._resends if resend.until <= now]:
+                log.warning("admission_retries_expired", count=len(expired))
+                self._resends = [resend for resend in self._resends if resend.until > now]
             try:
-                await run()
+                while batch := self._resends[:_RETRY_BATCH]:
+                    async with self._redis.pipeline(transaction=False) as pipeline:
+                        for resend in batch:
+                            await resend.script(keys=resend.keys, args=resend.args, client=pipeline)
+                        await pipeline.execute()
+                    del self._resends[: len(batch)]
+                    log.info("admission_retries_sent", count=len(batch))
             except (RedisError, OSError) as exc:
-                if self._closing.is_set() or loop.time() + delay > give_up:
-                    log.warning(
-                        "admission_retry_abandoned", operation=what, tenant=tenant, error_type=type(exc).__name__
-                    )
+                if self._closing.is_set():
+                    log.warning("admission_retries_abandoned", count=len(self._resends), error_type=type(exc).__name__)
+                    self._resends.clear()
                     return
                 delay = min(2 * delay, _RETRY_MAX_SECONDS)
-                continue
-            log.info("admission_retry_succeeded", operation=what, tenant=tenant, attempts=attempt)
-            return
+            else:
+                delay = _RETRY_FIRST_SECONDS
 
-    def _in_background(self, work: Coroutine[None, None, object]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+    def _in_background(
+        self, work: Coroutine[None, None, object], context: contextvars.Context | None = None
+    ) -> asyncio.Task[object]:
+        task = asyncio.get_running_loop().create_task(work, context=context)
         self._undoing.add(task)
         task.add_done_callback(self._undoing.discard)
+        return task
 
     def charge(self, tenant: str, cost: Decimal, *, at: float | None = None) -> None:
         """Add ``cost`` (negative: given back) to a limited ``tenant``'s spend in Redis in the
@@ -596,13 +685,12 @@ class RedisAdmission:
         return Decimal(value or 0).quantize(_PLACES).normalize() if value else Decimal(0)
 
     async def aclose(self) -> None:
-        """Finish undoing unfinished admissions and settling (each failed settle or undo tried
-        once more at once) for at most ``_CLOSE_SECONDS``, cancel what is left, then close the
-        connection pool."""
+        """Finish settling, and sending the settles and undos that wait (once more, at once), for
+        at most ``_CLOSE_SECONDS``, cancel what is left, then close the connection pool."""
         self._closing.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _CLOSE_SECONDS
-        # A loop: a settle that fails now starts its retry (tried at once, as closing is set).
+        # A loop: a settle that fails now is left to the retry loop (which sends it at once).
         while self._undoing and (left := deadline - loop.time()) > 0:
             await asyncio.wait(set(self._undoing), timeout=left)
         left_over = set(self._undoing)

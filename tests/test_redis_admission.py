@@ -10,21 +10,24 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import grpc
 import pytest
 import redis.asyncio
 
+from routesvc import redis_admission
 from routesvc.auth import key_digest
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
 from routesvc.errors import LimitExceeded, RequestTooLarge, SharedStateUnavailable
 from routesvc.redis_admission import RedisAdmission
 from routesvc.server import Server
-from routesvc.testing import FakeProvider, Script
+from routesvc.testing import BatchOutcome, FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, free_port, live_environ, settings_from, user_chat
 from tests.redis_server import running_redis
+from tests.test_batches import budget_config, submit
 from tests.test_limits import (
     PRECHECKED,
     Clock,
@@ -328,9 +331,11 @@ class TestExtensions:
 class _Proxy:
     """A TCP proxy to Redis on loopback that can hold every reply for ``delay`` seconds (requests
     pass at once; settable), can cut every connection it carries, can be down for a while (``down``
-    and ``up``: it cuts every connection and closes new ones at once), and can lose the next reply
+    and ``up``: it cuts every connection and closes new ones at once), can lose the next reply
     (``lose_reply``: the command has run in Redis, and its connection is closed instead of
-    answered)."""
+    answered), can cut the connection that next carries some bytes before they reach Redis
+    (``cut_before``), and can hold what the connections open now send (``hold``: not lost, as TCP
+    holds a segment it retransmits) until ``deliver`` passes it on, after their client gave up."""
 
     def __init__(self, upstream: str, delay: float = 0.0) -> None:
         parsed = urllib.parse.urlparse(upstream)
@@ -340,6 +345,9 @@ class _Proxy:
         self._server: asyncio.Server | None = None
         self._losing = False
         self._down = False
+        self._cutting = b""
+        self._held: dict[asyncio.StreamWriter, bytearray] = {}  # upstream writer -> what waits
+        self._replied: dict[asyncio.StreamWriter, asyncio.Event] = {}  # upstream writer -> a reply came
 
     def down(self) -> None:
         """Cut every connection, and close new ones at once until ``up``."""
@@ -354,6 +362,25 @@ class _Proxy:
     def lose_reply(self) -> None:
         """Close the connection that the next reply comes back on, instead of passing it on."""
         self._losing = True
+
+    def cut_before(self, marker: bytes) -> None:
+        """Close the connection that next carries ``marker`` to Redis, instead of passing it on."""
+        self._cutting = marker
+
+    def hold(self) -> None:
+        """Hold what the connections open now send, until ``deliver``."""
+        self._held = {writer: bytearray() for writer in self._replied if not writer.is_closing()}
+
+    async def deliver(self) -> None:
+        """Pass on to Redis what was held, and wait for Redis's replies to it."""
+        held, self._held = self._held, {}
+        for writer, data in held.items():
+            if data:
+                self._replied[writer].clear()
+                writer.write(bytes(data))
+                await writer.drain()
+                await self._replied[writer].wait()
+            writer.close()
 
     @property
     def url(self) -> str:
@@ -380,20 +407,36 @@ class _Proxy:
             return
         up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
         self._writers += [writer, up_writer]
+        self._replied[up_writer] = asyncio.Event()
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, replies: bool) -> None:
+        async def requests() -> None:
             with contextlib.suppress(ConnectionError, OSError):
-                while data := await source.read(65536):
-                    if replies:
-                        await asyncio.sleep(self.delay)
-                    if replies and self._losing:
+                while data := await reader.read(65536):
+                    if up_writer in self._held:
+                        self._held[up_writer] += data
+                        continue
+                    if self._cutting and self._cutting in data:
+                        self._cutting = b""
+                        writer.close()
+                        break
+                    up_writer.write(data)
+                    await up_writer.drain()
+            if up_writer not in self._held:  # what is held is delivered later, on this connection
+                up_writer.close()
+
+        async def replies() -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await up_reader.read(65536):
+                    self._replied[up_writer].set()
+                    await asyncio.sleep(self.delay)
+                    if self._losing:
                         self._losing = False
                         break
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
 
-        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+        await asyncio.gather(requests(), replies())
 
 
 class TestStoreFailures:
@@ -485,6 +528,105 @@ class TestStoreFailures:
             await (await admission.admit("t")).settle(0, Decimal(0))
             assert await admission.spent("t") == Decimal("0.1")
             await admission.aclose()
+
+    async def test_a_settle_held_up_past_its_retry_counts_its_cost_once(self, redis_url: str, prefix: str) -> None:
+        """A settle's first try is held up on the network (not lost) past its 1 s timeout; its retry
+        settles the reservation on a new connection; then the first try reaches Redis: it counts
+        nothing, so the day's spend is the cost once (it was counted twice)."""
+        tenants = {"t": TenantConfig(daily_budget_usd=Decimal(1))}
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            reservation = await admission.admit("t", cost=Decimal("0.2"))
+            proxy.hold()
+            await reservation.settle(0, Decimal("0.1"))
+            async with asyncio.timeout(10):
+                while admission._undoing:  # the retry, on a new connection
+                    await asyncio.wait(set(admission._undoing))
+            await proxy.deliver()
+            spent = await admission.spent("t")
+            await admission.aclose()
+        assert spent == Decimal("0.1")
+
+    async def test_an_admission_held_up_past_its_undo_reserves_nothing(self, redis_url: str, prefix: str) -> None:
+        """An admission is held up on the network past its 1 s timeout: it is refused
+        SHARED_STATE_UNAVAILABLE and undone; then it reaches Redis, after its undo, and reserves
+        nothing, so the tenant's one in-flight slot and its budget are free (they were held for
+        the hour's lease)."""
+        tenants = {"t": TenantConfig(max_concurrent=1, daily_budget_usd=Decimal(1))}
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            proxy.hold()
+            with pytest.raises(SharedStateUnavailable):
+                await admission.admit("t", cost=Decimal("0.5"))
+            async with asyncio.timeout(10):
+                while admission._undoing:  # the undo, on a new connection
+                    await asyncio.wait(set(admission._undoing))
+            await proxy.deliver()
+            await (await admission.admit("t", cost=Decimal("0.9"))).settle(0, Decimal(0))
+            await admission.aclose()
+
+    async def test_a_refused_connection_leaves_nothing_to_undo(self) -> None:
+        """Redis refuses connections: each admission is refused SHARED_STATE_UNAVAILABLE having
+        sent nothing, so none leaves work behind (each left an undo retrying for the hour's
+        lease)."""
+        admission = RedisAdmission(f"redis://127.0.0.1:{free_port()}", {"t": TenantConfig(max_concurrent=5)})
+        for _ in range(20):
+            with pytest.raises(SharedStateUnavailable):
+                await admission.admit("t", tokens=10, cost=Decimal("0.01"))
+        left = len(admission._undoing)
+        await admission.aclose()
+        assert left == 0
+
+    async def test_undos_while_redis_is_away_wait_in_one_bounded_loop(
+        self, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Redis closes every connection as it comes (a restart): the admissions refused
+        SHARED_STATE_UNAVAILABLE may have reached it, and are undone by one retry loop that keeps
+        at most ``_RETRY_MAX_PENDING`` of them (here 10 of 30; each had its own task, for the
+        hour's lease, with no cap); once Redis is back they are sent and nothing is left."""
+        monkeypatch.setattr(redis_admission, "_RETRY_MAX_PENDING", 10)
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, {"t": TenantConfig(max_concurrent=5)}, prefix=prefix)
+            proxy.down()
+            for _ in range(30):
+                with pytest.raises(SharedStateUnavailable):
+                    await admission.admit("t", tokens=10, cost=Decimal("0.01"))
+            tasks, waiting = len(admission._undoing), len(admission._resends)
+            proxy.up()
+            async with asyncio.timeout(10):
+                while admission._undoing:  # the retry loop, ended once it sent them
+                    await asyncio.wait(set(admission._undoing))
+            await (await admission.admit("t")).settle(0, Decimal(0))
+            await admission.aclose()
+        assert (tasks, waiting) == (1, 10)
+
+    async def test_a_batch_job_whose_settle_is_retried_is_corrected_at_its_end(
+        self, tmp_path: Path, redis_url: str, prefix: str, fake: FakeProvider
+    ) -> None:
+        """A batch job's settle (which counts its estimate) loses its connection on its way to
+        Redis and is retried: the job is recorded as counted, so when it is cancelled its estimate
+        is given back (it stayed counted for good)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with _Proxy(redis_url) as proxy:
+            config = budget_config(tmp_path)
+            config["shared_state"] = {"redis_url": proxy.url, "key_prefix": prefix}
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                admission = server.router.admission
+                proxy.cut_before(admission._settle_script.sha.encode())
+                job = (await submit(client))[1].batch
+                async with asyncio.timeout(10):
+                    while admission._undoing:  # the settle's retry
+                        await asyncio.wait(set(admission._undoing))
+                assert await admission.spent("acme") == Decimal(job.estimated_cost_usd)
+                await client.cancel_batch(job.batch_id, tenant="acme")
+                async with asyncio.timeout(5):  # corrected by the poller's next round
+                    while await admission.spent("acme"):  # noqa: ASYNC110 - the round has no event
+                        await asyncio.sleep(0.02)
 
     async def test_a_request_refused_unavailable_uses_no_request_per_minute(self, redis_url: str, prefix: str) -> None:
         """The admit script runs but its reply comes after the command timeout: the caller is
@@ -653,7 +795,6 @@ class TestLeases:
             reservation = await failing.admit("t", cost=Decimal("0.6"))
             proxy.cut()
             await reservation.settle(0, Decimal("0.5"))
-            assert not reservation.counted  # a batch job's budget is then not corrected at its end
             await failing.aclose()
         with pytest.raises(LimitExceeded):
             await survivor.precheck("t", cost=Decimal("0.5"))
