@@ -104,14 +104,31 @@ _HEDGE = re.compile(
     r"cannot\s+be\s+determined|there\s+is\s+not\s+enough\s+information|insufficient\s+information)\b",
     re.IGNORECASE,
 )
+# Asked for an answer in JSON: an output verb then JSON ("respond with JSON", "return the result
+# as JSON", "format it in JSON"), or "JSON only". A question about JSON ("how are dates represented
+# in JSON?", "can I write comments in JSON?") asks for no JSON answer.
+_OUTPUT_VERB = r"(?:respond|reply|answer|output|return|give|provide|print|format|formatted)"
 _ASKS_FOR_JSON = re.compile(
-    r"\b(?:respond|reply|answer|output|return|give|provide|print)\s+(?:(?:only|with|in|as|a|an|the|valid|raw)\s+)*"
-    r"json\b|\b(?:in|as)\s+(?:valid\s+)?json(?:\s+format)?\b|\bjson\s+only\b",
+    rf"\b{_OUTPUT_VERB}\s+(?:(?:only|with|in|as|a|an|the|valid|raw)\s+)*json\b"
+    rf"|\b{_OUTPUT_VERB}\b[^.?!\n]{{0,80}}?\b(?:in|as)\s+(?:valid\s+)?json\b"
+    r"|\bjson\s+only\b",
     re.IGNORECASE,
 )
 # A request for code is answered with code, whatever it says about JSON.
 _ASKS_FOR_CODE = re.compile(r"\b(?:function|code|script|program|class|snippet|regex)\b", re.IGNORECASE)
-_ASKS_FOR_PYTHON = re.compile(r"\b(?:python\s+(?:function|program|code|script|class)|in\s+python)\b", re.IGNORECASE)
+# Asked for Python code: "implement X in Python", or a verb of making then a piece of code and
+# Python ("write a Python function", "write the solution in Python"). A question about Python
+# ("what is the GIL in Python?", "can I write comments in Python?") asks for no code.
+_CODE_NOUN = (
+    r"(?:function|method|class|script|program|code|snippet|module|solution|implementation|app|application"
+    r"|game|tool|algorithm|decorator|generator|parser|loop|test)s?"
+)
+_ASKS_FOR_PYTHON = re.compile(
+    r"\bimplement\b[^.?!\n]{0,80}?\bin\s+python\b"
+    r"|\b(?:write|create|build|generate|develop|give\s+me|show\s+me|provide)\b[^.?!\n]{0,80}?"
+    rf"(?:\bpython\s+{_CODE_NOUN}\b|\b{_CODE_NOUN}\b[^.?!\n]{{0,80}}?\bin\s+python\b)",
+    re.IGNORECASE,
+)
 _PYTHON_CODE = re.compile(r"^\s*(?:def|class|import|from)\s+\w|\blambda\b[^:]*:", re.MULTILINE)
 _ASKS_FOR_ONE_CHOICE = re.compile(
     r"\b(?:print|answer|reply|respond|give|output)\s+(?:with\s+)?only\s+(?:a\s+single|one|the)\s+"

@@ -89,6 +89,55 @@ class TestLocalScorer:
         result = await LocalScorer().score(_input(answer, prompt))
         assert (result.quality.score, result.quality.reason) == (1.0, "no problem found")
 
+    @pytest.mark.parametrize(
+        "prompt",
+        [
+            "Respond with JSON only.",
+            "Format the output as valid JSON.",
+            "Give me the three largest cities in JSON format.",
+            "List the planets. Reply only in JSON.",
+        ],
+    )
+    async def test_json_is_asked_for_by_an_output_verb(self, prompt: str) -> None:
+        """An output verb then JSON (or "JSON only") asks for a JSON answer: prose scores 0.2."""
+        result = await LocalScorer().score(_input("Sure: Paris, Lyon, Nice.", prompt))
+        assert (result.quality.score, result.quality.reason) == (0.2, "requested JSON does not parse")
+
+    @pytest.mark.parametrize(
+        ("prompt", "answer"),
+        [
+            ("Can I write comments in JSON?", "No, standard JSON has no comment syntax."),
+            ("How are dates usually represented in JSON?", "As ISO 8601 strings, since JSON has no date type."),
+            ("Is a trailing comma allowed in JSON?", "No, the JSON grammar does not allow trailing commas."),
+            ("What is the GIL in Python?", "A lock that lets one thread run Python bytecode at a time."),
+            ("How are lists different from tuples in Python?", "Lists are mutable; tuples are immutable."),
+            ("Is indentation significant in Python?", "Yes, indentation defines blocks."),
+            ("Can I write comments in Python?", "Yes, a comment starts with #."),
+        ],
+    )
+    async def test_a_question_about_json_or_python_asks_for_neither(self, prompt: str, answer: str) -> None:
+        """A question that mentions JSON or Python asks for no JSON answer and no code: a correct
+        prose answer scores 1 (it scored 0.2 "requested JSON does not parse" or 0.3 "requested
+        Python code missing", and the cascade paid for the strong model)."""
+        result = await LocalScorer().score(_input(answer, prompt))
+        assert (result.quality.score, result.quality.reason) == (1.0, "no problem found")
+
+    @pytest.mark.parametrize(
+        "prompt",
+        [
+            "Write a Python function that merges two sorted lists.",
+            "Implement quicksort in Python and add unit tests with pytest.",
+            "Return the number of subarrays whose sum equals k. Write the solution in Python.",
+            "Create a Python script that renames the files in a folder.",
+        ],
+    )
+    async def test_python_code_is_asked_for_by_a_request_to_write_some(self, prompt: str) -> None:
+        """A request to write or implement code in Python answered in prose scores 0.3; with code, 1."""
+        prose = await LocalScorer().score(_input("Sort both lists, then walk them together.", prompt))
+        code = await LocalScorer().score(_input("def solve(items):\n    return sorted(items)", prompt))
+        assert (prose.quality.score, prose.quality.reason) == (0.3, "requested Python code missing")
+        assert code.quality.score == 1.0
+
     async def test_json_can_be_requested_in_metadata(self) -> None:
         """Routing metadata ``response_format: json`` asks for JSON too."""
         result = await LocalScorer().score(_input("not json", response_format="json"))
