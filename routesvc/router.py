@@ -1230,10 +1230,13 @@ def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:
 
 
 def _side_call_outcome(call: UpstreamCall) -> AttemptOutcome:
-    """How a judge's or a classifier's call ended, for the ledger."""
+    """How a judge's or a classifier's call ended, for the ledger: finished (its usage reported or
+    estimated), refused, cancelled with the request, or cut short (a timeout, an error)."""
+    if call.finished:
+        return AttemptOutcome.COMPLETED
     if call.refused:
         return AttemptOutcome.FAILED
-    return AttemptOutcome.INTERRUPTED if call.estimated else AttemptOutcome.COMPLETED
+    return AttemptOutcome.CANCELLED if call.cancelled else AttemptOutcome.INTERRUPTED
 
 
 def no_eligible_model_for(decision: RouteDecision) -> ProviderUnavailable:

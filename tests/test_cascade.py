@@ -455,6 +455,21 @@ class TestJudgeLedger:
         ]
         assert (entries[1].cost_usd, entries[1].estimated) == (Decimal(0), False)
 
+    async def test_a_judge_call_that_finished_without_usage_is_completed(
+        self, live_server: Server, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The judge answers its score but its provider reports no usage: the ledger records the
+        call COMPLETED with an estimated usage, as an answer that finished so is (it was
+        INTERRUPTED, "cut after output")."""
+        fake.enqueue(Script(text="Paris is the capital."), Script(text='{"score": 0.9}', omit_usage=True))
+        messages = await _cascade(live_client)
+        entries = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert messages[-1].completion.quality.score == 0.9
+        assert [(e.outcome, e.estimated) for e in entries] == [
+            (AttemptOutcome.COMPLETED, False),
+            (AttemptOutcome.COMPLETED, True),
+        ]
+
 
 class TestCascadeVisibility:
     """The plan is in Route's decision; escalations and releases reach GetStats."""
@@ -517,7 +532,7 @@ class TestCascadeCancellation:
         self, live_client: RouterClient, live_server: Server, fake: FakeProvider
     ) -> None:
         """The judge hangs; the client cancels: the judge request is aborted and both calls are in the
-        ledger once, the judge's estimated."""
+        ledger once, the judge's CANCELLED and estimated (it was INTERRUPTED, "cut after output")."""
         fake.enqueue(Script(text="Paris"), Script(first_chunk_delay=30), model="gpt-4o-mini")
         received: list[pb.CompleteResponse] = []
 
@@ -542,7 +557,7 @@ class TestCascadeCancellation:
         entries = live_server.router.ledger.entries(decision_id)
         assert [(e.attempt, e.outcome, e.estimated) for e in entries] == [
             (1, AttemptOutcome.COMPLETED, False),
-            (2, AttemptOutcome.INTERRUPTED, True),
+            (2, AttemptOutcome.CANCELLED, True),
         ]
         assert entries[1].usage.input_tokens > 0
 
