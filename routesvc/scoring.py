@@ -44,7 +44,9 @@ from routesvc.tokens import estimate_input_tokens
 class ScoringInput:
     """What a scorer sees: the request, the answer, and the threshold it will be held to.
 
-    ``timeout`` is the seconds left before the caller's deadline (None: no deadline). ``charge``
+    ``timeout`` is the seconds a scorer's calls may take, which end early enough before the
+    caller's deadline for the answer to be released after them (None: no deadline; at most 0: no
+    call can be made). ``charge``
     is called once for every upstream call a scorer makes, as soon as the call ends, however it
     ends (also when the caller is cancelled mid-call), so that it is charged exactly once.
     ``reserve`` is called with a call's estimated cost before a scorer makes it: it raises
@@ -253,7 +255,8 @@ class LLMJudge:
 
     When the judge fails (provider error, timeout, no parsable score) or is not asked (the
     request's budget cannot take its call: ``ScoringInput.reserve``; the tenant may not use its
-    model: ``ScoringInput.allow_list``), ``on_failure`` decides:
+    model: ``ScoringInput.allow_list``; no time is left for it: ``ScoringInput.timeout``),
+    ``on_failure`` decides:
     ``release`` scores the answer 1.0, ``escalate`` 0.0; the reason says the judge failed and why.
     The judge's call is returned in ``ScoreResult.calls`` so that it is charged to the request.
     """
@@ -308,6 +311,8 @@ class LLMJudge:
         if self._model.provider in scoring_input.spent_providers:
             why = f"provider {self._model.provider}'s quota was found spent earlier in this request"
             return ScoreResult(self._failed(f"{self._model.id} not asked ({why})"))
+        if scoring_input.timeout is not None and scoring_input.timeout <= 0:
+            return ScoreResult(self._failed(f"{self._model.id} not asked (no time left before the deadline)"))
         timeout = self._timeout if scoring_input.timeout is None else min(self._timeout, scoring_input.timeout)
         messages = self._messages(scoring_input)
         call = ProviderCall(

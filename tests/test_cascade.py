@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient
+from routesvc.cost import cost_of_usage, estimated_cost
 from routesvc.ledger import AttemptOutcome
 from routesvc.models import (
     ChatRequest,
@@ -400,14 +401,34 @@ class TestEscalationChain:
     async def test_max_cost_stops_escalation_and_releases_the_cheap_answer(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
-        """max_cost_usd below the cheap call plus gpt-4o's estimate: no escalation; the reason says so."""
+        """max_cost_usd below the cheap call plus gpt-4o's estimate: no escalation can follow, so
+        the judge, whose verdict would change nothing, is not asked (it was, and paid for); the
+        local scorer scores the released answer, and the reason says why."""
         fake.enqueue(Script(text="Lyon"), Script(text='{"score": 0.2}'), model="gpt-4o-mini")
         messages = await _cascade(live_client, max_cost_usd="0.001")
         assert _kinds(messages) == ["decision", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (completion.quality.score, completion.quality.scorer) == (1.0, "local")
+        assert completion.quality.reason.startswith("no problem found; escalation to gpt-4o stopped: estimated total")
+        assert completion.quality.reason.endswith("(so the judge was not asked)")
+        assert [a.outcome for a in completion.attempts] == [pb.ATTEMPT_OUTCOME_COMPLETED]
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
+    async def test_a_judge_alone_is_not_asked_when_no_escalation_can_follow(self, fake: FakeProvider) -> None:
+        """Scored by the judge alone, an answer that cannot be escalated (the cost cap) is released
+        unscored, with no judge call."""
+        config = default_config()
+        config["cascade"]["scorers"] = ["llm_judge"]  # type: ignore[index]
+        fake.enqueue(Script(text="Lyon"), Script(text='{"score": 0.2}'), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await _cascade(client, max_cost_usd="0.001")
         quality = messages[-1].completion.quality
-        assert quality.score == 0.2
-        assert "escalation to gpt-4o stopped" in quality.reason
-        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+        assert (_text(messages), quality.score, quality.scorer) == ("Lyon", 1.0, "none")
+        assert quality.reason.startswith("not scored; escalation to gpt-4o stopped")
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
     async def test_an_escalation_that_could_not_start_before_the_deadline_releases_the_answer(
         self, fake: FakeProvider
@@ -429,6 +450,46 @@ class TestEscalationChain:
         assert _kinds(messages) == ["decision", "delta", "completion"]
         assert _text(messages) == refusal
         assert "not escalated to gpt-4o" in messages[-1].completion.quality.reason
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
+    async def test_a_judge_too_slow_for_the_deadline_leaves_time_to_release_the_answer(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """The judge hangs: its call ends reliability.min_attempt_seconds before the caller's
+        1 s deadline, so its on_failure (release) sends the paid cheap answer in time (the judge
+        had all the time left, and the call ended DEADLINE_EXCEEDED with nothing)."""
+        fake.enqueue(Script(text="Paris is the capital."), Script(first_chunk_delay=30), model="gpt-4o-mini")
+        context = pb.RoutingContext(cascade=True)
+        prompt = user_chat("What is the capital of France?")
+        messages = [m async for m in live_client.complete(prompt, context, timeout=1.0)]
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert _text(messages) == "Paris is the capital."
+        quality = messages[-1].completion.quality
+        assert quality.reason.startswith("judge timed out after ")
+        assert quality.reason.endswith("; released as configured")
+        assert [a.outcome for a in messages[-1].completion.attempts] == [
+            pb.ATTEMPT_OUTCOME_COMPLETED,
+            pb.ATTEMPT_OUTCOME_JUDGE,
+        ]
+
+    async def test_a_judge_without_time_to_finish_is_not_asked(self, fake: FakeProvider) -> None:
+        """The cheap answer comes with less than two reliability.min_attempt_seconds of the 1.5 s
+        deadline left: a judge call ending one before the deadline could not have one, so it is
+        not made, and the answer is released (the judge, here a slow one, was asked, and the call
+        ended DEADLINE_EXCEEDED)."""
+        config = default_config()
+        config["reliability"] = {"min_attempt_seconds": 0.5}
+        answer, judge = Script(text="Paris is the capital.", first_chunk_delay=0.8), Script(first_chunk_delay=30)
+        fake.enqueue(answer, judge, model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=1.5)]
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert _text(messages) == "Paris is the capital."
+        assert "not asked" in messages[-1].completion.quality.reason
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
     async def test_without_opting_in_nothing_is_buffered_or_scored(
@@ -644,6 +705,38 @@ class TestFailedStepsKeepTheirLimits:
         )
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
 
+    async def test_the_last_steps_fallback_is_held_to_the_cascade_cost_cap(self, fake: FakeProvider) -> None:
+        """cascade.max_cost_usd lets gpt-4o follow the cheap answer, not claude-sonnet (gpt-4o's
+        configured fallback) once the cost so far is added to its estimate: gpt-4o fails, and the
+        request ends with its failure instead of calling claude-sonnet (the cap was never checked
+        for the last step's fallbacks)."""
+        config = default_config()
+        settings = settings_from(config, live_environ(fake))
+        prompt = "What is the capital of France?"
+        async with Server(settings, port=0) as server:
+            request = RoutingRequest(ChatRequest((Message(Role.USER, prompt),)), RoutingContext(cascade=True))
+            decision = await server.router.route(request)
+        catalog = settings.catalog
+        cheap = cost_of_usage(catalog.get("gpt-4o-mini"), Usage(input_tokens=20, output_tokens=6_000))
+        gpt4o, claude = (estimated_cost(catalog.get(m), decision) for m in ("gpt-4o", "claude-sonnet"))
+        cap = claude + cheap / 2  # claude-sonnet alone fits; after the cheap answer it does not
+        assert cheap + gpt4o <= cap  # the escalation to gpt-4o fits
+        config["cascade"]["max_cost_usd"] = str(cap)  # type: ignore[index]
+        refusal = Script(text="I cannot help with that.", input_tokens=20, output_tokens=6_000)
+        fake.enqueue(refusal, model="gpt-4o-mini")
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _cascade(client, prompt)
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "PROVIDER_UNAVAILABLE",
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o", "gpt-4o"]
+
     async def test_the_last_step_never_falls_back_to_a_step_it_rejected(self, fake: FakeProvider) -> None:
         """mini -> gpt-4o -> claude-sonnet with the default fallbacks (claude-sonnet: [gpt-4o]): both
         refusals are escalated, claude-sonnet fails, and gpt-4o, already rejected, is not asked
@@ -692,11 +785,11 @@ class TestFailedStepsKeepTheirLimits:
         """The cheap step's stream fails after 3 chunks: nothing was sent, so it is retried on the
         same model, as a failure before the first chunk is (it escalated at once, and under a cost
         cap that stops the escalation the request failed after one call); the retry's answer is
-        released, and the client gets its text alone, not the failed attempt's before it."""
+        released, and the client gets its text alone, not the failed attempt's before it (scored
+        locally: the cap stops the escalation, so no judge is asked)."""
         fake.enqueue(
             Script(text="Lyon Lyon Lyon Lyon", chunk_count=4, fault=fault, fault_after=3),
             Script(text="Paris is the capital of France."),
-            Script(text='{"score": 0.9}'),
             model="gpt-4o-mini",
         )
         context = {"max_cost_usd": "0.001"}
@@ -708,9 +801,8 @@ class TestFailedStepsKeepTheirLimits:
         assert [(a.model, a.outcome) for a in completion.attempts] == [
             ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_FAILED),
             ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
-            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_JUDGE),
         ]
-        assert [r.model for r in fake.requests] == ["gpt-4o-mini"] * 3
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"] * 2
 
     async def test_an_escalation_reports_the_usage_of_a_cut_step(
         self, live_client: RouterClient, fake: FakeProvider
