@@ -56,8 +56,15 @@ def build_scorer(config: CascadeConfig, settings: Settings, providers: Mapping[s
     return CombinedScorer(scorers, config.combine)
 
 
+def build_unpaid_scorer(config: CascadeConfig) -> Scorer | None:
+    """The configured scorers that make no upstream call (the local one), combined as configured;
+    None when every configured scorer does (a judge alone)."""
+    local: list[Scorer] = [LocalScorer() for name in config.scorers if name == "local"]
+    return CombinedScorer(local, config.combine) if local else None
+
+
 class EscalationPolicy:
-    """Plans the cascade of a decision and holds its scorer and cost cap."""
+    """Plans the cascade of a decision and holds its scorers and cost cap."""
 
     def __init__(self, settings: Settings, providers: Mapping[str, Provider]) -> None:
         self._config = settings.config.cascade
@@ -65,11 +72,24 @@ class EscalationPolicy:
         self._providers = providers
         self._chains = {chain.steps[0].model: chain for chain in self._config.chains}
         self._scorer = build_scorer(self._config, settings, providers)
+        self._unpaid_scorer = build_unpaid_scorer(self._config)
 
     @property
     def scorer(self) -> Scorer:
         """The scorer of every cascade step's answer."""
         return self._scorer
+
+    @property
+    def unpaid_scorer(self) -> Scorer | None:
+        """The scorer of an answer released whatever its score (no escalation can follow), where a
+        judge's verdict would change nothing: the configured scorers without the judge (None: the
+        judge alone is configured)."""
+        return self._unpaid_scorer
+
+    @property
+    def judged(self) -> bool:
+        """Whether the configured scorers include the judge, whose call is paid for."""
+        return "llm_judge" in self._config.scorers
 
     def _wanted(self, request: RoutingRequest) -> bool:
         asked = request.context.cascade

@@ -402,15 +402,18 @@ class UpstreamCall:
     """A provider call made for a request besides its answer (a quality judge's, an LLM
     classifier's), to be charged to the request.
 
-    ``estimated`` is True when the call did not finish and its usage is estimated; ``refused``
-    when it failed with nothing to bill: the provider refused it before any output (an error
-    status), or it was cut before its request went out.
+    ``estimated`` is True when its usage is estimated (it did not finish, or the provider
+    reported none); ``finished`` when the provider answered it to the end; ``cancelled`` when the
+    request was cancelled during it; ``refused`` when it failed with nothing to bill: the provider
+    refused it before any output (an error status), or it was cut before its request went out.
     """
 
     model: str
     usage: Usage
     estimated: bool = False
     refused: bool = False
+    finished: bool = False
+    cancelled: bool = False
 
 
 @dataclass(frozen=True, slots=True)

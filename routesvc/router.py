@@ -69,7 +69,7 @@ from routesvc.models import (
 from routesvc.policy import Policy
 from routesvc.providers.base import Provider, ProviderCall, refusal
 from routesvc.retry import RetryBudget, backoff_delay, is_retryable, skips_provider
-from routesvc.scoring import ScoringInput
+from routesvc.scoring import Scorer, ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
 from routesvc.strategies.classifier import TASK_LABELS
 from routesvc.strategies.default import no_eligible_model
@@ -639,9 +639,9 @@ class Router:
             f"estimated cost of the cheapest eligible model ({cheapest} USD) exceeds max_cost_usd {format_usd(cap)}"
         )
 
-    def _attempt_chain(self, decision: RouteDecision, cap: Decimal | None) -> list[str]:
-        """The decided model, then its configured fallbacks that can serve the request and whose
-        estimated cost is within ``cap`` (the request's ``max_cost_usd``).
+    def _attempt_chain(self, decision: RouteDecision) -> list[str]:
+        """The decided model, then its configured fallbacks that can serve the request (``_serve``
+        leaves out those over the cost cap).
 
         In a cascade step, the chain's other models are left out: reaching a later one is an
         escalation, announced and scored, not a silent fallback, and an earlier one's answer was
@@ -657,8 +657,6 @@ class Router:
             if name in other_steps or name in chain or name not in eligible:
                 continue
             if not provider.configured or name not in self._providers_by_model:
-                continue
-            if cap is not None and estimated_cost(spec, decision, decision.mode) > cap:
                 continue
             chain.append(name)
         return chain
@@ -738,46 +736,23 @@ class Router:
         try:
             yield decision
             steps = decision.cascade_models or (decision.model,)
-            for index, step in enumerate(steps[:-1]):
-                outcome = await self._buffered_step(attempt, step, request, deadline, headers)
+            index = 0
+            while index < len(steps) - 1:
+                step = steps[index]
                 threshold = decision.cascade_thresholds[index]
-                next_model = steps[index + 1]
-                released = outcome.completion is not None and outcome.quality.score >= threshold
+                outcome = await self._buffered_step(attempt, index, request, deadline, headers)
+                next_model = steps[outcome.next_step]
                 quality = outcome.quality
-                next_cost = estimated_cost(self._catalog.get(next_model), decision)
-                if not released:
-                    cap = self._escalation.max_cost(request)
-                    would_cost = attempt.cost + next_cost
-                    if cap is not None and would_cost > cap:
-                        # A step that failed has no answer to release: it ends with its failure,
-                        # as a fallback over the cap is skipped.
-                        if outcome.error is not None:
-                            raise outcome.error
-                        released = True
-                        why = max_cost_reason(next_model, would_cost, cap)
-                        quality = replace(quality, reason=f"{quality.reason}; {why}")
-                left = None if deadline is None else deadline - time.monotonic()
-                if not released and left is not None and left < self._reliability.min_attempt_seconds:
-                    # No attempt starts that cannot finish: the next model would not be called,
-                    # so the answer in hand is released (a failed step ends with its failure).
+                released = outcome.completion is not None and quality.score >= threshold
+                stop = outcome.stop
+                if stop is not None:
+                    # A step that failed has no answer to release: it ends with its failure, as a
+                    # fallback the cost cap, the deadline, a spent quota or the budget stops is
+                    # skipped. An answer is released, the reason saying why it was not escalated.
                     if outcome.error is not None:
-                        raise outcome.error
+                        raise outcome.error from stop.cause
                     released = True
-                    why = f"not escalated to {next_model}: {max(left, 0.0):.3f} s of the deadline left"
-                    quality = replace(quality, reason=f"{quality.reason}; {why}")
-                if not released:
-                    # The next model is another call to pay for: the tenant's budget must take it
-                    # before the cheaper answer is given up; if it cannot, that answer is released
-                    # (a step that failed has none to release: it ends with its failure, as a
-                    # fallback the budget cannot take is skipped).
-                    try:
-                        await self._cover_cost(attempt, next_cost)
-                    except (LimitExceeded, SharedStateUnavailable) as refused:
-                        if outcome.error is not None:
-                            raise outcome.error from refused
-                        released = True
-                        why = f"not escalated to {next_model}: {refused.message}"
-                        quality = replace(quality, reason=f"{quality.reason}; {why}")
+                    quality = replace(quality, reason=f"{quality.reason}; {stop.why}")
                 telemetry.record_cascade(released, outcome.quality.score)
                 if released and outcome.completion is not None:
                     # Its text reaches the caller from now on, however the call ends.
@@ -797,6 +772,7 @@ class Router:
                     cost_usd=attempt.cost - outcome.cost_before,
                     usage=outcome.usage,
                 )
+                index = outcome.next_step
             # aclosing: when the caller goes away mid-stream, the attempt is closed (and its cost
             # recorded) here, before the reservation below settles with ``attempt.cost``.
             serving = self._serve(attempt, replace(decision, model=steps[-1]), request, deadline, headers)
@@ -827,12 +803,13 @@ class Router:
     async def _buffered_step(
         self,
         state: _AttemptState,
-        model_id: str,
+        index: int,
         request: RoutingRequest,
         deadline: float | None,
         headers: Mapping[str, str] | None,
     ) -> _StepOutcome:
-        """Run one cascade step with its retries, keep its answer, and score it.
+        """Run the cascade's step ``index`` with its retries, keep its answer, and score it; the
+        outcome says which step it escalates to, and why it cannot, when it cannot (``stop``).
 
         Nothing is sent, so nothing commits: a failure, also mid-answer, is retried and falls
         back as one before the first chunk does (the text of a failed attempt is dropped), and a
@@ -840,6 +817,7 @@ class Router:
         too (4xx before any text) are raised.
         """
         decision = state.decision
+        model_id = decision.cascade_models[index]
         cost_before = state.cost
         attempts_before = len(state.summaries)
         deltas: list[TextDelta] = []
@@ -868,20 +846,58 @@ class Router:
                 error = ProviderUnavailable(
                     f"{error.message} mid-answer (nothing was sent)", provider=error.provider, model=error.model
                 )
-            return _StepOutcome((), None, failed, cost_before, used, error)
+            next_step, stop = await self._escalation_stop(state, request, index, deadline)
+            return _StepOutcome((), None, failed, cost_before, used, next_step, error, stop)
         finally:
             state.buffering = False
         assert completion is not None  # _serve ends with a completion or raises
-        scorer = self._escalation.scorer
-        index = decision.cascade_models.index(model_id)
+        used = _usage_of(state.summaries[attempts_before:])
+        threshold = decision.cascade_thresholds[index]
+        # Whether the next model could be called is known before the answer is scored: when it
+        # could not, the answer is released whatever its score, and a judge's paid verdict would
+        # change nothing, so only the scorers that make no call score it.
+        next_step, stop = await self._escalation_stop(state, request, index, deadline)
+        scorer: Scorer | None = self._escalation.scorer
+        if stop is not None and self._escalation.judged:
+            scorer = self._escalation.unpaid_scorer
+            stop = replace(stop, why=f"{stop.why} (so the judge was not asked)")
+        answer = "".join(delta.text for delta in deltas)
+        if scorer is None:
+            quality = QualityScore(1.0, "none", "not scored")
+        else:
+            quality = await self._score(scorer, state, model_id, request, answer, completion, threshold, deadline)
+        if stop is None and quality.score < threshold:
+            # The judge's call is in the cost so far now, and may have found the next model's
+            # provider spent.
+            next_step, stop = await self._escalation_stop(state, request, index, deadline)
+        return _StepOutcome(tuple(deltas), completion, quality, cost_before, used, next_step, stop=stop)
+
+    async def _score(
+        self,
+        scorer: Scorer,
+        state: _AttemptState,
+        model_id: str,
+        request: RoutingRequest,
+        answer: str,
+        completion: Completion,
+        threshold: float,
+        deadline: float | None,
+    ) -> QualityScore:
+        """``scorer``'s score of a cascade step's ``answer``. Its calls end
+        ``reliability.min_attempt_seconds`` before the caller's deadline, so that the answer can
+        still be released if they fail (a call that could not have that much time is not made)."""
+        min_attempt = self._reliability.min_attempt_seconds
+        timeout = None if deadline is None else deadline - time.monotonic() - min_attempt
+        if timeout is not None and timeout < min_attempt:
+            timeout = 0.0
         result = await scorer.score(
             ScoringInput(
                 request=request,
                 model=model_id,
-                answer="".join(delta.text for delta in deltas),
+                answer=answer,
                 finish_reason=completion.finish_reason,
-                threshold=decision.cascade_thresholds[index],
-                timeout=None if deadline is None else deadline - time.monotonic(),
+                threshold=threshold,
+                timeout=timeout,
                 # Charged as each judge call ends, so a cancelled request still pays for it once;
                 # reserved before it starts, as every model a request calls is.
                 charge=lambda call: self._record_scoring(state, call),
@@ -890,8 +906,59 @@ class Router:
                 allow_list=self.allow_list(request.context.tenant),
             )
         )
-        used = _usage_of(s for s in state.summaries[attempts_before:] if s.result is not AttemptResult.JUDGE)
-        return _StepOutcome(tuple(deltas), completion, result.quality, cost_before, used)
+        return result.quality
+
+    async def _escalation_stop(
+        self, state: _AttemptState, request: RoutingRequest, index: int, deadline: float | None
+    ) -> tuple[int, _EscalationStop | None]:
+        """The step the cascade escalates to from step ``index``: the next one that the request
+        has not found its provider's quota spent for (nor its fallbacks' within the cap), else the
+        last; and why it cannot escalate now, or None when it can: the cost so far plus that step's
+        estimate would pass the cost cap, too little of the deadline is left to start it, its
+        provider's quota was found spent, or the tenant's budget cannot take it (else the
+        reservation now holds it)."""
+        decision = state.decision
+        steps = decision.cascade_models
+        cap = self._escalation.max_cost(request)
+        target = index + 1
+        while target < len(steps) - 1 and not self._servable(state, steps[target], cap):
+            target += 1  # its call would fail at once: the cascade goes past it, as past a failure
+        next_model = steps[target]
+        next_cost = estimated_cost(self._catalog.get(next_model), decision)
+        would_cost = state.cost + next_cost
+        if cap is not None and would_cost > cap:
+            return target, _EscalationStop(max_cost_reason(next_model, would_cost, cap))
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left < self._reliability.min_attempt_seconds:
+            # No attempt starts that cannot finish.
+            why = f"not escalated to {next_model}: {max(left, 0.0):.3f} s of the deadline left"
+            return target, _EscalationStop(why)
+        if not self._servable(state, next_model, cap):
+            provider = self._catalog.get(next_model).provider
+            why = f"not escalated to {next_model}: provider {provider}'s quota was found spent earlier in this request"
+            return target, _EscalationStop(why)
+        try:
+            # The next model is another call to pay for: the tenant's budget must take it before
+            # the cheaper answer is given up.
+            await self._cover_cost(state, next_cost)
+        except (LimitExceeded, SharedStateUnavailable) as refused:
+            return target, _EscalationStop(f"not escalated to {next_model}: {refused.message}", refused)
+        return target, None
+
+    def _servable(self, state: _AttemptState, model_id: str, cap: Decimal | None) -> bool:
+        """Whether a cascade step on ``model_id`` could call a model: it, or one of its fallbacks
+        within the cascade's cost ``cap``, on a provider whose quota the request has not found spent."""
+        for name in self._attempt_chain(replace(state.decision, model=model_id)):
+            model = self._catalog.get(name)
+            if model.provider not in state.exhausted and (
+                name == model_id or self._within_cascade_cap(state, model, cap)
+            ):
+                return True
+        return False
+
+    def _within_cascade_cap(self, state: _AttemptState, model: ModelSpec, cap: Decimal | None) -> bool:
+        """Whether the cost so far plus ``model``'s estimate is within a cascade's cost ``cap``."""
+        return cap is None or state.cost + estimated_cost(model, state.decision, state.decision.mode) <= cap
 
     def _record_scoring(self, state: _AttemptState, call: UpstreamCall) -> None:
         """A judge's call is charged to the request like any attempt."""
@@ -911,13 +978,24 @@ class Router:
         headers: Mapping[str, str] | None,
     ) -> AsyncGenerator[TextDelta | Completion, None]:
         """The retry loop for ``decision.model`` and its fallbacks (see ``complete``); ``max_attempts``
-        counts this loop's attempts (a cascade step's), not earlier steps' or judge calls."""
+        counts this loop's attempts (a cascade step's), not earlier steps' or judge calls.
+
+        A fallback estimated over the request's ``max_cost_usd`` is skipped; in a cascade step, one
+        whose estimate plus the cost so far would pass the cascade's cap (the lower of the
+        request's and ``cascade.max_cost_usd``), as an escalation over it is not made."""
         reliability = self._reliability
         first = attempt.number
         last_error: ProviderError | None = None
         retryable_error: ProviderError | None = None  # the last failure a later retry may get past
-        for model_id in self._attempt_chain(decision, request.context.max_cost_usd):
+        cascade_cap = self._escalation.max_cost(request) if decision.cascade_models else None
+        for model_id in self._attempt_chain(decision):
             model = self._catalog.get(model_id)
+            if model_id != decision.model:
+                cap = request.context.max_cost_usd
+                if cap is not None and estimated_cost(model, decision, decision.mode) > cap:
+                    continue
+                if not self._within_cascade_cap(attempt, model, cascade_cap):
+                    continue
             if model.provider in attempt.exhausted:
                 last_error = last_error or ProviderQuotaExhausted(
                     f"provider {model.provider} model {model_id}: quota spent (found earlier in this request)",
@@ -1214,16 +1292,28 @@ class _AttemptState:
 
 
 @dataclass(frozen=True, slots=True)
+class _EscalationStop:
+    """Why a cascade step cannot escalate (a few words for the quality reason), and the refusal
+    that said so, if any (the tenant's budget)."""
+
+    why: str
+    cause: RouteSvcError | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class _StepOutcome:
     """A buffered cascade step: its answer (None when it failed, with its ``error``), score, the
-    cost before it, and the usage of its attempts (a failed or cut one's estimated)."""
+    cost before it, the usage of its attempts (a failed or cut one's estimated), the index of the
+    step it escalates to, and why it cannot escalate, when it cannot (``stop``)."""
 
     deltas: tuple[TextDelta, ...]
     completion: Completion | None
     quality: QualityScore
     cost_before: Decimal
     usage: Usage
+    next_step: int
     error: ProviderError | None = None
+    stop: _EscalationStop | None = None
 
 
 def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:
@@ -1232,10 +1322,13 @@ def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:
 
 
 def _side_call_outcome(call: UpstreamCall) -> AttemptOutcome:
-    """How a judge's or a classifier's call ended, for the ledger."""
+    """How a judge's or a classifier's call ended, for the ledger: finished (its usage reported or
+    estimated), refused, cancelled with the request, or cut short (a timeout, an error)."""
+    if call.finished:
+        return AttemptOutcome.COMPLETED
     if call.refused:
         return AttemptOutcome.FAILED
-    return AttemptOutcome.INTERRUPTED if call.estimated else AttemptOutcome.COMPLETED
+    return AttemptOutcome.CANCELLED if call.cancelled else AttemptOutcome.INTERRUPTED
 
 
 def no_eligible_model_for(decision: RouteDecision) -> ProviderUnavailable:

@@ -44,7 +44,9 @@ from routesvc.tokens import estimate_input_tokens
 class ScoringInput:
     """What a scorer sees: the request, the answer, and the threshold it will be held to.
 
-    ``timeout`` is the seconds left before the caller's deadline (None: no deadline). ``charge``
+    ``timeout`` is the seconds a scorer's calls may take, which end early enough before the
+    caller's deadline for the answer to be released after them (None: no deadline; at most 0: no
+    call can be made). ``charge``
     is called once for every upstream call a scorer makes, as soon as the call ends, however it
     ends (also when the caller is cancelled mid-call), so that it is charged exactly once.
     ``reserve`` is called with a call's estimated cost before a scorer makes it: it raises
@@ -104,14 +106,31 @@ _HEDGE = re.compile(
     r"cannot\s+be\s+determined|there\s+is\s+not\s+enough\s+information|insufficient\s+information)\b",
     re.IGNORECASE,
 )
+# Asked for an answer in JSON: an output verb then JSON ("respond with JSON", "return the result
+# as JSON", "format it in JSON"), or "JSON only". A question about JSON ("how are dates represented
+# in JSON?", "can I write comments in JSON?") asks for no JSON answer.
+_OUTPUT_VERB = r"(?:respond|reply|answer|output|return|give|provide|print|format|formatted)"
 _ASKS_FOR_JSON = re.compile(
-    r"\b(?:respond|reply|answer|output|return|give|provide|print)\s+(?:(?:only|with|in|as|a|an|the|valid|raw)\s+)*"
-    r"json\b|\b(?:in|as)\s+(?:valid\s+)?json(?:\s+format)?\b|\bjson\s+only\b",
+    rf"\b{_OUTPUT_VERB}\s+(?:(?:only|with|in|as|a|an|the|valid|raw)\s+)*json\b"
+    rf"|\b{_OUTPUT_VERB}\b[^.?!\n]{{0,80}}?\b(?:in|as)\s+(?:valid\s+)?json\b"
+    r"|\bjson\s+only\b",
     re.IGNORECASE,
 )
 # A request for code is answered with code, whatever it says about JSON.
 _ASKS_FOR_CODE = re.compile(r"\b(?:function|code|script|program|class|snippet|regex)\b", re.IGNORECASE)
-_ASKS_FOR_PYTHON = re.compile(r"\b(?:python\s+(?:function|program|code|script|class)|in\s+python)\b", re.IGNORECASE)
+# Asked for Python code: "implement X in Python", or a verb of making then a piece of code and
+# Python ("write a Python function", "write the solution in Python"). A question about Python
+# ("what is the GIL in Python?", "can I write comments in Python?") asks for no code.
+_CODE_NOUN = (
+    r"(?:function|method|class|script|program|code|snippet|module|solution|implementation|app|application"
+    r"|game|tool|algorithm|decorator|generator|parser|loop|test)s?"
+)
+_ASKS_FOR_PYTHON = re.compile(
+    r"\bimplement\b[^.?!\n]{0,80}?\bin\s+python\b"
+    r"|\b(?:write|create|build|generate|develop|give\s+me|show\s+me|provide)\b[^.?!\n]{0,80}?"
+    rf"(?:\bpython\s+{_CODE_NOUN}\b|\b{_CODE_NOUN}\b[^.?!\n]{{0,80}}?\bin\s+python\b)",
+    re.IGNORECASE,
+)
 _PYTHON_CODE = re.compile(r"^\s*(?:def|class|import|from)\s+\w|\blambda\b[^:]*:", re.MULTILINE)
 _ASKS_FOR_ONE_CHOICE = re.compile(
     r"\b(?:print|answer|reply|respond|give|output)\s+(?:with\s+)?only\s+(?:a\s+single|one|the)\s+"
@@ -236,7 +255,8 @@ class LLMJudge:
 
     When the judge fails (provider error, timeout, no parsable score) or is not asked (the
     request's budget cannot take its call: ``ScoringInput.reserve``; the tenant may not use its
-    model: ``ScoringInput.allow_list``), ``on_failure`` decides:
+    model: ``ScoringInput.allow_list``; no time is left for it: ``ScoringInput.timeout``),
+    ``on_failure`` decides:
     ``release`` scores the answer 1.0, ``escalate`` 0.0; the reason says the judge failed and why.
     The judge's call is returned in ``ScoreResult.calls`` so that it is charged to the request.
     """
@@ -291,6 +311,8 @@ class LLMJudge:
         if self._model.provider in scoring_input.spent_providers:
             why = f"provider {self._model.provider}'s quota was found spent earlier in this request"
             return ScoreResult(self._failed(f"{self._model.id} not asked ({why})"))
+        if scoring_input.timeout is not None and scoring_input.timeout <= 0:
+            return ScoreResult(self._failed(f"{self._model.id} not asked (no time left before the deadline)"))
         timeout = self._timeout if scoring_input.timeout is None else min(self._timeout, scoring_input.timeout)
         messages = self._messages(scoring_input)
         call = ProviderCall(

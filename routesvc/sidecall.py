@@ -39,18 +39,21 @@ def upstream_call(
     *,
     refused: bool,
     reported: Usage | None = None,
+    cancelled: bool = False,
 ) -> UpstreamCall:
     """What a side call used: the provider's usage when it finished (flagged when the provider did
-    not report it and the adapter estimated it); when it was cut short after the provider had it,
+    not report it and the adapter estimated it); when it was cut short after the provider had it
+    (``cancelled`` with the request, or ended by a timeout or an error),
     ``interrupted_usage`` of ``call`` (what it ``produced``, every piece in order, and its input
     as the provider ``reported`` it, when it did), flagged, as its span counts it; when the
     provider ``refused`` it before any output, or it was cut before its request went out
     (``call.sent``), nothing."""
     if finish is not None:
-        return UpstreamCall(model.id, finish.usage, estimated=finish.estimated)
+        return UpstreamCall(model.id, finish.usage, estimated=finish.estimated, finished=True)
     if refused or not (produced or call.sent.is_set()):
         return UpstreamCall(model.id, Usage(), refused=True)
-    return UpstreamCall(model.id, interrupted_usage(model, call.as_chat(), produced, reported), estimated=True)
+    usage = interrupted_usage(model, call.as_chat(), produced, reported)
+    return UpstreamCall(model.id, usage, estimated=True, cancelled=cancelled)
 
 
 async def side_call(
@@ -77,6 +80,7 @@ async def side_call(
     reported: Usage | None = None
     error: TimeoutError | ProviderError | None = None
     refused = False
+    cancelled = False
     stream = telemetry.observed_stream(provider, model, call, purpose=purpose)
     try:
         async with asyncio.timeout(call.timeout):
@@ -97,11 +101,17 @@ async def side_call(
         # Refused by the provider before any output: nothing billed. Its own deadline passing
         # ends it from our side once sent, like the timeout above: estimated, as its span says.
         refused = not produced and not isinstance(exc, ProviderTimedOut | ProviderStalled)
+    except asyncio.CancelledError:
+        cancelled = finish is None
+        raise
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        used = upstream_call(model, call, produced, finish, refused=refused, reported=reported)
-        if charge is not None:
-            charge(used)
+        try:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            # Charged even when a second cancellation interrupts the close.
+            used = upstream_call(model, call, produced, finish, refused=refused, reported=reported, cancelled=cancelled)
+            if charge is not None:
+                charge(used)
     return SideCallResult("".join(texts), finish, used, error)

@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient
+from routesvc.cost import cost_of_usage, estimated_cost
 from routesvc.ledger import AttemptOutcome
 from routesvc.models import (
     ChatRequest,
@@ -88,6 +89,55 @@ class TestLocalScorer:
         """Not refusals, and no JSON was asked of the answer itself: score 1."""
         result = await LocalScorer().score(_input(answer, prompt))
         assert (result.quality.score, result.quality.reason) == (1.0, "no problem found")
+
+    @pytest.mark.parametrize(
+        "prompt",
+        [
+            "Respond with JSON only.",
+            "Format the output as valid JSON.",
+            "Give me the three largest cities in JSON format.",
+            "List the planets. Reply only in JSON.",
+        ],
+    )
+    async def test_json_is_asked_for_by_an_output_verb(self, prompt: str) -> None:
+        """An output verb then JSON (or "JSON only") asks for a JSON answer: prose scores 0.2."""
+        result = await LocalScorer().score(_input("Sure: Paris, Lyon, Nice.", prompt))
+        assert (result.quality.score, result.quality.reason) == (0.2, "requested JSON does not parse")
+
+    @pytest.mark.parametrize(
+        ("prompt", "answer"),
+        [
+            ("Can I write comments in JSON?", "No, standard JSON has no comment syntax."),
+            ("How are dates usually represented in JSON?", "As ISO 8601 strings, since JSON has no date type."),
+            ("Is a trailing comma allowed in JSON?", "No, the JSON grammar does not allow trailing commas."),
+            ("What is the GIL in Python?", "A lock that lets one thread run Python bytecode at a time."),
+            ("How are lists different from tuples in Python?", "Lists are mutable; tuples are immutable."),
+            ("Is indentation significant in Python?", "Yes, indentation defines blocks."),
+            ("Can I write comments in Python?", "Yes, a comment starts with #."),
+        ],
+    )
+    async def test_a_question_about_json_or_python_asks_for_neither(self, prompt: str, answer: str) -> None:
+        """A question that mentions JSON or Python asks for no JSON answer and no code: a correct
+        prose answer scores 1 (it scored 0.2 "requested JSON does not parse" or 0.3 "requested
+        Python code missing", and the cascade paid for the strong model)."""
+        result = await LocalScorer().score(_input(answer, prompt))
+        assert (result.quality.score, result.quality.reason) == (1.0, "no problem found")
+
+    @pytest.mark.parametrize(
+        "prompt",
+        [
+            "Write a Python function that merges two sorted lists.",
+            "Implement quicksort in Python and add unit tests with pytest.",
+            "Return the number of subarrays whose sum equals k. Write the solution in Python.",
+            "Create a Python script that renames the files in a folder.",
+        ],
+    )
+    async def test_python_code_is_asked_for_by_a_request_to_write_some(self, prompt: str) -> None:
+        """A request to write or implement code in Python answered in prose scores 0.3; with code, 1."""
+        prose = await LocalScorer().score(_input("Sort both lists, then walk them together.", prompt))
+        code = await LocalScorer().score(_input("def solve(items):\n    return sorted(items)", prompt))
+        assert (prose.quality.score, prose.quality.reason) == (0.3, "requested Python code missing")
+        assert code.quality.score == 1.0
 
     async def test_json_can_be_requested_in_metadata(self) -> None:
         """Routing metadata ``response_format: json`` asks for JSON too."""
@@ -351,14 +401,34 @@ class TestEscalationChain:
     async def test_max_cost_stops_escalation_and_releases_the_cheap_answer(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
-        """max_cost_usd below the cheap call plus gpt-4o's estimate: no escalation; the reason says so."""
+        """max_cost_usd below the cheap call plus gpt-4o's estimate: no escalation can follow, so
+        the judge, whose verdict would change nothing, is not asked (it was, and paid for); the
+        local scorer scores the released answer, and the reason says why."""
         fake.enqueue(Script(text="Lyon"), Script(text='{"score": 0.2}'), model="gpt-4o-mini")
         messages = await _cascade(live_client, max_cost_usd="0.001")
         assert _kinds(messages) == ["decision", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (completion.quality.score, completion.quality.scorer) == (1.0, "local")
+        assert completion.quality.reason.startswith("no problem found; escalation to gpt-4o stopped: estimated total")
+        assert completion.quality.reason.endswith("(so the judge was not asked)")
+        assert [a.outcome for a in completion.attempts] == [pb.ATTEMPT_OUTCOME_COMPLETED]
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
+    async def test_a_judge_alone_is_not_asked_when_no_escalation_can_follow(self, fake: FakeProvider) -> None:
+        """Scored by the judge alone, an answer that cannot be escalated (the cost cap) is released
+        unscored, with no judge call."""
+        config = default_config()
+        config["cascade"]["scorers"] = ["llm_judge"]  # type: ignore[index]
+        fake.enqueue(Script(text="Lyon"), Script(text='{"score": 0.2}'), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await _cascade(client, max_cost_usd="0.001")
         quality = messages[-1].completion.quality
-        assert quality.score == 0.2
-        assert "escalation to gpt-4o stopped" in quality.reason
-        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+        assert (_text(messages), quality.score, quality.scorer) == ("Lyon", 1.0, "none")
+        assert quality.reason.startswith("not scored; escalation to gpt-4o stopped")
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
     async def test_an_escalation_that_could_not_start_before_the_deadline_releases_the_answer(
         self, fake: FakeProvider
@@ -380,6 +450,46 @@ class TestEscalationChain:
         assert _kinds(messages) == ["decision", "delta", "completion"]
         assert _text(messages) == refusal
         assert "not escalated to gpt-4o" in messages[-1].completion.quality.reason
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
+    async def test_a_judge_too_slow_for_the_deadline_leaves_time_to_release_the_answer(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """The judge hangs: its call ends reliability.min_attempt_seconds before the caller's
+        1 s deadline, so its on_failure (release) sends the paid cheap answer in time (the judge
+        had all the time left, and the call ended DEADLINE_EXCEEDED with nothing)."""
+        fake.enqueue(Script(text="Paris is the capital."), Script(first_chunk_delay=30), model="gpt-4o-mini")
+        context = pb.RoutingContext(cascade=True)
+        prompt = user_chat("What is the capital of France?")
+        messages = [m async for m in live_client.complete(prompt, context, timeout=1.0)]
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert _text(messages) == "Paris is the capital."
+        quality = messages[-1].completion.quality
+        assert quality.reason.startswith("judge timed out after ")
+        assert quality.reason.endswith("; released as configured")
+        assert [a.outcome for a in messages[-1].completion.attempts] == [
+            pb.ATTEMPT_OUTCOME_COMPLETED,
+            pb.ATTEMPT_OUTCOME_JUDGE,
+        ]
+
+    async def test_a_judge_without_time_to_finish_is_not_asked(self, fake: FakeProvider) -> None:
+        """The cheap answer comes with less than two reliability.min_attempt_seconds of the 1.5 s
+        deadline left: a judge call ending one before the deadline could not have one, so it is
+        not made, and the answer is released (the judge, here a slow one, was asked, and the call
+        ended DEADLINE_EXCEEDED)."""
+        config = default_config()
+        config["reliability"] = {"min_attempt_seconds": 0.5}
+        answer, judge = Script(text="Paris is the capital.", first_chunk_delay=0.8), Script(first_chunk_delay=30)
+        fake.enqueue(answer, judge, model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=1.5)]
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert _text(messages) == "Paris is the capital."
+        assert "not asked" in messages[-1].completion.quality.reason
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
     async def test_without_opting_in_nothing_is_buffered_or_scored(
@@ -405,6 +515,21 @@ class TestJudgeLedger:
             ("gpt-4o-mini", AttemptOutcome.FAILED),
         ]
         assert (entries[1].cost_usd, entries[1].estimated) == (Decimal(0), False)
+
+    async def test_a_judge_call_that_finished_without_usage_is_completed(
+        self, live_server: Server, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The judge answers its score but its provider reports no usage: the ledger records the
+        call COMPLETED with an estimated usage, as an answer that finished so is (it was
+        INTERRUPTED, "cut after output")."""
+        fake.enqueue(Script(text="Paris is the capital."), Script(text='{"score": 0.9}', omit_usage=True))
+        messages = await _cascade(live_client)
+        entries = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert messages[-1].completion.quality.score == 0.9
+        assert [(e.outcome, e.estimated) for e in entries] == [
+            (AttemptOutcome.COMPLETED, False),
+            (AttemptOutcome.COMPLETED, True),
+        ]
 
 
 class TestCascadeVisibility:
@@ -468,7 +593,7 @@ class TestCascadeCancellation:
         self, live_client: RouterClient, live_server: Server, fake: FakeProvider
     ) -> None:
         """The judge hangs; the client cancels: the judge request is aborted and both calls are in the
-        ledger once, the judge's estimated."""
+        ledger once, the judge's CANCELLED and estimated (it was INTERRUPTED, "cut after output")."""
         fake.enqueue(Script(text="Paris"), Script(first_chunk_delay=30), model="gpt-4o-mini")
         received: list[pb.CompleteResponse] = []
 
@@ -493,7 +618,7 @@ class TestCascadeCancellation:
         entries = live_server.router.ledger.entries(decision_id)
         assert [(e.attempt, e.outcome, e.estimated) for e in entries] == [
             (1, AttemptOutcome.COMPLETED, False),
-            (2, AttemptOutcome.INTERRUPTED, True),
+            (2, AttemptOutcome.CANCELLED, True),
         ]
         assert entries[1].usage.input_tokens > 0
 
@@ -580,6 +705,38 @@ class TestFailedStepsKeepTheirLimits:
         )
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
 
+    async def test_the_last_steps_fallback_is_held_to_the_cascade_cost_cap(self, fake: FakeProvider) -> None:
+        """cascade.max_cost_usd lets gpt-4o follow the cheap answer, not claude-sonnet (gpt-4o's
+        configured fallback) once the cost so far is added to its estimate: gpt-4o fails, and the
+        request ends with its failure instead of calling claude-sonnet (the cap was never checked
+        for the last step's fallbacks)."""
+        config = default_config()
+        settings = settings_from(config, live_environ(fake))
+        prompt = "What is the capital of France?"
+        async with Server(settings, port=0) as server:
+            request = RoutingRequest(ChatRequest((Message(Role.USER, prompt),)), RoutingContext(cascade=True))
+            decision = await server.router.route(request)
+        catalog = settings.catalog
+        cheap = cost_of_usage(catalog.get("gpt-4o-mini"), Usage(input_tokens=20, output_tokens=6_000))
+        gpt4o, claude = (estimated_cost(catalog.get(m), decision) for m in ("gpt-4o", "claude-sonnet"))
+        cap = claude + cheap / 2  # claude-sonnet alone fits; after the cheap answer it does not
+        assert cheap + gpt4o <= cap  # the escalation to gpt-4o fits
+        config["cascade"]["max_cost_usd"] = str(cap)  # type: ignore[index]
+        refusal = Script(text="I cannot help with that.", input_tokens=20, output_tokens=6_000)
+        fake.enqueue(refusal, model="gpt-4o-mini")
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _cascade(client, prompt)
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "PROVIDER_UNAVAILABLE",
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o", "gpt-4o"]
+
     async def test_the_last_step_never_falls_back_to_a_step_it_rejected(self, fake: FakeProvider) -> None:
         """mini -> gpt-4o -> claude-sonnet with the default fallbacks (claude-sonnet: [gpt-4o]): both
         refusals are escalated, claude-sonnet fails, and gpt-4o, already rejected, is not asked
@@ -628,11 +785,11 @@ class TestFailedStepsKeepTheirLimits:
         """The cheap step's stream fails after 3 chunks: nothing was sent, so it is retried on the
         same model, as a failure before the first chunk is (it escalated at once, and under a cost
         cap that stops the escalation the request failed after one call); the retry's answer is
-        released, and the client gets its text alone, not the failed attempt's before it."""
+        released, and the client gets its text alone, not the failed attempt's before it (scored
+        locally: the cap stops the escalation, so no judge is asked)."""
         fake.enqueue(
             Script(text="Lyon Lyon Lyon Lyon", chunk_count=4, fault=fault, fault_after=3),
             Script(text="Paris is the capital of France."),
-            Script(text='{"score": 0.9}'),
             model="gpt-4o-mini",
         )
         context = {"max_cost_usd": "0.001"}
@@ -644,9 +801,8 @@ class TestFailedStepsKeepTheirLimits:
         assert [(a.model, a.outcome) for a in completion.attempts] == [
             ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_FAILED),
             ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
-            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_JUDGE),
         ]
-        assert [r.model for r in fake.requests] == ["gpt-4o-mini"] * 3
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"] * 2
 
     async def test_an_escalation_reports_the_usage_of_a_cut_step(
         self, live_client: RouterClient, fake: FakeProvider

@@ -562,17 +562,19 @@ class TestEveryModelCalledIsWithinTheBudget:
         assert [request.model for request in fake.requests] == ["gpt-4o-mini"]
         assert spent == Decimal(completion.cost_usd) > 0
 
-    @pytest.mark.parametrize(("budget", "judged"), [("0.00032", False), ("0.01", True)])
+    @pytest.mark.parametrize(("budget", "judged"), [("0.006", False), ("0.03", True)])
     async def test_a_judge_the_budget_cannot_take_is_not_asked(
         self, fake: FakeProvider, budget: str, judged: bool
     ) -> None:
-        """A cascade scored by the local scorer then the LLM judge (gpt-4o-mini): with a budget
-        that holds gpt-4o-mini's answer but not the judge's call too, the judge is not asked and
-        its ``on_failure`` (release) applies, the reason saying why; with room, it is asked."""
+        """A cascade scored by the local scorer then the LLM judge (gpt-4o, with up to 1,000 tokens
+        to answer: ~0.01 USD, more than the escalation): with a budget that holds gpt-4o-mini's
+        answer and the escalation but not the judge's call, the judge is not asked and its
+        ``on_failure`` (release) applies, the reason saying why; with room, it is asked."""
         config = budget_config(budget, cascade=True)
         config["cascade"]["scorers"] = ["local", "llm_judge"]  # type: ignore[index]
-        config["cascade"]["judge"] = {"model": "gpt-4o-mini"}  # type: ignore[index]
-        fake.enqueue(ANSWER, Script(text='{"score": 1}'), model="gpt-4o-mini")
+        config["cascade"]["judge"] = {"model": "gpt-4o", "max_output_tokens": 1000}  # type: ignore[index]
+        fake.enqueue(ANSWER, model="gpt-4o-mini")
+        fake.enqueue(Script(text='{"score": 1}'), model="gpt-4o")
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
@@ -581,12 +583,33 @@ class TestEveryModelCalledIsWithinTheBudget:
             spent = await server.router.admission.spent("acme")
         completion = messages[-1].completion
         assert completion.model == "gpt-4o-mini"
-        assert len(fake.requests) == (2 if judged else 1)
+        assert [r.model for r in fake.requests] == (["gpt-4o-mini", "gpt-4o"] if judged else ["gpt-4o-mini"])
         if not judged:
             assert completion.quality.reason == (
                 f"judge not asked (tenant 'acme' would exceed its daily budget of {budget} USD); released as configured"
             )
         assert spent == Decimal(completion.cost_usd) <= Decimal(budget)
+
+    async def test_no_judge_is_asked_when_the_budget_cannot_take_the_escalation(self, fake: FakeProvider) -> None:
+        """The budget holds gpt-4o-mini's answer but not gpt-4o's: no escalation can follow, so
+        the judge, whose verdict would change nothing, is not asked; the answer is released, the
+        reason saying why."""
+        config = budget_config("0.00032", cascade=True)
+        config["cascade"]["scorers"] = ["local", "llm_judge"]  # type: ignore[index]
+        config["cascade"]["judge"] = {"model": "gpt-4o-mini"}  # type: ignore[index]
+        fake.enqueue(ANSWER, Script(text='{"score": 1}'), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(user_chat("hi"), ACME)]
+        completion = messages[-1].completion
+        assert completion.model == "gpt-4o-mini"
+        assert completion.quality.reason == (
+            "no problem found; not escalated to gpt-4o: tenant 'acme' would exceed its daily budget of 0.00032 USD"
+            " (so the judge was not asked)"
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
     async def test_an_escalation_within_the_budget_still_runs(self, fake: FakeProvider) -> None:
         """The same request with room for both models escalates, as without a budget."""

@@ -175,6 +175,34 @@ class TestQuotaExhaustedInARequestOfSeveralModels:
         assert messages[-1].completion.model == "claude-sonnet"
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "claude-sonnet-4-6"]
 
+    async def test_no_escalation_is_announced_to_a_step_whose_quota_was_found_spent(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini finds the OpenAI key's quota spent, and gpt-4o, the next step, is on the same
+        key with no fallback: the request ends with the quota error, announcing no escalation to a
+        model it never calls (one was announced, and counted in GetStats)."""
+        config = default_config()
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        fake.set_default(Script(status=429, error_body=QUOTA_BODY), model="gpt-4o-mini")
+        messages: list[pb.CompleteResponse] = []
+
+        async def complete(client: RouterClient) -> None:
+            async for message in client.complete(user_chat("hi"), pb.RoutingContext(cascade=True)):
+                messages.append(message)
+
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await complete(client)
+            stats = await client.get_stats()
+        assert [m.WhichOneof("event") for m in messages] == ["decision"]
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "PROVIDER_QUOTA_EXHAUSTED",
+        )
+        assert stats.escalations == 0
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
     @staticmethod
     def judged_chain(fake: FakeProvider, *steps: str) -> dict[str, object]:
         """A cascade always applied over ``steps`` (each but the last held to 0.8), judged by gpt-4o
