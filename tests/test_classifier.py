@@ -11,6 +11,7 @@ from decimal import Decimal
 import grpc
 import pytest
 
+from routesvc.auth import key_digest
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
@@ -738,6 +739,59 @@ class TestTheLLMClassifierKeepsToTheAllowList:
         assert [request.path for request in acme_requests] == ["/v1/chat/completions"]
         assert [request.path for request in fake.requests[len(acme_requests) :]] == ["/v1/messages"]
         assert Decimal(globex.routing_cost_usd) > 0
+
+    async def test_a_label_given_to_another_tenant_is_not_used_for_one_that_may_not_use_the_model(
+        self, fake: FakeProvider
+    ) -> None:
+        """acme has gpt-4o-mini label a prompt; globex, whose allow-list leaves gpt-4o-mini out,
+        sends the same prompt: the local fallback labels it, saying why, as it would a prompt never
+        seen (the cache answered it, "(cached)", before the allow-list was looked at)."""
+        config = llm_classifier_config()
+        config["tenants"] = {"acme": {}, "globex": {"allowed_models": ["gpt-4o", "claude-sonnet"]}}
+        fake.set_default(Script(text='{"task": "multi_step_reasoning", "complexity": "high"}'))
+        prompt = "Plan the migration of our billing system step by step."
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await client.route(user_chat(prompt), ACME)
+            globex = await client.route(user_chat(prompt), pb.RoutingContext(tenant="globex"))
+        assert globex.reasons[0].startswith(
+            "classifier: gpt-4o-mini not asked (not allowed for tenant 'globex'); local fallback labelled the task "
+        )
+        assert len(fake.requests) == 1
+
+
+class TestTheLLMClassifiersLabelsAreEachTenantsOwn:
+    """The LLM classifier remembers labels for each tenant apart: a label answered from memory at
+    no cost would otherwise tell a tenant that another sent the very same prompt."""
+
+    async def test_a_prompt_another_tenant_sent_is_asked_and_paid_for_again(self, fake: FakeProvider) -> None:
+        """Auth on: alice's prompt is labelled and paid; mallory sending the same prompt has it
+        labelled and pays too (it was answered "(cached)" for $0); alice again is answered from
+        memory."""
+        config = llm_classifier_config()
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {
+            "alice": {"api_key_sha256": [key_digest("alice-key-0001")], "daily_budget_usd": "1"},
+            "mallory": {"api_key_sha256": [key_digest("mallory-key-02")], "daily_budget_usd": "1"},
+        }
+        fake.set_default(Script(text='{"task": "summarization", "complexity": "low"}', input_tokens=900))
+        secret = "Summarise the board memo: the Berlin office closes on March 3."
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target, api_key="alice-key-0001") as alice,
+            RouterClient(server.target, api_key="mallory-key-02") as mallory,
+        ):
+            first = await alice.route(user_chat(secret))
+            probe = await mallory.route(user_chat(secret))
+            again = await alice.route(user_chat(secret))
+            mallory_spent = await server.router.admission.spent("mallory")
+        assert Decimal(first.routing_cost_usd) > 0
+        assert not probe.reasons[0].endswith("(cached)")
+        assert Decimal(probe.routing_cost_usd) == mallory_spent == Decimal(first.routing_cost_usd)
+        assert again.reasons[0].endswith("(cached)")
+        assert len(fake.requests) == 2
 
 
 def complexity_config() -> dict[str, object]:

@@ -8,7 +8,7 @@ Two kinds behind one stage, both of which annotate ``RoutingInput.task`` (source
   embedding, hashed words and word pairs, lexical cues] and the nearest examples (by embedding and
   words); offline, well under a millisecond for a typical prompt.
 - ``llm``: a cheap configured model asked for ``{"task", "complexity"}`` as JSON, bounded by a
-  timeout and cached by prompt hash. On timeout, provider error or bad JSON the stage falls back
+  timeout and cached by tenant and prompt hash. On timeout, provider error or bad JSON the stage falls back
   (to the local classifier when one is given, else to no label) and the request is still served.
   Its latency and cost are in the stage's reason.
 """
@@ -87,7 +87,9 @@ class ClassifierStageConfig(BaseModel):
     override_hint: bool = Field(False, description="classify even when the request carries a task hint")
     model: str = Field("", description="catalog model id asked by the llm method")
     timeout_s: float = Field(2.0, gt=0, description="bound on the llm call; past it the stage falls back")
-    cache_size: int = Field(10_000, ge=0, description="labels kept (local or llm), keyed by prompt hash")
+    cache_size: int = Field(
+        10_000, ge=0, description="labels kept, keyed by prompt hash (the llm method: by tenant and prompt hash)"
+    )
     fallback_local: bool = Field(True, description="llm method: use the local classifier on failure")
 
 
@@ -370,13 +372,27 @@ class LLMClassifierStage:
         return task, complexity, result.finish.usage if result.finish is not None else Usage()
 
     async def classify(
-        self, prompt: str, charge: Callable[[UpstreamCall], None] | None = None, *, may_not_pay: str = ""
+        self,
+        prompt: str,
+        charge: Callable[[UpstreamCall], None] | None = None,
+        *,
+        tenant: str = "",
+        may_not_pay: str = "",
+        may_not_use: str = "",
     ) -> tuple[str, str, str]:
         """(task, complexity, explanation); task is "" when the model failed and no fallback exists.
         Each provider call goes to ``charge`` as it ends (an answer from the cache makes none).
-        When ``may_not_pay`` says why it may not be asked (the budget is spent, the tenant may not use
-        the model), it is not: the cache or the fallback answers."""
-        key = text_key(prompt)
+
+        Labels are remembered per ``tenant``: a label one tenant paid for is not another's, and an
+        answer "(cached)" at no cost must not tell a tenant that another sent the same prompt. When
+        ``may_not_use`` says why the tenant may not use the model (its allow-list), the model's
+        label is not its to have, remembered or not: the fallback answers. When ``may_not_pay``
+        says why it may not be asked (the budget is spent), it is not: the cache or the fallback
+        answers."""
+        if may_not_use:
+            return self._fall_back(prompt, f"not asked ({may_not_use})")
+        # Two digests side by side: no tenant name and prompt can make another pair's key.
+        key = text_key(tenant) + text_key(prompt)
         cached = self._cache.get(key)
         if cached is not None:
             task, complexity = cached
@@ -423,9 +439,12 @@ class LLMClassifierStage:
             )
         # A model the tenant may not use is not sent its prompt, as a paid call is not made once
         # its budget is spent.
-        not_asked = routing_input.may_not_pay or routing_input.allow_list.refuses(self._model.id)
         task, complexity, reason = await self.classify(
-            routing_input.request.chat.last_user_message, routing_input.charge, may_not_pay=not_asked
+            routing_input.request.chat.last_user_message,
+            routing_input.charge,
+            tenant=routing_input.request.context.tenant,
+            may_not_pay=routing_input.may_not_pay,
+            may_not_use=routing_input.allow_list.refuses(self._model.id),
         )
         if not task:
             reason = f"{reason}; {_left(routing_input)}"
