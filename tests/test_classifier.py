@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
 from routesvc.auth import key_digest
 from routesvc.catalog import Catalog, ModelSpec
@@ -378,6 +379,21 @@ class TestLLMClassifierStage:
         verdict = await llm_stage(fake).decide(routing_input("Write a sonnet about tea."), recorder)
         assert recorder.seen[0].task == "creative_writing"
         assert "local fallback" in verdict.reasons[0]
+
+    async def test_an_unexpected_error_falls_back_and_is_logged(self, fake: FakeProvider) -> None:
+        """A failure that is no provider's (here the HTTP library cannot take an infinite timeout,
+        which config refuses but a stage built in code can carry) falls back like a provider
+        error, and is logged as an error for the operator (it failed the request INTERNAL)."""
+        recorder = Recorder()
+        with capture_logs() as logs:
+            verdict = await llm_stage(fake, timeout_s=float("inf")).decide(
+                routing_input("Write a sonnet about tea."), recorder
+            )
+        assert recorder.seen[0].task == "creative_writing"
+        assert verdict.reasons[0].startswith("classifier: cheap failed unexpectedly (OverflowError) after ")
+        assert [(e["event"], e["log_level"], e["error"]) for e in logs if e["event"] == "classifier_failed"] == [
+            ("classifier_failed", "error", "OverflowError")
+        ]
 
 
 class TestLLMClassifierCharges:

@@ -221,6 +221,18 @@ class TestValidation:
                 lambda c: c.setdefault("reliability", {}).update(backoff_seconds=float("nan")),
                 r"reliability\.backoff_seconds",
             ),
+            (
+                lambda c: c["routing"]["stages"].__setitem__(
+                    0, {"kind": "classifier", "method": "llm", "model": "gpt-4o-mini", "timeout_s": float("inf")}
+                ),
+                r"routing\.stages\[0\]\.timeout_s: Input should be a finite number",
+            ),
+            (
+                lambda c: c["routing"].update(
+                    stages=[{**_embedding_stage("f.db"), "feedback_decision_ttl_seconds": float("inf")}]
+                ),
+                r"routing\.stages\[0\]\.feedback_decision_ttl_seconds: Input should be a finite number",
+            ),
         ],
     )
     def test_invalid_values_name_the_field(self, mutate: object, expected: str) -> None:

@@ -8,9 +8,10 @@ Two kinds behind one stage, both of which annotate ``RoutingInput.task`` (source
   embedding, hashed words and word pairs, lexical cues] and the nearest examples (by embedding and
   words); offline, well under a millisecond for a typical prompt.
 - ``llm``: a cheap configured model asked for ``{"task", "complexity"}`` as JSON, bounded by a
-  timeout and cached by tenant and prompt hash. On timeout, provider error or bad JSON the stage falls back
-  (to the local classifier when one is given, else to no label) and the request is still served.
-  Its latency and cost are in the stage's reason.
+  timeout and cached by tenant and prompt hash. On timeout, provider error or bad JSON the stage
+  falls back (to the local classifier when one is given, else to no label) and the request is
+  still served; so it is after an unexpected error, logged (``classifier_failed``) with its
+  traceback. Its latency and cost are in the stage's reason.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from routesvc.catalog import Catalog, ModelSpec
@@ -74,11 +76,15 @@ _NEIGHBOUR_SHARPNESS = 30.0
 _FAVOURED = frozenset({"code_generation", "multi_step_reasoning", "creative_writing"})
 _FAVOUR = 1.25
 
+log = structlog.get_logger("routesvc.classifier")
+
 
 class ClassifierStageConfig(BaseModel):
     """Settings of the classifier stage."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # As config.py's other settings: a float is a finite number (a timeout_s of .inf was taken,
+    # then failed every request INTERNAL), and refused values are left out of the message.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, hide_input_in_errors=True)
 
     kind: Literal["classifier"] = "classifier"
     method: Literal["local", "llm"] = Field("local", description="local model, or ask a cheap LLM")
@@ -413,6 +419,13 @@ class LLMClassifierStage:
             elapsed = (time.perf_counter() - started) * 1000
             problem = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             return self._fall_back(prompt, f"{problem} after {elapsed:.0f} ms")
+        except Exception as exc:
+            # A fault of ours or of a library's, not the provider's: the label is an aid to
+            # routing, so the request is still served (with the fallback's label), and the
+            # operator is told with the traceback. A cancellation is no Exception: it propagates.
+            log.exception("classifier_failed", model=self._model.id, error=type(exc).__name__)
+            elapsed = (time.perf_counter() - started) * 1000
+            return self._fall_back(prompt, f"failed unexpectedly ({type(exc).__name__}) after {elapsed:.0f} ms")
         elapsed = (time.perf_counter() - started) * 1000
         cost: Decimal = cost_of_usage(self._model, usage)
         self._cache.put(key, (task, complexity))
