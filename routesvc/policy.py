@@ -100,6 +100,11 @@ class Policy:
         """Whether a stage may call a provider to decide (an LLM classifier)."""
         return any(isinstance(stage, LLMClassifierStage) for stage in self._stages)
 
+    def may_batch(self, realtime: bool) -> bool:
+        """Whether the policy may decide batch mode for a request whose ``realtime`` is this (a
+        rules stage has a rule setting it that does not require the other value)."""
+        return any(stage.may_batch(realtime) for stage in self._stages if isinstance(stage, RulesStrategy))
+
     def close(self) -> None:
         """Close the learning stages' feedback stores."""
         for stage in self.learning_stages:

@@ -563,14 +563,16 @@ class Router:
         before the policy pays to decide (an LLM classifier's call): no eligible model, a
         ``max_cost_usd`` below every eligible model's estimate, and, for Complete, an admission
         refusal of its tokens (known before deciding) and of the least it can cost (the cheapest
-        eligible model in either mode).
+        eligible model in a mode it can be served in: batch only when a rule may set it for the
+        request and the model's provider can take it here).
         """
         request = routing_input.request
+        modes = (Mode.REALTIME, Mode.BATCH) if self._policy.may_batch(request.context.realtime) else (Mode.REALTIME,)
         costs = [
             estimated_cost(model, routing_input, mode)
             for model in self._catalog
             if routing_input.is_eligible(model.id)
-            for mode in (Mode.REALTIME, Mode.BATCH)
+            for mode in modes
             if mode is Mode.REALTIME or not self._realtime_instead_of_batch(model.provider)
         ]
         if not costs:

@@ -651,6 +651,53 @@ class TestTheLLMClassifierIsPaidFor:
         assert error_info(caught.value).reason == "COST_LIMIT_EXCEEDED"
         assert len(fake.requests) == 1
 
+    async def test_a_realtime_max_cost_only_a_batch_price_fits_is_refused_before_a_label(
+        self, fake: FakeProvider
+    ) -> None:
+        """A realtime request no rule can put in batch mode (the shipped batch rule wants realtime
+        false) whose cap lies between the batch and the realtime price of every model is refused
+        unpaid, and the refusal quotes the realtime price (the batch prices let it pay for a label
+        first)."""
+        async with (
+            Server(settings_from(llm_classifier_config(), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))
+            first = await client.route(user_chat("hello there"), ACME)
+            cap = format(Decimal(first.estimated_cost_usd) * Decimal("0.75"), "f")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                # As many tokens as the first prompt: the same estimate.
+                await client.route(user_chat("hello again"), pb.RoutingContext(tenant="acme", max_cost_usd=cap))
+            spent = await server.router.admission.spent("acme")
+        assert first.model == "gpt-4o-mini"
+        assert error_info(caught.value).reason == "COST_LIMIT_EXCEEDED"
+        assert f"cheapest eligible model ({first.estimated_cost_usd} USD)" in (caught.value.details() or "")
+        assert len(fake.requests) == 1
+        assert spent == Decimal(first.routing_cost_usd)
+
+    async def test_a_realtime_request_a_rule_may_batch_is_labelled_and_served_at_the_batch_price(
+        self, fake: FakeProvider
+    ) -> None:
+        """A rule setting batch mode without asking for realtime false may batch a realtime
+        request: with a cap only the batch price fits, the request is labelled and served in batch
+        (the batch prices still count before the label for it)."""
+        config = llm_classifier_config()
+        config["routing"]["stages"][1]["rules"].append(  # type: ignore[index]
+            {"name": "bulk", "when": {"metadata": {"bulk": "yes"}}, "mode": "batch"}
+        )
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))
+            first = await client.route(user_chat("hello there"), ACME)
+            cap = format(Decimal(first.estimated_cost_usd) * Decimal("0.75"), "f")
+            fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))
+            context = pb.RoutingContext(tenant="acme", max_cost_usd=cap, metadata={"bulk": "yes"})
+            batched = await client.route(user_chat("hello again"), context)
+        assert (batched.model, batched.mode) == ("gpt-4o-mini", pb.MODE_BATCH)
+        assert len(fake.requests) == 2
+
     async def test_a_max_cost_below_every_model_is_refused_before_a_label(self, fake: FakeProvider) -> None:
         """``max_cost_usd`` below the cheapest eligible model's estimate: Route and Complete are
         COST_LIMIT_EXCEEDED without asking the classifier."""
