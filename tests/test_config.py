@@ -141,6 +141,16 @@ class TestValidation:
                 r"routing\.stages\[1\]\.rules\[0\]\.when\.last_user_message_matches: .*invalid regex",
             ),
             (
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"metadata": {}}),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.metadata: must not be empty \(it would"
+                r" match every request\); leave the condition out instead",
+            ),
+            (
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"task_in": []}),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.task_in: must not be empty \(it would"
+                r" match no request\)",
+            ),
+            (
                 lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"colour": "red"}),
                 r"routing\.stages\[1\]\.rules\[0\]\.when\.colour: Extra inputs are not permitted",
             ),
