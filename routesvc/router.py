@@ -96,6 +96,7 @@ def _policy_for(settings: Settings, providers: Mapping[str, Provider]) -> Policy
         catalog=settings.catalog,
         providers=providers,
         base_dir=None if settings.source.startswith("<") else Path(settings.source).parent,
+        source=settings.source,
     )
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
+from pathlib import Path
 
 import grpc
 import pytest
@@ -425,11 +426,27 @@ class TestBuild:
 
     def test_an_llm_classifier_whose_provider_has_no_key_fails_the_start(self) -> None:
         """The llm method on a model whose provider has no credentials could never ask it: the
-        server refuses to start with a ConfigError naming the setting (was a bare KeyError)."""
+        server refuses to start with a ConfigError naming the file and the setting, as the
+        config's other errors do (it was a bare KeyError, then ``classifier.model`` with neither
+        the file nor the stage)."""
         config = default_config()
         config["routing"]["stages"][0] = {"kind": "classifier", "method": "llm", "model": "gpt-4o"}  # type: ignore[index]
-        with pytest.raises(ConfigError, match=r"^classifier\.model: gpt-4o's provider openai has no credentials"):
+        with pytest.raises(
+            ConfigError, match=r"^<test>: routing\.stages\[0\]\.model: gpt-4o's provider openai has no credentials"
+        ):
             Server(settings_from(config, {}), port=0)
+
+    def test_an_examples_file_that_cannot_be_read_is_named_with_its_stage(self, tmp_path: Path) -> None:
+        """A second classifier stage whose examples file is missing: the start is refused naming
+        the config file, the stage and its field, then the file."""
+        config = default_config()
+        missing = tmp_path / "missing.jsonl"
+        config["routing"]["stages"].insert(1, {"kind": "classifier", "examples": str(missing)})  # type: ignore[attr-defined]
+        with pytest.raises(ConfigError) as caught:
+            Server(settings_from(config, {}), port=0)
+        assert caught.value.message == (
+            f"<test>: routing.stages[1].examples: classifier examples {missing}: No such file or directory"
+        )
 
     def test_llm_stage_from_config(self) -> None:
         """The llm method looks up the model in the catalog and its provider by name."""

@@ -488,7 +488,10 @@ def build(
             # The one the fitted router's kind prior labels with too: fitted once per process.
             local = shipped_classifier()
         else:
-            local = TaskClassifier(encoder or WordLlamaEncoder(), read_examples(config.examples))
+            try:
+                local = TaskClassifier(encoder or WordLlamaEncoder(), read_examples(config.examples))
+            except ConfigError as exc:
+                raise ConfigError(f"classifier.examples: {exc.message}") from exc
     if config.method == "local":
         assert local is not None
         return LocalClassifierStage(
