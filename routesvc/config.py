@@ -314,6 +314,18 @@ class RuleCondition(_Strict):
     metadata: dict[str, str] | None = None
     last_user_message_matches: str | None = Field(None, description="Python regex, searched, case-sensitive.")
 
+    @field_validator("user_tier_in", "tenant_in", "task_in", "complexity_in", "metadata")
+    @classmethod
+    def _not_an_empty_container(
+        cls, value: tuple[str, ...] | dict[str, str] | None
+    ) -> tuple[str, ...] | dict[str, str] | None:
+        # Given empty, a condition would test nothing: an empty list matches no request, an empty
+        # map every one (it counted as "a condition" and made a rule match everything).
+        if value is not None and not value:
+            matches = "every request" if isinstance(value, dict) else "no request"
+            raise ValueError(f"must not be empty (it would match {matches}); leave the condition out instead")
+        return value
+
     @field_validator("last_user_message_matches")
     @classmethod
     def _regex_compiles(cls, value: str | None) -> str | None:

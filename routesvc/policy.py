@@ -9,14 +9,14 @@ from pathlib import Path
 
 from routesvc import telemetry
 from routesvc.catalog import Catalog
-from routesvc.config import RoutingConfig, RulesStageConfig
+from routesvc.config import RoutingConfig, RulesStageConfig, StageConfig
 from routesvc.errors import ConfigError
 from routesvc.providers.base import Provider
 from routesvc.strategies import classifier, embedding
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
 from routesvc.strategies.classifier import ClassifierStageConfig, LLMClassifierStage
 from routesvc.strategies.default import DefaultStrategy
-from routesvc.strategies.embedding import EmbeddingStage, EmbeddingStageConfig
+from routesvc.strategies.embedding import EmbeddingStage
 from routesvc.strategies.rules import RulesStrategy
 
 
@@ -34,13 +34,24 @@ class Policy:
         catalog: Catalog | None = None,
         providers: Mapping[str, Provider] | None = None,
         base_dir: Path | None = None,
+        source: str = "",
     ) -> Policy:
         """The policy described by ``config``; relative paths in stages are read from ``base_dir``
         (the config file's folder). A stage that fails to build closes the feedback stores the
-        stages before it opened (a reload retries a rejected version at every poll)."""
+        stages before it opened (a reload retries a rejected version at every poll); its error
+        names ``source`` (the config file) and the stage (``routing.stages[N]``)."""
         stages: list[Strategy] = []
         try:
-            cls._build_stages(config, stages, catalog=catalog, providers=providers, base_dir=base_dir)
+            feedback_files: dict[Path, int] = {}  # each embedding stage's feedback_db, resolved: its stage
+            for index, stage in enumerate(config.stages):
+                try:
+                    stages.append(
+                        cls._build_stage(
+                            stage, index, feedback_files, catalog=catalog, providers=providers, base_dir=base_dir
+                        )
+                    )
+                except ConfigError as exc:
+                    raise _at_stage(exc, index, stage.kind, source) from exc
         except BaseException:
             cls(stages).close()
             raise
@@ -48,47 +59,41 @@ class Policy:
         return cls(stages)
 
     @staticmethod
-    def _build_stages(
-        config: RoutingConfig,
-        stages: list[Strategy],
+    def _build_stage(
+        stage: StageConfig,
+        index: int,
+        feedback_files: dict[Path, int],
         *,
         catalog: Catalog | None,
         providers: Mapping[str, Provider] | None,
         base_dir: Path | None,
-    ) -> None:
-        """Append each configured stage to ``stages`` as it is built."""
-        feedback_files: dict[Path, int] = {}  # each embedding stage's feedback_db, resolved: its stage
-        for index, stage in enumerate(config.stages):
-            if isinstance(stage, RulesStageConfig):
-                stages.append(RulesStrategy.from_config(stage))
-            elif isinstance(stage, ClassifierStageConfig):
-                resolved = stage.model_copy(update={"examples": _resolve(stage.examples, base_dir)})
-                if resolved.method == "local":
-                    stages.append(_local_classifier(resolved))
-                else:
-                    stages.append(
-                        classifier.build(resolved, catalog=catalog, provider_for=dict(providers or {}).__getitem__)
-                    )
-            elif isinstance(stage, EmbeddingStageConfig):
-                if catalog is None:
-                    raise ConfigError("routing.stages: the embedding stage needs the catalog")
-                resolved_embedding = stage.model_copy(
-                    update={
-                        "router": _resolve(stage.router, base_dir),
-                        "feedback_db": _resolve(stage.feedback_db, base_dir),
-                    }
+    ) -> Strategy:
+        """The stage ``stage`` (``routing.stages[index]``) describes."""
+        if isinstance(stage, RulesStageConfig):
+            return RulesStrategy.from_config(stage)
+        if isinstance(stage, ClassifierStageConfig):
+            resolved = stage.model_copy(update={"examples": _resolve(stage.examples, base_dir)})
+            if resolved.method == "local":
+                return _local_classifier(resolved)
+            return classifier.build(resolved, catalog=catalog, provider_for=dict(providers or {}).__getitem__)
+        if catalog is None:
+            raise ConfigError("the embedding stage needs the catalog")
+        resolved_embedding = stage.model_copy(
+            update={
+                "router": _resolve(stage.router, base_dir),
+                "feedback_db": _resolve(stage.feedback_db, base_dir),
+            }
+        )
+        if resolved_embedding.feedback_db is not None:
+            # The config checked the paths as written; here they are resolved against the
+            # config's folder and links (``a.db`` and ``/abs/a.db`` may be one file).
+            path = resolved_embedding.feedback_db.resolve()
+            if feedback_files.setdefault(path, index) != index:
+                raise ConfigError(
+                    f"embedding.feedback_db: {str(stage.feedback_db)!r} is routing.stages[{feedback_files[path]}]'s"
+                    " feedback_db too; each embedding stage needs its own file"
                 )
-                if resolved_embedding.feedback_db is not None:
-                    # The config checked the paths as written; here they are resolved against the
-                    # config's folder and links (``a.db`` and ``/abs/a.db`` may be one file).
-                    path = resolved_embedding.feedback_db.resolve()
-                    if feedback_files.setdefault(path, index) != index:
-                        raise ConfigError(
-                            f"routing.stages[{index}].feedback_db: {str(stage.feedback_db)!r} is"
-                            f" routing.stages[{feedback_files[path]}]'s feedback_db too; each embedding stage"
-                            " needs its own file"
-                        )
-                stages.append(embedding.build(resolved_embedding, catalog=catalog))
+        return embedding.build(resolved_embedding, catalog=catalog)
 
     @property
     def learning_stages(self) -> tuple[EmbeddingStage, ...]:
@@ -99,6 +104,11 @@ class Policy:
     def pays_to_decide(self) -> bool:
         """Whether a stage may call a provider to decide (an LLM classifier)."""
         return any(isinstance(stage, LLMClassifierStage) for stage in self._stages)
+
+    def may_batch(self, realtime: bool) -> bool:
+        """Whether the policy may decide batch mode for a request whose ``realtime`` is this (a
+        rules stage has a rule setting it that does not require the other value)."""
+        return any(stage.may_batch(realtime) for stage in self._stages if isinstance(stage, RulesStrategy))
 
     def close(self) -> None:
         """Close the learning stages' feedback stores."""
@@ -139,6 +149,17 @@ class Policy:
             return await stage.decide(routing_input, chain)
         finally:
             telemetry.record_stage_latency(stage.name, time.perf_counter() - started - downstream)
+
+
+def _at_stage(error: ConfigError, index: int, kind: str, source: str) -> ConfigError:
+    """``error``, raised building ``routing.stages[index]`` (of ``kind``), as the config's other
+    errors read: ``my.yaml: routing.stages[0].model: ...`` for a field the stage names
+    (``classifier.model: ...``), ``my.yaml: routing.stages[0]: ...`` otherwise."""
+    where = f"routing.stages[{index}]"
+    message = error.message
+    # A field of the stage (``classifier.model``) becomes its place in the file.
+    message = where + message[len(kind) :] if message.startswith(f"{kind}.") else f"{where}: {message}"
+    return ConfigError(f"{source}: {message}" if source else message)
 
 
 def _resolve(path: Path | None, base_dir: Path | None) -> Path | None:

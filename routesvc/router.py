@@ -80,6 +80,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("routesvc.router")
 
+# A decision's strategy and rule when the request's max_cost_usd replaced the policy's model by a
+# cheaper one.
+MAX_COST_STRATEGY = "max_cost"
+MAX_COST_DOWNGRADE_RULE = "max_cost_downgrade"
+
 # How a candidate says it refuses a request parameter that is not a field of the request.
 _REFUSED_PARAMETER = {"prefill": "refuses a prefill, a conversation that ends in an assistant turn"}
 
@@ -91,6 +96,7 @@ def _policy_for(settings: Settings, providers: Mapping[str, Provider]) -> Policy
         catalog=settings.catalog,
         providers=providers,
         base_dir=None if settings.source.startswith("<") else Path(settings.source).parent,
+        source=settings.source,
     )
 
 
@@ -451,8 +457,18 @@ class Router:
                 mode = Mode.REALTIME
                 reasons.append(f"{realtime_instead}; served in realtime")
             model, cost, mode = self._within_max_cost(
-                request, routing_input, model, mode, reasons, pinned=pinned is not None
+                request,
+                routing_input,
+                model,
+                mode,
+                reasons,
+                pinned=pinned is not None,
+                chosen_by=f"{verdict.strategy} / {verdict.rule}",
             )
+            strategy, rule = verdict.strategy, verdict.rule
+            if model.id != verdict.model:
+                # The request's cap picked the model, not the policy (whose pick the reasons name).
+                strategy, rule = MAX_COST_STRATEGY, MAX_COST_DOWNGRADE_RULE
             provider = self._settings.providers[model.provider]
             if not provider.configured:
                 if for_completion:
@@ -462,8 +478,8 @@ class Router:
                 decision_id=decision_id,
                 model=model.id,
                 provider=model.provider,
-                strategy=verdict.strategy,
-                rule=verdict.rule,
+                strategy=strategy,
+                rule=rule,
                 reasons=tuple(reasons),
                 estimated_input_tokens=text_tokens + images.for_kind(model.provider_kind),
                 estimated_output_tokens=output_tokens,
@@ -563,14 +579,16 @@ class Router:
         before the policy pays to decide (an LLM classifier's call): no eligible model, a
         ``max_cost_usd`` below every eligible model's estimate, and, for Complete, an admission
         refusal of its tokens (known before deciding) and of the least it can cost (the cheapest
-        eligible model in either mode).
+        eligible model in a mode it can be served in: batch only when a rule may set it for the
+        request and the model's provider can take it here).
         """
         request = routing_input.request
+        modes = (Mode.REALTIME, Mode.BATCH) if self._policy.may_batch(request.context.realtime) else (Mode.REALTIME,)
         costs = [
             estimated_cost(model, routing_input, mode)
             for model in self._catalog
             if routing_input.is_eligible(model.id)
-            for mode in (Mode.REALTIME, Mode.BATCH)
+            for mode in modes
             if mode is Mode.REALTIME or not self._realtime_instead_of_batch(model.provider)
         ]
         if not costs:
@@ -602,11 +620,13 @@ class Router:
         reasons: list[str],
         *,
         pinned: bool,
+        chosen_by: str,
     ) -> tuple[ModelSpec, Decimal, Mode]:
         """``model`` and its estimate in ``mode``, or the cheapest eligible model within the
-        request's ``max_cost_usd``; a batch decision moving to a model without a batch API here
-        is served by it in realtime, at that price. A ``pinned`` model is never replaced: over the
-        cap, the request is refused."""
+        request's ``max_cost_usd`` (the reason names the strategy and rule that had ``chosen_by``
+        ``model``); a batch decision moving to a model without a batch API here is served by it in
+        realtime, at that price. A ``pinned`` model is never replaced: over the cap, the request
+        is refused."""
         cost = estimated_cost(model, routing_input, mode)
         cap = request.context.max_cost_usd
         if cap is None or cost <= cap:
@@ -628,8 +648,8 @@ class Router:
         for other_cost, _, other, realtime_instead in options:
             if other_cost <= cap:
                 reasons.append(
-                    f"estimated cost {format_usd(cost)} USD on {model.id} exceeds max_cost_usd {format_usd(cap)}; "
-                    f"downgraded to {other.id} at {format_usd(other_cost)} USD"
+                    f"estimated cost {format_usd(cost)} USD on {model.id} (chosen by {chosen_by}) exceeds"
+                    f" max_cost_usd {format_usd(cap)}; downgraded to {other.id} at {format_usd(other_cost)} USD"
                 )
                 if realtime_instead:
                     reasons.append(f"{realtime_instead}; served in realtime")

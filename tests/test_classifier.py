@@ -7,10 +7,13 @@ import dataclasses
 import functools
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
+from pathlib import Path
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
+from routesvc.auth import key_digest
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
@@ -378,6 +381,21 @@ class TestLLMClassifierStage:
         assert recorder.seen[0].task == "creative_writing"
         assert "local fallback" in verdict.reasons[0]
 
+    async def test_an_unexpected_error_falls_back_and_is_logged(self, fake: FakeProvider) -> None:
+        """A failure that is no provider's (here the HTTP library cannot take an infinite timeout,
+        which config refuses but a stage built in code can carry) falls back like a provider
+        error, and is logged as an error for the operator (it failed the request INTERNAL)."""
+        recorder = Recorder()
+        with capture_logs() as logs:
+            verdict = await llm_stage(fake, timeout_s=float("inf")).decide(
+                routing_input("Write a sonnet about tea."), recorder
+            )
+        assert recorder.seen[0].task == "creative_writing"
+        assert verdict.reasons[0].startswith("classifier: cheap failed unexpectedly (OverflowError) after ")
+        assert [(e["event"], e["log_level"], e["error"]) for e in logs if e["event"] == "classifier_failed"] == [
+            ("classifier_failed", "error", "OverflowError")
+        ]
+
 
 class TestLLMClassifierCharges:
     async def test_a_request_cancelled_mid_call_still_pays_for_it(self, fake: FakeProvider) -> None:
@@ -408,11 +426,27 @@ class TestBuild:
 
     def test_an_llm_classifier_whose_provider_has_no_key_fails_the_start(self) -> None:
         """The llm method on a model whose provider has no credentials could never ask it: the
-        server refuses to start with a ConfigError naming the setting (was a bare KeyError)."""
+        server refuses to start with a ConfigError naming the file and the setting, as the
+        config's other errors do (it was a bare KeyError, then ``classifier.model`` with neither
+        the file nor the stage)."""
         config = default_config()
         config["routing"]["stages"][0] = {"kind": "classifier", "method": "llm", "model": "gpt-4o"}  # type: ignore[index]
-        with pytest.raises(ConfigError, match=r"^classifier\.model: gpt-4o's provider openai has no credentials"):
+        with pytest.raises(
+            ConfigError, match=r"^<test>: routing\.stages\[0\]\.model: gpt-4o's provider openai has no credentials"
+        ):
             Server(settings_from(config, {}), port=0)
+
+    def test_an_examples_file_that_cannot_be_read_is_named_with_its_stage(self, tmp_path: Path) -> None:
+        """A second classifier stage whose examples file is missing: the start is refused naming
+        the config file, the stage and its field, then the file."""
+        config = default_config()
+        missing = tmp_path / "missing.jsonl"
+        config["routing"]["stages"].insert(1, {"kind": "classifier", "examples": str(missing)})  # type: ignore[attr-defined]
+        with pytest.raises(ConfigError) as caught:
+            Server(settings_from(config, {}), port=0)
+        assert caught.value.message == (
+            f"<test>: routing.stages[1].examples: classifier examples {missing}: No such file or directory"
+        )
 
     def test_llm_stage_from_config(self) -> None:
         """The llm method looks up the model in the catalog and its provider by name."""
@@ -635,6 +669,53 @@ class TestTheLLMClassifierIsPaidFor:
         assert error_info(caught.value).reason == "COST_LIMIT_EXCEEDED"
         assert len(fake.requests) == 1
 
+    async def test_a_realtime_max_cost_only_a_batch_price_fits_is_refused_before_a_label(
+        self, fake: FakeProvider
+    ) -> None:
+        """A realtime request no rule can put in batch mode (the shipped batch rule wants realtime
+        false) whose cap lies between the batch and the realtime price of every model is refused
+        unpaid, and the refusal quotes the realtime price (the batch prices let it pay for a label
+        first)."""
+        async with (
+            Server(settings_from(llm_classifier_config(), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))
+            first = await client.route(user_chat("hello there"), ACME)
+            cap = format(Decimal(first.estimated_cost_usd) * Decimal("0.75"), "f")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                # As many tokens as the first prompt: the same estimate.
+                await client.route(user_chat("hello again"), pb.RoutingContext(tenant="acme", max_cost_usd=cap))
+            spent = await server.router.admission.spent("acme")
+        assert first.model == "gpt-4o-mini"
+        assert error_info(caught.value).reason == "COST_LIMIT_EXCEEDED"
+        assert f"cheapest eligible model ({first.estimated_cost_usd} USD)" in (caught.value.details() or "")
+        assert len(fake.requests) == 1
+        assert spent == Decimal(first.routing_cost_usd)
+
+    async def test_a_realtime_request_a_rule_may_batch_is_labelled_and_served_at_the_batch_price(
+        self, fake: FakeProvider
+    ) -> None:
+        """A rule setting batch mode without asking for realtime false may batch a realtime
+        request: with a cap only the batch price fits, the request is labelled and served in batch
+        (the batch prices still count before the label for it)."""
+        config = llm_classifier_config()
+        config["routing"]["stages"][1]["rules"].append(  # type: ignore[index]
+            {"name": "bulk", "when": {"metadata": {"bulk": "yes"}}, "mode": "batch"}
+        )
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))
+            first = await client.route(user_chat("hello there"), ACME)
+            cap = format(Decimal(first.estimated_cost_usd) * Decimal("0.75"), "f")
+            fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))
+            context = pb.RoutingContext(tenant="acme", max_cost_usd=cap, metadata={"bulk": "yes"})
+            batched = await client.route(user_chat("hello again"), context)
+        assert (batched.model, batched.mode) == ("gpt-4o-mini", pb.MODE_BATCH)
+        assert len(fake.requests) == 2
+
     async def test_a_max_cost_below_every_model_is_refused_before_a_label(self, fake: FakeProvider) -> None:
         """``max_cost_usd`` below the cheapest eligible model's estimate: Route and Complete are
         COST_LIMIT_EXCEEDED without asking the classifier."""
@@ -739,6 +820,59 @@ class TestTheLLMClassifierKeepsToTheAllowList:
         assert [request.path for request in acme_requests] == ["/v1/chat/completions"]
         assert [request.path for request in fake.requests[len(acme_requests) :]] == ["/v1/messages"]
         assert Decimal(globex.routing_cost_usd) > 0
+
+    async def test_a_label_given_to_another_tenant_is_not_used_for_one_that_may_not_use_the_model(
+        self, fake: FakeProvider
+    ) -> None:
+        """acme has gpt-4o-mini label a prompt; globex, whose allow-list leaves gpt-4o-mini out,
+        sends the same prompt: the local fallback labels it, saying why, as it would a prompt never
+        seen (the cache answered it, "(cached)", before the allow-list was looked at)."""
+        config = llm_classifier_config()
+        config["tenants"] = {"acme": {}, "globex": {"allowed_models": ["gpt-4o", "claude-sonnet"]}}
+        fake.set_default(Script(text='{"task": "multi_step_reasoning", "complexity": "high"}'))
+        prompt = "Plan the migration of our billing system step by step."
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await client.route(user_chat(prompt), ACME)
+            globex = await client.route(user_chat(prompt), pb.RoutingContext(tenant="globex"))
+        assert globex.reasons[0].startswith(
+            "classifier: gpt-4o-mini not asked (not allowed for tenant 'globex'); local fallback labelled the task "
+        )
+        assert len(fake.requests) == 1
+
+
+class TestTheLLMClassifiersLabelsAreEachTenantsOwn:
+    """The LLM classifier remembers labels for each tenant apart: a label answered from memory at
+    no cost would otherwise tell a tenant that another sent the very same prompt."""
+
+    async def test_a_prompt_another_tenant_sent_is_asked_and_paid_for_again(self, fake: FakeProvider) -> None:
+        """Auth on: alice's prompt is labelled and paid; mallory sending the same prompt has it
+        labelled and pays too (it was answered "(cached)" for $0); alice again is answered from
+        memory."""
+        config = llm_classifier_config()
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {
+            "alice": {"api_key_sha256": [key_digest("alice-key-0001")], "daily_budget_usd": "1"},
+            "mallory": {"api_key_sha256": [key_digest("mallory-key-02")], "daily_budget_usd": "1"},
+        }
+        fake.set_default(Script(text='{"task": "summarization", "complexity": "low"}', input_tokens=900))
+        secret = "Summarise the board memo: the Berlin office closes on March 3."
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target, api_key="alice-key-0001") as alice,
+            RouterClient(server.target, api_key="mallory-key-02") as mallory,
+        ):
+            first = await alice.route(user_chat(secret))
+            probe = await mallory.route(user_chat(secret))
+            again = await alice.route(user_chat(secret))
+            mallory_spent = await server.router.admission.spent("mallory")
+        assert Decimal(first.routing_cost_usd) > 0
+        assert not probe.reasons[0].endswith("(cached)")
+        assert Decimal(probe.routing_cost_usd) == mallory_spent == Decimal(first.routing_cost_usd)
+        assert again.reasons[0].endswith("(cached)")
+        assert len(fake.requests) == 2
 
 
 def complexity_config() -> dict[str, object]:

@@ -447,14 +447,15 @@ class TestServeFlagErrors:
         )
 
     def test_a_feedback_db_that_is_not_sqlite_is_one_line(self, tmp_path: Path) -> None:
-        """An embedding stage's feedback_db that is some other file: exit 2 naming the field and
-        the file, as for any invalid config (it was sqlite3.DatabaseError, a traceback and exit 1)."""
+        """An embedding stage's feedback_db that is some other file: exit 2 naming the config file,
+        the stage, the field and the file, as for any invalid config (it was sqlite3.DatabaseError,
+        a traceback and exit 1)."""
         not_sqlite = tmp_path / "notes.txt"
         not_sqlite.write_text("not a database, but long enough to have a header of one\n" * 4)
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(embedding_config(tmp_path, feedback_db=str(not_sqlite))), encoding="utf-8")
         line = _one_line_error(_run("serve", "--config", str(path), "--port", "0", timeout=30))
-        assert line == f"error: feedback_db {not_sqlite}: file is not a database"
+        assert line == f"error: {path}: routing.stages[0]: feedback_db {not_sqlite}: file is not a database"
 
     def test_a_bad_redis_url_is_one_line_before_the_workers_start(self, tmp_path: Path) -> None:
         """A Redis URL missing its host (the password read as a port), with two workers: exit 2

@@ -141,6 +141,16 @@ class TestValidation:
                 r"routing\.stages\[1\]\.rules\[0\]\.when\.last_user_message_matches: .*invalid regex",
             ),
             (
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"metadata": {}}),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.metadata: must not be empty \(it would"
+                r" match every request\); leave the condition out instead",
+            ),
+            (
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"task_in": []}),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.task_in: must not be empty \(it would"
+                r" match no request\)",
+            ),
+            (
                 lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"colour": "red"}),
                 r"routing\.stages\[1\]\.rules\[0\]\.when\.colour: Extra inputs are not permitted",
             ),
@@ -220,6 +230,18 @@ class TestValidation:
             (
                 lambda c: c.setdefault("reliability", {}).update(backoff_seconds=float("nan")),
                 r"reliability\.backoff_seconds",
+            ),
+            (
+                lambda c: c["routing"]["stages"].__setitem__(
+                    0, {"kind": "classifier", "method": "llm", "model": "gpt-4o-mini", "timeout_s": float("inf")}
+                ),
+                r"routing\.stages\[0\]\.timeout_s: Input should be a finite number",
+            ),
+            (
+                lambda c: c["routing"].update(
+                    stages=[{**_embedding_stage("f.db"), "feedback_decision_ttl_seconds": float("inf")}]
+                ),
+                r"routing\.stages\[0\]\.feedback_decision_ttl_seconds: Input should be a finite number",
             ),
         ],
     )

@@ -609,7 +609,8 @@ class TestAFeedbackDbThatCannotBeOpened:
             response = await client.feedback(decision.decision_id, thumbs_up=False)
         events = [(entry["event"], entry.get("error")) for entry in logs if entry["event"].startswith("config_reload")]
         assert applied is False
-        assert events == [("config_reload_rejected", f"feedback_db {not_sqlite}: file is not a database")]
+        rejected = f"{path}: routing.stages[0]: feedback_db {not_sqlite}: file is not a database"
+        assert events == [("config_reload_rejected", rejected)]
         assert response.library_examples == 1
 
     @pytest.mark.parametrize("second", ["relative", "absolute"])

@@ -345,6 +345,20 @@ class TestARejectedReloadClosesWhatItBuilt:
             assert tried == [False] * 3
             assert feedback_writers() == writers
 
+    async def test_a_stage_that_fails_to_build_is_named_with_the_file(self, tmp_path: Path) -> None:
+        """A new version whose embedding stage names no fitted router is rejected, and the log
+        names the file, the stage and its field (it said ``embedding.router: ...``)."""
+        config = default_config()
+        path = watched_config(tmp_path, config)
+        async with Server(settings_from(config), port=0) as server:
+            watcher = ConfigWatcher(path, 1.0, server.reload, clock=Clock())
+            config["routing"]["stages"].append({"kind": "embedding", "router": "no-router"})  # type: ignore[index]
+            path.write_text(yaml.safe_dump(config), encoding="utf-8")
+            with capture_logs() as logs:
+                assert not await watcher.check()
+        (rejected,) = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
+        assert str(rejected["error"]).startswith(f"{path}: routing.stages[2].router: {tmp_path / 'no-router'}: ")
+
 
 def watched_config(tmp_path: Path, config: dict[str, object]) -> Path:
     """``config`` written to a file, with the server's own watcher off (the test drives one)."""

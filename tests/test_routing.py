@@ -243,6 +243,20 @@ class TestMaxCost:
         assert decision.model == "gpt-4o-mini"
         assert "exceeds max_cost_usd 0.001; downgraded to gpt-4o-mini" in decision.reasons[-2]
 
+    async def test_a_downgraded_decision_names_the_cap_not_the_rule_that_chose_another_model(
+        self, client: RouterClient
+    ) -> None:
+        """The cap picked the model, so strategy and rule say so (they named the rule that picked
+        gpt-4o, which did not serve); the reason names the strategy and rule that chose it."""
+        chosen = await _route(client, user_tier="premium")
+        decision = await _route(client, user_tier="premium", max_cost_usd="0.001")
+        assert (chosen.model, decision.model) == ("gpt-4o", "gpt-4o-mini")
+        assert (decision.strategy, decision.rule) == ("max_cost", "max_cost_downgrade")
+        assert (
+            f"on gpt-4o (chosen by {chosen.strategy} / {chosen.rule}) exceeds max_cost_usd 0.001"
+            in (decision.reasons[-2])
+        )
+
     async def test_a_pinned_model_over_the_cap_is_refused_not_replaced(self, client: RouterClient) -> None:
         """A pin replaces the policy's choice, so it is not downgraded: a pinned model whose
         estimate is over the cap is RESOURCE_EXHAUSTED naming it (it was served by gpt-4o-mini

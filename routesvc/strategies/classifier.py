@@ -8,9 +8,10 @@ Two kinds behind one stage, both of which annotate ``RoutingInput.task`` (source
   embedding, hashed words and word pairs, lexical cues] and the nearest examples (by embedding and
   words); offline, well under a millisecond for a typical prompt.
 - ``llm``: a cheap configured model asked for ``{"task", "complexity"}`` as JSON, bounded by a
-  timeout and cached by prompt hash. On timeout, provider error or bad JSON the stage falls back
-  (to the local classifier when one is given, else to no label) and the request is still served.
-  Its latency and cost are in the stage's reason.
+  timeout and cached by tenant and prompt hash. On timeout, provider error or bad JSON the stage
+  falls back (to the local classifier when one is given, else to no label) and the request is
+  still served; so it is after an unexpected error, logged (``classifier_failed``) with its
+  traceback. Its latency and cost are in the stage's reason.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from routesvc.catalog import Catalog, ModelSpec
@@ -74,11 +76,15 @@ _NEIGHBOUR_SHARPNESS = 30.0
 _FAVOURED = frozenset({"code_generation", "multi_step_reasoning", "creative_writing"})
 _FAVOUR = 1.25
 
+log = structlog.get_logger("routesvc.classifier")
+
 
 class ClassifierStageConfig(BaseModel):
     """Settings of the classifier stage."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # As config.py's other settings: a float is a finite number (a timeout_s of .inf was taken,
+    # then failed every request INTERNAL), and refused values are left out of the message.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, hide_input_in_errors=True)
 
     kind: Literal["classifier"] = "classifier"
     method: Literal["local", "llm"] = Field("local", description="local model, or ask a cheap LLM")
@@ -87,7 +93,9 @@ class ClassifierStageConfig(BaseModel):
     override_hint: bool = Field(False, description="classify even when the request carries a task hint")
     model: str = Field("", description="catalog model id asked by the llm method")
     timeout_s: float = Field(2.0, gt=0, description="bound on the llm call; past it the stage falls back")
-    cache_size: int = Field(10_000, ge=0, description="labels kept (local or llm), keyed by prompt hash")
+    cache_size: int = Field(
+        10_000, ge=0, description="labels kept, keyed by prompt hash (the llm method: by tenant and prompt hash)"
+    )
     fallback_local: bool = Field(True, description="llm method: use the local classifier on failure")
 
 
@@ -370,13 +378,27 @@ class LLMClassifierStage:
         return task, complexity, result.finish.usage if result.finish is not None else Usage()
 
     async def classify(
-        self, prompt: str, charge: Callable[[UpstreamCall], None] | None = None, *, may_not_pay: str = ""
+        self,
+        prompt: str,
+        charge: Callable[[UpstreamCall], None] | None = None,
+        *,
+        tenant: str = "",
+        may_not_pay: str = "",
+        may_not_use: str = "",
     ) -> tuple[str, str, str]:
         """(task, complexity, explanation); task is "" when the model failed and no fallback exists.
         Each provider call goes to ``charge`` as it ends (an answer from the cache makes none).
-        When ``may_not_pay`` says why it may not be asked (the budget is spent, the tenant may not use
-        the model), it is not: the cache or the fallback answers."""
-        key = text_key(prompt)
+
+        Labels are remembered per ``tenant``: a label one tenant paid for is not another's, and an
+        answer "(cached)" at no cost must not tell a tenant that another sent the same prompt. When
+        ``may_not_use`` says why the tenant may not use the model (its allow-list), the model's
+        label is not its to have, remembered or not: the fallback answers. When ``may_not_pay``
+        says why it may not be asked (the budget is spent), it is not: the cache or the fallback
+        answers."""
+        if may_not_use:
+            return self._fall_back(prompt, f"not asked ({may_not_use})")
+        # Two digests side by side: no tenant name and prompt can make another pair's key.
+        key = text_key(tenant) + text_key(prompt)
         cached = self._cache.get(key)
         if cached is not None:
             task, complexity = cached
@@ -397,6 +419,13 @@ class LLMClassifierStage:
             elapsed = (time.perf_counter() - started) * 1000
             problem = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             return self._fall_back(prompt, f"{problem} after {elapsed:.0f} ms")
+        except Exception as exc:
+            # A fault of ours or of a library's, not the provider's: the label is an aid to
+            # routing, so the request is still served (with the fallback's label), and the
+            # operator is told with the traceback. A cancellation is no Exception: it propagates.
+            log.exception("classifier_failed", model=self._model.id, error=type(exc).__name__)
+            elapsed = (time.perf_counter() - started) * 1000
+            return self._fall_back(prompt, f"failed unexpectedly ({type(exc).__name__}) after {elapsed:.0f} ms")
         elapsed = (time.perf_counter() - started) * 1000
         cost: Decimal = cost_of_usage(self._model, usage)
         self._cache.put(key, (task, complexity))
@@ -423,9 +452,12 @@ class LLMClassifierStage:
             )
         # A model the tenant may not use is not sent its prompt, as a paid call is not made once
         # its budget is spent.
-        not_asked = routing_input.may_not_pay or routing_input.allow_list.refuses(self._model.id)
         task, complexity, reason = await self.classify(
-            routing_input.request.chat.last_user_message, routing_input.charge, may_not_pay=not_asked
+            routing_input.request.chat.last_user_message,
+            routing_input.charge,
+            tenant=routing_input.request.context.tenant,
+            may_not_pay=routing_input.may_not_pay,
+            may_not_use=routing_input.allow_list.refuses(self._model.id),
         )
         if not task:
             reason = f"{reason}; {_left(routing_input)}"
@@ -456,7 +488,10 @@ def build(
             # The one the fitted router's kind prior labels with too: fitted once per process.
             local = shipped_classifier()
         else:
-            local = TaskClassifier(encoder or WordLlamaEncoder(), read_examples(config.examples))
+            try:
+                local = TaskClassifier(encoder or WordLlamaEncoder(), read_examples(config.examples))
+            except ConfigError as exc:
+                raise ConfigError(f"classifier.examples: {exc.message}") from exc
     if config.method == "local":
         assert local is not None
         return LocalClassifierStage(

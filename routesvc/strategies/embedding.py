@@ -105,7 +105,9 @@ def _push(score: float) -> float:
 class EmbeddingStageConfig(BaseModel):
     """Settings of the embedding stage."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # As config.py's other settings: a float is a finite number (a timeout_s of .inf was taken,
+    # then failed every request INTERNAL), and refused values are left out of the message.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, hide_input_in_errors=True)
 
     kind: Literal["embedding"] = "embedding"
     router: Path = Field(description="folder written by `routesvc fit`")

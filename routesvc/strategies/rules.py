@@ -93,6 +93,13 @@ class RulesStrategy:
         """The stage described by ``config``."""
         return cls(config.rules)
 
+    def may_batch(self, realtime: bool) -> bool:
+        """Whether a rule here may set batch mode for a request whose ``realtime`` is this (a rule
+        whose condition does not require the other value): the rules are the one way to batch."""
+        return any(
+            rule.config.mode == "batch" and rule.config.when.realtime in (None, realtime) for rule in self._rules
+        )
+
     async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
         """Pick the model of the first applicable matching rule, else defer to ``next_stage``."""
         reasons: list[str] = []

@@ -890,9 +890,11 @@ class RouteDecision(_message.Message):
     provider: _builtins.str
     """Name of the configured provider that serves it."""
     strategy: _builtins.str
-    """The strategy that decided, for example "rules" or "pinned"."""
+    """The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+    max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
+    """
     rule: _builtins.str
-    """The rule that decided, or "default"."""
+    """The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost"."""
     estimated_input_tokens: _builtins.int
     """Estimated input tokens of the request on the chosen model: its images are counted by
     the formula of the model's provider (OpenAI's tiles, or 85 at IMAGE_DETAIL_LOW;

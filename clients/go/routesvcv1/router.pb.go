@@ -1534,9 +1534,10 @@ type RouteDecision struct {
 	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
 	// Name of the configured provider that serves it.
 	Provider string `protobuf:"bytes,3,opt,name=provider,proto3" json:"provider,omitempty"`
-	// The strategy that decided, for example "rules" or "pinned".
+	// The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+	// max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
 	Strategy string `protobuf:"bytes,4,opt,name=strategy,proto3" json:"strategy,omitempty"`
-	// The rule that decided, or "default".
+	// The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost".
 	Rule string `protobuf:"bytes,5,opt,name=rule,proto3" json:"rule,omitempty"`
 	// Human-readable reasons: every rule that matched, in precedence order, and why
 	// candidates were excluded.

@@ -597,14 +597,15 @@ export type RouteDecision = Message$1<"routesvc.v1.RouteDecision"> & {
   provider: string;
 
   /**
-   * The strategy that decided, for example "rules" or "pinned".
+   * The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+   * max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
    *
    * @generated from field: string strategy = 4;
    */
   strategy: string;
 
   /**
-   * The rule that decided, or "default".
+   * The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost".
    *
    * @generated from field: string rule = 5;
    */

@@ -205,7 +205,8 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object strategy_ = "";
   /**
    * <pre>
-   * The strategy that decided, for example "rules" or "pinned".
+   * The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+   * max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
    * </pre>
    *
    * <code>string strategy = 4 [json_name = "strategy"];</code>
@@ -226,7 +227,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * The strategy that decided, for example "rules" or "pinned".
+   * The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+   * max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
    * </pre>
    *
    * <code>string strategy = 4 [json_name = "strategy"];</code>
@@ -252,7 +254,7 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object rule_ = "";
   /**
    * <pre>
-   * The rule that decided, or "default".
+   * The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost".
    * </pre>
    *
    * <code>string rule = 5 [json_name = "rule"];</code>
@@ -273,7 +275,7 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * The rule that decided, or "default".
+   * The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost".
    * </pre>
    *
    * <code>string rule = 5 [json_name = "rule"];</code>
@@ -1851,7 +1853,8 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object strategy_ = "";
     /**
      * <pre>
-     * The strategy that decided, for example "rules" or "pinned".
+     * The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+     * max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
      * </pre>
      *
      * <code>string strategy = 4 [json_name = "strategy"];</code>
@@ -1871,7 +1874,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The strategy that decided, for example "rules" or "pinned".
+     * The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+     * max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
      * </pre>
      *
      * <code>string strategy = 4 [json_name = "strategy"];</code>
@@ -1892,7 +1896,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The strategy that decided, for example "rules" or "pinned".
+     * The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+     * max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
      * </pre>
      *
      * <code>string strategy = 4 [json_name = "strategy"];</code>
@@ -1909,7 +1914,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The strategy that decided, for example "rules" or "pinned".
+     * The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+     * max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
      * </pre>
      *
      * <code>string strategy = 4 [json_name = "strategy"];</code>
@@ -1923,7 +1929,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The strategy that decided, for example "rules" or "pinned".
+     * The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+     * max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
      * </pre>
      *
      * <code>string strategy = 4 [json_name = "strategy"];</code>
@@ -1943,7 +1950,7 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object rule_ = "";
     /**
      * <pre>
-     * The rule that decided, or "default".
+     * The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost".
      * </pre>
      *
      * <code>string rule = 5 [json_name = "rule"];</code>
@@ -1963,7 +1970,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The rule that decided, or "default".
+     * The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost".
      * </pre>
      *
      * <code>string rule = 5 [json_name = "rule"];</code>
@@ -1984,7 +1991,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The rule that decided, or "default".
+     * The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost".
      * </pre>
      *
      * <code>string rule = 5 [json_name = "rule"];</code>
@@ -2001,7 +2008,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The rule that decided, or "default".
+     * The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost".
      * </pre>
      *
      * <code>string rule = 5 [json_name = "rule"];</code>
@@ -2015,7 +2022,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The rule that decided, or "default".
+     * The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost".
      * </pre>
      *
      * <code>string rule = 5 [json_name = "rule"];</code>

@@ -70,7 +70,8 @@ public interface RouteDecisionOrBuilder extends
 
   /**
    * <pre>
-   * The strategy that decided, for example "rules" or "pinned".
+   * The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+   * max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
    * </pre>
    *
    * <code>string strategy = 4 [json_name = "strategy"];</code>
@@ -79,7 +80,8 @@ public interface RouteDecisionOrBuilder extends
   java.lang.String getStrategy();
   /**
    * <pre>
-   * The strategy that decided, for example "rules" or "pinned".
+   * The strategy that decided, for example "rules" or "pinned"; "max_cost" when the request's
+   * max_cost_usd replaced the policy's choice by a cheaper model (the reasons name the policy's).
    * </pre>
    *
    * <code>string strategy = 4 [json_name = "strategy"];</code>
@@ -90,7 +92,7 @@ public interface RouteDecisionOrBuilder extends
 
   /**
    * <pre>
-   * The rule that decided, or "default".
+   * The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost".
    * </pre>
    *
    * <code>string rule = 5 [json_name = "rule"];</code>
@@ -99,7 +101,7 @@ public interface RouteDecisionOrBuilder extends
   java.lang.String getRule();
   /**
    * <pre>
-   * The rule that decided, or "default".
+   * The rule that decided, or "default"; "max_cost_downgrade" with strategy "max_cost".
    * </pre>
    *
    * <code>string rule = 5 [json_name = "rule"];</code>
