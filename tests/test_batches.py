@@ -228,6 +228,29 @@ class TestBatchSubmitAndResults:
         sent = (request.get("body") or request["params"])["messages"]
         assert sent[1:] == BATCH_TOOL_TURNS[prefix]
 
+    @pytest.mark.parametrize("task", ["", "creative_writing"], ids=["openai", "anthropic"])
+    async def test_a_text_answer_with_a_call_that_names_no_tool_is_a_stop_without_calls(
+        self, tmp_path: Path, fake: FakeProvider, task: str
+    ) -> None:
+        """A batch answer ended by "stop" (``end_turn``) whose tool calls name no tool: STOP with
+        its text and no calls, as when streamed."""
+        fake.enqueue(Script(text="It is sunny.", tool_calls=(FakeToolCall("", "{}"),), tool_calls_finish_reason="stop"))
+        chat = build_chat(
+            [("user", "Weather in Paris?")], tools=[pb.Tool(name="lookup", parameters_json='{"type": "object"}')]
+        )
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(realtime=False, tenant="acme", task_hint=task)
+            messages = [m async for m in client.complete(chat, context)]
+            done = await wait_state(client, messages[1].batch.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert (done.result.text, list(done.result.tool_calls), done.result.finish_reason) == (
+            "It is sunny.",
+            [],
+            pb.FINISH_REASON_STOP,
+        )
+
     async def test_small_requests_are_grouped_into_one_provider_batch(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Three jobs within the window: one provider batch of three requests."""
         config = batch_config(tmp_path)

@@ -18,6 +18,7 @@ from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Fault, Script
 from tests.conftest import until
+from tests.forward_proxy import ForwardProxy
 
 Adapter = OpenAIProvider | AnthropicProvider
 
@@ -152,6 +153,28 @@ class TestRequestSent:
         finally:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
+
+    async def test_a_request_sent_through_a_proxy_from_the_environment_is_marked_sent(
+        self, fake: FakeProvider, kind: str, http_client: HttpClientKind, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Behind an HTTP proxy named by ``HTTP_PROXY``, a provider that reads the request and
+        never answers: once it has the request, the call is marked sent. (Anthropic's httpx client
+        builds the proxy's transport itself; it went unhooked, and such a cut was charged $0.)"""
+        async with ForwardProxy() as proxy:
+            for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            made = make_adapter(kind, http_client, fake.openai_base_url, fake.anthropic_base_url)
+            fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS))
+            request = call(timeout=30.0)
+            reading = asyncio.ensure_future(read(made, request))
+            try:
+                await until(lambda: len(fake.requests) == 1)
+                assert (len(proxy.requests), request.sent.is_set()) == (1, True)
+            finally:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+                await made.aclose()
 
     async def test_a_request_whose_connection_never_opened_is_not_marked_sent(
         self, unaccepting_port: int, kind: str, http_client: HttpClientKind

@@ -151,6 +151,13 @@ class TestSafeCode:
         """A code found in the prompt or the key (the adapters pass both) is not copied."""
         assert safe_code("plain-key-77", forbidden=["the prompt", "Bearer plain-key-77"]) == ""
 
+    def test_an_http_status_is_kept_whatever_numbers_the_prompt_holds(self) -> None:
+        """A code of at most three digits (an HTTP status) is kept though the prompt holds its
+        digits; a longer number, or a word, found in the prompt is still dropped."""
+        prompt = ["Sum 1429, 4020, 2401 and 1400.", "Say the word throttled."]
+        codes = ["429", "400", "1429", "throttled"]
+        assert [safe_code(code, forbidden=prompt) for code in codes] == ["429", "400", "", ""]
+
 
 class TestTransportErrors:
     def test_an_aiohttp_error_the_sdk_transport_does_not_translate_is_a_broken_stream(self) -> None:
@@ -625,6 +632,29 @@ class TestMidStreamFailures:
         fake.enqueue(Script(fault=Fault.ERROR_EVENT, error_type=error_type, error_code=code))
         _, error = await collect_until_error(compatible, make_call())
         assert (type(error), error.status) == (error_class, None)
+
+    @pytest.mark.parametrize(
+        ("code", "error_class"),
+        [
+            ("429", ProviderRateLimited),
+            (402, ProviderQuotaExhausted),
+            (401, ProviderAuthFailed),
+            (400, ProviderRejected),
+        ],
+    )
+    async def test_an_in_band_status_code_is_read_whatever_numbers_the_prompt_holds(
+        self, fake: FakeProvider, compatible: OpenAIProvider, code: str | int, error_class: type[ProviderError]
+    ) -> None:
+        """An error chunk whose code is an HTTP status, under a prompt holding those digits inside
+        other numbers: read as that status, as without them. (The code was dropped as an echo of
+        the prompt, and LiteLLM's type "None" then made it unavailable.)"""
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, error_type="None", error_code=code))
+        call = make_call(messages=(Message(Role.USER, "Sum 1429, 4020, 2401 and 1400."),))
+        _, error = await collect_until_error(compatible, call)
+        assert (type(error), error.message) == (
+            error_class,
+            f"provider local model gpt-4o-mini: error event in stream ({code})",
+        )
 
     async def test_in_band_error_before_content(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
         """An error chunk before any text is an error with nothing yielded (retryable pre-commit)."""

@@ -131,6 +131,31 @@ class TestToolCallsComeBack:
         assert list(completion.tool_calls) == [_call(f"{prefix}_fake_0", "get_weather", '{"city": "Paris"}')]
         assert completion.finish_reason == pb.FINISH_REASON_TOOL_CALLS
 
+    @pytest.mark.parametrize(("model", "path", "prefix"), ADAPTERS, ids=ADAPTER_IDS)
+    async def test_a_text_answer_with_a_call_that_names_no_tool_is_a_stop_without_calls(
+        self, live_client: RouterClient, fake: FakeProvider, model: str, path: str, prefix: str
+    ) -> None:
+        """A text answer ended by "stop" (``end_turn``) that carries a tool-call piece naming no
+        tool, as some servers send an empty placeholder: STOP with its text and no calls; beside a
+        named call, only that call comes back. (It was TOOL_CALLS with a nameless call, which the
+        caller can neither run nor send back.)"""
+        placeholder = FakeToolCall("", "{}")
+        weather = FakeToolCall("get_weather", '{"city": "Paris"}', id=f"{prefix}_1")
+        fake.enqueue(
+            Script(text="It is sunny.", tool_calls=(placeholder,), tool_calls_finish_reason="stop"),
+            Script(chunks=(), tool_calls=(placeholder, weather)),
+        )
+        chat = build_chat([("user", "Weather in Paris?")], tools=[WEATHER])
+        messages = await _complete(live_client, chat, model)
+        text, stopped = "".join(m.delta.text for m in messages), messages[-1].completion
+        called = (await _complete(live_client, chat, model))[-1].completion
+        assert (text, list(stopped.tool_calls), stopped.finish_reason) == ("It is sunny.", [], pb.FINISH_REASON_STOP)
+        assert (list(called.tool_calls), called.finish_reason) == (
+            [_call(f"{prefix}_1", "get_weather", '{"city": "Paris"}')],
+            pb.FINISH_REASON_TOOL_CALLS,
+        )
+        assert [request.path for request in fake.requests] == [path, path]
+
 
 class TestAssemblingPieces:
     """How the adapters' pieces become calls (``ToolCallParts``, shared by both adapters)."""
@@ -166,6 +191,18 @@ class TestAssemblingPieces:
         parts.add(0, call_id="call_B", arguments='{"city": ')
         parts.add(0, call_id="call_C", arguments='"Paris"}')
         assert parts.calls() == (ToolCall("call_A", "get_weather", '{"city": "Paris"}'),)
+
+    def test_pieces_that_never_name_a_tool_make_no_call(self) -> None:
+        """An empty placeholder piece, or arguments under no name, is no call; a call whose name
+        comes in a later piece is one, and made-up ids number the calls that are."""
+        parts = ToolCallParts()
+        parts.add(0, arguments="")
+        parts.add(1, arguments="{}")
+        parts.add(2, arguments='{"city": ')
+        parts.add(2, name="get_weather", arguments='"Paris"}')
+        calls = parts.calls()
+        assert [(call.name, call.arguments_json) for call in calls] == [("get_weather", '{"city": "Paris"}')]
+        assert re.fullmatch(r"call_[0-9a-f]+_0", calls[0].id)
 
     def test_pieces_without_an_index_follow_their_call(self) -> None:
         """Older servers send no index: a new id starts a call, later pieces extend the latest one

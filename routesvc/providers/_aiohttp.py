@@ -32,7 +32,7 @@ import aiohttp
 import httpx2
 from aiohttp.http_exceptions import HttpProcessingError
 
-from routesvc.providers._sending import trace_session
+from routesvc.providers._sending import trace_session, wrap_transports
 
 
 def unread_bytes(reader: object) -> bytes:
@@ -160,12 +160,6 @@ class _KeepingTransport(httpx2.AsyncBaseTransport):
 def keeping_buffered(client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
     """An instance of the SDK's ``DefaultAioHttpClient`` class whose transports (direct and proxy)
     are wrapped in ``_KeepingTransport``; its defaults (timeouts, connection limits) are the SDK's."""
-
-    class KeepingClient(client_class):  # type: ignore[misc,valid-type]
-        def _init_transport(self, *args: Any, **kwargs: Any) -> httpx2.AsyncBaseTransport:
-            return _KeepingTransport(super()._init_transport(*args, **kwargs))
-
-        def _init_proxy_transport(self, *args: Any, **kwargs: Any) -> httpx2.AsyncBaseTransport:
-            return _KeepingTransport(super()._init_proxy_transport(*args, **kwargs))
-
-    return KeepingClient()
+    client = client_class()
+    wrap_transports(client, _KeepingTransport)
+    return client

@@ -37,6 +37,9 @@ _log = structlog.get_logger("routesvc.providers")
 # Machine codes are short words; anything longer (or shaped like a key) is not copied.
 _SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
 _KEY_PREFIX = "sk-"
+# An HTTP status as a code (vLLM's 400, LiteLLM's "429"): three digits say nothing of a prompt or a
+# key, and a prompt with a number in it ("1400") must not turn the status into no code at all.
+_STATUS_CODE = re.compile(r"[0-9]{1,3}")
 
 # Error codes that say the account's credit or quota is spent: OpenAI's 429 ``insufficient_quota``
 # (code and type), Anthropic's ``billing_error`` (and any HTTP 402: ``error_for_status``).
@@ -65,14 +68,15 @@ def safe_code(value: object, *, forbidden: Iterable[str] = ()) -> str:
     """``value`` when it looks like a machine code (letters, digits, ``_.-``, at most 40), else "".
 
     A code that occurs inside any of the ``forbidden`` texts (the prompt, the key) is dropped too,
-    in case a server echoed a one-word prompt or the key into its error code; so is one that looks
-    like a credential (``sk-...``) whatever the texts.
+    in case a server echoed a one-word prompt or the key into its error code, unless it is a number
+    of at most three digits (an HTTP status); so is one that looks like a credential (``sk-...``)
+    whatever the texts.
     """
     if not isinstance(value, str) or not _SAFE_CODE.fullmatch(value):
         return ""
     if value.lower().startswith(_KEY_PREFIX):
         return ""
-    if any(value in text for text in forbidden):
+    if not _STATUS_CODE.fullmatch(value) and any(value in text for text in forbidden):
         return ""
     return value
 

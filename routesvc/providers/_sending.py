@@ -19,7 +19,7 @@ there, which copies the context), and the SDK passes nothing of ours down to the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import Any
@@ -101,12 +101,19 @@ class _TracedTransport(httpx2.AsyncBaseTransport):
 def traced(client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
     """An instance of the SDK's ``DefaultAsyncHttpxClient`` class (its defaults: timeouts,
     connection limits) whose transports (direct and proxy) report when a request goes out."""
+    client = client_class()
+    wrap_transports(client, _TracedTransport)
+    return client
 
-    class TracedClient(client_class):  # type: ignore[misc,valid-type]
-        def _init_transport(self, *args: Any, **kwargs: Any) -> httpx2.AsyncBaseTransport:
-            return _TracedTransport(super()._init_transport(*args, **kwargs))
 
-        def _init_proxy_transport(self, *args: Any, **kwargs: Any) -> httpx2.AsyncBaseTransport:
-            return _TracedTransport(super()._init_proxy_transport(*args, **kwargs))
+def wrap_transports(
+    client: httpx2.AsyncClient, wrap: Callable[[httpx2.AsyncBaseTransport], httpx2.AsyncBaseTransport]
+) -> None:
+    """Wrap each of a new ``client``'s transports, direct and proxy, in ``wrap``.
 
-    return TracedClient()
+    Done once the client is made, whoever made the transports: httpx builds them in
+    ``_init_transport`` and ``_init_proxy_transport``, but Anthropic's ``DefaultAsyncHttpxClient``
+    builds its own, the proxies from ``HTTP(S)_PROXY``/``ALL_PROXY`` among them, and hands them in
+    as ``mounts``: hooking those two methods missed them."""
+    client._transport = wrap(client._transport)
+    client._mounts = {pattern: None if mount is None else wrap(mount) for pattern, mount in client._mounts.items()}

@@ -13,7 +13,7 @@ names its tool; some servers change the id on later pieces of the same call, whi
 stay with it.) Calls are kept in the order they started. Some send no id at all (vLLM, NVIDIA
 NIM, LM Studio): such a call gets one made up, ``call_`` and a token of its response and its
 place in it, so that the caller can send it back with its result, and two responses' calls in
-one conversation stay apart.
+one conversation stay apart. Pieces that never name a tool make no call.
 """
 
 from __future__ import annotations
@@ -57,10 +57,12 @@ class ToolCallParts:
 
     def calls(self) -> tuple[ToolCall, ...]:
         """The assembled calls, in the order they started; a call that came without an id gets
-        one made up (the same each time this is asked)."""
+        one made up (the same each time this is asked). Pieces that never named a tool (an empty
+        placeholder some servers send beside a text answer) are no call: nothing could run them."""
+        named = [parts for parts in self._calls if parts.name]
         return tuple(
             ToolCall(parts.id or self._made_up_id(position), parts.name, "".join(parts.arguments))
-            for position, parts in enumerate(self._calls)
+            for position, parts in enumerate(named)
         )
 
     def _made_up_id(self, position: int) -> str:

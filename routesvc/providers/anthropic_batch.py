@@ -195,10 +195,11 @@ def _entry_result(line: dict[str, Any]) -> ItemResult:
         written_1h = int((usage.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0)
         blocks = message.get("content") or []
         text = "".join(str(block["text"]) for block in blocks if block["type"] == "text")
+        # A tool_use block that names no tool is no call (as in a stream: ``ToolCallParts``).
         calls = tuple(
             ToolCall(str(block["id"]), str(block["name"]), json.dumps(block.get("input") or {}))
             for block in blocks
-            if block["type"] == "tool_use"
+            if block["type"] == "tool_use" and block.get("name")
         )
         return ItemResult(
             custom_id,

@@ -247,7 +247,8 @@ class OpenAIBatches:
         details = usage.get("prompt_tokens_details") or {}
         # A refusal (structured outputs) is the answer, and the answer was filtered.
         refusal = str(message.get("refusal") or "")
-        calls = tuple(_tool_call(call) for call in message.get("tool_calls") or ())
+        # A call that names no tool is no call (as in a stream: ``ToolCallParts``).
+        calls = tuple(call for call in map(_tool_call, message.get("tool_calls") or ()) if call.name)
         finish = map_finish_reason(choice.get("finish_reason"), made_calls=bool(calls))
         return ItemResult(
             custom_id,

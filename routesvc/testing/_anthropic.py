@@ -45,8 +45,12 @@ def cache_creation(script: Script) -> dict[str, int]:
 
 
 def stop_reason_for(script: Script, body: Any) -> str:
-    """``tool_use`` when the answer makes tool calls, else the script's finish reason in Anthropic's name."""
-    return "tool_use" if script.calls_for(body) else _STOP_REASONS.get(script.finish_reason, script.finish_reason)
+    """The script's finish reason in Anthropic's name; for an answer that makes tool calls, its
+    ``tool_calls_finish_reason`` so, else ``tool_use``."""
+    if not script.calls_for(body):
+        return _STOP_REASONS.get(script.finish_reason, script.finish_reason)
+    reason = script.tool_calls_finish_reason
+    return "tool_use" if reason is None else _STOP_REASONS.get(reason, reason)
 
 
 async def respond(connection: Connection, record: RecordedRequest, script: Script) -> None:

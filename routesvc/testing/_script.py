@@ -76,7 +76,9 @@ class Script:
     ``first_chunk_delay``), as content chunks do. ``tool_calls`` are made when the request offers
     tools: after the text (``chunks=()`` for none), in parallel, each in its pieces (OpenAI
     ``delta.tool_calls`` by index, Anthropic ``tool_use`` blocks with ``input_json_delta``), and the
-    finish reason is then ``tool_calls`` (``tool_use``); a request without tools gets the text only.
+    finish reason is then ``tool_calls`` (``tool_use``) unless ``tool_calls_finish_reason`` says
+    otherwise; a request without tools gets the text only. A call whose ``name`` is empty is sent so
+    (an empty placeholder some servers send).
     Both count as chunks for ``fault_after`` and, with the text, for the default ``output_tokens``.
 
     An error ``status`` answers with a provider-shaped JSON error (or ``error_body`` verbatim),
@@ -119,8 +121,9 @@ class Script:
     refusal: bool = False
     # The OpenAI format's calls come without an ``id`` (vLLM, NVIDIA NIM, LM Studio).
     omit_tool_call_ids: bool = False
-    # The OpenAI format's finish reason of an answer that makes tool calls; None as OpenAI:
-    # "stop" when ``tool_choice`` named the tool, else "tool_calls".
+    # The finish reason of an answer that makes tool calls (OpenAI's names, translated for
+    # Anthropic); None as each API: OpenAI "stop" when ``tool_choice`` named the tool, else
+    # "tool_calls"; Anthropic "tool_use".
     tool_calls_finish_reason: str | None = None
     # The ``code`` of an OpenAI-format error (an HTTP error's body, an in-band error event); None by
     # type as OpenAI: ``insufficient_quota``, ``rate_limit_exceeded`` on a 429, else null. vLLM
