@@ -285,10 +285,14 @@ class TestParseAnswer:
             '{"task": "chat", "complexity": null}',
             '{"task": "chat", "complexity": "extreme"}',
             "{bad",
+            '{"task": ' + "[" * 3_000 + "]" * 3_000 + "}",  # nested past the recursion limit
+            '{"task": ' + "9" * 5_000 + "}",  # an integer longer than Python reads
         ],
     )
     def test_refuses_bad_answers(self, answer: str) -> None:
-        """Missing JSON, unknown labels and malformed JSON raise ``ClassifierAnswerError``."""
+        """Missing JSON, unknown labels and malformed JSON raise ``ClassifierAnswerError`` (a
+        nesting too deep or a number too long was a RecursionError or ValueError, logged as a
+        fault of routesvc's own)."""
         with pytest.raises(ClassifierAnswerError):
             parse_answer(answer)
 

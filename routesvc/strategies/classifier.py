@@ -304,11 +304,15 @@ def _judged(complexity: str) -> str:
 
 
 _DECODER = json.JSONDecoder()
+# The answer is asked for in 40 tokens; a server that ignores that is read no further than this,
+# so an answer of nested braces cannot make the search below quadratic.
+_MAX_ANSWER_CHARS = 4_096
 
 
 def parse_answer(text: str) -> tuple[str, str]:
     """(task, complexity) from the model's answer, complexity "" when the answer leaves it out;
     raises ``ClassifierAnswerError`` when invalid."""
+    text = text[:_MAX_ANSWER_CHARS]
     start = text.find("{")
     if start == -1:
         raise ClassifierAnswerError("no JSON object in the classifier's answer")
@@ -317,7 +321,8 @@ def parse_answer(text: str) -> tuple[str, str]:
         # The first JSON object from a "{", whatever follows it (prose with braces, a second object).
         try:
             data, _ = _DECODER.raw_decode(text, start)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            # Nesting too deep, or an integer too long to read: a bad answer, as much as bad JSON.
             data = None
         start = text.find("{", start + 1)
     if not isinstance(data, dict):
