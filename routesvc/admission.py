@@ -90,9 +90,12 @@ class Admission(Protocol):
         nothing); a no-op when nothing was counted."""
         ...
 
-    async def exhausted(self, tenant: str) -> str:
+    async def exhausted(self, tenant: str, cost: Decimal = Decimal(0)) -> str:
         """Why ``tenant`` may not spend anything more now (a budget spent or reserved in full), or
-        "" when it may: the router pays to decide (an LLM classifier's call) only when it may."""
+        "" when it may: the router pays to decide (an LLM classifier's call) only when it may.
+        With a ``cost``: why it may not spend that much more (a budget would be passed), checked
+        and reserving nothing (a cascade asks before it pays a judge whose verdict could lead to
+        an escalation costing that much)."""
         ...
 
     async def precheck(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> None:
@@ -219,12 +222,21 @@ def budget_name(period: str) -> str:
     return "daily" if period.startswith("day") else "monthly"
 
 
-def exhausted_budget(tenant: str, limits: TenantConfig, periods: Sequence[str], committed: Sequence[Decimal]) -> str:
+def exhausted_budget(
+    tenant: str, limits: TenantConfig, periods: Sequence[str], committed: Sequence[Decimal], cost: Decimal = Decimal(0)
+) -> str:
     """Why ``tenant`` may not spend more: the first budget that its spent plus reserved USD
-    (``committed``, one amount per period of ``periods``) has reached; "" when none has."""
+    (``committed``, one amount per period of ``periods``) has reached, or that ``cost`` more would
+    pass (as ``Reservation.extend`` would refuse it); "" when none has."""
     budgets = (limits.daily_budget_usd, limits.monthly_budget_usd)
     for period, budget, used in zip(periods, budgets, committed, strict=True):
-        if budget is not None and used >= budget:
+        if budget is None:
+            continue
+        if cost > 0 and used + cost > budget:
+            return (
+                f"tenant {quoted_id(tenant)} would exceed its {budget_name(period)} budget of {format_usd(budget)} USD"
+            )
+        if used >= budget:
             return f"tenant {quoted_id(tenant)} has spent or reserved its {budget_name(period)} budget"
     return ""
 
@@ -328,14 +340,15 @@ class LocalAdmission:
 
         return give_back
 
-    async def exhausted(self, tenant: str) -> str:
-        """Why ``tenant`` may not spend anything more now, or ""."""
+    async def exhausted(self, tenant: str, cost: Decimal = Decimal(0)) -> str:
+        """Why ``tenant`` may not spend anything more now (``cost`` more, when given), or ""."""
         limits = self._tenants.get(tenant)
         if limits is None:
             return ""
         state = self._state[tenant]
         periods = _periods(self._wall_clock())
-        return exhausted_budget(tenant, limits, periods, [state.spent[p] + state.reserved[p] for p in periods])
+        committed = [state.spent[p] + state.reserved[p] for p in periods]
+        return exhausted_budget(tenant, limits, periods, committed, cost)
 
     async def precheck(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> None:
         """Raise what ``admit`` would raise now for ``tokens`` and ``cost``, reserving nothing."""

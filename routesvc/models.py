@@ -404,8 +404,9 @@ class UpstreamCall:
 
     ``estimated`` is True when its usage is estimated (it did not finish, or the provider
     reported none); ``finished`` when the provider answered it to the end; ``cancelled`` when the
-    request was cancelled during it; ``refused`` when it failed with nothing to bill: the provider
-    refused it before any output (an error status), or it was cut before its request went out.
+    request was cancelled during it (with nothing to bill when its request had not gone out);
+    ``refused`` when it failed with nothing to bill: the provider refused it before any output (an
+    error status), or it was cut (not by a cancellation) before its request went out.
     """
 
     model: str

@@ -663,9 +663,10 @@ class RedisAdmission:
         except (RedisError, OSError) as exc:
             log.warning("admission_charge_failed", tenant=tenant, error_type=type(exc).__name__)
 
-    async def exhausted(self, tenant: str) -> str:
+    async def exhausted(self, tenant: str, cost: Decimal = Decimal(0)) -> str:
         """Why ``tenant`` may not spend anything more now (a budget spent or reserved in full across
-        replicas), or ""; when the store cannot say, it may not (the caller decides without paying)."""
+        replicas; ``cost`` more, when given: one read, nothing reserved), or ""; when the store
+        cannot say, it may not (the caller decides without paying)."""
         limits = self._tenants.get(tenant)
         if limits is None or (limits.daily_budget_usd is None and limits.monthly_budget_usd is None):
             return ""
@@ -676,7 +677,7 @@ class RedisAdmission:
         except (RedisError, OSError) as exc:
             return f"the shared state store failed ({type(exc).__name__})"
         amounts = [Decimal(value) if value else Decimal(0) for value in values]
-        return exhausted_budget(tenant, limits, periods, [amounts[0] + amounts[1], amounts[2] + amounts[3]])
+        return exhausted_budget(tenant, limits, periods, [amounts[0] + amounts[1], amounts[2] + amounts[3]], cost)
 
     async def spent(self, tenant: str) -> Decimal:
         """What ``tenant`` has spent today (UTC), across replicas."""

@@ -773,7 +773,7 @@ class Router:
                         raise outcome.error from stop.cause
                     released = True
                     quality = replace(quality, reason=f"{quality.reason}; {stop.why}")
-                telemetry.record_cascade(released, outcome.quality.score)
+                telemetry.record_cascade(released, outcome.quality.score if outcome.scored else None)
                 if released and outcome.completion is not None:
                     # Its text reaches the caller from now on, however the call ends.
                     self._answered_by(attempt, outcome.completion.model)
@@ -866,17 +866,18 @@ class Router:
                 error = ProviderUnavailable(
                     f"{error.message} mid-answer (nothing was sent)", provider=error.provider, model=error.model
                 )
-            next_step, stop = await self._escalation_stop(state, request, index, deadline)
+            next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=True)
             return _StepOutcome((), None, failed, cost_before, used, next_step, error, stop)
         finally:
             state.buffering = False
         assert completion is not None  # _serve ends with a completion or raises
         used = _usage_of(state.summaries[attempts_before:])
         threshold = decision.cascade_thresholds[index]
-        # Whether the next model could be called is known before the answer is scored: when it
-        # could not, the answer is released whatever its score, and a judge's paid verdict would
-        # change nothing, so only the scorers that make no call score it.
-        next_step, stop = await self._escalation_stop(state, request, index, deadline)
+        # Whether the next model could be called is known before the answer is scored (checked,
+        # nothing held: the answer may well be released): when it could not, the answer is
+        # released whatever its score, and a judge's paid verdict would change nothing, so only the
+        # scorers that make no call score it.
+        next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=False)
         scorer: Scorer | None = self._escalation.scorer
         if stop is not None and self._escalation.judged:
             scorer = self._escalation.unpaid_scorer
@@ -885,12 +886,16 @@ class Router:
         if scorer is None:
             quality = QualityScore(1.0, "none", "not scored")
         else:
-            quality = await self._score(scorer, state, model_id, request, answer, completion, threshold, deadline)
+            quality = await self._score(
+                scorer, state, model_id, request, answer, completion, threshold, deadline, next_step
+            )
         if stop is None and quality.score < threshold:
-            # The judge's call is in the cost so far now, and may have found the next model's
-            # provider spent.
-            next_step, stop = await self._escalation_stop(state, request, index, deadline)
-        return _StepOutcome(tuple(deltas), completion, quality, cost_before, used, next_step, stop=stop)
+            # It escalates: the reservation now holds the next model (the judge's call is in the
+            # cost so far, and may have found the next model's provider spent).
+            next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=True)
+        return _StepOutcome(
+            tuple(deltas), completion, quality, cost_before, used, next_step, stop=stop, scored=scorer is not None
+        )
 
     async def _score(
         self,
@@ -902,10 +907,12 @@ class Router:
         completion: Completion,
         threshold: float,
         deadline: float | None,
+        next_step: int,
     ) -> QualityScore:
-        """``scorer``'s score of a cascade step's ``answer``. Its calls end
-        ``reliability.min_attempt_seconds`` before the caller's deadline, so that the answer can
-        still be released if they fail (a call that could not have that much time is not made)."""
+        """``scorer``'s score of a cascade step's ``answer``, which escalates to step ``next_step``
+        when too low. Its calls end ``reliability.min_attempt_seconds`` before the caller's
+        deadline, so that the answer can still be released if they fail (a call that could not
+        have that much time is not made)."""
         min_attempt = self._reliability.min_attempt_seconds
         timeout = None if deadline is None else deadline - time.monotonic() - min_attempt
         if timeout is not None and timeout < min_attempt:
@@ -921,7 +928,7 @@ class Router:
                 # Charged as each judge call ends, so a cancelled request still pays for it once;
                 # reserved before it starts, as every model a request calls is.
                 charge=lambda call: self._record_scoring(state, call),
-                reserve=lambda cost: self._cover_cost(state, cost),
+                reserve=lambda cost: self._hold_judge(state, request, next_step, cost),
                 spent_providers=state.exhausted,
                 allow_list=self.allow_list(request.context.tenant),
             )
@@ -929,14 +936,16 @@ class Router:
         return result.quality
 
     async def _escalation_stop(
-        self, state: _AttemptState, request: RoutingRequest, index: int, deadline: float | None
+        self, state: _AttemptState, request: RoutingRequest, index: int, deadline: float | None, *, hold: bool
     ) -> tuple[int, _EscalationStop | None]:
         """The step the cascade escalates to from step ``index``: the next one that the request
         has not found its provider's quota spent for (nor its fallbacks' within the cap), else the
         last; and why it cannot escalate now, or None when it can: the cost so far plus that step's
         estimate would pass the cost cap, too little of the deadline is left to start it, its
-        provider's quota was found spent, or the tenant's budget cannot take it (else the
-        reservation now holds it)."""
+        provider's quota was found spent, or the tenant's budget cannot take it. With ``hold``
+        (it escalates now) the reservation then holds that step; without, the budget is only
+        checked, nothing held (the request's other calls, and the tenant's other requests, are not
+        refused for an escalation that may never be made)."""
         decision = state.decision
         steps = decision.cascade_models
         cap = self._escalation.max_cost(request)
@@ -957,6 +966,10 @@ class Router:
             provider = self._catalog.get(next_model).provider
             why = f"not escalated to {next_model}: provider {provider}'s quota was found spent earlier in this request"
             return target, _EscalationStop(why)
+        if not hold:
+            if why := await self._budget_refuses(state, next_cost):
+                return target, _EscalationStop(f"not escalated to {next_model}: {why}")
+            return target, None
         try:
             # The next model is another call to pay for: the tenant's budget must take it before
             # the cheaper answer is given up.
@@ -964,6 +977,35 @@ class Router:
         except (LimitExceeded, SharedStateUnavailable) as refused:
             return target, _EscalationStop(f"not escalated to {next_model}: {refused.message}", refused)
         return target, None
+
+    async def _budget_refuses(self, state: _AttemptState, estimate: Decimal) -> str:
+        """Why the tenant's budget could not take calls estimated at ``estimate`` more than the
+        request has spent, beyond what its reservation holds ("" when it could): checked, nothing
+        held (a tenant without budgets costs no look-up, nor a reservation that holds enough)."""
+        needed = state.cost - state.decision.routing_cost_usd + estimate
+        if needed <= state.reserved:
+            return ""
+        return await self._admission.exhausted(state.tenant, needed - state.reserved)
+
+    async def _hold_judge(self, state: _AttemptState, request: RoutingRequest, target: int, estimate: Decimal) -> str:
+        """Hold a judge's call estimated at ``estimate`` in the request's reservation, or say why it
+        is not to be made: the tenant's budget cannot take it, or, with it, the escalation to step
+        ``target`` that its verdict may lead to would pass the cascade's cost cap or the budget
+        (a verdict that could change nothing is not paid for)."""
+        decision = state.decision
+        next_model = decision.cascade_models[target]
+        next_cost = estimated_cost(self._catalog.get(next_model), decision)
+        cap = self._escalation.max_cost(request)
+        would_cost = state.cost + estimate + next_cost
+        if cap is not None and would_cost > cap:
+            return f"with its call, {max_cost_reason(next_model, would_cost, cap)}"
+        try:
+            await self._cover_cost(state, estimate)
+        except (LimitExceeded, SharedStateUnavailable) as refused:
+            return refused.message
+        if why := await self._budget_refuses(state, estimate + next_cost):
+            return f"with its call, no escalation to {next_model}: {why}"
+        return ""
 
     def _servable(self, state: _AttemptState, model_id: str, cap: Decimal | None) -> bool:
         """Whether a cascade step on ``model_id`` could call a model: it, or one of its fallbacks
@@ -1334,6 +1376,7 @@ class _StepOutcome:
     next_step: int
     error: ProviderError | None = None
     stop: _EscalationStop | None = None
+    scored: bool = True  # False: no scorer could score it (the judge alone, not asked)
 
 
 def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:
@@ -1343,12 +1386,13 @@ def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:
 
 def _side_call_outcome(call: UpstreamCall) -> AttemptOutcome:
     """How a judge's or a classifier's call ended, for the ledger: finished (its usage reported or
-    estimated), refused, cancelled with the request, or cut short (a timeout, an error)."""
+    estimated), cancelled with the request (also before it was sent), refused, or cut short (a
+    timeout, an error)."""
     if call.finished:
         return AttemptOutcome.COMPLETED
-    if call.refused:
-        return AttemptOutcome.FAILED
-    return AttemptOutcome.CANCELLED if call.cancelled else AttemptOutcome.INTERRUPTED
+    if call.cancelled:
+        return AttemptOutcome.CANCELLED
+    return AttemptOutcome.FAILED if call.refused else AttemptOutcome.INTERRUPTED
 
 
 def no_eligible_model_for(decision: RouteDecision) -> ProviderUnavailable:

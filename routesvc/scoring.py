@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal, Protocol
 
+import structlog
+
 from routesvc.catalog import ModelSpec
 from routesvc.cost import estimate_cost
-from routesvc.errors import LimitExceeded, SharedStateUnavailable
 from routesvc.models import (
     AllowList,
     ChatRequest,
@@ -39,6 +40,8 @@ from routesvc.retry import skips_provider
 from routesvc.sidecall import deterministic_temperature, side_call
 from routesvc.tokens import estimate_input_tokens
 
+log = structlog.get_logger("routesvc.scoring")
+
 
 @dataclass(frozen=True, slots=True)
 class ScoringInput:
@@ -49,9 +52,11 @@ class ScoringInput:
     call can be made). ``charge``
     is called once for every upstream call a scorer makes, as soon as the call ends, however it
     ends (also when the caller is cancelled mid-call), so that it is charged exactly once.
-    ``reserve`` is called with a call's estimated cost before a scorer makes it: it raises
-    ``LimitExceeded`` (or ``SharedStateUnavailable``) when the request's tenant budget cannot take
-    it, and the call is then not made. ``spent_providers`` names the providers whose quota this
+    ``reserve`` is called with a call's estimated cost before a scorer makes it: it returns why the
+    call is not to be made, and it is then not made (the request's tenant budget cannot take it,
+    or, with it, the escalation its verdict may lead to would pass the cost cap or the budget: a
+    verdict that cannot change the outcome is not paid for), or "" when it is, its cost then held
+    in the request's reservation. ``spent_providers`` names the providers whose quota this
     request found spent: a scorer does not call them, and adds the provider of a call of its own
     that finds its quota spent (so the request's later steps skip it too). ``allow_list`` is the
     tenant's: a scorer does not call a model it refuses (the request and answer would go where the
@@ -65,7 +70,7 @@ class ScoringInput:
     threshold: float
     timeout: float | None = None
     charge: Callable[[UpstreamCall], None] | None = None
-    reserve: Callable[[Decimal], Awaitable[None]] | None = None
+    reserve: Callable[[Decimal], Awaitable[str]] | None = None
     spent_providers: set[str] = field(default_factory=set)
     allow_list: AllowList = field(default_factory=AllowList)
 
@@ -107,31 +112,43 @@ _HEDGE = re.compile(
     re.IGNORECASE,
 )
 # Asked for an answer in JSON: an output verb then JSON ("respond with JSON", "return the result
-# as JSON", "format it in JSON"), or "JSON only". A question about JSON ("how are dates represented
-# in JSON?", "can I write comments in JSON?") asks for no JSON answer.
-_OUTPUT_VERB = r"(?:respond|reply|answer|output|return|give|provide|print|format|formatted)"
+# as JSON"), the answer formatted as JSON ("format the result as JSON"), or "JSON only". A
+# question about JSON ("how are dates represented in JSON?", "what's the best way to format JSON
+# files?") asks for no JSON answer. One bounded scan at most: the patterns read a bounded slice of
+# a message (``_ends``), so they cost little on any prompt.
+_OUTPUT_VERB = r"(?:respond|reply|answer|output|return|give|provide|print)"
 _ASKS_FOR_JSON = re.compile(
     rf"\b{_OUTPUT_VERB}\s+(?:(?:only|with|in|as|a|an|the|valid|raw)\s+)*json\b"
     rf"|\b{_OUTPUT_VERB}\b[^.?!\n]{{0,80}}?\b(?:in|as)\s+(?:valid\s+)?json\b"
+    r"|\bformat(?:ted)?\s+(?:it|this|that|them|(?:the|your)\s+(?:result|output|answer|response|reply)s?)"
+    r"\s+(?:in|as)\s+(?:valid\s+)?json\b"
     r"|\bjson\s+only\b",
     re.IGNORECASE,
 )
 # A request for code is answered with code, whatever it says about JSON.
 _ASKS_FOR_CODE = re.compile(r"\b(?:function|code|script|program|class|snippet|regex)\b", re.IGNORECASE)
-# Asked for Python code: "implement X in Python", or a verb of making then a piece of code and
-# Python ("write a Python function", "write the solution in Python"). A question about Python
-# ("what is the GIL in Python?", "can I write comments in Python?") asks for no code.
+# Asked for Python code, in one clause (up to a . ? ! or line end): a verb of making and a piece
+# of Python code ("write a Python function", "make a Python class", "write the solution in
+# Python"), a verb that means coding and Python ("implement X in Python", "code this in Python",
+# "translate this to Python", "write Python to ..."), or a clause that starts with Python code
+# ("Python code to parse a CSV"). A question about Python ("what is the GIL in Python?", "can I
+# write comments in Python?", "how are dicts implemented in Python?") asks for no code. Each
+# pattern scans a clause once (no nested scans).
+_CLAUSE_END = re.compile(r"[.?!\n]+")
 _CODE_NOUN = (
     r"(?:function|method|class|script|program|code|snippet|module|solution|implementation|app|application"
-    r"|game|tool|algorithm|decorator|generator|parser|loop|test)s?"
+    r"|game|tool|algorithm|decorator|generator|parser|loop|test|scraper|bot|cli)s?"
 )
-_ASKS_FOR_PYTHON = re.compile(
-    r"\bimplement\b[^.?!\n]{0,80}?\bin\s+python\b"
-    r"|\b(?:write|create|build|generate|develop|give\s+me|show\s+me|provide)\b[^.?!\n]{0,80}?"
-    rf"(?:\bpython\s+{_CODE_NOUN}\b|\b{_CODE_NOUN}\b[^.?!\n]{{0,80}}?\bin\s+python\b)",
-    re.IGNORECASE,
+_MAKING_VERB = re.compile(
+    r"\b(?:write|create|build|generate|develop|make|give\s+me|show\s+me|provide)\b", re.IGNORECASE
 )
-_PYTHON_CODE = re.compile(r"^\s*(?:def|class|import|from)\s+\w|\blambda\b[^:]*:", re.MULTILINE)
+_CODING_VERB = re.compile(r"\b(?:implement|code|solve|rewrite|translate|convert|port|show\s+me\s+how)\b", re.IGNORECASE)
+_PYTHON_CODE_NOUN = re.compile(rf"\bpython\s+{_CODE_NOUN}\b", re.IGNORECASE)
+_CODE_NOUN_WORD = re.compile(rf"\b{_CODE_NOUN}\b", re.IGNORECASE)
+_IN_PYTHON = re.compile(r"\b(?:in|into|to|using)\s+python\b", re.IGNORECASE)
+_WRITE_PYTHON = re.compile(r"\b(?:write|code)\s+(?:some\s+|me\s+)?python\b", re.IGNORECASE)
+_STARTS_WITH_PYTHON_CODE = re.compile(rf"^\W*(?:a\s+|some\s+)?python\s+{_CODE_NOUN}\b", re.IGNORECASE)
+_PYTHON_CODE = re.compile(r"^\s*(?:def|class|import|from)\s+\w|\blambda\b[^:\n]{0,200}:", re.MULTILINE)
 _ASKS_FOR_ONE_CHOICE = re.compile(
     r"\b(?:print|answer|reply|respond|give|output)\s+(?:with\s+)?only\s+(?:a\s+single|one|the)\s+"
     r"(?:choice|letter|option)",
@@ -143,19 +160,51 @@ _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff07": "'"})
 
 
+# What the patterns read of a message: its first and last characters, where a prompt says what
+# it asks for (a long prompt quotes its material between), so that scoring costs little whatever
+# the prompt's length.
+READ_CHARS = 2_000
+
+
+def _ends(text: str) -> str:
+    """The first and last ``READ_CHARS`` characters of ``text`` (all of it when shorter), apart."""
+    if len(text) <= 2 * READ_CHARS:
+        return text
+    return f"{text[:READ_CHARS]}\n{text[-READ_CHARS:]}"
+
+
 def asks_for_json(request: RoutingRequest) -> bool:
     """Whether the request asks for a JSON answer: a JSON ``chat.response_format``, metadata
-    ``response_format: json``, or a system or the last user message saying so."""
+    ``response_format: json``, or a system or the last user message saying so (in its first or
+    last ``READ_CHARS`` characters)."""
     if (
         request.chat.response_format is not None
         or request.context.metadata.get("response_format", "").lower() == "json"
     ):
         return True
-    if _ASKS_FOR_CODE.search(request.chat.last_user_message):
+    question = _ends(request.chat.last_user_message)
+    if _ASKS_FOR_CODE.search(question):
         return False
-    texts = [m.content for m in request.chat.messages if m.role is Role.SYSTEM]
-    texts.append(request.chat.last_user_message)
+    texts = [_ends(m.content) for m in request.chat.messages if m.role is Role.SYSTEM]
+    texts.append(question)
     return any(_ASKS_FOR_JSON.search(text) for text in texts)
+
+
+def asks_for_python(question: str) -> bool:
+    """Whether ``question`` (a user message) asks for Python code, in one of its clauses (in its
+    first or last ``READ_CHARS`` characters)."""
+    for clause in _CLAUSE_END.split(_ends(question)):
+        if "python" not in clause.lower():
+            continue
+        if _STARTS_WITH_PYTHON_CODE.search(clause) or _WRITE_PYTHON.search(clause):
+            return True
+        if _CODING_VERB.search(clause) and _IN_PYTHON.search(clause):
+            return True
+        if _MAKING_VERB.search(clause) and (
+            _PYTHON_CODE_NOUN.search(clause) or (_CODE_NOUN_WORD.search(clause) and _IN_PYTHON.search(clause))
+        ):
+            return True
+    return False
 
 
 def _parses_as_json(answer: str) -> bool:
@@ -210,8 +259,8 @@ class LocalScorer:
             return QualityScore(0.2, self.name, "requested JSON does not parse")
         if text.count("```") % 2:
             return QualityScore(0.2, self.name, "unterminated code block")
-        question = request.chat.last_user_message.translate(_APOSTROPHES)
-        if _ASKS_FOR_PYTHON.search(question) and not _PYTHON_CODE.search(text):
+        question = _ends(request.chat.last_user_message).translate(_APOSTROPHES)
+        if asks_for_python(question) and not _PYTHON_CODE.search(text):
             return QualityScore(0.3, self.name, "requested Python code missing")
         if _ASKS_FOR_ONE_CHOICE.search(question[-500:]) and not _ONE_CHOICE.match(text):
             return QualityScore(0.4, self.name, "not the one choice asked for")
@@ -227,19 +276,25 @@ _JUDGE_SYSTEM = (
 )
 _MAX_QUOTED_CHARS = 16_000
 _DECODER = json.JSONDecoder()
+# The judge is asked for a few dozen tokens; a server that ignores that is read no further than
+# this, so an answer of nested braces cannot make the search below quadratic.
+_MAX_ANSWER_CHARS = 4_096
 
 
 def parse_judge_score(text: str) -> float | None:
     """The ``score`` of the first JSON object in ``text`` if it is a number in [0, 1], else None.
 
     Each ``{`` is tried as the start of a whole JSON object, so a reason that itself contains
-    braces (``"dict literal {} is wrong"``, likely when judging code) does not cut it short.
+    braces (``"dict literal {} is wrong"``, likely when judging code) does not cut it short. Only
+    the first ``_MAX_ANSWER_CHARS`` characters are read.
     """
+    text = text[:_MAX_ANSWER_CHARS]
     start = text.find("{")
     while start != -1:
         try:
             data, _ = _DECODER.raw_decode(text, start)  # from a "{": a JSON object, a dict
-        except ValueError:
+        except (RecursionError, ValueError):
+            # Bad JSON, nesting too deep, or an integer too long to read: no score there.
             start = text.find("{", start + 1)
             continue
         score = data.get("score")
@@ -254,11 +309,14 @@ class LLMJudge:
     """Asks ``model`` (through its ``provider``) for a 0-1 score in JSON within ``timeout`` seconds.
 
     When the judge fails (provider error, timeout, no parsable score) or is not asked (the
-    request's budget cannot take its call: ``ScoringInput.reserve``; the tenant may not use its
+    request's budget cannot take its call, or its verdict could lead to no escalation:
+    ``ScoringInput.reserve``; the tenant may not use its
     model: ``ScoringInput.allow_list``; no time is left for it: ``ScoringInput.timeout``),
     ``on_failure`` decides:
     ``release`` scores the answer 1.0, ``escalate`` 0.0; the reason says the judge failed and why.
-    The judge's call is returned in ``ScoreResult.calls`` so that it is charged to the request.
+    So it does after an unexpected error (a fault of ours or of a library's, not the provider's),
+    logged as ``judge_failed`` with its traceback. The judge's call is returned in
+    ``ScoreResult.calls`` so that it is charged to the request.
     """
 
     name = "llm_judge"
@@ -325,12 +383,23 @@ class LLMJudge:
         )
         if scoring_input.reserve is not None:
             tokens_in = estimate_input_tokens(ChatRequest(messages))
-            try:
-                await scoring_input.reserve(estimate_cost(self._model, tokens_in, self._max_output_tokens))
-            except (LimitExceeded, SharedStateUnavailable) as refused:
-                return ScoreResult(self._failed(f"not asked ({refused.message})"))
+            why = await scoring_input.reserve(estimate_cost(self._model, tokens_in, self._max_output_tokens))
+            if why:
+                return ScoreResult(self._failed(f"not asked ({why})"))
+        try:
+            return await self._ask(self._provider, call, timeout, scoring_input)
+        except Exception as exc:
+            # The answer in hand is still scored (by ``on_failure``), and the operator is told with
+            # the traceback; the call, if made, was charged as it ended. A cancellation is no
+            # Exception: it propagates.
+            log.exception("judge_failed", model=self._model.id, error=type(exc).__name__)
+            return ScoreResult(self._failed(f"failed unexpectedly ({type(exc).__name__})"))
+
+    async def _ask(
+        self, provider: Provider, call: ProviderCall, timeout: float, scoring_input: ScoringInput
+    ) -> ScoreResult:
         # A client span of its own (purpose judge): its cost counts, it never answers the request.
-        result = await side_call(self._provider, self._model, call, purpose="judge", charge=scoring_input.charge)
+        result = await side_call(provider, self._model, call, purpose="judge", charge=scoring_input.charge)
         used = result.used
         if isinstance(result.error, TimeoutError):
             return ScoreResult(self._failed(f"timed out after {timeout:g} s"), (used,))

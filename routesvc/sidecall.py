@@ -47,11 +47,11 @@ def upstream_call(
     ``interrupted_usage`` of ``call`` (what it ``produced``, every piece in order, and its input
     as the provider ``reported`` it, when it did), flagged, as its span counts it; when the
     provider ``refused`` it before any output, or it was cut before its request went out
-    (``call.sent``), nothing."""
+    (``call.sent``), nothing (flagged ``cancelled`` when the request was: cancelled wins)."""
     if finish is not None:
         return UpstreamCall(model.id, finish.usage, estimated=finish.estimated, finished=True)
     if refused or not (produced or call.sent.is_set()):
-        return UpstreamCall(model.id, Usage(), refused=True)
+        return UpstreamCall(model.id, Usage(), refused=not cancelled, cancelled=cancelled)
     usage = interrupted_usage(model, call.as_chat(), produced, reported)
     return UpstreamCall(model.id, usage, estimated=True, cancelled=cancelled)
 

@@ -30,7 +30,7 @@ from routesvc.scoring import CombinedScorer, LLMJudge, LocalScorer, ScoringInput
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
 from tests.test_validation import error_info
 
 
@@ -114,6 +114,8 @@ class TestLocalScorer:
             ("How are lists different from tuples in Python?", "Lists are mutable; tuples are immutable."),
             ("Is indentation significant in Python?", "Yes, indentation defines blocks."),
             ("Can I write comments in Python?", "Yes, a comment starts with #."),
+            ("What's the best way to format JSON files?", "Use a formatter such as jq or your editor's."),
+            ("How are dictionaries implemented in Python?", "As hash tables with open addressing."),
         ],
     )
     async def test_a_question_about_json_or_python_asks_for_neither(self, prompt: str, answer: str) -> None:
@@ -130,6 +132,12 @@ class TestLocalScorer:
             "Implement quicksort in Python and add unit tests with pytest.",
             "Return the number of subarrays whose sum equals k. Write the solution in Python.",
             "Create a Python script that renames the files in a folder.",
+            "Can you code this in python? Read a file and count its words.",
+            "Python code to parse a CSV file please",
+            "Make a Python function that returns the nth prime.",
+            "Code a web scraper in Python.",
+            "Solve this in Python: the sum of the digits of 2**1000",
+            "Rewrite this in Python: for (i=0;i<10;i++) printf(i);",
         ],
     )
     async def test_python_code_is_asked_for_by_a_request_to_write_some(self, prompt: str) -> None:
@@ -138,6 +146,19 @@ class TestLocalScorer:
         code = await LocalScorer().score(_input("def solve(items):\n    return sorted(items)", prompt))
         assert (prose.quality.score, prose.quality.reason) == (0.3, "requested Python code missing")
         assert code.quality.score == 1.0
+
+    async def test_a_long_prompt_is_read_at_its_ends_only(self) -> None:
+        """The patterns read the first and last ``READ_CHARS`` characters of the last user message
+        (where a prompt says what it asks for), so that scoring costs little whatever its length:
+        a request for Python code at either end is seen, one in the middle of quoted material not."""
+        filler = "lorem ipsum " * 1_000
+        ask = "Write a Python function that merges two sorted lists."
+        prose = "Sort both lists, then walk them together."
+        scores = [
+            (await LocalScorer().score(_input(prose, prompt))).quality.score
+            for prompt in (f"{ask}\n{filler}", f"{filler}\n{ask}", f"{filler}\n{ask}\n{filler}")
+        ]
+        assert scores == [0.3, 0.3, 1.0]
 
     async def test_json_can_be_requested_in_metadata(self) -> None:
         """Routing metadata ``response_format: json`` asks for JSON too."""
@@ -184,10 +205,13 @@ class TestJudgeScoreParsing:
             ('```json\n{"score": 0.2, "reason": "uses {x: 1} as a set"}\n```', 0.2),
             ('{not json} then {"score": 0.4}', 0.4),
             ('{"score": 1' + "0" * 400 + "}", None),  # too large for a float: OverflowError, INTERNAL
+            ('{"a":' * 3000, None),  # nested too deep: RecursionError, INTERNAL
+            (" " * 4_096 + '{"score": 0.5}', None),  # read no further than 4,096 characters
         ],
     )
     def test_parses_only_scores_in_range(self, text: str, expected: float | None) -> None:
-        """Out-of-range, non-numeric and missing scores are failures (None)."""
+        """Out-of-range, non-numeric and missing scores are failures (None), and so is an answer
+        nested too deep to read; the answer is read no further than 4,096 characters."""
         assert parse_judge_score(text) == expected
 
 
@@ -251,6 +275,33 @@ class TestLLMJudge:
         await fake.requests[-1].wait_ended(5)
         assert fake.requests[-1].aborted
         assert result.calls[0].estimated
+
+    async def test_an_answer_nested_too_deep_is_a_bad_answer(
+        self, provider: OpenAIProvider, fake: FakeProvider
+    ) -> None:
+        """A judge answer of deeply nested JSON (a server that ignores the output limit) gives no
+        score: released as configured, its call charged (it failed the request INTERNAL)."""
+        fake.enqueue(Script(text='{"a":' * 3000))
+        result = await self._judge(provider).score(_input("Paris"))
+        assert result.quality.reason == "judge gave no score in [0, 1]; released as configured"
+        assert len(result.calls) == 1
+
+    async def test_an_unexpected_error_applies_on_failure_and_is_logged(
+        self, provider: OpenAIProvider, fake: FakeProvider
+    ) -> None:
+        """A failure that is no provider's (here the HTTP library cannot take an infinite timeout,
+        which config refuses but a judge built in code can carry) applies ``on_failure`` like a
+        provider error, and is logged as an error for the operator (it failed the request INTERNAL)."""
+        fake.enqueue(Script(text='{"score": 0.9}'))
+        with capture_logs() as logs:
+            result = await self._judge(provider, timeout=float("inf"), on_failure="escalate").score(_input("Paris"))
+        assert (result.quality.score, result.quality.reason) == (
+            0.0,
+            "judge failed unexpectedly (OverflowError); escalated as configured",
+        )
+        assert [(e["event"], e["log_level"], e["error"]) for e in logs if e["event"] == "judge_failed"] == [
+            ("judge_failed", "error", "OverflowError")
+        ]
 
     async def test_a_provider_error_is_a_failure(self, provider: OpenAIProvider, fake: FakeProvider) -> None:
         """A 400 from the judge's provider: released as configured, reason names the error."""
@@ -416,7 +467,8 @@ class TestEscalationChain:
 
     async def test_a_judge_alone_is_not_asked_when_no_escalation_can_follow(self, fake: FakeProvider) -> None:
         """Scored by the judge alone, an answer that cannot be escalated (the cost cap) is released
-        unscored, with no judge call."""
+        unscored, with no judge call; GetStats' mean released score leaves it out (it counted as a
+        perfect 1.0, as did the span's ``routesvc.cascade.score``)."""
         config = default_config()
         config["cascade"]["scorers"] = ["llm_judge"]  # type: ignore[index]
         fake.enqueue(Script(text="Lyon"), Script(text='{"score": 0.2}'), model="gpt-4o-mini")
@@ -425,9 +477,28 @@ class TestEscalationChain:
             RouterClient(server.target) as client,
         ):
             messages = await _cascade(client, max_cost_usd="0.001")
+            stats = await client.get_stats()
         quality = messages[-1].completion.quality
         assert (_text(messages), quality.score, quality.scorer) == ("Lyon", 1.0, "none")
         assert quality.reason.startswith("not scored; escalation to gpt-4o stopped")
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+        assert (stats.cascade_decisions, stats.HasField("mean_released_score")) == (1, False)
+
+    async def test_a_judge_whose_verdict_could_lead_to_no_escalation_is_not_asked(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """max_cost_usd above the cheap call plus gpt-4o's estimate, but below that plus the
+        judge's call: a low verdict could not be followed by the escalation, so the judge is not
+        asked (it was, and paid for, and its 0.2 then stopped at the cap) and its ``on_failure``
+        (release) applies, the reason saying why."""
+        fake.enqueue(Script(text="Paris.", input_tokens=8, output_tokens=5), model="gpt-4o-mini")
+        fake.enqueue(Script(text='{"score": 0.2}', input_tokens=200, output_tokens=10), model="gpt-4o-mini")
+        messages = await _cascade(live_client, "hi", max_cost_usd="0.005152")
+        completion = messages[-1].completion
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert completion.quality.reason.startswith("judge not asked (with its call, escalation to gpt-4o stopped:")
+        assert completion.quality.reason.endswith("); released as configured")
+        assert [a.outcome for a in completion.attempts] == [pb.ATTEMPT_OUTCOME_COMPLETED]
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
     async def test_an_escalation_that_could_not_start_before_the_deadline_releases_the_answer(
@@ -621,6 +692,44 @@ class TestCascadeCancellation:
             (2, AttemptOutcome.CANCELLED, True),
         ]
         assert entries[1].usage.input_tokens > 0
+
+    async def test_cancel_before_the_judge_call_is_sent(self, fake: FakeProvider, unaccepting_port: int) -> None:
+        """The judge's server never accepts the connection; the client leaves while the judge is
+        connecting: the judge's call is in the ledger CANCELLED at zero cost, not estimated (it was
+        FAILED, as if its provider had refused it)."""
+        config = default_config()
+        add_local_model(config, f"http://127.0.0.1:{unaccepting_port}/v1", "llama")
+        config["cascade"]["judge"] = {"model": "llama", "timeout_seconds": 10}  # type: ignore[index]
+        fake.enqueue(Script(text="Paris."), model="gpt-4o-mini")
+        received: list[pb.CompleteResponse] = []
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+
+            async def read() -> None:
+                context = pb.RoutingContext(cascade=True, task_hint="simple_qa")
+                async for message in client.complete(user_chat("hi"), context):
+                    received.append(message)
+
+            task = asyncio.create_task(read())
+            async with asyncio.timeout(5):
+                while not (received and server.router.ledger.entries(received[0].decision.decision_id)):  # noqa: ASYNC110 - a bounded poll
+                    await asyncio.sleep(0.01)
+            # The answer is in the ledger; the judge is connecting (nothing tells when it starts to).
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            decision_id = received[0].decision.decision_id
+            async with asyncio.timeout(5):
+                while len(server.router.ledger.entries(decision_id)) < 2:  # noqa: ASYNC110 - a bounded poll
+                    await asyncio.sleep(0.01)
+            entries = server.router.ledger.entries(decision_id)
+        assert [(e.model, e.outcome, e.estimated, e.cost_usd) for e in entries] == [
+            ("gpt-4o-mini", AttemptOutcome.COMPLETED, False, entries[0].cost_usd),
+            ("llama", AttemptOutcome.CANCELLED, False, Decimal(0)),
+        ]
 
 
 def _three_step_cascade(mini: float, gpt4o: float) -> dict[str, object]:

@@ -4,6 +4,7 @@ requests consume nothing, and the process sheds calls over its concurrency cap."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import gc
 from collections.abc import AsyncIterator
@@ -610,6 +611,38 @@ class TestEveryModelCalledIsWithinTheBudget:
             " (so the judge was not asked)"
         )
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
+    async def test_an_answer_being_judged_holds_no_escalation_from_the_tenants_other_requests(
+        self, fake: FakeProvider
+    ) -> None:
+        """Two requests of a tenant whose budget takes one escalation: while the first's (fine)
+        answer is judged, the second's refusal is escalated. Whether the first could escalate was
+        checked before its answer was scored, holding nothing (it held the escalation, and the
+        second request's was refused by the budget: its refusal was released)."""
+        config = budget_config("0.008", cascade=True)
+        config["cascade"]["scorers"] = ["local", "llm_judge"]  # type: ignore[index]
+        config["cascade"]["judge"] = {"model": "gpt-4o-mini"}  # type: ignore[index]
+        # gpt-4o-mini: the first request's answer, its judge (slow), the second's refusal.
+        fake.enqueue(ANSWER, Script(text='{"score": 0.95}', first_chunk_delay=30), REFUSAL, model="gpt-4o-mini")
+        fake.enqueue(Script(text="Here is the answer.", input_tokens=8, output_tokens=100), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+
+            async def complete() -> list[pb.CompleteResponse]:
+                return [m async for m in client.complete(user_chat("hi"), ACME)]
+
+            first = asyncio.create_task(complete())
+            async with asyncio.timeout(5):
+                while len(fake.requests) < 2:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                    await asyncio.sleep(0.005)
+            second = await complete()
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+        assert (second[-1].completion.model, second[-1].completion.quality.reason) == ("gpt-4o", "")
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]
 
     async def test_an_escalation_within_the_budget_still_runs(self, fake: FakeProvider) -> None:
         """The same request with room for both models escalates, as without a budget."""
