@@ -31,7 +31,7 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
                                estimate plus extensions), released by its settle or its lease's end
     {prefix}T:settled:ID       set by a retried settle of reservation ID,
     {prefix}T:undone:ID        by the undo of admission ID, and
-    {prefix}T:charged:ID       by charge ID, each for a lease (see above)
+    {prefix}T:charged:ID       by charge ID, each for a lease (a charge's for at most 10 minutes)
 """
 
 from __future__ import annotations
@@ -268,8 +268,10 @@ return 1
 """
 )
 
-# Each try of a charge (its first, and those of the retry loop) leaves its marker for a lease, and
-# counts only if the marker was not there: however many run, the charge counts once.
+# Each try of a charge (its first, and those of the retry loop) leaves its marker (for a lease, at
+# most _CHARGE_MARKER_SECONDS), and counts only if the marker was not there: however many run, the
+# charge counts once.
+_CHARGE_MARKER_SECONDS = 600
 _CHARGE = """
 local spent_d, spent_m, charged = KEYS[1], KEYS[2], KEYS[3]
 if not redis.call('SET', charged, '1', 'NX', 'EX', ARGV[2]) then return 0 end
@@ -391,6 +393,10 @@ class RedisAdmission:
         self._prefix = prefix
         self._lease = lease_seconds
         self._marked_for = max(1, math.ceil(lease_seconds))  # seconds a settled or undone marker lasts
+        # Every charge leaves a marker (an LLM classifier's call, a batch correction): a shorter
+        # life for those keeps Redis's memory small at high rates, and a failed charge is retried
+        # for as long.
+        self._charge_marked_for = min(self._marked_for, _CHARGE_MARKER_SECONDS)
         self._store_clock = clock
         self._clock = wall_clock
         self._admit = self._redis.register_script(_ADMIT)
@@ -696,10 +702,9 @@ class RedisAdmission:
             self._key(tenant, f"spent:{month}"),
             self._key(tenant, f"charged:{uuid.uuid4().hex}"),
         ]
-        until = asyncio.get_running_loop().time() + self._lease
-        self._in_background(
-            self._charge(_Resend("charge", tenant, self._charge_script, keys, [_usd(cost), self._marked_for], until))
-        )
+        until = asyncio.get_running_loop().time() + self._charge_marked_for
+        args: list[str | int] = [_usd(cost), self._charge_marked_for]
+        self._in_background(self._charge(_Resend("charge", tenant, self._charge_script, keys, args, until)))
 
     async def _charge(self, charge: _Resend) -> None:
         try:
