@@ -3,14 +3,16 @@ in Redis. Each check-and-reserve, each extension and each settle is one Lua scri
 atomic across replicas. The rate windows and leases are scored by Redis's clock (``TIME`` inside
 the script), the same for every replica; the budget periods (UTC day and month) by the replica's.
 
-A settle that fails (Redis unreachable for a moment), and the undo of an admission whose script
-may have run without its reply reaching us, are sent again in the background by one loop, in
-batches, after jittered doubling delays, until they reach Redis or the reservation's lease has run
-out (at most ``_RETRY_MAX_PENDING`` wait at once). Each is safe to run twice, and to arrive late:
-a retried settle settles only a reservation still in flight (its first try may have run and lost
-its reply) and leaves a marker that makes a first try arriving after it count nothing; an undo
-leaves a marker that makes its admission, if it arrives after it, reserve nothing. An admission
-whose connection was refused sent nothing, and needs no undo. A request whose settle never
+A settle or a charge that fails (Redis unreachable for a moment), and the undo of an admission
+whose script may have run without its reply reaching us, are sent again in the background by one
+loop, in the order they failed, in batches, after jittered doubling delays, until they reach Redis
+or a lease has run out (at most ``_RETRY_MAX_PENDING`` wait at once; when full, a settle or a
+charge takes the place of the oldest undo). Each is safe to run twice, and to arrive late: a
+retried settle settles only a reservation still in flight (its first try may have run and lost its
+reply) and leaves a marker that makes a first try arriving after it count nothing; a charge counts
+only if its marker is not there yet; an undo leaves a marker that makes its admission, if it
+arrives after it, reserve nothing. An admission that failed while its connection was made (refused,
+timed out, its greeting refused) sent nothing, and needs no undo. A request whose settle never
 reaches Redis (its replica died, or Redis stayed away past the lease) leaves its request and
 tokens to expire with the window, and its in-flight slot and reserved USD to be released once its
 lease runs out (by the next admission of the tenant); what it really cost is never known, so
@@ -27,8 +29,9 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
     {prefix}T:reserved:P       USD reserved and not yet settled, and
     {prefix}T:reservations:P   hash reservation id -> the USD it holds in reserved:P (its
                                estimate plus extensions), released by its settle or its lease's end
-    {prefix}T:settled:ID       set by a retried settle of reservation ID, and
-    {prefix}T:undone:ID        by the undo of admission ID, each for a lease (see above)
+    {prefix}T:settled:ID       set by a retried settle of reservation ID,
+    {prefix}T:undone:ID        by the undo of admission ID, and
+    {prefix}T:charged:ID       by charge ID, each for a lease (a charge's for at most 10 minutes)
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import dataclasses
 import functools
 import math
 import random
-import socket
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
@@ -48,6 +50,8 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
+from redis.asyncio import ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from routesvc.admission import (
@@ -264,8 +268,13 @@ return 1
 """
 )
 
+# Each try of a charge (its first, and those of the retry loop) leaves its marker (for a lease, at
+# most _CHARGE_MARKER_SECONDS), and counts only if the marker was not there: however many run, the
+# charge counts once.
+_CHARGE_MARKER_SECONDS = 600
 _CHARGE = """
-local spent_d, spent_m = KEYS[1], KEYS[2]
+local spent_d, spent_m, charged = KEYS[1], KEYS[2], KEYS[3]
+if not redis.call('SET', charged, '1', 'NX', 'EX', ARGV[2]) then return 0 end
 redis.call('INCRBYFLOAT', spent_d, ARGV[1])
 redis.call('INCRBYFLOAT', spent_m, ARGV[1])
 redis.call('EXPIRE', spent_d, 3 * 86400)
@@ -274,16 +283,32 @@ return 1
 """
 
 
-def _never_sent(exc: BaseException) -> bool:
-    """Whether ``exc`` shows that a command never left for Redis: the connection was refused, or
-    Redis's host name not found (redis-py meets these only while it connects). A timeout, or a
-    connection lost, may have come after the command was sent."""
-    return isinstance(exc.__context__, ConnectionRefusedError | socket.gaierror)
+class _NotConnected(RedisConnectionError):
+    """No connection to Redis could be made ready for a command (refused, timed out, the host name
+    not found, the greeting refused: AUTH, HELLO, SELECT), so no command was sent. Raised from
+    the error that said so."""
+
+
+class _Pool(ConnectionPool):
+    """redis-py's pool, whose failures to hand out a connection are ``_NotConnected``: it connects
+    (and greets Redis) before a command is written, so a failure there sent nothing. Any failure
+    after it (a timeout, a connection lost) may have come after the command was sent."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]  # untyped in redis-py
+        except (RedisError, OSError) as exc:
+            raise _NotConnected(str(exc)) from exc
+
+
+def _error_type(exc: BaseException) -> str:
+    """The name of the error ``exc`` (for a ``_NotConnected``: of the error behind it)."""
+    return type(exc.__cause__ if isinstance(exc, _NotConnected) else exc).__name__
 
 
 def _store_failed(exc: BaseException) -> SharedStateUnavailable:
     return SharedStateUnavailable(
-        f"tenant limits could not be checked: the shared state store failed ({type(exc).__name__})"
+        f"tenant limits could not be checked: the shared state store failed ({_error_type(exc)})"
     )
 
 
@@ -305,9 +330,9 @@ def _budgets(limits: TenantConfig) -> list[str | int]:
 
 # How long a Redis command or connection may take before the store counts as unavailable.
 _TIMEOUT_SECONDS = 1.0
-# Failed settles and undos are sent again after these delays (jittered: from half of each),
-# doubling from the first to the last while Redis fails, this many to a round trip; at most
-# ``_RETRY_MAX_PENDING`` wait (about a kilobyte each), past which more are dropped (logged).
+# Failed settles, charges and undos are sent again after these delays (jittered: from half of
+# each), doubling from the first to the last while Redis fails, this many to a round trip; at most
+# ``_RETRY_MAX_PENDING`` wait (about a kilobyte each), past which an undo is dropped (logged).
 _RETRY_FIRST_SECONDS = 0.1
 _RETRY_MAX_SECONDS = 10.0
 _RETRY_BATCH = 100
@@ -318,8 +343,8 @@ _CLOSE_SECONDS = 5.0
 
 @dataclasses.dataclass(frozen=True)
 class _Resend:
-    """A settle or an undo that failed, to send again (``script`` with ``keys`` and ``args``: safe
-    to run twice) until the loop time ``until``, when the reservation's lease ends."""
+    """A settle, a charge or an undo that failed, to send again (``script`` with ``keys`` and
+    ``args``: safe to run twice) until the loop time ``until``, when its lease ends."""
 
     operation: str
     tenant: str
@@ -356,17 +381,22 @@ class RedisAdmission:
         # Timeouts said too (older releases have none): a Redis that takes a connection and
         # never answers is SHARED_STATE_UNAVAILABLE within a second, not a hang or the caller's
         # DEADLINE_EXCEEDED.
-        self._redis: Any = redis_asyncio.Redis.from_url(
+        pool = _Pool.from_url(
             url,
             decode_responses=True,
             retry=Retry(NoBackoff(), 0),
             socket_timeout=_TIMEOUT_SECONDS,
             socket_connect_timeout=_TIMEOUT_SECONDS,
         )
+        self._redis: Any = redis_asyncio.Redis.from_pool(pool)
         self._tenants = limited_tenants(tenants)
         self._prefix = prefix
         self._lease = lease_seconds
         self._marked_for = max(1, math.ceil(lease_seconds))  # seconds a settled or undone marker lasts
+        # Every charge leaves a marker (an LLM classifier's call, a batch correction): a shorter
+        # life for those keeps Redis's memory small at high rates, and a failed charge is retried
+        # for as long.
+        self._charge_marked_for = min(self._marked_for, _CHARGE_MARKER_SECONDS)
         self._store_clock = clock
         self._clock = wall_clock
         self._admit = self._redis.register_script(_ADMIT)
@@ -418,7 +448,7 @@ class RedisAdmission:
         try:
             verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, reservation_id, dry=False)
         except BaseException as exc:
-            if not _never_sent(exc):
+            if not isinstance(exc, _NotConnected):
                 # The script may have reserved before its reply was lost (the caller cancelled,
                 # a timeout, the connection dropped): undo by id in the background, a no-op if
                 # nothing was reserved, and one the script respects if it arrives after it.
@@ -457,7 +487,7 @@ class RedisAdmission:
         try:
             await self._redis.zrem(key, call_id)
         except (RedisError, OSError) as exc:
-            log.warning("admission_uncount_failed", tenant=tenant, error_type=type(exc).__name__)
+            log.warning("admission_uncount_failed", tenant=tenant, error_type=_error_type(exc))
 
     async def precheck(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> None:
         """Raise what ``admit`` would raise now for ``tokens`` and ``cost`` (the admit script's
@@ -573,7 +603,7 @@ class RedisAdmission:
             # error. The settle is sent again in the background (see the module's docstring),
             # and counts as counted (``Reservation.counted``) unless it could not wait: a batch
             # job's end then corrects the estimate the retry counts.
-            log.warning("admission_settle_failed", tenant=tenant, error_type=type(exc).__name__)
+            log.warning("admission_settle_failed", tenant=tenant, error_type=_error_type(exc))
             retry = _Resend("settle", tenant, self._settle_script, keys, [*args, "1"], lease_ends)
             return self._resend_later(retry)
         return True
@@ -593,13 +623,22 @@ class RedisAdmission:
 
     def _resend_later(self, resend: _Resend) -> bool:
         """Leave ``resend`` to the retry loop (started if it is not running); False when too many
-        wait already: it is dropped (logged once until one is taken again)."""
+        wait already and it is dropped. A settle or a charge is never dropped for an undo: when
+        too many wait, it takes the oldest undo's place (an undo is most often of an admission
+        that never ran; a lost settle holds its slot and USD for the lease, and loses its cost).
+        Drops are logged once until one is taken again without a drop."""
         if len(self._resends) >= _RETRY_MAX_PENDING:
+            undos = (index for index, waiting in enumerate(self._resends) if waiting.operation == "undo")
+            oldest_undo = None if resend.operation == "undo" else next(undos, None)
             if not self._dropping:
-                log.warning("admission_retries_dropped", operation=resend.operation, waiting=len(self._resends))
+                dropped = resend if oldest_undo is None else self._resends[oldest_undo]
+                log.warning("admission_retries_dropped", operation=dropped.operation, waiting=len(self._resends))
             self._dropping = True
-            return False
-        self._dropping = False
+            if oldest_undo is None:
+                return False
+            del self._resends[oldest_undo]
+        else:
+            self._dropping = False
         self._resends.append(resend)
         if self._retrying is None or self._retrying.done():
             # A context of its own: the loop outlives the request that starts it, and is not its
@@ -608,10 +647,13 @@ class RedisAdmission:
         return True
 
     async def _retry(self) -> None:
-        """Send the settles and undos that wait (``_resends``) until none is left: after a jittered
-        delay that doubles while Redis fails, in batches of one round trip each, dropping those
-        whose lease has ended (their reservations are released by it); once more at once when
-        ``aclose`` starts, and no more after that."""
+        """Send the settles, charges and undos that wait (``_resends``) until none is left, in the
+        order they failed (a batch job's correction after the settle it corrects: both add to
+        what was spent, so they net out in either order, but a loop cut short by ``aclose`` then
+        leaves the estimate counted, not given back uncounted): after a jittered delay that
+        doubles while Redis fails, in batches of one round trip each, dropping those whose lease
+        has ended (their reservations are released by it); once more at once when ``aclose``
+        starts, and no more after that."""
         loop = asyncio.get_running_loop()
         delay = _RETRY_FIRST_SECONDS
         while self._resends:
@@ -632,7 +674,7 @@ class RedisAdmission:
                     log.info("admission_retries_sent", count=len(batch))
             except (RedisError, OSError) as exc:
                 if self._closing.is_set():
-                    log.warning("admission_retries_abandoned", count=len(self._resends), error_type=type(exc).__name__)
+                    log.warning("admission_retries_abandoned", count=len(self._resends), error_type=_error_type(exc))
                     self._resends.clear()
                     return
                 delay = min(2 * delay, _RETRY_MAX_SECONDS)
@@ -650,18 +692,26 @@ class RedisAdmission:
     def charge(self, tenant: str, cost: Decimal, *, at: float | None = None) -> None:
         """Add ``cost`` (negative: given back) to a limited ``tenant``'s spend in Redis in the
         periods of ``at``, in the background (called where the money was spent, which may be a
-        cancelled request's cleanup); a failure is logged."""
+        cancelled request's cleanup); a failure is logged, and the charge sent again (as a settle
+        is, for a lease, counted once however many tries reach Redis)."""
         if tenant not in self._tenants or cost == 0:
             return
-        self._in_background(self._charge(tenant, cost, self._clock() if at is None else at))
+        day, month = _periods(self._clock() if at is None else at)
+        keys = [
+            self._key(tenant, f"spent:{day}"),
+            self._key(tenant, f"spent:{month}"),
+            self._key(tenant, f"charged:{uuid.uuid4().hex}"),
+        ]
+        until = asyncio.get_running_loop().time() + self._charge_marked_for
+        args: list[str | int] = [_usd(cost), self._charge_marked_for]
+        self._in_background(self._charge(_Resend("charge", tenant, self._charge_script, keys, args, until)))
 
-    async def _charge(self, tenant: str, cost: Decimal, at: float) -> None:
-        day, month = _periods(at)
-        keys = [self._key(tenant, f"spent:{day}"), self._key(tenant, f"spent:{month}")]
+    async def _charge(self, charge: _Resend) -> None:
         try:
-            await self._charge_script(keys=keys, args=[_usd(cost)])
+            await charge.script(keys=charge.keys, args=charge.args)
         except (RedisError, OSError) as exc:
-            log.warning("admission_charge_failed", tenant=tenant, error_type=type(exc).__name__)
+            log.warning("admission_charge_failed", tenant=charge.tenant, error_type=_error_type(exc))
+            self._resend_later(charge)
 
     async def exhausted(self, tenant: str, cost: Decimal = Decimal(0)) -> str:
         """Why ``tenant`` may not spend anything more now (a budget spent or reserved in full across
@@ -675,7 +725,7 @@ class RedisAdmission:
         try:
             values = await self._redis.mget(keys)
         except (RedisError, OSError) as exc:
-            return f"the shared state store failed ({type(exc).__name__})"
+            return f"the shared state store failed ({_error_type(exc)})"
         amounts = [Decimal(value) if value else Decimal(0) for value in values]
         return exhausted_budget(tenant, limits, periods, [amounts[0] + amounts[1], amounts[2] + amounts[3]], cost)
 

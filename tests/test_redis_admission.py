@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import socket
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
@@ -334,8 +335,9 @@ class _Proxy:
     and ``up``: it cuts every connection and closes new ones at once), can lose the next reply
     (``lose_reply``: the command has run in Redis, and its connection is closed instead of
     answered), can cut the connection that next carries some bytes before they reach Redis
-    (``cut_before``), and can hold what the connections open now send (``hold``: not lost, as TCP
-    holds a segment it retransmits) until ``deliver`` passes it on, after their client gave up."""
+    (``cut_before``), or every connection that carries some bytes until ``up`` (``cut_each``),
+    and can hold what the connections open now send (``hold``: not lost, as TCP holds a segment
+    it retransmits) until ``deliver`` passes it on, after their client gave up."""
 
     def __init__(self, upstream: str, delay: float = 0.0) -> None:
         parsed = urllib.parse.urlparse(upstream)
@@ -346,6 +348,9 @@ class _Proxy:
         self._losing = False
         self._down = False
         self._cutting = b""
+        self._cutting_each: tuple[bytes, ...] = ()
+        self._cut: list[bytes] = []  # what the connections cut carried
+        self._cut_more = asyncio.Event()
         self._held: dict[asyncio.StreamWriter, bytearray] = {}  # upstream writer -> what waits
         self._replied: dict[asyncio.StreamWriter, asyncio.Event] = {}  # upstream writer -> a reply came
 
@@ -356,8 +361,9 @@ class _Proxy:
             writer.close()
 
     def up(self) -> None:
-        """Carry new connections again."""
+        """Carry new connections, and what ``cut_each`` cut, again."""
         self._down = False
+        self._cutting_each = ()
 
     def lose_reply(self) -> None:
         """Close the connection that the next reply comes back on, instead of passing it on."""
@@ -366,6 +372,17 @@ class _Proxy:
     def cut_before(self, marker: bytes) -> None:
         """Close the connection that next carries ``marker`` to Redis, instead of passing it on."""
         self._cutting = marker
+
+    def cut_each(self, *markers: bytes) -> None:
+        """Close each connection that carries one of ``markers`` to Redis, instead of passing it
+        on, until ``up``: Redis is away for what they send (after it was sent)."""
+        self._cutting_each = markers
+
+    async def has_cut(self, marker: bytes) -> None:
+        """Wait until a connection that carried ``marker`` has been cut."""
+        while not any(marker in data for data in self._cut):
+            self._cut_more.clear()
+            await self._cut_more.wait()
 
     def hold(self) -> None:
         """Hold what the connections open now send, until ``deliver``."""
@@ -419,6 +436,11 @@ class _Proxy:
                         self._cutting = b""
                         writer.close()
                         break
+                    if any(marker in data for marker in self._cutting_each):
+                        self._cut.append(data)
+                        self._cut_more.set()
+                        writer.close()
+                        break
                     up_writer.write(data)
                     await up_writer.drain()
             if up_writer not in self._held:  # what is held is delivered later, on this connection
@@ -437,6 +459,28 @@ class _Proxy:
             writer.close()
 
         await asyncio.gather(requests(), replies())
+
+
+@contextlib.contextmanager
+def _port_that_never_answers() -> Iterator[int]:
+    """A port on loopback whose connects time out: its listener never accepts, and its backlog
+    is full, so (on Linux) the SYNs of further connects go unanswered, as those to a host gone."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    held = [listener]
+    try:
+        while True:  # fill the backlog until a connect times out
+            held.append(socket.socket())
+            held[-1].settimeout(0.1)
+            try:
+                held[-1].connect(listener.getsockname())
+            except TimeoutError:
+                break
+        yield listener.getsockname()[1]
+    finally:
+        for held_socket in held:
+            held_socket.close()
 
 
 class TestStoreFailures:
@@ -579,17 +623,68 @@ class TestStoreFailures:
         await admission.aclose()
         assert left == 0
 
+    @pytest.mark.parametrize("failure", ["a host that does not answer", "a user Redis does not know"])
+    async def test_a_connection_never_made_leaves_nothing_to_undo(
+        self, redis_url: str, failure: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Admissions fail while their connection is made (its connect timed out, or Redis
+        refused its greeting): each is refused SHARED_STATE_UNAVAILABLE having sent nothing, so
+        none leaves an undo behind (each did, which wrote a marker for nothing and took a place
+        a settle needs)."""
+        monkeypatch.setattr(redis_admission, "_TIMEOUT_SECONDS", 0.2)
+        with contextlib.ExitStack() as stack:
+            if failure == "a host that does not answer":
+                url = f"redis://127.0.0.1:{stack.enter_context(_port_that_never_answers())}"
+            else:
+                url = redis_url.replace("redis://", "redis://nobody:secret@")
+            admission = RedisAdmission(url, {"t": TenantConfig(max_concurrent=5)})
+            for _ in range(3):
+                with pytest.raises(SharedStateUnavailable):
+                    await admission.admit("t", tokens=10, cost=Decimal("0.01"))
+            left = (len(admission._resends), len(admission._undoing))
+            await admission.aclose()
+        assert left == (0, 0)
+
+    async def test_a_settle_is_never_dropped_for_an_undo(
+        self, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Redis goes away under the scripts sent to it while undos fill the retry list (here 3
+        at most): a request's settle that fails then takes the oldest undo's place, so once Redis
+        is back the tenant's one in-flight slot is free and the request's cost is spent (the
+        settle was dropped: the slot was held for the hour's lease, the cost never counted)."""
+        monkeypatch.setattr(redis_admission, "_RETRY_MAX_PENDING", 3)
+        tenants = {"t": TenantConfig(max_concurrent=1, daily_budget_usd=Decimal(1))}
+        tenants["u"] = TenantConfig(max_concurrent=9)
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            reservation = await admission.admit("t", cost=Decimal("0.2"))
+            proxy.cut_each(b"EVALSHA")
+            for _ in range(3):
+                with pytest.raises(SharedStateUnavailable):
+                    await admission.admit("u")
+            await reservation.settle(0, Decimal("0.1"))
+            waiting = [resend.operation for resend in admission._resends]
+            proxy.up()
+            async with asyncio.timeout(10):
+                while admission._undoing:  # the retry loop, ended once it sent them
+                    await asyncio.wait(set(admission._undoing))
+            await (await admission.admit("t")).settle(0, Decimal(0))
+            spent = await admission.spent("t")
+            await admission.aclose()
+        assert (waiting, reservation.counted, spent) == (["undo", "undo", "settle"], True, Decimal("0.1"))
+
     async def test_undos_while_redis_is_away_wait_in_one_bounded_loop(
         self, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """Redis closes every connection as it comes (a restart): the admissions refused
-        SHARED_STATE_UNAVAILABLE may have reached it, and are undone by one retry loop that keeps
-        at most ``_RETRY_MAX_PENDING`` of them (here 10 of 30; each had its own task, for the
-        hour's lease, with no cap); once Redis is back they are sent and nothing is left."""
+        """Redis goes away under the scripts sent to it (each connection is cut as it carries
+        one): the admissions refused SHARED_STATE_UNAVAILABLE may have reached it, and are undone
+        by one retry loop that keeps at most ``_RETRY_MAX_PENDING`` of them (here 10 of 30; each
+        had its own task, for the hour's lease, with no cap); once Redis is back they are sent
+        and nothing is left."""
         monkeypatch.setattr(redis_admission, "_RETRY_MAX_PENDING", 10)
         async with _Proxy(redis_url) as proxy:
             admission = RedisAdmission(proxy.url, {"t": TenantConfig(max_concurrent=5)}, prefix=prefix)
-            proxy.down()
+            proxy.cut_each(b"EVALSHA")
             for _ in range(30):
                 with pytest.raises(SharedStateUnavailable):
                     await admission.admit("t", tokens=10, cost=Decimal("0.01"))
@@ -627,6 +722,36 @@ class TestStoreFailures:
                 async with asyncio.timeout(5):  # corrected by the poller's next round
                     while await admission.spent("acme"):  # noqa: ASYNC110 - the round has no event
                         await asyncio.sleep(0.02)
+
+    async def test_a_batch_job_corrected_while_redis_is_away_is_corrected_once_it_is_back(
+        self, tmp_path: Path, redis_url: str, prefix: str, fake: FakeProvider
+    ) -> None:
+        """A batch job's settle (which counts its estimate) fails, and Redis is still away when
+        the job is cancelled and its estimate given back: the correction waits with the settle,
+        after it, and once Redis is back both are sent, so the tenant has spent nothing (the
+        correction was tried once and lost, and the retried settle counted the estimate for good)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with _Proxy(redis_url) as proxy:
+            config = budget_config(tmp_path)
+            config["shared_state"] = {"redis_url": proxy.url, "key_prefix": prefix}
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                admission = server.router.admission
+                settle, charge = admission._settle_script.sha.encode(), admission._charge_script.sha.encode()
+                proxy.cut_each(settle, charge)
+                job = (await submit(client))[1].batch
+                await client.cancel_batch(job.batch_id, tenant="acme")
+                async with asyncio.timeout(10):  # the correction, tried by the poller's next round
+                    await proxy.has_cut(charge)
+                proxy.up()
+                async with asyncio.timeout(10):
+                    while admission._undoing:  # the retry loop, ended once it sent them
+                        await asyncio.wait(set(admission._undoing))
+                spent = await admission.spent("acme")
+        assert Decimal(job.estimated_cost_usd) > 0
+        assert spent == 0
 
     async def test_a_request_refused_unavailable_uses_no_request_per_minute(self, redis_url: str, prefix: str) -> None:
         """The admit script runs but its reply comes after the command timeout: the caller is
