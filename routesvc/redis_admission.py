@@ -50,7 +50,7 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
-from redis.asyncio import ConnectionPool
+from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -289,10 +289,14 @@ class _NotConnected(RedisConnectionError):
     the error that said so."""
 
 
-class _Pool(ConnectionPool):
+class _Pool(BlockingConnectionPool):
     """redis-py's pool, whose failures to hand out a connection are ``_NotConnected``: it connects
     (and greets Redis) before a command is written, so a failure there sent nothing. Any failure
-    after it (a timeout, a connection lost) may have come after the command was sent."""
+    after it (a timeout, a connection lost) may have come after the command was sent.
+
+    A blocking pool: a command past ``_POOL_CONNECTIONS`` in flight waits for a connection (within
+    the store's timeout), where redis-py's plain pool (100 connections by default since redis-py
+    8) refused it at once, so a burst on a healthy Redis was SHARED_STATE_UNAVAILABLE."""
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -330,6 +334,8 @@ def _budgets(limits: TenantConfig) -> list[str | int]:
 
 # How long a Redis command or connection may take before the store counts as unavailable.
 _TIMEOUT_SECONDS = 1.0
+# Connections to Redis one process keeps at most; more commands at once wait for one.
+_POOL_CONNECTIONS = 100
 # Failed settles, charges and undos are sent again after these delays (jittered: from half of
 # each), doubling from the first to the last while Redis fails, this many to a round trip; at most
 # ``_RETRY_MAX_PENDING`` wait (about a kilobyte each), past which an undo is dropped (logged).
@@ -383,6 +389,8 @@ class RedisAdmission:
         # DEADLINE_EXCEEDED.
         pool = _Pool.from_url(
             url,
+            max_connections=_POOL_CONNECTIONS,
+            timeout=_TIMEOUT_SECONDS,
             decode_responses=True,
             retry=Retry(NoBackoff(), 0),
             socket_timeout=_TIMEOUT_SECONDS,
@@ -670,7 +678,10 @@ class RedisAdmission:
                         for resend in batch:
                             await resend.script(keys=resend.keys, args=resend.args, client=pipeline)
                         await pipeline.execute()
-                    del self._resends[: len(batch)]
+                    # By identity, not position: while the batch was on its way an undo in it may
+                    # have made way for a settle (``_resend_later``), shifting the list.
+                    sent = {id(resend) for resend in batch}
+                    self._resends = [resend for resend in self._resends if id(resend) not in sent]
                     log.info("admission_retries_sent", count=len(batch))
             except (RedisError, OSError) as exc:
                 if self._closing.is_set():

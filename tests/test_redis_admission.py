@@ -351,6 +351,10 @@ class _Proxy:
         self._cutting_each: tuple[bytes, ...] = ()
         self._cut: list[bytes] = []  # what the connections cut carried
         self._cut_more = asyncio.Event()
+        self._slowing = b""
+        self._slow: set[asyncio.StreamWriter] = set()  # connections whose replies wait ``delay``
+        self._carried: list[bytes] = []  # what was passed on to Redis
+        self._carried_more = asyncio.Event()
         self._held: dict[asyncio.StreamWriter, bytearray] = {}  # upstream writer -> what waits
         self._replied: dict[asyncio.StreamWriter, asyncio.Event] = {}  # upstream writer -> a reply came
 
@@ -383,6 +387,16 @@ class _Proxy:
         while not any(marker in data for data in self._cut):
             self._cut_more.clear()
             await self._cut_more.wait()
+
+    def slow_after(self, marker: bytes, delay: float) -> None:
+        """Hold each reply ``delay`` seconds on the connections that carry ``marker`` from now."""
+        self._slowing, self.delay = marker, delay
+
+    async def has_carried(self, marker: bytes) -> None:
+        """Wait until ``marker`` has been passed on to Redis."""
+        while not any(marker in data for data in self._carried):
+            self._carried_more.clear()
+            await self._carried_more.wait()
 
     def hold(self) -> None:
         """Hold what the connections open now send, until ``deliver``."""
@@ -441,7 +455,11 @@ class _Proxy:
                         self._cut_more.set()
                         writer.close()
                         break
+                    if self._slowing and self._slowing in data:
+                        self._slow.add(up_writer)
                     up_writer.write(data)
+                    self._carried.append(data)
+                    self._carried_more.set()
                     await up_writer.drain()
             if up_writer not in self._held:  # what is held is delivered later, on this connection
                 up_writer.close()
@@ -450,7 +468,8 @@ class _Proxy:
             with contextlib.suppress(ConnectionError, OSError):
                 while data := await up_reader.read(65536):
                     self._replied[up_writer].set()
-                    await asyncio.sleep(self.delay)
+                    if not self._slowing or up_writer in self._slow:
+                        await asyncio.sleep(self.delay)
                     if self._losing:
                         self._losing = False
                         break
@@ -672,6 +691,62 @@ class TestStoreFailures:
             spent = await admission.spent("t")
             await admission.aclose()
         assert (waiting, reservation.counted, spent) == (["undo", "undo", "settle"], True, Decimal("0.1"))
+
+    async def test_a_settle_that_takes_the_place_of_an_undo_on_its_way_is_still_sent(
+        self, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The retry loop's batch of undos is on its way to a slow Redis when a request's settle
+        fails and takes the oldest undo's place in the full list (here 3 at most): once the batch
+        is answered the settle is still waiting, and is sent (the loop removed the first entries
+        by position, the settle among them: the tenant's slot was held for the lease and the
+        request's cost never counted)."""
+        monkeypatch.setattr(redis_admission, "_RETRY_MAX_PENDING", 3)
+        tenants = {"t": TenantConfig(max_concurrent=1, daily_budget_usd=Decimal(1))}
+        tenants["u"] = TenantConfig(max_concurrent=9)
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            reservation = await admission.admit("t", cost=Decimal("0.2"))
+            proxy.cut_each(b"EVALSHA")
+            for _ in range(3):
+                with pytest.raises(SharedStateUnavailable):
+                    await admission.admit("u")
+            # The loop's batch is answered late (within the store's 1 s timeout).
+            proxy.slow_after(admission._undo_script.sha.encode(), 0.5)
+            proxy.up()
+            await proxy.has_carried(admission._undo_script.sha.encode())
+            proxy.cut_before(admission._settle_script.sha.encode())
+            await reservation.settle(0, Decimal("0.1"))
+            waiting = [resend.operation for resend in admission._resends]
+            proxy.delay = 0.0
+            async with asyncio.timeout(10):
+                while admission._undoing:  # the retry loop, ended once it sent them
+                    await asyncio.wait(set(admission._undoing))
+            await (await admission.admit("t")).settle(0, Decimal(0))
+            spent = await admission.spent("t")
+            await admission.aclose()
+        assert (waiting, spent) == (["undo", "undo", "settle"], Decimal("0.1"))
+
+    async def test_more_commands_at_once_than_the_pool_holds_wait_for_a_connection(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """300 admissions at once on one process, against a healthy Redis: all are admitted, the
+        commands past the pool's connections waiting for one (redis-py 8's plain pool holds 100
+        and refused the rest at once: 200 were SHARED_STATE_UNAVAILABLE)."""
+        tenant = TenantConfig(max_concurrent=10_000, daily_budget_usd=Decimal(1000))
+        admission = RedisAdmission(redis_url, {"t": tenant}, prefix=prefix)
+
+        async def one() -> str:
+            try:
+                reservation = await admission.admit("t", tokens=10, cost=Decimal("0.001"))
+            except SharedStateUnavailable as exc:
+                return str(exc)
+            await reservation.settle(10, Decimal("0.001"))
+            return "admitted"
+
+        outcomes = await asyncio.gather(*(one() for _ in range(300)))  # three times the pool
+        spent = await admission.spent("t")
+        await admission.aclose()
+        assert (set(outcomes), spent) == ({"admitted"}, Decimal("0.3"))
 
     async def test_undos_while_redis_is_away_wait_in_one_bounded_loop(
         self, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
