@@ -69,7 +69,7 @@ from routesvc.models import (
 from routesvc.policy import Policy
 from routesvc.providers.base import Provider, ProviderCall, refusal
 from routesvc.retry import RetryBudget, backoff_delay, is_retryable, skips_provider
-from routesvc.scoring import Scorer, ScoringInput
+from routesvc.scoring import Scorer, ScoreResult, ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
 from routesvc.strategies.classifier import TASK_LABELS
 from routesvc.strategies.default import no_eligible_model
@@ -884,18 +884,17 @@ class Router:
             stop = replace(stop, why=f"{stop.why} (so the judge was not asked)")
         answer = "".join(delta.text for delta in deltas)
         if scorer is None:
-            quality = QualityScore(1.0, "none", "not scored")
+            quality, scored = QualityScore(1.0, "none", "not scored"), False
         else:
-            quality = await self._score(
+            result = await self._score(
                 scorer, state, model_id, request, answer, completion, threshold, deadline, next_step
             )
+            quality, scored = result.quality, result.scored
         if stop is None and quality.score < threshold:
             # It escalates: the reservation now holds the next model (the judge's call is in the
             # cost so far, and may have found the next model's provider spent).
             next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=True)
-        return _StepOutcome(
-            tuple(deltas), completion, quality, cost_before, used, next_step, stop=stop, scored=scorer is not None
-        )
+        return _StepOutcome(tuple(deltas), completion, quality, cost_before, used, next_step, stop=stop, scored=scored)
 
     async def _score(
         self,
@@ -908,7 +907,7 @@ class Router:
         threshold: float,
         deadline: float | None,
         next_step: int,
-    ) -> QualityScore:
+    ) -> ScoreResult:
         """``scorer``'s score of a cascade step's ``answer``, which escalates to step ``next_step``
         when too low. Its calls end ``reliability.min_attempt_seconds`` before the caller's
         deadline, so that the answer can still be released if they fail (a call that could not
@@ -917,7 +916,7 @@ class Router:
         timeout = None if deadline is None else deadline - time.monotonic() - min_attempt
         if timeout is not None and timeout < min_attempt:
             timeout = 0.0
-        result = await scorer.score(
+        return await scorer.score(
             ScoringInput(
                 request=request,
                 model=model_id,
@@ -933,7 +932,6 @@ class Router:
                 allow_list=self.allow_list(request.context.tenant),
             )
         )
-        return result.quality
 
     async def _escalation_stop(
         self, state: _AttemptState, request: RoutingRequest, index: int, deadline: float | None, *, hold: bool
@@ -999,12 +997,15 @@ class Router:
         would_cost = state.cost + estimate + next_cost
         if cap is not None and would_cost > cap:
             return f"with its call, {max_cost_reason(next_model, would_cost, cap)}"
+        # Checked before the judge's call is held: a judge not asked holds nothing.
+        if why := await self._budget_refuses(state, estimate + next_cost):
+            if alone := await self._budget_refuses(state, estimate):
+                return alone  # the budget cannot take the judge's call itself
+            return f"with its call, no escalation to {next_model}: {why}"
         try:
             await self._cover_cost(state, estimate)
         except (LimitExceeded, SharedStateUnavailable) as refused:
             return refused.message
-        if why := await self._budget_refuses(state, estimate + next_cost):
-            return f"with its call, no escalation to {next_model}: {why}"
         return ""
 
     def _servable(self, state: _AttemptState, model_id: str, cap: Decimal | None) -> bool:
@@ -1376,7 +1377,7 @@ class _StepOutcome:
     next_step: int
     error: ProviderError | None = None
     stop: _EscalationStop | None = None
-    scored: bool = True  # False: no scorer could score it (the judge alone, not asked)
+    scored: bool = True  # False: no scorer scored it (the judge alone, not asked or failed)
 
 
 def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:

@@ -77,10 +77,15 @@ class ScoringInput:
 
 @dataclass(frozen=True, slots=True)
 class ScoreResult:
-    """A score and the upstream calls made to reach it."""
+    """A score and the upstream calls made to reach it.
+
+    ``scored`` False: no scorer judged the answer, and ``quality`` is the judge's configured
+    ``on_failure`` (the judge failed or was not asked); such an answer has no score in the
+    statistics."""
 
     quality: QualityScore
     calls: tuple[UpstreamCall, ...] = ()
+    scored: bool = True
 
 
 class Scorer(Protocol):
@@ -112,7 +117,8 @@ _HEDGE = re.compile(
     re.IGNORECASE,
 )
 # Asked for an answer in JSON: an output verb then JSON ("respond with JSON", "return the result
-# as JSON"), the answer formatted as JSON ("format the result as JSON"), or "JSON only". A
+# as JSON"), "format" or "formatted" then in or as JSON, up to three words apart ("format as
+# JSON", "format the data as JSON", "formatted in JSON"), or "JSON only". A
 # question about JSON ("how are dates represented in JSON?", "what's the best way to format JSON
 # files?") asks for no JSON answer. One bounded scan at most: the patterns read a bounded slice of
 # a message (``_ends``), so they cost little on any prompt.
@@ -120,8 +126,7 @@ _OUTPUT_VERB = r"(?:respond|reply|answer|output|return|give|provide|print)"
 _ASKS_FOR_JSON = re.compile(
     rf"\b{_OUTPUT_VERB}\s+(?:(?:only|with|in|as|a|an|the|valid|raw)\s+)*json\b"
     rf"|\b{_OUTPUT_VERB}\b[^.?!\n]{{0,80}}?\b(?:in|as)\s+(?:valid\s+)?json\b"
-    r"|\bformat(?:ted)?\s+(?:it|this|that|them|(?:the|your)\s+(?:result|output|answer|response|reply)s?)"
-    r"\s+(?:in|as)\s+(?:valid\s+)?json\b"
+    r"|\bformat(?:ted)?\s+(?:[\w'-]+\s+){0,3}(?:in|as)\s+(?:valid\s+)?json\b"
     r"|\bjson\s+only\b",
     re.IGNORECASE,
 )
@@ -132,9 +137,17 @@ _ASKS_FOR_CODE = re.compile(r"\b(?:function|code|script|program|class|snippet|re
 # Python"), a verb that means coding and Python ("implement X in Python", "code this in Python",
 # "translate this to Python", "write Python to ..."), or a clause that starts with Python code
 # ("Python code to parse a CSV"). A question about Python ("what is the GIL in Python?", "can I
-# write comments in Python?", "how are dicts implemented in Python?") asks for no code. Each
-# pattern scans a clause once (no nested scans).
+# write comments in Python?", "how are dicts implemented in Python?"): a clause that opens with a
+# question word ("how do I convert a string to an int in Python?", "should we rewrite it in
+# Python?") asks for no code, unless it is a request put as a question ("can you code this in
+# Python?", "could you ..., please?"). Each pattern scans a clause once (no nested scans).
 _CLAUSE_END = re.compile(r"[.?!\n]+")
+_QUESTION = re.compile(
+    r"^\W*(?:how|why|what|what's|which|when|where|who|whose|should|shall|is|are|was|were|does|do|did|can|could"
+    r"|would|will|may|might|must|has|have)\b(?!\s+you\b)",
+    re.IGNORECASE,
+)
+_PLEASE = re.compile(r"\bplease\b", re.IGNORECASE)
 _CODE_NOUN = (
     r"(?:function|method|class|script|program|code|snippet|module|solution|implementation|app|application"
     r"|game|tool|algorithm|decorator|generator|parser|loop|test|scraper|bot|cli)s?"
@@ -148,14 +161,14 @@ _CODE_NOUN_WORD = re.compile(rf"\b{_CODE_NOUN}\b", re.IGNORECASE)
 _IN_PYTHON = re.compile(r"\b(?:in|into|to|using)\s+python\b", re.IGNORECASE)
 _WRITE_PYTHON = re.compile(r"\b(?:write|code)\s+(?:some\s+|me\s+)?python\b", re.IGNORECASE)
 _STARTS_WITH_PYTHON_CODE = re.compile(rf"^\W*(?:a\s+|some\s+)?python\s+{_CODE_NOUN}\b", re.IGNORECASE)
-_PYTHON_CODE = re.compile(r"^\s*(?:def|class|import|from)\s+\w|\blambda\b[^:\n]{0,200}:", re.MULTILINE)
+# ``[ \t]``, not ``\s``: a run of blank lines read from each of its line starts would be quadratic.
+_PYTHON_CODE = re.compile(r"^[ \t]*(?:def|class|import|from)[ \t]+\w|\blambda\b[^:\n]{0,200}:", re.MULTILINE)
 _ASKS_FOR_ONE_CHOICE = re.compile(
     r"\b(?:print|answer|reply|respond|give|output)\s+(?:with\s+)?only\s+(?:a\s+single|one|the)\s+"
     r"(?:choice|letter|option)",
     re.IGNORECASE,
 )
 _ONE_CHOICE = re.compile(r"^\W{0,3}(?:answer:?\s*)?\(?[A-Ha-h]\)?(?:\W|$)", re.IGNORECASE)
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
 # The patterns spell apostrophes the ASCII way; models often write typographic ones ("I’m", "can’t").
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff07": "'"})
 
@@ -196,6 +209,8 @@ def asks_for_python(question: str) -> bool:
     for clause in _CLAUSE_END.split(_ends(question)):
         if "python" not in clause.lower():
             continue
+        if _QUESTION.search(clause) and not _PLEASE.search(clause):
+            continue
         if _STARTS_WITH_PYTHON_CODE.search(clause) or _WRITE_PYTHON.search(clause):
             return True
         if _CODING_VERB.search(clause) and _IN_PYTHON.search(clause):
@@ -207,11 +222,22 @@ def asks_for_python(question: str) -> bool:
     return False
 
 
+def _unfenced(text: str) -> str:
+    """``text`` (stripped) without the code fence around all of it (```json ... ```), if any.
+
+    Found by slicing, not by a pattern: a fence-matching regex backtracks cubically on a fence
+    followed by a long run of whitespace, and the answer is the model's, of any length."""
+    text = text.strip()
+    if len(text) < 6 or not (text.startswith("```") and text.endswith("```")):
+        return text
+    inner = text[3:-3]
+    if inner[:4].lower() == "json":
+        inner = inner[4:]
+    return inner.strip()
+
+
 def _parses_as_json(answer: str) -> bool:
-    text = answer.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1)
+    text = _unfenced(answer)
     try:
         json.loads(text)
     except ValueError:
@@ -354,23 +380,23 @@ class LLMJudge:
             prompt = f"<instructions>\n{instructions}\n</instructions>\n\n{prompt}"
         return (Message(Role.SYSTEM, _JUDGE_SYSTEM), Message(Role.USER, prompt))
 
-    def _failed(self, why: str) -> QualityScore:
+    def _failed(self, why: str, calls: tuple[UpstreamCall, ...] = ()) -> ScoreResult:
         score = 1.0 if self._on_failure == "release" else 0.0
         verb = "released" if self._on_failure == "release" else "escalated"
-        return QualityScore(score, self.name, f"judge {why}; {verb} as configured")
+        return ScoreResult(QualityScore(score, self.name, f"judge {why}; {verb} as configured"), calls, scored=False)
 
     async def score(self, scoring_input: ScoringInput, /) -> ScoreResult:
         """Ask the judge. Its usage (estimated when it did not finish) goes to ``charge`` when the
         call ends and comes back in ``calls``."""
         if self._provider is None:
-            return ScoreResult(self._failed(f"{self._model.id} not asked ({self._unavailable})"))
+            return self._failed(f"{self._model.id} not asked ({self._unavailable})")
         if disallowed := scoring_input.allow_list.refuses(self._model.id):
-            return ScoreResult(self._failed(f"{self._model.id} not asked ({disallowed})"))
+            return self._failed(f"{self._model.id} not asked ({disallowed})")
         if self._model.provider in scoring_input.spent_providers:
             why = f"provider {self._model.provider}'s quota was found spent earlier in this request"
-            return ScoreResult(self._failed(f"{self._model.id} not asked ({why})"))
+            return self._failed(f"{self._model.id} not asked ({why})")
         if scoring_input.timeout is not None and scoring_input.timeout <= 0:
-            return ScoreResult(self._failed(f"{self._model.id} not asked (no time left before the deadline)"))
+            return self._failed(f"{self._model.id} not asked (no time left before the deadline)")
         timeout = self._timeout if scoring_input.timeout is None else min(self._timeout, scoring_input.timeout)
         messages = self._messages(scoring_input)
         call = ProviderCall(
@@ -385,7 +411,7 @@ class LLMJudge:
             tokens_in = estimate_input_tokens(ChatRequest(messages))
             why = await scoring_input.reserve(estimate_cost(self._model, tokens_in, self._max_output_tokens))
             if why:
-                return ScoreResult(self._failed(f"not asked ({why})"))
+                return self._failed(f"not asked ({why})")
         try:
             return await self._ask(self._provider, call, timeout, scoring_input)
         except Exception as exc:
@@ -393,7 +419,7 @@ class LLMJudge:
             # the traceback; the call, if made, was charged as it ended. A cancellation is no
             # Exception: it propagates.
             log.exception("judge_failed", model=self._model.id, error=type(exc).__name__)
-            return ScoreResult(self._failed(f"failed unexpectedly ({type(exc).__name__})"))
+            return self._failed(f"failed unexpectedly ({type(exc).__name__})")
 
     async def _ask(
         self, provider: Provider, call: ProviderCall, timeout: float, scoring_input: ScoringInput
@@ -402,14 +428,14 @@ class LLMJudge:
         result = await side_call(provider, self._model, call, purpose="judge", charge=scoring_input.charge)
         used = result.used
         if isinstance(result.error, TimeoutError):
-            return ScoreResult(self._failed(f"timed out after {timeout:g} s"), (used,))
+            return self._failed(f"timed out after {timeout:g} s", (used,))
         if result.error is not None:
             if skips_provider(result.error):
                 scoring_input.spent_providers.add(self._model.provider)
-            return ScoreResult(self._failed(f"failed ({result.error.reason})"), (used,))
+            return self._failed(f"failed ({result.error.reason})", (used,))
         score = parse_judge_score(result.text)
         if score is None:
-            return ScoreResult(self._failed("gave no score in [0, 1]"), (used,))
+            return self._failed("gave no score in [0, 1]", (used,))
         return ScoreResult(QualityScore(score, self.name, f"judge {self._model.id} scored it"), (used,))
 
 
@@ -443,10 +469,12 @@ class CombinedScorer:
             if self._combine == "min" and result.quality.score < scoring_input.threshold:
                 break
         calls = tuple(call for result in results for call in result.calls)
+        # Scored when one of the scorers scored it (a local pass, then a judge not asked).
+        scored = any(result.scored for result in results)
         if self._combine == "min" or len(results) == 1:
             # On a tie the later scorer speaks (the judge after a local pass says more).
             lowest = min(reversed(results), key=lambda r: r.quality.score)
-            return ScoreResult(lowest.quality, calls)
+            return ScoreResult(lowest.quality, calls, scored)
         mean = sum(r.quality.score for r in results) / len(results)
         reason = "; ".join(f"{r.quality.scorer}: {r.quality.score:g} ({r.quality.reason})" for r in results)
-        return ScoreResult(QualityScore(mean, self.name, reason), calls)
+        return ScoreResult(QualityScore(mean, self.name, reason), calls, scored)

@@ -97,10 +97,16 @@ class TestLocalScorer:
             "Format the output as valid JSON.",
             "Give me the three largest cities in JSON format.",
             "List the planets. Reply only in JSON.",
+            "List three primary colours. Format as JSON.",
+            "List three primary colours, formatted as JSON.",
+            "Extract the names and ages from this text and format the data as JSON: Ann is 30, Bob 41.",
+            "Format the list as JSON: apples, pears, plums.",
+            "Summarise the article in three bullet points. Format in JSON.",
         ],
     )
     async def test_json_is_asked_for_by_an_output_verb(self, prompt: str) -> None:
-        """An output verb then JSON (or "JSON only") asks for a JSON answer: prose scores 0.2."""
+        """An output verb then JSON, "format" then in or as JSON up to three words on, or "JSON
+        only" asks for a JSON answer: prose scores 0.2."""
         result = await LocalScorer().score(_input("Sure: Paris, Lyon, Nice.", prompt))
         assert (result.quality.score, result.quality.reason) == (0.2, "requested JSON does not parse")
 
@@ -116,6 +122,11 @@ class TestLocalScorer:
             ("Can I write comments in Python?", "Yes, a comment starts with #."),
             ("What's the best way to format JSON files?", "Use a formatter such as jq or your editor's."),
             ("How are dictionaries implemented in Python?", "As hash tables with open addressing."),
+            ("How do I convert a string to an int in Python?", "Call int on it: int('42') is 42."),
+            ("Should we rewrite our billing service in Python or Go?", "Go, for its static types and speed."),
+            ("Is it hard to port a Perl codebase to Python?", "Not very: the idioms map well."),
+            ("How would you solve the diamond problem in Python?", "Python's MRO (C3) already solves it."),
+            ("Why does my code run slower in Python than in Java?", "CPython interprets; the JVM compiles."),
         ],
     )
     async def test_a_question_about_json_or_python_asks_for_neither(self, prompt: str, answer: str) -> None:
@@ -145,6 +156,27 @@ class TestLocalScorer:
         prose = await LocalScorer().score(_input("Sort both lists, then walk them together.", prompt))
         code = await LocalScorer().score(_input("def solve(items):\n    return sorted(items)", prompt))
         assert (prose.quality.score, prose.quality.reason) == (0.3, "requested Python code missing")
+        assert code.quality.score == 1.0
+
+    async def test_a_fence_then_a_long_run_of_whitespace_is_read_in_one_pass(self) -> None:
+        """An answer that opens a JSON fence, then 10,000 spaces, and never closes it scores 0.2 at
+        once: the fence is found by slicing (a fence regex backtracked cubically on it, some
+        fifteen minutes of a frozen event loop here); a fenced answer still parses."""
+        prompt = "Return the result as JSON."
+        unclosed = await LocalScorer().score(_input("```json\n" + " " * 10_000 + "x", prompt))
+        fenced = await LocalScorer().score(_input("```JSON\n" + " " * 10_000 + '{"a": 1}\n```', prompt))
+        bare = await LocalScorer().score(_input('```{"a": 1}```', prompt))
+        assert (unclosed.quality.score, unclosed.quality.reason) == (0.2, "requested JSON does not parse")
+        assert (fenced.quality.score, bare.quality.score) == (1.0, 1.0)
+
+    async def test_a_long_run_of_blank_lines_is_read_in_one_pass(self) -> None:
+        """An answer of 200,000 blank lines to a request for Python code scores 0.3 at once: the
+        code pattern reads a line's indent only (``^\\s*`` read every blank line after each line
+        start, quadratic: minutes here); code after them is still found."""
+        prompt = "Write a Python function that merges two sorted lists."
+        blank = await LocalScorer().score(_input("Here:" + "\n" * 200_000 + "done.", prompt))
+        code = await LocalScorer().score(_input("Here:" + "\n" * 200_000 + "  def merge(a, b):\n  pass", prompt))
+        assert (blank.quality.score, blank.quality.reason) == (0.3, "requested Python code missing")
         assert code.quality.score == 1.0
 
     async def test_a_long_prompt_is_read_at_its_ends_only(self) -> None:
@@ -655,6 +687,26 @@ class TestCascadeVisibility:
         await _cascade(live_client)
         stats = await live_client.get_stats()
         assert (stats.escalations, stats.cascade_decisions, stats.cascade_release_rate) == (1, 2, 0.5)
+
+    async def test_an_answer_the_judge_did_not_score_has_no_score_in_the_stats(self, fake: FakeProvider) -> None:
+        """The judge alone scores: an answer it scored 0.9 counts in ``mean_released_score``, one
+        it gave no score for (released by its ``on_failure``, 1.0) does not, though both are
+        released; with only the latter, there is no mean."""
+        config = default_config()
+        config["cascade"]["scorers"] = ["llm_judge"]  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(Script(text="Paris"), Script(text="no score here"), model="gpt-4o-mini")
+            unscored = await _cascade(client)
+            alone = await client.get_stats()
+            fake.enqueue(Script(text="Paris"), Script(text='{"score": 0.9}'), model="gpt-4o-mini")
+            await _cascade(client)
+            stats = await client.get_stats()
+        assert unscored[-1].completion.quality.reason == "judge gave no score in [0, 1]; released as configured"
+        assert (alone.HasField("mean_released_score"), alone.cascade_release_rate) == (False, 1.0)
+        assert (stats.mean_released_score, stats.cascade_release_rate) == (pytest.approx(0.9), 1.0)
 
 
 class TestCascadeCancellation:
