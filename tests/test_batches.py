@@ -100,6 +100,14 @@ async def submit(client: RouterClient, tenant: str = "acme", **context: object) 
     return [m async for m in client.complete(user_chat("Summarise this report"), request_context)]
 
 
+async def two_jobs(client: RouterClient, **context: object) -> list[pb.BatchJob]:
+    """Two jobs submitted at once, so that one group window takes both however slow the server's
+    first call is (submitted one after the other, a first call that took longer than the window
+    on a loaded machine put them in two provider batches)."""
+    submitted = await asyncio.gather(submit(client, **context), submit(client, **context))
+    return [messages[1].batch for messages in submitted]
+
+
 async def get_batch(client: RouterClient, batch_id: str, tenant: str = "acme") -> pb.GetBatchResponse:
     """GetBatch as ``tenant``."""
     return await client.get_batch(batch_id, tenant=tenant)
@@ -1168,7 +1176,7 @@ def billed_cost(server: Server, model: str) -> Decimal:
 
 
 def cancelled_config(tmp_path: Path) -> dict[str, object]:
-    """``budget_config`` with a window long enough to group two jobs submitted one after the other."""
+    """``budget_config`` with a window long enough to group two jobs submitted together (``two_jobs``)."""
     config = budget_config(tmp_path)
     config["batch"]["group_window_seconds"] = 0.3  # type: ignore[index]
     return config
@@ -1195,7 +1203,7 @@ class TestBatchJobCancelledAfterItWasSent:
             Server(settings_from(cancelled_config(tmp_path), live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            cancelled, kept = [(await submit(client, task_hint=task))[1].batch for _ in range(2)]
+            cancelled, kept = await two_jobs(client, task_hint=task)
             for job in (cancelled, kept):
                 await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
             await client.cancel_batch(cancelled.batch_id, tenant="acme")
@@ -1236,7 +1244,7 @@ class TestBatchJobCancelledAfterItWasSent:
             Server(settings_from(cancelled_config(tmp_path), live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            jobs = [(await submit(client, task_hint=task))[1].batch.batch_id for _ in range(2)]
+            jobs = [job.batch_id for job in await two_jobs(client, task_hint=task)]
             for batch_id in jobs:
                 await wait_state(client, batch_id, pb.BATCH_STATE_SUBMITTED)
             for batch_id in jobs:
@@ -1298,7 +1306,7 @@ class TestBatchJobCancelledAfterItWasSent:
         settings = settings_from(cancelled_config(tmp_path), live_environ(fake))
         path = tmp_path / "batches.db"
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
-            jobs = [(await submit(client))[1].batch.batch_id for _ in range(2)]
+            jobs = [job.batch_id for job in await two_jobs(client)]
             for batch_id in jobs:
                 await wait_state(client, batch_id, pb.BATCH_STATE_SUBMITTED)
         connection = sqlite3.connect(path)
