@@ -432,6 +432,11 @@ class RedisAdmission:
         """The time the scripts score windows and leases by: "" for Redis's own."""
         return "" if self._store_clock is None else repr(self._store_clock())
 
+    def _window_keys(self, tenant: str) -> list[str]:
+        """The requests, tokens and in-flight keys an admission reserves in and its undo gives
+        back, in the order the scripts take them."""
+        return [self._key(tenant, name) for name in ("req", "tok", "tokn", "inflight")]
+
     def _usd_keys(self, tenant: str, periods: tuple[str, str]) -> list[str]:
         """The spent, reserved and reservations keys of the day and month of ``periods``, in the
         order the scripts take them."""
@@ -525,10 +530,7 @@ class RedisAdmission:
         dry: bool,
     ) -> tuple[str, str]:
         keys = [
-            self._key(tenant, "req"),
-            self._key(tenant, "tok"),
-            self._key(tenant, "tokn"),
-            self._key(tenant, "inflight"),
+            *self._window_keys(tenant),
             *self._usd_keys(tenant, _periods(now)),
             self._key(tenant, f"undone:{reservation_id}"),
         ]
@@ -618,10 +620,7 @@ class RedisAdmission:
 
     def _undo(self, tenant: str, reservation_id: str, periods: tuple[str, str], lease_ends: float) -> None:
         keys = [
-            self._key(tenant, "req"),
-            self._key(tenant, "tok"),
-            self._key(tenant, "tokn"),
-            self._key(tenant, "inflight"),
+            *self._window_keys(tenant),
             *self._usd_keys(tenant, periods)[2:],
             self._key(tenant, f"undone:{reservation_id}"),
         ]
