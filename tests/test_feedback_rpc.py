@@ -505,13 +505,13 @@ class TestTheLibraryStaysBounded:
         assert (with_many, repeat_with_many) == (with_few, repeat_with_few)
 
     async def test_a_decision_rated_again_and_again_keeps_one_outcome(self, tmp_path: Path) -> None:
-        """One decision rated 21 times, another score each time, keeps one outcome in the file, its
+        """One decision rated 5 times, another score each time, keeps one outcome in the file, its
         latest (each added a row: one caller could grow the file without bound, whatever the
         examples cap); that one moves the routing after a restart."""
         settings = settings_from(embedding_config(tmp_path, feedback_weight=1.0))
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             decision = await client.route(user_chat("say hello to zulu"))
-            for i in range(21):
+            for i in range(5):
                 await client.feedback(decision.decision_id, score=float(i % 2))
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             again = await client.route(user_chat("say hello to zulu"))
