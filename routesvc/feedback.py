@@ -5,15 +5,16 @@ prompt's embedding, never the prompt text, the name of the encoder that made it 
 was routed for); the Feedback RPC then records an outcome score in [0, 1] (thumbs up = 1, thumbs
 down = 0) against the decision id. An authenticated caller may rate only its own tenant's
 decisions: another tenant's is refused like one never seen, so its existence is not revealed. A
-decision that receives feedback becomes an *example* and is kept; ``examples()`` returns them,
-each with its latest score, so the embedding stage can rebuild its example library from them
-after a restart. Recording the score a decision has already is a no-op, so a Feedback sent again
-(its answer lost, or its deadline passed while its SQLite work went on) is not stored twice. A
-stage reads only the examples its own encoder made: vectors of another encoder (the router
-refitted with another one) are in another space, even at the same dimension. Rows
-written before the encoder was kept (schema version 1 and earlier) have none recorded and are
-read when their dimension matches. Rows written before the tenant was kept (version 2 and
-earlier) have none either: only a caller that is not authenticated may rate them.
+decision that receives feedback becomes an *example* and is kept, with its latest outcome only
+(a new score replaces the one before); ``examples()`` returns them, each with that score, so
+the embedding stage can rebuild its example library from them after a restart. Recording the
+score a decision has already is a no-op, so a Feedback sent again (its answer lost, or its
+deadline passed while its SQLite work went on) is not stored twice. A stage reads only the
+examples its own encoder made: vectors of another encoder (the router refitted with another one)
+are in another space, even at the same dimension. Rows written before the encoder was kept
+(schema version 1 and earlier) have none recorded and are read when their dimension matches.
+Rows written before the tenant was kept (version 2 and earlier) have none either: only a caller
+that is not authenticated may rate them.
 
 Every routed request is remembered but few get feedback, so decisions still waiting for it are
 forgotten: after ``decision_ttl_seconds``, or once ``max_pending_decisions`` newer ones wait, in
@@ -60,7 +61,7 @@ from routesvc.errors import (
     RouteSvcError,
     quoted_id,
 )
-from routesvc.sqlite import create_private, immediate, is_busy
+from routesvc.sqlite import create_private, immediate, is_busy, use_wal
 
 DEFAULT_DECISION_TTL_SECONDS = 7 * 24 * 3600.0
 """How long a decision waits for feedback by default (a week)."""
@@ -159,6 +160,8 @@ class Recorded:
 # own table (user_version 0) declare it against ``decisions``, which SQLite does not enforce here
 # (foreign keys are off), so both read the same. Tables of files before version 2 have no
 # ``encoder`` column, and before version 3 no ``tenant`` column: they are added on open, empty.
+# A decision has one row of ``feedback``, its latest outcome (a new score replaces it); files
+# before version 4 kept every outcome, and lose all but each decision's latest on open.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
     decision_id TEXT PRIMARY KEY,
@@ -190,7 +193,7 @@ CREATE TABLE IF NOT EXISTS example_counts (
 );
 """
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 
 # Before version 1 every decision, rated or not, was a row of ``decisions``: opening such a
 # file moves the rated ones to ``examples`` once.
@@ -201,6 +204,10 @@ _MOVE_RATED_DECISIONS = (
     "DELETE FROM decisions WHERE decision_id IN (SELECT decision_id FROM examples)",
 )
 
+# Before version 4 each new score of a decision added a row of ``feedback``, and only the latest
+# was read: opening such a file deletes the others once.
+_KEEP_LATEST_OUTCOMES = "DELETE FROM feedback WHERE id NOT IN (SELECT MAX(id) FROM feedback GROUP BY decision_id)"
+
 
 def _open(path: Path | str, busy_timeout_seconds: float) -> tuple[sqlite3.Connection, sqlite3.Connection]:
     """The writer and reader connections to ``path``, the schema made current (closed again
@@ -209,7 +216,7 @@ def _open(path: Path | str, busy_timeout_seconds: float) -> tuple[sqlite3.Connec
     try:
         writer = sqlite3.connect(str(path), timeout=busy_timeout_seconds, check_same_thread=False, isolation_level=None)
         opened.append(writer)
-        writer.execute("PRAGMA journal_mode=WAL")
+        use_wal(writer, path, busy_timeout_seconds)
         # WAL with NORMAL syncs at checkpoints, not at every commit: a power cut may lose the
         # last decisions, never corrupt the file; ``remember`` runs on the event loop.
         writer.execute("PRAGMA synchronous=NORMAL")
@@ -225,6 +232,8 @@ def _open(path: Path | str, busy_timeout_seconds: float) -> tuple[sqlite3.Connec
                 if version < 1:
                     for statement in _MOVE_RATED_DECISIONS:
                         writer.execute(statement)
+                if version < 4:
+                    writer.execute(_KEEP_LATEST_OUTCOMES)
                 writer.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             # After the upgrade: files before version 3 have no ``tenant`` column until then.
             writer.execute("CREATE INDEX IF NOT EXISTS examples_tenant ON examples(tenant)")
@@ -262,8 +271,9 @@ class FeedbackStore:
 
     ``path`` is a file (the reads and the writes are two connections to it); one that cannot be
     opened (not a database, in a folder that is not there, locked by another process past
-    ``busy_timeout_seconds``) is a ``ConfigError`` naming it. ``clock`` gives the time in seconds
-    since the epoch; tests pass their own.
+    ``busy_timeout_seconds``) is a ``ConfigError`` naming it. A file over ``max_examples`` loses
+    its oldest examples at open, unless ``cap_at_open`` is False (then at ``apply_cap()``).
+    ``clock`` gives the time in seconds since the epoch; tests pass their own.
     """
 
     def __init__(
@@ -275,6 +285,7 @@ class FeedbackStore:
         busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS,
         max_examples: int = DEFAULT_MAX_EXAMPLES,
         examples_per_tenant: bool = True,
+        cap_at_open: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if decision_ttl_seconds <= 0:
@@ -301,10 +312,8 @@ class FeedbackStore:
             raise ConfigError(f"feedback_db {path}: {exc}") from exc
         try:
             # A file over the cap (kept before it, or a lowered cap) loses its oldest examples now.
-            with self._transaction():
-                tenants = [str(row[0]) for row in self._writer.execute("SELECT tenant FROM example_counts")]
-                for tenant in tenants if examples_per_tenant else [""]:
-                    self._evict_over_the_cap(tenant)
+            if cap_at_open:
+                self._apply_cap()
         except BaseException as exc:
             self._reader.close()
             self._writer.close()
@@ -320,6 +329,23 @@ class FeedbackStore:
         self._close_lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_queued, name="routesvc-feedback-writer", daemon=True)
         self._thread.start()
+
+    def apply_cap(self) -> tuple[str, ...]:
+        """Delete the oldest examples (and their outcomes) past ``max_examples``, of every tenant
+        (or of all, as the store was told); their decision ids. A store opened with
+        ``cap_at_open`` False (a reload's, so that a version it rejects deletes nothing) keeps a
+        file over its cap until this is called, or until a new example of that tenant comes. A
+        failure of the file is an error of ``store_failure``, with nothing deleted."""
+        with self._translated_failures():
+            return self._apply_cap()
+
+    def _apply_cap(self) -> tuple[str, ...]:
+        evicted: list[str] = []
+        with self._transaction():
+            tenants = [str(row[0]) for row in self._writer.execute("SELECT tenant FROM example_counts")]
+            for tenant in tenants if self._examples_per_tenant else [""]:
+                evicted += self._evict_over_the_cap(tenant)
+        return tuple(evicted)
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -446,10 +472,11 @@ class FeedbackStore:
 
         Idempotent: the decision's latest outcome repeated stores nothing more (the entry returned
         is the one stored first), so a call sent again is safe whether or not the first was
-        stored; another score is a new outcome, the latest. ``tenant`` is the authenticated
-        caller's (None: not authenticated, any decision may be rated): a decision routed for
-        another tenant, or for none, is ``UnknownDecision`` like one never seen, and nothing is
-        stored. A failure of the file is an error of ``store_failure`` (nothing stored):
+        stored; another score is a new outcome, which replaces the one before (a decision keeps
+        only its latest, so rating it again and again does not grow the file). ``tenant`` is the
+        authenticated caller's (None: not authenticated, any decision may be rated): a decision
+        routed for another tenant, or for none, is ``UnknownDecision`` like one never seen, and
+        nothing is stored. A failure of the file is an error of ``store_failure`` (nothing stored):
         ``FeedbackStoreBusy`` when another process held its lock past the busy timeout (the caller
         may send it again), ``FeedbackStoreFull`` for a full disk, and so on.
 
@@ -513,6 +540,9 @@ class FeedbackStore:
                 # The same outcome again: a call sent again (its answer lost, its deadline passed
                 # while this ran in its thread) or a repeat. It is recorded already.
                 return Recorded(FeedbackEntry(decision_id, str(row[0]), score, float(latest[1]), str(row[1])), None)
+            # One outcome a decision, its latest: re-rating one decision again and again does not
+            # grow the file. A new row (not an update) keeps the rows in the order they were rated.
+            self._writer.execute("DELETE FROM feedback WHERE decision_id = ?", (decision_id,))
             self._writer.execute(
                 "INSERT INTO feedback (decision_id, score, recorded_at) VALUES (?, ?, ?)", (decision_id, score, now)
             )
@@ -550,7 +580,8 @@ class FeedbackStore:
         return tuple(str(row[0]) for row in rows)
 
     def entries(self, limit: int = 100) -> list[FeedbackEntry]:
-        """The latest ``limit`` outcomes, newest first."""
+        """The outcomes of the ``limit`` examples rated last, newest first: each example's latest
+        (the store keeps no other)."""
         with self._translated_failures(), self._read_lock:
             rows = self._reader.execute(
                 "SELECT f.decision_id, e.model, f.score, f.recorded_at, e.tenant FROM feedback f"

@@ -35,11 +35,15 @@ class Policy:
         providers: Mapping[str, Provider] | None = None,
         base_dir: Path | None = None,
         source: str = "",
+        cap_feedback_at_open: bool = True,
     ) -> Policy:
         """The policy described by ``config``; relative paths in stages are read from ``base_dir``
         (the config file's folder). A stage that fails to build closes the feedback stores the
         stages before it opened (a reload retries a rejected version at every poll); its error
-        names ``source`` (the config file) and the stage (``routing.stages[N]``)."""
+        names ``source`` (the config file) and the stage (``routing.stages[N]``).
+        ``cap_feedback_at_open`` False leaves the examples past a stage's
+        ``feedback_max_examples`` in its file until the stage's ``apply_example_cap`` (a reload's
+        policy: a version it rejects must delete nothing)."""
         stages: list[Strategy] = []
         try:
             feedback_files: dict[Path, int] = {}  # each embedding stage's feedback_db, resolved: its stage
@@ -47,7 +51,13 @@ class Policy:
                 try:
                     stages.append(
                         cls._build_stage(
-                            stage, index, feedback_files, catalog=catalog, providers=providers, base_dir=base_dir
+                            stage,
+                            index,
+                            feedback_files,
+                            catalog=catalog,
+                            providers=providers,
+                            base_dir=base_dir,
+                            cap_feedback_at_open=cap_feedback_at_open,
                         )
                     )
                 except ConfigError as exc:
@@ -67,6 +77,7 @@ class Policy:
         catalog: Catalog | None,
         providers: Mapping[str, Provider] | None,
         base_dir: Path | None,
+        cap_feedback_at_open: bool,
     ) -> Strategy:
         """The stage ``stage`` (``routing.stages[index]``) describes."""
         if isinstance(stage, RulesStageConfig):
@@ -93,7 +104,7 @@ class Policy:
                     f"embedding.feedback_db: {str(stage.feedback_db)!r} is routing.stages[{feedback_files[path]}]'s"
                     " feedback_db too; each embedding stage needs its own file"
                 )
-        return embedding.build(resolved_embedding, catalog=catalog)
+        return embedding.build(resolved_embedding, catalog=catalog, cap_at_open=cap_feedback_at_open)
 
     @property
     def learning_stages(self) -> tuple[EmbeddingStage, ...]:

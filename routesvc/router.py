@@ -89,14 +89,16 @@ MAX_COST_DOWNGRADE_RULE = "max_cost_downgrade"
 _REFUSED_PARAMETER = {"prefill": "refuses a prefill, a conversation that ends in an assistant turn"}
 
 
-def _policy_for(settings: Settings, providers: Mapping[str, Provider]) -> Policy:
-    """The routing policy ``settings`` describe; relative paths are read from the config file's folder."""
+def _policy_for(settings: Settings, providers: Mapping[str, Provider], *, cap_feedback_at_open: bool = True) -> Policy:
+    """The routing policy ``settings`` describe; relative paths are read from the config file's
+    folder. ``cap_feedback_at_open`` as ``Policy.from_config`` takes it."""
     return Policy.from_config(
         settings.config.routing,
         catalog=settings.catalog,
         providers=providers,
         base_dir=None if settings.source.startswith("<") else Path(settings.source).parent,
         source=settings.source,
+        cap_feedback_at_open=cap_feedback_at_open,
     )
 
 
@@ -200,9 +202,11 @@ class Router:
         Its policy is built in a worker thread: that opens the feedback stores (waiting up to the
         busy timeout while another process locks a file) and reads their example libraries, which
         must not hold up the calls the event loop serves meanwhile. Feedback calls go on teaching
-        this router's policy until the new one, swapped in, ``take_over_feedback``."""
+        this router's policy until the new one, swapped in, ``take_over_feedback``. Its stores
+        keep a file's examples past a lowered ``feedback_max_examples`` until then too: the reload
+        may still be rejected, and a rejected version changes nothing."""
         recorded_before = self._learning.recorded
-        policy = await _built_in_thread(lambda: _policy_for(settings, providers))
+        policy = await _built_in_thread(lambda: _policy_for(settings, providers, cap_feedback_at_open=False))
         try:
             router = Router(
                 settings,
@@ -224,14 +228,21 @@ class Router:
 
     async def take_over_feedback(self) -> None:
         """Make this router's policy the one Feedback calls teach, once it serves (a reload
-        swapped it in). A Feedback recorded while it was being built reached the stores after
-        its libraries were read: they are read again then (in a worker thread), else those
-        examples would move no routing until the next reload."""
+        swapped it in), first evicting the examples past its stages' ``feedback_max_examples``
+        (their stores did not at open, in case the reload was rejected). A Feedback recorded
+        while it was being built reached the stores after its libraries were read: they are read
+        again then (in a worker thread), else those examples would move no routing until the
+        next reload."""
 
         def take_over() -> None:
             with self._learning.lock:
                 if self._learning.policy is self._policy:
                     return
+                for stage in self._policy.learning_stages:
+                    try:
+                        stage.apply_example_cap()
+                    except Exception as exc:  # the file locked or failing: the next open or example evicts
+                        log.warning("feedback_cap_not_applied", error_type=type(exc).__name__, detail=str(exc))
                 if self._learning.recorded != self._recorded_before_build:
                     for stage in self._policy.learning_stages:
                         try:

@@ -7,8 +7,17 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("routesvc.sqlite")
+
+# The first pause between two tries to switch a file to WAL, doubled each try up to the longest.
+_FIRST_PAUSE_SECONDS = 0.001
+_LONGEST_PAUSE_SECONDS = 0.05
 
 
 def create_private(path: Path | str) -> None:
@@ -42,3 +51,26 @@ def is_busy(exc: sqlite3.Error) -> bool:
     """Whether ``exc`` is SQLITE_BUSY: another connection held the lock past the busy timeout (a
     passing condition, unlike a full disk or a file that is not a database)."""
     return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def use_wal(connection: sqlite3.Connection, path: Path | str, busy_timeout_seconds: float) -> None:
+    """Switch the file at ``path`` (opened by ``connection``) to WAL, waiting up to
+    ``busy_timeout_seconds`` for another connection's lock. The switch of a new file reads it
+    under a shared lock, then needs an exclusive one: when another connection holds the write lock
+    meanwhile (several processes opening one new file at once, the workers of ``serve --workers
+    N``), SQLite fails at once with SQLITE_BUSY rather than call the busy handler (the two could
+    wait on each other), so the switch is tried again, after a short pause, until that time
+    has passed. A file in WAL already switches at once."""
+    deadline = time.monotonic() + busy_timeout_seconds
+    pause = _FIRST_PAUSE_SECONDS
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() >= deadline:
+                raise
+            if pause == _FIRST_PAUSE_SECONDS:
+                log.debug("sqlite_wal_switch_waiting", path=str(path))
+        time.sleep(pause)
+        pause = min(2 * pause, _LONGEST_PAUSE_SECONDS)

@@ -6,6 +6,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,14 @@ class TestFeedbackStore:
         assert caught.value.field == "score"
 
     def test_examples_use_the_latest_outcome(self, tmp_path: Path) -> None:
-        """A decision rated twice contributes one example with its latest score; entries list both."""
+        """A decision rated twice contributes one example with its latest score, which replaced
+        the first: entries list that one only."""
         store = FeedbackStore(tmp_path / "f.db")
         store.remember("d", "m", [1.0, 0.0])
         store.record("d", 0.0)
         store.record("d", 1.0)
         assert [e.score for e in store.examples()] == [1.0]
-        assert [e.score for e in store.entries()] == [1.0, 0.0]
+        assert [e.score for e in store.entries()] == [1.0]
 
     def test_decisions_without_feedback_are_not_examples(self, tmp_path: Path) -> None:
         """Remembering alone adds nothing to the library."""
@@ -99,6 +101,34 @@ class TestOpening:
             FeedbackStore(path, busy_timeout_seconds=0.01)
         assert caught.value.message == f"feedback_db {path}: database is locked"
         FeedbackStore(path).close()
+
+    def test_a_new_file_another_opener_writes_meanwhile_is_waited_for(self, tmp_path: Path) -> None:
+        """A new feedback_db that another connection (a second worker starting at the same moment)
+        holds the write lock of while this one switches it to WAL: the open waits for it, as for
+        any lock within the busy timeout, and succeeds once it is free. SQLite fails that switch at
+        once, not after the busy timeout, and it was a ``ConfigError``: the worker exited 2, and
+        its supervisor with it. The lock is freed once the open has met it (logged)."""
+        path = tmp_path / "f.db"
+        met_the_lock = threading.Event()
+
+        def notify(_: object, __: str, event: dict[str, Any]) -> dict[str, Any]:
+            if event["event"] == "sqlite_wal_switch_waiting":
+                met_the_lock.set()
+            return event
+
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with capture_logs(processors=[notify]), ThreadPoolExecutor(1) as pool:
+            opening = pool.submit(FeedbackStore, path, busy_timeout_seconds=30.0)
+            opening.add_done_callback(lambda _: met_the_lock.set())  # failed at once: no wait
+            met_the_lock.wait(30)
+            other.execute("ROLLBACK")
+            other.close()
+            store = opening.result()
+        store.remember("d", "m", [1.0, 0.0])
+        recorded = store.record("d", 1.0).decision_id
+        store.close()
+        assert recorded == "d"
 
 
 class TestRecordingUnderALock:
@@ -141,17 +171,31 @@ class TestRecordingTwice:
     def test_the_same_outcome_again_stores_nothing_more(self, tmp_path: Path) -> None:
         """A decision's latest outcome sent again (a call retried after its answer was lost or its
         deadline passed) is not stored twice; another score is a new, latest outcome, and the
-        first score again after it is newer still."""
-        store = FeedbackStore(tmp_path / "f.db")
+        first score again after it is newer still (it replaces the other, recorded anew)."""
+        clock = Clock()
+        store = FeedbackStore(tmp_path / "f.db", clock=clock)
         store.remember("d", "m", [1.0, 0.0])
         first = store.record("d", 0.0)
+        clock.now += 1
         again = store.record("d", 0.0)
+        clock.now += 1
         store.record("d", 1.0)
+        clock.now += 1
         store.record("d", 0.0)
-        scores = [e.score for e in store.entries()]
+        outcomes = [(e.score, e.recorded_at) for e in store.entries()]
         store.close()
         assert again == first
-        assert scores == [0.0, 1.0, 0.0]
+        assert outcomes == [(0.0, clock.now)]
+
+    def test_new_scores_of_one_decision_keep_one_outcome_row(self, tmp_path: Path) -> None:
+        """A decision rated 100 times with another score each time keeps one row of ``feedback``
+        (its latest), not one a score: the file does not grow with the ratings of one decision."""
+        path = tmp_path / "f.db"
+        with closing_store(path) as store:
+            store.remember("d", "m", [1.0, 0.0])
+            for i in range(100):
+                store.record("d", i / 100)
+        assert outcome_rows(path) == [("d", 0.99)]
 
 
 class TestStoreFailures:
@@ -378,7 +422,7 @@ class TestForgettingDecisions:
         reopened = FeedbackStore(path, decision_ttl_seconds=TTL, max_pending_decisions=2, clock=clock)
         [example] = reopened.examples()
         assert (example.decision_id, example.model, example.score) == ("rated", "weak", 0.5)
-        assert [e.score for e in reopened.entries()] == [0.5, 0.0]
+        assert [e.score for e in reopened.entries()] == [0.5]
         assert waiting_decisions(path) == ["d48", "d49"]
 
     def test_decisions_still_waiting_survive_a_reopen(self, tmp_path: Path) -> None:
@@ -450,7 +494,7 @@ class TestForgettingDecisions:
         assert examples == {"rated": ("", 0.25), "waiting": ("", 1.0), "new": ("hashing-2", 0.0)}
 
     def test_a_file_written_before_the_tenant_was_kept_is_upgraded_in_place(self, tmp_path: Path) -> None:
-        """A version-2 file (no tenant column) is upgraded in place to version 3: its examples and
+        """A version-2 file (no tenant column) is upgraded in place to version 4: its examples and
         waiting decisions keep working, with no tenant, so only a caller that is not authenticated
         may rate them; new decisions record their tenant, and only that tenant may rate them."""
         path = tmp_path / "v2.db"
@@ -485,7 +529,28 @@ class TestForgettingDecisions:
         with closing(sqlite3.connect(path)) as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
         assert examples == {"rated": ("hashing-2", 0.25), "waiting": ("hashing-2", 1.0), "new": ("hashing-2", 0.0)}
-        assert version == 3
+        assert version == 4
+
+    def test_a_file_keeping_every_outcome_keeps_each_decisions_latest(self, tmp_path: Path) -> None:
+        """A version-3 file (each new score of a decision added a row of ``feedback``) keeps only
+        each decision's latest outcome once opened: its examples read the same, the file has one
+        outcome a decision, and the same latest score again still stores nothing."""
+        path = tmp_path / "v3.db"
+        with closing_store(path) as store:
+            for decision_id in ("a", "b"):
+                store.remember(decision_id, "weak", [0.6, 0.8])
+                store.record(decision_id, 1.0)
+        with closing(sqlite3.connect(path)) as db:
+            outcomes = [("a", 0.0), ("b", 0.5), ("a", 0.25)]
+            db.executemany("INSERT INTO feedback (decision_id, score, recorded_at) VALUES (?, ?, 1.0)", outcomes)
+            db.execute("PRAGMA user_version = 3")
+            db.commit()
+        with closing_store(path) as store:
+            examples = {e.decision_id: e.score for e in store.examples()}
+            again = store.record_outcome("a", 0.25).example
+        assert examples == {"a": 0.25, "b": 0.5}
+        assert again is None
+        assert outcome_rows(path) == [("a", 0.25), ("b", 0.5)]
 
 
 class TestKeepingExamples:
@@ -507,6 +572,12 @@ class TestKeepingExamples:
         assert per_tenant == ["acme-1", "acme-2", "globex-1", "globex-2"]
         assert outcomes == 4
         assert in_all == ["globex-1", "acme-2", "globex-2"]
+
+
+def outcome_rows(path: Path) -> list[tuple[str, float]]:
+    """Every row of the file's ``feedback`` table: decision id and score, sorted."""
+    with closing(sqlite3.connect(path)) as db:
+        return sorted((str(a), float(b)) for a, b in db.execute("SELECT decision_id, score FROM feedback"))
 
 
 @contextmanager

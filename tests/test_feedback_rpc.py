@@ -4,6 +4,7 @@ library, persisted in SQLite so a restart loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import sqlite3
 import threading
@@ -32,7 +33,7 @@ from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, file_modes, live_environ, settings_from, user_chat, write_locked
 from tests.routing_data import STRONG, WEAK, records
-from tests.test_feedback import SqliteWork, disk_full, small_pages
+from tests.test_feedback import SqliteWork, disk_full, outcome_rows, small_pages
 from tests.test_limits import retry_delay
 from tests.test_validation import LONG_ID_NAMES, LONG_IDS, error_info
 
@@ -411,8 +412,8 @@ class TestFeedbackStoreUnderContention:
         built, release = threading.Event(), threading.Event()
         build = router_module._policy_for
 
-        def held_build(*args: Any) -> Policy:
-            policy = build(*args)
+        def held_build(*args: Any, **kwargs: Any) -> Policy:
+            policy = build(*args, **kwargs)
             built.set()
             release.wait(30)
             return policy
@@ -503,6 +504,20 @@ class TestTheLibraryStaysBounded:
         assert library == 42
         assert (with_many, repeat_with_many) == (with_few, repeat_with_few)
 
+    async def test_a_decision_rated_again_and_again_keeps_one_outcome(self, tmp_path: Path) -> None:
+        """One decision rated 5 times, another score each time, keeps one outcome in the file, its
+        latest (each added a row: one caller could grow the file without bound, whatever the
+        examples cap); that one moves the routing after a restart."""
+        settings = settings_from(embedding_config(tmp_path, feedback_weight=1.0))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            for i in range(5):
+                await client.feedback(decision.decision_id, score=float(i % 2))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            again = await client.route(user_chat("say hello to zulu"))
+        assert outcome_rows(tmp_path / "feedback.db") == [(decision.decision_id, 0.0)]
+        assert (decision.model, again.model) == ("gpt-4o-mini", "gpt-4o")
+
     @pytest.mark.parametrize("scope", ["tenant", "shared"])
     async def test_only_the_newest_examples_are_kept(self, tmp_path: Path, scope: str) -> None:
         """With ``feedback_max_examples: 2`` a third rated decision evicts the oldest example, from
@@ -534,6 +549,56 @@ class TestTheLibraryStaysBounded:
         assert kept == sorted(expected_kept)
         assert moved == after_restart == [int(d.decision_id in expected_kept) for d in decisions]
         assert (refused.code(), error_info(refused).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
+
+
+class TestAReloadChangingTheExamplesCap:
+    @pytest.mark.parametrize("change", [{"feedback_max_examples": 1}, {"feedback_scope": "shared"}])
+    async def test_a_rejected_reload_deletes_no_example(self, tmp_path: Path, change: dict[str, object]) -> None:
+        """A reload whose embedding stage keeps fewer examples (a lower feedback_max_examples, or
+        feedback_scope shared counting every tenant's against one cap of 2) but which is rejected
+        (a later stage cannot be built) deletes none: the file keeps all 4 and each can still be
+        rated on the configuration that goes on serving. Its store evicted at open, so 2 were
+        gone from the file and NOT_FOUND, though the version was never applied."""
+        config = embedding_config(tmp_path, feedback_max_examples=2)
+        rejected = copy.deepcopy(config)
+        stages: Any = rejected["routing"]
+        stages["stages"][0].update(change)
+        stages["stages"].append({"kind": "classifier", "examples": str(tmp_path / "missing.jsonl")})
+        tenants = [pb.RoutingContext(tenant="acme"), pb.RoutingContext(tenant="globex")]
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            decisions = [await client.route(user_chat(f"say hello {i}"), tenants[i % 2]) for i in range(4)]
+            for decision in decisions:
+                await client.feedback(decision.decision_id, thumbs_up=False)
+            with pytest.raises(ConfigError, match=r"missing\.jsonl"):
+                await server.reload(settings_from(rejected))
+            kept = _examples_in(tmp_path / "feedback.db")
+            rated_again = [(await client.feedback(d.decision_id, score=0.5)).model for d in decisions]
+        assert kept == sorted(d.decision_id for d in decisions)
+        assert rated_again == ["gpt-4o-mini"] * 4
+
+    async def test_an_applied_reload_lowering_the_cap_evicts_once_it_serves(self, tmp_path: Path) -> None:
+        """A reload to ``feedback_max_examples: 2`` that is applied evicts the oldest examples
+        past it as the new configuration takes over: from the file and from the new library (they
+        move no score; rating one is NOT_FOUND), and the newest two stay."""
+        config = embedding_config(tmp_path)
+        lowered = copy.deepcopy(config)
+        stages: Any = lowered["routing"]
+        stages["stages"][0]["feedback_max_examples"] = 2
+        prompts = ["globex says hello", "acme says hello", "acme says goodbye", "acme says thanks"]
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            decisions = [await client.route(user_chat(prompt)) for prompt in prompts]
+            for decision in decisions:
+                await client.feedback(decision.decision_id, thumbs_up=False)
+            await server.reload(settings_from(lowered))
+            kept = _examples_in(tmp_path / "feedback.db")
+            [stage] = server.router.policy.learning_stages
+            moved = [stage.score(prompt)[1] for prompt in prompts]
+            refused = await _feedback_error(client, decisions[0].decision_id, thumbs_up=True)
+            library = (await client.feedback(decisions[3].decision_id, score=0.5)).library_examples
+        assert kept == sorted(d.decision_id for d in decisions[2:])
+        assert moved == [0, 0, 1, 1]
+        assert (refused.code(), error_info(refused).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
+        assert library == 2
 
 
 class TestFeedbackSentAgain:
@@ -648,6 +713,12 @@ class TestAFeedbackDbThatCannotBeOpened:
                     await server.reload(settings_from(embedding_config(tmp_path, feedback_db=str(damaged))))
             writers_after = _feedback_writers()
         assert writers_after == writers_before
+
+
+def _examples_in(path: Path) -> list[str]:
+    """The decision ids of the examples in the feedback file at ``path``, sorted."""
+    with closing(sqlite3.connect(path)) as db:
+        return sorted(str(row[0]) for row in db.execute("SELECT decision_id FROM examples"))
 
 
 def _feedback_writers() -> int:

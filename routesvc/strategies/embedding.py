@@ -236,9 +236,7 @@ class EmbeddingStage:
         example = recorded.example
         kept = example is not None and example.model == self._weak and self._made_here(example, self._dimension())
         with self._library_lock:
-            for decision_id in recorded.evicted:
-                for scoped in self._libraries.values():
-                    scoped.remove(decision_id)
+            self._forget(recorded.evicted)
             if example is not None:
                 scope = example.tenant if self._per_tenant else ""
                 library = self._libraries.get(scope)
@@ -255,6 +253,23 @@ class EmbeddingStage:
             # would tell a caller how much every other tenant rates.
             own = self._libraries.get(recorded.entry.tenant)
             return 0 if own is None else len(own)
+
+    def apply_example_cap(self) -> int:
+        """Evict the store's examples past its cap (``FeedbackStore.apply_cap``) and drop them from
+        the library: for a stage built by a reload, whose store did not evict at open, once it
+        serves. Returns how many were evicted."""
+        if self._feedback is None:
+            return 0
+        evicted = self._feedback.apply_cap()
+        with self._library_lock:
+            self._forget(evicted)
+        return len(evicted)
+
+    def _forget(self, decision_ids: tuple[str, ...]) -> None:
+        """Drop the examples of ``decision_ids`` from every library (the caller holds its lock)."""
+        for decision_id in decision_ids:
+            for scoped in self._libraries.values():
+                scoped.remove(decision_id)
 
     def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
         """The embedding of ``text``, which is already ``bounded`` (remembered by the text)."""
@@ -327,10 +342,18 @@ class EmbeddingStage:
         )
 
 
-def build(config: EmbeddingStageConfig, *, catalog: Catalog, feedback: FeedbackStore | None = None) -> EmbeddingStage:
+def build(
+    config: EmbeddingStageConfig,
+    *,
+    catalog: Catalog,
+    feedback: FeedbackStore | None = None,
+    cap_at_open: bool = True,
+) -> EmbeddingStage:
     """The stage ``config`` describes; both models must be in ``catalog``.
 
     ``feedback`` overrides ``config.feedback_db`` (for example to share one store between stages).
+    ``cap_at_open`` False opens ``config.feedback_db`` without evicting the examples past
+    ``feedback_max_examples`` (``apply_example_cap`` does, once the stage serves).
     """
     try:
         router = FittedRouter.load(config.router)
@@ -349,6 +372,7 @@ def build(config: EmbeddingStageConfig, *, catalog: Catalog, feedback: FeedbackS
             max_pending_decisions=config.feedback_max_pending_decisions,
             max_examples=config.feedback_max_examples,
             examples_per_tenant=config.feedback_scope == "tenant",
+            cap_at_open=cap_at_open,
         )
     try:
         stage = EmbeddingStage(
