@@ -259,6 +259,25 @@ class TestBatchSubmitAndResults:
             pb.FINISH_REASON_STOP,
         )
 
+    @pytest.mark.parametrize("task", ["", "creative_writing"], ids=["openai", "anthropic"])
+    async def test_a_tool_calls_finish_whose_calls_name_no_tool_is_other_without_calls(
+        self, tmp_path: Path, fake: FakeProvider, task: str
+    ) -> None:
+        """A batch answer ended by "tool_calls" (``tool_use``) whose calls all lack a name: no
+        calls, and the finish is OTHER, not TOOL_CALLS, as when streamed."""
+        fake.enqueue(Script(chunks=(), tool_calls=(FakeToolCall("", "{}"),), tool_calls_finish_reason="tool_calls"))
+        chat = build_chat(
+            [("user", "Weather in Paris?")], tools=[pb.Tool(name="lookup", parameters_json='{"type": "object"}')]
+        )
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(realtime=False, tenant="acme", task_hint=task)
+            messages = [m async for m in client.complete(chat, context)]
+            done = await wait_state(client, messages[1].batch.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert (list(done.result.tool_calls), done.result.finish_reason) == ([], pb.FINISH_REASON_OTHER)
+
     async def test_small_requests_are_grouped_into_one_provider_batch(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Three jobs within the window: one provider batch of three requests."""
         config = batch_config(tmp_path)

@@ -212,7 +212,7 @@ def _entry_result(line: dict[str, Any]) -> ItemResult:
                 cache_write_input_tokens=written,
                 cache_write_1h_input_tokens=min(written_1h, written),
             ),
-            finish_reason=map_stop_reason(message.get("stop_reason")),
+            finish_reason=map_stop_reason(message.get("stop_reason"), made_calls=bool(calls)),
             provider_model=str(message.get("model") or ""),
             tool_calls=calls,
         )
