@@ -33,9 +33,9 @@ name fields and models, never prompt text or credentials.
     └── ProviderError                   a provider call failed
         ├── ProviderAuthFailed          401/403 from the provider                FAILED_PRECONDITION
         ├── ProviderRejected            400/404/409/413/422 from the provider    FAILED_PRECONDITION
-        ├── ProviderRateLimited         429 (carries retry_after)                RESOURCE_EXHAUSTED
+        ├── ProviderRateLimited         429 (retry_after)                        RESOURCE_EXHAUSTED
         ├── ProviderQuotaExhausted      the key's credit or quota is spent       FAILED_PRECONDITION
-        ├── ProviderUnavailable         5xx, 408, connection failure, timeout    UNAVAILABLE
+        ├── ProviderUnavailable         5xx, 408, connection, timeout (retry_after) UNAVAILABLE
         │   ├── ProviderTimedOut        the call's own deadline passed           (the router: DEADLINE_EXCEEDED)
         │   └── ProviderStalled         no chunk within the router's stream timers UNAVAILABLE
         └── StreamInterrupted           failed after content was sent            UNAVAILABLE
@@ -340,9 +340,22 @@ class ProviderQuotaExhausted(ProviderError):
 
 
 class ProviderUnavailable(ProviderError):
-    """The provider failed or could not be reached (5xx, 408, connection, timeout)."""
+    """The provider failed or could not be reached (5xx, 408, connection, timeout);
+    ``retry_after`` in seconds when it said how long to wait (a 503's or a 529's Retry-After)."""
 
     reason = "PROVIDER_UNAVAILABLE"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        model: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, provider=provider, model=model, status=status)
+        self.retry_after = retry_after
 
 
 class ProviderTimedOut(ProviderUnavailable):

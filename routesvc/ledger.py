@@ -25,7 +25,8 @@ class AttemptOutcome(enum.Enum):
     """How an upstream attempt ended."""
 
     COMPLETED = "completed"
-    """The provider answered; its reported usage (a batch job: once its result was read)."""
+    """The provider answered; its reported usage (a batch job: once its result was read), or
+    where it reported none an estimate, flagged (``estimated``)."""
     FAILED = "failed"
     """The provider refused or failed the call before any output: nothing billed, zero usage."""
     INTERRUPTED = "interrupted"
@@ -33,8 +34,8 @@ class AttemptOutcome(enum.Enum):
     CANCELLED = "cancelled"
     """The caller cancelled once the provider had the call, yet the provider bills it. A realtime
     call: its input and what came, estimated. A batch job cancelled after it was sent that the
-    provider answered all the same: the provider's usage, not estimated (the job stays
-    CANCELLED for its caller, and no answer is returned)."""
+    provider answered all the same: the provider's usage, not estimated unless it reported none
+    (the job stays CANCELLED for its caller, and no answer is returned)."""
 
 
 @dataclass(frozen=True, slots=True)

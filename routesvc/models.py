@@ -492,6 +492,9 @@ class BatchJob:
     created_at: float
     updated_at: float
     decision_id: str = ""
+    # The decision's estimate of the request's input tokens, charged when the provider's result
+    # reports none; None in jobs stored before it was kept.
+    estimated_input_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

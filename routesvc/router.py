@@ -34,7 +34,6 @@ from routesvc.errors import (
     ProviderError,
     ProviderNotConfigured,
     ProviderQuotaExhausted,
-    ProviderRateLimited,
     ProviderRejected,
     ProviderStalled,
     ProviderTimedOut,
@@ -1130,7 +1129,7 @@ class Router:
                             attempt.exhausted.add(model.provider)
                             break
                         retryable_error = error
-                retry_after = last_error.retry_after if isinstance(last_error, ProviderRateLimited) else None
+                retry_after = last_error.retry_after
                 if try_on_model == reliability.retries_per_model:
                     break
                 delay = backoff_delay(reliability, try_on_model + 1, retry_after)
@@ -1254,9 +1253,7 @@ class Router:
             outcome = AttemptOutcome.INTERRUPTED if received else AttemptOutcome.FAILED
             ended_by_us = isinstance(error, ProviderStalled)
             if received or not isinstance(error, ProviderRejected | ProviderQuotaExhausted):
-                self._breakers.record_failure(
-                    model.id, error.retry_after if isinstance(error, ProviderRateLimited) else None
-                )
+                self._breakers.record_failure(model.id, error.retry_after)
                 self._retry_budget.record_failure()
             else:
                 # The provider refused this request (400/404/409/413/422): the caller's doing, not

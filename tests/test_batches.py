@@ -58,6 +58,7 @@ from routesvc.testing import (
     NetworkFault,
     Script,
 )
+from routesvc.tokens import count_text_tokens
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import (
     TEST_DATA_DIR,
@@ -261,6 +262,56 @@ class TestBatchSubmitAndResults:
             [],
             pb.FINISH_REASON_STOP,
         )
+
+    @pytest.mark.parametrize("task", ["", "creative_writing"], ids=["openai", "anthropic"])
+    async def test_a_tool_calls_finish_whose_calls_name_no_tool_is_other_without_calls(
+        self, tmp_path: Path, fake: FakeProvider, task: str
+    ) -> None:
+        """A batch answer ended by "tool_calls" (``tool_use``) whose calls all lack a name: no
+        calls, and the finish is OTHER, not TOOL_CALLS, as when streamed."""
+        fake.enqueue(Script(chunks=(), tool_calls=(FakeToolCall("", "{}"),), tool_calls_finish_reason="tool_calls"))
+        chat = build_chat(
+            [("user", "Weather in Paris?")], tools=[pb.Tool(name="lookup", parameters_json='{"type": "object"}')]
+        )
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(realtime=False, tenant="acme", task_hint=task)
+            messages = [m async for m in client.complete(chat, context)]
+            done = await wait_state(client, messages[1].batch.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert (list(done.result.tool_calls), done.result.finish_reason) == ([], pb.FINISH_REASON_OTHER)
+
+    @pytest.mark.parametrize(("task", "model"), [("", "gpt-4o-mini"), ("creative_writing", "claude-sonnet")])
+    async def test_a_result_without_usage_is_charged_an_estimate(
+        self, tmp_path: Path, fake: FakeProvider, task: str, model: str
+    ) -> None:
+        """A result whose body has no usage is charged, at the batch price, the estimate a stream
+        without usage gets: the request's estimated input and the answer's output counted,
+        flagged estimated in the ledger and logged without the prompt (it was charged nothing)."""
+        answer = "A short summary of the quarterly report."
+        fake.enqueue(Script(text=answer, omit_usage=True), model=fake_model(model))
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                messages = await submit(client, task_hint=task)
+                decision, job = messages[0].decision, messages[1].batch
+                done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                entries = [e for e in server.router.ledger.entries() if e.request_id == job.batch_id]
+                spec = server.router.settings.catalog.get(model)
+        usage = Usage(decision.estimated_input_tokens, count_text_tokens(answer))
+        cost = cost_of_usage(spec, usage, Mode.BATCH)
+        assert (done.result.usage.input_tokens, done.result.usage.output_tokens) == (
+            usage.input_tokens,
+            usage.output_tokens,
+        )
+        assert Decimal(done.result.cost_usd) == cost > 0
+        assert [(e.cost_usd, e.estimated) for e in entries] == [(cost, True)]
+        estimated = [entry for entry in logs if entry["event"] == "batch_usage_estimated"]
+        assert [(entry["batch_id"], entry["model"]) for entry in estimated] == [(job.batch_id, model)]
+        assert "Summarise" not in repr(logs)
 
     async def test_small_requests_are_grouped_into_one_provider_batch(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Three jobs within the window: one provider batch of three requests."""

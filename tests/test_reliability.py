@@ -6,6 +6,7 @@ Each test names the item of ../shared/RELIABILITY.md it covers.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 import time
 from collections.abc import AsyncIterator
@@ -21,12 +22,13 @@ from routesvc.config import BreakerConfig
 from routesvc.errors import DeadlineExceeded
 from routesvc.ledger import AttemptOutcome, Ledger, LedgerEntry
 from routesvc.models import ChatRequest, Message, Role, RoutingRequest, Usage
-from routesvc.providers._http import parse_retry_after
+from routesvc.providers._http import parse_retry_after, rate_limit_reset
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import default_config, live_environ, settings_from, until, user_chat
+from tests.test_limits import retry_delay
 from tests.test_validation import error_info
 
 
@@ -180,6 +182,107 @@ class TestRetriesBeforeCommit:
         fake.set_default(Script(status=503))
         error, _ = await failure(client)
         assert (error.code(), len(fake.requests)) == (grpc.StatusCode.UNAVAILABLE, 2)
+
+
+def _rfc3339(seconds_from_now: float) -> str:
+    """A moment ``seconds_from_now`` in RFC 3339, as Anthropic's rate-limit headers give it."""
+    moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds_from_now)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+class TestProviderRetryDelays:
+    """RELIABILITY 6: the wait a provider asks for, however it says it, is waited before a retry on
+    its model and told to the caller (RetryInfo) when the error reaches it."""
+
+    @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
+    @pytest.mark.parametrize(
+        ("headers", "seconds"),
+        [
+            # The limit at 0 remaining says when a request may go again (not the larger reset).
+            (
+                {
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": "30s",
+                    "x-ratelimit-remaining-tokens": "9000",
+                    "x-ratelimit-reset-tokens": "6m0s",
+                },
+                30.0,
+            ),
+            # Neither says which is spent: the larger.
+            ({"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "1m30.5s"}, 90.5),
+        ],
+    )
+    async def test_an_openai_429_without_retry_after_carries_its_limits_reset(
+        self,
+        reliable: tuple[Server, RouterClient],
+        fake: FakeProvider,
+        headers: dict[str, str],
+        seconds: float,
+    ) -> None:
+        """A 429 with no Retry-After but OpenAI's ``x-ratelimit-reset-*`` headers: RATE_LIMITED
+        with RetryInfo of the reset (it had none)."""
+        _, client = reliable
+        fake.enqueue(Script(status=429, headers=headers))
+        error, _ = await failure(client, model="gpt-4o-mini")
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED")
+        assert retry_delay(error) == seconds
+
+    @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
+    async def test_an_anthropic_429_without_retry_after_carries_its_limits_reset(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """A 429 with no Retry-After but Anthropic's ``anthropic-ratelimit-*-reset`` moments: the
+        RetryInfo is the time until the reset of the limit at 0 remaining."""
+        _, client = reliable
+        headers = {
+            "anthropic-ratelimit-requests-remaining": "0",
+            "anthropic-ratelimit-requests-reset": _rfc3339(40),
+            "anthropic-ratelimit-tokens-remaining": "5000",
+            "anthropic-ratelimit-tokens-reset": _rfc3339(600),
+        }
+        fake.enqueue(Script(status=429, headers=headers))
+        error, _ = await failure(client, model="claude-sonnet")
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 30 < retry_delay(error) <= 40
+
+    async def test_a_429_without_retry_after_waits_for_its_limits_reset(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """The retry on the model starts no sooner than ``x-ratelimit-reset-requests`` says (it
+        came after the backoff's few milliseconds)."""
+        _, client = reliable
+        headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "300ms"}
+        fake.enqueue(Script(status=429, headers=headers), Script())
+        messages = await collect(client)
+        assert kinds(messages)[-1] == "completion"
+        first, second = fake.requests
+        assert second.received_at - first.received_at >= 0.3
+
+    @pytest.mark.parametrize("status", [503, 529])
+    async def test_an_unavailable_answer_waits_for_its_retry_after(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider, status: int
+    ) -> None:
+        """A 503 (or Anthropic's 529 overloaded) with Retry-After: 0.3 s: the retry starts no
+        sooner (it came after the backoff's few milliseconds)."""
+        _, client = reliable
+        fake.enqueue(Script(status=status, retry_after_ms="300"), Script())
+        messages = await collect(client)
+        assert kinds(messages)[-1] == "completion"
+        first, second = fake.requests
+        assert second.received_at - first.received_at >= 0.3
+
+    @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
+    @pytest.mark.parametrize(("model", "status"), [("gpt-4o-mini", 503), ("claude-sonnet", 529)])
+    async def test_an_unavailable_answers_retry_after_reaches_the_caller(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider, model: str, status: int
+    ) -> None:
+        """A 503 (529 overloaded) with Retry-After: 30 that reaches the caller: UNAVAILABLE with
+        RetryInfo of 30 s (it had none)."""
+        _, client = reliable
+        fake.enqueue(Script(status=status, retry_after="30"))
+        error, _ = await failure(client, model=model)
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+        assert retry_delay(error) == 30.0
 
 
 class TestCommitRule:
@@ -475,6 +578,49 @@ class TestBreakers:
     def test_retry_after_is_a_finite_number_of_seconds(self, headers: dict[str, str], seconds: float | None) -> None:
         """Seconds or milliseconds or an HTTP date, clamped to [0, one day]; garbage reads as absent."""
         assert parse_retry_after(headers) == seconds
+
+    @pytest.mark.parametrize(
+        ("headers", "seconds"),
+        [
+            ({"x-ratelimit-reset-requests": "1s"}, 1.0),
+            ({"x-ratelimit-reset-tokens": "6m0s"}, 360.0),
+            ({"x-ratelimit-reset-requests": "20ms"}, 0.02),
+            ({"x-ratelimit-reset-tokens": "1m30.5s"}, 90.5),
+            ({"x-ratelimit-reset-requests": "1h2m3s"}, 3723.0),
+            ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "7s"}, 7.0),
+            (
+                {
+                    "x-ratelimit-remaining-requests": "3",
+                    "x-ratelimit-reset-requests": "2s",
+                    "x-ratelimit-remaining-tokens": "0",
+                    "x-ratelimit-reset-tokens": "7ms",
+                },
+                0.007,
+            ),
+            ({"x-ratelimit-reset-requests": "9999h"}, 86_400.0),
+            ({"x-ratelimit-reset-requests": "soon"}, None),
+            ({"x-ratelimit-reset-requests": "1x"}, None),
+            ({"anthropic-ratelimit-requests-reset": "2026-01-01T00:00:30Z"}, 30.0),
+            (
+                {
+                    "anthropic-ratelimit-input-tokens-remaining": "0",
+                    "anthropic-ratelimit-input-tokens-reset": "2026-01-01T00:00:05+00:00",
+                    "anthropic-ratelimit-output-tokens-remaining": "100",
+                    "anthropic-ratelimit-output-tokens-reset": "2026-01-01T00:01:00Z",
+                },
+                5.0,
+            ),
+            ({"anthropic-ratelimit-tokens-reset": "2025-12-31T23:59:00Z"}, 0.0),
+            ({"anthropic-ratelimit-tokens-reset": "tomorrow"}, None),
+            ({}, None),
+        ],
+    )
+    def test_rate_limit_resets_are_read_as_seconds(self, headers: dict[str, str], seconds: float | None) -> None:
+        """OpenAI's reset durations and Anthropic's reset moments: the reset of a limit at 0
+        remaining, else the larger, clamped to [0, one day]; garbage reads as absent."""
+        now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC).timestamp()
+        expected = None if seconds is None else pytest.approx(seconds)
+        assert rate_limit_reset(headers, now=now) == expected
 
     async def test_total_outage_keeps_upstream_calls_per_request_low(
         self, reliable: tuple[Server, RouterClient], fake: FakeProvider

@@ -204,6 +204,29 @@ class TestAssemblingPieces:
         assert [(call.name, call.arguments_json) for call in calls] == [("get_weather", '{"city": "Paris"}')]
         assert re.fullmatch(r"call_[0-9a-f]+_0", calls[0].id)
 
+    def test_pieces_without_an_index_or_an_id_start_a_call_at_each_new_name(self) -> None:
+        """A server that sends neither index nor id: a piece naming a tool while the latest call
+        has a name starts a new call (the two were merged into one, their arguments glued), the
+        same tool called twice included once the first call's arguments are whole."""
+        parts = ToolCallParts()
+        parts.add(None, name="get_weather", arguments='{"city": ')
+        parts.add(None, arguments='"Paris"}')
+        parts.add(None, name="get_time", arguments='{"tz": "UTC"}')
+        parts.add(None, name="get_time", arguments='{"tz": "CET"}')
+        assert [(call.name, call.arguments_json) for call in parts.calls()] == [
+            ("get_weather", '{"city": "Paris"}'),
+            ("get_time", '{"tz": "UTC"}'),
+            ("get_time", '{"tz": "CET"}'),
+        ]
+
+    def test_a_name_repeated_on_each_piece_of_one_call_stays_one_call(self) -> None:
+        """Some servers repeat the tool's name on every piece of a call (MiniMax on NVIDIA NIM):
+        while the call's arguments are not yet a whole JSON value, the same name continues it."""
+        parts = ToolCallParts()
+        for piece in ('{"city": ', '"Par', 'is"}'):
+            parts.add(None, name="get_weather", arguments=piece)
+        assert [(call.name, call.arguments_json) for call in parts.calls()] == [("get_weather", '{"city": "Paris"}')]
+
     def test_pieces_without_an_index_follow_their_call(self) -> None:
         """Older servers send no index: a new id starts a call, later pieces extend the latest one
         (they were dropped, leaving a TOOL_CALLS finish with no calls)."""
@@ -228,6 +251,35 @@ class TestOpenAICompatibleServers:
             _call("call_fake_0", "get_weather", '{"city": "Paris"}'),
             _call("call_fake_1", "get_time", '{"tz": "Europe/Rome"}'),
         ]
+
+    async def test_parallel_calls_without_an_index_or_an_id_come_back_apart(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A server that streams parallel calls with neither ``index`` nor ``id``: the two calls
+        come back apart, each with its own arguments and a made-up id (they were merged into one
+        call named get_weather with both calls' arguments glued)."""
+        fake.enqueue(Script(chunks=(), tool_calls=CALLS, tool_call_indexes="none", omit_tool_call_ids=True))
+        chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
+        calls = (await _complete(live_client, chat, "gpt-4o-mini"))[-1].completion.tool_calls
+        assert [(call.name, call.arguments_json) for call in calls] == [
+            ("get_weather", '{"city": "Paris"}'),
+            ("get_time", '{"tz": "Europe/Rome"}'),
+        ]
+        assert len({call.id for call in calls}) == 2
+
+    @pytest.mark.parametrize(("model", "path", "prefix"), ADAPTERS, ids=ADAPTER_IDS)
+    async def test_a_tool_calls_finish_whose_pieces_name_no_tool_is_not_tool_calls(
+        self, live_client: RouterClient, fake: FakeProvider, model: str, path: str, prefix: str
+    ) -> None:
+        """An answer the provider ends with "tool_calls" ("tool_use") whose call pieces all lack a
+        name makes no call, and finishes OTHER: TOOL_CALLS with no calls left the caller nothing
+        to run."""
+        unnamed = (FakeToolCall("", '{"city": "Paris"}'),)
+        fake.enqueue(Script(chunks=(), tool_calls=unnamed, tool_calls_finish_reason="tool_calls"))
+        chat = build_chat([("user", "Weather in Paris?")], tools=[WEATHER])
+        completion = (await _complete(live_client, chat, model))[-1].completion
+        assert (list(completion.tool_calls), completion.finish_reason) == ([], pb.FINISH_REASON_OTHER)
+        assert fake.requests[-1].path == path
 
     async def test_calls_finished_with_stop_in_auto_mode_finish_as_tool_calls(
         self, live_client: RouterClient, fake: FakeProvider

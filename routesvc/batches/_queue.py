@@ -8,6 +8,12 @@ waiting), polls provider batches every ``poll_interval_seconds`` (a submit wakes
 to poll), and when one has ended reads its results: each job ends exactly once
 (``BatchStore.finish``), and only a succeeded job is charged, at the batch price, in the ledger.
 
+A result that reports no usage (a server whose batch results have no ``usage``, or leave a count
+out) is charged an estimate of what it does not report, as a stream without usage is: the
+input as the job's decision estimated it, the output counted in the answer; flagged estimated in
+the ledger and logged (``batch_usage_estimated``, without prompt or answer). A job queued before
+its estimate was stored has no input charged then.
+
 Outcomes: the provider's expiry ends a job EXPIRED, a failed request or batch FAILED (with a
 short provider code), a cancelled one CANCELLED; none of them is charged, but for a job cancelled
 after it was sent what the provider billed for it. A job still queued after
@@ -168,6 +174,7 @@ from routesvc.models import (
 )
 from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult, ProviderBatch
 from routesvc.retry import is_retryable, skips_provider
+from routesvc.tokens import count_text_tokens
 
 log = structlog.get_logger("routesvc.batches")
 
@@ -444,6 +451,7 @@ class BatchQueue:
             created_at=now,
             updated_at=now,
             decision_id=decision.decision_id,
+            estimated_input_tokens=decision.estimated_input_tokens,
         )
         chat = request.chat
         stored = QueuedRequest(
@@ -1027,15 +1035,14 @@ class BatchQueue:
         model = await self._model(status.job.model, [batch_id])
         if model is None:
             return  # without its prices the answer cannot be charged: FAILED, not given away
-        cost = cost_of_usage(model, result.usage, Mode.BATCH)
-        answer = BatchResult(
-            result.text, result.usage, cost, result.finish_reason, result.provider_model, result.tool_calls
-        )
+        usage, estimated = _billed_usage(status.job, result)
+        cost = cost_of_usage(model, usage, Mode.BATCH)
+        answer = BatchResult(result.text, usage, cost, result.finish_reason, result.provider_model, result.tool_calls)
         if not await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
             # Cancelled (or ended by another worker) since this round listed it.
             await self._settle_cancelled(batch_id, result)
             return
-        self._charge(status.job, model, answer, AttemptOutcome.COMPLETED)
+        self._charge(status.job, model, answer, AttemptOutcome.COMPLETED, estimated=estimated)
         log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))
 
     async def _settle_cancelled(self, batch_id: str, result: ItemResult | None) -> None:
@@ -1058,15 +1065,19 @@ class BatchQueue:
             if await store.close_cancelled(batch_id, None):
                 log.warning("batch_cancelled_job_unpriced", batch_id=batch_id, model=status.job.model)
             return
-        cost = cost_of_usage(model, result.usage, Mode.BATCH)
-        billed = BatchResult("", result.usage, cost, result.finish_reason, result.provider_model)
+        usage, estimated = _billed_usage(status.job, result)
+        cost = cost_of_usage(model, usage, Mode.BATCH)
+        billed = BatchResult("", usage, cost, result.finish_reason, result.provider_model)
         if not await store.close_cancelled(batch_id, billed):
             return
-        self._charge(status.job, model, billed, AttemptOutcome.CANCELLED)
+        self._charge(status.job, model, billed, AttemptOutcome.CANCELLED, estimated=estimated)
         log.info("batch_cancelled_job_billed", batch_id=batch_id, cost_usd=format_usd(cost))
 
-    def _charge(self, job: BatchJob, model: ModelSpec, answer: BatchResult, outcome: AttemptOutcome) -> None:
-        """Record what the provider billed for ``job``'s answer: the ledger, then the metrics."""
+    def _charge(
+        self, job: BatchJob, model: ModelSpec, answer: BatchResult, outcome: AttemptOutcome, *, estimated: bool
+    ) -> None:
+        """Record what the provider billed for ``job``'s answer (``estimated`` where it reported
+        no usage: ``_billed_usage``): the ledger, then the metrics."""
         self._ledger.record(
             request_id=job.batch_id,
             decision_id=job.decision_id,
@@ -1077,10 +1088,36 @@ class BatchQueue:
             outcome=outcome,
             usage=answer.usage,
             cost_usd=answer.cost_usd,
-            estimated=False,
+            estimated=estimated,
         )
         if self._answered is not None:
             self._answered(model, answer.provider_model, answer.usage, answer.cost_usd)
+
+
+def _billed_usage(job: BatchJob, result: ItemResult) -> tuple[Usage, bool]:
+    """The usage ``job``'s answer ``result`` is charged, and whether it is estimated: the
+    provider's, but for a count its result did not report (a server that sends no ``usage``),
+    estimated as a stream without usage is: the input as the decision estimated it (the request,
+    gone from the store by now), the output counted in the answer's text and tool calls. An
+    estimate is logged, without the answer or the prompt."""
+    if result.input_reported and result.output_reported:
+        return result.usage, False
+    usage = result.usage
+    if not result.input_reported:
+        # Cache counts beside an unreported input say nothing: the whole input is the estimate.
+        usage = Usage(input_tokens=job.estimated_input_tokens or 0, output_tokens=usage.output_tokens)
+    if not result.output_reported:
+        produced = result.text + "".join(call.name + call.arguments_json for call in result.tool_calls)
+        usage = dataclasses.replace(usage, output_tokens=count_text_tokens(produced))
+    log.warning(
+        "batch_usage_estimated",
+        batch_id=job.batch_id,
+        model=job.model,
+        provider=job.provider,
+        input_estimated=not result.input_reported,
+        output_estimated=not result.output_reported,
+    )
+    return usage, True
 
 
 def _item(batch_id: str, model: ModelSpec, request: QueuedRequest) -> BatchItem:

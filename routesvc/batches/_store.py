@@ -117,6 +117,8 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # tag: ``BatchAPI.tags_batches``), until its results show whether it holds the job; NULL otherwise.
 # request_bytes: the size of the stored request while it is kept, 0 once it is cleared (NULL in
 # rows stored before it was added, counted as 0), summed through its own index (``add``).
+# estimated_input_tokens: the decision's estimate of the request's input, charged for a result
+# that reports no usage (NULL in rows stored before it was added: no input is charged then).
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -134,6 +136,7 @@ _ADDED_COLUMNS = (
     ("request_bytes", "INTEGER"),
     ("send_count", "INTEGER"),
     ("unverified", "INTEGER"),
+    ("estimated_input_tokens", "INTEGER"),
 )
 
 # The holder of jobs queued again after their provider batch was refused for a while, until their
@@ -143,7 +146,7 @@ _BACKING_OFF = "backing-off"
 _COLUMNS = (
     "id, tenant, decision_id, model, provider, state, estimated_cost_usd, created_at, updated_at, "
     "text, input_tokens, output_tokens, cached_input_tokens, cost_usd, finish_reason, provider_model, error, "
-    "tool_calls, cache_write_tokens, cache_write_1h_tokens"
+    "tool_calls, cache_write_tokens, cache_write_1h_tokens, estimated_input_tokens"
 )
 
 
@@ -406,6 +409,7 @@ def _status(row: sqlite3.Row) -> BatchStatus:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         decision_id=row["decision_id"],
+        estimated_input_tokens=row["estimated_input_tokens"],
     )
     result = None
     if job.state is BatchState.SUCCEEDED:
@@ -508,8 +512,8 @@ class BatchStore:
         def _insert(connection: sqlite3.Connection) -> None:
             connection.execute(
                 "INSERT INTO jobs (id, tenant, decision_id, model, provider, state, request, estimated_cost_usd,"
-                " created_at, updated_at, claimed_by, claimed_until, endpoint, request_bytes)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, claimed_by, claimed_until, endpoint, request_bytes, estimated_input_tokens)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.batch_id,
                     job.tenant,
@@ -525,6 +529,7 @@ class BatchStore:
                     self._clock() + hold_seconds,
                     endpoint,
                     len(request),
+                    job.estimated_input_tokens,
                 ),
             )
 

@@ -7,6 +7,7 @@ except a short machine code (``rate_limit_error``, ``server_error``) that passes
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import math
 import re
@@ -111,6 +112,75 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     return min(MAX_RETRY_AFTER_SECONDS, max(0.0, when.timestamp() - current))
 
 
+# OpenAI's reset headers hold a Go duration ("1s", "6m0s", "20ms", "1m30.5s"): runs of a number
+# and a unit, longest units first.
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?")
+_DURATION_UNITS = (3600.0, 60.0, 1.0, 0.001)
+# The rate limits each API reports: (remaining header, reset header) of each.
+_OPENAI_LIMITS = tuple(
+    (f"x-ratelimit-remaining-{limit}", f"x-ratelimit-reset-{limit}") for limit in ("requests", "tokens")
+)
+_ANTHROPIC_LIMITS = tuple(
+    (f"anthropic-ratelimit-{limit}-remaining", f"anthropic-ratelimit-{limit}-reset")
+    for limit in ("requests", "tokens", "input-tokens", "output-tokens")
+)
+
+
+def rate_limit_reset(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds until the rate limit that refused a request resets, from the rate-limit headers of
+    OpenAI (``x-ratelimit-reset-requests`` / ``-tokens``: a duration such as ``6m0s``) or
+    Anthropic (``anthropic-ratelimit-*-reset``: an RFC 3339 moment): the reset of a limit whose
+    remaining header says 0, the latest of them if several, else the latest of all; at most
+    ``MAX_RETRY_AFTER_SECONDS``. None if no reset header reads as one (a 429 without Retry-After
+    is read so, as the SDKs' own retries read it)."""
+    current = time.time() if now is None else now
+    resets: list[tuple[bool, float]] = []
+    for remaining, reset in _OPENAI_LIMITS:
+        seconds = _duration(headers.get(reset))
+        if seconds is not None:
+            resets.append((_spent(headers.get(remaining)), seconds))
+    for remaining, reset in _ANTHROPIC_LIMITS:
+        seconds = _until(headers.get(reset), current)
+        if seconds is not None:
+            resets.append((_spent(headers.get(remaining)), seconds))
+    spent = [seconds for at_zero, seconds in resets if at_zero]
+    chosen = spent or [seconds for _, seconds in resets]
+    return min(MAX_RETRY_AFTER_SECONDS, max(chosen)) if chosen else None
+
+
+def _spent(remaining: str | None) -> bool:
+    """Whether a ``*-remaining`` header says the limit is at 0 (or below)."""
+    try:
+        return remaining is not None and float(remaining) <= 0
+    except ValueError:
+        return False
+
+
+def _duration(value: str | None) -> float | None:
+    """A Go duration (``1m30.5s``, ``20ms``) in seconds, in [0, one day]; None if absent or not one."""
+    if not value:
+        return None
+    found = _DURATION.fullmatch(value.strip())
+    if found is None or not any(found.groups()):
+        return None
+    seconds = sum(float(part) * unit for part, unit in zip(found.groups(), _DURATION_UNITS, strict=True) if part)
+    return min(MAX_RETRY_AFTER_SECONDS, seconds)
+
+
+def _until(value: str | None, now: float) -> float | None:
+    """Seconds from ``now`` until an RFC 3339 moment, in [0, one day]; None if absent or not one
+    (or one without a time zone, which says no moment)."""
+    if not value:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return min(MAX_RETRY_AFTER_SECONDS, max(0.0, moment.timestamp() - now))
+
+
 def _seconds(value: str | None, *, scale: float = 1.0) -> float | None:
     """``value`` (a number of seconds times ``scale``) as seconds in [0, one day]; None if absent,
     not a number, or NaN."""
@@ -150,13 +220,19 @@ def error_for_status(
 
     ``quota`` (see ``quota_exhausted``) quota exhausted whatever the status; else 402 (a gateway's
     "insufficient credits", OpenRouter's) quota exhausted too, 401/403 auth, 400/404/409/413/422
-    rejected, 429 rate limited (with ``retry_after``), everything else (408, 5xx, 529, unknown
-    4xx) unavailable.
+    rejected, 429 rate limited, everything else (408, 5xx, 529, unknown 4xx) unavailable. Rate
+    limited and unavailable carry ``retry_after``: the ``headers``' Retry-After (``parse_retry_after``:
+    a 503 or Anthropic's 529 overloaded sends one too), or for a 429 without one the reset of its
+    rate limit (``rate_limit_reset``).
     """
     message = describe(provider, model, f"HTTP {status}", code)
     if quota:
         return ProviderQuotaExhausted(message, provider=provider, model=model, status=status)
-    retry_after = parse_retry_after(headers) if headers is not None and status == 429 else None
+    retry_after = None
+    if headers is not None:
+        retry_after = parse_retry_after(headers)
+        if retry_after is None and status == 429:
+            retry_after = rate_limit_reset(headers)
     return _by_status(status, message, provider=provider, model=model, recorded=status, retry_after=retry_after)
 
 
@@ -173,7 +249,7 @@ def _by_status(
         return ProviderRejected(message, provider=provider, model=model, status=recorded)
     if status == 429:
         return ProviderRateLimited(message, provider=provider, model=model, status=recorded, retry_after=retry_after)
-    return ProviderUnavailable(message, provider=provider, model=model, status=recorded)
+    return ProviderUnavailable(message, provider=provider, model=model, status=recorded, retry_after=retry_after)
 
 
 def error_for_event(code: str, error_type: str = "", *, provider: str, model: str) -> ProviderError:

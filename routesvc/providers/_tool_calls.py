@@ -14,11 +14,20 @@ stay with it.) Calls are kept in the order they started. Some send no id at all 
 NIM, LM Studio): such a call gets one made up, ``call_`` and a token of its response and its
 place in it, so that the caller can send it back with its result, and two responses' calls in
 one conversation stay apart. Pieces that never name a tool make no call.
+
+A piece with neither index nor id has only its name to say where it belongs: one that names a
+tool while the latest call has a name starts a new call, unless it names the same tool and the
+latest call's arguments are not yet a whole JSON value, since some servers repeat the name on
+every piece of one call (MiniMax on NVIDIA NIM). The limit: such a server's pieces of one call
+that come after its arguments are whole (an empty closing piece that names the tool again) are
+read as a second call of that tool, and two calls of one tool whose first has arguments that
+are not JSON are read as one; a server that sends an index or an id is never read so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import uuid
 from collections.abc import Callable
@@ -45,7 +54,7 @@ class ToolCallParts:
     def add(self, index: int | None, *, call_id: str = "", name: str = "", arguments: str = "") -> None:
         """Fold in one piece: the first id and name given win, arguments are appended."""
         parts = self._at.get(index) if index is not None else (self._calls[-1] if self._calls else None)
-        if parts is None or (name and call_id and parts.id and parts.id != call_id):
+        if parts is None or _starts_call(parts, index, call_id, name):
             parts = _Parts()
             self._calls.append(parts)
             if index is not None:
@@ -68,6 +77,29 @@ class ToolCallParts:
     def _made_up_id(self, position: int) -> str:
         self._response = self._response or uuid.uuid4().hex[:16]
         return f"call_{self._response}_{position}"
+
+
+def _starts_call(parts: _Parts, index: int | None, call_id: str, name: str) -> bool:
+    """Whether a piece naming ``name`` under ``call_id`` at ``index`` starts a new call rather
+    than continue ``parts``, the call at its index (the latest one without an index): under
+    another id, or, with neither index nor id, naming a tool after a named call (the module
+    docstring says when the same name continues it)."""
+    if not name:
+        return False
+    if call_id:
+        return bool(parts.id) and parts.id != call_id
+    if index is not None or not parts.name:
+        return False
+    return name != parts.name or _whole_json("".join(parts.arguments))
+
+
+def _whole_json(text: str) -> bool:
+    """Whether ``text`` is one whole JSON value (a call's arguments all received)."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 # What each API takes as a call id in a request: Anthropic ``^[a-zA-Z0-9_-]+$``, OpenAI at most 40

@@ -140,11 +140,13 @@ class _DropRequestOptions(logging.Filter):
 logging.getLogger("anthropic._base_client").addFilter(_DropRequestOptions())
 
 
-def map_stop_reason(reason: str | None) -> FinishReason:
-    """The domain finish reason for an Anthropic ``stop_reason``."""
+def map_stop_reason(reason: str | None, *, made_calls: bool) -> FinishReason:
+    """The domain finish reason for an Anthropic ``stop_reason``, of an answer that ``made_calls``
+    or not: ``tool_use`` without a call (its blocks named no tool) is OTHER, not TOOL_CALLS."""
     if reason is None:
         return FinishReason.UNSPECIFIED
-    return _FINISH_REASONS.get(reason, FinishReason.OTHER)
+    finish = _FINISH_REASONS.get(reason, FinishReason.OTHER)
+    return FinishReason.OTHER if finish is FinishReason.TOOL_CALLS and not made_calls else finish
 
 
 def _cache_control(ttl: CacheTtl) -> CacheControlEphemeralParam:
@@ -471,11 +473,12 @@ class AnthropicProvider:
                     model=call.model,
                 )
             usage, estimated = self._usage(call, tally)
+            calls = tally.tool_calls.calls()
             yield ProviderFinish(
                 usage=usage,
-                finish_reason=map_stop_reason(tally.stop_reason),
+                finish_reason=map_stop_reason(tally.stop_reason, made_calls=bool(calls)),
                 provider_model=tally.provider_model or call.provider_model,
-                tool_calls=tally.tool_calls.calls(),
+                tool_calls=calls,
                 estimated=estimated,
             )
         finally:

@@ -21,7 +21,14 @@ from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status
 from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, quota_spent, request_params
-from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch, guarded_line, result_lines
+from routesvc.providers.batch import (
+    BatchItem,
+    ItemResult,
+    ProviderBatch,
+    guarded_line,
+    reported_count,
+    result_lines,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -189,7 +196,10 @@ def _entry_result(line: dict[str, Any]) -> ItemResult:
     state = _STATES.get(kind, BatchState.FAILED)
     if kind == "succeeded":
         message = result["message"]
+        # A count the result does not report is estimated by the queue, as a stream's is by the adapter.
         usage = message.get("usage") or {}
+        input_tokens = reported_count(usage, "input_tokens")
+        output_tokens = reported_count(usage, "output_tokens")
         cached = int(usage.get("cache_read_input_tokens") or 0)
         written = int(usage.get("cache_creation_input_tokens") or 0)
         written_1h = int((usage.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0)
@@ -206,15 +216,17 @@ def _entry_result(line: dict[str, Any]) -> ItemResult:
             state,
             text=text,
             usage=Usage(
-                input_tokens=int(usage.get("input_tokens") or 0) + cached + written,
-                output_tokens=int(usage.get("output_tokens") or 0),
+                input_tokens=(input_tokens or 0) + cached + written,
+                output_tokens=output_tokens or 0,
                 cached_input_tokens=cached,
                 cache_write_input_tokens=written,
                 cache_write_1h_input_tokens=min(written_1h, written),
             ),
-            finish_reason=map_stop_reason(message.get("stop_reason")),
+            finish_reason=map_stop_reason(message.get("stop_reason"), made_calls=bool(calls)),
             provider_model=str(message.get("model") or ""),
             tool_calls=calls,
+            input_reported=input_tokens is not None,
+            output_reported=output_tokens is not None,
         )
     if kind == "errored":
         error_type = str(((result.get("error") or {}).get("error") or {}).get("type") or "errored")

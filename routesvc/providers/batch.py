@@ -99,7 +99,9 @@ class ProviderBatch:
 @dataclass(frozen=True, slots=True)
 class ItemResult:
     """One item's end: ``SUCCEEDED`` with text, tool calls and usage, else ``FAILED``, ``EXPIRED`` or ``CANCELLED``
-    with a short machine ``error`` (never prompt text)."""
+    with a short machine ``error`` (never prompt text). ``input_reported`` and ``output_reported``
+    are false when the provider's result had no such count (no ``usage``, or none of that count):
+    ``usage`` holds 0 for it, and the queue charges an estimate instead."""
 
     custom_id: str
     state: BatchState
@@ -109,6 +111,8 @@ class ItemResult:
     provider_model: str = ""
     error: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
+    input_reported: bool = True
+    output_reported: bool = True
 
 
 class BatchAPI(Protocol):
@@ -161,6 +165,14 @@ class BatchAPI(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
         ...
+
+
+def reported_count(usage: dict[str, Any], key: str) -> int | None:
+    """The token count ``key`` of a result's ``usage``: None when the result has none (absent or
+    null: ``ItemResult.input_reported``); a value that is no count raises, failing its line
+    (``guarded_line``)."""
+    value = usage.get(key)
+    return None if value is None else int(value)
 
 
 def guarded_line(line: dict[str, Any], read: Callable[[dict[str, Any]], ItemResult]) -> ItemResult:

@@ -107,10 +107,13 @@ def map_finish_reason(reason: str | None, *, made_calls: bool = False) -> Finish
     """The domain finish reason for an OpenAI ``finish_reason``, of an answer that ``made_calls``
     or not. Such an answer that stopped of itself is TOOL_CALLS: OpenAI says "stop" when
     ``tool_choice`` named the tool, and some compatible servers do even in auto mode (a cut by
-    length or filter stays what it is)."""
+    length or filter stays what it is). One that made no call (its pieces named no tool) is not
+    TOOL_CALLS whatever the server said, which would leave the caller nothing to run: OTHER."""
     if reason is None:
         return FinishReason.UNSPECIFIED
     finish = _FINISH_REASONS.get(reason, FinishReason.OTHER)
+    if finish is FinishReason.TOOL_CALLS and not made_calls:
+        return FinishReason.OTHER
     return FinishReason.TOOL_CALLS if made_calls and finish is FinishReason.STOP else finish
 
 

@@ -22,7 +22,14 @@ import structlog
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, FinishReason, ToolCall, Usage
 from routesvc.providers._http import describe, error_for_status, safe_code
-from routesvc.providers.batch import BatchItem, ItemResult, ProviderBatch, guarded_line, result_lines
+from routesvc.providers.batch import (
+    BatchItem,
+    ItemResult,
+    ProviderBatch,
+    guarded_line,
+    reported_count,
+    result_lines,
+)
 from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, chat_params, map_finish_reason, quota_spent
 
 log = structlog.get_logger(__name__)
@@ -243,7 +250,10 @@ class OpenAIBatches:
             return ItemResult(custom_id, BatchState.FAILED, error=_http_error_code(response))
         choice = body["choices"][0]
         message = choice.get("message") or {}
+        # A count the result does not report is estimated by the queue, as a stream's is by the adapter.
         usage = body.get("usage") or {}
+        input_tokens = reported_count(usage, "prompt_tokens")
+        output_tokens = reported_count(usage, "completion_tokens")
         details = usage.get("prompt_tokens_details") or {}
         # A refusal (structured outputs) is the answer, and the answer was filtered.
         refusal = str(message.get("refusal") or "")
@@ -255,13 +265,15 @@ class OpenAIBatches:
             BatchState.SUCCEEDED,
             text=str(message.get("content") or "") + refusal,
             usage=Usage(
-                input_tokens=int(usage.get("prompt_tokens") or 0),
-                output_tokens=int(usage.get("completion_tokens") or 0),
+                input_tokens=input_tokens or 0,
+                output_tokens=output_tokens or 0,
                 cached_input_tokens=int(details.get("cached_tokens") or 0),
             ),
             finish_reason=FinishReason.CONTENT_FILTER if refusal else finish,
             provider_model=str(body.get("model") or ""),
             tool_calls=calls,
+            input_reported=input_tokens is not None,
+            output_reported=output_tokens is not None,
         )
 
     async def cancel(self, batch_id: str) -> None:

@@ -17,7 +17,8 @@
 
 Every batch stays in progress until a retrieve finds ``BatchOutcome`` (``FakeProvider.batch_outcome``)
 other than ``PENDING``, then ends as it says: ``COMPLETE`` answers each request with the script
-the fake would use for a realtime request to its model (text, usage, or an error status);
+the fake would use for a realtime request to its model (text, usage, or an error status; with
+``omit_usage`` a result's body, OpenAI's, or message, Anthropic's, has no ``usage``);
 ``EXPIRE`` and ``FAIL`` end it without answers. Changing the outcome later ends batches that are
 still in progress, so tests can restart the service in between. With ``answered_before_expiry``
 an expired batch has answered its first requests first (the window cut off the rest), as a real
@@ -334,6 +335,8 @@ class FakeBatches:
                         },
                     },
                 }
+                if script.omit_usage:
+                    del response["body"]["usage"]
             answered = {"id": self._new_id("batch_req_"), "custom_id": custom_id, "response": response}
             output.append(json.dumps(answered, ensure_ascii=False))
         if output:
@@ -378,6 +381,8 @@ class FakeBatches:
                             "output_tokens": output_tokens,
                         },
                     }
+                    if script.omit_usage:
+                        del message["usage"]
                     result = {"type": "succeeded", "message": message}
             batch.results.append({"custom_id": custom_id, "result": result})
 
