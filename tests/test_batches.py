@@ -4,15 +4,12 @@ APIs through the real SDKs to the fake; persistence across a restart; tenants se
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -1054,35 +1051,6 @@ class TestBatchWorkersShareTheStore:
         sent = [request["custom_id"] for batch in fake.batches for request in batch.requests]
         assert sorted(sent) == sorted(jobs)
         assert sorted(charged) == sorted(jobs)
-
-
-class TestBatchStoreOpenedByTwoWorkersAtOnce:
-    async def test_a_new_file_another_opener_writes_meanwhile_is_waited_for(self, tmp_path: Path) -> None:
-        """A new batch store file that another connection (a second worker's first batch request at
-        the same moment) holds the write lock of while this one switches it to WAL: the open waits
-        for it, as for any lock within the busy timeout, and succeeds once it is free. SQLite fails
-        that switch at once, not after the busy timeout: the request was UNAVAILABLE
-        (BATCH_STORE_BUSY). The lock is freed once the open has met it (logged)."""
-        path = tmp_path / "batches.db"
-        met_the_lock = threading.Event()
-
-        def notify(_: object, __: str, event: dict[str, Any]) -> dict[str, Any]:
-            if event["event"] == "sqlite_wal_switch_waiting":
-                met_the_lock.set()
-            return event
-
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        with capture_logs(processors=[notify]), ThreadPoolExecutor(1) as pool:
-            opening = pool.submit(BatchStore, path)
-            opening.add_done_callback(lambda _: met_the_lock.set())  # failed at once: no wait
-            await asyncio.to_thread(met_the_lock.wait, 30)
-            other.execute("ROLLBACK")
-            other.close()
-            store = await asyncio.wrap_future(opening)
-        await store.aclose()
-        with contextlib.closing(sqlite3.connect(path)) as reader:
-            assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 class TestBatchPersistence:

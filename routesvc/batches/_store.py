@@ -63,14 +63,11 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
-from routesvc.sqlite import create_private, immediate, is_busy, use_wal
+from routesvc.sqlite import create_private, immediate, is_busy
 
 _T = TypeVar("_T")
 
 # The states a job ends in: nothing changes it any more.
-# sqlite3.connect's default: how long a statement waits for another connection's lock.
-_BUSY_TIMEOUT_SECONDS = 5.0
-
 _ENDED_STATES = (BatchState.SUCCEEDED, BatchState.FAILED, BatchState.EXPIRED, BatchState.CANCELLED)
 
 _SCHEMA = """
@@ -456,13 +453,9 @@ class BatchStore:
         self._max_request_bytes = max_request_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
         create_private(path)
-        self._connection = sqlite3.connect(
-            path, timeout=_BUSY_TIMEOUT_SECONDS, check_same_thread=False, isolation_level=None
-        )
+        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._connection.row_factory = sqlite3.Row
-        # Workers opening one new file at once: the WAL switch waits for another's lock as any
-        # statement does.
-        use_wal(self._connection, path, _BUSY_TIMEOUT_SECONDS)
+        self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.executescript(_SCHEMA)
         _add_missing_columns(self._connection)
         self._lock = threading.Lock()
