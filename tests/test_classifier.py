@@ -965,7 +965,7 @@ class TestIdenticalPromptsAtOnceShareOneCall:
         fake.enqueue(
             Script(
                 text='{"task": "code_generation", "complexity": "low"}',
-                first_chunk_delay=0.5,
+                first_chunk_delay=1.0,
                 input_tokens=900,
                 output_tokens=12,
             )
@@ -994,15 +994,17 @@ class TestIdenticalPromptsAtOnceShareOneCall:
         fake.enqueue(
             Script(
                 text='{"task": "code_generation", "complexity": "low"}',
-                first_chunk_delay=1.2,
+                first_chunk_delay=2.0,
                 input_tokens=900,
                 output_tokens=12,
             )
         )
         fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))  # a second call's answer
-        settings = settings_from(llm_classifier_config(), live_environ(fake))
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["timeout_s"] = 5  # type: ignore[index]
+        settings = settings_from(config, live_environ(fake))
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
-            first = asyncio.create_task(client.route(user_chat(self.PROMPT), ACME, timeout=0.6))
+            first = asyncio.create_task(client.route(user_chat(self.PROMPT), ACME, timeout=1.0))
             async with asyncio.timeout(5):
                 while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
                     await asyncio.sleep(0.01)
