@@ -299,9 +299,11 @@ class ModelConfig(_Strict):
 class RuleCondition(_Strict):
     """Tests on a request; a rule matches when every test given holds."""
 
-    input_tokens_gt: int | None = None
-    input_tokens_lt: int | None = None
-    tools_gt: int | None = None
+    # A bound below these would test nothing: more than -1 tokens or tools is every request, fewer
+    # than 0 tokens none.
+    input_tokens_gt: int | None = Field(None, ge=0)
+    input_tokens_lt: int | None = Field(None, gt=0)
+    tools_gt: int | None = Field(None, ge=0)
     user_tier_in: tuple[str, ...] | None = None
     tenant_in: tuple[str, ...] | None = None
     task_in: tuple[str, ...] | None = None
@@ -326,9 +328,19 @@ class RuleCondition(_Strict):
             raise ValueError(f"must not be empty (it would match {matches}); leave the condition out instead")
         return value
 
+    @field_validator("metadata")
+    @classmethod
+    def _no_empty_key(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and "" in value:
+            raise ValueError("a key must not be empty (no request carries an empty key, so it would match no request)")
+        return value
+
     @field_validator("last_user_message_matches")
     @classmethod
     def _regex_compiles(cls, value: str | None) -> str | None:
+        if value == "":
+            # Found in every message: the rule would match every request.
+            raise ValueError("must not be empty (it would match every request); leave the condition out instead")
         if value is not None:
             try:
                 re.compile(value)

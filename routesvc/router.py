@@ -434,6 +434,7 @@ class Router:
                     await self._admission.exhausted(request.context.tenant) if self._policy.pays_to_decide else ""
                 ),
                 allow_list=self.allow_list(request.context.tenant),
+                breakers=self._breakers,
             )
             if pinned is not None:
                 if eligible[pinned.id].startswith("not allowed for tenant"):

@@ -947,3 +947,182 @@ class TestComplexityInRules:
         assert (decision.model, decision.rule) == ("gpt-4o-mini", "default")
         assert explained in decision.reasons[0]
         assert not any("hard_reasoning" in reason for reason in decision.reasons)
+
+
+class TestIdenticalPromptsAtOnceShareOneCall:
+    """Concurrent Routes of one tenant with the same new prompt share one classifier call (the
+    label cache's key: tenant and prompt digest): one call is made and paid, each request waits
+    for it within its own deadline, and a request that leaves does not end it for the others
+    (over a real server and the fake provider, whose answer comes late enough for both to be
+    waiting; a request that came later still would be answered from the cache)."""
+
+    PROMPT = "Write a Python function that merges two sorted lists."
+    USAGE = Usage(input_tokens=900, output_tokens=12)
+
+    async def test_two_identical_prompts_at_once_pay_one_call(self, fake: FakeProvider) -> None:
+        """Two Routes at once: one call, one charge; both have the model's label, the one that
+        asked pays it and the other says whose answer it took, at no cost."""
+        fake.enqueue(
+            Script(
+                text='{"task": "code_generation", "complexity": "low"}',
+                first_chunk_delay=1.0,
+                input_tokens=900,
+                output_tokens=12,
+            )
+        )
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))  # a second call's answer
+        settings = settings_from(llm_classifier_config(), live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decisions = await asyncio.gather(*(client.route(user_chat(self.PROMPT), ACME) for _ in range(2)))
+            entries = server.router.ledger.entries()
+            spent = await server.router.admission.spent("acme")
+        labelling = cost_of_usage(settings.catalog.get("gpt-4o-mini"), self.USAGE)
+        assert len(fake.requests) == 1
+        assert [d.task for d in decisions] == ["code_generation", "code_generation"]
+        assert sorted(Decimal(d.routing_cost_usd) for d in decisions) == [0, labelling]
+        assert [e.cost_usd for e in entries] == [labelling]
+        assert spent == labelling
+        waited = next(d for d in decisions if Decimal(d.routing_cost_usd) == 0)
+        assert waited.reasons[0] == (
+            "classifier: gpt-4o-mini labelled the task 'code_generation', complexity low"
+            " (asked for another request with the same prompt)"
+        )
+
+    async def test_a_request_that_leaves_does_not_end_the_call_for_the_one_waiting(self, fake: FakeProvider) -> None:
+        """The request whose call it is reaches its deadline while a second waits on the call:
+        the call goes on, the second has the model's label, and the call is paid once."""
+        fake.enqueue(
+            Script(
+                text='{"task": "code_generation", "complexity": "low"}',
+                first_chunk_delay=2.0,
+                input_tokens=900,
+                output_tokens=12,
+            )
+        )
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))  # a second call's answer
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["timeout_s"] = 5  # type: ignore[index]
+        settings = settings_from(config, live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            first = asyncio.create_task(client.route(user_chat(self.PROMPT), ACME, timeout=1.0))
+            async with asyncio.timeout(5):
+                while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                    await asyncio.sleep(0.01)
+            second = await client.route(user_chat(self.PROMPT), ACME)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await first
+            entries = server.router.ledger.entries()
+            spent = await server.router.admission.spent("acme")
+        labelling = cost_of_usage(settings.catalog.get("gpt-4o-mini"), self.USAGE)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert second.task == "code_generation"
+        assert second.reasons[0].endswith("(asked for another request with the same prompt)")
+        assert [(r.aborted, r.completed) for r in fake.requests] == [(False, True)]
+        assert [(e.outcome, e.cost_usd) for e in entries] == [(AttemptOutcome.COMPLETED, labelling)]
+        assert spent == labelling
+
+    async def test_when_the_shared_call_fails_each_request_falls_back_as_alone(self, fake: FakeProvider) -> None:
+        """The one call gives a bad answer: both requests are labelled by the local fallback and
+        say why, as one alone would be; no second call is made."""
+        fake.enqueue(Script(text="I think this is a coding question.", first_chunk_delay=1.0))
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))  # a second call's answer
+        async with (
+            Server(settings_from(llm_classifier_config(), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            decisions = await asyncio.gather(*(client.route(user_chat(self.PROMPT), ACME) for _ in range(2)))
+        assert len(fake.requests) == 1
+        for decision in decisions:
+            assert decision.reasons[0].startswith("classifier: gpt-4o-mini ClassifierAnswerError after ")
+            assert "; local fallback labelled the task 'code_generation'" in decision.reasons[0]
+
+
+class TestTheLLMClassifierKeepsToTheBreaker:
+    """The classifier's model has the circuit breaker every call to it has (over a real server)."""
+
+    async def test_an_open_breaker_is_not_asked_and_costs_nothing(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini's breaker is open: the classifier does not call it, the local fallback
+        labels the request at once and the reason says why; nothing is paid."""
+        config = llm_classifier_config()
+        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}}
+        fake.set_default(Script(text='{"task": "chat", "complexity": "low"}'))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            server.router.breakers.record_failure("gpt-4o-mini")
+            decision = await client.route(user_chat("Write a sonnet about tea."), ACME)
+            entries = server.router.ledger.entries()
+            spent = await server.router.admission.spent("acme")
+        assert fake.requests == []
+        assert decision.reasons[0] == (
+            "classifier: gpt-4o-mini not asked (circuit breaker open for model gpt-4o-mini);"
+            " local fallback labelled the task 'creative_writing'"
+        )
+        assert (Decimal(decision.routing_cost_usd), entries, spent) == (0, [], 0)
+
+    async def test_a_failed_classifier_call_counts_against_the_breaker(self, fake: FakeProvider) -> None:
+        """A classifier call the provider fails (a 503) is a failure of the model like any other
+        call's: with a threshold of one it opens the breaker, and the next new prompt is not sent."""
+        config = llm_classifier_config()
+        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}}
+        fake.enqueue(Script(status=503))
+        fake.set_default(Script(text='{"task": "chat", "complexity": "low"}'))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await client.route(user_chat("Write a sonnet about tea."), ACME)
+            decision = await client.route(user_chat("Write a haiku about coffee."), ACME)
+        assert len(fake.requests) == 1
+        assert "not asked (circuit breaker open for model gpt-4o-mini)" in decision.reasons[0]
+
+
+class TestMinConfidenceOfTheLLMClassifiersFallback:
+    """``min_confidence`` applies to a local label whichever method asked for it: the llm
+    method's local fallback too (over a real server)."""
+
+    async def test_a_fallback_label_below_min_confidence_leaves_the_task_unknown(self, fake: FakeProvider) -> None:
+        """The model fails; the local fallback's guess is below ``min_confidence`` (1: no local
+        label is sure enough), so the task stays unknown and the reason says so."""
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["min_confidence"] = 1.0  # type: ignore[index]
+        fake.set_default(Script(status=500))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            decision = await client.route(user_chat("Write a sonnet about tea."), ACME)
+        assert decision.task == ""
+        assert "; local fallback's guess 'creative_writing' at confidence " in decision.reasons[0]
+        assert decision.reasons[0].endswith(" is below 1; task left unknown")
+
+
+class TestAnswersDifferingInCase:
+    """Labels in the model's answer are read whatever their case and surrounding spaces."""
+
+    async def test_an_upper_case_answer_labels_the_request(self, fake: FakeProvider) -> None:
+        """An answer ``"Code_Generation"``, ``" HIGH "``: the canonical labels, no fallback (over a
+        real server)."""
+        fake.enqueue(Script(text='{"task": "Code_Generation", "complexity": " HIGH "}'))
+        async with (
+            Server(settings_from(llm_classifier_config(), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            decision = await client.route(user_chat("Sort a list in Go."), ACME)
+        assert decision.task == "code_generation"
+        assert decision.reasons[0].startswith(
+            "classifier: gpt-4o-mini labelled the task 'code_generation', complexity high, in "
+        )
+
+    @pytest.mark.parametrize(
+        ("answer", "expected"),
+        [
+            ('{"task": "SIMPLE_QA", "complexity": "Low"}', ("simple_qa", "low")),
+            ('{"task": "  chat\\n", "complexity": "MEDIUM "}', ("chat", "medium")),
+            ('{"task": "Other"}', ("other", "")),
+        ],
+    )
+    def test_labels_are_matched_case_insensitively(self, answer: str, expected: tuple[str, str]) -> None:
+        """Case and surrounding whitespace do not matter; the canonical lower-case label comes back."""
+        assert parse_answer(answer) == expected

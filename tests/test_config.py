@@ -151,6 +151,29 @@ class TestValidation:
                 r" match no request\)",
             ),
             (
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"last_user_message_matches": ""}),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.last_user_message_matches: must not be empty \(it"
+                r" would match every request\); leave the condition out instead",
+            ),
+            (
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"metadata": {"": "x"}}),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.metadata: a key must not be empty \(no request"
+                r" carries an empty key, so it would match no request\)",
+            ),
+            (
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"tools_gt": -1}),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.tools_gt: Input should be greater than or equal to 0",
+            ),
+            (
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"input_tokens_gt": -1}),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.input_tokens_gt: Input should be greater than or equal"
+                r" to 0",
+            ),
+            (
+                lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"input_tokens_lt": 0}),
+                r"routing\.stages\[1\]\.rules\[0\]\.when\.input_tokens_lt: Input should be greater than 0",
+            ),
+            (
                 lambda c: c["routing"]["stages"][1]["rules"][0].update(when={"colour": "red"}),
                 r"routing\.stages\[1\]\.rules\[0\]\.when\.colour: Extra inputs are not permitted",
             ),

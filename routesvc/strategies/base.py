@@ -12,10 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from routesvc.catalog import ModelSpec
 from routesvc.models import AllowList, ImageEstimate, Mode, RoutingRequest, UpstreamCall
+
+if TYPE_CHECKING:
+    # Not at run time: the breakers' module imports the config, which imports the stages.
+    from routesvc.breaker import Breakers
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +34,8 @@ class RoutingInput:
     calls a provider to decide (the LLM classifier) passes each call to ``charge`` as soon as it
     ends, however it ends, so that the request pays for it exactly once; when ``may_not_pay``
     says why (the tenant's budget is spent), it decides without such a call, as it does when
-    ``allow_list`` refuses the model it would call (the tenant may not use it).
+    ``allow_list`` refuses the model it would call (the tenant may not use it), or the model's
+    circuit breaker in ``breakers`` (the router's, which its answers' calls go through) is open.
     """
 
     request: RoutingRequest
@@ -44,6 +49,7 @@ class RoutingInput:
     charge: Callable[[UpstreamCall], None] | None = None
     may_not_pay: str = ""
     allow_list: AllowList = field(default_factory=AllowList)
+    breakers: Breakers | None = None
     # ``estimated_input_tokens`` counts the images by the larger of the providers' formulas (no
     # model is chosen yet); ``estimated_image_tokens`` is the part they make up, and
     # ``image_estimate`` has them by each provider kind's formula: ``cost.estimated_cost`` prices

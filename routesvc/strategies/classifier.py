@@ -7,26 +7,31 @@ Two kinds behind one stage, both of which annotate ``RoutingInput.task`` (source
   ``routesvc/data/task_examples.jsonl``), fitted at start: a one-vs-rest ridge over [prompt
   embedding, hashed words and word pairs, lexical cues] and the nearest examples (by embedding and
   words); offline, well under a millisecond for a typical prompt.
-- ``llm``: a cheap configured model asked for ``{"task", "complexity"}`` as JSON, bounded by a
-  timeout and cached by tenant and prompt hash. On timeout, provider error or bad JSON the stage
-  falls back (to the local classifier when one is given, else to no label) and the request is
-  still served; so it is after an unexpected error, logged (``classifier_failed``) with its
-  traceback. Its latency and cost are in the stage's reason.
+- ``llm``: a cheap configured model asked for ``{"task", "complexity"}`` as JSON (its labels read
+  whatever their case), bounded by a timeout and cached by tenant and prompt hash; requests with
+  the same key at once share one call. On timeout, provider error or bad JSON the stage falls
+  back (to the local classifier when one is given, else to no label) and the request is still
+  served; so it is after an unexpected error, logged (``classifier_failed``) with its traceback,
+  and at once, at no cost, while the model's circuit breaker is open. Its latency and cost are in
+  the stage's reason.
+
+Either way a local label below ``min_confidence`` is not used: the task stays unknown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import io
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import structlog
@@ -35,7 +40,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.cost import cost_of_usage, format_usd
 from routesvc.encoders import Encoder, WordLlamaEncoder
-from routesvc.errors import ConfigError, RouteSvcError
+from routesvc.errors import (
+    ConfigError,
+    ProviderError,
+    ProviderQuotaExhausted,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimedOut,
+    RouteSvcError,
+)
 from routesvc.features import bounded, lexical_matrix, word_hashes
 from routesvc.jsonlines import JsonLineError, json_lines
 from routesvc.memo import Memo, text_key
@@ -44,6 +57,10 @@ from routesvc.providers.base import Provider, ProviderCall
 from routesvc.ridge import RidgeModel
 from routesvc.sidecall import deterministic_temperature, side_call
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
+
+if TYPE_CHECKING:
+    # Not at run time: the breakers' module imports the config, which imports this one.
+    from routesvc.breaker import Breakers, Permit
 
 TASK_LABELS: tuple[str, ...] = (
     "code_generation",
@@ -89,7 +106,13 @@ class ClassifierStageConfig(BaseModel):
     kind: Literal["classifier"] = "classifier"
     method: Literal["local", "llm"] = Field("local", description="local model, or ask a cheap LLM")
     examples: Path | None = Field(None, description="JSONL of {task, prompt}; default: the shipped examples")
-    min_confidence: float = Field(0.0, ge=0, le=1, description="below this the task stays unknown")
+    min_confidence: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="a local label (the local method's, or the llm method's fallback's) below this confidence is"
+        " not used: the task stays unknown",
+    )
     override_hint: bool = Field(False, description="classify even when the request carries a task hint")
     model: str = Field("", description="catalog model id asked by the llm method")
     timeout_s: float = Field(2.0, gt=0, description="bound on the llm call; past it the stage falls back")
@@ -310,8 +333,9 @@ _MAX_ANSWER_CHARS = 4_096
 
 
 def parse_answer(text: str) -> tuple[str, str]:
-    """(task, complexity) from the model's answer, complexity "" when the answer leaves it out;
-    raises ``ClassifierAnswerError`` when invalid."""
+    """(task, complexity) from the model's answer, each the canonical lower-case label whatever the
+    answer's case and surrounding whitespace, complexity "" when the answer leaves it out; raises
+    ``ClassifierAnswerError`` when invalid."""
     text = text[:_MAX_ANSWER_CHARS]
     start = text.find("{")
     if start == -1:
@@ -327,8 +351,8 @@ def parse_answer(text: str) -> tuple[str, str]:
         start = text.find("{", start + 1)
     if not isinstance(data, dict):
         raise ClassifierAnswerError("classifier answer is not JSON (no object parses)")
-    task = data.get("task")
-    complexity = data.get("complexity", "")
+    task = _label(data.get("task"))
+    complexity = _label(data.get("complexity", ""))
     if task not in TASK_LABELS:
         raise ClassifierAnswerError(f"classifier answered an unknown task {task!r}")
     if complexity != "" and complexity not in COMPLEXITIES:
@@ -336,8 +360,46 @@ def parse_answer(text: str) -> tuple[str, str]:
     return str(task), str(complexity)
 
 
+def _label(value: object) -> object:
+    """A label as the model wrote it, matched as the canonical lower-case one: models answer
+    ``"HIGH"`` or ``"Code_Generation "`` as often as the form asked for."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What one call to the model gave: its label and usage, or (``problem``) why it gave none."""
+
+    task: str = ""
+    complexity: str = ""
+    usage: Usage = field(default_factory=Usage)
+    problem: str = ""  # "timed out", an error's name, "failed unexpectedly (Name)"
+
+
+@dataclass(eq=False, slots=True)
+class _Flight:
+    """A call to the model in flight for one tenant and prompt, and how many requests wait on it."""
+
+    call: asyncio.Task[_Answer]
+    waiting: int = 0
+
+
+def _settle(breakers: Breakers, permit: Permit, error: TimeoutError | ProviderError | None, answered: bool) -> None:
+    """Tell the model's breaker how the classifier's call on ``permit`` ended, as the router does
+    an answer's: a provider failure counts against the model, an answer for it; a refusal of
+    this request (400s, a spent quota) before any output, or our own timeout, is no verdict."""
+    if error is None:
+        breakers.record_success(permit.model)
+    elif isinstance(error, TimeoutError | ProviderTimedOut) or (
+        isinstance(error, ProviderRejected | ProviderQuotaExhausted) and not answered
+    ):
+        breakers.release_probe(permit)
+    else:
+        breakers.record_failure(permit.model, error.retry_after if isinstance(error, ProviderRateLimited) else None)
+
+
 class LLMClassifierStage:
-    """Asks a cheap model for the task label; times out, caches and falls back."""
+    """Asks a cheap model for the task label; times out, caches, shares calls and falls back."""
 
     def __init__(
         self,
@@ -348,20 +410,29 @@ class LLMClassifierStage:
         cache_size: int = 10_000,
         fallback: TaskClassifier | None = None,
         override_hint: bool = False,
+        min_confidence: float = 0.0,
     ) -> None:
         self._provider = provider
         self._model = model
         self._timeout_s = timeout_s
         self._cache: Memo[tuple[str, str]] = Memo(cache_size)
+        self._flights: dict[bytes, _Flight] = {}  # by the cache's key
         self._fallback = fallback
         self._override_hint = override_hint
+        self._min_confidence = min_confidence
 
     @property
     def name(self) -> str:
         """The stage name in decisions."""
         return "classifier"
 
-    async def _ask(self, prompt: str, charge: Callable[[UpstreamCall], None] | None) -> tuple[str, str, Usage]:
+    async def _ask(
+        self,
+        prompt: str,
+        charge: Callable[[UpstreamCall], None] | None,
+        breakers: Breakers | None,
+        permit: Permit | None,
+    ) -> tuple[str, str, Usage]:
         # The part of the prompt the local classifier reads too: a huge prompt is not paid for
         # twice, and the label depends on its start and end.
         messages = (Message(Role.SYSTEM, _INSTRUCTIONS), Message(Role.USER, bounded(prompt)))
@@ -377,10 +448,57 @@ class LLMClassifierStage:
         # trace and the cost metrics, like a cascade judge's call. Charged however the call ended
         # (a timeout, a cancelled request): the provider bills what it started.
         result = await side_call(self._provider, self._model, call, purpose="classifier", charge=charge)
+        if breakers is not None and permit is not None:
+            _settle(breakers, permit, result.error, bool(result.text))
         if result.error is not None:
             raise result.error
         task, complexity = parse_answer(result.text)
         return task, complexity, result.finish.usage if result.finish is not None else Usage()
+
+    async def _call(
+        self,
+        key: bytes,
+        prompt: str,
+        charge: Callable[[UpstreamCall], None] | None,
+        breakers: Breakers | None,
+        permit: Permit | None,
+    ) -> _Answer:
+        """One call to the model, for every request waiting on it: the label (remembered under
+        ``key``), or why there is none. A cancellation (every request waiting left) propagates."""
+        try:
+            task, complexity, usage = await self._ask(prompt, charge, breakers, permit)
+        except (TimeoutError, RouteSvcError) as exc:
+            return _Answer(problem="timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        except Exception as exc:
+            # A fault of ours or of a library's, not the provider's: the label is an aid to
+            # routing, so the request is still served (with the fallback's label), and the
+            # operator is told with the traceback. A cancellation is no Exception: it propagates.
+            log.exception("classifier_failed", model=self._model.id, error=type(exc).__name__)
+            return _Answer(problem=f"failed unexpectedly ({type(exc).__name__})")
+        finally:
+            if breakers is not None and permit is not None:
+                # A call that ended before the breaker heard of it (cancelled, a fault of ours)
+                # gives back a half-open probe's turn; a settled one's permit frees nothing.
+                breakers.release_probe(permit)
+            flight = self._flights.get(key)
+            if flight is not None and flight.call is asyncio.current_task():
+                del self._flights[key]
+        self._cache.put(key, (task, complexity))
+        return _Answer(task, complexity, usage)
+
+    async def _wait(self, key: bytes, flight: _Flight) -> _Answer:
+        """``flight``'s answer. A request that leaves (its deadline, its caller gone) leaves the
+        call to the others waiting; the last to leave ends it, and waits until it is charged."""
+        flight.waiting += 1
+        try:
+            return await asyncio.shield(flight.call)
+        finally:
+            flight.waiting -= 1
+            if not flight.waiting and not flight.call.done():
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+                flight.call.cancel()
+                await asyncio.wait([flight.call])
 
     async def classify(
         self,
@@ -390,16 +508,21 @@ class LLMClassifierStage:
         tenant: str = "",
         may_not_pay: str = "",
         may_not_use: str = "",
+        breakers: Breakers | None = None,
     ) -> tuple[str, str, str]:
-        """(task, complexity, explanation); task is "" when the model failed and no fallback exists.
-        Each provider call goes to ``charge`` as it ends (an answer from the cache makes none).
+        """(task, complexity, explanation); task is "" when the model failed and no fallback exists
+        (or the fallback's guess is below ``min_confidence``). Each provider call goes to
+        ``charge`` as it ends (an answer from the cache, or from a call another request made,
+        makes none).
 
         Labels are remembered per ``tenant``: a label one tenant paid for is not another's, and an
         answer "(cached)" at no cost must not tell a tenant that another sent the same prompt. When
         ``may_not_use`` says why the tenant may not use the model (its allow-list), the model's
         label is not its to have, remembered or not: the fallback answers. When ``may_not_pay``
-        says why it may not be asked (the budget is spent), it is not: the cache or the fallback
-        answers."""
+        says why it may not be asked (the budget is spent), it is not: the cache, a call in flight
+        or the fallback answers. A request whose tenant and prompt have a call in flight waits for
+        that call (within its own deadline) instead of making another. A model whose breaker (in
+        ``breakers``, the router's) is open is not asked: the fallback answers."""
         if may_not_use:
             return self._fall_back(prompt, f"not asked ({may_not_use})")
         # Two digests side by side: no tenant name and prompt can make another pair's key.
@@ -412,41 +535,50 @@ class LLMClassifierStage:
                 complexity,
                 f"classifier: {self._model.id} labelled the task {task!r}, {_judged(complexity)} (cached)",
             )
-        if may_not_pay:
-            return self._fall_back(prompt, f"not asked ({may_not_pay})")
-        if not prompt.strip():
-            # Nothing to label (a turn of images alone): a call would be refused or wasted.
-            return self._fall_back(prompt, "not asked (the last user turn has no text)")
+        flight = self._flights.get(key)
+        shared = flight is not None
+        if flight is None:
+            if may_not_pay:
+                return self._fall_back(prompt, f"not asked ({may_not_pay})")
+            if not prompt.strip():
+                # Nothing to label (a turn of images alone): a call would be refused or wasted.
+                return self._fall_back(prompt, "not asked (the last user turn has no text)")
+            permit = None if breakers is None else breakers.allow(self._model.id)
+            if breakers is not None and permit is None:
+                return self._fall_back(prompt, f"not asked (circuit breaker open for model {self._model.id})")
+            # A task of its own, so that the request that started it can leave without ending it
+            # for the others waiting; ``_wait`` ends it when the last of them leaves.
+            flight = _Flight(asyncio.create_task(self._call(key, prompt, charge, breakers, permit)))
+            self._flights[key] = flight
         started = time.perf_counter()
-        try:
-            task, complexity, usage = await self._ask(prompt, charge)
-        except (TimeoutError, RouteSvcError) as exc:
-            elapsed = (time.perf_counter() - started) * 1000
-            problem = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-            return self._fall_back(prompt, f"{problem} after {elapsed:.0f} ms")
-        except Exception as exc:
-            # A fault of ours or of a library's, not the provider's: the label is an aid to
-            # routing, so the request is still served (with the fallback's label), and the
-            # operator is told with the traceback. A cancellation is no Exception: it propagates.
-            log.exception("classifier_failed", model=self._model.id, error=type(exc).__name__)
-            elapsed = (time.perf_counter() - started) * 1000
-            return self._fall_back(prompt, f"failed unexpectedly ({type(exc).__name__}) after {elapsed:.0f} ms")
+        answer = await self._wait(key, flight)
         elapsed = (time.perf_counter() - started) * 1000
-        cost: Decimal = cost_of_usage(self._model, usage)
-        self._cache.put(key, (task, complexity))
-        return (
-            task,
-            complexity,
-            f"classifier: {self._model.id} labelled the task {task!r}, {_judged(complexity)}, "
-            f"in {elapsed:.0f} ms for ${format_usd(cost)}",
-        )
+        if answer.problem:
+            return self._fall_back(prompt, f"{answer.problem} after {elapsed:.0f} ms")
+        labelled = f"classifier: {self._model.id} labelled the task {answer.task!r}, {_judged(answer.complexity)}"
+        if shared:
+            return answer.task, answer.complexity, f"{labelled} (asked for another request with the same prompt)"
+        cost: Decimal = cost_of_usage(self._model, answer.usage)
+        return answer.task, answer.complexity, f"{labelled}, in {elapsed:.0f} ms for ${format_usd(cost)}"
 
     def _fall_back(self, prompt: str, why: str) -> tuple[str, str, str]:
-        """(task, "", explanation) when the model gave no label (``why``): the local fallback's."""
+        """(task, "", explanation) when the model gave no label (``why``): the local fallback's,
+        unless its confidence is below ``min_confidence`` (task "", as with no fallback)."""
         if self._fallback is None:
             return "", "", f"classifier: {self._model.id} {why}"
-        task = self._fallback.predict(prompt).task
-        return task, "", f"classifier: {self._model.id} {why}; local fallback labelled the task {task!r}"
+        prediction = self._fallback.predict(prompt)
+        if prediction.confidence < self._min_confidence:
+            return (
+                "",
+                "",
+                f"classifier: {self._model.id} {why}; local fallback's guess {prediction.task!r} at confidence"
+                f" {prediction.confidence:.4g} is below {self._min_confidence:.4g}",
+            )
+        return (
+            prediction.task,
+            "",
+            f"classifier: {self._model.id} {why}; local fallback labelled the task {prediction.task!r}",
+        )
 
     async def decide(self, routing_input: RoutingInput, next_stage: NextStage) -> Verdict:
         """Set ``task`` from the model's answer (or the fallback) and defer to the rest."""
@@ -463,6 +595,7 @@ class LLMClassifierStage:
             tenant=routing_input.request.context.tenant,
             may_not_pay=routing_input.may_not_pay,
             may_not_use=routing_input.allow_list.refuses(self._model.id),
+            breakers=routing_input.breakers,
         )
         if not task:
             reason = f"{reason}; {_left(routing_input)}"
@@ -524,4 +657,5 @@ def build(
         cache_size=config.cache_size,
         fallback=local,
         override_hint=config.override_hint,
+        min_confidence=config.min_confidence,
     )
