@@ -1,7 +1,7 @@
 """Circuit breakers, one per model: stop calling a model that keeps failing, probe it later.
 
 closed --(failure_threshold consecutive failures)--> open
-open --(open_seconds passed, or the provider's Retry-After if longer)--> half-open
+open --(open_seconds passed, or the provider's Retry-After if longer, up to max_open_seconds)--> half-open
 half-open --(the one probe succeeds)--> closed
 half-open --(the probe fails)--> open
 
@@ -108,7 +108,9 @@ class Breakers:
             was_open = breaker.state is BreakerState.OPEN
             breaker.state = BreakerState.OPEN
             breaker.probe = None
-            seconds = max(self._config.open_seconds, retry_after or 0.0)
+            # The provider's wait, when longer, but never past the operator's bound: one 503 saying
+            # "Retry-After: 86400" must not take the model out for a day.
+            seconds = min(self._config.max_open_seconds, max(self._config.open_seconds, retry_after or 0.0))
             breaker.opened_until = self._clock() + seconds
             if not was_open:
                 log.warning("breaker_opened", model=model, failures=breaker.failures, open_seconds=seconds)

@@ -403,6 +403,20 @@ class BreakerConfig(_Strict):
 
     failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open the breaker.")
     open_seconds: float = Field(30.0, gt=0, description="How long it stays open at least (longer on Retry-After).")
+    max_open_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How long a provider's Retry-After (or rate-limit reset) may hold it open at most, "
+        "so one answer saying a day cannot take the model out for a day; at least open_seconds.",
+    )
+
+    @model_validator(mode="after")
+    def _max_open_is_not_below_open(self) -> BreakerConfig:
+        if self.max_open_seconds < self.open_seconds:
+            raise ValueError(
+                f"max_open_seconds ({self.max_open_seconds:g}) must be at least open_seconds ({self.open_seconds:g})"
+            )
+        return self
 
 
 class ReliabilityConfig(_Strict):

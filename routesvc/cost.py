@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from routesvc.catalog import ModelSpec
-from routesvc.models import ChatRequest, ImageEstimate, Mode, Usage
+from routesvc.models import ChatRequest, ImageEstimate, Mode, ProviderKind, Usage
 from routesvc.tokens import count_text_tokens, estimate_image_tokens, estimate_input_tokens
 
 _PER_TOKEN = Decimal(1_000_000)
@@ -77,16 +77,36 @@ def input_tokens_on(model: ModelSpec, estimate: Estimated) -> tuple[int, int]:
 def estimated_cost(model: ModelSpec, estimate: Estimated, mode: Mode = Mode.REALTIME) -> Decimal:
     """``estimate_cost`` of a routed request's ``estimate`` on ``model``, its images counted by
     the model's own formula and scale."""
-    input_tokens, image_tokens = input_tokens_on(model, estimate)
-    return estimate_cost(model, input_tokens, estimate.estimated_output_tokens, mode, image_tokens=image_tokens)
+    usage = Usage(input_tokens=billed_input_estimate(model, estimate), output_tokens=estimate.estimated_output_tokens)
+    return cost_of_usage(model, usage, mode)
+
+
+def billed_input_estimate(model: ModelSpec, estimate: Estimated) -> int:
+    """The input tokens ``model`` bills for a routed request's ``estimate``: its images by the
+    model's formula and scale. What ``estimated_cost`` prices, and what a batch job whose result
+    reports no input is charged (kept with the job at submit)."""
+    return billed_input_tokens(model, *input_tokens_on(model, estimate))
 
 
 def billed_input_tokens(model: ModelSpec, input_tokens: int, image_tokens: int) -> int:
     """The input tokens ``model`` bills for an estimate of ``input_tokens``, ``image_tokens`` of
     them images (billed at the model's ``image_token_scale``)."""
+    return _scaled(input_tokens, image_tokens, model.image_token_scale)
+
+
+def estimate_billed_input(chat: ChatRequest, kind: ProviderKind, image_token_scale: Decimal) -> int:
+    """The input tokens a model of a provider of ``kind`` that bills images at
+    ``image_token_scale`` bills for ``chat``, estimated offline (its images by the kind's
+    formula, then the scale), as ``estimated_cost`` prices a request: what is charged for an
+    input the provider did not report (a stream without usage, a call cut short)."""
+    images = estimate_image_tokens(chat).for_kind(kind)
+    return _scaled(estimate_input_tokens(chat, kind), images, image_token_scale)
+
+
+def _scaled(input_tokens: int, image_tokens: int, image_token_scale: Decimal) -> int:
     if not image_tokens:
         return input_tokens
-    return input_tokens - image_tokens + math.ceil(image_tokens * model.image_token_scale)
+    return input_tokens - image_tokens + math.ceil(image_tokens * image_token_scale)
 
 
 def interrupted_usage(model: ModelSpec, chat: ChatRequest, produced: Sequence[str], reported: Usage | None) -> Usage:
@@ -102,8 +122,7 @@ def interrupted_usage(model: ModelSpec, chat: ChatRequest, produced: Sequence[st
     output_tokens = count_text_tokens("".join(produced))
     if reported is not None:
         return replace(reported, output_tokens=output_tokens)
-    images = estimate_image_tokens(chat).for_kind(model.provider_kind)
-    input_tokens = billed_input_tokens(model, estimate_input_tokens(chat, model.provider_kind), images)
+    input_tokens = estimate_billed_input(chat, model.provider_kind, model.image_token_scale)
     return Usage(input_tokens=input_tokens, output_tokens=output_tokens)
 
 

@@ -492,8 +492,9 @@ class BatchJob:
     created_at: float
     updated_at: float
     decision_id: str = ""
-    # The decision's estimate of the request's input tokens, charged when the provider's result
-    # reports none; None in jobs stored before it was kept.
+    # The decision's estimate of the request's input tokens as the model bills them (images at
+    # its image_token_scale), charged when the provider's result reports none; None in jobs
+    # stored before it was kept.
     estimated_input_tokens: int | None = None
 
 

@@ -1108,7 +1108,11 @@ class Router:
                 permit = self._breakers.allow(model_id)
                 if permit is None:
                     open_breaker = ProviderUnavailable(
-                        f"circuit breaker open for model {model_id}", provider=model.provider, model=model_id
+                        f"circuit breaker open for model {model_id}",
+                        provider=model.provider,
+                        model=model_id,
+                        # When its probe may go; none while a half-open breaker's probe runs.
+                        retry_after=self._breakers.retry_in(model_id) or None,
                     )
                     last_error = last_error or open_breaker
                     retryable_error = retryable_error or open_breaker  # it half-opens again soon
@@ -1195,6 +1199,7 @@ class Router:
             response_format=request.chat.response_format,
             timeout=remaining,
             headers=MappingProxyType(dict(headers or {})),
+            image_token_scale=model.image_token_scale,
         )
         received: list[str] = []  # what each chunk carried: answer text, reasoning, tool calls
         reported: Usage | None = None  # the input the provider said it bills, before any output

@@ -310,6 +310,26 @@ class TestBatchSubmitAndResults:
         assert [(entry["batch_id"], entry["model"]) for entry in estimated] == [(job.batch_id, model)]
         assert "Summarise" not in repr(logs)
 
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    async def test_a_result_with_a_negative_count_is_charged_an_estimate(
+        self, tmp_path: Path, fake: FakeProvider, model: str
+    ) -> None:
+        """A result whose usage has a count that is none (negative: a broken server) is read as a
+        stream's is, as no count: its input is charged the estimate, flagged, never a negative
+        cost that would credit the tenant."""
+        fake.enqueue(Script(text="ok", input_tokens=-5_000_000), model=fake_model(model))
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await submit(client, model=model)
+            decision, job = messages[0].decision, messages[1].batch
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            entries = [e for e in server.router.ledger.entries() if e.request_id == job.batch_id]
+        assert done.result.usage.input_tokens == decision.estimated_input_tokens
+        assert Decimal(done.result.cost_usd) > 0
+        assert [e.estimated for e in entries] == [True]
+
     async def test_small_requests_are_grouped_into_one_provider_batch(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Three jobs within the window: one provider batch of three requests."""
         config = batch_config(tmp_path)

@@ -692,6 +692,33 @@ class TestImageTokens:
         assert entry.usage.input_tokens == decision.estimated_input_tokens - 765 + 25498
         assert dict(span.attributes or {})["gen_ai.usage.input_tokens"] == entry.usage.input_tokens
 
+    @pytest.mark.parametrize(
+        ("model", "image_tokens", "billed"),
+        [("gpt-4o-mini", 765, 25498), ("claude-sonnet", 1399, 2798)],
+        ids=["openai", "anthropic"],
+    )
+    async def test_a_stream_without_usage_is_charged_the_image_as_its_model_bills_it(
+        self, fake: FakeProvider, model: str, image_tokens: int, billed: int
+    ) -> None:
+        """A stream that reports no usage is charged its input estimated as the decision's
+        estimate counts it: a square image at the model's formula times its ``image_token_scale``
+        (gpt-4o-mini's 33.33; claude-sonnet given 2 here), not the formula's tokens alone."""
+        fake.enqueue(Script(text="A dark square.", omit_usage=True))
+        config = default_config()
+        (claude,) = [m for m in config["models"] if m["id"] == "claude-sonnet"]  # type: ignore[attr-defined]
+        claude["image_token_scale"] = "2"
+        chat = image_chat(data_part(png(1024, 1024)), content=_QUESTION)
+        pinned = pb.RoutingContext(model=model)
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(chat, pinned)]
+            (entry,) = server.router.ledger.entries()
+        decision, completion = messages[0].decision, messages[-1].completion
+        assert completion.usage.input_tokens == decision.estimated_input_tokens - image_tokens + billed
+        assert (entry.usage.input_tokens, entry.estimated) == (completion.usage.input_tokens, True)
+
 
 class TestImagesStayOutOfTelemetry:
     async def test_captured_messages_and_logs_hold_no_image_data(self, fake: FakeProvider) -> None:
@@ -751,6 +778,25 @@ class TestBatchImages:
             await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
         request = fake.batches[0].requests[0]
         assert (request.get("body") or request["params"])["messages"] == [{"role": "user", "content": content}]
+
+    async def test_a_result_without_usage_is_charged_the_image_as_its_model_bills_it(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch result that reports no usage is charged the input the submit's estimate (the
+        budget's reservation) counted: gpt-4o-mini's square image at 765 x 33.33 = 25,498 tokens,
+        not the decision's 765 unscaled."""
+        answer = "A dark square."
+        fake.enqueue(Script(text=answer, omit_usage=True))
+        chat = image_chat(data_part(png(1024, 1024)), content=_QUESTION)
+        context = pb.RoutingContext(realtime=False, tenant="acme", model="gpt-4o-mini")
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(chat, context)]
+            decision, job = messages[0].decision, messages[1].batch
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert done.result.usage.input_tokens == decision.estimated_input_tokens - 765 + 25498
 
     def test_the_stored_request_decodes_to_the_same_turns(self) -> None:
         """encode_request / decode_request keep every part, bytes, size and detail included."""

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 from routesvc.breaker import Breakers, BreakerState
 from routesvc.client import RouterClient
 from routesvc.config import BreakerConfig
-from routesvc.errors import DeadlineExceeded
+from routesvc.errors import ConfigError, DeadlineExceeded
 from routesvc.ledger import AttemptOutcome, Ledger, LedgerEntry
 from routesvc.models import ChatRequest, Message, Role, RoutingRequest, Usage
 from routesvc.providers._http import parse_retry_after, rate_limit_reset
@@ -210,6 +210,16 @@ class TestProviderRetryDelays:
             ),
             # Neither says which is spent: the larger.
             ({"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "1m30.5s"}, 90.5),
+            # The spent limit resets in microseconds (a Go duration in µs): that, not the other's 6 minutes.
+            (
+                {
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": "850us",
+                    "x-ratelimit-remaining-tokens": "9000",
+                    "x-ratelimit-reset-tokens": "6m0s",
+                },
+                0.00085,
+            ),
         ],
     )
     async def test_an_openai_429_without_retry_after_carries_its_limits_reset(
@@ -225,7 +235,7 @@ class TestProviderRetryDelays:
         fake.enqueue(Script(status=429, headers=headers))
         error, _ = await failure(client, model="gpt-4o-mini")
         assert (error.code(), error_info(error).reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED")
-        assert retry_delay(error) == seconds
+        assert retry_delay(error) == pytest.approx(seconds)
 
     @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
     async def test_an_anthropic_429_without_retry_after_carries_its_limits_reset(
@@ -553,13 +563,73 @@ class TestBreakers:
         self, reliable: tuple[Server, RouterClient], fake: FakeProvider, retry_after: str
     ) -> None:
         """429s saying Retry-After: inf: each caller gets RESOURCE_EXHAUSTED with a finite retry
-        delay (never UNKNOWN), and the breaker opens for a day, not forever."""
+        delay (a day, never UNKNOWN), and the breaker opens for ``max_open_seconds``, not forever."""
         server, client = reliable
         fake.enqueue(*[Script(status=429, retry_after=retry_after)] * 3)
         for _ in range(3):
             error, _ = await failure(client, model="gpt-4o-mini")
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert 86_000 < server.router.breakers.retry_in("gpt-4o-mini") <= 86_400
+            assert retry_delay(error) == 86_400
+        assert 50 < server.router.breakers.retry_in("gpt-4o-mini") <= 60
+
+    def test_a_retry_after_holds_the_breaker_open_at_most_max_open_seconds(self) -> None:
+        """A provider's Retry-After longer than ``open_seconds`` holds the breaker open that long,
+        up to ``max_open_seconds``: one answer saying a day, at the opening or from the half-open
+        probe, takes the model out for at most the operator's bound."""
+        now = [0.0]
+        breakers = Breakers(BreakerConfig(failure_threshold=1, open_seconds=10, max_open_seconds=60), lambda: now[0])
+        breakers.record_failure("m", retry_after=45.0)
+        assert breakers.retry_in("m") == 45.0
+        now[0] = 45.0
+        assert breakers.allow("m") is not None  # the probe
+        breakers.record_failure("m", retry_after=86_400.0)
+        assert breakers.retry_in("m") == 60.0
+        breakers.record_success("m")
+        breakers.record_failure("m", retry_after=86_400.0)
+        assert breakers.retry_in("m") == 60.0
+
+    @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
+    @pytest.mark.parametrize(("model", "status"), [("gpt-4o-mini", 503), ("claude-sonnet", 529)])
+    async def test_an_unavailable_answer_with_a_days_retry_after_opens_the_breaker_at_most_max_open_seconds(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider, model: str, status: int
+    ) -> None:
+        """Three 503s (Anthropic: 529s), the last saying Retry-After: 86400: the breaker opens for
+        ``max_open_seconds`` (60 by default), not a day; its caller is still told the provider's day."""
+        server, client = reliable
+        fake.enqueue(Script(status=status), Script(status=status), Script(status=status, retry_after="86400"))
+        for _ in range(3):
+            error, _ = await failure(client, model=model)
+        assert retry_delay(error) == 86_400
+        assert 50 < server.router.breakers.retry_in(model) <= 60
+
+    def test_max_open_seconds_below_open_seconds_is_refused(self) -> None:
+        """A bound on the open time shorter than the open time itself says nothing sensible: the
+        config is refused at start, naming the fields."""
+        config = reliable_config(breaker={"open_seconds": 30, "max_open_seconds": 10})
+        with pytest.raises(
+            ConfigError, match=r"reliability\.breaker: .*max_open_seconds \(10\) must be at least open_seconds \(30\)"
+        ):
+            settings_from(config)
+
+    async def test_an_open_breakers_refusal_says_when_to_retry(self, fake: FakeProvider) -> None:
+        """With no fallback, a request while the model's breaker is open fails fast UNAVAILABLE
+        with RetryInfo of the time until the breaker lets a probe through."""
+        config = reliable_config(
+            retries_per_model=0, max_attempts=1, breaker={"failure_threshold": 3, "open_seconds": 30}
+        )
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(*[Script(status=503)] * 3)
+            for _ in range(3):
+                await failure(client, model="gpt-4o-mini")
+            error, _ = await failure(client, model="gpt-4o-mini")
+            retry_in = server.router.breakers.retry_in("gpt-4o-mini")
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+        assert retry_in <= retry_delay(error) <= 30
+        assert len(fake.requests) == 3
 
     @pytest.mark.parametrize(
         ("headers", "seconds"),
@@ -598,6 +668,23 @@ class TestBreakers:
                 0.007,
             ),
             ({"x-ratelimit-reset-requests": "9999h"}, 86_400.0),
+            ({"x-ratelimit-reset-requests": "850us"}, 0.00085),
+            ({"x-ratelimit-reset-requests": "1.5µs"}, 0.0000015),
+            ({"x-ratelimit-reset-requests": "2μs"}, 0.000002),
+            ({"x-ratelimit-reset-requests": "300ns"}, 0.0000003),
+            ({"x-ratelimit-reset-requests": "1m0.000001s"}, 60.000001),
+            ({"x-ratelimit-reset-requests": "0"}, 0.0),
+            ({"x-ratelimit-reset-requests": "-5s"}, None),
+            # A spent limit whose reset is unreadable: not the reset of one that is not spent.
+            (
+                {
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": "in a while",
+                    "x-ratelimit-remaining-tokens": "9000",
+                    "x-ratelimit-reset-tokens": "6m0s",
+                },
+                None,
+            ),
             ({"x-ratelimit-reset-requests": "soon"}, None),
             ({"x-ratelimit-reset-requests": "1x"}, None),
             ({"anthropic-ratelimit-requests-reset": "2026-01-01T00:00:30Z"}, 30.0),

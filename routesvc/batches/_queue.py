@@ -10,9 +10,11 @@ to poll), and when one has ended reads its results: each job ends exactly once
 
 A result that reports no usage (a server whose batch results have no ``usage``, or leave a count
 out) is charged an estimate of what it does not report, as a stream without usage is: the
-input as the job's decision estimated it, the output counted in the answer; flagged estimated in
-the ledger and logged (``batch_usage_estimated``, without prompt or answer). A job queued before
-its estimate was stored has no input charged then.
+input as the job's decision estimated it, as the model bills it (images at its
+``image_token_scale``, as the submit's estimate counts them), the output counted in the answer;
+flagged estimated in the ledger and logged (``batch_usage_estimated``, without prompt or answer).
+A job queued before that estimate was kept with it (or whose model left the catalog before it
+was queued) has no input charged then.
 
 Outcomes: the provider's expiry ends a job EXPIRED, a failed request or batch FAILED (with a
 short provider code), a cancelled one CANCELLED; none of them is charged, but for a job cancelled
@@ -150,7 +152,7 @@ from routesvc.batches._store import (
 )
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.config import BATCH_API_KINDS, ProviderSettings, Settings
-from routesvc.cost import cost_of_usage, format_usd
+from routesvc.cost import billed_input_estimate, cost_of_usage, format_usd
 from routesvc.errors import (
     BatchNotFound,
     BatchStoreUnavailable,
@@ -451,7 +453,7 @@ class BatchQueue:
             created_at=now,
             updated_at=now,
             decision_id=decision.decision_id,
-            estimated_input_tokens=decision.estimated_input_tokens,
+            estimated_input_tokens=self._billed_input(decision),
         )
         chat = request.chat
         stored = QueuedRequest(
@@ -829,6 +831,17 @@ class BatchQueue:
             message = f"{api.name}: batch submit took over {seconds:.0f} s"
             raise ProviderTimedOut(message, provider=api.name, model="batch") from exc
 
+    def _billed_input(self, decision: RouteDecision) -> int | None:
+        """The input tokens the decided model bills for the job's request as its decision
+        estimated them (images at the model's ``image_token_scale``, as the budget's reservation
+        counted them): charged if its result reports none. None when the model has left the
+        catalog since the decision (a reload), whose jobs fail ``model_not_in_catalog`` unless
+        it comes back."""
+        try:
+            return billed_input_estimate(self._catalog().get(decision.model), decision)
+        except ModelNotFound:
+            return None
+
     async def _model(self, model_id: str, batch_ids: list[str]) -> ModelSpec | None:
         """The model from the current catalog; None (and the jobs FAILED) when it is not there."""
         try:
@@ -1097,8 +1110,9 @@ class BatchQueue:
 def _billed_usage(job: BatchJob, result: ItemResult) -> tuple[Usage, bool]:
     """The usage ``job``'s answer ``result`` is charged, and whether it is estimated: the
     provider's, but for a count its result did not report (a server that sends no ``usage``),
-    estimated as a stream without usage is: the input as the decision estimated it (the request,
-    gone from the store by now), the output counted in the answer's text and tool calls. An
+    estimated as a stream without usage is: the input as the decision estimated it, as the model
+    bills it (``BatchQueue._billed_input``, kept with the job: the request is gone from the store
+    by now), the output counted in the answer's text and tool calls. An
     estimate is logged, without the answer or the prompt."""
     if result.input_reported and result.output_reported:
         return result.usage, False

@@ -114,8 +114,9 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # tag: ``BatchAPI.tags_batches``), until its results show whether it holds the job; NULL otherwise.
 # request_bytes: the size of the stored request while it is kept, 0 once it is cleared (NULL in
 # rows stored before it was added, counted as 0), summed through its own index (``add``).
-# estimated_input_tokens: the decision's estimate of the request's input, charged for a result
-# that reports no usage (NULL in rows stored before it was added: no input is charged then).
+# estimated_input_tokens: the decision's estimate of the request's input as its model bills it
+# (images at its image_token_scale), charged for a result that reports no usage (NULL in rows
+# stored before it was added: no input is charged then).
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),

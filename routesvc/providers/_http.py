@@ -112,10 +112,11 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     return min(MAX_RETRY_AFTER_SECONDS, max(0.0, when.timestamp() - current))
 
 
-# OpenAI's reset headers hold a Go duration ("1s", "6m0s", "20ms", "1m30.5s"): runs of a number
-# and a unit, longest units first.
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?")
-_DURATION_UNITS = (3600.0, 60.0, 1.0, 0.001)
+# OpenAI's reset headers hold a Go duration ("1s", "6m0s", "20ms", "1m30.5s", "850µs"): runs of
+# a number and a unit, as Go's time.ParseDuration reads them (micro as "us", "µs" or "μs").
+_DURATION_PARTS = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION = re.compile(f"(?:{_DURATION_PARTS.pattern})+")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # The rate limits each API reports: (remaining header, reset header) of each.
 _OPENAI_LIMITS = tuple(
     (f"x-ratelimit-remaining-{limit}", f"x-ratelimit-reset-{limit}") for limit in ("requests", "tokens")
@@ -131,20 +132,19 @@ def rate_limit_reset(headers: Mapping[str, str], *, now: float | None = None) ->
     OpenAI (``x-ratelimit-reset-requests`` / ``-tokens``: a duration such as ``6m0s``) or
     Anthropic (``anthropic-ratelimit-*-reset``: an RFC 3339 moment): the reset of a limit whose
     remaining header says 0, the latest of them if several, else the latest of all; at most
-    ``MAX_RETRY_AFTER_SECONDS``. None if no reset header reads as one (a 429 without Retry-After
-    is read so, as the SDKs' own retries read it)."""
+    ``MAX_RETRY_AFTER_SECONDS``. None if no such reset header reads as one (a 429 without
+    Retry-After is read so, as the SDKs' own retries read it): a spent limit's unreadable reset
+    is not replaced by the reset of a limit that is not spent, which says nothing of the wait."""
     current = time.time() if now is None else now
-    resets: list[tuple[bool, float]] = []
+    resets: list[tuple[bool, float | None]] = []  # (spent, seconds; None when unreadable)
     for remaining, reset in _OPENAI_LIMITS:
-        seconds = _duration(headers.get(reset))
-        if seconds is not None:
-            resets.append((_spent(headers.get(remaining)), seconds))
+        if (value := headers.get(reset)) is not None:
+            resets.append((_spent(headers.get(remaining)), _duration(value)))
     for remaining, reset in _ANTHROPIC_LIMITS:
-        seconds = _until(headers.get(reset), current)
-        if seconds is not None:
-            resets.append((_spent(headers.get(remaining)), seconds))
+        if (value := headers.get(reset)) is not None:
+            resets.append((_spent(headers.get(remaining)), _until(value, current)))
     spent = [seconds for at_zero, seconds in resets if at_zero]
-    chosen = spent or [seconds for _, seconds in resets]
+    chosen = [seconds for seconds in spent or [seconds for _, seconds in resets] if seconds is not None]
     return min(MAX_RETRY_AFTER_SECONDS, max(chosen)) if chosen else None
 
 
@@ -157,13 +157,16 @@ def _spent(remaining: str | None) -> bool:
 
 
 def _duration(value: str | None) -> float | None:
-    """A Go duration (``1m30.5s``, ``20ms``) in seconds, in [0, one day]; None if absent or not one."""
+    """A Go duration (``1m30.5s``, ``20ms``, ``850µs``, ``0``) in seconds, in [0, one day]; None
+    if absent or not one (a negative one included)."""
     if not value:
         return None
-    found = _DURATION.fullmatch(value.strip())
-    if found is None or not any(found.groups()):
+    text = value.strip()
+    if text == "0":
+        return 0.0
+    if _DURATION.fullmatch(text) is None:
         return None
-    seconds = sum(float(part) * unit for part, unit in zip(found.groups(), _DURATION_UNITS, strict=True) if part)
+    seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PARTS.findall(text))
     return min(MAX_RETRY_AFTER_SECONDS, seconds)
 
 

@@ -57,6 +57,7 @@ from anthropic.types import (
     UserMessageParam,
 )
 
+from routesvc.cost import estimate_billed_input
 from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import (
     CacheTtl,
@@ -98,7 +99,7 @@ from routesvc.providers._http import (
 from routesvc.providers._sending import sending, traced
 from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, anthropic_call_id
 from routesvc.providers.base import HttpClientKind, ModelRequest, ProviderCall
-from routesvc.tokens import count_text_tokens, estimate_input_tokens
+from routesvc.tokens import count_text_tokens
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 
@@ -551,7 +552,7 @@ class AnthropicProvider:
         if estimated:
             self._usage_log.estimated(self._name, call.model)
         if tally.input_tokens is None:
-            usage = Usage(input_tokens=estimate_input_tokens(call.as_chat(), "anthropic"))
+            usage = Usage(input_tokens=estimate_billed_input(call.as_chat(), "anthropic", call.image_token_scale))
         else:
             usage = _input_usage(tally)
         output_tokens = count_text_tokens("".join(tally.output)) if tally.output_tokens is None else tally.output_tokens

@@ -200,9 +200,9 @@ def _entry_result(line: dict[str, Any]) -> ItemResult:
         usage = message.get("usage") or {}
         input_tokens = reported_count(usage, "input_tokens")
         output_tokens = reported_count(usage, "output_tokens")
-        cached = int(usage.get("cache_read_input_tokens") or 0)
-        written = int(usage.get("cache_creation_input_tokens") or 0)
-        written_1h = int((usage.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0)
+        cached = reported_count(usage, "cache_read_input_tokens") or 0
+        written = reported_count(usage, "cache_creation_input_tokens") or 0
+        written_1h = reported_count(usage.get("cache_creation") or {}, "ephemeral_1h_input_tokens") or 0
         blocks = message.get("content") or []
         text = "".join(str(block["text"]) for block in blocks if block["type"] == "text")
         # A tool_use block that names no tool is no call (as in a stream: ``ToolCallParts``).

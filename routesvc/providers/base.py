@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Literal, Protocol
 
@@ -192,6 +193,8 @@ class ProviderCall:
     adapter bounds the whole HTTP exchange by it. ``headers`` are extra HTTP headers to send
     upstream (for example ``traceparent``); never the client's own credentials. ``sent`` is set
     once the request went out (``RequestSent``): what a call cut short is charged on.
+    ``image_token_scale`` is the model's (``ModelSpec``): an input the provider does not report is
+    estimated as the model bills it (``cost.estimate_billed_input``).
     """
 
     model: str
@@ -207,10 +210,11 @@ class ProviderCall:
     timeout: float | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     sent: RequestSent = field(default_factory=RequestSent, compare=False, repr=False)
+    image_token_scale: Decimal = Decimal(1)
 
     def as_chat(self) -> ChatRequest:
         """What the call puts in the prompt, as a ``ChatRequest``: what its input is estimated
-        from (``tokens.estimate_input_tokens``) wherever the provider reports none."""
+        from (``cost.estimate_billed_input``) wherever the provider reports none."""
         return ChatRequest(messages=self.messages, tools=self.tools, response_format=self.response_format)
 
 

@@ -25,6 +25,7 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
+from routesvc.providers._http import count_field
 
 log = structlog.get_logger(__name__)
 
@@ -168,11 +169,11 @@ class BatchAPI(Protocol):
 
 
 def reported_count(usage: dict[str, Any], key: str) -> int | None:
-    """The token count ``key`` of a result's ``usage``: None when the result has none (absent or
-    null: ``ItemResult.input_reported``); a value that is no count raises, failing its line
-    (``guarded_line``)."""
-    value = usage.get(key)
-    return None if value is None else int(value)
+    """The token count ``key`` of a result's ``usage``, read as a stream's is (``count_field``):
+    None when the result has none, or one that is no count (negative, a string, a fraction), so
+    that the queue estimates it (``ItemResult.input_reported``) instead of charging a broken
+    server's figure, a negative one crediting the tenant."""
+    return count_field(usage.get(key))
 
 
 def guarded_line(line: dict[str, Any], read: Callable[[dict[str, Any]], ItemResult]) -> ItemResult:

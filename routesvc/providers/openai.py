@@ -38,6 +38,7 @@ from openai.types.chat import (
 from openai.types.chat.chat_completion_content_part_image_param import ImageURL
 from openai.types.shared_params import FunctionDefinition
 
+from routesvc.cost import estimate_billed_input
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
 from routesvc.models import (
     FinishReason,
@@ -79,7 +80,7 @@ from routesvc.providers._http import (
 from routesvc.providers._sending import sending, traced
 from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, openai_call_id
 from routesvc.providers.base import HttpClientKind, ModelRequest, ProviderCall
-from routesvc.tokens import count_text_tokens, estimate_input_tokens
+from routesvc.tokens import count_text_tokens
 
 OpenAIKind = Literal["openai", "openai_compatible"]
 
@@ -404,7 +405,7 @@ class OpenAIProvider:
         if estimated:
             self._usage_log.estimated(self._name, call.model, kind=self._kind)
         if input_tokens is None:
-            input_tokens = estimate_input_tokens(call.as_chat(), self._kind)
+            input_tokens = estimate_billed_input(call.as_chat(), self._kind, call.image_token_scale)
         if output_tokens is None:
             output_tokens = count_text_tokens("".join(output))
         details = object_field(usage.get("prompt_tokens_details"))

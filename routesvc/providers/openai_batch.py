@@ -267,7 +267,7 @@ class OpenAIBatches:
             usage=Usage(
                 input_tokens=input_tokens or 0,
                 output_tokens=output_tokens or 0,
-                cached_input_tokens=int(details.get("cached_tokens") or 0),
+                cached_input_tokens=reported_count(details, "cached_tokens") or 0,
             ),
             finish_reason=FinishReason.CONTENT_FILTER if refusal else finish,
             provider_model=str(body.get("model") or ""),
