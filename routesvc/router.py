@@ -846,11 +846,12 @@ class Router:
         state.buffering = True
         try:
             async for event in self._serve(state, replace(decision, model=model_id), request, deadline, headers):
+                if state.number != answering:
+                    # A retry or fallback answers after a failed attempt's partial text, which is
+                    # dropped also when the answer has no text (an empty or filtered one).
+                    deltas.clear()
+                    answering = state.number
                 if isinstance(event, TextDelta):
-                    if state.number != answering:
-                        # A retry or fallback answers after a failed attempt's partial text.
-                        deltas.clear()
-                        answering = state.number
                     deltas.append(event)
                 else:
                     completion = event

@@ -966,6 +966,27 @@ class TestFailedStepsKeepTheirLimits:
         ]
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"] * 2
 
+    async def test_a_retry_that_answers_no_text_is_scored_as_empty_not_as_the_cut_attempts_text(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap step's stream is cut after 3 chunks and its retry answers with no text at
+        all: the step's answer is the retry's, empty, which the local scorer rejects, so the
+        request escalates; the cut attempt's text is never released (it was, scored 1.0, under
+        the retry's completion)."""
+        fake.enqueue(Script(chunk_count=6, fault=Fault.CUT, fault_after=3), Script(chunks=()), model="gpt-4o-mini")
+        fake.enqueue(Script(text="the strong model's answer"), model="gpt-4o")
+        messages = await _cascade(live_client, "Say hello")
+        [escalation] = [m.escalation for m in messages if m.WhichOneof("event") == "escalation"]
+        completion = messages[-1].completion
+        assert (escalation.from_model, escalation.to_model, escalation.quality.score) == ("gpt-4o-mini", "gpt-4o", 0.0)
+        assert _text(messages) == "the strong model's answer"
+        assert completion.model == "gpt-4o"
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_FAILED),
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_ESCALATED),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_COMPLETED),
+        ]
+
     async def test_an_escalation_reports_the_usage_of_a_cut_step(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
