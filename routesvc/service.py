@@ -381,7 +381,10 @@ class RouterService(pb_grpc.RouterServiceServicer):
             # Our bug: log the traceback (locals are not rendered), answer INTERNAL, never UNKNOWN.
             log.exception("rpc_internal_error", method=method, request_id=request_id)
             code = grpc.StatusCode.INTERNAL
-            await self._abort(context, record, RouteSvcError("internal error"))
+            internal = RouteSvcError("internal error")
+            # After text, with the committed trailers: a client retrying would repeat it.
+            internal.chunks_sent = _chunks_sent(record)
+            await self._abort(context, record, internal)
         else:
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         finally:
@@ -430,6 +433,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
             # once, which closes the upstream request, instead of waiting for garbage collection.
             async with contextlib.aclosing(events):
                 async for event in events:
+                    # Converted before it is counted: the trailers of a call that fails here count
+                    # only what was sent.
+                    message = wire.complete_message(event)
                     if isinstance(event, RouteDecision):
                         _record_decision(record, event)
                     elif isinstance(event, Escalation):
@@ -456,7 +462,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
                     # client reading slowly) has handed the message to grpc, which sends it before
                     # the status, so a client that reads on gets it and the trailers count it.
                     record.fields["chunks"] = chunks
-                    yield wire.complete_message(event)
+                    yield message
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

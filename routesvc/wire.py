@@ -653,15 +653,35 @@ def _quality(quality: QualityScore) -> pb.QualityScore:
     return pb.QualityScore(score=quality.score, scorer=quality.scorer, reason=quality.reason)
 
 
+def _provider_text(text: str) -> str:
+    """A string a provider sent, as a protobuf string can hold it (valid UTF-8): a lone surrogate
+    (a JSON escape of half a UTF-16 pair, as a server that cuts a stream mid-character sends it)
+    becomes U+FFFD, and the halves of a pair that came apart (a tool call's arguments assembled
+    from pieces) are joined. Every provider string that enters a message goes through here: one
+    it cannot encode would end a call that sent text with an internal error."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
 def _tool_calls(calls: tuple[ToolCall, ...]) -> list[pb.ToolCall]:
-    return [pb.ToolCall(id=call.id, name=call.name, arguments_json=call.arguments_json) for call in calls]
+    return [
+        pb.ToolCall(
+            id=_provider_text(call.id),
+            name=_provider_text(call.name),
+            arguments_json=_provider_text(call.arguments_json),
+        )
+        for call in calls
+    ]
 
 
 def _completion(event: Completion) -> pb.Completion:
     message = pb.Completion(
         model=event.model,
         provider=event.provider,
-        provider_model=event.provider_model,
+        provider_model=_provider_text(event.provider_model),
         usage=_usage(event.usage),
         cost_usd=format_usd(event.cost_usd),
         finish_reason=_FINISH[event.finish_reason],
@@ -709,11 +729,11 @@ def batch_status_message(status: BatchStatus) -> pb.GetBatchResponse:
         result = status.result
         response.result.CopyFrom(
             pb.BatchResult(
-                text=result.text,
+                text=_provider_text(result.text),
                 usage=_usage(result.usage),
                 cost_usd=format_usd(result.cost_usd),
                 finish_reason=_FINISH[result.finish_reason],
-                provider_model=result.provider_model,
+                provider_model=_provider_text(result.provider_model),
                 tool_calls=_tool_calls(result.tool_calls),
             )
         )
@@ -753,7 +773,7 @@ def complete_message(event: CompleteEvent) -> pb.CompleteResponse:
     if isinstance(event, RouteDecision):
         return pb.CompleteResponse(decision=decision_message(event))
     if isinstance(event, TextDelta):
-        return pb.CompleteResponse(delta=pb.TextDelta(text=event.text))
+        return pb.CompleteResponse(delta=pb.TextDelta(text=_provider_text(event.text)))
     if isinstance(event, Escalation):
         return pb.CompleteResponse(
             escalation=pb.Escalation(
