@@ -68,6 +68,7 @@ from routesvc.models import (
 )
 from routesvc.policy import Policy
 from routesvc.providers.base import Provider, ProviderCall, refusal
+from routesvc.reported_usage import CheckedUsage
 from routesvc.retry import RetryBudget, backoff_delay, is_retryable, skips_provider
 from routesvc.scoring import Scorer, ScoreResult, ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
@@ -1195,7 +1196,10 @@ class Router:
         # The timers run inside the observed stream, so the attempt's span ends with the failure
         # they raise, as the router reports it.
         timed = _Timed(
-            provider, model, reliability.first_token_timeout_seconds, reliability.stream_idle_timeout_seconds
+            CheckedUsage(provider, model),
+            model,
+            reliability.first_token_timeout_seconds,
+            reliability.stream_idle_timeout_seconds,
         )
         stream = telemetry.observed_stream(timed, model, call, decision.mode)
         try:

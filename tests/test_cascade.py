@@ -879,12 +879,12 @@ class TestFailedStepsKeepTheirLimits:
             request = RoutingRequest(ChatRequest((Message(Role.USER, prompt),)), RoutingContext(cascade=True))
             decision = await server.router.route(request)
         catalog = settings.catalog
-        cheap = cost_of_usage(catalog.get("gpt-4o-mini"), Usage(input_tokens=20, output_tokens=6_000))
+        cheap = cost_of_usage(catalog.get("gpt-4o-mini"), Usage(input_tokens=24_000, output_tokens=6))
         gpt4o, claude = (estimated_cost(catalog.get(m), decision) for m in ("gpt-4o", "claude-sonnet"))
         cap = claude + cheap / 2  # claude-sonnet alone fits; after the cheap answer it does not
         assert cheap + gpt4o <= cap  # the escalation to gpt-4o fits
         config["cascade"]["max_cost_usd"] = str(cap)  # type: ignore[index]
-        refusal = Script(text="I cannot help with that.", input_tokens=20, output_tokens=6_000)
+        refusal = Script(text="I cannot help with that.", input_tokens=24_000, output_tokens=6)
         fake.enqueue(refusal, model="gpt-4o-mini")
         fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o")
         async with (
