@@ -434,6 +434,31 @@ class TestDeadlinesAndCancellation:
         await recorded.wait_ended(timeout=5.0)
         assert recorded.aborted
 
+    @pytest.mark.parametrize("context", [{"model": "gpt-4o-mini"}, {"cascade": True}], ids=["retry", "cascade"])
+    async def test_a_failure_with_no_time_left_for_another_attempt_is_what_the_caller_is_told(
+        self, fake: FakeProvider, context: dict[str, object]
+    ) -> None:
+        """gpt-4o-mini stalls (first_token_timeout_seconds 0.6) and less than min_attempt_seconds
+        (2.7) of the 3 s deadline is left: no fallback (claude-sonnet, one a cascade step may fall
+        back to too) or escalation starts, and the caller gets the stall's UNAVAILABLE, as without
+        any configured, not a DEADLINE_EXCEEDED long before its deadline."""
+        config = default_config()
+        config["reliability"] = {"first_token_timeout_seconds": 0.6, "min_attempt_seconds": 2.7}
+        config["routing"]["fallbacks"]["gpt-4o-mini"] = ["gpt-4o", "claude-sonnet"]  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await _collect(client)  # opens the provider connection (see above)
+            fake.enqueue(Script(first_chunk_delay=5.0), model="gpt-4o-mini")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _collect(client, timeout=3.0, **context)
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "PROVIDER_UNAVAILABLE",
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+
     @pytest.mark.parametrize("after", [0, 1, 10, 100])
     async def test_cancel_mid_stream_closes_the_upstream_request(
         self, live_client: RouterClient, fake: FakeProvider, after: int
