@@ -398,7 +398,7 @@ def _depth(value: object) -> int:
 def _tool(index: int, tool: pb.Tool) -> ToolSpec:
     field = f"chat.tools[{index}]"
     _tool_name(f"{field}.name", tool.name)
-    parameters = _json_object(f"{field}.parameters_json", tool.parameters_json) if tool.parameters_json else {}
+    parameters = _object_schema(f"{field}.parameters_json", tool.parameters_json) if tool.parameters_json else {}
     cache = _cache_breakpoint(f"{field}.cache_breakpoint", tool.cache_breakpoint)
     return ToolSpec(tool.name, tool.description, MappingProxyType(parameters), cache)
 
@@ -423,6 +423,17 @@ def _json_object(field: str, text: str) -> dict[str, object]:
     except UnicodeEncodeError:
         raise InvalidRequest(field, "must not escape a lone surrogate (every string must be valid UTF-8)") from None
     return parsed
+
+
+def _object_schema(field: str, text: str) -> dict[str, object]:
+    """``text`` as ``_json_object`` reads it, a JSON Schema whose root describes an object: OpenAI
+    and Anthropic take no other root for a tool's parameters, and OpenAI none for a structured
+    answer (a ``type`` set otherwise was sent, and refused upstream; Anthropic's adapter wrote it
+    over its own ``"object"``). A root without ``type`` is taken, as the providers take it."""
+    schema = _json_object(field, text)
+    if "type" in schema and schema["type"] != "object":
+        raise InvalidRequest(field, 'must describe an object: its root "type", when set, must be "object"')
+    return schema
 
 
 def _stop(chat: pb.ChatRequest, limits: LimitsConfig) -> tuple[str, ...]:
@@ -487,7 +498,7 @@ def _response_format(chat: pb.ChatRequest) -> ResponseFormat | None:
     _tool_name(f"{field}.name", message.name)
     if not message.schema_json:
         raise InvalidRequest(f"{field}.schema_json", "is required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
-    schema = _json_object(f"{field}.schema_json", message.schema_json)
+    schema = _object_schema(f"{field}.schema_json", message.schema_json)
     return ResponseFormat(ResponseFormatType.JSON_SCHEMA, message.name, MappingProxyType(schema), message.strict)
 
 
