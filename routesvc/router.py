@@ -67,6 +67,7 @@ from routesvc.models import (
 )
 from routesvc.policy import Policy
 from routesvc.providers.base import Provider, ProviderCall, refusal
+from routesvc.reported_usage import CheckedUsage
 from routesvc.retry import RetryBudget, backoff_delay, is_retryable, skips_provider
 from routesvc.scoring import Scorer, ScoreResult, ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
@@ -857,11 +858,12 @@ class Router:
         state.buffering = True
         try:
             async for event in self._serve(state, replace(decision, model=model_id), request, deadline, headers):
+                if state.number != answering:
+                    # A retry or fallback answers after a failed attempt's partial text, which is
+                    # dropped also when the answer has no text (an empty or filtered one).
+                    deltas.clear()
+                    answering = state.number
                 if isinstance(event, TextDelta):
-                    if state.number != answering:
-                        # A retry or fallback answers after a failed attempt's partial text.
-                        deltas.clear()
-                        answering = state.number
                     deltas.append(event)
                 else:
                     completion = event
@@ -1104,7 +1106,11 @@ class Router:
                 # that starts (``_attempt`` releases or settles it however it ends).
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining < reliability.min_attempt_seconds:
-                    raise TimeoutError
+                    if last_error is None or remaining <= 0:
+                        raise TimeoutError
+                    # The deadline has not passed: what the caller is told is the failure that
+                    # made this retry or fallback needed, as when none is configured.
+                    raise _failure_to_report(last_error, retryable_error)
                 permit = self._breakers.allow(model_id)
                 if permit is None:
                     open_breaker = ProviderUnavailable(
@@ -1144,9 +1150,7 @@ class Router:
                 await asyncio.sleep(delay)
         if last_error is None:
             raise no_eligible_model_for(decision)
-        # A spent quota says "do not retry until paid"; when another model only failed for now
-        # (rate limited, unavailable), that is what the caller is told, so a retry may succeed.
-        raise retryable_error if skips_provider(last_error) and retryable_error is not None else last_error
+        raise _failure_to_report(last_error, retryable_error)
 
     async def _cover(self, state: _AttemptState, model: ModelSpec) -> None:
         """Make the request's reservation hold what it has spent on answers so far plus ``model``'s
@@ -1210,7 +1214,10 @@ class Router:
         # The timers run inside the observed stream, so the attempt's span ends with the failure
         # they raise, as the router reports it.
         timed = _Timed(
-            provider, model, reliability.first_token_timeout_seconds, reliability.stream_idle_timeout_seconds
+            CheckedUsage(provider, model),
+            model,
+            reliability.first_token_timeout_seconds,
+            reliability.stream_idle_timeout_seconds,
         )
         stream = telemetry.observed_stream(timed, model, call, decision.mode)
         try:
@@ -1408,6 +1415,13 @@ def _side_call_outcome(call: UpstreamCall) -> AttemptOutcome:
     if call.cancelled:
         return AttemptOutcome.CANCELLED
     return AttemptOutcome.FAILED if call.refused else AttemptOutcome.INTERRUPTED
+
+
+def _failure_to_report(last_error: ProviderError, retryable_error: ProviderError | None) -> ProviderError:
+    """The error a request whose attempts all failed ends with: the last one's, except that a
+    spent quota says "do not retry until paid", so when another model only failed for now (rate
+    limited, unavailable), that is what the caller is told, so a retry may succeed."""
+    return retryable_error if skips_provider(last_error) and retryable_error is not None else last_error
 
 
 def no_eligible_model_for(decision: RouteDecision) -> ProviderUnavailable:

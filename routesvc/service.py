@@ -326,6 +326,13 @@ class RouterService(pb_grpc.RouterServiceServicer):
         alert = False  # a failure the operator must act on whatever its code (operator_must_act)
         task = asyncio.current_task()
         admitted = False
+
+        def release_slot() -> None:
+            nonlocal admitted
+            if admitted:
+                admitted = False
+                self._in_flight -= 1
+
         try:
             if self._in_flight >= self._max_in_flight:
                 raise Overloaded(f"the server is at its limit of {self._max_in_flight} concurrent calls")
@@ -356,6 +363,10 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 error.chunks_sent = _chunks_sent(record)
             if isinstance(error, ClientStalled):
                 telemetry.record_client_stalled()
+                # Its status waits behind the unread messages as long again (``_abort``): the
+                # call holds nothing more meanwhile (its provider request and reservation are
+                # closed), so its slot is free from now on.
+                release_slot()
             await self._abort(context, record, error)
         except TimeoutError:
             code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -381,15 +392,17 @@ class RouterService(pb_grpc.RouterServiceServicer):
             # Our bug: log the traceback (locals are not rendered), answer INTERNAL, never UNKNOWN.
             log.exception("rpc_internal_error", method=method, request_id=request_id)
             code = grpc.StatusCode.INTERNAL
-            await self._abort(context, record, RouteSvcError("internal error"))
+            internal = RouteSvcError("internal error")
+            # After text, with the committed trailers: a client retrying would repeat it.
+            internal.chunks_sent = _chunks_sent(record)
+            await self._abort(context, record, internal)
         else:
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         finally:
-            if admitted:
-                self._in_flight -= 1
-                if task is not None:
-                    self._tasks.discard(task)
-                    self._interrupted.discard(task)
+            release_slot()
+            if task is not None:
+                self._tasks.discard(task)
+                self._interrupted.discard(task)
             duration_ms = round((time.monotonic() - started) * 1000, 3)
             # Failures on our side or the provider's at warning, so they can be alerted on;
             # the caller's own doing (invalid, cancelled, over a limit) stays at info.
@@ -430,6 +443,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
             # once, which closes the upstream request, instead of waiting for garbage collection.
             async with contextlib.aclosing(events):
                 async for event in events:
+                    # Converted before it is counted: the trailers of a call that fails here count
+                    # only what was sent.
+                    message = wire.complete_message(event)
                     if isinstance(event, RouteDecision):
                         _record_decision(record, event)
                     elif isinstance(event, Escalation):
@@ -456,7 +472,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
                     # client reading slowly) has handed the message to grpc, which sends it before
                     # the status, so a client that reads on gets it and the trailers count it.
                     record.fields["chunks"] = chunks
-                    yield wire.complete_message(event)
+                    yield message
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -879,12 +879,12 @@ class TestFailedStepsKeepTheirLimits:
             request = RoutingRequest(ChatRequest((Message(Role.USER, prompt),)), RoutingContext(cascade=True))
             decision = await server.router.route(request)
         catalog = settings.catalog
-        cheap = cost_of_usage(catalog.get("gpt-4o-mini"), Usage(input_tokens=20, output_tokens=6_000))
+        cheap = cost_of_usage(catalog.get("gpt-4o-mini"), Usage(input_tokens=24_000, output_tokens=6))
         gpt4o, claude = (estimated_cost(catalog.get(m), decision) for m in ("gpt-4o", "claude-sonnet"))
         cap = claude + cheap / 2  # claude-sonnet alone fits; after the cheap answer it does not
         assert cheap + gpt4o <= cap  # the escalation to gpt-4o fits
         config["cascade"]["max_cost_usd"] = str(cap)  # type: ignore[index]
-        refusal = Script(text="I cannot help with that.", input_tokens=20, output_tokens=6_000)
+        refusal = Script(text="I cannot help with that.", input_tokens=24_000, output_tokens=6)
         fake.enqueue(refusal, model="gpt-4o-mini")
         fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o")
         async with (
@@ -965,6 +965,27 @@ class TestFailedStepsKeepTheirLimits:
             ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
         ]
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"] * 2
+
+    async def test_a_retry_that_answers_no_text_is_scored_as_empty_not_as_the_cut_attempts_text(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap step's stream is cut after 3 chunks and its retry answers with no text at
+        all: the step's answer is the retry's, empty, which the local scorer rejects, so the
+        request escalates; the cut attempt's text is never released (it was, scored 1.0, under
+        the retry's completion)."""
+        fake.enqueue(Script(chunk_count=6, fault=Fault.CUT, fault_after=3), Script(chunks=()), model="gpt-4o-mini")
+        fake.enqueue(Script(text="the strong model's answer"), model="gpt-4o")
+        messages = await _cascade(live_client, "Say hello")
+        [escalation] = [m.escalation for m in messages if m.WhichOneof("event") == "escalation"]
+        completion = messages[-1].completion
+        assert (escalation.from_model, escalation.to_model, escalation.quality.score) == ("gpt-4o-mini", "gpt-4o", 0.0)
+        assert _text(messages) == "the strong model's answer"
+        assert completion.model == "gpt-4o"
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_FAILED),
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_ESCALATED),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_COMPLETED),
+        ]
 
     async def test_an_escalation_reports_the_usage_of_a_cut_step(
         self, live_client: RouterClient, fake: FakeProvider

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import defaultdict
 from decimal import Decimal
@@ -12,10 +13,11 @@ import pytest
 from structlog.testing import capture_logs
 from structlog.typing import EventDict, WrappedLogger
 
+from routesvc import wire
 from routesvc.client import RouterClient
 from routesvc.ledger import AttemptOutcome
 from routesvc.server import Server
-from routesvc.testing import FakeProvider, Fault, Script
+from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
@@ -432,6 +434,31 @@ class TestDeadlinesAndCancellation:
         await recorded.wait_ended(timeout=5.0)
         assert recorded.aborted
 
+    @pytest.mark.parametrize("context", [{"model": "gpt-4o-mini"}, {"cascade": True}], ids=["retry", "cascade"])
+    async def test_a_failure_with_no_time_left_for_another_attempt_is_what_the_caller_is_told(
+        self, fake: FakeProvider, context: dict[str, object]
+    ) -> None:
+        """gpt-4o-mini stalls (first_token_timeout_seconds 0.6) and less than min_attempt_seconds
+        (2.7) of the 3 s deadline is left: no fallback (claude-sonnet, one a cascade step may fall
+        back to too) or escalation starts, and the caller gets the stall's UNAVAILABLE, as without
+        any configured, not a DEADLINE_EXCEEDED long before its deadline."""
+        config = default_config()
+        config["reliability"] = {"first_token_timeout_seconds": 0.6, "min_attempt_seconds": 2.7}
+        config["routing"]["fallbacks"]["gpt-4o-mini"] = ["gpt-4o", "claude-sonnet"]  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await _collect(client)  # opens the provider connection (see above)
+            fake.enqueue(Script(first_chunk_delay=5.0), model="gpt-4o-mini")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _collect(client, timeout=3.0, **context)
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "PROVIDER_UNAVAILABLE",
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+
     @pytest.mark.parametrize("after", [0, 1, 10, 100])
     async def test_cancel_mid_stream_closes_the_upstream_request(
         self, live_client: RouterClient, fake: FakeProvider, after: int
@@ -561,3 +588,60 @@ class TestOpenAICompatible:
         assert "stream_options" not in fake.requests[-1].body
         assert messages[-1].completion.usage.output_tokens > 0
         assert (entry.outcome, entry.estimated) == (AttemptOutcome.COMPLETED, True)
+
+
+class TestProviderStrings:
+    """A provider's strings reach the caller as a protobuf string can hold them (valid UTF-8),
+    whatever its JSON escaped: a lone surrogate (half of an emoji's UTF-16 pair, as a server
+    that cuts a stream mid-character sends it) ended the call INTERNAL after its text was sent."""
+
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    async def test_a_lone_surrogate_in_the_text_is_replaced_and_the_stream_completes(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider, model: str
+    ) -> None:
+        """An emoji's pair split across two events: each half becomes U+FFFD, the rest of the text
+        and the completion follow, and the ledger has the attempt completed (it said cancelled)."""
+        fake.enqueue(Script(chunks=("Hello ", "\ud83d", "\ude00", " done")))
+        messages = await _collect(live_client, model=model)
+        assert [m.delta.text for m in messages if m.WhichOneof("event") == "delta"] == [
+            "Hello ",
+            "\ufffd",
+            "\ufffd",
+            " done",
+        ]
+        assert messages[-1].WhichOneof("event") == "completion"
+        [entry] = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert entry.outcome is AttemptOutcome.COMPLETED
+
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    async def test_tool_call_strings_and_the_provider_model_are_made_valid(
+        self, live_client: RouterClient, fake: FakeProvider, model: str
+    ) -> None:
+        """A tool call's arguments whose emoji came in two pieces are joined again, a lone half is
+        U+FFFD, as in a reported model name: the caller gets the calls it paid for (INTERNAL, with
+        the attempt completed and charged)."""
+        arguments = '{"a": "\ud83d\ude00", "b": "\ud83d"}'
+        call = FakeToolCall(name="f", arguments=arguments, pieces=len(arguments))  # one character an event
+        fake.enqueue(Script(chunks=(), tool_calls=(call,), model="gpt-\ud83d"))
+        chat = user_chat("call f", tools=[pb.Tool(name="f", parameters_json='{"type": "object"}')])
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(model=model))]
+        completion = messages[-1].completion
+        assert [json.loads(c.arguments_json) for c in completion.tool_calls] == [{"a": "\U0001f600", "b": "\ufffd"}]
+        assert completion.provider_model == "gpt-\ufffd"
+
+    async def test_an_internal_error_after_text_carries_the_committed_trailers(
+        self, live_client: RouterClient, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Our bug in the last message, after three chunks were sent: INTERNAL, with the committed
+        trailers counting them, so that a client does not retry and repeat the text."""
+
+        def failing_completion(event: object) -> pb.Completion:
+            raise ValueError("a bug")
+
+        monkeypatch.setattr(wire, "_completion", failing_completion)
+        fake.enqueue(Script(chunk_count=3))
+        error, received = await _failure(live_client)
+        assert error.code() == grpc.StatusCode.INTERNAL
+        assert [m.WhichOneof("event") for m in received] == ["decision"] + ["delta"] * 3
+        trailers = dict(error.trailing_metadata() or ())
+        assert (trailers["routesvc-committed"], trailers["routesvc-chunks-sent"]) == ("true", "3")

@@ -199,6 +199,52 @@ class TestSlowConsumer:
         )
         assert (trailers["routesvc-committed"], trailers["routesvc-chunks-sent"]) == ("true", str(deltas))
 
+    async def test_a_stalled_calls_slot_is_free_while_its_status_waits(self, fake: FakeProvider) -> None:
+        """Once the server gives up on a caller that stopped reading (CLIENT_STALLED, after
+        client_write_timeout_seconds) its status waits behind the unread messages as long again;
+        the call holds nothing meanwhile, so the server's only RPC slot is free: the next call is
+        served before the stalled one has ended (it was refused OVERLOADED until then, twice the
+        timeout in all)."""
+        config = default_config()
+        config["reliability"] = {"max_concurrent_rpcs": 1, "client_write_timeout_seconds": 1.0}
+        fake.enqueue(Script(chunks=("x" * 16_384,) * 600))  # ~10 MB: far more than the windows hold
+        finished = asyncio.Event()
+
+        def notify(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+            if event["event"] == "rpc_finished" and event.get("request_id") == "stalled":
+                finished.set()
+            return event
+
+        options = [("grpc.http2.lookahead_bytes", 65_536), ("grpc.http2.bdp_probe", 0)]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+            grpc.aio.insecure_channel(server.target, options=options) as channel,
+        ):
+            stub = pb_grpc.RouterServiceStub(channel)
+            with capture_logs(processors=[notify]):
+                call = stub.Complete(
+                    pb.CompleteRequest(chat=user_chat("write a lot")), metadata=(("x-request-id", "stalled"),)
+                )
+                assert [(await call.read()).WhichOneof("event") for _ in range(2)] == ["decision", "delta"]
+                # The server gave up on the caller: it closed the provider request.
+                await fake.requests[-1].wait_ended(timeout=10.0)
+                fake.enqueue(Script(chunk_count=3))
+                served_while_stalled_call_ends = False
+                while not finished.is_set():
+                    try:
+                        answer = [m async for m in client.complete(user_chat("hi"))]
+                    except grpc.aio.AioRpcError as refused:
+                        if error_info(refused).reason != "OVERLOADED":
+                            raise
+                        await asyncio.sleep(0.02)
+                        continue
+                    assert answer[-1].WhichOneof("event") == "completion"
+                    served_while_stalled_call_ends = not finished.is_set()
+                    break
+            call.cancel()
+        assert served_while_stalled_call_ends
+
 
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))

@@ -11,11 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import status_pb2
+from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient, build_chat
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut, ProviderUnavailable
 from routesvc.ledger import AttemptOutcome
-from routesvc.models import ChatRequest, Message, ProviderEvent, Role, ToolCall, ToolSpec, UpstreamCall
+from routesvc.models import ChatRequest, Message, ProviderEvent, Role, ToolCall, ToolSpec, UpstreamCall, Usage
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.anthropic_batch import AnthropicBatches
 from routesvc.providers.base import ProviderCall
@@ -23,7 +24,7 @@ from routesvc.providers.batch import BatchItem
 from routesvc.server import Server
 from routesvc.sidecall import side_call
 from routesvc.testing import FakeProvider, Fault, Script
-from routesvc.tokens import estimate_input_tokens
+from routesvc.tokens import count_text_tokens, estimate_input_tokens
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, until, user_chat
 from tests.observability import observed_server
@@ -382,6 +383,96 @@ class TestUnreportedUsage:
         messages = [m async for m in live_client.complete(user_chat("Say hello"), pb.RoutingContext(model="gpt-4o"))]
         (entry,) = live_server.router.ledger.entries(messages[0].decision.decision_id)
         assert entry.estimated is False
+
+
+class TestImplausibleUsage:
+    """A count the call cannot have used (a broken server's) is taken as unreported: estimated,
+    flagged and logged, not charged as is (10**19 output tokens overflowed the protobuf's int64
+    after the answer was streamed, and charged the tenant's budget $6e12)."""
+
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    async def test_an_output_over_the_max_output_tokens_sent_is_estimated(self, fake: FakeProvider, model: str) -> None:
+        """10**19 output tokens for a call that asked for at most 512: the answer completes with
+        its output counted from its text, the ledger flags it estimated, the tenant's budget takes
+        that cost, a warning names the counts, and the tenant's next call is served."""
+        config = default_config()
+        config["tenants"] = {"t": {"daily_budget_usd": "100"}}
+        fake.enqueue(Script(chunk_count=3, output_tokens=10**19, input_tokens=7))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(model=model, tenant="t")
+            with capture_logs() as logs:
+                messages = [m async for m in client.complete(user_chat("Say hello"), context)]
+            [entry] = server.router.ledger.entries(messages[0].decision.decision_id)
+            spent = await server.router.admission.spent("t")
+            fake.enqueue(Script(chunk_count=3))
+            again = [m async for m in client.complete(user_chat("Say hello"), context)]
+        usage = messages[-1].completion.usage
+        assert (usage.input_tokens, usage.output_tokens) == (7, count_text_tokens("chunk-0 chunk-1 chunk-2 "))
+        assert (entry.outcome, entry.estimated, entry.usage.output_tokens) == (
+            AttemptOutcome.COMPLETED,
+            True,
+            usage.output_tokens,
+        )
+        assert spent == entry.cost_usd == Decimal(messages[-1].completion.cost_usd)
+        [warning] = [e for e in logs if e["event"] == "provider_usage_implausible"]
+        assert (warning["log_level"], warning["implausible"], warning["output_tokens"]) == ("warning", "output", 10**19)
+        assert again[-1].WhichOneof("event") == "completion"
+
+    async def test_an_input_far_past_the_context_window_is_estimated(
+        self, live_server: Server, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """10**12 input tokens reported for a short prompt on a 128k model: the input billed is
+        the router's estimate of the prompt, flagged; the output as reported."""
+        fake.enqueue(Script(chunk_count=3, input_tokens=10**12, output_tokens=3))
+        context = pb.RoutingContext(model="gpt-4o-mini")
+        messages = [m async for m in live_client.complete(user_chat("Say hello"), context)]
+        [entry] = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        request = ChatRequest(messages=(Message(Role.USER, "Say hello"),))
+        usage = messages[-1].completion.usage
+        assert (usage.input_tokens, usage.output_tokens) == (estimate_input_tokens(request), 3)
+        assert (entry.estimated, entry.usage) == (True, Usage(usage.input_tokens, 3))
+
+    async def test_a_cut_stream_whose_reported_input_is_implausible_estimates_it(
+        self, live_server: Server, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """Anthropic's message_start reports 10**19 input tokens, and the stream is cut: the
+        attempt is charged the prompt's estimate, not that count (it is dropped, as unreported)."""
+        fake.enqueue(Script(input_tokens=10**19, chunk_count=10, fault=Fault.CUT, fault_after=3))
+        messages: list[pb.CompleteResponse] = []
+
+        async def complete() -> None:
+            async for message in live_client.complete(user_chat("Say hello"), pb.RoutingContext(model="claude-sonnet")):
+                messages.append(message)
+
+        with pytest.raises(grpc.aio.AioRpcError):
+            await complete()
+        [entry] = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        request = ChatRequest(messages=(Message(Role.USER, "Say hello"),))
+        assert (entry.outcome, entry.estimated) == (AttemptOutcome.INTERRUPTED, True)
+        assert entry.usage.input_tokens == estimate_input_tokens(request, "anthropic")
+
+    async def test_a_side_calls_implausible_output_is_estimated(self, fake: FakeProvider) -> None:
+        """A judge's or classifier's call whose server reports 10**19 output tokens for a call
+        that asked for at most 64: charged its text's count, flagged."""
+        fake.enqueue(Script(text="0.9", output_tokens=10**19, input_tokens=5))
+        provider = AnthropicProvider("anthropic", "sk-test", fake.anthropic_base_url)
+        model = settings_from(default_config()).catalog.get("claude-sonnet")
+        call = ProviderCall(
+            model=model.id,
+            provider_model=model.provider_model,
+            messages=(Message(Role.USER, "Grade this"),),
+            max_output_tokens=64,
+        )
+        charges: list[UpstreamCall] = []
+        try:
+            await side_call(provider, model, call, purpose="judge", charge=charges.append)
+        finally:
+            await provider.aclose()
+        [used] = charges
+        assert (used.finished, used.estimated, used.usage) == (True, True, Usage(5, count_text_tokens("0.9")))
 
 
 class TestInputReportedBeforeTheAnswer:

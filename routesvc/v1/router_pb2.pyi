@@ -1181,7 +1181,10 @@ class Attempt(_message.Message):
     """Its cost in USD, decimal string."""
     @_builtins.property
     def usage(self) -> Global___Usage:
-        """Its usage (zero for a failure without output)."""
+        """Its usage, as the provider reported it; estimated for a call cut short once the provider
+        had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+        zero for one the provider refused before any output, or cut before its request went out.
+        """
 
     def __init__(
         self,

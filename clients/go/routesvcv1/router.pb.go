@@ -2087,7 +2087,9 @@ type Attempt struct {
 	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
 	// How it ended.
 	Outcome AttemptOutcome `protobuf:"varint,2,opt,name=outcome,proto3,enum=routesvc.v1.AttemptOutcome" json:"outcome,omitempty"`
-	// Its usage (zero for a failure without output).
+	// Its usage, as the provider reported it; estimated for a call cut short once the provider
+	// had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+	// zero for one the provider refused before any output, or cut before its request went out.
 	Usage *Usage `protobuf:"bytes,3,opt,name=usage,proto3" json:"usage,omitempty"`
 	// Its cost in USD, decimal string.
 	CostUsd       string `protobuf:"bytes,4,opt,name=cost_usd,json=costUsd,proto3" json:"cost_usd,omitempty"`

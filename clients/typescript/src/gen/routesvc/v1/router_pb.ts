@@ -937,7 +937,9 @@ export type Attempt = Message$1<"routesvc.v1.Attempt"> & {
   outcome: AttemptOutcome;
 
   /**
-   * Its usage (zero for a failure without output).
+   * Its usage, as the provider reported it; estimated for a call cut short once the provider
+   * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+   * zero for one the provider refused before any output, or cut before its request went out.
    *
    * @generated from field: routesvc.v1.Usage usage = 3;
    */

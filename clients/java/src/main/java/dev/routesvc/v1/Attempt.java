@@ -124,7 +124,9 @@ private static final long serialVersionUID = 0L;
   private dev.routesvc.v1.Usage usage_;
   /**
    * <pre>
-   * Its usage (zero for a failure without output).
+   * Its usage, as the provider reported it; estimated for a call cut short once the provider
+   * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+   * zero for one the provider refused before any output, or cut before its request went out.
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -136,7 +138,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Its usage (zero for a failure without output).
+   * Its usage, as the provider reported it; estimated for a call cut short once the provider
+   * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+   * zero for one the provider refused before any output, or cut before its request went out.
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -148,7 +152,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Its usage (zero for a failure without output).
+   * Its usage, as the provider reported it; estimated for a call cut short once the provider
+   * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+   * zero for one the provider refused before any output, or cut before its request went out.
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -796,7 +802,9 @@ private static final long serialVersionUID = 0L;
         dev.routesvc.v1.Usage, dev.routesvc.v1.Usage.Builder, dev.routesvc.v1.UsageOrBuilder> usageBuilder_;
     /**
      * <pre>
-     * Its usage (zero for a failure without output).
+     * Its usage, as the provider reported it; estimated for a call cut short once the provider
+     * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+     * zero for one the provider refused before any output, or cut before its request went out.
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -807,7 +815,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Its usage (zero for a failure without output).
+     * Its usage, as the provider reported it; estimated for a call cut short once the provider
+     * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+     * zero for one the provider refused before any output, or cut before its request went out.
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -822,7 +832,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Its usage (zero for a failure without output).
+     * Its usage, as the provider reported it; estimated for a call cut short once the provider
+     * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+     * zero for one the provider refused before any output, or cut before its request went out.
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -842,7 +854,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Its usage (zero for a failure without output).
+     * Its usage, as the provider reported it; estimated for a call cut short once the provider
+     * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+     * zero for one the provider refused before any output, or cut before its request went out.
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -860,7 +874,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Its usage (zero for a failure without output).
+     * Its usage, as the provider reported it; estimated for a call cut short once the provider
+     * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+     * zero for one the provider refused before any output, or cut before its request went out.
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -885,7 +901,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Its usage (zero for a failure without output).
+     * Its usage, as the provider reported it; estimated for a call cut short once the provider
+     * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+     * zero for one the provider refused before any output, or cut before its request went out.
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -902,7 +920,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Its usage (zero for a failure without output).
+     * Its usage, as the provider reported it; estimated for a call cut short once the provider
+     * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+     * zero for one the provider refused before any output, or cut before its request went out.
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -914,7 +934,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Its usage (zero for a failure without output).
+     * Its usage, as the provider reported it; estimated for a call cut short once the provider
+     * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+     * zero for one the provider refused before any output, or cut before its request went out.
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -929,7 +951,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Its usage (zero for a failure without output).
+     * Its usage, as the provider reported it; estimated for a call cut short once the provider
+     * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+     * zero for one the provider refused before any output, or cut before its request went out.
      * </pre>
      *
      * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>

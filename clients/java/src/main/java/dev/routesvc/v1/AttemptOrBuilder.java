@@ -49,7 +49,9 @@ public interface AttemptOrBuilder extends
 
   /**
    * <pre>
-   * Its usage (zero for a failure without output).
+   * Its usage, as the provider reported it; estimated for a call cut short once the provider
+   * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+   * zero for one the provider refused before any output, or cut before its request went out.
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -58,7 +60,9 @@ public interface AttemptOrBuilder extends
   boolean hasUsage();
   /**
    * <pre>
-   * Its usage (zero for a failure without output).
+   * Its usage, as the provider reported it; estimated for a call cut short once the provider
+   * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+   * zero for one the provider refused before any output, or cut before its request went out.
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>
@@ -67,7 +71,9 @@ public interface AttemptOrBuilder extends
   dev.routesvc.v1.Usage getUsage();
   /**
    * <pre>
-   * Its usage (zero for a failure without output).
+   * Its usage, as the provider reported it; estimated for a call cut short once the provider
+   * had it (a stall, a cancel, the deadline, a stream cut: its prompt and what it produced);
+   * zero for one the provider refused before any output, or cut before its request went out.
    * </pre>
    *
    * <code>.routesvc.v1.Usage usage = 3 [json_name = "usage"];</code>

@@ -1,0 +1,113 @@
+"""The usage a provider reports, checked before anything is charged for it.
+
+A broken server can report any count (``completion_tokens`` of 10**19): taken as is, it would
+be charged to the ledger, the span, the cost metric and the tenant's budget (a day's budget
+spent by one call), and overflow the protobuf's int64. A count the call cannot have used is
+taken as unreported instead: estimated as the adapters estimate a usage the server left out,
+flagged, and logged ``provider_usage_implausible`` (the counts, never the prompt)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import replace
+
+import structlog
+
+from routesvc.catalog import ModelSpec
+from routesvc.cost import interrupted_usage
+from routesvc.models import Heartbeat, InputReported, ProviderEvent, ProviderFinish, TextDelta, Usage
+from routesvc.providers.base import Provider, ProviderCall
+
+log = structlog.get_logger("routesvc.reported_usage")
+
+# How far past a model's context window a reported input is believed: the routing estimate of a
+# call's input fits the window, but the offline tokenizer may count fewer tokens than the
+# provider, and a catalog may give a model a smaller window than its server has.
+INPUT_SLACK = 2
+
+
+def output_limit(model: ModelSpec, call: ProviderCall) -> int:
+    """The most output ``call`` can produce: the ``max_output_tokens`` it sent (every adapter
+    sends one), else ``model``'s limit in the catalog."""
+    return call.max_output_tokens or model.max_output_tokens
+
+
+def input_limit(model: ModelSpec) -> int:
+    """The most input a call on ``model`` is believed to be billed."""
+    return model.context_window * INPUT_SLACK
+
+
+class CheckedUsage:
+    """``provider``'s streams of ``model``, each reported usage checked against what the call can
+    have used: an output over its ``output_limit``, an input (or a cache count) over
+    ``input_limit`` is replaced by an estimate (``interrupted_usage``'s: the input counted from
+    the call's prompt, the output from what the stream carried), the finish flagged
+    ``estimated``; an input reported before any output (``InputReported``) that is over the
+    limit is dropped, so that an attempt cut short estimates its input too."""
+
+    def __init__(self, provider: Provider, model: ModelSpec) -> None:
+        self._provider = provider
+        self._model = model
+
+    @property
+    def name(self) -> str:
+        """The provider's name."""
+        return self._provider.name
+
+    async def aclose(self) -> None:
+        """Nothing of its own: the provider is closed by whoever opened it."""
+
+    async def stream(self, call: ProviderCall) -> AsyncGenerator[ProviderEvent, None]:
+        """The provider's events, its usage checked."""
+        produced: list[str] = []  # every piece in order: what an estimated output is counted from
+        stream = self._provider.stream(call)
+        try:
+            async for event in stream:
+                if isinstance(event, TextDelta | Heartbeat):
+                    produced.append(event.text)
+                elif isinstance(event, InputReported):
+                    if not self._believable_input(event.usage):
+                        self._warn(call, event.usage, "input")
+                        continue
+                elif isinstance(event, ProviderFinish):
+                    event = self._checked(call, event, produced)
+                yield event
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _believable_input(self, usage: Usage) -> bool:
+        # A cache count over the input is clamped where it is priced (``cost_of_usage``).
+        counts = (usage.input_tokens, usage.cached_input_tokens, usage.cache_write_input_tokens)
+        return max(counts) <= input_limit(self._model)
+
+    def _checked(self, call: ProviderCall, finish: ProviderFinish, produced: list[str]) -> ProviderFinish:
+        usage = finish.usage
+        believable_output = usage.output_tokens <= output_limit(self._model, call)
+        believable_input = self._believable_input(usage)
+        if believable_output and believable_input:
+            return finish
+        wrong = [
+            name for name, believable in (("input", believable_input), ("output", believable_output)) if not believable
+        ]
+        self._warn(call, usage, " and ".join(wrong))
+        estimate = interrupted_usage(self._model, call.as_chat(), produced, usage if believable_input else None)
+        if believable_output:
+            estimate = replace(estimate, output_tokens=usage.output_tokens)
+        return replace(finish, usage=estimate, estimated=True)
+
+    def _warn(self, call: ProviderCall, usage: Usage, counts: str) -> None:
+        log.warning(
+            "provider_usage_implausible",
+            provider=self._provider.name,
+            model=self._model.id,
+            implausible=counts,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            cache_write_input_tokens=usage.cache_write_input_tokens,
+            max_output_tokens=output_limit(self._model, call),
+            input_limit=input_limit(self._model),
+            estimated_instead=True,
+        )
