@@ -209,6 +209,22 @@ _MOVE_RATED_DECISIONS = (
 _KEEP_LATEST_OUTCOMES = "DELETE FROM feedback WHERE id NOT IN (SELECT MAX(id) FROM feedback GROUP BY decision_id)"
 
 
+# The examples with their latest outcomes, oldest first; ``where`` keeps only some.
+_EXAMPLES = (
+    "SELECT e.decision_id, e.model, e.embedding, f.score, e.encoder, e.tenant FROM examples e"
+    " JOIN feedback f ON f.id = (SELECT MAX(id) FROM feedback WHERE decision_id = e.decision_id)"
+    "{where} ORDER BY e.rowid"
+)
+
+# The examples the cap (the parameter) keeps: the newest of each tenant, or of all. The oldest go
+# first, by rowid, as ``_evict_over_the_cap`` deletes them.
+_NEWEST_OF_EACH_TENANT = (
+    " WHERE e.rowid IN (SELECT rowid FROM (SELECT rowid, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY rowid DESC)"
+    " AS newer FROM examples) WHERE newer <= ?)"
+)
+_NEWEST_OF_ALL = " WHERE e.rowid IN (SELECT rowid FROM examples ORDER BY rowid DESC LIMIT ?)"
+
+
 def _open(path: Path | str, busy_timeout_seconds: float) -> tuple[sqlite3.Connection, sqlite3.Connection]:
     """The writer and reader connections to ``path``, the schema made current (closed again
     if that fails)."""
@@ -272,7 +288,8 @@ class FeedbackStore:
     ``path`` is a file (the reads and the writes are two connections to it); one that cannot be
     opened (not a database, in a folder that is not there, locked by another process past
     ``busy_timeout_seconds``) is a ``ConfigError`` naming it. A file over ``max_examples`` loses
-    its oldest examples at open, unless ``cap_at_open`` is False (then at ``apply_cap()``).
+    its oldest examples at open, unless ``cap_at_open`` is False (then at ``apply_cap()``; until
+    then ``examples()`` reads it as the cap leaves it).
     ``clock`` gives the time in seconds since the epoch; tests pass their own.
     """
 
@@ -591,13 +608,23 @@ class FeedbackStore:
         return [FeedbackEntry(str(a), str(b), float(c), float(d), str(e)) for a, b, c, d, e in rows]
 
     def examples(self) -> list[FeedbackExample]:
-        """Every decision with an outcome, scored by its latest outcome: the library's raw material."""
+        """Every decision with an outcome, scored by its latest outcome: the library's raw material.
+
+        A file over ``max_examples`` (opened with ``cap_at_open`` False, before ``apply_cap``)
+        reads as the cap leaves it: only each tenant's newest (or the newest of all, as the store
+        was told). So a reload's library holds no more than the cap, and none of the examples its
+        take-over, or another worker's, is about to evict; a file within the cap reads whole."""
         with self._translated_failures(), self._read_lock:
-            rows = self._reader.execute(
-                "SELECT e.decision_id, e.model, e.embedding, f.score, e.encoder, e.tenant FROM examples e"
-                " JOIN feedback f ON f.id = (SELECT MAX(id) FROM feedback WHERE decision_id = e.decision_id)"
-                " ORDER BY e.rowid"
-            ).fetchall()
+            if self._examples_per_tenant:
+                [largest] = self._reader.execute("SELECT COALESCE(MAX(examples), 0) FROM example_counts").fetchone()
+            else:
+                [largest] = self._reader.execute("SELECT COALESCE(SUM(examples), 0) FROM example_counts").fetchone()
+            if int(largest) > self._max_examples:
+                # Numbering every row costs a sort (twice the plain read): only past the cap.
+                newest = _NEWEST_OF_EACH_TENANT if self._examples_per_tenant else _NEWEST_OF_ALL
+                rows = self._reader.execute(_EXAMPLES.format(where=newest), (self._max_examples,)).fetchall()
+            else:
+                rows = self._reader.execute(_EXAMPLES.format(where="")).fetchall()
         return [
             FeedbackExample(
                 str(a), str(b), np.frombuffer(blob, dtype=np.float32).copy(), float(score), str(encoder), str(tenant)

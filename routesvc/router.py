@@ -229,26 +229,41 @@ class Router:
     async def take_over_feedback(self) -> None:
         """Make this router's policy the one Feedback calls teach, once it serves (a reload
         swapped it in), first evicting the examples past its stages' ``feedback_max_examples``
-        (their stores did not at open, in case the reload was rejected). A Feedback recorded
-        while it was being built reached the stores after its libraries were read: they are read
-        again then (in a worker thread), else those examples would move no routing until the
-        next reload."""
+        (their stores did not at open, in case the reload was rejected; their libraries read only
+        the examples the cap keeps). A library is read again when that evicted any (the file may
+        have gained examples since it was read, from another worker; a read past the eviction is
+        of what the cap keeps only), or when a Feedback was recorded while it was being built
+        (else that example would move no routing until the next reload).
+
+        This runs in a worker thread outside the Feedback lock, and a library read again is
+        swapped in whole, so Routes and Feedback calls (teaching the old policy until the end)
+        are answered meanwhile. Only when a Feedback was recorded during it is it done again
+        under that lock (then evicting just what those calls added), so none is missed."""
+
+        def catch_up(missed: bool) -> None:
+            for stage in self._policy.learning_stages:
+                stale = missed
+                try:
+                    stale = stage.apply_example_cap() > 0 or stale
+                except Exception as exc:  # the file locked or failing: the next open or example evicts
+                    log.warning("feedback_cap_not_applied", error_type=type(exc).__name__, detail=str(exc))
+                if stale:
+                    try:
+                        stage.rebuild_library()
+                    except Exception as exc:  # a file damaged since: it keeps what it read
+                        log.warning("feedback_library_reread_failed", error_type=type(exc).__name__)
 
         def take_over() -> None:
             with self._learning.lock:
                 if self._learning.policy is self._policy:
                     return
-                for stage in self._policy.learning_stages:
-                    try:
-                        stage.apply_example_cap()
-                    except Exception as exc:  # the file locked or failing: the next open or example evicts
-                        log.warning("feedback_cap_not_applied", error_type=type(exc).__name__, detail=str(exc))
-                if self._learning.recorded != self._recorded_before_build:
-                    for stage in self._policy.learning_stages:
-                        try:
-                            stage.rebuild_library()
-                        except Exception as exc:  # a file damaged since: it keeps what it read
-                            log.warning("feedback_library_reread_failed", error_type=type(exc).__name__)
+                recorded = self._learning.recorded
+            catch_up(recorded != self._recorded_before_build)
+            with self._learning.lock:
+                if self._learning.policy is self._policy:
+                    return
+                if self._learning.recorded != recorded:
+                    catch_up(True)
                 self._learning.policy = self._policy
 
         await asyncio.to_thread(take_over)

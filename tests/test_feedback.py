@@ -573,6 +573,32 @@ class TestKeepingExamples:
         assert outcomes == 4
         assert in_all == ["globex-1", "acme-2", "globex-2"]
 
+    def test_a_file_over_the_cap_not_applied_at_open_reads_as_the_cap_leaves_it(self, tmp_path: Path) -> None:
+        """A store opened with ``cap_at_open`` False (a reload's, which may yet be rejected) keeps
+        every example in the file, but ``examples()`` returns only those the cap keeps, each
+        tenant's newest (or the newest of all): a library read from it holds no more than the cap
+        and nothing that ``apply_cap`` (this store's or another worker's) then deletes."""
+        path = tmp_path / "f.db"
+        with closing_store(path) as store:
+            for i in range(3):
+                for tenant in ("acme", "globex"):
+                    store.remember(f"{tenant}-{i}", "m", [1.0, 0.0], tenant=tenant)
+                    store.record(f"{tenant}-{i}", 0.0)
+        read: dict[str, list[str]] = {}
+        for scope, cap, per_tenant in (("tenant", 2, True), ("all", 3, False)):
+            with closing_store(path, max_examples=cap, examples_per_tenant=per_tenant, cap_at_open=False) as store:
+                read[scope] = [example.decision_id for example in store.examples()]
+                in_the_file = len(store.entries())
+        with closing_store(path, max_examples=2, cap_at_open=False) as store:
+            evicted = store.apply_cap()
+            after = [example.decision_id for example in store.examples()]
+        assert read == {
+            "tenant": ["acme-1", "globex-1", "acme-2", "globex-2"],
+            "all": ["globex-1", "acme-2", "globex-2"],
+        }
+        assert in_the_file == 6
+        assert (sorted(evicted), after) == (["acme-0", "globex-0"], read["tenant"])
+
 
 def outcome_rows(path: Path) -> list[tuple[str, float]]:
     """Every row of the file's ``feedback`` table: decision id and score, sorted."""

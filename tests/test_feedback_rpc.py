@@ -24,7 +24,7 @@ from routesvc.client import RouterClient
 from routesvc.config import load_settings
 from routesvc.encoders import HashingEncoder
 from routesvc.errors import ConfigError, FeedbackStoreUnavailable
-from routesvc.feedback import FeedbackStore
+from routesvc.feedback import FeedbackExample, FeedbackStore
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.policy import Policy
 from routesvc.reload import ConfigWatcher
@@ -599,6 +599,111 @@ class TestAReloadChangingTheExamplesCap:
         assert moved == [0, 0, 1, 1]
         assert (refused.code(), error_info(refused).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
         assert library == 2
+
+    async def test_with_two_workers_on_one_file_each_library_keeps_to_the_lowered_cap(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two workers (two servers here) share one feedback_db and both reload to
+        ``feedback_max_examples: 2``. Worker B's new policy reads its library while the file still
+        holds all 4 examples, then worker A's take-over evicts 2: B's take-over finds none to
+        evict, and its library still holds the newest 2 only, as the file does (it kept all 4,
+        over the cap in memory, 2 of them gone from the file, until B's next reload)."""
+        config = embedding_config(tmp_path)
+        lowered = copy.deepcopy(config)
+        stages: Any = lowered["routing"]
+        stages["stages"][0]["feedback_max_examples"] = 2
+        prompts = ["globex says hello", "acme says hello", "acme says goodbye", "acme says thanks"]
+        built, release = threading.Event(), threading.Event()
+        build = router_module._policy_for
+        held: list[Policy] = []
+
+        def first_build_held(*args: Any, **kwargs: Any) -> Policy:
+            policy = build(*args, **kwargs)
+            if not held:  # worker B's, which reloads first
+                held.append(policy)
+                built.set()
+                release.wait(30)
+            return policy
+
+        worker_a = Server(settings_from(config), port=0)
+        worker_b = Server(settings_from(config), port=0)
+        async with worker_a as a, RouterClient(a.target) as client_a, worker_b as b, RouterClient(b.target) as client_b:
+            decisions = [await client_a.route(user_chat(prompt)) for prompt in prompts]
+            for decision in decisions:
+                await client_a.feedback(decision.decision_id, thumbs_up=False)
+            monkeypatch.setattr(router_module, "_policy_for", first_build_held)
+            reload_b = asyncio.create_task(b.reload(settings_from(lowered)))
+            await asyncio.to_thread(built.wait, 30)
+            await a.reload(settings_from(lowered))
+            release.set()
+            await reload_b
+            kept = _examples_in(tmp_path / "feedback.db")
+            moved = {
+                name: [stage.score(prompt)[1] for prompt in prompts]
+                for name, server in (("a", a), ("b", b))
+                for stage in server.router.policy.learning_stages
+            }
+            library_b = (await client_b.feedback(decisions[3].decision_id, score=0.5)).library_examples
+        assert kept == sorted(d.decision_id for d in decisions[2:])
+        assert moved == {"a": [0, 0, 1, 1], "b": [0, 0, 1, 1]}
+        assert library_b == 2
+
+    @pytest.mark.parametrize("held_at", ["the eviction", "the library read again"])
+    async def test_calls_are_answered_while_the_lowered_cap_is_applied(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held_at: str
+    ) -> None:
+        """A reload lowering ``feedback_max_examples`` evicts and reads the library again as it
+        takes over (seconds on a large file): held there, a Route and a Feedback call are both
+        answered. The take-over held the Feedback lock through the eviction (Feedback calls
+        waited), and the lock a Route scores under, on the event loop, while it dropped the
+        evicted ids from every library one by one (a reload to a cap of 1 over 200 tenants' 500
+        examples stalled every call 8 s). The Feedback answered meanwhile, taught to the old
+        policy, still reaches the new library, within the cap."""
+        config = embedding_config(tmp_path)
+        lowered = copy.deepcopy(config)
+        stages: Any = lowered["routing"]
+        stages["stages"][0]["feedback_max_examples"] = 2
+        prompts = ["globex says hello", "acme says hello", "acme says goodbye", "acme says thanks", "zulu says hi"]
+        held, release = threading.Event(), threading.Event()
+        released: list[bool] = []
+        taking_over = threading.Event()  # the eviction has begun: the next read is the take-over's
+        evict, read = FeedbackStore.apply_cap, FeedbackStore.examples
+
+        def hold() -> None:
+            if not held.is_set():
+                held.set()
+                released.append(release.wait(10))
+
+        def held_eviction(store: FeedbackStore) -> tuple[str, ...]:
+            taking_over.set()
+            if held_at == "the eviction":
+                hold()
+            return evict(store)
+
+        def held_read(store: FeedbackStore) -> list[FeedbackExample]:
+            if held_at == "the library read again" and taking_over.is_set():
+                hold()
+            return read(store)
+
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            decisions = [await client.route(user_chat(prompt)) for prompt in prompts]
+            for decision in decisions[:4]:
+                await client.feedback(decision.decision_id, thumbs_up=False)
+            monkeypatch.setattr(FeedbackStore, "apply_cap", held_eviction)
+            monkeypatch.setattr(FeedbackStore, "examples", held_read)
+            reload = asyncio.create_task(server.reload(settings_from(lowered)))
+            reached = await asyncio.to_thread(held.wait, 10)
+            routed = await client.route(user_chat("say hello to zulu"))
+            rated = await client.feedback(decisions[4].decision_id, thumbs_up=False)
+            release.set()
+            await reload
+            kept = _examples_in(tmp_path / "feedback.db")
+            [stage] = server.router.policy.learning_stages
+            moved = [stage.score(prompt)[1] for prompt in prompts]
+        assert (reached, released) == (True, [True])
+        assert (routed.model, rated.model) == ("gpt-4o-mini", "gpt-4o-mini")
+        assert kept == sorted(d.decision_id for d in decisions[3:])
+        assert moved == [0, 0, 0, 1, 1]
 
 
 class TestFeedbackSentAgain:

@@ -255,15 +255,15 @@ class EmbeddingStage:
             return 0 if own is None else len(own)
 
     def apply_example_cap(self) -> int:
-        """Evict the store's examples past its cap (``FeedbackStore.apply_cap``) and drop them from
-        the library: for a stage built by a reload, whose store did not evict at open, once it
-        serves. Returns how many were evicted."""
+        """Evict the store's examples past its cap (``FeedbackStore.apply_cap``): for a stage
+        built by a reload, whose store did not evict at open, once it serves. Returns how many
+        were evicted. The library is left as it is: it was read as the cap leaves the file, so
+        it holds none of them unless the file gained examples since (read it again then,
+        ``rebuild_library``, which swaps it in whole: dropping ids one by one held the lock
+        ``score`` takes on the event loop for seconds, 100,000 ids over 200 tenants)."""
         if self._feedback is None:
             return 0
-        evicted = self._feedback.apply_cap()
-        with self._library_lock:
-            self._forget(evicted)
-        return len(evicted)
+        return len(self._feedback.apply_cap())
 
     def _forget(self, decision_ids: tuple[str, ...]) -> None:
         """Drop the examples of ``decision_ids`` from every library (the caller holds its lock)."""
@@ -353,7 +353,8 @@ def build(
 
     ``feedback`` overrides ``config.feedback_db`` (for example to share one store between stages).
     ``cap_at_open`` False opens ``config.feedback_db`` without evicting the examples past
-    ``feedback_max_examples`` (``apply_example_cap`` does, once the stage serves).
+    ``feedback_max_examples`` (``apply_example_cap`` does, once the stage serves); the library
+    reads only those the cap keeps.
     """
     try:
         router = FittedRouter.load(config.router)
