@@ -14,9 +14,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from routesvc.auth import key_digest
+from routesvc.breaker import Breakers, BreakerState
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.client import RouterClient
-from routesvc.config import TenantConfig
+from routesvc.config import BreakerConfig, TenantConfig
 from routesvc.cost import cost_of_usage
 from routesvc.encoders import Vectors, WordLlamaEncoder
 from routesvc.errors import ConfigError
@@ -1076,6 +1077,59 @@ class TestTheLLMClassifierKeepsToTheBreaker:
             decision = await client.route(user_chat("Write a haiku about coffee."), ACME)
         assert len(fake.requests) == 1
         assert "not asked (circuit breaker open for model gpt-4o-mini)" in decision.reasons[0]
+
+    async def test_a_classifier_503s_retry_after_holds_the_breaker_open(self, fake: FakeProvider) -> None:
+        """A classifier call answered 503 with Retry-After: 30 opens the breaker for those 30 s,
+        not just open_seconds (1), as the same answer to an answer call would."""
+        config = llm_classifier_config()
+        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 1}}
+        fake.enqueue(Script(status=503, retry_after="30"))
+        fake.set_default(Script(text='{"task": "chat", "complexity": "low"}'))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await client.route(user_chat("Write a sonnet about tea."), ACME)
+            wait = server.router.breakers.retry_in("gpt-4o-mini")
+        assert 25 < wait <= 30
+
+    async def test_labels_do_not_keep_a_breaker_shut_on_failing_answers(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini labels every prompt but fails every answer (503): each request's label
+        comes just before its failed answer, and must not reset the breaker's count, so after
+        failure_threshold (3) requests the breaker is open and the next answer goes to the
+        fallback without a call to gpt-4o-mini."""
+        config = llm_classifier_config()
+        config["reliability"] = {"breaker": {"failure_threshold": 3, "open_seconds": 60}, "retries_per_model": 0}
+        fake.set_default(Script(status=503), model="gpt-4o-mini")
+        fake.set_default(Script(text="Fine, thanks."), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            for name in ("Anna", "Bob", "Carl"):
+                fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'), model="gpt-4o-mini")
+                messages = [m async for m in client.complete(user_chat(f"Hello there, how are you, {name}?"), ACME)]
+                assert messages[-1].completion.model == "gpt-4o"
+            state = server.router.breakers.state("gpt-4o-mini")
+        assert state is BreakerState.OPEN
+
+    def test_a_label_closes_the_breaker_only_as_its_half_open_probe(self) -> None:
+        """``record_probe_success``: a success on a closed breaker's permit leaves its count of
+        failures; one on the half-open probe's permit closes it."""
+        now = [0.0]
+        breakers = Breakers(BreakerConfig(failure_threshold=2, open_seconds=10), clock=lambda: now[0])
+        breakers.record_failure("m")
+        permit = breakers.allow("m")
+        assert permit is not None
+        breakers.record_probe_success(permit)
+        breakers.record_failure("m")
+        assert breakers.state("m") is BreakerState.OPEN
+        now[0] = 10.0
+        probe = breakers.allow("m")
+        assert probe is not None
+        assert probe.probe
+        breakers.record_probe_success(probe)
+        assert breakers.state("m") is BreakerState.CLOSED
 
 
 class TestMinConfidenceOfTheLLMClassifiersFallback:

@@ -44,7 +44,6 @@ from routesvc.errors import (
     ConfigError,
     ProviderError,
     ProviderQuotaExhausted,
-    ProviderRateLimited,
     ProviderRejected,
     ProviderTimedOut,
     RouteSvcError,
@@ -385,17 +384,20 @@ class _Flight:
 
 
 def _settle(breakers: Breakers, permit: Permit, error: TimeoutError | ProviderError | None, answered: bool) -> None:
-    """Tell the model's breaker how the classifier's call on ``permit`` ended, as the router does
-    an answer's: a provider failure counts against the model, an answer for it; a refusal of
-    this request (400s, a spent quota) before any output, or our own timeout, is no verdict."""
+    """Tell the model's breaker how the classifier's call on ``permit`` ended. A provider failure
+    counts against the model as an answer call's does (held open for the provider's Retry-After
+    when longer); a refusal of this request (400s, a spent quota) before any output, or our own
+    timeout, is no verdict. A label is no sign the model can answer (a long answer may fail where
+    a 40-token label does not), so it closes the breaker only as its half-open probe, and never
+    resets a closed breaker's count of the answers' failures."""
     if error is None:
-        breakers.record_success(permit.model)
+        breakers.record_probe_success(permit)
     elif isinstance(error, TimeoutError | ProviderTimedOut) or (
         isinstance(error, ProviderRejected | ProviderQuotaExhausted) and not answered
     ):
         breakers.release_probe(permit)
     else:
-        breakers.record_failure(permit.model, error.retry_after if isinstance(error, ProviderRateLimited) else None)
+        breakers.record_failure(permit.model, error.retry_after)
 
 
 class LLMClassifierStage:
