@@ -410,6 +410,19 @@ class Router:
                 cost_usd=cost,
                 estimated=call.estimated,
             )
+            rpc = telemetry.current_request()
+            if rpc is not None and rpc.totals_logged:
+                # A call this request made and left to others waiting on it ended after its
+                # rpc_finished line: say what it was charged, since that line could not.
+                log.info(
+                    "classifier_charged",
+                    request_id=request_id,
+                    decision_id=decision_id,
+                    tenant=request.context.tenant,
+                    model=model.id,
+                    cost_usd=format_usd(cost),
+                    estimated=call.estimated,
+                )
 
         give_back: Callable[[], None] | None = None
         if count_route:

@@ -18,7 +18,7 @@ from routesvc.breaker import Breakers, BreakerState
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.client import RouterClient
 from routesvc.config import BreakerConfig, TenantConfig
-from routesvc.cost import cost_of_usage
+from routesvc.cost import cost_of_usage, format_usd
 from routesvc.encoders import Vectors, WordLlamaEncoder
 from routesvc.errors import ConfigError
 from routesvc.features import READ_CHARS
@@ -1021,6 +1021,51 @@ class TestIdenticalPromptsAtOnceShareOneCall:
         assert [(r.aborted, r.completed) for r in fake.requests] == [(False, True)]
         assert [(e.outcome, e.cost_usd) for e in entries] == [(AttemptOutcome.COMPLETED, labelling)]
         assert spent == labelling
+
+    async def test_a_request_that_left_before_its_call_was_charged_is_told_of_in_a_log_line(
+        self, fake: FakeProvider
+    ) -> None:
+        """The request whose call it is leaves at its deadline while a second waits: its
+        rpc_finished line came before the call's charge, so a ``classifier_charged`` line names
+        what the ledger charges it (request and decision id, tenant, model, cost; no prompt)."""
+        fake.enqueue(
+            Script(
+                text='{"task": "code_generation", "complexity": "low"}',
+                first_chunk_delay=2.0,
+                input_tokens=900,
+                output_tokens=12,
+            )
+        )
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["timeout_s"] = 5  # type: ignore[index]
+        settings = settings_from(config, live_environ(fake))
+        with capture_logs() as logs:
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                first = asyncio.create_task(client.route(user_chat(self.PROMPT), ACME, timeout=1.0))
+                async with asyncio.timeout(5):
+                    while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                        await asyncio.sleep(0.01)
+                await client.route(user_chat(self.PROMPT), ACME)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await first
+                (entry,) = server.router.ledger.entries()
+        labelling = cost_of_usage(settings.catalog.get("gpt-4o-mini"), self.USAGE)
+        finished = [e for e in logs if e["event"] == "rpc_finished" and e["code"] == "DEADLINE_EXCEEDED"]
+        charged = [e for e in logs if e["event"] == "classifier_charged"]
+        assert [e["request_id"] for e in finished] == [entry.request_id]
+        assert "cost_usd" not in finished[0]
+        assert charged == [
+            {
+                "event": "classifier_charged",
+                "log_level": "info",
+                "request_id": entry.request_id,
+                "decision_id": entry.decision_id,
+                "tenant": "acme",
+                "model": "gpt-4o-mini",
+                "cost_usd": format_usd(labelling),
+                "estimated": False,
+            }
+        ]
 
     async def test_when_the_shared_call_fails_each_request_falls_back_as_alone(self, fake: FakeProvider) -> None:
         """The one call gives a bad answer: both requests are labelled by the local fallback and
