@@ -1083,6 +1083,70 @@ class TestIdenticalPromptsAtOnceShareOneCall:
             assert "; local fallback labelled the task 'code_generation'" in decision.reasons[0]
 
 
+class TestTheLLMClassifiersLabelsOutliveAReload:
+    """A reload that leaves the classifier stage's model asked the same way keeps its labels and
+    its calls in flight (a rotated key or a changed budget would otherwise pay for every prompt
+    again); one that changes the model starts empty (over a real server and the fake provider)."""
+
+    PROMPT = "Write a Python function that merges two sorted lists."
+
+    async def test_a_reload_that_changes_only_a_budget_keeps_the_labels(self, fake: FakeProvider) -> None:
+        """The prompt labelled before a reload that changes a tenant's budget is labelled from
+        the cache after it: no second call, nothing paid."""
+        fake.set_default(Script(text='{"task": "code_generation", "complexity": "low"}'))
+        config = llm_classifier_config()
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await client.route(user_chat(self.PROMPT), ACME)
+            config["tenants"] = {"acme": {"daily_budget_usd": "2"}}
+            await server.reload(settings_from(config, live_environ(fake)))
+            after = await client.route(user_chat(self.PROMPT), ACME)
+        assert len(fake.requests) == 1
+        assert Decimal(after.routing_cost_usd) == 0
+        assert after.reasons[0].endswith("(cached)")
+
+    async def test_a_reload_that_changes_the_model_starts_empty(self, fake: FakeProvider) -> None:
+        """After a reload that asks another model, the same prompt is asked again (of it)."""
+        fake.set_default(Script(text='{"task": "code_generation", "complexity": "low"}'))
+        config = llm_classifier_config()
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await client.route(user_chat(self.PROMPT), ACME)
+            config["routing"]["stages"][0]["model"] = "gpt-4o"  # type: ignore[index]
+            await server.reload(settings_from(config, live_environ(fake)))
+            after = await client.route(user_chat(self.PROMPT), ACME)
+        assert [(r.body or {}).get("model") for r in fake.requests] == ["gpt-4o-mini", "gpt-4o"]
+        assert Decimal(after.routing_cost_usd) > 0
+
+    async def test_a_request_after_a_reload_joins_the_call_in_flight_before_it(self, fake: FakeProvider) -> None:
+        """A call in flight when the reload swaps the policy is joined by the same prompt sent
+        after it: one call, paid once."""
+        fake.enqueue(Script(text='{"task": "code_generation", "complexity": "low"}', first_chunk_delay=1.0))
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))  # a second call's answer
+        config = llm_classifier_config()
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            first = asyncio.create_task(client.route(user_chat(self.PROMPT), ACME))
+            async with asyncio.timeout(5):
+                while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                    await asyncio.sleep(0.01)
+            config["tenants"] = {"acme": {"daily_budget_usd": "2"}}
+            await server.reload(settings_from(config, live_environ(fake)))
+            second = await client.route(user_chat(self.PROMPT), ACME)
+            await first
+            entries = server.router.ledger.entries()
+        assert len(fake.requests) == 1
+        assert second.task == "code_generation"
+        assert second.reasons[0].endswith("(asked for another request with the same prompt)")
+        assert len(entries) == 1
+
+
 class TestTheLLMClassifierKeepsToTheBreaker:
     """The classifier's model has the circuit breaker every call to it has (over a real server)."""
 
