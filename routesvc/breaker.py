@@ -5,6 +5,10 @@ open --(open_seconds passed, or the provider's Retry-After if longer, up to max_
 half-open --(the one probe succeeds)--> closed
 half-open --(the probe fails)--> open
 
+A call that tells only of failures (an LLM classifier's small one: a model that labels a prompt
+may still fail every answer) reports its success with ``record_probe_success``, which closes the
+breaker only when that call was the half-open probe and leaves a closed one's count alone.
+
 ``allow`` hands each call a ``Permit``; the one that took the half-open probe is the only one
 whose ``release_probe`` gives the turn back, when it ends without a verdict (another call ending
 so, one started while the breaker was closed, frees nothing: two probes never run at once). A
@@ -114,6 +118,14 @@ class Breakers:
             breaker.opened_until = self._clock() + seconds
             if not was_open:
                 log.warning("breaker_opened", model=model, failures=breaker.failures, open_seconds=seconds)
+
+    def record_probe_success(self, permit: Permit) -> None:
+        """A call on ``permit`` that speaks only for probes succeeded: close the breaker if the call
+        was its running half-open probe, else change nothing (a closed breaker's consecutive
+        failures are not reset by it)."""
+        breaker = self._breakers.get(permit.model)
+        if breaker is not None and breaker.probe is permit:
+            self.record_success(permit.model)
 
     def release_probe(self, permit: Permit) -> None:
         """The call ``permit`` let start ended without a verdict (e.g. the client cancelled): if it

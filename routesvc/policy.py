@@ -36,6 +36,7 @@ class Policy:
         base_dir: Path | None = None,
         source: str = "",
         cap_feedback_at_open: bool = True,
+        previous: Policy | None = None,
     ) -> Policy:
         """The policy described by ``config``; relative paths in stages are read from ``base_dir``
         (the config file's folder). A stage that fails to build closes the feedback stores the
@@ -43,7 +44,9 @@ class Policy:
         names ``source`` (the config file) and the stage (``routing.stages[N]``).
         ``cap_feedback_at_open`` False leaves the examples past a stage's
         ``feedback_max_examples`` in its file until the stage's ``apply_example_cap`` (a reload's
-        policy: a version it rejects must delete nothing)."""
+        policy: a version it rejects must delete nothing). An LLM classifier stage takes over the
+        labels of the one in ``previous`` (the policy a reload replaces) that asks its model the
+        same way (``LLMClassifierStage.keep_labels_of``)."""
         stages: list[Strategy] = []
         try:
             feedback_files: dict[Path, int] = {}  # each embedding stage's feedback_db, resolved: its stage
@@ -58,6 +61,7 @@ class Policy:
                             providers=providers,
                             base_dir=base_dir,
                             cap_feedback_at_open=cap_feedback_at_open,
+                            previous=previous._stages if previous is not None else (),
                         )
                     )
                 except ConfigError as exc:
@@ -78,6 +82,7 @@ class Policy:
         providers: Mapping[str, Provider] | None,
         base_dir: Path | None,
         cap_feedback_at_open: bool,
+        previous: Sequence[Strategy],
     ) -> Strategy:
         """The stage ``stage`` (``routing.stages[index]``) describes."""
         if isinstance(stage, RulesStageConfig):
@@ -86,7 +91,10 @@ class Policy:
             resolved = stage.model_copy(update={"examples": _resolve(stage.examples, base_dir)})
             if resolved.method == "local":
                 return _local_classifier(resolved)
-            return classifier.build(resolved, catalog=catalog, provider_for=dict(providers or {}).__getitem__)
+            built = classifier.build(resolved, catalog=catalog, provider_for=dict(providers or {}).__getitem__)
+            if isinstance(built, LLMClassifierStage):
+                built.keep_labels_of(previous)
+            return built
         if catalog is None:
             raise ConfigError("the embedding stage needs the catalog")
         resolved_embedding = stage.model_copy(

@@ -89,9 +89,15 @@ MAX_COST_DOWNGRADE_RULE = "max_cost_downgrade"
 _REFUSED_PARAMETER = {"prefill": "refuses a prefill, a conversation that ends in an assistant turn"}
 
 
-def _policy_for(settings: Settings, providers: Mapping[str, Provider], *, cap_feedback_at_open: bool = True) -> Policy:
+def _policy_for(
+    settings: Settings,
+    providers: Mapping[str, Provider],
+    *,
+    cap_feedback_at_open: bool = True,
+    previous: Policy | None = None,
+) -> Policy:
     """The routing policy ``settings`` describe; relative paths are read from the config file's
-    folder. ``cap_feedback_at_open`` as ``Policy.from_config`` takes it."""
+    folder. ``cap_feedback_at_open`` and ``previous`` as ``Policy.from_config`` takes them."""
     return Policy.from_config(
         settings.config.routing,
         catalog=settings.catalog,
@@ -99,6 +105,7 @@ def _policy_for(settings: Settings, providers: Mapping[str, Provider], *, cap_fe
         base_dir=None if settings.source.startswith("<") else Path(settings.source).parent,
         source=settings.source,
         cap_feedback_at_open=cap_feedback_at_open,
+        previous=previous,
     )
 
 
@@ -206,7 +213,9 @@ class Router:
         keep a file's examples past a lowered ``feedback_max_examples`` until then too: the reload
         may still be rejected, and a rejected version changes nothing."""
         recorded_before = self._learning.recorded
-        policy = await _built_in_thread(lambda: _policy_for(settings, providers, cap_feedback_at_open=False))
+        policy = await _built_in_thread(
+            lambda: _policy_for(settings, providers, cap_feedback_at_open=False, previous=self._policy)
+        )
         try:
             router = Router(
                 settings,
@@ -426,6 +435,19 @@ class Router:
                 cost_usd=cost,
                 estimated=call.estimated,
             )
+            rpc = telemetry.current_request()
+            if rpc is not None and rpc.totals_logged:
+                # A call this request made and left to others waiting on it ended after its
+                # rpc_finished line: say what it was charged, since that line could not.
+                log.info(
+                    "classifier_charged",
+                    request_id=request_id,
+                    decision_id=decision_id,
+                    tenant=request.context.tenant,
+                    model=model.id,
+                    cost_usd=format_usd(cost),
+                    estimated=call.estimated,
+                )
 
         give_back: Callable[[], None] | None = None
         if count_route:

@@ -14,10 +14,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from routesvc.auth import key_digest
+from routesvc.breaker import Breakers, BreakerState
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.client import RouterClient
-from routesvc.config import TenantConfig
-from routesvc.cost import cost_of_usage
+from routesvc.config import BreakerConfig, TenantConfig
+from routesvc.cost import cost_of_usage, format_usd
 from routesvc.encoders import Vectors, WordLlamaEncoder
 from routesvc.errors import ConfigError
 from routesvc.features import READ_CHARS
@@ -1021,6 +1022,51 @@ class TestIdenticalPromptsAtOnceShareOneCall:
         assert [(e.outcome, e.cost_usd) for e in entries] == [(AttemptOutcome.COMPLETED, labelling)]
         assert spent == labelling
 
+    async def test_a_request_that_left_before_its_call_was_charged_is_told_of_in_a_log_line(
+        self, fake: FakeProvider
+    ) -> None:
+        """The request whose call it is leaves at its deadline while a second waits: its
+        rpc_finished line came before the call's charge, so a ``classifier_charged`` line names
+        what the ledger charges it (request and decision id, tenant, model, cost; no prompt)."""
+        fake.enqueue(
+            Script(
+                text='{"task": "code_generation", "complexity": "low"}',
+                first_chunk_delay=2.0,
+                input_tokens=900,
+                output_tokens=12,
+            )
+        )
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["timeout_s"] = 5  # type: ignore[index]
+        settings = settings_from(config, live_environ(fake))
+        with capture_logs() as logs:
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                first = asyncio.create_task(client.route(user_chat(self.PROMPT), ACME, timeout=1.0))
+                async with asyncio.timeout(5):
+                    while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                        await asyncio.sleep(0.01)
+                await client.route(user_chat(self.PROMPT), ACME)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await first
+                (entry,) = server.router.ledger.entries()
+        labelling = cost_of_usage(settings.catalog.get("gpt-4o-mini"), self.USAGE)
+        finished = [e for e in logs if e["event"] == "rpc_finished" and e["code"] == "DEADLINE_EXCEEDED"]
+        charged = [e for e in logs if e["event"] == "classifier_charged"]
+        assert [e["request_id"] for e in finished] == [entry.request_id]
+        assert "cost_usd" not in finished[0]
+        assert charged == [
+            {
+                "event": "classifier_charged",
+                "log_level": "info",
+                "request_id": entry.request_id,
+                "decision_id": entry.decision_id,
+                "tenant": "acme",
+                "model": "gpt-4o-mini",
+                "cost_usd": format_usd(labelling),
+                "estimated": False,
+            }
+        ]
+
     async def test_when_the_shared_call_fails_each_request_falls_back_as_alone(self, fake: FakeProvider) -> None:
         """The one call gives a bad answer: both requests are labelled by the local fallback and
         say why, as one alone would be; no second call is made."""
@@ -1035,6 +1081,70 @@ class TestIdenticalPromptsAtOnceShareOneCall:
         for decision in decisions:
             assert decision.reasons[0].startswith("classifier: gpt-4o-mini ClassifierAnswerError after ")
             assert "; local fallback labelled the task 'code_generation'" in decision.reasons[0]
+
+
+class TestTheLLMClassifiersLabelsOutliveAReload:
+    """A reload that leaves the classifier stage's model asked the same way keeps its labels and
+    its calls in flight (a rotated key or a changed budget would otherwise pay for every prompt
+    again); one that changes the model starts empty (over a real server and the fake provider)."""
+
+    PROMPT = "Write a Python function that merges two sorted lists."
+
+    async def test_a_reload_that_changes_only_a_budget_keeps_the_labels(self, fake: FakeProvider) -> None:
+        """The prompt labelled before a reload that changes a tenant's budget is labelled from
+        the cache after it: no second call, nothing paid."""
+        fake.set_default(Script(text='{"task": "code_generation", "complexity": "low"}'))
+        config = llm_classifier_config()
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await client.route(user_chat(self.PROMPT), ACME)
+            config["tenants"] = {"acme": {"daily_budget_usd": "2"}}
+            await server.reload(settings_from(config, live_environ(fake)))
+            after = await client.route(user_chat(self.PROMPT), ACME)
+        assert len(fake.requests) == 1
+        assert Decimal(after.routing_cost_usd) == 0
+        assert after.reasons[0].endswith("(cached)")
+
+    async def test_a_reload_that_changes_the_model_starts_empty(self, fake: FakeProvider) -> None:
+        """After a reload that asks another model, the same prompt is asked again (of it)."""
+        fake.set_default(Script(text='{"task": "code_generation", "complexity": "low"}'))
+        config = llm_classifier_config()
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await client.route(user_chat(self.PROMPT), ACME)
+            config["routing"]["stages"][0]["model"] = "gpt-4o"  # type: ignore[index]
+            await server.reload(settings_from(config, live_environ(fake)))
+            after = await client.route(user_chat(self.PROMPT), ACME)
+        assert [(r.body or {}).get("model") for r in fake.requests] == ["gpt-4o-mini", "gpt-4o"]
+        assert Decimal(after.routing_cost_usd) > 0
+
+    async def test_a_request_after_a_reload_joins_the_call_in_flight_before_it(self, fake: FakeProvider) -> None:
+        """A call in flight when the reload swaps the policy is joined by the same prompt sent
+        after it: one call, paid once."""
+        fake.enqueue(Script(text='{"task": "code_generation", "complexity": "low"}', first_chunk_delay=1.0))
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'))  # a second call's answer
+        config = llm_classifier_config()
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            first = asyncio.create_task(client.route(user_chat(self.PROMPT), ACME))
+            async with asyncio.timeout(5):
+                while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                    await asyncio.sleep(0.01)
+            config["tenants"] = {"acme": {"daily_budget_usd": "2"}}
+            await server.reload(settings_from(config, live_environ(fake)))
+            second = await client.route(user_chat(self.PROMPT), ACME)
+            await first
+            entries = server.router.ledger.entries()
+        assert len(fake.requests) == 1
+        assert second.task == "code_generation"
+        assert second.reasons[0].endswith("(asked for another request with the same prompt)")
+        assert len(entries) == 1
 
 
 class TestTheLLMClassifierKeepsToTheBreaker:
@@ -1076,6 +1186,59 @@ class TestTheLLMClassifierKeepsToTheBreaker:
             decision = await client.route(user_chat("Write a haiku about coffee."), ACME)
         assert len(fake.requests) == 1
         assert "not asked (circuit breaker open for model gpt-4o-mini)" in decision.reasons[0]
+
+    async def test_a_classifier_503s_retry_after_holds_the_breaker_open(self, fake: FakeProvider) -> None:
+        """A classifier call answered 503 with Retry-After: 30 opens the breaker for those 30 s,
+        not just open_seconds (1), as the same answer to an answer call would."""
+        config = llm_classifier_config()
+        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 1}}
+        fake.enqueue(Script(status=503, retry_after="30"))
+        fake.set_default(Script(text='{"task": "chat", "complexity": "low"}'))
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await client.route(user_chat("Write a sonnet about tea."), ACME)
+            wait = server.router.breakers.retry_in("gpt-4o-mini")
+        assert 25 < wait <= 30
+
+    async def test_labels_do_not_keep_a_breaker_shut_on_failing_answers(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini labels every prompt but fails every answer (503): each request's label
+        comes just before its failed answer, and must not reset the breaker's count, so after
+        failure_threshold (3) requests the breaker is open and the next answer goes to the
+        fallback without a call to gpt-4o-mini."""
+        config = llm_classifier_config()
+        config["reliability"] = {"breaker": {"failure_threshold": 3, "open_seconds": 60}, "retries_per_model": 0}
+        fake.set_default(Script(status=503), model="gpt-4o-mini")
+        fake.set_default(Script(text="Fine, thanks."), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            for name in ("Anna", "Bob", "Carl"):
+                fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'), model="gpt-4o-mini")
+                messages = [m async for m in client.complete(user_chat(f"Hello there, how are you, {name}?"), ACME)]
+                assert messages[-1].completion.model == "gpt-4o"
+            state = server.router.breakers.state("gpt-4o-mini")
+        assert state is BreakerState.OPEN
+
+    def test_a_label_closes_the_breaker_only_as_its_half_open_probe(self) -> None:
+        """``record_probe_success``: a success on a closed breaker's permit leaves its count of
+        failures; one on the half-open probe's permit closes it."""
+        now = [0.0]
+        breakers = Breakers(BreakerConfig(failure_threshold=2, open_seconds=10), clock=lambda: now[0])
+        breakers.record_failure("m")
+        permit = breakers.allow("m")
+        assert permit is not None
+        breakers.record_probe_success(permit)
+        breakers.record_failure("m")
+        assert breakers.state("m") is BreakerState.OPEN
+        now[0] = 10.0
+        probe = breakers.allow("m")
+        assert probe is not None
+        assert probe.probe
+        breakers.record_probe_success(probe)
+        assert breakers.state("m") is BreakerState.CLOSED
 
 
 class TestMinConfidenceOfTheLLMClassifiersFallback:

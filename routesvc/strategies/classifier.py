@@ -9,7 +9,8 @@ Two kinds behind one stage, both of which annotate ``RoutingInput.task`` (source
   words); offline, well under a millisecond for a typical prompt.
 - ``llm``: a cheap configured model asked for ``{"task", "complexity"}`` as JSON (its labels read
   whatever their case), bounded by a timeout and cached by tenant and prompt hash; requests with
-  the same key at once share one call. On timeout, provider error or bad JSON the stage falls
+  the same key at once share one call; a reload's stage that asks the same model the same way
+  keeps both (``keep_labels_of``). On timeout, provider error or bad JSON the stage falls
   back (to the local classifier when one is given, else to no label) and the request is still
   served; so it is after an unexpected error, logged (``classifier_failed``) with its traceback,
   and at once, at no cost, while the model's circuit breaker is open. Its latency and cost are in
@@ -44,7 +45,6 @@ from routesvc.errors import (
     ConfigError,
     ProviderError,
     ProviderQuotaExhausted,
-    ProviderRateLimited,
     ProviderRejected,
     ProviderTimedOut,
     RouteSvcError,
@@ -384,18 +384,33 @@ class _Flight:
     waiting: int = 0
 
 
+@dataclass(eq=False, slots=True)
+class _Labels:
+    """What an LLM classifier stage has of its model: the labels it gave (by tenant and prompt
+    digest) and the calls in flight (by the same key). ``asks`` is what makes its answers (model,
+    provider and provider model, temperature) and the cache's size: a reloaded policy's stage with
+    the same takes them over."""
+
+    asks: tuple[object, ...]
+    cache: Memo[tuple[str, str]]
+    flights: dict[bytes, _Flight] = field(default_factory=dict)
+
+
 def _settle(breakers: Breakers, permit: Permit, error: TimeoutError | ProviderError | None, answered: bool) -> None:
-    """Tell the model's breaker how the classifier's call on ``permit`` ended, as the router does
-    an answer's: a provider failure counts against the model, an answer for it; a refusal of
-    this request (400s, a spent quota) before any output, or our own timeout, is no verdict."""
+    """Tell the model's breaker how the classifier's call on ``permit`` ended. A provider failure
+    counts against the model as an answer call's does (held open for the provider's Retry-After
+    when longer); a refusal of this request (400s, a spent quota) before any output, or our own
+    timeout, is no verdict. A label is no sign the model can answer (a long answer may fail where
+    a 40-token label does not), so it closes the breaker only as its half-open probe, and never
+    resets a closed breaker's count of the answers' failures."""
     if error is None:
-        breakers.record_success(permit.model)
+        breakers.record_probe_success(permit)
     elif isinstance(error, TimeoutError | ProviderTimedOut) or (
         isinstance(error, ProviderRejected | ProviderQuotaExhausted) and not answered
     ):
         breakers.release_probe(permit)
     else:
-        breakers.record_failure(permit.model, error.retry_after if isinstance(error, ProviderRateLimited) else None)
+        breakers.record_failure(permit.model, error.retry_after)
 
 
 class LLMClassifierStage:
@@ -415,8 +430,9 @@ class LLMClassifierStage:
         self._provider = provider
         self._model = model
         self._timeout_s = timeout_s
-        self._cache: Memo[tuple[str, str]] = Memo(cache_size)
-        self._flights: dict[bytes, _Flight] = {}  # by the cache's key
+        temperature = deterministic_temperature(model)
+        asks = (model.id, model.provider, model.provider_model, temperature, cache_size)
+        self._labels = _Labels(asks, Memo(cache_size))
         self._fallback = fallback
         self._override_hint = override_hint
         self._min_confidence = min_confidence
@@ -425,6 +441,19 @@ class LLMClassifierStage:
     def name(self) -> str:
         """The stage name in decisions."""
         return "classifier"
+
+    def keep_labels_of(self, earlier: Iterable[Strategy]) -> None:
+        """Take over the labels and calls in flight of the first of ``earlier`` (the stages of
+        the policy a reload replaces) that is an LLM classifier asking the same model the same
+        way, with the same ``cache_size``: its answers are this stage's, so a reload (a rotated
+        key, a budget changed) pays for none of them again, and a request on the new policy
+        joins a call in flight on the old. Shared, not copied: nothing of ``earlier`` changes, so
+        a reload that is rejected after this leaves it as it was. Else this stage starts empty
+        (the system prompt and labels are this module's, the same for every stage)."""
+        for stage in earlier:
+            if isinstance(stage, LLMClassifierStage) and stage._labels.asks == self._labels.asks:
+                self._labels = stage._labels
+                return
 
     async def _ask(
         self,
@@ -480,10 +509,10 @@ class LLMClassifierStage:
                 # A call that ended before the breaker heard of it (cancelled, a fault of ours)
                 # gives back a half-open probe's turn; a settled one's permit frees nothing.
                 breakers.release_probe(permit)
-            flight = self._flights.get(key)
+            flight = self._labels.flights.get(key)
             if flight is not None and flight.call is asyncio.current_task():
-                del self._flights[key]
-        self._cache.put(key, (task, complexity))
+                del self._labels.flights[key]
+        self._labels.cache.put(key, (task, complexity))
         return _Answer(task, complexity, usage)
 
     async def _wait(self, key: bytes, flight: _Flight) -> _Answer:
@@ -495,8 +524,8 @@ class LLMClassifierStage:
         finally:
             flight.waiting -= 1
             if not flight.waiting and not flight.call.done():
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
+                if self._labels.flights.get(key) is flight:
+                    del self._labels.flights[key]
                 flight.call.cancel()
                 await asyncio.wait([flight.call])
 
@@ -527,7 +556,7 @@ class LLMClassifierStage:
             return self._fall_back(prompt, f"not asked ({may_not_use})")
         # Two digests side by side: no tenant name and prompt can make another pair's key.
         key = text_key(tenant) + text_key(prompt)
-        cached = self._cache.get(key)
+        cached = self._labels.cache.get(key)
         if cached is not None:
             task, complexity = cached
             return (
@@ -535,7 +564,7 @@ class LLMClassifierStage:
                 complexity,
                 f"classifier: {self._model.id} labelled the task {task!r}, {_judged(complexity)} (cached)",
             )
-        flight = self._flights.get(key)
+        flight = self._labels.flights.get(key)
         shared = flight is not None
         if flight is None:
             if may_not_pay:
@@ -549,7 +578,7 @@ class LLMClassifierStage:
             # A task of its own, so that the request that started it can leave without ending it
             # for the others waiting; ``_wait`` ends it when the last of them leaves.
             flight = _Flight(asyncio.create_task(self._call(key, prompt, charge, breakers, permit)))
-            self._flights[key] = flight
+            self._labels.flights[key] = flight
         started = time.perf_counter()
         answer = await self._wait(key, flight)
         elapsed = (time.perf_counter() - started) * 1000

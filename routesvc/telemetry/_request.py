@@ -86,6 +86,9 @@ class RequestTelemetry:
     first_chunk_at: float | None = None
     code: str = "OK"
     operator_failure: bool = False  # failed for a reason only the operator can end
+    # Its totals were read for its rpc_finished line: an attempt that ends later (a classifier
+    # call it made and left to others waiting on it) is not in them.
+    totals_logged: bool = False
 
     @property
     def cost(self) -> Decimal:
