@@ -114,7 +114,7 @@ class Breakers:
             breaker.probe = None
             # The provider's wait, when longer, but never past the operator's bound: one 503 saying
             # "Retry-After: 86400" must not take the model out for a day.
-            seconds = min(self._config.max_open_seconds, max(self._config.open_seconds, retry_after or 0.0))
+            seconds = min(self._config.longest_open_seconds, max(self._config.open_seconds, retry_after or 0.0))
             breaker.opened_until = self._clock() + seconds
             if not was_open:
                 log.warning("breaker_opened", model=model, failures=breaker.failures, open_seconds=seconds)

@@ -28,6 +28,9 @@ from routesvc.strategies.classifier import ClassifierStageConfig
 from routesvc.strategies.embedding import EmbeddingStageConfig
 
 DEFAULT_CONFIG_NAME = "default_config.yaml"
+# How long a provider's wait may hold a breaker open where breaker.max_open_seconds is not set
+# (unless open_seconds is longer).
+_DEFAULT_MAX_OPEN_SECONDS = 60.0
 CONFIG_PATH_ENV = "ROUTESVC_CONFIG"
 DATA_DIR_ENV = "ROUTESVC_DATA_DIR"
 TARGET_ENV = "ROUTESVC_TARGET"
@@ -403,20 +406,29 @@ class BreakerConfig(_Strict):
 
     failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open the breaker.")
     open_seconds: float = Field(30.0, gt=0, description="How long it stays open at least (longer on Retry-After).")
-    max_open_seconds: float = Field(
-        60.0,
+    max_open_seconds: float | None = Field(
+        None,
         gt=0,
         description="How long a provider's Retry-After (or rate-limit reset) may hold it open at most, "
-        "so one answer saying a day cannot take the model out for a day; at least open_seconds.",
+        "so one answer saying a day cannot take the model out for a day; at least open_seconds. "
+        "Default: the larger of 60 and open_seconds.",
     )
 
     @model_validator(mode="after")
     def _max_open_is_not_below_open(self) -> BreakerConfig:
-        if self.max_open_seconds < self.open_seconds:
+        if self.max_open_seconds is not None and self.max_open_seconds < self.open_seconds:
             raise ValueError(
                 f"max_open_seconds ({self.max_open_seconds:g}) must be at least open_seconds ({self.open_seconds:g})"
             )
         return self
+
+    @property
+    def longest_open_seconds(self) -> float:
+        """``max_open_seconds``, or its default: 60, or ``open_seconds`` if longer (a config that
+        sets only a longer ``open_seconds`` keeps to it)."""
+        if self.max_open_seconds is not None:
+            return self.max_open_seconds
+        return max(_DEFAULT_MAX_OPEN_SECONDS, self.open_seconds)
 
 
 class ReliabilityConfig(_Strict):

@@ -4,7 +4,9 @@ A broken server can report any count (``completion_tokens`` of 10**19): taken as
 be charged to the ledger, the span, the cost metric and the tenant's budget (a day's budget
 spent by one call), and overflow the protobuf's int64. A count the call cannot have used is
 taken as unreported instead: estimated as the adapters estimate a usage the server left out,
-flagged, and logged ``provider_usage_implausible`` (the counts, never the prompt)."""
+flagged, and logged ``provider_usage_implausible`` (the counts, never the prompt). Streams are
+checked here (``CheckedUsage``); a batch result's usage where the batch queue charges it
+(``batches/_queue.py``'s ``_billed_usage``), with the same limits."""
 
 from __future__ import annotations
 
@@ -26,15 +28,48 @@ log = structlog.get_logger("routesvc.reported_usage")
 INPUT_SLACK = 2
 
 
-def output_limit(model: ModelSpec, call: ProviderCall) -> int:
-    """The most output ``call`` can produce: the ``max_output_tokens`` it sent (every adapter
-    sends one), else ``model``'s limit in the catalog."""
-    return call.max_output_tokens or model.max_output_tokens
+def output_limit(model: ModelSpec, asked: int | None = None) -> int:
+    """The most output a call on ``model`` can produce: the ``max_output_tokens`` it ``asked``
+    (every adapter sends one), else ``model``'s limit in the catalog."""
+    return asked or model.max_output_tokens
 
 
 def input_limit(model: ModelSpec) -> int:
     """The most input a call on ``model`` is believed to be billed."""
     return model.context_window * INPUT_SLACK
+
+
+def believable_input(model: ModelSpec, usage: Usage) -> bool:
+    """Whether ``usage``'s input and every cache count of it are within ``input_limit``. (A cache
+    count over the input is clamped where it is priced: ``cost_of_usage``.)"""
+    counts = (
+        usage.input_tokens,
+        usage.cached_input_tokens,
+        usage.cache_write_input_tokens,
+        usage.cache_write_1h_input_tokens,
+    )
+    return max(counts) <= input_limit(model)
+
+
+def warn_implausible(
+    provider: str, model: ModelSpec, usage: Usage, implausible: str, max_output_tokens: int, **context: object
+) -> None:
+    """Log ``provider_usage_implausible``: ``usage``'s ``implausible`` counts ("input", "output"
+    or both) are estimated instead (the counts and ``context`` are logged, never the prompt)."""
+    log.warning(
+        "provider_usage_implausible",
+        provider=provider,
+        model=model.id,
+        implausible=implausible,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        cache_write_input_tokens=usage.cache_write_input_tokens,
+        max_output_tokens=max_output_tokens,
+        input_limit=input_limit(model),
+        estimated_instead=True,
+        **context,
+    )
 
 
 class CheckedUsage:
@@ -66,7 +101,7 @@ class CheckedUsage:
                 if isinstance(event, TextDelta | Heartbeat):
                     produced.append(event.text)
                 elif isinstance(event, InputReported):
-                    if not self._believable_input(event.usage):
+                    if not believable_input(self._model, event.usage):
                         self._warn(call, event.usage, "input")
                         continue
                 elif isinstance(event, ProviderFinish):
@@ -77,37 +112,20 @@ class CheckedUsage:
             if aclose is not None:
                 await aclose()
 
-    def _believable_input(self, usage: Usage) -> bool:
-        # A cache count over the input is clamped where it is priced (``cost_of_usage``).
-        counts = (usage.input_tokens, usage.cached_input_tokens, usage.cache_write_input_tokens)
-        return max(counts) <= input_limit(self._model)
-
     def _checked(self, call: ProviderCall, finish: ProviderFinish, produced: list[str]) -> ProviderFinish:
         usage = finish.usage
-        believable_output = usage.output_tokens <= output_limit(self._model, call)
-        believable_input = self._believable_input(usage)
-        if believable_output and believable_input:
+        output_ok = usage.output_tokens <= output_limit(self._model, call.max_output_tokens)
+        input_ok = believable_input(self._model, usage)
+        if output_ok and input_ok:
             return finish
-        wrong = [
-            name for name, believable in (("input", believable_input), ("output", believable_output)) if not believable
-        ]
+        wrong = [name for name, believable in (("input", input_ok), ("output", output_ok)) if not believable]
         self._warn(call, usage, " and ".join(wrong))
-        estimate = interrupted_usage(self._model, call.as_chat(), produced, usage if believable_input else None)
-        if believable_output:
+        estimate = interrupted_usage(self._model, call.as_chat(), produced, usage if input_ok else None)
+        if output_ok:
             estimate = replace(estimate, output_tokens=usage.output_tokens)
         return replace(finish, usage=estimate, estimated=True)
 
     def _warn(self, call: ProviderCall, usage: Usage, counts: str) -> None:
-        log.warning(
-            "provider_usage_implausible",
-            provider=self._provider.name,
-            model=self._model.id,
-            implausible=counts,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cached_input_tokens=usage.cached_input_tokens,
-            cache_write_input_tokens=usage.cache_write_input_tokens,
-            max_output_tokens=output_limit(self._model, call),
-            input_limit=input_limit(self._model),
-            estimated_instead=True,
+        warn_implausible(
+            self._provider.name, self._model, usage, counts, output_limit(self._model, call.max_output_tokens)
         )

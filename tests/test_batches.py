@@ -330,6 +330,82 @@ class TestBatchSubmitAndResults:
         assert Decimal(done.result.cost_usd) > 0
         assert [e.estimated for e in entries] == [True]
 
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    @pytest.mark.parametrize(
+        ("counts", "implausible"),
+        [
+            ({"input_tokens": 10**15}, "input"),
+            ({"input_tokens": 20, "cached_input_tokens": 10**15}, "input"),
+            ({"output_tokens": 10**15}, "output"),
+        ],
+        ids=["input", "cached", "output"],
+    )
+    async def test_a_result_with_an_implausible_count_is_charged_an_estimate(
+        self, tmp_path: Path, fake: FakeProvider, model: str, counts: dict[str, int], implausible: str
+    ) -> None:
+        """A result whose count the call cannot have used (10**15 tokens: past the model's context
+        window, or its output limit) is taken as unreported, as a stream's is
+        (``reported_usage``): estimated, flagged in the ledger, logged
+        ``provider_usage_implausible`` without the prompt; not charged as is (it was: $75,000,000
+        for an input of 10**15)."""
+        answer = "A short summary."
+        if model == "claude-sonnet" and "cached_input_tokens" in counts:
+            # Anthropic reports the cache reads beside the input: the fake's input holds them.
+            counts = {**counts, "input_tokens": counts["input_tokens"] + counts["cached_input_tokens"]}
+        script = Script(text=answer, **counts)  # type: ignore[arg-type]
+        fake.enqueue(script, model=fake_model(model))
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                messages = await submit(client, model=model)
+                decision, job = messages[0].decision, messages[1].batch
+                done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+                entries = [e for e in server.router.ledger.entries() if e.request_id == job.batch_id]
+                spec = server.router.settings.catalog.get(model)
+        usage = done.result.usage
+        if implausible == "input":
+            assert (usage.input_tokens, usage.cached_input_tokens) == (decision.estimated_input_tokens, 0)
+        else:
+            assert usage.output_tokens == count_text_tokens(answer)
+        assert max(usage.input_tokens, usage.output_tokens) < 10**6
+        assert Decimal(done.result.cost_usd) < Decimal("0.01")
+        assert [(e.estimated, e.usage.input_tokens, e.usage.output_tokens) for e in entries] == [
+            (True, usage.input_tokens, usage.output_tokens)
+        ]
+        warned = [e for e in logs if e["event"] == "provider_usage_implausible"]
+        assert [(e["batch_id"], e["model"], e["implausible"]) for e in warned] == [(job.batch_id, spec.id, implausible)]
+        assert "Summarise" not in repr(logs)
+
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    async def test_a_count_past_the_stores_integers_does_not_hold_up_its_batch(
+        self, tmp_path: Path, fake: FakeProvider, model: str
+    ) -> None:
+        """A result whose count does not fit the store's 64-bit integers (10**19), beside a good
+        result in the same provider batch: both jobs SUCCEEDED, the odd one charged an estimate.
+        (Storing it raised on every poll round, so no job of the batch ever ended.)"""
+        fake.enqueue(
+            Script(text="odd", input_tokens=10**19, output_tokens=10**19),
+            Script(text="fine", input_tokens=10, output_tokens=5),
+            model=fake_model(model),
+        )
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(cancelled_config(tmp_path), live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                jobs = await two_jobs(client, model=model)
+                done = [await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED) for job in jobs]
+                estimated = {e.request_id: e.estimated for e in server.router.ledger.entries()}
+        assert [len(batch.requests) for batch in fake.batches] == [2]
+        assert (
+            sorted((d.result.usage.input_tokens < 10**6, d.result.usage.output_tokens < 10**6) for d in done)
+            == [(True, True)] * 2
+        )
+        assert sorted(estimated.values()) == [False, True]
+        assert not [e for e in logs if e["event"] == "batch_poll_crashed"]
+
     async def test_small_requests_are_grouped_into_one_provider_batch(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Three jobs within the window: one provider batch of three requests."""
         config = batch_config(tmp_path)
@@ -1865,9 +1941,11 @@ class TestBatchAdapters:
         assert "fine" not in repr(malformed)
 
     async def test_an_openai_results_line_of_the_wrong_shape_fails_only_its_job(self, fake: FakeProvider) -> None:
-        """Lines of JSON whose fields have other types (a choice that is a string, usage that is a
-        list, an error that is a string): each fails its own job, malformed_result; the other job
-        of the file SUCCEEDED (the whole read raised, and the batch was read again every round)."""
+        """Lines of JSON whose fields have other types (a choice that is a string, an error that
+        is a string): each fails its own job, malformed_result; the other jobs of the file
+        SUCCEEDED (the whole read raised, and the batch was read again every round). A usage that
+        is no object (a list) is read as none, as a stream's is: the answer is kept and its
+        counts estimated."""
         import openai
 
         from routesvc.models import BatchState
@@ -1895,9 +1973,86 @@ class TestBatchAdapters:
         await api.aclose()
         assert sorted((r.custom_id, r.state, r.error, r.text) for r in results) == [
             ("job_1", BatchState.FAILED, "malformed_result", ""),
-            ("job_2", BatchState.FAILED, "malformed_result", ""),
+            ("job_2", BatchState.SUCCEEDED, "", "fine"),
             ("job_3", BatchState.SUCCEEDED, "", "fine"),
             ("job_4", BatchState.FAILED, "malformed_result", ""),
+        ]
+
+    async def test_an_openai_usage_part_that_is_no_object_is_read_as_missing(self, fake: FakeProvider) -> None:
+        """A result whose ``usage`` or ``prompt_tokens_details`` is no object (a string, a
+        number) keeps its answer (it FAILED malformed_result: the answer lost, nothing charged),
+        the odd part read as missing, as a stream's is (``object_field``): no counts (the queue
+        estimates them), or no cache reads."""
+        import openai
+
+        from routesvc.models import BatchState
+        from routesvc.providers.batch import ProviderBatch
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        body = {"model": "gpt-4o-mini", "choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}]}
+        counts = {"prompt_tokens": 12, "completion_tokens": 3}
+        lines = [
+            {"custom_id": "job_1", "response": {"status_code": 200, "body": {**body, "usage": "n/a"}}},
+            {
+                "custom_id": "job_2",
+                "response": {
+                    "status_code": 200,
+                    "body": {**body, "usage": {**counts, "prompt_tokens_details": "unavailable"}},
+                },
+            },
+            {
+                "custom_id": "job_3",
+                "response": {"status_code": 200, "body": {**body, "usage": {**counts, "prompt_tokens_details": 7}}},
+            },
+        ]
+        sdk = openai.AsyncOpenAI(api_key="sk", base_url=fake.openai_base_url)
+        output = await sdk.files.create(
+            file=("out.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()), purpose="batch"
+        )
+        await sdk.close()
+        api = OpenAIBatches("openai", "sk", fake.openai_base_url)
+        results = await api.results(ProviderBatch("batch_1", True, "completed", output_file_id=output.id))
+        await api.aclose()
+        assert sorted(
+            (r.custom_id, r.state, r.text, r.usage, r.input_reported, r.output_reported) for r in results
+        ) == [
+            ("job_1", BatchState.SUCCEEDED, "fine", Usage(), False, False),
+            ("job_2", BatchState.SUCCEEDED, "fine", Usage(12, 3), True, True),
+            ("job_3", BatchState.SUCCEEDED, "fine", Usage(12, 3), True, True),
+        ]
+
+    async def test_an_anthropic_usage_part_that_is_no_object_is_read_as_missing(self, fake: FakeProvider) -> None:
+        """A result whose ``usage`` or ``usage.cache_creation`` is no object (a string) keeps its
+        answer (it FAILED malformed_result: the answer lost, nothing charged), the odd part read
+        as missing, as a stream's is (``object_field``): no counts (the queue estimates them), or
+        no 1-hour cache writes."""
+        from routesvc.models import BatchState, Message, Role
+        from routesvc.providers.anthropic_batch import AnthropicBatches
+        from routesvc.providers.batch import BatchItem
+
+        def succeeded(custom_id: str, usage: object) -> str:
+            message = {
+                "model": "claude-sonnet-4-6",
+                "content": [{"type": "text", "text": "fine"}],
+                "stop_reason": "end_turn",
+                "usage": usage,
+            }
+            return json.dumps({"custom_id": custom_id, "result": {"type": "succeeded", "message": message}})
+
+        counts = {"input_tokens": 12, "output_tokens": 3, "cache_creation_input_tokens": 4}
+        api = AnthropicBatches("anthropic", "sk", fake.anthropic_base_url)
+        hi = (Message(Role.USER, "hi"),)
+        items = [BatchItem(f"job_{n}", "claude-sonnet", "claude-sonnet-4-6", hi, 16) for n in (1, 2)]
+        batch = await api.poll(await api.submit(items, "tag"))
+        lines = [succeeded("job_1", "unavailable"), succeeded("job_2", {**counts, "cache_creation": "unavailable"})]
+        fake.batches[0].raw_results = ("\n".join(lines) + "\n").encode()
+        results = await api.results(batch)
+        await api.aclose()
+        assert sorted(
+            (r.custom_id, r.state, r.text, r.usage, r.input_reported, r.output_reported) for r in results
+        ) == [
+            ("job_1", BatchState.SUCCEEDED, "fine", Usage(), False, False),
+            ("job_2", BatchState.SUCCEEDED, "fine", Usage(16, 3, cache_write_input_tokens=4), True, True),
         ]
 
     async def test_an_openai_refusal_in_a_batch_is_the_answer_and_content_filter(self, fake: FakeProvider) -> None:

@@ -602,6 +602,17 @@ class TestBreakers:
         assert retry_delay(error) == 86_400
         assert 50 < server.router.breakers.retry_in(model) <= 60
 
+    @pytest.mark.parametrize(("open_seconds", "longest"), [(120, 120.0), (10, 60.0)])
+    def test_an_unset_max_open_seconds_is_60_or_open_seconds_if_longer(self, open_seconds: int, longest: float) -> None:
+        """A config that sets ``open_seconds`` (120: longer than the 60 s default bound) and no
+        ``max_open_seconds`` loads, as it did before the bound existed: a day's Retry-After holds
+        the breaker open for the larger of 60 and ``open_seconds``."""
+        config = reliable_config(breaker={"failure_threshold": 1, "open_seconds": open_seconds})
+        breaker = settings_from(config).config.reliability.breaker
+        breakers = Breakers(breaker, lambda: 0.0)
+        breakers.record_failure("m", retry_after=86_400.0)
+        assert breakers.retry_in("m") == longest
+
     def test_max_open_seconds_below_open_seconds_is_refused(self) -> None:
         """A bound on the open time shorter than the open time itself says nothing sensible: the
         config is refused at start, naming the fields."""
@@ -675,6 +686,16 @@ class TestBreakers:
             ({"x-ratelimit-reset-requests": "1m0.000001s"}, 60.000001),
             ({"x-ratelimit-reset-requests": "0"}, 0.0),
             ({"x-ratelimit-reset-requests": "-5s"}, None),
+            # One leading sign, as Go's ParseDuration reads it: "+" says nothing, "-0" is 0.
+            ({"x-ratelimit-reset-requests": "+5s"}, 5.0),
+            ({"x-ratelimit-reset-requests": "+1m30s"}, 90.0),
+            ({"x-ratelimit-reset-requests": "+0"}, 0.0),
+            ({"x-ratelimit-reset-requests": "-0"}, 0.0),
+            ({"x-ratelimit-reset-requests": "-0s"}, 0.0),
+            ({"x-ratelimit-reset-requests": "++5s"}, None),
+            ({"x-ratelimit-reset-requests": "00"}, None),
+            # ASCII digits only, as Go's (float() would read the Arabic-Indic 3).
+            ({"x-ratelimit-reset-requests": "\u0663s"}, None),
             # A spent limit whose reset is unreadable: not the reset of one that is not spent.
             (
                 {

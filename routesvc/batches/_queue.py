@@ -175,6 +175,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult, ProviderBatch
+from routesvc.reported_usage import believable_input, output_limit, warn_implausible
 from routesvc.retry import is_retryable, skips_provider
 from routesvc.tokens import count_text_tokens
 
@@ -1048,7 +1049,7 @@ class BatchQueue:
         model = await self._model(status.job.model, [batch_id])
         if model is None:
             return  # without its prices the answer cannot be charged: FAILED, not given away
-        usage, estimated = _billed_usage(status.job, result)
+        usage, estimated = _billed_usage(status.job, model, result)
         cost = cost_of_usage(model, usage, Mode.BATCH)
         answer = BatchResult(result.text, usage, cost, result.finish_reason, result.provider_model, result.tool_calls)
         if not await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
@@ -1078,7 +1079,7 @@ class BatchQueue:
             if await store.close_cancelled(batch_id, None):
                 log.warning("batch_cancelled_job_unpriced", batch_id=batch_id, model=status.job.model)
             return
-        usage, estimated = _billed_usage(status.job, result)
+        usage, estimated = _billed_usage(status.job, model, result)
         cost = cost_of_usage(model, usage, Mode.BATCH)
         billed = BatchResult("", usage, cost, result.finish_reason, result.provider_model)
         if not await store.close_cancelled(batch_id, billed):
@@ -1107,20 +1108,37 @@ class BatchQueue:
             self._answered(model, answer.provider_model, answer.usage, answer.cost_usd)
 
 
-def _billed_usage(job: BatchJob, result: ItemResult) -> tuple[Usage, bool]:
+def _billed_usage(job: BatchJob, model: ModelSpec, result: ItemResult) -> tuple[Usage, bool]:
     """The usage ``job``'s answer ``result`` is charged, and whether it is estimated: the
-    provider's, but for a count its result did not report (a server that sends no ``usage``),
-    estimated as a stream without usage is: the input as the decision estimated it, as the model
-    bills it (``BatchQueue._billed_input``, kept with the job: the request is gone from the store
-    by now), the output counted in the answer's text and tool calls. An
-    estimate is logged, without the answer or the prompt."""
-    if result.input_reported and result.output_reported:
-        return result.usage, False
+    provider's, but for a count its result did not report (a server that sends no ``usage``) or
+    one it cannot have used (``reported_usage``'s limits: an input or cache count past
+    ``model``'s ``input_limit``, an output past its ``output_limit``; logged
+    ``provider_usage_implausible``), estimated as a stream's is: the input as the decision
+    estimated it, as the model bills it (``BatchQueue._billed_input``, kept with the job: the
+    request is gone from the store by now), the output counted in the answer's text and tool
+    calls. So no count stored or charged is one a broken server made up (10**19 would not even
+    fit the store's integers). An estimate is logged, without the answer or the prompt."""
     usage = result.usage
-    if not result.input_reported:
+    input_reported = result.input_reported and believable_input(model, usage)
+    output_reported = result.output_reported and usage.output_tokens <= output_limit(model)
+    implausible = [
+        name
+        for name, reported, believed in (
+            ("input", result.input_reported, input_reported),
+            ("output", result.output_reported, output_reported),
+        )
+        if reported and not believed
+    ]
+    if implausible:
+        warn_implausible(
+            job.provider, model, usage, " and ".join(implausible), output_limit(model), batch_id=job.batch_id
+        )
+    if input_reported and output_reported:
+        return usage, False
+    if not input_reported:
         # Cache counts beside an unreported input say nothing: the whole input is the estimate.
         usage = Usage(input_tokens=job.estimated_input_tokens or 0, output_tokens=usage.output_tokens)
-    if not result.output_reported:
+    if not output_reported:
         produced = result.text + "".join(call.name + call.arguments_json for call in result.tool_calls)
         usage = dataclasses.replace(usage, output_tokens=count_text_tokens(produced))
     log.warning(
@@ -1128,8 +1146,8 @@ def _billed_usage(job: BatchJob, result: ItemResult) -> tuple[Usage, bool]:
         batch_id=job.batch_id,
         model=job.model,
         provider=job.provider,
-        input_estimated=not result.input_reported,
-        output_estimated=not result.output_reported,
+        input_estimated=not input_reported,
+        output_estimated=not output_reported,
     )
     return usage, True
 

@@ -114,8 +114,10 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
 
 # OpenAI's reset headers hold a Go duration ("1s", "6m0s", "20ms", "1m30.5s", "850µs"): runs of
 # a number and a unit, as Go's time.ParseDuration reads them (micro as "us", "µs" or "μs").
-_DURATION_PARTS = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_DURATION = re.compile(f"(?:{_DURATION_PARTS.pattern})+")
+# ``[0-9]``, not ``\d``: Go reads ASCII digits only (``\d`` would take "٣s", which float() reads as 3).
+_DURATION_PARTS = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+# One leading sign, as Go's ParseDuration reads it ("+5s" is 5s, "-0" is 0); a bare 0 needs no unit.
+_DURATION = re.compile(f"([-+]?)(?:0|(?:{_DURATION_PARTS.pattern})+)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # The rate limits each API reports: (remaining header, reset header) of each.
 _OPENAI_LIMITS = tuple(
@@ -157,16 +159,17 @@ def _spent(remaining: str | None) -> bool:
 
 
 def _duration(value: str | None) -> float | None:
-    """A Go duration (``1m30.5s``, ``20ms``, ``850µs``, ``0``) in seconds, in [0, one day]; None
-    if absent or not one (a negative one included)."""
+    """A Go duration (``1m30.5s``, ``20ms``, ``850µs``, ``+5s``, ``0``, ``-0``) in seconds, in
+    [0, one day]; None if absent or not one (a negative one included)."""
     if not value:
         return None
     text = value.strip()
-    if text == "0":
-        return 0.0
-    if _DURATION.fullmatch(text) is None:
+    match = _DURATION.fullmatch(text)
+    if match is None:
         return None
-    seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PARTS.findall(text))
+    seconds = sum((float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PARTS.findall(text)), 0.0)
+    if match.group(1) == "-" and seconds > 0:
+        return None
     return min(MAX_RETRY_AFTER_SECONDS, seconds)
 
 

@@ -19,7 +19,7 @@ import structlog
 
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
-from routesvc.providers._http import describe, error_for_status
+from routesvc.providers._http import describe, error_for_status, object_field
 from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, quota_spent, request_params
 from routesvc.providers.batch import (
     BatchItem,
@@ -197,12 +197,12 @@ def _entry_result(line: dict[str, Any]) -> ItemResult:
     if kind == "succeeded":
         message = result["message"]
         # A count the result does not report is estimated by the queue, as a stream's is by the adapter.
-        usage = message.get("usage") or {}
+        usage = object_field(message.get("usage"))
         input_tokens = reported_count(usage, "input_tokens")
         output_tokens = reported_count(usage, "output_tokens")
         cached = reported_count(usage, "cache_read_input_tokens") or 0
         written = reported_count(usage, "cache_creation_input_tokens") or 0
-        written_1h = reported_count(usage.get("cache_creation") or {}, "ephemeral_1h_input_tokens") or 0
+        written_1h = reported_count(object_field(usage.get("cache_creation")), "ephemeral_1h_input_tokens") or 0
         blocks = message.get("content") or []
         text = "".join(str(block["text"]) for block in blocks if block["type"] == "text")
         # A tool_use block that names no tool is no call (as in a stream: ``ToolCallParts``).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -168,11 +168,13 @@ class BatchAPI(Protocol):
         ...
 
 
-def reported_count(usage: dict[str, Any], key: str) -> int | None:
-    """The token count ``key`` of a result's ``usage``, read as a stream's is (``count_field``):
-    None when the result has none, or one that is no count (negative, a string, a fraction), so
-    that the queue estimates it (``ItemResult.input_reported``) instead of charging a broken
-    server's figure, a negative one crediting the tenant."""
+def reported_count(usage: Mapping[str, object], key: str) -> int | None:
+    """The token count ``key`` of a result's ``usage`` (an object read with ``object_field``),
+    read as a stream's is (``count_field``): None when the result has none, or one
+    that is no count (negative, a string, a fraction), so that the queue estimates it
+    (``ItemResult.input_reported``) instead of charging a broken server's figure, a negative one
+    crediting the tenant. One too large to be believed is estimated by the queue too
+    (``_billed_usage``)."""
     return count_field(usage.get(key))
 
 

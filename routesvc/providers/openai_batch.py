@@ -21,7 +21,7 @@ import structlog
 
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, FinishReason, ToolCall, Usage
-from routesvc.providers._http import describe, error_for_status, safe_code
+from routesvc.providers._http import describe, error_for_status, object_field, safe_code
 from routesvc.providers.batch import (
     BatchItem,
     ItemResult,
@@ -251,10 +251,10 @@ class OpenAIBatches:
         choice = body["choices"][0]
         message = choice.get("message") or {}
         # A count the result does not report is estimated by the queue, as a stream's is by the adapter.
-        usage = body.get("usage") or {}
+        usage = object_field(body.get("usage"))
         input_tokens = reported_count(usage, "prompt_tokens")
         output_tokens = reported_count(usage, "completion_tokens")
-        details = usage.get("prompt_tokens_details") or {}
+        details = object_field(usage.get("prompt_tokens_details"))
         # A refusal (structured outputs) is the answer, and the answer was filtered.
         refusal = str(message.get("refusal") or "")
         # A call that names no tool is no call (as in a stream: ``ToolCallParts``).
