@@ -1146,6 +1146,58 @@ class TestTheLLMClassifiersLabelsOutliveAReload:
         assert second.reasons[0].endswith("(asked for another request with the same prompt)")
         assert len(entries) == 1
 
+    async def test_a_call_in_flight_on_a_client_the_reload_replaced_is_not_joined(self, fake: FakeProvider) -> None:
+        """A reload that rotates the provider's key replaces its client while a call is in
+        flight on the old one: the same prompt sent after it asks its own call through the new
+        client. Joined, it failed when the request that made the call left and the old router
+        closed its client, fell back to the local label and counted a failure against the
+        model's breaker (one opens it here)."""
+        fake.enqueue(Script(text='{"task": "code_generation", "complexity": "low"}', first_chunk_delay=3.0))
+        fake.set_default(Script(text='{"task": "code_generation", "complexity": "low"}'))
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["timeout_s"] = 5  # type: ignore[index]
+        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 30}}
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            first = asyncio.create_task(client.route(user_chat(self.PROMPT), ACME, timeout=1.0))
+            async with asyncio.timeout(5):
+                while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                    await asyncio.sleep(0.01)
+            await server.reload(settings_from(config, {**live_environ(fake), "OPENAI_API_KEY": "sk-test-rotated"}))
+            second = await client.route(user_chat(self.PROMPT), ACME, timeout=10.0)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await first
+            state = server.router.breakers.state("gpt-4o-mini")
+        assert second.reasons[0].startswith(
+            "classifier: gpt-4o-mini labelled the task 'code_generation', complexity low, in "
+        )
+        assert state == BreakerState.CLOSED
+
+    async def test_a_call_in_flight_under_an_earlier_timeout_is_not_joined(self, fake: FakeProvider) -> None:
+        """A reload that lowers ``timeout_s`` while a call is in flight: the same prompt sent
+        after it is bounded by the new timeout (its own call, given up on, and the local
+        fallback), not by the call the old stage made under the longer one."""
+        fake.enqueue(Script(text='{"task": "code_generation", "complexity": "low"}', first_chunk_delay=1.5))
+        fake.set_default(Script(text='{"task": "code_generation", "complexity": "low"}', first_chunk_delay=1.5))
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["timeout_s"] = 5  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            first = asyncio.create_task(client.route(user_chat(self.PROMPT), ACME, timeout=10.0))
+            async with asyncio.timeout(5):
+                while not fake.requests:  # noqa: ASYNC110 - the fake has no arrival event; a bounded poll
+                    await asyncio.sleep(0.01)
+            config["routing"]["stages"][0]["timeout_s"] = 0.2  # type: ignore[index]
+            await server.reload(settings_from(config, live_environ(fake)))
+            second = await client.route(user_chat(self.PROMPT), ACME, timeout=10.0)
+            await first
+        assert second.reasons[0].startswith("classifier: gpt-4o-mini timed out after ")
+        assert "local fallback labelled the task 'code_generation'" in second.reasons[0]
+
 
 class TestTheLLMClassifierKeepsToTheBreaker:
     """The classifier's model has the circuit breaker every call to it has (over a real server)."""

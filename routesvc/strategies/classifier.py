@@ -443,16 +443,23 @@ class LLMClassifierStage:
         return "classifier"
 
     def keep_labels_of(self, earlier: Iterable[Strategy]) -> None:
-        """Take over the labels and calls in flight of the first of ``earlier`` (the stages of
-        the policy a reload replaces) that is an LLM classifier asking the same model the same
-        way, with the same ``cache_size``: its answers are this stage's, so a reload (a rotated
-        key, a budget changed) pays for none of them again, and a request on the new policy
-        joins a call in flight on the old. Shared, not copied: nothing of ``earlier`` changes, so
-        a reload that is rejected after this leaves it as it was. Else this stage starts empty
-        (the system prompt and labels are this module's, the same for every stage)."""
+        """Take over the labels of the first of ``earlier`` (the stages of the policy a reload
+        replaces) that is an LLM classifier asking the same model the same way, with the same
+        ``cache_size``: its answers are this stage's, so a reload (a rotated key, a budget
+        changed) pays for none of them again. Its calls in flight are joined too when this stage
+        asks through the same provider client with the same ``timeout_s``: a call on a client the
+        reload replaced ends when the old router closes it (which would fail the requests of the
+        new one waiting on it, and count against the model's breaker), and one bounded by an
+        earlier ``timeout_s`` would outlast this stage's. Shared, not copied: nothing of
+        ``earlier`` changes, so a reload that is rejected after this leaves it as it was. Else
+        this stage starts empty (the system prompt and labels are this module's, the same for
+        every stage)."""
         for stage in earlier:
             if isinstance(stage, LLMClassifierStage) and stage._labels.asks == self._labels.asks:
-                self._labels = stage._labels
+                if stage._provider is self._provider and stage._timeout_s == self._timeout_s:
+                    self._labels = stage._labels
+                else:  # its labels; its calls in flight end on the old router, into the same cache
+                    self._labels = _Labels(self._labels.asks, stage._labels.cache)
                 return
 
     async def _ask(
