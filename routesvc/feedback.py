@@ -82,6 +82,10 @@ _MAX_QUEUED = 100_000
 _FAILURES_PER_LOG = 1000
 # How long ``record`` waits for the writes queued before it (the writer may be waiting on a lock).
 _FLUSH_TIMEOUT_SECONDS = 30.0
+# Examples ``apply_cap`` deletes in one transaction at most (~0.1 s of writing): a lowered cap
+# evicts a large file's excess over many, so none holds the file's lock near another writer's
+# busy timeout (a Feedback on another store of the file, another worker), which go in between.
+_EVICTION_BATCH = 1_000
 
 DEFAULT_MAX_EXAMPLES = 20_000
 """How many examples are kept at most by default (per tenant, or in all, as the store is told)."""
@@ -352,16 +356,26 @@ class FeedbackStore:
         (or of all, as the store was told); their decision ids. A store opened with
         ``cap_at_open`` False (a reload's, so that a version it rejects deletes nothing) keeps a
         file over its cap until this is called, or until a new example of that tenant comes. A
-        failure of the file is an error of ``store_failure``, with nothing deleted."""
+        failure of the file is an error of ``store_failure``: what the transactions before it
+        deleted stays deleted (the next call, open or example of that tenant evicts the rest).
+
+        It deletes in transactions of ``_EVICTION_BATCH`` examples at most, each keeping the
+        counts exact, so a lowered cap over a large file (100,000 examples) never holds the
+        file's write lock for long: the writes of other stores and processes go in between."""
         with self._translated_failures():
             return self._apply_cap()
 
     def _apply_cap(self) -> tuple[str, ...]:
         evicted: list[str] = []
-        with self._transaction():
-            tenants = [str(row[0]) for row in self._writer.execute("SELECT tenant FROM example_counts")]
-            for tenant in tenants if self._examples_per_tenant else [""]:
-                evicted += self._evict_over_the_cap(tenant)
+        with self._read_lock:
+            tenants = [str(row[0]) for row in self._reader.execute("SELECT tenant FROM example_counts ORDER BY tenant")]
+        for tenant in tenants if self._examples_per_tenant else [""]:
+            while True:
+                with self._transaction():
+                    batch = self._evict_over_the_cap(tenant, limit=_EVICTION_BATCH)
+                evicted += batch
+                if len(batch) < _EVICTION_BATCH:
+                    break
         return tuple(evicted)
 
     @contextmanager
@@ -568,25 +582,27 @@ class FeedbackStore:
         example = FeedbackExample(decision_id, model, embedding, score, encoder, owner)
         return Recorded(FeedbackEntry(decision_id, model, score, now, owner), example, evicted)
 
-    def _evict_over_the_cap(self, tenant: str) -> tuple[str, ...]:
-        """Delete the oldest examples (and their outcomes) past ``max_examples``: of ``tenant``
-        when examples are capped per tenant, else of all (``tenant`` is then ignored). Returns
-        their decision ids. The counts make it cost what it deletes, not what is kept."""
+    def _evict_over_the_cap(self, tenant: str, limit: int | None = None) -> tuple[str, ...]:
+        """Delete the oldest examples (and their outcomes) past ``max_examples``, ``limit`` at
+        most (None: all): of ``tenant`` when examples are capped per tenant, else of all
+        (``tenant`` is then ignored). Returns their decision ids. The counts make it cost what it
+        deletes, not what is kept. The caller holds the write transaction."""
         if self._examples_per_tenant:
             [count] = self._writer.execute(
                 "SELECT COALESCE(SUM(examples), 0) FROM example_counts WHERE tenant = ?", (tenant,)
             ).fetchone()
-            over = int(count) - self._max_examples
-            if over <= 0:
-                return ()
+        else:
+            [count] = self._writer.execute("SELECT COALESCE(SUM(examples), 0) FROM example_counts").fetchone()
+        over = int(count) - self._max_examples
+        if limit is not None:
+            over = min(over, limit)
+        if over <= 0:
+            return ()
+        if self._examples_per_tenant:
             rows = self._writer.execute(
                 "SELECT decision_id, tenant FROM examples WHERE tenant = ? ORDER BY rowid LIMIT ?", (tenant, over)
             ).fetchall()
         else:
-            [count] = self._writer.execute("SELECT COALESCE(SUM(examples), 0) FROM example_counts").fetchone()
-            over = int(count) - self._max_examples
-            if over <= 0:
-                return ()
             rows = self._writer.execute(
                 "SELECT decision_id, tenant FROM examples ORDER BY rowid LIMIT ?", (over,)
             ).fetchall()

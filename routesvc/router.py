@@ -244,10 +244,12 @@ class Router:
         of what the cap keeps only), or when a Feedback was recorded while it was being built
         (else that example would move no routing until the next reload).
 
-        This runs in a worker thread outside the Feedback lock, and a library read again is
-        swapped in whole, so Routes and Feedback calls (teaching the old policy until the end)
-        are answered meanwhile. Only when a Feedback was recorded during it is it done again
-        under that lock (then evicting just what those calls added), so none is missed."""
+        This runs in a worker thread outside the Feedback lock, the eviction in short
+        transactions (``FeedbackStore.apply_cap``) and a library read again swapped in whole, so
+        Routes and Feedback calls (teaching the old policy until the end, after writing what this
+        router's stores have queued: the decisions it routed) are answered meanwhile. Only when a
+        Feedback was recorded during it is it done again under that lock (then evicting just what
+        those calls added), so none is missed."""
 
         def catch_up(missed: bool) -> None:
             for stage in self._policy.learning_stages:
@@ -256,6 +258,7 @@ class Router:
                     stale = stage.apply_example_cap() > 0 or stale
                 except Exception as exc:  # the file locked or failing: the next open or example evicts
                     log.warning("feedback_cap_not_applied", error_type=type(exc).__name__, detail=str(exc))
+                    stale = True  # the transactions before the failure may have evicted some
                 if stale:
                     try:
                         stage.rebuild_library()
@@ -567,6 +570,13 @@ class Router:
         def record() -> tuple[str, str, int]:
             model = owner = ""
             examples = 0
+            if self._policy is not self._learning.policy:
+                # Swapped in and not yet taken over (``take_over_feedback``), or replaced since:
+                # the decisions this router routed wait in its own stores' write queues, which
+                # recording in the stores taught does not flush; written first, they are found.
+                for stage in self._policy.learning_stages:
+                    if stage.feedback is not None:
+                        stage.feedback.flush()
             # One call at a time, across reloads too, so the libraries take the outcomes in the
             # order the stores recorded them (an older score never replaces a newer one, an
             # eviction comes after the add it follows); taught to the newest policy swapped in.

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
+from routesvc import feedback as feedback_module
 from routesvc.errors import (
     ConfigError,
     FeedbackStoreBusy,
@@ -598,6 +599,36 @@ class TestKeepingExamples:
         }
         assert in_the_file == 6
         assert (sorted(evicted), after) == (["acme-0", "globex-0"], read["tenant"])
+
+    def test_a_lowered_cap_is_applied_in_short_transactions(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``apply_cap`` commits each tenant's eviction, and each ``_EVICTION_BATCH`` examples of
+        it, on its own: another connection sees the file shrink as it goes. It deleted every
+        tenant's excess in one transaction (100,000 examples: 6.5 s), holding the file's write
+        lock past the busy timeout of a Feedback on another store of the file, which failed."""
+        monkeypatch.setattr(feedback_module, "_EVICTION_BATCH", 2)
+        path = tmp_path / "f.db"
+        with closing_store(path) as store:
+            for tenant, examples in (("acme", 5), ("globex", 3)):
+                for i in range(examples):
+                    store.remember(f"{tenant}-{i}", "m", [1.0, 0.0], tenant=tenant)
+                    store.record(f"{tenant}-{i}", 0.0)
+        evict = FeedbackStore._evict_over_the_cap
+        committed: list[int] = []
+
+        def counted(store: FeedbackStore, *args: Any, **kwargs: Any) -> tuple[str, ...]:
+            with closing(sqlite3.connect(path)) as other:
+                committed.append(int(other.execute("SELECT COUNT(*) FROM examples").fetchone()[0]))
+            return evict(store, *args, **kwargs)
+
+        monkeypatch.setattr(FeedbackStore, "_evict_over_the_cap", counted)
+        with closing_store(path, max_examples=1, cap_at_open=False) as store:
+            evicted = store.apply_cap()
+            kept = [example.decision_id for example in store.examples()]
+        assert committed == [8, 6, 4, 4, 2]
+        assert evicted == ("acme-0", "acme-1", "acme-2", "acme-3", "globex-0", "globex-1")
+        assert kept == ["acme-4", "globex-2"]
 
 
 def outcome_rows(path: Path) -> list[tuple[str, float]]:

@@ -705,6 +705,55 @@ class TestAReloadChangingTheExamplesCap:
         assert kept == sorted(d.decision_id for d in decisions[3:])
         assert moved == [0, 0, 0, 1, 1]
 
+    async def test_a_decision_routed_while_the_new_policy_takes_over_can_be_rated(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Swapped in, the new router serves Routes while its take-over evicts (held there):
+        their decisions wait in the new stores' write queues (held until something flushes
+        them, as when the eviction keeps the writer waiting), and a Feedback for one, still
+        recorded in the old policy's store, finds it: the new stores are flushed first. It was
+        NOT_FOUND, the old store flushing only its own queue, for as long as the take-over ran."""
+        config = embedding_config(tmp_path)
+        lowered = copy.deepcopy(config)
+        stages: Any = lowered["routing"]
+        stages["stages"][0]["feedback_max_examples"] = 1
+        held, release, flushed = threading.Event(), threading.Event(), threading.Event()
+        new_stores: list[FeedbackStore] = []
+        evict, write, flush = FeedbackStore.apply_cap, FeedbackStore._write, FeedbackStore.flush
+
+        def held_eviction(store: FeedbackStore) -> tuple[str, ...]:
+            held.set()
+            release.wait(10)
+            return evict(store)
+
+        def write_once_flushed(store: FeedbackStore, writes: list[Any]) -> None:
+            if store in new_stores:
+                flushed.wait(10)
+            write(store, writes)
+
+        def flush_noted(store: FeedbackStore, timeout: float = 30.0) -> bool:
+            if store in new_stores:
+                flushed.set()
+            return flush(store, timeout)
+
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            for prompt in ("acme says hello", "acme says goodbye"):
+                await client.feedback((await client.route(user_chat(prompt))).decision_id, thumbs_up=False)
+            monkeypatch.setattr(FeedbackStore, "apply_cap", held_eviction)
+            monkeypatch.setattr(FeedbackStore, "_write", write_once_flushed)
+            monkeypatch.setattr(FeedbackStore, "flush", flush_noted)
+            reload = asyncio.create_task(server.reload(settings_from(lowered)))
+            try:
+                assert await asyncio.to_thread(held.wait, 10)
+                new_stores.extend(s.feedback for s in server.router.policy.learning_stages if s.feedback)
+                routed = await client.route(user_chat("say hello to zulu"))
+                rated = await client.feedback(routed.decision_id, thumbs_up=False)
+            finally:
+                flushed.set()
+                release.set()
+                await reload
+        assert rated.model == routed.model
+
 
 class TestFeedbackSentAgain:
     async def test_a_feedback_sent_again_after_its_deadline_passed_is_stored_once(self, tmp_path: Path) -> None:
