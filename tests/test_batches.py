@@ -378,6 +378,35 @@ class TestBatchSubmitAndResults:
         assert [(e["batch_id"], e["model"], e["implausible"]) for e in warned] == [(job.batch_id, spec.id, implausible)]
         assert "Summarise" not in repr(logs)
 
+    async def test_an_output_the_job_asked_for_is_charged_after_a_reload_lowered_the_models_limit(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A job sent with max_output_tokens 8000, a reload that lowers the model's
+        max_output_tokens to 4096 while it runs, and a result reporting 8000 output tokens: the
+        8000 are charged as reported (the job's own limit is gone with its request, and the
+        catalog's is not what the call was allowed; they were taken as implausible and the
+        answer's text counted instead, 4 tokens)."""
+        config = batch_config(tmp_path)
+        environ = live_environ(fake)
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.enqueue(Script(text="A short summary.", input_tokens=20, output_tokens=8000), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, environ), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(realtime=False, tenant="acme", model="gpt-4o-mini")
+            chat = user_chat("Summarise this report", max_output_tokens=8000)
+            job = [m async for m in client.complete(chat, context)][1].batch
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+            lowered = copy.deepcopy(config)
+            for spec in lowered["models"]:  # type: ignore[union-attr]
+                if spec["id"] == "gpt-4o-mini":
+                    spec["max_output_tokens"] = 4096
+            await server.reload(settings_from(lowered, environ))
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert done.result.usage.output_tokens == 8000
+
     @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
     async def test_a_count_past_the_stores_integers_does_not_hold_up_its_batch(
         self, tmp_path: Path, fake: FakeProvider, model: str

@@ -318,6 +318,15 @@ class TestRoutesvcWiring:
         settings = parse_config(overlay.config_text, f"overlays/{overlay.name} routesvc-config", environ={})
         assert settings.config.server.host == "0.0.0.0"
 
+    def test_a_raised_breaker_open_time_in_the_mounted_config_is_accepted(self, overlay: Overlay) -> None:
+        """An operator who raises ``reliability.breaker.open_seconds`` past 60 in the shipped
+        config gets it, the bound on a provider's wait following (max_open_seconds is left unset
+        there: set to 60, it refused the config, and a reload of it, as shorter than open_seconds)."""
+        config = yaml.safe_load(overlay.config_text)
+        config["reliability"].setdefault("breaker", {})["open_seconds"] = 120
+        settings = parse_config(yaml.safe_dump(config), f"overlays/{overlay.name} routesvc-config", environ={})
+        assert settings.config.reliability.breaker.longest_open_seconds == 120
+
     def test_config_policy_matches_the_packaged_default(self, overlay: Overlay) -> None:
         """Only the server and logging sections differ from routesvc/default_config.yaml, and in
         prod batch mode is off (its job store is a file of each of several pods)."""

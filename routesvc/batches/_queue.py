@@ -175,7 +175,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult, ProviderBatch
-from routesvc.reported_usage import believable_input, output_limit, warn_implausible
+from routesvc.reported_usage import believable_input, input_limit, output_limit, warn_implausible
 from routesvc.retry import is_retryable, skips_provider
 from routesvc.tokens import count_text_tokens
 
@@ -1112,7 +1112,7 @@ def _billed_usage(job: BatchJob, model: ModelSpec, result: ItemResult) -> tuple[
     """The usage ``job``'s answer ``result`` is charged, and whether it is estimated: the
     provider's, but for a count its result did not report (a server that sends no ``usage``) or
     one it cannot have used (``reported_usage``'s limits: an input or cache count past
-    ``model``'s ``input_limit``, an output past its ``output_limit``; logged
+    ``model``'s ``input_limit``, an output past that or its ``output_limit``; logged
     ``provider_usage_implausible``), estimated as a stream's is: the input as the decision
     estimated it, as the model bills it (``BatchQueue._billed_input``, kept with the job: the
     request is gone from the store by now), the output counted in the answer's text and tool
@@ -1120,7 +1120,11 @@ def _billed_usage(job: BatchJob, model: ModelSpec, result: ItemResult) -> tuple[
     fit the store's integers). An estimate is logged, without the answer or the prompt."""
     usage = result.usage
     input_reported = result.input_reported and believable_input(model, usage)
-    output_reported = result.output_reported and usage.output_tokens <= output_limit(model)
+    # The job's own max_output_tokens went with its request, and the catalog may have been
+    # reloaded since the job was sent (a lowered max_output_tokens): an output is past belief
+    # only past anything a call on the model could produce, its output or its input limit.
+    most_output = max(output_limit(model), input_limit(model))
+    output_reported = result.output_reported and usage.output_tokens <= most_output
     implausible = [
         name
         for name, reported, believed in (
@@ -1130,9 +1134,7 @@ def _billed_usage(job: BatchJob, model: ModelSpec, result: ItemResult) -> tuple[
         if reported and not believed
     ]
     if implausible:
-        warn_implausible(
-            job.provider, model, usage, " and ".join(implausible), output_limit(model), batch_id=job.batch_id
-        )
+        warn_implausible(job.provider, model, usage, " and ".join(implausible), most_output, batch_id=job.batch_id)
     if input_reported and output_reported:
         return usage, False
     if not input_reported:
