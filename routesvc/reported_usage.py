@@ -28,7 +28,12 @@ INPUT_SLACK = 2
 
 def output_limit(model: ModelSpec, call: ProviderCall) -> int:
     """The most output ``call`` can produce: the ``max_output_tokens`` it sent (every adapter
-    sends one), else ``model``'s limit in the catalog."""
+    sends one), else ``model``'s limit in the catalog. OpenAI's and Anthropic's caps include a
+    reasoning model's thinking; an ``openai_compatible`` server's need not (DeepSeek's reasoner,
+    R1, Qwen3 or QwQ behind vLLM: ``max_tokens`` bounds the answer, ``completion_tokens`` counts
+    the reasoning too), so its output is bounded by the model's context window, as its input is."""
+    if model.provider_kind == "openai_compatible":
+        return input_limit(model)
     return call.max_output_tokens or model.max_output_tokens
 
 
@@ -107,7 +112,7 @@ class CheckedUsage:
             output_tokens=usage.output_tokens,
             cached_input_tokens=usage.cached_input_tokens,
             cache_write_input_tokens=usage.cache_write_input_tokens,
-            max_output_tokens=output_limit(self._model, call),
+            output_limit=output_limit(self._model, call),
             input_limit=input_limit(self._model),
             estimated_instead=True,
         )
