@@ -30,7 +30,13 @@ INPUT_SLACK = 2
 
 def output_limit(model: ModelSpec, asked: int | None = None) -> int:
     """The most output a call on ``model`` can produce: the ``max_output_tokens`` it ``asked``
-    (every adapter sends one), else ``model``'s limit in the catalog."""
+    (every adapter sends one), else ``model``'s limit in the catalog. OpenAI's and Anthropic's
+    caps include a reasoning model's thinking; an ``openai_compatible`` server's need not
+    (DeepSeek's reasoner, R1, Qwen3 or QwQ behind vLLM: ``max_tokens`` bounds the answer,
+    ``completion_tokens`` counts the reasoning too), so its output is bounded by the model's
+    context window, as its input is."""
+    if model.provider_kind == "openai_compatible":
+        return input_limit(model)
     return asked or model.max_output_tokens
 
 
@@ -52,7 +58,7 @@ def believable_input(model: ModelSpec, usage: Usage) -> bool:
 
 
 def warn_implausible(
-    provider: str, model: ModelSpec, usage: Usage, implausible: str, max_output_tokens: int, **context: object
+    provider: str, model: ModelSpec, usage: Usage, implausible: str, limit: int, **context: object
 ) -> None:
     """Log ``provider_usage_implausible``: ``usage``'s ``implausible`` counts ("input", "output"
     or both) are estimated instead (the counts and ``context`` are logged, never the prompt)."""
@@ -65,7 +71,7 @@ def warn_implausible(
         output_tokens=usage.output_tokens,
         cached_input_tokens=usage.cached_input_tokens,
         cache_write_input_tokens=usage.cache_write_input_tokens,
-        max_output_tokens=max_output_tokens,
+        output_limit=limit,
         input_limit=input_limit(model),
         estimated_instead=True,
         **context,

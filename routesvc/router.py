@@ -66,6 +66,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.policy import Policy
+from routesvc.provider_text import ValidText
 from routesvc.providers.base import Provider, ProviderCall, refusal
 from routesvc.reported_usage import CheckedUsage
 from routesvc.retry import RetryBudget, backoff_delay, is_retryable, skips_provider
@@ -1261,7 +1262,7 @@ class Router:
         # The timers run inside the observed stream, so the attempt's span ends with the failure
         # they raise, as the router reports it.
         timed = _Timed(
-            CheckedUsage(provider, model),
+            CheckedUsage(ValidText(provider), model),
             model,
             reliability.first_token_timeout_seconds,
             reliability.stream_idle_timeout_seconds,

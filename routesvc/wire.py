@@ -398,7 +398,7 @@ def _depth(value: object) -> int:
 def _tool(index: int, tool: pb.Tool) -> ToolSpec:
     field = f"chat.tools[{index}]"
     _tool_name(f"{field}.name", tool.name)
-    parameters = _object_schema(f"{field}.parameters_json", tool.parameters_json) if tool.parameters_json else {}
+    parameters = _schema(f"{field}.parameters_json", tool.parameters_json) if tool.parameters_json else {}
     cache = _cache_breakpoint(f"{field}.cache_breakpoint", tool.cache_breakpoint)
     return ToolSpec(tool.name, tool.description, MappingProxyType(parameters), cache)
 
@@ -425,14 +425,15 @@ def _json_object(field: str, text: str) -> dict[str, object]:
     return parsed
 
 
-def _object_schema(field: str, text: str) -> dict[str, object]:
-    """``text`` as ``_json_object`` reads it, a JSON Schema whose root describes an object: OpenAI
-    and Anthropic take no other root for a tool's parameters, and OpenAI none for a structured
-    answer (a ``type`` set otherwise was sent, and refused upstream; Anthropic's adapter wrote it
-    over its own ``"object"``). A root without ``type`` is taken, as the providers take it."""
+def _schema(field: str, text: str) -> dict[str, object]:
+    """``text`` as ``_json_object`` reads it, a JSON Schema. A root ``"type": ["object"]`` is
+    written ``"object"`` (the same schema, the one form OpenAI and Anthropic take). Another root
+    is taken here: an ``openai_compatible`` server (vLLM, llama.cpp, Ollama) takes an array or
+    a string answer; the kinds that refuse it are passed over at routing
+    (``providers.base.refusal``), not sent a request that would fail upstream."""
     schema = _json_object(field, text)
-    if "type" in schema and schema["type"] != "object":
-        raise InvalidRequest(field, 'must describe an object: its root "type", when set, must be "object"')
+    if schema.get("type") == ["object"]:
+        schema["type"] = "object"
     return schema
 
 
@@ -498,7 +499,7 @@ def _response_format(chat: pb.ChatRequest) -> ResponseFormat | None:
     _tool_name(f"{field}.name", message.name)
     if not message.schema_json:
         raise InvalidRequest(f"{field}.schema_json", "is required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
-    schema = _object_schema(f"{field}.schema_json", message.schema_json)
+    schema = _schema(f"{field}.schema_json", message.schema_json)
     return ResponseFormat(ResponseFormatType.JSON_SCHEMA, message.name, MappingProxyType(schema), message.strict)
 
 
@@ -664,35 +665,15 @@ def _quality(quality: QualityScore) -> pb.QualityScore:
     return pb.QualityScore(score=quality.score, scorer=quality.scorer, reason=quality.reason)
 
 
-def _provider_text(text: str) -> str:
-    """A string a provider sent, as a protobuf string can hold it (valid UTF-8): a lone surrogate
-    (a JSON escape of half a UTF-16 pair, as a server that cuts a stream mid-character sends it)
-    becomes U+FFFD, and the halves of a pair that came apart (a tool call's arguments assembled
-    from pieces) are joined. Every provider string that enters a message goes through here: one
-    it cannot encode would end a call that sent text with an internal error."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    return text
-
-
 def _tool_calls(calls: tuple[ToolCall, ...]) -> list[pb.ToolCall]:
-    return [
-        pb.ToolCall(
-            id=_provider_text(call.id),
-            name=_provider_text(call.name),
-            arguments_json=_provider_text(call.arguments_json),
-        )
-        for call in calls
-    ]
+    return [pb.ToolCall(id=call.id, name=call.name, arguments_json=call.arguments_json) for call in calls]
 
 
 def _completion(event: Completion) -> pb.Completion:
     message = pb.Completion(
         model=event.model,
         provider=event.provider,
-        provider_model=_provider_text(event.provider_model),
+        provider_model=event.provider_model,
         usage=_usage(event.usage),
         cost_usd=format_usd(event.cost_usd),
         finish_reason=_FINISH[event.finish_reason],
@@ -740,11 +721,11 @@ def batch_status_message(status: BatchStatus) -> pb.GetBatchResponse:
         result = status.result
         response.result.CopyFrom(
             pb.BatchResult(
-                text=_provider_text(result.text),
+                text=result.text,
                 usage=_usage(result.usage),
                 cost_usd=format_usd(result.cost_usd),
                 finish_reason=_FINISH[result.finish_reason],
-                provider_model=_provider_text(result.provider_model),
+                provider_model=result.provider_model,
                 tool_calls=_tool_calls(result.tool_calls),
             )
         )
@@ -784,7 +765,7 @@ def complete_message(event: CompleteEvent) -> pb.CompleteResponse:
     if isinstance(event, RouteDecision):
         return pb.CompleteResponse(decision=decision_message(event))
     if isinstance(event, TextDelta):
-        return pb.CompleteResponse(delta=pb.TextDelta(text=_provider_text(event.text)))
+        return pb.CompleteResponse(delta=pb.TextDelta(text=event.text))
     if isinstance(event, Escalation):
         return pb.CompleteResponse(
             escalation=pb.Escalation(

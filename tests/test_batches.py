@@ -2993,3 +2993,24 @@ class TestTheSuiteKeepsToItsOwnDataDir:
         store = settings_from(default_config()).batch_store_path
         assert Path(TEST_DATA_DIR) / "batches.db" == store != home_store
         assert TEST_DATA_DIR == process_environ()["ROUTESVC_DATA_DIR"] == os.environ["ROUTESVC_DATA_DIR"]
+
+
+class TestBatchProviderStrings:
+    """A batch result's strings are made valid text before they are stored: SQLite cannot encode a
+    lone surrogate (half an emoji's UTF-16 pair escaped in the provider's JSON), so the job stayed
+    SUBMITTED and every poll round failed on it."""
+
+    @pytest.mark.parametrize(("model", "task"), [("gpt-4o-mini", ""), ("claude-sonnet", "creative_writing")])
+    async def test_a_lone_surrogate_in_the_text_and_model_is_stored_as_u_fffd(
+        self, tmp_path: Path, fake: FakeProvider, model: str, task: str
+    ) -> None:
+        """The job succeeds, its text and provider model with U+FFFD for the half."""
+        answer = Script(text="ok \ud83d end", model="batch-\ud83d", input_tokens=100, output_tokens=20)
+        fake.enqueue(answer, model=fake_model(model))
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client, task_hint=task))[1].batch
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert (done.result.text, done.result.provider_model) == ("ok \ufffd end", "batch-\ufffd")

@@ -596,22 +596,54 @@ class TestProviderStrings:
     that cuts a stream mid-character sends it) ended the call INTERNAL after its text was sent."""
 
     @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    @pytest.mark.parametrize(
+        ("chunks", "deltas"),
+        [
+            (("Hello ", "\ud83d", "\ude00", " done"), ["Hello ", "\U0001f600", " done"]),
+            (("Hello ", "\ude00\ud83d"), ["Hello ", "\ufffd", "\ufffd"]),
+        ],
+        ids=["pair_split_across_deltas", "lone_halves"],
+    )
     async def test_a_lone_surrogate_in_the_text_is_replaced_and_the_stream_completes(
-        self, live_client: RouterClient, live_server: Server, fake: FakeProvider, model: str
+        self,
+        live_client: RouterClient,
+        live_server: Server,
+        fake: FakeProvider,
+        model: str,
+        chunks: tuple[str, ...],
+        deltas: list[str],
     ) -> None:
-        """An emoji's pair split across two events: each half becomes U+FFFD, the rest of the text
-        and the completion follow, and the ledger has the attempt completed (it said cancelled)."""
-        fake.enqueue(Script(chunks=("Hello ", "\ud83d", "\ude00", " done")))
+        """An emoji's pair split across two events reaches the caller whole (each half was a
+        U+FFFD); a lone half becomes U+FFFD, also a first half the stream ends on. The completion
+        follows, and the ledger has the attempt completed (it said cancelled)."""
+        fake.enqueue(Script(chunks=chunks))
         messages = await _collect(live_client, model=model)
-        assert [m.delta.text for m in messages if m.WhichOneof("event") == "delta"] == [
-            "Hello ",
-            "\ufffd",
-            "\ufffd",
-            " done",
-        ]
+        assert [m.delta.text for m in messages if m.WhichOneof("event") == "delta"] == deltas
         assert messages[-1].WhichOneof("event") == "completion"
         [entry] = live_server.router.ledger.entries(messages[0].decision.decision_id)
         assert entry.outcome is AttemptOutcome.COMPLETED
+
+    async def test_the_judge_is_sent_the_answer_as_the_caller_got_it(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A cascade's cheap answer whose emoji came in two events: the judge is asked about the
+        emoji (its request could not be encoded, and failed as a "malformed stream" of the
+        provider before it was sent)."""
+        fake.enqueue(
+            Script(chunks=("Paris ", "\ud83d", "\ude00", " is it")),
+            Script(text='{"score": 0.9}'),
+            model="gpt-4o-mini",
+        )
+        chat = user_chat("Capital of France?")
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(cascade=True))]
+        assert [m.delta.text for m in messages if m.WhichOneof("event") == "delta"] == [
+            "Paris ",
+            "\U0001f600",
+            " is it",
+        ]
+        [_answer, judge] = fake.requests
+        assert "Paris \U0001f600 is it" in json.dumps(judge.body, ensure_ascii=False)
+        assert messages[-1].completion.model == "gpt-4o-mini"
 
     @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
     async def test_tool_call_strings_and_the_provider_model_are_made_valid(

@@ -158,6 +158,21 @@ class TestPrometheus:
         assert 'routesvc_selected_model="gpt-4o-mini"' in page
         assert "routesvc_savings" in page
 
+    async def test_a_provider_model_with_a_lone_surrogate_leaves_the_page_served(self, fake: FakeProvider) -> None:
+        """A provider that names its model with half an emoji's pair ("gpt-\\ud83d"): the name
+        is the gen_ai.response.model label with U+FFFD for the half, and the page is served (it
+        failed with HTTP 500 at every scrape until a restart)."""
+        config = default_config()
+        config["telemetry"] = {"metrics": {"prometheus_port": 0}}
+        async with observed_server(fake, config=config) as observed:
+            fake.enqueue(Script(text="hi", model="gpt-\ud83d"))
+            await _complete(observed)
+            endpoint = observed.server.telemetry.prometheus
+            assert endpoint is not None
+            url = f"http://127.0.0.1:{endpoint.port}/metrics"
+            page = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        assert 'gen_ai_response_model="gpt-\ufffd"' in page
+
     async def test_off_by_default(self, observed: Observed) -> None:
         """No port is opened unless configured."""
         assert observed.server.telemetry.prometheus is None

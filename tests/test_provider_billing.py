@@ -421,6 +421,31 @@ class TestImplausibleUsage:
         assert (warning["log_level"], warning["implausible"], warning["output_tokens"]) == ("warning", "output", 10**19)
         assert again[-1].WhichOneof("event") == "completion"
 
+    async def test_an_openai_compatible_reasoners_output_past_max_tokens_is_charged_as_reported(
+        self, fake: FakeProvider
+    ) -> None:
+        """DeepSeek's reasoner (or R1, Qwen3, QwQ behind vLLM) on an openai_compatible server:
+        ``max_tokens`` bounds the answer, and ``completion_tokens`` counts the reasoning too. 3,050
+        output tokens for a call that sent ``max_tokens`` 100 are charged as reported, unflagged
+        (they were taken as implausible, estimated from the text seen and logged, at every call);
+        a count past twice the model's context window is still estimated."""
+        config = default_config()
+        add_local_model(config, fake.openai_base_url, "deepseek-reasoner")
+        fake.enqueue(Script(text="It is 4.", reasoning=("Let me think. ",), input_tokens=12, output_tokens=3050))
+        fake.enqueue(Script(text="It is 4.", input_tokens=12, output_tokens=10**19))
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            chat = user_chat("2+2?", max_output_tokens=100)
+            context = pb.RoutingContext(model="deepseek-reasoner")
+            with capture_logs() as logs:
+                reasoned = [m async for m in client.complete(chat, context)]
+                broken = [m async for m in client.complete(chat, context)]
+            [entry] = server.router.ledger.entries(reasoned[0].decision.decision_id)
+        assert fake.requests[0].body["max_tokens"] == 100
+        assert (reasoned[-1].completion.usage.output_tokens, entry.estimated) == (3050, False)
+        assert broken[-1].completion.usage.output_tokens < 100
+        implausible = [e["output_tokens"] for e in logs if e["event"] == "provider_usage_implausible"]
+        assert implausible == [10**19]
+
     async def test_an_input_far_past_the_context_window_is_estimated(
         self, live_server: Server, live_client: RouterClient, fake: FakeProvider
     ) -> None:

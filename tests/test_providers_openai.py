@@ -168,6 +168,16 @@ class TestTransportErrors:
         assert "connection failed" in error.message
         assert transport_error(KeyError("x"), provider="p", model="m") is None
 
+    async def test_a_request_body_that_cannot_be_encoded_is_our_bug_not_the_providers(
+        self, provider: OpenAIProvider, fake: FakeProvider
+    ) -> None:
+        """A message with a lone surrogate has no UTF-8 form: the call fails before it is sent
+        with the UnicodeEncodeError itself (a bug of ours, logged as such), not as the provider's
+        "malformed stream" (ProviderUnavailable, counted against its breaker)."""
+        with pytest.raises(UnicodeEncodeError):
+            await collect(provider, make_call(messages=(Message(Role.USER, "answer: Paris \ud83d"),)))
+        assert fake.requests == []
+
 
 class TestAiohttpDetails:
     """The aiohttp behaviours ``_aiohttp.keeping_buffered`` works around, on aiohttp's own objects.

@@ -13,7 +13,7 @@ from routesvc.errors import ConfigError
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
 
 # Each adapter: the pinned model, and what it calls the stop sequences in its body.
 ADAPTERS = [("gpt-4o-mini", "stop"), ("claude-sonnet", "stop_sequences")]
@@ -286,6 +286,73 @@ class TestResponseFormat:
         excluded = _excluded(json_object)
         assert list(excluded) == ["claude-sonnet"]
         assert excluded["claude-sonnet"].startswith("provider kind anthropic has no JSON object mode")
+
+
+class TestSchemaRoots:
+    """OpenAI and Anthropic take only an object root for a tool's parameters or a JSON schema
+    answer; an ``openai_compatible`` server (vLLM, llama.cpp, Ollama) takes an array or a string
+    root too. Such a root was refused INVALID_ARGUMENT for every model, and a root ``"type":
+    ["object"]`` (the same schema) was refused everywhere."""
+
+    @pytest.mark.parametrize(
+        ("request_field", "chat"),
+        [
+            (
+                "chat.response_format.schema_json",
+                user_chat(
+                    "List the colours",
+                    response_format=pb.ResponseFormat(
+                        type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                        name="colours",
+                        schema_json='{"type": "array", "items": {"type": "string"}}',
+                    ),
+                ),
+            ),
+            (
+                "chat.tools[0].parameters_json",
+                user_chat("Call f", tools=[pb.Tool(name="f", parameters_json='{"type": "string"}')]),
+            ),
+        ],
+        ids=["response_format", "tool"],
+    )
+    async def test_a_non_object_root_goes_to_a_model_that_takes_it(
+        self, fake: FakeProvider, request_field: str, chat: pb.ChatRequest
+    ) -> None:
+        """The OpenAI and Anthropic models are passed over, each naming the field; an
+        openai_compatible model serves the request with the schema as sent. Without one, the
+        request is refused NO_ELIGIBLE_MODEL with those reasons, before any provider call."""
+        config = default_config()
+        add_local_model(config, fake.openai_base_url, "vllm-local", capabilities=["json", "tools"])
+        fake.enqueue(Script(text='["red"]'))
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            messages = [m async for m in client.complete(chat)]
+        async with Server(settings_from(default_config()), port=0) as server, RouterClient(server.target) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.route(chat)
+        decision = messages[0].decision
+        sent = fake.requests[-1].body
+        schema = sent["response_format"]["json_schema"]["schema"] if "response_format" in sent else None
+        schema = schema or sent["tools"][0]["function"]["parameters"]
+        assert (decision.model, messages[-1].WhichOneof("event")) == ("vllm-local", "completion")
+        assert schema["type"] in ("array", "string")
+        assert set(_excluded(decision).values()) == {
+            f"provider kind openai takes only an object root ({request_field})",
+            f"provider kind anthropic takes only an object root ({request_field})",
+        }
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"takes only an object root ({request_field})" in str(caught.value.details())
+
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    async def test_an_object_root_written_as_a_list_is_sent_as_object(
+        self, live_client: RouterClient, fake: FakeProvider, model: str
+    ) -> None:
+        """A tool whose root ``type`` is ``["object"]`` is the same schema as ``"object"``: it is
+        served, and sent to the provider as ``"object"``."""
+        chat = user_chat("Call f", tools=[pb.Tool(name="f", parameters_json='{"type": ["object"], "properties": {}}')])
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(model=model))]
+        [tool] = fake.requests[-1].body["tools"]
+        schema = tool["function"]["parameters"] if "function" in tool else tool["input_schema"]
+        assert (messages[-1].WhichOneof("event"), schema["type"]) == ("completion", "object")
 
 
 def _refusing(model_id: str, *parameters: str) -> dict[str, object]:

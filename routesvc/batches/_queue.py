@@ -174,6 +174,7 @@ from routesvc.models import (
     RoutingRequest,
     Usage,
 )
+from routesvc.provider_text import valid_result
 from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult, ProviderBatch
 from routesvc.reported_usage import believable_input, input_limit, output_limit, warn_implausible
 from routesvc.retry import is_retryable, skips_provider
@@ -947,7 +948,8 @@ class BatchQueue:
         waiting = list(jobs.waiting)
         if batch.retry_later and waiting:
             waiting = await self._requeue(provider, batch, waiting)
-        results = {result.custom_id: result for result in await api.results(batch)}
+        # Made valid text before anything reads them: the store, the ledger, the metrics.
+        results = {result.custom_id: valid_result(result) for result in await api.results(batch)}
         if jobs.unverified and not results.keys() & {*jobs.waiting, *jobs.cancelled}:
             await self._disown(provider, batch.id, jobs, answered=bool(results))
             if results:

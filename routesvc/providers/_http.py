@@ -324,10 +324,14 @@ def aiohttp_connection_failure(exc: BaseException) -> bool:
 def transport_error(exc: Exception, *, provider: str, model: str) -> ProviderUnavailable | None:
     """The error for what an SDK lets through from below it: a transport failure (cut, reset) or
     bytes that do not decode (malformed JSON, non-UTF-8, an event that does not parse), both of
-    which leave the stream unusable; None for anything else. The SDKs' aiohttp transport maps most
+    which leave the stream unusable; None for anything else (a request we could not encode
+    included: a bug of ours, which must not count against the provider's breaker). The SDKs' aiohttp transport maps most
     aiohttp errors to httpx ones, but not all (``ClientResponseError`` on a malformed response)."""
     if isinstance(exc, httpx2.HTTPError | httpx2.StreamError | anyio.EndOfStream | OSError | aiohttp.ClientError):
         what = "connection failed"
+    elif isinstance(exc, UnicodeEncodeError):
+        # A request body we could not encode: our fault, not the provider's (it never saw it).
+        return None
     elif isinstance(exc, ValueError):
         what = "malformed stream"
     else:

@@ -99,10 +99,25 @@ def refusal(kind: str, chat: ChatRequest) -> str:
     """Why an API of ``kind`` (``providers.<name>.kind``) refuses ``chat`` as asked, or "" when it
     takes it: routing passes over its models, so the request goes to a model that can serve it
     instead of failing upstream (and counting against that model's breaker)."""
+    if kind not in ("anthropic", "openai"):
+        return ""
+    if root := _non_object_root(chat):
+        return f"provider kind {kind} takes only an object root ({root})"
     if kind == "anthropic":
         return _anthropic_refusal(chat)
-    if kind == "openai":
-        return _openai_refusal(chat)
+    return _openai_refusal(chat)
+
+
+def _non_object_root(chat: ChatRequest) -> str:
+    """The request field whose JSON Schema root is not an object (a ``type`` set otherwise), or
+    "": OpenAI and Anthropic take no other root for a tool's parameters or a structured answer
+    (an ``openai_compatible`` server may: vLLM, llama.cpp and Ollama take an array or a string)."""
+    for index, tool in enumerate(chat.tools):
+        if tool.parameters.get("type", "object") != "object":
+            return f"chat.tools[{index}].parameters_json"
+    response_format = chat.response_format
+    if response_format is not None and response_format.schema.get("type", "object") != "object":
+        return "chat.response_format.schema_json"
     return ""
 
 

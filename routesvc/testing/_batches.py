@@ -338,7 +338,13 @@ class FakeBatches:
                 if script.omit_usage:
                     del response["body"]["usage"]
             answered = {"id": self._new_id("batch_req_"), "custom_id": custom_id, "response": response}
-            output.append(json.dumps(answered, ensure_ascii=False))
+            encoded = json.dumps(answered, ensure_ascii=False)
+            try:
+                encoded.encode()
+            except UnicodeEncodeError:
+                # A lone surrogate (a script's half of an emoji's pair): escaped, as a server sends it.
+                encoded = json.dumps(answered)
+            output.append(encoded)
         if output:
             batch.output_file_id = self._new_id("file-out-")
             self.files[batch.output_file_id] = ("\n".join(output) + "\n").encode()
