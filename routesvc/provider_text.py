@@ -54,7 +54,9 @@ def _high_surrogate(char: str) -> bool:
 class ValidText:
     """``provider``'s streams with every string made valid text. A text delta that ends with the
     first half of a pair keeps that half back, to be joined with the next delta's start; a half
-    still held when the stream ends (finished, failed or cut) comes out as U+FFFD before the end.
+    still held when the stream ends (finished, or failed with an error) comes out as U+FFFD
+    before the end; one still held when the stream is cancelled (our stall and deadline timers
+    cut it so) is dropped: yielding it would swallow the cancellation.
     A delta held back whole comes out as an empty ``Heartbeat``: the model sent a chunk."""
 
     def __init__(self, provider: Provider) -> None:

@@ -4,6 +4,7 @@ APIs through the real SDKs to the fake; persistence across a restart; tenants se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -3014,3 +3015,22 @@ class TestBatchProviderStrings:
             job = (await submit(client, task_hint=task))[1].batch
             done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
         assert (done.result.text, done.result.provider_model) == ("ok \ufffd end", "batch-\ufffd")
+
+    async def test_a_stored_tool_call_holding_half_an_emoji_is_sent_as_valid_text(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A job stored before results were made valid text whose tool call holds half an emoji's
+        pair (json.dumps escaped it, so the store took it): GetBatch sends it with U+FFFD. (It was
+        INTERNAL on every GetBatch of the job once the wire no longer converted it.)"""
+        fake.enqueue(Script(text="ok", input_tokens=100, output_tokens=20), model=fake_model("gpt-4o-mini"))
+        settings = settings_from(batch_config(tmp_path), live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            job = (await submit(client))[1].batch
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        calls = json.dumps([{"id": "call_1", "name": "f", "arguments_json": '{"a": "\ud83d"}'}])
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+            store.execute("UPDATE jobs SET tool_calls = ?", (calls,))
+            store.commit()
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            got = await client.get_batch(job.batch_id, tenant="acme")
+        assert got.result.tool_calls[0].arguments_json == '{"a": "\ufffd"}'

@@ -63,6 +63,7 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
+from routesvc.provider_text import valid_calls
 from routesvc.sqlite import create_private, immediate, is_busy
 
 _T = TypeVar("_T")
@@ -423,7 +424,9 @@ def _status(row: sqlite3.Row) -> BatchStatus:
             cost_usd=Decimal(row["cost_usd"] or "0"),
             finish_reason=FinishReason(row["finish_reason"] or "unspecified"),
             provider_model=row["provider_model"] or "",
-            tool_calls=_decode_calls(json.loads(row["tool_calls"] or "[]")),
+            # A row stored before results were made valid text may hold half an emoji's pair
+            # here (json.dumps escaped it; SQLite took it): it is made valid on the way out.
+            tool_calls=valid_calls(_decode_calls(json.loads(row["tool_calls"] or "[]"))),
         )
     # A job queued again after its provider batch was refused for a while keeps that code, for
     # when it waits too long (``expire_queued``); callers see an error only once the job ended.
