@@ -221,8 +221,9 @@ class _ResponseFormatTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Re
     eligible. The prompt should still ask for JSON, as OpenAI requires.
     """
     RESPONSE_FORMAT_TYPE_JSON_SCHEMA: _ResponseFormatType.ValueType  # 3
-    """A JSON object that matches ResponseFormat.schema_json (OpenAI's json_schema,
-    Anthropic's output_config.format).
+    """JSON that matches ResponseFormat.schema_json (OpenAI's json_schema, Anthropic's
+    output_config.format). OpenAI and Anthropic take only an object root: a schema whose root
+    "type" is another is served by an openai_compatible model (vLLM, llama.cpp, Ollama).
     """
 
 class ResponseFormatType(_ResponseFormatType, metaclass=_ResponseFormatTypeEnumTypeWrapper):
@@ -237,8 +238,9 @@ RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType.ValueType  # 2
 eligible. The prompt should still ask for JSON, as OpenAI requires.
 """
 RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.ValueType  # 3
-"""A JSON object that matches ResponseFormat.schema_json (OpenAI's json_schema,
-Anthropic's output_config.format).
+"""JSON that matches ResponseFormat.schema_json (OpenAI's json_schema, Anthropic's
+output_config.format). OpenAI and Anthropic take only an object root: a schema whose root
+"type" is another is served by an openai_compatible model (vLLM, llama.cpp, Ollama).
 """
 Global___ResponseFormatType: _TypeAlias = ResponseFormatType  # noqa: Y015
 
@@ -536,7 +538,9 @@ class Tool(_message.Message):
     description: _builtins.str
     """What the function does."""
     parameters_json: _builtins.str
-    """JSON Schema of the arguments, as a JSON object text; empty means no arguments."""
+    """JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+    Anthropic models take only a root "type" of "object" (or none).
+    """
     cache_breakpoint: Global___CacheBreakpoint.ValueType
     """Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
     tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
@@ -608,7 +612,7 @@ class ResponseFormat(_message.Message):
     """
     schema_json: _builtins.str
     """With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-    Schema, as a JSON object text.
+    Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
     """
     strict: _builtins.bool
     """With RESPONSE_FORMAT_TYPE_JSON_SCHEMA only: OpenAI's strict schema adherence (which

@@ -359,8 +359,9 @@ const (
 	// Any JSON object (OpenAI's JSON mode). Anthropic has no such mode: its models are not
 	// eligible. The prompt should still ask for JSON, as OpenAI requires.
 	ResponseFormatType_RESPONSE_FORMAT_TYPE_JSON_OBJECT ResponseFormatType = 2
-	// A JSON object that matches ResponseFormat.schema_json (OpenAI's json_schema,
-	// Anthropic's output_config.format).
+	// JSON that matches ResponseFormat.schema_json (OpenAI's json_schema, Anthropic's
+	// output_config.format). OpenAI and Anthropic take only an object root: a schema whose root
+	// "type" is another is served by an openai_compatible model (vLLM, llama.cpp, Ollama).
 	ResponseFormatType_RESPONSE_FORMAT_TYPE_JSON_SCHEMA ResponseFormatType = 3
 )
 
@@ -973,7 +974,8 @@ type Tool struct {
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// What the function does.
 	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
-	// JSON Schema of the arguments, as a JSON object text; empty means no arguments.
+	// JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+	// Anthropic models take only a root "type" of "object" (or none).
 	ParametersJson string `protobuf:"bytes,3,opt,name=parameters_json,json=parametersJson,proto3" json:"parameters_json,omitempty"`
 	// Whether the prompt prefix that ends with this tool's definition (usually the last tool: the
 	// tools come first in the prefix) is cached, and for how long; see CacheBreakpoint. Unset: no
@@ -1108,7 +1110,7 @@ type ResponseFormat struct {
 	// name, 1-64 characters of [a-zA-Z0-9_-].
 	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
 	// With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-	// Schema, as a JSON object text.
+	// Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
 	SchemaJson string `protobuf:"bytes,3,opt,name=schema_json,json=schemaJson,proto3" json:"schema_json,omitempty"`
 	// With RESPONSE_FORMAT_TYPE_JSON_SCHEMA only: OpenAI's strict schema adherence (which
 	// restricts the schema, see OpenAI's structured outputs). Anthropic always adheres.

@@ -254,7 +254,8 @@ export type Tool = Message$1<"routesvc.v1.Tool"> & {
   description: string;
 
   /**
-   * JSON Schema of the arguments, as a JSON object text; empty means no arguments.
+   * JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+   * Anthropic models take only a root "type" of "object" (or none).
    *
    * @generated from field: string parameters_json = 3;
    */
@@ -331,7 +332,7 @@ export type ResponseFormat = Message$1<"routesvc.v1.ResponseFormat"> & {
 
   /**
    * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-   * Schema, as a JSON object text.
+   * Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
    *
    * @generated from field: string schema_json = 3;
    */
@@ -2193,8 +2194,9 @@ export enum ResponseFormatType {
   JSON_OBJECT = 2,
 
   /**
-   * A JSON object that matches ResponseFormat.schema_json (OpenAI's json_schema,
-   * Anthropic's output_config.format).
+   * JSON that matches ResponseFormat.schema_json (OpenAI's json_schema, Anthropic's
+   * output_config.format). OpenAI and Anthropic take only an object root: a schema whose root
+   * "type" is another is served by an openai_compatible model (vLLM, llama.cpp, Ollama).
    *
    * @generated from enum value: RESPONSE_FORMAT_TYPE_JSON_SCHEMA = 3;
    */

@@ -129,7 +129,7 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-   * Schema, as a JSON object text.
+   * Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
    * </pre>
    *
    * <code>string schema_json = 3 [json_name = "schemaJson"];</code>
@@ -151,7 +151,7 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-   * Schema, as a JSON object text.
+   * Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
    * </pre>
    *
    * <code>string schema_json = 3 [json_name = "schemaJson"];</code>
@@ -767,7 +767,7 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-     * Schema, as a JSON object text.
+     * Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
      * </pre>
      *
      * <code>string schema_json = 3 [json_name = "schemaJson"];</code>
@@ -788,7 +788,7 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-     * Schema, as a JSON object text.
+     * Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
      * </pre>
      *
      * <code>string schema_json = 3 [json_name = "schemaJson"];</code>
@@ -810,7 +810,7 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-     * Schema, as a JSON object text.
+     * Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
      * </pre>
      *
      * <code>string schema_json = 3 [json_name = "schemaJson"];</code>
@@ -828,7 +828,7 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-     * Schema, as a JSON object text.
+     * Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
      * </pre>
      *
      * <code>string schema_json = 3 [json_name = "schemaJson"];</code>
@@ -843,7 +843,7 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-     * Schema, as a JSON object text.
+     * Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
      * </pre>
      *
      * <code>string schema_json = 3 [json_name = "schemaJson"];</code>

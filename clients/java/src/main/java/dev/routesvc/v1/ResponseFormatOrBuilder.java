@@ -54,7 +54,7 @@ public interface ResponseFormatOrBuilder extends
   /**
    * <pre>
    * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-   * Schema, as a JSON object text.
+   * Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
    * </pre>
    *
    * <code>string schema_json = 3 [json_name = "schemaJson"];</code>
@@ -64,7 +64,7 @@ public interface ResponseFormatOrBuilder extends
   /**
    * <pre>
    * With RESPONSE_FORMAT_TYPE_JSON_SCHEMA (required there, and only there): the JSON
-   * Schema, as a JSON object text.
+   * Schema, as a JSON object text (its root "type" an object for OpenAI and Anthropic models).
    * </pre>
    *
    * <code>string schema_json = 3 [json_name = "schemaJson"];</code>

@@ -40,8 +40,9 @@ public enum ResponseFormatType
   RESPONSE_FORMAT_TYPE_JSON_OBJECT(2),
   /**
    * <pre>
-   * A JSON object that matches ResponseFormat.schema_json (OpenAI's json_schema,
-   * Anthropic's output_config.format).
+   * JSON that matches ResponseFormat.schema_json (OpenAI's json_schema, Anthropic's
+   * output_config.format). OpenAI and Anthropic take only an object root: a schema whose root
+   * "type" is another is served by an openai_compatible model (vLLM, llama.cpp, Ollama).
    * </pre>
    *
    * <code>RESPONSE_FORMAT_TYPE_JSON_SCHEMA = 3;</code>
@@ -77,8 +78,9 @@ public enum ResponseFormatType
   public static final int RESPONSE_FORMAT_TYPE_JSON_OBJECT_VALUE = 2;
   /**
    * <pre>
-   * A JSON object that matches ResponseFormat.schema_json (OpenAI's json_schema,
-   * Anthropic's output_config.format).
+   * JSON that matches ResponseFormat.schema_json (OpenAI's json_schema, Anthropic's
+   * output_config.format). OpenAI and Anthropic take only an object root: a schema whose root
+   * "type" is another is served by an openai_compatible model (vLLM, llama.cpp, Ollama).
    * </pre>
    *
    * <code>RESPONSE_FORMAT_TYPE_JSON_SCHEMA = 3;</code>

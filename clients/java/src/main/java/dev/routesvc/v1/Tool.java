@@ -146,7 +146,8 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object parametersJson_ = "";
   /**
    * <pre>
-   * JSON Schema of the arguments, as a JSON object text; empty means no arguments.
+   * JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+   * Anthropic models take only a root "type" of "object" (or none).
    * </pre>
    *
    * <code>string parameters_json = 3 [json_name = "parametersJson"];</code>
@@ -167,7 +168,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * JSON Schema of the arguments, as a JSON object text; empty means no arguments.
+   * JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+   * Anthropic models take only a root "type" of "object" (or none).
    * </pre>
    *
    * <code>string parameters_json = 3 [json_name = "parametersJson"];</code>
@@ -805,7 +807,8 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object parametersJson_ = "";
     /**
      * <pre>
-     * JSON Schema of the arguments, as a JSON object text; empty means no arguments.
+     * JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+     * Anthropic models take only a root "type" of "object" (or none).
      * </pre>
      *
      * <code>string parameters_json = 3 [json_name = "parametersJson"];</code>
@@ -825,7 +828,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * JSON Schema of the arguments, as a JSON object text; empty means no arguments.
+     * JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+     * Anthropic models take only a root "type" of "object" (or none).
      * </pre>
      *
      * <code>string parameters_json = 3 [json_name = "parametersJson"];</code>
@@ -846,7 +850,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * JSON Schema of the arguments, as a JSON object text; empty means no arguments.
+     * JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+     * Anthropic models take only a root "type" of "object" (or none).
      * </pre>
      *
      * <code>string parameters_json = 3 [json_name = "parametersJson"];</code>
@@ -863,7 +868,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * JSON Schema of the arguments, as a JSON object text; empty means no arguments.
+     * JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+     * Anthropic models take only a root "type" of "object" (or none).
      * </pre>
      *
      * <code>string parameters_json = 3 [json_name = "parametersJson"];</code>
@@ -877,7 +883,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * JSON Schema of the arguments, as a JSON object text; empty means no arguments.
+     * JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+     * Anthropic models take only a root "type" of "object" (or none).
      * </pre>
      *
      * <code>string parameters_json = 3 [json_name = "parametersJson"];</code>

@@ -50,7 +50,8 @@ public interface ToolOrBuilder extends
 
   /**
    * <pre>
-   * JSON Schema of the arguments, as a JSON object text; empty means no arguments.
+   * JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+   * Anthropic models take only a root "type" of "object" (or none).
    * </pre>
    *
    * <code>string parameters_json = 3 [json_name = "parametersJson"];</code>
@@ -59,7 +60,8 @@ public interface ToolOrBuilder extends
   java.lang.String getParametersJson();
   /**
    * <pre>
-   * JSON Schema of the arguments, as a JSON object text; empty means no arguments.
+   * JSON Schema of the arguments, as a JSON object text; empty means no arguments. OpenAI and
+   * Anthropic models take only a root "type" of "object" (or none).
    * </pre>
    *
    * <code>string parameters_json = 3 [json_name = "parametersJson"];</code>
