@@ -339,6 +339,15 @@ class ProviderQuotaExhausted(ProviderError):
     operator_must_act = True
 
 
+def counts_against_model(error: ProviderError, answered: bool) -> bool:
+    """Whether a call that failed with ``error`` (after some output when ``answered``) is a
+    failure of its model, for the model's circuit breaker: not when the provider refused this
+    request before any output (400/404/409/413/422: the caller's doing, so one tenant's bad
+    requests open no breaker for all), nor when the key's quota is spent (the key's, not the
+    model's)."""
+    return answered or not isinstance(error, ProviderRejected | ProviderQuotaExhausted)
+
+
 class ProviderUnavailable(ProviderError):
     """The provider failed or could not be reached (5xx, 408, connection, timeout);
     ``retry_after`` in seconds when it said how long to wait (a 503's or a 529's Retry-After)."""

@@ -34,13 +34,13 @@ from routesvc.errors import (
     ProviderError,
     ProviderNotConfigured,
     ProviderQuotaExhausted,
-    ProviderRejected,
     ProviderStalled,
     ProviderTimedOut,
     ProviderUnavailable,
     RouteSvcError,
     SharedStateUnavailable,
     StreamInterrupted,
+    counts_against_model,
     quoted_id,
 )
 from routesvc.feedback import FeedbackStore, Recorded
@@ -66,9 +66,8 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.policy import Policy
-from routesvc.provider_text import ValidText
 from routesvc.providers.base import Provider, ProviderCall, refusal
-from routesvc.reported_usage import CheckedUsage
+from routesvc.reported_usage import checked
 from routesvc.retry import RetryBudget, backoff_delay, is_retryable, skips_provider
 from routesvc.scoring import Scorer, ScoreResult, ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
@@ -1262,7 +1261,7 @@ class Router:
         # The timers run inside the observed stream, so the attempt's span ends with the failure
         # they raise, as the router reports it.
         timed = _Timed(
-            CheckedUsage(ValidText(provider), model),
+            checked(provider, model),
             model,
             reliability.first_token_timeout_seconds,
             reliability.stream_idle_timeout_seconds,
@@ -1313,13 +1312,10 @@ class Router:
         except ProviderError as error:
             outcome = AttemptOutcome.INTERRUPTED if received else AttemptOutcome.FAILED
             ended_by_us = isinstance(error, ProviderStalled)
-            if received or not isinstance(error, ProviderRejected | ProviderQuotaExhausted):
+            if counts_against_model(error, bool(received)):
                 self._breakers.record_failure(model.id, error.retry_after)
                 self._retry_budget.record_failure()
-            else:
-                # The provider refused this request (400/404/409/413/422): the caller's doing, not
-                # a sign the model is down, so one tenant's bad requests open no breaker for all.
-                # A spent quota is the key's, not the model's: the request skips the provider.
+            else:  # the request's or the key's doing; a spent quota skips the provider
                 self._breakers.release_probe(permit)
             if sent:
                 raise StreamInterrupted(

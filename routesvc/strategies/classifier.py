@@ -44,10 +44,9 @@ from routesvc.encoders import Encoder, WordLlamaEncoder
 from routesvc.errors import (
     ConfigError,
     ProviderError,
-    ProviderQuotaExhausted,
-    ProviderRejected,
     ProviderTimedOut,
     RouteSvcError,
+    counts_against_model,
 )
 from routesvc.features import bounded, lexical_matrix, word_hashes
 from routesvc.jsonlines import JsonLineError, json_lines
@@ -405,9 +404,7 @@ def _settle(breakers: Breakers, permit: Permit, error: TimeoutError | ProviderEr
     resets a closed breaker's count of the answers' failures."""
     if error is None:
         breakers.record_probe_success(permit)
-    elif isinstance(error, TimeoutError | ProviderTimedOut) or (
-        isinstance(error, ProviderRejected | ProviderQuotaExhausted) and not answered
-    ):
+    elif isinstance(error, TimeoutError | ProviderTimedOut) or not counts_against_model(error, answered):
         breakers.release_probe(permit)
     else:
         breakers.record_failure(permit.model, error.retry_after)
