@@ -18,6 +18,7 @@ import structlog
 from routesvc.catalog import ModelSpec
 from routesvc.cost import interrupted_usage
 from routesvc.models import Heartbeat, InputReported, ProviderEvent, ProviderFinish, TextDelta, Usage
+from routesvc.provider_text import ValidText
 from routesvc.providers.base import Provider, ProviderCall
 
 log = structlog.get_logger("routesvc.reported_usage")
@@ -135,3 +136,9 @@ class CheckedUsage:
         warn_implausible(
             self._provider.name, self._model, usage, counts, output_limit(self._model, call.max_output_tokens)
         )
+
+
+def checked(provider: Provider, model: ModelSpec) -> CheckedUsage:
+    """``provider``'s streams of ``model`` as the service reads every one: its strings made valid
+    text (``ValidText``), then its usage checked (``CheckedUsage``)."""
+    return CheckedUsage(ValidText(provider), model)

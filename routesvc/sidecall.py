@@ -11,9 +11,8 @@ from routesvc.catalog import ModelSpec
 from routesvc.cost import interrupted_usage
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut
 from routesvc.models import Heartbeat, InputReported, ProviderFinish, TextDelta, UpstreamCall, Usage
-from routesvc.provider_text import ValidText
 from routesvc.providers.base import Provider, ProviderCall
-from routesvc.reported_usage import CheckedUsage
+from routesvc.reported_usage import checked
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +82,7 @@ async def side_call(
     error: TimeoutError | ProviderError | None = None
     refused = False
     cancelled = False
-    stream = telemetry.observed_stream(CheckedUsage(ValidText(provider), model), model, call, purpose=purpose)
+    stream = telemetry.observed_stream(checked(provider, model), model, call, purpose=purpose)
     try:
         async with asyncio.timeout(call.timeout):
             async for event in stream:
