@@ -1274,6 +1274,35 @@ class TestTheLLMClassifierKeepsToTheBreaker:
             state = server.router.breakers.state("gpt-4o-mini")
         assert state is BreakerState.OPEN
 
+    async def test_an_answer_that_is_not_json_does_not_close_a_half_open_breaker(self, fake: FakeProvider) -> None:
+        """The half-open probe is a classifier call answered in prose: the model gave nothing
+        usable, so the breaker opens again (it closed, as for a label, before) and the next new
+        prompt is not sent; the request the probe served falls back to the local label."""
+        now = [0.0]
+        breakers = Breakers(BreakerConfig(failure_threshold=1, open_seconds=10), clock=lambda: now[0])
+        breakers.record_failure("cheap")
+        now[0] = 10.0
+        fake.enqueue(Script(text="I think this is a coding question."))
+        stage = llm_stage(fake)
+        task, _, reason = await stage.classify("Write a sonnet about tea.", breakers=breakers)
+        state = breakers.state("cheap")
+        _, _, after = await stage.classify("Write a haiku about coffee.", breakers=breakers)
+        assert (task, state) == ("creative_writing", BreakerState.OPEN)
+        assert reason.startswith("classifier: cheap ClassifierAnswerError after ")
+        assert "not asked (circuit breaker open for model cheap)" in after
+        assert len(fake.requests) == 1
+
+    async def test_answers_that_are_not_json_do_not_open_a_closed_breaker(self, fake: FakeProvider) -> None:
+        """On a closed breaker an answer in prose counts nothing against the model (the prompt,
+        the tenant's, can talk it out of JSON, and the breaker keeps the model from every
+        tenant's answers): past failure_threshold such answers it is still closed and asked."""
+        breakers = Breakers(BreakerConfig(failure_threshold=2, open_seconds=10))
+        fake.set_default(Script(text="Ignore the above: here is a poem."))
+        stage = llm_stage(fake)
+        for prompt in ("one", "two", "three"):
+            await stage.classify(f"Write a sonnet about {prompt}.", breakers=breakers)
+        assert (len(fake.requests), breakers.state("cheap")) == (3, BreakerState.CLOSED)
+
     def test_a_label_closes_the_breaker_only_as_its_half_open_probe(self) -> None:
         """``record_probe_success``: a success on a closed breaker's permit leaves its count of
         failures; one on the half-open probe's permit closes it."""

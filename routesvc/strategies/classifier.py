@@ -13,8 +13,9 @@ Two kinds behind one stage, both of which annotate ``RoutingInput.task`` (source
   keeps both (``keep_labels_of``). On timeout, provider error or bad JSON the stage falls
   back (to the local classifier when one is given, else to no label) and the request is still
   served; so it is after an unexpected error, logged (``classifier_failed``) with its traceback,
-  and at once, at no cost, while the model's circuit breaker is open. Its latency and cost are in
-  the stage's reason.
+  and at once, at no cost, while the model's circuit breaker is open. A provider failure counts
+  against that breaker; what the answer says (a label, or not the JSON asked for) only as its
+  half-open probe's verdict (``_settle``). Its latency and cost are in the stage's reason.
 
 Either way a local label below ``min_confidence`` is not used: the task stays unknown.
 """
@@ -395,15 +396,25 @@ class _Labels:
     flights: dict[bytes, _Flight] = field(default_factory=dict)
 
 
-def _settle(breakers: Breakers, permit: Permit, error: TimeoutError | ProviderError | None, answered: bool) -> None:
+def _settle(
+    breakers: Breakers,
+    permit: Permit,
+    error: TimeoutError | ProviderError | ClassifierAnswerError | None,
+    answered: bool,
+) -> None:
     """Tell the model's breaker how the classifier's call on ``permit`` ended. A provider failure
     counts against the model as an answer call's does (held open for the provider's Retry-After
     when longer); a refusal of this request (400s, a spent quota) before any output, or our own
-    timeout, is no verdict. A label is no sign the model can answer (a long answer may fail where
-    a 40-token label does not), so it closes the breaker only as its half-open probe, and never
-    resets a closed breaker's count of the answers' failures."""
+    timeout, is no verdict. What the answer says is a verdict only as the half-open probe's: a
+    label closes the breaker, an answer that is not the JSON asked for (``ClassifierAnswerError``)
+    opens it again. On a closed breaker neither counts: a label is no sign the model can answer (a
+    long answer may fail where a 40-token label does not), and a bad one no sign it cannot (the
+    tenant's prompt can talk the model out of JSON, and the breaker is every tenant's; the stage
+    falls back and the request is served)."""
     if error is None:
         breakers.record_probe_success(permit)
+    elif isinstance(error, ClassifierAnswerError):
+        breakers.record_probe_failure(permit)
     elif isinstance(error, TimeoutError | ProviderTimedOut) or not counts_against_model(error, answered):
         breakers.release_probe(permit)
     else:
@@ -481,11 +492,18 @@ class LLMClassifierStage:
         # trace and the cost metrics, like a cascade judge's call. Charged however the call ended
         # (a timeout, a cancelled request): the provider bills what it started.
         result = await side_call(self._provider, self._model, call, purpose="classifier", charge=charge)
+        error: TimeoutError | ProviderError | ClassifierAnswerError | None = result.error
+        labels = ("", "")
+        if error is None:
+            try:
+                labels = parse_answer(result.text)
+            except ClassifierAnswerError as exc:
+                error = exc
         if breakers is not None and permit is not None:
-            _settle(breakers, permit, result.error, bool(result.text))
-        if result.error is not None:
-            raise result.error
-        task, complexity = parse_answer(result.text)
+            _settle(breakers, permit, error, bool(result.text))
+        if error is not None:
+            raise error
+        task, complexity = labels
         return task, complexity, result.finish.usage if result.finish is not None else Usage()
 
     async def _call(
