@@ -96,6 +96,11 @@ class CheckedUsage:
         """The provider's name."""
         return self._provider.name
 
+    @property
+    def base_url(self) -> str:
+        """The provider's base URL."""
+        return self._provider.base_url
+
     async def aclose(self) -> None:
         """Nothing of its own: the provider is closed by whoever opened it."""
 

@@ -1122,6 +1122,40 @@ class TestTheLLMClassifiersLabelsOutliveAReload:
         assert [(r.body or {}).get("model") for r in fake.requests] == ["gpt-4o-mini", "gpt-4o"]
         assert Decimal(after.routing_cost_usd) > 0
 
+    async def test_a_reload_that_points_the_provider_at_another_server_starts_empty(self, fake: FakeProvider) -> None:
+        """A reload that sends the same provider name to another server (its base URL changed)
+        asks that server again: the labels the first one gave are not its answers (they were
+        served "(cached)" from it before)."""
+        fake.set_default(Script(text='{"task": "code_generation", "complexity": "low"}'))
+        config = llm_classifier_config()
+        async with (
+            FakeProvider() as other,
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            other.set_default(Script(text='{"task": "simple_qa", "complexity": "low"}'))
+            await client.route(user_chat(self.PROMPT), ACME)
+            await server.reload(settings_from(config, {**live_environ(fake), "OPENAI_BASE_URL": other.openai_base_url}))
+            after = await client.route(user_chat(self.PROMPT), ACME)
+        assert (len(fake.requests), len(other.requests)) == (1, 1)
+        assert after.task == "simple_qa"
+        assert Decimal(after.routing_cost_usd) > 0
+
+    async def test_a_reload_that_rotates_the_key_keeps_the_labels(self, fake: FakeProvider) -> None:
+        """A rotated key rebuilds the provider's client, at the same base URL: the labels are
+        kept (the same server answers), served "(cached)" at no cost."""
+        fake.set_default(Script(text='{"task": "code_generation", "complexity": "low"}'))
+        config = llm_classifier_config()
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await client.route(user_chat(self.PROMPT), ACME)
+            await server.reload(settings_from(config, {**live_environ(fake), "OPENAI_API_KEY": "sk-test-rotated"}))
+            after = await client.route(user_chat(self.PROMPT), ACME)
+        assert len(fake.requests) == 1
+        assert after.reasons[0].endswith("(cached)")
+
     async def test_a_request_after_a_reload_joins_the_call_in_flight_before_it(self, fake: FakeProvider) -> None:
         """A call in flight when the reload swaps the policy is joined by the same prompt sent
         after it: one call, paid once."""

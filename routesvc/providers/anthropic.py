@@ -430,6 +430,11 @@ class AnthropicProvider:
         return self._name
 
     @property
+    def base_url(self) -> str:
+        """Where its calls go, as the SDK resolved it."""
+        return str(self._client.base_url)
+
+    @property
     def http_client(self) -> HttpClientKind:
         """The SDK's HTTP transport (``providers.<name>.http_client``)."""
         return self._http_client

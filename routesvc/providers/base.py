@@ -247,6 +247,12 @@ class Provider(Protocol):
         """The configured provider name, for example "openai"."""
         ...
 
+    @property
+    def base_url(self) -> str:
+        """Where its calls go: the configured base URL, else the SDK's default. Another URL under
+        the same name (a reload) is another server, whose answers may differ."""
+        ...
+
     def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]:
         """Call the model and stream its answer."""
         ...

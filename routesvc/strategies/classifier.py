@@ -10,10 +10,11 @@ Two kinds behind one stage, both of which annotate ``RoutingInput.task`` (source
 - ``llm``: a cheap configured model asked for ``{"task", "complexity"}`` as JSON (its labels read
   whatever their case), bounded by a timeout and cached by tenant and prompt hash; requests with
   the same key at once share one call; a reload's stage that asks the same model the same way
-  keeps both (``keep_labels_of``). On timeout, provider error or bad JSON the stage falls
-  back (to the local classifier when one is given, else to no label) and the request is still
-  served; so it is after an unexpected error, logged (``classifier_failed``) with its traceback,
-  and at once, at no cost, while the model's circuit breaker is open. A provider failure counts
+  (at the same provider base URL) keeps both (``keep_labels_of``). On timeout, provider error
+  or bad JSON the stage falls back (to the local classifier when one is given, else to no
+  label) and the request is still served; so it is after an unexpected error, logged
+  (``classifier_failed``) with its traceback, and at once, at no cost, while the model's
+  circuit breaker is open. A provider failure counts
   against that breaker; what the answer says (a label, or not the JSON asked for) only as its
   half-open probe's verdict (``_settle``). Its latency and cost are in the stage's reason.
 
@@ -388,8 +389,8 @@ class _Flight:
 class _Labels:
     """What an LLM classifier stage has of its model: the labels it gave (by tenant and prompt
     digest) and the calls in flight (by the same key). ``asks`` is what makes its answers (model,
-    provider and provider model, temperature) and the cache's size: a reloaded policy's stage with
-    the same takes them over."""
+    provider and the server it answers from, provider model, temperature) and the cache's size: a
+    reloaded policy's stage with the same takes them over."""
 
     asks: tuple[object, ...]
     cache: Memo[tuple[str, str]]
@@ -439,7 +440,9 @@ class LLMClassifierStage:
         self._model = model
         self._timeout_s = timeout_s
         temperature = deterministic_temperature(model)
-        asks = (model.id, model.provider, model.provider_model, temperature, cache_size)
+        # The provider's URL, not just its name: a reload that points the name at another
+        # server asks another model, whatever it is called.
+        asks = (model.id, model.provider, provider.base_url, model.provider_model, temperature, cache_size)
         self._labels = _Labels(asks, Memo(cache_size))
         self._fallback = fallback
         self._override_hint = override_hint
@@ -452,7 +455,8 @@ class LLMClassifierStage:
 
     def keep_labels_of(self, earlier: Iterable[Strategy]) -> None:
         """Take over the labels of the first of ``earlier`` (the stages of the policy a reload
-        replaces) that is an LLM classifier asking the same model the same way, with the same
+        replaces) that is an LLM classifier asking the same model the same way (at the same
+        provider base URL: the name pointed at another server is another model), with the same
         ``cache_size``: its answers are this stage's, so a reload (a rotated key, a budget
         changed) pays for none of them again. Its calls in flight are joined too when this stage
         asks through the same provider client with the same ``timeout_s``: a call on a client the
