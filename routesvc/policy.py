@@ -12,11 +12,12 @@ from routesvc.catalog import Catalog
 from routesvc.config import RoutingConfig, RulesStageConfig, StageConfig
 from routesvc.errors import ConfigError
 from routesvc.providers.base import Provider
-from routesvc.strategies import classifier, embedding
+from routesvc.strategies import classifier, embedding, llm_classifier
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
-from routesvc.strategies.classifier import ClassifierStageConfig, LLMClassifierStage
+from routesvc.strategies.classifier import ClassifierStageConfig
 from routesvc.strategies.default import DefaultStrategy
 from routesvc.strategies.embedding import EmbeddingStage
+from routesvc.strategies.llm_classifier import LLMClassifierStage
 from routesvc.strategies.rules import RulesStrategy
 
 
@@ -46,7 +47,7 @@ class Policy:
         ``feedback_max_examples`` in its file until the stage's ``apply_example_cap`` (a reload's
         policy: a version it rejects must delete nothing). An LLM classifier stage takes over the
         labels of the one in ``previous`` (the policy a reload replaces) that asks its model the
-        same way (``LLMClassifierStage.keep_labels_of``)."""
+        same way (``llm_classifier.LLMClassifierStage.keep_labels_of``)."""
         stages: list[Strategy] = []
         try:
             feedback_files: dict[Path, int] = {}  # each embedding stage's feedback_db, resolved: its stage
@@ -91,9 +92,8 @@ class Policy:
             resolved = stage.model_copy(update={"examples": _resolve(stage.examples, base_dir)})
             if resolved.method == "local":
                 return _local_classifier(resolved)
-            built = classifier.build(resolved, catalog=catalog, provider_for=dict(providers or {}).__getitem__)
-            if isinstance(built, LLMClassifierStage):
-                built.keep_labels_of(previous)
+            built = llm_classifier.build(resolved, catalog=catalog, provider_for=dict(providers or {}).__getitem__)
+            built.keep_labels_of(previous)
             return built
         if catalog is None:
             raise ConfigError("the embedding stage needs the catalog")

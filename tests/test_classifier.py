@@ -35,17 +35,16 @@ from routesvc.models import (
 )
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.server import Server
+from routesvc.strategies import llm_classifier
 from routesvc.strategies.base import RoutingInput, Verdict
 from routesvc.strategies.classifier import (
-    ClassifierAnswerError,
     ClassifierStageConfig,
-    LLMClassifierStage,
     LocalClassifierStage,
     TaskClassifier,
     build,
-    parse_answer,
     read_examples,
 )
+from routesvc.strategies.llm_classifier import ClassifierAnswerError, LLMClassifierStage, parse_answer
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, user_chat
@@ -427,7 +426,7 @@ class TestBuild:
         """The llm method without a model id is a config error."""
         config = ClassifierStageConfig(method="llm", fallback_local=False)
         with pytest.raises(ConfigError, match="classifier"):
-            build(config, catalog=Catalog([CHEAP]), provider_for=lambda name: OpenAIProvider(name, "k"))
+            llm_classifier.build(config, catalog=Catalog([CHEAP]), provider_for=lambda name: OpenAIProvider(name, "k"))
 
     def test_an_llm_classifier_whose_provider_has_no_key_fails_the_start(self) -> None:
         """The llm method on a model whose provider has no credentials could never ask it: the
@@ -462,7 +461,8 @@ class TestBuild:
             names.append(name)
             return OpenAIProvider(name, "k")
 
-        assert isinstance(build(config, catalog=Catalog([CHEAP]), provider_for=provider_for), LLMClassifierStage)
+        stage = llm_classifier.build(config, catalog=Catalog([CHEAP]), provider_for=provider_for)
+        assert isinstance(stage, LLMClassifierStage)
         assert names == ["openai"]
 
     def test_unknown_fields_are_refused(self) -> None:
