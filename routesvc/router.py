@@ -1194,6 +1194,7 @@ class Router:
                 left = None if deadline is None else deadline - time.monotonic() - reliability.min_attempt_seconds
                 if delay > reliability.max_retry_after_seconds or (left is not None and delay > left):
                     break
+                telemetry.record_retry(model_id, last_error.reason, delay)
                 await asyncio.sleep(delay)
         if last_error is None:
             raise no_eligible_model_for(decision)
