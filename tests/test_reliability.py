@@ -28,6 +28,7 @@ from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import default_config, live_environ, settings_from, until, user_chat
+from tests.observability import Observed, observed_server
 from tests.test_limits import retry_delay
 from tests.test_validation import error_info
 
@@ -190,6 +191,16 @@ def _rfc3339(seconds_from_now: float) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
+def retry_delays(observed: Observed) -> list[float]:
+    """The waits before each retry on a model, from the ``routesvc.retry`` events of every request."""
+    return [
+        float(event.attributes["routesvc.retry_delay_seconds"])  # type: ignore[arg-type, index]
+        for span in observed.named("route")
+        for event in span.events
+        if event.name == "routesvc.retry"
+    ]
+
+
 class TestProviderRetryDelays:
     """RELIABILITY 6: the wait a provider asks for, however it says it, is waited before a retry on
     its model and told to the caller (RetryInfo) when the error reaches it."""
@@ -280,6 +291,31 @@ class TestProviderRetryDelays:
         assert kinds(messages)[-1] == "completion"
         first, second = fake.requests
         assert second.received_at - first.received_at >= 0.3
+
+    @pytest.mark.parametrize(("model", "status"), [("gpt-4o-mini", 503), ("claude-sonnet", 529)])
+    async def test_a_zero_retry_after_still_waits_a_jittered_backoff(
+        self, fake: FakeProvider, model: str, status: int
+    ) -> None:
+        """Five calls each answered 503 (Anthropic: 529 overloaded) with ``Retry-After: 0``, then
+        served: each retry waits a backoff drawn as when no wait is given (in (0, backoff_seconds]
+        for a first retry), each its own, not 0 (all the calls an overloaded provider refused at
+        once would come back at once). The wait is read from the ``routesvc.retry`` span event."""
+        fake.enqueue(*[Script(status=status, retry_after="0"), Script()] * 5)
+        async with observed_server(fake, config=reliable_config()) as observed:
+            for _ in range(5):
+                messages = await collect(observed.client, model=model)
+                assert messages[-1].completion.model == model
+        delays = retry_delays(observed)
+        assert len(delays) == len(set(delays)) == 5
+        assert all(0 < delay <= 0.01 for delay in delays)
+
+    async def test_a_longer_retry_after_than_the_backoff_is_waited_as_given(self, fake: FakeProvider) -> None:
+        """A 503 with ``retry-after-ms: 300`` (longer than any first backoff here): the retry waits
+        exactly the provider's 0.3 s."""
+        fake.enqueue(Script(status=503, retry_after_ms="300"), Script())
+        async with observed_server(fake, config=reliable_config()) as observed:
+            await collect(observed.client, model="gpt-4o-mini")
+        assert retry_delays(observed) == [0.3]
 
     @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
     @pytest.mark.parametrize(("model", "status"), [("gpt-4o-mini", 503), ("claude-sonnet", 529)])
