@@ -678,6 +678,29 @@ class TestBreakers:
         assert retry_in <= retry_delay(error) <= 30
         assert len(fake.requests) == 3
 
+    async def test_when_every_model_is_refused_the_retry_info_is_the_soonest_probe(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini's breaker is open for 40 s (its 503's Retry-After), its fallback
+        claude-sonnet's for 5 s (``open_seconds``): a request both refuse fails fast with RetryInfo
+        of the fallback's sooner probe (it carried the first model's 40 s), and neither is called."""
+        config = reliable_config(
+            retries_per_model=0,
+            max_attempts=1,
+            breaker={"failure_threshold": 1, "open_seconds": 5, "max_open_seconds": 60},
+        )
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(Script(status=503, retry_after="40"), Script(status=503))
+            await failure(client, model="gpt-4o-mini")
+            await failure(client, model="claude-sonnet")
+            assert 30 < server.router.breakers.retry_in("gpt-4o-mini") <= 40
+            error, _ = await failure(client, model="gpt-4o-mini")
+            fallback_retry_in = server.router.breakers.retry_in("claude-sonnet")
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+        assert fallback_retry_in <= retry_delay(error) <= 5
+        assert len(fake.requests) == 2
+
     @pytest.mark.parametrize(
         ("headers", "seconds"),
         [
