@@ -219,8 +219,37 @@ class TestProviderRetryDelays:
                 },
                 30.0,
             ),
-            # Neither says which is spent: the larger.
-            ({"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "1m30.5s"}, 90.5),
+            # Neither says which is spent: the sooner (not the tokens' unrelated minute and a half).
+            ({"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "1m30.5s"}, 0.02),
+            (
+                {
+                    "x-ratelimit-remaining-requests": "499",
+                    "x-ratelimit-reset-requests": "120ms",
+                    "x-ratelimit-remaining-tokens": "1200",
+                    "x-ratelimit-reset-tokens": "6m0s",
+                },
+                0.12,
+            ),
+            # Both spent: the later (a request passes only once both have reset).
+            (
+                {
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": "30s",
+                    "x-ratelimit-remaining-tokens": "0",
+                    "x-ratelimit-reset-tokens": "45s",
+                },
+                45.0,
+            ),
+            # The provider's own Retry-After says it, whatever the limits' resets.
+            (
+                {
+                    "retry-after": "3",
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": "30s",
+                    "x-ratelimit-reset-tokens": "6m0s",
+                },
+                3.0,
+            ),
             # The spent limit resets in microseconds (a Go duration in µs): that, not the other's 6 minutes.
             (
                 {
@@ -241,7 +270,8 @@ class TestProviderRetryDelays:
         seconds: float,
     ) -> None:
         """A 429 with no Retry-After but OpenAI's ``x-ratelimit-reset-*`` headers: RATE_LIMITED
-        with RetryInfo of the reset (it had none)."""
+        with RetryInfo of the reset (it had none): the spent limit's, the later if both are spent,
+        the sooner if none says it is; a Retry-After wins."""
         _, client = reliable
         fake.enqueue(Script(status=429, headers=headers))
         error, _ = await failure(client, model="gpt-4o-mini")
@@ -727,7 +757,7 @@ class TestBreakers:
             ({"x-ratelimit-reset-requests": "20ms"}, 0.02),
             ({"x-ratelimit-reset-tokens": "1m30.5s"}, 90.5),
             ({"x-ratelimit-reset-requests": "1h2m3s"}, 3723.0),
-            ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "7s"}, 7.0),
+            ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "7s"}, 2.0),
             (
                 {
                     "x-ratelimit-remaining-requests": "3",
@@ -777,6 +807,28 @@ class TestBreakers:
                 },
                 5.0,
             ),
+            # None at 0 remaining: the sooner reset.
+            (
+                {
+                    "anthropic-ratelimit-requests-remaining": "40",
+                    "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:02Z",
+                    "anthropic-ratelimit-tokens-remaining": "800",
+                    "anthropic-ratelimit-tokens-reset": "2026-01-01T00:05:00Z",
+                },
+                2.0,
+            ),
+            # Two at 0: the later of theirs, not the sooner reset of a limit with room left.
+            (
+                {
+                    "anthropic-ratelimit-requests-remaining": "40",
+                    "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:01Z",
+                    "anthropic-ratelimit-input-tokens-remaining": "0",
+                    "anthropic-ratelimit-input-tokens-reset": "2026-01-01T00:00:05Z",
+                    "anthropic-ratelimit-output-tokens-remaining": "0",
+                    "anthropic-ratelimit-output-tokens-reset": "2026-01-01T00:00:20Z",
+                },
+                20.0,
+            ),
             ({"anthropic-ratelimit-tokens-reset": "2025-12-31T23:59:00Z"}, 0.0),
             ({"anthropic-ratelimit-tokens-reset": "tomorrow"}, None),
             ({}, None),
@@ -784,7 +836,8 @@ class TestBreakers:
     )
     def test_rate_limit_resets_are_read_as_seconds(self, headers: dict[str, str], seconds: float | None) -> None:
         """OpenAI's reset durations and Anthropic's reset moments: the reset of a limit at 0
-        remaining, else the larger, clamped to [0, one day]; garbage reads as absent."""
+        remaining (the later of several), else the sooner of all, clamped to [0, one day];
+        garbage reads as absent."""
         now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC).timestamp()
         expected = None if seconds is None else pytest.approx(seconds)
         assert rate_limit_reset(headers, now=now) == expected
