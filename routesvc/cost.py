@@ -77,11 +77,12 @@ def input_tokens_on(model: ModelSpec, estimate: Estimated) -> tuple[int, int]:
 def estimated_cost(model: ModelSpec, estimate: Estimated, mode: Mode = Mode.REALTIME) -> Decimal:
     """``estimate_cost`` of a routed request's ``estimate`` on ``model``, its images counted by
     the model's own formula and scale."""
-    usage = Usage(input_tokens=billed_input_estimate(model, estimate), output_tokens=estimate.estimated_output_tokens)
+    input_tokens = billed_input_of_estimate(model, estimate)
+    usage = Usage(input_tokens=input_tokens, output_tokens=estimate.estimated_output_tokens)
     return cost_of_usage(model, usage, mode)
 
 
-def billed_input_estimate(model: ModelSpec, estimate: Estimated) -> int:
+def billed_input_of_estimate(model: ModelSpec, estimate: Estimated) -> int:
     """The input tokens ``model`` bills for a routed request's ``estimate``: its images by the
     model's formula and scale. What ``estimated_cost`` prices, and what a batch job whose result
     reports no input is charged (kept with the job at submit)."""
@@ -94,7 +95,7 @@ def billed_input_tokens(model: ModelSpec, input_tokens: int, image_tokens: int) 
     return _scaled(input_tokens, image_tokens, model.image_token_scale)
 
 
-def estimate_billed_input(chat: ChatRequest, kind: ProviderKind, image_token_scale: Decimal) -> int:
+def billed_input_of_chat(chat: ChatRequest, kind: ProviderKind, image_token_scale: Decimal) -> int:
     """The input tokens a model of a provider of ``kind`` that bills images at
     ``image_token_scale`` bills for ``chat``, estimated offline (its images by the kind's
     formula, then the scale), as ``estimated_cost`` prices a request: what is charged for an
@@ -122,7 +123,7 @@ def interrupted_usage(model: ModelSpec, chat: ChatRequest, produced: Sequence[st
     output_tokens = count_text_tokens("".join(produced))
     if reported is not None:
         return replace(reported, output_tokens=output_tokens)
-    input_tokens = estimate_billed_input(chat, model.provider_kind, model.image_token_scale)
+    input_tokens = billed_input_of_chat(chat, model.provider_kind, model.image_token_scale)
     return Usage(input_tokens=input_tokens, output_tokens=output_tokens)
 
 

@@ -28,13 +28,14 @@ def skips_provider(error: ProviderError) -> bool:
 def backoff_delay(config: ReliabilityConfig, retry_number: int, retry_after: float | None) -> float:
     """Seconds to wait before retry ``retry_number`` (1-based) on the same model.
 
-    A provider's ``Retry-After`` is honoured as given; otherwise exponential backoff with full
-    jitter, capped at ``max_backoff_seconds``.
+    Exponential backoff with full jitter, capped at ``max_backoff_seconds``; a provider's wait
+    (``retry_after``: its Retry-After, a 429's rate-limit reset) is honoured when it is longer.
+    A shorter one (``Retry-After: 0`` from an overloaded provider) is no reason to skip the
+    jitter: the calls it refused at once would all come back at once.
     """
-    if retry_after is not None:
-        return retry_after
     ceiling = min(config.max_backoff_seconds, config.backoff_seconds * (2 ** (retry_number - 1)))
-    return random.uniform(0, ceiling)  # noqa: S311 - jitter, not cryptography
+    jittered = random.uniform(0, ceiling)  # noqa: S311 - jitter, not cryptography
+    return jittered if retry_after is None else max(retry_after, jittered)
 
 
 class RetryBudget:

@@ -1110,6 +1110,7 @@ class Router:
         first = attempt.number
         last_error: ProviderError | None = None
         retryable_error: ProviderError | None = None  # the last failure a later retry may get past
+        open_breaker: ProviderUnavailable | None = None  # the refusal of the models whose breaker is open
         cascade_cap = self._escalation.max_cost(request) if decision.cascade_models else None
         for model_id in self._attempt_chain(decision):
             model = self._catalog.get(model_id)
@@ -1160,13 +1161,19 @@ class Router:
                     raise _failure_to_report(last_error, retryable_error)
                 permit = self._breakers.allow(model_id)
                 if permit is None:
-                    open_breaker = ProviderUnavailable(
-                        f"circuit breaker open for model {model_id}",
-                        provider=model.provider,
-                        model=model_id,
-                        # When its probe may go; none while a half-open breaker's probe runs.
-                        retry_after=self._breakers.retry_in(model_id) or None,
-                    )
+                    # When its probe may go; none while a half-open breaker's probe runs.
+                    wait = self._breakers.retry_in(model_id) or None
+                    if open_breaker is None:
+                        open_breaker = ProviderUnavailable(
+                            f"circuit breaker open for model {model_id}",
+                            provider=model.provider,
+                            model=model_id,
+                            retry_after=wait,
+                        )
+                    else:
+                        # One refusal speaks for every model an open breaker refused: the caller
+                        # may come back when the soonest of them lets a probe through.
+                        open_breaker.retry_after = _sooner(open_breaker.retry_after, wait)
                     last_error = last_error or open_breaker
                     retryable_error = retryable_error or open_breaker  # it half-opens again soon
                     break
@@ -1194,6 +1201,7 @@ class Router:
                 left = None if deadline is None else deadline - time.monotonic() - reliability.min_attempt_seconds
                 if delay > reliability.max_retry_after_seconds or (left is not None and delay > left):
                     break
+                telemetry.record_retry(model_id, last_error.reason, delay)
                 await asyncio.sleep(delay)
         if last_error is None:
             raise no_eligible_model_for(decision)
@@ -1459,6 +1467,12 @@ def _side_call_outcome(call: UpstreamCall) -> AttemptOutcome:
     if call.cancelled:
         return AttemptOutcome.CANCELLED
     return AttemptOutcome.FAILED if call.refused else AttemptOutcome.INTERRUPTED
+
+
+def _sooner(wait: float | None, other: float | None) -> float | None:
+    """The sooner of two open breakers' waits until their probe; None (not known: a half-open
+    breaker's probe is running, and may end any moment) when either is."""
+    return None if wait is None or other is None else min(wait, other)
 
 
 def _failure_to_report(last_error: ProviderError, retryable_error: ProviderError | None) -> ProviderError:

@@ -28,6 +28,7 @@ from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import default_config, live_environ, settings_from, until, user_chat
+from tests.observability import Observed, observed_server
 from tests.test_limits import retry_delay
 from tests.test_validation import error_info
 
@@ -190,6 +191,16 @@ def _rfc3339(seconds_from_now: float) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
+def retry_delays(observed: Observed) -> list[float]:
+    """The waits before each retry on a model, from the ``routesvc.retry`` events of every request."""
+    return [
+        float(event.attributes["routesvc.retry_delay_seconds"])  # type: ignore[arg-type, index]
+        for span in observed.named("route")
+        for event in span.events
+        if event.name == "routesvc.retry"
+    ]
+
+
 class TestProviderRetryDelays:
     """RELIABILITY 6: the wait a provider asks for, however it says it, is waited before a retry on
     its model and told to the caller (RetryInfo) when the error reaches it."""
@@ -208,8 +219,37 @@ class TestProviderRetryDelays:
                 },
                 30.0,
             ),
-            # Neither says which is spent: the larger.
-            ({"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "1m30.5s"}, 90.5),
+            # Neither says which is spent: the sooner (not the tokens' unrelated minute and a half).
+            ({"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "1m30.5s"}, 0.02),
+            (
+                {
+                    "x-ratelimit-remaining-requests": "499",
+                    "x-ratelimit-reset-requests": "120ms",
+                    "x-ratelimit-remaining-tokens": "1200",
+                    "x-ratelimit-reset-tokens": "6m0s",
+                },
+                0.12,
+            ),
+            # Both spent: the later (a request passes only once both have reset).
+            (
+                {
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": "30s",
+                    "x-ratelimit-remaining-tokens": "0",
+                    "x-ratelimit-reset-tokens": "45s",
+                },
+                45.0,
+            ),
+            # The provider's own Retry-After says it, whatever the limits' resets.
+            (
+                {
+                    "retry-after": "3",
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": "30s",
+                    "x-ratelimit-reset-tokens": "6m0s",
+                },
+                3.0,
+            ),
             # The spent limit resets in microseconds (a Go duration in µs): that, not the other's 6 minutes.
             (
                 {
@@ -230,7 +270,8 @@ class TestProviderRetryDelays:
         seconds: float,
     ) -> None:
         """A 429 with no Retry-After but OpenAI's ``x-ratelimit-reset-*`` headers: RATE_LIMITED
-        with RetryInfo of the reset (it had none)."""
+        with RetryInfo of the reset (it had none): the spent limit's, the later if both are spent,
+        the sooner if none says it is; a Retry-After wins."""
         _, client = reliable
         fake.enqueue(Script(status=429, headers=headers))
         error, _ = await failure(client, model="gpt-4o-mini")
@@ -280,6 +321,31 @@ class TestProviderRetryDelays:
         assert kinds(messages)[-1] == "completion"
         first, second = fake.requests
         assert second.received_at - first.received_at >= 0.3
+
+    @pytest.mark.parametrize(("model", "status"), [("gpt-4o-mini", 503), ("claude-sonnet", 529)])
+    async def test_a_zero_retry_after_still_waits_a_jittered_backoff(
+        self, fake: FakeProvider, model: str, status: int
+    ) -> None:
+        """Five calls each answered 503 (Anthropic: 529 overloaded) with ``Retry-After: 0``, then
+        served: each retry waits a backoff drawn as when no wait is given (in (0, backoff_seconds]
+        for a first retry), each its own, not 0 (all the calls an overloaded provider refused at
+        once would come back at once). The wait is read from the ``routesvc.retry`` span event."""
+        fake.enqueue(*[Script(status=status, retry_after="0"), Script()] * 5)
+        async with observed_server(fake, config=reliable_config()) as observed:
+            for _ in range(5):
+                messages = await collect(observed.client, model=model)
+                assert messages[-1].completion.model == model
+        delays = retry_delays(observed)
+        assert len(delays) == len(set(delays)) == 5
+        assert all(0 < delay <= 0.01 for delay in delays)
+
+    async def test_a_longer_retry_after_than_the_backoff_is_waited_as_given(self, fake: FakeProvider) -> None:
+        """A 503 with ``retry-after-ms: 300`` (longer than any first backoff here): the retry waits
+        exactly the provider's 0.3 s."""
+        fake.enqueue(Script(status=503, retry_after_ms="300"), Script())
+        async with observed_server(fake, config=reliable_config()) as observed:
+            await collect(observed.client, model="gpt-4o-mini")
+        assert retry_delays(observed) == [0.3]
 
     @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
     @pytest.mark.parametrize(("model", "status"), [("gpt-4o-mini", 503), ("claude-sonnet", 529)])
@@ -642,6 +708,29 @@ class TestBreakers:
         assert retry_in <= retry_delay(error) <= 30
         assert len(fake.requests) == 3
 
+    async def test_when_every_model_is_refused_the_retry_info_is_the_soonest_probe(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini's breaker is open for 40 s (its 503's Retry-After), its fallback
+        claude-sonnet's for 5 s (``open_seconds``): a request both refuse fails fast with RetryInfo
+        of the fallback's sooner probe (it carried the first model's 40 s), and neither is called."""
+        config = reliable_config(
+            retries_per_model=0,
+            max_attempts=1,
+            breaker={"failure_threshold": 1, "open_seconds": 5, "max_open_seconds": 60},
+        )
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(Script(status=503, retry_after="40"), Script(status=503))
+            await failure(client, model="gpt-4o-mini")
+            await failure(client, model="claude-sonnet")
+            assert 30 < server.router.breakers.retry_in("gpt-4o-mini") <= 40
+            error, _ = await failure(client, model="gpt-4o-mini")
+            fallback_retry_in = server.router.breakers.retry_in("claude-sonnet")
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+        assert fallback_retry_in <= retry_delay(error) <= 5
+        assert len(fake.requests) == 2
+
     @pytest.mark.parametrize(
         ("headers", "seconds"),
         [
@@ -668,7 +757,7 @@ class TestBreakers:
             ({"x-ratelimit-reset-requests": "20ms"}, 0.02),
             ({"x-ratelimit-reset-tokens": "1m30.5s"}, 90.5),
             ({"x-ratelimit-reset-requests": "1h2m3s"}, 3723.0),
-            ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "7s"}, 7.0),
+            ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "7s"}, 2.0),
             (
                 {
                     "x-ratelimit-remaining-requests": "3",
@@ -718,6 +807,28 @@ class TestBreakers:
                 },
                 5.0,
             ),
+            # None at 0 remaining: the sooner reset.
+            (
+                {
+                    "anthropic-ratelimit-requests-remaining": "40",
+                    "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:02Z",
+                    "anthropic-ratelimit-tokens-remaining": "800",
+                    "anthropic-ratelimit-tokens-reset": "2026-01-01T00:05:00Z",
+                },
+                2.0,
+            ),
+            # Two at 0: the later of theirs, not the sooner reset of a limit with room left.
+            (
+                {
+                    "anthropic-ratelimit-requests-remaining": "40",
+                    "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:01Z",
+                    "anthropic-ratelimit-input-tokens-remaining": "0",
+                    "anthropic-ratelimit-input-tokens-reset": "2026-01-01T00:00:05Z",
+                    "anthropic-ratelimit-output-tokens-remaining": "0",
+                    "anthropic-ratelimit-output-tokens-reset": "2026-01-01T00:00:20Z",
+                },
+                20.0,
+            ),
             ({"anthropic-ratelimit-tokens-reset": "2025-12-31T23:59:00Z"}, 0.0),
             ({"anthropic-ratelimit-tokens-reset": "tomorrow"}, None),
             ({}, None),
@@ -725,7 +836,8 @@ class TestBreakers:
     )
     def test_rate_limit_resets_are_read_as_seconds(self, headers: dict[str, str], seconds: float | None) -> None:
         """OpenAI's reset durations and Anthropic's reset moments: the reset of a limit at 0
-        remaining, else the larger, clamped to [0, one day]; garbage reads as absent."""
+        remaining (the later of several), else the sooner of all, clamped to [0, one day];
+        garbage reads as absent."""
         now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC).timestamp()
         expected = None if seconds is None else pytest.approx(seconds)
         assert rate_limit_reset(headers, now=now) == expected

@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from routesvc import telemetry
 from routesvc.client import build_chat
+from routesvc.config import ReliabilityConfig
 from routesvc.models import ChatRequest, Message, Role, RoutingContext, RoutingRequest
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
@@ -595,6 +596,7 @@ class TestEvents:
     def test_the_hooks_do_nothing_outside_an_rpc(self) -> None:
         """Outside an RPC (simulate, unit tests) the hooks are silent no-ops."""
         telemetry.record_fallback("a", "b", "PROVIDER_UNAVAILABLE")
+        telemetry.record_retry("a", "PROVIDER_UNAVAILABLE", 0.1)
         telemetry.record_escalation("a", "b", "low score", 0.1)
         telemetry.record_cascade(True, 0.9)
         assert telemetry.current_request() is None
@@ -636,6 +638,24 @@ class TestFallback:
         assert server.status.status_code is StatusCode.UNSET
         assert _attrs(server)["routesvc.fallbacks"] == 1
         assert stats.fallbacks == 1
+
+
+class TestRetry:
+    async def test_a_retry_on_the_same_model_is_an_event_with_its_wait(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini fails 503, then answers: one routesvc.retry event on the routing span naming
+        the model, the failure's reason and the wait before the retry (the first backoff: at most
+        backoff_seconds), no fallback."""
+        fake.enqueue(Script(status=503), Script(), model="gpt-4o-mini")
+        async with observed_server(fake) as observed:
+            messages = await _complete(observed)
+        assert messages[-1].completion.model == "gpt-4o-mini"
+        (route,) = observed.named("route")
+        (retry,) = [dict(e.attributes or {}) for e in route.events if e.name == "routesvc.retry"]
+        delay = retry.pop("routesvc.retry_delay_seconds")
+        assert retry == {"routesvc.model": "gpt-4o-mini", "routesvc.reason": "PROVIDER_UNAVAILABLE"}
+        assert isinstance(delay, float)
+        assert 0 <= delay <= ReliabilityConfig().backoff_seconds
+        assert [e.name for e in route.events if e.name == "routesvc.fallback"] == []
 
 
 class TestPurpose:

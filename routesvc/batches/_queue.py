@@ -152,7 +152,7 @@ from routesvc.batches._store import (
 )
 from routesvc.catalog import Catalog, ModelSpec
 from routesvc.config import BATCH_API_KINDS, ProviderSettings, Settings
-from routesvc.cost import billed_input_estimate, cost_of_usage, format_usd
+from routesvc.cost import billed_input_of_estimate, cost_of_usage, format_usd
 from routesvc.errors import (
     BatchNotFound,
     BatchStoreUnavailable,
@@ -840,7 +840,7 @@ class BatchQueue:
         catalog since the decision (a reload), whose jobs fail ``model_not_in_catalog`` unless
         it comes back."""
         try:
-            return billed_input_estimate(self._catalog().get(decision.model), decision)
+            return billed_input_of_estimate(self._catalog().get(decision.model), decision)
         except ModelNotFound:
             return None
 

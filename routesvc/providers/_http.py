@@ -132,11 +132,18 @@ _ANTHROPIC_LIMITS = tuple(
 def rate_limit_reset(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """Seconds until the rate limit that refused a request resets, from the rate-limit headers of
     OpenAI (``x-ratelimit-reset-requests`` / ``-tokens``: a duration such as ``6m0s``) or
-    Anthropic (``anthropic-ratelimit-*-reset``: an RFC 3339 moment): the reset of a limit whose
-    remaining header says 0, the latest of them if several, else the latest of all; at most
+    Anthropic (``anthropic-ratelimit-*-reset``: an RFC 3339 moment); at most
     ``MAX_RETRY_AFTER_SECONDS``. None if no such reset header reads as one (a 429 without
-    Retry-After is read so, as the SDKs' own retries read it): a spent limit's unreadable reset
-    is not replaced by the reset of a limit that is not spent, which says nothing of the wait."""
+    Retry-After is read so, as the SDKs' own retries read it).
+
+    The reset of a limit whose remaining header says 0, the latest of them if several (a request
+    passes only once each has reset); a spent limit's unreadable reset is not replaced by the
+    reset of a limit that is not spent, which says nothing of the wait. When none says 0 (the
+    request asked for more than a limit had left, or no remaining header came), the soonest of
+    all: which limit refused is not known, a reset is when a limit is whole again (it refills
+    before), and a guess too soon costs one more 429 (retries and the breaker bound it) where
+    one too late would send the caller and the breaker away for a window unrelated to the
+    refusal (OpenAI's tokens reset in minutes while its requests reset in milliseconds)."""
     current = time.time() if now is None else now
     resets: list[tuple[bool, float | None]] = []  # (spent, seconds; None when unreadable)
     for remaining, reset in _OPENAI_LIMITS:
@@ -146,8 +153,11 @@ def rate_limit_reset(headers: Mapping[str, str], *, now: float | None = None) ->
         if (value := headers.get(reset)) is not None:
             resets.append((_spent(headers.get(remaining)), _until(value, current)))
     spent = [seconds for at_zero, seconds in resets if at_zero]
-    chosen = [seconds for seconds in spent or [seconds for _, seconds in resets] if seconds is not None]
-    return min(MAX_RETRY_AFTER_SECONDS, max(chosen)) if chosen else None
+    if spent:
+        readable = [seconds for seconds in spent if seconds is not None]
+        return min(MAX_RETRY_AFTER_SECONDS, max(readable)) if readable else None
+    readable = [seconds for _, seconds in resets if seconds is not None]
+    return min(MAX_RETRY_AFTER_SECONDS, min(readable)) if readable else None
 
 
 def _spent(remaining: str | None) -> bool:

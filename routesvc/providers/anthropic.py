@@ -57,7 +57,7 @@ from anthropic.types import (
     UserMessageParam,
 )
 
-from routesvc.cost import estimate_billed_input
+from routesvc.cost import billed_input_of_chat
 from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import (
     CacheTtl,
@@ -557,7 +557,7 @@ class AnthropicProvider:
         if estimated:
             self._usage_log.estimated(self._name, call.model)
         if tally.input_tokens is None:
-            usage = Usage(input_tokens=estimate_billed_input(call.as_chat(), "anthropic", call.image_token_scale))
+            usage = Usage(input_tokens=billed_input_of_chat(call.as_chat(), "anthropic", call.image_token_scale))
         else:
             usage = _input_usage(tally)
         output_tokens = count_text_tokens("".join(tally.output)) if tally.output_tokens is None else tally.output_tokens

@@ -209,7 +209,7 @@ class ProviderCall:
     upstream (for example ``traceparent``); never the client's own credentials. ``sent`` is set
     once the request went out (``RequestSent``): what a call cut short is charged on.
     ``image_token_scale`` is the model's (``ModelSpec``): an input the provider does not report is
-    estimated as the model bills it (``cost.estimate_billed_input``).
+    estimated as the model bills it (``cost.billed_input_of_chat``).
     """
 
     model: str
@@ -229,7 +229,7 @@ class ProviderCall:
 
     def as_chat(self) -> ChatRequest:
         """What the call puts in the prompt, as a ``ChatRequest``: what its input is estimated
-        from (``cost.estimate_billed_input``) wherever the provider reports none."""
+        from (``cost.billed_input_of_chat``) wherever the provider reports none."""
         return ChatRequest(messages=self.messages, tools=self.tools, response_format=self.response_format)
 
 

@@ -38,7 +38,7 @@ from openai.types.chat import (
 from openai.types.chat.chat_completion_content_part_image_param import ImageURL
 from openai.types.shared_params import FunctionDefinition
 
-from routesvc.cost import estimate_billed_input
+from routesvc.cost import billed_input_of_chat
 from routesvc.errors import ConfigError, ProviderError, ProviderUnavailable
 from routesvc.models import (
     FinishReason,
@@ -410,7 +410,7 @@ class OpenAIProvider:
         if estimated:
             self._usage_log.estimated(self._name, call.model, kind=self._kind)
         if input_tokens is None:
-            input_tokens = estimate_billed_input(call.as_chat(), self._kind, call.image_token_scale)
+            input_tokens = billed_input_of_chat(call.as_chat(), self._kind, call.image_token_scale)
         if output_tokens is None:
             output_tokens = count_text_tokens("".join(output))
         details = object_field(usage.get("prompt_tokens_details"))

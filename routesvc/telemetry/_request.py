@@ -328,6 +328,18 @@ def record_fallback(from_model: str, to_model: str, reason: str) -> None:
     )
 
 
+def record_retry(model: str, reason: str, delay_seconds: float) -> None:
+    """A retry on ``model`` after a failure of stable ``reason``, after waiting ``delay_seconds``
+    (the backoff, or the provider's longer wait): a span event, not an error."""
+    rpc = _CURRENT.get()
+    if rpc is None:
+        return
+    rpc.event_span().add_event(
+        "routesvc.retry",
+        {"routesvc.model": model, "routesvc.reason": reason, "routesvc.retry_delay_seconds": delay_seconds},
+    )
+
+
 def record_escalation(from_model: str, to_model: str, reason: str, score: float | None = None) -> None:
     """An escalation from a cheaper to a stronger model (a cascade whose answer scored too low).
 
