@@ -7,10 +7,7 @@ half-open --(the probe fails)--> open
 
 A call that tells only of failures (an LLM classifier's small one: a model that labels a prompt
 may still fail every answer) reports its success with ``record_probe_success``, which closes the
-breaker only when that call was the half-open probe and leaves a closed one's count alone. What
-such a call's answer says against the model (a label that is not the JSON asked for) is
-``record_probe_failure``: it reopens the breaker when the call was the half-open probe and counts
-nothing against a closed one.
+breaker only when that call was the half-open probe and leaves a closed one's count alone.
 
 ``allow`` hands each call a ``Permit``; the one that took the half-open probe is the only one
 whose ``release_probe`` gives the turn back, when it ends without a verdict (another call ending
@@ -129,14 +126,6 @@ class Breakers:
         breaker = self._breakers.get(permit.model)
         if breaker is not None and breaker.probe is permit:
             self.record_success(permit.model)
-
-    def record_probe_failure(self, permit: Permit) -> None:
-        """A call on ``permit`` that speaks only for probes failed: reopen the breaker if the call
-        was its running half-open probe, else change nothing (a closed breaker's count of
-        failures is not raised by it)."""
-        breaker = self._breakers.get(permit.model)
-        if breaker is not None and breaker.probe is permit:
-            self.record_failure(permit.model)
 
     def release_probe(self, permit: Permit) -> None:
         """The call ``permit`` let start ended without a verdict (e.g. the client cancelled): if it

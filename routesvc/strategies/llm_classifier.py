@@ -7,8 +7,8 @@ base URL) keeps both (``keep_labels_of``). On timeout, provider error or bad JSO
 back (to the local classifier when one is given, else to no label) and the request is still
 served; so it is after an unexpected error, logged (``classifier_failed``) with its traceback,
 and at once, at no cost, while the model's circuit breaker is open. A provider failure counts
-against that breaker; what the answer says (a label, or not the JSON asked for) only as its
-half-open probe's verdict (``_settle``). Its latency and cost are in the stage's reason.
+against that breaker; a label only as its half-open probe's verdict, and an answer that is not
+the JSON asked for not at all (``_settle``). Its latency and cost are in the stage's reason.
 """
 
 from __future__ import annotations
@@ -155,16 +155,18 @@ def _settle(
     """Tell the model's breaker how the classifier's call on ``permit`` ended. A provider failure
     counts against the model as an answer call's does (held open for the provider's Retry-After
     when longer); a refusal of this request (400s, a spent quota) before any output, or our own
-    timeout, is no verdict. What the answer says is a verdict only as the half-open probe's: a
-    label closes the breaker, an answer that is not the JSON asked for (``ClassifierAnswerError``)
-    opens it again. On a closed breaker neither counts: a label is no sign the model can answer (a
-    long answer may fail where a 40-token label does not), and a bad one no sign it cannot (the
-    tenant's prompt can talk the model out of JSON, and the breaker is every tenant's; the stage
-    falls back and the request is served)."""
+    timeout, is no verdict. A label is a verdict only as the half-open probe's, which it closes; on
+    a closed breaker it is no sign the model can answer (a long answer may fail where a 40-token
+    label does not). An answer that is not the JSON asked for (``ClassifierAnswerError``) is no
+    verdict at all, the probe's turn given back: the server answered, and what it said depends on
+    the prompt, which the tenant writes (a prompt can talk the model out of JSON). Counted against
+    the model, one tenant's prompt would take it from every tenant's answers, each time its breaker
+    half-opens; as it is, the stage falls back and the request is served."""
     if error is None:
         breakers.record_probe_success(permit)
     elif isinstance(error, ClassifierAnswerError):
-        breakers.record_probe_failure(permit)
+        # Neither closed nor opened again: the next call to the model probes it.
+        breakers.release_probe(permit)
     elif isinstance(error, TimeoutError | ProviderTimedOut) or not counts_against_model(error, answered):
         breakers.release_probe(permit)
     else:
