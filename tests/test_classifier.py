@@ -33,6 +33,7 @@ from routesvc.models import (
     UpstreamCall,
     Usage,
 )
+from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.server import Server
 from routesvc.strategies import llm_classifier
@@ -1155,6 +1156,46 @@ class TestTheLLMClassifiersLabelsOutliveAReload:
             after = await client.route(user_chat(self.PROMPT), ACME)
         assert len(fake.requests) == 1
         assert after.reasons[0].endswith("(cached)")
+
+    @pytest.mark.parametrize(
+        ("model", "variable"), [("claude-sonnet", "ANTHROPIC_BASE_URL"), ("gpt-4o-mini", "OPENAI_BASE_URL")]
+    )
+    async def test_a_reload_that_adds_a_trailing_slash_keeps_the_labels(
+        self, fake: FakeProvider, model: str, variable: str
+    ) -> None:
+        """A reload that writes the same base URL with a trailing slash points at the same server:
+        the labels are kept, served "(cached)" at no cost (Anthropic's SDK keeps a host-only URL
+        as written, so the slash made it another server, asked and paid again)."""
+        fake.set_default(Script(text='{"task": "chat", "complexity": "low"}'))
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["model"] = model  # type: ignore[index]
+        environ = live_environ(fake)
+        async with (
+            Server(settings_from(config, environ), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await client.route(user_chat(self.PROMPT), ACME)
+            await server.reload(settings_from(config, {**environ, variable: environ[variable] + "/"}))
+            after = await client.route(user_chat(self.PROMPT), ACME)
+        assert len(fake.requests) == 1
+        assert after.reasons[0].endswith("(cached)")
+
+    @pytest.mark.parametrize("provider", [AnthropicProvider, OpenAIProvider])
+    def test_one_server_written_differently_is_one_base_url(
+        self, provider: type[AnthropicProvider] | type[OpenAIProvider]
+    ) -> None:
+        """The base URL that keys the kept labels is the same for the same server however it is
+        written: with or without trailing slashes, in any case, with its default port or not."""
+        written = (
+            "http://h:8080",
+            "http://h:8080/",
+            "HTTP://H:8080",
+            "https://h/v1",
+            "https://h:443/v1//",
+            "HTTPS://H/v1/",
+        )
+        urls = [provider("p", "k", url).base_url for url in written]
+        assert urls == ["http://h:8080"] * 3 + ["https://h/v1"] * 3
 
     async def test_a_request_after_a_reload_joins_the_call_in_flight_before_it(self, fake: FakeProvider) -> None:
         """A call in flight when the reload swaps the policy is joined by the same prompt sent

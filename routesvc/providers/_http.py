@@ -65,6 +65,28 @@ _AUTH = frozenset({401, 403})
 _REJECTED = frozenset({400, 404, 409, 413, 422})
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def server_url(url: httpx2.URL) -> str:
+    """An SDK's resolved base URL as one string for each server and path: scheme and host in lower
+    case, no default port, no trailing slashes, no credentials (a changed password is the same
+    server). The SDKs keep a URL as written (a host-only ``http://h:8080/`` keeps its slash,
+    ``http://h:8080`` has none), so ``http://H:80/v1/`` and ``http://h/v1`` name one server."""
+    scheme = url.scheme.lower()
+    port = None if url.port == _DEFAULT_PORTS.get(scheme) else url.port
+    same = url.copy_with(
+        scheme=scheme,
+        host=url.host.lower(),
+        port=port,
+        path=url.path.rstrip("/"),
+        username=None,
+        password=None,
+        fragment=None,
+    )
+    return str(same)
+
+
 def safe_code(value: object, *, forbidden: Iterable[str] = ()) -> str:
     """``value`` when it looks like a machine code (letters, digits, ``_.-``, at most 40), else "".
 

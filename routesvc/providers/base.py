@@ -249,8 +249,9 @@ class Provider(Protocol):
 
     @property
     def base_url(self) -> str:
-        """Where its calls go: the configured base URL, else the SDK's default. Another URL under
-        the same name (a reload) is another server, whose answers may differ."""
+        """Where its calls go: the configured base URL, else the SDK's default, in one form for
+        each server (no trailing slash, lower case, no default port: ``_http.server_url``).
+        Another URL under the same name (a reload) is another server, whose answers may differ."""
         ...
 
     def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]:

@@ -74,6 +74,7 @@ from routesvc.providers._http import (
     quota_exhausted,
     request_options,
     safe_code,
+    server_url,
     text_field,
     transport_error,
 )
@@ -295,8 +296,9 @@ class OpenAIProvider:
 
     @property
     def base_url(self) -> str:
-        """Where its calls go, as the SDK resolved it."""
-        return str(self._client.base_url)
+        """Where its calls go, as the SDK resolved it, in one form for each server
+        (``server_url``: the same server written with or without a trailing slash is equal)."""
+        return server_url(self._client.base_url)
 
     @property
     def http_client(self) -> HttpClientKind:
