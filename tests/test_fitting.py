@@ -302,6 +302,31 @@ class TestKindPrior:
         with pytest.raises(FitError, match=rf"^{tmp_path}/r: .*{problem}"):
             FittedRouter.load(folder)
 
+    @pytest.mark.parametrize(
+        ("damage", "problem"),
+        [
+            ("empty", r"EOFError: No data left in file"),
+            ("truncated", r"BadZipFile: File is not a zip file"),
+            ("a damaged member", r"zlib\.error: Error -3 while decompressing data"),
+        ],
+    )
+    def test_a_library_that_cannot_be_read_is_a_fit_error(self, tmp_path: Path, damage: str, problem: str) -> None:
+        """A library.npz that is empty (a full disk), cut short or with a damaged member is refused
+        as not a fitted router, with the folder and the failure named (an empty one was a bare
+        EOFError, a damaged one a zlib.error: a traceback at start and an internal error on reload)."""
+        folder = tmp_path / "r"
+        fit_router(records(), STRONG, WEAK, HashingEncoder(64)).save(folder)
+        data = (folder / "library.npz").read_bytes()
+        if damage == "empty":
+            data = b""
+        elif damage == "truncated":
+            data = data[: len(data) // 2]
+        else:
+            data = data[:60] + bytes(byte ^ 0xFF for byte in data[60:200]) + data[200:]
+        (folder / "library.npz").write_bytes(data)
+        with pytest.raises(FitError, match=rf"^{folder}: not a fitted router \({problem}"):
+            FittedRouter.load(folder)
+
     def test_score_with_a_mismatched_artifact_is_one_line(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
