@@ -11,6 +11,8 @@ import errno
 import json
 import math
 import os
+import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -93,6 +95,50 @@ def _check_writable(path: Path, *, parents: bool = True, folder_out: bool = Fals
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
+ROUTER_FILES = frozenset({"router.json", "library.npz"})
+
+
+def _check_router_out(out: Path) -> None:
+    """Refuse an ``--out`` that ``_save_whole`` would not replace safely: a regular file, or a
+    folder holding anything besides a router's two files (replacing the folder would delete it)."""
+    if out.exists() and not out.is_dir():
+        raise FitError(f"--out {out}: not a folder (fit writes router.json and library.npz into one)")
+    others = sorted(entry.name for entry in out.iterdir() if entry.name not in ROUTER_FILES) if out.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise FitError(
+            f"--out {out}: holds files other than a router's ({shown}); fit replaces the folder whole:"
+            " give a new folder, or one written by fit"
+        )
+
+
+def _save_whole(router: FittedRouter, out: Path) -> None:
+    """Write ``router`` to the folder ``out`` whole or not at all.
+
+    Both files go into a new folder beside ``out``, which is then renamed into place: a failure
+    while writing (a full disk) leaves the old router as it was, where writing into ``out`` left
+    new weights beside the old library. An existing ``out`` is first renamed aside (one rename
+    cannot replace a folder), then removed; a crash between those two renames leaves no ``out``,
+    the old router in ``.NAME.old-*`` and the new one in ``.NAME.new-*`` beside it.
+    """
+    out = out.resolve()  # a symlink to a folder: replace the folder it names, keep the link
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    new, old = out.with_name(f".{out.name}.new-{token}"), out.with_name(f".{out.name}.old-{token}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new.mkdir()
+    try:
+        router.save(new)
+        if out.exists():
+            out.rename(old)
+        new.rename(out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)  # the new one could not be moved in: put the old one back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _read_prompts(path: Path) -> list[OutcomeRecord]:
     return list(iter_outcomes(path))
 
@@ -100,9 +146,9 @@ def _read_prompts(path: Path) -> list[OutcomeRecord]:
 def run_fit(args: argparse.Namespace) -> int:
     """``routesvc fit``: fit a router for the pair and write it to ``--out``."""
     started = time.perf_counter()
-    if args.out.exists() and not args.out.is_dir():
-        raise FitError(f"--out {args.out}: not a folder (fit writes router.json and library.npz into one)")
-    _check_writable(args.out, folder_out=True)
+    _check_router_out(args.out)
+    # The router is written beside --out, then renamed into place: its folder must take files.
+    _check_writable(args.out.parent if args.out.is_dir() else args.out, folder_out=args.out.is_dir())
     records = read_outcomes(*args.data)
     print(f"read {len(records)} prompts from {len(args.data)} path(s)", file=sys.stderr)
     settings = FitSettings(
@@ -119,7 +165,7 @@ def run_fit(args: argparse.Namespace) -> int:
         kinds = ", ".join(settings.strong_kinds)
         spreads = f"{settings.kind_weight:g} score spread{'' if settings.kind_weight == 1 else 's'}"
         print(f"  kind prior: +{router.kind_offset:.4f} ({spreads}) for {kinds}", file=sys.stderr)
-    router.save(args.out)
+    _save_whole(router, args.out)
     print(f"wrote {args.out} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
 
