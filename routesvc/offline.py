@@ -54,6 +54,28 @@ def _weight(text: str) -> float:
     return value
 
 
+def _neighbours(text: str) -> int:
+    """A whole number of at least 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the number of neighbours must be at least 1")
+    return value
+
+
+def _finite(text: str) -> float:
+    """A finite number (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
     """Write ``rows`` to ``path`` whole or not at all: into a file beside it, then renamed over it
     (a failure part way, a full disk, left a cut file where a good one may have been)."""
@@ -149,6 +171,7 @@ def run_fit(args: argparse.Namespace) -> int:
     _check_router_out(args.out)
     # The router is written beside --out, then renamed into place: its folder must take files.
     _check_writable(args.out.parent if args.out.is_dir() else args.out, folder_out=args.out.is_dir())
+    encoder = load_encoder(args.encoder)  # an unknown name fails before the data is read
     records = read_outcomes(*args.data)
     print(f"read {len(records)} prompts from {len(args.data)} path(s)", file=sys.stderr)
     settings = FitSettings(
@@ -157,7 +180,6 @@ def run_fit(args: argparse.Namespace) -> int:
         proxy_weight=args.proxy_weight,
         kind_weight=args.kind_weight,
     )
-    encoder = load_encoder(args.encoder)
     router = fit_router(records, args.strong, args.weak, encoder, settings, progress=_progress, require_pair=True)
     for usage in router.usage:
         print(f"  {usage.describe()}", file=sys.stderr)
@@ -303,9 +325,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=DEFAULT_ROUTER_ENCODER,
         help="local encoder: wordllama-l2-256, hashing-256, or parts joined by '+' (default: %(default)s)",
     )
-    fit.add_argument("--neighbours", type=int, default=defaults.neighbours, help=argparse.SUPPRESS)
-    fit.add_argument("--prior-weight", type=float, default=defaults.prior_weight, help=argparse.SUPPRESS)
-    fit.add_argument("--proxy-weight", type=float, default=defaults.proxy_weight, help=argparse.SUPPRESS)
+    # Hidden knobs of the fit (docs/routing-quality.md): refused here when the router they give
+    # would not load (its load checks neighbours and prior_weight) or its fit would not be finite.
+    fit.add_argument("--neighbours", type=_neighbours, default=defaults.neighbours, help=argparse.SUPPRESS)
+    fit.add_argument("--prior-weight", type=_finite, default=defaults.prior_weight, help=argparse.SUPPRESS)
+    fit.add_argument("--proxy-weight", type=_weight, default=defaults.proxy_weight, help=argparse.SUPPRESS)
     fit.add_argument(
         "--kind-weight",
         type=_weight,

@@ -358,6 +358,48 @@ class TestKindPrior:
                 run(*argv, "--kind-weight", bad)
             assert "--kind-weight" in capsys.readouterr().err
 
+    @pytest.mark.parametrize(
+        ("flag", "value"),
+        [
+            ("--neighbours", "0"),
+            ("--neighbours", "-3"),
+            ("--neighbours", "2.5"),
+            ("--prior-weight", "nan"),
+            ("--prior-weight", "inf"),
+            ("--proxy-weight", "nan"),
+            ("--proxy-weight", "-1"),
+        ],
+    )
+    def test_fit_knobs_that_give_an_unloadable_router_are_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+    ) -> None:
+        """A fit setting whose router could not be loaded (no neighbours, a NaN prior weight) or
+        whose fit would not be finite is refused when the arguments are read, naming the flag,
+        and nothing is written (it wrote a router that score then refused, exit 0)."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        out = tmp_path / "router"
+        with pytest.raises(SystemExit) as exited:
+            run("fit", "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--out", str(out), flag, value)
+        assert exited.value.code == 2
+        assert f"error: argument {flag}: {value!r}" in capsys.readouterr().err
+        assert not out.exists()
+
+    @pytest.mark.parametrize("encoder", ["hashing-0", "wordllama-l2-0", "hashing-256+hashing-00"])
+    def test_fit_with_an_encoder_of_no_dimension_is_one_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], encoder: str
+    ) -> None:
+        """An encoder of dimension 0 is refused before the data is read: one line naming it,
+        exit 2 (hashing-0 was a ZeroDivisionError traceback)."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        out = tmp_path / "router"
+        argv = ("fit", "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--out", str(out))
+        assert run(*argv, "--encoder", encoder) == 2
+        part = encoder.rsplit("+", 1)[-1]
+        assert capsys.readouterr().err == (
+            f"error: encoder {part!r}: the dimension must be a whole number of at least 1\n"
+        )
+        assert not out.exists()
+
 
 def run(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="routesvc")
