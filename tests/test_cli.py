@@ -756,14 +756,16 @@ class TestOfflineDataErrors:
         [
             (json.dumps(_row("c", "bad \ud800 prompt", 1, 0)), "'prompt' is not valid UTF-8 (a lone surrogate)"),
             ("[" * 100_000 + "]" * 100_000, "not JSON (nested too deeply)"),
+            ('{"id": "c", "prompt": "x", "outcomes": {"s": 1' + "0" * 5000 + "}}", "not JSON (a number too long)"),
         ],
-        ids=["lone-surrogate", "nested-too-deeply"],
+        ids=["lone-surrogate", "nested-too-deeply", "number-too-long"],
     )
     def test_lines_json_reads_but_nothing_can_use_are_one_line(
         self, command: str, line: str, problem: str, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """A prompt with a lone surrogate escape ("\\ud800": JSON reads it, no encoder takes it) and a
-        line nested past the parser's recursion limit are named by file and line: exit 2, no traceback."""
+        """A prompt with a lone surrogate escape ("\\ud800": JSON reads it, no encoder takes it), a
+        line nested past the parser's recursion limit and an integer past Python's 4,300 digits (a
+        ValueError) are named by file and line: exit 2, no traceback."""
         data = tmp_path / "odd.jsonl"
         good = json.dumps(_row("a", EASY_PROMPT, 1, 1)) + "\n" + json.dumps(_row("b", HARD_PROMPT, 1, 0)) + "\n"
         data.write_text(good + line + "\n", encoding="utf-8")
