@@ -218,6 +218,8 @@ def load_encoder(name: str) -> Encoder:
     kind, _, dim = name.rpartition("-")
     if not dim.isdigit():
         raise EncoderError(f"unknown encoder {name!r}")
+    if not re.fullmatch(r"[1-9][0-9]*", dim):  # ASCII, no leading zero: the name it gives back is this one
+        raise EncoderError(f"encoder {name!r}: the dimension must be a whole number of at least 1")
     if kind == "wordllama-l2":
         return WordLlamaEncoder(int(dim))
     if kind == "hashing":

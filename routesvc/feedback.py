@@ -90,6 +90,10 @@ _EVICTION_BATCH = 1_000
 DEFAULT_MAX_EXAMPLES = 20_000
 """How many examples are kept at most by default (per tenant, or in all, as the store is told)."""
 
+DEFAULT_MAX_TOTAL_EXAMPLES = 200_000
+"""How many examples are kept at most by default in all, whatever the tenants (with auth off a
+caller names any tenant it likes: the per-tenant cap alone bounds nothing)."""
+
 DEFAULT_BUSY_TIMEOUT_SECONDS = 5.0
 """How long a statement waits for another process's lock on the file (SQLite's busy timeout)."""
 
@@ -195,6 +199,9 @@ CREATE TABLE IF NOT EXISTS example_counts (
     tenant TEXT PRIMARY KEY,
     examples INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS example_total (
+    examples INTEGER NOT NULL
+);
 """
 
 _SCHEMA_VERSION = 4
@@ -220,11 +227,11 @@ _EXAMPLES = (
     "{where} ORDER BY e.rowid"
 )
 
-# The examples the cap (the parameter) keeps: the newest of each tenant, or of all. The oldest go
-# first, by rowid, as ``_evict_over_the_cap`` deletes them.
+# The examples the caps (the parameters) keep: the newest of each tenant, then the newest of
+# those in all; or the newest of all. The oldest go first, by rowid, as ``_apply_cap`` deletes them.
 _NEWEST_OF_EACH_TENANT = (
     " WHERE e.rowid IN (SELECT rowid FROM (SELECT rowid, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY rowid DESC)"
-    " AS newer FROM examples) WHERE newer <= ?)"
+    " AS newer FROM examples) WHERE newer <= ? ORDER BY rowid DESC LIMIT ?)"
 )
 _NEWEST_OF_ALL = " WHERE e.rowid IN (SELECT rowid FROM examples ORDER BY rowid DESC LIMIT ?)"
 
@@ -258,8 +265,12 @@ def _open(path: Path | str, busy_timeout_seconds: float) -> tuple[sqlite3.Connec
             # After the upgrade: files before version 3 have no ``tenant`` column until then.
             writer.execute("CREATE INDEX IF NOT EXISTS examples_tenant ON examples(tenant)")
             # Counted anew at each open (a release before the counts may have written examples).
+            # ``example_total`` is their sum in one row: the total cap reads it at each new
+            # example, where summing the counts would cost a row per tenant.
             writer.execute("DELETE FROM example_counts")
             writer.execute("INSERT INTO example_counts SELECT tenant, COUNT(*) FROM examples GROUP BY tenant")
+            writer.execute("DELETE FROM example_total")
+            writer.execute("INSERT INTO example_total SELECT COUNT(*) FROM examples")
         reader = sqlite3.connect(str(path), timeout=busy_timeout_seconds, check_same_thread=False, isolation_level=None)
         opened.append(reader)
         reader.execute("PRAGMA query_only = ON")
@@ -291,9 +302,10 @@ class FeedbackStore:
 
     ``path`` is a file (the reads and the writes are two connections to it); one that cannot be
     opened (not a database, in a folder that is not there, locked by another process past
-    ``busy_timeout_seconds``) is a ``ConfigError`` naming it. A file over ``max_examples`` loses
+    ``busy_timeout_seconds``) is a ``ConfigError`` naming it. A file over ``max_examples`` (of a
+    tenant, or in all, as ``examples_per_tenant`` says) or ``max_total_examples`` (in all) loses
     its oldest examples at open, unless ``cap_at_open`` is False (then at ``apply_cap()``; until
-    then ``examples()`` reads it as the cap leaves it).
+    then ``examples()`` reads it as the caps leave it).
     ``clock`` gives the time in seconds since the epoch; tests pass their own.
     """
 
@@ -305,6 +317,7 @@ class FeedbackStore:
         max_pending_decisions: int = DEFAULT_MAX_PENDING_DECISIONS,
         busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS,
         max_examples: int = DEFAULT_MAX_EXAMPLES,
+        max_total_examples: int = DEFAULT_MAX_TOTAL_EXAMPLES,
         examples_per_tenant: bool = True,
         cap_at_open: bool = True,
         clock: Callable[[], float] = time.time,
@@ -315,7 +328,11 @@ class FeedbackStore:
             raise ConfigError(f"feedback: max_pending_decisions must be at least 1, got {max_pending_decisions}")
         if max_examples < 1:
             raise ConfigError(f"feedback: max_examples must be at least 1, got {max_examples}")
+        if max_total_examples < 1:
+            raise ConfigError(f"feedback: max_total_examples must be at least 1, got {max_total_examples}")
         self._max_examples = max_examples
+        # The cap on all examples: with one cap for all (not per tenant) the lower of the two.
+        self._max_total = max_total_examples if examples_per_tenant else min(max_examples, max_total_examples)
         self._examples_per_tenant = examples_per_tenant
         self._ttl = decision_ttl_seconds
         self._max_pending = max_pending_decisions
@@ -353,7 +370,8 @@ class FeedbackStore:
 
     def apply_cap(self) -> tuple[str, ...]:
         """Delete the oldest examples (and their outcomes) past ``max_examples``, of every tenant
-        (or of all, as the store was told); their decision ids. A store opened with
+        (or of all, as the store was told), then the oldest of all past ``max_total_examples``;
+        their decision ids. A store opened with
         ``cap_at_open`` False (a reload's, so that a version it rejects deletes nothing) keeps a
         file over its cap until this is called, or until a new example of that tenant comes. A
         failure of the file is an error of ``store_failure``: what the transactions before it
@@ -367,12 +385,16 @@ class FeedbackStore:
 
     def _apply_cap(self) -> tuple[str, ...]:
         evicted: list[str] = []
-        with self._read_lock:
-            tenants = [str(row[0]) for row in self._reader.execute("SELECT tenant FROM example_counts ORDER BY tenant")]
-        for tenant in tenants if self._examples_per_tenant else [""]:
+        caps: list[tuple[str | None, int]] = []
+        if self._examples_per_tenant:
+            with self._read_lock:
+                tenants = self._reader.execute("SELECT tenant FROM example_counts ORDER BY tenant").fetchall()
+            caps = [(str(row[0]), self._max_examples) for row in tenants]
+        caps.append((None, self._max_total))  # each tenant's first, then all: as ``examples()`` reads
+        for tenant, cap in caps:
             while True:
                 with self._transaction():
-                    batch = self._evict_over_the_cap(tenant, limit=_EVICTION_BATCH)
+                    batch = self._evict_over_the_cap(tenant, cap, limit=_EVICTION_BATCH)
                 evicted += batch
                 if len(batch) < _EVICTION_BATCH:
                     break
@@ -511,8 +533,9 @@ class FeedbackStore:
         ``FeedbackStoreBusy`` when another process held its lock past the busy timeout (the caller
         may send it again), ``FeedbackStoreFull`` for a full disk, and so on.
 
-        A decision that becomes an example past ``max_examples`` (its tenant's, or all of them)
-        evicts the oldest, outcomes and all; the result names them, so a library drops them too."""
+        A decision that becomes an example past ``max_examples`` (its tenant's, or all of them) or
+        ``max_total_examples`` evicts the oldest (its tenant's, then of all: another tenant's too),
+        outcomes and all; the result names them, so a library drops them too."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
         self.flush()
@@ -558,7 +581,8 @@ class FeedbackStore:
                         " ON CONFLICT (tenant) DO UPDATE SET examples = examples + 1",
                         (row[1],),
                     )
-                    evicted = self._evict_over_the_cap(row[1] if self._examples_per_tenant else "")
+                    self._writer.execute("UPDATE example_total SET examples = examples + 1")
+                    evicted = self._evict_for_a_new_example(str(row[1]))
             if tenant is not None and row[1] != tenant:
                 # Another tenant's decision: raising rolls the move back, and the message is the
                 # one for an unknown id, so the caller learns nothing of the decision.
@@ -582,23 +606,29 @@ class FeedbackStore:
         example = FeedbackExample(decision_id, model, embedding, score, encoder, owner)
         return Recorded(FeedbackEntry(decision_id, model, score, now, owner), example, evicted)
 
-    def _evict_over_the_cap(self, tenant: str, limit: int | None = None) -> tuple[str, ...]:
-        """Delete the oldest examples (and their outcomes) past ``max_examples``, ``limit`` at
-        most (None: all): of ``tenant`` when examples are capped per tenant, else of all
-        (``tenant`` is then ignored). Returns their decision ids. The counts make it cost what it
-        deletes, not what is kept. The caller holds the write transaction."""
-        if self._examples_per_tenant:
+    def _evict_for_a_new_example(self, tenant: str) -> tuple[str, ...]:
+        """Delete the oldest examples (and their outcomes) past the caps once ``tenant`` has a new
+        one: its own past ``max_examples`` when examples are capped per tenant, then those of all
+        past the total cap. Returns their decision ids. The caller holds the write transaction."""
+        evicted = self._evict_over_the_cap(tenant, self._max_examples) if self._examples_per_tenant else ()
+        return evicted + self._evict_over_the_cap(None, self._max_total)
+
+    def _evict_over_the_cap(self, tenant: str | None, cap: int, limit: int | None = None) -> tuple[str, ...]:
+        """Delete the oldest examples (and their outcomes) of ``tenant`` (None: of all) past
+        ``cap``, ``limit`` at most (None: all). Returns their decision ids. The counts make it cost
+        what it deletes, not what is kept. The caller holds the write transaction."""
+        if tenant is not None:
             [count] = self._writer.execute(
                 "SELECT COALESCE(SUM(examples), 0) FROM example_counts WHERE tenant = ?", (tenant,)
             ).fetchone()
         else:
-            [count] = self._writer.execute("SELECT COALESCE(SUM(examples), 0) FROM example_counts").fetchone()
-        over = int(count) - self._max_examples
+            [count] = self._writer.execute("SELECT COALESCE(SUM(examples), 0) FROM example_total").fetchone()
+        over = int(count) - cap
         if limit is not None:
             over = min(over, limit)
         if over <= 0:
             return ()
-        if self._examples_per_tenant:
+        if tenant is not None:
             rows = self._writer.execute(
                 "SELECT decision_id, tenant FROM examples WHERE tenant = ? ORDER BY rowid LIMIT ?", (tenant, over)
             ).fetchall()
@@ -610,6 +640,9 @@ class FeedbackStore:
             self._writer.execute("DELETE FROM feedback WHERE decision_id = ?", (decision_id,))
             self._writer.execute("DELETE FROM examples WHERE decision_id = ?", (decision_id,))
             self._writer.execute("UPDATE example_counts SET examples = examples - 1 WHERE tenant = ?", (owner,))
+            # A tenant left with none loses its row: with auth off tenants are whatever callers name.
+            self._writer.execute("DELETE FROM example_counts WHERE tenant = ? AND examples <= 0", (owner,))
+        self._writer.execute("UPDATE example_total SET examples = examples - ?", (len(rows),))
         return tuple(str(row[0]) for row in rows)
 
     def entries(self, limit: int = 100) -> list[FeedbackEntry]:
@@ -626,19 +659,23 @@ class FeedbackStore:
     def examples(self) -> list[FeedbackExample]:
         """Every decision with an outcome, scored by its latest outcome: the library's raw material.
 
-        A file over ``max_examples`` (opened with ``cap_at_open`` False, before ``apply_cap``)
-        reads as the cap leaves it: only each tenant's newest (or the newest of all, as the store
-        was told). So a reload's library holds no more than the cap, and none of the examples its
-        take-over, or another worker's, is about to evict; a file within the cap reads whole."""
+        A file over the caps (opened with ``cap_at_open`` False, before ``apply_cap``) reads as
+        they leave it: each tenant's newest, then the newest of those in all (or the newest of all,
+        as the store was told). So a reload's library holds no more than the caps, and none of the
+        examples its take-over, or another worker's, is about to evict; a file within them reads
+        whole."""
         with self._translated_failures(), self._read_lock:
-            if self._examples_per_tenant:
-                [largest] = self._reader.execute("SELECT COALESCE(MAX(examples), 0) FROM example_counts").fetchone()
-            else:
-                [largest] = self._reader.execute("SELECT COALESCE(SUM(examples), 0) FROM example_counts").fetchone()
-            if int(largest) > self._max_examples:
-                # Numbering every row costs a sort (twice the plain read): only past the cap.
-                newest = _NEWEST_OF_EACH_TENANT if self._examples_per_tenant else _NEWEST_OF_ALL
-                rows = self._reader.execute(_EXAMPLES.format(where=newest), (self._max_examples,)).fetchall()
+            [largest, total] = self._reader.execute(
+                "SELECT (SELECT COALESCE(MAX(examples), 0) FROM example_counts),"
+                " (SELECT COALESCE(SUM(examples), 0) FROM example_total)"
+            ).fetchone()
+            # Numbering every row costs a sort (twice the plain read): only past a cap.
+            if self._examples_per_tenant and int(largest) > self._max_examples:
+                rows = self._reader.execute(
+                    _EXAMPLES.format(where=_NEWEST_OF_EACH_TENANT), (self._max_examples, self._max_total)
+                ).fetchall()
+            elif int(total) > self._max_total:
+                rows = self._reader.execute(_EXAMPLES.format(where=_NEWEST_OF_ALL), (self._max_total,)).fetchall()
             else:
                 rows = self._reader.execute(_EXAMPLES.format(where="")).fetchall()
         return [

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -412,10 +411,12 @@ class FittedRouter:
             meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
             with np.load(folder / "library.npz") as arrays:
                 embeddings, prior = np.asarray(arrays["embeddings"]), np.asarray(arrays["prior"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, zipfile.BadZipFile) as exc:
-            # ValueError covers a router.json that is not JSON or UTF-8; the rest, a library.npz
-            # that is not an archive of those two arrays (np.load gives some files other types).
-            raise FitError(f"{folder}: not a fitted router ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:  # any failure to read the two files is a damaged artifact
+            # Only reading and parsing happens here, and a damaged file fails in many ways: a
+            # router.json that is not JSON or UTF-8 (ValueError), a library.npz that is empty
+            # (EOFError), truncated (BadZipFile), has a damaged member (zlib.error), an unsupported
+            # or encrypted one (NotImplementedError, RuntimeError) or not those two arrays (KeyError).
+            raise FitError(f"{folder}: not a fitted router ({_kind(exc)}: {exc})") from exc
         if not isinstance(meta, dict):
             raise FitError(f"{folder}: not a fitted router (router.json is not a JSON object)")
         version = meta.get("version")
@@ -449,6 +450,12 @@ class FittedRouter:
         # Built now, not on the first prompt: a server loads the router at start.
         router.labeller = labeller or (_shipped_labeller() if kind_offset else None)
         return router
+
+
+def _kind(exc: BaseException) -> str:
+    """The exception's class name, with its module when the name alone says little (``zlib.error``)."""
+    kind = type(exc)
+    return kind.__name__ if kind.__name__[0].isupper() else f"{kind.__module__}.{kind.__name__}"
 
 
 def _settings(saved: dict[str, object]) -> FitSettings:

@@ -42,6 +42,8 @@ def json_lines(handle: Iterable[bytes], file: Path | str) -> Iterator[tuple[int,
         except json.JSONDecodeError as exc:
             # exc.msg, not str(exc): never echo the line's text.
             raise JsonLineError(f"{where}: not JSON ({exc.msg})") from exc
+        except ValueError:  # not a JSONDecodeError: an integer past Python's 4,300-digit limit
+            raise JsonLineError(f"{where}: not JSON (a number too long)") from None
         except RecursionError:  # json's parser recurses once per nested array or object
             raise JsonLineError(f"{where}: not JSON (nested too deeply)") from None
         yield number, value

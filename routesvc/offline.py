@@ -11,6 +11,8 @@ import errno
 import json
 import math
 import os
+import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -49,6 +51,28 @@ def _weight(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a finite number, 0 or more")
+    return value
+
+
+def _neighbours(text: str) -> int:
+    """A whole number of at least 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the number of neighbours must be at least 1")
+    return value
+
+
+def _finite(text: str) -> float:
+    """A finite number (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
 
 
@@ -93,6 +117,50 @@ def _check_writable(path: Path, *, parents: bool = True, folder_out: bool = Fals
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
+ROUTER_FILES = frozenset({"router.json", "library.npz"})
+
+
+def _check_router_out(out: Path) -> None:
+    """Refuse an ``--out`` that ``_save_whole`` would not replace safely: a regular file, or a
+    folder holding anything besides a router's two files (replacing the folder would delete it)."""
+    if out.exists() and not out.is_dir():
+        raise FitError(f"--out {out}: not a folder (fit writes router.json and library.npz into one)")
+    others = sorted(entry.name for entry in out.iterdir() if entry.name not in ROUTER_FILES) if out.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise FitError(
+            f"--out {out}: holds files other than a router's ({shown}); fit replaces the folder whole:"
+            " give a new folder, or one written by fit"
+        )
+
+
+def _save_whole(router: FittedRouter, out: Path) -> None:
+    """Write ``router`` to the folder ``out`` whole or not at all.
+
+    Both files go into a new folder beside ``out``, which is then renamed into place: a failure
+    while writing (a full disk) leaves the old router as it was, where writing into ``out`` left
+    new weights beside the old library. An existing ``out`` is first renamed aside (one rename
+    cannot replace a folder), then removed; a crash between those two renames leaves no ``out``,
+    the old router in ``.NAME.old-*`` and the new one in ``.NAME.new-*`` beside it.
+    """
+    out = out.resolve()  # a symlink to a folder: replace the folder it names, keep the link
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    new, old = out.with_name(f".{out.name}.new-{token}"), out.with_name(f".{out.name}.old-{token}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new.mkdir()
+    try:
+        router.save(new)
+        if out.exists():
+            out.rename(old)
+        new.rename(out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)  # the new one could not be moved in: put the old one back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _read_prompts(path: Path) -> list[OutcomeRecord]:
     return list(iter_outcomes(path))
 
@@ -100,9 +168,10 @@ def _read_prompts(path: Path) -> list[OutcomeRecord]:
 def run_fit(args: argparse.Namespace) -> int:
     """``routesvc fit``: fit a router for the pair and write it to ``--out``."""
     started = time.perf_counter()
-    if args.out.exists() and not args.out.is_dir():
-        raise FitError(f"--out {args.out}: not a folder (fit writes router.json and library.npz into one)")
-    _check_writable(args.out, folder_out=True)
+    _check_router_out(args.out)
+    # The router is written beside --out, then renamed into place: its folder must take files.
+    _check_writable(args.out.parent if args.out.is_dir() else args.out, folder_out=args.out.is_dir())
+    encoder = load_encoder(args.encoder)  # an unknown name fails before the data is read
     records = read_outcomes(*args.data)
     print(f"read {len(records)} prompts from {len(args.data)} path(s)", file=sys.stderr)
     settings = FitSettings(
@@ -111,7 +180,6 @@ def run_fit(args: argparse.Namespace) -> int:
         proxy_weight=args.proxy_weight,
         kind_weight=args.kind_weight,
     )
-    encoder = load_encoder(args.encoder)
     router = fit_router(records, args.strong, args.weak, encoder, settings, progress=_progress, require_pair=True)
     for usage in router.usage:
         print(f"  {usage.describe()}", file=sys.stderr)
@@ -119,7 +187,7 @@ def run_fit(args: argparse.Namespace) -> int:
         kinds = ", ".join(settings.strong_kinds)
         spreads = f"{settings.kind_weight:g} score spread{'' if settings.kind_weight == 1 else 's'}"
         print(f"  kind prior: +{router.kind_offset:.4f} ({spreads}) for {kinds}", file=sys.stderr)
-    router.save(args.out)
+    _save_whole(router, args.out)
     print(f"wrote {args.out} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
 
@@ -257,9 +325,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=DEFAULT_ROUTER_ENCODER,
         help="local encoder: wordllama-l2-256, hashing-256, or parts joined by '+' (default: %(default)s)",
     )
-    fit.add_argument("--neighbours", type=int, default=defaults.neighbours, help=argparse.SUPPRESS)
-    fit.add_argument("--prior-weight", type=float, default=defaults.prior_weight, help=argparse.SUPPRESS)
-    fit.add_argument("--proxy-weight", type=float, default=defaults.proxy_weight, help=argparse.SUPPRESS)
+    # Hidden knobs of the fit (docs/routing-quality.md): refused here when the router they give
+    # would not load (its load checks neighbours and prior_weight) or its fit would not be finite.
+    fit.add_argument("--neighbours", type=_neighbours, default=defaults.neighbours, help=argparse.SUPPRESS)
+    fit.add_argument("--prior-weight", type=_finite, default=defaults.prior_weight, help=argparse.SUPPRESS)
+    fit.add_argument("--proxy-weight", type=_weight, default=defaults.proxy_weight, help=argparse.SUPPRESS)
     fit.add_argument(
         "--kind-weight",
         type=_weight,

@@ -512,6 +512,50 @@ class TestOfflineCommandErrors:
         )
         assert existing.read_text() == "keep me"
 
+    def test_a_fit_that_fails_while_writing_leaves_the_old_router(
+        self, data: Path, router: Path, tmp_path: Path
+    ) -> None:
+        """fit over an existing router that fails part way through writing (here a file size
+        limit, as a full disk would): one line, exit 2, and the old router is left as it was,
+        with nothing beside it (router.json was written in place: the old router was lost)."""
+        before = {name: (router / name).read_bytes() for name in ("router.json", "library.npz")}
+        limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+        limit += " resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))"
+        argv = [*_fit_args(data, router)[:-1], "hashing-64", "--kind-weight", "0"]  # no classifier to load
+        code = f"{limit}; import sys; from routesvc import cli; sys.exit(cli.main({argv!r}))"
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, env=process_environ(), capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 2
+        assert result.stderr.splitlines()[-1].endswith(": File too large")
+        assert {name: (router / name).read_bytes() for name in ("router.json", "library.npz")} == before
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["router", "train.jsonl"]
+
+    def test_fit_over_a_router_replaces_it_whole(
+        self, data: Path, router: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """fit into a folder a fit wrote replaces that router (its encoder too), and leaves
+        nothing beside it."""
+        assert cli.main([*_fit_args(data, router)[:-1], "hashing-64"]) == 0
+        assert json.loads((router / "router.json").read_text())["encoder"] == "hashing-64"
+        assert sorted(path.name for path in router.iterdir()) == ["library.npz", "router.json"]
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["router", "train.jsonl"]
+
+    def test_fit_into_a_folder_of_other_files_is_refused(
+        self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """fit replaces its --out folder whole, so a folder holding anything but a router's two
+        files is refused before fitting, naming them, and left as it was."""
+        folder = tmp_path / "models"
+        folder.mkdir()
+        (folder / "notes.txt").write_text("keep me")
+        assert cli.main(_fit_args(data, folder)) == 2
+        assert capsys.readouterr().err == (
+            f"error: --out {folder}: holds files other than a router's (notes.txt); fit replaces the folder"
+            " whole: give a new folder, or one written by fit\n"
+        )
+        assert [path.name for path in folder.iterdir()] == ["notes.txt"]
+
     def test_fit_where_no_folder_can_be_made(
         self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -712,14 +756,16 @@ class TestOfflineDataErrors:
         [
             (json.dumps(_row("c", "bad \ud800 prompt", 1, 0)), "'prompt' is not valid UTF-8 (a lone surrogate)"),
             ("[" * 100_000 + "]" * 100_000, "not JSON (nested too deeply)"),
+            ('{"id": "c", "prompt": "x", "outcomes": {"s": 1' + "0" * 5000 + "}}", "not JSON (a number too long)"),
         ],
-        ids=["lone-surrogate", "nested-too-deeply"],
+        ids=["lone-surrogate", "nested-too-deeply", "number-too-long"],
     )
     def test_lines_json_reads_but_nothing_can_use_are_one_line(
         self, command: str, line: str, problem: str, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """A prompt with a lone surrogate escape ("\\ud800": JSON reads it, no encoder takes it) and a
-        line nested past the parser's recursion limit are named by file and line: exit 2, no traceback."""
+        """A prompt with a lone surrogate escape ("\\ud800": JSON reads it, no encoder takes it), a
+        line nested past the parser's recursion limit and an integer past Python's 4,300 digits (a
+        ValueError) are named by file and line: exit 2, no traceback."""
         data = tmp_path / "odd.jsonl"
         good = json.dumps(_row("a", EASY_PROMPT, 1, 1)) + "\n" + json.dumps(_row("b", HARD_PROMPT, 1, 0)) + "\n"
         data.write_text(good + line + "\n", encoding="utf-8")

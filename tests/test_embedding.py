@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import gc
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -190,6 +192,33 @@ class TestFeedbackLoop:
         rebuilt = stage(threshold=0.5, feedback=store, feedback_weight=1.0)
         assert rebuilt.rebuild_library() == 1
         assert (await rebuilt.decide(routing_input(EASY), default_stage)).model == STRONG
+
+    @pytest.mark.parametrize(("total", "per_tenant"), [(200, 4096), (10, 512)])
+    def test_a_tenants_library_takes_the_room_of_its_examples(
+        self, tmp_path: Path, total: int, per_tenant: int
+    ) -> None:
+        """With auth off callers name any tenant, and each tenant rating has a library of its own:
+        200 tenants of one example each take under 4 KB of memory a tenant (a row is 128 floats
+        here), where each new library made room for 16 rows (~8 KB here, ~17 KB at 256 floats);
+        with a total cap of 10 examples a library whose examples were evicted is dropped, so they
+        take under 512 bytes a tenant (an empty library took more)."""
+        store = FeedbackStore(tmp_path / "feedback.db", max_total_examples=total)
+        learning = stage(feedback=store)
+        for i in range(200):
+            learning.remember(f"d{i}", EASY, WEAK, tenant=f"t{i}")
+        store.flush()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            counts = [learning.learn(store.record_outcome(f"d{i}", 0.0)) for i in range(200)]
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            store.close()
+        assert counts == [1] * 200
+        assert grown < 200 * per_tenant
 
     def test_scoring_while_feedback_rebuilds_the_library_in_a_thread(self, tmp_path: Path) -> None:
         """The Feedback RPC rebuilds the library in a worker thread while Route scores on the loop:

@@ -105,6 +105,13 @@ class TestHashingEncoder:
         with pytest.raises(EncoderError):
             load_encoder("openai-text-embedding-3-small")
 
+    @pytest.mark.parametrize("name", ["hashing-0", "hashing-007", "wordllama-l2-0"])
+    def test_a_dimension_below_one_or_not_as_named_is_refused(self, name: str) -> None:
+        """A dimension of 0 (hashing-0 divided by it on the first text) or written with a leading
+        zero (the encoder would name itself otherwise) raises ``EncoderError`` naming it."""
+        with pytest.raises(EncoderError, match=rf"^encoder {name!r}: the dimension must be a whole number"):
+            load_encoder(name)
+
 
 class TestStackedEncoder:
     def test_parts_side_by_side_at_unit_length(self) -> None:

@@ -600,6 +600,35 @@ class TestKeepingExamples:
         assert in_the_file == 6
         assert (sorted(evicted), after) == (["acme-0", "globex-0"], read["tenant"])
 
+    def test_a_total_cap_keeps_the_newest_examples_of_all_tenants(self, tmp_path: Path) -> None:
+        """``max_total_examples`` bounds the examples of all tenants together, besides each
+        tenant's ``max_examples``: a new example past it evicts the oldest of all (another
+        tenant's too, named in ``evicted``), and a tenant left with none keeps no count. A file
+        over it opened with ``cap_at_open`` False reads as the caps leave it (each tenant's
+        newest, then the newest of those), which is what ``apply_cap`` then keeps."""
+        path = tmp_path / "f.db"
+        recorded = []
+        with closing_store(path, max_examples=2, max_total_examples=3) as store:
+            for i in range(5):
+                store.remember(f"d{i}", "m", [1.0, 0.0], tenant=f"t{i}")
+                recorded.append(store.record_outcome(f"d{i}", 0.0))
+            kept = [example.decision_id for example in store.examples()]
+        with closing(sqlite3.connect(path)) as db:
+            counts = sorted(db.execute("SELECT tenant, examples FROM example_counts").fetchall())
+        with closing_store(path) as store:  # the default caps: room for more
+            for i, tenant in enumerate(["t2", "t2", "t3", "t9"]):
+                store.remember(f"e{i}", "m", [1.0, 0.0], tenant=tenant)
+                store.record(f"e{i}", 0.0)
+        with closing_store(path, max_examples=2, max_total_examples=4, cap_at_open=False) as store:
+            read = [example.decision_id for example in store.examples()]
+            evicted = store.apply_cap()
+            after = [example.decision_id for example in store.examples()]
+        assert [r.evicted for r in recorded] == [(), (), (), ("d0",), ("d1",)]
+        assert kept == ["d2", "d3", "d4"]
+        assert counts == [("t2", 1), ("t3", 1), ("t4", 1)]
+        assert read == after == ["e0", "e1", "e2", "e3"]
+        assert evicted == ("d2", "d3", "d4")  # t2's oldest past 2, then the oldest of all past 4
+
     def test_a_lowered_cap_is_applied_in_short_transactions(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -626,7 +655,7 @@ class TestKeepingExamples:
         with closing_store(path, max_examples=1, cap_at_open=False) as store:
             evicted = store.apply_cap()
             kept = [example.decision_id for example in store.examples()]
-        assert committed == [8, 6, 4, 4, 2]
+        assert committed == [8, 6, 4, 4, 2, 2]  # the last: all examples against the total cap, within it
         assert evicted == ("acme-0", "acme-1", "acme-2", "acme-3", "globex-0", "globex-1")
         assert kept == ["acme-4", "globex-2"]
 

@@ -550,6 +550,33 @@ class TestTheLibraryStaysBounded:
         assert moved == after_restart == [int(d.decision_id in expected_kept) for d in decisions]
         assert (refused.code(), error_info(refused).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
 
+    async def test_the_examples_of_all_tenants_are_capped_together(self, tmp_path: Path) -> None:
+        """With auth off a caller names any tenant, so the per-tenant cap alone bounds nothing:
+        ``feedback_max_total_examples: 3`` keeps the newest 3 examples whatever their tenants.
+        Five tenants each rating one decision leave the last three, in the file and the library
+        (the first two move no score, now or after a restart), and the first two's decisions
+        are forgotten (NOT_FOUND). Each new tenant added an example for good."""
+        config = embedding_config(tmp_path, feedback_max_examples=2, feedback_max_total_examples=3)
+        settings = settings_from(config)
+        prompts = [f"tenant{i} says hello" for i in range(5)]
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decisions = []
+            for prompt in prompts:
+                decision = await client.route(user_chat(prompt), pb.RoutingContext(tenant=prompt.split()[0]))
+                await client.feedback(decision.decision_id, thumbs_up=False)
+                decisions.append(decision)
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            kept = sorted(entry.decision_id for entry in await asyncio.to_thread(stage.feedback.entries))
+            moved = [stage.score(prompt, tenant=prompt.split()[0])[1] for prompt in prompts]
+            refused = await _feedback_error(client, decisions[0].decision_id, thumbs_up=True)
+        async with Server(settings, port=0) as server:
+            [stage] = server.router.policy.learning_stages
+            after_restart = [stage.score(prompt, tenant=prompt.split()[0])[1] for prompt in prompts]
+        assert kept == sorted(decision.decision_id for decision in decisions[2:])
+        assert moved == after_restart == [0, 0, 1, 1, 1]
+        assert (refused.code(), error_info(refused).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
+
 
 class TestAReloadChangingTheExamplesCap:
     @pytest.mark.parametrize("change", [{"feedback_max_examples": 1}, {"feedback_scope": "shared"}])

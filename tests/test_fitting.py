@@ -302,6 +302,31 @@ class TestKindPrior:
         with pytest.raises(FitError, match=rf"^{tmp_path}/r: .*{problem}"):
             FittedRouter.load(folder)
 
+    @pytest.mark.parametrize(
+        ("damage", "problem"),
+        [
+            ("empty", r"EOFError: No data left in file"),
+            ("truncated", r"BadZipFile: File is not a zip file"),
+            ("a damaged member", r"zlib\.error: Error -3 while decompressing data"),
+        ],
+    )
+    def test_a_library_that_cannot_be_read_is_a_fit_error(self, tmp_path: Path, damage: str, problem: str) -> None:
+        """A library.npz that is empty (a full disk), cut short or with a damaged member is refused
+        as not a fitted router, with the folder and the failure named (an empty one was a bare
+        EOFError, a damaged one a zlib.error: a traceback at start and an internal error on reload)."""
+        folder = tmp_path / "r"
+        fit_router(records(), STRONG, WEAK, HashingEncoder(64)).save(folder)
+        data = (folder / "library.npz").read_bytes()
+        if damage == "empty":
+            data = b""
+        elif damage == "truncated":
+            data = data[: len(data) // 2]
+        else:
+            data = data[:60] + bytes(byte ^ 0xFF for byte in data[60:200]) + data[200:]
+        (folder / "library.npz").write_bytes(data)
+        with pytest.raises(FitError, match=rf"^{folder}: not a fitted router \({problem}"):
+            FittedRouter.load(folder)
+
     def test_score_with_a_mismatched_artifact_is_one_line(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -332,6 +357,48 @@ class TestKindPrior:
             with pytest.raises(SystemExit):
                 run(*argv, "--kind-weight", bad)
             assert "--kind-weight" in capsys.readouterr().err
+
+    @pytest.mark.parametrize(
+        ("flag", "value"),
+        [
+            ("--neighbours", "0"),
+            ("--neighbours", "-3"),
+            ("--neighbours", "2.5"),
+            ("--prior-weight", "nan"),
+            ("--prior-weight", "inf"),
+            ("--proxy-weight", "nan"),
+            ("--proxy-weight", "-1"),
+        ],
+    )
+    def test_fit_knobs_that_give_an_unloadable_router_are_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+    ) -> None:
+        """A fit setting whose router could not be loaded (no neighbours, a NaN prior weight) or
+        whose fit would not be finite is refused when the arguments are read, naming the flag,
+        and nothing is written (it wrote a router that score then refused, exit 0)."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        out = tmp_path / "router"
+        with pytest.raises(SystemExit) as exited:
+            run("fit", "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--out", str(out), flag, value)
+        assert exited.value.code == 2
+        assert f"error: argument {flag}: {value!r}" in capsys.readouterr().err
+        assert not out.exists()
+
+    @pytest.mark.parametrize("encoder", ["hashing-0", "wordllama-l2-0", "hashing-256+hashing-00"])
+    def test_fit_with_an_encoder_of_no_dimension_is_one_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], encoder: str
+    ) -> None:
+        """An encoder of dimension 0 is refused before the data is read: one line naming it,
+        exit 2 (hashing-0 was a ZeroDivisionError traceback)."""
+        data = write_jsonl(tmp_path / "train.jsonl", records())
+        out = tmp_path / "router"
+        argv = ("fit", "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--out", str(out))
+        assert run(*argv, "--encoder", encoder) == 2
+        part = encoder.rsplit("+", 1)[-1]
+        assert capsys.readouterr().err == (
+            f"error: encoder {part!r}: the dimension must be a whole number of at least 1\n"
+        )
+        assert not out.exists()
 
 
 def run(*argv: str) -> int:

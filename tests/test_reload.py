@@ -359,6 +359,31 @@ class TestARejectedReloadClosesWhatItBuilt:
         (rejected,) = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
         assert str(rejected["error"]).startswith(f"{path}: routing.stages[2].router: {tmp_path / 'no-router'}: ")
 
+    async def test_a_router_whose_library_cannot_be_read_is_rejected_with_the_stage_named(self, tmp_path: Path) -> None:
+        """A new version whose embedding stage names a router with an empty library.npz (a fit
+        cut short by a full disk) is rejected, naming the file, the stage and the failure, and the
+        old policy keeps serving: it was ``config_reload_failed``, logged as our own bug."""
+        stage = embedding_config(tmp_path)["routing"]["stages"][0]  # type: ignore[index]
+        (tmp_path / "router" / "library.npz").write_bytes(b"")
+        config = default_config()
+        path = watched_config(tmp_path, config)
+        async with Server(settings_from(config), port=0) as server:
+            watcher = ConfigWatcher(path, 1.0, server.reload, clock=Clock())
+            config["routing"]["stages"].insert(0, {**stage, "feedback_db": None})  # type: ignore[index]
+            path.write_text(yaml.safe_dump(config), encoding="utf-8")
+            with capture_logs() as logs:
+                assert not await watcher.check()
+            async with RouterClient(server.target) as client:
+                decision = await client.route(user_chat("hello"))
+        events = [entry["event"] for entry in logs if str(entry["event"]).startswith("config_reload")]
+        assert events == ["config_reload_rejected"]
+        (rejected,) = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
+        assert str(rejected["error"]) == (
+            f"{path}: routing.stages[0].router: {tmp_path / 'router'}: not a fitted router"
+            " (EOFError: No data left in file)"
+        )
+        assert decision.strategy != "embedding"
+
 
 def watched_config(tmp_path: Path, config: dict[str, object]) -> Path:
     """``config`` written to a file, with the server's own watcher off (the test drives one)."""

@@ -32,6 +32,7 @@ from routesvc.feedback import (
     DEFAULT_DECISION_TTL_SECONDS,
     DEFAULT_MAX_EXAMPLES,
     DEFAULT_MAX_PENDING_DECISIONS,
+    DEFAULT_MAX_TOTAL_EXAMPLES,
     FeedbackExample,
     FeedbackStore,
     Recorded,
@@ -63,7 +64,9 @@ class _Library:
         if row is None:
             row = len(self._ids)
             if row == len(self._pushes):  # full: twice the room, so adding costs O(1) on average
-                room = max(16, 2 * row)
+                # A new library starts with room for one: with auth off each tenant a caller names
+                # has one, and 16 rows of room made each ~17 KB (256 floats) for a single example.
+                room = max(1, 2 * row)
                 embeddings = np.zeros((room, len(embedding)), dtype=np.float32)
                 embeddings[:row] = self._embeddings[:row]
                 pushes = np.zeros(room, dtype=np.float64)
@@ -137,6 +140,14 @@ class EmbeddingStageConfig(BaseModel):
         description=(
             "rated decisions (examples) kept at most, per tenant with feedback_scope tenant, else in all;"
             " the oldest are forgotten first"
+        ),
+    )
+    feedback_max_total_examples: int = Field(
+        DEFAULT_MAX_TOTAL_EXAMPLES,
+        ge=1,
+        description=(
+            "rated decisions (examples) kept at most in all, whatever the tenants (with auth off callers name"
+            " any tenant); the oldest of all are forgotten first"
         ),
     )
 
@@ -247,6 +258,8 @@ class EmbeddingStage:
                     library.put(example.decision_id, example.embedding, _push(example.score))
                 elif library is not None:
                     library.remove(example.decision_id)
+                    if not len(library):
+                        del self._libraries[scope]
             if not self._per_tenant:
                 return sum(len(scoped) for scoped in self._libraries.values())
             # Only the decision's tenant's examples move its tenant's routing; counting the others
@@ -266,10 +279,16 @@ class EmbeddingStage:
         return len(self._feedback.apply_cap())
 
     def _forget(self, decision_ids: tuple[str, ...]) -> None:
-        """Drop the examples of ``decision_ids`` from every library (the caller holds its lock)."""
+        """Drop the examples of ``decision_ids`` from every library, and a library left empty (the
+        total cap evicts other tenants' examples: their libraries must not outlive them); the
+        caller holds its lock."""
+        if not decision_ids:
+            return
         for decision_id in decision_ids:
             for scoped in self._libraries.values():
                 scoped.remove(decision_id)
+        for scope in [scope for scope, scoped in self._libraries.items() if not len(scoped)]:
+            del self._libraries[scope]
 
     def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
         """The embedding of ``text``, which is already ``bounded`` (remembered by the text)."""
@@ -372,6 +391,7 @@ def build(
             decision_ttl_seconds=config.feedback_decision_ttl_seconds,
             max_pending_decisions=config.feedback_max_pending_decisions,
             max_examples=config.feedback_max_examples,
+            max_total_examples=config.feedback_max_total_examples,
             examples_per_tenant=config.feedback_scope == "tenant",
             cap_at_open=cap_at_open,
         )
