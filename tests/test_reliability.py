@@ -384,6 +384,53 @@ class TestProviderRetryDelays:
         assert (error.code(), error_info(error).reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED")
         assert 20 < retry_delay(error) <= 30
 
+    async def test_a_zero_retry_after_is_retried_whatever_max_retry_after_seconds(self, fake: FakeProvider) -> None:
+        """``max_retry_after_seconds`` bounds the provider's wait, not the backoff (bounded by
+        ``max_backoff_seconds``): with it at 1 ms, below the backoff's draw, a 503 saying
+        ``Retry-After: 0`` is still retried on its model after that backoff (it went to the
+        fallback)."""
+        config = reliable_config(backoff_seconds=0.05, max_backoff_seconds=0.05, max_retry_after_seconds=0.001)
+        fake.enqueue(Script(status=503, retry_after="0"), Script(), model="gpt-4o-mini")
+        async with observed_server(fake, config=config) as observed:
+            messages = await collect(observed.client, model="gpt-4o-mini")
+        assert messages[-1].completion.model == "gpt-4o-mini"
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+        (delay,) = retry_delays(observed)
+        assert 0 < delay <= 0.05
+
+    async def test_a_failure_that_opens_its_models_breaker_falls_back_without_waiting(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini's 503 asks for 5 s and opens its breaker (threshold 1) for 30 s: the retry
+        would find it open when the 5 s are up, so it is not waited for: the fallback answers
+        before them (it was called after them), and no ``routesvc.retry`` event tells of a
+        retry never made."""
+        config = reliable_config(breaker={"failure_threshold": 1, "open_seconds": 30})
+        fake.enqueue(Script(status=503, retry_after="5"), model="gpt-4o-mini")
+        async with observed_server(fake, config=config) as observed:
+            messages = await collect(observed.client, model="gpt-4o-mini")
+        assert messages[-1].completion.model == "claude-sonnet"
+        first, fallback = fake.requests
+        assert fallback.received_at - first.received_at < 5
+        assert retry_delays(observed) == []
+
+    @pytest.mark.parametrize(
+        "reliability", [{"retry_budget_tokens": 1}, {"max_attempts": 1}], ids=["retry_budget", "max_attempts"]
+    )
+    async def test_a_retry_nothing_is_left_for_is_not_waited_for(
+        self, fake: FakeProvider, reliability: dict[str, object]
+    ) -> None:
+        """gpt-4o-mini's 503 asks for 5 s, and the failure spends the retry budget (of 1 token:
+        retries go only above half of it) or the request's one attempt: no retry or fallback can
+        follow, so the request fails at once (it slept the 5 s first) with the provider's wait in
+        RetryInfo, and no ``routesvc.retry`` event."""
+        fake.enqueue(Script(status=503, retry_after="5"), model="gpt-4o-mini")
+        async with observed_server(fake, config=reliable_config(**reliability)) as observed:
+            started = time.monotonic()
+            error, _ = await failure(observed.client, model="gpt-4o-mini")
+            elapsed = time.monotonic() - started
+        assert (error.code(), retry_delay(error), len(fake.requests)) == (grpc.StatusCode.UNAVAILABLE, 5.0, 1)
+        assert elapsed < 5
+        assert retry_delays(observed) == []
+
     @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
     @pytest.mark.parametrize(("model", "status"), [("gpt-4o-mini", 503), ("claude-sonnet", 529)])
     async def test_an_unavailable_answers_retry_after_reaches_the_caller(
