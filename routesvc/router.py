@@ -7,7 +7,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -1110,7 +1110,8 @@ class Router:
         first = attempt.number
         last_error: ProviderError | None = None
         retryable_error: ProviderError | None = None  # the last failure a later retry may get past
-        open_breaker: ProviderUnavailable | None = None  # the refusal of the models whose breaker is open
+        refused: list[tuple[ModelSpec, float | None]] = []  # models open breakers refused, with their waits
+        open_breaker: ProviderUnavailable | None = None  # the refusal that speaks for them
         cascade_cap = self._escalation.max_cost(request) if decision.cascade_models else None
         for model_id in self._attempt_chain(decision):
             model = self._catalog.get(model_id)
@@ -1159,20 +1160,15 @@ class Router:
                 permit = self._breakers.allow(model_id)
                 if permit is None:
                     # When its probe may go; none while a half-open breaker's probe runs.
-                    wait = self._breakers.retry_in(model_id) or None
-                    if open_breaker is None:
-                        open_breaker = ProviderUnavailable(
-                            f"circuit breaker open for model {model_id}",
-                            provider=model.provider,
-                            model=model_id,
-                            retry_after=wait,
-                        )
-                    else:
-                        # One refusal speaks for every model an open breaker refused: the caller
-                        # may come back when the soonest of them lets a probe through.
-                        open_breaker.retry_after = _sooner(open_breaker.retry_after, wait)
-                    last_error = last_error or open_breaker
-                    retryable_error = retryable_error or open_breaker  # it half-opens again soon
+                    refused.append((model, self._breakers.retry_in(model_id) or None))
+                    # One refusal speaks for every model an open breaker refused: the caller may
+                    # come back when the soonest of them lets a probe through.
+                    refusal = _open_breakers_refusal(refused)
+                    if last_error is None or last_error is open_breaker:
+                        last_error = refusal
+                    if retryable_error is None or retryable_error is open_breaker:
+                        retryable_error = refusal  # it half-opens again soon
+                    open_breaker = refusal
                     break
                 if fallen_from is not None:
                     telemetry.record_fallback(fallen_from.model, model_id, fallen_from.reason)
@@ -1505,10 +1501,22 @@ def _side_call_outcome(call: UpstreamCall) -> AttemptOutcome:
     return AttemptOutcome.FAILED if call.refused else AttemptOutcome.INTERRUPTED
 
 
-def _sooner(wait: float | None, other: float | None) -> float | None:
-    """The sooner of two open breakers' waits until their probe; None (not known: a half-open
-    breaker's probe is running, and may end any moment) when either is."""
-    return None if wait is None or other is None else min(wait, other)
+def _open_breakers_refusal(refused: Sequence[tuple[ModelSpec, float | None]]) -> ProviderUnavailable:
+    """The error of a request whose models ``refused`` (in the order tried, each with the seconds
+    until its breaker lets a probe through) open breakers refused: RetryInfo of the soonest probe,
+    and the error names its model (ErrorInfo's ``model`` and ``provider``, the message). None of
+    it when a half-open breaker's probe runs (its end may come any moment): the message lists the
+    models, and the error names the first."""
+    waits = [wait for _, wait in refused]
+    soonest = None if None in waits else min(wait for wait in waits if wait is not None)
+    named = next(model for model, wait in refused if soonest is None or wait == soonest)
+    if len(refused) == 1:
+        message = f"circuit breaker open for model {named.id}"
+    else:
+        message = f"circuit breakers open for models {', '.join(model.id for model, _ in refused)}"
+        if soonest is not None:
+            message += f" (the soonest probe: {named.id}'s)"
+    return ProviderUnavailable(message, provider=named.provider, model=named.id, retry_after=soonest)
 
 
 def _failure_to_report(last_error: ProviderError, retryable_error: ProviderError | None) -> ProviderError:

@@ -814,6 +814,13 @@ class TestBreakers:
         assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
         assert fallback_retry_in <= retry_delay(error) <= 5
         assert len(fake.requests) == 2
+        # The error names the model whose probe the RetryInfo is (it named gpt-4o-mini), and the
+        # message says both were refused.
+        metadata = error_info(error).metadata
+        assert (metadata["model"], metadata["provider"]) == ("claude-sonnet", "anthropic")
+        assert error.details() == (
+            "circuit breakers open for models gpt-4o-mini, claude-sonnet (the soonest probe: claude-sonnet's)"
+        )
 
     @pytest.mark.parametrize(
         ("headers", "seconds"),
