@@ -7,7 +7,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -1110,7 +1110,8 @@ class Router:
         first = attempt.number
         last_error: ProviderError | None = None
         retryable_error: ProviderError | None = None  # the last failure a later retry may get past
-        open_breaker: ProviderUnavailable | None = None  # the refusal of the models whose breaker is open
+        refused: list[tuple[ModelSpec, float | None]] = []  # models open breakers refused, with their waits
+        open_breaker: ProviderUnavailable | None = None  # the refusal that speaks for them
         cascade_cap = self._escalation.max_cost(request) if decision.cascade_models else None
         for model_id in self._attempt_chain(decision):
             model = self._catalog.get(model_id)
@@ -1138,18 +1139,15 @@ class Router:
             # Recorded when its first attempt starts: a fallback the attempt limit, the retry
             # budget, the deadline or an open breaker stops was never called.
             fallen_from = last_error
+            # Recorded when it starts: a retry the budget, the deadline or the breaker stops after
+            # its wait (another request's doing meanwhile) was never made.
+            retry_made: tuple[str, float] | None = None  # the failure's reason, the wait
             for try_on_model in range(reliability.retries_per_model + 1):
                 if attempt.number - first >= reliability.max_attempts:
                     break
+                # Checked again after a retry's wait: other requests' failures spend it meanwhile.
                 if attempt.number > first and not self._retry_budget.can_retry():
                     break
-                if try_on_model:
-                    # A retry may cost again what the failed attempt was charged (a stall): the
-                    # budget must take it, as for a fallback; one it cannot take is not made.
-                    try:
-                        await self._cover(attempt, model)
-                    except (LimitExceeded, SharedStateUnavailable):
-                        break
                 # The deadline first: a half-open breaker's one probe is claimed only by an attempt
                 # that starts (``_attempt`` releases or settles it however it ends).
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -1162,24 +1160,22 @@ class Router:
                 permit = self._breakers.allow(model_id)
                 if permit is None:
                     # When its probe may go; none while a half-open breaker's probe runs.
-                    wait = self._breakers.retry_in(model_id) or None
-                    if open_breaker is None:
-                        open_breaker = ProviderUnavailable(
-                            f"circuit breaker open for model {model_id}",
-                            provider=model.provider,
-                            model=model_id,
-                            retry_after=wait,
-                        )
-                    else:
-                        # One refusal speaks for every model an open breaker refused: the caller
-                        # may come back when the soonest of them lets a probe through.
-                        open_breaker.retry_after = _sooner(open_breaker.retry_after, wait)
-                    last_error = last_error or open_breaker
-                    retryable_error = retryable_error or open_breaker  # it half-opens again soon
+                    refused.append((model, self._breakers.retry_in(model_id) or None))
+                    # One refusal speaks for every model an open breaker refused: the caller may
+                    # come back when the soonest of them lets a probe through.
+                    refusal = _open_breakers_refusal(refused)
+                    if last_error is None or last_error is open_breaker:
+                        last_error = refusal
+                    if retryable_error is None or retryable_error is open_breaker:
+                        retryable_error = refusal  # it half-opens again soon
+                    open_breaker = refusal
                     break
                 if fallen_from is not None:
                     telemetry.record_fallback(fallen_from.model, model_id, fallen_from.reason)
                     fallen_from = None
+                if retry_made is not None:
+                    telemetry.record_retry(model_id, *retry_made)
+                    retry_made = None
                 attempted = self._attempt(attempt, model, permit, request, remaining, headers)
                 async with contextlib.aclosing(attempted) as events:
                     try:
@@ -1194,18 +1190,54 @@ class Router:
                             attempt.exhausted.add(model.provider)
                             break
                         retryable_error = error
-                retry_after = last_error.retry_after
                 if try_on_model == reliability.retries_per_model:
                     break
-                delay = backoff_delay(reliability, try_on_model + 1, retry_after)
-                left = None if deadline is None else deadline - time.monotonic() - reliability.min_attempt_seconds
-                if delay > reliability.max_retry_after_seconds or (left is not None and delay > left):
+                delay = await self._retry_delay(attempt, first, model, last_error, try_on_model + 1, deadline)
+                if delay is None:
                     break
-                telemetry.record_retry(model_id, last_error.reason, delay)
+                retry_made = (last_error.reason, delay)
                 await asyncio.sleep(delay)
         if last_error is None:
             raise no_eligible_model_for(decision)
         raise _failure_to_report(last_error, retryable_error)
+
+    async def _retry_delay(
+        self,
+        state: _AttemptState,
+        first: int,
+        model: ModelSpec,
+        error: ProviderError,
+        retry_number: int,
+        deadline: float | None,
+    ) -> float | None:
+        """Seconds to wait before retry ``retry_number`` (1-based) on ``model``, whose attempt
+        failed with ``error``, or None when the retry could not be made: the request then moves
+        to its next model at once.
+
+        Everything that would refuse the retry once the wait is over is asked before it, so a
+        request never sleeps the provider's wait into a refusal: the attempts left to this loop
+        (``state.number - first`` of ``max_attempts``), the retry budget (this failure may have
+        spent it), the provider's wait over ``max_retry_after_seconds`` (its wait alone: the
+        jittered backoff is bounded by ``max_backoff_seconds``), the deadline, the model's
+        breaker (this failure may have opened it until after the wait), and the tenant's budget
+        (a retry may cost again what the failed attempt was charged, a stall; one it cannot take
+        is not made, as a fallback)."""
+        reliability = self._reliability
+        if state.number - first >= reliability.max_attempts or not self._retry_budget.can_retry():
+            return None
+        if error.retry_after is not None and error.retry_after > reliability.max_retry_after_seconds:
+            return None
+        delay = backoff_delay(reliability, retry_number, error.retry_after)
+        left = None if deadline is None else deadline - time.monotonic() - reliability.min_attempt_seconds
+        if left is not None and delay > left:
+            return None
+        if self._breakers.retry_in(model.id) > delay:
+            return None
+        try:
+            await self._cover(state, model)
+        except (LimitExceeded, SharedStateUnavailable):
+            return None
+        return delay
 
     async def _cover(self, state: _AttemptState, model: ModelSpec) -> None:
         """Make the request's reservation hold what it has spent on answers so far plus ``model``'s
@@ -1469,10 +1501,22 @@ def _side_call_outcome(call: UpstreamCall) -> AttemptOutcome:
     return AttemptOutcome.FAILED if call.refused else AttemptOutcome.INTERRUPTED
 
 
-def _sooner(wait: float | None, other: float | None) -> float | None:
-    """The sooner of two open breakers' waits until their probe; None (not known: a half-open
-    breaker's probe is running, and may end any moment) when either is."""
-    return None if wait is None or other is None else min(wait, other)
+def _open_breakers_refusal(refused: Sequence[tuple[ModelSpec, float | None]]) -> ProviderUnavailable:
+    """The error of a request whose models ``refused`` (in the order tried, each with the seconds
+    until its breaker lets a probe through) open breakers refused: RetryInfo of the soonest probe,
+    and the error names its model (ErrorInfo's ``model`` and ``provider``, the message). None of
+    it when a half-open breaker's probe runs (its end may come any moment): the message lists the
+    models, and the error names the first."""
+    waits = [wait for _, wait in refused]
+    soonest = None if None in waits else min(wait for wait in waits if wait is not None)
+    named = next(model for model, wait in refused if soonest is None or wait == soonest)
+    if len(refused) == 1:
+        message = f"circuit breaker open for model {named.id}"
+    else:
+        message = f"circuit breakers open for models {', '.join(model.id for model, _ in refused)}"
+        if soonest is not None:
+            message += f" (the soonest probe: {named.id}'s)"
+    return ProviderUnavailable(message, provider=named.provider, model=named.id, retry_after=soonest)
 
 
 def _failure_to_report(last_error: ProviderError, retryable_error: ProviderError | None) -> ProviderError:

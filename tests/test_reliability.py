@@ -22,7 +22,7 @@ from routesvc.config import BreakerConfig
 from routesvc.errors import ConfigError, DeadlineExceeded
 from routesvc.ledger import AttemptOutcome, Ledger, LedgerEntry
 from routesvc.models import ChatRequest, Message, Role, RoutingRequest, Usage
-from routesvc.providers._http import parse_retry_after, rate_limit_reset
+from routesvc.providers._http import TokensAsked, parse_retry_after, rate_limit_reset
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
@@ -219,8 +219,23 @@ class TestProviderRetryDelays:
                 },
                 30.0,
             ),
-            # Neither says which is spent: the sooner (not the tokens' unrelated minute and a half).
-            ({"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "1m30.5s"}, 0.02),
+            # Nothing says which refused: the later, the one guess never too soon (the sooner,
+            # when the tokens refused, sends the retry and the caller into a certain second 429).
+            ({"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "1m30.5s"}, 90.5),
+            # 499 requests left: the requests limit had room for this one, so the tokens refused
+            # (1200 of 30000 left); their reset, not the requests' 120 ms (a retry then is refused
+            # again), with or without the limits' sizes.
+            (
+                {
+                    "x-ratelimit-limit-requests": "500",
+                    "x-ratelimit-remaining-requests": "499",
+                    "x-ratelimit-reset-requests": "120ms",
+                    "x-ratelimit-limit-tokens": "30000",
+                    "x-ratelimit-remaining-tokens": "1200",
+                    "x-ratelimit-reset-tokens": "6m0s",
+                },
+                360.0,
+            ),
             (
                 {
                     "x-ratelimit-remaining-requests": "499",
@@ -228,7 +243,7 @@ class TestProviderRetryDelays:
                     "x-ratelimit-remaining-tokens": "1200",
                     "x-ratelimit-reset-tokens": "6m0s",
                 },
-                0.12,
+                360.0,
             ),
             # Both spent: the later (a request passes only once both have reset).
             (
@@ -270,8 +285,8 @@ class TestProviderRetryDelays:
         seconds: float,
     ) -> None:
         """A 429 with no Retry-After but OpenAI's ``x-ratelimit-reset-*`` headers: RATE_LIMITED
-        with RetryInfo of the reset (it had none): the spent limit's, the later if both are spent,
-        the sooner if none says it is; a Retry-After wins."""
+        with RetryInfo of the reset (it had none): the spent limit's, the later if both are spent;
+        if none is, not the requests' while one is left, else the later; a Retry-After wins."""
         _, client = reliable
         fake.enqueue(Script(status=429, headers=headers))
         error, _ = await failure(client, model="gpt-4o-mini")
@@ -346,6 +361,75 @@ class TestProviderRetryDelays:
         async with observed_server(fake, config=reliable_config()) as observed:
             await collect(observed.client, model="gpt-4o-mini")
         assert retry_delays(observed) == [0.3]
+
+    @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
+    async def test_a_token_limit_the_prompt_is_over_is_the_one_waited_for(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """An Anthropic 429 none of whose limits is at 0: 2 input tokens left (0.2% of the limit,
+        fewer than the prompt's), its reset in 30 s; output tokens closer to spent (0.01%) but with
+        room for the request's ``max_tokens``, reset in 10 s. The input tokens refused it: RetryInfo
+        of their 30 s (it was the sooner reset's 10 s, into a certain second 429)."""
+        _, client = reliable
+        headers = {
+            "anthropic-ratelimit-input-tokens-limit": "1000",
+            "anthropic-ratelimit-input-tokens-remaining": "2",
+            "anthropic-ratelimit-input-tokens-reset": _rfc3339(30),
+            "anthropic-ratelimit-output-tokens-limit": "1000000000",
+            "anthropic-ratelimit-output-tokens-remaining": "100000",
+            "anthropic-ratelimit-output-tokens-reset": _rfc3339(10),
+        }
+        fake.enqueue(Script(status=429, headers=headers))
+        error, _ = await failure(client, model="claude-sonnet")
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED")
+        assert 20 < retry_delay(error) <= 30
+
+    async def test_a_zero_retry_after_is_retried_whatever_max_retry_after_seconds(self, fake: FakeProvider) -> None:
+        """``max_retry_after_seconds`` bounds the provider's wait, not the backoff (bounded by
+        ``max_backoff_seconds``): with it at 1 ms, below the backoff's draw, a 503 saying
+        ``Retry-After: 0`` is still retried on its model after that backoff (it went to the
+        fallback)."""
+        config = reliable_config(backoff_seconds=0.05, max_backoff_seconds=0.05, max_retry_after_seconds=0.001)
+        fake.enqueue(Script(status=503, retry_after="0"), Script(), model="gpt-4o-mini")
+        async with observed_server(fake, config=config) as observed:
+            messages = await collect(observed.client, model="gpt-4o-mini")
+        assert messages[-1].completion.model == "gpt-4o-mini"
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+        (delay,) = retry_delays(observed)
+        assert 0 < delay <= 0.05
+
+    async def test_a_failure_that_opens_its_models_breaker_falls_back_without_waiting(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini's 503 asks for 5 s and opens its breaker (threshold 1) for 30 s: the retry
+        would find it open when the 5 s are up, so it is not waited for: the fallback answers
+        before them (it was called after them), and no ``routesvc.retry`` event tells of a
+        retry never made."""
+        config = reliable_config(breaker={"failure_threshold": 1, "open_seconds": 30})
+        fake.enqueue(Script(status=503, retry_after="5"), model="gpt-4o-mini")
+        async with observed_server(fake, config=config) as observed:
+            messages = await collect(observed.client, model="gpt-4o-mini")
+        assert messages[-1].completion.model == "claude-sonnet"
+        first, fallback = fake.requests
+        assert fallback.received_at - first.received_at < 5
+        assert retry_delays(observed) == []
+
+    @pytest.mark.parametrize(
+        "reliability", [{"retry_budget_tokens": 1}, {"max_attempts": 1}], ids=["retry_budget", "max_attempts"]
+    )
+    async def test_a_retry_nothing_is_left_for_is_not_waited_for(
+        self, fake: FakeProvider, reliability: dict[str, object]
+    ) -> None:
+        """gpt-4o-mini's 503 asks for 5 s, and the failure spends the retry budget (of 1 token:
+        retries go only above half of it) or the request's one attempt: no retry or fallback can
+        follow, so the request fails at once (it slept the 5 s first) with the provider's wait in
+        RetryInfo, and no ``routesvc.retry`` event."""
+        fake.enqueue(Script(status=503, retry_after="5"), model="gpt-4o-mini")
+        async with observed_server(fake, config=reliable_config(**reliability)) as observed:
+            started = time.monotonic()
+            error, _ = await failure(observed.client, model="gpt-4o-mini")
+            elapsed = time.monotonic() - started
+        assert (error.code(), retry_delay(error), len(fake.requests)) == (grpc.StatusCode.UNAVAILABLE, 5.0, 1)
+        assert elapsed < 5
+        assert retry_delays(observed) == []
 
     @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
     @pytest.mark.parametrize(("model", "status"), [("gpt-4o-mini", 503), ("claude-sonnet", 529)])
@@ -730,6 +814,13 @@ class TestBreakers:
         assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
         assert fallback_retry_in <= retry_delay(error) <= 5
         assert len(fake.requests) == 2
+        # The error names the model whose probe the RetryInfo is (it named gpt-4o-mini), and the
+        # message says both were refused.
+        metadata = error_info(error).metadata
+        assert (metadata["model"], metadata["provider"]) == ("claude-sonnet", "anthropic")
+        assert error.details() == (
+            "circuit breakers open for models gpt-4o-mini, claude-sonnet (the soonest probe: claude-sonnet's)"
+        )
 
     @pytest.mark.parametrize(
         ("headers", "seconds"),
@@ -757,7 +848,8 @@ class TestBreakers:
             ({"x-ratelimit-reset-requests": "20ms"}, 0.02),
             ({"x-ratelimit-reset-tokens": "1m30.5s"}, 90.5),
             ({"x-ratelimit-reset-requests": "1h2m3s"}, 3723.0),
-            ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "7s"}, 2.0),
+            # Nothing says which refused: the later reset, the one never too soon.
+            ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "7s"}, 7.0),
             (
                 {
                     "x-ratelimit-remaining-requests": "3",
@@ -807,7 +899,8 @@ class TestBreakers:
                 },
                 5.0,
             ),
-            # None at 0 remaining: the sooner reset.
+            # None at 0 remaining, 40 requests left: the requests limit had room for this one, so
+            # the tokens refused (it was the sooner reset: a retry then is refused again).
             (
                 {
                     "anthropic-ratelimit-requests-remaining": "40",
@@ -815,7 +908,46 @@ class TestBreakers:
                     "anthropic-ratelimit-tokens-remaining": "800",
                     "anthropic-ratelimit-tokens-reset": "2026-01-01T00:05:00Z",
                 },
-                2.0,
+                300.0,
+            ),
+            # With the limits' sizes: the one closest to spent refused, output tokens (100 of
+            # 8000 left), not the input tokens (5000 of 40000) nor the requests (with room).
+            (
+                {
+                    "anthropic-ratelimit-requests-limit": "50",
+                    "anthropic-ratelimit-requests-remaining": "40",
+                    "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:01Z",
+                    "anthropic-ratelimit-input-tokens-limit": "40000",
+                    "anthropic-ratelimit-input-tokens-remaining": "5000",
+                    "anthropic-ratelimit-input-tokens-reset": "2026-01-01T00:00:10Z",
+                    "anthropic-ratelimit-output-tokens-limit": "8000",
+                    "anthropic-ratelimit-output-tokens-remaining": "100",
+                    "anthropic-ratelimit-output-tokens-reset": "2026-01-01T00:00:30Z",
+                },
+                30.0,
+            ),
+            # The same, the input closest to spent: its sooner reset.
+            (
+                {
+                    "anthropic-ratelimit-input-tokens-limit": "40000",
+                    "anthropic-ratelimit-input-tokens-remaining": "100",
+                    "anthropic-ratelimit-input-tokens-reset": "2026-01-01T00:00:10Z",
+                    "anthropic-ratelimit-output-tokens-limit": "8000",
+                    "anthropic-ratelimit-output-tokens-remaining": "4000",
+                    "anthropic-ratelimit-output-tokens-reset": "2026-01-01T00:00:30Z",
+                },
+                10.0,
+            ),
+            # A limit without its size: not known which token limit is closest, the later.
+            (
+                {
+                    "anthropic-ratelimit-input-tokens-remaining": "100",
+                    "anthropic-ratelimit-input-tokens-reset": "2026-01-01T00:00:10Z",
+                    "anthropic-ratelimit-output-tokens-limit": "8000",
+                    "anthropic-ratelimit-output-tokens-remaining": "4000",
+                    "anthropic-ratelimit-output-tokens-reset": "2026-01-01T00:00:30Z",
+                },
+                30.0,
             ),
             # Two at 0: the later of theirs, not the sooner reset of a limit with room left.
             (
@@ -836,11 +968,44 @@ class TestBreakers:
     )
     def test_rate_limit_resets_are_read_as_seconds(self, headers: dict[str, str], seconds: float | None) -> None:
         """OpenAI's reset durations and Anthropic's reset moments: the reset of a limit at 0
-        remaining (the later of several), else the sooner of all, clamped to [0, one day];
-        garbage reads as absent."""
+        remaining (the later of several); else, of the limits a request may have found short (not
+        a requests limit with one left), the one closest to spent by the limits' sizes, or the
+        later reset without them; clamped to [0, one day]; garbage reads as absent."""
         now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC).timestamp()
         expected = None if seconds is None else pytest.approx(seconds)
         assert rate_limit_reset(headers, now=now) == expected
+
+    @pytest.mark.parametrize(
+        ("asked", "seconds"),
+        [
+            # The request's 6000 input tokens are more than the 5000 left: that limit refused,
+            # though the output tokens are closer to spent.
+            (TokensAsked(input_tokens=6000, output_tokens=50), 10.0),
+            # Its 200 output tokens are more than the 100 left: that one.
+            (TokensAsked(input_tokens=10, output_tokens=200), 30.0),
+            # Both short: the later (the request passes once both have room).
+            (TokensAsked(input_tokens=6000, output_tokens=200), 30.0),
+            # Neither short by the estimate: the closest to spent.
+            (TokensAsked(input_tokens=10, output_tokens=50), 30.0),
+            (None, 30.0),
+        ],
+    )
+    def test_a_token_limit_below_the_requests_tokens_is_the_one_that_refused(
+        self, asked: TokensAsked | None, seconds: float
+    ) -> None:
+        """A 429 none of whose limits is at 0: a token limit whose remaining is below what the
+        request takes of it (its input estimate for input tokens, its ``max_tokens`` for output)
+        certainly refused it, whatever the other limits' fractions say."""
+        now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC).timestamp()
+        headers = {
+            "anthropic-ratelimit-input-tokens-limit": "40000",
+            "anthropic-ratelimit-input-tokens-remaining": "5000",
+            "anthropic-ratelimit-input-tokens-reset": "2026-01-01T00:00:10Z",
+            "anthropic-ratelimit-output-tokens-limit": "8000",
+            "anthropic-ratelimit-output-tokens-remaining": "100",
+            "anthropic-ratelimit-output-tokens-reset": "2026-01-01T00:00:30Z",
+        }
+        assert rate_limit_reset(headers, now=now, asked=asked) == pytest.approx(seconds)
 
     async def test_total_outage_keeps_upstream_calls_per_request_low(
         self, reliable: tuple[Server, RouterClient], fake: FakeProvider

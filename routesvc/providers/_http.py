@@ -13,6 +13,7 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
@@ -20,6 +21,7 @@ import anyio
 import httpx2
 import structlog
 
+from routesvc.cost import billed_input_of_chat
 from routesvc.errors import (
     ProviderAuthFailed,
     ProviderError,
@@ -29,6 +31,7 @@ from routesvc.errors import (
     ProviderTimedOut,
     ProviderUnavailable,
 )
+from routesvc.models import ProviderKind
 from routesvc.providers.base import ProviderCall
 
 _T = TypeVar("_T")
@@ -141,53 +144,134 @@ _DURATION_PARTS = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s
 # One leading sign, as Go's ParseDuration reads it ("+5s" is 5s, "-0" is 0); a bare 0 needs no unit.
 _DURATION = re.compile(f"([-+]?)(?:0|(?:{_DURATION_PARTS.pattern})+)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-# The rate limits each API reports: (remaining header, reset header) of each.
-_OPENAI_LIMITS = tuple(
-    (f"x-ratelimit-remaining-{limit}", f"x-ratelimit-reset-{limit}") for limit in ("requests", "tokens")
-)
-_ANTHROPIC_LIMITS = tuple(
-    (f"anthropic-ratelimit-{limit}-remaining", f"anthropic-ratelimit-{limit}-reset")
-    for limit in ("requests", "tokens", "input-tokens", "output-tokens")
-)
+# The rate limits each API reports, by what a request takes of each (one request, or tokens).
+_OPENAI_LIMITS = ("requests", "tokens")
+_ANTHROPIC_LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
 
 
-def rate_limit_reset(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+@dataclass(frozen=True)
+class TokensAsked:
+    """What a request takes of a provider's token limits, as the adapter estimates it: its
+    prompt's input tokens, and the output tokens it allows (``max_tokens``, which OpenAI's and
+    Anthropic's limits count when the request starts). An estimate: the provider counts its own."""
+
+    input_tokens: int
+    output_tokens: int
+
+    def of(self, limit: str) -> int:
+        """The tokens the request takes of ``limit`` (``tokens``, ``input-tokens``, ``output-tokens``)."""
+        if limit == "input-tokens":
+            return self.input_tokens
+        if limit == "output-tokens":
+            return self.output_tokens
+        return self.input_tokens + self.output_tokens
+
+
+def tokens_asked(call: ProviderCall, kind: ProviderKind) -> TokensAsked:
+    """What ``call`` takes of its provider's token limits (``TokensAsked``), its input counted as
+    ``kind`` bills it."""
+    input_tokens = billed_input_of_chat(call.as_chat(), kind, call.image_token_scale)
+    return TokensAsked(input_tokens=input_tokens, output_tokens=call.max_output_tokens)
+
+
+@dataclass(frozen=True)
+class _Limit:
+    """One rate limit a 429's headers report."""
+
+    name: str  # requests, tokens, input-tokens, output-tokens
+    remaining: float | None  # None when not sent or not a number
+    size: float | None  # the limit itself; None when not sent or not a positive number
+    reset: float | None  # seconds until it is whole again; None when unreadable
+
+    def takes(self, asked: TokensAsked | None) -> float:
+        """What a request takes of this limit: one request, its tokens when the adapter knows
+        them, else at least one token."""
+        if self.name == "requests" or asked is None:
+            return 1.0
+        return float(asked.of(self.name))
+
+
+def rate_limit_reset(
+    headers: Mapping[str, str], *, now: float | None = None, asked: TokensAsked | None = None
+) -> float | None:
     """Seconds until the rate limit that refused a request resets, from the rate-limit headers of
     OpenAI (``x-ratelimit-reset-requests`` / ``-tokens``: a duration such as ``6m0s``) or
     Anthropic (``anthropic-ratelimit-*-reset``: an RFC 3339 moment); at most
     ``MAX_RETRY_AFTER_SECONDS``. None if no such reset header reads as one (a 429 without
-    Retry-After is read so, as the SDKs' own retries read it).
+    Retry-After is read so, as the SDKs' own retries read it). ``asked``: what the request takes
+    of the token limits, when the adapter knows it.
 
-    The reset of a limit whose remaining header says 0, the latest of them if several (a request
-    passes only once each has reset); a spent limit's unreadable reset is not replaced by the
-    reset of a limit that is not spent, which says nothing of the wait. When none says 0 (the
-    request asked for more than a limit had left, or no remaining header came), the soonest of
-    all: which limit refused is not known, a reset is when a limit is whole again (it refills
-    before), and a guess too soon costs one more 429 (retries and the breaker bound it) where
-    one too late would send the caller and the breaker away for a window unrelated to the
-    refusal (OpenAI's tokens reset in minutes while its requests reset in milliseconds)."""
-    current = time.time() if now is None else now
-    resets: list[tuple[bool, float | None]] = []  # (spent, seconds; None when unreadable)
-    for remaining, reset in _OPENAI_LIMITS:
-        if (value := headers.get(reset)) is not None:
-            resets.append((_spent(headers.get(remaining)), _duration(value)))
-    for remaining, reset in _ANTHROPIC_LIMITS:
-        if (value := headers.get(reset)) is not None:
-            resets.append((_spent(headers.get(remaining)), _until(value, current)))
-    spent = [seconds for at_zero, seconds in resets if at_zero]
-    if spent:
-        readable = [seconds for seconds in spent if seconds is not None]
-        return min(MAX_RETRY_AFTER_SECONDS, max(readable)) if readable else None
-    readable = [seconds for _, seconds in resets if seconds is not None]
-    return min(MAX_RETRY_AFTER_SECONDS, min(readable)) if readable else None
+    Which limit refused:
+
+    1. A limit whose remaining is below what the request takes of it: at 0, or a token limit
+       below the request's tokens (``asked``). The latest reset of such limits (a request passes
+       only once each has reset); a refusing limit's unreadable reset is not replaced by the
+       reset of one with room, which says nothing of the wait.
+    2. Else not a requests limit with a request left (a request takes one): of the others, the
+       one closest to spent, the lowest remaining over its limit (``x-ratelimit-limit-*``,
+       ``anthropic-ratelimit-*-limit``; the later reset of a tie). Its reset, not the sooner of
+       all (cb962ef): a limit with visible room did not refuse, and a retry at its reset is
+       refused again.
+    3. Without a limit size for each (a gateway's partial headers), the latest reset of those
+       limits: which refused is not known, and the latest is the one guess never too soon (a
+       reset is when a limit is whole again). A guess too soon is a certain second 429, one more
+       failure to the breaker and the retry budget, and a caller sent back into the refusal; one
+       too late only waits longer than needed, and ``max_retry_after_seconds`` moves the retry to
+       the next model instead, ``max_open_seconds`` bounds the breaker."""
+    limits = _rate_limits(headers, time.time() if now is None else now)
+    refusing = [limit for limit in limits if limit.remaining is not None and limit.remaining < limit.takes(asked)]
+    if refusing:
+        return _latest_reset(refusing)
+    # A request takes one of a requests limit: one with a request left did not refuse it.
+    candidates = [limit for limit in limits if limit.name != "requests" or limit.remaining is None] or limits
+    fractions = [
+        (limit.remaining / limit.size, limit)
+        for limit in candidates
+        if limit.remaining is not None and limit.size is not None
+    ]
+    if not fractions or len(fractions) < len(candidates):
+        return _latest_reset(candidates)
+    lowest = min(fraction for fraction, _ in fractions)
+    return _latest_reset(limit for fraction, limit in fractions if fraction == lowest)
 
 
-def _spent(remaining: str | None) -> bool:
-    """Whether a ``*-remaining`` header says the limit is at 0 (or below)."""
+def _rate_limits(headers: Mapping[str, str], now: float) -> list[_Limit]:
+    """The rate limits whose reset header ``headers`` carry."""
+    limits: list[_Limit] = []
+    for name in _OPENAI_LIMITS:
+        if (value := headers.get(f"x-ratelimit-reset-{name}")) is not None:
+            remaining, size = headers.get(f"x-ratelimit-remaining-{name}"), headers.get(f"x-ratelimit-limit-{name}")
+            limits.append(_Limit(name, _count(remaining), _size(size), _duration(value)))
+    for name in _ANTHROPIC_LIMITS:
+        if (value := headers.get(f"anthropic-ratelimit-{name}-reset")) is not None:
+            prefix = f"anthropic-ratelimit-{name}"
+            remaining, size = headers.get(f"{prefix}-remaining"), headers.get(f"{prefix}-limit")
+            limits.append(_Limit(name, _count(remaining), _size(size), _until(value, now)))
+    return limits
+
+
+def _latest_reset(limits: Iterable[_Limit]) -> float | None:
+    """The latest readable reset of ``limits``, at most ``MAX_RETRY_AFTER_SECONDS``; None if none reads."""
+    readable = [limit.reset for limit in limits if limit.reset is not None]
+    return min(MAX_RETRY_AFTER_SECONDS, max(readable)) if readable else None
+
+
+def _count(value: str | None) -> float | None:
+    """A ``*-remaining`` or ``*-limit`` header's number; None if absent or not a number."""
+    if value is None:
+        return None
     try:
-        return remaining is not None and float(remaining) <= 0
+        number = float(value)
     except ValueError:
-        return False
+        return None
+    return None if math.isnan(number) else number
+
+
+def _size(value: str | None) -> float | None:
+    """A ``*-limit`` header's number; None if absent, not a number, or not above 0 (no limit
+    to take a fraction of)."""
+    number = _count(value)
+    return number if number is not None and 0 < number < math.inf else None
 
 
 def _duration(value: str | None) -> float | None:
@@ -253,6 +337,7 @@ def error_for_status(
     code: str = "",
     headers: Mapping[str, str] | None = None,
     quota: bool = False,
+    asked: TokensAsked | None = None,
 ) -> ProviderError:
     """The error for an HTTP error status; ``code`` must already be safe (see ``safe_code``).
 
@@ -261,7 +346,7 @@ def error_for_status(
     rejected, 429 rate limited, everything else (408, 5xx, 529, unknown 4xx) unavailable. Rate
     limited and unavailable carry ``retry_after``: the ``headers``' Retry-After (``parse_retry_after``:
     a 503 or Anthropic's 529 overloaded sends one too), or for a 429 without one the reset of its
-    rate limit (``rate_limit_reset``).
+    rate limit (``rate_limit_reset``, told what the request takes of the token limits: ``asked``).
     """
     message = describe(provider, model, f"HTTP {status}", code)
     if quota:
@@ -270,7 +355,7 @@ def error_for_status(
     if headers is not None:
         retry_after = parse_retry_after(headers)
         if retry_after is None and status == 429:
-            retry_after = rate_limit_reset(headers)
+            retry_after = rate_limit_reset(headers, asked=asked)
     return _by_status(status, message, provider=provider, model=model, recorded=status, retry_after=retry_after)
 
 

@@ -95,6 +95,7 @@ from routesvc.providers._http import (
     safe_code,
     server_url,
     text_field,
+    tokens_asked,
     transport_error,
 )
 from routesvc.providers._sending import sending, traced
@@ -585,6 +586,8 @@ class AnthropicProvider:
                 code=code,
                 headers=exc.response.headers,
                 quota=quota_spent(exc),
+                # Which of a 429's limits refused: one below what the request takes of it.
+                asked=tokens_asked(call, "anthropic") if exc.status_code == 429 else None,
             )
         if isinstance(exc, anthropic.APITimeoutError) and not aiohttp_connection_failure(exc):
             return ProviderUnavailable(describe(name, model, "request timed out"), provider=name, model=model)

@@ -76,6 +76,7 @@ from routesvc.providers._http import (
     safe_code,
     server_url,
     text_field,
+    tokens_asked,
     transport_error,
 )
 from routesvc.providers._sending import sending, traced
@@ -443,6 +444,8 @@ class OpenAIProvider:
                 code=code or error_type,
                 headers=exc.response.headers,
                 quota=quota_spent(exc),
+                # Which of a 429's limits refused: one below what the request takes of it.
+                asked=tokens_asked(call, self._kind) if exc.status_code == 429 else None,
             )
         if isinstance(exc, openai.APITimeoutError) and not aiohttp_connection_failure(exc):
             return ProviderUnavailable(describe(name, model, "request timed out"), provider=name, model=model)

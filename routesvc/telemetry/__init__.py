@@ -13,7 +13,7 @@ them unconditionally::
     observed_stream(provider, model, call, mode, purpose="answer")
                                                   provider.stream(call) in a "chat {model}" client span
     record_fallback(from_model, to_model, reason) a span event and a metric (router)
-    record_retry(model, reason, delay_seconds)    a span event before a retry on the same model (router)
+    record_retry(model, reason, delay_seconds)    a span event as a retry on the same model starts (router)
     record_escalation(from_model, to_model, reason, score=None)   (cascade)
     record_cascade(released, score=None)          the cascade's verdict on a cheap answer
     record_first_chunk_sent()                     time to first token ends (service)

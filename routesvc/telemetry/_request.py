@@ -329,8 +329,9 @@ def record_fallback(from_model: str, to_model: str, reason: str) -> None:
 
 
 def record_retry(model: str, reason: str, delay_seconds: float) -> None:
-    """A retry on ``model`` after a failure of stable ``reason``, after waiting ``delay_seconds``
-    (the backoff, or the provider's longer wait): a span event, not an error."""
+    """A retry on ``model`` after a failure of stable ``reason`` starts, after waiting
+    ``delay_seconds`` (the backoff, or the provider's longer wait): a span event, not an error.
+    Recorded as the retry starts, so a retry refused after its wait is no event."""
     rpc = _CURRENT.get()
     if rpc is None:
         return
