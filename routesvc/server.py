@@ -275,6 +275,9 @@ class Server:
                     await provider.aclose()
             raise
         self._router = router
+        # With no await since the swap: a call the new router serves is named and priced by its
+        # settings (a call in flight by its old router's, as it was routed and charged).
+        self.telemetry.reconfigure(settings)
         waiting = changes_needing_restart(self._started_with, settings)
         if waiting:
             log.warning("config_reload_needs_restart", fields=waiting)

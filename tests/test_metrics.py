@@ -4,6 +4,7 @@ the Prometheus scrape endpoint."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import urllib.request
 from decimal import Decimal
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from routesvc.testing import BatchOutcome, FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, until, user_chat
+from tests.conftest import default_config, live_environ, settings_from, until, user_chat
 from tests.observability import Observed, observed_server
 from tests.test_batches import batch_config, fake_model, submit, wait_state
 
@@ -139,6 +140,47 @@ class TestRoutingMetrics:
             ("grpc", "routesvc.v1.RouterService/ListModels", "OK"),
             ("grpc", "routesvc.v1.RouterService/Complete", "OK"),
         }
+
+
+class TestAReloadedConfiguration:
+    async def test_calls_routed_after_a_reload_are_compared_with_its_baseline_and_name_its_providers(
+        self, fake: FakeProvider
+    ) -> None:
+        """A reload that makes the baseline (claude-sonnet) ten times dearer and moves OpenAI to
+        another address: a call routed before it keeps the prices it was routed under, one routed
+        after is priced on the new baseline (metrics, server span, GetStats) and its client span
+        names the new address (all kept their start values)."""
+        config = default_config()
+        async with observed_server(fake, config=copy.deepcopy(config)) as observed:
+            dearer = copy.deepcopy(config)
+            for model in dearer["models"]:  # type: ignore[attr-defined]
+                if model["id"] == "claude-sonnet":
+                    model["input_price_per_mtok"], model["output_price_per_mtok"] = "30.00", "150.00"
+            environ = live_environ(fake)
+            environ["OPENAI_BASE_URL"] = environ["OPENAI_BASE_URL"].replace("127.0.0.1", "localhost")
+            fake.enqueue(Script(input_tokens=1000, output_tokens=100))
+            in_flight = observed.client.complete(user_chat("hello"))
+            assert (await anext(in_flight)).WhichOneof("event") == "decision"
+            await observed.server.reload(settings_from(dearer, environ))
+            first = [message async for message in in_flight][-1].completion
+            fake.enqueue(Script(input_tokens=1000, output_tokens=100))
+            second = await _complete(observed)
+            stats = await observed.client.get_stats()
+            (baseline_point,) = observed.points("routesvc.baseline_cost")
+            (savings_point,) = observed.points("routesvc.savings")
+            servers = observed.named("routesvc.v1.RouterService/Complete")
+            addresses = [dict(span.attributes or {})["server.address"] for span in observed.named("chat gpt-4o-mini")]
+        old = (1000 * Decimal(3) + 100 * Decimal(15)) / 1_000_000
+        new = (1000 * Decimal(30) + 100 * Decimal(150)) / 1_000_000
+        cost = Decimal(first.cost_usd) + Decimal(second.cost_usd)
+        assert [dict(span.attributes or {})["routesvc.baseline_cost_usd"] for span in servers] == [
+            float(old),
+            float(new),
+        ]
+        assert baseline_point.value == pytest.approx(float(old + new))
+        assert savings_point.value == pytest.approx(float(old + new - cost))
+        assert Decimal(stats.totals.baseline_cost_usd) == old + new
+        assert addresses == ["127.0.0.1", "localhost"]
 
 
 class TestPrometheus:

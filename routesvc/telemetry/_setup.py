@@ -175,9 +175,11 @@ class Telemetry:
             log.info(
                 "prometheus_endpoint_started", url=f"http://{config.prometheus_host}:{self.prometheus.port}/metrics"
             )
+        # The telemetry section as read at start (exporters, conventions: a reload does not
+        # change them); ``settings`` is the configuration served now (``reconfigure``).
+        self.config = config
         self.settings = settings
         self.capture_content = config.capture_content
-        self.baseline = settings.catalog.get(config.baseline_model)
         self.stats = RoutingStats(config.stats_window_seconds, config.stats_max_requests, config.baseline_model)
         resource = Resource(
             {**config.resource_attributes, "service.name": config.service_name, "service.version": _version()}
@@ -298,6 +300,12 @@ class Telemetry:
             return provider_model
         return "_OTHER"
 
+    def reconfigure(self, settings: Settings) -> None:
+        """A config reload: calls routed from now on (and batch answers) name their providers and
+        price their baseline by ``settings``; a call in flight keeps its router's configuration."""
+        self.settings = settings
+        self.stats.baseline_model = settings.telemetry.baseline_model
+
     def record_batch_answer(self, model: ModelSpec, provider_model: str, usage: Usage, cost: Decimal) -> None:
         """A batch job's answer, billed when its provider batch ends (outside any RPC): its cost
         and tokens in the metrics every realtime attempt goes to."""
@@ -323,7 +331,7 @@ class Telemetry:
             yield from self._in_request(RequestTelemetry(self, trace.INVALID_SPAN, method, full_method))
             return
         attributes: dict[str, str] = {}
-        conventions = self.settings.telemetry.rpc_conventions
+        conventions = self.config.rpc_conventions
         if "old" in conventions:
             attributes.update({"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
         if "stable" in conventions:
