@@ -235,12 +235,33 @@ class TestBatchAnswers:
         assert cost["gpt-4o-mini"].value == pytest.approx(float(Decimal(done.result.cost_usd)))  # type: ignore[attr-defined]
         assert (usage["input"].sum, usage["output"].sum) == (100, 20)  # type: ignore[attr-defined]
 
+    async def test_a_batch_answer_is_in_the_baseline_and_savings_metrics(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch answer's usage priced on the baseline (claude-sonnet) at its batch price, as
+        the baseline would have been batched too, reaches routesvc.baseline_cost, and savings is
+        that minus the answer's cost (neither counted batch answers, so over batch traffic savings
+        was not baseline minus cost)."""
+        fake.enqueue(
+            Script(text="A short summary.", input_tokens=100, output_tokens=20), model=fake_model("gpt-4o-mini")
+        )
+        async with observed_server(fake, config=batch_config(tmp_path)) as observed:
+            job = (await submit(observed.client))[1].batch
+            done = await wait_state(observed.client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            (baseline_point,) = observed.points("routesvc.baseline_cost")
+            (savings_point,) = observed.points("routesvc.savings")
+        sonnet = observed.server.router.settings.catalog.get("claude-sonnet")
+        baseline = (100 * Decimal(3) + 20 * Decimal(15)) / 1_000_000 * (1 - sonnet.batch_discount)
+        assert dict(baseline_point.attributes) == {"routesvc.model": "gpt-4o-mini"}
+        assert baseline_point.value == pytest.approx(float(baseline))
+        assert savings_point.value == pytest.approx(float(baseline - Decimal(done.result.cost_usd)))
+
     async def test_a_cancelled_job_the_provider_billed_is_in_the_cost_and_token_metrics(
         self, tmp_path: Path, fake: FakeProvider
     ) -> None:
         """A job cancelled after it was sent, which the provider had answered before the cancel
         reached its batch: what it was billed reaches routesvc.cost and gen_ai.client.token.usage
-        (it was left out, as from the ledger)."""
+        (it was left out, as from the ledger), and savings as minus that cost."""
         fake.enqueue(Script(text="A short summary.", input_tokens=100, output_tokens=20), model="gpt-4o-mini")
         fake.batch_outcome = BatchOutcome.PENDING
         fake.batch_answered_before_cancel = 1
@@ -252,6 +273,11 @@ class TestBatchAnswers:
             [billed] = observed.server.router.ledger.entries()
             cost = _by(observed.points("routesvc.cost"), "routesvc.model")
             usage = _by(observed.points("gen_ai.client.token.usage"), "gen_ai.token.type")
+            (baseline_point,) = observed.points("routesvc.baseline_cost")
+            (savings_point,) = observed.points("routesvc.savings")
         assert cost["gpt-4o-mini"].value == pytest.approx(float(billed.cost_usd))  # type: ignore[attr-defined]
         assert billed.cost_usd > 0
+        # Its caller never got the answer: no baseline cost (as a realtime attempt cut before any
+        # text), and savings is still baseline minus cost.
+        assert (baseline_point.value, savings_point.value) == (0, pytest.approx(-float(billed.cost_usd)))
         assert (usage["input"].sum, usage["output"].sum) == (100, 20)  # type: ignore[attr-defined]
