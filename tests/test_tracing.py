@@ -301,6 +301,44 @@ class TestClientSpan:
         assert total == pytest.approx(float(messages[-1].completion.cost_usd))
 
 
+class TestServerAddressOfTheSDKDefault:
+    @pytest.mark.parametrize(
+        ("provider_name", "model_id", "host"),
+        [("openai", "gpt-4o-mini", "api.openai.com"), ("anthropic", "claude-sonnet", "api.anthropic.com")],
+    )
+    async def test_a_provider_without_a_base_url_names_the_sdk_default_host(
+        self, fake: FakeProvider, provider_name: str, model_id: str, host: str
+    ) -> None:
+        """A provider configured without a base URL (nor its SDK's variable) is called at the
+        SDK's default host: the client span names it, port 443 (it named no server at all). The
+        provider object here is pointed at the fake; the span reads the configuration."""
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from routesvc.providers.anthropic import AnthropicProvider
+        from routesvc.providers.base import ProviderCall
+        from routesvc.providers.openai import OpenAIProvider
+
+        settings = settings_from(default_config(), {"OPENAI_API_KEY": "sk-test", "ANTHROPIC_API_KEY": "sk-test"})
+        assert settings.providers[provider_name].base_url is None
+        exporter = InMemorySpanExporter()
+        instrumentation = telemetry.Telemetry(settings, span_exporter=exporter)
+        provider = (
+            OpenAIProvider("openai", "sk-test", fake.openai_base_url)
+            if provider_name == "openai"
+            else AnthropicProvider("anthropic", "sk-test", fake.anthropic_base_url)
+        )
+        model = settings.catalog.get(model_id)
+        call = ProviderCall(model=model.id, provider_model=model.provider_model, messages=(Message(Role.USER, "hi"),))
+        with instrumentation.server_rpc("routesvc.v1.RouterService", "Complete", ()) as rpc:
+            async for _ in telemetry.observed_stream(provider, model, call):
+                pass
+            rpc.finish("OK", 0)
+        await provider.aclose()
+        instrumentation.shutdown()
+        (chat,) = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.CLIENT]
+        assert (_attrs(chat)["server.address"], _attrs(chat)["server.port"]) == (host, 443)
+
+
 class TestCancellation:
     async def test_usage_is_recorded_when_the_client_cancels(self, observed: Observed, fake: FakeProvider) -> None:
         """A client that leaves after 3 chunks: the chat span still ends, with usage estimated from

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _GEN_AI_PROVIDERS = {"openai": "openai", "anthropic": "anthropic"}
+# Where the SDKs send calls when the provider names no base URL.
+_SDK_BASE_URLS = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
 # OTel's gRPC conventions: a server span is an error only for these codes (not for a caller's
 # bad request, cancellation or a missing credential).
 _SERVER_ERROR_CODES = frozenset(
@@ -505,8 +507,9 @@ async def observed_stream(
         attributes["gen_ai.request.stop_sequences"] = list(call.stop)
     if call.response_format is not None:
         attributes["gen_ai.output.type"] = "json"
-    if provider_settings is not None and provider_settings.base_url:
-        url = urlsplit(provider_settings.base_url)
+    if provider_settings is not None:
+        # No base URL: the SDK's own (only an OpenAI or Anthropic provider may leave it out).
+        url = urlsplit(provider_settings.base_url or _SDK_BASE_URLS.get(provider_settings.kind, ""))
         if url.hostname:
             attributes["server.address"] = url.hostname
             attributes["server.port"] = url.port or (443 if url.scheme == "https" else 80)
