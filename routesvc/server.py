@@ -248,10 +248,12 @@ class Server:
 
         Providers are rebuilt only when their settings changed; the old ones are closed once
         the calls running at the swap (the only ones that can still use them) have ended.
-        What is read only at start (listening, TLS, logging, telemetry, batch, shared state) keeps
-        its old value until a restart, and the reload logs which of those it changed. The new
-        policy is built in a worker thread (calls go on being served meanwhile); reloads run one
-        at a time, so each replaces the router the one before swapped in.
+        What is read only at start (listening, TLS, logging, telemetry but its baseline model,
+        batch, shared state) keeps its old value until a restart, and the reload logs which of
+        those it changed; telemetry names and prices the calls the new router serves by
+        ``settings``. The new policy is built in a worker thread (calls go on being served
+        meanwhile); reloads run one at a time, so each replaces the router the one before
+        swapped in.
         """
         async with self._reloading:
             await self._reload(settings)
