@@ -886,6 +886,8 @@ class TelemetrySettings:
 _READ_AT_START = ("server", "logging", "telemetry", "batch", "shared_state")
 _SERVER_READ_AT_SHUTDOWN = frozenset({"grace_seconds", "drain_delay_seconds"})
 _TLS_RELOADED = frozenset({"client_tenants"})
+# The baseline is a catalog model: calls routed after a reload are compared with the reloaded one.
+_TELEMETRY_RELOADED = frozenset({"baseline_model"})
 _RELIABILITY_KEPT = ("ledger_entries", "retry_budget_tokens", "retry_budget_ratio", "breaker")
 
 
@@ -898,6 +900,8 @@ def changes_needing_restart(old: Settings, new: Settings) -> list[str]:
         before, after = getattr(old.config, section), getattr(new.config, section)
         for name in type(before).model_fields:
             if section == "server" and name in _SERVER_READ_AT_SHUTDOWN:
+                continue
+            if section == "telemetry" and name in _TELEMETRY_RELOADED:
                 continue
             if section == "shared_state" and name == "redis_url":
                 if old.redis_url != new.redis_url:

@@ -401,7 +401,7 @@ class Router:
         decide (an LLM classifier's) is written to the ledger as it ends, under the decision's
         id and ``request_id``, and comes back in ``routing_attempts`` with its cost.
         """
-        telemetry.start_routing(request)
+        telemetry.start_routing(request, self.settings)
         chat = request.chat
         if chat.max_output_tokens is not None and chat.max_output_tokens > self._limits.max_output_tokens:
             raise InvalidRequest("chat.max_output_tokens", f"must be at most {self._limits.max_output_tokens}")

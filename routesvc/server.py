@@ -248,10 +248,12 @@ class Server:
 
         Providers are rebuilt only when their settings changed; the old ones are closed once
         the calls running at the swap (the only ones that can still use them) have ended.
-        What is read only at start (listening, TLS, logging, telemetry, batch, shared state) keeps
-        its old value until a restart, and the reload logs which of those it changed. The new
-        policy is built in a worker thread (calls go on being served meanwhile); reloads run one
-        at a time, so each replaces the router the one before swapped in.
+        What is read only at start (listening, TLS, logging, telemetry but its baseline model,
+        batch, shared state) keeps its old value until a restart, and the reload logs which of
+        those it changed; telemetry names and prices the calls the new router serves by
+        ``settings``. The new policy is built in a worker thread (calls go on being served
+        meanwhile); reloads run one at a time, so each replaces the router the one before
+        swapped in.
         """
         async with self._reloading:
             await self._reload(settings)
@@ -275,6 +277,9 @@ class Server:
                     await provider.aclose()
             raise
         self._router = router
+        # With no await since the swap: a call the new router serves is named and priced by its
+        # settings (a call in flight by its old router's, as it was routed and charged).
+        self.telemetry.reconfigure(settings)
         waiting = changes_needing_restart(self._started_with, settings)
         if waiting:
             log.warning("config_reload_needs_restart", fields=waiting)

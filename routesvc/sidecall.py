@@ -4,13 +4,13 @@ classifier's), paid by the request however they end."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from routesvc.catalog import ModelSpec
 from routesvc.cost import interrupted_usage
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut
-from routesvc.models import Heartbeat, InputReported, ProviderFinish, TextDelta, UpstreamCall, Usage
+from routesvc.models import Heartbeat, InputReported, ProviderEvent, ProviderFinish, TextDelta, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.reported_usage import checked
 
@@ -57,6 +57,44 @@ def upstream_call(
     return UpstreamCall(model.id, usage, estimated=True, cancelled=cancelled)
 
 
+class _Within:
+    """``provider``'s streams of ``model``, failing with ``ProviderTimedOut`` once the call's
+    ``timeout`` has passed (``expired`` then says so). It runs inside the observed stream, so the
+    call's span ends as a failure of our timer, as the router's timers end theirs, not as the
+    cancellation an ``asyncio.timeout`` around the stream would look like from inside."""
+
+    def __init__(self, provider: Provider, model: ModelSpec) -> None:
+        self._provider = provider
+        self._model = model
+        self.expired = False
+
+    async def stream(self, call: ProviderCall) -> AsyncGenerator[ProviderEvent, None]:
+        """The provider's events, until ``call.timeout`` has passed."""
+        stream = self._provider.stream(call)
+        iterator = aiter(stream)
+        deadline = None if call.timeout is None else asyncio.get_running_loop().time() + call.timeout
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        event = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    self.expired = True
+                    model = self._model
+                    raise ProviderTimedOut(
+                        f"model {model.id} did not answer within {call.timeout:g} s",
+                        provider=model.provider,
+                        model=model.id,
+                    ) from None
+                yield event
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
 async def side_call(
     provider: Provider,
     model: ModelSpec,
@@ -82,25 +120,25 @@ async def side_call(
     error: TimeoutError | ProviderError | None = None
     refused = False
     cancelled = False
-    stream = telemetry.observed_stream(checked(provider, model), model, call, purpose=purpose)
+    timed = _Within(checked(provider, model), model)
+    stream = telemetry.observed_stream(timed, model, call, purpose=purpose)
     try:
-        async with asyncio.timeout(call.timeout):
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    texts.append(event.text)
-                    produced.append(event.text)
-                elif isinstance(event, Heartbeat):
-                    produced.append(event.text)
-                elif isinstance(event, InputReported):
-                    reported = event.usage
-                elif isinstance(event, ProviderFinish):
-                    finish = event
-    except TimeoutError as exc:
-        error = exc
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                texts.append(event.text)
+                produced.append(event.text)
+            elif isinstance(event, Heartbeat):
+                produced.append(event.text)
+            elif isinstance(event, InputReported):
+                reported = event.usage
+            elif isinstance(event, ProviderFinish):
+                finish = event
     except ProviderError as exc:
-        error = exc
-        # Refused by the provider before any output: nothing billed. Its own deadline passing
-        # ends it from our side once sent, like the timeout above: estimated, as its span says.
+        # Our own timer's end comes back as a timeout, as the callers tell it apart.
+        error = TimeoutError(str(exc)) if timed.expired else exc
+        # Refused by the provider before any output: nothing billed. The deadline passing (our
+        # timer's or the provider client's) ends it from our side once sent: estimated, as its
+        # span says.
         refused = not produced and not isinstance(exc, ProviderTimedOut | ProviderStalled)
     except asyncio.CancelledError:
         cancelled = finish is None

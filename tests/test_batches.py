@@ -1578,6 +1578,26 @@ class TestBatchFailures:
             assert failed.error == "api_error"
             assert server.router.ledger.entries() == []
 
+    @pytest.mark.parametrize(
+        ("error_type", "shown"),
+        [("overloaded_error", "overloaded_error"), ("Summarise this report", "errored"), ("sk-ant-0123", "errored")],
+    )
+    async def test_an_errored_anthropic_request_shows_only_a_machine_code(
+        self, tmp_path: Path, fake: FakeProvider, error_type: str, shown: str
+    ) -> None:
+        """An Anthropic request the batch ran and that errored: GetBatch shows its error type when
+        it looks like a machine code, as for OpenAI's codes; text that does not (the prompt
+        echoed, a key) is shown as ``errored`` (it was shown as the provider sent it)."""
+        fake.enqueue(Script(status=400, error_type=error_type), model=fake_model("claude-sonnet"))
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client, task_hint="creative_writing"))[1].batch
+            failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
+            assert failed.error == shown
+            assert server.router.ledger.entries() == []
+
     async def test_jobs_of_a_batch_over_the_enqueued_token_limit_are_queued_and_sent_again(
         self, tmp_path: Path, fake: FakeProvider
     ) -> None:

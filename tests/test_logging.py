@@ -105,6 +105,23 @@ class TestThirdPartyLines:
         assert line["exception"][0]["exc_type"] == "ConnectionError"
         assert SECRET not in stderr.getvalue()
 
+    def test_a_library_at_its_own_debug_level_prints_only_its_warnings(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The SDKs set their own loggers to DEBUG under ANTHROPIC_LOG / OPENAI_LOG=debug (the
+        root's WARNING then does not hold their records back): their debug and info lines, which
+        carry URLs and response headers, still never print; their warnings do."""
+        stderr = io.StringIO()
+        monkeypatch.setattr("sys.stderr", stderr)
+        configure_logging(LoggingConfig(level="debug", format="json"))
+        library = logging.getLogger("openai._base_client")
+        library.setLevel(logging.DEBUG)  # as the SDK's setup_logging sets it
+        try:
+            library.debug("HTTP Response: POST %s Headers(%s)", "https://api.openai.com/v1", "...")
+            library.info("Retrying request to %s", "/chat/completions")
+            library.warning("connection pool is full")
+        finally:
+            library.setLevel(logging.NOTSET)
+        assert [json.loads(text)["event"] for text in stderr.getvalue().splitlines()] == ["connection pool is full"]
+
     def test_a_libraries_warning_inside_an_rpc_names_its_request_and_decision(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:

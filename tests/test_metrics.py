@@ -4,6 +4,7 @@ the Prometheus scrape endpoint."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import urllib.request
 from decimal import Decimal
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from routesvc.testing import BatchOutcome, FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, until, user_chat
+from tests.conftest import default_config, live_environ, settings_from, until, user_chat
 from tests.observability import Observed, observed_server
 from tests.test_batches import batch_config, fake_model, submit, wait_state
 
@@ -141,6 +142,47 @@ class TestRoutingMetrics:
         }
 
 
+class TestAReloadedConfiguration:
+    async def test_calls_routed_after_a_reload_are_compared_with_its_baseline_and_name_its_providers(
+        self, fake: FakeProvider
+    ) -> None:
+        """A reload that makes the baseline (claude-sonnet) ten times dearer and moves OpenAI to
+        another address: a call routed before it keeps the prices it was routed under, one routed
+        after is priced on the new baseline (metrics, server span, GetStats) and its client span
+        names the new address (all kept their start values)."""
+        config = default_config()
+        async with observed_server(fake, config=copy.deepcopy(config)) as observed:
+            dearer = copy.deepcopy(config)
+            for model in dearer["models"]:  # type: ignore[attr-defined]
+                if model["id"] == "claude-sonnet":
+                    model["input_price_per_mtok"], model["output_price_per_mtok"] = "30.00", "150.00"
+            environ = live_environ(fake)
+            environ["OPENAI_BASE_URL"] = environ["OPENAI_BASE_URL"].replace("127.0.0.1", "localhost")
+            fake.enqueue(Script(input_tokens=1000, output_tokens=100))
+            in_flight = observed.client.complete(user_chat("hello"))
+            assert (await anext(in_flight)).WhichOneof("event") == "decision"
+            await observed.server.reload(settings_from(dearer, environ))
+            first = [message async for message in in_flight][-1].completion
+            fake.enqueue(Script(input_tokens=1000, output_tokens=100))
+            second = await _complete(observed)
+            stats = await observed.client.get_stats()
+            (baseline_point,) = observed.points("routesvc.baseline_cost")
+            (savings_point,) = observed.points("routesvc.savings")
+            servers = observed.named("routesvc.v1.RouterService/Complete")
+            addresses = [dict(span.attributes or {})["server.address"] for span in observed.named("chat gpt-4o-mini")]
+        old = (1000 * Decimal(3) + 100 * Decimal(15)) / 1_000_000
+        new = (1000 * Decimal(30) + 100 * Decimal(150)) / 1_000_000
+        cost = Decimal(first.cost_usd) + Decimal(second.cost_usd)
+        assert [dict(span.attributes or {})["routesvc.baseline_cost_usd"] for span in servers] == [
+            float(old),
+            float(new),
+        ]
+        assert baseline_point.value == pytest.approx(float(old + new))
+        assert savings_point.value == pytest.approx(float(old + new - cost))
+        assert Decimal(stats.totals.baseline_cost_usd) == old + new
+        assert addresses == ["127.0.0.1", "localhost"]
+
+
 class TestPrometheus:
     async def test_scrape_endpoint_serves_the_metrics(self, fake: FakeProvider) -> None:
         """With metrics.prometheus_port the /metrics page has token usage, cost and savings."""
@@ -193,12 +235,33 @@ class TestBatchAnswers:
         assert cost["gpt-4o-mini"].value == pytest.approx(float(Decimal(done.result.cost_usd)))  # type: ignore[attr-defined]
         assert (usage["input"].sum, usage["output"].sum) == (100, 20)  # type: ignore[attr-defined]
 
+    async def test_a_batch_answer_is_in_the_baseline_and_savings_metrics(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch answer's usage priced on the baseline (claude-sonnet) at its batch price, as
+        the baseline would have been batched too, reaches routesvc.baseline_cost, and savings is
+        that minus the answer's cost (neither counted batch answers, so over batch traffic savings
+        was not baseline minus cost)."""
+        fake.enqueue(
+            Script(text="A short summary.", input_tokens=100, output_tokens=20), model=fake_model("gpt-4o-mini")
+        )
+        async with observed_server(fake, config=batch_config(tmp_path)) as observed:
+            job = (await submit(observed.client))[1].batch
+            done = await wait_state(observed.client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            (baseline_point,) = observed.points("routesvc.baseline_cost")
+            (savings_point,) = observed.points("routesvc.savings")
+        sonnet = observed.server.router.settings.catalog.get("claude-sonnet")
+        baseline = (100 * Decimal(3) + 20 * Decimal(15)) / 1_000_000 * (1 - sonnet.batch_discount)
+        assert dict(baseline_point.attributes) == {"routesvc.model": "gpt-4o-mini"}
+        assert baseline_point.value == pytest.approx(float(baseline))
+        assert savings_point.value == pytest.approx(float(baseline - Decimal(done.result.cost_usd)))
+
     async def test_a_cancelled_job_the_provider_billed_is_in_the_cost_and_token_metrics(
         self, tmp_path: Path, fake: FakeProvider
     ) -> None:
         """A job cancelled after it was sent, which the provider had answered before the cancel
         reached its batch: what it was billed reaches routesvc.cost and gen_ai.client.token.usage
-        (it was left out, as from the ledger)."""
+        (it was left out, as from the ledger), and savings as minus that cost."""
         fake.enqueue(Script(text="A short summary.", input_tokens=100, output_tokens=20), model="gpt-4o-mini")
         fake.batch_outcome = BatchOutcome.PENDING
         fake.batch_answered_before_cancel = 1
@@ -210,6 +273,11 @@ class TestBatchAnswers:
             [billed] = observed.server.router.ledger.entries()
             cost = _by(observed.points("routesvc.cost"), "routesvc.model")
             usage = _by(observed.points("gen_ai.client.token.usage"), "gen_ai.token.type")
+            (baseline_point,) = observed.points("routesvc.baseline_cost")
+            (savings_point,) = observed.points("routesvc.savings")
         assert cost["gpt-4o-mini"].value == pytest.approx(float(billed.cost_usd))  # type: ignore[attr-defined]
         assert billed.cost_usd > 0
+        # Its caller never got the answer: no baseline cost (as a realtime attempt cut before any
+        # text), and savings is still baseline minus cost.
+        assert (baseline_point.value, savings_point.value) == (0, pytest.approx(-float(billed.cost_usd)))
         assert (usage["input"].sum, usage["output"].sum) == (100, 20)  # type: ignore[attr-defined]

@@ -216,6 +216,19 @@ class TestWhatWaitsForARestart:
                 await server.reload(settings_from(changed))
         assert not [entry for entry in logs if entry["event"] == "config_reload_needs_restart"]
 
+    async def test_a_reload_applies_a_new_baseline_model(self) -> None:
+        """telemetry.baseline_model is a catalog model: a reload that names another applies it
+        (GetStats names it) and says nothing waits for a restart."""
+        config = default_config()
+        changed = copy.deepcopy(config)
+        changed["telemetry"] = {"baseline_model": "gpt-4o"}
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            with capture_logs() as logs:
+                await server.reload(settings_from(changed))
+            stats = await client.get_stats()
+        assert stats.baseline_model == "gpt-4o"
+        assert not [entry for entry in logs if entry["event"] == "config_reload_needs_restart"]
+
 
 class TestRetiredProviders:
     async def test_providers_a_reload_replaces_are_closed_once_their_calls_end(self, fake: FakeProvider) -> None:

@@ -302,6 +302,44 @@ class TestClientSpan:
         assert total == pytest.approx(float(messages[-1].completion.cost_usd))
 
 
+class TestServerAddressOfTheSDKDefault:
+    @pytest.mark.parametrize(
+        ("provider_name", "model_id", "host"),
+        [("openai", "gpt-4o-mini", "api.openai.com"), ("anthropic", "claude-sonnet", "api.anthropic.com")],
+    )
+    async def test_a_provider_without_a_base_url_names_the_sdk_default_host(
+        self, fake: FakeProvider, provider_name: str, model_id: str, host: str
+    ) -> None:
+        """A provider configured without a base URL (nor its SDK's variable) is called at the
+        SDK's default host: the client span names it, port 443 (it named no server at all). The
+        provider object here is pointed at the fake; the span reads the configuration."""
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from routesvc.providers.anthropic import AnthropicProvider
+        from routesvc.providers.base import ProviderCall
+        from routesvc.providers.openai import OpenAIProvider
+
+        settings = settings_from(default_config(), {"OPENAI_API_KEY": "sk-test", "ANTHROPIC_API_KEY": "sk-test"})
+        assert settings.providers[provider_name].base_url is None
+        exporter = InMemorySpanExporter()
+        instrumentation = telemetry.Telemetry(settings, span_exporter=exporter)
+        provider = (
+            OpenAIProvider("openai", "sk-test", fake.openai_base_url)
+            if provider_name == "openai"
+            else AnthropicProvider("anthropic", "sk-test", fake.anthropic_base_url)
+        )
+        model = settings.catalog.get(model_id)
+        call = ProviderCall(model=model.id, provider_model=model.provider_model, messages=(Message(Role.USER, "hi"),))
+        with instrumentation.server_rpc("routesvc.v1.RouterService", "Complete", ()) as rpc:
+            async for _ in telemetry.observed_stream(provider, model, call):
+                pass
+            rpc.finish("OK", 0)
+        await provider.aclose()
+        instrumentation.shutdown()
+        (chat,) = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.CLIENT]
+        assert (_attrs(chat)["server.address"], _attrs(chat)["server.port"]) == (host, 443)
+
+
 class TestCancellation:
     async def test_usage_is_recorded_when_the_client_cancels(self, observed: Observed, fake: FakeProvider) -> None:
         """A client that leaves after 3 chunks: the chat span still ends, with usage estimated from
@@ -695,6 +733,68 @@ class TestPurpose:
             if s.name.startswith("chat")
         ]
         assert purposes == ["answer", "judge"]
+
+
+def _llm_classifier_config(timeout_s: float) -> dict[str, object]:
+    config = default_config()
+    config["routing"]["stages"][0] = {  # type: ignore[index]
+        "kind": "classifier",
+        "method": "llm",
+        "model": "gpt-4o-mini",
+        "timeout_s": timeout_s,
+    }
+    return config
+
+
+def _duration_error_types(observed: Observed) -> list[object]:
+    return [dict(p.attributes).get("error.type") for p in observed.points("gen_ai.client.operation.duration")]
+
+
+class TestSideCallsOurTimersGiveUpOn:
+    async def test_an_llm_classifier_call_past_its_timeout_is_a_failed_span(self, fake: FakeProvider) -> None:
+        """The classifier gives up on a silent model (its timeout_s): like an answer the router's
+        timers gave up on, its span is ERROR with error.type=PROVIDER_UNAVAILABLE, and so is the
+        duration metric's point (both said 'cancelled', as for a caller that left)."""
+        fake.enqueue(Script(text='{"task": "summarization", "complexity": "low"}', first_chunk_delay=5))
+        async with observed_server(fake, config=_llm_classifier_config(0.2)) as observed:
+            decision = await observed.client.route(user_chat("Summarise this report."))
+            (client,) = [span for span in observed.finished() if span.kind is SpanKind.CLIENT]
+            error_types = _duration_error_types(observed)
+        attributes = _attrs(client)
+        assert "timed out" in decision.reasons[0]
+        assert (client.status.status_code, client.status.description) == (StatusCode.ERROR, "PROVIDER_UNAVAILABLE")
+        assert (attributes["error.type"], attributes["routesvc.outcome"]) == ("PROVIDER_UNAVAILABLE",) * 2
+        assert attributes["routesvc.usage_estimated"] is True
+        assert error_types == ["PROVIDER_UNAVAILABLE"]
+
+    async def test_a_judge_call_past_its_timeout_is_a_failed_span(self, fake: FakeProvider) -> None:
+        """A cascade judge that says nothing within cascade.judge.timeout_seconds: its span is an
+        ERROR with error.type=PROVIDER_UNAVAILABLE; the answer's span is not."""
+        config = default_config()
+        config["cascade"]["judge"]["timeout_seconds"] = 0.2  # type: ignore[index]
+        fake.enqueue(Script(text="cheap answer", input_tokens=100, output_tokens=10))
+        fake.enqueue(Script(text='{"score": 0.9}', first_chunk_delay=5))
+        async with observed_server(fake, config=config) as observed:
+            await _complete(observed, cascade=True, task_hint="simple_qa")
+            spans = {_attrs(span)["routesvc.purpose"]: span for span in observed.named("chat gpt-4o-mini")}
+            error_types = _duration_error_types(observed)
+        assert spans["answer"].status.status_code is StatusCode.UNSET
+        assert spans["judge"].status.status_code is StatusCode.ERROR
+        assert _attrs(spans["judge"])["error.type"] == "PROVIDER_UNAVAILABLE"
+        assert error_types.count("PROVIDER_UNAVAILABLE") == 1
+
+    async def test_a_classifier_call_the_caller_left_is_still_cancelled(self, fake: FakeProvider) -> None:
+        """A caller that leaves while the classifier waits on its model: the call's span says
+        'cancelled' (no error status), as any attempt a caller ended does."""
+        fake.enqueue(Script(text='{"task": "summarization", "complexity": "low"}', first_chunk_delay=5))
+        async with observed_server(fake, config=_llm_classifier_config(30)) as observed:
+            routing = asyncio.ensure_future(observed.client.route(user_chat("Summarise this report.")))
+            await until(lambda: bool(fake.requests))
+            routing.cancel()
+            await until(lambda: any(span.kind is SpanKind.CLIENT for span in observed.finished()))
+            (client,) = [span for span in observed.finished() if span.kind is SpanKind.CLIENT]
+        assert client.status.status_code is StatusCode.UNSET
+        assert _attrs(client)["error.type"] == "cancelled"
 
 
 class TestExport:

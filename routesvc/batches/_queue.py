@@ -279,11 +279,11 @@ class BatchQueue:
         clock: Callable[[], float] = time.time,
         spend: Callable[[str, Decimal, float], None] | None = None,
         shared_budgets: bool = False,
-        answered: Callable[[ModelSpec, str, Usage, Decimal], None] | None = None,
+        answered: Callable[[ModelSpec, str, Usage, Decimal, bool], None] | None = None,
     ) -> None:
         self._settings = settings
-        # Told (model, provider model, usage, cost) of each answer charged, for the metrics
-        # (also of a cancelled job the provider answered and billed).
+        # Told (model, provider model, usage, cost, whether its caller got it) of each answer
+        # charged, for the metrics (also of a cancelled job the provider answered and billed).
         self._answered = answered
         # Told (tenant, USD, when the job was queued) once a job whose budget counted its
         # estimate (``commit``) has ended: its real cost less that estimate (all of it back when
@@ -1107,7 +1107,8 @@ class BatchQueue:
             estimated=estimated,
         )
         if self._answered is not None:
-            self._answered(model, answer.provider_model, answer.usage, answer.cost_usd)
+            delivered = outcome is AttemptOutcome.COMPLETED
+            self._answered(model, answer.provider_model, answer.usage, answer.cost_usd, delivered)
 
 
 def _billed_usage(job: BatchJob, model: ModelSpec, result: ItemResult) -> tuple[Usage, bool]:

@@ -19,7 +19,7 @@ import structlog
 
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
-from routesvc.providers._http import describe, error_for_status, object_field
+from routesvc.providers._http import describe, error_for_status, object_field, safe_code
 from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, quota_spent, request_params
 from routesvc.providers.batch import (
     BatchItem,
@@ -229,6 +229,7 @@ def _entry_result(line: dict[str, Any]) -> ItemResult:
             output_reported=output_tokens is not None,
         )
     if kind == "errored":
-        error_type = str(((result.get("error") or {}).get("error") or {}).get("type") or "errored")
-        return ItemResult(custom_id, state, error=error_type[:64])
-    return ItemResult(custom_id, state, error=kind[:64])
+        # Shown to the caller by GetBatch: only what looks like a machine code (as OpenAI's).
+        error_type = safe_code(((result.get("error") or {}).get("error") or {}).get("type"))
+        return ItemResult(custom_id, state, error=error_type or "errored")
+    return ItemResult(custom_id, state, error=safe_code(kind) or "errored")

@@ -7,7 +7,7 @@ span, its routing span and the request's totals. The module-level functions act 
 progress and do nothing outside one, so the router, strategies and ``routesvc simulate`` call
 them unconditionally::
 
-    start_routing(request)                        the routing span opens (router)
+    start_routing(request, settings)              the routing span opens, under the router's settings
     record_stage_latency(stage, seconds)          each policy stage's own time (policy)
     record_decision(decision)                     the decision's routesvc.* attributes (service)
     observed_stream(provider, model, call, mode, purpose="answer")

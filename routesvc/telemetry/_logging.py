@@ -41,6 +41,12 @@ def _json_line(event: Any, default: Callable[[Any], Any] | None = None) -> bytes
         return json.dumps(event, default=default).encode("utf-8")
 
 
+def _warnings_and_above(record: logging.LogRecord) -> bool:
+    """Whether a standard-library record prints: only a warning or worse (routesvc's own lines
+    go through structlog, not through this handler)."""
+    return record.levelno >= logging.WARNING
+
+
 def configure_logging(config: LoggingConfig) -> None:
     """Route structlog and stdlib logging through one renderer at ``config.level``.
 
@@ -76,13 +82,16 @@ def configure_logging(config: LoggingConfig) -> None:
     )
     # Third-party libraries (grpc, httpx, the SDKs, the OTel exporters) log through the standard
     # library; keep them at WARNING so request URLs and bodies of debug logging never reach the
-    # output. On stderr, as JSON lines too unless the console renders: their warnings are the
-    # failures a log pipeline must be able to read (an exporter that cannot reach its collector).
+    # output: the root's level, and the handler's own filter for a library that sets its loggers'
+    # levels itself (ANTHROPIC_LOG / OPENAI_LOG=debug). On stderr, as JSON lines too unless the
+    # console renders: their warnings are the failures a log pipeline must be able to read (an
+    # exporter that cannot reach its collector).
     global _stdlib_handler
     root = logging.getLogger()
     if _stdlib_handler is not None:
         root.removeHandler(_stdlib_handler)
     _stdlib_handler = logging.StreamHandler(sys.stderr)
+    _stdlib_handler.addFilter(_warnings_and_above)
     if console:
         _stdlib_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
     else:

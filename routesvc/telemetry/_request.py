@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _GEN_AI_PROVIDERS = {"openai": "openai", "anthropic": "anthropic"}
+# Where the SDKs send calls when the provider names no base URL.
+_SDK_BASE_URLS = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
 # OTel's gRPC conventions: a server span is an error only for these codes (not for a caller's
 # bad request, cancellation or a missing credential).
 _SERVER_ERROR_CODES = frozenset(
@@ -73,6 +75,10 @@ class RequestTelemetry:
     span: trace.Span
     method: str
     full_method: str = ""  # "routesvc.v1.RouterService/Complete"
+    # The configuration the RPC is served under (its router's, once routing starts; before that
+    # the latest): its providers' names and addresses, and the baseline model its costs are
+    # compared with, at that configuration's prices, whatever a reload swaps in meanwhile.
+    settings: Settings | None = None
     started: float = field(default_factory=time.monotonic)
     routing_span: trace.Span | None = None
     routing_started: float = 0.0
@@ -104,11 +110,16 @@ class RequestTelemetry:
         )
 
     @property
+    def served_under(self) -> Settings:
+        """The configuration the RPC is served under."""
+        return self.settings or self.telemetry.settings
+
+    @property
     def baseline_cost(self) -> Decimal:
         """The answering (last measured answer) attempt's usage priced on the baseline model."""
         for attempt in reversed(self.attempts):
             if attempt.usage is not None and attempt.purpose == "answer":
-                return cost_of_usage(self.telemetry.baseline, attempt.usage)
+                return cost_of_usage(baseline_model(self.served_under), attempt.usage)
         return Decimal(0)
 
     def event_span(self) -> trace.Span:
@@ -118,7 +129,7 @@ class RequestTelemetry:
     def finish(self, code_name: str, code_value: int) -> None:
         """Record the RPC's gRPC status on the server span."""
         self.code = code_name
-        conventions = self.telemetry.settings.telemetry.rpc_conventions
+        conventions = self.telemetry.config.rpc_conventions
         if "old" in conventions:
             self.span.set_attribute("rpc.grpc.status_code", code_value)
         if "stable" in conventions:
@@ -175,7 +186,7 @@ class RequestTelemetry:
             model_label = {"routesvc.model": answered}
             telemetry.instruments.baseline_cost.add(float(baseline), model_label)
             telemetry.instruments.savings.add(float(baseline - cost), model_label)
-        estimated_baseline = estimated_cost(telemetry.baseline, decision, decision.mode)
+        estimated_baseline = estimated_cost(baseline_model(self.served_under), decision, decision.mode)
         telemetry.stats.add(
             RequestOutcome(
                 at=time.monotonic(),
@@ -208,12 +219,21 @@ def current_request() -> RequestTelemetry | None:
     return _CURRENT.get()
 
 
-def start_routing(request: RoutingRequest) -> None:
-    """Open the routing span of the RPC in progress (once; later calls keep the first)."""
+def baseline_model(settings: Settings) -> ModelSpec:
+    """The model ``settings`` compare costs with (``telemetry.baseline_model``, resolved in their
+    catalog), at their prices."""
+    return settings.catalog.get(settings.telemetry.baseline_model)
+
+
+def start_routing(request: RoutingRequest, settings: Settings | None = None) -> None:
+    """Open the routing span of the RPC in progress (once; later calls keep the first); the RPC is
+    served under ``settings`` (the deciding router's) from here on."""
     rpc = _CURRENT.get()
     if rpc is None:
         return
     rpc.tenant = request.context.tenant
+    if settings is not None:
+        rpc.settings = settings
     # An RPC that is not sampled (or not traced at all) gets no routing span: its attributes
     # would be dropped anyway, and building them is a good part of a Route's own time.
     if rpc.routing_span is None and rpc.span.is_recording():
@@ -248,7 +268,7 @@ def record_decision(decision: RouteDecision) -> None:
             "routesvc.estimated_input_tokens": decision.estimated_input_tokens,
             "routesvc.estimated_output_tokens": decision.estimated_output_tokens,
             "routesvc.estimated_cost_usd": float(decision.estimated_cost_usd),
-            "routesvc.baseline_model": rpc.telemetry.baseline.id,
+            "routesvc.baseline_model": rpc.served_under.telemetry.baseline_model,
         }
     )
     if rpc.routing_started:
@@ -413,8 +433,8 @@ CAPTURE_MAX_CHARS = 32_768
 
 def gen_ai_labels(settings: Settings, model: ModelSpec) -> dict[str, str]:
     """The GenAI attributes of every call to ``model``, on its span and its metrics: the operation,
-    ``gen_ai.provider.name`` (the well-known name of its provider's kind, else the configured
-    provider name: a provider added by a config reload is not in ``settings``) and the model."""
+    ``gen_ai.provider.name`` (the well-known name of its provider's kind in ``settings``, else the
+    configured provider name) and the model."""
     provider_settings = settings.providers.get(model.provider)
     kind = provider_settings.kind if provider_settings is not None else ""
     return {
@@ -484,8 +504,9 @@ async def observed_stream(
             yield event
         return
     telemetry = rpc.telemetry
-    metric_labels = gen_ai_labels(telemetry.settings, model)
-    provider_settings = telemetry.settings.providers.get(model.provider)
+    settings = rpc.served_under
+    metric_labels = gen_ai_labels(settings, model)
+    provider_settings = settings.providers.get(model.provider)
     attributes: dict[str, Any] = {
         **metric_labels,
         "gen_ai.request.max_tokens": call.max_output_tokens,
@@ -499,8 +520,9 @@ async def observed_stream(
         attributes["gen_ai.request.stop_sequences"] = list(call.stop)
     if call.response_format is not None:
         attributes["gen_ai.output.type"] = "json"
-    if provider_settings is not None and provider_settings.base_url:
-        url = urlsplit(provider_settings.base_url)
+    if provider_settings is not None:
+        # No base URL: the SDK's own (only an OpenAI or Anthropic provider may leave it out).
+        url = urlsplit(provider_settings.base_url or _SDK_BASE_URLS.get(provider_settings.kind, ""))
         if url.hostname:
             attributes["server.address"] = url.hostname
             attributes["server.port"] = url.port or (443 if url.scheme == "https" else 80)

@@ -29,10 +29,18 @@ from opentelemetry.trace import SpanKind
 
 from routesvc.catalog import ModelSpec
 from routesvc.config import Settings
+from routesvc.cost import cost_of_usage
 from routesvc.errors import ConfigError
-from routesvc.models import Usage
+from routesvc.models import Mode, Usage
 from routesvc.stats import RoutingStats
-from routesvc.telemetry._request import _CURRENT, _PROPAGATOR, RequestTelemetry, gen_ai_labels, record_usage
+from routesvc.telemetry._request import (
+    _CURRENT,
+    _PROPAGATOR,
+    RequestTelemetry,
+    baseline_model,
+    gen_ai_labels,
+    record_usage,
+)
 
 _SCOPE = "routesvc"
 _TRACE_HEADERS = ("traceparent", "tracestate")
@@ -175,9 +183,11 @@ class Telemetry:
             log.info(
                 "prometheus_endpoint_started", url=f"http://{config.prometheus_host}:{self.prometheus.port}/metrics"
             )
+        # The telemetry section as read at start (exporters, conventions: a reload does not
+        # change them); ``settings`` is the configuration served now (``reconfigure``).
+        self.config = config
         self.settings = settings
         self.capture_content = config.capture_content
-        self.baseline = settings.catalog.get(config.baseline_model)
         self.stats = RoutingStats(config.stats_window_seconds, config.stats_max_requests, config.baseline_model)
         resource = Resource(
             {**config.resource_attributes, "service.name": config.service_name, "service.version": _version()}
@@ -298,14 +308,30 @@ class Telemetry:
             return provider_model
         return "_OTHER"
 
-    def record_batch_answer(self, model: ModelSpec, provider_model: str, usage: Usage, cost: Decimal) -> None:
+    def reconfigure(self, settings: Settings) -> None:
+        """A config reload: calls routed from now on (and batch answers) name their providers and
+        price their baseline by ``settings``; a call in flight keeps its router's configuration."""
+        self.settings = settings
+        self.stats.baseline_model = settings.telemetry.baseline_model
+
+    def record_batch_answer(
+        self, model: ModelSpec, provider_model: str, usage: Usage, cost: Decimal, delivered: bool
+    ) -> None:
         """A batch job's answer, billed when its provider batch ends (outside any RPC): its cost
-        and tokens in the metrics every realtime attempt goes to."""
+        and tokens in the metrics every realtime attempt goes to, its baseline cost and savings
+        as a Complete's. The baseline cost of a ``delivered`` answer is its usage priced on the
+        baseline model's batch price (sent to batch, the baseline would have been batched too;
+        the decision's estimate prices it so as well); the bill of a job cancelled after it was
+        sent, whose caller never sees it, has none (as a realtime attempt cut before any text),
+        so that savings stays baseline minus cost."""
         labels = {
             **gen_ai_labels(self.settings, model),
             "gen_ai.response.model": self.response_model(model, provider_model),
         }
         record_usage(self, labels, model.id, usage, cost)
+        baseline = cost_of_usage(baseline_model(self.settings), usage, Mode.BATCH) if delivered else Decimal(0)
+        self.instruments.baseline_cost.add(float(baseline), {"routesvc.model": model.id})
+        self.instruments.savings.add(float(baseline - cost), {"routesvc.model": model.id})
 
     @contextlib.contextmanager
     def server_rpc(
@@ -323,7 +349,7 @@ class Telemetry:
             yield from self._in_request(RequestTelemetry(self, trace.INVALID_SPAN, method, full_method))
             return
         attributes: dict[str, str] = {}
-        conventions = self.settings.telemetry.rpc_conventions
+        conventions = self.config.rpc_conventions
         if "old" in conventions:
             attributes.update({"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
         if "stable" in conventions:

@@ -366,7 +366,8 @@ class FakeBatches:
             else:
                 script, input_tokens, output_tokens = self._answer(params)
                 if script.status != 200:
-                    error = {"type": "error", "error": {"type": "invalid_request_error", "message": "fake"}}
+                    error_type = script.error_type or "invalid_request_error"
+                    error = {"type": "error", "error": {"type": error_type, "message": "fake"}}
                     result = {"type": "errored", "error": error}
                 else:
                     message = {

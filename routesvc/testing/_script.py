@@ -101,7 +101,9 @@ class Script:
     finish_reason: str = "stop"
     model: str | None = None
     status: int = 200
-    error_type: str | None = None  # of an HTTP error or an in-band error event; default by status
+    # Of an HTTP error or an in-band error event (default by status), or of an errored Anthropic
+    # batch request (default invalid_request_error).
+    error_type: str | None = None
     error_body: str | None = None
     retry_after: str | None = None
     retry_after_ms: str | None = None
