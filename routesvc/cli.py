@@ -408,7 +408,7 @@ def _client(args: argparse.Namespace) -> RouterClient:
     credentials = None
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
         credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-    return RouterClient(args.target, api_key=args.api_key, credentials=credentials)
+    return RouterClient(args.target, api_key=args.api_key, credentials=credentials, insecure=args.insecure)
 
 
 def _positive_seconds(text: str) -> float:
@@ -491,6 +491,11 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, request: bool) -> None
     parser.add_argument("--tls-ca", default=None, metavar="PEM", help="connect over TLS trusting this CA")
     parser.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate (mutual TLS)")
     parser.add_argument("--tls-key", default=None, metavar="PEM", help="client private key (mutual TLS)")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="send --api-key over plaintext to a host other than this one (refused without it)",
+    )
     parser.add_argument(
         "--timeout",
         type=_positive_seconds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import ipaddress
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -236,9 +237,42 @@ def checked_timeout(name: str, value: float | None) -> float | None:
     return value
 
 
+def is_loopback_target(target: str) -> bool:
+    """Whether a gRPC ``target`` names this host: a unix socket, ``localhost``, 127.0.0.0/8 or ::1
+    (``host:port``, ``[v6]:port``, with or without a ``dns:``, ``ipv4:`` or ``ipv6:`` scheme)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target.removeprefix(scheme)
+            if target.startswith("//"):  # dns://authority/host:port
+                target = target[2:].partition("/")[2]
+            target = target.split(",")[0]  # ipv4:a:1,b:2 names several
+            break
+    if target.startswith("["):
+        host = target[1 : target.find("]")]
+    elif target.count(":") == 1:
+        host = target.partition(":")[0]
+    else:
+        host = target
+    host = host.lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class RouterClient:
     """``async with RouterClient("localhost:50051") as client``: Route, Complete, ListModels, GetStats,
     GetBatch, CancelBatch, Feedback.
+
+    Plaintext unless ``credentials`` are given (``tls_credentials(...)``): the CLI's client, for a
+    service on this host. ``api_key`` (sent as ``authorization: Bearer``) goes over plaintext only to
+    this host (``is_loopback_target``), or where the caller says so with ``insecure=True``; to any
+    other host without credentials it is a ``ConfigError``. (``routesvc_client``, the library for
+    other programs, is TLS by default.)
 
     A call given no ``timeout`` gets ``default_timeout`` (``DEFAULT_TIMEOUT``, 30 s), a Complete
     stream ``default_stream_timeout`` (``DEFAULT_STREAM_TIMEOUT``, 5 minutes, for the whole
@@ -251,11 +285,17 @@ class RouterClient:
         api_key: str | None = None,
         channel: grpc.aio.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        insecure: bool = False,
         default_timeout: float | None = DEFAULT_TIMEOUT,
         default_stream_timeout: float | None = DEFAULT_STREAM_TIMEOUT,
     ) -> None:
         self._timeout = checked_timeout("default_timeout", default_timeout)
         self._stream_timeout = checked_timeout("default_stream_timeout", default_stream_timeout)
+        if api_key and channel is None and credentials is None and not insecure and not is_loopback_target(target):
+            raise ConfigError(
+                f"an API key would go in plaintext to {target}: connect over TLS (--tls, --tls-ca), "
+                "or allow plaintext to that host explicitly (--insecure)"
+            )
         if channel is None:
             channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
         self._channel = channel

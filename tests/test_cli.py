@@ -278,6 +278,15 @@ class TestClientFlagErrors:
         assert line.startswith(expected)
         assert line.endswith("No such file or directory")
 
+    def test_an_api_key_in_plaintext_to_another_host_is_refused(self) -> None:
+        """``--api-key`` without a TLS flag to a host other than this one: exit 2 before any call,
+        saying how to connect over TLS or allow plaintext (``--insecure``)."""
+        line = _one_line_error(_run("route", "--target", "192.0.2.1:9", "--api-key", "k", "--timeout", "1", "hi"))
+        assert line == (
+            "error: an API key would go in plaintext to 192.0.2.1:9: connect over TLS (--tls, --tls-ca), "
+            "or allow plaintext to that host explicitly (--insecure)"
+        )
+
     @pytest.mark.parametrize("flag", ["--tls-cert", "--tls-key"])
     def test_a_certificate_and_its_key_go_together(self, flag: str, tmp_path: Path) -> None:
         """Half a client identity is a usage problem (grpc aborted the process on a certificate

@@ -8,7 +8,8 @@ import socket
 import grpc
 import pytest
 
-from routesvc.client import DEFAULT_STREAM_TIMEOUT, DEFAULT_TIMEOUT, RouterClient
+from routesvc.client import DEFAULT_STREAM_TIMEOUT, DEFAULT_TIMEOUT, RouterClient, tls_credentials
+from routesvc.errors import ConfigError
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from tests.conftest import user_chat
@@ -63,6 +64,39 @@ class TestDefaultDeadlines:
         """A default deadline of zero or less is a ``ValueError`` naming it (None is how to turn it off)."""
         with pytest.raises(ValueError, match=name):
             RouterClient("127.0.0.1:1", **{name: value})  # type: ignore[arg-type]
+
+
+class TestPlaintextApiKey:
+    """The CLI's client is plaintext unless given credentials; its API key goes in the clear only
+    to this host, or where the caller says so."""
+
+    @pytest.mark.parametrize("target", ["192.0.2.1:50051", "routesvc.example:443", "dns:///routesvc.example:443"])
+    def test_a_key_over_plaintext_to_another_host_is_refused(self, target: str) -> None:
+        """``api_key`` without credentials to a host other than this one is a ``ConfigError``
+        naming the target and the ways out, before anything is sent."""
+        with pytest.raises(ConfigError, match=f"plaintext to {target}: connect over TLS"):
+            RouterClient(target, api_key="secret")
+
+    @pytest.mark.parametrize(
+        "target",
+        ["localhost:50051", "127.0.0.1:50051", "127.8.9.10:1", "[::1]:50051", "dns:///localhost:1", "unix:/run/r"],
+    )
+    async def test_a_key_over_plaintext_to_this_host_is_allowed(self, target: str) -> None:
+        """Loopback addresses, ``localhost`` and unix sockets take a key over plaintext."""
+        async with RouterClient(target, api_key="secret"):
+            pass
+
+    async def test_insecure_or_credentials_allow_a_key_to_another_host(self) -> None:
+        """``insecure=True`` is the caller's explicit choice of plaintext; with credentials it is TLS."""
+        async with RouterClient("192.0.2.1:50051", api_key="secret", insecure=True):
+            pass
+        async with RouterClient("192.0.2.1:50051", api_key="secret", credentials=tls_credentials()):
+            pass
+
+    async def test_no_key_no_refusal(self) -> None:
+        """Without a key there is nothing to protect: plaintext to any host is allowed."""
+        async with RouterClient("192.0.2.1:50051"):
+            pass
 
 
 class TestCompleteStreamMetadata:

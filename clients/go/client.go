@@ -21,6 +21,8 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
+	"runtime"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -82,16 +84,16 @@ func WithAPIKey(key string) Option {
 
 // WithDefaultTimeout sets the deadline of every unary call whose context has none
 // (DefaultTimeout unless set), calls through Stub included. 0 turns it off: such a
-// call has no deadline.
+// call has no deadline. Dial refuses a negative d.
 func WithDefaultTimeout(d time.Duration) Option {
-	return func(o *options) { o.timeout = max(d, 0) }
+	return func(o *options) { o.timeout = d }
 }
 
 // WithDefaultStreamTimeout sets the deadline of every Complete stream whose context
 // has none (DefaultStreamTimeout unless set), calls through Stub included. 0 turns
-// it off.
+// it off. Dial refuses a negative d.
 func WithDefaultStreamTimeout(d time.Duration) Option {
-	return func(o *options) { o.streamTimeout = max(d, 0) }
+	return func(o *options) { o.streamTimeout = d }
 }
 
 // WithDialOptions passes extra options to grpc.NewClient (interceptors, keepalive, ...).
@@ -105,6 +107,12 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	o := options{timeout: DefaultTimeout, streamTimeout: DefaultStreamTimeout}
 	for _, opt := range opts {
 		opt(&o)
+	}
+	if o.timeout < 0 {
+		return nil, fmt.Errorf("routesvc: WithDefaultTimeout(%v): must be 0 (none) or above", o.timeout)
+	}
+	if o.streamTimeout < 0 {
+		return nil, fmt.Errorf("routesvc: WithDefaultStreamTimeout(%v): must be 0 (none) or above", o.streamTimeout)
 	}
 	// First in the chain, so that the caller's interceptors see the deadline the call has.
 	dialOpts := []grpc.DialOption{
@@ -150,9 +158,45 @@ func (c *Client) Route(ctx context.Context, req *routesvcv1.RouteRequest, opts .
 }
 
 // Complete starts a completion. Read it with Recv until io.EOF: first the decision,
-// then text deltas, then one Completion. Cancel ctx to stop early.
-func (c *Client) Complete(ctx context.Context, req *routesvcv1.CompleteRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[routesvcv1.CompleteResponse], error) {
-	return c.router.Complete(ctx, req, opts...)
+// then text deltas, then one Completion. To stop early, Close the stream (defer
+// stream.Close() right after Complete) or cancel ctx: either cancels the call, and
+// routesvc the provider's request. A stream dropped unclosed is cancelled when the
+// garbage collector finds it unreachable, which may be much later: close it.
+func (c *Client) Complete(ctx context.Context, req *routesvcv1.CompleteRequest, opts ...grpc.CallOption) (*CompleteStream, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	stream, err := c.router.Complete(ctx, req, opts...)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	s := &CompleteStream{ServerStreamingClient: stream, cancel: cancel}
+	// The cleanup holds cancel, not s, so s can become unreachable.
+	runtime.AddCleanup(s, func(cancel context.CancelFunc) { cancel() }, cancel)
+	return s, nil
+}
+
+// CompleteStream is a started Complete call: Recv its messages until io.EOF (or an
+// error), or Close it to stop early.
+type CompleteStream struct {
+	grpc.ServerStreamingClient[routesvcv1.CompleteResponse]
+	cancel context.CancelFunc
+}
+
+// Recv returns the next message; io.EOF after the last one. Once it has returned an
+// error (io.EOF included) the call has ended and its resources are released.
+func (s *CompleteStream) Recv() (*routesvcv1.CompleteResponse, error) {
+	msg, err := s.ServerStreamingClient.Recv()
+	if err != nil {
+		s.cancel()
+	}
+	return msg, err
+}
+
+// Close cancels the call if it is still running (Recv then returns CANCELLED); a
+// no-op once it has ended. It always returns nil.
+func (s *CompleteStream) Close() error {
+	s.cancel()
+	return nil
 }
 
 // ListModels returns the model catalog.
@@ -236,12 +280,15 @@ func defaultStreamDeadline(d time.Duration) grpc.StreamClientInterceptor {
 			cancel()
 			return nil, err
 		}
-		return &deadlineStream{ClientStream: stream, cancel: cancel}, nil
+		s := &deadlineStream{ClientStream: stream, cancel: cancel}
+		runtime.AddCleanup(s, func(cancel context.CancelFunc) { cancel() }, cancel)
+		return s, nil
 	}
 }
 
 // deadlineStream releases its deadline's timer once the stream has ended (RecvMsg
-// returned io.EOF or the call's error). A stream left unread keeps it until it passes.
+// returned io.EOF or the call's error). A stream dropped unread is cancelled when the
+// garbage collector finds it unreachable, else at its deadline.
 type deadlineStream struct {
 	grpc.ClientStream
 	cancel context.CancelFunc

@@ -11,6 +11,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -84,6 +85,62 @@ func script(t *testing.T, client *routesvc.Client, fields map[string]any) {
 		resp.Body.Close()
 		if resp.StatusCode != http.StatusOK {
 			t.Fatalf("scripting the fake provider: %s %s: %s", call.path, resp.Status, msg)
+		}
+	}
+}
+
+// upstreamRecord is what the fake provider recorded of one request it received.
+type upstreamRecord struct {
+	ChunksSent int  `json:"chunks_sent"`
+	Completed  bool `json:"completed"`
+	Aborted    bool `json:"aborted"`
+	Ended      bool `json:"ended"`
+}
+
+// upstream returns the fake provider's record of the one request it received since
+// script, once that request has ended (completed, or aborted by routesvc); each poll
+// first runs pending, for the tests that wait on the garbage collector. A bounded
+// poll (the fake is another process), well past a scripted 5 s answer, so an
+// uncancelled request ends completed rather than timing out.
+func upstream(t *testing.T, poll func()) upstreamRecord {
+	t.Helper()
+	fake := strings.TrimRight(os.Getenv("ROUTESVC_FAKE_URL"), "/")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		poll()
+		resp, err := http.Get(fake + "/_fake/requests")
+		if err != nil {
+			t.Fatalf("reading the fake provider's requests: %v", err)
+		}
+		var body struct{ Requests []upstreamRecord }
+		err = json.NewDecoder(resp.Body).Decode(&body)
+		resp.Body.Close()
+		if err != nil {
+			t.Fatalf("reading the fake provider's requests: %v", err)
+		}
+		if len(body.Requests) > 1 {
+			t.Fatalf("more than one provider request: %+v", body.Requests)
+		}
+		if len(body.Requests) == 1 && body.Requests[0].Ended {
+			return body.Requests[0]
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the provider request did not end within 20 s: %+v", body.Requests)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// readDecisionAndDelta reads the first two messages of stream: the decision, then a delta.
+func readDecisionAndDelta(t *testing.T, stream *routesvc.CompleteStream) {
+	t.Helper()
+	for _, want := range []string{"decision", "delta"} {
+		msg, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("Recv %s: %v", want, err)
+		}
+		if (want == "decision") != (msg.GetDecision() != nil) {
+			t.Fatalf("want %s first, got %v", want, msg)
 		}
 	}
 }
@@ -246,6 +303,57 @@ func TestCancelMidStream(t *testing.T) {
 	}
 	if got := status.Code(err); got != codes.Canceled {
 		t.Fatalf("want CANCELLED after cancel, got %v", err)
+	}
+}
+
+func TestCloseCancelsTheCallUpstream(t *testing.T) {
+	client := dial(t)
+	script(t, client, map[string]any{"chunk_count": 100, "chunk_delay": 0.05})
+	// No deadline of the caller's own and nothing to cancel: Close is the only way to stop.
+	stream, err := client.Complete(context.Background(), pinned("Count slowly"))
+	if err != nil {
+		t.Fatalf("Complete: %v", err)
+	}
+	readDecisionAndDelta(t, stream)
+	stream.Close()
+	if _, err := stream.Recv(); status.Code(err) != codes.Canceled {
+		t.Fatalf("want CANCELLED from Recv after Close, got %v", err)
+	}
+	recorded := upstream(t, func() {})
+	if !recorded.Aborted || recorded.Completed || recorded.ChunksSent >= 100 {
+		t.Fatalf("want the provider request aborted by routesvc, got %+v", recorded)
+	}
+}
+
+func TestADroppedStreamIsCancelledWhenCollected(t *testing.T) {
+	client := dial(t)
+	script(t, client, map[string]any{"chunk_count": 100, "chunk_delay": 0.05})
+	func() {
+		stream, err := client.Complete(context.Background(), pinned("Count slowly"))
+		if err != nil {
+			t.Fatalf("Complete: %v", err)
+		}
+		readDecisionAndDelta(t, stream)
+	}() // dropped unclosed, still running
+	recorded := upstream(t, runtime.GC)
+	if !recorded.Aborted || recorded.Completed || recorded.ChunksSent >= 100 {
+		t.Fatalf("want the provider request aborted by routesvc, got %+v", recorded)
+	}
+}
+
+func TestDialRefusesANegativeDefaultTimeout(t *testing.T) {
+	for name, option := range map[string]routesvc.Option{
+		"WithDefaultTimeout":       routesvc.WithDefaultTimeout(-time.Second),
+		"WithDefaultStreamTimeout": routesvc.WithDefaultStreamTimeout(-time.Second),
+	} {
+		client, err := routesvc.Dial("127.0.0.1:1", routesvc.WithInsecure(), option)
+		if err == nil {
+			client.Close()
+			t.Fatalf("%s(-1s): Dial accepted it", name)
+		}
+		if !strings.Contains(err.Error(), name) {
+			t.Fatalf("%s(-1s): error %q does not name the option", name, err)
+		}
 	}
 }
 

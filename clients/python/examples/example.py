@@ -2,7 +2,7 @@
 
     python clients/python/examples/example.py 127.0.0.1:50051 "Explain gRPC in one line"
 
-Plaintext; ROUTESVC_API_KEY is sent as a bearer token.
+Plaintext unless ROUTESVC_TLS=1; ROUTESVC_API_KEY is sent as a bearer token.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from routesvc_client import RouterClient, error_info, user_prompt
 
 
 async def main(target: str, prompt: str) -> int:
-    async with RouterClient(target, api_key=os.environ.get("ROUTESVC_API_KEY")) as client:
+    insecure = os.environ.get("ROUTESVC_TLS") != "1"
+    async with RouterClient(target, api_key=os.environ.get("ROUTESVC_API_KEY"), insecure=insecure) as client:
         try:
             decision = await client.route(pb.RouteRequest(chat=user_prompt(prompt)), timeout=30)
             print(f"route: {decision.model} ({decision.rule}), estimated {decision.estimated_cost_usd} USD")

@@ -33,7 +33,7 @@ def target() -> str:
 
 @pytest.fixture
 async def client(target: str) -> AsyncIterator[RouterClient]:
-    async with RouterClient(target, api_key="interop-key") as client:
+    async with RouterClient(target, api_key="interop-key", insecure=True) as client:
         yield client
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import grpc
@@ -64,7 +65,7 @@ class TestRouterClient:
         assert (DEFAULT_TIMEOUT, DEFAULT_STREAM_TIMEOUT) == (30.0, 300.0)
         with socket.create_server(("127.0.0.1", 0)) as silent:
             port = silent.getsockname()[1]
-            async with RouterClient(f"127.0.0.1:{port}", default_timeout=0.2) as quick:
+            async with RouterClient(f"127.0.0.1:{port}", insecure=True, default_timeout=0.2) as quick:
                 with pytest.raises(grpc.aio.AioRpcError) as raised:
                     await quick.list_models()
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -75,7 +76,7 @@ class TestRouterClient:
         """A Complete given no ``timeout`` is bounded by ``default_stream_timeout``: a provider
         slower than it ends the stream DEADLINE_EXCEEDED."""
         await script(first_chunk_delay=10.0)
-        async with RouterClient(target, default_stream_timeout=1) as quick:
+        async with RouterClient(target, insecure=True, default_stream_timeout=1) as quick:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 async for _ in quick.complete(pinned("Say hello slowly")):
                     pass
@@ -173,6 +174,68 @@ class TestRouterClient:
     async def test_health_check_reports_serving(self, client: RouterClient) -> None:
         """The grpc.health.v1 check for RouterService is SERVING."""
         assert await client.health(timeout=10) == health_pb2.HealthCheckResponse.SERVING
+
+
+class _Listener:
+    """A TCP listener that records the bytes clients send and answers each connection like any
+    HTTP/2 peer (an on-path attacker, or a plaintext endpoint) with an empty SETTINGS frame."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self._open = 0
+        self.idle = asyncio.Event()  # set when the last connection has closed
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
+        self.idle.clear()
+        writer.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        try:
+            while data := await reader.read(65536):
+                self.received.extend(data)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            self._open -= 1
+            if not self._open:
+                self.idle.set()
+
+
+class TestTransport:
+    async def test_tls_is_the_default_so_the_api_key_never_goes_out_in_cleartext(self) -> None:
+        """Without ``insecure=True`` the client speaks TLS, as the Go, Java and TypeScript clients
+        do: what reaches the server is a TLS handshake, never the API key in the clear."""
+        listener = _Listener()
+        server = await asyncio.start_server(listener, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            async with RouterClient(f"127.0.0.1:{port}", api_key="interop-secret-key", default_timeout=5) as client:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await client.list_models()
+            async with asyncio.timeout(10):
+                await listener.idle.wait()
+        assert bytes(listener.received[:2]) == b"\x16\x03"  # a TLS handshake record
+        assert b"interop-secret-key" not in listener.received
+
+    async def test_insecure_sends_the_key_over_plaintext_as_the_callers_choice(self) -> None:
+        """``insecure=True`` is plaintext HTTP/2, and the caller's explicit choice to send the key
+        over it (for loopback and tests, like Go's ``WithInsecure()``)."""
+        listener = _Listener()
+        server = await asyncio.start_server(listener, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            async with RouterClient(f"127.0.0.1:{port}", api_key="interop-secret-key", insecure=True) as client:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await client.list_models(timeout=0.5)
+            async with asyncio.timeout(10):
+                await listener.idle.wait()
+        assert bytes(listener.received).startswith(b"PRI * HTTP/2.0")
+        assert b"interop-secret-key" in listener.received
+
+    def test_insecure_with_credentials_is_refused(self) -> None:
+        """``insecure=True`` together with TLS ``credentials`` is a ``ValueError``: choose one."""
+        with pytest.raises(ValueError, match="insecure=True with credentials"):
+            RouterClient("127.0.0.1:1", insecure=True, credentials=grpc.ssl_channel_credentials())
 
 
 class TestErrorDetails:

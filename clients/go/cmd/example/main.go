@@ -50,6 +50,7 @@ func main() {
 	if err != nil {
 		fail(err)
 	}
+	defer stream.Close() // cancels the call if the loop is left before its end
 	for {
 		msg, err := stream.Recv()
 		if errors.Is(err, io.EOF) {

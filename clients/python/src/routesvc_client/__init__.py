@@ -2,7 +2,7 @@
 
 ::
 
-    async with RouterClient("127.0.0.1:50051", api_key=key) as client:
+    async with RouterClient("routesvc.internal:443", api_key=key) as client:  # TLS; insecure=True: plaintext
         decision = await client.route(RouteRequest(chat=user_prompt("hi")), timeout=5)
         async with client.complete(CompleteRequest(chat=user_prompt("hi"))) as stream:
             async for message in stream:  # leaving the block early cancels the call

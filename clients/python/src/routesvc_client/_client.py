@@ -26,8 +26,11 @@ Metadata = Mapping[str, str]
 class RouterClient:
     """A channel to routesvc; ``async with`` it or call ``aclose()``.
 
-    Plaintext unless ``credentials`` are given (``grpc.ssl_channel_credentials()`` for TLS);
-    ``api_key`` is sent as ``authorization: Bearer <key>`` on every call. Each call takes a
+    TLS: with the system roots, or ``credentials`` (``grpc.ssl_channel_credentials(ca, key,
+    cert)`` for a private CA or mutual TLS); ``insecure=True`` is plaintext, for loopback and tests,
+    and the caller's explicit choice to send ``api_key`` over it, as the Go client's
+    ``WithInsecure()``. ``api_key`` is sent as ``authorization: Bearer <key>`` on every call. Each
+    call takes a
     ``timeout`` in seconds (the gRPC deadline) and extra ``metadata``. A call given no ``timeout``
     gets ``default_timeout`` (``DEFAULT_TIMEOUT``, 30 s), a Complete stream
     ``default_stream_timeout`` (``DEFAULT_STREAM_TIMEOUT``, 5 minutes, for the whole answer); None
@@ -40,15 +43,18 @@ class RouterClient:
         api_key: str | None = None,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        insecure: bool = False,
         default_timeout: float | None = DEFAULT_TIMEOUT,
         default_stream_timeout: float | None = DEFAULT_STREAM_TIMEOUT,
     ) -> None:
         self._timeout = checked_timeout("default_timeout", default_timeout)
         self._stream_timeout = checked_timeout("default_stream_timeout", default_stream_timeout)
-        if credentials is None:
+        if insecure:
+            if credentials is not None:
+                raise ValueError("insecure=True with credentials: choose TLS or plaintext")
             self._channel = grpc.aio.insecure_channel(target)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials)
+            self._channel = grpc.aio.secure_channel(target, credentials or grpc.ssl_channel_credentials())
         self.stub = pb_grpc.RouterServiceStub(self._channel)
         """The generated stub, for what the wrapper does not cover (e.g. reading response metadata)."""
         self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -77,18 +77,13 @@ public final class RouterClient implements AutoCloseable {
       Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
 
   private final ManagedChannel channel;
-  private final Duration defaultTimeout; // null: none
-  private final Duration defaultStreamTimeout; // null: none
   private final RouterServiceGrpc.RouterServiceBlockingStub stub;
   private final HealthGrpc.HealthBlockingStub health;
 
-  private RouterClient(
-      ManagedChannel channel, Duration defaultTimeout, Duration defaultStreamTimeout, List<ClientInterceptor> interceptors) {
+  private RouterClient(ManagedChannel channel, List<ClientInterceptor> interceptors, DefaultDeadline defaultDeadline) {
     this.channel = channel;
-    this.defaultTimeout = defaultTimeout;
-    this.defaultStreamTimeout = defaultStreamTimeout;
     this.stub = RouterServiceGrpc.newBlockingStub(channel).withInterceptors(interceptors.toArray(ClientInterceptor[]::new));
-    this.health = HealthGrpc.newBlockingStub(channel);
+    this.health = HealthGrpc.newBlockingStub(channel).withInterceptors(defaultDeadline);
   }
 
   /** A builder for a client of {@code target} ("host:port"); TLS unless {@link Builder#usePlaintext()}. */
@@ -161,8 +156,14 @@ public final class RouterClient implements AutoCloseable {
     /**
      * Present this client certificate chain and its private key (PEM files; the key PKCS#8,
      * as {@code openssl genpkey} or {@code openssl req -newkey} write it), for mutual TLS.
+     *
+     * @throws IllegalArgumentException when either file is null: a certificate needs its key
      */
     public Builder tlsClientCertificate(Path certFile, Path keyFile) {
+      if (certFile == null || keyFile == null) {
+        throw new IllegalArgumentException(
+            "tlsClientCertificate needs both the certificate and the key file, not " + certFile + " and " + keyFile);
+      }
       this.certFile = certFile;
       this.keyFile = keyFile;
       return this;
@@ -188,9 +189,10 @@ public final class RouterClient implements AutoCloseable {
         all.add(MetadataUtils.newAttachHeadersInterceptor(headers));
       }
       // Last, so that it runs first: the caller's interceptors see the deadline the call has.
-      all.add(new DefaultDeadline(defaultTimeout, defaultStreamTimeout));
+      DefaultDeadline defaultDeadline = new DefaultDeadline(defaultTimeout, defaultStreamTimeout);
+      all.add(defaultDeadline);
       ManagedChannel channel = Grpc.newChannelBuilder(target, credentials()).build();
-      return new RouterClient(channel, defaultTimeout, defaultStreamTimeout, all);
+      return new RouterClient(channel, all, defaultDeadline);
     }
 
     private ChannelCredentials credentials() {
@@ -251,9 +253,12 @@ public final class RouterClient implements AutoCloseable {
     return stub;
   }
 
-  /** The routing decision for {@code request}, within the default timeout. */
+  /**
+   * The routing decision for {@code request}, within the calling {@code Context}'s deadline, else
+   * the {@link Builder#defaultTimeout(Duration) default timeout}.
+   */
   public RouteDecision route(RouteRequest request) {
-    return route(request, defaultTimeout);
+    return route(request, null);
   }
 
   /** The routing decision for {@code request}, without calling any model. */
@@ -262,11 +267,12 @@ public final class RouterClient implements AutoCloseable {
   }
 
   /**
-   * The Complete stream within the {@link Builder#defaultStreamTimeout(Duration) default stream
-   * timeout}; see {@link #complete(CompleteRequest, Duration)}.
+   * The Complete stream within the calling {@code Context}'s deadline, else the {@link
+   * Builder#defaultStreamTimeout(Duration) default stream timeout}; see {@link
+   * #complete(CompleteRequest, Duration)}.
    */
   public CompleteStream complete(CompleteRequest request) {
-    return complete(request, defaultStreamTimeout);
+    return complete(request, null);
   }
 
   /**
@@ -287,9 +293,9 @@ public final class RouterClient implements AutoCloseable {
     }
   }
 
-  /** The model catalog, within the default timeout. */
+  /** The model catalog, within the calling {@code Context}'s deadline, else the default timeout. */
   public List<ModelInfo> listModels() {
-    return listModels(defaultTimeout);
+    return listModels(null);
   }
 
   /** The model catalog. */
@@ -297,9 +303,12 @@ public final class RouterClient implements AutoCloseable {
     return withDeadline(stub, timeout).listModels(ListModelsRequest.getDefaultInstance()).getModelsList();
   }
 
-  /** The server's grpc.health.v1 status for RouterService, within the default timeout. */
+  /**
+   * The server's grpc.health.v1 status for RouterService, within the calling {@code Context}'s
+   * deadline, else the default timeout.
+   */
   public HealthCheckResponse.ServingStatus health() {
-    return health(defaultTimeout);
+    return health(null);
   }
 
   /** The server's grpc.health.v1 status for RouterService. */
@@ -352,7 +361,12 @@ public final class RouterClient implements AutoCloseable {
     return found;
   }
 
-  /** {@code stub} with a deadline {@code timeout} from now; as it is when {@code timeout} is null. */
+  /**
+   * {@code stub} with a deadline {@code timeout} from now; as it is when {@code timeout} is null,
+   * so that the stub's {@link DefaultDeadline} gives the call the calling Context's deadline or the
+   * default (a deadline on the call would cut a longer one on the Context: grpc-java takes the
+   * earlier).
+   */
   private static <S extends io.grpc.stub.AbstractStub<S>> S withDeadline(S stub, Duration timeout) {
     return timeout == null ? stub : stub.withDeadlineAfter(timeout.toNanos(), TimeUnit.NANOSECONDS);
   }

@@ -37,6 +37,16 @@ class BuilderTest {
   }
 
   @Test
+  @DisplayName("a client certificate without its key (or a key without its certificate) is an IllegalArgumentException")
+  void clientCertificateNeedsBoth() {
+    IllegalArgumentException error = assertThrows(IllegalArgumentException.class,
+        () -> RouterClient.newBuilder("127.0.0.1:1").tlsClientCertificate(Path.of("client.pem"), null));
+    assertTrue(error.getMessage().contains("key"), error.getMessage());
+    assertThrows(IllegalArgumentException.class,
+        () -> RouterClient.newBuilder("127.0.0.1:1").tlsClientCertificate(null, Path.of("client.key")));
+  }
+
+  @Test
   @DisplayName("the default timeouts must be above zero")
   void defaultTimeoutAboveZero() {
     assertThrows(IllegalArgumentException.class,

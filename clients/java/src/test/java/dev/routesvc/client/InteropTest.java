@@ -284,6 +284,52 @@ class InteropTest {
   }
 
   @Test
+  @DisplayName("complete() without a timeout inside a Context with a longer deadline runs past the default stream timeout")
+  void completeKeepsTheContextsLongerDeadline() throws Exception {
+    script("{\"first_chunk_delay\": 2.0}");
+    ScheduledExecutorService scheduler = Executors.newSingleThreadScheduledExecutor();
+    Context.CancellableContext context = Context.current().withDeadlineAfter(TIMEOUT.toMillis(), TimeUnit.MILLISECONDS, scheduler);
+    try (RouterClient quick =
+        RouterClient.newBuilder(TARGET).usePlaintext().defaultStreamTimeout(Duration.ofSeconds(1)).build()) {
+      Completion completion = context.call(() -> {
+        try (CompleteStream stream = quick.complete(pinned("Say hello slowly"))) {
+          Completion last = null;
+          while (stream.hasNext()) {
+            CompleteResponse message = stream.next();
+            if (message.hasCompletion()) {
+              last = message.getCompletion();
+            }
+          }
+          return last;
+        }
+      });
+      assertNotNull(completion, "the stream ended without a completion");
+      assertEquals(FinishReason.FINISH_REASON_STOP, completion.getFinishReason());
+    } finally {
+      context.cancel(null);
+      scheduler.shutdownNow();
+    }
+  }
+
+  @Test
+  @DisplayName("route() and listModels() without a timeout leave the calling Context's deadline in charge")
+  void unaryHelpersKeepTheContextsDeadline() throws Exception {
+    AtomicReference<Deadline> seen = new AtomicReference<>(Deadline.after(1, TimeUnit.SECONDS));
+    ScheduledExecutorService scheduler = Executors.newSingleThreadScheduledExecutor();
+    Context.CancellableContext context = Context.current().withDeadlineAfter(1, TimeUnit.HOURS, scheduler);
+    try (RouterClient capturing = RouterClient.newBuilder(TARGET).usePlaintext().intercept(deadlineOf(seen)).build()) {
+      context.run(() -> capturing.listModels());
+      assertNull(seen.get(), "listModels(): the call got a deadline of its own, cutting the Context's");
+      seen.set(Deadline.after(1, TimeUnit.SECONDS));
+      context.run(() -> capturing.route(RouteRequest.newBuilder().setChat(RouterClient.userPrompt("Say hello")).build()));
+      assertNull(seen.get(), "route(): the call got a deadline of its own, cutting the Context's");
+    } finally {
+      context.cancel(null);
+      scheduler.shutdownNow();
+    }
+  }
+
+  @Test
   @DisplayName("an exception inside try-with-resources cancels the stream upstream")
   void exceptionInTheLoopCancelsUpstream() throws Exception {
     script("{\"chunk_count\": 100, \"chunk_delay\": 0.05}");
