@@ -299,7 +299,12 @@ async def _stats(args: argparse.Namespace) -> int:
     print(f"window:         {stats.window.ToNanoseconds() / 1e9:g} s ({stats.tenant or 'all tenants'})")
     print(f"requests:       {totals.requests} ({totals.errors} errors, {stats.fallbacks} fallbacks)")
     print(f"cost:           {totals.cost_usd} USD")
-    print(f"baseline cost:  {totals.baseline_cost_usd} USD (all on {stats.baseline_model})")
+    priced_on = (
+        f"on {stats.baseline_model}: a reload changed the baseline in the window"
+        if ", " in stats.baseline_model
+        else f"all on {stats.baseline_model}"
+    )
+    print(f"baseline cost:  {totals.baseline_cost_usd} USD ({priced_on})")
     print(f"savings:        {totals.savings_usd} USD ({totals.savings_percent:.1f}%)")
     print(f"escalations:    {stats.escalations} (rate {stats.escalation_rate * 100:.1f}%)")
     if stats.cascade_decisions:

@@ -41,6 +41,7 @@ class RequestOutcome:
     fallbacks: int = 0
     cascade_released: bool | None = None
     cascade_score: float | None = None
+    baseline_model: str = ""  # the model its baseline costs were priced on
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +196,12 @@ class RoutingStats:
         while self._feedback and now - self._feedback[0].at > self.window_seconds:
             self._feedback.popleft()
 
+    def _baselines(self, outcomes: list[RequestOutcome]) -> str:
+        """The model ``outcomes`` were priced on: a reload that changed the baseline within the window
+        leaves outcomes of each, named oldest first (\"claude-sonnet, gpt-4o\")."""
+        names = dict.fromkeys(o.baseline_model for o in outcomes if o.baseline_model)
+        return ", ".join(names) if names else self.baseline_model
+
     def summary(self, *, tenant: str = "", window_seconds: float | None = None) -> StatsSummary:
         """Fold the last ``window_seconds`` (at most the whole window) of ``tenant`` (all when empty)."""
         now = self._clock()
@@ -217,7 +224,7 @@ class RoutingStats:
         return StatsSummary(
             window_seconds=window,
             tenant=tenant,
-            baseline_model=self.baseline_model,
+            baseline_model=self._baselines(outcomes),
             totals=totals,
             escalations=sum(o.escalations for o in outcomes),
             escalated_requests=sum(1 for o in outcomes if o.escalations),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import sys
 from decimal import Decimal
@@ -15,7 +16,7 @@ from routesvc.stats import FeedbackOutcome, Percentiles, RequestOutcome, Routing
 from routesvc.telemetry import Telemetry
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import REPO, default_config, settings_from, user_chat
+from tests.conftest import REPO, default_config, live_environ, settings_from, user_chat
 from tests.observability import Observed, observed_server
 
 
@@ -262,3 +263,38 @@ class TestCascadeStats:
         assert (stats.cascade_decisions, stats.cascade_release_rate) == (2, 0.5)
         assert stats.mean_released_score == pytest.approx(0.9)
         assert {m.model: m.totals.requests for m in stats.models} == {"gpt-4o-mini": 1, "gpt-4o": 1}
+
+
+class TestABaselineChangedByAReload:
+    async def test_get_stats_names_each_baseline_its_totals_were_priced_on(self, fake: FakeProvider) -> None:
+        config = default_config()
+        async with observed_server(fake, config=copy.deepcopy(config)) as observed:
+            fake.enqueue(Script(input_tokens=1000, output_tokens=100))
+            [m async for m in observed.client.complete(user_chat("hello"))]
+            before = await observed.client.get_stats()
+            changed = copy.deepcopy(config)
+            changed["telemetry"] = {"baseline_model": "gpt-4o"}
+            await observed.server.reload(settings_from(changed, live_environ(fake)))
+            same_window = await observed.client.get_stats()
+            fake.enqueue(Script(input_tokens=1000, output_tokens=100))
+            [m async for m in observed.client.complete(user_chat("hello"))]
+            both = await observed.client.get_stats()
+            catalog = observed.server.router.settings.catalog
+
+        def priced_on(model: str) -> Decimal:
+            spec = catalog.get(model)
+            return (1000 * spec.input_price_per_mtok + 100 * spec.output_price_per_mtok) / 1_000_000
+
+        assert (before.baseline_model, Decimal(before.totals.baseline_cost_usd)) == (
+            "claude-sonnet",
+            priced_on("claude-sonnet"),
+        )
+        # the reload changed the baseline, not what the window's request was priced on
+        assert (same_window.baseline_model, Decimal(same_window.totals.baseline_cost_usd)) == (
+            "claude-sonnet",
+            priced_on("claude-sonnet"),
+        )
+        assert (both.baseline_model, Decimal(both.totals.baseline_cost_usd)) == (
+            "claude-sonnet, gpt-4o",
+            priced_on("claude-sonnet") + priced_on("gpt-4o"),
+        )

@@ -207,6 +207,7 @@ class RequestTelemetry:
                 fallbacks=self.fallbacks,
                 cascade_released=self.cascade_released,
                 cascade_score=self.cascade_score,
+                baseline_model=self.served_under.telemetry.baseline_model,
             )
         )
 

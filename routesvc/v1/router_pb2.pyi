@@ -1886,7 +1886,10 @@ class GetStatsResponse(_message.Message):
     tenant: _builtins.str
     """The tenant reported on; empty means every tenant."""
     baseline_model: _builtins.str
-    """Catalog id of the model savings are measured against."""
+    """Catalog id of the model savings are measured against. When a config reload changed the
+    baseline within the window, the ids of each baseline the window's requests were priced on,
+    oldest first, joined by ", " (each request is priced on the baseline it was routed under).
+    """
     escalations: _builtins.int
     """Escalations to a stronger model, counted once per escalation."""
     escalation_rate: _builtins.float

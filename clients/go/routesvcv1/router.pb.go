@@ -3491,7 +3491,9 @@ type GetStatsResponse struct {
 	Window *durationpb.Duration `protobuf:"bytes,1,opt,name=window,proto3" json:"window,omitempty"`
 	// The tenant reported on; empty means every tenant.
 	Tenant string `protobuf:"bytes,2,opt,name=tenant,proto3" json:"tenant,omitempty"`
-	// Catalog id of the model savings are measured against.
+	// Catalog id of the model savings are measured against. When a config reload changed the
+	// baseline within the window, the ids of each baseline the window's requests were priced on,
+	// oldest first, joined by ", " (each request is priced on the baseline it was routed under).
 	BaselineModel string `protobuf:"bytes,3,opt,name=baseline_model,json=baselineModel,proto3" json:"baseline_model,omitempty"`
 	// Requests, cost and savings of the whole window.
 	Totals *CostTotals `protobuf:"bytes,4,opt,name=totals,proto3" json:"totals,omitempty"`

@@ -1735,7 +1735,9 @@ export type GetStatsResponse = Message$1<"routesvc.v1.GetStatsResponse"> & {
   tenant: string;
 
   /**
-   * Catalog id of the model savings are measured against.
+   * Catalog id of the model savings are measured against. When a config reload changed the
+   * baseline within the window, the ids of each baseline the window's requests were priced on,
+   * oldest first, joined by ", " (each request is priced on the baseline it was routed under).
    *
    * @generated from field: string baseline_model = 3;
    */

@@ -138,7 +138,9 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object baselineModel_ = "";
   /**
    * <pre>
-   * Catalog id of the model savings are measured against.
+   * Catalog id of the model savings are measured against. When a config reload changed the
+   * baseline within the window, the ids of each baseline the window's requests were priced on,
+   * oldest first, joined by ", " (each request is priced on the baseline it was routed under).
    * </pre>
    *
    * <code>string baseline_model = 3 [json_name = "baselineModel"];</code>
@@ -159,7 +161,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Catalog id of the model savings are measured against.
+   * Catalog id of the model savings are measured against. When a config reload changed the
+   * baseline within the window, the ids of each baseline the window's requests were priced on,
+   * oldest first, joined by ", " (each request is priced on the baseline it was routed under).
    * </pre>
    *
    * <code>string baseline_model = 3 [json_name = "baselineModel"];</code>
@@ -1578,7 +1582,9 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object baselineModel_ = "";
     /**
      * <pre>
-     * Catalog id of the model savings are measured against.
+     * Catalog id of the model savings are measured against. When a config reload changed the
+     * baseline within the window, the ids of each baseline the window's requests were priced on,
+     * oldest first, joined by ", " (each request is priced on the baseline it was routed under).
      * </pre>
      *
      * <code>string baseline_model = 3 [json_name = "baselineModel"];</code>
@@ -1598,7 +1604,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Catalog id of the model savings are measured against.
+     * Catalog id of the model savings are measured against. When a config reload changed the
+     * baseline within the window, the ids of each baseline the window's requests were priced on,
+     * oldest first, joined by ", " (each request is priced on the baseline it was routed under).
      * </pre>
      *
      * <code>string baseline_model = 3 [json_name = "baselineModel"];</code>
@@ -1619,7 +1627,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Catalog id of the model savings are measured against.
+     * Catalog id of the model savings are measured against. When a config reload changed the
+     * baseline within the window, the ids of each baseline the window's requests were priced on,
+     * oldest first, joined by ", " (each request is priced on the baseline it was routed under).
      * </pre>
      *
      * <code>string baseline_model = 3 [json_name = "baselineModel"];</code>
@@ -1636,7 +1646,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Catalog id of the model savings are measured against.
+     * Catalog id of the model savings are measured against. When a config reload changed the
+     * baseline within the window, the ids of each baseline the window's requests were priced on,
+     * oldest first, joined by ", " (each request is priced on the baseline it was routed under).
      * </pre>
      *
      * <code>string baseline_model = 3 [json_name = "baselineModel"];</code>
@@ -1650,7 +1662,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Catalog id of the model savings are measured against.
+     * Catalog id of the model savings are measured against. When a config reload changed the
+     * baseline within the window, the ids of each baseline the window's requests were priced on,
+     * oldest first, joined by ", " (each request is priced on the baseline it was routed under).
      * </pre>
      *
      * <code>string baseline_model = 3 [json_name = "baselineModel"];</code>

@@ -57,7 +57,9 @@ public interface GetStatsResponseOrBuilder extends
 
   /**
    * <pre>
-   * Catalog id of the model savings are measured against.
+   * Catalog id of the model savings are measured against. When a config reload changed the
+   * baseline within the window, the ids of each baseline the window's requests were priced on,
+   * oldest first, joined by ", " (each request is priced on the baseline it was routed under).
    * </pre>
    *
    * <code>string baseline_model = 3 [json_name = "baselineModel"];</code>
@@ -66,7 +68,9 @@ public interface GetStatsResponseOrBuilder extends
   java.lang.String getBaselineModel();
   /**
    * <pre>
-   * Catalog id of the model savings are measured against.
+   * Catalog id of the model savings are measured against. When a config reload changed the
+   * baseline within the window, the ids of each baseline the window's requests were priced on,
+   * oldest first, joined by ", " (each request is priced on the baseline it was routed under).
    * </pre>
    *
    * <code>string baseline_model = 3 [json_name = "baselineModel"];</code>
