@@ -2,7 +2,8 @@
 
 Every prompt of the judge-scored chat file (``--file``, default ``arena_chat``) is labelled by the
 shipped local task classifier; the router is fitted, as ``routesvc fit`` would, on every *other*
-file (the chat file held out), and scores the file. For each label the table gives the pair's true
+file (the chat file held out, and with it its tasks in any other file and any copy of its prompts:
+``bench/_heldout.py``), and scores the file. For each label the table gives the pair's true
 mean gap next to the router's two parts (the within-task model and the neighbour prior), then the
 APGR of ranking the prompts by label alone (labels ordered by ``--order``, ties broken at random),
 of the router, and of its parts (the kind prior adds a fixed amount to code and multi-step reasoning
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._heldout import leave_out
 from routesvc.config import limit_native_threads
 from routesvc.encoders import DEFAULT_ROUTER_ENCODER, load_encoder
 from routesvc.evaluation import evaluate_scores
@@ -44,7 +46,10 @@ def main() -> int:
     held = [i for i, r in enumerate(records) if r.source == args.file and r.has_pair(args.strong, args.weak)]
     if not held:
         raise SystemExit(f"no rows of {args.file!r} with both {args.strong} and {args.weak}")
-    train = [i for i, r in enumerate(records) if r.source != args.file and r.source not in args.without]
+    whole_file = [i for i, r in enumerate(records) if r.source == args.file]
+    others = [i for i, r in enumerate(records) if r.source != args.file and r.source not in args.without]
+    split = leave_out(records, whole_file, others)
+    train = split.train
     encoder = load_encoder(DEFAULT_ROUTER_ENCODER)
     router = fit_router([records[i] for i in train], args.strong, args.weak, encoder, FitSettings(), calibrate=False)
     texts = [bounded(records[i].prompt) for i in held]
@@ -81,6 +86,8 @@ def main() -> int:
         "oracle": evaluate_scores(strong - weak, strong, weak).apgr,
     }
     print(f"{args.file} held out ({len(held)} prompts), fitted without {[args.file, *args.without]}")
+    kept_out = f"{split.same_task} rows of its tasks in other files, {split.duplicates} copies of its prompts"
+    print(f"kept out of the fit: {kept_out}")
     print(f"{'label':24s}{'prompts':>8s}{'true gap':>10s}{'within':>9s}{'prior':>8s}{'kind':>8s}")
     for label, row in table.items():
         cells = f"{row['gap']:10.3f}{row['within']:9.3f}{row['prior']:8.3f}{row['kind']:8.3f}"

@@ -1,13 +1,15 @@
 """Leave-one-task-out cross-validation of the fitted router on routing-outcome data.
 
 For every task (``source:task``) the router is fitted on all other tasks and scores the
-held-out one; APGR is measured for --strong/--weak where the held-out file has that pair (model
-ids matched by alias), else for the file's strongest model against the model at the first tercile
-of its mean scores (llmrouter: mistral-7b-instruct-v0.3, the family of the target weak model).
-Tasks whose pair gap is under 0.05, or with fewer than 50 prompts, are skipped. Writes a JSON
-summary and, with --plots DIR, one cost-quality plot per judged group.
+held-out one. The task is held out of every file that carries it, and no prompt of it is trained
+on under another task (``bench/_heldout.py``); how many rows each rule kept out is printed per
+task and written to the JSON (``removed``). APGR is measured for --strong/--weak where the held-out
+file has that pair (model ids matched by alias), else for the file's strongest model against the
+model at the first tercile of its mean scores (llmrouter: mistral-7b-instruct-v0.3, the family of
+the target weak model). Tasks whose pair gap is under 0.05, or with fewer than 50 prompts, are
+skipped. Writes a JSON summary and, with --plots DIR, one cost-quality plot per judged group.
 
-    .venv/bin/python bench/loto.py --data ../shared/data/routing --json docs/loto.json --plots docs
+    .venv/bin/python -m bench.loto --data ../shared/data/routing --json docs/loto.json --plots docs
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from bench._heldout import Split, leave_task_out
 from routesvc.encoders import Encoder, HashingEncoder, StackedEncoder, WordLlamaEncoder
 from routesvc.evaluation import RoutingCurve, evaluate_scores, plot_curves, routing_curve
 from routesvc.features import bounded
@@ -103,6 +106,11 @@ def main() -> int:
     file_pairs = {source: eval_pair(records, rows, args.strong, args.weak) for source, rows in by_source.items()}
     for task, rows in by_task.items():
         pairs[task] = file_pairs[records[rows[0]].source]
+    splits: dict[str, Split] = {task: leave_task_out(records, task) for task in by_task}
+    removed = {task: {"same_task": s.same_task, "duplicate_prompts": s.duplicates} for task, s in splits.items()}
+    print("training rows kept out beside each held-out task (same task in another file / its prompts verbatim):")
+    for task, split in sorted(splits.items()):
+        print(f"  {task:40s} {split.same_task:5d} / {split.duplicates:5d}")
     for enc_name, encoder in encoders.items():
         started = time.perf_counter()
         embeddings = encoder.encode([bounded(r.prompt) for r in records])
@@ -110,7 +118,7 @@ def main() -> int:
         for var_name, settings in chosen.items():
             key = f"{enc_name} / {var_name}"
             for task, rows in by_task.items():
-                train = [i for i, t in enumerate(tasks) if t != task]
+                train = splits[task].train
                 router = fit_router(
                     [records[i] for i in train],
                     args.strong,
@@ -243,6 +251,7 @@ def main() -> int:
             "tasks": results,
             "task_cpt": cpts,
             "pairs": pair_names,
+            "removed": removed,
         }
         args.json.write_text(json.dumps(payload, indent=1))
     return 0

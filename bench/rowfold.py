@@ -5,7 +5,9 @@ rows of a known data set (the issue's "held-out RouterBench rows") are the other
 are in the training data, only the rows are new. Here every row of ``--file`` is scored exactly
 once by a router fitted, as ``routesvc fit`` would, on all the other files plus the other K-1
 folds of this one (folds stratified by task, fixed seed), with calibrated scores, so that the
-folds pool into one held-out file. Reports pooled and per-task APGR for the pair, against
+folds pool into one held-out file. A row of another file or fold whose prompt is a held-out
+row's verbatim (``llmrouter`` carries 72 of RouterBench's MBPP prompts) is kept out of that
+fold's fit, and counted (``bench/_heldout.py``). Reports pooled and per-task APGR for the pair, against
 random and the oracle.
 
     .venv/bin/python -m bench.rowfold --data ../shared/data/routing --file routerbench_train --folds 5
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._heldout import blind_training
 from routesvc.config import limit_native_threads
 from routesvc.encoders import DEFAULT_ROUTER_ENCODER, load_encoder
 from routesvc.evaluation import evaluate_scores
@@ -71,14 +74,21 @@ def main() -> int:
         parsed = value.lower() == "true" if kind is bool else kind(value)
         settings = dataclasses.replace(settings, **{key: parsed})
     print(f"settings: {settings}", file=sys.stderr)
+    duplicates: list[int] = []  # per fold: training rows kept out as copies of a held-out prompt
     for fold in range(args.folds):
         test = [i for i in held if fold_of[i] == fold]
-        train = [i for i in range(len(records)) if fold_of.get(i, -1) != fold]
+        split = blind_training(records, test, (i for i in range(len(records)) if fold_of.get(i, -1) != fold))
+        train = split.train
+        duplicates.append(split.duplicates)
         router = fit_router(
             [records[i] for i in train], args.strong, args.weak, encoder, settings, embeddings=embeddings[train]
         )
         scores[test] = router.calibrate(router.raw([bounded(records[i].prompt) for i in test], embeddings[test]))
-        print(f"fold {fold}: {len(test)} rows scored ({time.perf_counter() - started:.0f}s)", file=sys.stderr)
+        print(
+            f"fold {fold}: {len(test)} rows scored, {split.duplicates} training rows kept out as copies of"
+            f" held-out prompts ({time.perf_counter() - started:.0f}s)",
+            file=sys.stderr,
+        )
     judge_strong, judge_weak = args.judge_strong or args.strong, args.judge_weak or args.weak
     result: dict[str, dict[str, float]] = {}
     random_rng = np.random.default_rng(1)
@@ -104,7 +114,16 @@ def main() -> int:
         )
     if args.json:
         args.json.write_text(
-            json.dumps({"file": args.file, "folds": args.folds, "encoder": args.encoder, **result}, indent=1)
+            json.dumps(
+                {
+                    "file": args.file,
+                    "folds": args.folds,
+                    "encoder": args.encoder,
+                    "duplicates_kept_out": duplicates,
+                    **result,
+                },
+                indent=1,
+            )
         )
     return 0
 

@@ -232,11 +232,13 @@ class TestHandLabels:
         rows = []
         for task in ("alpha", "beta"):
             for i, record in enumerate(records("routerbench_train", task=task)):
-                rows.append(dataclasses.replace(record, id=f"{task}-{i}", task=task))
+                # Each task its own prompts: a verbatim copy of a held-out prompt is not trained on.
+                prompt = f"{task}: {record.prompt}"
+                rows.append(dataclasses.replace(record, id=f"{task}-{i}", task=task, prompt=prompt))
         write_jsonl(data / "routerbench_train.jsonl", rows)
         write_jsonl(data / "other.jsonl", records("other", task="other"))
         out = tmp_path / "loto.json"
-        command = [sys.executable, "bench/loto.py", "--data", str(data), "--strong", STRONG, "--weak", WEAK]
+        command = [sys.executable, "-m", "bench.loto", "--data", str(data), "--strong", STRONG, "--weak", WEAK]
         command += ["--encoders", "hashing", "--variants", "default", "--json", str(out)]
         subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=300)
         result = json.loads(out.read_text(), parse_constant=_refuse)  # strict JSON: no NaN
@@ -246,3 +248,5 @@ class TestHandLabels:
         assert pooled[key]["aiq"] > pooled["random"]["aiq"]
         assert pooled[key]["cpt50"] < pooled["random"]["cpt50"]
         assert set(result["task_cpt"]["routerbench_train:alpha"][key]) == {"cpt50", "cpt80"}
+        held_out = {"routerbench_train:alpha", "routerbench_train:beta", "other:other-0", "other:other-1"}
+        assert held_out == set(result["removed"])
