@@ -154,14 +154,23 @@ class FeedbackExample:
 
 
 @dataclass(frozen=True, slots=True)
+class EvictedExample:
+    """An example deleted to keep within a cap: its decision id and the tenant it was routed for
+    ("" for none), so a library of that tenant (not every one) drops it."""
+
+    decision_id: str
+    tenant: str
+
+
+@dataclass(frozen=True, slots=True)
 class Recorded:
     """What ``record_outcome`` did: the ``entry`` (as ``record`` returns it); the ``example`` as it
     is now when a new outcome was stored (None: the same score again, nothing stored); the
-    decision ids of the oldest examples ``evicted`` to keep within ``max_examples``."""
+    oldest examples ``evicted`` to keep within the caps."""
 
     entry: FeedbackEntry
     example: FeedbackExample | None
-    evicted: tuple[str, ...] = ()
+    evicted: tuple[EvictedExample, ...] = ()
 
 
 # ``feedback.decision_id`` names a row of ``examples``; files written before examples had their
@@ -202,8 +211,22 @@ CREATE TABLE IF NOT EXISTS example_counts (
 CREATE TABLE IF NOT EXISTS example_total (
     examples INTEGER NOT NULL
 );
+CREATE TRIGGER IF NOT EXISTS example_added AFTER INSERT ON examples
+BEGIN
+    UPDATE example_total SET examples = examples + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS example_removed AFTER DELETE ON examples
+BEGIN
+    UPDATE example_total SET examples = examples - 1;
+END;
 """
 
+# The triggers keep ``example_total`` in the file itself, so every writer counts in it: the release
+# before it, which knows nothing of the total (it still keeps ``example_counts``), writing the
+# same file (a rolling upgrade, a rollback) left it wrong until the next open, and the total cap
+# then evicted examples of a file far below it, or let it grow past it. They are created at every
+# open where missing (above), so the version is unchanged: no release refuses a newer one, and
+# nothing else in the file is new.
 _SCHEMA_VERSION = 4
 
 # Before version 1 every decision, rated or not, was a row of ``decisions``: opening such a
@@ -265,8 +288,8 @@ def _open(path: Path | str, busy_timeout_seconds: float) -> tuple[sqlite3.Connec
             # After the upgrade: files before version 3 have no ``tenant`` column until then.
             writer.execute("CREATE INDEX IF NOT EXISTS examples_tenant ON examples(tenant)")
             # Counted anew at each open (a release before the counts may have written examples).
-            # ``example_total`` is their sum in one row: the total cap reads it at each new
-            # example, where summing the counts would cost a row per tenant.
+            # ``example_total`` is their sum in one row, kept by the triggers: the total cap reads
+            # it at each new example, where summing the counts would cost a row per tenant.
             writer.execute("DELETE FROM example_counts")
             writer.execute("INSERT INTO example_counts SELECT tenant, COUNT(*) FROM examples GROUP BY tenant")
             writer.execute("DELETE FROM example_total")
@@ -368,10 +391,10 @@ class FeedbackStore:
         self._thread = threading.Thread(target=self._write_queued, name="routesvc-feedback-writer", daemon=True)
         self._thread.start()
 
-    def apply_cap(self) -> tuple[str, ...]:
+    def apply_cap(self) -> tuple[EvictedExample, ...]:
         """Delete the oldest examples (and their outcomes) past ``max_examples``, of every tenant
         (or of all, as the store was told), then the oldest of all past ``max_total_examples``;
-        their decision ids. A store opened with
+        returns them. How many is logged (``feedback_examples_evicted``). A store opened with
         ``cap_at_open`` False (a reload's, so that a version it rejects deletes nothing) keeps a
         file over its cap until this is called, or until a new example of that tenant comes. A
         failure of the file is an error of ``store_failure``: what the transactions before it
@@ -379,25 +402,40 @@ class FeedbackStore:
 
         It deletes in transactions of ``_EVICTION_BATCH`` examples at most, each keeping the
         counts exact, so a lowered cap over a large file (100,000 examples) never holds the
-        file's write lock for long: the writes of other stores and processes go in between."""
+        file's write lock for long: the writes of other stores and processes go in between. Only
+        the tenants over the cap are visited (one transaction each), not every tenant."""
         with self._translated_failures():
             return self._apply_cap()
 
-    def _apply_cap(self) -> tuple[str, ...]:
-        evicted: list[str] = []
+    def _apply_cap(self) -> tuple[EvictedExample, ...]:
+        evicted: list[EvictedExample] = []
         caps: list[tuple[str | None, int]] = []
         if self._examples_per_tenant:
             with self._read_lock:
-                tenants = self._reader.execute("SELECT tenant FROM example_counts ORDER BY tenant").fetchall()
+                tenants = self._reader.execute(
+                    "SELECT tenant FROM example_counts WHERE examples > ? ORDER BY tenant", (self._max_examples,)
+                ).fetchall()
             caps = [(str(row[0]), self._max_examples) for row in tenants]
         caps.append((None, self._max_total))  # each tenant's first, then all: as ``examples()`` reads
-        for tenant, cap in caps:
-            while True:
-                with self._transaction():
-                    batch = self._evict_over_the_cap(tenant, cap, limit=_EVICTION_BATCH)
-                evicted += batch
-                if len(batch) < _EVICTION_BATCH:
-                    break
+        try:
+            for tenant, cap in caps:
+                while True:
+                    with self._transaction():
+                        batch = self._evict_over_the_cap(tenant, cap, limit=_EVICTION_BATCH)
+                    evicted += batch
+                    if len(batch) < _EVICTION_BATCH:
+                        break
+        finally:
+            # A lowered cap (or one added, the total's) deletes examples the operator may not
+            # expect: say how many, never which (ids and tenants are the callers').
+            if evicted:
+                log.info(
+                    "feedback_examples_evicted",
+                    examples=len(evicted),
+                    max_examples=self._max_examples,
+                    max_total_examples=self._max_total,
+                    per_tenant=self._examples_per_tenant,
+                )
         return tuple(evicted)
 
     @contextmanager
@@ -559,7 +597,7 @@ class FeedbackStore:
             f"no remembered decision {quoted_id(decision_id)} (never seen, or forgotten without feedback)"
         )
         select = "SELECT model, tenant, embedding, encoder FROM examples WHERE decision_id = ?"
-        evicted: tuple[str, ...] = ()
+        evicted: tuple[EvictedExample, ...] = ()
         with self._transaction():
             row = self._writer.execute(select, (decision_id,)).fetchone()
             if row is None:
@@ -581,7 +619,6 @@ class FeedbackStore:
                         " ON CONFLICT (tenant) DO UPDATE SET examples = examples + 1",
                         (row[1],),
                     )
-                    self._writer.execute("UPDATE example_total SET examples = examples + 1")
                     evicted = self._evict_for_a_new_example(str(row[1]))
             if tenant is not None and row[1] != tenant:
                 # Another tenant's decision: raising rolls the move back, and the message is the
@@ -606,24 +643,36 @@ class FeedbackStore:
         example = FeedbackExample(decision_id, model, embedding, score, encoder, owner)
         return Recorded(FeedbackEntry(decision_id, model, score, now, owner), example, evicted)
 
-    def _evict_for_a_new_example(self, tenant: str) -> tuple[str, ...]:
+    def _evict_for_a_new_example(self, tenant: str) -> tuple[EvictedExample, ...]:
         """Delete the oldest examples (and their outcomes) past the caps once ``tenant`` has a new
         one: its own past ``max_examples`` when examples are capped per tenant, then those of all
-        past the total cap. Returns their decision ids. The caller holds the write transaction."""
+        past the total cap; returns them. The caller holds the write transaction."""
         evicted = self._evict_over_the_cap(tenant, self._max_examples) if self._examples_per_tenant else ()
         return evicted + self._evict_over_the_cap(None, self._max_total)
 
-    def _evict_over_the_cap(self, tenant: str | None, cap: int, limit: int | None = None) -> tuple[str, ...]:
+    def _evict_over_the_cap(self, tenant: str | None, cap: int, limit: int | None = None) -> tuple[EvictedExample, ...]:
         """Delete the oldest examples (and their outcomes) of ``tenant`` (None: of all) past
-        ``cap``, ``limit`` at most (None: all). Returns their decision ids. The counts make it cost
-        what it deletes, not what is kept. The caller holds the write transaction."""
+        ``cap``, ``limit`` at most (None: all); returns them. The counts make a call below the
+        cap cost one row; one that evicts also counts the rows it is about (an index's entries,
+        ~1 ms at 200,000), so a count gone wrong never evicts more than the excess over the cap
+        (it is set right then). The caller holds the write transaction."""
         if tenant is not None:
             [count] = self._writer.execute(
                 "SELECT COALESCE(SUM(examples), 0) FROM example_counts WHERE tenant = ?", (tenant,)
             ).fetchone()
         else:
             [count] = self._writer.execute("SELECT COALESCE(SUM(examples), 0) FROM example_total").fetchone()
-        over = int(count) - cap
+        if int(count) <= cap:
+            return ()
+        if tenant is not None:
+            [real] = self._writer.execute("SELECT COUNT(*) FROM examples WHERE tenant = ?", (tenant,)).fetchone()
+            if real != count:
+                self._writer.execute("UPDATE example_counts SET examples = ? WHERE tenant = ?", (real, tenant))
+        else:
+            [real] = self._writer.execute("SELECT COUNT(*) FROM examples").fetchone()
+            if real != count:
+                self._writer.execute("UPDATE example_total SET examples = ?", (real,))
+        over = int(real) - cap
         if limit is not None:
             over = min(over, limit)
         if over <= 0:
@@ -642,8 +691,7 @@ class FeedbackStore:
             self._writer.execute("UPDATE example_counts SET examples = examples - 1 WHERE tenant = ?", (owner,))
             # A tenant left with none loses its row: with auth off tenants are whatever callers name.
             self._writer.execute("DELETE FROM example_counts WHERE tenant = ? AND examples <= 0", (owner,))
-        self._writer.execute("UPDATE example_total SET examples = examples - ?", (len(rows),))
-        return tuple(str(row[0]) for row in rows)
+        return tuple(EvictedExample(str(decision_id), str(owner)) for decision_id, owner in rows)
 
     def entries(self, limit: int = 100) -> list[FeedbackEntry]:
         """The outcomes of the ``limit`` examples rated last, newest first: each example's latest

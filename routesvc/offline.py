@@ -121,10 +121,15 @@ ROUTER_FILES = frozenset({"router.json", "library.npz"})
 
 
 def _check_router_out(out: Path) -> None:
-    """Refuse an ``--out`` that ``_save_whole`` would not replace safely: a regular file, or a
-    folder holding anything besides a router's two files (replacing the folder would delete it)."""
+    """Refuse an ``--out`` (resolved) that ``_save_whole`` would not replace safely: a regular
+    file, a folder holding anything besides a router's two files (replacing the folder would
+    delete it), or the current folder or one holding it (replacing it pulls the folder the shell
+    is in from under it: ``fit --out .`` from inside a router folder)."""
     if out.exists() and not out.is_dir():
         raise FitError(f"--out {out}: not a folder (fit writes router.json and library.npz into one)")
+    here = Path.cwd().resolve()
+    if out == here or out in here.parents:
+        raise FitError(f"--out {out}: is the current folder or holds it; fit replaces the folder whole: give another")
     others = sorted(entry.name for entry in out.iterdir() if entry.name not in ROUTER_FILES) if out.is_dir() else []
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
@@ -135,28 +140,39 @@ def _check_router_out(out: Path) -> None:
 
 
 def _save_whole(router: FittedRouter, out: Path) -> None:
-    """Write ``router`` to the folder ``out`` whole or not at all.
+    """Write ``router`` to the folder ``out`` (resolved, as ``_check_router_out`` checked it)
+    whole or not at all.
 
     Both files go into a new folder beside ``out``, which is then renamed into place: a failure
     while writing (a full disk) leaves the old router as it was, where writing into ``out`` left
     new weights beside the old library. An existing ``out`` is first renamed aside (one rename
     cannot replace a folder), then removed; a crash between those two renames leaves no ``out``,
-    the old router in ``.NAME.old-*`` and the new one in ``.NAME.new-*`` beside it.
+    the old router in ``.NAME.old-*`` and the new one in ``.NAME.new-*`` beside it. Should another
+    fit's router land on ``out`` between those two renames, it is kept and this one is not: the
+    old one is removed and the fit fails.
     """
-    out = out.resolve()  # a symlink to a folder: replace the folder it names, keep the link
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
     new, old = out.with_name(f".{out.name}.new-{token}"), out.with_name(f".{out.name}.old-{token}")
     out.parent.mkdir(parents=True, exist_ok=True)
     new.mkdir()
     try:
         router.save(new)
-        if out.exists():
-            out.rename(old)
-        new.rename(out)
+        try:
+            if out.exists():
+                out.rename(old)
+            new.rename(out)
+        except OSError as exc:
+            # Another fit into the same --out renamed its folder there (or aside) meanwhile.
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                raise
+            raise FitError(f"--out {out}: changed while fitting (another fit wrote it?); not replaced") from exc
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)  # the new one could not be moved in: put the old one back
+        if old.exists():
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)  # another fit's router is in place: it stays
+            else:
+                old.rename(out)  # the new one could not be moved in: put the old one back
         raise
     shutil.rmtree(old, ignore_errors=True)
 
@@ -168,9 +184,13 @@ def _read_prompts(path: Path) -> list[OutcomeRecord]:
 def run_fit(args: argparse.Namespace) -> int:
     """``routesvc fit``: fit a router for the pair and write it to ``--out``."""
     started = time.perf_counter()
-    _check_router_out(args.out)
+    # Resolved once, and every check and the swap on that path: "build/../models" with no build
+    # passed the check as given (nothing there), then replaced the real models folder. A symlink
+    # to a folder: the folder it names is replaced, the link kept.
+    out = args.out.resolve()
+    _check_router_out(out)
     # The router is written beside --out, then renamed into place: its folder must take files.
-    _check_writable(args.out.parent if args.out.is_dir() else args.out, folder_out=args.out.is_dir())
+    _check_writable(out.parent if out.is_dir() else out, folder_out=out.is_dir())
     encoder = load_encoder(args.encoder)  # an unknown name fails before the data is read
     records = read_outcomes(*args.data)
     print(f"read {len(records)} prompts from {len(args.data)} path(s)", file=sys.stderr)
@@ -187,7 +207,7 @@ def run_fit(args: argparse.Namespace) -> int:
         kinds = ", ".join(settings.strong_kinds)
         spreads = f"{settings.kind_weight:g} score spread{'' if settings.kind_weight == 1 else 's'}"
         print(f"  kind prior: +{router.kind_offset:.4f} ({spreads}) for {kinds}", file=sys.stderr)
-    _save_whole(router, args.out)
+    _save_whole(router, out)
     print(f"wrote {args.out} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
 

@@ -565,6 +565,68 @@ class TestOfflineCommandErrors:
         )
         assert [path.name for path in folder.iterdir()] == ["notes.txt"]
 
+    def test_fit_into_a_folder_of_other_files_named_through_a_missing_folder_is_refused(
+        self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--out is resolved before it is checked: "build/../models" with no build folder names
+        models, which holds other files, so it is refused and left as it was (it passed the
+        check as given, nothing being there, then models was replaced whole)."""
+        folder = tmp_path / "models"
+        folder.mkdir()
+        (folder / "notes.txt").write_text("keep me")
+        assert cli.main(_fit_args(data, tmp_path / "build" / ".." / "models")) == 2
+        assert capsys.readouterr().err.startswith(f"error: --out {folder}: holds files other than a router's")
+        assert [path.name for path in folder.iterdir()] == ["notes.txt"]
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["models", "train.jsonl"]
+
+    @pytest.mark.parametrize("out", [".", ".."])
+    def test_fit_into_the_current_folder_or_one_holding_it_is_refused(
+        self, data: Path, router: Path, out: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """fit replaces its --out folder whole: from inside a router folder, "--out ." (or a
+        folder holding the current one) is refused, and the folder the shell is in stays (it was
+        renamed aside and removed, the shell left in a deleted folder)."""
+        monkeypatch.chdir(router)
+        before = {name: (router / name).read_bytes() for name in ("router.json", "library.npz")}
+        assert cli.main(_fit_args(data, Path(out))) == 2
+        named = router if out == "." else router.parent
+        assert capsys.readouterr().err == (
+            f"error: --out {named}: is the current folder or holds it; fit replaces the folder whole: give another\n"
+        )
+        assert {name: (router / name).read_bytes() for name in ("router.json", "library.npz")} == before
+        assert sorted(path.name for path in router.parent.iterdir()) == ["router", "train.jsonl"]
+
+    def test_a_fit_whose_out_another_fit_replaced_meanwhile_keeps_the_other(
+        self,
+        data: Path,
+        router: Path,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Two fits into one --out: when the other's router lands on --out after this one moved
+        the old router aside, the other's is kept, the old one removed (it was left beside --out),
+        and the error says --out changed (it was "Directory not empty")."""
+        other = tmp_path / ".router.new-other"
+        other.mkdir()
+        for name in ("router.json", "library.npz"):
+            (other / name).write_bytes((router / name).read_bytes())
+        rename = Path.rename
+
+        def other_fit_lands_between_the_renames(self: Path, target: str | os.PathLike[str]) -> Path:
+            moved = rename(self, target)
+            if self == router:  # this fit moved the old router aside: the other's lands now
+                rename(other, router)
+            return moved
+
+        monkeypatch.setattr(Path, "rename", other_fit_lands_between_the_renames)
+        assert cli.main([*_fit_args(data, router)[:-1], "hashing-64"]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: --out {router}: changed while fitting (another fit wrote it?); not replaced"
+        )
+        assert json.loads((router / "router.json").read_text())["encoder"] == "hashing-256"
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["router", "train.jsonl"]
+
     def test_fit_where_no_folder_can_be_made(
         self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -24,7 +24,7 @@ from routesvc.client import RouterClient
 from routesvc.config import load_settings
 from routesvc.encoders import HashingEncoder
 from routesvc.errors import ConfigError, FeedbackStoreUnavailable
-from routesvc.feedback import FeedbackExample, FeedbackStore
+from routesvc.feedback import EvictedExample, FeedbackExample, FeedbackStore
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.policy import Policy
 from routesvc.reload import ConfigWatcher
@@ -577,6 +577,23 @@ class TestTheLibraryStaysBounded:
         assert moved == after_restart == [0, 0, 1, 1, 1]
         assert (refused.code(), error_info(refused).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
 
+    @pytest.mark.parametrize("scope", ["tenant", "shared"])
+    def test_a_total_cap_below_the_examples_cap_is_a_config_error_naming_both(self, tmp_path: Path, scope: str) -> None:
+        """``feedback_max_total_examples`` below ``feedback_max_examples`` is refused at start,
+        naming both: with ``shared`` the lower applied, so a cap of 200,005 (valid before the total
+        cap) was taken without a word and the first open deleted 5 examples; with ``tenant`` no
+        tenant could reach its cap. Equal caps are taken."""
+        config = embedding_config(tmp_path, feedback_scope=scope, feedback_max_examples=200_005)
+        with pytest.raises(ConfigError) as caught:
+            settings_from(config)
+        equal = embedding_config(tmp_path, feedback_max_examples=50, feedback_max_total_examples=50)
+        assert caught.value.message.endswith(
+            "routing.stages[0]: feedback_max_total_examples (200000) is below feedback_max_examples (200005):"
+            " the total cap applies to all tenants' examples together, so raise it to at least"
+            " feedback_max_examples (or lower feedback_max_examples)"
+        )
+        assert settings_from(equal).config.routing.stages[0].feedback_max_total_examples == 50  # type: ignore[union-attr]
+
 
 class TestAReloadChangingTheExamplesCap:
     @pytest.mark.parametrize("change", [{"feedback_max_examples": 1}, {"feedback_scope": "shared"}])
@@ -701,7 +718,7 @@ class TestAReloadChangingTheExamplesCap:
                 held.set()
                 released.append(release.wait(10))
 
-        def held_eviction(store: FeedbackStore) -> tuple[str, ...]:
+        def held_eviction(store: FeedbackStore) -> tuple[EvictedExample, ...]:
             taking_over.set()
             if held_at == "the eviction":
                 hold()
@@ -748,7 +765,7 @@ class TestAReloadChangingTheExamplesCap:
         new_stores: list[FeedbackStore] = []
         evict, write, flush = FeedbackStore.apply_cap, FeedbackStore._write, FeedbackStore.flush
 
-        def held_eviction(store: FeedbackStore) -> tuple[str, ...]:
+        def held_eviction(store: FeedbackStore) -> tuple[EvictedExample, ...]:
             held.set()
             release.wait(10)
             return evict(store)

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from routesvc.catalog import Catalog
 from routesvc.errors import ConfigError
@@ -33,6 +33,7 @@ from routesvc.feedback import (
     DEFAULT_MAX_EXAMPLES,
     DEFAULT_MAX_PENDING_DECISIONS,
     DEFAULT_MAX_TOTAL_EXAMPLES,
+    EvictedExample,
     FeedbackExample,
     FeedbackStore,
     Recorded,
@@ -150,6 +151,20 @@ class EmbeddingStageConfig(BaseModel):
             " any tenant); the oldest of all are forgotten first"
         ),
     )
+
+    @model_validator(mode="after")
+    def _total_cap_holds_a_cap(self) -> EmbeddingStageConfig:
+        # With shared scope the lower of the two applies, so a feedback_max_examples above the
+        # total (valid before the total cap, which then silently evicted the excess at upgrade)
+        # keeps fewer than it says; with tenant scope a tenant could never reach its cap.
+        if self.feedback_max_total_examples < self.feedback_max_examples:
+            raise ValueError(
+                f"feedback_max_total_examples ({self.feedback_max_total_examples}) is below"
+                f" feedback_max_examples ({self.feedback_max_examples}): the total cap applies to all"
+                " tenants' examples together, so raise it to at least feedback_max_examples"
+                " (or lower feedback_max_examples)"
+            )
+        return self
 
 
 class EmbeddingStage:
@@ -278,17 +293,18 @@ class EmbeddingStage:
             return 0
         return len(self._feedback.apply_cap())
 
-    def _forget(self, decision_ids: tuple[str, ...]) -> None:
-        """Drop the examples of ``decision_ids`` from every library, and a library left empty (the
-        total cap evicts other tenants' examples: their libraries must not outlive them); the
-        caller holds its lock."""
-        if not decision_ids:
-            return
-        for decision_id in decision_ids:
-            for scoped in self._libraries.values():
-                scoped.remove(decision_id)
-        for scope in [scope for scope, scoped in self._libraries.items() if not len(scoped)]:
-            del self._libraries[scope]
+    def _forget(self, evicted: tuple[EvictedExample, ...]) -> None:
+        """Drop the ``evicted`` examples from the library of their tenant (or the shared one), and
+        a library left empty (the total cap evicts other tenants' examples: their libraries must
+        not outlive them); the caller holds its lock. Only that library is looked at: every
+        library was, under the lock Routes score under (~120 ms a Feedback at 200,000 tenants)."""
+        for example in evicted:
+            scope = example.tenant if self._per_tenant else ""
+            library = self._libraries.get(scope)
+            if library is not None:
+                library.remove(example.decision_id)
+                if not len(library):
+                    del self._libraries[scope]
 
     def _embed(self, text: str) -> np.ndarray[tuple[int], np.dtype[np.float32]]:
         """The embedding of ``text``, which is already ``bounded`` (remembered by the text)."""
