@@ -388,19 +388,19 @@ class TestProviderRetryDelays:
     async def test_an_anthropic_limit_at_0_wins_over_its_tokens_headers(
         self, reliable: tuple[Server, RouterClient], fake: FakeProvider
     ) -> None:
-        """An Anthropic 429 whose requests are at 0 (reset in 1 s), its output tokens 600 left
+        """An Anthropic 429 whose requests are at 0 (reset in 5 s), its output tokens 600 left
         (reset in 40 s), room for the request's ``max_tokens`` of 512, and its tokens headers
         repeating the output tokens' (the most restrictive of its token limits, not their sum):
-        the requests refused it, RetryInfo of their 1 s. (Read as input plus output, the ~300
+        the requests refused it, RetryInfo of their 5 s. (Read as input plus output, the ~300
         input tokens and 512 output were over the tokens' 600: their 40 s.)"""
         _, client = reliable
         headers = {
             "anthropic-ratelimit-requests-limit": "50",
             "anthropic-ratelimit-requests-remaining": "0",
-            "anthropic-ratelimit-requests-reset": _rfc3339(1),
+            "anthropic-ratelimit-requests-reset": _rfc3339(5),
             "anthropic-ratelimit-input-tokens-limit": "40000",
             "anthropic-ratelimit-input-tokens-remaining": "30000",
-            "anthropic-ratelimit-input-tokens-reset": _rfc3339(5),
+            "anthropic-ratelimit-input-tokens-reset": _rfc3339(20),
             "anthropic-ratelimit-output-tokens-limit": "8000",
             "anthropic-ratelimit-output-tokens-remaining": "600",
             "anthropic-ratelimit-output-tokens-reset": _rfc3339(40),
@@ -415,7 +415,7 @@ class TestProviderRetryDelays:
                 pass
         error = caught.value
         assert (error.code(), error_info(error).reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED")
-        assert 0 < retry_delay(error) <= 1
+        assert 0 < retry_delay(error) <= 5
 
     async def test_a_zero_retry_after_is_retried_whatever_max_retry_after_seconds(self, fake: FakeProvider) -> None:
         """``max_retry_after_seconds`` bounds the provider's wait, not the backoff (bounded by
