@@ -1112,6 +1112,9 @@ class Router:
         retryable_error: ProviderError | None = None  # the last failure a later retry may get past
         refused: list[tuple[ModelSpec, float | None]] = []  # models open breakers refused, with their waits
         open_breaker: ProviderUnavailable | None = None  # the refusal that speaks for them
+        # The failure of the model tried last, its own (an open breaker's refusal of it alone, not
+        # the one that speaks for all): a fallback is from it, in chain order.
+        previous_failure: ProviderError | None = None
         cascade_cap = self._escalation.max_cost(request) if decision.cascade_models else None
         for model_id in self._attempt_chain(decision):
             model = self._catalog.get(model_id)
@@ -1122,11 +1125,13 @@ class Router:
                 if not self._within_cascade_cap(attempt, model, cascade_cap):
                     continue
             if model.provider in attempt.exhausted:
-                last_error = last_error or ProviderQuotaExhausted(
+                spent = ProviderQuotaExhausted(
                     f"provider {model.provider} model {model_id}: quota spent (found earlier in this request)",
                     provider=model.provider,
                     model=model_id,
                 )
+                last_error = last_error or spent
+                previous_failure = previous_failure or spent
                 continue
             try:
                 await self._cover(attempt, model)
@@ -1138,7 +1143,7 @@ class Router:
                 continue
             # Recorded when its first attempt starts: a fallback the attempt limit, the retry
             # budget, the deadline or an open breaker stops was never called.
-            fallen_from = last_error
+            fallen_from = previous_failure
             # Recorded when it starts: a retry the budget, the deadline or the breaker stops after
             # its wait (another request's doing meanwhile) was never made.
             retry_made: tuple[str, float] | None = None  # the failure's reason, the wait
@@ -1161,6 +1166,7 @@ class Router:
                 if permit is None:
                     # When its probe may go; none while a half-open breaker's probe runs.
                     refused.append((model, self._breakers.retry_in(model_id) or None))
+                    previous_failure = _open_breakers_refusal(refused[-1:])
                     # One refusal speaks for every model an open breaker refused: the caller may
                     # come back when the soonest of them lets a probe through.
                     refusal = _open_breakers_refusal(refused)
@@ -1185,7 +1191,7 @@ class Router:
                     except ProviderError as error:
                         if attempt.chunks or not (is_retryable(error) or skips_provider(error)):
                             raise
-                        last_error = error
+                        last_error = previous_failure = error
                         if skips_provider(error):
                             attempt.exhausted.add(model.provider)
                             break

@@ -384,6 +384,39 @@ class TestProviderRetryDelays:
         assert (error.code(), error_info(error).reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED")
         assert 20 < retry_delay(error) <= 30
 
+    @pytest.mark.parametrize("reliable", [{"retries_per_model": 0, "max_attempts": 1}], indirect=True)
+    async def test_an_anthropic_limit_at_0_wins_over_its_tokens_headers(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """An Anthropic 429 whose requests are at 0 (reset in 5 s), its output tokens 600 left
+        (reset in 40 s), room for the request's ``max_tokens`` of 512, and its tokens headers
+        repeating the output tokens' (the most restrictive of its token limits, not their sum):
+        the requests refused it, RetryInfo of their 5 s. (Read as input plus output, the ~300
+        input tokens and 512 output were over the tokens' 600: their 40 s.)"""
+        _, client = reliable
+        headers = {
+            "anthropic-ratelimit-requests-limit": "50",
+            "anthropic-ratelimit-requests-remaining": "0",
+            "anthropic-ratelimit-requests-reset": _rfc3339(5),
+            "anthropic-ratelimit-input-tokens-limit": "40000",
+            "anthropic-ratelimit-input-tokens-remaining": "30000",
+            "anthropic-ratelimit-input-tokens-reset": _rfc3339(20),
+            "anthropic-ratelimit-output-tokens-limit": "8000",
+            "anthropic-ratelimit-output-tokens-remaining": "600",
+            "anthropic-ratelimit-output-tokens-reset": _rfc3339(40),
+            "anthropic-ratelimit-tokens-limit": "8000",
+            "anthropic-ratelimit-tokens-remaining": "600",
+            "anthropic-ratelimit-tokens-reset": _rfc3339(40),
+        }
+        fake.enqueue(Script(status=429, headers=headers))
+        chat = user_chat("word " * 300, max_output_tokens=512)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in client.complete(chat, pb.RoutingContext(model="claude-sonnet")):
+                pass
+        error = caught.value
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED")
+        assert 0 < retry_delay(error) <= 5
+
     async def test_a_zero_retry_after_is_retried_whatever_max_retry_after_seconds(self, fake: FakeProvider) -> None:
         """``max_retry_after_seconds`` bounds the provider's wait, not the backoff (bounded by
         ``max_backoff_seconds``): with it at 1 ms, below the backoff's draw, a 503 saying
@@ -961,6 +994,29 @@ class TestBreakers:
                 },
                 20.0,
             ),
+            # Anthropic's tokens repeat the more restrictive of its input and output tokens: beside
+            # them they are no limit of their own (here they would say 0, the output's 30 s).
+            (
+                {
+                    "anthropic-ratelimit-requests-remaining": "0",
+                    "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:01Z",
+                    "anthropic-ratelimit-output-tokens-remaining": "600",
+                    "anthropic-ratelimit-output-tokens-reset": "2026-01-01T00:00:30Z",
+                    "anthropic-ratelimit-tokens-remaining": "0",
+                    "anthropic-ratelimit-tokens-reset": "2026-01-01T00:00:30Z",
+                },
+                1.0,
+            ),
+            # Alone, they are read as a limit.
+            (
+                {
+                    "anthropic-ratelimit-requests-remaining": "0",
+                    "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:01Z",
+                    "anthropic-ratelimit-tokens-remaining": "0",
+                    "anthropic-ratelimit-tokens-reset": "2026-01-01T00:00:30Z",
+                },
+                30.0,
+            ),
             ({"anthropic-ratelimit-tokens-reset": "2025-12-31T23:59:00Z"}, 0.0),
             ({"anthropic-ratelimit-tokens-reset": "tomorrow"}, None),
             ({}, None),
@@ -995,7 +1051,7 @@ class TestBreakers:
     ) -> None:
         """A 429 none of whose limits is at 0: a token limit whose remaining is below what the
         request takes of it (its input estimate for input tokens, its ``max_tokens`` for output)
-        certainly refused it, whatever the other limits' fractions say."""
+        refused it, whatever the other limits' fractions say."""
         now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC).timestamp()
         headers = {
             "anthropic-ratelimit-input-tokens-limit": "40000",
@@ -1005,6 +1061,93 @@ class TestBreakers:
             "anthropic-ratelimit-output-tokens-remaining": "100",
             "anthropic-ratelimit-output-tokens-reset": "2026-01-01T00:00:30Z",
         }
+        assert rate_limit_reset(headers, now=now, asked=asked) == pytest.approx(seconds)
+
+    @pytest.mark.parametrize(
+        ("headers", "asked", "seconds"),
+        [
+            # Requests at 0: they refused, though the estimate is over the input tokens left (a
+            # cache read, which Anthropic's input-tokens limit leaves out, may make it so).
+            (
+                {
+                    "anthropic-ratelimit-requests-remaining": "0",
+                    "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:01Z",
+                    "anthropic-ratelimit-input-tokens-remaining": "2000",
+                    "anthropic-ratelimit-input-tokens-reset": "2026-01-01T00:00:40Z",
+                },
+                TokensAsked(input_tokens=10000, output_tokens=512),
+                1.0,
+            ),
+            # The same on OpenAI: its requests at 0, its tokens below the estimate.
+            (
+                {
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": "120ms",
+                    "x-ratelimit-remaining-tokens": "500",
+                    "x-ratelimit-reset-tokens": "6m0s",
+                },
+                TokensAsked(input_tokens=400, output_tokens=200),
+                0.12,
+            ),
+            # Nothing at 0: OpenAI's tokens (combined: 400 + 200 over its 500) refused.
+            (
+                {
+                    "x-ratelimit-remaining-requests": "499",
+                    "x-ratelimit-reset-requests": "120ms",
+                    "x-ratelimit-remaining-tokens": "500",
+                    "x-ratelimit-reset-tokens": "6m0s",
+                },
+                TokensAsked(input_tokens=400, output_tokens=200),
+                360.0,
+            ),
+            # Anthropic's tokens beside its output tokens are not counted as input plus output:
+            # the output's 600 left take the 512, and the input tokens are closest to spent.
+            (
+                {
+                    "anthropic-ratelimit-input-tokens-limit": "40000",
+                    "anthropic-ratelimit-input-tokens-remaining": "400",
+                    "anthropic-ratelimit-input-tokens-reset": "2026-01-01T00:00:05Z",
+                    "anthropic-ratelimit-output-tokens-limit": "8000",
+                    "anthropic-ratelimit-output-tokens-remaining": "600",
+                    "anthropic-ratelimit-output-tokens-reset": "2026-01-01T00:00:40Z",
+                    "anthropic-ratelimit-tokens-limit": "8000",
+                    "anthropic-ratelimit-tokens-remaining": "600",
+                    "anthropic-ratelimit-tokens-reset": "2026-01-01T00:00:40Z",
+                },
+                TokensAsked(input_tokens=300, output_tokens=512),
+                5.0,
+            ),
+            # Anthropic's tokens alone are read as a limit: with a request left, they refused.
+            (
+                {
+                    "anthropic-ratelimit-requests-limit": "50",
+                    "anthropic-ratelimit-requests-remaining": "1",
+                    "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:01Z",
+                    "anthropic-ratelimit-tokens-limit": "8000",
+                    "anthropic-ratelimit-tokens-remaining": "600",
+                    "anthropic-ratelimit-tokens-reset": "2026-01-01T00:00:40Z",
+                },
+                TokensAsked(input_tokens=300, output_tokens=512),
+                40.0,
+            ),
+        ],
+        ids=[
+            "anthropic_requests_at_0",
+            "openai_requests_at_0",
+            "openai_tokens_short",
+            "anthropic_split",
+            "anthropic_alone",
+        ],
+    )
+    def test_a_limit_at_0_comes_before_the_requests_estimated_tokens(
+        self, headers: dict[str, str], asked: TokensAsked, seconds: float
+    ) -> None:
+        """A limit the provider says is at 0 refused the request, whatever routesvc's estimate of
+        its tokens says of the others (the provider counts its own: cache reads, images); only
+        when none is at 0 does a token limit below the estimate decide. Anthropic's tokens
+        headers, the most restrictive of its input and output tokens limits, are no limit beside
+        those."""
+        now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC).timestamp()
         assert rate_limit_reset(headers, now=now, asked=asked) == pytest.approx(seconds)
 
     async def test_total_outage_keeps_upstream_calls_per_request_low(

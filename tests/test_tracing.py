@@ -677,6 +677,38 @@ class TestFallback:
         assert _attrs(server)["routesvc.fallbacks"] == 1
         assert stats.fallbacks == 1
 
+    @pytest.mark.parametrize(("mini_wait", "gpt_4o_wait"), [(5, 40), (40, 5)])
+    async def test_a_fallback_past_open_breakers_is_from_the_model_just_before_it(
+        self, fake: FakeProvider, mini_wait: int, gpt_4o_wait: int
+    ) -> None:
+        """gpt-4o-mini falls back to gpt-4o then claude-sonnet; both first models' breakers are
+        open (by a 503's Retry-After each), so claude-sonnet answers: its fallback is from gpt-4o,
+        the model before it in the chain, whichever breaker lets a probe through sooner (it was
+        from the soonest, the model the caller's RetryInfo would name), in the event and the
+        metric. So too for the request whose gpt-4o-mini failed and whose gpt-4o was refused (it
+        was from gpt-4o-mini, the failure the caller would be told of)."""
+        config = _two_fallbacks_config(breaker={"failure_threshold": 1, "open_seconds": 1, "max_open_seconds": 60})
+        fake.enqueue(Script(status=503, retry_after=str(gpt_4o_wait)), model="gpt-4o")
+        fake.enqueue(Script(status=503, retry_after=str(mini_wait)), model="gpt-4o-mini")
+        async with observed_server(fake, config=config) as observed:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _complete(observed, model="gpt-4o")  # gpt-4o's own chain has no fallback
+            await _complete(observed, model="gpt-4o-mini")  # mini fails, gpt-4o refused, claude
+            messages = await _complete(observed, model="gpt-4o-mini")  # both refused, claude
+            points = observed.points("routesvc.fallbacks")
+        assert messages[-1].completion.model == "claude-sonnet"
+        last = observed.named("route")[-1]
+        events = [dict(e.attributes or {}) for e in last.events if e.name == "routesvc.fallback"]
+        expected = {
+            "routesvc.from_model": "gpt-4o",
+            "routesvc.to_model": "claude-sonnet",
+            "routesvc.reason": "PROVIDER_UNAVAILABLE",
+        }
+        assert events == [expected]
+        assert {tuple(sorted(dict(p.attributes).items())): p.value for p in points} == {
+            tuple(sorted(expected.items())): 2
+        }
+
 
 class TestRetry:
     async def test_a_retry_on_the_same_model_is_an_event_with_its_wait(self, fake: FakeProvider) -> None:

@@ -153,13 +153,16 @@ _ANTHROPIC_LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
 class TokensAsked:
     """What a request takes of a provider's token limits, as the adapter estimates it: its
     prompt's input tokens, and the output tokens it allows (``max_tokens``, which OpenAI's and
-    Anthropic's limits count when the request starts). An estimate: the provider counts its own."""
+    Anthropic's limits count when the request starts). An estimate: the provider counts its own
+    (Anthropic's input-tokens limit leaves cache reads out, OpenAI's count of images may differ
+    from ours), so it decides only when no limit is at 0 (``rate_limit_reset``)."""
 
     input_tokens: int
     output_tokens: int
 
     def of(self, limit: str) -> int:
-        """The tokens the request takes of ``limit`` (``tokens``, ``input-tokens``, ``output-tokens``)."""
+        """The tokens the request takes of ``limit`` (``tokens``, ``input-tokens``, ``output-tokens``):
+        of ``tokens`` (OpenAI's combined limit), its input and output."""
         if limit == "input-tokens":
             return self.input_tokens
         if limit == "output-tokens":
@@ -183,6 +186,11 @@ class _Limit:
     size: float | None  # the limit itself; None when not sent or not a positive number
     reset: float | None  # seconds until it is whole again; None when unreadable
 
+    @property
+    def spent(self) -> bool:
+        """Whether its remaining is at 0 (or below)."""
+        return self.remaining is not None and self.remaining <= 0
+
     def takes(self, asked: TokensAsked | None) -> float:
         """What a request takes of this limit: one request, its tokens when the adapter knows
         them, else at least one token."""
@@ -201,27 +209,37 @@ def rate_limit_reset(
     Retry-After is read so, as the SDKs' own retries read it). ``asked``: what the request takes
     of the token limits, when the adapter knows it.
 
+    Anthropic's ``anthropic-ratelimit-tokens-*`` report the most restrictive of its input- and
+    output-tokens limits, not a limit of their own: beside those limits' headers they are left
+    out (they repeat one of them, with its reset, as a limit the request would take both of).
+
     Which limit refused:
 
-    1. A limit whose remaining is below what the request takes of it: at 0, or a token limit
-       below the request's tokens (``asked``). The latest reset of such limits (a request passes
-       only once each has reset); a refusing limit's unreadable reset is not replaced by the
-       reset of one with room, which says nothing of the wait.
-    2. Else not a requests limit with a request left (a request takes one): of the others, the
+    1. A limit at 0 remaining, the provider's own word that it is spent: the latest reset of such
+       limits (a request passes only once each has reset); a spent limit's unreadable reset is
+       not replaced by the reset of one with room, which says nothing of the wait.
+    2. Else a token limit whose remaining is below the request's tokens (``asked``), the latest
+       reset of such. Only when none is at 0: the tokens are routesvc's estimate, not the
+       provider's count (``TokensAsked``), and must not outweigh a limit the provider says is
+       spent.
+    3. Else not a requests limit with a request left (a request takes one): of the others, the
        one closest to spent, the lowest remaining over its limit (``x-ratelimit-limit-*``,
        ``anthropic-ratelimit-*-limit``; the later reset of a tie). Its reset, not the sooner of
        all (cb962ef): a limit with visible room did not refuse, and a retry at its reset is
        refused again.
-    3. Without a limit size for each (a gateway's partial headers), the latest reset of those
+    4. Without a limit size for each (a gateway's partial headers), the latest reset of those
        limits: which refused is not known, and the latest is the one guess never too soon (a
        reset is when a limit is whole again). A guess too soon is a certain second 429, one more
        failure to the breaker and the retry budget, and a caller sent back into the refusal; one
        too late only waits longer than needed, and ``max_retry_after_seconds`` moves the retry to
        the next model instead, ``max_open_seconds`` bounds the breaker."""
     limits = _rate_limits(headers, time.time() if now is None else now)
-    refusing = [limit for limit in limits if limit.remaining is not None and limit.remaining < limit.takes(asked)]
-    if refusing:
-        return _latest_reset(refusing)
+    spent = [limit for limit in limits if limit.spent]
+    if spent:
+        return _latest_reset(spent)
+    short = [limit for limit in limits if limit.remaining is not None and limit.remaining < limit.takes(asked)]
+    if short:
+        return _latest_reset(short)
     # A request takes one of a requests limit: one with a request left did not refuse it.
     candidates = [limit for limit in limits if limit.name != "requests" or limit.remaining is None] or limits
     fractions = [
@@ -236,13 +254,17 @@ def rate_limit_reset(
 
 
 def _rate_limits(headers: Mapping[str, str], now: float) -> list[_Limit]:
-    """The rate limits whose reset header ``headers`` carry."""
+    """The rate limits whose reset header ``headers`` carry; Anthropic's tokens only without its
+    input- and output-tokens limits (it repeats the more restrictive of them)."""
     limits: list[_Limit] = []
     for name in _OPENAI_LIMITS:
         if (value := headers.get(f"x-ratelimit-reset-{name}")) is not None:
             remaining, size = headers.get(f"x-ratelimit-remaining-{name}"), headers.get(f"x-ratelimit-limit-{name}")
             limits.append(_Limit(name, _count(remaining), _size(size), _duration(value)))
+    split = any(f"anthropic-ratelimit-{name}-reset" in headers for name in ("input-tokens", "output-tokens"))
     for name in _ANTHROPIC_LIMITS:
+        if name == "tokens" and split:
+            continue
         if (value := headers.get(f"anthropic-ratelimit-{name}-reset")) is not None:
             prefix = f"anthropic-ratelimit-{name}"
             remaining, size = headers.get(f"{prefix}-remaining"), headers.get(f"{prefix}-limit")
