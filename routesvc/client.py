@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import socket
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -238,30 +239,51 @@ def checked_timeout(name: str, value: float | None) -> float | None:
 
 
 def is_loopback_target(target: str) -> bool:
-    """Whether a gRPC ``target`` names this host: a unix socket, ``localhost``, 127.0.0.0/8 or ::1
-    (``host:port``, ``[v6]:port``, with or without a ``dns:``, ``ipv4:`` or ``ipv6:`` scheme)."""
+    """Whether a gRPC ``target`` names this host: a unix socket, a loopback address (127.0.0.0/8,
+    ``::1``, ``::ffff:127.x.y.z``), or ``localhost`` when every address it resolves to is one
+    (``host:port``, ``[v6]:port``, with or without a ``dns:``, ``ipv4:`` or ``ipv6:`` scheme; every
+    address of an ``ipv4:a:1,b:2`` list). Other names are not trusted: what they resolve to is not
+    this process's to pin (``dev.localhost`` may be any host's name)."""
     if target.startswith(("unix:", "unix-abstract:")):
         return True
     for scheme in ("dns:", "ipv4:", "ipv6:"):
         if target.startswith(scheme):
             target = target.removeprefix(scheme)
             if target.startswith("//"):  # dns://authority/host:port
-                target = target[2:].partition("/")[2]
-            target = target.split(",")[0]  # ipv4:a:1,b:2 names several
+                authority, _, target = target[2:].partition("/")
+                if authority:  # names are resolved by that DNS server, not from this host's files
+                    return all(_is_loopback_ip(_host(address)) for address in target.split(","))
             break
-    if target.startswith("["):
-        host = target[1 : target.find("]")]
-    elif target.count(":") == 1:
-        host = target.partition(":")[0]
-    else:
-        host = target
-    host = host.lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
+    # gRPC tries every address of a list in turn, so each one must be this host.
+    return all(_is_loopback_host(_host(address)) for address in target.split(","))
+
+
+def _host(address: str) -> str:
+    if address.startswith("["):
+        return address[1 : address.find("]")].lower()
+    if address.count(":") == 1:
+        return address.partition(":")[0].lower()
+    return address.lower()
+
+
+def _is_loopback_ip(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped.is_loopback  # Python 3.11 calls ::ffff:127.0.0.1 not loopback
+    return address.is_loopback
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host != "localhost":
+        return _is_loopback_ip(host)
+    try:
+        resolved = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(resolved) and all(_is_loopback_ip(str(info[4][0]).partition("%")[0]) for info in resolved)
 
 
 class RouterClient:

@@ -8,7 +8,7 @@ import socket
 import grpc
 import pytest
 
-from routesvc.client import DEFAULT_STREAM_TIMEOUT, DEFAULT_TIMEOUT, RouterClient, tls_credentials
+from routesvc.client import DEFAULT_STREAM_TIMEOUT, DEFAULT_TIMEOUT, RouterClient, is_loopback_target, tls_credentials
 from routesvc.errors import ConfigError
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
@@ -79,12 +79,49 @@ class TestPlaintextApiKey:
 
     @pytest.mark.parametrize(
         "target",
-        ["localhost:50051", "127.0.0.1:50051", "127.8.9.10:1", "[::1]:50051", "dns:///localhost:1", "unix:/run/r"],
+        [
+            "localhost:50051",
+            "127.0.0.1:50051",
+            "127.8.9.10:1",
+            "[::1]:50051",
+            "[::ffff:127.0.0.1]:1",
+            "dns:///localhost:1",
+            "ipv4:127.0.0.1:1,127.0.0.2:2",
+            "unix:/run/r",
+        ],
     )
     async def test_a_key_over_plaintext_to_this_host_is_allowed(self, target: str) -> None:
         """Loopback addresses, ``localhost`` and unix sockets take a key over plaintext."""
         async with RouterClient(target, api_key="secret"):
             pass
+
+    @pytest.mark.parametrize(
+        "target",
+        [
+            "ipv4:127.0.0.1:1,192.0.2.2:2",
+            "ipv6:[::1]:1,[2001:db8::2]:2",
+            "dev.localhost:1",
+            "dns:///dev.localhost:1",
+            "dns://192.0.2.53/localhost:1",
+        ],
+    )
+    def test_a_target_that_may_reach_another_host_is_not_this_host(self, target: str) -> None:
+        """Every address of a list must be this host (gRPC falls through to the next one), and a
+        name other than ``localhost`` is not trusted, whatever it ends in (``dev.localhost`` can
+        resolve anywhere); nor is ``localhost`` resolved by a DNS server the target names."""
+        assert is_loopback_target(target) is False
+
+    def test_localhost_is_this_host_only_if_it_resolves_to_loopback(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``localhost`` is trusted by what it resolves to: one address elsewhere refuses the key."""
+        real = socket.getaddrinfo
+        elsewhere = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.2", 0))
+
+        def getaddrinfo(host: str, *args: object, **kwargs: object) -> list[object]:
+            return [*real(host, *args, **kwargs), elsewhere]  # type: ignore[arg-type]
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        with pytest.raises(ConfigError, match="plaintext to localhost:50051: connect over TLS"):
+            RouterClient("localhost:50051", api_key="secret")
 
     async def test_insecure_or_credentials_allow_a_key_to_another_host(self) -> None:
         """``insecure=True`` is the caller's explicit choice of plaintext; with credentials it is TLS."""
