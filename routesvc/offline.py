@@ -187,7 +187,10 @@ def run_fit(args: argparse.Namespace) -> int:
     # Resolved once, and every check and the swap on that path: "build/../models" with no build
     # passed the check as given (nothing there), then replaced the real models folder. A symlink
     # to a folder: the folder it names is replaced, the link kept.
-    out = args.out.resolve()
+    try:
+        out = args.out.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError in Python 3.11, OSError later
+        raise FitError(f"--out {args.out}: cannot resolve the path: {exc}") from exc
     _check_router_out(out)
     # The router is written beside --out, then renamed into place: its folder must take files.
     _check_writable(out.parent if out.is_dir() else out, folder_out=out.is_dir())

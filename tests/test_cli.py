@@ -287,6 +287,13 @@ class TestClientFlagErrors:
             "or allow plaintext to that host explicitly (--insecure)"
         )
 
+    def test_an_api_key_to_a_list_whose_first_address_is_loopback_is_refused(self) -> None:
+        """An ``ipv4:`` list is this host only if every address is: gRPC falls through to the
+        next address when the first refuses, and the key went in plaintext to 192.0.2.2."""
+        target = "ipv4:127.0.0.1:1,192.0.2.2:9"
+        line = _one_line_error(_run("route", "--target", target, "--api-key", "k", "--timeout", "1", "hi"))
+        assert line.startswith(f"error: an API key would go in plaintext to {target}: connect over TLS")
+
     @pytest.mark.parametrize("flag", ["--tls-cert", "--tls-key"])
     def test_a_certificate_and_its_key_go_together(self, flag: str, tmp_path: Path) -> None:
         """Half a client identity is a usage problem (grpc aborted the process on a certificate
@@ -549,6 +556,18 @@ class TestOfflineCommandErrors:
         assert json.loads((router / "router.json").read_text())["encoder"] == "hashing-64"
         assert sorted(path.name for path in router.iterdir()) == ["library.npz", "router.json"]
         assert sorted(path.name for path in tmp_path.iterdir()) == ["router", "train.jsonl"]
+
+    @pytest.mark.parametrize("out", ["loop", "a/router"])
+    def test_fit_into_a_symlink_loop_is_refused(
+        self, out: str, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--out that is, or lies under, a symlink loop cannot be resolved: one line naming
+        --out, exit 2 (it was a RuntimeError traceback)."""
+        (tmp_path / "loop").symlink_to("loop")
+        (tmp_path / "a").symlink_to("b")
+        (tmp_path / "b").symlink_to("a")
+        assert cli.main(_fit_args(data, tmp_path / out)) == 2
+        assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / out}: cannot resolve the path: ")
 
     def test_fit_into_a_folder_of_other_files_is_refused(
         self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
