@@ -30,6 +30,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	routesvcv1 "github.com/routesvc/routesvc/clients/go/routesvcv1"
@@ -169,28 +170,56 @@ func (c *Client) Complete(ctx context.Context, req *routesvcv1.CompleteRequest, 
 		cancel()
 		return nil, err
 	}
-	s := &CompleteStream{ServerStreamingClient: stream, cancel: cancel}
+	s := &CompleteStream{stream: stream, cancel: cancel}
 	// The cleanup holds cancel, not s, so s can become unreachable.
 	runtime.AddCleanup(s, func(cancel context.CancelFunc) { cancel() }, cancel)
 	return s, nil
 }
 
 // CompleteStream is a started Complete call: Recv its messages until io.EOF (or an
-// error), or Close it to stop early.
+// error), or Close it to stop early. It is a grpc.ServerStreamingClient; the gRPC
+// stream inside is not exposed, since the call is cancelled once the CompleteStream
+// is unreachable: keep the CompleteStream while reading.
 type CompleteStream struct {
-	grpc.ServerStreamingClient[routesvcv1.CompleteResponse]
+	stream grpc.ServerStreamingClient[routesvcv1.CompleteResponse]
 	cancel context.CancelFunc
 }
+
+var _ grpc.ServerStreamingClient[routesvcv1.CompleteResponse] = (*CompleteStream)(nil)
 
 // Recv returns the next message; io.EOF after the last one. Once it has returned an
 // error (io.EOF included) the call has ended and its resources are released.
 func (s *CompleteStream) Recv() (*routesvcv1.CompleteResponse, error) {
-	msg, err := s.ServerStreamingClient.Recv()
+	msg, err := s.stream.Recv()
 	if err != nil {
 		s.cancel()
 	}
 	return msg, err
 }
+
+// RecvMsg receives the next message into m (a *routesvcv1.CompleteResponse), as Recv.
+func (s *CompleteStream) RecvMsg(m any) error {
+	err := s.stream.RecvMsg(m)
+	if err != nil {
+		s.cancel()
+	}
+	return err
+}
+
+// Header returns the call's initial metadata, waiting for it if need be.
+func (s *CompleteStream) Header() (metadata.MD, error) { return s.stream.Header() }
+
+// Trailer returns the call's trailing metadata, once Recv has returned an error.
+func (s *CompleteStream) Trailer() metadata.MD { return s.stream.Trailer() }
+
+// Context returns the call's context.
+func (s *CompleteStream) Context() context.Context { return s.stream.Context() }
+
+// CloseSend closes the sending side (the request was already sent whole: a no-op in effect).
+func (s *CompleteStream) CloseSend() error { return s.stream.CloseSend() }
+
+// SendMsg is part of grpc.ClientStream; Complete's one request was already sent.
+func (s *CompleteStream) SendMsg(m any) error { return s.stream.SendMsg(m) }
 
 // Close cancels the call if it is still running (Recv then returns CANCELLED); a
 // no-op once it has ended. It always returns nil.
