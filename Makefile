@@ -54,7 +54,7 @@ typecheck: install
 # proxy into $(ROUTESVC_CACHE)), kustomize where kubectl is absent, and redis-server (Debian).
 tools: install
 	bash .ci/jaeger.sh >/dev/null
-	bash .ci/deploy-check.sh --prepare
+	ROUTESVC_VENV=$(abspath $(VENV)) bash .ci/deploy-check.sh --prepare
 	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
 pytest: install
