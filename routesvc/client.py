@@ -292,7 +292,8 @@ class RouterClient:
 
     Plaintext unless ``credentials`` are given (``tls_credentials(...)``): the CLI's client, for a
     service on this host. ``api_key`` (sent as ``authorization: Bearer``) goes over plaintext only to
-    this host (``is_loopback_target``), or where the caller says so with ``insecure=True``; to any
+    this host (``is_loopback_target``; then straight to it, never through a proxy the environment
+    names), or where the caller says so with ``insecure=True``; to any
     other host without credentials it is a ``ConfigError``. (``routesvc_client``, the library for
     other programs, is TLS by default.)
 
@@ -318,8 +319,14 @@ class RouterClient:
                 f"an API key would go in plaintext to {target}: connect over TLS (--tls, --tls-ca), "
                 "or allow plaintext to that host explicitly (--insecure)"
             )
-        if channel is None:
-            channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+        if channel is None and credentials is not None:
+            channel = grpc.aio.secure_channel(target, credentials)
+        elif channel is None:
+            # A key trusted to plaintext because the target is this host must not leave it: gRPC
+            # would tunnel it through a proxy named by grpc_proxy / https_proxy / http_proxy (no
+            # exemption for loopback), which then sees it in the clear.
+            direct = [("grpc.enable_http_proxy", 0)] if api_key and not insecure else []
+            channel = grpc.aio.insecure_channel(target, options=direct)
         self._channel = channel
         self._stub = pb_grpc.RouterServiceStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()

@@ -130,6 +130,22 @@ class TestPlaintextApiKey:
         async with RouterClient("192.0.2.1:50051", api_key="secret", credentials=tls_credentials()):
             pass
 
+    async def test_a_key_trusted_to_this_host_never_goes_through_a_proxy(
+        self, server: Server, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """gRPC tunnels plaintext through a proxy the environment names, loopback targets included;
+        a key sent in the clear because the target is this host goes straight to it, and the
+        proxy (here a listener that records who connects) sees nothing."""
+        with socket.create_server(("127.0.0.1", 0)) as proxy:
+            proxy.setblocking(False)
+            for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv("grpc_proxy", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+            async with RouterClient(server.target, api_key="secret", default_timeout=5) as client:
+                assert await client.list_models()
+            with pytest.raises(BlockingIOError):
+                proxy.accept()
+
     async def test_no_key_no_refusal(self) -> None:
         """Without a key there is nothing to protect: plaintext to any host is allowed."""
         async with RouterClient("192.0.2.1:50051"):
