@@ -2424,6 +2424,35 @@ class TestBatchCreateReplyLost:
             [(gone.batch_id, AttemptOutcome.CANCELLED), (kept.batch_id, AttemptOutcome.COMPLETED)]
         )
 
+    @pytest.mark.parametrize("task", ["", "creative_writing"], ids=["openai", "anthropic"])
+    async def test_a_lost_send_cut_into_other_groups_on_restart_is_sent_once(
+        self, tmp_path: Path, fake: FakeProvider, task: str
+    ) -> None:
+        """A send of three jobs whose create reply is lost (the server stops mid-create); the
+        restarted server groups at most two jobs: the first group finds the batch by the send's
+        tag (Anthropic: by its shape) and places in it every job of that send, the third as well,
+        so no job is sent again (the second group found the batch known and sent its job in a
+        second batch: run and charged twice)."""
+        config = batch_config(tmp_path)
+        config["batch"] |= {"group_window_seconds": 1.0, "max_group_size": 3}  # type: ignore[operator]
+        environ = live_environ(fake)
+        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
+        async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+            jobs = [m[1].batch for m in await asyncio.gather(*(submit(client, task_hint=task) for _ in range(3)))]
+            async with asyncio.timeout(10):
+                await fake.batch_create_waiting.wait()
+        fake.batch_create_reply_hold.set()
+        # The dead send's claim has lapsed (as CLAIM_SECONDS after it would have).
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as connection, connection:
+            connection.execute("UPDATE jobs SET claimed_until = 0")
+        config["batch"]["max_group_size"] = 2  # type: ignore[index]
+        async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+            for job in jobs:
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            entries = server.router.ledger.entries()
+        assert [sorted(batch.custom_ids) for batch in fake.batches] == [sorted(job.batch_id for job in jobs)]
+        assert sorted(entry.request_id for entry in entries) == sorted(job.batch_id for job in jobs)
+
     async def test_an_openai_create_cut_off_by_the_send_timeout_keeps_its_file(
         self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -75,24 +75,25 @@ A send whose reply is lost (a connection reset after the provider handled it, a 
 cut-off above, a worker gone mid-send) may have created the provider batch all the same. So each
 send is tagged with an id of ours, stored with its jobs and its size before the request leaves
 (``BatchStore.tag_send``), and the next send of those jobs first looks that batch up
-(``BatchAPI.find``) and adopts it when the provider has it (``batch_send_adopted``), tying to it
-the send's jobs cancelled since (read for their bill); it sends nothing while the provider cannot
-be asked. A create answered with an HTTP status below 500 (a spent quota, a refused key) made
-nothing: its tag is forgotten and no lookup follows. OpenAI keeps the tag in the batch's metadata
-and the input file's name (a file whose upload reply was lost is deleted then). An Anthropic
-message batch keeps no tag, nor, before it ends, its requests' custom_ids, and the list shows the
-whole workspace's: the lookup takes the one batch of as many requests as the send held, created
-between the send's start and its cut-off, that no job of the store is in; with several such
-(another client sending as many requests at once) it adopts none (``batch_send_ambiguous``) and
-sends again: that, and jobs whose next send never comes (cancelled or expired meanwhile, when an
-OpenAI input file of a lost reply is left to OpenAI's expiry), are the cases a job can still reach
-the provider twice. A batch adopted by its shape (``BatchAPI.tags_batches`` false) may be another
-client's until its results name its jobs: it is never cancelled (``batch_cancel_skipped``
-``unverified``), its jobs' requests are kept, and when it ends with results that name none of its
-jobs it is left alone, never deleted, and its jobs, never sent, are queued again
-(``batch_adoption_undone``). Every worker polls every provider batch (of its
-endpoints, below); a job ends once and is charged once, in the ledger of the worker that read
-its result (a cancelled job's bill too: ``BatchStore.close_cancelled``).
+(``BatchAPI.find``) and adopts it when the provider has it (``batch_send_adopted``), placing in it
+every job of that send still queued, whatever group holds it now (a restart with a smaller
+``max_group_size``), and tying to it the send's jobs cancelled since (read for their bill); it
+sends nothing while the provider cannot be asked. A create answered with an HTTP status below 500
+(a spent quota, a refused key) made nothing: its tag is forgotten and no lookup follows. OpenAI
+keeps the tag in the batch's metadata and the input file's name (a file whose upload reply was lost
+is deleted then). An Anthropic message batch keeps no tag, nor, before it ends, its requests'
+custom_ids, and the list shows the whole workspace's: the lookup takes the one batch of as many
+requests as the send held, created between the send's start and its cut-off, that no job of the
+store from another send is in; with several such (another client sending as many requests at once)
+it adopts none (``batch_send_ambiguous``) and sends again: that, and jobs whose next send never
+comes (cancelled or expired meanwhile, when an OpenAI input file of a lost reply is left to
+OpenAI's expiry), are the cases a job can still reach the provider twice. A batch adopted by its
+shape (``BatchAPI.tags_batches`` false) may be another client's until its results name its jobs: it
+is never cancelled (``batch_cancel_skipped`` ``unverified``), its jobs' requests are kept, and when
+it ends with results that name none of its jobs it is left alone, never deleted, and its jobs,
+never sent, are queued again (``batch_adoption_undone``). Every worker polls every provider batch
+(of its endpoints, below); a job ends once and is charged once, in the ledger of the worker that
+read its result (a cancelled job's bill too: ``BatchStore.close_cancelled``).
 
 Other processes may share the store with other providers behind the same provider name (a test
 run against the fake provider beside a server on the real one, two deployments with their own
@@ -755,7 +756,10 @@ class BatchQueue:
             tag = uuid.uuid4().hex
             # Stored before the create leaves: if its reply is lost (a reset, a timeout, a crash)
             # the batch may exist all the same, and whoever sends these jobs next adopts it.
-            await store.tag_send(ids, self._owner, tag)
+            ids = await store.tag_send(ids, self._owner, tag)
+            items = [item for item in items if item.custom_id in ids]
+            if not ids:
+                return
             try:
                 provider_batch_id = await self._submit(api, items, tag)
             except ProviderError as error:
@@ -797,7 +801,9 @@ class BatchQueue:
                     # The send was cut off at half of CLAIM_SECONDS; the rest is room for the
                     # provider to have stamped a create it received by then.
                     found = await api.find(tag, count, since, since + CLAIM_SECONDS)
-                found = [batch for batch in found if not await store.knows(model.provider, batch)]
+                # A batch some sibling group of this send already adopted (a restart cutting the
+                # send's jobs into other groups) is still this send's: its jobs go in it too.
+                found = [batch for batch in found if not await store.knows(model.provider, batch, other_than=tag)]
             except (ProviderError, TimeoutError) as error:
                 await store.release(ids, self._owner)
                 reason = error.reason if isinstance(error, ProviderError) else "timeout"
@@ -818,7 +824,8 @@ class BatchQueue:
             if placed == 0 and unverified:
                 # It may be another client's: never cancelled (``_cancel_sent_batch``).
                 log.info("batch_cancel_skipped", provider_batch_id=found[0], reason="unverified")
-            elif placed == 0:
+            elif placed == 0 and not await store.knows(model.provider, found[0]):
+                # No job of the send waits for it (a sibling group's would): cancelled.
                 await self._cancel_with(api, found[0])
             to_send = [batch_id for batch_id in to_send if batch_id not in tagged]
         return to_send

@@ -110,7 +110,8 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # the fingerprint of the key that sent it (``key_id``). NULL in rows stored before they were added.
 # send_tag, send_at, send_count: the tag (our id) of the last provider batch create of the job that
 # may have reached the provider without its reply reaching us, when it began, and how many requests
-# it held; NULL once it is placed, or once the provider refused it (nothing created).
+# it held; kept once it is placed (the send whose batch holds the job: ``knows``), NULL once the
+# provider refused it (nothing created) or once the job is queued again.
 # unverified: 1 while the job waits for a provider batch adopted by its shape (Anthropic keeps no
 # tag: ``BatchAPI.tags_batches``), until its results show whether it holds the job; NULL otherwise.
 # request_bytes: the size of the stored request while it is kept, 0 once it is cleared (NULL in
@@ -671,22 +672,31 @@ class BatchStore:
 
         await self._run(update)
 
-    async def tag_send(self, batch_ids: list[str], owner: str, tag: str) -> None:
+    async def tag_send(self, batch_ids: list[str], owner: str, tag: str) -> list[str]:
         """Record, before it leaves, that ``owner`` is sending its claimed jobs of ``batch_ids`` in
         a provider batch tagged ``tag``: until they are placed (``mark_submitted``), whoever sends
         them next looks that batch up first (``sends``), as it may have been created. The send
-        holds every job of ``batch_ids``: their count is recorded, as the batch's size."""
+        holds every job tagged: their count is recorded, as the batch's size. Returns
+        the ids tagged, the only ones to send: a job no longer queued and claimed by ``owner``
+        (cancelled, or placed since by a sibling send's lookup: ``mark_submitted`` ``tag``) is
+        not sent."""
         now = self._clock()
-        count = len(batch_ids)
 
-        def update(connection: sqlite3.Connection) -> None:
-            connection.executemany(
-                "UPDATE jobs SET send_tag = ?, send_at = ?, send_count = ?"
-                " WHERE id = ? AND state = ? AND claimed_by = ?",
-                [(tag, now, count, batch_id, BatchState.QUEUED.value, owner) for batch_id in batch_ids],
-            )
+        def update(connection: sqlite3.Connection) -> list[str]:
+            tagged = []
+            with immediate(connection):
+                for batch_id in batch_ids:
+                    cursor = connection.execute(
+                        "UPDATE jobs SET send_tag = ?, send_at = ?, send_count = ?"
+                        " WHERE id = ? AND state = ? AND claimed_by = ?",
+                        (tag, now, len(batch_ids), batch_id, BatchState.QUEUED.value, owner),
+                    )
+                    if cursor.rowcount == 1:
+                        tagged.append(batch_id)
+                connection.execute("UPDATE jobs SET send_count = ? WHERE send_tag = ?", (len(tagged), tag))
+            return tagged
 
-        await self._run(update)
+        return await self._run(update)
 
     async def sends(self, batch_ids: list[str]) -> dict[str, tuple[float, int, list[str]]]:
         """Earlier sends of the jobs of ``batch_ids`` that may have reached the provider, by tag:
@@ -706,12 +716,17 @@ class BatchStore:
 
         return await self._run(select)
 
-    async def knows(self, provider: str, provider_batch_id: str) -> bool:
-        """Whether a job of the store was placed in ``provider``'s batch ``provider_batch_id``."""
+    async def knows(self, provider: str, provider_batch_id: str, *, other_than: str | None = None) -> bool:
+        """Whether a job of the store was placed in ``provider``'s batch ``provider_batch_id``;
+        with ``other_than``, by another send than the one tagged so (a batch holding jobs of that send
+        only is the one it created: the send's other jobs go in it too, never again to the
+        provider)."""
 
         def select(connection: sqlite3.Connection) -> bool:
             row = connection.execute(
-                "SELECT 1 FROM jobs WHERE provider = ? AND provider_batch_id = ? LIMIT 1", (provider, provider_batch_id)
+                "SELECT 1 FROM jobs WHERE provider = ? AND provider_batch_id = ?"
+                " AND (? IS NULL OR send_tag IS NULL OR send_tag != ?) LIMIT 1",
+                (provider, provider_batch_id, other_than, other_than),
             ).fetchone()
             return row is not None
 
@@ -748,7 +763,7 @@ class BatchStore:
         submitted, queued, cancelled = BatchState.SUBMITTED.value, BatchState.QUEUED.value, BatchState.CANCELLED.value
         endpoint, sent_key = sent_to
         tie_cancelled = (
-            "provider = ?, provider_batch_id = ?, provider_pending = 1, send_tag = NULL,"
+            "provider = ?, provider_batch_id = ?, provider_pending = 1,"
             " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?,"
             " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
         )
@@ -758,7 +773,7 @@ class BatchStore:
             with immediate(connection):
                 for batch_id in batch_ids:
                     cursor = connection.execute(
-                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '', send_tag = NULL,"
+                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
                         " unverified = ? WHERE id = ? AND state = ? AND claimed_by = ?",
                         (
@@ -784,6 +799,15 @@ class BatchStore:
                         (provider, provider_batch_id, endpoint, sent_key, shape, batch_id, cancelled, owner),
                     )
                 if tag is not None:
+                    # Every job of that send still queued is in the batch, whoever groups it now
+                    # (a restart may cut the send's jobs into other groups): none is sent again.
+                    # One another worker is sending is left out of its send (``tag_send``).
+                    placed += connection.execute(
+                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
+                        " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
+                        " unverified = ? WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
+                        (submitted, provider, provider_batch_id, now, endpoint, sent_key, shape, tag, queued),
+                    ).rowcount
                     connection.execute(
                         f"UPDATE jobs SET {tie_cancelled}"  # noqa: S608 - constant text
                         " WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
@@ -822,6 +846,7 @@ class BatchStore:
                 ).fetchall()
                 connection.executemany(
                     "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, unverified = NULL,"
+                    " send_tag = NULL, send_at = NULL, send_count = NULL,"
                     " updated_at = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
                     [(queued, now, row["id"]) for row in rows],
                 )
@@ -865,7 +890,8 @@ class BatchStore:
                         continue
                     connection.execute(
                         "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, updated_at = ?,"
-                        " error = ?, claimed_by = ?, claimed_until = ? WHERE id = ?",
+                        " send_tag = NULL, send_at = NULL, send_count = NULL, error = ?, claimed_by = ?,"
+                        " claimed_until = ? WHERE id = ?",
                         (queued, now, error, _BACKING_OFF, now + wait, row["id"]),
                     )
                     again.append(row["id"])
