@@ -1198,6 +1198,47 @@ class TestBatchPersistence:
             assert len([e for e in server.router.ledger.entries() if e.request_id == job.batch_id]) == 1
         assert len(fake.batches) == 1
 
+    async def test_a_shutdown_while_results_are_stored_charges_every_job_it_ended(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The server stops while a round stores the second job's answer (its write held up by
+        another writer of the file, a second worker): the write, which runs to its end in a
+        worker thread, and the job's charge are one unit the shutdown waits for, so the job
+        ended SUCCEEDED is charged (it was not, and no later round reads an ended job again)."""
+        config = batch_config(tmp_path)
+        config["batch"] |= {"group_window_seconds": 30.0, "max_group_size": 2}  # type: ignore[operator]
+        fake.batch_outcome = BatchOutcome.PENDING
+        other_writer = sqlite3.connect(tmp_path / "batches.db", isolation_level=None)
+        writing = asyncio.Event()
+        finish = BatchStore.finish
+
+        async def finish_held(store: BatchStore, batch_id: str, state: BatchState, **kwargs: Any) -> bool:
+            # A spy: the second answer's write waits for the other writer's lock.
+            if state is BatchState.SUCCEEDED and not writing.is_set() and server.router.ledger.entries():
+                other_writer.execute("BEGIN IMMEDIATE")
+                writing.set()
+            return await finish(store, batch_id, state, **kwargs)
+
+        monkeypatch.setattr(BatchStore, "finish", finish_held)
+        try:
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                jobs = await two_jobs(client)
+                await wait_state(client, jobs[1].batch_id, pb.BATCH_STATE_SUBMITTED)
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                await writing.wait()
+                closing = asyncio.create_task(server.batches.aclose())  # what Server.stop does
+                await until(lambda: server.batches._task is None)  # the poller is gone
+                other_writer.execute("COMMIT")
+                await closing
+                charged = sorted(entry.request_id for entry in server.router.ledger.entries())
+        finally:
+            other_writer.close()
+        assert job_states(tmp_path / "batches.db") == ["succeeded", "succeeded"]
+        assert charged == sorted(job.batch_id for job in jobs)
+
     async def test_the_store_files_are_readable_by_their_owner_only(self, tmp_path: Path, fake: FakeProvider) -> None:
         """The store holds prompts and answers: it and its write-ahead files are 0600, whatever the
         umask (SQLite alone made them 0644, readable by every local user)."""

@@ -6,7 +6,8 @@ A poller (``start`` / ``aclose``, owned by the server) groups queued jobs of one
 provider batch once the oldest has waited ``group_window_seconds`` (or ``max_group_size`` are
 waiting), polls provider batches every ``poll_interval_seconds`` (a submit wakes it to group, not
 to poll), and when one has ended reads its results: each job ends exactly once
-(``BatchStore.finish``), and only a succeeded job is charged, at the batch price, in the ledger.
+(``BatchStore.finish``), and only a succeeded job is charged, at the batch price, in the ledger
+(its end and its charge in one task a shutdown waits for: ``_settle``).
 
 A result that reports no usage (a server whose batch results have no ``usage``, or leave a count
 out) is charged an estimate of what it does not report, as a stream without usage is: the
@@ -1046,11 +1047,18 @@ class BatchQueue:
 
     async def _settle(self, batch_id: str, result: ItemResult) -> None:
         """End one job with its result; charge it once if it succeeded. A job cancelled since
-        this round listed it is charged what the provider billed (``_settle_cancelled``)."""
+        this round listed it is charged what the provider billed (``_settle_cancelled``).
+
+        In one task a shutdown waits for: the end's write runs in a worker thread to its end
+        whatever happens to the poller, so a cancel between that write and the charge would
+        leave the job ended and never charged (no round reads it again)."""
+        await asyncio.shield(self._keep(self._settle_now(batch_id, result)))
+
+    async def _settle_now(self, batch_id: str, result: ItemResult) -> None:
         store = self._opened()
         if result.state is not BatchState.SUCCEEDED:
             if not await store.finish(batch_id, result.state, error=result.error):
-                await self._settle_cancelled(batch_id, result)
+                await self._settle_cancelled_now(batch_id, result)
             return
         status = await store.get_any(batch_id)
         if status is None:
@@ -1063,7 +1071,7 @@ class BatchQueue:
         answer = BatchResult(result.text, usage, cost, result.finish_reason, result.provider_model, result.tool_calls)
         if not await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
             # Cancelled (or ended by another worker) since this round listed it.
-            await self._settle_cancelled(batch_id, result)
+            await self._settle_cancelled_now(batch_id, result)
             return
         self._charge(status.job, model, answer, AttemptOutcome.COMPLETED, estimated=estimated)
         log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))
@@ -1072,7 +1080,10 @@ class BatchQueue:
         """Close a job cancelled after it was sent, its provider batch read: charged once what
         the provider billed for it when it answered it (``result`` SUCCEEDED), else nothing.
         Nothing is done for a job not waiting for its batch (closed by another worker, or one
-        whose cancel came before it was sent)."""
+        whose cancel came before it was sent). In one task a shutdown waits for, as ``_settle``."""
+        await asyncio.shield(self._keep(self._settle_cancelled_now(batch_id, result)))
+
+    async def _settle_cancelled_now(self, batch_id: str, result: ItemResult | None) -> None:
         store = self._opened()
         if result is None or result.state is not BatchState.SUCCEEDED:
             await store.close_cancelled(batch_id, None)
