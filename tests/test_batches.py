@@ -1400,6 +1400,15 @@ def cancelled_config(tmp_path: Path) -> dict[str, object]:
     return config
 
 
+def lapse(path: Path, *also: str) -> None:
+    """End the claims in the store file at ``path`` (as ``CLAIM_SECONDS`` after a send that died
+    with its process), after the statements ``also``, through another connection."""
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        for statement in also:
+            connection.execute(statement)
+        connection.execute("UPDATE jobs SET claimed_until = 0")
+
+
 class TestBatchJobCancelledAfterItWasSent:
     """A job cancelled once it is in a provider batch may be answered, and billed, by the
     provider all the same. Its batch is read once it ends: the job stays CANCELLED with no answer,
@@ -1444,6 +1453,55 @@ class TestBatchJobCancelledAfterItWasSent:
         assert (after.job.state, after.HasField("result")) == (pb.BATCH_STATE_CANCELLED, False)
         assert spent == 2 * cost
         assert corrections_due(tmp_path / "batches.db") == 0  # corrected once: nothing more to come
+
+    @pytest.mark.parametrize(
+        ("task", "end"),
+        [("", "cancelled"), ("creative_writing", "cancelled"), ("", "expired")],
+        ids=["openai-cancelled", "anthropic-cancelled", "openai-expired"],
+    )
+    async def test_the_batch_of_a_lost_reply_whose_job_ended_unsent_is_found_cancelled_and_read(
+        self, tmp_path: Path, fake: FakeProvider, task: str, end: str
+    ) -> None:
+        """The provider made the batch but the server stopped before the create's reply came;
+        after the restart the job is cancelled (or has waited past ``max_queued_seconds``)
+        before any send looks that batch up. The poller looks it up all the same: the batch is
+        cancelled there, read once it ends (the provider had answered the job: it is charged
+        that bill, the job staying CANCELLED or EXPIRED) and deleted (it ran, billed, never
+        read or deleted)."""
+        model = "claude-sonnet" if task else "gpt-4o-mini"
+        fake.enqueue(BILLED, model=fake_model(model))
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_answered_before_cancel = 1
+        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
+        config = cancelled_config(tmp_path)
+        config["batch"]["max_queued_seconds"] = 3600.0  # type: ignore[index]
+        environ = live_environ(fake)
+        async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+            job = (await submit(client, task_hint=task))[1].batch
+            async with asyncio.timeout(10):
+                await fake.batch_create_waiting.wait()
+        fake.batch_create_reply_hold.set()
+        path = tmp_path / "batches.db"
+        if end == "expired":
+            lapse(path, "UPDATE jobs SET created_at = created_at - 3600")
+        async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+            with capture_logs() as logs:
+                if end == "cancelled":
+                    # While the dead send's claim holds: no send looks the batch up before the cancel.
+                    await client.cancel_batch(job.batch_id, tenant="acme")
+                lapse(path)
+                await until(lambda: any(e["event"] == "batch_send_adopted" for e in logs))
+                # Anthropic: adopted by its shape, never cancelled (it may be another client's).
+                fake.batch_outcome = BatchOutcome.PENDING if not task else BatchOutcome.COMPLETE
+                await until(lambda: discarded(fake))
+            ledger = {e.request_id: (e.outcome, e.cost_usd) for e in server.router.ledger.entries()}
+            after = await get_batch(client, job.batch_id)
+            cost = billed_cost(server, model)
+        [batch] = fake.batches
+        assert batch.cancelled == (not task)
+        assert ledger == {job.batch_id: (AttemptOutcome.CANCELLED, cost)}
+        state = pb.BATCH_STATE_CANCELLED if end == "cancelled" else pb.BATCH_STATE_EXPIRED
+        assert (after.job.state, after.HasField("result")) == (state, False)
 
     @pytest.mark.parametrize("task", ["", "creative_writing"], ids=["openai", "anthropic"])
     async def test_answers_finished_before_the_provider_batch_was_cancelled_are_charged(

@@ -86,15 +86,16 @@ is deleted then). An Anthropic message batch keeps no tag, nor, before it ends, 
 custom_ids, and the list shows the whole workspace's: the lookup takes the one batch of as many
 requests as the send held, created between the send's start and its cut-off, that no job of the
 store from another send is in; with several such (another client sending as many requests at once)
-it adopts none (``batch_send_ambiguous``) and sends again: that, and jobs whose next send never
-comes (cancelled or expired meanwhile, when an OpenAI input file of a lost reply is left to
-OpenAI's expiry), are the cases a job can still reach the provider twice. A batch adopted by its
-shape (``BatchAPI.tags_batches`` false) may be another client's until its results name its jobs: it
-is never cancelled (``batch_cancel_skipped`` ``unverified``), its jobs' requests are kept, and when
-it ends with results that name none of its jobs it is left alone, never deleted, and its jobs,
-never sent, are queued again (``batch_adoption_undone``). Every worker polls every provider batch
-(of its endpoints, below); a job ends once and is charged once, in the ledger of the worker that
-read its result (a cancelled job's bill too: ``BatchStore.close_cancelled``).
+it adopts none (``batch_send_ambiguous``) and sends again: that is the case a job can still reach
+the provider twice. Jobs whose next send never comes (all cancelled or expired meanwhile) have
+their send looked up by the poller all the same (``_look_up_unplaced``): the batch found is
+cancelled, and read for their bill. A batch adopted by its shape (``BatchAPI.tags_batches`` false)
+may be another client's until its results name its jobs: it is never cancelled
+(``batch_cancel_skipped`` ``unverified``), its jobs' requests are kept, and when it ends with
+results that name none of its jobs it is left alone, never deleted, and its jobs, never sent, are
+queued again (``batch_adoption_undone``). Every worker polls every provider batch (of its
+endpoints, below); a job ends once and is charged once, in the ledger of the worker that read its
+result (a cancelled job's bill too: ``BatchStore.close_cancelled``).
 
 Other processes may share the store with other providers behind the same provider name (a test
 run against the fake provider beside a server on the real one, two deployments with their own
@@ -147,6 +148,7 @@ from routesvc.batches._store import (
     QueuedRequest,
     SentBatch,
     SentJobs,
+    UnplacedSend,
     decode_request,
     encode_request,
     key_id,
@@ -673,6 +675,7 @@ class BatchQueue:
                     next_poll = loop.time() + interval
                     try:
                         await self._poll()
+                        await self._look_up_unplaced()
                         await self._discard_leftovers()
                         await self._prune_ended()
                     except Exception:
@@ -830,6 +833,46 @@ class BatchQueue:
                 await self._cancel_with(api, found[0])
             to_send = [batch_id for batch_id in to_send if batch_id not in tagged]
         return to_send
+
+    async def _look_up_unplaced(self) -> None:
+        """Look up the batch of each send whose reply was lost and whose jobs all ended before
+        their next send (cancelled, expired ``queued_too_long``): no send looks it up any more,
+        and the provider would run and bill it unread. Found, its jobs are tied to it as jobs
+        cancelled after they were sent (read once it ends, charged what the provider billed),
+        and it is cancelled there (unless adopted by its shape: ``_cancel_sent_batch``); not
+        found (or not told from another client's), the tag is forgotten. A provider that cannot
+        be asked leaves it to the next round."""
+        for send in await self._opened().unplaced_sends():
+            if not self._ours(send.provider, send.endpoint):
+                continue  # another endpoint's process looks it up
+            with self._using(send.provider) as api:
+                if api is None:
+                    continue
+                await self._look_up_one(api, send, self._sends_to[send.provider])
+
+    async def _look_up_one(self, api: BatchAPI, send: UnplacedSend, sent_to: tuple[str, str]) -> None:
+        store = self._opened()
+        try:
+            async with asyncio.timeout(CLAIM_SECONDS / 2):
+                found = await api.find(send.tag, send.count, send.since, send.since + CLAIM_SECONDS)
+            found = [batch for batch in found if not await store.knows(send.provider, batch, other_than=send.tag)]
+        except (ProviderError, TimeoutError) as error:
+            reason = error.reason if isinstance(error, ProviderError) else "timeout"
+            log.warning("batch_lookup_failed", provider=send.provider, reason=reason)
+            return
+        if len(found) != 1:
+            await store.forget_send(send.tag)
+            if found:
+                log.warning("batch_send_ambiguous", provider=send.provider, candidates=len(found))
+            return
+        unverified = not api.tags_batches
+        tied = await store.tie_unplaced(send.tag, send.provider, found[0], sent_to, unverified=unverified)
+        if not tied:
+            # Its jobs failed before the send (nothing to read for them): nothing to tie.
+            await store.forget_send(send.tag)
+            return
+        log.info("batch_send_adopted", provider=send.provider, jobs=0, cancelled_jobs=tied, provider_batch_id=found[0])
+        await self._cancel_sent_batch(SentBatch(send.provider, found[0], sent_to[0], unverified))
 
     async def _submit(self, api: BatchAPI, items: list[BatchItem], tag: str) -> str:
         """``api.submit``, cut off well before the claim on its jobs lapses."""

@@ -212,6 +212,19 @@ class Backoff:
 
 
 @dataclass(frozen=True, slots=True)
+class UnplacedSend:
+    """A send whose reply was lost (``tag_send``) none of whose jobs was placed in a batch and none
+    of which will be sent again: all ended (cancelled, expired) before their next send. The batch
+    it may have created is still to be looked up (``BatchQueue._look_up_unplaced``)."""
+
+    tag: str
+    provider: str
+    since: float
+    count: int
+    endpoint: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class SentBatch:
     """A provider batch: its provider name and id, the endpoint it was sent to (None: not
     recorded), and whether it was adopted by its shape and may be another client's (``SentJobs``)."""
@@ -392,6 +405,12 @@ def _add_missing_columns(connection: sqlite3.Connection) -> None:
         connection.execute(
             "CREATE INDEX IF NOT EXISTS jobs_provider_pending ON jobs (provider, provider_batch_id)"
             " WHERE provider_pending IS NOT NULL"
+        )
+        # The few jobs of sends whose reply was lost not placed in a batch yet, read every poller
+        # round (``unplaced_sends``).
+        connection.execute(
+            "CREATE INDEX IF NOT EXISTS jobs_unplaced_send ON jobs (send_tag)"
+            " WHERE send_tag IS NOT NULL AND provider_batch_id IS NULL"
         )
         # What the kept requests weigh, summed from this index alone at every ``add``: the rows
         # themselves hold the requests, so a sum over them would read every stored byte.
@@ -715,6 +734,66 @@ class BatchStore:
             return {tag: (since, count or len(tagged), tagged) for tag, (since, count, tagged) in found.items()}
 
         return await self._run(select)
+
+    async def unplaced_sends(self) -> list[UnplacedSend]:
+        """Sends whose reply was lost none of whose jobs is queued (to be looked up by its next
+        send), placed in a batch, or claimed (a send under way, or one whose claim has not lapsed:
+        its create may still be stamped)."""
+        now = self._clock()
+        queued = BatchState.QUEUED.value
+
+        def select(connection: sqlite3.Connection) -> list[UnplacedSend]:
+            # A tag with a job placed (one failed before it was sent stays unplaced) is no lost send.
+            rows = connection.execute(
+                "SELECT send_tag, MIN(provider) AS provider, MIN(send_at) AS since, MAX(send_count) AS count,"
+                " MIN(endpoint) AS endpoint FROM jobs INDEXED BY jobs_unplaced_send"
+                " WHERE send_tag IS NOT NULL AND provider_batch_id IS NULL GROUP BY send_tag"
+                " HAVING SUM(state = ?) = 0 AND SUM(claimed_until IS NOT NULL AND claimed_until > ?) = 0"
+                " AND NOT EXISTS (SELECT 1 FROM jobs AS placed WHERE placed.send_tag = jobs.send_tag"
+                " AND placed.provider_batch_id IS NOT NULL)",
+                (queued, now),
+            ).fetchall()
+            return [
+                UnplacedSend(row["send_tag"], row["provider"], row["since"], row["count"] or 1, row["endpoint"])
+                for row in rows
+            ]
+
+        return await self._run(select)
+
+    async def tie_unplaced(
+        self, tag: str, provider: str, provider_batch_id: str, sent_to: tuple[str, str], *, unverified: bool
+    ) -> int:
+        """Tie the ended jobs of the send tagged ``tag`` (``unplaced_sends``) to the batch it
+        created, found since, as sent jobs cancelled are (``provider_pending``): read once it
+        ends, for what the provider billed. Returns how many."""
+        endpoint, sent_key = sent_to
+        shape = 1 if unverified else None
+        states = (BatchState.CANCELLED.value, BatchState.EXPIRED.value)
+
+        def update(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(
+                "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1, claimed_by = NULL,"
+                " claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?,"
+                " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
+                " WHERE send_tag = ? AND state IN (?, ?) AND provider_batch_id IS NULL",
+                (provider, provider_batch_id, endpoint, sent_key, shape, tag, *states),
+            )
+            return cursor.rowcount
+
+        return await self._run(update)
+
+    async def forget_send(self, tag: str) -> None:
+        """The send tagged ``tag`` made no batch the provider shows (or none that can be told):
+        its tag is forgotten, no lookup follows."""
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "UPDATE jobs SET send_tag = NULL, send_at = NULL, send_count = NULL"
+                " WHERE send_tag = ? AND provider_batch_id IS NULL",
+                (tag,),
+            )
+
+        await self._run(update)
 
     async def knows(self, provider: str, provider_batch_id: str, *, other_than: str | None = None) -> bool:
         """Whether a job of the store was placed in ``provider``'s batch ``provider_batch_id``;
@@ -1050,7 +1129,8 @@ class BatchStore:
         """A job cancelled after it was sent, once its provider batch's results are read: store
         what the provider billed for it (``billed``: its usage and cost, the answer's text left
         out, as a cancelled job returns none; None: it was not answered), which its budget is
-        then corrected to. True for the one call that closed it (whose caller charges it);
+        then corrected to (an EXPIRED job of a lost send's batch found since, ``tie_unplaced``,
+        likewise). True for the one call that closed it (whose caller charges it);
         False when it was not waiting (never sent, or closed by another worker)."""
         usage = billed.usage if billed is not None else None
 
@@ -1058,7 +1138,7 @@ class BatchStore:
             cursor = connection.execute(
                 "UPDATE jobs SET provider_pending = NULL, cost_usd = ?, input_tokens = ?, output_tokens = ?,"
                 " cached_input_tokens = ?, cache_write_tokens = ?, cache_write_1h_tokens = ?, provider_model = ?"
-                " WHERE id = ? AND state = ? AND provider_pending IS NOT NULL",
+                " WHERE id = ? AND state IN (?, ?) AND provider_pending IS NOT NULL",
                 (
                     None if billed is None else str(billed.cost_usd),
                     None if usage is None else usage.input_tokens,
@@ -1069,6 +1149,7 @@ class BatchStore:
                     None if billed is None else billed.provider_model,
                     batch_id,
                     BatchState.CANCELLED.value,
+                    BatchState.EXPIRED.value,
                 ),
             )
             return cursor.rowcount == 1
