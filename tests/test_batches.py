@@ -1050,6 +1050,30 @@ class TestBatchPollerIsolation:
         assert failed.error == "model_not_in_catalog"
         assert [len(b.requests) for b in fake.batches] == [1]
 
+    async def test_an_answer_billed_after_a_reload_removed_its_model_is_delivered_and_charged(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A reload removes the model of a job already sent; the provider answers it, and bills
+        it: the job ends SUCCEEDED with its answer, charged once at the model's batch price as
+        it was when the job was queued, and the batch is deleted once read (the job ended FAILED
+        model_not_in_catalog, uncharged, and the answer was deleted with the batch)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.enqueue(BILLED, model="gpt-4o-mini")
+        config = with_model_copy(batch_config(tmp_path), "gpt-4o-mini-2")
+        environ = live_environ(fake)
+        settings = settings_from(config, environ)
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            job = (await submit(client, model="gpt-4o-mini-2"))[1].batch
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+            await server.reload(settings_from(batch_config(tmp_path), environ))  # the model is gone
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            await until(lambda: discarded(fake))
+            ledger = [(e.request_id, e.model, e.cost_usd) for e in server.router.ledger.entries()]
+        cost = cost_of_usage(settings.catalog.get("gpt-4o-mini-2"), Usage(100, 20), Mode.BATCH)
+        assert done.result.text == BILLED.text
+        assert ledger == [(job.batch_id, "gpt-4o-mini-2", cost)]
+
     async def test_a_batch_the_provider_no_longer_knows_fails_alone(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Polling one provider batch answers 404: its job ends FAILED provider_batch_not_found, uncharged,
         and a later job's batch is still polled and succeeds."""

@@ -37,19 +37,22 @@ is charged once what the provider billed for it, in the ledger (outcome ``CANCEL
 provider's usage, not estimated), in the metrics (``answered``), and in its tenant's budget, whose
 estimate is held until then and corrected to that cost (to nothing when it was not answered).
 
-Each model group and each provider batch is handled on its own: what goes wrong with one is
-logged (never with prompt text) and the round goes on with the others. A retryable provider error
-(5xx, 429, timeout), a spent quota or a refused key (401/403) on sending leaves the group's jobs
-queued, tried again next round. Any other error on sending fails that group's jobs (nothing was
-sent). On polling or reading results, a rejection (400/404/409/413/422) fails that batch's jobs:
-``provider_batch_not_found`` for a 404 (the provider no longer knows a batch sent with its key), else
-``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may be
-fixed. A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
+Each model group and each provider batch is handled on its own: what goes wrong with one is logged
+(never with prompt text) and the round goes on with the others. A retryable provider error (5xx,
+429, timeout), a spent quota or a refused key (401/403) on sending leaves the group's jobs queued,
+tried again next round. Any other error on sending fails that group's jobs (nothing was sent). On
+polling or reading results, a rejection (400/404/409/413/422) fails that batch's jobs:
+``provider_batch_not_found`` for a 404 (the provider no longer knows a batch sent with its key),
+else ``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may
+be fixed. A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
 which are otherwise those the queue started with. Models are looked up in the current catalog
-(``catalog``, which follows hot reloads); a model no longer there fails its jobs with
-``model_not_in_catalog``. Submitted jobs of a provider that has no batch API here any more (its
-key removed at a restart) stay SUBMITTED, logged once per provider batch
-(``batch_poll_skipped``), and are polled again once a restart brings the key back.
+(``catalog``, which follows hot reloads); a model no longer there fails its jobs not sent yet with
+``model_not_in_catalog``; an answer the provider billed for a job already sent is delivered and
+charged at the model as the catalog had it when the job was queued (kept with the job:
+``BatchStore.model_spec``; a job stored before models were kept fails then, uncharged). Submitted
+jobs of a provider that has no batch API here any more (its key removed at a restart) stay
+SUBMITTED, logged once per provider batch (``batch_poll_skipped``), and are polled again once a
+restart brings the key back.
 
 Once every job of an ended provider batch has its end stored, what the provider keeps of the batch
 (prompts and answers) is deleted there (``BatchAPI.discard``: OpenAI's input, output and error
@@ -150,6 +153,7 @@ from routesvc.batches._store import (
     SentJobs,
     UnplacedSend,
     decode_request,
+    encode_model,
     encode_request,
     key_id,
     store_failure,
@@ -474,8 +478,20 @@ class BatchQueue:
         )
         store = self._opened()
         endpoint = self._endpoint(job.provider)
+        try:
+            # Kept with the job: an answer billed after a reload removed the model is charged at these.
+            model_spec: str | None = encode_model(self._catalog().get(decision.model))
+        except ModelNotFound:
+            model_spec = None
         adding = self._keep(
-            store.add(job, encode_request(stored), held_by=self._owner, hold_seconds=CLAIM_SECONDS, endpoint=endpoint)
+            store.add(
+                job,
+                encode_request(stored),
+                held_by=self._owner,
+                hold_seconds=CLAIM_SECONDS,
+                endpoint=endpoint,
+                model_spec=model_spec,
+            )
         )
         try:
             await asyncio.shield(adding)
@@ -889,7 +905,7 @@ class BatchQueue:
         estimated them (images at the model's ``image_token_scale``, as the budget's reservation
         counted them): charged if its result reports none. None when the model has left the
         catalog since the decision (a reload), whose jobs fail ``model_not_in_catalog`` unless
-        it comes back."""
+        it comes back (before they are sent)."""
         try:
             return billed_input_of_estimate(self._catalog().get(decision.model), decision)
         except ModelNotFound:
@@ -1106,8 +1122,10 @@ class BatchQueue:
         status = await store.get_any(batch_id)
         if status is None:
             return
-        model = await self._model(status.job.model, [batch_id])
+        model = await self._priced(status.job.model, batch_id)
         if model is None:
+            await self._fail([batch_id], "model_not_in_catalog")
+            log.warning("batch_model_unknown", model=status.job.model, jobs=1)
             return  # without its prices the answer cannot be charged: FAILED, not given away
         usage, estimated = _billed_usage(status.job, model, result)
         cost = cost_of_usage(model, usage, Mode.BATCH)
@@ -1134,9 +1152,8 @@ class BatchQueue:
         status = await store.get_any(batch_id)
         if status is None:
             return
-        try:
-            model = self._catalog().get(status.job.model)
-        except ModelNotFound:
+        model = await self._priced(status.job.model, batch_id)
+        if model is None:
             # Without its prices the bill cannot be counted: logged, for the provider's invoice
             # to be checked by hand.
             if await store.close_cancelled(batch_id, None):
@@ -1149,6 +1166,19 @@ class BatchQueue:
             return
         self._charge(status.job, model, billed, AttemptOutcome.CANCELLED, estimated=estimated)
         log.info("batch_cancelled_job_billed", batch_id=batch_id, cost_usd=format_usd(cost))
+
+    async def _priced(self, model_id: str, batch_id: str) -> ModelSpec | None:
+        """The model of a job the provider answered, for its prices: the current catalog's, else
+        (a reload removed it since the job was sent, and the provider bills the answer all the
+        same) the model as the catalog had it when the job was queued; None when neither is
+        known (a job stored before models were kept with jobs)."""
+        try:
+            return self._catalog().get(model_id)
+        except ModelNotFound:
+            kept = await self._opened().model_spec(batch_id)
+            if kept is not None:
+                log.info("batch_model_left_catalog", batch_id=batch_id, model=model_id)
+            return kept
 
     def _charge(
         self, job: BatchJob, model: ModelSpec, answer: BatchResult, outcome: AttemptOutcome, *, estimated: bool

@@ -43,6 +43,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from routesvc.catalog import ModelSpec
 from routesvc.errors import BatchStoreBusy, BatchStoreFull, BatchStoreUnavailable
 from routesvc.models import (
     BatchJob,
@@ -119,6 +120,9 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # estimated_input_tokens: the decision's estimate of the request's input as its model bills it
 # (images at its image_token_scale), charged for a result that reports no usage (NULL in rows
 # stored before it was added: no input is charged then).
+# model_spec: the job's model as the catalog had it when the job was queued (``encode_model``):
+# its prices, for an answer the provider billed after a reload removed the model (NULL in rows
+# stored before it was added: such an answer is then FAILED model_not_in_catalog, uncharged).
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -137,6 +141,7 @@ _ADDED_COLUMNS = (
     ("send_count", "INTEGER"),
     ("unverified", "INTEGER"),
     ("estimated_input_tokens", "INTEGER"),
+    ("model_spec", "TEXT"),
 )
 
 # The holder of jobs queued again after their provider batch was refused for a while, until their
@@ -239,6 +244,37 @@ def key_id(api_key: str | None) -> str:
     """A fingerprint of ``api_key`` that is safe to store and log: the first 8 hex digits of its
     SHA-256 ("" without a key). It tells two keys apart, never the key itself."""
     return hashlib.sha256(api_key.encode()).hexdigest()[:8] if api_key else ""
+
+
+def encode_model(model: ModelSpec) -> str:
+    """``model`` as JSON text, kept with a job (``model_spec``): prices as decimal strings."""
+    data: dict[str, Any] = {}
+    for name in ModelSpec.__slots__:
+        value = getattr(model, name)
+        if isinstance(value, Decimal):
+            value = str(value)
+        elif isinstance(value, frozenset):
+            value = sorted(value)
+        data[name] = value
+    return json.dumps(data)
+
+
+_DECIMAL_FIELDS = frozenset(
+    name for name in ModelSpec.__slots__ if ModelSpec.__dataclass_fields__[name].type in ("Decimal", Decimal)
+)
+_SET_FIELDS = frozenset(
+    name for name in ModelSpec.__slots__ if str(ModelSpec.__dataclass_fields__[name].type).startswith("frozenset")
+)
+
+
+def decode_model(text: str) -> ModelSpec:
+    """The model ``encode_model`` wrote."""
+    data = json.loads(text)
+    for name in _DECIMAL_FIELDS & data.keys():
+        data[name] = Decimal(data[name])
+    for name in _SET_FIELDS & data.keys():
+        data[name] = frozenset(data[name])
+    return ModelSpec(**{name: value for name, value in data.items() if name in ModelSpec.__dataclass_fields__})
 
 
 def encode_request(request: QueuedRequest) -> str:
@@ -503,10 +539,18 @@ class BatchStore:
         await self._run(lambda connection: connection.close())
 
     async def add(
-        self, job: BatchJob, request: str, *, held_by: str, hold_seconds: float, endpoint: str | None = None
+        self,
+        job: BatchJob,
+        request: str,
+        *,
+        held_by: str,
+        hold_seconds: float,
+        endpoint: str | None = None,
+        model_spec: str | None = None,
     ) -> None:
         """Store a new queued job with its request, claimed by ``held_by`` for ``hold_seconds``,
-        for its provider's ``endpoint`` (the base URL that is to send it).
+        for its provider's ``endpoint`` (the base URL that is to send it), with its model as the
+        catalog has it now (``model_spec``: ``encode_model``).
 
         Held, no poller sends the job until ``held_by`` ``release``s it (or the hold lapses): the
         submitter first makes sure its caller learns the job's id.
@@ -529,8 +573,8 @@ class BatchStore:
         def _insert(connection: sqlite3.Connection) -> None:
             connection.execute(
                 "INSERT INTO jobs (id, tenant, decision_id, model, provider, state, request, estimated_cost_usd,"
-                " created_at, updated_at, claimed_by, claimed_until, endpoint, request_bytes, estimated_input_tokens)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, claimed_by, claimed_until, endpoint, request_bytes, estimated_input_tokens,"
+                " model_spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.batch_id,
                     job.tenant,
@@ -547,10 +591,21 @@ class BatchStore:
                     endpoint,
                     len(request),
                     job.estimated_input_tokens,
+                    model_spec,
                 ),
             )
 
         await self._run(insert)
+
+    async def model_spec(self, batch_id: str) -> ModelSpec | None:
+        """The job's model as the catalog had it when the job was queued; None: not kept."""
+
+        def select(connection: sqlite3.Connection) -> str | None:
+            row = connection.execute("SELECT model_spec FROM jobs WHERE id = ?", (batch_id,)).fetchone()
+            return None if row is None else row["model_spec"]
+
+        text = await self._run(select)
+        return None if text is None else decode_model(text)
 
     async def get(self, batch_id: str, tenant: str) -> BatchStatus | None:
         """The job ``batch_id`` of ``tenant``, or None."""
