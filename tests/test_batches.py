@@ -1050,6 +1050,30 @@ class TestBatchPollerIsolation:
         assert failed.error == "model_not_in_catalog"
         assert [len(b.requests) for b in fake.batches] == [1]
 
+    async def test_an_answer_billed_after_a_reload_removed_its_model_is_delivered_and_charged(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A reload removes the model of a job already sent; the provider answers it, and bills
+        it: the job ends SUCCEEDED with its answer, charged once at the model's batch price as
+        it was when the job was queued, and the batch is deleted once read (the job ended FAILED
+        model_not_in_catalog, uncharged, and the answer was deleted with the batch)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.enqueue(BILLED, model="gpt-4o-mini")
+        config = with_model_copy(batch_config(tmp_path), "gpt-4o-mini-2")
+        environ = live_environ(fake)
+        settings = settings_from(config, environ)
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            job = (await submit(client, model="gpt-4o-mini-2"))[1].batch
+            await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+            await server.reload(settings_from(batch_config(tmp_path), environ))  # the model is gone
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            done = await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            await until(lambda: discarded(fake))
+            ledger = [(e.request_id, e.model, e.cost_usd) for e in server.router.ledger.entries()]
+        cost = cost_of_usage(settings.catalog.get("gpt-4o-mini-2"), Usage(100, 20), Mode.BATCH)
+        assert done.result.text == BILLED.text
+        assert ledger == [(job.batch_id, "gpt-4o-mini-2", cost)]
+
     async def test_a_batch_the_provider_no_longer_knows_fails_alone(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Polling one provider batch answers 404: its job ends FAILED provider_batch_not_found, uncharged,
         and a later job's batch is still polled and succeeds."""
@@ -1197,6 +1221,47 @@ class TestBatchPersistence:
             await asyncio.sleep(0.2)  # more rounds: charged once
             assert len([e for e in server.router.ledger.entries() if e.request_id == job.batch_id]) == 1
         assert len(fake.batches) == 1
+
+    async def test_a_shutdown_while_results_are_stored_charges_every_job_it_ended(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The server stops while a round stores the second job's answer (its write held up by
+        another writer of the file, a second worker): the write, which runs to its end in a
+        worker thread, and the job's charge are one unit the shutdown waits for, so the job
+        ended SUCCEEDED is charged (it was not, and no later round reads an ended job again)."""
+        config = batch_config(tmp_path)
+        config["batch"] |= {"group_window_seconds": 30.0, "max_group_size": 2}  # type: ignore[operator]
+        fake.batch_outcome = BatchOutcome.PENDING
+        other_writer = sqlite3.connect(tmp_path / "batches.db", isolation_level=None)
+        writing = asyncio.Event()
+        finish = BatchStore.finish
+
+        async def finish_held(store: BatchStore, batch_id: str, state: BatchState, **kwargs: Any) -> bool:
+            # A spy: the second answer's write waits for the other writer's lock.
+            if state is BatchState.SUCCEEDED and not writing.is_set() and server.router.ledger.entries():
+                other_writer.execute("BEGIN IMMEDIATE")
+                writing.set()
+            return await finish(store, batch_id, state, **kwargs)
+
+        monkeypatch.setattr(BatchStore, "finish", finish_held)
+        try:
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                jobs = await two_jobs(client)
+                await wait_state(client, jobs[1].batch_id, pb.BATCH_STATE_SUBMITTED)
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                await writing.wait()
+                closing = asyncio.create_task(server.batches.aclose())  # what Server.stop does
+                await until(lambda: server.batches._task is None)  # the poller is gone
+                other_writer.execute("COMMIT")
+                await closing
+                charged = sorted(entry.request_id for entry in server.router.ledger.entries())
+        finally:
+            other_writer.close()
+        assert job_states(tmp_path / "batches.db") == ["succeeded", "succeeded"]
+        assert charged == sorted(job.batch_id for job in jobs)
 
     async def test_the_store_files_are_readable_by_their_owner_only(self, tmp_path: Path, fake: FakeProvider) -> None:
         """The store holds prompts and answers: it and its write-ahead files are 0600, whatever the
@@ -1359,6 +1424,15 @@ def cancelled_config(tmp_path: Path) -> dict[str, object]:
     return config
 
 
+def lapse(path: Path, *also: str) -> None:
+    """End the claims in the store file at ``path`` (as ``CLAIM_SECONDS`` after a send that died
+    with its process), after the statements ``also``, through another connection."""
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        for statement in also:
+            connection.execute(statement)
+        connection.execute("UPDATE jobs SET claimed_until = 0")
+
+
 class TestBatchJobCancelledAfterItWasSent:
     """A job cancelled once it is in a provider batch may be answered, and billed, by the
     provider all the same. Its batch is read once it ends: the job stays CANCELLED with no answer,
@@ -1403,6 +1477,55 @@ class TestBatchJobCancelledAfterItWasSent:
         assert (after.job.state, after.HasField("result")) == (pb.BATCH_STATE_CANCELLED, False)
         assert spent == 2 * cost
         assert corrections_due(tmp_path / "batches.db") == 0  # corrected once: nothing more to come
+
+    @pytest.mark.parametrize(
+        ("task", "end"),
+        [("", "cancelled"), ("creative_writing", "cancelled"), ("", "expired")],
+        ids=["openai-cancelled", "anthropic-cancelled", "openai-expired"],
+    )
+    async def test_the_batch_of_a_lost_reply_whose_job_ended_unsent_is_found_cancelled_and_read(
+        self, tmp_path: Path, fake: FakeProvider, task: str, end: str
+    ) -> None:
+        """The provider made the batch but the server stopped before the create's reply came;
+        after the restart the job is cancelled (or has waited past ``max_queued_seconds``)
+        before any send looks that batch up. The poller looks it up all the same: the batch is
+        cancelled there, read once it ends (the provider had answered the job: it is charged
+        that bill, the job staying CANCELLED or EXPIRED) and deleted (it ran, billed, never
+        read or deleted)."""
+        model = "claude-sonnet" if task else "gpt-4o-mini"
+        fake.enqueue(BILLED, model=fake_model(model))
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_answered_before_cancel = 1
+        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
+        config = cancelled_config(tmp_path)
+        config["batch"]["max_queued_seconds"] = 3600.0  # type: ignore[index]
+        environ = live_environ(fake)
+        async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+            job = (await submit(client, task_hint=task))[1].batch
+            async with asyncio.timeout(10):
+                await fake.batch_create_waiting.wait()
+        fake.batch_create_reply_hold.set()
+        path = tmp_path / "batches.db"
+        if end == "expired":
+            lapse(path, "UPDATE jobs SET created_at = created_at - 3600")
+        async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+            with capture_logs() as logs:
+                if end == "cancelled":
+                    # While the dead send's claim holds: no send looks the batch up before the cancel.
+                    await client.cancel_batch(job.batch_id, tenant="acme")
+                lapse(path)
+                await until(lambda: any(e["event"] == "batch_send_adopted" for e in logs))
+                # Anthropic: adopted by its shape, never cancelled (it may be another client's).
+                fake.batch_outcome = BatchOutcome.PENDING if not task else BatchOutcome.COMPLETE
+                await until(lambda: discarded(fake))
+            ledger = {e.request_id: (e.outcome, e.cost_usd) for e in server.router.ledger.entries()}
+            after = await get_batch(client, job.batch_id)
+            cost = billed_cost(server, model)
+        [batch] = fake.batches
+        assert batch.cancelled == (not task)
+        assert ledger == {job.batch_id: (AttemptOutcome.CANCELLED, cost)}
+        state = pb.BATCH_STATE_CANCELLED if end == "cancelled" else pb.BATCH_STATE_EXPIRED
+        assert (after.job.state, after.HasField("result")) == (state, False)
 
     @pytest.mark.parametrize("task", ["", "creative_writing"], ids=["openai", "anthropic"])
     async def test_answers_finished_before_the_provider_batch_was_cancelled_are_charged(
@@ -2423,6 +2546,35 @@ class TestBatchCreateReplyLost:
         assert sorted((entry.request_id, entry.outcome) for entry in entries) == sorted(
             [(gone.batch_id, AttemptOutcome.CANCELLED), (kept.batch_id, AttemptOutcome.COMPLETED)]
         )
+
+    @pytest.mark.parametrize("task", ["", "creative_writing"], ids=["openai", "anthropic"])
+    async def test_a_lost_send_cut_into_other_groups_on_restart_is_sent_once(
+        self, tmp_path: Path, fake: FakeProvider, task: str
+    ) -> None:
+        """A send of three jobs whose create reply is lost (the server stops mid-create); the
+        restarted server groups at most two jobs: the first group finds the batch by the send's
+        tag (Anthropic: by its shape) and places in it every job of that send, the third as well,
+        so no job is sent again (the second group found the batch known and sent its job in a
+        second batch: run and charged twice)."""
+        config = batch_config(tmp_path)
+        config["batch"] |= {"group_window_seconds": 1.0, "max_group_size": 3}  # type: ignore[operator]
+        environ = live_environ(fake)
+        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
+        async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+            jobs = [m[1].batch for m in await asyncio.gather(*(submit(client, task_hint=task) for _ in range(3)))]
+            async with asyncio.timeout(10):
+                await fake.batch_create_waiting.wait()
+        fake.batch_create_reply_hold.set()
+        # The dead send's claim has lapsed (as CLAIM_SECONDS after it would have).
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as connection, connection:
+            connection.execute("UPDATE jobs SET claimed_until = 0")
+        config["batch"]["max_group_size"] = 2  # type: ignore[index]
+        async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
+            for job in jobs:
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            entries = server.router.ledger.entries()
+        assert [sorted(batch.custom_ids) for batch in fake.batches] == [sorted(job.batch_id for job in jobs)]
+        assert sorted(entry.request_id for entry in entries) == sorted(job.batch_id for job in jobs)
 
     async def test_an_openai_create_cut_off_by_the_send_timeout_keeps_its_file(
         self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch

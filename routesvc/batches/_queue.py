@@ -6,7 +6,8 @@ A poller (``start`` / ``aclose``, owned by the server) groups queued jobs of one
 provider batch once the oldest has waited ``group_window_seconds`` (or ``max_group_size`` are
 waiting), polls provider batches every ``poll_interval_seconds`` (a submit wakes it to group, not
 to poll), and when one has ended reads its results: each job ends exactly once
-(``BatchStore.finish``), and only a succeeded job is charged, at the batch price, in the ledger.
+(``BatchStore.finish``), and only a succeeded job is charged, at the batch price, in the ledger
+(its end and its charge in one task a shutdown waits for: ``_settle``).
 
 A result that reports no usage (a server whose batch results have no ``usage``, or leave a count
 out) is charged an estimate of what it does not report, as a stream without usage is: the
@@ -36,19 +37,22 @@ is charged once what the provider billed for it, in the ledger (outcome ``CANCEL
 provider's usage, not estimated), in the metrics (``answered``), and in its tenant's budget, whose
 estimate is held until then and corrected to that cost (to nothing when it was not answered).
 
-Each model group and each provider batch is handled on its own: what goes wrong with one is
-logged (never with prompt text) and the round goes on with the others. A retryable provider error
-(5xx, 429, timeout), a spent quota or a refused key (401/403) on sending leaves the group's jobs
-queued, tried again next round. Any other error on sending fails that group's jobs (nothing was
-sent). On polling or reading results, a rejection (400/404/409/413/422) fails that batch's jobs:
-``provider_batch_not_found`` for a 404 (the provider no longer knows a batch sent with its key), else
-``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may be
-fixed. A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
+Each model group and each provider batch is handled on its own: what goes wrong with one is logged
+(never with prompt text) and the round goes on with the others. A retryable provider error (5xx,
+429, timeout), a spent quota or a refused key (401/403) on sending leaves the group's jobs queued,
+tried again next round. Any other error on sending fails that group's jobs (nothing was sent). On
+polling or reading results, a rejection (400/404/409/413/422) fails that batch's jobs:
+``provider_batch_not_found`` for a 404 (the provider no longer knows a batch sent with its key),
+else ``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may
+be fixed. A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
 which are otherwise those the queue started with. Models are looked up in the current catalog
-(``catalog``, which follows hot reloads); a model no longer there fails its jobs with
-``model_not_in_catalog``. Submitted jobs of a provider that has no batch API here any more (its
-key removed at a restart) stay SUBMITTED, logged once per provider batch
-(``batch_poll_skipped``), and are polled again once a restart brings the key back.
+(``catalog``, which follows hot reloads); a model no longer there fails its jobs not sent yet with
+``model_not_in_catalog``; an answer the provider billed for a job already sent is delivered and
+charged at the model as the catalog had it when the job was queued (kept with the job:
+``BatchStore.model_spec``; a job stored before models were kept fails then, uncharged). Submitted
+jobs of a provider that has no batch API here any more (its key removed at a restart) stay
+SUBMITTED, logged once per provider batch (``batch_poll_skipped``), and are polled again once a
+restart brings the key back.
 
 Once every job of an ended provider batch has its end stored, what the provider keeps of the batch
 (prompts and answers) is deleted there (``BatchAPI.discard``: OpenAI's input, output and error
@@ -75,24 +79,26 @@ A send whose reply is lost (a connection reset after the provider handled it, a 
 cut-off above, a worker gone mid-send) may have created the provider batch all the same. So each
 send is tagged with an id of ours, stored with its jobs and its size before the request leaves
 (``BatchStore.tag_send``), and the next send of those jobs first looks that batch up
-(``BatchAPI.find``) and adopts it when the provider has it (``batch_send_adopted``), tying to it
-the send's jobs cancelled since (read for their bill); it sends nothing while the provider cannot
-be asked. A create answered with an HTTP status below 500 (a spent quota, a refused key) made
-nothing: its tag is forgotten and no lookup follows. OpenAI keeps the tag in the batch's metadata
-and the input file's name (a file whose upload reply was lost is deleted then). An Anthropic
-message batch keeps no tag, nor, before it ends, its requests' custom_ids, and the list shows the
-whole workspace's: the lookup takes the one batch of as many requests as the send held, created
-between the send's start and its cut-off, that no job of the store is in; with several such
-(another client sending as many requests at once) it adopts none (``batch_send_ambiguous``) and
-sends again: that, and jobs whose next send never comes (cancelled or expired meanwhile, when an
-OpenAI input file of a lost reply is left to OpenAI's expiry), are the cases a job can still reach
-the provider twice. A batch adopted by its shape (``BatchAPI.tags_batches`` false) may be another
-client's until its results name its jobs: it is never cancelled (``batch_cancel_skipped``
-``unverified``), its jobs' requests are kept, and when it ends with results that name none of its
-jobs it is left alone, never deleted, and its jobs, never sent, are queued again
-(``batch_adoption_undone``). Every worker polls every provider batch (of its
-endpoints, below); a job ends once and is charged once, in the ledger of the worker that read
-its result (a cancelled job's bill too: ``BatchStore.close_cancelled``).
+(``BatchAPI.find``) and adopts it when the provider has it (``batch_send_adopted``), placing in it
+every job of that send still queued, whatever group holds it now (a restart with a smaller
+``max_group_size``), and tying to it the send's jobs cancelled since (read for their bill); it
+sends nothing while the provider cannot be asked. A create answered with an HTTP status below 500
+(a spent quota, a refused key) made nothing: its tag is forgotten and no lookup follows. OpenAI
+keeps the tag in the batch's metadata and the input file's name (a file whose upload reply was lost
+is deleted then). An Anthropic message batch keeps no tag, nor, before it ends, its requests'
+custom_ids, and the list shows the whole workspace's: the lookup takes the one batch of as many
+requests as the send held, created between the send's start and its cut-off, that no job of the
+store from another send is in; with several such (another client sending as many requests at once)
+it adopts none (``batch_send_ambiguous``) and sends again: that is the case a job can still reach
+the provider twice. Jobs whose next send never comes (all cancelled or expired meanwhile) have
+their send looked up by the poller all the same (``_look_up_unplaced``): the batch found is
+cancelled, and read for their bill. A batch adopted by its shape (``BatchAPI.tags_batches`` false)
+may be another client's until its results name its jobs: it is never cancelled
+(``batch_cancel_skipped`` ``unverified``), its jobs' requests are kept, and when it ends with
+results that name none of its jobs it is left alone, never deleted, and its jobs, never sent, are
+queued again (``batch_adoption_undone``). Every worker polls every provider batch (of its
+endpoints, below); a job ends once and is charged once, in the ledger of the worker that read its
+result (a cancelled job's bill too: ``BatchStore.close_cancelled``).
 
 Other processes may share the store with other providers behind the same provider name (a test
 run against the fake provider beside a server on the real one, two deployments with their own
@@ -145,7 +151,9 @@ from routesvc.batches._store import (
     QueuedRequest,
     SentBatch,
     SentJobs,
+    UnplacedSend,
     decode_request,
+    encode_model,
     encode_request,
     key_id,
     store_failure,
@@ -470,8 +478,20 @@ class BatchQueue:
         )
         store = self._opened()
         endpoint = self._endpoint(job.provider)
+        try:
+            # Kept with the job: an answer billed after a reload removed the model is charged at these.
+            model_spec: str | None = encode_model(self._catalog().get(decision.model))
+        except ModelNotFound:
+            model_spec = None
         adding = self._keep(
-            store.add(job, encode_request(stored), held_by=self._owner, hold_seconds=CLAIM_SECONDS, endpoint=endpoint)
+            store.add(
+                job,
+                encode_request(stored),
+                held_by=self._owner,
+                hold_seconds=CLAIM_SECONDS,
+                endpoint=endpoint,
+                model_spec=model_spec,
+            )
         )
         try:
             await asyncio.shield(adding)
@@ -671,6 +691,7 @@ class BatchQueue:
                     next_poll = loop.time() + interval
                     try:
                         await self._poll()
+                        await self._look_up_unplaced()
                         await self._discard_leftovers()
                         await self._prune_ended()
                     except Exception:
@@ -755,7 +776,10 @@ class BatchQueue:
             tag = uuid.uuid4().hex
             # Stored before the create leaves: if its reply is lost (a reset, a timeout, a crash)
             # the batch may exist all the same, and whoever sends these jobs next adopts it.
-            await store.tag_send(ids, self._owner, tag)
+            ids = await store.tag_send(ids, self._owner, tag)
+            items = [item for item in items if item.custom_id in ids]
+            if not ids:
+                return
             try:
                 provider_batch_id = await self._submit(api, items, tag)
             except ProviderError as error:
@@ -797,7 +821,9 @@ class BatchQueue:
                     # The send was cut off at half of CLAIM_SECONDS; the rest is room for the
                     # provider to have stamped a create it received by then.
                     found = await api.find(tag, count, since, since + CLAIM_SECONDS)
-                found = [batch for batch in found if not await store.knows(model.provider, batch)]
+                # A batch some sibling group of this send already adopted (a restart cutting the
+                # send's jobs into other groups) is still this send's: its jobs go in it too.
+                found = [batch for batch in found if not await store.knows(model.provider, batch, other_than=tag)]
             except (ProviderError, TimeoutError) as error:
                 await store.release(ids, self._owner)
                 reason = error.reason if isinstance(error, ProviderError) else "timeout"
@@ -818,10 +844,51 @@ class BatchQueue:
             if placed == 0 and unverified:
                 # It may be another client's: never cancelled (``_cancel_sent_batch``).
                 log.info("batch_cancel_skipped", provider_batch_id=found[0], reason="unverified")
-            elif placed == 0:
+            elif placed == 0 and not await store.knows(model.provider, found[0]):
+                # No job of the send waits for it (a sibling group's would): cancelled.
                 await self._cancel_with(api, found[0])
             to_send = [batch_id for batch_id in to_send if batch_id not in tagged]
         return to_send
+
+    async def _look_up_unplaced(self) -> None:
+        """Look up the batch of each send whose reply was lost and whose jobs all ended before
+        their next send (cancelled, expired ``queued_too_long``): no send looks it up any more,
+        and the provider would run and bill it unread. Found, its jobs are tied to it as jobs
+        cancelled after they were sent (read once it ends, charged what the provider billed),
+        and it is cancelled there (unless adopted by its shape: ``_cancel_sent_batch``); not
+        found (or not told from another client's), the tag is forgotten. A provider that cannot
+        be asked leaves it to the next round."""
+        for send in await self._opened().unplaced_sends():
+            if not self._ours(send.provider, send.endpoint):
+                continue  # another endpoint's process looks it up
+            with self._using(send.provider) as api:
+                if api is None:
+                    continue
+                await self._look_up_one(api, send, self._sends_to[send.provider])
+
+    async def _look_up_one(self, api: BatchAPI, send: UnplacedSend, sent_to: tuple[str, str]) -> None:
+        store = self._opened()
+        try:
+            async with asyncio.timeout(CLAIM_SECONDS / 2):
+                found = await api.find(send.tag, send.count, send.since, send.since + CLAIM_SECONDS)
+            found = [batch for batch in found if not await store.knows(send.provider, batch, other_than=send.tag)]
+        except (ProviderError, TimeoutError) as error:
+            reason = error.reason if isinstance(error, ProviderError) else "timeout"
+            log.warning("batch_lookup_failed", provider=send.provider, reason=reason)
+            return
+        if len(found) != 1:
+            await store.forget_send(send.tag)
+            if found:
+                log.warning("batch_send_ambiguous", provider=send.provider, candidates=len(found))
+            return
+        unverified = not api.tags_batches
+        tied = await store.tie_unplaced(send.tag, send.provider, found[0], sent_to, unverified=unverified)
+        if not tied:
+            # Its jobs failed before the send (nothing to read for them): nothing to tie.
+            await store.forget_send(send.tag)
+            return
+        log.info("batch_send_adopted", provider=send.provider, jobs=0, cancelled_jobs=tied, provider_batch_id=found[0])
+        await self._cancel_sent_batch(SentBatch(send.provider, found[0], sent_to[0], unverified))
 
     async def _submit(self, api: BatchAPI, items: list[BatchItem], tag: str) -> str:
         """``api.submit``, cut off well before the claim on its jobs lapses."""
@@ -838,7 +905,7 @@ class BatchQueue:
         estimated them (images at the model's ``image_token_scale``, as the budget's reservation
         counted them): charged if its result reports none. None when the model has left the
         catalog since the decision (a reload), whose jobs fail ``model_not_in_catalog`` unless
-        it comes back."""
+        it comes back (before they are sent)."""
         try:
             return billed_input_of_estimate(self._catalog().get(decision.model), decision)
         except ModelNotFound:
@@ -1039,24 +1106,33 @@ class BatchQueue:
 
     async def _settle(self, batch_id: str, result: ItemResult) -> None:
         """End one job with its result; charge it once if it succeeded. A job cancelled since
-        this round listed it is charged what the provider billed (``_settle_cancelled``)."""
+        this round listed it is charged what the provider billed (``_settle_cancelled``).
+
+        In one task a shutdown waits for: the end's write runs in a worker thread to its end
+        whatever happens to the poller, so a cancel between that write and the charge would
+        leave the job ended and never charged (no round reads it again)."""
+        await asyncio.shield(self._keep(self._settle_now(batch_id, result)))
+
+    async def _settle_now(self, batch_id: str, result: ItemResult) -> None:
         store = self._opened()
         if result.state is not BatchState.SUCCEEDED:
             if not await store.finish(batch_id, result.state, error=result.error):
-                await self._settle_cancelled(batch_id, result)
+                await self._settle_cancelled_now(batch_id, result)
             return
         status = await store.get_any(batch_id)
         if status is None:
             return
-        model = await self._model(status.job.model, [batch_id])
+        model = await self._priced(status.job.model, batch_id)
         if model is None:
+            await self._fail([batch_id], "model_not_in_catalog")
+            log.warning("batch_model_unknown", model=status.job.model, jobs=1)
             return  # without its prices the answer cannot be charged: FAILED, not given away
         usage, estimated = _billed_usage(status.job, model, result)
         cost = cost_of_usage(model, usage, Mode.BATCH)
         answer = BatchResult(result.text, usage, cost, result.finish_reason, result.provider_model, result.tool_calls)
         if not await store.finish(batch_id, BatchState.SUCCEEDED, result=answer):
             # Cancelled (or ended by another worker) since this round listed it.
-            await self._settle_cancelled(batch_id, result)
+            await self._settle_cancelled_now(batch_id, result)
             return
         self._charge(status.job, model, answer, AttemptOutcome.COMPLETED, estimated=estimated)
         log.info("batch_job_succeeded", batch_id=batch_id, cost_usd=format_usd(cost))
@@ -1065,7 +1141,10 @@ class BatchQueue:
         """Close a job cancelled after it was sent, its provider batch read: charged once what
         the provider billed for it when it answered it (``result`` SUCCEEDED), else nothing.
         Nothing is done for a job not waiting for its batch (closed by another worker, or one
-        whose cancel came before it was sent)."""
+        whose cancel came before it was sent). In one task a shutdown waits for, as ``_settle``."""
+        await asyncio.shield(self._keep(self._settle_cancelled_now(batch_id, result)))
+
+    async def _settle_cancelled_now(self, batch_id: str, result: ItemResult | None) -> None:
         store = self._opened()
         if result is None or result.state is not BatchState.SUCCEEDED:
             await store.close_cancelled(batch_id, None)
@@ -1073,9 +1152,8 @@ class BatchQueue:
         status = await store.get_any(batch_id)
         if status is None:
             return
-        try:
-            model = self._catalog().get(status.job.model)
-        except ModelNotFound:
+        model = await self._priced(status.job.model, batch_id)
+        if model is None:
             # Without its prices the bill cannot be counted: logged, for the provider's invoice
             # to be checked by hand.
             if await store.close_cancelled(batch_id, None):
@@ -1088,6 +1166,19 @@ class BatchQueue:
             return
         self._charge(status.job, model, billed, AttemptOutcome.CANCELLED, estimated=estimated)
         log.info("batch_cancelled_job_billed", batch_id=batch_id, cost_usd=format_usd(cost))
+
+    async def _priced(self, model_id: str, batch_id: str) -> ModelSpec | None:
+        """The model of a job the provider answered, for its prices: the current catalog's, else
+        (a reload removed it since the job was sent, and the provider bills the answer all the
+        same) the model as the catalog had it when the job was queued; None when neither is
+        known (a job stored before models were kept with jobs)."""
+        try:
+            return self._catalog().get(model_id)
+        except ModelNotFound:
+            kept = await self._opened().model_spec(batch_id)
+            if kept is not None:
+                log.info("batch_model_left_catalog", batch_id=batch_id, model=model_id)
+            return kept
 
     def _charge(
         self, job: BatchJob, model: ModelSpec, answer: BatchResult, outcome: AttemptOutcome, *, estimated: bool

@@ -43,6 +43,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from routesvc.catalog import ModelSpec
 from routesvc.errors import BatchStoreBusy, BatchStoreFull, BatchStoreUnavailable
 from routesvc.models import (
     BatchJob,
@@ -110,7 +111,8 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # the fingerprint of the key that sent it (``key_id``). NULL in rows stored before they were added.
 # send_tag, send_at, send_count: the tag (our id) of the last provider batch create of the job that
 # may have reached the provider without its reply reaching us, when it began, and how many requests
-# it held; NULL once it is placed, or once the provider refused it (nothing created).
+# it held; kept once it is placed (the send whose batch holds the job: ``knows``), NULL once the
+# provider refused it (nothing created) or once the job is queued again.
 # unverified: 1 while the job waits for a provider batch adopted by its shape (Anthropic keeps no
 # tag: ``BatchAPI.tags_batches``), until its results show whether it holds the job; NULL otherwise.
 # request_bytes: the size of the stored request while it is kept, 0 once it is cleared (NULL in
@@ -118,6 +120,9 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
 # estimated_input_tokens: the decision's estimate of the request's input as its model bills it
 # (images at its image_token_scale), charged for a result that reports no usage (NULL in rows
 # stored before it was added: no input is charged then).
+# model_spec: the job's model as the catalog had it when the job was queued (``encode_model``):
+# its prices, for an answer the provider billed after a reload removed the model (NULL in rows
+# stored before it was added: such an answer is then FAILED model_not_in_catalog, uncharged).
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -136,6 +141,7 @@ _ADDED_COLUMNS = (
     ("send_count", "INTEGER"),
     ("unverified", "INTEGER"),
     ("estimated_input_tokens", "INTEGER"),
+    ("model_spec", "TEXT"),
 )
 
 # The holder of jobs queued again after their provider batch was refused for a while, until their
@@ -211,6 +217,19 @@ class Backoff:
 
 
 @dataclass(frozen=True, slots=True)
+class UnplacedSend:
+    """A send whose reply was lost (``tag_send``) none of whose jobs was placed in a batch and none
+    of which will be sent again: all ended (cancelled, expired) before their next send. The batch
+    it may have created is still to be looked up (``BatchQueue._look_up_unplaced``)."""
+
+    tag: str
+    provider: str
+    since: float
+    count: int
+    endpoint: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class SentBatch:
     """A provider batch: its provider name and id, the endpoint it was sent to (None: not
     recorded), and whether it was adopted by its shape and may be another client's (``SentJobs``)."""
@@ -225,6 +244,37 @@ def key_id(api_key: str | None) -> str:
     """A fingerprint of ``api_key`` that is safe to store and log: the first 8 hex digits of its
     SHA-256 ("" without a key). It tells two keys apart, never the key itself."""
     return hashlib.sha256(api_key.encode()).hexdigest()[:8] if api_key else ""
+
+
+def encode_model(model: ModelSpec) -> str:
+    """``model`` as JSON text, kept with a job (``model_spec``): prices as decimal strings."""
+    data: dict[str, Any] = {}
+    for name in ModelSpec.__slots__:
+        value = getattr(model, name)
+        if isinstance(value, Decimal):
+            value = str(value)
+        elif isinstance(value, frozenset):
+            value = sorted(value)
+        data[name] = value
+    return json.dumps(data)
+
+
+_DECIMAL_FIELDS = frozenset(
+    name for name in ModelSpec.__slots__ if ModelSpec.__dataclass_fields__[name].type in ("Decimal", Decimal)
+)
+_SET_FIELDS = frozenset(
+    name for name in ModelSpec.__slots__ if str(ModelSpec.__dataclass_fields__[name].type).startswith("frozenset")
+)
+
+
+def decode_model(text: str) -> ModelSpec:
+    """The model ``encode_model`` wrote."""
+    data = json.loads(text)
+    for name in _DECIMAL_FIELDS & data.keys():
+        data[name] = Decimal(data[name])
+    for name in _SET_FIELDS & data.keys():
+        data[name] = frozenset(data[name])
+    return ModelSpec(**{name: value for name, value in data.items() if name in ModelSpec.__dataclass_fields__})
 
 
 def encode_request(request: QueuedRequest) -> str:
@@ -392,6 +442,12 @@ def _add_missing_columns(connection: sqlite3.Connection) -> None:
             "CREATE INDEX IF NOT EXISTS jobs_provider_pending ON jobs (provider, provider_batch_id)"
             " WHERE provider_pending IS NOT NULL"
         )
+        # The few jobs of sends whose reply was lost not placed in a batch yet, read every poller
+        # round (``unplaced_sends``).
+        connection.execute(
+            "CREATE INDEX IF NOT EXISTS jobs_unplaced_send ON jobs (send_tag)"
+            " WHERE send_tag IS NOT NULL AND provider_batch_id IS NULL"
+        )
         # What the kept requests weigh, summed from this index alone at every ``add``: the rows
         # themselves hold the requests, so a sum over them would read every stored byte.
         connection.execute("CREATE INDEX IF NOT EXISTS jobs_request_bytes ON jobs (request_bytes)")
@@ -483,10 +539,18 @@ class BatchStore:
         await self._run(lambda connection: connection.close())
 
     async def add(
-        self, job: BatchJob, request: str, *, held_by: str, hold_seconds: float, endpoint: str | None = None
+        self,
+        job: BatchJob,
+        request: str,
+        *,
+        held_by: str,
+        hold_seconds: float,
+        endpoint: str | None = None,
+        model_spec: str | None = None,
     ) -> None:
         """Store a new queued job with its request, claimed by ``held_by`` for ``hold_seconds``,
-        for its provider's ``endpoint`` (the base URL that is to send it).
+        for its provider's ``endpoint`` (the base URL that is to send it), with its model as the
+        catalog has it now (``model_spec``: ``encode_model``).
 
         Held, no poller sends the job until ``held_by`` ``release``s it (or the hold lapses): the
         submitter first makes sure its caller learns the job's id.
@@ -509,8 +573,8 @@ class BatchStore:
         def _insert(connection: sqlite3.Connection) -> None:
             connection.execute(
                 "INSERT INTO jobs (id, tenant, decision_id, model, provider, state, request, estimated_cost_usd,"
-                " created_at, updated_at, claimed_by, claimed_until, endpoint, request_bytes, estimated_input_tokens)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, claimed_by, claimed_until, endpoint, request_bytes, estimated_input_tokens,"
+                " model_spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.batch_id,
                     job.tenant,
@@ -527,10 +591,21 @@ class BatchStore:
                     endpoint,
                     len(request),
                     job.estimated_input_tokens,
+                    model_spec,
                 ),
             )
 
         await self._run(insert)
+
+    async def model_spec(self, batch_id: str) -> ModelSpec | None:
+        """The job's model as the catalog had it when the job was queued; None: not kept."""
+
+        def select(connection: sqlite3.Connection) -> str | None:
+            row = connection.execute("SELECT model_spec FROM jobs WHERE id = ?", (batch_id,)).fetchone()
+            return None if row is None else row["model_spec"]
+
+        text = await self._run(select)
+        return None if text is None else decode_model(text)
 
     async def get(self, batch_id: str, tenant: str) -> BatchStatus | None:
         """The job ``batch_id`` of ``tenant``, or None."""
@@ -671,22 +746,31 @@ class BatchStore:
 
         await self._run(update)
 
-    async def tag_send(self, batch_ids: list[str], owner: str, tag: str) -> None:
+    async def tag_send(self, batch_ids: list[str], owner: str, tag: str) -> list[str]:
         """Record, before it leaves, that ``owner`` is sending its claimed jobs of ``batch_ids`` in
         a provider batch tagged ``tag``: until they are placed (``mark_submitted``), whoever sends
         them next looks that batch up first (``sends``), as it may have been created. The send
-        holds every job of ``batch_ids``: their count is recorded, as the batch's size."""
+        holds every job tagged: their count is recorded, as the batch's size. Returns
+        the ids tagged, the only ones to send: a job no longer queued and claimed by ``owner``
+        (cancelled, or placed since by a sibling send's lookup: ``mark_submitted`` ``tag``) is
+        not sent."""
         now = self._clock()
-        count = len(batch_ids)
 
-        def update(connection: sqlite3.Connection) -> None:
-            connection.executemany(
-                "UPDATE jobs SET send_tag = ?, send_at = ?, send_count = ?"
-                " WHERE id = ? AND state = ? AND claimed_by = ?",
-                [(tag, now, count, batch_id, BatchState.QUEUED.value, owner) for batch_id in batch_ids],
-            )
+        def update(connection: sqlite3.Connection) -> list[str]:
+            tagged = []
+            with immediate(connection):
+                for batch_id in batch_ids:
+                    cursor = connection.execute(
+                        "UPDATE jobs SET send_tag = ?, send_at = ?, send_count = ?"
+                        " WHERE id = ? AND state = ? AND claimed_by = ?",
+                        (tag, now, len(batch_ids), batch_id, BatchState.QUEUED.value, owner),
+                    )
+                    if cursor.rowcount == 1:
+                        tagged.append(batch_id)
+                connection.execute("UPDATE jobs SET send_count = ? WHERE send_tag = ?", (len(tagged), tag))
+            return tagged
 
-        await self._run(update)
+        return await self._run(update)
 
     async def sends(self, batch_ids: list[str]) -> dict[str, tuple[float, int, list[str]]]:
         """Earlier sends of the jobs of ``batch_ids`` that may have reached the provider, by tag:
@@ -706,12 +790,77 @@ class BatchStore:
 
         return await self._run(select)
 
-    async def knows(self, provider: str, provider_batch_id: str) -> bool:
-        """Whether a job of the store was placed in ``provider``'s batch ``provider_batch_id``."""
+    async def unplaced_sends(self) -> list[UnplacedSend]:
+        """Sends whose reply was lost none of whose jobs is queued (to be looked up by its next
+        send), placed in a batch, or claimed (a send under way, or one whose claim has not lapsed:
+        its create may still be stamped)."""
+        now = self._clock()
+        queued = BatchState.QUEUED.value
+
+        def select(connection: sqlite3.Connection) -> list[UnplacedSend]:
+            # A tag with a job placed (one failed before it was sent stays unplaced) is no lost send.
+            rows = connection.execute(
+                "SELECT send_tag, MIN(provider) AS provider, MIN(send_at) AS since, MAX(send_count) AS count,"
+                " MIN(endpoint) AS endpoint FROM jobs INDEXED BY jobs_unplaced_send"
+                " WHERE send_tag IS NOT NULL AND provider_batch_id IS NULL GROUP BY send_tag"
+                " HAVING SUM(state = ?) = 0 AND SUM(claimed_until IS NOT NULL AND claimed_until > ?) = 0"
+                " AND NOT EXISTS (SELECT 1 FROM jobs AS placed WHERE placed.send_tag = jobs.send_tag"
+                " AND placed.provider_batch_id IS NOT NULL)",
+                (queued, now),
+            ).fetchall()
+            return [
+                UnplacedSend(row["send_tag"], row["provider"], row["since"], row["count"] or 1, row["endpoint"])
+                for row in rows
+            ]
+
+        return await self._run(select)
+
+    async def tie_unplaced(
+        self, tag: str, provider: str, provider_batch_id: str, sent_to: tuple[str, str], *, unverified: bool
+    ) -> int:
+        """Tie the ended jobs of the send tagged ``tag`` (``unplaced_sends``) to the batch it
+        created, found since, as sent jobs cancelled are (``provider_pending``): read once it
+        ends, for what the provider billed. Returns how many."""
+        endpoint, sent_key = sent_to
+        shape = 1 if unverified else None
+        states = (BatchState.CANCELLED.value, BatchState.EXPIRED.value)
+
+        def update(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(
+                "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1, claimed_by = NULL,"
+                " claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?,"
+                " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
+                " WHERE send_tag = ? AND state IN (?, ?) AND provider_batch_id IS NULL",
+                (provider, provider_batch_id, endpoint, sent_key, shape, tag, *states),
+            )
+            return cursor.rowcount
+
+        return await self._run(update)
+
+    async def forget_send(self, tag: str) -> None:
+        """The send tagged ``tag`` made no batch the provider shows (or none that can be told):
+        its tag is forgotten, no lookup follows."""
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "UPDATE jobs SET send_tag = NULL, send_at = NULL, send_count = NULL"
+                " WHERE send_tag = ? AND provider_batch_id IS NULL",
+                (tag,),
+            )
+
+        await self._run(update)
+
+    async def knows(self, provider: str, provider_batch_id: str, *, other_than: str | None = None) -> bool:
+        """Whether a job of the store was placed in ``provider``'s batch ``provider_batch_id``;
+        with ``other_than``, by another send than the one tagged so (a batch holding jobs of that send
+        only is the one it created: the send's other jobs go in it too, never again to the
+        provider)."""
 
         def select(connection: sqlite3.Connection) -> bool:
             row = connection.execute(
-                "SELECT 1 FROM jobs WHERE provider = ? AND provider_batch_id = ? LIMIT 1", (provider, provider_batch_id)
+                "SELECT 1 FROM jobs WHERE provider = ? AND provider_batch_id = ?"
+                " AND (? IS NULL OR send_tag IS NULL OR send_tag != ?) LIMIT 1",
+                (provider, provider_batch_id, other_than, other_than),
             ).fetchone()
             return row is not None
 
@@ -748,7 +897,7 @@ class BatchStore:
         submitted, queued, cancelled = BatchState.SUBMITTED.value, BatchState.QUEUED.value, BatchState.CANCELLED.value
         endpoint, sent_key = sent_to
         tie_cancelled = (
-            "provider = ?, provider_batch_id = ?, provider_pending = 1, send_tag = NULL,"
+            "provider = ?, provider_batch_id = ?, provider_pending = 1,"
             " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?,"
             " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
         )
@@ -758,7 +907,7 @@ class BatchStore:
             with immediate(connection):
                 for batch_id in batch_ids:
                     cursor = connection.execute(
-                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '', send_tag = NULL,"
+                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
                         " unverified = ? WHERE id = ? AND state = ? AND claimed_by = ?",
                         (
@@ -784,6 +933,15 @@ class BatchStore:
                         (provider, provider_batch_id, endpoint, sent_key, shape, batch_id, cancelled, owner),
                     )
                 if tag is not None:
+                    # Every job of that send still queued is in the batch, whoever groups it now
+                    # (a restart may cut the send's jobs into other groups): none is sent again.
+                    # One another worker is sending is left out of its send (``tag_send``).
+                    placed += connection.execute(
+                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
+                        " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
+                        " unverified = ? WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
+                        (submitted, provider, provider_batch_id, now, endpoint, sent_key, shape, tag, queued),
+                    ).rowcount
                     connection.execute(
                         f"UPDATE jobs SET {tie_cancelled}"  # noqa: S608 - constant text
                         " WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
@@ -822,6 +980,7 @@ class BatchStore:
                 ).fetchall()
                 connection.executemany(
                     "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, unverified = NULL,"
+                    " send_tag = NULL, send_at = NULL, send_count = NULL,"
                     " updated_at = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
                     [(queued, now, row["id"]) for row in rows],
                 )
@@ -865,7 +1024,8 @@ class BatchStore:
                         continue
                     connection.execute(
                         "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, updated_at = ?,"
-                        " error = ?, claimed_by = ?, claimed_until = ? WHERE id = ?",
+                        " send_tag = NULL, send_at = NULL, send_count = NULL, error = ?, claimed_by = ?,"
+                        " claimed_until = ? WHERE id = ?",
                         (queued, now, error, _BACKING_OFF, now + wait, row["id"]),
                     )
                     again.append(row["id"])
@@ -1024,7 +1184,8 @@ class BatchStore:
         """A job cancelled after it was sent, once its provider batch's results are read: store
         what the provider billed for it (``billed``: its usage and cost, the answer's text left
         out, as a cancelled job returns none; None: it was not answered), which its budget is
-        then corrected to. True for the one call that closed it (whose caller charges it);
+        then corrected to (an EXPIRED job of a lost send's batch found since, ``tie_unplaced``,
+        likewise). True for the one call that closed it (whose caller charges it);
         False when it was not waiting (never sent, or closed by another worker)."""
         usage = billed.usage if billed is not None else None
 
@@ -1032,7 +1193,7 @@ class BatchStore:
             cursor = connection.execute(
                 "UPDATE jobs SET provider_pending = NULL, cost_usd = ?, input_tokens = ?, output_tokens = ?,"
                 " cached_input_tokens = ?, cache_write_tokens = ?, cache_write_1h_tokens = ?, provider_model = ?"
-                " WHERE id = ? AND state = ? AND provider_pending IS NOT NULL",
+                " WHERE id = ? AND state IN (?, ?) AND provider_pending IS NOT NULL",
                 (
                     None if billed is None else str(billed.cost_usd),
                     None if usage is None else usage.input_tokens,
@@ -1043,6 +1204,7 @@ class BatchStore:
                     None if billed is None else billed.provider_model,
                     batch_id,
                     BatchState.CANCELLED.value,
+                    BatchState.EXPIRED.value,
                 ),
             )
             return cursor.rowcount == 1
