@@ -1657,6 +1657,33 @@ class TestBatchJobCancelledAfterItWasSent:
         assert pruned == 0
         assert ("openai", "batch_p") in polled
 
+    async def test_the_found_batch_of_a_lost_send_whose_job_failed_is_cancelled(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The create's reply was lost, and the restart's catalog no longer has the job's model: its
+        next send fails it ``model_not_in_catalog`` before any lookup. The poller still finds the
+        batch the provider made; with no job to tie to it, it is cancelled (it ran on, billed,
+        never cancelled, read or deleted) and logged ``batch_send_untied``."""
+        fake.enqueue(BILLED, model="gpt-4o-mini")
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
+        environ = live_environ(fake)
+        path = tmp_path / "batches.db"
+        with_copy = with_model_copy(batch_config(tmp_path), "gpt-4o-mini-2")
+        async with Server(settings_from(with_copy, environ), port=0) as server, RouterClient(server.target) as client:
+            await submit(client, model="gpt-4o-mini-2")
+            async with asyncio.timeout(10):
+                await fake.batch_create_waiting.wait()
+        fake.batch_create_reply_hold.set()
+        lapse(path)
+        async with Server(settings_from(batch_config(tmp_path), environ), port=0):
+            with capture_logs() as logs:
+                await until(lambda: any(e["event"] == "batch_model_unknown" for e in logs))
+                lapse(path)  # the failing send's claim lapses
+                await until(lambda: any(e["event"] == "batch_send_untied" for e in logs))
+                [batch] = fake.batches
+                await until(lambda: batch.cancelled)
+
 
 class TestRetention:
     async def test_an_ended_job_is_deleted_after_retention_seconds(self, tmp_path: Path, fake: FakeProvider) -> None:

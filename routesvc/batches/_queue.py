@@ -884,8 +884,12 @@ class BatchQueue:
         unverified = not api.tags_batches
         tied = await store.tie_unplaced(send.tag, send.provider, found[0], sent_to, unverified=unverified)
         if not tied:
-            # Its jobs failed before the send (nothing to read for them): nothing to tie.
+            # Its jobs failed after the send whose reply was lost (a reload or restart took their
+            # model away before it was looked up): nothing to tie, but the batch runs, billed.
+            # Cancelled (when surely ours), so it bills no more; what it billed is not charged.
             await store.forget_send(send.tag)
+            log.warning("batch_send_untied", provider=send.provider, provider_batch_id=found[0])
+            await self._cancel_sent_batch(SentBatch(send.provider, found[0], sent_to[0], unverified))
             return
         log.info("batch_send_adopted", provider=send.provider, jobs=0, cancelled_jobs=tied, provider_batch_id=found[0])
         await self._cancel_sent_batch(SentBatch(send.provider, found[0], sent_to[0], unverified))
