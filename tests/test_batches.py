@@ -2641,6 +2641,26 @@ async def create_foreign_batch(fake: FakeProvider) -> FakeBatch:
     return next(batch for batch in fake.batches if batch.id == created.id)
 
 
+class TestBatchSubmitRejected:
+    async def test_a_create_refused_for_good_fails_its_jobs_and_leaves_no_send_to_look_up(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A create answered 400 (the request refused, not a quota or a key) made nothing: its jobs
+        end FAILED, and the send's tag goes with them, so the poller never looks that send up
+        (it kept the tag: a list of the account's batches, or for Anthropic a shape match)."""
+        fake.batch_create_error = (400, {"error": {"message": "refused", "type": "invalid_request_error"}})
+        path = tmp_path / "batches.db"
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch
+                await until(lambda: any(e["event"] == "batch_submit_rejected" for e in logs))
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
+        assert send_tags(path) == [False]
+
+
 class TestBatchSubmitWithASpentQuota:
     async def test_jobs_wait_queued_while_the_account_is_unpaid(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Anthropic answers the batch's creation with its 400 "credit balance is too low": the

@@ -796,6 +796,9 @@ class BatchQueue:
                     log.warning("batch_submit_failed", model=model_id, jobs=len(ids), reason=error.reason)
                     return
                 await self._fail(ids, error.reason)
+                if error.status is not None and error.status < 500:
+                    # Refused with an answer, the create made nothing: no lookup of it follows.
+                    await store.forget_send(tag)
                 log.warning("batch_submit_rejected", model=model_id, jobs=len(ids), reason=error.reason)
                 return
             placed = await store.mark_submitted(ids, self._owner, model.provider, provider_batch_id, sent_to)
