@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import replace
 
 from routesvc.models import Heartbeat, ProviderEvent, ProviderFinish, TextDelta, ToolCall
-from routesvc.providers.base import Provider, ProviderCall
+from routesvc.providers.base import ProviderCall, ProviderWrapper
 from routesvc.providers.batch import ItemResult
 
 _REPLACEMENT = "\ufffd"
@@ -51,29 +51,13 @@ def _high_surrogate(char: str) -> bool:
     return "\ud800" <= char <= "\udbff"
 
 
-class ValidText:
+class ValidText(ProviderWrapper):
     """``provider``'s streams with every string made valid text. A text delta that ends with the
     first half of a pair keeps that half back, to be joined with the next delta's start; a half
     still held when the stream ends (finished, or failed with an error) comes out as U+FFFD
     before the end; one still held when the stream is cancelled (our stall and deadline timers
     cut it so) is dropped: yielding it would swallow the cancellation.
     A delta held back whole comes out as an empty ``Heartbeat``: the model sent a chunk."""
-
-    def __init__(self, provider: Provider) -> None:
-        self._provider = provider
-
-    @property
-    def name(self) -> str:
-        """The provider's name."""
-        return self._provider.name
-
-    @property
-    def base_url(self) -> str:
-        """The provider's base URL."""
-        return self._provider.base_url
-
-    async def aclose(self) -> None:
-        """Nothing of its own: the provider is closed by whoever opened it."""
 
     async def stream(self, call: ProviderCall) -> AsyncGenerator[ProviderEvent, None]:
         """The provider's events, their strings valid text."""

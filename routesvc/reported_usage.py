@@ -19,7 +19,7 @@ from routesvc.catalog import ModelSpec
 from routesvc.cost import interrupted_usage
 from routesvc.models import Heartbeat, InputReported, ProviderEvent, ProviderFinish, TextDelta, Usage
 from routesvc.provider_text import ValidText
-from routesvc.providers.base import Provider, ProviderCall
+from routesvc.providers.base import Provider, ProviderCall, ProviderWrapper
 
 log = structlog.get_logger("routesvc.reported_usage")
 
@@ -79,7 +79,7 @@ def warn_implausible(
     )
 
 
-class CheckedUsage:
+class CheckedUsage(ProviderWrapper):
     """``provider``'s streams of ``model``, each reported usage checked against what the call can
     have used: an output over its ``output_limit``, an input (or a cache count) over
     ``input_limit`` is replaced by an estimate (``interrupted_usage``'s: the input counted from
@@ -88,21 +88,8 @@ class CheckedUsage:
     limit is dropped, so that an attempt cut short estimates its input too."""
 
     def __init__(self, provider: Provider, model: ModelSpec) -> None:
-        self._provider = provider
+        super().__init__(provider)
         self._model = model
-
-    @property
-    def name(self) -> str:
-        """The provider's name."""
-        return self._provider.name
-
-    @property
-    def base_url(self) -> str:
-        """The provider's base URL."""
-        return self._provider.base_url
-
-    async def aclose(self) -> None:
-        """Nothing of its own: the provider is closed by whoever opened it."""
 
     async def stream(self, call: ProviderCall) -> AsyncGenerator[ProviderEvent, None]:
         """The provider's events, its usage checked."""

@@ -261,3 +261,25 @@ class Provider(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
         ...
+
+
+class ProviderWrapper:
+    """A provider seen through a wrapper that changes only its streams (``stream`` is the
+    subclass's): its name and base URL are the provider's, and it has nothing of its own to close
+    (the provider is closed by whoever opened it)."""
+
+    def __init__(self, provider: Provider) -> None:
+        self._provider = provider
+
+    @property
+    def name(self) -> str:
+        """The provider's name."""
+        return self._provider.name
+
+    @property
+    def base_url(self) -> str:
+        """The provider's base URL."""
+        return self._provider.base_url
+
+    async def aclose(self) -> None:
+        """Nothing of its own: the provider is closed by whoever opened it."""
