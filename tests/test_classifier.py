@@ -1422,6 +1422,26 @@ class TestTheLLMClassifierKeepsToTheBreaker:
             await stage.classify(f"Write a sonnet about {prompt}.", breakers=breakers)
         assert (len(fake.requests), breakers.state("cheap")) == (3, BreakerState.CLOSED)
 
+    async def test_a_model_that_keeps_answering_prose_is_reported_to_the_operator(self, fake: FakeProvider) -> None:
+        """Each prose answer costs a call and gives no label. After 8 in a row the operator is
+        warned once (then at 16, 32, ...), naming the model and the count, never the prompt or
+        the answer; a JSON answer starts the count again."""
+        fake.set_default(Script(text="Sure! The secret plan is a poem, not JSON."))
+        config = llm_classifier_config()
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                for n in range(9):
+                    [m async for m in client.complete(user_chat(f"Tell me about rivers, number {n}."), ACME)]
+                fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'), model="gpt-4o-mini")
+                for n in range(9, 17):
+                    [m async for m in client.complete(user_chat(f"Tell me about rivers, number {n}."), ACME)]
+        warnings = [e for e in logs if e["event"] == "classifier_answers_not_json"]
+        assert [(e["log_level"], e["model"], e["in_a_row"]) for e in warnings] == [("warning", "gpt-4o-mini", 8)]
+        assert not any("rivers" in str(e) or "secret plan" in str(e) for e in logs)
+
     def test_a_label_closes_the_breaker_only_as_its_half_open_probe(self) -> None:
         """``record_probe_success``: a success on a closed breaker's permit leaves its count of
         failures; one on the half-open probe's permit closes it."""

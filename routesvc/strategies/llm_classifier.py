@@ -77,6 +77,8 @@ def _judged(complexity: str) -> str:
 
 
 _DECODER = json.JSONDecoder()
+# Answers in a row not in JSON before the first warning (then at each doubling).
+_NOT_JSON_WARN_AT = 8
 # The answer is asked for in 40 tokens; a server that ignores that is read no further than this,
 # so an answer of nested braces cannot make the search below quadratic.
 _MAX_ANSWER_CHARS = 4_096
@@ -144,6 +146,8 @@ class _Labels:
     asks: tuple[object, ...]
     cache: Memo[tuple[str, str]]
     flights: dict[bytes, _Flight] = field(default_factory=dict)
+    # Answers in a row that were not the JSON asked for (``_note_answer``).
+    not_json_in_a_row: int = 0
 
 
 def _settle(
@@ -256,10 +260,26 @@ class LLMClassifierStage:
                 error = exc
         if breakers is not None and permit is not None:
             _settle(breakers, permit, error, bool(result.text))
+        if result.error is None:
+            self._note_answer(json=error is None)
         if error is not None:
             raise error
         task, complexity = labels
         return task, complexity, result.finish.usage if result.finish is not None else Usage()
+
+    def _note_answer(self, *, json: bool) -> None:
+        """Count the answers in a row that were not the JSON asked for, and warn the operator at
+        8, 16, 32, ... of them: such an answer costs a call and gives no label (the stage falls
+        back), and a model that never answers JSON (one without JSON mode behind an
+        OpenAI-compatible server, say) is paid for every new prompt, which the decisions' reasons
+        alone would not show. Neither the prompt nor the answer is logged."""
+        if json:
+            self._labels.not_json_in_a_row = 0
+            return
+        self._labels.not_json_in_a_row += 1
+        count = self._labels.not_json_in_a_row
+        if count >= _NOT_JSON_WARN_AT and count & (count - 1) == 0:
+            log.warning("classifier_answers_not_json", model=self._model.id, in_a_row=count)
 
     async def _call(
         self,
