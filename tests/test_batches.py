@@ -25,7 +25,7 @@ from routesvc.admission import LocalAdmission
 from routesvc.auth import key_digest
 from routesvc.batches import BatchStore
 from routesvc.batches import _queue as batch_queue
-from routesvc.batches._queue import OTHER_KEY_LOST_AFTER_SECONDS
+from routesvc.batches._queue import ENDPOINT_GONE_AFTER_SECONDS, OTHER_KEY_LOST_AFTER_SECONDS
 from routesvc.batches._store import decode_request
 from routesvc.client import RouterClient, build_chat
 from routesvc.cost import cost_of_usage, estimate_cost
@@ -3201,6 +3201,91 @@ class TestBatchStoreSharedAcrossEndpoints:
         finally:
             connection.close()
         assert endpoints == [(None, None)]
+
+
+def pointed_at(tmp_path: Path, provider: FakeProvider) -> dict[str, Any]:
+    """``batch_config`` with both providers' base URLs at ``provider`` (one key file)."""
+    key = tmp_path / "key"
+    key.write_text("sk-test\n", encoding="utf-8")
+    config = batch_config(tmp_path)
+    for name, base_url in (("openai", provider.openai_base_url), ("anthropic", provider.anthropic_base_url)):
+        config["providers"][name] = {"kind": name, "api_key_file": str(key), "base_url": base_url}  # type: ignore[index]
+    return config
+
+
+RATE_LIMITED = (429, {"error": {"type": "rate_limit_error", "message": "slow down"}})
+
+
+class TestBatchProviderMoved:
+    """A provider's base URL changed (a reload, a restart) while jobs were queued for or sent to
+    the old one: none is left waiting for ever."""
+
+    async def test_after_a_reload_a_sent_batch_is_read_at_its_old_url_and_a_queued_job_goes_to_the_new(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A reload points the provider at a new URL: the batch sent to the old URL is still
+        polled there (with the adapter that sent it), and its job succeeds and is charged once;
+        a job queued then (its send refused 429) is sent to the new URL and succeeds (the sent
+        job stayed SUBMITTED for ever, the queued one QUEUED until it expired)."""
+        async with FakeProvider() as new:
+            fake.batch_outcome = BatchOutcome.PENDING
+            async with (
+                Server(settings_from(pointed_at(tmp_path, fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                sent_job = (await submit(client))[1].batch.batch_id
+                await wait_state(client, sent_job, pb.BATCH_STATE_SUBMITTED)
+                fake.batch_create_error = RATE_LIMITED
+                with capture_logs() as logs:
+                    queued_job = (await submit(client))[1].batch.batch_id
+                    await until(lambda: any(e["event"] == "batch_submit_failed" for e in logs))
+                await server.reload(settings_from(pointed_at(tmp_path, new)))
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                await wait_state(client, sent_job, pb.BATCH_STATE_SUCCEEDED)
+                await wait_state(client, queued_job, pb.BATCH_STATE_SUCCEEDED)
+                await until(lambda: discarded(fake))
+                charged = sorted(e.request_id for e in server.router.ledger.entries())
+        assert ([sent_job], [queued_job]) == (sent_jobs(fake), sent_jobs(new))
+        assert sorted([sent_job, queued_job]) == charged
+
+    async def test_after_a_restart_on_a_new_url_jobs_of_the_old_one_end_or_move_once_no_process_serves_it(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A restart points the provider at a new URL. While the old URL may still be another
+        process's (served within ENDPOINT_GONE_AFTER_SECONDS), its jobs are left alone; once no
+        process has served it that long, the job sent there ends FAILED provider_changed,
+        uncharged, and the job queued for it is sent to the new URL and succeeds (they stayed
+        SUBMITTED for ever, and QUEUED until they expired)."""
+        path = tmp_path / "batches.db"
+        async with FakeProvider() as new:
+            fake.batch_outcome = BatchOutcome.PENDING
+            async with (
+                Server(settings_from(pointed_at(tmp_path, fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                sent_job = (await submit(client))[1].batch.batch_id
+                await wait_state(client, sent_job, pb.BATCH_STATE_SUBMITTED)
+                fake.batch_create_error = RATE_LIMITED
+                with capture_logs() as logs:
+                    queued_job = (await submit(client))[1].batch.batch_id
+                    await until(lambda: any(e["event"] == "batch_submit_failed" for e in logs))
+            settings = settings_from(pointed_at(tmp_path, new))
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                with capture_logs() as logs:
+                    await until(lambda: any(e["event"] == "batch_poll_skipped" for e in logs))
+                    await asyncio.sleep(0.3)  # some rounds
+                    early = [(await get_batch(client, job)).job.state for job in (sent_job, queued_job)]
+            with contextlib.closing(sqlite3.connect(path)) as store:
+                store.execute("UPDATE endpoints SET seen_at = seen_at - ?", (ENDPOINT_GONE_AFTER_SECONDS + 60,))
+                store.commit()
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                failed = await wait_state(client, sent_job, pb.BATCH_STATE_FAILED)
+                await wait_state(client, queued_job, pb.BATCH_STATE_SUCCEEDED)
+                charged = [e.request_id for e in server.router.ledger.entries()]
+        assert early == [pb.BATCH_STATE_SUBMITTED, pb.BATCH_STATE_QUEUED]
+        assert failed.error == "provider_changed"
+        assert ([sent_job], [queued_job]) == (sent_jobs(fake), sent_jobs(new))
+        assert [queued_job] == charged
 
 
 class TestTheSuiteKeepsToItsOwnDataDir:

@@ -97,7 +97,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     claimed_until REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
+CREATE TABLE IF NOT EXISTS endpoints (
+    provider TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    PRIMARY KEY (provider, endpoint)
+);
 """
+# endpoints: for each provider name and base URL jobs are queued for or sent to, when a process
+# last served it (``endpoints_gone``), or, for one no process served since, when one first saw it.
 
 # Columns added after the first release, for files created before them.
 # budget_usd: what the job's tenant budget counted when it was queued (set once that count is
@@ -834,6 +842,69 @@ class BatchStore:
                 (provider, provider_batch_id, endpoint, sent_key, shape, tag, *states),
             )
             return cursor.rowcount
+
+        return await self._run(update)
+
+    async def endpoints_gone(self, served: list[tuple[str, str]], gone_after: float) -> set[tuple[str, str]]:
+        """Mark the (provider, base URL) pairs of ``served`` as served now, and return those that
+        jobs not yet read are queued for or sent to which no process has served for
+        ``gone_after`` seconds (one first seen unserved is given that long from then): a
+        provider whose base URL changed (a reload, a restart), that nobody sends or polls there
+        any more."""
+        now = self._clock()
+        states = (BatchState.QUEUED.value, BatchState.SUBMITTED.value)
+
+        def update(connection: sqlite3.Connection) -> set[tuple[str, str]]:
+            with immediate(connection):
+                connection.executemany(
+                    "INSERT INTO endpoints (provider, endpoint, seen_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (provider, endpoint) DO UPDATE SET seen_at = excluded.seen_at",
+                    [(provider, endpoint, now) for provider, endpoint in served],
+                )
+                rows = connection.execute(
+                    "SELECT DISTINCT provider, endpoint FROM jobs WHERE endpoint IS NOT NULL"
+                    " AND (state IN (?, ?) OR provider_pending IS NOT NULL)",
+                    states,
+                ).fetchall()
+                connection.executemany(
+                    "INSERT OR IGNORE INTO endpoints (provider, endpoint, seen_at) VALUES (?, ?, ?)",
+                    [(row["provider"], row["endpoint"], now) for row in rows],
+                )
+                gone = connection.execute(
+                    "SELECT provider, endpoint FROM endpoints WHERE seen_at < ?", (now - gone_after,)
+                ).fetchall()
+                # What no job names any more is forgotten.
+                connection.execute(
+                    "DELETE FROM endpoints WHERE seen_at < ? AND NOT EXISTS (SELECT 1 FROM jobs"
+                    " WHERE jobs.provider = endpoints.provider AND jobs.endpoint = endpoints.endpoint)",
+                    (now - gone_after,),
+                )
+            return {(row["provider"], row["endpoint"]) for row in gone}
+
+        return await self._run(update)
+
+    async def move_queued(self, provider: str, old_endpoint: str, endpoint: str) -> tuple[int, list[str]]:
+        """Queue for ``endpoint`` the jobs of ``provider`` queued for ``old_endpoint`` (its base URL
+        changed) that were never sent and are not claimed; returns how many moved, and the ids of those left whose
+        last send's reply was lost there (``tag_send``: the batch it may have made is at the old
+        endpoint, so they are not sent again elsewhere)."""
+        queued = BatchState.QUEUED.value
+        now = self._clock()
+        # A claimed job (held by its submitter, or being sent) is left to its claim's end.
+
+        def update(connection: sqlite3.Connection) -> tuple[int, list[str]]:
+            with immediate(connection):
+                moved = connection.execute(
+                    "UPDATE jobs SET endpoint = ? WHERE state = ? AND provider = ? AND endpoint = ?"
+                    " AND send_tag IS NULL AND (claimed_until IS NULL OR claimed_until <= ?)",
+                    (endpoint, queued, provider, old_endpoint, now),
+                ).rowcount
+                tagged = connection.execute(
+                    "SELECT id FROM jobs WHERE state = ? AND provider = ? AND endpoint = ?"
+                    " AND (claimed_until IS NULL OR claimed_until <= ?)",
+                    (queued, provider, old_endpoint, now),
+                ).fetchall()
+            return moved, [row["id"] for row in tagged]
 
         return await self._run(update)
 
