@@ -817,6 +817,7 @@ class TestBatchStoreBound:
             first = (await submit(client))[1].batch
         [request] = stored_requests(path)
         config["batch"]["max_stored_request_bytes"] = 2 * len(request) - 1  # type: ignore[index]
+        config["batch"]["max_tenant_share_of_stored_requests"] = 1  # type: ignore[index]  # one tenant: the store's bound
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
@@ -833,6 +834,41 @@ class TestBatchStoreBound:
         assert "batch.max_stored_request_bytes" in (caught.value.details() or "")
         assert "Summarise" not in (caught.value.details() or "")
         assert fake.batches == []
+
+    async def test_a_tenant_past_its_share_is_refused_while_another_is_still_queued(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """One tenant's requests may hold max_tenant_share_of_stored_requests of the bound: with
+        room for one job of each of four tenants, a tenant's second job is RESOURCE_EXHAUSTED
+        BATCH_STORE_FULL naming that setting and the tenant (not the prompt), while another
+        tenant's job is still queued (the first tenant filled the store for every tenant)."""
+        config = batch_config(tmp_path)
+        config["batch"]["group_window_seconds"] = 600  # type: ignore[index]  # kept, never sent here
+        path = tmp_path / "batches.db"
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await submit(client, tenant="greedy")
+        [request] = stored_requests(path)
+        config["batch"]["max_stored_request_bytes"] = 4 * len(request) + 3  # type: ignore[index]
+        config["batch"]["max_tenant_share_of_stored_requests"] = 0.25  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await submit(client, tenant="greedy")
+            other = (await submit(client, tenant="modest"))[1].batch
+            assert (await get_batch(client, other.batch_id, tenant="modest")).job.state == pb.BATCH_STATE_QUEUED
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(caught.value).reason == "BATCH_STORE_FULL"
+        assert retry_delay(caught.value) == 30.0
+        details = caught.value.details() or ""
+        assert "batch.max_tenant_share_of_stored_requests" in details
+        assert "'greedy'" in details
+        assert "Summarise" not in details
+        assert len(job_states(path)) == 2
 
 
 def with_model_copy(config: dict[str, object], model_id: str, of: str = "gpt-4o-mini") -> dict[str, object]:

@@ -433,6 +433,11 @@ class BatchQueue:
                     self._replaced.discard(api)
                     self._keep(api.aclose())
 
+    def _max_tenant_request_bytes(self) -> int | None:
+        """The bytes of requests one tenant's queued jobs may keep in the store; None: no cap of its own."""
+        share = self._config.max_tenant_share_of_stored_requests
+        return None if share >= 1 else int(self._config.max_stored_request_bytes * share)
+
     def _opened(self) -> BatchStore:
         # Opened on first use (or at start when the file exists), so a server that never sees a
         # batch request never creates the file.
@@ -441,7 +446,10 @@ class BatchQueue:
         if self._store is None:
             try:
                 self._store = BatchStore(
-                    self._path, clock=self._clock, max_request_bytes=self._config.max_stored_request_bytes
+                    self._path,
+                    clock=self._clock,
+                    max_request_bytes=self._config.max_stored_request_bytes,
+                    max_tenant_request_bytes=self._max_tenant_request_bytes(),
                 )
             except (OSError, sqlite3.Error) as exc:
                 log.error("batch_store_unavailable", path=str(self._path), error_type=type(exc).__name__)

@@ -44,7 +44,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from routesvc.catalog import ModelSpec
-from routesvc.errors import BatchStoreBusy, BatchStoreFull, BatchStoreUnavailable
+from routesvc.errors import BatchStoreBusy, BatchStoreFull, BatchStoreUnavailable, quoted_id
 from routesvc.models import (
     BatchJob,
     BatchResult,
@@ -459,6 +459,8 @@ def _add_missing_columns(connection: sqlite3.Connection) -> None:
         # What the kept requests weigh, summed from this index alone at every ``add``: the rows
         # themselves hold the requests, so a sum over them would read every stored byte.
         connection.execute("CREATE INDEX IF NOT EXISTS jobs_request_bytes ON jobs (request_bytes)")
+        # ... and per tenant, from this one (``max_tenant_request_bytes``).
+        connection.execute("CREATE INDEX IF NOT EXISTS jobs_tenant_request_bytes ON jobs (tenant, request_bytes)")
 
 
 def _status(row: sqlite3.Row) -> BatchStatus:
@@ -515,10 +517,16 @@ class BatchStore:
     """The jobs table of one SQLite file (created with its directory on open)."""
 
     def __init__(
-        self, path: Path, *, clock: Callable[[], float] = time.time, max_request_bytes: int | None = None
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_request_bytes: int | None = None,
+        max_tenant_request_bytes: int | None = None,
     ) -> None:
         self._path = path
         self._max_request_bytes = max_request_bytes
+        self._max_tenant_request_bytes = max_tenant_request_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
         create_private(path)
         self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -557,6 +565,7 @@ class BatchStore:
         model_spec: str | None = None,
     ) -> None:
         """Store a new queued job with its request, claimed by ``held_by`` for ``hold_seconds``,
+        unless the requests kept would pass the store's bound or its tenant's (``BatchStoreFull``);
         for its provider's ``endpoint`` (the base URL that is to send it), with its model as the
         catalog has it now (``model_spec``: ``encode_model``).
 
@@ -575,6 +584,19 @@ class BatchStore:
                             f"batch.max_stored_request_bytes: the store keeps {kept} bytes of requests not yet"
                             f" taken by a provider, and this one ({len(request)}) would pass"
                             f" {self._max_request_bytes}; retry once queued jobs are sent"
+                        )
+                if self._max_tenant_request_bytes is not None:
+                    (tenant_kept,) = connection.execute(
+                        "SELECT COALESCE(SUM(request_bytes), 0) FROM jobs INDEXED BY jobs_tenant_request_bytes"
+                        " WHERE tenant = ?",
+                        (job.tenant,),
+                    ).fetchone()
+                    if tenant_kept + len(request) > self._max_tenant_request_bytes:
+                        raise BatchStoreFull(
+                            f"batch.max_tenant_share_of_stored_requests: the store keeps {tenant_kept} bytes of"
+                            f" requests of tenant {quoted_id(job.tenant)} not yet taken by a provider, and this one"
+                            f" ({len(request)}) would pass the tenant's {self._max_tenant_request_bytes};"
+                            " retry once its queued jobs are sent"
                         )
                 _insert(connection)
 
