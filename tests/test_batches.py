@@ -3324,6 +3324,43 @@ class TestBatchProviderMoved:
         assert [queued_job] == charged
 
 
+SLOW_DOWN = (429, {"error": {"type": "rate_limit_error", "message": "slow down"}}, {"retry-after": "2"})
+
+
+class TestBatchPollRateLimited:
+    async def test_a_429_on_a_poll_holds_that_providers_polls_for_its_retry_after_and_no_others(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """OpenAI answers a batch's poll 429 with Retry-After 2 s (the poll interval 0.05 s): that
+        provider is not polled again before then, while the Anthropic batch goes on being polled;
+        once the provider takes polls again the job succeeds (the refused batch was polled again
+        every round, some 20 times a second, Retry-After ignored)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            openai_job = (await submit(client))[1].batch.batch_id
+            anthropic_job = (await submit(client, task_hint="creative_writing"))[1].batch.batch_id
+            await wait_state(client, openai_job, pb.BATCH_STATE_SUBMITTED)
+            await wait_state(client, anthropic_job, pb.BATCH_STATE_SUBMITTED)
+            [openai_batch] = [batch for batch in fake.batches if batch.api == "openai"]
+            [anthropic_batch] = [batch for batch in fake.batches if batch.api == "anthropic"]
+            with capture_logs() as logs:
+                fake.batch_retrieve_errors["openai"] = SLOW_DOWN
+                await until(lambda: openai_batch.refused >= 1)
+                other_polls = anthropic_batch.retrieved
+                await asyncio.sleep(1.0)
+                refused, other_polls = openai_batch.refused, anthropic_batch.retrieved - other_polls
+                fake.batch_retrieve_errors.clear()
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                await wait_state(client, openai_job, pb.BATCH_STATE_SUCCEEDED)
+        assert refused == 1
+        assert other_polls >= 5
+        [held] = [e for e in logs if e["event"] == "batch_polls_held"]
+        assert (held["provider"], held["seconds"], held["reason"]) == ("openai", 2.0, "PROVIDER_RATE_LIMITED")
+
+
 class TestTheSuiteKeepsToItsOwnDataDir:
     def test_settings_and_processes_of_the_suite_use_a_temporary_data_dir(self) -> None:
         """Tests never resolve the user's data dir (~/.local/share/routesvc): the batch store of

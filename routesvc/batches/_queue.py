@@ -44,7 +44,10 @@ tried again next round. Any other error on sending fails that group's jobs (noth
 polling or reading results, a rejection (400/404/409/413/422) fails that batch's jobs:
 ``provider_batch_not_found`` for a 404 (the provider no longer knows a batch sent with its key),
 else ``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may
-be fixed. A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
+be fixed. A 429 on a poll, or any answer with Retry-After, holds the polls of that provider (at
+that base URL) for the Retry-After, else for delays doubling from the poll interval to
+``_MAX_POLL_HOLD``, while other providers' polls go on (``batch_polls_held``).
+A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
 which are otherwise those the queue started with. Models are looked up in the current catalog
 (``catalog``, which follows hot reloads); a model no longer there fails its jobs not sent yet with
 ``model_not_in_catalog``; an answer the provider billed for a job already sent is delivered and
@@ -226,6 +229,9 @@ _MAX_LEFTOVERS = 10_000
 # Jobs of a provider batch refused for a while (OpenAI's enqueued token limit) wait as long as they
 # have waited so far before they are sent again: at least the poll interval, at most this.
 _MAX_RESEND_DELAY = 3600.0
+# A provider that answers a poll 429 without Retry-After is polled again after delays doubling
+# from the poll interval to this; a Retry-After is honoured as it says (``parse_retry_after`` caps it).
+_MAX_POLL_HOLD = 600.0
 _CLOSE_SECONDS = 4.0
 """What ``aclose`` waits, in all, for the queue's writes and provider deletes still under way.
 The Kubernetes grace period leaves 10 s after the drain and ``grace_seconds`` for this and the
@@ -343,6 +349,9 @@ class BatchQueue:
         # (provider, base URL) pairs with jobs that no process has served for
         # ENDPOINT_GONE_AFTER_SECONDS (``_follow_moved_endpoints``).
         self._gone: set[tuple[str, str]] = set()
+        # Providers (by name and base URL) whose polls wait after a 429 or a Retry-After: until
+        # when (``clock``), and how many such answers in a row.
+        self._polls_held: dict[tuple[str, str], tuple[float, int]] = {}
         self._clock = clock
         self._path = settings.batch_store_path
         self._store: BatchStore | None = None
@@ -1018,6 +1027,9 @@ class BatchQueue:
                     # would get a 404 and fail jobs that are running there.
                     self._skip_once(provider, provider_batch_id, jobs, "other_endpoint")
                 continue
+            held = self._polls_held.get((provider, reached[1][0]))
+            if held is not None and held[0] > self._clock():
+                continue  # it asked us to wait (a 429, a Retry-After): its other batches wait too
             with self._using(provider, jobs.endpoint) as api:
                 if api is not None:
                     await self._poll_one(api, provider, provider_batch_id, jobs, reached[1])
@@ -1070,6 +1082,7 @@ class BatchQueue:
         it is logged (or fails its jobs)."""
         try:
             await self._poll_batch(api, provider, provider_batch_id, jobs, sent_to)
+            self._polls_held.pop((provider, sent_to[0]), None)
         except ProviderRejected as error:
             self._accepted.discard((provider, provider_batch_id))
             if error.status == 404 and jobs.unverified:
@@ -1096,9 +1109,22 @@ class BatchQueue:
                 )
         except ProviderError as error:
             log.warning("batch_poll_failed", provider_batch_id=provider_batch_id, reason=error.reason)
+            if error.status == 429 or error.retry_after is not None:
+                self._hold_polls(provider, sent_to[0], error)
         except Exception:
             # Our bug or the store: the other batches go on; this one is polled again next round.
             log.exception("batch_poll_crashed", provider_batch_id=provider_batch_id)
+
+    def _hold_polls(self, provider: str, endpoint: str, error: ProviderError) -> None:
+        """Poll nothing more of ``provider`` at ``endpoint`` for as long as ``error`` (a 429, or an
+        answer with Retry-After) asks, or, without Retry-After, for delays doubling from the poll
+        interval to ``_MAX_POLL_HOLD``; other providers' polls go on."""
+        _, times = self._polls_held.get((provider, endpoint), (0.0, 0))
+        seconds = error.retry_after
+        if seconds is None:
+            seconds = min(_MAX_POLL_HOLD, self._config.poll_interval_seconds * 2**times)
+        self._polls_held[(provider, endpoint)] = (self._clock() + seconds, times + 1)
+        log.warning("batch_polls_held", provider=provider, seconds=seconds, reason=error.reason)
 
     async def _poll_batch(
         self, api: BatchAPI, provider: str, provider_batch_id: str, jobs: SentJobs, sent_to: tuple[str, str]
