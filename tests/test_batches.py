@@ -25,7 +25,12 @@ from routesvc.admission import LocalAdmission
 from routesvc.auth import key_digest
 from routesvc.batches import BatchStore
 from routesvc.batches import _queue as batch_queue
-from routesvc.batches._queue import ENDPOINT_GONE_AFTER_SECONDS, OTHER_KEY_LOST_AFTER_SECONDS
+from routesvc.batches._queue import (
+    ABANDON_AFTER_SECONDS,
+    ENDPOINT_GONE_AFTER_SECONDS,
+    OTHER_KEY_LOST_AFTER_SECONDS,
+    OVERDUE_AFTER_SECONDS,
+)
 from routesvc.batches._store import decode_request
 from routesvc.client import RouterClient, build_chat
 from routesvc.cost import cost_of_usage, estimate_cost
@@ -3359,6 +3364,71 @@ class TestBatchPollRateLimited:
         assert other_polls >= 5
         [held] = [e for e in logs if e["event"] == "batch_polls_held"]
         assert (held["provider"], held["seconds"], held["reason"]) == ("openai", 2.0, "PROVIDER_RATE_LIMITED")
+
+
+def sent_earlier(path: Path, seconds: float) -> None:
+    """Move every job's last change (for a SUBMITTED job: when it was sent) ``seconds`` back."""
+    with contextlib.closing(sqlite3.connect(path)) as store:
+        store.execute("UPDATE jobs SET updated_at = updated_at - ?", (seconds,))
+        store.commit()
+
+
+class TestBatchOverdue:
+    """A provider batch that runs on past its 24 h window (stuck in finalizing or in progress)."""
+
+    async def test_a_batch_running_past_its_window_and_grace_is_cancelled_and_read(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Two jobs in one batch that stays in progress: once sent more than
+        OVERDUE_AFTER_SECONDS ago it is cancelled at the provider and read as that ends it: the
+        job the provider answered before the cancel succeeds and is charged once, the other ends
+        EXPIRED batch_overdue, uncharged (both stayed SUBMITTED for ever, polled every round)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_answered_before_cancel = 1
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            jobs = [job.batch_id for job in await two_jobs(client)]
+            for job in jobs:
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            with capture_logs() as logs:
+                sent_earlier(tmp_path / "batches.db", OVERDUE_AFTER_SECONDS + 60)
+                answered = await wait_state(client, batch.custom_ids[0], pb.BATCH_STATE_SUCCEEDED)
+                expired = await wait_state(client, batch.custom_ids[1], pb.BATCH_STATE_EXPIRED)
+                charged = [e.request_id for e in server.router.ledger.entries()]
+        assert batch.cancelled
+        assert answered.result.text
+        assert expired.error == "batch_overdue"
+        assert [batch.custom_ids[0]] == charged
+        assert [e["provider_batch_id"] for e in logs if e["event"] == "batch_overdue"] == [batch.id]
+
+    async def test_a_batch_that_does_not_end_even_when_cancelled_is_given_up(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch still not ended ABANDON_AFTER_SECONDS after it was sent (its cancel stuck too)
+        is cancelled and its job ends EXPIRED batch_overdue at once, uncharged, and the batch is
+        polled no more (the job stayed SUBMITTED for ever)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            with capture_logs() as logs:
+                sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+                expired = await wait_state(client, job, pb.BATCH_STATE_EXPIRED)
+                polls = batch.retrieved
+                await asyncio.sleep(0.3)
+                charged = list(server.router.ledger.entries())
+        assert expired.error == "batch_overdue"
+        assert batch.cancelled
+        assert batch.retrieved == polls
+        assert charged == []
+        assert [e["jobs"] for e in logs if e["event"] == "batch_abandoned"] == [1]
 
 
 class TestTheSuiteKeepsToItsOwnDataDir:

@@ -46,7 +46,11 @@ polling or reading results, a rejection (400/404/409/413/422) fails that batch's
 else ``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may
 be fixed. A 429 on a poll, or any answer with Retry-After, holds the polls of that provider (at
 that base URL) for the Retry-After, else for delays doubling from the poll interval to
-``_MAX_POLL_HOLD``, while other providers' polls go on (``batch_polls_held``).
+``_MAX_POLL_HOLD``, while other providers' polls go on (``batch_polls_held``). A provider batch
+still running ``OVERDUE_AFTER_SECONDS`` after it was sent (stuck past its 24 h window, e.g. in
+OpenAI's ``finalizing``) is cancelled and read as that ends it: its answers are delivered and
+charged, its other jobs end EXPIRED ``batch_overdue``; one that has not ended
+``ABANDON_AFTER_SECONDS`` after it was sent ends its jobs so, uncharged, and is read no more.
 A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
 which are otherwise those the queue started with. Models are looked up in the current catalog
 (``catalog``, which follows hot reloads); a model no longer there fails its jobs not sent yet with
@@ -215,6 +219,17 @@ ENDPOINT_GONE_AFTER_SECONDS = 3600.0
 process sending or polling there: its base URL was changed by a reload or a restart) before the
 jobs are moved off it: queued ones never sent to this process's base URL, sent ones ended FAILED
 ``provider_changed`` (their batch cannot be read from here)."""
+
+OVERDUE_AFTER_SECONDS = 2 * 86400.0
+"""How long after it was sent a provider batch may run: the providers' 24 h window, then as long
+again for a batch stuck past it (OpenAI's ``finalizing``). Past it a batch that has not ended is
+cancelled at the provider, read once that ends it (what it answered is delivered and charged), and
+its jobs without an answer end EXPIRED ``batch_overdue``."""
+
+ABANDON_AFTER_SECONDS = OVERDUE_AFTER_SECONDS + 86400.0
+"""How long after it was sent a provider batch that has not ended even after its cancel (stuck in
+``cancelling``) is waited for: then its jobs end EXPIRED ``batch_overdue`` (those cancelled since
+closed), uncharged, and it is read no more."""
 
 OTHER_KEY_LOST_AFTER_SECONDS = 2 * 86400.0
 """How long after it was sent a batch that another key sent to this URL, and this key does not
@@ -1115,6 +1130,37 @@ class BatchQueue:
             # Our bug or the store: the other batches go on; this one is polled again next round.
             log.exception("batch_poll_crashed", provider_batch_id=provider_batch_id)
 
+    async def _end_overdue(
+        self, api: BatchAPI, provider: str, batch: ProviderBatch, jobs: SentJobs, *, abandon: bool
+    ) -> None:
+        """A provider batch still running ``OVERDUE_AFTER_SECONDS`` after it was sent (stuck past
+        its window): cancelled at the provider, once per process (unless adopted by its shape: it
+        may be another client's), to be read as it ends; past ``ABANDON_AFTER_SECONDS`` its jobs
+        end EXPIRED ``batch_overdue`` here, uncharged (those cancelled since closed), and it is
+        read no more."""
+        if not jobs.unverified and batch.status not in _CANCELLING and batch.id not in self._cancel_asked:
+            self._cancel_asked.add(batch.id)
+            log.warning("batch_overdue", provider=provider, provider_batch_id=batch.id, status=batch.status)
+            await self._cancel_with(api, batch.id)
+        if not abandon:
+            return
+        expired = 0
+        for batch_id in jobs.waiting:
+            expired += await self._opened().finish(batch_id, BatchState.EXPIRED, error="batch_overdue")
+        closed = 0
+        for batch_id in jobs.cancelled:
+            closed += await self._opened().close_cancelled(batch_id, None)
+        self._cancel_asked.discard(batch.id)
+        self._accepted.discard((provider, batch.id))
+        log.warning(
+            "batch_abandoned",
+            provider=provider,
+            provider_batch_id=batch.id,
+            status=batch.status,
+            jobs=expired,
+            cancelled_jobs=closed,
+        )
+
     def _hold_polls(self, provider: str, endpoint: str, error: ProviderError) -> None:
         """Poll nothing more of ``provider`` at ``endpoint`` for as long as ``error`` (a 429, or an
         answer with Retry-After) asks, or, without Retry-After, for delays doubling from the poll
@@ -1144,6 +1190,11 @@ class BatchQueue:
             # This key sees it: the same account's rotated key, the batch's key from now on (a
             # 404 then means lost, as for any batch).
             await self._opened().adopt(provider, provider_batch_id, own_key)
+        sent_for = 0.0 if jobs.sent_at is None else self._clock() - jobs.sent_at
+        overdue = sent_for > OVERDUE_AFTER_SECONDS
+        if not batch.ended and overdue:
+            await self._end_overdue(api, provider, batch, jobs, abandon=sent_for > ABANDON_AFTER_SECONDS)
+            return
         if not batch.ended:
             if batch.accepted and not jobs.unverified and (provider, provider_batch_id) not in self._accepted:
                 # Past the provider's validation: the requests are never sent again (those of a
@@ -1174,11 +1225,13 @@ class BatchQueue:
             if results:
                 return
         for batch_id in waiting:
-            result = results.get(batch_id) or ItemResult(
-                batch_id,
-                BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED,
-                error=batch.error or "no_result",
-            )
+            result = results.get(batch_id)
+            if overdue and (result is None or result.state is BatchState.CANCELLED):
+                # Unanswered when the cancel past its window (``_end_overdue``), or the provider, ended it.
+                result = ItemResult(batch_id, BatchState.EXPIRED, error="batch_overdue")
+            elif result is None:
+                state = BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED
+                result = ItemResult(batch_id, state, error=batch.error or "no_result")
             await self._settle(batch_id, result)
         for batch_id in jobs.cancelled:
             await self._settle_cancelled(batch_id, results.get(batch_id))
