@@ -3306,10 +3306,10 @@ class TestBatchProviderMoved:
             ):
                 sent_job = (await submit(client))[1].batch.batch_id
                 await wait_state(client, sent_job, pb.BATCH_STATE_SUBMITTED)
-                fake.batch_create_error = RATE_LIMITED
-                with capture_logs() as logs:
-                    queued_job = (await submit(client))[1].batch.batch_id
-                    await until(lambda: any(e["event"] == "batch_submit_failed" for e in logs))
+            unsent = pointed_at(tmp_path, fake)
+            unsent["batch"]["group_window_seconds"] = 600  # queued, never sent before the stop
+            async with Server(settings_from(unsent), port=0) as server, RouterClient(server.target) as client:
+                queued_job = (await submit(client))[1].batch.batch_id
             settings = settings_from(pointed_at(tmp_path, new))
             async with Server(settings, port=0) as server, RouterClient(server.target) as client:
                 with capture_logs() as logs:
