@@ -883,25 +883,32 @@ class BatchStore:
                     " ON CONFLICT (provider, endpoint) DO UPDATE SET seen_at = excluded.seen_at",
                     [(provider, endpoint, now) for provider, endpoint in served],
                 )
+                # Through their indexes: the jobs not read yet and the sends still to look up
+                # (``unplaced_sends``), never the ended jobs kept for GetBatch.
                 rows = connection.execute(
-                    "SELECT DISTINCT provider, endpoint FROM jobs WHERE endpoint IS NOT NULL"
-                    " AND (state IN (?, ?) OR provider_pending IS NOT NULL)",
+                    "SELECT provider, endpoint FROM jobs INDEXED BY jobs_state WHERE state IN (?, ?)"
+                    " AND endpoint IS NOT NULL UNION SELECT provider, endpoint FROM jobs"
+                    " INDEXED BY jobs_provider_pending WHERE provider_pending IS NOT NULL AND endpoint IS NOT NULL"
+                    " UNION SELECT provider, endpoint FROM jobs INDEXED BY jobs_unplaced_send"
+                    " WHERE send_tag IS NOT NULL AND provider_batch_id IS NULL AND endpoint IS NOT NULL",
                     states,
                 ).fetchall()
+                named = {(row["provider"], row["endpoint"]) for row in rows}
                 connection.executemany(
                     "INSERT OR IGNORE INTO endpoints (provider, endpoint, seen_at) VALUES (?, ?, ?)",
-                    [(row["provider"], row["endpoint"], now) for row in rows],
+                    [(provider, endpoint, now) for provider, endpoint in named],
                 )
-                gone = connection.execute(
-                    "SELECT provider, endpoint FROM endpoints WHERE seen_at < ?", (now - gone_after,)
-                ).fetchall()
-                # What no job names any more is forgotten.
-                connection.execute(
-                    "DELETE FROM endpoints WHERE seen_at < ? AND NOT EXISTS (SELECT 1 FROM jobs"
-                    " WHERE jobs.provider = endpoints.provider AND jobs.endpoint = endpoints.endpoint)",
-                    (now - gone_after,),
+                unserved = {
+                    (row["provider"], row["endpoint"])
+                    for row in connection.execute(
+                        "SELECT provider, endpoint FROM endpoints WHERE seen_at < ?", (now - gone_after,)
+                    )
+                }
+                # One no job waiting names any more is forgotten (seen again, it starts afresh).
+                connection.executemany(
+                    "DELETE FROM endpoints WHERE provider = ? AND endpoint = ?", list(unserved - named)
                 )
-            return {(row["provider"], row["endpoint"]) for row in gone}
+            return unserved & named
 
         return await self._run(update)
 
