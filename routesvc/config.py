@@ -597,6 +597,15 @@ class BatchConfig(_Strict):
         "rather than growing the file without bound while a provider is down. The file on disk can reach about "
         "twice this (its write-ahead log).",
     )
+    max_tenant_share_of_stored_requests: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="The share of max_stored_request_bytes one tenant's requests not yet taken by a provider may "
+        "hold: a job that would pass it is refused RESOURCE_EXHAUSTED BATCH_STORE_FULL naming this setting and "
+        "the tenant, while other tenants are still queued (one tenant could otherwise fill the store for all). "
+        "1 lets one tenant fill it (a deployment of one tenant).",
+    )
     retention_seconds: float = Field(
         604800.0,
         gt=0,

@@ -25,7 +25,12 @@ from routesvc.admission import LocalAdmission
 from routesvc.auth import key_digest
 from routesvc.batches import BatchStore
 from routesvc.batches import _queue as batch_queue
-from routesvc.batches._queue import OTHER_KEY_LOST_AFTER_SECONDS
+from routesvc.batches._queue import (
+    ABANDON_AFTER_SECONDS,
+    ENDPOINT_GONE_AFTER_SECONDS,
+    OTHER_KEY_LOST_AFTER_SECONDS,
+    OVERDUE_AFTER_SECONDS,
+)
 from routesvc.batches._store import decode_request
 from routesvc.client import RouterClient, build_chat
 from routesvc.cost import cost_of_usage, estimate_cost
@@ -817,6 +822,7 @@ class TestBatchStoreBound:
             first = (await submit(client))[1].batch
         [request] = stored_requests(path)
         config["batch"]["max_stored_request_bytes"] = 2 * len(request) - 1  # type: ignore[index]
+        config["batch"]["max_tenant_share_of_stored_requests"] = 1  # type: ignore[index]  # one tenant: the store's bound
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
@@ -833,6 +839,41 @@ class TestBatchStoreBound:
         assert "batch.max_stored_request_bytes" in (caught.value.details() or "")
         assert "Summarise" not in (caught.value.details() or "")
         assert fake.batches == []
+
+    async def test_a_tenant_past_its_share_is_refused_while_another_is_still_queued(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """One tenant's requests may hold max_tenant_share_of_stored_requests of the bound: with
+        room for one job of each of four tenants, a tenant's second job is RESOURCE_EXHAUSTED
+        BATCH_STORE_FULL naming that setting and the tenant (not the prompt), while another
+        tenant's job is still queued (the first tenant filled the store for every tenant)."""
+        config = batch_config(tmp_path)
+        config["batch"]["group_window_seconds"] = 600  # type: ignore[index]  # kept, never sent here
+        path = tmp_path / "batches.db"
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await submit(client, tenant="greedy")
+        [request] = stored_requests(path)
+        config["batch"]["max_stored_request_bytes"] = 4 * len(request) + 3  # type: ignore[index]
+        config["batch"]["max_tenant_share_of_stored_requests"] = 0.25  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await submit(client, tenant="greedy")
+            other = (await submit(client, tenant="modest"))[1].batch
+            assert (await get_batch(client, other.batch_id, tenant="modest")).job.state == pb.BATCH_STATE_QUEUED
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(caught.value).reason == "BATCH_STORE_FULL"
+        assert retry_delay(caught.value) == 30.0
+        details = caught.value.details() or ""
+        assert "batch.max_tenant_share_of_stored_requests" in details
+        assert "'greedy'" in details
+        assert "Summarise" not in details
+        assert len(job_states(path)) == 2
 
 
 def with_model_copy(config: dict[str, object], model_id: str, of: str = "gpt-4o-mini") -> dict[str, object]:
@@ -3201,6 +3242,193 @@ class TestBatchStoreSharedAcrossEndpoints:
         finally:
             connection.close()
         assert endpoints == [(None, None)]
+
+
+def pointed_at(tmp_path: Path, provider: FakeProvider) -> dict[str, Any]:
+    """``batch_config`` with both providers' base URLs at ``provider`` (one key file)."""
+    key = tmp_path / "key"
+    key.write_text("sk-test\n", encoding="utf-8")
+    config = batch_config(tmp_path)
+    for name, base_url in (("openai", provider.openai_base_url), ("anthropic", provider.anthropic_base_url)):
+        config["providers"][name] = {"kind": name, "api_key_file": str(key), "base_url": base_url}  # type: ignore[index]
+    return config
+
+
+RATE_LIMITED = (429, {"error": {"type": "rate_limit_error", "message": "slow down"}})
+
+
+class TestBatchProviderMoved:
+    """A provider's base URL changed (a reload, a restart) while jobs were queued for or sent to
+    the old one: none is left waiting for ever."""
+
+    async def test_after_a_reload_a_sent_batch_is_read_at_its_old_url_and_a_queued_job_goes_to_the_new(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A reload points the provider at a new URL: the batch sent to the old URL is still
+        polled there (with the adapter that sent it), and its job succeeds and is charged once;
+        a job queued then (its send refused 429) is sent to the new URL and succeeds (the sent
+        job stayed SUBMITTED for ever, the queued one QUEUED until it expired)."""
+        async with FakeProvider() as new:
+            fake.batch_outcome = BatchOutcome.PENDING
+            async with (
+                Server(settings_from(pointed_at(tmp_path, fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                sent_job = (await submit(client))[1].batch.batch_id
+                await wait_state(client, sent_job, pb.BATCH_STATE_SUBMITTED)
+                fake.batch_create_error = RATE_LIMITED
+                with capture_logs() as logs:
+                    queued_job = (await submit(client))[1].batch.batch_id
+                    await until(lambda: any(e["event"] == "batch_submit_failed" for e in logs))
+                await server.reload(settings_from(pointed_at(tmp_path, new)))
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                await wait_state(client, sent_job, pb.BATCH_STATE_SUCCEEDED)
+                await wait_state(client, queued_job, pb.BATCH_STATE_SUCCEEDED)
+                await until(lambda: discarded(fake))
+                charged = sorted(e.request_id for e in server.router.ledger.entries())
+        assert ([sent_job], [queued_job]) == (sent_jobs(fake), sent_jobs(new))
+        assert sorted([sent_job, queued_job]) == charged
+
+    async def test_after_a_restart_on_a_new_url_jobs_of_the_old_one_end_or_move_once_no_process_serves_it(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A restart points the provider at a new URL. While the old URL may still be another
+        process's (served within ENDPOINT_GONE_AFTER_SECONDS), its jobs are left alone; once no
+        process has served it that long, the job sent there ends FAILED provider_changed,
+        uncharged, and the job queued for it is sent to the new URL and succeeds (they stayed
+        SUBMITTED for ever, and QUEUED until they expired)."""
+        path = tmp_path / "batches.db"
+        async with FakeProvider() as new:
+            fake.batch_outcome = BatchOutcome.PENDING
+            async with (
+                Server(settings_from(pointed_at(tmp_path, fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                sent_job = (await submit(client))[1].batch.batch_id
+                await wait_state(client, sent_job, pb.BATCH_STATE_SUBMITTED)
+            unsent = pointed_at(tmp_path, fake)
+            unsent["batch"]["group_window_seconds"] = 600  # queued, never sent before the stop
+            async with Server(settings_from(unsent), port=0) as server, RouterClient(server.target) as client:
+                queued_job = (await submit(client))[1].batch.batch_id
+            settings = settings_from(pointed_at(tmp_path, new))
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                with capture_logs() as logs:
+                    await until(lambda: any(e["event"] == "batch_poll_skipped" for e in logs))
+                    await asyncio.sleep(0.3)  # some rounds
+                    early = [(await get_batch(client, job)).job.state for job in (sent_job, queued_job)]
+            with contextlib.closing(sqlite3.connect(path)) as store:
+                store.execute("UPDATE endpoints SET seen_at = seen_at - ?", (ENDPOINT_GONE_AFTER_SECONDS + 60,))
+                store.commit()
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                failed = await wait_state(client, sent_job, pb.BATCH_STATE_FAILED)
+                await wait_state(client, queued_job, pb.BATCH_STATE_SUCCEEDED)
+                charged = [e.request_id for e in server.router.ledger.entries()]
+        assert early == [pb.BATCH_STATE_SUBMITTED, pb.BATCH_STATE_QUEUED]
+        assert failed.error == "provider_changed"
+        assert ([sent_job], [queued_job]) == (sent_jobs(fake), sent_jobs(new))
+        assert [queued_job] == charged
+
+
+SLOW_DOWN = (429, {"error": {"type": "rate_limit_error", "message": "slow down"}}, {"retry-after": "2"})
+
+
+class TestBatchPollRateLimited:
+    async def test_a_429_on_a_poll_holds_that_providers_polls_for_its_retry_after_and_no_others(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """OpenAI answers a batch's poll 429 with Retry-After 2 s (the poll interval 0.05 s): that
+        provider is not polled again before then, while the Anthropic batch goes on being polled;
+        once the provider takes polls again the job succeeds (the refused batch was polled again
+        every round, some 20 times a second, Retry-After ignored)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            openai_job = (await submit(client))[1].batch.batch_id
+            anthropic_job = (await submit(client, task_hint="creative_writing"))[1].batch.batch_id
+            await wait_state(client, openai_job, pb.BATCH_STATE_SUBMITTED)
+            await wait_state(client, anthropic_job, pb.BATCH_STATE_SUBMITTED)
+            [openai_batch] = [batch for batch in fake.batches if batch.api == "openai"]
+            [anthropic_batch] = [batch for batch in fake.batches if batch.api == "anthropic"]
+            with capture_logs() as logs:
+                fake.batch_retrieve_errors["openai"] = SLOW_DOWN
+                await until(lambda: openai_batch.refused >= 1)
+                other_polls = anthropic_batch.retrieved
+                await asyncio.sleep(1.0)
+                refused, other_polls = openai_batch.refused, anthropic_batch.retrieved - other_polls
+                fake.batch_retrieve_errors.clear()
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                await wait_state(client, openai_job, pb.BATCH_STATE_SUCCEEDED)
+        assert refused == 1
+        assert other_polls >= 5
+        [held] = [e for e in logs if e["event"] == "batch_polls_held"]
+        assert (held["provider"], held["seconds"], held["reason"]) == ("openai", 2.0, "PROVIDER_RATE_LIMITED")
+
+
+def sent_earlier(path: Path, seconds: float) -> None:
+    """Move every job's last change (for a SUBMITTED job: when it was sent) ``seconds`` back."""
+    with contextlib.closing(sqlite3.connect(path)) as store:
+        store.execute("UPDATE jobs SET updated_at = updated_at - ?", (seconds,))
+        store.commit()
+
+
+class TestBatchOverdue:
+    """A provider batch that runs on past its 24 h window (stuck in finalizing or in progress)."""
+
+    async def test_a_batch_running_past_its_window_and_grace_is_cancelled_and_read(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Two jobs in one batch that stays in progress: once sent more than
+        OVERDUE_AFTER_SECONDS ago it is cancelled at the provider and read as that ends it: the
+        job the provider answered before the cancel succeeds and is charged once, the other ends
+        EXPIRED batch_overdue, uncharged (both stayed SUBMITTED for ever, polled every round)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_answered_before_cancel = 1
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            jobs = [job.batch_id for job in await two_jobs(client)]
+            for job in jobs:
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            with capture_logs() as logs:
+                sent_earlier(tmp_path / "batches.db", OVERDUE_AFTER_SECONDS + 60)
+                answered = await wait_state(client, batch.custom_ids[0], pb.BATCH_STATE_SUCCEEDED)
+                expired = await wait_state(client, batch.custom_ids[1], pb.BATCH_STATE_EXPIRED)
+                charged = [e.request_id for e in server.router.ledger.entries()]
+        assert batch.cancelled
+        assert answered.result.text
+        assert expired.error == "batch_overdue"
+        assert [batch.custom_ids[0]] == charged
+        assert [e["provider_batch_id"] for e in logs if e["event"] == "batch_overdue"] == [batch.id]
+
+    async def test_a_batch_that_does_not_end_even_when_cancelled_is_given_up(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch still not ended ABANDON_AFTER_SECONDS after it was sent (its cancel stuck too)
+        is cancelled and its job ends EXPIRED batch_overdue at once, uncharged, and the batch is
+        polled no more (the job stayed SUBMITTED for ever)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            with capture_logs() as logs:
+                sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+                expired = await wait_state(client, job, pb.BATCH_STATE_EXPIRED)
+                polls = batch.retrieved
+                await asyncio.sleep(0.3)
+                charged = list(server.router.ledger.entries())
+        assert expired.error == "batch_overdue"
+        assert batch.cancelled
+        assert batch.retrieved == polls
+        assert charged == []
+        assert [e["jobs"] for e in logs if e["event"] == "batch_abandoned"] == [1]
 
 
 class TestTheSuiteKeepsToItsOwnDataDir:

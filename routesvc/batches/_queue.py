@@ -44,7 +44,14 @@ tried again next round. Any other error on sending fails that group's jobs (noth
 polling or reading results, a rejection (400/404/409/413/422) fails that batch's jobs:
 ``provider_batch_not_found`` for a 404 (the provider no longer knows a batch sent with its key),
 else ``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may
-be fixed. A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
+be fixed. A 429 on a poll, or any answer with Retry-After, holds the polls of that provider (at
+that base URL) for the Retry-After, else for delays doubling from the poll interval to
+``_MAX_POLL_HOLD``, while other providers' polls go on (``batch_polls_held``). A provider batch
+still running ``OVERDUE_AFTER_SECONDS`` after it was sent (stuck past its 24 h window, e.g. in
+OpenAI's ``finalizing``) is cancelled and read as that ends it: its answers are delivered and
+charged, its other jobs end EXPIRED ``batch_overdue``; one that has not ended
+``ABANDON_AFTER_SECONDS`` after it was sent ends its jobs so, uncharged, and is read no more.
+A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
 which are otherwise those the queue started with. Models are looked up in the current catalog
 (``catalog``, which follows hot reloads); a model no longer there fails its jobs not sent yet with
 ``model_not_in_catalog``; an answer the provider billed for a job already sent is delivered and
@@ -122,9 +129,17 @@ was sent with (``key_id``), and a queue handles only its own:
   and they end FAILED ``provider_batch_not_found`` as a lost batch's do.
 
 The base URL decides, not the key, so that a rotated key never strands a batch, at the cost of a
-poll a round for each batch of another account at the same URL. Changing a provider's base URL
-leaves what was queued for or sent to the old one to a process that still uses it (queued jobs
-nobody sends end EXPIRED after ``max_queued_seconds``). Rows stored before endpoints were
+poll a round for each batch of another account at the same URL. A provider's base URL changed by
+a hot reload (``use_providers``) keeps the old adapter: the batches sent to the old URL are still
+polled, read, cancelled and deleted there with the key that sent them, and the jobs queued for it
+and never sent are queued for the new one (``_follow_moved_endpoints``). Each poll round marks
+the base URLs it serves in the store (``BatchStore.endpoints_gone``); one that jobs are queued for
+or sent to and that no process has served for ``ENDPOINT_GONE_AFTER_SECONDS`` (a restart with a
+new base URL, or the other endpoint's process stopped that long) is gone: its queued jobs are
+queued for this queue's base URL, and the jobs of its batches end FAILED ``provider_changed``
+(uncharged: what the old URL billed cannot be read from here), their budgets' estimates given back.
+A queued job whose last send's reply was lost at the old URL ends FAILED ``provider_changed``
+rather than risk a second send elsewhere. Rows stored before endpoints were
 recorded are anyone's, as before. Workers of ``server.workers`` (one config) share everything.
 """
 
@@ -199,6 +214,23 @@ _MAX_GROUP_CHARS = 100_000_000
 # Ended jobs deleted at most per poll round once past ``batch.retention_seconds``.
 _PRUNE_PER_ROUND = 1000
 
+ENDPOINT_GONE_AFTER_SECONDS = 3600.0
+"""How long a provider's base URL that jobs are queued for or sent to may go unserved (no
+process sending or polling there: its base URL was changed by a reload or a restart) before the
+jobs are moved off it: queued ones never sent to this process's base URL, sent ones ended FAILED
+``provider_changed`` (their batch cannot be read from here)."""
+
+OVERDUE_AFTER_SECONDS = 2 * 86400.0
+"""How long after it was sent a provider batch may run: the providers' 24 h window, then as long
+again for a batch stuck past it (OpenAI's ``finalizing``). Past it a batch that has not ended is
+cancelled at the provider, read once that ends it (what it answered is delivered and charged), and
+its jobs without an answer end EXPIRED ``batch_overdue``."""
+
+ABANDON_AFTER_SECONDS = OVERDUE_AFTER_SECONDS + 86400.0
+"""How long after it was sent a provider batch that has not ended even after its cancel (stuck in
+``cancelling``) is waited for: then its jobs end EXPIRED ``batch_overdue`` (those cancelled since
+closed), uncharged, and it is read no more."""
+
 OTHER_KEY_LOST_AFTER_SECONDS = 2 * 86400.0
 """How long after it was sent a batch that another key sent to this URL, and this key does not
 see (404), is left alone as another account's: twice the providers' 24 h batch window. Then its
@@ -212,6 +244,9 @@ _MAX_LEFTOVERS = 10_000
 # Jobs of a provider batch refused for a while (OpenAI's enqueued token limit) wait as long as they
 # have waited so far before they are sent again: at least the poll interval, at most this.
 _MAX_RESEND_DELAY = 3600.0
+# A provider that answers a poll 429 without Retry-After is polled again after delays doubling
+# from the poll interval to this; a Retry-After is honoured as it says (``parse_retry_after`` caps it).
+_MAX_POLL_HOLD = 600.0
 _CLOSE_SECONDS = 4.0
 """What ``aclose`` waits, in all, for the queue's writes and provider deletes still under way.
 The Kubernetes grace period leaves 10 s after the drain and ``grace_seconds`` for this and the
@@ -323,6 +358,15 @@ class BatchQueue:
         # What deletes left at the provider, by (provider, provider batch id), to try again.
         self._leftovers: dict[tuple[str, str], _Leftover] = {}
         self._replaced: set[BatchAPI] = set()
+        # The adapters of base URLs a reload moved providers off, by (provider, base URL), with
+        # where they send: the batches sent there are still polled, cancelled and deleted there.
+        self._former: dict[tuple[str, str], tuple[BatchAPI, tuple[str, str]]] = {}
+        # (provider, base URL) pairs with jobs that no process has served for
+        # ENDPOINT_GONE_AFTER_SECONDS (``_follow_moved_endpoints``).
+        self._gone: set[tuple[str, str]] = set()
+        # Providers (by name and base URL) whose polls wait after a 429 or a Retry-After: until
+        # when (``clock``), and how many such answers in a row.
+        self._polls_held: dict[tuple[str, str], tuple[float, int]] = {}
         self._clock = clock
         self._path = settings.batch_store_path
         self._store: BatchStore | None = None
@@ -359,19 +403,46 @@ class BatchQueue:
             fresh = _batch_api(provider)
             if fresh is None:
                 continue
+            old_sent_to, new_sent_to = self._sends_to[name], _sends_to(provider)
             self._apis[name] = fresh
             self._built_from[name] = provider
-            self._sends_to[name] = _sends_to(provider)
-            if self._uses[api]:
-                self._replaced.add(api)
+            self._sends_to[name] = new_sent_to
+            # Back to a base URL it was moved off: that adapter is not needed any more.
+            self._retire(self._former.pop((name, new_sent_to[0]), (None, None))[0])
+            if old_sent_to[0] != new_sent_to[0]:
+                # Moved to another base URL: the batches sent to the old one are still read
+                # there, with the adapter that sent them (closed with the queue).
+                self._retire(self._former.pop((name, old_sent_to[0]), (None, None))[0])
+                self._former[(name, old_sent_to[0])] = (api, old_sent_to)
+                log.info("batch_provider_moved", provider=name)
             else:
-                self._keep(api.aclose())
+                self._retire(api)
             log.info("batch_provider_updated", provider=name)
 
-    @contextlib.contextmanager
-    def _using(self, provider: str) -> Iterator[BatchAPI | None]:
-        """The provider's adapter (None: no batch API here), kept open while the block runs."""
+    def _retire(self, api: BatchAPI | None) -> None:
+        """Close ``api`` once nothing uses it."""
+        if api is None:
+            return
+        if self._uses[api]:
+            self._replaced.add(api)
+        else:
+            self._keep(api.aclose())
+
+    def _reaching(self, provider: str, endpoint: str | None) -> tuple[BatchAPI, tuple[str, str]] | None:
+        """The adapter that reaches ``provider``'s batches at ``endpoint``, and where it sends: the
+        current one for this queue's base URL (or an unrecorded endpoint), the one a reload
+        moved off ``endpoint`` for that; None when this queue cannot reach it."""
+        if endpoint is not None and endpoint != self._endpoint(provider):
+            return self._former.get((provider, endpoint))
         api = self._apis.get(provider)
+        return None if api is None else (api, self._sends_to[provider])
+
+    @contextlib.contextmanager
+    def _using(self, provider: str, endpoint: str | None = None) -> Iterator[BatchAPI | None]:
+        """The provider's adapter (None: no batch API here), kept open while the block runs; with
+        ``endpoint``, the one that reaches that base URL (``_reaching``)."""
+        reached = self._reaching(provider, endpoint)
+        api = None if reached is None else reached[0]
         if api is None:
             yield None
             return
@@ -386,6 +457,11 @@ class BatchQueue:
                     self._replaced.discard(api)
                     self._keep(api.aclose())
 
+    def _max_tenant_request_bytes(self) -> int | None:
+        """The bytes of requests one tenant's queued jobs may keep in the store; None: no cap of its own."""
+        share = self._config.max_tenant_share_of_stored_requests
+        return None if share >= 1 else int(self._config.max_stored_request_bytes * share)
+
     def _opened(self) -> BatchStore:
         # Opened on first use (or at start when the file exists), so a server that never sees a
         # batch request never creates the file.
@@ -394,7 +470,10 @@ class BatchQueue:
         if self._store is None:
             try:
                 self._store = BatchStore(
-                    self._path, clock=self._clock, max_request_bytes=self._config.max_stored_request_bytes
+                    self._path,
+                    clock=self._clock,
+                    max_request_bytes=self._config.max_stored_request_bytes,
+                    max_tenant_request_bytes=self._max_tenant_request_bytes(),
                 )
             except (OSError, sqlite3.Error) as exc:
                 log.error("batch_store_unavailable", path=str(self._path), error_type=type(exc).__name__)
@@ -428,7 +507,7 @@ class BatchQueue:
                     await self._store.aclose()
                     self._store = None
                 waiting_for = "the provider clients' deletes"
-                for api in [*self._apis.values(), *self._replaced]:
+                for api in [*self._apis.values(), *(api for api, _ in self._former.values()), *self._replaced]:
                     await api.aclose()
         except TimeoutError:
             # A provider delete (a file of prompts, a batch's answers) or a store write still
@@ -511,6 +590,11 @@ class BatchQueue:
         """Whether a job or batch of ``provider`` recorded for ``endpoint`` is this queue's to
         handle: one for its base URL of that provider, or one stored before endpoints were."""
         return endpoint is None or endpoint == self._endpoint(provider)
+
+    def _reachable(self, provider: str, endpoint: str | None) -> bool:
+        """Whether a provider batch recorded as sent to ``endpoint`` can be polled, cancelled and
+        deleted here: at this queue's base URL, or one a reload moved this queue off."""
+        return self._ours(provider, endpoint) or (endpoint is not None and (provider, endpoint) in self._former)
 
     def _skip_once(self, provider: str, provider_batch_id: str, jobs: SentJobs, reason: str) -> None:
         """Log, once per provider batch, that it is left alone here (``reason``)."""
@@ -643,7 +727,7 @@ class BatchQueue:
         """Cancel a provider batch no job waits for, when it was sent to this queue's endpoint;
         another endpoint's is cancelled by its own process when it next polls it (``_poll_batch``)
         and read by it once it ends."""
-        if not self._ours(batch.provider, batch.endpoint):
+        if not self._reachable(batch.provider, batch.endpoint):
             log.info("batch_cancel_skipped", provider_batch_id=batch.provider_batch_id, reason="other_endpoint")
             return
         if batch.unverified:
@@ -651,7 +735,7 @@ class BatchQueue:
             # is read, as it is; its results tell).
             log.info("batch_cancel_skipped", provider_batch_id=batch.provider_batch_id, reason="unverified")
             return
-        with self._using(batch.provider) as api:
+        with self._using(batch.provider, batch.endpoint) as api:
             if api is None:
                 log.warning("batch_cancel_failed", provider_batch_id=batch.provider_batch_id, reason="no_batch_api")
                 return
@@ -690,6 +774,7 @@ class BatchQueue:
                 if loop.time() >= next_poll:
                     next_poll = loop.time() + interval
                     try:
+                        await self._follow_moved_endpoints()
                         await self._poll()
                         await self._look_up_unplaced()
                         await self._discard_leftovers()
@@ -862,12 +947,17 @@ class BatchQueue:
         found (or not told from another client's), the tag is forgotten. A provider that cannot
         be asked leaves it to the next round."""
         for send in await self._opened().unplaced_sends():
-            if not self._ours(send.provider, send.endpoint):
-                continue  # another endpoint's process looks it up
-            with self._using(send.provider) as api:
+            reached = self._reaching(send.provider, send.endpoint)
+            if reached is None:
+                if (send.provider, send.endpoint) in self._gone:
+                    # Its base URL is served by no process any more: the batch cannot be looked up.
+                    await self._opened().forget_send(send.tag)
+                    log.warning("batch_lookup_abandoned", provider=send.provider, reason="provider_changed")
+                continue  # else another endpoint's process looks it up
+            with self._using(send.provider, send.endpoint) as api:
                 if api is None:
                     continue
-                await self._look_up_one(api, send, self._sends_to[send.provider])
+                await self._look_up_one(api, send, reached[1])
 
     async def _look_up_one(self, api: BatchAPI, send: UnplacedSend, sent_to: tuple[str, str]) -> None:
         store = self._opened()
@@ -937,22 +1027,77 @@ class BatchQueue:
     async def _poll(self) -> None:
         """Poll each provider batch not yet read; read the results of those that have ended."""
         for (provider, provider_batch_id), jobs in (await self._opened().submitted()).items():
-            with self._using(provider) as api:
-                if api is None:
-                    # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
-                    self._skip_once(provider, provider_batch_id, jobs, "no_batch_api")
-                    continue
-                if not self._ours(provider, jobs.endpoint):
+            if provider not in self._apis:
+                # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
+                self._skip_once(provider, provider_batch_id, jobs, "no_batch_api")
+                continue
+            reached = self._reaching(provider, jobs.endpoint)
+            if reached is None:
+                if (provider, jobs.endpoint) in self._gone:
+                    # Sent to a base URL no process serves any more (this provider's before a
+                    # reload or a restart moved it): it cannot be read from here.
+                    await self._end_unreachable(provider, provider_batch_id, jobs)
+                else:
                     # Sent to another endpoint by another process, which reads it: a poll here
                     # would get a 404 and fail jobs that are running there.
                     self._skip_once(provider, provider_batch_id, jobs, "other_endpoint")
-                    continue
-                await self._poll_one(api, provider, provider_batch_id, jobs)
+                continue
+            held = self._polls_held.get((provider, reached[1][0]))
+            if held is not None and held[0] > self._clock():
+                continue  # it asked us to wait (a 429, a Retry-After): its other batches wait too
+            with self._using(provider, jobs.endpoint) as api:
+                if api is not None:
+                    await self._poll_one(api, provider, provider_batch_id, jobs, reached[1])
 
-    async def _poll_one(self, api: BatchAPI, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
-        """Poll one provider batch; what goes wrong with it is logged (or fails its jobs)."""
+    async def _follow_moved_endpoints(self) -> None:
+        """Mark this queue's base URLs (and those a reload moved it off, still polled here) as
+        served, and move jobs off those no process has served for ``ENDPOINT_GONE_AFTER_SECONDS``
+        and off those a reload moved this queue off: queued jobs never sent are queued for this
+        queue's base URL of their provider; one whose last send's reply was lost there ends FAILED
+        ``provider_changed`` (its batch, if it made one, is looked up and cancelled there by
+        ``_look_up_unplaced`` while this process can reach it). Batches sent to a gone base URL
+        are ended by ``_poll``."""
+        store = self._opened()
+        served = [(name, sent_to[0]) for name, sent_to in self._sends_to.items()]
+        served += list(self._former)
+        self._gone = await store.endpoints_gone(served, ENDPOINT_GONE_AFTER_SECONDS)
+        for provider, endpoint in [*self._former, *self._gone]:
+            new_endpoint = self._endpoint(provider)
+            if new_endpoint is None or new_endpoint == endpoint:
+                continue
+            moved, lost_sends = await store.move_queued(provider, endpoint, new_endpoint)
+            failed = await self._fail(lost_sends, "provider_changed")
+            if moved or failed:
+                log.warning("batch_jobs_moved", provider=provider, jobs=moved, failed_jobs=failed)
+                self._wake.set()
+
+    async def _end_unreachable(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
+        """End the jobs of a provider batch sent to a base URL no process serves any more: those
+        waiting FAILED ``provider_changed``, those cancelled since closed uncharged (its bill
+        cannot be read); their budgets' estimates are given back as for any job ended unanswered."""
+        store = self._opened()
+        failed = await self._fail(list(jobs.waiting), "provider_changed")
+        closed = 0
+        for batch_id in jobs.cancelled:
+            closed += await store.close_cancelled(batch_id, None)
+        if failed or closed:
+            log.warning(
+                "batch_lost",
+                provider_batch_id=provider_batch_id,
+                jobs=failed,
+                cancelled_jobs=closed,
+                status=None,
+                error="provider_changed",
+            )
+
+    async def _poll_one(
+        self, api: BatchAPI, provider: str, provider_batch_id: str, jobs: SentJobs, sent_to: tuple[str, str]
+    ) -> None:
+        """Poll one provider batch with ``api`` (which sends to ``sent_to``); what goes wrong with
+        it is logged (or fails its jobs)."""
         try:
-            await self._poll_batch(api, provider, provider_batch_id, jobs)
+            await self._poll_batch(api, provider, provider_batch_id, jobs, sent_to)
+            self._polls_held.pop((provider, sent_to[0]), None)
         except ProviderRejected as error:
             self._accepted.discard((provider, provider_batch_id))
             if error.status == 404 and jobs.unverified:
@@ -979,12 +1124,58 @@ class BatchQueue:
                 )
         except ProviderError as error:
             log.warning("batch_poll_failed", provider_batch_id=provider_batch_id, reason=error.reason)
+            if error.status == 429 or error.retry_after is not None:
+                self._hold_polls(provider, sent_to[0], error)
         except Exception:
             # Our bug or the store: the other batches go on; this one is polled again next round.
             log.exception("batch_poll_crashed", provider_batch_id=provider_batch_id)
 
-    async def _poll_batch(self, api: BatchAPI, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
-        own_key = self._sends_to[provider][1] if provider in self._sends_to else None
+    async def _end_overdue(
+        self, api: BatchAPI, provider: str, batch: ProviderBatch, jobs: SentJobs, *, abandon: bool
+    ) -> None:
+        """A provider batch still running ``OVERDUE_AFTER_SECONDS`` after it was sent (stuck past
+        its window): cancelled at the provider, once per process (unless adopted by its shape: it
+        may be another client's), to be read as it ends; past ``ABANDON_AFTER_SECONDS`` its jobs
+        end EXPIRED ``batch_overdue`` here, uncharged (those cancelled since closed), and it is
+        read no more."""
+        if not jobs.unverified and batch.status not in _CANCELLING and batch.id not in self._cancel_asked:
+            self._cancel_asked.add(batch.id)
+            log.warning("batch_overdue", provider=provider, provider_batch_id=batch.id, status=batch.status)
+            await self._cancel_with(api, batch.id)
+        if not abandon:
+            return
+        expired = 0
+        for batch_id in jobs.waiting:
+            expired += await self._opened().finish(batch_id, BatchState.EXPIRED, error="batch_overdue")
+        closed = 0
+        for batch_id in jobs.cancelled:
+            closed += await self._opened().close_cancelled(batch_id, None)
+        self._cancel_asked.discard(batch.id)
+        self._accepted.discard((provider, batch.id))
+        log.warning(
+            "batch_abandoned",
+            provider=provider,
+            provider_batch_id=batch.id,
+            status=batch.status,
+            jobs=expired,
+            cancelled_jobs=closed,
+        )
+
+    def _hold_polls(self, provider: str, endpoint: str, error: ProviderError) -> None:
+        """Poll nothing more of ``provider`` at ``endpoint`` for as long as ``error`` (a 429, or an
+        answer with Retry-After) asks, or, without Retry-After, for delays doubling from the poll
+        interval to ``_MAX_POLL_HOLD``; other providers' polls go on."""
+        _, times = self._polls_held.get((provider, endpoint), (0.0, 0))
+        seconds = error.retry_after
+        if seconds is None:
+            seconds = min(_MAX_POLL_HOLD, self._config.poll_interval_seconds * 2**times)
+        self._polls_held[(provider, endpoint)] = (self._clock() + seconds, times + 1)
+        log.warning("batch_polls_held", provider=provider, seconds=seconds, reason=error.reason)
+
+    async def _poll_batch(
+        self, api: BatchAPI, provider: str, provider_batch_id: str, jobs: SentJobs, sent_to: tuple[str, str]
+    ) -> None:
+        own_key: str | None = sent_to[1]
         other_key = jobs.key_id is not None and own_key is not None and jobs.key_id != own_key
         try:
             batch = await api.poll(provider_batch_id)
@@ -999,6 +1190,11 @@ class BatchQueue:
             # This key sees it: the same account's rotated key, the batch's key from now on (a
             # 404 then means lost, as for any batch).
             await self._opened().adopt(provider, provider_batch_id, own_key)
+        sent_for = 0.0 if jobs.sent_at is None else self._clock() - jobs.sent_at
+        overdue = sent_for > OVERDUE_AFTER_SECONDS
+        if not batch.ended and overdue:
+            await self._end_overdue(api, provider, batch, jobs, abandon=sent_for > ABANDON_AFTER_SECONDS)
+            return
         if not batch.ended:
             if batch.accepted and not jobs.unverified and (provider, provider_batch_id) not in self._accepted:
                 # Past the provider's validation: the requests are never sent again (those of a
@@ -1029,11 +1225,13 @@ class BatchQueue:
             if results:
                 return
         for batch_id in waiting:
-            result = results.get(batch_id) or ItemResult(
-                batch_id,
-                BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED,
-                error=batch.error or "no_result",
-            )
+            result = results.get(batch_id)
+            if overdue and (result is None or result.state is BatchState.CANCELLED):
+                # Unanswered when the cancel past its window (``_end_overdue``), or the provider, ended it.
+                result = ItemResult(batch_id, BatchState.EXPIRED, error="batch_overdue")
+            elif result is None:
+                state = BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED
+                result = ItemResult(batch_id, state, error=batch.error or "no_result")
             await self._settle(batch_id, result)
         for batch_id in jobs.cancelled:
             await self._settle_cancelled(batch_id, results.get(batch_id))
@@ -1050,7 +1248,7 @@ class BatchQueue:
         # leaves the batch to be read again next round): what the provider keeps of it, prompts
         # and answers, is deleted. In one task a shutdown waits for; what a delete left is tried
         # again in later rounds (``_discard_leftovers``).
-        await asyncio.shield(self._keep(self._discard(api, provider, batch)))
+        await asyncio.shield(self._keep(self._discard(api, provider, batch, sent_to[0])))
 
     async def _disown(self, provider: str, provider_batch_id: str, jobs: SentJobs, *, answered: bool) -> None:
         """A batch adopted by its shape (``_adopt_earlier``) whose results name none of its jobs
@@ -1078,7 +1276,7 @@ class BatchQueue:
             log.warning("batch_requeued", provider_batch_id=batch.id, jobs=len(again), reason=batch.error)
         return left
 
-    async def _discard(self, api: BatchAPI, provider: str, batch: ProviderBatch, tries: int = 0) -> None:
+    async def _discard(self, api: BatchAPI, provider: str, batch: ProviderBatch, endpoint: str, tries: int = 0) -> None:
         """``api.discard(batch)``; when some of it is left at the provider, it is tried again after
         a delay that doubles (from the poll interval to an hour) up to ``_DISCARD_TRIES`` times,
         by this process (a restart forgets it: the provider's own expiry deletes it then)."""
@@ -1091,7 +1289,7 @@ class BatchQueue:
             log.warning("batch_discard_abandoned", provider=provider, provider_batch_id=batch.id, tries=tries)
             return
         delay = min(_MAX_DISCARD_DELAY, self._config.poll_interval_seconds * 2 ** (tries - 1))
-        self._leftovers[(provider, batch.id)] = _Leftover(batch, self._endpoint(provider), tries, self._clock() + delay)
+        self._leftovers[(provider, batch.id)] = _Leftover(batch, endpoint, tries, self._clock() + delay)
 
     async def _discard_leftovers(self) -> None:
         """Try again what earlier deletes left at the provider, where the delay has passed."""
@@ -1099,12 +1297,14 @@ class BatchQueue:
         for (provider, batch_id), leftover in list(self._leftovers.items()):
             if leftover.due > now:
                 continue
-            with self._using(provider) as api:
-                if api is None or self._endpoint(provider) != leftover.endpoint:
+            with self._using(provider, leftover.endpoint) as api:
+                if api is None or leftover.endpoint is None or not self._reachable(provider, leftover.endpoint):
                     # The provider was removed or now points elsewhere: that endpoint is not ours.
                     self._leftovers.pop((provider, batch_id), None)
                     continue
-                await asyncio.shield(self._keep(self._discard(api, provider, leftover.batch, leftover.tries)))
+                await asyncio.shield(
+                    self._keep(self._discard(api, provider, leftover.batch, leftover.endpoint, leftover.tries))
+                )
 
     def _owner_gone(self, jobs: SentJobs) -> bool:
         """Whether a batch another key sent has waited past any account's reading of it: then

@@ -44,7 +44,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from routesvc.catalog import ModelSpec
-from routesvc.errors import BatchStoreBusy, BatchStoreFull, BatchStoreUnavailable
+from routesvc.errors import BatchStoreBusy, BatchStoreFull, BatchStoreUnavailable, quoted_id
 from routesvc.models import (
     BatchJob,
     BatchResult,
@@ -97,7 +97,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     claimed_until REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, provider, model);
+CREATE TABLE IF NOT EXISTS endpoints (
+    provider TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    PRIMARY KEY (provider, endpoint)
+);
 """
+# endpoints: for each provider name and base URL jobs are queued for or sent to, when a process
+# last served it (``endpoints_gone``), or, for one no process served since, when one first saw it.
 
 # Columns added after the first release, for files created before them.
 # budget_usd: what the job's tenant budget counted when it was queued (set once that count is
@@ -451,6 +459,8 @@ def _add_missing_columns(connection: sqlite3.Connection) -> None:
         # What the kept requests weigh, summed from this index alone at every ``add``: the rows
         # themselves hold the requests, so a sum over them would read every stored byte.
         connection.execute("CREATE INDEX IF NOT EXISTS jobs_request_bytes ON jobs (request_bytes)")
+        # ... and per tenant, from this one (``max_tenant_request_bytes``).
+        connection.execute("CREATE INDEX IF NOT EXISTS jobs_tenant_request_bytes ON jobs (tenant, request_bytes)")
 
 
 def _status(row: sqlite3.Row) -> BatchStatus:
@@ -507,10 +517,16 @@ class BatchStore:
     """The jobs table of one SQLite file (created with its directory on open)."""
 
     def __init__(
-        self, path: Path, *, clock: Callable[[], float] = time.time, max_request_bytes: int | None = None
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_request_bytes: int | None = None,
+        max_tenant_request_bytes: int | None = None,
     ) -> None:
         self._path = path
         self._max_request_bytes = max_request_bytes
+        self._max_tenant_request_bytes = max_tenant_request_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
         create_private(path)
         self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -549,6 +565,7 @@ class BatchStore:
         model_spec: str | None = None,
     ) -> None:
         """Store a new queued job with its request, claimed by ``held_by`` for ``hold_seconds``,
+        unless the requests kept would pass the store's bound or its tenant's (``BatchStoreFull``);
         for its provider's ``endpoint`` (the base URL that is to send it), with its model as the
         catalog has it now (``model_spec``: ``encode_model``).
 
@@ -567,6 +584,19 @@ class BatchStore:
                             f"batch.max_stored_request_bytes: the store keeps {kept} bytes of requests not yet"
                             f" taken by a provider, and this one ({len(request)}) would pass"
                             f" {self._max_request_bytes}; retry once queued jobs are sent"
+                        )
+                if self._max_tenant_request_bytes is not None:
+                    (tenant_kept,) = connection.execute(
+                        "SELECT COALESCE(SUM(request_bytes), 0) FROM jobs INDEXED BY jobs_tenant_request_bytes"
+                        " WHERE tenant = ?",
+                        (job.tenant,),
+                    ).fetchone()
+                    if tenant_kept + len(request) > self._max_tenant_request_bytes:
+                        raise BatchStoreFull(
+                            f"batch.max_tenant_share_of_stored_requests: the store keeps {tenant_kept} bytes of"
+                            f" requests of tenant {quoted_id(job.tenant)} not yet taken by a provider, and this one"
+                            f" ({len(request)}) would pass the tenant's {self._max_tenant_request_bytes};"
+                            " retry once its queued jobs are sent"
                         )
                 _insert(connection)
 
@@ -834,6 +864,76 @@ class BatchStore:
                 (provider, provider_batch_id, endpoint, sent_key, shape, tag, *states),
             )
             return cursor.rowcount
+
+        return await self._run(update)
+
+    async def endpoints_gone(self, served: list[tuple[str, str]], gone_after: float) -> set[tuple[str, str]]:
+        """Mark the (provider, base URL) pairs of ``served`` as served now, and return those that
+        jobs not yet read are queued for or sent to which no process has served for
+        ``gone_after`` seconds (one first seen unserved is given that long from then): a
+        provider whose base URL changed (a reload, a restart), that nobody sends or polls there
+        any more."""
+        now = self._clock()
+        states = (BatchState.QUEUED.value, BatchState.SUBMITTED.value)
+
+        def update(connection: sqlite3.Connection) -> set[tuple[str, str]]:
+            with immediate(connection):
+                connection.executemany(
+                    "INSERT INTO endpoints (provider, endpoint, seen_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (provider, endpoint) DO UPDATE SET seen_at = excluded.seen_at",
+                    [(provider, endpoint, now) for provider, endpoint in served],
+                )
+                # Through their indexes: the jobs not read yet and the sends still to look up
+                # (``unplaced_sends``), never the ended jobs kept for GetBatch.
+                rows = connection.execute(
+                    "SELECT provider, endpoint FROM jobs INDEXED BY jobs_state WHERE state IN (?, ?)"
+                    " AND endpoint IS NOT NULL UNION SELECT provider, endpoint FROM jobs"
+                    " INDEXED BY jobs_provider_pending WHERE provider_pending IS NOT NULL AND endpoint IS NOT NULL"
+                    " UNION SELECT provider, endpoint FROM jobs INDEXED BY jobs_unplaced_send"
+                    " WHERE send_tag IS NOT NULL AND provider_batch_id IS NULL AND endpoint IS NOT NULL",
+                    states,
+                ).fetchall()
+                named = {(row["provider"], row["endpoint"]) for row in rows}
+                connection.executemany(
+                    "INSERT OR IGNORE INTO endpoints (provider, endpoint, seen_at) VALUES (?, ?, ?)",
+                    [(provider, endpoint, now) for provider, endpoint in named],
+                )
+                unserved = {
+                    (row["provider"], row["endpoint"])
+                    for row in connection.execute(
+                        "SELECT provider, endpoint FROM endpoints WHERE seen_at < ?", (now - gone_after,)
+                    )
+                }
+                # One no job waiting names any more is forgotten (seen again, it starts afresh).
+                connection.executemany(
+                    "DELETE FROM endpoints WHERE provider = ? AND endpoint = ?", list(unserved - named)
+                )
+            return unserved & named
+
+        return await self._run(update)
+
+    async def move_queued(self, provider: str, old_endpoint: str, endpoint: str) -> tuple[int, list[str]]:
+        """Queue for ``endpoint`` the jobs of ``provider`` queued for ``old_endpoint`` (its base URL
+        changed) that were never sent and are not claimed; returns how many moved, and the ids of those left whose
+        last send's reply was lost there (``tag_send``: the batch it may have made is at the old
+        endpoint, so they are not sent again elsewhere)."""
+        queued = BatchState.QUEUED.value
+        now = self._clock()
+        # A claimed job (held by its submitter, or being sent) is left to its claim's end.
+
+        def update(connection: sqlite3.Connection) -> tuple[int, list[str]]:
+            with immediate(connection):
+                moved = connection.execute(
+                    "UPDATE jobs SET endpoint = ? WHERE state = ? AND provider = ? AND endpoint = ?"
+                    " AND send_tag IS NULL AND (claimed_until IS NULL OR claimed_until <= ?)",
+                    (endpoint, queued, provider, old_endpoint, now),
+                ).rowcount
+                tagged = connection.execute(
+                    "SELECT id FROM jobs WHERE state = ? AND provider = ? AND endpoint = ?"
+                    " AND (claimed_until IS NULL OR claimed_until <= ?)",
+                    (queued, provider, old_endpoint, now),
+                ).fetchall()
+            return moved, [row["id"] for row in tagged]
 
         return await self._run(update)
 

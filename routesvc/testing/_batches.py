@@ -36,9 +36,10 @@ are answered by their scripts, and billed; the others are cancelled. An OpenAI b
 them and ``canceled`` for the rest.
 
 Faults: ``create_error`` answers creates (both APIs), ``delete_error`` deletes (files and message
-batches) with an error; ``create_hold`` keeps creates waiting until the test sets it
-(``create_waiting`` is set once one waits), ``create_reply_hold`` the replies of creates made
-(a create that reached the provider, its reply late or lost), and ``delete_hold`` deletes
+batches), ``retrieve_errors`` an API's retrieves (counted in the batch's ``refused``) with an
+error; ``create_hold`` keeps creates waiting until the test sets it (``create_waiting`` is set once
+one waits), ``create_reply_hold`` the replies of creates made (a create that reached the provider,
+its reply late or lost), and ``delete_hold`` deletes
 (``delete_waiting``). An Anthropic batch's times have microseconds, as the API's do.
 """
 
@@ -110,6 +111,8 @@ class FakeBatch:
     error_file_id: str | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
     retrieved: int = 0
+    # Retrieves answered ``retrieve_error`` instead.
+    refused: int = 0
     # The Anthropic results file served instead of ``results`` (a test's damaged file).
     raw_results: bytes | None = None
     # The headers of the request that created it (lower-case names).
@@ -188,6 +191,9 @@ class FakeBatches:
         self.create_error: tuple[int, Any] | None = None
         # (status, JSON body) that deleting a file or a message batch answers instead; None: deleted.
         self.delete_error: tuple[int, Any] | None = None
+        # (status, JSON body, headers) that retrieving a batch of this API ("openai", "anthropic")
+        # answers instead; none for an API: retrieved.
+        self.retrieve_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
         # A create waits until this is set (None: answers at once); ``create_waiting`` says one does.
         self.create_hold: asyncio.Event | None = None
         self.create_waiting = asyncio.Event()
@@ -234,6 +240,7 @@ class FakeBatches:
         self.answered_before_expiry = 0
         self.create_error = None
         self.delete_error = None
+        self.retrieve_errors.clear()
         self.create_hold = None
         self.create_waiting.clear()
         self.create_reply_hold = None
@@ -530,9 +537,18 @@ class FakeBatches:
             return None
         return batch
 
+    async def _refuse_retrieve(self, connection: Connection, batch: FakeBatch) -> bool:
+        """Answer the retrieve with ``retrieve_errors``' error for the batch's API, if any."""
+        error = self.retrieve_errors.get(batch.api)
+        if error is None:
+            return False
+        batch.refused += 1
+        await connection.send_json(*error)
+        return True
+
     async def _openai_retrieve(self, connection: Connection, request: Request) -> bool:
         batch = await self._openai_found(connection, request)
-        if batch is not None:
+        if batch is not None and not await self._refuse_retrieve(connection, batch):
             batch.retrieved += 1
             self._end(batch)
             await connection.send_json(200, self._openai_json(batch))
@@ -620,7 +636,7 @@ class FakeBatches:
 
     async def _anthropic_retrieve(self, connection: Connection, request: Request) -> bool:
         batch = await self._anthropic_found(connection, request)
-        if batch is not None:
+        if batch is not None and not await self._refuse_retrieve(connection, batch):
             batch.retrieved += 1
             self._end(batch)
             await connection.send_json(200, self._anthropic_json(batch))

@@ -178,6 +178,13 @@ class FakeProvider:
         self._batches.delete_error = error
 
     @property
+    def batch_retrieve_errors(self) -> dict[str, tuple[int, Any, dict[str, str]]]:
+        """``(status, JSON body, headers)`` that retrieving a batch answers, by API (``"openai"``,
+        ``"anthropic"``; an API not in it retrieves); each refused retrieve counts in the batch's
+        ``refused``. Mutable in place."""
+        return self._batches.retrieve_errors
+
+    @property
     def batch_create_hold(self) -> asyncio.Event | None:
         """While set to an event that is not set, creating a batch (either API) waits for it
         before answering; None (the default) answers at once."""
