@@ -623,6 +623,23 @@ class TestProviderStrings:
         [entry] = live_server.router.ledger.entries(messages[0].decision.decision_id)
         assert entry.outcome is AttemptOutcome.COMPLETED
 
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    async def test_a_first_half_held_when_the_stream_fails_before_any_text_is_dropped_and_retried(
+        self, live_client: RouterClient, fake: FakeProvider, model: str
+    ) -> None:
+        """The first delta is only an emoji's first half (held back for its pair), then the
+        connection is cut: nothing reached the caller, so the attempt is retried and the caller
+        gets the clean second answer alone (the half came out as U+FFFD, the call's first chunk:
+        committed, UNAVAILABLE STREAM_INTERRUPTED, no retry)."""
+        fake.enqueue(
+            Script(chunks=("\ud83d", "\ude00 rest"), fault=Fault.CUT, fault_after=1), Script(chunks=("Hello ", "again"))
+        )
+        before = len(fake.requests)
+        messages = await _collect(live_client, model=model)
+        assert [m.delta.text for m in messages if m.WhichOneof("event") == "delta"] == ["Hello ", "again"]
+        assert messages[-1].WhichOneof("event") == "completion"
+        assert len(fake.requests) - before == 2
+
     async def test_the_judge_is_sent_the_answer_as_the_caller_got_it(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
