@@ -232,6 +232,21 @@ class TestStreaming:
         )
         assert finish.estimated is True
 
+    async def test_message_starts_placeholder_output_count_is_not_billed(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """A ``message_delta`` without usage (an Anthropic-compatible gateway) leaves only
+        ``message_start``'s placeholder ``output_tokens`` (1): the output is estimated from the
+        answer, flagged and logged, the reported input kept (the answer was billed 1 output token,
+        not flagged)."""
+        fake.enqueue(Script(input_tokens=40, omit_delta_usage=True))
+        with capture_logs() as logs:
+            finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        output = count_text_tokens("Hello from the fake provider.")
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (40, output, True)
+        assert [entry["event"] for entry in logs] == ["provider_usage_estimated"]
+
     async def test_the_estimate_is_flagged_and_covers_the_whole_request(
         self, fake: FakeProvider, provider: AnthropicProvider
     ) -> None:
@@ -539,6 +554,18 @@ class TestMidStreamFailures:
         fake.enqueue(Script(fault=fault, fault_after=1))
         texts, error = await collect_until_error(provider, make_call())
         assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+        assert_sanitized(error)
+
+    async def test_a_stream_without_its_stop_reason_is_unavailable(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """A stream whose ``message_delta`` (its stop reason and output count) never came, though
+        ``message_stop`` did: ProviderUnavailable after its text, as the OpenAI adapter's stream
+        without a finish reason (it finished UNSPECIFIED, billed the placeholder output count)."""
+        fake.enqueue(Script(omit_message_delta=True))
+        texts, error = await collect_until_error(provider, make_call())
+        assert ("".join(texts), type(error)) == ("Hello from the fake provider.", ProviderUnavailable)
+        assert "without a stop reason" in error.message
         assert_sanitized(error)
 
 

@@ -481,6 +481,14 @@ class AnthropicProvider:
                     provider=self._name,
                     model=call.model,
                 )
+            if tally.stop_reason is None:
+                # As the OpenAI adapter's stream without a finish reason: its end (a
+                # ``message_delta``) was lost, the answer may be cut anywhere.
+                raise ProviderUnavailable(
+                    describe(self._name, call.model, "stream ended without a stop reason"),
+                    provider=self._name,
+                    model=call.model,
+                )
             usage, estimated = self._usage(call, tally)
             calls = tally.tool_calls.calls()
             yield ProviderFinish(
@@ -510,7 +518,8 @@ class AnthropicProvider:
                 tally.cache_read = count_field(usage.get("cache_read_input_tokens")) or 0
                 tally.cache_write = count_field(usage.get("cache_creation_input_tokens")) or 0
                 tally.cache_write_1h = _cache_write_1h(usage, 0)
-                tally.output_tokens = count_field(usage.get("output_tokens"))
+                # Its ``output_tokens`` is a placeholder (Anthropic sends 1): only
+                # ``message_delta``'s count is the answer's, and without one it is estimated.
                 if tally.input_tokens is not None:
                     return InputReported(_input_usage(tally))
         elif kind == "content_block_start":
@@ -539,7 +548,10 @@ class AnthropicProvider:
             if delta_kind == "signature_delta":
                 return Heartbeat()
         elif kind == "message_delta":
-            tally.stop_reason = text_field(object_field(event.get("delta")).get("stop_reason")) or tally.stop_reason
+            reason = object_field(event.get("delta")).get("stop_reason")
+            if reason is not None:
+                # A stop reason that is not text is still an end: an unknown one.
+                tally.stop_reason = text_field(reason) or "other"
             usage = object_field(event.get("usage"))
             # Cumulative counts: the last one wins.
             tally.output_tokens = _latest(usage.get("output_tokens"), tally.output_tokens)
