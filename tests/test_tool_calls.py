@@ -281,18 +281,20 @@ class TestOpenAICompatibleServers:
         assert (list(completion.tool_calls), completion.finish_reason) == ([], pb.FINISH_REASON_OTHER)
         assert fake.requests[-1].path == path
 
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
     async def test_calls_finished_with_stop_in_auto_mode_finish_as_tool_calls(
-        self, live_client: RouterClient, fake: FakeProvider
+        self, live_client: RouterClient, fake: FakeProvider, model: str
     ) -> None:
-        """A server that ends an answer with calls by "stop" even in auto mode: TOOL_CALLS; a call
-        cut by "length" stays LENGTH."""
+        """A server that ends an answer with calls by "stop" (Anthropic's ``end_turn``) even in
+        auto mode: TOOL_CALLS, in both formats (Anthropic's said STOP, and a client's tool loop
+        switching on it dropped the calls); a call cut by "length" stays LENGTH."""
         fake.enqueue(
             Script(chunks=(), tool_calls=CALLS, tool_calls_finish_reason="stop"),
             Script(chunks=(), tool_calls=CALLS, tool_calls_finish_reason="length"),
         )
         chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
-        stopped = (await _complete(live_client, chat, "gpt-4o-mini"))[-1].completion
-        cut = (await _complete(live_client, chat, "gpt-4o-mini"))[-1].completion
+        stopped = (await _complete(live_client, chat, model))[-1].completion
+        cut = (await _complete(live_client, chat, model))[-1].completion
         assert (len(stopped.tool_calls), stopped.finish_reason) == (2, pb.FINISH_REASON_TOOL_CALLS)
         assert (len(cut.tool_calls), cut.finish_reason) == (2, pb.FINISH_REASON_LENGTH)
 

@@ -145,11 +145,15 @@ logging.getLogger("anthropic._base_client").addFilter(_DropRequestOptions())
 
 def map_stop_reason(reason: str | None, *, made_calls: bool) -> FinishReason:
     """The domain finish reason for an Anthropic ``stop_reason``, of an answer that ``made_calls``
-    or not: ``tool_use`` without a call (its blocks named no tool) is OTHER, not TOOL_CALLS."""
+    or not, by the OpenAI adapter's rule: such an answer that stopped of itself (``end_turn``,
+    which Anthropic-compatible servers send after calls) is TOOL_CALLS, a cut stays what it is;
+    ``tool_use`` without a call (its blocks named no tool) is OTHER, not TOOL_CALLS."""
     if reason is None:
         return FinishReason.UNSPECIFIED
     finish = _FINISH_REASONS.get(reason, FinishReason.OTHER)
-    return FinishReason.OTHER if finish is FinishReason.TOOL_CALLS and not made_calls else finish
+    if finish is FinishReason.TOOL_CALLS and not made_calls:
+        return FinishReason.OTHER
+    return FinishReason.TOOL_CALLS if made_calls and finish is FinishReason.STOP else finish
 
 
 def _cache_control(ttl: CacheTtl) -> CacheControlEphemeralParam:
