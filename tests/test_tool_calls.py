@@ -252,13 +252,15 @@ class TestOpenAICompatibleServers:
             _call("call_fake_1", "get_time", '{"tz": "Europe/Rome"}'),
         ]
 
-    async def test_parallel_calls_without_an_index_or_an_id_come_back_apart(
-        self, live_client: RouterClient, fake: FakeProvider
+    @pytest.mark.parametrize("indexes", ["none", "zero"])
+    async def test_parallel_calls_without_their_own_index_or_an_id_come_back_apart(
+        self, live_client: RouterClient, fake: FakeProvider, indexes: str
     ) -> None:
-        """A server that streams parallel calls with neither ``index`` nor ``id``: the two calls
-        come back apart, each with its own arguments and a made-up id (they were merged into one
-        call named get_weather with both calls' arguments glued)."""
-        fake.enqueue(Script(chunks=(), tool_calls=CALLS, tool_call_indexes="none", omit_tool_call_ids=True))
+        """A server that streams parallel calls with no ``id`` and no ``index``, or every call at
+        index 0: the two calls come back apart, each with its own arguments and a made-up id
+        (they were merged into one call named get_weather with both calls' arguments glued, not
+        JSON, and the second call lost)."""
+        fake.enqueue(Script(chunks=(), tool_calls=CALLS, tool_call_indexes=indexes, omit_tool_call_ids=True))
         chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
         calls = (await _complete(live_client, chat, "gpt-4o-mini"))[-1].completion.tool_calls
         assert [(call.name, call.arguments_json) for call in calls] == [
