@@ -3,6 +3,7 @@ to each provider in its own wire format, and chunks without answer text keep a s
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -235,6 +236,34 @@ class TestAssemblingPieces:
         parts.add(None, arguments='"x"}')
         parts.add(None, call_id="b", name="lookup", arguments="{}")
         assert parts.calls() == (ToolCall("a", "lookup", '{"q": "x"}'), ToolCall("b", "lookup", "{}"))
+
+
+class TestAnthropicCompatibleServers:
+    async def test_an_input_given_whole_at_the_blocks_start_is_the_calls_arguments(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A server that sends each ``tool_use`` block's whole ``input`` in its
+        ``content_block_start`` and no ``input_json_delta`` (a gateway re-streaming a finished
+        message): the calls carry that input as their arguments (they came back with none, and
+        ran with no arguments)."""
+        fake.enqueue(Script(chunks=(), tool_calls=CALLS, tool_input_in_start=True))
+        chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
+        completion = (await _complete(live_client, chat, "claude-sonnet"))[-1].completion
+        assert [(call.name, json.loads(call.arguments_json)) for call in completion.tool_calls] == [
+            ("get_weather", {"city": "Paris"}),
+            ("get_time", {"tz": "Europe/Rome"}),
+        ]
+        assert completion.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+
+    async def test_input_deltas_replace_the_empty_input_of_the_blocks_start(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """Anthropic's own shape, ``input: {}`` at the start and the arguments in deltas: the
+        deltas' text alone, unchanged."""
+        fake.enqueue(Script(chunks=(), tool_calls=CALLS))
+        chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
+        completion = (await _complete(live_client, chat, "claude-sonnet"))[-1].completion
+        assert [call.arguments_json for call in completion.tool_calls] == ['{"city": "Paris"}', '{"tz": "Europe/Rome"}']
 
 
 class TestOpenAICompatibleServers:

@@ -42,6 +42,7 @@ class _Parts:
     id: str = ""
     name: str = ""
     arguments: list[str] = field(default_factory=list)
+    whole: str = ""  # arguments given whole with the call's start, used when no pieces follow
 
 
 class ToolCallParts:
@@ -52,8 +53,13 @@ class ToolCallParts:
         self._at: dict[int, _Parts] = {}  # the latest call started at each stream index
         self._response = ""  # the token of the ids made up for calls that came without one
 
-    def add(self, index: int | None, *, call_id: str = "", name: str = "", arguments: str = "") -> None:
-        """Fold in one piece: the first id and name given win, arguments are appended."""
+    def add(
+        self, index: int | None, *, call_id: str = "", name: str = "", arguments: str = "", whole_arguments: str = ""
+    ) -> None:
+        """Fold in one piece: the first id and name given win, arguments are appended;
+        ``whole_arguments`` (an Anthropic ``tool_use`` block's ``input`` given at its start) are
+        the call's only when no argument piece follows, which replaces them (as the SDK's
+        accumulator does)."""
         parts = self._at.get(index) if index is not None else (self._calls[-1] if self._calls else None)
         if parts is None or _starts_call(parts, call_id, name):
             parts = _Parts()
@@ -62,6 +68,7 @@ class ToolCallParts:
                 self._at[index] = parts
         parts.id = parts.id or call_id
         parts.name = parts.name or name
+        parts.whole = parts.whole or whole_arguments
         if arguments:
             parts.arguments.append(arguments)
 
@@ -71,7 +78,7 @@ class ToolCallParts:
         placeholder some servers send beside a text answer) are no call: nothing could run them."""
         named = [parts for parts in self._calls if parts.name]
         return tuple(
-            ToolCall(parts.id or self._made_up_id(position), parts.name, "".join(parts.arguments))
+            ToolCall(parts.id or self._made_up_id(position), parts.name, "".join(parts.arguments) or parts.whole)
             for position, parts in enumerate(named)
         )
 

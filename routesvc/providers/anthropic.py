@@ -531,8 +531,12 @@ class AnthropicProvider:
             index = count_field(event.get("index"))
             if block.get("type") == "tool_use" and index is not None:
                 name = text_field(block.get("name"))
-                tally.tool_calls.add(index, call_id=text_field(block.get("id")), name=name)
-                return Heartbeat(name)
+                # Anthropic sends ``{}`` here and the input in ``input_json_delta``s; a server
+                # re-streaming a finished message may send it whole here and no delta.
+                given = object_field(block.get("input"))
+                whole = json.dumps(given) if given else ""
+                tally.tool_calls.add(index, call_id=text_field(block.get("id")), name=name, whole_arguments=whole)
+                return Heartbeat(name + whole)
             if block.get("type") in ("thinking", "redacted_thinking"):
                 return Heartbeat()
         elif kind == "content_block_delta":
