@@ -77,6 +77,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers._aiohttp import keeping_buffered
+from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES
 from routesvc.providers._http import (
     END_OF_STREAM,
     EstimatedUsageLog,
@@ -408,7 +409,13 @@ class AnthropicProvider:
     """Streams messages through the official SDK, with no SDK retries (ours come later)."""
 
     def __init__(
-        self, name: str, api_key: str | None, base_url: str | None = None, *, http_client: HttpClientKind = "aiohttp"
+        self,
+        name: str,
+        api_key: str | None,
+        base_url: str | None = None,
+        *,
+        http_client: HttpClientKind = "aiohttp",
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self._name = name
         self._usage_log = EstimatedUsageLog()
@@ -421,9 +428,9 @@ class AnthropicProvider:
             max_retries=0,
             open_telemetry={"traces": False, "propagation": False},
             http_client=(
-                keeping_buffered(anthropic.DefaultAioHttpClient)
+                keeping_buffered(anthropic.DefaultAioHttpClient, max_event_bytes)
                 if http_client == "aiohttp"
-                else traced(anthropic.DefaultAsyncHttpxClient)
+                else traced(anthropic.DefaultAsyncHttpxClient, max_event_bytes)
             ),
         )
         self._http_client: HttpClientKind = http_client
