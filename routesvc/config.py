@@ -458,6 +458,13 @@ class ReliabilityConfig(_Strict):
         gt=0,
         description="Longest wait for one message's write to a stream's caller (one that stops reading).",
     )
+    max_event_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Most bytes of one server-sent event of a provider's stream; a longer one fails the "
+        "attempt UNAVAILABLE (as a broken stream: retried before the first chunk), so that a broken or "
+        "hostile server cannot make the process hold an event of any size.",
+    )
     max_concurrent_rpcs: int = Field(1024, ge=1, description="RPCs served at once; more are shed.")
     ledger_entries: int = Field(20_000, ge=1, description="Upstream attempts the in-memory ledger keeps.")
     breaker: BreakerConfig = BreakerConfig()

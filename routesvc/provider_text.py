@@ -54,14 +54,19 @@ def _high_surrogate(char: str) -> bool:
 class ValidText(ProviderWrapper):
     """``provider``'s streams with every string made valid text. A text delta that ends with the
     first half of a pair keeps that half back, to be joined with the next delta's start; a half
-    still held when the stream ends (finished, or failed with an error) comes out as U+FFFD
-    before the end; one still held when the stream is cancelled (our stall and deadline timers
-    cut it so) is dropped: yielding it would swallow the cancellation.
+    still held when the stream ends (finished, or failed with an error after some text came
+    out) comes out as U+FFFD before the end. One still held when the stream fails before any
+    text came out is dropped: a U+FFFD would be the answer's first chunk, committing a call the
+    router could otherwise retry or fall back from with nothing sent. One held when the stream
+    is cancelled (our stall and deadline timers cut it so) is dropped too: yielding it would
+    swallow the cancellation.
     A delta held back whole comes out as an empty ``Heartbeat``: the model sent a chunk."""
 
     async def stream(self, call: ProviderCall) -> AsyncGenerator[ProviderEvent, None]:
         """The provider's events, their strings valid text."""
         held = ""
+        # Whether a text delta went out: only then is a half held at a failure part of the answer.
+        emitted = False
         stream = self._provider.stream(call)
         try:
             try:
@@ -82,9 +87,10 @@ class ValidText(ProviderWrapper):
                             provider_model=valid_text(event.provider_model),
                             tool_calls=valid_calls(event.tool_calls),
                         )
+                    emitted = emitted or isinstance(event, TextDelta)
                     yield event
             except Exception:
-                if held:
+                if held and emitted:
                     # What came of the answer before the failure, as the caller sees it.
                     held = ""
                     yield TextDelta(_REPLACEMENT)

@@ -25,9 +25,9 @@ _Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 _Stream = Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]
 
 
-def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+def _status(context: grpc.aio.ServicerContext, error: BaseException | None, ends_at: float | None) -> grpc.StatusCode:
     if isinstance(error, asyncio.CancelledError):
-        return ended_by_caller(context)
+        return ended_by_caller(context, ends_at)
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
@@ -36,8 +36,10 @@ def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> g
     return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
 
 
-def _finish(rpc: RequestTelemetry, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-    code = _status(context, error)
+def _finish(
+    rpc: RequestTelemetry, context: grpc.aio.ServicerContext, error: BaseException | None, ends_at: float | None
+) -> None:
+    code = _status(context, error, ends_at)
     rpc.finish(code.name, code.value[0])
 
 
@@ -113,22 +115,45 @@ def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def ended_by_caller(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """How a call its caller left ended: DEADLINE_EXCEEDED once its deadline passed, else CANCELLED."""
-    return grpc.StatusCode.DEADLINE_EXCEEDED if _past_deadline(context) else grpc.StatusCode.CANCELLED
+# The most a call is ended before its caller's deadline (``own_end``).
+MAX_DEADLINE_LEAD_SECONDS = 0.25
+
+
+def own_end(context: grpc.aio.ServicerContext) -> float | None:
+    """When (loop time) the server ends a call with a deadline itself, so that its status
+    (DEADLINE_EXCEEDED, after text with the committed trailers) reaches the caller before the
+    caller's own timer ends the call without them: a twentieth of the time the call has before
+    its deadline, at most ``MAX_DEADLINE_LEAD_SECONDS``; a lead that leaves room for a loop that
+    runs the timer late under load (a fixed 20 ms often did not). None without a deadline."""
+    remaining: float | None = context.time_remaining()
+    if remaining is None:
+        return None
+    lead = min(MAX_DEADLINE_LEAD_SECONDS, remaining / 20)
+    return asyncio.get_running_loop().time() + max(0.0, remaining - lead)
+
+
+def ended_by_caller(context: grpc.aio.ServicerContext, ends_at: float | None = None) -> grpc.StatusCode:
+    """How a call its caller left ended: DEADLINE_EXCEEDED once its deadline passed, or once the
+    server's own end of it (``ends_at``, from ``own_end``) has, whose timer a late loop had not
+    run yet when the caller's deadline cancelled the call; else CANCELLED."""
+    past_own_end = ends_at is not None and asyncio.get_running_loop().time() >= ends_at
+    if past_own_end or _past_deadline(context):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 def traced_unary(telemetry: Telemetry, service: str, method: str, behaviour: _Unary) -> _Unary:
     """``behaviour`` (a unary-response handler) inside the RPC's server span."""
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        ends_at = own_end(context)
         with telemetry.server_rpc(service, method, context.invocation_metadata()) as rpc:
             try:
                 response = await behaviour(request, context)
             except BaseException as error:
-                _finish(rpc, context, error)
+                _finish(rpc, context, error, ends_at)
                 raise
-            _finish(rpc, context, None)
+            _finish(rpc, context, None, ends_at)
             return response
 
     return unary
@@ -145,6 +170,7 @@ def traced_stream(
         # happens in this frame, so a cancellation ends the span and resets the context
         # variables in the task and context that set them. A generator left suspended at a
         # yield would be finalized later in another context.
+        ends_at = own_end(context)
         with telemetry.server_rpc(service, method, context.invocation_metadata()) as rpc:
             watch = _WriteWatch(write_timeout())
             caller_stalled = False
@@ -172,15 +198,15 @@ def traced_stream(
                         if not written:
                             # The client is gone or its deadline passed: leaving the block closes
                             # the handler, which logs how the call ended; grpc has its status.
-                            code = ended_by_caller(context)
+                            code = ended_by_caller(context, ends_at)
                             rpc.finish(code.name, code.value[0])
                             return
             except BaseException as error:
                 # A stalled call's handler set its status (the abort's code) before it ended cancelled.
-                _finish(rpc, context, None if caller_stalled else error)
+                _finish(rpc, context, None if caller_stalled else error, ends_at)
                 raise
             finally:
                 watch.close()
-            _finish(rpc, context, None)
+            _finish(rpc, context, None, ends_at)
 
     return unary_stream

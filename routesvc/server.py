@@ -46,12 +46,17 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
     from routesvc.providers.openai import OpenAIProvider
 
     providers: dict[str, Provider] = {}
+    max_event_bytes = settings.config.reliability.max_event_bytes
     for name, provider in settings.providers.items():
         if not provider.configured:
             continue
         if provider.kind == "anthropic":
             providers[name] = AnthropicProvider(
-                name, provider.api_key, provider.base_url, http_client=provider.http_client
+                name,
+                provider.api_key,
+                provider.base_url,
+                http_client=provider.http_client,
+                max_event_bytes=max_event_bytes,
             )
         else:
             providers[name] = OpenAIProvider(
@@ -61,6 +66,7 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
                 provider.kind,
                 http_client=provider.http_client,
                 stream_usage=provider.stream_usage,
+                max_event_bytes=max_event_bytes,
             )
     return providers
 
@@ -246,7 +252,8 @@ class Server:
     async def reload(self, settings: Settings) -> None:
         """Serve new calls with ``settings``; calls in flight finish on the old configuration.
 
-        Providers are rebuilt only when their settings changed; the old ones are closed once
+        Providers are rebuilt only when their settings (or ``reliability.max_event_bytes``)
+        changed; the old ones are closed once
         the calls running at the swap (the only ones that can still use them) have ended.
         What is read only at start (listening, TLS, logging, telemetry but its baseline model,
         batch, shared state) keeps its old value until a restart, and the reload logs which of
@@ -260,7 +267,11 @@ class Server:
 
     async def _reload(self, settings: Settings) -> None:
         old = self._router
-        same_providers = settings.providers == old.settings.providers
+        # The adapters' transports hold the event bound: a new one needs new adapters.
+        same_providers = (
+            settings.providers == old.settings.providers
+            and settings.config.reliability.max_event_bytes == old.settings.config.reliability.max_event_bytes
+        )
         providers = old.providers if same_providers else build_providers(settings)
         router: Router | None = None
         try:

@@ -58,7 +58,7 @@ from routesvc.errors import (
 from routesvc.feedback import UnknownDecision
 from routesvc.models import BatchJob, Completion, Escalation, Mode, RouteDecision, RoutingRequest
 from routesvc.router import Router
-from routesvc.rpc_tracing import ended_by_caller
+from routesvc.rpc_tracing import ended_by_caller, own_end
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -110,9 +110,6 @@ STATUS_TABLE: dict[type[RouteSvcError], grpc.StatusCode] = {
 }
 
 
-# How much earlier than the caller's deadline a call is ended (at most a twentieth of it).
-_DEADLINE_LEAD_SECONDS = 0.02
-
 _SERVER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
 
 
@@ -141,7 +138,7 @@ def _spent(method: str) -> dict[str, object]:
 def _ended_by_caller(context: grpc.aio.ServicerContext, record: _CallRecord) -> grpc.StatusCode:
     """How a call that can send nothing more ended (``ended_by_caller``); a passed deadline is
     also its record's ``error_reason``, as when our own timer ends the call."""
-    code = ended_by_caller(context)
+    code = ended_by_caller(context, record.ends_at)
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         record.fields["error_reason"] = DeadlineExceeded.reason
     return code
@@ -196,6 +193,7 @@ class _CallRecord:
     started: float
     principal: Principal = _ANONYMOUS
     fields: dict[str, object] = field(default_factory=dict)
+    ends_at: float | None = None  # when (loop time) the server ends the call itself (``own_end``)
 
 
 class RouterService(pb_grpc.RouterServiceServicer):
@@ -349,12 +347,10 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 raise InvalidRequest(REQUEST_ID_HEADER, f"at most {MAX_REQUEST_ID_CHARS} characters")
             if record.principal.tenant is not None:
                 record.fields["tenant"] = record.principal.tenant
-            remaining = context.time_remaining()
-            if remaining is not None:
-                # End the call a moment before the caller's own timer would, so that our status
-                # (DEADLINE_EXCEEDED with the committed trailers after text) reaches it first.
-                remaining = max(0.0, remaining - min(_DEADLINE_LEAD_SECONDS, remaining / 20))
-            async with asyncio.timeout(remaining):
+            # End the call before the caller's own timer would, so that our status
+            # (DEADLINE_EXCEEDED with the committed trailers after text) reaches it first.
+            record.ends_at = own_end(context)
+            async with asyncio.timeout_at(record.ends_at):
                 yield record
         except RouteSvcError as error:
             code = status_code_of(error)
@@ -376,7 +372,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
         except asyncio.CancelledError:
             if task is None or task not in self._interrupted:
                 # The caller left, or grpc ended the call at its deadline before our timer could
-                # (a busy loop runs it late): grpc has the status; log how the call ended.
+                # (a busy loop runs it late; logged DEADLINE_EXCEEDED all the same): grpc has the
+                # status; log how the call ended.
                 code = _ended_by_caller(context, record)
                 raise
             task.uncancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -310,6 +311,42 @@ class TestDeadlinesAndCancellation:
         wrong = {rid: logged[rid] for rid, code in seen.items() if code != "OK" and logged.get(rid) == "OK"}
         assert wrong == {}
         assert not [record for record in caplog.records if "ExecuteBatchError" in record.getMessage()]
+
+    async def test_a_cancel_that_a_late_loop_sees_after_the_servers_own_end_is_logged_as_the_deadline(
+        self, live_server: Server, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A stream with a 4 s deadline, which the server means to end itself 0.2 s before it;
+        the loop is held up (blocked here, as by load) across that moment, and the caller's
+        cancel comes in meanwhile, still before the deadline by the server's clock, as the
+        caller's own deadline timer's does when it wins the race. The call is logged
+        DEADLINE_EXCEEDED with its error_reason (it was CANCELLED: a deadline counted as the
+        caller leaving)."""
+        await _collect(live_client)  # opens the provider connection
+        fake.enqueue(Script(chunk_count=1000, chunk_delay=0.05))
+        loop = asyncio.get_running_loop()
+        async with grpc.aio.insecure_channel(live_server.target) as channel:
+            call = pb_grpc.RouterServiceStub(channel).Complete(
+                pb.CompleteRequest(chat=user_chat("hi")), timeout=4.0, metadata=(("x-request-id", "late-loop"),)
+            )
+            started = loop.time()
+
+            def late_loop() -> None:
+                # Past the server's own end (about started + 3.8), before the deadline (4.0).
+                time.sleep(max(0.0, started + 3.85 - loop.time()))
+                call.cancel()
+                time.sleep(0.1)
+
+            with capture_logs() as logs:
+                assert (await call.read()).WhichOneof("event") == "decision"
+                loop.call_at(started + 3.7, late_loop)
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
+                async with asyncio.timeout(10):
+                    while not [e for e in logs if e["event"] == "rpc_finished" and e["request_id"] == "late-loop"]:  # noqa: ASYNC110 - no event for a log line
+                        await asyncio.sleep(0.02)
+        (line,) = [e for e in logs if e["event"] == "rpc_finished" and e["request_id"] == "late-loop"]
+        assert (line["code"], line.get("error_reason")) == ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")
 
     async def test_a_deadline_mid_stream_says_how_many_chunks_were_sent(
         self, live_client: RouterClient, fake: FakeProvider
@@ -622,6 +659,23 @@ class TestProviderStrings:
         assert messages[-1].WhichOneof("event") == "completion"
         [entry] = live_server.router.ledger.entries(messages[0].decision.decision_id)
         assert entry.outcome is AttemptOutcome.COMPLETED
+
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    async def test_a_first_half_held_when_the_stream_fails_before_any_text_is_dropped_and_retried(
+        self, live_client: RouterClient, fake: FakeProvider, model: str
+    ) -> None:
+        """The first delta is only an emoji's first half (held back for its pair), then the
+        connection is cut: nothing reached the caller, so the attempt is retried and the caller
+        gets the clean second answer alone (the half came out as U+FFFD, the call's first chunk:
+        committed, UNAVAILABLE STREAM_INTERRUPTED, no retry)."""
+        fake.enqueue(
+            Script(chunks=("\ud83d", "\ude00 rest"), fault=Fault.CUT, fault_after=1), Script(chunks=("Hello ", "again"))
+        )
+        before = len(fake.requests)
+        messages = await _collect(live_client, model=model)
+        assert [m.delta.text for m in messages if m.WhichOneof("event") == "delta"] == ["Hello ", "again"]
+        assert messages[-1].WhichOneof("event") == "completion"
+        assert len(fake.requests) - before == 2
 
     async def test_the_judge_is_sent_the_answer_as_the_caller_got_it(
         self, live_client: RouterClient, fake: FakeProvider

@@ -255,6 +255,10 @@ class TestValidation:
                 r"reliability\.backoff_seconds",
             ),
             (
+                lambda c: c.setdefault("reliability", {}).update(max_event_bytes=100),
+                r"reliability\.max_event_bytes",
+            ),
+            (
                 lambda c: c["routing"]["stages"].__setitem__(
                     0, {"kind": "classifier", "method": "llm", "model": "gpt-4o-mini", "timeout_s": float("inf")}
                 ),

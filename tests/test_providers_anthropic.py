@@ -232,6 +232,21 @@ class TestStreaming:
         )
         assert finish.estimated is True
 
+    async def test_message_starts_placeholder_output_count_is_not_billed(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """A ``message_delta`` without usage (an Anthropic-compatible gateway) leaves only
+        ``message_start``'s placeholder ``output_tokens`` (1): the output is estimated from the
+        answer, flagged and logged, the reported input kept (the answer was billed 1 output token,
+        not flagged)."""
+        fake.enqueue(Script(input_tokens=40, omit_delta_usage=True))
+        with capture_logs() as logs:
+            finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        output = count_text_tokens("Hello from the fake provider.")
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (40, output, True)
+        assert [entry["event"] for entry in logs] == ["provider_usage_estimated"]
+
     async def test_the_estimate_is_flagged_and_covers_the_whole_request(
         self, fake: FakeProvider, provider: AnthropicProvider
     ) -> None:
@@ -528,6 +543,28 @@ class TestMidStreamFailures:
         texts, error = await collect_until_error(provider, make_call())
         assert (texts, type(error)) == ([], ProviderUnavailable)
 
+    async def test_an_event_over_max_event_bytes_is_unavailable_and_one_under_passes(
+        self, fake: FakeProvider, http_client: HttpClientKind
+    ) -> None:
+        """An event just over ``max_event_bytes`` after the first chunk: that chunk, then
+        ProviderUnavailable naming the limit (the event was read whole, whatever its size); an
+        event under it is read as any other."""
+        adapter = AnthropicProvider(
+            "anthropic", CANARY_KEY, fake.anthropic_base_url, http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            fake.enqueue(
+                Script(fault=Fault.OVERSIZED_LINE, fault_after=1, oversized_bytes=8192),
+                Script(fault=Fault.OVERSIZED_LINE, fault_after=1, oversized_bytes=7000),
+            )
+            texts, error = await collect_until_error(adapter, make_call())
+            assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+            assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message
+            events = await collect(adapter, make_call())
+            assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+        finally:
+            await adapter.aclose()
+
     @pytest.mark.parametrize(
         "fault", [Fault.MALFORMED_LINE, Fault.NON_UTF8, Fault.MISSING_TERMINATOR, Fault.NOT_AN_OBJECT]
     )
@@ -539,6 +576,18 @@ class TestMidStreamFailures:
         fake.enqueue(Script(fault=fault, fault_after=1))
         texts, error = await collect_until_error(provider, make_call())
         assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+        assert_sanitized(error)
+
+    async def test_a_stream_without_its_stop_reason_is_unavailable(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """A stream whose ``message_delta`` (its stop reason and output count) never came, though
+        ``message_stop`` did: ProviderUnavailable after its text, as the OpenAI adapter's stream
+        without a finish reason (it finished UNSPECIFIED, billed the placeholder output count)."""
+        fake.enqueue(Script(omit_message_delta=True))
+        texts, error = await collect_until_error(provider, make_call())
+        assert ("".join(texts), type(error)) == ("Hello from the fake provider.", ProviderUnavailable)
+        assert "without a stop reason" in error.message
         assert_sanitized(error)
 
 

@@ -673,6 +673,28 @@ class TestMidStreamFailures:
         texts, error = await collect_until_error(provider, make_call())
         assert (texts, type(error)) == ([], ProviderUnavailable)
 
+    async def test_an_event_over_max_event_bytes_is_unavailable_and_one_under_passes(
+        self, fake: FakeProvider, http_client: HttpClientKind
+    ) -> None:
+        """An event just over ``max_event_bytes`` after the first chunk: that chunk, then
+        ProviderUnavailable naming the limit (the event was read whole, whatever its size); an
+        event under it is read as any other."""
+        adapter = OpenAIProvider(
+            "openai", CANARY_KEY, fake.openai_base_url, "openai", http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            fake.enqueue(
+                Script(fault=Fault.OVERSIZED_LINE, fault_after=1, oversized_bytes=8192),
+                Script(fault=Fault.OVERSIZED_LINE, fault_after=1, oversized_bytes=7000),
+            )
+            texts, error = await collect_until_error(adapter, make_call())
+            assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+            assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message
+            events = await collect(adapter, make_call())
+            assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+        finally:
+            await adapter.aclose()
+
     @pytest.mark.parametrize(
         "fault", [Fault.MALFORMED_LINE, Fault.NON_UTF8, Fault.MISSING_TERMINATOR, Fault.NOT_AN_OBJECT]
     )

@@ -496,6 +496,41 @@ class TestCommitRule:
         assert entry.usage.output_tokens > 0
 
 
+class TestOversizedEvents:
+    """RELIABILITY 9: one provider event over ``reliability.max_event_bytes`` fails the attempt
+    (it was read whole, whatever its size: a 200 MB event cost the process about 800 MB)."""
+
+    @pytest.mark.parametrize("reliable", [{"max_event_bytes": 8192}], indirect=True)
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    async def test_an_event_just_over_the_limit_after_text_ends_the_call_unavailable(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider, model: str
+    ) -> None:
+        """An event just over the limit after two chunks: the two deltas, then UNAVAILABLE
+        STREAM_INTERRUPTED naming the limit, one upstream call."""
+        _, client = reliable
+        fake.enqueue(Script(fault=Fault.OVERSIZED_LINE, fault_after=2, oversized_bytes=8192))
+        error, received = await failure(client, model=model)
+        assert sum(1 for m in received if m.WhichOneof("event") == "delta") == 2
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED")
+        assert "stream event over 8192 bytes (reliability.max_event_bytes)" in str(error.details())
+        assert len(fake.requests) == 1
+
+    @pytest.mark.parametrize("reliable", [{"max_event_bytes": 8192}], indirect=True)
+    async def test_an_event_just_over_the_limit_before_text_is_retried(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """Before the first chunk the attempt fails as a broken stream and is retried; an event
+        under the limit passes."""
+        _, client = reliable
+        fake.enqueue(
+            Script(fault=Fault.OVERSIZED_LINE, fault_after=0, oversized_bytes=8192),
+            Script(fault=Fault.OVERSIZED_LINE, fault_after=0, oversized_bytes=7000),
+        )
+        messages = await collect(client, model="gpt-4o-mini")
+        assert messages[-1].WhichOneof("event") == "completion"
+        assert len(fake.requests) == 2
+
+
 class TestStreamTimers:
     """RELIABILITY 8: a stream that stalls with the socket open is ended and closed upstream."""
 

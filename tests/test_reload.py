@@ -29,7 +29,7 @@ from routesvc.errors import ConfigError
 from routesvc.providers.base import Provider
 from routesvc.reload import MAX_RETRY_SECONDS, ConfigWatcher
 from routesvc.server import Server, build_providers
-from routesvc.testing import FakeProvider, Script
+from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import REPO, default_config, live_environ, process_environ, settings_from, user_chat
@@ -253,6 +253,27 @@ class TestRetiredProviders:
                 while not all(provider.closed for provider in old.values()):  # noqa: ASYNC110 - no close event
                     await asyncio.sleep(0.02)
             assert not any(provider.closed for provider in server.router.providers.values())
+
+    async def test_a_reload_that_changes_max_event_bytes_applies_it_to_new_adapters(self, fake: FakeProvider) -> None:
+        """``reliability.max_event_bytes`` lives in the adapters' transports: a reload that
+        changes it alone builds new adapters (the old bound held until a restart)."""
+        config = default_config()
+        config["reliability"] = {"max_event_bytes": 8192}
+        raised = default_config()
+        raised["reliability"] = {"max_event_bytes": 65536}
+        oversized = Script(fault=Fault.OVERSIZED_LINE, fault_after=1, oversized_bytes=8192)
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(oversized)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                [message async for message in client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o-mini"))]
+            assert "over 8192 bytes" in str(caught.value.details())
+            fake.enqueue(oversized)
+            await server.reload(settings_from(raised, live_environ(fake)))
+            messages = [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o-mini"))]
+            assert messages[-1].WhichOneof("event") == "completion"
 
     async def test_a_reload_that_keeps_the_providers_closes_the_old_feedback_store(self, tmp_path: Path) -> None:
         """Reloads of an embedding stage with a feedback_db, providers unchanged: the old

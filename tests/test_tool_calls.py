@@ -3,6 +3,7 @@ to each provider in its own wire format, and chunks without answer text keep a s
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -237,6 +238,34 @@ class TestAssemblingPieces:
         assert parts.calls() == (ToolCall("a", "lookup", '{"q": "x"}'), ToolCall("b", "lookup", "{}"))
 
 
+class TestAnthropicCompatibleServers:
+    async def test_an_input_given_whole_at_the_blocks_start_is_the_calls_arguments(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A server that sends each ``tool_use`` block's whole ``input`` in its
+        ``content_block_start`` and no ``input_json_delta`` (a gateway re-streaming a finished
+        message): the calls carry that input as their arguments (they came back with none, and
+        ran with no arguments)."""
+        fake.enqueue(Script(chunks=(), tool_calls=CALLS, tool_input_in_start=True))
+        chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
+        completion = (await _complete(live_client, chat, "claude-sonnet"))[-1].completion
+        assert [(call.name, json.loads(call.arguments_json)) for call in completion.tool_calls] == [
+            ("get_weather", {"city": "Paris"}),
+            ("get_time", {"tz": "Europe/Rome"}),
+        ]
+        assert completion.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+
+    async def test_input_deltas_replace_the_empty_input_of_the_blocks_start(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """Anthropic's own shape, ``input: {}`` at the start and the arguments in deltas: the
+        deltas' text alone, unchanged."""
+        fake.enqueue(Script(chunks=(), tool_calls=CALLS))
+        chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
+        completion = (await _complete(live_client, chat, "claude-sonnet"))[-1].completion
+        assert [call.arguments_json for call in completion.tool_calls] == ['{"city": "Paris"}', '{"tz": "Europe/Rome"}']
+
+
 class TestOpenAICompatibleServers:
     @pytest.mark.parametrize("indexes", ["zero", "none"])
     async def test_parallel_calls_without_their_own_index_come_back_apart(
@@ -252,13 +281,15 @@ class TestOpenAICompatibleServers:
             _call("call_fake_1", "get_time", '{"tz": "Europe/Rome"}'),
         ]
 
-    async def test_parallel_calls_without_an_index_or_an_id_come_back_apart(
-        self, live_client: RouterClient, fake: FakeProvider
+    @pytest.mark.parametrize("indexes", ["none", "zero"])
+    async def test_parallel_calls_without_their_own_index_or_an_id_come_back_apart(
+        self, live_client: RouterClient, fake: FakeProvider, indexes: str
     ) -> None:
-        """A server that streams parallel calls with neither ``index`` nor ``id``: the two calls
-        come back apart, each with its own arguments and a made-up id (they were merged into one
-        call named get_weather with both calls' arguments glued)."""
-        fake.enqueue(Script(chunks=(), tool_calls=CALLS, tool_call_indexes="none", omit_tool_call_ids=True))
+        """A server that streams parallel calls with no ``id`` and no ``index``, or every call at
+        index 0: the two calls come back apart, each with its own arguments and a made-up id
+        (they were merged into one call named get_weather with both calls' arguments glued, not
+        JSON, and the second call lost)."""
+        fake.enqueue(Script(chunks=(), tool_calls=CALLS, tool_call_indexes=indexes, omit_tool_call_ids=True))
         chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
         calls = (await _complete(live_client, chat, "gpt-4o-mini"))[-1].completion.tool_calls
         assert [(call.name, call.arguments_json) for call in calls] == [
@@ -281,18 +312,20 @@ class TestOpenAICompatibleServers:
         assert (list(completion.tool_calls), completion.finish_reason) == ([], pb.FINISH_REASON_OTHER)
         assert fake.requests[-1].path == path
 
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
     async def test_calls_finished_with_stop_in_auto_mode_finish_as_tool_calls(
-        self, live_client: RouterClient, fake: FakeProvider
+        self, live_client: RouterClient, fake: FakeProvider, model: str
     ) -> None:
-        """A server that ends an answer with calls by "stop" even in auto mode: TOOL_CALLS; a call
-        cut by "length" stays LENGTH."""
+        """A server that ends an answer with calls by "stop" (Anthropic's ``end_turn``) even in
+        auto mode: TOOL_CALLS, in both formats (Anthropic's said STOP, and a client's tool loop
+        switching on it dropped the calls); a call cut by "length" stays LENGTH."""
         fake.enqueue(
             Script(chunks=(), tool_calls=CALLS, tool_calls_finish_reason="stop"),
             Script(chunks=(), tool_calls=CALLS, tool_calls_finish_reason="length"),
         )
         chat = build_chat([("user", "Weather in Paris, and the time in Rome?")], tools=[WEATHER, TIME])
-        stopped = (await _complete(live_client, chat, "gpt-4o-mini"))[-1].completion
-        cut = (await _complete(live_client, chat, "gpt-4o-mini"))[-1].completion
+        stopped = (await _complete(live_client, chat, model))[-1].completion
+        cut = (await _complete(live_client, chat, model))[-1].completion
         assert (len(stopped.tool_calls), stopped.finish_reason) == (2, pb.FINISH_REASON_TOOL_CALLS)
         assert (len(cut.tool_calls), cut.finish_reason) == (2, pb.FINISH_REASON_LENGTH)
 

@@ -32,6 +32,7 @@ import aiohttp
 import httpx2
 from aiohttp.http_exceptions import HttpProcessingError
 
+from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, BoundedEventsTransport
 from routesvc.providers._sending import trace_session, wrap_transports
 
 
@@ -157,9 +158,12 @@ class _KeepingTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def keeping_buffered(client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
+def keeping_buffered(
+    client_class: type[httpx2.AsyncClient], max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+) -> httpx2.AsyncClient:
     """An instance of the SDK's ``DefaultAioHttpClient`` class whose transports (direct and proxy)
-    are wrapped in ``_KeepingTransport``; its defaults (timeouts, connection limits) are the SDK's."""
+    are wrapped in ``_KeepingTransport``, each event of a stream bounded to ``max_event_bytes``
+    (``_event_size``); its defaults (timeouts, connection limits) are the SDK's."""
     client = client_class()
-    wrap_transports(client, _KeepingTransport)
+    wrap_transports(client, lambda inner: BoundedEventsTransport(_KeepingTransport(inner), max_event_bytes))
     return client

@@ -32,6 +32,7 @@ from routesvc.errors import (
     ProviderUnavailable,
 )
 from routesvc.models import ProviderKind
+from routesvc.providers._event_size import EventTooLarge
 from routesvc.providers.base import ProviderCall
 
 _T = TypeVar("_T")
@@ -429,7 +430,9 @@ async def guarded(
     translate: Callable[[ProviderCall, Exception], ProviderError | None],
 ) -> _T:
     """Await one SDK step of provider ``name`` within ``deadline`` (loop time), translating what it
-    raises with ``translate``; exceptions ``translate`` does not know (our bugs) propagate."""
+    raises with ``translate``; exceptions ``translate`` does not know (our bugs) propagate. A
+    stream event over ``reliability.max_event_bytes`` says so, whatever the SDK wrapped it in
+    (the openai SDK raises it as a connection error)."""
     try:
         async with asyncio.timeout_at(deadline):
             return await awaitable
@@ -440,10 +443,31 @@ async def guarded(
     except ProviderError:
         raise
     except Exception as exc:
+        too_large = _caused_by(exc, EventTooLarge)
+        if too_large is not None:
+            what = f"stream event over {too_large.limit} bytes (reliability.max_event_bytes)"
+            raise ProviderUnavailable(
+                describe(name, call.model, what, "event_too_large"), provider=name, model=call.model
+            ) from exc
         error = translate(call, exc)
         if error is None:
             raise
         raise error from exc
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _caused_by(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first exception of ``kind`` in ``exc``'s chain of causes, ``exc`` included."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, kind):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def aiohttp_connection_failure(exc: BaseException) -> bool:

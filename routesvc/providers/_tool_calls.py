@@ -15,13 +15,14 @@ NIM, LM Studio): such a call gets one made up, ``call_`` and a token of its resp
 place in it, so that the caller can send it back with its result, and two responses' calls in
 one conversation stay apart. Pieces that never name a tool make no call.
 
-A piece with neither index nor id has only its name to say where it belongs: one that names a
-tool while the latest call has a name starts a new call, unless it names the same tool and the
-latest call's arguments are not yet a whole JSON value, since some servers repeat the name on
-every piece of one call (MiniMax on NVIDIA NIM). The limit: such a server's pieces of one call
-that come after its arguments are whole (an empty closing piece that names the tool again) are
-read as a second call of that tool, and two calls of one tool whose first has arguments that
-are not JSON are read as one; a server that sends an index or an id is never read so.
+A piece without an id has only its name to say where it belongs, whether it has no index or
+every call's (some servers number every call 0 and send no id): one that names a tool while the
+call at its index (the latest call, without an index) has a name starts a new call, unless it
+names the same tool and that call's arguments are not yet a whole JSON value, since some servers
+repeat the name on every piece of one call (MiniMax on NVIDIA NIM). The limit: such a server's
+pieces of one call that come after its arguments are whole (an empty closing piece that names
+the tool again) are read as a second call of that tool, and two calls of one tool whose first
+has arguments that are not JSON are read as one; a server that sends ids is never read so.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class _Parts:
     id: str = ""
     name: str = ""
     arguments: list[str] = field(default_factory=list)
+    whole: str = ""  # arguments given whole with the call's start, used when no pieces follow
 
 
 class ToolCallParts:
@@ -51,16 +53,22 @@ class ToolCallParts:
         self._at: dict[int, _Parts] = {}  # the latest call started at each stream index
         self._response = ""  # the token of the ids made up for calls that came without one
 
-    def add(self, index: int | None, *, call_id: str = "", name: str = "", arguments: str = "") -> None:
-        """Fold in one piece: the first id and name given win, arguments are appended."""
+    def add(
+        self, index: int | None, *, call_id: str = "", name: str = "", arguments: str = "", whole_arguments: str = ""
+    ) -> None:
+        """Fold in one piece: the first id and name given win, arguments are appended;
+        ``whole_arguments`` (an Anthropic ``tool_use`` block's ``input`` given at its start) are
+        the call's only when no argument piece follows, which replaces them (as the SDK's
+        accumulator does)."""
         parts = self._at.get(index) if index is not None else (self._calls[-1] if self._calls else None)
-        if parts is None or _starts_call(parts, index, call_id, name):
+        if parts is None or _starts_call(parts, call_id, name):
             parts = _Parts()
             self._calls.append(parts)
             if index is not None:
                 self._at[index] = parts
         parts.id = parts.id or call_id
         parts.name = parts.name or name
+        parts.whole = parts.whole or whole_arguments
         if arguments:
             parts.arguments.append(arguments)
 
@@ -70,7 +78,7 @@ class ToolCallParts:
         placeholder some servers send beside a text answer) are no call: nothing could run them."""
         named = [parts for parts in self._calls if parts.name]
         return tuple(
-            ToolCall(parts.id or self._made_up_id(position), parts.name, "".join(parts.arguments))
+            ToolCall(parts.id or self._made_up_id(position), parts.name, "".join(parts.arguments) or parts.whole)
             for position, parts in enumerate(named)
         )
 
@@ -79,16 +87,17 @@ class ToolCallParts:
         return f"call_{self._response}_{position}"
 
 
-def _starts_call(parts: _Parts, index: int | None, call_id: str, name: str) -> bool:
-    """Whether a piece naming ``name`` under ``call_id`` at ``index`` starts a new call rather
+def _starts_call(parts: _Parts, call_id: str, name: str) -> bool:
+    """Whether a piece naming ``name`` under ``call_id`` starts a new call rather
     than continue ``parts``, the call at its index (the latest one without an index): under
-    another id, or, with neither index nor id, naming a tool after a named call (the module
-    docstring says when the same name continues it)."""
+    another id, or, without an id, naming a tool after a named call (the module docstring says
+    when the same name continues it), whatever the index: a server that numbers every call 0
+    and sends no id has only the names to tell them apart."""
     if not name:
         return False
     if call_id:
         return bool(parts.id) and parts.id != call_id
-    if index is not None or not parts.name:
+    if not parts.name:
         return False
     return name != parts.name or _whole_json("".join(parts.arguments))
 

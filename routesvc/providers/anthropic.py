@@ -77,6 +77,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers._aiohttp import keeping_buffered
+from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES
 from routesvc.providers._http import (
     END_OF_STREAM,
     EstimatedUsageLog,
@@ -145,11 +146,15 @@ logging.getLogger("anthropic._base_client").addFilter(_DropRequestOptions())
 
 def map_stop_reason(reason: str | None, *, made_calls: bool) -> FinishReason:
     """The domain finish reason for an Anthropic ``stop_reason``, of an answer that ``made_calls``
-    or not: ``tool_use`` without a call (its blocks named no tool) is OTHER, not TOOL_CALLS."""
+    or not, by the OpenAI adapter's rule: such an answer that stopped of itself (``end_turn``,
+    which Anthropic-compatible servers send after calls) is TOOL_CALLS, a cut stays what it is;
+    ``tool_use`` without a call (its blocks named no tool) is OTHER, not TOOL_CALLS."""
     if reason is None:
         return FinishReason.UNSPECIFIED
     finish = _FINISH_REASONS.get(reason, FinishReason.OTHER)
-    return FinishReason.OTHER if finish is FinishReason.TOOL_CALLS and not made_calls else finish
+    if finish is FinishReason.TOOL_CALLS and not made_calls:
+        return FinishReason.OTHER
+    return FinishReason.TOOL_CALLS if made_calls and finish is FinishReason.STOP else finish
 
 
 def _cache_control(ttl: CacheTtl) -> CacheControlEphemeralParam:
@@ -404,7 +409,13 @@ class AnthropicProvider:
     """Streams messages through the official SDK, with no SDK retries (ours come later)."""
 
     def __init__(
-        self, name: str, api_key: str | None, base_url: str | None = None, *, http_client: HttpClientKind = "aiohttp"
+        self,
+        name: str,
+        api_key: str | None,
+        base_url: str | None = None,
+        *,
+        http_client: HttpClientKind = "aiohttp",
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self._name = name
         self._usage_log = EstimatedUsageLog()
@@ -417,9 +428,9 @@ class AnthropicProvider:
             max_retries=0,
             open_telemetry={"traces": False, "propagation": False},
             http_client=(
-                keeping_buffered(anthropic.DefaultAioHttpClient)
+                keeping_buffered(anthropic.DefaultAioHttpClient, max_event_bytes)
                 if http_client == "aiohttp"
-                else traced(anthropic.DefaultAsyncHttpxClient)
+                else traced(anthropic.DefaultAsyncHttpxClient, max_event_bytes)
             ),
         )
         self._http_client: HttpClientKind = http_client
@@ -481,6 +492,14 @@ class AnthropicProvider:
                     provider=self._name,
                     model=call.model,
                 )
+            if tally.stop_reason is None:
+                # As the OpenAI adapter's stream without a finish reason: its end (a
+                # ``message_delta``) was lost, the answer may be cut anywhere.
+                raise ProviderUnavailable(
+                    describe(self._name, call.model, "stream ended without a stop reason"),
+                    provider=self._name,
+                    model=call.model,
+                )
             usage, estimated = self._usage(call, tally)
             calls = tally.tool_calls.calls()
             yield ProviderFinish(
@@ -510,7 +529,8 @@ class AnthropicProvider:
                 tally.cache_read = count_field(usage.get("cache_read_input_tokens")) or 0
                 tally.cache_write = count_field(usage.get("cache_creation_input_tokens")) or 0
                 tally.cache_write_1h = _cache_write_1h(usage, 0)
-                tally.output_tokens = count_field(usage.get("output_tokens"))
+                # Its ``output_tokens`` is a placeholder (Anthropic sends 1): only
+                # ``message_delta``'s count is the answer's, and without one it is estimated.
                 if tally.input_tokens is not None:
                     return InputReported(_input_usage(tally))
         elif kind == "content_block_start":
@@ -518,8 +538,12 @@ class AnthropicProvider:
             index = count_field(event.get("index"))
             if block.get("type") == "tool_use" and index is not None:
                 name = text_field(block.get("name"))
-                tally.tool_calls.add(index, call_id=text_field(block.get("id")), name=name)
-                return Heartbeat(name)
+                # Anthropic sends ``{}`` here and the input in ``input_json_delta``s; a server
+                # re-streaming a finished message may send it whole here and no delta.
+                given = object_field(block.get("input"))
+                whole = json.dumps(given) if given else ""
+                tally.tool_calls.add(index, call_id=text_field(block.get("id")), name=name, whole_arguments=whole)
+                return Heartbeat(name + whole)
             if block.get("type") in ("thinking", "redacted_thinking"):
                 return Heartbeat()
         elif kind == "content_block_delta":
@@ -539,7 +563,10 @@ class AnthropicProvider:
             if delta_kind == "signature_delta":
                 return Heartbeat()
         elif kind == "message_delta":
-            tally.stop_reason = text_field(object_field(event.get("delta")).get("stop_reason")) or tally.stop_reason
+            reason = object_field(event.get("delta")).get("stop_reason")
+            if reason is not None:
+                # A stop reason that is not text is still an end: an unknown one.
+                tally.stop_reason = text_field(reason) or "other"
             usage = object_field(event.get("usage"))
             # Cumulative counts: the last one wins.
             tally.output_tokens = _latest(usage.get("output_tokens"), tally.output_tokens)

@@ -58,6 +58,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers._aiohttp import keeping_buffered
+from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES
 from routesvc.providers._http import (
     END_OF_STREAM,
     EstimatedUsageLog,
@@ -267,6 +268,7 @@ class OpenAIProvider:
         *,
         http_client: HttpClientKind = "aiohttp",
         stream_usage: bool = True,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         if kind not in _KINDS:
             raise ConfigError(f"providers.{name}.kind: {kind!r} is not one of {sorted(_KINDS)}")
@@ -283,9 +285,9 @@ class OpenAIProvider:
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
             http_client=(
-                keeping_buffered(openai.DefaultAioHttpClient)
+                keeping_buffered(openai.DefaultAioHttpClient, max_event_bytes)
                 if http_client == "aiohttp"
-                else traced(openai.DefaultAsyncHttpxClient)
+                else traced(openai.DefaultAsyncHttpxClient, max_event_bytes)
             ),
         )
         self._http_client: HttpClientKind = http_client

@@ -94,7 +94,7 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     if not script.omit_usage:
         message["usage"] = start_usage
     delta: dict[str, Any] = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None}}
-    if not script.omit_usage and not script.omit_output_tokens:
+    if not script.omit_usage and not script.omit_output_tokens and not script.omit_delta_usage:
         delta["usage"] = {"output_tokens": output_tokens}  # cumulative: the total so far
     error = error_body(
         529, script.error_type or "overloaded_error", error_message(record, script, "fake in-band error")
@@ -125,8 +125,13 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     for number, call in enumerate(calls):
         index += 1
         tool_use = {"type": "tool_use", "id": call.call_id(number, "toolu"), "name": call.name, "input": {}}
-        events.append((_block_start(index, **tool_use), False))
-        events += [(_block_delta(index, type="input_json_delta", partial_json=p), True) for p in call.argument_pieces()]
+        if script.tool_input_in_start:
+            tool_use["input"] = json.loads(call.arguments)
+            events.append((_block_start(index, **tool_use), True))
+        else:
+            events.append((_block_start(index, **tool_use), False))
+            pieces = call.argument_pieces()
+            events += [(_block_delta(index, type="input_json_delta", partial_json=p), True) for p in pieces]
         events.append((_block_stop(index), False))
     content: list[bytes] = []
     pending = b""
@@ -139,6 +144,7 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     first_block = (
         {"type": "thinking", "thinking": "", "signature": ""} if script.reasoning else {"type": "text", "text": ""}
     )
+    message_delta = [] if script.omit_message_delta else [sse(delta, "message_delta")]
     await stream_events(
         connection,
         record,
@@ -149,7 +155,7 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
             sse({"type": "ping"}, "ping"),
         ],
         content=content,
-        closing=[pending, sse(delta, "message_delta"), sse({"type": "message_stop"}, "message_stop")],
+        closing=[pending, *message_delta, sse({"type": "message_stop"}, "message_stop")],
         faults=faults,
     )
 

@@ -134,6 +134,15 @@ class Script:
     # Usage without the output count (a proxy that passes the input on only): Anthropic's
     # ``output_tokens`` (``message_start``, ``message_delta``), OpenAI's ``completion_tokens``.
     omit_output_tokens: bool = False
+    # The Anthropic format's ``message_delta`` carries no ``usage`` (an Anthropic-compatible
+    # gateway): only ``message_start``'s placeholder ``output_tokens`` (1) is sent.
+    omit_delta_usage: bool = False
+    # The Anthropic stream has no ``message_delta`` at all (no stop reason, no output count):
+    # ``message_stop`` follows the last block.
+    omit_message_delta: bool = False
+    # The Anthropic format sends each tool call's whole ``input`` in its ``content_block_start``
+    # and no ``input_json_delta`` (a gateway re-streaming a finished message).
+    tool_input_in_start: bool = False
 
     def content_chunks(self) -> tuple[str, ...]:
         """The text pieces this script streams, in order."""
