@@ -990,6 +990,7 @@ class Router:
                 reserve=lambda cost: self._hold_judge(state, request, next_step, cost),
                 spent_providers=state.exhausted,
                 allow_list=self.allow_list(request.context.tenant),
+                breakers=self._breakers,
             )
         )
 

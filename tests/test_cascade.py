@@ -1060,3 +1060,56 @@ class TestAJudgeThatCannotBeAsked:
         assert "ANTHROPIC_API_KEY" in quality.reason
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
         assert [e["judge"] for e in logs if e["event"] == "cascade_judge_unavailable"] == ["claude-sonnet"]
+
+
+def _judged_by_llama(fake: FakeProvider, **breaker: object) -> dict[str, object]:
+    """The default config with the judge on a local model ``llama`` served by the fake, and
+    ``breaker`` as ``reliability.breaker``."""
+    config = default_config()
+    add_local_model(config, fake.openai_base_url, "llama")
+    config["cascade"]["judge"] = {"model": "llama", "timeout_seconds": 2}  # type: ignore[index]
+    config["reliability"]["breaker"] = breaker  # type: ignore[index]
+    return config
+
+
+class TestTheJudgesCircuitBreaker:
+    """The judge's calls go through the router's per-model circuit breakers, counted as an LLM
+    classifier's are."""
+
+    async def test_a_failing_judge_opens_its_breaker_and_is_then_not_asked(self, fake: FakeProvider) -> None:
+        """The judge answers 503 twice (failure_threshold 2): its breaker opens, and the third
+        request's judge is not asked (it was, and paid, on every request) and its on_failure
+        (release) applies at once, the reason saying why."""
+        config = _judged_by_llama(fake, failure_threshold=2, open_seconds=60)
+        fake.set_default(Script(text="Paris is the capital."))
+        fake.enqueue(Script(status=503), Script(status=503), Script(status=503), model="llama")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            reasons = [(await _cascade(client))[-1].completion.quality.reason for _ in range(3)]
+            retry_in = server.router.breakers.retry_in("llama")
+        assert reasons == [
+            "judge failed (PROVIDER_UNAVAILABLE); released as configured",
+            "judge failed (PROVIDER_UNAVAILABLE); released as configured",
+            "judge llama not asked (circuit breaker open for model llama); released as configured",
+        ]
+        assert [r.model for r in fake.requests].count("llama") == 2
+        assert retry_in > 0
+
+    async def test_judge_answers_without_a_score_or_timeouts_are_no_verdict(self, fake: FakeProvider) -> None:
+        """A judge that answers prose (no score) or is ended by its own timeout, again and again,
+        leaves its breaker closed (failure_threshold 1): neither is a failure of its model."""
+        config = _judged_by_llama(fake, failure_threshold=1, open_seconds=60)
+        config["cascade"]["judge"]["timeout_seconds"] = 0.5  # type: ignore[index]
+        fake.set_default(Script(text="Paris is the capital."))
+        fake.enqueue(Script(text="fine"), Script(first_chunk_delay=5), Script(text="fine"), model="llama")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            for _ in range(3):
+                await _cascade(client)
+            allowed = server.router.breakers.allow("llama") is not None
+        assert [r.model for r in fake.requests].count("llama") == 3
+        assert allowed
