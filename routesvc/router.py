@@ -842,7 +842,9 @@ class Router:
                     return
                 if outcome.completion is not None:
                     attempt.mark_escalated()
-                telemetry.record_escalation(step, next_model, f"{quality.scorer}: {quality.reason}", quality.score)
+                telemetry.record_escalation(
+                    step, next_model, f"{quality.scorer}: {quality.reason}", quality.score if outcome.scored else None
+                )
                 yield Escalation(
                     from_model=step,
                     to_model=next_model,
@@ -927,7 +929,8 @@ class Router:
                     f"{error.message} mid-answer (nothing was sent)", provider=error.provider, model=error.model
                 )
             next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=True)
-            return _StepOutcome((), None, failed, cost_before, used, next_step, error, stop)
+            # No answer, so no score: its 0.0 is the Escalation message's, not a quality to record.
+            return _StepOutcome((), None, failed, cost_before, used, next_step, error, stop, scored=False)
         finally:
             state.buffering = False
         assert completion is not None  # _serve ends with a completion or raises
