@@ -484,11 +484,15 @@ class TestEscalationChain:
     async def test_max_cost_stops_escalation_and_releases_the_cheap_answer(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
-        """max_cost_usd below the cheap call plus gpt-4o's estimate: no escalation can follow, so
-        the judge, whose verdict would change nothing, is not asked (it was, and paid for); the
-        local scorer scores the released answer, and the reason says why."""
-        fake.enqueue(Script(text="Lyon"), Script(text='{"score": 0.2}'), model="gpt-4o-mini")
-        messages = await _cascade(live_client, max_cost_usd="0.001")
+        """max_cost_usd above the least the cheap call can cost plus gpt-4o's estimate (so the
+        cascade is planned), below what the cheap call did cost (500 output tokens) plus that
+        estimate: no escalation can follow, so the judge, whose verdict would change nothing, is
+        not asked (it was, and paid for); the local scorer scores the released answer, and the
+        reason says why."""
+        cheap = Script(text="Lyon", input_tokens=10, output_tokens=500)
+        fake.enqueue(cheap, Script(text='{"score": 0.2}'), model="gpt-4o-mini")
+        messages = await _cascade(live_client, max_cost_usd="0.0053")
+        assert list(messages[0].decision.cascade_models) == ["gpt-4o-mini", "gpt-4o"]
         assert _kinds(messages) == ["decision", "delta", "completion"]
         completion = messages[-1].completion
         assert (completion.quality.score, completion.quality.scorer) == (1.0, "local")
@@ -497,18 +501,51 @@ class TestEscalationChain:
         assert [a.outcome for a in completion.attempts] == [pb.ATTEMPT_OUTCOME_COMPLETED]
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
+    @pytest.mark.parametrize("where", ["request", "config"])
+    async def test_a_cascade_the_cost_cap_rules_out_is_not_planned_and_the_answer_streams(
+        self, fake: FakeProvider, where: str
+    ) -> None:
+        """max_cost_usd (the request's, or cascade.max_cost_usd) is below gpt-4o's estimate alone:
+        no escalation could ever follow, so no cascade is planned (the decision names no chain, its
+        reason says why), and the cheap answer streams as it comes, its first chunk long before its
+        last (it was held back whole, to be released anyway by the same cap)."""
+        config = default_config()
+        context: dict[str, object] = {}
+        if where == "config":
+            config["cascade"]["max_cost_usd"] = "0.001"  # type: ignore[index]
+        else:
+            context["max_cost_usd"] = "0.001"
+        fake.enqueue(Script(chunk_count=6, chunk_delay=0.3), model="gpt-4o-mini")
+        messages: list[pb.CompleteResponse] = []
+        arrived: list[float] = []
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            request_context = pb.RoutingContext(cascade=True, **context)  # type: ignore[arg-type]
+            async for message in client.complete(user_chat("What is the capital of France?"), request_context):
+                messages.append(message)
+                arrived.append(asyncio.get_running_loop().time())
+        decision = messages[0].decision
+        assert (decision.model, list(decision.cascade_models)) == ("gpt-4o-mini", [])
+        assert any(reason.startswith("no cascade: gpt-4o left out: at least ") for reason in decision.reasons)
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert arrived[-1] - arrived[1] > 1.0  # the first chunk came ~1.5 s before the last
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
     async def test_a_judge_alone_is_not_asked_when_no_escalation_can_follow(self, fake: FakeProvider) -> None:
         """Scored by the judge alone, an answer that cannot be escalated (the cost cap) is released
         unscored, with no judge call; GetStats' mean released score leaves it out (it counted as a
         perfect 1.0, as did the span's ``routesvc.cascade.score``)."""
         config = default_config()
         config["cascade"]["scorers"] = ["llm_judge"]  # type: ignore[index]
-        fake.enqueue(Script(text="Lyon"), Script(text='{"score": 0.2}'), model="gpt-4o-mini")
+        cheap = Script(text="Lyon", input_tokens=10, output_tokens=500)
+        fake.enqueue(cheap, Script(text='{"score": 0.2}'), model="gpt-4o-mini")
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            messages = await _cascade(client, max_cost_usd="0.001")
+            messages = await _cascade(client, max_cost_usd="0.0053")
             stats = await client.get_stats()
         quality = messages[-1].completion.quality
         assert (_text(messages), quality.score, quality.scorer) == ("Lyon", 1.0, "none")
@@ -921,13 +958,15 @@ class TestFailedStepsKeepTheirLimits:
     ) -> None:
         """The cheap step's buffered stream is cut after 30 chunks, and so is its retry; the cost
         cap stops its fallback and the escalation: nothing reached the client, so the error is an
-        uncommitted UNAVAILABLE (safe to retry), not STREAM_INTERRUPTED with 30 chunks "sent"."""
+        uncommitted UNAVAILABLE (safe to retry), not STREAM_INTERRUPTED with 30 chunks "sent".
+        (The cap is above the least the cheap step could cost plus gpt-4o's estimate, so the
+        cascade is planned, and below what the two cut attempts did cost plus that estimate.)"""
         cut = Script(chunk_count=40, fault=Fault.CUT, fault_after=30)
         fake.enqueue(cut, cut, model="gpt-4o-mini")
         got: list[pb.CompleteResponse] = []
 
         async def complete() -> None:
-            context = pb.RoutingContext(cascade=True, max_cost_usd="0.001")
+            context = pb.RoutingContext(cascade=True, max_cost_usd="0.0052")
             async for message in live_client.complete(user_chat("What is the capital of France?"), context):
                 got.append(message)
 
@@ -951,10 +990,12 @@ class TestFailedStepsKeepTheirLimits:
         locally: the cap stops the escalation, so no judge is asked)."""
         fake.enqueue(
             Script(text="Lyon Lyon Lyon Lyon", chunk_count=4, fault=fault, fault_after=3),
-            Script(text="Paris is the capital of France."),
+            Script(text="Paris is the capital of France.", output_tokens=500),
             model="gpt-4o-mini",
         )
-        context = {"max_cost_usd": "0.001"}
+        # Planned as a cascade (the least the cheap step can cost plus gpt-4o's estimate is within
+        # it), stopped by what the answer did cost.
+        context = {"max_cost_usd": "0.0053"}
         messages = await _cascade(live_client, **context)
         completion = messages[-1].completion
         assert _kinds(messages) == ["decision", "delta", "completion"]
