@@ -1024,10 +1024,8 @@ class Router:
             # No attempt starts that cannot finish.
             why = f"not escalated to {next_model}: {max(left, 0.0):.3f} s of the deadline left"
             return target, _EscalationStop(why)
-        if not self._servable(state, next_model, cap):
-            provider = self._catalog.get(next_model).provider
-            why = f"not escalated to {next_model}: provider {provider}'s quota was found spent earlier in this request"
-            return target, _EscalationStop(why)
+        if why := self._unservable(state, next_model, cap):
+            return target, _EscalationStop(f"not escalated to {next_model}: {why}")
         if not hold:
             if why := await self._budget_refuses(state, next_cost):
                 return target, _EscalationStop(f"not escalated to {next_model}: {why}")
@@ -1073,15 +1071,30 @@ class Router:
         return ""
 
     def _servable(self, state: _AttemptState, model_id: str, cap: Decimal | None) -> bool:
-        """Whether a cascade step on ``model_id`` could call a model: it, or one of its fallbacks
-        within the cascade's cost ``cap``, on a provider whose quota the request has not found spent."""
+        """Whether a cascade step on ``model_id`` could call a model (``_unservable``)."""
+        return not self._unservable(state, model_id, cap)
+
+    def _unservable(self, state: _AttemptState, model_id: str, cap: Decimal | None) -> str:
+        """Why a cascade step on ``model_id`` could call no model, or "" when it could: it, or one
+        of its fallbacks within the cascade's cost ``cap``, on a provider whose quota the request
+        has not found spent and with a circuit breaker that lets a call through (asked, not
+        claimed: its call would be refused at once, as by a spent quota)."""
+        spent = breakers_open = False
         for name in self._attempt_chain(replace(state.decision, model=model_id)):
             model = self._catalog.get(name)
-            if model.provider not in state.exhausted and (
-                name == model_id or self._within_cascade_cap(state, model, cap)
-            ):
-                return True
-        return False
+            if name != model_id and not self._within_cascade_cap(state, model, cap):
+                continue
+            if model.provider in state.exhausted:
+                spent = spent or name == model_id
+            elif self._breakers.refuses(name):
+                breakers_open = breakers_open or name == model_id
+            else:
+                return ""
+        if spent:
+            provider = self._catalog.get(model_id).provider
+            return f"provider {provider}'s quota was found spent earlier in this request"
+        assert breakers_open  # the step's own model is either spent or refused
+        return f"circuit breaker open for model {model_id}"
 
     def _within_cascade_cap(self, state: _AttemptState, model: ModelSpec, cap: Decimal | None) -> bool:
         """Whether the cost so far plus ``model``'s estimate is within a cascade's cost ``cap``."""

@@ -1154,3 +1154,55 @@ class TestTheJudgesCircuitBreaker:
             allowed = server.router.breakers.allow("llama") is not None
         assert [r.model for r in fake.requests].count("llama") == 3
         assert allowed
+
+
+class TestAnEscalationThatCannotBeServed:
+    """The answer in hand is not given up for an escalation that cannot answer."""
+
+    async def test_an_escalation_into_open_breakers_is_not_made_nor_judged(self, fake: FakeProvider) -> None:
+        """gpt-4o's breaker is open (one 503 with failure_threshold 1; it has no fallback here):
+        the cheap answer is released with a reason saying why it was not escalated, and the judge,
+        whose verdict could change nothing, is not asked (it was, and paid, and its 0.5 escalated
+        into the breaker: UNAVAILABLE, the paid answer thrown away)."""
+        config = default_config()
+        config["reliability"]["breaker"] = {"failure_threshold": 1, "open_seconds": 60}  # type: ignore[index]
+        config["reliability"]["retries_per_model"] = 0  # type: ignore[index]
+        config["routing"]["fallbacks"] = {"gpt-4o-mini": ["gpt-4o"]}  # type: ignore[index]
+        fake.enqueue(Script(status=503), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError):
+                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o"))]
+            assert server.router.breakers.retry_in("gpt-4o") > 0
+            fake.enqueue(Script(text="Lyon, maybe."), Script(text='{"score": 0.5}'), model="gpt-4o-mini")
+            before = len(fake.requests)
+            messages = await _cascade(client)
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert _text(messages) == "Lyon, maybe."
+        quality = messages[-1].completion.quality
+        assert quality.reason == (
+            "no problem found; not escalated to gpt-4o: circuit breaker open for model gpt-4o"
+            " (so the judge was not asked)"
+        )
+        assert [r.model for r in fake.requests[before:]] == ["gpt-4o-mini"]
+
+    async def test_a_middle_step_behind_an_open_breaker_is_passed_over(self, fake: FakeProvider) -> None:
+        """In gpt-4o-mini -> gpt-4o -> claude-sonnet, gpt-4o's breaker is open: the cheap answer
+        rejected (a refusal) escalates straight to claude-sonnet."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}, "retries_per_model": 0}
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        fake.enqueue(Script(status=503), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError):
+                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o"))]
+            fake.enqueue(Script(text="I'm sorry, but I can't help with that."), model="gpt-4o-mini")
+            messages = await _cascade(client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert messages[1].escalation.to_model == "claude-sonnet"
+        assert messages[-1].completion.model == "claude-sonnet"
