@@ -53,6 +53,7 @@ from routesvc.models import (
     CompleteEvent,
     Completion,
     Escalation,
+    FinishReason,
     Heartbeat,
     ImageEstimate,
     InputReported,
@@ -816,6 +817,9 @@ class Router:
             yield decision
             steps = decision.cascade_models or (decision.model,)
             index = 0
+            # The last answer the cascade rejected, kept (with its attempt's index in the
+            # summaries) to be released if the models it escalated to fail before any text.
+            held: tuple[_StepOutcome, int] | None = None
             while index < len(steps) - 1:
                 step = steps[index]
                 threshold = decision.cascade_thresholds[index]
@@ -825,11 +829,16 @@ class Router:
                 released = outcome.completion is not None and quality.score >= threshold
                 stop = outcome.stop
                 if stop is not None:
-                    # A step that failed has no answer to release: it ends with its failure, as a
-                    # fallback the cost cap, the deadline, a spent quota or the budget stops is
-                    # skipped. An answer is released, the reason saying why it was not escalated.
+                    # A step that failed has no answer of its own to release: it ends with its
+                    # failure, as a fallback the cost cap, the deadline, a spent quota or the
+                    # budget stops is skipped, unless an earlier step's answer is in hand. An
+                    # answer is released, the reason saying why it was not escalated.
                     if outcome.error is not None:
-                        raise outcome.error from stop.cause
+                        if held is None:
+                            raise outcome.error from stop.cause
+                        for event in self._release_held(attempt, *held, step, outcome.error):
+                            yield event
+                        return
                     released = True
                     quality = replace(quality, reason=f"{quality.reason}; {stop.why}")
                 telemetry.record_cascade(released, outcome.quality.score if outcome.scored else None)
@@ -841,7 +850,9 @@ class Router:
                     yield self._final(attempt, outcome.completion, quality)
                     return
                 if outcome.completion is not None:
-                    attempt.mark_escalated()
+                    rejected = attempt.mark_escalated()
+                    if _releasable(outcome):
+                        held = (outcome, rejected)
                 telemetry.record_escalation(
                     step, next_model, f"{quality.scorer}: {quality.reason}", quality.score if outcome.scored else None
                 )
@@ -857,11 +868,35 @@ class Router:
             # aclosing: when the caller goes away mid-stream, the attempt is closed (and its cost
             # recorded) here, before the reservation below settles with ``attempt.cost``.
             serving = self._serve(attempt, replace(decision, model=steps[-1]), request, deadline, headers)
-            async with contextlib.aclosing(serving):
-                async for event in serving:
-                    yield self._final(attempt, event) if isinstance(event, Completion) else event
+            try:
+                async with contextlib.aclosing(serving):
+                    async for event in serving:
+                        yield self._final(attempt, event) if isinstance(event, Completion) else event
+            except ProviderError as error:
+                # Nothing of the escalation reached the caller: the answer in hand, paid for, is
+                # released rather than thrown away with the call (the commit rule holds: it is the
+                # first text sent). After text, the stream is committed and the error stands.
+                if held is None or attempt.chunks:
+                    raise
+                for event in self._release_held(attempt, *held, steps[-1], error):
+                    yield event
         finally:
             await reservation.settle(attempt.tokens, attempt.cost - decision.routing_cost_usd)
+
+    def _release_held(
+        self, state: _AttemptState, held: _StepOutcome, rejected: int, failed_model: str, error: ProviderError
+    ) -> list[TextDelta | Completion]:
+        """The events that release ``held``, an answer the cascade rejected (its attempt at
+        ``rejected`` in the summaries), after the escalation to ``failed_model`` failed with
+        ``error`` before any text: its deltas, then the completion, its quality reason saying so.
+        Its attempt answered the caller: COMPLETED again."""
+        assert held.completion is not None
+        if rejected >= 0:
+            state.summaries[rejected] = replace(state.summaries[rejected], result=AttemptResult.COMPLETED)
+        reason = f"{held.quality.reason}; escalation to {failed_model} failed ({error.reason}), released"
+        telemetry.record_cascade(True, held.quality.score if held.scored else None)
+        completion = self._final(state, held.completion, replace(held.quality, reason=reason))
+        return [*held.deltas, completion]
 
     def _final(self, state: _AttemptState, completion: Completion, quality: QualityScore | None = None) -> Completion:
         """The last message: every attempt, their summed usage and cost, and the released score."""
@@ -1474,12 +1509,14 @@ class _AttemptState:
     summaries: list[AttemptSummary] = field(default_factory=list)
     answered_by: str = ""  # the model the decision was re-filed under for feedback ("": none)
 
-    def mark_escalated(self) -> None:
-        """The last answering attempt's answer was rejected by the cascade."""
+    def mark_escalated(self) -> int:
+        """The last answering attempt's answer was rejected by the cascade: its index in
+        ``summaries`` (-1: none)."""
         for index in range(len(self.summaries) - 1, -1, -1):
             if self.summaries[index].result is AttemptResult.COMPLETED:
                 self.summaries[index] = replace(self.summaries[index], result=AttemptResult.ESCALATED)
-                return
+                return index
+        return -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -1506,6 +1543,16 @@ class _StepOutcome:
     error: ProviderError | None = None
     stop: _EscalationStop | None = None
     scored: bool = True  # False: no scorer scored it (the judge alone, not asked or failed)
+
+
+def _releasable(outcome: _StepOutcome) -> bool:
+    """Whether a rejected step's answer may still be released when the escalation fails before
+    any text: one with text that the provider did not filter (an empty or filtered answer is no
+    answer to give)."""
+    completion = outcome.completion
+    if completion is None or completion.finish_reason is FinishReason.CONTENT_FILTER:
+        return False
+    return any(delta.text.strip() for delta in outcome.deltas)
 
 
 def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:

@@ -906,9 +906,9 @@ class TestFailedStepsKeepTheirLimits:
 
     async def test_the_last_steps_fallback_is_held_to_the_cascade_cost_cap(self, fake: FakeProvider) -> None:
         """cascade.max_cost_usd lets gpt-4o follow the cheap answer, not claude-sonnet (gpt-4o's
-        configured fallback) once the cost so far is added to its estimate: gpt-4o fails, and the
-        request ends with its failure instead of calling claude-sonnet (the cap was never checked
-        for the last step's fallbacks)."""
+        configured fallback) once the cost so far is added to its estimate: gpt-4o fails, and
+        claude-sonnet is not called (the cap was never checked for the last step's fallbacks); the
+        cheap answer in hand is released."""
         config = default_config()
         settings = settings_from(config, live_environ(fake))
         prompt = "What is the capital of France?"
@@ -928,18 +928,16 @@ class TestFailedStepsKeepTheirLimits:
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await _cascade(client, prompt)
-        assert (caught.value.code(), error_info(caught.value).reason) == (
-            grpc.StatusCode.UNAVAILABLE,
-            "PROVIDER_UNAVAILABLE",
+            messages = await _cascade(client, prompt)
+        assert messages[-1].completion.quality.reason.endswith(
+            "escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released"
         )
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o", "gpt-4o"]
 
     async def test_the_last_step_never_falls_back_to_a_step_it_rejected(self, fake: FakeProvider) -> None:
         """mini -> gpt-4o -> claude-sonnet with the default fallbacks (claude-sonnet: [gpt-4o]): both
         refusals are escalated, claude-sonnet fails, and gpt-4o, already rejected, is not asked
-        again to answer unscored."""
+        again to answer unscored: its answer in hand is released."""
         refusal = Script(text="I cannot help with that.")
         fake.enqueue(refusal, model="gpt-4o-mini")
         fake.enqueue(refusal, refusal, model="gpt-4o")
@@ -948,9 +946,8 @@ class TestFailedStepsKeepTheirLimits:
             Server(settings_from(_three_step_cascade(0.8, 0.8), live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext())]
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            messages = [m async for m in client.complete(user_chat("hi"), pb.RoutingContext())]
+        assert messages[-1].completion.model == "gpt-4o"
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o", "claude-sonnet-4-6", "claude-sonnet-4-6"]
 
     async def test_a_cut_step_that_cannot_escalate_is_not_reported_committed(
@@ -1206,3 +1203,70 @@ class TestAnEscalationThatCannotBeServed:
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         assert messages[1].escalation.to_model == "claude-sonnet"
         assert messages[-1].completion.model == "claude-sonnet"
+
+    async def test_an_escalation_that_fails_before_any_text_releases_the_answer_in_hand(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """The judge scores the cheap answer 0.6: an Escalation to gpt-4o is sent; gpt-4o, its
+        retry and its fallback claude-sonnet fail before any text. Nothing of theirs reached the
+        client, so the cheap answer, paid and judged, is released after the Escalation (the call
+        failed UNAVAILABLE, the answer thrown away), with a reason saying so; every call charged."""
+        fake.enqueue(Script(text="Paris, I think."), Script(text='{"score": 0.6}'), model="gpt-4o-mini")
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o")
+        fake.enqueue(Script(status=529), Script(status=529), model="claude-sonnet-4-6")
+        messages = await _cascade(live_client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert _text(messages) == "Paris, I think."
+        completion = messages[-1].completion
+        assert completion.model == "gpt-4o-mini"
+        assert (completion.quality.score, completion.quality.scorer) == (0.6, "llm_judge")
+        assert completion.quality.reason == (
+            "judge gpt-4o-mini scored it; escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released"
+        )
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_JUDGE),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_FAILED),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_FAILED),
+            ("claude-sonnet", pb.ATTEMPT_OUTCOME_FAILED),
+        ]
+        entries = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+
+    async def test_a_middle_step_that_fails_with_nowhere_to_go_releases_the_answer_in_hand(
+        self, fake: FakeProvider
+    ) -> None:
+        """gpt-4o-mini -> gpt-4o -> claude-sonnet with claude-sonnet's breaker open: the cheap
+        refusal escalates to gpt-4o, which fails (503) and cannot escalate further; the refusal in
+        hand is released, its reason saying so (the call failed with gpt-4o's error)."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}, "retries_per_model": 0}
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        fake.enqueue(Script(status=503), model="claude-sonnet-4-6")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError):
+                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="claude-sonnet"))]
+            refusal = "I'm sorry, but I can't help with that."
+            fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+            fake.enqueue(Script(status=503), model="gpt-4o")
+            messages = await _cascade(client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert (_text(messages), messages[-1].completion.model) == (refusal, "gpt-4o-mini")
+        assert messages[-1].completion.quality.reason == (
+            "refusal; escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released"
+        )
+
+    async def test_an_empty_answer_is_not_released_when_the_escalation_fails(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """An empty cheap answer is no answer: when the escalation fails too, the call ends
+        UNAVAILABLE with the escalated model's error."""
+        fake.enqueue(Script(text="", chunks=()), model="gpt-4o-mini")
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o")
+        fake.enqueue(Script(status=529), Script(status=529), model="claude-sonnet-4-6")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _cascade(live_client)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
