@@ -976,11 +976,20 @@ class Router:
         # released whatever its score, and a judge's paid verdict would change nothing, so only the
         # scorers that make no call score it.
         next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=False)
+        answer = "".join(delta.text for delta in deltas)
+        if stop is None and completion.finish_reason is FinishReason.LENGTH and answer.strip():
+            # Cut at the request's output limit, which every step is called with: the next model
+            # would be cut there too, so paying it cannot give the caller a whole answer. (An
+            # answer with no text, all the limit spent reasoning, still escalates.)
+            next_model = decision.cascade_models[next_step]
+            stop = _EscalationStop(
+                f"not escalated to {next_model}: the answer reached the request's output limit"
+                f" ({decision.estimated_output_tokens} tokens), which {next_model} is held to as well"
+            )
         scorer: Scorer | None = self._escalation.scorer
         if stop is not None and self._escalation.judged:
             scorer = self._escalation.unpaid_scorer
             stop = replace(stop, why=f"{stop.why} (so the judge was not asked)")
-        answer = "".join(delta.text for delta in deltas)
         if scorer is None:
             quality, scored = QualityScore(1.0, "none", "not scored"), False
         else:

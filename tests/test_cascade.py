@@ -1153,6 +1153,42 @@ class TestTheJudgesCircuitBreaker:
         assert allowed
 
 
+class TestAnOutputLimitIsNoReasonToEscalate:
+    """Every step of a cascade is held to the request's output limit (its max_output_tokens, or
+    limits.default_output_tokens), so an answer cut at that limit would be cut there again."""
+
+    async def test_an_answer_cut_at_the_requests_output_limit_is_released(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap answer stops at the request's 8 tokens (finish_reason length): it is released
+        as it is, with the local scorer's 0.2 and a reason saying why it was not escalated; gpt-4o
+        and the judge are not called (gpt-4o was, held to the same 8 tokens, and cut there too)."""
+        cut = Script(text="Paris is the capital of", finish_reason="length", output_tokens=8)
+        fake.enqueue(cut, model="gpt-4o-mini")
+        chat = user_chat("Name the capital of France and describe it.", max_output_tokens=8)
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(cascade=True))]
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (completion.model, completion.finish_reason) == ("gpt-4o-mini", pb.FINISH_REASON_LENGTH)
+        assert (completion.quality.score, completion.quality.scorer) == (0.2, "local")
+        assert completion.quality.reason == (
+            "truncated (finish_reason length); not escalated to gpt-4o: the answer reached the request's"
+            " output limit (8 tokens), which gpt-4o is held to as well (so the judge was not asked)"
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
+    async def test_an_empty_answer_cut_at_the_limit_still_escalates(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A length stop with no answer text (a reasoning model that spent the limit thinking) is
+        no answer: the next model, which may answer within the limit, is asked."""
+        fake.enqueue(Script(text="", chunks=(), finish_reason="length", output_tokens=8), model="gpt-4o-mini")
+        chat = user_chat("Name the capital of France.", max_output_tokens=8)
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(cascade=True))]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert messages[-1].completion.model == "gpt-4o"
+
+
 class TestAnEscalationThatCannotBeServed:
     """The answer in hand is not given up for an escalation that cannot answer."""
 
