@@ -1268,6 +1268,8 @@ class TestAnEscalationThatCannotBeServed:
         ]
         entries = live_server.router.ledger.entries(messages[0].decision.decision_id)
         assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+        stats = await live_client.get_stats()
+        assert (stats.cascade_decisions, stats.cascade_release_rate, stats.mean_released_score) == (1, 1.0, 0.6)
 
     async def test_a_middle_step_that_fails_with_nowhere_to_go_releases_the_answer_in_hand(
         self, fake: FakeProvider
