@@ -90,6 +90,17 @@ class Breakers:
         breaker.probe_started = now
         return breaker.probe
 
+    def refuses(self, model: str) -> bool:
+        """Whether ``allow`` would refuse a call to ``model`` now (open, or half-open with its
+        probe running), asked without claiming the probe."""
+        state = self.state(model)
+        if state is BreakerState.CLOSED:
+            return False
+        if state is BreakerState.OPEN:
+            return True
+        breaker = self._breakers[model]
+        return breaker.probe is not None and self._clock() - breaker.probe_started < self._config.open_seconds
+
     def retry_in(self, model: str) -> float:
         """Seconds until ``model``'s open breaker lets a probe through (0 when not open)."""
         breaker = self._breakers.get(model)

@@ -3,7 +3,10 @@
 A chain (``cascade.chains`` in the config) applies when the routing decision picks its first
 model, in realtime, unpinned, without tools or tool turns (a tool call is not an answer the scorers can judge),
 and when ``cascade.apply`` and the request's ``context.cascade`` say so. Later steps that cannot
-serve the request (ineligible, no key) are left out; a chain of one model is no cascade.
+serve the request (ineligible, no key) are left out, and so are those the cost cap rules out (the
+least the first step can cost, its input, plus the step's estimate passes it: its escalation
+would be stopped whatever the first answer); a chain of one model is no cascade, and its answer
+streams as it comes.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from decimal import Decimal
 import structlog
 
 from routesvc.config import CascadeConfig, Settings
-from routesvc.cost import format_usd
-from routesvc.models import Mode, RouteDecision, RoutingRequest
+from routesvc.cost import billed_input_of_estimate, cost_of_usage, estimated_cost, format_usd
+from routesvc.models import Mode, RouteDecision, RoutingRequest, Usage
 from routesvc.providers.base import Provider
 from routesvc.scoring import CombinedScorer, LLMJudge, LocalScorer, Scorer
 
@@ -107,12 +110,32 @@ class EscalationPolicy:
         if decision.mode is not Mode.REALTIME or decision.strategy == "pinned" or request.chat.uses_tools:
             return decision
         eligible = {c.model for c in decision.candidates if c.eligible}
+        catalog = self._settings.catalog
+        cap = self.max_cost(request)
+        # The least the first step can cost: deciding's calls and its input, with no output.
+        first = catalog.get(decision.model)
+        least = decision.routing_cost_usd + cost_of_usage(
+            first, Usage(input_tokens=billed_input_of_estimate(first, decision))
+        )
         kept = [chain.steps[0]]
+        over_cap: list[str] = []
         for step in chain.steps[1:]:
-            provider = self._settings.providers[self._settings.catalog.get(step.model).provider]
-            if step.model in eligible and provider.configured and provider.name in self._providers:
-                kept.append(step)
+            model = catalog.get(step.model)
+            provider = self._settings.providers[model.provider]
+            if not (step.model in eligible and provider.configured and provider.name in self._providers):
+                continue
+            would_cost = least + estimated_cost(model, decision)
+            if cap is not None and would_cost > cap:
+                # Its escalation would be stopped by the cap whatever the first answer: no need to
+                # hold that answer back for it.
+                over_cap.append(
+                    f"{step.model} left out: at least {format_usd(would_cost)} USD with it > max {format_usd(cap)} USD"
+                )
+                continue
+            kept.append(step)
         if len(kept) < 2:
+            if over_cap:
+                return replace(decision, reasons=(*decision.reasons, f"no cascade: {'; '.join(over_cap)}"))
             return decision
         # Each kept step releases at its own threshold (a skipped step's threshold goes with it).
         models = [step.model for step in kept]
@@ -120,6 +143,8 @@ class EscalationPolicy:
         assert len(thresholds) == len(kept) - 1  # every step but a chain's last has one (config)
         steps = ", ".join(f"{m} (release at score >= {t:g})" for m, t in zip(models, thresholds, strict=False))
         reason = f"cascade: {steps}, then {models[-1]}; scorer {self._scorer.name}"
+        if over_cap:
+            reason = f"{reason} ({'; '.join(over_cap)})"
         return replace(
             decision,
             reasons=(*decision.reasons, reason),

@@ -520,6 +520,11 @@ class CascadeChainConfig(_Strict):
         for index, step in enumerate(self.steps[:-1]):
             if step.threshold is None:
                 raise ValueError(f"steps[{index}].threshold: required on every step but the last")
+        if self.steps[-1].threshold is not None:
+            raise ValueError(
+                f"steps[{len(self.steps) - 1}].threshold: the last step's answer is always released (there is"
+                " no step to escalate to), so a threshold there would be ignored; remove it"
+            )
         models = [step.model for step in self.steps]
         if len(set(models)) != len(models):
             raise ValueError("steps: a model appears twice")
@@ -563,6 +568,11 @@ class CascadeConfig(_Strict):
     def _judge_configured(self) -> CascadeConfig:
         if "llm_judge" in self.scorers and self.judge is None:
             raise ValueError("judge: required when scorers include llm_judge")
+        for index, name in enumerate(self.scorers):
+            if name in self.scorers[:index]:
+                # The same scorer twice scores the same answer twice: a judge twice is two paid
+                # calls, at temperature 0, for one verdict.
+                raise ValueError(f"scorers[{index}]: {name} is listed twice")
         firsts = [chain.steps[0].model for chain in self.chains]
         if len(set(firsts)) != len(firsts):
             raise ValueError("chains: two chains start with the same model")
@@ -770,8 +780,17 @@ class Config(_Strict):
                 if step.model not in ids:
                     where = f"cascade.chains[{chain_index}].steps[{step_index}].model"
                     raise ValueError(f"{where}: unknown model {step.model!r}")
-        if self.cascade.judge is not None and self.cascade.judge.model not in ids:
-            raise ValueError(f"cascade.judge.model: unknown model {self.cascade.judge.model!r}")
+        judge = self.cascade.judge
+        if judge is not None and judge.model not in ids:
+            raise ValueError(f"cascade.judge.model: unknown model {judge.model!r}")
+        if judge is not None:
+            judge_model = next(model for model in self.models if model.id == judge.model)
+            if judge.max_output_tokens > judge_model.max_output_tokens:
+                raise ValueError(
+                    f"cascade.judge.max_output_tokens: {judge.max_output_tokens} is more than the max_output_tokens"
+                    f" of the judge model {judge_model.id!r} ({judge_model.max_output_tokens}): every judge call"
+                    " would be refused"
+                )
         tls = self.server.tls
         for common_name, tenant_name in (tls.client_tenants if tls else {}).items():
             if tenant_name not in self.tenants:

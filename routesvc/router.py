@@ -53,6 +53,7 @@ from routesvc.models import (
     CompleteEvent,
     Completion,
     Escalation,
+    FinishReason,
     Heartbeat,
     ImageEstimate,
     InputReported,
@@ -816,6 +817,9 @@ class Router:
             yield decision
             steps = decision.cascade_models or (decision.model,)
             index = 0
+            # The last answer the cascade rejected, kept (with its attempt's index in the
+            # summaries) to be released if the models it escalated to fail before any text.
+            held: tuple[_StepOutcome, int] | None = None
             while index < len(steps) - 1:
                 step = steps[index]
                 threshold = decision.cascade_thresholds[index]
@@ -825,11 +829,16 @@ class Router:
                 released = outcome.completion is not None and quality.score >= threshold
                 stop = outcome.stop
                 if stop is not None:
-                    # A step that failed has no answer to release: it ends with its failure, as a
-                    # fallback the cost cap, the deadline, a spent quota or the budget stops is
-                    # skipped. An answer is released, the reason saying why it was not escalated.
+                    # A step that failed has no answer of its own to release: it ends with its
+                    # failure, as a fallback the cost cap, the deadline, a spent quota or the
+                    # budget stops is skipped, unless an earlier step's answer is in hand. An
+                    # answer is released, the reason saying why it was not escalated.
                     if outcome.error is not None:
-                        raise outcome.error from stop.cause
+                        if held is None:
+                            raise outcome.error from stop.cause
+                        for event in self._release_held(attempt, *held, step, outcome.error):
+                            yield event
+                        return
                     released = True
                     quality = replace(quality, reason=f"{quality.reason}; {stop.why}")
                 telemetry.record_cascade(released, outcome.quality.score if outcome.scored else None)
@@ -841,8 +850,12 @@ class Router:
                     yield self._final(attempt, outcome.completion, quality)
                     return
                 if outcome.completion is not None:
-                    attempt.mark_escalated()
-                telemetry.record_escalation(step, next_model, f"{quality.scorer}: {quality.reason}", quality.score)
+                    rejected = attempt.mark_escalated()
+                    if _releasable(outcome):
+                        held = (outcome, rejected)
+                telemetry.record_escalation(
+                    step, next_model, f"{quality.scorer}: {quality.reason}", quality.score if outcome.scored else None
+                )
                 yield Escalation(
                     from_model=step,
                     to_model=next_model,
@@ -855,11 +868,35 @@ class Router:
             # aclosing: when the caller goes away mid-stream, the attempt is closed (and its cost
             # recorded) here, before the reservation below settles with ``attempt.cost``.
             serving = self._serve(attempt, replace(decision, model=steps[-1]), request, deadline, headers)
-            async with contextlib.aclosing(serving):
-                async for event in serving:
-                    yield self._final(attempt, event) if isinstance(event, Completion) else event
+            try:
+                async with contextlib.aclosing(serving):
+                    async for event in serving:
+                        yield self._final(attempt, event) if isinstance(event, Completion) else event
+            except ProviderError as error:
+                # Nothing of the escalation reached the caller: the answer in hand, paid for, is
+                # released rather than thrown away with the call (the commit rule holds: it is the
+                # first text sent). After text, the stream is committed and the error stands.
+                if held is None or attempt.chunks:
+                    raise
+                for event in self._release_held(attempt, *held, steps[-1], error):
+                    yield event
         finally:
             await reservation.settle(attempt.tokens, attempt.cost - decision.routing_cost_usd)
+
+    def _release_held(
+        self, state: _AttemptState, held: _StepOutcome, rejected: int, failed_model: str, error: ProviderError
+    ) -> list[TextDelta | Completion]:
+        """The events that release ``held``, an answer the cascade rejected (its attempt at
+        ``rejected`` in the summaries), after the escalation to ``failed_model`` failed with
+        ``error`` before any text: its deltas, then the completion, its quality reason saying so.
+        Its attempt answered the caller: COMPLETED again."""
+        assert held.completion is not None
+        if rejected >= 0:
+            state.summaries[rejected] = replace(state.summaries[rejected], result=AttemptResult.COMPLETED)
+        reason = f"{held.quality.reason}; escalation to {failed_model} failed ({error.reason}), released"
+        telemetry.record_cascade(True, held.quality.score if held.scored else None)
+        completion = self._final(state, held.completion, replace(held.quality, reason=reason))
+        return [*held.deltas, completion]
 
     def _final(self, state: _AttemptState, completion: Completion, quality: QualityScore | None = None) -> Completion:
         """The last message: every attempt, their summed usage and cost, and the released score."""
@@ -927,7 +964,8 @@ class Router:
                     f"{error.message} mid-answer (nothing was sent)", provider=error.provider, model=error.model
                 )
             next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=True)
-            return _StepOutcome((), None, failed, cost_before, used, next_step, error, stop)
+            # No answer, so no score: its 0.0 is the Escalation message's, not a quality to record.
+            return _StepOutcome((), None, failed, cost_before, used, next_step, error, stop, scored=False)
         finally:
             state.buffering = False
         assert completion is not None  # _serve ends with a completion or raises
@@ -938,11 +976,20 @@ class Router:
         # released whatever its score, and a judge's paid verdict would change nothing, so only the
         # scorers that make no call score it.
         next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=False)
+        answer = "".join(delta.text for delta in deltas)
+        if stop is None and completion.finish_reason is FinishReason.LENGTH and answer.strip():
+            # Cut at the request's output limit, which every step is called with: the next model
+            # would be cut there too, so paying it cannot give the caller a whole answer. (An
+            # answer with no text, all the limit spent reasoning, still escalates.)
+            next_model = decision.cascade_models[next_step]
+            stop = _EscalationStop(
+                f"not escalated to {next_model}: the answer reached the request's output limit"
+                f" ({decision.estimated_output_tokens} tokens), which {next_model} is held to as well"
+            )
         scorer: Scorer | None = self._escalation.scorer
         if stop is not None and self._escalation.judged:
             scorer = self._escalation.unpaid_scorer
             stop = replace(stop, why=f"{stop.why} (so the judge was not asked)")
-        answer = "".join(delta.text for delta in deltas)
         if scorer is None:
             quality, scored = QualityScore(1.0, "none", "not scored"), False
         else:
@@ -990,6 +1037,7 @@ class Router:
                 reserve=lambda cost: self._hold_judge(state, request, next_step, cost),
                 spent_providers=state.exhausted,
                 allow_list=self.allow_list(request.context.tenant),
+                breakers=self._breakers,
             )
         )
 
@@ -1020,10 +1068,8 @@ class Router:
             # No attempt starts that cannot finish.
             why = f"not escalated to {next_model}: {max(left, 0.0):.3f} s of the deadline left"
             return target, _EscalationStop(why)
-        if not self._servable(state, next_model, cap):
-            provider = self._catalog.get(next_model).provider
-            why = f"not escalated to {next_model}: provider {provider}'s quota was found spent earlier in this request"
-            return target, _EscalationStop(why)
+        if why := self._unservable(state, next_model, cap):
+            return target, _EscalationStop(f"not escalated to {next_model}: {why}")
         if not hold:
             if why := await self._budget_refuses(state, next_cost):
                 return target, _EscalationStop(f"not escalated to {next_model}: {why}")
@@ -1069,15 +1115,30 @@ class Router:
         return ""
 
     def _servable(self, state: _AttemptState, model_id: str, cap: Decimal | None) -> bool:
-        """Whether a cascade step on ``model_id`` could call a model: it, or one of its fallbacks
-        within the cascade's cost ``cap``, on a provider whose quota the request has not found spent."""
+        """Whether a cascade step on ``model_id`` could call a model (``_unservable``)."""
+        return not self._unservable(state, model_id, cap)
+
+    def _unservable(self, state: _AttemptState, model_id: str, cap: Decimal | None) -> str:
+        """Why a cascade step on ``model_id`` could call no model, or "" when it could: it, or one
+        of its fallbacks within the cascade's cost ``cap``, on a provider whose quota the request
+        has not found spent and with a circuit breaker that lets a call through (asked, not
+        claimed: its call would be refused at once, as by a spent quota)."""
+        spent = breakers_open = False
         for name in self._attempt_chain(replace(state.decision, model=model_id)):
             model = self._catalog.get(name)
-            if model.provider not in state.exhausted and (
-                name == model_id or self._within_cascade_cap(state, model, cap)
-            ):
-                return True
-        return False
+            if name != model_id and not self._within_cascade_cap(state, model, cap):
+                continue
+            if model.provider in state.exhausted:
+                spent = spent or name == model_id
+            elif self._breakers.refuses(name):
+                breakers_open = breakers_open or name == model_id
+            else:
+                return ""
+        if spent:
+            provider = self._catalog.get(model_id).provider
+            return f"provider {provider}'s quota was found spent earlier in this request"
+        assert breakers_open  # the step's own model is either spent or refused
+        return f"circuit breaker open for model {model_id}"
 
     def _within_cascade_cap(self, state: _AttemptState, model: ModelSpec, cap: Decimal | None) -> bool:
         """Whether the cost so far plus ``model``'s estimate is within a cascade's cost ``cap``."""
@@ -1457,12 +1518,14 @@ class _AttemptState:
     summaries: list[AttemptSummary] = field(default_factory=list)
     answered_by: str = ""  # the model the decision was re-filed under for feedback ("": none)
 
-    def mark_escalated(self) -> None:
-        """The last answering attempt's answer was rejected by the cascade."""
+    def mark_escalated(self) -> int:
+        """The last answering attempt's answer was rejected by the cascade: its index in
+        ``summaries`` (-1: none)."""
         for index in range(len(self.summaries) - 1, -1, -1):
             if self.summaries[index].result is AttemptResult.COMPLETED:
                 self.summaries[index] = replace(self.summaries[index], result=AttemptResult.ESCALATED)
-                return
+                return index
+        return -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -1489,6 +1552,16 @@ class _StepOutcome:
     error: ProviderError | None = None
     stop: _EscalationStop | None = None
     scored: bool = True  # False: no scorer scored it (the judge alone, not asked or failed)
+
+
+def _releasable(outcome: _StepOutcome) -> bool:
+    """Whether a rejected step's answer may still be released when the escalation fails before
+    any text: one with text that the provider did not filter (an empty or filtered answer is no
+    answer to give)."""
+    completion = outcome.completion
+    if completion is None or completion.finish_reason is FinishReason.CONTENT_FILTER:
+        return False
+    return any(delta.text.strip() for delta in outcome.deltas)
 
 
 def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:

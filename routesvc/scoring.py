@@ -19,7 +19,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import structlog
 
@@ -37,8 +37,13 @@ from routesvc.models import (
 )
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.retry import skips_provider
-from routesvc.sidecall import deterministic_temperature, side_call
+from routesvc.sidecall import deterministic_temperature, settle_breaker, side_call
 from routesvc.tokens import estimate_input_tokens
+
+if TYPE_CHECKING:
+    # Not at run time: the breakers' module imports the config, which imports the classifier,
+    # which imports the side calls, as this module does.
+    from routesvc.breaker import Breakers, Permit
 
 log = structlog.get_logger("routesvc.scoring")
 
@@ -60,7 +65,9 @@ class ScoringInput:
     request found spent: a scorer does not call them, and adds the provider of a call of its own
     that finds its quota spent (so the request's later steps skip it too). ``allow_list`` is the
     tenant's: a scorer does not call a model it refuses (the request and answer would go where the
-    tenant's data may not).
+    tenant's data may not). ``breakers`` are the router's per-model circuit breakers, which a
+    scorer's calls go through as the answers' and an LLM classifier's do: a model whose breaker is
+    open is not called, and each call's end is told to its breaker (None: no breakers).
     """
 
     request: RoutingRequest
@@ -73,6 +80,7 @@ class ScoringInput:
     reserve: Callable[[Decimal], Awaitable[str]] | None = None
     spent_providers: set[str] = field(default_factory=set)
     allow_list: AllowList = field(default_factory=AllowList)
+    breakers: Breakers | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,12 +345,16 @@ class LLMJudge:
     When the judge fails (provider error, timeout, no parsable score) or is not asked (the
     request's budget cannot take its call, or its verdict could lead to no escalation:
     ``ScoringInput.reserve``; the tenant may not use its
-    model: ``ScoringInput.allow_list``; no time is left for it: ``ScoringInput.timeout``),
-    ``on_failure`` decides:
+    model: ``ScoringInput.allow_list``; no time is left for it: ``ScoringInput.timeout``; its
+    model's circuit breaker is open: ``ScoringInput.breakers``), ``on_failure`` decides:
     ``release`` scores the answer 1.0, ``escalate`` 0.0; the reason says the judge failed and why.
     So it does after an unexpected error (a fault of ours or of a library's, not the provider's),
     logged as ``judge_failed`` with its traceback. The judge's call is returned in
     ``ScoreResult.calls`` so that it is charged to the request.
+
+    Its calls count against its model's breaker as an LLM classifier's do (``settle_breaker``): a
+    provider failure does, its own timeout and an answer without a score do not (no verdict), and
+    a score closes a half-open breaker whose probe it was.
     """
 
     name = "llm_judge"
@@ -407,33 +419,56 @@ class LLMJudge:
             temperature=deterministic_temperature(self._model),
             timeout=timeout,
         )
-        if scoring_input.reserve is not None:
-            tokens_in = estimate_input_tokens(ChatRequest(messages))
-            why = await scoring_input.reserve(estimate_cost(self._model, tokens_in, self._max_output_tokens))
-            if why:
-                return self._failed(f"not asked ({why})")
+        breakers = scoring_input.breakers
+        permit = None if breakers is None else breakers.allow(self._model.id)
+        if breakers is not None and permit is None:
+            return self._failed(f"{self._model.id} not asked (circuit breaker open for model {self._model.id})")
         try:
-            return await self._ask(self._provider, call, timeout, scoring_input)
-        except Exception as exc:
-            # The answer in hand is still scored (by ``on_failure``), and the operator is told with
-            # the traceback; the call, if made, was charged as it ended. A cancellation is no
-            # Exception: it propagates.
-            log.exception("judge_failed", model=self._model.id, error=type(exc).__name__)
-            return self._failed(f"failed unexpectedly ({type(exc).__name__})")
+            if scoring_input.reserve is not None:
+                tokens_in = estimate_input_tokens(ChatRequest(messages))
+                why = await scoring_input.reserve(estimate_cost(self._model, tokens_in, self._max_output_tokens))
+                if why:
+                    return self._failed(f"not asked ({why})")
+            try:
+                return await self._ask(self._provider, call, timeout, scoring_input, permit)
+            except Exception as exc:
+                # The answer in hand is still scored (by ``on_failure``), and the operator is told
+                # with the traceback; the call, if made, was charged as it ended. A cancellation is
+                # no Exception: it propagates.
+                log.exception("judge_failed", model=self._model.id, error=type(exc).__name__)
+                return self._failed(f"failed unexpectedly ({type(exc).__name__})")
+        finally:
+            if breakers is not None and permit is not None:
+                # A call not made, or ended before its breaker heard of it (cancelled, a fault of
+                # ours), gives back a half-open probe's turn; a settled one's permit frees nothing.
+                breakers.release_probe(permit)
 
     async def _ask(
-        self, provider: Provider, call: ProviderCall, timeout: float, scoring_input: ScoringInput
+        self,
+        provider: Provider,
+        call: ProviderCall,
+        timeout: float,
+        scoring_input: ScoringInput,
+        permit: Permit | None,
     ) -> ScoreResult:
         # A client span of its own (purpose judge): its cost counts, it never answers the request.
         result = await side_call(provider, self._model, call, purpose="judge", charge=scoring_input.charge)
         used = result.used
+        score = None if result.error is not None else parse_judge_score(result.text)
+        if scoring_input.breakers is not None and permit is not None:
+            settle_breaker(
+                scoring_input.breakers,
+                permit,
+                result.error,
+                answered=bool(result.text),
+                understood=score is not None,
+            )
         if isinstance(result.error, TimeoutError):
             return self._failed(f"timed out after {timeout:g} s", (used,))
         if result.error is not None:
             if skips_provider(result.error):
                 scoring_input.spent_providers.add(self._model.provider)
             return self._failed(f"failed ({result.error.reason})", (used,))
-        score = parse_judge_score(result.text)
         if score is None:
             return self._failed("gave no score in [0, 1]", (used,))
         return ScoreResult(QualityScore(score, self.name, f"judge {self._model.id} scored it"), (used,))

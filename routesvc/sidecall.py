@@ -6,13 +6,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from routesvc.catalog import ModelSpec
 from routesvc.cost import interrupted_usage
-from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut
+from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut, counts_against_model
 from routesvc.models import Heartbeat, InputReported, ProviderEvent, ProviderFinish, TextDelta, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
 from routesvc.reported_usage import checked
+
+if TYPE_CHECKING:
+    # Not at run time: the breakers' module imports the config, which imports the classifier (a
+    # caller of this module).
+    from routesvc.breaker import Breakers, Permit
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,36 @@ def upstream_call(
         return UpstreamCall(model.id, Usage(), refused=not cancelled, cancelled=cancelled)
     usage = interrupted_usage(model, call.as_chat(), produced, reported)
     return UpstreamCall(model.id, usage, estimated=True, cancelled=cancelled)
+
+
+def settle_breaker(
+    breakers: Breakers,
+    permit: Permit,
+    error: TimeoutError | ProviderError | None,
+    *,
+    answered: bool,
+    understood: bool,
+) -> None:
+    """Tell the model's breaker how a side call on ``permit`` ended (a classifier's, a judge's).
+
+    A provider failure counts against the model as an answer call's does (held open for the
+    provider's Retry-After when longer); a refusal of this request (400s, a spent quota) before
+    any output, or the call's own timeout, is no verdict. An answer the caller ``understood`` (a
+    label, a score) is a verdict only as the half-open probe's, which it closes; on a closed
+    breaker it is no sign the model can answer (a long answer may fail where a short side call
+    does not). An answer not in the format asked for (not ``understood``) is no verdict at all,
+    the probe's turn given back: the server answered, and what it said depends on the prompt,
+    which the tenant writes."""
+    if error is None:
+        if understood:
+            breakers.record_probe_success(permit)
+        else:
+            # Neither closed nor opened again: the next call to the model probes it.
+            breakers.release_probe(permit)
+    elif isinstance(error, TimeoutError | ProviderTimedOut) or not counts_against_model(error, answered):
+        breakers.release_probe(permit)
+    else:
+        breakers.record_failure(permit.model, error.retry_after)
 
 
 class _Within:

@@ -484,11 +484,15 @@ class TestEscalationChain:
     async def test_max_cost_stops_escalation_and_releases_the_cheap_answer(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
-        """max_cost_usd below the cheap call plus gpt-4o's estimate: no escalation can follow, so
-        the judge, whose verdict would change nothing, is not asked (it was, and paid for); the
-        local scorer scores the released answer, and the reason says why."""
-        fake.enqueue(Script(text="Lyon"), Script(text='{"score": 0.2}'), model="gpt-4o-mini")
-        messages = await _cascade(live_client, max_cost_usd="0.001")
+        """max_cost_usd above the least the cheap call can cost plus gpt-4o's estimate (so the
+        cascade is planned), below what the cheap call did cost (500 output tokens) plus that
+        estimate: no escalation can follow, so the judge, whose verdict would change nothing, is
+        not asked (it was, and paid for); the local scorer scores the released answer, and the
+        reason says why."""
+        cheap = Script(text="Lyon", input_tokens=10, output_tokens=500)
+        fake.enqueue(cheap, Script(text='{"score": 0.2}'), model="gpt-4o-mini")
+        messages = await _cascade(live_client, max_cost_usd="0.0053")
+        assert list(messages[0].decision.cascade_models) == ["gpt-4o-mini", "gpt-4o"]
         assert _kinds(messages) == ["decision", "delta", "completion"]
         completion = messages[-1].completion
         assert (completion.quality.score, completion.quality.scorer) == (1.0, "local")
@@ -497,18 +501,51 @@ class TestEscalationChain:
         assert [a.outcome for a in completion.attempts] == [pb.ATTEMPT_OUTCOME_COMPLETED]
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
+    @pytest.mark.parametrize("where", ["request", "config"])
+    async def test_a_cascade_the_cost_cap_rules_out_is_not_planned_and_the_answer_streams(
+        self, fake: FakeProvider, where: str
+    ) -> None:
+        """max_cost_usd (the request's, or cascade.max_cost_usd) is below gpt-4o's estimate alone:
+        no escalation could ever follow, so no cascade is planned (the decision names no chain, its
+        reason says why), and the cheap answer streams as it comes, its first chunk long before its
+        last (it was held back whole, to be released anyway by the same cap)."""
+        config = default_config()
+        context: dict[str, object] = {}
+        if where == "config":
+            config["cascade"]["max_cost_usd"] = "0.001"  # type: ignore[index]
+        else:
+            context["max_cost_usd"] = "0.001"
+        fake.enqueue(Script(chunk_count=6, chunk_delay=0.3), model="gpt-4o-mini")
+        messages: list[pb.CompleteResponse] = []
+        arrived: list[float] = []
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            request_context = pb.RoutingContext(cascade=True, **context)  # type: ignore[arg-type]
+            async for message in client.complete(user_chat("What is the capital of France?"), request_context):
+                messages.append(message)
+                arrived.append(asyncio.get_running_loop().time())
+        decision = messages[0].decision
+        assert (decision.model, list(decision.cascade_models)) == ("gpt-4o-mini", [])
+        assert any(reason.startswith("no cascade: gpt-4o left out: at least ") for reason in decision.reasons)
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert arrived[-1] - arrived[1] > 1.0  # the first chunk came ~1.5 s before the last
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
     async def test_a_judge_alone_is_not_asked_when_no_escalation_can_follow(self, fake: FakeProvider) -> None:
         """Scored by the judge alone, an answer that cannot be escalated (the cost cap) is released
         unscored, with no judge call; GetStats' mean released score leaves it out (it counted as a
         perfect 1.0, as did the span's ``routesvc.cascade.score``)."""
         config = default_config()
         config["cascade"]["scorers"] = ["llm_judge"]  # type: ignore[index]
-        fake.enqueue(Script(text="Lyon"), Script(text='{"score": 0.2}'), model="gpt-4o-mini")
+        cheap = Script(text="Lyon", input_tokens=10, output_tokens=500)
+        fake.enqueue(cheap, Script(text='{"score": 0.2}'), model="gpt-4o-mini")
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            messages = await _cascade(client, max_cost_usd="0.001")
+            messages = await _cascade(client, max_cost_usd="0.0053")
             stats = await client.get_stats()
         quality = messages[-1].completion.quality
         assert (_text(messages), quality.score, quality.scorer) == ("Lyon", 1.0, "none")
@@ -869,9 +906,9 @@ class TestFailedStepsKeepTheirLimits:
 
     async def test_the_last_steps_fallback_is_held_to_the_cascade_cost_cap(self, fake: FakeProvider) -> None:
         """cascade.max_cost_usd lets gpt-4o follow the cheap answer, not claude-sonnet (gpt-4o's
-        configured fallback) once the cost so far is added to its estimate: gpt-4o fails, and the
-        request ends with its failure instead of calling claude-sonnet (the cap was never checked
-        for the last step's fallbacks)."""
+        configured fallback) once the cost so far is added to its estimate: gpt-4o fails, and
+        claude-sonnet is not called (the cap was never checked for the last step's fallbacks); the
+        cheap answer in hand is released."""
         config = default_config()
         settings = settings_from(config, live_environ(fake))
         prompt = "What is the capital of France?"
@@ -891,18 +928,16 @@ class TestFailedStepsKeepTheirLimits:
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await _cascade(client, prompt)
-        assert (caught.value.code(), error_info(caught.value).reason) == (
-            grpc.StatusCode.UNAVAILABLE,
-            "PROVIDER_UNAVAILABLE",
+            messages = await _cascade(client, prompt)
+        assert messages[-1].completion.quality.reason.endswith(
+            "escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released"
         )
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o", "gpt-4o"]
 
     async def test_the_last_step_never_falls_back_to_a_step_it_rejected(self, fake: FakeProvider) -> None:
         """mini -> gpt-4o -> claude-sonnet with the default fallbacks (claude-sonnet: [gpt-4o]): both
         refusals are escalated, claude-sonnet fails, and gpt-4o, already rejected, is not asked
-        again to answer unscored."""
+        again to answer unscored: its answer in hand is released."""
         refusal = Script(text="I cannot help with that.")
         fake.enqueue(refusal, model="gpt-4o-mini")
         fake.enqueue(refusal, refusal, model="gpt-4o")
@@ -911,9 +946,8 @@ class TestFailedStepsKeepTheirLimits:
             Server(settings_from(_three_step_cascade(0.8, 0.8), live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext())]
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            messages = [m async for m in client.complete(user_chat("hi"), pb.RoutingContext())]
+        assert messages[-1].completion.model == "gpt-4o"
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o", "claude-sonnet-4-6", "claude-sonnet-4-6"]
 
     async def test_a_cut_step_that_cannot_escalate_is_not_reported_committed(
@@ -921,13 +955,15 @@ class TestFailedStepsKeepTheirLimits:
     ) -> None:
         """The cheap step's buffered stream is cut after 30 chunks, and so is its retry; the cost
         cap stops its fallback and the escalation: nothing reached the client, so the error is an
-        uncommitted UNAVAILABLE (safe to retry), not STREAM_INTERRUPTED with 30 chunks "sent"."""
+        uncommitted UNAVAILABLE (safe to retry), not STREAM_INTERRUPTED with 30 chunks "sent".
+        (The cap is above the least the cheap step could cost plus gpt-4o's estimate, so the
+        cascade is planned, and below what the two cut attempts did cost plus that estimate.)"""
         cut = Script(chunk_count=40, fault=Fault.CUT, fault_after=30)
         fake.enqueue(cut, cut, model="gpt-4o-mini")
         got: list[pb.CompleteResponse] = []
 
         async def complete() -> None:
-            context = pb.RoutingContext(cascade=True, max_cost_usd="0.001")
+            context = pb.RoutingContext(cascade=True, max_cost_usd="0.0052")
             async for message in live_client.complete(user_chat("What is the capital of France?"), context):
                 got.append(message)
 
@@ -951,10 +987,12 @@ class TestFailedStepsKeepTheirLimits:
         locally: the cap stops the escalation, so no judge is asked)."""
         fake.enqueue(
             Script(text="Lyon Lyon Lyon Lyon", chunk_count=4, fault=fault, fault_after=3),
-            Script(text="Paris is the capital of France."),
+            Script(text="Paris is the capital of France.", output_tokens=500),
             model="gpt-4o-mini",
         )
-        context = {"max_cost_usd": "0.001"}
+        # Planned as a cascade (the least the cheap step can cost plus gpt-4o's estimate is within
+        # it), stopped by what the answer did cost.
+        context = {"max_cost_usd": "0.0053"}
         messages = await _cascade(live_client, **context)
         completion = messages[-1].completion
         assert _kinds(messages) == ["decision", "delta", "completion"]
@@ -1060,3 +1098,213 @@ class TestAJudgeThatCannotBeAsked:
         assert "ANTHROPIC_API_KEY" in quality.reason
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
         assert [e["judge"] for e in logs if e["event"] == "cascade_judge_unavailable"] == ["claude-sonnet"]
+
+
+def _judged_by_llama(fake: FakeProvider, **breaker: object) -> dict[str, object]:
+    """The default config with the judge on a local model ``llama`` served by the fake, and
+    ``breaker`` as ``reliability.breaker``."""
+    config = default_config()
+    add_local_model(config, fake.openai_base_url, "llama")
+    config["cascade"]["judge"] = {"model": "llama", "timeout_seconds": 2}  # type: ignore[index]
+    config["reliability"]["breaker"] = breaker  # type: ignore[index]
+    return config
+
+
+class TestTheJudgesCircuitBreaker:
+    """The judge's calls go through the router's per-model circuit breakers, counted as an LLM
+    classifier's are."""
+
+    async def test_a_failing_judge_opens_its_breaker_and_is_then_not_asked(self, fake: FakeProvider) -> None:
+        """The judge answers 503 twice (failure_threshold 2): its breaker opens, and the third
+        request's judge is not asked (it was, and paid, on every request) and its on_failure
+        (release) applies at once, the reason saying why."""
+        config = _judged_by_llama(fake, failure_threshold=2, open_seconds=60)
+        fake.set_default(Script(text="Paris is the capital."))
+        fake.enqueue(Script(status=503), Script(status=503), Script(status=503), model="llama")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            reasons = [(await _cascade(client))[-1].completion.quality.reason for _ in range(3)]
+            retry_in = server.router.breakers.retry_in("llama")
+        assert reasons == [
+            "judge failed (PROVIDER_UNAVAILABLE); released as configured",
+            "judge failed (PROVIDER_UNAVAILABLE); released as configured",
+            "judge llama not asked (circuit breaker open for model llama); released as configured",
+        ]
+        assert [r.model for r in fake.requests].count("llama") == 2
+        assert retry_in > 0
+
+    async def test_judge_answers_without_a_score_or_timeouts_are_no_verdict(self, fake: FakeProvider) -> None:
+        """A judge that answers prose (no score) or is ended by its own timeout, again and again,
+        leaves its breaker closed (failure_threshold 1): neither is a failure of its model."""
+        config = _judged_by_llama(fake, failure_threshold=1, open_seconds=60)
+        config["cascade"]["judge"]["timeout_seconds"] = 0.5  # type: ignore[index]
+        fake.set_default(Script(text="Paris is the capital."))
+        fake.enqueue(Script(text="fine"), Script(first_chunk_delay=5), Script(text="fine"), model="llama")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            for _ in range(3):
+                await _cascade(client)
+            allowed = server.router.breakers.allow("llama") is not None
+        assert [r.model for r in fake.requests].count("llama") == 3
+        assert allowed
+
+
+class TestAnOutputLimitIsNoReasonToEscalate:
+    """Every step of a cascade is held to the request's output limit (its max_output_tokens, or
+    limits.default_output_tokens), so an answer cut at that limit would be cut there again."""
+
+    async def test_an_answer_cut_at_the_requests_output_limit_is_released(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap answer stops at the request's 8 tokens (finish_reason length): it is released
+        as it is, with the local scorer's 0.2 and a reason saying why it was not escalated; gpt-4o
+        and the judge are not called (gpt-4o was, held to the same 8 tokens, and cut there too)."""
+        cut = Script(text="Paris is the capital of", finish_reason="length", output_tokens=8)
+        fake.enqueue(cut, model="gpt-4o-mini")
+        chat = user_chat("Name the capital of France and describe it.", max_output_tokens=8)
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(cascade=True))]
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (completion.model, completion.finish_reason) == ("gpt-4o-mini", pb.FINISH_REASON_LENGTH)
+        assert (completion.quality.score, completion.quality.scorer) == (0.2, "local")
+        assert completion.quality.reason == (
+            "truncated (finish_reason length); not escalated to gpt-4o: the answer reached the request's"
+            " output limit (8 tokens), which gpt-4o is held to as well (so the judge was not asked)"
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
+    async def test_an_empty_answer_cut_at_the_limit_still_escalates(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A length stop with no answer text (a reasoning model that spent the limit thinking) is
+        no answer: the next model, which may answer within the limit, is asked."""
+        fake.enqueue(Script(text="", chunks=(), finish_reason="length", output_tokens=8), model="gpt-4o-mini")
+        chat = user_chat("Name the capital of France.", max_output_tokens=8)
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(cascade=True))]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert messages[-1].completion.model == "gpt-4o"
+
+
+class TestAnEscalationThatCannotBeServed:
+    """The answer in hand is not given up for an escalation that cannot answer."""
+
+    async def test_an_escalation_into_open_breakers_is_not_made_nor_judged(self, fake: FakeProvider) -> None:
+        """gpt-4o's breaker is open (one 503 with failure_threshold 1; it has no fallback here):
+        the cheap answer is released with a reason saying why it was not escalated, and the judge,
+        whose verdict could change nothing, is not asked (it was, and paid, and its 0.5 escalated
+        into the breaker: UNAVAILABLE, the paid answer thrown away)."""
+        config = default_config()
+        config["reliability"]["breaker"] = {"failure_threshold": 1, "open_seconds": 60}  # type: ignore[index]
+        config["reliability"]["retries_per_model"] = 0  # type: ignore[index]
+        config["routing"]["fallbacks"] = {"gpt-4o-mini": ["gpt-4o"]}  # type: ignore[index]
+        fake.enqueue(Script(status=503), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError):
+                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o"))]
+            assert server.router.breakers.retry_in("gpt-4o") > 0
+            fake.enqueue(Script(text="Lyon, maybe."), Script(text='{"score": 0.5}'), model="gpt-4o-mini")
+            before = len(fake.requests)
+            messages = await _cascade(client)
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert _text(messages) == "Lyon, maybe."
+        quality = messages[-1].completion.quality
+        assert quality.reason == (
+            "no problem found; not escalated to gpt-4o: circuit breaker open for model gpt-4o"
+            " (so the judge was not asked)"
+        )
+        assert [r.model for r in fake.requests[before:]] == ["gpt-4o-mini"]
+
+    async def test_a_middle_step_behind_an_open_breaker_is_passed_over(self, fake: FakeProvider) -> None:
+        """In gpt-4o-mini -> gpt-4o -> claude-sonnet, gpt-4o's breaker is open: the cheap answer
+        rejected (a refusal) escalates straight to claude-sonnet."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}, "retries_per_model": 0}
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        fake.enqueue(Script(status=503), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError):
+                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o"))]
+            fake.enqueue(Script(text="I'm sorry, but I can't help with that."), model="gpt-4o-mini")
+            messages = await _cascade(client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert messages[1].escalation.to_model == "claude-sonnet"
+        assert messages[-1].completion.model == "claude-sonnet"
+
+    async def test_an_escalation_that_fails_before_any_text_releases_the_answer_in_hand(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """The judge scores the cheap answer 0.6: an Escalation to gpt-4o is sent; gpt-4o, its
+        retry and its fallback claude-sonnet fail before any text. Nothing of theirs reached the
+        client, so the cheap answer, paid and judged, is released after the Escalation (the call
+        failed UNAVAILABLE, the answer thrown away), with a reason saying so; every call charged."""
+        fake.enqueue(Script(text="Paris, I think."), Script(text='{"score": 0.6}'), model="gpt-4o-mini")
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o")
+        fake.enqueue(Script(status=529), Script(status=529), model="claude-sonnet-4-6")
+        messages = await _cascade(live_client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert _text(messages) == "Paris, I think."
+        completion = messages[-1].completion
+        assert completion.model == "gpt-4o-mini"
+        assert (completion.quality.score, completion.quality.scorer) == (0.6, "llm_judge")
+        assert completion.quality.reason == (
+            "judge gpt-4o-mini scored it; escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released"
+        )
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_JUDGE),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_FAILED),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_FAILED),
+            ("claude-sonnet", pb.ATTEMPT_OUTCOME_FAILED),
+        ]
+        entries = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+        stats = await live_client.get_stats()
+        assert (stats.cascade_decisions, stats.cascade_release_rate, stats.mean_released_score) == (1, 1.0, 0.6)
+
+    async def test_a_middle_step_that_fails_with_nowhere_to_go_releases_the_answer_in_hand(
+        self, fake: FakeProvider
+    ) -> None:
+        """gpt-4o-mini -> gpt-4o -> claude-sonnet with claude-sonnet's breaker open: the cheap
+        refusal escalates to gpt-4o, which fails (503) and cannot escalate further; the refusal in
+        hand is released, its reason saying so (the call failed with gpt-4o's error)."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}, "retries_per_model": 0}
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        fake.enqueue(Script(status=503), model="claude-sonnet-4-6")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError):
+                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="claude-sonnet"))]
+            refusal = "I'm sorry, but I can't help with that."
+            fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+            fake.enqueue(Script(status=503), model="gpt-4o")
+            messages = await _cascade(client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert (_text(messages), messages[-1].completion.model) == (refusal, "gpt-4o-mini")
+        assert messages[-1].completion.quality.reason == (
+            "refusal; escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released"
+        )
+
+    async def test_an_empty_answer_is_not_released_when_the_escalation_fails(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """An empty cheap answer is no answer: when the escalation fails too, the call ends
+        UNAVAILABLE with the escalated model's error."""
+        fake.enqueue(Script(text="", chunks=()), model="gpt-4o-mini")
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o")
+        fake.enqueue(Script(status=529), Script(status=529), model="claude-sonnet-4-6")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _cascade(live_client)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -270,6 +270,22 @@ class TestValidation:
                 ),
                 r"routing\.stages\[0\]\.feedback_decision_ttl_seconds: Input should be a finite number",
             ),
+            # A judge asked for more output than its model gives: every judge call refused (400).
+            (
+                lambda c: c["cascade"]["judge"].update(max_output_tokens=100_000),
+                r"cascade\.judge\.max_output_tokens: 100000 is more than the max_output_tokens of the judge model"
+                r" 'gpt-4o-mini' \(16384\)",
+            ),
+            # The judge listed twice: two paid calls for one verdict.
+            (
+                lambda c: c["cascade"].update(scorers=["local", "llm_judge", "llm_judge"]),
+                r"cascade: scorers\[2\]: llm_judge is listed twice",
+            ),
+            # A threshold on the last step, which nothing reads.
+            (
+                lambda c: c["cascade"]["chains"][0]["steps"][1].update(threshold=0.9),
+                r"cascade\.chains\[0\]: steps\[1\]\.threshold: the last step's answer is always released",
+            ),
         ],
     )
     def test_invalid_values_name_the_field(self, mutate: object, expected: str) -> None:

@@ -631,6 +631,26 @@ class TestEvents:
         assert (server["routesvc.fallbacks"], server["routesvc.escalations"]) == (1, 1)
         assert spans["route"].status.status_code is StatusCode.UNSET
 
+    async def test_a_failed_cascade_step_records_no_score(self, fake: FakeProvider) -> None:
+        """gpt-4o-mini fails 503 twice in a cascade: the escalation event and the route span carry
+        no score, as for an answer no scorer scored (there was no answer: they said 0.0, as if a
+        scorer had judged one useless)."""
+        fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o-mini")
+        async with observed_server(fake) as observed:
+            messages = await _complete(observed, cascade=True, task_hint="simple_qa")
+        assert messages[-1].completion.model == "gpt-4o"
+        (route,) = observed.named("route")
+        events = [dict(e.attributes or {}) for e in route.events if e.name == "routesvc.escalation"]
+        assert events == [
+            {
+                "routesvc.from_model": "gpt-4o-mini",
+                "routesvc.to_model": "gpt-4o",
+                "routesvc.reason": "none: gpt-4o-mini failed (PROVIDER_UNAVAILABLE)",
+            }
+        ]
+        attributes = _attrs(route)
+        assert (attributes["routesvc.cascade.released"], "routesvc.cascade.score" in attributes) == (False, False)
+
     def test_the_hooks_do_nothing_outside_an_rpc(self) -> None:
         """Outside an RPC (simulate, unit tests) the hooks are silent no-ops."""
         telemetry.record_fallback("a", "b", "PROVIDER_UNAVAILABLE")

@@ -30,15 +30,13 @@ from routesvc.encoders import Encoder
 from routesvc.errors import (
     ConfigError,
     ProviderError,
-    ProviderTimedOut,
     RouteSvcError,
-    counts_against_model,
 )
 from routesvc.features import bounded
 from routesvc.memo import Memo, text_key
 from routesvc.models import Message, Role, UpstreamCall, Usage
 from routesvc.providers.base import Provider, ProviderCall
-from routesvc.sidecall import deterministic_temperature, side_call
+from routesvc.sidecall import deterministic_temperature, settle_breaker, side_call
 from routesvc.strategies.base import NextStage, RoutingInput, Strategy, Verdict
 from routesvc.strategies.classifier import (
     COMPLEXITIES,
@@ -166,15 +164,10 @@ def _settle(
     the prompt, which the tenant writes (a prompt can talk the model out of JSON). Counted against
     the model, one tenant's prompt would take it from every tenant's answers, each time its breaker
     half-opens; as it is, the stage falls back and the request is served."""
-    if error is None:
-        breakers.record_probe_success(permit)
-    elif isinstance(error, ClassifierAnswerError):
-        # Neither closed nor opened again: the next call to the model probes it.
-        breakers.release_probe(permit)
-    elif isinstance(error, TimeoutError | ProviderTimedOut) or not counts_against_model(error, answered):
-        breakers.release_probe(permit)
+    if isinstance(error, ClassifierAnswerError):
+        settle_breaker(breakers, permit, None, answered=answered, understood=False)
     else:
-        breakers.record_failure(permit.model, error.retry_after)
+        settle_breaker(breakers, permit, error, answered=answered, understood=True)
 
 
 class LLMClassifierStage:

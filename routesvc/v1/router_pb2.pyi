@@ -1241,7 +1241,9 @@ Global___QualityScore: _TypeAlias = QualityScore  # noqa: Y015
 @_typing.final
 class Escalation(_message.Message):
     """Escalation announces, inside a Complete stream, that a cascade step's answer was
-    rejected and the next model is called. The rejected answer is never sent.
+    rejected and the next model is called. The rejected answer is not sent, unless the models
+    escalated to fail before any of their text was sent: it is then released (its completion
+    names its model, and its quality reason ends "escalation to MODEL failed (REASON), released").
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -2223,7 +2223,9 @@ func (x *QualityScore) GetReason() string {
 }
 
 // Escalation announces, inside a Complete stream, that a cascade step's answer was
-// rejected and the next model is called. The rejected answer is never sent.
+// rejected and the next model is called. The rejected answer is not sent, unless the models
+// escalated to fail before any of their text was sent: it is then released (its completion
+// names its model, and its quality reason ends "escalation to MODEL failed (REASON), released").
 type Escalation struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Catalog id of the model whose answer was rejected.

@@ -7,7 +7,9 @@ package dev.routesvc.v1;
 /**
  * <pre>
  * Escalation announces, inside a Complete stream, that a cascade step's answer was
- * rejected and the next model is called. The rejected answer is never sent.
+ * rejected and the next model is called. The rejected answer is not sent, unless the models
+ * escalated to fail before any of their text was sent: it is then released (its completion
+ * names its model, and its quality reason ends "escalation to MODEL failed (REASON), released").
  * </pre>
  *
  * Protobuf type {@code routesvc.v1.Escalation}
@@ -506,7 +508,9 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * Escalation announces, inside a Complete stream, that a cascade step's answer was
-   * rejected and the next model is called. The rejected answer is never sent.
+   * rejected and the next model is called. The rejected answer is not sent, unless the models
+   * escalated to fail before any of their text was sent: it is then released (its completion
+   * names its model, and its quality reason ends "escalation to MODEL failed (REASON), released").
    * </pre>
    *
    * Protobuf type {@code routesvc.v1.Escalation}
