@@ -10,6 +10,11 @@ the target weak model). Tasks whose pair gap is under 0.05, or with fewer than 5
 skipped. Writes a JSON summary and, with --plots DIR, one cost-quality plot per judged group.
 
     .venv/bin/python -m bench.loto --data ../shared/data/routing --json docs/loto.json --plots docs
+
+--tasks A,B fits and scores only those held-out tasks (a pooled file is reported only when all its
+tasks are among them); --merge OLD.json then writes OLD's figures with the measured ones in their
+place: per-task values of the methods run replace OLD's (OLD's random baseline is kept, it depends on
+which tasks drew from the generator before), and every group mean is recomputed from all its tasks.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +44,57 @@ GROUPS: dict[str, Callable[[str], bool]] = {
     "exams": lambda t: t.startswith("mmlu_pro:") or t in {"llmrouter:mmlu", "llmrouter:gpqa"},
     "routerbench": lambda t: t.startswith("routerbench_train:"),
 }
+
+
+def group_means(
+    results: dict[str, dict[str, float]], cpts: dict[str, dict[str, dict[str, float]]]
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+    """APGR and CPT of each group (GROUPS): the mean over the group's judged tasks, for every method
+    measured on all of them."""
+    summary: dict[str, dict[str, float]] = {}
+    cpt_summary: dict[str, dict[str, dict[str, float]]] = {}
+    for group, member in GROUPS.items():
+        names = [t for t in results if member(t)]
+        if not names:  # no judged task of this group in the data
+            continue
+        measured = [m for m in results[names[0]] if not m.startswith("_") and all(m in results[t] for t in names)]
+        methods = sorted(measured, key=lambda m: {"random": 0, "oracle": 1}.get(m, 2))
+        summary[group] = {m: float(np.mean([results[t][m] for t in names])) for m in methods}
+        cpt_summary[group] = {
+            m: {c: float(np.mean([cpts[t][m][c] for t in names])) for c in ("cpt50", "cpt80")}
+            for m in methods
+            if all(m in cpts[t] for t in names)
+        }
+    return summary, cpt_summary
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` (a --json of this script) with ``new``'s measurements in place: per task and per
+    pooled file, ``new``'s values of its methods replace ``old``'s (``old``'s random baseline is kept),
+    and the group means are recomputed from all the merged tasks. Other keys of ``old`` are kept."""
+
+    def overlay(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        merged = {name: dict(values) for name, values in before.items()}
+        for name, values in after.items():
+            kept = merged.get(name, {})
+            merged[name] = {**kept, **{m: v for m, v in values.items() if m != "random" or m not in kept}}
+        return merged
+
+    tasks = overlay(old["tasks"], new["tasks"])
+    task_cpt = overlay(old["task_cpt"], new["task_cpt"])
+    summary, cpt_summary = group_means(tasks, task_cpt)
+    pooled = {g: v for g, v in overlay(old["summary"], new["summary"]).items() if g not in GROUPS}
+    metrics = overlay({"_": old["routerbench_pooled_metrics"]}, {"_": new["routerbench_pooled_metrics"]})["_"]
+    return {
+        **old,
+        "summary": {**summary, **pooled},
+        "cpt": cpt_summary,
+        "routerbench_pooled_metrics": metrics,
+        "tasks": tasks,
+        "task_cpt": task_cpt,
+        "pairs": {**old.get("pairs", {}), **new["pairs"]},
+        "removed": {**old.get("removed", {}), **new["removed"]},
+    }
 
 
 def eval_pair(records: list[OutcomeRecord], rows: list[int], strong: str, weak: str) -> tuple[str, str]:
@@ -80,12 +137,18 @@ def main() -> int:
     parser.add_argument("--variants", default="")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plots", type=Path)
+    parser.add_argument("--tasks", default="", help="comma-separated file:task names to hold out (default: all)")
+    parser.add_argument("--merge", type=Path, help="a --json of an earlier run to write with these figures in place")
     args = parser.parse_args()
+    old = json.loads(args.merge.read_text()) if args.merge else None
     records = read_outcomes(args.data)
     tasks = [f"{r.source}:{r.task}" for r in records]
     by_task: dict[str, list[int]] = defaultdict(list)
     for i, task in enumerate(tasks):
         by_task[task].append(i)
+    chosen_tasks = set(args.tasks.split(",")) if args.tasks else set(by_task)
+    if unknown := sorted(chosen_tasks - set(by_task)):
+        parser.error(f"--tasks: no such task in the data: {', '.join(unknown)}")
     encoders: dict[str, Encoder] = {}
     for name in args.encoders.split(","):
         if name == "wordllama":
@@ -118,6 +181,8 @@ def main() -> int:
         for var_name, settings in chosen.items():
             key = f"{enc_name} / {var_name}"
             for task, rows in by_task.items():
+                if task not in chosen_tasks:
+                    continue
                 train = splits[task].train
                 router = fit_router(
                     [records[i] for i in train],
@@ -133,6 +198,8 @@ def main() -> int:
             print(f"{key}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     rng = np.random.default_rng(0)
     for task, rows in sorted(by_task.items()):
+        if task not in chosen_tasks:
+            continue
         s, w = pairs[task]
         keep = [j for j, i in enumerate(rows) if s in records[i].outcomes and w in records[i].outcomes]
         strong = np.array([records[rows[j]].outcomes[s] for j in keep])
@@ -153,54 +220,48 @@ def main() -> int:
         pair_names[task] = f"{s} vs {w}"
         results[task]["_n"] = len(keep)
         results[task]["_gap"] = float(strong.mean() - weak.mean())
-    methods = ["random", "oracle", *held_scores]
-    summary: dict[str, dict[str, float]] = {}
     # CPT(x%): the share of strong calls needed to recover x% of the gap (lower is better; random
     # needs x%). Mean over the group's held-out tasks, like APGR.
-    cpt_summary: dict[str, dict[str, dict[str, float]]] = {}
-    for group, member in GROUPS.items():
-        names = [t for t in results if member(t)]
-        if not names:  # no judged task of this group in the data
-            continue
-        summary[group] = {m: float(np.mean([results[t][m] for t in names])) for m in methods}
-        cpt_summary[group] = {
-            m: {c: float(np.mean([cpts[t][m][c] for t in names])) for c in ("cpt50", "cpt80")}
-            for m in ["oracle", *held_scores]
-        }
+    summary, cpt_summary = group_means(results, cpts)
+    methods = ["random", "oracle", *held_scores]
     # RouterBench rows as one mixed file: pooled held-out scores of its tasks.
     rb = [t for t in by_task if t.startswith("routerbench_train:")]
-    rows = [i for t in rb for i in by_task[t]]
-    s, w = args.strong, args.weak
-    keep = [k for k, i in enumerate(rows) if records[i].has_pair(s, w)]
-    strong = np.array([records[rows[k]].outcomes[s] for k in keep])
-    weak = np.array([records[rows[k]].outcomes[w] for k in keep])
-    strong_cost = np.array([records[rows[k]].cost_usd.get(s, np.nan) for k in keep])
-    weak_cost = np.array([records[rows[k]].cost_usd.get(w, np.nan) for k in keep])
-    costs = (strong_cost, weak_cost) if not (np.isnan(strong_cost).any() or np.isnan(weak_cost).any()) else (None, None)
-    pooled: dict[str, float] = {"oracle": evaluate_scores(strong - weak, strong, weak).apgr, "random": 0.5}
-
-    # CPT and AIQ of the pooled file (AIQ from its real per-prompt costs); random is the mean of 20.
-    def pooled_report(score: npt.NDArray[np.float64]) -> tuple[float, dict[str, float | None]]:
-        report = evaluate_scores(score, strong, weak, *costs)
-        return report.apgr, {"cpt50": report.cpt50, "cpt80": report.cpt80, "aiq": report.aiq}
-
-    pooled_metrics: dict[str, dict[str, float | None]] = {"oracle": pooled_report(strong - weak)[1]}
-    randoms = [pooled_report(rng.random(len(keep)))[1] for _ in range(20)]
-    pooled_metrics["random"] = {
-        c: float(np.mean([float(r[c]) for r in randoms if r[c] is not None])) for c in ("cpt50", "cpt80", "aiq")
-    }
+    # A pooled file is reported only when all its tasks were held out and scored in this run.
+    pooled_metrics: dict[str, dict[str, float | None]] = {}
     curves: dict[str, RoutingCurve] = {}
-    for key, per_task in held_scores.items():
-        score = np.concatenate([per_task[t] for t in rb])[keep]
-        pooled[key], pooled_metrics[key] = pooled_report(score)
-        curves[key] = routing_curve(score, strong, weak)
-    curves["oracle"] = routing_curve(strong - weak, strong, weak)
-    summary["routerbench pooled"] = pooled
+    if rb and set(rb) <= chosen_tasks:
+        rows = [i for t in rb for i in by_task[t]]
+        s, w = args.strong, args.weak
+        keep = [k for k, i in enumerate(rows) if records[i].has_pair(s, w)]
+        strong = np.array([records[rows[k]].outcomes[s] for k in keep])
+        weak = np.array([records[rows[k]].outcomes[w] for k in keep])
+        strong_cost = np.array([records[rows[k]].cost_usd.get(s, np.nan) for k in keep])
+        weak_cost = np.array([records[rows[k]].cost_usd.get(w, np.nan) for k in keep])
+        known = not (np.isnan(strong_cost).any() or np.isnan(weak_cost).any())
+        costs = (strong_cost, weak_cost) if known else (None, None)
+        pooled: dict[str, float] = {"oracle": evaluate_scores(strong - weak, strong, weak).apgr, "random": 0.5}
+
+        # CPT and AIQ of the pooled file (AIQ from its real per-prompt costs); random is the mean of 20.
+        def pooled_report(score: npt.NDArray[np.float64]) -> tuple[float, dict[str, float | None]]:
+            report = evaluate_scores(score, strong, weak, *costs)
+            return report.apgr, {"cpt50": report.cpt50, "cpt80": report.cpt80, "aiq": report.aiq}
+
+        pooled_metrics["oracle"] = pooled_report(strong - weak)[1]
+        randoms = [pooled_report(rng.random(len(keep)))[1] for _ in range(20)]
+        pooled_metrics["random"] = {
+            c: float(np.mean([v for r in randoms if (v := r[c]) is not None])) for c in ("cpt50", "cpt80", "aiq")
+        }
+        for key, per_task in held_scores.items():
+            score = np.concatenate([per_task[t] for t in rb])[keep]
+            pooled[key], pooled_metrics[key] = pooled_report(score)
+            curves[key] = routing_curve(score, strong, weak)
+        curves["oracle"] = routing_curve(strong - weak, strong, weak)
+        summary["routerbench pooled"] = pooled
     # Every other file of several tasks as one mixed file too (its own evaluation pair): what a
     # held-out file mixing subjects or kinds of request rewards, beside the per-task means above.
     for source, source_rows in sorted(by_source.items()):
         source_tasks = {tasks[i] for i in source_rows}
-        if source == "routerbench_train" or len(source_tasks) < 2:
+        if source == "routerbench_train" or len(source_tasks) < 2 or not source_tasks <= chosen_tasks:
             continue
         s, w = file_pairs[source]
         ordered = [i for t in sorted(source_tasks) for i in by_task[t]]
@@ -228,7 +289,8 @@ def main() -> int:
         print(f"  {name:40s} {metrics['cpt50']:.3f} / {metrics['cpt80']:.3f} / {aiq_text}")
     if args.plots:
         args.plots.mkdir(parents=True, exist_ok=True)
-        plot_curves(curves, args.plots / "loto-routerbench.png", "RouterBench rows, leave-one-task-out")
+        if curves:
+            plot_curves(curves, args.plots / "loto-routerbench.png", "RouterBench rows, leave-one-task-out")
         for group in ("chat", "math", "exams"):
             names = [t for t in results if GROUPS[group](t)]
             if not names:
@@ -244,7 +306,7 @@ def main() -> int:
             safe = task.replace("/", "-").replace(":", "-").replace(" ", "-")
             plot_curves(group_curves, args.plots / f"loto-{safe}.png", f"{task} held out ({s} vs {w})")
     if args.json:
-        payload = {
+        payload: dict[str, Any] = {
             "summary": summary,
             "cpt": cpt_summary,
             "routerbench_pooled_metrics": pooled_metrics,
@@ -253,6 +315,11 @@ def main() -> int:
             "pairs": pair_names,
             "removed": removed,
         }
+        if old is not None:
+            payload = merge(old, payload)
+            print(f"with {args.merge}: group means over all tasks:")
+            for group, row in payload["summary"].items():
+                print(f"{group:22s}" + "".join(f"{row[m]:>{width}.3f}" for m in methods if m in row))
         args.json.write_text(json.dumps(payload, indent=1))
     return 0
 

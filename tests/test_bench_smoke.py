@@ -250,3 +250,39 @@ class TestHandLabels:
         assert set(result["task_cpt"]["routerbench_train:alpha"][key]) == {"cpt50", "cpt80"}
         held_out = {"routerbench_train:alpha", "routerbench_train:beta", "other:other-0", "other:other-1"}
         assert held_out == set(result["removed"])
+
+    def test_loto_on_some_tasks_merged_into_a_full_run_recomputes_the_group_means_from_all_tasks(
+        self, tmp_path: Path
+    ) -> None:
+        """--tasks fits and scores only the tasks named; --merge writes the earlier JSON with their
+        values in place and every group mean recomputed over all its tasks (the earlier random
+        baseline kept): a stale figure of the re-run task, and of its group, is replaced by what a
+        full run gives. An unknown task is refused before any fit."""
+        data = tmp_path / "data"
+        data.mkdir()
+        rows = []
+        for task in ("alpha", "beta"):
+            for i, record in enumerate(records("routerbench_train", task=task)):
+                prompt = f"{task}: {record.prompt}"
+                rows.append(dataclasses.replace(record, id=f"{task}-{i}", task=task, prompt=prompt))
+        write_jsonl(data / "routerbench_train.jsonl", rows)
+        write_jsonl(data / "other.jsonl", records("other", task="other"))
+        command = [sys.executable, "-m", "bench.loto", "--data", str(data), "--strong", STRONG, "--weak", WEAK]
+        command += ["--encoders", "hashing", "--variants", "default"]
+        full, stale, merged = tmp_path / "full.json", tmp_path / "stale.json", tmp_path / "merged.json"
+        subprocess.run([*command, "--json", str(full)], cwd=REPO, check=True, capture_output=True, timeout=300)
+        expected = json.loads(full.read_text())
+        key = "hashing / default"
+        old = json.loads(full.read_text())
+        old["tasks"]["routerbench_train:alpha"][key] = 0.0
+        old["summary"]["routerbench"][key] = 0.0
+        old["cpt"]["routerbench"][key] = {"cpt50": 1.0, "cpt80": 1.0}
+        old["provenance"] = "kept"
+        del old["removed"]  # a JSON written before loto.py counted them has none
+        stale.write_text(json.dumps(old))
+        only = ["--tasks", "routerbench_train:alpha", "--merge", str(stale), "--json", str(merged)]
+        subprocess.run([*command, *only], cwd=REPO, check=True, capture_output=True, timeout=300)
+        assert json.loads(merged.read_text()) == {**expected, "provenance": "kept"}
+        refused = subprocess.run([*command, "--tasks", "routerbench_train:gamma"], cwd=REPO, capture_output=True)
+        assert refused.returncode == 2
+        assert b"--tasks: no such task in the data: routerbench_train:gamma" in refused.stderr
