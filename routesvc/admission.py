@@ -69,8 +69,12 @@ class Reservation(Protocol):
         it with the rest. Does nothing once settled."""
         ...
 
-    async def settle(self, tokens: int, cost: Decimal) -> None:
-        """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing."""
+    async def settle(self, tokens: int, cost: Decimal, *, wait: bool = True) -> None:
+        """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing.
+        ``wait=False``: return once the settle is on its way, without waiting for the shared
+        store's reply (a request's answer and status must not wait for the store): ``aclose``
+        waits for it, and so do this process's next admission, check and ``spent`` of the tenant;
+        ``counted`` is then true (on its way, as a settle left to a retry)."""
         ...
 
 
@@ -136,10 +140,12 @@ class SettleOnce:
 
     def __init__(
         self,
-        apply: Callable[[int, Decimal], Awaitable[bool]],
+        apply: Callable[[int, Decimal, bool], Awaitable[bool]],
         extend: Callable[[Decimal], Awaitable[None]] = _nothing_extended,
     ) -> None:
-        self._apply = apply  # returns whether it counted the request in a budget
+        # ``apply(tokens, cost, wait)`` returns whether it counted the request in a budget (with
+        # ``wait`` false: whether it is on its way)
+        self._apply = apply
         self._extend = extend
         self._settled = False
         self._counted = False
@@ -154,12 +160,13 @@ class SettleOnce:
         if not self._settled and cost > 0:
             await self._extend(cost)
 
-    async def settle(self, tokens: int, cost: Decimal) -> None:
-        """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing."""
+    async def settle(self, tokens: int, cost: Decimal, *, wait: bool = True) -> None:
+        """Replace the estimate by the real ``tokens`` and ``cost`` (``wait``: see
+        ``Reservation.settle``); later calls do nothing."""
         if self._settled:
             return
         self._settled = True
-        self._counted = await self._apply(tokens, cost)
+        self._counted = await self._apply(tokens, cost, wait)
 
 
 def has_limits(limits: TenantConfig | None) -> bool:
@@ -245,8 +252,8 @@ def _nothing_counted() -> None:
     """The give-back of a Route call that was not counted (its tenant has no Route limit)."""
 
 
-async def _nothing_reserved(tokens: int, cost: Decimal) -> bool:
-    del tokens, cost
+async def _nothing_reserved(tokens: int, cost: Decimal, wait: bool) -> bool:
+    del tokens, cost, wait
     return False
 
 
@@ -426,7 +433,9 @@ class LocalAdmission:
         periods: tuple[str, ...],
         tokens: int,
         cost: Decimal,
+        wait: bool,
     ) -> bool:
+        del wait  # applied at once either way
         state = self._state[tenant]
         state.in_flight -= 1
         if entry is not None:
@@ -436,8 +445,8 @@ class LocalAdmission:
             state.spent[period] += cost
         return True
 
-    async def _settle_unlimited(self, tenant: str, state: _TenantState, tokens: int, cost: Decimal) -> bool:
-        del tokens, cost
+    async def _settle_unlimited(self, tenant: str, state: _TenantState, tokens: int, cost: Decimal, wait: bool) -> bool:
+        del tokens, cost, wait
         state.in_flight -= 1
         idle = not (state.in_flight or state.requests or state.routes or state.tokens)
         counted = any(state.spent.values()) or any(state.reserved.values())

@@ -420,6 +420,7 @@ class RedisAdmission:
         self._retrying: asyncio.Task[object] | None = None
         self._dropping = False  # whether the last resend was dropped (``_RETRY_MAX_PENDING``)
         self._closing = asyncio.Event()  # set by ``aclose``: send what waits once more, now
+        self._settling: dict[str, set[asyncio.Task[bool]]] = {}  # tenant -> its settles on their way
 
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
         """Apply new limits (hot reload)."""
@@ -454,10 +455,11 @@ class RedisAdmission:
             return SettleOnce(_nothing_reserved)
         check_fits_token_rate(tenant, limits, tokens)
         check_fits_budgets(tenant, limits, cost)
+        await self._after_settles(tenant)
         now = self._clock()
         periods = _periods(now)
-        reservation_id = uuid.uuid4().hex
         lease_ends = asyncio.get_running_loop().time() + self._lease
+        reservation_id = uuid.uuid4().hex
         try:
             verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, reservation_id, dry=False)
         except BaseException as exc:
@@ -510,6 +512,7 @@ class RedisAdmission:
             return
         check_fits_token_rate(tenant, limits, tokens)
         check_fits_budgets(tenant, limits, cost)
+        await self._after_settles(tenant)
         now = self._clock()
         try:
             verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
@@ -559,6 +562,7 @@ class RedisAdmission:
         limits = self._tenants.get(tenant)
         if limits is None:
             return
+        await self._after_settles(tenant)
         now = self._clock()
         args = [reservation_id, _usd(cost), *_budgets(limits)]
         try:
@@ -588,7 +592,14 @@ class RedisAdmission:
         return LimitExceeded(messages[verdict], reason=verdict, retry_after=_retry_after(detail))
 
     async def _settle(
-        self, tenant: str, reservation_id: str, periods: tuple[str, str], lease_ends: float, tokens: int, cost: Decimal
+        self,
+        tenant: str,
+        reservation_id: str,
+        periods: tuple[str, str],
+        lease_ends: float,
+        tokens: int,
+        cost: Decimal,
+        wait: bool,
     ) -> bool:
         keys = [
             self._key(tenant, "tokn"),
@@ -600,10 +611,31 @@ class RedisAdmission:
         # A settle runs once (``SettleOnce``): a request's cleanup cancelled again while it runs
         # (a drain's cancel, then grpc's) must not lose it, which would hold the tenant's
         # in-flight slot and reserved USD until the lease ends. Its own task runs it to the end.
+        # Not waited for (``wait`` false, a realtime request's end), it is in ``_settling`` until it
+        # ends: this process's next admission, check or ``spent`` of the tenant waits for it, so
+        # that what it frees and counts is seen in order, as when it was waited for.
         task = asyncio.get_running_loop().create_task(self._run_settle(tenant, keys, args, lease_ends))
         self._undoing.add(task)
         task.add_done_callback(self._undoing.discard)
+        settling = self._settling.setdefault(tenant, set())
+        settling.add(task)
+        task.add_done_callback(functools.partial(self._settled, tenant))
+        if not wait:
+            return True
         return await asyncio.shield(task)
+
+    def _settled(self, tenant: str, task: asyncio.Task[bool]) -> None:
+        settling = self._settling.get(tenant)
+        if settling is not None:
+            settling.discard(task)
+            if not settling:
+                del self._settling[tenant]
+
+    async def _after_settles(self, tenant: str) -> None:
+        """Wait until the settles of ``tenant`` on their way from this process have ended (each
+        within the store's timeouts: one that fails is left to the retry loop)."""
+        if settling := self._settling.get(tenant):
+            await asyncio.wait(set(settling))
 
     async def _run_settle(self, tenant: str, keys: list[str], args: list[str | int], lease_ends: float) -> bool:
         try:
@@ -730,6 +762,7 @@ class RedisAdmission:
         limits = self._tenants.get(tenant)
         if limits is None or (limits.daily_budget_usd is None and limits.monthly_budget_usd is None):
             return ""
+        await self._after_settles(tenant)
         periods = _periods(self._clock())
         keys = [self._key(tenant, f"{kind}:{period}") for period in periods for kind in ("spent", "reserved")]
         try:
@@ -741,6 +774,7 @@ class RedisAdmission:
 
     async def spent(self, tenant: str) -> Decimal:
         """What ``tenant`` has spent today (UTC), across replicas."""
+        await self._after_settles(tenant)
         day, _ = _periods(self._clock())
         value = await self._redis.get(self._key(tenant, f"spent:{day}"))
         return Decimal(value or 0).quantize(_PLACES).normalize() if value else Decimal(0)

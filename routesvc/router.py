@@ -859,7 +859,9 @@ class Router:
                 async for event in serving:
                     yield self._final(attempt, event) if isinstance(event, Completion) else event
         finally:
-            await reservation.settle(attempt.tokens, attempt.cost - decision.routing_cost_usd)
+            # Not waited for: the call's status must not wait for the shared store (a slow one
+            # would turn an answer delivered and billed into DEADLINE_EXCEEDED).
+            await reservation.settle(attempt.tokens, attempt.cost - decision.routing_cost_usd, wait=False)
 
     def _final(self, state: _AttemptState, completion: Completion, quality: QualityScore | None = None) -> Completion:
         """The last message: every attempt, their summed usage and cost, and the released score."""

@@ -353,6 +353,7 @@ class _Proxy:
         self._cut_more = asyncio.Event()
         self._slowing = b""
         self._slow: set[asyncio.StreamWriter] = set()  # connections whose replies wait ``delay``
+        self._hurried = asyncio.Event()  # set by ``hurry``: replies waiting ``delay`` pass at once
         self._carried: list[bytes] = []  # what was passed on to Redis
         self._carried_more = asyncio.Event()
         self._held: dict[asyncio.StreamWriter, bytearray] = {}  # upstream writer -> what waits
@@ -392,6 +393,11 @@ class _Proxy:
         """Hold each reply ``delay`` seconds on the connections that carry ``marker`` from now."""
         self._slowing, self.delay = marker, delay
 
+    def hurry(self) -> None:
+        """Pass on at once the replies waiting their ``delay``, and every reply from now on."""
+        self.delay = 0.0
+        self._hurried.set()
+
     async def has_carried(self, marker: bytes) -> None:
         """Wait until ``marker`` has been passed on to Redis."""
         while not any(marker in data for data in self._carried):
@@ -402,8 +408,9 @@ class _Proxy:
         """Hold what the connections open now send, until ``deliver``."""
         self._held = {writer: bytearray() for writer in self._replied if not writer.is_closing()}
 
-    async def deliver(self) -> None:
-        """Pass on to Redis what was held, and wait for Redis's replies to it."""
+    async def deliver(self, *, close: bool = True) -> None:
+        """Pass on to Redis what was held, and wait for Redis's replies to it; then close the
+        connections that carried it (their client gave up), unless ``close`` is false."""
         held, self._held = self._held, {}
         for writer, data in held.items():
             if data:
@@ -411,7 +418,8 @@ class _Proxy:
                 writer.write(bytes(data))
                 await writer.drain()
                 await self._replied[writer].wait()
-            writer.close()
+            if close:
+                writer.close()
 
     @property
     def url(self) -> str:
@@ -469,7 +477,9 @@ class _Proxy:
                 while data := await up_reader.read(65536):
                     self._replied[up_writer].set()
                     if not self._slowing or up_writer in self._slow:
-                        await asyncio.sleep(self.delay)
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(self.delay):
+                                await self._hurried.wait()
                     if self._losing:
                         self._losing = False
                         break
@@ -558,6 +568,54 @@ class TestStoreFailures:
         out = capsys.readouterr().out
         assert "admission_settle_failed" in out
         assert "tenant=t" in out
+
+    async def test_the_status_of_an_answered_call_does_not_wait_for_its_settle(
+        self, redis_url: str, prefix: str, fake: FakeProvider, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Redis holds the settle's reply (a slow store) once a call is answered: the call ends
+        OK without waiting for it (it waited up to the 1 s command timeout, the settle failed and
+        was left to a retry first, and a deadline shorter than that ended a call answered and
+        billed DEADLINE_EXCEEDED); the settle then completes on its first try, counting the cost
+        once and freeing the tenant's one slot for its next call."""
+        fake.set_default(Script(chunk_count=3))
+        async with _Proxy(redis_url) as proxy:
+            config = default_config()
+            config["tenants"] = {"acme": {"max_concurrent": 1, "daily_budget_usd": 1}}
+            config["shared_state"] = {"redis_url": proxy.url, "key_prefix": prefix}
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                admission = server.router.admission
+                proxy.slow_after(admission._settle_script.sha.encode(), 60.0)
+                context = pb.RoutingContext(tenant="acme")
+                first = [event async for event in client.complete(user_chat("hi"), context)]
+                assert "admission_settle_failed" not in capsys.readouterr().out
+                proxy.hurry()
+                second = [event async for event in client.complete(user_chat("hi"), context)]
+                spent = await admission.spent("acme")
+        assert "admission_settle_failed" not in capsys.readouterr().out
+        costs = [Decimal(events[-1].completion.cost_usd) for events in (first, second)]
+        assert spent == sum(costs)
+
+    async def test_a_settle_not_waited_for_is_seen_by_the_next_admission_of_its_tenant(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """A settle on its way, not waited for (a realtime call's end), is held up on the network:
+        the tenant's next admission in the process waits for it, so the tenant's one slot, freed
+        by it, admits the next request (it is not refused CONCURRENCY_LIMITED meanwhile)."""
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, {"t": TenantConfig(max_concurrent=1)}, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            reservation = await admission.admit("t")
+            proxy.hold()
+            await reservation.settle(0, Decimal(0), wait=False)
+            again = asyncio.ensure_future(admission.admit("t"))
+            done, _ = await asyncio.wait({again}, timeout=0.2)
+            await proxy.deliver(close=False)
+            await (await again).settle(0, Decimal(0))
+            await admission.aclose()
+        assert done == set()
 
     async def test_a_settle_whose_reply_is_lost_counts_its_cost_once(self, redis_url: str, prefix: str) -> None:
         """The settle script runs in Redis and its reply is lost with the connection: the settle
