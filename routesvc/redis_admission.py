@@ -310,6 +310,13 @@ def _error_type(exc: BaseException) -> str:
     return type(exc.__cause__ if isinstance(exc, _NotConnected) else exc).__name__
 
 
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a connection that Redis closed under a command (a pooled connection
+    left from before Redis restarted), not one that could not be made or a command timed out:
+    the command is worth one more try on a new connection, if it is safe to run twice."""
+    return isinstance(exc, RedisConnectionError) and not isinstance(exc, _NotConnected)
+
+
 def _store_failed(exc: BaseException) -> SharedStateUnavailable:
     return SharedStateUnavailable(
         f"tenant limits could not be checked: the shared state store failed ({_error_type(exc)})"
@@ -459,18 +466,26 @@ class RedisAdmission:
         now = self._clock()
         periods = _periods(now)
         lease_ends = asyncio.get_running_loop().time() + self._lease
-        reservation_id = uuid.uuid4().hex
-        try:
-            verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, reservation_id, dry=False)
-        except BaseException as exc:
-            if not isinstance(exc, _NotConnected):
-                # The script may have reserved before its reply was lost (the caller cancelled,
-                # a timeout, the connection dropped): undo by id in the background, a no-op if
-                # nothing was reserved, and one the script respects if it arrives after it.
-                self._undo(tenant, reservation_id, periods, lease_ends)
-            if isinstance(exc, RedisError | OSError):
-                raise _store_failed(exc) from exc
-            raise
+        retried = False
+        while True:
+            reservation_id = uuid.uuid4().hex
+            try:
+                verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, reservation_id, dry=False)
+                break
+            except BaseException as exc:
+                if not isinstance(exc, _NotConnected):
+                    # The script may have reserved before its reply was lost (the caller cancelled,
+                    # a timeout, the connection dropped): undo by id in the background, a no-op if
+                    # nothing was reserved, and one the script respects if it arrives after it.
+                    self._undo(tenant, reservation_id, periods, lease_ends)
+                if not retried and _connection_lost(exc):
+                    # Undone by id, so tried once more, under a new id, on a new connection.
+                    retried = True
+                    await self._drop_idle_connections()
+                    continue
+                if isinstance(exc, RedisError | OSError):
+                    raise _store_failed(exc) from exc
+                raise
         if verdict == "OK":
             settle = functools.partial(self._settle, tenant, reservation_id, periods, lease_ends)
             return SettleOnce(settle, functools.partial(self._extend, tenant, reservation_id, periods))
@@ -516,8 +531,14 @@ class RedisAdmission:
         now = self._clock()
         try:
             verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
-        except (RedisError, OSError) as exc:
-            raise _store_failed(exc) from exc
+        except (RedisError, OSError) as first:
+            if not _connection_lost(first):
+                raise _store_failed(first) from first
+            await self._drop_idle_connections()  # it reserves nothing: tried once more
+            try:
+                verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
+            except (RedisError, OSError) as exc:
+                raise _store_failed(exc) from exc
         if verdict != "OK":
             raise self._refusal(tenant, limits, verdict, detail, now)
 
@@ -590,6 +611,12 @@ class RedisAdmission:
             "CONCURRENCY_LIMITED": f"{who} already has {limits.max_concurrent} requests in flight",
         }
         return LimitExceeded(messages[verdict], reason=verdict, retry_after=_retry_after(detail))
+
+    async def _drop_idle_connections(self) -> None:
+        """Close the connections waiting in the pool: one was found closed by Redis (which
+        restarted, or whose connection a proxy dropped), so the others most likely are too, and
+        the next command connects anew."""
+        await self._redis.connection_pool.disconnect(inuse_connections=False)
 
     async def _settle(
         self,

@@ -617,6 +617,32 @@ class TestStoreFailures:
             await admission.aclose()
         assert done == set()
 
+    async def test_an_admission_on_a_connection_redis_closed_is_tried_once_more(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """The pooled connections an admission and a precheck draw turn out closed under their
+        scripts (as those left from before Redis restarted): each is tried once more on a new
+        connection and answered (both were refused SHARED_STATE_UNAVAILABLE though Redis was
+        there); the first try of the admission is undone, so the tenant's one slot is held once."""
+        tenants = {"t": TenantConfig(max_concurrent=1, daily_budget_usd=Decimal(1))}
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            admit_script = admission._admit.sha.encode()
+            proxy.cut_before(admit_script)
+            await admission.precheck("t", cost=Decimal("0.5"))
+            proxy.cut_before(admit_script)
+            reservation = await admission.admit("t", cost=Decimal("0.5"))
+            async with asyncio.timeout(10):
+                while admission._undoing:  # the first try's undo
+                    await asyncio.wait(set(admission._undoing))
+            with pytest.raises(LimitExceeded) as refused:
+                await admission.admit("t")
+            await reservation.settle(0, Decimal("0.1"))
+            await (await admission.admit("t", cost=Decimal("0.9"))).settle(0, Decimal(0))
+            await admission.aclose()
+        assert refused.value.reason == "CONCURRENCY_LIMITED"
+
     async def test_a_settle_whose_reply_is_lost_counts_its_cost_once(self, redis_url: str, prefix: str) -> None:
         """The settle script runs in Redis and its reply is lost with the connection: the settle
         is tried again, and the retry, finding the reservation settled, counts nothing, so the
