@@ -30,6 +30,7 @@ _WINDOW = 60.0
 class _TokenEntry:
     at: float
     tokens: int
+    in_window: bool = True  # false once pruned: its tokens no longer count in ``tokens_used``
 
 
 @dataclass
@@ -37,6 +38,9 @@ class _TenantState:
     requests: collections.deque[float] = field(default_factory=collections.deque)
     routes: collections.deque[float] = field(default_factory=collections.deque)  # Route calls
     tokens: collections.deque[_TokenEntry] = field(default_factory=collections.deque)
+    # The sum of ``tokens``' entries, kept as they come, settle and leave the window, so that a
+    # check costs the same however many the minute holds.
+    tokens_used: int = 0
     in_flight: int = 0
     spent: dict[str, Decimal] = field(default_factory=lambda: collections.defaultdict(Decimal))
     reserved: dict[str, Decimal] = field(default_factory=lambda: collections.defaultdict(Decimal))
@@ -298,7 +302,9 @@ class LocalAdmission:
         while state.routes and state.routes[0] <= now - _WINDOW:
             state.routes.popleft()
         while state.tokens and state.tokens[0].at <= now - _WINDOW:
-            state.tokens.popleft()
+            entry = state.tokens.popleft()
+            entry.in_window = False
+            state.tokens_used -= entry.tokens
 
     async def admit(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> Reservation:
         """Check and reserve one request of ``tokens`` estimated tokens and ``cost`` estimated USD.
@@ -320,6 +326,7 @@ class LocalAdmission:
         if tokens:
             entry = _TokenEntry(now, tokens)
             state.tokens.append(entry)
+            state.tokens_used += tokens
         state.in_flight += 1
         for period in periods:
             state.reserved[period] += cost
@@ -379,15 +386,14 @@ class LocalAdmission:
                 reason="RATE_LIMITED",
                 retry_after=max(0.001, state.requests[0] + _WINDOW - now),
             )
-        if limits.tokens_per_minute is not None and tokens:
-            used = sum(entry.tokens for entry in state.tokens)
-            if used + tokens > limits.tokens_per_minute:
-                retry_after = max(0.001, state.tokens[0].at + _WINDOW - now) if state.tokens else _WINDOW
-                raise LimitExceeded(
-                    f"tenant {quoted_id(tenant)} is over its {limits.tokens_per_minute} tokens per minute",
-                    reason="TOKEN_RATE_LIMITED",
-                    retry_after=retry_after,
-                )
+        tpm = limits.tokens_per_minute
+        if tpm is not None and tokens and state.tokens_used + tokens > tpm:
+            retry_after = max(0.001, state.tokens[0].at + _WINDOW - now) if state.tokens else _WINDOW
+            raise LimitExceeded(
+                f"tenant {quoted_id(tenant)} is over its {tpm} tokens per minute",
+                reason="TOKEN_RATE_LIMITED",
+                retry_after=retry_after,
+            )
         if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
             raise LimitExceeded(
                 f"tenant {quoted_id(tenant)} already has {limits.max_concurrent} requests in flight",
@@ -439,6 +445,8 @@ class LocalAdmission:
         state = self._state[tenant]
         state.in_flight -= 1
         if entry is not None:
+            if entry.in_window:
+                state.tokens_used += tokens - entry.tokens
             entry.tokens = tokens
         for period in periods:
             state.reserved[period] -= held.usd

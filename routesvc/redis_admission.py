@@ -22,7 +22,9 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
     {prefix}T:req              sorted set of admitted request ids scored by time (requests/min)
     {prefix}T:route            sorted set of Route call ids scored by time (Route calls/min)
     {prefix}T:tok              sorted set of reservation ids scored by time, and
-    {prefix}T:tokn             hash reservation id -> tokens (tokens/min)
+    {prefix}T:tokn             hash reservation id -> tokens (tokens/min), and
+    {prefix}T:tokused          hash: ``sum`` of tokn's tokens and ``count`` of its entries,
+                               kept by every script, so that a check reads no reservation
     {prefix}T:inflight         sorted set of reservation ids in flight scored by lease expiry
                                (concurrency)
     {prefix}T:spent:P          spent USD in period P (day:YYYY-MM-DD, month:YYYY-MM),
@@ -117,14 +119,23 @@ local function release(reserved, holds, id)
   end
 end
 local DAY_TTL, MONTH_TTL = 3 * 86400, 40 * 86400
+-- ``tokused`` keeps the tokens of the minute (``sum``) and how many reservations they are
+-- (``count``): changed by ``held_tokens`` where tokn is, and only while it is there (a field
+-- created alone would have no expiry; the admission counts it again from tokn when missing).
+local function held_tokens(tokused, delta, entries)
+  if redis.call('HEXISTS', tokused, 'sum') == 1 then
+    redis.call('HINCRBY', tokused, 'sum', delta)
+    redis.call('HINCRBY', tokused, 'count', entries)
+  end
+end
 """
 )
 
 _ADMIT = (
     _FUNCTIONS
     + """
-local req, tok, tokn, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local req, tok, tokn, inflight, tokused = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local now, window = clock(ARGV[1]), tonumber(ARGV[2])
 local rpm, tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local tokens, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -132,11 +143,36 @@ local day_budget, month_budget = tonumber(ARGV[8]), tonumber(ARGV[9])
 local id, lease = ARGV[10], tonumber(ARGV[11])
 local dry = ARGV[12] == '1'
 -- Undone before it arrived (its caller gave up on it, ``_UNDO``): it reserves nothing.
-if redis.call('EXISTS', KEYS[11]) == 1 then return {'UNDONE', ''} end
+if redis.call('EXISTS', KEYS[12]) == 1 then return {'UNDONE', ''} end
 redis.call('ZREMRANGEBYSCORE', req, '-inf', now - window)
+-- The tokens of the minute: the running total, less each reservation as it leaves the window
+-- (each leaves once: the same work in all as the admissions that added them), so a check costs
+-- the same however many the minute holds. Counted again from tokn (once) when the total is
+-- missing, or when its count is not the window's (an older replica sharing the keys adds and
+-- prunes without it).
+local totals = redis.call('HMGET', tokused, 'sum', 'count')
+local used, counted = tonumber(totals[1]), tonumber(totals[2])
+local stored = used
 local expired = redis.call('ZRANGEBYSCORE', tok, '-inf', now - window)
-for _, old in ipairs(expired) do redis.call('HDEL', tokn, old) end
+for _, old in ipairs(expired) do
+  local held = redis.call('HGET', tokn, old)
+  if held and used then used, counted = used - tonumber(held), counted - 1 end
+  redis.call('HDEL', tokn, old)
+end
 redis.call('ZREMRANGEBYSCORE', tok, '-inf', now - window)
+local entries = redis.call('ZCARD', tok)
+if not used or counted ~= entries or used < 0 then
+  used = 0
+  if entries > 0 then
+    for _, value in ipairs(redis.call('HVALS', tokn)) do used = used + tonumber(value) end
+  end
+  stored = nil
+end
+if used ~= stored or #expired > 0 then
+  redis.call('HSET', tokused, 'sum', string.format('%d', used))
+  redis.call('HSET', tokused, 'count', entries)
+  redis.call('EXPIRE', tokused, math.ceil(window) + 1)
+end
 -- A lease that ran out is a request whose settle never came: free its slot and its USD. Only
 -- the current periods' counters are corrected (an older period's is read by no check again),
 -- so a request admitted yesterday frees this month's USD and leaves yesterday's to expire.
@@ -150,8 +186,6 @@ if rpm > 0 and redis.call('ZCARD', req) >= rpm then
   return {'RATE_LIMITED', tostring(tonumber(oldest[2]) + window - now)}
 end
 if tpm > 0 and tokens > 0 then
-  local used = 0
-  for _, value in ipairs(redis.call('HVALS', tokn)) do used = used + tonumber(value) end
   if used + tokens > tpm then
     local oldest = redis.call('ZRANGE', tok, 0, 0, 'WITHSCORES')
     local wait = window
@@ -171,8 +205,11 @@ redis.call('EXPIRE', req, math.ceil(window) + 1)
 if tokens > 0 then
   redis.call('ZADD', tok, now, id)
   redis.call('HSET', tokn, id, tokens)
+  redis.call('HINCRBY', tokused, 'sum', tokens)
+  redis.call('HINCRBY', tokused, 'count', 1)
   redis.call('EXPIRE', tok, math.ceil(window) + 1)
   redis.call('EXPIRE', tokn, math.ceil(window) + 1)
+  redis.call('EXPIRE', tokused, math.ceil(window) + 1)
 end
 redis.call('ZADD', inflight, now + lease, id)
 reserve(res_d, holds_d, id, ARGV[7], DAY_TTL)
@@ -228,6 +265,7 @@ _SETTLE = (
     + """
 local tokn, inflight, settled = KEYS[1], KEYS[2], KEYS[3]
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local tokused = KEYS[10]
 local id, tokens, cost, marked_for, retry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
 if redis.call('EXISTS', settled) == 1 then return 0 end
 if retry then
@@ -235,7 +273,11 @@ if retry then
   redis.call('SET', settled, '1', 'EX', marked_for)
 end
 redis.call('ZREM', inflight, id)
-if redis.call('HEXISTS', tokn, id) == 1 then redis.call('HSET', tokn, id, tokens) end
+local held = redis.call('HGET', tokn, id)
+if held then
+  redis.call('HSET', tokn, id, tokens)
+  held_tokens(tokused, tonumber(tokens) - tonumber(held), 0)
+end
 release(res_d, holds_d, id)
 release(res_m, holds_m, id)
 redis.call('INCRBYFLOAT', spent_d, cost)
@@ -254,13 +296,17 @@ return 1
 _UNDO = (
     _FUNCTIONS
     + """
-local req, tok, tokn, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local res_d, res_m, holds_d, holds_m, undone = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local req, tok, tokn, inflight, tokused = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local res_d, res_m, holds_d, holds_m, undone = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local id, marked_for = ARGV[1], ARGV[2]
 redis.call('SET', undone, '1', 'EX', marked_for)
 redis.call('ZREM', req, id)
 redis.call('ZREM', tok, id)
-redis.call('HDEL', tokn, id)
+local held = redis.call('HGET', tokn, id)
+if held then
+  redis.call('HDEL', tokn, id)
+  held_tokens(tokused, -tonumber(held), -1)
+end
 redis.call('ZREM', inflight, id)
 release(res_d, holds_d, id)
 release(res_m, holds_m, id)
@@ -443,7 +489,7 @@ class RedisAdmission:
     def _window_keys(self, tenant: str) -> list[str]:
         """The requests, tokens and in-flight keys an admission reserves in and its undo gives
         back, in the order the scripts take them."""
-        return [self._key(tenant, name) for name in ("req", "tok", "tokn", "inflight")]
+        return [self._key(tenant, name) for name in ("req", "tok", "tokn", "inflight", "tokused")]
 
     def _usd_keys(self, tenant: str, periods: tuple[str, str]) -> list[str]:
         """The spent, reserved and reservations keys of the day and month of ``periods``, in the
@@ -633,6 +679,7 @@ class RedisAdmission:
             self._key(tenant, "inflight"),
             self._key(tenant, f"settled:{reservation_id}"),
             *self._usd_keys(tenant, periods),
+            self._key(tenant, "tokused"),
         ]
         args: list[str | int] = [reservation_id, tokens, _usd(cost), self._marked_for]
         # A settle runs once (``SettleOnce``): a request's cleanup cancelled again while it runs

@@ -7,13 +7,16 @@ import asyncio
 import contextlib
 import datetime
 import gc
-from collections.abc import AsyncIterator
+import sys
+import types
+from collections.abc import AsyncIterator, Awaitable
 from decimal import Decimal
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from routesvc import admission as admission_module
 from routesvc.admission import Admission, LocalAdmission
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
@@ -99,6 +102,50 @@ async def budgets_refuse_as_waiting_would_help(admission: Admission, clock: Cloc
     assert (day.value.reason, day.value.retry_after) == ("BUDGET_EXCEEDED", 43_200)
     assert (month.value.reason, month.value.retry_after) == ("BUDGET_EXCEEDED", 16.5 * 86_400)
     assert "monthly budget of 2 USD" in month.value.message
+
+
+async def tokens_per_minute_follow_settles_and_the_window(admission: Admission, clock: Clock) -> None:
+    """Tenant ``t`` with 100 tokens a minute, ``clock`` scoring the window: 60 reserved and settled
+    at 30 leave room for 70; once that first minute ends, 30 more fit beside the 70; a
+    reservation settled after its own minute ended counts nothing in the next one."""
+    first = await admission.admit("t", tokens=60)
+    await first.settle(30, Decimal(0))
+    clock.now += 30
+    held = await admission.admit("t", tokens=70)
+    with pytest.raises(LimitExceeded) as caught:
+        await admission.admit("t", tokens=1)
+    assert caught.value.reason == "TOKEN_RATE_LIMITED"
+    clock.now += 31  # the first reservation's minute is over
+    await (await admission.admit("t", tokens=30)).settle(30, Decimal(0))
+    with pytest.raises(LimitExceeded):
+        await admission.admit("t", tokens=1)
+    clock.now += 30  # the held one's minute is over
+    await held.settle(10, Decimal(0))
+    await (await admission.admit("t", tokens=70)).settle(70, Decimal(0))
+    with pytest.raises(LimitExceeded):
+        await admission.admit("t", tokens=1)
+
+
+async def lines_run_in_admission(work: Awaitable[object]) -> int:
+    """How many lines of ``routesvc/admission.py`` awaiting ``work`` runs: the work an admission
+    does, counted without a clock."""
+    lines = 0
+
+    def count(frame: types.FrameType, event: str, arg: object) -> object:
+        nonlocal lines
+        lines += event == "line"
+        return count
+
+    def trace(frame: types.FrameType, event: str, arg: object) -> object:
+        return count if frame.f_code.co_filename == admission_module.__file__ else None
+
+    previous = sys.gettrace()
+    sys.settrace(trace)  # type: ignore[arg-type]  # typeshed's TraceFunction wants the exact alias
+    try:
+        await work
+    finally:
+        sys.settrace(previous)
+    return lines
 
 
 def give_back_and_charge_in_their_periods(admission: Admission, now: float) -> None:
@@ -238,6 +285,28 @@ class TestAdmission:
         assert admission.in_flight("t") == 1
         await held.settle(20, Decimal(0))
         await admission.admit("t", tokens=80)
+
+    async def test_tokens_per_minute_follow_settles_and_the_window(self) -> None:
+        """As the shared admission counts them: see ``tokens_per_minute_follow_settles_and_the_window``."""
+        clock = Clock()
+        admission = LocalAdmission({"t": TenantConfig(tokens_per_minute=100)}, clock=clock)
+        await tokens_per_minute_follow_settles_and_the_window(admission, clock)
+
+    async def test_a_token_rate_check_costs_the_same_however_many_reservations_the_minute_holds(self) -> None:
+        """An admission of a tenant with 2,000 reservations in its minute runs as many lines as
+        one with 10 (it summed every reservation of the minute, on the event loop, so its cost
+        grew with the tenant's rate), and the limit still holds exactly."""
+        clock = Clock()
+        admission = LocalAdmission({"t": TenantConfig(tokens_per_minute=5 * 2_001)}, clock=clock)
+        lines = []
+        for filled in (10, 2_000):
+            while len(admission._state["t"].tokens) < filled:
+                await (await admission.admit("t", tokens=5)).settle(5, Decimal(0))
+            lines.append(await lines_run_in_admission(admission.admit("t", tokens=5)))
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.admit("t", tokens=1)
+        assert lines[0] == lines[1]
+        assert caught.value.reason == "TOKEN_RATE_LIMITED"
 
     async def test_a_request_larger_than_the_token_rate_is_too_large_not_retryable(self) -> None:
         """A request estimated at 600 tokens for a 500-tokens-per-minute tenant could never be

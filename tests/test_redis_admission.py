@@ -36,6 +36,7 @@ from tests.test_limits import (
     extends_within_the_budget,
     give_back_and_charge_in_their_periods,
     precheck_tokens_and_cost,
+    tokens_per_minute_follow_settles_and_the_window,
 )
 from tests.test_validation import error_info
 
@@ -245,6 +246,41 @@ class TestSharedLimits:
         assert caught.value.reason == "TOKEN_RATE_LIMITED"
         for replica in (first, second):
             await replica.aclose()
+
+    async def test_tokens_per_minute_follow_settles_and_the_window(self, redis_url: str, prefix: str) -> None:
+        """As per process, across replicas: see ``tokens_per_minute_follow_settles_and_the_window``."""
+        clock = Clock()
+        first, second = [
+            RedisAdmission(redis_url, {"t": TenantConfig(tokens_per_minute=100)}, prefix=prefix, clock=clock)
+            for _ in range(2)
+        ]
+        await tokens_per_minute_follow_settles_and_the_window(first, clock)
+        with pytest.raises(LimitExceeded):
+            await second.admit("t", tokens=1)
+        for replica in (first, second):
+            await replica.aclose()
+
+    async def test_a_token_rate_check_reads_no_reservation_of_the_minute(self, redis_url: str, prefix: str) -> None:
+        """A tenant with 1,000 reservations in its minute: its admissions read none of them (the
+        script summed every one, HVALS, in Redis's one thread, its cost growing with the tenant's
+        rate, until a busy tenant made Redis time out for every tenant), and the limit still
+        holds exactly."""
+        clock = Clock()
+        limits = {"t": TenantConfig(tokens_per_minute=5 * 1_011)}
+        admission = RedisAdmission(redis_url, limits, prefix=prefix, clock=clock)
+        for _ in range(1_000):
+            await (await admission.admit("t", tokens=5)).settle(5, Decimal(0))
+        direct = redis.asyncio.Redis.from_url(redis_url)
+        before = (await direct.info("commandstats")).get("cmdstat_hvals", {}).get("calls", 0)
+        for _ in range(11):
+            await (await admission.admit("t", tokens=5)).settle(5, Decimal(0))
+        after = (await direct.info("commandstats")).get("cmdstat_hvals", {}).get("calls", 0)
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.admit("t", tokens=1)
+        await direct.aclose()
+        await admission.aclose()
+        assert after == before
+        assert caught.value.reason == "TOKEN_RATE_LIMITED"
 
     async def test_a_request_larger_than_the_token_rate_is_too_large(self, redis_url: str, prefix: str) -> None:
         """As per process: an estimate over the tenant's tokens per minute is REQUEST_TOO_LARGE,
