@@ -233,6 +233,30 @@ def budget_name(period: str) -> str:
     return "daily" if period.startswith("day") else "monthly"
 
 
+# The retry delay of a budget refused only for what requests in flight have reserved: they end,
+# and settle (most often far under the estimates they hold), within seconds, not at the period's end.
+HELD_IN_FLIGHT_RETRY_SECONDS = 1.0
+
+
+def budget_exceeded(
+    tenant: str, limits: TenantConfig, period: str, now: float, *, held_in_flight: bool
+) -> LimitExceeded:
+    """The refusal of a request that ``period``'s budget cannot take (wall time ``now``): told to
+    retry at the period's end when what was spent blocks it, or in a second (``held_in_flight``,
+    said in the message and the ErrorInfo) when only what requests in flight reserved does."""
+    budget = limits.daily_budget_usd if period.startswith("day") else limits.monthly_budget_usd
+    name, amount = budget_name(period), format_usd(budget or Decimal(0))
+    message = f"tenant {quoted_id(tenant)} would exceed its {name} budget of {amount} USD"
+    if held_in_flight:
+        return LimitExceeded(
+            f"{message} with what its requests in flight have reserved; retry once they end",
+            reason="BUDGET_EXCEEDED",
+            retry_after=HELD_IN_FLIGHT_RETRY_SECONDS,
+            held_in_flight=True,
+        )
+    return LimitExceeded(message, reason="BUDGET_EXCEEDED", retry_after=_seconds_to_next(period, now))
+
+
 def exhausted_budget(
     tenant: str, limits: TenantConfig, periods: Sequence[str], committed: Sequence[Decimal], cost: Decimal = Decimal(0)
 ) -> str:
@@ -407,18 +431,28 @@ class LocalAdmission:
 
     @staticmethod
     def _check_budgets(
-        tenant: str, limits: TenantConfig, state: _TenantState, periods: Sequence[str], wall: float, cost: Decimal
+        tenant: str,
+        limits: TenantConfig,
+        state: _TenantState,
+        periods: Sequence[str],
+        wall: float,
+        cost: Decimal,
+        own: Decimal = Decimal(0),
     ) -> None:
         # The month first: when both budgets are passed, the retry delay is the later boundary's.
+        # One passed only with what requests in flight reserved (spent, plus ``own``, what the
+        # request itself holds, plus ``cost`` fit) says so, with a short delay, unless the other
+        # budget's spend blocks the request too.
         budgets = zip(periods, (limits.daily_budget_usd, limits.monthly_budget_usd), strict=True)
+        held = ""
         for period, budget in reversed(list(budgets)):
-            if budget is not None and state.spent[period] + state.reserved[period] + cost > budget:
-                raise LimitExceeded(
-                    f"tenant {quoted_id(tenant)} would exceed its {budget_name(period)} budget of"
-                    f" {format_usd(budget)} USD",
-                    reason="BUDGET_EXCEEDED",
-                    retry_after=_seconds_to_next(period, wall),
-                )
+            if budget is None or state.spent[period] + state.reserved[period] + cost <= budget:
+                continue
+            if state.spent[period] + own + cost > budget:
+                raise budget_exceeded(tenant, limits, period, wall, held_in_flight=False)
+            held = held or period
+        if held:
+            raise budget_exceeded(tenant, limits, held, wall, held_in_flight=True)
 
     async def _extend(self, tenant: str, held: _Held, periods: tuple[str, str], cost: Decimal) -> None:
         # Checked against the budgets as they stand now (a reload may have changed them), counted in
@@ -426,7 +460,7 @@ class LocalAdmission:
         limits = self._tenants.get(tenant)
         state = self._state[tenant]
         if limits is not None:
-            self._check_budgets(tenant, limits, state, periods, self._wall_clock(), cost)
+            self._check_budgets(tenant, limits, state, periods, self._wall_clock(), cost, held.usd)
         for period in periods:
             state.reserved[period] += cost
         held.usd += cost

@@ -62,8 +62,7 @@ from routesvc.admission import (
     _nothing_counted,
     _nothing_reserved,
     _periods,
-    _seconds_to_next,
-    budget_name,
+    budget_exceeded,
     check_fits_budgets,
     check_fits_token_rate,
     exhausted_budget,
@@ -104,6 +103,25 @@ _FUNCTIONS = (
 local function amount(key) return tonumber(redis.call('GET', key) or '0') end
 local function over(budget, spent, reserved, cost)
   return budget > 0 and amount(spent) + amount(reserved) + cost > budget + 1e-9
+end
+-- What keeps a budget from taking ``cost`` more: '' nothing, 'spent' what was spent (with
+-- ``own``, what the request holds itself), 'reserved' only what requests in flight hold.
+local function blocked(budget, spent, reserved, cost, own)
+  if not over(budget, spent, reserved, cost) then return '' end
+  if amount(spent) + own + cost > budget + 1e-9 then return 'spent' end
+  return 'reserved'
+end
+-- The month first: when both budgets are passed, the retry delay is the later boundary's; a
+-- budget passed only with what requests in flight hold is said so (a short retry delay) when
+-- the other's spend does not block the request too.
+local function budgets_refuse(month_budget, spent_m, res_m, own_m, day_budget, spent_d, res_d, own_d, cost)
+  local month = blocked(month_budget, spent_m, res_m, cost, own_m)
+  if month == 'spent' then return {'BUDGET_EXCEEDED', 'month'} end
+  local day = blocked(day_budget, spent_d, res_d, cost, own_d)
+  if day == 'spent' then return {'BUDGET_EXCEEDED', 'day'} end
+  if month ~= '' then return {'BUDGET_EXCEEDED', 'month:reserved'} end
+  if day ~= '' then return {'BUDGET_EXCEEDED', 'day:reserved'} end
+  return nil
 end
 local function reserve(reserved, holds, id, usd, ttl)
   redis.call('INCRBYFLOAT', reserved, usd)
@@ -196,9 +214,8 @@ end
 if maxc > 0 and redis.call('ZCARD', inflight) >= maxc then
   return {'CONCURRENCY_LIMITED', '1'}
 end
--- The month first: when both budgets are passed, the retry delay is the later boundary's.
-if over(month_budget, spent_m, res_m, cost) then return {'BUDGET_EXCEEDED', 'month'} end
-if over(day_budget, spent_d, res_d, cost) then return {'BUDGET_EXCEEDED', 'day'} end
+local refused = budgets_refuse(month_budget, spent_m, res_m, 0, day_budget, spent_d, res_d, 0, cost)
+if refused then return refused end
 if dry then return {'OK', ''} end
 redis.call('ZADD', req, now, id)
 redis.call('EXPIRE', req, math.ceil(window) + 1)
@@ -242,9 +259,10 @@ _EXTEND = (
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local id, cost = ARGV[1], tonumber(ARGV[2])
 local day_budget, month_budget = tonumber(ARGV[3]), tonumber(ARGV[4])
--- The month first: when both budgets are passed, the retry delay is the later boundary's.
-if over(month_budget, spent_m, res_m, cost) then return {'BUDGET_EXCEEDED', 'month'} end
-if over(day_budget, spent_d, res_d, cost) then return {'BUDGET_EXCEEDED', 'day'} end
+local own_d = tonumber(redis.call('HGET', holds_d, id) or '0')
+local own_m = tonumber(redis.call('HGET', holds_m, id) or '0')
+local refused = budgets_refuse(month_budget, spent_m, res_m, own_m, day_budget, spent_d, res_d, own_d, cost)
+if refused then return refused end
 if redis.call('HEXISTS', holds_d, id) == 1 then reserve(res_d, holds_d, id, ARGV[2], DAY_TTL) end
 if redis.call('HEXISTS', holds_m, id) == 1 then reserve(res_m, holds_m, id, ARGV[2], MONTH_TTL) end
 return {'OK', ''}
@@ -644,13 +662,9 @@ class RedisAdmission:
         day, month = _periods(now)
         who = f"tenant {quoted_id(tenant)}"
         if verdict == "BUDGET_EXCEEDED":
-            period = day if detail == "day" else month
-            budget = limits.daily_budget_usd if detail == "day" else limits.monthly_budget_usd
-            return LimitExceeded(
-                f"{who} would exceed its {budget_name(period)} budget of {format_usd(budget or Decimal(0))} USD",
-                reason="BUDGET_EXCEEDED",
-                retry_after=_seconds_to_next(period, now),
-            )
+            name, _, held = detail.partition(":")
+            period = day if name == "day" else month
+            return budget_exceeded(tenant, limits, period, now, held_in_flight=held == "reserved")
         messages = {
             "RATE_LIMITED": f"{who} is over its {limits.requests_per_minute} requests per minute",
             "TOKEN_RATE_LIMITED": f"{who} is over its {limits.tokens_per_minute} tokens per minute",

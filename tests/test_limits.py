@@ -104,6 +104,32 @@ async def budgets_refuse_as_waiting_would_help(admission: Admission, clock: Cloc
     assert "monthly budget of 2 USD" in month.value.message
 
 
+async def budgets_held_in_flight_ask_for_a_short_wait(admission: Admission, clock: Clock) -> None:
+    """Tenant ``t`` with $1 a day and $2 a month, ``clock`` at 2030-01-15 12:00 UTC, 0.3 spent and
+    0.6 reserved by a request in flight: a request of 0.2, which what was spent leaves room for,
+    is refused BUDGET_EXCEEDED with a retry delay of a second and a message saying requests in
+    flight hold the budget (it was told to wait for the next day, half a day); once that request
+    settles at 0.1 it is admitted; one of 0.7 (0.4 spent) is told the next day."""
+    await (await admission.admit("t", cost=Decimal("0.3"))).settle(0, Decimal("0.3"))
+    in_flight = await admission.admit("t", cost=Decimal("0.6"))
+    with pytest.raises(LimitExceeded) as held:
+        await admission.admit("t", cost=Decimal("0.2"))
+    with pytest.raises(LimitExceeded) as prechecked:
+        await admission.precheck("t", cost=Decimal("0.2"))
+    await in_flight.settle(0, Decimal("0.1"))
+    await (await admission.admit("t", cost=Decimal("0.2"))).settle(0, Decimal(0))
+    with pytest.raises(LimitExceeded) as spent:
+        await admission.admit("t", cost=Decimal("0.7"))
+    for refused in (held.value, prechecked.value):
+        assert (refused.reason, refused.retry_after, refused.held_in_flight) == ("BUDGET_EXCEEDED", 1.0, True)
+        assert "with what its requests in flight have reserved" in refused.message
+    assert (spent.value.reason, spent.value.retry_after, spent.value.held_in_flight) == (
+        "BUDGET_EXCEEDED",
+        43_200,
+        False,
+    )
+
+
 async def tokens_per_minute_follow_settles_and_the_window(admission: Admission, clock: Clock) -> None:
     """Tenant ``t`` with 100 tokens a minute, ``clock`` scoring the window: 60 reserved and settled
     at 30 leave room for 70; once that first minute ends, 30 more fit beside the 70; a
@@ -344,6 +370,13 @@ class TestAdmission:
         budgets = TenantConfig(daily_budget_usd=Decimal(1), monthly_budget_usd=Decimal(2))
         await budgets_refuse_as_waiting_would_help(LocalAdmission({"t": budgets}, wall_clock=clock), clock)
 
+    async def test_budgets_held_in_flight_ask_for_a_short_wait(self) -> None:
+        """See ``budgets_held_in_flight_ask_for_a_short_wait``."""
+        clock = Clock()
+        clock.now = datetime.datetime(2030, 1, 15, 12, tzinfo=datetime.UTC).timestamp()
+        budgets = TenantConfig(daily_budget_usd=Decimal(1), monthly_budget_usd=Decimal(2))
+        await budgets_held_in_flight_ask_for_a_short_wait(LocalAdmission({"t": budgets}, wall_clock=clock), clock)
+
     async def test_extend_reserves_more_within_the_budgets_and_settle_releases_it(self) -> None:
         """A request about to call a pricier model reserves the difference: refused (nothing more
         reserved) when the budget cannot take it; the settle releases the estimate and every
@@ -527,6 +560,39 @@ class TestTenantLimitsOverGrpc:
         assert [r.model for r in fake.requests] == ["gpt-4o"]
         spent = await server.router.admission.spent("acme")
         assert Decimal("0.04") < spent <= Decimal("0.08")
+
+    @pytest.mark.parametrize("limited", [{"tenant": {"daily_budget_usd": "0.0005"}}], indirect=True)
+    async def test_a_budget_held_by_a_call_in_flight_is_refused_with_a_short_wait(
+        self, limited: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """A call in flight holds its estimate of a $0.0005 daily budget, which two estimates pass:
+        a second call is refused RESOURCE_EXHAUSTED BUDGET_EXCEEDED with a RetryInfo of a second
+        (it was the time to the next UTC day) and ErrorInfo metadata
+        ``held_by_requests_in_flight``; once the first ends, the second is served."""
+        _, client = limited
+        fake.set_default(Script(first_chunk_delay=30))
+
+        async def first_call() -> None:
+            async for _ in client.complete(user_chat("hi"), ACME):
+                pass
+
+        first = asyncio.ensure_future(first_call())
+        async with asyncio.timeout(10):
+            while not fake.requests:  # noqa: ASYNC110 - the fake has no event to wait on
+                await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in client.complete(user_chat("hi"), ACME):
+                pass
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        fake.set_default(Script())
+        served = [event async for event in client.complete(user_chat("hi"), ACME)]
+        info = error_info(caught.value)
+        assert (caught.value.code(), info.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "BUDGET_EXCEEDED")
+        assert dict(info.metadata) == {"held_by_requests_in_flight": "true"}
+        assert retry_delay(caught.value) == 1.0
+        assert served[-1].HasField("completion")
 
     @pytest.mark.parametrize("limited", [{"tenant": {"daily_budget_usd": "0.0005"}}], indirect=True)
     async def test_budget_exhaustion_stops_further_calls(

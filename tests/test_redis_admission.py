@@ -32,6 +32,7 @@ from tests.test_batches import budget_config, submit
 from tests.test_limits import (
     PRECHECKED,
     Clock,
+    budgets_held_in_flight_ask_for_a_short_wait,
     budgets_refuse_as_waiting_would_help,
     extends_within_the_budget,
     give_back_and_charge_in_their_periods,
@@ -306,6 +307,14 @@ class TestSharedLimits:
         await budgets_refuse_as_waiting_would_help(admission, clock)
         await admission.aclose()
 
+    async def test_budgets_held_in_flight_ask_for_a_short_wait(self, redis_url: str, prefix: str) -> None:
+        """As per process: see ``budgets_held_in_flight_ask_for_a_short_wait``."""
+        clock = _mid_january()
+        budgets = TenantConfig(daily_budget_usd=Decimal(1), monthly_budget_usd=Decimal(2))
+        admission = RedisAdmission(redis_url, {"t": budgets}, prefix=prefix, wall_clock=clock)
+        await budgets_held_in_flight_ask_for_a_short_wait(admission, clock)
+        await admission.aclose()
+
     async def test_sums_within_the_budget_in_decimals_are_within_it_in_redis(self, redis_url: str, prefix: str) -> None:
         """A 0.3 USD budget: 0.1 spent, then 0.2 more is admitted, as ``LocalAdmission`` admits it
         (the doubles in Redis sum to a hair over 0.3), and so is an extension to 0.3; a millionth
@@ -339,7 +348,9 @@ class TestExtensions:
     ) -> None:
         """A $1 monthly budget: 0.25 admitted and extended by 0.5 on one replica leaves the other
         0.25; an extension past it is refused with the admission's reason, message and retry
-        delay (to the next month), and a reservation admitted on the other replica fills it."""
+        delay (to the next month, as what the request holds itself is never freed for it); an
+        admission on the other replica, which only what that request holds refuses, is told to
+        retry in a second; and a reservation admitted on the other replica fills it."""
         clock = _mid_january()
         first, second = [
             RedisAdmission(
@@ -354,8 +365,13 @@ class TestExtensions:
         with pytest.raises(LimitExceeded) as extending:
             await held.extend(Decimal("0.3"))
         expected = ("BUDGET_EXCEEDED", "tenant 't' would exceed its monthly budget of 1 USD", 16.5 * 86400)
-        assert expected == (admitting.value.reason, admitting.value.message, admitting.value.retry_after)
         assert expected == (extending.value.reason, extending.value.message, extending.value.retry_after)
+        held_message = f"{expected[1]} with what its requests in flight have reserved; retry once they end"
+        assert (expected[0], held_message, 1.0) == (
+            admitting.value.reason,
+            admitting.value.message,
+            admitting.value.retry_after,
+        )
         other = await second.admit("t", cost=Decimal("0.25"))
         assert await second.exhausted("t") == "tenant 't' has spent or reserved its monthly budget"
         await held.settle(0, Decimal("0.5"))
