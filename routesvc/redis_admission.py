@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import decimal
 import functools
 import math
 import random
@@ -394,7 +395,11 @@ def _retry_after(detail: str) -> float:
 
 
 def _usd(amount: Decimal) -> str:
-    return format_usd(amount.quantize(_PLACES))
+    # In a context with room for every digit of ``amount`` and the 12 places: in the default one
+    # (28 digits) a budget of 1e16 USD or more, which the config accepts as "no real cap", raised
+    # decimal.InvalidOperation, and every call of its tenant ended INTERNAL.
+    digits = decimal.Context(prec=max(decimal.getcontext().prec, amount.adjusted() + 14))
+    return format_usd(amount.quantize(_PLACES, context=digits))
 
 
 def _budgets(limits: TenantConfig) -> list[str | int]:

@@ -307,6 +307,25 @@ class TestSharedLimits:
         await budgets_refuse_as_waiting_would_help(admission, clock)
         await admission.aclose()
 
+    async def test_a_budget_too_large_to_reach_is_counted_as_any_other(self, redis_url: str, prefix: str) -> None:
+        """Budgets of 1e16 USD a month and 1e30 a day (a "no real cap" the config accepts): the
+        tenant is admitted, extended, settled and checked as per process (every admission raised
+        decimal.InvalidOperation, formatting the budget with 12 places in 28 digits: INTERNAL)."""
+        budgets = TenantConfig(daily_budget_usd=Decimal("1e30"), monthly_budget_usd=Decimal("1e16"))
+        admission = RedisAdmission(redis_url, {"t": budgets}, prefix=prefix)
+        await admission.precheck("t", tokens=10, cost=Decimal("0.5"))
+        reservation = await admission.admit("t", tokens=10, cost=Decimal("0.5"))
+        await reservation.extend(Decimal("0.25"))
+        await reservation.settle(10, Decimal("0.6"))
+        exhausted = await admission.exhausted("t", Decimal("1e15"))
+        spent = await admission.spent("t")
+        await admission.admit("t", cost=Decimal("6e15"))
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.admit("t", cost=Decimal("6e15"))
+        await admission.aclose()
+        assert (exhausted, spent) == ("", Decimal("0.6"))
+        assert "monthly budget of 10000000000000000 USD" in caught.value.message
+
     async def test_budgets_held_in_flight_ask_for_a_short_wait(self, redis_url: str, prefix: str) -> None:
         """As per process: see ``budgets_held_in_flight_ask_for_a_short_wait``."""
         clock = _mid_january()
