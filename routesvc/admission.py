@@ -30,6 +30,7 @@ _WINDOW = 60.0
 class _TokenEntry:
     at: float
     tokens: int
+    in_window: bool = True  # false once pruned: its tokens no longer count in ``tokens_used``
 
 
 @dataclass
@@ -37,6 +38,9 @@ class _TenantState:
     requests: collections.deque[float] = field(default_factory=collections.deque)
     routes: collections.deque[float] = field(default_factory=collections.deque)  # Route calls
     tokens: collections.deque[_TokenEntry] = field(default_factory=collections.deque)
+    # The sum of ``tokens``' entries, kept as they come, settle and leave the window, so that a
+    # check costs the same however many the minute holds.
+    tokens_used: int = 0
     in_flight: int = 0
     spent: dict[str, Decimal] = field(default_factory=lambda: collections.defaultdict(Decimal))
     reserved: dict[str, Decimal] = field(default_factory=lambda: collections.defaultdict(Decimal))
@@ -69,8 +73,12 @@ class Reservation(Protocol):
         it with the rest. Does nothing once settled."""
         ...
 
-    async def settle(self, tokens: int, cost: Decimal) -> None:
-        """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing."""
+    async def settle(self, tokens: int, cost: Decimal, *, wait: bool = True) -> None:
+        """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing.
+        ``wait=False``: return once the settle is on its way, without waiting for the shared
+        store's reply (a request's answer and status must not wait for the store): ``aclose``
+        waits for it, and so do this process's next admission, check and ``spent`` of the tenant;
+        ``counted`` is then true (on its way, as a settle left to a retry)."""
         ...
 
 
@@ -136,10 +144,12 @@ class SettleOnce:
 
     def __init__(
         self,
-        apply: Callable[[int, Decimal], Awaitable[bool]],
+        apply: Callable[[int, Decimal, bool], Awaitable[bool]],
         extend: Callable[[Decimal], Awaitable[None]] = _nothing_extended,
     ) -> None:
-        self._apply = apply  # returns whether it counted the request in a budget
+        # ``apply(tokens, cost, wait)`` returns whether it counted the request in a budget (with
+        # ``wait`` false: whether it is on its way)
+        self._apply = apply
         self._extend = extend
         self._settled = False
         self._counted = False
@@ -154,12 +164,13 @@ class SettleOnce:
         if not self._settled and cost > 0:
             await self._extend(cost)
 
-    async def settle(self, tokens: int, cost: Decimal) -> None:
-        """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing."""
+    async def settle(self, tokens: int, cost: Decimal, *, wait: bool = True) -> None:
+        """Replace the estimate by the real ``tokens`` and ``cost`` (``wait``: see
+        ``Reservation.settle``); later calls do nothing."""
         if self._settled:
             return
         self._settled = True
-        self._counted = await self._apply(tokens, cost)
+        self._counted = await self._apply(tokens, cost, wait)
 
 
 def has_limits(limits: TenantConfig | None) -> bool:
@@ -222,6 +233,30 @@ def budget_name(period: str) -> str:
     return "daily" if period.startswith("day") else "monthly"
 
 
+# The retry delay of a budget refused only for what requests in flight have reserved: they end,
+# and settle (most often far under the estimates they hold), within seconds, not at the period's end.
+HELD_IN_FLIGHT_RETRY_SECONDS = 1.0
+
+
+def budget_exceeded(
+    tenant: str, limits: TenantConfig, period: str, now: float, *, held_in_flight: bool
+) -> LimitExceeded:
+    """The refusal of a request that ``period``'s budget cannot take (wall time ``now``): told to
+    retry at the period's end when what was spent blocks it, or in a second (``held_in_flight``,
+    said in the message and the ErrorInfo) when only what requests in flight reserved does."""
+    budget = limits.daily_budget_usd if period.startswith("day") else limits.monthly_budget_usd
+    name, amount = budget_name(period), format_usd(budget or Decimal(0))
+    message = f"tenant {quoted_id(tenant)} would exceed its {name} budget of {amount} USD"
+    if held_in_flight:
+        return LimitExceeded(
+            f"{message} with what its requests in flight have reserved; retry once they end",
+            reason="BUDGET_EXCEEDED",
+            retry_after=HELD_IN_FLIGHT_RETRY_SECONDS,
+            held_in_flight=True,
+        )
+    return LimitExceeded(message, reason="BUDGET_EXCEEDED", retry_after=_seconds_to_next(period, now))
+
+
 def exhausted_budget(
     tenant: str, limits: TenantConfig, periods: Sequence[str], committed: Sequence[Decimal], cost: Decimal = Decimal(0)
 ) -> str:
@@ -245,8 +280,8 @@ def _nothing_counted() -> None:
     """The give-back of a Route call that was not counted (its tenant has no Route limit)."""
 
 
-async def _nothing_reserved(tokens: int, cost: Decimal) -> bool:
-    del tokens, cost
+async def _nothing_reserved(tokens: int, cost: Decimal, wait: bool) -> bool:
+    del tokens, cost, wait
     return False
 
 
@@ -291,7 +326,9 @@ class LocalAdmission:
         while state.routes and state.routes[0] <= now - _WINDOW:
             state.routes.popleft()
         while state.tokens and state.tokens[0].at <= now - _WINDOW:
-            state.tokens.popleft()
+            entry = state.tokens.popleft()
+            entry.in_window = False
+            state.tokens_used -= entry.tokens
 
     async def admit(self, tenant: str, *, tokens: int = 0, cost: Decimal = Decimal(0)) -> Reservation:
         """Check and reserve one request of ``tokens`` estimated tokens and ``cost`` estimated USD.
@@ -313,6 +350,7 @@ class LocalAdmission:
         if tokens:
             entry = _TokenEntry(now, tokens)
             state.tokens.append(entry)
+            state.tokens_used += tokens
         state.in_flight += 1
         for period in periods:
             state.reserved[period] += cost
@@ -372,15 +410,14 @@ class LocalAdmission:
                 reason="RATE_LIMITED",
                 retry_after=max(0.001, state.requests[0] + _WINDOW - now),
             )
-        if limits.tokens_per_minute is not None and tokens:
-            used = sum(entry.tokens for entry in state.tokens)
-            if used + tokens > limits.tokens_per_minute:
-                retry_after = max(0.001, state.tokens[0].at + _WINDOW - now) if state.tokens else _WINDOW
-                raise LimitExceeded(
-                    f"tenant {quoted_id(tenant)} is over its {limits.tokens_per_minute} tokens per minute",
-                    reason="TOKEN_RATE_LIMITED",
-                    retry_after=retry_after,
-                )
+        tpm = limits.tokens_per_minute
+        if tpm is not None and tokens and state.tokens_used + tokens > tpm:
+            retry_after = max(0.001, state.tokens[0].at + _WINDOW - now) if state.tokens else _WINDOW
+            raise LimitExceeded(
+                f"tenant {quoted_id(tenant)} is over its {tpm} tokens per minute",
+                reason="TOKEN_RATE_LIMITED",
+                retry_after=retry_after,
+            )
         if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
             raise LimitExceeded(
                 f"tenant {quoted_id(tenant)} already has {limits.max_concurrent} requests in flight",
@@ -394,18 +431,28 @@ class LocalAdmission:
 
     @staticmethod
     def _check_budgets(
-        tenant: str, limits: TenantConfig, state: _TenantState, periods: Sequence[str], wall: float, cost: Decimal
+        tenant: str,
+        limits: TenantConfig,
+        state: _TenantState,
+        periods: Sequence[str],
+        wall: float,
+        cost: Decimal,
+        own: Decimal = Decimal(0),
     ) -> None:
         # The month first: when both budgets are passed, the retry delay is the later boundary's.
+        # One passed only with what requests in flight reserved (spent, plus ``own``, what the
+        # request itself holds, plus ``cost`` fit) says so, with a short delay, unless the other
+        # budget's spend blocks the request too.
         budgets = zip(periods, (limits.daily_budget_usd, limits.monthly_budget_usd), strict=True)
+        held = ""
         for period, budget in reversed(list(budgets)):
-            if budget is not None and state.spent[period] + state.reserved[period] + cost > budget:
-                raise LimitExceeded(
-                    f"tenant {quoted_id(tenant)} would exceed its {budget_name(period)} budget of"
-                    f" {format_usd(budget)} USD",
-                    reason="BUDGET_EXCEEDED",
-                    retry_after=_seconds_to_next(period, wall),
-                )
+            if budget is None or state.spent[period] + state.reserved[period] + cost <= budget:
+                continue
+            if state.spent[period] + own + cost > budget:
+                raise budget_exceeded(tenant, limits, period, wall, held_in_flight=False)
+            held = held or period
+        if held:
+            raise budget_exceeded(tenant, limits, held, wall, held_in_flight=True)
 
     async def _extend(self, tenant: str, held: _Held, periods: tuple[str, str], cost: Decimal) -> None:
         # Checked against the budgets as they stand now (a reload may have changed them), counted in
@@ -413,7 +460,7 @@ class LocalAdmission:
         limits = self._tenants.get(tenant)
         state = self._state[tenant]
         if limits is not None:
-            self._check_budgets(tenant, limits, state, periods, self._wall_clock(), cost)
+            self._check_budgets(tenant, limits, state, periods, self._wall_clock(), cost, held.usd)
         for period in periods:
             state.reserved[period] += cost
         held.usd += cost
@@ -426,18 +473,22 @@ class LocalAdmission:
         periods: tuple[str, ...],
         tokens: int,
         cost: Decimal,
+        wait: bool,
     ) -> bool:
+        del wait  # applied at once either way
         state = self._state[tenant]
         state.in_flight -= 1
         if entry is not None:
+            if entry.in_window:
+                state.tokens_used += tokens - entry.tokens
             entry.tokens = tokens
         for period in periods:
             state.reserved[period] -= held.usd
             state.spent[period] += cost
         return True
 
-    async def _settle_unlimited(self, tenant: str, state: _TenantState, tokens: int, cost: Decimal) -> bool:
-        del tokens, cost
+    async def _settle_unlimited(self, tenant: str, state: _TenantState, tokens: int, cost: Decimal, wait: bool) -> bool:
+        del tokens, cost, wait
         state.in_flight -= 1
         idle = not (state.in_flight or state.requests or state.routes or state.tokens)
         counted = any(state.spent.values()) or any(state.reserved.values())

@@ -155,12 +155,17 @@ class LimitExceeded(RouteSvcError):
     """A tenant limit or budget is reached; ``retry_after`` in seconds when known.
 
     ``reason`` is one of RATE_LIMITED, TOKEN_RATE_LIMITED, CONCURRENCY_LIMITED, BUDGET_EXCEEDED.
+    ``held_in_flight``: a budget refused only for what requests in flight have reserved (what was
+    spent leaves room for the request), so a short wait may admit it.
     """
 
-    def __init__(self, message: str, *, reason: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str, retry_after: float | None = None, held_in_flight: bool = False
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.retry_after = retry_after
+        self.held_in_flight = held_in_flight
 
 
 class Overloaded(LimitExceeded):

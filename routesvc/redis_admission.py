@@ -22,7 +22,9 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
     {prefix}T:req              sorted set of admitted request ids scored by time (requests/min)
     {prefix}T:route            sorted set of Route call ids scored by time (Route calls/min)
     {prefix}T:tok              sorted set of reservation ids scored by time, and
-    {prefix}T:tokn             hash reservation id -> tokens (tokens/min)
+    {prefix}T:tokn             hash reservation id -> tokens (tokens/min), and
+    {prefix}T:tokused          hash: ``sum`` of tokn's tokens and ``count`` of its entries,
+                               kept by every script, so that a check reads no reservation
     {prefix}T:inflight         sorted set of reservation ids in flight scored by lease expiry
                                (concurrency)
     {prefix}T:spent:P          spent USD in period P (day:YYYY-MM-DD, month:YYYY-MM),
@@ -40,6 +42,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import decimal
 import functools
 import math
 import random
@@ -60,8 +63,7 @@ from routesvc.admission import (
     _nothing_counted,
     _nothing_reserved,
     _periods,
-    _seconds_to_next,
-    budget_name,
+    budget_exceeded,
     check_fits_budgets,
     check_fits_token_rate,
     exhausted_budget,
@@ -103,6 +105,25 @@ local function amount(key) return tonumber(redis.call('GET', key) or '0') end
 local function over(budget, spent, reserved, cost)
   return budget > 0 and amount(spent) + amount(reserved) + cost > budget + 1e-9
 end
+-- What keeps a budget from taking ``cost`` more: '' nothing, 'spent' what was spent (with
+-- ``own``, what the request holds itself), 'reserved' only what requests in flight hold.
+local function blocked(budget, spent, reserved, cost, own)
+  if not over(budget, spent, reserved, cost) then return '' end
+  if amount(spent) + own + cost > budget + 1e-9 then return 'spent' end
+  return 'reserved'
+end
+-- The month first: when both budgets are passed, the retry delay is the later boundary's; a
+-- budget passed only with what requests in flight hold is said so (a short retry delay) when
+-- the other's spend does not block the request too.
+local function budgets_refuse(month_budget, spent_m, res_m, own_m, day_budget, spent_d, res_d, own_d, cost)
+  local month = blocked(month_budget, spent_m, res_m, cost, own_m)
+  if month == 'spent' then return {'BUDGET_EXCEEDED', 'month'} end
+  local day = blocked(day_budget, spent_d, res_d, cost, own_d)
+  if day == 'spent' then return {'BUDGET_EXCEEDED', 'day'} end
+  if month ~= '' then return {'BUDGET_EXCEEDED', 'month:reserved'} end
+  if day ~= '' then return {'BUDGET_EXCEEDED', 'day:reserved'} end
+  return nil
+end
 local function reserve(reserved, holds, id, usd, ttl)
   redis.call('INCRBYFLOAT', reserved, usd)
   redis.call('HINCRBYFLOAT', holds, id, usd)
@@ -117,14 +138,23 @@ local function release(reserved, holds, id)
   end
 end
 local DAY_TTL, MONTH_TTL = 3 * 86400, 40 * 86400
+-- ``tokused`` keeps the tokens of the minute (``sum``) and how many reservations they are
+-- (``count``): changed by ``held_tokens`` where tokn is, and only while it is there (a field
+-- created alone would have no expiry; the admission counts it again from tokn when missing).
+local function held_tokens(tokused, delta, entries)
+  if redis.call('HEXISTS', tokused, 'sum') == 1 then
+    redis.call('HINCRBY', tokused, 'sum', delta)
+    redis.call('HINCRBY', tokused, 'count', entries)
+  end
+end
 """
 )
 
 _ADMIT = (
     _FUNCTIONS
     + """
-local req, tok, tokn, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local req, tok, tokn, inflight, tokused = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local now, window = clock(ARGV[1]), tonumber(ARGV[2])
 local rpm, tpm, maxc = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local tokens, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -132,11 +162,36 @@ local day_budget, month_budget = tonumber(ARGV[8]), tonumber(ARGV[9])
 local id, lease = ARGV[10], tonumber(ARGV[11])
 local dry = ARGV[12] == '1'
 -- Undone before it arrived (its caller gave up on it, ``_UNDO``): it reserves nothing.
-if redis.call('EXISTS', KEYS[11]) == 1 then return {'UNDONE', ''} end
+if redis.call('EXISTS', KEYS[12]) == 1 then return {'UNDONE', ''} end
 redis.call('ZREMRANGEBYSCORE', req, '-inf', now - window)
+-- The tokens of the minute: the running total, less each reservation as it leaves the window
+-- (each leaves once: the same work in all as the admissions that added them), so a check costs
+-- the same however many the minute holds. Counted again from tokn (once) when the total is
+-- missing, or when its count is not the window's (an older replica sharing the keys adds and
+-- prunes without it).
+local totals = redis.call('HMGET', tokused, 'sum', 'count')
+local used, counted = tonumber(totals[1]), tonumber(totals[2])
+local stored = used
 local expired = redis.call('ZRANGEBYSCORE', tok, '-inf', now - window)
-for _, old in ipairs(expired) do redis.call('HDEL', tokn, old) end
+for _, old in ipairs(expired) do
+  local held = redis.call('HGET', tokn, old)
+  if held and used then used, counted = used - tonumber(held), counted - 1 end
+  redis.call('HDEL', tokn, old)
+end
 redis.call('ZREMRANGEBYSCORE', tok, '-inf', now - window)
+local entries = redis.call('ZCARD', tok)
+if not used or counted ~= entries or used < 0 then
+  used = 0
+  if entries > 0 then
+    for _, value in ipairs(redis.call('HVALS', tokn)) do used = used + tonumber(value) end
+  end
+  stored = nil
+end
+if used ~= stored or #expired > 0 then
+  redis.call('HSET', tokused, 'sum', string.format('%d', used))
+  redis.call('HSET', tokused, 'count', entries)
+  redis.call('EXPIRE', tokused, math.ceil(window) + 1)
+end
 -- A lease that ran out is a request whose settle never came: free its slot and its USD. Only
 -- the current periods' counters are corrected (an older period's is read by no check again),
 -- so a request admitted yesterday frees this month's USD and leaves yesterday's to expire.
@@ -150,8 +205,6 @@ if rpm > 0 and redis.call('ZCARD', req) >= rpm then
   return {'RATE_LIMITED', tostring(tonumber(oldest[2]) + window - now)}
 end
 if tpm > 0 and tokens > 0 then
-  local used = 0
-  for _, value in ipairs(redis.call('HVALS', tokn)) do used = used + tonumber(value) end
   if used + tokens > tpm then
     local oldest = redis.call('ZRANGE', tok, 0, 0, 'WITHSCORES')
     local wait = window
@@ -162,17 +215,19 @@ end
 if maxc > 0 and redis.call('ZCARD', inflight) >= maxc then
   return {'CONCURRENCY_LIMITED', '1'}
 end
--- The month first: when both budgets are passed, the retry delay is the later boundary's.
-if over(month_budget, spent_m, res_m, cost) then return {'BUDGET_EXCEEDED', 'month'} end
-if over(day_budget, spent_d, res_d, cost) then return {'BUDGET_EXCEEDED', 'day'} end
+local refused = budgets_refuse(month_budget, spent_m, res_m, 0, day_budget, spent_d, res_d, 0, cost)
+if refused then return refused end
 if dry then return {'OK', ''} end
 redis.call('ZADD', req, now, id)
 redis.call('EXPIRE', req, math.ceil(window) + 1)
 if tokens > 0 then
   redis.call('ZADD', tok, now, id)
   redis.call('HSET', tokn, id, tokens)
+  redis.call('HINCRBY', tokused, 'sum', tokens)
+  redis.call('HINCRBY', tokused, 'count', 1)
   redis.call('EXPIRE', tok, math.ceil(window) + 1)
   redis.call('EXPIRE', tokn, math.ceil(window) + 1)
+  redis.call('EXPIRE', tokused, math.ceil(window) + 1)
 end
 redis.call('ZADD', inflight, now + lease, id)
 reserve(res_d, holds_d, id, ARGV[7], DAY_TTL)
@@ -205,9 +260,10 @@ _EXTEND = (
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local id, cost = ARGV[1], tonumber(ARGV[2])
 local day_budget, month_budget = tonumber(ARGV[3]), tonumber(ARGV[4])
--- The month first: when both budgets are passed, the retry delay is the later boundary's.
-if over(month_budget, spent_m, res_m, cost) then return {'BUDGET_EXCEEDED', 'month'} end
-if over(day_budget, spent_d, res_d, cost) then return {'BUDGET_EXCEEDED', 'day'} end
+local own_d = tonumber(redis.call('HGET', holds_d, id) or '0')
+local own_m = tonumber(redis.call('HGET', holds_m, id) or '0')
+local refused = budgets_refuse(month_budget, spent_m, res_m, own_m, day_budget, spent_d, res_d, own_d, cost)
+if refused then return refused end
 if redis.call('HEXISTS', holds_d, id) == 1 then reserve(res_d, holds_d, id, ARGV[2], DAY_TTL) end
 if redis.call('HEXISTS', holds_m, id) == 1 then reserve(res_m, holds_m, id, ARGV[2], MONTH_TTL) end
 return {'OK', ''}
@@ -228,6 +284,7 @@ _SETTLE = (
     + """
 local tokn, inflight, settled = KEYS[1], KEYS[2], KEYS[3]
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local tokused = KEYS[10]
 local id, tokens, cost, marked_for, retry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
 if redis.call('EXISTS', settled) == 1 then return 0 end
 if retry then
@@ -235,7 +292,11 @@ if retry then
   redis.call('SET', settled, '1', 'EX', marked_for)
 end
 redis.call('ZREM', inflight, id)
-if redis.call('HEXISTS', tokn, id) == 1 then redis.call('HSET', tokn, id, tokens) end
+local held = redis.call('HGET', tokn, id)
+if held then
+  redis.call('HSET', tokn, id, tokens)
+  held_tokens(tokused, tonumber(tokens) - tonumber(held), 0)
+end
 release(res_d, holds_d, id)
 release(res_m, holds_m, id)
 redis.call('INCRBYFLOAT', spent_d, cost)
@@ -254,13 +315,17 @@ return 1
 _UNDO = (
     _FUNCTIONS
     + """
-local req, tok, tokn, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local res_d, res_m, holds_d, holds_m, undone = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local req, tok, tokn, inflight, tokused = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local res_d, res_m, holds_d, holds_m, undone = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local id, marked_for = ARGV[1], ARGV[2]
 redis.call('SET', undone, '1', 'EX', marked_for)
 redis.call('ZREM', req, id)
 redis.call('ZREM', tok, id)
-redis.call('HDEL', tokn, id)
+local held = redis.call('HGET', tokn, id)
+if held then
+  redis.call('HDEL', tokn, id)
+  held_tokens(tokused, -tonumber(held), -1)
+end
 redis.call('ZREM', inflight, id)
 release(res_d, holds_d, id)
 release(res_m, holds_m, id)
@@ -310,6 +375,13 @@ def _error_type(exc: BaseException) -> str:
     return type(exc.__cause__ if isinstance(exc, _NotConnected) else exc).__name__
 
 
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a connection that Redis closed under a command (a pooled connection
+    left from before Redis restarted), not one that could not be made or a command timed out:
+    the command is worth one more try on a new connection, if it is safe to run twice."""
+    return isinstance(exc, RedisConnectionError) and not isinstance(exc, _NotConnected)
+
+
 def _store_failed(exc: BaseException) -> SharedStateUnavailable:
     return SharedStateUnavailable(
         f"tenant limits could not be checked: the shared state store failed ({_error_type(exc)})"
@@ -323,7 +395,11 @@ def _retry_after(detail: str) -> float:
 
 
 def _usd(amount: Decimal) -> str:
-    return format_usd(amount.quantize(_PLACES))
+    # In a context with room for every digit of ``amount`` and the 12 places: in the default one
+    # (28 digits) a budget of 1e16 USD or more, which the config accepts as "no real cap", raised
+    # decimal.InvalidOperation, and every call of its tenant ended INTERNAL.
+    digits = decimal.Context(prec=max(decimal.getcontext().prec, amount.adjusted() + 14))
+    return format_usd(amount.quantize(_PLACES, context=digits))
 
 
 def _budgets(limits: TenantConfig) -> list[str | int]:
@@ -420,6 +496,7 @@ class RedisAdmission:
         self._retrying: asyncio.Task[object] | None = None
         self._dropping = False  # whether the last resend was dropped (``_RETRY_MAX_PENDING``)
         self._closing = asyncio.Event()  # set by ``aclose``: send what waits once more, now
+        self._settling: dict[str, set[asyncio.Task[bool]]] = {}  # tenant -> its settles on their way
 
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
         """Apply new limits (hot reload)."""
@@ -435,7 +512,7 @@ class RedisAdmission:
     def _window_keys(self, tenant: str) -> list[str]:
         """The requests, tokens and in-flight keys an admission reserves in and its undo gives
         back, in the order the scripts take them."""
-        return [self._key(tenant, name) for name in ("req", "tok", "tokn", "inflight")]
+        return [self._key(tenant, name) for name in ("req", "tok", "tokn", "inflight", "tokused")]
 
     def _usd_keys(self, tenant: str, periods: tuple[str, str]) -> list[str]:
         """The spent, reserved and reservations keys of the day and month of ``periods``, in the
@@ -454,21 +531,30 @@ class RedisAdmission:
             return SettleOnce(_nothing_reserved)
         check_fits_token_rate(tenant, limits, tokens)
         check_fits_budgets(tenant, limits, cost)
+        await self._after_settles(tenant)
         now = self._clock()
         periods = _periods(now)
-        reservation_id = uuid.uuid4().hex
         lease_ends = asyncio.get_running_loop().time() + self._lease
-        try:
-            verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, reservation_id, dry=False)
-        except BaseException as exc:
-            if not isinstance(exc, _NotConnected):
-                # The script may have reserved before its reply was lost (the caller cancelled,
-                # a timeout, the connection dropped): undo by id in the background, a no-op if
-                # nothing was reserved, and one the script respects if it arrives after it.
-                self._undo(tenant, reservation_id, periods, lease_ends)
-            if isinstance(exc, RedisError | OSError):
-                raise _store_failed(exc) from exc
-            raise
+        retried = False
+        while True:
+            reservation_id = uuid.uuid4().hex
+            try:
+                verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, reservation_id, dry=False)
+                break
+            except BaseException as exc:
+                if not isinstance(exc, _NotConnected):
+                    # The script may have reserved before its reply was lost (the caller cancelled,
+                    # a timeout, the connection dropped): undo by id in the background, a no-op if
+                    # nothing was reserved, and one the script respects if it arrives after it.
+                    self._undo(tenant, reservation_id, periods, lease_ends)
+                if not retried and _connection_lost(exc):
+                    # Undone by id, so tried once more, under a new id, on a new connection.
+                    retried = True
+                    await self._drop_idle_connections()
+                    continue
+                if isinstance(exc, RedisError | OSError):
+                    raise _store_failed(exc) from exc
+                raise
         if verdict == "OK":
             settle = functools.partial(self._settle, tenant, reservation_id, periods, lease_ends)
             return SettleOnce(settle, functools.partial(self._extend, tenant, reservation_id, periods))
@@ -510,11 +596,18 @@ class RedisAdmission:
             return
         check_fits_token_rate(tenant, limits, tokens)
         check_fits_budgets(tenant, limits, cost)
+        await self._after_settles(tenant)
         now = self._clock()
         try:
             verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
-        except (RedisError, OSError) as exc:
-            raise _store_failed(exc) from exc
+        except (RedisError, OSError) as first:
+            if not _connection_lost(first):
+                raise _store_failed(first) from first
+            await self._drop_idle_connections()  # it reserves nothing: tried once more
+            try:
+                verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
+            except (RedisError, OSError) as exc:
+                raise _store_failed(exc) from exc
         if verdict != "OK":
             raise self._refusal(tenant, limits, verdict, detail, now)
 
@@ -559,6 +652,7 @@ class RedisAdmission:
         limits = self._tenants.get(tenant)
         if limits is None:
             return
+        await self._after_settles(tenant)
         now = self._clock()
         args = [reservation_id, _usd(cost), *_budgets(limits)]
         try:
@@ -573,13 +667,9 @@ class RedisAdmission:
         day, month = _periods(now)
         who = f"tenant {quoted_id(tenant)}"
         if verdict == "BUDGET_EXCEEDED":
-            period = day if detail == "day" else month
-            budget = limits.daily_budget_usd if detail == "day" else limits.monthly_budget_usd
-            return LimitExceeded(
-                f"{who} would exceed its {budget_name(period)} budget of {format_usd(budget or Decimal(0))} USD",
-                reason="BUDGET_EXCEEDED",
-                retry_after=_seconds_to_next(period, now),
-            )
+            name, _, held = detail.partition(":")
+            period = day if name == "day" else month
+            return budget_exceeded(tenant, limits, period, now, held_in_flight=held == "reserved")
         messages = {
             "RATE_LIMITED": f"{who} is over its {limits.requests_per_minute} requests per minute",
             "TOKEN_RATE_LIMITED": f"{who} is over its {limits.tokens_per_minute} tokens per minute",
@@ -587,23 +677,58 @@ class RedisAdmission:
         }
         return LimitExceeded(messages[verdict], reason=verdict, retry_after=_retry_after(detail))
 
+    async def _drop_idle_connections(self) -> None:
+        """Close the connections waiting in the pool: one was found closed by Redis (which
+        restarted, or whose connection a proxy dropped), so the others most likely are too, and
+        the next command connects anew."""
+        await self._redis.connection_pool.disconnect(inuse_connections=False)
+
     async def _settle(
-        self, tenant: str, reservation_id: str, periods: tuple[str, str], lease_ends: float, tokens: int, cost: Decimal
+        self,
+        tenant: str,
+        reservation_id: str,
+        periods: tuple[str, str],
+        lease_ends: float,
+        tokens: int,
+        cost: Decimal,
+        wait: bool,
     ) -> bool:
         keys = [
             self._key(tenant, "tokn"),
             self._key(tenant, "inflight"),
             self._key(tenant, f"settled:{reservation_id}"),
             *self._usd_keys(tenant, periods),
+            self._key(tenant, "tokused"),
         ]
         args: list[str | int] = [reservation_id, tokens, _usd(cost), self._marked_for]
         # A settle runs once (``SettleOnce``): a request's cleanup cancelled again while it runs
         # (a drain's cancel, then grpc's) must not lose it, which would hold the tenant's
         # in-flight slot and reserved USD until the lease ends. Its own task runs it to the end.
+        # Not waited for (``wait`` false, a realtime request's end), it is in ``_settling`` until it
+        # ends: this process's next admission, check or ``spent`` of the tenant waits for it, so
+        # that what it frees and counts is seen in order, as when it was waited for.
         task = asyncio.get_running_loop().create_task(self._run_settle(tenant, keys, args, lease_ends))
         self._undoing.add(task)
         task.add_done_callback(self._undoing.discard)
+        settling = self._settling.setdefault(tenant, set())
+        settling.add(task)
+        task.add_done_callback(functools.partial(self._settled, tenant))
+        if not wait:
+            return True
         return await asyncio.shield(task)
+
+    def _settled(self, tenant: str, task: asyncio.Task[bool]) -> None:
+        settling = self._settling.get(tenant)
+        if settling is not None:
+            settling.discard(task)
+            if not settling:
+                del self._settling[tenant]
+
+    async def _after_settles(self, tenant: str) -> None:
+        """Wait until the settles of ``tenant`` on their way from this process have ended (each
+        within the store's timeouts: one that fails is left to the retry loop)."""
+        if settling := self._settling.get(tenant):
+            await asyncio.wait(set(settling))
 
     async def _run_settle(self, tenant: str, keys: list[str], args: list[str | int], lease_ends: float) -> bool:
         try:
@@ -730,6 +855,7 @@ class RedisAdmission:
         limits = self._tenants.get(tenant)
         if limits is None or (limits.daily_budget_usd is None and limits.monthly_budget_usd is None):
             return ""
+        await self._after_settles(tenant)
         periods = _periods(self._clock())
         keys = [self._key(tenant, f"{kind}:{period}") for period in periods for kind in ("spent", "reserved")]
         try:
@@ -741,6 +867,7 @@ class RedisAdmission:
 
     async def spent(self, tenant: str) -> Decimal:
         """What ``tenant`` has spent today (UTC), across replicas."""
+        await self._after_settles(tenant)
         day, _ = _periods(self._clock())
         value = await self._redis.get(self._key(tenant, f"spent:{day}"))
         return Decimal(value or 0).quantize(_PLACES).normalize() if value else Decimal(0)

@@ -881,7 +881,9 @@ class Router:
                 for event in self._release_held(attempt, *held, steps[-1], error):
                     yield event
         finally:
-            await reservation.settle(attempt.tokens, attempt.cost - decision.routing_cost_usd)
+            # Not waited for: the call's status must not wait for the shared store (a slow one
+            # would turn an answer delivered and billed into DEADLINE_EXCEEDED).
+            await reservation.settle(attempt.tokens, attempt.cost - decision.routing_cost_usd, wait=False)
 
     def _release_held(
         self, state: _AttemptState, held: _StepOutcome, rejected: int, failed_model: str, error: ProviderError

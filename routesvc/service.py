@@ -161,6 +161,8 @@ def _error_metadata(error: RouteSvcError) -> dict[str, str]:
         metadata["model"] = error.model
         if error.status is not None:
             metadata["upstream_status"] = str(error.status)
+    if isinstance(error, LimitExceeded) and error.held_in_flight:
+        metadata["held_by_requests_in_flight"] = "true"
     if error.chunks_sent:
         metadata["committed"] = "true"
         metadata["chunks_sent"] = str(error.chunks_sent)

@@ -7,13 +7,16 @@ import asyncio
 import contextlib
 import datetime
 import gc
-from collections.abc import AsyncIterator
+import sys
+import types
+from collections.abc import AsyncIterator, Awaitable
 from decimal import Decimal
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from routesvc import admission as admission_module
 from routesvc.admission import Admission, LocalAdmission
 from routesvc.client import RouterClient
 from routesvc.config import TenantConfig
@@ -99,6 +102,76 @@ async def budgets_refuse_as_waiting_would_help(admission: Admission, clock: Cloc
     assert (day.value.reason, day.value.retry_after) == ("BUDGET_EXCEEDED", 43_200)
     assert (month.value.reason, month.value.retry_after) == ("BUDGET_EXCEEDED", 16.5 * 86_400)
     assert "monthly budget of 2 USD" in month.value.message
+
+
+async def budgets_held_in_flight_ask_for_a_short_wait(admission: Admission, clock: Clock) -> None:
+    """Tenant ``t`` with $1 a day and $2 a month, ``clock`` at 2030-01-15 12:00 UTC, 0.3 spent and
+    0.6 reserved by a request in flight: a request of 0.2, which what was spent leaves room for,
+    is refused BUDGET_EXCEEDED with a retry delay of a second and a message saying requests in
+    flight hold the budget (it was told to wait for the next day, half a day); once that request
+    settles at 0.1 it is admitted; one of 0.7 (0.4 spent) is told the next day."""
+    await (await admission.admit("t", cost=Decimal("0.3"))).settle(0, Decimal("0.3"))
+    in_flight = await admission.admit("t", cost=Decimal("0.6"))
+    with pytest.raises(LimitExceeded) as held:
+        await admission.admit("t", cost=Decimal("0.2"))
+    with pytest.raises(LimitExceeded) as prechecked:
+        await admission.precheck("t", cost=Decimal("0.2"))
+    await in_flight.settle(0, Decimal("0.1"))
+    await (await admission.admit("t", cost=Decimal("0.2"))).settle(0, Decimal(0))
+    with pytest.raises(LimitExceeded) as spent:
+        await admission.admit("t", cost=Decimal("0.7"))
+    for refused in (held.value, prechecked.value):
+        assert (refused.reason, refused.retry_after, refused.held_in_flight) == ("BUDGET_EXCEEDED", 1.0, True)
+        assert "with what its requests in flight have reserved" in refused.message
+    assert (spent.value.reason, spent.value.retry_after, spent.value.held_in_flight) == (
+        "BUDGET_EXCEEDED",
+        43_200,
+        False,
+    )
+
+
+async def tokens_per_minute_follow_settles_and_the_window(admission: Admission, clock: Clock) -> None:
+    """Tenant ``t`` with 100 tokens a minute, ``clock`` scoring the window: 60 reserved and settled
+    at 30 leave room for 70; once that first minute ends, 30 more fit beside the 70; a
+    reservation settled after its own minute ended counts nothing in the next one."""
+    first = await admission.admit("t", tokens=60)
+    await first.settle(30, Decimal(0))
+    clock.now += 30
+    held = await admission.admit("t", tokens=70)
+    with pytest.raises(LimitExceeded) as caught:
+        await admission.admit("t", tokens=1)
+    assert caught.value.reason == "TOKEN_RATE_LIMITED"
+    clock.now += 31  # the first reservation's minute is over
+    await (await admission.admit("t", tokens=30)).settle(30, Decimal(0))
+    with pytest.raises(LimitExceeded):
+        await admission.admit("t", tokens=1)
+    clock.now += 30  # the held one's minute is over
+    await held.settle(10, Decimal(0))
+    await (await admission.admit("t", tokens=70)).settle(70, Decimal(0))
+    with pytest.raises(LimitExceeded):
+        await admission.admit("t", tokens=1)
+
+
+async def lines_run_in_admission(work: Awaitable[object]) -> int:
+    """How many lines of ``routesvc/admission.py`` awaiting ``work`` runs: the work an admission
+    does, counted without a clock."""
+    lines = 0
+
+    def count(frame: types.FrameType, event: str, arg: object) -> object:
+        nonlocal lines
+        lines += event == "line"
+        return count
+
+    def trace(frame: types.FrameType, event: str, arg: object) -> object:
+        return count if frame.f_code.co_filename == admission_module.__file__ else None
+
+    previous = sys.gettrace()
+    sys.settrace(trace)  # type: ignore[arg-type]  # typeshed's TraceFunction wants the exact alias
+    try:
+        await work
+    finally:
+        sys.settrace(previous)
+    return lines
 
 
 def give_back_and_charge_in_their_periods(admission: Admission, now: float) -> None:
@@ -239,6 +312,28 @@ class TestAdmission:
         await held.settle(20, Decimal(0))
         await admission.admit("t", tokens=80)
 
+    async def test_tokens_per_minute_follow_settles_and_the_window(self) -> None:
+        """As the shared admission counts them: see ``tokens_per_minute_follow_settles_and_the_window``."""
+        clock = Clock()
+        admission = LocalAdmission({"t": TenantConfig(tokens_per_minute=100)}, clock=clock)
+        await tokens_per_minute_follow_settles_and_the_window(admission, clock)
+
+    async def test_a_token_rate_check_costs_the_same_however_many_reservations_the_minute_holds(self) -> None:
+        """An admission of a tenant with 2,000 reservations in its minute runs as many lines as
+        one with 10 (it summed every reservation of the minute, on the event loop, so its cost
+        grew with the tenant's rate), and the limit still holds exactly."""
+        clock = Clock()
+        admission = LocalAdmission({"t": TenantConfig(tokens_per_minute=5 * 2_001)}, clock=clock)
+        lines = []
+        for filled in (10, 2_000):
+            while len(admission._state["t"].tokens) < filled:
+                await (await admission.admit("t", tokens=5)).settle(5, Decimal(0))
+            lines.append(await lines_run_in_admission(admission.admit("t", tokens=5)))
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.admit("t", tokens=1)
+        assert lines[0] == lines[1]
+        assert caught.value.reason == "TOKEN_RATE_LIMITED"
+
     async def test_a_request_larger_than_the_token_rate_is_too_large_not_retryable(self) -> None:
         """A request estimated at 600 tokens for a 500-tokens-per-minute tenant could never be
         admitted, however long it waited: REQUEST_TOO_LARGE without a retry delay (a client told
@@ -274,6 +369,13 @@ class TestAdmission:
         clock.now = datetime.datetime(2030, 1, 15, 12, tzinfo=datetime.UTC).timestamp()
         budgets = TenantConfig(daily_budget_usd=Decimal(1), monthly_budget_usd=Decimal(2))
         await budgets_refuse_as_waiting_would_help(LocalAdmission({"t": budgets}, wall_clock=clock), clock)
+
+    async def test_budgets_held_in_flight_ask_for_a_short_wait(self) -> None:
+        """See ``budgets_held_in_flight_ask_for_a_short_wait``."""
+        clock = Clock()
+        clock.now = datetime.datetime(2030, 1, 15, 12, tzinfo=datetime.UTC).timestamp()
+        budgets = TenantConfig(daily_budget_usd=Decimal(1), monthly_budget_usd=Decimal(2))
+        await budgets_held_in_flight_ask_for_a_short_wait(LocalAdmission({"t": budgets}, wall_clock=clock), clock)
 
     async def test_extend_reserves_more_within_the_budgets_and_settle_releases_it(self) -> None:
         """A request about to call a pricier model reserves the difference: refused (nothing more
@@ -458,6 +560,39 @@ class TestTenantLimitsOverGrpc:
         assert [r.model for r in fake.requests] == ["gpt-4o"]
         spent = await server.router.admission.spent("acme")
         assert Decimal("0.04") < spent <= Decimal("0.08")
+
+    @pytest.mark.parametrize("limited", [{"tenant": {"daily_budget_usd": "0.0005"}}], indirect=True)
+    async def test_a_budget_held_by_a_call_in_flight_is_refused_with_a_short_wait(
+        self, limited: tuple[Server, RouterClient], fake: FakeProvider
+    ) -> None:
+        """A call in flight holds its estimate of a $0.0005 daily budget, which two estimates pass:
+        a second call is refused RESOURCE_EXHAUSTED BUDGET_EXCEEDED with a RetryInfo of a second
+        (it was the time to the next UTC day) and ErrorInfo metadata
+        ``held_by_requests_in_flight``; once the first ends, the second is served."""
+        _, client = limited
+        fake.set_default(Script(first_chunk_delay=30))
+
+        async def first_call() -> None:
+            async for _ in client.complete(user_chat("hi"), ACME):
+                pass
+
+        first = asyncio.ensure_future(first_call())
+        async with asyncio.timeout(10):
+            while not fake.requests:  # noqa: ASYNC110 - the fake has no event to wait on
+                await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in client.complete(user_chat("hi"), ACME):
+                pass
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        fake.set_default(Script())
+        served = [event async for event in client.complete(user_chat("hi"), ACME)]
+        info = error_info(caught.value)
+        assert (caught.value.code(), info.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "BUDGET_EXCEEDED")
+        assert dict(info.metadata) == {"held_by_requests_in_flight": "true"}
+        assert retry_delay(caught.value) == 1.0
+        assert served[-1].HasField("completion")
 
     @pytest.mark.parametrize("limited", [{"tenant": {"daily_budget_usd": "0.0005"}}], indirect=True)
     async def test_budget_exhaustion_stops_further_calls(

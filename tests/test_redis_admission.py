@@ -32,10 +32,12 @@ from tests.test_batches import budget_config, submit
 from tests.test_limits import (
     PRECHECKED,
     Clock,
+    budgets_held_in_flight_ask_for_a_short_wait,
     budgets_refuse_as_waiting_would_help,
     extends_within_the_budget,
     give_back_and_charge_in_their_periods,
     precheck_tokens_and_cost,
+    tokens_per_minute_follow_settles_and_the_window,
 )
 from tests.test_validation import error_info
 
@@ -246,6 +248,41 @@ class TestSharedLimits:
         for replica in (first, second):
             await replica.aclose()
 
+    async def test_tokens_per_minute_follow_settles_and_the_window(self, redis_url: str, prefix: str) -> None:
+        """As per process, across replicas: see ``tokens_per_minute_follow_settles_and_the_window``."""
+        clock = Clock()
+        first, second = [
+            RedisAdmission(redis_url, {"t": TenantConfig(tokens_per_minute=100)}, prefix=prefix, clock=clock)
+            for _ in range(2)
+        ]
+        await tokens_per_minute_follow_settles_and_the_window(first, clock)
+        with pytest.raises(LimitExceeded):
+            await second.admit("t", tokens=1)
+        for replica in (first, second):
+            await replica.aclose()
+
+    async def test_a_token_rate_check_reads_no_reservation_of_the_minute(self, redis_url: str, prefix: str) -> None:
+        """A tenant with 1,000 reservations in its minute: its admissions read none of them (the
+        script summed every one, HVALS, in Redis's one thread, its cost growing with the tenant's
+        rate, until a busy tenant made Redis time out for every tenant), and the limit still
+        holds exactly."""
+        clock = Clock()
+        limits = {"t": TenantConfig(tokens_per_minute=5 * 1_011)}
+        admission = RedisAdmission(redis_url, limits, prefix=prefix, clock=clock)
+        for _ in range(1_000):
+            await (await admission.admit("t", tokens=5)).settle(5, Decimal(0))
+        direct = redis.asyncio.Redis.from_url(redis_url)
+        before = (await direct.info("commandstats")).get("cmdstat_hvals", {}).get("calls", 0)
+        for _ in range(11):
+            await (await admission.admit("t", tokens=5)).settle(5, Decimal(0))
+        after = (await direct.info("commandstats")).get("cmdstat_hvals", {}).get("calls", 0)
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.admit("t", tokens=1)
+        await direct.aclose()
+        await admission.aclose()
+        assert after == before
+        assert caught.value.reason == "TOKEN_RATE_LIMITED"
+
     async def test_a_request_larger_than_the_token_rate_is_too_large(self, redis_url: str, prefix: str) -> None:
         """As per process: an estimate over the tenant's tokens per minute is REQUEST_TOO_LARGE,
         with no retry delay, and the daily budget's refusal says "daily"."""
@@ -268,6 +305,33 @@ class TestSharedLimits:
         budgets = TenantConfig(daily_budget_usd=Decimal(1), monthly_budget_usd=Decimal(2))
         admission = RedisAdmission(redis_url, {"t": budgets}, prefix=prefix, wall_clock=clock)
         await budgets_refuse_as_waiting_would_help(admission, clock)
+        await admission.aclose()
+
+    async def test_a_budget_too_large_to_reach_is_counted_as_any_other(self, redis_url: str, prefix: str) -> None:
+        """Budgets of 1e16 USD a month and 1e30 a day (a "no real cap" the config accepts): the
+        tenant is admitted, extended, settled and checked as per process (every admission raised
+        decimal.InvalidOperation, formatting the budget with 12 places in 28 digits: INTERNAL)."""
+        budgets = TenantConfig(daily_budget_usd=Decimal("1e30"), monthly_budget_usd=Decimal("1e16"))
+        admission = RedisAdmission(redis_url, {"t": budgets}, prefix=prefix)
+        await admission.precheck("t", tokens=10, cost=Decimal("0.5"))
+        reservation = await admission.admit("t", tokens=10, cost=Decimal("0.5"))
+        await reservation.extend(Decimal("0.25"))
+        await reservation.settle(10, Decimal("0.6"))
+        exhausted = await admission.exhausted("t", Decimal("1e15"))
+        spent = await admission.spent("t")
+        await admission.admit("t", cost=Decimal("6e15"))
+        with pytest.raises(LimitExceeded) as caught:
+            await admission.admit("t", cost=Decimal("6e15"))
+        await admission.aclose()
+        assert (exhausted, spent) == ("", Decimal("0.6"))
+        assert "monthly budget of 10000000000000000 USD" in caught.value.message
+
+    async def test_budgets_held_in_flight_ask_for_a_short_wait(self, redis_url: str, prefix: str) -> None:
+        """As per process: see ``budgets_held_in_flight_ask_for_a_short_wait``."""
+        clock = _mid_january()
+        budgets = TenantConfig(daily_budget_usd=Decimal(1), monthly_budget_usd=Decimal(2))
+        admission = RedisAdmission(redis_url, {"t": budgets}, prefix=prefix, wall_clock=clock)
+        await budgets_held_in_flight_ask_for_a_short_wait(admission, clock)
         await admission.aclose()
 
     async def test_sums_within_the_budget_in_decimals_are_within_it_in_redis(self, redis_url: str, prefix: str) -> None:
@@ -303,7 +367,9 @@ class TestExtensions:
     ) -> None:
         """A $1 monthly budget: 0.25 admitted and extended by 0.5 on one replica leaves the other
         0.25; an extension past it is refused with the admission's reason, message and retry
-        delay (to the next month), and a reservation admitted on the other replica fills it."""
+        delay (to the next month, as what the request holds itself is never freed for it); an
+        admission on the other replica, which only what that request holds refuses, is told to
+        retry in a second; and a reservation admitted on the other replica fills it."""
         clock = _mid_january()
         first, second = [
             RedisAdmission(
@@ -318,8 +384,13 @@ class TestExtensions:
         with pytest.raises(LimitExceeded) as extending:
             await held.extend(Decimal("0.3"))
         expected = ("BUDGET_EXCEEDED", "tenant 't' would exceed its monthly budget of 1 USD", 16.5 * 86400)
-        assert expected == (admitting.value.reason, admitting.value.message, admitting.value.retry_after)
         assert expected == (extending.value.reason, extending.value.message, extending.value.retry_after)
+        held_message = f"{expected[1]} with what its requests in flight have reserved; retry once they end"
+        assert (expected[0], held_message, 1.0) == (
+            admitting.value.reason,
+            admitting.value.message,
+            admitting.value.retry_after,
+        )
         other = await second.admit("t", cost=Decimal("0.25"))
         assert await second.exhausted("t") == "tenant 't' has spent or reserved its monthly budget"
         await held.settle(0, Decimal("0.5"))
@@ -353,6 +424,7 @@ class _Proxy:
         self._cut_more = asyncio.Event()
         self._slowing = b""
         self._slow: set[asyncio.StreamWriter] = set()  # connections whose replies wait ``delay``
+        self._hurried = asyncio.Event()  # set by ``hurry``: replies waiting ``delay`` pass at once
         self._carried: list[bytes] = []  # what was passed on to Redis
         self._carried_more = asyncio.Event()
         self._held: dict[asyncio.StreamWriter, bytearray] = {}  # upstream writer -> what waits
@@ -392,6 +464,11 @@ class _Proxy:
         """Hold each reply ``delay`` seconds on the connections that carry ``marker`` from now."""
         self._slowing, self.delay = marker, delay
 
+    def hurry(self) -> None:
+        """Pass on at once the replies waiting their ``delay``, and every reply from now on."""
+        self.delay = 0.0
+        self._hurried.set()
+
     async def has_carried(self, marker: bytes) -> None:
         """Wait until ``marker`` has been passed on to Redis."""
         while not any(marker in data for data in self._carried):
@@ -402,8 +479,9 @@ class _Proxy:
         """Hold what the connections open now send, until ``deliver``."""
         self._held = {writer: bytearray() for writer in self._replied if not writer.is_closing()}
 
-    async def deliver(self) -> None:
-        """Pass on to Redis what was held, and wait for Redis's replies to it."""
+    async def deliver(self, *, close: bool = True) -> None:
+        """Pass on to Redis what was held, and wait for Redis's replies to it; then close the
+        connections that carried it (their client gave up), unless ``close`` is false."""
         held, self._held = self._held, {}
         for writer, data in held.items():
             if data:
@@ -411,7 +489,8 @@ class _Proxy:
                 writer.write(bytes(data))
                 await writer.drain()
                 await self._replied[writer].wait()
-            writer.close()
+            if close:
+                writer.close()
 
     @property
     def url(self) -> str:
@@ -469,7 +548,9 @@ class _Proxy:
                 while data := await up_reader.read(65536):
                     self._replied[up_writer].set()
                     if not self._slowing or up_writer in self._slow:
-                        await asyncio.sleep(self.delay)
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(self.delay):
+                                await self._hurried.wait()
                     if self._losing:
                         self._losing = False
                         break
@@ -558,6 +639,80 @@ class TestStoreFailures:
         out = capsys.readouterr().out
         assert "admission_settle_failed" in out
         assert "tenant=t" in out
+
+    async def test_the_status_of_an_answered_call_does_not_wait_for_its_settle(
+        self, redis_url: str, prefix: str, fake: FakeProvider, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Redis holds the settle's reply (a slow store) once a call is answered: the call ends
+        OK without waiting for it (it waited up to the 1 s command timeout, the settle failed and
+        was left to a retry first, and a deadline shorter than that ended a call answered and
+        billed DEADLINE_EXCEEDED); the settle then completes on its first try, counting the cost
+        once and freeing the tenant's one slot for its next call."""
+        fake.set_default(Script(chunk_count=3))
+        async with _Proxy(redis_url) as proxy:
+            config = default_config()
+            config["tenants"] = {"acme": {"max_concurrent": 1, "daily_budget_usd": 1}}
+            config["shared_state"] = {"redis_url": proxy.url, "key_prefix": prefix}
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                admission = server.router.admission
+                proxy.slow_after(admission._settle_script.sha.encode(), 60.0)
+                context = pb.RoutingContext(tenant="acme")
+                first = [event async for event in client.complete(user_chat("hi"), context)]
+                assert "admission_settle_failed" not in capsys.readouterr().out
+                proxy.hurry()
+                second = [event async for event in client.complete(user_chat("hi"), context)]
+                spent = await admission.spent("acme")
+        assert "admission_settle_failed" not in capsys.readouterr().out
+        costs = [Decimal(events[-1].completion.cost_usd) for events in (first, second)]
+        assert spent == sum(costs)
+
+    async def test_a_settle_not_waited_for_is_seen_by_the_next_admission_of_its_tenant(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """A settle on its way, not waited for (a realtime call's end), is held up on the network:
+        the tenant's next admission in the process waits for it, so the tenant's one slot, freed
+        by it, admits the next request (it is not refused CONCURRENCY_LIMITED meanwhile)."""
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, {"t": TenantConfig(max_concurrent=1)}, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            reservation = await admission.admit("t")
+            proxy.hold()
+            await reservation.settle(0, Decimal(0), wait=False)
+            again = asyncio.ensure_future(admission.admit("t"))
+            done, _ = await asyncio.wait({again}, timeout=0.2)
+            await proxy.deliver(close=False)
+            await (await again).settle(0, Decimal(0))
+            await admission.aclose()
+        assert done == set()
+
+    async def test_an_admission_on_a_connection_redis_closed_is_tried_once_more(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """The pooled connections an admission and a precheck draw turn out closed under their
+        scripts (as those left from before Redis restarted): each is tried once more on a new
+        connection and answered (both were refused SHARED_STATE_UNAVAILABLE though Redis was
+        there); the first try of the admission is undone, so the tenant's one slot is held once."""
+        tenants = {"t": TenantConfig(max_concurrent=1, daily_budget_usd=Decimal(1))}
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            admit_script = admission._admit.sha.encode()
+            proxy.cut_before(admit_script)
+            await admission.precheck("t", cost=Decimal("0.5"))
+            proxy.cut_before(admit_script)
+            reservation = await admission.admit("t", cost=Decimal("0.5"))
+            async with asyncio.timeout(10):
+                while admission._undoing:  # the first try's undo
+                    await asyncio.wait(set(admission._undoing))
+            with pytest.raises(LimitExceeded) as refused:
+                await admission.admit("t")
+            await reservation.settle(0, Decimal("0.1"))
+            await (await admission.admit("t", cost=Decimal("0.9"))).settle(0, Decimal(0))
+            await admission.aclose()
+        assert refused.value.reason == "CONCURRENCY_LIMITED"
 
     async def test_a_settle_whose_reply_is_lost_counts_its_cost_once(self, redis_url: str, prefix: str) -> None:
         """The settle script runs in Redis and its reply is lost with the connection: the settle
