@@ -723,6 +723,11 @@ class RedisAdmission:
             settling.discard(task)
             if not settling:
                 del self._settling[tenant]
+        # A store's failure is logged and resent by ``_run_settle``; anything else is a fault of
+        # ours, which a settle not waited for (a realtime call already answered) would leave to
+        # asyncio's "exception was never retrieved" at collection: the operator is told now.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("admission_settle_crashed", tenant=tenant, error_type=type(exc).__name__, exc_info=exc)
 
     async def _after_settles(self, tenant: str) -> None:
         """Wait until the settles of ``tenant`` on their way from this process have ended (each

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio
+from structlog.testing import capture_logs
 
 from routesvc import redis_admission
 from routesvc.auth import key_digest
@@ -687,6 +688,33 @@ class TestStoreFailures:
             await (await again).settle(0, Decimal(0))
             await admission.aclose()
         assert done == set()
+
+    async def test_a_settle_not_waited_for_that_fails_by_a_fault_of_ours_is_logged(
+        self, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A realtime call's settle runs on after the call ended; a failure that is no store's (a
+        fault of ours, injected here in the script call) is an ``admission_settle_crashed`` error
+        naming the tenant and the error type, not left to asyncio's "exception was never
+        retrieved" at collection, and the tenant's next admission is still answered."""
+        admission = RedisAdmission(redis_url, {"t": TenantConfig(max_concurrent=2)}, prefix=prefix)
+        try:
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            reservation = await admission.admit("t")
+
+            async def crash(**_: object) -> object:
+                raise ZeroDivisionError
+
+            with monkeypatch.context() as patch:
+                patch.setattr(admission, "_settle_script", crash)
+                with capture_logs() as logs:
+                    await reservation.settle(0, Decimal(0), wait=False)
+                    await admission.admit("t")
+        finally:
+            await admission.aclose()
+        crashed = [
+            (e["log_level"], e["tenant"], e["error_type"]) for e in logs if e["event"] == "admission_settle_crashed"
+        ]
+        assert crashed == [("error", "t", "ZeroDivisionError")]
 
     async def test_an_admission_on_a_connection_redis_closed_is_tried_once_more(
         self, redis_url: str, prefix: str
