@@ -27,7 +27,6 @@ from routesvc.batches import BatchStore
 from routesvc.batches import _queue as batch_queue
 from routesvc.batches._queue import (
     ABANDON_AFTER_SECONDS,
-    ENDPOINT_GONE_AFTER_SECONDS,
     OTHER_KEY_LOST_AFTER_SECONDS,
     OVERDUE_AFTER_SECONDS,
 )
@@ -3290,14 +3289,14 @@ class TestBatchProviderMoved:
         assert sorted([sent_job, queued_job]) == charged
 
     async def test_after_a_restart_on_a_new_url_jobs_of_the_old_one_end_or_move_once_no_process_serves_it(
-        self, tmp_path: Path, fake: FakeProvider
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A restart points the provider at a new URL. While the old URL may still be another
-        process's (served within ENDPOINT_GONE_AFTER_SECONDS), its jobs are left alone; once no
-        process has served it that long, the job sent there ends FAILED provider_changed,
-        uncharged, and the job queued for it is sent to the new URL and succeeds (they stayed
-        SUBMITTED for ever, and QUEUED until they expired)."""
-        path = tmp_path / "batches.db"
+        process's (its last mark not yet the same for ENDPOINT_GONE_AFTER_SECONDS of the new
+        process's watch), its jobs are left alone; once no process has marked it that long (0.3 s
+        here), the job sent there ends FAILED provider_changed, uncharged, and the job queued for
+        it is sent to the new URL and succeeds (they stayed SUBMITTED for ever, and QUEUED until
+        they expired)."""
         async with FakeProvider() as new:
             fake.batch_outcome = BatchOutcome.PENDING
             async with (
@@ -3316,9 +3315,7 @@ class TestBatchProviderMoved:
                     await until(lambda: any(e["event"] == "batch_poll_skipped" for e in logs))
                     await asyncio.sleep(0.3)  # some rounds
                     early = [(await get_batch(client, job)).job.state for job in (sent_job, queued_job)]
-            with contextlib.closing(sqlite3.connect(path)) as store:
-                store.execute("UPDATE endpoints SET seen_at = seen_at - ?", (ENDPOINT_GONE_AFTER_SECONDS + 60,))
-                store.commit()
+            monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
             async with Server(settings, port=0) as server, RouterClient(server.target) as client:
                 failed = await wait_state(client, sent_job, pb.BATCH_STATE_FAILED)
                 await wait_state(client, queued_job, pb.BATCH_STATE_SUCCEEDED)
@@ -3327,6 +3324,114 @@ class TestBatchProviderMoved:
         assert failed.error == "provider_changed"
         assert ([sent_job], [queued_job]) == (sent_jobs(fake), sent_jobs(new))
         assert [queued_job] == charged
+
+    async def test_a_live_process_at_another_url_is_not_taken_for_gone_when_the_clocks_step(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two live processes share the store, each at its own provider URL, and their wall
+        clocks step an hour (a host suspended, an NTP step: each one's last mark then looks an
+        hour old to the other); a URL is gone after 1 s unmarked here. Neither takes the other's
+        URL for gone while the other marks it: both jobs succeed, each is charged once and both
+        batches are deleted (the first to poll ended the other's job FAILED provider_changed,
+        its batch never read, charged nor deleted)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 1.0)
+        async with FakeProvider() as other:
+            for provider in (fake, other):
+                provider.batch_outcome = BatchOutcome.PENDING
+            config = batch_config(tmp_path)
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as first,
+                Server(settings_from(config, live_environ(other)), port=0) as second,
+                RouterClient(first.target) as first_client,
+                RouterClient(second.target) as second_client,
+            ):
+                first_job = (await submit(first_client))[1].batch.batch_id
+                second_job = (await submit(second_client))[1].batch.batch_id
+                await sent(first_client, first_job)
+                await sent(second_client, second_job)
+                await asyncio.sleep(0.2)
+                with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+                    store.execute("UPDATE endpoints SET seen_at = seen_at - 3700")
+                    store.commit()
+                await asyncio.sleep(2.0)
+                states = [(await get_batch(first_client, first_job)).job.state]
+                states.append((await get_batch(second_client, second_job)).job.state)
+                for provider in (fake, other):
+                    provider.batch_outcome = BatchOutcome.COMPLETE
+                await wait_state(first_client, first_job, pb.BATCH_STATE_SUCCEEDED)
+                await wait_state(second_client, second_job, pb.BATCH_STATE_SUCCEEDED)
+                await until(lambda: discarded(fake) and discarded(other))
+                charged = sorted(e.request_id for s in (first, second) for e in s.router.ledger.entries())
+        assert states == [pb.BATCH_STATE_SUBMITTED, pb.BATCH_STATE_SUBMITTED]
+        assert sorted([first_job, second_job]) == charged
+
+    async def test_a_live_process_that_polls_hourly_is_not_taken_for_gone(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A process at another URL polls every hour (poll_interval_seconds 3600) and so marks
+        its URL at most a minute apart; a URL is gone after 1 s unmarked here. Its job, sent and
+        running, is not ended by the process beside it that polls every 0.05 s, which waits
+        three of the other's mark intervals (was FAILED provider_changed once the hourly process's
+        one mark was that old: its batch then ran on, billed and was never read)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 1.0)
+        async with FakeProvider() as other:
+            for provider in (fake, other):
+                provider.batch_outcome = BatchOutcome.PENDING
+            hourly = batch_config(tmp_path)
+            hourly["batch"]["poll_interval_seconds"] = 3600  # type: ignore[index]
+            async with (
+                Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as first,
+                RouterClient(first.target) as first_client,
+            ):
+                await submit(first_client)  # the store file exists: the hourly process marks as it starts
+                async with (
+                    Server(settings_from(hourly, live_environ(other)), port=0) as second,
+                    RouterClient(second.target) as second_client,
+                ):
+                    with capture_logs() as logs:
+                        job = (await submit(second_client))[1].batch.batch_id
+                        await sent(second_client, job)
+                        await asyncio.sleep(2.0)
+                        state = (await get_batch(second_client, job)).job.state
+        assert state == pb.BATCH_STATE_SUBMITTED
+        assert [e for e in logs if e["event"] == "batch_lost"] == []
+
+    async def test_jobs_at_a_url_no_process_of_this_release_marked_are_left_to_it(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A job sent to a URL that no process that marks its URLs has marked (a process of an
+        earlier release serves it: it never writes marks) is never taken as gone, however long a
+        process at another URL watches it (1 s is gone here): it stays SUBMITTED, and a process
+        at its URL reads it and charges it once (it ended FAILED provider_changed an hour after
+        the other process first saw it, while the earlier release went on running its batch)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 1.0)
+        path = tmp_path / "batches.db"
+        async with FakeProvider() as new:
+            fake.batch_outcome = BatchOutcome.PENDING
+            async with (
+                Server(settings_from(pointed_at(tmp_path, fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client))[1].batch.batch_id
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            with contextlib.closing(sqlite3.connect(path)) as store:
+                store.execute("DELETE FROM endpoints")  # as an earlier release leaves it: no mark
+                store.commit()
+            async with (
+                Server(settings_from(pointed_at(tmp_path, new)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                await asyncio.sleep(2.0)
+                early = await get_batch(client, job)
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            async with (
+                Server(settings_from(pointed_at(tmp_path, fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                charged = [e.request_id for e in server.router.ledger.entries()]
+        assert (early.job.state, early.error) == (pb.BATCH_STATE_SUBMITTED, "")
+        assert [job] == charged
 
 
 SLOW_DOWN = (429, {"error": {"type": "rate_limit_error", "message": "slow down"}}, {"retry-after": "2"})

@@ -132,12 +132,18 @@ The base URL decides, not the key, so that a rotated key never strands a batch, 
 poll a round for each batch of another account at the same URL. A provider's base URL changed by
 a hot reload (``use_providers``) keeps the old adapter: the batches sent to the old URL are still
 polled, read, cancelled and deleted there with the key that sent them, and the jobs queued for it
-and never sent are queued for the new one (``_follow_moved_endpoints``). Each poll round marks
-the base URLs it serves in the store (``BatchStore.endpoints_gone``); one that jobs are queued for
-or sent to and that no process has served for ``ENDPOINT_GONE_AFTER_SECONDS`` (a restart with a
-new base URL, or the other endpoint's process stopped that long) is gone: its queued jobs are
-queued for this queue's base URL, and the jobs of its batches end FAILED ``provider_changed``
-(uncharged: what the old URL billed cannot be read from here), their budgets' estimates given back.
+and never sent are queued for the new one (``_follow_moved_endpoints``). A task of its own
+(``_mark_served``) marks the base URLs the queue serves in the store every poll interval (at most
+``_MAX_MARK_SECONDS`` apart: ``BatchStore.mark_endpoints``) and watches the other base URLs' last
+marks (``_watch``); one that jobs are queued for or sent to whose mark stays the same over
+``_GONE_MARKS`` of this queue's marks in a row spanning ``ENDPOINT_GONE_AFTER_SECONDS`` of its
+monotonic time (a restart with a new base URL, or the other endpoint's process stopped that long)
+is gone: its queued jobs are queued for this queue's base URL, and the jobs of its batches end
+FAILED ``provider_changed`` (uncharged: what the old URL billed cannot be read from here), their
+budgets' estimates given back. Marks are never compared with this process's clock (a clock step,
+a suspended host, a marker polling hourly never make a live process look gone), and a base URL no
+process of this release has marked (an earlier release's, which writes no marks) is never gone:
+its sent jobs wait for a process at that URL to read them.
 A queued job whose last send's reply was lost at the old URL ends FAILED ``provider_changed``
 rather than risk a second send elsewhere. Rows stored before endpoints were
 recorded are anyone's, as before. Workers of ``server.workers`` (one config) share everything.
@@ -215,10 +221,24 @@ _MAX_GROUP_CHARS = 100_000_000
 _PRUNE_PER_ROUND = 1000
 
 ENDPOINT_GONE_AFTER_SECONDS = 3600.0
-"""How long a provider's base URL that jobs are queued for or sent to may go unserved (no
-process sending or polling there: its base URL was changed by a reload or a restart) before the
-jobs are moved off it: queued ones never sent to this process's base URL, sent ones ended FAILED
-``provider_changed`` (their batch cannot be read from here)."""
+"""How long (of this process's monotonic time, in consecutive marks of its own) another process's
+base URL that jobs are queued for or sent to must keep the same last mark (no process marking it:
+its base URL was changed by a reload or a restart, or its process stopped) before the jobs are
+moved off it: queued ones never sent to this process's base URL, sent ones ended FAILED
+``provider_changed`` (their batch cannot be read from here). At least ``_GONE_MARKS`` times how
+often its marker marks, and this process's own marks, too."""
+
+_MAX_MARK_SECONDS = 60.0
+"""Each queue marks its base URLs every ``poll_interval_seconds``, at most this long apart
+(``_mark_served``), on a timer of its own: a long poll round (a hanging provider, a big backlog)
+never delays a mark."""
+_GONE_MARKS = 3
+"""Another base URL is gone only after this many of this queue's own marks in a row, spanning
+``ENDPOINT_GONE_AFTER_SECONDS`` and this many times its marker's and this queue's mark interval."""
+_MARK_GAP_SLACK = 10.0
+"""A gap between this queue's own marks longer than twice its interval and this (a stalled loop,
+a paused VM, a store locked for long) starts every watch of other base URLs afresh: what happened
+meanwhile was not seen."""
 
 OVERDUE_AFTER_SECONDS = 2 * 86400.0
 """How long after it was sent a provider batch may run: the providers' 24 h window, then as long
@@ -261,6 +281,17 @@ class _Leftover:
     endpoint: str | None
     tries: int
     due: float
+
+
+@dataclasses.dataclass(slots=True)
+class _Watched:
+    """Another process's base URL as this queue's marks found it: its last mark (when, by its
+    marker's clock; how often that marker marks), since when (this queue's monotonic time) it has
+    been that mark, and over how many of this queue's marks in a row."""
+
+    mark: tuple[float, float]
+    since: float
+    marks: int
 
 
 CLAIM_SECONDS = 300.0
@@ -361,9 +392,13 @@ class BatchQueue:
         # The adapters of base URLs a reload moved providers off, by (provider, base URL), with
         # where they send: the batches sent there are still polled, cancelled and deleted there.
         self._former: dict[tuple[str, str], tuple[BatchAPI, tuple[str, str]]] = {}
-        # (provider, base URL) pairs with jobs that no process has served for
-        # ENDPOINT_GONE_AFTER_SECONDS (``_follow_moved_endpoints``).
+        # (provider, base URL) pairs with jobs whose last mark stayed the same over this queue's
+        # marks for ENDPOINT_GONE_AFTER_SECONDS (``_mark_served``, ``_follow_moved_endpoints``);
+        # the others' marks as watched so far, and when (monotonic) this queue last marked.
         self._gone: set[tuple[str, str]] = set()
+        self._watched: dict[tuple[str, str], _Watched] = {}
+        self._last_mark: float | None = None
+        self._marker: asyncio.Task[None] | None = None
         # Providers (by name and base URL) whose polls wait after a 429 or a Retry-After: until
         # when (``clock``), and how many such answers in a row.
         self._polls_held: dict[tuple[str, str], tuple[float, int]] = {}
@@ -487,15 +522,17 @@ class BatchQueue:
         if self._path.exists():
             self._opened()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batch-poller")
+        self._marker = asyncio.get_running_loop().create_task(self._mark_served(), name="batch-marker")
 
     async def aclose(self) -> None:
         """Stop the poller, close the store and the adapters' connections. Nothing opens the store
         again: a late withdraw or commit is logged, and its job's hold lapses as after a crash."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._marker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._marker = None
         waiting_for = "the queue's writes and provider deletes"
         try:
             async with asyncio.timeout(_CLOSE_SECONDS):
@@ -1050,17 +1087,13 @@ class BatchQueue:
                     await self._poll_one(api, provider, provider_batch_id, jobs, reached[1])
 
     async def _follow_moved_endpoints(self) -> None:
-        """Mark this queue's base URLs (and those a reload moved it off, still polled here) as
-        served, and move jobs off those no process has served for ``ENDPOINT_GONE_AFTER_SECONDS``
-        and off those a reload moved this queue off: queued jobs never sent are queued for this
+        """Move jobs off the base URLs taken as gone (``_watch``) and off those a reload moved
+        this queue off: queued jobs never sent are queued for this
         queue's base URL of their provider; one whose last send's reply was lost there ends FAILED
         ``provider_changed`` (its batch, if it made one, is looked up and cancelled there by
         ``_look_up_unplaced`` while this process can reach it). Batches sent to a gone base URL
         are ended by ``_poll``."""
         store = self._opened()
-        served = [(name, sent_to[0]) for name, sent_to in self._sends_to.items()]
-        served += list(self._former)
-        self._gone = await store.endpoints_gone(served, ENDPOINT_GONE_AFTER_SECONDS)
         for provider, endpoint in [*self._former, *self._gone]:
             new_endpoint = self._endpoint(provider)
             if new_endpoint is None or new_endpoint == endpoint:
@@ -1070,6 +1103,51 @@ class BatchQueue:
             if moved or failed:
                 log.warning("batch_jobs_moved", provider=provider, jobs=moved, failed_jobs=failed)
                 self._wake.set()
+
+    async def _mark_served(self) -> None:
+        """Every poll interval (at most ``_MAX_MARK_SECONDS``), on a timer of its own, mark this
+        queue's base URLs (and those a reload moved it off, still polled here) as served, and
+        watch the last marks of the other base URLs jobs wait at (``_watch``)."""
+        loop = asyncio.get_running_loop()
+        every = min(self._config.poll_interval_seconds, _MAX_MARK_SECONDS)
+        while True:
+            if self._store is not None:
+                try:
+                    served = [(name, sent_to[0]) for name, sent_to in self._sends_to.items()]
+                    marks = await self._store.mark_endpoints([*served, *self._former], every)
+                    self._watch(marks, every, loop.time())
+                except Exception:
+                    # The store failing: nothing is taken as gone until the watch starts again.
+                    log.exception("batch_mark_failed")
+                    self._gone, self._watched, self._last_mark = set(), {}, None
+            await asyncio.sleep(every)
+
+    def _watch(self, marks: Mapping[tuple[str, str], tuple[float, float] | None], every: float, now: float) -> None:
+        """Take as gone each other base URL whose last mark ``marks`` shows has stayed the same
+        over ``_GONE_MARKS`` of this queue's marks in a row, spanning ENDPOINT_GONE_AFTER_SECONDS
+        of this queue's monotonic time (``now``) and ``_GONE_MARKS`` times its marker's interval
+        and this queue's (``every``). Marks are compared only with themselves, never with this
+        process's clock: a clock step, a host suspended (monotonic time stops with it) or a
+        marker's long interval never makes a live process look gone. A URL never marked by a
+        process that marks (an earlier release's) is never gone; a gap in this queue's own marks
+        starts the watch afresh."""
+        if self._last_mark is None or now - self._last_mark > 2 * every + _MARK_GAP_SLACK:
+            self._watched = {}
+        self._last_mark = now
+        watched: dict[tuple[str, str], _Watched] = {}
+        gone: set[tuple[str, str]] = set()
+        for pair, mark in marks.items():
+            if mark is None:
+                continue
+            seen = self._watched.get(pair)
+            if seen is None or seen.mark != mark:
+                seen = _Watched(mark, now, 0)
+            seen.marks += 1
+            watched[pair] = seen
+            unmarked_for = max(ENDPOINT_GONE_AFTER_SECONDS, _GONE_MARKS * mark[1], _GONE_MARKS * every)
+            if seen.marks >= _GONE_MARKS and now - seen.since >= unmarked_for:
+                gone.add(pair)
+        self._watched, self._gone = watched, gone
 
     async def _end_unreachable(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
         """End the jobs of a provider batch sent to a base URL no process serves any more: those

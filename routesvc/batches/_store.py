@@ -101,11 +101,14 @@ CREATE TABLE IF NOT EXISTS endpoints (
     provider TEXT NOT NULL,
     endpoint TEXT NOT NULL,
     seen_at REAL NOT NULL,
+    every REAL,
     PRIMARY KEY (provider, endpoint)
 );
 """
-# endpoints: for each provider name and base URL jobs are queued for or sent to, when a process
-# last served it (``endpoints_gone``), or, for one no process served since, when one first saw it.
+# endpoints: for each provider name and base URL a process serves, its last mark
+# (``mark_endpoints``): when (seen_at, by the marking process's clock: only compared with itself)
+# and how often that process marks (every). A row without ``every`` was written by an earlier
+# release (when one first saw the URL, not a mark): it is no mark.
 
 # Columns added after the first release, for files created before them.
 # budget_usd: what the job's tenant budget counted when it was queued (set once that count is
@@ -461,6 +464,8 @@ def _add_missing_columns(connection: sqlite3.Connection) -> None:
         connection.execute("CREATE INDEX IF NOT EXISTS jobs_request_bytes ON jobs (request_bytes)")
         # ... and per tenant, from this one (``max_tenant_request_bytes``).
         connection.execute("CREATE INDEX IF NOT EXISTS jobs_tenant_request_bytes ON jobs (tenant, request_bytes)")
+        if "every" not in {row["name"] for row in connection.execute("PRAGMA table_info(endpoints)")}:
+            connection.execute("ALTER TABLE endpoints ADD COLUMN every REAL")
 
 
 def _status(row: sqlite3.Row) -> BatchStatus:
@@ -867,21 +872,25 @@ class BatchStore:
 
         return await self._run(update)
 
-    async def endpoints_gone(self, served: list[tuple[str, str]], gone_after: float) -> set[tuple[str, str]]:
-        """Mark the (provider, base URL) pairs of ``served`` as served now, and return those that
-        jobs not yet read are queued for or sent to which no process has served for
-        ``gone_after`` seconds (one first seen unserved is given that long from then): a
-        provider whose base URL changed (a reload, a restart), that nobody sends or polls there
-        any more."""
+    async def mark_endpoints(
+        self, served: list[tuple[str, str]], every: float
+    ) -> dict[tuple[str, str], tuple[float, float] | None]:
+        """Mark the (provider, base URL) pairs of ``served`` as served now by a process that marks
+        them every ``every`` seconds, and return, for each other pair that jobs not read yet are
+        queued for or sent to (or a lost send is to be looked up at), its last mark: (when, by the
+        marker's clock; how often it marks), or None when no process that marks has marked it (a
+        process of an earlier release serves it, or served it last)."""
         now = self._clock()
         states = (BatchState.QUEUED.value, BatchState.SUBMITTED.value)
+        serving = set(served)
 
-        def update(connection: sqlite3.Connection) -> set[tuple[str, str]]:
+        def update(connection: sqlite3.Connection) -> dict[tuple[str, str], tuple[float, float] | None]:
             with immediate(connection):
                 connection.executemany(
-                    "INSERT INTO endpoints (provider, endpoint, seen_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (provider, endpoint) DO UPDATE SET seen_at = excluded.seen_at",
-                    [(provider, endpoint, now) for provider, endpoint in served],
+                    "INSERT INTO endpoints (provider, endpoint, seen_at, every) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (provider, endpoint) DO UPDATE SET seen_at = excluded.seen_at,"
+                    " every = excluded.every",
+                    [(provider, endpoint, now, every) for provider, endpoint in served],
                 )
                 # Through their indexes: the jobs not read yet and the sends still to look up
                 # (``unplaced_sends``), never the ended jobs kept for GetBatch.
@@ -893,22 +902,26 @@ class BatchStore:
                     " WHERE send_tag IS NOT NULL AND provider_batch_id IS NULL AND endpoint IS NOT NULL",
                     states,
                 ).fetchall()
-                named = {(row["provider"], row["endpoint"]) for row in rows}
-                connection.executemany(
-                    "INSERT OR IGNORE INTO endpoints (provider, endpoint, seen_at) VALUES (?, ?, ?)",
-                    [(provider, endpoint, now) for provider, endpoint in named],
-                )
-                unserved = {
-                    (row["provider"], row["endpoint"])
-                    for row in connection.execute(
-                        "SELECT provider, endpoint FROM endpoints WHERE seen_at < ?", (now - gone_after,)
-                    )
+                named = {(row["provider"], row["endpoint"]) for row in rows} - serving
+                marks: dict[tuple[str, str], tuple[float, float | None]] = {
+                    (row["provider"], row["endpoint"]): (row["seen_at"], row["every"])
+                    for row in connection.execute("SELECT provider, endpoint, seen_at, every FROM endpoints")
                 }
-                # One no job waiting names any more is forgotten (seen again, it starts afresh).
+                # A row no job waiting names, not marked for a day, is forgotten (a process that
+                # serves it marks it again): the table stays as small as the URLs in use.
                 connection.executemany(
-                    "DELETE FROM endpoints WHERE provider = ? AND endpoint = ?", list(unserved - named)
+                    "DELETE FROM endpoints WHERE provider = ? AND endpoint = ? AND seen_at = ?",
+                    [
+                        (*pair, seen_at)
+                        for pair, (seen_at, every) in marks.items()
+                        if pair not in named and pair not in serving and (every is None or seen_at < now - 86400)
+                    ],
                 )
-            return unserved & named
+            found: dict[tuple[str, str], tuple[float, float] | None] = {}
+            for pair in named:
+                seen_at, marked_every = marks.get(pair, (None, None))
+                found[pair] = None if seen_at is None or marked_every is None else (seen_at, marked_every)
+            return found
 
         return await self._run(update)
 
