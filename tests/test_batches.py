@@ -3535,6 +3535,71 @@ class TestBatchOverdue:
         assert charged == []
         assert [e["jobs"] for e in logs if e["event"] == "batch_abandoned"] == [1]
 
+    @pytest.mark.parametrize(
+        ("refusal", "reason"),
+        [
+            ((500, {"error": {"type": "server_error", "message": "down"}}, {}), "PROVIDER_UNAVAILABLE"),
+            ((403, {"error": {"type": "permission_error", "message": "revoked"}}, {}), "PROVIDER_AUTH_FAILED"),
+            (SLOW_DOWN, "polls_held"),
+        ],
+        ids=["500", "403", "429"],
+    )
+    async def test_a_batch_whose_polls_keep_failing_is_given_up_three_days_after_it_was_sent(
+        self,
+        tmp_path: Path,
+        fake: FakeProvider,
+        monkeypatch: pytest.MonkeyPatch,
+        refusal: tuple[int, dict[str, object], dict[str, str]],
+        reason: str,
+    ) -> None:
+        """A batch sent more than ABANDON_AFTER_SECONDS ago whose polls keep failing (a 5xx, a
+        revoked key's 403) or stay held (a 429 with Retry-After) for UNPOLLABLE_FOR_SECONDS here
+        (0.3 s) is given up: its job ends EXPIRED batch_overdue, uncharged, and it is polled no
+        more (it stayed SUBMITTED for ever, its estimate held, polled every round)."""
+        monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            with capture_logs() as logs:
+                fake.batch_retrieve_errors[batch.api] = refusal
+                sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+                expired = await wait_state(client, job, pb.BATCH_STATE_EXPIRED)
+                polls = batch.retrieved + batch.refused
+                await asyncio.sleep(0.3)
+                charged = list(server.router.ledger.entries())
+        assert expired.error == "batch_overdue"
+        assert batch.retrieved + batch.refused == polls
+        assert charged == []
+        assert [(e["jobs"], e["reason"]) for e in logs if e["event"] == "batch_abandoned"] == [(1, reason)]
+
+    async def test_a_batch_past_three_days_whose_poll_fails_once_is_still_read(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch sent more than ABANDON_AFTER_SECONDS ago (a process back after days away)
+        whose polls fail for a while, less than UNPOLLABLE_FOR_SECONDS, is not given up: once a
+        poll gets through and finds it ended, its job succeeds and is charged once."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            fake.batch_retrieve_errors[batch.api] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+            sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+            await until(lambda: batch.refused >= 3)
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            fake.batch_retrieve_errors.clear()
+            await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+            charged = [e.request_id for e in server.router.ledger.entries()]
+        assert [job] == charged
+
 
 class TestTheSuiteKeepsToItsOwnDataDir:
     def test_settings_and_processes_of_the_suite_use_a_temporary_data_dir(self) -> None:

@@ -50,7 +50,8 @@ that base URL) for the Retry-After, else for delays doubling from the poll inter
 still running ``OVERDUE_AFTER_SECONDS`` after it was sent (stuck past its 24 h window, e.g. in
 OpenAI's ``finalizing``) is cancelled and read as that ends it: its answers are delivered and
 charged, its other jobs end EXPIRED ``batch_overdue``; one that has not ended
-``ABANDON_AFTER_SECONDS`` after it was sent ends its jobs so, uncharged, and is read no more.
+``ABANDON_AFTER_SECONDS`` after it was sent ends its jobs so, uncharged, and is read no more; so
+does one past that whose polls have failed or been held in a row for ``UNPOLLABLE_FOR_SECONDS``.
 A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
 which are otherwise those the queue started with. Models are looked up in the current catalog
 (``catalog``, which follows hot reloads); a model no longer there fails its jobs not sent yet with
@@ -251,6 +252,11 @@ ABANDON_AFTER_SECONDS = OVERDUE_AFTER_SECONDS + 86400.0
 ``cancelling``) is waited for: then its jobs end EXPIRED ``batch_overdue`` (those cancelled since
 closed), uncharged, and it is read no more."""
 
+UNPOLLABLE_FOR_SECONDS = 3600.0
+"""How long (this process's monotonic time) the polls of a batch past ``ABANDON_AFTER_SECONDS``
+must have failed, or been held, in a row before it is given up unread: a process back after days
+away whose first poll meets a passing 5xx does not give up a batch the provider has ended."""
+
 OTHER_KEY_LOST_AFTER_SECONDS = 2 * 86400.0
 """How long after it was sent a batch that another key sent to this URL, and this key does not
 see (404), is left alone as another account's: twice the providers' 24 h batch window. Then its
@@ -402,6 +408,9 @@ class BatchQueue:
         # Providers (by name and base URL) whose polls wait after a 429 or a Retry-After: until
         # when (``clock``), and how many such answers in a row.
         self._polls_held: dict[tuple[str, str], tuple[float, int]] = {}
+        # Provider batches whose polls fail or are held, by (provider, provider batch id): since
+        # when (monotonic) in a row (``_given_up``).
+        self._failing_since: dict[tuple[str, str], float] = {}
         self._clock = clock
         self._path = settings.batch_store_path
         self._store: BatchStore | None = None
@@ -1063,7 +1072,10 @@ class BatchQueue:
 
     async def _poll(self) -> None:
         """Poll each provider batch not yet read; read the results of those that have ended."""
-        for (provider, provider_batch_id), jobs in (await self._opened().submitted()).items():
+        submitted = await self._opened().submitted()
+        # Batches read since (here or by another worker) are no longer watched.
+        self._failing_since = {key: since for key, since in self._failing_since.items() if key in submitted}
+        for (provider, provider_batch_id), jobs in submitted.items():
             if provider not in self._apis:
                 # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
                 self._skip_once(provider, provider_batch_id, jobs, "no_batch_api")
@@ -1081,7 +1093,11 @@ class BatchQueue:
                 continue
             held = self._polls_held.get((provider, reached[1][0]))
             if held is not None and held[0] > self._clock():
-                continue  # it asked us to wait (a 429, a Retry-After): its other batches wait too
+                # It asked us to wait (a 429, a Retry-After): its other batches wait too, but one
+                # past ABANDON_AFTER_SECONDS is given up all the same (a hold that never lifts).
+                if self._given_up(provider, provider_batch_id, jobs):
+                    await self._abandon(provider, provider_batch_id, jobs, status=None, reason="polls_held")
+                continue
             with self._using(provider, jobs.endpoint) as api:
                 if api is not None:
                     await self._poll_one(api, provider, provider_batch_id, jobs, reached[1])
@@ -1176,6 +1192,7 @@ class BatchQueue:
         try:
             await self._poll_batch(api, provider, provider_batch_id, jobs, sent_to)
             self._polls_held.pop((provider, sent_to[0]), None)
+            self._failing_since.pop((provider, provider_batch_id), None)
         except ProviderRejected as error:
             self._accepted.discard((provider, provider_batch_id))
             if error.status == 404 and jobs.unverified:
@@ -1202,8 +1219,16 @@ class BatchQueue:
                 )
         except ProviderError as error:
             log.warning("batch_poll_failed", provider_batch_id=provider_batch_id, reason=error.reason)
-            if error.status == 429 or error.retry_after is not None:
+            held = error.status == 429 or error.retry_after is not None
+            if held:
                 self._hold_polls(provider, sent_to[0], error)
+            if self._given_up(provider, provider_batch_id, jobs):
+                # Its polls kept failing (a revoked key, a provider down for days): given up as a
+                # batch that never ends is, its cancel asked first unless the provider asked us to
+                # wait (it may run on and bill; nothing of it is read any more).
+                if not held and not jobs.unverified:
+                    await self._cancel_with(api, provider_batch_id)
+                await self._abandon(provider, provider_batch_id, jobs, status=None, reason=error.reason)
         except Exception:
             # Our bug or the store: the other batches go on; this one is polled again next round.
             log.exception("batch_poll_crashed", provider_batch_id=provider_batch_id)
@@ -1220,21 +1245,40 @@ class BatchQueue:
             self._cancel_asked.add(batch.id)
             log.warning("batch_overdue", provider=provider, provider_batch_id=batch.id, status=batch.status)
             await self._cancel_with(api, batch.id)
-        if not abandon:
-            return
+        if abandon:
+            await self._abandon(provider, batch.id, jobs, status=batch.status)
+
+    def _given_up(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> bool:
+        """Note that a poll of this batch failed (or was held), and tell whether it is to be given
+        up: sent more than ``ABANDON_AFTER_SECONDS`` ago, and its polls failing or held in a row
+        for ``UNPOLLABLE_FOR_SECONDS`` here."""
+        now = time.monotonic()
+        since = self._failing_since.setdefault((provider, provider_batch_id), now)
+        past = jobs.sent_at is not None and self._clock() - jobs.sent_at > ABANDON_AFTER_SECONDS
+        return past and now - since >= UNPOLLABLE_FOR_SECONDS
+
+    async def _abandon(
+        self, provider: str, provider_batch_id: str, jobs: SentJobs, *, status: str | None, reason: str | None = None
+    ) -> None:
+        """End the jobs of a provider batch given up ``ABANDON_AFTER_SECONDS`` after it was sent
+        (not ended even after its cancel, or never polled since: its polls failing or held):
+        those waiting EXPIRED ``batch_overdue``, those cancelled since closed, uncharged; it is
+        read no more. ``status``: the batch's as last polled; ``reason``: why the poll failed."""
         expired = 0
         for batch_id in jobs.waiting:
             expired += await self._opened().finish(batch_id, BatchState.EXPIRED, error="batch_overdue")
         closed = 0
         for batch_id in jobs.cancelled:
             closed += await self._opened().close_cancelled(batch_id, None)
-        self._cancel_asked.discard(batch.id)
-        self._accepted.discard((provider, batch.id))
+        self._cancel_asked.discard(provider_batch_id)
+        self._accepted.discard((provider, provider_batch_id))
+        self._failing_since.pop((provider, provider_batch_id), None)
         log.warning(
             "batch_abandoned",
             provider=provider,
-            provider_batch_id=batch.id,
-            status=batch.status,
+            provider_batch_id=provider_batch_id,
+            status=status,
+            reason=reason,
             jobs=expired,
             cancelled_jobs=closed,
         )
