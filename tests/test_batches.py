@@ -874,6 +874,43 @@ class TestBatchStoreBound:
         assert "Summarise" not in details
         assert len(job_states(path)) == 2
 
+    @pytest.mark.parametrize(
+        ("setting", "share", "stored_per_request"),
+        [("batch.max_tenant_share_of_stored_requests", 0.2, 4.0), ("batch.max_stored_request_bytes", 1, 0.99)],
+    )
+    async def test_a_request_that_alone_is_over_a_bound_is_too_large_not_retryable(
+        self, tmp_path: Path, fake: FakeProvider, setting: str, share: float, stored_per_request: float
+    ) -> None:
+        """A request that alone takes more of the store than its tenant may keep (its tenant
+        keeps nothing there), or than the store may keep in all, could never be queued: it is
+        RESOURCE_EXHAUSTED REQUEST_TOO_LARGE without a retry delay, naming the setting (not the
+        prompt), and nothing is stored (it was BATCH_STORE_FULL "retry in 30 s", for ever)."""
+        config = batch_config(tmp_path)
+        config["batch"]["group_window_seconds"] = 600  # type: ignore[index]  # kept, never sent here
+        path = tmp_path / "batches.db"
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            await submit(client)
+        [request] = stored_requests(path)
+        config["batch"]["max_stored_request_bytes"] = int(stored_per_request * len(request))  # type: ignore[index]
+        config["batch"]["max_tenant_share_of_stored_requests"] = share  # type: ignore[index]
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await submit(client, tenant="solo")
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(caught.value).reason == "REQUEST_TOO_LARGE"
+        with pytest.raises(AssertionError, match="no RetryInfo"):
+            retry_delay(caught.value)
+        details = caught.value.details() or ""
+        assert setting in details
+        assert "Summarise" not in details
+        assert len(job_states(path)) == 1
+
 
 def with_model_copy(config: dict[str, object], model_id: str, of: str = "gpt-4o-mini") -> dict[str, object]:
     """``config`` with one more catalog model, ``model_id``, priced and served like ``of``."""

@@ -44,7 +44,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from routesvc.catalog import ModelSpec
-from routesvc.errors import BatchStoreBusy, BatchStoreFull, BatchStoreUnavailable, quoted_id
+from routesvc.errors import BatchStoreBusy, BatchStoreFull, BatchStoreUnavailable, RequestTooLarge, quoted_id
 from routesvc.models import (
     BatchJob,
     BatchResult,
@@ -575,8 +575,22 @@ class BatchStore:
         catalog has it now (``model_spec``: ``encode_model``).
 
         Held, no poller sends the job until ``held_by`` ``release``s it (or the hold lapses): the
-        submitter first makes sure its caller learns the job's id.
+        submitter first makes sure its caller learns the job's id. A request that alone is over
+        either bound could never be stored: ``RequestTooLarge`` (waiting would not help).
         """
+        if self._max_request_bytes is not None and len(request) > self._max_request_bytes:
+            raise RequestTooLarge(
+                f"batch.max_stored_request_bytes: this request takes {len(request)} bytes in the batch store,"
+                f" more than the {self._max_request_bytes} it may keep in all; it can never be queued"
+                " (send it realtime, or raise the setting)"
+            )
+        if self._max_tenant_request_bytes is not None and len(request) > self._max_tenant_request_bytes:
+            raise RequestTooLarge(
+                f"batch.max_tenant_share_of_stored_requests: this request takes {len(request)} bytes in the batch"
+                f" store, more than the {self._max_tenant_request_bytes} one tenant may keep"
+                " (that share of batch.max_stored_request_bytes); it can never be queued (send it realtime,"
+                " or raise the settings)"
+            )
 
         def insert(connection: sqlite3.Connection) -> None:
             with immediate(connection):
