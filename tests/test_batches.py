@@ -3572,6 +3572,31 @@ class TestBatchOverdue:
         assert charged == []
         assert [e["jobs"] for e in logs if e["event"] == "batch_abandoned"] == [1]
 
+    async def test_a_batch_the_provider_ended_on_its_own_keeps_its_outcome_when_read_late(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch the provider failed by itself (validation: token_limit_exceeded), first read
+        more than OVERDUE_AFTER_SECONDS after it was sent (its polls failed meanwhile), was never
+        cancelled here: its job ends as the provider said, FAILED with its code, and nothing is
+        cancelled (it was EXPIRED batch_overdue, as if routesvc had cancelled it)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            fake.batch_retrieve_errors[batch.api] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+            await until(lambda: batch.refused >= 1)
+            # While its polls fail (none reads it in between), it passes its window and ends.
+            sent_earlier(tmp_path / "batches.db", OVERDUE_AFTER_SECONDS + 3600)
+            fake.batch_outcome = BatchOutcome.FAIL
+            fake.batch_retrieve_errors.clear()
+            ended = await wait_state(client, job, pb.BATCH_STATE_FAILED)
+        assert ended.error == "token_limit_exceeded"
+        assert not batch.cancelled
+
     @pytest.mark.parametrize(
         ("refusal", "reason"),
         [

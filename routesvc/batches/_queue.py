@@ -49,7 +49,8 @@ that base URL) for the Retry-After, else for delays doubling from the poll inter
 ``_MAX_POLL_HOLD``, while other providers' polls go on (``batch_polls_held``). A provider batch
 still running ``OVERDUE_AFTER_SECONDS`` after it was sent (stuck past its 24 h window, e.g. in
 OpenAI's ``finalizing``) is cancelled and read as that ends it: its answers are delivered and
-charged, its other jobs end EXPIRED ``batch_overdue``; one that has not ended
+charged, its other jobs end EXPIRED ``batch_overdue`` (one the provider ended on its own, failed
+or expired, keeps its outcome however late it is read); one that has not ended
 ``ABANDON_AFTER_SECONDS`` after it was sent ends its jobs so, uncharged, and is read no more; so
 does one past that whose polls have failed or been held in a row for ``UNPOLLABLE_FOR_SECONDS``.
 A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
@@ -316,6 +317,9 @@ def build_batch_apis(settings: Settings) -> dict[str, BatchAPI]:
 
 # A provider batch's status once its cancel was asked for (OpenAI's spelling, then Anthropic's).
 _CANCELLING = frozenset({"cancelling", "canceling"})
+# A batch's status once a cancel has ended it (OpenAI's; an Anthropic batch ends "ended", its
+# requests "canceled").
+_CANCELLED = frozenset({"cancelled", "canceled"})
 
 
 def _sends_to(provider: ProviderSettings) -> tuple[str, str]:
@@ -1335,6 +1339,11 @@ class BatchQueue:
                 self._cancel_asked.add(provider_batch_id)
                 await self._cancel_with(api, provider_batch_id)
             return
+        # Ended by the cancel past its window that this process asked (``_end_overdue``), or, once
+        # past it, by a cancel (one asked before a restart): its unanswered jobs are overdue. A
+        # batch that ended on its own (failed, expired) keeps the provider's outcome however late
+        # it is read.
+        cancelled_overdue = overdue and (provider_batch_id in self._cancel_asked or batch.status in _CANCELLED)
         self._cancel_asked.discard(provider_batch_id)
         self._accepted.discard((provider, provider_batch_id))
         waiting = list(jobs.waiting)
@@ -1348,8 +1357,10 @@ class BatchQueue:
                 return
         for batch_id in waiting:
             result = results.get(batch_id)
-            if overdue and (result is None or result.state is BatchState.CANCELLED):
-                # Unanswered when the cancel past its window (``_end_overdue``), or the provider, ended it.
+            if (cancelled_overdue and result is None) or (
+                overdue and result is not None and result.state is BatchState.CANCELLED
+            ):
+                # Unanswered when the cancel past its window (``_end_overdue``) ended it.
                 result = ItemResult(batch_id, BatchState.EXPIRED, error="batch_overdue")
             elif result is None:
                 state = BatchState.EXPIRED if batch.status == "expired" else BatchState.FAILED
