@@ -197,6 +197,14 @@ class _CallRecord:
     fields: dict[str, object] = field(default_factory=dict)
     ends_at: float | None = None  # when (loop time) the server ends the call itself (``own_end``)
 
+    def time_left(self) -> float | None:
+        """The time until the server ends the call itself (not the caller's deadline, which is
+        later by the lead): what the router keeps its own time inside (``min_attempt_seconds``,
+        a judge ending early so that the answer can still be released). None without a deadline."""
+        if self.ends_at is None:
+            return None
+        return max(0.0, self.ends_at - asyncio.get_running_loop().time())
+
 
 class RouterService(pb_grpc.RouterServiceServicer):
     """``routesvc.v1.RouterService`` over a ``Router``."""
@@ -438,7 +446,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
             headers = _upstream_headers(context)
             chunks = 0
             events = self._router.complete(
-                routing_request, timeout=context.time_remaining(), headers=headers, request_id=record.request_id
+                routing_request, timeout=record.time_left(), headers=headers, request_id=record.request_id
             )
             # aclosing: when the client goes away mid-stream the router's generator is closed at
             # once, which closes the upstream request, instead of waiting for garbage collection.

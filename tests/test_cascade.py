@@ -592,16 +592,19 @@ class TestEscalationChain:
         assert "not escalated to gpt-4o" in messages[-1].completion.quality.reason
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
+    @pytest.mark.parametrize("deadline", [1.0, 6.0])
     async def test_a_judge_too_slow_for_the_deadline_leaves_time_to_release_the_answer(
-        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider, deadline: float
     ) -> None:
-        """The judge hangs: its call ends reliability.min_attempt_seconds before the caller's
-        1 s deadline, so its on_failure (release) sends the paid cheap answer in time (the judge
-        had all the time left, and the call ended DEADLINE_EXCEEDED with nothing)."""
+        """The judge hangs: its call ends reliability.min_attempt_seconds before the server's own
+        end of the call (a twentieth of the time before the caller's deadline, at most 250 ms),
+        so its on_failure (release) sends the paid cheap answer in time (the judge had all the
+        time left, and the call ended DEADLINE_EXCEEDED with nothing; with a 6 s deadline it
+        ended 0.2 s before the caller's deadline, 50 ms after the server had ended the call)."""
         fake.enqueue(Script(text="Paris is the capital."), Script(first_chunk_delay=30), model="gpt-4o-mini")
         context = pb.RoutingContext(cascade=True)
         prompt = user_chat("What is the capital of France?")
-        messages = [m async for m in live_client.complete(prompt, context, timeout=1.0)]
+        messages = [m async for m in live_client.complete(prompt, context, timeout=deadline)]
         assert _kinds(messages) == ["decision", "delta", "completion"]
         assert _text(messages) == "Paris is the capital."
         quality = messages[-1].completion.quality

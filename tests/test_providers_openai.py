@@ -695,6 +695,66 @@ class TestMidStreamFailures:
         finally:
             await adapter.aclose()
 
+    @pytest.mark.parametrize("content_type", ["text/plain", "application/json", "application/octet-stream"])
+    async def test_an_event_over_max_event_bytes_is_unavailable_whatever_the_stream_is_labelled(
+        self, fake: FakeProvider, http_client: HttpClientKind, content_type: str
+    ) -> None:
+        """A stream labelled other than ``text/event-stream`` (a proxy that rewrites the type),
+        which the SDK reads as events all the same: an event over ``max_event_bytes`` fails it as
+        it does an event stream's (it was read whole, whatever its size)."""
+        adapter = OpenAIProvider(
+            "openai", CANARY_KEY, fake.openai_base_url, "openai", http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            fake.enqueue(
+                Script(
+                    fault=Fault.OVERSIZED_LINE,
+                    fault_after=1,
+                    oversized_bytes=8192,
+                    headers={"content-type": content_type},
+                )
+            )
+            texts, error = await collect_until_error(adapter, make_call())
+            assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+            assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message
+        finally:
+            await adapter.aclose()
+
+    async def test_events_whose_blank_line_is_a_crlf_after_a_lf_are_bounded_one_by_one(
+        self, fake: FakeProvider, http_client: HttpClientKind
+    ) -> None:
+        """A server ending each event with ``\\n`` then ``\\r\\n`` (a blank line to the SSE spec and
+        the openai SDK): a stream of 200 small events, 30 kB in all, is read whole under an 8 kB
+        ``max_event_bytes`` (the bound took the stream for one event and failed it)."""
+        adapter = OpenAIProvider(
+            "openai", CANARY_KEY, fake.openai_base_url, "openai", http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            fake.enqueue(Script(chunk_count=200, event_blank_line="\r\n"))
+            events = await collect(adapter, make_call())
+            text = "".join(e.text for e in events if isinstance(e, TextDelta))
+            assert text == "".join(f"chunk-{index} " for index in range(200))
+        finally:
+            await adapter.aclose()
+
+    async def test_a_stream_is_asked_unencoded_and_one_compressed_all_the_same_is_unavailable(
+        self, fake: FakeProvider, http_client: HttpClientKind
+    ) -> None:
+        """A streaming request asks for ``accept-encoding: identity``; a server that gzips the
+        stream anyway fails the attempt before any event is read (its events were counted
+        compressed: a few hundred bytes of gzip can hold an event of megabytes, decoded whole)."""
+        adapter = OpenAIProvider(
+            "openai", CANARY_KEY, fake.openai_base_url, "openai", http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            fake.enqueue(Script(gzip_stream=True))
+            texts, error = await collect_until_error(adapter, make_call())
+            assert (texts, type(error)) == ([], ProviderUnavailable)
+            assert "content-encoding gzip, not identity as asked (stream_encoded)" in error.message
+            assert fake.requests[-1].headers["accept-encoding"] == "identity"
+        finally:
+            await adapter.aclose()
+
     @pytest.mark.parametrize(
         "fault", [Fault.MALFORMED_LINE, Fault.NON_UTF8, Fault.MISSING_TERMINATOR, Fault.NOT_AN_OBJECT]
     )

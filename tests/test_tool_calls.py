@@ -228,6 +228,65 @@ class TestAssemblingPieces:
             parts.add(None, name="get_weather", arguments=piece)
         assert [(call.name, call.arguments_json) for call in parts.calls()] == [("get_weather", '{"city": "Paris"}')]
 
+    def test_numbered_calls_that_repeat_their_name_and_close_with_it_are_one_call_each(self) -> None:
+        """A server that numbers its calls 0 and 1 with no ids, names the tool on every piece and
+        ends each call with a piece of no arguments: two calls (the closing pieces were read as
+        two more calls of the tool, with no arguments)."""
+        parts = ToolCallParts()
+        for index, piece in ((0, '{"city":'), (1, '{"city":'), (0, '"Paris"}'), (1, '"Rome"}'), (0, ""), (1, "")):
+            parts.add(index, name="get_weather", arguments=piece)
+        assert [(call.name, call.arguments_json) for call in parts.calls()] == [
+            ("get_weather", '{"city":"Paris"}'),
+            ("get_weather", '{"city":"Rome"}'),
+        ]
+
+    @pytest.mark.parametrize("index", [None, 0])
+    def test_a_closing_piece_that_names_the_tool_again_is_no_call(self, index: int | None) -> None:
+        """With no index or every call at 0 and no ids, a piece naming the tool again with no
+        arguments after they are whole is no call; a second call of that tool whose arguments
+        follow its name-only first piece is one."""
+        parts = ToolCallParts()
+        parts.add(index, name="get_weather", arguments='{"city": "Paris"}')
+        parts.add(index, name="get_weather")
+        parts.add(index, name="get_weather")
+        parts.add(index, arguments='{"city": "Rome"}')
+        parts.add(index, name="get_weather")
+        assert [(call.name, call.arguments_json) for call in parts.calls()] == [
+            ("get_weather", '{"city": "Paris"}'),
+            ("get_weather", '{"city": "Rome"}'),
+        ]
+
+    def test_inputs_given_whole_at_one_index_without_ids_are_two_calls(self) -> None:
+        """Two Anthropic ``tool_use`` blocks of one tool without ids at one index, each input
+        given whole at its start: two calls (the second continued the first and its input was
+        lost)."""
+        parts = ToolCallParts()
+        parts.add(0, name="get_weather", whole_arguments='{"city": "Paris"}')
+        parts.add(0, name="get_weather", whole_arguments='{"city": "Rome"}')
+        assert [(call.name, call.arguments_json) for call in parts.calls()] == [
+            ("get_weather", '{"city": "Paris"}'),
+            ("get_weather", '{"city": "Rome"}'),
+        ]
+
+    def test_a_long_call_that_repeats_its_name_is_parsed_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A 200 kB call in 20-byte pieces, its name on each (at index 0, no id): its arguments
+        are parsed as JSON once, when its object closes (every piece re-joined and parsed all the
+        text so far, ~10,000 parses: seconds of the event loop)."""
+        parses: list[int] = []
+        loads = json.loads
+
+        def counted(text: str) -> object:
+            parses.append(len(text))
+            return loads(text)
+
+        monkeypatch.setattr(json, "loads", counted)
+        arguments = json.dumps({"path": "a.txt", "content": 'x\\"}{' * 40_000})
+        parts = ToolCallParts()
+        for start in range(0, len(arguments), 20):
+            parts.add(0, name="write_file", arguments=arguments[start : start + 20])
+        assert [(call.name, call.arguments_json) for call in parts.calls()] == [("write_file", arguments)]
+        assert len(parses) == 1
+
     def test_pieces_without_an_index_follow_their_call(self) -> None:
         """Older servers send no index: a new id starts a call, later pieces extend the latest one
         (they were dropped, leaving a TOOL_CALLS finish with no calls)."""

@@ -32,7 +32,7 @@ import aiohttp
 import httpx2
 from aiohttp.http_exceptions import HttpProcessingError
 
-from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, BoundedEventsTransport
+from routesvc.providers._event_size import BoundedEventsTransport, EventBound
 from routesvc.providers._sending import trace_session, wrap_transports
 
 
@@ -158,12 +158,10 @@ class _KeepingTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def keeping_buffered(
-    client_class: type[httpx2.AsyncClient], max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
-) -> httpx2.AsyncClient:
+def keeping_buffered(client_class: type[httpx2.AsyncClient], bound: EventBound) -> httpx2.AsyncClient:
     """An instance of the SDK's ``DefaultAioHttpClient`` class whose transports (direct and proxy)
-    are wrapped in ``_KeepingTransport``, each event of a stream bounded to ``max_event_bytes``
+    are wrapped in ``_KeepingTransport``, each event of a stream bounded by ``bound``
     (``_event_size``); its defaults (timeouts, connection limits) are the SDK's."""
     client = client_class()
-    wrap_transports(client, lambda inner: BoundedEventsTransport(_KeepingTransport(inner), max_event_bytes))
+    wrap_transports(client, lambda inner: BoundedEventsTransport(_KeepingTransport(inner), bound))
     return client

@@ -4,42 +4,93 @@ The SDKs' decoders hold an event's bytes until its blank line, then decode and p
 whatever its size: one 200 MB event from a broken or hostile server (an ``openai_compatible``
 endpoint, a proxy gone wrong) cost the process about 800 MB, and a few such streams at once
 would take every tenant's streams down with it. So each transport of an SDK client wraps the
-body of an event-stream response and counts each event's bytes up to its blank line (its end,
-whichever line ending the server uses); past ``max_event_bytes`` the body fails with
-``EventTooLarge`` (an ``httpx2.ReadError``, as a broken connection fails it), which the adapters
-translate to ``ProviderUnavailable``. What is held stays within the limit and one read's chunk.
-Other responses (JSON errors, unary answers) are left alone.
+body of every response to a streaming request (the adapter sends it inside ``streaming()``),
+whatever its ``Content-Type``, since both SDKs parse a streamed body as events whatever it is
+labelled, and counts each event's bytes up to its end as the SDK's decoder finds it
+(``EventBound.end``); past ``EventBound.limit`` the body fails with ``EventTooLarge`` (an
+``httpx2.ReadError``, as a broken connection fails it), which the adapters translate to
+``ProviderUnavailable``. What is held stays within the limit and one read's chunk.
+
+The bytes counted are the ones the SDK decodes: a streaming request asks for them unencoded
+(``Accept-Encoding: identity``), and a successful answer that comes compressed all the same
+fails with ``EncodedStream`` (a few hundred bytes of gzip can hold a 100 kB event, a few hundred
+kB a 200 MB one, decoded whole after the transport). Responses to other requests (embeddings,
+batch files, list pages) are left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import httpx2
 
 DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
 
-# An event's end: a blank line, whichever line ending the server uses.
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# An event's end as the openai SDK's decoder finds it (``_SSELineDecoder``, per the SSE spec): a
+# line end (``\r\n``, ``\r``, ``\n``) followed by another, so ``\n`` then ``\r\n`` is one too.
+OPENAI_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
+# As the anthropic SDK's (``SSEDecoder._aiter_chunks``): only these three; it holds a stream
+# that mixes line endings (``\n`` then ``\r\n``) as one event, so it is counted as one.
+ANTHROPIC_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # The bytes of the data before a chunk kept to find an event's end split across two chunks.
 _TAIL = 3
 
+_STREAMING: ContextVar[bool] = ContextVar("routesvc_streaming_request", default=False)
 
-class EventTooLarge(httpx2.ReadError):
+
+@contextlib.contextmanager
+def streaming() -> Iterator[None]:
+    """While an adapter's SDK sends a streaming request in this context: its response is bounded."""
+    token = _STREAMING.set(True)
+    try:
+        yield
+    finally:
+        _STREAMING.reset(token)
+
+
+@dataclass(frozen=True)
+class EventBound:
+    """At most ``limit`` bytes per event, an event ending where ``end`` matches (its SDK's rule)."""
+
+    limit: int
+    end: re.Pattern[bytes]
+
+
+class UnreadableStream(httpx2.ReadError):
+    """A streamed body the transport refuses to pass on: ``what`` went wrong, ``reason`` its code."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.reason = reason
+
+
+class EventTooLarge(UnreadableStream):
     """An event of the stream passed ``limit`` bytes before its end."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(f"a server-sent event over {limit} bytes")
+        super().__init__(f"stream event over {limit} bytes (reliability.max_event_bytes)", "event_too_large")
         self.limit = limit
+
+
+class EncodedStream(UnreadableStream):
+    """A successful streamed answer came ``encoding``-compressed though asked unencoded."""
+
+    def __init__(self, encoding: str) -> None:
+        super().__init__(f"stream sent with content-encoding {encoding}, not identity as asked", "stream_encoded")
 
 
 class _BoundedEvents(httpx2.AsyncByteStream):
     """A response body that fails once an event runs past ``limit`` bytes."""
 
-    def __init__(self, inner: httpx2.AsyncByteStream, limit: int) -> None:
+    def __init__(self, inner: httpx2.AsyncByteStream, bound: EventBound) -> None:
         self._inner = inner
-        self._limit = limit
+        self._limit = bound.limit
+        self._end = bound.end
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         pending = 0  # bytes since the last event's end
@@ -48,7 +99,7 @@ class _BoundedEvents(httpx2.AsyncByteStream):
             # The last bytes before ``chunk`` come again, for an end split across the two.
             window = tail + chunk
             start = len(tail) - pending  # where the current event starts, in ``window``
-            for end in _EVENT_END.finditer(window):
+            for end in self._end.finditer(window):
                 if end.end() <= len(tail):
                     continue  # an end found in the chunk before
                 if end.end() - start > self._limit:
@@ -68,17 +119,24 @@ class _BoundedEvents(httpx2.AsyncByteStream):
 
 
 class BoundedEventsTransport(httpx2.AsyncBaseTransport):
-    """Delegates to an SDK client's transport; bounds each event of an event-stream response."""
+    """Delegates to an SDK client's transport; bounds each event of a streaming request's response."""
 
-    def __init__(self, inner: httpx2.AsyncBaseTransport, max_event_bytes: int) -> None:
+    def __init__(self, inner: httpx2.AsyncBaseTransport, bound: EventBound) -> None:
         self._inner = inner
-        self._limit = max_event_bytes
+        self._bound = bound
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        if not _STREAMING.get():
+            return await self._inner.handle_async_request(request)
+        request.headers["accept-encoding"] = "identity"
         response = await self._inner.handle_async_request(request)
-        streamed = response.headers.get("content-type", "").lower().startswith("text/event-stream")
-        if streamed and isinstance(response.stream, httpx2.AsyncByteStream):
-            response.stream = _BoundedEvents(response.stream, self._limit)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if response.is_success and encoding not in ("", "identity"):
+            # An error's body is read whole as any error's; a stream's would be decoded whole.
+            await response.aclose()
+            raise EncodedStream(encoding)
+        if isinstance(response.stream, httpx2.AsyncByteStream):
+            response.stream = _BoundedEvents(response.stream, self._bound)
         return response
 
     async def aclose(self) -> None:

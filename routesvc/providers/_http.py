@@ -32,7 +32,7 @@ from routesvc.errors import (
     ProviderUnavailable,
 )
 from routesvc.models import ProviderKind
-from routesvc.providers._event_size import EventTooLarge
+from routesvc.providers._event_size import UnreadableStream
 from routesvc.providers.base import ProviderCall
 
 _T = TypeVar("_T")
@@ -431,8 +431,8 @@ async def guarded(
 ) -> _T:
     """Await one SDK step of provider ``name`` within ``deadline`` (loop time), translating what it
     raises with ``translate``; exceptions ``translate`` does not know (our bugs) propagate. A
-    stream event over ``reliability.max_event_bytes`` says so, whatever the SDK wrapped it in
-    (the openai SDK raises it as a connection error)."""
+    stream event over ``reliability.max_event_bytes``, or a stream compressed though asked not
+    to be, says so, whatever the SDK wrapped it in (the openai SDK raises it as a connection error)."""
     try:
         async with asyncio.timeout_at(deadline):
             return await awaitable
@@ -443,11 +443,10 @@ async def guarded(
     except ProviderError:
         raise
     except Exception as exc:
-        too_large = _caused_by(exc, EventTooLarge)
-        if too_large is not None:
-            what = f"stream event over {too_large.limit} bytes (reliability.max_event_bytes)"
+        unreadable = _caused_by(exc, UnreadableStream)
+        if unreadable is not None:
             raise ProviderUnavailable(
-                describe(name, call.model, what, "event_too_large"), provider=name, model=call.model
+                describe(name, call.model, unreadable.what, unreadable.reason), provider=name, model=call.model
             ) from exc
         error = translate(call, exc)
         if error is None:

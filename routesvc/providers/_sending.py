@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import httpx2
 
-from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, BoundedEventsTransport
+from routesvc.providers._event_size import BoundedEventsTransport, EventBound
 from routesvc.providers.base import RequestSent
 
 _SENDING: ContextVar[RequestSent | None] = ContextVar("routesvc_request_sending", default=None)
@@ -99,14 +99,12 @@ class _TracedTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def traced(
-    client_class: type[httpx2.AsyncClient], max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
-) -> httpx2.AsyncClient:
+def traced(client_class: type[httpx2.AsyncClient], bound: EventBound) -> httpx2.AsyncClient:
     """An instance of the SDK's ``DefaultAsyncHttpxClient`` class (its defaults: timeouts,
     connection limits) whose transports (direct and proxy) report when a request goes out, each
-    event of a stream bounded to ``max_event_bytes`` (``_event_size``)."""
+    event of a stream bounded by ``bound`` (``_event_size``)."""
     client = client_class()
-    wrap_transports(client, lambda inner: BoundedEventsTransport(_TracedTransport(inner), max_event_bytes))
+    wrap_transports(client, lambda inner: BoundedEventsTransport(_TracedTransport(inner), bound))
     return client
 
 

@@ -15,14 +15,16 @@ NIM, LM Studio): such a call gets one made up, ``call_`` and a token of its resp
 place in it, so that the caller can send it back with its result, and two responses' calls in
 one conversation stay apart. Pieces that never name a tool make no call.
 
-A piece without an id has only its name to say where it belongs, whether it has no index or
-every call's (some servers number every call 0 and send no id): one that names a tool while the
-call at its index (the latest call, without an index) has a name starts a new call, unless it
-names the same tool and that call's arguments are not yet a whole JSON value, since some servers
-repeat the name on every piece of one call (MiniMax on NVIDIA NIM). The limit: such a server's
-pieces of one call that come after its arguments are whole (an empty closing piece that names
-the tool again) are read as a second call of that tool, and two calls of one tool whose first
-has arguments that are not JSON are read as one; a server that sends ids is never read so.
+A piece without an id has only its name to say where it belongs when the server gives no index
+or every call's at 0 (some number every call 0 and send no id): while no index above 0 has come,
+one that names a tool while the call at its index (the latest call, without an index) has a name
+starts a new call, unless it names the same tool and that call's arguments are not yet a whole
+JSON object, since some servers repeat the name on every piece of one call (MiniMax on NVIDIA
+NIM). A piece that names the same tool after the arguments are whole but brings no arguments (a
+closing piece, or the name-only first piece of a second call of that tool) starts no call: the
+next piece with arguments does. The limit: two calls of one tool whose first has arguments that
+are not a JSON object are read as one. A server that sends ids, or numbers its calls, is never
+read so.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from dataclasses import dataclass, field
 
 from routesvc.models import ToolCall
 
+_SIGNIFICANT = re.compile(r'[{}\[\]"\\]')  # what can open or close a JSON object, array or string
+
 
 @dataclass
 class _Parts:
@@ -43,6 +47,47 @@ class _Parts:
     name: str = ""
     arguments: list[str] = field(default_factory=list)
     whole: str = ""  # arguments given whole with the call's start, used when no pieces follow
+    named_again: bool = False  # its name came again with no arguments after they were whole
+    # Where the argument pieces are in their JSON: each piece is scanned once, as it comes.
+    depth: int = 0  # of objects and arrays open
+    in_string: bool = False
+    escaped: bool = False  # the next piece's first character is escaped
+    closed: bool | None = None  # None until the first object closes; then whether it is whole JSON
+
+    def append(self, piece: str) -> None:
+        """Add an argument piece and follow where it leaves the JSON text."""
+        self.arguments.append(piece)
+        if self.closed is not None:
+            # Anything but white space after a whole value makes it no longer one.
+            self.closed = self.closed and not piece.strip()
+            return
+        skip = 1 if self.escaped else 0
+        self.escaped = False
+        for match in _SIGNIFICANT.finditer(piece, skip):
+            char, at = match.group(), match.start()
+            if at < skip:
+                continue
+            if self.in_string:
+                if char == "\\":
+                    skip = at + 2
+                    self.escaped = skip > len(piece)
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            else:
+                self.depth -= 1
+                if self.depth <= 0:
+                    # Parsed once, when the outer object closes: never again as pieces come.
+                    whole = self.depth == 0 and not piece[at + 1 :].strip()
+                    self.closed = whole and _whole_json("".join(self.arguments))
+                    return
+
+    def arguments_whole(self) -> bool:
+        """Whether the arguments so far are one whole JSON object (or array)."""
+        return bool(self.closed) if self.arguments else bool(self.whole)
 
 
 class ToolCallParts:
@@ -52,6 +97,7 @@ class ToolCallParts:
         self._calls: list[_Parts] = []
         self._at: dict[int, _Parts] = {}  # the latest call started at each stream index
         self._response = ""  # the token of the ids made up for calls that came without one
+        self._by_name = True  # no index above 0 yet: id-less calls are told apart by their names
 
     def add(
         self, index: int | None, *, call_id: str = "", name: str = "", arguments: str = "", whole_arguments: str = ""
@@ -60,17 +106,22 @@ class ToolCallParts:
         ``whole_arguments`` (an Anthropic ``tool_use`` block's ``input`` given at its start) are
         the call's only when no argument piece follows, which replaces them (as the SDK's
         accumulator does)."""
+        if index:
+            self._by_name = False
         parts = self._at.get(index) if index is not None else (self._calls[-1] if self._calls else None)
-        if parts is None or _starts_call(parts, call_id, name):
-            parts = _Parts()
+        if parts is None or self._starts_call(parts, call_id, name, bool(arguments or whole_arguments)):
+            # A call named again with no arguments is started by the next piece that has some.
+            parts = _Parts(name=parts.name if parts is not None and parts.named_again and not name else "")
             self._calls.append(parts)
             if index is not None:
                 self._at[index] = parts
+        elif name and name == parts.name and not call_id and self._by_name and parts.arguments_whole():
+            parts.named_again = True
         parts.id = parts.id or call_id
         parts.name = parts.name or name
         parts.whole = parts.whole or whole_arguments
         if arguments:
-            parts.arguments.append(arguments)
+            parts.append(arguments)
 
     def calls(self) -> tuple[ToolCall, ...]:
         """The assembled calls, in the order they started; a call that came without an id gets
@@ -86,20 +137,21 @@ class ToolCallParts:
         self._response = self._response or uuid.uuid4().hex[:16]
         return f"call_{self._response}_{position}"
 
-
-def _starts_call(parts: _Parts, call_id: str, name: str) -> bool:
-    """Whether a piece naming ``name`` under ``call_id`` starts a new call rather
-    than continue ``parts``, the call at its index (the latest one without an index): under
-    another id, or, without an id, naming a tool after a named call (the module docstring says
-    when the same name continues it), whatever the index: a server that numbers every call 0
-    and sends no id has only the names to tell them apart."""
-    if not name:
-        return False
-    if call_id:
-        return bool(parts.id) and parts.id != call_id
-    if not parts.name:
-        return False
-    return name != parts.name or _whole_json("".join(parts.arguments))
+    def _starts_call(self, parts: _Parts, call_id: str, name: str, given: bool) -> bool:
+        """Whether a piece naming ``name`` (or no tool) under ``call_id``, with arguments if
+        ``given``, starts a new call rather than continue ``parts``, the call at its index (the
+        latest one without an index): under another id, or, without an id while the calls are
+        told apart by their names, naming another tool after a named call, or bringing arguments
+        to a call whose arguments were whole (the module docstring says when)."""
+        if call_id:
+            return bool(name) and bool(parts.id) and parts.id != call_id
+        if not self._by_name or not parts.name:
+            return False
+        if name and name != parts.name:
+            return True
+        if parts.named_again:
+            return given
+        return bool(name) and given and parts.arguments_whole()
 
 
 def _whole_json(text: str) -> bool:

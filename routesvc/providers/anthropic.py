@@ -77,7 +77,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers._aiohttp import keeping_buffered
-from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES
+from routesvc.providers._event_size import ANTHROPIC_EVENT_END, DEFAULT_MAX_EVENT_BYTES, EventBound, streaming
 from routesvc.providers._http import (
     END_OF_STREAM,
     EstimatedUsageLog,
@@ -428,9 +428,9 @@ class AnthropicProvider:
             max_retries=0,
             open_telemetry={"traces": False, "propagation": False},
             http_client=(
-                keeping_buffered(anthropic.DefaultAioHttpClient, max_event_bytes)
+                keeping_buffered(anthropic.DefaultAioHttpClient, EventBound(max_event_bytes, ANTHROPIC_EVENT_END))
                 if http_client == "aiohttp"
-                else traced(anthropic.DefaultAsyncHttpxClient, max_event_bytes)
+                else traced(anthropic.DefaultAsyncHttpxClient, EventBound(max_event_bytes, ANTHROPIC_EVENT_END))
             ),
         )
         self._http_client: HttpClientKind = http_client
@@ -473,7 +473,7 @@ class AnthropicProvider:
             stream=True,
             stream_cls=anthropic.AsyncStream[object],
         )
-        with sending(call.sent):
+        with sending(call.sent), streaming():
             sdk_stream = await self._guard(call, deadline, request)
         try:
             tally = _Tally()

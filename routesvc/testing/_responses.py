@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -79,11 +80,20 @@ async def stream_events(
         "content-type": "text/event-stream; charset=utf-8",
         "transfer-encoding": "chunked",
         "cache-control": "no-cache",
+        **({"content-encoding": "gzip"} if script.gzip_stream else {}),
         **script.headers,
     }
     await connection.send_head(200, headers)
+    gzip = zlib.compressobj(wbits=31) if script.gzip_stream else None
+
+    async def send_chunk(events: bytes) -> None:
+        events = events.replace(b"\n\n", b"\n" + script.event_blank_line.encode())
+        if gzip is not None:
+            events = gzip.compress(events) + gzip.flush(zlib.Z_SYNC_FLUSH)
+        await connection.send_chunk(events)
+
     for event in opening:
-        await connection.send_chunk(event)
+        await send_chunk(event)
     chunks = content
     for index in range(len(chunks) + 1):
         if index == script.fault_after and script.fault is not Fault.NONE:
@@ -102,16 +112,18 @@ async def stream_events(
                 await connection.send(_END_OF_BODY)
                 return
             elif script.fault is Fault.ERROR_EVENT:
-                await connection.send_chunk(faults[Fault.ERROR_EVENT])
+                await send_chunk(faults[Fault.ERROR_EVENT])
                 await connection.send(_END_OF_BODY)
                 return
             elif script.fault in faults:
-                await connection.send_chunk(faults[script.fault])
+                await send_chunk(faults[script.fault])
         if index == len(chunks):
             break
         await connection.pause(script.first_chunk_delay if index == 0 else script.chunk_delay)
-        await connection.send_chunk(chunks[index])
+        await send_chunk(chunks[index])
         record.chunks_sent += 1
     for event in closing:
-        await connection.send_chunk(event)
+        await send_chunk(event)
+    if gzip is not None:
+        await connection.send_chunk(gzip.flush())
     await connection.send(_END_OF_BODY)

@@ -143,6 +143,12 @@ class Script:
     # The Anthropic format sends each tool call's whole ``input`` in its ``content_block_start``
     # and no ``input_json_delta`` (a gateway re-streaming a finished message).
     tool_input_in_start: bool = False
+    # Each streamed event ends with "\n" and then this blank line: "\r\n" is a server mixing line
+    # endings, a blank line all the same to the SSE spec and the openai SDK.
+    event_blank_line: str = "\n"
+    # The stream is sent gzip-compressed (``content-encoding: gzip``), whatever the request's
+    # ``accept-encoding`` asked.
+    gzip_stream: bool = False
 
     def content_chunks(self) -> tuple[str, ...]:
         """The text pieces this script streams, in order."""
