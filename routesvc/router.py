@@ -823,7 +823,17 @@ class Router:
             while index < len(steps) - 1:
                 step = steps[index]
                 threshold = decision.cascade_thresholds[index]
-                outcome = await self._buffered_step(attempt, index, request, deadline, headers)
+                try:
+                    outcome = await self._buffered_step(attempt, index, request, deadline, headers)
+                except ProviderError as error:
+                    # An error the next model would meet too (a 400, a revoked key): nothing of
+                    # this step was sent, so the answer in hand is released, as when the last step
+                    # fails so.
+                    if held is None:
+                        raise
+                    for event in self._release_held(attempt, *held, step, error):
+                        yield event
+                    return
                 next_model = steps[outcome.next_step]
                 quality = outcome.quality
                 released = outcome.completion is not None and quality.score >= threshold

@@ -1297,6 +1297,32 @@ class TestAnEscalationThatCannotBeServed:
             "refusal; escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released"
         )
 
+    @pytest.mark.parametrize(("status", "reason"), [(401, "PROVIDER_AUTH_FAILED"), (400, "PROVIDER_REJECTED")])
+    async def test_a_middle_step_rejecting_the_call_releases_the_answer_in_hand(
+        self, fake: FakeProvider, status: int, reason: str
+    ) -> None:
+        """gpt-4o-mini -> gpt-4o -> claude-sonnet: the cheap refusal escalates to gpt-4o, which
+        refuses the call (a revoked key, a 400) before any text, an error claude-sonnet is not
+        tried past; the refusal in hand is released, as a 2-step chain releases it (the call
+        ended with gpt-4o's error after the Escalation, the paid answer thrown away)."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+        fake.enqueue(Script(status=status), Script(status=status), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await _cascade(client)
+            entries = server.router.ledger.entries(messages[0].decision.decision_id)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == (refusal, "gpt-4o-mini")
+        assert completion.quality.reason == f"refusal; escalation to gpt-4o failed ({reason}), released"
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o"]
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+
     async def test_an_empty_answer_is_not_released_when_the_escalation_fails(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
