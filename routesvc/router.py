@@ -823,13 +823,14 @@ class Router:
             while index < len(steps) - 1:
                 step = steps[index]
                 threshold = decision.cascade_thresholds[index]
+                step_deadline = self._escalated_deadline(deadline, held)
                 try:
-                    outcome = await self._buffered_step(attempt, index, request, deadline, headers)
-                except ProviderError as error:
-                    # An error the next model would meet too (a 400, a revoked key): nothing of
-                    # this step was sent, so the answer in hand is released, as when the last step
-                    # fails so.
-                    if held is None:
+                    outcome = await self._buffered_step(attempt, index, request, step_deadline, headers)
+                except (ProviderError, DeadlineExceeded, TimeoutError) as error:
+                    # An error the next model would meet too (a 400, a revoked key), or the time
+                    # kept for the answer in hand come: nothing of this step was sent, so the
+                    # answer is released, as when the last step fails so.
+                    if held is None or (not isinstance(error, ProviderError) and step_deadline == deadline):
                         raise
                     for event in self._release_held(attempt, *held, step, error):
                         yield event
@@ -877,33 +878,52 @@ class Router:
                 index = outcome.next_step
             # aclosing: when the caller goes away mid-stream, the attempt is closed (and its cost
             # recorded) here, before the reservation below settles with ``attempt.cost``.
-            serving = self._serve(attempt, replace(decision, model=steps[-1]), request, deadline, headers)
+            step_deadline = self._escalated_deadline(deadline, held)
+            serving = self._serve(attempt, replace(decision, model=steps[-1]), request, step_deadline, headers)
             try:
                 async with contextlib.aclosing(serving):
                     async for event in serving:
                         yield self._final(attempt, event) if isinstance(event, Completion) else event
-            except ProviderError as error:
+            except (ProviderError, DeadlineExceeded, TimeoutError) as error:
                 # Nothing of the escalation reached the caller: the answer in hand, paid for, is
                 # released rather than thrown away with the call (the commit rule holds: it is the
-                # first text sent). After text, the stream is committed and the error stands.
+                # first text sent), also when the escalated model ran into the time kept for it.
+                # After text, the stream is committed and the error stands.
                 if held is None or attempt.chunks:
+                    raise
+                if not isinstance(error, ProviderError) and step_deadline == deadline:
                     raise
                 for event in self._release_held(attempt, *held, steps[-1], error):
                     yield event
         finally:
             await reservation.settle(attempt.tokens, attempt.cost - decision.routing_cost_usd)
 
+    def _escalated_deadline(self, deadline: float | None, held: tuple[_StepOutcome, int] | None) -> float | None:
+        """The deadline a cascade step escalated to runs to: with an answer in hand (``held``),
+        ``reliability.min_attempt_seconds`` before the caller's, so that the answer can still be
+        sent if the step runs into it before any text (as a judge's call ends); else the caller's."""
+        if deadline is None or held is None:
+            return deadline
+        return deadline - self._reliability.min_attempt_seconds
+
     def _release_held(
-        self, state: _AttemptState, held: _StepOutcome, rejected: int, failed_model: str, error: ProviderError
+        self,
+        state: _AttemptState,
+        held: _StepOutcome,
+        rejected: int,
+        failed_model: str,
+        error: ProviderError | DeadlineExceeded | TimeoutError,
     ) -> list[TextDelta | Completion]:
         """The events that release ``held``, an answer the cascade rejected (its attempt at
         ``rejected`` in the summaries), after the escalation to ``failed_model`` failed with
-        ``error`` before any text: its deltas, then the completion, its quality reason saying so.
-        Its attempt answered the caller: COMPLETED again."""
+        ``error`` before any text, or ran out of the time kept for the answer (``DeadlineExceeded``
+        or ``TimeoutError``): its deltas, then the completion, its quality reason saying so. Its
+        attempt answered the caller: COMPLETED again."""
         assert held.completion is not None
         if rejected >= 0:
             state.summaries[rejected] = replace(state.summaries[rejected], result=AttemptResult.COMPLETED)
-        reason = f"{held.quality.reason}; escalation to {failed_model} failed ({error.reason}), released"
+        how = f"failed ({error.reason})" if isinstance(error, ProviderError) else "timed out"
+        reason = f"{held.quality.reason}; escalation to {failed_model} {how}, released"
         telemetry.record_cascade(True, held.quality.score if held.scored else None)
         completion = self._final(state, held.completion, replace(held.quality, reason=reason))
         return [*held.deltas, completion]

@@ -1323,6 +1323,52 @@ class TestAnEscalationThatCannotBeServed:
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o"]
         assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
 
+    async def test_an_escalation_that_hangs_releases_the_answer_in_hand_before_the_deadline(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """The judge scores the cheap answer 0.5; gpt-4o accepts the call and sends nothing. Its
+        call ends reliability.min_attempt_seconds before the caller's 2 s deadline, so the cheap
+        answer, paid and judged, is released in time, the hung call charged its estimated input
+        (it ran to the deadline: DEADLINE_EXCEEDED after the Escalation, the answer thrown away)."""
+        fake.enqueue(Script(text="Lyon, maybe."), Script(text='{"score": 0.5}'), model="gpt-4o-mini")
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
+        prompt = user_chat("What is the capital of France?")
+        messages = [m async for m in live_client.complete(prompt, pb.RoutingContext(cascade=True), timeout=2.0)]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        assert completion.quality.reason == "judge gpt-4o-mini scored it; escalation to gpt-4o timed out, released"
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_JUDGE),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_FAILED),
+        ]
+        entries = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert (entries[-1].model, entries[-1].estimated) == ("gpt-4o", True)
+        assert entries[-1].cost_usd > 0
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+
+    async def test_a_middle_step_that_hangs_releases_the_answer_in_hand_before_the_deadline(
+        self, fake: FakeProvider
+    ) -> None:
+        """gpt-4o-mini -> gpt-4o -> claude-sonnet: the cheap refusal escalates to gpt-4o, which
+        sends nothing; its call ends reliability.min_attempt_seconds before the caller's deadline
+        and the refusal in hand is released (the call ended DEADLINE_EXCEEDED)."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=2.0)]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert (_text(messages), messages[-1].completion.model) == (refusal, "gpt-4o-mini")
+        assert messages[-1].completion.quality.reason == "refusal; escalation to gpt-4o timed out, released"
+
     async def test_an_empty_answer_is_not_released_when_the_escalation_fails(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:
