@@ -1007,10 +1007,12 @@ class Router:
         # scorers that make no call score it.
         next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=False)
         answer = "".join(delta.text for delta in deltas)
-        if stop is None and completion.finish_reason is FinishReason.LENGTH and answer.strip():
+        reasoned = state.reasoned == state.number  # the answering attempt's model reasoned
+        if stop is None and completion.finish_reason is FinishReason.LENGTH and answer.strip() and not reasoned:
             # Cut at the request's output limit, which every step is called with: the next model
             # would be cut there too, so paying it cannot give the caller a whole answer. (An
-            # answer with no text, all the limit spent reasoning, still escalates.)
+            # answer whose model reasoned spent part of the limit on that, and one with no text
+            # all of it: the next model may answer whole within it, so they still escalate.)
             next_model = decision.cascade_models[next_step]
             stop = _EscalationStop(
                 f"not escalated to {next_model}: the answer reached the request's output limit"
@@ -1417,6 +1419,7 @@ class Router:
                     yield event
                 elif isinstance(event, Heartbeat):
                     received.append(event.text)
+                    state.reasoned = number
                 elif isinstance(event, InputReported):
                     reported = event.usage
                 else:
@@ -1543,6 +1546,7 @@ class _AttemptState:
     number: int = 0
     chunks: int = 0  # text chunks sent to the caller (a buffered cascade step's are not)
     buffering: bool = False  # a cascade step runs: its text is kept, not sent, so nothing commits
+    reasoned: int = 0  # the last attempt whose model sent chunks without text (reasoning); 0: none
     tokens: int = 0
     cost: Decimal = Decimal(0)
     summaries: list[AttemptSummary] = field(default_factory=list)

@@ -1188,6 +1188,22 @@ class TestAnOutputLimitIsNoReasonToEscalate:
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         assert messages[-1].completion.model == "gpt-4o"
 
+    async def test_an_answer_cut_after_reasoning_still_escalates(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap model reasons, then writes a few words and is cut at the request's 64 tokens:
+        the limit went to its reasoning, so gpt-4o, which may answer whole within it, is asked (the
+        cut answer was released, gpt-4o never asked)."""
+        thinking = tuple(f"thinking step {i}. " for i in range(20))
+        cut = Script(reasoning=thinking, text="The capital of", finish_reason="length", output_tokens=64)
+        fake.enqueue(cut, model="gpt-4o-mini")
+        fake.enqueue(Script(text="The capital of France is Paris."), model="gpt-4o")
+        chat = user_chat("What is the capital of France?", max_output_tokens=64)
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(cascade=True))]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert messages[1].escalation.quality.reason == "truncated (finish_reason length)"
+        assert (_text(messages), messages[-1].completion.model) == ("The capital of France is Paris.", "gpt-4o")
+
 
 class TestAnEscalationThatCannotBeServed:
     """The answer in hand is not given up for an escalation that cannot answer."""
