@@ -533,6 +533,23 @@ class TestEscalationChain:
         assert arrived[-1] - arrived[1] > 1.0  # the first chunk came ~1.5 s before the last
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
+    async def test_a_step_a_cached_prompt_leaves_room_for_is_planned_and_escalated_to(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A 5,000-token prompt, 4,900 of it read from the provider's cache (half price on
+        gpt-4o-mini), and max_cost_usd 0.0182: the cheap refusal, so billed, plus gpt-4o's
+        estimate (0.0180 USD) is within the cap, so gpt-4o is planned and escalated to (the plan
+        priced the cheap input in full, 0.0184 USD with gpt-4o, and left it out: the refusal was
+        streamed, never escalated)."""
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal, cached_input_tokens=4900), model="gpt-4o-mini")
+        fake.enqueue(Script(text="Paris."), model="gpt-4o")
+        context = pb.RoutingContext(cascade=True, task_hint="simple_qa", max_cost_usd="0.0182")
+        messages = [m async for m in live_client.complete(user_chat("hello " * 5000), context)]
+        assert list(messages[0].decision.cascade_models) == ["gpt-4o-mini", "gpt-4o"]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert messages[-1].completion.model == "gpt-4o"
+
     async def test_a_judge_alone_is_not_asked_when_no_escalation_can_follow(self, fake: FakeProvider) -> None:
         """Scored by the judge alone, an answer that cannot be escalated (the cost cap) is released
         unscored, with no judge call; GetStats' mean released score leaves it out (it counted as a
