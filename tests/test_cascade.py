@@ -609,6 +609,29 @@ class TestEscalationChain:
         assert "not escalated to gpt-4o" in messages[-1].completion.quality.reason
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
+    async def test_an_escalation_without_time_to_start_before_the_time_kept_for_the_answer_is_not_made(
+        self, fake: FakeProvider
+    ) -> None:
+        """The cheap refusal comes with between one and two reliability.min_attempt_seconds of the
+        caller's deadline left: the escalated call, which ends one before the deadline to keep
+        time for the answer in hand, could not start, so no Escalation is sent and the answer is
+        released with the reason (one was announced, gpt-4o never called, and the answer released
+        as "timed out")."""
+        config = default_config()
+        config["reliability"] = {"min_attempt_seconds": 1.0}
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal, first_chunk_delay=0.7), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=2.6)]
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert _text(messages) == refusal
+        assert "not escalated to gpt-4o: " in messages[-1].completion.quality.reason
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
     async def test_a_judge_too_slow_for_the_deadline_leaves_time_to_release_the_answer(
         self, live_client: RouterClient, live_server: Server, fake: FakeProvider
     ) -> None:
