@@ -112,10 +112,15 @@ class EscalationPolicy:
         eligible = {c.model for c in decision.candidates if c.eligible}
         catalog = self._settings.catalog
         cap = self.max_cost(request)
-        # The least the first step can cost: deciding's calls and its input, with no output.
+        # The least the first step can cost: deciding's calls and its input, with no output, at
+        # the cheapest rate the model may bill it (all of it read from the provider's prompt
+        # cache, or none, whichever costs less), so that no step the run-time check would let
+        # the cascade escalate to is left out.
         first = catalog.get(decision.model)
-        least = decision.routing_cost_usd + cost_of_usage(
-            first, Usage(input_tokens=billed_input_of_estimate(first, decision))
+        billed = billed_input_of_estimate(first, decision)
+        least = decision.routing_cost_usd + min(
+            cost_of_usage(first, Usage(input_tokens=billed)),
+            cost_of_usage(first, Usage(input_tokens=billed, cached_input_tokens=billed)),
         )
         kept = [chain.steps[0]]
         over_cap: list[str] = []

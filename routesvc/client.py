@@ -43,7 +43,9 @@ class CompleteCall(Protocol):
 
 class CompleteStream:
     """The messages of one Complete call: the decision, text deltas, then the completion (or, in
-    batch mode, the decision and the batch job). The call starts when the stream is made (by
+    batch mode, the decision and the batch job); a cascade may send an escalation before the
+    deltas, which are then the next model's, or, if it failed before any text, the rejected
+    answer's (the completion's ``model`` says whose). The call starts when the stream is made (by
     ``complete``), so its timeout counts from then, however late the stream is first read.
 
     Leave it with ``async with``, which cancels a call still running when the block ends (a

@@ -823,7 +823,20 @@ class Router:
             while index < len(steps) - 1:
                 step = steps[index]
                 threshold = decision.cascade_thresholds[index]
-                outcome = await self._buffered_step(attempt, index, request, deadline, headers)
+                step_deadline = self._escalated_deadline(deadline, keeping=held is not None)
+                try:
+                    outcome = await self._buffered_step(
+                        attempt, index, request, step_deadline, headers, in_hand=held is not None
+                    )
+                except (ProviderError, DeadlineExceeded, TimeoutError) as error:
+                    # An error the next model would meet too (a 400, a revoked key), or the time
+                    # kept for the answer in hand come: nothing of this step was sent, so the
+                    # answer is released, as when the last step fails so.
+                    if held is None or (not isinstance(error, ProviderError) and step_deadline == deadline):
+                        raise
+                    for event in self._release_held(attempt, *held, step, error):
+                        yield event
+                    return
                 next_model = steps[outcome.next_step]
                 quality = outcome.quality
                 released = outcome.completion is not None and quality.score >= threshold
@@ -867,16 +880,20 @@ class Router:
                 index = outcome.next_step
             # aclosing: when the caller goes away mid-stream, the attempt is closed (and its cost
             # recorded) here, before the reservation below settles with ``attempt.cost``.
-            serving = self._serve(attempt, replace(decision, model=steps[-1]), request, deadline, headers)
+            step_deadline = self._escalated_deadline(deadline, keeping=held is not None)
+            serving = self._serve(attempt, replace(decision, model=steps[-1]), request, step_deadline, headers)
             try:
                 async with contextlib.aclosing(serving):
                     async for event in serving:
                         yield self._final(attempt, event) if isinstance(event, Completion) else event
-            except ProviderError as error:
+            except (ProviderError, DeadlineExceeded, TimeoutError) as error:
                 # Nothing of the escalation reached the caller: the answer in hand, paid for, is
                 # released rather than thrown away with the call (the commit rule holds: it is the
-                # first text sent). After text, the stream is committed and the error stands.
+                # first text sent), also when the escalated model ran into the time kept for it.
+                # After text, the stream is committed and the error stands.
                 if held is None or attempt.chunks:
+                    raise
+                if not isinstance(error, ProviderError) and step_deadline == deadline:
                     raise
                 for event in self._release_held(attempt, *held, steps[-1], error):
                     yield event
@@ -885,17 +902,32 @@ class Router:
             # would turn an answer delivered and billed into DEADLINE_EXCEEDED).
             await reservation.settle(attempt.tokens, attempt.cost - decision.routing_cost_usd, wait=False)
 
+    def _escalated_deadline(self, deadline: float | None, *, keeping: bool) -> float | None:
+        """The deadline a cascade step escalated to runs to: ``keeping`` an answer in hand,
+        ``reliability.min_attempt_seconds`` before the caller's, so that the answer can still be
+        sent if the step runs into it before any text (as a judge's call ends); else the caller's."""
+        if deadline is None or not keeping:
+            return deadline
+        return deadline - self._reliability.min_attempt_seconds
+
     def _release_held(
-        self, state: _AttemptState, held: _StepOutcome, rejected: int, failed_model: str, error: ProviderError
+        self,
+        state: _AttemptState,
+        held: _StepOutcome,
+        rejected: int,
+        failed_model: str,
+        error: ProviderError | DeadlineExceeded | TimeoutError,
     ) -> list[TextDelta | Completion]:
         """The events that release ``held``, an answer the cascade rejected (its attempt at
         ``rejected`` in the summaries), after the escalation to ``failed_model`` failed with
-        ``error`` before any text: its deltas, then the completion, its quality reason saying so.
-        Its attempt answered the caller: COMPLETED again."""
+        ``error`` before any text, or ran out of the time kept for the answer (``DeadlineExceeded``
+        or ``TimeoutError``): its deltas, then the completion, its quality reason saying so. Its
+        attempt answered the caller: COMPLETED again."""
         assert held.completion is not None
         if rejected >= 0:
             state.summaries[rejected] = replace(state.summaries[rejected], result=AttemptResult.COMPLETED)
-        reason = f"{held.quality.reason}; escalation to {failed_model} failed ({error.reason}), released"
+        how = f"failed ({error.reason})" if isinstance(error, ProviderError) else "timed out"
+        reason = f"{held.quality.reason}; escalation to {failed_model} {how}, released"
         telemetry.record_cascade(True, held.quality.score if held.scored else None)
         completion = self._final(state, held.completion, replace(held.quality, reason=reason))
         return [*held.deltas, completion]
@@ -925,9 +957,13 @@ class Router:
         request: RoutingRequest,
         deadline: float | None,
         headers: Mapping[str, str] | None,
+        *,
+        in_hand: bool,
     ) -> _StepOutcome:
         """Run the cascade's step ``index`` with its retries, keep its answer, and score it; the
         outcome says which step it escalates to, and why it cannot, when it cannot (``stop``).
+        ``in_hand``: an earlier step's answer is held (``deadline`` is already the one an
+        escalated step runs to).
 
         Nothing is sent, so nothing commits: a failure, also mid-answer, is retried and falls
         back as one before the first chunk does (the text of a failed attempt is dropped), and a
@@ -973,16 +1009,20 @@ class Router:
         assert completion is not None  # _serve ends with a completion or raises
         used = _usage_of(state.summaries[attempts_before:])
         threshold = decision.cascade_thresholds[index]
+        answer = "".join(delta.text for delta in deltas)
         # Whether the next model could be called is known before the answer is scored (checked,
         # nothing held: the answer may well be released): when it could not, the answer is
         # released whatever its score, and a judge's paid verdict would change nothing, so only the
-        # scorers that make no call score it.
-        next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=False)
-        answer = "".join(delta.text for delta in deltas)
-        if stop is None and completion.finish_reason is FinishReason.LENGTH and answer.strip():
+        # scorers that make no call score it. An escalation from an answer that would be kept runs
+        # to min_attempt_seconds before the deadline (``_escalated_deadline``): it must start by then.
+        keeps = not in_hand and completion.finish_reason is not FinishReason.CONTENT_FILTER and bool(answer.strip())
+        next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=False, keeping=keeps)
+        reasoned = state.reasoned == state.number  # the answering attempt's model reasoned
+        if stop is None and completion.finish_reason is FinishReason.LENGTH and answer.strip() and not reasoned:
             # Cut at the request's output limit, which every step is called with: the next model
             # would be cut there too, so paying it cannot give the caller a whole answer. (An
-            # answer with no text, all the limit spent reasoning, still escalates.)
+            # answer whose model reasoned spent part of the limit on that, and one with no text
+            # all of it: the next model may answer whole within it, so they still escalate.)
             next_model = decision.cascade_models[next_step]
             stop = _EscalationStop(
                 f"not escalated to {next_model}: the answer reached the request's output limit"
@@ -1002,7 +1042,7 @@ class Router:
         if stop is None and quality.score < threshold:
             # It escalates: the reservation now holds the next model (the judge's call is in the
             # cost so far, and may have found the next model's provider spent).
-            next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=True)
+            next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=True, keeping=keeps)
         return _StepOutcome(tuple(deltas), completion, quality, cost_before, used, next_step, stop=stop, scored=scored)
 
     async def _score(
@@ -1044,7 +1084,14 @@ class Router:
         )
 
     async def _escalation_stop(
-        self, state: _AttemptState, request: RoutingRequest, index: int, deadline: float | None, *, hold: bool
+        self,
+        state: _AttemptState,
+        request: RoutingRequest,
+        index: int,
+        deadline: float | None,
+        *,
+        hold: bool,
+        keeping: bool = False,
     ) -> tuple[int, _EscalationStop | None]:
         """The step the cascade escalates to from step ``index``: the next one that the request
         has not found its provider's quota spent for (nor its fallbacks' within the cap), else the
@@ -1053,7 +1100,9 @@ class Router:
         provider's quota was found spent, or the tenant's budget cannot take it. With ``hold``
         (it escalates now) the reservation then holds that step; without, the budget is only
         checked, nothing held (the request's other calls, and the tenant's other requests, are not
-        refused for an escalation that may never be made)."""
+        refused for an escalation that may never be made). ``keeping`` the answer for a release,
+        the step runs to ``reliability.min_attempt_seconds`` before ``deadline`` and must be able to
+        start by then (``_escalated_deadline``)."""
         decision = state.decision
         steps = decision.cascade_models
         cap = self._escalation.max_cost(request)
@@ -1066,7 +1115,8 @@ class Router:
         if cap is not None and would_cost > cap:
             return target, _EscalationStop(max_cost_reason(next_model, would_cost, cap))
         left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left < self._reliability.min_attempt_seconds:
+        min_attempt = self._reliability.min_attempt_seconds
+        if left is not None and left < min_attempt * (2 if keeping else 1):
             # No attempt starts that cannot finish.
             why = f"not escalated to {next_model}: {max(left, 0.0):.3f} s of the deadline left"
             return target, _EscalationStop(why)
@@ -1389,6 +1439,7 @@ class Router:
                     yield event
                 elif isinstance(event, Heartbeat):
                     received.append(event.text)
+                    state.reasoned = number
                 elif isinstance(event, InputReported):
                     reported = event.usage
                 else:
@@ -1515,6 +1566,7 @@ class _AttemptState:
     number: int = 0
     chunks: int = 0  # text chunks sent to the caller (a buffered cascade step's are not)
     buffering: bool = False  # a cascade step runs: its text is kept, not sent, so nothing commits
+    reasoned: int = 0  # the last attempt whose model sent chunks without text (reasoning); 0: none
     tokens: int = 0
     cost: Decimal = Decimal(0)
     summaries: list[AttemptSummary] = field(default_factory=list)

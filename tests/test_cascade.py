@@ -533,6 +533,23 @@ class TestEscalationChain:
         assert arrived[-1] - arrived[1] > 1.0  # the first chunk came ~1.5 s before the last
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
+    async def test_a_step_a_cached_prompt_leaves_room_for_is_planned_and_escalated_to(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A 5,000-token prompt, 4,900 of it read from the provider's cache (half price on
+        gpt-4o-mini), and max_cost_usd 0.0182: the cheap refusal, so billed, plus gpt-4o's
+        estimate (0.0180 USD) is within the cap, so gpt-4o is planned and escalated to (the plan
+        priced the cheap input in full, 0.0184 USD with gpt-4o, and left it out: the refusal was
+        streamed, never escalated)."""
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal, cached_input_tokens=4900), model="gpt-4o-mini")
+        fake.enqueue(Script(text="Paris."), model="gpt-4o")
+        context = pb.RoutingContext(cascade=True, task_hint="simple_qa", max_cost_usd="0.0182")
+        messages = [m async for m in live_client.complete(user_chat("hello " * 5000), context)]
+        assert list(messages[0].decision.cascade_models) == ["gpt-4o-mini", "gpt-4o"]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert messages[-1].completion.model == "gpt-4o"
+
     async def test_a_judge_alone_is_not_asked_when_no_escalation_can_follow(self, fake: FakeProvider) -> None:
         """Scored by the judge alone, an answer that cannot be escalated (the cost cap) is released
         unscored, with no judge call; GetStats' mean released score leaves it out (it counted as a
@@ -590,6 +607,29 @@ class TestEscalationChain:
         assert _kinds(messages) == ["decision", "delta", "completion"]
         assert _text(messages) == refusal
         assert "not escalated to gpt-4o" in messages[-1].completion.quality.reason
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
+    async def test_an_escalation_without_time_to_start_before_the_time_kept_for_the_answer_is_not_made(
+        self, fake: FakeProvider
+    ) -> None:
+        """The cheap refusal comes with between one and two reliability.min_attempt_seconds of the
+        caller's deadline left: the escalated call, which ends one before the deadline to keep
+        time for the answer in hand, could not start, so no Escalation is sent and the answer is
+        released with the reason (one was announced, gpt-4o never called, and the answer released
+        as "timed out")."""
+        config = default_config()
+        config["reliability"] = {"min_attempt_seconds": 1.0}
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal, first_chunk_delay=0.7), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=2.6)]
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert _text(messages) == refusal
+        assert "not escalated to gpt-4o: " in messages[-1].completion.quality.reason
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
 
     @pytest.mark.parametrize("deadline", [1.0, 6.0])
@@ -1191,6 +1231,22 @@ class TestAnOutputLimitIsNoReasonToEscalate:
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         assert messages[-1].completion.model == "gpt-4o"
 
+    async def test_an_answer_cut_after_reasoning_still_escalates(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap model reasons, then writes a few words and is cut at the request's 64 tokens:
+        the limit went to its reasoning, so gpt-4o, which may answer whole within it, is asked (the
+        cut answer was released, gpt-4o never asked)."""
+        thinking = tuple(f"thinking step {i}. " for i in range(20))
+        cut = Script(reasoning=thinking, text="The capital of", finish_reason="length", output_tokens=64)
+        fake.enqueue(cut, model="gpt-4o-mini")
+        fake.enqueue(Script(text="The capital of France is Paris."), model="gpt-4o")
+        chat = user_chat("What is the capital of France?", max_output_tokens=64)
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(cascade=True))]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert messages[1].escalation.quality.reason == "truncated (finish_reason length)"
+        assert (_text(messages), messages[-1].completion.model) == ("The capital of France is Paris.", "gpt-4o")
+
 
 class TestAnEscalationThatCannotBeServed:
     """The answer in hand is not given up for an escalation that cannot answer."""
@@ -1299,6 +1355,78 @@ class TestAnEscalationThatCannotBeServed:
         assert messages[-1].completion.quality.reason == (
             "refusal; escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released"
         )
+
+    @pytest.mark.parametrize(("status", "reason"), [(401, "PROVIDER_AUTH_FAILED"), (400, "PROVIDER_REJECTED")])
+    async def test_a_middle_step_rejecting_the_call_releases_the_answer_in_hand(
+        self, fake: FakeProvider, status: int, reason: str
+    ) -> None:
+        """gpt-4o-mini -> gpt-4o -> claude-sonnet: the cheap refusal escalates to gpt-4o, which
+        refuses the call (a revoked key, a 400) before any text, an error claude-sonnet is not
+        tried past; the refusal in hand is released, as a 2-step chain releases it (the call
+        ended with gpt-4o's error after the Escalation, the paid answer thrown away)."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+        fake.enqueue(Script(status=status), Script(status=status), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await _cascade(client)
+            entries = server.router.ledger.entries(messages[0].decision.decision_id)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == (refusal, "gpt-4o-mini")
+        assert completion.quality.reason == f"refusal; escalation to gpt-4o failed ({reason}), released"
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o"]
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+
+    async def test_an_escalation_that_hangs_releases_the_answer_in_hand_before_the_deadline(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """The judge scores the cheap answer 0.5; gpt-4o accepts the call and sends nothing. Its
+        call ends reliability.min_attempt_seconds before the caller's 2 s deadline, so the cheap
+        answer, paid and judged, is released in time, the hung call charged its estimated input
+        (it ran to the deadline: DEADLINE_EXCEEDED after the Escalation, the answer thrown away)."""
+        fake.enqueue(Script(text="Lyon, maybe."), Script(text='{"score": 0.5}'), model="gpt-4o-mini")
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
+        prompt = user_chat("What is the capital of France?")
+        messages = [m async for m in live_client.complete(prompt, pb.RoutingContext(cascade=True), timeout=2.0)]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        assert completion.quality.reason == "judge gpt-4o-mini scored it; escalation to gpt-4o timed out, released"
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_JUDGE),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_FAILED),
+        ]
+        entries = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert (entries[-1].model, entries[-1].estimated) == ("gpt-4o", True)
+        assert entries[-1].cost_usd > 0
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+
+    async def test_a_middle_step_that_hangs_releases_the_answer_in_hand_before_the_deadline(
+        self, fake: FakeProvider
+    ) -> None:
+        """gpt-4o-mini -> gpt-4o -> claude-sonnet: the cheap refusal escalates to gpt-4o, which
+        sends nothing; its call ends reliability.min_attempt_seconds before the caller's deadline
+        and the refusal in hand is released (the call ended DEADLINE_EXCEEDED)."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=2.0)]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert (_text(messages), messages[-1].completion.model) == (refusal, "gpt-4o-mini")
+        assert messages[-1].completion.quality.reason == "refusal; escalation to gpt-4o timed out, released"
 
     async def test_an_empty_answer_is_not_released_when_the_escalation_fails(
         self, live_client: RouterClient, fake: FakeProvider

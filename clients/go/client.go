@@ -159,9 +159,11 @@ func (c *Client) Route(ctx context.Context, req *routesvcv1.RouteRequest, opts .
 }
 
 // Complete starts a completion. Read it with Recv until io.EOF: first the decision,
-// then text deltas, then one Completion. To stop early, Close the stream (defer
-// stream.Close() right after Complete) or cancel ctx: either cancels the call, and
-// routesvc the provider's request. A stream dropped unclosed is cancelled when the
+// then text deltas, then one Completion. A cascade may send an Escalation before the
+// deltas (one per step passed); the deltas that follow are the next model's, or, if it
+// failed before any text, the rejected answer's: the Completion's Model says whose.
+// To stop early, Close the stream (defer stream.Close() right after Complete) or
+// cancel ctx: either cancels the call, and routesvc the provider's request. A stream dropped unclosed is cancelled when the
 // garbage collector finds it unreachable, which may be much later: close it.
 func (c *Client) Complete(ctx context.Context, req *routesvcv1.CompleteRequest, opts ...grpc.CallOption) (*CompleteStream, error) {
 	ctx, cancel := context.WithCancel(ctx)

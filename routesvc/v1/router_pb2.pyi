@@ -1529,7 +1529,10 @@ class CompleteResponse(_message.Message):
 
     @_builtins.property
     def escalation(self) -> Global___Escalation:
-        """A cascade step's answer was rejected; the next model's answer follows."""
+        """A cascade step's answer was rejected and the next model called, before any delta: its
+        answer follows, or, if it fails before any text, the rejected answer (the completion's
+        `model` says whose).
+        """
 
     @_builtins.property
     def batch(self) -> Global___BatchJob:

@@ -2858,7 +2858,9 @@ type CompleteResponse_Completion struct {
 }
 
 type CompleteResponse_Escalation struct {
-	// A cascade step's answer was rejected; the next model's answer follows.
+	// A cascade step's answer was rejected and the next model called, before any delta: its
+	// answer follows, or, if it fails before any text, the rejected answer (the completion's
+	// `model` says whose).
 	Escalation *Escalation `protobuf:"bytes,4,opt,name=escalation,proto3,oneof"`
 }
 

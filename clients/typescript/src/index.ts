@@ -131,8 +131,11 @@ export class RouterClient {
 
   /**
    * The Complete stream: first the decision, then text deltas, then one completion (or, in
-   * batch mode, the decision and the batch job). The call starts now, as `complete()` is
-   * called, so `timeoutMs` counts from here whenever the stream is first read.
+   * batch mode, the decision and the batch job). A cascade may send an escalation before the
+   * deltas (one per step passed); the deltas that follow are the next model's, or, if it failed
+   * before any text, the rejected answer's: the completion's `model` says whose. The call
+   * starts now, as `complete()` is called, so `timeoutMs` counts from here whenever the stream
+   * is first read.
    *
    * Leaving a `for await` loop over it early (`break`, `return`, an exception) or
    * `await stream.return()` cancels the call, and routesvc then aborts the provider's

@@ -80,8 +80,11 @@ class RouterClient:
         self, request: pb.CompleteRequest, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> CompleteStream:
         """The Complete stream: the decision, text deltas, then the completion (or, in batch mode,
-        the decision and the batch job). The call starts when ``complete`` is called, so ``timeout``
-        counts from then, however late the stream is first read.
+        the decision and the batch job). A cascade may send an escalation before the deltas (one
+        per step passed); the deltas that follow are the next model's, or, if it failed before any
+        text, the rejected answer's: the completion's ``model`` says whose. The call starts when
+        ``complete`` is called, so ``timeout`` counts from then, however late the stream is first
+        read.
 
         Read it inside ``async with client.complete(...) as stream:``: leaving the block early
         (``break``, an exception, task cancellation) cancels the call, and routesvc the provider's

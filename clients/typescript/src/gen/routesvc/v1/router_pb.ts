@@ -1334,7 +1334,9 @@ export type CompleteResponse = Message$1<"routesvc.v1.CompleteResponse"> & {
     case: "completion";
   } | {
     /**
-     * A cascade step's answer was rejected; the next model's answer follows.
+     * A cascade step's answer was rejected and the next model called, before any delta: its
+     * answer follows, or, if it fails before any text, the rejected answer (the completion's
+     * `model` says whose).
      *
      * @generated from field: routesvc.v1.Escalation escalation = 4;
      */

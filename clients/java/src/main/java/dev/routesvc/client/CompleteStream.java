@@ -9,7 +9,9 @@ import java.util.NoSuchElementException;
 
 /**
  * The messages of one Complete call: the decision, text deltas, then the completion (or, in batch
- * mode, the decision and the batch job). The call starts when {@link RouterClient#complete} is
+ * mode, the decision and the batch job); a cascade may send an escalation before the deltas, which
+ * are then the next model's, or, if it failed before any text, the rejected answer's (the
+ * completion's {@code model} says whose). The call starts when {@link RouterClient#complete} is
  * called, so its deadline counts from then. Read it inside try-with-resources:
  *
  * <pre>{@code

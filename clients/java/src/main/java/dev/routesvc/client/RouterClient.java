@@ -276,7 +276,10 @@ public final class RouterClient implements AutoCloseable {
   }
 
   /**
-   * The Complete stream: first the decision, then text deltas, then one completion. Read it in
+   * The Complete stream: first the decision, then text deltas, then one completion. A cascade may
+   * send an escalation before the deltas (one per step passed); the deltas that follow are the next
+   * model's, or, if it failed before any text, the rejected answer's: the completion's {@code
+   * model} says whose. Read it in
    * try-with-resources: closing it before its end cancels the call ({@link CompleteStream}), as
    * does cancelling a {@code Context.CancellableContext} it was started in.
    */

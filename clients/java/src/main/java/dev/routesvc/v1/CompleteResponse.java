@@ -223,7 +223,9 @@ private static final long serialVersionUID = 0L;
   public static final int ESCALATION_FIELD_NUMBER = 4;
   /**
    * <pre>
-   * A cascade step's answer was rejected; the next model's answer follows.
+   * A cascade step's answer was rejected and the next model called, before any delta: its
+   * answer follows, or, if it fails before any text, the rejected answer (the completion's
+   * `model` says whose).
    * </pre>
    *
    * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -235,7 +237,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * A cascade step's answer was rejected; the next model's answer follows.
+   * A cascade step's answer was rejected and the next model called, before any delta: its
+   * answer follows, or, if it fails before any text, the rejected answer (the completion's
+   * `model` says whose).
    * </pre>
    *
    * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -250,7 +254,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * A cascade step's answer was rejected; the next model's answer follows.
+   * A cascade step's answer was rejected and the next model called, before any delta: its
+   * answer follows, or, if it fails before any text, the rejected answer (the completion's
+   * `model` says whose).
    * </pre>
    *
    * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -1352,7 +1358,9 @@ private static final long serialVersionUID = 0L;
         dev.routesvc.v1.Escalation, dev.routesvc.v1.Escalation.Builder, dev.routesvc.v1.EscalationOrBuilder> escalationBuilder_;
     /**
      * <pre>
-     * A cascade step's answer was rejected; the next model's answer follows.
+     * A cascade step's answer was rejected and the next model called, before any delta: its
+     * answer follows, or, if it fails before any text, the rejected answer (the completion's
+     * `model` says whose).
      * </pre>
      *
      * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -1364,7 +1372,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * A cascade step's answer was rejected; the next model's answer follows.
+     * A cascade step's answer was rejected and the next model called, before any delta: its
+     * answer follows, or, if it fails before any text, the rejected answer (the completion's
+     * `model` says whose).
      * </pre>
      *
      * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -1386,7 +1396,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * A cascade step's answer was rejected; the next model's answer follows.
+     * A cascade step's answer was rejected and the next model called, before any delta: its
+     * answer follows, or, if it fails before any text, the rejected answer (the completion's
+     * `model` says whose).
      * </pre>
      *
      * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -1406,7 +1418,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * A cascade step's answer was rejected; the next model's answer follows.
+     * A cascade step's answer was rejected and the next model called, before any delta: its
+     * answer follows, or, if it fails before any text, the rejected answer (the completion's
+     * `model` says whose).
      * </pre>
      *
      * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -1424,7 +1438,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * A cascade step's answer was rejected; the next model's answer follows.
+     * A cascade step's answer was rejected and the next model called, before any delta: its
+     * answer follows, or, if it fails before any text, the rejected answer (the completion's
+     * `model` says whose).
      * </pre>
      *
      * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -1451,7 +1467,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * A cascade step's answer was rejected; the next model's answer follows.
+     * A cascade step's answer was rejected and the next model called, before any delta: its
+     * answer follows, or, if it fails before any text, the rejected answer (the completion's
+     * `model` says whose).
      * </pre>
      *
      * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -1474,7 +1492,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * A cascade step's answer was rejected; the next model's answer follows.
+     * A cascade step's answer was rejected and the next model called, before any delta: its
+     * answer follows, or, if it fails before any text, the rejected answer (the completion's
+     * `model` says whose).
      * </pre>
      *
      * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -1484,7 +1504,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * A cascade step's answer was rejected; the next model's answer follows.
+     * A cascade step's answer was rejected and the next model called, before any delta: its
+     * answer follows, or, if it fails before any text, the rejected answer (the completion's
+     * `model` says whose).
      * </pre>
      *
      * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -1502,7 +1524,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * A cascade step's answer was rejected; the next model's answer follows.
+     * A cascade step's answer was rejected and the next model called, before any delta: its
+     * answer follows, or, if it fails before any text, the rejected answer (the completion's
+     * `model` says whose).
      * </pre>
      *
      * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>

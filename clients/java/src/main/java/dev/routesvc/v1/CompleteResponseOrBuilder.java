@@ -91,7 +91,9 @@ public interface CompleteResponseOrBuilder extends
 
   /**
    * <pre>
-   * A cascade step's answer was rejected; the next model's answer follows.
+   * A cascade step's answer was rejected and the next model called, before any delta: its
+   * answer follows, or, if it fails before any text, the rejected answer (the completion's
+   * `model` says whose).
    * </pre>
    *
    * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -100,7 +102,9 @@ public interface CompleteResponseOrBuilder extends
   boolean hasEscalation();
   /**
    * <pre>
-   * A cascade step's answer was rejected; the next model's answer follows.
+   * A cascade step's answer was rejected and the next model called, before any delta: its
+   * answer follows, or, if it fails before any text, the rejected answer (the completion's
+   * `model` says whose).
    * </pre>
    *
    * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
@@ -109,7 +113,9 @@ public interface CompleteResponseOrBuilder extends
   dev.routesvc.v1.Escalation getEscalation();
   /**
    * <pre>
-   * A cascade step's answer was rejected; the next model's answer follows.
+   * A cascade step's answer was rejected and the next model called, before any delta: its
+   * answer follows, or, if it fails before any text, the rejected answer (the completion's
+   * `model` says whose).
    * </pre>
    *
    * <code>.routesvc.v1.Escalation escalation = 4 [json_name = "escalation"];</code>
