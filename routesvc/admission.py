@@ -73,12 +73,13 @@ class Reservation(Protocol):
         it with the rest. Does nothing once settled."""
         ...
 
-    async def settle(self, tokens: int, cost: Decimal, *, wait: bool = True) -> None:
+    async def settle(self, tokens: int, cost: Decimal, *, wait_at_most: float | None = None) -> None:
         """Replace the estimate by the real ``tokens`` and ``cost``; later calls do nothing.
-        ``wait=False``: return once the settle is on its way, without waiting for the shared
-        store's reply (a request's answer and status must not wait for the store): ``aclose``
-        waits for it, and so do this process's next admission, check and ``spent`` of the tenant;
-        ``counted`` is then true (on its way, as a settle left to a retry)."""
+        ``wait_at_most``: wait for the shared store's reply at most that many seconds, then return
+        with the settle on its way (a request's status must not wait long for the store, yet its
+        client's next call, on any replica, should find it settled): ``aclose`` waits for it, and
+        so do this process's next admission, check and ``spent`` of the tenant; ``counted`` is
+        then true (on its way, as a settle left to a retry)."""
         ...
 
 
@@ -144,11 +145,11 @@ class SettleOnce:
 
     def __init__(
         self,
-        apply: Callable[[int, Decimal, bool], Awaitable[bool]],
+        apply: Callable[[int, Decimal, float | None], Awaitable[bool]],
         extend: Callable[[Decimal], Awaitable[None]] = _nothing_extended,
     ) -> None:
-        # ``apply(tokens, cost, wait)`` returns whether it counted the request in a budget (with
-        # ``wait`` false: whether it is on its way)
+        # ``apply(tokens, cost, wait_at_most)`` returns whether it counted the request in a budget
+        # (past ``wait_at_most``: whether it is on its way)
         self._apply = apply
         self._extend = extend
         self._settled = False
@@ -164,13 +165,13 @@ class SettleOnce:
         if not self._settled and cost > 0:
             await self._extend(cost)
 
-    async def settle(self, tokens: int, cost: Decimal, *, wait: bool = True) -> None:
-        """Replace the estimate by the real ``tokens`` and ``cost`` (``wait``: see
+    async def settle(self, tokens: int, cost: Decimal, *, wait_at_most: float | None = None) -> None:
+        """Replace the estimate by the real ``tokens`` and ``cost`` (``wait_at_most``: see
         ``Reservation.settle``); later calls do nothing."""
         if self._settled:
             return
         self._settled = True
-        self._counted = await self._apply(tokens, cost, wait)
+        self._counted = await self._apply(tokens, cost, wait_at_most)
 
 
 def has_limits(limits: TenantConfig | None) -> bool:
@@ -280,8 +281,8 @@ def _nothing_counted() -> None:
     """The give-back of a Route call that was not counted (its tenant has no Route limit)."""
 
 
-async def _nothing_reserved(tokens: int, cost: Decimal, wait: bool) -> bool:
-    del tokens, cost, wait
+async def _nothing_reserved(tokens: int, cost: Decimal, wait_at_most: float | None) -> bool:
+    del tokens, cost, wait_at_most
     return False
 
 
@@ -473,9 +474,9 @@ class LocalAdmission:
         periods: tuple[str, ...],
         tokens: int,
         cost: Decimal,
-        wait: bool,
+        wait_at_most: float | None,
     ) -> bool:
-        del wait  # applied at once either way
+        del wait_at_most  # applied at once either way
         state = self._state[tenant]
         state.in_flight -= 1
         if entry is not None:
@@ -487,8 +488,10 @@ class LocalAdmission:
             state.spent[period] += cost
         return True
 
-    async def _settle_unlimited(self, tenant: str, state: _TenantState, tokens: int, cost: Decimal, wait: bool) -> bool:
-        del tokens, cost, wait
+    async def _settle_unlimited(
+        self, tenant: str, state: _TenantState, tokens: int, cost: Decimal, wait_at_most: float | None
+    ) -> bool:
+        del tokens, cost, wait_at_most
         state.in_flight -= 1
         idle = not (state.in_flight or state.requests or state.routes or state.tokens)
         counted = any(state.spent.values()) or any(state.reserved.values())

@@ -691,7 +691,7 @@ class RedisAdmission:
         lease_ends: float,
         tokens: int,
         cost: Decimal,
-        wait: bool,
+        wait_at_most: float | None,
     ) -> bool:
         keys = [
             self._key(tenant, "tokn"),
@@ -704,18 +704,25 @@ class RedisAdmission:
         # A settle runs once (``SettleOnce``): a request's cleanup cancelled again while it runs
         # (a drain's cancel, then grpc's) must not lose it, which would hold the tenant's
         # in-flight slot and reserved USD until the lease ends. Its own task runs it to the end.
-        # Not waited for (``wait`` false, a realtime request's end), it is in ``_settling`` until it
-        # ends: this process's next admission, check or ``spent`` of the tenant waits for it, so
-        # that what it frees and counts is seen in order, as when it was waited for.
+        # Waited for ``wait_at_most`` seconds at most (a realtime request's end: its status must
+        # not wait long, yet the client's next call, on another replica too, should find it
+        # settled), it runs on past them; it is in ``_settling`` until it ends: this process's next
+        # admission, check or ``spent`` of the tenant waits for it, so that what it frees and
+        # counts is seen in order, as when it was waited for. A crash of ours it ends in is logged
+        # (``_settled``), not raised, once not waited for in full.
         task = asyncio.get_running_loop().create_task(self._run_settle(tenant, keys, args, lease_ends))
         self._undoing.add(task)
         task.add_done_callback(self._undoing.discard)
         settling = self._settling.setdefault(tenant, set())
         settling.add(task)
         task.add_done_callback(functools.partial(self._settled, tenant))
-        if not wait:
-            return True
-        return await asyncio.shield(task)
+        if wait_at_most is None:
+            return await asyncio.shield(task)
+        if wait_at_most > 0:
+            await asyncio.wait({task}, timeout=wait_at_most)  # cancelled or not, the task runs on
+        if task.done() and not task.cancelled() and task.exception() is None:
+            return task.result()
+        return True
 
     def _settled(self, tenant: str, task: asyncio.Task[bool]) -> None:
         settling = self._settling.get(tenant)

@@ -142,6 +142,20 @@ def _new_decision_id() -> str:
     return os.urandom(16).hex()
 
 
+# How long a realtime call's end waits for its settle to reach the shared store at most, and how
+# much of the server's end of the call it leaves (past that the settle runs on in the background).
+_SETTLE_WAIT_SECONDS = 0.25
+_SETTLE_WAIT_MARGIN_SECONDS = 0.05
+
+
+def _settle_wait(deadline: float | None) -> float:
+    """How long a realtime call may wait for its settle: ``_SETTLE_WAIT_SECONDS``, or less when the
+    server's end of the call (``deadline``, monotonic) comes sooner, a margin before it."""
+    if deadline is None:
+        return _SETTLE_WAIT_SECONDS
+    return max(0.0, min(_SETTLE_WAIT_SECONDS, deadline - time.monotonic() - _SETTLE_WAIT_MARGIN_SECONDS))
+
+
 class Router:
     """Decides which model serves a request, and serves it.
 
@@ -898,9 +912,11 @@ class Router:
                 for event in self._release_held(attempt, *held, steps[-1], error):
                     yield event
         finally:
-            # Not waited for: the call's status must not wait for the shared store (a slow one
-            # would turn an answer delivered and billed into DEADLINE_EXCEEDED).
-            await reservation.settle(attempt.tokens, attempt.cost - decision.routing_cost_usd, wait=False)
+            # Waited for briefly, so that the client's next call (on another replica too) finds
+            # this one settled, never long: the call's status must not wait for a slow shared
+            # store (that would turn an answer delivered and billed into DEADLINE_EXCEEDED).
+            cost = attempt.cost - decision.routing_cost_usd
+            await reservation.settle(attempt.tokens, cost, wait_at_most=_settle_wait(deadline))
 
     def _escalated_deadline(self, deadline: float | None, *, keeping: bool) -> float | None:
         """The deadline a cascade step escalated to runs to: ``keeping`` an answer in hand,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime
 import socket
 import time
@@ -425,6 +426,7 @@ class _Proxy:
         self._cut_more = asyncio.Event()
         self._slowing = b""
         self._slow: set[asyncio.StreamWriter] = set()  # connections whose replies wait ``delay``
+        self._requests_slowed: tuple[bytes, float] = (b"", 0.0)  # ``slow_requests``
         self._hurried = asyncio.Event()  # set by ``hurry``: replies waiting ``delay`` pass at once
         self._carried: list[bytes] = []  # what was passed on to Redis
         self._carried_more = asyncio.Event()
@@ -464,6 +466,11 @@ class _Proxy:
     def slow_after(self, marker: bytes, delay: float) -> None:
         """Hold each reply ``delay`` seconds on the connections that carry ``marker`` from now."""
         self._slowing, self.delay = marker, delay
+
+    def slow_requests(self, marker: bytes, delay: float) -> None:
+        """Hold each request that carries ``marker`` ``delay`` seconds before passing it on to
+        Redis (a replica far from Redis), from now on."""
+        self._requests_slowed = (marker, delay)
 
     def hurry(self) -> None:
         """Pass on at once the replies waiting their ``delay``, and every reply from now on."""
@@ -537,6 +544,9 @@ class _Proxy:
                         break
                     if self._slowing and self._slowing in data:
                         self._slow.add(up_writer)
+                    slowed, slowed_for = self._requests_slowed
+                    if slowed and slowed in data:
+                        await asyncio.sleep(slowed_for)
                     up_writer.write(data)
                     self._carried.append(data)
                     self._carried_more.set()
@@ -681,7 +691,7 @@ class TestStoreFailures:
             await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
             reservation = await admission.admit("t")
             proxy.hold()
-            await reservation.settle(0, Decimal(0), wait=False)
+            await reservation.settle(0, Decimal(0), wait_at_most=0)
             again = asyncio.ensure_future(admission.admit("t"))
             done, _ = await asyncio.wait({again}, timeout=0.2)
             await proxy.deliver(close=False)
@@ -707,7 +717,7 @@ class TestStoreFailures:
             with monkeypatch.context() as patch:
                 patch.setattr(admission, "_settle_script", crash)
                 with capture_logs() as logs:
-                    await reservation.settle(0, Decimal(0), wait=False)
+                    await reservation.settle(0, Decimal(0), wait_at_most=0)
                     await admission.admit("t")
         finally:
             await admission.aclose()
@@ -1232,6 +1242,41 @@ async def two_servers(
 
 
 class TestReplicasOverGrpc:
+    async def test_a_client_calling_one_at_a_time_finds_its_last_call_settled_on_the_other_replica(
+        self, redis_url: str, prefix: str, fake: FakeProvider
+    ) -> None:
+        """A tenant with one in-flight slot, a client making one call at a time, alternating two
+        replicas, one of which reaches Redis only after 0.1 s (another zone): each call's status
+        waits (briefly) for its settle, so the next call, on the other replica, finds the slot
+        free. The status went before the settle, and every call on the near replica after one on
+        the far one was refused CONCURRENCY_LIMITED, although no two calls were ever in flight."""
+        fake.set_default(Script(chunk_count=2))
+        config = default_config()
+        config["tenants"] = {"acme": {"max_concurrent": 1}}
+        config["shared_state"] = {"redis_url": redis_url, "key_prefix": prefix}
+        async with _Proxy(redis_url) as proxy:
+            far = copy.deepcopy(config)
+            far["shared_state"]["redis_url"] = proxy.url
+            async with (
+                Server(settings_from(far, live_environ(fake)), port=0) as one,
+                Server(settings_from(config, live_environ(fake)), port=0) as two,
+                RouterClient(one.target) as first,
+                RouterClient(two.target) as second,
+            ):
+                context = pb.RoutingContext(tenant="acme")
+                async for _ in first.complete(user_chat("hi"), context):  # scripts loaded
+                    pass
+                proxy.slow_requests(one.router.admission._settle_script.sha.encode(), 0.1)
+                outcomes = []
+                for index in range(6):
+                    try:
+                        async for _ in (first, second)[index % 2].complete(user_chat("hi"), context):
+                            pass
+                        outcomes.append("OK")
+                    except grpc.aio.AioRpcError as error:
+                        outcomes.append(error.code().name)
+        assert outcomes == ["OK"] * 6
+
     async def test_a_tenant_limit_holds_across_two_servers(
         self, two_servers: tuple[RouterClient, RouterClient], fake: FakeProvider
     ) -> None:
