@@ -163,6 +163,8 @@ local id, lease = ARGV[10], tonumber(ARGV[11])
 local dry = ARGV[12] == '1'
 -- Undone before it arrived (its caller gave up on it, ``_UNDO``): it reserves nothing.
 if redis.call('EXISTS', KEYS[12]) == 1 then return {'UNDONE', ''} end
+-- A retry whose first try reserved (only its reply was lost): admitted as it stands.
+if not dry and redis.call('ZSCORE', inflight, id) then return {'OK', ''} end
 redis.call('ZREMRANGEBYSCORE', req, '-inf', now - window)
 -- The tokens of the minute: the running total, less each reservation as it leaves the window
 -- (each leaves once: the same work in all as the admissions that added them), so a check costs
@@ -535,29 +537,39 @@ class RedisAdmission:
         now = self._clock()
         periods = _periods(now)
         lease_ends = asyncio.get_running_loop().time() + self._lease
+        reservation_id = uuid.uuid4().hex
         retried = False
         while True:
-            reservation_id = uuid.uuid4().hex
             try:
                 verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, reservation_id, dry=False)
                 break
             except BaseException as exc:
-                if not isinstance(exc, _NotConnected):
-                    # The script may have reserved before its reply was lost (the caller cancelled,
-                    # a timeout, the connection dropped): undo by id in the background, a no-op if
+                try:
+                    if not retried and _connection_lost(exc):
+                        # Tried once more on a new connection, under the same id: if the first try
+                        # ran (only its reply was lost), the script finds the id reserved and
+                        # admits it as it is (under a new id it was refused by its own first try).
+                        retried = True
+                        await self._drop_idle_connections()
+                        continue
+                except BaseException:
+                    self._undo(tenant, reservation_id, periods, lease_ends)
+                    raise
+                if retried or not isinstance(exc, _NotConnected):
+                    # A try may have reserved before its reply was lost (the caller cancelled, a
+                    # timeout, the connection dropped): undo by id in the background, a no-op if
                     # nothing was reserved, and one the script respects if it arrives after it.
                     self._undo(tenant, reservation_id, periods, lease_ends)
-                if not retried and _connection_lost(exc):
-                    # Undone by id, so tried once more, under a new id, on a new connection.
-                    retried = True
-                    await self._drop_idle_connections()
-                    continue
                 if isinstance(exc, RedisError | OSError):
                     raise _store_failed(exc) from exc
                 raise
         if verdict == "OK":
             settle = functools.partial(self._settle, tenant, reservation_id, periods, lease_ends)
             return SettleOnce(settle, functools.partial(self._extend, tenant, reservation_id, periods))
+        if retried:
+            # Refused on its retry, so its first try had not reserved by then; undone all the same,
+            # in case that try still reaches Redis after this (it then reserves nothing).
+            self._undo(tenant, reservation_id, periods, lease_ends)
         raise self._refusal(tenant, limits, verdict, detail, now)
 
     async def count_route(self, tenant: str) -> Callable[[], None]:

@@ -732,7 +732,7 @@ class TestStoreFailures:
         """The pooled connections an admission and a precheck draw turn out closed under their
         scripts (as those left from before Redis restarted): each is tried once more on a new
         connection and answered (both were refused SHARED_STATE_UNAVAILABLE though Redis was
-        there); the first try of the admission is undone, so the tenant's one slot is held once."""
+        there); the admission is retried under its own id, so the tenant's one slot is held once."""
         tenants = {"t": TenantConfig(max_concurrent=1, daily_budget_usd=Decimal(1))}
         async with _Proxy(redis_url) as proxy:
             admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
@@ -751,6 +751,50 @@ class TestStoreFailures:
             await (await admission.admit("t", cost=Decimal("0.9"))).settle(0, Decimal(0))
             await admission.aclose()
         assert refused.value.reason == "CONCURRENCY_LIMITED"
+
+    async def test_an_admission_whose_reply_redis_lost_with_its_connection_is_admitted_once(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """The admission script runs in Redis and its reply is lost with the connection (a proxy's
+        reset, a failover killing clients): the retry, under the same id, finds it reserved and is
+        admitted, holding the tenant's one slot once (under a new id it was refused
+        CONCURRENCY_LIMITED by its own first try); nothing undoes it, so its settle frees it."""
+        tenants = {"t": TenantConfig(max_concurrent=1, requests_per_minute=3)}
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            proxy.lose_reply()
+            reservation = await admission.admit("t")
+            async with asyncio.timeout(10):
+                while admission._undoing:
+                    await asyncio.wait(set(admission._undoing))
+            checking = redis.asyncio.Redis.from_url(redis_url)
+            in_flight = await checking.zcard(f"{prefix}t:inflight")
+            requests = await checking.zcard(f"{prefix}t:req")
+            await checking.aclose()
+            with pytest.raises(LimitExceeded) as refused:
+                await admission.admit("t")
+            await reservation.settle(0, Decimal(0))
+            await (await admission.admit("t")).settle(0, Decimal(0))
+            await admission.aclose()
+        assert (in_flight, requests, refused.value.reason) == (1, 2, "CONCURRENCY_LIMITED")
+
+    async def test_an_admission_refused_on_its_retry_is_undone_once(self, redis_url: str, prefix: str) -> None:
+        """The first try's connection is cut before the script reaches Redis; the retry, under the
+        same id, is refused (the tenant's one slot is held): one undo of that id waits (in case
+        the first try still arrives), and the slot, once its holder settles, admits again."""
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, {"t": TenantConfig(max_concurrent=1)}, prefix=prefix)
+            holder = await admission.admit("t")  # connected, scripts loaded
+            proxy.cut_before(admission._admit.sha.encode())
+            with pytest.raises(LimitExceeded) as refused:
+                await admission.admit("t")
+            waiting = [(resend.operation, resend.args[0]) for resend in admission._resends]
+            await holder.settle(0, Decimal(0))
+            await (await admission.admit("t")).settle(0, Decimal(0))
+            await admission.aclose()
+        assert refused.value.reason == "CONCURRENCY_LIMITED"
+        assert [operation for operation, _ in waiting] == ["undo"]
 
     async def test_a_settle_whose_reply_is_lost_counts_its_cost_once(self, redis_url: str, prefix: str) -> None:
         """The settle script runs in Redis and its reply is lost with the connection: the settle
