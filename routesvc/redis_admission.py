@@ -48,7 +48,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -533,36 +533,38 @@ class RedisAdmission:
             return SettleOnce(_nothing_reserved)
         check_fits_token_rate(tenant, limits, tokens)
         check_fits_budgets(tenant, limits, cost)
-        await self._after_settles(tenant)
-        now = self._clock()
-        periods = _periods(now)
-        lease_ends = asyncio.get_running_loop().time() + self._lease
-        reservation_id = uuid.uuid4().hex
-        retried = False
-        while True:
-            try:
-                verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, reservation_id, dry=False)
-                break
-            except BaseException as exc:
+        async with self._in_time(tenant):
+            now = self._clock()
+            periods = _periods(now)
+            lease_ends = asyncio.get_running_loop().time() + self._lease
+            reservation_id = uuid.uuid4().hex
+            retried = False
+            while True:
                 try:
-                    if not retried and _connection_lost(exc):
-                        # Tried once more on a new connection, under the same id: if the first try
-                        # ran (only its reply was lost), the script finds the id reserved and
-                        # admits it as it is (under a new id it was refused by its own first try).
-                        retried = True
-                        await self._drop_idle_connections()
-                        continue
-                except BaseException:
-                    self._undo(tenant, reservation_id, periods, lease_ends)
+                    verdict, detail = await self._run_admit(
+                        tenant, limits, now, tokens, cost, reservation_id, dry=False
+                    )
+                    break
+                except BaseException as exc:
+                    try:
+                        if not retried and _connection_lost(exc):
+                            # Tried once more on a new connection, under the same id: if the first try
+                            # ran (only its reply was lost), the script finds the id reserved and
+                            # admits it as it is (under a new id it was refused by its own first try).
+                            retried = True
+                            await self._drop_idle_connections()
+                            continue
+                    except BaseException:
+                        self._undo(tenant, reservation_id, periods, lease_ends)
+                        raise
+                    if retried or not isinstance(exc, _NotConnected):
+                        # A try may have reserved before its reply was lost (the caller cancelled, a
+                        # timeout, the connection dropped): undo by id in the background, a no-op if
+                        # nothing was reserved, and one the script respects if it arrives after it.
+                        self._undo(tenant, reservation_id, periods, lease_ends)
+                    if isinstance(exc, RedisError | OSError):
+                        raise _store_failed(exc) from exc
                     raise
-                if retried or not isinstance(exc, _NotConnected):
-                    # A try may have reserved before its reply was lost (the caller cancelled, a
-                    # timeout, the connection dropped): undo by id in the background, a no-op if
-                    # nothing was reserved, and one the script respects if it arrives after it.
-                    self._undo(tenant, reservation_id, periods, lease_ends)
-                if isinstance(exc, RedisError | OSError):
-                    raise _store_failed(exc) from exc
-                raise
         if verdict == "OK":
             settle = functools.partial(self._settle, tenant, reservation_id, periods, lease_ends)
             return SettleOnce(settle, functools.partial(self._extend, tenant, reservation_id, periods))
@@ -608,18 +610,18 @@ class RedisAdmission:
             return
         check_fits_token_rate(tenant, limits, tokens)
         check_fits_budgets(tenant, limits, cost)
-        await self._after_settles(tenant)
-        now = self._clock()
-        try:
-            verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
-        except (RedisError, OSError) as first:
-            if not _connection_lost(first):
-                raise _store_failed(first) from first
-            await self._drop_idle_connections()  # it reserves nothing: tried once more
+        async with self._in_time(tenant):
+            now = self._clock()
             try:
                 verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
-            except (RedisError, OSError) as exc:
-                raise _store_failed(exc) from exc
+            except (RedisError, OSError) as first:
+                if not _connection_lost(first):
+                    raise _store_failed(first) from first
+                await self._drop_idle_connections()  # it reserves nothing: tried once more
+                try:
+                    verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
+                except (RedisError, OSError) as exc:
+                    raise _store_failed(exc) from exc
         if verdict != "OK":
             raise self._refusal(tenant, limits, verdict, detail, now)
 
@@ -664,13 +666,13 @@ class RedisAdmission:
         limits = self._tenants.get(tenant)
         if limits is None:
             return
-        await self._after_settles(tenant)
         now = self._clock()
         args = [reservation_id, _usd(cost), *_budgets(limits)]
-        try:
-            verdict, detail = await self._extend_script(keys=self._usd_keys(tenant, periods), args=args)
-        except (RedisError, OSError) as exc:
-            raise _store_failed(exc) from exc
+        async with self._in_time(tenant):
+            try:
+                verdict, detail = await self._extend_script(keys=self._usd_keys(tenant, periods), args=args)
+            except (RedisError, OSError) as exc:
+                raise _store_failed(exc) from exc
         if verdict != "OK":
             raise self._refusal(tenant, limits, str(verdict), str(detail), now)
 
@@ -748,11 +750,24 @@ class RedisAdmission:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("admission_settle_crashed", tenant=tenant, error_type=type(exc).__name__, exc_info=exc)
 
-    async def _after_settles(self, tenant: str) -> None:
-        """Wait until the settles of ``tenant`` on their way from this process have ended (each
-        within the store's timeouts: one that fails is left to the retry loop)."""
-        if settling := self._settling.get(tenant):
-            await asyncio.wait(set(settling))
+    @contextlib.asynccontextmanager
+    async def _in_time(self, tenant: str) -> AsyncIterator[None]:
+        """Wait until the settles of ``tenant`` on their way from this process have ended (one
+        that fails is left to the retry loop), then run the block. When there are some, both
+        within the one store timeout, past which the block is cancelled and
+        ``SharedStateUnavailable`` raised (a settle still on its way then is a Redis not
+        answering; waited for apart, the next call of its tenant took up to 2 s to be refused);
+        else the block's commands keep their own timeouts."""
+        settling = self._settling.get(tenant)
+        if not settling:
+            yield
+            return
+        try:
+            async with asyncio.timeout(_TIMEOUT_SECONDS):
+                await asyncio.wait(set(settling))
+                yield
+        except TimeoutError as exc:
+            raise _store_failed(exc) from exc
 
     async def _run_settle(self, tenant: str, keys: list[str], args: list[str | int], lease_ends: float) -> bool:
         try:
@@ -879,21 +894,24 @@ class RedisAdmission:
         limits = self._tenants.get(tenant)
         if limits is None or (limits.daily_budget_usd is None and limits.monthly_budget_usd is None):
             return ""
-        await self._after_settles(tenant)
         periods = _periods(self._clock())
         keys = [self._key(tenant, f"{kind}:{period}") for period in periods for kind in ("spent", "reserved")]
         try:
-            values = await self._redis.mget(keys)
-        except (RedisError, OSError) as exc:
-            return f"the shared state store failed ({_error_type(exc)})"
+            async with self._in_time(tenant):
+                try:
+                    values = await self._redis.mget(keys)
+                except (RedisError, OSError) as exc:
+                    raise _store_failed(exc) from exc
+        except SharedStateUnavailable as exc:
+            return f"the shared state store failed ({_error_type(exc.__cause__ or exc)})"
         amounts = [Decimal(value) if value else Decimal(0) for value in values]
         return exhausted_budget(tenant, limits, periods, [amounts[0] + amounts[1], amounts[2] + amounts[3]], cost)
 
     async def spent(self, tenant: str) -> Decimal:
         """What ``tenant`` has spent today (UTC), across replicas."""
-        await self._after_settles(tenant)
         day, _ = _periods(self._clock())
-        value = await self._redis.get(self._key(tenant, f"spent:{day}"))
+        async with self._in_time(tenant):
+            value = await self._redis.get(self._key(tenant, f"spent:{day}"))
         return Decimal(value or 0).quantize(_PLACES).normalize() if value else Decimal(0)
 
     async def aclose(self) -> None:

@@ -699,6 +699,29 @@ class TestStoreFailures:
             await admission.aclose()
         assert done == set()
 
+    async def test_the_wait_for_a_settle_and_the_admission_share_the_stores_one_second(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """Redis stops answering (its writes paused) as a request's settle is on its way: the
+        tenant's next admission waits for that settle and runs its script within one 1 s store
+        timeout, so it is refused SHARED_STATE_UNAVAILABLE under a caller's 1.5 s bound (it waited
+        up to 1 s for the settle, then 1 s more for its own script: the caller's deadline came
+        first, DEADLINE_EXCEEDED instead of the documented UNAVAILABLE)."""
+        admission = RedisAdmission(redis_url, {"t": TenantConfig(max_concurrent=2)}, prefix=prefix)
+        pauser = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            reservation = await admission.admit("t")
+            await pauser.execute_command("CLIENT", "PAUSE", "4000", "WRITE")
+            await reservation.settle(0, Decimal(0), wait_at_most=0)
+            with pytest.raises(SharedStateUnavailable):
+                async with asyncio.timeout(1.5):  # the caller's deadline
+                    await admission.admit("t")
+        finally:
+            await pauser.execute_command("CLIENT", "UNPAUSE")
+            await pauser.aclose()
+            await admission.aclose()
+
     async def test_a_settle_not_waited_for_that_fails_by_a_fault_of_ours_is_logged(
         self, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
