@@ -48,7 +48,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -244,6 +244,8 @@ _COUNT_ROUTE = (
 local key = KEYS[1]
 local now, window, limit, id = clock(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+-- A retry whose first try counted the call (only its reply was lost): counted as it stands.
+if redis.call('ZSCORE', key, id) then return {'OK', ''} end
 if redis.call('ZCARD', key) >= limit then
   local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   return {'RATE_LIMITED', tostring(tonumber(oldest[2]) + window - now)}
@@ -585,7 +587,8 @@ class RedisAdmission:
         key, call_id = self._key(tenant, "route"), uuid.uuid4().hex
         args: list[str | int] = [self._now(), repr(_WINDOW), limits.route_requests_per_minute, call_id]
         try:
-            verdict, detail = await self._count_route_script(keys=[key], args=args)
+            # Under the same id when tried again: a first try that counted it is not counted twice.
+            verdict, detail = await self._once_more_if_closed(lambda: self._count_route_script(keys=[key], args=args))
         except (RedisError, OSError) as exc:
             raise _store_failed(exc) from exc
         if verdict != "OK":
@@ -690,6 +693,17 @@ class RedisAdmission:
             "CONCURRENCY_LIMITED": f"{who} already has {limits.max_concurrent} requests in flight",
         }
         return LimitExceeded(messages[verdict], reason=verdict, retry_after=_retry_after(detail))
+
+    async def _once_more_if_closed(self, command: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``command`` (safe to run twice), and once more on a new connection if Redis closed
+        the one it was sent on (as one left from before a restart), the idle ones closed first."""
+        try:
+            return await command()
+        except (RedisError, OSError) as exc:
+            if not _connection_lost(exc):
+                raise
+        await self._drop_idle_connections()
+        return await command()
 
     async def _drop_idle_connections(self) -> None:
         """Close the connections waiting in the pool: one was found closed by Redis (which
@@ -899,7 +913,7 @@ class RedisAdmission:
         try:
             async with self._in_time(tenant):
                 try:
-                    values = await self._redis.mget(keys)
+                    values = await self._once_more_if_closed(lambda: self._redis.mget(keys))
                 except (RedisError, OSError) as exc:
                     raise _store_failed(exc) from exc
         except SharedStateUnavailable as exc:
@@ -911,7 +925,7 @@ class RedisAdmission:
         """What ``tenant`` has spent today (UTC), across replicas."""
         day, _ = _periods(self._clock())
         async with self._in_time(tenant):
-            value = await self._redis.get(self._key(tenant, f"spent:{day}"))
+            value = await self._once_more_if_closed(lambda: self._redis.get(self._key(tenant, f"spent:{day}")))
         return Decimal(value or 0).quantize(_PLACES).normalize() if value else Decimal(0)
 
     async def aclose(self) -> None:

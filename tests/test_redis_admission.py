@@ -775,6 +775,32 @@ class TestStoreFailures:
             await admission.aclose()
         assert refused.value.reason == "CONCURRENCY_LIMITED"
 
+    async def test_route_calls_and_budget_look_ups_on_a_connection_redis_closed_are_tried_once_more(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """The pooled connections a Route call's count, a budget check (``exhausted``) and a spend
+        look-up draw turn out closed under their commands (as those left from before Redis
+        restarted): each is tried once more on a new connection and answered (the Route call was
+        refused SHARED_STATE_UNAVAILABLE though Redis was there, the budget check said the store
+        failed); a Route call whose first try counted it (only the reply lost) is counted once, its
+        retry under the same id (the third of three in the minute: refused by itself)."""
+        tenants = {"t": TenantConfig(route_requests_per_minute=3, daily_budget_usd=Decimal(1))}
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            await admission.count_route("t")  # connected, scripts loaded
+            proxy.cut_before(admission._count_route_script.sha.encode())
+            await admission.count_route("t")
+            proxy.lose_reply()  # counted in Redis, the reply lost with the connection
+            await admission.count_route("t")
+            proxy.cut_before(b"MGET")
+            exhausted = await admission.exhausted("t")
+            proxy.cut_before(b"$3\r\nGET\r\n")
+            spent = await admission.spent("t")
+            with pytest.raises(LimitExceeded) as refused:
+                await admission.count_route("t")
+            await admission.aclose()
+        assert (exhausted, spent, refused.value.reason) == ("", Decimal(0), "RATE_LIMITED")
+
     async def test_an_admission_whose_reply_redis_lost_with_its_connection_is_admitted_once(
         self, redis_url: str, prefix: str
     ) -> None:
