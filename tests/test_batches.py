@@ -3662,6 +3662,38 @@ class TestBatchOverdue:
             charged = [e.request_id for e in server.router.ledger.entries()]
         assert [job] == charged
 
+    async def test_a_batch_the_provider_ended_whose_results_read_keeps_failing_is_not_given_up(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch sent more than ABANDON_AFTER_SECONDS ago that the provider has completed (its
+        answers billed), whose output file reads keep failing (a 5xx) for longer than
+        UNPOLLABLE_FOR_SECONDS here (0.3 s), is not given up nor cancelled: it is read again each
+        round, and once the file API answers its job succeeds and is charged once (it ended
+        EXPIRED batch_overdue, uncharged, a cancel sent for the finished batch, never read)."""
+        monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            with capture_logs() as logs:
+                sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+                refused = fake.batch_results_refused
+                await until(lambda: fake.batch_results_refused >= refused + 3)
+                await asyncio.sleep(0.6)
+                early = (await get_batch(client, job)).job.state
+                fake.batch_results_errors.clear()
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                charged = [e.request_id for e in server.router.ledger.entries()]
+        assert early == pb.BATCH_STATE_SUBMITTED
+        assert not batch.cancelled
+        assert [job] == charged
+        assert [e for e in logs if e["event"] == "batch_abandoned"] == []
+        assert any(e["event"] == "batch_results_read_failed" for e in logs)
+
 
 class TestTheSuiteKeepsToItsOwnDataDir:
     def test_settings_and_processes_of_the_suite_use_a_temporary_data_dir(self) -> None:

@@ -52,7 +52,8 @@ OpenAI's ``finalizing``) is cancelled and read as that ends it: its answers are 
 charged, its other jobs end EXPIRED ``batch_overdue`` (one the provider ended on its own, failed
 or expired, keeps its outcome however late it is read); one that has not ended
 ``ABANDON_AFTER_SECONDS`` after it was sent ends its jobs so, uncharged, and is read no more; so
-does one past that whose polls have failed or been held in a row for ``UNPOLLABLE_FOR_SECONDS``.
+does one past that whose polls have failed or been held in a row for ``UNPOLLABLE_FOR_SECONDS``
+(its status checks: one seen ended is never given up, its results read again each round).
 A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
 which are otherwise those the queue started with. Models are looked up in the current catalog
 (``catalog``, which follows hot reloads); a model no longer there fails its jobs not sent yet with
@@ -415,6 +416,9 @@ class BatchQueue:
         # Provider batches whose polls fail or are held, by (provider, provider batch id): since
         # when (monotonic) in a row (``_given_up``).
         self._failing_since: dict[tuple[str, str], float] = {}
+        # Provider batches a poll here found ended, not read yet (their results read failing):
+        # never given up, read again each round.
+        self._seen_ended: set[tuple[str, str]] = set()
         self._clock = clock
         self._path = settings.batch_store_path
         self._store: BatchStore | None = None
@@ -1079,6 +1083,7 @@ class BatchQueue:
         submitted = await self._opened().submitted()
         # Batches read since (here or by another worker) are no longer watched.
         self._failing_since = {key: since for key, since in self._failing_since.items() if key in submitted}
+        self._seen_ended &= submitted.keys()
         for (provider, provider_batch_id), jobs in submitted.items():
             if provider not in self._apis:
                 # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
@@ -1197,6 +1202,7 @@ class BatchQueue:
             await self._poll_batch(api, provider, provider_batch_id, jobs, sent_to)
             self._polls_held.pop((provider, sent_to[0]), None)
             self._failing_since.pop((provider, provider_batch_id), None)
+            self._seen_ended.discard((provider, provider_batch_id))
         except ProviderRejected as error:
             self._accepted.discard((provider, provider_batch_id))
             if error.status == 404 and jobs.unverified:
@@ -1222,11 +1228,14 @@ class BatchQueue:
                     error=code,
                 )
         except ProviderError as error:
-            log.warning("batch_poll_failed", provider_batch_id=provider_batch_id, reason=error.reason)
+            ended = (provider, provider_batch_id) in self._seen_ended
+            # A batch seen ended whose results read failed: read again next round, never given up.
+            event = "batch_results_read_failed" if ended else "batch_poll_failed"
+            log.warning(event, provider_batch_id=provider_batch_id, reason=error.reason)
             held = error.status == 429 or error.retry_after is not None
             if held:
                 self._hold_polls(provider, sent_to[0], error)
-            if self._given_up(provider, provider_batch_id, jobs):
+            if not ended and self._given_up(provider, provider_batch_id, jobs):
                 # Its polls kept failing (a revoked key, a provider down for days): given up as a
                 # batch that never ends is, its cancel asked first unless the provider asked us to
                 # wait (it may run on and bill; nothing of it is read any more).
@@ -1255,7 +1264,10 @@ class BatchQueue:
     def _given_up(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> bool:
         """Note that a poll of this batch failed (or was held), and tell whether it is to be given
         up: sent more than ``ABANDON_AFTER_SECONDS`` ago, and its polls failing or held in a row
-        for ``UNPOLLABLE_FOR_SECONDS`` here."""
+        for ``UNPOLLABLE_FOR_SECONDS`` here. Never one a poll here found ended (its results read
+        failing): it is billed, and read once the provider lets it."""
+        if (provider, provider_batch_id) in self._seen_ended:
+            return False
         now = time.monotonic()
         since = self._failing_since.setdefault((provider, provider_batch_id), now)
         past = jobs.sent_at is not None and self._clock() - jobs.sent_at > ABANDON_AFTER_SECONDS
@@ -1312,6 +1324,11 @@ class BatchQueue:
                 self._skip_once(provider, provider_batch_id, jobs, "other_key")
                 return
             raise
+        # Its status check got through: what fails from here (its results read) never counts
+        # toward giving it up (``_given_up``).
+        self._failing_since.pop((provider, provider_batch_id), None)
+        if batch.ended:
+            self._seen_ended.add((provider, provider_batch_id))
         if other_key and own_key is not None:
             # This key sees it: the same account's rotated key, the batch's key from now on (a
             # 404 then means lost, as for any batch).
