@@ -3470,6 +3470,46 @@ class TestBatchProviderMoved:
         assert (early.job.state, early.error) == (pb.BATCH_STATE_SUBMITTED, "")
         assert [job] == charged
 
+    async def test_a_process_back_at_a_url_taken_as_gone_keeps_its_jobs(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A process stops with a job sent, and the process at another URL beside it (polling and
+        marking every 2 s, its poll rounds over a second after its marks) takes its URL as gone (1 s here,
+        so three of its marks). The stopped process comes back at the same URL right after that
+        mark, and sends another job before the watcher's next poll round: that round leaves both
+        jobs alone (the URL's mark changed since it was taken as gone), and the returned process
+        reads them, each charged once (both ended FAILED provider_changed, taken as gone until the
+        watcher's next mark, their batch run and billed, never read)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 1.0)
+        watcher = batch_config(tmp_path)
+        watcher["batch"]["poll_interval_seconds"] = 2.0  # type: ignore[index]
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with FakeProvider() as other, Server(settings_from(watcher, live_environ(other)), port=0) as y:
+            # No store yet: its marker ticks from its start, its poll rounds from its first job
+            # (its submit takes a few tenths of a second): its rounds then come 1.2 to 1.8 s after
+            # its marks.
+            await asyncio.sleep(1.2)
+            async with RouterClient(y.target) as y_client:
+                await submit(y_client)
+            settings = settings_from(batch_config(tmp_path), live_environ(fake))
+            async with Server(settings, port=0) as x, RouterClient(x.target) as client:
+                first = (await submit(client))[1].batch.batch_id
+                await sent(client, first)
+            with capture_logs() as logs:
+                await until(lambda: any(e["event"] == "batch_endpoint_gone" for e in logs), cap=30.0)
+                async with Server(settings, port=0) as x, RouterClient(x.target) as client:
+                    second = (await submit(client))[1].batch.batch_id
+                    await sent(client, second)
+                    await asyncio.sleep(2.5)  # the watcher's next poll round, and its next mark
+                    early = [await get_batch(client, job) for job in (first, second)]
+                    assert [(got.job.state, got.error) for got in early] == [(pb.BATCH_STATE_SUBMITTED, "")] * 2
+                    fake.batch_outcome = BatchOutcome.COMPLETE
+                    for job in (first, second):
+                        await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                    charged = sorted(e.request_id for e in x.router.ledger.entries())
+        assert sorted([first, second]) == charged
+        assert [e["provider"] for e in logs if e["event"] == "batch_endpoint_gone"] == ["openai"]
+
 
 SLOW_DOWN = (429, {"error": {"type": "rate_limit_error", "message": "slow down"}}, {"retry-after": "2"})
 

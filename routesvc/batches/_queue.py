@@ -171,6 +171,7 @@ import structlog
 from routesvc.batches._store import (
     Backoff,
     BatchStore,
+    GoneMark,
     QueuedJob,
     QueuedRequest,
     SentBatch,
@@ -404,9 +405,10 @@ class BatchQueue:
         # where they send: the batches sent there are still polled, cancelled and deleted there.
         self._former: dict[tuple[str, str], tuple[BatchAPI, tuple[str, str]]] = {}
         # (provider, base URL) pairs with jobs whose last mark stayed the same over this queue's
-        # marks for ENDPOINT_GONE_AFTER_SECONDS (``_mark_served``, ``_follow_moved_endpoints``);
-        # the others' marks as watched so far, and when (monotonic) this queue last marked.
-        self._gone: set[tuple[str, str]] = set()
+        # marks for ENDPOINT_GONE_AFTER_SECONDS (``_mark_served``, ``_follow_moved_endpoints``),
+        # with that mark (acted on only while the store still holds it: ``GoneMark``); the
+        # others' marks as watched so far, and when (monotonic) this queue last marked.
+        self._gone: dict[tuple[str, str], GoneMark] = {}
         self._watched: dict[tuple[str, str], _Watched] = {}
         self._last_mark: float | None = None
         self._marker: asyncio.Task[None] | None = None
@@ -1003,9 +1005,10 @@ class BatchQueue:
         for send in await self._opened().unplaced_sends():
             reached = self._reaching(send.provider, send.endpoint)
             if reached is None:
-                if (send.provider, send.endpoint) in self._gone:
-                    # Its base URL is served by no process any more: the batch cannot be looked up.
-                    await self._opened().forget_send(send.tag)
+                gone = None if send.endpoint is None else self._gone.get((send.provider, send.endpoint))
+                # Its base URL is served by no process any more (unless one came back since the
+                # watch: its mark then changed): the batch cannot be looked up.
+                if gone is not None and await self._opened().forget_send(send.tag, gone=gone):
                     log.warning("batch_lookup_abandoned", provider=send.provider, reason="provider_changed")
                 continue  # else another endpoint's process looks it up
             with self._using(send.provider, send.endpoint) as api:
@@ -1071,11 +1074,12 @@ class BatchQueue:
             log.warning("batch_model_unknown", model=model_id, jobs=len(batch_ids))
             return None
 
-    async def _fail(self, batch_ids: list[str], error: str) -> int:
-        """End FAILED the jobs of ``batch_ids`` that had not ended; how many did."""
+    async def _fail(self, batch_ids: list[str], error: str, *, gone: GoneMark | None = None) -> int:
+        """End FAILED the jobs of ``batch_ids`` that had not ended (with ``gone``: while the store
+        still holds that mark of their base URL); how many did."""
         failed = 0
         for batch_id in batch_ids:
-            failed += await self._opened().finish(batch_id, BatchState.FAILED, error=error)
+            failed += await self._opened().finish(batch_id, BatchState.FAILED, error=error, gone=gone)
         return failed
 
     async def _poll(self) -> None:
@@ -1091,10 +1095,11 @@ class BatchQueue:
                 continue
             reached = self._reaching(provider, jobs.endpoint)
             if reached is None:
-                if (provider, jobs.endpoint) in self._gone:
+                gone = None if jobs.endpoint is None else self._gone.get((provider, jobs.endpoint))
+                if gone is not None:
                     # Sent to a base URL no process serves any more (this provider's before a
                     # reload or a restart moved it): it cannot be read from here.
-                    await self._end_unreachable(provider, provider_batch_id, jobs)
+                    await self._end_unreachable(provider, provider_batch_id, jobs, gone)
                 else:
                     # Sent to another endpoint by another process, which reads it: a poll here
                     # would get a 404 and fail jobs that are running there.
@@ -1119,12 +1124,14 @@ class BatchQueue:
         ``_look_up_unplaced`` while this process can reach it). Batches sent to a gone base URL
         are ended by ``_poll``."""
         store = self._opened()
-        for provider, endpoint in [*self._former, *self._gone]:
+        moved_off: list[tuple[tuple[str, str], GoneMark | None]] = [(pair, None) for pair in self._former]
+        for (provider, endpoint), gone in [*moved_off, *self._gone.items()]:
             new_endpoint = self._endpoint(provider)
             if new_endpoint is None or new_endpoint == endpoint:
                 continue
-            moved, lost_sends = await store.move_queued(provider, endpoint, new_endpoint)
-            failed = await self._fail(lost_sends, "provider_changed")
+            # A gone URL's jobs only while the store holds the mark it was taken as gone by.
+            moved, lost_sends = await store.move_queued(provider, endpoint, new_endpoint, gone=gone)
+            failed = await self._fail(lost_sends, "provider_changed", gone=gone)
             if moved or failed:
                 log.warning("batch_jobs_moved", provider=provider, jobs=moved, failed_jobs=failed)
                 self._wake.set()
@@ -1144,7 +1151,7 @@ class BatchQueue:
                 except Exception:
                     # The store failing: nothing is taken as gone until the watch starts again.
                     log.exception("batch_mark_failed")
-                    self._gone, self._watched, self._last_mark = set(), {}, None
+                    self._gone, self._watched, self._last_mark = {}, {}, None
             await asyncio.sleep(every)
 
     def _watch(self, marks: Mapping[tuple[str, str], tuple[float, float] | None], every: float, now: float) -> None:
@@ -1160,7 +1167,7 @@ class BatchQueue:
             self._watched = {}
         self._last_mark = now
         watched: dict[tuple[str, str], _Watched] = {}
-        gone: set[tuple[str, str]] = set()
+        gone: dict[tuple[str, str], GoneMark] = {}
         for pair, mark in marks.items():
             if mark is None:
                 continue
@@ -1171,18 +1178,22 @@ class BatchQueue:
             watched[pair] = seen
             unmarked_for = max(ENDPOINT_GONE_AFTER_SECONDS, _GONE_MARKS * mark[1], _GONE_MARKS * every)
             if seen.marks >= _GONE_MARKS and now - seen.since >= unmarked_for:
-                gone.add(pair)
+                gone[pair] = GoneMark(*pair, *mark)
+                if pair not in self._gone:
+                    log.warning("batch_endpoint_gone", provider=pair[0], unmarked_seconds=round(now - seen.since, 1))
         self._watched, self._gone = watched, gone
 
-    async def _end_unreachable(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
+    async def _end_unreachable(self, provider: str, provider_batch_id: str, jobs: SentJobs, gone: GoneMark) -> None:
         """End the jobs of a provider batch sent to a base URL no process serves any more: those
         waiting FAILED ``provider_changed``, those cancelled since closed uncharged (its bill
-        cannot be read); their budgets' estimates are given back as for any job ended unanswered."""
+        cannot be read); their budgets' estimates are given back as for any job ended unanswered.
+        Each only while the store still holds the mark ``gone`` was taken by (a process back at
+        the URL marked it anew: its jobs are its own to read)."""
         store = self._opened()
-        failed = await self._fail(list(jobs.waiting), "provider_changed")
+        failed = await self._fail(list(jobs.waiting), "provider_changed", gone=gone)
         closed = 0
         for batch_id in jobs.cancelled:
-            closed += await store.close_cancelled(batch_id, None)
+            closed += await store.close_cancelled(batch_id, None, gone=gone)
         if failed or closed:
             log.warning(
                 "batch_lost",
