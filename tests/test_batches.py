@@ -3510,6 +3510,35 @@ class TestBatchProviderMoved:
         assert sorted([first, second]) == charged
         assert [e["provider"] for e in logs if e["event"] == "batch_endpoint_gone"] == ["openai"]
 
+    async def test_jobs_of_a_process_stopped_right_after_it_opened_the_store_end_once_its_url_is_gone(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A process that marks every 2 s opens the store with its first batch request, sends the
+        job and stops before its marker's next tick (a crash loop, a redeploy on a new base URL).
+        It marked its URL as it opened the store, so the process at another URL that starts after
+        it (1 s is gone here) takes that URL as gone once the mark has stayed the same: the job
+        ends FAILED provider_changed, uncharged (its URL never marked, it stayed SUBMITTED for
+        ever, its estimate held)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 1.0)
+        fake.batch_outcome = BatchOutcome.PENDING
+        brief = batch_config(tmp_path)
+        brief["batch"]["poll_interval_seconds"] = 2.0  # type: ignore[index]
+        async with (
+            Server(settings_from(brief, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await sent(client, job)
+        async with (
+            FakeProvider() as other,
+            Server(settings_from(batch_config(tmp_path), live_environ(other)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            failed = await wait_state(client, job, pb.BATCH_STATE_FAILED)
+            charged = list(server.router.ledger.entries())
+        assert failed.error == "provider_changed"
+        assert charged == []
+
 
 SLOW_DOWN = (429, {"error": {"type": "rate_limit_error", "message": "slow down"}}, {"retry-after": "2"})
 

@@ -137,14 +137,17 @@ a hot reload (``use_providers``) keeps the old adapter: the batches sent to the 
 polled, read, cancelled and deleted there with the key that sent them, and the jobs queued for it
 and never sent are queued for the new one (``_follow_moved_endpoints``). A task of its own
 (``_mark_served``) marks the base URLs the queue serves in the store every poll interval (at most
-``_MAX_MARK_SECONDS`` apart: ``BatchStore.mark_endpoints``) and watches the other base URLs' last
+``_MAX_MARK_SECONDS`` apart: ``BatchStore.mark_endpoints``; once more as the store is opened,
+``_mark_once``) and watches the other base URLs' last
 marks (``_watch``); one that jobs are queued for or sent to whose mark stays the same over
 ``_GONE_MARKS`` of this queue's marks in a row spanning ``ENDPOINT_GONE_AFTER_SECONDS`` of its
 monotonic time (a restart with a new base URL, or the other endpoint's process stopped that long)
 is gone: its queued jobs are queued for this queue's base URL, and the jobs of its batches end
 FAILED ``provider_changed`` (uncharged: what the old URL billed cannot be read from here), their
-budgets' estimates given back. Marks are never compared with this process's clock (a clock step,
-a suspended host, a marker polling hourly never make a live process look gone), and a base URL no
+budgets' estimates given back, each only while the store still holds the mark it was taken as
+gone by (``GoneMark``: a process back at the URL has marked it since). Marks are never compared
+with this process's clock (a clock step, a suspended host, a marker polling hourly never make a
+live process look gone), and a base URL no
 process of this release has marked (an earlier release's, which writes no marks) is never gone:
 its sent jobs wait for a process at that URL to read them.
 A queued job whose last send's reply was lost at the old URL ends FAILED ``provider_changed``
@@ -532,6 +535,9 @@ class BatchQueue:
             except (OSError, sqlite3.Error) as exc:
                 log.error("batch_store_unavailable", path=str(self._path), error_type=type(exc).__name__)
                 raise store_failure(self._path, exc, "cannot be opened") from exc
+            # Marked at once, not at the marker's next tick: a process stopped before that tick
+            # would leave its URL never marked, so its sent jobs were never taken as gone.
+            self._keep(self._mark_once())
         return self._store
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -1136,6 +1142,19 @@ class BatchQueue:
                 log.warning("batch_jobs_moved", provider=provider, jobs=moved, failed_jobs=failed)
                 self._wake.set()
 
+    def _served(self) -> list[tuple[str, str]]:
+        """The (provider, base URL) pairs this queue marks as served: its own, and those a reload
+        moved it off, still polled here."""
+        return [*((name, sent_to[0]) for name, sent_to in self._sends_to.items()), *self._former]
+
+    async def _mark_once(self) -> None:
+        """Mark this queue's base URLs as the store is first opened (the marker's ticks watch)."""
+        try:
+            every = min(self._config.poll_interval_seconds, _MAX_MARK_SECONDS)
+            await self._opened().mark_endpoints(self._served(), every)
+        except Exception:
+            log.exception("batch_mark_failed")
+
     async def _mark_served(self) -> None:
         """Every poll interval (at most ``_MAX_MARK_SECONDS``), on a timer of its own, mark this
         queue's base URLs (and those a reload moved it off, still polled here) as served, and
@@ -1145,8 +1164,7 @@ class BatchQueue:
         while True:
             if self._store is not None:
                 try:
-                    served = [(name, sent_to[0]) for name, sent_to in self._sends_to.items()]
-                    marks = await self._store.mark_endpoints([*served, *self._former], every)
+                    marks = await self._store.mark_endpoints(self._served(), every)
                     self._watch(marks, every, loop.time())
                 except Exception:
                     # The store failing: nothing is taken as gone until the watch starts again.
