@@ -3470,6 +3470,75 @@ class TestBatchProviderMoved:
         assert (early.job.state, early.error) == (pb.BATCH_STATE_SUBMITTED, "")
         assert [job] == charged
 
+    async def test_a_process_back_at_a_url_taken_as_gone_keeps_its_jobs(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A process stops with a job sent, and the process at another URL beside it (polling and
+        marking every 2 s, its poll rounds over a second after its marks) takes its URL as gone (1 s here,
+        so three of its marks). The stopped process comes back at the same URL right after that
+        mark, and sends another job before the watcher's next poll round: that round leaves both
+        jobs alone (the URL's mark changed since it was taken as gone), and the returned process
+        reads them, each charged once (both ended FAILED provider_changed, taken as gone until the
+        watcher's next mark, their batch run and billed, never read)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 1.0)
+        watcher = batch_config(tmp_path)
+        watcher["batch"]["poll_interval_seconds"] = 2.0  # type: ignore[index]
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with FakeProvider() as other, Server(settings_from(watcher, live_environ(other)), port=0) as y:
+            # No store yet: its marker ticks from its start, its poll rounds from its first job
+            # (its submit takes a few tenths of a second): its rounds then come 1.2 to 1.8 s after
+            # its marks.
+            await asyncio.sleep(1.2)
+            async with RouterClient(y.target) as y_client:
+                await submit(y_client)
+            settings = settings_from(batch_config(tmp_path), live_environ(fake))
+            async with Server(settings, port=0) as x, RouterClient(x.target) as client:
+                first = (await submit(client))[1].batch.batch_id
+                await sent(client, first)
+            with capture_logs() as logs:
+                await until(lambda: any(e["event"] == "batch_endpoint_gone" for e in logs), cap=30.0)
+                async with Server(settings, port=0) as x, RouterClient(x.target) as client:
+                    second = (await submit(client))[1].batch.batch_id
+                    await sent(client, second)
+                    await asyncio.sleep(2.5)  # the watcher's next poll round, and its next mark
+                    early = [await get_batch(client, job) for job in (first, second)]
+                    assert [(got.job.state, got.error) for got in early] == [(pb.BATCH_STATE_SUBMITTED, "")] * 2
+                    fake.batch_outcome = BatchOutcome.COMPLETE
+                    for job in (first, second):
+                        await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                    charged = sorted(e.request_id for e in x.router.ledger.entries())
+        assert sorted([first, second]) == charged
+        assert [e["provider"] for e in logs if e["event"] == "batch_endpoint_gone"] == ["openai"]
+
+    async def test_jobs_of_a_process_stopped_right_after_it_opened_the_store_end_once_its_url_is_gone(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A process that marks every 2 s opens the store with its first batch request, sends the
+        job and stops before its marker's next tick (a crash loop, a redeploy on a new base URL).
+        It marked its URL as it opened the store, so the process at another URL that starts after
+        it (1 s is gone here) takes that URL as gone once the mark has stayed the same: the job
+        ends FAILED provider_changed, uncharged (its URL never marked, it stayed SUBMITTED for
+        ever, its estimate held)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 1.0)
+        fake.batch_outcome = BatchOutcome.PENDING
+        brief = batch_config(tmp_path)
+        brief["batch"]["poll_interval_seconds"] = 2.0  # type: ignore[index]
+        async with (
+            Server(settings_from(brief, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await sent(client, job)
+        async with (
+            FakeProvider() as other,
+            Server(settings_from(batch_config(tmp_path), live_environ(other)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            failed = await wait_state(client, job, pb.BATCH_STATE_FAILED)
+            charged = list(server.router.ledger.entries())
+        assert failed.error == "provider_changed"
+        assert charged == []
+
 
 SLOW_DOWN = (429, {"error": {"type": "rate_limit_error", "message": "slow down"}}, {"retry-after": "2"})
 
@@ -3661,6 +3730,38 @@ class TestBatchOverdue:
             await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
             charged = [e.request_id for e in server.router.ledger.entries()]
         assert [job] == charged
+
+    async def test_a_batch_the_provider_ended_whose_results_read_keeps_failing_is_not_given_up(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch sent more than ABANDON_AFTER_SECONDS ago that the provider has completed (its
+        answers billed), whose output file reads keep failing (a 5xx) for longer than
+        UNPOLLABLE_FOR_SECONDS here (0.3 s), is not given up nor cancelled: it is read again each
+        round, and once the file API answers its job succeeds and is charged once (it ended
+        EXPIRED batch_overdue, uncharged, a cancel sent for the finished batch, never read)."""
+        monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            with capture_logs() as logs:
+                sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+                refused = fake.batch_results_refused
+                await until(lambda: fake.batch_results_refused >= refused + 3)
+                await asyncio.sleep(0.6)
+                early = (await get_batch(client, job)).job.state
+                fake.batch_results_errors.clear()
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                charged = [e.request_id for e in server.router.ledger.entries()]
+        assert early == pb.BATCH_STATE_SUBMITTED
+        assert not batch.cancelled
+        assert [job] == charged
+        assert [e for e in logs if e["event"] == "batch_abandoned"] == []
+        assert any(e["event"] == "batch_results_read_failed" for e in logs)
 
 
 class TestTheSuiteKeepsToItsOwnDataDir:

@@ -52,7 +52,8 @@ OpenAI's ``finalizing``) is cancelled and read as that ends it: its answers are 
 charged, its other jobs end EXPIRED ``batch_overdue`` (one the provider ended on its own, failed
 or expired, keeps its outcome however late it is read); one that has not ended
 ``ABANDON_AFTER_SECONDS`` after it was sent ends its jobs so, uncharged, and is read no more; so
-does one past that whose polls have failed or been held in a row for ``UNPOLLABLE_FOR_SECONDS``.
+does one past that whose polls have failed or been held in a row for ``UNPOLLABLE_FOR_SECONDS``
+(its status checks: one seen ended is never given up, its results read again each round).
 A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
 which are otherwise those the queue started with. Models are looked up in the current catalog
 (``catalog``, which follows hot reloads); a model no longer there fails its jobs not sent yet with
@@ -136,14 +137,17 @@ a hot reload (``use_providers``) keeps the old adapter: the batches sent to the 
 polled, read, cancelled and deleted there with the key that sent them, and the jobs queued for it
 and never sent are queued for the new one (``_follow_moved_endpoints``). A task of its own
 (``_mark_served``) marks the base URLs the queue serves in the store every poll interval (at most
-``_MAX_MARK_SECONDS`` apart: ``BatchStore.mark_endpoints``) and watches the other base URLs' last
+``_MAX_MARK_SECONDS`` apart: ``BatchStore.mark_endpoints``; once more as the store is opened,
+``_mark_once``) and watches the other base URLs' last
 marks (``_watch``); one that jobs are queued for or sent to whose mark stays the same over
 ``_GONE_MARKS`` of this queue's marks in a row spanning ``ENDPOINT_GONE_AFTER_SECONDS`` of its
 monotonic time (a restart with a new base URL, or the other endpoint's process stopped that long)
 is gone: its queued jobs are queued for this queue's base URL, and the jobs of its batches end
 FAILED ``provider_changed`` (uncharged: what the old URL billed cannot be read from here), their
-budgets' estimates given back. Marks are never compared with this process's clock (a clock step,
-a suspended host, a marker polling hourly never make a live process look gone), and a base URL no
+budgets' estimates given back, each only while the store still holds the mark it was taken as
+gone by (``GoneMark``: a process back at the URL has marked it since). Marks are never compared
+with this process's clock (a clock step, a suspended host, a marker polling hourly never make a
+live process look gone), and a base URL no
 process of this release has marked (an earlier release's, which writes no marks) is never gone:
 its sent jobs wait for a process at that URL to read them.
 A queued job whose last send's reply was lost at the old URL ends FAILED ``provider_changed``
@@ -170,6 +174,7 @@ import structlog
 from routesvc.batches._store import (
     Backoff,
     BatchStore,
+    GoneMark,
     QueuedJob,
     QueuedRequest,
     SentBatch,
@@ -403,9 +408,10 @@ class BatchQueue:
         # where they send: the batches sent there are still polled, cancelled and deleted there.
         self._former: dict[tuple[str, str], tuple[BatchAPI, tuple[str, str]]] = {}
         # (provider, base URL) pairs with jobs whose last mark stayed the same over this queue's
-        # marks for ENDPOINT_GONE_AFTER_SECONDS (``_mark_served``, ``_follow_moved_endpoints``);
-        # the others' marks as watched so far, and when (monotonic) this queue last marked.
-        self._gone: set[tuple[str, str]] = set()
+        # marks for ENDPOINT_GONE_AFTER_SECONDS (``_mark_served``, ``_follow_moved_endpoints``),
+        # with that mark (acted on only while the store still holds it: ``GoneMark``); the
+        # others' marks as watched so far, and when (monotonic) this queue last marked.
+        self._gone: dict[tuple[str, str], GoneMark] = {}
         self._watched: dict[tuple[str, str], _Watched] = {}
         self._last_mark: float | None = None
         self._marker: asyncio.Task[None] | None = None
@@ -415,6 +421,9 @@ class BatchQueue:
         # Provider batches whose polls fail or are held, by (provider, provider batch id): since
         # when (monotonic) in a row (``_given_up``).
         self._failing_since: dict[tuple[str, str], float] = {}
+        # Provider batches a poll here found ended, not read yet (their results read failing):
+        # never given up, read again each round.
+        self._seen_ended: set[tuple[str, str]] = set()
         self._clock = clock
         self._path = settings.batch_store_path
         self._store: BatchStore | None = None
@@ -526,6 +535,9 @@ class BatchQueue:
             except (OSError, sqlite3.Error) as exc:
                 log.error("batch_store_unavailable", path=str(self._path), error_type=type(exc).__name__)
                 raise store_failure(self._path, exc, "cannot be opened") from exc
+            # Marked at once, not at the marker's next tick: a process stopped before that tick
+            # would leave its URL never marked, so its sent jobs were never taken as gone.
+            self._keep(self._mark_once())
         return self._store
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -999,9 +1011,10 @@ class BatchQueue:
         for send in await self._opened().unplaced_sends():
             reached = self._reaching(send.provider, send.endpoint)
             if reached is None:
-                if (send.provider, send.endpoint) in self._gone:
-                    # Its base URL is served by no process any more: the batch cannot be looked up.
-                    await self._opened().forget_send(send.tag)
+                gone = None if send.endpoint is None else self._gone.get((send.provider, send.endpoint))
+                # Its base URL is served by no process any more (unless one came back since the
+                # watch: its mark then changed): the batch cannot be looked up.
+                if gone is not None and await self._opened().forget_send(send.tag, gone=gone):
                     log.warning("batch_lookup_abandoned", provider=send.provider, reason="provider_changed")
                 continue  # else another endpoint's process looks it up
             with self._using(send.provider, send.endpoint) as api:
@@ -1067,11 +1080,12 @@ class BatchQueue:
             log.warning("batch_model_unknown", model=model_id, jobs=len(batch_ids))
             return None
 
-    async def _fail(self, batch_ids: list[str], error: str) -> int:
-        """End FAILED the jobs of ``batch_ids`` that had not ended; how many did."""
+    async def _fail(self, batch_ids: list[str], error: str, *, gone: GoneMark | None = None) -> int:
+        """End FAILED the jobs of ``batch_ids`` that had not ended (with ``gone``: while the store
+        still holds that mark of their base URL); how many did."""
         failed = 0
         for batch_id in batch_ids:
-            failed += await self._opened().finish(batch_id, BatchState.FAILED, error=error)
+            failed += await self._opened().finish(batch_id, BatchState.FAILED, error=error, gone=gone)
         return failed
 
     async def _poll(self) -> None:
@@ -1079,6 +1093,7 @@ class BatchQueue:
         submitted = await self._opened().submitted()
         # Batches read since (here or by another worker) are no longer watched.
         self._failing_since = {key: since for key, since in self._failing_since.items() if key in submitted}
+        self._seen_ended &= submitted.keys()
         for (provider, provider_batch_id), jobs in submitted.items():
             if provider not in self._apis:
                 # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
@@ -1086,10 +1101,11 @@ class BatchQueue:
                 continue
             reached = self._reaching(provider, jobs.endpoint)
             if reached is None:
-                if (provider, jobs.endpoint) in self._gone:
+                gone = None if jobs.endpoint is None else self._gone.get((provider, jobs.endpoint))
+                if gone is not None:
                     # Sent to a base URL no process serves any more (this provider's before a
                     # reload or a restart moved it): it cannot be read from here.
-                    await self._end_unreachable(provider, provider_batch_id, jobs)
+                    await self._end_unreachable(provider, provider_batch_id, jobs, gone)
                 else:
                     # Sent to another endpoint by another process, which reads it: a poll here
                     # would get a 404 and fail jobs that are running there.
@@ -1114,15 +1130,30 @@ class BatchQueue:
         ``_look_up_unplaced`` while this process can reach it). Batches sent to a gone base URL
         are ended by ``_poll``."""
         store = self._opened()
-        for provider, endpoint in [*self._former, *self._gone]:
+        moved_off: list[tuple[tuple[str, str], GoneMark | None]] = [(pair, None) for pair in self._former]
+        for (provider, endpoint), gone in [*moved_off, *self._gone.items()]:
             new_endpoint = self._endpoint(provider)
             if new_endpoint is None or new_endpoint == endpoint:
                 continue
-            moved, lost_sends = await store.move_queued(provider, endpoint, new_endpoint)
-            failed = await self._fail(lost_sends, "provider_changed")
+            # A gone URL's jobs only while the store holds the mark it was taken as gone by.
+            moved, lost_sends = await store.move_queued(provider, endpoint, new_endpoint, gone=gone)
+            failed = await self._fail(lost_sends, "provider_changed", gone=gone)
             if moved or failed:
                 log.warning("batch_jobs_moved", provider=provider, jobs=moved, failed_jobs=failed)
                 self._wake.set()
+
+    def _served(self) -> list[tuple[str, str]]:
+        """The (provider, base URL) pairs this queue marks as served: its own, and those a reload
+        moved it off, still polled here."""
+        return [*((name, sent_to[0]) for name, sent_to in self._sends_to.items()), *self._former]
+
+    async def _mark_once(self) -> None:
+        """Mark this queue's base URLs as the store is first opened (the marker's ticks watch)."""
+        try:
+            every = min(self._config.poll_interval_seconds, _MAX_MARK_SECONDS)
+            await self._opened().mark_endpoints(self._served(), every)
+        except Exception:
+            log.exception("batch_mark_failed")
 
     async def _mark_served(self) -> None:
         """Every poll interval (at most ``_MAX_MARK_SECONDS``), on a timer of its own, mark this
@@ -1133,13 +1164,12 @@ class BatchQueue:
         while True:
             if self._store is not None:
                 try:
-                    served = [(name, sent_to[0]) for name, sent_to in self._sends_to.items()]
-                    marks = await self._store.mark_endpoints([*served, *self._former], every)
+                    marks = await self._store.mark_endpoints(self._served(), every)
                     self._watch(marks, every, loop.time())
                 except Exception:
                     # The store failing: nothing is taken as gone until the watch starts again.
                     log.exception("batch_mark_failed")
-                    self._gone, self._watched, self._last_mark = set(), {}, None
+                    self._gone, self._watched, self._last_mark = {}, {}, None
             await asyncio.sleep(every)
 
     def _watch(self, marks: Mapping[tuple[str, str], tuple[float, float] | None], every: float, now: float) -> None:
@@ -1155,7 +1185,7 @@ class BatchQueue:
             self._watched = {}
         self._last_mark = now
         watched: dict[tuple[str, str], _Watched] = {}
-        gone: set[tuple[str, str]] = set()
+        gone: dict[tuple[str, str], GoneMark] = {}
         for pair, mark in marks.items():
             if mark is None:
                 continue
@@ -1166,18 +1196,22 @@ class BatchQueue:
             watched[pair] = seen
             unmarked_for = max(ENDPOINT_GONE_AFTER_SECONDS, _GONE_MARKS * mark[1], _GONE_MARKS * every)
             if seen.marks >= _GONE_MARKS and now - seen.since >= unmarked_for:
-                gone.add(pair)
+                gone[pair] = GoneMark(*pair, *mark)
+                if pair not in self._gone:
+                    log.warning("batch_endpoint_gone", provider=pair[0], unmarked_seconds=round(now - seen.since, 1))
         self._watched, self._gone = watched, gone
 
-    async def _end_unreachable(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
+    async def _end_unreachable(self, provider: str, provider_batch_id: str, jobs: SentJobs, gone: GoneMark) -> None:
         """End the jobs of a provider batch sent to a base URL no process serves any more: those
         waiting FAILED ``provider_changed``, those cancelled since closed uncharged (its bill
-        cannot be read); their budgets' estimates are given back as for any job ended unanswered."""
+        cannot be read); their budgets' estimates are given back as for any job ended unanswered.
+        Each only while the store still holds the mark ``gone`` was taken by (a process back at
+        the URL marked it anew: its jobs are its own to read)."""
         store = self._opened()
-        failed = await self._fail(list(jobs.waiting), "provider_changed")
+        failed = await self._fail(list(jobs.waiting), "provider_changed", gone=gone)
         closed = 0
         for batch_id in jobs.cancelled:
-            closed += await store.close_cancelled(batch_id, None)
+            closed += await store.close_cancelled(batch_id, None, gone=gone)
         if failed or closed:
             log.warning(
                 "batch_lost",
@@ -1197,6 +1231,7 @@ class BatchQueue:
             await self._poll_batch(api, provider, provider_batch_id, jobs, sent_to)
             self._polls_held.pop((provider, sent_to[0]), None)
             self._failing_since.pop((provider, provider_batch_id), None)
+            self._seen_ended.discard((provider, provider_batch_id))
         except ProviderRejected as error:
             self._accepted.discard((provider, provider_batch_id))
             if error.status == 404 and jobs.unverified:
@@ -1222,11 +1257,14 @@ class BatchQueue:
                     error=code,
                 )
         except ProviderError as error:
-            log.warning("batch_poll_failed", provider_batch_id=provider_batch_id, reason=error.reason)
+            ended = (provider, provider_batch_id) in self._seen_ended
+            # A batch seen ended whose results read failed: read again next round, never given up.
+            event = "batch_results_read_failed" if ended else "batch_poll_failed"
+            log.warning(event, provider_batch_id=provider_batch_id, reason=error.reason)
             held = error.status == 429 or error.retry_after is not None
             if held:
                 self._hold_polls(provider, sent_to[0], error)
-            if self._given_up(provider, provider_batch_id, jobs):
+            if not ended and self._given_up(provider, provider_batch_id, jobs):
                 # Its polls kept failing (a revoked key, a provider down for days): given up as a
                 # batch that never ends is, its cancel asked first unless the provider asked us to
                 # wait (it may run on and bill; nothing of it is read any more).
@@ -1255,7 +1293,10 @@ class BatchQueue:
     def _given_up(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> bool:
         """Note that a poll of this batch failed (or was held), and tell whether it is to be given
         up: sent more than ``ABANDON_AFTER_SECONDS`` ago, and its polls failing or held in a row
-        for ``UNPOLLABLE_FOR_SECONDS`` here."""
+        for ``UNPOLLABLE_FOR_SECONDS`` here. Never one a poll here found ended (its results read
+        failing): it is billed, and read once the provider lets it."""
+        if (provider, provider_batch_id) in self._seen_ended:
+            return False
         now = time.monotonic()
         since = self._failing_since.setdefault((provider, provider_batch_id), now)
         past = jobs.sent_at is not None and self._clock() - jobs.sent_at > ABANDON_AFTER_SECONDS
@@ -1312,6 +1353,11 @@ class BatchQueue:
                 self._skip_once(provider, provider_batch_id, jobs, "other_key")
                 return
             raise
+        # Its status check got through: what fails from here (its results read) never counts
+        # toward giving it up (``_given_up``).
+        self._failing_since.pop((provider, provider_batch_id), None)
+        if batch.ended:
+            self._seen_ended.add((provider, provider_batch_id))
         if other_key and own_key is not None:
             # This key sees it: the same account's rotated key, the batch's key from now on (a
             # 404 then means lost, as for any batch).

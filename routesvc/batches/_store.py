@@ -251,6 +251,25 @@ class SentBatch:
     unverified: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class GoneMark:
+    """A (provider, base URL) taken as gone from its last mark (``seen_at``, ``every``): what is
+    done to its jobs is done only while the store still holds that mark, checked in the write
+    itself (a process back at the URL has marked it anew: its jobs are left to it)."""
+
+    provider: str
+    endpoint: str
+    seen_at: float
+    every: float
+
+    def params(self) -> tuple[str, str, float, float]:
+        return (self.provider, self.endpoint, self.seen_at, self.every)
+
+
+# True while the endpoints row holds a GoneMark's mark (its ``params`` follow).
+_STILL_GONE = "EXISTS (SELECT 1 FROM endpoints WHERE provider = ? AND endpoint = ? AND seen_at = ? AND every = ?)"
+
+
 def key_id(api_key: str | None) -> str:
     """A fingerprint of ``api_key`` that is safe to store and log: the first 8 hex digits of its
     SHA-256 ("" without a key). It tells two keys apart, never the key itself."""
@@ -939,17 +958,22 @@ class BatchStore:
 
         return await self._run(update)
 
-    async def move_queued(self, provider: str, old_endpoint: str, endpoint: str) -> tuple[int, list[str]]:
+    async def move_queued(
+        self, provider: str, old_endpoint: str, endpoint: str, *, gone: GoneMark | None = None
+    ) -> tuple[int, list[str]]:
         """Queue for ``endpoint`` the jobs of ``provider`` queued for ``old_endpoint`` (its base URL
         changed) that were never sent and are not claimed; returns how many moved, and the ids of those left whose
         last send's reply was lost there (``tag_send``: the batch it may have made is at the old
-        endpoint, so they are not sent again elsewhere)."""
+        endpoint, so they are not sent again elsewhere). With ``gone``, nothing is moved nor
+        returned unless the store still holds that mark of ``old_endpoint``."""
         queued = BatchState.QUEUED.value
         now = self._clock()
         # A claimed job (held by its submitter, or being sent) is left to its claim's end.
 
         def update(connection: sqlite3.Connection) -> tuple[int, list[str]]:
             with immediate(connection):
+                if gone is not None and not connection.execute(f"SELECT {_STILL_GONE}", gone.params()).fetchone()[0]:
+                    return 0, []
                 moved = connection.execute(
                     "UPDATE jobs SET endpoint = ? WHERE state = ? AND provider = ? AND endpoint = ?"
                     " AND send_tag IS NULL AND (claimed_until IS NULL OR claimed_until <= ?)",
@@ -964,18 +988,22 @@ class BatchStore:
 
         return await self._run(update)
 
-    async def forget_send(self, tag: str) -> None:
+    async def forget_send(self, tag: str, *, gone: GoneMark | None = None) -> bool:
         """The send tagged ``tag`` made no batch the provider shows (or none that can be told):
-        its tag is forgotten, no lookup follows."""
+        its tag is forgotten, no lookup follows. With ``gone``, only while the store still holds
+        that mark (``GoneMark``). Whether any job's tag was forgotten."""
+        still = "" if gone is None else f" AND {_STILL_GONE}"
+        params = () if gone is None else gone.params()
 
-        def update(connection: sqlite3.Connection) -> None:
-            connection.execute(
-                "UPDATE jobs SET send_tag = NULL, send_at = NULL, send_count = NULL"
-                " WHERE send_tag = ? AND provider_batch_id IS NULL",
-                (tag,),
+        def update(connection: sqlite3.Connection) -> bool:
+            cursor = connection.execute(
+                "UPDATE jobs SET send_tag = NULL, send_at = NULL, send_count = NULL"  # noqa: S608 - constant text
+                f" WHERE send_tag = ? AND provider_batch_id IS NULL{still}",
+                (tag, *params),
             )
+            return cursor.rowcount > 0
 
-        await self._run(update)
+        return await self._run(update)
 
     async def knows(self, provider: str, provider_batch_id: str, *, other_than: str | None = None) -> bool:
         """Whether a job of the store was placed in ``provider``'s batch ``provider_batch_id``;
@@ -1307,20 +1335,23 @@ class BatchStore:
 
         return await self._run(update)
 
-    async def close_cancelled(self, batch_id: str, billed: BatchResult | None) -> bool:
+    async def close_cancelled(self, batch_id: str, billed: BatchResult | None, *, gone: GoneMark | None = None) -> bool:
         """A job cancelled after it was sent, once its provider batch's results are read: store
         what the provider billed for it (``billed``: its usage and cost, the answer's text left
         out, as a cancelled job returns none; None: it was not answered), which its budget is
         then corrected to (an EXPIRED job of a lost send's batch found since, ``tie_unplaced``,
         likewise). True for the one call that closed it (whose caller charges it);
-        False when it was not waiting (never sent, or closed by another worker)."""
+        False when it was not waiting (never sent, or closed by another worker). With ``gone``,
+        only while the store still holds that mark (``GoneMark``)."""
         usage = billed.usage if billed is not None else None
+        still = "" if gone is None else f" AND {_STILL_GONE}"
+        params = () if gone is None else gone.params()
 
         def update(connection: sqlite3.Connection) -> bool:
             cursor = connection.execute(
-                "UPDATE jobs SET provider_pending = NULL, cost_usd = ?, input_tokens = ?, output_tokens = ?,"
+                "UPDATE jobs SET provider_pending = NULL, cost_usd = ?, input_tokens = ?, output_tokens = ?,"  # noqa: S608 - constant text
                 " cached_input_tokens = ?, cache_write_tokens = ?, cache_write_1h_tokens = ?, provider_model = ?"
-                " WHERE id = ? AND state IN (?, ?) AND provider_pending IS NOT NULL",
+                f" WHERE id = ? AND state IN (?, ?) AND provider_pending IS NOT NULL{still}",
                 (
                     None if billed is None else str(billed.cost_usd),
                     None if usage is None else usage.input_tokens,
@@ -1332,6 +1363,7 @@ class BatchStore:
                     batch_id,
                     BatchState.CANCELLED.value,
                     BatchState.EXPIRED.value,
+                    *params,
                 ),
             )
             return cursor.rowcount == 1
@@ -1345,8 +1377,12 @@ class BatchStore:
         *,
         result: BatchResult | None = None,
         error: str = "",
+        gone: GoneMark | None = None,
     ) -> bool:
-        """End a job that has not ended; False (and nothing changed) when it already had."""
+        """End a job that has not ended; False (and nothing changed) when it already had, or,
+        with ``gone``, when the store no longer holds that mark (``GoneMark``)."""
+        still = "" if gone is None else f" AND {_STILL_GONE}"
+        params = () if gone is None else gone.params()
         now = self._clock()
         values: dict[str, Any] = {"text": None, "input": None, "output": None, "cached": None}
         values.update(cost=None, finish=None, provider_model=None, tool_calls=None, writes=None, writes_1h=None)
@@ -1366,10 +1402,10 @@ class BatchStore:
 
         def update(connection: sqlite3.Connection) -> bool:
             cursor = connection.execute(
-                "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', request_bytes = 0, text = ?,"
+                "UPDATE jobs SET state = ?, updated_at = ?, request = '{}', request_bytes = 0, text = ?,"  # noqa: S608 - constant text
                 " input_tokens = ?, output_tokens = ?, cached_input_tokens = ?, cost_usd = ?, finish_reason = ?,"
                 " provider_model = ?, tool_calls = ?, cache_write_tokens = ?, cache_write_1h_tokens = ?, error = ?"
-                " WHERE id = ? AND state IN (?, ?)",
+                f" WHERE id = ? AND state IN (?, ?){still}",
                 (
                     state.value,
                     now,
@@ -1387,6 +1423,7 @@ class BatchStore:
                     batch_id,
                     BatchState.QUEUED.value,
                     BatchState.SUBMITTED.value,
+                    *params,
                 ),
             )
             return cursor.rowcount == 1

@@ -37,10 +37,11 @@ them and ``canceled`` for the rest.
 
 Faults: ``create_error`` answers creates (both APIs), ``delete_error`` deletes (files and message
 batches), ``retrieve_errors`` an API's retrieves (counted in the batch's ``refused``) with an
-error; ``create_hold`` keeps creates waiting until the test sets it (``create_waiting`` is set once
-one waits), ``create_reply_hold`` the replies of creates made (a create that reached the provider,
-its reply late or lost), and ``delete_hold`` deletes
-(``delete_waiting``). An Anthropic batch's times have microseconds, as the API's do.
+error, ``results_errors`` an API's reads of an ended batch's results (OpenAI's output and error
+files, Anthropic's results; counted in ``results_refused``); ``create_hold`` keeps creates
+waiting until the test sets it (``create_waiting`` is set once one waits), ``create_reply_hold``
+the replies of creates made (a create that reached the provider, its reply late or lost), and
+``delete_hold`` deletes (``delete_waiting``). An Anthropic batch's times have microseconds, as the API's do.
 """
 
 from __future__ import annotations
@@ -194,6 +195,9 @@ class FakeBatches:
         # (status, JSON body, headers) that retrieving a batch of this API ("openai", "anthropic")
         # answers instead; none for an API: retrieved.
         self.retrieve_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
+        # The same for reading an ended batch's results (OpenAI: its output and error files).
+        self.results_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
+        self.results_refused = 0
         # A create waits until this is set (None: answers at once); ``create_waiting`` says one does.
         self.create_hold: asyncio.Event | None = None
         self.create_waiting = asyncio.Event()
@@ -241,6 +245,8 @@ class FakeBatches:
         self.create_error = None
         self.delete_error = None
         self.retrieve_errors.clear()
+        self.results_errors.clear()
+        self.results_refused = 0
         self.create_hold = None
         self.create_waiting.clear()
         self.create_reply_hold = None
@@ -444,6 +450,9 @@ class FakeBatches:
         if content is None:
             await connection.send_json(404, {"error": {"type": "not_found_error", "message": "no such file"}})
             return True
+        apis = [batch.api for batch in self.batches.values() if file_id in (batch.output_file_id, batch.error_file_id)]
+        if await self._refuse_results(connection, next(iter(apis), None)):
+            return True
         headers = {"content-type": "application/octet-stream", "content-length": str(len(content))}
         await connection.send_head(200, headers)
         await connection.send(content)
@@ -543,6 +552,15 @@ class FakeBatches:
         if error is None:
             return False
         batch.refused += 1
+        await connection.send_json(*error)
+        return True
+
+    async def _refuse_results(self, connection: Connection, api: str | None) -> bool:
+        """Answer a results read with ``results_errors``' error for the batch's API, if any."""
+        error = None if api is None else self.results_errors.get(api)
+        if error is None:
+            return False
+        self.results_refused += 1
         await connection.send_json(*error)
         return True
 
@@ -649,6 +667,8 @@ class FakeBatches:
         if batch.status != "ended":
             error = {"type": "error", "error": {"type": "invalid_request_error", "message": "not ended"}}
             await connection.send_json(400, error)
+            return True
+        if await self._refuse_results(connection, batch.api):
             return True
         content = batch.raw_results
         if content is None:

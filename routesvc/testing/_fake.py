@@ -185,6 +185,18 @@ class FakeProvider:
         return self._batches.retrieve_errors
 
     @property
+    def batch_results_errors(self) -> dict[str, tuple[int, Any, dict[str, str]]]:
+        """``(status, JSON body, headers)`` that reading an ended batch's results answers, by API
+        (OpenAI's output and error files, Anthropic's results; an API not in it reads); each
+        refused read counts in ``batch_results_refused``. Mutable in place."""
+        return self._batches.results_errors
+
+    @property
+    def batch_results_refused(self) -> int:
+        """How many results reads ``batch_results_errors`` refused."""
+        return self._batches.results_refused
+
+    @property
     def batch_create_hold(self) -> asyncio.Event | None:
         """While set to an event that is not set, creating a batch (either API) waits for it
         before answering; None (the default) answers at once."""
