@@ -590,6 +590,23 @@ class TestMidStreamFailures:
         finally:
             await adapter.aclose()
 
+    @pytest.mark.parametrize("encoding", ["none", "utf-8", "identity, none"])
+    async def test_a_stream_labelled_with_a_coding_the_stack_does_not_decode_is_read_as_unencoded(
+        self, fake: FakeProvider, http_client: HttpClientKind, encoding: str
+    ) -> None:
+        """``content-encoding: none`` (a header SSE servers send to keep proxies from compressing)
+        or another coding the HTTP stack does not decode: the stack reads the body as unencoded,
+        and so is the stream read (it was failed as compressed, every attempt)."""
+        adapter = AnthropicProvider(
+            "anthropic", CANARY_KEY, fake.anthropic_base_url, http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            fake.enqueue(Script(headers={"content-encoding": encoding}))
+            events = await collect(adapter, make_call())
+            assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+        finally:
+            await adapter.aclose()
+
     async def test_a_stream_is_asked_unencoded_and_one_compressed_all_the_same_is_unavailable(
         self, fake: FakeProvider, http_client: HttpClientKind
     ) -> None:

@@ -18,6 +18,7 @@ import pytest
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
+from httpx2._decoders import SUPPORTED_DECODERS
 from structlog.testing import capture_logs
 
 from routesvc.errors import (
@@ -42,6 +43,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers._aiohttp import _KeepingStream, unread_bytes
+from routesvc.providers._event_size import DECODED_CODINGS
 from routesvc.providers._http import count_field, object_field, safe_code, text_field, transport_error
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
@@ -734,6 +736,28 @@ class TestMidStreamFailures:
             events = await collect(adapter, make_call())
             text = "".join(e.text for e in events if isinstance(e, TextDelta))
             assert text == "".join(f"chunk-{index} " for index in range(200))
+        finally:
+            await adapter.aclose()
+
+    def test_every_coding_the_http_stack_decodes_is_one_a_stream_is_refused_in(self) -> None:
+        """The codings refused on a stream cover httpx2's decoders (aiohttp's transport passes
+        bodies on undecoded): a coding it learns to decode fails here first."""
+        assert set(SUPPORTED_DECODERS) - {"identity"} <= DECODED_CODINGS
+
+    @pytest.mark.parametrize("encoding", ["none", "utf-8", "identity, none"])
+    async def test_a_stream_labelled_with_a_coding_the_stack_does_not_decode_is_read_as_unencoded(
+        self, fake: FakeProvider, http_client: HttpClientKind, encoding: str
+    ) -> None:
+        """``content-encoding: none`` (a header SSE servers send to keep proxies from compressing)
+        or another coding the HTTP stack does not decode: the stack reads the body as unencoded,
+        and so is the stream read (it was failed as compressed, every attempt)."""
+        adapter = OpenAIProvider(
+            "openai", CANARY_KEY, fake.openai_base_url, "openai", http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            fake.enqueue(Script(headers={"content-encoding": encoding}))
+            events = await collect(adapter, make_call())
+            assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
         finally:
             await adapter.aclose()
 

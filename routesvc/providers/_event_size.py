@@ -14,7 +14,8 @@ labelled, and counts each event's bytes up to its end as the SDK's decoder finds
 The bytes counted are the ones the SDK decodes: a streaming request asks for them unencoded
 (``Accept-Encoding: identity``), and a successful answer that comes compressed all the same
 fails with ``EncodedStream`` (a few hundred bytes of gzip can hold a 100 kB event, a few hundred
-kB a 200 MB one, decoded whole after the transport). Responses to other requests (embeddings,
+kB a 200 MB one, decoded whole after the transport); one labelled with a coding the stack does not
+decode (``none``, ``utf-8``) is read as unencoded, as the stack reads it. Responses to other requests (embeddings,
 batch files, list pages) are left alone.
 """
 
@@ -38,6 +39,12 @@ OPENAI_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 ANTHROPIC_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # The bytes of the data before a chunk kept to find an event's end split across two chunks.
 _TAIL = 3
+
+# The content codings the HTTP stack decodes (httpx2's decoders; aiohttp's transport passes the
+# body on undecoded to httpx2) and their aliases: a stream in any of these is refused. Any other
+# coding ("none", "utf-8": a header some SSE servers send to keep proxies from compressing) the
+# stack passes on as identity, so the bytes counted are the bytes decoded.
+DECODED_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
 
 _STREAMING: ContextVar[bool] = ContextVar("routesvc_streaming_request", default=False)
 
@@ -130,11 +137,11 @@ class BoundedEventsTransport(httpx2.AsyncBaseTransport):
             return await self._inner.handle_async_request(request)
         request.headers["accept-encoding"] = "identity"
         response = await self._inner.handle_async_request(request)
-        encoding = response.headers.get("content-encoding", "identity").strip().lower()
-        if response.is_success and encoding not in ("", "identity"):
+        codings = [value.strip().lower() for value in response.headers.get_list("content-encoding", split_commas=True)]
+        if response.is_success and any(coding in DECODED_CODINGS for coding in codings):
             # An error's body is read whole as any error's; a stream's would be decoded whole.
             await response.aclose()
-            raise EncodedStream(encoding)
+            raise EncodedStream(", ".join(codings))
         if isinstance(response.stream, httpx2.AsyncByteStream):
             response.stream = _BoundedEvents(response.stream, self._bound)
         return response
