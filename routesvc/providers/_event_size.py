@@ -7,7 +7,7 @@ would take every tenant's streams down with it. So each transport of an SDK clie
 body of every response to a streaming request (the adapter sends it inside ``streaming()``),
 whatever its ``Content-Type``, since both SDKs parse a streamed body as events whatever it is
 labelled, and counts each event's bytes up to its end as the SDK's decoder finds it
-(``EventBound.end``); past ``EventBound.limit`` the body fails with ``EventTooLarge`` (an
+(``EventBound.ends``); past ``EventBound.limit`` the body fails with ``EventTooLarge`` (an
 ``httpx2.ReadError``, as a broken connection fails it), which the adapters translate to
 ``ProviderUnavailable``. What is held stays within the limit and one read's chunk.
 
@@ -23,22 +23,68 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx2
 
 DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
 
-# An event's end as the openai SDK's decoder finds it (``_SSELineDecoder``, per the SSE spec): a
-# line end (``\r\n``, ``\r``, ``\n``) followed by another, so ``\n`` then ``\r\n`` is one too.
-OPENAI_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
-# As the anthropic SDK's (``SSEDecoder._aiter_chunks``): only these three; it holds a stream
-# that mixes line endings (``\n`` then ``\r\n``) as one event, so it is counted as one.
-ANTHROPIC_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_OPENAI_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 # The bytes of the data before a chunk kept to find an event's end split across two chunks.
 _TAIL = 3
+_ANTHROPIC_ENDS = (b"\r\r", b"\n\n", b"\r\n\r\n")
+
+
+class EventEnds(Protocol):
+    """Where one stream's events end, as its SDK's decoder finds them, chunk after chunk."""
+
+    def find(self, chunk: bytes) -> list[int]:
+        """The offsets in ``chunk`` just after each event's end, in order (the chunks before
+        passed to ``find`` first)."""
+
+
+class OpenAIEventEnds:
+    r"""As the openai SDK's decoder (``_SSELineDecoder``, per the SSE spec): a line end (``\r\n``,
+    ``\r``, ``\n``) followed by another, so ``\n`` then ``\r\n`` is one too."""
+
+    def __init__(self) -> None:
+        self._tail = b""  # the last bytes before the chunk, for an end split across the two
+
+    def find(self, chunk: bytes) -> list[int]:
+        window = self._tail + chunk
+        skip = len(self._tail)
+        self._tail = window[-_TAIL:]
+        # An end that ends in the bytes before the chunk was found with them.
+        return [end.end() - skip for end in _OPENAI_EVENT_END.finditer(window) if end.end() > skip]
+
+
+class AnthropicEventEnds:
+    r"""As the anthropic SDK's decoder (``SSEDecoder._aiter_chunks``): it splits each chunk it reads
+    into lines (``splitlines``), adds them one by one to the event's bytes, and ends the event
+    only when these then end with ``\r\r``, ``\n\n`` or ``\r\n\r\n``. So it holds a stream that
+    mixes line endings (``\n`` then ``\r\n``, ``\r`` then ``\r\n``) as one event, and an end
+    split across two chunks between ``\r`` and ``\n`` (``\r\r`` then ``\n``) is one where
+    one is not; the chunks are the ones passed on, so the ends are the SDK's exactly."""
+
+    def __init__(self) -> None:
+        self._held = b""  # the last bytes of the event so far (no more than an end's)
+
+    def find(self, chunk: bytes) -> list[int]:
+        ends: list[int] = []
+        held = self._held
+        offset = 0
+        for line in chunk.splitlines(keepends=True):
+            offset += len(line)
+            held = (held + line[-4:])[-4:]
+            if held.endswith(_ANTHROPIC_ENDS):
+                ends.append(offset)
+                held = b""
+        self._held = held
+        return ends
+
 
 # The content codings the HTTP stack decodes (httpx2's decoders; aiohttp's transport passes the
 # body on undecoded to httpx2) and their aliases: a stream in any of these is refused. Any other
@@ -61,10 +107,11 @@ def streaming() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class EventBound:
-    """At most ``limit`` bytes per event, an event ending where ``end`` matches (its SDK's rule)."""
+    """At most ``limit`` bytes per event, each stream's events ending where a new ``ends`` finds
+    them (its SDK's rule: ``OpenAIEventEnds``, ``AnthropicEventEnds``)."""
 
     limit: int
-    end: re.Pattern[bytes]
+    ends: Callable[[], EventEnds]
 
 
 class UnreadableStream(httpx2.ReadError):
@@ -97,28 +144,22 @@ class _BoundedEvents(httpx2.AsyncByteStream):
     def __init__(self, inner: httpx2.AsyncByteStream, bound: EventBound) -> None:
         self._inner = inner
         self._limit = bound.limit
-        self._end = bound.end
+        self._ends = bound.ends()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         pending = 0  # bytes since the last event's end
-        tail = b""
         async for chunk in self._inner:
-            # The last bytes before ``chunk`` come again, for an end split across the two.
-            window = tail + chunk
-            start = len(tail) - pending  # where the current event starts, in ``window``
-            for end in self._end.finditer(window):
-                if end.end() <= len(tail):
-                    continue  # an end found in the chunk before
-                if end.end() - start > self._limit:
+            start = -pending  # where the current event starts, in ``chunk``
+            for end in self._ends.find(chunk):
+                if end - start > self._limit:
                     break
-                start = end.end()
-            pending = len(window) - start
+                start = end
+            pending = len(chunk) - start
             if pending > self._limit:
                 # The whole events before it are the stream's, as before a cut.
-                if start > len(tail):
-                    yield chunk[: start - len(tail)]
+                if start > 0:
+                    yield chunk[:start]
                 raise EventTooLarge(self._limit)
-            tail = window[-_TAIL:]
             yield chunk
 
     async def aclose(self) -> None:
