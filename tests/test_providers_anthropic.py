@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -660,6 +661,27 @@ class TestMidStreamFailures:
             fake.enqueue(Script(headers={"content-encoding": encoding}))
             events = await collect(adapter, make_call())
             assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+        finally:
+            await adapter.aclose()
+
+    @pytest.mark.parametrize(("status", "error_class"), [(400, ProviderRejected), (429, ProviderRateLimited)])
+    async def test_an_error_body_over_max_event_bytes_is_read_as_the_error_it_is(
+        self, fake: FakeProvider, http_client: HttpClientKind, status: int, error_class: type[Exception]
+    ) -> None:
+        """An error answer to a streaming request whose JSON body is over ``max_event_bytes`` (a
+        validation error echoing its input) is not bounded as events: a 400 stays rejected, a 429
+        keeps its Retry-After (both were UNAVAILABLE ``event_too_large``, retried and counted
+        against the provider)."""
+        adapter = AnthropicProvider(
+            "anthropic", CANARY_KEY, fake.anthropic_base_url, http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            body = {"type": "error", "error": {"type": "invalid_request_error", "message": "x" * 20000}}
+            fake.enqueue(Script(status=status, error_body=json.dumps(body), retry_after="7"))
+            texts, error = await collect_until_error(adapter, make_call())
+            assert (texts, type(error)) == ([], error_class)
+            if isinstance(error, ProviderRateLimited):
+                assert error.retry_after == 7.0
         finally:
             await adapter.aclose()
 

@@ -4,19 +4,22 @@ The SDKs' decoders hold an event's bytes until its blank line, then decode and p
 whatever its size: one 200 MB event from a broken or hostile server (an ``openai_compatible``
 endpoint, a proxy gone wrong) cost the process about 800 MB, and a few such streams at once
 would take every tenant's streams down with it. So each transport of an SDK client wraps the
-body of every response to a streaming request (the adapter sends it inside ``streaming()``),
-whatever its ``Content-Type``, since both SDKs parse a streamed body as events whatever it is
+body of every successful (2xx) response to a streaming request (the adapter sends it inside
+``streaming()``), whatever its ``Content-Type``, since both SDKs parse a streamed body as events whatever it is
 labelled, and counts each event's bytes up to its end as the SDK's decoder finds it
 (``EventBound.ends``); past ``EventBound.limit`` the body fails with ``EventTooLarge`` (an
 ``httpx2.ReadError``, as a broken connection fails it), which the adapters translate to
-``ProviderUnavailable``. What is held stays within the limit and one read's chunk.
+``ProviderUnavailable``. What is held stays within the limit and one read's chunk. An error's
+body (4xx, 5xx) is left alone: the SDK reads it whole, as it reads any request's error, for its
+status, message and ``Retry-After`` (an error of any size counted as one event turned a 400 or a
+429 into ``event_too_large``).
 
 The bytes counted are the ones the SDK decodes: a streaming request asks for them unencoded
 (``Accept-Encoding: identity``), and a successful answer that comes compressed all the same
 fails with ``EncodedStream`` (a few hundred bytes of gzip can hold a 100 kB event, a few hundred
-kB a 200 MB one, decoded whole after the transport); one labelled with a coding the stack does not
-decode (``none``, ``utf-8``) is read as unencoded, as the stack reads it. Responses to other requests (embeddings,
-batch files, list pages) are left alone.
+kB a 200 MB one, decoded whole after the transport); one labelled with a coding the stack does
+not decode (``none``, ``utf-8``) is read as unencoded, as the stack reads it. Responses to other
+requests (embeddings, batch files, list pages) are left alone.
 """
 
 from __future__ import annotations
@@ -183,7 +186,9 @@ class BoundedEventsTransport(httpx2.AsyncBaseTransport):
             # An error's body is read whole as any error's; a stream's would be decoded whole.
             await response.aclose()
             raise EncodedStream(", ".join(codings))
-        if isinstance(response.stream, httpx2.AsyncByteStream):
+        if response.is_success and isinstance(response.stream, httpx2.AsyncByteStream):
+            # An error's body (4xx, 5xx) is read whole by the SDK, as any request's error is, for
+            # its status, message and Retry-After; it holds no events to bound.
             response.stream = _BoundedEvents(response.stream, self._bound)
         return response
 
