@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -12,6 +13,9 @@ from dataclasses import replace
 from types import MappingProxyType
 
 import pytest
+from anthropic._streaming import SSEDecoder
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from routesvc.errors import (
@@ -36,6 +40,7 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
+from routesvc.providers._event_size import AnthropicEventEnds
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.testing import FakeProvider, Fault, Script
@@ -587,6 +592,96 @@ class TestMidStreamFailures:
             texts, error = await collect_until_error(adapter, make_call())
             assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
             assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message
+        finally:
+            await adapter.aclose()
+
+    async def test_events_the_sdk_holds_as_one_are_bounded_as_one(
+        self, fake: FakeProvider, http_client: HttpClientKind
+    ) -> None:
+        """A server ending each event with ``\n`` then ``\r\r\n``: the anthropic SDK ends an event
+        only where its bytes end with ``\r\r``, ``\n\n`` or ``\r\n\r\n`` after a line, so it holds
+        the whole stream as one event, and a stream of 200 small events, 30 kB in all, fails an
+        8 kB ``max_event_bytes`` (it was counted as 200 events, the SDK holding any size)."""
+        adapter = AnthropicProvider(
+            "anthropic", CANARY_KEY, fake.anthropic_base_url, http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            fake.enqueue(Script(chunk_count=200, event_blank_line="\r\r\n"))
+            _, error = await collect_until_error(adapter, make_call())
+            assert type(error) is ProviderUnavailable
+            assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message
+        finally:
+            await adapter.aclose()
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        pieces=st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n"]), max_size=40),
+        cuts=st.lists(st.integers(min_value=1, max_value=39), max_size=6),
+    )
+    def test_the_bound_ends_events_exactly_where_the_sdk_decoder_does(
+        self, pieces: list[bytes], cuts: list[int]
+    ) -> None:
+        """Streams of line ends and text, cut into chunks anywhere (between ``\r`` and ``\n``
+        too): the bound's event ends are the offsets where the SDK's own
+        ``SSEDecoder._aiter_chunks`` hands an event on."""
+        stream = b"".join(pieces)
+        bounds = sorted({cut for cut in cuts if cut < len(stream)})
+        chunks = [stream[start:end] for start, end in zip([0, *bounds], [*bounds, len(stream)], strict=True)]
+
+        async def sdk_ends() -> list[int]:
+            async def chunks_of() -> AsyncIterator[bytes]:
+                for chunk in chunks:
+                    yield chunk
+
+            # The SDK hands on what is left at the stream's end too: not an event's end.
+            ends, offset = [], 0
+            async for event in SSEDecoder()._aiter_chunks(chunks_of()):
+                offset += len(event)
+                if event.endswith((b"\r\r", b"\n\n", b"\r\n\r\n")):
+                    ends.append(offset)
+            return ends
+
+        ends, offset, bound = [], 0, AnthropicEventEnds()
+        for chunk in chunks:
+            ends.extend(offset + end for end in bound.find(chunk))
+            offset += len(chunk)
+        assert ends == asyncio.run(sdk_ends())
+
+    @pytest.mark.parametrize("encoding", ["none", "utf-8", "identity, none"])
+    async def test_a_stream_labelled_with_a_coding_the_stack_does_not_decode_is_read_as_unencoded(
+        self, fake: FakeProvider, http_client: HttpClientKind, encoding: str
+    ) -> None:
+        """``content-encoding: none`` (a header SSE servers send to keep proxies from compressing)
+        or another coding the HTTP stack does not decode: the stack reads the body as unencoded,
+        and so is the stream read (it was failed as compressed, every attempt)."""
+        adapter = AnthropicProvider(
+            "anthropic", CANARY_KEY, fake.anthropic_base_url, http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            fake.enqueue(Script(headers={"content-encoding": encoding}))
+            events = await collect(adapter, make_call())
+            assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+        finally:
+            await adapter.aclose()
+
+    @pytest.mark.parametrize(("status", "error_class"), [(400, ProviderRejected), (429, ProviderRateLimited)])
+    async def test_an_error_body_over_max_event_bytes_is_read_as_the_error_it_is(
+        self, fake: FakeProvider, http_client: HttpClientKind, status: int, error_class: type[Exception]
+    ) -> None:
+        """An error answer to a streaming request whose JSON body is over ``max_event_bytes`` (a
+        validation error echoing its input) is not bounded as events: a 400 stays rejected, a 429
+        keeps its Retry-After (both were UNAVAILABLE ``event_too_large``, retried and counted
+        against the provider)."""
+        adapter = AnthropicProvider(
+            "anthropic", CANARY_KEY, fake.anthropic_base_url, http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            body = {"type": "error", "error": {"type": "invalid_request_error", "message": "x" * 20000}}
+            fake.enqueue(Script(status=status, error_body=json.dumps(body), retry_after="7"))
+            texts, error = await collect_until_error(adapter, make_call())
+            assert (texts, type(error)) == ([], error_class)
+            if isinstance(error, ProviderRateLimited):
+                assert error.retry_after == 7.0
         finally:
             await adapter.aclose()
 

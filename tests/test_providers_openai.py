@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import email.utils
 import gc
+import json
 import logging
 import time
 import weakref
@@ -18,6 +19,7 @@ import pytest
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
+from httpx2._decoders import SUPPORTED_DECODERS
 from structlog.testing import capture_logs
 
 from routesvc.errors import (
@@ -42,6 +44,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers._aiohttp import _KeepingStream, unread_bytes
+from routesvc.providers._event_size import DECODED_CODINGS
 from routesvc.providers._http import count_field, object_field, safe_code, text_field, transport_error
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
@@ -734,6 +737,49 @@ class TestMidStreamFailures:
             events = await collect(adapter, make_call())
             text = "".join(e.text for e in events if isinstance(e, TextDelta))
             assert text == "".join(f"chunk-{index} " for index in range(200))
+        finally:
+            await adapter.aclose()
+
+    def test_every_coding_the_http_stack_decodes_is_one_a_stream_is_refused_in(self) -> None:
+        """The codings refused on a stream cover httpx2's decoders (aiohttp's transport passes
+        bodies on undecoded): a coding it learns to decode fails here first."""
+        assert set(SUPPORTED_DECODERS) - {"identity"} <= DECODED_CODINGS
+
+    @pytest.mark.parametrize("encoding", ["none", "utf-8", "identity, none"])
+    async def test_a_stream_labelled_with_a_coding_the_stack_does_not_decode_is_read_as_unencoded(
+        self, fake: FakeProvider, http_client: HttpClientKind, encoding: str
+    ) -> None:
+        """``content-encoding: none`` (a header SSE servers send to keep proxies from compressing)
+        or another coding the HTTP stack does not decode: the stack reads the body as unencoded,
+        and so is the stream read (it was failed as compressed, every attempt)."""
+        adapter = OpenAIProvider(
+            "openai", CANARY_KEY, fake.openai_base_url, "openai", http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            fake.enqueue(Script(headers={"content-encoding": encoding}))
+            events = await collect(adapter, make_call())
+            assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+        finally:
+            await adapter.aclose()
+
+    @pytest.mark.parametrize(("status", "error_class"), [(400, ProviderRejected), (429, ProviderRateLimited)])
+    async def test_an_error_body_over_max_event_bytes_is_read_as_the_error_it_is(
+        self, fake: FakeProvider, http_client: HttpClientKind, status: int, error_class: type[Exception]
+    ) -> None:
+        """An error answer to a streaming request whose JSON body is over ``max_event_bytes`` (a
+        validation error echoing its input) is not bounded as events: a 400 stays rejected, a 429
+        keeps its Retry-After (both were UNAVAILABLE ``event_too_large``, retried and counted
+        against the provider)."""
+        adapter = OpenAIProvider(
+            "openai", CANARY_KEY, fake.openai_base_url, "openai", http_client=http_client, max_event_bytes=8192
+        )
+        try:
+            body = {"error": {"message": "x" * 20000, "type": "invalid_request_error", "param": None, "code": None}}
+            fake.enqueue(Script(status=status, error_body=json.dumps(body), retry_after="7"))
+            texts, error = await collect_until_error(adapter, make_call())
+            assert (texts, type(error)) == ([], error_class)
+            if isinstance(error, ProviderRateLimited):
+                assert error.retry_after == 7.0
         finally:
             await adapter.aclose()
 

@@ -256,6 +256,23 @@ class TestAssemblingPieces:
             ("get_weather", '{"city": "Rome"}'),
         ]
 
+    @pytest.mark.parametrize("index", [None, 0])
+    @pytest.mark.parametrize("white_space", ["\n", " \t", "\r\n "])
+    def test_a_piece_naming_the_tool_again_with_only_white_space_after_the_close_is_no_call(
+        self, index: int | None, white_space: str
+    ) -> None:
+        """With no index or every call at 0, no ids and the name on every piece, a piece that
+        brings only white space after the arguments are whole belongs to that call (it started a
+        second call whose arguments were that white space, not JSON); a second call of the tool
+        after it is one."""
+        parts = ToolCallParts()
+        for piece in ('{"city":', '"Paris"}', white_space, '{"city":', '"Rome"}'):
+            parts.add(index, name="get_weather", arguments=piece)
+        assert [(call.name, call.arguments_json) for call in parts.calls()] == [
+            ("get_weather", '{"city":"Paris"}' + white_space),
+            ("get_weather", '{"city":"Rome"}'),
+        ]
+
     def test_inputs_given_whole_at_one_index_without_ids_are_two_calls(self) -> None:
         """Two Anthropic ``tool_use`` blocks of one tool without ids at one index, each input
         given whole at its start: two calls (the second continued the first and its input was

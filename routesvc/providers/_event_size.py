@@ -4,40 +4,96 @@ The SDKs' decoders hold an event's bytes until its blank line, then decode and p
 whatever its size: one 200 MB event from a broken or hostile server (an ``openai_compatible``
 endpoint, a proxy gone wrong) cost the process about 800 MB, and a few such streams at once
 would take every tenant's streams down with it. So each transport of an SDK client wraps the
-body of every response to a streaming request (the adapter sends it inside ``streaming()``),
-whatever its ``Content-Type``, since both SDKs parse a streamed body as events whatever it is
+body of every successful (2xx) response to a streaming request (the adapter sends it inside
+``streaming()``), whatever its ``Content-Type``, since both SDKs parse a streamed body as events whatever it is
 labelled, and counts each event's bytes up to its end as the SDK's decoder finds it
-(``EventBound.end``); past ``EventBound.limit`` the body fails with ``EventTooLarge`` (an
+(``EventBound.ends``); past ``EventBound.limit`` the body fails with ``EventTooLarge`` (an
 ``httpx2.ReadError``, as a broken connection fails it), which the adapters translate to
-``ProviderUnavailable``. What is held stays within the limit and one read's chunk.
+``ProviderUnavailable``. What is held stays within the limit and one read's chunk. An error's
+body (4xx, 5xx) is left alone: the SDK reads it whole, as it reads any request's error, for its
+status, message and ``Retry-After`` (an error of any size counted as one event turned a 400 or a
+429 into ``event_too_large``).
 
 The bytes counted are the ones the SDK decodes: a streaming request asks for them unencoded
 (``Accept-Encoding: identity``), and a successful answer that comes compressed all the same
 fails with ``EncodedStream`` (a few hundred bytes of gzip can hold a 100 kB event, a few hundred
-kB a 200 MB one, decoded whole after the transport). Responses to other requests (embeddings,
-batch files, list pages) are left alone.
+kB a 200 MB one, decoded whole after the transport); one labelled with a coding the stack does
+not decode (``none``, ``utf-8``) is read as unencoded, as the stack reads it. Responses to other
+requests (embeddings, batch files, list pages) are left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx2
 
 DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
 
-# An event's end as the openai SDK's decoder finds it (``_SSELineDecoder``, per the SSE spec): a
-# line end (``\r\n``, ``\r``, ``\n``) followed by another, so ``\n`` then ``\r\n`` is one too.
-OPENAI_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
-# As the anthropic SDK's (``SSEDecoder._aiter_chunks``): only these three; it holds a stream
-# that mixes line endings (``\n`` then ``\r\n``) as one event, so it is counted as one.
-ANTHROPIC_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_OPENAI_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 # The bytes of the data before a chunk kept to find an event's end split across two chunks.
 _TAIL = 3
+_ANTHROPIC_ENDS = (b"\r\r", b"\n\n", b"\r\n\r\n")
+
+
+class EventEnds(Protocol):
+    """Where one stream's events end, as its SDK's decoder finds them, chunk after chunk."""
+
+    def find(self, chunk: bytes) -> list[int]:
+        """The offsets in ``chunk`` just after each event's end, in order (the chunks before
+        passed to ``find`` first)."""
+
+
+class OpenAIEventEnds:
+    r"""As the openai SDK's decoder (``_SSELineDecoder``, per the SSE spec): a line end (``\r\n``,
+    ``\r``, ``\n``) followed by another, so ``\n`` then ``\r\n`` is one too."""
+
+    def __init__(self) -> None:
+        self._tail = b""  # the last bytes before the chunk, for an end split across the two
+
+    def find(self, chunk: bytes) -> list[int]:
+        window = self._tail + chunk
+        skip = len(self._tail)
+        self._tail = window[-_TAIL:]
+        # An end that ends in the bytes before the chunk was found with them.
+        return [end.end() - skip for end in _OPENAI_EVENT_END.finditer(window) if end.end() > skip]
+
+
+class AnthropicEventEnds:
+    r"""As the anthropic SDK's decoder (``SSEDecoder._aiter_chunks``): it splits each chunk it reads
+    into lines (``splitlines``), adds them one by one to the event's bytes, and ends the event
+    only when these then end with ``\r\r``, ``\n\n`` or ``\r\n\r\n``. So it holds a stream that
+    mixes line endings (``\n`` then ``\r\n``, ``\r`` then ``\r\n``) as one event, and an end
+    split across two chunks between ``\r`` and ``\n`` (``\r\r`` then ``\n``) is one where
+    one is not; the chunks are the ones passed on, so the ends are the SDK's exactly."""
+
+    def __init__(self) -> None:
+        self._held = b""  # the last bytes of the event so far (no more than an end's)
+
+    def find(self, chunk: bytes) -> list[int]:
+        ends: list[int] = []
+        held = self._held
+        offset = 0
+        for line in chunk.splitlines(keepends=True):
+            offset += len(line)
+            held = (held + line[-4:])[-4:]
+            if held.endswith(_ANTHROPIC_ENDS):
+                ends.append(offset)
+                held = b""
+        self._held = held
+        return ends
+
+
+# The content codings the HTTP stack decodes (httpx2's decoders; aiohttp's transport passes the
+# body on undecoded to httpx2) and their aliases: a stream in any of these is refused. Any other
+# coding ("none", "utf-8": a header some SSE servers send to keep proxies from compressing) the
+# stack passes on as identity, so the bytes counted are the bytes decoded.
+DECODED_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
 
 _STREAMING: ContextVar[bool] = ContextVar("routesvc_streaming_request", default=False)
 
@@ -54,10 +110,11 @@ def streaming() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class EventBound:
-    """At most ``limit`` bytes per event, an event ending where ``end`` matches (its SDK's rule)."""
+    """At most ``limit`` bytes per event, each stream's events ending where a new ``ends`` finds
+    them (its SDK's rule: ``OpenAIEventEnds``, ``AnthropicEventEnds``)."""
 
     limit: int
-    end: re.Pattern[bytes]
+    ends: Callable[[], EventEnds]
 
 
 class UnreadableStream(httpx2.ReadError):
@@ -90,28 +147,22 @@ class _BoundedEvents(httpx2.AsyncByteStream):
     def __init__(self, inner: httpx2.AsyncByteStream, bound: EventBound) -> None:
         self._inner = inner
         self._limit = bound.limit
-        self._end = bound.end
+        self._ends = bound.ends()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         pending = 0  # bytes since the last event's end
-        tail = b""
         async for chunk in self._inner:
-            # The last bytes before ``chunk`` come again, for an end split across the two.
-            window = tail + chunk
-            start = len(tail) - pending  # where the current event starts, in ``window``
-            for end in self._end.finditer(window):
-                if end.end() <= len(tail):
-                    continue  # an end found in the chunk before
-                if end.end() - start > self._limit:
+            start = -pending  # where the current event starts, in ``chunk``
+            for end in self._ends.find(chunk):
+                if end - start > self._limit:
                     break
-                start = end.end()
-            pending = len(window) - start
+                start = end
+            pending = len(chunk) - start
             if pending > self._limit:
                 # The whole events before it are the stream's, as before a cut.
-                if start > len(tail):
-                    yield chunk[: start - len(tail)]
+                if start > 0:
+                    yield chunk[:start]
                 raise EventTooLarge(self._limit)
-            tail = window[-_TAIL:]
             yield chunk
 
     async def aclose(self) -> None:
@@ -130,12 +181,14 @@ class BoundedEventsTransport(httpx2.AsyncBaseTransport):
             return await self._inner.handle_async_request(request)
         request.headers["accept-encoding"] = "identity"
         response = await self._inner.handle_async_request(request)
-        encoding = response.headers.get("content-encoding", "identity").strip().lower()
-        if response.is_success and encoding not in ("", "identity"):
+        codings = [value.strip().lower() for value in response.headers.get_list("content-encoding", split_commas=True)]
+        if response.is_success and any(coding in DECODED_CODINGS for coding in codings):
             # An error's body is read whole as any error's; a stream's would be decoded whole.
             await response.aclose()
-            raise EncodedStream(encoding)
-        if isinstance(response.stream, httpx2.AsyncByteStream):
+            raise EncodedStream(", ".join(codings))
+        if response.is_success and isinstance(response.stream, httpx2.AsyncByteStream):
+            # An error's body (4xx, 5xx) is read whole by the SDK, as any request's error is, for
+            # its status, message and Retry-After; it holds no events to bound.
             response.stream = _BoundedEvents(response.stream, self._bound)
         return response
 

@@ -20,9 +20,9 @@ or every call's at 0 (some number every call 0 and send no id): while no index a
 one that names a tool while the call at its index (the latest call, without an index) has a name
 starts a new call, unless it names the same tool and that call's arguments are not yet a whole
 JSON object, since some servers repeat the name on every piece of one call (MiniMax on NVIDIA
-NIM). A piece that names the same tool after the arguments are whole but brings no arguments (a
-closing piece, or the name-only first piece of a second call of that tool) starts no call: the
-next piece with arguments does. The limit: two calls of one tool whose first has arguments that
+NIM). A piece that names the same tool after the arguments are whole but brings no arguments, or
+only white space (a closing piece, or the name-only first piece of a second call of that tool),
+starts no call: the next piece with arguments does. The limit: two calls of one tool whose first has arguments that
 are not a JSON object are read as one. A server that sends ids, or numbers its calls, is never
 read so.
 """
@@ -109,7 +109,9 @@ class ToolCallParts:
         if index:
             self._by_name = False
         parts = self._at.get(index) if index is not None else (self._calls[-1] if self._calls else None)
-        if parts is None or self._starts_call(parts, call_id, name, bool(arguments or whole_arguments)):
+        # White space alone is no arguments: after a whole value, it is still that value.
+        given = bool(arguments.strip() or whole_arguments.strip())
+        if parts is None or self._starts_call(parts, call_id, name, given):
             # A call named again with no arguments is started by the next piece that has some.
             parts = _Parts(name=parts.name if parts is not None and parts.named_again and not name else "")
             self._calls.append(parts)

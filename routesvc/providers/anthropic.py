@@ -77,7 +77,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers._aiohttp import keeping_buffered
-from routesvc.providers._event_size import ANTHROPIC_EVENT_END, DEFAULT_MAX_EVENT_BYTES, EventBound, streaming
+from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, AnthropicEventEnds, EventBound, streaming
 from routesvc.providers._http import (
     END_OF_STREAM,
     EstimatedUsageLog,
@@ -428,9 +428,9 @@ class AnthropicProvider:
             max_retries=0,
             open_telemetry={"traces": False, "propagation": False},
             http_client=(
-                keeping_buffered(anthropic.DefaultAioHttpClient, EventBound(max_event_bytes, ANTHROPIC_EVENT_END))
+                keeping_buffered(anthropic.DefaultAioHttpClient, EventBound(max_event_bytes, AnthropicEventEnds))
                 if http_client == "aiohttp"
-                else traced(anthropic.DefaultAsyncHttpxClient, EventBound(max_event_bytes, ANTHROPIC_EVENT_END))
+                else traced(anthropic.DefaultAsyncHttpxClient, EventBound(max_event_bytes, AnthropicEventEnds))
             ),
         )
         self._http_client: HttpClientKind = http_client

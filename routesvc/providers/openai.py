@@ -58,7 +58,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers._aiohttp import keeping_buffered
-from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, OPENAI_EVENT_END, EventBound, streaming
+from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, EventBound, OpenAIEventEnds, streaming
 from routesvc.providers._http import (
     END_OF_STREAM,
     EstimatedUsageLog,
@@ -285,9 +285,9 @@ class OpenAIProvider:
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
             http_client=(
-                keeping_buffered(openai.DefaultAioHttpClient, EventBound(max_event_bytes, OPENAI_EVENT_END))
+                keeping_buffered(openai.DefaultAioHttpClient, EventBound(max_event_bytes, OpenAIEventEnds))
                 if http_client == "aiohttp"
-                else traced(openai.DefaultAsyncHttpxClient, EventBound(max_event_bytes, OPENAI_EVENT_END))
+                else traced(openai.DefaultAsyncHttpxClient, EventBound(max_event_bytes, OpenAIEventEnds))
             ),
         )
         self._http_client: HttpClientKind = http_client
