@@ -1439,7 +1439,8 @@ class Router:
                     yield event
                 elif isinstance(event, Heartbeat):
                     received.append(event.text)
-                    state.reasoned = number
+                    if event.reasoning:
+                        state.reasoned = number
                 elif isinstance(event, InputReported):
                     reported = event.usage
                 else:
@@ -1566,7 +1567,7 @@ class _AttemptState:
     number: int = 0
     chunks: int = 0  # text chunks sent to the caller (a buffered cascade step's are not)
     buffering: bool = False  # a cascade step runs: its text is kept, not sent, so nothing commits
-    reasoned: int = 0  # the last attempt whose model sent chunks without text (reasoning); 0: none
+    reasoned: int = 0  # the last attempt whose model sent reasoning; 0: none
     tokens: int = 0
     cost: Decimal = Decimal(0)
     summaries: list[AttemptSummary] = field(default_factory=list)

@@ -1247,6 +1247,25 @@ class TestAnOutputLimitIsNoReasonToEscalate:
         assert messages[1].escalation.quality.reason == "truncated (finish_reason length)"
         assert (_text(messages), messages[-1].completion.model) == ("The capital of France is Paris.", "gpt-4o")
 
+    async def test_an_answer_whose_emoji_came_split_across_chunks_did_not_reason(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap model sends no reasoning, only text in which a flag's surrogate pairs come
+        split across chunks (a chunk held back whole is a chunk without text), and is cut at the
+        request's 64 tokens: the rule applies, it is released and gpt-4o is not asked (it was,
+        held to the same limit and cut there too)."""
+        chunks = ("The capital is Paris ", "\ud83c", "\uddeb", "\ud83c", "\uddf7 and it is a city of")
+        fake.enqueue(Script(chunks=chunks, finish_reason="length", output_tokens=64), model="gpt-4o-mini")
+        chat = user_chat("What is the capital of France?", max_output_tokens=64)
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(cascade=True))]
+        assert _kinds(messages)[0] == "decision"
+        assert "escalation" not in _kinds(messages)
+        answer = "The capital is Paris \U0001f1eb\U0001f1f7 and it is a city of"
+        assert (_text(messages), messages[-1].completion.model) == (answer, "gpt-4o-mini")
+        reason = messages[-1].completion.quality.reason
+        assert "not escalated to gpt-4o: the answer reached the request's output limit" in reason
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
 
 class TestAnEscalationThatCannotBeServed:
     """The answer in hand is not given up for an escalation that cannot answer."""
