@@ -1426,6 +1426,31 @@ class TestAnEscalationThatCannotBeServed:
         assert entries[-1].cost_usd > 0
         assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
 
+    async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
+        """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
+        here) before the deadline: it does (0.5 s into the 4 s call), and its answer, still
+        streaming past that point, ends before the deadline and reaches the caller whole (it was
+        cut there, DEADLINE_EXCEEDED after part of it was sent, though the answer in hand could
+        no longer be released)."""
+        config = default_config()
+        config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
+        fake.enqueue(Script(text="Lyon, maybe."), Script(text='{"score": 0.5}'), model="gpt-4o-mini")
+        words = tuple(f"w{i} " for i in range(8))  # the last ~3.3 s in: after 2.8 s, before 3.8 s
+        fake.enqueue(Script(chunks=words, first_chunk_delay=0.5, chunk_delay=0.4), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            prompt = user_chat("What is the capital of France?")
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(prompt, context, timeout=4.0)]
+            entries = server.router.ledger.entries(messages[0].decision.decision_id)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == ("".join(words), "gpt-4o")
+        assert [(e.model, e.outcome) for e in entries][-1] == ("gpt-4o", AttemptOutcome.COMPLETED)
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+
     async def test_a_middle_step_that_hangs_releases_the_answer_in_hand_before_the_deadline(
         self, fake: FakeProvider
     ) -> None:
