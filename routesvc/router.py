@@ -1041,7 +1041,7 @@ class Router:
             quality, scored = QualityScore(1.0, "none", "not scored"), False
         else:
             result = await self._score(
-                scorer, state, model_id, request, answer, completion, threshold, deadline, next_step
+                scorer, state, model_id, request, answer, completion, threshold, deadline, next_step, keeping=keeps
             )
             quality, scored = result.quality, result.scored
         if stop is None and quality.score < threshold:
@@ -1061,13 +1061,18 @@ class Router:
         threshold: float,
         deadline: float | None,
         next_step: int,
+        *,
+        keeping: bool,
     ) -> ScoreResult:
         """``scorer``'s score of a cascade step's ``answer``, which escalates to step ``next_step``
         when too low. Its calls end ``reliability.min_attempt_seconds`` before the caller's
-        deadline, so that the answer can still be released if they fail (a call that could not
-        have that much time is not made)."""
+        deadline, so that the answer can still be released if they fail; ``keeping`` the answer
+        for a release, twice that, the time an escalation from it needs to start
+        (``_escalation_stop``), so that a verdict to escalate can still be acted on (a call that
+        could not have ``min_attempt_seconds`` is not made)."""
         min_attempt = self._reliability.min_attempt_seconds
-        timeout = None if deadline is None else deadline - time.monotonic() - min_attempt
+        kept = min_attempt * (2 if keeping else 1)
+        timeout = None if deadline is None else deadline - time.monotonic() - kept
         if timeout is not None and timeout < min_attempt:
             timeout = 0.0
         return await scorer.score(

@@ -1426,6 +1426,37 @@ class TestAnEscalationThatCannotBeServed:
         assert entries[-1].cost_usd > 0
         assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
 
+    async def test_the_judge_of_an_answer_that_would_be_kept_ends_when_an_escalation_still_can_start(
+        self, fake: FakeProvider
+    ) -> None:
+        """An escalation from an answer that would be kept needs twice min_attempt_seconds (1 s
+        here) left before the server's end of the 4 s call (3.8 s), so the judge's call ends 2 s
+        before it: the judge answering only 2.3 s in is cut at 1.8 s, on_failure releases the
+        answer (it ran to 2.8 s, was paid, and its 0.1 changed nothing: `not escalated to gpt-4o:
+        N s of the deadline left`)."""
+        config = default_config()
+        config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
+        slow_verdict = Script(text='{"score": 0.1}', first_chunk_delay=2.3)
+        fake.enqueue(Script(text="Lyon, maybe."), slow_verdict, model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            prompt = user_chat("What is the capital of France?")
+            messages = [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=4.0)]
+            entries = server.router.ledger.entries(messages[0].decision.decision_id)
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        reason = completion.quality.reason
+        assert reason.startswith("judge timed out after ")
+        assert reason.endswith("; released as configured")
+        assert [(e.model, e.outcome) for e in entries] == [
+            ("gpt-4o-mini", AttemptOutcome.COMPLETED),
+            ("gpt-4o-mini", AttemptOutcome.INTERRUPTED),
+        ]
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+
     async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
         """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
         here) before the deadline: it does (0.5 s into the 4 s call), and its answer, still
