@@ -348,11 +348,14 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """An upstream chunk without answer text (reasoning, a piece of a tool call): the model is
-    alive. Never forwarded; ``text`` is what the chunk carried, counted only to estimate the
-    output of an attempt that is cut short."""
+    """An upstream chunk without answer text (reasoning, a piece of a tool call, the first half
+    of a character held back): the model is alive. Never forwarded; ``text`` is what the chunk
+    carried, counted only to estimate the output of an attempt that is cut short; ``reasoning``
+    says the chunk was the model's reasoning (set by the adapters), the one kind that spends the
+    output limit on something other than the answer."""
 
     text: str = ""
+    reasoning: bool = False
 
 
 @dataclass(frozen=True, slots=True)

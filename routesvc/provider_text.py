@@ -60,7 +60,8 @@ class ValidText(ProviderWrapper):
     router could otherwise retry or fall back from with nothing sent. One held when the stream
     is cancelled (our stall and deadline timers cut it so) is dropped too: yielding it would
     swallow the cancellation.
-    A delta held back whole comes out as an empty ``Heartbeat``: the model sent a chunk."""
+    A delta held back whole comes out as an empty ``Heartbeat`` (not reasoning): the model sent a
+    chunk."""
 
     async def stream(self, call: ProviderCall) -> AsyncGenerator[ProviderEvent, None]:
         """The provider's events, their strings valid text."""
@@ -77,7 +78,7 @@ class ValidText(ProviderWrapper):
                         text = text[: len(text) - len(held)]
                         event = TextDelta(valid_text(text)) if text or not held else Heartbeat()
                     elif isinstance(event, Heartbeat):
-                        event = Heartbeat(valid_text(event.text))
+                        event = replace(event, text=valid_text(event.text))
                     elif isinstance(event, ProviderFinish):
                         if held:
                             held = ""

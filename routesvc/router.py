@@ -893,9 +893,13 @@ class Router:
                 )
                 index = outcome.next_step
             # aclosing: when the caller goes away mid-stream, the attempt is closed (and its cost
-            # recorded) here, before the reservation below settles with ``attempt.cost``.
+            # recorded) here, before the reservation below settles with ``attempt.cost``. With an
+            # answer in hand, only the escalated model's first text must come by the earlier end:
+            # once it is sent the answer can no longer be released, so the stream runs to the end.
             step_deadline = self._escalated_deadline(deadline, keeping=held is not None)
-            serving = self._serve(attempt, replace(decision, model=steps[-1]), request, step_deadline, headers)
+            if step_deadline != deadline:
+                attempt.first_text_by = step_deadline
+            serving = self._serve(attempt, replace(decision, model=steps[-1]), request, deadline, headers)
             try:
                 async with contextlib.aclosing(serving):
                     async for event in serving:
@@ -919,9 +923,10 @@ class Router:
             await reservation.settle(attempt.tokens, cost, wait_at_most=_settle_wait(deadline))
 
     def _escalated_deadline(self, deadline: float | None, *, keeping: bool) -> float | None:
-        """The deadline a cascade step escalated to runs to: ``keeping`` an answer in hand,
-        ``reliability.min_attempt_seconds`` before the caller's, so that the answer can still be
-        sent if the step runs into it before any text (as a judge's call ends); else the caller's."""
+        """The deadline a cascade step escalated to runs to (a buffered step whole, the last step
+        until its first text): ``keeping`` an answer in hand, ``reliability.min_attempt_seconds``
+        before the caller's, so that the answer can still be sent if the step runs into it before
+        any text (as a judge's call ends); else the caller's."""
         if deadline is None or not keeping:
             return deadline
         return deadline - self._reliability.min_attempt_seconds
@@ -1052,7 +1057,7 @@ class Router:
             quality, scored = QualityScore(1.0, "none", "not scored"), False
         else:
             result = await self._score(
-                scorer, state, model_id, request, answer, completion, threshold, deadline, next_step
+                scorer, state, model_id, request, answer, completion, threshold, deadline, next_step, keeping=keeps
             )
             quality, scored = result.quality, result.scored
         if stop is None and quality.score < threshold:
@@ -1072,13 +1077,18 @@ class Router:
         threshold: float,
         deadline: float | None,
         next_step: int,
+        *,
+        keeping: bool,
     ) -> ScoreResult:
         """``scorer``'s score of a cascade step's ``answer``, which escalates to step ``next_step``
         when too low. Its calls end ``reliability.min_attempt_seconds`` before the caller's
-        deadline, so that the answer can still be released if they fail (a call that could not
-        have that much time is not made)."""
+        deadline, so that the answer can still be released if they fail; ``keeping`` the answer
+        for a release, twice that, the time an escalation from it needs to start
+        (``_escalation_stop``), so that a verdict to escalate can still be acted on (a call that
+        could not have ``min_attempt_seconds`` is not made)."""
         min_attempt = self._reliability.min_attempt_seconds
-        timeout = None if deadline is None else deadline - time.monotonic() - min_attempt
+        kept = min_attempt * (2 if keeping else 1)
+        timeout = None if deadline is None else deadline - time.monotonic() - kept
         if timeout is not None and timeout < min_attempt:
             timeout = 0.0
         return await scorer.score(
@@ -1237,6 +1247,8 @@ class Router:
         request's and ``cascade.max_cost_usd``), as an escalation over it is not made."""
         reliability = self._reliability
         first = attempt.number
+        # Every attempt here starts before any text is sent: by the time the first text is due.
+        start_by = deadline if attempt.first_text_by is None else attempt.first_text_by
         last_error: ProviderError | None = None
         retryable_error: ProviderError | None = None  # the last failure a later retry may get past
         refused: list[tuple[ModelSpec, float | None]] = []  # models open breakers refused, with their waits
@@ -1285,8 +1297,9 @@ class Router:
                 # The deadline first: a half-open breaker's one probe is claimed only by an attempt
                 # that starts (``_attempt`` releases or settles it however it ends).
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining < reliability.min_attempt_seconds:
-                    if last_error is None or remaining <= 0:
+                left = None if start_by is None else start_by - time.monotonic()
+                if left is not None and left < reliability.min_attempt_seconds:
+                    if last_error is None or left <= 0:
                         raise TimeoutError
                     # The deadline has not passed: what the caller is told is the failure that
                     # made this retry or fallback needed, as when none is configured.
@@ -1327,7 +1340,7 @@ class Router:
                         retryable_error = error
                 if try_on_model == reliability.retries_per_model:
                     break
-                delay = await self._retry_delay(attempt, first, model, last_error, try_on_model + 1, deadline)
+                delay = await self._retry_delay(attempt, first, model, last_error, try_on_model + 1, start_by)
                 if delay is None:
                     break
                 retry_made = (last_error.reason, delay)
@@ -1442,25 +1455,33 @@ class Router:
             reliability.stream_idle_timeout_seconds,
         )
         stream = telemetry.observed_stream(timed, model, call, decision.mode)
+        # The time the first text must come by (an answer held for release), not set after it.
+        first_text = None if state.first_text_by is None else state.first_text_by - time.monotonic()
+        first_text_timer = asyncio.timeout(first_text)
         try:
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    received.append(event.text)
-                    if not state.buffering:
-                        sent += 1
-                        state.chunks += 1
-                        if sent == 1:
-                            # Its text reaches the caller from now on, however the call ends.
-                            self._answered_by(state, model.id)
-                    yield event
-                elif isinstance(event, Heartbeat):
-                    received.append(event.text)
-                    state.reasoned = number
-                elif isinstance(event, InputReported):
-                    reported = event.usage
-                else:
-                    usage = event.usage
-                    finish = event
+            async with first_text_timer:
+                async for event in stream:
+                    if isinstance(event, TextDelta):
+                        received.append(event.text)
+                        if not state.buffering:
+                            sent += 1
+                            state.chunks += 1
+                            if sent == 1:
+                                # Its text reaches the caller from now on, however the call ends.
+                                self._answered_by(state, model.id)
+                        # Disarmed before anything is yielded: the timer cancels this task,
+                        # which runs the caller's code while this generator waits at a yield.
+                        first_text_timer.reschedule(None)
+                        yield event
+                    elif isinstance(event, Heartbeat):
+                        received.append(event.text)
+                        if event.reasoning:
+                            state.reasoned = number
+                    elif isinstance(event, InputReported):
+                        reported = event.usage
+                    else:
+                        usage = event.usage
+                        finish = event
             if usage is None:
                 message = f"provider {model.provider} ended the stream without a finish event"
                 raise ProviderUnavailable(message, provider=model.provider, model=model.id)
@@ -1485,6 +1506,15 @@ class Router:
             ended_by_us = True
             self._breakers.release_probe(permit)
             raise DeadlineExceeded("deadline exceeded") from error
+        except TimeoutError:
+            if not first_text_timer.expired():
+                raise
+            # No text by the time the answer held must be released: as the deadline, not the
+            # model's failure.
+            outcome = AttemptOutcome.INTERRUPTED if received else AttemptOutcome.FAILED
+            ended_by_us = True
+            self._breakers.release_probe(permit)
+            raise DeadlineExceeded("deadline exceeded") from None
         except ProviderError as error:
             outcome = AttemptOutcome.INTERRUPTED if received else AttemptOutcome.FAILED
             ended_by_us = isinstance(error, ProviderStalled)
@@ -1582,7 +1612,9 @@ class _AttemptState:
     number: int = 0
     chunks: int = 0  # text chunks sent to the caller (a buffered cascade step's are not)
     buffering: bool = False  # a cascade step runs: its text is kept, not sent, so nothing commits
-    reasoned: int = 0  # the last attempt whose model sent chunks without text (reasoning); 0: none
+    reasoned: int = 0  # the last attempt whose model sent reasoning; 0: none
+    # An answer is held: the first text of the last cascade step must come by then (monotonic)
+    first_text_by: float | None = None
     tokens: int = 0
     cost: Decimal = Decimal(0)
     summaries: list[AttemptSummary] = field(default_factory=list)

@@ -1247,6 +1247,25 @@ class TestAnOutputLimitIsNoReasonToEscalate:
         assert messages[1].escalation.quality.reason == "truncated (finish_reason length)"
         assert (_text(messages), messages[-1].completion.model) == ("The capital of France is Paris.", "gpt-4o")
 
+    async def test_an_answer_whose_emoji_came_split_across_chunks_did_not_reason(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """The cheap model sends no reasoning, only text in which a flag's surrogate pairs come
+        split across chunks (a chunk held back whole is a chunk without text), and is cut at the
+        request's 64 tokens: the rule applies, it is released and gpt-4o is not asked (it was,
+        held to the same limit and cut there too)."""
+        chunks = ("The capital is Paris ", "\ud83c", "\uddeb", "\ud83c", "\uddf7 and it is a city of")
+        fake.enqueue(Script(chunks=chunks, finish_reason="length", output_tokens=64), model="gpt-4o-mini")
+        chat = user_chat("What is the capital of France?", max_output_tokens=64)
+        messages = [m async for m in live_client.complete(chat, pb.RoutingContext(cascade=True))]
+        assert _kinds(messages)[0] == "decision"
+        assert "escalation" not in _kinds(messages)
+        answer = "The capital is Paris \U0001f1eb\U0001f1f7 and it is a city of"
+        assert (_text(messages), messages[-1].completion.model) == (answer, "gpt-4o-mini")
+        reason = messages[-1].completion.quality.reason
+        assert "not escalated to gpt-4o: the answer reached the request's output limit" in reason
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+
 
 class TestAnEscalationThatCannotBeServed:
     """The answer in hand is not given up for an escalation that cannot answer."""
@@ -1405,6 +1424,62 @@ class TestAnEscalationThatCannotBeServed:
         entries = live_server.router.ledger.entries(messages[0].decision.decision_id)
         assert (entries[-1].model, entries[-1].estimated) == ("gpt-4o", True)
         assert entries[-1].cost_usd > 0
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+
+    async def test_the_judge_of_an_answer_that_would_be_kept_ends_when_an_escalation_still_can_start(
+        self, fake: FakeProvider
+    ) -> None:
+        """An escalation from an answer that would be kept needs twice min_attempt_seconds (1 s
+        here) left before the server's end of the 4 s call (3.8 s), so the judge's call ends 2 s
+        before it: the judge answering only 2.3 s in is cut at 1.8 s, on_failure releases the
+        answer (it ran to 2.8 s, was paid, and its 0.1 changed nothing: `not escalated to gpt-4o:
+        N s of the deadline left`)."""
+        config = default_config()
+        config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
+        slow_verdict = Script(text='{"score": 0.1}', first_chunk_delay=2.3)
+        fake.enqueue(Script(text="Lyon, maybe."), slow_verdict, model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            prompt = user_chat("What is the capital of France?")
+            messages = [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=4.0)]
+            entries = server.router.ledger.entries(messages[0].decision.decision_id)
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        reason = completion.quality.reason
+        assert reason.startswith("judge timed out after ")
+        assert reason.endswith("; released as configured")
+        assert [(e.model, e.outcome) for e in entries] == [
+            ("gpt-4o-mini", AttemptOutcome.COMPLETED),
+            ("gpt-4o-mini", AttemptOutcome.INTERRUPTED),
+        ]
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+
+    async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
+        """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
+        here) before the deadline: it does (0.5 s into the 4 s call), and its answer, still
+        streaming past that point, ends before the deadline and reaches the caller whole (it was
+        cut there, DEADLINE_EXCEEDED after part of it was sent, though the answer in hand could
+        no longer be released)."""
+        config = default_config()
+        config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
+        fake.enqueue(Script(text="Lyon, maybe."), Script(text='{"score": 0.5}'), model="gpt-4o-mini")
+        words = tuple(f"w{i} " for i in range(8))  # the last ~3.3 s in: after 2.8 s, before 3.8 s
+        fake.enqueue(Script(chunks=words, first_chunk_delay=0.5, chunk_delay=0.4), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            prompt = user_chat("What is the capital of France?")
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(prompt, context, timeout=4.0)]
+            entries = server.router.ledger.entries(messages[0].decision.decision_id)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == ("".join(words), "gpt-4o")
+        assert [(e.model, e.outcome) for e in entries][-1] == ("gpt-4o", AttemptOutcome.COMPLETED)
         assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
 
     async def test_a_middle_step_that_hangs_releases_the_answer_in_hand_before_the_deadline(

@@ -30,6 +30,7 @@ from routesvc.errors import (
 from routesvc.models import (
     ChatRequest,
     FinishReason,
+    Heartbeat,
     InputReported,
     Message,
     ProviderEvent,
@@ -129,6 +130,16 @@ class TestStreaming:
             finish_reason=FinishReason.STOP,
             provider_model="claude-sonnet-test",
         )
+
+    async def test_a_thinking_block_comes_as_reasoning(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
+        """A thinking block's start, deltas and signature are chunks without answer text that say
+        they are reasoning (a cascade's output-limit rule tells a model that reasoned by them)."""
+        fake.enqueue(Script(reasoning=("Let me think. ", "France. "), text="Paris."))
+        events = await collect(provider, make_call())
+        beats = [event for event in events if isinstance(event, Heartbeat)]
+        assert [beat.text for beat in beats if beat.text] == ["Let me think. ", "France. "]
+        assert all(beat.reasoning for beat in beats)
+        assert [event for event in events if isinstance(event, TextDelta)] == [TextDelta("Paris.")]
 
     async def test_sixty_chunks_arrive_exactly_once_in_order(
         self, fake: FakeProvider, provider: AnthropicProvider

@@ -545,7 +545,7 @@ class AnthropicProvider:
                 tally.tool_calls.add(index, call_id=text_field(block.get("id")), name=name, whole_arguments=whole)
                 return Heartbeat(name + whole)
             if block.get("type") in ("thinking", "redacted_thinking"):
-                return Heartbeat()
+                return Heartbeat(reasoning=True)
         elif kind == "content_block_delta":
             block_delta = object_field(event.get("delta"))
             delta_kind = block_delta.get("type")
@@ -559,9 +559,9 @@ class AnthropicProvider:
                     tally.tool_calls.add(index, arguments=piece)
                 return Heartbeat(piece)
             if delta_kind == "thinking_delta":
-                return Heartbeat(text_field(block_delta.get("thinking")))
-            if delta_kind == "signature_delta":
-                return Heartbeat()
+                return Heartbeat(text_field(block_delta.get("thinking")), reasoning=True)
+            if delta_kind == "signature_delta":  # the end of a thinking block
+                return Heartbeat(reasoning=True)
         elif kind == "message_delta":
             reason = object_field(event.get("delta")).get("stop_reason")
             if reason is not None:

@@ -376,10 +376,11 @@ class OpenAIProvider:
                     if text:
                         output.append(text)
                         yield TextDelta(text)
-                    other = _reasoning(delta) + _add_tool_calls(tool_calls, delta.get("tool_calls"))
+                    reasoning = _reasoning(delta)
+                    other = reasoning + _add_tool_calls(tool_calls, delta.get("tool_calls"))
                     if other:
                         output.append(other)
-                        yield Heartbeat(other)
+                        yield Heartbeat(other, reasoning=bool(reasoning))
                     if choice.get("finish_reason") is not None:
                         finish = text_field(choice["finish_reason"]) or "other"
             if finish is None:
