@@ -1105,7 +1105,7 @@ class BatchQueue:
                 if gone is not None:
                     # Sent to a base URL no process serves any more (this provider's before a
                     # reload or a restart moved it): it cannot be read from here.
-                    await self._end_unreachable(provider, provider_batch_id, jobs, gone)
+                    await self._lose(provider_batch_id, jobs, "provider_changed", None, gone)
                 else:
                     # Sent to another endpoint by another process, which reads it: a poll here
                     # would get a 404 and fail jobs that are running there.
@@ -1201,25 +1201,32 @@ class BatchQueue:
                     log.warning("batch_endpoint_gone", provider=pair[0], unmarked_seconds=round(now - seen.since, 1))
         self._watched, self._gone = watched, gone
 
-    async def _end_unreachable(self, provider: str, provider_batch_id: str, jobs: SentJobs, gone: GoneMark) -> None:
-        """End the jobs of a provider batch sent to a base URL no process serves any more: those
-        waiting FAILED ``provider_changed``, those cancelled since closed uncharged (its bill
-        cannot be read); their budgets' estimates are given back as for any job ended unanswered.
-        Each only while the store still holds the mark ``gone`` was taken by (a process back at
-        the URL marked it anew: its jobs are its own to read)."""
-        store = self._opened()
-        failed = await self._fail(list(jobs.waiting), "provider_changed", gone=gone)
+    async def _lose(
+        self,
+        provider_batch_id: str,
+        jobs: SentJobs,
+        code: str,
+        status: int | None,
+        gone: GoneMark | None = None,
+    ) -> None:
+        """End the jobs of a provider batch that can no longer be read: those waiting FAILED
+        ``code``, those cancelled since closed uncharged (its bill cannot be read); their
+        budgets' estimates are given back as for any job ended unanswered. With ``gone`` (its
+        base URL no process serves any more), each only while the store still holds the mark
+        ``gone`` was taken by (a process back at the URL marked it anew: its jobs are its own to
+        read). None failed or closed: another worker ended them since this round listed them."""
+        failed = await self._fail(list(jobs.waiting), code, gone=gone)
         closed = 0
         for batch_id in jobs.cancelled:
-            closed += await store.close_cancelled(batch_id, None, gone=gone)
+            closed += await self._opened().close_cancelled(batch_id, None, gone=gone)
         if failed or closed:
             log.warning(
                 "batch_lost",
                 provider_batch_id=provider_batch_id,
                 jobs=failed,
                 cancelled_jobs=closed,
-                status=None,
-                error="provider_changed",
+                status=status,
+                error=code,
             )
 
     async def _poll_one(
@@ -1240,22 +1247,9 @@ class BatchQueue:
                 await self._disown(provider, provider_batch_id, jobs, answered=True)
                 return
             code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
-            # None failed or closed: another worker stored the results and deleted the batch (or
-            # its files) since this round listed its jobs. A cancelled job's bill cannot be read
-            # any more: it is charged nothing.
-            failed = await self._fail(list(jobs.waiting), code)
-            closed = 0
-            for batch_id in jobs.cancelled:
-                closed += await self._opened().close_cancelled(batch_id, None)
-            if failed or closed:
-                log.warning(
-                    "batch_lost",
-                    provider_batch_id=provider_batch_id,
-                    jobs=failed,
-                    cancelled_jobs=closed,
-                    status=error.status,
-                    error=code,
-                )
+            # Another worker may have stored the results and deleted the batch (or its files)
+            # since this round listed its jobs: then none is failed or closed.
+            await self._lose(provider_batch_id, jobs, code, error.status)
         except ProviderError as error:
             ended = (provider, provider_batch_id) in self._seen_ended
             # A batch seen ended whose results read failed: read again next round, never given up.
