@@ -6,12 +6,19 @@ out. Real SDKs, real HTTP, the fake."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
-from routesvc.errors import ProviderError, ProviderTimedOut, ProviderUnavailable
+from routesvc.errors import (
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimedOut,
+    ProviderUnavailable,
+)
 from routesvc.models import InputReported, Message, Role, TextDelta
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
@@ -29,16 +36,27 @@ def kind(request: pytest.FixtureRequest) -> str:
     return value
 
 
-def make_adapter(kind: str, http_client: HttpClientKind, openai_url: str, anthropic_url: str) -> Adapter:
+def make_adapter(
+    kind: str, http_client: HttpClientKind, openai_url: str, anthropic_url: str, *, max_event_bytes: int | None = None
+) -> Adapter:
+    bound = {} if max_event_bytes is None else {"max_event_bytes": max_event_bytes}
     if kind == "openai":
-        return OpenAIProvider("openai", "sk-test", openai_url, "openai", http_client=http_client)
-    return AnthropicProvider("anthropic", "sk-test", anthropic_url, http_client=http_client)
+        return OpenAIProvider("openai", "sk-test", openai_url, "openai", http_client=http_client, **bound)
+    return AnthropicProvider("anthropic", "sk-test", anthropic_url, http_client=http_client, **bound)
 
 
 @pytest.fixture
 async def adapter(fake: FakeProvider, kind: str, http_client: HttpClientKind) -> AsyncIterator[Adapter]:
     """An adapter of each kind, over each transport, pointed at the fake."""
     made = make_adapter(kind, http_client, fake.openai_base_url, fake.anthropic_base_url)
+    yield made
+    await made.aclose()
+
+
+@pytest.fixture
+async def bounded(fake: FakeProvider, kind: str, http_client: HttpClientKind) -> AsyncIterator[Adapter]:
+    """As ``adapter``, with ``max_event_bytes`` 8192."""
+    made = make_adapter(kind, http_client, fake.openai_base_url, fake.anthropic_base_url, max_event_bytes=8192)
     yield made
     await made.aclose()
 
@@ -189,3 +207,88 @@ class TestRequestSent:
         finally:
             await made.aclose()
         assert (type(error), request.sent.is_set()) == (ProviderTimedOut, False)
+
+
+class TestEventBound:
+    """``reliability.max_event_bytes`` as both adapters apply it to what a streaming request
+    reads (the rules each SDK ends events by are tested with each adapter)."""
+
+    async def test_an_event_over_max_event_bytes_is_unavailable_and_one_under_passes(
+        self, fake: FakeProvider, bounded: Adapter
+    ) -> None:
+        """An event just over ``max_event_bytes`` after the first chunk: that chunk, then
+        ProviderUnavailable naming the limit (the event was read whole, whatever its size); an
+        event under it is read as any other."""
+        fake.enqueue(
+            Script(fault=Fault.OVERSIZED_LINE, fault_after=1, oversized_bytes=8192),
+            Script(fault=Fault.OVERSIZED_LINE, fault_after=1, oversized_bytes=7000),
+        )
+        texts, error = await read(bounded, call())
+        assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+        assert error is not None
+        assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message
+        texts, error = await read(bounded, call())
+        assert ("".join(texts), error) == ("Hello from the fake provider.", None)
+
+    @pytest.mark.parametrize("content_type", ["text/plain", "application/json", "application/octet-stream"])
+    async def test_an_event_over_max_event_bytes_is_unavailable_whatever_the_stream_is_labelled(
+        self, fake: FakeProvider, bounded: Adapter, content_type: str
+    ) -> None:
+        """A stream labelled other than ``text/event-stream`` (a proxy that rewrites the type),
+        which the SDK reads as events all the same: an event over ``max_event_bytes`` fails it as
+        it does an event stream's (it was read whole, whatever its size)."""
+        fake.enqueue(
+            Script(
+                fault=Fault.OVERSIZED_LINE,
+                fault_after=1,
+                oversized_bytes=8192,
+                headers={"content-type": content_type},
+            )
+        )
+        texts, error = await read(bounded, call())
+        assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+        assert error is not None
+        assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message
+
+    @pytest.mark.parametrize("encoding", ["none", "utf-8", "identity, none"])
+    async def test_a_stream_labelled_with_a_coding_the_stack_does_not_decode_is_read_as_unencoded(
+        self, fake: FakeProvider, bounded: Adapter, encoding: str
+    ) -> None:
+        """``content-encoding: none`` (a header SSE servers send to keep proxies from compressing)
+        or another coding the HTTP stack does not decode: the stack reads the body as unencoded,
+        and so is the stream read (it was failed as compressed, every attempt)."""
+        fake.enqueue(Script(headers={"content-encoding": encoding}))
+        texts, error = await read(bounded, call())
+        assert ("".join(texts), error) == ("Hello from the fake provider.", None)
+
+    @pytest.mark.parametrize(("status", "error_class"), [(400, ProviderRejected), (429, ProviderRateLimited)])
+    async def test_an_error_body_over_max_event_bytes_is_read_as_the_error_it_is(
+        self, fake: FakeProvider, kind: str, bounded: Adapter, status: int, error_class: type[Exception]
+    ) -> None:
+        """An error answer to a streaming request whose JSON body is over ``max_event_bytes`` (a
+        validation error echoing its input) is not bounded as events: a 400 stays rejected, a 429
+        keeps its Retry-After (both were UNAVAILABLE ``event_too_large``, retried and counted
+        against the provider)."""
+        message = "x" * 20000
+        bodies = {
+            "openai": {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}},
+            "anthropic": {"type": "error", "error": {"type": "invalid_request_error", "message": message}},
+        }
+        fake.enqueue(Script(status=status, error_body=json.dumps(bodies[kind]), retry_after="7"))
+        texts, error = await read(bounded, call())
+        assert (texts, type(error)) == ([], error_class)
+        if isinstance(error, ProviderRateLimited):
+            assert error.retry_after == 7.0
+
+    async def test_a_stream_is_asked_unencoded_and_one_compressed_all_the_same_is_unavailable(
+        self, fake: FakeProvider, bounded: Adapter
+    ) -> None:
+        """A streaming request asks for ``accept-encoding: identity``; a server that gzips the
+        stream anyway fails the attempt before any event is read (its events were counted
+        compressed: a few hundred bytes of gzip can hold an event of megabytes, decoded whole)."""
+        fake.enqueue(Script(gzip_stream=True))
+        texts, error = await read(bounded, call())
+        assert (texts, type(error)) == ([], ProviderUnavailable)
+        assert error is not None
+        assert "content-encoding gzip, not identity as asked (stream_encoded)" in error.message
+        assert fake.requests[-1].headers["accept-encoding"] == "identity"
