@@ -11,18 +11,32 @@ export ROUTESVC_CACHE ?= $(HOME)/.cache/routesvc
 export PIP_CACHE_DIR ?= $(ROUTESVC_CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install run test proto check-generated lint typecheck tools pytest clients clean
+.PHONY: install run test proto check-generated lint typecheck tools pytest clients clean lock
+
+# The versions the image installs (deploy/requirements.lock, every file's hash) are the versions
+# serving and the tests run on here too: pip reads the lock as constraints, without its hashes
+# (pip checks none for an editable install, and refuses a hashed constraints file beside one).
+LOCK := deploy/requirements.lock
+CONSTRAINTS := $(VENV)/constraints.txt
 
 # What serving needs (`make run`), then the tools and test dependencies on top (everything else).
-$(VENV)/.installed-run: pyproject.toml
+$(VENV)/.installed-run: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	sed -e '/^ *--hash=/d' -e 's/ *\\$$//' $(LOCK) > $(CONSTRAINTS)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e .
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-run
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
+
+# Resolve pyproject.toml's dependencies again, for every platform (the image's linux/amd64 and
+# linux/arm64 among them), to their newest versions, with the sha256 of every file; commit the result.
+lock: $(VENV)/.installed-run
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+		--custom-compile-command "make lock" --quiet -o $(LOCK)
 
 install: $(VENV)/.installed
 

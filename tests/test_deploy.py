@@ -14,11 +14,13 @@ everything; nothing is skipped.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +29,16 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from routesvc.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
+LOCK = DEPLOY / "requirements.lock"
 OVERLAYS = ("dev", "prod")
 # A release kubernetes-validate ships schemas for; native gRPC probes are GA since 1.27.
 K8S_VERSION = "1.32.0"
@@ -635,3 +641,133 @@ class TestDockerignore:
         allowed = {line[1:] for line in lines if line.startswith("!")}
         assert {"pyproject.toml", "README.md", "routesvc/"} <= allowed
         assert not allowed & {".git", ".venv", ".env", "tests/", "deploy/"}
+
+
+@dataclass(frozen=True)
+class _Pin:
+    name: str
+    version: str
+    marker: Marker | None
+    hashes: tuple[str, ...]
+
+    def applies(self, environment: dict[str, str] | None = None) -> bool:
+        return self.marker is None or self.marker.evaluate(environment)
+
+
+def _pins() -> list[_Pin]:
+    """deploy/requirements.lock's entries: `name==version [; marker]` then its `--hash=` options,
+    one logical line continued with backslashes."""
+    text = LOCK.read_text(encoding="utf-8").replace("\\\n", " ")
+    pins = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        requirement, *options = line.split(" --hash=")
+        spec, _, marker = requirement.partition(";")
+        name, version = spec.strip().split("==")
+        pins.append(
+            _Pin(
+                canonicalize_name(name),
+                version,
+                Marker(marker.strip()) if marker.strip() else None,
+                tuple(option.strip() for option in options),
+            )
+        )
+    return pins
+
+
+def _runtime_requirements() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return [Requirement(line) for line in project["dependencies"]]
+
+
+# The image's platforms: linux/amd64 and linux/arm64 on the Python of its base.
+IMAGE_ENVIRONMENTS = [
+    {
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": machine,
+        "python_version": "3.11",
+        "python_full_version": "3.11.14",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "os_name": "posix",
+        "extra": "",
+    }
+    for machine in ("x86_64", "aarch64")
+]
+
+
+class TestDependencyLock:
+    """deploy/requirements.lock pins every dependency the image installs, each file by its hash,
+    and is what `make install` installs here too: the image runs the versions the tests ran on."""
+
+    @pytest.mark.parametrize("environment", IMAGE_ENVIRONMENTS, ids=lambda e: e["platform_machine"])
+    def test_every_runtime_requirement_is_pinned_once_within_its_range(self, environment: dict[str, str]) -> None:
+        """Each of pyproject.toml's dependencies has exactly one pin for the image's platform, a
+        version its specifier allows (a lock older than a raised floor fails here)."""
+        pins = [pin for pin in _pins() if pin.applies(environment)]
+        for requirement in _runtime_requirements():
+            if requirement.marker is not None and not requirement.marker.evaluate(environment):
+                continue
+            versions = [pin.version for pin in pins if pin.name == canonicalize_name(requirement.name)]
+            assert len(versions) == 1, (requirement.name, versions)
+            assert requirement.specifier.contains(versions[0], prereleases=True), (str(requirement), versions[0])
+
+    def test_every_pin_names_its_files_by_sha256(self) -> None:
+        """`pip install --require-hashes` refuses an entry without a hash, so every one has one."""
+        pins = _pins()
+        assert len(pins) > 20
+        for pin in pins:
+            assert pin.hashes, pin.name
+            assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", digest) for digest in pin.hashes), pin.name
+
+    def test_this_environment_runs_the_locked_versions(self) -> None:
+        """`make install` reads the lock as constraints: every locked package this interpreter
+        takes is installed at the locked version (a venv made before the lock changed fails here
+        until `make install` runs again, which it does whenever the lock is newer)."""
+        wrong = {
+            pin.name: (pin.version, importlib.metadata.version(pin.name))
+            for pin in _pins()
+            if pin.applies() and importlib.metadata.version(pin.name) != pin.version
+        }
+        assert wrong == {}
+
+    def test_the_image_installs_the_lock_with_hashes_and_nothing_else(self) -> None:
+        """The build stage installs the lock with --require-hashes, the wheel with --no-deps (it
+        would otherwise resolve its ranges afresh), then runs `pip check`; the build context lets
+        the lock in."""
+        (build,) = [args for keyword, args in _instructions(DOCKERFILE) if keyword == "RUN" and "pip wheel" in args]
+        assert "pip install --require-hashes --no-deps -r deploy/requirements.lock" in build
+        assert "pip install --no-deps /wheels/routesvc-" in build
+        assert build.rstrip().endswith("/opt/venv/bin/pip check")
+        lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        assert "!deploy/requirements.lock" in lines
+
+    def test_the_build_stage_commands_install_a_complete_venv_from_the_build_context(self, tmp_path: Path) -> None:
+        """The Dockerfile's own install command, run here on a copy of the build context (what
+        .dockerignore lets in) with its paths moved under a temporary folder: every locked file
+        downloads and matches its hash, the wheel installs beside them, `pip check` finds no
+        dependency missing, and the installed service starts its CLI. The image build itself
+        needs a Docker engine, which CI has not."""
+        context = tmp_path / "context"
+        for name in ("pyproject.toml", "README.md", "deploy/requirements.lock"):
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ROOT / name, context / name)
+        shutil.copytree(ROOT / "routesvc", context / "routesvc", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (build,) = [args for keyword, args in _instructions(DOCKERFILE) if keyword == "RUN" and "pip wheel" in args]
+        command = (
+            build.replace("/opt/venv", str(tmp_path / "venv"))
+            .replace("/wheels", str(tmp_path / "wheels"))
+            .replace("python -m ", f"{sys.executable} -m ")
+        )
+        result = subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, check=False, cwd=context, timeout=900
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "No broken requirements found." in result.stdout
+        routesvc = tmp_path / "venv" / "bin" / "routesvc"
+        started = subprocess.run([str(routesvc), "--help"], capture_output=True, text=True, check=False, timeout=120)
+        assert started.returncode == 0, started.stderr[-3000:]
+        assert "serve" in started.stdout
