@@ -785,7 +785,17 @@ class RedisAdmission:
 
     async def _run_settle(self, tenant: str, keys: list[str], args: list[str | int], lease_ends: float) -> bool:
         try:
-            await self._settle_script(keys=keys, args=[*args, "0"])
+            try:
+                await self._settle_script(keys=keys, args=[*args, "0"])
+            except (RedisError, OSError) as first:
+                if not _connection_lost(first):
+                    raise
+                # Redis closed the pooled connection (a restart, a failover, a proxy's reset): sent
+                # once more at once on a new one, as a retry (the first try may have run and lost
+                # its reply), so that the tenant's next admission, which waits for this task, sees
+                # it settled; left to the loop only when that fails too.
+                await self._drop_idle_connections()
+                await self._settle_script(keys=keys, args=[*args, "1"])
         except (RedisError, OSError) as exc:
             # The request is already answered: a store that fails now must not turn it into an
             # error. The settle is sent again in the background (see the module's docstring),

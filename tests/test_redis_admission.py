@@ -860,6 +860,30 @@ class TestStoreFailures:
         assert await checking.spent("t") == Decimal("0.35")
         await checking.aclose()
 
+    async def test_a_settle_on_a_connection_redis_closed_is_sent_once_more_before_the_next_admission(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """The pooled connection a request's settle draws turns out closed (Redis dropped its
+        clients: a failover, a proxy's reset), once before the script reaches Redis, once after it
+        ran (its reply lost): each time the settle is sent once more at once on a new connection,
+        so the same client's next request, admitted right after, finds the tenant's one slot free
+        (it was refused CONCURRENCY_LIMITED by its own finished request until the retry loop's
+        resend), and the cost is counted once."""
+        tenants = {"t": TenantConfig(max_concurrent=1, daily_budget_usd=Decimal(1))}
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            proxy.cut_before(admission._settle_script.sha.encode())
+            await (await admission.admit("t", cost=Decimal("0.2"))).settle(0, Decimal("0.1"))
+            reservation = await admission.admit("t", cost=Decimal("0.2"))
+            proxy.lose_reply()
+            await reservation.settle(0, Decimal("0.1"))
+            await (await admission.admit("t")).settle(0, Decimal(0))
+            waiting = list(admission._resends)
+            spent = await admission.spent("t")
+            await admission.aclose()
+        assert (waiting, spent) == ([], Decimal("0.2"))
+
     async def test_a_settle_that_fails_is_retried_once_redis_is_back(self, redis_url: str, prefix: str) -> None:
         """Redis is unreachable while a request of a tenant with one in-flight slot settles: once
         Redis is back the settle is tried again, so the slot is free (it was held for the hour's
@@ -1000,9 +1024,10 @@ class TestStoreFailures:
             proxy.slow_after(admission._undo_script.sha.encode(), 0.5)
             proxy.up()
             await proxy.has_carried(admission._undo_script.sha.encode())
-            proxy.cut_before(admission._settle_script.sha.encode())
+            proxy.cut_each(admission._settle_script.sha.encode())  # its try at once on a new connection too
             await reservation.settle(0, Decimal("0.1"))
             waiting = [resend.operation for resend in admission._resends]
+            proxy.up()
             proxy.delay = 0.0
             async with asyncio.timeout(10):
                 while admission._undoing:  # the retry loop, ended once it sent them
