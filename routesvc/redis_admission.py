@@ -32,7 +32,8 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
     {prefix}T:reservations:P   hash reservation id -> the USD it holds in reserved:P (its
                                estimate plus extensions), released by its settle or its lease's end
     {prefix}T:settled:ID       set by a retried settle of reservation ID,
-    {prefix}T:undone:ID        by the undo of admission ID, and
+    {prefix}T:undone:ID        by the undo of admission ID,
+    {prefix}T:extended:ID      by extension ID of a reservation, and
     {prefix}T:charged:ID       by charge ID, each for a lease (a charge's for at most 10 minutes)
 """
 
@@ -258,18 +259,24 @@ return {'OK', ''}
 
 # A reservation no longer recorded in a period (its lease ran out and released it) has nothing
 # there for its settle to release, so it reserves nothing more there; its budgets still decide.
+# Each extension has an id of its own and leaves a marker (``extended``, for a lease) as it
+# reserves: a retry whose first try ran (only its reply lost), or a first try arriving after its
+# retry, finds it and reserves nothing more, so an extension is held once however many tries run.
 _EXTEND = (
     _FUNCTIONS
     + """
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local extended = KEYS[7]
 local id, cost = ARGV[1], tonumber(ARGV[2])
 local day_budget, month_budget = tonumber(ARGV[3]), tonumber(ARGV[4])
+if redis.call('EXISTS', extended) == 1 then return {'OK', ''} end
 local own_d = tonumber(redis.call('HGET', holds_d, id) or '0')
 local own_m = tonumber(redis.call('HGET', holds_m, id) or '0')
 local refused = budgets_refuse(month_budget, spent_m, res_m, own_m, day_budget, spent_d, res_d, own_d, cost)
 if refused then return refused end
 if redis.call('HEXISTS', holds_d, id) == 1 then reserve(res_d, holds_d, id, ARGV[2], DAY_TTL) end
 if redis.call('HEXISTS', holds_m, id) == 1 then reserve(res_m, holds_m, id, ARGV[2], MONTH_TTL) end
+redis.call('SET', extended, '1', 'EX', ARGV[5])
 return {'OK', ''}
 """
 )
@@ -665,15 +672,18 @@ class RedisAdmission:
         # took every limit away leaves nothing to check or reserve: the settle still releases what
         # the reservation holds), counted in the periods the request was admitted in, where its
         # settle releases it. A reply lost after the script ran needs no undo: the extension is
-        # recorded under the reservation's id, so the settle releases it with the rest.
+        # recorded under the reservation's id, so the settle releases it with the rest. Tried once
+        # more on a new connection if Redis closed the one it was sent on, under its own id, which
+        # the script holds once.
         limits = self._tenants.get(tenant)
         if limits is None:
             return
         now = self._clock()
-        args = [reservation_id, _usd(cost), *_budgets(limits)]
+        keys = [*self._usd_keys(tenant, periods), self._key(tenant, f"extended:{uuid.uuid4().hex}")]
+        args = [reservation_id, _usd(cost), *_budgets(limits), self._marked_for]
         async with self._in_time(tenant):
             try:
-                verdict, detail = await self._extend_script(keys=self._usd_keys(tenant, periods), args=args)
+                verdict, detail = await self._once_more_if_closed(lambda: self._extend_script(keys=keys, args=args))
             except (RedisError, OSError) as exc:
                 raise _store_failed(exc) from exc
         if verdict != "OK":

@@ -1168,6 +1168,33 @@ class TestStoreFailures:
                 await reservation.extend(Decimal("0.1"))
             await admission.aclose()
 
+    async def test_an_extension_on_a_connection_redis_closed_is_tried_once_more_and_held_once(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """The pooled connection an extension (a fallback to a dearer model) draws turns out closed
+        (Redis dropped its clients), once before the script reaches Redis, once after it ran (its
+        reply lost): each time the extension is tried once more on a new connection and granted
+        (it was refused SHARED_STATE_UNAVAILABLE, and the fallback skipped, though Redis was
+        there), and each is held once (the script finds the extension's own marker), released
+        whole by the settle."""
+        tenants = {"t": TenantConfig(daily_budget_usd=Decimal(1))}
+        direct = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+        reserved = f"{prefix}t:reserved:day:2030-01-15"
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix, wall_clock=_mid_january())
+            reservation = await admission.admit("t", cost=Decimal("0.2"))
+            await reservation.extend(Decimal("0.1"))  # scripts loaded
+            proxy.cut_before(admission._extend_script.sha.encode())
+            await reservation.extend(Decimal("0.2"))
+            proxy.lose_reply()
+            await reservation.extend(Decimal("0.3"))
+            held = Decimal(await direct.get(reserved))
+            await reservation.settle(0, Decimal("0.5"))
+            released = Decimal(await direct.get(reserved))
+            await admission.aclose()
+        await direct.aclose()
+        assert (held, released) == (Decimal("0.8"), Decimal(0))
+
     async def test_an_unreachable_store_is_unavailable_not_internal(self, fake: FakeProvider) -> None:
         """shared_state.redis_url points at a closed port: a limited tenant's call is refused
         UNAVAILABLE with reason SHARED_STATE_UNAVAILABLE, and nothing reaches the provider."""
