@@ -484,11 +484,6 @@ class Router:
                 task="" if unknown_hint else hint,
                 task_source="hint" if hint and not unknown_hint else "",
                 charge=charge,
-                # Deciding is paid only while the tenant can still spend (a request refused after a
-                # classifier's call would still pay for it).
-                may_not_pay=(
-                    await self._admission.exhausted(request.context.tenant) if self._policy.pays_to_decide else ""
-                ),
                 allow_list=self.allow_list(request.context.tenant),
                 breakers=self._breakers,
             )
@@ -510,6 +505,13 @@ class Router:
             else:
                 if self._policy.pays_to_decide:
                     await self._refuse_before_paying(routing_input, for_completion=for_completion)
+                    # Deciding is paid only while the tenant can still spend (a request refused after
+                    # a classifier's call would still pay for it). Asked after a Complete's precheck,
+                    # so that a store not answering refuses it within the store's one second (asked
+                    # before, it took that second, said the store failed, and the precheck took
+                    # another: DEADLINE_EXCEEDED under a 1.5 s deadline).
+                    may_not_pay = await self._admission.exhausted(request.context.tenant)
+                    routing_input = replace(routing_input, may_not_pay=may_not_pay)
                 verdict = await self._policy.decide(routing_input)
             model = self._catalog.get(verdict.model)
             reasons = list(verdict.reasons)

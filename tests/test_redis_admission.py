@@ -1245,6 +1245,44 @@ class TestStoreFailures:
         assert error_info(caught.value).reason == "SHARED_STATE_UNAVAILABLE"
         assert fake.requests == []
 
+    async def test_a_store_that_never_answers_refuses_a_complete_paying_to_decide_within_a_second(
+        self, fake: FakeProvider
+    ) -> None:
+        """An LLM classifier decides the route (paid only while the tenant's budget can take it)
+        and shared_state.redis_url points at a server that never answers: a Complete of a tenant
+        with a budget, under a 1.5 s deadline, is refused UNAVAILABLE SHARED_STATE_UNAVAILABLE by
+        its precheck within the store's one second (the budget check, asked first, took that
+        second, and the precheck another: DEADLINE_EXCEEDED), and no classifier is paid."""
+        held: list[asyncio.StreamWriter] = []
+
+        async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+
+        black_hole = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = black_hole.sockets[0].getsockname()[1]
+        config = default_config()
+        config["routing"]["stages"][0] = {"kind": "classifier", "method": "llm", "model": "gpt-4o-mini"}
+        config["tenants"] = {"acme": {"daily_budget_usd": 1}}
+        config["shared_state"] = {"redis_url": f"redis://127.0.0.1:{port}"}
+        try:
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                context = pb.RoutingContext(tenant="acme")
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for _ in client.complete(user_chat("what is 2+2"), context, timeout=1.5):
+                        pass
+        finally:
+            black_hole.close()
+            for writer in held:
+                writer.close()
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "SHARED_STATE_UNAVAILABLE",
+        )
+        assert fake.requests == []
+
 
 class TestTenantsWithoutLimits:
     """A tenant whose entry sets no limit (it names its keys, allow-list or tier: with auth on every
