@@ -393,10 +393,10 @@ def _connection_lost(exc: BaseException) -> bool:
     return isinstance(exc, RedisConnectionError) and not isinstance(exc, _NotConnected)
 
 
-def _store_failed(exc: BaseException) -> SharedStateUnavailable:
-    return SharedStateUnavailable(
-        f"tenant limits could not be checked: the shared state store failed ({_error_type(exc)})"
-    )
+def _store_failed(exc: BaseException | str) -> SharedStateUnavailable:
+    """The error for a store that failed with ``exc`` (or the error type named so)."""
+    error_type = exc if isinstance(exc, str) else _error_type(exc)
+    return SharedStateUnavailable(f"tenant limits could not be checked: the shared state store failed ({error_type})")
 
 
 def _retry_after(detail: str) -> float:
@@ -445,6 +445,15 @@ class _Resend:
     keys: list[str]
     args: list[str | int]
     until: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settled:
+    """How a settle's task ended: ``counted`` (what ``Reservation.settle`` returns), and ``failed``,
+    the type of the store's error it ended on (its retry left to the loop), or ""."""
+
+    counted: bool
+    failed: str = ""
 
 
 class RedisAdmission:
@@ -507,7 +516,7 @@ class RedisAdmission:
         self._retrying: asyncio.Task[object] | None = None
         self._dropping = False  # whether the last resend was dropped (``_RETRY_MAX_PENDING``)
         self._closing = asyncio.Event()  # set by ``aclose``: send what waits once more, now
-        self._settling: dict[str, set[asyncio.Task[bool]]] = {}  # tenant -> its settles on their way
+        self._settling: dict[str, set[asyncio.Task[_Settled]]] = {}  # tenant -> its settles on their way
 
     def configure(self, tenants: Mapping[str, TenantConfig]) -> None:
         """Apply new limits (hot reload)."""
@@ -755,14 +764,14 @@ class RedisAdmission:
         settling.add(task)
         task.add_done_callback(functools.partial(self._settled, tenant))
         if wait_at_most is None:
-            return await asyncio.shield(task)
+            return (await asyncio.shield(task)).counted
         if wait_at_most > 0:
             await asyncio.wait({task}, timeout=wait_at_most)  # cancelled or not, the task runs on
         if task.done() and not task.cancelled() and task.exception() is None:
-            return task.result()
+            return task.result().counted
         return True
 
-    def _settled(self, tenant: str, task: asyncio.Task[bool]) -> None:
+    def _settled(self, tenant: str, task: asyncio.Task[_Settled]) -> None:
         settling = self._settling.get(tenant)
         if settling is not None:
             settling.discard(task)
@@ -776,24 +785,28 @@ class RedisAdmission:
 
     @contextlib.asynccontextmanager
     async def _in_time(self, tenant: str) -> AsyncIterator[None]:
-        """Wait until the settles of ``tenant`` on their way from this process have ended (one
-        that fails is left to the retry loop), then run the block. When there are some, both
-        within the one store timeout, past which the block is cancelled and
-        ``SharedStateUnavailable`` raised (a settle still on its way then is a Redis not
-        answering; waited for apart, the next call of its tenant took up to 2 s to be refused);
-        else the block's commands keep their own timeouts."""
+        """Wait until the settles of ``tenant`` on their way from this process have ended (one that
+        fails is left to the retry loop), for at most one store timeout, then run the block, whose
+        commands keep their own timeouts: a slow Redis takes the settle's round trip, then the
+        block's, each within its second (both under one second, a Redis answering in 0.7 s had
+        every second call of a tenant refused). A settle still on its way past that second, or one
+        the store failed (it timed out, its connection was refused or lost), is a Redis failing
+        now: ``SharedStateUnavailable`` is raised at once, nothing sent (the block sent after it
+        took a second more, and a Redis not answering refused the tenant's next call after 2 s,
+        past a 1.5 s deadline). So the pair takes 2 s only when Redis answers the settle just
+        within its second and then stops answering."""
         settling = self._settling.get(tenant)
-        if not settling:
-            yield
-            return
-        try:
-            async with asyncio.timeout(_TIMEOUT_SECONDS):
-                await asyncio.wait(set(settling))
-                yield
-        except TimeoutError as exc:
-            raise _store_failed(exc) from exc
+        if settling:
+            waited = set(settling)
+            _, pending = await asyncio.wait(waited, timeout=_TIMEOUT_SECONDS)
+            if pending:
+                raise _store_failed("TimeoutError")
+            for task in waited:
+                if not task.cancelled() and task.exception() is None and task.result().failed:
+                    raise _store_failed(task.result().failed)
+        yield
 
-    async def _run_settle(self, tenant: str, keys: list[str], args: list[str | int], lease_ends: float) -> bool:
+    async def _run_settle(self, tenant: str, keys: list[str], args: list[str | int], lease_ends: float) -> _Settled:
         try:
             try:
                 await self._settle_script(keys=keys, args=[*args, "0"])
@@ -813,8 +826,8 @@ class RedisAdmission:
             # job's end then corrects the estimate the retry counts.
             log.warning("admission_settle_failed", tenant=tenant, error_type=_error_type(exc))
             retry = _Resend("settle", tenant, self._settle_script, keys, [*args, "1"], lease_ends)
-            return self._resend_later(retry)
-        return True
+            return _Settled(self._resend_later(retry), failed=_error_type(exc))
+        return _Settled(True)
 
     def _undo(self, tenant: str, reservation_id: str, periods: tuple[str, str], lease_ends: float) -> None:
         keys = [
