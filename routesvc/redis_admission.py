@@ -31,7 +31,8 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
     {prefix}T:reserved:P       USD reserved and not yet settled, and
     {prefix}T:reservations:P   hash reservation id -> the USD it holds in reserved:P (its
                                estimate plus extensions), released by its settle or its lease's end
-    {prefix}T:settled:ID       set by a retried settle of reservation ID,
+    {prefix}T:settled:ID       set by a retried settle of reservation ID (and by the settle of a
+                               retried admission),
     {prefix}T:undone:ID        by the undo of admission ID,
     {prefix}T:extended:ID      by extension ID of a reservation, and
     {prefix}T:charged:ID       by charge ID, each for a lease (a charge's for at most 10 minutes)
@@ -162,8 +163,10 @@ local tokens, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
 local day_budget, month_budget = tonumber(ARGV[8]), tonumber(ARGV[9])
 local id, lease = ARGV[10], tonumber(ARGV[11])
 local dry = ARGV[12] == '1'
--- Undone before it arrived (its caller gave up on it, ``_UNDO``): it reserves nothing.
-if redis.call('EXISTS', KEYS[12]) == 1 then return {'UNDONE', ''} end
+-- Undone before it arrived (its caller gave up on it, ``_UNDO``), or settled (a retry admitted
+-- it, and it ended, before this first try arrived; ``_SETTLE`` marks such a settle): it reserves
+-- nothing.
+if redis.call('EXISTS', KEYS[12], KEYS[13]) > 0 then return {'UNDONE', ''} end
 -- A retry whose first try reserved (only its reply was lost): admitted as it stands.
 if not dry and redis.call('ZSCORE', inflight, id) then return {'OK', ''} end
 redis.call('ZREMRANGEBYSCORE', req, '-inf', now - window)
@@ -289,7 +292,8 @@ return {'OK', ''}
 # first try; and it leaves a marker (``settled``, for a lease) that makes the first try, if it
 # arrives after it (held up on the network past its timeout), count nothing. A first try leaves
 # none, which would cost a key per request: it takes the reservation out of flight for a retry to
-# see.
+# see; but the first try of an admission that was retried (ARGV[6] '1') does, so that its
+# admission's first try, if it arrives after the settle, reserves nothing (``_ADMIT``).
 _SETTLE = (
     _FUNCTIONS
     + """
@@ -298,10 +302,8 @@ local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[4], KEYS[5], KEYS[
 local tokused = KEYS[10]
 local id, tokens, cost, marked_for, retry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
 if redis.call('EXISTS', settled) == 1 then return 0 end
-if retry then
-  if not redis.call('ZSCORE', inflight, id) then return 0 end
-  redis.call('SET', settled, '1', 'EX', marked_for)
-end
+if retry and not redis.call('ZSCORE', inflight, id) then return 0 end
+if retry or ARGV[6] == '1' then redis.call('SET', settled, '1', 'EX', marked_for) end
 redis.call('ZREM', inflight, id)
 local held = redis.call('HGET', tokn, id)
 if held then
@@ -584,7 +586,9 @@ class RedisAdmission:
                         raise _store_failed(exc) from exc
                     raise
         if verdict == "OK":
-            settle = functools.partial(self._settle, tenant, reservation_id, periods, lease_ends)
+            # A retried admission's first try may still reach Redis after its settle: its settle
+            # leaves the marker that makes that try reserve nothing.
+            settle = functools.partial(self._settle, tenant, reservation_id, periods, lease_ends, marked=retried)
             return SettleOnce(settle, functools.partial(self._extend, tenant, reservation_id, periods))
         if retried:
             # Refused on its retry, so its first try had not reserved by then; undone all the same,
@@ -659,6 +663,7 @@ class RedisAdmission:
             *self._window_keys(tenant),
             *self._usd_keys(tenant, _periods(now)),
             self._key(tenant, f"undone:{reservation_id}"),
+            self._key(tenant, f"settled:{reservation_id}"),
         ]
         args: list[str | int] = [
             self._now(),
@@ -739,6 +744,8 @@ class RedisAdmission:
         tokens: int,
         cost: Decimal,
         wait_at_most: float | None,
+        *,
+        marked: bool = False,
     ) -> bool:
         keys = [
             self._key(tenant, "tokn"),
@@ -757,7 +764,8 @@ class RedisAdmission:
         # admission, check or ``spent`` of the tenant waits for it, so that what it frees and
         # counts is seen in order, as when it was waited for. A crash of ours it ends in is logged
         # (``_settled``), not raised, once not waited for in full.
-        task = asyncio.get_running_loop().create_task(self._run_settle(tenant, keys, args, lease_ends))
+        mark = "1" if marked else "0"
+        task = asyncio.get_running_loop().create_task(self._run_settle(tenant, keys, args, mark, lease_ends))
         self._undoing.add(task)
         task.add_done_callback(self._undoing.discard)
         settling = self._settling.setdefault(tenant, set())
@@ -806,10 +814,12 @@ class RedisAdmission:
                     raise _store_failed(task.result().failed)
         yield
 
-    async def _run_settle(self, tenant: str, keys: list[str], args: list[str | int], lease_ends: float) -> _Settled:
+    async def _run_settle(
+        self, tenant: str, keys: list[str], args: list[str | int], mark: str, lease_ends: float
+    ) -> _Settled:
         try:
             try:
-                await self._settle_script(keys=keys, args=[*args, "0"])
+                await self._settle_script(keys=keys, args=[*args, "0", mark])
             except (RedisError, OSError) as first:
                 if not _connection_lost(first):
                     raise
@@ -818,14 +828,14 @@ class RedisAdmission:
                 # its reply), so that the tenant's next admission, which waits for this task, sees
                 # it settled; left to the loop only when that fails too.
                 await self._drop_idle_connections()
-                await self._settle_script(keys=keys, args=[*args, "1"])
+                await self._settle_script(keys=keys, args=[*args, "1", mark])
         except (RedisError, OSError) as exc:
             # The request is already answered: a store that fails now must not turn it into an
             # error. The settle is sent again in the background (see the module's docstring),
             # and counts as counted (``Reservation.counted``) unless it could not wait: a batch
             # job's end then corrects the estimate the retry counts.
             log.warning("admission_settle_failed", tenant=tenant, error_type=_error_type(exc))
-            retry = _Resend("settle", tenant, self._settle_script, keys, [*args, "1"], lease_ends)
+            retry = _Resend("settle", tenant, self._settle_script, keys, [*args, "1", mark], lease_ends)
             return _Settled(self._resend_later(retry), failed=_error_type(exc))
         return _Settled(True)
 

@@ -410,7 +410,9 @@ class _Proxy:
     answered), can cut the connection that next carries some bytes before they reach Redis
     (``cut_before``), or every connection that carries some bytes until ``up`` (``cut_each``),
     and can hold what the connections open now send (``hold``: not lost, as TCP holds a segment
-    it retransmits) until ``deliver`` passes it on, after their client gave up."""
+    it retransmits) until ``deliver`` passes it on, after their client gave up, or close the
+    connection that next carries some bytes and hold them for ``deliver`` (``cut_and_hold``: a
+    proxy that still delivers a request it read before its client's side was reset)."""
 
     def __init__(self, upstream: str, delay: float = 0.0) -> None:
         parsed = urllib.parse.urlparse(upstream)
@@ -421,6 +423,7 @@ class _Proxy:
         self._losing = False
         self._down = False
         self._cutting = b""
+        self._cutting_and_holding = b""
         self._cutting_each: tuple[bytes, ...] = ()
         self._cut: list[bytes] = []  # what the connections cut carried
         self._cut_more = asyncio.Event()
@@ -451,6 +454,11 @@ class _Proxy:
     def cut_before(self, marker: bytes) -> None:
         """Close the connection that next carries ``marker`` to Redis, instead of passing it on."""
         self._cutting = marker
+
+    def cut_and_hold(self, marker: bytes) -> None:
+        """Close the client's side of the connection that next carries ``marker``, and hold what it
+        carried, to Redis's side, until ``deliver``."""
+        self._cutting_and_holding = marker
 
     def cut_each(self, *markers: bytes) -> None:
         """Close each connection that carries one of ``markers`` to Redis, instead of passing it
@@ -533,6 +541,11 @@ class _Proxy:
                     if up_writer in self._held:
                         self._held[up_writer] += data
                         continue
+                    if self._cutting_and_holding and self._cutting_and_holding in data:
+                        self._cutting_and_holding = b""
+                        self._held[up_writer] = bytearray(data)
+                        writer.close()
+                        break
                     if self._cutting and self._cutting in data:
                         self._cutting = b""
                         writer.close()
@@ -846,6 +859,29 @@ class TestStoreFailures:
             await (await admission.admit("t")).settle(0, Decimal(0))
             await admission.aclose()
         assert (in_flight, requests, refused.value.reason) == (1, 2, "CONCURRENCY_LIMITED")
+
+    async def test_a_retried_admissions_first_try_reaching_redis_after_its_settle_reserves_nothing(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """An admission's connection is reset while its first try is still on its way (a proxy
+        that read it delivers it late): the admission is retried on a new connection, admitted,
+        and settled; then the first try reaches Redis and reserves nothing, as the settle of a
+        retried admission leaves its marker, so the tenant's one slot is free (it was held for the
+        hour's lease, and the request counted twice in the minute)."""
+        tenants = {"t": TenantConfig(max_concurrent=1, requests_per_minute=5)}
+        checking = redis.asyncio.Redis.from_url(redis_url)
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            proxy.cut_and_hold(admission._admit.sha.encode())
+            await (await admission.admit("t")).settle(0, Decimal(0))
+            await proxy.deliver()
+            in_flight = await checking.zcard(f"{prefix}t:inflight")
+            requests = await checking.zcard(f"{prefix}t:req")
+            await (await admission.admit("t")).settle(0, Decimal(0))
+            await admission.aclose()
+        await checking.aclose()
+        assert (in_flight, requests) == (0, 2)
 
     async def test_an_admission_refused_on_its_retry_is_undone_once(self, redis_url: str, prefix: str) -> None:
         """The first try's connection is cut before the script reaches Redis; the retry, under the
