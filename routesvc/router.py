@@ -848,7 +848,7 @@ class Router:
                     # answer is released, as when the last step fails so.
                     if held is None or (not isinstance(error, ProviderError) and step_deadline == deadline):
                         raise
-                    for event in self._release_held(attempt, *held, step, error):
+                    for event in self._release_held(attempt, *held, step, _failed(error)):
                         yield event
                     return
                 next_model = steps[outcome.next_step]
@@ -863,7 +863,15 @@ class Router:
                     if outcome.error is not None:
                         if held is None:
                             raise outcome.error from stop.cause
-                        for event in self._release_held(attempt, *held, step, outcome.error):
+                        for event in self._release_held(attempt, *held, step, _failed(outcome.error)):
+                            yield event
+                        return
+                    if held is not None and _no_answer(outcome.completion, outcome.deltas):
+                        # An empty answer is none to give either: the answer in hand, paid for, is
+                        # released instead (a filtered one stands: releasing the answer in hand
+                        # would step around the provider's filter).
+                        attempt.mark_escalated()
+                        for event in self._release_held(attempt, *held, step, f"gave no answer ({stop.why})"):
                             yield event
                         return
                     released = True
@@ -903,7 +911,16 @@ class Router:
             try:
                 async with contextlib.aclosing(serving):
                     async for event in serving:
-                        yield self._final(attempt, event) if isinstance(event, Completion) else event
+                        if not isinstance(event, Completion):
+                            yield event
+                        elif held is not None and not attempt.chunks and _no_answer(event, ()):
+                            # It answered nothing (reasoned to the output limit, or sent no text):
+                            # nothing was sent, so the answer in hand is released, as on a failure.
+                            attempt.mark_escalated()
+                            for release in self._release_held(attempt, *held, steps[-1], "gave no answer"):
+                                yield release
+                        else:
+                            yield self._final(attempt, event)
             except (ProviderError, DeadlineExceeded, TimeoutError) as error:
                 # Nothing of the escalation reached the caller: the answer in hand, paid for, is
                 # released rather than thrown away with the call (the commit rule holds: it is the
@@ -913,7 +930,7 @@ class Router:
                     raise
                 if not isinstance(error, ProviderError) and step_deadline == deadline:
                     raise
-                for event in self._release_held(attempt, *held, steps[-1], error):
+                for event in self._release_held(attempt, *held, steps[-1], _failed(error)):
                     yield event
         finally:
             # Waited for briefly, so that the client's next call (on another replica too) finds
@@ -937,17 +954,16 @@ class Router:
         held: _StepOutcome,
         rejected: int,
         failed_model: str,
-        error: ProviderError | DeadlineExceeded | TimeoutError,
+        how: str,
     ) -> list[TextDelta | Completion]:
         """The events that release ``held``, an answer the cascade rejected (its attempt at
-        ``rejected`` in the summaries), after the escalation to ``failed_model`` failed with
-        ``error`` before any text, or ran out of the time kept for the answer (``DeadlineExceeded``
-        or ``TimeoutError``): its deltas, then the completion, its quality reason saying so. Its
-        attempt answered the caller: COMPLETED again."""
+        ``rejected`` in the summaries), after the escalation to ``failed_model`` gave the caller
+        nothing, ``how`` (``_failed``: it failed before any text, or ran out of the time kept for
+        the answer; or it gave no answer): its deltas, then the completion, its quality reason
+        saying so. Its attempt answered the caller: COMPLETED again."""
         assert held.completion is not None
         if rejected >= 0:
             state.summaries[rejected] = replace(state.summaries[rejected], result=AttemptResult.COMPLETED)
-        how = f"failed ({error.reason})" if isinstance(error, ProviderError) else "timed out"
         reason = f"{held.quality.reason}; escalation to {failed_model} {how}, released"
         telemetry.record_cascade(True, held.quality.score if held.scored else None)
         completion = self._final(state, held.completion, replace(held.quality, reason=reason))
@@ -1664,6 +1680,22 @@ def _releasable(outcome: _StepOutcome) -> bool:
     if completion is None or completion.finish_reason is FinishReason.CONTENT_FILTER:
         return False
     return any(delta.text.strip() for delta in outcome.deltas)
+
+
+def _no_answer(completion: Completion | None, deltas: Iterable[TextDelta]) -> bool:
+    """Whether an escalated step's ``completion`` (its text in ``deltas``) gave the caller no
+    answer, so that the answer in hand is released for it: no text, no tool call, and not
+    filtered by the provider (the filter's word stands: the answer in hand is not released
+    around it)."""
+    if completion is None or completion.finish_reason is FinishReason.CONTENT_FILTER or completion.tool_calls:
+        return False
+    return not any(delta.text.strip() for delta in deltas)
+
+
+def _failed(error: ProviderError | DeadlineExceeded | TimeoutError) -> str:
+    """How an escalation that ended with ``error`` before any text went, for the released answer's
+    reason: ``failed (REASON)``, or ``timed out`` (the time kept for the answer in hand came)."""
+    return f"failed ({error.reason})" if isinstance(error, ProviderError) else "timed out"
 
 
 def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:

@@ -1514,3 +1514,73 @@ class TestAnEscalationThatCannotBeServed:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await _cascade(live_client)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    async def test_an_escalated_model_that_answers_nothing_releases_the_answer_in_hand(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """The cheap refusal escalates to gpt-4o, which reasons up to the output limit and sends no
+        text: nothing was sent, so the refusal in hand, paid for, is released, its reason saying
+        so (the caller got gpt-4o's empty completion, finish length, the paid answer dropped)."""
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+        fake.enqueue(Script(chunks=(), reasoning=("thinking ",) * 5, finish_reason="length"), model="gpt-4o")
+        messages = await _cascade(live_client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == (refusal, "gpt-4o-mini")
+        assert completion.finish_reason == pb.FINISH_REASON_STOP
+        assert completion.quality.reason.endswith("; escalation to gpt-4o gave no answer, released")
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_ESCALATED),
+        ]
+        entries = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+
+    async def test_a_middle_step_that_answers_nothing_and_cannot_escalate_releases_the_answer_in_hand(
+        self, fake: FakeProvider
+    ) -> None:
+        """gpt-4o-mini -> gpt-4o -> claude-sonnet with claude-sonnet's breaker open: the cheap
+        refusal escalates to gpt-4o, which answers with no text and cannot escalate further; the
+        refusal in hand is released (the caller got gpt-4o's empty completion)."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}, "retries_per_model": 0}
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        fake.enqueue(Script(status=503), model="claude-sonnet-4-6")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError):
+                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="claude-sonnet"))]
+            refusal = "I'm sorry, but I can't help with that."
+            fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+            fake.enqueue(Script(chunks=(), reasoning=("think ",)), model="gpt-4o")
+            messages = await _cascade(client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == (refusal, "gpt-4o-mini")
+        assert completion.quality.reason == (
+            "refusal; escalation to gpt-4o gave no answer"
+            " (not escalated to claude-sonnet: circuit breaker open for model claude-sonnet), released"
+        )
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_ESCALATED),
+        ]
+
+    async def test_a_filtered_escalated_answer_is_not_released_around(self, fake: FakeProvider) -> None:
+        """The provider filtered gpt-4o's answer: that stands (the caller gets the filtered, empty
+        completion), the refusal in hand is not released around the provider's filter."""
+        config = default_config()
+        config["cascade"]["scorers"] = ["local"]  # type: ignore[index]
+        fake.enqueue(Script(text="I'm sorry, but I can't help with that."), model="gpt-4o-mini")
+        fake.enqueue(Script(chunks=(), finish_reason="content_filter"), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await _cascade(client)
+        assert _kinds(messages) == ["decision", "escalation", "completion"]
+        completion = messages[-1].completion
+        assert (completion.model, completion.finish_reason) == ("gpt-4o", pb.FINISH_REASON_CONTENT_FILTER)
