@@ -907,7 +907,8 @@ class Router:
             step_deadline = self._escalated_deadline(deadline, keeping=held is not None)
             if step_deadline != deadline:
                 attempt.first_text_by = step_deadline
-            serving = self._serve(attempt, replace(decision, model=steps[-1]), request, deadline, headers)
+            last = replace(decision, model=steps[-1])
+            serving = self._serve(attempt, last, request, deadline, headers, escalated=len(steps) > 1)
             try:
                 async with contextlib.aclosing(serving):
                     async for event in serving:
@@ -1016,7 +1017,8 @@ class Router:
         completion: Completion | None = None
         state.buffering = True
         try:
-            async for event in self._serve(state, replace(decision, model=model_id), request, deadline, headers):
+            step = replace(decision, model=model_id)
+            async for event in self._serve(state, step, request, deadline, headers, escalated=index > 0):
                 if state.number != answering:
                     # A retry or fallback answers after a failed attempt's partial text, which is
                     # dropped also when the answer has no text (an empty or filtered one).
@@ -1078,8 +1080,13 @@ class Router:
             quality, scored = result.quality, result.scored
         if stop is None and quality.score < threshold:
             # It escalates: the reservation now holds the next model (the judge's call is in the
-            # cost so far, and may have found the next model's provider spent).
-            next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=True, keeping=keeps)
+            # cost so far, and may have found the next model's provider spent). The time left is
+            # counted from the judge's end at the latest: a judge cut there left just the time
+            # the escalation needs, and the moments since its cut must not refuse its verdict.
+            judged_by = self._scoring_end(deadline, keeping=keeps)
+            next_step, stop = await self._escalation_stop(
+                state, request, index, deadline, hold=True, keeping=keeps, as_of=judged_by
+            )
         return _StepOutcome(tuple(deltas), completion, quality, cost_before, used, next_step, stop=stop, scored=scored)
 
     async def _score(
@@ -1103,8 +1110,8 @@ class Router:
         (``_escalation_stop``), so that a verdict to escalate can still be acted on (a call that
         could not have ``min_attempt_seconds`` is not made)."""
         min_attempt = self._reliability.min_attempt_seconds
-        kept = min_attempt * (2 if keeping else 1)
-        timeout = None if deadline is None else deadline - time.monotonic() - kept
+        end = self._scoring_end(deadline, keeping=keeping)
+        timeout = None if end is None else end - time.monotonic()
         if timeout is not None and timeout < min_attempt:
             timeout = 0.0
         return await scorer.score(
@@ -1125,6 +1132,13 @@ class Router:
             )
         )
 
+    def _scoring_end(self, deadline: float | None, *, keeping: bool) -> float | None:
+        """When a cascade step's scorers' calls end (``_score``): ``reliability.min_attempt_seconds``
+        before ``deadline``, twice that ``keeping`` the answer for a release."""
+        if deadline is None:
+            return None
+        return deadline - self._reliability.min_attempt_seconds * (2 if keeping else 1)
+
     async def _escalation_stop(
         self,
         state: _AttemptState,
@@ -1134,6 +1148,7 @@ class Router:
         *,
         hold: bool,
         keeping: bool = False,
+        as_of: float | None = None,
     ) -> tuple[int, _EscalationStop | None]:
         """The step the cascade escalates to from step ``index``: the next one that the request
         has not found its provider's quota spent for (nor its fallbacks' within the cap), else the
@@ -1144,7 +1159,8 @@ class Router:
         checked, nothing held (the request's other calls, and the tenant's other requests, are not
         refused for an escalation that may never be made). ``keeping`` the answer for a release,
         the step runs to ``reliability.min_attempt_seconds`` before ``deadline`` and must be able to
-        start by then (``_escalated_deadline``)."""
+        start by then (``_escalated_deadline``). The time left is counted from ``as_of`` when that
+        is earlier than now (the moment a judge's call was cut, whose verdict this acts on)."""
         decision = state.decision
         steps = decision.cascade_models
         cap = self._escalation.max_cost(request)
@@ -1156,7 +1172,8 @@ class Router:
         would_cost = state.cost + next_cost
         if cap is not None and would_cost > cap:
             return target, _EscalationStop(max_cost_reason(next_model, would_cost, cap))
-        left = None if deadline is None else deadline - time.monotonic()
+        now = time.monotonic() if as_of is None else min(as_of, time.monotonic())
+        left = None if deadline is None else deadline - now
         min_attempt = self._reliability.min_attempt_seconds
         if left is not None and left < min_attempt * (2 if keeping else 1):
             # No attempt starts that cannot finish.
@@ -1254,9 +1271,14 @@ class Router:
         request: RoutingRequest,
         deadline: float | None,
         headers: Mapping[str, str] | None,
+        *,
+        escalated: bool = False,
     ) -> AsyncGenerator[TextDelta | Completion, None]:
         """The retry loop for ``decision.model`` and its fallbacks (see ``complete``); ``max_attempts``
         counts this loop's attempts (a cascade step's), not earlier steps' or judge calls.
+        ``escalated``: a cascade step escalated to, whose first attempt ``_escalation_stop`` let
+        through already (as of the answer or verdict it follows): only its time having passed
+        stops that one, not the moments the Escalation took since.
 
         A fallback estimated over the request's ``max_cost_usd`` is skipped; in a cascade step, one
         whose estimate plus the cost so far would pass the cascade's cap (the lower of the
@@ -1265,6 +1287,7 @@ class Router:
         first = attempt.number
         # Every attempt here starts before any text is sent: by the time the first text is due.
         start_by = deadline if attempt.first_text_by is None else attempt.first_text_by
+        checked = escalated  # the next attempt to start was let through by the escalation's check
         last_error: ProviderError | None = None
         retryable_error: ProviderError | None = None  # the last failure a later retry may get past
         refused: list[tuple[ModelSpec, float | None]] = []  # models open breakers refused, with their waits
@@ -1314,7 +1337,9 @@ class Router:
                 # that starts (``_attempt`` releases or settles it however it ends).
                 remaining = None if deadline is None else deadline - time.monotonic()
                 left = None if start_by is None else start_by - time.monotonic()
-                if left is not None and left < reliability.min_attempt_seconds:
+                needed = 0.0 if checked else reliability.min_attempt_seconds
+                checked = False
+                if left is not None and (left < needed or left <= 0):
                     if last_error is None or left <= 0:
                         raise TimeoutError
                     # The deadline has not passed: what the caller is told is the failure that

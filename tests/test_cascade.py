@@ -1457,6 +1457,38 @@ class TestAnEscalationThatCannotBeServed:
         ]
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
 
+    async def test_a_judge_cut_by_the_deadline_with_on_failure_escalate_escalates(self, fake: FakeProvider) -> None:
+        """The judge's call of an answer that would be kept ends twice min_attempt_seconds (1 s
+        here) before the server's end of the 4 s call (3.8 s), the time the escalation needs: a
+        judge cut there with `on_failure: escalate` escalates, and gpt-4o answers (its verdict was
+        refused by the moments since the cut, `not escalated to gpt-4o: 1.997 s of the deadline
+        left`, the judge paid and ignored; and an escalation let through was then refused its
+        start, `escalation to gpt-4o timed out, released`, no call made)."""
+        config = default_config()
+        config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
+        config["cascade"]["judge"]["on_failure"] = "escalate"  # type: ignore[index]
+        slow_verdict = Script(text='{"score": 0.9}', first_chunk_delay=3.0)
+        fake.enqueue(Script(text="Lyon, maybe."), slow_verdict, model="gpt-4o-mini")
+        fake.enqueue(Script(text="Paris."), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            prompt = user_chat("What is the capital of France?")
+            messages = [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=4.0)]
+            entries = server.router.ledger.entries(messages[0].decision.decision_id)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        quality = messages[1].escalation.quality
+        assert quality.reason.startswith("judge timed out after ")
+        assert quality.reason.endswith("; escalated as configured")
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == ("Paris.", "gpt-4o")
+        assert [(e.model, e.outcome) for e in entries] == [
+            ("gpt-4o-mini", AttemptOutcome.COMPLETED),
+            ("gpt-4o-mini", AttemptOutcome.INTERRUPTED),
+            ("gpt-4o", AttemptOutcome.COMPLETED),
+        ]
+
     async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
         """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
         here) before the deadline: it does (0.5 s into the 4 s call), and its answer, still
