@@ -974,6 +974,7 @@ class Router:
         """The last message: every attempt, their summed usage and cost, and the released score."""
         total = _usage_of(state.summaries)
         self._answered_by(state, completion.model)
+        telemetry.record_answer(completion.model, completion.usage)
         return replace(
             completion, cost_usd=state.cost, attempts=tuple(state.summaries), total_usage=total, quality=quality
         )
