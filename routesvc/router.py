@@ -145,6 +145,10 @@ def _new_decision_id() -> str:
 # How long a realtime call's end waits for its settle to reach the shared store at most, and how
 # much of the server's end of the call it leaves (past that the settle runs on in the background).
 _SETTLE_WAIT_SECONDS = 0.25
+# The least time a cascade keeps before the deadline to release an answer in hand (its deltas and
+# completion written), whatever ``reliability.min_attempt_seconds`` is (0 included: with none, a
+# hung escalation ran to the deadline and the paid answer was never sent).
+_RELEASE_SECONDS = 0.05
 _SETTLE_WAIT_MARGIN_SECONDS = 0.05
 
 
@@ -942,12 +946,18 @@ class Router:
 
     def _escalated_deadline(self, deadline: float | None, *, keeping: bool) -> float | None:
         """The deadline a cascade step escalated to runs to (a buffered step whole, the last step
-        until its first text): ``keeping`` an answer in hand, ``reliability.min_attempt_seconds``
-        before the caller's, so that the answer can still be sent if the step runs into it before
-        any text (as a judge's call ends); else the caller's."""
+        until its first text): ``keeping`` an answer in hand, ``_release_seconds`` before the
+        caller's, so that the answer can still be sent if the step runs into it before any text
+        (as a judge's call ends); else the caller's."""
         if deadline is None or not keeping:
             return deadline
-        return deadline - self._reliability.min_attempt_seconds
+        return deadline - self._release_seconds
+
+    @property
+    def _release_seconds(self) -> float:
+        """The time a cascade keeps before the deadline to release an answer in hand:
+        ``reliability.min_attempt_seconds``, at least ``_RELEASE_SECONDS``."""
+        return max(self._reliability.min_attempt_seconds, _RELEASE_SECONDS)
 
     def _release_held(
         self,
@@ -1054,7 +1064,7 @@ class Router:
         # nothing held: the answer may well be released): when it could not, the answer is
         # released whatever its score, and a judge's paid verdict would change nothing, so only the
         # scorers that make no call score it. An escalation from an answer that would be kept runs
-        # to min_attempt_seconds before the deadline (``_escalated_deadline``): it must start by then.
+        # to the time kept for its release (``_escalated_deadline``): it must start by then.
         keeps = not in_hand and completion.finish_reason is not FinishReason.CONTENT_FILTER and bool(answer.strip())
         next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=False, keeping=keeps)
         reasoned = state.reasoned == state.number  # the answering attempt's model reasoned
@@ -1105,11 +1115,9 @@ class Router:
         keeping: bool,
     ) -> ScoreResult:
         """``scorer``'s score of a cascade step's ``answer``, which escalates to step ``next_step``
-        when too low. Its calls end ``reliability.min_attempt_seconds`` before the caller's
-        deadline, so that the answer can still be released if they fail; ``keeping`` the answer
-        for a release, twice that, the time an escalation from it needs to start
-        (``_escalation_stop``), so that a verdict to escalate can still be acted on (a call that
-        could not have ``min_attempt_seconds`` is not made)."""
+        when too low. Its calls end when ``_scoring_end`` says, so that the answer can still be
+        released if they fail and, ``keeping`` it for a release, a verdict to escalate can still
+        be acted on (a call that could not have ``min_attempt_seconds`` is not made)."""
         min_attempt = self._reliability.min_attempt_seconds
         end = self._scoring_end(deadline, keeping=keeping)
         timeout = None if end is None else end - time.monotonic()
@@ -1134,11 +1142,20 @@ class Router:
         )
 
     def _scoring_end(self, deadline: float | None, *, keeping: bool) -> float | None:
-        """When a cascade step's scorers' calls end (``_score``): ``reliability.min_attempt_seconds``
-        before ``deadline``, twice that ``keeping`` the answer for a release."""
+        """When a cascade step's scorers' calls end (``_score``): before ``deadline`` by the time
+        an escalation from the answer needs (``_escalation_needs``), so that a verdict to escalate
+        can still be acted on, and, with no escalation, the answer still released."""
         if deadline is None:
             return None
-        return deadline - self._reliability.min_attempt_seconds * (2 if keeping else 1)
+        return deadline - self._escalation_needs(keeping=keeping)
+
+    def _escalation_needs(self, *, keeping: bool) -> float:
+        """The time an escalation needs left before its deadline: ``min_attempt_seconds`` to
+        start, at least the time kept to release an answer (``_release_seconds``: a judge's call
+        ends so long before a deadline); ``keeping`` the answer for a release, that time too,
+        before which the step escalated to runs (``_escalated_deadline``)."""
+        start = self._release_seconds
+        return start + self._release_seconds if keeping else start
 
     async def _escalation_stop(
         self,
@@ -1175,8 +1192,7 @@ class Router:
             return target, _EscalationStop(max_cost_reason(next_model, would_cost, cap))
         now = time.monotonic() if as_of is None else min(as_of, time.monotonic())
         left = None if deadline is None else deadline - now
-        min_attempt = self._reliability.min_attempt_seconds
-        if left is not None and left < min_attempt * (2 if keeping else 1):
+        if left is not None and left < self._escalation_needs(keeping=keeping):
             # No attempt starts that cannot finish.
             why = f"not escalated to {next_model}: {max(left, 0.0):.3f} s of the deadline left"
             return target, _EscalationStop(why)

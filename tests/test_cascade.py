@@ -1514,6 +1514,28 @@ class TestAnEscalationThatCannotBeServed:
         assert [(e.model, e.outcome) for e in entries][-1] == ("gpt-4o", AttemptOutcome.COMPLETED)
         assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
 
+    async def test_with_min_attempt_seconds_0_an_escalation_that_hangs_still_releases_the_answer_in_hand(
+        self, fake: FakeProvider
+    ) -> None:
+        """reliability.min_attempt_seconds 0 still keeps a little time (50 ms) before the server's
+        end of the 2 s call for a release: gpt-4o hangs, and the refusal in hand is released (it
+        ran to the end, DEADLINE_EXCEEDED after the Escalation, the paid answer never sent)."""
+        config = default_config()
+        config["cascade"]["scorers"] = ["local"]  # type: ignore[index]
+        config["reliability"]["min_attempt_seconds"] = 0.0  # type: ignore[index]
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=2.0)]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert (_text(messages), messages[-1].completion.model) == (refusal, "gpt-4o-mini")
+        assert messages[-1].completion.quality.reason == "refusal; escalation to gpt-4o timed out, released"
+
     async def test_a_middle_step_that_hangs_releases_the_answer_in_hand_before_the_deadline(
         self, fake: FakeProvider
     ) -> None:
