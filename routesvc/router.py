@@ -145,6 +145,10 @@ def _new_decision_id() -> str:
 # How long a realtime call's end waits for its settle to reach the shared store at most, and how
 # much of the server's end of the call it leaves (past that the settle runs on in the background).
 _SETTLE_WAIT_SECONDS = 0.25
+# The least time a cascade keeps before the deadline to release an answer in hand (its deltas and
+# completion written), whatever ``reliability.min_attempt_seconds`` is (0 included: with none, a
+# hung escalation ran to the deadline and the paid answer was never sent).
+_RELEASE_SECONDS = 0.05
 _SETTLE_WAIT_MARGIN_SECONDS = 0.05
 
 
@@ -850,7 +854,7 @@ class Router:
                     # answer is released, as when the last step fails so.
                     if held is None or (not isinstance(error, ProviderError) and step_deadline == deadline):
                         raise
-                    for event in self._release_held(attempt, *held, step, error):
+                    for event in self._release_held(attempt, *held, step, _failed(error)):
                         yield event
                     return
                 next_model = steps[outcome.next_step]
@@ -865,7 +869,15 @@ class Router:
                     if outcome.error is not None:
                         if held is None:
                             raise outcome.error from stop.cause
-                        for event in self._release_held(attempt, *held, step, outcome.error):
+                        for event in self._release_held(attempt, *held, step, _failed(outcome.error)):
+                            yield event
+                        return
+                    if held is not None and _no_answer(outcome.completion, outcome.deltas):
+                        # An empty answer is none to give either: the answer in hand, paid for, is
+                        # released instead (a filtered one stands: releasing the answer in hand
+                        # would step around the provider's filter).
+                        attempt.mark_escalated()
+                        for event in self._release_held(attempt, *held, step, f"gave no answer ({stop.why})"):
                             yield event
                         return
                     released = True
@@ -901,11 +913,21 @@ class Router:
             step_deadline = self._escalated_deadline(deadline, keeping=held is not None)
             if step_deadline != deadline:
                 attempt.first_text_by = step_deadline
-            serving = self._serve(attempt, replace(decision, model=steps[-1]), request, deadline, headers)
+            last = replace(decision, model=steps[-1])
+            serving = self._serve(attempt, last, request, deadline, headers, escalated=len(steps) > 1)
             try:
                 async with contextlib.aclosing(serving):
                     async for event in serving:
-                        yield self._final(attempt, event) if isinstance(event, Completion) else event
+                        if not isinstance(event, Completion):
+                            yield event
+                        elif held is not None and not attempt.chunks and _no_answer(event, ()):
+                            # It answered nothing (reasoned to the output limit, or sent no text):
+                            # nothing was sent, so the answer in hand is released, as on a failure.
+                            attempt.mark_escalated()
+                            for release in self._release_held(attempt, *held, steps[-1], "gave no answer"):
+                                yield release
+                        else:
+                            yield self._final(attempt, event)
             except (ProviderError, DeadlineExceeded, TimeoutError) as error:
                 # Nothing of the escalation reached the caller: the answer in hand, paid for, is
                 # released rather than thrown away with the call (the commit rule holds: it is the
@@ -915,7 +937,7 @@ class Router:
                     raise
                 if not isinstance(error, ProviderError) and step_deadline == deadline:
                     raise
-                for event in self._release_held(attempt, *held, steps[-1], error):
+                for event in self._release_held(attempt, *held, steps[-1], _failed(error)):
                     yield event
         finally:
             # Waited for briefly, so that the client's next call (on another replica too) finds
@@ -926,12 +948,18 @@ class Router:
 
     def _escalated_deadline(self, deadline: float | None, *, keeping: bool) -> float | None:
         """The deadline a cascade step escalated to runs to (a buffered step whole, the last step
-        until its first text): ``keeping`` an answer in hand, ``reliability.min_attempt_seconds``
-        before the caller's, so that the answer can still be sent if the step runs into it before
-        any text (as a judge's call ends); else the caller's."""
+        until its first text): ``keeping`` an answer in hand, ``_release_seconds`` before the
+        caller's, so that the answer can still be sent if the step runs into it before any text
+        (as a judge's call ends); else the caller's."""
         if deadline is None or not keeping:
             return deadline
-        return deadline - self._reliability.min_attempt_seconds
+        return deadline - self._release_seconds
+
+    @property
+    def _release_seconds(self) -> float:
+        """The time a cascade keeps before the deadline to release an answer in hand:
+        ``reliability.min_attempt_seconds``, at least ``_RELEASE_SECONDS``."""
+        return max(self._reliability.min_attempt_seconds, _RELEASE_SECONDS)
 
     def _release_held(
         self,
@@ -939,17 +967,16 @@ class Router:
         held: _StepOutcome,
         rejected: int,
         failed_model: str,
-        error: ProviderError | DeadlineExceeded | TimeoutError,
+        how: str,
     ) -> list[TextDelta | Completion]:
         """The events that release ``held``, an answer the cascade rejected (its attempt at
-        ``rejected`` in the summaries), after the escalation to ``failed_model`` failed with
-        ``error`` before any text, or ran out of the time kept for the answer (``DeadlineExceeded``
-        or ``TimeoutError``): its deltas, then the completion, its quality reason saying so. Its
-        attempt answered the caller: COMPLETED again."""
+        ``rejected`` in the summaries), after the escalation to ``failed_model`` gave the caller
+        nothing, ``how`` (``_failed``: it failed before any text, or ran out of the time kept for
+        the answer; or it gave no answer): its deltas, then the completion, its quality reason
+        saying so. Its attempt answered the caller: COMPLETED again."""
         assert held.completion is not None
         if rejected >= 0:
             state.summaries[rejected] = replace(state.summaries[rejected], result=AttemptResult.COMPLETED)
-        how = f"failed ({error.reason})" if isinstance(error, ProviderError) else "timed out"
         reason = f"{held.quality.reason}; escalation to {failed_model} {how}, released"
         telemetry.record_cascade(True, held.quality.score if held.scored else None)
         completion = self._final(state, held.completion, replace(held.quality, reason=reason))
@@ -959,6 +986,7 @@ class Router:
         """The last message: every attempt, their summed usage and cost, and the released score."""
         total = _usage_of(state.summaries)
         self._answered_by(state, completion.model)
+        telemetry.record_answer(completion.model, completion.usage)
         return replace(
             completion, cost_usd=state.cost, attempts=tuple(state.summaries), total_usage=total, quality=quality
         )
@@ -1002,7 +1030,8 @@ class Router:
         completion: Completion | None = None
         state.buffering = True
         try:
-            async for event in self._serve(state, replace(decision, model=model_id), request, deadline, headers):
+            step = replace(decision, model=model_id)
+            async for event in self._serve(state, step, request, deadline, headers, escalated=index > 0):
                 if state.number != answering:
                     # A retry or fallback answers after a failed attempt's partial text, which is
                     # dropped also when the answer has no text (an empty or filtered one).
@@ -1037,7 +1066,7 @@ class Router:
         # nothing held: the answer may well be released): when it could not, the answer is
         # released whatever its score, and a judge's paid verdict would change nothing, so only the
         # scorers that make no call score it. An escalation from an answer that would be kept runs
-        # to min_attempt_seconds before the deadline (``_escalated_deadline``): it must start by then.
+        # to the time kept for its release (``_escalated_deadline``): it must start by then.
         keeps = not in_hand and completion.finish_reason is not FinishReason.CONTENT_FILTER and bool(answer.strip())
         next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=False, keeping=keeps)
         reasoned = state.reasoned == state.number  # the answering attempt's model reasoned
@@ -1064,8 +1093,13 @@ class Router:
             quality, scored = result.quality, result.scored
         if stop is None and quality.score < threshold:
             # It escalates: the reservation now holds the next model (the judge's call is in the
-            # cost so far, and may have found the next model's provider spent).
-            next_step, stop = await self._escalation_stop(state, request, index, deadline, hold=True, keeping=keeps)
+            # cost so far, and may have found the next model's provider spent). The time left is
+            # counted from the judge's end at the latest: a judge cut there left just the time
+            # the escalation needs, and the moments since its cut must not refuse its verdict.
+            judged_by = self._scoring_end(deadline, keeping=keeps)
+            next_step, stop = await self._escalation_stop(
+                state, request, index, deadline, hold=True, keeping=keeps, as_of=judged_by
+            )
         return _StepOutcome(tuple(deltas), completion, quality, cost_before, used, next_step, stop=stop, scored=scored)
 
     async def _score(
@@ -1083,14 +1117,12 @@ class Router:
         keeping: bool,
     ) -> ScoreResult:
         """``scorer``'s score of a cascade step's ``answer``, which escalates to step ``next_step``
-        when too low. Its calls end ``reliability.min_attempt_seconds`` before the caller's
-        deadline, so that the answer can still be released if they fail; ``keeping`` the answer
-        for a release, twice that, the time an escalation from it needs to start
-        (``_escalation_stop``), so that a verdict to escalate can still be acted on (a call that
-        could not have ``min_attempt_seconds`` is not made)."""
+        when too low. Its calls end when ``_scoring_end`` says, so that the answer can still be
+        released if they fail and, ``keeping`` it for a release, a verdict to escalate can still
+        be acted on (a call that could not have ``min_attempt_seconds`` is not made)."""
         min_attempt = self._reliability.min_attempt_seconds
-        kept = min_attempt * (2 if keeping else 1)
-        timeout = None if deadline is None else deadline - time.monotonic() - kept
+        end = self._scoring_end(deadline, keeping=keeping)
+        timeout = None if end is None else end - time.monotonic()
         if timeout is not None and timeout < min_attempt:
             timeout = 0.0
         return await scorer.score(
@@ -1111,6 +1143,22 @@ class Router:
             )
         )
 
+    def _scoring_end(self, deadline: float | None, *, keeping: bool) -> float | None:
+        """When a cascade step's scorers' calls end (``_score``): before ``deadline`` by the time
+        an escalation from the answer needs (``_escalation_needs``), so that a verdict to escalate
+        can still be acted on, and, with no escalation, the answer still released."""
+        if deadline is None:
+            return None
+        return deadline - self._escalation_needs(keeping=keeping)
+
+    def _escalation_needs(self, *, keeping: bool) -> float:
+        """The time an escalation needs left before its deadline: ``min_attempt_seconds`` to
+        start, at least the time kept to release an answer (``_release_seconds``: a judge's call
+        ends so long before a deadline); ``keeping`` the answer for a release, that time too,
+        before which the step escalated to runs (``_escalated_deadline``)."""
+        start = self._release_seconds
+        return start + self._release_seconds if keeping else start
+
     async def _escalation_stop(
         self,
         state: _AttemptState,
@@ -1120,6 +1168,7 @@ class Router:
         *,
         hold: bool,
         keeping: bool = False,
+        as_of: float | None = None,
     ) -> tuple[int, _EscalationStop | None]:
         """The step the cascade escalates to from step ``index``: the next one that the request
         has not found its provider's quota spent for (nor its fallbacks' within the cap), else the
@@ -1130,7 +1179,8 @@ class Router:
         checked, nothing held (the request's other calls, and the tenant's other requests, are not
         refused for an escalation that may never be made). ``keeping`` the answer for a release,
         the step runs to ``reliability.min_attempt_seconds`` before ``deadline`` and must be able to
-        start by then (``_escalated_deadline``)."""
+        start by then (``_escalated_deadline``). The time left is counted from ``as_of`` when that
+        is earlier than now (the moment a judge's call was cut, whose verdict this acts on)."""
         decision = state.decision
         steps = decision.cascade_models
         cap = self._escalation.max_cost(request)
@@ -1142,9 +1192,9 @@ class Router:
         would_cost = state.cost + next_cost
         if cap is not None and would_cost > cap:
             return target, _EscalationStop(max_cost_reason(next_model, would_cost, cap))
-        left = None if deadline is None else deadline - time.monotonic()
-        min_attempt = self._reliability.min_attempt_seconds
-        if left is not None and left < min_attempt * (2 if keeping else 1):
+        now = time.monotonic() if as_of is None else min(as_of, time.monotonic())
+        left = None if deadline is None else deadline - now
+        if left is not None and left < self._escalation_needs(keeping=keeping):
             # No attempt starts that cannot finish.
             why = f"not escalated to {next_model}: {max(left, 0.0):.3f} s of the deadline left"
             return target, _EscalationStop(why)
@@ -1240,9 +1290,14 @@ class Router:
         request: RoutingRequest,
         deadline: float | None,
         headers: Mapping[str, str] | None,
+        *,
+        escalated: bool = False,
     ) -> AsyncGenerator[TextDelta | Completion, None]:
         """The retry loop for ``decision.model`` and its fallbacks (see ``complete``); ``max_attempts``
         counts this loop's attempts (a cascade step's), not earlier steps' or judge calls.
+        ``escalated``: a cascade step escalated to, whose first attempt ``_escalation_stop`` let
+        through already (as of the answer or verdict it follows): only its time having passed
+        stops that one, not the moments the Escalation took since.
 
         A fallback estimated over the request's ``max_cost_usd`` is skipped; in a cascade step, one
         whose estimate plus the cost so far would pass the cascade's cap (the lower of the
@@ -1251,6 +1306,7 @@ class Router:
         first = attempt.number
         # Every attempt here starts before any text is sent: by the time the first text is due.
         start_by = deadline if attempt.first_text_by is None else attempt.first_text_by
+        checked = escalated  # the next attempt to start was let through by the escalation's check
         last_error: ProviderError | None = None
         retryable_error: ProviderError | None = None  # the last failure a later retry may get past
         refused: list[tuple[ModelSpec, float | None]] = []  # models open breakers refused, with their waits
@@ -1300,7 +1356,9 @@ class Router:
                 # that starts (``_attempt`` releases or settles it however it ends).
                 remaining = None if deadline is None else deadline - time.monotonic()
                 left = None if start_by is None else start_by - time.monotonic()
-                if left is not None and left < reliability.min_attempt_seconds:
+                needed = 0.0 if checked else reliability.min_attempt_seconds
+                checked = False
+                if left is not None and (left < needed or left <= 0):
                     if last_error is None or left <= 0:
                         raise TimeoutError
                     # The deadline has not passed: what the caller is told is the failure that
@@ -1666,6 +1724,22 @@ def _releasable(outcome: _StepOutcome) -> bool:
     if completion is None or completion.finish_reason is FinishReason.CONTENT_FILTER:
         return False
     return any(delta.text.strip() for delta in outcome.deltas)
+
+
+def _no_answer(completion: Completion | None, deltas: Iterable[TextDelta]) -> bool:
+    """Whether an escalated step's ``completion`` (its text in ``deltas``) gave the caller no
+    answer, so that the answer in hand is released for it: no text, no tool call, and not
+    filtered by the provider (the filter's word stands: the answer in hand is not released
+    around it)."""
+    if completion is None or completion.finish_reason is FinishReason.CONTENT_FILTER or completion.tool_calls:
+        return False
+    return not any(delta.text.strip() for delta in deltas)
+
+
+def _failed(error: ProviderError | DeadlineExceeded | TimeoutError) -> str:
+    """How an escalation that ended with ``error`` before any text went, for the released answer's
+    reason: ``failed (REASON)``, or ``timed out`` (the time kept for the answer in hand came)."""
+    return f"failed ({error.reason})" if isinstance(error, ProviderError) else "timed out"
 
 
 def _usage_of(summaries: Iterable[AttemptSummary]) -> Usage:

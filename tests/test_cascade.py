@@ -1457,6 +1457,38 @@ class TestAnEscalationThatCannotBeServed:
         ]
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
 
+    async def test_a_judge_cut_by_the_deadline_with_on_failure_escalate_escalates(self, fake: FakeProvider) -> None:
+        """The judge's call of an answer that would be kept ends twice min_attempt_seconds (1 s
+        here) before the server's end of the 4 s call (3.8 s), the time the escalation needs: a
+        judge cut there with `on_failure: escalate` escalates, and gpt-4o answers (its verdict was
+        refused by the moments since the cut, `not escalated to gpt-4o: 1.997 s of the deadline
+        left`, the judge paid and ignored; and an escalation let through was then refused its
+        start, `escalation to gpt-4o timed out, released`, no call made)."""
+        config = default_config()
+        config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
+        config["cascade"]["judge"]["on_failure"] = "escalate"  # type: ignore[index]
+        slow_verdict = Script(text='{"score": 0.9}', first_chunk_delay=3.0)
+        fake.enqueue(Script(text="Lyon, maybe."), slow_verdict, model="gpt-4o-mini")
+        fake.enqueue(Script(text="Paris."), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            prompt = user_chat("What is the capital of France?")
+            messages = [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=4.0)]
+            entries = server.router.ledger.entries(messages[0].decision.decision_id)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        quality = messages[1].escalation.quality
+        assert quality.reason.startswith("judge timed out after ")
+        assert quality.reason.endswith("; escalated as configured")
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == ("Paris.", "gpt-4o")
+        assert [(e.model, e.outcome) for e in entries] == [
+            ("gpt-4o-mini", AttemptOutcome.COMPLETED),
+            ("gpt-4o-mini", AttemptOutcome.INTERRUPTED),
+            ("gpt-4o", AttemptOutcome.COMPLETED),
+        ]
+
     async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
         """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
         here) before the deadline: it does (0.5 s into the 4 s call), and its answer, still
@@ -1481,6 +1513,28 @@ class TestAnEscalationThatCannotBeServed:
         assert (_text(messages), completion.model) == ("".join(words), "gpt-4o")
         assert [(e.model, e.outcome) for e in entries][-1] == ("gpt-4o", AttemptOutcome.COMPLETED)
         assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+
+    async def test_with_min_attempt_seconds_0_an_escalation_that_hangs_still_releases_the_answer_in_hand(
+        self, fake: FakeProvider
+    ) -> None:
+        """reliability.min_attempt_seconds 0 still keeps a little time (50 ms) before the server's
+        end of the 2 s call for a release: gpt-4o hangs, and the refusal in hand is released (it
+        ran to the end, DEADLINE_EXCEEDED after the Escalation, the paid answer never sent)."""
+        config = default_config()
+        config["cascade"]["scorers"] = ["local"]  # type: ignore[index]
+        config["reliability"]["min_attempt_seconds"] = 0.0  # type: ignore[index]
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=2.0)]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert (_text(messages), messages[-1].completion.model) == (refusal, "gpt-4o-mini")
+        assert messages[-1].completion.quality.reason == "refusal; escalation to gpt-4o timed out, released"
 
     async def test_a_middle_step_that_hangs_releases_the_answer_in_hand_before_the_deadline(
         self, fake: FakeProvider
@@ -1514,3 +1568,73 @@ class TestAnEscalationThatCannotBeServed:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await _cascade(live_client)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    async def test_an_escalated_model_that_answers_nothing_releases_the_answer_in_hand(
+        self, live_client: RouterClient, live_server: Server, fake: FakeProvider
+    ) -> None:
+        """The cheap refusal escalates to gpt-4o, which reasons up to the output limit and sends no
+        text: nothing was sent, so the refusal in hand, paid for, is released, its reason saying
+        so (the caller got gpt-4o's empty completion, finish length, the paid answer dropped)."""
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+        fake.enqueue(Script(chunks=(), reasoning=("thinking ",) * 5, finish_reason="length"), model="gpt-4o")
+        messages = await _cascade(live_client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == (refusal, "gpt-4o-mini")
+        assert completion.finish_reason == pb.FINISH_REASON_STOP
+        assert completion.quality.reason.endswith("; escalation to gpt-4o gave no answer, released")
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_ESCALATED),
+        ]
+        entries = live_server.router.ledger.entries(messages[0].decision.decision_id)
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+
+    async def test_a_middle_step_that_answers_nothing_and_cannot_escalate_releases_the_answer_in_hand(
+        self, fake: FakeProvider
+    ) -> None:
+        """gpt-4o-mini -> gpt-4o -> claude-sonnet with claude-sonnet's breaker open: the cheap
+        refusal escalates to gpt-4o, which answers with no text and cannot escalate further; the
+        refusal in hand is released (the caller got gpt-4o's empty completion)."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}, "retries_per_model": 0}
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        fake.enqueue(Script(status=503), model="claude-sonnet-4-6")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError):
+                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="claude-sonnet"))]
+            refusal = "I'm sorry, but I can't help with that."
+            fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
+            fake.enqueue(Script(chunks=(), reasoning=("think ",)), model="gpt-4o")
+            messages = await _cascade(client)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == (refusal, "gpt-4o-mini")
+        assert completion.quality.reason == (
+            "refusal; escalation to gpt-4o gave no answer"
+            " (not escalated to claude-sonnet: circuit breaker open for model claude-sonnet), released"
+        )
+        assert [(a.model, a.outcome) for a in completion.attempts] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_ESCALATED),
+        ]
+
+    async def test_a_filtered_escalated_answer_is_not_released_around(self, fake: FakeProvider) -> None:
+        """The provider filtered gpt-4o's answer: that stands (the caller gets the filtered, empty
+        completion), the refusal in hand is not released around the provider's filter."""
+        config = default_config()
+        config["cascade"]["scorers"] = ["local"]  # type: ignore[index]
+        fake.enqueue(Script(text="I'm sorry, but I can't help with that."), model="gpt-4o-mini")
+        fake.enqueue(Script(chunks=(), finish_reason="content_filter"), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await _cascade(client)
+        assert _kinds(messages) == ["decision", "escalation", "completion"]
+        completion = messages[-1].completion
+        assert (completion.model, completion.finish_reason) == ("gpt-4o", pb.FINISH_REASON_CONTENT_FILTER)

@@ -264,6 +264,27 @@ class TestCascadeStats:
         assert stats.mean_released_score == pytest.approx(0.9)
         assert {m.model: m.totals.requests for m in stats.models} == {"gpt-4o-mini": 1, "gpt-4o": 1}
 
+    async def test_a_released_answer_in_hand_is_credited_to_its_model(
+        self, observed: Observed, fake: FakeProvider
+    ) -> None:
+        """A refusal escalates to gpt-4o, which answers with no text: the refusal in hand is released,
+        and GetStats credits gpt-4o-mini with it, its baseline the refusal's tokens on claude-sonnet
+        (it credited gpt-4o, the last attempt that answered, its baseline gpt-4o's tokens)."""
+        refusal = Script(text="I'm sorry, but I can't help with that.", input_tokens=1000, output_tokens=100)
+        fake.enqueue(refusal, model="gpt-4o-mini")
+        fake.enqueue(Script(chunks=(), input_tokens=2000, output_tokens=300), model="gpt-4o")
+        messages = [
+            m
+            async for m in observed.client.complete(
+                user_chat("What is the capital of France?"), pb.RoutingContext(cascade=True)
+            )
+        ]
+        assert messages[-1].completion.model == "gpt-4o-mini"
+        stats = await observed.client.get_stats()
+        assert [(m.model, m.totals.requests) for m in stats.models] == [("gpt-4o-mini", 1)]
+        # 1000 in / 100 out on claude-sonnet (3.00 / 15.00 per 1M tokens)
+        assert Decimal(stats.totals.baseline_cost_usd) == Decimal("0.0045")
+
 
 class TestABaselineChangedByAReload:
     async def test_get_stats_names_each_baseline_its_totals_were_priced_on(self, fake: FakeProvider) -> None:

@@ -16,6 +16,7 @@ them unconditionally::
     record_retry(model, reason, delay_seconds)    a span event as a retry on the same model starts (router)
     record_escalation(from_model, to_model, reason, score=None)   (cascade)
     record_cascade(released, score=None)          the cascade's verdict on a cheap answer
+    record_answer(model, usage)                   the completion the caller gets (router)
     record_first_chunk_sent()                     time to first token ends (service)
     record_operator_failure(reason)               the server span is an error (service)
     record_client_stalled()                       the caller stopped reading: an event, a metric (service)
@@ -34,6 +35,7 @@ from routesvc.telemetry._request import (
     RequestTelemetry,
     current_request,
     observed_stream,
+    record_answer,
     record_cascade,
     record_client_stalled,
     record_decision,
@@ -56,6 +58,7 @@ __all__ = [
     "configure_logging",
     "current_request",
     "observed_stream",
+    "record_answer",
     "record_cascade",
     "record_client_stalled",
     "record_decision",

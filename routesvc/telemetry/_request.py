@@ -89,6 +89,9 @@ class RequestTelemetry:
     fallbacks: int = 0
     cascade_released: bool | None = None
     cascade_score: float | None = None
+    # The model and usage of the completion the caller got (``record_answer``): a cascade may
+    # release an answer in hand after a later model's attempt (an empty answer, a failure).
+    answer: tuple[str, Usage] | None = None
     first_chunk_at: float | None = None
     code: str = "OK"
     operator_failure: bool = False  # failed for a reason only the operator can end
@@ -115,12 +118,24 @@ class RequestTelemetry:
         return self.settings or self.telemetry.settings
 
     @property
-    def baseline_cost(self) -> Decimal:
-        """The answering (last measured answer) attempt's usage priced on the baseline model."""
+    def answered(self) -> tuple[str, Usage] | None:
+        """The model that answered the caller and its answer's usage: the completion's
+        (``record_answer``), else the last measured answer attempt's (a call that failed after
+        text was sent), else None."""
+        if self.answer is not None:
+            return self.answer
         for attempt in reversed(self.attempts):
             if attempt.usage is not None and attempt.purpose == "answer":
-                return cost_of_usage(baseline_model(self.served_under), attempt.usage)
-        return Decimal(0)
+                return attempt.model, attempt.usage
+        return None
+
+    @property
+    def baseline_cost(self) -> Decimal:
+        """The answering attempt's usage (``answered``) priced on the baseline model."""
+        answered = self.answered
+        if answered is None:
+            return Decimal(0)
+        return cost_of_usage(baseline_model(self.served_under), answered[1])
 
     def event_span(self) -> trace.Span:
         """Where fallback and escalation events go: the routing span, else the server span."""
@@ -179,9 +194,7 @@ class RequestTelemetry:
         telemetry.instruments.requests.add(1, labels)
         if self.method != "Complete":
             return
-        answered = next(
-            (a.model for a in reversed(self.attempts) if a.usage is not None and a.purpose == "answer"), decision.model
-        )
+        answered = decision.model if self.answered is None else self.answered[0]
         if cost or baseline:
             model_label = {"routesvc.model": answered}
             telemetry.instruments.baseline_cost.add(float(baseline), model_label)
@@ -381,6 +394,14 @@ def record_escalation(from_model: str, to_model: str, reason: str, score: float 
         attributes["routesvc.score"] = score
     rpc.event_span().add_event("routesvc.escalation", attributes)
     rpc.telemetry.instruments.escalations.add(1, {"routesvc.from_model": from_model, "routesvc.to_model": to_model})
+
+
+def record_answer(model: str, usage: Usage) -> None:
+    """The completion the caller gets: ``model`` answered it, with ``usage`` (GetStats and the
+    savings metrics credit it, not a later attempt a cascade gave up)."""
+    rpc = _CURRENT.get()
+    if rpc is not None:
+        rpc.answer = (model, usage)
 
 
 def record_cascade(released: bool, score: float | None = None) -> None:
