@@ -3094,13 +3094,15 @@ class TestBatchKeyRotation:
         assert next(e["reason"] for e in logs if e["event"] == "batch_submit_failed") == "PROVIDER_AUTH_FAILED"
 
     async def test_a_batch_lost_before_the_rotated_key_saw_it_fails_once_no_account_can_read_it(
-        self, tmp_path: Path
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """The provider loses a batch sent with the old key before the rotated key first polls
         it: its 404 cannot tell it from another account's batch at the same URL, so it is left
         alone (``other_key``) while that account could still read it, and once it has waited
-        past any provider's window (the store's send time moved two days and more back) its job
+        past any provider's window (the store's send time moved two days and more back) and no
+        process has marked the old key for ENDPOINT_GONE_AFTER_SECONDS (0.3 s here) its job
         ends FAILED provider_batch_not_found (it stayed SUBMITTED, polled for ever)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         key = tmp_path / "openai.key"
         key.write_text("key-A\n")
         async with FakeProvider(api_key="key-A") as fake:
@@ -3132,6 +3134,78 @@ class TestBatchKeyRotation:
         assert skipped.job.state == pb.BATCH_STATE_SUBMITTED
         assert [e["reason"] for e in logs if e["event"] == "batch_poll_skipped"] == ["other_key"]
         assert failed.error == "provider_batch_not_found"
+        assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
+
+
+def _account(tmp_path: Path, fake: FakeProvider, key: str) -> dict[str, object]:
+    """``batch_config`` of a deployment whose account's key is ``key``, at ``fake``'s base URLs."""
+    key_file = tmp_path / f"{key}.key"
+    key_file.write_text(key + "\n")
+    return _keyed_by_file(tmp_path, fake, key_file)
+
+
+class TestBatchAccountsSharingAURL:
+    """Two deployments (two accounts' keys) at one base URL sharing one store: each account's
+    batches are 404 to the other's key (``FakeProvider.batches_per_key``, as OpenAI's projects)."""
+
+    async def test_another_account_never_fails_a_batch_whose_owner_is_still_reading_it(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Account A's batch is completed (billed) but A's results reads fail (a 5xx) for more
+        than two days after it was sent; deployment B, which gets 404 for it, leaves it alone
+        while A's process is alive (it failed A's job provider_batch_not_found, uncharged, once
+        the batch was sent OTHER_KEY_LOST_AFTER_SECONDS ago); once A's read gets through, the job
+        succeeds and is charged once, by A."""
+        fake.batches_per_key = True
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 2)
+            with capture_logs() as logs:
+                async with Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other:
+                    await until(lambda: any(e["event"] == "batch_poll_skipped" for e in logs))
+                    sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+                    await asyncio.sleep(0.6)  # rounds of both
+                    waiting = await get_batch(client, job)
+                    assert (waiting.job.state, waiting.error) == (pb.BATCH_STATE_SUBMITTED, "")
+                    fake.batch_results_errors.clear()
+                    await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                    others = list(other.router.ledger.entries())
+            charged = [e.request_id for e in owner.router.ledger.entries()]
+        assert [job] == charged
+        assert others == []
+        assert [e for e in logs if e["event"] == "batch_lost"] == []
+
+    async def test_a_batch_of_an_account_no_process_sends_with_any_more_fails_once_its_key_is_gone(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Account A's batch, sent more than OTHER_KEY_LOST_AFTER_SECONDS ago, waits while A's
+        process runs; once A has stopped and no process has marked its key for
+        ENDPOINT_GONE_AFTER_SECONDS (0.3 s here), B, which gets 404 for it, ends its job FAILED
+        provider_batch_not_found, uncharged: no process can read it."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+            RouterClient(other.target) as client,
+        ):
+            sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+            with capture_logs() as logs:
+                failed = await wait_state(client, job, pb.BATCH_STATE_FAILED)
+            charged = list(other.router.ledger.entries())
+        assert failed.error == "provider_batch_not_found"
+        assert charged == []
         assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
 
 

@@ -126,10 +126,13 @@ was sent with (``key_id``), and a queue handles only its own:
   same account (a hot reload, a restart) must go on with its jobs: when the provider knows it,
   the key now in use becomes its key (``BatchStore.adopt``); when it answers 404 the batch is
   another account's (another deployment at the same URL) and is left alone (``other_key``),
-  never failed, until ``OTHER_KEY_LOST_AFTER_SECONDS`` after it was sent: by then the provider
-  has ended any batch it holds and the account that reads it has settled its jobs, so jobs still
-  waiting are the rotated key's own, lost by the provider before the new key first polled it,
-  and they end FAILED ``provider_batch_not_found`` as a lost batch's do.
+  never failed while a process sends with its key (each queue marks its keys as it marks its
+  URLs: ``BatchStore.mark_keys``; the owner may be reading it for days, or cancelling it as
+  overdue). Once it was sent ``OTHER_KEY_LOST_AFTER_SECONDS`` ago and its key's mark has stayed
+  the same as a gone URL's does (below; a key no process of this release marked: its age alone),
+  jobs still waiting are the rotated key's own, lost by the provider before the new key first
+  polled it, and they end FAILED ``provider_batch_not_found`` as a lost batch's do, each only
+  while the store holds that key's mark (``GoneMark``).
 
 The base URL decides, not the key, so that a rotated key never strands a batch, at the cost of a
 poll a round for each batch of another account at the same URL. A provider's base URL changed by
@@ -219,6 +222,7 @@ from routesvc.tokens import count_text_tokens
 log = structlog.get_logger("routesvc.batches")
 
 _T = TypeVar("_T")
+_K = TypeVar("_K", tuple[str, str], tuple[str, str, str])
 # A provider batch's size: OpenAI takes an input file of up to 200 MB, Anthropic a batch of up to
 # 256 MB. The jobs' stored requests (JSON, inline images in base64) are about what is sent; a
 # group holds half the smaller limit at most, so that images cannot make a batch the provider
@@ -265,8 +269,9 @@ away whose first poll meets a passing 5xx does not give up a batch the provider 
 
 OTHER_KEY_LOST_AFTER_SECONDS = 2 * 86400.0
 """How long after it was sent a batch that another key sent to this URL, and this key does not
-see (404), is left alone as another account's: twice the providers' 24 h batch window. Then its
-jobs, still waiting, are failed as lost (the account that owned it would have settled them)."""
+see (404), is left alone as another account's whatever happens: twice the providers' 24 h batch
+window. Then its jobs, still waiting, are failed as lost once no process has marked its key for
+ENDPOINT_GONE_AFTER_SECONDS (``BatchQueue._owner_gone``): a live owner may still be reading it."""
 
 # A delete that left something at the provider is tried again this often at most, after delays
 # doubling from the poll interval to an hour; this many leftovers are kept at most.
@@ -304,6 +309,28 @@ class _Watched:
     mark: tuple[float, float]
     since: float
     marks: int
+
+
+def _watched_marks(
+    before: Mapping[_K, _Watched], marks: Mapping[_K, tuple[float, float] | None], every: float, now: float
+) -> tuple[dict[_K, _Watched], dict[_K, tuple[tuple[float, float], float]]]:
+    """``marks`` as watched by this queue's mark at ``now`` (monotonic), after ``before``; and
+    those whose last mark has stayed the same long enough to be gone (``BatchQueue._watch``),
+    with that mark and for how long it has stayed."""
+    watched: dict[_K, _Watched] = {}
+    stale: dict[_K, tuple[tuple[float, float], float]] = {}
+    for key, mark in marks.items():
+        if mark is None:
+            continue
+        seen = before.get(key)
+        if seen is None or seen.mark != mark:
+            seen = _Watched(mark, now, 0)
+        seen.marks += 1
+        watched[key] = seen
+        unmarked_for = max(ENDPOINT_GONE_AFTER_SECONDS, _GONE_MARKS * mark[1], _GONE_MARKS * every)
+        if seen.marks >= _GONE_MARKS and now - seen.since >= unmarked_for:
+            stale[key] = (mark, now - seen.since)
+    return watched, stale
 
 
 CLAIM_SECONDS = 300.0
@@ -413,6 +440,12 @@ class BatchQueue:
         # others' marks as watched so far, and when (monotonic) this queue last marked.
         self._gone: dict[tuple[str, str], GoneMark] = {}
         self._watched: dict[tuple[str, str], _Watched] = {}
+        # The same for the keys other accounts sent batches to this queue's base URLs with, by
+        # (provider, base URL, key fingerprint): those no process sends with any more, and those
+        # no process of this release ever marked (``_owner_gone``).
+        self._owners_gone: dict[tuple[str, str, str], GoneMark] = {}
+        self._watched_keys: dict[tuple[str, str, str], _Watched] = {}
+        self._unmarked_keys: set[tuple[str, str, str]] = set()
         self._last_mark: float | None = None
         self._marker: asyncio.Task[None] | None = None
         # Providers (by name and base URL) whose polls wait after a 429 or a Retry-After: until
@@ -1147,11 +1180,19 @@ class BatchQueue:
         moved it off, still polled here."""
         return [*((name, sent_to[0]) for name, sent_to in self._sends_to.items()), *self._former]
 
+    def _served_keys(self) -> list[tuple[str, str, str]]:
+        """The (provider, base URL, key fingerprint) triples this queue sends or polls with."""
+        return [
+            *((name, *sent_to) for name, sent_to in self._sends_to.items()),
+            *((name, *sent_to) for (name, _), (_, sent_to) in self._former.items()),
+        ]
+
     async def _mark_once(self) -> None:
-        """Mark this queue's base URLs as the store is first opened (the marker's ticks watch)."""
+        """Mark this queue's base URLs and keys as the store is first opened (the marker's ticks watch)."""
         try:
             every = min(self._config.poll_interval_seconds, _MAX_MARK_SECONDS)
             await self._opened().mark_endpoints(self._served(), every)
+            await self._opened().mark_keys(self._served_keys(), every)
         except Exception:
             log.exception("batch_mark_failed")
 
@@ -1165,41 +1206,46 @@ class BatchQueue:
             if self._store is not None:
                 try:
                     marks = await self._store.mark_endpoints(self._served(), every)
-                    self._watch(marks, every, loop.time())
+                    key_marks = await self._store.mark_keys(self._served_keys(), every)
+                    self._watch(marks, key_marks, every, loop.time())
                 except Exception:
                     # The store failing: nothing is taken as gone until the watch starts again.
                     log.exception("batch_mark_failed")
                     self._gone, self._watched, self._last_mark = {}, {}, None
+                    self._owners_gone, self._watched_keys = {}, {}
             await asyncio.sleep(every)
 
-    def _watch(self, marks: Mapping[tuple[str, str], tuple[float, float] | None], every: float, now: float) -> None:
-        """Take as gone each other base URL whose last mark ``marks`` shows has stayed the same
-        over ``_GONE_MARKS`` of this queue's marks in a row, spanning ENDPOINT_GONE_AFTER_SECONDS
-        of this queue's monotonic time (``now``) and ``_GONE_MARKS`` times its marker's interval
-        and this queue's (``every``). Marks are compared only with themselves, never with this
-        process's clock: a clock step, a host suspended (monotonic time stops with it) or a
-        marker's long interval never makes a live process look gone. A URL never marked by a
-        process that marks (an earlier release's) is never gone; a gap in this queue's own marks
-        starts the watch afresh."""
+    def _watch(
+        self,
+        marks: Mapping[tuple[str, str], tuple[float, float] | None],
+        key_marks: Mapping[tuple[str, str, str], tuple[float, float] | None],
+        every: float,
+        now: float,
+    ) -> None:
+        """Take as gone each other base URL (``marks``) and each other key sent with at this
+        queue's base URLs (``key_marks``) whose last mark has stayed the same over ``_GONE_MARKS``
+        of this queue's marks in a row, spanning ENDPOINT_GONE_AFTER_SECONDS of this queue's
+        monotonic time (``now``) and ``_GONE_MARKS`` times its marker's interval and this
+        queue's (``every``). Marks are compared only with themselves, never with this process's
+        clock: a clock step, a host suspended (monotonic time stops with it) or a marker's long
+        interval never makes a live process look gone. A URL never marked by a process that
+        marks (an earlier release's) is never gone; a gap in this queue's own marks starts the
+        watch afresh."""
         if self._last_mark is None or now - self._last_mark > 2 * every + _MARK_GAP_SLACK:
-            self._watched = {}
+            self._watched, self._watched_keys = {}, {}
         self._last_mark = now
-        watched: dict[tuple[str, str], _Watched] = {}
-        gone: dict[tuple[str, str], GoneMark] = {}
-        for pair, mark in marks.items():
-            if mark is None:
-                continue
-            seen = self._watched.get(pair)
-            if seen is None or seen.mark != mark:
-                seen = _Watched(mark, now, 0)
-            seen.marks += 1
-            watched[pair] = seen
-            unmarked_for = max(ENDPOINT_GONE_AFTER_SECONDS, _GONE_MARKS * mark[1], _GONE_MARKS * every)
-            if seen.marks >= _GONE_MARKS and now - seen.since >= unmarked_for:
-                gone[pair] = GoneMark(*pair, *mark)
-                if pair not in self._gone:
-                    log.warning("batch_endpoint_gone", provider=pair[0], unmarked_seconds=round(now - seen.since, 1))
-        self._watched, self._gone = watched, gone
+        self._watched, stale = _watched_marks(self._watched, marks, every, now)
+        gone = {pair: GoneMark(*pair, *mark) for pair, (mark, _) in stale.items()}
+        for pair, (_, unmarked) in stale.items():
+            if pair not in self._gone:
+                log.warning("batch_endpoint_gone", provider=pair[0], unmarked_seconds=round(unmarked, 1))
+        self._gone = gone
+        self._watched_keys, stale_keys = _watched_marks(self._watched_keys, key_marks, every, now)
+        self._owners_gone = {
+            (provider, endpoint, key): GoneMark(provider, endpoint, *mark, key_id=key)
+            for (provider, endpoint, key), (mark, _) in stale_keys.items()
+        }
+        self._unmarked_keys = {triple for triple, mark in key_marks.items() if mark is None}
 
     async def _lose(
         self,
@@ -1341,12 +1387,20 @@ class BatchQueue:
         try:
             batch = await api.poll(provider_batch_id)
         except ProviderRejected as error:
-            if other_key and error.status == 404 and not self._owner_gone(jobs):
+            if not other_key or error.status != 404 or jobs.unverified:
+                raise
+            owner_gone = self._owner_gone(provider, jobs)
+            if not owner_gone:
                 # Sent to this URL with another key, and this one does not see it: another
                 # account's (another deployment), which reads it; not lost.
                 self._skip_once(provider, provider_batch_id, jobs, "other_key")
                 return
-            raise
+            # No process sends with its key any more: a rotated key's own batch, lost by the
+            # provider; its jobs end only while the store holds the key's mark they were taken by.
+            self._accepted.discard((provider, provider_batch_id))
+            gone = owner_gone if isinstance(owner_gone, GoneMark) else None
+            await self._lose(provider_batch_id, jobs, "provider_batch_not_found", error.status, gone)
+            return
         # Its status check got through: what fails from here (its results read) never counts
         # toward giving it up (``_given_up``).
         self._failing_since.pop((provider, provider_batch_id), None)
@@ -1479,10 +1533,19 @@ class BatchQueue:
                     self._keep(self._discard(api, provider, leftover.batch, leftover.endpoint, leftover.tries))
                 )
 
-    def _owner_gone(self, jobs: SentJobs) -> bool:
-        """Whether a batch another key sent has waited past any account's reading of it: then
-        what still waits is this deployment's own, lost by the provider (``OTHER_KEY_LOST_AFTER_SECONDS``)."""
-        return jobs.sent_at is not None and self._clock() - jobs.sent_at > OTHER_KEY_LOST_AFTER_SECONDS
+    def _owner_gone(self, provider: str, jobs: SentJobs) -> GoneMark | bool:
+        """Whether a batch another key sent to this URL, which this key does not see, is no live
+        account's: sent more than ``OTHER_KEY_LOST_AFTER_SECONDS`` ago and its key marked by no
+        process for ENDPOINT_GONE_AFTER_SECONDS (``_watch``): then what still waits is this
+        deployment's own (a rotated key's), lost by the provider. The key's last mark, for the
+        write to check (``GoneMark``); True for a key no process of this release ever marked (an
+        earlier release sent with it: its age alone tells); False while a process sends with it."""
+        if jobs.sent_at is None or self._clock() - jobs.sent_at <= OTHER_KEY_LOST_AFTER_SECONDS:
+            return False
+        if jobs.endpoint is None or jobs.key_id is None:
+            return True
+        owner = (provider, jobs.endpoint, jobs.key_id)
+        return self._owners_gone.get(owner) or owner in self._unmarked_keys
 
     async def _settle(self, batch_id: str, result: ItemResult) -> None:
         """End one job with its result; charge it once if it succeeded. A job cancelled since

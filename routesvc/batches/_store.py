@@ -104,11 +104,23 @@ CREATE TABLE IF NOT EXISTS endpoints (
     every REAL,
     PRIMARY KEY (provider, endpoint)
 );
+CREATE TABLE IF NOT EXISTS keys (
+    provider TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    every REAL NOT NULL,
+    PRIMARY KEY (provider, endpoint, key_id)
+);
 """
 # endpoints: for each provider name and base URL a process serves, its last mark
 # (``mark_endpoints``): when (seen_at, by the marking process's clock: only compared with itself)
 # and how often that process marks (every). A row without ``every`` was written by an earlier
 # release (when one first saw the URL, not a mark): it is no mark.
+# keys: the same for each (provider, base URL, key fingerprint) a process sends with
+# (``mark_keys``): whether the account that sent a batch still has a live process, which another
+# account at the same URL (that gets 404 for the batch) must leave its jobs to. Created in files
+# of earlier releases as they are opened (IF NOT EXISTS).
 
 # Columns added after the first release, for files created before them.
 # budget_usd: what the job's tenant budget counted when it was queued (set once that count is
@@ -253,21 +265,35 @@ class SentBatch:
 
 @dataclass(frozen=True, slots=True)
 class GoneMark:
-    """A (provider, base URL) taken as gone from its last mark (``seen_at``, ``every``): what is
-    done to its jobs is done only while the store still holds that mark, checked in the write
-    itself (a process back at the URL has marked it anew: its jobs are left to it)."""
+    """A (provider, base URL) taken as gone from its last mark (``seen_at``, ``every``), or with
+    ``key_id`` a (provider, base URL, key) no process sends with any more: what is done to its
+    jobs is done only while the store still holds that mark, checked in the write itself (a
+    process back at the URL, or with the key, has marked it anew: its jobs are left to it)."""
 
     provider: str
     endpoint: str
     seen_at: float
     every: float
+    key_id: str | None = None
 
-    def params(self) -> tuple[str, str, float, float]:
-        return (self.provider, self.endpoint, self.seen_at, self.every)
+    @property
+    def still(self) -> str:
+        """An SQL condition true while the store holds the mark (``params`` follow it)."""
+        if self.key_id is None:
+            return _STILL_GONE
+        return _KEY_STILL_GONE
+
+    def params(self) -> tuple[str | float, ...]:
+        if self.key_id is None:
+            return (self.provider, self.endpoint, self.seen_at, self.every)
+        return (self.provider, self.endpoint, self.key_id, self.seen_at, self.every)
 
 
-# True while the endpoints row holds a GoneMark's mark (its ``params`` follow).
+# True while the endpoints (keys) row holds a GoneMark's mark (its ``params`` follow).
 _STILL_GONE = "EXISTS (SELECT 1 FROM endpoints WHERE provider = ? AND endpoint = ? AND seen_at = ? AND every = ?)"
+_KEY_STILL_GONE = (
+    "EXISTS (SELECT 1 FROM keys WHERE provider = ? AND endpoint = ? AND key_id = ? AND seen_at = ? AND every = ?)"
+)
 
 
 def key_id(api_key: str | None) -> str:
@@ -958,6 +984,52 @@ class BatchStore:
 
         return await self._run(update)
 
+    async def mark_keys(
+        self, served: list[tuple[str, str, str]], every: float
+    ) -> dict[tuple[str, str, str], tuple[float, float] | None]:
+        """Mark the (provider, base URL, key fingerprint) triples of ``served`` as sent with now
+        by a process that marks them every ``every`` seconds, and return, for each other key that
+        provider batches not read yet at one of those base URLs were sent with, its last mark
+        (when, by the marker's clock; how often it marks), or None when no process that marks
+        keys has marked it (an earlier release sent with it)."""
+        now = self._clock()
+        submitted = BatchState.SUBMITTED.value
+        serving = set(served)
+        urls = {(provider, endpoint) for provider, endpoint, _ in served}
+
+        def update(connection: sqlite3.Connection) -> dict[tuple[str, str, str], tuple[float, float] | None]:
+            with immediate(connection):
+                connection.executemany(
+                    "INSERT INTO keys (provider, endpoint, key_id, seen_at, every) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (provider, endpoint, key_id) DO UPDATE SET seen_at = excluded.seen_at,"
+                    " every = excluded.every",
+                    [(*triple, now, every) for triple in served],
+                )
+                rows = connection.execute(
+                    "SELECT provider, endpoint, key_id FROM jobs INDEXED BY jobs_state WHERE state = ?"
+                    " AND key_id IS NOT NULL AND endpoint IS NOT NULL UNION SELECT provider, endpoint, key_id"
+                    " FROM jobs INDEXED BY jobs_provider_pending WHERE provider_pending IS NOT NULL"
+                    " AND key_id IS NOT NULL AND endpoint IS NOT NULL",
+                    (submitted,),
+                ).fetchall()
+                named = {(row["provider"], row["endpoint"], row["key_id"]) for row in rows}
+                marks = {
+                    (row["provider"], row["endpoint"], row["key_id"]): (row["seen_at"], row["every"])
+                    for row in connection.execute("SELECT provider, endpoint, key_id, seen_at, every FROM keys")
+                }
+                # A key no batch waiting names, not marked for a day, is forgotten.
+                connection.executemany(
+                    "DELETE FROM keys WHERE provider = ? AND endpoint = ? AND key_id = ? AND seen_at = ?",
+                    [
+                        (*triple, seen_at)
+                        for triple, (seen_at, _) in marks.items()
+                        if triple not in named and triple not in serving and seen_at < now - 86400
+                    ],
+                )
+            return {triple: marks.get(triple) for triple in named - serving if (triple[0], triple[1]) in urls}
+
+        return await self._run(update)
+
     async def move_queued(
         self, provider: str, old_endpoint: str, endpoint: str, *, gone: GoneMark | None = None
     ) -> tuple[int, list[str]]:
@@ -972,7 +1044,7 @@ class BatchStore:
 
         def update(connection: sqlite3.Connection) -> tuple[int, list[str]]:
             with immediate(connection):
-                if gone is not None and not connection.execute(f"SELECT {_STILL_GONE}", gone.params()).fetchone()[0]:
+                if gone is not None and not connection.execute(f"SELECT {gone.still}", gone.params()).fetchone()[0]:
                     return 0, []
                 moved = connection.execute(
                     "UPDATE jobs SET endpoint = ? WHERE state = ? AND provider = ? AND endpoint = ?"
@@ -992,7 +1064,7 @@ class BatchStore:
         """The send tagged ``tag`` made no batch the provider shows (or none that can be told):
         its tag is forgotten, no lookup follows. With ``gone``, only while the store still holds
         that mark (``GoneMark``). Whether any job's tag was forgotten."""
-        still = "" if gone is None else f" AND {_STILL_GONE}"
+        still = "" if gone is None else f" AND {gone.still}"
         params = () if gone is None else gone.params()
 
         def update(connection: sqlite3.Connection) -> bool:
@@ -1344,7 +1416,7 @@ class BatchStore:
         False when it was not waiting (never sent, or closed by another worker). With ``gone``,
         only while the store still holds that mark (``GoneMark``)."""
         usage = billed.usage if billed is not None else None
-        still = "" if gone is None else f" AND {_STILL_GONE}"
+        still = "" if gone is None else f" AND {gone.still}"
         params = () if gone is None else gone.params()
 
         def update(connection: sqlite3.Connection) -> bool:
@@ -1381,7 +1453,7 @@ class BatchStore:
     ) -> bool:
         """End a job that has not ended; False (and nothing changed) when it already had, or,
         with ``gone``, when the store no longer holds that mark (``GoneMark``)."""
-        still = "" if gone is None else f" AND {_STILL_GONE}"
+        still = "" if gone is None else f" AND {gone.still}"
         params = () if gone is None else gone.params()
         now = self._clock()
         values: dict[str, Any] = {"text": None, "input": None, "output": None, "cached": None}
