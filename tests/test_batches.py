@@ -3837,6 +3837,39 @@ class TestBatchOverdue:
         assert [e for e in logs if e["event"] == "batch_abandoned"] == []
         assert any(e["event"] == "batch_results_read_failed" for e in logs)
 
+    async def test_a_batch_found_ended_before_a_restart_is_not_given_up_after_it(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch sent more than ABANDON_AFTER_SECONDS ago that a process found completed (its
+        results reads failing) is not given up by the restarted process whose status checks of
+        it then fail for longer than UNPOLLABLE_FOR_SECONDS (0.3 s here): the store recorded that
+        it ended; once the provider answers, its job succeeds and is charged once (the restarted
+        process had forgotten it: EXPIRED batch_overdue, uncharged, never read)."""
+        monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
+        failing = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        fake.batch_results_errors["openai"] = failing
+        settings = settings_from(batch_config(tmp_path), live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+            await until(lambda: fake.batch_results_refused >= 2)
+        [batch] = fake.batches
+        fake.batch_retrieve_errors["openai"] = failing
+        with capture_logs() as logs:
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                await until(lambda: batch.refused >= 3)
+                await asyncio.sleep(0.6)
+                early = await get_batch(client, job)
+                assert (early.job.state, early.error) == (pb.BATCH_STATE_SUBMITTED, "")
+                fake.batch_retrieve_errors.clear()
+                fake.batch_results_errors.clear()
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                charged = [e.request_id for e in server.router.ledger.entries()]
+        assert [job] == charged
+        assert not batch.cancelled
+        assert [e for e in logs if e["event"] == "batch_abandoned"] == []
+
 
 class TestTheSuiteKeepsToItsOwnDataDir:
     def test_settings_and_processes_of_the_suite_use_a_temporary_data_dir(self) -> None:

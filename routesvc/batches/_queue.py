@@ -53,7 +53,8 @@ charged, its other jobs end EXPIRED ``batch_overdue`` (one the provider ended on
 or expired, keeps its outcome however late it is read); one that has not ended
 ``ABANDON_AFTER_SECONDS`` after it was sent ends its jobs so, uncharged, and is read no more; so
 does one past that whose polls have failed or been held in a row for ``UNPOLLABLE_FOR_SECONDS``
-(its status checks: one seen ended is never given up, its results read again each round).
+(its status checks: one seen ended, as the store records for every process, is never given
+up, its results read again each round).
 A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
 which are otherwise those the queue started with. Models are looked up in the current catalog
 (``catalog``, which follows hot reloads); a model no longer there fails its jobs not sent yet with
@@ -455,7 +456,8 @@ class BatchQueue:
         # when (monotonic) in a row (``_given_up``).
         self._failing_since: dict[tuple[str, str], float] = {}
         # Provider batches a poll here found ended, not read yet (their results read failing):
-        # never given up, read again each round.
+        # never given up, read again each round. Recorded in the store too (``mark_ended``), for
+        # a restarted process and the others sharing it (``SentJobs.ended``).
         self._seen_ended: set[tuple[str, str]] = set()
         self._clock = clock
         self._path = settings.batch_store_path
@@ -1297,7 +1299,7 @@ class BatchQueue:
             # since this round listed its jobs: then none is failed or closed.
             await self._lose(provider_batch_id, jobs, code, error.status)
         except ProviderError as error:
-            ended = (provider, provider_batch_id) in self._seen_ended
+            ended = jobs.ended or (provider, provider_batch_id) in self._seen_ended
             # A batch seen ended whose results read failed: read again next round, never given up.
             event = "batch_results_read_failed" if ended else "batch_poll_failed"
             log.warning(event, provider_batch_id=provider_batch_id, reason=error.reason)
@@ -1333,9 +1335,10 @@ class BatchQueue:
     def _given_up(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> bool:
         """Note that a poll of this batch failed (or was held), and tell whether it is to be given
         up: sent more than ``ABANDON_AFTER_SECONDS`` ago, and its polls failing or held in a row
-        for ``UNPOLLABLE_FOR_SECONDS`` here. Never one a poll here found ended (its results read
+        for ``UNPOLLABLE_FOR_SECONDS`` here. Never one a status check found ended (this round, or
+        as the store records, any process's before, a restart's predecessor too; its results read
         failing): it is billed, and read once the provider lets it."""
-        if (provider, provider_batch_id) in self._seen_ended:
+        if jobs.ended or (provider, provider_batch_id) in self._seen_ended:
             return False
         now = time.monotonic()
         since = self._failing_since.setdefault((provider, provider_batch_id), now)
@@ -1406,6 +1409,8 @@ class BatchQueue:
         self._failing_since.pop((provider, provider_batch_id), None)
         if batch.ended:
             self._seen_ended.add((provider, provider_batch_id))
+            if not jobs.ended:
+                await self._opened().mark_ended(provider, provider_batch_id)
         if other_key and own_key is not None:
             # This key sees it: the same account's rotated key, the batch's key from now on (a
             # 404 then means lost, as for any batch).
@@ -1539,8 +1544,9 @@ class BatchQueue:
         process for ENDPOINT_GONE_AFTER_SECONDS (``_watch``): then what still waits is this
         deployment's own (a rotated key's), lost by the provider. The key's last mark, for the
         write to check (``GoneMark``); True for a key no process of this release ever marked (an
-        earlier release sent with it: its age alone tells); False while a process sends with it."""
-        if jobs.sent_at is None or self._clock() - jobs.sent_at <= OTHER_KEY_LOST_AFTER_SECONDS:
+        earlier release sent with it: its age alone tells); False while a process sends with it,
+        and for a batch a status check found ended (its owner reads it, or its key was gone since)."""
+        if jobs.ended or jobs.sent_at is None or self._clock() - jobs.sent_at <= OTHER_KEY_LOST_AFTER_SECONDS:
             return False
         if jobs.endpoint is None or jobs.key_id is None:
             return True

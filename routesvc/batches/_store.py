@@ -146,6 +146,9 @@ CREATE TABLE IF NOT EXISTS keys (
 # model_spec: the job's model as the catalog had it when the job was queued (``encode_model``):
 # its prices, for an answer the provider billed after a reload removed the model (NULL in rows
 # stored before it was added: such an answer is then FAILED model_not_in_catalog, uncharged).
+# provider_ended: 1 once a status check found the job's provider batch ended (``mark_ended``):
+# billed, so never given up, whatever process reads it and however often it restarts; NULL until
+# then (and in rows stored before it was added).
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -165,6 +168,7 @@ _ADDED_COLUMNS = (
     ("unverified", "INTEGER"),
     ("estimated_input_tokens", "INTEGER"),
     ("model_spec", "TEXT"),
+    ("provider_ended", "INTEGER"),
 )
 
 # The holder of jobs queued again after their provider batch was refused for a while, until their
@@ -222,6 +226,8 @@ class SentJobs:
     # Adopted by its shape, not by a tag (``BatchStore.mark_submitted``): it may be another
     # client's, which only its results can tell.
     unverified: bool = False
+    # A status check (of any process) found it ended (``BatchStore.mark_ended``).
+    ended: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -922,7 +928,7 @@ class BatchStore:
         def update(connection: sqlite3.Connection) -> int:
             cursor = connection.execute(
                 "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1, claimed_by = NULL,"
-                " claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?,"
+                " claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?, provider_ended = NULL,"
                 " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
                 " WHERE send_tag = ? AND state IN (?, ?) AND provider_batch_id IS NULL",
                 (provider, provider_batch_id, endpoint, sent_key, shape, tag, *states),
@@ -1125,7 +1131,7 @@ class BatchStore:
         endpoint, sent_key = sent_to
         tie_cancelled = (
             "provider = ?, provider_batch_id = ?, provider_pending = 1,"
-            " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?,"
+            " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?, provider_ended = NULL,"
             " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
         )
 
@@ -1136,7 +1142,7 @@ class BatchStore:
                     cursor = connection.execute(
                         "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
-                        " unverified = ? WHERE id = ? AND state = ? AND claimed_by = ?",
+                        " unverified = ?, provider_ended = NULL WHERE id = ? AND state = ? AND claimed_by = ?",
                         (
                             submitted,
                             provider,
@@ -1166,7 +1172,8 @@ class BatchStore:
                     placed += connection.execute(
                         "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
-                        " unverified = ? WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
+                        " unverified = ?, provider_ended = NULL"
+                        " WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
                         (submitted, provider, provider_batch_id, now, endpoint, sent_key, shape, tag, queued),
                     ).rowcount
                     connection.execute(
@@ -1207,6 +1214,7 @@ class BatchStore:
                 ).fetchall()
                 connection.executemany(
                     "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, unverified = NULL,"
+                    " provider_ended = NULL,"
                     " send_tag = NULL, send_at = NULL, send_count = NULL,"
                     " updated_at = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
                     [(queued, now, row["id"]) for row in rows],
@@ -1250,7 +1258,8 @@ class BatchStore:
                         left.append(row["id"])
                         continue
                     connection.execute(
-                        "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, updated_at = ?,"
+                        "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, provider_ended = NULL,"
+                        " updated_at = ?,"
                         " send_tag = NULL, send_at = NULL, send_count = NULL, error = ?, claimed_by = ?,"
                         " claimed_until = ? WHERE id = ?",
                         (queued, now, error, _BACKING_OFF, now + wait, row["id"]),
@@ -1268,7 +1277,8 @@ class BatchStore:
 
         def select(connection: sqlite3.Connection) -> dict[tuple[str, str], SentJobs]:
             rows = connection.execute(
-                "SELECT id, provider, provider_batch_id, state, endpoint, key_id, updated_at, unverified FROM jobs"
+                "SELECT id, provider, provider_batch_id, state, endpoint, key_id, updated_at, unverified,"
+                " provider_ended FROM jobs"
                 " WHERE state = ? OR provider_pending IS NOT NULL ORDER BY created_at",
                 (submitted,),
             ).fetchall()
@@ -1276,6 +1286,7 @@ class BatchStore:
             sent_to: dict[tuple[str, str], tuple[str | None, str | None]] = {}
             sent_at: dict[tuple[str, str], float] = {}
             unverified: set[tuple[str, str]] = set()
+            ended: set[tuple[str, str]] = set()
             for row in rows:
                 key = (row["provider"], row["provider_batch_id"])
                 waiting, cancelled = found.setdefault(key, ([], []))
@@ -1285,9 +1296,16 @@ class BatchStore:
                 sent_at[key] = min(sent_at.get(key, row["updated_at"]), row["updated_at"])
                 if row["unverified"]:
                     unverified.add(key)
+                if row["provider_ended"]:
+                    ended.add(key)
             return {
                 key: SentJobs(
-                    tuple(waiting), tuple(cancelled), *sent_to[key], sent_at=sent_at[key], unverified=key in unverified
+                    tuple(waiting),
+                    tuple(cancelled),
+                    *sent_to[key],
+                    sent_at=sent_at[key],
+                    unverified=key in unverified,
+                    ended=key in ended,
                 )
                 for key, (waiting, cancelled) in found.items()
             }
@@ -1333,6 +1351,18 @@ class BatchStore:
                 return SentBatch(row["provider"], row["provider_batch_id"], row["endpoint"], bool(row["unverified"]))
 
         return await self._run(update)
+
+    async def mark_ended(self, provider: str, provider_batch_id: str) -> None:
+        """Record that a status check found the provider batch ended (``SentJobs.ended``)."""
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "UPDATE jobs SET provider_ended = 1 WHERE provider = ? AND provider_batch_id = ?"
+                " AND provider_ended IS NULL",
+                (provider, provider_batch_id),
+            )
+
+        await self._run(update)
 
     async def adopt(self, provider: str, provider_batch_id: str, sent_key: str) -> None:
         """Record ``sent_key`` as the key of the provider batch: a key that reads it (a rotated
