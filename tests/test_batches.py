@@ -3815,14 +3815,14 @@ class TestBatchOverdue:
         EXPIRED batch_overdue, uncharged, a cancel sent for the finished batch, never read)."""
         monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
         fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
-        async with (
-            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            job = (await submit(client))[1].batch.batch_id
-            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
-            [batch] = fake.batches
-            with capture_logs() as logs:
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client))[1].batch.batch_id
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+                [batch] = fake.batches
                 sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
                 refused = fake.batch_results_refused
                 await until(lambda: fake.batch_results_refused >= refused + 3)
@@ -3869,6 +3869,39 @@ class TestBatchOverdue:
         assert [job] == charged
         assert not batch.cancelled
         assert [e for e in logs if e["event"] == "batch_abandoned"] == []
+
+    async def test_a_batch_found_ended_whose_status_checks_then_fail_says_so_once_and_waits(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch sent more than ABANDON_AFTER_SECONDS ago found completed (its results reads
+        failing), whose status checks then fail too (its key refused: 401) for longer than
+        UNPOLLABLE_FOR_SECONDS (0.3 s here), is not given up: the failure is logged as what it is,
+        ``batch_poll_failed`` PROVIDER_AUTH_FAILED, once for the whole row of failures (it was
+        logged ``batch_results_read_failed`` every round, some 20 times a second), and once the
+        key is taken again the job succeeds and is charged once."""
+        monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+            await until(lambda: fake.batch_results_refused >= 2)
+            with capture_logs() as logs:
+                fake.api_key = "rotated"
+                await asyncio.sleep(1.0)
+                early = await get_batch(client, job)
+                fake.api_key = None
+                fake.batch_results_errors.clear()
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+            charged = [e.request_id for e in server.router.ledger.entries()]
+        assert (early.job.state, early.error) == (pb.BATCH_STATE_SUBMITTED, "")
+        failures = [(e["event"], e["reason"]) for e in logs if e["event"].endswith("_failed")]
+        assert failures[-1:] == [("batch_poll_failed", "PROVIDER_AUTH_FAILED")]
+        assert len(failures) <= 2  # a read under way as the key changed may fail once too
+        assert [job] == charged
 
 
 class TestTheSuiteKeepsToItsOwnDataDir:

@@ -285,6 +285,9 @@ _MAX_RESEND_DELAY = 3600.0
 # A provider that answers a poll 429 without Retry-After is polled again after delays doubling
 # from the poll interval to this; a Retry-After is honoured as it says (``parse_retry_after`` caps it).
 _MAX_POLL_HOLD = 600.0
+_FAILURE_LOG_SECONDS = 600.0
+"""How often, at most, a provider batch whose status checks or results reads keep failing the
+same way is logged (``BatchQueue._log_failure``)."""
 _CLOSE_SECONDS = 4.0
 """What ``aclose`` waits, in all, for the queue's writes and provider deletes still under way.
 The Kubernetes grace period leaves 10 s after the drain and ``grace_seconds`` for this and the
@@ -299,6 +302,17 @@ class _Leftover:
     endpoint: str | None
     tries: int
     due: float
+
+
+@dataclasses.dataclass(slots=True)
+class _Failing:
+    """A provider batch's failed status checks and results reads in a row: since when (monotonic),
+    how many, and the last one logged (event, reason) and when."""
+
+    since: float
+    count: int = 0
+    logged: tuple[str, str] | None = None
+    logged_at: float = 0.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -455,10 +469,14 @@ class BatchQueue:
         # Provider batches whose polls fail or are held, by (provider, provider batch id): since
         # when (monotonic) in a row (``_given_up``).
         self._failing_since: dict[tuple[str, str], float] = {}
-        # Provider batches a poll here found ended, not read yet (their results read failing):
-        # never given up, read again each round. Recorded in the store too (``mark_ended``), for
-        # a restarted process and the others sharing it (``SentJobs.ended``).
+        # Provider batches this round's status check found ended (what fails after it is their
+        # results read): never given up, read again each round. Recorded in the store
+        # (``mark_ended``), for later rounds, a restarted process and the others sharing it
+        # (``SentJobs.ended``).
         self._seen_ended: set[tuple[str, str]] = set()
+        # Provider batches whose polls or results reads fail in a row: how they were logged
+        # (``_log_failure``).
+        self._failures: dict[tuple[str, str], _Failing] = {}
         self._clock = clock
         self._path = settings.batch_store_path
         self._store: BatchStore | None = None
@@ -1129,6 +1147,7 @@ class BatchQueue:
         # Batches read since (here or by another worker) are no longer watched.
         self._failing_since = {key: since for key, since in self._failing_since.items() if key in submitted}
         self._seen_ended &= submitted.keys()
+        self._failures = {key: failing for key, failing in self._failures.items() if key in submitted}
         for (provider, provider_batch_id), jobs in submitted.items():
             if provider not in self._apis:
                 # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
@@ -1282,11 +1301,12 @@ class BatchQueue:
     ) -> None:
         """Poll one provider batch with ``api`` (which sends to ``sent_to``); what goes wrong with
         it is logged (or fails its jobs)."""
+        self._seen_ended.discard((provider, provider_batch_id))
         try:
             await self._poll_batch(api, provider, provider_batch_id, jobs, sent_to)
             self._polls_held.pop((provider, sent_to[0]), None)
             self._failing_since.pop((provider, provider_batch_id), None)
-            self._seen_ended.discard((provider, provider_batch_id))
+            self._failures.pop((provider, provider_batch_id), None)
         except ProviderRejected as error:
             self._accepted.discard((provider, provider_batch_id))
             if error.status == 404 and jobs.unverified:
@@ -1299,10 +1319,13 @@ class BatchQueue:
             # since this round listed its jobs: then none is failed or closed.
             await self._lose(provider_batch_id, jobs, code, error.status)
         except ProviderError as error:
-            ended = jobs.ended or (provider, provider_batch_id) in self._seen_ended
-            # A batch seen ended whose results read failed: read again next round, never given up.
-            event = "batch_results_read_failed" if ended else "batch_poll_failed"
-            log.warning(event, provider_batch_id=provider_batch_id, reason=error.reason)
+            # This round's status check found it ended: its results read failed. A batch found
+            # ended, now or before (the store), is read again next round, never given up,
+            # whatever fails (a status check too: its key revoked since, say).
+            read_failed = (provider, provider_batch_id) in self._seen_ended
+            ended = jobs.ended or read_failed
+            event = "batch_results_read_failed" if read_failed else "batch_poll_failed"
+            self._log_failure(event, provider, provider_batch_id, error, ended=ended)
             held = error.status == 429 or error.retry_after is not None
             if held:
                 self._hold_polls(provider, sent_to[0], error)
@@ -1331,6 +1354,28 @@ class BatchQueue:
             await self._cancel_with(api, batch.id)
         if abandon:
             await self._abandon(provider, batch.id, jobs, status=batch.status)
+
+    def _log_failure(
+        self, event: str, provider: str, provider_batch_id: str, error: ProviderError, *, ended: bool
+    ) -> None:
+        """Log a failed status check or results read of a provider batch: the first of a row,
+        one that fails otherwise (another event or reason) than the last logged, and then at most
+        every ``_FAILURE_LOG_SECONDS`` (with how many failed, over how long): a batch found
+        ended is never given up, so its failures could last days, a round each."""
+        now = time.monotonic()
+        failing = self._failures.setdefault((provider, provider_batch_id), _Failing(now))
+        failing.count += 1
+        if failing.logged == (event, error.reason) and now - failing.logged_at < _FAILURE_LOG_SECONDS:
+            return
+        failing.logged, failing.logged_at = (event, error.reason), now
+        log.warning(
+            event,
+            provider_batch_id=provider_batch_id,
+            reason=error.reason,
+            ended=ended,
+            failures=failing.count,
+            failing_seconds=round(now - failing.since, 1),
+        )
 
     def _given_up(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> bool:
         """Note that a poll of this batch failed (or was held), and tell whether it is to be given
