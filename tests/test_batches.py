@@ -3650,6 +3650,32 @@ class TestBatchPollRateLimited:
         [held] = [e for e in logs if e["event"] == "batch_polls_held"]
         assert (held["provider"], held["seconds"], held["reason"]) == ("openai", 2.0, "PROVIDER_RATE_LIMITED")
 
+    async def test_a_wall_clock_stepped_back_during_a_hold_does_not_lengthen_it(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """OpenAI answers a batch's poll 429 with Retry-After 2 s, and the queue's wall clock then
+        steps two hours back (an NTP correction, a VM restored): polls start again once the 2 s
+        have passed, and the job succeeds (the hold's end was wall-clock time: no poll for two
+        hours, and a batch past three days was given up unread)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            step = [0.0]
+            server.batches._clock = lambda: time.time() - step[0]  # the host's clock, steppable
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            fake.batch_retrieve_errors["openai"] = SLOW_DOWN
+            await until(lambda: batch.refused >= 1)
+            step[0] = 7200.0
+            fake.batch_retrieve_errors.clear()
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED, timeout=6.0)
+            charged = [e.request_id for e in server.router.ledger.entries()]
+        assert [job] == charged
+
 
 def sent_earlier(path: Path, seconds: float) -> None:
     """Move every job's last change (for a SUBMITTED job: when it was sent) ``seconds`` back."""

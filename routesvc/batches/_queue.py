@@ -296,7 +296,8 @@ telemetry flush (at most 4 s)."""
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Leftover:
-    """An ended provider batch some of which a delete left there: where it was, and when to try again."""
+    """An ended provider batch some of which a delete left there: where it was, and when to try
+    again (monotonic: a wall-clock step never puts it off)."""
 
     batch: ProviderBatch
     endpoint: str | None
@@ -464,7 +465,8 @@ class BatchQueue:
         self._last_mark: float | None = None
         self._marker: asyncio.Task[None] | None = None
         # Providers (by name and base URL) whose polls wait after a 429 or a Retry-After: until
-        # when (``clock``), and how many such answers in a row.
+        # when (monotonic: a wall-clock step never lengthens a hold), and how many such answers in
+        # a row.
         self._polls_held: dict[tuple[str, str], tuple[float, int]] = {}
         # Provider batches whose polls fail or are held, by (provider, provider batch id): since
         # when (monotonic) in a row (``_given_up``).
@@ -1166,7 +1168,7 @@ class BatchQueue:
                     self._skip_once(provider, provider_batch_id, jobs, "other_endpoint")
                 continue
             held = self._polls_held.get((provider, reached[1][0]))
-            if held is not None and held[0] > self._clock():
+            if held is not None and held[0] > time.monotonic():
                 # It asked us to wait (a 429, a Retry-After): its other batches wait too, but one
                 # past ABANDON_AFTER_SECONDS is given up all the same (a hold that never lifts).
                 if self._given_up(provider, provider_batch_id, jobs):
@@ -1424,7 +1426,7 @@ class BatchQueue:
         seconds = error.retry_after
         if seconds is None:
             seconds = min(_MAX_POLL_HOLD, self._config.poll_interval_seconds * 2**times)
-        self._polls_held[(provider, endpoint)] = (self._clock() + seconds, times + 1)
+        self._polls_held[(provider, endpoint)] = (time.monotonic() + seconds, times + 1)
         log.warning("batch_polls_held", provider=provider, seconds=seconds, reason=error.reason)
 
     async def _poll_batch(
@@ -1566,11 +1568,11 @@ class BatchQueue:
             log.warning("batch_discard_abandoned", provider=provider, provider_batch_id=batch.id, tries=tries)
             return
         delay = min(_MAX_DISCARD_DELAY, self._config.poll_interval_seconds * 2 ** (tries - 1))
-        self._leftovers[(provider, batch.id)] = _Leftover(batch, endpoint, tries, self._clock() + delay)
+        self._leftovers[(provider, batch.id)] = _Leftover(batch, endpoint, tries, time.monotonic() + delay)
 
     async def _discard_leftovers(self) -> None:
         """Try again what earlier deletes left at the provider, where the delay has passed."""
-        now = self._clock()
+        now = time.monotonic()
         for (provider, batch_id), leftover in list(self._leftovers.items()):
             if leftover.due > now:
                 continue
