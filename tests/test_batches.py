@@ -1364,6 +1364,27 @@ def budget_config(tmp_path: Path) -> dict[str, object]:
     return config
 
 
+class TestBatchReplicas:
+    async def test_a_replica_started_before_the_store_existed_reads_a_siblings_batch(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Two replicas (one URL, one key) share a store path that does not exist yet; the one
+        that gets the first batch request creates it, sends the job and stops before its batch
+        ends: the other, which no batch request ever reached, opens the store on its own timer,
+        reads the batch and charges the job once (it never opened it: the job stayed SUBMITTED)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        settings = settings_from(batch_config(tmp_path), live_environ(fake))
+        path = tmp_path / "batches.db"
+        async with Server(settings, port=0) as replica:
+            async with Server(settings, port=0) as first, RouterClient(first.target) as client:
+                job = (await submit(client))[1].batch.batch_id
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            await until(lambda: job_states(path) == ["succeeded"] and any(replica.router.ledger.entries()))
+            charged = [e.request_id for e in replica.router.ledger.entries()]
+        assert [job] == charged
+
+
 class TestBatchBudgets:
     """A job's tenant budget counts its estimate when it is queued, and what it really cost once
     it ends: its batch-price cost when answered, nothing when it ends unanswered."""

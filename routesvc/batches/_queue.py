@@ -598,7 +598,8 @@ class BatchQueue:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the poller; jobs already in the store (a restart) are picked up."""
+        """Start the poller; jobs already in the store (a restart) are picked up, and so are
+        those of a store another process creates later (the poller opens it once it exists)."""
         if self._path.exists():
             self._opened()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batch-poller")
@@ -879,6 +880,11 @@ class BatchQueue:
             # wakes the next one, instead of waiting for the next poll.
             self._wake.clear()
             next_flush = None
+            if self._store is None and self._path.exists():
+                # Created since this queue started (a sibling replica's first batch request): its
+                # jobs are this queue's to poll, and its URLs to mark, as if it had been there.
+                with contextlib.suppress(BatchStoreUnavailable):  # logged; tried again next round
+                    self._opened()
             if self._store is not None:
                 try:
                     await self._expire_queued()
