@@ -1364,6 +1364,27 @@ def budget_config(tmp_path: Path) -> dict[str, object]:
     return config
 
 
+class TestBatchReplicas:
+    async def test_a_replica_started_before_the_store_existed_reads_a_siblings_batch(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Two replicas (one URL, one key) share a store path that does not exist yet; the one
+        that gets the first batch request creates it, sends the job and stops before its batch
+        ends: the other, which no batch request ever reached, opens the store on its own timer,
+        reads the batch and charges the job once (it never opened it: the job stayed SUBMITTED)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        settings = settings_from(batch_config(tmp_path), live_environ(fake))
+        path = tmp_path / "batches.db"
+        async with Server(settings, port=0) as replica:
+            async with Server(settings, port=0) as first, RouterClient(first.target) as client:
+                job = (await submit(client))[1].batch.batch_id
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            await until(lambda: job_states(path) == ["succeeded"] and any(replica.router.ledger.entries()))
+            charged = [e.request_id for e in replica.router.ledger.entries()]
+        assert [job] == charged
+
+
 class TestBatchBudgets:
     """A job's tenant budget counts its estimate when it is queued, and what it really cost once
     it ends: its batch-price cost when answered, nothing when it ends unanswered."""
@@ -3094,13 +3115,15 @@ class TestBatchKeyRotation:
         assert next(e["reason"] for e in logs if e["event"] == "batch_submit_failed") == "PROVIDER_AUTH_FAILED"
 
     async def test_a_batch_lost_before_the_rotated_key_saw_it_fails_once_no_account_can_read_it(
-        self, tmp_path: Path
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """The provider loses a batch sent with the old key before the rotated key first polls
         it: its 404 cannot tell it from another account's batch at the same URL, so it is left
         alone (``other_key``) while that account could still read it, and once it has waited
-        past any provider's window (the store's send time moved two days and more back) its job
+        past any provider's window (the store's send time moved two days and more back) and no
+        process has marked the old key for ENDPOINT_GONE_AFTER_SECONDS (0.3 s here) its job
         ends FAILED provider_batch_not_found (it stayed SUBMITTED, polled for ever)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         key = tmp_path / "openai.key"
         key.write_text("key-A\n")
         async with FakeProvider(api_key="key-A") as fake:
@@ -3132,6 +3155,78 @@ class TestBatchKeyRotation:
         assert skipped.job.state == pb.BATCH_STATE_SUBMITTED
         assert [e["reason"] for e in logs if e["event"] == "batch_poll_skipped"] == ["other_key"]
         assert failed.error == "provider_batch_not_found"
+        assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
+
+
+def _account(tmp_path: Path, fake: FakeProvider, key: str) -> dict[str, object]:
+    """``batch_config`` of a deployment whose account's key is ``key``, at ``fake``'s base URLs."""
+    key_file = tmp_path / f"{key}.key"
+    key_file.write_text(key + "\n")
+    return _keyed_by_file(tmp_path, fake, key_file)
+
+
+class TestBatchAccountsSharingAURL:
+    """Two deployments (two accounts' keys) at one base URL sharing one store: each account's
+    batches are 404 to the other's key (``FakeProvider.batches_per_key``, as OpenAI's projects)."""
+
+    async def test_another_account_never_fails_a_batch_whose_owner_is_still_reading_it(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Account A's batch is completed (billed) but A's results reads fail (a 5xx) for more
+        than two days after it was sent; deployment B, which gets 404 for it, leaves it alone
+        while A's process is alive (it failed A's job provider_batch_not_found, uncharged, once
+        the batch was sent OTHER_KEY_LOST_AFTER_SECONDS ago); once A's read gets through, the job
+        succeeds and is charged once, by A."""
+        fake.batches_per_key = True
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 2)
+            with capture_logs() as logs:
+                async with Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other:
+                    await until(lambda: any(e["event"] == "batch_poll_skipped" for e in logs))
+                    sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+                    await asyncio.sleep(0.6)  # rounds of both
+                    waiting = await get_batch(client, job)
+                    assert (waiting.job.state, waiting.error) == (pb.BATCH_STATE_SUBMITTED, "")
+                    fake.batch_results_errors.clear()
+                    await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                    others = list(other.router.ledger.entries())
+            charged = [e.request_id for e in owner.router.ledger.entries()]
+        assert [job] == charged
+        assert others == []
+        assert [e for e in logs if e["event"] == "batch_lost"] == []
+
+    async def test_a_batch_of_an_account_no_process_sends_with_any_more_fails_once_its_key_is_gone(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Account A's batch, sent more than OTHER_KEY_LOST_AFTER_SECONDS ago, waits while A's
+        process runs; once A has stopped and no process has marked its key for
+        ENDPOINT_GONE_AFTER_SECONDS (0.3 s here), B, which gets 404 for it, ends its job FAILED
+        provider_batch_not_found, uncharged: no process can read it."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+            RouterClient(other.target) as client,
+        ):
+            sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+            with capture_logs() as logs:
+                failed = await wait_state(client, job, pb.BATCH_STATE_FAILED)
+            charged = list(other.router.ledger.entries())
+        assert failed.error == "provider_batch_not_found"
+        assert charged == []
         assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
 
 
@@ -3576,6 +3671,32 @@ class TestBatchPollRateLimited:
         [held] = [e for e in logs if e["event"] == "batch_polls_held"]
         assert (held["provider"], held["seconds"], held["reason"]) == ("openai", 2.0, "PROVIDER_RATE_LIMITED")
 
+    async def test_a_wall_clock_stepped_back_during_a_hold_does_not_lengthen_it(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """OpenAI answers a batch's poll 429 with Retry-After 2 s, and the queue's wall clock then
+        steps two hours back (an NTP correction, a VM restored): polls start again once the 2 s
+        have passed, and the job succeeds (the hold's end was wall-clock time: no poll for two
+        hours, and a batch past three days was given up unread)."""
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            step = [0.0]
+            server.batches._clock = lambda: time.time() - step[0]  # the host's clock, steppable
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            fake.batch_retrieve_errors["openai"] = SLOW_DOWN
+            await until(lambda: batch.refused >= 1)
+            step[0] = 7200.0
+            fake.batch_retrieve_errors.clear()
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED, timeout=6.0)
+            charged = [e.request_id for e in server.router.ledger.entries()]
+        assert [job] == charged
+
 
 def sent_earlier(path: Path, seconds: float) -> None:
     """Move every job's last change (for a SUBMITTED job: when it was sent) ``seconds`` back."""
@@ -3741,14 +3862,14 @@ class TestBatchOverdue:
         EXPIRED batch_overdue, uncharged, a cancel sent for the finished batch, never read)."""
         monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
         fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
-        async with (
-            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            job = (await submit(client))[1].batch.batch_id
-            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
-            [batch] = fake.batches
-            with capture_logs() as logs:
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client))[1].batch.batch_id
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+                [batch] = fake.batches
                 sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
                 refused = fake.batch_results_refused
                 await until(lambda: fake.batch_results_refused >= refused + 3)
@@ -3762,6 +3883,72 @@ class TestBatchOverdue:
         assert [job] == charged
         assert [e for e in logs if e["event"] == "batch_abandoned"] == []
         assert any(e["event"] == "batch_results_read_failed" for e in logs)
+
+    async def test_a_batch_found_ended_before_a_restart_is_not_given_up_after_it(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch sent more than ABANDON_AFTER_SECONDS ago that a process found completed (its
+        results reads failing) is not given up by the restarted process whose status checks of
+        it then fail for longer than UNPOLLABLE_FOR_SECONDS (0.3 s here): the store recorded that
+        it ended; once the provider answers, its job succeeds and is charged once (the restarted
+        process had forgotten it: EXPIRED batch_overdue, uncharged, never read)."""
+        monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
+        failing = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        fake.batch_results_errors["openai"] = failing
+        settings = settings_from(batch_config(tmp_path), live_environ(fake))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+            await until(lambda: fake.batch_results_refused >= 2)
+        [batch] = fake.batches
+        fake.batch_retrieve_errors["openai"] = failing
+        with capture_logs() as logs:
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                await until(lambda: batch.refused >= 3)
+                await asyncio.sleep(0.6)
+                early = await get_batch(client, job)
+                assert (early.job.state, early.error) == (pb.BATCH_STATE_SUBMITTED, "")
+                fake.batch_retrieve_errors.clear()
+                fake.batch_results_errors.clear()
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                charged = [e.request_id for e in server.router.ledger.entries()]
+        assert [job] == charged
+        assert not batch.cancelled
+        assert [e for e in logs if e["event"] == "batch_abandoned"] == []
+
+    async def test_a_batch_found_ended_whose_status_checks_then_fail_says_so_once_and_waits(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch sent more than ABANDON_AFTER_SECONDS ago found completed (its results reads
+        failing), whose status checks then fail too (its key refused: 401) for longer than
+        UNPOLLABLE_FOR_SECONDS (0.3 s here), is not given up: the failure is logged as what it is,
+        ``batch_poll_failed`` PROVIDER_AUTH_FAILED, once for the whole row of failures (it was
+        logged ``batch_results_read_failed`` every round, some 20 times a second), and once the
+        key is taken again the job succeeds and is charged once."""
+        monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+            await until(lambda: fake.batch_results_refused >= 2)
+            with capture_logs() as logs:
+                fake.api_key = "rotated"
+                await asyncio.sleep(1.0)
+                early = await get_batch(client, job)
+                fake.api_key = None
+                fake.batch_results_errors.clear()
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+            charged = [e.request_id for e in server.router.ledger.entries()]
+        assert (early.job.state, early.error) == (pb.BATCH_STATE_SUBMITTED, "")
+        failures = [(e["event"], e["reason"]) for e in logs if e["event"].endswith("_failed")]
+        assert failures[-1:] == [("batch_poll_failed", "PROVIDER_AUTH_FAILED")]
+        assert len(failures) <= 2  # a read under way as the key changed may fail once too
+        assert [job] == charged
 
 
 class TestTheSuiteKeepsToItsOwnDataDir:

@@ -53,7 +53,8 @@ charged, its other jobs end EXPIRED ``batch_overdue`` (one the provider ended on
 or expired, keeps its outcome however late it is read); one that has not ended
 ``ABANDON_AFTER_SECONDS`` after it was sent ends its jobs so, uncharged, and is read no more; so
 does one past that whose polls have failed or been held in a row for ``UNPOLLABLE_FOR_SECONDS``
-(its status checks: one seen ended is never given up, its results read again each round).
+(its status checks: one seen ended, as the store records for every process, is never given
+up, its results read again each round).
 A hot reload's provider settings (a rotated key) reach the adapters (``use_providers``),
 which are otherwise those the queue started with. Models are looked up in the current catalog
 (``catalog``, which follows hot reloads); a model no longer there fails its jobs not sent yet with
@@ -126,10 +127,13 @@ was sent with (``key_id``), and a queue handles only its own:
   same account (a hot reload, a restart) must go on with its jobs: when the provider knows it,
   the key now in use becomes its key (``BatchStore.adopt``); when it answers 404 the batch is
   another account's (another deployment at the same URL) and is left alone (``other_key``),
-  never failed, until ``OTHER_KEY_LOST_AFTER_SECONDS`` after it was sent: by then the provider
-  has ended any batch it holds and the account that reads it has settled its jobs, so jobs still
-  waiting are the rotated key's own, lost by the provider before the new key first polled it,
-  and they end FAILED ``provider_batch_not_found`` as a lost batch's do.
+  never failed while a process sends with its key (each queue marks its keys as it marks its
+  URLs: ``BatchStore.mark_keys``; the owner may be reading it for days, or cancelling it as
+  overdue). Once it was sent ``OTHER_KEY_LOST_AFTER_SECONDS`` ago and its key's mark has stayed
+  the same as a gone URL's does (below; a key no process of this release marked: its age alone),
+  jobs still waiting are the rotated key's own, lost by the provider before the new key first
+  polled it, and they end FAILED ``provider_batch_not_found`` as a lost batch's do, each only
+  while the store holds that key's mark (``GoneMark``).
 
 The base URL decides, not the key, so that a rotated key never strands a batch, at the cost of a
 poll a round for each batch of another account at the same URL. A provider's base URL changed by
@@ -219,6 +223,7 @@ from routesvc.tokens import count_text_tokens
 log = structlog.get_logger("routesvc.batches")
 
 _T = TypeVar("_T")
+_K = TypeVar("_K", tuple[str, str], tuple[str, str, str])
 # A provider batch's size: OpenAI takes an input file of up to 200 MB, Anthropic a batch of up to
 # 256 MB. The jobs' stored requests (JSON, inline images in base64) are about what is sent; a
 # group holds half the smaller limit at most, so that images cannot make a batch the provider
@@ -265,8 +270,9 @@ away whose first poll meets a passing 5xx does not give up a batch the provider 
 
 OTHER_KEY_LOST_AFTER_SECONDS = 2 * 86400.0
 """How long after it was sent a batch that another key sent to this URL, and this key does not
-see (404), is left alone as another account's: twice the providers' 24 h batch window. Then its
-jobs, still waiting, are failed as lost (the account that owned it would have settled them)."""
+see (404), is left alone as another account's whatever happens: twice the providers' 24 h batch
+window. Then its jobs, still waiting, are failed as lost once no process has marked its key for
+ENDPOINT_GONE_AFTER_SECONDS (``BatchQueue._owner_gone``): a live owner may still be reading it."""
 
 # A delete that left something at the provider is tried again this often at most, after delays
 # doubling from the poll interval to an hour; this many leftovers are kept at most.
@@ -279,6 +285,9 @@ _MAX_RESEND_DELAY = 3600.0
 # A provider that answers a poll 429 without Retry-After is polled again after delays doubling
 # from the poll interval to this; a Retry-After is honoured as it says (``parse_retry_after`` caps it).
 _MAX_POLL_HOLD = 600.0
+_FAILURE_LOG_SECONDS = 600.0
+"""How often, at most, a provider batch whose status checks or results reads keep failing the
+same way is logged (``BatchQueue._log_failure``)."""
 _CLOSE_SECONDS = 4.0
 """What ``aclose`` waits, in all, for the queue's writes and provider deletes still under way.
 The Kubernetes grace period leaves 10 s after the drain and ``grace_seconds`` for this and the
@@ -287,12 +296,24 @@ telemetry flush (at most 4 s)."""
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Leftover:
-    """An ended provider batch some of which a delete left there: where it was, and when to try again."""
+    """An ended provider batch some of which a delete left there: where it was, and when to try
+    again (monotonic: a wall-clock step never puts it off)."""
 
     batch: ProviderBatch
     endpoint: str | None
     tries: int
     due: float
+
+
+@dataclasses.dataclass(slots=True)
+class _Failing:
+    """A provider batch's failed status checks and results reads in a row: since when (monotonic),
+    how many, and the last one logged (event, reason) and when."""
+
+    since: float
+    count: int = 0
+    logged: tuple[str, str] | None = None
+    logged_at: float = 0.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -304,6 +325,28 @@ class _Watched:
     mark: tuple[float, float]
     since: float
     marks: int
+
+
+def _watched_marks(
+    before: Mapping[_K, _Watched], marks: Mapping[_K, tuple[float, float] | None], every: float, now: float
+) -> tuple[dict[_K, _Watched], dict[_K, tuple[tuple[float, float], float]]]:
+    """``marks`` as watched by this queue's mark at ``now`` (monotonic), after ``before``; and
+    those whose last mark has stayed the same long enough to be gone (``BatchQueue._watch``),
+    with that mark and for how long it has stayed."""
+    watched: dict[_K, _Watched] = {}
+    stale: dict[_K, tuple[tuple[float, float], float]] = {}
+    for key, mark in marks.items():
+        if mark is None:
+            continue
+        seen = before.get(key)
+        if seen is None or seen.mark != mark:
+            seen = _Watched(mark, now, 0)
+        seen.marks += 1
+        watched[key] = seen
+        unmarked_for = max(ENDPOINT_GONE_AFTER_SECONDS, _GONE_MARKS * mark[1], _GONE_MARKS * every)
+        if seen.marks >= _GONE_MARKS and now - seen.since >= unmarked_for:
+            stale[key] = (mark, now - seen.since)
+    return watched, stale
 
 
 CLAIM_SECONDS = 300.0
@@ -413,17 +456,29 @@ class BatchQueue:
         # others' marks as watched so far, and when (monotonic) this queue last marked.
         self._gone: dict[tuple[str, str], GoneMark] = {}
         self._watched: dict[tuple[str, str], _Watched] = {}
+        # The same for the keys other accounts sent batches to this queue's base URLs with, by
+        # (provider, base URL, key fingerprint): those no process sends with any more, and those
+        # no process of this release ever marked (``_owner_gone``).
+        self._owners_gone: dict[tuple[str, str, str], GoneMark] = {}
+        self._watched_keys: dict[tuple[str, str, str], _Watched] = {}
+        self._unmarked_keys: set[tuple[str, str, str]] = set()
         self._last_mark: float | None = None
         self._marker: asyncio.Task[None] | None = None
         # Providers (by name and base URL) whose polls wait after a 429 or a Retry-After: until
-        # when (``clock``), and how many such answers in a row.
+        # when (monotonic: a wall-clock step never lengthens a hold), and how many such answers in
+        # a row.
         self._polls_held: dict[tuple[str, str], tuple[float, int]] = {}
         # Provider batches whose polls fail or are held, by (provider, provider batch id): since
         # when (monotonic) in a row (``_given_up``).
         self._failing_since: dict[tuple[str, str], float] = {}
-        # Provider batches a poll here found ended, not read yet (their results read failing):
-        # never given up, read again each round.
+        # Provider batches this round's status check found ended (what fails after it is their
+        # results read): never given up, read again each round. Recorded in the store
+        # (``mark_ended``), for later rounds, a restarted process and the others sharing it
+        # (``SentJobs.ended``).
         self._seen_ended: set[tuple[str, str]] = set()
+        # Provider batches whose polls or results reads fail in a row: how they were logged
+        # (``_log_failure``).
+        self._failures: dict[tuple[str, str], _Failing] = {}
         self._clock = clock
         self._path = settings.batch_store_path
         self._store: BatchStore | None = None
@@ -543,7 +598,8 @@ class BatchQueue:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the poller; jobs already in the store (a restart) are picked up."""
+        """Start the poller; jobs already in the store (a restart) are picked up, and so are
+        those of a store another process creates later (the poller opens it once it exists)."""
         if self._path.exists():
             self._opened()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batch-poller")
@@ -824,6 +880,11 @@ class BatchQueue:
             # wakes the next one, instead of waiting for the next poll.
             self._wake.clear()
             next_flush = None
+            if self._store is None and self._path.exists():
+                # Created since this queue started (a sibling replica's first batch request): its
+                # jobs are this queue's to poll, and its URLs to mark, as if it had been there.
+                with contextlib.suppress(BatchStoreUnavailable):  # logged; tried again next round
+                    self._opened()
             if self._store is not None:
                 try:
                     await self._expire_queued()
@@ -1094,6 +1155,7 @@ class BatchQueue:
         # Batches read since (here or by another worker) are no longer watched.
         self._failing_since = {key: since for key, since in self._failing_since.items() if key in submitted}
         self._seen_ended &= submitted.keys()
+        self._failures = {key: failing for key, failing in self._failures.items() if key in submitted}
         for (provider, provider_batch_id), jobs in submitted.items():
             if provider not in self._apis:
                 # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
@@ -1112,7 +1174,7 @@ class BatchQueue:
                     self._skip_once(provider, provider_batch_id, jobs, "other_endpoint")
                 continue
             held = self._polls_held.get((provider, reached[1][0]))
-            if held is not None and held[0] > self._clock():
+            if held is not None and held[0] > time.monotonic():
                 # It asked us to wait (a 429, a Retry-After): its other batches wait too, but one
                 # past ABANDON_AFTER_SECONDS is given up all the same (a hold that never lifts).
                 if self._given_up(provider, provider_batch_id, jobs):
@@ -1147,11 +1209,19 @@ class BatchQueue:
         moved it off, still polled here."""
         return [*((name, sent_to[0]) for name, sent_to in self._sends_to.items()), *self._former]
 
+    def _served_keys(self) -> list[tuple[str, str, str]]:
+        """The (provider, base URL, key fingerprint) triples this queue sends or polls with."""
+        return [
+            *((name, *sent_to) for name, sent_to in self._sends_to.items()),
+            *((name, *sent_to) for (name, _), (_, sent_to) in self._former.items()),
+        ]
+
     async def _mark_once(self) -> None:
-        """Mark this queue's base URLs as the store is first opened (the marker's ticks watch)."""
+        """Mark this queue's base URLs and keys as the store is first opened (the marker's ticks watch)."""
         try:
             every = min(self._config.poll_interval_seconds, _MAX_MARK_SECONDS)
             await self._opened().mark_endpoints(self._served(), every)
+            await self._opened().mark_keys(self._served_keys(), every)
         except Exception:
             log.exception("batch_mark_failed")
 
@@ -1165,41 +1235,46 @@ class BatchQueue:
             if self._store is not None:
                 try:
                     marks = await self._store.mark_endpoints(self._served(), every)
-                    self._watch(marks, every, loop.time())
+                    key_marks = await self._store.mark_keys(self._served_keys(), every)
+                    self._watch(marks, key_marks, every, loop.time())
                 except Exception:
                     # The store failing: nothing is taken as gone until the watch starts again.
                     log.exception("batch_mark_failed")
                     self._gone, self._watched, self._last_mark = {}, {}, None
+                    self._owners_gone, self._watched_keys = {}, {}
             await asyncio.sleep(every)
 
-    def _watch(self, marks: Mapping[tuple[str, str], tuple[float, float] | None], every: float, now: float) -> None:
-        """Take as gone each other base URL whose last mark ``marks`` shows has stayed the same
-        over ``_GONE_MARKS`` of this queue's marks in a row, spanning ENDPOINT_GONE_AFTER_SECONDS
-        of this queue's monotonic time (``now``) and ``_GONE_MARKS`` times its marker's interval
-        and this queue's (``every``). Marks are compared only with themselves, never with this
-        process's clock: a clock step, a host suspended (monotonic time stops with it) or a
-        marker's long interval never makes a live process look gone. A URL never marked by a
-        process that marks (an earlier release's) is never gone; a gap in this queue's own marks
-        starts the watch afresh."""
+    def _watch(
+        self,
+        marks: Mapping[tuple[str, str], tuple[float, float] | None],
+        key_marks: Mapping[tuple[str, str, str], tuple[float, float] | None],
+        every: float,
+        now: float,
+    ) -> None:
+        """Take as gone each other base URL (``marks``) and each other key sent with at this
+        queue's base URLs (``key_marks``) whose last mark has stayed the same over ``_GONE_MARKS``
+        of this queue's marks in a row, spanning ENDPOINT_GONE_AFTER_SECONDS of this queue's
+        monotonic time (``now``) and ``_GONE_MARKS`` times its marker's interval and this
+        queue's (``every``). Marks are compared only with themselves, never with this process's
+        clock: a clock step, a host suspended (monotonic time stops with it) or a marker's long
+        interval never makes a live process look gone. A URL never marked by a process that
+        marks (an earlier release's) is never gone; a gap in this queue's own marks starts the
+        watch afresh."""
         if self._last_mark is None or now - self._last_mark > 2 * every + _MARK_GAP_SLACK:
-            self._watched = {}
+            self._watched, self._watched_keys = {}, {}
         self._last_mark = now
-        watched: dict[tuple[str, str], _Watched] = {}
-        gone: dict[tuple[str, str], GoneMark] = {}
-        for pair, mark in marks.items():
-            if mark is None:
-                continue
-            seen = self._watched.get(pair)
-            if seen is None or seen.mark != mark:
-                seen = _Watched(mark, now, 0)
-            seen.marks += 1
-            watched[pair] = seen
-            unmarked_for = max(ENDPOINT_GONE_AFTER_SECONDS, _GONE_MARKS * mark[1], _GONE_MARKS * every)
-            if seen.marks >= _GONE_MARKS and now - seen.since >= unmarked_for:
-                gone[pair] = GoneMark(*pair, *mark)
-                if pair not in self._gone:
-                    log.warning("batch_endpoint_gone", provider=pair[0], unmarked_seconds=round(now - seen.since, 1))
-        self._watched, self._gone = watched, gone
+        self._watched, stale = _watched_marks(self._watched, marks, every, now)
+        gone = {pair: GoneMark(*pair, *mark) for pair, (mark, _) in stale.items()}
+        for pair, (_, unmarked) in stale.items():
+            if pair not in self._gone:
+                log.warning("batch_endpoint_gone", provider=pair[0], unmarked_seconds=round(unmarked, 1))
+        self._gone = gone
+        self._watched_keys, stale_keys = _watched_marks(self._watched_keys, key_marks, every, now)
+        self._owners_gone = {
+            (provider, endpoint, key): GoneMark(provider, endpoint, *mark, key_id=key)
+            for (provider, endpoint, key), (mark, _) in stale_keys.items()
+        }
+        self._unmarked_keys = {triple for triple, mark in key_marks.items() if mark is None}
 
     async def _lose(
         self,
@@ -1234,11 +1309,12 @@ class BatchQueue:
     ) -> None:
         """Poll one provider batch with ``api`` (which sends to ``sent_to``); what goes wrong with
         it is logged (or fails its jobs)."""
+        self._seen_ended.discard((provider, provider_batch_id))
         try:
             await self._poll_batch(api, provider, provider_batch_id, jobs, sent_to)
             self._polls_held.pop((provider, sent_to[0]), None)
             self._failing_since.pop((provider, provider_batch_id), None)
-            self._seen_ended.discard((provider, provider_batch_id))
+            self._failures.pop((provider, provider_batch_id), None)
         except ProviderRejected as error:
             self._accepted.discard((provider, provider_batch_id))
             if error.status == 404 and jobs.unverified:
@@ -1251,10 +1327,13 @@ class BatchQueue:
             # since this round listed its jobs: then none is failed or closed.
             await self._lose(provider_batch_id, jobs, code, error.status)
         except ProviderError as error:
-            ended = (provider, provider_batch_id) in self._seen_ended
-            # A batch seen ended whose results read failed: read again next round, never given up.
-            event = "batch_results_read_failed" if ended else "batch_poll_failed"
-            log.warning(event, provider_batch_id=provider_batch_id, reason=error.reason)
+            # This round's status check found it ended: its results read failed. A batch found
+            # ended, now or before (the store), is read again next round, never given up,
+            # whatever fails (a status check too: its key revoked since, say).
+            read_failed = (provider, provider_batch_id) in self._seen_ended
+            ended = jobs.ended or read_failed
+            event = "batch_results_read_failed" if read_failed else "batch_poll_failed"
+            self._log_failure(event, provider, provider_batch_id, error, ended=ended)
             held = error.status == 429 or error.retry_after is not None
             if held:
                 self._hold_polls(provider, sent_to[0], error)
@@ -1284,12 +1363,35 @@ class BatchQueue:
         if abandon:
             await self._abandon(provider, batch.id, jobs, status=batch.status)
 
+    def _log_failure(
+        self, event: str, provider: str, provider_batch_id: str, error: ProviderError, *, ended: bool
+    ) -> None:
+        """Log a failed status check or results read of a provider batch: the first of a row,
+        one that fails otherwise (another event or reason) than the last logged, and then at most
+        every ``_FAILURE_LOG_SECONDS`` (with how many failed, over how long): a batch found
+        ended is never given up, so its failures could last days, a round each."""
+        now = time.monotonic()
+        failing = self._failures.setdefault((provider, provider_batch_id), _Failing(now))
+        failing.count += 1
+        if failing.logged == (event, error.reason) and now - failing.logged_at < _FAILURE_LOG_SECONDS:
+            return
+        failing.logged, failing.logged_at = (event, error.reason), now
+        log.warning(
+            event,
+            provider_batch_id=provider_batch_id,
+            reason=error.reason,
+            ended=ended,
+            failures=failing.count,
+            failing_seconds=round(now - failing.since, 1),
+        )
+
     def _given_up(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> bool:
         """Note that a poll of this batch failed (or was held), and tell whether it is to be given
         up: sent more than ``ABANDON_AFTER_SECONDS`` ago, and its polls failing or held in a row
-        for ``UNPOLLABLE_FOR_SECONDS`` here. Never one a poll here found ended (its results read
+        for ``UNPOLLABLE_FOR_SECONDS`` here. Never one a status check found ended (this round, or
+        as the store records, any process's before, a restart's predecessor too; its results read
         failing): it is billed, and read once the provider lets it."""
-        if (provider, provider_batch_id) in self._seen_ended:
+        if jobs.ended or (provider, provider_batch_id) in self._seen_ended:
             return False
         now = time.monotonic()
         since = self._failing_since.setdefault((provider, provider_batch_id), now)
@@ -1330,7 +1432,7 @@ class BatchQueue:
         seconds = error.retry_after
         if seconds is None:
             seconds = min(_MAX_POLL_HOLD, self._config.poll_interval_seconds * 2**times)
-        self._polls_held[(provider, endpoint)] = (self._clock() + seconds, times + 1)
+        self._polls_held[(provider, endpoint)] = (time.monotonic() + seconds, times + 1)
         log.warning("batch_polls_held", provider=provider, seconds=seconds, reason=error.reason)
 
     async def _poll_batch(
@@ -1341,17 +1443,27 @@ class BatchQueue:
         try:
             batch = await api.poll(provider_batch_id)
         except ProviderRejected as error:
-            if other_key and error.status == 404 and not self._owner_gone(jobs):
+            if not other_key or error.status != 404 or jobs.unverified:
+                raise
+            owner_gone = self._owner_gone(provider, jobs)
+            if not owner_gone:
                 # Sent to this URL with another key, and this one does not see it: another
                 # account's (another deployment), which reads it; not lost.
                 self._skip_once(provider, provider_batch_id, jobs, "other_key")
                 return
-            raise
+            # No process sends with its key any more: a rotated key's own batch, lost by the
+            # provider; its jobs end only while the store holds the key's mark they were taken by.
+            self._accepted.discard((provider, provider_batch_id))
+            gone = owner_gone if isinstance(owner_gone, GoneMark) else None
+            await self._lose(provider_batch_id, jobs, "provider_batch_not_found", error.status, gone)
+            return
         # Its status check got through: what fails from here (its results read) never counts
         # toward giving it up (``_given_up``).
         self._failing_since.pop((provider, provider_batch_id), None)
         if batch.ended:
             self._seen_ended.add((provider, provider_batch_id))
+            if not jobs.ended:
+                await self._opened().mark_ended(provider, provider_batch_id)
         if other_key and own_key is not None:
             # This key sees it: the same account's rotated key, the batch's key from now on (a
             # 404 then means lost, as for any batch).
@@ -1462,11 +1574,11 @@ class BatchQueue:
             log.warning("batch_discard_abandoned", provider=provider, provider_batch_id=batch.id, tries=tries)
             return
         delay = min(_MAX_DISCARD_DELAY, self._config.poll_interval_seconds * 2 ** (tries - 1))
-        self._leftovers[(provider, batch.id)] = _Leftover(batch, endpoint, tries, self._clock() + delay)
+        self._leftovers[(provider, batch.id)] = _Leftover(batch, endpoint, tries, time.monotonic() + delay)
 
     async def _discard_leftovers(self) -> None:
         """Try again what earlier deletes left at the provider, where the delay has passed."""
-        now = self._clock()
+        now = time.monotonic()
         for (provider, batch_id), leftover in list(self._leftovers.items()):
             if leftover.due > now:
                 continue
@@ -1479,10 +1591,20 @@ class BatchQueue:
                     self._keep(self._discard(api, provider, leftover.batch, leftover.endpoint, leftover.tries))
                 )
 
-    def _owner_gone(self, jobs: SentJobs) -> bool:
-        """Whether a batch another key sent has waited past any account's reading of it: then
-        what still waits is this deployment's own, lost by the provider (``OTHER_KEY_LOST_AFTER_SECONDS``)."""
-        return jobs.sent_at is not None and self._clock() - jobs.sent_at > OTHER_KEY_LOST_AFTER_SECONDS
+    def _owner_gone(self, provider: str, jobs: SentJobs) -> GoneMark | bool:
+        """Whether a batch another key sent to this URL, which this key does not see, is no live
+        account's: sent more than ``OTHER_KEY_LOST_AFTER_SECONDS`` ago and its key marked by no
+        process for ENDPOINT_GONE_AFTER_SECONDS (``_watch``): then what still waits is this
+        deployment's own (a rotated key's), lost by the provider. The key's last mark, for the
+        write to check (``GoneMark``); True for a key no process of this release ever marked (an
+        earlier release sent with it: its age alone tells); False while a process sends with it,
+        and for a batch a status check found ended (its owner reads it, or its key was gone since)."""
+        if jobs.ended or jobs.sent_at is None or self._clock() - jobs.sent_at <= OTHER_KEY_LOST_AFTER_SECONDS:
+            return False
+        if jobs.endpoint is None or jobs.key_id is None:
+            return True
+        owner = (provider, jobs.endpoint, jobs.key_id)
+        return self._owners_gone.get(owner) or owner in self._unmarked_keys
 
     async def _settle(self, batch_id: str, result: ItemResult) -> None:
         """End one job with its result; charge it once if it succeeded. A job cancelled since

@@ -104,11 +104,23 @@ CREATE TABLE IF NOT EXISTS endpoints (
     every REAL,
     PRIMARY KEY (provider, endpoint)
 );
+CREATE TABLE IF NOT EXISTS keys (
+    provider TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    every REAL NOT NULL,
+    PRIMARY KEY (provider, endpoint, key_id)
+);
 """
 # endpoints: for each provider name and base URL a process serves, its last mark
 # (``mark_endpoints``): when (seen_at, by the marking process's clock: only compared with itself)
 # and how often that process marks (every). A row without ``every`` was written by an earlier
 # release (when one first saw the URL, not a mark): it is no mark.
+# keys: the same for each (provider, base URL, key fingerprint) a process sends with
+# (``mark_keys``): whether the account that sent a batch still has a live process, which another
+# account at the same URL (that gets 404 for the batch) must leave its jobs to. Created in files
+# of earlier releases as they are opened (IF NOT EXISTS).
 
 # Columns added after the first release, for files created before them.
 # budget_usd: what the job's tenant budget counted when it was queued (set once that count is
@@ -134,6 +146,9 @@ CREATE TABLE IF NOT EXISTS endpoints (
 # model_spec: the job's model as the catalog had it when the job was queued (``encode_model``):
 # its prices, for an answer the provider billed after a reload removed the model (NULL in rows
 # stored before it was added: such an answer is then FAILED model_not_in_catalog, uncharged).
+# provider_ended: 1 once a status check found the job's provider batch ended (``mark_ended``):
+# billed, so never given up, whatever process reads it and however often it restarts; NULL until
+# then (and in rows stored before it was added).
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -153,6 +168,7 @@ _ADDED_COLUMNS = (
     ("unverified", "INTEGER"),
     ("estimated_input_tokens", "INTEGER"),
     ("model_spec", "TEXT"),
+    ("provider_ended", "INTEGER"),
 )
 
 # The holder of jobs queued again after their provider batch was refused for a while, until their
@@ -210,6 +226,8 @@ class SentJobs:
     # Adopted by its shape, not by a tag (``BatchStore.mark_submitted``): it may be another
     # client's, which only its results can tell.
     unverified: bool = False
+    # A status check (of any process) found it ended (``BatchStore.mark_ended``).
+    ended: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,21 +271,35 @@ class SentBatch:
 
 @dataclass(frozen=True, slots=True)
 class GoneMark:
-    """A (provider, base URL) taken as gone from its last mark (``seen_at``, ``every``): what is
-    done to its jobs is done only while the store still holds that mark, checked in the write
-    itself (a process back at the URL has marked it anew: its jobs are left to it)."""
+    """A (provider, base URL) taken as gone from its last mark (``seen_at``, ``every``), or with
+    ``key_id`` a (provider, base URL, key) no process sends with any more: what is done to its
+    jobs is done only while the store still holds that mark, checked in the write itself (a
+    process back at the URL, or with the key, has marked it anew: its jobs are left to it)."""
 
     provider: str
     endpoint: str
     seen_at: float
     every: float
+    key_id: str | None = None
 
-    def params(self) -> tuple[str, str, float, float]:
-        return (self.provider, self.endpoint, self.seen_at, self.every)
+    @property
+    def still(self) -> str:
+        """An SQL condition true while the store holds the mark (``params`` follow it)."""
+        if self.key_id is None:
+            return _STILL_GONE
+        return _KEY_STILL_GONE
+
+    def params(self) -> tuple[str | float, ...]:
+        if self.key_id is None:
+            return (self.provider, self.endpoint, self.seen_at, self.every)
+        return (self.provider, self.endpoint, self.key_id, self.seen_at, self.every)
 
 
-# True while the endpoints row holds a GoneMark's mark (its ``params`` follow).
+# True while the endpoints (keys) row holds a GoneMark's mark (its ``params`` follow).
 _STILL_GONE = "EXISTS (SELECT 1 FROM endpoints WHERE provider = ? AND endpoint = ? AND seen_at = ? AND every = ?)"
+_KEY_STILL_GONE = (
+    "EXISTS (SELECT 1 FROM keys WHERE provider = ? AND endpoint = ? AND key_id = ? AND seen_at = ? AND every = ?)"
+)
 
 
 def key_id(api_key: str | None) -> str:
@@ -896,7 +928,7 @@ class BatchStore:
         def update(connection: sqlite3.Connection) -> int:
             cursor = connection.execute(
                 "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1, claimed_by = NULL,"
-                " claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?,"
+                " claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?, provider_ended = NULL,"
                 " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
                 " WHERE send_tag = ? AND state IN (?, ?) AND provider_batch_id IS NULL",
                 (provider, provider_batch_id, endpoint, sent_key, shape, tag, *states),
@@ -958,6 +990,52 @@ class BatchStore:
 
         return await self._run(update)
 
+    async def mark_keys(
+        self, served: list[tuple[str, str, str]], every: float
+    ) -> dict[tuple[str, str, str], tuple[float, float] | None]:
+        """Mark the (provider, base URL, key fingerprint) triples of ``served`` as sent with now
+        by a process that marks them every ``every`` seconds, and return, for each other key that
+        provider batches not read yet at one of those base URLs were sent with, its last mark
+        (when, by the marker's clock; how often it marks), or None when no process that marks
+        keys has marked it (an earlier release sent with it)."""
+        now = self._clock()
+        submitted = BatchState.SUBMITTED.value
+        serving = set(served)
+        urls = {(provider, endpoint) for provider, endpoint, _ in served}
+
+        def update(connection: sqlite3.Connection) -> dict[tuple[str, str, str], tuple[float, float] | None]:
+            with immediate(connection):
+                connection.executemany(
+                    "INSERT INTO keys (provider, endpoint, key_id, seen_at, every) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (provider, endpoint, key_id) DO UPDATE SET seen_at = excluded.seen_at,"
+                    " every = excluded.every",
+                    [(*triple, now, every) for triple in served],
+                )
+                rows = connection.execute(
+                    "SELECT provider, endpoint, key_id FROM jobs INDEXED BY jobs_state WHERE state = ?"
+                    " AND key_id IS NOT NULL AND endpoint IS NOT NULL UNION SELECT provider, endpoint, key_id"
+                    " FROM jobs INDEXED BY jobs_provider_pending WHERE provider_pending IS NOT NULL"
+                    " AND key_id IS NOT NULL AND endpoint IS NOT NULL",
+                    (submitted,),
+                ).fetchall()
+                named = {(row["provider"], row["endpoint"], row["key_id"]) for row in rows}
+                marks = {
+                    (row["provider"], row["endpoint"], row["key_id"]): (row["seen_at"], row["every"])
+                    for row in connection.execute("SELECT provider, endpoint, key_id, seen_at, every FROM keys")
+                }
+                # A key no batch waiting names, not marked for a day, is forgotten.
+                connection.executemany(
+                    "DELETE FROM keys WHERE provider = ? AND endpoint = ? AND key_id = ? AND seen_at = ?",
+                    [
+                        (*triple, seen_at)
+                        for triple, (seen_at, _) in marks.items()
+                        if triple not in named and triple not in serving and seen_at < now - 86400
+                    ],
+                )
+            return {triple: marks.get(triple) for triple in named - serving if (triple[0], triple[1]) in urls}
+
+        return await self._run(update)
+
     async def move_queued(
         self, provider: str, old_endpoint: str, endpoint: str, *, gone: GoneMark | None = None
     ) -> tuple[int, list[str]]:
@@ -972,7 +1050,7 @@ class BatchStore:
 
         def update(connection: sqlite3.Connection) -> tuple[int, list[str]]:
             with immediate(connection):
-                if gone is not None and not connection.execute(f"SELECT {_STILL_GONE}", gone.params()).fetchone()[0]:
+                if gone is not None and not connection.execute(f"SELECT {gone.still}", gone.params()).fetchone()[0]:
                     return 0, []
                 moved = connection.execute(
                     "UPDATE jobs SET endpoint = ? WHERE state = ? AND provider = ? AND endpoint = ?"
@@ -992,7 +1070,7 @@ class BatchStore:
         """The send tagged ``tag`` made no batch the provider shows (or none that can be told):
         its tag is forgotten, no lookup follows. With ``gone``, only while the store still holds
         that mark (``GoneMark``). Whether any job's tag was forgotten."""
-        still = "" if gone is None else f" AND {_STILL_GONE}"
+        still = "" if gone is None else f" AND {gone.still}"
         params = () if gone is None else gone.params()
 
         def update(connection: sqlite3.Connection) -> bool:
@@ -1053,7 +1131,7 @@ class BatchStore:
         endpoint, sent_key = sent_to
         tie_cancelled = (
             "provider = ?, provider_batch_id = ?, provider_pending = 1,"
-            " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?,"
+            " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?, provider_ended = NULL,"
             " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
         )
 
@@ -1064,7 +1142,7 @@ class BatchStore:
                     cursor = connection.execute(
                         "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
-                        " unverified = ? WHERE id = ? AND state = ? AND claimed_by = ?",
+                        " unverified = ?, provider_ended = NULL WHERE id = ? AND state = ? AND claimed_by = ?",
                         (
                             submitted,
                             provider,
@@ -1094,7 +1172,8 @@ class BatchStore:
                     placed += connection.execute(
                         "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
-                        " unverified = ? WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
+                        " unverified = ?, provider_ended = NULL"
+                        " WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
                         (submitted, provider, provider_batch_id, now, endpoint, sent_key, shape, tag, queued),
                     ).rowcount
                     connection.execute(
@@ -1135,6 +1214,7 @@ class BatchStore:
                 ).fetchall()
                 connection.executemany(
                     "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, unverified = NULL,"
+                    " provider_ended = NULL,"
                     " send_tag = NULL, send_at = NULL, send_count = NULL,"
                     " updated_at = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
                     [(queued, now, row["id"]) for row in rows],
@@ -1178,7 +1258,8 @@ class BatchStore:
                         left.append(row["id"])
                         continue
                     connection.execute(
-                        "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, updated_at = ?,"
+                        "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, provider_ended = NULL,"
+                        " updated_at = ?,"
                         " send_tag = NULL, send_at = NULL, send_count = NULL, error = ?, claimed_by = ?,"
                         " claimed_until = ? WHERE id = ?",
                         (queued, now, error, _BACKING_OFF, now + wait, row["id"]),
@@ -1196,7 +1277,8 @@ class BatchStore:
 
         def select(connection: sqlite3.Connection) -> dict[tuple[str, str], SentJobs]:
             rows = connection.execute(
-                "SELECT id, provider, provider_batch_id, state, endpoint, key_id, updated_at, unverified FROM jobs"
+                "SELECT id, provider, provider_batch_id, state, endpoint, key_id, updated_at, unverified,"
+                " provider_ended FROM jobs"
                 " WHERE state = ? OR provider_pending IS NOT NULL ORDER BY created_at",
                 (submitted,),
             ).fetchall()
@@ -1204,6 +1286,7 @@ class BatchStore:
             sent_to: dict[tuple[str, str], tuple[str | None, str | None]] = {}
             sent_at: dict[tuple[str, str], float] = {}
             unverified: set[tuple[str, str]] = set()
+            ended: set[tuple[str, str]] = set()
             for row in rows:
                 key = (row["provider"], row["provider_batch_id"])
                 waiting, cancelled = found.setdefault(key, ([], []))
@@ -1213,9 +1296,16 @@ class BatchStore:
                 sent_at[key] = min(sent_at.get(key, row["updated_at"]), row["updated_at"])
                 if row["unverified"]:
                     unverified.add(key)
+                if row["provider_ended"]:
+                    ended.add(key)
             return {
                 key: SentJobs(
-                    tuple(waiting), tuple(cancelled), *sent_to[key], sent_at=sent_at[key], unverified=key in unverified
+                    tuple(waiting),
+                    tuple(cancelled),
+                    *sent_to[key],
+                    sent_at=sent_at[key],
+                    unverified=key in unverified,
+                    ended=key in ended,
                 )
                 for key, (waiting, cancelled) in found.items()
             }
@@ -1261,6 +1351,18 @@ class BatchStore:
                 return SentBatch(row["provider"], row["provider_batch_id"], row["endpoint"], bool(row["unverified"]))
 
         return await self._run(update)
+
+    async def mark_ended(self, provider: str, provider_batch_id: str) -> None:
+        """Record that a status check found the provider batch ended (``SentJobs.ended``)."""
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "UPDATE jobs SET provider_ended = 1 WHERE provider = ? AND provider_batch_id = ?"
+                " AND provider_ended IS NULL",
+                (provider, provider_batch_id),
+            )
+
+        await self._run(update)
 
     async def adopt(self, provider: str, provider_batch_id: str, sent_key: str) -> None:
         """Record ``sent_key`` as the key of the provider batch: a key that reads it (a rotated
@@ -1344,7 +1446,7 @@ class BatchStore:
         False when it was not waiting (never sent, or closed by another worker). With ``gone``,
         only while the store still holds that mark (``GoneMark``)."""
         usage = billed.usage if billed is not None else None
-        still = "" if gone is None else f" AND {_STILL_GONE}"
+        still = "" if gone is None else f" AND {gone.still}"
         params = () if gone is None else gone.params()
 
         def update(connection: sqlite3.Connection) -> bool:
@@ -1381,7 +1483,7 @@ class BatchStore:
     ) -> bool:
         """End a job that has not ended; False (and nothing changed) when it already had, or,
         with ``gone``, when the store no longer holds that mark (``GoneMark``)."""
-        still = "" if gone is None else f" AND {_STILL_GONE}"
+        still = "" if gone is None else f" AND {gone.still}"
         params = () if gone is None else gone.params()
         now = self._clock()
         values: dict[str, Any] = {"text": None, "input": None, "output": None, "cached": None}

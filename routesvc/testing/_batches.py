@@ -125,6 +125,12 @@ class FakeBatch:
         return [str(r.get("custom_id")) for r in self.requests]
 
 
+def _key_of(headers: dict[str, str]) -> str | None:
+    """The API key a request's (lower-case) headers carry, in either API's header."""
+    bearer = headers.get("authorization", "")
+    return headers.get("x-api-key") or (bearer[7:] if bearer.lower().startswith("bearer ") else None)
+
+
 def _iso(seconds: float) -> str:
     micros = int(seconds % 1 * 1_000_000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
@@ -198,6 +204,9 @@ class FakeBatches:
         # The same for reading an ended batch's results (OpenAI: its output and error files).
         self.results_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
         self.results_refused = 0
+        # Batches are the account's of the key that created them (as OpenAI's are a project's):
+        # a retrieve or cancel with another key gets 404, as for an unknown id.
+        self.per_key = False
         # A create waits until this is set (None: answers at once); ``create_waiting`` says one does.
         self.create_hold: asyncio.Event | None = None
         self.create_waiting = asyncio.Event()
@@ -247,6 +256,7 @@ class FakeBatches:
         self.retrieve_errors.clear()
         self.results_errors.clear()
         self.results_refused = 0
+        self.per_key = False
         self.create_hold = None
         self.create_waiting.clear()
         self.create_reply_hold = None
@@ -541,10 +551,14 @@ class FakeBatches:
 
     async def _openai_found(self, connection: Connection, request: Request) -> FakeBatch | None:
         batch = self.batches.get(request.path.split("?")[0].split("/")[3])
-        if batch is None or batch.api != "openai" or batch.lost:
+        if batch is None or batch.api != "openai" or batch.lost or self._other_account(batch, request):
             await connection.send_json(404, {"error": {"type": "not_found_error", "message": "no such batch"}})
             return None
         return batch
+
+    def _other_account(self, batch: FakeBatch, request: Request) -> bool:
+        """Whether ``per_key`` hides ``batch`` from the key of ``request``."""
+        return self.per_key and _key_of(request.headers) != _key_of(batch.headers)
 
     async def _refuse_retrieve(self, connection: Connection, batch: FakeBatch) -> bool:
         """Answer the retrieve with ``retrieve_errors``' error for the batch's API, if any."""
@@ -646,7 +660,13 @@ class FakeBatches:
 
     async def _anthropic_found(self, connection: Connection, request: Request) -> FakeBatch | None:
         batch = self.batches.get(request.path.split("?")[0].split("/")[4])
-        if batch is None or batch.api != "anthropic" or batch.deleted or batch.lost:
+        if (
+            batch is None
+            or batch.api != "anthropic"
+            or batch.deleted
+            or batch.lost
+            or self._other_account(batch, request)
+        ):
             error = {"type": "error", "error": {"type": "not_found_error", "message": "no such batch"}}
             await connection.send_json(404, error)
             return None

@@ -238,6 +238,16 @@ class FakeProvider:
         return self._batches.create_waiting
 
     @property
+    def batches_per_key(self) -> bool:
+        """Whether a batch is the account's of the key that created it (as OpenAI's are a
+        project's): retrieved or cancelled with another key it is 404 (default False)."""
+        return self._batches.per_key
+
+    @batches_per_key.setter
+    def batches_per_key(self, per_key: bool) -> None:
+        self._batches.per_key = per_key
+
+    @property
     def openai_batch_http_errors_in_error_file(self) -> bool:
         """Whether an OpenAI batch request answered with an HTTP error is written to the error
         file (``response`` set, ``error`` null, as the Batch API does) rather than the output file
