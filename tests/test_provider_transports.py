@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import zlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -26,6 +27,7 @@ from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Fault, Script
 from tests.conftest import until
 from tests.forward_proxy import ForwardProxy
+from tests.raw_upstream import RawUpstream, Reply, anthropic_stream, chunks, endless, endless_gzip, openai_stream
 
 Adapter = OpenAIProvider | AnthropicProvider
 
@@ -59,6 +61,26 @@ async def bounded(fake: FakeProvider, kind: str, http_client: HttpClientKind) ->
     made = make_adapter(kind, http_client, fake.openai_base_url, fake.anthropic_base_url, max_event_bytes=8192)
     yield made
     await made.aclose()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[RawUpstream]:
+    """A server answering with exact bytes (``tests/raw_upstream.py``)."""
+    async with RawUpstream() as running:
+        yield running
+
+
+@pytest.fixture
+async def on_raw(raw: RawUpstream, kind: str, http_client: HttpClientKind) -> AsyncIterator[Adapter]:
+    """An adapter of each kind, over each transport, pointed at ``raw``."""
+    made = make_adapter(kind, http_client, raw.url + "/v1", raw.url)
+    yield made
+    await made.aclose()
+
+
+def stream_of(kind: str, texts: tuple[str, ...] = ("Hello ", "world")) -> list[bytes]:
+    """A whole stream of ``texts`` in ``kind``'s format."""
+    return openai_stream(texts) if kind == "openai" else anthropic_stream(texts)
 
 
 def call(timeout: float | None = None) -> ProviderCall:
@@ -292,3 +314,54 @@ class TestEventBound:
         assert error is not None
         assert "content-encoding gzip, not identity as asked (stream_encoded)" in error.message
         assert fake.requests[-1].headers["accept-encoding"] == "identity"
+
+    @pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+    @pytest.mark.parametrize(("status", "error_class"), [(400, ProviderRejected), (429, ProviderRateLimited)])
+    async def test_an_error_body_that_never_ends_is_not_read_past_a_bound(
+        self, raw: RawUpstream, on_raw: Adapter, compressed: bool, status: int, error_class: type[Exception]
+    ) -> None:
+        """An error answer to a streaming request whose body never ends, plain or gzip (which
+        decodes to about 1 MiB per chunk): the call fails at once as the error its status says, a
+        429 with its Retry-After, having read no more than about its bound (1 MiB, ``ERROR_BODY_LIMIT``) of it (it was
+        read and decoded whole, growing to gigabytes until the call's deadline, which it then failed)."""
+        body = (endless_gzip if compressed else endless)(b"x", first=b'{"error": {"message": "')
+        headers = {"retry-after": "7", **({"content-encoding": "gzip"} if compressed else {})}
+        raw.replies.append(Reply(status=status, headers=headers, body=body, content_type="application/json"))
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], error_class)
+        if isinstance(error, ProviderRateLimited):
+            assert error.retry_after == 7.0
+        await until(lambda: len(raw.sent) == 1 and raw.sent[0] > 0)
+        assert raw.sent[0] < 32 << 20
+
+    async def test_a_compressed_error_body_is_not_decoded(self, raw: RawUpstream, kind: str, on_raw: Adapter) -> None:
+        """A 400 whose gzip body of 20 kB decodes to a 20 MB JSON error naming its type (a
+        compression bomb): rejected, by its status alone: the body is not decoded (it was, whole:
+        a few hundred kB of gzip cost a gigabyte), so its type is not in the message."""
+        head = (
+            b'{"error": {"type": "bomb_error", "message": "'
+            if kind == "openai"
+            else b'{"type": "error", "error": {"type": "bomb_error", "message": "'
+        )
+        compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+        wire = compressor.compress(head) + compressor.compress(b"x" * (20 << 20))
+        wire += compressor.compress(b'"}}') + compressor.flush()
+        headers = {"content-encoding": "gzip"}
+        raw.replies.append(Reply(status=400, headers=headers, body=chunks(wire), content_type="application/json"))
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRejected)
+        assert error is not None
+        assert "bomb_error" not in error.message
+
+    async def test_a_redirect_body_that_never_ends_is_not_read_past_a_bound(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
+        """A 307 to the same path whose body never ends, then a stream there: the redirect is
+        followed at once and the stream read (the redirect's body was read whole until the
+        call's deadline)."""
+        path = "/v1/chat/completions" if kind == "openai" else "/v1/messages"
+        raw.replies.append(Reply(status=307, headers={"location": path}, body=endless(b"x"), content_type="text/plain"))
+        raw.replies.append(Reply(body=chunks(*stream_of(kind))))
+        texts, error = await read(on_raw, call(timeout=8))
+        assert ("".join(texts), error) == ("Hello world", None)
+        assert raw.sent[0] < 32 << 20

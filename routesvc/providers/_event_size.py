@@ -10,9 +10,13 @@ labelled, and counts each event's bytes up to its end as the SDK's decoder finds
 (``EventBound.ends``); past ``EventBound.limit`` the body fails with ``EventTooLarge`` (an
 ``httpx2.ReadError``, as a broken connection fails it), which the adapters translate to
 ``ProviderUnavailable``. What is held stays within the limit and one read's chunk. An error's
-body (4xx, 5xx) is left alone: the SDK reads it whole, as it reads any request's error, for its
-status, message and ``Retry-After`` (an error of any size counted as one event turned a 400 or a
-429 into ``event_too_large``).
+body (4xx, 5xx) or a redirect's (3xx, which the SDK follows) is not bounded as events (an error of
+any size counted as one event turned a 400 or a 429 into ``event_too_large``) but as a whole: the
+SDK reads it whole for its message, so it is passed on when it ends within ``ERROR_BODY_LIMIT``
+bytes and dropped (an empty body, the rest unread) past them; one compressed is dropped unread
+(its decoded size is not known until decoded). The answer keeps its status and headers either
+way, so a 400 stays rejected and a 429 keeps its ``Retry-After``; only the message is lost (an
+error body read whole, or decoded whole, could cost the process gigabytes).
 
 The bytes counted are the ones the SDK decodes: a streaming request asks for them unencoded
 (``Accept-Encoding: identity``), and a successful answer that comes compressed all the same
@@ -34,6 +38,8 @@ from typing import Protocol
 import httpx2
 
 DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
+# The most of an error's or a redirect's body passed on (a provider's error is well under a kB).
+ERROR_BODY_LIMIT = 1024 * 1024
 
 _OPENAI_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 # The bytes of the data before a chunk kept to find an event's end split across two chunks.
@@ -169,6 +175,29 @@ class _BoundedEvents(httpx2.AsyncByteStream):
         await self._inner.aclose()
 
 
+class _CappedBody(httpx2.AsyncByteStream):
+    """An error's or a redirect's body: passed on whole if it ends within ``ERROR_BODY_LIMIT`` bytes,
+    else empty (read no further); empty, unread, if ``dropped``."""
+
+    def __init__(self, inner: httpx2.AsyncByteStream, *, dropped: bool) -> None:
+        self._inner = inner
+        self._dropped = dropped
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._dropped:
+            return
+        held = bytearray()
+        async for chunk in self._inner:
+            held += chunk
+            if len(held) > ERROR_BODY_LIMIT:
+                return
+        if held:
+            yield bytes(held)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class BoundedEventsTransport(httpx2.AsyncBaseTransport):
     """Delegates to an SDK client's transport; bounds each event of a streaming request's response."""
 
@@ -182,14 +211,20 @@ class BoundedEventsTransport(httpx2.AsyncBaseTransport):
         request.headers["accept-encoding"] = "identity"
         response = await self._inner.handle_async_request(request)
         codings = [value.strip().lower() for value in response.headers.get_list("content-encoding", split_commas=True)]
-        if response.is_success and any(coding in DECODED_CODINGS for coding in codings):
-            # An error's body is read whole as any error's; a stream's would be decoded whole.
+        encoded = any(coding in DECODED_CODINGS for coding in codings)
+        if response.is_success and encoded:
+            # A stream's events would be decoded whole.
             await response.aclose()
             raise EncodedStream(", ".join(codings))
-        if response.is_success and isinstance(response.stream, httpx2.AsyncByteStream):
-            # An error's body (4xx, 5xx) is read whole by the SDK, as any request's error is, for
-            # its status, message and Retry-After; it holds no events to bound.
+        if not isinstance(response.stream, httpx2.AsyncByteStream):
+            return response
+        if response.is_success:
             response.stream = _BoundedEvents(response.stream, self._bound)
+        else:
+            # An error's or a redirect's body holds no events, and the SDK reads it whole.
+            response.stream = _CappedBody(response.stream, dropped=encoded)
+            if encoded:
+                del response.headers["content-encoding"]
         return response
 
     async def aclose(self) -> None:
