@@ -365,3 +365,27 @@ class TestEventBound:
         texts, error = await read(on_raw, call(timeout=8))
         assert ("".join(texts), error) == ("Hello world", None)
         assert raw.sent[0] < 32 << 20
+
+    @pytest.mark.parametrize("kind", ["anthropic"])
+    async def test_an_anthropic_event_of_over_1000_lines_is_unavailable_and_one_of_fewer_passes(
+        self, raw: RawUpstream, on_raw: Adapter
+    ) -> None:
+        """After the first text, an event of 1,001 lines (lines the SDK ignores, 2 kB in all, well
+        under ``max_event_bytes``): that text, then ProviderUnavailable ``event_too_large`` naming
+        the 1,000 lines the anthropic SDK's decoder may add to one event (it adds each by copying
+        the event so far: a million such lines held the event loop for minutes; the stream was
+        read as any other); one of 999 lines is read as any other."""
+        events = anthropic_stream(["Hello ", "world"])
+
+        def padded(lines: int) -> list[bytes]:
+            # The event line, ``lines - 3`` lines of "a", the data line, the blank line.
+            return [*events[:3], b"event: ping\n" + b"a\n" * (lines - 3) + b'data: {"type": "ping"}\n\n', *events[3:]]
+
+        raw.replies.append(Reply(body=chunks(*padded(1001))))
+        raw.replies.append(Reply(body=chunks(*padded(999))))
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+        assert error is not None
+        assert "stream event over 1000 lines (reliability.max_event_bytes) (event_too_large)" in error.message
+        texts, error = await read(on_raw, call(timeout=8))
+        assert ("".join(texts), error) == ("Hello world", None)

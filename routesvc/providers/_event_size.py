@@ -9,7 +9,12 @@ body of every successful (2xx) response to a streaming request (the adapter send
 labelled, and counts each event's bytes up to its end as the SDK's decoder finds it
 (``EventBound.ends``); past ``EventBound.limit`` the body fails with ``EventTooLarge`` (an
 ``httpx2.ReadError``, as a broken connection fails it), which the adapters translate to
-``ProviderUnavailable``. What is held stays within the limit and one read's chunk. An error's
+``ProviderUnavailable``. What is held stays within the limit and one read's chunk. The anthropic
+SDK's decoder also costs time quadratic in the lines of one event (it adds each line to the event's
+bytes by copying them), so an event of a million short lines, well within the limit, held the
+event loop for minutes: an anthropic stream's event also fails ``event_too_large`` past
+``MAX_EVENT_LINES`` lines as that decoder splits them (a real event has two or three; a line split
+between two reads counts twice). An error's
 body (4xx, 5xx) or a redirect's (3xx, which the SDK follows) is not bounded as events (an error of
 any size counted as one event turned a 400 or a 429 into ``event_too_large``) but as a whole: the
 SDK reads it whole for its message, so it is passed on when it ends within ``ERROR_BODY_LIMIT``
@@ -38,6 +43,8 @@ from typing import Protocol
 import httpx2
 
 DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
+# The most lines of one event of an anthropic stream, as its SDK's decoder adds them one by one.
+MAX_EVENT_LINES = 1000
 # The most of an error's or a redirect's body passed on (a provider's error is well under a kB).
 ERROR_BODY_LIMIT = 1024 * 1024
 
@@ -48,7 +55,11 @@ _ANTHROPIC_ENDS = (b"\r\r", b"\n\n", b"\r\n\r\n")
 
 
 class EventEnds(Protocol):
-    """Where one stream's events end, as its SDK's decoder finds them, chunk after chunk."""
+    """Where one stream's events end, as its SDK's decoder finds them, chunk after chunk; and
+    ``overrun``, once an event runs past a limit of the kind's other than its bytes (then ``find``
+    has returned the ends before it only)."""
+
+    overrun: UnreadableStream | None
 
     def find(self, chunk: bytes) -> list[int]:
         """The offsets in ``chunk`` just after each event's end, in order (the chunks before
@@ -61,6 +72,7 @@ class OpenAIEventEnds:
 
     def __init__(self) -> None:
         self._tail = b""  # the last bytes before the chunk, for an end split across the two
+        self.overrun: UnreadableStream | None = None
 
     def find(self, chunk: bytes) -> list[int]:
         window = self._tail + chunk
@@ -76,10 +88,13 @@ class AnthropicEventEnds:
     only when these then end with ``\r\r``, ``\n\n`` or ``\r\n\r\n``. So it holds a stream that
     mixes line endings (``\n`` then ``\r\n``, ``\r`` then ``\r\n``) as one event, and an end
     split across two chunks between ``\r`` and ``\n`` (``\r\r`` then ``\n``) is one where
-    one is not; the chunks are the ones passed on, so the ends are the SDK's exactly."""
+    one is not; the chunks are the ones passed on, so the ends are the SDK's exactly. An event
+    of more than ``MAX_EVENT_LINES`` lines so added is an ``overrun``."""
 
     def __init__(self) -> None:
         self._held = b""  # the last bytes of the event so far (no more than an end's)
+        self._lines = 0  # the lines of the event so far
+        self.overrun: UnreadableStream | None = None
 
     def find(self, chunk: bytes) -> list[int]:
         ends: list[int] = []
@@ -87,10 +102,15 @@ class AnthropicEventEnds:
         offset = 0
         for line in chunk.splitlines(keepends=True):
             offset += len(line)
+            self._lines += 1
+            if self._lines > MAX_EVENT_LINES:
+                self.overrun = EventTooManyLines(MAX_EVENT_LINES)
+                break
             held = (held + line[-4:])[-4:]
             if held.endswith(_ANTHROPIC_ENDS):
                 ends.append(offset)
                 held = b""
+                self._lines = 0
         self._held = held
         return ends
 
@@ -140,6 +160,14 @@ class EventTooLarge(UnreadableStream):
         self.limit = limit
 
 
+class EventTooManyLines(UnreadableStream):
+    """An event of an anthropic stream passed ``lines`` lines before its end."""
+
+    def __init__(self, lines: int) -> None:
+        super().__init__(f"stream event over {lines} lines (reliability.max_event_bytes)", "event_too_large")
+        self.lines = lines
+
+
 class EncodedStream(UnreadableStream):
     """A successful streamed answer came ``encoding``-compressed though asked unencoded."""
 
@@ -148,7 +176,7 @@ class EncodedStream(UnreadableStream):
 
 
 class _BoundedEvents(httpx2.AsyncByteStream):
-    """A response body that fails once an event runs past ``limit`` bytes."""
+    """A response body that fails once an event runs past ``limit`` bytes (or its ends' other limit)."""
 
     def __init__(self, inner: httpx2.AsyncByteStream, bound: EventBound) -> None:
         self._inner = inner
@@ -164,11 +192,12 @@ class _BoundedEvents(httpx2.AsyncByteStream):
                     break
                 start = end
             pending = len(chunk) - start
-            if pending > self._limit:
+            error = EventTooLarge(self._limit) if pending > self._limit else self._ends.overrun
+            if error is not None:
                 # The whole events before it are the stream's, as before a cut.
                 if start > 0:
                     yield chunk[:start]
-                raise EventTooLarge(self._limit)
+                raise error
             yield chunk
 
     async def aclose(self) -> None:
