@@ -12,6 +12,7 @@ import zlib
 from collections.abc import AsyncIterator
 
 import pytest
+from httpx2._decoders import SUPPORTED_DECODERS
 
 from routesvc.errors import (
     ProviderError,
@@ -272,13 +273,26 @@ class TestEventBound:
         assert error is not None
         assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message
 
-    @pytest.mark.parametrize("encoding", ["none", "utf-8", "identity, none"])
+    @pytest.mark.parametrize(
+        "encoding",
+        [
+            "none",
+            "utf-8",
+            "identity, none",
+            "x-gzip",
+            "compress",
+            "x-compress",
+            *(coding for coding in ("br", "zstd") if coding not in SUPPORTED_DECODERS),
+        ],
+    )
     async def test_a_stream_labelled_with_a_coding_the_stack_does_not_decode_is_read_as_unencoded(
         self, fake: FakeProvider, bounded: Adapter, encoding: str
     ) -> None:
         """``content-encoding: none`` (a header SSE servers send to keep proxies from compressing)
-        or another coding the HTTP stack does not decode: the stack reads the body as unencoded,
-        and so is the stream read (it was failed as compressed, every attempt)."""
+        or another coding the HTTP stack does not decode (httpx2 knows no ``x-gzip`` nor
+        ``compress``, and ``br``, ``zstd`` only with brotli, zstandard installed): the stack reads
+        the body as unencoded, and so is the stream read (it was failed as compressed, every
+        attempt: ``none`` before, ``x-gzip``, ``br``... until now)."""
         fake.enqueue(Script(headers={"content-encoding": encoding}))
         texts, error = await read(bounded, call())
         assert ("".join(texts), error) == ("Hello from the fake provider.", None)

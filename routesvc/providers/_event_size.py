@@ -27,7 +27,8 @@ The bytes counted are the ones the SDK decodes: a streaming request asks for the
 (``Accept-Encoding: identity``), and a successful answer that comes compressed all the same
 fails with ``EncodedStream`` (a few hundred bytes of gzip can hold a 100 kB event, a few hundred
 kB a 200 MB one, decoded whole after the transport); one labelled with a coding the stack does
-not decode (``none``, ``utf-8``) is read as unencoded, as the stack reads it. Responses to other
+not decode (``none``, ``utf-8``, ``x-gzip``; ``br`` and ``zstd`` unless brotli and zstandard are
+installed: ``DECODED_CODINGS``) is read as unencoded, as the stack reads it. Responses to other
 requests (embeddings, batch files, list pages) are left alone.
 """
 
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import httpx2
+from httpx2._decoders import SUPPORTED_DECODERS
 
 DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
 # The most lines of one event of an anthropic stream, as its SDK's decoder adds them one by one.
@@ -115,11 +117,13 @@ class AnthropicEventEnds:
         return ends
 
 
-# The content codings the HTTP stack decodes (httpx2's decoders; aiohttp's transport passes the
-# body on undecoded to httpx2) and their aliases: a stream in any of these is refused. Any other
-# coding ("none", "utf-8": a header some SSE servers send to keep proxies from compressing) the
-# stack passes on as identity, so the bytes counted are the bytes decoded.
-DECODED_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
+# The content codings the HTTP stack decodes: httpx2's decoders, over both transports (aiohttp's
+# passes the body on undecoded, ``auto_decompress=False``, to httpx2): gzip and deflate, br and
+# zstd only where brotli and zstandard are installed. A stream in any of these is refused. Any
+# other coding ("none", "utf-8": a header some SSE servers send to keep proxies from compressing;
+# "x-gzip", "compress", which httpx2 does not know) the stack passes on as it came, as identity,
+# so the bytes counted are the bytes decoded.
+DECODED_CODINGS = frozenset(SUPPORTED_DECODERS) - {"identity"}
 
 _STREAMING: ContextVar[bool] = ContextVar("routesvc_streaming_request", default=False)
 
