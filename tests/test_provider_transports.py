@@ -21,7 +21,7 @@ from routesvc.errors import (
     ProviderTimedOut,
     ProviderUnavailable,
 )
-from routesvc.models import InputReported, Message, Role, TextDelta
+from routesvc.models import InputReported, Message, ProviderFinish, Role, TextDelta
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
@@ -403,3 +403,29 @@ class TestEventBound:
         assert "stream event over 1000 lines (reliability.max_event_bytes) (event_too_large)" in error.message
         texts, error = await read(on_raw, call(timeout=8))
         assert ("".join(texts), error) == ("Hello world", None)
+
+    @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+    async def test_a_byte_order_mark_before_the_first_event_is_skipped(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter, split: bool
+    ) -> None:
+        """A UTF-8 byte order mark before the first event (which the SSE spec skips), whole or
+        sent byte by byte: the whole text and the provider's usage (the first event
+        was lost to both SDKs: OpenAI's first text dropped, the answer OK; Anthropic's
+        ``message_start`` with the input count, then estimated and under-billed)."""
+        texts_sent = ["Hello ", "world"]
+        events = openai_stream(texts_sent) if kind == "openai" else anthropic_stream(texts_sent, input_tokens=1000)
+        head = [b"\xef", b"\xbb", b"\xbf" + events[0]] if split else [b"\xef\xbb\xbf" + events[0]]
+        raw.replies.append(Reply(body=chunks(*head, *events[1:])))
+        texts: list[str] = []
+        finish = None
+        async for event in on_raw.stream(call(timeout=8)):
+            if isinstance(event, TextDelta):
+                texts.append(event.text)
+            elif isinstance(event, ProviderFinish):
+                finish = event
+        assert finish is not None
+        assert ("".join(texts), finish.usage.input_tokens, finish.estimated) == (
+            "Hello world",
+            10 if kind == "openai" else 1000,
+            False,
+        )

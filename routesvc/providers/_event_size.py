@@ -9,7 +9,8 @@ body of every successful (2xx) response to a streaming request (the adapter send
 labelled, and counts each event's bytes up to its end as the SDK's decoder finds it
 (``EventBound.ends``); past ``EventBound.limit`` the body fails with ``EventTooLarge`` (an
 ``httpx2.ReadError``, as a broken connection fails it), which the adapters translate to
-``ProviderUnavailable``. What is held stays within the limit and one read's chunk. The anthropic
+``ProviderUnavailable``. What is held stays within the limit and one read's chunk. A UTF-8 byte
+order mark before the first event, which the SSE spec skips and neither SDK does, is dropped. The anthropic
 SDK's decoder also costs time quadratic in the lines of one event (it adds each line to the event's
 bytes by copying them), so an event of a million short lines, well within the limit, held the
 event loop for minutes: an anthropic stream's event also fails ``event_too_large`` past
@@ -54,6 +55,7 @@ _OPENAI_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 # The bytes of the data before a chunk kept to find an event's end split across two chunks.
 _TAIL = 3
 _ANTHROPIC_ENDS = (b"\r\r", b"\n\n", b"\r\n\r\n")
+_BOM = "\ufeff".encode()
 
 
 class EventEnds(Protocol):
@@ -179,6 +181,25 @@ class EncodedStream(UnreadableStream):
         super().__init__(f"stream sent with content-encoding {encoding}, not identity as asked", "stream_encoded")
 
 
+async def _without_bom(chunks: AsyncIterator[bytes] | httpx2.AsyncByteStream) -> AsyncIterator[bytes]:
+    """``chunks`` without a UTF-8 byte order mark at their start (even split across chunks): the
+    SSE spec skips it, neither SDK does (the first event's first line then names no field)."""
+    head: bytes | None = b""  # the first bytes while they may be a BOM; None once known
+    async for chunk in chunks:
+        if head is None:
+            yield chunk
+            continue
+        head += chunk
+        if len(head) < len(_BOM) and _BOM.startswith(head):
+            continue
+        rest = head.removeprefix(_BOM)
+        head = None
+        if rest:
+            yield rest
+    if head:
+        yield head
+
+
 class _BoundedEvents(httpx2.AsyncByteStream):
     """A response body that fails once an event runs past ``limit`` bytes (or its ends' other limit)."""
 
@@ -189,7 +210,7 @@ class _BoundedEvents(httpx2.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         pending = 0  # bytes since the last event's end
-        async for chunk in self._inner:
+        async for chunk in _without_bom(self._inner):
             start = -pending  # where the current event starts, in ``chunk``
             for end in self._ends.find(chunk):
                 if end - start > self._limit:
