@@ -429,3 +429,16 @@ class TestEventBound:
             10 if kind == "openai" else 1000,
             False,
         )
+
+
+@pytest.mark.parametrize(
+    "empty", [b"data:\n\n", b"data: \n\n", b"event: ping\n\n", b"id: 7\n\n", b"retry: 1000\n\n", b": keep-alive\n\n"]
+)
+async def test_an_event_without_data_is_skipped(raw: RawUpstream, kind: str, on_raw: Adapter, empty: bytes) -> None:
+    """An event whose data is empty, or that has fields but no data (a keep-alive some servers
+    send), after the first text: skipped, as the SSE spec skips it, the answer whole (the openai
+    SDK passed it on, and its empty data, not JSON, failed the stream UNAVAILABLE after the text)."""
+    events = stream_of(kind)
+    raw.replies.append(Reply(body=chunks(*events[:3], empty, *events[3:])))
+    texts, error = await read(on_raw, call(timeout=8))
+    assert ("".join(texts), error) == ("Hello world", None)
