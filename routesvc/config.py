@@ -463,7 +463,8 @@ class ReliabilityConfig(_Strict):
         ge=1024,
         description="Most bytes of one server-sent event of a provider's stream; a longer one fails the "
         "attempt UNAVAILABLE (as a broken stream: retried before the first chunk), so that a broken or "
-        "hostile server cannot make the process hold an event of any size.",
+        "hostile server cannot make the process hold an event of any size. An Anthropic event also fails "
+        "past 1000 lines (its SDK's decoder costs time quadratic in an event's lines).",
     )
     max_concurrent_rpcs: int = Field(1024, ge=1, description="RPCs served at once; more are shed.")
     ledger_entries: int = Field(20_000, ge=1, description="Upstream attempts the in-memory ledger keeps.")

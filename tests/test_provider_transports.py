@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import zlib
 from collections.abc import AsyncIterator
 
 import pytest
+from httpx2._decoders import SUPPORTED_DECODERS
 
 from routesvc.errors import (
     ProviderError,
@@ -19,13 +21,14 @@ from routesvc.errors import (
     ProviderTimedOut,
     ProviderUnavailable,
 )
-from routesvc.models import InputReported, Message, Role, TextDelta
+from routesvc.models import InputReported, Message, ProviderFinish, Role, TextDelta
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Fault, Script
 from tests.conftest import until
 from tests.forward_proxy import ForwardProxy
+from tests.raw_upstream import RawUpstream, Reply, anthropic_stream, chunks, endless, endless_gzip, openai_stream
 
 Adapter = OpenAIProvider | AnthropicProvider
 
@@ -59,6 +62,26 @@ async def bounded(fake: FakeProvider, kind: str, http_client: HttpClientKind) ->
     made = make_adapter(kind, http_client, fake.openai_base_url, fake.anthropic_base_url, max_event_bytes=8192)
     yield made
     await made.aclose()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[RawUpstream]:
+    """A server answering with exact bytes (``tests/raw_upstream.py``)."""
+    async with RawUpstream() as running:
+        yield running
+
+
+@pytest.fixture
+async def on_raw(raw: RawUpstream, kind: str, http_client: HttpClientKind) -> AsyncIterator[Adapter]:
+    """An adapter of each kind, over each transport, pointed at ``raw``."""
+    made = make_adapter(kind, http_client, raw.url + "/v1", raw.url)
+    yield made
+    await made.aclose()
+
+
+def stream_of(kind: str, texts: tuple[str, ...] = ("Hello ", "world")) -> list[bytes]:
+    """A whole stream of ``texts`` in ``kind``'s format."""
+    return openai_stream(texts) if kind == "openai" else anthropic_stream(texts)
 
 
 def call(timeout: float | None = None) -> ProviderCall:
@@ -250,13 +273,26 @@ class TestEventBound:
         assert error is not None
         assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message
 
-    @pytest.mark.parametrize("encoding", ["none", "utf-8", "identity, none"])
+    @pytest.mark.parametrize(
+        "encoding",
+        [
+            "none",
+            "utf-8",
+            "identity, none",
+            "x-gzip",
+            "compress",
+            "x-compress",
+            *(coding for coding in ("br", "zstd") if coding not in SUPPORTED_DECODERS),
+        ],
+    )
     async def test_a_stream_labelled_with_a_coding_the_stack_does_not_decode_is_read_as_unencoded(
         self, fake: FakeProvider, bounded: Adapter, encoding: str
     ) -> None:
         """``content-encoding: none`` (a header SSE servers send to keep proxies from compressing)
-        or another coding the HTTP stack does not decode: the stack reads the body as unencoded,
-        and so is the stream read (it was failed as compressed, every attempt)."""
+        or another coding the HTTP stack does not decode (httpx2 knows no ``x-gzip`` nor
+        ``compress``, and ``br``, ``zstd`` only with brotli, zstandard installed): the stack reads
+        the body as unencoded, and so is the stream read (it was failed as compressed, every
+        attempt: ``none`` before, ``x-gzip``, ``br``... until now)."""
         fake.enqueue(Script(headers={"content-encoding": encoding}))
         texts, error = await read(bounded, call())
         assert ("".join(texts), error) == ("Hello from the fake provider.", None)
@@ -292,3 +328,117 @@ class TestEventBound:
         assert error is not None
         assert "content-encoding gzip, not identity as asked (stream_encoded)" in error.message
         assert fake.requests[-1].headers["accept-encoding"] == "identity"
+
+    @pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+    @pytest.mark.parametrize(("status", "error_class"), [(400, ProviderRejected), (429, ProviderRateLimited)])
+    async def test_an_error_body_that_never_ends_is_not_read_past_a_bound(
+        self, raw: RawUpstream, on_raw: Adapter, compressed: bool, status: int, error_class: type[Exception]
+    ) -> None:
+        """An error answer to a streaming request whose body never ends, plain or gzip (which
+        decodes to about 1 MiB per chunk): the call fails at once as the error its status says, a
+        429 with its Retry-After, having read no more than about its bound (1 MiB, ``ERROR_BODY_LIMIT``) of it (it was
+        read and decoded whole, growing to gigabytes until the call's deadline, which it then failed)."""
+        body = (endless_gzip if compressed else endless)(b"x", first=b'{"error": {"message": "')
+        headers = {"retry-after": "7", **({"content-encoding": "gzip"} if compressed else {})}
+        raw.replies.append(Reply(status=status, headers=headers, body=body, content_type="application/json"))
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], error_class)
+        if isinstance(error, ProviderRateLimited):
+            assert error.retry_after == 7.0
+        await until(lambda: len(raw.sent) == 1 and raw.sent[0] > 0)
+        assert raw.sent[0] < 32 << 20
+
+    async def test_a_compressed_error_body_is_not_decoded(self, raw: RawUpstream, kind: str, on_raw: Adapter) -> None:
+        """A 400 whose gzip body of 20 kB decodes to a 20 MB JSON error naming its type (a
+        compression bomb): rejected, by its status alone: the body is not decoded (it was, whole:
+        a few hundred kB of gzip cost a gigabyte), so its type is not in the message."""
+        head = (
+            b'{"error": {"type": "bomb_error", "message": "'
+            if kind == "openai"
+            else b'{"type": "error", "error": {"type": "bomb_error", "message": "'
+        )
+        compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+        wire = compressor.compress(head) + compressor.compress(b"x" * (20 << 20))
+        wire += compressor.compress(b'"}}') + compressor.flush()
+        headers = {"content-encoding": "gzip"}
+        raw.replies.append(Reply(status=400, headers=headers, body=chunks(wire), content_type="application/json"))
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRejected)
+        assert error is not None
+        assert "bomb_error" not in error.message
+
+    async def test_a_redirect_body_that_never_ends_is_not_read_past_a_bound(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
+        """A 307 to the same path whose body never ends, then a stream there: the redirect is
+        followed at once and the stream read (the redirect's body was read whole until the
+        call's deadline)."""
+        path = "/v1/chat/completions" if kind == "openai" else "/v1/messages"
+        raw.replies.append(Reply(status=307, headers={"location": path}, body=endless(b"x"), content_type="text/plain"))
+        raw.replies.append(Reply(body=chunks(*stream_of(kind))))
+        texts, error = await read(on_raw, call(timeout=8))
+        assert ("".join(texts), error) == ("Hello world", None)
+        assert raw.sent[0] < 32 << 20
+
+    @pytest.mark.parametrize("kind", ["anthropic"])
+    async def test_an_anthropic_event_of_over_1000_lines_is_unavailable_and_one_of_fewer_passes(
+        self, raw: RawUpstream, on_raw: Adapter
+    ) -> None:
+        """After the first text, an event of 1,001 lines (lines the SDK ignores, 2 kB in all, well
+        under ``max_event_bytes``): that text, then ProviderUnavailable ``event_too_large`` naming
+        the 1,000 lines the anthropic SDK's decoder may add to one event (it adds each by copying
+        the event so far: a million such lines held the event loop for minutes; the stream was
+        read as any other); one of 999 lines is read as any other."""
+        events = anthropic_stream(["Hello ", "world"])
+
+        def padded(lines: int) -> list[bytes]:
+            # The event line, ``lines - 3`` lines of "a", the data line, the blank line.
+            return [*events[:3], b"event: ping\n" + b"a\n" * (lines - 3) + b'data: {"type": "ping"}\n\n', *events[3:]]
+
+        raw.replies.append(Reply(body=chunks(*padded(1001))))
+        raw.replies.append(Reply(body=chunks(*padded(999))))
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+        assert error is not None
+        assert "stream event over 1000 lines (reliability.max_event_bytes) (event_too_large)" in error.message
+        texts, error = await read(on_raw, call(timeout=8))
+        assert ("".join(texts), error) == ("Hello world", None)
+
+    @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+    async def test_a_byte_order_mark_before_the_first_event_is_skipped(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter, split: bool
+    ) -> None:
+        """A UTF-8 byte order mark before the first event (which the SSE spec skips), whole or
+        sent byte by byte: the whole text and the provider's usage (the first event
+        was lost to both SDKs: OpenAI's first text dropped, the answer OK; Anthropic's
+        ``message_start`` with the input count, then estimated and under-billed)."""
+        texts_sent = ["Hello ", "world"]
+        events = openai_stream(texts_sent) if kind == "openai" else anthropic_stream(texts_sent, input_tokens=1000)
+        head = [b"\xef", b"\xbb", b"\xbf" + events[0]] if split else [b"\xef\xbb\xbf" + events[0]]
+        raw.replies.append(Reply(body=chunks(*head, *events[1:])))
+        texts: list[str] = []
+        finish = None
+        async for event in on_raw.stream(call(timeout=8)):
+            if isinstance(event, TextDelta):
+                texts.append(event.text)
+            elif isinstance(event, ProviderFinish):
+                finish = event
+        assert finish is not None
+        assert ("".join(texts), finish.usage.input_tokens, finish.estimated) == (
+            "Hello world",
+            10 if kind == "openai" else 1000,
+            False,
+        )
+
+
+@pytest.mark.parametrize(
+    "empty", [b"data:\n\n", b"data: \n\n", b"event: ping\n\n", b"id: 7\n\n", b"retry: 1000\n\n", b": keep-alive\n\n"]
+)
+async def test_an_event_without_data_is_skipped(raw: RawUpstream, kind: str, on_raw: Adapter, empty: bytes) -> None:
+    """An event whose data is empty, or that has fields but no data (a keep-alive some servers
+    send), after the first text: skipped, as the SSE spec skips it, the answer whole (the openai
+    SDK passed it on, and its empty data, not JSON, failed the stream UNAVAILABLE after the text)."""
+    events = stream_of(kind)
+    raw.replies.append(Reply(body=chunks(*events[:3], empty, *events[3:])))
+    texts, error = await read(on_raw, call(timeout=8))
+    assert ("".join(texts), error) == ("Hello world", None)

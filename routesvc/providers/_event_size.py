@@ -9,16 +9,27 @@ body of every successful (2xx) response to a streaming request (the adapter send
 labelled, and counts each event's bytes up to its end as the SDK's decoder finds it
 (``EventBound.ends``); past ``EventBound.limit`` the body fails with ``EventTooLarge`` (an
 ``httpx2.ReadError``, as a broken connection fails it), which the adapters translate to
-``ProviderUnavailable``. What is held stays within the limit and one read's chunk. An error's
-body (4xx, 5xx) is left alone: the SDK reads it whole, as it reads any request's error, for its
-status, message and ``Retry-After`` (an error of any size counted as one event turned a 400 or a
-429 into ``event_too_large``).
+``ProviderUnavailable``. What is held stays within the limit and one read's chunk. A UTF-8 byte
+order mark before the first event, which the SSE spec skips and neither SDK does, is dropped. The anthropic
+SDK's decoder also costs time quadratic in the lines of one event (it adds each line to the event's
+bytes by copying them), so an event of a million short lines, well within the limit, held the
+event loop for minutes: an anthropic stream's event also fails ``event_too_large`` past
+``MAX_EVENT_LINES`` lines as that decoder splits them (a real event has two or three; a line split
+between two reads counts twice). An error's
+body (4xx, 5xx) or a redirect's (3xx, which the SDK follows) is not bounded as events (an error of
+any size counted as one event turned a 400 or a 429 into ``event_too_large``) but as a whole: the
+SDK reads it whole for its message, so it is passed on when it ends within ``ERROR_BODY_LIMIT``
+bytes and dropped (an empty body, the rest unread) past them; one compressed is dropped unread
+(its decoded size is not known until decoded). The answer keeps its status and headers either
+way, so a 400 stays rejected and a 429 keeps its ``Retry-After``; only the message is lost (an
+error body read whole, or decoded whole, could cost the process gigabytes).
 
 The bytes counted are the ones the SDK decodes: a streaming request asks for them unencoded
 (``Accept-Encoding: identity``), and a successful answer that comes compressed all the same
 fails with ``EncodedStream`` (a few hundred bytes of gzip can hold a 100 kB event, a few hundred
 kB a 200 MB one, decoded whole after the transport); one labelled with a coding the stack does
-not decode (``none``, ``utf-8``) is read as unencoded, as the stack reads it. Responses to other
+not decode (``none``, ``utf-8``, ``x-gzip``; ``br`` and ``zstd`` unless brotli and zstandard are
+installed: ``DECODED_CODINGS``) is read as unencoded, as the stack reads it. Responses to other
 requests (embeddings, batch files, list pages) are left alone.
 """
 
@@ -32,17 +43,27 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import httpx2
+from httpx2._decoders import SUPPORTED_DECODERS
 
 DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
+# The most lines of one event of an anthropic stream, as its SDK's decoder adds them one by one.
+MAX_EVENT_LINES = 1000
+# The most of an error's or a redirect's body passed on (a provider's error is well under a kB).
+ERROR_BODY_LIMIT = 1024 * 1024
 
 _OPENAI_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 # The bytes of the data before a chunk kept to find an event's end split across two chunks.
 _TAIL = 3
 _ANTHROPIC_ENDS = (b"\r\r", b"\n\n", b"\r\n\r\n")
+_BOM = "\ufeff".encode()
 
 
 class EventEnds(Protocol):
-    """Where one stream's events end, as its SDK's decoder finds them, chunk after chunk."""
+    """Where one stream's events end, as its SDK's decoder finds them, chunk after chunk; and
+    ``overrun``, once an event runs past a limit of the kind's other than its bytes (then ``find``
+    has returned the ends before it only)."""
+
+    overrun: UnreadableStream | None
 
     def find(self, chunk: bytes) -> list[int]:
         """The offsets in ``chunk`` just after each event's end, in order (the chunks before
@@ -55,6 +76,7 @@ class OpenAIEventEnds:
 
     def __init__(self) -> None:
         self._tail = b""  # the last bytes before the chunk, for an end split across the two
+        self.overrun: UnreadableStream | None = None
 
     def find(self, chunk: bytes) -> list[int]:
         window = self._tail + chunk
@@ -70,10 +92,13 @@ class AnthropicEventEnds:
     only when these then end with ``\r\r``, ``\n\n`` or ``\r\n\r\n``. So it holds a stream that
     mixes line endings (``\n`` then ``\r\n``, ``\r`` then ``\r\n``) as one event, and an end
     split across two chunks between ``\r`` and ``\n`` (``\r\r`` then ``\n``) is one where
-    one is not; the chunks are the ones passed on, so the ends are the SDK's exactly."""
+    one is not; the chunks are the ones passed on, so the ends are the SDK's exactly. An event
+    of more than ``MAX_EVENT_LINES`` lines so added is an ``overrun``."""
 
     def __init__(self) -> None:
         self._held = b""  # the last bytes of the event so far (no more than an end's)
+        self._lines = 0  # the lines of the event so far
+        self.overrun: UnreadableStream | None = None
 
     def find(self, chunk: bytes) -> list[int]:
         ends: list[int] = []
@@ -81,19 +106,26 @@ class AnthropicEventEnds:
         offset = 0
         for line in chunk.splitlines(keepends=True):
             offset += len(line)
+            self._lines += 1
+            if self._lines > MAX_EVENT_LINES:
+                self.overrun = EventTooManyLines(MAX_EVENT_LINES)
+                break
             held = (held + line[-4:])[-4:]
             if held.endswith(_ANTHROPIC_ENDS):
                 ends.append(offset)
                 held = b""
+                self._lines = 0
         self._held = held
         return ends
 
 
-# The content codings the HTTP stack decodes (httpx2's decoders; aiohttp's transport passes the
-# body on undecoded to httpx2) and their aliases: a stream in any of these is refused. Any other
-# coding ("none", "utf-8": a header some SSE servers send to keep proxies from compressing) the
-# stack passes on as identity, so the bytes counted are the bytes decoded.
-DECODED_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
+# The content codings the HTTP stack decodes: httpx2's decoders, over both transports (aiohttp's
+# passes the body on undecoded, ``auto_decompress=False``, to httpx2): gzip and deflate, br and
+# zstd only where brotli and zstandard are installed. A stream in any of these is refused. Any
+# other coding ("none", "utf-8": a header some SSE servers send to keep proxies from compressing;
+# "x-gzip", "compress", which httpx2 does not know) the stack passes on as it came, as identity,
+# so the bytes counted are the bytes decoded.
+DECODED_CODINGS = frozenset(SUPPORTED_DECODERS) - {"identity"}
 
 _STREAMING: ContextVar[bool] = ContextVar("routesvc_streaming_request", default=False)
 
@@ -134,6 +166,14 @@ class EventTooLarge(UnreadableStream):
         self.limit = limit
 
 
+class EventTooManyLines(UnreadableStream):
+    """An event of an anthropic stream passed ``lines`` lines before its end."""
+
+    def __init__(self, lines: int) -> None:
+        super().__init__(f"stream event over {lines} lines (reliability.max_event_bytes)", "event_too_large")
+        self.lines = lines
+
+
 class EncodedStream(UnreadableStream):
     """A successful streamed answer came ``encoding``-compressed though asked unencoded."""
 
@@ -141,8 +181,27 @@ class EncodedStream(UnreadableStream):
         super().__init__(f"stream sent with content-encoding {encoding}, not identity as asked", "stream_encoded")
 
 
+async def _without_bom(chunks: AsyncIterator[bytes] | httpx2.AsyncByteStream) -> AsyncIterator[bytes]:
+    """``chunks`` without a UTF-8 byte order mark at their start (even split across chunks): the
+    SSE spec skips it, neither SDK does (the first event's first line then names no field)."""
+    head: bytes | None = b""  # the first bytes while they may be a BOM; None once known
+    async for chunk in chunks:
+        if head is None:
+            yield chunk
+            continue
+        head += chunk
+        if len(head) < len(_BOM) and _BOM.startswith(head):
+            continue
+        rest = head.removeprefix(_BOM)
+        head = None
+        if rest:
+            yield rest
+    if head:
+        yield head
+
+
 class _BoundedEvents(httpx2.AsyncByteStream):
-    """A response body that fails once an event runs past ``limit`` bytes."""
+    """A response body that fails once an event runs past ``limit`` bytes (or its ends' other limit)."""
 
     def __init__(self, inner: httpx2.AsyncByteStream, bound: EventBound) -> None:
         self._inner = inner
@@ -151,19 +210,43 @@ class _BoundedEvents(httpx2.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         pending = 0  # bytes since the last event's end
-        async for chunk in self._inner:
+        async for chunk in _without_bom(self._inner):
             start = -pending  # where the current event starts, in ``chunk``
             for end in self._ends.find(chunk):
                 if end - start > self._limit:
                     break
                 start = end
             pending = len(chunk) - start
-            if pending > self._limit:
+            error = EventTooLarge(self._limit) if pending > self._limit else self._ends.overrun
+            if error is not None:
                 # The whole events before it are the stream's, as before a cut.
                 if start > 0:
                     yield chunk[:start]
-                raise EventTooLarge(self._limit)
+                raise error
             yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _CappedBody(httpx2.AsyncByteStream):
+    """An error's or a redirect's body: passed on whole if it ends within ``ERROR_BODY_LIMIT`` bytes,
+    else empty (read no further); empty, unread, if ``dropped``."""
+
+    def __init__(self, inner: httpx2.AsyncByteStream, *, dropped: bool) -> None:
+        self._inner = inner
+        self._dropped = dropped
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._dropped:
+            return
+        held = bytearray()
+        async for chunk in self._inner:
+            held += chunk
+            if len(held) > ERROR_BODY_LIMIT:
+                return
+        if held:
+            yield bytes(held)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -182,14 +265,20 @@ class BoundedEventsTransport(httpx2.AsyncBaseTransport):
         request.headers["accept-encoding"] = "identity"
         response = await self._inner.handle_async_request(request)
         codings = [value.strip().lower() for value in response.headers.get_list("content-encoding", split_commas=True)]
-        if response.is_success and any(coding in DECODED_CODINGS for coding in codings):
-            # An error's body is read whole as any error's; a stream's would be decoded whole.
+        encoded = any(coding in DECODED_CODINGS for coding in codings)
+        if response.is_success and encoded:
+            # A stream's events would be decoded whole.
             await response.aclose()
             raise EncodedStream(", ".join(codings))
-        if response.is_success and isinstance(response.stream, httpx2.AsyncByteStream):
-            # An error's body (4xx, 5xx) is read whole by the SDK, as any request's error is, for
-            # its status, message and Retry-After; it holds no events to bound.
+        if not isinstance(response.stream, httpx2.AsyncByteStream):
+            return response
+        if response.is_success:
             response.stream = _BoundedEvents(response.stream, self._bound)
+        else:
+            # An error's or a redirect's body holds no events, and the SDK reads it whole.
+            response.stream = _CappedBody(response.stream, dropped=encoded)
+            if encoded:
+                del response.headers["content-encoding"]
         return response
 
     async def aclose(self) -> None:

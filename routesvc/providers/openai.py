@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import Literal, TypeVar, cast
 
 import openai
+from openai._streaming import ServerSentEvent
 from openai.types.chat import (
     ChatCompletionContentPartParam,
     ChatCompletionFunctionToolParam,
@@ -251,6 +252,17 @@ def _add_tool_calls(parts: ToolCallParts, pieces: object) -> str:
     return "".join(texts)
 
 
+class _EventStream(openai.AsyncStream[object]):
+    """The SDK's stream of chunks, without the events whose data is empty (``data:`` with nothing
+    after it, or only ``event:``, ``id:``, ``retry:`` fields: a keep-alive some servers send),
+    which the SSE spec does not dispatch and the SDK parsed as JSON, failing the stream."""
+
+    async def _iter_events(self) -> AsyncIterator[ServerSentEvent]:
+        async for sse in super()._iter_events():
+            if sse.data:
+                yield sse
+
+
 class OpenAIProvider:
     """Streams chat completions through the official SDK, with no SDK retries (ours come later).
 
@@ -345,7 +357,7 @@ class OpenAIProvider:
             # As ``chat.completions.create`` authenticates: the API key as bearer token, never an admin key.
             options=cast(openai.RequestOptions, request_options(call) | {"security": {"bearer_auth": True}}),
             stream=True,
-            stream_cls=openai.AsyncStream[object],
+            stream_cls=_EventStream,
         )
         with sending(call.sent), streaming():
             sdk_stream = await self._guard(call, deadline, request)
