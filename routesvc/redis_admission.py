@@ -398,7 +398,8 @@ def _connection_lost(exc: BaseException) -> bool:
 def _store_failed(exc: BaseException | str) -> SharedStateUnavailable:
     """The error for a store that failed with ``exc`` (or the error type named so)."""
     error_type = exc if isinstance(exc, str) else _error_type(exc)
-    return SharedStateUnavailable(f"tenant limits could not be checked: the shared state store failed ({error_type})")
+    message = f"tenant limits could not be checked: the shared state store failed ({error_type})"
+    return SharedStateUnavailable(message, store_error=error_type)
 
 
 def _retry_after(detail: str) -> float:
@@ -960,7 +961,8 @@ class RedisAdmission:
                 except (RedisError, OSError) as exc:
                     raise _store_failed(exc) from exc
         except SharedStateUnavailable as exc:
-            return f"the shared state store failed ({_error_type(exc.__cause__ or exc)})"
+            # The store's error, also when it failed a settle this waited for (no ``__cause__``).
+            return f"the shared state store failed ({exc.store_error})"
         amounts = [Decimal(value) if value else Decimal(0) for value in values]
         return exhausted_budget(tenant, limits, periods, [amounts[0] + amounts[1], amounts[2] + amounts[3]], cost)
 

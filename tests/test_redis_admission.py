@@ -735,6 +735,27 @@ class TestStoreFailures:
             await pauser.aclose()
             await admission.aclose()
 
+    async def test_a_budget_check_after_a_settle_redis_does_not_answer_names_the_stores_error(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """Redis stops answering writes as a request's settle is on its way: the tenant's budget
+        check (``exhausted``, whose reason an LLM classifier or an escalation not asked gives the
+        client) says the store failed with a timeout, as it says without a settle on its way (it
+        named our own error, "SharedStateUnavailable")."""
+        admission = RedisAdmission(redis_url, {"t": TenantConfig(daily_budget_usd=Decimal(1))}, prefix=prefix)
+        pauser = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            reservation = await admission.admit("t", cost=Decimal("0.1"))
+            await pauser.execute_command("CLIENT", "PAUSE", "4000", "WRITE")
+            await reservation.settle(0, Decimal("0.1"), wait_at_most=0)
+            reason = await admission.exhausted("t")
+        finally:
+            await pauser.execute_command("CLIENT", "UNPAUSE")
+            await pauser.aclose()
+            await admission.aclose()
+        assert reason == "the shared state store failed (TimeoutError)"
+
     async def test_a_slow_redis_answers_the_settle_and_the_next_admission_each_within_its_second(
         self, redis_url: str, prefix: str
     ) -> None:
