@@ -794,22 +794,25 @@ class RedisAdmission:
 
     @contextlib.asynccontextmanager
     async def _in_time(self, tenant: str) -> AsyncIterator[None]:
-        """Wait until the settles of ``tenant`` on their way from this process have ended (one that
-        fails is left to the retry loop), for at most one store timeout, then run the block, whose
-        commands keep their own timeouts: a slow Redis takes the settle's round trip, then the
-        block's, each within its second (both under one second, a Redis answering in 0.7 s had
-        every second call of a tenant refused). A settle still on its way past that second, or one
-        the store failed (it timed out, its connection was refused or lost), is a Redis failing
-        now: ``SharedStateUnavailable`` is raised at once, nothing sent (the block sent after it
-        took a second more, and a Redis not answering refused the tenant's next call after 2 s,
-        past a 1.5 s deadline). So the pair takes 2 s only when Redis answers the settle just
-        within its second and then stops answering."""
+        """Wait until the settles of ``tenant`` on their way from this process have ended, then run
+        the block, whose commands keep their own timeouts: a slow Redis takes the settle's round
+        trips, then the block's, each within its second (both under one second, a Redis
+        answering in 0.7 s had every second call of a tenant refused; a settle sent once more on a
+        new connection, its connect, greeting and script each within its second, took two, and
+        the next call was refused though Redis answered them all). A settle the store failed (a
+        command or connect timed out, its connection refused or lost again; left to the retry
+        loop) is a Redis failing now: ``SharedStateUnavailable`` is raised at once, naming its
+        error, nothing sent (the block sent after it took a second more, and a Redis not
+        answering refused the tenant's next call after 2 s, past a 1.5 s deadline). The wait is
+        bounded by the settle's own timeouts: a Redis that stops answering fails the command,
+        connect or greeting the settle has in flight within its second (a timeout is not tried
+        again), so the block is refused about 1 s after the settle was sent, 2 s when Redis
+        closed its connection first (the command's reply then waited up to its second, and the
+        new connection has one more)."""
         settling = self._settling.get(tenant)
         if settling:
             waited = set(settling)
-            _, pending = await asyncio.wait(waited, timeout=_TIMEOUT_SECONDS)
-            if pending:
-                raise _store_failed("TimeoutError")
+            await asyncio.wait(waited)
             for task in waited:
                 if not task.cancelled() and task.exception() is None and task.result().failed:
                     raise _store_failed(task.result().failed)
