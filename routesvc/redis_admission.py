@@ -33,9 +33,10 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
                                estimate plus extensions), released by its settle or its lease's end
     {prefix}T:settled:ID       set by a retried settle of reservation ID (and by the settle of a
                                retried admission),
-    {prefix}T:undone:ID        by the undo of admission ID,
-    {prefix}T:extended:ID      by extension ID of a reservation, and
+    {prefix}T:undone:ID        by the undo of admission ID, and
     {prefix}T:charged:ID       by charge ID, each for a lease (a charge's for at most 10 minutes)
+    {prefix}T:extensions:ID    set of the ids of the extensions reservation ID holds, while it is
+                               in flight: deleted by its settle (else it expires with the lease)
 """
 
 from __future__ import annotations
@@ -262,24 +263,32 @@ return {'OK', ''}
 
 # A reservation no longer recorded in a period (its lease ran out and released it) has nothing
 # there for its settle to release, so it reserves nothing more there; its budgets still decide.
-# Each extension has an id of its own and leaves a marker (``extended``, for a lease) as it
-# reserves: a retry whose first try ran (only its reply lost), or a first try arriving after its
-# retry, finds it and reserves nothing more, so an extension is held once however many tries run.
+# Each extension has an id of its own, which it records in its reservation's set (``extensions``,
+# for a lease; deleted by the settle, so it costs no key once the request ended) as it reserves: a
+# retry whose first try ran (only its reply lost), or a first try arriving after its retry, finds
+# it and reserves nothing more, so an extension is held once however many tries run. A try that
+# finds the reservation released (settled, or its lease ended) reserves nothing and records
+# nothing.
 _EXTEND = (
     _FUNCTIONS
     + """
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local extended = KEYS[7]
+local extensions = KEYS[7]
 local id, cost = ARGV[1], tonumber(ARGV[2])
 local day_budget, month_budget = tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('EXISTS', extended) == 1 then return {'OK', ''} end
+local extension = ARGV[6]
+if redis.call('SISMEMBER', extensions, extension) == 1 then return {'OK', ''} end
 local own_d = tonumber(redis.call('HGET', holds_d, id) or '0')
 local own_m = tonumber(redis.call('HGET', holds_m, id) or '0')
 local refused = budgets_refuse(month_budget, spent_m, res_m, own_m, day_budget, spent_d, res_d, own_d, cost)
 if refused then return refused end
-if redis.call('HEXISTS', holds_d, id) == 1 then reserve(res_d, holds_d, id, ARGV[2], DAY_TTL) end
-if redis.call('HEXISTS', holds_m, id) == 1 then reserve(res_m, holds_m, id, ARGV[2], MONTH_TTL) end
-redis.call('SET', extended, '1', 'EX', ARGV[5])
+local held = false
+if redis.call('HEXISTS', holds_d, id) == 1 then reserve(res_d, holds_d, id, ARGV[2], DAY_TTL); held = true end
+if redis.call('HEXISTS', holds_m, id) == 1 then reserve(res_m, holds_m, id, ARGV[2], MONTH_TTL); held = true end
+if held then
+  redis.call('SADD', extensions, extension)
+  redis.call('EXPIRE', extensions, ARGV[5])
+end
 return {'OK', ''}
 """
 )
@@ -299,8 +308,10 @@ _SETTLE = (
     + """
 local tokn, inflight, settled = KEYS[1], KEYS[2], KEYS[3]
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local tokused = KEYS[10]
+local tokused, extensions = KEYS[10], KEYS[11]
 local id, tokens, cost, marked_for, retry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
+-- The request ended: its extensions' ids are needed no more (a late try finds nothing held).
+redis.call('DEL', extensions)
 if redis.call('EXISTS', settled) == 1 then return 0 end
 if retry and not redis.call('ZSCORE', inflight, id) then return 0 end
 if retry or ARGV[6] == '1' then redis.call('SET', settled, '1', 'EX', marked_for) end
@@ -694,8 +705,8 @@ class RedisAdmission:
         if limits is None:
             return
         now = self._clock()
-        keys = [*self._usd_keys(tenant, periods), self._key(tenant, f"extended:{uuid.uuid4().hex}")]
-        args = [reservation_id, _usd(cost), *_budgets(limits), self._marked_for]
+        keys = [*self._usd_keys(tenant, periods), self._key(tenant, f"extensions:{reservation_id}")]
+        args = [reservation_id, _usd(cost), *_budgets(limits), self._marked_for, uuid.uuid4().hex]
         async with self._in_time(tenant):
             try:
                 verdict, detail = await self._once_more_if_closed(lambda: self._extend_script(keys=keys, args=args))
@@ -754,6 +765,7 @@ class RedisAdmission:
             self._key(tenant, f"settled:{reservation_id}"),
             *self._usd_keys(tenant, periods),
             self._key(tenant, "tokused"),
+            self._key(tenant, f"extensions:{reservation_id}"),
         ]
         args: list[str | int] = [reservation_id, tokens, _usd(cost), self._marked_for]
         # A settle runs once (``SettleOnce``): a request's cleanup cancelled again while it runs

@@ -1323,6 +1323,32 @@ class TestStoreFailures:
         await direct.aclose()
         assert (held, released) == (Decimal("0.8"), Decimal(0))
 
+    async def test_an_extension_leaves_no_key_in_redis_once_its_request_is_settled(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """Requests extend their reservations (fallbacks, escalations), one of them tried once more
+        on a new connection, and are settled: what recorded their extensions is gone with them,
+        so Redis holds no key per extension (each left one for the hour's lease, ~100 bytes to
+        ~570 bytes of Redis per fallback), and the retried one was still held once."""
+        tenants = {"t": TenantConfig(daily_budget_usd=Decimal(1))}
+        direct = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+        reserved = f"{prefix}t:reserved:day:2030-01-15"
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix, wall_clock=_mid_january())
+            reservations = [await admission.admit("t", cost=Decimal("0.1")) for _ in range(3)]
+            for reservation in reservations:
+                await reservation.extend(Decimal("0.1"))
+            proxy.lose_reply()
+            await reservations[0].extend(Decimal("0.1"))  # ran, its reply lost: tried once more
+            held = Decimal(await direct.get(reserved))
+            for reservation in reservations:
+                await reservation.settle(0, Decimal(0))
+            await admission.aclose()
+        left = [key async for key in direct.scan_iter(f"{prefix}t:*")]
+        await direct.aclose()
+        assert held == Decimal("0.7")
+        assert [key for key in left if "exten" in key] == []
+
     async def test_an_unreachable_store_is_unavailable_not_internal(self, fake: FakeProvider) -> None:
         """shared_state.redis_url points at a closed port: a limited tenant's call is refused
         UNAVAILABLE with reason SHARED_STATE_UNAVAILABLE, and nothing reaches the provider."""
