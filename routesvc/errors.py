@@ -235,10 +235,16 @@ class ShuttingDown(RouteSvcError):
 
 class SharedStateUnavailable(RouteSvcError):
     """The store that tenant limits are counted in (``shared_state.redis_url``) could not be
-    reached, so the request could not be admitted; retry shortly."""
+    reached, so the request could not be admitted; retry shortly. ``store_error``: the type of
+    the store's error (as ``TimeoutError``), also when it came from an earlier command (a settle
+    the store failed), or ""."""
 
     reason = "SHARED_STATE_UNAVAILABLE"
     retry_after = 1.0
+
+    def __init__(self, message: str, *, store_error: str = "") -> None:
+        super().__init__(message)
+        self.store_error = store_error
 
 
 class BatchStoreUnavailable(RouteSvcError):

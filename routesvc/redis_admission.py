@@ -33,9 +33,10 @@ Keys, per tenant T (``routesvc:`` prefix configurable):
                                estimate plus extensions), released by its settle or its lease's end
     {prefix}T:settled:ID       set by a retried settle of reservation ID (and by the settle of a
                                retried admission),
-    {prefix}T:undone:ID        by the undo of admission ID,
-    {prefix}T:extended:ID      by extension ID of a reservation, and
+    {prefix}T:undone:ID        by the undo of admission ID, and
     {prefix}T:charged:ID       by charge ID, each for a lease (a charge's for at most 10 minutes)
+    {prefix}T:extensions:ID    set of the ids of the extensions reservation ID holds, while it is
+                               in flight: deleted by its settle (else it expires with the lease)
 """
 
 from __future__ import annotations
@@ -262,24 +263,32 @@ return {'OK', ''}
 
 # A reservation no longer recorded in a period (its lease ran out and released it) has nothing
 # there for its settle to release, so it reserves nothing more there; its budgets still decide.
-# Each extension has an id of its own and leaves a marker (``extended``, for a lease) as it
-# reserves: a retry whose first try ran (only its reply lost), or a first try arriving after its
-# retry, finds it and reserves nothing more, so an extension is held once however many tries run.
+# Each extension has an id of its own, which it records in its reservation's set (``extensions``,
+# for a lease; deleted by the settle, so it costs no key once the request ended) as it reserves: a
+# retry whose first try ran (only its reply lost), or a first try arriving after its retry, finds
+# it and reserves nothing more, so an extension is held once however many tries run. A try that
+# finds the reservation released (settled, or its lease ended) reserves nothing and records
+# nothing.
 _EXTEND = (
     _FUNCTIONS
     + """
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local extended = KEYS[7]
+local extensions = KEYS[7]
 local id, cost = ARGV[1], tonumber(ARGV[2])
 local day_budget, month_budget = tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('EXISTS', extended) == 1 then return {'OK', ''} end
+local extension = ARGV[6]
+if redis.call('SISMEMBER', extensions, extension) == 1 then return {'OK', ''} end
 local own_d = tonumber(redis.call('HGET', holds_d, id) or '0')
 local own_m = tonumber(redis.call('HGET', holds_m, id) or '0')
 local refused = budgets_refuse(month_budget, spent_m, res_m, own_m, day_budget, spent_d, res_d, own_d, cost)
 if refused then return refused end
-if redis.call('HEXISTS', holds_d, id) == 1 then reserve(res_d, holds_d, id, ARGV[2], DAY_TTL) end
-if redis.call('HEXISTS', holds_m, id) == 1 then reserve(res_m, holds_m, id, ARGV[2], MONTH_TTL) end
-redis.call('SET', extended, '1', 'EX', ARGV[5])
+local held = false
+if redis.call('HEXISTS', holds_d, id) == 1 then reserve(res_d, holds_d, id, ARGV[2], DAY_TTL); held = true end
+if redis.call('HEXISTS', holds_m, id) == 1 then reserve(res_m, holds_m, id, ARGV[2], MONTH_TTL); held = true end
+if held then
+  redis.call('SADD', extensions, extension)
+  redis.call('EXPIRE', extensions, ARGV[5])
+end
 return {'OK', ''}
 """
 )
@@ -299,8 +308,10 @@ _SETTLE = (
     + """
 local tokn, inflight, settled = KEYS[1], KEYS[2], KEYS[3]
 local spent_d, spent_m, res_d, res_m, holds_d, holds_m = KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local tokused = KEYS[10]
+local tokused, extensions = KEYS[10], KEYS[11]
 local id, tokens, cost, marked_for, retry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
+-- The request ended: its extensions' ids are needed no more (a late try finds nothing held).
+redis.call('DEL', extensions)
 if redis.call('EXISTS', settled) == 1 then return 0 end
 if retry and not redis.call('ZSCORE', inflight, id) then return 0 end
 if retry or ARGV[6] == '1' then redis.call('SET', settled, '1', 'EX', marked_for) end
@@ -398,7 +409,8 @@ def _connection_lost(exc: BaseException) -> bool:
 def _store_failed(exc: BaseException | str) -> SharedStateUnavailable:
     """The error for a store that failed with ``exc`` (or the error type named so)."""
     error_type = exc if isinstance(exc, str) else _error_type(exc)
-    return SharedStateUnavailable(f"tenant limits could not be checked: the shared state store failed ({error_type})")
+    message = f"tenant limits could not be checked: the shared state store failed ({error_type})"
+    return SharedStateUnavailable(message, store_error=error_type)
 
 
 def _retry_after(detail: str) -> float:
@@ -693,8 +705,8 @@ class RedisAdmission:
         if limits is None:
             return
         now = self._clock()
-        keys = [*self._usd_keys(tenant, periods), self._key(tenant, f"extended:{uuid.uuid4().hex}")]
-        args = [reservation_id, _usd(cost), *_budgets(limits), self._marked_for]
+        keys = [*self._usd_keys(tenant, periods), self._key(tenant, f"extensions:{reservation_id}")]
+        args = [reservation_id, _usd(cost), *_budgets(limits), self._marked_for, uuid.uuid4().hex]
         async with self._in_time(tenant):
             try:
                 verdict, detail = await self._once_more_if_closed(lambda: self._extend_script(keys=keys, args=args))
@@ -753,6 +765,7 @@ class RedisAdmission:
             self._key(tenant, f"settled:{reservation_id}"),
             *self._usd_keys(tenant, periods),
             self._key(tenant, "tokused"),
+            self._key(tenant, f"extensions:{reservation_id}"),
         ]
         args: list[str | int] = [reservation_id, tokens, _usd(cost), self._marked_for]
         # A settle runs once (``SettleOnce``): a request's cleanup cancelled again while it runs
@@ -793,22 +806,25 @@ class RedisAdmission:
 
     @contextlib.asynccontextmanager
     async def _in_time(self, tenant: str) -> AsyncIterator[None]:
-        """Wait until the settles of ``tenant`` on their way from this process have ended (one that
-        fails is left to the retry loop), for at most one store timeout, then run the block, whose
-        commands keep their own timeouts: a slow Redis takes the settle's round trip, then the
-        block's, each within its second (both under one second, a Redis answering in 0.7 s had
-        every second call of a tenant refused). A settle still on its way past that second, or one
-        the store failed (it timed out, its connection was refused or lost), is a Redis failing
-        now: ``SharedStateUnavailable`` is raised at once, nothing sent (the block sent after it
-        took a second more, and a Redis not answering refused the tenant's next call after 2 s,
-        past a 1.5 s deadline). So the pair takes 2 s only when Redis answers the settle just
-        within its second and then stops answering."""
+        """Wait until the settles of ``tenant`` on their way from this process have ended, then run
+        the block, whose commands keep their own timeouts: a slow Redis takes the settle's round
+        trips, then the block's, each within its second (both under one second, a Redis
+        answering in 0.7 s had every second call of a tenant refused; a settle sent once more on a
+        new connection, its connect, greeting and script each within its second, took two, and
+        the next call was refused though Redis answered them all). A settle the store failed (a
+        command or connect timed out, its connection refused or lost again; left to the retry
+        loop) is a Redis failing now: ``SharedStateUnavailable`` is raised at once, naming its
+        error, nothing sent (the block sent after it took a second more, and a Redis not
+        answering refused the tenant's next call after 2 s, past a 1.5 s deadline). The wait is
+        bounded by the settle's own timeouts: a Redis that stops answering fails the command,
+        connect or greeting the settle has in flight within its second (a timeout is not tried
+        again), so the block is refused about 1 s after the settle was sent, 2 s when Redis
+        closed its connection first (the command's reply then waited up to its second, and the
+        new connection has one more)."""
         settling = self._settling.get(tenant)
         if settling:
             waited = set(settling)
-            _, pending = await asyncio.wait(waited, timeout=_TIMEOUT_SECONDS)
-            if pending:
-                raise _store_failed("TimeoutError")
+            await asyncio.wait(waited)
             for task in waited:
                 if not task.cancelled() and task.exception() is None and task.result().failed:
                     raise _store_failed(task.result().failed)
@@ -960,7 +976,8 @@ class RedisAdmission:
                 except (RedisError, OSError) as exc:
                     raise _store_failed(exc) from exc
         except SharedStateUnavailable as exc:
-            return f"the shared state store failed ({_error_type(exc.__cause__ or exc)})"
+            # The store's error, also when it failed a settle this waited for (no ``__cause__``).
+            return f"the shared state store failed ({exc.store_error})"
         amounts = [Decimal(value) if value else Decimal(0) for value in values]
         return exhausted_budget(tenant, limits, periods, [amounts[0] + amounts[1], amounts[2] + amounts[3]], cost)
 

@@ -716,8 +716,8 @@ class TestStoreFailures:
         self, redis_url: str, prefix: str
     ) -> None:
         """Redis stops answering (its writes paused) as a request's settle is on its way: the
-        tenant's next admission waits for that settle at most the store's one second, and, the
-        settle not answered, is refused SHARED_STATE_UNAVAILABLE at once, under a caller's 1.5 s
+        tenant's next admission waits for that settle, which times out within the store's one
+        second, and is refused SHARED_STATE_UNAVAILABLE at once, under a caller's 1.5 s
         bound (it waited up to 1 s for the settle, then 1 s more for its own script: the caller's
         deadline came first, DEADLINE_EXCEEDED instead of the documented UNAVAILABLE)."""
         admission = RedisAdmission(redis_url, {"t": TenantConfig(max_concurrent=2)}, prefix=prefix)
@@ -734,6 +734,27 @@ class TestStoreFailures:
             await pauser.execute_command("CLIENT", "UNPAUSE")
             await pauser.aclose()
             await admission.aclose()
+
+    async def test_a_budget_check_after_a_settle_redis_does_not_answer_names_the_stores_error(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """Redis stops answering writes as a request's settle is on its way: the tenant's budget
+        check (``exhausted``, whose reason an LLM classifier or an escalation not asked gives the
+        client) says the store failed with a timeout, as it says without a settle on its way (it
+        named our own error, "SharedStateUnavailable")."""
+        admission = RedisAdmission(redis_url, {"t": TenantConfig(daily_budget_usd=Decimal(1))}, prefix=prefix)
+        pauser = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            reservation = await admission.admit("t", cost=Decimal("0.1"))
+            await pauser.execute_command("CLIENT", "PAUSE", "4000", "WRITE")
+            await reservation.settle(0, Decimal("0.1"), wait_at_most=0)
+            reason = await admission.exhausted("t")
+        finally:
+            await pauser.execute_command("CLIENT", "UNPAUSE")
+            await pauser.aclose()
+            await admission.aclose()
+        assert reason == "the shared state store failed (TimeoutError)"
 
     async def test_a_slow_redis_answers_the_settle_and_the_next_admission_each_within_its_second(
         self, redis_url: str, prefix: str
@@ -753,6 +774,58 @@ class TestStoreFailures:
             proxy.hurry()
             await again.settle(0, Decimal(0))
             await admission.aclose()
+
+    async def test_a_slow_redis_answers_a_settle_sent_again_on_a_new_connection_and_the_next_admission(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """Redis answers every command in 0.4 s (within the store's 1 s timeout) and has dropped its
+        clients as a request's settle, not waited for, is sent: the settle is sent once more on a
+        new connection (its connect, greeting and script each within its second, more than one
+        second in all), and the tenant's next admission and a reservation's extension (a
+        fallback's) wait for it and are granted, the settle landed (they waited at most 1 s and
+        were refused SHARED_STATE_UNAVAILABLE "(TimeoutError)" though no command timed out)."""
+        tenants = {"t": TenantConfig(max_concurrent=2, daily_budget_usd=Decimal(1))}
+        direct = redis.asyncio.Redis.from_url(redis_url)
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            held = await admission.admit("t", cost=Decimal("0.1"))
+            reservation = await admission.admit("t")
+            proxy.delay = 0.4
+            proxy.cut_before(admission._settle_script.sha.encode())
+            started = time.monotonic()
+            await reservation.settle(0, Decimal(0), wait_at_most=0)
+            await held.extend(Decimal("0.1"))
+            again = await admission.admit("t")
+            waited = time.monotonic() - started
+            in_flight = await direct.zcard(f"{prefix}t:inflight")
+            proxy.hurry()
+            for settling in (held, again):
+                await settling.settle(0, Decimal(0))
+            await admission.aclose()
+        await direct.aclose()
+        assert (in_flight, waited > 1) == (2, True)
+
+    async def test_a_settle_redis_closed_and_then_does_not_answer_refuses_the_next_admission_within_its_timeouts(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """Redis has dropped its clients as a request's settle is sent, and answers nothing more
+        (its replies held): the settle's new connection is not greeted within its second, and the
+        tenant's next admission, which waits for the settle, is refused SHARED_STATE_UNAVAILABLE
+        with the store's error within the caller's 1.5 s, nothing sent."""
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, {"t": TenantConfig(max_concurrent=2)}, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            reservation = await admission.admit("t")
+            proxy.delay = 60.0
+            proxy.cut_before(admission._settle_script.sha.encode())
+            await reservation.settle(0, Decimal(0), wait_at_most=0)
+            with pytest.raises(SharedStateUnavailable) as refused:
+                async with asyncio.timeout(1.5):  # the caller's deadline
+                    await admission.admit("t")
+            proxy.hurry()
+            await admission.aclose()
+        assert refused.value.store_error == "TimeoutError"
 
     async def test_a_settle_not_waited_for_that_fails_by_a_fault_of_ours_is_logged(
         self, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
@@ -1249,6 +1322,32 @@ class TestStoreFailures:
             await admission.aclose()
         await direct.aclose()
         assert (held, released) == (Decimal("0.8"), Decimal(0))
+
+    async def test_an_extension_leaves_no_key_in_redis_once_its_request_is_settled(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """Requests extend their reservations (fallbacks, escalations), one of them tried once more
+        on a new connection, and are settled: what recorded their extensions is gone with them,
+        so Redis holds no key per extension (each left one for the hour's lease, ~100 bytes to
+        ~570 bytes of Redis per fallback), and the retried one was still held once."""
+        tenants = {"t": TenantConfig(daily_budget_usd=Decimal(1))}
+        direct = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+        reserved = f"{prefix}t:reserved:day:2030-01-15"
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, tenants, prefix=prefix, wall_clock=_mid_january())
+            reservations = [await admission.admit("t", cost=Decimal("0.1")) for _ in range(3)]
+            for reservation in reservations:
+                await reservation.extend(Decimal("0.1"))
+            proxy.lose_reply()
+            await reservations[0].extend(Decimal("0.1"))  # ran, its reply lost: tried once more
+            held = Decimal(await direct.get(reserved))
+            for reservation in reservations:
+                await reservation.settle(0, Decimal(0))
+            await admission.aclose()
+        left = [key async for key in direct.scan_iter(f"{prefix}t:*")]
+        await direct.aclose()
+        assert held == Decimal("0.7")
+        assert [key for key in left if "exten" in key] == []
 
     async def test_an_unreachable_store_is_unavailable_not_internal(self, fake: FakeProvider) -> None:
         """shared_state.redis_url points at a closed port: a limited tenant's call is refused
