@@ -150,6 +150,9 @@ _SETTLE_WAIT_SECONDS = 0.25
 # hung escalation ran to the deadline and the paid answer was never sent).
 _RELEASE_SECONDS = 0.05
 _SETTLE_WAIT_MARGIN_SECONDS = 0.05
+# What a comparison of times that should be equal forgives: a monotonic time less a duration, taken
+# from the same time again, is off by a few ULPs (about 1e-12 s at a day of uptime).
+_TIME_SLACK = 1e-6
 
 
 def _settle_wait(deadline: float | None) -> float:
@@ -1194,7 +1197,10 @@ class Router:
             return target, _EscalationStop(max_cost_reason(next_model, would_cost, cap))
         now = time.monotonic() if as_of is None else min(as_of, time.monotonic())
         left = None if deadline is None else deadline - now
-        if left is not None and left < self._escalation_needs(keeping=keeping):
+        # A judge cut at its end (``as_of``, ``_scoring_end``) left just the time needed, which
+        # ``deadline - (deadline - needs)`` gives back a hair short at time.monotonic()'s scale
+        # (0.4 s as 0.39999999999...): compared with ``_TIME_SLACK`` to spare.
+        if left is not None and left < self._escalation_needs(keeping=keeping) - _TIME_SLACK:
             # No attempt starts that cannot finish.
             why = f"not escalated to {next_model}: {max(left, 0.0):.3f} s of the deadline left"
             return target, _EscalationStop(why)

@@ -1457,15 +1457,19 @@ class TestAnEscalationThatCannotBeServed:
         ]
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
 
-    async def test_a_judge_cut_by_the_deadline_with_on_failure_escalate_escalates(self, fake: FakeProvider) -> None:
-        """The judge's call of an answer that would be kept ends twice min_attempt_seconds (1 s
-        here) before the server's end of the 4 s call (3.8 s), the time the escalation needs: a
-        judge cut there with `on_failure: escalate` escalates, and gpt-4o answers (its verdict was
-        refused by the moments since the cut, `not escalated to gpt-4o: 1.997 s of the deadline
-        left`, the judge paid and ignored; and an escalation let through was then refused its
+    @pytest.mark.parametrize(("min_attempt", "timeout"), [(1.0, 4.0), (0.2, 2.0)])
+    async def test_a_judge_cut_by_the_deadline_with_on_failure_escalate_escalates(
+        self, fake: FakeProvider, min_attempt: float, timeout: float
+    ) -> None:
+        """The judge's call of an answer that would be kept ends twice min_attempt_seconds (1 s,
+        and the default 0.2 s) before the server's end of the call, the time the escalation needs:
+        a judge cut there with `on_failure: escalate` escalates, and gpt-4o answers (its verdict
+        was refused by the moments since the cut, `not escalated to gpt-4o: 1.997 s of the
+        deadline left`, the judge paid and ignored; at 0.2 s by floating point, the deadline less
+        the cut coming out a hair under 0.4 s; and an escalation let through was then refused its
         start, `escalation to gpt-4o timed out, released`, no call made)."""
         config = default_config()
-        config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
+        config["reliability"]["min_attempt_seconds"] = min_attempt  # type: ignore[index]
         config["cascade"]["judge"]["on_failure"] = "escalate"  # type: ignore[index]
         slow_verdict = Script(text='{"score": 0.9}', first_chunk_delay=3.0)
         fake.enqueue(Script(text="Lyon, maybe."), slow_verdict, model="gpt-4o-mini")
@@ -1475,7 +1479,7 @@ class TestAnEscalationThatCannotBeServed:
             RouterClient(server.target) as client,
         ):
             prompt = user_chat("What is the capital of France?")
-            messages = [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=4.0)]
+            messages = [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=timeout)]
             entries = server.router.ledger.entries(messages[0].decision.decision_id)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         quality = messages[1].escalation.quality
