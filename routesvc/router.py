@@ -153,6 +153,20 @@ _SETTLE_WAIT_MARGIN_SECONDS = 0.05
 # What a comparison of times that should be equal forgives: a monotonic time less a duration, taken
 # from the same time again, is off by a few ULPs (about 1e-12 s at a day of uptime).
 _TIME_SLACK = 1e-6
+# The most UTF-8 bytes of one delta message a buffered cascade answer is released in: a quarter of
+# the 4 MiB a gRPC client receives in one message unless raised.
+_RELEASE_DELTA_BYTES = 1 << 20
+
+
+def _released(deltas: Sequence[TextDelta]) -> list[TextDelta]:
+    """A buffered answer's ``deltas`` as the few messages it is released in: its text joined (the
+    provider's chunking gains nothing once the answer was held, and each message takes its time to
+    write: one per token left a long answer half written when the deadline came), cut every
+    ``_RELEASE_DELTA_BYTES`` at most, between characters (a character is at most 4 UTF-8 bytes;
+    the adapters have joined surrogate halves already, ``provider_text``)."""
+    text = "".join(delta.text for delta in deltas)
+    size = _RELEASE_DELTA_BYTES // 4
+    return [TextDelta(text[start : start + size]) for start in range(0, len(text), size)]
 
 
 def _settle_wait(deadline: float | None) -> float:
@@ -889,7 +903,7 @@ class Router:
                 if released and outcome.completion is not None:
                     # Its text reaches the caller from now on, however the call ends.
                     self._answered_by(attempt, outcome.completion.model)
-                    for delta in outcome.deltas:
+                    for delta in _released(outcome.deltas):
                         yield delta
                     yield self._final(attempt, outcome.completion, quality)
                     return
@@ -976,14 +990,15 @@ class Router:
         ``rejected`` in the summaries), after the escalation to ``failed_model`` gave the caller
         nothing, ``how`` (``_failed``: it failed before any text, or ran out of the time kept for
         the answer; or it gave no answer): its deltas, then the completion, its quality reason
-        saying so. Its attempt answered the caller: COMPLETED again."""
+        saying so. Its attempt answered the caller: COMPLETED again. Its text goes in a few large
+        deltas (``_released``), so that it is written within the time kept for it."""
         assert held.completion is not None
         if rejected >= 0:
             state.summaries[rejected] = replace(state.summaries[rejected], result=AttemptResult.COMPLETED)
         reason = f"{held.quality.reason}; escalation to {failed_model} {how}, released"
         telemetry.record_cascade(True, held.quality.score if held.scored else None)
         completion = self._final(state, held.completion, replace(held.quality, reason=reason))
-        return [*held.deltas, completion]
+        return [*_released(held.deltas), completion]
 
     def _final(self, state: _AttemptState, completion: Completion, quality: QualityScore | None = None) -> Completion:
         """The last message: every attempt, their summed usage and cost, and the released score."""

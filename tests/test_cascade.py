@@ -1540,6 +1540,36 @@ class TestAnEscalationThatCannotBeServed:
         assert (_text(messages), messages[-1].completion.model) == (refusal, "gpt-4o-mini")
         assert messages[-1].completion.quality.reason == "refusal; escalation to gpt-4o timed out, released"
 
+    @pytest.mark.parametrize(
+        ("tail", "deltas"),
+        [(("x",) * 6000, 1), (("\U0001f600" * 1000,) * 300, 2)],
+        ids=["6001 chunks", "1.2 MB of 4-byte characters"],
+    )
+    async def test_a_long_answer_in_hand_is_released_whole_within_the_time_kept(
+        self, fake: FakeProvider, tail: tuple[str, ...], deltas: int
+    ) -> None:
+        """A held answer of 6,001 provider chunks, gpt-4o hanging, 50 ms kept for the release
+        (min_attempt_seconds 0): it reaches the caller whole, in one delta (it was written one
+        chunk a message, ~600 of them before the server's end of the call, then DEADLINE_EXCEEDED
+        committed); one over 1 MiB comes in deltas of at most 1 MiB, cut between characters."""
+        config = default_config()
+        config["cascade"]["scorers"] = ["local"]  # type: ignore[index]
+        config["reliability"]["min_attempt_seconds"] = 0.0  # type: ignore[index]
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(chunks=(refusal, *tail)), model="gpt-4o-mini")
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=3.0)]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert (_text(messages), messages[-1].completion.model) == (refusal + "".join(tail), "gpt-4o-mini")
+        sizes = [len(m.delta.text.encode()) for m in messages if m.WhichOneof("event") == "delta"]
+        assert len(sizes) == deltas
+        assert max(sizes) <= 1 << 20
+
     async def test_a_middle_step_that_hangs_releases_the_answer_in_hand_before_the_deadline(
         self, fake: FakeProvider
     ) -> None:
