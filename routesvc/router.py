@@ -899,6 +899,13 @@ class Router:
                         return
                     released = True
                     quality = replace(quality, reason=f"{quality.reason}; {stop.why}")
+                if released and held is not None and _no_answer(outcome.completion, outcome.deltas):
+                    # Released by its score (a judge that failed with `on_failure: release`, or
+                    # that liked it), an empty answer is still none to give: the answer in hand is.
+                    attempt.mark_escalated()
+                    for event in self._release_held(attempt, *held, step, "gave no answer"):
+                        yield event
+                    return
                 telemetry.record_cascade(released, outcome.quality.score if outcome.scored else None)
                 if released and outcome.completion is not None:
                     # Its text reaches the caller from now on, however the call ends.

@@ -1657,6 +1657,45 @@ class TestAnEscalationThatCannotBeServed:
             ("gpt-4o", pb.ATTEMPT_OUTCOME_ESCALATED),
         ]
 
+    @pytest.mark.parametrize(
+        ("verdicts", "empty"),
+        [
+            ((Script(status=500),) * 3, Script(chunks=(), reasoning=("think ",) * 3, finish_reason="length")),
+            ((Script(text='{"score": 0.9}'),), Script(chunks=())),
+        ],
+        ids=["judge failed, on_failure release", "judge says 0.9"],
+    )
+    async def test_a_middle_step_that_answers_nothing_and_is_released_by_its_judge_releases_the_answer_in_hand(
+        self, fake: FakeProvider, verdicts: tuple[Script, ...], empty: Script
+    ) -> None:
+        """gpt-4o-mini -> gpt-4o -> claude-sonnet scored by the judge only: the cheap refusal (0.1)
+        escalates to gpt-4o, which answers with no text; its judge fails (`on_failure: release`)
+        or scores it 0.9, so it is released: the refusal in hand is released instead (the caller
+        got gpt-4o's empty completion, the paid answer dropped)."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        config["cascade"]["scorers"] = ["llm_judge"]  # type: ignore[index]
+        config["cascade"]["judge"] = {"model": "gpt-4o-mini", "timeout_seconds": 10, "on_failure": "release"}  # type: ignore[index]
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal), Script(text='{"score": 0.1}'), *verdicts, model="gpt-4o-mini")
+        fake.enqueue(empty, model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await _cascade(client)
+            entries = server.router.ledger.entries(messages[0].decision.decision_id)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == (refusal, "gpt-4o-mini")
+        assert completion.quality.reason.endswith("; escalation to gpt-4o gave no answer, released")
+        assert [(a.model, a.outcome) for a in completion.attempts if a.outcome != pb.ATTEMPT_OUTCOME_JUDGE] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_ESCALATED),
+        ]
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+        assert "claude-sonnet-4-6" not in [r.model for r in fake.requests]
+
     async def test_a_filtered_escalated_answer_is_not_released_around(self, fake: FakeProvider) -> None:
         """The provider filtered gpt-4o's answer: that stands (the caller gets the filtered, empty
         completion), the refusal in hand is not released around the provider's filter."""
