@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import grpc
 import pytest
@@ -31,6 +32,8 @@ from routesvc.server import Server
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.redis_server import running_redis
+from tests.test_redis_admission import _Proxy
 from tests.test_validation import error_info
 
 
@@ -1492,6 +1495,43 @@ class TestAnEscalationThatCannotBeServed:
             ("gpt-4o-mini", AttemptOutcome.INTERRUPTED),
             ("gpt-4o", AttemptOutcome.COMPLETED),
         ]
+
+    @pytest.mark.parametrize("reply_delay", [0.15, 0.262, 0.27, 0.278])
+    async def test_with_a_slow_shared_store_an_escalation_announced_is_made_with_its_time(
+        self, fake: FakeProvider, tmp_path: Path, reply_delay: float
+    ) -> None:
+        """Redis (the tenant's budget) answers each command `reply_delay` s late; the judge hangs
+        (`on_failure: escalate`, min_attempt_seconds 1, a 4 s call) and gpt-4o's first text takes
+        0.5 s. Either the escalation is made, gpt-4o started with its min_attempt_seconds and
+        answers, or it is not announced and the answer in hand is released, saying why (it was
+        announced, then gpt-4o called with a sliver of its time, or not at all, the round trips
+        to Redis after the time was checked eating it: `escalation to gpt-4o timed out, released`)."""
+        with running_redis(tmp_path) as url:
+            async with _Proxy(url) as proxy:
+                config = default_config()
+                config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
+                config["cascade"]["judge"]["on_failure"] = "escalate"  # type: ignore[index]
+                config["shared_state"] = {"redis_url": proxy.url}
+                config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
+                hanging_verdict = Script(text='{"score": 0.9}', first_chunk_delay=5.0)
+                fake.enqueue(Script(text="Lyon, maybe."), hanging_verdict, model="gpt-4o-mini")
+                fake.enqueue(Script(text="Paris.", first_chunk_delay=0.5), model="gpt-4o")
+                async with (
+                    Server(settings_from(config, live_environ(fake)), port=0) as server,
+                    RouterClient(server.target) as client,
+                ):
+                    proxy.delay = reply_delay
+                    context = pb.RoutingContext(cascade=True, tenant="acme")
+                    prompt = user_chat("What is the capital of France?")
+                    messages = [m async for m in client.complete(prompt, context, timeout=4.0)]
+        completion = messages[-1].completion
+        if _kinds(messages) == ["decision", "escalation", "delta", "completion"]:
+            assert (_text(messages), completion.model) == ("Paris.", "gpt-4o")
+        else:
+            assert _kinds(messages) == ["decision", "delta", "completion"]
+            assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+            assert "; not escalated to gpt-4o: " in completion.quality.reason
+            assert "gpt-4o" not in [r.model for r in fake.requests]
 
     async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
         """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
