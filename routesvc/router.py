@@ -150,6 +150,27 @@ _SETTLE_WAIT_SECONDS = 0.25
 # hung escalation ran to the deadline and the paid answer was never sent).
 _RELEASE_SECONDS = 0.05
 _SETTLE_WAIT_MARGIN_SECONDS = 0.05
+# What a comparison of times that should be equal forgives: a monotonic time less a duration, taken
+# from the same time again, is off by a few ULPs (about 1e-12 s at a day of uptime).
+_TIME_SLACK = 1e-6
+# The moments a cascade's checks of the time forgive: between a judge's cut and the check acting on
+# its verdict (its call closed and charged), between an escalation's check and its first attempt's
+# start (the Escalation written). Round trips to a slow shared store are counted.
+_MOMENTS_SECONDS = 0.02
+# The most UTF-8 bytes of one delta message a buffered cascade answer is released in: a quarter of
+# the 4 MiB a gRPC client receives in one message unless raised.
+_RELEASE_DELTA_BYTES = 1 << 20
+
+
+def _released(deltas: Sequence[TextDelta]) -> list[TextDelta]:
+    """A buffered answer's ``deltas`` as the few messages it is released in: its text joined (the
+    provider's chunking gains nothing once the answer was held, and each message takes its time to
+    write: one per token left a long answer half written when the deadline came), cut every
+    ``_RELEASE_DELTA_BYTES`` at most, between characters (a character is at most 4 UTF-8 bytes;
+    the adapters have joined surrogate halves already, ``provider_text``)."""
+    text = "".join(delta.text for delta in deltas)
+    size = _RELEASE_DELTA_BYTES // 4
+    return [TextDelta(text[start : start + size]) for start in range(0, len(text), size)]
 
 
 def _settle_wait(deadline: float | None) -> float:
@@ -882,11 +903,18 @@ class Router:
                         return
                     released = True
                     quality = replace(quality, reason=f"{quality.reason}; {stop.why}")
+                if released and held is not None and _no_answer(outcome.completion, outcome.deltas):
+                    # Released by its score (a judge that failed with `on_failure: release`, or
+                    # that liked it), an empty answer is still none to give: the answer in hand is.
+                    attempt.mark_escalated()
+                    for event in self._release_held(attempt, *held, step, "gave no answer"):
+                        yield event
+                    return
                 telemetry.record_cascade(released, outcome.quality.score if outcome.scored else None)
                 if released and outcome.completion is not None:
                     # Its text reaches the caller from now on, however the call ends.
                     self._answered_by(attempt, outcome.completion.model)
-                    for delta in outcome.deltas:
+                    for delta in _released(outcome.deltas):
                         yield delta
                     yield self._final(attempt, outcome.completion, quality)
                     return
@@ -973,14 +1001,15 @@ class Router:
         ``rejected`` in the summaries), after the escalation to ``failed_model`` gave the caller
         nothing, ``how`` (``_failed``: it failed before any text, or ran out of the time kept for
         the answer; or it gave no answer): its deltas, then the completion, its quality reason
-        saying so. Its attempt answered the caller: COMPLETED again."""
+        saying so. Its attempt answered the caller: COMPLETED again. Its text goes in a few large
+        deltas (``_released``), so that it is written within the time kept for it."""
         assert held.completion is not None
         if rejected >= 0:
             state.summaries[rejected] = replace(state.summaries[rejected], result=AttemptResult.COMPLETED)
         reason = f"{held.quality.reason}; escalation to {failed_model} {how}, released"
         telemetry.record_cascade(True, held.quality.score if held.scored else None)
         completion = self._final(state, held.completion, replace(held.quality, reason=reason))
-        return [*held.deltas, completion]
+        return [*_released(held.deltas), completion]
 
     def _final(self, state: _AttemptState, completion: Completion, quality: QualityScore | None = None) -> Completion:
         """The last message: every attempt, their summed usage and cost, and the released score."""
@@ -1180,7 +1209,8 @@ class Router:
         refused for an escalation that may never be made). ``keeping`` the answer for a release,
         the step runs to ``reliability.min_attempt_seconds`` before ``deadline`` and must be able to
         start by then (``_escalated_deadline``). The time left is counted from ``as_of`` when that
-        is earlier than now (the moment a judge's call was cut, whose verdict this acts on)."""
+        is earlier than now (the moment a judge's call was cut, whose verdict this acts on), by
+        ``_MOMENTS_SECONDS`` at most, and checked again after the hold, its round trip counted."""
         decision = state.decision
         steps = decision.cascade_models
         cap = self._escalation.max_cost(request)
@@ -1192,12 +1222,12 @@ class Router:
         would_cost = state.cost + next_cost
         if cap is not None and would_cost > cap:
             return target, _EscalationStop(max_cost_reason(next_model, would_cost, cap))
-        now = time.monotonic() if as_of is None else min(as_of, time.monotonic())
-        left = None if deadline is None else deadline - now
-        if left is not None and left < self._escalation_needs(keeping=keeping):
-            # No attempt starts that cannot finish.
-            why = f"not escalated to {next_model}: {max(left, 0.0):.3f} s of the deadline left"
-            return target, _EscalationStop(why)
+        checked = time.monotonic()
+        # The moments since a judge's cut are not counted, up to ``_MOMENTS_SECONDS`` (a slow
+        # shared store's round trips, or the time before a judge not asked, are).
+        now = checked if as_of is None else max(min(as_of, checked), checked - _MOMENTS_SECONDS)
+        if stop := self._too_late(deadline, now, next_model, keeping=keeping):
+            return target, stop
         if why := self._unservable(state, next_model, cap):
             return target, _EscalationStop(f"not escalated to {next_model}: {why}")
         if not hold:
@@ -1210,7 +1240,26 @@ class Router:
             await self._cover_cost(state, next_cost)
         except (LimitExceeded, SharedStateUnavailable) as refused:
             return target, _EscalationStop(f"not escalated to {next_model}: {refused.message}", refused)
+        # Checked again after the hold (a round trip to the shared store), as of the same moment
+        # unless more than ``_MOMENTS_SECONDS`` have passed: an escalation announced must start
+        # with its time (``_serve`` waives only the moments its Escalation takes too).
+        if stop := self._too_late(deadline, max(now, time.monotonic() - _MOMENTS_SECONDS), next_model, keeping=keeping):
+            return target, stop
         return target, None
+
+    def _too_late(
+        self, deadline: float | None, now: float, next_model: str, *, keeping: bool
+    ) -> _EscalationStop | None:
+        """Why an escalation to ``next_model`` cannot start at ``now``: too little of ``deadline``
+        is left for it (``_escalation_needs``); None when it can. A judge cut at its end left just
+        the time needed, which ``deadline - (deadline - needs)`` gives back a hair short at
+        time.monotonic()'s scale (0.4 s as 0.39999999999...): compared with ``_TIME_SLACK`` to
+        spare."""
+        left = None if deadline is None else deadline - now
+        if left is None or left >= self._escalation_needs(keeping=keeping) - _TIME_SLACK:
+            return None
+        # No attempt starts that cannot finish.
+        return _EscalationStop(f"not escalated to {next_model}: {max(left, 0.0):.3f} s of the deadline left")
 
     async def _budget_refuses(self, state: _AttemptState, estimate: Decimal) -> str:
         """Why the tenant's budget could not take calls estimated at ``estimate`` more than the
@@ -1296,8 +1345,9 @@ class Router:
         """The retry loop for ``decision.model`` and its fallbacks (see ``complete``); ``max_attempts``
         counts this loop's attempts (a cascade step's), not earlier steps' or judge calls.
         ``escalated``: a cascade step escalated to, whose first attempt ``_escalation_stop`` let
-        through already (as of the answer or verdict it follows): only its time having passed
-        stops that one, not the moments the Escalation took since.
+        through already (as of the answer or verdict it follows): that one needs its
+        ``min_attempt_seconds`` less the moments that check forgave and the Escalation took since
+        (``_MOMENTS_SECONDS`` each).
 
         A fallback estimated over the request's ``max_cost_usd`` is skipped; in a cascade step, one
         whose estimate plus the cost so far would pass the cascade's cap (the lower of the
@@ -1356,7 +1406,11 @@ class Router:
                 # that starts (``_attempt`` releases or settles it however it ends).
                 remaining = None if deadline is None else deadline - time.monotonic()
                 left = None if start_by is None else start_by - time.monotonic()
-                needed = 0.0 if checked else reliability.min_attempt_seconds
+                needed = reliability.min_attempt_seconds
+                if checked:
+                    # Less the moments its check did not count (since a judge's cut) and those the
+                    # Escalation took to write: no more (``_escalation_stop``).
+                    needed = max(0.0, needed - 2 * _MOMENTS_SECONDS)
                 checked = False
                 if left is not None and (left < needed or left <= 0):
                     if last_error is None or left <= 0:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import grpc
 import pytest
@@ -31,6 +32,8 @@ from routesvc.server import Server
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.redis_server import running_redis
+from tests.test_redis_admission import _Proxy
 from tests.test_validation import error_info
 
 
@@ -1457,15 +1460,19 @@ class TestAnEscalationThatCannotBeServed:
         ]
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
 
-    async def test_a_judge_cut_by_the_deadline_with_on_failure_escalate_escalates(self, fake: FakeProvider) -> None:
-        """The judge's call of an answer that would be kept ends twice min_attempt_seconds (1 s
-        here) before the server's end of the 4 s call (3.8 s), the time the escalation needs: a
-        judge cut there with `on_failure: escalate` escalates, and gpt-4o answers (its verdict was
-        refused by the moments since the cut, `not escalated to gpt-4o: 1.997 s of the deadline
-        left`, the judge paid and ignored; and an escalation let through was then refused its
+    @pytest.mark.parametrize(("min_attempt", "timeout"), [(1.0, 4.0), (0.2, 2.0)])
+    async def test_a_judge_cut_by_the_deadline_with_on_failure_escalate_escalates(
+        self, fake: FakeProvider, min_attempt: float, timeout: float
+    ) -> None:
+        """The judge's call of an answer that would be kept ends twice min_attempt_seconds (1 s,
+        and the default 0.2 s) before the server's end of the call, the time the escalation needs:
+        a judge cut there with `on_failure: escalate` escalates, and gpt-4o answers (its verdict
+        was refused by the moments since the cut, `not escalated to gpt-4o: 1.997 s of the
+        deadline left`, the judge paid and ignored; at 0.2 s by floating point, the deadline less
+        the cut coming out a hair under 0.4 s; and an escalation let through was then refused its
         start, `escalation to gpt-4o timed out, released`, no call made)."""
         config = default_config()
-        config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
+        config["reliability"]["min_attempt_seconds"] = min_attempt  # type: ignore[index]
         config["cascade"]["judge"]["on_failure"] = "escalate"  # type: ignore[index]
         slow_verdict = Script(text='{"score": 0.9}', first_chunk_delay=3.0)
         fake.enqueue(Script(text="Lyon, maybe."), slow_verdict, model="gpt-4o-mini")
@@ -1475,7 +1482,7 @@ class TestAnEscalationThatCannotBeServed:
             RouterClient(server.target) as client,
         ):
             prompt = user_chat("What is the capital of France?")
-            messages = [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=4.0)]
+            messages = [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=timeout)]
             entries = server.router.ledger.entries(messages[0].decision.decision_id)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         quality = messages[1].escalation.quality
@@ -1488,6 +1495,43 @@ class TestAnEscalationThatCannotBeServed:
             ("gpt-4o-mini", AttemptOutcome.INTERRUPTED),
             ("gpt-4o", AttemptOutcome.COMPLETED),
         ]
+
+    @pytest.mark.parametrize("reply_delay", [0.15, 0.262, 0.27, 0.278])
+    async def test_with_a_slow_shared_store_an_escalation_announced_is_made_with_its_time(
+        self, fake: FakeProvider, tmp_path: Path, reply_delay: float
+    ) -> None:
+        """Redis (the tenant's budget) answers each command `reply_delay` s late; the judge hangs
+        (`on_failure: escalate`, min_attempt_seconds 1, a 4 s call) and gpt-4o's first text takes
+        0.5 s. Either the escalation is made, gpt-4o started with its min_attempt_seconds and
+        answers, or it is not announced and the answer in hand is released, saying why (it was
+        announced, then gpt-4o called with a sliver of its time, or not at all, the round trips
+        to Redis after the time was checked eating it: `escalation to gpt-4o timed out, released`)."""
+        with running_redis(tmp_path) as url:
+            async with _Proxy(url) as proxy:
+                config = default_config()
+                config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
+                config["cascade"]["judge"]["on_failure"] = "escalate"  # type: ignore[index]
+                config["shared_state"] = {"redis_url": proxy.url}
+                config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
+                hanging_verdict = Script(text='{"score": 0.9}', first_chunk_delay=5.0)
+                fake.enqueue(Script(text="Lyon, maybe."), hanging_verdict, model="gpt-4o-mini")
+                fake.enqueue(Script(text="Paris.", first_chunk_delay=0.5), model="gpt-4o")
+                async with (
+                    Server(settings_from(config, live_environ(fake)), port=0) as server,
+                    RouterClient(server.target) as client,
+                ):
+                    proxy.delay = reply_delay
+                    context = pb.RoutingContext(cascade=True, tenant="acme")
+                    prompt = user_chat("What is the capital of France?")
+                    messages = [m async for m in client.complete(prompt, context, timeout=4.0)]
+        completion = messages[-1].completion
+        if _kinds(messages) == ["decision", "escalation", "delta", "completion"]:
+            assert (_text(messages), completion.model) == ("Paris.", "gpt-4o")
+        else:
+            assert _kinds(messages) == ["decision", "delta", "completion"]
+            assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+            assert "; not escalated to gpt-4o: " in completion.quality.reason
+            assert "gpt-4o" not in [r.model for r in fake.requests]
 
     async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
         """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
@@ -1535,6 +1579,36 @@ class TestAnEscalationThatCannotBeServed:
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         assert (_text(messages), messages[-1].completion.model) == (refusal, "gpt-4o-mini")
         assert messages[-1].completion.quality.reason == "refusal; escalation to gpt-4o timed out, released"
+
+    @pytest.mark.parametrize(
+        ("tail", "deltas"),
+        [(("x",) * 6000, 1), (("\U0001f600" * 1000,) * 300, 2)],
+        ids=["6001 chunks", "1.2 MB of 4-byte characters"],
+    )
+    async def test_a_long_answer_in_hand_is_released_whole_within_the_time_kept(
+        self, fake: FakeProvider, tail: tuple[str, ...], deltas: int
+    ) -> None:
+        """A held answer of 6,001 provider chunks, gpt-4o hanging, 50 ms kept for the release
+        (min_attempt_seconds 0): it reaches the caller whole, in one delta (it was written one
+        chunk a message, ~600 of them before the server's end of the call, then DEADLINE_EXCEEDED
+        committed); one over 1 MiB comes in deltas of at most 1 MiB, cut between characters."""
+        config = default_config()
+        config["cascade"]["scorers"] = ["local"]  # type: ignore[index]
+        config["reliability"]["min_attempt_seconds"] = 0.0  # type: ignore[index]
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(chunks=(refusal, *tail)), model="gpt-4o-mini")
+        fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            context = pb.RoutingContext(cascade=True)
+            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=3.0)]
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert (_text(messages), messages[-1].completion.model) == (refusal + "".join(tail), "gpt-4o-mini")
+        sizes = [len(m.delta.text.encode()) for m in messages if m.WhichOneof("event") == "delta"]
+        assert len(sizes) == deltas
+        assert max(sizes) <= 1 << 20
 
     async def test_a_middle_step_that_hangs_releases_the_answer_in_hand_before_the_deadline(
         self, fake: FakeProvider
@@ -1622,6 +1696,45 @@ class TestAnEscalationThatCannotBeServed:
             ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
             ("gpt-4o", pb.ATTEMPT_OUTCOME_ESCALATED),
         ]
+
+    @pytest.mark.parametrize(
+        ("verdicts", "empty"),
+        [
+            ((Script(status=500),) * 3, Script(chunks=(), reasoning=("think ",) * 3, finish_reason="length")),
+            ((Script(text='{"score": 0.9}'),), Script(chunks=())),
+        ],
+        ids=["judge failed, on_failure release", "judge says 0.9"],
+    )
+    async def test_a_middle_step_that_answers_nothing_and_is_released_by_its_judge_releases_the_answer_in_hand(
+        self, fake: FakeProvider, verdicts: tuple[Script, ...], empty: Script
+    ) -> None:
+        """gpt-4o-mini -> gpt-4o -> claude-sonnet scored by the judge only: the cheap refusal (0.1)
+        escalates to gpt-4o, which answers with no text; its judge fails (`on_failure: release`)
+        or scores it 0.9, so it is released: the refusal in hand is released instead (the caller
+        got gpt-4o's empty completion, the paid answer dropped)."""
+        config = _three_step_cascade(0.8, 0.8)
+        config["routing"]["fallbacks"] = {}  # type: ignore[index]
+        config["cascade"]["scorers"] = ["llm_judge"]  # type: ignore[index]
+        config["cascade"]["judge"] = {"model": "gpt-4o-mini", "timeout_seconds": 10, "on_failure": "release"}  # type: ignore[index]
+        refusal = "I'm sorry, but I can't help with that."
+        fake.enqueue(Script(text=refusal), Script(text='{"score": 0.1}'), *verdicts, model="gpt-4o-mini")
+        fake.enqueue(empty, model="gpt-4o")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = await _cascade(client)
+            entries = server.router.ledger.entries(messages[0].decision.decision_id)
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        completion = messages[-1].completion
+        assert (_text(messages), completion.model) == (refusal, "gpt-4o-mini")
+        assert completion.quality.reason.endswith("; escalation to gpt-4o gave no answer, released")
+        assert [(a.model, a.outcome) for a in completion.attempts if a.outcome != pb.ATTEMPT_OUTCOME_JUDGE] == [
+            ("gpt-4o-mini", pb.ATTEMPT_OUTCOME_COMPLETED),
+            ("gpt-4o", pb.ATTEMPT_OUTCOME_ESCALATED),
+        ]
+        assert sum(e.cost_usd for e in entries) == Decimal(completion.cost_usd)
+        assert "claude-sonnet-4-6" not in [r.model for r in fake.requests]
 
     async def test_a_filtered_escalated_answer_is_not_released_around(self, fake: FakeProvider) -> None:
         """The provider filtered gpt-4o's answer: that stands (the caller gets the filtered, empty
