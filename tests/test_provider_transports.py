@@ -385,10 +385,11 @@ class TestEventBound:
         self, raw: RawUpstream, on_raw: Adapter
     ) -> None:
         """After the first text, an event of 1,001 lines (lines the SDK ignores, 2 kB in all, well
-        under ``max_event_bytes``): that text, then ProviderUnavailable ``event_too_large`` naming
-        the 1,000 lines the anthropic SDK's decoder may add to one event (it adds each by copying
-        the event so far: a million such lines held the event loop for minutes; the stream was
-        read as any other); one of 999 lines is read as any other."""
+        under ``max_event_bytes``): that text, then ProviderUnavailable ``event_too_many_lines``
+        naming the 1,000 lines the anthropic SDK's decoder may add to one event (it adds each by
+        copying the event so far: a million such lines held the event loop for minutes; the stream
+        was read as any other), and not ``max_event_bytes``, which was not passed (it was named);
+        one of 999 lines is read as any other."""
         events = anthropic_stream(["Hello ", "world"])
 
         def padded(lines: int) -> list[bytes]:
@@ -400,9 +401,41 @@ class TestEventBound:
         texts, error = await read(on_raw, call(timeout=8))
         assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
         assert error is not None
-        assert "stream event over 1000 lines (reliability.max_event_bytes) (event_too_large)" in error.message
+        assert "stream event over 1000 lines (an anthropic stream's most) (event_too_many_lines)" in error.message
+        assert "max_event_bytes" not in error.message
         texts, error = await read(on_raw, call(timeout=8))
         assert ("".join(texts), error) == ("Hello world", None)
+
+    @pytest.mark.parametrize("kind", ["anthropic"])
+    async def test_an_anthropic_event_read_byte_by_byte_is_read_as_any_other(
+        self, raw: RawUpstream, on_raw: Adapter
+    ) -> None:
+        """A text event of 2 kB, its two lines sent a byte at a time (a slow link, a trickling
+        proxy): the whole text (each read was counted as a line, so it failed ``event_too_large``
+        past 1,000 reads, naming ``max_event_bytes``; the SDK is now handed whole lines)."""
+        events = anthropic_stream(["Hello ", "x" * 2000, " world"])
+        trickled = [events[3][index : index + 1] for index in range(len(events[3]))]
+        raw.replies.append(Reply(body=chunks(*events[:3], *trickled, *events[4:]), pause=0.0005))
+        texts, error = await read(on_raw, call(timeout=30))
+        assert ("".join(texts), error) == ("Hello " + "x" * 2000 + " world", None)
+
+    async def test_an_anthropic_line_over_max_event_bytes_read_in_pieces_is_unavailable(
+        self, raw: RawUpstream, http_client: HttpClientKind
+    ) -> None:
+        """An event whose one data line of 9 kB comes in 100-byte reads, ``max_event_bytes`` 8192:
+        ProviderUnavailable ``event_too_large`` after the first text (the line held for its end is
+        counted as the event's)."""
+        adapter = make_adapter("anthropic", http_client, raw.url + "/v1", raw.url, max_event_bytes=8192)
+        events = anthropic_stream(["Hello ", "x" * 9000, " world"])
+        pieces = [events[3][index : index + 100] for index in range(0, len(events[3]), 100)]
+        raw.replies.append(Reply(body=chunks(*events[:3], *pieces, *events[4:]), pause=0.0005))
+        try:
+            texts, error = await read(adapter, call(timeout=8))
+        finally:
+            await adapter.aclose()
+        assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+        assert error is not None
+        assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message
 
     @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
     async def test_a_byte_order_mark_before_the_first_event_is_skipped(

@@ -11,11 +11,13 @@ labelled, and counts each event's bytes up to its end as the SDK's decoder finds
 ``httpx2.ReadError``, as a broken connection fails it), which the adapters translate to
 ``ProviderUnavailable``. What is held stays within the limit and one read's chunk. A UTF-8 byte
 order mark before the first event, which the SSE spec skips and neither SDK does, is dropped. The anthropic
-SDK's decoder also costs time quadratic in the lines of one event (it adds each line to the event's
-bytes by copying them), so an event of a million short lines, well within the limit, held the
-event loop for minutes: an anthropic stream's event also fails ``event_too_large`` past
-``MAX_EVENT_LINES`` lines as that decoder splits them (a real event has two or three; a line split
-between two reads counts twice). An error's
+SDK's decoder also costs time quadratic in the pieces of one event (it splits each read into
+lines and adds each piece to the event's bytes by copying them), so an event of a million short
+lines, well within the limit, held the event loop for minutes, and so did one long line read a
+byte at a time: that SDK is handed whole lines only (a read's last line, not yet ended, is held
+and handed on with the rest of it, its bytes counted in the event's), and an anthropic stream's
+event fails ``event_too_many_lines`` past ``MAX_EVENT_LINES`` lines (a real event has two or
+three, however many reads it comes in). An error's
 body (4xx, 5xx) or a redirect's (3xx, which the SDK follows) is not bounded as events (an error of
 any size counted as one event turned a 400 or a 429 into ``event_too_large``) but as a whole: the
 SDK reads it whole for its message, so it is passed on when it ends within ``ERROR_BODY_LIMIT``
@@ -59,11 +61,13 @@ _BOM = "\ufeff".encode()
 
 
 class EventEnds(Protocol):
-    """Where one stream's events end, as its SDK's decoder finds them, chunk after chunk; and
+    r"""Where one stream's events end, as its SDK's decoder finds them, chunk after chunk; and
     ``overrun``, once an event runs past a limit of the kind's other than its bytes (then ``find``
-    has returned the ends before it only)."""
+    has returned the ends before it only). With ``whole_lines``, the chunks passed to ``find`` and
+    on to the SDK are whole lines (each ends in ``\r`` or ``\n``, but the stream's last)."""
 
     overrun: UnreadableStream | None
+    whole_lines: bool
 
     def find(self, chunk: bytes) -> list[int]:
         """The offsets in ``chunk`` just after each event's end, in order (the chunks before
@@ -73,6 +77,8 @@ class EventEnds(Protocol):
 class OpenAIEventEnds:
     r"""As the openai SDK's decoder (``_SSELineDecoder``, per the SSE spec): a line end (``\r\n``,
     ``\r``, ``\n``) followed by another, so ``\n`` then ``\r\n`` is one too."""
+
+    whole_lines = False
 
     def __init__(self) -> None:
         self._tail = b""  # the last bytes before the chunk, for an end split across the two
@@ -92,8 +98,14 @@ class AnthropicEventEnds:
     only when these then end with ``\r\r``, ``\n\n`` or ``\r\n\r\n``. So it holds a stream that
     mixes line endings (``\n`` then ``\r\n``, ``\r`` then ``\r\n``) as one event, and an end
     split across two chunks between ``\r`` and ``\n`` (``\r\r`` then ``\n``) is one where
-    one is not; the chunks are the ones passed on, so the ends are the SDK's exactly. An event
-    of more than ``MAX_EVENT_LINES`` lines so added is an ``overrun``."""
+    one is not; the chunks are the ones passed on, so the ends are the SDK's exactly.
+
+    The chunks are whole lines (``whole_lines``): a piece without a line end cannot end an event,
+    so the SDK ends them where it would end the chunks as read, and each piece it adds is a line.
+    An event of more than ``MAX_EVENT_LINES`` lines is an ``overrun``; a ``\n`` that ends a
+    ``\r\n`` split between two chunks (which the SDK adds on its own) is not another line."""
+
+    whole_lines = True
 
     def __init__(self) -> None:
         self._held = b""  # the last bytes of the event so far (no more than an end's)
@@ -106,7 +118,8 @@ class AnthropicEventEnds:
         offset = 0
         for line in chunk.splitlines(keepends=True):
             offset += len(line)
-            self._lines += 1
+            if not (line == b"\n" and offset == 1 and held.endswith(b"\r")):
+                self._lines += 1
             if self._lines > MAX_EVENT_LINES:
                 self.overrun = EventTooManyLines(MAX_EVENT_LINES)
                 break
@@ -170,7 +183,7 @@ class EventTooManyLines(UnreadableStream):
     """An event of an anthropic stream passed ``lines`` lines before its end."""
 
     def __init__(self, lines: int) -> None:
-        super().__init__(f"stream event over {lines} lines (reliability.max_event_bytes)", "event_too_large")
+        super().__init__(f"stream event over {lines} lines (an anthropic stream's most)", "event_too_many_lines")
         self.lines = lines
 
 
@@ -201,7 +214,8 @@ async def _without_bom(chunks: AsyncIterator[bytes] | httpx2.AsyncByteStream) ->
 
 
 class _BoundedEvents(httpx2.AsyncByteStream):
-    """A response body that fails once an event runs past ``limit`` bytes (or its ends' other limit)."""
+    """A response body that fails once an event runs past ``limit`` bytes (or its ends' other
+    limit); passed on in whole lines if its ends want them."""
 
     def __init__(self, inner: httpx2.AsyncByteStream, bound: EventBound) -> None:
         self._inner = inner
@@ -209,21 +223,34 @@ class _BoundedEvents(httpx2.AsyncByteStream):
         self._ends = bound.ends()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        pending = 0  # bytes since the last event's end
-        async for chunk in _without_bom(self._inner):
+        pending = 0  # bytes passed on since the last event's end
+        partial = bytearray()  # a line begun and not ended, held (``whole_lines``), of the same event
+        async for read in _without_bom(self._inner):
+            chunk = read
+            if self._ends.whole_lines:
+                cut = max(read.rfind(b"\r"), read.rfind(b"\n")) + 1
+                if cut == 0:
+                    partial += read  # appended in place: a line read byte by byte costs its length once
+                    if pending + len(partial) > self._limit:
+                        raise EventTooLarge(self._limit)
+                    continue
+                chunk = bytes(partial) + read[:cut] if partial else read[:cut]
+                partial = bytearray(read[cut:])
             start = -pending  # where the current event starts, in ``chunk``
             for end in self._ends.find(chunk):
                 if end - start > self._limit:
                     break
                 start = end
             pending = len(chunk) - start
-            error = EventTooLarge(self._limit) if pending > self._limit else self._ends.overrun
+            error = EventTooLarge(self._limit) if pending + len(partial) > self._limit else self._ends.overrun
             if error is not None:
                 # The whole events before it are the stream's, as before a cut.
                 if start > 0:
                     yield chunk[:start]
                 raise error
             yield chunk
+        if partial:
+            yield bytes(partial)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
