@@ -16,6 +16,7 @@ from httpx2._decoders import SUPPORTED_DECODERS
 
 from routesvc.errors import (
     ProviderError,
+    ProviderQuotaExhausted,
     ProviderRateLimited,
     ProviderRejected,
     ProviderTimedOut,
@@ -348,10 +349,13 @@ class TestEventBound:
         await until(lambda: len(raw.sent) == 1 and raw.sent[0] > 0)
         assert raw.sent[0] < 32 << 20
 
-    async def test_a_compressed_error_body_is_not_decoded(self, raw: RawUpstream, kind: str, on_raw: Adapter) -> None:
+    async def test_a_compressed_error_body_is_decoded_no_further_than_a_bound(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
         """A 400 whose gzip body of 20 kB decodes to a 20 MB JSON error naming its type (a
-        compression bomb): rejected, by its status alone: the body is not decoded (it was, whole:
-        a few hundred kB of gzip cost a gigabyte), so its type is not in the message."""
+        compression bomb): rejected, by its status alone: the body is decoded no further than 1 MiB
+        (it was decoded whole: a few hundred kB of gzip cost a gigabyte), then dropped, so its type
+        is not in the message."""
         head = (
             b'{"error": {"type": "bomb_error", "message": "'
             if kind == "openai"
@@ -366,6 +370,59 @@ class TestEventBound:
         assert (texts, type(error)) == ([], ProviderRejected)
         assert error is not None
         assert "bomb_error" not in error.message
+
+    @pytest.mark.parametrize("coding", ["gzip", "deflate", "raw deflate"])
+    async def test_a_compressed_error_body_within_a_bound_is_decoded_and_read_as_the_error_it_is(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter, coding: str
+    ) -> None:
+        """A spent quota's error, gzip or deflate (zlib-wrapped or raw, as httpx2 reads it), from a
+        server that compresses though asked not to: a spent quota, its code in the message, as
+        the same error plain (the body was dropped: OpenAI's 429 ``insufficient_quota`` then a
+        rate limit, retried; Anthropic's 400 "credit balance is too low" a rejection, no
+        fallback)."""
+        status, body, code = {
+            "openai": (
+                429,
+                {
+                    "error": {
+                        "message": "You exceeded your current quota.",
+                        "type": "insufficient_quota",
+                        "code": "insufficient_quota",
+                    }
+                },
+                "insufficient_quota",
+            ),
+            "anthropic": (
+                400,
+                {
+                    "type": "error",
+                    "error": {"type": "invalid_request_error", "message": "Your credit balance is too low."},
+                },
+                "invalid_request_error",
+            ),
+        }[kind]
+        wbits = {"gzip": 31, "deflate": 15, "raw deflate": -15}[coding]
+        compressor = zlib.compressobj(6, zlib.DEFLATED, wbits)
+        wire = compressor.compress(json.dumps(body).encode()) + compressor.flush()
+        headers = {"content-encoding": coding.removeprefix("raw ")}
+        raw.replies.append(
+            Reply(status=status, headers=headers, body=chunks(wire[:9], wire[9:]), content_type="application/json")
+        )
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderQuotaExhausted)
+        assert error is not None
+        assert f"HTTP {status} ({code})" in error.message
+
+    async def test_a_broken_compressed_error_body_is_read_as_its_status_says(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
+        """A 400 labelled gzip that is not: rejected, by its status alone (as a body dropped)."""
+        headers = {"content-encoding": "gzip"}
+        raw.replies.append(
+            Reply(status=400, headers=headers, body=chunks(b"not gzip at all"), content_type="application/json")
+        )
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRejected)
 
     async def test_a_redirect_body_that_never_ends_is_not_read_past_a_bound(
         self, raw: RawUpstream, kind: str, on_raw: Adapter

@@ -21,10 +21,14 @@ three, however many reads it comes in). An error's
 body (4xx, 5xx) or a redirect's (3xx, which the SDK follows) is not bounded as events (an error of
 any size counted as one event turned a 400 or a 429 into ``event_too_large``) but as a whole: the
 SDK reads it whole for its message, so it is passed on when it ends within ``ERROR_BODY_LIMIT``
-bytes and dropped (an empty body, the rest unread) past them; one compressed is dropped unread
-(its decoded size is not known until decoded). The answer keeps its status and headers either
-way, so a 400 stays rejected and a 429 keeps its ``Retry-After``; only the message is lost (an
-error body read whole, or decoded whole, could cost the process gigabytes).
+bytes, decoded here (gzip or deflate, decoded no further than that) when compressed, and dropped
+(an empty body, the rest unread) past them, or when compressed otherwise (``br``, ``zstd``, two
+codings) or broken (an error body read whole, or decoded whole, could cost the process
+gigabytes). A dropped body's answer keeps its status and headers, so a 400 stays rejected and a
+429 keeps its ``Retry-After``, but all the body told is lost: the error's code in the message,
+and what only the body tells of its class, a spent quota (OpenAI's 429 ``insufficient_quota``
+then a rate limit, retried; Anthropic's 400 "credit balance is too low" then a rejection, with
+no fallback). A body cut at the bound would not tell it either (its JSON does not parse).
 
 The bytes counted are the ones the SDK decodes: a streaming request asks for them unencoded
 (``Accept-Encoding: identity``), and a successful answer that comes compressed all the same
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -256,20 +261,64 @@ class _BoundedEvents(httpx2.AsyncByteStream):
         await self._inner.aclose()
 
 
+class _Inflater:
+    """A gzip or deflate body's decoder (deflate with its zlib header or without, as httpx2's),
+    that makes no more bytes of a chunk than it is given room for."""
+
+    def __init__(self, coding: str) -> None:
+        self._deflate = coding == "deflate"
+        self._first = True
+        self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS)
+
+    def decode(self, data: bytes, room: int) -> bytes:
+        """At most ``room`` (at least 1) bytes more of the body; ``zlib.error`` if it is broken."""
+        first, self._first = self._first, False
+        try:
+            return self._decoder.decompress(data, room)
+        except zlib.error:
+            if not (first and self._deflate):
+                raise
+            self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self._decoder.decompress(data, room)
+
+    def flush(self) -> bytes:
+        """What is left once every chunk was decoded with room to spare (nothing, as zlib goes)."""
+        return self._decoder.flush()
+
+
+# The codings of an error's body decoded here, within the bound; any other the stack decodes drops it.
+_INFLATED = frozenset({"gzip", "deflate"})
+
+
 class _CappedBody(httpx2.AsyncByteStream):
     """An error's or a redirect's body: passed on whole if it ends within ``ERROR_BODY_LIMIT`` bytes,
-    else empty (read no further); empty, unread, if ``dropped``."""
+    decoded first by ``inflater`` if given, else empty (read no further); empty, unread, if
+    ``dropped``; empty if ``inflater`` finds it broken."""
 
-    def __init__(self, inner: httpx2.AsyncByteStream, *, dropped: bool) -> None:
+    def __init__(self, inner: httpx2.AsyncByteStream, *, dropped: bool, inflater: _Inflater | None = None) -> None:
         self._inner = inner
         self._dropped = dropped
+        self._inflater = inflater
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._dropped:
             return
         held = bytearray()
         async for chunk in self._inner:
-            held += chunk
+            if self._inflater is None:
+                held += chunk
+            else:
+                try:
+                    held += self._inflater.decode(chunk, ERROR_BODY_LIMIT + 1 - len(held))
+                except zlib.error:
+                    return
+            if len(held) > ERROR_BODY_LIMIT:
+                return
+        if self._inflater is not None:
+            try:
+                held += self._inflater.flush()
+            except zlib.error:
+                return
             if len(held) > ERROR_BODY_LIMIT:
                 return
         if held:
@@ -303,7 +352,9 @@ class BoundedEventsTransport(httpx2.AsyncBaseTransport):
             response.stream = _BoundedEvents(response.stream, self._bound)
         else:
             # An error's or a redirect's body holds no events, and the SDK reads it whole.
-            response.stream = _CappedBody(response.stream, dropped=encoded)
+            decoded = [coding for coding in codings if coding in DECODED_CODINGS]
+            inflater = _Inflater(decoded[0]) if len(decoded) == 1 and decoded[0] in _INFLATED else None
+            response.stream = _CappedBody(response.stream, dropped=encoded and inflater is None, inflater=inflater)
             if encoded:
                 del response.headers["content-encoding"]
         return response
