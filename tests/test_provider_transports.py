@@ -291,7 +291,8 @@ class TestEventBound:
     ) -> None:
         """``content-encoding: none`` (a header SSE servers send to keep proxies from compressing)
         or another coding the HTTP stack does not decode (httpx2 knows no ``x-gzip`` nor
-        ``compress``, and ``br``, ``zstd`` only with brotli, zstandard installed): the stack reads
+        ``compress``; ``br`` only with brotli or brotlicffi installed, ``zstd`` only with Python's
+        ``compression.zstd`` (3.14+) or backports.zstd): the stack reads
         the body as unencoded, and so is the stream read (it was failed as compressed, every
         attempt: ``none`` before, ``x-gzip``, ``br``... until now)."""
         fake.enqueue(Script(headers={"content-encoding": encoding}))

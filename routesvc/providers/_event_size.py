@@ -34,8 +34,9 @@ The bytes counted are the ones the SDK decodes: a streaming request asks for the
 (``Accept-Encoding: identity``), and a successful answer that comes compressed all the same
 fails with ``EncodedStream`` (a few hundred bytes of gzip can hold a 100 kB event, a few hundred
 kB a 200 MB one, decoded whole after the transport); one labelled with a coding the stack does
-not decode (``none``, ``utf-8``, ``x-gzip``; ``br`` and ``zstd`` unless brotli and zstandard are
-installed: ``DECODED_CODINGS``) is read as unencoded, as the stack reads it. Responses to other
+not decode (``none``, ``utf-8``, ``x-gzip``; ``br`` unless brotli or brotlicffi is installed,
+``zstd`` unless Python has ``compression.zstd`` (3.14+) or backports.zstd is installed:
+``DECODED_CODINGS``) is read as unencoded, as the stack reads it. Responses to other
 requests (embeddings, batch files, list pages) are left alone.
 """
 
@@ -138,8 +139,9 @@ class AnthropicEventEnds:
 
 
 # The content codings the HTTP stack decodes: httpx2's decoders, over both transports (aiohttp's
-# passes the body on undecoded, ``auto_decompress=False``, to httpx2): gzip and deflate, br and
-# zstd only where brotli and zstandard are installed. A stream in any of these is refused. Any
+# passes the body on undecoded, ``auto_decompress=False``, to httpx2): gzip and deflate; br only
+# where brotli or brotlicffi is installed; zstd only where Python has ``compression.zstd`` (3.14+)
+# or backports.zstd is installed (not the zstandard package). A stream in any of these is refused. Any
 # other coding ("none", "utf-8": a header some SSE servers send to keep proxies from compressing;
 # "x-gzip", "compress", which httpx2 does not know) the stack passes on as it came, as identity,
 # so the bytes counted are the bytes decoded.
