@@ -24,12 +24,14 @@ from aiohttp import web
 
 @dataclass
 class Reply:
-    """One answer: ``status``, ``headers`` and the body's chunks (``body()``, each written as it comes)."""
+    """One answer: ``status``, ``headers`` and the body's chunks (``body()``, each written as it
+    comes, ``pause`` seconds apart, so that the client reads them one by one)."""
 
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=dict)
     body: Callable[[], Iterable[bytes]] = lambda: ()
     content_type: str = "text/event-stream"
+    pause: float = 0.0
 
 
 def endless(piece: bytes, *, first: bytes = b"") -> Callable[[], Iterator[bytes]]:
@@ -135,7 +137,7 @@ class RawUpstream:
             for chunk in reply.body():
                 await response.write(chunk)
                 self.sent[index] += len(chunk)
-                await asyncio.sleep(0)  # a write the socket takes at once does not yield
+                await asyncio.sleep(reply.pause)  # a write the socket takes at once does not yield
             await response.write_eof()
         return response
 

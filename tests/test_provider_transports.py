@@ -16,6 +16,7 @@ from httpx2._decoders import SUPPORTED_DECODERS
 
 from routesvc.errors import (
     ProviderError,
+    ProviderQuotaExhausted,
     ProviderRateLimited,
     ProviderRejected,
     ProviderTimedOut,
@@ -290,7 +291,8 @@ class TestEventBound:
     ) -> None:
         """``content-encoding: none`` (a header SSE servers send to keep proxies from compressing)
         or another coding the HTTP stack does not decode (httpx2 knows no ``x-gzip`` nor
-        ``compress``, and ``br``, ``zstd`` only with brotli, zstandard installed): the stack reads
+        ``compress``; ``br`` only with brotli or brotlicffi installed, ``zstd`` only with Python's
+        ``compression.zstd`` (3.14+) or backports.zstd): the stack reads
         the body as unencoded, and so is the stream read (it was failed as compressed, every
         attempt: ``none`` before, ``x-gzip``, ``br``... until now)."""
         fake.enqueue(Script(headers={"content-encoding": encoding}))
@@ -348,10 +350,13 @@ class TestEventBound:
         await until(lambda: len(raw.sent) == 1 and raw.sent[0] > 0)
         assert raw.sent[0] < 32 << 20
 
-    async def test_a_compressed_error_body_is_not_decoded(self, raw: RawUpstream, kind: str, on_raw: Adapter) -> None:
+    async def test_a_compressed_error_body_is_decoded_no_further_than_a_bound(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
         """A 400 whose gzip body of 20 kB decodes to a 20 MB JSON error naming its type (a
-        compression bomb): rejected, by its status alone: the body is not decoded (it was, whole:
-        a few hundred kB of gzip cost a gigabyte), so its type is not in the message."""
+        compression bomb): rejected, by its status alone: the body is decoded no further than 1 MiB
+        (it was decoded whole: a few hundred kB of gzip cost a gigabyte), then dropped, so its type
+        is not in the message."""
         head = (
             b'{"error": {"type": "bomb_error", "message": "'
             if kind == "openai"
@@ -366,6 +371,59 @@ class TestEventBound:
         assert (texts, type(error)) == ([], ProviderRejected)
         assert error is not None
         assert "bomb_error" not in error.message
+
+    @pytest.mark.parametrize("coding", ["gzip", "deflate", "raw deflate"])
+    async def test_a_compressed_error_body_within_a_bound_is_decoded_and_read_as_the_error_it_is(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter, coding: str
+    ) -> None:
+        """A spent quota's error, gzip or deflate (zlib-wrapped or raw, as httpx2 reads it), from a
+        server that compresses though asked not to: a spent quota, its code in the message, as
+        the same error plain (the body was dropped: OpenAI's 429 ``insufficient_quota`` then a
+        rate limit, retried; Anthropic's 400 "credit balance is too low" a rejection, no
+        fallback)."""
+        status, body, code = {
+            "openai": (
+                429,
+                {
+                    "error": {
+                        "message": "You exceeded your current quota.",
+                        "type": "insufficient_quota",
+                        "code": "insufficient_quota",
+                    }
+                },
+                "insufficient_quota",
+            ),
+            "anthropic": (
+                400,
+                {
+                    "type": "error",
+                    "error": {"type": "invalid_request_error", "message": "Your credit balance is too low."},
+                },
+                "invalid_request_error",
+            ),
+        }[kind]
+        wbits = {"gzip": 31, "deflate": 15, "raw deflate": -15}[coding]
+        compressor = zlib.compressobj(6, zlib.DEFLATED, wbits)
+        wire = compressor.compress(json.dumps(body).encode()) + compressor.flush()
+        headers = {"content-encoding": coding.removeprefix("raw ")}
+        raw.replies.append(
+            Reply(status=status, headers=headers, body=chunks(wire[:9], wire[9:]), content_type="application/json")
+        )
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderQuotaExhausted)
+        assert error is not None
+        assert f"HTTP {status} ({code})" in error.message
+
+    async def test_a_broken_compressed_error_body_is_read_as_its_status_says(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
+        """A 400 labelled gzip that is not: rejected, by its status alone (as a body dropped)."""
+        headers = {"content-encoding": "gzip"}
+        raw.replies.append(
+            Reply(status=400, headers=headers, body=chunks(b"not gzip at all"), content_type="application/json")
+        )
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRejected)
 
     async def test_a_redirect_body_that_never_ends_is_not_read_past_a_bound(
         self, raw: RawUpstream, kind: str, on_raw: Adapter
@@ -385,10 +443,11 @@ class TestEventBound:
         self, raw: RawUpstream, on_raw: Adapter
     ) -> None:
         """After the first text, an event of 1,001 lines (lines the SDK ignores, 2 kB in all, well
-        under ``max_event_bytes``): that text, then ProviderUnavailable ``event_too_large`` naming
-        the 1,000 lines the anthropic SDK's decoder may add to one event (it adds each by copying
-        the event so far: a million such lines held the event loop for minutes; the stream was
-        read as any other); one of 999 lines is read as any other."""
+        under ``max_event_bytes``): that text, then ProviderUnavailable ``event_too_many_lines``
+        naming the 1,000 lines the anthropic SDK's decoder may add to one event (it adds each by
+        copying the event so far: a million such lines held the event loop for minutes; the stream
+        was read as any other), and not ``max_event_bytes``, which was not passed (it was named);
+        one of 999 lines is read as any other."""
         events = anthropic_stream(["Hello ", "world"])
 
         def padded(lines: int) -> list[bytes]:
@@ -400,9 +459,41 @@ class TestEventBound:
         texts, error = await read(on_raw, call(timeout=8))
         assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
         assert error is not None
-        assert "stream event over 1000 lines (reliability.max_event_bytes) (event_too_large)" in error.message
+        assert "stream event over 1000 lines (an anthropic stream's most) (event_too_many_lines)" in error.message
+        assert "max_event_bytes" not in error.message
         texts, error = await read(on_raw, call(timeout=8))
         assert ("".join(texts), error) == ("Hello world", None)
+
+    @pytest.mark.parametrize("kind", ["anthropic"])
+    async def test_an_anthropic_event_read_byte_by_byte_is_read_as_any_other(
+        self, raw: RawUpstream, on_raw: Adapter
+    ) -> None:
+        """A text event of 2 kB, its two lines sent a byte at a time (a slow link, a trickling
+        proxy): the whole text (each read was counted as a line, so it failed ``event_too_large``
+        past 1,000 reads, naming ``max_event_bytes``; the SDK is now handed whole lines)."""
+        events = anthropic_stream(["Hello ", "x" * 2000, " world"])
+        trickled = [events[3][index : index + 1] for index in range(len(events[3]))]
+        raw.replies.append(Reply(body=chunks(*events[:3], *trickled, *events[4:]), pause=0.0005))
+        texts, error = await read(on_raw, call(timeout=30))
+        assert ("".join(texts), error) == ("Hello " + "x" * 2000 + " world", None)
+
+    async def test_an_anthropic_line_over_max_event_bytes_read_in_pieces_is_unavailable(
+        self, raw: RawUpstream, http_client: HttpClientKind
+    ) -> None:
+        """An event whose one data line of 9 kB comes in 100-byte reads, ``max_event_bytes`` 8192:
+        ProviderUnavailable ``event_too_large`` after the first text (the line held for its end is
+        counted as the event's)."""
+        adapter = make_adapter("anthropic", http_client, raw.url + "/v1", raw.url, max_event_bytes=8192)
+        events = anthropic_stream(["Hello ", "x" * 9000, " world"])
+        pieces = [events[3][index : index + 100] for index in range(0, len(events[3]), 100)]
+        raw.replies.append(Reply(body=chunks(*events[:3], *pieces, *events[4:]), pause=0.0005))
+        try:
+            texts, error = await read(adapter, call(timeout=8))
+        finally:
+            await adapter.aclose()
+        assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+        assert error is not None
+        assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message
 
     @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
     async def test_a_byte_order_mark_before_the_first_event_is_skipped(

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from types import MappingProxyType
 
+import httpx2
 import pytest
 from anthropic._streaming import SSEDecoder
 from hypothesis import given, settings
@@ -40,7 +41,12 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
-from routesvc.providers._event_size import AnthropicEventEnds
+from routesvc.providers._event_size import (
+    DEFAULT_MAX_EVENT_BYTES,
+    AnthropicEventEnds,
+    EventBound,
+    _BoundedEvents,
+)
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.testing import FakeProvider, Fault, Script
@@ -610,6 +616,52 @@ class TestMidStreamFailures:
             offset += len(chunk)
         assert ends == asyncio.run(sdk_ends())
 
+    @settings(max_examples=500, deadline=None)
+    @given(
+        pieces=st.lists(st.sampled_from([b"a", b"b", b"\r", b"\n", b"\r\n"]), max_size=40),
+        cuts=st.lists(st.integers(min_value=1, max_value=39), max_size=10),
+    )
+    def test_the_sdk_decodes_the_lines_handed_on_as_it_decodes_the_chunks_read(
+        self, pieces: list[bytes], cuts: list[int]
+    ) -> None:
+        """Streams of line ends and text, cut into chunks anywhere (between ``\r`` and ``\n``
+        too): the SDK's ``SSEDecoder._aiter_chunks`` hands on the same events from the whole lines
+        the bound hands it as from the chunks as read, and each of those ends in a line end but
+        the stream's last."""
+        stream = b"".join(pieces)
+        bounds = sorted({cut for cut in cuts if cut < len(stream)})
+        chunks = [stream[start:end] for start, end in zip([0, *bounds], [*bounds, len(stream)], strict=True)]
+
+        async def events_of(chunks: list[bytes]) -> list[bytes]:
+            async def chunks_of() -> AsyncIterator[bytes]:
+                for chunk in chunks:
+                    yield chunk
+
+            return [event async for event in SSEDecoder()._aiter_chunks(chunks_of())]
+
+        handed = asyncio.run(handed_on(chunks))
+        assert asyncio.run(events_of(handed)) == asyncio.run(events_of(chunks))
+        assert all(chunk.endswith((b"\r", b"\n")) for chunk in handed[:-1])
+
+    def test_a_crlf_split_between_two_reads_is_one_line_end(self) -> None:
+        """An event of 999 lines ending ``\r\n``, each read split between its ``\r`` and its
+        ``\n`` (which the SDK adds as two pieces): within ``MAX_EVENT_LINES``; 1,001 such: not."""
+        for lines, overrun in ((999, False), (1001, True)):
+            bound = AnthropicEventEnds()
+            for _ in range(lines - 1):
+                bound.find(b"a\r")
+                bound.find(b"\n")
+            ends = bound.find(b"\r\n")
+            assert (ends, bound.overrun is not None) == (([], True) if overrun else ([2], False))
+
+    def test_a_line_read_byte_by_byte_is_handed_on_whole(self) -> None:
+        """An event whose 1 MB data line comes a byte at a time: handed to the SDK as one chunk
+        then its blank line, not a million (the SDK's decoder copies the event so far at each
+        chunk's piece: a line of megabytes read byte by byte held the event loop for hours)."""
+        line = b"data: " + b"x" * 1_000_000 + b"\n"
+        handed = asyncio.run(handed_on([*(line[index : index + 1] for index in range(len(line))), b"\n"]))
+        assert handed == [line, b"\n"]
+
     @pytest.mark.parametrize(
         "fault", [Fault.MALFORMED_LINE, Fault.NON_UTF8, Fault.MISSING_TERMINATOR, Fault.NOT_AN_OBJECT]
     )
@@ -634,6 +686,18 @@ class TestMidStreamFailures:
         assert ("".join(texts), type(error)) == ("Hello from the fake provider.", ProviderUnavailable)
         assert "without a stop reason" in error.message
         assert_sanitized(error)
+
+
+async def handed_on(chunks: list[bytes]) -> list[bytes]:
+    """What an anthropic stream's bound (4 MiB) hands the SDK of a body read in ``chunks``."""
+
+    class Read(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+    bounded = _BoundedEvents(Read(), EventBound(DEFAULT_MAX_EVENT_BYTES, AnthropicEventEnds))
+    return [chunk async for chunk in bounded]
 
 
 class TestCancellation:

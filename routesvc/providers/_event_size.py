@@ -11,25 +11,32 @@ labelled, and counts each event's bytes up to its end as the SDK's decoder finds
 ``httpx2.ReadError``, as a broken connection fails it), which the adapters translate to
 ``ProviderUnavailable``. What is held stays within the limit and one read's chunk. A UTF-8 byte
 order mark before the first event, which the SSE spec skips and neither SDK does, is dropped. The anthropic
-SDK's decoder also costs time quadratic in the lines of one event (it adds each line to the event's
-bytes by copying them), so an event of a million short lines, well within the limit, held the
-event loop for minutes: an anthropic stream's event also fails ``event_too_large`` past
-``MAX_EVENT_LINES`` lines as that decoder splits them (a real event has two or three; a line split
-between two reads counts twice). An error's
+SDK's decoder also costs time quadratic in the pieces of one event (it splits each read into
+lines and adds each piece to the event's bytes by copying them), so an event of a million short
+lines, well within the limit, held the event loop for minutes, and so did one long line read a
+byte at a time: that SDK is handed whole lines only (a read's last line, not yet ended, is held
+and handed on with the rest of it, its bytes counted in the event's), and an anthropic stream's
+event fails ``event_too_many_lines`` past ``MAX_EVENT_LINES`` lines (a real event has two or
+three, however many reads it comes in). An error's
 body (4xx, 5xx) or a redirect's (3xx, which the SDK follows) is not bounded as events (an error of
 any size counted as one event turned a 400 or a 429 into ``event_too_large``) but as a whole: the
 SDK reads it whole for its message, so it is passed on when it ends within ``ERROR_BODY_LIMIT``
-bytes and dropped (an empty body, the rest unread) past them; one compressed is dropped unread
-(its decoded size is not known until decoded). The answer keeps its status and headers either
-way, so a 400 stays rejected and a 429 keeps its ``Retry-After``; only the message is lost (an
-error body read whole, or decoded whole, could cost the process gigabytes).
+bytes, decoded here (gzip or deflate, decoded no further than that) when compressed, and dropped
+(an empty body, the rest unread) past them, or when compressed otherwise (``br``, ``zstd``, two
+codings) or broken (an error body read whole, or decoded whole, could cost the process
+gigabytes). A dropped body's answer keeps its status and headers, so a 400 stays rejected and a
+429 keeps its ``Retry-After``, but all the body told is lost: the error's code in the message,
+and what only the body tells of its class, a spent quota (OpenAI's 429 ``insufficient_quota``
+then a rate limit, retried; Anthropic's 400 "credit balance is too low" then a rejection, with
+no fallback). A body cut at the bound would not tell it either (its JSON does not parse).
 
 The bytes counted are the ones the SDK decodes: a streaming request asks for them unencoded
 (``Accept-Encoding: identity``), and a successful answer that comes compressed all the same
 fails with ``EncodedStream`` (a few hundred bytes of gzip can hold a 100 kB event, a few hundred
 kB a 200 MB one, decoded whole after the transport); one labelled with a coding the stack does
-not decode (``none``, ``utf-8``, ``x-gzip``; ``br`` and ``zstd`` unless brotli and zstandard are
-installed: ``DECODED_CODINGS``) is read as unencoded, as the stack reads it. Responses to other
+not decode (``none``, ``utf-8``, ``x-gzip``; ``br`` unless brotli or brotlicffi is installed,
+``zstd`` unless Python has ``compression.zstd`` (3.14+) or backports.zstd is installed:
+``DECODED_CODINGS``) is read as unencoded, as the stack reads it. Responses to other
 requests (embeddings, batch files, list pages) are left alone.
 """
 
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -59,11 +67,13 @@ _BOM = "\ufeff".encode()
 
 
 class EventEnds(Protocol):
-    """Where one stream's events end, as its SDK's decoder finds them, chunk after chunk; and
+    r"""Where one stream's events end, as its SDK's decoder finds them, chunk after chunk; and
     ``overrun``, once an event runs past a limit of the kind's other than its bytes (then ``find``
-    has returned the ends before it only)."""
+    has returned the ends before it only). With ``whole_lines``, the chunks passed to ``find`` and
+    on to the SDK are whole lines (each ends in ``\r`` or ``\n``, but the stream's last)."""
 
     overrun: UnreadableStream | None
+    whole_lines: bool
 
     def find(self, chunk: bytes) -> list[int]:
         """The offsets in ``chunk`` just after each event's end, in order (the chunks before
@@ -73,6 +83,8 @@ class EventEnds(Protocol):
 class OpenAIEventEnds:
     r"""As the openai SDK's decoder (``_SSELineDecoder``, per the SSE spec): a line end (``\r\n``,
     ``\r``, ``\n``) followed by another, so ``\n`` then ``\r\n`` is one too."""
+
+    whole_lines = False
 
     def __init__(self) -> None:
         self._tail = b""  # the last bytes before the chunk, for an end split across the two
@@ -92,8 +104,14 @@ class AnthropicEventEnds:
     only when these then end with ``\r\r``, ``\n\n`` or ``\r\n\r\n``. So it holds a stream that
     mixes line endings (``\n`` then ``\r\n``, ``\r`` then ``\r\n``) as one event, and an end
     split across two chunks between ``\r`` and ``\n`` (``\r\r`` then ``\n``) is one where
-    one is not; the chunks are the ones passed on, so the ends are the SDK's exactly. An event
-    of more than ``MAX_EVENT_LINES`` lines so added is an ``overrun``."""
+    one is not; the chunks are the ones passed on, so the ends are the SDK's exactly.
+
+    The chunks are whole lines (``whole_lines``): a piece without a line end cannot end an event,
+    so the SDK ends them where it would end the chunks as read, and each piece it adds is a line.
+    An event of more than ``MAX_EVENT_LINES`` lines is an ``overrun``; a ``\n`` that ends a
+    ``\r\n`` split between two chunks (which the SDK adds on its own) is not another line."""
+
+    whole_lines = True
 
     def __init__(self) -> None:
         self._held = b""  # the last bytes of the event so far (no more than an end's)
@@ -106,7 +124,8 @@ class AnthropicEventEnds:
         offset = 0
         for line in chunk.splitlines(keepends=True):
             offset += len(line)
-            self._lines += 1
+            if not (line == b"\n" and offset == 1 and held.endswith(b"\r")):
+                self._lines += 1
             if self._lines > MAX_EVENT_LINES:
                 self.overrun = EventTooManyLines(MAX_EVENT_LINES)
                 break
@@ -120,8 +139,9 @@ class AnthropicEventEnds:
 
 
 # The content codings the HTTP stack decodes: httpx2's decoders, over both transports (aiohttp's
-# passes the body on undecoded, ``auto_decompress=False``, to httpx2): gzip and deflate, br and
-# zstd only where brotli and zstandard are installed. A stream in any of these is refused. Any
+# passes the body on undecoded, ``auto_decompress=False``, to httpx2): gzip and deflate; br only
+# where brotli or brotlicffi is installed; zstd only where Python has ``compression.zstd`` (3.14+)
+# or backports.zstd is installed (not the zstandard package). A stream in any of these is refused. Any
 # other coding ("none", "utf-8": a header some SSE servers send to keep proxies from compressing;
 # "x-gzip", "compress", which httpx2 does not know) the stack passes on as it came, as identity,
 # so the bytes counted are the bytes decoded.
@@ -170,7 +190,7 @@ class EventTooManyLines(UnreadableStream):
     """An event of an anthropic stream passed ``lines`` lines before its end."""
 
     def __init__(self, lines: int) -> None:
-        super().__init__(f"stream event over {lines} lines (reliability.max_event_bytes)", "event_too_large")
+        super().__init__(f"stream event over {lines} lines (an anthropic stream's most)", "event_too_many_lines")
         self.lines = lines
 
 
@@ -201,7 +221,8 @@ async def _without_bom(chunks: AsyncIterator[bytes] | httpx2.AsyncByteStream) ->
 
 
 class _BoundedEvents(httpx2.AsyncByteStream):
-    """A response body that fails once an event runs past ``limit`` bytes (or its ends' other limit)."""
+    """A response body that fails once an event runs past ``limit`` bytes (or its ends' other
+    limit); passed on in whole lines if its ends want them."""
 
     def __init__(self, inner: httpx2.AsyncByteStream, bound: EventBound) -> None:
         self._inner = inner
@@ -209,40 +230,97 @@ class _BoundedEvents(httpx2.AsyncByteStream):
         self._ends = bound.ends()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        pending = 0  # bytes since the last event's end
-        async for chunk in _without_bom(self._inner):
+        pending = 0  # bytes passed on since the last event's end
+        partial = bytearray()  # a line begun and not ended, held (``whole_lines``), of the same event
+        async for read in _without_bom(self._inner):
+            chunk = read
+            if self._ends.whole_lines:
+                cut = max(read.rfind(b"\r"), read.rfind(b"\n")) + 1
+                if cut == 0:
+                    partial += read  # appended in place: a line read byte by byte costs its length once
+                    if pending + len(partial) > self._limit:
+                        raise EventTooLarge(self._limit)
+                    continue
+                chunk = bytes(partial) + read[:cut] if partial else read[:cut]
+                partial = bytearray(read[cut:])
             start = -pending  # where the current event starts, in ``chunk``
             for end in self._ends.find(chunk):
                 if end - start > self._limit:
                     break
                 start = end
             pending = len(chunk) - start
-            error = EventTooLarge(self._limit) if pending > self._limit else self._ends.overrun
+            error = EventTooLarge(self._limit) if pending + len(partial) > self._limit else self._ends.overrun
             if error is not None:
                 # The whole events before it are the stream's, as before a cut.
                 if start > 0:
                     yield chunk[:start]
                 raise error
             yield chunk
+        if partial:
+            yield bytes(partial)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
+class _Inflater:
+    """A gzip or deflate body's decoder (deflate with its zlib header or without, as httpx2's),
+    that makes no more bytes of a chunk than it is given room for."""
+
+    def __init__(self, coding: str) -> None:
+        self._deflate = coding == "deflate"
+        self._first = True
+        self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS)
+
+    def decode(self, data: bytes, room: int) -> bytes:
+        """At most ``room`` (at least 1) bytes more of the body; ``zlib.error`` if it is broken."""
+        first, self._first = self._first, False
+        try:
+            return self._decoder.decompress(data, room)
+        except zlib.error:
+            if not (first and self._deflate):
+                raise
+            self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self._decoder.decompress(data, room)
+
+    def flush(self) -> bytes:
+        """What is left once every chunk was decoded with room to spare (nothing, as zlib goes)."""
+        return self._decoder.flush()
+
+
+# The codings of an error's body decoded here, within the bound; any other the stack decodes drops it.
+_INFLATED = frozenset({"gzip", "deflate"})
+
+
 class _CappedBody(httpx2.AsyncByteStream):
     """An error's or a redirect's body: passed on whole if it ends within ``ERROR_BODY_LIMIT`` bytes,
-    else empty (read no further); empty, unread, if ``dropped``."""
+    decoded first by ``inflater`` if given, else empty (read no further); empty, unread, if
+    ``dropped``; empty if ``inflater`` finds it broken."""
 
-    def __init__(self, inner: httpx2.AsyncByteStream, *, dropped: bool) -> None:
+    def __init__(self, inner: httpx2.AsyncByteStream, *, dropped: bool, inflater: _Inflater | None = None) -> None:
         self._inner = inner
         self._dropped = dropped
+        self._inflater = inflater
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._dropped:
             return
         held = bytearray()
         async for chunk in self._inner:
-            held += chunk
+            if self._inflater is None:
+                held += chunk
+            else:
+                try:
+                    held += self._inflater.decode(chunk, ERROR_BODY_LIMIT + 1 - len(held))
+                except zlib.error:
+                    return
+            if len(held) > ERROR_BODY_LIMIT:
+                return
+        if self._inflater is not None:
+            try:
+                held += self._inflater.flush()
+            except zlib.error:
+                return
             if len(held) > ERROR_BODY_LIMIT:
                 return
         if held:
@@ -276,7 +354,9 @@ class BoundedEventsTransport(httpx2.AsyncBaseTransport):
             response.stream = _BoundedEvents(response.stream, self._bound)
         else:
             # An error's or a redirect's body holds no events, and the SDK reads it whole.
-            response.stream = _CappedBody(response.stream, dropped=encoded)
+            decoded = [coding for coding in codings if coding in DECODED_CODINGS]
+            inflater = _Inflater(decoded[0]) if len(decoded) == 1 and decoded[0] in _INFLATED else None
+            response.stream = _CappedBody(response.stream, dropped=encoded and inflater is None, inflater=inflater)
             if encoded:
                 del response.headers["content-encoding"]
         return response
