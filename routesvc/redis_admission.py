@@ -393,6 +393,16 @@ class _Pool(BlockingConnectionPool):
         except (RedisError, OSError) as exc:
             raise _NotConnected(str(exc)) from exc
 
+    async def drop_idle(self) -> None:
+        """Close the connections waiting in the pool, without waiting for Redis to see them
+        closed, and raise nothing: they are thrown away. (redis-py's ``disconnect`` waits for each
+        close, up to its second, and raises a timeout: a TLS close waits for the peer's close
+        notice, which a Redis host that stopped answering never sends, and the admission retried
+        for a connection Redis closed ended INTERNAL, not SHARED_STATE_UNAVAILABLE.)"""
+        for connection in list(self._available_connections):
+            with contextlib.suppress(RedisError, OSError):
+                await connection.disconnect(nowait=True)
+
 
 def _error_type(exc: BaseException) -> str:
     """The name of the error ``exc`` (for a ``_NotConnected``: of the error behind it)."""
@@ -652,8 +662,8 @@ class RedisAdmission:
             except (RedisError, OSError) as first:
                 if not _connection_lost(first):
                     raise _store_failed(first) from first
-                await self._drop_idle_connections()  # it reserves nothing: tried once more
                 try:
+                    await self._drop_idle_connections()  # it reserves nothing: tried once more
                     verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
                 except (RedisError, OSError) as exc:
                     raise _store_failed(exc) from exc
@@ -744,8 +754,8 @@ class RedisAdmission:
     async def _drop_idle_connections(self) -> None:
         """Close the connections waiting in the pool: one was found closed by Redis (which
         restarted, or whose connection a proxy dropped), so the others most likely are too, and
-        the next command connects anew."""
-        await self._redis.connection_pool.disconnect(inuse_connections=False)
+        the next command connects anew. Raises nothing, at once (``_Pool.drop_idle``)."""
+        await self._redis.connection_pool.drop_idle()
 
     async def _settle(
         self,
