@@ -846,6 +846,33 @@ class TestStoreFailures:
             await admission.aclose()
         assert refused.value.store_error == "TimeoutError"
 
+    async def test_a_settle_retried_on_a_slow_redis_holds_the_next_admission_two_seconds_at_most(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """Redis answers each command in 0.9 s (within its second) and closes the connection the
+        settle's reply should come back on: the settle, not waited for, is sent once more on a new
+        connection, whose greeting and script take their 0.9 s each. The tenant's next admission
+        waits for it 2 s at most from its send (the settle's limit, pool waits included), then is
+        refused SHARED_STATE_UNAVAILABLE "(TimeoutError)" within a caller's 2.3 s, the settle left
+        to the retry loop (bounded only by each step's second, it waited for the settle to land,
+        2.7 s and more, and the caller got DEADLINE_EXCEEDED, not UNAVAILABLE)."""
+        async with _Proxy(redis_url) as proxy:
+            admission = RedisAdmission(proxy.url, {"t": TenantConfig(max_concurrent=2)}, prefix=prefix)
+            await (await admission.admit("t")).settle(0, Decimal(0))  # connected, scripts loaded
+            reservation = await admission.admit("t")
+            proxy.delay = 0.9
+            proxy.lose_reply()
+            started = time.monotonic()
+            await reservation.settle(0, Decimal(0), wait_at_most=0)
+            with pytest.raises(SharedStateUnavailable) as refused:
+                async with asyncio.timeout(2.3):  # the caller's deadline
+                    await admission.admit("t")
+            waited = time.monotonic() - started
+            waiting = [resend.operation for resend in admission._resends]
+            proxy.hurry()
+            await admission.aclose()
+        assert (refused.value.store_error, waiting, 1.9 < waited < 2.3) == ("TimeoutError", ["settle"], True)
+
     async def test_a_settle_not_waited_for_that_fails_by_a_fault_of_ours_is_logged(
         self, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
