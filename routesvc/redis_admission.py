@@ -383,9 +383,10 @@ class _Pool(BlockingConnectionPool):
     (and greets Redis) before a command is written, so a failure there sent nothing. Any failure
     after it (a timeout, a connection lost) may have come after the command was sent.
 
-    A blocking pool: a command past ``_POOL_CONNECTIONS`` in flight waits for a connection (within
-    the store's timeout), where redis-py's plain pool (100 connections by default since redis-py
-    8) refused it at once, so a burst on a healthy Redis was SHARED_STATE_UNAVAILABLE."""
+    A blocking pool: a command past ``_POOL_CONNECTIONS`` in flight waits up to the store's timeout
+    for a connection (a wait of its own, before the connect, greeting and command each have
+    theirs), where redis-py's plain pool (100 connections by default since redis-py 8) refused it
+    at once, so a burst on a healthy Redis was SHARED_STATE_UNAVAILABLE."""
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         try:
