@@ -383,15 +383,26 @@ class _Pool(BlockingConnectionPool):
     (and greets Redis) before a command is written, so a failure there sent nothing. Any failure
     after it (a timeout, a connection lost) may have come after the command was sent.
 
-    A blocking pool: a command past ``_POOL_CONNECTIONS`` in flight waits for a connection (within
-    the store's timeout), where redis-py's plain pool (100 connections by default since redis-py
-    8) refused it at once, so a burst on a healthy Redis was SHARED_STATE_UNAVAILABLE."""
+    A blocking pool: a command past ``_POOL_CONNECTIONS`` in flight waits up to the store's timeout
+    for a connection (a wait of its own, before the connect, greeting and command each have
+    theirs), where redis-py's plain pool (100 connections by default since redis-py 8) refused it
+    at once, so a burst on a healthy Redis was SHARED_STATE_UNAVAILABLE."""
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]  # untyped in redis-py
         except (RedisError, OSError) as exc:
             raise _NotConnected(str(exc)) from exc
+
+    async def drop_idle(self) -> None:
+        """Close the connections waiting in the pool, without waiting for Redis to see them
+        closed, and raise nothing: they are thrown away. (redis-py's ``disconnect`` waits for each
+        close, up to its second, and raises a timeout: a TLS close waits for the peer's close
+        notice, which a Redis host that stopped answering never sends, and the admission retried
+        for a connection Redis closed ended INTERNAL, not SHARED_STATE_UNAVAILABLE.)"""
+        for connection in list(self._available_connections):
+            with contextlib.suppress(RedisError, OSError):
+                await connection.disconnect(nowait=True)
 
 
 def _error_type(exc: BaseException) -> str:
@@ -435,8 +446,14 @@ def _budgets(limits: TenantConfig) -> list[str | int]:
 
 # How long a Redis command or connection may take before the store counts as unavailable.
 _TIMEOUT_SECONDS = 1.0
-# Connections to Redis one process keeps at most; more commands at once wait for one.
+# Connections to Redis one process keeps at most; more commands at once wait for one, up to
+# _TIMEOUT_SECONDS (a wait of its own, before the command's connect, greeting and reply).
 _POOL_CONNECTIONS = 100
+# How long a settle's task may take in all, from its send to its end: both of its tries (the second
+# on a new connection when Redis closed the first's), each wait for a pool connection, connect,
+# greeting and reply included. Past it the settle is left to the retry loop, and the tenant's next
+# call in this process, which waits for it, is refused SHARED_STATE_UNAVAILABLE "(TimeoutError)".
+_SETTLE_SECONDS = 2 * _TIMEOUT_SECONDS
 # Failed settles, charges and undos are sent again after these delays (jittered: from half of
 # each), doubling from the first to the last while Redis fails, this many to a round trip; at most
 # ``_RETRY_MAX_PENDING`` wait (about a kilobyte each), past which an undo is dropped (logged).
@@ -652,8 +669,8 @@ class RedisAdmission:
             except (RedisError, OSError) as first:
                 if not _connection_lost(first):
                     raise _store_failed(first) from first
-                await self._drop_idle_connections()  # it reserves nothing: tried once more
                 try:
+                    await self._drop_idle_connections()  # it reserves nothing: tried once more
                     verdict, detail = await self._run_admit(tenant, limits, now, tokens, cost, "", dry=True)
                 except (RedisError, OSError) as exc:
                     raise _store_failed(exc) from exc
@@ -744,8 +761,8 @@ class RedisAdmission:
     async def _drop_idle_connections(self) -> None:
         """Close the connections waiting in the pool: one was found closed by Redis (which
         restarted, or whose connection a proxy dropped), so the others most likely are too, and
-        the next command connects anew."""
-        await self._redis.connection_pool.disconnect(inuse_connections=False)
+        the next command connects anew. Raises nothing, at once (``_Pool.drop_idle``)."""
+        await self._redis.connection_pool.drop_idle()
 
     async def _settle(
         self,
@@ -816,11 +833,11 @@ class RedisAdmission:
         loop) is a Redis failing now: ``SharedStateUnavailable`` is raised at once, naming its
         error, nothing sent (the block sent after it took a second more, and a Redis not
         answering refused the tenant's next call after 2 s, past a 1.5 s deadline). The wait is
-        bounded by the settle's own timeouts: a Redis that stops answering fails the command,
-        connect or greeting the settle has in flight within its second (a timeout is not tried
-        again), so the block is refused about 1 s after the settle was sent, 2 s when Redis
-        closed its connection first (the command's reply then waited up to its second, and the
-        new connection has one more)."""
+        bounded by the settle task's own limit, ``_SETTLE_SECONDS`` from its send, its waits for
+        a pool connection included (bounded only by each step's second, a settle waiting for the
+        pool twice behind other tenants' commands, or retried on a slow Redis, made the next
+        call wait 2.7 s and end DEADLINE_EXCEEDED under a 2.3 s deadline, not UNAVAILABLE); a
+        Redis that stops answering with a connection free fails it within about 1 s."""
         settling = self._settling.get(tenant)
         if settling:
             waited = set(settling)
@@ -834,17 +851,20 @@ class RedisAdmission:
         self, tenant: str, keys: list[str], args: list[str | int], mark: str, lease_ends: float
     ) -> _Settled:
         try:
-            try:
-                await self._settle_script(keys=keys, args=[*args, "0", mark])
-            except (RedisError, OSError) as first:
-                if not _connection_lost(first):
-                    raise
-                # Redis closed the pooled connection (a restart, a failover, a proxy's reset): sent
-                # once more at once on a new one, as a retry (the first try may have run and lost
-                # its reply), so that the tenant's next admission, which waits for this task, sees
-                # it settled; left to the loop only when that fails too.
-                await self._drop_idle_connections()
-                await self._settle_script(keys=keys, args=[*args, "1", mark])
+            # Both tries within one limit, pool waits included (the tenant's next call waits for
+            # this task); a limit's ``TimeoutError`` is an ``OSError``, left to the loop below.
+            async with asyncio.timeout(_SETTLE_SECONDS):
+                try:
+                    await self._settle_script(keys=keys, args=[*args, "0", mark])
+                except (RedisError, OSError) as first:
+                    if not _connection_lost(first):
+                        raise
+                    # Redis closed the pooled connection (a restart, a failover, a proxy's reset):
+                    # sent once more at once on a new one, as a retry (the first try may have run
+                    # and lost its reply), so that the tenant's next admission, which waits for
+                    # this task, sees it settled; left to the loop only when that fails too.
+                    await self._drop_idle_connections()
+                    await self._settle_script(keys=keys, args=[*args, "1", mark])
         except (RedisError, OSError) as exc:
             # The request is already answered: a store that fails now must not turn it into an
             # error. The settle is sent again in the background (see the module's docstring),
