@@ -30,7 +30,7 @@ from routesvc.batches._queue import (
     OTHER_KEY_LOST_AFTER_SECONDS,
     OVERDUE_AFTER_SECONDS,
 )
-from routesvc.batches._store import decode_request
+from routesvc.batches._store import GoneMark, decode_request
 from routesvc.client import RouterClient, build_chat
 from routesvc.cost import cost_of_usage, estimate_cost
 from routesvc.errors import BatchStoreUnavailable, CostLimitExceeded
@@ -3228,6 +3228,77 @@ class TestBatchAccountsSharingAURL:
         assert failed.error == "provider_batch_not_found"
         assert charged == []
         assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
+
+    async def test_another_account_never_fails_a_batch_whose_owner_rotated_its_key_and_cannot_check_it_yet(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Account A sends a batch with key-A1, then restarts with key-A2 (the same account: it
+        sees the batch) while its status checks fail (a 500 for longer than
+        ENDPOINT_GONE_AFTER_SECONDS, 0.3 s here), the batch sent more than
+        OTHER_KEY_LOST_AFTER_SECONDS ago; B, another account at the URL, gets 404 for it and
+        leaves it alone, as A's process still cannot tell (it failed A's job
+        provider_batch_not_found, uncharged, though it ran on at the provider); once A's checks
+        get through, A reads it and charges it once."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A1": "A", "key-A2": "A"})
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A1")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+        fake.batch_retrieve_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0) as owner,
+                RouterClient(owner.target) as client,
+                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+            ):
+                await asyncio.sleep(1.5)  # many rounds and marks of both
+                waiting = await get_batch(client, job)
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                fake.batch_retrieve_errors.clear()
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                charged = [e.request_id for e in owner.router.ledger.entries()]
+                others = list(other.router.ledger.entries())
+        assert (waiting.job.state, waiting.error) == (pb.BATCH_STATE_SUBMITTED, "")
+        assert charged == [job]
+        assert others == []
+        assert [e for e in logs if e["event"] == "batch_lost"] == []
+
+    async def test_a_batch_read_with_a_rotated_key_since_its_key_was_taken_as_gone_is_not_failed(
+        self, tmp_path: Path
+    ) -> None:
+        """A process takes a batch's key as gone (its mark unchanged) and fails its jobs as lost;
+        the owner's rotated key has read it in between (``adopt``: the batch is that key's now):
+        the write fails nothing (it checked only that the old key's mark was unchanged)."""
+        url = "http://fake/v1"
+        store = BatchStore(tmp_path / "batches.db")
+        try:
+            job = BatchJob("batch_1", "acme", BatchState.QUEUED, "gpt-4o-mini", "openai", Decimal("0.01"), 0.0, 0.0)
+            await store.add(job, "{}", held_by="me", hold_seconds=0)
+            assert await store.claim(["batch_1"], "me", 60) == ["batch_1"]
+            assert await store.mark_submitted(["batch_1"], "me", "openai", "batch_p", (url, "key1")) == 1
+            await store.mark_keys([("openai", url, "key1")], 1.0)
+            marks = await store.mark_keys([("openai", url, "keyB")], 1.0)
+            mark = marks[("openai", url, "key1")]
+            assert mark is not None
+            await store.adopt("openai", "batch_p", "key2")
+            gone = GoneMark("openai", url, *mark, key_id="key1")
+            failed = await store.finish("batch_1", BatchState.FAILED, error="provider_batch_not_found", gone=gone)
+            never_marked = GoneMark("openai", url, None, 0.0, key_id="key1")
+            failed_unmarked = await store.finish(
+                "batch_1", BatchState.FAILED, error="provider_batch_not_found", gone=never_marked
+            )
+            state = await store.get_any("batch_1")
+        finally:
+            await store.aclose()
+        assert (failed, failed_unmarked) == (False, False)
+        assert state is not None
+        assert state.job.state is BatchState.SUBMITTED
 
 
 async def sent(client: RouterClient, batch_id: str) -> None:

@@ -274,11 +274,14 @@ class GoneMark:
     """A (provider, base URL) taken as gone from its last mark (``seen_at``, ``every``), or with
     ``key_id`` a (provider, base URL, key) no process sends with any more: what is done to its
     jobs is done only while the store still holds that mark, checked in the write itself (a
-    process back at the URL, or with the key, has marked it anew: its jobs are left to it)."""
+    process back at the URL, or with the key, has marked it anew: its jobs are left to it). A
+    key's mark is checked in a write of jobs rows, each only while it still names that key (a
+    process that reads the batch with a rotated key has made it that key's since: ``adopt``);
+    ``seen_at`` None: a key no process has marked, only while none has."""
 
     provider: str
     endpoint: str
-    seen_at: float
+    seen_at: float | None
     every: float
     key_id: str | None = None
 
@@ -287,18 +290,28 @@ class GoneMark:
         """An SQL condition true while the store holds the mark (``params`` follow it)."""
         if self.key_id is None:
             return _STILL_GONE
+        if self.seen_at is None:
+            return _KEY_NEVER_MARKED
         return _KEY_STILL_GONE
 
     def params(self) -> tuple[str | float, ...]:
         if self.key_id is None:
+            assert self.seen_at is not None  # a URL's mark always has one
             return (self.provider, self.endpoint, self.seen_at, self.every)
-        return (self.provider, self.endpoint, self.key_id, self.seen_at, self.every)
+        if self.seen_at is None:
+            return (self.key_id, self.provider, self.endpoint, self.key_id)
+        return (self.key_id, self.provider, self.endpoint, self.key_id, self.seen_at, self.every)
 
 
-# True while the endpoints (keys) row holds a GoneMark's mark (its ``params`` follow).
+# True while the endpoints (keys) row holds a GoneMark's mark (its ``params`` follow); a key's,
+# in a write of jobs rows, only for a row that still names the key.
 _STILL_GONE = "EXISTS (SELECT 1 FROM endpoints WHERE provider = ? AND endpoint = ? AND seen_at = ? AND every = ?)"
 _KEY_STILL_GONE = (
-    "EXISTS (SELECT 1 FROM keys WHERE provider = ? AND endpoint = ? AND key_id = ? AND seen_at = ? AND every = ?)"
+    "jobs.key_id = ? AND EXISTS (SELECT 1 FROM keys WHERE provider = ? AND endpoint = ? AND key_id = ?"
+    " AND seen_at = ? AND every = ?)"
+)
+_KEY_NEVER_MARKED = (
+    "jobs.key_id = ? AND NOT EXISTS (SELECT 1 FROM keys WHERE provider = ? AND endpoint = ? AND key_id = ?)"
 )
 
 
