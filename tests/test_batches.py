@@ -1736,6 +1736,37 @@ class TestBatchJobCancelledAfterItWasSent:
             await store.aclose()
         assert (kept, closed, pruned) == (0, True, 1)
 
+    async def test_a_batch_found_ended_is_not_taken_for_the_next_batch_an_earlier_release_sends_its_job_in(
+        self, tmp_path: Path
+    ) -> None:
+        """A status check found the job's batch ended (``mark_ended``); an earlier release sharing
+        the store, which does not know ``provider_ended``, queues the job again (the batch refused
+        for a while) and sends it in a new batch: the new batch is not taken as found ended (it
+        was, never given up nor lost however its checks failed)."""
+        store = BatchStore(tmp_path / "batches.db")
+        try:
+            job = BatchJob("batch_1", "acme", BatchState.QUEUED, "gpt-4o-mini", "openai", Decimal("0.01"), 0.0, 0.0)
+            await store.add(job, "{}", held_by="me", hold_seconds=0)
+            assert await store.claim(["batch_1"], "me", 60) == ["batch_1"]
+            assert await store.mark_submitted(["batch_1"], "me", "openai", "batch_x", ("http://fake/v1", "k")) == 1
+            await store.mark_ended("openai", "batch_x")
+            ended = (await store.submitted())[("openai", "batch_x")].ended
+            with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as earlier:
+                # What an earlier release's requeue and then its next send write.
+                earlier.execute(
+                    "UPDATE jobs SET state = 'queued', provider_batch_id = NULL, key_id = NULL WHERE id = 'batch_1'"
+                )
+                earlier.execute(
+                    "UPDATE jobs SET state = 'submitted', provider_batch_id = 'batch_y', key_id = 'k'"
+                    " WHERE id = 'batch_1'"
+                )
+                earlier.commit()
+            polled = await store.submitted()
+        finally:
+            await store.aclose()
+        assert ended
+        assert not polled[("openai", "batch_y")].ended
+
     async def test_a_job_cancelled_while_it_is_sent_is_kept_until_it_is_tied_to_its_batch(self, tmp_path: Path) -> None:
         """A job cancelled while its group is uploaded (claimed, no provider batch yet) is not
         pruned by another worker's retention round before the send ties it to its provider batch

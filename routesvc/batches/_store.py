@@ -146,9 +146,12 @@ CREATE TABLE IF NOT EXISTS keys (
 # model_spec: the job's model as the catalog had it when the job was queued (``encode_model``):
 # its prices, for an answer the provider billed after a reload removed the model (NULL in rows
 # stored before it was added: such an answer is then FAILED model_not_in_catalog, uncharged).
-# provider_ended: 1 once a status check found the job's provider batch ended (``mark_ended``):
-# billed, so never given up, whatever process reads it and however often it restarts; NULL until
-# then (and in rows stored before it was added).
+# provider_ended: the provider batch id a status check found ended (``mark_ended``): billed, so
+# never given up, whatever process reads it and however often it restarts; NULL until then (and in
+# rows stored before it was added). The job's batch counts as ended only while it is that batch's
+# id: an earlier release, which does not know the column, leaves it as it was when it queues the
+# job again and sends it in another batch. 1 (stored by releases that kept a flag, and cleared it
+# in every write that moves a job) also counts.
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -1291,7 +1294,7 @@ class BatchStore:
         def select(connection: sqlite3.Connection) -> dict[tuple[str, str], SentJobs]:
             rows = connection.execute(
                 "SELECT id, provider, provider_batch_id, state, endpoint, key_id, updated_at, unverified,"
-                " provider_ended FROM jobs"
+                " (provider_ended = provider_batch_id OR provider_ended = 1) AS ended FROM jobs"
                 " WHERE state = ? OR provider_pending IS NOT NULL ORDER BY created_at",
                 (submitted,),
             ).fetchall()
@@ -1309,7 +1312,7 @@ class BatchStore:
                 sent_at[key] = min(sent_at.get(key, row["updated_at"]), row["updated_at"])
                 if row["unverified"]:
                     unverified.add(key)
-                if row["provider_ended"]:
+                if row["ended"]:
                     ended.add(key)
             return {
                 key: SentJobs(
@@ -1370,8 +1373,8 @@ class BatchStore:
 
         def update(connection: sqlite3.Connection) -> None:
             connection.execute(
-                "UPDATE jobs SET provider_ended = 1 WHERE provider = ? AND provider_batch_id = ?"
-                " AND provider_ended IS NULL",
+                "UPDATE jobs SET provider_ended = provider_batch_id WHERE provider = ? AND provider_batch_id = ?"
+                " AND provider_ended IS NOT provider_batch_id",
                 (provider, provider_batch_id),
             )
 
