@@ -3300,6 +3300,38 @@ class TestBatchAccountsSharingAURL:
         assert others == []
         assert [e for e in logs if e["event"] == "batch_lost"] == []
 
+    async def test_a_batch_found_ended_whose_owner_is_gone_waits_and_says_so(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Account A's status check found its batch ended (billed) but its results read failed,
+        and A's process is gone; B, which gets 404 for it, never fails it (its owner may come
+        back with its key) and says, at warning, once per ``_FAILURE_LOG_SECONDS``, that it
+        waits unread since it was sent (it waited SUBMITTED for ever, its estimate held, with one
+        info line per process)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 2)
+        sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with Server(settings_from(_account(tmp_path, fake, "key-B")), port=0):
+                await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs))
+                await asyncio.sleep(0.5)  # rounds more
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+            [(state,)] = store.execute("SELECT state FROM jobs").fetchall()
+        warned = [e for e in logs if e["event"] == "batch_unread_owner_gone"]
+        assert state == "submitted"
+        assert len(warned) == 1
+        assert warned[0]["log_level"] == "warning"
+        assert warned[0]["jobs"] == 1
+        assert warned[0]["sent_seconds_ago"] >= OTHER_KEY_LOST_AFTER_SECONDS
+
     async def test_a_batch_read_with_a_rotated_key_since_its_key_was_taken_as_gone_is_not_failed(
         self, tmp_path: Path
     ) -> None:

@@ -468,6 +468,9 @@ class BatchQueue:
         # no process takes it as gone meanwhile (``_served_keys``); by (provider, provider batch
         # id), the (provider, base URL, key) they were sent with.
         self._undecided: dict[tuple[str, str], tuple[str, str, str]] = {}
+        # Batches found ended whose key is gone, left unread here (404), by (provider, provider
+        # batch id): when (monotonic) that was last logged (``_warn_unread``).
+        self._unread: dict[tuple[str, str], float] = {}
         self._last_mark: float | None = None
         self._marker: asyncio.Task[None] | None = None
         # Providers (by name and base URL) whose polls wait after a 429 or a Retry-After: until
@@ -1163,6 +1166,7 @@ class BatchQueue:
         self._seen_ended &= submitted.keys()
         self._failures = {key: failing for key, failing in self._failures.items() if key in submitted}
         self._undecided = {key: owner for key, owner in self._undecided.items() if key in submitted}
+        self._unread = {key: logged for key, logged in self._unread.items() if key in submitted}
         for (provider, provider_batch_id), jobs in submitted.items():
             if provider not in self._apis:
                 # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
@@ -1472,6 +1476,8 @@ class BatchQueue:
                 # Sent to this URL with another key, and this one does not see it: another
                 # account's (another deployment), which reads it; not lost.
                 self._skip_once(provider, provider_batch_id, jobs, "other_key")
+                if jobs.ended and self._key_gone(provider, jobs) is not None:
+                    self._warn_unread(provider, provider_batch_id, jobs)
                 return
             # No process sends with its key any more: a rotated key's own batch, lost by the
             # provider; its jobs end only while the store holds the key's mark they were taken by.
@@ -1626,13 +1632,39 @@ class BatchQueue:
         ended (its owner reads it, or its key was gone since)."""
         if jobs.ended or jobs.sent_at is None or self._clock() - jobs.sent_at <= OTHER_KEY_LOST_AFTER_SECONDS:
             return None
+        return self._key_gone(provider, jobs)
+
+    def _key_gone(self, provider: str, jobs: SentJobs) -> GoneMark | None:
+        """The last mark of the key another key's batch was sent with, when no process has
+        marked it for ENDPOINT_GONE_AFTER_SECONDS (``_watch``) or none of this release ever has
+        (``seen_at`` None); None while it is marked, or for a batch sent with this key."""
         if jobs.key_id is None:
-            return None  # sent with this key (only another key's batch is asked about)
+            return None
         owner = (provider, jobs.endpoint or "", jobs.key_id)
         if jobs.endpoint is None or owner in self._unmarked_keys:
             # No keys row names a URL "": a row stored before the URL was, its age alone tells.
             return GoneMark(provider, owner[1], None, 0.0, key_id=jobs.key_id)
         return self._owners_gone.get(owner)
+
+    def _warn_unread(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
+        """A batch a status check found ended (billed) whose key no process sends with any more,
+        and which this key does not see: nobody can read it, and it waits SUBMITTED, its estimate
+        held, with no bound (it is never failed unread: its owner may come back with its key).
+        Said at warning, at most every ``_FAILURE_LOG_SECONDS`` per batch, with how long since
+        it was sent."""
+        now = time.monotonic()
+        logged = self._unread.get((provider, provider_batch_id))
+        if logged is not None and now - logged < _FAILURE_LOG_SECONDS:
+            return
+        self._unread[(provider, provider_batch_id)] = now
+        log.warning(
+            "batch_unread_owner_gone",
+            provider=provider,
+            provider_batch_id=provider_batch_id,
+            jobs=len(jobs.waiting),
+            cancelled_jobs=len(jobs.cancelled),
+            sent_seconds_ago=None if jobs.sent_at is None else round(self._clock() - jobs.sent_at),
+        )
 
     async def _settle(self, batch_id: str, result: ItemResult) -> None:
         """End one job with its result; charge it once if it succeeded. A job cancelled since
