@@ -2532,6 +2532,35 @@ class TestBatchStorePath:
             await store.add(job, "{}", held_by="me", hold_seconds=1)
         await store.aclose()
 
+    async def test_a_new_store_file_another_opener_writes_meanwhile_is_waited_for(self, tmp_path: Path) -> None:
+        """A new store file that another process (a sibling replica's poller or first batch
+        request) holds the write lock of while this one switches it to WAL: the open waits for
+        it and succeeds once it is free. SQLite fails that switch at once, not after the busy
+        timeout: the open failed 'database is locked' (a batch request BATCH_STORE_BUSY)."""
+        path = tmp_path / "batches.db"
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, other.execute, "ROLLBACK")
+        store = await asyncio.to_thread(BatchStore, path)
+        other.close()
+        try:
+            assert await store.queued() == []
+        finally:
+            await store.aclose()
+
+    def test_a_failed_open_keeps_no_file_handle(self, tmp_path: Path) -> None:
+        """A store file that is not a database fails the open, and the connection it made is
+        closed (it was left open: a file handle per failed open, a poller tries each round)."""
+        path = tmp_path / "batches.db"
+        path.write_bytes(b"not a database, but long enough to have a header" * 4)
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(sqlite3.DatabaseError) as caught:
+            BatchStore(path)
+        after = len(os.listdir("/proc/self/fd"))
+        assert caught.value.args == ("file is not a database",)
+        assert after == before
+
     async def test_an_unusable_store_path_is_a_clear_failed_precondition(self, fake: FakeProvider) -> None:
         """batch.store_path under /proc (no database can be created there): a realtime=false
         Complete is FAILED_PRECONDITION, reason BATCH_STORE_UNAVAILABLE, naming the setting, not

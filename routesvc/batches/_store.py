@@ -65,7 +65,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.provider_text import valid_calls
-from routesvc.sqlite import create_private, immediate, is_busy
+from routesvc.sqlite import create_private, immediate, is_busy, use_wal
 
 _T = TypeVar("_T")
 
@@ -173,6 +173,9 @@ _ADDED_COLUMNS = (
     ("model_spec", "TEXT"),
     ("provider_ended", "INTEGER"),
 )
+
+# How long a statement, and the switch of a new file to WAL, wait for another process's lock.
+_BUSY_TIMEOUT_SECONDS = 5.0
 
 # The holder of jobs queued again after their provider batch was refused for a while, until their
 # delay has passed (``requeue``).
@@ -601,11 +604,19 @@ class BatchStore:
         self._max_tenant_request_bytes = max_tenant_request_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
         create_private(path)
-        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._connection.row_factory = sqlite3.Row
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.executescript(_SCHEMA)
-        _add_missing_columns(self._connection)
+        self._connection = sqlite3.connect(
+            path, timeout=_BUSY_TIMEOUT_SECONDS, check_same_thread=False, isolation_level=None
+        )
+        try:
+            self._connection.row_factory = sqlite3.Row
+            # Another process may be opening the new file too (a sibling's first batch request,
+            # or its poller as soon as the file exists): the switch is retried (``use_wal``).
+            use_wal(self._connection, path, _BUSY_TIMEOUT_SECONDS)
+            self._connection.executescript(_SCHEMA)
+            _add_missing_columns(self._connection)
+        except BaseException:
+            self._connection.close()  # a failed open keeps no file handle
+            raise
         self._lock = threading.Lock()
         self._clock = clock
 
