@@ -4113,6 +4113,37 @@ class TestBatchOverdue:
         assert len(failures) <= 2  # a read under way as the key changed may fail once too
         assert [job] == charged
 
+    async def test_a_batch_found_ended_on_a_flapping_provider_says_each_failure_once(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch found completed whose results reads fail (a 500) while its status checks fail
+        only some of the time (a 502 switched on and off: a provider incident): each way it
+        fails is logged once in the row, however they alternate (it was logged each time the
+        event changed: most rounds, past the 10-minute bound)."""
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        bad_gateway = (502, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 1)
+            [batch] = fake.batches
+            with capture_logs() as logs:
+                for _ in range(20):
+                    refused = batch.refused
+                    fake.batch_retrieve_errors["openai"] = bad_gateway
+                    await until(lambda: batch.refused > refused)  # noqa: B023 - awaited here
+                    read = fake.batch_results_refused
+                    fake.batch_retrieve_errors.clear()
+                    await until(lambda: fake.batch_results_refused > read)  # noqa: B023 - awaited here
+            fake.batch_results_errors.clear()
+            await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+        # The results read's failure was logged as the row began, before these 20 rounds of each.
+        failures = [(e["event"], e["reason"]) for e in logs if e["event"].endswith("_failed")]
+        assert failures == [("batch_poll_failed", "PROVIDER_UNAVAILABLE")]
+
 
 class TestTheSuiteKeepsToItsOwnDataDir:
     def test_settings_and_processes_of_the_suite_use_a_temporary_data_dir(self) -> None:

@@ -308,12 +308,11 @@ class _Leftover:
 @dataclasses.dataclass(slots=True)
 class _Failing:
     """A provider batch's failed status checks and results reads in a row: since when (monotonic),
-    how many, and the last one logged (event, reason) and when."""
+    how many, and when each way they failed (event, reason) was last logged."""
 
     since: float
     count: int = 0
-    logged: tuple[str, str] | None = None
-    logged_at: float = 0.0
+    logged: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(slots=True)
@@ -1391,16 +1390,19 @@ class BatchQueue:
     def _log_failure(
         self, event: str, provider: str, provider_batch_id: str, error: ProviderError, *, ended: bool
     ) -> None:
-        """Log a failed status check or results read of a provider batch: the first of a row,
-        one that fails otherwise (another event or reason) than the last logged, and then at most
-        every ``_FAILURE_LOG_SECONDS`` (with how many failed, over how long): a batch found
-        ended is never given up, so its failures could last days, a round each."""
+        """Log a failed status check or results read of a provider batch: each way it fails
+        (event, reason) the first time it does in a row of failures, and then at most every
+        ``_FAILURE_LOG_SECONDS`` (with how many failed in all, over how long), however they
+        alternate (a flapping provider: a status check failing every other round, a results read
+        the rounds between): a batch found ended is never given up, so its failures could last
+        days, a round each."""
         now = time.monotonic()
         failing = self._failures.setdefault((provider, provider_batch_id), _Failing(now))
         failing.count += 1
-        if failing.logged == (event, error.reason) and now - failing.logged_at < _FAILURE_LOG_SECONDS:
+        logged_at = failing.logged.get((event, error.reason))
+        if logged_at is not None and now - logged_at < _FAILURE_LOG_SECONDS:
             return
-        failing.logged, failing.logged_at = (event, error.reason), now
+        failing.logged[(event, error.reason)] = now
         log.warning(
             event,
             provider_batch_id=provider_batch_id,
