@@ -30,7 +30,7 @@ from routesvc.batches._queue import (
     OTHER_KEY_LOST_AFTER_SECONDS,
     OVERDUE_AFTER_SECONDS,
 )
-from routesvc.batches._store import decode_request
+from routesvc.batches._store import GoneMark, decode_request
 from routesvc.client import RouterClient, build_chat
 from routesvc.cost import cost_of_usage, estimate_cost
 from routesvc.errors import BatchStoreUnavailable, CostLimitExceeded
@@ -1736,6 +1736,37 @@ class TestBatchJobCancelledAfterItWasSent:
             await store.aclose()
         assert (kept, closed, pruned) == (0, True, 1)
 
+    async def test_a_batch_found_ended_is_not_taken_for_the_next_batch_an_earlier_release_sends_its_job_in(
+        self, tmp_path: Path
+    ) -> None:
+        """A status check found the job's batch ended (``mark_ended``); an earlier release sharing
+        the store, which does not know ``provider_ended``, queues the job again (the batch refused
+        for a while) and sends it in a new batch: the new batch is not taken as found ended (it
+        was, never given up nor lost however its checks failed)."""
+        store = BatchStore(tmp_path / "batches.db")
+        try:
+            job = BatchJob("batch_1", "acme", BatchState.QUEUED, "gpt-4o-mini", "openai", Decimal("0.01"), 0.0, 0.0)
+            await store.add(job, "{}", held_by="me", hold_seconds=0)
+            assert await store.claim(["batch_1"], "me", 60) == ["batch_1"]
+            assert await store.mark_submitted(["batch_1"], "me", "openai", "batch_x", ("http://fake/v1", "k")) == 1
+            await store.mark_ended("openai", "batch_x")
+            ended = (await store.submitted())[("openai", "batch_x")].ended
+            with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as earlier:
+                # What an earlier release's requeue and then its next send write.
+                earlier.execute(
+                    "UPDATE jobs SET state = 'queued', provider_batch_id = NULL, key_id = NULL WHERE id = 'batch_1'"
+                )
+                earlier.execute(
+                    "UPDATE jobs SET state = 'submitted', provider_batch_id = 'batch_y', key_id = 'k'"
+                    " WHERE id = 'batch_1'"
+                )
+                earlier.commit()
+            polled = await store.submitted()
+        finally:
+            await store.aclose()
+        assert ended
+        assert not polled[("openai", "batch_y")].ended
+
     async def test_a_job_cancelled_while_it_is_sent_is_kept_until_it_is_tied_to_its_batch(self, tmp_path: Path) -> None:
         """A job cancelled while its group is uploaded (claimed, no provider batch yet) is not
         pruned by another worker's retention round before the send ties it to its provider batch
@@ -2501,6 +2532,35 @@ class TestBatchStorePath:
             await store.add(job, "{}", held_by="me", hold_seconds=1)
         await store.aclose()
 
+    async def test_a_new_store_file_another_opener_writes_meanwhile_is_waited_for(self, tmp_path: Path) -> None:
+        """A new store file that another process (a sibling replica's poller or first batch
+        request) holds the write lock of while this one switches it to WAL: the open waits for
+        it and succeeds once it is free. SQLite fails that switch at once, not after the busy
+        timeout: the open failed 'database is locked' (a batch request BATCH_STORE_BUSY)."""
+        path = tmp_path / "batches.db"
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, other.execute, "ROLLBACK")
+        store = await asyncio.to_thread(BatchStore, path)
+        other.close()
+        try:
+            assert await store.queued() == []
+        finally:
+            await store.aclose()
+
+    def test_a_failed_open_keeps_no_file_handle(self, tmp_path: Path) -> None:
+        """A store file that is not a database fails the open, and the connection it made is
+        closed (it was left open: a file handle per failed open, a poller tries each round)."""
+        path = tmp_path / "batches.db"
+        path.write_bytes(b"not a database, but long enough to have a header" * 4)
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(sqlite3.DatabaseError) as caught:
+            BatchStore(path)
+        after = len(os.listdir("/proc/self/fd"))
+        assert caught.value.args == ("file is not a database",)
+        assert after == before
+
     async def test_an_unusable_store_path_is_a_clear_failed_precondition(self, fake: FakeProvider) -> None:
         """batch.store_path under /proc (no database can be created there): a realtime=false
         Complete is FAILED_PRECONDITION, reason BATCH_STORE_UNAVAILABLE, naming the setting, not
@@ -3229,6 +3289,109 @@ class TestBatchAccountsSharingAURL:
         assert charged == []
         assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
 
+    async def test_another_account_never_fails_a_batch_whose_owner_rotated_its_key_and_cannot_check_it_yet(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Account A sends a batch with key-A1, then restarts with key-A2 (the same account: it
+        sees the batch) while its status checks fail (a 500 for longer than
+        ENDPOINT_GONE_AFTER_SECONDS, 0.3 s here), the batch sent more than
+        OTHER_KEY_LOST_AFTER_SECONDS ago; B, another account at the URL, gets 404 for it and
+        leaves it alone, as A's process still cannot tell (it failed A's job
+        provider_batch_not_found, uncharged, though it ran on at the provider); once A's checks
+        get through, A reads it and charges it once."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A1": "A", "key-A2": "A"})
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A1")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+        fake.batch_retrieve_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0) as owner,
+                RouterClient(owner.target) as client,
+                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+            ):
+                await asyncio.sleep(1.5)  # many rounds and marks of both
+                waiting = await get_batch(client, job)
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                fake.batch_retrieve_errors.clear()
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                charged = [e.request_id for e in owner.router.ledger.entries()]
+                others = list(other.router.ledger.entries())
+        assert (waiting.job.state, waiting.error) == (pb.BATCH_STATE_SUBMITTED, "")
+        assert charged == [job]
+        assert others == []
+        assert [e for e in logs if e["event"] == "batch_lost"] == []
+
+    async def test_a_batch_found_ended_whose_owner_is_gone_waits_and_says_so(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Account A's status check found its batch ended (billed) but its results read failed,
+        and A's process is gone; B, which gets 404 for it, never fails it (its owner may come
+        back with its key) and says, at warning, once per ``_FAILURE_LOG_SECONDS``, that it
+        waits unread since it was sent (it waited SUBMITTED for ever, its estimate held, with one
+        info line per process)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 2)
+        sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with Server(settings_from(_account(tmp_path, fake, "key-B")), port=0):
+                await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs))
+                await asyncio.sleep(0.5)  # rounds more
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+            [(state,)] = store.execute("SELECT state FROM jobs").fetchall()
+        warned = [e for e in logs if e["event"] == "batch_unread_owner_gone"]
+        assert state == "submitted"
+        assert len(warned) == 1
+        assert warned[0]["log_level"] == "warning"
+        assert warned[0]["jobs"] == 1
+        assert warned[0]["sent_seconds_ago"] >= OTHER_KEY_LOST_AFTER_SECONDS
+
+    async def test_a_batch_read_with_a_rotated_key_since_its_key_was_taken_as_gone_is_not_failed(
+        self, tmp_path: Path
+    ) -> None:
+        """A process takes a batch's key as gone (its mark unchanged) and fails its jobs as lost;
+        the owner's rotated key has read it in between (``adopt``: the batch is that key's now):
+        the write fails nothing (it checked only that the old key's mark was unchanged)."""
+        url = "http://fake/v1"
+        store = BatchStore(tmp_path / "batches.db")
+        try:
+            job = BatchJob("batch_1", "acme", BatchState.QUEUED, "gpt-4o-mini", "openai", Decimal("0.01"), 0.0, 0.0)
+            await store.add(job, "{}", held_by="me", hold_seconds=0)
+            assert await store.claim(["batch_1"], "me", 60) == ["batch_1"]
+            assert await store.mark_submitted(["batch_1"], "me", "openai", "batch_p", (url, "key1")) == 1
+            await store.mark_keys([("openai", url, "key1")], 1.0)
+            marks = await store.mark_keys([("openai", url, "keyB")], 1.0)
+            mark = marks[("openai", url, "key1")]
+            assert mark is not None
+            await store.adopt("openai", "batch_p", "key2")
+            gone = GoneMark("openai", url, *mark, key_id="key1")
+            failed = await store.finish("batch_1", BatchState.FAILED, error="provider_batch_not_found", gone=gone)
+            never_marked = GoneMark("openai", url, None, 0.0, key_id="key1")
+            failed_unmarked = await store.finish(
+                "batch_1", BatchState.FAILED, error="provider_batch_not_found", gone=never_marked
+            )
+            state = await store.get_any("batch_1")
+        finally:
+            await store.aclose()
+        assert (failed, failed_unmarked) == (False, False)
+        assert state is not None
+        assert state.job.state is BatchState.SUBMITTED
+
 
 async def sent(client: RouterClient, batch_id: str) -> None:
     """Wait until the job has left the queue (sent, or ended)."""
@@ -3949,6 +4112,37 @@ class TestBatchOverdue:
         assert failures[-1:] == [("batch_poll_failed", "PROVIDER_AUTH_FAILED")]
         assert len(failures) <= 2  # a read under way as the key changed may fail once too
         assert [job] == charged
+
+    async def test_a_batch_found_ended_on_a_flapping_provider_says_each_failure_once(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch found completed whose results reads fail (a 500) while its status checks fail
+        only some of the time (a 502 switched on and off: a provider incident): each way it
+        fails is logged once in the row, however they alternate (it was logged each time the
+        event changed: most rounds, past the 10-minute bound)."""
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        bad_gateway = (502, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 1)
+            [batch] = fake.batches
+            with capture_logs() as logs:
+                for _ in range(20):
+                    refused = batch.refused
+                    fake.batch_retrieve_errors["openai"] = bad_gateway
+                    await until(lambda: batch.refused > refused)  # noqa: B023 - awaited here
+                    read = fake.batch_results_refused
+                    fake.batch_retrieve_errors.clear()
+                    await until(lambda: fake.batch_results_refused > read)  # noqa: B023 - awaited here
+            fake.batch_results_errors.clear()
+            await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+        # The results read's failure was logged as the row began, before these 20 rounds of each.
+        failures = [(e["event"], e["reason"]) for e in logs if e["event"].endswith("_failed")]
+        assert failures == [("batch_poll_failed", "PROVIDER_UNAVAILABLE")]
 
 
 class TestTheSuiteKeepsToItsOwnDataDir:

@@ -308,12 +308,11 @@ class _Leftover:
 @dataclasses.dataclass(slots=True)
 class _Failing:
     """A provider batch's failed status checks and results reads in a row: since when (monotonic),
-    how many, and the last one logged (event, reason) and when."""
+    how many, and when each way they failed (event, reason) was last logged."""
 
     since: float
     count: int = 0
-    logged: tuple[str, str] | None = None
-    logged_at: float = 0.0
+    logged: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(slots=True)
@@ -462,6 +461,15 @@ class BatchQueue:
         self._owners_gone: dict[tuple[str, str, str], GoneMark] = {}
         self._watched_keys: dict[tuple[str, str, str], _Watched] = {}
         self._unmarked_keys: set[tuple[str, str, str]] = set()
+        # Batches another key sent to this queue's base URLs whose last status check here failed
+        # otherwise than 404 (or was held): whether this key sees them cannot be told yet (a
+        # rotated key of their account's, say), so their key is marked with this queue's, and
+        # no process takes it as gone meanwhile (``_served_keys``); by (provider, provider batch
+        # id), the (provider, base URL, key) they were sent with.
+        self._undecided: dict[tuple[str, str], tuple[str, str, str]] = {}
+        # Batches found ended whose key is gone, left unread here (404), by (provider, provider
+        # batch id): when (monotonic) that was last logged (``_warn_unread``).
+        self._unread: dict[tuple[str, str], float] = {}
         self._last_mark: float | None = None
         self._marker: asyncio.Task[None] | None = None
         # Providers (by name and base URL) whose polls wait after a 429 or a Retry-After: until
@@ -1156,6 +1164,8 @@ class BatchQueue:
         self._failing_since = {key: since for key, since in self._failing_since.items() if key in submitted}
         self._seen_ended &= submitted.keys()
         self._failures = {key: failing for key, failing in self._failures.items() if key in submitted}
+        self._undecided = {key: owner for key, owner in self._undecided.items() if key in submitted}
+        self._unread = {key: logged for key, logged in self._unread.items() if key in submitted}
         for (provider, provider_batch_id), jobs in submitted.items():
             if provider not in self._apis:
                 # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
@@ -1177,6 +1187,7 @@ class BatchQueue:
             if held is not None and held[0] > time.monotonic():
                 # It asked us to wait (a 429, a Retry-After): its other batches wait too, but one
                 # past ABANDON_AFTER_SECONDS is given up all the same (a hold that never lifts).
+                self._not_told(provider, provider_batch_id, jobs, reached[1])
                 if self._given_up(provider, provider_batch_id, jobs):
                     await self._abandon(provider, provider_batch_id, jobs, status=None, reason="polls_held")
                 continue
@@ -1210,11 +1221,22 @@ class BatchQueue:
         return [*((name, sent_to[0]) for name, sent_to in self._sends_to.items()), *self._former]
 
     def _served_keys(self) -> list[tuple[str, str, str]]:
-        """The (provider, base URL, key fingerprint) triples this queue sends or polls with."""
-        return [
+        """The (provider, base URL, key fingerprint) triples this queue sends or polls with, and
+        the keys of other keys' batches whose status checks here cannot tell yet whether this
+        key sees them (``_undecided``): a rotated key's batches keep their key marked while
+        their owner's checks fail, until it reads them (``adopt``) or gets 404."""
+        served = {
             *((name, *sent_to) for name, sent_to in self._sends_to.items()),
             *((name, *sent_to) for (name, _), (_, sent_to) in self._former.items()),
-        ]
+        }
+        return sorted(served | set(self._undecided.values()))
+
+    def _not_told(self, provider: str, provider_batch_id: str, jobs: SentJobs, sent_to: tuple[str, str]) -> None:
+        """Note that this round's status check of a batch could not tell whether this key sees
+        it (it failed otherwise than 404, or was held): when another key sent it here, that key
+        is marked with this queue's until a check tells (``_undecided``)."""
+        if jobs.key_id is not None and jobs.endpoint is not None and sent_to[1] not in (None, jobs.key_id):
+            self._undecided[(provider, provider_batch_id)] = (provider, jobs.endpoint, jobs.key_id)
 
     async def _mark_once(self) -> None:
         """Mark this queue's base URLs and keys as the store is first opened (the marker's ticks watch)."""
@@ -1334,6 +1356,8 @@ class BatchQueue:
             ended = jobs.ended or read_failed
             event = "batch_results_read_failed" if read_failed else "batch_poll_failed"
             self._log_failure(event, provider, provider_batch_id, error, ended=ended)
+            if not read_failed:
+                self._not_told(provider, provider_batch_id, jobs, sent_to)
             held = error.status == 429 or error.retry_after is not None
             if held:
                 self._hold_polls(provider, sent_to[0], error)
@@ -1366,16 +1390,19 @@ class BatchQueue:
     def _log_failure(
         self, event: str, provider: str, provider_batch_id: str, error: ProviderError, *, ended: bool
     ) -> None:
-        """Log a failed status check or results read of a provider batch: the first of a row,
-        one that fails otherwise (another event or reason) than the last logged, and then at most
-        every ``_FAILURE_LOG_SECONDS`` (with how many failed, over how long): a batch found
-        ended is never given up, so its failures could last days, a round each."""
+        """Log a failed status check or results read of a provider batch: each way it fails
+        (event, reason) the first time it does in a row of failures, and then at most every
+        ``_FAILURE_LOG_SECONDS`` (with how many failed in all, over how long), however they
+        alternate (a flapping provider: a status check failing every other round, a results read
+        the rounds between): a batch found ended is never given up, so its failures could last
+        days, a round each."""
         now = time.monotonic()
         failing = self._failures.setdefault((provider, provider_batch_id), _Failing(now))
         failing.count += 1
-        if failing.logged == (event, error.reason) and now - failing.logged_at < _FAILURE_LOG_SECONDS:
+        logged_at = failing.logged.get((event, error.reason))
+        if logged_at is not None and now - logged_at < _FAILURE_LOG_SECONDS:
             return
-        failing.logged, failing.logged_at = (event, error.reason), now
+        failing.logged[(event, error.reason)] = now
         log.warning(
             event,
             provider_batch_id=provider_batch_id,
@@ -1443,23 +1470,26 @@ class BatchQueue:
         try:
             batch = await api.poll(provider_batch_id)
         except ProviderRejected as error:
+            self._undecided.pop((provider, provider_batch_id), None)
             if not other_key or error.status != 404 or jobs.unverified:
                 raise
             owner_gone = self._owner_gone(provider, jobs)
-            if not owner_gone:
+            if owner_gone is None:
                 # Sent to this URL with another key, and this one does not see it: another
                 # account's (another deployment), which reads it; not lost.
                 self._skip_once(provider, provider_batch_id, jobs, "other_key")
+                if jobs.ended and self._key_gone(provider, jobs) is not None:
+                    self._warn_unread(provider, provider_batch_id, jobs)
                 return
             # No process sends with its key any more: a rotated key's own batch, lost by the
             # provider; its jobs end only while the store holds the key's mark they were taken by.
             self._accepted.discard((provider, provider_batch_id))
-            gone = owner_gone if isinstance(owner_gone, GoneMark) else None
-            await self._lose(provider_batch_id, jobs, "provider_batch_not_found", error.status, gone)
+            await self._lose(provider_batch_id, jobs, "provider_batch_not_found", error.status, owner_gone)
             return
         # Its status check got through: what fails from here (its results read) never counts
         # toward giving it up (``_given_up``).
         self._failing_since.pop((provider, provider_batch_id), None)
+        self._undecided.pop((provider, provider_batch_id), None)
         if batch.ended:
             self._seen_ended.add((provider, provider_batch_id))
             if not jobs.ended:
@@ -1591,20 +1621,52 @@ class BatchQueue:
                     self._keep(self._discard(api, provider, leftover.batch, leftover.endpoint, leftover.tries))
                 )
 
-    def _owner_gone(self, provider: str, jobs: SentJobs) -> GoneMark | bool:
+    def _owner_gone(self, provider: str, jobs: SentJobs) -> GoneMark | None:
         """Whether a batch another key sent to this URL, which this key does not see, is no live
         account's: sent more than ``OTHER_KEY_LOST_AFTER_SECONDS`` ago and its key marked by no
         process for ENDPOINT_GONE_AFTER_SECONDS (``_watch``): then what still waits is this
-        deployment's own (a rotated key's), lost by the provider. The key's last mark, for the
-        write to check (``GoneMark``); True for a key no process of this release ever marked (an
-        earlier release sent with it: its age alone tells); False while a process sends with it,
-        and for a batch a status check found ended (its owner reads it, or its key was gone since)."""
+        deployment's own (a rotated key's), lost by the provider. A key stays marked while a
+        process sends with it, and while a process's status checks of its batches cannot tell
+        whether its own key sees them (``_undecided``: the owner's rotated key whose checks
+        fail). The key's last mark, for the write to check (``GoneMark``; its ``seen_at`` None
+        for a key no process of this release ever marked: an earlier release sent with it, its
+        age alone tells); None while the key is marked, and for a batch a status check found
+        ended (its owner reads it, or its key was gone since)."""
         if jobs.ended or jobs.sent_at is None or self._clock() - jobs.sent_at <= OTHER_KEY_LOST_AFTER_SECONDS:
-            return False
-        if jobs.endpoint is None or jobs.key_id is None:
-            return True
-        owner = (provider, jobs.endpoint, jobs.key_id)
-        return self._owners_gone.get(owner) or owner in self._unmarked_keys
+            return None
+        return self._key_gone(provider, jobs)
+
+    def _key_gone(self, provider: str, jobs: SentJobs) -> GoneMark | None:
+        """The last mark of the key another key's batch was sent with, when no process has
+        marked it for ENDPOINT_GONE_AFTER_SECONDS (``_watch``) or none of this release ever has
+        (``seen_at`` None); None while it is marked, or for a batch sent with this key."""
+        if jobs.key_id is None:
+            return None
+        owner = (provider, jobs.endpoint or "", jobs.key_id)
+        if jobs.endpoint is None or owner in self._unmarked_keys:
+            # No keys row names a URL "": a row stored before the URL was, its age alone tells.
+            return GoneMark(provider, owner[1], None, 0.0, key_id=jobs.key_id)
+        return self._owners_gone.get(owner)
+
+    def _warn_unread(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
+        """A batch a status check found ended (billed) whose key no process sends with any more,
+        and which this key does not see: nobody can read it, and it waits SUBMITTED, its estimate
+        held, with no bound (it is never failed unread: its owner may come back with its key).
+        Said at warning, at most every ``_FAILURE_LOG_SECONDS`` per batch, with how long since
+        it was sent."""
+        now = time.monotonic()
+        logged = self._unread.get((provider, provider_batch_id))
+        if logged is not None and now - logged < _FAILURE_LOG_SECONDS:
+            return
+        self._unread[(provider, provider_batch_id)] = now
+        log.warning(
+            "batch_unread_owner_gone",
+            provider=provider,
+            provider_batch_id=provider_batch_id,
+            jobs=len(jobs.waiting),
+            cancelled_jobs=len(jobs.cancelled),
+            sent_seconds_ago=None if jobs.sent_at is None else round(self._clock() - jobs.sent_at),
+        )
 
     async def _settle(self, batch_id: str, result: ItemResult) -> None:
         """End one job with its result; charge it once if it succeeded. A job cancelled since

@@ -65,7 +65,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.provider_text import valid_calls
-from routesvc.sqlite import create_private, immediate, is_busy
+from routesvc.sqlite import create_private, immediate, is_busy, use_wal
 
 _T = TypeVar("_T")
 
@@ -146,9 +146,12 @@ CREATE TABLE IF NOT EXISTS keys (
 # model_spec: the job's model as the catalog had it when the job was queued (``encode_model``):
 # its prices, for an answer the provider billed after a reload removed the model (NULL in rows
 # stored before it was added: such an answer is then FAILED model_not_in_catalog, uncharged).
-# provider_ended: 1 once a status check found the job's provider batch ended (``mark_ended``):
-# billed, so never given up, whatever process reads it and however often it restarts; NULL until
-# then (and in rows stored before it was added).
+# provider_ended: the provider batch id a status check found ended (``mark_ended``): billed, so
+# never given up, whatever process reads it and however often it restarts; NULL until then (and in
+# rows stored before it was added). The job's batch counts as ended only while it is that batch's
+# id: an earlier release, which does not know the column, leaves it as it was when it queues the
+# job again and sends it in another batch. 1 (stored by releases that kept a flag, and cleared it
+# in every write that moves a job) also counts.
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -170,6 +173,9 @@ _ADDED_COLUMNS = (
     ("model_spec", "TEXT"),
     ("provider_ended", "INTEGER"),
 )
+
+# How long a statement, and the switch of a new file to WAL, wait for another process's lock.
+_BUSY_TIMEOUT_SECONDS = 5.0
 
 # The holder of jobs queued again after their provider batch was refused for a while, until their
 # delay has passed (``requeue``).
@@ -274,11 +280,14 @@ class GoneMark:
     """A (provider, base URL) taken as gone from its last mark (``seen_at``, ``every``), or with
     ``key_id`` a (provider, base URL, key) no process sends with any more: what is done to its
     jobs is done only while the store still holds that mark, checked in the write itself (a
-    process back at the URL, or with the key, has marked it anew: its jobs are left to it)."""
+    process back at the URL, or with the key, has marked it anew: its jobs are left to it). A
+    key's mark is checked in a write of jobs rows, each only while it still names that key (a
+    process that reads the batch with a rotated key has made it that key's since: ``adopt``);
+    ``seen_at`` None: a key no process has marked, only while none has."""
 
     provider: str
     endpoint: str
-    seen_at: float
+    seen_at: float | None
     every: float
     key_id: str | None = None
 
@@ -287,18 +296,28 @@ class GoneMark:
         """An SQL condition true while the store holds the mark (``params`` follow it)."""
         if self.key_id is None:
             return _STILL_GONE
+        if self.seen_at is None:
+            return _KEY_NEVER_MARKED
         return _KEY_STILL_GONE
 
     def params(self) -> tuple[str | float, ...]:
         if self.key_id is None:
+            assert self.seen_at is not None  # a URL's mark always has one
             return (self.provider, self.endpoint, self.seen_at, self.every)
-        return (self.provider, self.endpoint, self.key_id, self.seen_at, self.every)
+        if self.seen_at is None:
+            return (self.key_id, self.provider, self.endpoint, self.key_id)
+        return (self.key_id, self.provider, self.endpoint, self.key_id, self.seen_at, self.every)
 
 
-# True while the endpoints (keys) row holds a GoneMark's mark (its ``params`` follow).
+# True while the endpoints (keys) row holds a GoneMark's mark (its ``params`` follow); a key's,
+# in a write of jobs rows, only for a row that still names the key.
 _STILL_GONE = "EXISTS (SELECT 1 FROM endpoints WHERE provider = ? AND endpoint = ? AND seen_at = ? AND every = ?)"
 _KEY_STILL_GONE = (
-    "EXISTS (SELECT 1 FROM keys WHERE provider = ? AND endpoint = ? AND key_id = ? AND seen_at = ? AND every = ?)"
+    "jobs.key_id = ? AND EXISTS (SELECT 1 FROM keys WHERE provider = ? AND endpoint = ? AND key_id = ?"
+    " AND seen_at = ? AND every = ?)"
+)
+_KEY_NEVER_MARKED = (
+    "jobs.key_id = ? AND NOT EXISTS (SELECT 1 FROM keys WHERE provider = ? AND endpoint = ? AND key_id = ?)"
 )
 
 
@@ -585,11 +604,19 @@ class BatchStore:
         self._max_tenant_request_bytes = max_tenant_request_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
         create_private(path)
-        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._connection.row_factory = sqlite3.Row
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.executescript(_SCHEMA)
-        _add_missing_columns(self._connection)
+        self._connection = sqlite3.connect(
+            path, timeout=_BUSY_TIMEOUT_SECONDS, check_same_thread=False, isolation_level=None
+        )
+        try:
+            self._connection.row_factory = sqlite3.Row
+            # Another process may be opening the new file too (a sibling's first batch request,
+            # or its poller as soon as the file exists): the switch is retried (``use_wal``).
+            use_wal(self._connection, path, _BUSY_TIMEOUT_SECONDS)
+            self._connection.executescript(_SCHEMA)
+            _add_missing_columns(self._connection)
+        except BaseException:
+            self._connection.close()  # a failed open keeps no file handle
+            raise
         self._lock = threading.Lock()
         self._clock = clock
 
@@ -1278,7 +1305,7 @@ class BatchStore:
         def select(connection: sqlite3.Connection) -> dict[tuple[str, str], SentJobs]:
             rows = connection.execute(
                 "SELECT id, provider, provider_batch_id, state, endpoint, key_id, updated_at, unverified,"
-                " provider_ended FROM jobs"
+                " (provider_ended = provider_batch_id OR provider_ended = 1) AS ended FROM jobs"
                 " WHERE state = ? OR provider_pending IS NOT NULL ORDER BY created_at",
                 (submitted,),
             ).fetchall()
@@ -1296,7 +1323,7 @@ class BatchStore:
                 sent_at[key] = min(sent_at.get(key, row["updated_at"]), row["updated_at"])
                 if row["unverified"]:
                     unverified.add(key)
-                if row["provider_ended"]:
+                if row["ended"]:
                     ended.add(key)
             return {
                 key: SentJobs(
@@ -1357,8 +1384,8 @@ class BatchStore:
 
         def update(connection: sqlite3.Connection) -> None:
             connection.execute(
-                "UPDATE jobs SET provider_ended = 1 WHERE provider = ? AND provider_batch_id = ?"
-                " AND provider_ended IS NULL",
+                "UPDATE jobs SET provider_ended = provider_batch_id WHERE provider = ? AND provider_batch_id = ?"
+                " AND provider_ended IS NOT provider_batch_id",
                 (provider, provider_batch_id),
             )
 

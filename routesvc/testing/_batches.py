@@ -207,6 +207,9 @@ class FakeBatches:
         # Batches are the account's of the key that created them (as OpenAI's are a project's):
         # a retrieve or cancel with another key gets 404, as for an unknown id.
         self.per_key = False
+        # With ``per_key``, the account of each key named here (keys of one account see each
+        # other's batches, as a project's rotated keys do); a key not named is its own account.
+        self.accounts: dict[str, str] = {}
         # A create waits until this is set (None: answers at once); ``create_waiting`` says one does.
         self.create_hold: asyncio.Event | None = None
         self.create_waiting = asyncio.Event()
@@ -257,6 +260,7 @@ class FakeBatches:
         self.results_errors.clear()
         self.results_refused = 0
         self.per_key = False
+        self.accounts.clear()
         self.create_hold = None
         self.create_waiting.clear()
         self.create_reply_hold = None
@@ -558,7 +562,10 @@ class FakeBatches:
 
     def _other_account(self, batch: FakeBatch, request: Request) -> bool:
         """Whether ``per_key`` hides ``batch`` from the key of ``request``."""
-        return self.per_key and _key_of(request.headers) != _key_of(batch.headers)
+        return self.per_key and self._account(_key_of(request.headers)) != self._account(_key_of(batch.headers))
+
+    def _account(self, key: str | None) -> str | None:
+        return None if key is None else self.accounts.get(key, key)
 
     async def _refuse_retrieve(self, connection: Connection, batch: FakeBatch) -> bool:
         """Answer the retrieve with ``retrieve_errors``' error for the batch's API, if any."""

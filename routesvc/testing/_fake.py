@@ -248,6 +248,13 @@ class FakeProvider:
         self._batches.per_key = per_key
 
     @property
+    def batch_accounts(self) -> dict[str, str]:
+        """With ``batches_per_key``, the account of each key named (keys of one account, as a
+        project's rotated keys, see each other's batches); a key not named is an account of its
+        own. Mutable in place."""
+        return self._batches.accounts
+
+    @property
     def openai_batch_http_errors_in_error_file(self) -> bool:
         """Whether an OpenAI batch request answered with an HTTP error is written to the error
         file (``response`` set, ``error`` null, as the Batch API does) rather than the output file
