@@ -153,10 +153,10 @@ _SETTLE_WAIT_MARGIN_SECONDS = 0.05
 # What a comparison of times that should be equal forgives: a monotonic time less a duration, taken
 # from the same time again, is off by a few ULPs (about 1e-12 s at a day of uptime).
 _TIME_SLACK = 1e-6
-# The moments a cascade's checks of the time forgive: between a judge's cut and the check acting on
-# its verdict (its call closed and charged), between an escalation's check and its first attempt's
-# start (the Escalation written). Round trips to a slow shared store are counted.
-_MOMENTS_SECONDS = 0.02
+# The waits for the tenant's budget that a cascade's check of the time forgives after a judge's cut
+# (``_AttemptState.counted_now``): a local budget's, a healthy shared store's round trips (a cut
+# leaves just the time the escalation needs, so that anything counted would refuse its verdict).
+_BUDGET_WAIT_FORGIVEN_SECONDS = 0.02
 # The most UTF-8 bytes of one delta message a buffered cascade answer is released in: a quarter of
 # the 4 MiB a gRPC client receives in one message unless raised.
 _RELEASE_DELTA_BYTES = 1 << 20
@@ -1209,8 +1209,9 @@ class Router:
         refused for an escalation that may never be made). ``keeping`` the answer for a release,
         the step runs to ``reliability.min_attempt_seconds`` before ``deadline`` and must be able to
         start by then (``_escalated_deadline``). The time left is counted from ``as_of`` when that
-        is earlier than now (the moment a judge's call was cut, whose verdict this acts on), by
-        ``_MOMENTS_SECONDS`` at most, and checked again after the hold, its round trip counted."""
+        is earlier than now (the moment a judge's call was cut, whose verdict this acts on), plus
+        the round trips to the tenant's budget since (``_AttemptState.counted_now``), and checked
+        again after the hold, its round trip counted."""
         decision = state.decision
         steps = decision.cascade_models
         cap = self._escalation.max_cost(request)
@@ -1222,11 +1223,7 @@ class Router:
         would_cost = state.cost + next_cost
         if cap is not None and would_cost > cap:
             return target, _EscalationStop(max_cost_reason(next_model, would_cost, cap))
-        checked = time.monotonic()
-        # The moments since a judge's cut are not counted, up to ``_MOMENTS_SECONDS`` (a slow
-        # shared store's round trips, or the time before a judge not asked, are).
-        now = checked if as_of is None else max(min(as_of, checked), checked - _MOMENTS_SECONDS)
-        if stop := self._too_late(deadline, now, next_model, keeping=keeping):
+        if stop := self._too_late(deadline, state.counted_now(as_of), next_model, keeping=keeping):
             return target, stop
         if why := self._unservable(state, next_model, cap):
             return target, _EscalationStop(f"not escalated to {next_model}: {why}")
@@ -1240,10 +1237,10 @@ class Router:
             await self._cover_cost(state, next_cost)
         except (LimitExceeded, SharedStateUnavailable) as refused:
             return target, _EscalationStop(f"not escalated to {next_model}: {refused.message}", refused)
-        # Checked again after the hold (a round trip to the shared store), as of the same moment
-        # unless more than ``_MOMENTS_SECONDS`` have passed: an escalation announced must start
-        # with its time (``_serve`` waives only the moments its Escalation takes too).
-        if stop := self._too_late(deadline, max(now, time.monotonic() - _MOMENTS_SECONDS), next_model, keeping=keeping):
+        # Checked again after the hold, its round trip to the shared store counted: the last check
+        # before the Escalation is yielded (nothing is awaited between), so that an escalation
+        # announced is made (``_serve`` starts its first attempt on this check).
+        if stop := self._too_late(deadline, state.counted_now(as_of), next_model, keeping=keeping):
             return target, stop
         return target, None
 
@@ -1268,7 +1265,11 @@ class Router:
         needed = state.cost - state.decision.routing_cost_usd + estimate
         if needed <= state.reserved:
             return ""
-        return await self._admission.exhausted(state.tenant, needed - state.reserved)
+        started = time.monotonic()
+        try:
+            return await self._admission.exhausted(state.tenant, needed - state.reserved)
+        finally:
+            state.budget_trips.append((started, time.monotonic()))
 
     async def _hold_judge(self, state: _AttemptState, request: RoutingRequest, target: int, estimate: Decimal) -> str:
         """Hold a judge's call estimated at ``estimate`` in the request's reservation, or say why it
@@ -1345,9 +1346,9 @@ class Router:
         """The retry loop for ``decision.model`` and its fallbacks (see ``complete``); ``max_attempts``
         counts this loop's attempts (a cascade step's), not earlier steps' or judge calls.
         ``escalated``: a cascade step escalated to, whose first attempt ``_escalation_stop`` let
-        through already (as of the answer or verdict it follows): that one needs its
-        ``min_attempt_seconds`` less the moments that check forgave and the Escalation took since
-        (``_MOMENTS_SECONDS`` each).
+        through already (its last check of the time, right before the Escalation was yielded):
+        that one starts with whatever time the moments since (the Escalation written, the event
+        loop's lag) left it, if any, so that an escalation announced is made.
 
         A fallback estimated over the request's ``max_cost_usd`` is skipped; in a cascade step, one
         whose estimate plus the cost so far would pass the cascade's cap (the lower of the
@@ -1406,11 +1407,7 @@ class Router:
                 # that starts (``_attempt`` releases or settles it however it ends).
                 remaining = None if deadline is None else deadline - time.monotonic()
                 left = None if start_by is None else start_by - time.monotonic()
-                needed = reliability.min_attempt_seconds
-                if checked:
-                    # Less the moments its check did not count (since a judge's cut) and those the
-                    # Escalation took to write: no more (``_escalation_stop``).
-                    needed = max(0.0, needed - 2 * _MOMENTS_SECONDS)
+                needed = 0.0 if checked else reliability.min_attempt_seconds
                 checked = False
                 if left is not None and (left < needed or left <= 0):
                     if last_error is None or left <= 0:
@@ -1514,7 +1511,11 @@ class Router:
         """``_cover`` for a call estimated at ``estimate`` (a cascade judge's, an escalation's)."""
         needed = state.cost - state.decision.routing_cost_usd + estimate
         if needed > state.reserved:
-            await state.reservation.extend(needed - state.reserved)
+            started = time.monotonic()
+            try:
+                await state.reservation.extend(needed - state.reserved)
+            finally:
+                state.budget_trips.append((started, time.monotonic()))
             state.reserved = needed
 
     async def _attempt(
@@ -1733,6 +1734,23 @@ class _AttemptState:
     cost: Decimal = Decimal(0)
     summaries: list[AttemptSummary] = field(default_factory=list)
     answered_by: str = ""  # the model the decision was re-filed under for feedback ("": none)
+    # When the request waited for the tenant's budget (checks and holds: round trips to a
+    # ``shared_state`` store), as (start, end) monotonic times.
+    budget_trips: list[tuple[float, float]] = field(default_factory=list)
+
+    def counted_now(self, as_of: float | None) -> float:
+        """The moment a cascade's check of the time counts as now: now, or ``as_of`` (a judge's cut,
+        whose verdict it acts on) when that is earlier, plus the time since spent waiting for the
+        tenant's budget beyond ``_BUDGET_WAIT_FORGIVEN_SECONDS`` (a slow shared store's round
+        trips), never later than now. The rest since the cut, the judge's call closed and charged
+        and the event loop's lag, is not counted: the cut left just the time the escalation needs
+        (under load the loop's lag after it is tens of ms, which refused the verdict the judge was
+        paid for)."""
+        now = time.monotonic()
+        if as_of is None or as_of >= now:
+            return now
+        waited = sum(max(0.0, end - max(start, as_of)) for start, end in self.budget_trips)
+        return min(now, as_of + max(0.0, waited - _BUDGET_WAIT_FORGIVEN_SECONDS))
 
     def mark_escalated(self) -> int:
         """The last answering attempt's answer was rejected by the cascade: its index in

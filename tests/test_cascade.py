@@ -1496,6 +1496,43 @@ class TestAnEscalationThatCannotBeServed:
             ("gpt-4o", AttemptOutcome.COMPLETED),
         ]
 
+    async def test_judges_cut_together_on_a_busy_server_all_escalate_and_are_answered(self, fake: FakeProvider) -> None:
+        """40 cascaded calls at once on one server, each judge (gpt-4o) hanging until its cut with
+        `on_failure: escalate`, all cut at the same moment: the event loop gets back to them tens of
+        ms late, which is not counted against the escalation (only waits for the tenant's budget
+        are), so each escalates, claude-sonnet called and answering. (Counted, up to 20 ms
+        forgiven, it refused most of them, `not escalated to claude-sonnet: 0.38x s of the deadline
+        left`, the judge paid and its verdict ignored, and announced some it then never called,
+        `escalation to claude-sonnet timed out, released`.)"""
+        calls = 40
+        config = default_config()
+        config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
+        config["reliability"]["max_concurrent_rpcs"] = 100  # type: ignore[index]
+        config["cascade"]["judge"]["on_failure"] = "escalate"  # type: ignore[index]
+        config["cascade"]["judge"]["model"] = "gpt-4o"  # type: ignore[index]
+        config["cascade"]["chains"] = [  # type: ignore[index]
+            {"steps": [{"model": "gpt-4o-mini", "threshold": 0.8}, {"model": "claude-sonnet"}]}
+        ]
+        fake.enqueue(*[Script(text="Lyon, maybe.")] * calls, model="gpt-4o-mini")
+        fake.enqueue(*[Script(fault=Fault.HANG_BEFORE_HEADERS)] * calls, model="gpt-4o")
+        fake.enqueue(*[Script(text="Paris.")] * calls, model="claude-sonnet-4-6")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+
+            async def one() -> list[pb.CompleteResponse]:
+                prompt = user_chat("What is the capital of France?")
+                return [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=4.0)]
+
+            answers = await asyncio.gather(*[one() for _ in range(calls)])
+        outcomes = [
+            (_kinds(messages), _text(messages), messages[-1].completion.model, messages[-1].completion.quality.reason)
+            for messages in answers
+        ]
+        assert outcomes == [(["decision", "escalation", "delta", "completion"], "Paris.", "claude-sonnet", "")] * calls
+        assert [r.model for r in fake.requests].count("claude-sonnet-4-6") == calls
+
     @pytest.mark.parametrize("reply_delay", [0.15, 0.262, 0.27, 0.278])
     async def test_with_a_slow_shared_store_an_escalation_announced_is_made_with_its_time(
         self, fake: FakeProvider, tmp_path: Path, reply_delay: float
