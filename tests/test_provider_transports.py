@@ -464,6 +464,27 @@ class TestEventBound:
         texts, error = await read(on_raw, call(timeout=8))
         assert ("".join(texts), error) == ("Hello world", None)
 
+    async def test_an_anthropic_event_of_over_1000_lines_read_with_the_next_events_is_too_many_lines(
+        self, raw: RawUpstream, http_client: HttpClientKind
+    ) -> None:
+        """An event of 1,001 lines (2 kB) sent in one write with the next event (7 kB), each well
+        under ``max_event_bytes`` 8192, the two over it: ``event_too_many_lines``, not
+        ``max_event_bytes`` (the bytes after the failing event's start, the next event's included,
+        were checked against it first: ``event_too_large``)."""
+        adapter = make_adapter("anthropic", http_client, raw.url + "/v1", raw.url, max_event_bytes=8192)
+        events = anthropic_stream(["Hello ", "world"])
+        lines = b"event: ping\n" + b"a\n" * 998 + b'data: {"type": "ping"}\n\n'
+        big = b'event: ping\ndata: {"type": "ping", "pad": "' + b"x" * 7000 + b'"}\n\n'
+        raw.replies.append(Reply(body=chunks(*events[:3], lines + big, *events[3:])))
+        try:
+            texts, error = await read(adapter, call(timeout=8))
+        finally:
+            await adapter.aclose()
+        assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+        assert error is not None
+        assert "stream event over 1000 lines (an anthropic stream's most) (event_too_many_lines)" in error.message
+        assert "max_event_bytes" not in error.message
+
     @pytest.mark.parametrize("kind", ["anthropic"])
     async def test_an_anthropic_event_read_byte_by_byte_is_read_as_any_other(
         self, raw: RawUpstream, on_raw: Adapter

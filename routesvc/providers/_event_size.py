@@ -244,12 +244,22 @@ class _BoundedEvents(httpx2.AsyncByteStream):
                 chunk = bytes(partial) + read[:cut] if partial else read[:cut]
                 partial = bytearray(read[cut:])
             start = -pending  # where the current event starts, in ``chunk``
+            too_large = False
             for end in self._ends.find(chunk):
                 if end - start > self._limit:
+                    too_large = True
                     break
                 start = end
             pending = len(chunk) - start
-            error = EventTooLarge(self._limit) if pending + len(partial) > self._limit else self._ends.overrun
+            # After an overrun ``find`` stopped at it: ``pending`` then counts the events after
+            # it in ``chunk`` too, so it says nothing of the failing event's bytes.
+            error: UnreadableStream | None = None
+            if too_large:
+                error = EventTooLarge(self._limit)
+            elif self._ends.overrun is not None:
+                error = self._ends.overrun
+            elif pending + len(partial) > self._limit:
+                error = EventTooLarge(self._limit)
             if error is not None:
                 # The whole events before it are the stream's, as before a cut.
                 if start > 0:
