@@ -414,6 +414,68 @@ class TestEventBound:
         assert error is not None
         assert f"HTTP {status} ({code})" in error.message
 
+    @pytest.mark.parametrize("shape", ["gzip of two members", "raw deflate read a byte first"])
+    async def test_a_compressed_error_body_in_any_valid_shape_is_read_as_the_error_it_is(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter, shape: str
+    ) -> None:
+        """A spent quota's error as gzip of two members (RFC 1952; as Python's gzip and urllib3
+        read it), trailing bytes that are no member after them, or as raw deflate whose first
+        byte comes alone: a spent quota (the body was cut at the first member's end, its JSON
+        unparseable; the raw deflate, whose zlib header check could not fail on one byte, was
+        dropped: a rate limit, a rejection)."""
+        status, body = {
+            "openai": (429, {"error": {"message": "You exceeded your current quota.", "type": "insufficient_quota"}}),
+            "anthropic": (
+                400,
+                {
+                    "type": "error",
+                    "error": {"type": "invalid_request_error", "message": "Your credit balance is too low."},
+                },
+            ),
+        }[kind]
+        plain = json.dumps(body).encode()
+
+        def compressed(data: bytes, wbits: int) -> bytes:
+            compressor = zlib.compressobj(6, zlib.DEFLATED, wbits)
+            return compressor.compress(data) + compressor.flush()
+
+        if shape == "gzip of two members":
+            coding = "gzip"
+            parts = [compressed(plain[:20], 31) + compressed(plain[20:], 31) + b"\0\0\0\0"]
+        else:
+            coding = "deflate"
+            wire = compressed(plain, -15)
+            parts = [wire[:1], wire[1:]]
+        raw.replies.append(
+            Reply(
+                status=status,
+                headers={"content-encoding": coding},
+                body=chunks(*parts),
+                content_type="application/json",
+                pause=0.05,
+            )
+        )
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderQuotaExhausted)
+
+    async def test_a_compressed_error_body_followed_by_endless_bytes_is_read_as_the_error_at_once(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
+        """A 400 whose gzip member is followed by bytes that never end and are no member: the
+        error, read at once, the trailing bytes not read on (they were read, and held, until the
+        call's deadline)."""
+        wire = zlib.compressobj(6, zlib.DEFLATED, 31)
+        member = wire.compress(b'{"error": {"type": "invalid_request_error", "message": "bad"}}') + wire.flush()
+        headers = {"content-encoding": "gzip"}
+        raw.replies.append(
+            Reply(status=400, headers=headers, body=endless(b"x", first=member), content_type="application/json")
+        )
+        started = time.monotonic()
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRejected)
+        assert time.monotonic() - started < 4
+        assert raw.sent[0] < 32 << 20
+
     async def test_a_broken_compressed_error_body_is_read_as_its_status_says(
         self, raw: RawUpstream, kind: str, on_raw: Adapter
     ) -> None:
