@@ -414,6 +414,68 @@ class TestEventBound:
         assert error is not None
         assert f"HTTP {status} ({code})" in error.message
 
+    @pytest.mark.parametrize("shape", ["gzip of two members", "raw deflate read a byte first"])
+    async def test_a_compressed_error_body_in_any_valid_shape_is_read_as_the_error_it_is(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter, shape: str
+    ) -> None:
+        """A spent quota's error as gzip of two members (RFC 1952; as Python's gzip and urllib3
+        read it), trailing bytes that are no member after them, or as raw deflate whose first
+        byte comes alone: a spent quota (the body was cut at the first member's end, its JSON
+        unparseable; the raw deflate, whose zlib header check could not fail on one byte, was
+        dropped: a rate limit, a rejection)."""
+        status, body = {
+            "openai": (429, {"error": {"message": "You exceeded your current quota.", "type": "insufficient_quota"}}),
+            "anthropic": (
+                400,
+                {
+                    "type": "error",
+                    "error": {"type": "invalid_request_error", "message": "Your credit balance is too low."},
+                },
+            ),
+        }[kind]
+        plain = json.dumps(body).encode()
+
+        def compressed(data: bytes, wbits: int) -> bytes:
+            compressor = zlib.compressobj(6, zlib.DEFLATED, wbits)
+            return compressor.compress(data) + compressor.flush()
+
+        if shape == "gzip of two members":
+            coding = "gzip"
+            parts = [compressed(plain[:20], 31) + compressed(plain[20:], 31) + b"\0\0\0\0"]
+        else:
+            coding = "deflate"
+            wire = compressed(plain, -15)
+            parts = [wire[:1], wire[1:]]
+        raw.replies.append(
+            Reply(
+                status=status,
+                headers={"content-encoding": coding},
+                body=chunks(*parts),
+                content_type="application/json",
+                pause=0.05,
+            )
+        )
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderQuotaExhausted)
+
+    async def test_a_compressed_error_body_followed_by_endless_bytes_is_read_as_the_error_at_once(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
+        """A 400 whose gzip member is followed by bytes that never end and are no member: the
+        error, read at once, the trailing bytes not read on (they were read, and held, until the
+        call's deadline)."""
+        wire = zlib.compressobj(6, zlib.DEFLATED, 31)
+        member = wire.compress(b'{"error": {"type": "invalid_request_error", "message": "bad"}}') + wire.flush()
+        headers = {"content-encoding": "gzip"}
+        raw.replies.append(
+            Reply(status=400, headers=headers, body=endless(b"x", first=member), content_type="application/json")
+        )
+        started = time.monotonic()
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRejected)
+        assert time.monotonic() - started < 4
+        assert raw.sent[0] < 32 << 20
+
     async def test_a_broken_compressed_error_body_is_read_as_its_status_says(
         self, raw: RawUpstream, kind: str, on_raw: Adapter
     ) -> None:
@@ -463,6 +525,27 @@ class TestEventBound:
         assert "max_event_bytes" not in error.message
         texts, error = await read(on_raw, call(timeout=8))
         assert ("".join(texts), error) == ("Hello world", None)
+
+    async def test_an_anthropic_event_of_over_1000_lines_read_with_the_next_events_is_too_many_lines(
+        self, raw: RawUpstream, http_client: HttpClientKind
+    ) -> None:
+        """An event of 1,001 lines (2 kB) sent in one write with the next event (7 kB), each well
+        under ``max_event_bytes`` 8192, the two over it: ``event_too_many_lines``, not
+        ``max_event_bytes`` (the bytes after the failing event's start, the next event's included,
+        were checked against it first: ``event_too_large``)."""
+        adapter = make_adapter("anthropic", http_client, raw.url + "/v1", raw.url, max_event_bytes=8192)
+        events = anthropic_stream(["Hello ", "world"])
+        lines = b"event: ping\n" + b"a\n" * 998 + b'data: {"type": "ping"}\n\n'
+        big = b'event: ping\ndata: {"type": "ping", "pad": "' + b"x" * 7000 + b'"}\n\n'
+        raw.replies.append(Reply(body=chunks(*events[:3], lines + big, *events[3:])))
+        try:
+            texts, error = await read(adapter, call(timeout=8))
+        finally:
+            await adapter.aclose()
+        assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
+        assert error is not None
+        assert "stream event over 1000 lines (an anthropic stream's most) (event_too_many_lines)" in error.message
+        assert "max_event_bytes" not in error.message
 
     @pytest.mark.parametrize("kind", ["anthropic"])
     async def test_an_anthropic_event_read_byte_by_byte_is_read_as_any_other(

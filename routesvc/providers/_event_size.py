@@ -21,7 +21,8 @@ three, however many reads it comes in). An error's
 body (4xx, 5xx) or a redirect's (3xx, which the SDK follows) is not bounded as events (an error of
 any size counted as one event turned a 400 or a 429 into ``event_too_large``) but as a whole: the
 SDK reads it whole for its message, so it is passed on when it ends within ``ERROR_BODY_LIMIT``
-bytes, decoded here (gzip or deflate, decoded no further than that) when compressed, and dropped
+bytes, decoded here (gzip, of one member or more, or deflate, decoded no further than that, what
+follows its end that is no member not read) when compressed, and dropped
 (an empty body, the rest unread) past them, or when compressed otherwise (``br``, ``zstd``, two
 codings) or broken (an error body read whole, or decoded whole, could cost the process
 gigabytes). A dropped body's answer keeps its status and headers, so a 400 stays rejected and a
@@ -244,12 +245,22 @@ class _BoundedEvents(httpx2.AsyncByteStream):
                 chunk = bytes(partial) + read[:cut] if partial else read[:cut]
                 partial = bytearray(read[cut:])
             start = -pending  # where the current event starts, in ``chunk``
+            too_large = False
             for end in self._ends.find(chunk):
                 if end - start > self._limit:
+                    too_large = True
                     break
                 start = end
             pending = len(chunk) - start
-            error = EventTooLarge(self._limit) if pending + len(partial) > self._limit else self._ends.overrun
+            # After an overrun ``find`` stopped at it: ``pending`` then counts the events after
+            # it in ``chunk`` too, so it says nothing of the failing event's bytes.
+            error: UnreadableStream | None = None
+            if too_large:
+                error = EventTooLarge(self._limit)
+            elif self._ends.overrun is not None:
+                error = self._ends.overrun
+            elif pending + len(partial) > self._limit:
+                error = EventTooLarge(self._limit)
             if error is not None:
                 # The whole events before it are the stream's, as before a cut.
                 if start > 0:
@@ -264,27 +275,58 @@ class _BoundedEvents(httpx2.AsyncByteStream):
 
 
 class _Inflater:
-    """A gzip or deflate body's decoder (deflate with its zlib header or without, as httpx2's),
-    that makes no more bytes of a chunk than it is given room for."""
+    """A gzip or deflate body's decoder, as httpx2's and urllib3's read them, that makes no more
+    bytes of a chunk than it is given room for. Deflate with its zlib header or without (told
+    apart on the first two bytes, however they are read); gzip of one member or more (RFC 1952:
+    each decoded in turn, as urllib3 and Python's gzip do), what follows the first member that is
+    not one ignored (httpx2 ignores all that follows the first member, urllib3 such bytes), as is
+    all that follows a deflate stream's end. ``done`` once the rest would be ignored."""
 
     def __init__(self, coding: str) -> None:
-        self._deflate = coding == "deflate"
-        self._first = True
-        self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS)
+        self._gzip = coding == "gzip"
+        self._head: bytes | None = None if self._gzip else b""  # deflate's first bytes, until two
+        self._members = 1
+        self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if self._gzip else zlib.MAX_WBITS)
+        self.done = False
 
     def decode(self, data: bytes, room: int) -> bytes:
         """At most ``room`` (at least 1) bytes more of the body; ``zlib.error`` if it is broken."""
-        first, self._first = self._first, False
-        try:
-            return self._decoder.decompress(data, room)
-        except zlib.error:
-            if not (first and self._deflate):
-                raise
-            self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
-            return self._decoder.decompress(data, room)
+        if self._head is not None:
+            self._head += data
+            if len(self._head) < 2:
+                return b""
+            data, self._head = self._head, None
+            try:
+                # The zlib header's check fails on its two bytes if it is not one.
+                return self._inflate(data, room)
+            except zlib.error:
+                self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+        return self._inflate(data, room)
+
+    def _inflate(self, data: bytes, room: int) -> bytes:
+        out = bytearray()
+        while data and not self.done and len(out) < room:
+            if self._decoder.eof:
+                if not self._gzip:
+                    self.done = True
+                    break
+                self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
+                self._members += 1
+            try:
+                out += self._decoder.decompress(data, room - len(out))
+            except zlib.error:
+                if self._members == 1:
+                    raise
+                self.done = True  # not a gzip member: the body ended with the one before
+                break
+            # Short of ``room`` all ``data`` was taken, but what follows a member's end.
+            data = self._decoder.unused_data if self._decoder.eof else b""
+        return bytes(out)
 
     def flush(self) -> bytes:
         """What is left once every chunk was decoded with room to spare (nothing, as zlib goes)."""
+        if self.done or self._head is not None:
+            return b""
         return self._decoder.flush()
 
 
@@ -316,6 +358,8 @@ class _CappedBody(httpx2.AsyncByteStream):
                     return
             if len(held) > ERROR_BODY_LIMIT:
                 return
+            if self._inflater is not None and self._inflater.done:
+                break  # the rest is ignored: not read
         if self._inflater is not None:
             try:
                 held += self._inflater.flush()
