@@ -3445,6 +3445,45 @@ class TestBatchAccountsSharingAURL:
         assert warned[0]["jobs"] == 1
         assert warned[0]["sent_seconds_ago"] >= OTHER_KEY_LOST_AFTER_SECONDS
 
+    async def test_a_job_cancelled_of_a_batch_found_ended_whose_owner_is_gone_is_closed_uncharged(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As above; the job is cancelled through B (the remedy the warning's README gives): B
+        closes it uncharged (no longer tied to the unreadable batch, so its estimate's correction
+        is due, and it is polled and warned about no more; it stayed tied, polled each round and
+        warned about every ``_FAILURE_LOG_SECONDS``, 0.2 s here, for ever)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        monkeypatch.setattr(batch_queue, "_FAILURE_LOG_SECONDS", 0.2)
+        fake.batches_per_key = True
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 2)
+        sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+                RouterClient(other.target) as client,
+            ):
+                await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs))
+                await client.cancel_batch(job, tenant="acme")
+                await until(lambda: any(e["event"] == "batch_lost" for e in logs), cap=5.0)
+                closed_at = len(logs)
+                await asyncio.sleep(0.6)  # rounds more, past _FAILURE_LOG_SECONDS
+                after = await get_batch(client, job)
+                charged = list(other.router.ledger.entries())
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+            [(state, pending)] = store.execute("SELECT state, provider_pending FROM jobs").fetchall()
+        assert (state, pending) == ("cancelled", None)
+        assert after.job.state == pb.BATCH_STATE_CANCELLED
+        assert charged == []
+        assert [(e["jobs"], e["cancelled_jobs"]) for e in logs if e["event"] == "batch_lost"] == [(0, 1)]
+        assert [e for e in logs[closed_at:] if e["event"] == "batch_unread_owner_gone"] == []
+
     async def test_a_batch_read_with_a_rotated_key_since_its_key_was_taken_as_gone_is_not_failed(
         self, tmp_path: Path
     ) -> None:

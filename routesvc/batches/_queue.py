@@ -1501,8 +1501,11 @@ class BatchQueue:
                 # Sent to this URL with another key, and this one does not see it: another
                 # account's (another deployment), which reads it; not lost.
                 self._skip_once(provider, provider_batch_id, jobs, "other_key")
-                if jobs.ended and self._key_gone(provider, jobs) is not None:
-                    self._warn_unread(provider, provider_batch_id, jobs)
+                key_gone = self._key_gone(provider, jobs) if jobs.ended else None
+                if key_gone is not None:
+                    await self._close_unreadable(provider_batch_id, jobs, key_gone)
+                    if jobs.waiting:
+                        self._warn_unread(provider, provider_batch_id, jobs)
                 return
             # No process sends with its key any more: a rotated key's own batch, lost by the
             # provider; its jobs end only while the store holds the key's mark they were taken by.
@@ -1671,6 +1674,31 @@ class BatchQueue:
             # No keys row names a URL "": a row stored before the URL was, its age alone tells.
             return GoneMark(provider, owner[1], None, 0.0, key_id=jobs.key_id)
         return self._owners_gone.get(owner)
+
+    async def _close_unreadable(self, provider_batch_id: str, jobs: SentJobs, gone: GoneMark) -> None:
+        """The jobs cancelled since of a batch found ended that nobody can read (its key gone,
+        ``gone``; this key does not see it): closed uncharged, their estimates given back, each
+        only while the store still holds the key's mark (an owner back with its key reads it and
+        charges their bill). Those still waiting wait for it (``_warn_unread``): a cancel is how
+        an operator ends the wait. A key no process of this release ever marked (an earlier
+        release's, which marks none, may be reading it) only once the batch's jobs last changed
+        more than ``OTHER_KEY_LOST_AFTER_SECONDS`` ago (a cancelled job's: its cancel), as
+        ``_owner_gone`` tells by its age alone."""
+        recent = jobs.sent_at is None or self._clock() - jobs.sent_at <= OTHER_KEY_LOST_AFTER_SECONDS
+        if gone.seen_at is None and recent:
+            return
+        closed = 0
+        for batch_id in jobs.cancelled:
+            closed += await self._opened().close_cancelled(batch_id, None, gone=gone)
+        if closed:
+            log.warning(
+                "batch_lost",
+                provider_batch_id=provider_batch_id,
+                jobs=0,
+                cancelled_jobs=closed,
+                status=404,
+                error="provider_batch_not_found",
+            )
 
     def _warn_unread(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
         """A batch a status check found ended (billed) whose key no process sends with any more,
