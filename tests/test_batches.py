@@ -3445,6 +3445,41 @@ class TestBatchAccountsSharingAURL:
         assert warned[0]["jobs"] == 1
         assert warned[0]["sent_seconds_ago"] >= OTHER_KEY_LOST_AFTER_SECONDS
 
+    async def test_a_process_whose_checks_of_a_batch_found_ended_fail_does_not_silence_its_warning(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As above, with a third process beside B whose status checks of the batch are refused
+        (a 401: a key revoked, here of A's account, which sees the batch): B still warns
+        ``batch_unread_owner_gone`` (the third process marked A's key as its own while its
+        checks failed, so B took it as alive and never warned: the batch waited silently)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-A2": "A"})
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 2)
+        fake.batch_retrieve_errors["openai"] = (
+            401,
+            {"error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "bad key"}},
+            {},
+        )
+        [batch] = fake.batches
+        sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0),
+                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0),
+            ):
+                await until(lambda: batch.refused >= 1)
+                await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs), cap=5.0)
+        failed = {e["reason"] for e in logs if e["event"] == "batch_poll_failed"}
+        assert failed == {"PROVIDER_AUTH_FAILED"}
+
     async def test_a_job_cancelled_of_a_batch_found_ended_whose_owner_is_gone_is_closed_uncharged(
         self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -1244,13 +1244,17 @@ class BatchQueue:
         of the owner; a failure now and then between 404s kept the key marked for ever), and
         never past ``ABANDON_AFTER_SECONDS`` after it was sent (an owner's checks failing that
         long give it up themselves), so a lost batch is failed at most that and
-        ENDPOINT_GONE_AFTER_SECONDS after it was sent."""
+        ENDPOINT_GONE_AFTER_SECONDS after it was sent. Nor for a batch found ended: none is
+        failed unread, so the mark would only hide that its key is gone (a process whose own key
+        is refused silenced ``batch_unread_owner_gone`` for every such batch at its URL)."""
         batch = (provider, provider_batch_id)
         own_key = sent_to[1]
         if (
             jobs.key_id is None
             or jobs.endpoint is None
             or own_key in (None, jobs.key_id)
+            or jobs.ended
+            or batch in self._seen_ended
             or self._not_seen.get(batch) == own_key
             or jobs.sent_at is None
             or self._clock() - jobs.sent_at > ABANDON_AFTER_SECONDS
