@@ -3217,6 +3217,57 @@ class TestBatchKeyRotation:
         assert failed.error == "provider_batch_not_found"
         assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
 
+    async def test_a_lost_batch_whose_checks_fail_now_and_then_is_still_failed_once_its_key_is_gone(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As above, the lost batch (sent two days and more ago) answering the rotated key 404,
+        but one status check in a few fails (a 500) between the 404s: the rotated key got 404, so
+        its failures tell nothing of the old key's owner and never mark the old key again; the job
+        ends FAILED provider_batch_not_found once the old key has been unmarked for
+        ENDPOINT_GONE_AFTER_SECONDS (0.3 s here; each failure marked it anew, so one failure per
+        window kept it SUBMITTED, polled for ever, its estimate held)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        key = tmp_path / "openai.key"
+        key.write_text("key-A\n")
+        async with FakeProvider(api_key="key-A") as fake:
+            config = _keyed_by_file(tmp_path, fake, key)
+            async with (
+                Server(settings_from(config), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                fake.batch_outcome = BatchOutcome.PENDING
+                job = (await submit(client))[1].batch
+                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
+                [batch] = fake.batches
+                batch.lost = True
+                fake.api_key = "key-B"
+                key.write_text("key-B\n")
+                sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+
+                failing = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+
+                async def fail_now_and_then() -> None:
+                    while True:
+                        await asyncio.sleep(0.2)
+                        refused = batch.refused
+                        batch.lost = False
+                        fake.batch_retrieve_errors["openai"] = failing
+                        await until(lambda: batch.refused > refused)  # noqa: B023 - read at once
+                        fake.batch_retrieve_errors.clear()
+                        batch.lost = True
+
+                with capture_logs() as logs:
+                    await server.reload(settings_from(config))
+                    flapping = asyncio.create_task(fail_now_and_then())
+                    try:
+                        failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED, timeout=6.0)
+                    finally:
+                        flapping.cancel()
+                refused = batch.refused
+        assert failed.error == "provider_batch_not_found"
+        assert refused >= 1
+        assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
+
 
 def _account(tmp_path: Path, fake: FakeProvider, key: str) -> dict[str, object]:
     """``batch_config`` of a deployment whose account's key is ``key``, at ``fake``'s base URLs."""
@@ -3329,6 +3380,39 @@ class TestBatchAccountsSharingAURL:
         assert others == []
         assert [e for e in logs if e["event"] == "batch_lost"] == []
 
+    async def test_a_rotated_owner_whose_checks_fail_keeps_its_old_key_marked_only_until_three_days_after_the_send(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As above, but the batch was sent more than ABANDON_AFTER_SECONDS ago: A's rotated key,
+        whose checks fail (a process just restarted: its own give-up is an hour of failures
+        away), no longer marks the old key, and B, which gets 404 for it, ends its job FAILED
+        provider_batch_not_found, uncharged, once the old key has been unmarked for
+        ENDPOINT_GONE_AFTER_SECONDS (0.3 s here; A's failing checks marked the old key for as long
+        as they failed, a restart of A every hour kept the job SUBMITTED for ever)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A1": "A", "key-A2": "A"})
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A1")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+        fake.batch_retrieve_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0) as owner,
+                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+                RouterClient(other.target) as client,
+            ):
+                failed = await wait_state(client, job, pb.BATCH_STATE_FAILED, timeout=6.0)
+                charged = [*owner.router.ledger.entries(), *other.router.ledger.entries()]
+        assert failed.error == "provider_batch_not_found"
+        assert charged == []
+        assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
+
     async def test_a_batch_found_ended_whose_owner_is_gone_waits_and_says_so(
         self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -3360,6 +3444,80 @@ class TestBatchAccountsSharingAURL:
         assert warned[0]["log_level"] == "warning"
         assert warned[0]["jobs"] == 1
         assert warned[0]["sent_seconds_ago"] >= OTHER_KEY_LOST_AFTER_SECONDS
+
+    async def test_a_process_whose_checks_of_a_batch_found_ended_fail_does_not_silence_its_warning(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As above, with a third process beside B whose status checks of the batch are refused
+        (a 401: a key revoked, here of A's account, which sees the batch): B still warns
+        ``batch_unread_owner_gone`` (the third process marked A's key as its own while its
+        checks failed, so B took it as alive and never warned: the batch waited silently)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-A2": "A"})
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 2)
+        fake.batch_retrieve_errors["openai"] = (
+            401,
+            {"error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "bad key"}},
+            {},
+        )
+        [batch] = fake.batches
+        sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0),
+                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0),
+            ):
+                await until(lambda: batch.refused >= 1)
+                await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs), cap=5.0)
+        failed = {e["reason"] for e in logs if e["event"] == "batch_poll_failed"}
+        assert failed == {"PROVIDER_AUTH_FAILED"}
+
+    async def test_a_job_cancelled_of_a_batch_found_ended_whose_owner_is_gone_is_closed_uncharged(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As above; the job is cancelled through B (the remedy the warning's README gives): B
+        closes it uncharged (no longer tied to the unreadable batch, so its estimate's correction
+        is due, and it is polled and warned about no more; it stayed tied, polled each round and
+        warned about every ``_FAILURE_LOG_SECONDS``, 0.2 s here, for ever)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        monkeypatch.setattr(batch_queue, "_FAILURE_LOG_SECONDS", 0.2)
+        fake.batches_per_key = True
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 2)
+        sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+                RouterClient(other.target) as client,
+            ):
+                await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs))
+                await client.cancel_batch(job, tenant="acme")
+                await until(lambda: any(e["event"] == "batch_lost" for e in logs), cap=5.0)
+                closed_at = len(logs)
+                await asyncio.sleep(0.6)  # rounds more, past _FAILURE_LOG_SECONDS
+                after = await get_batch(client, job)
+                charged = list(other.router.ledger.entries())
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+            [(state, pending)] = store.execute("SELECT state, provider_pending FROM jobs").fetchall()
+        assert (state, pending) == ("cancelled", None)
+        assert after.job.state == pb.BATCH_STATE_CANCELLED
+        assert charged == []
+        assert [(e["jobs"], e["cancelled_jobs"]) for e in logs if e["event"] == "batch_lost"] == [(0, 1)]
+        assert [e for e in logs[closed_at:] if e["event"] == "batch_unread_owner_gone"] == []
 
     async def test_a_batch_read_with_a_rotated_key_since_its_key_was_taken_as_gone_is_not_failed(
         self, tmp_path: Path

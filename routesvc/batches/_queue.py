@@ -467,6 +467,10 @@ class BatchQueue:
         # no process takes it as gone meanwhile (``_served_keys``); by (provider, provider batch
         # id), the (provider, base URL, key) they were sent with.
         self._undecided: dict[tuple[str, str], tuple[str, str, str]] = {}
+        # Batches another key sent to this queue's base URLs that got 404 from this queue's key,
+        # by (provider, provider batch id): that key (this key does not see them, so its checks'
+        # failures tell nothing of their owner and never mark their key again: ``_not_told``).
+        self._not_seen: dict[tuple[str, str], str] = {}
         # Batches found ended whose key is gone, left unread here (404), by (provider, provider
         # batch id): when (monotonic) that was last logged (``_warn_unread``).
         self._unread: dict[tuple[str, str], float] = {}
@@ -1165,6 +1169,7 @@ class BatchQueue:
         self._seen_ended &= submitted.keys()
         self._failures = {key: failing for key, failing in self._failures.items() if key in submitted}
         self._undecided = {key: owner for key, owner in self._undecided.items() if key in submitted}
+        self._not_seen = {key: own for key, own in self._not_seen.items() if key in submitted}
         self._unread = {key: logged for key, logged in self._unread.items() if key in submitted}
         for (provider, provider_batch_id), jobs in submitted.items():
             if provider not in self._apis:
@@ -1234,9 +1239,29 @@ class BatchQueue:
     def _not_told(self, provider: str, provider_batch_id: str, jobs: SentJobs, sent_to: tuple[str, str]) -> None:
         """Note that this round's status check of a batch could not tell whether this key sees
         it (it failed otherwise than 404, or was held): when another key sent it here, that key
-        is marked with this queue's until a check tells (``_undecided``)."""
-        if jobs.key_id is not None and jobs.endpoint is not None and sent_to[1] not in (None, jobs.key_id):
-            self._undecided[(provider, provider_batch_id)] = (provider, jobs.endpoint, jobs.key_id)
+        is marked with this queue's until a check tells (``_undecided``). Bounded: never once
+        this key got 404 for it (``_not_seen``: it does not see it, so its failures say nothing
+        of the owner; a failure now and then between 404s kept the key marked for ever), and
+        never past ``ABANDON_AFTER_SECONDS`` after it was sent (an owner's checks failing that
+        long give it up themselves), so a lost batch is failed at most that and
+        ENDPOINT_GONE_AFTER_SECONDS after it was sent. Nor for a batch found ended: none is
+        failed unread, so the mark would only hide that its key is gone (a process whose own key
+        is refused silenced ``batch_unread_owner_gone`` for every such batch at its URL)."""
+        batch = (provider, provider_batch_id)
+        own_key = sent_to[1]
+        if (
+            jobs.key_id is None
+            or jobs.endpoint is None
+            or own_key in (None, jobs.key_id)
+            or jobs.ended
+            or batch in self._seen_ended
+            or self._not_seen.get(batch) == own_key
+            or jobs.sent_at is None
+            or self._clock() - jobs.sent_at > ABANDON_AFTER_SECONDS
+        ):
+            self._undecided.pop(batch, None)
+            return
+        self._undecided[batch] = (provider, jobs.endpoint, jobs.key_id)
 
     async def _mark_once(self) -> None:
         """Mark this queue's base URLs and keys as the store is first opened (the marker's ticks watch)."""
@@ -1473,13 +1498,18 @@ class BatchQueue:
             self._undecided.pop((provider, provider_batch_id), None)
             if not other_key or error.status != 404 or jobs.unverified:
                 raise
+            if own_key is not None:
+                self._not_seen[(provider, provider_batch_id)] = own_key
             owner_gone = self._owner_gone(provider, jobs)
             if owner_gone is None:
                 # Sent to this URL with another key, and this one does not see it: another
                 # account's (another deployment), which reads it; not lost.
                 self._skip_once(provider, provider_batch_id, jobs, "other_key")
-                if jobs.ended and self._key_gone(provider, jobs) is not None:
-                    self._warn_unread(provider, provider_batch_id, jobs)
+                key_gone = self._key_gone(provider, jobs) if jobs.ended else None
+                if key_gone is not None:
+                    await self._close_unreadable(provider_batch_id, jobs, key_gone)
+                    if jobs.waiting:
+                        self._warn_unread(provider, provider_batch_id, jobs)
                 return
             # No process sends with its key any more: a rotated key's own batch, lost by the
             # provider; its jobs end only while the store holds the key's mark they were taken by.
@@ -1628,7 +1658,8 @@ class BatchQueue:
         deployment's own (a rotated key's), lost by the provider. A key stays marked while a
         process sends with it, and while a process's status checks of its batches cannot tell
         whether its own key sees them (``_undecided``: the owner's rotated key whose checks
-        fail). The key's last mark, for the write to check (``GoneMark``; its ``seen_at`` None
+        fail; not once that key got 404 for the batch, nor past ``ABANDON_AFTER_SECONDS``:
+        ``_not_told``). The key's last mark, for the write to check (``GoneMark``; its ``seen_at`` None
         for a key no process of this release ever marked: an earlier release sent with it, its
         age alone tells); None while the key is marked, and for a batch a status check found
         ended (its owner reads it, or its key was gone since)."""
@@ -1647,6 +1678,31 @@ class BatchQueue:
             # No keys row names a URL "": a row stored before the URL was, its age alone tells.
             return GoneMark(provider, owner[1], None, 0.0, key_id=jobs.key_id)
         return self._owners_gone.get(owner)
+
+    async def _close_unreadable(self, provider_batch_id: str, jobs: SentJobs, gone: GoneMark) -> None:
+        """The jobs cancelled since of a batch found ended that nobody can read (its key gone,
+        ``gone``; this key does not see it): closed uncharged, their estimates given back, each
+        only while the store still holds the key's mark (an owner back with its key reads it and
+        charges their bill). Those still waiting wait for it (``_warn_unread``): a cancel is how
+        an operator ends the wait. A key no process of this release ever marked (an earlier
+        release's, which marks none, may be reading it) only once the batch's jobs last changed
+        more than ``OTHER_KEY_LOST_AFTER_SECONDS`` ago (a cancelled job's: its cancel), as
+        ``_owner_gone`` tells by its age alone."""
+        recent = jobs.sent_at is None or self._clock() - jobs.sent_at <= OTHER_KEY_LOST_AFTER_SECONDS
+        if gone.seen_at is None and recent:
+            return
+        closed = 0
+        for batch_id in jobs.cancelled:
+            closed += await self._opened().close_cancelled(batch_id, None, gone=gone)
+        if closed:
+            log.warning(
+                "batch_lost",
+                provider_batch_id=provider_batch_id,
+                jobs=0,
+                cancelled_jobs=closed,
+                status=404,
+                error="provider_batch_not_found",
+            )
 
     def _warn_unread(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> None:
         """A batch a status check found ended (billed) whose key no process sends with any more,
