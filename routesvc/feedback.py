@@ -361,6 +361,7 @@ class FeedbackStore:
         self._max_pending = max_pending_decisions
         self._clock = clock
         self._path = path
+        self._busy_timeout = busy_timeout_seconds
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         try:
@@ -438,11 +439,40 @@ class FeedbackStore:
                 )
         return tuple(evicted)
 
+    @property
+    def busy_timeout_seconds(self) -> float:
+        """How long a write waits for another process's lock on the file (SQLite's busy timeout)."""
+        return self._busy_timeout
+
+    def busy(self) -> FeedbackStoreBusy:
+        """The error for a call that could not take the file's write lock in time."""
+        return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")
+
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One write transaction on the writer connection, rolled back if the block raises."""
-        with self._write_lock, immediate(self._writer):
-            yield
+    def _transaction(self, deadline: float | None = None) -> Iterator[None]:
+        """One write transaction on the writer connection, rolled back if the block raises.
+
+        ``deadline`` (``time.monotonic()``; None: none) bounds the wait for the lock, this
+        store's writer thread's as well as the file's (SQLite's busy timeout is cut to what is
+        left of it): past it the call is ``FeedbackStoreBusy``."""
+        if deadline is None:
+            with self._write_lock, immediate(self._writer):
+                yield
+            return
+        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise self.busy()
+        try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self.busy()
+            self._writer.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
+            try:
+                with immediate(self._writer):
+                    yield
+            finally:
+                self._writer.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        finally:
+            self._write_lock.release()
 
     def remember(
         self,
@@ -558,7 +588,9 @@ class FeedbackStore:
         """Store an outcome (``record_outcome``); the entry stored."""
         return self.record_outcome(decision_id, score, tenant=tenant).entry
 
-    def record_outcome(self, decision_id: str, score: float, *, tenant: str | None = None) -> Recorded:
+    def record_outcome(
+        self, decision_id: str, score: float, *, tenant: str | None = None, deadline: float | None = None
+    ) -> Recorded:
         """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example.
 
         Idempotent: the decision's latest outcome repeated stores nothing more (the entry returned
@@ -573,12 +605,20 @@ class FeedbackStore:
 
         A decision that becomes an example past ``max_examples`` (its tenant's, or all of them) or
         ``max_total_examples`` evicts the oldest (its tenant's, then of all: another tenant's too),
-        outcomes and all; the result names them, so a library drops them too."""
+        outcomes and all; the result names them, so a library drops them too.
+
+        ``deadline`` (``time.monotonic()``; None: up to 30 s for the queued writes, then the busy
+        timeout) is when the call must have the file's write lock: the queued writes not written
+        by then (this store's writer waiting on another process's lock) or the lock not taken is
+        ``FeedbackStoreBusy``, nothing stored."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
-        self.flush()
+        if deadline is None:
+            self.flush()
+        elif not self.flush(timeout=max(0.0, deadline - time.monotonic())):
+            raise self.busy()
         with self._translated_failures():
-            return self._record(decision_id, score, tenant)
+            return self._record(decision_id, score, tenant, deadline)
 
     @contextmanager
     def _translated_failures(self) -> Iterator[None]:
@@ -591,14 +631,14 @@ class FeedbackStore:
                 raise
             raise store_failure(self._path, exc) from exc
 
-    def _record(self, decision_id: str, score: float, tenant: str | None) -> Recorded:
+    def _record(self, decision_id: str, score: float, tenant: str | None, deadline: float | None) -> Recorded:
         now = self._clock()
         unknown = UnknownDecision(
             f"no remembered decision {quoted_id(decision_id)} (never seen, or forgotten without feedback)"
         )
         select = "SELECT model, tenant, embedding, encoder FROM examples WHERE decision_id = ?"
         evicted: tuple[EvictedExample, ...] = ()
-        with self._transaction():
+        with self._transaction(deadline):
             row = self._writer.execute(select, (decision_id,)).fetchone()
             if row is None:
                 # A waiting decision still counts if it is younger than the TTL and among the

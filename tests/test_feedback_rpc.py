@@ -7,6 +7,7 @@ import asyncio
 import copy
 import os
 import sqlite3
+import sys
 import threading
 import time
 from contextlib import closing
@@ -451,6 +452,61 @@ class TestFeedbackStoreUnderContention:
         assert retry_delay(error) == 1.0
         assert "feedback_db" in (error.details() or "")
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
+
+    async def test_feedback_calls_piling_up_on_a_locked_file_are_each_busy_after_one_busy_timeout(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process (a real one) holds the file's write lock for 12 s while 8 Feedback
+        calls come at once: every one is UNAVAILABLE FEEDBACK_STORE_BUSY about one busy timeout
+        (5 s) after it came, and asyncio's default executor stays free meanwhile. They queued on
+        one lock, each in a default-executor thread: the first was busy at 5 s, the second at
+        10 s, the others recorded when the lock went at 12 s (clients saw their deadlines pass),
+        and a job for the default executor waited seconds behind them."""
+        settings = settings_from(embedding_config(tmp_path))
+        holder = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(12)\n"
+            "db.execute('ROLLBACK')\n"
+        )
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decisions = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(8)]
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            assert await asyncio.to_thread(stage.feedback.flush)  # the decisions are in the file
+            other = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", holder, str(tmp_path / "feedback.db"), stdout=asyncio.subprocess.PIPE
+            )
+            try:
+                assert other.stdout is not None
+                assert await other.stdout.readline() == b"locked\n"
+                loop = asyncio.get_running_loop()
+
+                async def rated(decision_id: str) -> tuple[str, float]:
+                    started = loop.time()
+                    try:
+                        await client.feedback(decision_id, thumbs_up=False)
+                        outcome = "OK"
+                    except grpc.aio.AioRpcError as error:
+                        outcome = error_info(error).reason
+                    return outcome, loop.time() - started
+
+                async def default_executor_wait() -> float:
+                    await asyncio.sleep(1.0)  # the Feedback calls are waiting by now
+                    queued = loop.time()
+                    started = await loop.run_in_executor(None, loop.time)
+                    return started - queued
+
+                *answers, waited = await asyncio.gather(
+                    *(rated(d.decision_id) for d in decisions), default_executor_wait()
+                )
+            finally:
+                await other.wait()
+        assert [outcome for outcome, _ in answers] == ["FEEDBACK_STORE_BUSY"] * 8
+        assert max(seconds for _, seconds in answers) < 8.0  # the busy timeout (5 s) and a margin
+        assert waited < 1.0
 
     async def test_concurrent_feedback_leaves_the_served_library_as_the_store_has_it(self, tmp_path: Path) -> None:
         """Feedback calls at once (new examples, and one decision rated again and again with
