@@ -45,7 +45,7 @@ from routesvc.errors import (
     counts_against_model,
     quoted_id,
 )
-from routesvc.feedback import FeedbackStore, Recorded
+from routesvc.feedback import FeedbackStore, Recorded, UnknownDecision
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import (
     AllowList,
@@ -126,6 +126,12 @@ async def _built_in_thread(build: Callable[[], Policy]) -> Policy:
 
         building.add_done_callback(close_unused)
         raise
+
+
+# The pauses after which a Feedback looks again for a decision not in its feedback_db before it is
+# NOT_FOUND (about a quarter of a second in all): another process sharing the file may have routed
+# it and not written it yet (its write queued, ~1 ms, longer while its writer waits on a lock).
+_UNKNOWN_DECISION_PAUSES = (0.05, 0.2)
 
 
 @dataclass(slots=True)
@@ -617,14 +623,14 @@ class Router:
         if not any(stage.feedback is not None for stage in self._policy.learning_stages):
             raise FeedbackNotEnabled(enabled)
 
-        # A call has the busy timeout, from its arrival, to take the file's write lock: waiting
+        # A call (each look for its decision) has the busy timeout to take the file's write lock: waiting
         # for the calls before it (one at a time) counts, so calls piling up on a file another
         # process locks are each FeedbackStoreBusy after about that, not one busy timeout after
         # another (the N-th waited N of them; clients saw their deadlines pass instead).
         stores = [stage.feedback for stage in self._policy.learning_stages if stage.feedback is not None]
-        deadline = time.monotonic() + max(store.busy_timeout_seconds for store in stores)
+        busy_timeout = max(store.busy_timeout_seconds for store in stores)
 
-        def record() -> tuple[str, str, int]:
+        def record(deadline: float) -> tuple[str, str, int]:
             model = owner = ""
             examples = 0
             if time.monotonic() >= deadline:
@@ -662,7 +668,20 @@ class Router:
 
         loop = asyncio.get_running_loop()
         in_context = contextvars.copy_context().run
-        model, owner, examples = await loop.run_in_executor(self._learning.executor, in_context, record)
+        for pause in (*_UNKNOWN_DECISION_PAUSES, None):
+            try:
+                deadline = time.monotonic() + busy_timeout
+                model, owner, examples = await loop.run_in_executor(
+                    self._learning.executor, in_context, record, deadline
+                )
+                break
+            except UnknownDecision:
+                if pause is None:
+                    raise
+            # Not in the file (yet): a decision routed by another process sharing it (another
+            # worker, a replica) may still wait in that process's write queue, which this one
+            # cannot flush. Looked for again after a pause, on the event loop (no thread held).
+            await asyncio.sleep(pause)
         # On the event loop, like every other change to the stats window.
         telemetry.record_feedback(model, score, decision_id=decision_id, tenant=owner)
         return model, examples

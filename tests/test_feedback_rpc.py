@@ -542,6 +542,46 @@ class TestFeedbackStoreUnderContention:
         assert max(seconds for _, seconds in answers) < 8.0  # the busy timeout (5 s) and a margin
         assert waited < 1.0
 
+    async def test_a_decision_another_process_writes_just_after_the_feedback_comes_is_found(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process sharing the feedback_db (a second worker) routed a decision and writes
+        it 0.1 s after the Feedback for it came here (its write was queued): the Feedback looks
+        again after short pauses and records it. It was NOT_FOUND UNKNOWN_DECISION at once, a
+        status clients take as final, and the rating was lost."""
+        settings = settings_from(embedding_config(tmp_path))
+        late_writer = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "row = db.execute('SELECT * FROM decisions WHERE decision_id = ?', (sys.argv[2],)).fetchone()\n"
+            "db.execute('DELETE FROM decisions WHERE decision_id = ?', (sys.argv[2],))\n"
+            "db.execute('COMMIT')\n"
+            "print('taken', flush=True)\n"
+            "time.sleep(0.1)\n"
+            "db.execute('INSERT INTO decisions VALUES (' + ', '.join('?' * len(row)) + ')', row)\n"
+        )
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            assert await asyncio.to_thread(stage.feedback.flush)  # the decision is in the file
+            other = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                late_writer,
+                str(tmp_path / "feedback.db"),
+                decision.decision_id,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            try:
+                assert other.stdout is not None
+                assert await other.stdout.readline() == b"taken\n"  # as if routed elsewhere, not yet written
+                response = await client.feedback(decision.decision_id, thumbs_up=False)
+            finally:
+                assert await other.wait() == 0
+        assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
+
     async def test_concurrent_feedback_leaves_the_served_library_as_the_store_has_it(self, tmp_path: Path) -> None:
         """Feedback calls at once (new examples, and one decision rated again and again with
         another score each time) leave the library routing uses scoring every prompt as a library
