@@ -250,11 +250,20 @@ _EXAMPLES = (
     "{where} ORDER BY e.rowid"
 )
 
-# The examples the caps (the parameters) keep: the newest of each tenant, then the newest of
-# those in all; or the newest of all. The oldest go first, by rowid, as ``_apply_cap`` deletes them.
+# The examples the caps (the parameters) keep: the newest of each tenant, then of those, past the
+# total, the tenants holding the most lose their oldest first (each tenant's newest, then each
+# one's second newest, and so on; at a tie the newer); or the newest of all. As ``_apply_cap``
+# and a new example delete them.
 _NEWEST_OF_EACH_TENANT = (
     " WHERE e.rowid IN (SELECT rowid FROM (SELECT rowid, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY rowid DESC)"
-    " AS newer FROM examples) WHERE newer <= ? ORDER BY rowid DESC LIMIT ?)"
+    " AS newer FROM examples) WHERE newer <= ? ORDER BY newer, rowid DESC LIMIT ?)"
+)
+# Over the total cap with a cap per tenant: the oldest example of a tenant holding the most (at a
+# tie, the oldest of theirs), so a tenant below the others' share never loses one to their ratings.
+_OLDEST_OF_THE_LARGEST_TENANT = (
+    "SELECT decision_id, tenant FROM examples WHERE tenant IN"
+    " (SELECT tenant FROM example_counts WHERE examples = (SELECT MAX(examples) FROM example_counts))"
+    " ORDER BY rowid LIMIT 1"
 )
 _NEWEST_OF_ALL = " WHERE e.rowid IN (SELECT rowid FROM examples ORDER BY rowid DESC LIMIT ?)"
 
@@ -361,6 +370,7 @@ class FeedbackStore:
         self._max_pending = max_pending_decisions
         self._clock = clock
         self._path = path
+        self._busy_timeout = busy_timeout_seconds
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         try:
@@ -393,7 +403,8 @@ class FeedbackStore:
 
     def apply_cap(self) -> tuple[EvictedExample, ...]:
         """Delete the oldest examples (and their outcomes) past ``max_examples``, of every tenant
-        (or of all, as the store was told), then the oldest of all past ``max_total_examples``;
+        (or of all, as the store was told), then past ``max_total_examples`` the oldest of a tenant
+        holding the most, one at a time (of all, with one cap for all);
         returns them. How many is logged (``feedback_examples_evicted``). A store opened with
         ``cap_at_open`` False (a reload's, so that a version it rejects deletes nothing) keeps a
         file over its cap until this is called, or until a new example of that tenant comes. A
@@ -438,11 +449,40 @@ class FeedbackStore:
                 )
         return tuple(evicted)
 
+    @property
+    def busy_timeout_seconds(self) -> float:
+        """How long a write waits for another process's lock on the file (SQLite's busy timeout)."""
+        return self._busy_timeout
+
+    def busy(self) -> FeedbackStoreBusy:
+        """The error for a call that could not take the file's write lock in time."""
+        return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")
+
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One write transaction on the writer connection, rolled back if the block raises."""
-        with self._write_lock, immediate(self._writer):
-            yield
+    def _transaction(self, deadline: float | None = None) -> Iterator[None]:
+        """One write transaction on the writer connection, rolled back if the block raises.
+
+        ``deadline`` (``time.monotonic()``; None: none) bounds the wait for the lock, this
+        store's writer thread's as well as the file's (SQLite's busy timeout is cut to what is
+        left of it): past it the call is ``FeedbackStoreBusy``."""
+        if deadline is None:
+            with self._write_lock, immediate(self._writer):
+                yield
+            return
+        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise self.busy()
+        try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self.busy()
+            self._writer.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
+            try:
+                with immediate(self._writer):
+                    yield
+            finally:
+                self._writer.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        finally:
+            self._write_lock.release()
 
     def remember(
         self,
@@ -558,7 +598,9 @@ class FeedbackStore:
         """Store an outcome (``record_outcome``); the entry stored."""
         return self.record_outcome(decision_id, score, tenant=tenant).entry
 
-    def record_outcome(self, decision_id: str, score: float, *, tenant: str | None = None) -> Recorded:
+    def record_outcome(
+        self, decision_id: str, score: float, *, tenant: str | None = None, deadline: float | None = None
+    ) -> Recorded:
         """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example.
 
         Idempotent: the decision's latest outcome repeated stores nothing more (the entry returned
@@ -572,13 +614,22 @@ class FeedbackStore:
         may send it again), ``FeedbackStoreFull`` for a full disk, and so on.
 
         A decision that becomes an example past ``max_examples`` (its tenant's, or all of them) or
-        ``max_total_examples`` evicts the oldest (its tenant's, then of all: another tenant's too),
-        outcomes and all; the result names them, so a library drops them too."""
+        ``max_total_examples`` evicts the oldest (its tenant's; then a tenant's holding the most, so
+        possibly another tenant's, never one's holding fewer than the adder; or of all, with one cap),
+        outcomes and all; the result names them, so a library drops them too.
+
+        ``deadline`` (``time.monotonic()``; None: up to 30 s for the queued writes, then the busy
+        timeout) is when the call must have the file's write lock: the queued writes not written
+        by then (this store's writer waiting on another process's lock) or the lock not taken is
+        ``FeedbackStoreBusy``, nothing stored."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
-        self.flush()
+        if deadline is None:
+            self.flush()
+        elif not self.flush(timeout=max(0.0, deadline - time.monotonic())):
+            raise self.busy()
         with self._translated_failures():
-            return self._record(decision_id, score, tenant)
+            return self._record(decision_id, score, tenant, deadline)
 
     @contextmanager
     def _translated_failures(self) -> Iterator[None]:
@@ -591,14 +642,14 @@ class FeedbackStore:
                 raise
             raise store_failure(self._path, exc) from exc
 
-    def _record(self, decision_id: str, score: float, tenant: str | None) -> Recorded:
+    def _record(self, decision_id: str, score: float, tenant: str | None, deadline: float | None) -> Recorded:
         now = self._clock()
         unknown = UnknownDecision(
             f"no remembered decision {quoted_id(decision_id)} (never seen, or forgotten without feedback)"
         )
         select = "SELECT model, tenant, embedding, encoder FROM examples WHERE decision_id = ?"
         evicted: tuple[EvictedExample, ...] = ()
-        with self._transaction():
+        with self._transaction(deadline):
             row = self._writer.execute(select, (decision_id,)).fetchone()
             if row is None:
                 # A waiting decision still counts if it is younger than the TTL and among the
@@ -681,17 +732,34 @@ class FeedbackStore:
             rows = self._writer.execute(
                 "SELECT decision_id, tenant FROM examples WHERE tenant = ? ORDER BY rowid LIMIT ?", (tenant, over)
             ).fetchall()
-        else:
+        elif not self._examples_per_tenant:
             rows = self._writer.execute(
                 "SELECT decision_id, tenant FROM examples ORDER BY rowid LIMIT ?", (over,)
             ).fetchall()
+        else:
+            # Examples capped per tenant: past the total, one at a time from a tenant holding the
+            # most (the oldest of all, whoever's, let other tenants' ratings erase a quiet tenant's).
+            rows = []
+            for _ in range(over):
+                row = self._writer.execute(_OLDEST_OF_THE_LARGEST_TENANT).fetchone()
+                if row is None:  # the counts name no tenant with examples: set right by the next open
+                    row = self._writer.execute(
+                        "SELECT decision_id, tenant FROM examples ORDER BY rowid LIMIT 1"
+                    ).fetchone()
+                self._delete_example(row[0], row[1])
+                rows.append(row)
+            return tuple(EvictedExample(str(decision_id), str(owner)) for decision_id, owner in rows)
         for decision_id, owner in rows:
-            self._writer.execute("DELETE FROM feedback WHERE decision_id = ?", (decision_id,))
-            self._writer.execute("DELETE FROM examples WHERE decision_id = ?", (decision_id,))
-            self._writer.execute("UPDATE example_counts SET examples = examples - 1 WHERE tenant = ?", (owner,))
-            # A tenant left with none loses its row: with auth off tenants are whatever callers name.
-            self._writer.execute("DELETE FROM example_counts WHERE tenant = ? AND examples <= 0", (owner,))
+            self._delete_example(decision_id, owner)
         return tuple(EvictedExample(str(decision_id), str(owner)) for decision_id, owner in rows)
+
+    def _delete_example(self, decision_id: str, owner: str) -> None:
+        """Delete one example, its outcome and its count. The caller holds the write transaction."""
+        self._writer.execute("DELETE FROM feedback WHERE decision_id = ?", (decision_id,))
+        self._writer.execute("DELETE FROM examples WHERE decision_id = ?", (decision_id,))
+        self._writer.execute("UPDATE example_counts SET examples = examples - 1 WHERE tenant = ?", (owner,))
+        # A tenant left with none loses its row: with auth off tenants are whatever callers name.
+        self._writer.execute("DELETE FROM example_counts WHERE tenant = ? AND examples <= 0", (owner,))
 
     def entries(self, limit: int = 100) -> list[FeedbackEntry]:
         """The outcomes of the ``limit`` examples rated last, newest first: each example's latest
@@ -718,7 +786,7 @@ class FeedbackStore:
                 " (SELECT COALESCE(SUM(examples), 0) FROM example_total)"
             ).fetchone()
             # Numbering every row costs a sort (twice the plain read): only past a cap.
-            if self._examples_per_tenant and int(largest) > self._max_examples:
+            if self._examples_per_tenant and (int(largest) > self._max_examples or int(total) > self._max_total):
                 rows = self._reader.execute(
                     _EXAMPLES.format(where=_NEWEST_OF_EACH_TENANT), (self._max_examples, self._max_total)
                 ).fetchall()

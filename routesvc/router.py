@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -43,7 +45,7 @@ from routesvc.errors import (
     counts_against_model,
     quoted_id,
 )
-from routesvc.feedback import FeedbackStore, Recorded
+from routesvc.feedback import FeedbackStore, Recorded, UnknownDecision
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import (
     AllowList,
@@ -126,6 +128,12 @@ async def _built_in_thread(build: Callable[[], Policy]) -> Policy:
         raise
 
 
+# The pauses after which a Feedback looks again for a decision not in its feedback_db before it is
+# NOT_FOUND (about a quarter of a second in all): another process sharing the file may have routed
+# it and not written it yet (its write queued, ~1 ms, longer while its writer waits on a lock).
+_UNKNOWN_DECISION_PAUSES = (0.05, 0.2)
+
+
 @dataclass(slots=True)
 class _Learning:
     """What the routers a server swaps in by reload share for Feedback: one lock, so outcomes
@@ -136,6 +144,12 @@ class _Learning:
     lock: threading.Lock
     policy: Policy
     recorded: int = 0
+    # Feedback's SQLite work, one call at a time (they take ``lock`` in turn anyway): on its own
+    # thread, so calls waiting on a file another process locks never fill asyncio's default
+    # executor (reloads, the batch store, shutdown use it). Its thread ends with the last router.
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="routesvc-feedback")
+    )
 
 
 def _new_decision_id() -> str:
@@ -609,20 +623,31 @@ class Router:
         if not any(stage.feedback is not None for stage in self._policy.learning_stages):
             raise FeedbackNotEnabled(enabled)
 
-        def record() -> tuple[str, str, int]:
+        # A call (each look for its decision) has the busy timeout to take the file's write lock: waiting
+        # for the calls before it (one at a time) counts, so calls piling up on a file another
+        # process locks are each FeedbackStoreBusy after about that, not one busy timeout after
+        # another (the N-th waited N of them; clients saw their deadlines pass instead).
+        stores = [stage.feedback for stage in self._policy.learning_stages if stage.feedback is not None]
+        busy_timeout = max(store.busy_timeout_seconds for store in stores)
+
+        def record(deadline: float) -> tuple[str, str, int]:
             model = owner = ""
             examples = 0
+            if time.monotonic() >= deadline:
+                raise stores[0].busy()
             if self._policy is not self._learning.policy:
                 # Swapped in and not yet taken over (``take_over_feedback``), or replaced since:
                 # the decisions this router routed wait in its own stores' write queues, which
                 # recording in the stores taught does not flush; written first, they are found.
-                for stage in self._policy.learning_stages:
-                    if stage.feedback is not None:
-                        stage.feedback.flush()
+                for store in stores:
+                    if not store.flush(timeout=max(0.0, deadline - time.monotonic())):
+                        raise store.busy()
             # One call at a time, across reloads too, so the libraries take the outcomes in the
             # order the stores recorded them (an older score never replaces a newer one, an
             # eviction comes after the add it follows); taught to the newest policy swapped in.
-            with self._learning.lock:
+            if not self._learning.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise stores[0].busy()
+            try:
                 stages = [s for s in self._learning.policy.learning_stages if s.feedback is not None]
                 if not stages:
                     raise FeedbackNotEnabled(enabled)
@@ -631,13 +656,32 @@ class Router:
                 for stage in stages:
                     assert stage.feedback is not None
                     if stage.feedback not in recorded:  # stages sharing a store record once
-                        recorded[stage.feedback] = stage.feedback.record_outcome(decision_id, score, tenant=tenant)
+                        recorded[stage.feedback] = stage.feedback.record_outcome(
+                            decision_id, score, tenant=tenant, deadline=deadline
+                        )
                     entry = recorded[stage.feedback].entry
                     model, owner = entry.model, entry.tenant
                     examples += stage.learn(recorded[stage.feedback])
+            finally:
+                self._learning.lock.release()
             return model, owner, examples
 
-        model, owner, examples = await asyncio.to_thread(record)
+        loop = asyncio.get_running_loop()
+        in_context = contextvars.copy_context().run
+        for pause in (*_UNKNOWN_DECISION_PAUSES, None):
+            try:
+                deadline = time.monotonic() + busy_timeout
+                model, owner, examples = await loop.run_in_executor(
+                    self._learning.executor, in_context, record, deadline
+                )
+                break
+            except UnknownDecision:
+                if pause is None:
+                    raise
+            # Not in the file (yet): a decision routed by another process sharing it (another
+            # worker, a replica) may still wait in that process's write queue, which this one
+            # cannot flush. Looked for again after a pause, on the event loop (no thread held).
+            await asyncio.sleep(pause)
         # On the event loop, like every other change to the stats window.
         telemetry.record_feedback(model, score, decision_id=decision_id, tenant=owner)
         return model, examples

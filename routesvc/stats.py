@@ -174,7 +174,13 @@ class RoutingStats:
         self.baseline_model = baseline_model
         self._clock = clock
         self._outcomes: deque[RequestOutcome] = deque(maxlen=max_requests)
-        self._feedback: deque[FeedbackOutcome] = deque(maxlen=max_requests)
+        self._max_feedback = max_requests
+        # Scores in the order they came; a re-rated decision's earlier one stays until it expires
+        # (stale: ``_latest`` names its replacement), so replacing costs O(1), not a scan of the
+        # window (every Feedback scanned up to 100,000 scores on the event loop, ~5 ms).
+        self._feedback: deque[FeedbackOutcome] = deque()
+        self._latest: dict[str, FeedbackOutcome] = {}
+        self._stale = 0
 
     def add(self, outcome: RequestOutcome) -> None:
         """Keep ``outcome``; drop what fell out of the window."""
@@ -184,17 +190,35 @@ class RoutingStats:
     def add_feedback(self, feedback: FeedbackOutcome) -> None:
         """Keep a feedback score; it counts for its model while it is in the window. A later score
         for the same decision replaces the earlier one (the library keeps the latest too)."""
-        if feedback.decision_id and any(f.decision_id == feedback.decision_id for f in self._feedback):
-            kept = [f for f in self._feedback if f.decision_id != feedback.decision_id]
-            self._feedback = deque(kept, maxlen=self._feedback.maxlen)
+        if feedback.decision_id:
+            if feedback.decision_id in self._latest:
+                self._stale += 1
+            self._latest[feedback.decision_id] = feedback
         self._feedback.append(feedback)
+        if self._stale > len(self._feedback) // 2:
+            # Mostly re-rated scores: drop the stale ones at once (amortized O(1) a score).
+            self._feedback = deque(f for f in self._feedback if self._counts(f))
+            self._stale = 0
+        while len(self._feedback) - self._stale > self._max_feedback:  # the scores that count
+            self._drop_oldest_feedback()
         self._expire(self._clock())
+
+    def _counts(self, feedback: FeedbackOutcome) -> bool:
+        """Whether ``feedback`` is its decision's latest score (not replaced by a re-rating)."""
+        return not feedback.decision_id or self._latest.get(feedback.decision_id) is feedback
+
+    def _drop_oldest_feedback(self) -> None:
+        oldest = self._feedback.popleft()
+        if not self._counts(oldest):
+            self._stale -= 1
+        elif oldest.decision_id:
+            del self._latest[oldest.decision_id]
 
     def _expire(self, now: float) -> None:
         while self._outcomes and now - self._outcomes[0].at > self.window_seconds:
             self._outcomes.popleft()
         while self._feedback and now - self._feedback[0].at > self.window_seconds:
-            self._feedback.popleft()
+            self._drop_oldest_feedback()
 
     def _baselines(self, outcomes: list[RequestOutcome]) -> str:
         """The model ``outcomes`` were priced on: a reload that changed the baseline within the window
@@ -216,7 +240,7 @@ class RoutingStats:
             by_tenant.setdefault(outcome.tenant, []).append(outcome)
         scores: dict[str, list[float]] = {}
         for feedback in self._feedback:
-            if now - feedback.at <= window and (not tenant or feedback.tenant == tenant):
+            if now - feedback.at <= window and (not tenant or feedback.tenant == tenant) and self._counts(feedback):
                 scores.setdefault(feedback.model, []).append(feedback.score)
                 by_model.setdefault(feedback.model, [])
         released = [o for o in outcomes if o.cascade_released]

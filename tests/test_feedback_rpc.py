@@ -7,6 +7,7 @@ import asyncio
 import copy
 import os
 import sqlite3
+import sys
 import threading
 import time
 from contextlib import closing
@@ -314,6 +315,40 @@ class TestFeedbackBelongsToTheDecisionsTenant:
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
         assert [(m.model, m.feedback_count) for m in acme_stats.models] == [("gpt-4o-mini", 1)]
 
+    async def test_other_tenants_rating_their_own_decisions_never_evict_a_quieter_tenants_examples(
+        self, tmp_path: Path
+    ) -> None:
+        """Auth on, feedback_scope tenant, 2 examples a tenant and 4 in all: acme rates one
+        decision down (its routing moves), then globex and initech rate two of their own each.
+        Past the total, the tenants holding the most lose their oldest: acme keeps its example,
+        its routing stays moved, and it may still re-rate its decision. The oldest of all,
+        whoever's, was evicted: acme's, its routing back to the weak model and its decision
+        NOT_FOUND."""
+        config = embedding_config(tmp_path, feedback_weight=1.0, feedback_max_examples=2, feedback_max_total_examples=4)
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {
+            name: {"api_key_sha256": [key_digest(f"{name}-key")]} for name in ("acme", "globex", "initech")
+        }
+        async with Server(settings_from(config), port=0) as server:
+            async with RouterClient(server.target, api_key="acme-key") as acme:
+                decision = await acme.route(user_chat("say hello to zulu"))
+                await acme.feedback(decision.decision_id, thumbs_up=False)
+                moved = await acme.route(user_chat("say hello to zulu"))
+                for name in ("globex", "initech"):
+                    async with RouterClient(server.target, api_key=f"{name}-key") as other:
+                        for prompt in (f"{name} says hello", f"{name} says goodbye"):
+                            theirs = await other.route(user_chat(prompt))
+                            await other.feedback(theirs.decision_id, thumbs_up=False)
+                after = await acme.route(user_chat("say hello to zulu"))
+                rerated = await acme.feedback(decision.decision_id, score=0.25)
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            kept = await asyncio.to_thread(stage.feedback.examples)
+        assert moved.model == "gpt-4o"
+        assert (after.model, "moved by 1 feedback example" in after.reasons[0]) == ("gpt-4o", True)
+        assert (rerated.model, rerated.library_examples) == ("gpt-4o-mini", 1)
+        assert sorted(e.tenant for e in kept) == ["acme", "globex", "initech", "initech"]
+
     @pytest.mark.parametrize("scope", ["tenant", "shared"])
     async def test_the_library_size_answered_counts_only_the_decisions_tenant(self, tmp_path: Path, scope: str) -> None:
         """With auth on and feedback_scope tenant, a FeedbackResponse's ``library_examples``
@@ -450,6 +485,101 @@ class TestFeedbackStoreUnderContention:
         assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "FEEDBACK_STORE_BUSY")
         assert retry_delay(error) == 1.0
         assert "feedback_db" in (error.details() or "")
+        assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
+
+    async def test_feedback_calls_piling_up_on_a_locked_file_are_each_busy_after_one_busy_timeout(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process (a real one) holds the file's write lock for 12 s while 8 Feedback
+        calls come at once: every one is UNAVAILABLE FEEDBACK_STORE_BUSY about one busy timeout
+        (5 s) after it came, and asyncio's default executor stays free meanwhile. They queued on
+        one lock, each in a default-executor thread: the first was busy at 5 s, the second at
+        10 s, the others recorded when the lock went at 12 s (clients saw their deadlines pass),
+        and a job for the default executor waited seconds behind them."""
+        settings = settings_from(embedding_config(tmp_path))
+        holder = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(12)\n"
+            "db.execute('ROLLBACK')\n"
+        )
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decisions = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(8)]
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            assert await asyncio.to_thread(stage.feedback.flush)  # the decisions are in the file
+            other = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", holder, str(tmp_path / "feedback.db"), stdout=asyncio.subprocess.PIPE
+            )
+            try:
+                assert other.stdout is not None
+                assert await other.stdout.readline() == b"locked\n"
+                loop = asyncio.get_running_loop()
+
+                async def rated(decision_id: str) -> tuple[str, float]:
+                    started = loop.time()
+                    try:
+                        await client.feedback(decision_id, thumbs_up=False)
+                        outcome = "OK"
+                    except grpc.aio.AioRpcError as error:
+                        outcome = error_info(error).reason
+                    return outcome, loop.time() - started
+
+                async def default_executor_wait() -> float:
+                    await asyncio.sleep(1.0)  # the Feedback calls are waiting by now
+                    queued = loop.time()
+                    started = await loop.run_in_executor(None, loop.time)
+                    return started - queued
+
+                *answers, waited = await asyncio.gather(
+                    *(rated(d.decision_id) for d in decisions), default_executor_wait()
+                )
+            finally:
+                await other.wait()
+        assert [outcome for outcome, _ in answers] == ["FEEDBACK_STORE_BUSY"] * 8
+        assert max(seconds for _, seconds in answers) < 8.0  # the busy timeout (5 s) and a margin
+        assert waited < 1.0
+
+    async def test_a_decision_another_process_writes_just_after_the_feedback_comes_is_found(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process sharing the feedback_db (a second worker) routed a decision and writes
+        it 0.1 s after the Feedback for it came here (its write was queued): the Feedback looks
+        again after short pauses and records it. It was NOT_FOUND UNKNOWN_DECISION at once, a
+        status clients take as final, and the rating was lost."""
+        settings = settings_from(embedding_config(tmp_path))
+        late_writer = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "row = db.execute('SELECT * FROM decisions WHERE decision_id = ?', (sys.argv[2],)).fetchone()\n"
+            "db.execute('DELETE FROM decisions WHERE decision_id = ?', (sys.argv[2],))\n"
+            "db.execute('COMMIT')\n"
+            "print('taken', flush=True)\n"
+            "time.sleep(0.1)\n"
+            "db.execute('INSERT INTO decisions VALUES (' + ', '.join('?' * len(row)) + ')', row)\n"
+        )
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            assert await asyncio.to_thread(stage.feedback.flush)  # the decision is in the file
+            other = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                late_writer,
+                str(tmp_path / "feedback.db"),
+                decision.decision_id,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            try:
+                assert other.stdout is not None
+                assert await other.stdout.readline() == b"taken\n"  # as if routed elsewhere, not yet written
+                response = await client.feedback(decision.decision_id, thumbs_up=False)
+            finally:
+                assert await other.wait() == 0
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
 
     async def test_concurrent_feedback_leaves_the_served_library_as_the_store_has_it(self, tmp_path: Path) -> None:

@@ -100,6 +100,31 @@ class TestRoutingStats:
         now[0] = 100.0
         assert stats.summary().models == ()
 
+    def test_adding_feedback_compares_no_decision_ids_of_the_window(self) -> None:
+        """With 20,000 scores in the window, 200 new scores and 200 re-ratings compare their
+        decision id with a handful of the stored ones (``_CountedId`` counts each comparison):
+        each Feedback compared it with every stored score, on the event loop (~5 ms at
+        100,000). A re-rating still replaces the score before it, and a window full of re-ratings
+        keeps the latest scores of the most decisions it may hold."""
+        compared = [0]
+        stats = RoutingStats(3600, 20_000, "base", clock=lambda: 1.0)
+        for i in range(20_000):
+            stats.add_feedback(FeedbackOutcome(1.0, "acme", "a", 1.0, _CountedId(f"d{i}", compared)))
+        compared[0] = 0
+        for i in range(200):
+            stats.add_feedback(FeedbackOutcome(1.0, "acme", "b", 1.0, _CountedId(f"new{i}", compared)))
+            stats.add_feedback(FeedbackOutcome(1.0, "acme", "a", 0.0, _CountedId(f"d{19_999 - i}", compared)))
+        assert compared[0] < 1_000
+        rows = {row.model: (row.feedback_count, row.mean_feedback_score) for row in stats.summary().models}
+        assert rows == {"a": (19_800, 19_600 / 19_800), "b": (200, 1.0)}
+
+        small = RoutingStats(3600, 3, "base", clock=lambda: 1.0)
+        for i in range(10):
+            small.add_feedback(FeedbackOutcome(1.0, "acme", "a", i / 10, "same"))
+        small.add_feedback(FeedbackOutcome(1.0, "acme", "b", 1.0, "other"))
+        rows = {row.model: (row.feedback_count, row.mean_feedback_score) for row in small.summary().models}
+        assert rows == {"a": (1, 0.9), "b": (1, 1.0)}
+
     def test_record_feedback_inside_an_rpc_reaches_the_window(self) -> None:
         """telemetry.record_feedback, called by the RPC receiving feedback, is counted for its model."""
         instrumentation = Telemetry(settings_from(default_config()))
@@ -319,3 +344,20 @@ class TestABaselineChangedByAReload:
             "claude-sonnet, gpt-4o",
             priced_on("claude-sonnet") + priced_on("gpt-4o"),
         )
+
+
+class _CountedId(str):
+    """A decision id that counts the comparisons made with it (the test's, not the service's)."""
+
+    __slots__ = ("compared",)
+
+    def __new__(cls, value: str, compared: list[int]) -> _CountedId:
+        made = super().__new__(cls, value)
+        made.compared = compared
+        return made
+
+    def __eq__(self, other: object) -> bool:
+        self.compared[0] += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
