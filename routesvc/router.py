@@ -168,8 +168,9 @@ _SETTLE_WAIT_MARGIN_SECONDS = 0.05
 # from the same time again, is off by a few ULPs (about 1e-12 s at a day of uptime).
 _TIME_SLACK = 1e-6
 # The waits for the tenant's budget that a cascade's check of the time forgives after a judge's cut
-# (``_AttemptState.counted_now``): a local budget's, a healthy shared store's round trips (a cut
-# leaves just the time the escalation needs, so that anything counted would refuse its verdict).
+# (``_AttemptState.counted_now``), in all (not per round trip): a local budget's, one or two round
+# trips to a shared store a few ms away (a cut leaves just the time the escalation needs, so that
+# anything counted would refuse its verdict).
 _BUDGET_WAIT_FORGIVEN_SECONDS = 0.02
 # The most UTF-8 bytes of one delta message a buffered cascade answer is released in: a quarter of
 # the 4 MiB a gRPC client receives in one message unless raised.
@@ -1033,6 +1034,14 @@ class Router:
         ``reliability.min_attempt_seconds``, at least ``_RELEASE_SECONDS``."""
         return max(self._reliability.min_attempt_seconds, _RELEASE_SECONDS)
 
+    @property
+    def _lag_forgiven(self) -> float:
+        """The most of the time since a judge's cut that a cascade's check of the time forgives
+        (``_AttemptState.counted_now``): half the time an escalated step needs to start
+        (``_release_seconds``), so that an escalation announced starts with at least the other
+        half of it, however late the event loop got back to the verdict."""
+        return self._release_seconds / 2
+
     def _release_held(
         self,
         state: _AttemptState,
@@ -1254,8 +1263,10 @@ class Router:
         the step runs to ``reliability.min_attempt_seconds`` before ``deadline`` and must be able to
         start by then (``_escalated_deadline``). The time left is counted from ``as_of`` when that
         is earlier than now (the moment a judge's call was cut, whose verdict this acts on), plus
-        the round trips to the tenant's budget since (``_AttemptState.counted_now``), and checked
-        again after the hold, its round trip counted."""
+        the round trips to the tenant's budget since, and at most ``_lag_forgiven`` before now
+        (``_AttemptState.counted_now``); the hold is given only the time until that check would
+        refuse (a slow shared store's round trips cannot run past the time kept to release the
+        answer in hand), and the time checked again after it, its round trips counted."""
         decision = state.decision
         steps = decision.cascade_models
         cap = self._escalation.max_cost(request)
@@ -1267,7 +1278,7 @@ class Router:
         would_cost = state.cost + next_cost
         if cap is not None and would_cost > cap:
             return target, _EscalationStop(max_cost_reason(next_model, would_cost, cap))
-        if stop := self._too_late(deadline, state.counted_now(as_of), next_model, keeping=keeping):
+        if stop := self._too_late(deadline, state.counted_now(as_of, self._lag_forgiven), next_model, keeping=keeping):
             return target, stop
         if why := self._unservable(state, next_model, cap):
             return target, _EscalationStop(f"not escalated to {next_model}: {why}")
@@ -1275,16 +1286,34 @@ class Router:
             if why := await self._budget_refuses(state, next_cost):
                 return target, _EscalationStop(f"not escalated to {next_model}: {why}")
             return target, None
+        # The hold waits at most until the check after it would refuse (the real time left to the
+        # deadline down to what an escalation needs, less the lag forgiven): a slow shared store
+        # must not keep the answer in hand past the time kept to release it.
+        hold_for = None
+        if deadline is not None:
+            hold_for = deadline - time.monotonic() - (self._escalation_needs(keeping=keeping) - self._lag_forgiven)
+            if hold_for <= 0:
+                return target, _EscalationStop(
+                    f"not escalated to {next_model}: {max(deadline - time.monotonic(), 0.0):.3f} s of the deadline left"
+                )
+        timer = asyncio.timeout(hold_for)
         try:
             # The next model is another call to pay for: the tenant's budget must take it before
             # the cheaper answer is given up.
-            await self._cover_cost(state, next_cost)
+            async with timer:
+                await self._cover_cost(state, next_cost)
         except (LimitExceeded, SharedStateUnavailable) as refused:
             return target, _EscalationStop(f"not escalated to {next_model}: {refused.message}", refused)
-        # Checked again after the hold, its round trip to the shared store counted: the last check
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            # Cut mid-hold: whatever the store held by then is released with the reservation.
+            why = f"the tenant's budget store did not answer within the {hold_for:.3f} s left for it"
+            return target, _EscalationStop(f"not escalated to {next_model}: {why}")
+        # Checked again after the hold, its round trips to the shared store counted: the last check
         # before the Escalation is yielded (nothing is awaited between), so that an escalation
         # announced is made (``_serve`` starts its first attempt on this check).
-        if stop := self._too_late(deadline, state.counted_now(as_of), next_model, keeping=keeping):
+        if stop := self._too_late(deadline, state.counted_now(as_of, self._lag_forgiven), next_model, keeping=keeping):
             return target, stop
         return target, None
 
@@ -1782,19 +1811,21 @@ class _AttemptState:
     # ``shared_state`` store), as (start, end) monotonic times.
     budget_trips: list[tuple[float, float]] = field(default_factory=list)
 
-    def counted_now(self, as_of: float | None) -> float:
+    def counted_now(self, as_of: float | None, lag_forgiven: float) -> float:
         """The moment a cascade's check of the time counts as now: now, or ``as_of`` (a judge's cut,
         whose verdict it acts on) when that is earlier, plus the time since spent waiting for the
-        tenant's budget beyond ``_BUDGET_WAIT_FORGIVEN_SECONDS`` (a slow shared store's round
-        trips), never later than now. The rest since the cut, the judge's call closed and charged
-        and the event loop's lag, is not counted: the cut left just the time the escalation needs
-        (under load the loop's lag after it is tens of ms, which refused the verdict the judge was
-        paid for)."""
+        tenant's budget beyond ``_BUDGET_WAIT_FORGIVEN_SECONDS`` in all (a slow shared store's
+        round trips), never later than now nor earlier than ``lag_forgiven`` before it. The rest
+        since the cut, the judge's call closed and charged and the event loop's lag, is not
+        counted up to ``lag_forgiven``: the cut left just the time the escalation needs (under
+        load the loop's lag after it is tens of ms, which refused the verdict the judge was paid
+        for); beyond it, it is (forgiven whole, escalations were announced with their time already
+        gone, then paid and released)."""
         now = time.monotonic()
         if as_of is None or as_of >= now:
             return now
         waited = sum(max(0.0, end - max(start, as_of)) for start, end in self.budget_trips)
-        return min(now, as_of + max(0.0, waited - _BUDGET_WAIT_FORGIVEN_SECONDS))
+        return min(now, max(now - lag_forgiven, as_of + max(0.0, waited - _BUDGET_WAIT_FORGIVEN_SECONDS)))
 
     def mark_escalated(self) -> int:
         """The last answering attempt's answer was rejected by the cascade: its index in

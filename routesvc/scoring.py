@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -52,9 +53,9 @@ log = structlog.get_logger("routesvc.scoring")
 class ScoringInput:
     """What a scorer sees: the request, the answer, and the threshold it will be held to.
 
-    ``timeout`` is the seconds a scorer's calls may take, which end early enough before the
-    caller's deadline for the answer to be released after them (None: no deadline; at most 0: no
-    call can be made). ``charge``
+    ``timeout`` is the seconds a scorer's calls may take from when it is called, their holds
+    (``reserve``) included, which end early enough before the caller's deadline for the answer to
+    be released after them (None: no deadline; at most 0: no call can be made). ``charge``
     is called once for every upstream call a scorer makes, as soon as the call ends, however it
     ends (also when the caller is cancelled mid-call), so that it is charged exactly once.
     ``reserve`` is called with a call's estimated cost before a scorer makes it: it returns why the
@@ -409,26 +410,34 @@ class LLMJudge:
             return self._failed(f"{self._model.id} not asked ({why})")
         if scoring_input.timeout is not None and scoring_input.timeout <= 0:
             return self._failed(f"{self._model.id} not asked (no time left before the deadline)")
-        timeout = self._timeout if scoring_input.timeout is None else min(self._timeout, scoring_input.timeout)
         messages = self._messages(scoring_input)
-        call = ProviderCall(
-            model=self._model.id,
-            provider_model=self._model.provider_model,
-            messages=messages,
-            max_output_tokens=self._max_output_tokens,
-            temperature=deterministic_temperature(self._model),
-            timeout=timeout,
-        )
         breakers = scoring_input.breakers
         permit = None if breakers is None else breakers.allow(self._model.id)
         if breakers is not None and permit is None:
             return self._failed(f"{self._model.id} not asked (circuit breaker open for model {self._model.id})")
         try:
+            left = scoring_input.timeout
             if scoring_input.reserve is not None:
                 tokens_in = estimate_input_tokens(ChatRequest(messages))
+                started = time.monotonic()
                 why = await scoring_input.reserve(estimate_cost(self._model, tokens_in, self._max_output_tokens))
                 if why:
                     return self._failed(f"not asked ({why})")
+                # The hold (a round trip to a shared store, maybe slow) came out of the time the
+                # call had: it still ends when ``timeout`` said, not that much later.
+                if left is not None:
+                    left -= time.monotonic() - started
+                    if left <= 0:
+                        return self._failed(f"{self._model.id} not asked (no time left before the deadline)")
+            timeout = self._timeout if left is None else min(self._timeout, left)
+            call = ProviderCall(
+                model=self._model.id,
+                provider_model=self._model.provider_model,
+                messages=messages,
+                max_output_tokens=self._max_output_tokens,
+                temperature=deterministic_temperature(self._model),
+                timeout=timeout,
+            )
             try:
                 return await self._ask(self._provider, call, timeout, scoring_input, permit)
             except Exception as exc:

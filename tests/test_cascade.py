@@ -1570,6 +1570,72 @@ class TestAnEscalationThatCannotBeServed:
             assert "; not escalated to gpt-4o: " in completion.quality.reason
             assert "gpt-4o" not in [r.model for r in fake.requests]
 
+    @pytest.mark.parametrize("reply_delay", [0.1, 0.12, 0.2])
+    async def test_with_a_slow_shared_store_and_the_default_min_attempt_the_caller_always_gets_an_answer(
+        self, fake: FakeProvider, tmp_path: Path, reply_delay: float
+    ) -> None:
+        """Redis (the tenant's budget) answers each command `reply_delay` s late, the default
+        min_attempt_seconds (0.2), a 4 s call; the judge hangs (`on_failure: escalate`), gpt-4o's
+        first text takes 50 ms. The judge's call ends at its end, its hold in the budget included,
+        and the escalation's hold waits only the time it has: the caller gets gpt-4o's answer or,
+        not escalated, the answer in hand with the reason. (The judge ran its hold's round trips
+        past its end, that overrun not counted, and the escalation's hold then ran past the
+        server's end of the call: DEADLINE_EXCEEDED after the decision, the paid answer never
+        sent.)"""
+        with running_redis(tmp_path) as url:
+            async with _Proxy(url) as proxy:
+                config = default_config()
+                config["cascade"]["judge"]["on_failure"] = "escalate"  # type: ignore[index]
+                config["shared_state"] = {"redis_url": proxy.url}
+                config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
+                hanging_verdict = Script(text='{"score": 0.9}', first_chunk_delay=5.0)
+                fake.enqueue(Script(text="Lyon, maybe."), hanging_verdict, model="gpt-4o-mini")
+                fake.enqueue(Script(text="Paris.", first_chunk_delay=0.05), model="gpt-4o")
+                async with (
+                    Server(settings_from(config, live_environ(fake)), port=0) as server,
+                    RouterClient(server.target) as client,
+                ):
+                    proxy.delay = reply_delay
+                    context = pb.RoutingContext(cascade=True, tenant="acme")
+                    prompt = user_chat("What is the capital of France?")
+                    messages = [m async for m in client.complete(prompt, context, timeout=4.0)]
+        completion = messages[-1].completion
+        if _kinds(messages) == ["decision", "escalation", "delta", "completion"]:
+            assert (_text(messages), completion.model) == ("Paris.", "gpt-4o")
+        else:
+            assert _kinds(messages) == ["decision", "delta", "completion"]
+            assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+            assert "; not escalated to gpt-4o: " in completion.quality.reason
+            assert "gpt-4o" not in [r.model for r in fake.requests]
+
+    async def test_a_judges_hold_in_a_slow_shared_store_comes_out_of_its_time(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """Redis (the tenant's budget) answers each command 0.5 s late; the judge hangs
+        (`on_failure: release`, the default min_attempt_seconds, an 8 s call). Its call ends at its
+        end, the round trips of its hold in the budget included, and the answer is released. (It
+        was given its time after the hold, ran those round trips past its end and past the
+        server's end of the call: DEADLINE_EXCEEDED, the paid answer never sent.)"""
+        with running_redis(tmp_path) as url:
+            async with _Proxy(url) as proxy:
+                config = default_config()
+                config["shared_state"] = {"redis_url": proxy.url}
+                config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
+                hanging_verdict = Script(text='{"score": 0.9}', first_chunk_delay=5.0)
+                fake.enqueue(Script(text="Lyon, maybe."), hanging_verdict, model="gpt-4o-mini")
+                async with (
+                    Server(settings_from(config, live_environ(fake)), port=0) as server,
+                    RouterClient(server.target) as client,
+                ):
+                    proxy.delay = 0.5
+                    context = pb.RoutingContext(cascade=True, tenant="acme")
+                    prompt = user_chat("What is the capital of France?")
+                    messages = [m async for m in client.complete(prompt, context, timeout=8.0)]
+        completion = messages[-1].completion
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        assert completion.quality.reason.startswith("judge timed out after ")
+
     async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
         """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
         here) before the deadline: it does (0.5 s into the 4 s call), and its answer, still
