@@ -250,20 +250,11 @@ _EXAMPLES = (
     "{where} ORDER BY e.rowid"
 )
 
-# The examples the caps (the parameters) keep: the newest of each tenant, then of those, past the
-# total, the tenants holding the most lose their oldest first (each tenant's newest, then each
-# one's second newest, and so on; at a tie the newer); or the newest of all. As ``_apply_cap``
-# and a new example delete them.
+# The examples the caps (the parameters) keep: the newest of each tenant, then the newest of
+# those in all; or the newest of all. The oldest go first, by rowid, as ``_apply_cap`` deletes them.
 _NEWEST_OF_EACH_TENANT = (
     " WHERE e.rowid IN (SELECT rowid FROM (SELECT rowid, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY rowid DESC)"
-    " AS newer FROM examples) WHERE newer <= ? ORDER BY newer, rowid DESC LIMIT ?)"
-)
-# Over the total cap with a cap per tenant: the oldest example of a tenant holding the most (at a
-# tie, the oldest of theirs), so a tenant below the others' share never loses one to their ratings.
-_OLDEST_OF_THE_LARGEST_TENANT = (
-    "SELECT decision_id, tenant FROM examples WHERE tenant IN"
-    " (SELECT tenant FROM example_counts WHERE examples = (SELECT MAX(examples) FROM example_counts))"
-    " ORDER BY rowid LIMIT 1"
+    " AS newer FROM examples) WHERE newer <= ? ORDER BY rowid DESC LIMIT ?)"
 )
 _NEWEST_OF_ALL = " WHERE e.rowid IN (SELECT rowid FROM examples ORDER BY rowid DESC LIMIT ?)"
 
@@ -403,8 +394,7 @@ class FeedbackStore:
 
     def apply_cap(self) -> tuple[EvictedExample, ...]:
         """Delete the oldest examples (and their outcomes) past ``max_examples``, of every tenant
-        (or of all, as the store was told), then past ``max_total_examples`` the oldest of a tenant
-        holding the most, one at a time (of all, with one cap for all);
+        (or of all, as the store was told), then the oldest of all past ``max_total_examples``;
         returns them. How many is logged (``feedback_examples_evicted``). A store opened with
         ``cap_at_open`` False (a reload's, so that a version it rejects deletes nothing) keeps a
         file over its cap until this is called, or until a new example of that tenant comes. A
@@ -614,8 +604,7 @@ class FeedbackStore:
         may send it again), ``FeedbackStoreFull`` for a full disk, and so on.
 
         A decision that becomes an example past ``max_examples`` (its tenant's, or all of them) or
-        ``max_total_examples`` evicts the oldest (its tenant's; then a tenant's holding the most, so
-        possibly another tenant's, never one's holding fewer than the adder; or of all, with one cap),
+        ``max_total_examples`` evicts the oldest (its tenant's, then of all: another tenant's too),
         outcomes and all; the result names them, so a library drops them too.
 
         ``deadline`` (``time.monotonic()``; None: up to 30 s for the queued writes, then the busy
@@ -732,34 +721,17 @@ class FeedbackStore:
             rows = self._writer.execute(
                 "SELECT decision_id, tenant FROM examples WHERE tenant = ? ORDER BY rowid LIMIT ?", (tenant, over)
             ).fetchall()
-        elif not self._examples_per_tenant:
+        else:
             rows = self._writer.execute(
                 "SELECT decision_id, tenant FROM examples ORDER BY rowid LIMIT ?", (over,)
             ).fetchall()
-        else:
-            # Examples capped per tenant: past the total, one at a time from a tenant holding the
-            # most (the oldest of all, whoever's, let other tenants' ratings erase a quiet tenant's).
-            rows = []
-            for _ in range(over):
-                row = self._writer.execute(_OLDEST_OF_THE_LARGEST_TENANT).fetchone()
-                if row is None:  # the counts name no tenant with examples: set right by the next open
-                    row = self._writer.execute(
-                        "SELECT decision_id, tenant FROM examples ORDER BY rowid LIMIT 1"
-                    ).fetchone()
-                self._delete_example(row[0], row[1])
-                rows.append(row)
-            return tuple(EvictedExample(str(decision_id), str(owner)) for decision_id, owner in rows)
         for decision_id, owner in rows:
-            self._delete_example(decision_id, owner)
+            self._writer.execute("DELETE FROM feedback WHERE decision_id = ?", (decision_id,))
+            self._writer.execute("DELETE FROM examples WHERE decision_id = ?", (decision_id,))
+            self._writer.execute("UPDATE example_counts SET examples = examples - 1 WHERE tenant = ?", (owner,))
+            # A tenant left with none loses its row: with auth off tenants are whatever callers name.
+            self._writer.execute("DELETE FROM example_counts WHERE tenant = ? AND examples <= 0", (owner,))
         return tuple(EvictedExample(str(decision_id), str(owner)) for decision_id, owner in rows)
-
-    def _delete_example(self, decision_id: str, owner: str) -> None:
-        """Delete one example, its outcome and its count. The caller holds the write transaction."""
-        self._writer.execute("DELETE FROM feedback WHERE decision_id = ?", (decision_id,))
-        self._writer.execute("DELETE FROM examples WHERE decision_id = ?", (decision_id,))
-        self._writer.execute("UPDATE example_counts SET examples = examples - 1 WHERE tenant = ?", (owner,))
-        # A tenant left with none loses its row: with auth off tenants are whatever callers name.
-        self._writer.execute("DELETE FROM example_counts WHERE tenant = ? AND examples <= 0", (owner,))
 
     def entries(self, limit: int = 100) -> list[FeedbackEntry]:
         """The outcomes of the ``limit`` examples rated last, newest first: each example's latest
@@ -786,7 +758,7 @@ class FeedbackStore:
                 " (SELECT COALESCE(SUM(examples), 0) FROM example_total)"
             ).fetchone()
             # Numbering every row costs a sort (twice the plain read): only past a cap.
-            if self._examples_per_tenant and (int(largest) > self._max_examples or int(total) > self._max_total):
+            if self._examples_per_tenant and int(largest) > self._max_examples:
                 rows = self._reader.execute(
                     _EXAMPLES.format(where=_NEWEST_OF_EACH_TENANT), (self._max_examples, self._max_total)
                 ).fetchall()

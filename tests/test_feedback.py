@@ -603,15 +603,13 @@ class TestKeepingExamples:
             read["tenant"],
         )
 
-    def test_a_total_cap_evicts_the_oldest_of_the_tenants_holding_the_most(self, tmp_path: Path) -> None:
+    def test_a_total_cap_keeps_the_newest_examples_of_all_tenants(self, tmp_path: Path) -> None:
         """``max_total_examples`` bounds the examples of all tenants together, besides each
-        tenant's ``max_examples``: a new example past it evicts the oldest example of a tenant
-        holding the most, at a tie the oldest of theirs (another tenant's too, named in
-        ``evicted`` with its tenant, so only that tenant's library is looked at), and a tenant
-        left with none keeps no count. A file over it opened with ``cap_at_open`` False reads as
-        the caps leave it (each tenant's newest, then past the total the largest tenants' oldest
-        left out), which is what ``apply_cap`` then keeps: t4 and t9, holding one each, keep
-        theirs (the oldest of all went, d4 among them)."""
+        tenant's ``max_examples``: a new example past it evicts the oldest of all (another
+        tenant's too, named in ``evicted`` with its tenant, so only that tenant's library is
+        looked at), and a tenant left with none keeps no count. A file
+        over it opened with ``cap_at_open`` False reads as the caps leave it (each tenant's
+        newest, then the newest of those), which is what ``apply_cap`` then keeps."""
         path = tmp_path / "f.db"
         recorded = []
         with closing_store(path, max_examples=2, max_total_examples=3) as store:
@@ -638,9 +636,9 @@ class TestKeepingExamples:
         ]
         assert kept == ["d2", "d3", "d4"]
         assert counts == [("t2", 1), ("t3", 1), ("t4", 1)]
-        assert read == after == ["d4", "e1", "e2", "e3"]
-        # t2's oldest past 2, then past 4 the oldest of t2 and t3 (2 each), then t2's (2 to t3's 1)
-        assert [e.decision_id for e in evicted] == ["d2", "d3", "e0"]
+        assert read == after == ["e0", "e1", "e2", "e3"]
+        # t2's oldest past 2, then the oldest of all past 4
+        assert [e.decision_id for e in evicted] == ["d2", "d3", "d4"]
 
     def test_a_lowered_cap_is_applied_in_short_transactions(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

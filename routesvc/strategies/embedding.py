@@ -148,8 +148,7 @@ class EmbeddingStageConfig(BaseModel):
         ge=1,
         description=(
             "rated decisions (examples) kept at most in all, whatever the tenants (with auth off callers name"
-            " any tenant); past it the oldest of a tenant holding the most go first (with feedback_scope shared,"
-            " the oldest of all)"
+            " any tenant); the oldest of all are forgotten first"
         ),
     )
 
