@@ -3480,13 +3480,18 @@ class TestBatchAccountsSharingAURL:
         failed = {e["reason"] for e in logs if e["event"] == "batch_poll_failed"}
         assert failed == {"PROVIDER_AUTH_FAILED"}
 
+    @pytest.mark.parametrize("sent_days_ago", [0, 2])
     async def test_a_job_cancelled_of_a_batch_found_ended_whose_owner_is_gone_is_closed_uncharged(
-        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, sent_days_ago: int
     ) -> None:
         """As above; the job is cancelled through B (the remedy the warning's README gives): B
         closes it uncharged (no longer tied to the unreadable batch, so its estimate's correction
         is due, and it is polled and warned about no more; it stayed tied, polled each round and
-        warned about every ``_FAILURE_LOG_SECONDS``, 0.2 s here, for ever)."""
+        warned about every ``_FAILURE_LOG_SECONDS``, 0.2 s here, for ever), but only once the
+        cancel is more than OTHER_KEY_LOST_AFTER_SECONDS old, however long ago the batch was
+        sent: an owner back with its key within that charges the bill (B closed it as soon as
+        A's key was unmarked for ENDPOINT_GONE_AFTER_SECONDS, so an owner merely down for an
+        hour lost it; and the bound, where it applied, counted from the batch's send)."""
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         monkeypatch.setattr(batch_queue, "_FAILURE_LOG_SECONDS", 0.2)
         fake.batches_per_key = True
@@ -3498,7 +3503,7 @@ class TestBatchAccountsSharingAURL:
             job = (await submit(client))[1].batch.batch_id
             await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
             await until(lambda: fake.batch_results_refused >= 2)
-        sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        sent_earlier(tmp_path / "batches.db", sent_days_ago * 86400.0 + 60)
         with capture_logs() as logs:
             async with (
                 Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
@@ -3506,6 +3511,9 @@ class TestBatchAccountsSharingAURL:
             ):
                 await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs))
                 await client.cancel_batch(job, tenant="acme")
+                await asyncio.sleep(1.0)  # rounds more, A's key unmarked past ENDPOINT_GONE_AFTER_SECONDS
+                lost_early = [e for e in logs if e["event"] == "batch_lost"]
+                sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
                 await until(lambda: any(e["event"] == "batch_lost" for e in logs), cap=5.0)
                 closed_at = len(logs)
                 await asyncio.sleep(0.6)  # rounds more, past _FAILURE_LOG_SECONDS
@@ -3513,11 +3521,92 @@ class TestBatchAccountsSharingAURL:
                 charged = list(other.router.ledger.entries())
         with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
             [(state, pending)] = store.execute("SELECT state, provider_pending FROM jobs").fetchall()
+        assert lost_early == []
         assert (state, pending) == ("cancelled", None)
         assert after.job.state == pb.BATCH_STATE_CANCELLED
         assert charged == []
         assert [(e["jobs"], e["cancelled_jobs"]) for e in logs if e["event"] == "batch_lost"] == [(0, 1)]
         assert [e for e in logs[closed_at:] if e["event"] == "batch_unread_owner_gone"] == []
+
+    async def test_a_job_cancelled_beside_one_still_waiting_is_closed_two_days_after_its_cancel_not_the_send(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As above with two jobs in A's batch, sent more than OTHER_KEY_LOST_AFTER_SECONDS ago;
+        one is cancelled through B: B closes it only once its cancel is that old (the bound
+        counted from the batch's earliest change, the other job's send, so a job cancelled a
+        moment ago was closed uncharged at once), and the other waits."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        config = _account(tmp_path, fake, "key-A")
+        config["batch"] |= {"group_window_seconds": 1.0, "max_group_size": 2}  # type: ignore[operator]
+        async with Server(settings_from(config), port=0) as owner, RouterClient(owner.target) as client:
+            waiting, cancelled = [
+                responses[1].batch.batch_id for responses in await asyncio.gather(submit(client), submit(client))
+            ]
+            await wait_state(client, waiting, pb.BATCH_STATE_SUBMITTED)
+            await wait_state(client, cancelled, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 2)
+        assert len(fake.batches) == 1
+        sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+                RouterClient(other.target) as client,
+            ):
+                await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs))
+                await client.cancel_batch(cancelled, tenant="acme")
+                await asyncio.sleep(1.0)  # rounds more, A's key unmarked past ENDPOINT_GONE_AFTER_SECONDS
+                assert [e for e in logs if e["event"] == "batch_lost"] == []
+                sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+                await until(lambda: any(e["event"] == "batch_lost" for e in logs), cap=5.0)
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+            states = dict(store.execute("SELECT id, state FROM jobs").fetchall())
+        assert states == {waiting: "submitted", cancelled: "cancelled"}
+        assert [(e["jobs"], e["cancelled_jobs"]) for e in logs if e["event"] == "batch_lost"] == [(0, 1)]
+
+    async def test_a_rotated_owner_whose_checks_of_its_ended_batch_fail_keeps_its_cancelled_jobs_bill(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A's batch is found ended (billed), its results read fails, its job is cancelled; A's
+        process comes back with the account's rotated key whose status checks fail (a 5xx: its
+        account's outage) beside B, another account's, which gets 404, the cancel more than
+        OTHER_KEY_LOST_AFTER_SECONDS old: A's failing checks keep the old key marked, so B
+        closes nothing, and once they get through A reads the batch and charges the job its bill
+        (no key was marked for a batch found ended: B closed the job uncharged and the bill was
+        never charged)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-A2": "A"})
+        server_error = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        fake.batch_results_errors["openai"] = server_error
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            await until(lambda: fake.batch_results_refused >= 2)
+            await client.cancel_batch(job, tenant="acme")
+        fake.batch_retrieve_errors["openai"] = server_error
+        [batch] = fake.batches
+        sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0) as rotated:
+                async with Server(settings_from(_account(tmp_path, fake, "key-B")), port=0):
+                    await until(lambda: batch.refused >= 1)
+                    await asyncio.sleep(1.5)  # B's rounds, past ENDPOINT_GONE_AFTER_SECONDS
+                    assert [e for e in logs if e["event"] == "batch_lost"] == []
+                    fake.batch_retrieve_errors.clear()
+                    fake.batch_results_errors.clear()
+                    await until(lambda: any(e["event"] == "batch_cancelled_job_billed" for e in logs), cap=5.0)
+                charged = list(rotated.router.ledger.entries())
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+            [(state, pending, cost)] = store.execute("SELECT state, provider_pending, cost_usd FROM jobs").fetchall()
+        assert (state, pending) == ("cancelled", None)
+        assert cost is not None
+        assert Decimal(cost) > 0
+        assert len(charged) == 1
 
     async def test_a_batch_read_with_a_rotated_key_since_its_key_was_taken_as_gone_is_not_failed(
         self, tmp_path: Path

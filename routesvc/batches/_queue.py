@@ -1236,7 +1236,14 @@ class BatchQueue:
         }
         return sorted(served | set(self._undecided.values()))
 
-    def _not_told(self, provider: str, provider_batch_id: str, jobs: SentJobs, sent_to: tuple[str, str]) -> None:
+    def _not_told(
+        self,
+        provider: str,
+        provider_batch_id: str,
+        jobs: SentJobs,
+        sent_to: tuple[str, str],
+        error: ProviderError | None = None,
+    ) -> None:
         """Note that this round's status check of a batch could not tell whether this key sees
         it (it failed otherwise than 404, or was held): when another key sent it here, that key
         is marked with this queue's until a check tells (``_undecided``). Bounded: never once
@@ -1244,17 +1251,20 @@ class BatchQueue:
         of the owner; a failure now and then between 404s kept the key marked for ever), and
         never past ``ABANDON_AFTER_SECONDS`` after it was sent (an owner's checks failing that
         long give it up themselves), so a lost batch is failed at most that and
-        ENDPOINT_GONE_AFTER_SECONDS after it was sent. Nor for a batch found ended: none is
-        failed unread, so the mark would only hide that its key is gone (a process whose own key
-        is refused silenced ``batch_unread_owner_gone`` for every such batch at its URL)."""
+        ENDPOINT_GONE_AFTER_SECONDS after it was sent. A batch found ended is marked for as
+        well (bounded the same): its cancelled jobs are closed unread once its key is unmarked
+        (``_close_unreadable``), and its owner's rotated key in an outage (5xx, timeouts, 429
+        holds) still reads them and charges their bill. Never when this key is refused (``error``
+        a 401/403, ``ProviderAuthFailed``): a key that is refused tells nothing of the owner (a
+        process whose own key was refused silenced ``batch_unread_owner_gone`` for every batch
+        found ended at its URL)."""
         batch = (provider, provider_batch_id)
         own_key = sent_to[1]
         if (
             jobs.key_id is None
             or jobs.endpoint is None
             or own_key in (None, jobs.key_id)
-            or jobs.ended
-            or batch in self._seen_ended
+            or isinstance(error, ProviderAuthFailed)
             or self._not_seen.get(batch) == own_key
             or jobs.sent_at is None
             or self._clock() - jobs.sent_at > ABANDON_AFTER_SECONDS
@@ -1382,7 +1392,7 @@ class BatchQueue:
             event = "batch_results_read_failed" if read_failed else "batch_poll_failed"
             self._log_failure(event, provider, provider_batch_id, error, ended=ended)
             if not read_failed:
-                self._not_told(provider, provider_batch_id, jobs, sent_to)
+                self._not_told(provider, provider_batch_id, jobs, sent_to, error)
             held = error.status == 429 or error.retry_after is not None
             if held:
                 self._hold_polls(provider, sent_to[0], error)
@@ -1684,12 +1694,13 @@ class BatchQueue:
         ``gone``; this key does not see it): closed uncharged, their estimates given back, each
         only while the store still holds the key's mark (an owner back with its key reads it and
         charges their bill). Those still waiting wait for it (``_warn_unread``): a cancel is how
-        an operator ends the wait. A key no process of this release ever marked (an earlier
-        release's, which marks none, may be reading it) only once the batch's jobs last changed
-        more than ``OTHER_KEY_LOST_AFTER_SECONDS`` ago (a cancelled job's: its cancel), as
-        ``_owner_gone`` tells by its age alone."""
-        recent = jobs.sent_at is None or self._clock() - jobs.sent_at <= OTHER_KEY_LOST_AFTER_SECONDS
-        if gone.seen_at is None and recent:
+        an operator ends the wait. Only once the last of them was cancelled more than
+        ``OTHER_KEY_LOST_AFTER_SECONDS`` ago (``SentJobs.cancelled_at``), whatever the key: an
+        owner merely down for a while (its key unmarked for ENDPOINT_GONE_AFTER_SECONDS), or an
+        earlier release (which marks no key) still reading it, charges their bill; a bill read
+        after that is not charged."""
+        cancelled_at = jobs.cancelled_at
+        if cancelled_at is None or self._clock() - cancelled_at <= OTHER_KEY_LOST_AFTER_SECONDS:
             return
         closed = 0
         for batch_id in jobs.cancelled:

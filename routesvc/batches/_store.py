@@ -229,6 +229,8 @@ class SentJobs:
     key_id: str | None = None
     # When the batch was sent (the earliest of its jobs' last changes); None: no job of it listed.
     sent_at: float | None = None
+    # When the last of its ``cancelled`` jobs was cancelled (their latest change); None: none is.
+    cancelled_at: float | None = None
     # Adopted by its shape, not by a tag (``BatchStore.mark_submitted``): it may be another
     # client's, which only its results can tell.
     unverified: bool = False
@@ -1312,6 +1314,7 @@ class BatchStore:
             found: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
             sent_to: dict[tuple[str, str], tuple[str | None, str | None]] = {}
             sent_at: dict[tuple[str, str], float] = {}
+            cancelled_at: dict[tuple[str, str], float] = {}
             unverified: set[tuple[str, str]] = set()
             ended: set[tuple[str, str]] = set()
             for row in rows:
@@ -1321,6 +1324,8 @@ class BatchStore:
                 sent_to.setdefault(key, (row["endpoint"], row["key_id"]))
                 # A SUBMITTED job last changed when it was sent; a cancelled one, when cancelled.
                 sent_at[key] = min(sent_at.get(key, row["updated_at"]), row["updated_at"])
+                if row["state"] != submitted:
+                    cancelled_at[key] = max(cancelled_at.get(key, row["updated_at"]), row["updated_at"])
                 if row["unverified"]:
                     unverified.add(key)
                 if row["ended"]:
@@ -1331,6 +1336,7 @@ class BatchStore:
                     tuple(cancelled),
                     *sent_to[key],
                     sent_at=sent_at[key],
+                    cancelled_at=cancelled_at.get(key),
                     unverified=key in unverified,
                     ended=key in ended,
                 )
