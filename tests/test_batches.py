@@ -4369,15 +4369,15 @@ class TestBatchOverdue:
         event changed: most rounds, past the 10-minute bound)."""
         fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
         bad_gateway = (502, {"error": {"type": "server_error", "message": "x"}}, {})
-        async with (
-            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            job = (await submit(client))[1].batch.batch_id
-            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
-            await until(lambda: fake.batch_results_refused >= 1)
-            [batch] = fake.batches
-            with capture_logs() as logs:
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client))[1].batch.batch_id
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+                await until(lambda: fake.batch_results_refused >= 1)
+                [batch] = fake.batches
                 for _ in range(20):
                     refused = batch.refused
                     fake.batch_retrieve_errors["openai"] = bad_gateway
@@ -4385,11 +4385,15 @@ class TestBatchOverdue:
                     read = fake.batch_results_refused
                     fake.batch_retrieve_errors.clear()
                     await until(lambda: fake.batch_results_refused > read)  # noqa: B023 - awaited here
-            fake.batch_results_errors.clear()
-            await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
-        # The results read's failure was logged as the row began, before these 20 rounds of each.
+                fake.batch_results_errors.clear()
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+        # Captured from the start (the first results read's line may come after the fake counted
+        # its refusal): the results read's failure as the row began, then the status check's once.
         failures = [(e["event"], e["reason"]) for e in logs if e["event"].endswith("_failed")]
-        assert failures == [("batch_poll_failed", "PROVIDER_UNAVAILABLE")]
+        assert failures == [
+            ("batch_results_read_failed", "PROVIDER_UNAVAILABLE"),
+            ("batch_poll_failed", "PROVIDER_UNAVAILABLE"),
+        ]
 
 
 class TestTheSuiteKeepsToItsOwnDataDir:
