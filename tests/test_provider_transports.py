@@ -476,6 +476,32 @@ class TestEventBound:
         assert time.monotonic() - started < 4
         assert raw.sent[0] < 32 << 20
 
+    @pytest.mark.parametrize("shape", ["empty gzip members", "empty deflate blocks"])
+    async def test_a_compressed_error_body_that_decodes_to_nothing_endlessly_is_not_read_past_a_bound(
+        self, raw: RawUpstream, on_raw: Adapter, shape: str
+    ) -> None:
+        """A 429 whose compressed body never ends but decodes to nothing (empty gzip members, 20
+        bytes each, or one deflate stream's empty stored blocks): a rate limit at once, its
+        Retry-After kept, the body dropped once 1 MiB of it was read (it was read and decoded,
+        a core busy, until the call's deadline, which it then failed)."""
+        if shape == "empty gzip members":
+            compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+            coding, first, piece = "gzip", b"", compressor.compress(b"") + compressor.flush()
+        else:
+            coding, first, piece = "deflate", b"\x78\x9c", b"\x00\x00\x00\xff\xff"
+        headers = {"retry-after": "7", "content-encoding": coding}
+        raw.replies.append(
+            Reply(status=429, headers=headers, body=endless(piece, first=first), content_type="application/json")
+        )
+        started = time.monotonic()
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRateLimited)
+        assert isinstance(error, ProviderRateLimited)
+        assert error.retry_after == 7.0
+        assert time.monotonic() - started < 4
+        await until(lambda: len(raw.sent) == 1 and raw.sent[0] > 0)
+        assert raw.sent[0] < 32 << 20
+
     async def test_a_broken_compressed_error_body_is_read_as_its_status_says(
         self, raw: RawUpstream, kind: str, on_raw: Adapter
     ) -> None:

@@ -336,8 +336,8 @@ _INFLATED = frozenset({"gzip", "deflate"})
 
 class _CappedBody(httpx2.AsyncByteStream):
     """An error's or a redirect's body: passed on whole if it ends within ``ERROR_BODY_LIMIT`` bytes,
-    decoded first by ``inflater`` if given, else empty (read no further); empty, unread, if
-    ``dropped``; empty if ``inflater`` finds it broken."""
+    read and decoded alike (by ``inflater`` first if given), else empty (read no further); empty,
+    unread, if ``dropped``; empty if ``inflater`` finds it broken."""
 
     def __init__(self, inner: httpx2.AsyncByteStream, *, dropped: bool, inflater: _Inflater | None = None) -> None:
         self._inner = inner
@@ -348,7 +348,9 @@ class _CappedBody(httpx2.AsyncByteStream):
         if self._dropped:
             return
         held = bytearray()
+        read = 0
         async for chunk in self._inner:
+            read += len(chunk)
             if self._inflater is None:
                 held += chunk
             else:
@@ -360,6 +362,10 @@ class _CappedBody(httpx2.AsyncByteStream):
                 return
             if self._inflater is not None and self._inflater.done:
                 break  # the rest is ignored: not read
+            if read > ERROR_BODY_LIMIT:
+                # Bytes that decode to little or nothing (endless empty gzip members or deflate
+                # blocks) are bounded as they come: a real compressed error is smaller than its text.
+                return
         if self._inflater is not None:
             try:
                 held += self._inflater.flush()
