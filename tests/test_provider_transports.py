@@ -476,6 +476,72 @@ class TestEventBound:
         assert time.monotonic() - started < 4
         assert raw.sent[0] < 32 << 20
 
+    @pytest.mark.parametrize("shape", ["empty gzip members", "empty deflate blocks"])
+    async def test_a_compressed_error_body_that_decodes_to_nothing_endlessly_is_not_read_past_a_bound(
+        self, raw: RawUpstream, on_raw: Adapter, shape: str
+    ) -> None:
+        """A 429 whose compressed body never ends but decodes to nothing (empty gzip members, 20
+        bytes each, or one deflate stream's empty stored blocks): a rate limit at once, its
+        Retry-After kept, the body dropped once 1 MiB of it was read (it was read and decoded,
+        a core busy, until the call's deadline, which it then failed)."""
+        if shape == "empty gzip members":
+            compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+            coding, first, piece = "gzip", b"", compressor.compress(b"") + compressor.flush()
+        else:
+            coding, first, piece = "deflate", b"\x78\x9c", b"\x00\x00\x00\xff\xff"
+        headers = {"retry-after": "7", "content-encoding": coding}
+        raw.replies.append(
+            Reply(status=429, headers=headers, body=endless(piece, first=first), content_type="application/json")
+        )
+        started = time.monotonic()
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRateLimited)
+        assert isinstance(error, ProviderRateLimited)
+        assert error.retry_after == 7.0
+        assert time.monotonic() - started < 4
+        await until(lambda: len(raw.sent) == 1 and raw.sent[0] > 0)
+        assert raw.sent[0] < 32 << 20
+
+    @pytest.mark.parametrize("shape", ["cut before its trailer", "with a bad check, read apart from it"])
+    async def test_a_compressed_error_body_whose_later_member_is_broken_is_read_as_its_first_member(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter, shape: str
+    ) -> None:
+        """A spent quota's error as one whole gzip member, then a second member that is broken:
+        cut before its trailer, or with a wrong CRC-32 that comes in a read after its data: a
+        spent quota, the body ending with the whole member (the broken member's bytes decoded
+        before it broke were appended, the JSON unparseable: a rate limit, a rejection)."""
+        status, body = {
+            "openai": (429, {"error": {"message": "You exceeded your current quota.", "type": "insufficient_quota"}}),
+            "anthropic": (
+                400,
+                {
+                    "type": "error",
+                    "error": {"type": "invalid_request_error", "message": "Your credit balance is too low."},
+                },
+            ),
+        }[kind]
+
+        def member(data: bytes) -> bytes:
+            compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+            return compressor.compress(data) + compressor.flush()
+
+        first, second = member(json.dumps(body).encode()), member(b' {"more": "bytes"}')
+        if shape == "cut before its trailer":
+            parts = [first + second[:-8]]
+        else:
+            parts = [first + second[:-8], bytes([second[-8] ^ 0xFF]) + second[-7:]]
+        raw.replies.append(
+            Reply(
+                status=status,
+                headers={"content-encoding": "gzip"},
+                body=chunks(*parts),
+                content_type="application/json",
+                pause=0.05,
+            )
+        )
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderQuotaExhausted)
+
     async def test_a_broken_compressed_error_body_is_read_as_its_status_says(
         self, raw: RawUpstream, kind: str, on_raw: Adapter
     ) -> None:

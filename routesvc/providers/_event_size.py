@@ -280,12 +280,15 @@ class _Inflater:
     apart on the first two bytes, however they are read); gzip of one member or more (RFC 1952:
     each decoded in turn, as urllib3 and Python's gzip do), what follows the first member that is
     not one ignored (httpx2 ignores all that follows the first member, urllib3 such bytes), as is
-    all that follows a deflate stream's end. ``done`` once the rest would be ignored."""
+    all that follows a deflate stream's end. A later member's bytes are held aside until it ends
+    whole, and dropped if it breaks or the body ends before it (the body then ended with the
+    member before). ``done`` once the rest would be ignored."""
 
     def __init__(self, coding: str) -> None:
         self._gzip = coding == "gzip"
         self._head: bytes | None = None if self._gzip else b""  # deflate's first bytes, until two
         self._members = 1
+        self._pending = bytearray()  # the current member's bytes, until passed on
         self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if self._gzip else zlib.MAX_WBITS)
         self.done = False
 
@@ -305,7 +308,7 @@ class _Inflater:
 
     def _inflate(self, data: bytes, room: int) -> bytes:
         out = bytearray()
-        while data and not self.done and len(out) < room:
+        while data and not self.done and len(out) + len(self._pending) < room:
             if self._decoder.eof:
                 if not self._gzip:
                     self.done = True
@@ -313,19 +316,31 @@ class _Inflater:
                 self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
                 self._members += 1
             try:
-                out += self._decoder.decompress(data, room - len(out))
+                self._pending += self._decoder.decompress(data, room - len(out) - len(self._pending))
             except zlib.error:
                 if self._members == 1:
                     raise
-                self.done = True  # not a gzip member: the body ended with the one before
+                self._pending.clear()  # not a whole gzip member: the body ended with the one before
+                self.done = True
                 break
+            if self._members == 1 or self._decoder.eof:
+                out += self._pending
+                self._pending.clear()
             # Short of ``room`` all ``data`` was taken, but what follows a member's end.
             data = self._decoder.unused_data if self._decoder.eof else b""
+        if len(out) + len(self._pending) >= room:
+            # Past the bound: the body is dropped whole all the same.
+            out += self._pending
+            self._pending.clear()
         return bytes(out)
 
     def flush(self) -> bytes:
-        """What is left once every chunk was decoded with room to spare (nothing, as zlib goes)."""
+        """What is left once every chunk was decoded with room to spare (nothing, as zlib goes;
+        nothing of a later member the body ended in)."""
         if self.done or self._head is not None:
+            return b""
+        if self._members > 1 and not self._decoder.eof:
+            self._pending.clear()
             return b""
         return self._decoder.flush()
 
@@ -336,8 +351,8 @@ _INFLATED = frozenset({"gzip", "deflate"})
 
 class _CappedBody(httpx2.AsyncByteStream):
     """An error's or a redirect's body: passed on whole if it ends within ``ERROR_BODY_LIMIT`` bytes,
-    decoded first by ``inflater`` if given, else empty (read no further); empty, unread, if
-    ``dropped``; empty if ``inflater`` finds it broken."""
+    read and decoded alike (by ``inflater`` first if given), else empty (read no further); empty,
+    unread, if ``dropped``; empty if ``inflater`` finds it broken."""
 
     def __init__(self, inner: httpx2.AsyncByteStream, *, dropped: bool, inflater: _Inflater | None = None) -> None:
         self._inner = inner
@@ -348,7 +363,9 @@ class _CappedBody(httpx2.AsyncByteStream):
         if self._dropped:
             return
         held = bytearray()
+        read = 0
         async for chunk in self._inner:
+            read += len(chunk)
             if self._inflater is None:
                 held += chunk
             else:
@@ -360,6 +377,10 @@ class _CappedBody(httpx2.AsyncByteStream):
                 return
             if self._inflater is not None and self._inflater.done:
                 break  # the rest is ignored: not read
+            if read > ERROR_BODY_LIMIT:
+                # Bytes that decode to little or nothing (endless empty gzip members or deflate
+                # blocks) are bounded as they come: a real compressed error is smaller than its text.
+                return
         if self._inflater is not None:
             try:
                 held += self._inflater.flush()
