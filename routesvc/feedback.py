@@ -362,6 +362,9 @@ class FeedbackStore:
         self._clock = clock
         self._path = path
         self._busy_timeout = busy_timeout_seconds
+        # Set when a write waited the busy timeout for another process's lock on the file and did
+        # not get it, cleared when a write takes it (``known_locked``).
+        self._locked_out = False
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         try:
@@ -444,9 +447,28 @@ class FeedbackStore:
         """How long a write waits for another process's lock on the file (SQLite's busy timeout)."""
         return self._busy_timeout
 
+    @property
+    def known_locked(self) -> bool:
+        """Whether the last write on the file waited the busy timeout for another process's lock
+        and did not get it (no write has taken the lock since)."""
+        return self._locked_out
+
     def busy(self) -> FeedbackStoreBusy:
         """The error for a call that could not take the file's write lock in time."""
         return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")
+
+    @contextmanager
+    def _immediate(self) -> Iterator[None]:
+        """``immediate`` on the writer connection, noting whether it got the file's lock
+        (``known_locked``)."""
+        try:
+            with immediate(self._writer):
+                self._locked_out = False
+                yield
+        except sqlite3.Error as exc:
+            if is_busy(exc):
+                self._locked_out = True
+            raise
 
     @contextmanager
     def _transaction(self, deadline: float | None = None) -> Iterator[None]:
@@ -456,7 +478,7 @@ class FeedbackStore:
         store's writer thread's as well as the file's (SQLite's busy timeout is cut to what is
         left of it): past it the call is ``FeedbackStoreBusy``."""
         if deadline is None:
-            with self._write_lock, immediate(self._writer):
+            with self._write_lock, self._immediate():
                 yield
             return
         if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
@@ -467,7 +489,7 @@ class FeedbackStore:
                 raise self.busy()
             self._writer.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
             try:
-                with immediate(self._writer):
+                with self._immediate():
                     yield
             finally:
                 self._writer.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")

@@ -132,6 +132,10 @@ async def _built_in_thread(build: Callable[[], Policy]) -> Policy:
 # NOT_FOUND (about a quarter of a second in all): another process sharing the file may have routed
 # it and not written it yet (its write queued, ~1 ms, longer while its writer waits on a lock).
 _UNKNOWN_DECISION_PAUSES = (0.05, 0.2)
+# The time a look needs before the call's end (its deadline): a pause that would leave less is cut,
+# and with no pause left the decision is NOT_FOUND at once (not DEADLINE_EXCEEDED, which clients
+# retry for a decision that does not exist).
+_UNKNOWN_DECISION_LOOK_SECONDS = 0.05
 
 
 @dataclass(slots=True)
@@ -612,28 +616,40 @@ class Router:
                 give_back()
             raise
 
-    async def feedback(self, decision_id: str, score: float, *, tenant: str | None = None) -> tuple[str, int]:
+    async def feedback(
+        self, decision_id: str, score: float, *, tenant: str | None = None, timeout: float | None = None
+    ) -> tuple[str, int]:
         """Record ``score`` in [0, 1] for an earlier decision; each embedding stage's library takes
         the one example (``EmbeddingStage.learn``; SQLite and that in a worker thread). Returns the
         decision's model and the library size.
 
         ``tenant`` is the authenticated caller's (None with auth off: any decision may be rated).
         Another tenant's decision is ``UnknownDecision``, as one never seen. The score counts in
-        the stats of the tenant the decision was routed for, whoever sent it."""
+        the stats of the tenant the decision was routed for, whoever sent it.
+
+        ``timeout`` (seconds; None: none) is the time the call has: a decision not found is
+        looked for again only within it (``_UNKNOWN_DECISION_PAUSES`` cut to it)."""
+        ends = None if timeout is None else time.monotonic() + timeout
         enabled = "feedback needs an embedding stage with a feedback_db in routing.stages"
         if not any(stage.feedback is not None for stage in self._policy.learning_stages):
             raise FeedbackNotEnabled(enabled)
 
-        # A call (each look for its decision) has the busy timeout to take the file's write lock: waiting
-        # for the calls before it (one at a time) counts, so calls piling up on a file another
-        # process locks are each FeedbackStoreBusy after about that, not one busy timeout after
-        # another (the N-th waited N of them; clients saw their deadlines pass instead).
+        # A call (each look for its decision) has the busy timeout to take the file's write lock,
+        # from when it runs on the feedback thread: waiting there behind this process's own
+        # Feedback calls is no lock of another process (a burst of a few thousand on an unlocked
+        # file all go through; the client's deadline bounds the wait). While the file is known
+        # locked by another process (a write waited the busy timeout and did not get it), the
+        # busy timeout counts from the call's arrival instead, so calls piling up there are each
+        # FeedbackStoreBusy after about one busy timeout, not one after another (the N-th waited
+        # N of them; clients saw their deadlines pass instead).
         stores = [stage.feedback for stage in self._policy.learning_stages if stage.feedback is not None]
         busy_timeout = max(store.busy_timeout_seconds for store in stores)
 
-        def record(deadline: float) -> tuple[str, str, int]:
+        def record(arrived: float) -> tuple[str, str, int]:
             model = owner = ""
             examples = 0
+            locked = any(store.known_locked for store in stores)
+            deadline = (arrived if locked else time.monotonic()) + busy_timeout
             if time.monotonic() >= deadline:
                 raise stores[0].busy()
             if self._policy is not self._learning.policy:
@@ -671,14 +687,19 @@ class Router:
         in_context = contextvars.copy_context().run
         for pause in (*_UNKNOWN_DECISION_PAUSES, None):
             try:
-                deadline = time.monotonic() + busy_timeout
                 model, owner, examples = await loop.run_in_executor(
-                    self._learning.executor, in_context, record, deadline
+                    self._learning.executor, in_context, record, time.monotonic()
                 )
                 break
             except UnknownDecision:
                 if pause is None:
                     raise
+                if ends is not None:
+                    # Within the call's time only: a look that could not end before it would
+                    # turn a final NOT_FOUND into DEADLINE_EXCEEDED, which clients retry.
+                    pause = min(pause, ends - time.monotonic() - _UNKNOWN_DECISION_LOOK_SECONDS)
+                    if pause <= 0:
+                        raise
             # Not in the file (yet): a decision routed by another process sharing it (another
             # worker, a replica) may still wait in that process's write queue, which this one
             # cannot flush. Looked for again after a pause, on the event loop (no thread held).

@@ -543,7 +543,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
             decision_id, score = wire.feedback(request)
             # An authenticated caller rates its own tenant's decisions only; the router files the
             # score under the decision's tenant.
-            model, examples = await self._router.feedback(decision_id, score, tenant=record.principal.tenant)
+            model, examples = await self._router.feedback(
+                decision_id, score, tenant=record.principal.tenant, timeout=record.time_left()
+            )
             record.fields.update(decision_id=decision_id, model=model, feedback_score=score)
             return pb.FeedbackResponse(decision_id=decision_id, model=model, score=score, library_examples=examples)
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns

@@ -154,6 +154,22 @@ class TestFeedbackRpc:
         quoted = f"no remembered decision {decision_id[:64]!r}... (never seen"
         assert all(str(error.details()).startswith(quoted) for error in errors)
 
+    @pytest.mark.parametrize("deadline", [0.1, 0.2])
+    async def test_an_unknown_decision_under_a_short_deadline_is_not_found_before_it(
+        self, tmp_path: Path, deadline: float
+    ) -> None:
+        """An unknown decision id sent with a deadline shorter than the look-agains (0.05 s and
+        0.2 s pauses) is NOT_FOUND UNKNOWN_DECISION before the deadline: the pauses are cut to
+        the call's time. They ignored it: the call was DEADLINE_EXCEEDED, which clients retry
+        for a decision that does not exist."""
+        served = Server(settings_from(embedding_config(tmp_path)), port=0)
+        async with served as server, RouterClient(server.target) as client:
+            await client.feedback((await client.route(user_chat("hi"))).decision_id, score=1.0)  # warmed up
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.feedback("no-such-decision", score=0.5, timeout=deadline)
+        error = caught.value
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
+
     async def test_feedback_for_a_forgotten_decision_is_not_found_like_an_unknown_one(self, tmp_path: Path) -> None:
         """A decision without feedback that ``feedback_max_pending_decisions`` newer ones pushed
         out is NOT_FOUND, reason UNKNOWN_DECISION, as if never seen; the newer one still counts."""
@@ -507,6 +523,59 @@ class TestFeedbackStoreUnderContention:
         assert [outcome for outcome, _ in answers] == ["FEEDBACK_STORE_BUSY"] * 8
         assert max(seconds for _, seconds in answers) < 8.0  # the busy timeout (5 s) and a margin
         assert waited < 1.0
+
+    async def test_feedback_calls_queued_behind_this_processs_own_feedback_are_not_refused_as_busy(
+        self, tmp_path: Path
+    ) -> None:
+        """900 Feedback calls come at once (9 on each of 100 decisions) while another process (a
+        real one) holds the file's write lock for 3.5 s, lets it go for 0.25 s, and takes it
+        again for 3.5 s: never past the busy timeout (5 s), so every call is recorded, though
+        the last wait about 8 s in all, most of it behind this process's own Feedback calls on
+        the one feedback thread. The busy timeout counted from each call's arrival, that queue
+        included: the call that met the second hold had ~1.5 s of it left, and it and all after
+        it were UNAVAILABLE FEEDBACK_STORE_BUSY "stayed locked by another process" (as were the
+        calls of a burst of ~1,800 on a file nobody else touches, queued 5 s behind the others)."""
+        settings = settings_from(embedding_config(tmp_path))
+        holder = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(3.5)\n"
+            "db.execute('ROLLBACK')\n"
+            "time.sleep(0.25)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "time.sleep(3.5)\n"
+            "db.execute('ROLLBACK')\n"
+        )
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decisions = await asyncio.gather(*(client.route(user_chat(f"say hello to zulu {i}")) for i in range(100)))
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            assert await asyncio.to_thread(stage.feedback.flush)  # the decisions are in the file
+
+            async def rated(decision_id: str, thumbs_up: bool) -> str:
+                try:
+                    await client.feedback(decision_id, thumbs_up=thumbs_up, timeout=60)
+                except grpc.aio.AioRpcError as error:
+                    return f"{error.code().name} {error.details()}"
+                return "OK"
+
+            other = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", holder, str(tmp_path / "feedback.db"), stdout=asyncio.subprocess.PIPE
+            )
+            try:
+                assert other.stdout is not None
+                assert await other.stdout.readline() == b"locked\n"
+                started = time.monotonic()
+                answers = await asyncio.gather(
+                    *(rated(d.decision_id, wave % 2 == 0) for wave in range(9) for d in decisions)
+                )
+                took = time.monotonic() - started
+            finally:
+                await other.wait()
+        assert {answer: answers.count(answer) for answer in set(answers)} == {"OK": 900}, f"in {took:.1f} s"
+        assert took > 7.0  # the last did wait past the busy timeout in all
 
     async def test_a_decision_another_process_writes_just_after_the_feedback_comes_is_found(
         self, tmp_path: Path
