@@ -1543,32 +1543,10 @@ class TestAnEscalationThatCannotBeServed:
         answers, or it is not announced and the answer in hand is released, saying why (it was
         announced, then gpt-4o called with a sliver of its time, or not at all, the round trips
         to Redis after the time was checked eating it: `escalation to gpt-4o timed out, released`)."""
-        with running_redis(tmp_path) as url:
-            async with _Proxy(url) as proxy:
-                config = default_config()
-                config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
-                config["cascade"]["judge"]["on_failure"] = "escalate"  # type: ignore[index]
-                config["shared_state"] = {"redis_url": proxy.url}
-                config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
-                hanging_verdict = Script(text='{"score": 0.9}', first_chunk_delay=5.0)
-                fake.enqueue(Script(text="Lyon, maybe."), hanging_verdict, model="gpt-4o-mini")
-                fake.enqueue(Script(text="Paris.", first_chunk_delay=0.5), model="gpt-4o")
-                async with (
-                    Server(settings_from(config, live_environ(fake)), port=0) as server,
-                    RouterClient(server.target) as client,
-                ):
-                    proxy.delay = reply_delay
-                    context = pb.RoutingContext(cascade=True, tenant="acme")
-                    prompt = user_chat("What is the capital of France?")
-                    messages = [m async for m in client.complete(prompt, context, timeout=4.0)]
-        completion = messages[-1].completion
-        if _kinds(messages) == ["decision", "escalation", "delta", "completion"]:
-            assert (_text(messages), completion.model) == ("Paris.", "gpt-4o")
-        else:
-            assert _kinds(messages) == ["decision", "delta", "completion"]
-            assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
-            assert "; not escalated to gpt-4o: " in completion.quality.reason
-            assert "gpt-4o" not in [r.model for r in fake.requests]
+        messages = await _judged_on_a_slow_store(
+            fake, tmp_path, reply_delay, min_attempt_seconds=1.0, first_text_delay=0.5, timeout=4.0
+        )
+        _assert_escalated_or_released(messages, fake)
 
     @pytest.mark.parametrize("reply_delay", [0.1, 0.12, 0.2])
     async def test_with_a_slow_shared_store_and_the_default_min_attempt_the_caller_always_gets_an_answer(
@@ -1582,31 +1560,8 @@ class TestAnEscalationThatCannotBeServed:
         past its end, that overrun not counted, and the escalation's hold then ran past the
         server's end of the call: DEADLINE_EXCEEDED after the decision, the paid answer never
         sent.)"""
-        with running_redis(tmp_path) as url:
-            async with _Proxy(url) as proxy:
-                config = default_config()
-                config["cascade"]["judge"]["on_failure"] = "escalate"  # type: ignore[index]
-                config["shared_state"] = {"redis_url": proxy.url}
-                config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
-                hanging_verdict = Script(text='{"score": 0.9}', first_chunk_delay=5.0)
-                fake.enqueue(Script(text="Lyon, maybe."), hanging_verdict, model="gpt-4o-mini")
-                fake.enqueue(Script(text="Paris.", first_chunk_delay=0.05), model="gpt-4o")
-                async with (
-                    Server(settings_from(config, live_environ(fake)), port=0) as server,
-                    RouterClient(server.target) as client,
-                ):
-                    proxy.delay = reply_delay
-                    context = pb.RoutingContext(cascade=True, tenant="acme")
-                    prompt = user_chat("What is the capital of France?")
-                    messages = [m async for m in client.complete(prompt, context, timeout=4.0)]
-        completion = messages[-1].completion
-        if _kinds(messages) == ["decision", "escalation", "delta", "completion"]:
-            assert (_text(messages), completion.model) == ("Paris.", "gpt-4o")
-        else:
-            assert _kinds(messages) == ["decision", "delta", "completion"]
-            assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
-            assert "; not escalated to gpt-4o: " in completion.quality.reason
-            assert "gpt-4o" not in [r.model for r in fake.requests]
+        messages = await _judged_on_a_slow_store(fake, tmp_path, reply_delay, first_text_delay=0.05, timeout=4.0)
+        _assert_escalated_or_released(messages, fake)
 
     async def test_a_judges_hold_in_a_slow_shared_store_comes_out_of_its_time(
         self, fake: FakeProvider, tmp_path: Path
@@ -1616,21 +1571,7 @@ class TestAnEscalationThatCannotBeServed:
         end, the round trips of its hold in the budget included, and the answer is released. (It
         was given its time after the hold, ran those round trips past its end and past the
         server's end of the call: DEADLINE_EXCEEDED, the paid answer never sent.)"""
-        with running_redis(tmp_path) as url:
-            async with _Proxy(url) as proxy:
-                config = default_config()
-                config["shared_state"] = {"redis_url": proxy.url}
-                config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
-                hanging_verdict = Script(text='{"score": 0.9}', first_chunk_delay=5.0)
-                fake.enqueue(Script(text="Lyon, maybe."), hanging_verdict, model="gpt-4o-mini")
-                async with (
-                    Server(settings_from(config, live_environ(fake)), port=0) as server,
-                    RouterClient(server.target) as client,
-                ):
-                    proxy.delay = 0.5
-                    context = pb.RoutingContext(cascade=True, tenant="acme")
-                    prompt = user_chat("What is the capital of France?")
-                    messages = [m async for m in client.complete(prompt, context, timeout=8.0)]
+        messages = await _judged_on_a_slow_store(fake, tmp_path, 0.5, on_failure="release", timeout=8.0)
         completion = messages[-1].completion
         assert _kinds(messages) == ["decision", "delta", "completion"]
         assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
@@ -1854,3 +1795,51 @@ class TestAnEscalationThatCannotBeServed:
         assert _kinds(messages) == ["decision", "escalation", "completion"]
         completion = messages[-1].completion
         assert (completion.model, completion.finish_reason) == ("gpt-4o", pb.FINISH_REASON_CONTENT_FILTER)
+
+
+async def _judged_on_a_slow_store(
+    fake: FakeProvider,
+    tmp_path: Path,
+    reply_delay: float,
+    *,
+    timeout: float,
+    on_failure: str = "escalate",
+    min_attempt_seconds: float | None = None,
+    first_text_delay: float | None = None,
+) -> list[pb.CompleteResponse]:
+    """A cascaded Complete of tenant acme (a budget counted in a real Redis whose every reply comes
+    `reply_delay` s late) whose judge hangs: gpt-4o-mini answers "Lyon, maybe.", and gpt-4o, if
+    `first_text_delay` is given, answers "Paris." after that long."""
+    with running_redis(tmp_path) as url:
+        async with _Proxy(url) as proxy:
+            config = default_config()
+            if min_attempt_seconds is not None:
+                config["reliability"]["min_attempt_seconds"] = min_attempt_seconds  # type: ignore[index]
+            config["cascade"]["judge"]["on_failure"] = on_failure  # type: ignore[index]
+            config["shared_state"] = {"redis_url": proxy.url}
+            config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
+            hanging_verdict = Script(text='{"score": 0.9}', first_chunk_delay=5.0)
+            fake.enqueue(Script(text="Lyon, maybe."), hanging_verdict, model="gpt-4o-mini")
+            if first_text_delay is not None:
+                fake.enqueue(Script(text="Paris.", first_chunk_delay=first_text_delay), model="gpt-4o")
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                proxy.delay = reply_delay
+                context = pb.RoutingContext(cascade=True, tenant="acme")
+                prompt = user_chat("What is the capital of France?")
+                return [m async for m in client.complete(prompt, context, timeout=timeout)]
+
+
+def _assert_escalated_or_released(messages: list[pb.CompleteResponse], fake: FakeProvider) -> None:
+    """Either escalated and answered by gpt-4o, or not announced and the answer in hand released,
+    saying why (never announced and then not made, never an error)."""
+    completion = messages[-1].completion
+    if _kinds(messages) == ["decision", "escalation", "delta", "completion"]:
+        assert (_text(messages), completion.model) == ("Paris.", "gpt-4o")
+    else:
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        assert "; not escalated to gpt-4o: " in completion.quality.reason
+        assert "gpt-4o" not in [r.model for r in fake.requests]
