@@ -1447,17 +1447,10 @@ class TestStoreFailures:
         limited tenant's call with a 4 s deadline is refused UNAVAILABLE SHARED_STATE_UNAVAILABLE
         (it waited for redis-py's default and ended DEADLINE_EXCEEDED; older releases wait for
         ever), and nothing reaches the provider."""
-        held: list[asyncio.StreamWriter] = []
-
-        async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            held.append(writer)
-
-        black_hole = await asyncio.start_server(silent, "127.0.0.1", 0)
-        port = black_hole.sockets[0].getsockname()[1]
         config = default_config()
         config["tenants"] = {"acme": {"requests_per_minute": 10}}
-        config["shared_state"] = {"redis_url": f"redis://127.0.0.1:{port}"}
-        try:
+        async with _never_answering() as url:
+            config["shared_state"] = {"redis_url": url}
             async with (
                 Server(settings_from(config, live_environ(fake)), port=0) as server,
                 RouterClient(server.target) as client,
@@ -1466,10 +1459,6 @@ class TestStoreFailures:
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     async for _ in client.complete(user_chat("hi"), context, timeout=4.0):
                         pass
-        finally:
-            black_hole.close()
-            for writer in held:
-                writer.close()
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_info(caught.value).reason == "SHARED_STATE_UNAVAILABLE"
         assert fake.requests == []
@@ -1482,18 +1471,11 @@ class TestStoreFailures:
         with a budget, under a 1.5 s deadline, is refused UNAVAILABLE SHARED_STATE_UNAVAILABLE by
         its precheck within the store's one second (the budget check, asked first, took that
         second, and the precheck another: DEADLINE_EXCEEDED), and no classifier is paid."""
-        held: list[asyncio.StreamWriter] = []
-
-        async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            held.append(writer)
-
-        black_hole = await asyncio.start_server(silent, "127.0.0.1", 0)
-        port = black_hole.sockets[0].getsockname()[1]
         config = default_config()
         config["routing"]["stages"][0] = {"kind": "classifier", "method": "llm", "model": "gpt-4o-mini"}
         config["tenants"] = {"acme": {"daily_budget_usd": 1}}
-        config["shared_state"] = {"redis_url": f"redis://127.0.0.1:{port}"}
-        try:
+        async with _never_answering() as url:
+            config["shared_state"] = {"redis_url": url}
             async with (
                 Server(settings_from(config, live_environ(fake)), port=0) as server,
                 RouterClient(server.target) as client,
@@ -1502,10 +1484,6 @@ class TestStoreFailures:
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     async for _ in client.complete(user_chat("what is 2+2"), context, timeout=1.5):
                         pass
-        finally:
-            black_hole.close()
-            for writer in held:
-                writer.close()
         assert (caught.value.code(), error_info(caught.value).reason) == (
             grpc.StatusCode.UNAVAILABLE,
             "SHARED_STATE_UNAVAILABLE",
@@ -1705,3 +1683,20 @@ class TestReplicasOverGrpc:
                 outcomes.append(error.code().name)
         assert (outcomes.count("ok"), outcomes.count("RESOURCE_EXHAUSTED")) == (10, 10)
         assert len(fake.requests) == 10
+
+
+@contextlib.asynccontextmanager
+async def _never_answering() -> AsyncIterator[str]:
+    """The redis:// URL of a server that accepts connections and never answers (a Redis that hangs)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
