@@ -85,6 +85,36 @@ def stream_of(kind: str, texts: tuple[str, ...] = ("Hello ", "world")) -> list[b
     return openai_stream(texts) if kind == "openai" else anthropic_stream(texts)
 
 
+def spent_quota(kind: str) -> tuple[int, dict[str, object]]:
+    """A provider's error for a spent quota: OpenAI's 429 ``insufficient_quota``, Anthropic's 400
+    "credit balance is too low"."""
+    if kind == "openai":
+        return 429, {"error": {"message": "You exceeded your current quota.", "type": "insufficient_quota"}}
+    error = {"type": "invalid_request_error", "message": "Your credit balance is too low."}
+    return 400, {"type": "error", "error": error}
+
+
+def compressed(data: bytes, wbits: int) -> bytes:
+    """``data`` compressed whole: gzip (wbits 31), zlib-wrapped deflate (15) or raw deflate (-15)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    return compressor.compress(data) + compressor.flush()
+
+
+async def read_spent_quota(raw: RawUpstream, on_raw: Adapter, status: int, coding: str, parts: list[bytes]) -> None:
+    """The spent-quota error sent as ``parts`` (written 0.05 s apart) labelled ``coding`` is read
+    as a spent quota."""
+    reply = Reply(
+        status=status,
+        headers={"content-encoding": coding},
+        body=chunks(*parts),
+        content_type="application/json",
+        pause=0.05,
+    )
+    raw.replies.append(reply)
+    texts, error = await read(on_raw, call(timeout=8))
+    assert (texts, type(error)) == ([], ProviderQuotaExhausted)
+
+
 def call(timeout: float | None = None) -> ProviderCall:
     return ProviderCall(
         model="m", provider_model="m", messages=(Message(Role.USER, "Say something."),), timeout=timeout
@@ -403,8 +433,7 @@ class TestEventBound:
             ),
         }[kind]
         wbits = {"gzip": 31, "deflate": 15, "raw deflate": -15}[coding]
-        compressor = zlib.compressobj(6, zlib.DEFLATED, wbits)
-        wire = compressor.compress(json.dumps(body).encode()) + compressor.flush()
+        wire = compressed(json.dumps(body).encode(), wbits)
         headers = {"content-encoding": coding.removeprefix("raw ")}
         raw.replies.append(
             Reply(status=status, headers=headers, body=chunks(wire[:9], wire[9:]), content_type="application/json")
@@ -423,21 +452,8 @@ class TestEventBound:
         byte comes alone: a spent quota (the body was cut at the first member's end, its JSON
         unparseable; the raw deflate, whose zlib header check could not fail on one byte, was
         dropped: a rate limit, a rejection)."""
-        status, body = {
-            "openai": (429, {"error": {"message": "You exceeded your current quota.", "type": "insufficient_quota"}}),
-            "anthropic": (
-                400,
-                {
-                    "type": "error",
-                    "error": {"type": "invalid_request_error", "message": "Your credit balance is too low."},
-                },
-            ),
-        }[kind]
+        status, body = spent_quota(kind)
         plain = json.dumps(body).encode()
-
-        def compressed(data: bytes, wbits: int) -> bytes:
-            compressor = zlib.compressobj(6, zlib.DEFLATED, wbits)
-            return compressor.compress(data) + compressor.flush()
 
         if shape == "gzip of two members":
             coding = "gzip"
@@ -446,17 +462,7 @@ class TestEventBound:
             coding = "deflate"
             wire = compressed(plain, -15)
             parts = [wire[:1], wire[1:]]
-        raw.replies.append(
-            Reply(
-                status=status,
-                headers={"content-encoding": coding},
-                body=chunks(*parts),
-                content_type="application/json",
-                pause=0.05,
-            )
-        )
-        texts, error = await read(on_raw, call(timeout=8))
-        assert (texts, type(error)) == ([], ProviderQuotaExhausted)
+        await read_spent_quota(raw, on_raw, status, coding, parts)
 
     async def test_a_compressed_error_body_followed_by_endless_bytes_is_read_as_the_error_at_once(
         self, raw: RawUpstream, kind: str, on_raw: Adapter
@@ -510,37 +516,14 @@ class TestEventBound:
         cut before its trailer, or with a wrong CRC-32 that comes in a read after its data: a
         spent quota, the body ending with the whole member (the broken member's bytes decoded
         before it broke were appended, the JSON unparseable: a rate limit, a rejection)."""
-        status, body = {
-            "openai": (429, {"error": {"message": "You exceeded your current quota.", "type": "insufficient_quota"}}),
-            "anthropic": (
-                400,
-                {
-                    "type": "error",
-                    "error": {"type": "invalid_request_error", "message": "Your credit balance is too low."},
-                },
-            ),
-        }[kind]
+        status, body = spent_quota(kind)
 
-        def member(data: bytes) -> bytes:
-            compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
-            return compressor.compress(data) + compressor.flush()
-
-        first, second = member(json.dumps(body).encode()), member(b' {"more": "bytes"}')
+        first, second = compressed(json.dumps(body).encode(), 31), compressed(b' {"more": "bytes"}', 31)
         if shape == "cut before its trailer":
             parts = [first + second[:-8]]
         else:
             parts = [first + second[:-8], bytes([second[-8] ^ 0xFF]) + second[-7:]]
-        raw.replies.append(
-            Reply(
-                status=status,
-                headers={"content-encoding": "gzip"},
-                body=chunks(*parts),
-                content_type="application/json",
-                pause=0.05,
-            )
-        )
-        texts, error = await read(on_raw, call(timeout=8))
-        assert (texts, type(error)) == ([], ProviderQuotaExhausted)
+        await read_spent_quota(raw, on_raw, status, "gzip", parts)
 
     async def test_a_broken_compressed_error_body_is_read_as_its_status_says(
         self, raw: RawUpstream, kind: str, on_raw: Adapter
