@@ -3340,16 +3340,28 @@ class TestBatchAccountsSharingAURL:
         assert charged == []
         assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
 
+    @pytest.mark.parametrize(
+        "refusal",
+        [
+            (500, {"error": {"type": "server_error", "message": "x"}}, {}),
+            (403, {"error": {"type": "invalid_request_error", "code": "unsupported_country_region_territory"}}, {}),
+        ],
+        ids=["500", "403 of the owner's own key"],
+    )
     async def test_another_account_never_fails_a_batch_whose_owner_rotated_its_key_and_cannot_check_it_yet(
-        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+        self,
+        tmp_path: Path,
+        fake: FakeProvider,
+        monkeypatch: pytest.MonkeyPatch,
+        refusal: tuple[int, dict[str, object], dict[str, str]],
     ) -> None:
         """Account A sends a batch with key-A1, then restarts with key-A2 (the same account: it
-        sees the batch) while its status checks fail (a 500 for longer than
-        ENDPOINT_GONE_AFTER_SECONDS, 0.3 s here), the batch sent more than
-        OTHER_KEY_LOST_AFTER_SECONDS ago; B, another account at the URL, gets 404 for it and
-        leaves it alone, as A's process still cannot tell (it failed A's job
-        provider_batch_not_found, uncharged, though it ran on at the provider); once A's checks
-        get through, A reads it and charges it once."""
+        sees the batch) while its status checks fail (a 500, or a 403 refusing A's own new key
+        for a while, for longer than ENDPOINT_GONE_AFTER_SECONDS, 0.3 s here), the batch sent
+        more than OTHER_KEY_LOST_AFTER_SECONDS ago; B, another account at the URL, gets 404 for
+        it and leaves it alone, as A's process still cannot tell (it failed A's job
+        provider_batch_not_found, uncharged, though it ran on at the provider; after a 403 too
+        since 7abd8bd); once A's checks get through, A reads it and charges it once."""
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         fake.batches_per_key = True
         fake.batch_accounts.update({"key-A1": "A", "key-A2": "A"})
@@ -3360,7 +3372,7 @@ class TestBatchAccountsSharingAURL:
         ):
             job = (await submit(client))[1].batch.batch_id
             await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
-        fake.batch_retrieve_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        fake.batch_retrieve_errors["openai"] = refusal
         sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
         with capture_logs() as logs:
             async with (

@@ -1254,17 +1254,19 @@ class BatchQueue:
         ENDPOINT_GONE_AFTER_SECONDS after it was sent. A batch found ended is marked for as
         well (bounded the same): its cancelled jobs are closed unread once its key is unmarked
         (``_close_unreadable``), and its owner's rotated key in an outage (5xx, timeouts, 429
-        holds) still reads them and charges their bill. Never when this key is refused (``error``
-        a 401/403, ``ProviderAuthFailed``): a key that is refused tells nothing of the owner (a
-        process whose own key was refused silenced ``batch_unread_owner_gone`` for every batch
-        found ended at its URL)."""
+        holds) still reads them and charges their bill. For a batch found ended, never when this
+        key is refused (``error`` a 401/403, ``ProviderAuthFailed``): a process whose own key was
+        refused silenced ``batch_unread_owner_gone`` for every batch found ended at its URL. For
+        one not ended a refusal marks too: it may be the owner's own rotated key refused for a
+        while (a 403 for a region or a missing permission), and unmarked, another account failed
+        its live batch, unread and unbilled."""
         batch = (provider, provider_batch_id)
         own_key = sent_to[1]
         if (
             jobs.key_id is None
             or jobs.endpoint is None
             or own_key in (None, jobs.key_id)
-            or isinstance(error, ProviderAuthFailed)
+            or (isinstance(error, ProviderAuthFailed) and (jobs.ended or batch in self._seen_ended))
             or self._not_seen.get(batch) == own_key
             or jobs.sent_at is None
             or self._clock() - jobs.sent_at > ABANDON_AFTER_SECONDS
