@@ -14,6 +14,7 @@ below the step's threshold. Scorers never raise for a bad answer; a scorer that 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -420,7 +421,16 @@ class LLMJudge:
             if scoring_input.reserve is not None:
                 tokens_in = estimate_input_tokens(ChatRequest(messages))
                 started = time.monotonic()
-                why = await scoring_input.reserve(estimate_cost(self._model, tokens_in, self._max_output_tokens))
+                cost = estimate_cost(self._model, tokens_in, self._max_output_tokens)
+                try:
+                    # Bounded by the time the judge has: a slow store's hold ran past the server's
+                    # end of the call (DEADLINE_EXCEEDED, the answer in hand never sent). What it
+                    # held, if it got there, is released with the reservation at its settle.
+                    async with asyncio.timeout(left):
+                        why = await scoring_input.reserve(cost)
+                except TimeoutError:
+                    store = f"the tenant's budget store did not answer within the {left:.3g} s left for it"
+                    return self._failed(f"{self._model.id} not asked ({store})")
                 if why:
                     return self._failed(f"not asked ({why})")
                 # The hold (a round trip to a shared store, maybe slow) came out of the time the

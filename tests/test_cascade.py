@@ -31,7 +31,7 @@ from routesvc.scoring import CombinedScorer, LLMJudge, LocalScorer, ScoringInput
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.conftest import add_local_model, default_config, live_environ, settings_from, until, user_chat
 from tests.redis_server import running_redis
 from tests.test_redis_admission import _Proxy
 from tests.test_validation import error_info
@@ -1576,6 +1576,37 @@ class TestAnEscalationThatCannotBeServed:
         assert _kinds(messages) == ["decision", "delta", "completion"]
         assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
         assert completion.quality.reason.startswith("judge timed out after ")
+
+    async def test_a_judges_hold_in_a_store_that_stops_answering_ends_within_the_judges_time(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """Redis (the tenant's budget) answers the call's admission, then each reply 0.95 s late
+        (within its 1 s timeout), from before the cheap answer (2 s in) is scored, so the judge's
+        hold would end past the server's end of the 4 s call: the hold is cut when the judge's
+        time is up, the judge not asked, and the answer is released as configured, saying why
+        (the hold ran on: DEADLINE_EXCEEDED, the paid answer never sent)."""
+        with running_redis(tmp_path) as url:
+            async with _Proxy(url) as proxy:
+                config = default_config()
+                config["shared_state"] = {"redis_url": proxy.url}
+                config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
+                fake.enqueue(Script(text="Lyon, maybe.", first_chunk_delay=2.0), model="gpt-4o-mini")
+                async with (
+                    Server(settings_from(config, live_environ(fake)), port=0) as server,
+                    RouterClient(server.target) as client,
+                ):
+                    context = pb.RoutingContext(cascade=True, tenant="acme")
+                    prompt = user_chat("What is the capital of France?")
+                    call = client.complete(prompt, context, timeout=4.0)
+                    first = await anext(call)
+                    await until(lambda: len(fake.requests) == 1)
+                    proxy.delay = 0.95
+                    messages = [first, *[m async for m in call]]
+                    proxy.hurry()
+        completion = messages[-1].completion
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        assert "not asked (the tenant's budget store did not answer within the " in completion.quality.reason
 
     async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
         """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
