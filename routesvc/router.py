@@ -963,8 +963,7 @@ class Router:
                         # An empty answer is none to give either: the answer in hand, paid for, is
                         # released instead (a filtered one stands: releasing the answer in hand
                         # would step around the provider's filter).
-                        attempt.mark_escalated()
-                        for event in self._release_held(attempt, *held, step, f"gave no answer ({stop.why})"):
+                        for event in self._release_unanswered(attempt, *held, step, f" ({stop.why})"):
                             yield event
                         return
                     released = True
@@ -972,8 +971,7 @@ class Router:
                 if released and held is not None and _no_answer(outcome.completion, outcome.deltas):
                     # Released by its score (a judge that failed with `on_failure: release`, or
                     # that liked it), an empty answer is still none to give: the answer in hand is.
-                    attempt.mark_escalated()
-                    for event in self._release_held(attempt, *held, step, "gave no answer"):
+                    for event in self._release_unanswered(attempt, *held, step):
                         yield event
                     return
                 telemetry.record_cascade(released, outcome.quality.score if outcome.scored else None)
@@ -1017,8 +1015,7 @@ class Router:
                         elif held is not None and not attempt.chunks and _no_answer(event, ()):
                             # It answered nothing (reasoned to the output limit, or sent no text):
                             # nothing was sent, so the answer in hand is released, as on a failure.
-                            attempt.mark_escalated()
-                            for release in self._release_held(attempt, *held, steps[-1], "gave no answer"):
+                            for release in self._release_unanswered(attempt, *held, steps[-1]):
                                 yield release
                         else:
                             yield self._final(attempt, event)
@@ -1084,6 +1081,20 @@ class Router:
         telemetry.record_cascade(True, held.quality.score if held.scored else None)
         completion = self._final(state, held.completion, replace(held.quality, reason=reason))
         return [*_released(held.deltas), completion]
+
+    def _release_unanswered(
+        self,
+        state: _AttemptState,
+        held: _StepOutcome,
+        rejected: int,
+        empty_model: str,
+        why: str = "",
+    ) -> list[TextDelta | Completion]:
+        """``_release_held`` after the escalation to ``empty_model`` answered nothing (no text:
+        it reasoned to its output limit or sent none; ``why`` says more): its attempt is rejected
+        too (ESCALATED), then ``held`` is released."""
+        state.mark_escalated()
+        return self._release_held(state, held, rejected, empty_model, f"gave no answer{why}")
 
     def _final(self, state: _AttemptState, completion: Completion, quality: QualityScore | None = None) -> Completion:
         """The last message: every attempt, their summed usage and cost, and the released score."""

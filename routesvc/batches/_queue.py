@@ -1266,7 +1266,7 @@ class BatchQueue:
             jobs.key_id is None
             or jobs.endpoint is None
             or own_key in (None, jobs.key_id)
-            or (isinstance(error, ProviderAuthFailed) and (jobs.ended or batch in self._seen_ended))
+            or (isinstance(error, ProviderAuthFailed) and self._found_ended(batch, jobs))
             or self._not_seen.get(batch) == own_key
             or jobs.sent_at is None
             or self._clock() - jobs.sent_at > ABANDON_AFTER_SECONDS
@@ -1449,13 +1449,18 @@ class BatchQueue:
             failing_seconds=round(now - failing.since, 1),
         )
 
+    def _found_ended(self, batch: tuple[str, str], jobs: SentJobs) -> bool:
+        """Whether a status check found ``batch`` ended: as the store records (any process's,
+        a restart's predecessor too), or this process since (its results read failing)."""
+        return jobs.ended or batch in self._seen_ended
+
     def _given_up(self, provider: str, provider_batch_id: str, jobs: SentJobs) -> bool:
         """Note that a poll of this batch failed (or was held), and tell whether it is to be given
         up: sent more than ``ABANDON_AFTER_SECONDS`` ago, and its polls failing or held in a row
         for ``UNPOLLABLE_FOR_SECONDS`` here. Never one a status check found ended (this round, or
         as the store records, any process's before, a restart's predecessor too; its results read
         failing): it is billed, and read once the provider lets it."""
-        if jobs.ended or (provider, provider_batch_id) in self._seen_ended:
+        if self._found_ended((provider, provider_batch_id), jobs):
             return False
         now = time.monotonic()
         since = self._failing_since.setdefault((provider, provider_batch_id), now)
