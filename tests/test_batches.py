@@ -10,7 +10,8 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,12 @@ SUMMARY_SCHEMA = {"type": "object", "additionalProperties": False}
 
 # Of the form of every job's id, and no job's.
 UNKNOWN_BATCH_ID = "batch_" + "0" * 32
+# A provider's 5xx, as the fake is told to answer a batch status check or results read.
+SERVER_ERROR: tuple[int, dict[str, object], dict[str, str]] = (
+    500,
+    {"error": {"type": "server_error", "message": "x"}},
+    {},
+)
 
 
 def batch_config(tmp_path: Path) -> dict[str, object]:
@@ -3143,6 +3150,45 @@ def _keyed_by_file(tmp_path: Path, fake: FakeProvider, key: Path) -> dict[str, o
     return config
 
 
+@dataclass
+class _LostBatch:
+    """A running deployment whose one job's batch the provider lost (404 to every key)."""
+
+    fake: FakeProvider
+    server: Server
+    client: RouterClient
+    config: dict[str, object]
+    job: str
+    batch: FakeBatch
+
+    async def reload(self) -> None:
+        """Hot-reload the deployment's config (its key file read again)."""
+        await self.server.reload(settings_from(self.config))
+
+
+@contextlib.asynccontextmanager
+async def _lost_as_the_key_rotates(tmp_path: Path) -> AsyncIterator[_LostBatch]:
+    """A deployment keyed by file sends a batch with key-A (SUBMITTED, PENDING at the provider);
+    the provider then loses it, and the key is rotated to key-B at the provider and in the key
+    file, not yet reloaded."""
+    key = tmp_path / "openai.key"
+    key.write_text("key-A\n")
+    async with FakeProvider(api_key="key-A") as fake:
+        config = _keyed_by_file(tmp_path, fake, key)
+        async with (
+            Server(settings_from(config), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.batch_outcome = BatchOutcome.PENDING
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            [batch] = fake.batches
+            batch.lost = True
+            fake.api_key = "key-B"
+            key.write_text("key-B\n")
+            yield _LostBatch(fake, server, client, config, job, batch)
+
+
 class TestBatchKeyRotation:
     async def test_a_key_rotated_by_hot_reload_reaches_the_batch_adapters(self, tmp_path: Path) -> None:
         """The provider takes only a new key before the key file has it: a job sent then is
@@ -3184,34 +3230,13 @@ class TestBatchKeyRotation:
         process has marked the old key for ENDPOINT_GONE_AFTER_SECONDS (0.3 s here) its job
         ends FAILED provider_batch_not_found (it stayed SUBMITTED, polled for ever)."""
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
-        key = tmp_path / "openai.key"
-        key.write_text("key-A\n")
-        async with FakeProvider(api_key="key-A") as fake:
-            config = _keyed_by_file(tmp_path, fake, key)
-            async with (
-                Server(settings_from(config), port=0) as server,
-                RouterClient(server.target) as client,
-            ):
-                fake.batch_outcome = BatchOutcome.PENDING
-                job = (await submit(client))[1].batch
-                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
-                [batch] = fake.batches
-                batch.lost = True
-                fake.api_key = "key-B"
-                key.write_text("key-B\n")
-                with capture_logs() as logs:
-                    await server.reload(settings_from(config))
-                    await until(lambda: any(e["event"] == "batch_poll_skipped" for e in logs))
-                    skipped = await get_batch(client, job.batch_id)
-                    connection = sqlite3.connect(tmp_path / "batches.db")
-                    try:
-                        with connection:
-                            connection.execute(
-                                "UPDATE jobs SET updated_at = updated_at - ?", (OTHER_KEY_LOST_AFTER_SECONDS + 60,)
-                            )
-                    finally:
-                        connection.close()
-                    failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
+        async with _lost_as_the_key_rotates(tmp_path) as lost:
+            with capture_logs() as logs:
+                await lost.reload()
+                await until(lambda: any(e["event"] == "batch_poll_skipped" for e in logs))
+                skipped = await get_batch(lost.client, lost.job)
+                sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+                failed = await wait_state(lost.client, lost.job, pb.BATCH_STATE_FAILED)
         assert skipped.job.state == pb.BATCH_STATE_SUBMITTED
         assert [e["reason"] for e in logs if e["event"] == "batch_poll_skipped"] == ["other_key"]
         assert failed.error == "provider_batch_not_found"
@@ -3227,43 +3252,28 @@ class TestBatchKeyRotation:
         ENDPOINT_GONE_AFTER_SECONDS (0.3 s here; each failure marked it anew, so one failure per
         window kept it SUBMITTED, polled for ever, its estimate held)."""
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
-        key = tmp_path / "openai.key"
-        key.write_text("key-A\n")
-        async with FakeProvider(api_key="key-A") as fake:
-            config = _keyed_by_file(tmp_path, fake, key)
-            async with (
-                Server(settings_from(config), port=0) as server,
-                RouterClient(server.target) as client,
-            ):
-                fake.batch_outcome = BatchOutcome.PENDING
-                job = (await submit(client))[1].batch
-                await wait_state(client, job.batch_id, pb.BATCH_STATE_SUBMITTED)
-                [batch] = fake.batches
-                batch.lost = True
-                fake.api_key = "key-B"
-                key.write_text("key-B\n")
-                sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+        async with _lost_as_the_key_rotates(tmp_path) as lost:
+            sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
+            batch, fake = lost.batch, lost.fake
 
-                failing = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+            async def fail_now_and_then() -> None:
+                while True:
+                    await asyncio.sleep(0.2)
+                    refused = batch.refused
+                    batch.lost = False
+                    fake.batch_retrieve_errors["openai"] = SERVER_ERROR
+                    await until(lambda: batch.refused > refused)  # noqa: B023 - read at once
+                    fake.batch_retrieve_errors.clear()
+                    batch.lost = True
 
-                async def fail_now_and_then() -> None:
-                    while True:
-                        await asyncio.sleep(0.2)
-                        refused = batch.refused
-                        batch.lost = False
-                        fake.batch_retrieve_errors["openai"] = failing
-                        await until(lambda: batch.refused > refused)  # noqa: B023 - read at once
-                        fake.batch_retrieve_errors.clear()
-                        batch.lost = True
-
-                with capture_logs() as logs:
-                    await server.reload(settings_from(config))
-                    flapping = asyncio.create_task(fail_now_and_then())
-                    try:
-                        failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED, timeout=6.0)
-                    finally:
-                        flapping.cancel()
-                refused = batch.refused
+            with capture_logs() as logs:
+                await lost.reload()
+                flapping = asyncio.create_task(fail_now_and_then())
+                try:
+                    failed = await wait_state(lost.client, lost.job, pb.BATCH_STATE_FAILED, timeout=6.0)
+                finally:
+                    flapping.cancel()
+            refused = batch.refused
         assert failed.error == "provider_batch_not_found"
         assert refused >= 1
         assert [e["jobs"] for e in logs if e["event"] == "batch_lost"] == [1]
@@ -3274,6 +3284,22 @@ def _account(tmp_path: Path, fake: FakeProvider, key: str) -> dict[str, object]:
     key_file = tmp_path / f"{key}.key"
     key_file.write_text(key + "\n")
     return _keyed_by_file(tmp_path, fake, key_file)
+
+
+def _deployment(tmp_path: Path, fake: FakeProvider, key: str) -> Server:
+    """A server of the deployment whose account's key is ``key`` (``_account``)."""
+    return Server(settings_from(_account(tmp_path, fake, key)), port=0)
+
+
+async def _sent_by(tmp_path: Path, fake: FakeProvider, key: str, *, found_ended: bool = False) -> str:
+    """The id of one job that ``key``'s deployment sent and then stopped with, SUBMITTED (and,
+    ``found_ended``, once its results read of the batch it found ended has failed twice)."""
+    async with _deployment(tmp_path, fake, key) as owner, RouterClient(owner.target) as client:
+        job = (await submit(client))[1].batch.batch_id
+        await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+        if found_ended:
+            await until(lambda: fake.batch_results_refused >= 2)
+    return job
 
 
 class TestBatchAccountsSharingAURL:
@@ -3289,16 +3315,16 @@ class TestBatchAccountsSharingAURL:
         the batch was sent OTHER_KEY_LOST_AFTER_SECONDS ago); once A's read gets through, the job
         succeeds and is charged once, by A."""
         fake.batches_per_key = True
-        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        fake.batch_results_errors["openai"] = SERVER_ERROR
         async with (
-            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            _deployment(tmp_path, fake, "key-A") as owner,
             RouterClient(owner.target) as client,
         ):
             job = (await submit(client))[1].batch.batch_id
             await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
             await until(lambda: fake.batch_results_refused >= 2)
             with capture_logs() as logs:
-                async with Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other:
+                async with _deployment(tmp_path, fake, "key-B") as other:
                     await until(lambda: any(e["event"] == "batch_poll_skipped" for e in logs))
                     sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
                     await asyncio.sleep(0.6)  # rounds of both
@@ -3322,14 +3348,9 @@ class TestBatchAccountsSharingAURL:
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         fake.batches_per_key = True
         fake.batch_outcome = BatchOutcome.PENDING
+        job = await _sent_by(tmp_path, fake, "key-A")
         async with (
-            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
-            RouterClient(owner.target) as client,
-        ):
-            job = (await submit(client))[1].batch.batch_id
-            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
-        async with (
-            Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+            _deployment(tmp_path, fake, "key-B") as other,
             RouterClient(other.target) as client,
         ):
             sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
@@ -3343,7 +3364,7 @@ class TestBatchAccountsSharingAURL:
     @pytest.mark.parametrize(
         "refusal",
         [
-            (500, {"error": {"type": "server_error", "message": "x"}}, {}),
+            SERVER_ERROR,
             (403, {"error": {"type": "invalid_request_error", "code": "unsupported_country_region_territory"}}, {}),
         ],
         ids=["500", "403 of the owner's own key"],
@@ -3366,19 +3387,14 @@ class TestBatchAccountsSharingAURL:
         fake.batches_per_key = True
         fake.batch_accounts.update({"key-A1": "A", "key-A2": "A"})
         fake.batch_outcome = BatchOutcome.PENDING
-        async with (
-            Server(settings_from(_account(tmp_path, fake, "key-A1")), port=0) as owner,
-            RouterClient(owner.target) as client,
-        ):
-            job = (await submit(client))[1].batch.batch_id
-            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+        job = await _sent_by(tmp_path, fake, "key-A1")
         fake.batch_retrieve_errors["openai"] = refusal
         sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
         with capture_logs() as logs:
             async with (
-                Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0) as owner,
+                _deployment(tmp_path, fake, "key-A2") as owner,
                 RouterClient(owner.target) as client,
-                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+                _deployment(tmp_path, fake, "key-B") as other,
             ):
                 await asyncio.sleep(1.5)  # many rounds and marks of both
                 waiting = await get_batch(client, job)
@@ -3405,18 +3421,13 @@ class TestBatchAccountsSharingAURL:
         fake.batches_per_key = True
         fake.batch_accounts.update({"key-A1": "A", "key-A2": "A"})
         fake.batch_outcome = BatchOutcome.PENDING
-        async with (
-            Server(settings_from(_account(tmp_path, fake, "key-A1")), port=0) as owner,
-            RouterClient(owner.target) as client,
-        ):
-            job = (await submit(client))[1].batch.batch_id
-            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
-        fake.batch_retrieve_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        job = await _sent_by(tmp_path, fake, "key-A1")
+        fake.batch_retrieve_errors["openai"] = SERVER_ERROR
         sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
         with capture_logs() as logs:
             async with (
-                Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0) as owner,
-                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+                _deployment(tmp_path, fake, "key-A2") as owner,
+                _deployment(tmp_path, fake, "key-B") as other,
                 RouterClient(other.target) as client,
             ):
                 failed = await wait_state(client, job, pb.BATCH_STATE_FAILED, timeout=6.0)
@@ -3435,17 +3446,11 @@ class TestBatchAccountsSharingAURL:
         info line per process)."""
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         fake.batches_per_key = True
-        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
-        async with (
-            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
-            RouterClient(owner.target) as client,
-        ):
-            job = (await submit(client))[1].batch.batch_id
-            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
-            await until(lambda: fake.batch_results_refused >= 2)
+        fake.batch_results_errors["openai"] = SERVER_ERROR
+        await _sent_by(tmp_path, fake, "key-A", found_ended=True)
         sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
         with capture_logs() as logs:
-            async with Server(settings_from(_account(tmp_path, fake, "key-B")), port=0):
+            async with _deployment(tmp_path, fake, "key-B"):
                 await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs))
                 await asyncio.sleep(0.5)  # rounds more
         with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
@@ -3467,14 +3472,8 @@ class TestBatchAccountsSharingAURL:
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         fake.batches_per_key = True
         fake.batch_accounts.update({"key-A": "A", "key-A2": "A"})
-        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
-        async with (
-            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
-            RouterClient(owner.target) as client,
-        ):
-            job = (await submit(client))[1].batch.batch_id
-            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
-            await until(lambda: fake.batch_results_refused >= 2)
+        fake.batch_results_errors["openai"] = SERVER_ERROR
+        await _sent_by(tmp_path, fake, "key-A", found_ended=True)
         fake.batch_retrieve_errors["openai"] = (
             401,
             {"error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "bad key"}},
@@ -3484,8 +3483,8 @@ class TestBatchAccountsSharingAURL:
         sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
         with capture_logs() as logs:
             async with (
-                Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0),
-                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0),
+                _deployment(tmp_path, fake, "key-A2"),
+                _deployment(tmp_path, fake, "key-B"),
             ):
                 await until(lambda: batch.refused >= 1)
                 await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs), cap=5.0)
@@ -3507,18 +3506,12 @@ class TestBatchAccountsSharingAURL:
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         monkeypatch.setattr(batch_queue, "_FAILURE_LOG_SECONDS", 0.2)
         fake.batches_per_key = True
-        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
-        async with (
-            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
-            RouterClient(owner.target) as client,
-        ):
-            job = (await submit(client))[1].batch.batch_id
-            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
-            await until(lambda: fake.batch_results_refused >= 2)
+        fake.batch_results_errors["openai"] = SERVER_ERROR
+        job = await _sent_by(tmp_path, fake, "key-A", found_ended=True)
         sent_earlier(tmp_path / "batches.db", sent_days_ago * 86400.0 + 60)
         with capture_logs() as logs:
             async with (
-                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+                _deployment(tmp_path, fake, "key-B") as other,
                 RouterClient(other.target) as client,
             ):
                 await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs))
@@ -3549,7 +3542,7 @@ class TestBatchAccountsSharingAURL:
         moment ago was closed uncharged at once), and the other waits."""
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         fake.batches_per_key = True
-        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        fake.batch_results_errors["openai"] = SERVER_ERROR
         config = _account(tmp_path, fake, "key-A")
         config["batch"] |= {"group_window_seconds": 1.0, "max_group_size": 2}  # type: ignore[operator]
         async with Server(settings_from(config), port=0) as owner, RouterClient(owner.target) as client:
@@ -3563,7 +3556,7 @@ class TestBatchAccountsSharingAURL:
         sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
         with capture_logs() as logs:
             async with (
-                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+                _deployment(tmp_path, fake, "key-B") as other,
                 RouterClient(other.target) as client,
             ):
                 await until(lambda: any(e["event"] == "batch_unread_owner_gone" for e in logs))
@@ -3590,22 +3583,21 @@ class TestBatchAccountsSharingAURL:
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         fake.batches_per_key = True
         fake.batch_accounts.update({"key-A": "A", "key-A2": "A"})
-        server_error = (500, {"error": {"type": "server_error", "message": "x"}}, {})
-        fake.batch_results_errors["openai"] = server_error
+        fake.batch_results_errors["openai"] = SERVER_ERROR
         async with (
-            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            _deployment(tmp_path, fake, "key-A") as owner,
             RouterClient(owner.target) as client,
         ):
             job = (await submit(client))[1].batch.batch_id
             await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
             await until(lambda: fake.batch_results_refused >= 2)
             await client.cancel_batch(job, tenant="acme")
-        fake.batch_retrieve_errors["openai"] = server_error
+        fake.batch_retrieve_errors["openai"] = SERVER_ERROR
         [batch] = fake.batches
         sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
         with capture_logs() as logs:
-            async with Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0) as rotated:
-                async with Server(settings_from(_account(tmp_path, fake, "key-B")), port=0):
+            async with _deployment(tmp_path, fake, "key-A2") as rotated:
+                async with _deployment(tmp_path, fake, "key-B"):
                     await until(lambda: batch.refused >= 1)
                     await asyncio.sleep(1.5)  # B's rounds, past ENDPOINT_GONE_AFTER_SECONDS
                     assert [e for e in logs if e["event"] == "batch_lost"] == []
@@ -4199,7 +4191,7 @@ class TestBatchOverdue:
             job = (await submit(client))[1].batch.batch_id
             await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
             [batch] = fake.batches
-            fake.batch_retrieve_errors[batch.api] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+            fake.batch_retrieve_errors[batch.api] = SERVER_ERROR
             await until(lambda: batch.refused >= 1)
             # While its polls fail (none reads it in between), it passes its window and ends.
             sent_earlier(tmp_path / "batches.db", OVERDUE_AFTER_SECONDS + 3600)
@@ -4265,7 +4257,7 @@ class TestBatchOverdue:
             job = (await submit(client))[1].batch.batch_id
             await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
             [batch] = fake.batches
-            fake.batch_retrieve_errors[batch.api] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+            fake.batch_retrieve_errors[batch.api] = SERVER_ERROR
             sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
             await until(lambda: batch.refused >= 3)
             fake.batch_outcome = BatchOutcome.COMPLETE
@@ -4283,7 +4275,7 @@ class TestBatchOverdue:
         round, and once the file API answers its job succeeds and is charged once (it ended
         EXPIRED batch_overdue, uncharged, a cancel sent for the finished batch, never read)."""
         monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
-        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        fake.batch_results_errors["openai"] = SERVER_ERROR
         with capture_logs() as logs:
             async with (
                 Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
@@ -4315,8 +4307,7 @@ class TestBatchOverdue:
         it ended; once the provider answers, its job succeeds and is charged once (the restarted
         process had forgotten it: EXPIRED batch_overdue, uncharged, never read)."""
         monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
-        failing = (500, {"error": {"type": "server_error", "message": "x"}}, {})
-        fake.batch_results_errors["openai"] = failing
+        fake.batch_results_errors["openai"] = SERVER_ERROR
         settings = settings_from(batch_config(tmp_path), live_environ(fake))
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             job = (await submit(client))[1].batch.batch_id
@@ -4324,7 +4315,7 @@ class TestBatchOverdue:
             sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
             await until(lambda: fake.batch_results_refused >= 2)
         [batch] = fake.batches
-        fake.batch_retrieve_errors["openai"] = failing
+        fake.batch_retrieve_errors["openai"] = SERVER_ERROR
         with capture_logs() as logs:
             async with Server(settings, port=0) as server, RouterClient(server.target) as client:
                 await until(lambda: batch.refused >= 3)
@@ -4349,7 +4340,7 @@ class TestBatchOverdue:
         logged ``batch_results_read_failed`` every round, some 20 times a second), and once the
         key is taken again the job succeeds and is charged once."""
         monkeypatch.setattr(batch_queue, "UNPOLLABLE_FOR_SECONDS", 0.3)
-        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        fake.batch_results_errors["openai"] = SERVER_ERROR
         async with (
             Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
@@ -4379,7 +4370,7 @@ class TestBatchOverdue:
         only some of the time (a 502 switched on and off: a provider incident): each way it
         fails is logged once in the row, however they alternate (it was logged each time the
         event changed: most rounds, past the 10-minute bound)."""
-        fake.batch_results_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        fake.batch_results_errors["openai"] = SERVER_ERROR
         bad_gateway = (502, {"error": {"type": "server_error", "message": "x"}}, {})
         with capture_logs() as logs:
             async with (

@@ -385,10 +385,25 @@ def _text(messages: list[pb.CompleteResponse]) -> str:
 
 
 async def _cascade(
-    client: RouterClient, prompt: str = "What is the capital of France?", **context: object
+    client: RouterClient,
+    prompt: str = "What is the capital of France?",
+    *,
+    timeout: float | None = None,
+    **context: object,
 ) -> list[pb.CompleteResponse]:
+    """Every message of one cascaded Complete (``timeout``: the call's deadline, else the client's)."""
     request_context = pb.RoutingContext(cascade=True, **context)  # type: ignore[arg-type]
-    return [m async for m in client.complete(user_chat(prompt), request_context)]
+    return [m async for m in client.complete(user_chat(prompt), request_context, timeout=timeout)]
+
+
+@contextlib.asynccontextmanager
+async def _served(config: dict[str, object], fake: FakeProvider) -> AsyncIterator[tuple[Server, RouterClient]]:
+    """A server of ``config`` whose providers are ``fake``, and a client of it."""
+    async with (
+        Server(settings_from(config, live_environ(fake)), port=0) as server,
+        RouterClient(server.target) as client,
+    ):
+        yield server, client
 
 
 class TestEscalationChain:
@@ -521,10 +536,7 @@ class TestEscalationChain:
         fake.enqueue(Script(chunk_count=6, chunk_delay=0.3), model="gpt-4o-mini")
         messages: list[pb.CompleteResponse] = []
         arrived: list[float] = []
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (_server, client):
             request_context = pb.RoutingContext(cascade=True, **context)  # type: ignore[arg-type]
             async for message in client.complete(user_chat("What is the capital of France?"), request_context):
                 messages.append(message)
@@ -561,10 +573,7 @@ class TestEscalationChain:
         config["cascade"]["scorers"] = ["llm_judge"]  # type: ignore[index]
         cheap = Script(text="Lyon", input_tokens=10, output_tokens=500)
         fake.enqueue(cheap, Script(text='{"score": 0.2}'), model="gpt-4o-mini")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (_server, client):
             messages = await _cascade(client, max_cost_usd="0.0053")
             stats = await client.get_stats()
         quality = messages[-1].completion.quality
@@ -601,12 +610,8 @@ class TestEscalationChain:
         config["reliability"] = {"min_attempt_seconds": 1.0}
         refusal = "I'm sorry, but I can't help with that."
         fake.enqueue(Script(text=refusal, first_chunk_delay=0.7), model="gpt-4o-mini")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            context = pb.RoutingContext(cascade=True)
-            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=1.6)]
+        async with _served(config, fake) as (_server, client):
+            messages = await _cascade(client, "hi", timeout=1.6)
         assert _kinds(messages) == ["decision", "delta", "completion"]
         assert _text(messages) == refusal
         assert "not escalated to gpt-4o" in messages[-1].completion.quality.reason
@@ -624,12 +629,8 @@ class TestEscalationChain:
         config["reliability"] = {"min_attempt_seconds": 1.0}
         refusal = "I'm sorry, but I can't help with that."
         fake.enqueue(Script(text=refusal, first_chunk_delay=0.7), model="gpt-4o-mini")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            context = pb.RoutingContext(cascade=True)
-            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=2.6)]
+        async with _served(config, fake) as (_server, client):
+            messages = await _cascade(client, "hi", timeout=2.6)
         assert _kinds(messages) == ["decision", "delta", "completion"]
         assert _text(messages) == refusal
         assert "not escalated to gpt-4o: " in messages[-1].completion.quality.reason
@@ -645,9 +646,7 @@ class TestEscalationChain:
         time left, and the call ended DEADLINE_EXCEEDED with nothing; with a 6 s deadline it
         ended 0.2 s before the caller's deadline, 50 ms after the server had ended the call)."""
         fake.enqueue(Script(text="Paris is the capital."), Script(first_chunk_delay=30), model="gpt-4o-mini")
-        context = pb.RoutingContext(cascade=True)
-        prompt = user_chat("What is the capital of France?")
-        messages = [m async for m in live_client.complete(prompt, context, timeout=deadline)]
+        messages = await _cascade(live_client, timeout=deadline)
         assert _kinds(messages) == ["decision", "delta", "completion"]
         assert _text(messages) == "Paris is the capital."
         quality = messages[-1].completion.quality
@@ -667,12 +666,8 @@ class TestEscalationChain:
         config["reliability"] = {"min_attempt_seconds": 0.5}
         answer, judge = Script(text="Paris is the capital.", first_chunk_delay=0.8), Script(first_chunk_delay=30)
         fake.enqueue(answer, judge, model="gpt-4o-mini")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            context = pb.RoutingContext(cascade=True)
-            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=1.5)]
+        async with _served(config, fake) as (_server, client):
+            messages = await _cascade(client, "hi", timeout=1.5)
         assert _kinds(messages) == ["decision", "delta", "completion"]
         assert _text(messages) == "Paris is the capital."
         assert "not asked" in messages[-1].completion.quality.reason
@@ -777,10 +772,7 @@ class TestCascadeVisibility:
         released; with only the latter, there is no mean."""
         config = default_config()
         config["cascade"]["scorers"] = ["llm_judge"]  # type: ignore[index]
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (_server, client):
             fake.enqueue(Script(text="Paris"), Script(text="no score here"), model="gpt-4o-mini")
             unscored = await _cascade(client)
             alone = await client.get_stats()
@@ -837,10 +829,7 @@ class TestCascadeCancellation:
         config["cascade"]["judge"] = {"model": "llama", "timeout_seconds": 10}  # type: ignore[index]
         fake.enqueue(Script(text="Paris."), model="gpt-4o-mini")
         received: list[pb.CompleteResponse] = []
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (server, client):
 
             async def read() -> None:
                 context = pb.RoutingContext(cascade=True, task_hint="simple_qa")
@@ -881,6 +870,23 @@ def _three_step_cascade(mini: float, gpt4o: float) -> dict[str, object]:
     return config
 
 
+@contextlib.asynccontextmanager
+async def _three_steps_with_a_breaker_open(
+    fake: FakeProvider, model: str, upstream: str
+) -> AsyncIterator[RouterClient]:
+    """A client of a server cascading gpt-4o-mini -> gpt-4o -> claude-sonnet (0.8, 0.8; no
+    fallbacks, no retries, one failure opening a model's breaker for 60 s) on which a call to
+    ``model`` has failed (a 503 from ``upstream``, its name at the fake): ``model``'s breaker is open."""
+    config = _three_step_cascade(0.8, 0.8)
+    config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}, "retries_per_model": 0}
+    config["routing"]["fallbacks"] = {}  # type: ignore[index]
+    fake.enqueue(Script(status=503), model=upstream)
+    async with _served(config, fake) as (_server, client):
+        with pytest.raises(grpc.aio.AioRpcError):
+            [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model=model))]
+        yield client
+
+
 class TestCascadeConfig:
     """apply: always cascades every request whose decision starts a chain; a three-step chain escalates twice."""
 
@@ -901,10 +907,7 @@ class TestCascadeConfig:
         refusal = Script(text="I cannot help with that.")
         fake.enqueue(refusal, model="gpt-4o-mini")
         fake.enqueue(refusal, model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (_server, client):
             messages = [m async for m in client.complete(user_chat("hi"), pb.RoutingContext())]
         assert _kinds(messages) == ["decision", "escalation", "escalation", "delta", "completion"]
         assert [(m.escalation.from_model, m.escalation.to_model) for m in messages[1:3]] == [
@@ -938,10 +941,7 @@ class TestFailedStepsKeepTheirLimits:
         config = default_config()
         config["tenants"] = {"acme": {"daily_budget_usd": "0.001"}}
         fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o-mini")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (_server, client):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await _cascade(client, "hi", tenant="acme")
         assert (caught.value.code(), error_info(caught.value).reason) == (
@@ -970,10 +970,7 @@ class TestFailedStepsKeepTheirLimits:
         refusal = Script(text="I cannot help with that.", input_tokens=24_000, output_tokens=6)
         fake.enqueue(refusal, model="gpt-4o-mini")
         fake.enqueue(Script(status=503), Script(status=503), model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (server, client):
             messages = await _cascade(client, prompt)
         assert messages[-1].completion.quality.reason.endswith(
             "escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released"
@@ -1109,10 +1106,7 @@ class TestAJudgeThatCannotBeAsked:
         config["cascade"]["judge"] = {"model": "claude-sonnet", "on_failure": on_failure}  # type: ignore[index]
         config["tenants"] = {"acme": {"allowed_models": ["gpt-4o-mini", "gpt-4o"]}}
         fake.set_default(Script(text="Paris is the capital."))
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (_server, client):
             messages = await _cascade(client, tenant="acme")
         completion = messages[-1].completion
         escalations = [m.escalation for m in messages if m.HasField("escalation")]
@@ -1167,10 +1161,7 @@ class TestTheJudgesCircuitBreaker:
         config = _judged_by_llama(fake, failure_threshold=2, open_seconds=60)
         fake.set_default(Script(text="Paris is the capital."))
         fake.enqueue(Script(status=503), Script(status=503), Script(status=503), model="llama")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (server, client):
             reasons = [(await _cascade(client))[-1].completion.quality.reason for _ in range(3)]
             retry_in = server.router.breakers.retry_in("llama")
         assert reasons == [
@@ -1188,10 +1179,7 @@ class TestTheJudgesCircuitBreaker:
         config["cascade"]["judge"]["timeout_seconds"] = 0.5  # type: ignore[index]
         fake.set_default(Script(text="Paris is the capital."))
         fake.enqueue(Script(text="fine"), Script(first_chunk_delay=5), Script(text="fine"), model="llama")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (server, client):
             for _ in range(3):
                 await _cascade(client)
             allowed = server.router.breakers.allow("llama") is not None
@@ -1283,10 +1271,7 @@ class TestAnEscalationThatCannotBeServed:
         config["reliability"]["retries_per_model"] = 0  # type: ignore[index]
         config["routing"]["fallbacks"] = {"gpt-4o-mini": ["gpt-4o"]}  # type: ignore[index]
         fake.enqueue(Script(status=503), model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (server, client):
             with pytest.raises(grpc.aio.AioRpcError):
                 [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o"))]
             assert server.router.breakers.retry_in("gpt-4o") > 0
@@ -1305,16 +1290,7 @@ class TestAnEscalationThatCannotBeServed:
     async def test_a_middle_step_behind_an_open_breaker_is_passed_over(self, fake: FakeProvider) -> None:
         """In gpt-4o-mini -> gpt-4o -> claude-sonnet, gpt-4o's breaker is open: the cheap answer
         rejected (a refusal) escalates straight to claude-sonnet."""
-        config = _three_step_cascade(0.8, 0.8)
-        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}, "retries_per_model": 0}
-        config["routing"]["fallbacks"] = {}  # type: ignore[index]
-        fake.enqueue(Script(status=503), model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            with pytest.raises(grpc.aio.AioRpcError):
-                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="gpt-4o"))]
+        async with _three_steps_with_a_breaker_open(fake, "gpt-4o", "gpt-4o") as client:
             fake.enqueue(Script(text="I'm sorry, but I can't help with that."), model="gpt-4o-mini")
             messages = await _cascade(client)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
@@ -1358,16 +1334,7 @@ class TestAnEscalationThatCannotBeServed:
         """gpt-4o-mini -> gpt-4o -> claude-sonnet with claude-sonnet's breaker open: the cheap
         refusal escalates to gpt-4o, which fails (503) and cannot escalate further; the refusal in
         hand is released, its reason saying so (the call failed with gpt-4o's error)."""
-        config = _three_step_cascade(0.8, 0.8)
-        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}, "retries_per_model": 0}
-        config["routing"]["fallbacks"] = {}  # type: ignore[index]
-        fake.enqueue(Script(status=503), model="claude-sonnet-4-6")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            with pytest.raises(grpc.aio.AioRpcError):
-                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="claude-sonnet"))]
+        async with _three_steps_with_a_breaker_open(fake, "claude-sonnet", "claude-sonnet-4-6") as client:
             refusal = "I'm sorry, but I can't help with that."
             fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
             fake.enqueue(Script(status=503), model="gpt-4o")
@@ -1391,10 +1358,7 @@ class TestAnEscalationThatCannotBeServed:
         refusal = "I'm sorry, but I can't help with that."
         fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
         fake.enqueue(Script(status=status), Script(status=status), model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (server, client):
             messages = await _cascade(client)
             entries = server.router.ledger.entries(messages[0].decision.decision_id)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
@@ -1413,8 +1377,7 @@ class TestAnEscalationThatCannotBeServed:
         (it ran to the deadline: DEADLINE_EXCEEDED after the Escalation, the answer thrown away)."""
         fake.enqueue(Script(text="Lyon, maybe."), Script(text='{"score": 0.5}'), model="gpt-4o-mini")
         fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
-        prompt = user_chat("What is the capital of France?")
-        messages = [m async for m in live_client.complete(prompt, pb.RoutingContext(cascade=True), timeout=2.0)]
+        messages = await _cascade(live_client, timeout=2.0)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         completion = messages[-1].completion
         assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
@@ -1441,12 +1404,8 @@ class TestAnEscalationThatCannotBeServed:
         config["reliability"]["min_attempt_seconds"] = 1.0  # type: ignore[index]
         slow_verdict = Script(text='{"score": 0.1}', first_chunk_delay=2.3)
         fake.enqueue(Script(text="Lyon, maybe."), slow_verdict, model="gpt-4o-mini")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            prompt = user_chat("What is the capital of France?")
-            messages = [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=4.0)]
+        async with _served(config, fake) as (server, client):
+            messages = await _cascade(client, timeout=4.0)
             entries = server.router.ledger.entries(messages[0].decision.decision_id)
         assert _kinds(messages) == ["decision", "delta", "completion"]
         completion = messages[-1].completion
@@ -1477,12 +1436,8 @@ class TestAnEscalationThatCannotBeServed:
         slow_verdict = Script(text='{"score": 0.9}', first_chunk_delay=3.0)
         fake.enqueue(Script(text="Lyon, maybe."), slow_verdict, model="gpt-4o-mini")
         fake.enqueue(Script(text="Paris."), model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            prompt = user_chat("What is the capital of France?")
-            messages = [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=timeout)]
+        async with _served(config, fake) as (server, client):
+            messages = await _cascade(client, timeout=timeout)
             entries = server.router.ledger.entries(messages[0].decision.decision_id)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         quality = messages[1].escalation.quality
@@ -1516,16 +1471,8 @@ class TestAnEscalationThatCannotBeServed:
         fake.enqueue(*[Script(text="Lyon, maybe.")] * calls, model="gpt-4o-mini")
         fake.enqueue(*[Script(fault=Fault.HANG_BEFORE_HEADERS)] * calls, model="gpt-4o")
         fake.enqueue(*[Script(text="Paris.")] * calls, model="claude-sonnet-4-6")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-
-            async def one() -> list[pb.CompleteResponse]:
-                prompt = user_chat("What is the capital of France?")
-                return [m async for m in client.complete(prompt, pb.RoutingContext(cascade=True), timeout=4.0)]
-
-            answers = await asyncio.gather(*[one() for _ in range(calls)])
+        async with _served(config, fake) as (_server, client):
+            answers = await asyncio.gather(*[_cascade(client, timeout=4.0) for _ in range(calls)])
         outcomes = [
             (_kinds(messages), _text(messages), messages[-1].completion.model, messages[-1].completion.quality.reason)
             for messages in answers
@@ -1591,10 +1538,7 @@ class TestAnEscalationThatCannotBeServed:
                 config["shared_state"] = {"redis_url": proxy.url}
                 config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
                 fake.enqueue(Script(text="Lyon, maybe.", first_chunk_delay=2.0), model="gpt-4o-mini")
-                async with (
-                    Server(settings_from(config, live_environ(fake)), port=0) as server,
-                    RouterClient(server.target) as client,
-                ):
+                async with _served(config, fake) as (_server, client):
                     context = pb.RoutingContext(cascade=True, tenant="acme")
                     prompt = user_chat("What is the capital of France?")
                     call = client.complete(prompt, context, timeout=4.0)
@@ -1619,13 +1563,8 @@ class TestAnEscalationThatCannotBeServed:
         fake.enqueue(Script(text="Lyon, maybe."), Script(text='{"score": 0.5}'), model="gpt-4o-mini")
         words = tuple(f"w{i} " for i in range(8))  # the last ~3.3 s in: after 2.8 s, before 3.8 s
         fake.enqueue(Script(chunks=words, first_chunk_delay=0.5, chunk_delay=0.4), model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            prompt = user_chat("What is the capital of France?")
-            context = pb.RoutingContext(cascade=True)
-            messages = [m async for m in client.complete(prompt, context, timeout=4.0)]
+        async with _served(config, fake) as (server, client):
+            messages = await _cascade(client, timeout=4.0)
             entries = server.router.ledger.entries(messages[0].decision.decision_id)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         completion = messages[-1].completion
@@ -1645,12 +1584,8 @@ class TestAnEscalationThatCannotBeServed:
         refusal = "I'm sorry, but I can't help with that."
         fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
         fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            context = pb.RoutingContext(cascade=True)
-            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=2.0)]
+        async with _served(config, fake) as (_server, client):
+            messages = await _cascade(client, "hi", timeout=2.0)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         assert (_text(messages), messages[-1].completion.model) == (refusal, "gpt-4o-mini")
         assert messages[-1].completion.quality.reason == "refusal; escalation to gpt-4o timed out, released"
@@ -1673,12 +1608,8 @@ class TestAnEscalationThatCannotBeServed:
         refusal = "I'm sorry, but I can't help with that."
         fake.enqueue(Script(chunks=(refusal, *tail)), model="gpt-4o-mini")
         fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            context = pb.RoutingContext(cascade=True)
-            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=3.0)]
+        async with _served(config, fake) as (_server, client):
+            messages = await _cascade(client, "hi", timeout=3.0)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         assert (_text(messages), messages[-1].completion.model) == (refusal + "".join(tail), "gpt-4o-mini")
         sizes = [len(m.delta.text.encode()) for m in messages if m.WhichOneof("event") == "delta"]
@@ -1696,12 +1627,8 @@ class TestAnEscalationThatCannotBeServed:
         refusal = "I'm sorry, but I can't help with that."
         fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
         fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS), model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            context = pb.RoutingContext(cascade=True)
-            messages = [m async for m in client.complete(user_chat("hi"), context, timeout=2.0)]
+        async with _served(config, fake) as (_server, client):
+            messages = await _cascade(client, "hi", timeout=2.0)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
         assert (_text(messages), messages[-1].completion.model) == (refusal, "gpt-4o-mini")
         assert messages[-1].completion.quality.reason == "refusal; escalation to gpt-4o timed out, released"
@@ -1746,16 +1673,7 @@ class TestAnEscalationThatCannotBeServed:
         """gpt-4o-mini -> gpt-4o -> claude-sonnet with claude-sonnet's breaker open: the cheap
         refusal escalates to gpt-4o, which answers with no text and cannot escalate further; the
         refusal in hand is released (the caller got gpt-4o's empty completion)."""
-        config = _three_step_cascade(0.8, 0.8)
-        config["reliability"] = {"breaker": {"failure_threshold": 1, "open_seconds": 60}, "retries_per_model": 0}
-        config["routing"]["fallbacks"] = {}  # type: ignore[index]
-        fake.enqueue(Script(status=503), model="claude-sonnet-4-6")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            with pytest.raises(grpc.aio.AioRpcError):
-                [m async for m in client.complete(user_chat("hi"), pb.RoutingContext(model="claude-sonnet"))]
+        async with _three_steps_with_a_breaker_open(fake, "claude-sonnet", "claude-sonnet-4-6") as client:
             refusal = "I'm sorry, but I can't help with that."
             fake.enqueue(Script(text=refusal), model="gpt-4o-mini")
             fake.enqueue(Script(chunks=(), reasoning=("think ",)), model="gpt-4o")
@@ -1794,10 +1712,7 @@ class TestAnEscalationThatCannotBeServed:
         refusal = "I'm sorry, but I can't help with that."
         fake.enqueue(Script(text=refusal), Script(text='{"score": 0.1}'), *verdicts, model="gpt-4o-mini")
         fake.enqueue(empty, model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (server, client):
             messages = await _cascade(client)
             entries = server.router.ledger.entries(messages[0].decision.decision_id)
         assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
@@ -1818,10 +1733,7 @@ class TestAnEscalationThatCannotBeServed:
         config["cascade"]["scorers"] = ["local"]  # type: ignore[index]
         fake.enqueue(Script(text="I'm sorry, but I can't help with that."), model="gpt-4o-mini")
         fake.enqueue(Script(chunks=(), finish_reason="content_filter"), model="gpt-4o")
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        async with _served(config, fake) as (_server, client):
             messages = await _cascade(client)
         assert _kinds(messages) == ["decision", "escalation", "completion"]
         completion = messages[-1].completion
@@ -1853,14 +1765,9 @@ async def _judged_on_a_slow_store(
             fake.enqueue(Script(text="Lyon, maybe."), hanging_verdict, model="gpt-4o-mini")
             if first_text_delay is not None:
                 fake.enqueue(Script(text="Paris.", first_chunk_delay=first_text_delay), model="gpt-4o")
-            async with (
-                Server(settings_from(config, live_environ(fake)), port=0) as server,
-                RouterClient(server.target) as client,
-            ):
+            async with _served(config, fake) as (_server, client):
                 proxy.delay = reply_delay
-                context = pb.RoutingContext(cascade=True, tenant="acme")
-                prompt = user_chat("What is the capital of France?")
-                return [m async for m in client.complete(prompt, context, timeout=timeout)]
+                return await _cascade(client, tenant="acme", timeout=timeout)
 
 
 def _assert_escalated_or_released(messages: list[pb.CompleteResponse], fake: FakeProvider) -> None:

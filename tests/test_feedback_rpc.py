@@ -10,7 +10,8 @@ import sqlite3
 import sys
 import threading
 import time
-from contextlib import closing
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
@@ -355,6 +356,26 @@ class TestFeedbackBelongsToTheDecisionsTenant:
         assert (response.library_examples, repeated.library_examples) == (expected, expected)
 
 
+async def _decisions_written(server: Server) -> None:
+    """Write the decisions ``server`` has routed to its feedback file now (not at the next flush)."""
+    [stage] = server.router.policy.learning_stages
+    assert stage.feedback is not None
+    assert await asyncio.to_thread(stage.feedback.flush)
+
+
+@asynccontextmanager
+async def _another_process(script: str, *args: str, ready: bytes) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A real Python process running ``script`` with ``args``: entered once it has printed
+    ``ready`` (its lock or row taken), left once it has exited."""
+    other = await asyncio.create_subprocess_exec(sys.executable, "-c", script, *args, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert other.stdout is not None
+        assert await other.stdout.readline() == ready + b"\n"
+        yield other
+    finally:
+        await other.wait()
+
+
 class TestFeedbackStoreUnderContention:
     async def test_a_locked_feedback_file_holds_up_no_route(self, tmp_path: Path) -> None:
         """Another process holds the feedback file's write lock (a second worker, a ``sqlite3``
@@ -458,9 +479,7 @@ class TestFeedbackStoreUnderContention:
         settings = settings_from(embedding_config(tmp_path))
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             decision = await client.route(user_chat("say hello to zulu"))
-            [stage] = server.router.policy.learning_stages
-            assert stage.feedback is not None
-            assert await asyncio.to_thread(stage.feedback.flush)  # the decision is in the file
+            await _decisions_written(server)
             with write_locked(tmp_path / "feedback.db"):
                 error = await _feedback_error(client, decision.decision_id, thumbs_up=False)
             response = await client.feedback(decision.decision_id, thumbs_up=False)
@@ -489,15 +508,8 @@ class TestFeedbackStoreUnderContention:
         )
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             decisions = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(8)]
-            [stage] = server.router.policy.learning_stages
-            assert stage.feedback is not None
-            assert await asyncio.to_thread(stage.feedback.flush)  # the decisions are in the file
-            other = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", holder, str(tmp_path / "feedback.db"), stdout=asyncio.subprocess.PIPE
-            )
-            try:
-                assert other.stdout is not None
-                assert await other.stdout.readline() == b"locked\n"
+            await _decisions_written(server)
+            async with _another_process(holder, str(tmp_path / "feedback.db"), ready=b"locked"):
                 loop = asyncio.get_running_loop()
 
                 async def rated(decision_id: str) -> tuple[str, float]:
@@ -518,8 +530,6 @@ class TestFeedbackStoreUnderContention:
                 *answers, waited = await asyncio.gather(
                     *(rated(d.decision_id) for d in decisions), default_executor_wait()
                 )
-            finally:
-                await other.wait()
         assert [outcome for outcome, _ in answers] == ["FEEDBACK_STORE_BUSY"] * 8
         assert max(seconds for _, seconds in answers) < 8.0  # the busy timeout (5 s) and a margin
         assert waited < 1.0
@@ -550,9 +560,7 @@ class TestFeedbackStoreUnderContention:
         )
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             decisions = await asyncio.gather(*(client.route(user_chat(f"say hello to zulu {i}")) for i in range(100)))
-            [stage] = server.router.policy.learning_stages
-            assert stage.feedback is not None
-            assert await asyncio.to_thread(stage.feedback.flush)  # the decisions are in the file
+            await _decisions_written(server)
 
             async def rated(decision_id: str, thumbs_up: bool) -> str:
                 try:
@@ -561,19 +569,12 @@ class TestFeedbackStoreUnderContention:
                     return f"{error.code().name} {error.details()}"
                 return "OK"
 
-            other = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", holder, str(tmp_path / "feedback.db"), stdout=asyncio.subprocess.PIPE
-            )
-            try:
-                assert other.stdout is not None
-                assert await other.stdout.readline() == b"locked\n"
+            async with _another_process(holder, str(tmp_path / "feedback.db"), ready=b"locked"):
                 started = time.monotonic()
                 answers = await asyncio.gather(
                     *(rated(d.decision_id, wave % 2 == 0) for wave in range(9) for d in decisions)
                 )
                 took = time.monotonic() - started
-            finally:
-                await other.wait()
         assert {answer: answers.count(answer) for answer in set(answers)} == {"OK": 900}, f"in {took:.1f} s"
         assert took > 7.0  # the last did wait past the busy timeout in all
 
@@ -598,23 +599,12 @@ class TestFeedbackStoreUnderContention:
         )
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             decision = await client.route(user_chat("say hello to zulu"))
-            [stage] = server.router.policy.learning_stages
-            assert stage.feedback is not None
-            assert await asyncio.to_thread(stage.feedback.flush)  # the decision is in the file
-            other = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                late_writer,
-                str(tmp_path / "feedback.db"),
-                decision.decision_id,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            try:
-                assert other.stdout is not None
-                assert await other.stdout.readline() == b"taken\n"  # as if routed elsewhere, not yet written
+            await _decisions_written(server)
+            # "taken": the decision out of the file, as if routed elsewhere and not yet written
+            database = str(tmp_path / "feedback.db")
+            async with _another_process(late_writer, database, decision.decision_id, ready=b"taken") as other:
                 response = await client.feedback(decision.decision_id, thumbs_up=False)
-            finally:
-                assert await other.wait() == 0
+            assert other.returncode == 0
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
 
     async def test_concurrent_feedback_leaves_the_served_library_as_the_store_has_it(self, tmp_path: Path) -> None:
@@ -649,9 +639,7 @@ class TestTheLibraryStaysBounded:
         settings = settings_from(embedding_config(tmp_path))
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             decisions = [await client.route(user_chat(f"prompt {i} about zulu")) for i in range(42)]
-            [stage] = server.router.policy.learning_stages
-            assert stage.feedback is not None
-            assert await asyncio.to_thread(stage.feedback.flush)
+            await _decisions_written(server)
 
             async def steps_of_feedback(decision: pb.RouteResponse) -> int:
                 before = sqlite_work.steps

@@ -80,6 +80,14 @@ async def on_raw(raw: RawUpstream, kind: str, http_client: HttpClientKind) -> As
     await made.aclose()
 
 
+@pytest.fixture
+async def bounded_anthropic_on_raw(raw: RawUpstream, http_client: HttpClientKind) -> AsyncIterator[Adapter]:
+    """An anthropic adapter, over each transport, pointed at ``raw``, with ``max_event_bytes`` 8192."""
+    made = make_adapter("anthropic", http_client, raw.url + "/v1", raw.url, max_event_bytes=8192)
+    yield made
+    await made.aclose()
+
+
 def stream_of(kind: str, texts: tuple[str, ...] = ("Hello ", "world")) -> list[bytes]:
     """A whole stream of ``texts`` in ``kind``'s format."""
     return openai_stream(texts) if kind == "openai" else anthropic_stream(texts)
@@ -576,21 +584,17 @@ class TestEventBound:
         assert ("".join(texts), error) == ("Hello world", None)
 
     async def test_an_anthropic_event_of_over_1000_lines_read_with_the_next_events_is_too_many_lines(
-        self, raw: RawUpstream, http_client: HttpClientKind
+        self, raw: RawUpstream, bounded_anthropic_on_raw: Adapter
     ) -> None:
         """An event of 1,001 lines (2 kB) sent in one write with the next event (7 kB), each well
         under ``max_event_bytes`` 8192, the two over it: ``event_too_many_lines``, not
         ``max_event_bytes`` (the bytes after the failing event's start, the next event's included,
         were checked against it first: ``event_too_large``)."""
-        adapter = make_adapter("anthropic", http_client, raw.url + "/v1", raw.url, max_event_bytes=8192)
         events = anthropic_stream(["Hello ", "world"])
         lines = b"event: ping\n" + b"a\n" * 998 + b'data: {"type": "ping"}\n\n'
         big = b'event: ping\ndata: {"type": "ping", "pad": "' + b"x" * 7000 + b'"}\n\n'
         raw.replies.append(Reply(body=chunks(*events[:3], lines + big, *events[3:])))
-        try:
-            texts, error = await read(adapter, call(timeout=8))
-        finally:
-            await adapter.aclose()
+        texts, error = await read(bounded_anthropic_on_raw, call(timeout=8))
         assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
         assert error is not None
         assert "stream event over 1000 lines (an anthropic stream's most) (event_too_many_lines)" in error.message
@@ -610,19 +614,15 @@ class TestEventBound:
         assert ("".join(texts), error) == ("Hello " + "x" * 2000 + " world", None)
 
     async def test_an_anthropic_line_over_max_event_bytes_read_in_pieces_is_unavailable(
-        self, raw: RawUpstream, http_client: HttpClientKind
+        self, raw: RawUpstream, bounded_anthropic_on_raw: Adapter
     ) -> None:
         """An event whose one data line of 9 kB comes in 100-byte reads, ``max_event_bytes`` 8192:
         ProviderUnavailable ``event_too_large`` after the first text (the line held for its end is
         counted as the event's)."""
-        adapter = make_adapter("anthropic", http_client, raw.url + "/v1", raw.url, max_event_bytes=8192)
         events = anthropic_stream(["Hello ", "x" * 9000, " world"])
         pieces = [events[3][index : index + 100] for index in range(0, len(events[3]), 100)]
         raw.replies.append(Reply(body=chunks(*events[:3], *pieces, *events[4:]), pause=0.0005))
-        try:
-            texts, error = await read(adapter, call(timeout=8))
-        finally:
-            await adapter.aclose()
+        texts, error = await read(bounded_anthropic_on_raw, call(timeout=8))
         assert (texts, type(error)) == (["Hello "], ProviderUnavailable)
         assert error is not None
         assert "stream event over 8192 bytes (reliability.max_event_bytes) (event_too_large)" in error.message

@@ -626,6 +626,20 @@ def _port_that_never_answers() -> Iterator[int]:
             held_socket.close()
 
 
+async def _acme_refused(
+    config: dict[str, object], fake: FakeProvider, prompt: str = "hi", *, timeout: float | None = None
+) -> grpc.aio.AioRpcError:
+    """The error that refuses tenant acme's Complete on a server of ``config`` (providers at ``fake``)."""
+    async with (
+        Server(settings_from(config, live_environ(fake)), port=0) as server,
+        RouterClient(server.target) as client,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in client.complete(user_chat(prompt), pb.RoutingContext(tenant="acme"), timeout=timeout):
+                pass
+    return caught.value
+
+
 class TestStoreFailures:
     async def test_a_settle_cancelled_on_its_way_still_frees_the_slot(self, redis_url: str, prefix: str) -> None:
         """A request's settle is cancelled while it connects to Redis (a second cancellation of
@@ -1431,15 +1445,9 @@ class TestStoreFailures:
         config = default_config()
         config["tenants"] = {"acme": {"requests_per_minute": 10}}
         config["shared_state"] = {"redis_url": f"redis://127.0.0.1:{closed}"}
-        async with (
-            Server(settings_from(config, live_environ(fake)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                async for _ in client.complete(user_chat("hi"), pb.RoutingContext(tenant="acme")):
-                    pass
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert error_info(caught.value).reason == "SHARED_STATE_UNAVAILABLE"
+        refused = await _acme_refused(config, fake)
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(refused).reason == "SHARED_STATE_UNAVAILABLE"
         assert fake.requests == []
 
     async def test_a_store_that_never_answers_is_unavailable_within_a_second(self, fake: FakeProvider) -> None:
@@ -1451,16 +1459,9 @@ class TestStoreFailures:
         config["tenants"] = {"acme": {"requests_per_minute": 10}}
         async with _never_answering() as url:
             config["shared_state"] = {"redis_url": url}
-            async with (
-                Server(settings_from(config, live_environ(fake)), port=0) as server,
-                RouterClient(server.target) as client,
-            ):
-                context = pb.RoutingContext(tenant="acme")
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    async for _ in client.complete(user_chat("hi"), context, timeout=4.0):
-                        pass
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert error_info(caught.value).reason == "SHARED_STATE_UNAVAILABLE"
+            refused = await _acme_refused(config, fake, timeout=4.0)
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(refused).reason == "SHARED_STATE_UNAVAILABLE"
         assert fake.requests == []
 
     async def test_a_store_that_never_answers_refuses_a_complete_paying_to_decide_within_a_second(
@@ -1476,15 +1477,8 @@ class TestStoreFailures:
         config["tenants"] = {"acme": {"daily_budget_usd": 1}}
         async with _never_answering() as url:
             config["shared_state"] = {"redis_url": url}
-            async with (
-                Server(settings_from(config, live_environ(fake)), port=0) as server,
-                RouterClient(server.target) as client,
-            ):
-                context = pb.RoutingContext(tenant="acme")
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    async for _ in client.complete(user_chat("what is 2+2"), context, timeout=1.5):
-                        pass
-        assert (caught.value.code(), error_info(caught.value).reason) == (
+            refused = await _acme_refused(config, fake, "what is 2+2", timeout=1.5)
+        assert (refused.code(), error_info(refused).reason) == (
             grpc.StatusCode.UNAVAILABLE,
             "SHARED_STATE_UNAVAILABLE",
         )
