@@ -4199,10 +4199,17 @@ class TestBatchOverdue:
             job = (await submit(client))[1].batch.batch_id
             await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
             [batch] = fake.batches
+            # Accepted by the provider (a status check found it in progress, its request dropped):
+            # else its failure for the enqueued token limit sends it again (``retry_later``).
+            await until(lambda: stored_requests(tmp_path / "batches.db") == ["{}"])
             fake.batch_retrieve_errors[batch.api] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
             await until(lambda: batch.refused >= 1)
             # While its polls fail (none reads it in between), it passes its window and ends.
             sent_earlier(tmp_path / "batches.db", OVERDUE_AFTER_SECONDS + 3600)
+            # A round under way may have listed it before the move: once a poll is refused after
+            # the move, every poll still to come is of a round that lists it as sent that long ago.
+            moved = batch.refused
+            await until(lambda: batch.refused > moved)
             fake.batch_outcome = BatchOutcome.FAIL
             fake.batch_retrieve_errors.clear()
             ended = await wait_state(client, job, pb.BATCH_STATE_FAILED)
