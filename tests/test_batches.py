@@ -113,10 +113,16 @@ async def submit(client: RouterClient, tenant: str = "acme", **context: object) 
     return [m async for m in client.complete(user_chat("Summarise this report"), request_context)]
 
 
+def grouping_two(config: dict[str, object]) -> dict[str, object]:
+    """``config`` with batches of two jobs sent once both are queued (``two_jobs``): a group is
+    sent when full, its window long enough for a loaded machine (a 0.05 s window closed on the
+    first of two jobs submitted together, once, sending them in two provider batches)."""
+    config["batch"] |= {"group_window_seconds": 30.0, "max_group_size": 2}  # type: ignore[operator]
+    return config
+
+
 async def two_jobs(client: RouterClient, **context: object) -> list[pb.BatchJob]:
-    """Two jobs submitted at once, so that one group window takes both however slow the server's
-    first call is (submitted one after the other, a first call that took longer than the window
-    on a loaded machine put them in two provider batches)."""
+    """Two jobs submitted at once, to be sent in one provider batch (``grouping_two``)."""
     submitted = await asyncio.gather(submit(client, **context), submit(client, **context))
     return [messages[1].batch for messages in submitted]
 
@@ -1313,8 +1319,7 @@ class TestBatchPersistence:
         another writer of the file, a second worker): the write, which runs to its end in a
         worker thread, and the job's charge are one unit the shutdown waits for, so the job
         ended SUCCEEDED is charged (it was not, and no later round reads an ended job again)."""
-        config = batch_config(tmp_path)
-        config["batch"] |= {"group_window_seconds": 30.0, "max_group_size": 2}  # type: ignore[operator]
+        config = grouping_two(batch_config(tmp_path))
         fake.batch_outcome = BatchOutcome.PENDING
         other_writer = sqlite3.connect(tmp_path / "batches.db", isolation_level=None)
         writing = asyncio.Event()
@@ -1523,10 +1528,8 @@ def billed_cost(server: Server, model: str) -> Decimal:
 
 
 def cancelled_config(tmp_path: Path) -> dict[str, object]:
-    """``budget_config`` with a window long enough to group two jobs submitted together (``two_jobs``)."""
-    config = budget_config(tmp_path)
-    config["batch"]["group_window_seconds"] = 0.3  # type: ignore[index]
-    return config
+    """``budget_config`` grouping two jobs submitted together (``two_jobs``) in one batch."""
+    return grouping_two(budget_config(tmp_path))
 
 
 def lapse(path: Path, *also: str) -> None:
@@ -1602,7 +1605,7 @@ class TestBatchJobCancelledAfterItWasSent:
         fake.batch_outcome = BatchOutcome.PENDING
         fake.batch_answered_before_cancel = 1
         fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
-        config = cancelled_config(tmp_path)
+        config = budget_config(tmp_path)
         config["batch"]["max_queued_seconds"] = 3600.0  # type: ignore[index]
         environ = live_environ(fake)
         async with Server(settings_from(config, environ), port=0) as server, RouterClient(server.target) as client:
@@ -4132,7 +4135,7 @@ class TestBatchOverdue:
         fake.batch_outcome = BatchOutcome.PENDING
         fake.batch_answered_before_cancel = 1
         async with (
-            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            Server(settings_from(grouping_two(batch_config(tmp_path)), live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
         ):
             jobs = [job.batch_id for job in await two_jobs(client)]
@@ -4191,10 +4194,17 @@ class TestBatchOverdue:
             job = (await submit(client))[1].batch.batch_id
             await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
             [batch] = fake.batches
+            # Accepted by the provider (a status check found it in progress, its request dropped):
+            # else its failure for the enqueued token limit sends it again (``retry_later``).
+            await until(lambda: stored_requests(tmp_path / "batches.db") == ["{}"])
             fake.batch_retrieve_errors[batch.api] = SERVER_ERROR
             await until(lambda: batch.refused >= 1)
             # While its polls fail (none reads it in between), it passes its window and ends.
             sent_earlier(tmp_path / "batches.db", OVERDUE_AFTER_SECONDS + 3600)
+            # A round under way may have listed it before the move: once a poll is refused after
+            # the move, every poll still to come is of a round that lists it as sent that long ago.
+            moved = batch.refused
+            await until(lambda: batch.refused > moved)
             fake.batch_outcome = BatchOutcome.FAIL
             fake.batch_retrieve_errors.clear()
             ended = await wait_state(client, job, pb.BATCH_STATE_FAILED)
