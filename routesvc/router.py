@@ -1285,9 +1285,10 @@ class Router:
         start by then (``_escalated_deadline``). The time left is counted from ``as_of`` when that
         is earlier than now (the moment a judge's call was cut, whose verdict this acts on), plus
         the round trips to the tenant's budget since, and at most ``_lag_forgiven`` before now
-        (``_AttemptState.counted_now``); the hold is given only the time until that check would
-        refuse (a slow shared store's round trips cannot run past the time kept to release the
-        answer in hand), and the time checked again after it, its round trips counted."""
+        (``_AttemptState.counted_now``); the hold, or the check without it, is given only the time
+        until that check would refuse (a slow shared store's round trips cannot run past the time
+        kept to release the answer in hand), and the time checked again after a hold, its round
+        trips counted."""
         decision = state.decision
         steps = decision.cascade_models
         cap = self._escalation.max_cost(request)
@@ -1303,13 +1304,10 @@ class Router:
             return target, stop
         if why := self._unservable(state, next_model, cap):
             return target, _EscalationStop(f"not escalated to {next_model}: {why}")
-        if not hold:
-            if why := await self._budget_refuses(state, next_cost):
-                return target, _EscalationStop(f"not escalated to {next_model}: {why}")
-            return target, None
-        # The hold waits at most until the check after it would refuse (the real time left to the
-        # deadline down to what an escalation needs, less the lag forgiven): a slow shared store
-        # must not keep the answer in hand past the time kept to release it.
+        # The check (without ``hold``) or the hold waits at most until the check after it would
+        # refuse (the real time left to the deadline down to what an escalation needs, less the
+        # lag forgiven): a slow shared store must not keep the answer in hand past the time kept
+        # to release it.
         hold_for = None
         if deadline is not None:
             hold_for = deadline - time.monotonic() - (self._escalation_needs(keeping=keeping) - self._lag_forgiven)
@@ -1319,16 +1317,21 @@ class Router:
                 )
         timer = asyncio.timeout(hold_for)
         try:
-            # The next model is another call to pay for: the tenant's budget must take it before
-            # the cheaper answer is given up.
             async with timer:
+                if not hold:
+                    if why := await self._budget_refuses(state, next_cost):
+                        return target, _EscalationStop(f"not escalated to {next_model}: {why}")
+                    return target, None
+                # The next model is another call to pay for: the tenant's budget must take it
+                # before the cheaper answer is given up.
                 await self._cover_cost(state, next_cost)
         except (LimitExceeded, SharedStateUnavailable) as refused:
             return target, _EscalationStop(f"not escalated to {next_model}: {refused.message}", refused)
         except TimeoutError:
             if not timer.expired():
                 raise
-            # Cut mid-hold: whatever the store held by then is released with the reservation.
+            # Cut mid-check or mid-hold: whatever the store held by then is released with the
+            # reservation.
             why = f"the tenant's budget store did not answer within the {hold_for:.3f} s left for it"
             return target, _EscalationStop(f"not escalated to {next_model}: {why}")
         # Checked again after the hold, its round trips to the shared store counted: the last check

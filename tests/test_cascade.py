@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import re
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import pytest
+import redis.asyncio
 from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient
@@ -1608,6 +1611,31 @@ class TestAnEscalationThatCannotBeServed:
         assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
         assert "not asked (the tenant's budget store did not answer within the " in completion.quality.reason
 
+    async def test_the_check_before_scoring_waits_for_a_slow_shared_store_only_while_the_answer_can_be_released(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """The cheap answer comes 3.05 s into a 4 s call (the server ends it at 3.8 s), then Redis
+        (the tenant's budget) answers each reply 0.9 s late: the check before scoring, whether the
+        budget could take gpt-4o, waits only until the answer must be released, and the answer is
+        released, not escalated, saying why; the judge is not asked, and the budget settles to what
+        was paid. (The check waited for the store to ~3.95 s: DEADLINE_EXCEEDED after the decision,
+        the cheap answer paid and never sent.)"""
+        config = default_config()
+        fake.enqueue(Script(text="Lyon, maybe.", first_chunk_delay=3.05), model="gpt-4o-mini")
+        messages, budget = await _on_a_store_slowed_mid_call(fake, tmp_path, config, requests=1, reply_delay=0.9)
+        completion = messages[-1].completion
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        # Announced as the store's silence, or, on a loaded machine whose answer came later, as the
+        # time left: either way released.
+        assert re.fullmatch(
+            r"no problem found; not escalated to gpt-4o: (the tenant's budget store did not answer within the"
+            r" [0-9.]+ s left for it|[0-9.]+ s of the deadline left) \(so the judge was not asked\)",
+            completion.quality.reason,
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+        assert budget == (Decimal(0), Decimal(completion.cost_usd))
+
     async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
         """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
         here) before the deadline: it does (0.5 s into the 4 s call), and its answer, still
@@ -1861,6 +1889,56 @@ async def _judged_on_a_slow_store(
                 context = pb.RoutingContext(cascade=True, tenant="acme")
                 prompt = user_chat("What is the capital of France?")
                 return [m async for m in client.complete(prompt, context, timeout=timeout)]
+
+
+async def _on_a_store_slowed_mid_call(
+    fake: FakeProvider, tmp_path: Path, config: dict[str, object], *, requests: int, reply_delay: float
+) -> tuple[list[pb.CompleteResponse], tuple[Decimal, Decimal]]:
+    """A cascaded 4 s Complete of tenant acme (a budget counted in a real Redis) on `config`, whose
+    every reply from Redis comes `reply_delay` s late from once the fake has had `requests`
+    requests; its messages, and what Redis then counts for acme today once the call has settled
+    (reserved, spent: the reserved back to 0 within a generous cap)."""
+    with running_redis(tmp_path) as url:
+        async with _Proxy(url) as proxy:
+            config["shared_state"] = {"redis_url": proxy.url}
+            config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                context = pb.RoutingContext(cascade=True, tenant="acme")
+                call = client.complete(user_chat("What is the capital of France?"), context, timeout=4.0)
+                collected = asyncio.ensure_future(_collect(call))
+                try:
+                    await until(lambda: len(fake.requests) >= requests)
+                    proxy.delay = reply_delay
+                    messages = await collected
+                finally:
+                    collected.cancel()
+                    proxy.hurry()
+                budget = await _settled_budget(url, "acme")
+    return messages, budget
+
+
+async def _collect(call: AsyncIterator[pb.CompleteResponse]) -> list[pb.CompleteResponse]:
+    return [message async for message in call]
+
+
+async def _settled_budget(redis_url: str, tenant: str) -> tuple[Decimal, Decimal]:
+    """What Redis counts for `tenant` today (UTC), reserved and spent, once nothing is reserved
+    (or after 10 s)."""
+    day = datetime.datetime.now(datetime.UTC).date().isoformat()
+    keys = [f"routesvc:{tenant}:reserved:day:{day}", f"routesvc:{tenant}:spent:day:{day}"]
+    direct = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while Decimal(await direct.get(keys[0]) or 0):  # noqa: ASYNC110 - another process's Redis key, polled
+                    await asyncio.sleep(0.05)
+        reserved, spent = await direct.mget(keys)
+    finally:
+        await direct.aclose()
+    return Decimal(reserved or 0), Decimal(spent or 0)
 
 
 def _assert_escalated_or_released(messages: list[pb.CompleteResponse], fake: FakeProvider) -> None:
