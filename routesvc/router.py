@@ -1481,13 +1481,21 @@ class Router:
                 previous_failure = previous_failure or spent
                 continue
             try:
-                await self._cover(attempt, model)
+                # Bounded by the time its attempt must start by (``start_by``: an escalated step's
+                # first text, with an answer in hand to release), less the least it starts with:
+                # a slow shared store must not keep the answer in hand past its release.
+                needed = 0.0 if checked else reliability.min_attempt_seconds
+                covered = await self._cover(attempt, model, within=None if start_by is None else start_by - needed)
             except (LimitExceeded, SharedStateUnavailable):
                 if last_error is None:
                     raise  # the model this step was decided for: nothing cheaper to try
                 # A fallback the tenant's budget cannot take (or that cannot be checked) is
                 # skipped, like one over max_cost_usd; the request ends with the model's failure.
                 continue
+            if not covered:
+                if last_error is None:
+                    raise TimeoutError  # no time left to start it, as below
+                continue  # skipped as one that cannot be checked
             # Recorded when its first attempt starts: a fallback the attempt limit, the retry
             # budget, the deadline or an open breaker stops was never called.
             fallen_from = previous_failure
@@ -1590,19 +1598,30 @@ class Router:
         if self._breakers.retry_in(model.id) > delay:
             return None
         try:
-            await self._cover(state, model)
+            # Waited for only while the retry could still start after its wait.
+            covered = await self._cover(state, model, within=None if deadline is None else deadline - delay)
         except (LimitExceeded, SharedStateUnavailable):
             return None
-        return delay
+        return delay if covered else None
 
-    async def _cover(self, state: _AttemptState, model: ModelSpec) -> None:
+    async def _cover(self, state: _AttemptState, model: ModelSpec, *, within: float | None = None) -> bool:
         """Make the request's reservation hold what it has spent on answers so far plus ``model``'s
-        estimate, before ``model`` is called (a fallback, a cascade escalation): the tenant's budget
-        is checked for every model a request calls, not only the decided one. Raises
-        ``LimitExceeded`` when the budget cannot take the difference (``SharedStateUnavailable``
-        when the shared store cannot say)."""
+        estimate, before ``model`` is called (a fallback, a retry): the tenant's budget is checked
+        for every model a request calls, not only the decided one. Raises ``LimitExceeded`` when
+        the budget cannot take the difference (``SharedStateUnavailable`` when the shared store
+        cannot say). False when the store did not answer by ``within`` (time.monotonic(), the
+        latest ``model`` could be called: a slow store is not waited for past it), True when held."""
         decision = state.decision
-        await self._cover_cost(state, estimated_cost(model, decision, decision.mode))
+        timer = asyncio.timeout(None if within is None else within - time.monotonic())
+        try:
+            async with timer:
+                await self._cover_cost(state, estimated_cost(model, decision, decision.mode))
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            # Whatever the store held by then is released with the reservation at its settle.
+            return False
+        return True
 
     async def _cover_cost(self, state: _AttemptState, estimate: Decimal) -> None:
         """``_cover`` for a call estimated at ``estimate`` (a cascade judge's, an escalation's)."""

@@ -1636,6 +1636,29 @@ class TestAnEscalationThatCannotBeServed:
         assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
         assert budget == (Decimal(0), Decimal(completion.cost_usd))
 
+    async def test_a_fallback_of_an_escalation_is_not_waited_for_on_a_slow_shared_store_past_the_answers_release(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """The cheap answer is judged 0.1 and escalated to gpt-4o at once; Redis (the tenant's
+        budget) then answers each reply 0.9 s late, and gpt-4o fails (503, no retry) 3 s in, with
+        the server's end of the 4 s call at 3.8 s: its fallback claude-sonnet's hold in the budget
+        is waited for only while claude-sonnet could still start, then the fallback is skipped and
+        the answer in hand released, saying why; the budget settles to what was paid. (The hold
+        waited for the store to ~4 s: DEADLINE_EXCEEDED after the Escalation, the cheap answer and
+        the judge paid, and the answer never sent.)"""
+        config = default_config()
+        config["reliability"]["retries_per_model"] = 0  # type: ignore[index]
+        fake.enqueue(Script(text="Lyon, maybe."), Script(text='{"score": 0.1}'), model="gpt-4o-mini")
+        fake.enqueue(Script(status=503, first_chunk_delay=3.0), model="gpt-4o")
+        fake.enqueue(Script(text="Paris."), model="claude-sonnet-4-6")
+        messages, budget = await _on_a_store_slowed_mid_call(fake, tmp_path, config, requests=3, reply_delay=0.9)
+        completion = messages[-1].completion
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        assert completion.quality.reason.endswith("; escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released")
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]
+        assert budget == (Decimal(0), Decimal(completion.cost_usd))
+
     async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
         """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
         here) before the deadline: it does (0.5 s into the 4 s call), and its answer, still
