@@ -1236,6 +1236,7 @@ class Router:
                 finish_reason=completion.finish_reason,
                 threshold=threshold,
                 timeout=timeout,
+                min_timeout=min_attempt,
                 # Charged as each judge call ends, so a cancelled request still pays for it once;
                 # reserved before it starts, as every model a request calls is.
                 charge=lambda call: self._record_scoring(state, call),

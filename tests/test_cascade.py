@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -340,6 +341,41 @@ class TestLLMJudge:
         assert [(e["event"], e["log_level"], e["error"]) for e in logs if e["event"] == "judge_failed"] == [
             ("judge_failed", "error", "OverflowError")
         ]
+
+    async def test_a_hold_that_leaves_the_judge_less_than_its_least_time_is_cut_and_the_judge_not_asked(
+        self, provider: OpenAIProvider, fake: FakeProvider
+    ) -> None:
+        """The judge has 1 s and is asked only with at least 0.5 s (`min_timeout`); its hold in
+        the tenant's budget (a slow store) would take 0.8 s: the hold is cut once 0.5 s is all that
+        is left, and the judge is not asked (it was, with 0.2 s, timed out and was paid for no
+        verdict), scored by on_failure with the reason."""
+
+        async def slow_store(cost: Decimal) -> str:
+            await asyncio.sleep(0.8)
+            return ""
+
+        scoring_input = replace(_input("Paris"), timeout=1.0, min_timeout=0.5, reserve=slow_store)
+        result = await self._judge(provider).score(scoring_input)
+        assert (result.quality.score, result.calls) == (1.0, ())
+        assert result.quality.reason == (
+            "judge gpt-4o-mini not asked (the tenant's budget store did not answer within the 0.5 s left for it);"
+            " released as configured"
+        )
+        assert fake.requests == []
+
+    async def test_a_timeout_error_of_the_hold_itself_is_not_taken_for_the_holds_cut(
+        self, provider: OpenAIProvider
+    ) -> None:
+        """A TimeoutError raised by the hold in the tenant's budget long before the judge's time
+        is up is not reported as the store not answering in the time left (it was): it
+        propagates, as the hold's other faults do."""
+
+        async def failing_hold(cost: Decimal) -> str:
+            raise TimeoutError
+
+        scoring_input = replace(_input("Paris"), timeout=5.0, reserve=failing_hold)
+        with pytest.raises(TimeoutError):
+            await self._judge(provider).score(scoring_input)
 
     async def test_a_provider_error_is_a_failure(self, provider: OpenAIProvider, fake: FakeProvider) -> None:
         """A 400 from the judge's provider: released as configured, reason names the error."""
@@ -1657,6 +1693,30 @@ class TestAnEscalationThatCannotBeServed:
         assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
         assert completion.quality.reason.endswith("; escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released")
         assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]
+        assert budget == (Decimal(0), Decimal(completion.cost_usd))
+
+    async def test_a_judge_is_not_asked_when_its_hold_in_a_slow_shared_store_leaves_it_less_than_min_attempt(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """min_attempt_seconds 0.5: the cheap answer comes 1.35 s into a 4 s call, then Redis (the
+        tenant's budget) answers each reply 0.6 s late, so the judge, whose calls end 1 s before
+        the server's end (3.8 s), has ~0.85 s when its hold starts: the hold is cut once 0.5 s is
+        all that is left, the judge not asked, and the answer released as configured, saying why;
+        the budget settles to the answer alone. (The hold ran its round trip, and the judge was
+        asked with ~0.2 s, timed out and was paid for no verdict.)"""
+        config = default_config()
+        config["reliability"]["min_attempt_seconds"] = 0.5  # type: ignore[index]
+        config["cascade"]["judge"]["on_failure"] = "release"  # type: ignore[index]
+        hanging_verdict = Script(text='{"score": 0.9}', first_chunk_delay=5.0)
+        fake.enqueue(Script(text="Lyon, maybe.", first_chunk_delay=1.35), hanging_verdict, model="gpt-4o-mini")
+        messages, budget = await _on_a_store_slowed_mid_call(fake, tmp_path, config, requests=1, reply_delay=0.6)
+        completion = messages[-1].completion
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        assert completion.quality.reason.startswith("judge gpt-4o-mini not asked (")
+        assert completion.quality.reason.endswith("); released as configured")
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+        assert [a.outcome for a in completion.attempts] == [pb.ATTEMPT_OUTCOME_COMPLETED]
         assert budget == (Decimal(0), Decimal(completion.cost_usd))
 
     async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
