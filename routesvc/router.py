@@ -1247,6 +1247,7 @@ class Router:
                 finish_reason=completion.finish_reason,
                 threshold=threshold,
                 timeout=timeout,
+                min_timeout=min_attempt,
                 # Charged as each judge call ends, so a cancelled request still pays for it once;
                 # reserved before it starts, as every model a request calls is.
                 charge=lambda call: self._record_scoring(state, call),
@@ -1296,9 +1297,10 @@ class Router:
         start by then (``_escalated_deadline``). The time left is counted from ``as_of`` when that
         is earlier than now (the moment a judge's call was cut, whose verdict this acts on), plus
         the round trips to the tenant's budget since, and at most ``_lag_forgiven`` before now
-        (``_AttemptState.counted_now``); the hold is given only the time until that check would
-        refuse (a slow shared store's round trips cannot run past the time kept to release the
-        answer in hand), and the time checked again after it, its round trips counted."""
+        (``_AttemptState.counted_now``); the hold, or the check without it, is given only the time
+        until that check would refuse (a slow shared store's round trips cannot run past the time
+        kept to release the answer in hand), and the time checked again after a hold, its round
+        trips counted."""
         decision = state.decision
         steps = decision.cascade_models
         cap = self._escalation.max_cost(request)
@@ -1314,13 +1316,10 @@ class Router:
             return target, stop
         if why := self._unservable(state, next_model, cap):
             return target, _EscalationStop(f"not escalated to {next_model}: {why}")
-        if not hold:
-            if why := await self._budget_refuses(state, next_cost):
-                return target, _EscalationStop(f"not escalated to {next_model}: {why}")
-            return target, None
-        # The hold waits at most until the check after it would refuse (the real time left to the
-        # deadline down to what an escalation needs, less the lag forgiven): a slow shared store
-        # must not keep the answer in hand past the time kept to release it.
+        # The check (without ``hold``) or the hold waits at most until the check after it would
+        # refuse (the real time left to the deadline down to what an escalation needs, less the
+        # lag forgiven): a slow shared store must not keep the answer in hand past the time kept
+        # to release it.
         hold_for = None
         if deadline is not None:
             hold_for = deadline - time.monotonic() - (self._escalation_needs(keeping=keeping) - self._lag_forgiven)
@@ -1330,16 +1329,21 @@ class Router:
                 )
         timer = asyncio.timeout(hold_for)
         try:
-            # The next model is another call to pay for: the tenant's budget must take it before
-            # the cheaper answer is given up.
             async with timer:
+                if not hold:
+                    if why := await self._budget_refuses(state, next_cost):
+                        return target, _EscalationStop(f"not escalated to {next_model}: {why}")
+                    return target, None
+                # The next model is another call to pay for: the tenant's budget must take it
+                # before the cheaper answer is given up.
                 await self._cover_cost(state, next_cost)
         except (LimitExceeded, SharedStateUnavailable) as refused:
             return target, _EscalationStop(f"not escalated to {next_model}: {refused.message}", refused)
         except TimeoutError:
             if not timer.expired():
                 raise
-            # Cut mid-hold: whatever the store held by then is released with the reservation.
+            # Cut mid-check or mid-hold: whatever the store held by then is released with the
+            # reservation.
             why = f"the tenant's budget store did not answer within the {hold_for:.3f} s left for it"
             return target, _EscalationStop(f"not escalated to {next_model}: {why}")
         # Checked again after the hold, its round trips to the shared store counted: the last check
@@ -1489,13 +1493,21 @@ class Router:
                 previous_failure = previous_failure or spent
                 continue
             try:
-                await self._cover(attempt, model)
+                # Bounded by the time its attempt must start by (``start_by``: an escalated step's
+                # first text, with an answer in hand to release), less the least it starts with:
+                # a slow shared store must not keep the answer in hand past its release.
+                needed = 0.0 if checked else reliability.min_attempt_seconds
+                covered = await self._cover(attempt, model, within=None if start_by is None else start_by - needed)
             except (LimitExceeded, SharedStateUnavailable):
                 if last_error is None:
                     raise  # the model this step was decided for: nothing cheaper to try
                 # A fallback the tenant's budget cannot take (or that cannot be checked) is
                 # skipped, like one over max_cost_usd; the request ends with the model's failure.
                 continue
+            if not covered:
+                if last_error is None:
+                    raise TimeoutError  # no time left to start it, as below
+                continue  # skipped as one that cannot be checked
             # Recorded when its first attempt starts: a fallback the attempt limit, the retry
             # budget, the deadline or an open breaker stops was never called.
             fallen_from = previous_failure
@@ -1598,19 +1610,30 @@ class Router:
         if self._breakers.retry_in(model.id) > delay:
             return None
         try:
-            await self._cover(state, model)
+            # Waited for only while the retry could still start after its wait.
+            covered = await self._cover(state, model, within=None if deadline is None else deadline - delay)
         except (LimitExceeded, SharedStateUnavailable):
             return None
-        return delay
+        return delay if covered else None
 
-    async def _cover(self, state: _AttemptState, model: ModelSpec) -> None:
+    async def _cover(self, state: _AttemptState, model: ModelSpec, *, within: float | None = None) -> bool:
         """Make the request's reservation hold what it has spent on answers so far plus ``model``'s
-        estimate, before ``model`` is called (a fallback, a cascade escalation): the tenant's budget
-        is checked for every model a request calls, not only the decided one. Raises
-        ``LimitExceeded`` when the budget cannot take the difference (``SharedStateUnavailable``
-        when the shared store cannot say)."""
+        estimate, before ``model`` is called (a fallback, a retry): the tenant's budget is checked
+        for every model a request calls, not only the decided one. Raises ``LimitExceeded`` when
+        the budget cannot take the difference (``SharedStateUnavailable`` when the shared store
+        cannot say). False when the store did not answer by ``within`` (time.monotonic(), the
+        latest ``model`` could be called: a slow store is not waited for past it), True when held."""
         decision = state.decision
-        await self._cover_cost(state, estimated_cost(model, decision, decision.mode))
+        timer = asyncio.timeout(None if within is None else within - time.monotonic())
+        try:
+            async with timer:
+                await self._cover_cost(state, estimated_cost(model, decision, decision.mode))
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            # Whatever the store held by then is released with the reservation at its settle.
+            return False
+        return True
 
     async def _cover_cost(self, state: _AttemptState, estimate: Decimal) -> None:
         """``_cover`` for a call estimated at ``estimate`` (a cascade judge's, an escalation's)."""

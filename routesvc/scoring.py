@@ -56,7 +56,9 @@ class ScoringInput:
 
     ``timeout`` is the seconds a scorer's calls may take from when it is called, their holds
     (``reserve``) included, which end early enough before the caller's deadline for the answer to
-    be released after them (None: no deadline; at most 0: no call can be made). ``charge``
+    be released after them (None: no deadline; at most 0: no call can be made). ``min_timeout``
+    is the least time a call is made with: one that would have less, its hold's round trips
+    counted, is not made (a hold is cut when what is left gets down to it). ``charge``
     is called once for every upstream call a scorer makes, as soon as the call ends, however it
     ends (also when the caller is cancelled mid-call), so that it is charged exactly once.
     ``reserve`` is called with a call's estimated cost before a scorer makes it: it returns why the
@@ -78,6 +80,7 @@ class ScoringInput:
     finish_reason: FinishReason
     threshold: float
     timeout: float | None = None
+    min_timeout: float = 0.0
     charge: Callable[[UpstreamCall], None] | None = None
     reserve: Callable[[Decimal], Awaitable[str]] | None = None
     spent_providers: set[str] = field(default_factory=set)
@@ -409,7 +412,8 @@ class LLMJudge:
         if self._model.provider in scoring_input.spent_providers:
             why = f"provider {self._model.provider}'s quota was found spent earlier in this request"
             return self._failed(f"{self._model.id} not asked ({why})")
-        if scoring_input.timeout is not None and scoring_input.timeout <= 0:
+        least = scoring_input.min_timeout
+        if scoring_input.timeout is not None and (scoring_input.timeout <= 0 or scoring_input.timeout < least):
             return self._failed(f"{self._model.id} not asked (no time left before the deadline)")
         messages = self._messages(scoring_input)
         breakers = scoring_input.breakers
@@ -422,14 +426,20 @@ class LLMJudge:
                 tokens_in = estimate_input_tokens(ChatRequest(messages))
                 started = time.monotonic()
                 cost = estimate_cost(self._model, tokens_in, self._max_output_tokens)
+                # Bounded by the time the judge has less the least its call is made with: a slow
+                # store's hold ran past the server's end of the call (DEADLINE_EXCEEDED, the answer
+                # in hand never sent), or left the call a sliver it timed out in, charged for no
+                # verdict. What it held, if it got there, is released with the reservation at its
+                # settle.
+                hold_for = None if left is None else left - least
+                timer = asyncio.timeout(hold_for)
                 try:
-                    # Bounded by the time the judge has: a slow store's hold ran past the server's
-                    # end of the call (DEADLINE_EXCEEDED, the answer in hand never sent). What it
-                    # held, if it got there, is released with the reservation at its settle.
-                    async with asyncio.timeout(left):
+                    async with timer:
                         why = await scoring_input.reserve(cost)
                 except TimeoutError:
-                    store = f"the tenant's budget store did not answer within the {left:.3g} s left for it"
+                    if not timer.expired():
+                        raise  # not our cut: a fault of the hold, which propagates as its others do
+                    store = f"the tenant's budget store did not answer within the {hold_for:.3g} s left for it"
                     return self._failed(f"{self._model.id} not asked ({store})")
                 if why:
                     return self._failed(f"not asked ({why})")
@@ -437,7 +447,7 @@ class LLMJudge:
                 # call had: it still ends when ``timeout`` said, not that much later.
                 if left is not None:
                     left -= time.monotonic() - started
-                    if left <= 0:
+                    if left <= 0 or left < least:
                         return self._failed(f"{self._model.id} not asked (no time left before the deadline)")
             timeout = self._timeout if left is None else min(self._timeout, left)
             call = ProviderCall(

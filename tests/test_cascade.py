@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import pytest
+import redis.asyncio
 from structlog.testing import capture_logs
 
 from routesvc.client import RouterClient
@@ -337,6 +341,41 @@ class TestLLMJudge:
         assert [(e["event"], e["log_level"], e["error"]) for e in logs if e["event"] == "judge_failed"] == [
             ("judge_failed", "error", "OverflowError")
         ]
+
+    async def test_a_hold_that_leaves_the_judge_less_than_its_least_time_is_cut_and_the_judge_not_asked(
+        self, provider: OpenAIProvider, fake: FakeProvider
+    ) -> None:
+        """The judge has 1 s and is asked only with at least 0.5 s (`min_timeout`); its hold in
+        the tenant's budget (a slow store) would take 0.8 s: the hold is cut once 0.5 s is all that
+        is left, and the judge is not asked (it was, with 0.2 s, timed out and was paid for no
+        verdict), scored by on_failure with the reason."""
+
+        async def slow_store(cost: Decimal) -> str:
+            await asyncio.sleep(0.8)
+            return ""
+
+        scoring_input = replace(_input("Paris"), timeout=1.0, min_timeout=0.5, reserve=slow_store)
+        result = await self._judge(provider).score(scoring_input)
+        assert (result.quality.score, result.calls) == (1.0, ())
+        assert result.quality.reason == (
+            "judge gpt-4o-mini not asked (the tenant's budget store did not answer within the 0.5 s left for it);"
+            " released as configured"
+        )
+        assert fake.requests == []
+
+    async def test_a_timeout_error_of_the_hold_itself_is_not_taken_for_the_holds_cut(
+        self, provider: OpenAIProvider
+    ) -> None:
+        """A TimeoutError raised by the hold in the tenant's budget long before the judge's time
+        is up is not reported as the store not answering in the time left (it was): it
+        propagates, as the hold's other faults do."""
+
+        async def failing_hold(cost: Decimal) -> str:
+            raise TimeoutError
+
+        scoring_input = replace(_input("Paris"), timeout=5.0, reserve=failing_hold)
+        with pytest.raises(TimeoutError):
+            await self._judge(provider).score(scoring_input)
 
     async def test_a_provider_error_is_a_failure(self, provider: OpenAIProvider, fake: FakeProvider) -> None:
         """A 400 from the judge's provider: released as configured, reason names the error."""
@@ -1552,6 +1591,78 @@ class TestAnEscalationThatCannotBeServed:
         assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
         assert "not asked (the tenant's budget store did not answer within the " in completion.quality.reason
 
+    async def test_the_check_before_scoring_waits_for_a_slow_shared_store_only_while_the_answer_can_be_released(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """The cheap answer comes 3.05 s into a 4 s call (the server ends it at 3.8 s), then Redis
+        (the tenant's budget) answers each reply 0.9 s late: the check before scoring, whether the
+        budget could take gpt-4o, waits only until the answer must be released, and the answer is
+        released, not escalated, saying why; the judge is not asked, and the budget settles to what
+        was paid. (The check waited for the store to ~3.95 s: DEADLINE_EXCEEDED after the decision,
+        the cheap answer paid and never sent.)"""
+        config = default_config()
+        fake.enqueue(Script(text="Lyon, maybe.", first_chunk_delay=3.05), model="gpt-4o-mini")
+        messages, budget = await _on_a_store_slowed_mid_call(fake, tmp_path, config, requests=1, reply_delay=0.9)
+        completion = messages[-1].completion
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        # Announced as the store's silence, or, on a loaded machine whose answer came later, as the
+        # time left: either way released.
+        assert re.fullmatch(
+            r"no problem found; not escalated to gpt-4o: (the tenant's budget store did not answer within the"
+            r" [0-9.]+ s left for it|[0-9.]+ s of the deadline left) \(so the judge was not asked\)",
+            completion.quality.reason,
+        )
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+        assert budget == (Decimal(0), Decimal(completion.cost_usd))
+
+    async def test_a_fallback_of_an_escalation_is_not_waited_for_on_a_slow_shared_store_past_the_answers_release(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """The cheap answer is judged 0.1 and escalated to gpt-4o at once; Redis (the tenant's
+        budget) then answers each reply 0.9 s late, and gpt-4o fails (503, no retry) 3 s in, with
+        the server's end of the 4 s call at 3.8 s: its fallback claude-sonnet's hold in the budget
+        is waited for only while claude-sonnet could still start, then the fallback is skipped and
+        the answer in hand released, saying why; the budget settles to what was paid. (The hold
+        waited for the store to ~4 s: DEADLINE_EXCEEDED after the Escalation, the cheap answer and
+        the judge paid, and the answer never sent.)"""
+        config = default_config()
+        config["reliability"]["retries_per_model"] = 0  # type: ignore[index]
+        fake.enqueue(Script(text="Lyon, maybe."), Script(text='{"score": 0.1}'), model="gpt-4o-mini")
+        fake.enqueue(Script(status=503, first_chunk_delay=3.0), model="gpt-4o")
+        fake.enqueue(Script(text="Paris."), model="claude-sonnet-4-6")
+        messages, budget = await _on_a_store_slowed_mid_call(fake, tmp_path, config, requests=3, reply_delay=0.9)
+        completion = messages[-1].completion
+        assert _kinds(messages) == ["decision", "escalation", "delta", "completion"]
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        assert completion.quality.reason.endswith("; escalation to gpt-4o failed (PROVIDER_UNAVAILABLE), released")
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]
+        assert budget == (Decimal(0), Decimal(completion.cost_usd))
+
+    async def test_a_judge_is_not_asked_when_its_hold_in_a_slow_shared_store_leaves_it_less_than_min_attempt(
+        self, fake: FakeProvider, tmp_path: Path
+    ) -> None:
+        """min_attempt_seconds 0.5: the cheap answer comes 1.35 s into a 4 s call, then Redis (the
+        tenant's budget) answers each reply 0.6 s late, so the judge, whose calls end 1 s before
+        the server's end (3.8 s), has ~0.85 s when its hold starts: the hold is cut once 0.5 s is
+        all that is left, the judge not asked, and the answer released as configured, saying why;
+        the budget settles to the answer alone. (The hold ran its round trip, and the judge was
+        asked with ~0.2 s, timed out and was paid for no verdict.)"""
+        config = default_config()
+        config["reliability"]["min_attempt_seconds"] = 0.5  # type: ignore[index]
+        config["cascade"]["judge"]["on_failure"] = "release"  # type: ignore[index]
+        hanging_verdict = Script(text='{"score": 0.9}', first_chunk_delay=5.0)
+        fake.enqueue(Script(text="Lyon, maybe.", first_chunk_delay=1.35), hanging_verdict, model="gpt-4o-mini")
+        messages, budget = await _on_a_store_slowed_mid_call(fake, tmp_path, config, requests=1, reply_delay=0.6)
+        completion = messages[-1].completion
+        assert _kinds(messages) == ["decision", "delta", "completion"]
+        assert (_text(messages), completion.model) == ("Lyon, maybe.", "gpt-4o-mini")
+        assert completion.quality.reason.startswith("judge gpt-4o-mini not asked (")
+        assert completion.quality.reason.endswith("); released as configured")
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"]
+        assert [a.outcome for a in completion.attempts] == [pb.ATTEMPT_OUTCOME_COMPLETED]
+        assert budget == (Decimal(0), Decimal(completion.cost_usd))
+
     async def test_an_escalated_answer_that_has_started_streams_to_the_deadline(self, fake: FakeProvider) -> None:
         """With an answer in hand, only gpt-4o's first text must come min_attempt_seconds (1 s
         here) before the deadline: it does (0.5 s into the 4 s call), and its answer, still
@@ -1768,6 +1879,56 @@ async def _judged_on_a_slow_store(
             async with _served(config, fake) as (_server, client):
                 proxy.delay = reply_delay
                 return await _cascade(client, tenant="acme", timeout=timeout)
+
+
+async def _on_a_store_slowed_mid_call(
+    fake: FakeProvider, tmp_path: Path, config: dict[str, object], *, requests: int, reply_delay: float
+) -> tuple[list[pb.CompleteResponse], tuple[Decimal, Decimal]]:
+    """A cascaded 4 s Complete of tenant acme (a budget counted in a real Redis) on `config`, whose
+    every reply from Redis comes `reply_delay` s late from once the fake has had `requests`
+    requests; its messages, and what Redis then counts for acme today once the call has settled
+    (reserved, spent: the reserved back to 0 within a generous cap)."""
+    with running_redis(tmp_path) as url:
+        async with _Proxy(url) as proxy:
+            config["shared_state"] = {"redis_url": proxy.url}
+            config["tenants"] = {"acme": {"daily_budget_usd": "100"}}
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                context = pb.RoutingContext(cascade=True, tenant="acme")
+                call = client.complete(user_chat("What is the capital of France?"), context, timeout=4.0)
+                collected = asyncio.ensure_future(_collect(call))
+                try:
+                    await until(lambda: len(fake.requests) >= requests)
+                    proxy.delay = reply_delay
+                    messages = await collected
+                finally:
+                    collected.cancel()
+                    proxy.hurry()
+                budget = await _settled_budget(url, "acme")
+    return messages, budget
+
+
+async def _collect(call: AsyncIterator[pb.CompleteResponse]) -> list[pb.CompleteResponse]:
+    return [message async for message in call]
+
+
+async def _settled_budget(redis_url: str, tenant: str) -> tuple[Decimal, Decimal]:
+    """What Redis counts for `tenant` today (UTC), reserved and spent, once nothing is reserved
+    (or after 10 s)."""
+    day = datetime.datetime.now(datetime.UTC).date().isoformat()
+    keys = [f"routesvc:{tenant}:reserved:day:{day}", f"routesvc:{tenant}:spent:day:{day}"]
+    direct = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while Decimal(await direct.get(keys[0]) or 0):  # noqa: ASYNC110 - another process's Redis key, polled
+                    await asyncio.sleep(0.05)
+        reserved, spent = await direct.mget(keys)
+    finally:
+        await direct.aclose()
+    return Decimal(reserved or 0), Decimal(spent or 0)
 
 
 def _assert_escalated_or_released(messages: list[pb.CompleteResponse], fake: FakeProvider) -> None:
