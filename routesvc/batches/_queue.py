@@ -118,8 +118,14 @@ another provider is still running (and will bill). So each job records its endpo
 provider's base URL, where it is queued and where it is sent, and the fingerprint of the key it
 was sent with (``key_id``), and a queue handles only its own:
 
-- it sends only jobs queued for its own base URL of their provider (another's stay queued, for
-  their own process to send);
+- it sends only jobs queued for its own base URL of their provider and under its own key (the key
+  of the process a job was submitted to, recorded as it is queued; another's stay queued, for
+  their own process to send, so that one account's tenants' prompts never go to another account
+  at the URL). Jobs queued under a key a reload rotated here, under a key whose batch this key
+  reads (``BatchStore.adopt``: the same account's), or under a key no process has marked for
+  ENDPOINT_GONE_AFTER_SECONDS (a restart with a rotated key; any process at the URL that sees it
+  so first, whatever its account: the limit) are queued under this queue's key
+  (``_follow_moved_endpoints``);
 - it polls, reads and discards only provider batches sent to its own base URL, and cancels only
   those at the provider (another's are left alone, logged once each: ``batch_poll_skipped``
   ``other_endpoint``);
@@ -461,6 +467,9 @@ class BatchQueue:
         self._owners_gone: dict[tuple[str, str, str], GoneMark] = {}
         self._watched_keys: dict[tuple[str, str, str], _Watched] = {}
         self._unmarked_keys: set[tuple[str, str, str]] = set()
+        # The (provider, base URL, key fingerprint) this queue sent with before a reload rotated
+        # the key: jobs still queued under it are queued under the key now in use.
+        self._rotated_keys: set[tuple[str, str, str]] = set()
         # Batches another key sent to this queue's base URLs whose last status check here failed
         # otherwise than 404 (or was held): whether this key sees them cannot be told yet (a
         # rotated key of their account's, say), so their key is marked with this queue's, and
@@ -541,6 +550,10 @@ class BatchQueue:
                 log.info("batch_provider_moved", provider=name)
             else:
                 self._retire(api)
+            if old_sent_to[1] != new_sent_to[1]:
+                # A rotated key: the jobs queued under the old one are this queue's own
+                # (``_follow_moved_endpoints`` queues them under the new one).
+                self._rotated_keys.add((name, *old_sent_to))
             log.info("batch_provider_updated", provider=name)
 
     def _retire(self, api: BatchAPI | None) -> None:
@@ -686,7 +699,7 @@ class BatchQueue:
             response_format=chat.response_format,
         )
         store = self._opened()
-        endpoint = self._endpoint(job.provider)
+        sent_to = self._sends_to.get(job.provider)
         try:
             # Kept with the job: an answer billed after a reload removed the model is charged at these.
             model_spec: str | None = encode_model(self._catalog().get(decision.model))
@@ -698,7 +711,8 @@ class BatchQueue:
                 encode_request(stored),
                 held_by=self._owner,
                 hold_seconds=CLAIM_SECONDS,
-                endpoint=endpoint,
+                endpoint=None if sent_to is None else sent_to[0],
+                key=None if sent_to is None else sent_to[1],
                 model_spec=model_spec,
             )
         )
@@ -715,6 +729,13 @@ class BatchQueue:
         """The base URL this queue sends ``provider``'s batches to; None without a batch API for it."""
         sent_to = self._sends_to.get(provider)
         return None if sent_to is None else sent_to[0]
+
+    def _to_send(self, job: QueuedJob) -> bool:
+        """Whether a queued job is this queue's to send: queued for its base URL of the job's
+        provider and under its key (another account's process at the URL sends the others), or
+        stored before either was recorded."""
+        own_key = self._sends_to.get(job.provider, (None, None))[1]
+        return self._ours(job.provider, job.endpoint) and (job.key_id is None or job.key_id == own_key)
 
     def _ours(self, provider: str, endpoint: str | None) -> bool:
         """Whether a job or batch of ``provider`` recorded for ``endpoint`` is this queue's to
@@ -950,7 +971,7 @@ class BatchQueue:
         images) are read once it is claimed, one group at a time, however many jobs wait."""
         groups: dict[str, list[QueuedJob]] = {}
         for job in await self._opened().queued():
-            if self._ours(job.provider, job.endpoint):  # another endpoint's process sends the others
+            if self._to_send(job):  # another endpoint's (or account's) process sends the others
                 groups.setdefault(job.model, []).append(job)
         now = self._clock()
         next_due: float | None = None
@@ -1203,21 +1224,34 @@ class BatchQueue:
     async def _follow_moved_endpoints(self) -> None:
         """Move jobs off the base URLs taken as gone (``_watch``) and off those a reload moved
         this queue off: queued jobs never sent are queued for this
-        queue's base URL of their provider; one whose last send's reply was lost there ends FAILED
+        queue's base URL of their provider (and its key); one whose last send's reply was lost there ends FAILED
         ``provider_changed`` (its batch, if it made one, is looked up and cancelled there by
         ``_look_up_unplaced`` while this process can reach it). Batches sent to a gone base URL
-        are ended by ``_poll``."""
+        are ended by ``_poll``. The same for keys at this queue's base URLs: jobs queued under a
+        key a reload rotated here, or under one no process has marked for
+        ENDPOINT_GONE_AFTER_SECONDS (``_owners_gone``: a process restarted with a rotated key,
+        or stopped), are queued under this queue's key."""
         store = self._opened()
         moved_off: list[tuple[tuple[str, str], GoneMark | None]] = [(pair, None) for pair in self._former]
         for (provider, endpoint), gone in [*moved_off, *self._gone.items()]:
-            new_endpoint = self._endpoint(provider)
-            if new_endpoint is None or new_endpoint == endpoint:
+            sent_to = self._sends_to.get(provider)
+            if sent_to is None or sent_to[0] == endpoint:
                 continue
             # A gone URL's jobs only while the store holds the mark it was taken as gone by.
-            moved, lost_sends = await store.move_queued(provider, endpoint, new_endpoint, gone=gone)
+            moved, lost_sends = await store.move_queued(provider, endpoint, sent_to, gone=gone)
             failed = await self._fail(lost_sends, "provider_changed", gone=gone)
             if moved or failed:
                 log.warning("batch_jobs_moved", provider=provider, jobs=moved, failed_jobs=failed)
+                self._wake.set()
+        rotated: list[tuple[tuple[str, str, str], GoneMark | None]] = [(key, None) for key in self._rotated_keys]
+        for (provider, endpoint, old_key), gone in [*rotated, *self._owners_gone.items()]:
+            sent_to = self._sends_to.get(provider)
+            if sent_to is None or sent_to[0] != endpoint or sent_to[1] == old_key:
+                continue
+            # A gone key's jobs only while the store holds the mark it was taken as gone by.
+            moved = await store.rekey_queued(provider, endpoint, old_key, sent_to[1], gone=gone)
+            if moved:
+                log.warning("batch_jobs_moved", provider=provider, jobs=moved, failed_jobs=0, reason="key_changed")
                 self._wake.set()
 
     def _served(self) -> list[tuple[str, str]]:

@@ -22,9 +22,11 @@ claimable again.
 Processes that share the file may send one provider name to different endpoints (a test run
 against the fake provider beside a server on the real one, two deployments with their own keys).
 Each job records the endpoint it is for: ``endpoint``, the provider's base URL where it was queued
-and then where it was sent, and ``key_id``, a fingerprint of the key that sent it (``key_id``).
-The queue sends, polls and cancels only jobs of its own endpoints (see ``BatchQueue``); rows
-stored before these columns have neither, and are anyone's, as they were.
+and then where it was sent, and ``key_id``, a fingerprint (``key_id``) of the key of the process it
+was queued through and then of the key that sent it. The queue sends only jobs queued for its own
+endpoints and keys, and polls and cancels only batches of its own endpoints (see ``BatchQueue``);
+rows stored before these columns, or queued before queued jobs kept their key, have none, and are
+anyone's (at their endpoint), as they were.
 """
 
 from __future__ import annotations
@@ -131,7 +133,9 @@ CREATE TABLE IF NOT EXISTS keys (
 # results (its usage and cost_usd are then what the provider billed for it, if it answered it);
 # NULL otherwise. Jobs cancelled before the column was added have none: their batches are not read.
 # endpoint: the provider's base URL the job was queued for, then the one it was sent to; key_id:
-# the fingerprint of the key that sent it (``key_id``). NULL in rows stored before they were added.
+# the fingerprint of the key it was queued under (``add``; kept while it is queued again), then of
+# the key that sent it (``key_id``). NULL in rows stored before they were added, and in jobs queued
+# by releases before queued jobs kept their key (sent by any process at their endpoint).
 # send_tag, send_at, send_count: the tag (our id) of the last provider batch create of the job that
 # may have reached the provider without its reply reaching us, when it began, and how many requests
 # it held; kept once it is placed (the send whose batch holds the job: ``knows``), NULL once the
@@ -213,6 +217,9 @@ class QueuedJob:
     provider: str = ""
     # The base URL it was queued for; None in a row stored before endpoints were recorded.
     endpoint: str | None = None
+    # The fingerprint of the key it was queued under (``key_id``); None: stored before queued
+    # jobs kept it (anyone's at its endpoint).
+    key_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,12 +654,14 @@ class BatchStore:
         held_by: str,
         hold_seconds: float,
         endpoint: str | None = None,
+        key: str | None = None,
         model_spec: str | None = None,
     ) -> None:
         """Store a new queued job with its request, claimed by ``held_by`` for ``hold_seconds``,
         unless the requests kept would pass the store's bound or its tenant's (``BatchStoreFull``);
-        for its provider's ``endpoint`` (the base URL that is to send it), with its model as the
-        catalog has it now (``model_spec``: ``encode_model``).
+        for its provider's ``endpoint`` (the base URL that is to send it) and ``key`` (the
+        fingerprint of the key that is to send it, ``key_id``: only a process with that key
+        sends it), with its model as the catalog has it now (``model_spec``: ``encode_model``).
 
         Held, no poller sends the job until ``held_by`` ``release``s it (or the hold lapses): the
         submitter first makes sure its caller learns the job's id. A request that alone is over
@@ -702,8 +711,8 @@ class BatchStore:
         def _insert(connection: sqlite3.Connection) -> None:
             connection.execute(
                 "INSERT INTO jobs (id, tenant, decision_id, model, provider, state, request, estimated_cost_usd,"
-                " created_at, updated_at, claimed_by, claimed_until, endpoint, request_bytes, estimated_input_tokens,"
-                " model_spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, claimed_by, claimed_until, endpoint, key_id, request_bytes,"
+                " estimated_input_tokens, model_spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.batch_id,
                     job.tenant,
@@ -718,6 +727,7 @@ class BatchStore:
                     held_by,
                     self._clock() + hold_seconds,
                     endpoint,
+                    key,
                     len(request),
                     job.estimated_input_tokens,
                     model_spec,
@@ -767,13 +777,19 @@ class BatchStore:
 
         def select(connection: sqlite3.Connection) -> list[QueuedJob]:
             rows = connection.execute(
-                "SELECT id, model, created_at, length(request) AS request_chars, provider, endpoint FROM jobs"
+                "SELECT id, model, created_at, length(request) AS request_chars, provider, endpoint, key_id FROM jobs"
                 " WHERE state = ? AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY created_at",
                 (BatchState.QUEUED.value, now),
             ).fetchall()
             return [
                 QueuedJob(
-                    row["id"], row["model"], row["created_at"], row["request_chars"], row["provider"], row["endpoint"]
+                    row["id"],
+                    row["model"],
+                    row["created_at"],
+                    row["request_chars"],
+                    row["provider"],
+                    row["endpoint"],
+                    row["key_id"],
                 )
                 for row in rows
             ]
@@ -1024,11 +1040,12 @@ class BatchStore:
     ) -> dict[tuple[str, str, str], tuple[float, float] | None]:
         """Mark the (provider, base URL, key fingerprint) triples of ``served`` as sent with now
         by a process that marks them every ``every`` seconds, and return, for each other key that
-        provider batches not read yet at one of those base URLs were sent with, its last mark
+        provider batches not read yet at one of those base URLs were sent with (or jobs there are
+        queued under), its last mark
         (when, by the marker's clock; how often it marks), or None when no process that marks
         keys has marked it (an earlier release sent with it)."""
         now = self._clock()
-        submitted = BatchState.SUBMITTED.value
+        states = (BatchState.QUEUED.value, BatchState.SUBMITTED.value)
         serving = set(served)
         urls = {(provider, endpoint) for provider, endpoint, _ in served}
 
@@ -1041,11 +1058,11 @@ class BatchStore:
                     [(*triple, now, every) for triple in served],
                 )
                 rows = connection.execute(
-                    "SELECT provider, endpoint, key_id FROM jobs INDEXED BY jobs_state WHERE state = ?"
+                    "SELECT provider, endpoint, key_id FROM jobs INDEXED BY jobs_state WHERE state IN (?, ?)"
                     " AND key_id IS NOT NULL AND endpoint IS NOT NULL UNION SELECT provider, endpoint, key_id"
                     " FROM jobs INDEXED BY jobs_provider_pending WHERE provider_pending IS NOT NULL"
                     " AND key_id IS NOT NULL AND endpoint IS NOT NULL",
-                    (submitted,),
+                    states,
                 ).fetchall()
                 named = {(row["provider"], row["endpoint"], row["key_id"]) for row in rows}
                 marks = {
@@ -1066,9 +1083,10 @@ class BatchStore:
         return await self._run(update)
 
     async def move_queued(
-        self, provider: str, old_endpoint: str, endpoint: str, *, gone: GoneMark | None = None
+        self, provider: str, old_endpoint: str, to: tuple[str, str], *, gone: GoneMark | None = None
     ) -> tuple[int, list[str]]:
-        """Queue for ``endpoint`` the jobs of ``provider`` queued for ``old_endpoint`` (its base URL
+        """Queue for ``to`` (a base URL and the fingerprint of the key that sends there) the jobs of
+        ``provider`` queued for ``old_endpoint`` (its base URL
         changed) that were never sent and are not claimed; returns how many moved, and the ids of those left whose
         last send's reply was lost there (``tag_send``: the batch it may have made is at the old
         endpoint, so they are not sent again elsewhere). With ``gone``, nothing is moved nor
@@ -1082,9 +1100,9 @@ class BatchStore:
                 if gone is not None and not connection.execute(f"SELECT {gone.still}", gone.params()).fetchone()[0]:
                     return 0, []
                 moved = connection.execute(
-                    "UPDATE jobs SET endpoint = ? WHERE state = ? AND provider = ? AND endpoint = ?"
+                    "UPDATE jobs SET endpoint = ?, key_id = ? WHERE state = ? AND provider = ? AND endpoint = ?"
                     " AND send_tag IS NULL AND (claimed_until IS NULL OR claimed_until <= ?)",
-                    (endpoint, queued, provider, old_endpoint, now),
+                    (*to, queued, provider, old_endpoint, now),
                 ).rowcount
                 tagged = connection.execute(
                     "SELECT id FROM jobs WHERE state = ? AND provider = ? AND endpoint = ?"
@@ -1092,6 +1110,25 @@ class BatchStore:
                     (queued, provider, old_endpoint, now),
                 ).fetchall()
             return moved, [row["id"] for row in tagged]
+
+        return await self._run(update)
+
+    async def rekey_queued(
+        self, provider: str, endpoint: str, old_key: str, key: str, *, gone: GoneMark | None = None
+    ) -> int:
+        """Queue for ``key`` (a fingerprint) the jobs of ``provider`` at ``endpoint`` queued for
+        ``old_key`` (a key rotated, or one no process sends with any more) that are not claimed;
+        with ``gone`` (``old_key``'s mark), only while the store still holds it. How many."""
+        still = "" if gone is None else f" AND {gone.still}"
+        params = () if gone is None else gone.params()
+        now = self._clock()
+
+        def update(connection: sqlite3.Connection) -> int:
+            return connection.execute(
+                "UPDATE jobs SET key_id = ? WHERE state = ? AND provider = ? AND endpoint = ? AND key_id = ?"  # noqa: S608 - constant text
+                f" AND (claimed_until IS NULL OR claimed_until <= ?){still}",
+                (key, BatchState.QUEUED.value, provider, endpoint, old_key, now, *params),
+            ).rowcount
 
         return await self._run(update)
 
@@ -1242,8 +1279,7 @@ class BatchStore:
                     (provider, provider_batch_id, submitted),
                 ).fetchall()
                 connection.executemany(
-                    "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, unverified = NULL,"
-                    " provider_ended = NULL,"
+                    "UPDATE jobs SET state = ?, provider_batch_id = NULL, unverified = NULL, provider_ended = NULL,"
                     " send_tag = NULL, send_at = NULL, send_count = NULL,"
                     " updated_at = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
                     [(queued, now, row["id"]) for row in rows],
@@ -1287,7 +1323,7 @@ class BatchStore:
                         left.append(row["id"])
                         continue
                     connection.execute(
-                        "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, provider_ended = NULL,"
+                        "UPDATE jobs SET state = ?, provider_batch_id = NULL, provider_ended = NULL,"
                         " updated_at = ?,"
                         " send_tag = NULL, send_at = NULL, send_count = NULL, error = ?, claimed_by = ?,"
                         " claimed_until = ? WHERE id = ?",
@@ -1399,13 +1435,27 @@ class BatchStore:
 
     async def adopt(self, provider: str, provider_batch_id: str, sent_key: str) -> None:
         """Record ``sent_key`` as the key of the provider batch: a key that reads it (a rotated
-        key of the same account) is its key from now on."""
+        key of the same account) is its key from now on, and so of the jobs queued at its base URL
+        under the key it was sent with (that key's account's), not claimed."""
+        now = self._clock()
 
         def update(connection: sqlite3.Connection) -> None:
-            connection.execute(
-                "UPDATE jobs SET key_id = ? WHERE provider = ? AND provider_batch_id = ?",
-                (sent_key, provider, provider_batch_id),
-            )
+            with immediate(connection):
+                row = connection.execute(
+                    "SELECT endpoint, key_id FROM jobs WHERE provider = ? AND provider_batch_id = ?"
+                    " AND key_id IS NOT NULL AND endpoint IS NOT NULL LIMIT 1",
+                    (provider, provider_batch_id),
+                ).fetchone()
+                connection.execute(
+                    "UPDATE jobs SET key_id = ? WHERE provider = ? AND provider_batch_id = ?",
+                    (sent_key, provider, provider_batch_id),
+                )
+                if row is not None and row["key_id"] != sent_key:
+                    connection.execute(
+                        "UPDATE jobs SET key_id = ? WHERE state = ? AND provider = ? AND endpoint = ? AND key_id = ?"
+                        " AND (claimed_until IS NULL OR claimed_until <= ?)",
+                        (sent_key, BatchState.QUEUED.value, provider, row["endpoint"], row["key_id"], now),
+                    )
 
         await self._run(update)
 
