@@ -3762,6 +3762,38 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
             await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
         assert _created_with(fake) == ["key-B"]
 
+    @pytest.mark.parametrize("status", [400, 409, 422])
+    async def test_another_accounts_rejection_other_than_404_leaves_a_live_owners_batch_alone(
+        self, tmp_path: Path, fake: FakeProvider, status: int
+    ) -> None:
+        """The provider (a gateway) answers another account's key for A's pending batch with a
+        400/409/422, not 404: B leaves it alone as another account's (``other_key``), as for a 404,
+        and A reads it once it completes and charges it once (B failed A's live batch at its first
+        poll, FAILED provider_batch_rejected, uncharged, though the provider ran and billed it)."""
+        fake.batches_per_key = True
+        fake.batches_other_account_status = status
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            with capture_logs() as logs:
+                async with Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other:
+                    await until(lambda: any(e["event"] in ("batch_poll_skipped", "batch_lost") for e in logs))
+                    await asyncio.sleep(0.3)  # rounds more
+                    waiting = await get_batch(client, job)
+                    assert (waiting.job.state, waiting.error) == (pb.BATCH_STATE_SUBMITTED, "")
+                    fake.batch_outcome = BatchOutcome.COMPLETE
+                    await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                    others = list(other.router.ledger.entries())
+            charged = [e.request_id for e in owner.router.ledger.entries()]
+        assert [e["reason"] for e in logs if e["event"] == "batch_poll_skipped"] == ["other_key"]
+        assert charged == [job]
+        assert others == []
+        assert [e for e in logs if e["event"] == "batch_lost"] == []
+
 
 async def sent(client: RouterClient, batch_id: str) -> None:
     """Wait until the job has left the queue (sent, or ended)."""

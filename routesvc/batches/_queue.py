@@ -41,7 +41,8 @@ Each model group and each provider batch is handled on its own: what goes wrong 
 (never with prompt text) and the round goes on with the others. A retryable provider error (5xx,
 429, timeout), a spent quota or a refused key (401/403) on sending leaves the group's jobs queued,
 tried again next round. Any other error on sending fails that group's jobs (nothing was sent). On
-polling or reading results, a rejection (400/404/409/413/422) fails that batch's jobs:
+polling or reading results, a rejection (400/404/409/413/422) fails the jobs of a batch sent with
+this key (another key's: below):
 ``provider_batch_not_found`` for a 404 (the provider no longer knows a batch sent with its key),
 else ``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may
 be fixed. A 429 on a poll, or any answer with Retry-After, holds the polls of that provider (at
@@ -131,8 +132,9 @@ was sent with (``key_id``), and a queue handles only its own:
   ``other_endpoint``);
 - a batch sent to its base URL with another key is polled all the same, as a rotated key of the
   same account (a hot reload, a restart) must go on with its jobs: when the provider knows it,
-  the key now in use becomes its key (``BatchStore.adopt``); when it answers 404 the batch is
-  another account's (another deployment at the same URL) and is left alone (``other_key``),
+  the key now in use becomes its key (``BatchStore.adopt``); when it rejects the status check (a
+  404, or any other 4xx rejection: a gateway may answer an id this key does not know with 400)
+  the batch is another account's (another deployment at the same URL) and is left alone (``other_key``),
   never failed while a process sends with its key (each queue marks its keys as it marks its
   URLs: ``BatchStore.mark_keys``; the owner may be reading it for days, or cancelling it as
   overdue). Once it was sent ``OTHER_KEY_LOST_AFTER_SECONDS`` ago and its key's mark has stayed
@@ -1542,8 +1544,10 @@ class BatchQueue:
             batch = await api.poll(provider_batch_id)
         except ProviderRejected as error:
             self._undecided.pop((provider, provider_batch_id), None)
-            if not other_key or error.status != 404 or jobs.unverified:
+            if not other_key or (jobs.unverified and error.status == 404):
                 raise
+            # Any rejection (a 404, or a 400/409/422 a gateway answers for an id this key does
+            # not know): this key does not see it.
             if own_key is not None:
                 self._not_seen[(provider, provider_batch_id)] = own_key
             owner_gone = self._owner_gone(provider, jobs)
@@ -1560,7 +1564,8 @@ class BatchQueue:
             # No process sends with its key any more: a rotated key's own batch, lost by the
             # provider; its jobs end only while the store holds the key's mark they were taken by.
             self._accepted.discard((provider, provider_batch_id))
-            await self._lose(provider_batch_id, jobs, "provider_batch_not_found", error.status, owner_gone)
+            code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
+            await self._lose(provider_batch_id, jobs, code, error.status, owner_gone)
             return
         # Its status check got through: what fails from here (its results read) never counts
         # toward giving it up (``_given_up``).
