@@ -3762,6 +3762,49 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
             await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
         assert _created_with(fake) == ["key-B"]
 
+    async def test_the_batches_a_process_remembers_are_forgotten_once_read_by_any_process(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Two workers of account A and a process of account B share the store; A's three
+        batches (one of them with its job cancelled) are polled by all three and read: then none
+        of them remembers any (``_unpollable``: B kept every batch of A it had skipped, and a
+        worker kept those it had seen accepted or asked to cancel that the other worker read, for
+        the process's life)."""
+        fake.batches_per_key = True
+        fake.batch_outcome = BatchOutcome.PENDING
+        path = tmp_path / "batches.db"
+
+        def still_to_read() -> int:
+            with contextlib.closing(sqlite3.connect(path)) as store:
+                [(count,)] = store.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state = 'submitted' OR provider_pending IS NOT NULL"
+                ).fetchall()
+            return int(count)
+
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as sibling,
+            RouterClient(owner.target) as client,
+            Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+        ):
+            with capture_logs() as logs:
+                jobs = []
+                for _ in range(3):
+                    jobs.append((await submit(client))[1].batch.batch_id)
+                    await wait_state(client, jobs[-1], pb.BATCH_STATE_SUBMITTED)
+                await client.cancel_batch(jobs[0], tenant="acme")
+                await until(lambda: sum(e["event"] == "batch_poll_skipped" for e in logs) >= 3)
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            for job in jobs[1:]:
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+            await until(lambda: still_to_read() == 0)
+            await asyncio.sleep(0.3)  # rounds of each process since
+            remembered = [
+                (len(queue._unpollable), len(queue._accepted), len(queue._cancel_asked))
+                for queue in (owner.batches, sibling.batches, other.batches)
+            ]
+        assert remembered == [(0, 0, 0)] * 3
+
     @pytest.mark.parametrize("status", [400, 409, 422])
     async def test_another_accounts_rejection_other_than_404_leaves_a_live_owners_batch_alone(
         self, tmp_path: Path, fake: FakeProvider, status: int

@@ -513,7 +513,8 @@ class BatchQueue:
         self._reading: set[asyncio.Future[Any]] = set()
         self._closed = False
         # Provider batches already logged as not polled here (no batch API, another endpoint's,
-        # another account's): logged once each.
+        # another account's): logged once each. Like ``_accepted`` and ``_cancel_asked``, kept
+        # only while the batch is still to be read (``_poll``: read by any process since, forgotten).
         self._unpollable: set[tuple[str, str]] = set()
 
     @property
@@ -1194,6 +1195,9 @@ class BatchQueue:
         self._undecided = {key: owner for key, owner in self._undecided.items() if key in submitted}
         self._not_seen = {key: own for key, own in self._not_seen.items() if key in submitted}
         self._unread = {key: logged for key, logged in self._unread.items() if key in submitted}
+        self._unpollable &= submitted.keys()
+        self._accepted &= submitted.keys()
+        self._cancel_asked &= {provider_batch_id for _, provider_batch_id in submitted}
         for (provider, provider_batch_id), jobs in submitted.items():
             if provider not in self._apis:
                 # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
