@@ -473,13 +473,13 @@ class BatchQueue:
         # the key: jobs still queued under it are queued under the key now in use.
         self._rotated_keys: set[tuple[str, str, str]] = set()
         # Batches another key sent to this queue's base URLs whose last status check here failed
-        # otherwise than 404 (or was held): whether this key sees them cannot be told yet (a
+        # otherwise than by a rejection (or was held): whether this key sees them cannot be told yet (a
         # rotated key of their account's, say), so their key is marked with this queue's, and
         # no process takes it as gone meanwhile (``_served_keys``); by (provider, provider batch
         # id), the (provider, base URL, key) they were sent with.
         self._undecided: dict[tuple[str, str], tuple[str, str, str]] = {}
-        # Batches another key sent to this queue's base URLs that got 404 from this queue's key,
-        # by (provider, provider batch id): that key (this key does not see them, so its checks'
+        # Batches another key sent to this queue's base URLs that got 404 (or another rejection)
+        # from this queue's key, by (provider, provider batch id): that key (this key does not see them, so its checks'
         # failures tell nothing of their owner and never mark their key again: ``_not_told``).
         self._not_seen: dict[tuple[str, str], str] = {}
         # Batches found ended whose key is gone, left unread here (404), by (provider, provider
@@ -1285,7 +1285,7 @@ class BatchQueue:
         error: ProviderError | None = None,
     ) -> None:
         """Note that this round's status check of a batch could not tell whether this key sees
-        it (it failed otherwise than 404, or was held): when another key sent it here, that key
+        it (it failed otherwise than by a rejection, or was held): when another key sent it here, that key
         is marked with this queue's until a check tells (``_undecided``). Bounded: never once
         this key got 404 for it (``_not_seen``: it does not see it, so its failures say nothing
         of the owner; a failure now and then between 404s kept the key marked for ever), and
