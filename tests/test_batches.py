@@ -3203,14 +3203,7 @@ class TestBatchKeyRotation:
                     await server.reload(settings_from(config))
                     await until(lambda: any(e["event"] == "batch_poll_skipped" for e in logs))
                     skipped = await get_batch(client, job.batch_id)
-                    connection = sqlite3.connect(tmp_path / "batches.db")
-                    try:
-                        with connection:
-                            connection.execute(
-                                "UPDATE jobs SET updated_at = updated_at - ?", (OTHER_KEY_LOST_AFTER_SECONDS + 60,)
-                            )
-                    finally:
-                        connection.close()
+                    sent_earlier(tmp_path / "batches.db", OTHER_KEY_LOST_AFTER_SECONDS + 60)
                     failed = await wait_state(client, job.batch_id, pb.BATCH_STATE_FAILED)
         assert skipped.job.state == pb.BATCH_STATE_SUBMITTED
         assert [e["reason"] for e in logs if e["event"] == "batch_poll_skipped"] == ["other_key"]
@@ -3805,6 +3798,41 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
             ]
         assert remembered == [(0, 0, 0)] * 3
 
+    async def test_a_cancel_does_not_move_when_a_batch_counts_as_sent(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch sent with key-A1 more than ABANDON_AFTER_SECONDS ago is lost by the provider;
+        A, restarted with the account's key-A2 whose checks fail (a 5xx), cancels its one job:
+        the batch still counts as sent three days ago, so A2 does not mark the old key and B,
+        which gets 404, closes the job uncharged once the old key is unmarked for
+        ENDPOINT_GONE_AFTER_SECONDS (0.3 s here), as for a job still waiting (the cancel moved
+        the batch's send time to the cancel: the old key stayed marked and the job tied to the
+        batch, its estimate held, for three days more)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A1": "A", "key-A2": "A"})
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A1")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+        fake.batch_retrieve_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0) as owner,
+                RouterClient(owner.target) as client,
+                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0),
+            ):
+                await client.cancel_batch(job, tenant="acme")
+                await until(lambda: any(e["event"] == "batch_lost" for e in logs), cap=6.0)
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+            [(state, pending)] = store.execute("SELECT state, provider_pending FROM jobs").fetchall()
+        assert (state, pending) == ("cancelled", None)
+        assert [(e["jobs"], e["cancelled_jobs"]) for e in logs if e["event"] == "batch_lost"] == [(0, 1)]
+
     @pytest.mark.parametrize("status", [400, 409, 422])
     async def test_another_accounts_rejection_other_than_404_leaves_a_live_owners_batch_alone(
         self, tmp_path: Path, fake: FakeProvider, status: int
@@ -4307,9 +4335,10 @@ class TestBatchPollRateLimited:
 
 
 def sent_earlier(path: Path, seconds: float) -> None:
-    """Move every job's last change (for a SUBMITTED job: when it was sent) ``seconds`` back."""
+    """Move every job's last change and send (for a job in a provider batch: when that was sent)
+    ``seconds`` back."""
     with contextlib.closing(sqlite3.connect(path)) as store:
-        store.execute("UPDATE jobs SET updated_at = updated_at - ?", (seconds,))
+        store.execute("UPDATE jobs SET updated_at = updated_at - ?, send_at = send_at - ?", (seconds, seconds))
         store.commit()
 
 

@@ -156,6 +156,11 @@ CREATE TABLE IF NOT EXISTS keys (
 # id: an earlier release, which does not know the column, leaves it as it was when it queues the
 # job again and sends it in another batch. 1 (stored by releases that kept a flag, and cleared it
 # in every write that moves a job) also counts.
+# placed_in: the provider batch id the job was placed in (``mark_submitted``, ``tie_unplaced``): while
+# it is still the job's batch, the job's ``send_at`` is when that batch was sent (its create began),
+# which a cancel never moves. NULL until then (and in rows stored before it was added: their last
+# change, ``updated_at``, is taken instead, as before); an earlier release that sends the job again
+# in another batch leaves it naming the old one, so it no longer counts.
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -176,6 +181,7 @@ _ADDED_COLUMNS = (
     ("estimated_input_tokens", "INTEGER"),
     ("model_spec", "TEXT"),
     ("provider_ended", "INTEGER"),
+    ("placed_in", "TEXT"),
 )
 
 # How long a statement, and the switch of a new file to WAL, wait for another process's lock.
@@ -234,7 +240,8 @@ class SentJobs:
     # before these were recorded.
     endpoint: str | None = None
     key_id: str | None = None
-    # When the batch was sent (the earliest of its jobs' last changes); None: no job of it listed.
+    # When the batch was sent (the earliest of its jobs' send times, ``placed_in``; for a row
+    # placed before those were kept, its last change); None: no job of it listed.
     sent_at: float | None = None
     # When the last of its ``cancelled`` jobs was cancelled (their latest change); None: none is.
     cancelled_at: float | None = None
@@ -974,9 +981,10 @@ class BatchStore:
             cursor = connection.execute(
                 "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1, claimed_by = NULL,"
                 " claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?, provider_ended = NULL,"
-                " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
+                " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL,"
+                " placed_in = ?"
                 " WHERE send_tag = ? AND state IN (?, ?) AND provider_batch_id IS NULL",
-                (provider, provider_batch_id, endpoint, sent_key, shape, tag, *states),
+                (provider, provider_batch_id, endpoint, sent_key, shape, provider_batch_id, tag, *states),
             )
             return cursor.rowcount
 
@@ -1195,10 +1203,13 @@ class BatchStore:
         shape = 1 if unverified else None
         submitted, queued, cancelled = BatchState.SUBMITTED.value, BatchState.QUEUED.value, BatchState.CANCELLED.value
         endpoint, sent_key = sent_to
+        # The batch it is in now, and when it was sent: as its send began (``tag_send``), else now.
+        sent_in = (provider_batch_id, now)
         tie_cancelled = (
             "provider = ?, provider_batch_id = ?, provider_pending = 1,"
             " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?, provider_ended = NULL,"
-            " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
+            " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL,"
+            " placed_in = ?, send_at = COALESCE(send_at, ?)"
         )
 
         def update(connection: sqlite3.Connection) -> int:
@@ -1208,7 +1219,8 @@ class BatchStore:
                     cursor = connection.execute(
                         "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
-                        " unverified = ?, provider_ended = NULL WHERE id = ? AND state = ? AND claimed_by = ?",
+                        " unverified = ?, provider_ended = NULL, placed_in = ?, send_at = COALESCE(send_at, ?)"
+                        " WHERE id = ? AND state = ? AND claimed_by = ?",
                         (
                             submitted,
                             provider,
@@ -1217,6 +1229,7 @@ class BatchStore:
                             endpoint,
                             sent_key,
                             shape,
+                            *sent_in,
                             batch_id,
                             queued,
                             owner,
@@ -1229,7 +1242,7 @@ class BatchStore:
                     connection.execute(
                         f"UPDATE jobs SET {tie_cancelled}"  # noqa: S608 - constant text
                         " WHERE id = ? AND state = ? AND claimed_by = ? AND provider_batch_id IS NULL",
-                        (provider, provider_batch_id, endpoint, sent_key, shape, batch_id, cancelled, owner),
+                        (provider, provider_batch_id, endpoint, sent_key, shape, *sent_in, batch_id, cancelled, owner),
                     )
                 if tag is not None:
                     # Every job of that send still queued is in the batch, whoever groups it now
@@ -1238,14 +1251,14 @@ class BatchStore:
                     placed += connection.execute(
                         "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
-                        " unverified = ?, provider_ended = NULL"
+                        " unverified = ?, provider_ended = NULL, placed_in = ?, send_at = COALESCE(send_at, ?)"
                         " WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
-                        (submitted, provider, provider_batch_id, now, endpoint, sent_key, shape, tag, queued),
+                        (submitted, provider, provider_batch_id, now, endpoint, sent_key, shape, *sent_in, tag, queued),
                     ).rowcount
                     connection.execute(
                         f"UPDATE jobs SET {tie_cancelled}"  # noqa: S608 - constant text
                         " WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
-                        (provider, provider_batch_id, endpoint, sent_key, shape, tag, cancelled),
+                        (provider, provider_batch_id, endpoint, sent_key, shape, *sent_in, tag, cancelled),
                     )
             return placed
 
@@ -1343,7 +1356,9 @@ class BatchStore:
         def select(connection: sqlite3.Connection) -> dict[tuple[str, str], SentJobs]:
             rows = connection.execute(
                 "SELECT id, provider, provider_batch_id, state, endpoint, key_id, updated_at, unverified,"
-                " (provider_ended = provider_batch_id OR provider_ended = 1) AS ended FROM jobs"
+                " (provider_ended = provider_batch_id OR provider_ended = 1) AS ended,"
+                " CASE WHEN placed_in = provider_batch_id AND send_at IS NOT NULL THEN send_at ELSE updated_at END"
+                " AS sent FROM jobs"
                 " WHERE state = ? OR provider_pending IS NOT NULL ORDER BY created_at",
                 (submitted,),
             ).fetchall()
@@ -1358,8 +1373,8 @@ class BatchStore:
                 waiting, cancelled = found.setdefault(key, ([], []))
                 (waiting if row["state"] == submitted else cancelled).append(row["id"])
                 sent_to.setdefault(key, (row["endpoint"], row["key_id"]))
-                # A SUBMITTED job last changed when it was sent; a cancelled one, when cancelled.
-                sent_at[key] = min(sent_at.get(key, row["updated_at"]), row["updated_at"])
+                # When its batch was sent (a row placed before ``placed_in``: its last change).
+                sent_at[key] = min(sent_at.get(key, row["sent"]), row["sent"])
                 if row["state"] != submitted:
                     cancelled_at[key] = max(cancelled_at.get(key, row["updated_at"]), row["updated_at"])
                 if row["unverified"]:
