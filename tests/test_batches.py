@@ -3647,6 +3647,227 @@ class TestBatchAccountsSharingAURL:
         assert state.job.state is BatchState.SUBMITTED
 
 
+def _created_with(fake: FakeProvider) -> list[str]:
+    """The key each provider batch was created with, in order."""
+    return [batch.headers.get("authorization", "").removeprefix("Bearer ") for batch in fake.batches]
+
+
+async def queued_while_refused(tmp_path: Path, fake: FakeProvider, key: str) -> str:
+    """A job queued through a deployment with ``key`` whose batch creates the provider refuses
+    (401: it takes only another key), left QUEUED as that deployment stops (its claim lapsed, if
+    it was stopped sending it again)."""
+    fake.api_key = "key-of-nobody"
+    async with (
+        Server(settings_from(_account(tmp_path, fake, key)), port=0) as server,
+        RouterClient(server.target) as client,
+    ):
+        with capture_logs() as logs:
+            job = (await submit(client))[1].batch.batch_id
+            await until(lambda: any(e["event"] == "batch_submit_failed" for e in logs))
+    fake.api_key = None
+    lapse(tmp_path / "batches.db")
+    return job
+
+
+class TestBatchJobsQueuedUnderAnAccountsKey:
+    """Two deployments (two accounts' keys) at one base URL sharing one store: a queued job is
+    sent only with the key of the deployment it was queued through, or, once no process has
+    marked that key for ENDPOINT_GONE_AFTER_SECONDS, the key of a process at its URL."""
+
+    async def test_jobs_queued_through_one_account_are_sent_only_with_its_key(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Jobs submitted only to A's deployment are all sent with A's key and charged in A's
+        ledger (B's queue claimed some of them and sent them with B's key: A's tenants' prompts
+        went to B's provider account, which paid, and B's ledger charged them)."""
+        fake.batches_per_key = True
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+            Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+        ):
+            jobs = [(await submit(client))[1].batch.batch_id for _ in range(8)]
+            for job in jobs:
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+            charged = sorted(e.request_id for e in owner.router.ledger.entries())
+            others = list(other.router.ledger.entries())
+        assert set(_created_with(fake)) == {"key-A"}
+        assert charged == sorted(jobs)
+        assert others == []
+
+    async def test_jobs_queued_under_a_key_no_process_marks_are_sent_with_the_key_in_use_at_the_url(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A job queued through key-A, never sent, whose process stopped (a restart with the
+        account's rotated key-A2): once no process has marked key-A for
+        ENDPOINT_GONE_AFTER_SECONDS (0.3 s here), the process with key-A2 queues it under its key
+        and sends it."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        job = await queued_while_refused(tmp_path, fake, "key-A")
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0) as rotated,
+                RouterClient(rotated.target) as client,
+            ):
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                charged = [e.request_id for e in rotated.router.ledger.entries()]
+        assert _created_with(fake) == ["key-A2"]
+        assert charged == [job]
+        assert [(e["jobs"], e["reason"]) for e in logs if e["event"] == "batch_jobs_moved"] == [(1, "key_changed")]
+
+    async def test_a_rotated_key_that_reads_a_batch_of_the_old_key_takes_its_queued_jobs_at_once(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A batch sent with key-A1 is pending and another job is queued under key-A1 (its create
+        refused); the process restarts with the account's key-A2, which reads the batch
+        (``adopt``: the same account's): the queued job is queued under key-A2 at once and sent,
+        without waiting ENDPOINT_GONE_AFTER_SECONDS for key-A1 to be taken as gone."""
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A1": "A", "key-A2": "A"})
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A1")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            first = (await submit(client))[1].batch.batch_id
+            await wait_state(client, first, pb.BATCH_STATE_SUBMITTED)
+        queued = await queued_while_refused(tmp_path, fake, "key-A1")
+        fake.batch_outcome = BatchOutcome.COMPLETE
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0) as rotated,
+            RouterClient(rotated.target) as client,
+        ):
+            await wait_state(client, first, pb.BATCH_STATE_SUCCEEDED)
+            await wait_state(client, queued, pb.BATCH_STATE_SUCCEEDED)
+        assert _created_with(fake) == ["key-A1", "key-A2"]
+
+    async def test_a_job_queued_before_queued_jobs_kept_their_key_is_sent_by_any_process_at_its_url(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A queued row without a key (queued by an earlier release) is sent, as before, by a
+        process at its base URL whatever its key."""
+        job = await queued_while_refused(tmp_path, fake, "key-A")
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+            store.execute("UPDATE jobs SET key_id = NULL")
+            store.commit()
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+            RouterClient(other.target) as client,
+        ):
+            await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+        assert _created_with(fake) == ["key-B"]
+
+    async def test_the_batches_a_process_remembers_are_forgotten_once_read_by_any_process(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Two workers of account A and a process of account B share the store; A's three
+        batches (one of them with its job cancelled) are polled by all three and read: then none
+        of them remembers any (``_unpollable``: B kept every batch of A it had skipped, and a
+        worker kept those it had seen accepted or asked to cancel that the other worker read, for
+        the process's life)."""
+        fake.batches_per_key = True
+        fake.batch_outcome = BatchOutcome.PENDING
+        path = tmp_path / "batches.db"
+
+        def still_to_read() -> int:
+            with contextlib.closing(sqlite3.connect(path)) as store:
+                [(count,)] = store.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state = 'submitted' OR provider_pending IS NOT NULL"
+                ).fetchall()
+            return int(count)
+
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as sibling,
+            RouterClient(owner.target) as client,
+            Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other,
+        ):
+            with capture_logs() as logs:
+                jobs = []
+                for _ in range(3):
+                    jobs.append((await submit(client))[1].batch.batch_id)
+                    await wait_state(client, jobs[-1], pb.BATCH_STATE_SUBMITTED)
+                await client.cancel_batch(jobs[0], tenant="acme")
+                await until(lambda: sum(e["event"] == "batch_poll_skipped" for e in logs) >= 3)
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            for job in jobs[1:]:
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+            await until(lambda: still_to_read() == 0)
+            await asyncio.sleep(0.3)  # rounds of each process since
+            remembered = [
+                (len(queue._unpollable), len(queue._accepted), len(queue._cancel_asked))
+                for queue in (owner.batches, sibling.batches, other.batches)
+            ]
+        assert remembered == [(0, 0, 0)] * 3
+
+    async def test_a_cancel_does_not_move_when_a_batch_counts_as_sent(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch sent with key-A1 more than ABANDON_AFTER_SECONDS ago is lost by the provider;
+        A, restarted with the account's key-A2 whose checks fail (a 5xx), cancels its one job:
+        the batch still counts as sent three days ago, so A2 does not mark the old key and B,
+        which gets 404, closes the job uncharged once the old key is unmarked for
+        ENDPOINT_GONE_AFTER_SECONDS (0.3 s here), as for a job still waiting (the cancel moved
+        the batch's send time to the cancel: the old key stayed marked and the job tied to the
+        batch, its estimate held, for three days more)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A1": "A", "key-A2": "A"})
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A1")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+        fake.batch_retrieve_errors["openai"] = (500, {"error": {"type": "server_error", "message": "x"}}, {})
+        sent_earlier(tmp_path / "batches.db", ABANDON_AFTER_SECONDS + 60)
+        with capture_logs() as logs:
+            async with (
+                Server(settings_from(_account(tmp_path, fake, "key-A2")), port=0) as owner,
+                RouterClient(owner.target) as client,
+                Server(settings_from(_account(tmp_path, fake, "key-B")), port=0),
+            ):
+                await client.cancel_batch(job, tenant="acme")
+                await until(lambda: any(e["event"] == "batch_lost" for e in logs), cap=6.0)
+        with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+            [(state, pending)] = store.execute("SELECT state, provider_pending FROM jobs").fetchall()
+        assert (state, pending) == ("cancelled", None)
+        assert [(e["jobs"], e["cancelled_jobs"]) for e in logs if e["event"] == "batch_lost"] == [(0, 1)]
+
+    @pytest.mark.parametrize("status", [400, 409, 422])
+    async def test_another_accounts_rejection_other_than_404_leaves_a_live_owners_batch_alone(
+        self, tmp_path: Path, fake: FakeProvider, status: int
+    ) -> None:
+        """The provider (a gateway) answers another account's key for A's pending batch with a
+        400/409/422, not 404: B leaves it alone as another account's (``other_key``), as for a 404,
+        and A reads it once it completes and charges it once (B failed A's live batch at its first
+        poll, FAILED provider_batch_rejected, uncharged, though the provider ran and billed it)."""
+        fake.batches_per_key = True
+        fake.batches_other_account_status = status
+        fake.batch_outcome = BatchOutcome.PENDING
+        async with (
+            Server(settings_from(_account(tmp_path, fake, "key-A")), port=0) as owner,
+            RouterClient(owner.target) as client,
+        ):
+            job = (await submit(client))[1].batch.batch_id
+            await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            with capture_logs() as logs:
+                async with Server(settings_from(_account(tmp_path, fake, "key-B")), port=0) as other:
+                    await until(lambda: any(e["event"] in ("batch_poll_skipped", "batch_lost") for e in logs))
+                    await asyncio.sleep(0.3)  # rounds more
+                    waiting = await get_batch(client, job)
+                    assert (waiting.job.state, waiting.error) == (pb.BATCH_STATE_SUBMITTED, "")
+                    fake.batch_outcome = BatchOutcome.COMPLETE
+                    await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                    others = list(other.router.ledger.entries())
+            charged = [e.request_id for e in owner.router.ledger.entries()]
+        assert [e["reason"] for e in logs if e["event"] == "batch_poll_skipped"] == ["other_key"]
+        assert charged == [job]
+        assert others == []
+        assert [e for e in logs if e["event"] == "batch_lost"] == []
+
+
 async def sent(client: RouterClient, batch_id: str) -> None:
     """Wait until the job has left the queue (sent, or ended)."""
     async with asyncio.timeout(15):
@@ -4116,9 +4337,10 @@ class TestBatchPollRateLimited:
 
 
 def sent_earlier(path: Path, seconds: float) -> None:
-    """Move every job's last change (for a SUBMITTED job: when it was sent) ``seconds`` back."""
+    """Move every job's last change and send (for a job in a provider batch: when that was sent)
+    ``seconds`` back."""
     with contextlib.closing(sqlite3.connect(path)) as store:
-        store.execute("UPDATE jobs SET updated_at = updated_at - ?", (seconds,))
+        store.execute("UPDATE jobs SET updated_at = updated_at - ?, send_at = send_at - ?", (seconds, seconds))
         store.commit()
 
 

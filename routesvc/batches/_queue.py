@@ -41,7 +41,8 @@ Each model group and each provider batch is handled on its own: what goes wrong 
 (never with prompt text) and the round goes on with the others. A retryable provider error (5xx,
 429, timeout), a spent quota or a refused key (401/403) on sending leaves the group's jobs queued,
 tried again next round. Any other error on sending fails that group's jobs (nothing was sent). On
-polling or reading results, a rejection (400/404/409/413/422) fails that batch's jobs:
+polling or reading results, a rejection (400/404/409/413/422) fails the jobs of a batch sent with
+this key (another key's: below):
 ``provider_batch_not_found`` for a 404 (the provider no longer knows a batch sent with its key),
 else ``provider_batch_rejected``; a 401/403 is retried, as the batch still exists and the key may
 be fixed. A 429 on a poll, or any answer with Retry-After, holds the polls of that provider (at
@@ -118,15 +119,22 @@ another provider is still running (and will bill). So each job records its endpo
 provider's base URL, where it is queued and where it is sent, and the fingerprint of the key it
 was sent with (``key_id``), and a queue handles only its own:
 
-- it sends only jobs queued for its own base URL of their provider (another's stay queued, for
-  their own process to send);
+- it sends only jobs queued for its own base URL of their provider and under its own key (the key
+  of the process a job was submitted to, recorded as it is queued; another's stay queued, for
+  their own process to send, so that one account's tenants' prompts never go to another account
+  at the URL). Jobs queued under a key a reload rotated here, under a key whose batch this key
+  reads (``BatchStore.adopt``: the same account's), or under a key no process has marked for
+  ENDPOINT_GONE_AFTER_SECONDS (a restart with a rotated key; any process at the URL that sees it
+  so first, whatever its account: the limit) are queued under this queue's key
+  (``_follow_moved_endpoints``);
 - it polls, reads and discards only provider batches sent to its own base URL, and cancels only
   those at the provider (another's are left alone, logged once each: ``batch_poll_skipped``
   ``other_endpoint``);
 - a batch sent to its base URL with another key is polled all the same, as a rotated key of the
   same account (a hot reload, a restart) must go on with its jobs: when the provider knows it,
-  the key now in use becomes its key (``BatchStore.adopt``); when it answers 404 the batch is
-  another account's (another deployment at the same URL) and is left alone (``other_key``),
+  the key now in use becomes its key (``BatchStore.adopt``); when it rejects the status check (a
+  404, or any other 4xx rejection: a gateway may answer an id this key does not know with 400)
+  the batch is another account's (another deployment at the same URL) and is left alone (``other_key``),
   never failed while a process sends with its key (each queue marks its keys as it marks its
   URLs: ``BatchStore.mark_keys``; the owner may be reading it for days, or cancelling it as
   overdue). Once it was sent ``OTHER_KEY_LOST_AFTER_SECONDS`` ago and its key's mark has stayed
@@ -461,14 +469,17 @@ class BatchQueue:
         self._owners_gone: dict[tuple[str, str, str], GoneMark] = {}
         self._watched_keys: dict[tuple[str, str, str], _Watched] = {}
         self._unmarked_keys: set[tuple[str, str, str]] = set()
+        # The (provider, base URL, key fingerprint) this queue sent with before a reload rotated
+        # the key: jobs still queued under it are queued under the key now in use.
+        self._rotated_keys: set[tuple[str, str, str]] = set()
         # Batches another key sent to this queue's base URLs whose last status check here failed
-        # otherwise than 404 (or was held): whether this key sees them cannot be told yet (a
+        # otherwise than by a rejection (or was held): whether this key sees them cannot be told yet (a
         # rotated key of their account's, say), so their key is marked with this queue's, and
         # no process takes it as gone meanwhile (``_served_keys``); by (provider, provider batch
         # id), the (provider, base URL, key) they were sent with.
         self._undecided: dict[tuple[str, str], tuple[str, str, str]] = {}
-        # Batches another key sent to this queue's base URLs that got 404 from this queue's key,
-        # by (provider, provider batch id): that key (this key does not see them, so its checks'
+        # Batches another key sent to this queue's base URLs that got 404 (or another rejection)
+        # from this queue's key, by (provider, provider batch id): that key (this key does not see them, so its checks'
         # failures tell nothing of their owner and never mark their key again: ``_not_told``).
         self._not_seen: dict[tuple[str, str], str] = {}
         # Batches found ended whose key is gone, left unread here (404), by (provider, provider
@@ -502,7 +513,8 @@ class BatchQueue:
         self._reading: set[asyncio.Future[Any]] = set()
         self._closed = False
         # Provider batches already logged as not polled here (no batch API, another endpoint's,
-        # another account's): logged once each.
+        # another account's): logged once each. Like ``_accepted`` and ``_cancel_asked``, kept
+        # only while the batch is still to be read (``_poll``: read by any process since, forgotten).
         self._unpollable: set[tuple[str, str]] = set()
 
     @property
@@ -541,6 +553,10 @@ class BatchQueue:
                 log.info("batch_provider_moved", provider=name)
             else:
                 self._retire(api)
+            if old_sent_to[1] != new_sent_to[1]:
+                # A rotated key: the jobs queued under the old one are this queue's own
+                # (``_follow_moved_endpoints`` queues them under the new one).
+                self._rotated_keys.add((name, *old_sent_to))
             log.info("batch_provider_updated", provider=name)
 
     def _retire(self, api: BatchAPI | None) -> None:
@@ -686,7 +702,7 @@ class BatchQueue:
             response_format=chat.response_format,
         )
         store = self._opened()
-        endpoint = self._endpoint(job.provider)
+        sent_to = self._sends_to.get(job.provider)
         try:
             # Kept with the job: an answer billed after a reload removed the model is charged at these.
             model_spec: str | None = encode_model(self._catalog().get(decision.model))
@@ -698,7 +714,8 @@ class BatchQueue:
                 encode_request(stored),
                 held_by=self._owner,
                 hold_seconds=CLAIM_SECONDS,
-                endpoint=endpoint,
+                endpoint=None if sent_to is None else sent_to[0],
+                key=None if sent_to is None else sent_to[1],
                 model_spec=model_spec,
             )
         )
@@ -715,6 +732,13 @@ class BatchQueue:
         """The base URL this queue sends ``provider``'s batches to; None without a batch API for it."""
         sent_to = self._sends_to.get(provider)
         return None if sent_to is None else sent_to[0]
+
+    def _to_send(self, job: QueuedJob) -> bool:
+        """Whether a queued job is this queue's to send: queued for its base URL of the job's
+        provider and under its key (another account's process at the URL sends the others), or
+        stored before either was recorded."""
+        own_key = self._sends_to.get(job.provider, (None, None))[1]
+        return self._ours(job.provider, job.endpoint) and (job.key_id is None or job.key_id == own_key)
 
     def _ours(self, provider: str, endpoint: str | None) -> bool:
         """Whether a job or batch of ``provider`` recorded for ``endpoint`` is this queue's to
@@ -950,7 +974,7 @@ class BatchQueue:
         images) are read once it is claimed, one group at a time, however many jobs wait."""
         groups: dict[str, list[QueuedJob]] = {}
         for job in await self._opened().queued():
-            if self._ours(job.provider, job.endpoint):  # another endpoint's process sends the others
+            if self._to_send(job):  # another endpoint's (or account's) process sends the others
                 groups.setdefault(job.model, []).append(job)
         now = self._clock()
         next_due: float | None = None
@@ -1171,6 +1195,9 @@ class BatchQueue:
         self._undecided = {key: owner for key, owner in self._undecided.items() if key in submitted}
         self._not_seen = {key: own for key, own in self._not_seen.items() if key in submitted}
         self._unread = {key: logged for key, logged in self._unread.items() if key in submitted}
+        self._unpollable &= submitted.keys()
+        self._accepted &= submitted.keys()
+        self._cancel_asked &= {provider_batch_id for _, provider_batch_id in submitted}
         for (provider, provider_batch_id), jobs in submitted.items():
             if provider not in self._apis:
                 # Its key was removed at a restart: the jobs wait, SUBMITTED, for a restart with it.
@@ -1203,21 +1230,34 @@ class BatchQueue:
     async def _follow_moved_endpoints(self) -> None:
         """Move jobs off the base URLs taken as gone (``_watch``) and off those a reload moved
         this queue off: queued jobs never sent are queued for this
-        queue's base URL of their provider; one whose last send's reply was lost there ends FAILED
+        queue's base URL of their provider (and its key); one whose last send's reply was lost there ends FAILED
         ``provider_changed`` (its batch, if it made one, is looked up and cancelled there by
         ``_look_up_unplaced`` while this process can reach it). Batches sent to a gone base URL
-        are ended by ``_poll``."""
+        are ended by ``_poll``. The same for keys at this queue's base URLs: jobs queued under a
+        key a reload rotated here, or under one no process has marked for
+        ENDPOINT_GONE_AFTER_SECONDS (``_owners_gone``: a process restarted with a rotated key,
+        or stopped), are queued under this queue's key."""
         store = self._opened()
         moved_off: list[tuple[tuple[str, str], GoneMark | None]] = [(pair, None) for pair in self._former]
         for (provider, endpoint), gone in [*moved_off, *self._gone.items()]:
-            new_endpoint = self._endpoint(provider)
-            if new_endpoint is None or new_endpoint == endpoint:
+            sent_to = self._sends_to.get(provider)
+            if sent_to is None or sent_to[0] == endpoint:
                 continue
             # A gone URL's jobs only while the store holds the mark it was taken as gone by.
-            moved, lost_sends = await store.move_queued(provider, endpoint, new_endpoint, gone=gone)
+            moved, lost_sends = await store.move_queued(provider, endpoint, sent_to, gone=gone)
             failed = await self._fail(lost_sends, "provider_changed", gone=gone)
             if moved or failed:
                 log.warning("batch_jobs_moved", provider=provider, jobs=moved, failed_jobs=failed)
+                self._wake.set()
+        rotated: list[tuple[tuple[str, str, str], GoneMark | None]] = [(key, None) for key in self._rotated_keys]
+        for (provider, endpoint, old_key), gone in [*rotated, *self._owners_gone.items()]:
+            sent_to = self._sends_to.get(provider)
+            if sent_to is None or sent_to[0] != endpoint or sent_to[1] == old_key:
+                continue
+            # A gone key's jobs only while the store holds the mark it was taken as gone by.
+            moved = await store.rekey_queued(provider, endpoint, old_key, sent_to[1], gone=gone)
+            if moved:
+                log.warning("batch_jobs_moved", provider=provider, jobs=moved, failed_jobs=0, reason="key_changed")
                 self._wake.set()
 
     def _served(self) -> list[tuple[str, str]]:
@@ -1245,7 +1285,7 @@ class BatchQueue:
         error: ProviderError | None = None,
     ) -> None:
         """Note that this round's status check of a batch could not tell whether this key sees
-        it (it failed otherwise than 404, or was held): when another key sent it here, that key
+        it (it failed otherwise than by a rejection, or was held): when another key sent it here, that key
         is marked with this queue's until a check tells (``_undecided``). Bounded: never once
         this key got 404 for it (``_not_seen``: it does not see it, so its failures say nothing
         of the owner; a failure now and then between 404s kept the key marked for ever), and
@@ -1513,8 +1553,10 @@ class BatchQueue:
             batch = await api.poll(provider_batch_id)
         except ProviderRejected as error:
             self._undecided.pop((provider, provider_batch_id), None)
-            if not other_key or error.status != 404 or jobs.unverified:
+            if not other_key or (jobs.unverified and error.status == 404):
                 raise
+            # Any rejection (a 404, or a 400/409/422 a gateway answers for an id this key does
+            # not know): this key does not see it.
             if own_key is not None:
                 self._not_seen[(provider, provider_batch_id)] = own_key
             owner_gone = self._owner_gone(provider, jobs)
@@ -1531,7 +1573,8 @@ class BatchQueue:
             # No process sends with its key any more: a rotated key's own batch, lost by the
             # provider; its jobs end only while the store holds the key's mark they were taken by.
             self._accepted.discard((provider, provider_batch_id))
-            await self._lose(provider_batch_id, jobs, "provider_batch_not_found", error.status, owner_gone)
+            code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
+            await self._lose(provider_batch_id, jobs, code, error.status, owner_gone)
             return
         # Its status check got through: what fails from here (its results read) never counts
         # toward giving it up (``_given_up``).

@@ -22,9 +22,11 @@ claimable again.
 Processes that share the file may send one provider name to different endpoints (a test run
 against the fake provider beside a server on the real one, two deployments with their own keys).
 Each job records the endpoint it is for: ``endpoint``, the provider's base URL where it was queued
-and then where it was sent, and ``key_id``, a fingerprint of the key that sent it (``key_id``).
-The queue sends, polls and cancels only jobs of its own endpoints (see ``BatchQueue``); rows
-stored before these columns have neither, and are anyone's, as they were.
+and then where it was sent, and ``key_id``, a fingerprint (``key_id``) of the key of the process it
+was queued through and then of the key that sent it. The queue sends only jobs queued for its own
+endpoints and keys, and polls and cancels only batches of its own endpoints (see ``BatchQueue``);
+rows stored before these columns, or queued before queued jobs kept their key, have none, and are
+anyone's (at their endpoint), as they were.
 """
 
 from __future__ import annotations
@@ -131,7 +133,9 @@ CREATE TABLE IF NOT EXISTS keys (
 # results (its usage and cost_usd are then what the provider billed for it, if it answered it);
 # NULL otherwise. Jobs cancelled before the column was added have none: their batches are not read.
 # endpoint: the provider's base URL the job was queued for, then the one it was sent to; key_id:
-# the fingerprint of the key that sent it (``key_id``). NULL in rows stored before they were added.
+# the fingerprint of the key it was queued under (``add``; kept while it is queued again), then of
+# the key that sent it (``key_id``). NULL in rows stored before they were added, and in jobs queued
+# by releases before queued jobs kept their key (sent by any process at their endpoint).
 # send_tag, send_at, send_count: the tag (our id) of the last provider batch create of the job that
 # may have reached the provider without its reply reaching us, when it began, and how many requests
 # it held; kept once it is placed (the send whose batch holds the job: ``knows``), NULL once the
@@ -152,6 +156,11 @@ CREATE TABLE IF NOT EXISTS keys (
 # id: an earlier release, which does not know the column, leaves it as it was when it queues the
 # job again and sends it in another batch. 1 (stored by releases that kept a flag, and cleared it
 # in every write that moves a job) also counts.
+# placed_in: the provider batch id the job was placed in (``mark_submitted``, ``tie_unplaced``): while
+# it is still the job's batch, the job's ``send_at`` is when that batch was sent (its create began),
+# which a cancel never moves. NULL until then (and in rows stored before it was added: their last
+# change, ``updated_at``, is taken instead, as before); an earlier release that sends the job again
+# in another batch leaves it naming the old one, so it no longer counts.
 _ADDED_COLUMNS = (
     ("claimed_by", "TEXT"),
     ("claimed_until", "REAL"),
@@ -172,6 +181,7 @@ _ADDED_COLUMNS = (
     ("estimated_input_tokens", "INTEGER"),
     ("model_spec", "TEXT"),
     ("provider_ended", "INTEGER"),
+    ("placed_in", "TEXT"),
 )
 
 # How long a statement, and the switch of a new file to WAL, wait for another process's lock.
@@ -213,6 +223,9 @@ class QueuedJob:
     provider: str = ""
     # The base URL it was queued for; None in a row stored before endpoints were recorded.
     endpoint: str | None = None
+    # The fingerprint of the key it was queued under (``key_id``); None: stored before queued
+    # jobs kept it (anyone's at its endpoint).
+    key_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +240,8 @@ class SentJobs:
     # before these were recorded.
     endpoint: str | None = None
     key_id: str | None = None
-    # When the batch was sent (the earliest of its jobs' last changes); None: no job of it listed.
+    # When the batch was sent (the earliest of its jobs' send times, ``placed_in``; for a row
+    # placed before those were kept, its last change); None: no job of it listed.
     sent_at: float | None = None
     # When the last of its ``cancelled`` jobs was cancelled (their latest change); None: none is.
     cancelled_at: float | None = None
@@ -647,12 +661,14 @@ class BatchStore:
         held_by: str,
         hold_seconds: float,
         endpoint: str | None = None,
+        key: str | None = None,
         model_spec: str | None = None,
     ) -> None:
         """Store a new queued job with its request, claimed by ``held_by`` for ``hold_seconds``,
         unless the requests kept would pass the store's bound or its tenant's (``BatchStoreFull``);
-        for its provider's ``endpoint`` (the base URL that is to send it), with its model as the
-        catalog has it now (``model_spec``: ``encode_model``).
+        for its provider's ``endpoint`` (the base URL that is to send it) and ``key`` (the
+        fingerprint of the key that is to send it, ``key_id``: only a process with that key
+        sends it), with its model as the catalog has it now (``model_spec``: ``encode_model``).
 
         Held, no poller sends the job until ``held_by`` ``release``s it (or the hold lapses): the
         submitter first makes sure its caller learns the job's id. A request that alone is over
@@ -702,8 +718,8 @@ class BatchStore:
         def _insert(connection: sqlite3.Connection) -> None:
             connection.execute(
                 "INSERT INTO jobs (id, tenant, decision_id, model, provider, state, request, estimated_cost_usd,"
-                " created_at, updated_at, claimed_by, claimed_until, endpoint, request_bytes, estimated_input_tokens,"
-                " model_spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, claimed_by, claimed_until, endpoint, key_id, request_bytes,"
+                " estimated_input_tokens, model_spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.batch_id,
                     job.tenant,
@@ -718,6 +734,7 @@ class BatchStore:
                     held_by,
                     self._clock() + hold_seconds,
                     endpoint,
+                    key,
                     len(request),
                     job.estimated_input_tokens,
                     model_spec,
@@ -767,13 +784,19 @@ class BatchStore:
 
         def select(connection: sqlite3.Connection) -> list[QueuedJob]:
             rows = connection.execute(
-                "SELECT id, model, created_at, length(request) AS request_chars, provider, endpoint FROM jobs"
+                "SELECT id, model, created_at, length(request) AS request_chars, provider, endpoint, key_id FROM jobs"
                 " WHERE state = ? AND (claimed_until IS NULL OR claimed_until <= ?) ORDER BY created_at",
                 (BatchState.QUEUED.value, now),
             ).fetchall()
             return [
                 QueuedJob(
-                    row["id"], row["model"], row["created_at"], row["request_chars"], row["provider"], row["endpoint"]
+                    row["id"],
+                    row["model"],
+                    row["created_at"],
+                    row["request_chars"],
+                    row["provider"],
+                    row["endpoint"],
+                    row["key_id"],
                 )
                 for row in rows
             ]
@@ -958,9 +981,10 @@ class BatchStore:
             cursor = connection.execute(
                 "UPDATE jobs SET provider = ?, provider_batch_id = ?, provider_pending = 1, claimed_by = NULL,"
                 " claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?, provider_ended = NULL,"
-                " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
+                " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL,"
+                " placed_in = ?"
                 " WHERE send_tag = ? AND state IN (?, ?) AND provider_batch_id IS NULL",
-                (provider, provider_batch_id, endpoint, sent_key, shape, tag, *states),
+                (provider, provider_batch_id, endpoint, sent_key, shape, provider_batch_id, tag, *states),
             )
             return cursor.rowcount
 
@@ -1024,11 +1048,12 @@ class BatchStore:
     ) -> dict[tuple[str, str, str], tuple[float, float] | None]:
         """Mark the (provider, base URL, key fingerprint) triples of ``served`` as sent with now
         by a process that marks them every ``every`` seconds, and return, for each other key that
-        provider batches not read yet at one of those base URLs were sent with, its last mark
+        provider batches not read yet at one of those base URLs were sent with (or jobs there are
+        queued under), its last mark
         (when, by the marker's clock; how often it marks), or None when no process that marks
         keys has marked it (an earlier release sent with it)."""
         now = self._clock()
-        submitted = BatchState.SUBMITTED.value
+        states = (BatchState.QUEUED.value, BatchState.SUBMITTED.value)
         serving = set(served)
         urls = {(provider, endpoint) for provider, endpoint, _ in served}
 
@@ -1041,11 +1066,11 @@ class BatchStore:
                     [(*triple, now, every) for triple in served],
                 )
                 rows = connection.execute(
-                    "SELECT provider, endpoint, key_id FROM jobs INDEXED BY jobs_state WHERE state = ?"
+                    "SELECT provider, endpoint, key_id FROM jobs INDEXED BY jobs_state WHERE state IN (?, ?)"
                     " AND key_id IS NOT NULL AND endpoint IS NOT NULL UNION SELECT provider, endpoint, key_id"
                     " FROM jobs INDEXED BY jobs_provider_pending WHERE provider_pending IS NOT NULL"
                     " AND key_id IS NOT NULL AND endpoint IS NOT NULL",
-                    (submitted,),
+                    states,
                 ).fetchall()
                 named = {(row["provider"], row["endpoint"], row["key_id"]) for row in rows}
                 marks = {
@@ -1066,9 +1091,10 @@ class BatchStore:
         return await self._run(update)
 
     async def move_queued(
-        self, provider: str, old_endpoint: str, endpoint: str, *, gone: GoneMark | None = None
+        self, provider: str, old_endpoint: str, to: tuple[str, str], *, gone: GoneMark | None = None
     ) -> tuple[int, list[str]]:
-        """Queue for ``endpoint`` the jobs of ``provider`` queued for ``old_endpoint`` (its base URL
+        """Queue for ``to`` (a base URL and the fingerprint of the key that sends there) the jobs of
+        ``provider`` queued for ``old_endpoint`` (its base URL
         changed) that were never sent and are not claimed; returns how many moved, and the ids of those left whose
         last send's reply was lost there (``tag_send``: the batch it may have made is at the old
         endpoint, so they are not sent again elsewhere). With ``gone``, nothing is moved nor
@@ -1082,9 +1108,9 @@ class BatchStore:
                 if gone is not None and not connection.execute(f"SELECT {gone.still}", gone.params()).fetchone()[0]:
                     return 0, []
                 moved = connection.execute(
-                    "UPDATE jobs SET endpoint = ? WHERE state = ? AND provider = ? AND endpoint = ?"
+                    "UPDATE jobs SET endpoint = ?, key_id = ? WHERE state = ? AND provider = ? AND endpoint = ?"
                     " AND send_tag IS NULL AND (claimed_until IS NULL OR claimed_until <= ?)",
-                    (endpoint, queued, provider, old_endpoint, now),
+                    (*to, queued, provider, old_endpoint, now),
                 ).rowcount
                 tagged = connection.execute(
                     "SELECT id FROM jobs WHERE state = ? AND provider = ? AND endpoint = ?"
@@ -1092,6 +1118,25 @@ class BatchStore:
                     (queued, provider, old_endpoint, now),
                 ).fetchall()
             return moved, [row["id"] for row in tagged]
+
+        return await self._run(update)
+
+    async def rekey_queued(
+        self, provider: str, endpoint: str, old_key: str, key: str, *, gone: GoneMark | None = None
+    ) -> int:
+        """Queue for ``key`` (a fingerprint) the jobs of ``provider`` at ``endpoint`` queued for
+        ``old_key`` (a key rotated, or one no process sends with any more) that are not claimed;
+        with ``gone`` (``old_key``'s mark), only while the store still holds it. How many."""
+        still = "" if gone is None else f" AND {gone.still}"
+        params = () if gone is None else gone.params()
+        now = self._clock()
+
+        def update(connection: sqlite3.Connection) -> int:
+            return connection.execute(
+                "UPDATE jobs SET key_id = ? WHERE state = ? AND provider = ? AND endpoint = ? AND key_id = ?"  # noqa: S608 - constant text
+                f" AND (claimed_until IS NULL OR claimed_until <= ?){still}",
+                (key, BatchState.QUEUED.value, provider, endpoint, old_key, now, *params),
+            ).rowcount
 
         return await self._run(update)
 
@@ -1158,10 +1203,13 @@ class BatchStore:
         shape = 1 if unverified else None
         submitted, queued, cancelled = BatchState.SUBMITTED.value, BatchState.QUEUED.value, BatchState.CANCELLED.value
         endpoint, sent_key = sent_to
+        # The batch it is in now, and when it was sent: as its send began (``tag_send``), else now.
+        sent_in = (provider_batch_id, now)
         tie_cancelled = (
             "provider = ?, provider_batch_id = ?, provider_pending = 1,"
             " claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?, unverified = ?, provider_ended = NULL,"
-            " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL"
+            " budget_usd = CASE WHEN budget_done IS NULL THEN budget_usd ELSE '0' END, budget_done = NULL,"
+            " placed_in = ?, send_at = COALESCE(send_at, ?)"
         )
 
         def update(connection: sqlite3.Connection) -> int:
@@ -1171,7 +1219,8 @@ class BatchStore:
                     cursor = connection.execute(
                         "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
-                        " unverified = ?, provider_ended = NULL WHERE id = ? AND state = ? AND claimed_by = ?",
+                        " unverified = ?, provider_ended = NULL, placed_in = ?, send_at = COALESCE(send_at, ?)"
+                        " WHERE id = ? AND state = ? AND claimed_by = ?",
                         (
                             submitted,
                             provider,
@@ -1180,6 +1229,7 @@ class BatchStore:
                             endpoint,
                             sent_key,
                             shape,
+                            *sent_in,
                             batch_id,
                             queued,
                             owner,
@@ -1192,7 +1242,7 @@ class BatchStore:
                     connection.execute(
                         f"UPDATE jobs SET {tie_cancelled}"  # noqa: S608 - constant text
                         " WHERE id = ? AND state = ? AND claimed_by = ? AND provider_batch_id IS NULL",
-                        (provider, provider_batch_id, endpoint, sent_key, shape, batch_id, cancelled, owner),
+                        (provider, provider_batch_id, endpoint, sent_key, shape, *sent_in, batch_id, cancelled, owner),
                     )
                 if tag is not None:
                     # Every job of that send still queued is in the batch, whoever groups it now
@@ -1201,14 +1251,14 @@ class BatchStore:
                     placed += connection.execute(
                         "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
-                        " unverified = ?, provider_ended = NULL"
+                        " unverified = ?, provider_ended = NULL, placed_in = ?, send_at = COALESCE(send_at, ?)"
                         " WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
-                        (submitted, provider, provider_batch_id, now, endpoint, sent_key, shape, tag, queued),
+                        (submitted, provider, provider_batch_id, now, endpoint, sent_key, shape, *sent_in, tag, queued),
                     ).rowcount
                     connection.execute(
                         f"UPDATE jobs SET {tie_cancelled}"  # noqa: S608 - constant text
                         " WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
-                        (provider, provider_batch_id, endpoint, sent_key, shape, tag, cancelled),
+                        (provider, provider_batch_id, endpoint, sent_key, shape, *sent_in, tag, cancelled),
                     )
             return placed
 
@@ -1242,8 +1292,7 @@ class BatchStore:
                     (provider, provider_batch_id, submitted),
                 ).fetchall()
                 connection.executemany(
-                    "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, unverified = NULL,"
-                    " provider_ended = NULL,"
+                    "UPDATE jobs SET state = ?, provider_batch_id = NULL, unverified = NULL, provider_ended = NULL,"
                     " send_tag = NULL, send_at = NULL, send_count = NULL,"
                     " updated_at = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
                     [(queued, now, row["id"]) for row in rows],
@@ -1287,7 +1336,7 @@ class BatchStore:
                         left.append(row["id"])
                         continue
                     connection.execute(
-                        "UPDATE jobs SET state = ?, provider_batch_id = NULL, key_id = NULL, provider_ended = NULL,"
+                        "UPDATE jobs SET state = ?, provider_batch_id = NULL, provider_ended = NULL,"
                         " updated_at = ?,"
                         " send_tag = NULL, send_at = NULL, send_count = NULL, error = ?, claimed_by = ?,"
                         " claimed_until = ? WHERE id = ?",
@@ -1307,7 +1356,9 @@ class BatchStore:
         def select(connection: sqlite3.Connection) -> dict[tuple[str, str], SentJobs]:
             rows = connection.execute(
                 "SELECT id, provider, provider_batch_id, state, endpoint, key_id, updated_at, unverified,"
-                " (provider_ended = provider_batch_id OR provider_ended = 1) AS ended FROM jobs"
+                " (provider_ended = provider_batch_id OR provider_ended = 1) AS ended,"
+                " CASE WHEN placed_in = provider_batch_id AND send_at IS NOT NULL THEN send_at ELSE updated_at END"
+                " AS sent FROM jobs"
                 " WHERE state = ? OR provider_pending IS NOT NULL ORDER BY created_at",
                 (submitted,),
             ).fetchall()
@@ -1322,8 +1373,8 @@ class BatchStore:
                 waiting, cancelled = found.setdefault(key, ([], []))
                 (waiting if row["state"] == submitted else cancelled).append(row["id"])
                 sent_to.setdefault(key, (row["endpoint"], row["key_id"]))
-                # A SUBMITTED job last changed when it was sent; a cancelled one, when cancelled.
-                sent_at[key] = min(sent_at.get(key, row["updated_at"]), row["updated_at"])
+                # When its batch was sent (a row placed before ``placed_in``: its last change).
+                sent_at[key] = min(sent_at.get(key, row["sent"]), row["sent"])
                 if row["state"] != submitted:
                     cancelled_at[key] = max(cancelled_at.get(key, row["updated_at"]), row["updated_at"])
                 if row["unverified"]:
@@ -1399,13 +1450,27 @@ class BatchStore:
 
     async def adopt(self, provider: str, provider_batch_id: str, sent_key: str) -> None:
         """Record ``sent_key`` as the key of the provider batch: a key that reads it (a rotated
-        key of the same account) is its key from now on."""
+        key of the same account) is its key from now on, and so of the jobs queued at its base URL
+        under the key it was sent with (that key's account's), not claimed."""
+        now = self._clock()
 
         def update(connection: sqlite3.Connection) -> None:
-            connection.execute(
-                "UPDATE jobs SET key_id = ? WHERE provider = ? AND provider_batch_id = ?",
-                (sent_key, provider, provider_batch_id),
-            )
+            with immediate(connection):
+                row = connection.execute(
+                    "SELECT endpoint, key_id FROM jobs WHERE provider = ? AND provider_batch_id = ?"
+                    " AND key_id IS NOT NULL AND endpoint IS NOT NULL LIMIT 1",
+                    (provider, provider_batch_id),
+                ).fetchone()
+                connection.execute(
+                    "UPDATE jobs SET key_id = ? WHERE provider = ? AND provider_batch_id = ?",
+                    (sent_key, provider, provider_batch_id),
+                )
+                if row is not None and row["key_id"] != sent_key:
+                    connection.execute(
+                        "UPDATE jobs SET key_id = ? WHERE state = ? AND provider = ? AND endpoint = ? AND key_id = ?"
+                        " AND (claimed_until IS NULL OR claimed_until <= ?)",
+                        (sent_key, BatchState.QUEUED.value, provider, row["endpoint"], row["key_id"], now),
+                    )
 
         await self._run(update)
 

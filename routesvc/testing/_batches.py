@@ -210,6 +210,9 @@ class FakeBatches:
         # With ``per_key``, the account of each key named here (keys of one account see each
         # other's batches, as a project's rotated keys do); a key not named is its own account.
         self.accounts: dict[str, str] = {}
+        # With ``per_key``, the status another account's key gets for a batch (404: as for an
+        # unknown id; a gateway may answer 400).
+        self.other_account_status = 404
         # A create waits until this is set (None: answers at once); ``create_waiting`` says one does.
         self.create_hold: asyncio.Event | None = None
         self.create_waiting = asyncio.Event()
@@ -261,6 +264,7 @@ class FakeBatches:
         self.results_refused = 0
         self.per_key = False
         self.accounts.clear()
+        self.other_account_status = 404
         self.create_hold = None
         self.create_waiting.clear()
         self.create_reply_hold = None
@@ -555,7 +559,12 @@ class FakeBatches:
 
     async def _openai_found(self, connection: Connection, request: Request) -> FakeBatch | None:
         batch = self.batches.get(request.path.split("?")[0].split("/")[3])
-        if batch is None or batch.api != "openai" or batch.lost or self._other_account(batch, request):
+        if batch is not None and batch.api == "openai" and not batch.lost and self._other_account(batch, request):
+            status = self.other_account_status
+            kind = "not_found_error" if status == 404 else "invalid_request_error"
+            await connection.send_json(status, {"error": {"type": kind, "message": "no such batch"}})
+            return None
+        if batch is None or batch.api != "openai" or batch.lost:
             await connection.send_json(404, {"error": {"type": "not_found_error", "message": "no such batch"}})
             return None
         return batch

@@ -248,6 +248,17 @@ class FakeProvider:
         self._batches.per_key = per_key
 
     @property
+    def batches_other_account_status(self) -> int:
+        """With ``batches_per_key``, the HTTP status a retrieve or cancel of a batch with another
+        account's key gets (default 404, as OpenAI answers; an OpenAI-compatible gateway may
+        answer 400)."""
+        return self._batches.other_account_status
+
+    @batches_other_account_status.setter
+    def batches_other_account_status(self, status: int) -> None:
+        self._batches.other_account_status = status
+
+    @property
     def batch_accounts(self) -> dict[str, str]:
         """With ``batches_per_key``, the account of each key named (keys of one account, as a
         project's rotated keys, see each other's batches); a key not named is an account of its
