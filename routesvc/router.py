@@ -1610,8 +1610,10 @@ class Router:
         if self._breakers.retry_in(model.id) > delay:
             return None
         try:
-            # Waited for only while the retry could still start after its wait.
-            covered = await self._cover(state, model, within=None if deadline is None else deadline - delay)
+            # Waited for only while the retry could still start after its wait, with the least
+            # time an attempt is given (as ``left`` above).
+            latest = None if deadline is None else deadline - delay - reliability.min_attempt_seconds
+            covered = await self._cover(state, model, within=latest)
         except (LimitExceeded, SharedStateUnavailable):
             return None
         return delay if covered else None
