@@ -32,6 +32,25 @@ class Reply:
     body: Callable[[], Iterable[bytes]] = lambda: ()
     content_type: str = "text/event-stream"
     pause: float = 0.0
+    # The answer's exact bytes, its head and framing too (``wire``), written as above, then the
+    # connection closed, or first held open until the client leaves (``hold``): for a body cut
+    # short of its length or its last chunk, chunk extensions, a stall after a whole body.
+    wire: Callable[[], Iterable[bytes]] | None = None
+    hold: bool = False
+
+
+def head(status: int, headers: Mapping[str, str]) -> bytes:
+    """An HTTP/1.1 answer's head of ``status`` and ``headers``, for ``Reply.wire``."""
+    lines = [f"HTTP/1.1 {status} Whatever", *(f"{name}: {value}" for name, value in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class _WrittenRaw(web.StreamResponse):
+    """An answer written raw already (``Reply.wire``): aiohttp writes nothing of it, and closes the
+    connection as after a client that left."""
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        raise ConnectionResetError("answered raw")
 
 
 def endless(piece: bytes, *, first: bytes = b"") -> Callable[[], Iterator[bytes]]:
@@ -127,6 +146,8 @@ class RawUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         await request.read()
         reply = self.replies.pop(0) if self.replies else Reply(status=500, body=chunks(b'{"error": "no reply"}'))
+        if reply.wire is not None:
+            return await self._write_raw(request, reply, reply.wire)
         response = web.StreamResponse(
             status=reply.status, headers={"Content-Type": reply.content_type, **reply.headers}
         )
@@ -140,6 +161,23 @@ class RawUpstream:
                 await asyncio.sleep(reply.pause)  # a write the socket takes at once does not yield
             await response.write_eof()
         return response
+
+    async def _write_raw(
+        self, request: web.Request, reply: Reply, wire: Callable[[], Iterable[bytes]]
+    ) -> web.StreamResponse:
+        index = len(self.sent)
+        self.sent.append(0)
+        transport = request.transport
+        with contextlib.suppress(ConnectionError):
+            for chunk in wire():
+                # Nothing prepared: the writer adds no framing of its own.
+                await request.writer.write(chunk)
+                self.sent[index] += len(chunk)
+                await asyncio.sleep(reply.pause)
+            await request.writer.drain()
+            while reply.hold and transport is not None and not transport.is_closing():  # noqa: ASYNC110  # aiohttp sets no event when the client leaves
+                await asyncio.sleep(0.05)
+        return _WrittenRaw()
 
     async def __aenter__(self) -> RawUpstream:
         app = web.Application()

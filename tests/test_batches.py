@@ -75,6 +75,7 @@ from tests.conftest import (
     user_chat,
     write_locked,
 )
+from tests.raw_upstream import RawUpstream, Reply, endless
 from tests.test_limits import retry_delay
 from tests.test_validation import error_info
 
@@ -4333,6 +4334,67 @@ class TestBatchPollRateLimited:
             fake.batch_outcome = BatchOutcome.COMPLETE
             await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED, timeout=6.0)
             charged = [e.request_id for e in server.router.ledger.entries()]
+        assert [job] == charged
+
+
+class TestBatchPollBounded:
+    """A batch's status check ends, whatever the provider answers."""
+
+    @pytest.mark.parametrize("kind", ["openai", "anthropic"])
+    async def test_an_error_body_that_never_ends_is_read_no_further_than_a_bound(self, kind: str) -> None:
+        """A status check answered 429 (Retry-After 7) with a body that never ends (a proxy gone
+        wrong): a rate limit at once, its Retry-After kept, no more than about 1 MiB of the body
+        read, as a stream's error body is (``ERROR_BODY_LIMIT``; it was read into memory whole,
+        some 200 MB a second, without end)."""
+        from routesvc.errors import ProviderRateLimited
+        from routesvc.providers.anthropic_batch import AnthropicBatches
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        async with RawUpstream() as raw:
+            raw.replies.append(
+                Reply(
+                    status=429,
+                    headers={"retry-after": "7"},
+                    body=endless(b"x", first=b'{"error": {"message": "'),
+                    content_type="application/json",
+                )
+            )
+            api = (
+                OpenAIBatches("openai", "sk", raw.url + "/v1")
+                if kind == "openai"
+                else AnthropicBatches("anthropic", "sk", raw.url)
+            )
+            try:
+                async with asyncio.timeout(3):
+                    with pytest.raises(ProviderRateLimited) as raised:
+                        await api.poll("batch_1")
+            finally:
+                await api.aclose()
+        assert raised.value.retry_after == 7.0
+        assert raw.sent[0] < 32 << 20
+
+    async def test_a_status_check_never_answered_is_cut_off_and_the_batch_polled_again(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The provider takes a batch's status check and never answers it: the check is given up
+        after ``POLL_SECONDS`` (0.3 s here), logged ``batch_poll_failed``, and once the provider
+        answers again the job succeeds (the check was awaited without end, the SDK's timeout being
+        per read: an answer that trickled held the queue's polls with it)."""
+        monkeypatch.setattr(batch_queue, "POLL_SECONDS", 0.3)
+        fake.batch_retrieve_hold = asyncio.Event()
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch.batch_id
+                await fake.batch_retrieve_waiting.wait()
+                await until(lambda: any(e["event"] == "batch_poll_failed" for e in logs))
+                fake.batch_retrieve_hold.set()
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+            charged = [e.request_id for e in server.router.ledger.entries()]
+        failed = [e for e in logs if e["event"] == "batch_poll_failed"]
+        assert [e["reason"] for e in failed][:1] == ["PROVIDER_UNAVAILABLE"]
         assert [job] == charged
 
 

@@ -23,13 +23,23 @@ from routesvc.errors import (
     ProviderUnavailable,
 )
 from routesvc.models import InputReported, Message, ProviderFinish, Role, TextDelta
+from routesvc.providers import _event_size
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Fault, Script
 from tests.conftest import until
 from tests.forward_proxy import ForwardProxy
-from tests.raw_upstream import RawUpstream, Reply, anthropic_stream, chunks, endless, endless_gzip, openai_stream
+from tests.raw_upstream import (
+    RawUpstream,
+    Reply,
+    anthropic_stream,
+    chunks,
+    endless,
+    endless_gzip,
+    head,
+    openai_stream,
+)
 
 Adapter = OpenAIProvider | AnthropicProvider
 
@@ -665,3 +675,118 @@ async def test_an_event_without_data_is_skipped(raw: RawUpstream, kind: str, on_
     raw.replies.append(Reply(body=chunks(*events[:3], empty, *events[3:])))
     texts, error = await read(on_raw, call(timeout=8))
     assert ("".join(texts), error) == ("Hello world", None)
+
+
+def rate_limited(kind: str) -> bytes:
+    """A provider's 429 body (a rate limit, not a spent quota)."""
+    if kind == "openai":
+        return json.dumps(
+            {"error": {"message": "Slow down.", "type": "requests", "code": "rate_limit_exceeded"}}
+        ).encode()
+    return json.dumps({"type": "error", "error": {"type": "rate_limit_error", "message": "Slow down."}}).encode()
+
+
+def error_head(status: int, **headers: str) -> bytes:
+    return head(
+        status, {"content-type": "application/json", **{name.replace("_", "-"): v for name, v in headers.items()}}
+    )
+
+
+class TestErrorBodyCut:
+    """An error's body that its connection cuts, or that comes too slowly, keeps its answer's
+    status and headers: a 400 stays rejected, a 429 keeps its Retry-After."""
+
+    @pytest.mark.parametrize("cut", ["short of its length", "without its last chunk"])
+    @pytest.mark.parametrize("status", [400, 429])
+    async def test_an_error_body_cut_by_its_connection_keeps_its_status(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter, cut: str, status: int
+    ) -> None:
+        """A 400 or a 429 (Retry-After 7) whose JSON body came whole, then its connection closed
+        short of its Content-Length or without the chunked body's last chunk: rejected, or a rate
+        limit with its Retry-After (the transport's error reached the SDK's read of the body: a
+        connection failure, UNAVAILABLE and retried, the 400 sent again, the Retry-After lost)."""
+        body = rate_limited(kind)
+        if cut == "short of its length":
+            wire = error_head(status, retry_after="7", content_length=str(len(body) + 1)) + body
+        else:
+            wire = error_head(status, retry_after="7", transfer_encoding="chunked") + b"%x\r\n%s\r\n" % (
+                len(body),
+                body,
+            )
+        raw.replies.append(Reply(wire=chunks(wire)))
+        texts, error = await read(on_raw, call(timeout=8))
+        expected = ProviderRateLimited if status == 429 else ProviderRejected
+        assert (texts, type(error)) == ([], expected)
+        if isinstance(error, ProviderRateLimited):
+            assert error.retry_after == 7.0
+
+    async def test_a_compressed_error_body_cut_mid_member_is_read_as_far_as_it_came(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
+        """A spent quota's error in gzip, its connection closed before the member's trailer (its
+        JSON whole): a spent quota (a connection failure, retried against the spent account)."""
+        status, body = spent_quota(kind)
+        member = compressed(json.dumps(body).encode(), 31)
+        wire = error_head(status, content_encoding="gzip", content_length=str(len(member))) + member[:-8]
+        raw.replies.append(Reply(wire=chunks(wire)))
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderQuotaExhausted)
+
+    async def test_an_error_body_that_trickles_is_dropped_after_a_time_bound(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
+        """A 429 (Retry-After 7) whose body comes a byte every 0.3 s: a rate limit with its
+        Retry-After once ``ERROR_BODY_SECONDS`` (2 s) passed, the body dropped (it was read until
+        the call's deadline, which failed it, the 429 and its Retry-After lost)."""
+        assert _event_size.ERROR_BODY_SECONDS == 2.0
+        body = rate_limited(kind)
+        raw.replies.append(
+            Reply(
+                status=429,
+                headers={"retry-after": "7"},
+                body=chunks(*(body[i : i + 1] for i in range(len(body)))),
+                content_type="application/json",
+                pause=0.3,
+            )
+        )
+        started = time.monotonic()
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRateLimited)
+        assert isinstance(error, ProviderRateLimited)
+        assert error.retry_after == 7.0
+        assert 2 <= time.monotonic() - started < 4
+
+    @pytest.mark.parametrize("framing", ["chunk extensions", "1-byte chunks"])
+    async def test_an_error_body_of_framing_that_carries_next_to_nothing_is_dropped_after_a_time_bound(
+        self, raw: RawUpstream, on_raw: Adapter, monkeypatch: pytest.MonkeyPatch, framing: str
+    ) -> None:
+        """A 429 (Retry-After 7) whose chunked body never ends and carries a byte per chunk: with
+        60 kB of chunk extensions each (which the HTTP stacks discard), or 1-byte chunks (over
+        httpx, ~10 s of a core per MiB): a rate limit with its Retry-After once
+        ``ERROR_BODY_SECONDS`` passed (0.5 s here), the body dropped (read at wire speed until the
+        call's deadline, a core busy, the 429 and its Retry-After lost)."""
+        monkeypatch.setattr(_event_size, "ERROR_BODY_SECONDS", 0.5)
+        frame = b"1;" + b"e" * 60000 + b"\r\nx\r\n" if framing == "chunk extensions" else b"1\r\nx\r\n" * 10000
+        wire = endless(frame, first=error_head(429, retry_after="7", transfer_encoding="chunked"))
+        raw.replies.append(Reply(wire=wire))
+        started = time.monotonic()
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRateLimited)
+        assert isinstance(error, ProviderRateLimited)
+        assert error.retry_after == 7.0
+        assert time.monotonic() - started < 3
+
+    async def test_a_whole_deflate_error_body_then_a_stall_is_read_at_once(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
+        """A spent quota's error in deflate, whole, then the connection held open (its Content-Length
+        longer): a spent quota at once (the body was read on after the deflate stream's end, which
+        nothing follows, until a time bound dropped it: a rate limit, a rejection)."""
+        status, body = spent_quota(kind)
+        stream = compressed(json.dumps(body).encode(), 15)
+        wire = error_head(status, content_encoding="deflate", content_length=str(len(stream) + 10)) + stream
+        raw.replies.append(Reply(wire=chunks(wire), hold=True))
+        started = time.monotonic()
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderQuotaExhausted)
+        assert time.monotonic() - started < 1

@@ -359,6 +359,9 @@ def _watched_marks(
 CLAIM_SECONDS = 300.0
 """How long a worker's claim on the jobs it is sending lasts (sends are cut off at half of it)."""
 
+POLL_SECONDS = 60.0
+"""How long one status check of a provider batch may take, in all."""
+
 
 def build_batch_apis(settings: Settings) -> dict[str, BatchAPI]:
     """A batch adapter per configured provider with credentials and a batch API."""
@@ -1544,13 +1547,23 @@ class BatchQueue:
         self._polls_held[(provider, endpoint)] = (time.monotonic() + seconds, times + 1)
         log.warning("batch_polls_held", provider=provider, seconds=seconds, reason=error.reason)
 
+    async def _status(self, api: BatchAPI, provider_batch_id: str) -> ProviderBatch:
+        """``api.poll``, cut off after ``POLL_SECONDS`` (the SDK's timeout is per read: an answer
+        that trickles held the round, every other batch's poll with it, without end)."""
+        try:
+            async with asyncio.timeout(POLL_SECONDS):
+                return await api.poll(provider_batch_id)
+        except TimeoutError as exc:
+            message = f"{api.name}: batch status check took over {POLL_SECONDS:.0f} s"
+            raise ProviderTimedOut(message, provider=api.name, model="batch") from exc
+
     async def _poll_batch(
         self, api: BatchAPI, provider: str, provider_batch_id: str, jobs: SentJobs, sent_to: tuple[str, str]
     ) -> None:
         own_key: str | None = sent_to[1]
         other_key = jobs.key_id is not None and own_key is not None and jobs.key_id != own_key
         try:
-            batch = await api.poll(provider_batch_id)
+            batch = await self._status(api, provider_batch_id)
         except ProviderRejected as error:
             self._undecided.pop((provider, provider_batch_id), None)
             if not other_key or (jobs.unverified and error.status == 404):

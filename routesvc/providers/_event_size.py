@@ -17,19 +17,22 @@ lines, well within the limit, held the event loop for minutes, and so did one lo
 byte at a time: that SDK is handed whole lines only (a read's last line, not yet ended, is held
 and handed on with the rest of it, its bytes counted in the event's), and an anthropic stream's
 event fails ``event_too_many_lines`` past ``MAX_EVENT_LINES`` lines (a real event has two or
-three, however many reads it comes in). An error's
-body (4xx, 5xx) or a redirect's (3xx, which the SDK follows) is not bounded as events (an error of
-any size counted as one event turned a 400 or a 429 into ``event_too_large``) but as a whole: the
-SDK reads it whole for its message, so it is passed on when it ends within ``ERROR_BODY_LIMIT``
-bytes, decoded here (gzip, of one member or more, or deflate, decoded no further than that, what
-follows its end that is no member not read) when compressed, and dropped
-(an empty body, the rest unread) past them, or when compressed otherwise (``br``, ``zstd``, two
-codings) or broken (an error body read whole, or decoded whole, could cost the process
-gigabytes). A dropped body's answer keeps its status and headers, so a 400 stays rejected and a
-429 keeps its ``Retry-After``, but all the body told is lost: the error's code in the message,
-and what only the body tells of its class, a spent quota (OpenAI's 429 ``insufficient_quota``
-then a rate limit, retried; Anthropic's 400 "credit balance is too low" then a rejection, with
-no fallback). A body cut at the bound would not tell it either (its JSON does not parse).
+three, however many reads it comes in). An error's body (4xx, 5xx) or a redirect's (3xx, which the
+SDK follows) is not bounded as events (an error of any size counted as one event turned a 400 or a
+429 into ``event_too_large``) but as a whole: the SDK reads it whole for its message, so it is
+passed on when it ends within ``ERROR_BODY_LIMIT`` bytes and ``ERROR_BODY_SECONDS`` of reading (a
+body that trickles, or chunked framing that carries next to nothing, was read until the call's
+deadline), decoded here (gzip, of one member or more, or deflate, decoded no further than that,
+what follows its end that is no member not read) when compressed, and dropped (an empty body, the
+rest unread) past them, or when compressed otherwise (``br``, ``zstd``, two codings) or broken (an
+error body read whole, or decoded whole, could cost the process gigabytes). One its connection cuts
+ends where it was cut (the transport's error, raised to the SDK's read of the body, lost the
+status: a 400 or a 429 became a connection failure). A dropped body's answer keeps its status and
+headers, so a 400 stays rejected and a 429 keeps its ``Retry-After``, but all the body told is
+lost: the error's code in the message, and what only the body tells of its class, a spent quota
+(OpenAI's 429 ``insufficient_quota`` then a rate limit, retried; Anthropic's 400 "credit balance is
+too low" then a rejection, with no fallback). A body cut at the bound would not tell it either (its
+JSON does not parse).
 
 The bytes counted are the ones the SDK decodes: a streaming request asks for them unencoded
 (``Accept-Encoding: identity``), and a successful answer that comes compressed all the same
@@ -37,12 +40,15 @@ fails with ``EncodedStream`` (a few hundred bytes of gzip can hold a 100 kB even
 kB a 200 MB one, decoded whole after the transport); one labelled with a coding the stack does
 not decode (``none``, ``utf-8``, ``x-gzip``; ``br`` unless brotli or brotlicffi is installed,
 ``zstd`` unless Python has ``compression.zstd`` (3.14+) or backports.zstd is installed:
-``DECODED_CODINGS``) is read as unencoded, as the stack reads it. Responses to other
-requests (embeddings, batch files, list pages) are left alone.
+``DECODED_CODINGS``) is read as unencoded, as the stack reads it. An error's or a redirect's
+body is capped so for every request, whoever sends it (``CappedErrorsTransport``, which the batch
+adapters' clients use too); the successful responses to other requests (batch files, list pages)
+are left alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import zlib
@@ -59,6 +65,9 @@ DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
 MAX_EVENT_LINES = 1000
 # The most of an error's or a redirect's body passed on (a provider's error is well under a kB).
 ERROR_BODY_LIMIT = 1024 * 1024
+# The longest an error's or a redirect's body is read (a provider's comes with its head), from the
+# SDK's first read of it.
+ERROR_BODY_SECONDS = 2.0
 
 _OPENAI_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 # The bytes of the data before a chunk kept to find an event's end split across two chunks.
@@ -309,10 +318,7 @@ class _Inflater:
     def _inflate(self, data: bytes, room: int) -> bytes:
         out = bytearray()
         while data and not self.done and len(out) + len(self._pending) < room:
-            if self._decoder.eof:
-                if not self._gzip:
-                    self.done = True
-                    break
+            if self._decoder.eof:  # a gzip member's end (a deflate stream's is ``done``)
                 self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
                 self._members += 1
             try:
@@ -323,6 +329,9 @@ class _Inflater:
                 self._pending.clear()  # not a whole gzip member: the body ended with the one before
                 self.done = True
                 break
+            if not self._gzip and self._decoder.eof:
+                # The deflate stream's end: all that follows is ignored, so none of it is waited for.
+                self.done = True
             if self._members == 1 or self._decoder.eof:
                 out += self._pending
                 self._pending.clear()
@@ -350,9 +359,10 @@ _INFLATED = frozenset({"gzip", "deflate"})
 
 
 class _CappedBody(httpx2.AsyncByteStream):
-    """An error's or a redirect's body: passed on whole if it ends within ``ERROR_BODY_LIMIT`` bytes,
-    read and decoded alike (by ``inflater`` first if given), else empty (read no further); empty,
-    unread, if ``dropped``; empty if ``inflater`` finds it broken."""
+    """An error's or a redirect's body: passed on whole if it ends within ``ERROR_BODY_LIMIT`` bytes
+    and ``ERROR_BODY_SECONDS``, read and decoded alike (by ``inflater`` first if given), else empty
+    (read no further); empty, unread, if ``dropped``; empty if ``inflater`` finds it broken. One cut
+    by its connection (short of its length, its last chunk, a gzip member's end) ends there."""
 
     def __init__(self, inner: httpx2.AsyncByteStream, *, dropped: bool, inflater: _Inflater | None = None) -> None:
         self._inner = inner
@@ -363,24 +373,16 @@ class _CappedBody(httpx2.AsyncByteStream):
         if self._dropped:
             return
         held = bytearray()
-        read = 0
-        async for chunk in self._inner:
-            read += len(chunk)
-            if self._inflater is None:
-                held += chunk
-            else:
-                try:
-                    held += self._inflater.decode(chunk, ERROR_BODY_LIMIT + 1 - len(held))
-                except zlib.error:
-                    return
-            if len(held) > ERROR_BODY_LIMIT:
-                return
-            if self._inflater is not None and self._inflater.done:
-                break  # the rest is ignored: not read
-            if read > ERROR_BODY_LIMIT:
-                # Bytes that decode to little or nothing (endless empty gzip members or deflate
-                # blocks) are bounded as they come: a real compressed error is smaller than its text.
-                return
+        try:
+            async with asyncio.timeout(ERROR_BODY_SECONDS):
+                # Nothing is yielded inside: the SDK's read of the body is this task's own.
+                whole = await self._read(held)
+        except TimeoutError:
+            # Bytes that trickle, or framing that carries next to none (chunk extensions, 1-byte
+            # chunks), would be read until the call's deadline, the status lost with it.
+            return
+        if not whole:
+            return
         if self._inflater is not None:
             try:
                 held += self._inflater.flush()
@@ -391,40 +393,92 @@ class _CappedBody(httpx2.AsyncByteStream):
         if held:
             yield bytes(held)
 
+    async def _read(self, held: bytearray) -> bool:
+        """Read the body into ``held``: False once it is to be dropped."""
+        read = 0
+        try:
+            async for chunk in self._inner:
+                read += len(chunk)
+                if self._inflater is None:
+                    held += chunk
+                else:
+                    try:
+                        held += self._inflater.decode(chunk, ERROR_BODY_LIMIT + 1 - len(held))
+                    except zlib.error:
+                        return False
+                if len(held) > ERROR_BODY_LIMIT:
+                    return False
+                if self._inflater is not None and self._inflater.done:
+                    break  # the rest is ignored: not read
+                if read > ERROR_BODY_LIMIT:
+                    # Bytes that decode to little or nothing (endless empty gzip members or deflate
+                    # blocks) are bounded as they come: a real compressed error is smaller than its text.
+                    return False
+        except httpx2.TransportError:
+            # Cut by its connection, often once its JSON came whole: the body ends with what came
+            # (raised to the SDK, the status and headers were lost with it: a 400 or a 429 became
+            # a connection failure, retried).
+            pass
+        return True
+
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
-class BoundedEventsTransport(httpx2.AsyncBaseTransport):
-    """Delegates to an SDK client's transport; bounds each event of a streaming request's response."""
+def _capped(response: httpx2.Response, codings: list[str]) -> httpx2.Response:
+    """``response`` (an error or a redirect, whose body the SDK reads whole) with its body capped
+    (``_CappedBody``); its body in ``codings`` (its ``Content-Encoding``) decoded here or dropped."""
+    if not isinstance(response.stream, httpx2.AsyncByteStream):
+        return response
+    decoded = [coding for coding in codings if coding in DECODED_CODINGS]
+    inflater = _Inflater(decoded[0]) if len(decoded) == 1 and decoded[0] in _INFLATED else None
+    response.stream = _CappedBody(response.stream, dropped=bool(decoded) and inflater is None, inflater=inflater)
+    if decoded:
+        del response.headers["content-encoding"]
+    return response
+
+
+def _codings(response: httpx2.Response) -> list[str]:
+    return [value.strip().lower() for value in response.headers.get_list("content-encoding", split_commas=True)]
+
+
+class CappedErrorsTransport(httpx2.AsyncBaseTransport):
+    """Delegates to an SDK client's transport; caps the body of each error or redirect answer
+    (``ERROR_BODY_LIMIT``, ``ERROR_BODY_SECONDS``), whatever the request. Successful answers are
+    left alone (a batch's results file is as large as its answers)."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        return response if response.is_success else _capped(response, _codings(response))
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class BoundedEventsTransport(CappedErrorsTransport):
+    """Delegates to an SDK client's transport; bounds each event of a streaming request's response,
+    and caps the body of every error or redirect answer (``CappedErrorsTransport``)."""
 
     def __init__(self, inner: httpx2.AsyncBaseTransport, bound: EventBound) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._bound = bound
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         if not _STREAMING.get():
-            return await self._inner.handle_async_request(request)
+            return await super().handle_async_request(request)
         request.headers["accept-encoding"] = "identity"
         response = await self._inner.handle_async_request(request)
-        codings = [value.strip().lower() for value in response.headers.get_list("content-encoding", split_commas=True)]
-        encoded = any(coding in DECODED_CODINGS for coding in codings)
-        if response.is_success and encoded:
+        codings = _codings(response)
+        if not response.is_success:
+            # An error's or a redirect's body holds no events, and the SDK reads it whole.
+            return _capped(response, codings)
+        if any(coding in DECODED_CODINGS for coding in codings):
             # A stream's events would be decoded whole.
             await response.aclose()
             raise EncodedStream(", ".join(codings))
-        if not isinstance(response.stream, httpx2.AsyncByteStream):
-            return response
-        if response.is_success:
+        if isinstance(response.stream, httpx2.AsyncByteStream):
             response.stream = _BoundedEvents(response.stream, self._bound)
-        else:
-            # An error's or a redirect's body holds no events, and the SDK reads it whole.
-            decoded = [coding for coding in codings if coding in DECODED_CODINGS]
-            inflater = _Inflater(decoded[0]) if len(decoded) == 1 and decoded[0] in _INFLATED else None
-            response.stream = _CappedBody(response.stream, dropped=encoded and inflater is None, inflater=inflater)
-            if encoded:
-                del response.headers["content-encoding"]
         return response
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()

@@ -25,6 +25,7 @@ from routesvc.providers.batch import (
     BatchItem,
     ItemResult,
     ProviderBatch,
+    error_capped,
     guarded_line,
     reported_count,
     result_lines,
@@ -59,6 +60,7 @@ class AnthropicBatches:
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
             timeout=timeout,
+            http_client=error_capped(anthropic.DefaultAsyncHttpxClient),
             open_telemetry={"traces": False, "propagation": False},
         )
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httpx2
 import structlog
 
 from routesvc.models import (
@@ -25,12 +26,23 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
+from routesvc.providers._event_size import CappedErrorsTransport
 from routesvc.providers._http import count_field
+from routesvc.providers._sending import wrap_transports
 
 log = structlog.get_logger(__name__)
 
 # A custom_id read from a line that is not JSON (cut short), to fail that line's job alone.
 _CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]*)"')
+
+
+def error_capped(client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
+    """An instance of the SDK's ``DefaultAsyncHttpxClient`` class (its defaults) whose transports
+    cap each error's or redirect's body as a stream's are (``CappedErrorsTransport``): one that
+    never ends (a proxy gone wrong) was read into memory whole, the poll never ending either."""
+    client = client_class()
+    wrap_transports(client, CappedErrorsTransport)
+    return client
 
 
 def result_lines(text: str, **where: str) -> tuple[list[dict[str, Any]], list[str]]:

@@ -26,6 +26,7 @@ from routesvc.providers.batch import (
     BatchItem,
     ItemResult,
     ProviderBatch,
+    error_capped,
     guarded_line,
     reported_count,
     result_lines,
@@ -57,7 +58,11 @@ class OpenAIBatches:
     def __init__(self, name: str, api_key: str | None, base_url: str | None = None, *, timeout: float = 60.0) -> None:
         self._name = name
         self._client = openai.AsyncOpenAI(
-            api_key=api_key or "unused", base_url=base_url or DEFAULT_BASE_URL, max_retries=0, timeout=timeout
+            api_key=api_key or "unused",
+            base_url=base_url or DEFAULT_BASE_URL,
+            max_retries=0,
+            timeout=timeout,
+            http_client=error_capped(openai.DefaultAsyncHttpxClient),
         )
         # Deletes of input files of batches not created (see ``submit``), kept until they end.
         self._deleting: set[asyncio.Task[bool]] = set()

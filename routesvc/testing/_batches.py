@@ -41,7 +41,8 @@ error, ``results_errors`` an API's reads of an ended batch's results (OpenAI's o
 files, Anthropic's results; counted in ``results_refused``); ``create_hold`` keeps creates
 waiting until the test sets it (``create_waiting`` is set once one waits), ``create_reply_hold``
 the replies of creates made (a create that reached the provider, its reply late or lost), and
-``delete_hold`` deletes (``delete_waiting``). An Anthropic batch's times have microseconds, as the API's do.
+``delete_hold`` deletes (``delete_waiting``), ``retrieve_hold`` retrieves (``retrieve_waiting``).
+An Anthropic batch's times have microseconds, as the API's do.
 """
 
 from __future__ import annotations
@@ -221,6 +222,9 @@ class FakeBatches:
         # The same for deleting a file or a message batch.
         self.delete_hold: asyncio.Event | None = None
         self.delete_waiting = asyncio.Event()
+        # The same for retrieving a batch (a status check).
+        self.retrieve_hold: asyncio.Event | None = None
+        self.retrieve_waiting = asyncio.Event()
         self.files: dict[str, bytes] = {}
         # Each file's name and when it was uploaded (files.list).
         self.file_names: dict[str, tuple[str, float]] = {}
@@ -270,6 +274,8 @@ class FakeBatches:
         self.create_reply_hold = None
         self.delete_hold = None
         self.delete_waiting.clear()
+        self.retrieve_hold = None
+        self.retrieve_waiting.clear()
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._numbers):04d}{uuid.uuid4().hex[:12]}"
@@ -497,6 +503,12 @@ class FakeBatches:
             self.delete_waiting.set()
             await self.delete_hold.wait()
 
+    async def _retrieve_held(self) -> None:
+        """Wait at ``retrieve_hold`` while it is set to an event not set yet."""
+        if self.retrieve_hold is not None and not self.retrieve_hold.is_set():
+            self.retrieve_waiting.set()
+            await self.retrieve_hold.wait()
+
     async def _held(self) -> None:
         """Wait at ``create_hold`` while it is set to an event not set yet."""
         if self.create_hold is not None and not self.create_hold.is_set():
@@ -595,6 +607,7 @@ class FakeBatches:
         return True
 
     async def _openai_retrieve(self, connection: Connection, request: Request) -> bool:
+        await self._retrieve_held()
         batch = await self._openai_found(connection, request)
         if batch is not None and not await self._refuse_retrieve(connection, batch):
             batch.retrieved += 1
@@ -689,6 +702,7 @@ class FakeBatches:
         return batch
 
     async def _anthropic_retrieve(self, connection: Connection, request: Request) -> bool:
+        await self._retrieve_held()
         batch = await self._anthropic_found(connection, request)
         if batch is not None and not await self._refuse_retrieve(connection, batch):
             batch.retrieved += 1

@@ -228,6 +228,22 @@ class FakeProvider:
         self._batches.delete_hold = hold
 
     @property
+    def batch_retrieve_hold(self) -> asyncio.Event | None:
+        """While set to an event that is not set, retrieving a batch (either API: a status
+        check) waits for it before answering (``batch_retrieve_waiting`` is set); None (the
+        default) answers at once."""
+        return self._batches.retrieve_hold
+
+    @batch_retrieve_hold.setter
+    def batch_retrieve_hold(self, hold: asyncio.Event | None) -> None:
+        self._batches.retrieve_hold = hold
+
+    @property
+    def batch_retrieve_waiting(self) -> asyncio.Event:
+        """Set once a retrieve waits at ``batch_retrieve_hold``."""
+        return self._batches.retrieve_waiting
+
+    @property
     def batch_delete_waiting(self) -> asyncio.Event:
         """Set once a delete waits at ``batch_delete_hold``."""
         return self._batches.delete_waiting
