@@ -453,8 +453,13 @@ class FeedbackStore:
         and did not get it (no write has taken the lock since)."""
         return self._locked_out
 
-    def busy(self) -> FeedbackStoreBusy:
-        """The error for a call that could not take the file's write lock in time."""
+    def busy(self, *, queued: bool = False) -> FeedbackStoreBusy:
+        """The error for a call that could not take the file's write lock in time (``queued``:
+        that still waited behind this process's other Feedback calls at its deadline)."""
+        if queued:
+            return FeedbackStoreBusy(
+                f"feedback_db {self._path}: the Feedback calls before this one took its time; retry shortly"
+            )
         return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")
 
     @contextmanager
