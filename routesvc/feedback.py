@@ -61,7 +61,7 @@ from routesvc.errors import (
     RouteSvcError,
     quoted_id,
 )
-from routesvc.sqlite import create_private, immediate, is_busy, use_wal
+from routesvc.sqlite import create_private, immediate, is_busy, result_code, use_wal
 
 DEFAULT_DECISION_TTL_SECONDS = 7 * 24 * 3600.0
 """How long a decision waits for feedback by default (a week)."""
@@ -310,7 +310,7 @@ def store_failure(path: Path | str, exc: sqlite3.Error) -> FeedbackStoreUnavaila
     ``FeedbackStoreBusy`` (retry shortly), a full disk ``FeedbackStoreFull``, a disk I/O error
     ``FeedbackStoreDiskError`` (may pass), anything else (a read-only or damaged file)
     ``FeedbackStoreUnavailable``, for an operator to fix."""
-    code = exc.sqlite_errorcode & 0xFF  # the primary result code of an extended one
+    code = result_code(exc)
     if is_busy(exc):
         return FeedbackStoreBusy(f"feedback_db {path} stayed locked by another process; retry shortly")
     if code == sqlite3.SQLITE_FULL:
@@ -453,8 +453,13 @@ class FeedbackStore:
         and did not get it (no write has taken the lock since)."""
         return self._locked_out
 
-    def busy(self) -> FeedbackStoreBusy:
-        """The error for a call that could not take the file's write lock in time."""
+    def busy(self, *, queued: bool = False) -> FeedbackStoreBusy:
+        """The error for a call that could not take the file's write lock in time (``queued``:
+        that still waited behind this process's other Feedback calls at its deadline)."""
+        if queued:
+            return FeedbackStoreBusy(
+                f"feedback_db {self._path}: the Feedback calls before this one took its time; retry shortly"
+            )
         return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")
 
     @contextmanager

@@ -29,6 +29,7 @@ from routesvc.errors import (
     CostLimitExceeded,
     DeadlineExceeded,
     FeedbackNotEnabled,
+    FeedbackStoreBusy,
     InvalidRequest,
     LimitExceeded,
     ModelNotFound,
@@ -136,6 +137,11 @@ _UNKNOWN_DECISION_PAUSES = (0.05, 0.2)
 # and with no pause left the decision is NOT_FOUND at once (not DEADLINE_EXCEEDED, which clients
 # retry for a decision that does not exist).
 _UNKNOWN_DECISION_LOOK_SECONDS = 0.05
+# How long before the call's end a Feedback's wait on the feedback thread (behind the calls before
+# it, then for the file's lock) ends, at most: a quarter of the call's time for a shorter one. The
+# call is then answered with what is known (FEEDBACK_STORE_BUSY, or the NOT_FOUND of a look
+# before) before its deadline, rather than DEADLINE_EXCEEDED with the outcome stored afterwards.
+_FEEDBACK_ANSWER_MARGIN_SECONDS = 0.1
 
 
 @dataclass(slots=True)
@@ -628,8 +634,13 @@ class Router:
         the stats of the tenant the decision was routed for, whoever sent it.
 
         ``timeout`` (seconds; None: none) is the time the call has: a decision not found is
-        looked for again only within it (``_UNKNOWN_DECISION_PAUSES`` cut to it)."""
-        ends = None if timeout is None else time.monotonic() + timeout
+        looked for again only within it (``_UNKNOWN_DECISION_PAUSES`` cut to it), and the wait
+        for the feedback thread and the file's lock ends ``_FEEDBACK_ANSWER_MARGIN_SECONDS``
+        before its end: ``FeedbackStoreBusy`` (nothing stored), or, for a look again, the
+        ``UnknownDecision`` of the look before."""
+        answer_by = None
+        if timeout is not None:
+            answer_by = time.monotonic() + timeout - min(_FEEDBACK_ANSWER_MARGIN_SECONDS, timeout / 4)
         enabled = "feedback needs an embedding stage with a feedback_db in routing.stages"
         if not any(stage.feedback is not None for stage in self._policy.learning_stages):
             raise FeedbackNotEnabled(enabled)
@@ -637,19 +648,33 @@ class Router:
         # A call (each look for its decision) has the busy timeout to take the file's write lock,
         # from when it runs on the feedback thread: waiting there behind this process's own
         # Feedback calls is no lock of another process (a burst of a few thousand on an unlocked
-        # file all go through; the client's deadline bounds the wait). While the file is known
-        # locked by another process (a write waited the busy timeout and did not get it), the
-        # busy timeout counts from the call's arrival instead, so calls piling up there are each
-        # FeedbackStoreBusy after about one busy timeout, not one after another (the N-th waited
-        # N of them; clients saw their deadlines pass instead).
+        # file all go through, grpc's own limit on calls waiting for the loop raised to let them
+        # in: ``server._pending_calls_options``; the client's deadline bounds the wait). While
+        # the file is known locked by another process (a write waited the busy timeout and did
+        # not get it), the busy timeout counts from the call's arrival instead, so calls piling
+        # up there are each FeedbackStoreBusy after about one busy timeout, not one after
+        # another (the N-th waited N of them; clients saw their deadlines pass instead). Either
+        # way the wait ends by ``answer_by``, so that the call is answered before its deadline.
         stores = [stage.feedback for stage in self._policy.learning_stages if stage.feedback is not None]
         busy_timeout = max(store.busy_timeout_seconds for store in stores)
 
-        def record(arrived: float) -> tuple[str, str, int]:
-            model = owner = ""
-            examples = 0
+        def record(arrived: float, found_unknown: UnknownDecision | None) -> tuple[str, str, int]:
             locked = any(store.known_locked for store in stores)
             deadline = (arrived if locked else time.monotonic()) + busy_timeout
+            if answer_by is None or deadline < answer_by:
+                return recorded_by(deadline)
+            try:
+                return recorded_by(answer_by)
+            except FeedbackStoreBusy:
+                # Not looked at again within the call's time (the busy timeout had not passed):
+                # a look again answers what the look before found.
+                if found_unknown is not None:
+                    raise found_unknown from None
+                raise
+
+        def recorded_by(deadline: float) -> tuple[str, str, int]:
+            model = owner = ""
+            examples = 0
             if time.monotonic() >= deadline:
                 raise stores[0].busy()
             if self._policy is not self._learning.policy:
@@ -683,21 +708,43 @@ class Router:
                 self._learning.lock.release()
             return model, owner, examples
 
-        loop = asyncio.get_running_loop()
         in_context = contextvars.copy_context().run
+
+        async def look(found_unknown: UnknownDecision | None) -> tuple[str, str, int]:
+            # On the one feedback thread, behind the Feedback calls before it.
+            job = self._learning.executor.submit(in_context, record, time.monotonic(), found_unknown)
+            answer = asyncio.wrap_future(job)
+            if answer_by is None:
+                return await answer  # cancelling the call cancels the job if it has not started
+            try:
+                async with asyncio.timeout(answer_by - time.monotonic()):
+                    return await asyncio.shield(answer)
+            except TimeoutError:
+                # Still queued at the call's end: it never runs (so nothing is stored). Once
+                # running, it ends by ``answer_by`` itself.
+                if job.cancel():
+                    if found_unknown is not None:
+                        raise found_unknown from None
+                    raise stores[0].busy(queued=True) from None
+                return await answer
+            except asyncio.CancelledError:
+                job.cancel()
+                raise
+
+        found_unknown: UnknownDecision | None = None
         for pause in (*_UNKNOWN_DECISION_PAUSES, None):
             try:
-                model, owner, examples = await loop.run_in_executor(
-                    self._learning.executor, in_context, record, time.monotonic()
-                )
+                model, owner, examples = await look(found_unknown)
                 break
-            except UnknownDecision:
+            except UnknownDecision as unknown:
+                found_unknown = unknown
                 if pause is None:
                     raise
-                if ends is not None:
+                if answer_by is not None:
                     # Within the call's time only: a look that could not end before it would
-                    # turn a final NOT_FOUND into DEADLINE_EXCEEDED, which clients retry.
-                    pause = min(pause, ends - time.monotonic() - _UNKNOWN_DECISION_LOOK_SECONDS)
+                    # turn a final NOT_FOUND into DEADLINE_EXCEEDED, which clients retry (and a
+                    # look still queued behind other Feedback calls then is not made: ``look``).
+                    pause = min(pause, answer_by - time.monotonic() - _UNKNOWN_DECISION_LOOK_SECONDS)
                     if pause <= 0:
                         raise
             # Not in the file (yet): a decision routed by another process sharing it (another

@@ -37,6 +37,25 @@ _MAX_METADATA_BYTES = 16 * 1024
 _HEALTH_CHECK_STREAMS = 16
 _INT32_MAX = 2**31 - 1
 
+# Calls grpc holds arrived but not yet handed to the service, as a multiple of the streams one
+# connection may open (``grpc.max_concurrent_streams``).
+_PENDING_CALLS_PER_CONNECTION_WINDOW = 2
+
+
+def _pending_calls_options(streams: int) -> list[tuple[str, int]]:
+    """grpc's limit on calls that arrived and wait for the event loop to take them up: grpc
+    CANCELs the calls past it (1,000 by default, at random from there to 3,000) before the
+    service sees them, with no status of ours, no log line and no count. It is set to twice the
+    ``streams`` one connection may open, so that a connection's full window (the calls the
+    service caps, which it sheds itself with RESOURCE_EXHAUSTED OVERLOADED, and its health
+    watchers) is never cut by grpc, and another's as much again."""
+    pending = min(_PENDING_CALLS_PER_CONNECTION_WINDOW * streams, _INT32_MAX)
+    return [
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", pending),
+    ]
+
+
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
@@ -189,6 +208,7 @@ class Server:
         streams = settings.config.reliability.max_concurrent_rpcs + watchers
         # gRPC takes it as a 32-bit count: an "unlimited" max_concurrent_rpcs must not stop the start.
         options.append(("grpc.max_concurrent_streams", min(streams, _INT32_MAX)))
+        options.extend(_pending_calls_options(streams))
         max_age = settings.config.server.max_connection_age_seconds
         if max_age:
             # GOAWAY after this long; streams in flight finish (grpc's grace is unlimited by default).
@@ -221,6 +241,7 @@ class Server:
             health_options = [
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
                 ("grpc.max_concurrent_streams", min(watchers + _HEALTH_CHECK_STREAMS, _INT32_MAX)),
+                *_pending_calls_options(watchers + _HEALTH_CHECK_STREAMS),
             ]
             self._health_server = grpc.aio.server(options=health_options)
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)

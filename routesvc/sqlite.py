@@ -49,8 +49,16 @@ def immediate(connection: sqlite3.Connection) -> Iterator[None]:
 
 def is_busy(exc: sqlite3.Error) -> bool:
     """Whether ``exc`` is SQLITE_BUSY: another connection held the lock past the busy timeout (a
-    passing condition, unlike a full disk or a file that is not a database)."""
-    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+    passing condition, unlike a full disk or a file that is not a database). An error Python's
+    sqlite3 raises itself (a closed connection's ProgrammingError) has no SQLite code: not busy."""
+    return result_code(exc) == sqlite3.SQLITE_BUSY
+
+
+def result_code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of ``exc`` (of an extended one), None for an error Python's
+    sqlite3 raised itself (no ``sqlite_errorcode``)."""
+    code: int | None = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
 
 
 def use_wal(connection: sqlite3.Connection, path: Path | str, busy_timeout_seconds: float) -> None:

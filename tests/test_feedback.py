@@ -282,6 +282,21 @@ class TestStoreFailures:
         failure.sqlite_errorcode = code
         assert type(store_failure("f.db", failure)) is error
 
+    def test_an_error_sqlite3_raises_itself_is_not_taken_for_a_failure_of_the_file(self, tmp_path: Path) -> None:
+        """Python's sqlite3 raises some errors itself, with no SQLite result code: a write on a
+        closed connection (ProgrammingError) stays that error (our bug: INTERNAL), and an
+        OperationalError without a code is ``FeedbackStoreUnavailable``. Reading the missing code
+        raised AttributeError in their place."""
+        store = FeedbackStore(tmp_path / "f.db")
+        store.remember("d", "m", [1.0, 0.0])
+        assert store.flush()
+        store._writer.close()  # private: the writer's connection gone under a write
+        with pytest.raises(sqlite3.ProgrammingError):
+            store.record("d", 0.0)
+        store._writer = sqlite3.connect(tmp_path / "f.db", check_same_thread=False)  # private: closable again
+        store.close()
+        assert type(store_failure("f.db", sqlite3.OperationalError("failed"))) is FeedbackStoreUnavailable
+
 
 class Clock:
     """A clock the test moves by hand (seconds since the epoch)."""

@@ -578,6 +578,76 @@ class TestFeedbackStoreUnderContention:
         assert {answer: answers.count(answer) for answer in set(answers)} == {"OK": 900}, f"in {took:.1f} s"
         assert took > 7.0  # the last did wait past the busy timeout in all
 
+    async def test_a_feedback_whose_deadline_comes_while_another_process_locks_the_file_is_busy_before_it(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process (a real one) holds the file's write lock for 3 s; a Feedback with a 1 s
+        deadline is UNAVAILABLE FEEDBACK_STORE_BUSY with a 1 s RetryInfo before its deadline, and
+        nothing of it is stored, then or once the lock is free. Its wait for the lock ignored the
+        deadline: the call was DEADLINE_EXCEEDED and the outcome stored at 3 s all the same."""
+        settings = settings_from(embedding_config(tmp_path))
+        holder = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(3)\n"
+            "db.execute('ROLLBACK')\n"
+        )
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            refused, rated = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(2)]
+            await _decisions_written(server)
+            async with _another_process(holder, str(tmp_path / "feedback.db"), ready=b"locked"):
+                started = time.monotonic()
+                error = await _feedback_error(client, refused.decision_id, thumbs_up=False, timeout=1.0)
+                answered_in = time.monotonic() - started
+            # Behind whatever of the refused call still ran on the feedback thread.
+            await client.feedback(rated.decision_id, thumbs_up=True)
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            stored = await asyncio.to_thread(stage.feedback.entries)
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "FEEDBACK_STORE_BUSY")
+        assert (retry_delay(error), answered_in < 1.0) == (1.0, True)
+        assert [(entry.decision_id, entry.score) for entry in stored] == [(rated.decision_id, 1.0)]
+
+    async def test_an_unknown_decision_whose_look_again_queues_behind_a_waiting_feedback_is_not_found(
+        self, tmp_path: Path
+    ) -> None:
+        """An unknown decision is NOT_FOUND at its first look; its look again then queues on the
+        feedback thread behind another Feedback that waits for a second stage's file, which
+        another process (a real one) locks for 4 s: the call is NOT_FOUND UNKNOWN_DECISION before
+        its 1.5 s deadline. The look again was waited for past the deadline: DEADLINE_EXCEEDED,
+        which clients retry for a decision that does not exist."""
+        config = embedding_config(tmp_path)
+        [first_stage] = config["routing"]["stages"]  # type: ignore[index]
+        second_stage = {**first_stage, "feedback_db": str(tmp_path / "second.db")}
+        config["routing"]["stages"] = [first_stage, second_stage]  # type: ignore[index]
+        holder = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(4)\n"
+            "db.execute('ROLLBACK')\n"
+        )
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            for stage in server.router.policy.learning_stages:
+                assert stage.feedback is not None
+                assert await asyncio.to_thread(stage.feedback.flush)
+            async with _another_process(holder, str(tmp_path / "second.db"), ready=b"locked"):
+                started = time.monotonic()
+                unknown = asyncio.create_task(_feedback_error(client, "no-such-decision", score=0.5, timeout=1.5))
+                # After the first look (the first file is free), before the look again (0.05 s on).
+                await asyncio.sleep(0.02)
+                waiting = asyncio.create_task(client.feedback(decision.decision_id, thumbs_up=False))
+                error = await unknown
+                answered_in = time.monotonic() - started
+                rated = await waiting
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
+        assert answered_in < 1.5
+        assert rated.library_examples == 2  # the other Feedback, once the lock was free
+
     async def test_a_decision_another_process_writes_just_after_the_feedback_comes_is_found(
         self, tmp_path: Path
     ) -> None:
@@ -953,11 +1023,13 @@ class TestAReloadChangingTheExamplesCap:
 
 
 class TestFeedbackSentAgain:
-    async def test_a_feedback_sent_again_after_its_deadline_passed_is_stored_once(self, tmp_path: Path) -> None:
-        """A Feedback whose deadline passes while its SQLite work waits (another process holds the
-        file's lock) is still stored once the lock is free, though the client saw
-        DEADLINE_EXCEEDED; the client sending it again then stores nothing more: one outcome in
-        the file, one in GetStats, one example in the library."""
+    async def test_a_feedback_busy_at_its_deadline_stores_nothing_and_sent_again_is_stored_once(
+        self, tmp_path: Path
+    ) -> None:
+        """A Feedback whose deadline comes while its SQLite work waits (another process holds the
+        file's lock) is FEEDBACK_STORE_BUSY before it and stores nothing once the lock is free (it
+        was DEADLINE_EXCEEDED, and stored all the same); the client sending it again stores it
+        once: one outcome in the file, one in GetStats, one example in the library."""
         settings = settings_from(embedding_config(tmp_path))
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             decision = await client.route(user_chat("say hello to zulu"))
@@ -966,11 +1038,10 @@ class TestFeedbackSentAgain:
             assert await asyncio.to_thread(stage.feedback.flush)  # the decision is in the file
             with write_locked(tmp_path / "feedback.db"):
                 error = await _feedback_error(client, decision.decision_id, thumbs_up=False, timeout=0.3)
-            # Its thread took the store's write lock before the deadline: this one waits for it.
             response = await client.feedback(decision.decision_id, thumbs_up=False)
             stored = await asyncio.to_thread(stage.feedback.entries)
             stats = await client.get_stats()
-        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "FEEDBACK_STORE_BUSY")
         assert [(e.decision_id, e.score) for e in stored] == [(decision.decision_id, 0.0)]
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
         assert [(m.model, m.feedback_count) for m in stats.models if m.feedback_count] == [("gpt-4o-mini", 1)]

@@ -828,3 +828,25 @@ class TestShedding:
             "OVERLOADED",
         )
         assert await asyncio.gather(*slow) == ["completion", "completion"]
+
+    async def test_a_burst_past_grpcs_own_pending_limit_is_shed_by_the_service_not_cancelled_by_grpc(self) -> None:
+        """RELIABILITY 12 past 1,000 calls at once: 1,600 Routes on one connection (grpc CANCELs the
+        calls past 1,000 waiting for the loop unless told otherwise) each end OK or, past the cap,
+        shed by the service (RESOURCE_EXHAUSTED OVERLOADED, logged), none CANCELLED or UNAVAILABLE."""
+        # One connection may open 2,024 streams (max_concurrent_rpcs 1,024 + 1,000 health watchers).
+        async with (
+            Server(settings_from(default_config()), port=0) as server,
+            RouterClient(server.target, default_timeout=None) as client,
+        ):
+            await client.route(user_chat("hi"))  # the connection is up before the burst
+
+            async def route(index: int) -> tuple[grpc.StatusCode, str]:
+                try:
+                    await client.route(user_chat(f"say hello {index}"), timeout=60)
+                except grpc.aio.AioRpcError as error:
+                    shed = error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    return error.code(), error_info(error).reason if shed else (error.details() or "")
+                return grpc.StatusCode.OK, ""
+
+            ended = await asyncio.gather(*(route(index) for index in range(1600)))
+        assert set(ended) <= {(grpc.StatusCode.OK, ""), (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")}

@@ -67,7 +67,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.provider_text import valid_calls
-from routesvc.sqlite import create_private, immediate, is_busy, use_wal
+from routesvc.sqlite import create_private, immediate, is_busy, result_code, use_wal
 
 _T = TypeVar("_T")
 
@@ -597,7 +597,7 @@ def store_failure(path: Path, exc: sqlite3.Error | OSError, doing: str) -> Batch
     not a database: something to fix)."""
     if isinstance(exc, sqlite3.Error) and is_busy(exc):
         return BatchStoreBusy(f"batch.store_path {path} stayed locked by another writer; retry shortly")
-    if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
+    if isinstance(exc, sqlite3.Error) and result_code(exc) == sqlite3.SQLITE_FULL:
         return BatchStoreFull(f"batch.store_path {path}: the disk is full; nothing was stored")
     return BatchStoreUnavailable(
         f"batch.store_path {path} {doing} ({type(exc).__name__}: {exc}); batch mode is unavailable"
