@@ -3868,6 +3868,32 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         assert others == []
         assert [e for e in logs if e["event"] == "batch_lost"] == []
 
+    async def test_a_job_whose_send_reply_was_lost_under_a_gone_key_is_failed_not_sent_with_another(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A's deployment stops mid-send: the provider made the batch with key-A, its reply never
+        came, the job is QUEUED with its send's tag. Once key-A is taken as gone (0.3 s here), B
+        (another account, whose key neither lists nor reads A's batches) ends the job FAILED
+        ``provider_changed`` and sends nothing (it queued the job under key-B, whose send found
+        no batch of the tag and sent it again: two batches of one job, both accounts billed)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
+        async with _deployment(tmp_path, fake, "key-A") as owner, RouterClient(owner.target) as client:
+            job = (await submit(client))[1].batch.batch_id
+            async with asyncio.timeout(10):
+                await fake.batch_create_waiting.wait()
+        fake.batch_create_reply_hold.set()
+        lapse(tmp_path / "batches.db")
+        with capture_logs() as logs:
+            async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
+                failed = await wait_state(client, job, pb.BATCH_STATE_FAILED)
+                await asyncio.sleep(0.5)  # rounds more
+        assert failed.error == "provider_changed"
+        assert _created_with(fake) == ["key-A"]
+        assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_jobs_moved"] == [(0, 1)]
+
 
 async def sent(client: RouterClient, batch_id: str) -> None:
     """Wait until the job has left the queue (sent, or ended)."""

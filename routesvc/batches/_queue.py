@@ -1247,11 +1247,7 @@ class BatchQueue:
             if sent_to is None or sent_to[0] == endpoint:
                 continue
             # A gone URL's jobs only while the store holds the mark it was taken as gone by.
-            moved, lost_sends = await store.move_queued(provider, endpoint, sent_to, gone=gone)
-            failed = await self._fail(lost_sends, "provider_changed", gone=gone)
-            if moved or failed:
-                log.warning("batch_jobs_moved", provider=provider, jobs=moved, failed_jobs=failed)
-                self._wake.set()
+            await self._moved(provider, await store.move_queued(provider, endpoint, sent_to, gone=gone), gone)
         rotated: list[tuple[tuple[str, str, str], GoneMark | None]] = [(key, None) for key in self._rotated_keys]
         for (provider, endpoint, old_key), gone in [*rotated, *self._owners_gone.items()]:
             sent_to = self._sends_to.get(provider)
@@ -1259,9 +1255,20 @@ class BatchQueue:
                 continue
             # A gone key's jobs only while the store holds the mark it was taken as gone by.
             moved = await store.rekey_queued(provider, endpoint, old_key, sent_to[1], gone=gone)
-            if moved:
-                log.warning("batch_jobs_moved", provider=provider, jobs=moved, failed_jobs=0, reason="key_changed")
-                self._wake.set()
+            await self._moved(provider, moved, gone, reason="key_changed")
+
+    async def _moved(
+        self, provider: str, moved: tuple[int, list[str]], gone: GoneMark | None, *, reason: str | None = None
+    ) -> None:
+        """After ``move_queued`` or ``rekey_queued`` (how many moved, the ids left): those left,
+        whose last send's reply was lost under the old base URL or key, end FAILED
+        ``provider_changed`` rather than be sent twice (with ``gone``, while the store holds
+        it)."""
+        failed = await self._fail(moved[1], "provider_changed", gone=gone)
+        if moved[0] or failed:
+            why = {} if reason is None else {"reason": reason}
+            log.warning("batch_jobs_moved", provider=provider, jobs=moved[0], failed_jobs=failed, **why)
+            self._wake.set()
 
     def _served(self) -> list[tuple[str, str]]:
         """The (provider, base URL) pairs this queue marks as served: its own, and those a reload

@@ -1099,44 +1099,55 @@ class BatchStore:
         last send's reply was lost there (``tag_send``: the batch it may have made is at the old
         endpoint, so they are not sent again elsewhere). With ``gone``, nothing is moved nor
         returned unless the store still holds that mark of ``old_endpoint``."""
-        queued = BatchState.QUEUED.value
-        now = self._clock()
-        # A claimed job (held by its submitter, or being sent) is left to its claim's end.
-
-        def update(connection: sqlite3.Connection) -> tuple[int, list[str]]:
-            with immediate(connection):
-                if gone is not None and not connection.execute(f"SELECT {gone.still}", gone.params()).fetchone()[0]:
-                    return 0, []
-                moved = connection.execute(
-                    "UPDATE jobs SET endpoint = ?, key_id = ? WHERE state = ? AND provider = ? AND endpoint = ?"
-                    " AND send_tag IS NULL AND (claimed_until IS NULL OR claimed_until <= ?)",
-                    (*to, queued, provider, old_endpoint, now),
-                ).rowcount
-                tagged = connection.execute(
-                    "SELECT id FROM jobs WHERE state = ? AND provider = ? AND endpoint = ?"
-                    " AND (claimed_until IS NULL OR claimed_until <= ?)",
-                    (queued, provider, old_endpoint, now),
-                ).fetchall()
-            return moved, [row["id"] for row in tagged]
-
-        return await self._run(update)
+        return await self._requeue(
+            ("endpoint = ?, key_id = ?", to), ("provider = ? AND endpoint = ?", (provider, old_endpoint)), gone=gone
+        )
 
     async def rekey_queued(
         self, provider: str, endpoint: str, old_key: str, key: str, *, gone: GoneMark | None = None
-    ) -> int:
+    ) -> tuple[int, list[str]]:
         """Queue for ``key`` (a fingerprint) the jobs of ``provider`` at ``endpoint`` queued for
         ``old_key`` (a key rotated, or one no process sends with any more) that are not claimed;
-        with ``gone`` (``old_key``'s mark), only while the store still holds it. How many."""
-        still = "" if gone is None else f" AND {gone.still}"
-        params = () if gone is None else gone.params()
-        now = self._clock()
+        returns how many moved, and the ids of those left. With ``gone`` (``old_key``'s mark), only
+        while the store still holds it, and a job whose last send's reply was lost
+        (``tag_send``) is left, its id returned, as ``move_queued`` leaves one: the batch it may
+        have made is ``old_key``'s, which another account's key neither finds nor reads, so it
+        would be sent again. Without (a key this process rotated: the same account's, which
+        finds that batch) it moves too, its send looking the batch up with ``key``."""
+        where = ("provider = ? AND endpoint = ? AND key_id = ?", (provider, endpoint, old_key))
+        return await self._requeue(("key_id = ?", (key,)), where, gone=gone, tagged_too=gone is None)
 
-        def update(connection: sqlite3.Connection) -> int:
-            return connection.execute(
-                "UPDATE jobs SET key_id = ? WHERE state = ? AND provider = ? AND endpoint = ? AND key_id = ?"  # noqa: S608 - constant text
-                f" AND (claimed_until IS NULL OR claimed_until <= ?){still}",
-                (key, BatchState.QUEUED.value, provider, endpoint, old_key, now, *params),
-            ).rowcount
+    async def _requeue(
+        self,
+        assign: tuple[str, tuple[str, ...]],
+        where: tuple[str, tuple[str, ...]],
+        *,
+        gone: GoneMark | None,
+        tagged_too: bool = False,
+    ) -> tuple[int, list[str]]:
+        """``move_queued`` and ``rekey_queued``: set ``assign`` on the QUEUED jobs matching
+        ``where`` (SQL and its parameters, constant text) that are not claimed (a job held by its
+        submitter, or being sent, is left to its claim's end) and, unless ``tagged_too``, whose
+        last send's reply was not lost; the ids of those left unclaimed. With ``gone``, each only
+        while the store still holds that mark."""
+        queued = BatchState.QUEUED.value
+        now = self._clock()
+        still = "" if gone is None else f" AND {gone.still}"
+        marked = () if gone is None else gone.params()
+        untagged = "" if tagged_too else " AND send_tag IS NULL"
+        unclaimed = " AND (claimed_until IS NULL OR claimed_until <= ?)"
+
+        def update(connection: sqlite3.Connection) -> tuple[int, list[str]]:
+            with immediate(connection):
+                moved = connection.execute(
+                    f"UPDATE jobs SET {assign[0]} WHERE state = ? AND {where[0]}{unclaimed}{untagged}{still}",  # noqa: S608 - constant text
+                    (*assign[1], queued, *where[1], now, *marked),
+                ).rowcount
+                left = connection.execute(
+                    f"SELECT id FROM jobs WHERE state = ? AND {where[0]}{unclaimed}{still}",  # noqa: S608 - constant text
+                    (queued, *where[1], now, *marked),
+                ).fetchall()
+            return moved, [row["id"] for row in left]
 
         return await self._run(update)
 

@@ -206,7 +206,8 @@ class FakeBatches:
         self.results_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
         self.results_refused = 0
         # Batches are the account's of the key that created them (as OpenAI's are a project's):
-        # a retrieve or cancel with another key gets 404, as for an unknown id.
+        # a retrieve or cancel with another key gets 404, as for an unknown id, and a list with
+        # it leaves them out.
         self.per_key = False
         # With ``per_key``, the account of each key named here (keys of one account see each
         # other's batches, as a project's rotated keys do); a key not named is its own account.
@@ -542,7 +543,11 @@ class FakeBatches:
 
     async def _openai_list(self, connection: Connection, request: Request) -> bool:
         query = _query(request)
-        ids = [batch.id for batch in reversed(self.batches.values()) if batch.api == "openai" and not batch.lost]
+        ids = [
+            batch.id
+            for batch in reversed(self.batches.values())
+            if batch.api == "openai" and not batch.lost and not self._other_account(batch, request)
+        ]
         page = _page(ids, query.get("after"), query.get("limit"))
         data = [self._openai_json(self.batches[batch_id]) for batch_id in page]
         await connection.send_json(200, _openai_list(data, page, has_more=page[-1:] != ids[-1:]))
@@ -678,7 +683,10 @@ class FakeBatches:
         ids = [
             batch.id
             for batch in reversed(self.batches.values())
-            if batch.api == "anthropic" and not batch.deleted and not batch.lost
+            if batch.api == "anthropic"
+            and not batch.deleted
+            and not batch.lost
+            and not self._other_account(batch, request)
         ]
         page = _page(ids, query.get("after_id"), query.get("limit"))
         data = [self._anthropic_json(self.batches[batch_id]) for batch_id in page]

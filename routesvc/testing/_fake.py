@@ -256,7 +256,8 @@ class FakeProvider:
     @property
     def batches_per_key(self) -> bool:
         """Whether a batch is the account's of the key that created it (as OpenAI's are a
-        project's): retrieved or cancelled with another key it is 404 (default False)."""
+        project's): retrieved or cancelled with another key it is 404, and a list with another
+        key leaves it out (default False)."""
         return self._batches.per_key
 
     @batches_per_key.setter
