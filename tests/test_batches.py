@@ -4423,6 +4423,61 @@ class TestBatchPollBounded:
         assert [e["reason"] for e in failed][:1] == ["PROVIDER_UNAVAILABLE"]
         assert [job] == charged
 
+    @pytest.mark.parametrize("task", ["", "creative_writing"], ids=["openai", "anthropic"])
+    async def test_a_results_read_that_stalls_is_cut_off_and_the_queue_sends_and_reads_meanwhile(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, task: str
+    ) -> None:
+        """An ended batch's results answer their head and then stall (a proxy gone wrong): the
+        read is given up after ``RESULTS_SECONDS`` (0.3 s here), logged
+        ``batch_results_read_failed``, and tried again next round, while a job submitted
+        meanwhile is sent; once the body comes, both succeed (the read had only the SDK's
+        per-read timeout: a body trickling a byte now and then held every poll and every send
+        without end)."""
+        monkeypatch.setattr(batch_queue, "RESULTS_SECONDS", 0.3, raising=False)
+        fake.batch_results_hold = asyncio.Event()
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with capture_logs() as logs:
+                first = (await submit(client, task_hint=task))[1].batch.batch_id
+                async with asyncio.timeout(10):
+                    await fake.batch_results_waiting.wait()
+                second = (await submit(client, task_hint=task))[1].batch.batch_id
+                await until(lambda: any(e["event"] == "batch_results_read_failed" for e in logs))
+                await sent(client, second)
+                fake.batch_results_hold.set()
+                await wait_state(client, first, pb.BATCH_STATE_SUCCEEDED)
+                await wait_state(client, second, pb.BATCH_STATE_SUCCEEDED)
+            charged = sorted(e.request_id for e in server.router.ledger.entries())
+        assert [batch.api for batch in fake.batches] == ["anthropic" if task else "openai"] * 2
+        assert charged == sorted([first, second])
+
+    async def test_a_provider_cancel_never_answered_is_cut_off(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Cancelling a sent job asks the provider to cancel its batch; a cancel the provider
+        takes and never answers is given up after ``POLL_SECONDS`` (0.3 s here), logged
+        ``batch_cancel_failed``, and the job is CANCELLED (it was awaited for as long as the
+        SDK's per-read timeout, again each time it trickled)."""
+        monkeypatch.setattr(batch_queue, "POLL_SECONDS", 0.3)
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_cancel_hold = asyncio.Event()
+        try:
+            async with (
+                Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                job = (await submit(client))[1].batch.batch_id
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+                with capture_logs() as logs:
+                    async with asyncio.timeout(10):
+                        cancelled = await client.cancel_batch(job, tenant="acme")
+        finally:
+            fake.batch_cancel_hold.set()
+        assert cancelled.state == pb.BATCH_STATE_CANCELLED
+        assert [e["reason"] for e in logs if e["event"] == "batch_cancel_failed"] == ["PROVIDER_UNAVAILABLE"]
+
 
 def sent_earlier(path: Path, seconds: float) -> None:
     """Move every job's last change and send (for a job in a provider batch: when that was sent)

@@ -360,7 +360,23 @@ CLAIM_SECONDS = 300.0
 """How long a worker's claim on the jobs it is sending lasts (sends are cut off at half of it)."""
 
 POLL_SECONDS = 60.0
-"""How long one status check of a provider batch may take, in all."""
+"""How long one status check of a provider batch, or one cancel of it, may take, in all."""
+
+RESULTS_SECONDS = 600.0
+"""How long reading an ended provider batch's results may take, in all (its output file may be
+up to 200 MB): a read cut off fails as any read does, and is tried again next round."""
+
+
+async def _bounded(api: BatchAPI, call: Awaitable[_T], seconds: float, what: str) -> _T:
+    """``call`` of ``api``, cut off after ``seconds`` in all (``ProviderTimedOut``): the SDK's
+    timeout is per read, so an answer that trickled held the poller's round, every other batch's
+    poll and every send with it, without end."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await call
+    except TimeoutError as exc:
+        message = f"{api.name}: batch {what} took over {seconds:.0f} s"
+        raise ProviderTimedOut(message, provider=api.name, model="batch") from exc
 
 
 def build_batch_apis(settings: Settings) -> dict[str, BatchAPI]:
@@ -902,7 +918,7 @@ class BatchQueue:
     async def _cancel_with(api: BatchAPI, provider_batch_id: str) -> None:
         """Cancel ``provider_batch_id`` through ``api``; a failure is logged (the batch runs on)."""
         try:
-            await api.cancel(provider_batch_id)
+            await _bounded(api, api.cancel(provider_batch_id), POLL_SECONDS, "cancel")
         except ProviderError as error:
             log.warning("batch_cancel_failed", provider_batch_id=provider_batch_id, reason=error.reason)
             return
@@ -1555,14 +1571,8 @@ class BatchQueue:
         log.warning("batch_polls_held", provider=provider, seconds=seconds, reason=error.reason)
 
     async def _status(self, api: BatchAPI, provider_batch_id: str) -> ProviderBatch:
-        """``api.poll``, cut off after ``POLL_SECONDS`` (the SDK's timeout is per read: an answer
-        that trickles held the round, every other batch's poll with it, without end)."""
-        try:
-            async with asyncio.timeout(POLL_SECONDS):
-                return await api.poll(provider_batch_id)
-        except TimeoutError as exc:
-            message = f"{api.name}: batch status check took over {POLL_SECONDS:.0f} s"
-            raise ProviderTimedOut(message, provider=api.name, model="batch") from exc
+        """``api.poll``, cut off after ``POLL_SECONDS``."""
+        return await _bounded(api, api.poll(provider_batch_id), POLL_SECONDS, "status check")
 
     async def _poll_batch(
         self, api: BatchAPI, provider: str, provider_batch_id: str, jobs: SentJobs, sent_to: tuple[str, str]
@@ -1642,7 +1652,8 @@ class BatchQueue:
         if batch.retry_later and waiting:
             waiting = await self._requeue(provider, batch, waiting)
         # Made valid text before anything reads them: the store, the ledger, the metrics.
-        results = {result.custom_id: valid_result(result) for result in await api.results(batch)}
+        read = await _bounded(api, api.results(batch), RESULTS_SECONDS, "results read")
+        results = {result.custom_id: valid_result(result) for result in read}
         if jobs.unverified and not results.keys() & {*jobs.waiting, *jobs.cancelled}:
             await self._disown(provider, batch.id, jobs, answered=bool(results))
             if results:

@@ -41,7 +41,9 @@ error, ``results_errors`` an API's reads of an ended batch's results (OpenAI's o
 files, Anthropic's results; counted in ``results_refused``); ``create_hold`` keeps creates
 waiting until the test sets it (``create_waiting`` is set once one waits), ``create_reply_hold``
 the replies of creates made (a create that reached the provider, its reply late or lost), and
-``delete_hold`` deletes (``delete_waiting``), ``retrieve_hold`` retrieves (``retrieve_waiting``).
+``delete_hold`` deletes (``delete_waiting``), ``retrieve_hold`` retrieves (``retrieve_waiting``),
+``results_hold`` results reads after their head (``results_waiting``: a body that stalls) and
+``cancel_hold`` cancels (``cancel_waiting``).
 An Anthropic batch's times have microseconds, as the API's do.
 """
 
@@ -226,6 +228,12 @@ class FakeBatches:
         # The same for retrieving a batch (a status check).
         self.retrieve_hold: asyncio.Event | None = None
         self.retrieve_waiting = asyncio.Event()
+        # A results read (OpenAI's file content, Anthropic's results) sends its head, then its
+        # body only once this is set (None: at once); a cancel answers once ``cancel_hold`` is.
+        self.results_hold: asyncio.Event | None = None
+        self.results_waiting = asyncio.Event()
+        self.cancel_hold: asyncio.Event | None = None
+        self.cancel_waiting = asyncio.Event()
         self.files: dict[str, bytes] = {}
         # Each file's name and when it was uploaded (files.list).
         self.file_names: dict[str, tuple[str, float]] = {}
@@ -277,6 +285,10 @@ class FakeBatches:
         self.delete_waiting.clear()
         self.retrieve_hold = None
         self.retrieve_waiting.clear()
+        self.results_hold = None
+        self.results_waiting.clear()
+        self.cancel_hold = None
+        self.cancel_waiting.clear()
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._numbers):04d}{uuid.uuid4().hex[:12]}"
@@ -480,6 +492,7 @@ class FakeBatches:
             return True
         headers = {"content-type": "application/octet-stream", "content-length": str(len(content))}
         await connection.send_head(200, headers)
+        await self._results_held()
         await connection.send(content)
         return True
 
@@ -509,6 +522,18 @@ class FakeBatches:
         if self.retrieve_hold is not None and not self.retrieve_hold.is_set():
             self.retrieve_waiting.set()
             await self.retrieve_hold.wait()
+
+    async def _results_held(self) -> None:
+        """Wait at ``results_hold`` while it is set to an event not set yet."""
+        if self.results_hold is not None and not self.results_hold.is_set():
+            self.results_waiting.set()
+            await self.results_hold.wait()
+
+    async def _cancel_held(self) -> None:
+        """Wait at ``cancel_hold`` while it is set to an event not set yet."""
+        if self.cancel_hold is not None and not self.cancel_hold.is_set():
+            self.cancel_waiting.set()
+            await self.cancel_hold.wait()
 
     async def _held(self) -> None:
         """Wait at ``create_hold`` while it is set to an event not set yet."""
@@ -629,6 +654,7 @@ class FakeBatches:
             batch.status = cancelling
 
     async def _openai_cancel(self, connection: Connection, request: Request) -> bool:
+        await self._cancel_held()
         batch = await self._openai_found(connection, request)
         if batch is not None:
             self._cancel(batch, "cancelling")
@@ -733,10 +759,12 @@ class FakeBatches:
             content = "".join(json.dumps(entry) + "\n" for entry in batch.results).encode()
         headers = {"content-type": "application/binary", "content-length": str(len(content))}
         await connection.send_head(200, headers)
+        await self._results_held()
         await connection.send(content)
         return True
 
     async def _anthropic_cancel(self, connection: Connection, request: Request) -> bool:
+        await self._cancel_held()
         batch = await self._anthropic_found(connection, request)
         if batch is not None:
             self._cancel(batch, "canceling")

@@ -244,6 +244,38 @@ class FakeProvider:
         return self._batches.retrieve_waiting
 
     @property
+    def batch_results_hold(self) -> asyncio.Event | None:
+        """While set to an event that is not set, reading an ended batch's results (OpenAI's
+        output or error file, Anthropic's results) sends the answer's head, then waits for it
+        before the body (``batch_results_waiting`` is set): a body that stalls. None (the
+        default) answers at once."""
+        return self._batches.results_hold
+
+    @batch_results_hold.setter
+    def batch_results_hold(self, hold: asyncio.Event | None) -> None:
+        self._batches.results_hold = hold
+
+    @property
+    def batch_results_waiting(self) -> asyncio.Event:
+        """Set once a results read waits at ``batch_results_hold``."""
+        return self._batches.results_waiting
+
+    @property
+    def batch_cancel_hold(self) -> asyncio.Event | None:
+        """While set to an event that is not set, cancelling a batch (either API) waits for it
+        before answering (``batch_cancel_waiting`` is set); None (the default) answers at once."""
+        return self._batches.cancel_hold
+
+    @batch_cancel_hold.setter
+    def batch_cancel_hold(self, hold: asyncio.Event | None) -> None:
+        self._batches.cancel_hold = hold
+
+    @property
+    def batch_cancel_waiting(self) -> asyncio.Event:
+        """Set once a cancel waits at ``batch_cancel_hold``."""
+        return self._batches.cancel_waiting
+
+    @property
     def batch_delete_waiting(self) -> asyncio.Event:
         """Set once a delete waits at ``batch_delete_hold``."""
         return self._batches.delete_waiting
