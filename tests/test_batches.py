@@ -3868,6 +3868,53 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         assert others == []
         assert [e for e in logs if e["event"] == "batch_lost"] == []
 
+    async def test_a_job_queued_under_a_key_a_reload_rotated_is_sent_with_the_new_key(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A job queued under key-A (its create refused: the provider takes only key-A2 now),
+        no batch of key-A pending; a reload rotates the key to key-A2 and no other process marks
+        key-A: the job is queued under key-A2 at the next round and sent with it."""
+        fake.api_key = "key-A2"
+        key_file = tmp_path / "a.key"
+        key_file.write_text("key-A\n")
+        config = _keyed_by_file(tmp_path, fake, key_file)
+        async with Server(settings_from(config), port=0) as owner, RouterClient(owner.target) as client:
+            with capture_logs() as logs:
+                job = (await submit(client))[1].batch.batch_id
+                await until(lambda: any(e["event"] == "batch_submit_failed" for e in logs))
+                key_file.write_text("key-A2\n")
+                await owner.reload(settings_from(config))
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+        assert _created_with(fake) == ["key-A2"]
+        assert [(e["jobs"], e["reason"]) for e in logs if e["event"] == "batch_jobs_moved"] == [(1, "key_changed")]
+
+    async def test_a_reload_that_reverts_a_key_leaves_the_jobs_of_the_process_that_uses_that_key_to_it(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A's key file briefly held key-B, another account's key at the same URL (a wrong secret
+        mounted, then fixed: key-A, key-B, key-A by two reloads). Jobs then submitted only to B's
+        deployment, which marks key-B, are all sent with key-B and charged in B's ledger (A kept
+        key-B as a key it rotated away from, queued B's jobs under key-A every round and sent
+        them with it, charging them in A's ledger, for as long as A ran)."""
+        fake.batches_per_key = True
+        key_file = tmp_path / "a.key"
+        key_file.write_text("key-A\n")
+        config = _keyed_by_file(tmp_path, fake, key_file)
+        async with Server(settings_from(config), port=0) as owner:
+            for key in ("key-B", "key-A"):
+                key_file.write_text(key + "\n")
+                await owner.reload(settings_from(config))
+                await asyncio.sleep(0.3)  # rounds and marks with it
+            async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
+                jobs = [(await submit(client))[1].batch.batch_id for _ in range(4)]
+                for job in jobs:
+                    await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                charged = sorted(e.request_id for e in other.router.ledger.entries())
+            taken = list(owner.router.ledger.entries())
+        assert set(_created_with(fake)) == {"key-B"}
+        assert charged == sorted(jobs)
+        assert taken == []
+
     async def test_a_job_whose_send_reply_was_lost_under_a_gone_key_is_failed_not_sent_with_another(
         self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -489,7 +489,9 @@ class BatchQueue:
         self._watched_keys: dict[tuple[str, str, str], _Watched] = {}
         self._unmarked_keys: set[tuple[str, str, str]] = set()
         # The (provider, base URL, key fingerprint) this queue sent with before a reload rotated
-        # the key: jobs still queued under it are queued under the key now in use.
+        # the key: jobs still queued under it are queued under the key now in use, only while
+        # the store holds this queue's last mark of it (no other process has marked it since:
+        # one that sends with it sends its jobs).
         self._rotated_keys: set[tuple[str, str, str]] = set()
         # Batches another key sent to this queue's base URLs whose last status check here failed
         # otherwise than by a rejection (or was held): whether this key sees them cannot be told yet (a
@@ -564,6 +566,8 @@ class BatchQueue:
             self._sends_to[name] = new_sent_to
             # Back to a base URL it was moved off: that adapter is not needed any more.
             self._retire(self._former.pop((name, new_sent_to[0]), (None, None))[0])
+            # Back to a key it rotated away from: its jobs are this queue's to send again.
+            self._rotated_keys.discard((name, *new_sent_to))
             if old_sent_to[0] != new_sent_to[0]:
                 # Moved to another base URL: the batches sent to the old one are still read
                 # there, with the adapter that sent them (closed with the queue).
@@ -574,7 +578,8 @@ class BatchQueue:
                 self._retire(api)
             if old_sent_to[1] != new_sent_to[1]:
                 # A rotated key: the jobs queued under the old one are this queue's own
-                # (``_follow_moved_endpoints`` queues them under the new one).
+                # (``_follow_moved_endpoints`` queues them under the new one) while no other
+                # process marks it (a key this one used by mistake, then reverted, is that one's).
                 self._rotated_keys.add((name, *old_sent_to))
             log.info("batch_provider_updated", provider=name)
 
@@ -1264,14 +1269,22 @@ class BatchQueue:
                 continue
             # A gone URL's jobs only while the store holds the mark it was taken as gone by.
             await self._moved(provider, await store.move_queued(provider, endpoint, sent_to, gone=gone), gone)
-        rotated: list[tuple[tuple[str, str, str], GoneMark | None]] = [(key, None) for key in self._rotated_keys]
-        for (provider, endpoint, old_key), gone in [*rotated, *self._owners_gone.items()]:
+        rotated = [(triple, self._own_mark(triple), True) for triple in self._rotated_keys]
+        for (provider, endpoint, old_key), gone, ours in [
+            *rotated,
+            *((triple, gone, False) for triple, gone in self._owners_gone.items()),
+        ]:
             sent_to = self._sends_to.get(provider)
             if sent_to is None or sent_to[0] != endpoint or sent_to[1] == old_key:
                 continue
-            # A gone key's jobs only while the store holds the mark it was taken as gone by.
-            moved = await store.rekey_queued(provider, endpoint, old_key, sent_to[1], gone=gone)
+            # Only while the store holds the mark the key was rotated away or taken as gone by.
+            moved = await store.rekey_queued(provider, endpoint, old_key, sent_to[1], gone=gone, rotated=ours)
             await self._moved(provider, moved, gone, reason="key_changed")
+
+    def _own_mark(self, triple: tuple[str, str, str]) -> GoneMark:
+        """The last mark this queue wrote of the key ``triple`` (none: while no process has)."""
+        seen_at, every = self._opened().own_key_mark(triple) or (None, 0.0)
+        return GoneMark(*triple[:2], seen_at, every, key_id=triple[2])
 
     async def _moved(
         self, provider: str, moved: tuple[int, list[str]], gone: GoneMark | None, *, reason: str | None = None

@@ -635,6 +635,13 @@ class BatchStore:
             raise
         self._lock = threading.Lock()
         self._clock = clock
+        # The last mark ``mark_keys`` wrote through this store for each key it was given.
+        self._own_key_marks: dict[tuple[str, str, str], tuple[float, float]] = {}
+
+    def own_key_mark(self, triple: tuple[str, str, str]) -> tuple[float, float] | None:
+        """The last mark (when, how often) ``mark_keys`` wrote through this store for the
+        (provider, base URL, key fingerprint) ``triple``; None if it never marked it."""
+        return self._own_key_marks.get(triple)
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         def locked() -> _T:
@@ -1088,7 +1095,9 @@ class BatchStore:
                 )
             return {triple: marks.get(triple) for triple in named - serving if (triple[0], triple[1]) in urls}
 
-        return await self._run(update)
+        others = await self._run(update)
+        self._own_key_marks.update((triple, (now, every)) for triple in serving)
+        return others
 
     async def move_queued(
         self, provider: str, old_endpoint: str, to: tuple[str, str], *, gone: GoneMark | None = None
@@ -1104,18 +1113,25 @@ class BatchStore:
         )
 
     async def rekey_queued(
-        self, provider: str, endpoint: str, old_key: str, key: str, *, gone: GoneMark | None = None
+        self,
+        provider: str,
+        endpoint: str,
+        old_key: str,
+        key: str,
+        *,
+        gone: GoneMark | None = None,
+        rotated: bool = False,
     ) -> tuple[int, list[str]]:
         """Queue for ``key`` (a fingerprint) the jobs of ``provider`` at ``endpoint`` queued for
         ``old_key`` (a key rotated, or one no process sends with any more) that are not claimed;
         returns how many moved, and the ids of those left. With ``gone`` (``old_key``'s mark), only
-        while the store still holds it, and a job whose last send's reply was lost
-        (``tag_send``) is left, its id returned, as ``move_queued`` leaves one: the batch it may
-        have made is ``old_key``'s, which another account's key neither finds nor reads, so it
-        would be sent again. Without (a key this process rotated: the same account's, which
-        finds that batch) it moves too, its send looking the batch up with ``key``."""
+        while the store still holds it. A job whose last send's reply was lost (``tag_send``) is
+        left, its id returned, as ``move_queued`` leaves one: the batch it may have made is
+        ``old_key``'s, which another account's key neither finds nor reads, so it would be sent
+        again; unless ``rotated`` (a key this process rotated away from: the same account's,
+        which finds that batch), its send then looking the batch up with ``key``."""
         where = ("provider = ? AND endpoint = ? AND key_id = ?", (provider, endpoint, old_key))
-        return await self._requeue(("key_id = ?", (key,)), where, gone=gone, tagged_too=gone is None)
+        return await self._requeue(("key_id = ?", (key,)), where, gone=gone, tagged_too=rotated)
 
     async def _requeue(
         self,
