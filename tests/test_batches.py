@@ -3915,6 +3915,35 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         assert charged == sorted(jobs)
         assert taken == []
 
+    async def test_another_account_leaves_a_lost_send_of_a_live_key_to_be_looked_up_with_that_key(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A's deployment stops mid-send (the provider made the batch with key-A, its reply never
+        came) and the job is cancelled through B's (another account, whose key neither lists nor
+        reads A's batches): B does not look the send up, and A, back with key-A, finds the batch
+        and cancels it (B looked it up with its key, found nothing and forgot the tag: A's batch
+        ran and billed A, never cancelled nor read)."""
+        fake.batches_per_key = True
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
+        async with _deployment(tmp_path, fake, "key-A") as owner, RouterClient(owner.target) as client:
+            job = (await submit(client))[1].batch.batch_id
+            async with asyncio.timeout(10):
+                await fake.batch_create_waiting.wait()
+        fake.batch_create_reply_hold.set()
+        [batch] = fake.batches
+        with capture_logs() as logs:
+            async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
+                await client.cancel_batch(job, tenant="acme")
+                lapse(tmp_path / "batches.db")
+                await asyncio.sleep(1.5)  # B's rounds
+            with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+                [(state, tagged)] = store.execute("SELECT state, send_tag IS NOT NULL FROM jobs").fetchall()
+            async with _deployment(tmp_path, fake, "key-A"):
+                await until(lambda: batch.cancelled)
+        assert (state, tagged) == ("cancelled", 1)
+        assert [e["event"] for e in logs if e["event"] == "batch_send_adopted"] == ["batch_send_adopted"]
+
     async def test_a_job_whose_send_reply_was_lost_under_a_gone_key_is_failed_not_sent_with_another(
         self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -1138,12 +1138,24 @@ class BatchQueue:
                 if gone is not None and await self._opened().forget_send(send.tag, gone=gone):
                     log.warning("batch_lookup_abandoned", provider=send.provider, reason="provider_changed")
                 continue  # else another endpoint's process looks it up
+            owner_gone = None
+            if send.key_id is not None and send.key_id != reached[1][1]:
+                owner = (send.provider, reached[1][0], send.key_id)
+                owner_gone = self._owners_gone.get(owner)
+                if owner not in self._rotated_keys and owner_gone is None:
+                    # Another key's, whose process may be live (an unplaced send's key is watched
+                    # as a batch's is): another account's key would find nothing and forget it,
+                    # and its batch ran billed, never cancelled nor read. Looked up with this key
+                    # only once that key is taken as gone, or if this process rotated away from it.
+                    continue
             with self._using(send.provider, send.endpoint) as api:
                 if api is None:
                     continue
-                await self._look_up_one(api, send, reached[1])
+                await self._look_up_one(api, send, reached[1], owner_gone)
 
-    async def _look_up_one(self, api: BatchAPI, send: UnplacedSend, sent_to: tuple[str, str]) -> None:
+    async def _look_up_one(
+        self, api: BatchAPI, send: UnplacedSend, sent_to: tuple[str, str], gone: GoneMark | None = None
+    ) -> None:
         store = self._opened()
         try:
             async with asyncio.timeout(CLAIM_SECONDS / 2):
@@ -1154,7 +1166,8 @@ class BatchQueue:
             log.warning("batch_lookup_failed", provider=send.provider, reason=reason)
             return
         if len(found) != 1:
-            await store.forget_send(send.tag)
+            # Another key's, taken as gone: only while the store holds that mark.
+            await store.forget_send(send.tag, gone=gone)
             if found:
                 log.warning("batch_send_ambiguous", provider=send.provider, candidates=len(found))
             return

@@ -278,6 +278,8 @@ class UnplacedSend:
     since: float
     count: int
     endpoint: str | None
+    # The fingerprint of the key its jobs were queued under, and sent with (None: not recorded).
+    key_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -960,7 +962,7 @@ class BatchStore:
             # A tag with a job placed (one failed before it was sent stays unplaced) is no lost send.
             rows = connection.execute(
                 "SELECT send_tag, MIN(provider) AS provider, MIN(send_at) AS since, MAX(send_count) AS count,"
-                " MIN(endpoint) AS endpoint FROM jobs INDEXED BY jobs_unplaced_send"
+                " MIN(endpoint) AS endpoint, MIN(key_id) AS key_id FROM jobs INDEXED BY jobs_unplaced_send"
                 " WHERE send_tag IS NOT NULL AND provider_batch_id IS NULL GROUP BY send_tag"
                 " HAVING SUM(state = ?) = 0 AND SUM(claimed_until IS NOT NULL AND claimed_until > ?) = 0"
                 " AND NOT EXISTS (SELECT 1 FROM jobs AS placed WHERE placed.send_tag = jobs.send_tag"
@@ -968,7 +970,9 @@ class BatchStore:
                 (queued, now),
             ).fetchall()
             return [
-                UnplacedSend(row["send_tag"], row["provider"], row["since"], row["count"] or 1, row["endpoint"])
+                UnplacedSend(
+                    row["send_tag"], row["provider"], row["since"], row["count"] or 1, row["endpoint"], row["key_id"]
+                )
                 for row in rows
             ]
 
@@ -1056,7 +1060,7 @@ class BatchStore:
         """Mark the (provider, base URL, key fingerprint) triples of ``served`` as sent with now
         by a process that marks them every ``every`` seconds, and return, for each other key that
         provider batches not read yet at one of those base URLs were sent with (or jobs there are
-        queued under), its last mark
+        queued under, or a lost send there is to be looked up with), its last mark
         (when, by the marker's clock; how often it marks), or None when no process that marks
         keys has marked it (an earlier release sent with it)."""
         now = self._clock()
@@ -1076,7 +1080,9 @@ class BatchStore:
                     "SELECT provider, endpoint, key_id FROM jobs INDEXED BY jobs_state WHERE state IN (?, ?)"
                     " AND key_id IS NOT NULL AND endpoint IS NOT NULL UNION SELECT provider, endpoint, key_id"
                     " FROM jobs INDEXED BY jobs_provider_pending WHERE provider_pending IS NOT NULL"
-                    " AND key_id IS NOT NULL AND endpoint IS NOT NULL",
+                    " AND key_id IS NOT NULL AND endpoint IS NOT NULL UNION SELECT provider, endpoint, key_id"
+                    " FROM jobs INDEXED BY jobs_unplaced_send WHERE send_tag IS NOT NULL"
+                    " AND provider_batch_id IS NULL AND key_id IS NOT NULL AND endpoint IS NOT NULL",
                     states,
                 ).fetchall()
                 named = {(row["provider"], row["endpoint"], row["key_id"]) for row in rows}
