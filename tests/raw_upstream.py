@@ -6,7 +6,8 @@ send (a body that never ends, a compression bomb, a BOM, odd event framing).
         adapter = OpenAIProvider(..., base_url=raw.url + "/v1")
 
 Each request takes the next of ``replies`` (a 500 once they run out); ``sent`` counts the body
-bytes written for each reply, in order, up to when the client left.
+bytes written for each reply, in order, up to when the client left; ``asked`` holds each request's
+headers, in order.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class RawUpstream:
     def __init__(self) -> None:
         self.replies: list[Reply] = []
         self.sent: list[int] = []
+        self.asked: list[Mapping[str, str]] = []
         self._runner: web.AppRunner | None = None
         self._port = 0
 
@@ -145,6 +147,7 @@ class RawUpstream:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         await request.read()
+        self.asked.append(request.headers)
         reply = self.replies.pop(0) if self.replies else Reply(status=500, body=chunks(b'{"error": "no reply"}'))
         if reply.wire is not None:
             return await self._write_raw(request, reply, reply.wire)

@@ -12,6 +12,7 @@ import zlib
 from collections.abc import AsyncIterator
 
 import pytest
+from httpx2 import _client as httpx2_client
 from httpx2._decoders import SUPPORTED_DECODERS
 
 from routesvc.errors import (
@@ -25,8 +26,10 @@ from routesvc.errors import (
 from routesvc.models import InputReported, Message, ProviderFinish, Role, TextDelta
 from routesvc.providers import _event_size
 from routesvc.providers.anthropic import AnthropicProvider
+from routesvc.providers.anthropic_batch import AnthropicBatches
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
+from routesvc.providers.openai_batch import OpenAIBatches
 from routesvc.testing import FakeProvider, Fault, Script
 from tests.conftest import until
 from tests.forward_proxy import ForwardProxy
@@ -790,3 +793,118 @@ class TestErrorBodyCut:
         texts, error = await read(on_raw, call(timeout=8))
         assert (texts, type(error)) == ([], ProviderQuotaExhausted)
         assert time.monotonic() - started < 1
+
+
+class TestErrorBodyWholeAtTheTimeBound:
+    """An error's body that came whole, its framing unended (a wrong length, no last chunk), the
+    connection held open: kept once ``ERROR_BODY_SECONDS`` passes, as when its connection cuts it."""
+
+    @pytest.mark.parametrize("shape", ["its length longer", "gzip member whole, its length longer", "no last chunk"])
+    async def test_a_whole_error_body_then_a_stall_keeps_what_it_tells(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter, monkeypatch: pytest.MonkeyPatch, shape: str
+    ) -> None:
+        """A spent quota's JSON whole (plain, or one whole gzip member), then nothing more, the
+        connection held open: a spent quota once ``ERROR_BODY_SECONDS`` (0.5 s here) passed (the
+        body was dropped whole: a rate limit, retried on the spent account, or a rejection, with
+        no fallback; the same bytes then a close kept it)."""
+        monkeypatch.setattr(_event_size, "ERROR_BODY_SECONDS", 0.5)
+        status, error_body = spent_quota(kind)
+        body = json.dumps(error_body).encode()
+        if shape == "no last chunk":
+            wire = error_head(status, transfer_encoding="chunked") + b"%x\r\n%s\r\n" % (len(body), body)
+        elif shape.startswith("gzip"):
+            member = compressed(body, 31)
+            wire = error_head(status, content_encoding="gzip", content_length=str(len(member) + 50)) + member
+        else:
+            wire = error_head(status, content_length=str(len(body) + 50)) + body
+        raw.replies.append(Reply(wire=chunks(wire), hold=True))
+        started = time.monotonic()
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderQuotaExhausted)
+        assert time.monotonic() - started < 2
+
+    async def test_a_part_of_an_error_body_then_a_stall_is_dropped(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Half a spent quota's JSON, then a stall: the body dropped at ``ERROR_BODY_SECONDS``,
+        the status kept (a rate limit, or a rejection)."""
+        monkeypatch.setattr(_event_size, "ERROR_BODY_SECONDS", 0.5)
+        status, error_body = spent_quota(kind)
+        body = json.dumps(error_body).encode()
+        wire = error_head(status, content_length=str(len(body))) + body[: len(body) // 2]
+        raw.replies.append(Reply(wire=chunks(wire), hold=True))
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRateLimited if status == 429 else ProviderRejected)
+
+
+def batch_api(kind: str, url: str) -> OpenAIBatches | AnthropicBatches:
+    return OpenAIBatches("openai", "sk", url + "/v1") if kind == "openai" else AnthropicBatches("anthropic", "sk", url)
+
+
+class TestBatchErrorBodies:
+    """The batch adapters' clients read an error's body as the streams' do, and a 400 whose body is
+    lost is not taken for a definite rejection (which fails a batch's jobs)."""
+
+    async def test_a_batch_client_asks_for_no_coding_it_does_not_decode(
+        self, raw: RawUpstream, kind: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With a stack that decodes br and zstd too (brotli installed, Python 3.14), a batch
+        call asks ``Accept-Encoding: gzip, deflate`` only (httpx2's default asked br and zstd, whose
+        error bodies are dropped: Anthropic's "credit balance is too low" 400 on a create was then
+        a rejection, the group's jobs failed for good, not kept queued)."""
+        monkeypatch.setattr(httpx2_client, "ACCEPT_ENCODING", "gzip, deflate, br, zstd")
+        raw.replies.append(Reply(status=404, body=chunks(b'{"error": {"message": "no such batch"}}')))
+        api = batch_api(kind, raw.url)
+        try:
+            with pytest.raises(ProviderRejected):
+                await api.poll("batch_1")
+        finally:
+            await api.aclose()
+        assert raw.asked[0]["accept-encoding"] == "gzip, deflate"
+
+    @pytest.mark.parametrize("lost", ["stalled part-way", "gzip cut mid-member"])
+    async def test_a_400_on_a_create_whose_body_is_lost_is_unavailable(
+        self, raw: RawUpstream, monkeypatch: pytest.MonkeyPatch, lost: str
+    ) -> None:
+        """A batch create answered Anthropic's credit-spent 400 whose body stalls part-way (dropped
+        at ``ERROR_BODY_SECONDS``, 0.5 s here) or whose gzip is cut mid-member: unavailable with
+        its status 400 (retried: the jobs are released, the account may be paid later), not
+        rejected (the queue failed every job of the group for good)."""
+        monkeypatch.setattr(_event_size, "ERROR_BODY_SECONDS", 0.5)
+        _, error_body = spent_quota("anthropic")
+        body = json.dumps(error_body).encode()
+        if lost == "stalled part-way":
+            wire = error_head(400, content_length=str(len(body))) + body[: len(body) // 2]
+        else:
+            member = compressed(body, 31)
+            head_ = error_head(400, content_encoding="gzip", content_length=str(len(member)))
+            wire = head_ + member[: len(member) // 2]
+        raw.replies.append(Reply(wire=chunks(wire), hold=lost == "stalled part-way"))
+        api = AnthropicBatches("anthropic", "sk", raw.url)
+        try:
+            with pytest.raises(ProviderUnavailable) as raised:
+                await api.submit([], "tag")
+        finally:
+            await api.aclose()
+        assert raised.value.status == 400
+
+    async def test_a_400_on_a_create_whose_body_came_whole_then_stalled_keeps_what_it_tells(
+        self, raw: RawUpstream, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Anthropic's credit-spent 400 on a batch create, its JSON whole, then a stall: a spent
+        quota (the jobs wait queued), and a bad request's 400 so too a rejection."""
+        monkeypatch.setattr(_event_size, "ERROR_BODY_SECONDS", 0.5)
+        _, error_body = spent_quota("anthropic")
+        bad = {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: too large"}}
+        raised: list[type[BaseException]] = []
+        for body in (json.dumps(error_body).encode(), json.dumps(bad).encode()):
+            wire = error_head(400, content_length=str(len(body) + 50)) + body
+            raw.replies.append(Reply(wire=chunks(wire), hold=True))
+            api = AnthropicBatches("anthropic", "sk", raw.url)
+            try:
+                with pytest.raises(ProviderError) as error:
+                    await api.submit([], "tag")
+            finally:
+                await api.aclose()
+            raised.append(error.type)
+        assert raised == [ProviderQuotaExhausted, ProviderRejected]

@@ -27,7 +27,10 @@ what follows its end that is no member not read) when compressed, and dropped (a
 rest unread) past them, or when compressed otherwise (``br``, ``zstd``, two codings) or broken (an
 error body read whole, or decoded whole, could cost the process gigabytes). One its connection cuts
 ends where it was cut (the transport's error, raised to the SDK's read of the body, lost the
-status: a 400 or a 429 became a connection failure). A dropped body's answer keeps its status and
+status: a 400 or a 429 became a connection failure); one still coming at ``ERROR_BODY_SECONDS``
+whose bytes so far are whole (a JSON document, a gzip member) ends there too. A body dropped, or
+cut short of a whole one, is marked on its response (``error_body_lost``): the batch adapters take
+such a 400 for no definite rejection. A dropped body's answer keeps its status and
 headers, so a 400 stays rejected and a 429 keeps its ``Retry-After``, but all the body told is
 lost: the error's code in the message, and what only the body tells of its class, a spent quota
 (OpenAI's 429 ``insufficient_quota`` then a rate limit, retried; Anthropic's 400 "credit balance is
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -68,6 +72,11 @@ ERROR_BODY_LIMIT = 1024 * 1024
 # The longest an error's or a redirect's body is read (a provider's comes with its head), from the
 # SDK's first read of it.
 ERROR_BODY_SECONDS = 2.0
+# Set in an error's response extensions when its body was not passed on whole (``_CappedBody``):
+# dropped, or cut short of a whole one.
+BODY_LOST = "routesvc.error_body_lost"
+# What a request asks its answer compressed in (``CappedErrorsTransport``): the codings decoded here.
+_ASKED_CODINGS = "gzip, deflate"
 
 _OPENAI_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 # The bytes of the data before a chunk kept to find an event's end split across two chunks.
@@ -343,6 +352,12 @@ class _Inflater:
             self._pending.clear()
         return bytes(out)
 
+    @property
+    def ended(self) -> bool:
+        """Whether what was decoded ends at a gzip member's end (a later member's bytes, held,
+        are not decoded) or the deflate stream's."""
+        return self.done or self._decoder.eof or self._members > 1
+
     def flush(self) -> bytes:
         """What is left once every chunk was decoded with room to spare (nothing, as zlib goes;
         nothing of a later member the body ended in)."""
@@ -362,39 +377,72 @@ class _CappedBody(httpx2.AsyncByteStream):
     """An error's or a redirect's body: passed on whole if it ends within ``ERROR_BODY_LIMIT`` bytes
     and ``ERROR_BODY_SECONDS``, read and decoded alike (by ``inflater`` first if given), else empty
     (read no further); empty, unread, if ``dropped``; empty if ``inflater`` finds it broken. One cut
-    by its connection (short of its length, its last chunk, a gzip member's end) ends there."""
+    by its connection (short of its length, its last chunk, a gzip member's end) ends there; one
+    still coming at ``ERROR_BODY_SECONDS`` ends there too if what came is whole (``_whole``), else
+    is dropped. A body dropped, or cut short of a whole one, is marked ``BODY_LOST`` in ``marks``
+    (its response's extensions)."""
 
-    def __init__(self, inner: httpx2.AsyncByteStream, *, dropped: bool, inflater: _Inflater | None = None) -> None:
+    def __init__(
+        self,
+        inner: httpx2.AsyncByteStream,
+        marks: dict[str, object],
+        *,
+        dropped: bool,
+        inflater: _Inflater | None = None,
+    ) -> None:
         self._inner = inner
+        self._marks = marks
         self._dropped = dropped
         self._inflater = inflater
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._dropped:
+            self._marks[BODY_LOST] = True
             return
         held = bytearray()
         try:
             async with asyncio.timeout(ERROR_BODY_SECONDS):
                 # Nothing is yielded inside: the SDK's read of the body is this task's own.
-                whole = await self._read(held)
+                ended = await self._read(held)
         except TimeoutError:
             # Bytes that trickle, or framing that carries next to none (chunk extensions, 1-byte
-            # chunks), would be read until the call's deadline, the status lost with it.
-            return
-        if not whole:
+            # chunks), would be read until the call's deadline, the status lost with it. What came
+            # whole (its length or last chunk missing) is kept, as when its connection cuts it.
+            ended = False
+            if not self._whole(held):
+                self._marks[BODY_LOST] = True
+                return
+        if ended is None:
+            self._marks[BODY_LOST] = True
             return
         if self._inflater is not None:
             try:
                 held += self._inflater.flush()
             except zlib.error:
+                self._marks[BODY_LOST] = True
                 return
             if len(held) > ERROR_BODY_LIMIT:
+                self._marks[BODY_LOST] = True
                 return
+        if not ended and not self._whole(held):
+            self._marks[BODY_LOST] = True
         if held:
             yield bytes(held)
 
-    async def _read(self, held: bytearray) -> bool:
-        """Read the body into ``held``: False once it is to be dropped."""
+    def _whole(self, held: bytearray) -> bool:
+        """Whether the body read so far, ``held``, is whole though its framing did not end: decoded
+        to a gzip member's or the deflate stream's end, or (not compressed) a whole JSON document."""
+        if self._inflater is not None:
+            return self._inflater.ended
+        try:
+            json.loads(held)
+        except ValueError:
+            return False
+        return True
+
+    async def _read(self, held: bytearray) -> bool | None:
+        """Read the body into ``held``: True once it ended, False if its connection cut it, None
+        once it is to be dropped."""
         read = 0
         try:
             async for chunk in self._inner:
@@ -405,20 +453,20 @@ class _CappedBody(httpx2.AsyncByteStream):
                     try:
                         held += self._inflater.decode(chunk, ERROR_BODY_LIMIT + 1 - len(held))
                     except zlib.error:
-                        return False
+                        return None
                 if len(held) > ERROR_BODY_LIMIT:
-                    return False
+                    return None
                 if self._inflater is not None and self._inflater.done:
                     break  # the rest is ignored: not read
                 if read > ERROR_BODY_LIMIT:
                     # Bytes that decode to little or nothing (endless empty gzip members or deflate
                     # blocks) are bounded as they come: a real compressed error is smaller than its text.
-                    return False
+                    return None
         except httpx2.TransportError:
             # Cut by its connection, often once its JSON came whole: the body ends with what came
             # (raised to the SDK, the status and headers were lost with it: a 400 or a 429 became
             # a connection failure, retried).
-            pass
+            return False
         return True
 
     async def aclose(self) -> None:
@@ -432,10 +480,18 @@ def _capped(response: httpx2.Response, codings: list[str]) -> httpx2.Response:
         return response
     decoded = [coding for coding in codings if coding in DECODED_CODINGS]
     inflater = _Inflater(decoded[0]) if len(decoded) == 1 and decoded[0] in _INFLATED else None
-    response.stream = _CappedBody(response.stream, dropped=bool(decoded) and inflater is None, inflater=inflater)
+    response.stream = _CappedBody(
+        response.stream, response.extensions, dropped=bool(decoded) and inflater is None, inflater=inflater
+    )
     if decoded:
         del response.headers["content-encoding"]
     return response
+
+
+def error_body_lost(response: httpx2.Response) -> bool:
+    """Whether an error's body was dropped or cut short of a whole one (``BODY_LOST``): what only
+    the body tells (a spent quota) is not known."""
+    return bool(response.extensions.get(BODY_LOST))
 
 
 def _codings(response: httpx2.Response) -> list[str]:
@@ -445,12 +501,16 @@ def _codings(response: httpx2.Response) -> list[str]:
 class CappedErrorsTransport(httpx2.AsyncBaseTransport):
     """Delegates to an SDK client's transport; caps the body of each error or redirect answer
     (``ERROR_BODY_LIMIT``, ``ERROR_BODY_SECONDS``), whatever the request. Successful answers are
-    left alone (a batch's results file is as large as its answers)."""
+    left alone (a batch's results file is as large as its answers). Each request asks for its answer
+    in the codings decoded here only (gzip, deflate): httpx2 asks for ``br`` too where brotli is
+    installed, ``zstd`` on Python 3.14+, whose error bodies would be dropped (an Anthropic 400
+    "credit balance is too low" read as a rejection, a batch's jobs failed)."""
 
     def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
         self._inner = inner
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        request.headers["accept-encoding"] = _ASKED_CODINGS
         response = await self._inner.handle_async_request(request)
         return response if response.is_success else _capped(response, _codings(response))
 

@@ -1,6 +1,6 @@
 """Anthropic Message Batches via ``AsyncAnthropic``: create, poll, stream results, cancel, delete.
 
-SDK exceptions are translated here: ``anthropic.APIStatusError`` by HTTP status, connection and
+SDK exceptions are translated here: ``anthropic.APIStatusError`` by HTTP status (``status_error``), connection and
 timeout errors and an unreadable results file to ``ProviderUnavailable``; a results line that is
 cut short or of another shape fails its own job (``malformed_result``). An ended batch (its requests
 and results) is deleted by ``discard`` once its results are stored; a delete that fails is logged
@@ -19,7 +19,7 @@ import structlog
 
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
-from routesvc.providers._http import describe, error_for_status, object_field, safe_code
+from routesvc.providers._http import describe, object_field, safe_code
 from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, quota_spent, request_params
 from routesvc.providers.batch import (
     BatchItem,
@@ -29,6 +29,7 @@ from routesvc.providers.batch import (
     guarded_line,
     reported_count,
     result_lines,
+    status_error,
 )
 
 log = structlog.get_logger(__name__)
@@ -77,13 +78,7 @@ class AnthropicBatches:
         try:
             return await awaitable
         except anthropic.APIStatusError as exc:
-            raise error_for_status(
-                exc.status_code,
-                provider=self._name,
-                model="batch",
-                headers=exc.response.headers,
-                quota=quota_spent(exc),
-            ) from exc
+            raise status_error(exc.status_code, exc.response, provider=self._name, quota=quota_spent(exc)) from exc
         except (anthropic.APIError, ValueError) as exc:
             message = describe(self._name, "batch", f"{what}: failed")
             raise ProviderUnavailable(message, provider=self._name, model="batch") from exc

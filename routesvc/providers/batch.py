@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import httpx2
 import structlog
 
+from routesvc.errors import ProviderError, ProviderUnavailable
 from routesvc.models import (
     BatchState,
     FinishReason,
@@ -26,8 +27,8 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
-from routesvc.providers._event_size import CappedErrorsTransport
-from routesvc.providers._http import count_field
+from routesvc.providers._event_size import CappedErrorsTransport, error_body_lost
+from routesvc.providers._http import count_field, describe, error_for_status
 from routesvc.providers._sending import wrap_transports
 
 log = structlog.get_logger(__name__)
@@ -43,6 +44,17 @@ def error_capped(client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
     client = client_class()
     wrap_transports(client, CappedErrorsTransport)
     return client
+
+
+def status_error(status: int, response: httpx2.Response, *, provider: str, quota: bool) -> ProviderError:
+    """The error for a batch call answered HTTP ``status`` (``error_for_status``; ``quota`` as the
+    body tells). A 400 whose body was dropped or cut short (``error_body_lost``: it stalled, its
+    gzip broke off, past the bound) is unavailable, retried: only its body tells Anthropic's
+    "credit balance is too low" (the jobs wait queued) from a bad request (the jobs fail)."""
+    if status == 400 and not quota and error_body_lost(response):
+        message = describe(provider, "batch", f"HTTP {status}", "error_body_lost")
+        return ProviderUnavailable(message, provider=provider, model="batch", status=status)
+    return error_for_status(status, provider=provider, model="batch", headers=response.headers, quota=quota)
 
 
 def result_lines(text: str, **where: str) -> tuple[list[dict[str, Any]], list[str]]:

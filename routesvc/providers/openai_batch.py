@@ -1,6 +1,6 @@
 """The OpenAI Batch API via ``AsyncOpenAI``: upload a JSONL file, create a batch, poll, read output files.
 
-SDK exceptions are translated here: ``openai.APIStatusError`` by HTTP status, connection and
+SDK exceptions are translated here: ``openai.APIStatusError`` by HTTP status (``status_error``), connection and
 timeout errors to ``ProviderUnavailable``. An input file whose batch OpenAI refused (a 4xx) is
 deleted again; one whose create may have reached OpenAI (its reply lost, or its send cancelled:
 cut off by the queue's timeout, a shutdown) is kept for the batch, and ``find`` looks the batch up
@@ -21,7 +21,7 @@ import structlog
 
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, FinishReason, ToolCall, Usage
-from routesvc.providers._http import describe, error_for_status, object_field, safe_code
+from routesvc.providers._http import describe, object_field, safe_code
 from routesvc.providers.batch import (
     BatchItem,
     ItemResult,
@@ -30,6 +30,7 @@ from routesvc.providers.batch import (
     guarded_line,
     reported_count,
     result_lines,
+    status_error,
 )
 from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, chat_params, map_finish_reason, quota_spent
 
@@ -82,13 +83,7 @@ class OpenAIBatches:
         try:
             return await awaitable
         except openai.APIStatusError as exc:
-            raise error_for_status(
-                exc.status_code,
-                provider=self._name,
-                model="batch",
-                headers=exc.response.headers,
-                quota=quota_spent(exc),
-            ) from exc
+            raise status_error(exc.status_code, exc.response, provider=self._name, quota=quota_spent(exc)) from exc
         except (openai.APIConnectionError, openai.APIResponseValidationError) as exc:
             message = describe(self._name, "batch", f"{what}: connection failed")
             raise ProviderUnavailable(message, provider=self._name, model="batch") from exc
