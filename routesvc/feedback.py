@@ -450,7 +450,9 @@ class FeedbackStore:
     @property
     def known_locked(self) -> bool:
         """Whether the last write on the file waited the busy timeout for another process's lock
-        and did not get it (no write has taken the lock since)."""
+        and did not get it (no write has taken the lock since). A wait its caller's own deadline
+        cut short (``record_outcome``'s ``cut``) does not count: the lock it met may be a brief
+        write of another worker."""
         return self._locked_out
 
     def busy(self, *, queued: bool = False) -> FeedbackStoreBusy:
@@ -463,25 +465,27 @@ class FeedbackStore:
         return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")
 
     @contextmanager
-    def _immediate(self) -> Iterator[None]:
+    def _immediate(self, *, cut: bool = False) -> Iterator[None]:
         """``immediate`` on the writer connection, noting whether it got the file's lock
-        (``known_locked``)."""
+        (``known_locked``); a wait ``cut`` short of the busy timeout and not given the lock leaves
+        that as it was."""
         try:
             with immediate(self._writer):
                 self._locked_out = False
                 yield
         except sqlite3.Error as exc:
-            if is_busy(exc):
+            if is_busy(exc) and not cut:
                 self._locked_out = True
             raise
 
     @contextmanager
-    def _transaction(self, deadline: float | None = None) -> Iterator[None]:
+    def _transaction(self, deadline: float | None = None, *, cut: bool = False) -> Iterator[None]:
         """One write transaction on the writer connection, rolled back if the block raises.
 
         ``deadline`` (``time.monotonic()``; None: none) bounds the wait for the lock, this
         store's writer thread's as well as the file's (SQLite's busy timeout is cut to what is
-        left of it): past it the call is ``FeedbackStoreBusy``."""
+        left of it): past it the call is ``FeedbackStoreBusy``. ``cut``: ``deadline`` is the
+        caller's own, before its busy timeout would end (not ``known_locked`` if busy then)."""
         if deadline is None:
             with self._write_lock, self._immediate():
                 yield
@@ -494,7 +498,7 @@ class FeedbackStore:
                 raise self.busy()
             self._writer.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
             try:
-                with self._immediate():
+                with self._immediate(cut=cut):
                     yield
             finally:
                 self._writer.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
@@ -616,7 +620,13 @@ class FeedbackStore:
         return self.record_outcome(decision_id, score, tenant=tenant).entry
 
     def record_outcome(
-        self, decision_id: str, score: float, *, tenant: str | None = None, deadline: float | None = None
+        self,
+        decision_id: str,
+        score: float,
+        *,
+        tenant: str | None = None,
+        deadline: float | None = None,
+        cut: bool = False,
     ) -> Recorded:
         """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example.
 
@@ -637,7 +647,9 @@ class FeedbackStore:
         ``deadline`` (``time.monotonic()``; None: up to 30 s for the queued writes, then the busy
         timeout) is when the call must have the file's write lock: the queued writes not written
         by then (this store's writer waiting on another process's lock) or the lock not taken is
-        ``FeedbackStoreBusy``, nothing stored."""
+        ``FeedbackStoreBusy``, nothing stored. ``cut``: ``deadline`` is the caller's own, before
+        its busy timeout would end, so the lock not taken by then does not make the file
+        ``known_locked``."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
         if deadline is None:
@@ -645,7 +657,7 @@ class FeedbackStore:
         elif not self.flush(timeout=max(0.0, deadline - time.monotonic())):
             raise self.busy()
         with self._translated_failures():
-            return self._record(decision_id, score, tenant, deadline)
+            return self._record(decision_id, score, tenant, deadline, cut)
 
     @contextmanager
     def _translated_failures(self) -> Iterator[None]:
@@ -658,14 +670,16 @@ class FeedbackStore:
                 raise
             raise store_failure(self._path, exc) from exc
 
-    def _record(self, decision_id: str, score: float, tenant: str | None, deadline: float | None) -> Recorded:
+    def _record(
+        self, decision_id: str, score: float, tenant: str | None, deadline: float | None, cut: bool
+    ) -> Recorded:
         now = self._clock()
         unknown = UnknownDecision(
             f"no remembered decision {quoted_id(decision_id)} (never seen, or forgotten without feedback)"
         )
         select = "SELECT model, tenant, embedding, encoder FROM examples WHERE decision_id = ?"
         evicted: tuple[EvictedExample, ...] = ()
-        with self._transaction(deadline):
+        with self._transaction(deadline, cut=cut):
             row = self._writer.execute(select, (decision_id,)).fetchone()
             if row is None:
                 # A waiting decision still counts if it is younger than the TTL and among the

@@ -664,7 +664,9 @@ class Router:
             if answer_by is None or deadline < answer_by:
                 return recorded_by(deadline)
             try:
-                return recorded_by(answer_by)
+                # A lock not taken by then is not known to outlast the busy timeout (it may be
+                # another worker's brief write): ``cut``, the next calls count from their turn.
+                return recorded_by(answer_by, cut=True)
             except FeedbackStoreBusy:
                 # Not looked at again within the call's time (the busy timeout had not passed):
                 # a look again answers what the look before found.
@@ -672,7 +674,7 @@ class Router:
                     raise found_unknown from None
                 raise
 
-        def recorded_by(deadline: float) -> tuple[str, str, int]:
+        def recorded_by(deadline: float, cut: bool = False) -> tuple[str, str, int]:
             model = owner = ""
             examples = 0
             if time.monotonic() >= deadline:
@@ -699,7 +701,7 @@ class Router:
                     assert stage.feedback is not None
                     if stage.feedback not in recorded:  # stages sharing a store record once
                         recorded[stage.feedback] = stage.feedback.record_outcome(
-                            decision_id, score, tenant=tenant, deadline=deadline
+                            decision_id, score, tenant=tenant, deadline=deadline, cut=cut
                         )
                     entry = recorded[stage.feedback].entry
                     model, owner = entry.model, entry.tenant

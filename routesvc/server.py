@@ -37,18 +37,23 @@ _MAX_METADATA_BYTES = 16 * 1024
 _HEALTH_CHECK_STREAMS = 16
 _INT32_MAX = 2**31 - 1
 
-# Calls grpc holds arrived but not yet handed to the service, as a multiple of the streams one
-# connection may open (``grpc.max_concurrent_streams``).
-_PENDING_CALLS_PER_CONNECTION_WINDOW = 2
+# Calls grpc holds arrived but not yet handed to the service, over all connections, as a multiple
+# of the streams one connection may open (``grpc.max_concurrent_streams``).
+_PENDING_CALLS_PER_CONNECTION_WINDOW = 4
 
 
 def _pending_calls_options(streams: int) -> list[tuple[str, int]]:
     """grpc's limit on calls that arrived and wait for the event loop to take them up: grpc
     CANCELs the calls past it (1,000 by default, at random from there to 3,000) before the
-    service sees them, with no status of ours, no log line and no count. It is set to twice the
-    ``streams`` one connection may open, so that a connection's full window (the calls the
-    service caps, which it sheds itself with RESOURCE_EXHAUSTED OVERLOADED, and its health
-    watchers) is never cut by grpc, and another's as much again."""
+    service sees them, with no status of ours, no log line and no count. The count is of the
+    whole server, all connections together, not of one: it is set to four times the ``streams``
+    one connection may open (8,096 by default), soft and hard limit alike (grpc CANCELs at
+    random between them), so that bursts from several connections at once up to four full
+    windows (the calls the service caps, which it sheds itself with RESOURCE_EXHAUSTED
+    OVERLOADED, and the health watchers) are not cut by grpc. Past it grpc still CANCELs,
+    unseen. A call waiting there costs its call object, headers and message: measured at
+    ~40 KB a call for client and server in one process together (3 x 2,000 Routes: +238 MB of
+    peak RSS), so the bound keeps such a pile-up to a few hundred MB at most."""
     pending = min(_PENDING_CALLS_PER_CONNECTION_WINDOW * streams, _INT32_MAX)
     return [
         ("grpc.server.max_pending_requests", pending),

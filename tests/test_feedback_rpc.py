@@ -578,6 +578,64 @@ class TestFeedbackStoreUnderContention:
         assert {answer: answers.count(answer) for answer in set(answers)} == {"OK": 900}, f"in {took:.1f} s"
         assert took > 7.0  # the last did wait past the busy timeout in all
 
+    async def test_calls_queued_behind_a_feedback_its_deadline_cut_in_a_brief_lock_are_stored(
+        self, tmp_path: Path
+    ) -> None:
+        """Two stages, two files; another process (a real one) locks the second file for 0-4.8 s
+        and the first for 1-5.8 s: no lock lasts the busy timeout (5 s). A (no deadline, sent at
+        0 s) is stored at ~4.8 s; C (5.4 s deadline, at 0.05 s) then meets the first file's lock
+        and is FEEDBACK_STORE_BUSY at its answer_by (~5.35 s), nothing stored; B0..B9 (no
+        deadline, at 0.1 s), queued behind both, wait for that lock and are stored at ~5.8 s.
+        C's wait cut by its deadline made the file "known locked", so the B calls counted the
+        busy timeout from their arrival, past it already: all UNAVAILABLE FEEDBACK_STORE_BUSY
+        "stayed locked by another process" at once, without waiting for the lock."""
+        config = embedding_config(tmp_path)
+        [first_stage] = config["routing"]["stages"]  # type: ignore[index]
+        second_stage = {**first_stage, "feedback_db": str(tmp_path / "second.db")}
+        config["routing"]["stages"] = [first_stage, second_stage]  # type: ignore[index]
+        holder = (
+            "import sqlite3, sys, time\n"
+            "first = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "second = sqlite3.connect(sys.argv[2], isolation_level=None)\n"
+            "second.execute('BEGIN IMMEDIATE')\n"
+            "t0 = time.monotonic()\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(1.0)\n"
+            "first.execute('BEGIN IMMEDIATE')\n"
+            "time.sleep(4.8 - (time.monotonic() - t0))\n"
+            "second.execute('ROLLBACK')\n"
+            "time.sleep(5.8 - (time.monotonic() - t0))\n"
+            "first.execute('ROLLBACK')\n"
+        )
+        server = Server(settings_from(config), port=0)
+        async with server, RouterClient(server.target, default_timeout=None) as client:
+            decisions = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(12)]
+            for stage in server.router.policy.learning_stages:
+                assert stage.feedback is not None
+                assert await asyncio.to_thread(stage.feedback.flush)
+
+            async def rated(decision_id: str, timeout: float | None, after: float) -> str:
+                await asyncio.sleep(after)
+                try:
+                    await client.feedback(decision_id, thumbs_up=False, timeout=timeout)
+                except grpc.aio.AioRpcError as error:
+                    return f"{error_info(error).reason} {error.details()}"
+                return "OK"
+
+            async with _another_process(
+                holder, str(tmp_path / "feedback.db"), str(tmp_path / "second.db"), ready=b"locked"
+            ):
+                a, c, *b = await asyncio.gather(
+                    rated(decisions[0].decision_id, None, 0.0),
+                    rated(decisions[1].decision_id, 5.4, 0.05),
+                    *(rated(d.decision_id, None, 0.1) for d in decisions[2:]),
+                )
+            [first, _] = server.router.policy.learning_stages
+            assert first.feedback is not None
+            stored = {entry.decision_id for entry in await asyncio.to_thread(first.feedback.entries)}
+        assert (a, c.split()[0], b) == ("OK", "FEEDBACK_STORE_BUSY", ["OK"] * 10)
+        assert stored == {d.decision_id for d in decisions} - {decisions[1].decision_id}
+
     async def test_a_feedback_whose_deadline_comes_while_another_process_locks_the_file_is_busy_before_it(
         self, tmp_path: Path
     ) -> None:

@@ -830,17 +830,25 @@ class TestShedding:
         assert await asyncio.gather(*slow) == ["completion", "completion"]
 
     async def test_a_burst_past_grpcs_own_pending_limit_is_shed_by_the_service_not_cancelled_by_grpc(self) -> None:
-        """RELIABILITY 12 past 1,000 calls at once: 1,600 Routes on one connection (grpc CANCELs the
-        calls past 1,000 waiting for the loop unless told otherwise) each end OK or, past the cap,
-        shed by the service (RESOURCE_EXHAUSTED OVERLOADED, logged), none CANCELLED or UNAVAILABLE."""
+        """RELIABILITY 12 past 1,000 calls at once: 4,200 Routes over three connections (1,400
+        each) each end OK or, past the cap, shed by the service (RESOURCE_EXHAUSTED OVERLOADED,
+        logged), none CANCELLED or UNAVAILABLE. grpc CANCELs the calls waiting for the loop past
+        its limit, which counts all connections together: 1,000 by default, then twice one
+        connection's streams (4,048), exceeded by a few clients' modest bursts together."""
         # One connection may open 2,024 streams (max_concurrent_rpcs 1,024 + 1,000 health watchers).
-        async with (
-            Server(settings_from(default_config()), port=0) as server,
-            RouterClient(server.target, default_timeout=None) as client,
-        ):
-            await client.route(user_chat("hi"))  # the connection is up before the burst
+        async with contextlib.AsyncExitStack() as stack:
+            server = await stack.enter_async_context(Server(settings_from(default_config()), port=0))
+            clients = []
+            for connection in range(3):
+                # A channel of its own subchannels, each its own TCP connection.
+                options = [("grpc.use_local_subchannel_pool", 1), ("routesvc.test_connection", connection)]
+                channel = grpc.aio.insecure_channel(server.target, options=options)
+                client = RouterClient(server.target, channel=channel, default_timeout=None)
+                stack.push_async_callback(client.aclose)
+                await client.route(user_chat("hi"))  # the connection is up before the burst
+                clients.append(client)
 
-            async def route(index: int) -> tuple[grpc.StatusCode, str]:
+            async def route(client: RouterClient, index: int) -> tuple[grpc.StatusCode, str]:
                 try:
                     await client.route(user_chat(f"say hello {index}"), timeout=60)
                 except grpc.aio.AioRpcError as error:
@@ -848,5 +856,5 @@ class TestShedding:
                     return error.code(), error_info(error).reason if shed else (error.details() or "")
                 return grpc.StatusCode.OK, ""
 
-            ended = await asyncio.gather(*(route(index) for index in range(1600)))
+            ended = await asyncio.gather(*(route(client, index) for index in range(1400) for client in clients))
         assert set(ended) <= {(grpc.StatusCode.OK, ""), (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")}
