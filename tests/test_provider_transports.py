@@ -724,6 +724,20 @@ class TestErrorBodyCut:
         if isinstance(error, ProviderRateLimited):
             assert error.retry_after == 7.0
 
+    async def test_an_error_body_nested_past_the_parsers_depth_keeps_its_status(
+        self, raw: RawUpstream, kind: str, on_raw: Adapter
+    ) -> None:
+        """A 429 (Retry-After 7) whose body is 2 kB of ``[``, cut short of its length: a rate limit
+        with its Retry-After (the check whether the cut body was a whole JSON document raised
+        RecursionError out of the SDK's read: INTERNAL, no retry, no fallback)."""
+        body = b"[" * 2000
+        wire = error_head(429, retry_after="7", content_length=str(len(body) + 1)) + body
+        raw.replies.append(Reply(wire=chunks(wire)))
+        texts, error = await read(on_raw, call(timeout=8))
+        assert (texts, type(error)) == ([], ProviderRateLimited)
+        assert isinstance(error, ProviderRateLimited)
+        assert error.retry_after == 7.0
+
     async def test_a_compressed_error_body_cut_mid_member_is_read_as_far_as_it_came(
         self, raw: RawUpstream, kind: str, on_raw: Adapter
     ) -> None:
@@ -888,6 +902,41 @@ class TestBatchErrorBodies:
         finally:
             await api.aclose()
         assert raised.value.status == 400
+
+    @pytest.mark.parametrize(
+        ("shape", "expected"),
+        [
+            ("credit 400 in two gzip members, cut after the first", ProviderUnavailable),
+            ("bad request whole, its gzip trailer missing", ProviderRejected),
+        ],
+    )
+    async def test_a_compressed_400_on_a_create_is_judged_whole_by_what_it_decodes_to(
+        self, raw: RawUpstream, shape: str, expected: type[ProviderError]
+    ) -> None:
+        """A batch create's 400 in gzip cut by its connection: Anthropic's credit-spent JSON split
+        over two members and cut after the first is a lost body (unavailable, status 400: retried),
+        a bad request's JSON decoded whole but its trailer missing a rejection (whether the body
+        was whole was judged by a member's end, not the JSON: the first was a rejection, the
+        group's jobs failed for good, the second retried until the jobs expired)."""
+        if shape.startswith("credit"):
+            _, error_body = spent_quota("anthropic")
+            body = json.dumps(error_body).encode()
+            first = compressed(body[: len(body) // 2], 31)
+            member = first + compressed(body[len(body) // 2 :], 31)
+            sent = first
+        else:
+            bad = {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: too large"}}
+            member = compressed(json.dumps(bad).encode(), 31)
+            sent = member[:-8]
+        wire = error_head(400, content_encoding="gzip", content_length=str(len(member))) + sent
+        raw.replies.append(Reply(wire=chunks(wire)))
+        api = AnthropicBatches("anthropic", "sk", raw.url)
+        try:
+            with pytest.raises(ProviderError) as raised:
+                await api.submit([], "tag")
+        finally:
+            await api.aclose()
+        assert (raised.type, raised.value.status) == (expected, 400)
 
     async def test_a_400_on_a_create_whose_body_came_whole_then_stalled_keeps_what_it_tells(
         self, raw: RawUpstream, monkeypatch: pytest.MonkeyPatch

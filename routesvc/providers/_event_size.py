@@ -352,12 +352,6 @@ class _Inflater:
             self._pending.clear()
         return bytes(out)
 
-    @property
-    def ended(self) -> bool:
-        """Whether what was decoded ends at a gzip member's end (a later member's bytes, held,
-        are not decoded) or the deflate stream's."""
-        return self.done or self._decoder.eof or self._members > 1
-
     def flush(self) -> bytes:
         """What is left once every chunk was decoded with room to spare (nothing, as zlib goes;
         nothing of a later member the body ended in)."""
@@ -378,9 +372,9 @@ class _CappedBody(httpx2.AsyncByteStream):
     and ``ERROR_BODY_SECONDS``, read and decoded alike (by ``inflater`` first if given), else empty
     (read no further); empty, unread, if ``dropped``; empty if ``inflater`` finds it broken. One cut
     by its connection (short of its length, its last chunk, a gzip member's end) ends there; one
-    still coming at ``ERROR_BODY_SECONDS`` ends there too if what came is whole (``_whole``), else
-    is dropped. A body dropped, or cut short of a whole one, is marked ``BODY_LOST`` in ``marks``
-    (its response's extensions)."""
+    still coming at ``ERROR_BODY_SECONDS`` ends there too if what came is whole (``_whole``: a whole
+    JSON document, decoded), else is dropped. A body dropped, or cut short of a whole one, is
+    marked ``BODY_LOST`` in ``marks`` (its response's extensions)."""
 
     def __init__(
         self,
@@ -400,6 +394,7 @@ class _CappedBody(httpx2.AsyncByteStream):
             self._marks[BODY_LOST] = True
             return
         held = bytearray()
+        timed_out = False
         try:
             async with asyncio.timeout(ERROR_BODY_SECONDS):
                 # Nothing is yielded inside: the SDK's read of the body is this task's own.
@@ -407,9 +402,11 @@ class _CappedBody(httpx2.AsyncByteStream):
         except TimeoutError:
             # Bytes that trickle, or framing that carries next to none (chunk extensions, 1-byte
             # chunks), would be read until the call's deadline, the status lost with it. What came
-            # whole (its length or last chunk missing) is kept, as when its connection cuts it.
+            # whole (its length or last chunk missing) is kept, as when its connection cuts it;
+            # a compressed body is judged on what it decodes to (below, once flushed).
             ended = False
-            if not self._whole(held):
+            timed_out = True
+            if self._inflater is None and not self._whole(held):
                 self._marks[BODY_LOST] = True
                 return
         if ended is None:
@@ -426,17 +423,21 @@ class _CappedBody(httpx2.AsyncByteStream):
                 return
         if not ended and not self._whole(held):
             self._marks[BODY_LOST] = True
+            if timed_out:
+                return
         if held:
             yield bytes(held)
 
-    def _whole(self, held: bytearray) -> bool:
-        """Whether the body read so far, ``held``, is whole though its framing did not end: decoded
-        to a gzip member's or the deflate stream's end, or (not compressed) a whole JSON document."""
-        if self._inflater is not None:
-            return self._inflater.ended
+    @staticmethod
+    def _whole(held: bytearray) -> bool:
+        """Whether the body read so far, ``held`` (decoded, if it came compressed), is whole though
+        its framing did not end: a whole JSON document. (Not a gzip member's end: a document split
+        over two members and cut after the first is not whole, and one whose trailer is missing is.)
+        A document nested past the parser's depth is none (``RecursionError``: 2 kB of ``[`` made
+        an error's status a bug, INTERNAL)."""
         try:
             json.loads(held)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         return True
 
