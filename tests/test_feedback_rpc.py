@@ -62,6 +62,17 @@ def embedding_config(folder: Path, **stage_settings: object) -> dict[str, object
     return config
 
 
+def two_stage_config(folder: Path) -> dict[str, object]:
+    """``embedding_config`` with a second embedding stage alike but for its feedback file,
+    ``second.db`` under ``folder``: a Feedback is recorded in both files, the first's then the
+    second's."""
+    config = embedding_config(folder)
+    [first_stage] = config["routing"]["stages"]  # type: ignore[index]
+    second_stage = {**first_stage, "feedback_db": str(folder / "second.db")}
+    config["routing"]["stages"] = [first_stage, second_stage]  # type: ignore[index]
+    return config
+
+
 async def _feedback_error(client: RouterClient, decision_id: str, **outcome: object) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await client.feedback(decision_id, **outcome)  # type: ignore[arg-type]
@@ -589,10 +600,7 @@ class TestFeedbackStoreUnderContention:
         C's wait cut by its deadline made the file "known locked", so the B calls counted the
         busy timeout from their arrival, past it already: all UNAVAILABLE FEEDBACK_STORE_BUSY
         "stayed locked by another process" at once, without waiting for the lock."""
-        config = embedding_config(tmp_path)
-        [first_stage] = config["routing"]["stages"]  # type: ignore[index]
-        second_stage = {**first_stage, "feedback_db": str(tmp_path / "second.db")}
-        config["routing"]["stages"] = [first_stage, second_stage]  # type: ignore[index]
+        config = two_stage_config(tmp_path)
         holder = (
             "import sqlite3, sys, time\n"
             "first = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
@@ -676,10 +684,7 @@ class TestFeedbackStoreUnderContention:
         another process (a real one) locks for 4 s: the call is NOT_FOUND UNKNOWN_DECISION before
         its 1.5 s deadline. The look again was waited for past the deadline: DEADLINE_EXCEEDED,
         which clients retry for a decision that does not exist."""
-        config = embedding_config(tmp_path)
-        [first_stage] = config["routing"]["stages"]  # type: ignore[index]
-        second_stage = {**first_stage, "feedback_db": str(tmp_path / "second.db")}
-        config["routing"]["stages"] = [first_stage, second_stage]  # type: ignore[index]
+        config = two_stage_config(tmp_path)
         holder = (
             "import sqlite3, sys, time\n"
             "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
@@ -1111,10 +1116,7 @@ class TestFeedbackSentAgain:
         the call fails RESOURCE_EXHAUSTED FEEDBACK_STORE_FULL (it was INTERNAL) after the first
         stage stored the outcome. Sent again once there is room, it is stored in the second and
         not a second time in the first."""
-        config = embedding_config(tmp_path)
-        [first_stage] = config["routing"]["stages"]  # type: ignore[index]
-        second_stage = {**first_stage, "feedback_db": str(tmp_path / "second.db")}
-        config["routing"]["stages"] = [first_stage, second_stage]  # type: ignore[index]
+        config = two_stage_config(tmp_path)
         small_pages(tmp_path / "second.db")
         async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
             decision = await client.route(user_chat("say hello to zulu"))
