@@ -3970,6 +3970,38 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         assert _created_with(fake) == ["key-A"]
         assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_jobs_moved"] == [(0, 1)]
 
+    async def test_a_job_whose_send_reply_was_lost_under_a_gone_key_follows_its_batch_with_the_same_accounts_key(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The same lost reply, and the process restarted with the same account's rotated key-A2:
+        once key-A is taken as gone (0.3 s here), key-A2 finds the send's batch, so the job is
+        queued under key-A2 and its send adopts that batch: SUCCEEDED, charged once, nothing sent
+        again nor cancelled (it ended FAILED ``provider_changed``, and the lookup of its send then
+        found the batch, tied nothing to it and cancelled it: what it billed never charged)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-A2": "A"})
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
+        async with _deployment(tmp_path, fake, "key-A") as owner, RouterClient(owner.target) as client:
+            job = (await submit(client))[1].batch.batch_id
+            async with asyncio.timeout(10):
+                await fake.batch_create_waiting.wait()
+        fake.batch_create_reply_hold.set()
+        lapse(tmp_path / "batches.db")
+        fake.batch_outcome = BatchOutcome.COMPLETE
+        with capture_logs() as logs:
+            async with _deployment(tmp_path, fake, "key-A2") as rotated, RouterClient(rotated.target) as client:
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                charged = [e.request_id for e in rotated.router.ledger.entries()]
+        assert _created_with(fake) == ["key-A"]
+        assert [batch.cancelled for batch in fake.batches] == [False]
+        assert charged == [job]
+        assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_jobs_moved"] == [(1, 0)]
+        assert [e["event"] for e in logs if e["event"] in ("batch_send_adopted", "batch_send_untied")] == [
+            "batch_send_adopted"
+        ]
+
 
 async def sent(client: RouterClient, batch_id: str) -> None:
     """Wait until the job has left the queue (sent, or ended)."""

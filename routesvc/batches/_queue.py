@@ -1088,13 +1088,7 @@ class BatchQueue:
         to_send = list(ids)
         for tag, (since, count, tagged) in (await store.sends(ids)).items():
             try:
-                async with asyncio.timeout(CLAIM_SECONDS / 2):
-                    # The send was cut off at half of CLAIM_SECONDS; the rest is room for the
-                    # provider to have stamped a create it received by then.
-                    found = await api.find(tag, count, since, since + CLAIM_SECONDS)
-                # A batch some sibling group of this send already adopted (a restart cutting the
-                # send's jobs into other groups) is still this send's: its jobs go in it too.
-                found = [batch for batch in found if not await store.knows(model.provider, batch, other_than=tag)]
+                found = await self._find_send(api, model.provider, tag, count, since)
             except (ProviderError, TimeoutError) as error:
                 await store.release(ids, self._owner)
                 reason = error.reason if isinstance(error, ProviderError) else "timeout"
@@ -1120,6 +1114,19 @@ class BatchQueue:
                 await self._cancel_with(api, found[0])
             to_send = [batch_id for batch_id in to_send if batch_id not in tagged]
         return to_send
+
+    async def _find_send(self, api: BatchAPI, provider: str, tag: str, count: int, since: float) -> list[str]:
+        """The batches the send tagged ``tag`` (of ``count`` requests, begun at ``since``) may
+        have created, as ``api``'s key sees them (``BatchAPI.find``), less those jobs of other
+        sends were placed in; raises ``ProviderError`` or ``TimeoutError`` when it cannot tell."""
+        async with asyncio.timeout(CLAIM_SECONDS / 2):
+            # The send was cut off at half of CLAIM_SECONDS; the rest is room for the provider
+            # to have stamped a create it received by then.
+            found = await api.find(tag, count, since, since + CLAIM_SECONDS)
+        # A batch some sibling group of this send already adopted (a restart cutting the send's
+        # jobs into other groups) is still this send's: its jobs go in it too.
+        store = self._opened()
+        return [batch for batch in found if not await store.knows(provider, batch, other_than=tag)]
 
     async def _look_up_unplaced(self) -> None:
         """Look up the batch of each send whose reply was lost and whose jobs all ended before
@@ -1158,9 +1165,7 @@ class BatchQueue:
     ) -> None:
         store = self._opened()
         try:
-            async with asyncio.timeout(CLAIM_SECONDS / 2):
-                found = await api.find(send.tag, send.count, send.since, send.since + CLAIM_SECONDS)
-            found = [batch for batch in found if not await store.knows(send.provider, batch, other_than=send.tag)]
+            found = await self._find_send(api, send.provider, send.tag, send.count, send.since)
         except (ProviderError, TimeoutError) as error:
             reason = error.reason if isinstance(error, ProviderError) else "timeout"
             log.warning("batch_lookup_failed", provider=send.provider, reason=reason)
@@ -1273,7 +1278,8 @@ class BatchQueue:
         are ended by ``_poll``. The same for keys at this queue's base URLs: jobs queued under a
         key a reload rotated here, or under one no process has marked for
         ENDPOINT_GONE_AFTER_SECONDS (``_owners_gone``: a process restarted with a rotated key,
-        or stopped), are queued under this queue's key."""
+        or stopped), are queued under this queue's key; of the latter, one whose last send's reply
+        was lost only if this key finds that send's batch (``_rekey_lost_sends``)."""
         store = self._opened()
         moved_off: list[tuple[tuple[str, str], GoneMark | None]] = [(pair, None) for pair in self._former]
         for (provider, endpoint), gone in [*moved_off, *self._gone.items()]:
@@ -1292,7 +1298,37 @@ class BatchQueue:
                 continue
             # Only while the store holds the mark the key was rotated away or taken as gone by.
             moved = await store.rekey_queued(provider, endpoint, old_key, sent_to[1], gone=gone, rotated=ours)
+            if moved[1]:
+                moved = await self._rekey_lost_sends(provider, endpoint, old_key, sent_to[1], moved, gone)
             await self._moved(provider, moved, gone, reason="key_changed")
+
+    async def _rekey_lost_sends(
+        self, provider: str, endpoint: str, old_key: str, key: str, moved: tuple[int, list[str]], gone: GoneMark
+    ) -> tuple[int, list[str]]:
+        """Of the jobs ``rekey_queued`` left under ``old_key`` (a key taken as gone), whose last
+        send's reply was lost: a send whose batch ``key`` finds (the same account's key, a
+        restart with a rotated key) has its jobs queued under ``key``, their send then adopting
+        that batch (``_adopt_earlier``); those of a send it finds none of (another account's key,
+        which neither lists nor reads the old key's batches), or several, are returned with how
+        many moved, to end FAILED (``_moved``); those of a send it cannot ask about now wait,
+        queued under ``old_key``, for the next round."""
+        store = self._opened()
+        count, to_fail = moved
+        with self._using(provider, endpoint) as api:
+            if api is None:
+                return count, []
+            for tag, (since, size, tagged) in (await store.sends(moved[1])).items():
+                try:
+                    found = await self._find_send(api, provider, tag, size, since)
+                except (ProviderError, TimeoutError) as error:
+                    reason = error.reason if isinstance(error, ProviderError) else "timeout"
+                    log.warning("batch_lookup_failed", provider=provider, reason=reason)
+                    to_fail = [batch_id for batch_id in to_fail if batch_id not in tagged]
+                    continue
+                if len(found) == 1:
+                    count += (await store.rekey_queued(provider, endpoint, old_key, key, gone=gone, tag=tag))[0]
+                    to_fail = [batch_id for batch_id in to_fail if batch_id not in tagged]
+        return count, to_fail
 
     def _own_mark(self, triple: tuple[str, str, str]) -> GoneMark:
         """The last mark this queue wrote of the key ``triple`` (none: while no process has)."""
@@ -1303,7 +1339,8 @@ class BatchQueue:
         self, provider: str, moved: tuple[int, list[str]], gone: GoneMark | None, *, reason: str | None = None
     ) -> None:
         """After ``move_queued`` or ``rekey_queued`` (how many moved, the ids left): those left,
-        whose last send's reply was lost under the old base URL or key, end FAILED
+        whose last send's reply was lost under the old base URL or key (and, under a key taken as
+        gone, whose batch this key did not find: ``_rekey_lost_sends``), end FAILED
         ``provider_changed`` rather than be sent twice (with ``gone``, while the store holds
         it)."""
         failed = await self._fail(moved[1], "provider_changed", gone=gone)

@@ -1127,6 +1127,7 @@ class BatchStore:
         *,
         gone: GoneMark | None = None,
         rotated: bool = False,
+        tag: str | None = None,
     ) -> tuple[int, list[str]]:
         """Queue for ``key`` (a fingerprint) the jobs of ``provider`` at ``endpoint`` queued for
         ``old_key`` (a key rotated, or one no process sends with any more) that are not claimed;
@@ -1135,9 +1136,13 @@ class BatchStore:
         left, its id returned, as ``move_queued`` leaves one: the batch it may have made is
         ``old_key``'s, which another account's key neither finds nor reads, so it would be sent
         again; unless ``rotated`` (a key this process rotated away from: the same account's,
-        which finds that batch), its send then looking the batch up with ``key``."""
-        where = ("provider = ? AND endpoint = ? AND key_id = ?", (provider, endpoint, old_key))
-        return await self._requeue(("key_id = ?", (key,)), where, gone=gone, tagged_too=rotated)
+        which finds that batch), its send then looking the batch up with ``key``. With ``tag``,
+        only the jobs of the send so tagged, whose batch ``key`` found (the same account's)."""
+        params: tuple[str, ...] = (provider, endpoint, old_key)
+        where = ("provider = ? AND endpoint = ? AND key_id = ?", params)
+        if tag is not None:
+            where = (f"{where[0]} AND send_tag = ?", (*params, tag))
+        return await self._requeue(("key_id = ?", (key,)), where, gone=gone, tagged_too=rotated or tag is not None)
 
     async def _requeue(
         self,
