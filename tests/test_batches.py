@@ -3970,6 +3970,40 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         assert _created_with(fake) == ["key-A"]
         assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_jobs_moved"] == [(0, 1)]
 
+    async def test_an_anthropic_job_whose_send_reply_was_lost_is_not_taken_for_another_accounts_batch_of_its_shape(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The lost reply on Anthropic, whose batches carry no tag (found by their shape), and
+        another client of account B's workspace makes a one-request batch meanwhile: once key-A is
+        taken as gone (0.3 s here), B's process ends the job FAILED ``provider_changed``, the job
+        in A's batch alone (key-B found the other client's batch by its shape and took it for the
+        send's: the job was moved to key-B, adopted into it, disowned when its results named none
+        of it, and sent again with key-B, two accounts billed)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-B": "B"})
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
+        async with _deployment(tmp_path, fake, "key-A") as owner, RouterClient(owner.target) as client:
+            job = (await submit(client, task_hint="creative_writing"))[1].batch.batch_id
+            async with asyncio.timeout(10):
+                await fake.batch_create_waiting.wait()
+        fake.batch_create_reply_hold.set()
+        lapse(tmp_path / "batches.db")
+        sdk = anthropic.AsyncAnthropic(api_key="key-B", base_url=fake.anthropic_base_url)
+        try:
+            params = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+            await sdk.messages.batches.create(requests=[{"custom_id": "another-client-1", "params": params}])  # type: ignore[list-item]
+        finally:
+            await sdk.close()
+        fake.batch_outcome = BatchOutcome.COMPLETE
+        async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
+            failed = await wait_state(client, job, pb.BATCH_STATE_FAILED)
+            await asyncio.sleep(0.5)  # rounds more
+        assert failed.error == "provider_changed"
+        assert len([batch for batch in fake.batches if job in batch.custom_ids]) == 1
+        assert _created_with(fake) == ["key-A", "key-B"]  # A's send, the other client's batch
+
     async def test_a_job_whose_send_reply_was_lost_under_a_gone_key_follows_its_batch_with_the_same_accounts_key(
         self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
     ) -> None:

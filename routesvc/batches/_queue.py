@@ -1311,12 +1311,18 @@ class BatchQueue:
         that batch (``_adopt_earlier``); those of a send it finds none of (another account's key,
         which neither lists nor reads the old key's batches), or several, are returned with how
         many moved, to end FAILED (``_moved``); those of a send it cannot ask about now wait,
-        queued under ``old_key``, for the next round."""
+        queued under ``old_key``, for the next round. A provider whose batches carry no tag
+        (``BatchAPI.tags_batches`` false: Anthropic, found by shape) is not asked: any batch of as
+        many requests made in the send's window in ``key``'s workspace, another client's of
+        another account included, would pass for the send's, and the job, adopted into it, then
+        disowned, would be sent again with that account's key."""
         store = self._opened()
         count, to_fail = moved
         with self._using(provider, endpoint) as api:
             if api is None:
                 return count, []
+            if not api.tags_batches:
+                return count, to_fail
             for tag, (since, size, tagged) in (await store.sends(moved[1])).items():
                 try:
                     found = await self._find_send(api, provider, tag, size, since)
