@@ -3295,6 +3295,19 @@ def _deployment(tmp_path: Path, fake: FakeProvider, key: str) -> Server:
     return Server(settings_from(_account(tmp_path, fake, key)), port=0)
 
 
+async def _reply_lost(tmp_path: Path, fake: FakeProvider, key: str, **context: object) -> str:
+    """The id of one job that ``key``'s deployment stopped while sending: the provider made its
+    batch (pending), the create's reply never came; the job QUEUED with its send's tag."""
+    fake.batch_outcome = BatchOutcome.PENDING
+    fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
+    async with _deployment(tmp_path, fake, key) as owner, RouterClient(owner.target) as client:
+        job = (await submit(client, **context))[1].batch.batch_id
+        async with asyncio.timeout(10):
+            await fake.batch_create_waiting.wait()
+    fake.batch_create_reply_hold.set()
+    return job
+
+
 async def _sent_by(tmp_path: Path, fake: FakeProvider, key: str, *, found_ended: bool = False) -> str:
     """The id of one job that ``key``'s deployment sent and then stopped with, SUBMITTED (and,
     ``found_ended``, once its results read of the batch it found ended has failed twice)."""
@@ -3924,13 +3937,7 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         and cancels it (B looked it up with its key, found nothing and forgot the tag: A's batch
         ran and billed A, never cancelled nor read)."""
         fake.batches_per_key = True
-        fake.batch_outcome = BatchOutcome.PENDING
-        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
-        async with _deployment(tmp_path, fake, "key-A") as owner, RouterClient(owner.target) as client:
-            job = (await submit(client))[1].batch.batch_id
-            async with asyncio.timeout(10):
-                await fake.batch_create_waiting.wait()
-        fake.batch_create_reply_hold.set()
+        job = await _reply_lost(tmp_path, fake, "key-A")
         [batch] = fake.batches
         with capture_logs() as logs:
             async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
@@ -3954,13 +3961,7 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         no batch of the tag and sent it again: two batches of one job, both accounts billed)."""
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         fake.batches_per_key = True
-        fake.batch_outcome = BatchOutcome.PENDING
-        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
-        async with _deployment(tmp_path, fake, "key-A") as owner, RouterClient(owner.target) as client:
-            job = (await submit(client))[1].batch.batch_id
-            async with asyncio.timeout(10):
-                await fake.batch_create_waiting.wait()
-        fake.batch_create_reply_hold.set()
+        job = await _reply_lost(tmp_path, fake, "key-A")
         lapse(tmp_path / "batches.db")
         with capture_logs() as logs:
             async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
@@ -3982,13 +3983,7 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         fake.batches_per_key = True
         fake.batch_accounts.update({"key-A": "A", "key-B": "B"})
-        fake.batch_outcome = BatchOutcome.PENDING
-        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
-        async with _deployment(tmp_path, fake, "key-A") as owner, RouterClient(owner.target) as client:
-            job = (await submit(client, task_hint="creative_writing"))[1].batch.batch_id
-            async with asyncio.timeout(10):
-                await fake.batch_create_waiting.wait()
-        fake.batch_create_reply_hold.set()
+        job = await _reply_lost(tmp_path, fake, "key-A", task_hint="creative_writing")
         lapse(tmp_path / "batches.db")
         sdk = anthropic.AsyncAnthropic(api_key="key-B", base_url=fake.anthropic_base_url)
         try:
@@ -4015,13 +4010,7 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         fake.batches_per_key = True
         fake.batch_accounts.update({"key-A": "A", "key-A2": "A"})
-        fake.batch_outcome = BatchOutcome.PENDING
-        fake.batch_create_reply_hold = asyncio.Event()  # the batch is made, its reply never comes
-        async with _deployment(tmp_path, fake, "key-A") as owner, RouterClient(owner.target) as client:
-            job = (await submit(client))[1].batch.batch_id
-            async with asyncio.timeout(10):
-                await fake.batch_create_waiting.wait()
-        fake.batch_create_reply_hold.set()
+        job = await _reply_lost(tmp_path, fake, "key-A")
         lapse(tmp_path / "batches.db")
         fake.batch_outcome = BatchOutcome.COMPLETE
         with capture_logs() as logs:

@@ -849,6 +849,21 @@ def batch_api(kind: str, url: str) -> OpenAIBatches | AnthropicBatches:
     return OpenAIBatches("openai", "sk", url + "/v1") if kind == "openai" else AnthropicBatches("anthropic", "sk", url)
 
 
+async def anthropic_create_error(raw: RawUpstream) -> ProviderError:
+    """What an Anthropic batch create answered by ``raw``'s next reply raises."""
+    api = AnthropicBatches("anthropic", "sk", raw.url)
+    try:
+        with pytest.raises(ProviderError) as raised:
+            await api.submit([], "tag")
+    finally:
+        await api.aclose()
+    return raised.value
+
+
+# An Anthropic bad request's error body: a rejection for good.
+BAD_REQUEST = {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: too large"}}
+
+
 class TestBatchErrorBodies:
     """The batch adapters' clients read an error's body as the streams' do, and a 400 whose body is
     lost is not taken for a definite rejection (which fails a batch's jobs)."""
@@ -888,13 +903,8 @@ class TestBatchErrorBodies:
             head_ = error_head(400, content_encoding="gzip", content_length=str(len(member)))
             wire = head_ + member[: len(member) // 2]
         raw.replies.append(Reply(wire=chunks(wire), hold=lost == "stalled part-way"))
-        api = AnthropicBatches("anthropic", "sk", raw.url)
-        try:
-            with pytest.raises(ProviderUnavailable) as raised:
-                await api.submit([], "tag")
-        finally:
-            await api.aclose()
-        assert raised.value.status == 400
+        error = await anthropic_create_error(raw)
+        assert (type(error), error.status) == (ProviderUnavailable, 400)
 
     @pytest.mark.parametrize(
         ("shape", "expected"),
@@ -918,18 +928,12 @@ class TestBatchErrorBodies:
             member = first + compressed(body[len(body) // 2 :], 31)
             sent = first
         else:
-            bad = {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: too large"}}
-            member = compressed(json.dumps(bad).encode(), 31)
+            member = compressed(json.dumps(BAD_REQUEST).encode(), 31)
             sent = member[:-8]
         wire = error_head(400, content_encoding="gzip", content_length=str(len(member))) + sent
         raw.replies.append(Reply(wire=chunks(wire)))
-        api = AnthropicBatches("anthropic", "sk", raw.url)
-        try:
-            with pytest.raises(ProviderError) as raised:
-                await api.submit([], "tag")
-        finally:
-            await api.aclose()
-        assert (raised.type, raised.value.status) == (expected, 400)
+        error = await anthropic_create_error(raw)
+        assert (type(error), error.status) == (expected, 400)
 
     async def test_a_400_on_a_create_whose_body_came_whole_then_stalled_keeps_what_it_tells(
         self, raw: RawUpstream, monkeypatch: pytest.MonkeyPatch
@@ -938,16 +942,9 @@ class TestBatchErrorBodies:
         quota (the jobs wait queued), and a bad request's 400 so too a rejection."""
         monkeypatch.setattr(_event_size, "ERROR_BODY_SECONDS", 0.5)
         _, error_body = spent_quota("anthropic")
-        bad = {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: too large"}}
         raised: list[type[BaseException]] = []
-        for body in (json.dumps(error_body).encode(), json.dumps(bad).encode()):
+        for body in (json.dumps(error_body).encode(), json.dumps(BAD_REQUEST).encode()):
             wire = error_head(400, content_length=str(len(body) + 50)) + body
             raw.replies.append(Reply(wire=chunks(wire), hold=True))
-            api = AnthropicBatches("anthropic", "sk", raw.url)
-            try:
-                with pytest.raises(ProviderError) as error:
-                    await api.submit([], "tag")
-            finally:
-                await api.aclose()
-            raised.append(error.type)
+            raised.append(type(await anthropic_create_error(raw)))
         assert raised == [ProviderQuotaExhausted, ProviderRejected]
