@@ -3928,6 +3928,46 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         assert charged == sorted(jobs)
         assert taken == []
 
+    async def test_a_reverted_key_marked_during_a_provider_hiccup_leaves_the_jobs_of_the_process_that_uses_it_to_it(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A's key file briefly held key-B (another account's key at the same URL), then key-A
+        again; B's deployment sends with key-B, and while the provider leaves status checks
+        unanswered (cut off after ``POLL_SECONDS``, 0.3 s here) A marks key-B for B's batch it
+        cannot tell about. Jobs queued through B meanwhile (its creates failing) are all sent with
+        key-B and charged in B's ledger (A took its marks of key-B made for B's batch for its own,
+        and whenever one landed after B's, queued B's jobs under key-A and sent them with it)."""
+        monkeypatch.setattr(batch_queue, "POLL_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_outcome = BatchOutcome.PENDING
+        key_file = tmp_path / "a.key"
+        key_file.write_text("key-A\n")
+        config = _keyed_by_file(tmp_path, fake, key_file)
+        async with Server(settings_from(config), port=0) as owner, RouterClient(owner.target) as own_client:
+            own = (await submit(own_client))[1].batch.batch_id
+            await wait_state(own_client, own, pb.BATCH_STATE_SUBMITTED)
+            for key in ("key-B", "key-A"):
+                key_file.write_text(key + "\n")
+                await owner.reload(settings_from(config))
+                await asyncio.sleep(0.3)  # rounds and marks with it
+            async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
+                fake.batch_retrieve_hold = asyncio.Event()  # status checks unanswered
+                first = (await submit(client))[1].batch.batch_id
+                await wait_state(client, first, pb.BATCH_STATE_SUBMITTED)
+                fake.batch_create_error = (500, {"error": {"message": "down", "type": "server_error"}})
+                jobs = [first, *[(await submit(client))[1].batch.batch_id for _ in range(2)]]
+                await asyncio.sleep(3)  # A's rounds while its checks of B's batch are cut off
+                fake.batch_create_error = None
+                fake.batch_retrieve_hold.set()
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                for job in jobs:
+                    await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                charged = sorted(e.request_id for e in other.router.ledger.entries())
+            taken = [e.request_id for e in owner.router.ledger.entries()]
+        assert _created_with(fake) == ["key-A", "key-B", "key-B"]
+        assert charged == sorted(jobs)
+        assert taken == [own]
+
     async def test_another_account_leaves_a_lost_send_of_a_live_key_to_be_looked_up_with_that_key(
         self, tmp_path: Path, fake: FakeProvider
     ) -> None:

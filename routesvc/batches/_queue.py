@@ -496,7 +496,7 @@ class BatchQueue:
         # Batches another key sent to this queue's base URLs whose last status check here failed
         # otherwise than by a rejection (or was held): whether this key sees them cannot be told yet (a
         # rotated key of their account's, say), so their key is marked with this queue's, and
-        # no process takes it as gone meanwhile (``_served_keys``); by (provider, provider batch
+        # no process takes it as gone meanwhile (``_marked_for_others``); by (provider, provider batch
         # id), the (provider, base URL, key) they were sent with.
         self._undecided: dict[tuple[str, str], tuple[str, str, str]] = {}
         # Batches another key sent to this queue's base URLs that got 404 (or another rejection)
@@ -1361,15 +1361,23 @@ class BatchQueue:
         return [*((name, sent_to[0]) for name, sent_to in self._sends_to.items()), *self._former]
 
     def _served_keys(self) -> list[tuple[str, str, str]]:
-        """The (provider, base URL, key fingerprint) triples this queue sends or polls with, and
-        the keys of other keys' batches whose status checks here cannot tell yet whether this
-        key sees them (``_undecided``): a rotated key's batches keep their key marked while
-        their owner's checks fail, until it reads them (``adopt``) or gets 404."""
+        """The (provider, base URL, key fingerprint) triples this queue sends or polls with."""
         served = {
             *((name, *sent_to) for name, sent_to in self._sends_to.items()),
             *((name, *sent_to) for (name, _), (_, sent_to) in self._former.items()),
         }
-        return sorted(served | set(self._undecided.values()))
+        return sorted(served)
+
+    def _marked_for_others(self) -> list[tuple[str, str, str]]:
+        """The keys of other keys' batches whose status checks here cannot tell yet whether this
+        key sees them (``_undecided``), marked with this queue's own: a rotated key's batches keep
+        their key marked while their owner's checks fail, until it reads them (``adopt``) or gets
+        404. Marked on their owner's behalf, such a mark is this queue's own (``_own_mark``) only
+        while no other process has marked the key since this queue's last own mark of it: a key
+        this process once sent with by mistake, then reverted, marked here during a provider
+        hiccup, made the store's last mark of it this queue's, and the jobs of the live
+        deployment that sends with it were queued under this queue's key and sent with it."""
+        return sorted(set(self._undecided.values()))
 
     def _not_told(
         self,
@@ -1415,7 +1423,7 @@ class BatchQueue:
         try:
             every = min(self._config.poll_interval_seconds, _MAX_MARK_SECONDS)
             await self._opened().mark_endpoints(self._served(), every)
-            await self._opened().mark_keys(self._served_keys(), every)
+            await self._opened().mark_keys(self._served_keys(), every, for_others=self._marked_for_others())
         except Exception:
             log.exception("batch_mark_failed")
 
@@ -1429,7 +1437,9 @@ class BatchQueue:
             if self._store is not None:
                 try:
                     marks = await self._store.mark_endpoints(self._served(), every)
-                    key_marks = await self._store.mark_keys(self._served_keys(), every)
+                    key_marks = await self._store.mark_keys(
+                        self._served_keys(), every, for_others=self._marked_for_others()
+                    )
                     self._watch(marks, key_marks, every, loop.time())
                 except Exception:
                     # The store failing: nothing is taken as gone until the watch starts again.

@@ -38,7 +38,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -1055,26 +1055,40 @@ class BatchStore:
         return await self._run(update)
 
     async def mark_keys(
-        self, served: list[tuple[str, str, str]], every: float
+        self, served: list[tuple[str, str, str]], every: float, *, for_others: Iterable[tuple[str, str, str]] = ()
     ) -> dict[tuple[str, str, str], tuple[float, float] | None]:
         """Mark the (provider, base URL, key fingerprint) triples of ``served`` as sent with now
         by a process that marks them every ``every`` seconds, and return, for each other key that
         provider batches not read yet at one of those base URLs were sent with (or jobs there are
         queued under, or a lost send there is to be looked up with), its last mark
         (when, by the marker's clock; how often it marks), or None when no process that marks
-        keys has marked it (an earlier release sent with it)."""
+        keys has marked it (an earlier release sent with it). The keys ``for_others`` (of batches
+        another key sent, marked on its behalf) are marked too, but recorded as this store's own
+        mark (``own_key_mark``) only where the store held this store's last own mark of the key
+        before: once another process has marked it since, never (a key this process once sent
+        with by mistake, then reverted, is the key of the process that marked it since, however
+        often this one marks it for that process's batches)."""
         now = self._clock()
         states = (BatchState.QUEUED.value, BatchState.SUBMITTED.value)
-        serving = set(served)
-        urls = {(provider, endpoint) for provider, endpoint, _ in served}
+        own = set(served)
+        marked = [*served, *(set(for_others) - own)]
+        serving = set(marked)
+        urls = {(provider, endpoint) for provider, endpoint, _ in marked}
+        others_before: dict[tuple[str, str, str], tuple[float, float]] = {}
 
         def update(connection: sqlite3.Connection) -> dict[tuple[str, str, str], tuple[float, float] | None]:
             with immediate(connection):
+                for triple in serving - own:
+                    row = connection.execute(
+                        "SELECT seen_at, every FROM keys WHERE provider = ? AND endpoint = ? AND key_id = ?", triple
+                    ).fetchone()
+                    if row is not None:
+                        others_before[triple] = (row["seen_at"], row["every"])
                 connection.executemany(
                     "INSERT INTO keys (provider, endpoint, key_id, seen_at, every) VALUES (?, ?, ?, ?, ?)"
                     " ON CONFLICT (provider, endpoint, key_id) DO UPDATE SET seen_at = excluded.seen_at,"
                     " every = excluded.every",
-                    [(*triple, now, every) for triple in served],
+                    [(*triple, now, every) for triple in marked],
                 )
                 rows = connection.execute(
                     "SELECT provider, endpoint, key_id FROM jobs INDEXED BY jobs_state WHERE state IN (?, ?)"
@@ -1102,7 +1116,12 @@ class BatchStore:
             return {triple: marks.get(triple) for triple in named - serving if (triple[0], triple[1]) in urls}
 
         others = await self._run(update)
-        self._own_key_marks.update((triple, (now, every)) for triple in serving)
+        self._own_key_marks.update((triple, (now, every)) for triple in served)
+        self._own_key_marks.update(
+            (triple, (now, every))
+            for triple, before in others_before.items()
+            if self._own_key_marks.get(triple) == before
+        )
         return others
 
     async def move_queued(
