@@ -3968,6 +3968,34 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         assert charged == sorted(jobs)
         assert taken == [own]
 
+    async def test_a_reverted_key_leaves_a_lost_send_of_the_live_process_that_uses_it_to_that_process(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A's key file briefly held key-B (another account's key at the same URL), then key-A
+        again. B's deployment stops mid-send (the provider made the batch with key-B, its reply
+        never came) and the job is cancelled through A: A leaves the send's tag, and B, back,
+        finds the batch and cancels it (A looked the send up as its rotated key's, with key-A,
+        found nothing and forgot the tag: B's batch ran and billed B, never cancelled nor read)."""
+        fake.batches_per_key = True
+        key_file = tmp_path / "a.key"
+        key_file.write_text("key-A\n")
+        config = _keyed_by_file(tmp_path, fake, key_file)
+        async with Server(settings_from(config), port=0) as owner, RouterClient(owner.target) as client:
+            for key in ("key-B", "key-A"):
+                key_file.write_text(key + "\n")
+                await owner.reload(settings_from(config))
+                await asyncio.sleep(0.3)  # rounds and marks with it
+            job = await _reply_lost(tmp_path, fake, "key-B")
+            [batch] = fake.batches
+            await client.cancel_batch(job, tenant="acme")
+            lapse(tmp_path / "batches.db")
+            await asyncio.sleep(1.5)  # A's rounds
+            with contextlib.closing(sqlite3.connect(tmp_path / "batches.db")) as store:
+                [(state, tagged)] = store.execute("SELECT state, send_tag IS NOT NULL FROM jobs").fetchall()
+            assert (state, tagged) == ("cancelled", 1)
+            async with _deployment(tmp_path, fake, "key-B"):
+                await until(lambda: batch.cancelled)
+
     async def test_another_account_leaves_a_lost_send_of_a_live_key_to_be_looked_up_with_that_key(
         self, tmp_path: Path, fake: FakeProvider
     ) -> None:

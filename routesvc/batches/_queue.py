@@ -1149,7 +1149,12 @@ class BatchQueue:
             if send.key_id is not None and send.key_id != reached[1][1]:
                 owner = (send.provider, reached[1][0], send.key_id)
                 owner_gone = self._owners_gone.get(owner)
-                if owner not in self._rotated_keys and owner_gone is None:
+                if owner_gone is None and owner in self._rotated_keys:
+                    # A key this process rotated away from: its forget only while the store holds
+                    # this process's last mark of it (a key once used by mistake, then reverted,
+                    # marked since by its live deployment, has its lost sends left to that one).
+                    owner_gone = self._own_mark(owner)
+                if owner_gone is None:
                     # Another key's, whose process may be live (an unplaced send's key is watched
                     # as a batch's is): another account's key would find nothing and forget it,
                     # and its batch ran billed, never cancelled nor read. Looked up with this key
