@@ -492,7 +492,7 @@ class FakeBatches:
             return True
         headers = {"content-type": "application/octet-stream", "content-length": str(len(content))}
         await connection.send_head(200, headers)
-        await self._results_held()
+        await _wait_at(self.results_hold, self.results_waiting)
         await connection.send(content)
         return True
 
@@ -501,7 +501,7 @@ class FakeBatches:
         if file_id not in self.files:
             await connection.send_json(404, {"error": {"type": "not_found_error", "message": "no such file"}})
             return True
-        await self._delete_held()
+        await _wait_at(self.delete_hold, self.delete_waiting)
         if self.delete_error is not None:
             await connection.send_json(*self.delete_error)
             return True
@@ -510,42 +510,6 @@ class FakeBatches:
         self.deleted_files.append(file_id)
         await connection.send_json(200, {"id": file_id, "object": "file", "deleted": True})
         return True
-
-    async def _delete_held(self) -> None:
-        """Wait at ``delete_hold`` while it is set to an event not set yet."""
-        if self.delete_hold is not None and not self.delete_hold.is_set():
-            self.delete_waiting.set()
-            await self.delete_hold.wait()
-
-    async def _retrieve_held(self) -> None:
-        """Wait at ``retrieve_hold`` while it is set to an event not set yet."""
-        if self.retrieve_hold is not None and not self.retrieve_hold.is_set():
-            self.retrieve_waiting.set()
-            await self.retrieve_hold.wait()
-
-    async def _results_held(self) -> None:
-        """Wait at ``results_hold`` while it is set to an event not set yet."""
-        if self.results_hold is not None and not self.results_hold.is_set():
-            self.results_waiting.set()
-            await self.results_hold.wait()
-
-    async def _cancel_held(self) -> None:
-        """Wait at ``cancel_hold`` while it is set to an event not set yet."""
-        if self.cancel_hold is not None and not self.cancel_hold.is_set():
-            self.cancel_waiting.set()
-            await self.cancel_hold.wait()
-
-    async def _held(self) -> None:
-        """Wait at ``create_hold`` while it is set to an event not set yet."""
-        if self.create_hold is not None and not self.create_hold.is_set():
-            self.create_waiting.set()
-            await self.create_hold.wait()
-
-    async def _reply_held(self) -> None:
-        """Wait at ``create_reply_hold`` (the batch made) while it is set to an event not set yet."""
-        if self.create_reply_hold is not None and not self.create_reply_hold.is_set():
-            self.create_waiting.set()
-            await self.create_reply_hold.wait()
 
     def _openai_json(self, batch: FakeBatch) -> dict[str, Any]:
         ended = batch.status not in _RUNNING
@@ -579,7 +543,7 @@ class FakeBatches:
         return True
 
     async def _openai_create(self, connection: Connection, request: Request) -> bool:
-        await self._held()
+        await _wait_at(self.create_hold, self.create_waiting)
         if self.create_error is not None:
             await connection.send_json(*self.create_error)
             return True
@@ -595,7 +559,7 @@ class FakeBatches:
         metadata = body.get("metadata")
         batch.metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else None
         self.batches[batch.id] = batch
-        await self._reply_held()
+        await _wait_at(self.create_reply_hold, self.create_waiting)
         await connection.send_json(200, self._openai_json(batch))
         return True
 
@@ -637,7 +601,7 @@ class FakeBatches:
         return True
 
     async def _openai_retrieve(self, connection: Connection, request: Request) -> bool:
-        await self._retrieve_held()
+        await _wait_at(self.retrieve_hold, self.retrieve_waiting)
         batch = await self._openai_found(connection, request)
         if batch is not None and not await self._refuse_retrieve(connection, batch):
             batch.retrieved += 1
@@ -654,7 +618,7 @@ class FakeBatches:
             batch.status = cancelling
 
     async def _openai_cancel(self, connection: Connection, request: Request) -> bool:
-        await self._cancel_held()
+        await _wait_at(self.cancel_hold, self.cancel_waiting)
         batch = await self._openai_found(connection, request)
         if batch is not None:
             self._cancel(batch, "cancelling")
@@ -688,7 +652,7 @@ class FakeBatches:
         }
 
     async def _anthropic_create(self, connection: Connection, request: Request) -> bool:
-        await self._held()
+        await _wait_at(self.create_hold, self.create_waiting)
         if self.create_error is not None:
             await connection.send_json(*self.create_error)
             return True
@@ -700,7 +664,7 @@ class FakeBatches:
             return True
         batch = FakeBatch(self._new_id("msgbatch_"), "anthropic", requests, time.time(), headers=request.headers)
         self.batches[batch.id] = batch
-        await self._reply_held()
+        await _wait_at(self.create_reply_hold, self.create_waiting)
         await connection.send_json(200, self._anthropic_json(batch))
         return True
 
@@ -736,7 +700,7 @@ class FakeBatches:
         return batch
 
     async def _anthropic_retrieve(self, connection: Connection, request: Request) -> bool:
-        await self._retrieve_held()
+        await _wait_at(self.retrieve_hold, self.retrieve_waiting)
         batch = await self._anthropic_found(connection, request)
         if batch is not None and not await self._refuse_retrieve(connection, batch):
             batch.retrieved += 1
@@ -759,12 +723,12 @@ class FakeBatches:
             content = "".join(json.dumps(entry) + "\n" for entry in batch.results).encode()
         headers = {"content-type": "application/binary", "content-length": str(len(content))}
         await connection.send_head(200, headers)
-        await self._results_held()
+        await _wait_at(self.results_hold, self.results_waiting)
         await connection.send(content)
         return True
 
     async def _anthropic_cancel(self, connection: Connection, request: Request) -> bool:
-        await self._cancel_held()
+        await _wait_at(self.cancel_hold, self.cancel_waiting)
         batch = await self._anthropic_found(connection, request)
         if batch is not None:
             self._cancel(batch, "canceling")
@@ -781,10 +745,18 @@ class FakeBatches:
                 400, {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
             )
             return True
-        await self._delete_held()
+        await _wait_at(self.delete_hold, self.delete_waiting)
         if self.delete_error is not None:
             await connection.send_json(*self.delete_error)
             return True
         batch.deleted = True
         await connection.send_json(200, {"id": batch.id, "type": "message_batch_deleted"})
         return True
+
+
+async def _wait_at(hold: asyncio.Event | None, waiting: asyncio.Event) -> None:
+    """Wait at ``hold`` (a test's ``create_hold``, ``delete_hold``, ...) while it is set to an
+    event not set yet, setting ``waiting`` first, so the test knows a request waits there."""
+    if hold is not None and not hold.is_set():
+        waiting.set()
+        await hold.wait()
