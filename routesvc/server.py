@@ -37,27 +37,37 @@ _MAX_METADATA_BYTES = 16 * 1024
 _HEALTH_CHECK_STREAMS = 16
 _INT32_MAX = 2**31 - 1
 
-# Calls grpc holds arrived but not yet handed to the service, over all connections, as a multiple
-# of the streams one connection may open (``grpc.max_concurrent_streams``).
+# Calls grpc holds arrived but not yet handed to the service, for each method, as a multiple of the
+# streams one connection may open (``grpc.max_concurrent_streams``).
 _PENDING_CALLS_PER_CONNECTION_WINDOW = 4
+# grpc's own limits on those calls (soft, then hard), which the service never sets lower.
+_GRPC_DEFAULT_PENDING_CALLS = 1000
+_GRPC_DEFAULT_PENDING_CALLS_HARD_LIMIT = 3000
 
 
 def _pending_calls_options(streams: int) -> list[tuple[str, int]]:
-    """grpc's limit on calls that arrived and wait for the event loop to take them up: grpc
-    CANCELs the calls past it (1,000 by default, at random from there to 3,000) before the
-    service sees them, with no status of ours, no log line and no count. The count is of the
-    whole server, all connections together, not of one: it is set to four times the ``streams``
-    one connection may open (8,096 by default), soft and hard limit alike (grpc CANCELs at
-    random between them), so that bursts from several connections at once up to four full
-    windows (the calls the service caps, which it sheds itself with RESOURCE_EXHAUSTED
-    OVERLOADED, and the health watchers) are not cut by grpc. Past it grpc still CANCELs,
-    unseen. A call waiting there costs its call object, headers and message: measured at
-    ~40 KB a call for client and server in one process together (3 x 2,000 Routes: +238 MB of
-    peak RSS), so the bound keeps such a pile-up to a few hundred MB at most."""
-    pending = min(_PENDING_CALLS_PER_CONNECTION_WINDOW * streams, _INT32_MAX)
+    """grpc's limits on calls that arrived and wait for the event loop to take them up: grpc
+    CANCELs the calls past them (1,000 by default, at random from there to 3,000) before the
+    service sees them, with no status of ours, no log line and no count. grpc counts them for
+    each registered method apart (Route, Complete, GetStats, ... each its own queue, and the
+    health and reflection methods theirs), over all connections together. Both are set to
+    four times the ``streams`` one connection may open (8,096 by default; equal, as grpc
+    CANCELs at random between them), so that bursts of one method from several connections at
+    once up to four full windows (the calls the service caps, which it sheds itself with
+    RESOURCE_EXHAUSTED OVERLOADED, and the health watchers) are not cut by grpc; but never
+    lower than grpc's own 1,000 and 3,000: a small ``streams`` (8 + 8 gave 64) had grpc CANCEL
+    190 of 256 calls at once that its defaults let through. Past them grpc still CANCELs,
+    unseen. A call waiting there costs its call object, headers and message: measured at up to
+    ~40 KB a small call for client and server in one process together (3 x 2,000 Routes:
+    +238 MB of peak RSS), so one method's full queue is up to ~320 MB by default and the
+    service's seven methods' together ~2.3 GB: the bound is per method, not of the process."""
+    window = _PENDING_CALLS_PER_CONNECTION_WINDOW * streams
     return [
-        ("grpc.server.max_pending_requests", pending),
-        ("grpc.server.max_pending_requests_hard_limit", pending),
+        ("grpc.server.max_pending_requests", min(max(window, _GRPC_DEFAULT_PENDING_CALLS), _INT32_MAX)),
+        (
+            "grpc.server.max_pending_requests_hard_limit",
+            min(max(window, _GRPC_DEFAULT_PENDING_CALLS_HARD_LIMIT), _INT32_MAX),
+        ),
     ]
 
 

@@ -833,28 +833,52 @@ class TestShedding:
         """RELIABILITY 12 past 1,000 calls at once: 4,200 Routes over three connections (1,400
         each) each end OK or, past the cap, shed by the service (RESOURCE_EXHAUSTED OVERLOADED,
         logged), none CANCELLED or UNAVAILABLE. grpc CANCELs the calls waiting for the loop past
-        its limit, which counts all connections together: 1,000 by default, then twice one
-        connection's streams (4,048), exceeded by a few clients' modest bursts together."""
+        its limit, which counts one method's calls over all connections together: 1,000 by
+        default, then twice one connection's streams (4,048), exceeded by a few clients' modest
+        bursts together."""
         # One connection may open 2,024 streams (max_concurrent_rpcs 1,024 + 1,000 health watchers).
-        async with contextlib.AsyncExitStack() as stack:
-            server = await stack.enter_async_context(Server(settings_from(default_config()), port=0))
-            clients = []
-            for connection in range(3):
-                # A channel of its own subchannels, each its own TCP connection.
-                options = [("grpc.use_local_subchannel_pool", 1), ("routesvc.test_connection", connection)]
-                channel = grpc.aio.insecure_channel(server.target, options=options)
-                client = RouterClient(server.target, channel=channel, default_timeout=None)
-                stack.push_async_callback(client.aclose)
-                await client.route(user_chat("hi"))  # the connection is up before the burst
-                clients.append(client)
-
-            async def route(client: RouterClient, index: int) -> tuple[grpc.StatusCode, str]:
-                try:
-                    await client.route(user_chat(f"say hello {index}"), timeout=60)
-                except grpc.aio.AioRpcError as error:
-                    shed = error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-                    return error.code(), error_info(error).reason if shed else (error.details() or "")
-                return grpc.StatusCode.OK, ""
-
-            ended = await asyncio.gather(*(route(client, index) for index in range(1400) for client in clients))
+        ended = await _route_burst(default_config(), connections=3, per_connection=1400)
         assert set(ended) <= {(grpc.StatusCode.OK, ""), (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")}
+
+    async def test_a_small_config_keeps_grpcs_own_pending_limit_for_a_burst(self) -> None:
+        """RELIABILITY 12 with a small config: max_concurrent_rpcs 8 and 8 health watchers (16
+        streams a connection) do not lower grpc's limit on calls waiting for the loop below its
+        own 1,000: 256 Routes at once over 16 connections each end OK or OVERLOADED, none
+        CANCELLED (at four times 16 streams, 64, grpc CANCELLED 190 of them, unlogged)."""
+        config = default_config()
+        reliability, server = config["reliability"], config["server"]
+        assert isinstance(reliability, dict)
+        assert isinstance(server, dict)
+        reliability["max_concurrent_rpcs"] = 8
+        server["max_health_watch_streams"] = 8
+        ended = await _route_burst(config, connections=16, per_connection=16)
+        assert set(ended) <= {(grpc.StatusCode.OK, ""), (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")}
+
+
+async def _route_burst(
+    config: dict[str, object], *, connections: int, per_connection: int
+) -> list[tuple[grpc.StatusCode, str]]:
+    """Each connection's Routes sent at once to a server of ``config``, over ``connections`` TCP
+    connections each up before the burst: each call's status and its ErrorInfo reason (if
+    RESOURCE_EXHAUSTED) or details."""
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(Server(settings_from(config), port=0))
+        clients = []
+        for connection in range(connections):
+            # A channel of its own subchannels, each its own TCP connection.
+            options = [("grpc.use_local_subchannel_pool", 1), ("routesvc.test_connection", connection)]
+            channel = grpc.aio.insecure_channel(server.target, options=options)
+            client = RouterClient(server.target, channel=channel, default_timeout=None)
+            stack.push_async_callback(client.aclose)
+            await client.route(user_chat("hi"))  # the connection is up before the burst
+            clients.append(client)
+
+        async def route(client: RouterClient, index: int) -> tuple[grpc.StatusCode, str]:
+            try:
+                await client.route(user_chat(f"say hello {index}"), timeout=60)
+            except grpc.aio.AioRpcError as error:
+                shed = error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                return error.code(), error_info(error).reason if shed else (error.details() or "")
+            return grpc.StatusCode.OK, ""
+
+        return await asyncio.gather(*(route(client, index) for index in range(per_connection) for client in clients))
