@@ -173,6 +173,18 @@ class Recorded:
     evicted: tuple[EvictedExample, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class LockDeadline:
+    """When a ``record_outcome`` must have the file's write lock (``at``, ``time.monotonic()``):
+    the queued writes not written by then or the lock not taken is ``FeedbackStoreBusy``, nothing
+    stored. ``cut``: ``at`` is the caller's own deadline, before its busy timeout would end, so the
+    lock not taken by then does not make the file ``known_locked`` (the lock it met may be a brief
+    write of another worker)."""
+
+    at: float
+    cut: bool = False
+
+
 # ``feedback.decision_id`` names a row of ``examples``; files written before examples had their
 # own table (user_version 0) declare it against ``decisions``, which SQLite does not enforce here
 # (foreign keys are off), so both read the same. Tables of files before version 2 have no
@@ -451,7 +463,7 @@ class FeedbackStore:
     def known_locked(self) -> bool:
         """Whether the last write on the file waited the busy timeout for another process's lock
         and did not get it (no write has taken the lock since). A wait its caller's own deadline
-        cut short (``record_outcome``'s ``cut``) does not count: the lock it met may be a brief
+        cut short (``LockDeadline.cut``) does not count: the lock it met may be a brief
         write of another worker."""
         return self._locked_out
 
@@ -465,41 +477,41 @@ class FeedbackStore:
         return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")
 
     @contextmanager
-    def _immediate(self, *, cut: bool = False) -> Iterator[None]:
-        """``immediate`` on the writer connection, noting whether it got the file's lock
-        (``known_locked``); a wait ``cut`` short of the busy timeout and not given the lock leaves
-        that as it was."""
-        try:
-            with immediate(self._writer):
-                self._locked_out = False
-                yield
-        except sqlite3.Error as exc:
-            if is_busy(exc) and not cut:
-                self._locked_out = True
-            raise
+    def _transaction(self, deadline: LockDeadline | None = None) -> Iterator[None]:
+        """One write transaction on the writer connection, rolled back if the block raises,
+        noting whether it got the file's lock (``known_locked``; a wait ``deadline.cut`` short
+        and not given the lock leaves that as it was).
+
+        ``deadline`` (None: none) bounds the wait for the lock (``_writer_until``)."""
+        with self._writer_until(deadline):
+            try:
+                with immediate(self._writer):
+                    self._locked_out = False
+                    yield
+            except sqlite3.Error as exc:
+                if is_busy(exc) and (deadline is None or not deadline.cut):
+                    self._locked_out = True
+                raise
 
     @contextmanager
-    def _transaction(self, deadline: float | None = None, *, cut: bool = False) -> Iterator[None]:
-        """One write transaction on the writer connection, rolled back if the block raises.
-
-        ``deadline`` (``time.monotonic()``; None: none) bounds the wait for the lock, this
-        store's writer thread's as well as the file's (SQLite's busy timeout is cut to what is
-        left of it): past it the call is ``FeedbackStoreBusy``. ``cut``: ``deadline`` is the
-        caller's own, before its busy timeout would end (not ``known_locked`` if busy then)."""
+    def _writer_until(self, deadline: LockDeadline | None) -> Iterator[None]:
+        """The writer connection to this caller alone, waiting for it (this store's writer
+        thread's hold) and then for the file's lock (SQLite's busy timeout cut to what is left)
+        until ``deadline.at`` at most (None: no bound but the busy timeout): past it the call is
+        ``FeedbackStoreBusy``."""
         if deadline is None:
-            with self._write_lock, self._immediate():
+            with self._write_lock:
                 yield
             return
-        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        if not self._write_lock.acquire(timeout=max(0.0, deadline.at - time.monotonic())):
             raise self.busy()
         try:
-            left = deadline - time.monotonic()
+            left = deadline.at - time.monotonic()
             if left <= 0:
                 raise self.busy()
             self._writer.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
             try:
-                with self._immediate(cut=cut):
-                    yield
+                yield
             finally:
                 self._writer.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         finally:
@@ -625,8 +637,7 @@ class FeedbackStore:
         score: float,
         *,
         tenant: str | None = None,
-        deadline: float | None = None,
-        cut: bool = False,
+        deadline: LockDeadline | None = None,
     ) -> Recorded:
         """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example.
 
@@ -644,20 +655,18 @@ class FeedbackStore:
         ``max_total_examples`` evicts the oldest (its tenant's, then of all: another tenant's too),
         outcomes and all; the result names them, so a library drops them too.
 
-        ``deadline`` (``time.monotonic()``; None: up to 30 s for the queued writes, then the busy
-        timeout) is when the call must have the file's write lock: the queued writes not written
-        by then (this store's writer waiting on another process's lock) or the lock not taken is
-        ``FeedbackStoreBusy``, nothing stored. ``cut``: ``deadline`` is the caller's own, before
-        its busy timeout would end, so the lock not taken by then does not make the file
-        ``known_locked``."""
+        ``deadline`` (None: up to 30 s for the queued writes, then the busy timeout) is when the
+        call must have the file's write lock: the queued writes not written by then (this store's
+        writer waiting on another process's lock) or the lock not taken is ``FeedbackStoreBusy``,
+        nothing stored (``known_locked`` then unless ``deadline.cut``)."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
         if deadline is None:
             self.flush()
-        elif not self.flush(timeout=max(0.0, deadline - time.monotonic())):
+        elif not self.flush(timeout=max(0.0, deadline.at - time.monotonic())):
             raise self.busy()
         with self._translated_failures():
-            return self._record(decision_id, score, tenant, deadline, cut)
+            return self._record(decision_id, score, tenant, deadline)
 
     @contextmanager
     def _translated_failures(self) -> Iterator[None]:
@@ -670,16 +679,14 @@ class FeedbackStore:
                 raise
             raise store_failure(self._path, exc) from exc
 
-    def _record(
-        self, decision_id: str, score: float, tenant: str | None, deadline: float | None, cut: bool
-    ) -> Recorded:
+    def _record(self, decision_id: str, score: float, tenant: str | None, deadline: LockDeadline | None) -> Recorded:
         now = self._clock()
         unknown = UnknownDecision(
             f"no remembered decision {quoted_id(decision_id)} (never seen, or forgotten without feedback)"
         )
         select = "SELECT model, tenant, embedding, encoder FROM examples WHERE decision_id = ?"
         evicted: tuple[EvictedExample, ...] = ()
-        with self._transaction(deadline, cut=cut):
+        with self._transaction(deadline):
             row = self._writer.execute(select, (decision_id,)).fetchone()
             if row is None:
                 # A waiting decision still counts if it is younger than the TTL and among the

@@ -46,7 +46,7 @@ from routesvc.errors import (
     counts_against_model,
     quoted_id,
 )
-from routesvc.feedback import FeedbackStore, Recorded, UnknownDecision
+from routesvc.feedback import FeedbackStore, LockDeadline, Recorded, UnknownDecision
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import (
     AllowList,
@@ -160,6 +160,125 @@ class _Learning:
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="routesvc-feedback")
     )
+
+
+_FEEDBACK_NOT_ENABLED = "feedback needs an embedding stage with a feedback_db in routing.stages"
+
+
+@dataclass(frozen=True, slots=True)
+class _FeedbackCall:
+    """One Feedback call: its ``score`` for ``decision_id`` from ``tenant``, and the times its
+    waits end by. Each ``look`` for the decision runs ``record`` on the feedback thread
+    (``learning.executor``), in the call's ``context``, behind the Feedback calls before it.
+
+    A look has the busy timeout (``busy_timeout``, the longest of the ``stores``') to take the
+    file's write lock, from when it runs on the feedback thread: waiting there behind this
+    process's own Feedback calls is no lock of another process (a burst of a few thousand on an
+    unlocked file all go through, grpc's own limit on calls waiting for the loop raised to let
+    them in: ``server._pending_calls_options``; the client's deadline bounds the wait). While the
+    file is known locked by another process (a write waited the busy timeout and did not get it),
+    the busy timeout counts from the look's arrival instead, so calls piling up there are each
+    FeedbackStoreBusy after about one busy timeout, not one after another (the N-th waited N of
+    them; clients saw their deadlines pass instead). Either way the wait ends by ``answer_by``
+    (``time.monotonic()``; None: no deadline), so that the call is answered before its deadline.
+
+    ``policy`` is the policy of the router the call came to; ``learning`` what the routers swapped
+    in by reload share for Feedback."""
+
+    decision_id: str
+    score: float
+    tenant: str | None
+    answer_by: float | None
+    policy: Policy
+    learning: _Learning
+    stores: tuple[FeedbackStore, ...]
+    busy_timeout: float
+    context: contextvars.Context
+
+    async def look(self, found_unknown: UnknownDecision | None) -> tuple[str, str, int]:
+        """The decision's model and owner and the examples the libraries hold once the score is
+        recorded (``record``), on the one feedback thread, behind the Feedback calls before it.
+        ``found_unknown``: what the look before found (the answer if this one is not made)."""
+        job = self.learning.executor.submit(self.context.run, self.record, time.monotonic(), found_unknown)
+        answer = asyncio.wrap_future(job)
+        if self.answer_by is None:
+            return await answer  # cancelling the call cancels the job if it has not started
+        try:
+            async with asyncio.timeout(self.answer_by - time.monotonic()):
+                return await asyncio.shield(answer)
+        except TimeoutError:
+            # Still queued at the call's end: it never runs (so nothing is stored). Once
+            # running, it ends by ``answer_by`` itself.
+            if job.cancel():
+                if found_unknown is not None:
+                    raise found_unknown from None
+                raise self.stores[0].busy(queued=True) from None
+            return await answer
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+
+    def record(self, arrived: float, found_unknown: UnknownDecision | None) -> tuple[str, str, int]:
+        """``look``'s work on the feedback thread, for a look that ``arrived`` then."""
+        deadline = self._lock_deadline(arrived)
+        try:
+            return self._recorded_by(deadline)
+        except FeedbackStoreBusy:
+            # Not looked at again within the call's time (the busy timeout had not passed):
+            # a look again answers what the look before found.
+            if deadline.cut and found_unknown is not None:
+                raise found_unknown from None
+            raise
+
+    def _lock_deadline(self, arrived: float) -> LockDeadline:
+        """When a look that ``arrived`` then must have the file's write lock: the busy timeout
+        after it runs (after it arrived, while the file is known locked), or ``answer_by`` if
+        that comes first: ``cut``, as a lock not taken by then is not known to outlast the busy
+        timeout (it may be another worker's brief write), so the next calls count from their
+        turn."""
+        locked = any(store.known_locked for store in self.stores)
+        at = (arrived if locked else time.monotonic()) + self.busy_timeout
+        if self.answer_by is None or at < self.answer_by:
+            return LockDeadline(at)
+        return LockDeadline(self.answer_by, cut=True)
+
+    def _recorded_by(self, deadline: LockDeadline) -> tuple[str, str, int]:
+        """The score recorded in each store and taught to each library of the newest policy,
+        the lock taken by ``deadline`` (else ``FeedbackStoreBusy``, nothing stored)."""
+        model = owner = ""
+        examples = 0
+        if time.monotonic() >= deadline.at:
+            raise self.stores[0].busy()
+        if self.policy is not self.learning.policy:
+            # Swapped in and not yet taken over (``take_over_feedback``), or replaced since:
+            # the decisions this router routed wait in its own stores' write queues, which
+            # recording in the stores taught does not flush; written first, they are found.
+            for store in self.stores:
+                if not store.flush(timeout=max(0.0, deadline.at - time.monotonic())):
+                    raise store.busy()
+        # One call at a time, across reloads too, so the libraries take the outcomes in the
+        # order the stores recorded them (an older score never replaces a newer one, an
+        # eviction comes after the add it follows); taught to the newest policy swapped in.
+        if not self.learning.lock.acquire(timeout=max(0.0, deadline.at - time.monotonic())):
+            raise self.stores[0].busy()
+        try:
+            stages = [s for s in self.learning.policy.learning_stages if s.feedback is not None]
+            if not stages:
+                raise FeedbackNotEnabled(_FEEDBACK_NOT_ENABLED)
+            self.learning.recorded += 1
+            recorded: dict[FeedbackStore, Recorded] = {}
+            for stage in stages:
+                assert stage.feedback is not None
+                if stage.feedback not in recorded:  # stages sharing a store record once
+                    recorded[stage.feedback] = stage.feedback.record_outcome(
+                        self.decision_id, self.score, tenant=self.tenant, deadline=deadline
+                    )
+                entry = recorded[stage.feedback].entry
+                model, owner = entry.model, entry.tenant
+                examples += stage.learn(recorded[stage.feedback])
+        finally:
+            self.learning.lock.release()
+        return model, owner, examples
 
 
 def _new_decision_id() -> str:
@@ -641,102 +760,24 @@ class Router:
         answer_by = None
         if timeout is not None:
             answer_by = time.monotonic() + timeout - min(_FEEDBACK_ANSWER_MARGIN_SECONDS, timeout / 4)
-        enabled = "feedback needs an embedding stage with a feedback_db in routing.stages"
         if not any(stage.feedback is not None for stage in self._policy.learning_stages):
-            raise FeedbackNotEnabled(enabled)
-
-        # A call (each look for its decision) has the busy timeout to take the file's write lock,
-        # from when it runs on the feedback thread: waiting there behind this process's own
-        # Feedback calls is no lock of another process (a burst of a few thousand on an unlocked
-        # file all go through, grpc's own limit on calls waiting for the loop raised to let them
-        # in: ``server._pending_calls_options``; the client's deadline bounds the wait). While
-        # the file is known locked by another process (a write waited the busy timeout and did
-        # not get it), the busy timeout counts from the call's arrival instead, so calls piling
-        # up there are each FeedbackStoreBusy after about one busy timeout, not one after
-        # another (the N-th waited N of them; clients saw their deadlines pass instead). Either
-        # way the wait ends by ``answer_by``, so that the call is answered before its deadline.
-        stores = [stage.feedback for stage in self._policy.learning_stages if stage.feedback is not None]
-        busy_timeout = max(store.busy_timeout_seconds for store in stores)
-
-        def record(arrived: float, found_unknown: UnknownDecision | None) -> tuple[str, str, int]:
-            locked = any(store.known_locked for store in stores)
-            deadline = (arrived if locked else time.monotonic()) + busy_timeout
-            if answer_by is None or deadline < answer_by:
-                return recorded_by(deadline)
-            try:
-                # A lock not taken by then is not known to outlast the busy timeout (it may be
-                # another worker's brief write): ``cut``, the next calls count from their turn.
-                return recorded_by(answer_by, cut=True)
-            except FeedbackStoreBusy:
-                # Not looked at again within the call's time (the busy timeout had not passed):
-                # a look again answers what the look before found.
-                if found_unknown is not None:
-                    raise found_unknown from None
-                raise
-
-        def recorded_by(deadline: float, cut: bool = False) -> tuple[str, str, int]:
-            model = owner = ""
-            examples = 0
-            if time.monotonic() >= deadline:
-                raise stores[0].busy()
-            if self._policy is not self._learning.policy:
-                # Swapped in and not yet taken over (``take_over_feedback``), or replaced since:
-                # the decisions this router routed wait in its own stores' write queues, which
-                # recording in the stores taught does not flush; written first, they are found.
-                for store in stores:
-                    if not store.flush(timeout=max(0.0, deadline - time.monotonic())):
-                        raise store.busy()
-            # One call at a time, across reloads too, so the libraries take the outcomes in the
-            # order the stores recorded them (an older score never replaces a newer one, an
-            # eviction comes after the add it follows); taught to the newest policy swapped in.
-            if not self._learning.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                raise stores[0].busy()
-            try:
-                stages = [s for s in self._learning.policy.learning_stages if s.feedback is not None]
-                if not stages:
-                    raise FeedbackNotEnabled(enabled)
-                self._learning.recorded += 1
-                recorded: dict[FeedbackStore, Recorded] = {}
-                for stage in stages:
-                    assert stage.feedback is not None
-                    if stage.feedback not in recorded:  # stages sharing a store record once
-                        recorded[stage.feedback] = stage.feedback.record_outcome(
-                            decision_id, score, tenant=tenant, deadline=deadline, cut=cut
-                        )
-                    entry = recorded[stage.feedback].entry
-                    model, owner = entry.model, entry.tenant
-                    examples += stage.learn(recorded[stage.feedback])
-            finally:
-                self._learning.lock.release()
-            return model, owner, examples
-
-        in_context = contextvars.copy_context().run
-
-        async def look(found_unknown: UnknownDecision | None) -> tuple[str, str, int]:
-            # On the one feedback thread, behind the Feedback calls before it.
-            job = self._learning.executor.submit(in_context, record, time.monotonic(), found_unknown)
-            answer = asyncio.wrap_future(job)
-            if answer_by is None:
-                return await answer  # cancelling the call cancels the job if it has not started
-            try:
-                async with asyncio.timeout(answer_by - time.monotonic()):
-                    return await asyncio.shield(answer)
-            except TimeoutError:
-                # Still queued at the call's end: it never runs (so nothing is stored). Once
-                # running, it ends by ``answer_by`` itself.
-                if job.cancel():
-                    if found_unknown is not None:
-                        raise found_unknown from None
-                    raise stores[0].busy(queued=True) from None
-                return await answer
-            except asyncio.CancelledError:
-                job.cancel()
-                raise
-
+            raise FeedbackNotEnabled(_FEEDBACK_NOT_ENABLED)
+        stores = tuple(stage.feedback for stage in self._policy.learning_stages if stage.feedback is not None)
+        call = _FeedbackCall(
+            decision_id=decision_id,
+            score=score,
+            tenant=tenant,
+            answer_by=answer_by,
+            policy=self._policy,
+            learning=self._learning,
+            stores=stores,
+            busy_timeout=max(store.busy_timeout_seconds for store in stores),
+            context=contextvars.copy_context(),
+        )
         found_unknown: UnknownDecision | None = None
         for pause in (*_UNKNOWN_DECISION_PAUSES, None):
             try:
-                model, owner, examples = await look(found_unknown)
+                model, owner, examples = await call.look(found_unknown)
                 break
             except UnknownDecision as unknown:
                 found_unknown = unknown
@@ -745,7 +786,8 @@ class Router:
                 if answer_by is not None:
                     # Within the call's time only: a look that could not end before it would
                     # turn a final NOT_FOUND into DEADLINE_EXCEEDED, which clients retry (and a
-                    # look still queued behind other Feedback calls then is not made: ``look``).
+                    # look still queued behind other Feedback calls then is not made:
+                    # ``_FeedbackCall.look``).
                     pause = min(pause, answer_by - time.monotonic() - _UNKNOWN_DECISION_LOOK_SECONDS)
                     if pause <= 0:
                         raise
