@@ -2799,9 +2799,9 @@ class TestBatchCreateReplyLost:
         assert fake.deleted_files == [batch.input_file_id, batch.output_file_id]
 
 
-async def create_foreign_batch(fake: FakeProvider) -> FakeBatch:
-    """A one-request Anthropic message batch another client of the workspace creates."""
-    other = anthropic.AsyncAnthropic(api_key="sk-test-anthropic", base_url=fake.anthropic_base_url)
+async def create_foreign_batch(fake: FakeProvider, key: str = "sk-test-anthropic") -> FakeBatch:
+    """A one-request Anthropic message batch another client of the workspace (of ``key``) creates."""
+    other = anthropic.AsyncAnthropic(api_key=key, base_url=fake.anthropic_base_url)
     try:
         params = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
         created = await other.messages.batches.create(requests=[{"custom_id": "theirs", "params": params}])  # type: ignore[list-item]
@@ -4044,28 +4044,52 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
     ) -> None:
         """The lost reply on Anthropic, whose batches carry no tag (found by their shape), and
         another client of account B's workspace makes a one-request batch meanwhile: once key-A is
-        taken as gone (0.3 s here), B's process ends the job FAILED ``provider_changed``, the job
-        in A's batch alone (key-B found the other client's batch by its shape and took it for the
-        send's: the job was moved to key-B, adopted into it, disowned when its results named none
-        of it, and sent again with key-B, two accounts billed)."""
+        taken as gone (0.3 s here), key-B finds that batch by its shape and the job, moved to
+        key-B, is adopted into it; its results name none of the job, so the adoption is undone and
+        the job ends FAILED ``provider_changed``, in A's batch alone, the other client's batch
+        left alone (the job, disowned, was queued again and sent with key-B, two accounts
+        billed)."""
         monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
         fake.batches_per_key = True
         fake.batch_accounts.update({"key-A": "A", "key-B": "B"})
         job = await _reply_lost(tmp_path, fake, "key-A", task_hint="creative_writing")
         lapse(tmp_path / "batches.db")
-        sdk = anthropic.AsyncAnthropic(api_key="key-B", base_url=fake.anthropic_base_url)
-        try:
-            params = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
-            await sdk.messages.batches.create(requests=[{"custom_id": "another-client-1", "params": params}])  # type: ignore[list-item]
-        finally:
-            await sdk.close()
+        another = await create_foreign_batch(fake, "key-B")
         fake.batch_outcome = BatchOutcome.COMPLETE
-        async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
-            failed = await wait_state(client, job, pb.BATCH_STATE_FAILED)
-            await asyncio.sleep(0.5)  # rounds more
+        with capture_logs() as logs:
+            async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
+                failed = await wait_state(client, job, pb.BATCH_STATE_FAILED)
+                await asyncio.sleep(0.5)  # rounds more
         assert failed.error == "provider_changed"
         assert len([batch for batch in fake.batches if job in batch.custom_ids]) == 1
         assert _created_with(fake) == ["key-A", "key-B"]  # A's send, the other client's batch
+        assert (another.cancelled, another.deleted) == (False, False)
+        assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_adoption_undone"] == [(0, 1)]
+
+    async def test_an_anthropic_job_moved_to_another_accounts_key_is_not_sent_again_when_undone_after_a_restart(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The same, B's process stopped while the other client's batch, adopted for the job, is
+        still running, and started again once it has ended: the job still ends FAILED
+        ``provider_changed`` when the adoption is undone, sent by no one again (what its move
+        left in the store is kept across the restart)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-B": "B"})
+        job = await _reply_lost(tmp_path, fake, "key-A", task_hint="creative_writing")
+        lapse(tmp_path / "batches.db")
+        another = await create_foreign_batch(fake, "key-B")
+        with capture_logs() as logs:
+            async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+            fake.batch_outcome = BatchOutcome.COMPLETE
+            async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
+                failed = await wait_state(client, job, pb.BATCH_STATE_FAILED)
+                await asyncio.sleep(0.5)  # rounds more
+        assert failed.error == "provider_changed"
+        assert _created_with(fake) == ["key-A", "key-B"]
+        assert (another.cancelled, another.deleted) == (False, False)
+        assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_adoption_undone"] == [(0, 1)]
 
     async def test_a_job_whose_send_reply_was_lost_under_a_gone_key_follows_its_batch_with_the_same_accounts_key(
         self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
@@ -4092,6 +4116,34 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         assert [e["event"] for e in logs if e["event"] in ("batch_send_adopted", "batch_send_untied")] == [
             "batch_send_adopted"
         ]
+
+    async def test_an_anthropic_job_whose_send_reply_was_lost_under_a_gone_key_follows_its_batch_with_a_rotated_key(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The same restart with the same account's rotated key-A2 on Anthropic, whose batches
+        carry no tag: key-A2 finds the send's batch by its shape, so the job is queued under
+        key-A2 and its send adopts that batch: SUCCEEDED, the batch read and deleted, its bill
+        charged once, nothing sent again (it ended FAILED ``provider_changed``, and its batch,
+        found by the lookup of its send, tied to nothing and not cancelled, being unverified, ran
+        billed, never read nor charged)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-A2": "A"})
+        job = await _reply_lost(tmp_path, fake, "key-A", task_hint="creative_writing")
+        [batch] = fake.batches
+        lapse(tmp_path / "batches.db")
+        fake.batch_outcome = BatchOutcome.COMPLETE
+        with capture_logs() as logs:
+            async with _deployment(tmp_path, fake, "key-A2") as rotated, RouterClient(rotated.target) as client:
+                await wait_state(client, job, pb.BATCH_STATE_SUCCEEDED)
+                await until(lambda: batch.deleted)
+                charged = [e.request_id for e in rotated.router.ledger.entries()]
+        assert _created_with(fake) == ["key-A"]
+        assert not batch.cancelled
+        assert charged == [job]
+        assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_jobs_moved"] == [(1, 0)]
+        adopted = [e for e in logs if e["event"] in ("batch_send_adopted", "batch_send_untied")]
+        assert [(e["event"], e.get("verified")) for e in adopted] == [("batch_send_adopted", False)]
 
 
 async def sent(client: RouterClient, batch_id: str) -> None:

@@ -1316,18 +1316,17 @@ class BatchQueue:
         that batch (``_adopt_earlier``); those of a send it finds none of (another account's key,
         which neither lists nor reads the old key's batches), or several, are returned with how
         many moved, to end FAILED (``_moved``); those of a send it cannot ask about now wait,
-        queued under ``old_key``, for the next round. A provider whose batches carry no tag
-        (``BatchAPI.tags_batches`` false: Anthropic, found by shape) is not asked: any batch of as
-        many requests made in the send's window in ``key``'s workspace, another client's of
-        another account included, would pass for the send's, and the job, adopted into it, then
-        disowned, would be sent again with that account's key."""
+        queued under ``old_key``, for the next round. Where batches carry no tag
+        (``BatchAPI.tags_batches`` false: Anthropic, found by shape) the batch found may be
+        another client's of another account (any batch of as many requests made in the send's
+        window in ``key``'s workspace passes for the send's): the jobs moved are marked so
+        (``rekey_queued`` ``tag``), and if their adoption is undone (``_disown``: its results
+        name none of them) they end FAILED ``provider_changed``, never sent again with ``key``."""
         store = self._opened()
         count, to_fail = moved
         with self._using(provider, endpoint) as api:
             if api is None:
                 return count, []
-            if not api.tags_batches:
-                return count, to_fail
             for tag, (since, size, tagged) in (await store.sends(moved[1])).items():
                 try:
                     found = await self._find_send(api, provider, tag, size, since)
@@ -1774,15 +1773,20 @@ class BatchQueue:
         """A batch adopted by its shape (``_adopt_earlier``) whose results name none of its jobs
         (or gone before it was read): when it has results, it is another client's, which is left
         alone (never deleted), and its jobs, never sent, are queued again (those cancelled since
-        close unbilled). Without results (deleted by the provider) whose it was cannot be told:
-        its jobs end with the batch's code, and it is not deleted."""
+        close unbilled), but for those moved to this key by their lost send's lookup
+        (``_rekey_lost_sends``), which end FAILED ``provider_changed``: this key may be another
+        account's, and the send's own batch, under the old key, may have answered them. Without
+        results (deleted by the provider) whose it was cannot be told: its jobs end with the
+        batch's code, and it is not deleted."""
         if not answered:
             log.warning("batch_adoption_unverified", provider_batch_id=provider_batch_id, jobs=len(jobs.waiting))
             return
-        again = await self._opened().disown(provider, provider_batch_id)
+        again, failed = await self._opened().disown(provider, provider_batch_id, "provider_changed")
         for batch_id in jobs.cancelled:
             await self._opened().close_cancelled(batch_id, None)
-        log.warning("batch_adoption_undone", provider_batch_id=provider_batch_id, jobs=len(again))
+        log.warning(
+            "batch_adoption_undone", provider_batch_id=provider_batch_id, jobs=len(again), failed_jobs=len(failed)
+        )
         self._wake.set()
 
     async def _requeue(self, provider: str, batch: ProviderBatch, waiting: list[str]) -> list[str]:

@@ -142,6 +142,11 @@ CREATE TABLE IF NOT EXISTS keys (
 # provider refused it (nothing created) or once the job is queued again.
 # unverified: 1 while the job waits for a provider batch adopted by its shape (Anthropic keeps no
 # tag: ``BatchAPI.tags_batches``), until its results show whether it holds the job; NULL otherwise.
+# 2 (``_MOVED``): a job queued under another key by its lost send's lookup (``rekey_queued``
+# ``tag``: its old key taken as gone), kept while its send adopts a batch by its shape: if that
+# batch's results name none of its jobs (another account's client's, found by the new key), it
+# ends FAILED ``provider_changed`` (``disown``) rather than be sent again with that key; cleared
+# by a new send (``tag_send``) and by an adoption by tag. Read as 1 by releases before it.
 # request_bytes: the size of the stored request while it is kept, 0 once it is cleared (NULL in
 # rows stored before it was added, counted as 0), summed through its own index (``add``).
 # estimated_input_tokens: the decision's estimate of the request's input as its model bills it
@@ -186,6 +191,9 @@ _ADDED_COLUMNS = (
 
 # How long a statement, and the switch of a new file to WAL, wait for another process's lock.
 _BUSY_TIMEOUT_SECONDS = 5.0
+
+# ``unverified`` of a job moved to another key by its lost send's lookup (``rekey_queued``).
+_MOVED = 2
 
 # The holder of jobs queued again after their provider batch was refused for a while, until their
 # delay has passed (``requeue``).
@@ -922,7 +930,7 @@ class BatchStore:
             with immediate(connection):
                 for batch_id in batch_ids:
                     cursor = connection.execute(
-                        "UPDATE jobs SET send_tag = ?, send_at = ?, send_count = ?"
+                        "UPDATE jobs SET send_tag = ?, send_at = ?, send_count = ?, unverified = NULL"
                         " WHERE id = ? AND state = ? AND claimed_by = ?",
                         (tag, now, len(batch_ids), batch_id, BatchState.QUEUED.value, owner),
                     )
@@ -1156,12 +1164,16 @@ class BatchStore:
         ``old_key``'s, which another account's key neither finds nor reads, so it would be sent
         again; unless ``rotated`` (a key this process rotated away from: the same account's,
         which finds that batch), its send then looking the batch up with ``key``. With ``tag``,
-        only the jobs of the send so tagged, whose batch ``key`` found (the same account's)."""
+        only the jobs of the send so tagged, whose batch ``key`` found (the same account's, or,
+        found by its shape, maybe another account's client's): they are marked moved
+        (``unverified`` ``_MOVED``), never to be sent again with ``key`` (``disown``)."""
         params: tuple[str, ...] = (provider, endpoint, old_key)
         where = ("provider = ? AND endpoint = ? AND key_id = ?", params)
+        assign: tuple[str, tuple[str, ...]] = ("key_id = ?", (key,))
         if tag is not None:
             where = (f"{where[0]} AND send_tag = ?", (*params, tag))
-        return await self._requeue(("key_id = ?", (key,)), where, gone=gone, tagged_too=rotated or tag is not None)
+            assign = (f"key_id = ?, unverified = {_MOVED}", (key,))
+        return await self._requeue(assign, where, gone=gone, tagged_too=rotated or tag is not None)
 
     async def _requeue(
         self,
@@ -1258,6 +1270,8 @@ class BatchStore:
         """
         now = self._clock()
         shape = 1 if unverified else None
+        # A job moved to this key by its lost send's lookup stays marked so (``rekey_queued``).
+        kept = f"CASE WHEN ? IS NULL THEN NULL WHEN unverified = {_MOVED} THEN {_MOVED} ELSE 1 END"
         submitted, queued, cancelled = BatchState.SUBMITTED.value, BatchState.QUEUED.value, BatchState.CANCELLED.value
         endpoint, sent_key = sent_to
         # The batch it is in now, and when it was sent: as its send began (``tag_send``), else now.
@@ -1274,9 +1288,9 @@ class BatchStore:
             with immediate(connection):
                 for batch_id in batch_ids:
                     cursor = connection.execute(
-                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
+                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"  # noqa: S608 - constant text
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
-                        " unverified = ?, provider_ended = NULL, placed_in = ?, send_at = COALESCE(send_at, ?)"
+                        f" unverified = {kept}, provider_ended = NULL, placed_in = ?, send_at = COALESCE(send_at, ?)"
                         " WHERE id = ? AND state = ? AND claimed_by = ?",
                         (
                             submitted,
@@ -1306,9 +1320,9 @@ class BatchStore:
                     # (a restart may cut the send's jobs into other groups): none is sent again.
                     # One another worker is sending is left out of its send (``tag_send``).
                     placed += connection.execute(
-                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"
+                        "UPDATE jobs SET state = ?, provider = ?, provider_batch_id = ?, error = '',"  # noqa: S608 - constant text
                         " updated_at = ?, claimed_by = NULL, claimed_until = NULL, endpoint = ?, key_id = ?,"
-                        " unverified = ?, provider_ended = NULL, placed_in = ?, send_at = COALESCE(send_at, ?)"
+                        f" unverified = {kept}, provider_ended = NULL, placed_in = ?, send_at = COALESCE(send_at, ?)"
                         " WHERE send_tag = ? AND state = ? AND provider_batch_id IS NULL",
                         (submitted, provider, provider_batch_id, now, endpoint, sent_key, shape, *sent_in, tag, queued),
                     ).rowcount
@@ -1334,27 +1348,40 @@ class BatchStore:
 
         await self._run(update)
 
-    async def disown(self, provider: str, provider_batch_id: str) -> list[str]:
+    async def disown(self, provider: str, provider_batch_id: str, moved_error: str) -> tuple[list[str], list[str]]:
         """Queue again the jobs waiting for ``provider``'s batch ``provider_batch_id``, adopted by
         its shape (``mark_submitted`` ``unverified``) and shown by its results to be another
         client's: they were never sent. Their requests were kept (``drop_requests`` is not asked
-        for such a batch). Returns their ids; jobs cancelled since are the caller's to close."""
+        for such a batch). A job moved to the key that found it by its lost send's lookup
+        (``rekey_queued`` ``tag``) ends FAILED ``moved_error`` instead: that key may be
+        another account's, which must not send it again (its lost send's batch, with the old key,
+        may have answered it). One transaction. Returns the ids queued again and those failed;
+        jobs cancelled since are the caller's to close."""
         now = self._clock()
-        queued, submitted = BatchState.QUEUED.value, BatchState.SUBMITTED.value
+        queued, submitted, failed = BatchState.QUEUED.value, BatchState.SUBMITTED.value, BatchState.FAILED.value
 
-        def update(connection: sqlite3.Connection) -> list[str]:
+        def update(connection: sqlite3.Connection) -> tuple[list[str], list[str]]:
             with immediate(connection):
                 rows = connection.execute(
-                    "SELECT id FROM jobs WHERE provider = ? AND provider_batch_id = ? AND state = ?",
+                    "SELECT id, unverified FROM jobs WHERE provider = ? AND provider_batch_id = ? AND state = ?",
                     (provider, provider_batch_id, submitted),
                 ).fetchall()
+                again = [row["id"] for row in rows if row["unverified"] != _MOVED]
+                moved = [row["id"] for row in rows if row["unverified"] == _MOVED]
                 connection.executemany(
                     "UPDATE jobs SET state = ?, provider_batch_id = NULL, unverified = NULL, provider_ended = NULL,"
                     " send_tag = NULL, send_at = NULL, send_count = NULL,"
                     " updated_at = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
-                    [(queued, now, row["id"]) for row in rows],
+                    [(queued, now, batch_id) for batch_id in again],
                 )
-            return [row["id"] for row in rows]
+                # As ``finish`` ends a job FAILED, out of the batch that was never its own.
+                connection.executemany(
+                    "UPDATE jobs SET state = ?, provider_batch_id = NULL, unverified = NULL, provider_ended = NULL,"
+                    " send_tag = NULL, send_at = NULL, send_count = NULL, request = '{}', request_bytes = 0,"
+                    " error = ?, updated_at = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
+                    [(failed, moved_error, now, batch_id) for batch_id in moved],
+                )
+            return again, moved
 
         return await self._run(update)
 
