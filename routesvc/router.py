@@ -293,6 +293,10 @@ _SETTLE_WAIT_SECONDS = 0.25
 # hung escalation ran to the deadline and the paid answer was never sent).
 _RELEASE_SECONDS = 0.05
 _SETTLE_WAIT_MARGIN_SECONDS = 0.05
+# What a decision still needs once its paid calls (an LLM classifier's) are done, before the server's
+# end of the call: a Route's reply written (its rules, costs and message; CPU only), and at least
+# a Complete's admission, after which its answer needs ``reliability.min_attempt_seconds`` to start.
+_DECIDED_SLACK_SECONDS = 0.02
 # What a comparison of times that should be equal forgives: a monotonic time less a duration, taken
 # from the same time again, is off by a few ULPs (about 1e-12 s at a day of uptime).
 _TIME_SLACK = 1e-6
@@ -573,7 +577,13 @@ class Router:
         return eligible
 
     async def route(
-        self, request: RoutingRequest, *, for_completion: bool = False, count_route: bool = False, request_id: str = ""
+        self,
+        request: RoutingRequest,
+        *,
+        for_completion: bool = False,
+        count_route: bool = False,
+        request_id: str = "",
+        timeout: float | None = None,
     ) -> RouteDecision:
         """Decide which model serves ``request``; raises a ``RouteSvcError`` when none can.
 
@@ -583,8 +593,11 @@ class Router:
         Route RPC; not ``simulate``) the call counts against the tenant's
         ``route_requests_per_minute``. A provider call made to
         decide (an LLM classifier's) is written to the ledger as it ends, under the decision's
-        id and ``request_id``, and comes back in ``routing_attempts`` with its cost.
+        id and ``request_id``, and comes back in ``routing_attempts`` with its cost. Such a call is
+        waited for only while what follows the decision still fits in ``timeout`` (the seconds
+        until the server's own end of the call; None: no deadline): ``_decide_by``.
         """
+        decide_by = self._decide_by(timeout, for_completion=for_completion)
         telemetry.start_routing(request, self.settings)
         chat = request.chat
         if chat.max_output_tokens is not None and chat.max_output_tokens > self._limits.max_output_tokens:
@@ -655,6 +668,8 @@ class Router:
                 charge=charge,
                 allow_list=self.allow_list(request.context.tenant),
                 breakers=self._breakers,
+                decide_by=decide_by,
+                min_call_seconds=self._reliability.min_attempt_seconds,
             )
             if pinned is not None:
                 if eligible[pinned.id].startswith("not allowed for tenant"):
@@ -960,7 +975,7 @@ class Router:
         mode the request is queued for the provider's batch API and one ``BatchJob`` is yielded.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        decision = await self.route(request, for_completion=True, request_id=request_id)
+        decision = await self.route(request, for_completion=True, request_id=request_id, timeout=timeout)
         if decision.mode is Mode.BATCH and (self._batches is None or not self._batches.supports(decision.provider)):
             # ``route`` decides batch only where the queue can take it; a router built without a
             # queue (as ``simulate`` builds one) judges by the configuration and serves it here.
@@ -1127,6 +1142,21 @@ class Router:
             # store (that would turn an answer delivered and billed into DEADLINE_EXCEEDED).
             cost = attempt.cost - decision.routing_cost_usd
             await reservation.settle(attempt.tokens, cost, wait_at_most=_settle_wait(deadline))
+
+    def _decide_by(self, timeout: float | None, *, for_completion: bool) -> float | None:
+        """When (``time.monotonic()``) a paid call made to decide (an LLM classifier's) must have
+        answered: before the server's own end of the call (``timeout`` seconds from now) by what
+        follows the decision, so that it still fits. A Complete's answer needs ``min_attempt_seconds`` to
+        start (a classifier held only to its own ``timeout_s`` ran the request past a shorter
+        deadline, DEADLINE_EXCEEDED and charged, where the local fallback answered in
+        milliseconds); a Route only writes its reply. None without a deadline."""
+        if timeout is None:
+            return None
+        needs = _DECIDED_SLACK_SECONDS
+        if for_completion:
+            # The slack too: the answer's first attempt starts after the decision is admitted.
+            needs += self._reliability.min_attempt_seconds
+        return time.monotonic() + timeout - needs
 
     def _escalated_deadline(self, deadline: float | None, *, keeping: bool) -> float | None:
         """The deadline a cascade step escalated to runs to (a buffered step whole, the last step

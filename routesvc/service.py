@@ -431,7 +431,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
         async with self._rpc("Route", context) as record:
             request = self._parsed(request)
             routing_request = self._as_principal(wire.routing_request(request, self._limits), record.principal)
-            decision = await self._router.route(routing_request, count_route=True, request_id=record.request_id)
+            decision = await self._router.route(
+                routing_request, count_route=True, request_id=record.request_id, timeout=record.time_left()
+            )
             _record_decision(record, decision)
             return pb.RouteResponse(decision=wire.decision_message(decision))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns

@@ -36,6 +36,10 @@ class RoutingInput:
     says why (the tenant's budget is spent), it decides without such a call, as it does when
     ``allow_list`` refuses the model it would call (the tenant may not use it), or the model's
     circuit breaker in ``breakers`` (the router's, which its answers' calls go through) is open.
+    Such a call's wait ends by ``decide_by`` (``time.monotonic()``; None: no deadline), which
+    leaves what the request still needs after the decision before the server's own end of the
+    call (a Complete's answer ``min_attempt_seconds`` to start); with less than
+    ``min_call_seconds`` until then it is not made, and the stage decides without it.
     """
 
     request: RoutingRequest
@@ -50,6 +54,8 @@ class RoutingInput:
     may_not_pay: str = ""
     allow_list: AllowList = field(default_factory=AllowList)
     breakers: Breakers | None = None
+    decide_by: float | None = None
+    min_call_seconds: float = 0.0
     # ``estimated_input_tokens`` counts the images by the larger of the providers' formulas (no
     # model is chosen yet); ``estimated_image_tokens`` is the part they make up, and
     # ``image_estimate`` has them by each provider kind's formula: ``cost.estimated_cost`` prices

@@ -5,8 +5,10 @@ bounded by a timeout and cached by tenant and prompt hash; requests with the sam
 share one call; a reload's stage that asks the same model the same way (at the same provider
 base URL) keeps both (``keep_labels_of``). On timeout, provider error or bad JSON the stage falls
 back (to the local classifier when one is given, else to no label) and the request is still
-served; so it is after an unexpected error, logged (``classifier_failed``) with its traceback,
-and at once, at no cost, while the model's circuit breaker is open. A provider failure counts
+served, as it is when the request's deadline comes first (what the request still needs after
+its label kept: ``RoutingInput.decide_by``) or leaves too little time to ask; so it is after an
+unexpected error, logged (``classifier_failed``) with its traceback, and at once, at no cost,
+while the model's circuit breaker is open. A provider failure counts
 against that breaker; a label only as its half-open probe's verdict, and an answer that is not
 the JSON asked for not at all (``_settle``). Its latency and cost are in the stage's reason.
 """
@@ -328,6 +330,8 @@ class LLMClassifierStage:
         may_not_pay: str = "",
         may_not_use: str = "",
         breakers: Breakers | None = None,
+        answer_by: float | None = None,
+        min_call_seconds: float = 0.0,
     ) -> tuple[str, str, str]:
         """(task, complexity, explanation); task is "" when the model failed and no fallback exists
         (or the fallback's guess is below ``min_confidence``). Each provider call goes to
@@ -341,7 +345,13 @@ class LLMClassifierStage:
         says why it may not be asked (the budget is spent), it is not: the cache, a call in flight
         or the fallback answers. A request whose tenant and prompt have a call in flight waits for
         that call (within its own deadline) instead of making another. A model whose breaker (in
-        ``breakers``, the router's) is open is not asked: the fallback answers."""
+        ``breakers``, the router's) is open is not asked: the fallback answers.
+
+        The request waits for the model's label until ``answer_by`` (``time.monotonic()``; None: no
+        deadline), then falls back as on ``timeout_s``, the call left to the others waiting on it
+        (ended, and charged, when none is): what the request still needs after its label, before
+        its deadline, is kept. With less than ``min_call_seconds`` (the least a provider call is
+        started with) until then, the model is not asked."""
         if may_not_use:
             return self._fall_back(prompt, f"not asked ({may_not_use})")
         # Two digests side by side: no tenant name and prompt can make another pair's key.
@@ -356,7 +366,10 @@ class LLMClassifierStage:
             )
         flight = self._labels.flights.get(key)
         shared = flight is not None
+        left = None if answer_by is None else answer_by - time.monotonic()
         if flight is None:
+            if left is not None and (left <= 0 or left < min_call_seconds):
+                return self._fall_back(prompt, "not asked (no time left before the deadline)")
             if may_not_pay:
                 return self._fall_back(prompt, f"not asked ({may_not_pay})")
             if not prompt.strip():
@@ -370,7 +383,16 @@ class LLMClassifierStage:
             flight = _Flight(asyncio.create_task(self._call(key, prompt, charge, breakers, permit)))
             self._labels.flights[key] = flight
         started = time.perf_counter()
-        answer = await self._wait(key, flight)
+        # The call's own ``timeout_s`` bounds it for every request waiting; this request's deadline
+        # bounds its wait alone (a shorter one does not end the call for the others).
+        cut = asyncio.timeout(None if left is None else max(0.0, left))
+        try:
+            async with cut:
+                answer = await self._wait(key, flight)
+        except TimeoutError:
+            if not cut.expired():
+                raise
+            answer = _Answer(problem="cut by the request's deadline")
         elapsed = (time.perf_counter() - started) * 1000
         if answer.problem:
             return self._fall_back(prompt, f"{answer.problem} after {elapsed:.0f} ms")
@@ -415,6 +437,8 @@ class LLMClassifierStage:
             may_not_pay=routing_input.may_not_pay,
             may_not_use=routing_input.allow_list.refuses(self._model.id),
             breakers=routing_input.breakers,
+            answer_by=routing_input.decide_by,
+            min_call_seconds=routing_input.min_call_seconds,
         )
         if not task:
             reason = f"{reason}; {task_left(routing_input)}"
