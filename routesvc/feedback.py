@@ -39,6 +39,7 @@ read-only file), with nothing stored.
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import sqlite3
 import threading
@@ -173,13 +174,24 @@ class Recorded:
     evicted: tuple[EvictedExample, ...] = ()
 
 
+# A wait for the file's lock given at least this share of the busy timeout counts as the busy
+# timeout (the file ``known_locked`` when it ends without the lock): what a call does on its turn
+# before it (a flush of an idle writer, this process's own locks) takes a few ms. A wait left
+# shorter (the call's time spent on another store's lock, on this store's queued writes or a
+# reload's take-over) says nothing of a lock lasting the busy timeout: a call with two stores
+# waiting 4 s for a brief lock on the first had 1 s left for the second, whose brief lock then made
+# it known locked, and the calls queued behind were refused at once.
+_FULL_WAIT_SHARE = 0.9
+
+
 @dataclass(frozen=True, slots=True)
 class LockDeadline:
     """When a ``record_outcome`` must have the file's write lock (``at``, ``time.monotonic()``):
     the queued writes not written by then or the lock not taken is ``FeedbackStoreBusy``, nothing
     stored. ``cut``: ``at`` is the caller's own deadline, before its busy timeout would end, so the
     lock not taken by then does not make the file ``known_locked`` (the lock it met may be a brief
-    write of another worker)."""
+    write of another worker); nor does a wait for the lock that ``at`` left shorter than the busy
+    timeout for another reason (``_FULL_WAIT_SHARE``)."""
 
     at: float
     cut: bool = False
@@ -462,9 +474,10 @@ class FeedbackStore:
     @property
     def known_locked(self) -> bool:
         """Whether the last write on the file waited the busy timeout for another process's lock
-        and did not get it (no write has taken the lock since). A wait its caller's own deadline
-        cut short (``LockDeadline.cut``) does not count: the lock it met may be a brief
-        write of another worker."""
+        and did not get it (no write has taken the lock since). A shorter wait (its caller's own
+        deadline cut it, ``LockDeadline.cut``, or its caller's time was spent elsewhere before it,
+        ``_FULL_WAIT_SHARE``) does not count: the lock it met may be a brief write of another
+        worker."""
         return self._locked_out
 
     def busy(self, *, queued: bool = False) -> FeedbackStoreBusy:
@@ -477,31 +490,38 @@ class FeedbackStore:
         return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")
 
     @contextmanager
-    def _transaction(self, deadline: LockDeadline | None = None) -> Iterator[None]:
+    def _transaction(
+        self, deadline: LockDeadline | None = None, cancelled: threading.Event | None = None
+    ) -> Iterator[None]:
         """One write transaction on the writer connection, rolled back if the block raises,
-        noting whether it got the file's lock (``known_locked``; a wait ``deadline.cut`` short
-        and not given the lock leaves that as it was).
+        noting whether it got the file's lock (``known_locked``; a wait shorter than the busy
+        timeout and not given the lock leaves that as it was).
 
-        ``deadline`` (None: none) bounds the wait for the lock (``_writer_until``)."""
-        with self._writer_until(deadline):
+        ``deadline`` (None: none) bounds the wait for the lock (``_writer_until``). ``cancelled``
+        set by the block's end (its caller gave up: a cancelled call) rolls it back, raising
+        ``concurrent.futures.CancelledError``."""
+        with self._writer_until(deadline) as full_wait:
             try:
                 with immediate(self._writer):
                     self._locked_out = False
                     yield
+                    if cancelled is not None and cancelled.is_set():
+                        raise concurrent.futures.CancelledError
             except sqlite3.Error as exc:
-                if is_busy(exc) and (deadline is None or not deadline.cut):
+                if is_busy(exc) and full_wait:
                     self._locked_out = True
                 raise
 
     @contextmanager
-    def _writer_until(self, deadline: LockDeadline | None) -> Iterator[None]:
+    def _writer_until(self, deadline: LockDeadline | None) -> Iterator[bool]:
         """The writer connection to this caller alone, waiting for it (this store's writer
         thread's hold) and then for the file's lock (SQLite's busy timeout cut to what is left)
         until ``deadline.at`` at most (None: no bound but the busy timeout): past it the call is
-        ``FeedbackStoreBusy``."""
+        ``FeedbackStoreBusy``. Yields whether the wait for the file's lock is the busy timeout
+        (not ``deadline.cut``, nor left shorter than ``_FULL_WAIT_SHARE`` of it)."""
         if deadline is None:
             with self._write_lock:
-                yield
+                yield True
             return
         if not self._write_lock.acquire(timeout=max(0.0, deadline.at - time.monotonic())):
             raise self.busy()
@@ -511,7 +531,7 @@ class FeedbackStore:
                 raise self.busy()
             self._writer.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
             try:
-                yield
+                yield not deadline.cut and left >= self._busy_timeout * _FULL_WAIT_SHARE
             finally:
                 self._writer.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         finally:
@@ -638,6 +658,7 @@ class FeedbackStore:
         *,
         tenant: str | None = None,
         deadline: LockDeadline | None = None,
+        cancelled: threading.Event | None = None,
     ) -> Recorded:
         """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example.
 
@@ -658,7 +679,9 @@ class FeedbackStore:
         ``deadline`` (None: up to 30 s for the queued writes, then the busy timeout) is when the
         call must have the file's write lock: the queued writes not written by then (this store's
         writer waiting on another process's lock) or the lock not taken is ``FeedbackStoreBusy``,
-        nothing stored (``known_locked`` then unless ``deadline.cut``)."""
+        nothing stored (``known_locked`` then if the wait for the lock was the busy timeout).
+        ``cancelled`` set once the lock is taken (the caller gave up meanwhile: a cancelled call)
+        stores nothing either, raising ``concurrent.futures.CancelledError``."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
         if deadline is None:
@@ -666,7 +689,7 @@ class FeedbackStore:
         elif not self.flush(timeout=max(0.0, deadline.at - time.monotonic())):
             raise self.busy()
         with self._translated_failures():
-            return self._record(decision_id, score, tenant, deadline)
+            return self._record(decision_id, score, tenant, deadline, cancelled)
 
     @contextmanager
     def _translated_failures(self) -> Iterator[None]:
@@ -679,14 +702,21 @@ class FeedbackStore:
                 raise
             raise store_failure(self._path, exc) from exc
 
-    def _record(self, decision_id: str, score: float, tenant: str | None, deadline: LockDeadline | None) -> Recorded:
+    def _record(
+        self,
+        decision_id: str,
+        score: float,
+        tenant: str | None,
+        deadline: LockDeadline | None,
+        cancelled: threading.Event | None,
+    ) -> Recorded:
         now = self._clock()
         unknown = UnknownDecision(
             f"no remembered decision {quoted_id(decision_id)} (never seen, or forgotten without feedback)"
         )
         select = "SELECT model, tenant, embedding, encoder FROM examples WHERE decision_id = ?"
         evicted: tuple[EvictedExample, ...] = ()
-        with self._transaction(deadline):
+        with self._transaction(deadline, cancelled):
             row = self._writer.execute(select, (decision_id,)).fetchone()
             if row is None:
                 # A waiting decision still counts if it is younger than the TTL and among the

@@ -198,12 +198,19 @@ class _FeedbackCall:
     async def look(self, found_unknown: UnknownDecision | None) -> tuple[str, str, int]:
         """The decision's model and owner and the examples the libraries hold once the score is
         recorded (``record``), on the one feedback thread, behind the Feedback calls before it.
-        ``found_unknown``: what the look before found (the answer if this one is not made)."""
-        job = self.learning.executor.submit(self.context.run, self.record, time.monotonic(), found_unknown)
+        ``found_unknown``: what the look before found (the answer if this one is not made).
+
+        A call cancelled while its look waits (the client gave up) cancels the job if it has not
+        started, and otherwise has it store nothing once it takes the lock (``cancelled``): the
+        caller was told CANCELLED, so nothing changes (the job went on and stored the outcome,
+        which GetStats never counted). A job still running at ``answer_by`` is not cancelled so
+        (below)."""
+        cancelled = threading.Event()
+        job = self.learning.executor.submit(self.context.run, self.record, time.monotonic(), found_unknown, cancelled)
         answer = asyncio.wrap_future(job)
-        if self.answer_by is None:
-            return await answer  # cancelling the call cancels the job if it has not started
         try:
+            if self.answer_by is None:
+                return await answer
             async with asyncio.timeout(self.answer_by - time.monotonic()):
                 return await asyncio.shield(answer)
         except TimeoutError:
@@ -213,16 +220,23 @@ class _FeedbackCall:
                 if found_unknown is not None:
                     raise found_unknown from None
                 raise self.stores[0].busy(queued=True) from None
-            return await answer
         except asyncio.CancelledError:
+            cancelled.set()
             job.cancel()
             raise
+        # Past ``answer_by`` the running job is busy at once or has just taken the lock: then it
+        # stores the outcome even if the call's end comes meanwhile (DEADLINE_EXCEEDED, the
+        # outcome stored: sent again, it is stored once, docs/feedback.md).
+        return await answer
 
-    def record(self, arrived: float, found_unknown: UnknownDecision | None) -> tuple[str, str, int]:
-        """``look``'s work on the feedback thread, for a look that ``arrived`` then."""
+    def record(
+        self, arrived: float, found_unknown: UnknownDecision | None, cancelled: threading.Event
+    ) -> tuple[str, str, int]:
+        """``look``'s work on the feedback thread, for a look that ``arrived`` then (``cancelled``:
+        set once its call is, nothing is stored)."""
         deadline = self._lock_deadline(arrived)
         try:
-            return self._recorded_by(deadline)
+            return self._recorded_by(deadline, cancelled)
         except FeedbackStoreBusy:
             # Not looked at again within the call's time (the busy timeout had not passed):
             # a look again answers what the look before found.
@@ -242,13 +256,23 @@ class _FeedbackCall:
             return LockDeadline(at)
         return LockDeadline(self.answer_by, cut=True)
 
-    def _recorded_by(self, deadline: LockDeadline) -> tuple[str, str, int]:
+    def _time_out(self, waited_for: str) -> FeedbackStoreBusy:
+        """The error for a look whose time ran out before it waited for a file's lock: a file
+        known locked by another process counted it from the look's arrival (it is named), else
+        what it ``waited_for``."""
+        for store in self.stores:
+            if store.known_locked:
+                return store.busy()
+        return FeedbackStoreBusy(f"feedback: {waited_for} took this call's time; retry shortly")
+
+    def _recorded_by(self, deadline: LockDeadline, cancelled: threading.Event) -> tuple[str, str, int]:
         """The score recorded in each store and taught to each library of the newest policy,
-        the lock taken by ``deadline`` (else ``FeedbackStoreBusy``, nothing stored)."""
+        the lock taken by ``deadline`` (else ``FeedbackStoreBusy``, nothing stored) and
+        ``cancelled`` not set then (else ``concurrent.futures.CancelledError``)."""
         model = owner = ""
         examples = 0
         if time.monotonic() >= deadline.at:
-            raise self.stores[0].busy()
+            raise self._time_out("the Feedback calls before this one")
         if self.policy is not self.learning.policy:
             # Swapped in and not yet taken over (``take_over_feedback``), or replaced since:
             # the decisions this router routed wait in its own stores' write queues, which
@@ -260,7 +284,7 @@ class _FeedbackCall:
         # order the stores recorded them (an older score never replaces a newer one, an
         # eviction comes after the add it follows); taught to the newest policy swapped in.
         if not self.learning.lock.acquire(timeout=max(0.0, deadline.at - time.monotonic())):
-            raise self.stores[0].busy()
+            raise self._time_out("a reload taking over the feedback stores")
         try:
             stages = [s for s in self.learning.policy.learning_stages if s.feedback is not None]
             if not stages:
@@ -271,7 +295,7 @@ class _FeedbackCall:
                 assert stage.feedback is not None
                 if stage.feedback not in recorded:  # stages sharing a store record once
                     recorded[stage.feedback] = stage.feedback.record_outcome(
-                        self.decision_id, self.score, tenant=self.tenant, deadline=deadline
+                        self.decision_id, self.score, tenant=self.tenant, deadline=deadline, cancelled=cancelled
                     )
                 entry = recorded[stage.feedback].entry
                 model, owner = entry.model, entry.tenant

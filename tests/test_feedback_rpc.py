@@ -644,6 +644,135 @@ class TestFeedbackStoreUnderContention:
         assert (a, c.split()[0], b) == ("OK", "FEEDBACK_STORE_BUSY", ["OK"] * 10)
         assert stored == {d.decision_id for d in decisions} - {decisions[1].decision_id}
 
+    async def test_a_lock_wait_shortened_by_another_stores_brief_lock_leaves_later_calls_their_busy_timeout(
+        self, tmp_path: Path
+    ) -> None:
+        """Two stages, two files; another process (a real one) locks the first file for 0-4 s and
+        the second for 3-7 s: no lock lasts the busy timeout (5 s). A (no deadline, sent at 0 s)
+        waits 4 s for the first file, stores there, then has 1 s of its busy timeout left for
+        the second: FEEDBACK_STORE_BUSY at ~5 s (the documented partial store). B0..B9 (no
+        deadline, at 0.1 s), queued behind A, count the busy timeout from their turn and are all
+        stored at ~7 s. A's 1 s wait marked the second file "known locked", so the B calls
+        counted it from their arrival, past it already: all FEEDBACK_STORE_BUSY "stayed locked
+        by another process" at once, though no lock lasted 5 s."""
+        holder = (
+            "import sqlite3, sys, time\n"
+            "first = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "second = sqlite3.connect(sys.argv[2], isolation_level=None)\n"
+            "first.execute('BEGIN IMMEDIATE')\n"
+            "t0 = time.monotonic()\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(3.0)\n"
+            "second.execute('BEGIN IMMEDIATE')\n"
+            "time.sleep(4.0 - (time.monotonic() - t0))\n"
+            "first.execute('ROLLBACK')\n"
+            "time.sleep(7.0 - (time.monotonic() - t0))\n"
+            "second.execute('ROLLBACK')\n"
+        )
+        server = Server(settings_from(two_stage_config(tmp_path)), port=0)
+        async with server, RouterClient(server.target, default_timeout=None) as client:
+            decisions = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(11)]
+            stores = [stage.feedback for stage in server.router.policy.learning_stages]
+            for store in stores:
+                assert store is not None
+                assert await asyncio.to_thread(store.flush)
+
+            async def rated(decision_id: str, after: float) -> str:
+                await asyncio.sleep(after)
+                try:
+                    await client.feedback(decision_id, thumbs_up=False)
+                except grpc.aio.AioRpcError as error:
+                    return f"{error_info(error).reason} {error.details()}"
+                return "OK"
+
+            async with _another_process(
+                holder, str(tmp_path / "feedback.db"), str(tmp_path / "second.db"), ready=b"locked"
+            ):
+                a, *b = await asyncio.gather(
+                    rated(decisions[0].decision_id, 0.0), *(rated(d.decision_id, 0.1) for d in decisions[1:])
+                )
+            assert stores[1] is not None
+            stored = {entry.decision_id for entry in await asyncio.to_thread(stores[1].entries)}
+            known_locked = [store.known_locked for store in stores if store is not None]
+        assert (a.split()[0], b) == ("FEEDBACK_STORE_BUSY", ["OK"] * 10)
+        assert stored == {d.decision_id for d in decisions[1:]}
+        assert known_locked == [False, False]
+
+    async def test_a_call_refused_while_a_file_is_known_locked_names_that_file(self, tmp_path: Path) -> None:
+        """Two stages; another process (a real one) locks the second file for 14 s: the writer's
+        write of a routed decision waits the busy timeout and fails, so that file is known locked.
+        A Feedback (no deadline) then waits over 5 s for its turn on the feedback thread (held
+        here): it is FEEDBACK_STORE_BUSY at its turn, naming the second file, the one locked. It
+        named the first, which nobody had locked."""
+        holder = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(14)\n"
+            "db.execute('ROLLBACK')\n"
+        )
+        server = Server(settings_from(two_stage_config(tmp_path)), port=0)
+        async with server, RouterClient(server.target, default_timeout=None) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            first, second = (stage.feedback for stage in server.router.policy.learning_stages)
+            assert first is not None
+            assert second is not None
+            for store in (first, second):
+                assert await asyncio.to_thread(store.flush)
+            async with _another_process(holder, str(tmp_path / "second.db"), ready=b"locked"):
+                await client.route(user_chat("say hello to yankee"))
+                assert await asyncio.to_thread(second.flush)  # its write waited 5 s and failed
+                assert second.known_locked
+                release = threading.Event()
+                # The feedback thread busy (as with the Feedback calls of a burst before this one).
+                held = server.router._learning.executor.submit(release.wait)
+                call = asyncio.ensure_future(_feedback_error(client, decision.decision_id, thumbs_up=False))
+                await asyncio.sleep(7.0)  # past the call's busy timeout, counted from its arrival
+                release.set()
+                await asyncio.wrap_future(held)
+                error = await call
+        assert error_info(error).reason == "FEEDBACK_STORE_BUSY"
+        assert f"feedback_db {tmp_path / 'second.db'} stayed locked" in (error.details() or "")
+        assert str(tmp_path / "feedback.db") not in (error.details() or "")
+
+    async def test_a_feedback_the_client_cancels_while_it_waits_for_the_lock_is_not_stored(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process (a real one) locks the file for 3 s; a Feedback with no deadline,
+        waiting for that lock on the feedback thread, is cancelled by its client at 1 s: nothing
+        of it is stored, once the lock is free either, and GetStats counts only what was stored;
+        the same Feedback sent again is stored. It was stored at 3 s, the client told CANCELLED,
+        and never counted in GetStats."""
+        holder = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(3)\n"
+            "db.execute('ROLLBACK')\n"
+        )
+        settings = settings_from(embedding_config(tmp_path))
+        async with Server(settings, port=0) as server, RouterClient(server.target, default_timeout=None) as client:
+            cancelled, rated = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(2)]
+            await _decisions_written(server)
+            async with _another_process(holder, str(tmp_path / "feedback.db"), ready=b"locked"):
+                call = asyncio.ensure_future(client.feedback(cancelled.decision_id, thumbs_up=False))
+                await asyncio.sleep(1.0)
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+            # Behind whatever of the cancelled call still ran on the feedback thread.
+            await client.feedback(rated.decision_id, thumbs_up=True)
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            stored = await asyncio.to_thread(stage.feedback.entries)
+            counted = sum(model.feedback_count for model in (await client.get_stats()).models)
+            again = await client.feedback(cancelled.decision_id, thumbs_up=False)
+            counted_again = sum(model.feedback_count for model in (await client.get_stats()).models)
+        assert [(entry.decision_id, entry.score) for entry in stored] == [(rated.decision_id, 1.0)]
+        assert (counted, again.library_examples, counted_again) == (1, 2, 2)
+
     async def test_a_feedback_whose_deadline_comes_while_another_process_locks_the_file_is_busy_before_it(
         self, tmp_path: Path
     ) -> None:
