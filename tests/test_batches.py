@@ -143,6 +143,19 @@ async def wait_state(client: RouterClient, batch_id: str, state: int, timeout: f
             await asyncio.sleep(0.05)
 
 
+_ENDED_STATES = (pb.BATCH_STATE_SUCCEEDED, pb.BATCH_STATE_FAILED, pb.BATCH_STATE_CANCELLED, pb.BATCH_STATE_EXPIRED)
+
+
+async def wait_ended(client: RouterClient, batch_id: str, timeout: float = 15.0) -> pb.GetBatchResponse:
+    """Poll GetBatch until the job has ended, in whichever state."""
+    async with asyncio.timeout(timeout):
+        while True:
+            response = await get_batch(client, batch_id)
+            if response.job.state in _ENDED_STATES:
+                return response
+            await asyncio.sleep(0.05)
+
+
 def job_states(path: Path) -> list[str]:
     """Every job's state in the store file at ``path``, read by another connection."""
     connection = sqlite3.connect(path)
@@ -4144,6 +4157,46 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_jobs_moved"] == [(1, 0)]
         adopted = [e for e in logs if e["event"] in ("batch_send_adopted", "batch_send_untied")]
         assert [(e["event"], e.get("verified")) for e in adopted] == [("batch_send_adopted", False)]
+
+    @pytest.mark.parametrize("restart_key", ["key-A2", "key-A"], ids=["rotated key", "same key"])
+    async def test_another_accounts_404_for_an_anthropic_batch_adopted_by_its_shape_leaves_it_alone(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, restart_key: str
+    ) -> None:
+        """A's lost Anthropic send, its job adopted by its shape into its own batch after a
+        restart (with the same account's rotated key-A2: moved, or with key-A itself), while
+        account C's deployment shares the URL and the store: C's key gets 404 for that batch (it
+        sees none of A's) and leaves it alone, as any other key's batch; A reads it: SUCCEEDED,
+        charged once, the batch deleted, nothing sent again (C's 404 undid the adoption: the
+        rotated key's job ended FAILED ``provider_changed``, its batch billed, never read; the
+        same key's was queued again and sent a second time)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-A2": "A", "key-C": "C"})
+        job = await _reply_lost(tmp_path, fake, "key-A", task_hint="creative_writing")
+        [batch] = fake.batches
+        lapse(tmp_path / "batches.db")
+        with capture_logs() as logs:
+            async with _deployment(tmp_path, fake, restart_key) as owner, RouterClient(owner.target) as client:
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+                async with _deployment(tmp_path, fake, "key-C") as other:
+                    # C's poll of the batch (C's key gets 404 for it): left alone, or undone.
+                    seen = ("batch_poll_skipped", "batch_adoption_undone")
+                    await until(lambda: any(e["event"] in seen and e["provider_batch_id"] == batch.id for e in logs))
+                    await asyncio.sleep(0.5)  # rounds more of both
+                    fake.batch_outcome = BatchOutcome.COMPLETE
+                    ended = await wait_ended(client, job)
+                    # Its batch read and deleted (or, sent again, the other one).
+                    await until(
+                        lambda: any(b.deleted for b in fake.batches) or ended.job.state != pb.BATCH_STATE_SUCCEEDED
+                    )
+                    others = list(other.router.ledger.entries())
+                charged = [e.request_id for e in owner.router.ledger.entries()]
+        assert (pb.BatchState.Name(ended.job.state), ended.error) == ("BATCH_STATE_SUCCEEDED", "")
+        assert _created_with(fake) == ["key-A"]
+        assert batch.deleted
+        assert not batch.cancelled
+        assert (charged, others) == ([job], [])
+        assert [e for e in logs if e["event"] == "batch_adoption_undone"] == []
 
 
 async def sent(client: RouterClient, batch_id: str) -> None:

@@ -1526,8 +1526,9 @@ class BatchQueue:
         except ProviderRejected as error:
             self._accepted.discard((provider, provider_batch_id))
             if error.status == 404 and jobs.unverified:
-                # Adopted by its shape and gone before we read it: another client's, deleted by
-                # its owner once read (we never delete one unread); its jobs were never sent.
+                # Adopted by its shape and gone before we read it (a 404 to its own key: another
+                # key's is left to ``_poll_batch``): another client's, deleted by its owner once
+                # read (we never delete one unread); its jobs were never sent.
                 await self._disown(provider, provider_batch_id, jobs, answered=True)
                 return
             code = "provider_batch_not_found" if error.status == 404 else "provider_batch_rejected"
@@ -1666,10 +1667,12 @@ class BatchQueue:
             batch = await self._status(api, provider_batch_id)
         except ProviderRejected as error:
             self._undecided.pop((provider, provider_batch_id), None)
-            if not other_key or (jobs.unverified and error.status == 404):
+            if not other_key:
                 raise
             # Any rejection (a 404, or a 400/409/422 a gateway answers for an id this key does
-            # not know): this key does not see it.
+            # not know): this key does not see it. So for a batch adopted by its shape too
+            # (unverified): only its own key's 404 tells it is gone (``_poll_one`` then undoes
+            # the adoption); another account's key sees none of its batches.
             if own_key is not None:
                 self._not_seen[(provider, provider_batch_id)] = own_key
             owner_gone = self._owner_gone(provider, jobs)
