@@ -4079,6 +4079,90 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         assert (another.cancelled, another.deleted) == (False, False)
         assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_adoption_undone"] == [(0, 1)]
 
+    async def test_an_anthropic_job_moved_for_a_batch_of_its_shape_gone_before_its_send_is_not_sent_again(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The same, the other client reading its ended batch and deleting it (as users of
+        Anthropic's SDK do) after key-B's lookup of the lost send found it and moved the job to
+        key-B, before the send's own lookup, which then finds none: the job ends FAILED
+        ``provider_changed``, in A's batch alone, the other client's batch never adopted (it
+        stayed in its send and was created again with key-B: two provider batches of one job,
+        A's billed and never read, B's charged)."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-B": "B"})
+        job = await _reply_lost(tmp_path, fake, "key-A", task_hint="creative_writing")
+        lapse(tmp_path / "batches.db")
+        fake.batch_outcome = BatchOutcome.COMPLETE
+        another = await create_foreign_batch(fake, "key-B")
+        fake.batch_list_hold = asyncio.Event()
+        fake.batch_lists_unheld = 1  # the lost send's lookup, which moves the job; its send's waits
+        with capture_logs() as logs:
+            async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
+                async with asyncio.timeout(10):
+                    await fake.batch_list_waiting.wait()
+                sdk = anthropic.AsyncAnthropic(api_key="key-B", base_url=fake.anthropic_base_url)
+                try:
+                    ended = await sdk.messages.batches.retrieve(another.id)
+                    await sdk.messages.batches.delete(another.id)
+                finally:
+                    await sdk.close()
+                fake.batch_list_hold.set()
+                failed = await wait_ended(client, job)
+                await asyncio.sleep(0.5)  # rounds more
+                charged = list(other.router.ledger.entries())
+        assert ended.processing_status == "ended"
+        assert (pb.BatchState.Name(failed.job.state), failed.error) == ("BATCH_STATE_FAILED", "provider_changed")
+        assert _created_with(fake) == ["key-A", "key-B"]  # A's send, the other client's batch
+        assert len([batch for batch in fake.batches if job in batch.custom_ids]) == 1
+        assert charged == []
+        assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_jobs_moved"] == [(1, 0), (0, 1)]
+        assert [e for e in logs if e["event"] in ("batch_send_adopted", "batch_submitted")] == []
+
+    async def test_two_anthropic_jobs_moved_for_one_batch_of_their_shape_are_neither_sent_again(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two lost sends of one request each under key-A, by two processes at once (their
+        windows overlap), and one one-request batch of another client of account B: key-B's
+        lookups of both sends find that batch, so both jobs are moved to key-B; the first send
+        adopts it, the second's own lookup then finds none (it is the first's): that job ends
+        FAILED ``provider_changed`` (it was created again with key-B), and the first, once the
+        batch's results name none of it, too. Nothing is sent with key-B."""
+        monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-B": "B"})
+        fake.batch_outcome = BatchOutcome.PENDING
+        fake.batch_create_reply_hold = asyncio.Event()  # the batches are made, their replies never come
+        jobs = []
+        async with (
+            _deployment(tmp_path, fake, "key-A") as first,
+            RouterClient(first.target) as first_client,
+        ):
+            jobs.append((await submit(first_client, task_hint="creative_writing"))[1].batch.batch_id)
+            await until(lambda: len(fake.batches) == 1)
+            async with (
+                _deployment(tmp_path, fake, "key-A") as second,
+                RouterClient(second.target) as second_client,
+            ):
+                jobs.append((await submit(second_client, task_hint="creative_writing"))[1].batch.batch_id)
+                await until(lambda: len(fake.batches) == 2)
+        fake.batch_create_reply_hold.set()
+        lapse(tmp_path / "batches.db")
+        another = await create_foreign_batch(fake, "key-B")
+        fake.batch_outcome = BatchOutcome.COMPLETE
+        with capture_logs() as logs:
+            async with _deployment(tmp_path, fake, "key-B") as other, RouterClient(other.target) as client:
+                ended = [await wait_ended(client, job) for job in jobs]
+                await asyncio.sleep(0.5)  # rounds more
+                charged = list(other.router.ledger.entries())
+        assert [(pb.BatchState.Name(e.job.state), e.error) for e in ended] == [
+            ("BATCH_STATE_FAILED", "provider_changed")
+        ] * 2
+        assert _created_with(fake) == ["key-A", "key-A", "key-B"]  # A's two sends, the other client's batch
+        assert charged == []
+        assert (another.cancelled, another.deleted) == (False, False)
+        assert [e for e in logs if e["event"] == "batch_submitted"] == []
+
     async def test_an_anthropic_job_moved_to_another_accounts_key_is_not_sent_again_when_undone_after_a_restart(
         self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -1083,12 +1083,18 @@ class BatchQueue:
         """Of the claimed jobs ``ids``, those to send: a job whose earlier send may have reached
         the provider (its reply lost) is placed in the batch that send created, when the
         provider has it (``BatchAPI.find``); none is sent when the provider cannot be asked (the
-        jobs are released, to be looked up again next round)."""
+        jobs are released, to be looked up again next round). A job moved to this key by its
+        send's lookup (``_rekey_lost_sends``) whose send this lookup finds none of, or several,
+        ends FAILED ``provider_changed``: the batch that lookup found is gone since (its owner,
+        another client, read and deleted it) or adopted by another send of its shape, and this
+        key may be another account's, which must not send it again (the send's own batch, under
+        the old key, may have answered it)."""
         store = self._opened()
         to_send = list(ids)
-        for tag, (since, count, tagged) in (await store.sends(ids)).items():
+        for tag, send in (await store.sends(ids)).items():
+            tagged = send.jobs
             try:
-                found = await self._find_send(api, model.provider, tag, count, since)
+                found = await self._find_send(api, model.provider, tag, send.count, send.since)
             except (ProviderError, TimeoutError) as error:
                 await store.release(ids, self._owner)
                 reason = error.reason if isinstance(error, ProviderError) else "timeout"
@@ -1098,6 +1104,12 @@ class BatchQueue:
                 if found:
                     # Anthropic keeps no tag: as many batches of as many requests since then.
                     log.warning("batch_send_ambiguous", model=model.id, jobs=len(tagged), candidates=len(found))
+                if send.moved:
+                    failed = await self._fail(send.moved, "provider_changed")
+                    if failed:
+                        why = "key_changed"
+                        log.warning("batch_jobs_moved", provider=model.provider, jobs=0, failed_jobs=failed, reason=why)
+                    to_send = [batch_id for batch_id in to_send if batch_id not in send.moved]
                 continue
             unverified = not api.tags_batches
             placed = await store.mark_submitted(
@@ -1321,15 +1333,17 @@ class BatchQueue:
         another client's of another account (any batch of as many requests made in the send's
         window in ``key``'s workspace passes for the send's): the jobs moved are marked so
         (``rekey_queued`` ``tag``), and if their adoption is undone (``_disown``: its results
-        name none of them) they end FAILED ``provider_changed``, never sent again with ``key``."""
+        name none of them), or their send's own lookup finds that batch no more, or several
+        (``_adopt_earlier``), they end FAILED ``provider_changed``, never sent again with ``key``."""
         store = self._opened()
         count, to_fail = moved
         with self._using(provider, endpoint) as api:
             if api is None:
                 return count, []
-            for tag, (since, size, tagged) in (await store.sends(moved[1])).items():
+            for tag, send in (await store.sends(moved[1])).items():
+                tagged = send.jobs
                 try:
-                    found = await self._find_send(api, provider, tag, size, since)
+                    found = await self._find_send(api, provider, tag, send.count, send.since)
                 except (ProviderError, TimeoutError) as error:
                     reason = error.reason if isinstance(error, ProviderError) else "timeout"
                     log.warning("batch_lookup_failed", provider=provider, reason=reason)

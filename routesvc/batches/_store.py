@@ -145,8 +145,10 @@ CREATE TABLE IF NOT EXISTS keys (
 # 2 (``_MOVED``): a job queued under another key by its lost send's lookup (``rekey_queued``
 # ``tag``: its old key taken as gone), kept while its send adopts a batch by its shape: if that
 # batch's results name none of its jobs (another account's client's, found by the new key), it
-# ends FAILED ``provider_changed`` (``disown``) rather than be sent again with that key; cleared
-# by a new send (``tag_send``) and by an adoption by tag. Read as 1 by releases before it.
+# ends FAILED ``provider_changed`` (``disown``) rather than be sent again with that key, as it
+# does when its send's own lookup finds that batch no more, or several (``sends``,
+# ``BatchQueue._adopt_earlier``); cleared by a new send (``tag_send``) and by an adoption by tag.
+# Read as 1 by releases before it.
 # request_bytes: the size of the stored request while it is kept, 0 once it is cleared (NULL in
 # rows stored before it was added, counted as 0), summed through its own index (``add``).
 # estimated_input_tokens: the decision's estimate of the request's input as its model bills it
@@ -273,6 +275,19 @@ class Backoff:
     def delay(self, age: float) -> float:
         """The wait of a job queued ``age`` seconds ago."""
         return min(self.cap, max(self.floor, age))
+
+
+@dataclass(frozen=True, slots=True)
+class EarlierSend:
+    """A send whose reply was lost (``tag_send``), as its jobs' next send looks it up
+    (``BatchStore.sends``): when it began, how many requests it held (jobs cancelled since
+    included), its jobs among those asked about, and those of them moved to another key by its
+    lookup (``rekey_queued`` ``tag``: ``unverified`` ``_MOVED``)."""
+
+    since: float
+    count: int
+    jobs: list[str]
+    moved: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -941,21 +956,27 @@ class BatchStore:
 
         return await self._run(update)
 
-    async def sends(self, batch_ids: list[str]) -> dict[str, tuple[float, int, list[str]]]:
-        """Earlier sends of the jobs of ``batch_ids`` that may have reached the provider, by tag:
-        when each began, how many requests it held (jobs cancelled since included), and its jobs
-        among ``batch_ids``."""
+    async def sends(self, batch_ids: list[str]) -> dict[str, EarlierSend]:
+        """Earlier sends of the jobs of ``batch_ids`` that may have reached the provider, by tag
+        (``EarlierSend``)."""
 
-        def select(connection: sqlite3.Connection) -> dict[str, tuple[float, int, list[str]]]:
-            found: dict[str, tuple[float, int, list[str]]] = {}
+        def select(connection: sqlite3.Connection) -> dict[str, EarlierSend]:
+            found: dict[str, EarlierSend] = {}
             for batch_id in batch_ids:
                 row = connection.execute(
-                    "SELECT send_tag, send_at, send_count FROM jobs WHERE id = ? AND send_tag IS NOT NULL",
+                    "SELECT send_tag, send_at, send_count, unverified FROM jobs WHERE id = ? AND send_tag IS NOT NULL",
                     (batch_id,),
                 ).fetchone()
-                if row is not None:
-                    found.setdefault(row["send_tag"], (row["send_at"], row["send_count"] or 0, []))[2].append(batch_id)
-            return {tag: (since, count or len(tagged), tagged) for tag, (since, count, tagged) in found.items()}
+                if row is None:
+                    continue
+                send = found.setdefault(row["send_tag"], EarlierSend(row["send_at"], row["send_count"] or 0, [], []))
+                send.jobs.append(batch_id)
+                if row["unverified"] == _MOVED:
+                    send.moved.append(batch_id)
+            return {
+                tag: EarlierSend(send.since, send.count or len(send.jobs), send.jobs, send.moved)
+                for tag, send in found.items()
+            }
 
         return await self._run(select)
 

@@ -234,6 +234,11 @@ class FakeBatches:
         self.results_waiting = asyncio.Event()
         self.cancel_hold: asyncio.Event | None = None
         self.cancel_waiting = asyncio.Event()
+        # A list of message batches (Anthropic) waits at ``list_hold`` once ``lists_unheld`` more
+        # lists have been answered at once (each answered so counts it down).
+        self.list_hold: asyncio.Event | None = None
+        self.list_waiting = asyncio.Event()
+        self.lists_unheld = 0
         self.files: dict[str, bytes] = {}
         # Each file's name and when it was uploaded (files.list).
         self.file_names: dict[str, tuple[str, float]] = {}
@@ -669,6 +674,10 @@ class FakeBatches:
         return True
 
     async def _anthropic_list(self, connection: Connection, request: Request) -> bool:
+        if self.lists_unheld > 0:
+            self.lists_unheld -= 1
+        else:
+            await _wait_at(self.list_hold, self.list_waiting)
         query = _query(request)
         ids = [
             batch.id

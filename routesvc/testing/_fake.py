@@ -244,6 +244,33 @@ class FakeProvider:
         return self._batches.retrieve_waiting
 
     @property
+    def batch_list_hold(self) -> asyncio.Event | None:
+        """While set to an event that is not set, listing message batches (Anthropic: a lookup
+        of a send by its shape) waits for it before answering (``batch_list_waiting`` is set),
+        once ``batch_lists_unheld`` more lists have been answered at once; None (the default)
+        answers at once."""
+        return self._batches.list_hold
+
+    @batch_list_hold.setter
+    def batch_list_hold(self, hold: asyncio.Event | None) -> None:
+        self._batches.list_hold = hold
+
+    @property
+    def batch_list_waiting(self) -> asyncio.Event:
+        """Set once a list waits at ``batch_list_hold``."""
+        return self._batches.list_waiting
+
+    @property
+    def batch_lists_unheld(self) -> int:
+        """How many more lists of message batches answer at once before ``batch_list_hold``
+        holds them (0, the default: it holds the next)."""
+        return self._batches.lists_unheld
+
+    @batch_lists_unheld.setter
+    def batch_lists_unheld(self, count: int) -> None:
+        self._batches.lists_unheld = count
+
+    @property
     def batch_results_hold(self) -> asyncio.Event | None:
         """While set to an event that is not set, reading an ended batch's results (OpenAI's
         output or error file, Anthropic's results) sends the answer's head, then waits for it
