@@ -197,6 +197,35 @@ class LockDeadline:
     cut: bool = False
 
 
+class Cancellation:
+    """A caller's cancel of its outcome's recording, settled once against the recording's take of
+    a file's write lock: a cancel before it (the caller gave up while the call waited for its turn
+    or the lock) has the recording store nothing; one after it comes too late, and the recording
+    (every store of the call: one ``Cancellation`` for them all) is finished. Checked only before
+    the COMMIT, a cancel rolled back the second of two stores after the first had committed (half
+    stored), and the server's own end of a call that had taken the lock in time (a late loop
+    running answer_by's timer and the call's end together) rolled it back too."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._held = False
+
+    def cancel(self) -> bool:
+        """Cancel the recording: True if it will store nothing (no lock taken yet)."""
+        with self._lock:
+            if not self._held:
+                self._cancelled = True
+            return self._cancelled
+
+    def hold(self) -> bool:
+        """The recording has taken a file's lock: True if it goes on (not cancelled before)."""
+        with self._lock:
+            if not self._cancelled:
+                self._held = True
+            return self._held
+
+
 # ``feedback.decision_id`` names a row of ``examples``; files written before examples had their
 # own table (user_version 0) declare it against ``decisions``, which SQLite does not enforce here
 # (foreign keys are off), so both read the same. Tables of files before version 2 have no
@@ -480,33 +509,26 @@ class FeedbackStore:
         worker."""
         return self._locked_out
 
-    def busy(self, *, queued: bool = False) -> FeedbackStoreBusy:
-        """The error for a call that could not take the file's write lock in time (``queued``:
-        that still waited behind this process's other Feedback calls at its deadline)."""
-        if queued:
-            return FeedbackStoreBusy(
-                f"feedback_db {self._path}: the Feedback calls before this one took its time; retry shortly"
-            )
+    def busy(self) -> FeedbackStoreBusy:
+        """The error for a call that could not take the file's write lock in time."""
         return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")
 
     @contextmanager
-    def _transaction(
-        self, deadline: LockDeadline | None = None, cancelled: threading.Event | None = None
-    ) -> Iterator[None]:
+    def _transaction(self, deadline: LockDeadline | None = None, cancel: Cancellation | None = None) -> Iterator[None]:
         """One write transaction on the writer connection, rolled back if the block raises,
         noting whether it got the file's lock (``known_locked``; a wait shorter than the busy
         timeout and not given the lock leaves that as it was).
 
-        ``deadline`` (None: none) bounds the wait for the lock (``_writer_until``). ``cancelled``
-        set by the block's end (its caller gave up: a cancelled call) rolls it back, raising
-        ``concurrent.futures.CancelledError``."""
+        ``deadline`` (None: none) bounds the wait for the lock (``_writer_until``). ``cancel``
+        settled before the lock is taken (its caller gave up meanwhile: a cancelled call) rolls it
+        back before the block runs, raising ``concurrent.futures.CancelledError``."""
         with self._writer_until(deadline) as full_wait:
             try:
                 with immediate(self._writer):
                     self._locked_out = False
-                    yield
-                    if cancelled is not None and cancelled.is_set():
+                    if cancel is not None and not cancel.hold():
                         raise concurrent.futures.CancelledError
+                    yield
             except sqlite3.Error as exc:
                 if is_busy(exc) and full_wait:
                     self._locked_out = True
@@ -658,7 +680,7 @@ class FeedbackStore:
         *,
         tenant: str | None = None,
         deadline: LockDeadline | None = None,
-        cancelled: threading.Event | None = None,
+        cancel: Cancellation | None = None,
     ) -> Recorded:
         """Store an outcome in [0, 1] for a remembered decision, which becomes a kept example.
 
@@ -680,8 +702,8 @@ class FeedbackStore:
         call must have the file's write lock: the queued writes not written by then (this store's
         writer waiting on another process's lock) or the lock not taken is ``FeedbackStoreBusy``,
         nothing stored (``known_locked`` then if the wait for the lock was the busy timeout).
-        ``cancelled`` set once the lock is taken (the caller gave up meanwhile: a cancelled call)
-        stores nothing either, raising ``concurrent.futures.CancelledError``."""
+        ``cancel`` settled before the lock is taken (the caller gave up meanwhile: a cancelled call)
+        stores nothing either, raising ``concurrent.futures.CancelledError`` (``Cancellation``)."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
         if deadline is None:
@@ -689,7 +711,7 @@ class FeedbackStore:
         elif not self.flush(timeout=max(0.0, deadline.at - time.monotonic())):
             raise self.busy()
         with self._translated_failures():
-            return self._record(decision_id, score, tenant, deadline, cancelled)
+            return self._record(decision_id, score, tenant, deadline, cancel)
 
     @contextmanager
     def _translated_failures(self) -> Iterator[None]:
@@ -708,7 +730,7 @@ class FeedbackStore:
         score: float,
         tenant: str | None,
         deadline: LockDeadline | None,
-        cancelled: threading.Event | None,
+        cancel: Cancellation | None,
     ) -> Recorded:
         now = self._clock()
         unknown = UnknownDecision(
@@ -716,7 +738,7 @@ class FeedbackStore:
         )
         select = "SELECT model, tenant, embedding, encoder FROM examples WHERE decision_id = ?"
         evicted: tuple[EvictedExample, ...] = ()
-        with self._transaction(deadline, cancelled):
+        with self._transaction(deadline, cancel):
             row = self._writer.execute(select, (decision_id,)).fetchone()
             if row is None:
                 # A waiting decision still counts if it is younger than the TTL and among the

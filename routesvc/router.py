@@ -46,7 +46,7 @@ from routesvc.errors import (
     counts_against_model,
     quoted_id,
 )
-from routesvc.feedback import FeedbackStore, LockDeadline, Recorded, UnknownDecision
+from routesvc.feedback import Cancellation, FeedbackStore, LockDeadline, Recorded, UnknownDecision
 from routesvc.ledger import AttemptOutcome, Ledger
 from routesvc.models import (
     AllowList,
@@ -200,43 +200,55 @@ class _FeedbackCall:
         recorded (``record``), on the one feedback thread, behind the Feedback calls before it.
         ``found_unknown``: what the look before found (the answer if this one is not made).
 
-        A call cancelled while its look waits (the client gave up) cancels the job if it has not
-        started, and otherwise has it store nothing once it takes the lock (``cancelled``): the
-        caller was told CANCELLED, so nothing changes (the job went on and stored the outcome,
-        which GetStats never counted). A job still running at ``answer_by`` is not cancelled so
-        (below)."""
-        cancelled = threading.Event()
-        job = self.learning.executor.submit(self.context.run, self.record, time.monotonic(), found_unknown, cancelled)
+        A call cancelled while its look waits (the client gave up, or the call's end came) cancels
+        the job if it has not started, and otherwise has it store nothing unless it has taken a
+        file's lock already (``Cancellation``): the caller was told CANCELLED (or
+        DEADLINE_EXCEEDED), so nothing changes. A job that has taken it is finished (in every
+        store) and counted in GetStats once done (``_ended_after_its_call``), as is one still
+        running at ``answer_by`` (below) whose call then ends."""
+        cancel = Cancellation()
+        job = self.learning.executor.submit(self.context.run, self.record, time.monotonic(), found_unknown, cancel)
         answer = asyncio.wrap_future(job)
         try:
-            if self.answer_by is None:
-                return await answer
-            async with asyncio.timeout(self.answer_by - time.monotonic()):
-                return await asyncio.shield(answer)
-        except TimeoutError:
-            # Still queued at the call's end: it never runs (so nothing is stored). Once
-            # running, it ends by ``answer_by`` itself.
-            if job.cancel():
-                if found_unknown is not None:
-                    raise found_unknown from None
-                raise self.stores[0].busy(queued=True) from None
+            if self.answer_by is not None:
+                try:
+                    async with asyncio.timeout(self.answer_by - time.monotonic()):
+                        return await asyncio.shield(answer)
+                except TimeoutError:
+                    # Still queued at the call's end: it never runs (so nothing is stored). Once
+                    # running, it ends by ``answer_by`` itself.
+                    if job.cancel():
+                        if found_unknown is not None:
+                            raise found_unknown from None
+                        raise self._time_out("the Feedback calls before this one") from None
+                # Past ``answer_by`` the running job is busy at once or has just taken the lock:
+                # then it stores the outcome even if the call's end comes meanwhile
+                # (DEADLINE_EXCEEDED, the outcome stored: sent again, it is stored once,
+                # docs/feedback.md).
+            return await asyncio.shield(answer)
         except asyncio.CancelledError:
-            cancelled.set()
+            cancel.cancel()
             job.cancel()
+            answer.add_done_callback(self._ended_after_its_call)
             raise
-        # Past ``answer_by`` the running job is busy at once or has just taken the lock: then it
-        # stores the outcome even if the call's end comes meanwhile (DEADLINE_EXCEEDED, the
-        # outcome stored: sent again, it is stored once, docs/feedback.md).
-        return await answer
+
+    def _ended_after_its_call(self, answer: asyncio.Future[tuple[str, str, int]]) -> None:
+        """A job whose call ended before it (cancelled, or its deadline passed): its error read
+        (nobody else will: asyncio logged each as ``Future exception was never retrieved``), and
+        the outcome it recorded counted in GetStats, as its call would have."""
+        if answer.cancelled() or answer.exception() is not None:
+            return
+        model, owner, _ = answer.result()
+        telemetry.record_feedback(model, self.score, decision_id=self.decision_id, tenant=owner)
 
     def record(
-        self, arrived: float, found_unknown: UnknownDecision | None, cancelled: threading.Event
+        self, arrived: float, found_unknown: UnknownDecision | None, cancel: Cancellation
     ) -> tuple[str, str, int]:
-        """``look``'s work on the feedback thread, for a look that ``arrived`` then (``cancelled``:
-        set once its call is, nothing is stored)."""
+        """``look``'s work on the feedback thread, for a look that ``arrived`` then (``cancel``:
+        settled once its call is cancelled; before a file's lock is taken, nothing is stored)."""
         deadline = self._lock_deadline(arrived)
         try:
-            return self._recorded_by(deadline, cancelled)
+            return self._recorded_by(deadline, cancel)
         except FeedbackStoreBusy:
             # Not looked at again within the call's time (the busy timeout had not passed):
             # a look again answers what the look before found.
@@ -265,10 +277,12 @@ class _FeedbackCall:
                 return store.busy()
         return FeedbackStoreBusy(f"feedback: {waited_for} took this call's time; retry shortly")
 
-    def _recorded_by(self, deadline: LockDeadline, cancelled: threading.Event) -> tuple[str, str, int]:
+    def _recorded_by(self, deadline: LockDeadline, cancel: Cancellation) -> tuple[str, str, int]:
         """The score recorded in each store and taught to each library of the newest policy,
-        the lock taken by ``deadline`` (else ``FeedbackStoreBusy``, nothing stored) and
-        ``cancelled`` not set then (else ``concurrent.futures.CancelledError``)."""
+        the first store's lock taken by ``deadline`` (else ``FeedbackStoreBusy``, nothing stored)
+        and ``cancel`` not settled before it (else ``concurrent.futures.CancelledError``, nothing
+        stored); the stores after the first are each taken by ``deadline`` too, their calls'
+        cancel too late (the call is finished)."""
         model = owner = ""
         examples = 0
         if time.monotonic() >= deadline.at:
@@ -295,7 +309,7 @@ class _FeedbackCall:
                 assert stage.feedback is not None
                 if stage.feedback not in recorded:  # stages sharing a store record once
                     recorded[stage.feedback] = stage.feedback.record_outcome(
-                        self.decision_id, self.score, tenant=self.tenant, deadline=deadline, cancelled=cancelled
+                        self.decision_id, self.score, tenant=self.tenant, deadline=deadline, cancel=cancel
                     )
                 entry = recorded[stage.feedback].entry
                 model, owner = entry.model, entry.tenant

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
+import logging
 import os
 import sqlite3
 import sys
@@ -387,6 +389,17 @@ async def _another_process(script: str, *args: str, ready: bytes) -> AsyncIterat
         await other.wait()
 
 
+# A real process holding the write lock of the SQLite file ``argv[1]`` for ``argv[2]`` seconds.
+_LOCK_HOLDER = (
+    "import sqlite3, sys, time\n"
+    "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+    "db.execute('BEGIN IMMEDIATE')\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(float(sys.argv[2]))\n"
+    "db.execute('ROLLBACK')\n"
+)
+
+
 class TestFeedbackStoreUnderContention:
     async def test_a_locked_feedback_file_holds_up_no_route(self, tmp_path: Path) -> None:
         """Another process holds the feedback file's write lock (a second worker, a ``sqlite3``
@@ -703,7 +716,8 @@ class TestFeedbackStoreUnderContention:
         write of a routed decision waits the busy timeout and fails, so that file is known locked.
         A Feedback (no deadline) then waits over 5 s for its turn on the feedback thread (held
         here): it is FEEDBACK_STORE_BUSY at its turn, naming the second file, the one locked. It
-        named the first, which nobody had locked."""
+        named the first, which nobody had locked. So is one with a 2 s deadline, still queued at
+        its end (it named the first file, saying the Feedback calls before it took its time)."""
         holder = (
             "import sqlite3, sys, time\n"
             "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
@@ -728,13 +742,15 @@ class TestFeedbackStoreUnderContention:
                 # The feedback thread busy (as with the Feedback calls of a burst before this one).
                 held = server.router._learning.executor.submit(release.wait)
                 call = asyncio.ensure_future(_feedback_error(client, decision.decision_id, thumbs_up=False))
-                await asyncio.sleep(7.0)  # past the call's busy timeout, counted from its arrival
+                queued = await _feedback_error(client, decision.decision_id, thumbs_up=False, timeout=2.0)
+                await asyncio.sleep(5.0)  # past the call's busy timeout, counted from its arrival
                 release.set()
                 await asyncio.wrap_future(held)
                 error = await call
-        assert error_info(error).reason == "FEEDBACK_STORE_BUSY"
-        assert f"feedback_db {tmp_path / 'second.db'} stayed locked" in (error.details() or "")
-        assert str(tmp_path / "feedback.db") not in (error.details() or "")
+        for refused in (error, queued):
+            assert error_info(refused).reason == "FEEDBACK_STORE_BUSY"
+            assert f"feedback_db {tmp_path / 'second.db'} stayed locked" in (refused.details() or "")
+            assert str(tmp_path / "feedback.db") not in (refused.details() or "")
 
     async def test_a_feedback_the_client_cancels_while_it_waits_for_the_lock_is_not_stored(
         self, tmp_path: Path
@@ -772,6 +788,106 @@ class TestFeedbackStoreUnderContention:
             counted_again = sum(model.feedback_count for model in (await client.get_stats()).models)
         assert [(entry.decision_id, entry.score) for entry in stored] == [(rated.decision_id, 1.0)]
         assert (counted, again.library_examples, counted_again) == (1, 2, 2)
+
+    async def test_with_two_stages_a_feedback_cancelled_after_the_first_file_stored_it_is_stored_and_counted(
+        self, tmp_path: Path
+    ) -> None:
+        """Two stages; another process (a real one) locks the second file for 3 s. A Feedback
+        with no deadline is stored in the first file, then waits for the second's lock, and is
+        cancelled by its client at 1 s: once a file's lock was taken the call is finished, so it
+        is stored in both files and counted in GetStats once. The cancel rolled back the second
+        file only: half stored, the client told CANCELLED, GetStats counting nothing."""
+        server = Server(settings_from(two_stage_config(tmp_path)), port=0)
+        async with server, RouterClient(server.target, default_timeout=None) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            stores = [stage.feedback for stage in server.router.policy.learning_stages]
+            for store in stores:
+                assert store is not None
+                assert await asyncio.to_thread(store.flush)
+            async with _another_process(_LOCK_HOLDER, str(tmp_path / "second.db"), "3", ready=b"locked"):
+                call = asyncio.ensure_future(client.feedback(decision.decision_id, thumbs_up=False))
+                await asyncio.sleep(1.0)
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+            # Behind whatever of the cancelled call still ran on the feedback thread.
+            await asyncio.wrap_future(server.router._learning.executor.submit(lambda: None))
+            stored = [
+                [(e.decision_id, e.score) for e in await asyncio.to_thread(store.entries)]
+                for store in stores
+                if store is not None
+            ]
+            counted = sum(model.feedback_count for model in (await client.get_stats()).models)
+        assert stored == [[(decision.decision_id, 0.0)]] * 2
+        assert counted == 1
+
+    async def test_a_feedback_with_a_deadline_cancelled_while_it_waits_for_the_lock_logs_no_asyncio_error(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Another process (a real one) locks the file for 3 s; a Feedback with a 30 s deadline,
+        waiting for that lock, is cancelled by its client at 1 s: nothing is stored, and nothing
+        is logged past the structured log (asyncio logged ``ERROR Future exception was never
+        retrieved`` for each such call, its job's CancelledError read by nobody)."""
+        settings = settings_from(embedding_config(tmp_path))
+        async with Server(settings, port=0) as server, RouterClient(server.target, default_timeout=None) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            await _decisions_written(server)
+            async with _another_process(_LOCK_HOLDER, str(tmp_path / "feedback.db"), "3", ready=b"locked"):
+                call = asyncio.ensure_future(client.feedback(decision.decision_id, thumbs_up=False, timeout=30.0))
+                await asyncio.sleep(1.0)
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+            await asyncio.wrap_future(server.router._learning.executor.submit(lambda: None))
+            await asyncio.sleep(0.1)
+            gc.collect()
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            stored = await asyncio.to_thread(stage.feedback.entries)
+        assert stored == []
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+    async def test_a_feedback_that_took_the_lock_before_its_deadline_is_stored_when_a_late_loop_ends_its_call(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process (a real one: a worker with a larger cap) writes 150,000 examples in a
+        transaction it holds 2.5 s; a Feedback with a 3.5 s deadline takes the lock then, and its
+        new example evicts that rest (over ``feedback_max_total_examples``), seconds of work in
+        its transaction. The event loop is held up (blocked on purpose, as by load) across the
+        call's answer_by and the server's own end of the call, so both come at once: the call is
+        DEADLINE_EXCEEDED, its outcome stored (docs/feedback.md) and counted in GetStats. The
+        server's own end was taken for its client's cancel: the transaction was rolled back."""
+        writer = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN IMMEDIATE')\n"
+            "n = 150_000\n"
+            'db.executemany("INSERT INTO examples (decision_id, model, embedding, created_at, encoder, tenant)'
+            " VALUES (?, 'gpt-4o-mini', x'', 0, '', '')\", ((f'other-{i}',) for i in range(n)))\n"
+            "db.execute(\"INSERT INTO example_counts (tenant, examples) VALUES ('', ?)"
+            ' ON CONFLICT (tenant) DO UPDATE SET examples = examples + ?", (n, n))\n'
+            "print('locked', flush=True)\n"
+            "time.sleep(2.5)\n"
+            "db.execute('COMMIT')\n"
+        )
+        config = embedding_config(tmp_path, feedback_max_examples=1, feedback_max_total_examples=1)
+        loop = asyncio.get_running_loop()
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            await _decisions_written(server)
+            async with _another_process(writer, str(tmp_path / "feedback.db"), ready=b"locked"):
+                started = loop.time()
+                # answer_by is about started + 3.22, the server's own end about started + 3.32.
+                loop.call_at(started + 2.7, time.sleep, 0.7)
+                error = await _feedback_error(client, decision.decision_id, thumbs_up=False, timeout=3.5)
+            await asyncio.wrap_future(server.router._learning.executor.submit(lambda: None))
+            [stage] = server.router.policy.learning_stages
+            assert stage.feedback is not None
+            stored = await asyncio.to_thread(stage.feedback.entries)
+            counted = sum(model.feedback_count for model in (await client.get_stats()).models)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert [(entry.decision_id, entry.score) for entry in stored] == [(decision.decision_id, 0.0)]
+        assert counted == 1
 
     async def test_a_feedback_whose_deadline_comes_while_another_process_locks_the_file_is_busy_before_it(
         self, tmp_path: Path

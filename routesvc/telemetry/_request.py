@@ -292,12 +292,15 @@ def record_decision(decision: RouteDecision) -> None:
 def record_feedback(model: str, score: float, *, decision_id: str = "", tenant: str = "") -> None:
     """A feedback score in [0, 1] for a past decision, counted per model in ``GetStats``.
 
-    Called by the RPC that receives feedback; the score also goes on that RPC's server span.
+    Called by the RPC that receives feedback; the score also goes on that RPC's server span
+    while it is open (a score recorded after its call ended, cancelled, is counted all the same).
     """
     rpc = _CURRENT.get()
     if rpc is None:
         return
     rpc.telemetry.stats.add_feedback(FeedbackOutcome(time.monotonic(), tenant, model, score, decision_id))
+    if not rpc.span.is_recording():
+        return
     rpc.span.set_attributes(
         {"routesvc.feedback.model": model, "routesvc.feedback.score": score, "routesvc.decision_id": decision_id}
     )
