@@ -503,7 +503,8 @@ class FeedbackStore:
     @property
     def known_locked(self) -> bool:
         """Whether the last write on the file waited the busy timeout for another process's lock
-        and did not get it (no write has taken the lock since). A shorter wait (its caller's own
+        and did not get it, or a call waited that long for the writes queued before it (the
+        writer thread waiting on that lock) (no write has taken the lock since). A shorter wait (its caller's own
         deadline cut it, ``LockDeadline.cut``, or its caller's time was spent elsewhere before it,
         ``_FULL_WAIT_SHARE``) does not count: the lock it met may be a brief write of another
         worker."""
@@ -701,15 +702,24 @@ class FeedbackStore:
         ``deadline`` (None: up to 30 s for the queued writes, then the busy timeout) is when the
         call must have the file's write lock: the queued writes not written by then (this store's
         writer waiting on another process's lock) or the lock not taken is ``FeedbackStoreBusy``,
-        nothing stored (``known_locked`` then if the wait for the lock was the busy timeout).
+        nothing stored (``known_locked`` then if the wait, for the writes or the lock, was the
+        busy timeout).
         ``cancel`` settled before the lock is taken (the caller gave up meanwhile: a cancelled call)
         stores nothing either, raising ``concurrent.futures.CancelledError`` (``Cancellation``)."""
         if not 0.0 <= score <= 1.0:
             raise InvalidRequest("score", f"must be within [0, 1], got {score}")
         if deadline is None:
             self.flush()
-        elif not self.flush(timeout=max(0.0, deadline.at - time.monotonic())):
-            raise self.busy()
+        else:
+            left = deadline.at - time.monotonic()
+            if not self.flush(timeout=max(0.0, left)):
+                if not deadline.cut and left >= self._busy_timeout * _FULL_WAIT_SHARE:
+                    # The writer thread's batch has waited on the file's lock at least that long
+                    # (its own failure marks the file a moment later; the calls queued behind took
+                    # a fresh busy timeout from their turn meanwhile): known locked, as this
+                    # call's own wait for the lock would have made it.
+                    self._locked_out = True
+                raise self.busy()
         with self._translated_failures():
             return self._record(decision_id, score, tenant, deadline, cancel)
 

@@ -558,6 +558,46 @@ class TestFeedbackStoreUnderContention:
         assert max(seconds for _, seconds in answers) < 8.0  # the busy timeout (5 s) and a margin
         assert waited < 1.0
 
+    async def test_with_routes_flowing_feedback_calls_on_a_locked_file_are_each_busy_after_one_busy_timeout(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process (a real one) locks the file for 10 s while Routes flow (one every
+        0.25 s). The first Feedback comes with one, so it waits the busy timeout for its store's
+        queued writes (the writer thread waiting on the lock), not for the lock itself; a second
+        Feedback comes 0.5 s later. Each is FEEDBACK_STORE_BUSY about one busy timeout after it came. The wait
+        for the queued write did not make the file known locked (only the writer's own failure
+        did, a moment later), so the second counted a fresh busy timeout from its turn, and was
+        answered after ~9.5 s."""
+        settings = settings_from(embedding_config(tmp_path))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            decisions = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(2)]
+            await _decisions_written(server)
+            async with _another_process(_LOCK_HOLDER, str(tmp_path / "feedback.db"), "10", ready=b"locked"):
+                loop = asyncio.get_running_loop()
+
+                async def rated(decision_id: str, after: float) -> tuple[str, float]:
+                    await asyncio.sleep(after)
+                    started = loop.time()
+                    try:
+                        await client.feedback(decision_id, thumbs_up=False)
+                        outcome = "OK"
+                    except grpc.aio.AioRpcError as error:
+                        outcome = error_info(error).reason
+                    return outcome, loop.time() - started
+
+                async def routes() -> None:
+                    for i in range(40):  # a Route every 0.25 s, each queueing a write
+                        await client.route(user_chat(f"say hello to yankee {i}"))
+                        await asyncio.sleep(0.25)
+
+                routing = asyncio.ensure_future(routes())
+                first, second = await asyncio.gather(
+                    rated(decisions[0].decision_id, 0.0), rated(decisions[1].decision_id, 0.5)
+                )
+                await routing
+        assert (first[0], second[0]) == ("FEEDBACK_STORE_BUSY", "FEEDBACK_STORE_BUSY")
+        assert (first[1] < 7.0, second[1] < 7.0) == (True, True)  # the busy timeout (5 s) and a margin
+
     async def test_feedback_calls_queued_behind_this_processs_own_feedback_are_not_refused_as_busy(
         self, tmp_path: Path
     ) -> None:
