@@ -4282,6 +4282,56 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         assert (charged, others) == ([job], [])
         assert [e for e in logs if e["event"] == "batch_adoption_undone"] == []
 
+    @pytest.mark.parametrize("rotated_by", ["restart", "reload"])
+    async def test_a_rotated_keys_404_for_a_batch_adopted_by_its_shape_undoes_it_once_the_adopting_key_is_gone(
+        self, tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, rotated_by: str
+    ) -> None:
+        """key-A's lost Anthropic send (its create answered 500) adopts by its shape another
+        client's batch made in its window; that client reads and deletes it, and the deployment
+        goes on with the same account's rotated key-A2 (restarted with it while down, or by a hot
+        reload), whose poll gets 404: once key-A is taken as gone (unmarked for 0.3 s here, or
+        rotated away from by this process), that 404 undoes the adoption, and the job, never
+        sent, is queued under key-A2 and sent once: SUCCEEDED, charged once, the foreign batch
+        neither cancelled nor deleted by us (key-A2's 404 was another key's, left alone; no 404
+        to key-A could come, and the job waited SUBMITTED two days, then ended FAILED
+        ``provider_batch_not_found``)."""
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-A2": "A"})
+        fake.batch_outcome = BatchOutcome.PENDING
+        hold = asyncio.Event()
+        fake.batch_create_hold = hold
+        config = _account(tmp_path, fake, "key-A")
+        with capture_logs() as logs:
+            async with Server(settings_from(config), port=0) as owner, RouterClient(owner.target) as client:
+                job = (await submit(client, task_hint="creative_writing"))[1].batch.batch_id
+                async with asyncio.timeout(10):
+                    await fake.batch_create_waiting.wait()
+                fake.batch_create_hold = None
+                theirs = await create_foreign_batch(fake, "key-A")
+                fake.batch_create_error = (500, {"type": "error", "error": {"type": "api_error", "message": "down"}})
+                hold.set()
+                await until(lambda: any(e["event"] == "batch_send_adopted" for e in logs))
+                fake.batch_create_error = None
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+                theirs.lost = True  # its owner read and deleted it
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                if rotated_by == "reload":
+                    (tmp_path / "key-A.key").write_text("key-A2\n")
+                    await owner.reload(settings_from(config))
+                    ended = await wait_ended(client, job)
+                    charged = [e.request_id for e in owner.router.ledger.entries()]
+            if rotated_by == "restart":
+                monkeypatch.setattr(batch_queue, "ENDPOINT_GONE_AFTER_SECONDS", 0.3)
+                async with _deployment(tmp_path, fake, "key-A2") as rotated, RouterClient(rotated.target) as client:
+                    ended = await wait_ended(client, job)
+                    charged = [e.request_id for e in rotated.router.ledger.entries()]
+        assert (pb.BatchState.Name(ended.job.state), ended.error) == ("BATCH_STATE_SUCCEEDED", "")
+        assert _created_with(fake) == ["key-A", "key-A2"]
+        assert charged == [job]
+        assert (theirs.cancelled, theirs.deleted) == (False, False)
+        assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_adoption_undone"] == [(1, 0)]
+        assert [e for e in logs if e["event"] == "batch_lost"] == []
+
 
 async def sent(client: RouterClient, batch_id: str) -> None:
     """Wait until the job has left the queue (sent, or ended)."""

@@ -1689,6 +1689,16 @@ class BatchQueue:
             # the adoption); another account's key sees none of its batches.
             if own_key is not None:
                 self._not_seen[(provider, provider_batch_id)] = own_key
+            adopted_gone = self._adopted_key_gone(provider, jobs) if jobs.unverified and error.status == 404 else None
+            if adopted_gone is not None:
+                # Its own key gone (unmarked for ENDPOINT_GONE_AFTER_SECONDS, or rotated away from
+                # here), no 404 to it can come: this key's is taken as that key's successor's,
+                # the same account's (as ``_rekey_lost_sends`` takes it), and undoes the adoption,
+                # while the store holds the key's mark. Left alone, its jobs, never sent, waited
+                # two days and ended FAILED ``provider_batch_not_found``.
+                self._accepted.discard((provider, provider_batch_id))
+                await self._disown(provider, provider_batch_id, jobs, answered=True, gone=adopted_gone)
+                return
             owner_gone = self._owner_gone(provider, jobs)
             if owner_gone is None:
                 # Sent to this URL with another key, and this one does not see it: another
@@ -1786,7 +1796,9 @@ class BatchQueue:
         # again in later rounds (``_discard_leftovers``).
         await asyncio.shield(self._keep(self._discard(api, provider, batch, sent_to[0])))
 
-    async def _disown(self, provider: str, provider_batch_id: str, jobs: SentJobs, *, answered: bool) -> None:
+    async def _disown(
+        self, provider: str, provider_batch_id: str, jobs: SentJobs, *, answered: bool, gone: GoneMark | None = None
+    ) -> None:
         """A batch adopted by its shape (``_adopt_earlier``) whose results name none of its jobs
         (or gone before it was read): when it has results, it is another client's, which is left
         alone (never deleted), and its jobs, never sent, are queued again (those cancelled since
@@ -1794,13 +1806,14 @@ class BatchQueue:
         (``_rekey_lost_sends``), which end FAILED ``provider_changed``: this key may be another
         account's, and the send's own batch, under the old key, may have answered them. Without
         results (deleted by the provider) whose it was cannot be told: its jobs end with the
-        batch's code, and it is not deleted."""
+        batch's code, and it is not deleted. With ``gone`` (the mark of the key it was adopted
+        with, taken as gone), each only while the store still holds that mark."""
         if not answered:
             log.warning("batch_adoption_unverified", provider_batch_id=provider_batch_id, jobs=len(jobs.waiting))
             return
-        again, failed = await self._opened().disown(provider, provider_batch_id, "provider_changed")
+        again, failed = await self._opened().disown(provider, provider_batch_id, "provider_changed", gone=gone)
         for batch_id in jobs.cancelled:
-            await self._opened().close_cancelled(batch_id, None)
+            await self._opened().close_cancelled(batch_id, None, gone=gone)
         log.warning(
             "batch_adoption_undone", provider_batch_id=provider_batch_id, jobs=len(again), failed_jobs=len(failed)
         )
@@ -1862,6 +1875,18 @@ class BatchQueue:
         if jobs.ended or jobs.sent_at is None or self._clock() - jobs.sent_at <= OTHER_KEY_LOST_AFTER_SECONDS:
             return None
         return self._key_gone(provider, jobs)
+
+    def _adopted_key_gone(self, provider: str, jobs: SentJobs) -> GoneMark | None:
+        """The mark of the key another key's batch was sent (or adopted) with, when that key is
+        taken as gone: unmarked for ENDPOINT_GONE_AFTER_SECONDS (``_key_gone``), or one this
+        process rotated away from while no other process has marked it since (``_own_mark``);
+        None while it may be live (another account's deployment's, say)."""
+        gone = self._key_gone(provider, jobs)
+        if gone is None and jobs.key_id is not None and jobs.endpoint is not None:
+            owner = (provider, jobs.endpoint, jobs.key_id)
+            if owner in self._rotated_keys:
+                gone = self._own_mark(owner)
+        return gone
 
     def _key_gone(self, provider: str, jobs: SentJobs) -> GoneMark | None:
         """The last mark of the key another key's batch was sent with, when no process has

@@ -1369,7 +1369,9 @@ class BatchStore:
 
         await self._run(update)
 
-    async def disown(self, provider: str, provider_batch_id: str, moved_error: str) -> tuple[list[str], list[str]]:
+    async def disown(
+        self, provider: str, provider_batch_id: str, moved_error: str, *, gone: GoneMark | None = None
+    ) -> tuple[list[str], list[str]]:
         """Queue again the jobs waiting for ``provider``'s batch ``provider_batch_id``, adopted by
         its shape (``mark_submitted`` ``unverified``) and shown by its results to be another
         client's: they were never sent. Their requests were kept (``drop_requests`` is not asked
@@ -1377,15 +1379,19 @@ class BatchStore:
         (``rekey_queued`` ``tag``) ends FAILED ``moved_error`` instead: that key may be
         another account's, which must not send it again (its lost send's batch, with the old key,
         may have answered it). One transaction. Returns the ids queued again and those failed;
-        jobs cancelled since are the caller's to close."""
+        jobs cancelled since are the caller's to close. With ``gone`` (the mark of the key the
+        batch was adopted with, taken as gone), none unless the store still holds that mark."""
         now = self._clock()
         queued, submitted, failed = BatchState.QUEUED.value, BatchState.SUBMITTED.value, BatchState.FAILED.value
+        still = "" if gone is None else f" AND {gone.still}"
+        marked = () if gone is None else gone.params()
 
         def update(connection: sqlite3.Connection) -> tuple[list[str], list[str]]:
             with immediate(connection):
                 rows = connection.execute(
-                    "SELECT id, unverified FROM jobs WHERE provider = ? AND provider_batch_id = ? AND state = ?",
-                    (provider, provider_batch_id, submitted),
+                    "SELECT id, unverified FROM jobs WHERE provider = ? AND provider_batch_id = ? AND state = ?"  # noqa: S608 - constant text
+                    f"{still}",
+                    (provider, provider_batch_id, submitted, *marked),
                 ).fetchall()
                 again = [row["id"] for row in rows if row["unverified"] != _MOVED]
                 moved = [row["id"] for row in rows if row["unverified"] == _MOVED]
