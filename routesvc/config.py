@@ -218,7 +218,11 @@ class ProviderConfig(_Strict):
     """One model API endpoint and where its key comes from (never the key itself)."""
 
     kind: ProviderKind
-    base_url: str | None = Field(None, description="Endpoint; default: the SDK's variable, then its default.")
+    base_url: str | None = Field(
+        None,
+        description="Endpoint: an absolute http:// or https:// URL with a host and no user:password@; default: "
+        "the SDK's variable (same rule), then its default.",
+    )
     api_key_env: str | None = Field(
         None, description="Name of the environment variable holding the key (never the key: refused unshown)."
     )
@@ -1111,10 +1115,39 @@ _HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e]+")
 """An API key goes out in an HTTP header: visible ASCII only."""
 
 
-def _resolve_provider(name: str, provider: ProviderConfig, environ: Mapping[str, str]) -> ProviderSettings:
+def _checked_base_url(url: str, where: str, source: str) -> str:
+    """A provider's ``base_url`` as the SDKs' HTTP clients can use it: an absolute http(s) URL with
+    a host (and a valid port) and no credentials. Without a scheme (``127.0.0.1:8089``) every call
+    failed as "connection failed"; with ``user:password@`` aiohttp refused every request beside the
+    API key header, reported as a malformed stream; each counted against the breaker as an outage.
+    The error names the field or variable, never the URL (it may hold a password)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number from 0 to 65535, an unclosed [IPv6 address
+        usable = False
+    if not usable:
+        raise ConfigError(
+            f"{source}: {where}: not an absolute http(s) URL with a host, such as http://HOST:PORT/v1"
+            " (the URL is not shown)"
+        )
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"{source}: {where}: credentials in the URL (user:password@) are not supported: the HTTP client"
+            " refuses them beside the API key's header (the URL is not shown)"
+        )
+    return url
+
+
+def _resolve_provider(name: str, provider: ProviderConfig, environ: Mapping[str, str], source: str) -> ProviderSettings:
     key_env = provider.api_key_env if provider.api_key_env is not None else _DEFAULT_KEY_ENV[provider.kind]
     url_env = _DEFAULT_BASE_URL_ENV[provider.kind]
     base_url = provider.base_url or (environ.get(url_env) if url_env else None) or None
+    if base_url is not None:
+        where = f"providers.{name}.base_url" if provider.base_url else f"${url_env}"
+        base_url = _checked_base_url(base_url, where, source)
     api_key: str | None = None
     from_file = False
     if provider.api_key_file is not None:
@@ -1339,7 +1372,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
             # Whole-config checks (references between sections) name their own field path.
             problems.append(f"{_field_path(_without_union_tags(location))}: {message}" if location else message)
         raise ConfigError(f"{source}: " + "; ".join(problems)) from exc
-    providers = {name: _resolve_provider(name, provider, env) for name, provider in config.providers.items()}
+    providers = {name: _resolve_provider(name, provider, env, source) for name, provider in config.providers.items()}
     catalog = _catalog(config)
     telemetry = _resolve_telemetry(config, catalog, source, env)
     return Settings(

@@ -237,12 +237,12 @@ class TestServeLoop:
         assert (started["event"], started["event_loop"]) == ("server_started", "asyncio")
 
 
-def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``routesvc ARGS`` in a process of its own, without the SDK and routesvc variables."""
+def _run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``routesvc ARGS`` in a process of its own, without the SDK and routesvc variables (but ``env``)."""
     return subprocess.run(
         [sys.executable, "-m", "routesvc", *args],
         cwd=REPO,
-        env=process_environ(),
+        env={**process_environ(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -486,6 +486,15 @@ class TestServeFlagErrors:
         assert line.startswith(f"error: {path}: shared_state.redis_url: not a valid Redis URL (the URL is not shown)")
         assert "S3cretPw" not in result.stderr + result.stdout
         assert "workers_started" not in result.stderr + result.stdout
+
+    def test_a_provider_url_without_a_scheme_is_one_line_at_start(self, tmp_path: Path) -> None:
+        """``ANTHROPIC_BASE_URL=127.0.0.1:8089`` (the scheme left out): exit 2 and one line naming
+        the variable, before serving (it served, then failed every Anthropic call as an outage)."""
+        result = _run("serve", "--port", "0", timeout=30, env={"ANTHROPIC_BASE_URL": "127.0.0.1:8089"})
+        line = _one_line_error(result)
+        assert line.startswith("error: <embedded default_config.yaml>: $ANTHROPIC_BASE_URL: not an absolute http(s)")
+        assert "127.0.0.1:8089" not in result.stderr + result.stdout
+        assert "server_started" not in result.stderr + result.stdout
 
 
 def _fit_args(data: Path, out: Path) -> list[str]:

@@ -353,6 +353,52 @@ class TestValidation:
             settings_from(config)
 
 
+class TestProviderBaseUrl:
+    @pytest.mark.parametrize(
+        ("url", "problem"),
+        [
+            ("127.0.0.1:8089", "not an absolute http(s) URL with a host"),
+            ("not a url", "not an absolute http(s) URL with a host"),
+            ("ftp://gateway/v1", "not an absolute http(s) URL with a host"),
+            ("http:///v1", "not an absolute http(s) URL with a host"),
+            ("http://gateway:S3cretPw/v1", "not an absolute http(s) URL with a host"),
+            ("http://user:S3cretPw@gateway/v1", "credentials in the URL (user:password@) are not supported"),
+        ],
+    )
+    @pytest.mark.parametrize("source", ["file", "variable"])
+    def test_a_url_the_http_client_cannot_use_is_named_never_quoted(self, url: str, problem: str, source: str) -> None:
+        """A provider base URL without a scheme or a host, or with credentials, in the file or in
+        the SDK's variable, is an error at load naming where it came from, without the URL: it
+        started cleanly and then failed every call as a provider outage ("connection failed", or a
+        "malformed stream" as aiohttp refused the credentials beside the key), opening the breaker."""
+        config = default_config()
+        environ = {"ANTHROPIC_API_KEY": "sk-b"}
+        if source == "file":
+            config["providers"]["anthropic"]["base_url"] = url  # type: ignore[index]
+        else:
+            environ["ANTHROPIC_BASE_URL"] = url
+        with pytest.raises(ConfigError) as caught:
+            settings_from(config, environ)
+        where = "providers.anthropic.base_url" if source == "file" else "$ANTHROPIC_BASE_URL"
+        assert caught.value.message.startswith(f"<test>: {where}: {problem}")
+        assert "S3cretPw" not in caught.value.message
+        assert (caught.value.__cause__, caught.value.__context__) == (None, None)
+
+    def test_a_compatible_providers_url_is_checked_too(self) -> None:
+        """kind openai_compatible's required base_url is held to the same rule."""
+        config = default_config()
+        config["providers"]["local"] = {"kind": "openai_compatible", "base_url": "localhost:8000/v1"}  # type: ignore[index]
+        with pytest.raises(ConfigError, match=r"^<test>: providers\.local\.base_url: not an absolute http\(s\) URL"):
+            settings_from(config)
+
+    @pytest.mark.parametrize("url", ["http://127.0.0.1:8089", "https://gateway.internal/v1/", "http://[::1]:8000/v1"])
+    def test_an_absolute_http_url_is_kept_as_written(self, url: str) -> None:
+        """http and https URLs with a host (a name, IPv4 or IPv6, a port or none) are used as written."""
+        config = default_config()
+        config["providers"]["openai"]["base_url"] = url  # type: ignore[index]
+        assert settings_from(config).providers["openai"].base_url == url
+
+
 class TestHttpClient:
     def test_adapters_use_aiohttp_unless_a_provider_says_httpx(self) -> None:
         """Every provider's SDK runs on its aiohttp transport unless ``http_client: httpx`` puts it

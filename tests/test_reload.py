@@ -379,6 +379,23 @@ class TestARejectedReloadClosesWhatItBuilt:
             assert tried == [False] * 3
             assert feedback_writers() == writers
 
+    async def test_a_provider_url_with_credentials_is_rejected_unquoted(self, tmp_path: Path) -> None:
+        """A new version pointing a provider at ``http://user:password@gateway/v1`` (which the HTTP
+        client refuses on every call) is rejected naming the field, without the password, and the
+        old providers keep serving."""
+        config = default_config()
+        path = watched_config(tmp_path, config)
+        async with Server(settings_from(config), port=0) as server:
+            watcher = ConfigWatcher(path, 1.0, server.reload, clock=Clock())
+            config["providers"]["openai"]["base_url"] = "http://user:S3cretPw@gateway/v1"  # type: ignore[index]
+            path.write_text(yaml.safe_dump(config), encoding="utf-8")
+            with capture_logs() as logs:
+                assert not await watcher.check()
+            assert server.router.settings.providers["openai"].base_url is None
+        (rejected,) = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
+        assert str(rejected["error"]).startswith(f"{path}: providers.openai.base_url: credentials in the URL")
+        assert "S3cretPw" not in repr(logs)
+
     async def test_a_stage_that_fails_to_build_is_named_with_the_file(self, tmp_path: Path) -> None:
         """A new version whose embedding stage names no fitted router is rejected, and the log
         names the file, the stage and its field (it said ``embedding.router: ...``)."""
