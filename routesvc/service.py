@@ -135,6 +135,11 @@ def _spent(method: str) -> dict[str, object]:
     }
 
 
+def _past(ends_at: float | None) -> bool:
+    """Whether the server's own end of a call (``own_end``; None: no deadline) has passed."""
+    return ends_at is not None and asyncio.get_running_loop().time() >= ends_at
+
+
 def _ended_by_caller(context: grpc.aio.ServicerContext, record: _CallRecord) -> grpc.StatusCode:
     """How a call that can send nothing more ended (``ended_by_caller``); a passed deadline is
     also its record's ``error_reason``, as when our own timer ends the call."""
@@ -362,11 +367,16 @@ class RouterService(pb_grpc.RouterServiceServicer):
             record.ends_at = own_end(context)
             async with asyncio.timeout_at(record.ends_at):
                 yield record
-        except RouteSvcError as error:
-            code = status_code_of(error)
-            if error.operator_must_act:
+        except RouteSvcError as raised:
+            error = raised
+            if raised.operator_must_act:
                 alert = True
-                telemetry.record_operator_failure(error.reason)
+                telemetry.record_operator_failure(raised.reason)
+            if _past(record.ends_at) and not isinstance(raised, ClientStalled):
+                # Raised after the server's own end by work that did not await since (its timer
+                # fires only at an await): the call ends DEADLINE_EXCEEDED, as it would have.
+                error = DeadlineExceeded("deadline exceeded")
+            code = status_code_of(error)
             if isinstance(error, DeadlineExceeded):
                 error.chunks_sent = _chunks_sent(record)
             if isinstance(error, ClientStalled):
@@ -406,6 +416,13 @@ class RouterService(pb_grpc.RouterServiceServicer):
             internal.chunks_sent = _chunks_sent(record)
             await self._abort(context, record, internal)
         else:
+            if _past(record.ends_at):
+                # Returned after the server's own end without awaiting since (a Route's work is
+                # CPU only, so asyncio's timer fires at no await): the answer is not sent, and the
+                # call ends DEADLINE_EXCEEDED, logged, traced and counted as the caller sees it.
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                late = DeadlineExceeded("deadline exceeded", chunks_sent=_chunks_sent(record))
+                await self._abort(context, record, late)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         finally:
             release_slot()

@@ -135,6 +135,38 @@ class TestServerSpan:
         assert (_attrs(route)["rpc.grpc.status_code"], route.status.status_code) == (3, StatusCode.UNSET)
         assert (_attrs(complete)["rpc.grpc.status_code"], complete.status.status_code) == (14, StatusCode.ERROR)
 
+    @pytest.mark.parametrize("max_cost_usd", ["", "0.0000000001"], ids=["answered", "refused-over-max-cost"])
+    async def test_a_route_that_works_past_its_deadline_without_awaiting_is_the_deadline_everywhere(
+        self, fake: FakeProvider, max_cost_usd: str
+    ) -> None:
+        """A Route whose rule's regex backtracks for about a second (CPU only, no await, so
+        asyncio's timer cannot end it) under a 0.25 s deadline, then answered or refused
+        RESOURCE_EXHAUSTED (over its max_cost_usd): the caller gets DEADLINE_EXCEEDED, and so do
+        the rpc_finished line, the server span and rpc.server.call.duration (they said OK or
+        RESOURCE_EXHAUSTED while every caller timed out)."""
+        from structlog.testing import capture_logs
+
+        config = default_config()
+        slow_rule = {"name": "slow", "when": {"last_user_message_matches": r"(a+)+$"}, "model": "gpt-4o"}
+        config["routing"]["stages"].insert(0, {"kind": "rules", "rules": [slow_rule]})  # type: ignore[index]
+        async with observed_server(fake, config=config) as observed:
+            # A first call opens the channel: that alone can take a short deadline on a loaded machine.
+            await observed.client.route(user_chat("a" * 12 + "!"))
+            slow, context = user_chat("a" * 23 + "!"), pb.RoutingContext(max_cost_usd=max_cost_usd)
+            with capture_logs() as logs:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await observed.client.route(slow, context, timeout=0.25)
+                await until(lambda: any(entry["event"] == "rpc_finished" for entry in logs))
+            await until(lambda: len([s for s in observed.finished() if s.kind is SpanKind.SERVER]) == 2)
+            servers = [s for s in observed.finished() if s.kind is SpanKind.SERVER]
+            points = observed.points("rpc.server.call.duration")
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        (line,) = [entry for entry in logs if entry["event"] == "rpc_finished"]
+        assert (line["code"], line.get("error_reason")) == ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")
+        assert [_attrs(server)["rpc.grpc.status_code"] for server in servers] == [0, 4]
+        codes = sorted(dict(point.attributes)["rpc.response.status_code"] for point in points)
+        assert codes == ["DEADLINE_EXCEEDED", "OK"]
+
     @pytest.mark.parametrize(
         ("script", "reason"),
         [
