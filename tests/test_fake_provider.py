@@ -226,12 +226,22 @@ class TestScriptSelection:
         assert statuses == [401, 402, 403, 200]
 
     async def test_reset_forgets_scripts_and_requests(self, fake: FakeProvider, http: httpx2.AsyncClient) -> None:
-        """``reset()`` empties queues, per-model defaults and records."""
+        """``reset()`` empties queues, per-model and global defaults and records."""
         fake.enqueue(Script(status=500))
         fake.set_default(Script(status=500), model="gpt-test")
+        fake.set_default(Script(status=429))
         fake.reset()
         assert fake.requests == []
         assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+    async def test_reset_keeps_the_default_the_fake_was_made_with(self) -> None:
+        """A default given to the constructor is the built-in one: ``reset()`` goes back to it."""
+        async with FakeProvider(default=Script(text="made with")) as fake:
+            fake.set_default(Script(status=500))
+            fake.reset()
+            async with httpx2.AsyncClient(base_url=fake.base_url) as http:
+                answer = (await http.post("/v1/chat/completions", json=CHAT)).json()
+        assert answer["choices"][0]["message"]["content"] == "made with"
 
 
 class TestRecords:
@@ -345,11 +355,14 @@ class TestControlAPI:
         ]
 
     async def test_reset_over_http(self, fake: FakeProvider, http: httpx2.AsyncClient) -> None:
-        """``POST /_fake/reset`` forgets scripts and requests."""
+        """``POST /_fake/reset`` forgets scripts and requests, a default for all models set with
+        ``mode: default`` too (it survived, so a "fresh" fake kept failing every call)."""
         fake.enqueue(Script(status=500))
+        await http.post("/_fake/script", json={"script": {"status": 429}, "mode": "default"})
         await http.post("/v1/messages", json=MESSAGES)
         await http.post("/_fake/reset")
         assert fake.requests == []
+        assert (await http.post("/v1/messages", json=MESSAGES)).status_code == 200
 
     async def test_bad_script_and_unknown_path(self, http: httpx2.AsyncClient) -> None:
         """An invalid script is a 400 naming the problem; an unknown path is a 404."""

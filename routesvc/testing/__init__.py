@@ -15,7 +15,8 @@ transfer encoding) that speaks what the official SDKs expect:
                                what the provider still holds
     POST /_fake/script          control: ``{"script": {...}, "model": "...", "mode": "enqueue" | "default"}``
     GET  /_fake/requests        control: every request received, with whether the client aborted
-    POST /_fake/reset           control: forget scripts and requests
+    POST /_fake/reset           control: forget scripts (queued, and defaults per model or for all:
+                                the built-in default answers again), requests and batches
 
 Each API request is answered by one ``Script`` (text, chunking, delays, usage, HTTP error,
 ``Fault``), taken from a FIFO queue or a default, per model name or for all models::

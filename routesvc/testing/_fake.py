@@ -44,7 +44,8 @@ class FakeProvider:
         self._api_key = api_key
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
-        self._defaults: dict[str | None, Script] = {None: default or Script()}
+        self._default = default or Script()
+        self._defaults: dict[str | None, Script] = {None: self._default}
         self._queues: dict[str | None, collections.deque[Script]] = collections.defaultdict(collections.deque)
         self._requests: list[RecordedRequest] = []
         self._connection_numbers = itertools.count(1)
@@ -379,10 +380,11 @@ class FakeProvider:
         return list(self._batches.deleted_files)
 
     def reset(self) -> None:
-        """Forget queued and per-model scripts, recorded requests and batches (the global default stays)."""
+        """Forget queued scripts, defaults set since start (per model and for all models: the
+        constructor's ``default`` answers again), recorded requests and batches."""
         self._batches.reset()
         self._queues.clear()
-        self._defaults = {None: self._defaults[None]}
+        self._defaults = {None: self._default}
         self._requests.clear()
 
     @property
