@@ -335,6 +335,11 @@ _SETTLE_WAIT_MARGIN_SECONDS = 0.05
 # end of the call: a Route's reply written (its rules, costs and message; CPU only), and at least
 # a Complete's admission, after which its answer needs ``reliability.min_attempt_seconds`` to start.
 _DECIDED_SLACK_SECONDS = 0.02
+# ... and at least this share of the call's time: requests cut together on a hung classifier (an
+# outage under load) run their fallbacks, decisions and first attempts one after another on the
+# one event loop, which a fixed 20 ms did not hold (10 Completes cut at once: half ended
+# DEADLINE_EXCEEDED, their answers refused their start).
+_DECIDED_SHARE = 1 / 3
 # What a comparison of times that should be equal forgives: a monotonic time less a duration, taken
 # from the same time again, is off by a few ULPs (about 1e-12 s at a day of uptime).
 _TIME_SLACK = 1e-6
@@ -624,6 +629,23 @@ class Router:
         timeout: float | None = None,
     ) -> RouteDecision:
         """Decide which model serves ``request``; raises a ``RouteSvcError`` when none can.
+        (``_route``, without whether its classifier was cut.)"""
+        decision, _ = await self._route(
+            request, for_completion=for_completion, count_route=count_route, request_id=request_id, timeout=timeout
+        )
+        return decision
+
+    async def _route(
+        self,
+        request: RoutingRequest,
+        *,
+        for_completion: bool = False,
+        count_route: bool = False,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> tuple[RouteDecision, bool]:
+        """The decision for ``request`` and whether an LLM classifier's wait was cut to keep what
+        follows within ``timeout`` (``_decide_by``).
 
         With ``for_completion`` the decision must be callable now: a model whose provider has
         no key fails with ``ProviderNotConfigured`` (policy ``fail``); for ``Route`` alone the
@@ -654,11 +676,19 @@ class Router:
         unknown_hint = bool(hint) and hint not in self._known_tasks
         decision_id = self._new_decision_id()
         routing_attempts: list[AttemptSummary] = []
+        cut: list[bool] = []  # the classifier's wait was cut (``on_cut``)
+        decided: list[bool] = []  # the decision took ``routing_attempts``: a charge after is late
 
         def charge(call: UpstreamCall) -> None:
             model = self._catalog.get(call.model)
             cost = cost_of_usage(model, call.usage)
-            routing_attempts.append(AttemptSummary(model.id, AttemptResult.CLASSIFIER, call.usage, cost))
+            # A call that ends after the decision took its attempts (one this request left when
+            # its deadline cut the wait, aborted or answering another request) is not one of
+            # them: not in the decision's or the Completion's attempts and cost, nor the RPC's
+            # totals (``telemetry.close_routing``); charged all the same, numbered 0 in the ledger.
+            late = bool(decided)
+            if not late:
+                routing_attempts.append(AttemptSummary(model.id, AttemptResult.CLASSIFIER, call.usage, cost))
             # Paid where it was spent, whatever happens to the request next (also a Route alone).
             self._admission.charge(request.context.tenant, cost)
             self._ledger.record(
@@ -667,16 +697,14 @@ class Router:
                 tenant=request.context.tenant,
                 model=model.id,
                 provider=model.provider,
-                attempt=len(routing_attempts),
+                attempt=0 if late else len(routing_attempts),
                 outcome=_side_call_outcome(call),
                 usage=call.usage,
                 cost_usd=cost,
                 estimated=call.estimated,
             )
-            rpc = telemetry.current_request()
-            if rpc is not None and rpc.totals_logged:
-                # A call this request made and left to others waiting on it ended after its
-                # rpc_finished line: say what it was charged, since that line could not.
+            if late:
+                # Its rpc_finished line, span and Completion do not count it: say what it was charged.
                 log.info(
                     "classifier_charged",
                     request_id=request_id,
@@ -708,6 +736,7 @@ class Router:
                 breakers=self._breakers,
                 decide_by=decide_by,
                 min_call_seconds=self._reliability.min_attempt_seconds,
+                on_cut=lambda: cut.append(True),
             )
             if pinned is not None:
                 if eligible[pinned.id].startswith("not allowed for tenant"):
@@ -765,6 +794,8 @@ class Router:
                 if for_completion:
                     raise ProviderNotConfigured(f"model {model.id}: {provider.missing_key_reason}")
                 reasons.append(f"{provider.missing_key_reason}; Complete would fail until it is set")
+            decided.append(True)  # nothing awaited from here to the snapshot of ``routing_attempts``
+            telemetry.close_routing()
             decision = RouteDecision(
                 decision_id=decision_id,
                 model=model.id,
@@ -787,8 +818,10 @@ class Router:
                 stage.remember(
                     decision.decision_id, request.chat.last_user_message, decision.model, request.context.tenant
                 )
-            return self._escalation.plan(decision, request)
+            return self._escalation.plan(decision, request), bool(cut)
         except RouteSvcError:
+            decided.append(True)
+            telemetry.close_routing()
             if give_back is not None and not routing_attempts:
                 # Refused before it cost anything: it consumes nothing of the tenant's Route limit.
                 give_back()
@@ -1013,7 +1046,7 @@ class Router:
         mode the request is queued for the provider's batch API and one ``BatchJob`` is yielded.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        decision = await self.route(request, for_completion=True, request_id=request_id, timeout=timeout)
+        decision, cut = await self._route(request, for_completion=True, request_id=request_id, timeout=timeout)
         if decision.mode is Mode.BATCH and (self._batches is None or not self._batches.supports(decision.provider)):
             # ``route`` decides batch only where the queue can take it; a router built without a
             # queue (as ``simulate`` builds one) judges by the configuration and serves it here.
@@ -1056,6 +1089,7 @@ class Router:
             cost=decision.estimated_cost_usd,
         )
         attempt = _AttemptState(request_id, decision, tenant, reservation, decision.estimated_cost_usd)
+        attempt.start_unchecked = cut
         # Deciding's calls are the request's first attempts, in its cost, summary and tokens (the
         # budget has their cost already: ``route`` charged it as they ended, so the settle below
         # leaves it out).
@@ -1187,14 +1221,16 @@ class Router:
         follows the decision, so that it still fits. A Complete's answer needs ``min_attempt_seconds`` to
         start (a classifier held only to its own ``timeout_s`` ran the request past a shorter
         deadline, DEADLINE_EXCEEDED and charged, where the local fallback answered in
-        milliseconds); a Route only writes its reply. None without a deadline."""
+        milliseconds); a Route only writes its reply. What follows is kept at least a third of
+        ``timeout`` (``_DECIDED_SHARE``): many requests cut at once share the loop for it. None
+        without a deadline."""
         if timeout is None:
             return None
         needs = _DECIDED_SLACK_SECONDS
         if for_completion:
             # The slack too: the answer's first attempt starts after the decision is admitted.
             needs += self._reliability.min_attempt_seconds
-        return time.monotonic() + timeout - needs
+        return time.monotonic() + timeout - max(needs, _DECIDED_SHARE * timeout)
 
     def _escalated_deadline(self, deadline: float | None, *, keeping: bool) -> float | None:
         """The deadline a cascade step escalated to runs to (a buffered step whole, the last step
@@ -1625,7 +1661,10 @@ class Router:
         first = attempt.number
         # Every attempt here starts before any text is sent: by the time the first text is due.
         start_by = deadline if attempt.first_text_by is None else attempt.first_text_by
-        checked = escalated  # the next attempt to start was let through by the escalation's check
+        # The next attempt to start was let through by the escalation's check, or is the first
+        # after a decision whose classifier was cut to keep its time (``_AttemptState``).
+        checked = escalated or attempt.start_unchecked
+        attempt.start_unchecked = False
         last_error: ProviderError | None = None
         retryable_error: ProviderError | None = None  # the last failure a later retry may get past
         refused: list[tuple[ModelSpec, float | None]] = []  # models open breakers refused, with their waits
@@ -2019,6 +2058,9 @@ class _AttemptState:
     reasoned: int = 0  # the last attempt whose model sent reasoning; 0: none
     # An answer is held: the first text of the last cascade step must come by then (monotonic)
     first_text_by: float | None = None
+    # The decision's LLM classifier was cut by ``Router._decide_by``: the answer's first attempt
+    # starts with whatever time deciding left (``_serve``), as an escalation announced does.
+    start_unchecked: bool = False
     tokens: int = 0
     cost: Decimal = Decimal(0)
     summaries: list[AttemptSummary] = field(default_factory=list)

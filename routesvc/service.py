@@ -123,8 +123,6 @@ def _spent(method: str) -> dict[str, object]:
     cancelled or escalated one included): always for Complete, for another method only when it
     paid for a call (a Route's LLM classifier)."""
     request = telemetry.current_request()
-    if request is not None:
-        request.totals_logged = True
     if request is None or (method != "Complete" and not request.attempts):
         return {}
     usage = request.usage

@@ -39,7 +39,8 @@ class RoutingInput:
     Such a call's wait ends by ``decide_by`` (``time.monotonic()``; None: no deadline), which
     leaves what the request still needs after the decision before the server's own end of the
     call (a Complete's answer ``min_attempt_seconds`` to start); with less than
-    ``min_call_seconds`` until then it is not made, and the stage decides without it.
+    ``min_call_seconds`` until then it is not made, and the stage decides without it. A wait so
+    cut calls ``on_cut`` (the router then lets the answer's first attempt start with what is left).
     """
 
     request: RoutingRequest
@@ -56,6 +57,7 @@ class RoutingInput:
     breakers: Breakers | None = None
     decide_by: float | None = None
     min_call_seconds: float = 0.0
+    on_cut: Callable[[], None] | None = None
     # ``estimated_input_tokens`` counts the images by the larger of the providers' formulas (no
     # model is chosen yet); ``estimated_image_tokens`` is the part they make up, and
     # ``image_estimate`` has them by each provider kind's formula: ``cost.estimated_cost`` prices

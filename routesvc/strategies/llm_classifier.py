@@ -146,6 +146,8 @@ class _Labels:
     asks: tuple[object, ...]
     cache: Memo[tuple[str, str]]
     flights: dict[bytes, _Flight] = field(default_factory=dict)
+    # Calls every request left when its deadline cut its wait, until they end (``_wait``).
+    ending: set[asyncio.Task[_Answer]] = field(default_factory=set)
     # Answers in a row that were not the JSON asked for (``_note_answer``).
     not_json_in_a_row: int = 0
 
@@ -307,19 +309,39 @@ class LLMClassifierStage:
         self._labels.cache.put(key, (task, complexity))
         return _Answer(task, complexity, usage)
 
-    async def _wait(self, key: bytes, flight: _Flight) -> _Answer:
-        """``flight``'s answer. A request that leaves (its deadline, its caller gone) leaves the
-        call to the others waiting; the last to leave ends it, and waits until it is charged."""
+    async def _wait(self, key: bytes, flight: _Flight, timeout: float | None) -> _Answer | None:
+        """``flight``'s answer, or None when ``timeout`` (seconds; None: none) passed first. A
+        request that leaves (its deadline, its caller gone) leaves the call to the others waiting;
+        the last to leave ends it. One whose caller is gone waits until it is charged; one cut by
+        its deadline does not: the call is aborted and charged from its own task (``charge``, as
+        it ends, after the request's decision), so that requests cut together on a hung classifier
+        do not spend the time kept for their answers on each other's aborts."""
         flight.waiting += 1
         try:
-            return await asyncio.shield(flight.call)
-        finally:
-            flight.waiting -= 1
-            if not flight.waiting and not flight.call.done():
-                if self._labels.flights.get(key) is flight:
-                    del self._labels.flights[key]
-                flight.call.cancel()
+            done, _ = await asyncio.wait([flight.call], timeout=timeout)
+        except BaseException:
+            if self._leave(key, flight) is not None:
                 await asyncio.wait([flight.call])
+            raise
+        if done:
+            flight.waiting -= 1
+            return flight.call.result()
+        ended = self._leave(key, flight)
+        if ended is not None:
+            # Kept until it ends: the loop holds only a weak reference to a task.
+            self._labels.ending.add(ended)
+            ended.add_done_callback(self._labels.ending.discard)
+        return None
+
+    def _leave(self, key: bytes, flight: _Flight) -> asyncio.Task[_Answer] | None:
+        """One request stops waiting on ``flight``; the call, cancelled, when it was the last."""
+        flight.waiting -= 1
+        if flight.waiting or flight.call.done():
+            return None
+        if self._labels.flights.get(key) is flight:
+            del self._labels.flights[key]
+        flight.call.cancel()
+        return flight.call
 
     async def classify(
         self,
@@ -332,6 +354,7 @@ class LLMClassifierStage:
         breakers: Breakers | None = None,
         answer_by: float | None = None,
         min_call_seconds: float = 0.0,
+        on_cut: Callable[[], None] | None = None,
     ) -> tuple[str, str, str]:
         """(task, complexity, explanation); task is "" when the model failed and no fallback exists
         (or the fallback's guess is below ``min_confidence``). Each provider call goes to
@@ -350,8 +373,8 @@ class LLMClassifierStage:
         The request waits for the model's label until ``answer_by`` (``time.monotonic()``; None: no
         deadline), then falls back as on ``timeout_s``, the call left to the others waiting on it
         (ended, and charged, when none is): what the request still needs after its label, before
-        its deadline, is kept. With less than ``min_call_seconds`` (the least a provider call is
-        started with) until then, the model is not asked."""
+        its deadline, is kept; ``on_cut`` is called then. With less than ``min_call_seconds`` (the
+        least a provider call is started with) until then, the model is not asked."""
         if may_not_use:
             return self._fall_back(prompt, f"not asked ({may_not_use})")
         # Two digests side by side: no tenant name and prompt can make another pair's key.
@@ -385,14 +408,13 @@ class LLMClassifierStage:
         started = time.perf_counter()
         # The call's own ``timeout_s`` bounds it for every request waiting; this request's deadline
         # bounds its wait alone (a shorter one does not end the call for the others).
-        cut = asyncio.timeout(None if left is None else max(0.0, left))
-        try:
-            async with cut:
-                answer = await self._wait(key, flight)
-        except TimeoutError:
-            if not cut.expired():
-                raise
+        waited = await self._wait(key, flight, None if left is None else max(0.0, left))
+        if waited is None:
+            if on_cut is not None:
+                on_cut()
             answer = _Answer(problem="cut by the request's deadline")
+        else:
+            answer = waited
         elapsed = (time.perf_counter() - started) * 1000
         if answer.problem:
             return self._fall_back(prompt, f"{answer.problem} after {elapsed:.0f} ms")
@@ -439,6 +461,7 @@ class LLMClassifierStage:
             breakers=routing_input.breakers,
             answer_by=routing_input.decide_by,
             min_call_seconds=routing_input.min_call_seconds,
+            on_cut=routing_input.on_cut,
         )
         if not task:
             reason = f"{reason}; {task_left(routing_input)}"

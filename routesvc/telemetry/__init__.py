@@ -10,6 +10,7 @@ them unconditionally::
     start_routing(request, settings)              the routing span opens, under the router's settings
     record_stage_latency(stage, seconds)          each policy stage's own time (policy)
     record_decision(decision)                     the decision's routesvc.* attributes (service)
+    close_routing()                               later classifier calls not in the RPC's totals (router)
     observed_stream(provider, model, call, mode, purpose="answer")
                                                   provider.stream(call) in a "chat {model}" client span
     record_fallback(from_model, to_model, reason) a span event and a metric (router)
@@ -33,6 +34,7 @@ from routesvc.telemetry._logging import add_trace_context, configure_logging
 from routesvc.telemetry._request import (
     CAPTURE_MAX_CHARS,
     RequestTelemetry,
+    close_routing,
     current_request,
     observed_stream,
     record_answer,
@@ -55,6 +57,7 @@ __all__ = [
     "RequestTelemetry",
     "Telemetry",
     "add_trace_context",
+    "close_routing",
     "configure_logging",
     "current_request",
     "observed_stream",

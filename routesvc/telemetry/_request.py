@@ -95,9 +95,9 @@ class RequestTelemetry:
     first_chunk_at: float | None = None
     code: str = "OK"
     operator_failure: bool = False  # failed for a reason only the operator can end
-    # Its totals were read for its rpc_finished line: an attempt that ends later (a classifier
-    # call it made and left to others waiting on it) is not in them.
-    totals_logged: bool = False
+    # Its routing ended (decided or refused): a classifier call it made that ends later (left when
+    # its deadline cut the wait) is not in its totals, as not in its decision (``close_routing``).
+    routing_closed: bool = False
 
     @property
     def cost(self) -> Decimal:
@@ -257,6 +257,15 @@ def start_routing(request: RoutingRequest, settings: Settings | None = None) -> 
         )
         if request.context.tenant:
             rpc.routing_span.set_attribute("routesvc.tenant", request.context.tenant)
+
+
+def close_routing() -> None:
+    """The RPC in progress has its decision (or was refused one): a classifier call it made that
+    ends after this (one its deadline cut its wait on) is charged to the ledger and the tenant's
+    budget, and logged ``classifier_charged``, but not counted in its totals, as not in the decision."""
+    rpc = _CURRENT.get()
+    if rpc is not None:
+        rpc.routing_closed = True
 
 
 def record_decision(decision: RouteDecision) -> None:
@@ -701,7 +710,8 @@ def _end_attempt(
     # An attempt cut after its text came counts as an answer too (its usage estimated): what the
     # caller saw of it is that model's, for the stats and the baseline.
     answered = finish is not None or (interrupted and bool(texts))
-    rpc.attempts.append(_AttemptRecord(model.id, cost, usage if answered else None, estimated, purpose, usage))
+    if purpose != "classifier" or not rpc.routing_closed:
+        rpc.attempts.append(_AttemptRecord(model.id, cost, usage if answered else None, estimated, purpose, usage))
     response_model = telemetry.response_model(model, finish.provider_model if finish else "")
     labels = {**metric_labels, "gen_ai.response.model": response_model}
     duration_labels = {**labels, "error.type": error_type} if error_type else labels
