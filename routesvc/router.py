@@ -704,7 +704,9 @@ class Router:
                 estimated=call.estimated,
             )
             if late:
-                # Its rpc_finished line, span and Completion do not count it: say what it was charged.
+                # Its rpc_finished line, span and Completion do not count it: say what it was
+                # charged (GetStats counts it, as the ledger and the budget do).
+                telemetry.record_late_charge(cost)
                 log.info(
                     "classifier_charged",
                     request_id=request_id,

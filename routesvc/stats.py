@@ -5,7 +5,9 @@ request cost (every upstream attempt, estimated usage included for interrupted o
 same usage would have cost on the baseline model, the decision's estimates, latency, time to
 first chunk, escalations, fallbacks and the cascade's verdict. ``RoutingStats.summary`` folds
 the outcomes of a window (optionally of one tenant) into totals, per-model and per-tenant rows.
-Feedback scores (``add_feedback``) are averaged per model over the same window. Savings are
+A classifier call a Complete left (cut by its deadline) and that was charged after the request
+was folded in (``add_late_charge``) adds its cost to the request's model and tenant, as the
+ledger has it. Feedback scores (``add_feedback``) are averaged per model over the same window. Savings are
 ``baseline cost - cost``; money stays ``Decimal`` until it is put on the wire.
 """
 
@@ -42,6 +44,16 @@ class RequestOutcome:
     cascade_released: bool | None = None
     cascade_score: float | None = None
     baseline_model: str = ""  # the model its baseline costs were priced on
+
+
+@dataclass(frozen=True, slots=True)
+class LateCharge:
+    """A finished Complete's classifier call charged after it finished: cost, no request."""
+
+    at: float
+    tenant: str
+    model: str  # the model that answered the request (its outcome's)
+    cost_usd: Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +110,11 @@ class Totals:
         return float(self.savings_usd / self.baseline_cost_usd * 100) if self.baseline_cost_usd else 0.0
 
     @classmethod
-    def of(cls, outcomes: Sequence[RequestOutcome]) -> Totals:
-        """The totals of ``outcomes``."""
+    def of(cls, outcomes: Sequence[RequestOutcome], late: Sequence[LateCharge] = ()) -> Totals:
+        """The totals of ``outcomes``, and the cost of ``late`` charges of theirs."""
         return cls(
             requests=len(outcomes),
-            cost_usd=sum((o.cost_usd for o in outcomes), _ZERO),
+            cost_usd=sum((o.cost_usd for o in outcomes), _ZERO) + sum((c.cost_usd for c in late), _ZERO),
             baseline_cost_usd=sum((o.baseline_cost_usd for o in outcomes), _ZERO),
             estimated_cost_usd=sum((o.estimated_cost_usd for o in outcomes), _ZERO),
             estimated_baseline_cost_usd=sum((o.estimated_baseline_cost_usd for o in outcomes), _ZERO),
@@ -174,6 +186,7 @@ class RoutingStats:
         self.baseline_model = baseline_model
         self._clock = clock
         self._outcomes: deque[RequestOutcome] = deque(maxlen=max_requests)
+        self._late: deque[LateCharge] = deque(maxlen=max_requests)
         self._max_feedback = max_requests
         # Scores in the order they came; a re-rated decision's earlier one stays until it expires
         # (stale: ``_latest`` names its replacement), so replacing costs O(1), not a scan of the
@@ -185,6 +198,11 @@ class RoutingStats:
     def add(self, outcome: RequestOutcome) -> None:
         """Keep ``outcome``; drop what fell out of the window."""
         self._outcomes.append(outcome)
+        self._expire(self._clock())
+
+    def add_late_charge(self, charge: LateCharge) -> None:
+        """Count the cost of a classifier call charged after its Complete was added."""
+        self._late.append(charge)
         self._expire(self._clock())
 
     def add_feedback(self, feedback: FeedbackOutcome) -> None:
@@ -217,6 +235,8 @@ class RoutingStats:
     def _expire(self, now: float) -> None:
         while self._outcomes and now - self._outcomes[0].at > self.window_seconds:
             self._outcomes.popleft()
+        while self._late and now - self._late[0].at > self.window_seconds:
+            self._late.popleft()
         while self._feedback and now - self._feedback[0].at > self.window_seconds:
             self._drop_oldest_feedback()
 
@@ -232,12 +252,20 @@ class RoutingStats:
         self._expire(now)
         window = self.window_seconds if not window_seconds else min(window_seconds, self.window_seconds)
         outcomes = [o for o in self._outcomes if now - o.at <= window and (not tenant or o.tenant == tenant)]
-        totals = Totals.of(outcomes)
+        late = [c for c in self._late if now - c.at <= window and (not tenant or c.tenant == tenant)]
+        totals = Totals.of(outcomes, late)
         by_model: dict[str, list[RequestOutcome]] = {}
         by_tenant: dict[str, list[RequestOutcome]] = {}
+        late_by_model: dict[str, list[LateCharge]] = {}
+        late_by_tenant: dict[str, list[LateCharge]] = {}
         for outcome in outcomes:
             by_model.setdefault(outcome.model, []).append(outcome)
             by_tenant.setdefault(outcome.tenant, []).append(outcome)
+        for charge in late:
+            late_by_model.setdefault(charge.model, []).append(charge)
+            late_by_tenant.setdefault(charge.tenant, []).append(charge)
+            by_model.setdefault(charge.model, [])
+            by_tenant.setdefault(charge.tenant, [])
         scores: dict[str, list[float]] = {}
         for feedback in self._feedback:
             if now - feedback.at <= window and (not tenant or feedback.tenant == tenant) and self._counts(feedback):
@@ -264,11 +292,14 @@ class RoutingStats:
                 ModelRow(
                     model,
                     len(rows) / len(outcomes) if outcomes else 0.0,
-                    Totals.of(rows),
+                    Totals.of(rows, late_by_model.get(model, ())),
                     len(scores.get(model, ())),
                     sum(scores[model]) / len(scores[model]) if scores.get(model) else None,
                 )
                 for model, rows in sorted(by_model.items(), key=lambda item: (-len(item[1]), item[0]))
             ),
-            tenants=tuple(TenantRow(name, Totals.of(rows)) for name, rows in sorted(by_tenant.items())),
+            tenants=tuple(
+                TenantRow(name, Totals.of(rows, late_by_tenant.get(name, ())))
+                for name, rows in sorted(by_tenant.items())
+            ),
         )

@@ -820,8 +820,8 @@ class TestTheLLMClassifierKeepsToTheRequestsDeadline:
         """A 1 s Complete: the classifier is cut with a third of the server's time left, the
         fallback's label routes it, the answer streams; the call is aborted upstream from its
         own task (the request does not wait for that) and charged its estimate (flagged) after
-        the decision: in the ledger (attempt 0) and the tenant's budget, logged
-        ``classifier_charged``, not in the decision's, the Completion's or GetStats' cost."""
+        the decision: in the ledger (attempt 0), the tenant's budget and GetStats, logged
+        ``classifier_charged``, not in the decision's or the Completion's cost."""
         fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}', first_chunk_delay=30))
         fake.enqueue(Script(text="Cheese, please."))
         config = llm_classifier_config()
@@ -846,8 +846,8 @@ class TestTheLLMClassifierKeepsToTheRequestsDeadline:
         assert labelling.cost_usd > 0
         assert Decimal(decision.routing_cost_usd) == 0
         assert [a.outcome for a in completion.attempts] == [pb.ATTEMPT_OUTCOME_COMPLETED]
-        assert Decimal(completion.cost_usd) == answer.cost_usd == Decimal(stats.totals.cost_usd)
-        assert spent == labelling.cost_usd + answer.cost_usd
+        assert Decimal(completion.cost_usd) == answer.cost_usd
+        assert spent == labelling.cost_usd + answer.cost_usd == Decimal(stats.totals.cost_usd)
         (charged,) = [line for line in logs if line["event"] == "classifier_charged"]
         assert (charged["decision_id"], charged["cost_usd"]) == (decision.decision_id, format_usd(labelling.cost_usd))
 
@@ -919,7 +919,7 @@ class TestTheLLMClassifierKeepsToTheRequestsDeadline:
         joins it; the Complete is cut (a third of its time kept, at 1.9 s) and answered by the fallback's
         label while the call goes on for the Route, which gets its label at 2.1 s, while the
         Complete's answer still streams. The call is the Complete's, charged after its decision:
-        in the ledger (attempt 0, the answer attempt 1), the tenant's budget and a
+        in the ledger (attempt 0, the answer attempt 1), the tenant's budget, GetStats and a
         ``classifier_charged`` line, and in none of its Completion, decision, span or rpc_finished
         line (the Completion left it out while rpc_finished and the span counted it, the ledger
         numbered both rows attempt 1, and no line said so). The Route pays nothing."""
@@ -956,7 +956,41 @@ class TestTheLLMClassifierKeepsToTheRequestsDeadline:
         (charged,) = [line for line in logs if line["event"] == "classifier_charged"]
         assert (charged["decision_id"], charged["cost_usd"]) == (decision.decision_id, format_usd(labelling.cost_usd))
         assert logs.index(charged) < logs.index(finished)  # charged while the answer streamed
-        assert Decimal(stats.totals.cost_usd) == answer.cost_usd
+        assert Decimal(stats.totals.cost_usd) == labelling.cost_usd + answer.cost_usd
+
+    async def test_a_call_charged_after_its_complete_finished_is_in_get_stats(self, fake: FakeProvider) -> None:
+        """A 1 s Complete makes the classifier call, a Route with the same prompt and no deadline
+        joins; the Complete is cut, answered and finished before the call answers the Route at
+        1.5 s: the call, charged to the Complete then, is in GetStats' totals, its tenant's and
+        its model's row, as in the ledger and the budget (GetStats left it out: 0 against the
+        ledger's cost)."""
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["timeout_s"] = 5  # type: ignore[index]
+        settings = settings_from(config, live_environ(fake))
+        slow = Script(text='{"task": "chat", "complexity": "low"}', first_chunk_delay=1.5)
+        fake.enqueue(slow, model=settings.catalog.get("gpt-4o-mini").provider_model)
+        fake.set_default(Script(chunks=("Cheese, please.",)))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            completing = asyncio.create_task(_collect(client.complete(user_chat(self.PROMPT), ACME, timeout=1.0)))
+            await until(lambda: len(fake.requests) == 1)
+            routing = asyncio.create_task(client.route(user_chat(self.PROMPT), ACME))
+            messages = await completing
+            decision, completion = messages[0].decision, messages[-1].completion
+            before = await client.get_stats()
+            await routing
+            await until(lambda: len(server.router.ledger.entries(decision.decision_id)) == 2)
+            labelling = min(server.router.ledger.entries(decision.decision_id), key=lambda row: row.attempt)
+            spent = await server.router.admission.spent("acme")
+            stats = await client.get_stats()
+            tenant = await client.get_stats(tenant="acme")
+        assert decision.reasons[0].startswith(CUT)
+        assert Decimal(before.totals.cost_usd) == Decimal(completion.cost_usd)  # not charged yet
+        assert labelling.attempt == 0
+        assert Decimal(stats.totals.cost_usd) == Decimal(completion.cost_usd) + labelling.cost_usd == spent
+        assert stats.totals.requests == 1
+        (row,) = stats.models
+        assert (row.model, Decimal(row.totals.cost_usd)) == (completion.model, spent)
+        assert Decimal(tenant.totals.cost_usd) == spent
 
     async def test_a_complete_without_time_for_the_classifier_does_not_ask_it(self, fake: FakeProvider) -> None:
         """A 0.35 s Complete leaves the classifier less than ``min_attempt_seconds`` (0.2 s) once

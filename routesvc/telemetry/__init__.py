@@ -11,6 +11,7 @@ them unconditionally::
     record_stage_latency(stage, seconds)          each policy stage's own time (policy)
     record_decision(decision)                     the decision's routesvc.* attributes (service)
     close_routing()                               later classifier calls not in the RPC's totals (router)
+    record_late_charge(cost)                      such a call's cost, for GetStats (router)
     observed_stream(provider, model, call, mode, purpose="answer")
                                                   provider.stream(call) in a "chat {model}" client span
     record_fallback(from_model, to_model, reason) a span event and a metric (router)
@@ -45,6 +46,7 @@ from routesvc.telemetry._request import (
     record_fallback,
     record_feedback,
     record_first_chunk_sent,
+    record_late_charge,
     record_operator_failure,
     record_retry,
     record_stage_latency,
@@ -69,6 +71,7 @@ __all__ = [
     "record_fallback",
     "record_feedback",
     "record_first_chunk_sent",
+    "record_late_charge",
     "record_operator_failure",
     "record_retry",
     "record_stage_latency",

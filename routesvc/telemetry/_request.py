@@ -39,7 +39,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.providers.base import ProviderCall
-from routesvc.stats import FeedbackOutcome, RequestOutcome
+from routesvc.stats import FeedbackOutcome, LateCharge, RequestOutcome
 
 if TYPE_CHECKING:
     from routesvc.telemetry._setup import Telemetry
@@ -98,6 +98,9 @@ class RequestTelemetry:
     # Its routing ended (decided or refused): a classifier call it made that ends later (left when
     # its deadline cut the wait) is not in its totals, as not in its decision (``close_routing``).
     routing_closed: bool = False
+    # What such calls were charged before ``close`` (for GetStats, not its span or rpc_finished).
+    late_cost: Decimal = Decimal(0)
+    closed: bool = False
 
     @property
     def cost(self) -> Decimal:
@@ -159,6 +162,7 @@ class RequestTelemetry:
         """End the routing span, put the totals on the server span, record metrics and stats."""
         duration = time.monotonic() - self.started
         telemetry = self.telemetry
+        self.closed = True
         if self.routing_span is not None:
             self.routing_span.end()
         cost, baseline = self.cost, self.baseline_cost
@@ -208,7 +212,7 @@ class RequestTelemetry:
                 selected_model=decision.model,
                 strategy=decision.strategy,
                 ok=self.code in ("OK", "CANCELLED"),  # a caller that gave up is not a failure
-                cost_usd=cost,
+                cost_usd=cost + self.late_cost,  # as the ledger: a call it left, charged later, too
                 baseline_cost_usd=baseline,
                 estimated_cost_usd=decision.estimated_cost_usd,
                 estimated_baseline_cost_usd=estimated_baseline,
@@ -266,6 +270,20 @@ def close_routing() -> None:
     rpc = _CURRENT.get()
     if rpc is not None:
         rpc.routing_closed = True
+
+
+def record_late_charge(cost: Decimal) -> None:
+    """A classifier call the RPC in progress made and left (``close_routing``) was charged
+    ``cost``: GetStats counts it with a Complete's cost (folded in at ``close``, or after as a
+    ``LateCharge``), as the ledger and the tenant's budget do; its span and rpc_finished do not."""
+    rpc = _CURRENT.get()
+    if rpc is None or rpc.method != "Complete":
+        return
+    if not rpc.closed:
+        rpc.late_cost += cost
+    elif rpc.decision is not None:
+        answered = rpc.decision.model if rpc.answered is None else rpc.answered[0]
+        rpc.telemetry.stats.add_late_charge(LateCharge(time.monotonic(), rpc.tenant, answered, cost))
 
 
 def record_decision(decision: RouteDecision) -> None:
