@@ -510,6 +510,11 @@ class FeedbackStore:
         worker."""
         return self._locked_out
 
+    @property
+    def path(self) -> str:
+        """The SQLite file this store keeps (``:memory:``: none)."""
+        return str(self._path)
+
     def busy(self) -> FeedbackStoreBusy:
         """The error for a call that could not take the file's write lock in time."""
         return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")

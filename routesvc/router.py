@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import os
 import threading
 import time
@@ -165,6 +166,18 @@ class _Learning:
 _FEEDBACK_NOT_ENABLED = "feedback needs an embedding stage with a feedback_db in routing.stages"
 
 
+@dataclass(slots=True)
+class _Stored:
+    """What one look's job has recorded so far (written on the feedback thread, read by
+    ``_ended_after_its_call`` once the job is done): the stores (``files``) it is to record in,
+    those it has ``stored`` the outcome in, and the decision's ``model`` and ``owner`` as they read it."""
+
+    files: list[FeedbackStore] = field(default_factory=list)
+    stored: list[FeedbackStore] = field(default_factory=list)
+    model: str = ""
+    owner: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class _FeedbackCall:
     """One Feedback call: its ``score`` for ``decision_id`` from ``tenant``, and the times its
@@ -207,7 +220,10 @@ class _FeedbackCall:
         store) and counted in GetStats once done (``_ended_after_its_call``), as is one still
         running at ``answer_by`` (below) whose call then ends."""
         cancel = Cancellation()
-        job = self.learning.executor.submit(self.context.run, self.record, time.monotonic(), found_unknown, cancel)
+        stored = _Stored()
+        job = self.learning.executor.submit(
+            self.context.run, self.record, time.monotonic(), found_unknown, cancel, stored
+        )
         answer = asyncio.wrap_future(job)
         try:
             if self.answer_by is not None:
@@ -229,26 +245,46 @@ class _FeedbackCall:
         except asyncio.CancelledError:
             cancel.cancel()
             job.cancel()
-            answer.add_done_callback(self._ended_after_its_call)
+            answer.add_done_callback(functools.partial(self._ended_after_its_call, stored))
             raise
 
-    def _ended_after_its_call(self, answer: asyncio.Future[tuple[str, str, int]]) -> None:
+    def _ended_after_its_call(self, stored: _Stored, answer: asyncio.Future[tuple[str, str, int]]) -> None:
         """A job whose call ended before it (cancelled, or its deadline passed): its error read
         (nobody else will: asyncio logged each as ``Future exception was never retrieved``), and
-        the outcome it recorded counted in GetStats, as its call would have."""
-        if answer.cancelled() or answer.exception() is not None:
+        the outcome it recorded counted in GetStats, as its call would have.
+
+        A job that failed after it ``stored`` the outcome in a file (with two stages, the second
+        file locked past the busy timeout, or full) leaves it there and in that stage's library,
+        and its call's client, told CANCELLED, will not send it again as one told the error
+        would: it is counted (it is stored) and logged, ``feedback_partly_stored`` naming the files
+        not written (the call sent again stores it there)."""
+        if answer.cancelled():
             return
-        model, owner, _ = answer.result()
+        error = answer.exception()
+        if error is None:
+            model, owner, _ = answer.result()
+        elif stored.stored:
+            model, owner = stored.model, stored.owner
+            log.warning(
+                "feedback_partly_stored",
+                decision_id=self.decision_id,
+                stored=[store.path for store in stored.stored],
+                not_stored=[store.path for store in stored.files if store not in stored.stored],
+                error_type=type(error).__name__,
+            )
+        else:
+            return
         telemetry.record_feedback(model, self.score, decision_id=self.decision_id, tenant=owner)
 
     def record(
-        self, arrived: float, found_unknown: UnknownDecision | None, cancel: Cancellation
+        self, arrived: float, found_unknown: UnknownDecision | None, cancel: Cancellation, stored: _Stored
     ) -> tuple[str, str, int]:
         """``look``'s work on the feedback thread, for a look that ``arrived`` then (``cancel``:
-        settled once its call is cancelled; before a file's lock is taken, nothing is stored)."""
+        settled once its call is cancelled; before a file's lock is taken, nothing is stored;
+        ``stored``: what it recorded so far)."""
         deadline = self._lock_deadline(arrived)
         try:
-            return self._recorded_by(deadline, cancel)
+            return self._recorded_by(deadline, cancel, stored)
         except FeedbackStoreBusy:
             # Not looked at again within the call's time (the busy timeout had not passed):
             # a look again answers what the look before found.
@@ -277,12 +313,12 @@ class _FeedbackCall:
                 return store.busy()
         return FeedbackStoreBusy(f"feedback: {waited_for} took this call's time; retry shortly")
 
-    def _recorded_by(self, deadline: LockDeadline, cancel: Cancellation) -> tuple[str, str, int]:
+    def _recorded_by(self, deadline: LockDeadline, cancel: Cancellation, stored: _Stored) -> tuple[str, str, int]:
         """The score recorded in each store and taught to each library of the newest policy,
         the first store's lock taken by ``deadline`` (else ``FeedbackStoreBusy``, nothing stored)
         and ``cancel`` not settled before it (else ``concurrent.futures.CancelledError``, nothing
         stored); the stores after the first are each taken by ``deadline`` too, their calls'
-        cancel too late (the call is finished)."""
+        cancel too late (the call is finished); each file recorded in is noted in ``stored``."""
         model = owner = ""
         examples = 0
         if time.monotonic() >= deadline.at:
@@ -304,6 +340,7 @@ class _FeedbackCall:
             if not stages:
                 raise FeedbackNotEnabled(_FEEDBACK_NOT_ENABLED)
             self.learning.recorded += 1
+            stored.files = list(dict.fromkeys(stage.feedback for stage in stages if stage.feedback is not None))
             recorded: dict[FeedbackStore, Recorded] = {}
             for stage in stages:
                 assert stage.feedback is not None
@@ -311,8 +348,10 @@ class _FeedbackCall:
                     recorded[stage.feedback] = stage.feedback.record_outcome(
                         self.decision_id, self.score, tenant=self.tenant, deadline=deadline, cancel=cancel
                     )
+                    stored.stored.append(stage.feedback)
                 entry = recorded[stage.feedback].entry
                 model, owner = entry.model, entry.tenant
+                stored.model, stored.owner = model, owner
                 examples += stage.learn(recorded[stage.feedback])
         finally:
             self.learning.lock.release()

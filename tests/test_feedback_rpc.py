@@ -861,6 +861,54 @@ class TestFeedbackStoreUnderContention:
         assert stored == [[(decision.decision_id, 0.0)]] * 2
         assert counted == 1
 
+    async def test_with_two_stages_a_cancelled_feedback_whose_second_file_stays_locked_is_counted_and_logged(
+        self, tmp_path: Path
+    ) -> None:
+        """Two stages; another process (a real one) locks the second file for 7 s, past the 5 s
+        busy timeout. A Feedback with no deadline is stored in the first file, waits for the
+        second's lock and is cancelled by its client at 0.5 s; its wait then ends busy. The
+        outcome stays in the first file only (its client, told CANCELLED, will not send it
+        again), so it is counted in GetStats as stored and logged ``feedback_partly_stored``
+        naming the file not written (no prompt); sent again, it is stored there and counted
+        once. It was half stored, counted nowhere and logged nowhere (the job's
+        FeedbackStoreBusy read and dropped)."""
+        server = Server(settings_from(two_stage_config(tmp_path)), port=0)
+        async with server, RouterClient(server.target, default_timeout=None) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            stores = [stage.feedback for stage in server.router.policy.learning_stages]
+            for store in stores:
+                assert store is not None
+                assert await asyncio.to_thread(store.flush)
+            with capture_logs() as logs:
+                async with _another_process(_LOCK_HOLDER, str(tmp_path / "second.db"), "7", ready=b"locked"):
+                    call = asyncio.ensure_future(client.feedback(decision.decision_id, thumbs_up=False))
+                    await asyncio.sleep(0.5)
+                    call.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await call
+                    # Behind what the cancelled call's job still ran on the feedback thread.
+                    await asyncio.wrap_future(server.router._learning.executor.submit(lambda: None))
+                    await asyncio.sleep(0.1)
+                    stored = [[e.score for e in await asyncio.to_thread(s.entries)] for s in stores if s is not None]
+                    counted = sum(model.feedback_count for model in (await client.get_stats()).models)
+            again = await client.feedback(decision.decision_id, thumbs_up=False, timeout=5.0)
+            stored_again = [[e.score for e in await asyncio.to_thread(s.entries)] for s in stores if s is not None]
+            counted_again = sum(model.feedback_count for model in (await client.get_stats()).models)
+        partly = [entry for entry in logs if entry["event"] == "feedback_partly_stored"]
+        assert stored == [[0.0], []]
+        assert counted == 1
+        assert [(e["log_level"], e["decision_id"], e["stored"], e["not_stored"], e["error_type"]) for e in partly] == [
+            (
+                "warning",
+                decision.decision_id,
+                [str(tmp_path / "feedback.db")],
+                [str(tmp_path / "second.db")],
+                "FeedbackStoreBusy",
+            )
+        ]
+        assert "zulu" not in str(partly)
+        assert (stored_again, counted_again, again.library_examples) == ([[0.0], [0.0]], 1, 2)
+
     async def test_a_feedback_with_a_deadline_cancelled_while_it_waits_for_the_lock_logs_no_asyncio_error(
         self, tmp_path: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
