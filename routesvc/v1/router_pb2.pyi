@@ -920,7 +920,11 @@ class RouteDecision(_message.Message):
     """What deciding cost in USD, decimal string: an LLM classifier's call when the policy
     made one ("0" otherwise, also when it answered from its cache). It is charged to the
     tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-    job's result does not). It is not part of `estimated_cost_usd`.
+    job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+    deadline cut its wait on (the request served without the classifier's label) is the
+    exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+    tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+    Completion's `cost_usd` and `attempts`.
     """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1127,7 +1131,9 @@ class Completion(_message.Message):
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
         """Every upstream attempt of the request in order (an LLM classifier's call made to
         decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-        the sum of their costs.
+        the sum of their costs. A classifier call the request's deadline cut its wait on is
+        not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+        budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
         """
 
     @_builtins.property

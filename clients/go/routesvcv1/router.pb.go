@@ -1571,7 +1571,11 @@ type RouteDecision struct {
 	// What deciding cost in USD, decimal string: an LLM classifier's call when the policy
 	// made one ("0" otherwise, also when it answered from its cache). It is charged to the
 	// tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-	// job's result does not). It is not part of `estimated_cost_usd`.
+	// job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+	// deadline cut its wait on (the request served without the classifier's label) is the
+	// exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+	// tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+	// Completion's `cost_usd` and `attempts`.
 	RoutingCostUsd string `protobuf:"bytes,16,opt,name=routing_cost_usd,json=routingCostUsd,proto3" json:"routing_cost_usd,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
@@ -1968,7 +1972,9 @@ type Completion struct {
 	FinishReason FinishReason `protobuf:"varint,6,opt,name=finish_reason,json=finishReason,proto3,enum=routesvc.v1.FinishReason" json:"finish_reason,omitempty"`
 	// Every upstream attempt of the request in order (an LLM classifier's call made to
 	// decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-	// the sum of their costs.
+	// the sum of their costs. A classifier call the request's deadline cut its wait on is
+	// not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+	// budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
 	Attempts []*Attempt `protobuf:"bytes,7,rep,name=attempts,proto3" json:"attempts,omitempty"`
 	// The sum of every attempt's usage (equals `usage` when one attempt answered).
 	TotalUsage *Usage `protobuf:"bytes,8,opt,name=total_usage,json=totalUsage,proto3" json:"total_usage,omitempty"`

@@ -693,7 +693,11 @@ export type RouteDecision = Message$1<"routesvc.v1.RouteDecision"> & {
    * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
    * made one ("0" otherwise, also when it answered from its cache). It is charged to the
    * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-   * job's result does not). It is not part of `estimated_cost_usd`.
+   * job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+   * deadline cut its wait on (the request served without the classifier's label) is the
+   * exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+   * tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+   * Completion's `cost_usd` and `attempts`.
    *
    * @generated from field: string routing_cost_usd = 16;
    */
@@ -880,7 +884,9 @@ export type Completion = Message$1<"routesvc.v1.Completion"> & {
   /**
    * Every upstream attempt of the request in order (an LLM classifier's call made to
    * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-   * the sum of their costs.
+   * the sum of their costs. A classifier call the request's deadline cut its wait on is
+   * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+   * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
    *
    * @generated from field: repeated routesvc.v1.Attempt attempts = 7;
    */

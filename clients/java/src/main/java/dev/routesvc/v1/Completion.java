@@ -313,7 +313,9 @@ private static final long serialVersionUID = 0L;
    * <pre>
    * Every upstream attempt of the request in order (an LLM classifier's call made to
    * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-   * the sum of their costs.
+   * the sum of their costs. A classifier call the request's deadline cut its wait on is
+   * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+   * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -326,7 +328,9 @@ private static final long serialVersionUID = 0L;
    * <pre>
    * Every upstream attempt of the request in order (an LLM classifier's call made to
    * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-   * the sum of their costs.
+   * the sum of their costs. A classifier call the request's deadline cut its wait on is
+   * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+   * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -340,7 +344,9 @@ private static final long serialVersionUID = 0L;
    * <pre>
    * Every upstream attempt of the request in order (an LLM classifier's call made to
    * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-   * the sum of their costs.
+   * the sum of their costs. A classifier call the request's deadline cut its wait on is
+   * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+   * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -353,7 +359,9 @@ private static final long serialVersionUID = 0L;
    * <pre>
    * Every upstream attempt of the request in order (an LLM classifier's call made to
    * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-   * the sum of their costs.
+   * the sum of their costs. A classifier call the request's deadline cut its wait on is
+   * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+   * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -366,7 +374,9 @@ private static final long serialVersionUID = 0L;
    * <pre>
    * Every upstream attempt of the request in order (an LLM classifier's call made to
    * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-   * the sum of their costs.
+   * the sum of their costs. A classifier call the request's deadline cut its wait on is
+   * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+   * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1834,7 +1844,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1850,7 +1862,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1866,7 +1880,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1882,7 +1898,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1905,7 +1923,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1925,7 +1945,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1947,7 +1969,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1970,7 +1994,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -1990,7 +2016,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -2010,7 +2038,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -2031,7 +2061,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -2050,7 +2082,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -2069,7 +2103,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -2082,7 +2118,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -2098,7 +2136,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -2115,7 +2155,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -2128,7 +2170,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -2142,7 +2186,9 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * Every upstream attempt of the request in order (an LLM classifier's call made to
      * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-     * the sum of their costs.
+     * the sum of their costs. A classifier call the request's deadline cut its wait on is
+     * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+     * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
      * </pre>
      *
      * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>

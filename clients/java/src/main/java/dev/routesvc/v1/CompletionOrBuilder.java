@@ -141,7 +141,9 @@ public interface CompletionOrBuilder extends
    * <pre>
    * Every upstream attempt of the request in order (an LLM classifier's call made to
    * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-   * the sum of their costs.
+   * the sum of their costs. A classifier call the request's deadline cut its wait on is
+   * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+   * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -152,7 +154,9 @@ public interface CompletionOrBuilder extends
    * <pre>
    * Every upstream attempt of the request in order (an LLM classifier's call made to
    * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-   * the sum of their costs.
+   * the sum of their costs. A classifier call the request's deadline cut its wait on is
+   * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+   * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -162,7 +166,9 @@ public interface CompletionOrBuilder extends
    * <pre>
    * Every upstream attempt of the request in order (an LLM classifier's call made to
    * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-   * the sum of their costs.
+   * the sum of their costs. A classifier call the request's deadline cut its wait on is
+   * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+   * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -172,7 +178,9 @@ public interface CompletionOrBuilder extends
    * <pre>
    * Every upstream attempt of the request in order (an LLM classifier's call made to
    * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-   * the sum of their costs.
+   * the sum of their costs. A classifier call the request's deadline cut its wait on is
+   * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+   * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>
@@ -183,7 +191,9 @@ public interface CompletionOrBuilder extends
    * <pre>
    * Every upstream attempt of the request in order (an LLM classifier's call made to
    * decide, failed, escalated, judge calls and the answering one); `cost_usd` above is
-   * the sum of their costs.
+   * the sum of their costs. A classifier call the request's deadline cut its wait on is
+   * not one of them: it is charged after the decision (the ledger's attempt 0, the tenant's
+   * budget, a `classifier_charged` log line), see `RouteDecision.routing_cost_usd`.
    * </pre>
    *
    * <code>repeated .routesvc.v1.Attempt attempts = 7 [json_name = "attempts"];</code>

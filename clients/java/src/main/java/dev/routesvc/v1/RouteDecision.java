@@ -729,7 +729,11 @@ private static final long serialVersionUID = 0L;
    * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
    * made one ("0" otherwise, also when it answered from its cache). It is charged to the
    * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-   * job's result does not). It is not part of `estimated_cost_usd`.
+   * job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+   * deadline cut its wait on (the request served without the classifier's label) is the
+   * exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+   * tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+   * Completion's `cost_usd` and `attempts`.
    * </pre>
    *
    * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -753,7 +757,11 @@ private static final long serialVersionUID = 0L;
    * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
    * made one ("0" otherwise, also when it answered from its cache). It is charged to the
    * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-   * job's result does not). It is not part of `estimated_cost_usd`.
+   * job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+   * deadline cut its wait on (the request served without the classifier's label) is the
+   * exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+   * tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+   * Completion's `cost_usd` and `attempts`.
    * </pre>
    *
    * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -3251,7 +3259,11 @@ private static final long serialVersionUID = 0L;
      * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
      * made one ("0" otherwise, also when it answered from its cache). It is charged to the
      * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-     * job's result does not). It is not part of `estimated_cost_usd`.
+     * job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+     * deadline cut its wait on (the request served without the classifier's label) is the
+     * exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+     * tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+     * Completion's `cost_usd` and `attempts`.
      * </pre>
      *
      * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -3274,7 +3286,11 @@ private static final long serialVersionUID = 0L;
      * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
      * made one ("0" otherwise, also when it answered from its cache). It is charged to the
      * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-     * job's result does not). It is not part of `estimated_cost_usd`.
+     * job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+     * deadline cut its wait on (the request served without the classifier's label) is the
+     * exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+     * tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+     * Completion's `cost_usd` and `attempts`.
      * </pre>
      *
      * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -3298,7 +3314,11 @@ private static final long serialVersionUID = 0L;
      * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
      * made one ("0" otherwise, also when it answered from its cache). It is charged to the
      * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-     * job's result does not). It is not part of `estimated_cost_usd`.
+     * job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+     * deadline cut its wait on (the request served without the classifier's label) is the
+     * exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+     * tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+     * Completion's `cost_usd` and `attempts`.
      * </pre>
      *
      * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -3318,7 +3338,11 @@ private static final long serialVersionUID = 0L;
      * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
      * made one ("0" otherwise, also when it answered from its cache). It is charged to the
      * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-     * job's result does not). It is not part of `estimated_cost_usd`.
+     * job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+     * deadline cut its wait on (the request served without the classifier's label) is the
+     * exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+     * tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+     * Completion's `cost_usd` and `attempts`.
      * </pre>
      *
      * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -3335,7 +3359,11 @@ private static final long serialVersionUID = 0L;
      * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
      * made one ("0" otherwise, also when it answered from its cache). It is charged to the
      * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-     * job's result does not). It is not part of `estimated_cost_usd`.
+     * job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+     * deadline cut its wait on (the request served without the classifier's label) is the
+     * exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+     * tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+     * Completion's `cost_usd` and `attempts`.
      * </pre>
      *
      * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>

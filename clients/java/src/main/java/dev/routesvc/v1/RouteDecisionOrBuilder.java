@@ -388,7 +388,11 @@ public interface RouteDecisionOrBuilder extends
    * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
    * made one ("0" otherwise, also when it answered from its cache). It is charged to the
    * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-   * job's result does not). It is not part of `estimated_cost_usd`.
+   * job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+   * deadline cut its wait on (the request served without the classifier's label) is the
+   * exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+   * tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+   * Completion's `cost_usd` and `attempts`.
    * </pre>
    *
    * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
@@ -400,7 +404,11 @@ public interface RouteDecisionOrBuilder extends
    * What deciding cost in USD, decimal string: an LLM classifier's call when the policy
    * made one ("0" otherwise, also when it answered from its cache). It is charged to the
    * tenant at once; a realtime Complete also counts it in its cost and attempts (a batch
-   * job's result does not). It is not part of `estimated_cost_usd`.
+   * job's result does not). It is not part of `estimated_cost_usd`. A call the request's
+   * deadline cut its wait on (the request served without the classifier's label) is the
+   * exception: it is charged after the decision, when it ends (the ledger's attempt 0, the
+   * tenant's budget, a `classifier_charged` log line), and is not here ("0") nor in the
+   * Completion's `cost_usd` and `attempts`.
    * </pre>
    *
    * <code>string routing_cost_usd = 16 [json_name = "routingCostUsd"];</code>
