@@ -333,7 +333,6 @@ class RouterService(pb_grpc.RouterServiceServicer):
         # Every line logged while this RPC runs names it (each RPC is a task of its own, so the
         # binding ends with it); ``_record_decision`` adds the decision id.
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         record = _CallRecord(method, request_id, started)
         code = grpc.StatusCode.OK
         alert = False  # a failure the operator must act on whatever its code (operator_must_act)
@@ -347,6 +346,11 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 self._in_flight -= 1
 
         try:
+            # Inside the ``try``: grpc cancels a call whose deadline passed before it ran this
+            # handler (a busy loop) at this first await, which is then logged DEADLINE_EXCEEDED as
+            # its span and metric record it (before the ``try``, it was never logged). It holds no
+            # slot yet, so ``release_slot`` does nothing for it.
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
             if self._in_flight >= self._max_in_flight:
                 raise Overloaded(f"the server is at its limit of {self._max_in_flight} concurrent calls")
             self._in_flight += 1

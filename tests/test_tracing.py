@@ -4,6 +4,7 @@ attributes and cost, trace context in and out, events for fallbacks and escalati
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from decimal import Decimal
 
@@ -166,6 +167,47 @@ class TestServerSpan:
         assert [_attrs(server)["rpc.grpc.status_code"] for server in servers] == [0, 4]
         codes = sorted(dict(point.attributes)["rpc.response.status_code"] for point in points)
         assert codes == ["DEADLINE_EXCEEDED", "OK"]
+
+    @pytest.mark.slow
+    async def test_a_call_that_expired_while_the_loop_was_busy_has_one_log_line_with_its_spans_code(
+        self, fake: FakeProvider
+    ) -> None:
+        """Routes with 1-16 ms deadlines, each on a new channel, arrive while a rule's regex
+        backtracks (CPU only) for about half a second: grpc starts some of their handlers after
+        their deadline has passed and cancels them at their first await. Every call whose handler
+        ran (one server span each) has one rpc_finished line, with its span's code (such a call
+        had its span and its duration point but no line: it was cancelled before the code that
+        logs it)."""
+        from structlog.testing import capture_logs
+
+        from routesvc.client import RouterClient
+
+        config = default_config()
+        slow_rule = {"name": "slow", "when": {"last_user_message_matches": r"(a+)+$"}, "model": "gpt-4o"}
+        config["routing"]["stages"].insert(0, {"kind": "rules", "rules": [slow_rule]})  # type: ignore[index]
+
+        async def route(client: RouterClient, prompt: str, timeout: float) -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await client.route(user_chat(prompt), timeout=timeout)
+
+        async with observed_server(fake, config=config) as observed:
+            await observed.client.route(user_chat("hi"))  # opens the channel the slow call uses
+            with capture_logs() as logs:
+                for _ in range(12):
+                    async with contextlib.AsyncExitStack() as stack:
+                        target = observed.server.target
+                        clients = [await stack.enter_async_context(RouterClient(target)) for _ in range(6)]
+                        quick = [route(client, "hi", 0.001 + 0.005 * (n % 4)) for n, client in enumerate(clients)]
+                        await asyncio.gather(*quick, route(observed.client, "a" * 22 + "!", 0.3))
+                # Every handler has ended, and with it its span (which ends after the handler's line).
+                service = observed.server._service
+                await until(lambda: not service.calls_in_flight())
+                await asyncio.sleep(0.5)
+            spans = [s for s in observed.finished() if s.kind is SpanKind.SERVER and s.name.endswith("/Route")]
+        lines = [entry for entry in logs if entry["event"] == "rpc_finished"]
+        names = {code.value[0]: code.name for code in grpc.StatusCode}
+        span_codes = sorted(names[_attrs(span)["rpc.grpc.status_code"]] for span in spans[1:])  # after the first
+        assert sorted(line["code"] for line in lines) == span_codes
 
     @pytest.mark.parametrize(
         ("script", "reason"),
