@@ -369,6 +369,26 @@ class TestFeedbackBelongsToTheDecisionsTenant:
         assert (response.library_examples, repeated.library_examples) == (expected, expected)
 
 
+async def _rated(client: RouterClient, decision_id: str, *, after: float = 0.0, timeout: float | None = None) -> str:
+    """A thumbs-down Feedback for ``decision_id`` sent ``after`` seconds from now: ``OK``, or its
+    error's reason and details."""
+    await asyncio.sleep(after)
+    try:
+        await client.feedback(decision_id, thumbs_up=False, timeout=timeout)
+    except grpc.aio.AioRpcError as error:
+        return f"{error_info(error).reason} {error.details()}"
+    return "OK"
+
+
+async def _timed_rating(client: RouterClient, decision_id: str, *, after: float = 0.0) -> tuple[str, float]:
+    """``_rated``'s error reason (or ``OK``) and how long the call took from its sending."""
+    await asyncio.sleep(after)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    answer = await _rated(client, decision_id)
+    return answer.split()[0], loop.time() - started
+
+
 async def _decisions_written(server: Server) -> None:
     """Write the decisions ``server`` has routed to its feedback file now (not at the next flush)."""
     [stage] = server.router.policy.learning_stages
@@ -536,15 +556,6 @@ class TestFeedbackStoreUnderContention:
             async with _another_process(holder, str(tmp_path / "feedback.db"), ready=b"locked"):
                 loop = asyncio.get_running_loop()
 
-                async def rated(decision_id: str) -> tuple[str, float]:
-                    started = loop.time()
-                    try:
-                        await client.feedback(decision_id, thumbs_up=False)
-                        outcome = "OK"
-                    except grpc.aio.AioRpcError as error:
-                        outcome = error_info(error).reason
-                    return outcome, loop.time() - started
-
                 async def default_executor_wait() -> float:
                     await asyncio.sleep(1.0)  # the Feedback calls are waiting by now
                     queued = loop.time()
@@ -552,7 +563,7 @@ class TestFeedbackStoreUnderContention:
                     return started - queued
 
                 *answers, waited = await asyncio.gather(
-                    *(rated(d.decision_id) for d in decisions), default_executor_wait()
+                    *(_timed_rating(client, d.decision_id) for d in decisions), default_executor_wait()
                 )
         assert [outcome for outcome, _ in answers] == ["FEEDBACK_STORE_BUSY"] * 8
         assert max(seconds for _, seconds in answers) < 8.0  # the busy timeout (5 s) and a margin
@@ -573,17 +584,6 @@ class TestFeedbackStoreUnderContention:
             decisions = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(2)]
             await _decisions_written(server)
             async with _another_process(_LOCK_HOLDER, str(tmp_path / "feedback.db"), "10", ready=b"locked"):
-                loop = asyncio.get_running_loop()
-
-                async def rated(decision_id: str, after: float) -> tuple[str, float]:
-                    await asyncio.sleep(after)
-                    started = loop.time()
-                    try:
-                        await client.feedback(decision_id, thumbs_up=False)
-                        outcome = "OK"
-                    except grpc.aio.AioRpcError as error:
-                        outcome = error_info(error).reason
-                    return outcome, loop.time() - started
 
                 async def routes() -> None:
                     for i in range(40):  # a Route every 0.25 s, each queueing a write
@@ -592,7 +592,8 @@ class TestFeedbackStoreUnderContention:
 
                 routing = asyncio.ensure_future(routes())
                 first, second = await asyncio.gather(
-                    rated(decisions[0].decision_id, 0.0), rated(decisions[1].decision_id, 0.5)
+                    _timed_rating(client, decisions[0].decision_id),
+                    _timed_rating(client, decisions[1].decision_id, after=0.5),
                 )
                 await routing
         assert (first[0], second[0]) == ("FEEDBACK_STORE_BUSY", "FEEDBACK_STORE_BUSY")
@@ -675,21 +676,13 @@ class TestFeedbackStoreUnderContention:
                 assert stage.feedback is not None
                 assert await asyncio.to_thread(stage.feedback.flush)
 
-            async def rated(decision_id: str, timeout: float | None, after: float) -> str:
-                await asyncio.sleep(after)
-                try:
-                    await client.feedback(decision_id, thumbs_up=False, timeout=timeout)
-                except grpc.aio.AioRpcError as error:
-                    return f"{error_info(error).reason} {error.details()}"
-                return "OK"
-
             async with _another_process(
                 holder, str(tmp_path / "feedback.db"), str(tmp_path / "second.db"), ready=b"locked"
             ):
                 a, c, *b = await asyncio.gather(
-                    rated(decisions[0].decision_id, None, 0.0),
-                    rated(decisions[1].decision_id, 5.4, 0.05),
-                    *(rated(d.decision_id, None, 0.1) for d in decisions[2:]),
+                    _rated(client, decisions[0].decision_id),
+                    _rated(client, decisions[1].decision_id, timeout=5.4, after=0.05),
+                    *(_rated(client, d.decision_id, after=0.1) for d in decisions[2:]),
                 )
             [first, _] = server.router.policy.learning_stages
             assert first.feedback is not None
@@ -730,19 +723,12 @@ class TestFeedbackStoreUnderContention:
                 assert store is not None
                 assert await asyncio.to_thread(store.flush)
 
-            async def rated(decision_id: str, after: float) -> str:
-                await asyncio.sleep(after)
-                try:
-                    await client.feedback(decision_id, thumbs_up=False)
-                except grpc.aio.AioRpcError as error:
-                    return f"{error_info(error).reason} {error.details()}"
-                return "OK"
-
             async with _another_process(
                 holder, str(tmp_path / "feedback.db"), str(tmp_path / "second.db"), ready=b"locked"
             ):
                 a, *b = await asyncio.gather(
-                    rated(decisions[0].decision_id, 0.0), *(rated(d.decision_id, 0.1) for d in decisions[1:])
+                    _rated(client, decisions[0].decision_id),
+                    *(_rated(client, d.decision_id, after=0.1) for d in decisions[1:]),
                 )
             assert stores[1] is not None
             stored = {entry.decision_id for entry in await asyncio.to_thread(stores[1].entries)}
