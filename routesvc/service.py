@@ -199,6 +199,9 @@ class _CallRecord:
     principal: Principal = _ANONYMOUS
     fields: dict[str, object] = field(default_factory=dict)
     ends_at: float | None = None  # when (loop time) the server ends the call itself (``own_end``)
+    # A message of a stream's answer was handed to grpc: past ``ends_at`` the call is no longer
+    # made DEADLINE_EXCEEDED after the fact (``_rpc``), its timer ends it at an await if at all.
+    answering: bool = False
 
     def time_left(self) -> float | None:
         """The time until the server ends the call itself (not the caller's deadline, which is
@@ -374,9 +377,10 @@ class RouterService(pb_grpc.RouterServiceServicer):
             if raised.operator_must_act:
                 alert = True
                 telemetry.record_operator_failure(raised.reason)
-            if _past(record.ends_at) and not isinstance(raised, ClientStalled):
+            if _past(record.ends_at) and not record.answering and not isinstance(raised, ClientStalled):
                 # Raised after the server's own end by work that did not await since (its timer
-                # fires only at an await): the call ends DEADLINE_EXCEEDED, as it would have.
+                # fires only at an await), nothing of its answer sent: the call ends
+                # DEADLINE_EXCEEDED, as it would have.
                 error = DeadlineExceeded("deadline exceeded")
             code = status_code_of(error)
             if isinstance(error, DeadlineExceeded):
@@ -418,10 +422,13 @@ class RouterService(pb_grpc.RouterServiceServicer):
             internal.chunks_sent = _chunks_sent(record)
             await self._abort(context, record, internal)
         else:
-            if _past(record.ends_at):
+            if _past(record.ends_at) and not record.answering:
                 # Returned after the server's own end without awaiting since (a Route's work is
                 # CPU only, so asyncio's timer fires at no await): the answer is not sent, and the
                 # call ends DEADLINE_EXCEEDED, logged, traced and counted as the caller sees it.
+                # Not a stream that sent messages (a Complete's last is its Completion, with the
+                # usage and cost charged): the caller has them, and told DEADLINE_EXCEEDED it
+                # would pay again.
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 late = DeadlineExceeded("deadline exceeded", chunks_sent=_chunks_sent(record))
                 await self._abort(context, record, late)
@@ -502,6 +509,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
                     # client reading slowly) has handed the message to grpc, which sends it before
                     # the status, so a client that reads on gets it and the trailers count it.
                     record.fields["chunks"] = chunks
+                    record.answering = True
                     yield message
 
     async def ListModels(

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 
 import grpc
 import pytest
@@ -167,6 +169,50 @@ class TestServerSpan:
         assert [_attrs(server)["rpc.grpc.status_code"] for server in servers] == [0, 4]
         codes = sorted(dict(point.attributes)["rpc.response.status_code"] for point in points)
         assert codes == ["DEADLINE_EXCEEDED", "OK"]
+
+    async def test_a_complete_that_works_past_its_deadline_after_its_completion_ends_ok(
+        self, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A Complete that has sent its decision, text and Completion (usage and cost, charged),
+        whose work then runs past the server's own end of the call without awaiting (a loaded
+        loop) and before the caller's deadline, ends OK: the caller has the whole answer, and the
+        rpc_finished line and server span say OK (it ended DEADLINE_EXCEEDED with the committed
+        trailers, so that a client ignoring them would pay again). The router's ``complete`` is
+        wrapped here as a stand-in for that loop (CPU work after the last event, which no
+        request can make our code do): after its last event a short await lets grpc send the
+        Completion, then it blocks the loop until just past the server's own end."""
+        import time
+
+        from structlog.testing import capture_logs
+
+        async with observed_server(fake) as observed:
+            router = observed.server.router
+            original = router.complete
+
+            def busy_after_the_answer(*args: Any, **kwargs: Any) -> AsyncIterator[object]:
+                loop = asyncio.get_running_loop()
+                ends_at = loop.time() + kwargs["timeout"]
+
+                async def events() -> AsyncIterator[object]:
+                    async for event in original(*args, **kwargs):
+                        yield event
+                    await asyncio.sleep(0.05)
+                    time.sleep(max(0.0, ends_at - loop.time()) + 0.01)  # noqa: ASYNC251 - the busy loop
+
+                return events()
+
+            monkeypatch.setattr(router, "complete", busy_after_the_answer)
+            await observed.client.route(user_chat("hi"))  # opens the channel
+            with capture_logs() as logs:
+                stream = observed.client.complete(user_chat("hello there"), timeout=2.0)
+                events = [message.WhichOneof("event") async for message in stream]
+                await until(lambda: any(entry["event"] == "rpc_finished" for entry in logs))
+            await until(lambda: len(observed.named(COMPLETE)) == 1)
+            (server,) = observed.named(COMPLETE)
+        assert (events[0], events[-1]) == ("decision", "completion")
+        (line,) = [entry for entry in logs if entry["event"] == "rpc_finished"]
+        assert line["code"] == "OK"
+        assert _attrs(server)["rpc.grpc.status_code"] == 0
 
     @pytest.mark.slow
     async def test_a_call_that_expired_while_the_loop_was_busy_has_one_log_line_with_its_spans_code(
