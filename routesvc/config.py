@@ -1114,15 +1114,30 @@ def _rpc_conventions(opt_in: str) -> frozenset[str]:
 _HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e]+")
 """An API key goes out in an HTTP header: visible ASCII only."""
 
+_URL_BLANK_OR_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
+"""What a ``base_url`` may not hold anywhere: ``urlsplit`` strips it or deletes it (leading
+blanks and controls, tabs and newlines) and checks what is left, while the HTTP clients refuse it
+or send it on."""
+
 
 def _checked_base_url(url: str, where: str, source: str) -> str:
     """A provider's ``base_url`` as the SDKs' HTTP clients can use it: an absolute http(s) URL with
     a host (and a valid port) and no credentials. Without a scheme (``127.0.0.1:8089``) every call
     failed as "connection failed"; with ``user:password@`` aiohttp refused every request beside the
     API key header, reported as a malformed stream; each counted against the breaker as an outage.
-    The error names the field or variable, never the URL (it may hold a password)."""
+    The error names the field or variable, never the URL (it may hold a password).
+
+    Whitespace or a control character anywhere (a trailing newline from a mounted secret's file)
+    is refused, not stripped: ``urlsplit`` drops it and checked a URL other than the one used,
+    which then failed the start with httpx's traceback (a newline), or every call as "connection
+    failed" (a leading space) or HTTP 404 (a trailing one)."""
     from urllib.parse import urlsplit
 
+    if _URL_BLANK_OR_CONTROL.search(url):
+        raise ConfigError(
+            f"{source}: {where}: whitespace or a control character in the URL (a trailing newline"
+            " from a file?), which the HTTP client cannot use (the URL is not shown)"
+        )
     try:
         parts = urlsplit(url)
         usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and parts.port != 0
