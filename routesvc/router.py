@@ -697,6 +697,8 @@ class Router:
         until the server's own end of the call; None: no deadline): ``_decide_by``.
         """
         decide_by = self._decide_by(timeout, for_completion=for_completion)
+        loop = asyncio.get_running_loop()
+        ends_at = None if timeout is None else loop.time() + timeout
         telemetry.start_routing(request, self.settings)
         chat = request.chat
         if chat.max_output_tokens is not None and chat.max_output_tokens > self._limits.max_output_tokens:
@@ -835,6 +837,11 @@ class Router:
                 if for_completion:
                     raise ProviderNotConfigured(f"model {model.id}: {provider.missing_key_reason}")
                 reasons.append(f"{provider.missing_key_reason}; Complete would fail until it is set")
+            if count_route and ends_at is not None and loop.time() >= ends_at:
+                # A Route whose work (CPU only: a slow rule's regex, a loaded loop) passed the
+                # server's own end without awaiting: the service would end it DEADLINE_EXCEEDED,
+                # its decision unsent. Refused here, it gives its count back when it paid nothing.
+                raise DeadlineExceeded("deadline exceeded")
             decided.append(True)  # nothing awaited from here to the snapshot of ``routing_attempts``
             telemetry.close_routing()
             decision = RouteDecision(

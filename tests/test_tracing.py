@@ -170,6 +170,28 @@ class TestServerSpan:
         codes = sorted(dict(point.attributes)["rpc.response.status_code"] for point in points)
         assert codes == ["DEADLINE_EXCEEDED", "OK"]
 
+    async def test_a_route_refused_past_its_deadline_gives_its_route_count_back(self, fake: FakeProvider) -> None:
+        """Two Routes of a tenant allowed 2 Route calls a minute, whose rule's regex backtracks for
+        about a second (CPU only) under a 0.25 s deadline, are refused DEADLINE_EXCEEDED having paid
+        nothing (the local classifier): they give their counts back, as a Route refused before it
+        paid anything does, so the tenant's next Route is answered (it was RATE_LIMITED: its minute
+        used up by calls whose callers never had a decision)."""
+        config = default_config()
+        config["tenants"] = {"acme": {"route_requests_per_minute": 2}}
+        slow_rule = {"name": "slow", "when": {"last_user_message_matches": r"(a+)+$"}, "model": "gpt-4o"}
+        config["routing"]["stages"].insert(0, {"kind": "rules", "rules": [slow_rule]})  # type: ignore[index]
+        acme = pb.RoutingContext(tenant="acme")
+        async with observed_server(fake, config=config) as observed:
+            await observed.client.route(user_chat("a" * 12 + "!"))  # opens the channel; no tenant's
+            codes = []
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await observed.client.route(user_chat("a" * 23 + "!"), acme, timeout=0.25)
+                codes.append(caught.value.code())
+            answered = await observed.client.route(user_chat("hello"), acme)
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+        assert answered.model
+
     async def test_a_complete_that_works_past_its_deadline_after_its_completion_ends_ok(
         self, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
     ) -> None:
