@@ -158,10 +158,11 @@ class TestPublicSurface:
         public = {name for name in dir(telemetry) if not name.startswith("_")} - {"annotations"}
         assert public == set(telemetry.__all__)
         assert set(telemetry.__all__) == {
-            "CAPTURE_MAX_CHARS", "RequestTelemetry", "Telemetry", "add_trace_context", "configure_logging",
-            "current_request", "observed_stream", "record_answer", "record_cascade", "record_client_stalled",
-            "record_decision", "record_escalation", "record_fallback", "record_feedback", "record_first_chunk_sent",
-            "record_operator_failure", "record_retry", "record_stage_latency", "start_routing",
+            "CAPTURE_MAX_CHARS", "RequestTelemetry", "Telemetry", "add_trace_context", "close_routing",
+            "configure_logging", "current_request", "observed_stream", "record_answer", "record_cascade",
+            "record_client_stalled", "record_decision", "record_escalation", "record_fallback", "record_feedback",
+            "record_first_chunk_sent", "record_late_charge", "record_operator_failure", "record_retry",
+            "record_stage_latency", "start_routing",
         }  # fmt: skip
 
 
