@@ -363,14 +363,30 @@ class TestProviderBaseUrl:
             ("http:///v1", "not an absolute http(s) URL with a host"),
             ("http://gateway:S3cretPw/v1", "not an absolute http(s) URL with a host"),
             ("http://user:S3cretPw@gateway/v1", "credentials in the URL (user:password@) are not supported"),
+            *(
+                (url, "whitespace or a control character in the URL")
+                for url in (
+                    "http://gateway:8089/S3cretPw\n",
+                    " http://gateway:8089/S3cretPw",
+                    "http://gateway:8089/S3cretPw ",
+                    "http://gate\nway:8089/S3cretPw",
+                    "http://gateway:8089/S3cret\tPw",
+                    "http://gateway:8089/S3cretPw\r\n",
+                    "\x00http://gateway:8089/S3cretPw",
+                    "http://gateway:8089/S3cretPw\u00a0",
+                )
+            ),
         ],
     )
     @pytest.mark.parametrize("source", ["file", "variable"])
     def test_a_url_the_http_client_cannot_use_is_named_never_quoted(self, url: str, problem: str, source: str) -> None:
-        """A provider base URL without a scheme or a host, or with credentials, in the file or in
-        the SDK's variable, is an error at load naming where it came from, without the URL: it
-        started cleanly and then failed every call as a provider outage ("connection failed", or a
-        "malformed stream" as aiohttp refused the credentials beside the key), opening the breaker."""
+        """A provider base URL without a scheme or a host, with credentials, or with whitespace or
+        a control character anywhere (a trailing newline from a mounted secret's file; not
+        stripped), in the file or in the SDK's variable, is an error at load naming where it came
+        from, without the URL: it started cleanly and then failed every call as a provider outage
+        ("connection failed", or a "malformed stream" as aiohttp refused the credentials beside
+        the key, or HTTP 404 for a trailing space), opening the breaker, or failed the start with
+        httpx's traceback (a newline): urlsplit dropped those characters and passed it."""
         config = default_config()
         environ = {"ANTHROPIC_API_KEY": "sk-b"}
         if source == "file":
@@ -383,39 +399,6 @@ class TestProviderBaseUrl:
         assert caught.value.message.startswith(f"<test>: {where}: {problem}")
         assert "S3cretPw" not in caught.value.message
         assert (caught.value.__cause__, caught.value.__context__) == (None, None)
-
-    @pytest.mark.parametrize(
-        "url",
-        [
-            "http://gateway:8089/S3cretPw\n",
-            " http://gateway:8089/S3cretPw",
-            "http://gateway:8089/S3cretPw ",
-            "http://gate\nway:8089/S3cretPw",
-            "http://gateway:8089/S3cret\tPw",
-            "http://gateway:8089/S3cretPw\r\n",
-            "\x00http://gateway:8089/S3cretPw",
-            "http://gateway:8089/S3cretPw\u00a0",
-        ],
-        ids=["trailing-newline", "leading-space", "trailing-space", "newline-inside", "tab", "crlf", "nul", "nbsp"],
-    )
-    @pytest.mark.parametrize("source", ["file", "variable"])
-    def test_a_url_with_whitespace_or_a_control_character_is_named_never_quoted(self, url: str, source: str) -> None:
-        """A base URL with whitespace or a control character anywhere (a trailing newline from a
-        mounted secret's file) is an error at load naming where it came from, without the URL, not
-        stripped: urlsplit dropped those characters and passed it, and then the start failed with
-        httpx's traceback (a newline), or every call failed as "connection failed" (a leading
-        space) or HTTP 404 (a trailing one)."""
-        config = default_config()
-        environ = {"ANTHROPIC_API_KEY": "sk-b"}
-        if source == "file":
-            config["providers"]["anthropic"]["base_url"] = url  # type: ignore[index]
-        else:
-            environ["ANTHROPIC_BASE_URL"] = url
-        with pytest.raises(ConfigError) as caught:
-            settings_from(config, environ)
-        where = "providers.anthropic.base_url" if source == "file" else "$ANTHROPIC_BASE_URL"
-        assert caught.value.message.startswith(f"<test>: {where}: whitespace or a control character in the URL")
-        assert "S3cretPw" not in caught.value.message
 
     def test_a_compatible_providers_url_is_checked_too(self) -> None:
         """kind openai_compatible's required base_url is held to the same rule."""

@@ -389,6 +389,26 @@ async def _timed_rating(client: RouterClient, decision_id: str, *, after: float 
     return answer.split()[0], loop.time() - started
 
 
+async def _flushed_stores(server: Server) -> list[FeedbackStore]:
+    """The feedback stores of the server's learning stages, each with its queued writes written."""
+    stores = [stage.feedback for stage in server.router.policy.learning_stages]
+    for store in stores:
+        assert store is not None
+        assert await asyncio.to_thread(store.flush)
+    return [store for store in stores if store is not None]
+
+
+async def _cancelled_feedback(
+    client: RouterClient, decision_id: str, *, after: float, timeout: float | None = None
+) -> None:
+    """A thumbs-down Feedback for ``decision_id`` that its client cancels ``after`` seconds on."""
+    call = asyncio.ensure_future(client.feedback(decision_id, thumbs_up=False, timeout=timeout))
+    await asyncio.sleep(after)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
 async def _decisions_written(server: Server) -> None:
     """Write the decisions ``server`` has routed to its feedback file now (not at the next flush)."""
     [stage] = server.router.policy.learning_stages
@@ -718,10 +738,7 @@ class TestFeedbackStoreUnderContention:
         server = Server(settings_from(two_stage_config(tmp_path)), port=0)
         async with server, RouterClient(server.target, default_timeout=None) as client:
             decisions = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(11)]
-            stores = [stage.feedback for stage in server.router.policy.learning_stages]
-            for store in stores:
-                assert store is not None
-                assert await asyncio.to_thread(store.flush)
+            stores = await _flushed_stores(server)
 
             async with _another_process(
                 holder, str(tmp_path / "feedback.db"), str(tmp_path / "second.db"), ready=b"locked"
@@ -755,11 +772,7 @@ class TestFeedbackStoreUnderContention:
         server = Server(settings_from(two_stage_config(tmp_path)), port=0)
         async with server, RouterClient(server.target, default_timeout=None) as client:
             decision = await client.route(user_chat("say hello to zulu"))
-            first, second = (stage.feedback for stage in server.router.policy.learning_stages)
-            assert first is not None
-            assert second is not None
-            for store in (first, second):
-                assert await asyncio.to_thread(store.flush)
+            _, second = await _flushed_stores(server)
             async with _another_process(holder, str(tmp_path / "second.db"), ready=b"locked"):
                 await client.route(user_chat("say hello to yankee"))
                 assert await asyncio.to_thread(second.flush)  # its write waited 5 s and failed
@@ -799,11 +812,7 @@ class TestFeedbackStoreUnderContention:
             cancelled, rated = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(2)]
             await _decisions_written(server)
             async with _another_process(holder, str(tmp_path / "feedback.db"), ready=b"locked"):
-                call = asyncio.ensure_future(client.feedback(cancelled.decision_id, thumbs_up=False))
-                await asyncio.sleep(1.0)
-                call.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await call
+                await _cancelled_feedback(client, cancelled.decision_id, after=1.0)
             # Behind whatever of the cancelled call still ran on the feedback thread.
             await client.feedback(rated.decision_id, thumbs_up=True)
             [stage] = server.router.policy.learning_stages
@@ -826,16 +835,9 @@ class TestFeedbackStoreUnderContention:
         server = Server(settings_from(two_stage_config(tmp_path)), port=0)
         async with server, RouterClient(server.target, default_timeout=None) as client:
             decision = await client.route(user_chat("say hello to zulu"))
-            stores = [stage.feedback for stage in server.router.policy.learning_stages]
-            for store in stores:
-                assert store is not None
-                assert await asyncio.to_thread(store.flush)
+            stores = await _flushed_stores(server)
             async with _another_process(_LOCK_HOLDER, str(tmp_path / "second.db"), "3", ready=b"locked"):
-                call = asyncio.ensure_future(client.feedback(decision.decision_id, thumbs_up=False))
-                await asyncio.sleep(1.0)
-                call.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await call
+                await _cancelled_feedback(client, decision.decision_id, after=1.0)
             # Behind whatever of the cancelled call still ran on the feedback thread.
             await asyncio.wrap_future(server.router._learning.executor.submit(lambda: None))
             stored = [
@@ -861,17 +863,10 @@ class TestFeedbackStoreUnderContention:
         server = Server(settings_from(two_stage_config(tmp_path)), port=0)
         async with server, RouterClient(server.target, default_timeout=None) as client:
             decision = await client.route(user_chat("say hello to zulu"))
-            stores = [stage.feedback for stage in server.router.policy.learning_stages]
-            for store in stores:
-                assert store is not None
-                assert await asyncio.to_thread(store.flush)
+            stores = await _flushed_stores(server)
             with capture_logs() as logs:
                 async with _another_process(_LOCK_HOLDER, str(tmp_path / "second.db"), "7", ready=b"locked"):
-                    call = asyncio.ensure_future(client.feedback(decision.decision_id, thumbs_up=False))
-                    await asyncio.sleep(0.5)
-                    call.cancel()
-                    with pytest.raises(asyncio.CancelledError):
-                        await call
+                    await _cancelled_feedback(client, decision.decision_id, after=0.5)
                     # Behind what the cancelled call's job still ran on the feedback thread.
                     await asyncio.wrap_future(server.router._learning.executor.submit(lambda: None))
                     await asyncio.sleep(0.1)
@@ -907,11 +902,7 @@ class TestFeedbackStoreUnderContention:
             decision = await client.route(user_chat("say hello to zulu"))
             await _decisions_written(server)
             async with _another_process(_LOCK_HOLDER, str(tmp_path / "feedback.db"), "3", ready=b"locked"):
-                call = asyncio.ensure_future(client.feedback(decision.decision_id, thumbs_up=False, timeout=30.0))
-                await asyncio.sleep(1.0)
-                call.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await call
+                await _cancelled_feedback(client, decision.decision_id, after=1.0, timeout=30.0)
             await asyncio.wrap_future(server.router._learning.executor.submit(lambda: None))
             await asyncio.sleep(0.1)
             gc.collect()
