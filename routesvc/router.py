@@ -696,9 +696,8 @@ class Router:
         waited for only while what follows the decision still fits in ``timeout`` (the seconds
         until the server's own end of the call; None: no deadline): ``_decide_by``.
         """
-        decide_by = self._decide_by(timeout, for_completion=for_completion)
-        loop = asyncio.get_running_loop()
-        ends_at = None if timeout is None else loop.time() + timeout
+        ends_at = None if timeout is None else time.monotonic() + timeout
+        decide_by = self._decide_by(ends_at, timeout, for_completion=for_completion)
         telemetry.start_routing(request, self.settings)
         chat = request.chat
         if chat.max_output_tokens is not None and chat.max_output_tokens > self._limits.max_output_tokens:
@@ -837,7 +836,7 @@ class Router:
                 if for_completion:
                     raise ProviderNotConfigured(f"model {model.id}: {provider.missing_key_reason}")
                 reasons.append(f"{provider.missing_key_reason}; Complete would fail until it is set")
-            if count_route and ends_at is not None and loop.time() >= ends_at:
+            if count_route and ends_at is not None and time.monotonic() >= ends_at:
                 # A Route whose work (CPU only: a slow rule's regex, a loaded loop) passed the
                 # server's own end without awaiting: the service would end it DEADLINE_EXCEEDED,
                 # its decision unsent. Refused here, it gives its count back when it paid nothing.
@@ -1263,22 +1262,22 @@ class Router:
             cost = attempt.cost - decision.routing_cost_usd
             await reservation.settle(attempt.tokens, cost, wait_at_most=_settle_wait(deadline))
 
-    def _decide_by(self, timeout: float | None, *, for_completion: bool) -> float | None:
+    def _decide_by(self, ends_at: float | None, timeout: float | None, *, for_completion: bool) -> float | None:
         """When (``time.monotonic()``) a paid call made to decide (an LLM classifier's) must have
-        answered: before the server's own end of the call (``timeout`` seconds from now) by what
+        answered: before the server's own end of the call (``ends_at``, ``timeout`` seconds from now) by what
         follows the decision, so that it still fits. A Complete's answer needs ``min_attempt_seconds`` to
         start (a classifier held only to its own ``timeout_s`` ran the request past a shorter
         deadline, DEADLINE_EXCEEDED and charged, where the local fallback answered in
         milliseconds); a Route only writes its reply. What follows is kept at least a third of
         ``timeout`` (``_DECIDED_SHARE``): many requests cut at once share the loop for it. None
         without a deadline."""
-        if timeout is None:
+        if ends_at is None or timeout is None:
             return None
         needs = _DECIDED_SLACK_SECONDS
         if for_completion:
             # The slack too: the answer's first attempt starts after the decision is admitted.
             needs += self._reliability.min_attempt_seconds
-        return time.monotonic() + timeout - max(needs, _DECIDED_SHARE * timeout)
+        return ends_at - max(needs, _DECIDED_SHARE * timeout)
 
     def _escalated_deadline(self, deadline: float | None, *, keeping: bool) -> float | None:
         """The deadline a cascade step escalated to runs to (a buffered step whole, the last step
