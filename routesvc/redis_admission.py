@@ -76,6 +76,7 @@ from routesvc.admission import (
 from routesvc.config import TenantConfig
 from routesvc.cost import format_usd
 from routesvc.errors import LimitExceeded, SharedStateUnavailable, quoted_id
+from routesvc.tasks import keep_until_done
 
 log = structlog.get_logger("routesvc.admission")
 
@@ -796,8 +797,7 @@ class RedisAdmission:
         # (``_settled``), not raised, once not waited for in full.
         mark = "1" if marked else "0"
         task = asyncio.get_running_loop().create_task(self._run_settle(tenant, keys, args, mark, lease_ends))
-        self._undoing.add(task)
-        task.add_done_callback(self._undoing.discard)
+        keep_until_done(task, self._undoing)
         settling = self._settling.setdefault(tenant, set())
         settling.add(task)
         task.add_done_callback(functools.partial(self._settled, tenant))
@@ -952,8 +952,7 @@ class RedisAdmission:
         self, work: Coroutine[None, None, object], context: contextvars.Context | None = None
     ) -> asyncio.Task[object]:
         task = asyncio.get_running_loop().create_task(work, context=context)
-        self._undoing.add(task)
-        task.add_done_callback(self._undoing.discard)
+        keep_until_done(task, self._undoing)
         return task
 
     def charge(self, tenant: str, cost: Decimal, *, at: float | None = None) -> None:

@@ -25,6 +25,7 @@ from routesvc.router import Router
 from routesvc.rpc_tracing import traced_stream, traced_unary
 from routesvc.service import RouterService
 from routesvc.signals import STOP_SIGNALS, stop_signal_in
+from routesvc.tasks import keep_until_done
 from routesvc.telemetry import Telemetry, configure_logging
 from routesvc.v1 import router_pb2
 
@@ -346,8 +347,7 @@ class Server:
                 self._retire(old, self._service.calls_in_flight()),
                 name="retire-router",
             )
-            self._retiring.add(retiring)
-            retiring.add_done_callback(self._retiring.discard)
+            keep_until_done(retiring, self._retiring)
         if self._freeze_heap:
             # The new router's objects join the frozen ones; cycles the old one leaves are
             # collected once here (a single pause per reload) instead of never.

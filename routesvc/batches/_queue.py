@@ -226,6 +226,7 @@ from routesvc.provider_text import valid_result
 from routesvc.providers.batch import BatchAPI, BatchItem, ItemResult, ProviderBatch
 from routesvc.reported_usage import believable_input, input_limit, output_limit, warn_implausible
 from routesvc.retry import is_retryable, skips_provider
+from routesvc.tasks import keep_until_done
 from routesvc.tokens import count_text_tokens
 
 log = structlog.get_logger("routesvc.batches")
@@ -791,8 +792,7 @@ class BatchQueue:
     def _keep(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         """Run ``work`` as a task that outlives its caller's cancellation (``aclose`` waits for it)."""
         task = asyncio.get_running_loop().create_task(work)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        keep_until_done(task, self._pending)
         return task
 
     async def _withdraw(self, adding: asyncio.Task[None], batch_id: str) -> None:

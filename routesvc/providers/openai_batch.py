@@ -33,6 +33,7 @@ from routesvc.providers.batch import (
     status_error,
 )
 from routesvc.providers.openai import DEFAULT_BASE_URL, _messages, chat_params, map_finish_reason, quota_spent
+from routesvc.tasks import keep_until_done
 
 log = structlog.get_logger(__name__)
 
@@ -138,8 +139,7 @@ class OpenAIBatches:
         # goes on within _DELETE_SECONDS; ``aclose`` waits for a delete a second cancellation
         # left running.
         deleting = asyncio.ensure_future(self._delete_file(file_id))
-        self._deleting.add(deleting)
-        deleting.add_done_callback(self._deleting.discard)
+        keep_until_done(deleting, self._deleting)
         await asyncio.shield(deleting)
 
     @property

@@ -49,6 +49,7 @@ from routesvc.strategies.classifier import (
     task_left,
     with_reason,
 )
+from routesvc.tasks import keep_until_done
 
 if TYPE_CHECKING:
     # Not at run time: the breakers' module imports the config, which imports the classifier's.
@@ -329,8 +330,7 @@ class LLMClassifierStage:
         ended = self._leave(key, flight)
         if ended is not None:
             # Kept until it ends: the loop holds only a weak reference to a task.
-            self._labels.ending.add(ended)
-            ended.add_done_callback(self._labels.ending.discard)
+            keep_until_done(ended, self._labels.ending)
         return None
 
     def _leave(self, key: bytes, flight: _Flight) -> asyncio.Task[_Answer] | None:
