@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import replace
 
 from routesvc.models import Heartbeat, ProviderEvent, ProviderFinish, TextDelta, ToolCall
-from routesvc.providers.base import ProviderCall, ProviderWrapper
+from routesvc.providers.base import ProviderCall, ProviderWrapper, close_stream
 from routesvc.providers.batch import ItemResult
 
 _REPLACEMENT = "\ufffd"
@@ -99,6 +99,4 @@ class ValidText(ProviderWrapper):
             if held:
                 yield TextDelta(_REPLACEMENT)
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(stream)

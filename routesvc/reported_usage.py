@@ -19,7 +19,7 @@ from routesvc.catalog import ModelSpec
 from routesvc.cost import interrupted_usage
 from routesvc.models import Heartbeat, InputReported, ProviderEvent, ProviderFinish, TextDelta, Usage
 from routesvc.provider_text import ValidText
-from routesvc.providers.base import Provider, ProviderCall, ProviderWrapper
+from routesvc.providers.base import Provider, ProviderCall, ProviderWrapper, close_stream
 
 log = structlog.get_logger("routesvc.reported_usage")
 
@@ -107,9 +107,7 @@ class CheckedUsage(ProviderWrapper):
                     event = self._checked(call, event, produced)
                 yield event
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(stream)
 
     def _checked(self, call: ProviderCall, finish: ProviderFinish, produced: list[str]) -> ProviderFinish:
         usage = finish.usage

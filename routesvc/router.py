@@ -71,7 +71,7 @@ from routesvc.models import (
     Usage,
 )
 from routesvc.policy import Policy
-from routesvc.providers.base import Provider, ProviderCall, refusal
+from routesvc.providers.base import Provider, ProviderCall, close_stream, refusal
 from routesvc.reported_usage import checked
 from routesvc.retry import RetryBudget, backoff_delay, is_retryable, skips_provider
 from routesvc.scoring import Scorer, ScoreResult, ScoringInput
@@ -2023,10 +2023,8 @@ class Router:
             raise
         finally:
             try:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    # Closing the generator closes the upstream HTTP response (also on cancellation).
-                    await aclose()
+                # Closing the generator closes the upstream HTTP response (also on cancellation).
+                await close_stream(stream)
             finally:
                 # Recorded even when a second cancellation interrupts the close.
                 self._record_unfinished(state, model, call, permit, number, outcome, received, ended_by_us, reported)
@@ -2279,6 +2277,4 @@ class _Timed:
                 if answering:
                     deadline = loop.time() + self._idle
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(stream)

@@ -12,7 +12,7 @@ from routesvc.catalog import ModelSpec
 from routesvc.cost import interrupted_usage
 from routesvc.errors import ProviderError, ProviderStalled, ProviderTimedOut, counts_against_model
 from routesvc.models import Heartbeat, InputReported, ProviderEvent, ProviderFinish, TextDelta, UpstreamCall, Usage
-from routesvc.providers.base import Provider, ProviderCall
+from routesvc.providers.base import Provider, ProviderCall, close_stream
 from routesvc.reported_usage import checked
 
 if TYPE_CHECKING:
@@ -126,9 +126,7 @@ class _Within:
                     ) from None
                 yield event
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(stream)
 
 
 async def side_call(
@@ -181,9 +179,7 @@ async def side_call(
         raise
     finally:
         try:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(stream)
         finally:
             # Charged even when a second cancellation interrupts the close.
             used = upstream_call(model, call, produced, finish, refused=refused, reported=reported, cancelled=cancelled)

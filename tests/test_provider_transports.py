@@ -27,7 +27,7 @@ from routesvc.models import InputReported, Message, ProviderFinish, Role, TextDe
 from routesvc.providers import _event_size
 from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.anthropic_batch import AnthropicBatches
-from routesvc.providers.base import HttpClientKind, ProviderCall
+from routesvc.providers.base import HttpClientKind, ProviderCall, close_stream
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.providers.openai_batch import OpenAIBatches
 from routesvc.testing import FakeProvider, Fault, Script
@@ -294,6 +294,38 @@ class TestRequestSent:
         finally:
             await made.aclose()
         assert (type(error), request.sent.is_set()) == (ProviderTimedOut, False)
+
+
+class TestCloseStream:
+    """``close_stream``: what the router and its wrappers call to end a provider's stream early."""
+
+    async def test_closing_a_stream_mid_answer_aborts_the_upstream_request(
+        self, fake: FakeProvider, adapter: Adapter
+    ) -> None:
+        """A stream closed after its first chunk closes the HTTP response: the provider sees the abort."""
+        fake.enqueue(Script(chunk_count=10, fault=Fault.HANG, fault_after=3))
+        stream = adapter.stream(call(timeout=30.0))
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                break
+        await close_stream(stream)
+        await fake.requests[0].wait_ended(timeout=5.0)
+        assert fake.requests[0].aborted
+
+    async def test_a_stream_without_aclose_is_left_as_it_is(self) -> None:
+        """An iterator that is not a generator has nothing to close: nothing is read from it, nothing fails."""
+        asked: list[int] = []
+
+        class Plain:
+            def __aiter__(self) -> Plain:
+                return self
+
+            async def __anext__(self) -> object:
+                asked.append(1)
+                raise StopAsyncIteration
+
+        await close_stream(Plain())
+        assert asked == []
 
 
 class TestEventBound:

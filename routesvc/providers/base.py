@@ -263,6 +263,14 @@ class Provider(Protocol):
         ...
 
 
+async def close_stream(stream: AsyncIterator[object]) -> None:
+    """Close a provider's stream early, which closes its upstream HTTP response: ``aclose`` when it
+    has one (a generator, as every adapter's and wrapper's stream is), else nothing to close."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 class ProviderWrapper:
     """A provider seen through a wrapper that changes only its streams (``stream`` is the
     subclass's): its name and base URL are the provider's, and it has nothing of its own to close

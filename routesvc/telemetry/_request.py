@@ -38,7 +38,7 @@ from routesvc.models import (
     ToolCall,
     Usage,
 )
-from routesvc.providers.base import ProviderCall
+from routesvc.providers.base import ProviderCall, close_stream
 from routesvc.stats import FeedbackOutcome, LateCharge, RequestOutcome
 
 if TYPE_CHECKING:
@@ -632,10 +632,8 @@ async def observed_stream(
         raise
     finally:
         # Closing the provider's generator closes the upstream HTTP response.
-        aclose = getattr(stream, "aclose", None)
         try:
-            if aclose is not None:
-                await aclose()
+            await close_stream(stream)
         finally:
             _end_attempt(
                 rpc,
