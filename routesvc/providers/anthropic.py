@@ -39,7 +39,7 @@ import base64
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from typing import Literal, TypeVar, cast
 
@@ -76,6 +76,7 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
+from routesvc.providers._adapter import SdkAdapter
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, AnthropicEventEnds, EventBound, streaming
 from routesvc.providers._http import (
@@ -87,14 +88,12 @@ from routesvc.providers._http import (
     error_for_event,
     error_for_status,
     event_object,
-    guarded,
     never_echoed,
     next_event,
     object_field,
     quota_exhausted,
     request_options,
     safe_code,
-    server_url,
     text_field,
     tokens_asked,
     transport_error,
@@ -126,7 +125,6 @@ _ANY_INPUT: dict[str, object] = {"type": "object"}
 # A content block of a turn this adapter builds.
 _Block = TextBlockParam | ImageBlockParam | ToolUseBlockParam | ToolResultBlockParam
 
-_T = TypeVar("_T")
 _C = TypeVar("_C", int, int | None)
 
 log = structlog.get_logger(__name__)
@@ -405,7 +403,7 @@ def quota_spent(exc: anthropic.APIStatusError) -> bool:
     return quota_exhausted(exc.type) or (isinstance(message, str) and "credit balance is too low" in message.lower())
 
 
-class AnthropicProvider:
+class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
     """Streams messages through the official SDK, with no SDK retries (ours come later)."""
 
     def __init__(
@@ -417,12 +415,11 @@ class AnthropicProvider:
         http_client: HttpClientKind = "aiohttp",
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
-        self._name = name
         self._usage_log = EstimatedUsageLog()
         # Explicit base_url and key so the SDK reads no environment variables (config.py owns them). The SDK's
         # own spans and trace propagation are off: routesvc makes one client span per attempt and sends
         # ``traceparent`` itself through ``ProviderCall.headers``, and content never goes into spans.
-        self._client = anthropic.AsyncAnthropic(
+        client = anthropic.AsyncAnthropic(
             api_key=api_key or "",
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
@@ -433,34 +430,9 @@ class AnthropicProvider:
                 else traced(anthropic.DefaultAsyncHttpxClient, EventBound(max_event_bytes, AnthropicEventEnds))
             ),
         )
-        self._http_client: HttpClientKind = http_client
+        super().__init__(name, client, http_client)
         # Kept only so that an error code echoing it is never copied into a message.
         self._api_key = api_key or ""
-
-    @property
-    def name(self) -> str:
-        """The configured provider name."""
-        return self._name
-
-    @property
-    def base_url(self) -> str:
-        """Where its calls go, as the SDK resolved it, in one form for each server
-        (``server_url``: the same server written with or without a trailing slash is equal)."""
-        return server_url(self._client.base_url)
-
-    @property
-    def http_client(self) -> HttpClientKind:
-        """The SDK's HTTP transport (``providers.<name>.http_client``)."""
-        return self._http_client
-
-    async def aclose(self) -> None:
-        """Close the SDK's HTTP connection pool."""
-        await self._client.close()
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``aclose`` has closed the connection pool."""
-        return self._client.is_closed()
 
     async def stream(self, call: ProviderCall) -> AsyncIterator[ProviderEvent]:
         """Stream the answer: ``TextDelta``s, then one ``ProviderFinish``; errors are ``ProviderError``s."""
@@ -592,10 +564,6 @@ class AnthropicProvider:
             usage = _input_usage(tally)
         output_tokens = count_text_tokens("".join(tally.output)) if tally.output_tokens is None else tally.output_tokens
         return replace(usage, output_tokens=output_tokens), estimated
-
-    async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
-        """Await one SDK step within the call's deadline, translating whatever it raises."""
-        return await guarded(self._name, call, deadline, awaitable, self._translate)
 
     def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""

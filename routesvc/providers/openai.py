@@ -26,8 +26,8 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
-from typing import Literal, TypeVar, cast
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Literal, cast
 
 import openai
 from openai._streaming import ServerSentEvent
@@ -58,6 +58,7 @@ from routesvc.models import (
     ToolSpec,
     Usage,
 )
+from routesvc.providers._adapter import SdkAdapter
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, EventBound, OpenAIEventEnds, streaming
 from routesvc.providers._http import (
@@ -69,14 +70,12 @@ from routesvc.providers._http import (
     error_for_event,
     error_for_status,
     event_object,
-    guarded,
     never_echoed,
     next_event,
     object_field,
     quota_exhausted,
     request_options,
     safe_code,
-    server_url,
     text_field,
     tokens_asked,
     transport_error,
@@ -104,8 +103,6 @@ _FINISH_REASONS = {
     "eos": FinishReason.STOP,
     "stop_sequence": FinishReason.STOP,
 }
-
-_T = TypeVar("_T")
 
 
 def map_finish_reason(reason: str | None, *, made_calls: bool = False) -> FinishReason:
@@ -263,7 +260,7 @@ class _EventStream(openai.AsyncStream[object]):
                 yield sse
 
 
-class OpenAIProvider:
+class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
     """Streams chat completions through the official SDK, with no SDK retries (ours come later).
 
     ``kind="openai"`` sends ``max_completion_tokens``; ``kind="openai_compatible"`` sends
@@ -284,7 +281,6 @@ class OpenAIProvider:
     ) -> None:
         if kind not in _KINDS:
             raise ConfigError(f"providers.{name}.kind: {kind!r} is not one of {sorted(_KINDS)}")
-        self._name = name
         self._stream_usage = stream_usage
         self._usage_log = EstimatedUsageLog()
         self._kind: OpenAIKind = "openai" if kind == "openai" else "openai_compatible"
@@ -292,7 +288,7 @@ class OpenAIProvider:
         self._api_key = api_key or ""
         # Passed explicitly so that the SDK never falls back to environment variables: config.py owns them.
         # Local OpenAI-compatible servers often need no key, but the SDK refuses an empty one.
-        self._client = openai.AsyncOpenAI(
+        client = openai.AsyncOpenAI(
             api_key=api_key or "unused",
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
@@ -302,37 +298,12 @@ class OpenAIProvider:
                 else traced(openai.DefaultAsyncHttpxClient, EventBound(max_event_bytes, OpenAIEventEnds))
             ),
         )
-        self._http_client: HttpClientKind = http_client
-
-    @property
-    def name(self) -> str:
-        """The configured provider name."""
-        return self._name
-
-    @property
-    def base_url(self) -> str:
-        """Where its calls go, as the SDK resolved it, in one form for each server
-        (``server_url``: the same server written with or without a trailing slash is equal)."""
-        return server_url(self._client.base_url)
-
-    @property
-    def http_client(self) -> HttpClientKind:
-        """The SDK's HTTP transport (``providers.<name>.http_client``)."""
-        return self._http_client
+        super().__init__(name, client, http_client)
 
     @property
     def kind(self) -> OpenAIKind:
         """``openai`` or ``openai_compatible``."""
         return self._kind
-
-    async def aclose(self) -> None:
-        """Close the SDK's HTTP connection pool."""
-        await self._client.close()
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``aclose`` has closed the connection pool."""
-        return self._client.is_closed()
 
     def _body(self, call: ProviderCall) -> dict[str, object]:
         """The chat completions request, as ``chat.completions.create`` would send it."""
@@ -438,10 +409,6 @@ class OpenAIProvider:
             cached_input_tokens=count_field(details.get("cached_tokens")) or 0,
         )
         return reported, estimated
-
-    async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
-        """Await one SDK step within the call's deadline, translating whatever it raises."""
-        return await guarded(self._name, call, deadline, awaitable, self._translate)
 
     def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""

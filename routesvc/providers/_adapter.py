@@ -1,0 +1,74 @@
+"""What the streaming adapters (``OpenAIProvider``, ``AnthropicProvider``) share: their name, where
+their calls go, their HTTP transport, their SDK client's lifecycle and the guard around each SDK
+step. Each builds its own client (the SDKs differ in what they take) and hands it here; what it
+sends, how it reads the answer and how it translates its SDK's exceptions stay its own."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable
+from typing import Generic, Protocol, TypeVar
+
+import httpx2
+
+from routesvc.errors import ProviderError
+from routesvc.providers._http import guarded, server_url
+from routesvc.providers.base import HttpClientKind, ProviderCall
+
+
+class SdkClient(Protocol):
+    """The part of an SDK's async client (``AsyncOpenAI``, ``AsyncAnthropic``) used here."""
+
+    @property
+    def base_url(self) -> httpx2.URL: ...
+
+    async def close(self) -> None: ...
+
+    def is_closed(self) -> bool: ...
+
+
+_Client = TypeVar("_Client", bound=SdkClient)
+_T = TypeVar("_T")
+
+
+class SdkAdapter(ABC, Generic[_Client]):
+    """A streaming adapter over one SDK client, which translates that SDK's exceptions itself
+    (``_translate``)."""
+
+    def __init__(self, name: str, client: _Client, http_client: HttpClientKind) -> None:
+        self._name = name
+        self._client = client
+        self._http_client: HttpClientKind = http_client
+
+    @property
+    def name(self) -> str:
+        """The configured provider name."""
+        return self._name
+
+    @property
+    def base_url(self) -> str:
+        """Where its calls go, as the SDK resolved it, in one form for each server
+        (``server_url``: the same server written with or without a trailing slash is equal)."""
+        return server_url(self._client.base_url)
+
+    @property
+    def http_client(self) -> HttpClientKind:
+        """The SDK's HTTP transport (``providers.<name>.http_client``)."""
+        return self._http_client
+
+    async def aclose(self) -> None:
+        """Close the SDK's HTTP connection pool."""
+        await self._client.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``aclose`` has closed the connection pool."""
+        return self._client.is_closed()
+
+    async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
+        """Await one SDK step within the call's deadline, translating whatever it raises."""
+        return await guarded(self._name, call, deadline, awaitable, self._translate)
+
+    @abstractmethod
+    def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:
+        """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
