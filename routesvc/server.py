@@ -58,10 +58,12 @@ def _pending_calls_options(streams: int) -> list[tuple[str, int]]:
     RESOURCE_EXHAUSTED OVERLOADED, and the health watchers) are not cut by grpc; but never
     lower than grpc's own 1,000 and 3,000: a small ``streams`` (8 + 8 gave 64) had grpc CANCEL
     190 of 256 calls at once that its defaults let through. Past them grpc still CANCELs,
-    unseen. A call waiting there costs its call object, headers and message: measured at up to
-    ~40 KB a small call for client and server in one process together (3 x 2,000 Routes:
-    +238 MB of peak RSS), so one method's full queue is up to ~320 MB by default and the
-    service's seven methods' together ~2.3 GB: the bound is per method, not of the process."""
+    unseen. The limits count calls, not bytes: a call waiting there holds its call object,
+    headers and whole request message, up to ``limits.max_request_bytes`` (4 MiB by default)
+    and ~15 KB more (measured: ~15 KB a 1 KB Route, ~1 MB a 1 MB one, 3.9 MB a 4 MB one), so one
+    method's full queue may hold up to ~8,096 x 4 MiB, ~32 GiB, by default, and each method its
+    own: the bound is per method and count-based, not a memory bound of the process
+    (docs/api.md)."""
     window = _PENDING_CALLS_PER_CONNECTION_WINDOW * streams
     return [
         ("grpc.server.max_pending_requests", min(max(window, _GRPC_DEFAULT_PENDING_CALLS), _INT32_MAX)),
