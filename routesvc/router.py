@@ -247,6 +247,14 @@ class _FeedbackCall:
             job.cancel()
             answer.add_done_callback(functools.partial(self._ended_after_its_call, stored))
             raise
+        except Exception as error:
+            if stored.stored:
+                # Failed after a file took the outcome (two stages: the second file locked past
+                # its wait, or full): it is stored there, so counted and logged, and the client is
+                # told the error (``record``: never the look before's NOT_FOUND), which it sends
+                # again, the files not written then storing it (counted once, by decision_id).
+                self._partly_stored(stored, error)
+            raise
 
     def _ended_after_its_call(self, stored: _Stored, answer: asyncio.Future[tuple[str, str, int]]) -> None:
         """A job whose call ended before it (cancelled, or its deadline passed): its error read
@@ -263,18 +271,22 @@ class _FeedbackCall:
         error = answer.exception()
         if error is None:
             model, owner, _ = answer.result()
+            telemetry.record_feedback(model, self.score, decision_id=self.decision_id, tenant=owner)
         elif stored.stored:
-            model, owner = stored.model, stored.owner
-            log.warning(
-                "feedback_partly_stored",
-                decision_id=self.decision_id,
-                stored=[store.path for store in stored.stored],
-                not_stored=[store.path for store in stored.files if store not in stored.stored],
-                error_type=type(error).__name__,
-            )
-        else:
-            return
-        telemetry.record_feedback(model, self.score, decision_id=self.decision_id, tenant=owner)
+            self._partly_stored(stored, error)
+
+    def _partly_stored(self, stored: _Stored, error: BaseException) -> None:
+        """A job that failed with ``error`` after it ``stored`` the outcome in a file: counted in
+        GetStats (it is stored; sent again, it counts once, by decision_id) and logged
+        ``feedback_partly_stored``, naming the files not written (no prompt)."""
+        log.warning(
+            "feedback_partly_stored",
+            decision_id=self.decision_id,
+            stored=[store.path for store in stored.stored],
+            not_stored=[store.path for store in stored.files if store not in stored.stored],
+            error_type=type(error).__name__,
+        )
+        telemetry.record_feedback(stored.model, self.score, decision_id=self.decision_id, tenant=stored.owner)
 
     def record(
         self, arrived: float, found_unknown: UnknownDecision | None, cancel: Cancellation, stored: _Stored
@@ -287,8 +299,11 @@ class _FeedbackCall:
             return self._recorded_by(deadline, cancel, stored)
         except FeedbackStoreBusy:
             # Not looked at again within the call's time (the busy timeout had not passed):
-            # a look again answers what the look before found.
-            if deadline.cut and found_unknown is not None:
+            # a look again answers what the look before found, while it stored nothing. One
+            # that found the decision and stored it in a file (two stages, the second file's
+            # wait cut) is FeedbackStoreBusy: a NOT_FOUND, final, left it half stored, never
+            # sent again.
+            if deadline.cut and found_unknown is not None and not stored.stored:
                 raise found_unknown from None
             raise
 
@@ -888,8 +903,9 @@ class Router:
         ``timeout`` (seconds; None: none) is the time the call has: a decision not found is
         looked for again only within it (``_UNKNOWN_DECISION_PAUSES`` cut to it), and the wait
         for the feedback thread and the file's lock ends ``_FEEDBACK_ANSWER_MARGIN_SECONDS``
-        before its end: ``FeedbackStoreBusy`` (nothing stored), or, for a look again, the
-        ``UnknownDecision`` of the look before."""
+        before its end: ``FeedbackStoreBusy`` (nothing stored, or, with two stages, stored in
+        the first file only: counted and logged ``feedback_partly_stored``), or, for a look again
+        that stored nothing, the ``UnknownDecision`` of the look before."""
         answer_by = None
         if timeout is not None:
             answer_by = time.monotonic() + timeout - min(_FEEDBACK_ANSWER_MARGIN_SECONDS, timeout / 4)

@@ -440,6 +440,21 @@ _LOCK_HOLDER = (
 )
 
 
+# A real process taking the decision ``argv[2]`` out of the feedback file ``argv[1]`` and putting it
+# back 0.1 s later: another worker's decision, its write still queued when the Feedback comes.
+_LATE_WRITER = (
+    "import sqlite3, sys, time\n"
+    "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+    "db.execute('BEGIN IMMEDIATE')\n"
+    "row = db.execute('SELECT * FROM decisions WHERE decision_id = ?', (sys.argv[2],)).fetchone()\n"
+    "db.execute('DELETE FROM decisions WHERE decision_id = ?', (sys.argv[2],))\n"
+    "db.execute('COMMIT')\n"
+    "print('taken', flush=True)\n"
+    "time.sleep(0.1)\n"
+    "db.execute('INSERT INTO decisions VALUES (' + ', '.join('?' * len(row)) + ')', row)\n"
+)
+
+
 class TestFeedbackStoreUnderContention:
     async def test_a_locked_feedback_file_holds_up_no_route(self, tmp_path: Path) -> None:
         """Another process holds the feedback file's write lock (a second worker, a ``sqlite3``
@@ -890,6 +905,37 @@ class TestFeedbackStoreUnderContention:
         assert "zulu" not in str(partly)
         assert (stored_again, counted_again, again.library_examples) == ([[0.0], [0.0]], 1, 2)
 
+    async def test_with_two_stages_a_look_again_stored_in_the_first_file_and_cut_on_the_second_is_busy_not_unknown(
+        self, tmp_path: Path
+    ) -> None:
+        """Two stages; another process (a real one) locks the second file for 4 s, and another
+        takes the decision out of the first file and puts it back 0.1 s later (another worker's
+        queued write). A Feedback with a 1.5 s deadline finds it unknown, looks again, stores the
+        score in the first file, and its wait for the second file's lock is cut at the call's
+        end: it is UNAVAILABLE ``FEEDBACK_STORE_BUSY`` (sent again, it is stored in the second
+        file), counted in GetStats as stored and logged ``feedback_partly_stored``. It was
+        NOT_FOUND ``UNKNOWN_DECISION`` (final: never sent again), half stored, counted nowhere
+        and logged nowhere."""
+        server = Server(settings_from(two_stage_config(tmp_path)), port=0)
+        async with server, RouterClient(server.target, default_timeout=None) as client:
+            decision = await client.route(user_chat("say hello to zulu"))
+            stores = await _flushed_stores(server)
+            with capture_logs() as logs:
+                async with _another_process(_LOCK_HOLDER, str(tmp_path / "second.db"), "4", ready=b"locked"):
+                    first = str(tmp_path / "feedback.db")
+                    async with _another_process(_LATE_WRITER, first, decision.decision_id, ready=b"taken"):
+                        error = await _feedback_error(client, decision.decision_id, score=0.0, timeout=1.5)
+                    stored = [[e.score for e in await asyncio.to_thread(s.entries)] for s in stores]
+                    counted = sum(model.feedback_count for model in (await client.get_stats()).models)
+            again = await client.feedback(decision.decision_id, thumbs_up=False, timeout=5.0)
+            stored_again = [[e.score for e in await asyncio.to_thread(s.entries)] for s in stores]
+            counted_again = sum(model.feedback_count for model in (await client.get_stats()).models)
+        partly = [(e["decision_id"], e["stored"], e["not_stored"]) for e in logs if "partly" in e["event"]]
+        assert (error.code(), error_info(error).reason) == (grpc.StatusCode.UNAVAILABLE, "FEEDBACK_STORE_BUSY")
+        assert (stored, counted) == ([[0.0], []], 1)
+        assert partly == [(decision.decision_id, [str(tmp_path / "feedback.db")], [str(tmp_path / "second.db")])]
+        assert (stored_again, counted_again, again.library_examples) == ([[0.0], [0.0]], 1, 2)
+
     async def test_a_feedback_with_a_deadline_cancelled_while_it_waits_for_the_lock_logs_no_asyncio_error(
         self, tmp_path: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -1029,23 +1075,12 @@ class TestFeedbackStoreUnderContention:
         again after short pauses and records it. It was NOT_FOUND UNKNOWN_DECISION at once, a
         status clients take as final, and the rating was lost."""
         settings = settings_from(embedding_config(tmp_path))
-        late_writer = (
-            "import sqlite3, sys, time\n"
-            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-            "db.execute('BEGIN IMMEDIATE')\n"
-            "row = db.execute('SELECT * FROM decisions WHERE decision_id = ?', (sys.argv[2],)).fetchone()\n"
-            "db.execute('DELETE FROM decisions WHERE decision_id = ?', (sys.argv[2],))\n"
-            "db.execute('COMMIT')\n"
-            "print('taken', flush=True)\n"
-            "time.sleep(0.1)\n"
-            "db.execute('INSERT INTO decisions VALUES (' + ', '.join('?' * len(row)) + ')', row)\n"
-        )
         async with Server(settings, port=0) as server, RouterClient(server.target) as client:
             decision = await client.route(user_chat("say hello to zulu"))
             await _decisions_written(server)
             # "taken": the decision out of the file, as if routed elsewhere and not yet written
             database = str(tmp_path / "feedback.db")
-            async with _another_process(late_writer, database, decision.decision_id, ready=b"taken") as other:
+            async with _another_process(_LATE_WRITER, database, decision.decision_id, ready=b"taken") as other:
                 response = await client.feedback(decision.decision_id, thumbs_up=False)
             assert other.returncode == 0
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
