@@ -4290,11 +4290,15 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
         client's batch made in its window; that client reads and deletes it, and the deployment
         goes on with the same account's rotated key-A2 (restarted with it while down, or by a hot
         reload), whose poll gets 404: once key-A is taken as gone (unmarked for 0.3 s here, or
-        rotated away from by this process), that 404 undoes the adoption, and the job, never
-        sent, is queued under key-A2 and sent once: SUCCEEDED, charged once, the foreign batch
+        rotated away from by this process), that 404 undoes the adoption, the foreign batch
         neither cancelled nor deleted by us (key-A2's 404 was another key's, left alone; no 404
         to key-A could come, and the job waited SUBMITTED two days, then ended FAILED
-        ``provider_batch_not_found``)."""
+        ``provider_batch_not_found``). Unmarked that long, key-A is taken for key-A2's
+        predecessor: the job, never sent, is queued under key-A2 and sent once, SUCCEEDED,
+        charged once. Rotated by this process's reload, key-A2 may be another account's, blind
+        to a batch that may be the job's own (the create's 500 may have made it): the job ends
+        FAILED ``provider_changed`` at once, never sent again
+        (``test_a_reload_to_another_accounts_key_never_sends_a_job_adopted_into_its_own_batch_again``)."""
         fake.batches_per_key = True
         fake.batch_accounts.update({"key-A": "A", "key-A2": "A"})
         fake.batch_outcome = BatchOutcome.PENDING
@@ -4325,12 +4329,80 @@ class TestBatchJobsQueuedUnderAnAccountsKey:
                 async with _deployment(tmp_path, fake, "key-A2") as rotated, RouterClient(rotated.target) as client:
                     ended = await wait_ended(client, job)
                     charged = [e.request_id for e in rotated.router.ledger.entries()]
-        assert (pb.BatchState.Name(ended.job.state), ended.error) == ("BATCH_STATE_SUCCEEDED", "")
-        assert _created_with(fake) == ["key-A", "key-A2"]
-        assert charged == [job]
+        undone = [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_adoption_undone"]
+        if rotated_by == "restart":
+            assert (pb.BatchState.Name(ended.job.state), ended.error) == ("BATCH_STATE_SUCCEEDED", "")
+            assert (_created_with(fake), charged, undone) == (["key-A", "key-A2"], [job], [(1, 0)])
+        else:
+            assert (pb.BatchState.Name(ended.job.state), ended.error) == ("BATCH_STATE_FAILED", "provider_changed")
+            assert (_created_with(fake), charged, undone) == (["key-A"], [], [(0, 1)])
         assert (theirs.cancelled, theirs.deleted) == (False, False)
-        assert [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_adoption_undone"] == [(1, 0)]
         assert [e for e in logs if e["event"] == "batch_lost"] == []
+
+    async def test_a_reload_to_another_accounts_key_never_sends_a_job_adopted_into_its_own_batch_again(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """key-A's Anthropic send made the job's batch (account A), its reply lost; the restarted
+        deployment's send adopts that batch by its shape (unverified: its own, in fact). A hot
+        reload rotates the deployment to key-A2, another account's (B), whose poll gets 404 for
+        it: the job ends FAILED ``provider_changed``, never sent with key-A2. Taken for the same
+        account's rotated key's, that 404 undid the adoption and the job was sent again with
+        key-A2: SUCCEEDED from account B's batch while its own batch ran on in account A, never
+        read nor cancelled, both billed."""
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-A2": "B"})
+        job = await _reply_lost(tmp_path, fake, "key-A", task_hint="creative_writing")
+        fake.batch_create_reply_hold = None
+        lapse(tmp_path / "batches.db")
+        config = _account(tmp_path, fake, "key-A")
+        with capture_logs() as logs:
+            async with Server(settings_from(config), port=0) as owner, RouterClient(owner.target) as client:
+                await until(lambda: any(e["event"] == "batch_send_adopted" for e in logs))
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+                (tmp_path / "key-A.key").write_text("key-A2\n")
+                await owner.reload(settings_from(config))
+                fake.batch_outcome = BatchOutcome.COMPLETE
+                ended = await wait_ended(client, job)
+                await asyncio.sleep(0.3)  # rounds in which a job queued again would be sent
+                charged = [e.request_id for e in owner.router.ledger.entries()]
+        holding = [batch.headers.get("authorization") for batch in fake.batches if job in batch.custom_ids]
+        undone = [(e["jobs"], e["failed_jobs"]) for e in logs if e["event"] == "batch_adoption_undone"]
+        assert (pb.BatchState.Name(ended.job.state), ended.error) == ("BATCH_STATE_FAILED", "provider_changed")
+        assert (_created_with(fake), holding, charged, undone) == (["key-A"], ["Bearer key-A"], [], [(0, 1)])
+
+    async def test_a_rotated_keys_404_that_undoes_no_adoption_is_not_logged_as_undone(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """Replica X rotates by reload from key-A to key-A2 (another account's) while replica Y,
+        on the same store, still sends with key-A and marks it: X's key-A2 gets 404 for the batch
+        adopted with key-A, whose jobs the store no longer lets X take (Y's mark). Nothing is
+        undone, nothing is logged as undone, and the batch is left to key-A's process as another
+        account's (``batch_poll_skipped`` ``other_key``); the job waits SUBMITTED. It was a
+        WARNING ``batch_adoption_undone`` with jobs=0 failed_jobs=0 every poll round (57 in 3 s
+        at a 0.05 s poll interval), and the other-key handling skipped."""
+        fake.batches_per_key = True
+        fake.batch_accounts.update({"key-A": "A", "key-A2": "B"})
+        job = await _reply_lost(tmp_path, fake, "key-A", task_hint="creative_writing")
+        fake.batch_create_reply_hold = None
+        lapse(tmp_path / "batches.db")
+        x_config = _account(tmp_path, fake, "key-A")
+        y_key = tmp_path / "y-key-A.key"
+        y_key.write_text("key-A\n")
+        with capture_logs() as logs:
+            async with Server(settings_from(x_config), port=0) as x, RouterClient(x.target) as client:
+                await until(lambda: any(e["event"] == "batch_send_adopted" for e in logs))
+                await wait_state(client, job, pb.BATCH_STATE_SUBMITTED)
+                async with Server(settings_from(_keyed_by_file(tmp_path, fake, y_key)), port=0):
+                    await asyncio.sleep(0.5)  # Y marks key-A after X's last mark of it
+                    (tmp_path / "key-A.key").write_text("key-A2\n")
+                    await x.reload(settings_from(x_config))
+                    await asyncio.sleep(1.5)
+                    state = await get_batch(client, job)
+        skipped = {e["reason"] for e in logs if e["event"] == "batch_poll_skipped"}
+        assert pb.BatchState.Name(state.job.state) == "BATCH_STATE_SUBMITTED"
+        assert [e for e in logs if e["event"] == "batch_adoption_undone"] == []
+        assert "other_key" in skipped
+        assert _created_with(fake) == ["key-A"]
 
 
 async def sent(client: RouterClient, batch_id: str) -> None:

@@ -1692,13 +1692,19 @@ class BatchQueue:
             adopted_gone = self._adopted_key_gone(provider, jobs) if jobs.unverified and error.status == 404 else None
             if adopted_gone is not None:
                 # Its own key gone (unmarked for ENDPOINT_GONE_AFTER_SECONDS, or rotated away from
-                # here), no 404 to it can come: this key's is taken as that key's successor's,
-                # the same account's (as ``_rekey_lost_sends`` takes it), and undoes the adoption,
-                # while the store holds the key's mark. Left alone, its jobs, never sent, waited
-                # two days and ended FAILED ``provider_batch_not_found``.
-                self._accepted.discard((provider, provider_batch_id))
-                await self._disown(provider, provider_batch_id, jobs, answered=True, gone=adopted_gone)
-                return
+                # here), no 404 to it can come: this key's undoes the adoption, while the store
+                # holds the key's mark. Left alone, its jobs waited two days and ended FAILED
+                # ``provider_batch_not_found``. Unmarked that long, the key is taken as this key's
+                # predecessor, the same account's, and its jobs, never sent, are queued again. A
+                # key this process's reload rotated away from is no proof of that (as for
+                # ``_rekey_lost_sends``): this key may be another account's, blind to the batch,
+                # which may be the jobs' own, running: they end FAILED ``provider_changed``.
+                gone, resend = adopted_gone
+                if await self._disown(provider, provider_batch_id, jobs, answered=True, gone=gone, resend=resend):
+                    self._accepted.discard((provider, provider_batch_id))
+                    return
+                # The store holds another mark of that key since (a process sends with it
+                # again): not gone, so another account's batch as below.
             owner_gone = self._owner_gone(provider, jobs)
             if owner_gone is None:
                 # Sent to this URL with another key, and this one does not see it: another
@@ -1797,8 +1803,15 @@ class BatchQueue:
         await asyncio.shield(self._keep(self._discard(api, provider, batch, sent_to[0])))
 
     async def _disown(
-        self, provider: str, provider_batch_id: str, jobs: SentJobs, *, answered: bool, gone: GoneMark | None = None
-    ) -> None:
+        self,
+        provider: str,
+        provider_batch_id: str,
+        jobs: SentJobs,
+        *,
+        answered: bool,
+        gone: GoneMark | None = None,
+        resend: bool = True,
+    ) -> bool:
         """A batch adopted by its shape (``_adopt_earlier``) whose results name none of its jobs
         (or gone before it was read): when it has results, it is another client's, which is left
         alone (never deleted), and its jobs, never sent, are queued again (those cancelled since
@@ -1807,17 +1820,24 @@ class BatchQueue:
         account's, and the send's own batch, under the old key, may have answered them. Without
         results (deleted by the provider) whose it was cannot be told: its jobs end with the
         batch's code, and it is not deleted. With ``gone`` (the mark of the key it was adopted
-        with, taken as gone), each only while the store still holds that mark."""
+        with, taken as gone), each only while the store still holds that mark; without ``resend``,
+        none is queued again: each ends FAILED ``provider_changed``. Returns whether any job was
+        queued again, failed or closed (logged ``batch_adoption_undone`` only then)."""
         if not answered:
             log.warning("batch_adoption_unverified", provider_batch_id=provider_batch_id, jobs=len(jobs.waiting))
-            return
-        again, failed = await self._opened().disown(provider, provider_batch_id, "provider_changed", gone=gone)
+            return False
+        store = self._opened()
+        again, failed = await store.disown(provider, provider_batch_id, "provider_changed", gone=gone, resend=resend)
+        closed = 0
         for batch_id in jobs.cancelled:
-            await self._opened().close_cancelled(batch_id, None, gone=gone)
+            closed += await store.close_cancelled(batch_id, None, gone=gone)
+        if not (again or failed or closed):
+            return False
         log.warning(
             "batch_adoption_undone", provider_batch_id=provider_batch_id, jobs=len(again), failed_jobs=len(failed)
         )
         self._wake.set()
+        return True
 
     async def _requeue(self, provider: str, batch: ProviderBatch, waiting: list[str]) -> list[str]:
         """Queue ``waiting`` again, their provider batch refused whole for a while (OpenAI's
@@ -1876,17 +1896,21 @@ class BatchQueue:
             return None
         return self._key_gone(provider, jobs)
 
-    def _adopted_key_gone(self, provider: str, jobs: SentJobs) -> GoneMark | None:
+    def _adopted_key_gone(self, provider: str, jobs: SentJobs) -> tuple[GoneMark, bool] | None:
         """The mark of the key another key's batch was sent (or adopted) with, when that key is
-        taken as gone: unmarked for ENDPOINT_GONE_AFTER_SECONDS (``_key_gone``), or one this
-        process rotated away from while no other process has marked it since (``_own_mark``);
-        None while it may be live (another account's deployment's, say)."""
+        taken as gone, and whether its jobs may be sent again: unmarked for
+        ENDPOINT_GONE_AFTER_SECONDS (``_key_gone``: taken for the same account's, they may), or
+        one this process rotated away from while no other process has marked it since
+        (``_own_mark``: the key in use may be another account's, they may not); None while it
+        may be live (another account's deployment's, say)."""
         gone = self._key_gone(provider, jobs)
-        if gone is None and jobs.key_id is not None and jobs.endpoint is not None:
+        if gone is not None:
+            return gone, True
+        if jobs.key_id is not None and jobs.endpoint is not None:
             owner = (provider, jobs.endpoint, jobs.key_id)
             if owner in self._rotated_keys:
-                gone = self._own_mark(owner)
-        return gone
+                return self._own_mark(owner), False
+        return None
 
     def _key_gone(self, provider: str, jobs: SentJobs) -> GoneMark | None:
         """The last mark of the key another key's batch was sent with, when no process has

@@ -1370,7 +1370,13 @@ class BatchStore:
         await self._run(update)
 
     async def disown(
-        self, provider: str, provider_batch_id: str, moved_error: str, *, gone: GoneMark | None = None
+        self,
+        provider: str,
+        provider_batch_id: str,
+        moved_error: str,
+        *,
+        gone: GoneMark | None = None,
+        resend: bool = True,
     ) -> tuple[list[str], list[str]]:
         """Queue again the jobs waiting for ``provider``'s batch ``provider_batch_id``, adopted by
         its shape (``mark_submitted`` ``unverified``) and shown by its results to be another
@@ -1380,7 +1386,9 @@ class BatchStore:
         another account's, which must not send it again (its lost send's batch, with the old key,
         may have answered it). One transaction. Returns the ids queued again and those failed;
         jobs cancelled since are the caller's to close. With ``gone`` (the mark of the key the
-        batch was adopted with, taken as gone), none unless the store still holds that mark."""
+        batch was adopted with, taken as gone), none unless the store still holds that mark; without
+        ``resend`` (that key may be another account's, whose batch may hold them), every job ends
+        FAILED ``moved_error``, none is queued again."""
         now = self._clock()
         queued, submitted, failed = BatchState.QUEUED.value, BatchState.SUBMITTED.value, BatchState.FAILED.value
         still = "" if gone is None else f" AND {gone.still}"
@@ -1393,8 +1401,8 @@ class BatchStore:
                     f"{still}",
                     (provider, provider_batch_id, submitted, *marked),
                 ).fetchall()
-                again = [row["id"] for row in rows if row["unverified"] != _MOVED]
-                moved = [row["id"] for row in rows if row["unverified"] == _MOVED]
+                again = [row["id"] for row in rows if resend and row["unverified"] != _MOVED]
+                moved = [row["id"] for row in rows if not resend or row["unverified"] == _MOVED]
                 connection.executemany(
                     "UPDATE jobs SET state = ?, provider_batch_id = NULL, unverified = NULL, provider_ended = NULL,"
                     " send_tag = NULL, send_at = NULL, send_count = NULL,"
