@@ -208,10 +208,11 @@ class _FeedbackCall:
     busy_timeout: float
     context: contextvars.Context
 
-    async def look(self, found_unknown: UnknownDecision | None) -> tuple[str, str, int]:
+    async def look(self, found_unknown: UnknownDecision | None, *, final: bool) -> tuple[str, str, int]:
         """The decision's model and owner and the examples the libraries hold once the score is
         recorded (``record``), on the one feedback thread, behind the Feedback calls before it.
-        ``found_unknown``: what the look before found (the answer if this one is not made).
+        ``found_unknown``: what the look before found (the answer if this one is not made);
+        ``final``: no look comes after this one (``_recorded_by``).
 
         A call cancelled while its look waits (the client gave up, or the call's end came) cancels
         the job if it has not started, and otherwise has it store nothing unless it has taken a
@@ -222,7 +223,7 @@ class _FeedbackCall:
         cancel = Cancellation()
         stored = _Stored()
         job = self.learning.executor.submit(
-            self.context.run, self.record, time.monotonic(), found_unknown, cancel, stored
+            self.context.run, self.record, time.monotonic(), found_unknown, final, cancel, stored
         )
         answer = asyncio.wrap_future(job)
         try:
@@ -289,14 +290,19 @@ class _FeedbackCall:
         telemetry.record_feedback(stored.model, self.score, decision_id=self.decision_id, tenant=stored.owner)
 
     def record(
-        self, arrived: float, found_unknown: UnknownDecision | None, cancel: Cancellation, stored: _Stored
+        self,
+        arrived: float,
+        found_unknown: UnknownDecision | None,
+        final: bool,
+        cancel: Cancellation,
+        stored: _Stored,
     ) -> tuple[str, str, int]:
         """``look``'s work on the feedback thread, for a look that ``arrived`` then (``cancel``:
         settled once its call is cancelled; before a file's lock is taken, nothing is stored;
         ``stored``: what it recorded so far)."""
         deadline = self._lock_deadline(arrived)
         try:
-            return self._recorded_by(deadline, cancel, stored)
+            return self._recorded_by(deadline, final, cancel, stored)
         except FeedbackStoreBusy:
             # Not looked at again within the call's time (the busy timeout had not passed):
             # a look again answers what the look before found, while it stored nothing. One
@@ -328,12 +334,19 @@ class _FeedbackCall:
                 return store.busy()
         return FeedbackStoreBusy(f"feedback: {waited_for} took this call's time; retry shortly")
 
-    def _recorded_by(self, deadline: LockDeadline, cancel: Cancellation, stored: _Stored) -> tuple[str, str, int]:
+    def _recorded_by(
+        self, deadline: LockDeadline, final: bool, cancel: Cancellation, stored: _Stored
+    ) -> tuple[str, str, int]:
         """The score recorded in each store and taught to each library of the newest policy,
         the first store's lock taken by ``deadline`` (else ``FeedbackStoreBusy``, nothing stored)
         and ``cancel`` not settled before it (else ``concurrent.futures.CancelledError``, nothing
         stored); the stores after the first are each taken by ``deadline`` too, their calls'
-        cancel too late (the call is finished); each file recorded in is noted in ``stored``."""
+        cancel too late (the call is finished); each file recorded in is noted in ``stored``.
+        A store that does not know the decision is skipped when another does (logged
+        ``feedback_stage_without_decision``, info); ``UnknownDecision`` only when none does. The
+        first store not knowing it is ``UnknownDecision`` at once unless the look is ``final``:
+        the decision may wait in another process's write queue (looked for again, no wait for the
+        later stores' locks meanwhile); the final look asks the later stores too."""
         model = owner = ""
         examples = 0
         if time.monotonic() >= deadline.at:
@@ -356,20 +369,45 @@ class _FeedbackCall:
                 raise FeedbackNotEnabled(_FEEDBACK_NOT_ENABLED)
             self.learning.recorded += 1
             stored.files = list(dict.fromkeys(stage.feedback for stage in stages if stage.feedback is not None))
-            recorded: dict[FeedbackStore, Recorded] = {}
+            # A store that does not know the decision while another does never saw it (its stage
+            # added by a reload after the decision was routed, or its pending limit or TTL
+            # smaller): skipped, the outcome stored in the others. Unknown to every store, the
+            # decision is not found. Unknown to the first, it is looked for again
+            # (``Router.feedback``) before the later stores are asked, on the final look.
+            recorded: dict[FeedbackStore, Recorded | None] = {}
+            unknown: UnknownDecision | None = None
             for stage in stages:
                 assert stage.feedback is not None
                 if stage.feedback not in recorded:  # stages sharing a store record once
-                    recorded[stage.feedback] = stage.feedback.record_outcome(
-                        self.decision_id, self.score, tenant=self.tenant, deadline=deadline, cancel=cancel
-                    )
+                    try:
+                        recorded[stage.feedback] = stage.feedback.record_outcome(
+                            self.decision_id, self.score, tenant=self.tenant, deadline=deadline, cancel=cancel
+                        )
+                    except UnknownDecision as error:
+                        if not final and not stored.stored:
+                            raise
+                        recorded[stage.feedback] = None
+                        unknown = unknown or error
+                        continue
                     stored.stored.append(stage.feedback)
-                entry = recorded[stage.feedback].entry
-                model, owner = entry.model, entry.tenant
+                outcome = recorded[stage.feedback]
+                if outcome is None:
+                    continue
+                model, owner = outcome.entry.model, outcome.entry.tenant
                 stored.model, stored.owner = model, owner
-                examples += stage.learn(recorded[stage.feedback])
+                examples += stage.learn(outcome)
         finally:
             self.learning.lock.release()
+        if not stored.stored:
+            assert unknown is not None
+            raise unknown
+        if unknown is not None:
+            log.info(
+                "feedback_stage_without_decision",
+                decision_id=self.decision_id,
+                stored=[store.path for store in stored.stored],
+                without_decision=[store.path for store, outcome in recorded.items() if outcome is None],
+            )
         return model, owner, examples
 
 
@@ -905,7 +943,9 @@ class Router:
         for the feedback thread and the file's lock ends ``_FEEDBACK_ANSWER_MARGIN_SECONDS``
         before its end: ``FeedbackStoreBusy`` (nothing stored, or, with two stages, stored in
         the first file only: counted and logged ``feedback_partly_stored``), or, for a look again
-        that stored nothing, the ``UnknownDecision`` of the look before."""
+        that stored nothing, the ``UnknownDecision`` of the look before). With two stages, the
+        decision is ``UnknownDecision`` (looked for again) only when no stage's store knows it:
+        one a store knows is recorded there (``_FeedbackCall._recorded_by``)."""
         answer_by = None
         if timeout is not None:
             answer_by = time.monotonic() + timeout - min(_FEEDBACK_ANSWER_MARGIN_SECONDS, timeout / 4)
@@ -925,8 +965,13 @@ class Router:
         )
         found_unknown: UnknownDecision | None = None
         for pause in (*_UNKNOWN_DECISION_PAUSES, None):
+            # The last look, the pauses done or the call's time too short for another: it asks
+            # every stage's store (the earlier ones only the first's: ``_recorded_by``).
+            final = pause is None or (
+                answer_by is not None and answer_by - time.monotonic() <= 2 * _UNKNOWN_DECISION_LOOK_SECONDS
+            )
             try:
-                model, owner, examples = await call.look(found_unknown)
+                model, owner, examples = await call.look(found_unknown, final=final)
                 break
             except UnknownDecision as unknown:
                 found_unknown = unknown

@@ -1480,6 +1480,85 @@ class TestFeedbackSentAgain:
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 2)
 
 
+class TestFeedbackWithAStageThatNeverSawTheDecision:
+    @pytest.mark.parametrize("forgetting", [1, 0], ids=["second-forgets", "first-forgets"])
+    async def test_a_decision_one_file_no_longer_keeps_is_stored_in_the_other_and_ok(
+        self, tmp_path: Path, forgetting: int
+    ) -> None:
+        """Two embedding stages keep feedback with different limits: one file keeps only the newest
+        pending decision, so of two routed decisions it has forgotten the first, which the other
+        file keeps. Rating it is OK, stored in the file that knows it (and learnt by its stage),
+        counted once in GetStats, logged ``feedback_stage_without_decision`` (info) naming the file
+        that did not know it, no ``feedback_partly_stored``; sent again it is OK and counted once.
+        It was NOT_FOUND UNKNOWN_DECISION (final) though stored and counted when the second file
+        forgot it (three ``feedback_partly_stored`` warnings a call), and NOT_FOUND, stored nowhere,
+        when the first did. A decision no file knows is NOT_FOUND still."""
+        config = two_stage_config(tmp_path)
+        config["routing"]["stages"][forgetting]["feedback_max_pending_decisions"] = 1  # type: ignore[index]
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            older = await client.route(user_chat("say hello to zulu"))
+            await client.route(user_chat("say goodbye to zulu"))
+            stores = await _flushed_stores(server)
+            with capture_logs() as logs:
+                response = await client.feedback(older.decision_id, thumbs_up=False)
+                again = await client.feedback(older.decision_id, thumbs_up=False)
+            stored = [[(e.decision_id, e.score) for e in await asyncio.to_thread(s.entries)] for s in stores]
+            stats = await client.get_stats()
+            unknown = await _feedback_error(client, "0" * 32, thumbs_up=False)
+        assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
+        assert (again.model, again.library_examples) == ("gpt-4o-mini", 1)
+        expected: list[list[tuple[str, float]]] = [[], []]
+        expected[1 - forgetting] = [(older.decision_id, 0.0)]
+        assert stored == expected
+        assert [(m.model, m.feedback_count) for m in stats.models if m.feedback_count] == [("gpt-4o-mini", 1)]
+        assert not [e for e in logs if e["event"] == "feedback_partly_stored"]
+        without = [e for e in logs if e["event"] == "feedback_stage_without_decision"]
+        assert [(e["log_level"], e["decision_id"], e["stored"], e["without_decision"]) for e in without] == [
+            ("info", older.decision_id, [stores[1 - forgetting].path], [stores[forgetting].path])
+        ] * 2
+        assert "zulu" not in str(without)
+        assert (unknown.code(), error_info(unknown).reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_DECISION")
+
+    @pytest.mark.parametrize("added", ["after", "before"])
+    async def test_a_decision_routed_before_a_reload_added_a_stage_is_rated_ok(
+        self, tmp_path: Path, added: str
+    ) -> None:
+        """One embedding stage keeps feedback (feedback.db); a reload adds a second with its own
+        file (second.db), after or before it. A decision routed before the reload is rated OK,
+        stored in feedback.db only (second.db never saw it) and counted once; one routed after is
+        stored in both. The first was NOT_FOUND UNKNOWN_DECISION (final) after three looks, though
+        stored in feedback.db and counted in GetStats (a stage added after it) or stored nowhere
+        (a stage added before it)."""
+        server = Server(settings_from(embedding_config(tmp_path)), port=0)
+        async with server, RouterClient(server.target) as client:
+            before = await client.route(user_chat("say hello to zulu"))
+            config = two_stage_config(tmp_path)
+            if added == "before":
+                config["routing"]["stages"].reverse()  # type: ignore[index]
+            await server.reload(settings_from(config))
+            after = await client.route(user_chat("say goodbye to zulu"))
+            stores = await _flushed_stores(server)
+            with capture_logs() as logs:
+                rated_before = await client.feedback(before.decision_id, thumbs_up=False)
+            rated_after = await client.feedback(after.decision_id, thumbs_up=True)
+            stored = {
+                Path(s.path).name: {(e.decision_id, e.score) for e in await asyncio.to_thread(s.entries)}
+                for s in stores
+            }
+            stats = await client.get_stats()
+        assert (rated_before.model, rated_before.library_examples) == ("gpt-4o-mini", 1)
+        assert rated_after.library_examples == 3  # feedback.db's two examples, second.db's one
+        assert stored == {
+            "feedback.db": {(before.decision_id, 0.0), (after.decision_id, 1.0)},
+            "second.db": {(after.decision_id, 1.0)},
+        }
+        assert sum(m.feedback_count for m in stats.models) == 2
+        assert not [e for e in logs if e["event"] == "feedback_partly_stored"]
+        assert [e["without_decision"] for e in logs if e["event"] == "feedback_stage_without_decision"] == [
+            [str(tmp_path / "second.db")]
+        ]
+
+
 class TestAFeedbackDbThatCannotBeOpened:
     async def test_a_reload_to_a_file_that_is_not_sqlite_is_rejected_and_the_old_config_serves(
         self, tmp_path: Path
