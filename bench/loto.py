@@ -133,7 +133,11 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/routing"))
     parser.add_argument("--strong", default="gpt-4-1106-preview")
     parser.add_argument("--weak", default="mixtral-8x7b-instruct")
-    parser.add_argument("--encoders", default="wordllama,hashing")
+    parser.add_argument(
+        "--encoders",
+        default="wordllama,hashing",
+        help="wordllama, hashing, stacked (the shipped wordllama+hashing), minilm, minilm+hashing (bench/minilm.py)",
+    )
     parser.add_argument("--variants", default="")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plots", type=Path)
@@ -155,6 +159,10 @@ def main() -> int:
             encoders[name] = WordLlamaEncoder()
         elif name == "hashing":
             encoders[name] = HashingEncoder()
+        elif name.startswith("minilm"):  # the MiniLM experiment: "minilm" or stacked "minilm+hashing"
+            from bench.minilm import bench_encoder
+
+            encoders[name] = bench_encoder(name)
         else:
             encoders[name] = StackedEncoder([WordLlamaEncoder(), HashingEncoder()])
     chosen = {k: v for k, v in variants().items() if not args.variants or k in args.variants.split(",")}

@@ -50,7 +50,12 @@ def main() -> int:
     args = parser.parse_args()
     limit_native_threads()
     records = read_outcomes(args.data)
-    encoder = load_encoder(args.encoder)
+    if args.encoder.startswith("minilm"):  # the MiniLM experiment (bench/minilm.py), cached vectors
+        from bench.minilm import bench_encoder
+
+        encoder = bench_encoder(args.encoder)
+    else:
+        encoder = load_encoder(args.encoder)
     started = time.perf_counter()
     embeddings = encoder.encode([bounded(r.prompt) for r in records])
     print(f"encoded {len(records)} prompts in {time.perf_counter() - started:.1f}s", file=sys.stderr)
