@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import signal
 import sys
@@ -242,6 +243,51 @@ class TestScriptSelection:
             async with httpx2.AsyncClient(base_url=fake.base_url) as http:
                 answer = (await http.post("/v1/chat/completions", json=CHAT)).json()
         assert answer["choices"][0]["message"]["content"] == "made with"
+
+    async def test_reset_sets_every_knob_back_as_a_new_fake_has_it(self) -> None:
+        """``reset()`` restores every setting the Python API has (each property with a setter, the
+        dicts it hands out, the ``*_waiting`` events) to a new fake's: a list hold, a rotated key
+        or a fault left set made every later test of a reused fake hang or fail."""
+        fresh = FakeProvider(api_key="made-with")
+        async with FakeProvider(api_key="made-with") as fake:
+            knobs = [name for name, value in vars(FakeProvider).items() if isinstance(value, property) and value.fset]
+            for name in knobs:
+                setattr(fake, name, _changed(name, getattr(fake, name)))
+            for name in ("batch_retrieve_errors", "batch_results_errors"):
+                getattr(fake, name)["openai"] = (500, {}, {})
+            fake.batch_accounts["k"] = "account"
+            waiting = [name for name in dir(FakeProvider) if name.endswith("_waiting")]
+            for name in waiting:
+                getattr(fake, name).set()
+            assert all(getattr(fake, name) != getattr(fresh, name) for name in knobs)
+
+            fake.reset()
+
+            for name in [*knobs, "batch_retrieve_errors", "batch_results_errors", "batch_accounts"]:
+                assert getattr(fake, name) == getattr(fresh, name), name
+            assert [name for name in waiting if getattr(fake, name).is_set()] == []
+            # As a new fake does: the constructor's key is taken, and an Anthropic batch list
+            # answers at once (the hold left set made it wait for ever).
+            async with anthropic.AsyncAnthropic(api_key="made-with", base_url=fake.anthropic_base_url) as client:
+                listed = await asyncio.wait_for(client.messages.batches.list(), timeout=10)
+            assert listed.data == []
+
+
+def _changed(name: str, value: Any) -> Any:
+    """A value other than ``value`` for the fake's knob ``name``."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-rotated"
+    if isinstance(value, enum.Enum):
+        return next(member for member in type(value) if member is not value)
+    if value is None and name.endswith("_hold"):
+        return asyncio.Event()  # requests wait at it
+    if value is None and name.endswith("_error"):
+        return (500, {"error": {"message": "set"}})
+    raise AssertionError(f"a knob of a new type: {value!r}")
 
 
 class TestRecords:

@@ -190,55 +190,14 @@ class FakeBatches:
     def __init__(self, take_script: Callable[[str], Script], base_url: Callable[[], str]) -> None:
         self._take_script = take_script
         self._base_url = base_url
-        self.outcome = BatchOutcome.COMPLETE
-        self.http_errors_in_error_file = False
-        self.results_deleted = False
-        # How many of a batch's requests (the first ones) are answered when a cancel reaches it,
-        # and when the 24 h window ends it (EXPIRE).
-        self.answered_before_cancel = 0
-        self.answered_before_expiry = 0
-        # (status, JSON body) that creating a batch answers instead, in both APIs; None: created.
-        self.create_error: tuple[int, Any] | None = None
-        # (status, JSON body) that deleting a file or a message batch answers instead; None: deleted.
-        self.delete_error: tuple[int, Any] | None = None
-        # (status, JSON body, headers) that retrieving a batch of this API ("openai", "anthropic")
-        # answers instead; none for an API: retrieved.
-        self.retrieve_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
-        # The same for reading an ended batch's results (OpenAI: its output and error files).
-        self.results_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
-        self.results_refused = 0
-        # Batches are the account's of the key that created them (as OpenAI's are a project's):
-        # a retrieve or cancel with another key gets 404, as for an unknown id, and a list with
-        # it leaves them out.
-        self.per_key = False
-        # With ``per_key``, the account of each key named here (keys of one account see each
-        # other's batches, as a project's rotated keys do); a key not named is its own account.
-        self.accounts: dict[str, str] = {}
-        # With ``per_key``, the status another account's key gets for a batch (404: as for an
-        # unknown id; a gateway may answer 400).
-        self.other_account_status = 404
-        # A create waits until this is set (None: answers at once); ``create_waiting`` says one does.
-        self.create_hold: asyncio.Event | None = None
+        # Set while a request waits at its hold (``reset`` clears them, keeping each one).
         self.create_waiting = asyncio.Event()
-        # A create's reply, the batch made, waits until this is set (None: answers at once).
-        self.create_reply_hold: asyncio.Event | None = None
-        # The same for deleting a file or a message batch.
-        self.delete_hold: asyncio.Event | None = None
         self.delete_waiting = asyncio.Event()
-        # The same for retrieving a batch (a status check).
-        self.retrieve_hold: asyncio.Event | None = None
         self.retrieve_waiting = asyncio.Event()
-        # A results read (OpenAI's file content, Anthropic's results) sends its head, then its
-        # body only once this is set (None: at once); a cancel answers once ``cancel_hold`` is.
-        self.results_hold: asyncio.Event | None = None
         self.results_waiting = asyncio.Event()
-        self.cancel_hold: asyncio.Event | None = None
         self.cancel_waiting = asyncio.Event()
-        # A list of message batches (Anthropic) waits at ``list_hold`` once ``lists_unheld`` more
-        # lists have been answered at once (each answered so counts it down).
-        self.list_hold: asyncio.Event | None = None
         self.list_waiting = asyncio.Event()
-        self.lists_unheld = 0
+        self._knobs_off()
         self.files: dict[str, bytes] = {}
         # Each file's name and when it was uploaded (files.list).
         self.file_names: dict[str, tuple[str, float]] = {}
@@ -271,29 +230,60 @@ class FakeBatches:
         self.file_names.clear()
         self.deleted_files.clear()
         self.batches.clear()
+        self._knobs_off()
+
+    def _knobs_off(self) -> None:
+        """Every knob as a new fake has it (the constructor and ``reset`` alike, so that a knob
+        added here is one ``reset`` restores)."""
         self.outcome = BatchOutcome.COMPLETE
+        self.http_errors_in_error_file = False
         self.results_deleted = False
+        # How many of a batch's requests (the first ones) are answered when a cancel reaches it,
+        # and when the 24 h window ends it (EXPIRE).
         self.answered_before_cancel = 0
         self.answered_before_expiry = 0
-        self.create_error = None
-        self.delete_error = None
-        self.retrieve_errors.clear()
-        self.results_errors.clear()
+        # (status, JSON body) that creating a batch answers instead, in both APIs; None: created.
+        self.create_error: tuple[int, Any] | None = None
+        # (status, JSON body) that deleting a file or a message batch answers instead; None: deleted.
+        self.delete_error: tuple[int, Any] | None = None
+        # (status, JSON body, headers) that retrieving a batch of this API ("openai", "anthropic")
+        # answers instead; none for an API: retrieved.
+        self.retrieve_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
+        # The same for reading an ended batch's results (OpenAI: its output and error files).
+        self.results_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
         self.results_refused = 0
+        # Batches are the account's of the key that created them (as OpenAI's are a project's):
+        # a retrieve or cancel with another key gets 404, as for an unknown id, and a list with
+        # it leaves them out.
         self.per_key = False
-        self.accounts.clear()
+        # With ``per_key``, the account of each key named here (keys of one account see each
+        # other's batches, as a project's rotated keys do); a key not named is its own account.
+        self.accounts: dict[str, str] = {}
+        # With ``per_key``, the status another account's key gets for a batch (404: as for an
+        # unknown id; a gateway may answer 400).
         self.other_account_status = 404
-        self.create_hold = None
+        # A create waits until this is set (None: answers at once); ``create_waiting`` says one does.
+        self.create_hold: asyncio.Event | None = None
         self.create_waiting.clear()
-        self.create_reply_hold = None
-        self.delete_hold = None
+        # A create's reply, the batch made, waits until this is set (None: answers at once).
+        self.create_reply_hold: asyncio.Event | None = None
+        # The same for deleting a file or a message batch.
+        self.delete_hold: asyncio.Event | None = None
         self.delete_waiting.clear()
-        self.retrieve_hold = None
+        # The same for retrieving a batch (a status check).
+        self.retrieve_hold: asyncio.Event | None = None
         self.retrieve_waiting.clear()
-        self.results_hold = None
+        # A results read (OpenAI's file content, Anthropic's results) sends its head, then its
+        # body only once this is set (None: at once); a cancel answers once ``cancel_hold`` is.
+        self.results_hold: asyncio.Event | None = None
         self.results_waiting.clear()
-        self.cancel_hold = None
+        self.cancel_hold: asyncio.Event | None = None
         self.cancel_waiting.clear()
+        # A list of message batches (Anthropic) waits at ``list_hold`` once ``lists_unheld`` more
+        # lists have been answered at once (each answered so counts it down).
+        self.list_hold: asyncio.Event | None = None
+        self.list_waiting.clear()
+        self.lists_unheld = 0
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._numbers):04d}{uuid.uuid4().hex[:12]}"

@@ -42,6 +42,7 @@ class FakeProvider:
         self._host = host
         self._port = port
         self._api_key = api_key
+        self._made_with_key = api_key  # what ``reset`` restores after a rotation
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._default = default or Script()
@@ -381,8 +382,11 @@ class FakeProvider:
 
     def reset(self) -> None:
         """Forget queued scripts, defaults set since start (per model and for all models: the
-        constructor's ``default`` answers again), recorded requests and batches."""
+        constructor's ``default`` answers again), recorded requests and batches, and set every
+        knob back as the constructor made it (the batch faults and holds off, the constructor's
+        ``api_key`` after a rotation)."""
         self._batches.reset()
+        self._api_key = self._made_with_key
         self._queues.clear()
         self._defaults = {None: self._default}
         self._requests.clear()
