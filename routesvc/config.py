@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -1130,13 +1131,24 @@ def _checked_base_url(url: str, where: str, source: str) -> str:
     Whitespace or a control character anywhere (a trailing newline from a mounted secret's file)
     is refused, not stripped: ``urlsplit`` drops it and checked a URL other than the one used,
     which then failed the start with httpx's traceback (a newline), or every call as "connection
-    failed" (a leading space) or HTTP 404 (a trailing one)."""
+    failed" (a leading space) or HTTP 404 (a trailing one). So is any other invisible character
+    (Unicode's control, format and separator categories: a zero-width space, a soft hyphen), and a
+    host the SDKs' URL parser (httpx's, IDNA 2008) refuses: both passed ``urlsplit`` and failed the
+    start with httpx's traceback, which printed the host."""
     from urllib.parse import urlsplit
+
+    import httpx2
 
     if _URL_BLANK_OR_CONTROL.search(url):
         raise ConfigError(
             f"{source}: {where}: whitespace or a control character in the URL (a trailing newline"
             " from a file?), which the HTTP client cannot use (the URL is not shown)"
+        )
+    if any(unicodedata.category(character)[0] in "CZ" for character in url):
+        raise ConfigError(
+            f"{source}: {where}: an invisible character in the URL (a zero-width space, soft hyphen,"
+            " word joiner or byte order mark, pasted with it?), which the HTTP client cannot use"
+            " (the URL is not shown)"
         )
     try:
         parts = urlsplit(url)
@@ -1152,6 +1164,16 @@ def _checked_base_url(url: str, where: str, source: str) -> str:
         raise ConfigError(
             f"{source}: {where}: credentials in the URL (user:password@) are not supported: the HTTP client"
             " refuses them beside the API key's header (the URL is not shown)"
+        )
+    try:
+        httpx2.URL(url)  # the SDKs' own parser, at their client's build (a host IDNA refuses)
+        parsed = True
+    except httpx2.InvalidURL:
+        parsed = False  # raised below, outside this block: its message shows the host
+    if not parsed:
+        raise ConfigError(
+            f"{source}: {where}: a host the HTTP client refuses (not a valid internationalized domain"
+            " name: IDNA) (the URL is not shown)"
         )
     return url
 

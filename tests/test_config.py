@@ -374,8 +374,22 @@ class TestProviderBaseUrl:
                     "http://gateway:8089/S3cretPw\r\n",
                     "\x00http://gateway:8089/S3cretPw",
                     "http://gateway:8089/S3cretPw\u00a0",
+                    "http://gateway:8089/S3cretPw\u2028",  # a line separator
                 )
             ),
+            *(
+                (url, "an invisible character in the URL")
+                for url in (
+                    "http://api.example\u200b.com/S3cretPw",  # zero-width space
+                    "http://api.exa\u00admple.com/S3cretPw",  # soft hyphen
+                    "http://\u2060gateway:8089/S3cretPw",  # word joiner
+                    "http://gate\ufeffway:8089/S3cretPw",  # a byte order mark inside
+                    "\ufeffhttp://gateway:8089/S3cretPw",  # ... or leading
+                    "http://gateway:8089/S3cret\u200bPw",  # in the path too
+                )
+            ),
+            ("http://gateway.ho\u0301st:8089/S3cretPw", "a host the HTTP client refuses"),  # not NFC
+            ("http://-b\u00fccher.example:8089/S3cretPw", "a host the HTTP client refuses"),  # a leading hyphen
         ],
     )
     @pytest.mark.parametrize("source", ["file", "variable"])
@@ -386,7 +400,9 @@ class TestProviderBaseUrl:
         from, without the URL: it started cleanly and then failed every call as a provider outage
         ("connection failed", or a "malformed stream" as aiohttp refused the credentials beside
         the key, or HTTP 404 for a trailing space), opening the breaker, or failed the start with
-        httpx's traceback (a newline): urlsplit dropped those characters and passed it."""
+        httpx's traceback (a newline): urlsplit dropped those characters and passed it. So is an
+        invisible character (pasted from a web page) or a host httpx's IDNA check refuses, which
+        urlsplit passed and failed the start with a traceback printing the host."""
         config = default_config()
         environ = {"ANTHROPIC_API_KEY": "sk-b"}
         if source == "file":
@@ -407,7 +423,10 @@ class TestProviderBaseUrl:
         with pytest.raises(ConfigError, match=r"^<test>: providers\.local\.base_url: not an absolute http\(s\) URL"):
             settings_from(config)
 
-    @pytest.mark.parametrize("url", ["http://127.0.0.1:8089", "https://gateway.internal/v1/", "http://[::1]:8000/v1"])
+    @pytest.mark.parametrize(
+        "url",
+        ["http://127.0.0.1:8089", "https://gateway.internal/v1/", "http://[::1]:8000/v1", "http://bücher.example/v1"],
+    )
     def test_an_absolute_http_url_is_kept_as_written(self, url: str) -> None:
         """http and https URLs with a host (a name, IPv4 or IPv6, a port or none) are used as written."""
         config = default_config()
