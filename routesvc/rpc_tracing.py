@@ -193,7 +193,13 @@ def traced_stream(
                             # the handler's yield, it ends the call as it would had the handler
                             # been waiting itself: DEADLINE_EXCEEDED (or SHUTTING_DOWN) with the
                             # committed trailers, where closing it would end it without a status.
-                            await responses.athrow(cancelled)
+                            try:
+                                await responses.athrow(cancelled)
+                            except StopAsyncIteration:
+                                # The handler returned: its last message was handed to grpc
+                                # before its end came (a Complete's Completion), so the call
+                                # ends OK, sent after that message.
+                                break
                             raise  # the handler did not end the call: it is cancelled
                         if not written:
                             # The client is gone or its deadline passed: leaving the block closes

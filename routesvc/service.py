@@ -202,6 +202,10 @@ class _CallRecord:
     # A message of a stream's answer was handed to grpc: past ``ends_at`` the call is no longer
     # made DEADLINE_EXCEEDED after the fact (``_rpc``), its timer ends it at an await if at all.
     answering: bool = False
+    # The stream's last message (a Complete's Completion, its usage and cost charged) was handed to
+    # grpc: the caller has the whole answer, and a deadline passing after (the timer firing at that
+    # message's write, held by a caller reading late, or at an await after it) ends the call OK.
+    completed: bool = False
 
     def time_left(self) -> float | None:
         """The time until the server ends the call itself (not the caller's deadline, which is
@@ -393,8 +397,14 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 release_slot()
             await self._abort(context, record, error)
         except TimeoutError:
-            code = grpc.StatusCode.DEADLINE_EXCEEDED
-            await self._abort(context, record, DeadlineExceeded("deadline exceeded", chunks_sent=_chunks_sent(record)))
+            if record.completed:
+                # The whole answer is on its way (grpc sends the Completion before the status):
+                # told DEADLINE_EXCEEDED, a caller would retry and pay for it again.
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+            else:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                late = DeadlineExceeded("deadline exceeded", chunks_sent=_chunks_sent(record))
+                await self._abort(context, record, late)
         except asyncio.CancelledError:
             if task is None or task not in self._interrupted:
                 # The caller left, or grpc ended the call at its deadline before our timer could
@@ -510,6 +520,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
                     # the status, so a client that reads on gets it and the trailers count it.
                     record.fields["chunks"] = chunks
                     record.answering = True
+                    record.completed = isinstance(event, Completion)
                     yield message
 
     async def ListModels(

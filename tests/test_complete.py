@@ -21,7 +21,7 @@ from routesvc.server import Server
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.conftest import add_local_model, default_config, live_environ, settings_from, until, user_chat
 from tests.observability import observed_server
 from tests.test_validation import error_info
 
@@ -452,6 +452,72 @@ class TestDeadlinesAndCancellation:
                 if dict(point.attributes)["rpc.method"] == COMPLETE
             }
             assert durations == {"OK", "DEADLINE_EXCEEDED"}
+
+    async def test_a_completion_whose_write_waits_past_the_deadline_for_a_late_reader_ends_ok(
+        self, fake: FakeProvider
+    ) -> None:
+        """A client that reads its stream only late: the decision and the text fit the 64 KiB
+        stream window, the Completion (usage and cost, charged) does not, so its write waits on
+        flow control while the server's own end of the call passes. The caller gets the whole
+        answer, so the call ends OK (its status, rpc_finished line, span and GetStats' ``errors``
+        alike): it ended DEADLINE_EXCEEDED with the committed trailers, and a caller trusting the
+        status would pay for the answer again. Where the window's edge falls depends on the
+        messages' sizes, measured first; answers around it are asked for at once, each on a
+        connection of its own, the client reading 125 ms after the server's end (4.75 s, the most
+        lead it takes) and as long before its own deadline (5 s). Those whose text does not fit
+        end DEADLINE_EXCEEDED without a Completion, as they should."""
+        deadline, read_at = 5.0, 4.875
+        window = 65_535
+        # A 64 KiB receive window that never grows, and a connection per call (not one window
+        # shared by all).
+        options = [
+            ("grpc.http2.lookahead_bytes", 65_536),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        async with observed_server(fake) as observed:
+            measured = 65_000
+            fake.enqueue(Script(chunks=("x" * measured,)))
+            decision, delta, completion = await _collect(observed.client, "a late reader")
+            framed = [5 + len(message.SerializeToString()) for message in (decision, delta, completion)]
+            # The text that leaves half the Completion's frame in the window; sizes around it.
+            middle = measured + window - sum(framed) + framed[2] // 2
+            sizes = range(middle - 90, middle + 91, 15)
+
+            async def late_reader(size: int) -> tuple[list[str], grpc.StatusCode, str]:
+                async with grpc.aio.insecure_channel(observed.server.target, options=options) as channel:
+                    request_id = f"late-reader-{size}"
+                    call = pb_grpc.RouterServiceStub(channel).Complete(
+                        pb.CompleteRequest(chat=user_chat("a late reader")),
+                        timeout=deadline,
+                        metadata=(("x-request-id", request_id),),
+                    )
+                    await asyncio.sleep(read_at)
+                    kinds: list[str] = []
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        async for message in call:
+                            kinds.append(str(message.WhichOneof("event")))
+                    return kinds, await call.code(), request_id
+
+            for size in sizes:
+                fake.enqueue(Script(chunks=("x" * size,)))
+            with capture_logs() as logs:
+                outcomes = await asyncio.gather(*(late_reader(size) for size in sizes))
+                await until(lambda: sum(entry["event"] == "rpc_finished" for entry in logs) == len(sizes))
+            await until(lambda: len(observed.named(COMPLETE)) == 1 + len(sizes))
+            stats = await observed.client.get_stats()
+        lines = {str(entry["request_id"]): entry for entry in logs if entry["event"] == "rpc_finished"}
+        answered = [(code, lines[request_id]) for kinds, code, request_id in outcomes if kinds[-1:] == ["completion"]]
+        cut = [(code, lines[request_id]) for kinds, code, request_id in outcomes if kinds[-1:] != ["completion"]]
+        assert [(code, line["code"]) for code, line in answered] == [(grpc.StatusCode.OK, "OK")] * len(answered)
+        # Some Completion's write did wait for the late reader, past the server's end (else this
+        # tested nothing): an answer not held back ends in a few milliseconds.
+        held = [line for _, line in answered if float(str(line["duration_ms"])) >= deadline / 2 * 1000]
+        assert held, [(kinds, code.name) for kinds, code, _ in outcomes]
+        assert [(code.name, line["code"]) for code, line in cut] == [("DEADLINE_EXCEEDED",) * 2] * len(cut)
+        codes = [dict(span.attributes or {})["rpc.grpc.status_code"] for span in observed.named(COMPLETE)]
+        assert sorted(codes) == [0] * (1 + len(answered)) + [grpc.StatusCode.DEADLINE_EXCEEDED.value[0]] * len(cut)
+        assert (stats.totals.requests, stats.totals.errors) == (1 + len(sizes), len(cut))
 
     async def test_deadline_before_the_first_token(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """A 0.5 s deadline against a 5 s first token: DEADLINE_EXCEEDED on time, upstream closed."""
