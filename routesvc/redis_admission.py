@@ -630,7 +630,8 @@ class RedisAdmission:
         """Count one Route call against the tenant's ``route_requests_per_minute`` across
         replicas, or refuse it. A reply lost after the script ran leaves the call counted (one
         Route call too many in the minute, never one too few); so does a give-back that fails
-        (logged), which runs in the background."""
+        (logged), which runs in the background. A count cancelled while it waits for its reply is
+        given back so (by its id: nothing if the script never ran)."""
         limits = self._tenants.get(tenant)
         if limits is None or limits.route_requests_per_minute is None:
             return _nothing_counted
@@ -641,6 +642,11 @@ class RedisAdmission:
             verdict, detail = await self._once_more_if_closed(lambda: self._count_route_script(keys=[key], args=args))
         except (RedisError, OSError) as exc:
             raise _store_failed(exc) from exc
+        except asyncio.CancelledError:
+            # Cancelled awaiting the reply (the call's deadline, the caller gone): the script may
+            # have counted it, for a call that will pay nothing; given back by its id.
+            self._in_background(self._uncount_route(tenant, key, call_id))
+            raise
         if verdict != "OK":
             raise route_rate_limited(tenant, limits, _retry_after(detail))
 

@@ -464,6 +464,28 @@ def _settle_wait(deadline: float | None) -> float:
     return max(0.0, min(_SETTLE_WAIT_SECONDS, deadline - time.monotonic() - _SETTLE_WAIT_MARGIN_SECONDS))
 
 
+class RouteCount:
+    """A Route call's count against its tenant's ``route_requests_per_minute``, as ``Router.route``
+    leaves it with its decision: ``give_back`` returns it when the service refuses the call after
+    all (its own end passed as the decision was made and converted: DEADLINE_EXCEEDED, the decision
+    unsent), unless something was paid to decide (an LLM classifier's call). Once at most."""
+
+    __slots__ = ("_give_back",)
+
+    def __init__(self) -> None:
+        self._give_back: Callable[[], None] | None = None
+
+    def keep(self, give_back: Callable[[], None]) -> None:
+        """What gives the count back (the router's, for a call that paid nothing to decide)."""
+        self._give_back = give_back
+
+    def give_back(self) -> None:
+        """Give the count back, if the router left what does (a no-op the second time)."""
+        give_back, self._give_back = self._give_back, None
+        if give_back is not None:
+            give_back()
+
+
 class Router:
     """Decides which model serves a request, and serves it.
 
@@ -719,11 +741,17 @@ class Router:
         count_route: bool = False,
         request_id: str = "",
         timeout: float | None = None,
+        counted: RouteCount | None = None,
     ) -> RouteDecision:
         """Decide which model serves ``request``; raises a ``RouteSvcError`` when none can.
         (``_route``, without whether its classifier was cut.)"""
         decision, _ = await self._route(
-            request, for_completion=for_completion, count_route=count_route, request_id=request_id, timeout=timeout
+            request,
+            for_completion=for_completion,
+            count_route=count_route,
+            request_id=request_id,
+            timeout=timeout,
+            counted=counted,
         )
         return decision
 
@@ -735,6 +763,7 @@ class Router:
         count_route: bool = False,
         request_id: str = "",
         timeout: float | None = None,
+        counted: RouteCount | None = None,
     ) -> tuple[RouteDecision, bool]:
         """The decision for ``request`` and whether an LLM classifier's wait was cut to keep what
         follows within ``timeout`` (``_decide_by``).
@@ -748,6 +777,11 @@ class Router:
         id and ``request_id``, and comes back in ``routing_attempts`` with its cost. Such a call is
         waited for only while what follows the decision still fits in ``timeout`` (the seconds
         until the server's own end of the call; None: no deadline): ``_decide_by``.
+
+        A Route refused (a ``RouteSvcError``) or cancelled (its deadline's timer at an await, a
+        shutdown, the caller gone) gives its count back when nothing was paid to decide; one
+        decided leaves the give-back in ``counted``, for the service, which alone says whether its
+        own end passed (one look at one clock, after all the work, the decision's conversion too).
         """
         ends_at = None if timeout is None else time.monotonic() + timeout
         decide_by = self._decide_by(ends_at, timeout, for_completion=for_completion)
@@ -811,6 +845,7 @@ class Router:
                 )
 
         give_back: Callable[[], None] | None = None
+        paying = False  # a classifier call may be under way: cancelled, it is paid all the same
         if count_route:
             # A Route call counts against the tenant's Route calls per minute before it can cost
             # anything (an LLM classifier's call); Complete is admitted by ``complete``.
@@ -858,7 +893,9 @@ class Router:
                     # another: DEADLINE_EXCEEDED under a 1.5 s deadline).
                     may_not_pay = await self._admission.exhausted(request.context.tenant)
                     routing_input = replace(routing_input, may_not_pay=may_not_pay)
+                    paying = not may_not_pay
                 verdict = await self._policy.decide(routing_input)
+                paying = False
             model = self._catalog.get(verdict.model)
             reasons = list(verdict.reasons)
             if unknown_hint:
@@ -889,11 +926,6 @@ class Router:
                 if for_completion:
                     raise ProviderNotConfigured(f"model {model.id}: {provider.missing_key_reason}")
                 reasons.append(f"{provider.missing_key_reason}; Complete would fail until it is set")
-            if count_route and ends_at is not None and time.monotonic() >= ends_at:
-                # A Route whose work (CPU only: a slow rule's regex, a loaded loop) passed the
-                # server's own end without awaiting: the service would end it DEADLINE_EXCEEDED,
-                # its decision unsent. Refused here, it gives its count back when it paid nothing.
-                raise DeadlineExceeded("deadline exceeded")
             decided.append(True)  # nothing awaited from here to the snapshot of ``routing_attempts``
             telemetry.close_routing()
             decision = RouteDecision(
@@ -918,12 +950,21 @@ class Router:
                 stage.remember(
                     decision.decision_id, request.chat.last_user_message, decision.model, request.context.tenant
                 )
+            if counted is not None and give_back is not None and not routing_attempts and not cut:
+                counted.keep(give_back)
             return self._escalation.plan(decision, request), bool(cut)
         except RouteSvcError:
             decided.append(True)
             telemetry.close_routing()
             if give_back is not None and not routing_attempts:
                 # Refused before it cost anything: it consumes nothing of the tenant's Route limit.
+                give_back()
+            raise
+        except asyncio.CancelledError:
+            # Ended at an await (a shared store's budget look-up, a classifier's wait) by its
+            # deadline's timer, a shutdown or the caller leaving: nothing sent, its count given
+            # back unless a classifier was paid or is under way (charged as it ends).
+            if give_back is not None and not routing_attempts and not paying:
                 give_back()
             raise
 

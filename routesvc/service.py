@@ -57,7 +57,7 @@ from routesvc.errors import (
 )
 from routesvc.feedback import UnknownDecision
 from routesvc.models import BatchJob, Completion, Escalation, Mode, RouteDecision, RoutingRequest
-from routesvc.router import Router
+from routesvc.router import RouteCount, Router
 from routesvc.rpc_tracing import ended_by_caller, own_end
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
@@ -199,8 +199,9 @@ class _CallRecord:
     principal: Principal = _ANONYMOUS
     fields: dict[str, object] = field(default_factory=dict)
     ends_at: float | None = None  # when (loop time) the server ends the call itself (``own_end``)
-    # A message of a stream's answer was handed to grpc: past ``ends_at`` the call is no longer
-    # made DEADLINE_EXCEEDED after the fact (``_rpc``), its timer ends it at an await if at all.
+    # A message of a stream's answer was handed to grpc, or a Route's decision was found in time
+    # (``Route``'s one look at the clock): past ``ends_at`` the call is no longer made
+    # DEADLINE_EXCEEDED after the fact (``_rpc``), its timer ends it at an await if at all.
     answering: bool = False
     # The stream's last message (a Complete's Completion, its usage and cost charged) was handed to
     # grpc: the caller has the whole answer, and a deadline passing after (the timer firing at that
@@ -467,11 +468,25 @@ class RouterService(pb_grpc.RouterServiceServicer):
         async with self._rpc("Route", context) as record:
             request = self._parsed(request)
             routing_request = self._as_principal(wire.routing_request(request, self._limits), record.principal)
+            counted = RouteCount()
             decision = await self._router.route(
-                routing_request, count_route=True, request_id=record.request_id, timeout=record.time_left()
+                routing_request,
+                count_route=True,
+                request_id=record.request_id,
+                timeout=record.time_left(),
+                counted=counted,
             )
+            response = pb.RouteResponse(decision=wire.decision_message(decision))
+            if _past(record.ends_at):
+                # Its work (CPU only: a slow rule's regex, a large catalog, a loaded loop) passed
+                # the server's own end without awaiting, so no timer ended it: DEADLINE_EXCEEDED,
+                # its decision unsent, and its count given back when nothing was paid to decide.
+                counted.give_back()
+                raise DeadlineExceeded("deadline exceeded")
+            # The one look at the clock found it in time: answered (``_rpc`` does not look again).
+            record.answering = True
             _record_decision(record, decision)
-            return pb.RouteResponse(decision=wire.decision_message(decision))
+            return response
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
 
     async def Complete(

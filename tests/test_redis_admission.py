@@ -32,6 +32,7 @@ from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, free_port, live_environ, settings_from, user_chat
 from tests.redis_server import running_redis
 from tests.test_batches import budget_config, submit
+from tests.test_classifier import llm_classifier_config
 from tests.test_limits import (
     PRECHECKED,
     Clock,
@@ -680,6 +681,27 @@ class TestStoreFailures:
         await direct.aclose()
         again = RedisAdmission(redis_url, tenants, prefix=prefix)
         await (await again.admit("t", cost=Decimal("0.6"))).settle(0, Decimal(0))
+        await again.aclose()
+
+    async def test_a_route_count_cancelled_before_its_reply_is_given_back(self, redis_url: str, prefix: str) -> None:
+        """The Route-count script has run in Redis but its reply is held back when the caller is
+        cancelled (the Route's deadline): the count is given back by its id, so the tenant's one
+        Route call a minute is free again (it was kept for a call that never had a decision)."""
+        tenants = {"t": TenantConfig(route_requests_per_minute=1)}
+        direct = redis.asyncio.Redis.from_url(redis_url)
+        async with _Proxy(redis_url, delay=0.3) as slow:
+            admission = RedisAdmission(slow.url, tenants, prefix=prefix)
+            attempt = asyncio.ensure_future(admission.count_route("t"))
+            while not await direct.zcard(f"{prefix}t:route"):  # noqa: ASYNC110 - Redis has no event to wait on
+                await asyncio.sleep(0.01)
+            attempt.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await attempt
+            await admission.aclose()  # waits for the give-back
+        assert await direct.zcard(f"{prefix}t:route") == 0
+        await direct.aclose()
+        again = RedisAdmission(redis_url, tenants, prefix=prefix)
+        await again.count_route("t")
         await again.aclose()
 
     async def test_a_store_that_fails_at_settle_leaves_the_answer_alone(
@@ -1660,6 +1682,44 @@ class TestReplicasOverGrpc:
                     except grpc.aio.AioRpcError as error:
                         outcomes.append(error.code().name)
         assert outcomes == ["OK"] * 6
+
+    async def test_a_route_whose_deadline_passes_at_its_budget_look_up_gives_its_count_back(
+        self, redis_url: str, prefix: str, fake: FakeProvider
+    ) -> None:
+        """A Route of a tenant allowed one Route call a minute, routed by an LLM classifier (so
+        the tenant's budget is looked up in Redis before it is paid), whose deadline passes while
+        that look-up waits (Redis's replies held 1.5 s): DEADLINE_EXCEEDED, nothing paid, and the
+        count given back, so the tenant's next Route is answered (the cancellation passed the
+        router's give-back, which took only refusals, and the minute's one call was spent)."""
+        config = llm_classifier_config()
+        config["tenants"] = {"acme": {"daily_budget_usd": "1", "route_requests_per_minute": 1}}
+        acme = pb.RoutingContext(tenant="acme")
+        fake.set_default(Script(text='{"task": "chat", "complexity": "low"}'))
+        async with _Proxy(redis_url) as proxy:
+            config["shared_state"] = {"redis_url": proxy.url, "key_prefix": prefix}
+            async with (
+                Server(settings_from(config, live_environ(fake)), port=0) as server,
+                RouterClient(server.target) as client,
+            ):
+                await client.route(user_chat("hi"))  # opens the channel (no tenant's: not counted)
+                proxy.slow_requests(b"MGET", 1.5)
+                with pytest.raises(grpc.aio.AioRpcError) as late:
+                    await client.route(user_chat("hi"), acme, timeout=0.6)
+                paid = len(fake.requests)  # the late one's classifier: none
+                proxy.slow_requests(b"MGET", 0.0)
+                outcomes = []
+                for _ in range(20):  # the give-back reaches Redis in the background
+                    try:
+                        await client.route(user_chat("hi"), acme)
+                    except grpc.aio.AioRpcError as error:
+                        outcomes.append(error.code().name)
+                        await asyncio.sleep(0.05)
+                    else:
+                        outcomes.append("OK")
+                        break
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert outcomes[-1] == "OK", outcomes
+        assert paid == 1
 
     async def test_a_tenant_limit_holds_across_two_servers(
         self, two_servers: tuple[RouterClient, RouterClient], fake: FakeProvider

@@ -21,7 +21,7 @@ from routesvc.config import ReliabilityConfig
 from routesvc.models import ChatRequest, Message, Role, RoutingContext, RoutingRequest
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, settings_from, until, user_chat
+from tests.conftest import add_local_model, default_config, settings_from, until, user_chat
 from tests.observability import Observed, observed_server
 from tests.test_images import png
 
@@ -191,6 +191,75 @@ class TestServerSpan:
             answered = await observed.client.route(user_chat("hello"), acme)
         assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
         assert answered.model
+
+    @pytest.mark.slow
+    async def test_a_route_ended_deadline_exceeded_anywhere_keeps_no_route_count(self, fake: FakeProvider) -> None:
+        """Routes over a catalog of 1,000 more models (some 10 ms of CPU to decide and convert,
+        no await), deadlines swept across that work: every Route the server ended
+        DEADLINE_EXCEEDED gives its route_requests_per_minute count back, and only those it
+        answered keep theirs. The router looked at the clock once before the decision was built,
+        and the service again after its conversion (with another clock, the loop's): a Route
+        the first found in time and the second late was refused with its count kept (most of
+        those ended so here), the tenant's quota spent on decisions its callers never had. What
+        was kept is read as the tenant sees it: Routes are then asked until its minute is used
+        up, and the minute's count must be the Routes answered."""
+        from structlog.testing import capture_logs
+
+        calls, spare = 150, 20
+        config = default_config()
+        for number in range(1_000):
+            add_local_model(config, "http://127.0.0.1:1/v1", f"local-{number}")
+        config["tenants"] = {"acme": {"route_requests_per_minute": calls + spare}}
+        acme = pb.RoutingContext(tenant="acme")
+        chat = user_chat("hello there")
+        async with observed_server(fake, config=config) as observed:
+            loop = asyncio.get_running_loop()
+            works = []
+            for _ in range(5):  # no tenant's: not counted
+                started = loop.time()
+                await observed.client.route(chat)
+                works.append(loop.time() - started)
+            work = min(works)
+            with capture_logs() as logs:
+                for call in range(calls):
+                    # The server ends a call a twentieth of its time early: deadlines from half
+                    # the work's length to a fifth more.
+                    timeout = work / 0.95 * (0.5 + 0.7 * call / calls)
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await observed.client.route(chat, acme, timeout=timeout)
+                # Then Routes until the tenant's minute is used up.
+                refused = None
+                while refused is None:
+                    try:
+                        await observed.client.route(chat, acme)
+                    except grpc.aio.AioRpcError as error:
+                        refused = error
+                # Every call whose handler ran has its line (one grpc started after its deadline
+                # had passed has neither, and was never counted); a span ends as its line is logged.
+                await until(
+                    lambda: (
+                        sum(entry["event"] == "rpc_finished" for entry in logs) + 5
+                        == len(observed.named("routesvc.v1.RouterService/Route"))
+                    )
+                )
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        codes = [str(entry["code"]) for entry in logs if entry["event"] == "rpc_finished"]
+        # CANCELLED: the caller's timer (started before the server's) ended a call before the
+        # server's end, grpc cancelling its handler at its first await, before it was counted.
+        assert (
+            {"OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
+            <= set(codes)
+            <= {
+                "OK",
+                "DEADLINE_EXCEEDED",
+                "CANCELLED",
+                "RESOURCE_EXHAUSTED",
+            }
+        )
+        assert codes.count("RESOURCE_EXHAUSTED") == 1
+        # The minute's counts went to answered Routes only (with a late one's count kept, the
+        # tenant's quota ran out before as many were answered).
+        assert codes.count("OK") == calls + spare, (codes.count("OK"), codes.count("DEADLINE_EXCEEDED"))
 
     async def test_a_complete_that_works_past_its_deadline_after_its_completion_ends_ok(
         self, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
