@@ -136,7 +136,8 @@ async def _built_in_thread(build: Callable[[], Policy]) -> Policy:
 _UNKNOWN_DECISION_PAUSES = (0.05, 0.2)
 # The time a look needs before the call's end (its deadline): a pause that would leave less is cut,
 # and with no pause left the decision is NOT_FOUND at once (not DEADLINE_EXCEEDED, which clients
-# retry for a decision that does not exist).
+# retry for a decision that does not exist) once every store was asked; else the last look, which
+# asks the later stores, is made at once (``_Asked``).
 _UNKNOWN_DECISION_LOOK_SECONDS = 0.05
 # How long before the call's end a Feedback's wait on the feedback thread (behind the calls before
 # it, then for the file's lock) ends, at most: a quarter of the call's time for a shorter one. The
@@ -176,6 +177,25 @@ class _Stored:
     stored: list[FeedbackStore] = field(default_factory=list)
     model: str = ""
     owner: str = ""
+    # The stores this look found without the decision (never to be written: not ``not_stored``).
+    without_decision: list[FeedbackStore] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Asked:
+    """The stores a Feedback call's looks have found without the decision (``unknown``, on the
+    feedback thread), out of those its newest look was to record in (``files``). Its NOT_FOUND is
+    an answer only once ``everywhere`` (each one asked): a call whose time ends before the later
+    stores are asked (the look asking them not made, still queued, or cut waiting for one of their
+    locks) is FeedbackStoreBusy (retryable), as a busy file is, never a final NOT_FOUND for a
+    decision a later store may know."""
+
+    files: list[FeedbackStore] = field(default_factory=list)
+    unknown: set[FeedbackStore] = field(default_factory=set)
+
+    @property
+    def everywhere(self) -> bool:
+        return bool(self.files) and all(store in self.unknown for store in self.files)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,11 +227,13 @@ class _FeedbackCall:
     stores: tuple[FeedbackStore, ...]
     busy_timeout: float
     context: contextvars.Context
+    asked: _Asked = field(default_factory=_Asked)
 
     async def look(self, found_unknown: UnknownDecision | None, *, final: bool) -> tuple[str, str, int]:
         """The decision's model and owner and the examples the libraries hold once the score is
         recorded (``record``), on the one feedback thread, behind the Feedback calls before it.
-        ``found_unknown``: what the look before found (the answer if this one is not made);
+        ``found_unknown``: what a look before found once every store was asked (``_Asked``: the
+        answer if this one is not made; None: this call's time running out is FeedbackStoreBusy);
         ``final``: no look comes after this one (``_recorded_by``).
 
         A call cancelled while its look waits (the client gave up, or the call's end came) cancels
@@ -284,7 +306,12 @@ class _FeedbackCall:
             "feedback_partly_stored",
             decision_id=self.decision_id,
             stored=[store.path for store in stored.stored],
-            not_stored=[store.path for store in stored.files if store not in stored.stored],
+            not_stored=[
+                store.path
+                for store in stored.files
+                if store not in stored.stored and store not in stored.without_decision
+            ],
+            without_decision=[store.path for store in stored.without_decision],
             error_type=type(error).__name__,
         )
         telemetry.record_feedback(stored.model, self.score, decision_id=self.decision_id, tenant=stored.owner)
@@ -305,13 +332,21 @@ class _FeedbackCall:
             return self._recorded_by(deadline, final, cancel, stored)
         except FeedbackStoreBusy:
             # Not looked at again within the call's time (the busy timeout had not passed):
-            # a look again answers what the look before found, while it stored nothing. One
-            # that found the decision and stored it in a file (two stages, the second file's
-            # wait cut) is FeedbackStoreBusy: a NOT_FOUND, final, left it half stored, never
-            # sent again.
+            # a look again answers what the looks before found, once they asked every store,
+            # while it stored nothing. One that found the decision and stored it in a file (two
+            # stages, the second file's wait cut) is FeedbackStoreBusy: a NOT_FOUND, final, left
+            # it half stored, never sent again. So is one cut waiting for a store no look asked
+            # (``found_unknown`` None: a later stage's file may know the decision).
             if deadline.cut and found_unknown is not None and not stored.stored:
                 raise found_unknown from None
             raise
+
+    def _another_look_fits(self) -> bool:
+        """Whether the call's time leaves room for another look after this one (as
+        ``Router.feedback`` decides a look is final): without it, a look that found the decision
+        unknown to the first store asks the later ones itself rather than answer what only the
+        first one said."""
+        return self.answer_by is None or self.answer_by - time.monotonic() > 2 * _UNKNOWN_DECISION_LOOK_SECONDS
 
     def _lock_deadline(self, arrived: float) -> LockDeadline:
         """When a look that ``arrived`` then must have the file's write lock: the busy timeout
@@ -346,7 +381,9 @@ class _FeedbackCall:
         ``feedback_stage_without_decision``, info); ``UnknownDecision`` only when none does. The
         first store not knowing it is ``UnknownDecision`` at once unless the look is ``final``:
         the decision may wait in another process's write queue (looked for again, no wait for the
-        later stores' locks meanwhile); the final look asks the later stores too."""
+        later stores' locks meanwhile); the final look asks the later stores too, as does one with
+        no time left for another look (``_another_look_fits``). Each store found without the
+        decision is noted in ``self.asked`` (and ``stored``)."""
         model = owner = ""
         examples = 0
         if time.monotonic() >= deadline.at:
@@ -369,6 +406,7 @@ class _FeedbackCall:
                 raise FeedbackNotEnabled(_FEEDBACK_NOT_ENABLED)
             self.learning.recorded += 1
             stored.files = list(dict.fromkeys(stage.feedback for stage in stages if stage.feedback is not None))
+            self.asked.files = list(stored.files)
             # A store that does not know the decision while another does never saw it (its stage
             # added by a reload after the decision was routed, or its pending limit or TTL
             # smaller): skipped, the outcome stored in the others. Unknown to every store, the
@@ -384,9 +422,11 @@ class _FeedbackCall:
                             self.decision_id, self.score, tenant=self.tenant, deadline=deadline, cancel=cancel
                         )
                     except UnknownDecision as error:
-                        if not final and not stored.stored:
+                        self.asked.unknown.add(stage.feedback)
+                        if not final and not stored.stored and self._another_look_fits():
                             raise
                         recorded[stage.feedback] = None
+                        stored.without_decision.append(stage.feedback)
                         unknown = unknown or error
                         continue
                     stored.stored.append(stage.feedback)
@@ -984,9 +1024,11 @@ class Router:
         for the feedback thread and the file's lock ends ``_FEEDBACK_ANSWER_MARGIN_SECONDS``
         before its end: ``FeedbackStoreBusy`` (nothing stored, or, with two stages, stored in
         the first file only: counted and logged ``feedback_partly_stored``), or, for a look again
-        that stored nothing, the ``UnknownDecision`` of the look before). With two stages, the
-        decision is ``UnknownDecision`` (looked for again) only when no stage's store knows it:
-        one a store knows is recorded there (``_FeedbackCall._recorded_by``)."""
+        that stored nothing, the ``UnknownDecision`` of the looks before once they asked every
+        store. With two stages, the decision is ``UnknownDecision`` (looked for again) only when
+        every stage's store was asked and none knows it: one a store knows is recorded there
+        (``_FeedbackCall._recorded_by``); a call whose time runs out before the later stores are
+        asked is ``FeedbackStoreBusy`` (``_Asked``)."""
         answer_by = None
         if timeout is not None:
             answer_by = time.monotonic() + timeout - min(_FEEDBACK_ANSWER_MARGIN_SECONDS, timeout / 4)
@@ -1015,7 +1057,10 @@ class Router:
                 model, owner, examples = await call.look(found_unknown, final=final)
                 break
             except UnknownDecision as unknown:
-                found_unknown = unknown
+                # An answer once every store was asked (one store: each look asks it); till then
+                # the looks go on, and a call whose time ends first is FeedbackStoreBusy.
+                if call.asked.everywhere:
+                    found_unknown = unknown
                 if pause is None:
                     raise
                 if answer_by is not None:
@@ -1025,7 +1070,11 @@ class Router:
                     # ``_FeedbackCall.look``).
                     pause = min(pause, answer_by - time.monotonic() - _UNKNOWN_DECISION_LOOK_SECONDS)
                     if pause <= 0:
-                        raise
+                        if found_unknown is not None:
+                            raise
+                        # The later stores not yet asked: the final look, at once (FeedbackStoreBusy
+                        # if the call's end comes before it asks them: ``_FeedbackCall.look``).
+                        pause = 0.0
             # Not in the file (yet): a decision routed by another process sharing it (another
             # worker, a replica) may still wait in that process's write queue, which this one
             # cannot flush. Looked for again after a pause, on the event loop (no thread held).
