@@ -185,7 +185,12 @@ def traced_stream(
                             # then leaves that status to grpc (it waits behind what the caller
                             # does not read) by ending cancelled.
                             caller_stalled = True
-                            await responses.athrow(stalled)
+                            try:
+                                await responses.athrow(stalled)
+                            except StopAsyncIteration:
+                                # The handler returned: its last message (a Complete's
+                                # Completion) was handed to grpc before, so the call ends OK.
+                                break
                             raise  # the handler did not end the call: it is cancelled
                         except asyncio.CancelledError as cancelled:
                             # The handler's own deadline timer (or a shutdown) cancels the task

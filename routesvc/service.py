@@ -203,9 +203,11 @@ class _CallRecord:
     # (``Route``'s one look at the clock): past ``ends_at`` the call is no longer made
     # DEADLINE_EXCEEDED after the fact (``_rpc``), its timer ends it at an await if at all.
     answering: bool = False
-    # The stream's last message (a Complete's Completion, its usage and cost charged) was handed to
-    # grpc: the caller has the whole answer, and a deadline passing after (the timer firing at that
-    # message's write, held by a caller reading late, or at an await after it) ends the call OK.
+    # The stream's last message (a Complete's Completion, its usage and cost charged, or a batch
+    # Complete's BatchJob, whose job then stands) was handed to grpc: the caller has the whole
+    # answer, and what ends the call after (its deadline's timer, the shutdown grace's end, the
+    # write timeout, firing at that message's write, held by a caller reading late, or at an
+    # await after it: a batch job's release) ends it OK.
     completed: bool = False
 
     def time_left(self) -> float | None:
@@ -379,6 +381,20 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 yield record
         except RouteSvcError as raised:
             error = raised
+            if isinstance(raised, ClientStalled) and record.completed:
+                # Its last message (the Completion, usage and cost charged) was handed to grpc,
+                # which sends it before the status: the caller has the whole answer, and told
+                # DEADLINE_EXCEEDED it would pay for it again. The call ends OK, the stall noted on its log line,
+                # span and metric; its slot is free, and its status waits as long as an error's.
+                record.fields["client_stalled"] = True
+                telemetry.record_client_stalled()
+                release_slot()
+                if task is not None:
+                    # grpc's send of the status waits in this task: ended there, as ``_abort``
+                    # leaves an error's, the status stays with grpc for a caller that reads on.
+                    asyncio.get_running_loop().call_later(raised.write_timeout, task.cancel)
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+                return
             if raised.operator_must_act:
                 alert = True
                 telemetry.record_operator_failure(raised.reason)
@@ -414,6 +430,13 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 code = _ended_by_caller(context, record)
                 raise
             task.uncancel()
+            if record.completed:
+                # The grace ended while the last message's write waited (a caller reading late)
+                # or after it (a batch job's release): it is sent before the status, so the call
+                # ends OK, as at its deadline; told UNAVAILABLE, a caller would retry and pay for
+                # the answer again (or queue its batch job twice).
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+                return
             code = grpc.StatusCode.UNAVAILABLE
             shutting_down = ShuttingDown("the server is shutting down", chunks_sent=_chunks_sent(record))
             await self._abort(context, record, shutting_down)
@@ -535,7 +558,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
                     # the status, so a client that reads on gets it and the trailers count it.
                     record.fields["chunks"] = chunks
                     record.answering = True
-                    record.completed = isinstance(event, Completion)
+                    # A Completion, or a BatchJob (its job stands once its id is on its way).
+                    record.completed = isinstance(event, Completion | BatchJob)
                     yield message
 
     async def ListModels(

@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 import grpc
@@ -52,6 +53,79 @@ async def _failure(
 def _price(model: str) -> tuple[Decimal, Decimal, Decimal]:
     spec = settings_from(default_config()).catalog.get(model)
     return spec.input_price_per_mtok, spec.output_price_per_mtok, spec.cached_input_price_per_mtok
+
+
+async def _late_readers(
+    fake: FakeProvider,
+    *,
+    read_at: float,
+    cut: grpc.StatusCode,
+    deadline: float | None = None,
+    config: dict[str, object] | None = None,
+    meanwhile: Callable[[Server], Awaitable[None]] | None = None,
+) -> list[EventDict]:
+    """Complete calls whose clients read only ``read_at`` seconds after they start, while
+    ``meanwhile`` runs: the decision and the text fit the 64 KiB stream window, the Completion
+    does not, so its write waits on flow control. Where the window's edge falls depends on the
+    messages' sizes, measured first; answers around it are asked for at once, each on a
+    connection of its own. Those that got their Completion must end OK everywhere (status,
+    rpc_finished line, span, GetStats' ``errors``), some of them after a write held back (else
+    this tested nothing); the others ``cut``. Returns the rpc_finished lines of the late calls."""
+    window = 65_535
+    # A 64 KiB receive window that never grows, and a connection per call (not one window
+    # shared by all).
+    options = [
+        ("grpc.http2.lookahead_bytes", 65_536),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    async with observed_server(fake, config=config) as observed:
+        measured = 65_000
+        fake.enqueue(Script(chunks=("x" * measured,)))
+        decision, delta, completion = await _collect(observed.client, "a late reader")
+        framed = [5 + len(message.SerializeToString()) for message in (decision, delta, completion)]
+        # The text that leaves half the Completion's frame in the window; sizes around it.
+        middle = measured + window - sum(framed) + framed[2] // 2
+        sizes = range(middle - 90, middle + 91, 15)
+
+        async def late_reader(size: int) -> tuple[list[str], grpc.StatusCode, str]:
+            async with grpc.aio.insecure_channel(observed.server.target, options=options) as channel:
+                request_id = f"late-reader-{size}"
+                call = pb_grpc.RouterServiceStub(channel).Complete(
+                    pb.CompleteRequest(chat=user_chat("a late reader")),
+                    timeout=deadline,
+                    metadata=(("x-request-id", request_id),),
+                )
+                await asyncio.sleep(read_at)
+                kinds: list[str] = []
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    async for message in call:
+                        kinds.append(str(message.WhichOneof("event")))
+                return kinds, await call.code(), request_id
+
+        for size in sizes:
+            fake.enqueue(Script(chunks=("x" * size,)))
+        with capture_logs() as logs:
+            readers = asyncio.gather(*(late_reader(size) for size in sizes))
+            if meanwhile is not None:
+                await meanwhile(observed.server)
+            outcomes = await readers
+            await until(lambda: sum(entry["event"] == "rpc_finished" for entry in logs) == len(sizes))
+        await until(lambda: len(observed.named(COMPLETE)) == 1 + len(sizes))
+        stats = await observed.client.get_stats()
+    lines = {str(entry["request_id"]): entry for entry in logs if entry["event"] == "rpc_finished"}
+    answered = [(code, lines[request_id]) for kinds, code, request_id in outcomes if kinds[-1:] == ["completion"]]
+    cuts = [(code, lines[request_id]) for kinds, code, request_id in outcomes if kinds[-1:] != ["completion"]]
+    assert [(code, line["code"]) for code, line in answered] == [(grpc.StatusCode.OK, "OK")] * len(answered)
+    # Some Completion's write did wait for the late reader, past what ended the call: an answer
+    # not held back ends in a few milliseconds.
+    held = [line for _, line in answered if float(str(line["duration_ms"])) >= read_at / 3 * 1000]
+    assert held, [(kinds, code.name) for kinds, code, _ in outcomes]
+    assert [(code, line["code"]) for code, line in cuts] == [(cut, cut.name)] * len(cuts)
+    codes = [dict(span.attributes or {})["rpc.grpc.status_code"] for span in observed.named(COMPLETE)]
+    assert sorted(codes) == [0] * (1 + len(answered)) + [cut.value[0]] * len(cuts)
+    assert (stats.totals.requests, stats.totals.errors) == (1 + len(sizes), len(cuts))
+    return list(lines.values())
 
 
 class TestStreaming:
@@ -461,63 +535,43 @@ class TestDeadlinesAndCancellation:
         flow control while the server's own end of the call passes. The caller gets the whole
         answer, so the call ends OK (its status, rpc_finished line, span and GetStats' ``errors``
         alike): it ended DEADLINE_EXCEEDED with the committed trailers, and a caller trusting the
-        status would pay for the answer again. Where the window's edge falls depends on the
-        messages' sizes, measured first; answers around it are asked for at once, each on a
-        connection of its own, the client reading 125 ms after the server's end (4.75 s, the most
-        lead it takes) and as long before its own deadline (5 s). Those whose text does not fit
-        end DEADLINE_EXCEEDED without a Completion, as they should."""
-        deadline, read_at = 5.0, 4.875
-        window = 65_535
-        # A 64 KiB receive window that never grows, and a connection per call (not one window
-        # shared by all).
-        options = [
-            ("grpc.http2.lookahead_bytes", 65_536),
-            ("grpc.http2.bdp_probe", 0),
-            ("grpc.use_local_subchannel_pool", 1),
-        ]
-        async with observed_server(fake) as observed:
-            measured = 65_000
-            fake.enqueue(Script(chunks=("x" * measured,)))
-            decision, delta, completion = await _collect(observed.client, "a late reader")
-            framed = [5 + len(message.SerializeToString()) for message in (decision, delta, completion)]
-            # The text that leaves half the Completion's frame in the window; sizes around it.
-            middle = measured + window - sum(framed) + framed[2] // 2
-            sizes = range(middle - 90, middle + 91, 15)
+        status would pay for the answer again. The client reads 125 ms after the server's end
+        (4.75 s, the most lead it takes) and as long before its own deadline (5 s). Those whose
+        text does not fit end DEADLINE_EXCEEDED without a Completion, as they should."""
+        await _late_readers(fake, deadline=5.0, read_at=4.875, cut=grpc.StatusCode.DEADLINE_EXCEEDED)
 
-            async def late_reader(size: int) -> tuple[list[str], grpc.StatusCode, str]:
-                async with grpc.aio.insecure_channel(observed.server.target, options=options) as channel:
-                    request_id = f"late-reader-{size}"
-                    call = pb_grpc.RouterServiceStub(channel).Complete(
-                        pb.CompleteRequest(chat=user_chat("a late reader")),
-                        timeout=deadline,
-                        metadata=(("x-request-id", request_id),),
-                    )
-                    await asyncio.sleep(read_at)
-                    kinds: list[str] = []
-                    with contextlib.suppress(grpc.aio.AioRpcError):
-                        async for message in call:
-                            kinds.append(str(message.WhichOneof("event")))
-                    return kinds, await call.code(), request_id
+    async def test_a_completion_whose_write_waits_when_the_shutdown_grace_ends_ends_ok(
+        self, fake: FakeProvider
+    ) -> None:
+        """The same late readers (no deadline) while the server's shutdown grace ends (its calls
+        interrupted and cancelled at 1 s, as ``Server.aclose`` does just before the grace's end).
+        A caller whose Completion's write waited gets the whole answer and OK: it got UNAVAILABLE
+        ``SHUTTING_DOWN`` after it, a status made to be retried, and paid again. Those whose text
+        does not fit end UNAVAILABLE without a Completion, as they should."""
 
-            for size in sizes:
-                fake.enqueue(Script(chunks=("x" * size,)))
-            with capture_logs() as logs:
-                outcomes = await asyncio.gather(*(late_reader(size) for size in sizes))
-                await until(lambda: sum(entry["event"] == "rpc_finished" for entry in logs) == len(sizes))
-            await until(lambda: len(observed.named(COMPLETE)) == 1 + len(sizes))
-            stats = await observed.client.get_stats()
-        lines = {str(entry["request_id"]): entry for entry in logs if entry["event"] == "rpc_finished"}
-        answered = [(code, lines[request_id]) for kinds, code, request_id in outcomes if kinds[-1:] == ["completion"]]
-        cut = [(code, lines[request_id]) for kinds, code, request_id in outcomes if kinds[-1:] != ["completion"]]
-        assert [(code, line["code"]) for code, line in answered] == [(grpc.StatusCode.OK, "OK")] * len(answered)
-        # Some Completion's write did wait for the late reader, past the server's end (else this
-        # tested nothing): an answer not held back ends in a few milliseconds.
-        held = [line for _, line in answered if float(str(line["duration_ms"])) >= deadline / 2 * 1000]
-        assert held, [(kinds, code.name) for kinds, code, _ in outcomes]
-        assert [(code.name, line["code"]) for code, line in cut] == [("DEADLINE_EXCEEDED",) * 2] * len(cut)
-        codes = [dict(span.attributes or {})["rpc.grpc.status_code"] for span in observed.named(COMPLETE)]
-        assert sorted(codes) == [0] * (1 + len(answered)) + [grpc.StatusCode.DEADLINE_EXCEEDED.value[0]] * len(cut)
-        assert (stats.totals.requests, stats.totals.errors) == (1 + len(sizes), len(cut))
+        async def shut_down(server: Server) -> None:
+            await asyncio.sleep(1.0)
+            server._service.interrupt_in_flight()
+            server._service.cancel_in_flight()
+
+        await _late_readers(fake, read_at=2.5, cut=grpc.StatusCode.UNAVAILABLE, meanwhile=shut_down)
+
+    async def test_a_completion_whose_write_stalls_past_the_client_write_timeout_ends_ok(
+        self, fake: FakeProvider
+    ) -> None:
+        """The same late readers (no deadline) with ``client_write_timeout_seconds`` 1: a caller
+        whose Completion's write waited that long has the whole answer, so its call ends OK, its
+        slot freed and the stall noted (``client_stalled`` on its rpc_finished line, the span's
+        event and ``routesvc.client_stalls``); it ended DEADLINE_EXCEEDED ``CLIENT_STALLED``
+        after the Completion. Those whose text does not fit end ``CLIENT_STALLED``, as before."""
+        config = default_config()
+        config["reliability"] = {"client_write_timeout_seconds": 1.0}
+        lines = await _late_readers(fake, read_at=2.5, cut=grpc.StatusCode.DEADLINE_EXCEEDED, config=config)
+        answered = [line for line in lines if line.get("answered_by")]
+        stalled = [line["request_id"] for line in answered if float(str(line["duration_ms"])) >= 1000]
+        assert stalled
+        assert [line["request_id"] for line in lines if line.get("client_stalled") is True] == stalled
+        assert [line["error_reason"] for line in answered if "error_reason" in line] == []
 
     async def test_deadline_before_the_first_token(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """A 0.5 s deadline against a 5 s first token: DEADLINE_EXCEEDED on time, upstream closed."""
