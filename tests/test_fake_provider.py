@@ -249,6 +249,7 @@ class TestScriptSelection:
         dicts it hands out, the ``*_waiting`` events) to a new fake's: a list hold, a rotated key
         or a fault left set made every later test of a reused fake hang or fail."""
         fresh = FakeProvider(api_key="made-with")
+        dicts = ("batch_retrieve_errors", "batch_results_errors", "batch_accounts")
         async with FakeProvider(api_key="made-with") as fake:
             knobs = [name for name, value in vars(FakeProvider).items() if isinstance(value, property) and value.fset]
             for name in knobs:
@@ -256,6 +257,8 @@ class TestScriptSelection:
             for name in ("batch_retrieve_errors", "batch_results_errors"):
                 getattr(fake, name)["openai"] = (500, {}, {})
             fake.batch_accounts["k"] = "account"
+            # The dicts a test holds on to: emptied, not replaced, so that they still steer the fake.
+            handed_out = {name: getattr(fake, name) for name in dicts}
             waiting = [name for name in dir(FakeProvider) if name.endswith("_waiting")]
             for name in waiting:
                 getattr(fake, name).set()
@@ -263,8 +266,9 @@ class TestScriptSelection:
 
             fake.reset()
 
-            for name in [*knobs, "batch_retrieve_errors", "batch_results_errors", "batch_accounts"]:
+            for name in [*knobs, *dicts]:
                 assert getattr(fake, name) == getattr(fresh, name), name
+            assert [name for name in dicts if getattr(fake, name) is not handed_out[name]] == []
             assert [name for name in waiting if getattr(fake, name).is_set()] == []
             # As a new fake does: the constructor's key is taken, and an Anthropic batch list
             # answers at once (the hold left set made it wait for ever).

@@ -197,6 +197,15 @@ class FakeBatches:
         self.results_waiting = asyncio.Event()
         self.cancel_waiting = asyncio.Event()
         self.list_waiting = asyncio.Event()
+        # Made once and emptied by ``reset`` (a reference taken before it still steers the fake).
+        # (status, JSON body, headers) that retrieving a batch of this API ("openai", "anthropic")
+        # answers instead; none for an API: retrieved.
+        self.retrieve_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
+        # The same for reading an ended batch's results (OpenAI: its output and error files).
+        self.results_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
+        # With ``per_key``, the account of each key named here (keys of one account see each
+        # other's batches, as a project's rotated keys do); a key not named is its own account.
+        self.accounts: dict[str, str] = {}
         self._knobs_off()
         self.files: dict[str, bytes] = {}
         # Each file's name and when it was uploaded (files.list).
@@ -246,19 +255,14 @@ class FakeBatches:
         self.create_error: tuple[int, Any] | None = None
         # (status, JSON body) that deleting a file or a message batch answers instead; None: deleted.
         self.delete_error: tuple[int, Any] | None = None
-        # (status, JSON body, headers) that retrieving a batch of this API ("openai", "anthropic")
-        # answers instead; none for an API: retrieved.
-        self.retrieve_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
-        # The same for reading an ended batch's results (OpenAI: its output and error files).
-        self.results_errors: dict[str, tuple[int, Any, dict[str, str]]] = {}
+        self.retrieve_errors.clear()
+        self.results_errors.clear()
         self.results_refused = 0
         # Batches are the account's of the key that created them (as OpenAI's are a project's):
         # a retrieve or cancel with another key gets 404, as for an unknown id, and a list with
         # it leaves them out.
         self.per_key = False
-        # With ``per_key``, the account of each key named here (keys of one account see each
-        # other's batches, as a project's rotated keys do); a key not named is its own account.
-        self.accounts: dict[str, str] = {}
+        self.accounts.clear()
         # With ``per_key``, the status another account's key gets for a batch (404: as for an
         # unknown id; a gateway may answer 400).
         self.other_account_status = 404
