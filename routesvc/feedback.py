@@ -418,6 +418,10 @@ class FeedbackStore:
         # Set when a write waited the busy timeout for another process's lock on the file and did
         # not get it, cleared when a write takes it (``known_locked``).
         self._locked_out = False
+        # Set while a write on the writer connection waits for the file's lock (BEGIN IMMEDIATE):
+        # a call whose time runs out waiting behind it met a lock, one waiting behind a write
+        # under way only its own time running out (``timed_out``).
+        self._taking_lock = False
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         try:
@@ -519,6 +523,18 @@ class FeedbackStore:
         """The error for a call that could not take the file's write lock in time."""
         return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")
 
+    def timed_out(self) -> FeedbackStoreBusy:
+        """The error for a call whose time ran out waiting for this store (its queued writes, its
+        writer connection) without its own wait for the file's lock ending unmet: ``busy()`` if
+        the store waits for another process's lock meanwhile (a write of its writer thread taking
+        it) or the file is ``known_locked``, else that the call's time ran out, naming no lock
+        (none was met: the time went on the files and the calls before)."""
+        if self._taking_lock or self._locked_out:
+            return self.busy()
+        return FeedbackStoreBusy(
+            f"feedback: this call's time ran out before it wrote feedback_db {self._path}; retry shortly"
+        )
+
     @contextmanager
     def _transaction(self, deadline: LockDeadline | None = None, cancel: Cancellation | None = None) -> Iterator[None]:
         """One write transaction on the writer connection, rolled back if the block raises,
@@ -529,8 +545,10 @@ class FeedbackStore:
         settled before the lock is taken (its caller gave up meanwhile: a cancelled call) rolls it
         back before the block runs, raising ``concurrent.futures.CancelledError``."""
         with self._writer_until(deadline) as full_wait:
+            self._taking_lock = True
             try:
                 with immediate(self._writer):
+                    self._taking_lock = False
                     self._locked_out = False
                     if cancel is not None and not cancel.hold():
                         raise concurrent.futures.CancelledError
@@ -539,24 +557,28 @@ class FeedbackStore:
                 if is_busy(exc) and full_wait:
                     self._locked_out = True
                 raise
+            finally:
+                self._taking_lock = False
 
     @contextmanager
     def _writer_until(self, deadline: LockDeadline | None) -> Iterator[bool]:
         """The writer connection to this caller alone, waiting for it (this store's writer
         thread's hold) and then for the file's lock (SQLite's busy timeout cut to what is left)
         until ``deadline.at`` at most (None: no bound but the busy timeout): past it the call is
-        ``FeedbackStoreBusy``. Yields whether the wait for the file's lock is the busy timeout
-        (not ``deadline.cut``, nor left shorter than ``_FULL_WAIT_SHARE`` of it)."""
+        ``FeedbackStoreBusy`` (``timed_out``: the file named locked only if a lock was met). Yields
+        whether the wait for the file's lock is the busy timeout (not ``deadline.cut``, nor left
+        shorter than ``_FULL_WAIT_SHARE`` of it)."""
         if deadline is None:
             with self._write_lock:
                 yield True
             return
         if not self._write_lock.acquire(timeout=max(0.0, deadline.at - time.monotonic())):
-            raise self.busy()
+            raise self.timed_out()
         try:
             left = deadline.at - time.monotonic()
             if left <= 0:
-                raise self.busy()
+                # The connection came too late to wait for the lock at all: no lock met here.
+                raise self.timed_out()
             self._writer.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
             try:
                 yield not deadline.cut and left >= self._busy_timeout * _FULL_WAIT_SHARE
@@ -724,7 +746,7 @@ class FeedbackStore:
                     # a fresh busy timeout from their turn meanwhile): known locked, as this
                     # call's own wait for the lock would have made it.
                     self._locked_out = True
-                raise self.busy()
+                raise self.timed_out()
         with self._translated_failures():
             return self._record(decision_id, score, tenant, deadline, cancel)
 

@@ -394,7 +394,7 @@ class _FeedbackCall:
             # recording in the stores taught does not flush; written first, they are found.
             for store in self.stores:
                 if not store.flush(timeout=max(0.0, deadline.at - time.monotonic())):
-                    raise store.busy()
+                    raise store.timed_out()
         # One call at a time, across reloads too, so the libraries take the outcomes in the
         # order the stores recorded them (an older score never replaces a newer one, an
         # eviction comes after the add it follows); taught to the newest policy swapped in.

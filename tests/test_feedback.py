@@ -151,6 +151,28 @@ class TestRecordingUnderALock:
         assert stored_meanwhile == []
         assert (entry.decision_id, entry.model, entry.score) == ("d", "m", 0.0)
 
+    def test_a_call_whose_time_ran_out_before_the_lock_was_asked_for_names_no_lock(self, tmp_path: Path) -> None:
+        """``record_outcome`` with its deadline (cut: the caller's own) already past when its turn
+        comes, nobody holding the file's lock: ``FeedbackStoreBusy`` saying the call's time ran out
+        before it wrote the file, nothing stored, the file not ``known_locked``; with another
+        process holding the lock past that deadline, it names the file locked (a lock was met). It
+        said "stayed locked by another process" either way."""
+        path = tmp_path / "f.db"
+        store = FeedbackStore(path, busy_timeout_seconds=5.0)
+        store.remember("d", "m", [1.0, 0.0])
+        store.flush()
+        with pytest.raises(FeedbackStoreBusy) as late:
+            store.record_outcome("d", 0.0, deadline=feedback_module.LockDeadline(time.monotonic(), cut=True))
+        with write_locked(path), pytest.raises(FeedbackStoreBusy) as locked:
+            store.record_outcome("d", 0.0, deadline=feedback_module.LockDeadline(time.monotonic() + 0.05, cut=True))
+        stored, known_locked = store.entries(), store.known_locked
+        store.close()
+        assert late.value.message == (
+            f"feedback: this call's time ran out before it wrote feedback_db {path}; retry shortly"
+        )
+        assert locked.value.message == f"feedback_db {path} stayed locked by another process; retry shortly"
+        assert (stored, known_locked) == ([], False)
+
 
 def small_pages(path: Path) -> None:
     """Create the store file at ``path`` with 512-byte pages: a 2-float embedding's row then fits

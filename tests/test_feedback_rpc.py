@@ -1650,10 +1650,37 @@ class TestFeedbackWithAStageThatNeverSawTheDecision:
                 stored = [[e.decision_id for e in await asyncio.to_thread(s.entries)] for s in stores]
             again = await _rated(client, decision_id, timeout=5.0)
             stored_again = [[e.decision_id for e in await asyncio.to_thread(s.entries)] for s in stores]
-        assert answer.startswith("FEEDBACK_STORE_BUSY ")
+        assert answer.startswith(f"FEEDBACK_STORE_BUSY feedback_db {tmp_path / 'second.db'} stayed locked by another")
         assert not [e for e in logs if e["event"] == "feedback_partly_stored"]  # nothing stored
         assert stored == [[], []]
         assert (again, stored_again) == ("OK", [[], [decision_id]])
+
+    async def test_a_busy_answer_names_no_file_locked_when_the_calls_time_just_ran_out(self, tmp_path: Path) -> None:
+        """Two stages; the first file forgot the decision, the second keeps it; nobody locks either
+        file. The second store's connection is busy with a write of its own across the call (held
+        here, as a long write or a lowered cap's eviction holds it): a Feedback (1 s deadline)
+        asks the first file, looks again, and its wait for the second store's connection ends at
+        the call's end. It is UNAVAILABLE FEEDBACK_STORE_BUSY (retryable, nothing stored) saying
+        the call's time ran out before it wrote the second file, naming no lock; sent again once
+        the write is done it is OK, stored there. It said the second file "stayed locked by
+        another process", which no process had locked."""
+        config = two_stage_config(tmp_path)
+        config["routing"]["stages"][0]["feedback_max_pending_decisions"] = 1  # type: ignore[index]
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            decision_id, stores = await self._forgotten_by_the_first_file(server, client)
+            assert stores[1]._write_lock.acquire(timeout=5)
+            try:
+                answer = await _rated(client, decision_id, timeout=1.0)
+            finally:
+                stores[1]._write_lock.release()
+            stored = [[e.decision_id for e in await asyncio.to_thread(s.entries)] for s in stores]
+            again = await _rated(client, decision_id, timeout=1.0)
+        assert answer == (
+            f"FEEDBACK_STORE_BUSY feedback: this call's time ran out before it wrote feedback_db"
+            f" {tmp_path / 'second.db'}; retry shortly"
+        )
+        assert stored == [[], []]
+        assert again == "OK"
 
     async def test_with_three_stages_a_partly_stored_feedback_names_only_the_files_that_can_take_it(
         self, tmp_path: Path
