@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -25,9 +26,19 @@ _Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 _Stream = Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]
 
 
+# How a call its handler ended cancelled, sending nothing, ended for its caller, when the handler
+# knows better than ``ended_by_caller`` (a shutdown's stop cut it: UNAVAILABLE).
+_ended_as: contextvars.ContextVar[grpc.StatusCode | None] = contextvars.ContextVar("routesvc_ended_as", default=None)
+
+
+def ended_as(code: grpc.StatusCode) -> None:
+    """The handler ends the call cancelled (grpc sends nothing), which its caller saw end ``code``."""
+    _ended_as.set(code)
+
+
 def _status(context: grpc.aio.ServicerContext, error: BaseException | None, ends_at: float | None) -> grpc.StatusCode:
     if isinstance(error, asyncio.CancelledError):
-        return ended_by_caller(context, ends_at)
+        return _ended_as.get() or ended_by_caller(context, ends_at)
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
@@ -81,6 +92,44 @@ class _WriteWatch:
         self._handle.cancel()
 
 
+# The write of a call's last message (a Complete's Completion or BatchJob): True once the
+# handler said the next message is its last (``last_message_follows``), then that write's
+# future. Each call runs in a task (a context) of its own, and the handler's generator runs in it.
+_last_write: contextvars.ContextVar[asyncio.Future[None] | bool] = contextvars.ContextVar(
+    "routesvc_last_write", default=False
+)
+
+
+def last_message_follows() -> None:
+    """The handler's next message is its last: its write is kept (``last_write``), so that a call
+    whose end comes while that write waits (a caller reading late) can learn whether it went out."""
+    _last_write.set(True)
+
+
+def last_write() -> asyncio.Future[None] | None:
+    """The write of the call's last message, if it was begun (it goes on when the task is cancelled
+    while it waits: the message stays with grpc, sent if the caller reads on, failed with
+    ``grpc.aio.InternalError`` once the call is over)."""
+    write = _last_write.get()
+    return write if isinstance(write, asyncio.Future) else None
+
+
+def _retrieve(write: asyncio.Future[None]) -> None:
+    if not write.cancelled():
+        write.exception()  # no "exception was never retrieved" when nobody awaits it any more
+
+
+async def _write(context: grpc.aio.ServicerContext, response: Any) -> None:
+    if _last_write.get() is not True:
+        await context.write(response)
+        return
+    # Shielded: a cancellation (the call's own end, a shutdown, a stall) leaves the write going.
+    write = asyncio.ensure_future(context.write(response))
+    write.add_done_callback(_retrieve)
+    _last_write.set(write)
+    await asyncio.shield(write)
+
+
 async def _written(context: grpc.aio.ServicerContext, response: Any, watch: _WriteWatch) -> bool:
     """Write one message; False (instead of grpc's ``ExecuteBatchError``, which grpc would log
     with a traceback) when the call is already over, so nothing can be written any more.
@@ -89,7 +138,7 @@ async def _written(context: grpc.aio.ServicerContext, response: Any, watch: _Wri
     """
     watch.begin()
     try:
-        await context.write(response)
+        await _write(context, response)
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if watch.fired and task is not None and task.uncancel() == 0:
@@ -214,7 +263,10 @@ def traced_stream(
                             return
             except BaseException as error:
                 # A stalled call's handler set its status (the abort's code) before it ended cancelled.
-                _finish(rpc, context, None if caller_stalled else error, ends_at)
+                # Not one whose handler ended cancelled without a status (its last message's write
+                # failed: the caller left).
+                stalled_status = caller_stalled and context.code() is not None
+                _finish(rpc, context, None if stalled_status else error, ends_at)
                 raise
             finally:
                 watch.close()

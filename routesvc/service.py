@@ -58,7 +58,7 @@ from routesvc.errors import (
 from routesvc.feedback import UnknownDecision
 from routesvc.models import BatchJob, Completion, Escalation, Mode, RouteDecision, RoutingRequest
 from routesvc.router import RouteCount, Router
-from routesvc.rpc_tracing import ended_by_caller, own_end
+from routesvc.rpc_tracing import ended_as, ended_by_caller, last_message_follows, last_write, own_end
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -145,6 +145,40 @@ def _ended_by_caller(context: grpc.aio.ServicerContext, record: _CallRecord) -> 
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         record.fields["error_reason"] = DeadlineExceeded.reason
     return code
+
+
+# How long after its deadline a caller's call is surely over in grpc's core (which fails the
+# writes still waiting then).
+_PAST_DEADLINE_SECONDS = 1.0
+
+
+def _until_gone(context: grpc.aio.ServicerContext, bound: float | None) -> float | None:
+    """``bound`` seconds, at most until shortly after the caller's deadline (None: no bound)."""
+    remaining: float | None = context.time_remaining()
+    if remaining is None:
+        return bound
+    gone = max(0.0, remaining) + _PAST_DEADLINE_SECONDS
+    return gone if bound is None else min(bound, gone)
+
+
+async def _last_message_out(bound: float | None) -> bool | None:
+    """Whether the call's last message, handed to grpc before the call's end came, went out: True
+    once the caller took it (or when no write of it was kept), False when the call ended first
+    (the caller left or its deadline passed, or the server's stop cut it), None when it still
+    waits after ``bound`` seconds."""
+    write = last_write()
+    if write is None:
+        return True
+    if not write.done():
+        try:
+            async with asyncio.timeout(bound):
+                await asyncio.shield(write)
+        except TimeoutError:
+            return None
+        except (asyncio.CancelledError, Exception):
+            # grpc cancelled this task (the call ended) or failed the write: not sent.
+            return False
+    return not write.cancelled() and write.exception() is None
 
 
 def status_code_of(error: RouteSvcError) -> grpc.StatusCode:
@@ -389,10 +423,20 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 record.fields["client_stalled"] = True
                 telemetry.record_client_stalled()
                 release_slot()
-                if task is not None:
-                    # grpc's send of the status waits in this task: ended there, as ``_abort``
-                    # leaves an error's, the status stays with grpc for a caller that reads on.
-                    asyncio.get_running_loop().call_later(raised.write_timeout, task.cancel)
+                bound = _until_gone(context, raised.write_timeout)
+                sent = await _last_message_out(bound)
+                if sent is False:
+                    # The call ended (the caller left, its deadline passed) before the caller read
+                    # it: grpc can send nothing; end as the caller saw it, sending nothing.
+                    code = _ended_by_caller(context, record)
+                    raise asyncio.CancelledError from None
+                if sent is None and task is not None:
+                    # Still unread after waiting as long again: grpc's send of the status, begun
+                    # as this task returns (nothing awaited before it), is ended at once, as
+                    # ``_abort`` leaves an error's: the status stays with grpc for a caller that
+                    # reads on, and a caller leaving meanwhile makes grpc log nothing (a send
+                    # still awaited would fail, which grpc logs at ERROR with a traceback).
+                    asyncio.get_running_loop().call_soon(task.cancel)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
                 return
             if raised.operator_must_act:
@@ -416,7 +460,12 @@ class RouterService(pb_grpc.RouterServiceServicer):
         except TimeoutError:
             if record.completed:
                 # The whole answer is on its way (grpc sends the Completion before the status):
-                # told DEADLINE_EXCEEDED, a caller would retry and pay for it again.
+                # told DEADLINE_EXCEEDED, a caller would retry and pay for it again. The call ends
+                # OK if the caller reads it before its own deadline; else the transport ends it
+                # DEADLINE_EXCEEDED without it, and so it is logged (grpc sends nothing).
+                if await _last_message_out(_until_gone(context, None)) is not True:
+                    code = _ended_by_caller(context, record)
+                    raise asyncio.CancelledError from None
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
             else:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -434,7 +483,16 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 # The grace ended while the last message's write waited (a caller reading late)
                 # or after it (a batch job's release): it is sent before the status, so the call
                 # ends OK, as at its deadline; told UNAVAILABLE, a caller would retry and pay for
-                # the answer again (or queue its batch job twice).
+                # the answer again (or queue its batch job twice). Only if the caller reads it
+                # before the grace ends: grpc's stop then cuts the call UNAVAILABLE without it,
+                # logged so (grpc sends nothing), as is a caller whose deadline passed first.
+                if await _last_message_out(_until_gone(context, None)) is not True:
+                    code = _ended_by_caller(context, record)
+                    if code is grpc.StatusCode.CANCELLED:
+                        code = grpc.StatusCode.UNAVAILABLE
+                        record.fields["error_reason"] = ShuttingDown.reason
+                    ended_as(code)
+                    raise asyncio.CancelledError from None
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
                 return
             code = grpc.StatusCode.UNAVAILABLE
@@ -560,6 +618,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
                     record.answering = True
                     # A Completion, or a BatchJob (its job stands once its id is on its way).
                     record.completed = isinstance(event, Completion | BatchJob)
+                    if record.completed:
+                        last_message_follows()
                     yield message
 
     async def ListModels(
