@@ -341,7 +341,7 @@ class _FeedbackCall:
                 raise found_unknown from None
             raise
 
-    def _another_look_fits(self) -> bool:
+    def another_look_fits(self) -> bool:
         """Whether the call's time leaves room for another look after this one (as
         ``Router.feedback`` decides a look is final): without it, a look that found the decision
         unknown to the first store asks the later ones itself rather than answer what only the
@@ -382,7 +382,7 @@ class _FeedbackCall:
         first store not knowing it is ``UnknownDecision`` at once unless the look is ``final``:
         the decision may wait in another process's write queue (looked for again, no wait for the
         later stores' locks meanwhile); the final look asks the later stores too, as does one with
-        no time left for another look (``_another_look_fits``). Each store found without the
+        no time left for another look (``another_look_fits``). Each store found without the
         decision is noted in ``self.asked`` (and ``stored``)."""
         model = owner = ""
         examples = 0
@@ -423,7 +423,7 @@ class _FeedbackCall:
                         )
                     except UnknownDecision as error:
                         self.asked.unknown.add(stage.feedback)
-                        if not final and not stored.stored and self._another_look_fits():
+                        if not final and not stored.stored and self.another_look_fits():
                             raise
                         recorded[stage.feedback] = None
                         stored.without_decision.append(stage.feedback)
@@ -1050,9 +1050,7 @@ class Router:
         for pause in (*_UNKNOWN_DECISION_PAUSES, None):
             # The last look, the pauses done or the call's time too short for another: it asks
             # every stage's store (the earlier ones only the first's: ``_recorded_by``).
-            final = pause is None or (
-                answer_by is not None and answer_by - time.monotonic() <= 2 * _UNKNOWN_DECISION_LOOK_SECONDS
-            )
+            final = pause is None or not call.another_look_fits()
             try:
                 model, owner, examples = await call.look(found_unknown, final=final)
                 break
