@@ -164,8 +164,9 @@ def _until_gone(context: grpc.aio.ServicerContext, bound: float | None) -> float
 async def _last_message_out(bound: float | None) -> bool | None:
     """Whether the call's last message, handed to grpc before the call's end came, went out: True
     once the caller took it (or when no write of it was kept), False when the call ended first
-    (the caller left or its deadline passed, or the server's stop cut it), None when it still
-    waits after ``bound`` seconds."""
+    (the caller left or its deadline passed, or the server's stop cut it: grpc fails the write),
+    None when it still waits after ``bound`` seconds. A cancellation of the task meanwhile (grpc's,
+    the call having ended, or the shutdown's ``cancel_in_flight``) is raised: the write goes on."""
     write = last_write()
     if write is None:
         return True
@@ -175,8 +176,7 @@ async def _last_message_out(bound: float | None) -> bool | None:
                 await asyncio.shield(write)
         except TimeoutError:
             return None
-        except (asyncio.CancelledError, Exception):
-            # grpc cancelled this task (the call ended) or failed the write: not sent.
+        except Exception:
             return False
     return not write.cancelled() and write.exception() is None
 
@@ -363,6 +363,49 @@ class RouterService(pb_grpc.RouterServiceServicer):
         except TimeoutError as stalled:
             raise asyncio.CancelledError from stalled  # as above: the status is marked sent
 
+    async def _handed_over(
+        self,
+        context: grpc.aio.ServicerContext,
+        record: _CallRecord,
+        task: asyncio.Task[object] | None,
+        bound: float | None,
+        *,
+        interrupted: bool = False,
+    ) -> grpc.StatusCode | None:
+        """How a call ended for its caller whose last message was handed to grpc
+        (``record.completed``) when its deadline, the shutdown or a write stall came while that
+        message's write waited: OK once the caller took it; when the call ended first, as the
+        caller saw it (``_ended_by_caller``; UNAVAILABLE ``SHUTTING_DOWN`` once the shutdown
+        ``interrupted`` the call, its stop cutting it); None when it still waits after ``bound``
+        seconds.
+
+        The shutdown cancelling the call meanwhile (``cancel_in_flight``: a write that stalled
+        before the drain began) does not end the wait: the message stays with grpc, which sends
+        it to a caller reading within the grace, so it is waited for from then on as the shutdown
+        waits (until the caller's deadline or the grace's end). Taken as the call's end, it was
+        logged CANCELLED, and the caller reading on got the Completion then UNAVAILABLE."""
+        while True:
+            try:
+                sent = await _last_message_out(bound)
+            except asyncio.CancelledError:
+                if interrupted or task is None or task not in self._interrupted:
+                    sent = False  # grpc cancelled the task: the call is over
+                else:
+                    task.uncancel()
+                    interrupted = True
+                    bound = _until_gone(context, None)
+                    continue
+            if sent is None:
+                return None
+            if sent:
+                return grpc.StatusCode.OK
+            code = _ended_by_caller(context, record)
+            if interrupted and code is grpc.StatusCode.CANCELLED:
+                code = grpc.StatusCode.UNAVAILABLE
+                record.fields["error_reason"] = ShuttingDown.reason
+            ended_as(code)
+            return code
+
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:
         """Run one RPC: echo the request id, bound it by the deadline, map errors, log once."""
@@ -423,14 +466,14 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 record.fields["client_stalled"] = True
                 telemetry.record_client_stalled()
                 release_slot()
-                bound = _until_gone(context, raised.write_timeout)
-                sent = await _last_message_out(bound)
-                if sent is False:
-                    # The call ended (the caller left, its deadline passed) before the caller read
-                    # it: grpc can send nothing; end as the caller saw it, sending nothing.
-                    code = _ended_by_caller(context, record)
+                ended = await self._handed_over(context, record, task, _until_gone(context, raised.write_timeout))
+                if ended is not None and ended is not grpc.StatusCode.OK:
+                    # The call ended (the caller left, its deadline passed, the grace ended)
+                    # before the caller read it: grpc can send nothing; end as the caller saw it,
+                    # sending nothing.
+                    code = ended
                     raise asyncio.CancelledError from None
-                if sent is None and task is not None:
+                if ended is None and task is not None:
                     # Still unread after waiting as long again: grpc's send of the status, begun
                     # as this task returns (nothing awaited before it), is ended at once, as
                     # ``_abort`` leaves an error's: the status stays with grpc for a caller that
@@ -463,8 +506,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 # told DEADLINE_EXCEEDED, a caller would retry and pay for it again. The call ends
                 # OK if the caller reads it before its own deadline; else the transport ends it
                 # DEADLINE_EXCEEDED without it, and so it is logged (grpc sends nothing).
-                if await _last_message_out(_until_gone(context, None)) is not True:
-                    code = _ended_by_caller(context, record)
+                ended = await self._handed_over(context, record, task, _until_gone(context, None))
+                if ended is not grpc.StatusCode.OK:
+                    code = ended or _ended_by_caller(context, record)
                     raise asyncio.CancelledError from None
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
             else:
@@ -486,12 +530,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 # the answer again (or queue its batch job twice). Only if the caller reads it
                 # before the grace ends: grpc's stop then cuts the call UNAVAILABLE without it,
                 # logged so (grpc sends nothing), as is a caller whose deadline passed first.
-                if await _last_message_out(_until_gone(context, None)) is not True:
-                    code = _ended_by_caller(context, record)
-                    if code is grpc.StatusCode.CANCELLED:
-                        code = grpc.StatusCode.UNAVAILABLE
-                        record.fields["error_reason"] = ShuttingDown.reason
-                    ended_as(code)
+                ended = await self._handed_over(context, record, task, _until_gone(context, None), interrupted=True)
+                if ended is not grpc.StatusCode.OK:
+                    code = ended or _ended_by_caller(context, record)
                     raise asyncio.CancelledError from None
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
                 return

@@ -76,6 +76,7 @@ async def _late_readers(
     config: dict[str, object] | None = None,
     meanwhile: Callable[[Server], Awaitable[None]] | None = None,
     in_time: bool = True,
+    closes: bool = False,
 ) -> list[EventDict]:
     """Complete calls whose clients read only ``read_at`` seconds after they start, while
     ``meanwhile`` runs: the decision and the text fit the 64 KiB stream window, the Completion
@@ -86,7 +87,8 @@ async def _late_readers(
     this tested nothing); the others ``cut``. With ``in_time`` False the callers read too late
     for a Completion held back (after their deadline, or the shutdown grace): some Completion
     was handed over and the call still ``cut``, logged, traced and counted so. grpc logs no error
-    either way. Returns the rpc_finished lines of the late calls."""
+    either way. ``closes``: ``meanwhile`` closes the server (which then answers no GetStats).
+    Returns the rpc_finished lines of the late calls."""
     window = 65_535
     # A 64 KiB receive window that never grows, and a connection per call (not one window
     # shared by all).
@@ -132,7 +134,7 @@ async def _late_readers(
                 await until(lambda: sum(entry["event"] == "rpc_finished" for entry in logs) == len(sizes))
             await until(lambda: len(observed.named(COMPLETE)) == 1 + len(sizes))
             # (A server shut down answers no GetStats.)
-            stats = await observed.client.get_stats() if meanwhile is None or in_time else None
+            stats = await observed.client.get_stats() if (meanwhile is None or in_time) and not closes else None
         finally:
             logging.getLogger("grpc").removeHandler(grpc_errors)
     # Never "ExecuteBatchError raised in core by servicer method" (grpc's OK status failing to go
@@ -653,6 +655,31 @@ class TestDeadlinesAndCancellation:
         assert stalled
         assert [line["request_id"] for line in lines if line.get("client_stalled") is True] == stalled
         assert [line["error_reason"] for line in answered if "error_reason" in line] == []
+
+    async def test_a_completion_whose_write_stalled_before_the_shutdown_ends_ok_for_a_caller_reading_in_the_grace(
+        self, fake: FakeProvider
+    ) -> None:
+        """The same late readers (no deadline) with ``client_write_timeout_seconds`` 2.5, the
+        server closed at 0.25 s with a 4 s grace: the Completion's write stalls at 2.5 s, and the
+        shutdown interrupts its calls at 3.25 s and cancels them at 3.75 s, while the stalled call
+        still waits for its caller (as long again). A caller reading at 4 s, within the grace,
+        gets the whole answer and OK, logged and traced so: the shutdown's cancel was taken as
+        the call's end, logged CANCELLED, and the caller got the Completion, then UNAVAILABLE at
+        the grace's end. Those whose text does not fit end ``CLIENT_STALLED``."""
+        config = default_config()
+        config["reliability"] = {"client_write_timeout_seconds": 2.5}
+        config["server"] = {**dict(config.get("server") or {}), "grace_seconds": 4.0, "drain_delay_seconds": 0}
+
+        async def shut_down(server: Server) -> None:
+            await asyncio.sleep(0.25)
+            await server.aclose()
+
+        lines = await _late_readers(
+            fake, read_at=4.0, cut=grpc.StatusCode.DEADLINE_EXCEEDED, config=config, meanwhile=shut_down, closes=True
+        )
+        stalled = [line for line in lines if line.get("answered_by") and line.get("client_stalled") is True]
+        assert stalled
+        assert {line["code"] for line in stalled} == {"OK"}
 
     async def test_deadline_before_the_first_token(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """A 0.5 s deadline against a 5 s first token: DEADLINE_EXCEEDED on time, upstream closed."""
