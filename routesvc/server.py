@@ -435,7 +435,9 @@ class Server:
         # the stop below for the whole grace like a call in flight (both ports share the servicer).
         await self._health.close()
         async with asyncio.TaskGroup() as group:
-            interrupter = group.create_task(self._interrupt_after(grace - margin, margin))
+            # grpc's stop cuts the calls still running once the grace has passed from now.
+            cut_at = asyncio.get_running_loop().time() + grace
+            interrupter = group.create_task(self._interrupt_after(grace - margin, margin, cut_at))
             await self._server.stop(grace)
             interrupter.cancel()
         if self._health_server is not None:
@@ -452,9 +454,9 @@ class Server:
         await asyncio.to_thread(self.telemetry.shutdown)
         log.info("server_stopped", target=self.target)
 
-    async def _interrupt_after(self, seconds: float, margin: float) -> None:
+    async def _interrupt_after(self, seconds: float, margin: float, cut_at: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
-        interrupted = self._service.interrupt_in_flight()
+        interrupted = self._service.interrupt_in_flight(cut_at)
         if interrupted:
             log.info("server_interrupted_calls", calls=interrupted)
             # Streams end at their next message; those waiting on a slow provider are cancelled.

@@ -271,6 +271,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._in_flight = 0
         self._tasks: set[asyncio.Task[object]] = set()
         self._interrupted: set[asyncio.Task[object]] = set()
+        # When (loop time) the server's stop cuts the calls still running (``interrupt_in_flight``).
+        self._cut_at: float | None = None
         self._draining = False
         self._authenticator = Authenticator(router.settings.config)
 
@@ -288,14 +290,18 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._max_in_flight = config.reliability.max_concurrent_rpcs
         self._authenticator = authenticator
 
-    def interrupt_in_flight(self) -> int:
+    def interrupt_in_flight(self, cut_at: float | None = None) -> int:
         """Ask every call still running to end (the shutdown grace is nearly over); returns how many.
+        ``cut_at``: when (the loop's time) the server's stop cuts the calls still running then,
+        which tells a caller leaving before it from the cut (None: not known, a call ended
+        CANCELLED taken as cut).
 
         A stream ends at its next message with UNAVAILABLE, reason SHUTTING_DOWN, and the committed
         trailers when it sent text, instead of being cut without a status. ``cancel_in_flight``
         then ends the calls that are still waiting for their provider.
         """
         self._draining = True
+        self._cut_at = cut_at
         return len(self._tasks)
 
     @property
@@ -375,9 +381,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
         """How a call ended for its caller whose last message was handed to grpc
         (``record.completed``) when its deadline, the shutdown or a write stall came while that
         message's write waited: OK once the caller took it; when the call ended first, as the
-        caller saw it (``_ended_by_caller``; UNAVAILABLE ``SHUTTING_DOWN`` once the shutdown
-        ``interrupted`` the call, its stop cutting it); None when it still waits after ``bound``
-        seconds.
+        caller saw it (``_ended_by_caller``, or ``_interrupted_end`` once the shutdown
+        ``interrupted`` the call); None when it still waits after ``bound`` seconds.
 
         The shutdown cancelling the call meanwhile (``cancel_in_flight``: a write that stalled
         before the drain began) does not end the wait: the message stays with grpc, which sends
@@ -399,12 +404,48 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 return None
             if sent:
                 return grpc.StatusCode.OK
+            if interrupted:
+                return self._interrupted_end(context, record)
             code = _ended_by_caller(context, record)
-            if interrupted and code is grpc.StatusCode.CANCELLED:
-                code = grpc.StatusCode.UNAVAILABLE
-                record.fields["error_reason"] = ShuttingDown.reason
             ended_as(code)
             return code
+
+    def _shut_down_end(
+        self, context: grpc.aio.ServicerContext, record: _CallRecord, ended: asyncio.CancelledError
+    ) -> grpc.StatusCode:
+        """How a call ended for its caller whose UNAVAILABLE ``SHUTTING_DOWN`` status was on its
+        way (behind messages the caller had not read) when its handler was ``ended`` cancelled:
+        UNAVAILABLE when the shutdown's own cancel ended the wait (the status stays with grpc,
+        sent if the caller reads on, else the stop's cut is); else, grpc having failed the
+        status's send (``_abort``: the call is over), as ``_interrupted_end`` says. It is so
+        for the log line, span and metric: the span and metric said CANCELLED."""
+        if ended.__cause__ is None:
+            ended_as(grpc.StatusCode.UNAVAILABLE)
+            return grpc.StatusCode.UNAVAILABLE
+        return self._interrupted_end(context, record)
+
+    def _interrupted_end(self, context: grpc.aio.ServicerContext, record: _CallRecord) -> grpc.StatusCode:
+        """How a call the shutdown interrupted (``interrupt_in_flight``) that can send nothing more
+        ended for its caller, which its log line, span and metric say (``ended_as``): UNAVAILABLE
+        ``SHUTTING_DOWN`` when the server's stop cut it (past ``cut_at``, the caller's deadline
+        not passed: as a caller reading after the grace, or one whose status waited behind
+        unread messages, sees it; when is not known, a call not ended by its deadline), else as
+        the caller ended it (``_ended_by_caller``: leaving in the grace is CANCELLED). A caller
+        that left was logged UNAVAILABLE, and one cut in the last moments before its deadline
+        DEADLINE_EXCEEDED; a status that waited was traced CANCELLED."""
+        code = _ended_by_caller(context, record)
+        remaining = context.time_remaining()
+        if self._cut_at is None:
+            cut = code is grpc.StatusCode.CANCELLED
+        else:
+            cut = asyncio.get_running_loop().time() >= self._cut_at and (remaining is None or remaining > 0)
+        if cut:
+            code = grpc.StatusCode.UNAVAILABLE
+            record.fields["error_reason"] = ShuttingDown.reason
+        elif code is grpc.StatusCode.CANCELLED:
+            record.fields.pop("error_reason", None)
+        ended_as(code)
+        return code
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:
@@ -499,7 +540,12 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 # call holds nothing more meanwhile (its provider request and reservation are
                 # closed), so its slot is free from now on.
                 release_slot()
-            await self._abort(context, record, error)
+            try:
+                await self._abort(context, record, error)
+            except asyncio.CancelledError as cut_short:
+                if isinstance(error, ShuttingDown):
+                    code = self._shut_down_end(context, record, cut_short)
+                raise
         except TimeoutError:
             if record.completed:
                 # The whole answer is on its way (grpc sends the Completion before the status):
@@ -538,7 +584,11 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 return
             code = grpc.StatusCode.UNAVAILABLE
             shutting_down = ShuttingDown("the server is shutting down", chunks_sent=_chunks_sent(record))
-            await self._abort(context, record, shutting_down)
+            try:
+                await self._abort(context, record, shutting_down)
+            except asyncio.CancelledError as cut_short:
+                code = self._shut_down_end(context, record, cut_short)
+                raise
         except grpc.aio.AbortError:
             raise
         except GeneratorExit:

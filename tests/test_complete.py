@@ -639,6 +639,68 @@ class TestDeadlinesAndCancellation:
         assert {line.get("error_reason") for line in lines if line["code"] == "UNAVAILABLE"} == {"SHUTTING_DOWN"}
         assert [line for line in lines if line["code"] == "OK" and float(str(line["duration_ms"])) >= 400] == []
 
+    async def test_a_caller_leaving_in_the_grace_before_its_held_completion_is_read_ends_cancelled(
+        self, fake: FakeProvider
+    ) -> None:
+        """Late readers (as ``_late_readers``: the Completion's write held back by flow control)
+        while the server closes at 0.25 s with a 4 s grace: it cancels its calls at 3.75 s and
+        its stop cuts them at 4.25 s. Callers that cancel their calls at 4 s, not having read,
+        end CANCELLED, and so their calls are logged and traced, as they saw them: those whose
+        Completion was handed over were logged and traced UNAVAILABLE ``SHUTTING_DOWN``, as if
+        the stop had cut them, and those whose status waited behind their text logged so."""
+        config = default_config()
+        config["server"] = {**dict(config.get("server") or {}), "grace_seconds": 4.0, "drain_delay_seconds": 0}
+        window = 65_535
+        options = [
+            ("grpc.http2.lookahead_bytes", 65_536),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        async with observed_server(fake, config=config) as observed:
+            measured = 65_000
+            fake.enqueue(Script(chunks=("x" * measured,)))
+            messages = await _collect(observed.client, "a late reader")
+            framed = [5 + len(message.SerializeToString()) for message in messages]
+            middle = measured + window - sum(framed) + framed[2] // 2
+            sizes = range(middle - 90, middle + 91, 15)
+
+            async def leaver(size: int) -> grpc.StatusCode:
+                async with grpc.aio.insecure_channel(observed.server.target, options=options) as channel:
+                    call = pb_grpc.RouterServiceStub(channel).Complete(
+                        pb.CompleteRequest(chat=user_chat("a late reader")),
+                        metadata=(("x-request-id", f"leaver-{size}"),),
+                    )
+                    await asyncio.sleep(4.0)
+                    call.cancel()
+                    return await call.code()
+
+            for size in sizes:
+                fake.enqueue(Script(chunks=("x" * size,)))
+            grpc_errors = _GrpcErrors()
+            logging.getLogger("grpc").addHandler(grpc_errors)
+            try:
+                with capture_logs() as logs:
+                    leaving = asyncio.gather(*(leaver(size) for size in sizes))
+                    await asyncio.sleep(0.25)
+                    await observed.server.aclose()
+                    codes = await leaving
+                    await until(lambda: sum(entry["event"] == "rpc_finished" for entry in logs) == len(sizes))
+            finally:
+                logging.getLogger("grpc").removeHandler(grpc_errors)
+        assert grpc_errors.messages == []
+        assert codes == [grpc.StatusCode.CANCELLED] * len(sizes)
+        # Those whose answer fit the window ended OK at once; the others waited for their callers.
+        lines = [entry for entry in logs if entry["event"] == "rpc_finished"]
+        held = [line for line in lines if float(str(line["duration_ms"])) >= 1000]
+        # Some had their Completion handed over (``answered_by``), the others' text still waited.
+        assert [line for line in held if line.get("answered_by")]
+        assert [line for line in held if not line.get("answered_by")]
+        assert [(line["code"], line.get("error_reason")) for line in held] == [("CANCELLED", None)] * len(held)
+        codes = [dict(span.attributes or {})["rpc.grpc.status_code"] for span in observed.named(COMPLETE)]
+        assert sorted(codes) == [grpc.StatusCode.OK.value[0]] * (1 + len(lines) - len(held)) + [
+            grpc.StatusCode.CANCELLED.value[0]
+        ] * len(held)
+
     async def test_a_completion_whose_write_stalls_past_the_client_write_timeout_ends_ok(
         self, fake: FakeProvider
     ) -> None:
