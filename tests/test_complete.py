@@ -157,6 +157,9 @@ async def _late_readers(
         assert completions, [(kinds, code.name) for kinds, code, _ in outcomes]
         assert [(code, line["code"]) for code, line in held] == [(cut, cut.name)] * len(held)
         assert codes.count(cut.value[0]) >= len(completions)
+        # Every call ended as its caller saw it: the status of one whose text waited (grpc's stop
+        # cutting it at the grace's end) was traced CANCELLED.
+        assert set(codes) <= {grpc.StatusCode.OK.value[0], cut.value[0]}
         return list(lines.values())
     assert held, [(kinds, code.name) for kinds, code, _ in outcomes]
     assert [(code, line["code"]) for code, line in cuts] == [(cut, cut.name)] * len(cuts)
