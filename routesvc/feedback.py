@@ -182,6 +182,10 @@ class Recorded:
 # waiting 4 s for a brief lock on the first had 1 s left for the second, whose brief lock then made
 # it known locked, and the calls queued behind were refused at once.
 _FULL_WAIT_SHARE = 0.9
+# How long a read of ``knows`` may have been under way (a few ms at most, the GIL shared) before
+# the next ``knows`` takes it for held up (another process holding the WAL's read locks: SQLite
+# retries for about 10 s) and answers None at once rather than wait its whole timeout behind it.
+_READ_HELD_SECONDS = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +426,8 @@ class FeedbackStore:
         # a call whose time runs out waiting behind it met a lock, one waiting behind a write
         # under way only its own time running out (``timed_out``).
         self._taking_lock = False
+        # When the read of ``knows`` under way (on the reader thread) began; None: none is.
+        self._reading_since: float | None = None
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         try:
@@ -451,6 +457,10 @@ class FeedbackStore:
         self._close_lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_queued, name="routesvc-feedback-writer", daemon=True)
         self._thread.start()
+        # ``knows``'s reads (a decision id and the future of its owner), or None to stop.
+        self._reads: queue.SimpleQueue[tuple[str, concurrent.futures.Future[str | None]] | None] = queue.SimpleQueue()
+        self._reader_thread = threading.Thread(target=self._read_owners, name="routesvc-feedback-reader", daemon=True)
+        self._reader_thread.start()
 
     def apply_cap(self) -> tuple[EvictedExample, ...]:
         """Delete the oldest examples (and their outcomes) past ``max_examples``, of every tenant
@@ -586,6 +596,63 @@ class FeedbackStore:
                 self._writer.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         finally:
             self._write_lock.release()
+
+    def knows(self, decision_id: str, *, tenant: str | None = None, timeout: float = 0.0) -> bool | None:
+        """Whether ``record_outcome`` would find ``decision_id`` (routed for ``tenant``; None: any),
+        read without the file's write lock (a reader of the WAL file waits for no writer): the
+        writes queued before it written first, all within ``timeout``. None when it cannot tell in
+        that time (its writer waiting for another process's lock, the reader held by a rebuild's
+        read, or the read itself waiting: another process holding the WAL's read locks, as its
+        recovery of the file does, keeps a reader retrying for about 10 s whatever the busy
+        timeout, and SQLite's wait cannot be interrupted, so the read is made by this store's
+        reader thread, left to end by itself, the calls meanwhile answered None, at once once it
+        has taken ``_READ_HELD_SECONDS``) or the
+        file fails: such a file is asked by a look that waits for its lock. A decision another
+        process writes after this read is not seen (as by ``record_outcome``). One caller at a
+        time (the feedback thread)."""
+        until = time.monotonic() + timeout
+        since = self._reading_since
+        if since is not None and until - since > _READ_HELD_SECONDS + timeout:
+            return None  # a read left by its caller is held up: this one would wait behind it
+        if self._taking_lock or self._locked_out or not self.flush(timeout=timeout):
+            return None
+        read: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+        self._reads.put((decision_id, read))
+        try:
+            owner = read.result(timeout=max(0.0, until - time.monotonic()))
+        except TimeoutError:
+            read.cancel()  # not read if still queued; a read under way ends by itself
+            return None
+        except sqlite3.Error:
+            return None
+        return owner is not None and (tenant is None or owner == tenant)
+
+    def _read_owners(self) -> None:
+        """The reader thread: for each of ``knows``'s reads whose caller still waits, the tenant
+        the decision was routed for (None: ``record_outcome`` would not find it); marked
+        ``_reading_since`` while it reads."""
+        while (item := self._reads.get()) is not None:
+            decision_id, read = item
+            if not read.set_running_or_notify_cancel():
+                continue
+            self._reading_since = time.monotonic()
+            try:
+                with self._read_lock:
+                    row = self._reader.execute(
+                        "SELECT tenant FROM examples WHERE decision_id = ?", (decision_id,)
+                    ).fetchone()
+                    if row is None:
+                        row = self._reader.execute(
+                            "SELECT tenant FROM decisions WHERE decision_id = ? AND created_at >= ?"
+                            " AND rowid > (SELECT MAX(rowid) FROM decisions) - ?",
+                            (decision_id, self._clock() - self._ttl, self._max_pending),
+                        ).fetchone()
+            except Exception as exc:  # the caller's to raise (a failed file: sqlite3.Error)
+                self._reading_since = None
+                read.set_exception(exc)
+            else:
+                self._reading_since = None
+                read.set_result(None if row is None else str(row[0]))
 
     def remember(
         self,
@@ -918,6 +985,8 @@ class FeedbackStore:
                 self._closed = True
                 self._queue.put(None)
                 self._thread.join()
+                self._reads.put(None)
+                self._reader_thread.join()
             with self._read_lock:
                 self._reader.close()
             with self._write_lock:

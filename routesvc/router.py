@@ -144,6 +144,11 @@ _UNKNOWN_DECISION_LOOK_SECONDS = 0.05
 # call is then answered with what is known (FEEDBACK_STORE_BUSY, or the NOT_FOUND of a look
 # before) before its deadline, rather than DEADLINE_EXCEEDED with the outcome stored afterwards.
 _FEEDBACK_ANSWER_MARGIN_SECONDS = 0.1
+# How long a look that found a decision unknown to the first store waits at most, in all, for a
+# later store's queued writes (an idle writer: ~1 ms) and its read of whether that store knows it
+# (``FeedbackStore.knows``: a read held up, by another process holding the WAL's read locks,
+# holds the feedback thread no longer).
+_KNOWS_WAIT_SECONDS = 0.02
 
 
 @dataclass(slots=True)
@@ -185,10 +190,11 @@ class _Stored:
 class _Asked:
     """The stores a Feedback call's looks have found without the decision (``unknown``, on the
     feedback thread), out of those its newest look was to record in (``files``). Its NOT_FOUND is
-    an answer only once ``everywhere`` (each one asked): a call whose time ends before the later
-    stores are asked (the look asking them not made, still queued, or cut waiting for one of their
-    locks) is FeedbackStoreBusy (retryable), as a busy file is, never a final NOT_FOUND for a
-    decision a later store may know."""
+    an answer only once ``everywhere`` (each one asked: the later ones read without their locks
+    by the first look, ``_read_the_later_stores``, or by the final look): a call whose time ends
+    before a later store that may know it is asked (the look asking it not made, still queued, or
+    cut waiting for its lock) is FeedbackStoreBusy (retryable), as a busy file is, never a final
+    NOT_FOUND for a decision a later store may know."""
 
     files: list[FeedbackStore] = field(default_factory=list)
     unknown: set[FeedbackStore] = field(default_factory=set)
@@ -348,6 +354,22 @@ class _FeedbackCall:
         first one said."""
         return self.answer_by is None or self.answer_by - time.monotonic() > 2 * _UNKNOWN_DECISION_LOOK_SECONDS
 
+    def _read_the_later_stores(self, later: Sequence[FeedbackStore], deadline: LockDeadline) -> None:
+        """The stores after the first, for a look that found the decision unknown to the first
+        and looks again: each read without its write lock (``FeedbackStore.knows``, its queued
+        writes written and the read made within ``_KNOWS_WAIT_SECONDS``, or the call's time if
+        less) and noted in ``self.asked`` if it does
+        not know the decision either, so that a decision no store knows is an answer
+        (NOT_FOUND) after this one pass on the feedback thread, as with one stage, not only
+        once the final look has passed its queue a second time (under load, FeedbackStoreBusy
+        instead). One that knows it, or cannot tell, is asked by the final look."""
+        for store in later:
+            if store in self.asked.unknown:
+                continue
+            wait = min(_KNOWS_WAIT_SECONDS, max(0.0, deadline.at - time.monotonic()))
+            if store.knows(self.decision_id, tenant=self.tenant, timeout=wait) is False:
+                self.asked.unknown.add(store)
+
     def _lock_deadline(self, arrived: float) -> LockDeadline:
         """When a look that ``arrived`` then must have the file's write lock: the busy timeout
         after it runs (after it arrived, while the file is known locked), or ``answer_by`` if
@@ -381,9 +403,10 @@ class _FeedbackCall:
         ``feedback_stage_without_decision``, info); ``UnknownDecision`` only when none does. The
         first store not knowing it is ``UnknownDecision`` at once unless the look is ``final``:
         the decision may wait in another process's write queue (looked for again, no wait for the
-        later stores' locks meanwhile); the final look asks the later stores too, as does one with
-        no time left for another look (``another_look_fits``). Each store found without the
-        decision is noted in ``self.asked`` (and ``stored``)."""
+        later stores' locks meanwhile: they are only read, ``_read_the_later_stores``); the final
+        look asks the later stores too, as does one with no time left for another look
+        (``another_look_fits``). Each store found without the decision is noted in ``self.asked``
+        (and ``stored``)."""
         model = owner = ""
         examples = 0
         if time.monotonic() >= deadline.at:
@@ -424,6 +447,7 @@ class _FeedbackCall:
                     except UnknownDecision as error:
                         self.asked.unknown.add(stage.feedback)
                         if not final and not stored.stored and self.another_look_fits():
+                            self._read_the_later_stores(stored.files[1:], deadline)
                             raise
                         recorded[stage.feedback] = None
                         stored.without_decision.append(stage.feedback)
@@ -1027,8 +1051,9 @@ class Router:
         that stored nothing, the ``UnknownDecision`` of the looks before once they asked every
         store. With two stages, the decision is ``UnknownDecision`` (looked for again) only when
         every stage's store was asked and none knows it: one a store knows is recorded there
-        (``_FeedbackCall._recorded_by``); a call whose time runs out before the later stores are
-        asked is ``FeedbackStoreBusy`` (``_Asked``)."""
+        (``_FeedbackCall._recorded_by``); a call whose time runs out before a later store that
+        may know it is asked is ``FeedbackStoreBusy`` (``_Asked``; the first look reads the later
+        stores without their locks, so an id none knows is answered in one pass)."""
         answer_by = None
         if timeout is not None:
             answer_by = time.monotonic() + timeout - min(_FEEDBACK_ANSWER_MARGIN_SECONDS, timeout / 4)
@@ -1049,7 +1074,7 @@ class Router:
         found_unknown: UnknownDecision | None = None
         for pause in (*_UNKNOWN_DECISION_PAUSES, None):
             # The last look, the pauses done or the call's time too short for another: it asks
-            # every stage's store (the earlier ones only the first's: ``_recorded_by``).
+            # every stage's store (the earlier ones the first's, the later ones only read: ``_recorded_by``).
             final = pause is None or not call.another_look_fits()
             try:
                 model, owner, examples = await call.look(found_unknown, final=final)

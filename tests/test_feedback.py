@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -172,6 +174,68 @@ class TestRecordingUnderALock:
         )
         assert locked.value.message == f"feedback_db {path} stayed locked by another process; retry shortly"
         assert (stored, known_locked) == ([], False)
+
+    def test_knows_reads_a_decision_as_recording_would_find_it_without_the_write_lock(self, tmp_path: Path) -> None:
+        """``knows`` (a two-stage Feedback's first look reading the later files) says True for a
+        decision ``record_outcome`` would find (queued writes written first), False for one never
+        seen, one past ``max_pending_decisions`` or another tenant's; it reads while another
+        process holds the file's write lock (WAL), which ``record_outcome`` would wait for."""
+        path = tmp_path / "f.db"
+        store = FeedbackStore(path, max_pending_decisions=1, busy_timeout_seconds=0.01)
+        store.remember("old", "m", [1.0, 0.0], tenant="acme")
+        store.remember("new", "m", [1.0, 0.0], tenant="acme")
+        queued = store.knows("new", tenant="acme", timeout=1.0)  # its write queued: written first
+        with write_locked(path):
+            new = store.knows("new", tenant="acme", timeout=1.0)
+        answers = [
+            queued,
+            store.knows("new", timeout=1.0),
+            store.knows("new", tenant="globex", timeout=1.0),
+            store.knows("old", tenant="acme", timeout=1.0),
+            store.knows("never", timeout=1.0),
+        ]
+        store.close()
+        assert new is True
+        assert answers == [True, True, False, False, False]
+
+    def test_knows_is_answered_within_its_timeout_while_another_process_holds_the_wal_read_locks(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process (a real one) holds the locks of the WAL's read marks, as SQLite's
+        recovery of the file holds them: a reader of the file retries for about 10 s then, whatever
+        its busy timeout, and cannot be interrupted. ``knows`` (on the feedback thread, which every
+        Feedback call queues on) still answers within its 0.05 s: None, cannot tell (the final look
+        asks that file), and None at once while its read is still held up; once the other
+        process lets go, it reads the decision again. It read on the caller's thread: blocked for
+        as long as the other process held the locks (to SQLite's ~10 s), past its timeout."""
+        path = tmp_path / "f.db"
+        store = FeedbackStore(path)
+        store.remember("d-1", "m", [1.0, 0.0])
+        assert store.knows("d-1", timeout=1.0) is True
+        holder = (
+            "import fcntl, os, sys, time\n"
+            "shm = os.open(sys.argv[1] + '-shm', os.O_RDWR)\n"
+            "fcntl.lockf(shm, fcntl.LOCK_EX | fcntl.LOCK_NB, 7, 121)  # WAL_CKPT_LOCK to the last read mark\n"
+            "print('held', flush=True)\n"
+            "time.sleep(1.5)\n"
+        )
+        with subprocess.Popen([sys.executable, "-c", holder, str(path)], stdout=subprocess.PIPE, text=True) as other:
+            assert other.stdout is not None
+            assert other.stdout.readline() == "held\n"
+            started = time.monotonic()
+            held = store.knows("d-1", timeout=0.05)
+            first_in = time.monotonic() - started
+            time.sleep(0.15)  # past _READ_HELD_SECONDS: the read is taken for held up
+            started = time.monotonic()
+            meanwhile = store.knows("d-1", timeout=0.05)
+            second_in = time.monotonic() - started
+        deadline = time.monotonic() + 15
+        while (after := store.knows("d-1", timeout=0.05)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        store.close()
+        assert (held, first_in < 0.3) == (None, True)
+        assert (meanwhile, second_in < 0.01) == (None, True)
+        assert after is True
 
 
 def small_pages(path: Path) -> None:
