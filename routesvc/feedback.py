@@ -40,6 +40,7 @@ read-only file), with nothing stored.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import queue
 import sqlite3
 import threading
@@ -195,10 +196,13 @@ class LockDeadline:
     stored. ``cut``: ``at`` is the caller's own deadline, before its busy timeout would end, so the
     lock not taken by then does not make the file ``known_locked`` (the lock it met may be a brief
     write of another worker); nor does a wait for the lock that ``at`` left shorter than the busy
-    timeout for another reason (``_FULL_WAIT_SHARE``)."""
+    timeout for another reason (``_FULL_WAIT_SHARE``). ``since``: when the caller came
+    (``time.monotonic()``; None: now): a write on the file that met another process's lock since
+    held it up (``FeedbackStore.timed_out``)."""
 
     at: float
     cut: bool = False
+    since: float | None = None
 
 
 class Cancellation:
@@ -422,10 +426,13 @@ class FeedbackStore:
         # Set when a write waited the busy timeout for another process's lock on the file and did
         # not get it, cleared when a write takes it (``known_locked``).
         self._locked_out = False
-        # Set while a write on the writer connection waits for the file's lock (BEGIN IMMEDIATE):
-        # a call whose time runs out waiting behind it met a lock, one waiting behind a write
-        # under way only its own time running out (``timed_out``).
-        self._taking_lock = False
+        # When the write on the writer connection waiting for another process's lock on the file
+        # (it was held as the write began: ``immediate``'s ``on_wait``) began to (None: none
+        # waits), and when the last such wait ended: a call whose time runs out waiting behind
+        # one met a lock, one waiting behind a write under way only its own time running out
+        # (``timed_out``, ``met_lock_since``).
+        self._lock_waited_since: float | None = None
+        self._lock_met_at = float("-inf")
         # When the read of ``knows`` under way (on the reader thread) began; None: none is.
         self._reading_since: float | None = None
         self._write_lock = threading.Lock()
@@ -533,13 +540,15 @@ class FeedbackStore:
         """The error for a call that could not take the file's write lock in time."""
         return FeedbackStoreBusy(f"feedback_db {self._path} stayed locked by another process; retry shortly")
 
-    def timed_out(self) -> FeedbackStoreBusy:
+    def timed_out(self, since: float | None = None) -> FeedbackStoreBusy:
         """The error for a call whose time ran out waiting for this store (its queued writes, its
         writer connection) without its own wait for the file's lock ending unmet: ``busy()`` if
-        the store waits for another process's lock meanwhile (a write of its writer thread taking
-        it) or the file is ``known_locked``, else that the call's time ran out, naming no lock
-        (none was met: the time went on the files and the calls before)."""
-        if self._taking_lock or self._locked_out:
+        a write on the file waits for another process's lock meanwhile (its writer thread's, or
+        the call's before, that found it held), or one did since the call came at ``since``
+        (``met_lock_since``; None: now), or the file is ``known_locked``, else that the call's
+        time ran out, naming no lock (none was met: the time went on the files and the calls
+        before)."""
+        if self._locked_out or self.met_lock_since(math.inf if since is None else since):
             return self.busy()
         return FeedbackStoreBusy(
             f"feedback: this call's time ran out before it wrote feedback_db {self._path}; retry shortly"
@@ -555,10 +564,9 @@ class FeedbackStore:
         settled before the lock is taken (its caller gave up meanwhile: a cancelled call) rolls it
         back before the block runs, raising ``concurrent.futures.CancelledError``."""
         with self._writer_until(deadline) as full_wait:
-            self._taking_lock = True
             try:
-                with immediate(self._writer):
-                    self._taking_lock = False
+                with immediate(self._writer, on_wait=self._waiting_for_lock):
+                    self._lock_wait_ended()
                     self._locked_out = False
                     if cancel is not None and not cancel.hold():
                         raise concurrent.futures.CancelledError
@@ -568,7 +576,22 @@ class FeedbackStore:
                     self._locked_out = True
                 raise
             finally:
-                self._taking_lock = False
+                self._lock_wait_ended()
+
+    def _waiting_for_lock(self) -> None:
+        self._lock_waited_since = time.monotonic()
+
+    def _lock_wait_ended(self) -> None:
+        if self._lock_waited_since is not None:
+            self._lock_met_at = time.monotonic()
+            self._lock_waited_since = None
+
+    def met_lock_since(self, since: float) -> bool:
+        """Whether a write on the file (a Feedback call's, or the writer thread's) has met another
+        process's lock at ``since`` (``time.monotonic()``) or later: one waits for it now (it was
+        held as the write began), or one that did ended since. A call queued behind such writes
+        whose time ran out was held up by that lock, not merely by the calls before it."""
+        return self._lock_waited_since is not None or self._lock_met_at >= since
 
     @contextmanager
     def _writer_until(self, deadline: LockDeadline | None) -> Iterator[bool]:
@@ -583,12 +606,12 @@ class FeedbackStore:
                 yield True
             return
         if not self._write_lock.acquire(timeout=max(0.0, deadline.at - time.monotonic())):
-            raise self.timed_out()
+            raise self.timed_out(deadline.since)
         try:
             left = deadline.at - time.monotonic()
             if left <= 0:
                 # The connection came too late to wait for the lock at all: no lock met here.
-                raise self.timed_out()
+                raise self.timed_out(deadline.since)
             self._writer.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
             try:
                 yield not deadline.cut and left >= self._busy_timeout * _FULL_WAIT_SHARE
@@ -614,7 +637,7 @@ class FeedbackStore:
         since = self._reading_since
         if since is not None and until - since > _READ_HELD_SECONDS + timeout:
             return None  # a read left by its caller is held up: this one would wait behind it
-        if self._taking_lock or self._locked_out or not self.flush(timeout=timeout):
+        if self._lock_waited_since is not None or self._locked_out or not self.flush(timeout=timeout):
             return None
         read: concurrent.futures.Future[str | None] = concurrent.futures.Future()
         self._reads.put((decision_id, read))
@@ -813,7 +836,7 @@ class FeedbackStore:
                     # a fresh busy timeout from their turn meanwhile): known locked, as this
                     # call's own wait for the lock would have made it.
                     self._locked_out = True
-                raise self.timed_out()
+                raise self.timed_out(deadline.since)
         with self._translated_failures():
             return self._record(decision_id, score, tenant, deadline, cancel)
 

@@ -234,6 +234,8 @@ class _FeedbackCall:
     busy_timeout: float
     context: contextvars.Context
     asked: _Asked = field(default_factory=_Asked)
+    # When the call came (``time.monotonic()``): a lock met since held it up (``_time_out``).
+    arrived: float = field(default_factory=time.monotonic)
 
     async def look(self, found_unknown: UnknownDecision | None, *, final: bool) -> tuple[str, str, int]:
         """The decision's model and owner and the examples the libraries hold once the score is
@@ -379,15 +381,18 @@ class _FeedbackCall:
         locked = any(store.known_locked for store in self.stores)
         at = (arrived if locked else time.monotonic()) + self.busy_timeout
         if self.answer_by is None or at < self.answer_by:
-            return LockDeadline(at)
-        return LockDeadline(self.answer_by, cut=True)
+            return LockDeadline(at, since=self.arrived)
+        return LockDeadline(self.answer_by, cut=True, since=self.arrived)
 
     def _time_out(self, waited_for: str) -> FeedbackStoreBusy:
         """The error for a look whose time ran out before it waited for a file's lock: a file
-        known locked by another process counted it from the look's arrival (it is named), else
-        what it ``waited_for``."""
+        known locked by another process counted it from the look's arrival, or one whose lock
+        another process held while the call waited (a write before it on the feedback thread, or
+        the file's writer thread, waiting for it since the call came: ``met_lock_since``; the
+        file not yet known locked, no wait having lasted the busy timeout) took its time: it is
+        named; else what it ``waited_for`` (a burst on files nobody locks)."""
         for store in self.stores:
-            if store.known_locked:
+            if store.known_locked or store.met_lock_since(self.arrived):
                 return store.busy()
         return FeedbackStoreBusy(f"feedback: {waited_for} took this call's time; retry shortly")
 
@@ -417,7 +422,7 @@ class _FeedbackCall:
             # recording in the stores taught does not flush; written first, they are found.
             for store in self.stores:
                 if not store.flush(timeout=max(0.0, deadline.at - time.monotonic())):
-                    raise store.timed_out()
+                    raise store.timed_out(self.arrived)
         # One call at a time, across reloads too, so the libraries take the outcomes in the
         # order the stores recorded them (an older score never replaces a newer one, an
         # eviction comes after the add it follows); taught to the newest policy swapped in.

@@ -27,7 +27,7 @@ from routesvc.auth import key_digest
 from routesvc.client import RouterClient
 from routesvc.config import load_settings
 from routesvc.encoders import HashingEncoder
-from routesvc.errors import ConfigError, FeedbackStoreUnavailable
+from routesvc.errors import ConfigError, FeedbackStoreBusy, FeedbackStoreUnavailable
 from routesvc.feedback import EvictedExample, FeedbackExample, FeedbackStore
 from routesvc.fitting import FitSettings, fit_router
 from routesvc.policy import Policy
@@ -566,6 +566,70 @@ class TestFeedbackStoreUnderContention:
         assert retry_delay(error) == 1.0
         assert "feedback_db" in (error.details() or "")
         assert (response.model, response.library_examples) == ("gpt-4o-mini", 1)
+
+    async def test_feedback_calls_queued_behind_one_waiting_for_another_processs_lock_are_told_the_file_is_locked(
+        self, tmp_path: Path
+    ) -> None:
+        """Another process (a real one) holds the file's write lock for 3 s, less than the busy
+        timeout (so the file is never known locked), while 6 Feedback calls come at once, each with
+        a 1 s deadline: the first waits for the lock on the feedback thread, the others queue
+        behind it. Every one is UNAVAILABLE FEEDBACK_STORE_BUSY naming the file, "stayed locked by
+        another process", nothing stored. The queued ones were told "the Feedback calls before
+        this one took this call's time", though what took it was the other process's lock."""
+        path = tmp_path / "feedback.db"
+        async with (
+            Server(settings_from(embedding_config(tmp_path)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            decisions = [await client.route(user_chat(f"say hello to zulu {i}")) for i in range(6)]
+            await _decisions_written(server)
+            async with _another_process(_LOCK_HOLDER, str(path), "3", ready=b"locked"):
+                errors = await asyncio.gather(
+                    *(_feedback_error(client, d.decision_id, thumbs_up=False, timeout=1.0) for d in decisions)
+                )
+            [store] = await _flushed_stores(server)
+            stored = await asyncio.to_thread(store.entries)
+        assert [(e.code(), error_info(e).reason) for e in errors] == [
+            (grpc.StatusCode.UNAVAILABLE, "FEEDBACK_STORE_BUSY")
+        ] * 6
+        assert [e.details() for e in errors] == [
+            f"feedback_db {path} stayed locked by another process; retry shortly"
+        ] * 6
+        assert stored == []
+
+    async def test_feedback_calls_queued_past_their_deadline_on_an_unlocked_file_claim_no_lock(
+        self, tmp_path: Path
+    ) -> None:
+        """Two stages (two files to write for each call); 1,500 Feedback calls come at once (15
+        on each of 100 decisions, no deadline) on files no other process touches, then 20 with
+        a 0.3 s deadline, queued behind them on the feedback thread: those are
+        FeedbackStoreBusy saying the calls before them took their time (or that their time ran
+        out before they wrote a file), none naming a file locked: no lock was met. The calls go
+        to the server's router (gRPC's own work for 1,500 calls on the one loop, client's and
+        server's, delays the server's answers past short deadlines: DEADLINE_EXCEEDED)."""
+        async with (
+            Server(settings_from(two_stage_config(tmp_path)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            decisions = await asyncio.gather(*(client.route(user_chat(f"say hello to zulu {i}")) for i in range(100)))
+            await _flushed_stores(server)
+
+            async def rated(decision_id: str, score: float, timeout: float | None, after: float = 0.0) -> str:
+                await asyncio.sleep(after)
+                try:
+                    await server.router.feedback(decision_id, score, timeout=timeout)
+                except FeedbackStoreBusy as error:
+                    return str(error)
+                return "OK"
+
+            answers = await asyncio.gather(
+                *(rated(d.decision_id, wave % 2, None) for wave in range(15) for d in decisions),
+                *(rated(d.decision_id, 1.0, 0.3, after=0.05) for d in decisions[:20]),
+            )
+        queued = answers[1500:]
+        assert answers[:1500] == ["OK"] * 1500
+        assert [answer for answer in queued if "locked" in answer] == []
+        assert "feedback: the Feedback calls before this one took this call's time; retry shortly" in queued
 
     async def test_feedback_calls_piling_up_on_a_locked_file_are_each_busy_after_one_busy_timeout(
         self, tmp_path: Path
