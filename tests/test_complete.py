@@ -67,6 +67,44 @@ class _GrpcErrors(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+# A 64 KiB receive window that never grows, and a connection per call (not one window shared by
+# all): a late reader's messages past the window wait on flow control.
+_LATE_READER_OPTIONS = [
+    ("grpc.http2.lookahead_bytes", 65_536),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+async def _window_edge_sizes(fake: FakeProvider, client: RouterClient) -> range:
+    """Answer sizes (characters of text) around the one whose Completion's frame is half in a
+    late reader's window: the decision and the text fit, the Completion does or does not. The
+    messages' sizes are measured first, on one answer."""
+    window = 65_535
+    measured = 65_000
+    fake.enqueue(Script(chunks=("x" * measured,)))
+    decision, delta, completion = await _collect(client, "a late reader")
+    framed = [5 + len(message.SerializeToString()) for message in (decision, delta, completion)]
+    middle = measured + window - sum(framed) + framed[2] // 2
+    return range(middle - 90, middle + 91, 15)
+
+
+def _with_grace(config: dict[str, object], grace: float) -> dict[str, object]:
+    """``config`` with a shutdown grace of ``grace`` seconds and no drain delay."""
+    config["server"] = {**dict(config.get("server") or {}), "grace_seconds": grace, "drain_delay_seconds": 0}  # type: ignore[call-overload]
+    return config
+
+
+def _closes_at(seconds: float) -> Callable[[Server], Awaitable[None]]:
+    """A ``meanwhile`` for ``_late_readers`` that closes the server ``seconds`` after the calls."""
+
+    async def close(server: Server) -> None:
+        await asyncio.sleep(seconds)
+        await server.aclose()
+
+    return close
+
+
 async def _late_readers(
     fake: FakeProvider,
     *,
@@ -89,22 +127,9 @@ async def _late_readers(
     was handed over and the call still ``cut``, logged, traced and counted so. grpc logs no error
     either way. ``closes``: ``meanwhile`` closes the server (which then answers no GetStats).
     Returns the rpc_finished lines of the late calls."""
-    window = 65_535
-    # A 64 KiB receive window that never grows, and a connection per call (not one window
-    # shared by all).
-    options = [
-        ("grpc.http2.lookahead_bytes", 65_536),
-        ("grpc.http2.bdp_probe", 0),
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
+    options = _LATE_READER_OPTIONS
     async with observed_server(fake, config=config) as observed:
-        measured = 65_000
-        fake.enqueue(Script(chunks=("x" * measured,)))
-        decision, delta, completion = await _collect(observed.client, "a late reader")
-        framed = [5 + len(message.SerializeToString()) for message in (decision, delta, completion)]
-        # The text that leaves half the Completion's frame in the window; sizes around it.
-        middle = measured + window - sum(framed) + framed[2] // 2
-        sizes = range(middle - 90, middle + 91, 15)
+        sizes = await _window_edge_sizes(fake, observed.client)
 
         async def late_reader(size: int) -> tuple[list[str], grpc.StatusCode, str]:
             async with grpc.aio.insecure_channel(observed.server.target, options=options) as channel:
@@ -629,15 +654,9 @@ class TestDeadlinesAndCancellation:
         only after it (at 3.5 s): a Completion whose write waited is discarded by grpc's stop, the
         caller gets UNAVAILABLE without it, and so the call is logged and traced (``SHUTTING_DOWN``),
         grpc logging nothing: it ended OK in our log and span."""
-        config = default_config()
-        config["server"] = {**dict(config.get("server") or {}), "grace_seconds": 2.0, "drain_delay_seconds": 0}
-
-        async def shut_down(server: Server) -> None:
-            await asyncio.sleep(0.5)
-            await server.aclose()
-
+        config = _with_grace(default_config(), 2.0)
         lines = await _late_readers(
-            fake, read_at=3.5, cut=grpc.StatusCode.UNAVAILABLE, meanwhile=shut_down, config=config, in_time=False
+            fake, read_at=3.5, cut=grpc.StatusCode.UNAVAILABLE, meanwhile=_closes_at(0.5), config=config, in_time=False
         )
         assert {line.get("error_reason") for line in lines if line["code"] == "UNAVAILABLE"} == {"SHUTTING_DOWN"}
         assert [line for line in lines if line["code"] == "OK" and float(str(line["duration_ms"])) >= 400] == []
@@ -651,21 +670,10 @@ class TestDeadlinesAndCancellation:
         end CANCELLED, and so their calls are logged and traced, as they saw them: those whose
         Completion was handed over were logged and traced UNAVAILABLE ``SHUTTING_DOWN``, as if
         the stop had cut them, and those whose status waited behind their text logged so."""
-        config = default_config()
-        config["server"] = {**dict(config.get("server") or {}), "grace_seconds": 4.0, "drain_delay_seconds": 0}
-        window = 65_535
-        options = [
-            ("grpc.http2.lookahead_bytes", 65_536),
-            ("grpc.http2.bdp_probe", 0),
-            ("grpc.use_local_subchannel_pool", 1),
-        ]
+        config = _with_grace(default_config(), 4.0)
+        options = _LATE_READER_OPTIONS
         async with observed_server(fake, config=config) as observed:
-            measured = 65_000
-            fake.enqueue(Script(chunks=("x" * measured,)))
-            messages = await _collect(observed.client, "a late reader")
-            framed = [5 + len(message.SerializeToString()) for message in messages]
-            middle = measured + window - sum(framed) + framed[2] // 2
-            sizes = range(middle - 90, middle + 91, 15)
+            sizes = await _window_edge_sizes(fake, observed.client)
 
             async def leaver(size: int) -> grpc.StatusCode:
                 async with grpc.aio.insecure_channel(observed.server.target, options=options) as channel:
@@ -731,16 +739,15 @@ class TestDeadlinesAndCancellation:
         gets the whole answer and OK, logged and traced so: the shutdown's cancel was taken as
         the call's end, logged CANCELLED, and the caller got the Completion, then UNAVAILABLE at
         the grace's end. Those whose text does not fit end ``CLIENT_STALLED``."""
-        config = default_config()
+        config = _with_grace(default_config(), 4.0)
         config["reliability"] = {"client_write_timeout_seconds": 2.5}
-        config["server"] = {**dict(config.get("server") or {}), "grace_seconds": 4.0, "drain_delay_seconds": 0}
-
-        async def shut_down(server: Server) -> None:
-            await asyncio.sleep(0.25)
-            await server.aclose()
-
         lines = await _late_readers(
-            fake, read_at=4.0, cut=grpc.StatusCode.DEADLINE_EXCEEDED, config=config, meanwhile=shut_down, closes=True
+            fake,
+            read_at=4.0,
+            cut=grpc.StatusCode.DEADLINE_EXCEEDED,
+            config=config,
+            meanwhile=_closes_at(0.25),
+            closes=True,
         )
         stalled = [line for line in lines if line.get("answered_by") and line.get("client_stalled") is True]
         assert stalled
