@@ -187,6 +187,11 @@ _FULL_WAIT_SHARE = 0.9
 # the next ``knows`` takes it for held up (another process holding the WAL's read locks: SQLite
 # retries for about 10 s) and answers None at once rather than wait its whole timeout behind it.
 _READ_HELD_SECONDS = 0.1
+# How long a write must have taken to take the file's lock to have met another process's lock
+# (``lock_met_since``): another worker's write holds it a few ms (several queued, tens); a
+# backup, a shell's transaction or SQLite's recovery, seconds. Timed rather than asked of SQLite,
+# which cannot tell a lock from a recovery's held read locks (a write waits them out in its retry).
+_LOCK_MET_SECONDS = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,13 +431,14 @@ class FeedbackStore:
         # Set when a write waited the busy timeout for another process's lock on the file and did
         # not get it, cleared when a write takes it (``known_locked``).
         self._locked_out = False
-        # When the write on the writer connection waiting for another process's lock on the file
-        # (it was held as the write began: ``immediate``'s ``on_wait``) began to (None: none
-        # waits), and when the last such wait ended: a call whose time runs out waiting behind
-        # one met a lock, one waiting behind a write under way only its own time running out
-        # (``timed_out``, ``met_lock_since``).
-        self._lock_waited_since: float | None = None
+        # When the write on the writer connection began to take the file's lock (None: none is
+        # taking it), and when the last one that took ``_LOCK_MET_SECONDS`` or more to (another
+        # process held it) ended: a call whose time runs out waiting behind one met a lock, one
+        # waiting behind a write under way only its own time running out (``timed_out``,
+        # ``lock_met_since``).
+        self._taking_lock_since: float | None = None
         self._lock_met_at = float("-inf")
+        self._lock_met_for = 0.0  # how long that write waited
         # When the read of ``knows`` under way (on the reader thread) began; None: none is.
         self._reading_since: float | None = None
         self._write_lock = threading.Lock()
@@ -545,10 +551,10 @@ class FeedbackStore:
         writer connection) without its own wait for the file's lock ending unmet: ``busy()`` if
         a write on the file waits for another process's lock meanwhile (its writer thread's, or
         the call's before, that found it held), or one did since the call came at ``since``
-        (``met_lock_since``; None: now), or the file is ``known_locked``, else that the call's
+        (``lock_met_since``; None: now), or the file is ``known_locked``, else that the call's
         time ran out, naming no lock (none was met: the time went on the files and the calls
         before)."""
-        if self._locked_out or self.met_lock_since(math.inf if since is None else since):
+        if self._locked_out or self.lock_met_since(math.inf if since is None else since) > 0:
             return self.busy()
         return FeedbackStoreBusy(
             f"feedback: this call's time ran out before it wrote feedback_db {self._path}; retry shortly"
@@ -565,8 +571,9 @@ class FeedbackStore:
         back before the block runs, raising ``concurrent.futures.CancelledError``."""
         with self._writer_until(deadline) as full_wait:
             try:
-                with immediate(self._writer, on_wait=self._waiting_for_lock):
-                    self._lock_wait_ended()
+                self._taking_lock_since = time.monotonic()
+                with immediate(self._writer):
+                    self._lock_taken()
                     self._locked_out = False
                     if cancel is not None and not cancel.hold():
                         raise concurrent.futures.CancelledError
@@ -576,22 +583,35 @@ class FeedbackStore:
                     self._locked_out = True
                 raise
             finally:
-                self._lock_wait_ended()
+                self._lock_taken()
 
-    def _waiting_for_lock(self) -> None:
-        self._lock_waited_since = time.monotonic()
+    def _lock_taken(self) -> None:
+        """The write taking the file's lock got it or gave up: a lock met if it took long."""
+        began = self._taking_lock_since
+        if began is not None:
+            now = time.monotonic()
+            if now - began >= _LOCK_MET_SECONDS:
+                self._lock_met_at, self._lock_met_for = now, now - began
+            self._taking_lock_since = None
 
-    def _lock_wait_ended(self) -> None:
-        if self._lock_waited_since is not None:
-            self._lock_met_at = time.monotonic()
-            self._lock_waited_since = None
+    def _held_up_by_lock(self) -> bool:
+        """Whether the write taking the file's lock has waited ``_LOCK_MET_SECONDS`` for it."""
+        return self.lock_met_since(math.inf) > 0
 
-    def met_lock_since(self, since: float) -> bool:
-        """Whether a write on the file (a Feedback call's, or the writer thread's) has met another
-        process's lock at ``since`` (``time.monotonic()``) or later: one waits for it now (it was
-        held as the write began), or one that did ended since. A call queued behind such writes
-        whose time ran out was held up by that lock, not merely by the calls before it."""
-        return self._lock_waited_since is not None or self._lock_met_at >= since
+    def lock_met_since(self, since: float) -> float:
+        """How long a write on the file (a Feedback call's, or the writer thread's) waited for
+        another process's lock at ``since`` (``time.monotonic()``) or later, if it waited
+        ``_LOCK_MET_SECONDS`` or more: the one waiting now, or the last that did, if it ended
+        since (the longer of the two); else 0. A call queued behind such writes whose time ran out
+        was held up by that lock, not merely by the calls before it; another worker's brief
+        writes (a few ms each) are no lock met."""
+        waited = 0.0
+        began = self._taking_lock_since
+        if began is not None and time.monotonic() - began >= _LOCK_MET_SECONDS:
+            waited = time.monotonic() - began
+        if self._lock_met_at >= since:
+            waited = max(waited, self._lock_met_for)
+        return waited
 
     @contextmanager
     def _writer_until(self, deadline: LockDeadline | None) -> Iterator[bool]:
@@ -637,7 +657,7 @@ class FeedbackStore:
         since = self._reading_since
         if since is not None and until - since > _READ_HELD_SECONDS + timeout:
             return None  # a read left by its caller is held up: this one would wait behind it
-        if self._lock_waited_since is not None or self._locked_out or not self.flush(timeout=timeout):
+        if self._held_up_by_lock() or self._locked_out or not self.flush(timeout=timeout):
             return None
         read: concurrent.futures.Future[str | None] = concurrent.futures.Future()
         self._reads.put((decision_id, read))

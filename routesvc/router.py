@@ -386,14 +386,18 @@ class _FeedbackCall:
 
     def _time_out(self, waited_for: str) -> FeedbackStoreBusy:
         """The error for a look whose time ran out before it waited for a file's lock: a file
-        known locked by another process counted it from the look's arrival, or one whose lock
+        known locked by another process counted it from the look's arrival, or else one whose lock
         another process held while the call waited (a write before it on the feedback thread, or
-        the file's writer thread, waiting for it since the call came: ``met_lock_since``; the
-        file not yet known locked, no wait having lasted the busy timeout) took its time: it is
-        named; else what it ``waited_for`` (a burst on files nobody locks)."""
+        the file's writer thread, waiting for it since the call came: ``lock_met_since``, the
+        longest such wait; the file not yet known locked, no wait having lasted the busy timeout)
+        took its time: it is named; else what it ``waited_for`` (a burst on files nobody locks, or that other workers
+        lock only for their brief writes)."""
         for store in self.stores:
-            if store.known_locked or store.met_lock_since(self.arrived):
+            if store.known_locked:
                 return store.busy()
+        waited, held_up = max((store.lock_met_since(self.arrived), i) for i, store in enumerate(self.stores))
+        if waited > 0:
+            return self.stores[held_up].busy()
         return FeedbackStoreBusy(f"feedback: {waited_for} took this call's time; retry shortly")
 
     def _recorded_by(

@@ -8,7 +8,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import structlog
@@ -31,29 +31,11 @@ def create_private(path: Path | str) -> None:
 
 
 @contextlib.contextmanager
-def immediate(connection: sqlite3.Connection, *, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+def immediate(connection: sqlite3.Connection) -> Iterator[None]:
     """One write transaction on ``connection`` (opened with ``isolation_level=None``), taken at its
     start so other processes wait on the busy timeout; rolled back if the block (or the commit)
-    raises. ``on_wait`` (None: none) is called when another connection holds the file's lock as
-    the transaction begins, before the lock is waited for: it is first tried without a wait
-    (busy timeout 0), so that a lock taken at once is never taken for one met."""
-    if on_wait is None:
-        connection.execute("BEGIN IMMEDIATE")
-    else:
-        [[wait_ms]] = connection.execute("PRAGMA busy_timeout").fetchall()
-        connection.execute("PRAGMA busy_timeout = 0")
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            met = False
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc):
-                raise
-            met = True
-        finally:
-            connection.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
-        if met:
-            on_wait()
-            connection.execute("BEGIN IMMEDIATE")
+    raises."""
+    connection.execute("BEGIN IMMEDIATE")
     try:
         yield
         connection.execute("COMMIT")

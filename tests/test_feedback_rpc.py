@@ -4,6 +4,7 @@ library, persisted in SQLite so a restart loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import gc
 import logging
@@ -429,6 +430,23 @@ async def _another_process(script: str, *args: str, ready: bytes) -> AsyncIterat
         await other.wait()
 
 
+# A real process writing the SQLite file ``argv[1]`` for ``argv[2]`` seconds as another worker
+# would: a write every 10 ms, each holding the file's lock 1 ms.
+_BRIEF_WRITES = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=5)
+connection.execute("CREATE TABLE IF NOT EXISTS other_worker (v)")
+print("writing", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    connection.execute("BEGIN IMMEDIATE")
+    connection.execute("INSERT INTO other_worker VALUES (1)")
+    time.sleep(0.001)
+    connection.execute("COMMIT")
+    time.sleep(0.009)
+"""
+
+
 # A real process holding the write lock of the SQLite file ``argv[1]`` for ``argv[2]`` seconds.
 _LOCK_HOLDER = (
     "import sqlite3, sys, time\n"
@@ -597,22 +615,29 @@ class TestFeedbackStoreUnderContention:
         ] * 6
         assert stored == []
 
+    @pytest.mark.parametrize("other_worker", [False, True], ids=["alone", "beside-another-worker"])
     async def test_feedback_calls_queued_past_their_deadline_on_an_unlocked_file_claim_no_lock(
-        self, tmp_path: Path
+        self, tmp_path: Path, other_worker: bool
     ) -> None:
         """Two stages (two files to write for each call); 1,500 Feedback calls come at once (15
-        on each of 100 decisions, no deadline) on files no other process touches, then 20 with
-        a 0.3 s deadline, queued behind them on the feedback thread: those are
+        on each of 100 decisions, no deadline) on files no other process locks for long, then 20
+        with a 0.3 s deadline, queued behind them on the feedback thread: those are
         FeedbackStoreBusy saying the calls before them took their time (or that their time ran
-        out before they wrote a file), none naming a file locked: no lock was met. The calls go
-        to the server's router (gRPC's own work for 1,500 calls on the one loop, client's and
-        server's, delays the server's answers past short deadlines: DEADLINE_EXCEEDED)."""
-        async with (
-            Server(settings_from(two_stage_config(tmp_path)), port=0) as server,
-            RouterClient(server.target) as client,
-        ):
+        out before they wrote a file), none naming a file locked: no lock was met. So too beside
+        another worker (a real process) writing the first file every 10 ms, each write holding
+        its lock 1 ms: a write that meets one waits a few ms, no lock that "stayed" (such calls
+        named the file locked). The calls go to the server's router (gRPC's own work for 1,500
+        calls on the one loop, client's and server's, delays the server's answers past short
+        deadlines: DEADLINE_EXCEEDED)."""
+        async with contextlib.AsyncExitStack() as stack:
+            server = await stack.enter_async_context(Server(settings_from(two_stage_config(tmp_path)), port=0))
+            client = await stack.enter_async_context(RouterClient(server.target))
             decisions = await asyncio.gather(*(client.route(user_chat(f"say hello to zulu {i}")) for i in range(100)))
             await _flushed_stores(server)
+            if other_worker:
+                await stack.enter_async_context(
+                    _another_process(_BRIEF_WRITES, str(tmp_path / "feedback.db"), "6", ready=b"writing")
+                )
 
             async def rated(decision_id: str, score: float, timeout: float | None, after: float = 0.0) -> str:
                 await asyncio.sleep(after)
