@@ -696,6 +696,7 @@ class TestDeadlinesAndCancellation:
                     await observed.server.aclose()
                     codes = await leaving
                     await until(lambda: sum(entry["event"] == "rpc_finished" for entry in logs) == len(sizes))
+                await until(lambda: len(observed.named(COMPLETE)) == 1 + len(sizes))
             finally:
                 logging.getLogger("grpc").removeHandler(grpc_errors)
         assert grpc_errors.messages == []
