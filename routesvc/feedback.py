@@ -649,10 +649,9 @@ class FeedbackStore:
         recovery of the file does, keeps a reader retrying for about 10 s whatever the busy
         timeout, and SQLite's wait cannot be interrupted, so the read is made by this store's
         reader thread, left to end by itself, the calls meanwhile answered None, at once once it
-        has taken ``_READ_HELD_SECONDS``) or the
-        file fails: such a file is asked by a look that waits for its lock. A decision another
-        process writes after this read is not seen (as by ``record_outcome``). One caller at a
-        time (the feedback thread)."""
+        has taken ``_READ_HELD_SECONDS``) or the file fails: such a file is asked by a look that
+        waits for its lock. A decision another process writes after this read is not seen (as by
+        ``record_outcome``). One caller at a time (the feedback thread)."""
         until = time.monotonic() + timeout
         since = self._reading_since
         if since is not None and until - since > _READ_HELD_SECONDS + timeout:

@@ -360,11 +360,11 @@ class _FeedbackCall:
         """The stores after the first, for a look that found the decision unknown to the first
         and looks again: each read without its write lock (``FeedbackStore.knows``, its queued
         writes written and the read made within ``_KNOWS_WAIT_SECONDS``, or the call's time if
-        less) and noted in ``self.asked`` if it does
-        not know the decision either, so that a decision no store knows is an answer
-        (NOT_FOUND) after this one pass on the feedback thread, as with one stage, not only
-        once the final look has passed its queue a second time (under load, FeedbackStoreBusy
-        instead). One that knows it, or cannot tell, is asked by the final look."""
+        less) and noted in ``self.asked`` if it does not know the decision either, so that a
+        decision no store knows is an answer (NOT_FOUND) after this one pass on the feedback
+        thread, as with one stage, not only once the final look has passed its queue a second
+        time (under load, FeedbackStoreBusy instead). One that knows it, or cannot tell, is
+        asked by the final look."""
         for store in later:
             if store in self.asked.unknown:
                 continue
@@ -390,8 +390,8 @@ class _FeedbackCall:
         another process held while the call waited (a write before it on the feedback thread, or
         the file's writer thread, waiting for it since the call came: ``lock_met_since``, the
         longest such wait; the file not yet known locked, no wait having lasted the busy timeout)
-        took its time: it is named; else what it ``waited_for`` (a burst on files nobody locks, or that other workers
-        lock only for their brief writes)."""
+        took its time: it is named; else what it ``waited_for`` (a burst on files nobody locks,
+        or that other workers lock only for their brief writes)."""
         for store in self.stores:
             if store.known_locked:
                 return store.busy()
@@ -1083,7 +1083,8 @@ class Router:
         found_unknown: UnknownDecision | None = None
         for pause in (*_UNKNOWN_DECISION_PAUSES, None):
             # The last look, the pauses done or the call's time too short for another: it asks
-            # every stage's store (the earlier ones the first's, the later ones only read: ``_recorded_by``).
+            # every stage's store (the earlier ones the first's, the later ones only read:
+            # ``_recorded_by``).
             final = pause is None or not call.another_look_fits()
             try:
                 model, owner, examples = await call.look(found_unknown, final=final)
