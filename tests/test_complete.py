@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal
 
 import grpc
@@ -65,6 +65,17 @@ class _GrpcErrors(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _grpc_errors() -> Iterator[_GrpcErrors]:
+    """What grpc's own loggers log at ERROR or above inside the block."""
+    errors = _GrpcErrors()
+    logging.getLogger("grpc").addHandler(errors)
+    try:
+        yield errors
+    finally:
+        logging.getLogger("grpc").removeHandler(errors)
 
 
 # A 64 KiB receive window that never grows, and a connection per call (not one window shared by
@@ -148,9 +159,7 @@ async def _late_readers(
 
         for size in sizes:
             fake.enqueue(Script(chunks=("x" * size,)))
-        grpc_errors = _GrpcErrors()
-        logging.getLogger("grpc").addHandler(grpc_errors)
-        try:
+        with _grpc_errors() as grpc_errors:
             with capture_logs() as logs:
                 readers = asyncio.gather(*(late_reader(size) for size in sizes))
                 if meanwhile is not None:
@@ -160,8 +169,6 @@ async def _late_readers(
             await until(lambda: len(observed.named(COMPLETE)) == 1 + len(sizes))
             # (A server shut down answers no GetStats.)
             stats = await observed.client.get_stats() if (meanwhile is None or in_time) and not closes else None
-        finally:
-            logging.getLogger("grpc").removeHandler(grpc_errors)
     # Never "ExecuteBatchError raised in core by servicer method" (grpc's OK status failing to go
     # out behind a Completion its caller never read).
     assert grpc_errors.messages == []
@@ -687,9 +694,7 @@ class TestDeadlinesAndCancellation:
 
             for size in sizes:
                 fake.enqueue(Script(chunks=("x" * size,)))
-            grpc_errors = _GrpcErrors()
-            logging.getLogger("grpc").addHandler(grpc_errors)
-            try:
+            with _grpc_errors() as grpc_errors:
                 with capture_logs() as logs:
                     leaving = asyncio.gather(*(leaver(size) for size in sizes))
                     await asyncio.sleep(0.25)
@@ -697,8 +702,6 @@ class TestDeadlinesAndCancellation:
                     codes = await leaving
                     await until(lambda: sum(entry["event"] == "rpc_finished" for entry in logs) == len(sizes))
                 await until(lambda: len(observed.named(COMPLETE)) == 1 + len(sizes))
-            finally:
-                logging.getLogger("grpc").removeHandler(grpc_errors)
         assert grpc_errors.messages == []
         assert codes == [grpc.StatusCode.CANCELLED] * len(sizes)
         # Those whose answer fit the window ended OK at once; the others waited for their callers.
