@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from routesvc.errors import RouteSvcError
-from routesvc.fitting import common_models, resolve_model
+from routesvc.fitting import AmbiguousModel, find_model
 from routesvc.outcomes import OutcomeRecord
 
 FloatArray = npt.NDArray[np.float64]
@@ -230,18 +230,20 @@ class PairData:
     first_without_cost: str = ""
 
 
-def _resolve(model: str, counts: Mapping[str, int], prompts: int) -> str | None:
-    """``model``'s name in a file, among its common models first, as fit's labels match it; a
-    rarer model only when no common one matches."""
-    found = resolve_model(model, common_models(counts, prompts))
-    return found if found is not None else resolve_model(model, counts)
+def _resolve(model: str, counts: Mapping[str, int], prompts: int, role: str, source: str) -> str | None:
+    """``model``'s name in a file as fit's labels match it (``fitting.find_model``): among its
+    common models first, a rarer model only when no common one matches; two matches are an error."""
+    try:
+        return find_model(model, counts, prompts, role, source)
+    except AmbiguousModel as exc:
+        raise EvaluationError(str(exc)) from exc
 
 
 def pair_data(records: Sequence[OutcomeRecord], strong: str, weak: str) -> PairData:
     """The records with both ``strong`` and ``weak`` outcomes; costs only if every one has both.
 
     Each source file's model names are matched to ``strong`` and ``weak`` as ``fit`` matches them
-    (exactly, else by loose alias: ``fitting.resolve_model``), so one folder may name the pair
+    (exactly, else by loose alias: ``fitting.find_model``), so one folder may name the pair
     differently in each file.
     """
     by_source: dict[str, list[OutcomeRecord]] = defaultdict(list)
@@ -251,7 +253,7 @@ def pair_data(records: Sequence[OutcomeRecord], strong: str, weak: str) -> PairD
     sources: list[PairSource] = []
     for source, rows in by_source.items():
         counts = Counter(model for row in rows for model in row.outcomes)
-        s, w = _resolve(strong, counts, len(rows)), _resolve(weak, counts, len(rows))
+        s, w = _resolve(strong, counts, len(rows), "strong", source), _resolve(weak, counts, len(rows), "weak", source)
         if s is not None and s == w:
             raise EvaluationError(
                 f"the strong model {strong!r} and the weak model {weak!r} are the same model in {source}"

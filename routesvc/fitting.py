@@ -74,7 +74,8 @@ def model_alias(model: str) -> str:
 
 
 COMMON_SHARE = 0.9
-"""A model evaluated on at least this share of a file's prompts is one of the file's models."""
+"""A model evaluated on at least this share of a file's prompts is one of the file's *common*
+models: they give its difficulty term, its proxy label, and are preferred when a name matches."""
 
 
 def common_models(counts: Mapping[str, int], prompts: int) -> list[str]:
@@ -84,11 +85,39 @@ def common_models(counts: Mapping[str, int], prompts: int) -> list[str]:
 
 def resolve_model(model: str, available: Iterable[str]) -> str | None:
     """``model`` itself if available, else the one available id with the same alias, else None."""
+    matches = model_matches(model, available)
+    return matches[0] if len(matches) == 1 else None
+
+
+def model_matches(model: str, available: Iterable[str]) -> list[str]:
+    """``[model]`` if available, else every available id with the same alias (sorted)."""
     names = list(available)
     if model in names:
-        return model
-    matches = [name for name in names if model_alias(name) == model_alias(model)]
-    return matches[0] if len(matches) == 1 else None
+        return [model]
+    return sorted(name for name in names if model_alias(name) == model_alias(model))
+
+
+class AmbiguousModel(ValueError):
+    """A requested model name matches two or more models of one file by loose alias."""
+
+    def __init__(self, role: str, model: str, source: str, matches: Sequence[str]) -> None:
+        super().__init__(
+            f"the {role} model {model!r} is ambiguous in {source}: it matches {', '.join(map(repr, matches))}"
+            " by loose alias; give the id as the file names it"
+        )
+
+
+def find_model(model: str, counts: Mapping[str, int], prompts: int, role: str, source: str) -> str | None:
+    """``model``'s name in a file whose models were evaluated on ``counts`` of its ``prompts``
+    prompts: among its common models first, else among all of them (a model evaluated on only
+    some prompts); None when none matches. Raises ``AmbiguousModel`` when two match."""
+    for names in (common_models(counts, prompts), list(counts)):
+        matches = model_matches(model, names)
+        if len(matches) > 1:
+            raise AmbiguousModel(role, model, source, matches)
+        if matches:
+            return matches[0]
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +144,18 @@ class FileUsage:
     prompts: int
     strong: str
     weak: str
-    kind: str  # "pair" or "proxy"
-    has_strong: bool = False  # the requested strong model is one of the file's models
+    kind: str  # "pair", "proxy" or "skipped"
+    has_strong: bool = False  # the requested strong model is evaluated on some of the file's prompts
     has_weak: bool = False
+    labelled: int = -1  # prompts given a label (-1: all of them)
+    reason: str = ""  # why a skipped file was skipped
 
     def describe(self) -> str:
         """One line for the fit log."""
-        return f"{self.source}: {self.prompts} prompts, {self.kind} label {self.strong} - {self.weak}"
+        if self.kind == "skipped":
+            return f"{self.source}: {self.prompts} prompts, skipped ({self.reason})"
+        some = "" if self.labelled in (-1, self.prompts) else f"{self.labelled} of "
+        return f"{self.source}: {some}{self.prompts} prompts, {self.kind} label {self.strong} - {self.weak}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +178,13 @@ def label_records(
 ) -> Labels:
     """The strong-minus-weak label of every record (proxy gap where the pair is missing).
 
+    A file where some prompts have outcomes for both models of the pair (matched as
+    ``find_model`` matches them) is labelled with the pair on those prompts, however few of its
+    prompts they are; its other prompts are not used. A file where none has both is a proxy: its
+    best common model (or the requested strong model) minus the weak model where a prompt has
+    it, else minus the mean of its other common models. A file that can give neither is skipped,
+    and its ``FileUsage`` says why. Raises ``FitError`` when a name matches two models of a file.
+
     With ``calibrate_proxy`` each proxy file's labels are moved to the mean and spread of the
     pair-labelled files, so that task levels from different files are comparable.
     """
@@ -162,20 +203,34 @@ def label_records(
                 counts[model] += 1
                 totals[model] += score
         common = common_models(counts, len(rows))
-        if len(common) < 2:
-            continue
+        try:
+            s = find_model(strong, counts, len(rows), "strong", source)
+            w = find_model(weak, counts, len(rows), "weak", source)
+        except AmbiguousModel as exc:
+            raise FitError(str(exc)) from exc
+        pair = (s, w) if s is not None and w is not None else None
+        paired = [i for i in rows if pair is not None and records[i].has_pair(*pair)]
+        # The difficulty term is the mean over the file's common models, the same on every row;
+        # a file whose only usable rows are the pair's (each model missing on some) uses the pair.
+        basis = list(pair) if pair is not None and paired and len(common) < 2 else common
         for i in rows:
-            scores = [records[i].outcomes[m] for m in common if m in records[i].outcomes]
-            difficulty[i] = 1.0 - float(np.mean(scores))
-        s, w = resolve_model(strong, common), resolve_model(weak, common)
-        if s is not None and w is not None:
-            for i in rows:
+            outcomes = records[i].outcomes
+            scores = [outcomes[m] for m in basis if m in outcomes] or list(outcomes.values())
+            difficulty[i] = 1.0 - float(np.mean(scores)) if scores else 0.0
+        if paired and s is not None and w is not None:
+            for i in paired:
                 outcomes = records[i].outcomes
-                if s in outcomes and w in outcomes:
-                    gap[i], weight[i] = outcomes[s] - outcomes[w], 1.0
-            usage.append(FileUsage(source, len(rows), s, w, "pair", has_strong=True, has_weak=True))
+                gap[i], weight[i] = outcomes[s] - outcomes[w], 1.0
+            usage.append(FileUsage(source, len(rows), s, w, "pair", True, True, labelled=len(paired)))
+            continue
+        if len(common) < 2:
+            why = "no prompt has outcomes for both models of the pair"
+            many = f"{len(common)} model{'' if len(common) == 1 else 's'}"
+            reason = f"{why}, and {many} evaluated on 90% or more of its prompts, where a proxy label needs two"
+            usage.append(FileUsage(source, len(rows), "", "", "skipped", s is not None, w is not None, reason=reason))
             continue
         top = s or max(common, key=lambda model: totals[model] / counts[model])
+        labelled = 0
         for i in rows:
             outcomes = records[i].outcomes
             others = [outcomes[m] for m in common if m != top and m in outcomes]
@@ -183,16 +238,10 @@ def label_records(
                 continue
             baseline = outcomes[w] if w is not None and w in outcomes else float(np.mean(others))
             gap[i], weight[i] = outcomes[top] - baseline, proxy_weight
+            labelled += 1
+        baseline_name = w or "mean of the others"
         usage.append(
-            FileUsage(
-                source,
-                len(rows),
-                top,
-                w or "mean of the others",
-                "proxy",
-                has_strong=s is not None,
-                has_weak=w is not None,
-            )
+            FileUsage(source, len(rows), top, baseline_name, "proxy", s is not None, w is not None, labelled=labelled)
         )
     if calibrate_proxy:
         _calibrate_proxies(records, gap, weight, usage)
@@ -228,8 +277,9 @@ def check_pair(usage: Sequence[FileUsage], strong: str, weak: str) -> None:
             "models match by id or loose alias)"
         )
     raise FitError(
-        f"no data file has both {strong!r} and {weak!r} ({strong!r} in {_some(with_strong)}, {weak!r} in "
-        f"{_some(with_weak)}): at least one file needs the pair; files without it are then used as proxies"
+        f"no prompt has outcomes for both {strong!r} and {weak!r} ({strong!r} in {_some(with_strong)}, {weak!r} in "
+        f"{_some(with_weak)}): at least one file needs prompts with the pair; files without it are then used as"
+        " proxies"
     )
 
 
@@ -514,7 +564,8 @@ def fit_router(
         check_pair(labels.usage, strong, weak)
     keep = np.flatnonzero(labels.weight > 0)
     if len(keep) == 0:
-        raise FitError("no record has outcomes for two or more models")
+        why = "; ".join(u.describe() for u in labels.usage)
+        raise FitError(f"no prompt can be labelled ({why})")
     texts = [bounded(records[int(i)].prompt) for i in keep]
     if embeddings is None:
         chunk = 512

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -588,8 +588,8 @@ class TestOfflineCommands:
         argv = ("fit", "--data", str(tmp_path), "--strong", STRONG, "--weak", WEAK, "--out", str(tmp_path / "r"))
         assert run(*argv) == 2
         assert capsys.readouterr().err.splitlines()[-1] == (
-            f"error: no data file has both '{STRONG}' and '{WEAK}' ('{STRONG}' in a, '{WEAK}' in b): at least one"
-            " file needs the pair; files without it are then used as proxies"
+            f"error: no prompt has outcomes for both '{STRONG}' and '{WEAK}' ('{STRONG}' in a, '{WEAK}' in b): at"
+            " least one file needs prompts with the pair; files without it are then used as proxies"
         )
 
     def test_fit_uses_files_without_the_pair_beside_one_with_it(
@@ -627,6 +627,118 @@ class TestOfflineCommands:
             == 0
         )
         assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def _without(rows: list[OutcomeRecord], source: str, drop: Callable[[int], Sequence[str]]) -> list[OutcomeRecord]:
+    """``rows`` as file ``source``, with the models ``drop(i)`` names left out of row i's outcomes."""
+    return [
+        OutcomeRecord(
+            id=r.id,
+            prompt=r.prompt,
+            task=r.task,
+            outcomes={m: v for m, v in r.outcomes.items() if m not in drop(i)},
+            cost_usd={m: v for m, v in r.cost_usd.items() if m not in drop(i)},
+            source=source,
+        )
+        for i, r in enumerate(rows)
+    ]
+
+
+def _fit(tmp_path: Path, data: Path, *more: str, strong: str = STRONG, weak: str = WEAK) -> int:
+    out = tmp_path / "router"
+    return run("fit", "--data", str(data), "--strong", strong, "--weak", weak, "--out", str(out), *more)
+
+
+class TestPartlyEvaluatedFiles:
+    """A model missing on some of a file's prompts ("not evaluated", as the data format allows)."""
+
+    def test_a_file_whose_pair_is_missing_on_some_prompts_is_fitted_on_the_prompts_that_have_it(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Each model of the pair missing on a different seventh of the prompts (56 of 80 have
+        both): fit uses those 56 with the pair, beside a complete file and alone, says so in its
+        log and router.json, and eval uses the same 56 (it was left out without a word, and alone
+        fit said "no record has outcomes for two or more models")."""
+        folder = tmp_path / "data"
+        folder.mkdir()
+        write_jsonl(folder / "full.jsonl", records("full"))
+        patchy = _without(records(), "patchy", lambda i: {0: [STRONG, "other"], 1: [WEAK, "other"]}.get(i % 7, []))
+        write_jsonl(folder / "patchy.jsonl", patchy)
+        assert _fit(tmp_path, folder, "--encoder", "hashing-256") == 0
+        line = f"patchy: 56 of 80 prompts, pair label {STRONG} - {WEAK}"
+        assert f"  {line}\n" in capsys.readouterr().err
+        assert line in json.loads((tmp_path / "router" / "router.json").read_text())["files"]
+        alone = folder / "patchy.jsonl"
+        assert _fit(tmp_path, alone, "--encoder", "hashing-256") == 0
+        assert f"  {line}\n" in capsys.readouterr().err
+        argv = ("eval", "--router", str(tmp_path / "router"), "--data", str(alone), "--strong", STRONG, "--weak", WEAK)
+        assert run(*argv) == 0
+        assert f"patchy: 56 of 80 prompts, pair {STRONG} - {WEAK}" in capsys.readouterr().err
+
+    def test_a_strong_model_missing_on_a_fifth_of_the_prompts_still_labels_with_the_pair(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The strong model missing on every fifth prompt of a file that has other models: pair
+        labels on the 64 prompts with both (it was a proxy file beside a pair file, and alone "no
+        data file has the strong model")."""
+        folder = tmp_path / "data"
+        folder.mkdir()
+        write_jsonl(folder / "full.jsonl", records("full"))
+        write_jsonl(folder / "partial.jsonl", _without(records(), "partial", lambda i: [STRONG] if i % 5 == 0 else []))
+        assert _fit(tmp_path, folder, "--encoder", "hashing-256") == 0
+        assert f"  partial: 64 of 80 prompts, pair label {STRONG} - {WEAK}\n" in capsys.readouterr().err
+        assert _fit(tmp_path, folder / "partial.jsonl", "--encoder", "hashing-256") == 0
+        assert f"  partial: 64 of 80 prompts, pair label {STRONG} - {WEAK}\n" in capsys.readouterr().err
+
+    def test_a_file_that_gives_no_label_is_logged_as_skipped_with_why(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A file with one model evaluated throughout and no prompt with the pair cannot give a pair
+        or a proxy label: fit's log and router.json say it was skipped and why; alone, fit fails
+        saying so (it was left out without a word, and alone the error was that no record had two
+        models)."""
+        folder = tmp_path / "data"
+        folder.mkdir()
+        write_jsonl(folder / "full.jsonl", records("full"))
+        lonely = _without(records(), "lonely", lambda i: [WEAK, "other"] if i % 2 else [STRONG, "other"])
+        alone = [r for r in lonely if STRONG in r.outcomes][:34] + [r for r in lonely if WEAK in r.outcomes][:1]
+        write_jsonl(folder / "lonely.jsonl", alone)
+        assert _fit(tmp_path, folder, "--encoder", "hashing-256") == 0
+        skipped = (
+            "lonely: 35 prompts, skipped (no prompt has outcomes for both models of the pair, and 1 model evaluated"
+            " on 90% or more of its prompts, where a proxy label needs two)"
+        )
+        assert f"  {skipped}\n" in capsys.readouterr().err
+        assert skipped in json.loads((tmp_path / "router" / "router.json").read_text())["files"]
+        assert _fit(tmp_path, folder / "lonely.jsonl") == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: no prompt has outcomes for both '{STRONG}' and '{WEAK}' ('{STRONG}' in lonely, '{WEAK}' in"
+            " lonely): at least one file needs prompts with the pair; files without it are then used as proxies"
+        )
+
+    def test_a_name_that_matches_two_models_by_alias_is_ambiguous(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--weak small-model where a file has small-model-v0.1 and small-model-v0.2: fit and eval
+        say it is ambiguous and name both (they said no file had the weak model, and no prompt had
+        outcomes for both)."""
+        rows = records(weak="small-model-v0.1")
+        both = [
+            OutcomeRecord(r.id, r.prompt, r.task, {**r.outcomes, "small-model-v0.2": 0.5}, source="two") for r in rows
+        ]
+        data = write_jsonl(tmp_path / "two.jsonl", both)
+        expected = (
+            f"error: the weak model {WEAK!r} is ambiguous in two: it matches 'small-model-v0.1', 'small-model-v0.2'"
+            " by loose alias; give the id as the file names it"
+        )
+        assert _fit(tmp_path, data, "--encoder", "hashing-256") == 2
+        assert capsys.readouterr().err.splitlines()[-1] == expected
+        assert not (tmp_path / "router").exists()
+        fit_router(records(), STRONG, WEAK, HashingEncoder(32)).save(tmp_path / "r")
+        argv = ("eval", "--router", str(tmp_path / "r"), "--data", str(data), "--strong", STRONG, "--weak", WEAK)
+        assert run(*argv) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == expected
+        assert _fit(tmp_path, data, "--encoder", "hashing-256", weak="small-model-v0.2") == 0
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/routing")
