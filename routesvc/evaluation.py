@@ -290,16 +290,39 @@ def require_plotting() -> None:
         raise EvaluationError("plotting needs matplotlib: pip install 'routesvc[plot]'") from exc
 
 
+# Formats matplotlib lists that it cannot write without more than the plot extra (LaTeX).
+_UNWRITTEN_FORMATS = frozenset({"pgf"})
+
+
+def plot_format(out: Path) -> str:
+    """The image format ``plot_curves`` writes ``out`` in: its extension (``.png``, ``.svg``,
+    ``.pdf``...). Raises ``EvaluationError`` when matplotlib is missing, or the name has no
+    extension or one matplotlib does not write, so a bad ``--plot`` fails before the work."""
+    require_plotting()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = sorted(set(FigureCanvasAgg.get_supported_filetypes()) - _UNWRITTEN_FORMATS)
+    extension = out.suffix[1:].lower()
+    if extension in formats:
+        return extension
+    has = f"ends in .{extension}, not an image format matplotlib writes" if extension else "has no extension"
+    raise EvaluationError(
+        f"--plot {out}: the file name {has}; the image format is the name's extension: .png, or one of"
+        f" {', '.join('.' + name for name in formats if name != 'png')}"
+    )
+
+
 def plot_curves(
     curves: dict[str, RoutingCurve],
     out: Path,
     title: str = "",
 ) -> None:
-    """Draw quality against strong share for each named curve, with weak/strong/random lines.
+    """Draw quality against strong share for each named curve, with weak/strong/random lines,
+    into ``out`` in the format of its extension (``plot_format``).
 
     Needs matplotlib (the ``plot`` extra); raises ``EvaluationError`` naming it otherwise.
     """
-    require_plotting()
+    image_format = plot_format(out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,15 +330,19 @@ def plot_curves(
 
     any_curve = next(iter(curves.values()))
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name, curve in curves.items():
-        axes.plot(curve.share * 100, curve.quality, label=name, linewidth=1.5)
-    axes.plot([0, 100], [any_curve.weak_quality, any_curve.strong_quality], "k:", label="random")
-    axes.axhline(any_curve.weak_quality, color="grey", linestyle="--", label="always weak")
-    axes.axhline(any_curve.strong_quality, color="red", linestyle="--", label="always strong")
-    axes.set_xlabel("strong model calls (%)")
-    axes.set_ylabel("mean quality")
-    axes.set_title(title)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
+    try:
+        for name, curve in curves.items():
+            axes.plot(curve.share * 100, curve.quality, label=name, linewidth=1.5)
+        axes.plot([0, 100], [any_curve.weak_quality, any_curve.strong_quality], "k:", label="random")
+        axes.axhline(any_curve.weak_quality, color="grey", linestyle="--", label="always weak")
+        axes.axhline(any_curve.strong_quality, color="red", linestyle="--", label="always strong")
+        axes.set_xlabel("strong model calls (%)")
+        axes.set_ylabel("mean quality")
+        axes.set_title(title)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(out, dpi=110, format=image_format)
+    except (ValueError, RuntimeError) as exc:  # what matplotlib raises for a format it cannot write
+        raise EvaluationError(f"--plot {out}: {exc}") from exc
+    finally:
+        plt.close(figure)

@@ -16,17 +16,19 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from routesvc.encoders import DEFAULT_ROUTER_ENCODER, WordLlamaEncoder, load_encoder
 from routesvc.errors import RouteSvcError
 from routesvc.evaluation import (
     RoutingCurve,
+    RoutingReport,
     evaluate_scores,
     pair_data,
     plot_curves,
-    require_plotting,
+    plot_format,
     routing_curve,
 )
 from routesvc.fitting import FitError, FitSettings, FittedRouter, fit_router, model_alias
@@ -95,6 +97,18 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
         partial.unlink(missing_ok=True)
         raise
     return count
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Name ``path`` (the output asked for) in an ``OSError`` raised while writing it: a full disk
+    said only "No space left on device", or named a temporary file beside it."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def _check_writable(path: Path, *, parents: bool = True, folder_out: bool = False) -> None:
@@ -210,7 +224,8 @@ def run_fit(args: argparse.Namespace) -> int:
         kinds = ", ".join(settings.strong_kinds)
         spreads = f"{settings.kind_weight:g} score spread{'' if settings.kind_weight == 1 else 's'}"
         print(f"  kind prior: +{router.kind_offset:.4f} ({spreads}) for {kinds}", file=sys.stderr)
-    _save_whole(router, out)
+    with _writing(args.out):
+        _save_whole(router, out)
     print(f"wrote {args.out} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
 
@@ -260,7 +275,7 @@ def run_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.plot:
-        require_plotting()
+        plot_format(args.plot)  # matplotlib installed, a format it writes: before the work
         _check_writable(args.plot, parents=False)
     records = _read_prompts(args.data)
     pair = pair_data(records, args.strong, args.weak)
@@ -288,19 +303,27 @@ def run_eval(args: argparse.Namespace) -> int:
             " by that gap, so they are mostly noise here",
             file=sys.stderr,
         )
+    # The metrics first: a plot that cannot be written (a full disk) must not lose them.
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+    else:
+        _print_report(report, args.strong, args.weak)
     if args.plot:
         curves: dict[str, RoutingCurve] = {
             "router": routing_curve(scores, pair.strong, pair.weak),
             "oracle": routing_curve(pair.strong - pair.weak, pair.strong, pair.weak),
         }
-        plot_curves(curves, args.plot, f"{args.data.name}: {args.strong} vs {args.weak}")
-    if args.json:
-        print(json.dumps(report.as_dict(), indent=1))
-        return 0
+        sys.stdout.flush()
+        with _writing(args.plot):
+            plot_curves(curves, args.plot, f"{args.data.name}: {args.strong} vs {args.weak}")
+    return 0
+
+
+def _print_report(report: RoutingReport, strong: str, weak: str) -> None:
     rows = [
         ("prompts", f"{report.prompts}"),
-        (f"quality {args.strong}", f"{report.strong_quality:.4f}"),
-        (f"quality {args.weak}", f"{report.weak_quality:.4f}"),
+        (f"quality {strong}", f"{report.strong_quality:.4f}"),
+        (f"quality {weak}", f"{report.weak_quality:.4f}"),
         ("APGR (random 0.5)", f"{report.apgr:.4f}  (oracle {report.oracle_apgr:.4f})"),
         ("CPT(50%)", f"{report.cpt50:.1%} strong calls"),
         ("CPT(80%)", f"{report.cpt80:.1%} strong calls"),
@@ -315,7 +338,6 @@ def run_eval(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    return 0
 
 
 def _handled(handler: object) -> object:
@@ -378,7 +400,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     evaluate.add_argument("--data", type=Path, required=True, help="outcomes file or folder")
     evaluate.add_argument("--strong", required=True)
     evaluate.add_argument("--weak", required=True)
-    evaluate.add_argument("--plot", type=Path, default=None, help="write the cost-quality curve (PNG)")
+    evaluate.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="draw quality against the share of strong calls into this image (format: its extension, .png, .svg...)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(func=_handled(run_eval))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -739,6 +741,79 @@ class TestPartlyEvaluatedFiles:
         assert run(*argv) == 2
         assert capsys.readouterr().err.splitlines()[-1] == expected
         assert _fit(tmp_path, data, "--encoder", "hashing-256", weak="small-model-v0.2") == 0
+
+
+# Runs the command line in a process whose files may not grow past LIMIT bytes (what a full disk
+# does to a write: an OSError part way), with SIGXFSZ ignored so that the write fails, not the process.
+_SMALL_FILES = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+from routesvc.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def _run_with_small_files(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _SMALL_FILES, *argv], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+class TestEvalPlot:
+    def _eval(self, tmp_path: Path, *more: str) -> int:
+        data = write_jsonl(tmp_path / "d.jsonl", records())
+        if not (tmp_path / "r").exists():
+            fit_router(records(), STRONG, WEAK, HashingEncoder(32)).save(tmp_path / "r")
+        argv = ("eval", "--router", str(tmp_path / "r"), "--data", str(data), "--strong", STRONG, "--weak", WEAK)
+        return run(*argv, *more)
+
+    @pytest.mark.parametrize(
+        ("name", "has"),
+        [("curve.txt", "ends in .txt, not an image format matplotlib writes"), ("curve", "has no extension")],
+    )
+    def test_a_plot_name_whose_extension_is_no_image_format_is_refused_before_the_work(
+        self, name: str, has: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--plot curve.txt: exit 2 with one line saying why, before reading the data (it scored
+        every prompt, then matplotlib's ValueError was a traceback, exit 1, the metrics lost);
+        --plot curve: refused too (it wrote curve.png, a file not asked for)."""
+        assert self._eval(tmp_path, "--plot", str(tmp_path / name)) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"error: --plot {tmp_path / name}: the file name {has}; the image format is")
+        assert len(captured.err.splitlines()) == 1  # nothing read: no per-file line
+        assert ".png, or one of .avif" in captured.err
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["d.jsonl", "r"]
+
+    def test_the_plot_is_written_in_the_format_of_its_name(self, tmp_path: Path) -> None:
+        """--plot curve.svg writes an SVG there (the help said PNG)."""
+        assert self._eval(tmp_path, "--plot", str(tmp_path / "curve.svg")) == 0
+        assert b"<svg" in (tmp_path / "curve.svg").read_bytes()[:1000]
+
+    def test_a_plot_that_cannot_be_written_names_it_after_printing_the_metrics(self, tmp_path: Path) -> None:
+        """Writing the plot fails part way (the process may write files of only 4 KB): exit 2, the
+        metrics are on stdout, and the error names the plot (stdout was empty, and a full disk's
+        error named no file)."""
+        data = write_jsonl(tmp_path / "d.jsonl", records())
+        fit_router(records(), STRONG, WEAK, HashingEncoder(32)).save(tmp_path / "r")
+        plot = tmp_path / "curve.png"
+        argv = ("eval", "--router", str(tmp_path / "r"), "--data", str(data), "--strong", STRONG, "--weak", WEAK)
+        done = _run_with_small_files(*argv, "--plot", str(plot), "--json")
+        assert done.returncode == 2, done.stderr
+        assert json.loads(done.stdout)["prompts"] == 80
+        assert done.stderr.splitlines()[-1] == f"error: {plot}: File too large"
+
+    def test_a_router_that_cannot_be_written_is_named(self, tmp_path: Path) -> None:
+        """fit whose router.json cannot be written whole: exit 2 naming --out (the error named no
+        file), and no folder left beside it."""
+        data = write_jsonl(tmp_path / "d.jsonl", records())
+        out = tmp_path / "router"
+        argv = ("fit", "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--out", str(out))
+        done = _run_with_small_files(*argv, "--encoder", "hashing-256", "--kind-weight", "0")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines()[-1] == f"error: {out}: File too large"
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["d.jsonl"]
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/routing")
