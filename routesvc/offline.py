@@ -131,6 +131,8 @@ def _check_writable(path: Path, *, parents: bool = True, folder_out: bool = Fals
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
+# Below this mean quality gap between the pair, PGR is a ratio of noise (docs/routing-quality.md).
+_SMALL_GAP = 0.05
 ROUTER_FILES = frozenset({"router.json", "library.npz"})
 
 
@@ -220,6 +222,7 @@ def run_fit(args: argparse.Namespace) -> int:
     router = fit_router(records, args.strong, args.weak, encoder, settings, progress=_progress, require_pair=True)
     for usage in router.usage:
         print(f"  {usage.describe()}", file=sys.stderr)
+    _warn_unfit_pair(records, router)
     if router.kind_offset:
         kinds = ", ".join(settings.strong_kinds)
         spreads = f"{settings.kind_weight:g} score spread{'' if settings.kind_weight == 1 else 's'}"
@@ -228,6 +231,45 @@ def run_fit(args: argparse.Namespace) -> int:
         _save_whole(router, out)
     print(f"wrote {args.out} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
+
+
+# Fewer prompts with the pair than this, and the router's gap model rests on a handful of examples.
+_FEW_PAIR_PROMPTS = 50
+
+
+def _warn_unfit_pair(records: list[OutcomeRecord], router: FittedRouter) -> None:
+    """Warn (stderr; the router is still written) when the prompts labelled with the pair cannot
+    teach a useful router: too few of them, or the strong model not better than the weak one on
+    them (its difficulty term then sends hard prompts to the worse model)."""
+    pairs = {u.source: (u.strong, u.weak) for u in router.usage if u.kind == "pair"}
+    strong, weak = [], []
+    for record in records:
+        pair = pairs.get(record.source)
+        if pair is not None and record.has_pair(*pair):
+            strong.append(record.outcomes[pair[0]])
+            weak.append(record.outcomes[pair[1]])
+    if len(strong) < _FEW_PAIR_PROMPTS:
+        print(
+            f"warning: only {len(strong)} {'prompt has' if len(strong) == 1 else 'prompts have'} outcomes for both"
+            f" {router.strong} and {router.weak}: a router fitted on under {_FEW_PAIR_PROMPTS} ranks prompts by"
+            " little more than chance",
+            file=sys.stderr,
+        )
+    if not strong:
+        return
+    strong_quality, weak_quality = sum(strong) / len(strong), sum(weak) / len(weak)
+    if strong_quality <= weak_quality:
+        print(
+            f"warning: {router.strong} does not beat {router.weak} on the fitted prompts ({strong_quality:.4f} vs"
+            f" {weak_quality:.4f}): the router sends the prompts it finds hard to a model that is no better",
+            file=sys.stderr,
+        )
+    elif strong_quality - weak_quality < _SMALL_GAP:
+        print(
+            f"warning: {router.strong} beats {router.weak} by only {strong_quality - weak_quality:.4f} on the"
+            " fitted prompts: the router learns mostly noise",
+            file=sys.stderr,
+        )
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -259,10 +301,6 @@ def run_classify(args: argparse.Namespace) -> int:
     count = _write_jsonl(args.out, rows)
     print(f"wrote {count} labels to {args.out}", file=sys.stderr)
     return 0
-
-
-# Below this mean quality gap between the pair, PGR is a ratio of noise (docs/routing-quality.md).
-_SMALL_GAP = 0.05
 
 
 def run_eval(args: argparse.Namespace) -> int:

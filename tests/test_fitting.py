@@ -743,6 +743,34 @@ class TestPartlyEvaluatedFiles:
         assert _fit(tmp_path, data, "--encoder", "hashing-256", weak="small-model-v0.2") == 0
 
 
+class TestFitWarnings:
+    def test_fit_warns_when_too_few_prompts_have_the_pair(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A one-prompt file fits (exit 0: the router is written) but says on stderr that so few
+        prompts teach nothing (it fitted silently a router that scores every prompt 1.0)."""
+        data = write_jsonl(tmp_path / "one.jsonl", records()[-1:])
+        assert _fit(tmp_path, data, "--encoder", "hashing-256") == 0
+        err = capsys.readouterr().err
+        assert f"warning: only 1 prompt has outcomes for both {STRONG} and {WEAK}: a router fitted on under 50" in err
+        assert (tmp_path / "router" / "router.json").exists()
+
+    def test_fit_warns_when_the_strong_model_is_not_better(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--strong names the worse model of the pair: fit warns as eval does (it said nothing, and
+        the router sends hard prompts to the worse model); with the pair the right way round, no
+        warning."""
+        data = write_jsonl(tmp_path / "d.jsonl", records())
+        assert _fit(tmp_path, data, "--encoder", "hashing-256", strong=WEAK, weak=STRONG) == 0
+        assert (
+            f"warning: {WEAK} does not beat {STRONG} on the fitted prompts (0.5000 vs 1.0000): the router sends the"
+            " prompts it finds hard to a model that is no better\n"
+        ) in capsys.readouterr().err
+        assert _fit(tmp_path, data, "--encoder", "hashing-256") == 0
+        assert "warning" not in capsys.readouterr().err
+
+
 # Runs the command line in a process whose files may not grow past LIMIT bytes (what a full disk
 # does to a write: an OSError part way), with SIGXFSZ ignored so that the write fails, not the process.
 _SMALL_FILES = """
