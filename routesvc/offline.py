@@ -78,23 +78,44 @@ def _finite(text: str) -> float:
     return value
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
-    """Write ``rows`` to ``path`` whole or not at all: into a file beside it, then renamed over it
-    (a failure part way, a full disk, left a cut file where a good one may have been)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    count = 0
+def _output_file(path: Path) -> Path:
+    """Where ``path`` is written: the file a symlink names (the link is kept, as ``fit`` keeps a
+    link to its folder), else ``path``."""
     try:
-        with partial.open("w", encoding="utf-8") as handle:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError in Python 3.11, OSError later
+        raise OSError(errno.ELOOP, "cannot resolve the path (a symlink loop?)", str(path)) from exc
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
+    """Write ``rows`` to ``path`` (the file it links to, for a symlink) whole or not at all: into
+    a new file of a name no other writer uses beside it, then renamed over it (a failure part way,
+    a full disk, left a cut file where a good one may have been; a fixed name let two writers to
+    one ``path`` write into one file, and the first to finish move the other's into place)."""
+    target = _output_file(path)
+    count = 0
+    partial: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        while partial is None:
+            candidate = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+            try:  # O_EXCL, as mkstemp, with the permissions the umask gives a new file (not 0600)
+                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                continue
+            partial = candidate
+        with open(fd, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
                 count += 1
-        os.replace(partial, path)
+        os.replace(partial, target)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
-        partial.unlink(missing_ok=True)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         raise
     return count
 
@@ -276,7 +297,7 @@ def run_score(args: argparse.Namespace) -> int:
     """``routesvc score``: one ``{"source", "id", "score"}`` per prompt (higher = prefer the strong
     model); ``source`` is the file's name without ``.jsonl``, since files of a folder may share ids."""
     router = FittedRouter.load(args.router)
-    _check_writable(args.out)
+    _check_writable(_output_file(args.out))
     records = _read_prompts(args.data)
     scores = router.scores([r.prompt for r in records], progress=_progress)
     rows = ({"source": r.source, "id": r.id, "score": round(float(s), 6)} for r, s in zip(records, scores, strict=True))
@@ -288,7 +309,7 @@ def run_score(args: argparse.Namespace) -> int:
 def run_classify(args: argparse.Namespace) -> int:
     """``routesvc classify``: one ``{"source", "id", "task"}`` per prompt from the local task
     classifier (``source`` as in ``score``)."""
-    _check_writable(args.out)
+    _check_writable(_output_file(args.out))
     classifier = TaskClassifier(WordLlamaEncoder(), read_examples(args.examples))
     records = _read_prompts(args.data)
     labels: list[str] = []

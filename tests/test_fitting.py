@@ -6,7 +6,8 @@ import argparse
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -769,6 +770,58 @@ class TestFitWarnings:
         ) in capsys.readouterr().err
         assert _fit(tmp_path, data, "--encoder", "hashing-256") == 0
         assert "warning" not in capsys.readouterr().err
+
+
+class TestScoreOutput:
+    def test_two_writers_to_one_out_do_not_write_into_one_file(self, tmp_path: Path) -> None:
+        """Two score runs into one --out, the second starting while the first writes and ending
+        first: each writes its own file and both succeed, --out holding the last to finish whole
+        (both wrote one fixed partial file: the first to finish moved it, with the other's rows
+        still coming into it, into place, and the other failed "no such file")."""
+        out = tmp_path / "scores.jsonl"
+        first_started, second_done = threading.Event(), threading.Event()
+        results: dict[str, object] = {}
+
+        def rows(tag: str, n: int) -> Iterator[dict[str, object]]:
+            for i in range(n):
+                yield {"source": tag, "id": f"{tag}-{i}", "score": 0.5}
+                if tag == "A" and i == 0:
+                    first_started.set()
+                    assert second_done.wait(30)
+
+        def write(tag: str, n: int) -> None:
+            try:
+                results[tag] = offline._write_jsonl(out, rows(tag, n))
+            except OSError as exc:
+                results[tag] = exc
+            finally:
+                if tag == "B":
+                    second_done.set()
+
+        a = threading.Thread(target=write, args=("A", 50))
+        a.start()
+        assert first_started.wait(30)
+        write("B", 20)
+        a.join(30)
+        assert results == {"A": 50, "B": 20}
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [line["id"] for line in lines] == [f"A-{i}" for i in range(50)]
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["scores.jsonl"]
+
+    def test_a_symlinked_out_has_the_file_it_names_written(self, tmp_path: Path) -> None:
+        """--out a symlink: score writes the file it names and keeps the link, as fit does (the
+        link was replaced by a file, and the file it named kept its stale scores)."""
+        data = write_jsonl(tmp_path / "d.jsonl", records())
+        fit_router(records(), STRONG, WEAK, HashingEncoder(32)).save(tmp_path / "r")
+        (tmp_path / "real").mkdir()
+        target = tmp_path / "real" / "scores.jsonl"
+        target.write_text('{"old": true}\n')
+        link = tmp_path / "latest.jsonl"
+        link.symlink_to(target)
+        assert run("score", "--router", str(tmp_path / "r"), "--data", str(data), "--out", str(link)) == 0
+        assert link.is_symlink()
+        assert [json.loads(line)["id"] for line in target.read_text().splitlines()] == [r.id for r in records()]
+        assert sorted(path.name for path in (tmp_path / "real").iterdir()) == ["scores.jsonl"]
 
 
 # Runs the command line in a process whose files may not grow past LIMIT bytes (what a full disk
