@@ -182,7 +182,8 @@ def label_records(
     ``find_model`` matches them) is labelled with the pair on those prompts, however few of its
     prompts they are; its other prompts are not used. A file where none has both is a proxy: its
     best common model (or the requested strong model) minus the weak model where a prompt has
-    it, else minus the mean of its other common models. A file that can give neither is skipped,
+    it, else minus the mean of its other common models (the best model is never the weak one). A
+    file that can give neither is skipped,
     and its ``FileUsage`` says why. Raises ``FitError`` when a name matches two models of a file.
 
     With ``calibrate_proxy`` each proxy file's labels are moved to the mean and spread of the
@@ -229,7 +230,9 @@ def label_records(
             reason = f"{why}, and {many} evaluated on 90% or more of its prompts, where a proxy label needs two"
             usage.append(FileUsage(source, len(rows), "", "", "skipped", s is not None, w is not None, reason=reason))
             continue
-        top = s or max(common, key=lambda model: totals[model] / counts[model])
+        # The best common model other than the weak one: the weak model minus itself is a gap of 0
+        # on every prompt, a confident wrong level, not a proxy.
+        top = s or max((m for m in common if m != w), key=lambda model: totals[model] / counts[model])
         labelled = 0
         for i in rows:
             outcomes = records[i].outcomes

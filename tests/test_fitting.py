@@ -75,6 +75,17 @@ class TestLabels:
         assert labels.gap[0] == 0.0
         assert labels.weight[0] == 1.0
 
+    def test_a_proxy_file_whose_best_model_is_the_weak_one_is_labelled_against_another(self) -> None:
+        """A file without the strong model whose best model is the requested weak one: its proxy
+        is its best other model minus the weak one, not the weak model minus itself (a gap of 0
+        on every prompt, logged as "small-model - small-model")."""
+        data = records("withpair") + records("px", strong=WEAK, weak="x-small")
+        labels = label_records(data, STRONG, WEAK, calibrate_proxy=False)
+        proxy = labels.usage[1]
+        assert (proxy.kind, proxy.strong, proxy.weak) == ("proxy", "x-small", WEAK)
+        assert proxy.describe() == f"px: 80 prompts, proxy label x-small - {WEAK}"
+        assert sorted(set(labels.gap[len(data) // 2 :])) == [-1.0, 0.0]
+
     def test_proxy_labels_are_calibrated_to_the_pair_files(self) -> None:
         """By default a proxy file's labels take the mean and spread of the pair-labelled files."""
         data = records("withpair") + records("without", strong="x-large", weak="x-small")
