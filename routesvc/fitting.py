@@ -476,6 +476,8 @@ class FittedRouter:
         if isinstance(version, bool) or version not in (1, ARTIFACT_VERSION):
             raise FitError(f"{folder}: artifact version {version!r}, expected {ARTIFACT_VERSION}")
         try:
+            if not isinstance(meta["encoder"], str):
+                raise TypeError(f"encoder {meta['encoder']!r} is not an encoder name")
             chosen = encoder or load_encoder(meta["encoder"])
             if chosen.name != meta["encoder"]:
                 raise FitError(f"{folder}: fitted with encoder {meta['encoder']!r}, given {chosen.name!r}")
@@ -496,7 +498,8 @@ class FittedRouter:
                 kind_offset=kind_offset,
             )
             problem = router._mismatch(meta.get("lexical_features"))
-        except (KeyError, TypeError, ValueError, EncoderError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, EncoderError) as exc:
+            # AttributeError: a field of another JSON type than the code reading it takes.
             raise FitError(f"{folder}: not a fitted router ({type(exc).__name__}: {exc})") from exc
         if problem:
             raise FitError(f"{folder}: the router's parts do not fit together: {problem}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import sys
 import threading
 import time
@@ -337,6 +338,16 @@ class TestBuild:
             embeddings, prior = arrays["embeddings"][:, :16], arrays["prior"]
         np.savez_compressed(tmp_path / "r" / "library.npz", embeddings=embeddings, prior=prior)
         with pytest.raises(ConfigError, match=r"^embedding\.router: .*/r: the router's parts do not fit together"):
+            build(EmbeddingStageConfig(router=tmp_path / "r"), catalog=CATALOG)
+
+    def test_a_router_json_field_of_the_wrong_type_is_a_config_error_at_start(self, tmp_path: Path) -> None:
+        """router.json's "encoder" a list: the stage fails to build with a config error naming the
+        field and the folder (it was an AttributeError traceback)."""
+        router().save(tmp_path / "r")
+        meta = json.loads((tmp_path / "r" / "router.json").read_text())
+        meta["encoder"] = [meta["encoder"]]
+        (tmp_path / "r" / "router.json").write_text(json.dumps(meta))
+        with pytest.raises(ConfigError, match=r"^embedding\.router: .*/r: not a fitted router \(TypeError: encoder \["):
             build(EmbeddingStageConfig(router=tmp_path / "r"), catalog=CATALOG)
 
     def test_missing_router_is_a_config_error(self, tmp_path: Path) -> None:

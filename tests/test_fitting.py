@@ -248,12 +248,18 @@ class TestKindPrior:
             ("kind_offset", -1.0),
             ("kind_offset", "lots"),
             ("encoder", "nope"),
+            ("encoder", ["hashing-64"]),
+            ("encoder", {"name": "hashing-64"}),
             ("within", None),
+            ("within", [1, 2]),
+            ("settings", "ab"),
+            ("settings", [1]),
+            ("quantiles", {"a": 1}),
         ],
     )
     def test_a_damaged_artifact_is_a_fit_error(self, tmp_path: Path, field: str, value: object) -> None:
         """A hand-edited or truncated router.json is refused with the folder named, never a bare
-        KeyError or a NaN score."""
+        KeyError or a NaN score (an encoder that was a list was an AttributeError traceback)."""
         fit_router(records(), STRONG, WEAK, HashingEncoder(64)).save(tmp_path / "r")
         meta = json.loads((tmp_path / "r" / "router.json").read_text())
         if value is None:
