@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -460,16 +462,7 @@ class FittedRouter:
 
         A version 1 artifact (before the kind prior) loads without one, so it scores as it did.
         """
-        try:
-            meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
-            with np.load(folder / "library.npz") as arrays:
-                embeddings, prior = np.asarray(arrays["embeddings"]), np.asarray(arrays["prior"])
-        except Exception as exc:  # any failure to read the two files is a damaged artifact
-            # Only reading and parsing happens here, and a damaged file fails in many ways: a
-            # router.json that is not JSON or UTF-8 (ValueError), a library.npz that is empty
-            # (EOFError), truncated (BadZipFile), has a damaged member (zlib.error), an unsupported
-            # or encrypted one (NotImplementedError, RuntimeError) or not those two arrays (KeyError).
-            raise FitError(f"{folder}: not a fitted router ({_kind(exc)}: {exc})") from exc
+        meta, embeddings, prior = _read_artifact(folder)
         if not isinstance(meta, dict):
             raise FitError(f"{folder}: not a fitted router (router.json is not a JSON object)")
         version = meta.get("version")
@@ -506,6 +499,51 @@ class FittedRouter:
         # Built now, not on the first prompt: a server loads the router at start.
         router.labeller = labeller or (_shipped_labeller() if kind_offset else None)
         return router
+
+
+_READ_ATTEMPTS = 3
+
+
+def _read_artifact(folder: Path) -> tuple[object, npt.NDArray[np.generic], npt.NDArray[np.generic]]:
+    """``router.json`` (parsed) and ``library.npz``'s two arrays, both of one and the same folder.
+
+    Both files are opened relative to the folder opened once: ``fit`` renames a new folder into
+    place, and reading them by path, one after the other, could give one fit's weights with
+    another's library should the swap land between the two reads. Should the folder opened be
+    removed while it is read (the fit deleting the old one), the new one is read, whole.
+    """
+    for attempt in range(1, _READ_ATTEMPTS + 1):
+        try:
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise FitError(f"{folder}: not a fitted router ({_kind(exc)}: {exc})") from exc
+        try:
+            with open(os.open("router.json", os.O_RDONLY, dir_fd=dir_fd), "rb") as handle:
+                meta = json.loads(handle.read().decode("utf-8"))
+            with open(os.open("library.npz", os.O_RDONLY, dir_fd=dir_fd), "rb") as handle, np.load(handle) as arrays:
+                return meta, np.asarray(arrays["embeddings"]), np.asarray(arrays["prior"])
+        except Exception as exc:  # any failure to read the two files is a damaged artifact
+            # Only reading and parsing happens here, and a damaged file fails in many ways: a
+            # router.json that is not JSON or UTF-8 (ValueError), a library.npz that is empty
+            # (EOFError), truncated (BadZipFile), has a damaged member (zlib.error), an unsupported
+            # or encrypted one (NotImplementedError, RuntimeError) or not those two arrays (KeyError).
+            if attempt < _READ_ATTEMPTS and _replaced(folder, dir_fd):
+                time.sleep(0.05 * attempt)  # a fit between its two renames leaves no folder a moment
+                continue
+            raise FitError(f"{folder}: not a fitted router ({_kind(exc)}: {exc})") from exc
+        finally:
+            os.close(dir_fd)
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def _replaced(folder: Path, dir_fd: int) -> bool:
+    """Whether ``folder`` is no longer (or not now) the folder open as ``dir_fd``."""
+    opened = os.fstat(dir_fd)
+    try:
+        now = os.stat(folder)
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino)
 
 
 def _kind(exc: BaseException) -> str:

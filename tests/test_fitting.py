@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -759,6 +760,46 @@ class TestPartlyEvaluatedFiles:
         assert run(*argv) == 2
         assert capsys.readouterr().err.splitlines()[-1] == expected
         assert _fit(tmp_path, data, "--encoder", "hashing-256", weak="small-model-v0.2") == 0
+
+
+class TestLoadWhileAFitReplacesTheRouter:
+    def test_a_router_replaced_between_its_two_reads_loads_as_one_router(self, tmp_path: Path) -> None:
+        """A fit renames its router into place (``_save_whole``) after the loader has opened
+        router.json and before it opens library.npz: the loader gets one fit's weights and
+        library, never the old weights with the new library (it read both by path, so the 40-prompt
+        router's quantiles came with the 80-prompt router's library, and nothing noticed).
+
+        The old router.json is a named pipe, so the loader waits in it, deterministically, while
+        the test swaps the folder, then gets the old router.json's bytes."""
+        old = fit_router(records()[::2], STRONG, WEAK, HashingEncoder(32))
+        new = fit_router(records(), STRONG, WEAK, HashingEncoder(32))
+        out = tmp_path / "router"
+        old.save(out)
+        old_meta = (out / "router.json").read_bytes()
+        (out / "router.json").unlink()
+        os.mkfifo(out / "router.json")
+        swapped: list[BaseException] = []
+
+        def swap_while_the_loader_reads() -> None:
+            try:
+                fd = os.open(out / "router.json", os.O_WRONLY)  # returns once the loader opened it
+                try:
+                    offline._save_whole(new, out)
+                    os.write(fd, old_meta)
+                finally:
+                    os.close(fd)
+            except BaseException as exc:
+                swapped.append(exc)
+
+        writer = threading.Thread(target=swap_while_the_loader_reads)
+        writer.start()
+        loaded = FittedRouter.load(out)
+        writer.join(30)
+        assert swapped == []
+        assert (len(loaded.library), len(loaded.quantiles)) in ((40, 1001), (80, 1001))
+        expected = old if len(loaded.library) == 40 else new
+        assert loaded.quantiles == pytest.approx(expected.quantiles)
+        assert loaded.library_prior == pytest.approx(expected.library_prior)
 
 
 class TestFitWarnings:
