@@ -441,6 +441,21 @@ class TestOfflineCommands:
         capsys.readouterr()
         assert run("eval", "--router", str(out), "--data", str(data), "--strong", STRONG, "--weak", WEAK, "--json") == 0
         report = json.loads(capsys.readouterr().out)
+        assert sorted(report) == sorted(  # the keys docs/routing-quality.md lists
+            [
+                "prompts",
+                "strong_quality",
+                "weak_quality",
+                "apgr",
+                "oracle_apgr",
+                "cpt50",
+                "cpt80",
+                "aiq",
+                "cost_strong_usd",
+                "savings_at_95_usd",
+                "strong_share_at_95",
+            ]
+        )
         assert report["apgr"] > 0.7
         assert report["aiq"] is not None
         assert run("classify", "--data", str(data), "--out", str(tmp_path / "l.jsonl")) == 0
