@@ -29,6 +29,7 @@ from routesvc.evaluation import (
     pair_data,
     plot_curves,
     plot_format,
+    require_plotting,
     routing_curve,
 )
 from routesvc.fitting import FitError, FitSettings, FittedRouter, fit_router, model_alias
@@ -334,8 +335,9 @@ def run_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.plot:
-        plot_format(args.plot)  # matplotlib installed, a format it writes: before the work
+        require_plotting()
         _check_writable(args.plot, parents=False)
+        plot_format(args.plot)  # a format matplotlib writes: before the work
     records = _read_prompts(args.data)
     pair = pair_data(records, args.strong, args.weak)
     for source in pair.sources:
