@@ -421,6 +421,14 @@ STATUS_ERRORS = [
     (409, ProviderRejected),
     (413, ProviderRejected),
     (422, ProviderRejected),
+    # Any other 4xx is the request refused too, final (they were unavailable: retried, fallen back
+    # and counted against the breaker).
+    (405, ProviderRejected),
+    (410, ProviderRejected),
+    (415, ProviderRejected),
+    (418, ProviderRejected),
+    (451, ProviderRejected),
+    (499, ProviderRejected),
     (429, ProviderRateLimited),
     (402, ProviderQuotaExhausted),
     (500, ProviderUnavailable),

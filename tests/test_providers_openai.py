@@ -484,6 +484,14 @@ STATUS_ERRORS = [
     (409, ProviderRejected),
     (413, ProviderRejected),
     (422, ProviderRejected),
+    # Any other 4xx is the request refused too, final (they were unavailable: retried, fallen back
+    # and counted against the breaker).
+    (405, ProviderRejected),
+    (410, ProviderRejected),
+    (415, ProviderRejected),
+    (418, ProviderRejected),
+    (451, ProviderRejected),
+    (499, ProviderRejected),
     (429, ProviderRateLimited),
     (402, ProviderQuotaExhausted),  # a gateway's "insufficient credits" (OpenRouter)
     (500, ProviderUnavailable),
@@ -506,6 +514,16 @@ class TestErrorTranslation:
         assert (error.provider, error.model) == ("openai", "gpt-4o-mini")
         assert f"HTTP {status}" in error.message
         assert_sanitized(error)
+
+    @pytest.mark.parametrize("status", [405, 410, 415, 418, 451, 499])
+    async def test_a_compatible_servers_other_4xx_is_a_rejection(
+        self, fake: FakeProvider, compatible: OpenAIProvider, status: int
+    ) -> None:
+        """An ``openai_compatible`` server (a gateway) answering a 4xx outside the ones handled by
+        name refuses the request: ``ProviderRejected``, final, as for the ``openai`` kind."""
+        fake.enqueue(Script(status=status))
+        texts, error = await collect_until_error(compatible, make_call())
+        assert (texts, type(error), error.status) == ([], ProviderRejected, status)
 
     @pytest.mark.parametrize(
         ("headers", "expected"),

@@ -713,17 +713,20 @@ class TestBreakers:
         assert breakers.state("m") is BreakerState.HALF_OPEN
 
     @pytest.mark.parametrize("reliable", [{"retries_per_model": 0}], indirect=True)
+    @pytest.mark.parametrize("status", [400, 405, 410, 415, 451, 499])
     async def test_requests_the_provider_refuses_open_no_breaker(
-        self, reliable: tuple[Server, RouterClient], fake: FakeProvider
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider, status: int
     ) -> None:
-        """Five 400s in a row (one tenant's bad requests) are final for their callers, but the
-        model stays in service for everyone: breaker closed, retry budget untouched, the next
-        request answered by the same model."""
+        """Five 400s in a row (one tenant's bad requests), or any other 4xx but 408/429 (a
+        gateway's 451 for one tenant's prompt, a 405 or 415), are final for their callers: not
+        retried, no fallback; and the model stays in service for everyone: breaker closed, retry
+        budget untouched, the next request answered by the same model."""
         server, client = reliable
-        fake.enqueue(*[Script(status=400)] * 5, model="gpt-4o-mini")
+        fake.enqueue(*[Script(status=status)] * 5, model="gpt-4o-mini")
         for _ in range(5):
             error, _ = await failure(client)
             assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert [r.model for r in fake.requests] == ["gpt-4o-mini"] * 5
         assert server.router.breakers.state("gpt-4o-mini") is BreakerState.CLOSED
         assert server.router.retry_budget.tokens == server.router.settings.config.reliability.retry_budget_tokens
         messages = await collect(client)

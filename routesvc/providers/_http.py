@@ -66,7 +66,10 @@ _AUTH_EVENT_TYPES = frozenset(
 )
 
 _AUTH = frozenset({401, 403})
-_REJECTED = frozenset({400, 404, 409, 413, 422})
+# The 4xx that say "not now" rather than "not this request": a request timeout and a rate limit.
+# Every other 4xx (400, 404, 405, 409, 410, 413, 415, 422, 451, a gateway's 499 ...) is the
+# provider refusing the request: final, not retried, not counted against the model's breaker.
+_TRANSIENT_4XX = frozenset({408, 429})
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -365,8 +368,9 @@ def error_for_status(
     """The error for an HTTP error status; ``code`` must already be safe (see ``safe_code``).
 
     ``quota`` (see ``quota_exhausted``) quota exhausted whatever the status; else 402 (a gateway's
-    "insufficient credits", OpenRouter's) quota exhausted too, 401/403 auth, 400/404/409/413/422
-    rejected, 429 rate limited, everything else (408, 5xx, 529, unknown 4xx) unavailable. Rate
+    "insufficient credits", OpenRouter's) quota exhausted too, 401/403 auth, 429 rate limited, 408
+    unavailable, any other 4xx (400, 404, 405, 409, 413, 415, 422, 451, 499 ...) rejected, and
+    everything else (5xx, 529, a 3xx or 1xx the stack did not follow) unavailable. Rate
     limited and unavailable carry ``retry_after``: the ``headers``' Retry-After (``parse_retry_after``:
     a 503 or Anthropic's 529 overloaded sends one too), or for a 429 without one the reset of its
     rate limit (``rate_limit_reset``, told what the request takes of the token limits: ``asked``).
@@ -391,10 +395,10 @@ def _by_status(
         return ProviderQuotaExhausted(message, provider=provider, model=model, status=recorded)
     if status in _AUTH:
         return ProviderAuthFailed(message, provider=provider, model=model, status=recorded)
-    if status in _REJECTED:
-        return ProviderRejected(message, provider=provider, model=model, status=recorded)
     if status == 429:
         return ProviderRateLimited(message, provider=provider, model=model, status=recorded, retry_after=retry_after)
+    if 400 <= status < 500 and status not in _TRANSIENT_4XX:
+        return ProviderRejected(message, provider=provider, model=model, status=recorded)
     return ProviderUnavailable(message, provider=provider, model=model, status=recorded, retry_after=retry_after)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import httpx2
 import structlog
 
-from routesvc.errors import ProviderError, ProviderUnavailable
+from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import (
     BatchState,
     FinishReason,
@@ -35,6 +35,10 @@ log = structlog.get_logger(__name__)
 
 # A custom_id read from a line that is not JSON (cut short), to fail that line's job alone.
 _CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]*)"')
+# The 4xx a batch call takes for the provider refusing it (its jobs failed, or a polled batch lost).
+# Any other 4xx (a proxy's 405 or 451) is tried again next round: for a Complete such a status is
+# final (``error_for_status``), but a batch already paid for must not be given up on a proxy's say.
+_BATCH_REJECTED = frozenset({400, 404, 409, 413, 422})
 
 
 def error_capped(client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
@@ -48,13 +52,18 @@ def error_capped(client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
 
 def status_error(status: int, response: httpx2.Response, *, provider: str, quota: bool) -> ProviderError:
     """The error for a batch call answered HTTP ``status`` (``error_for_status``; ``quota`` as the
-    body tells). A 400 whose body was dropped or cut short (``error_body_lost``: it stalled, its
-    gzip broke off, past the bound) is unavailable, retried: only its body tells Anthropic's
-    "credit balance is too low" (the jobs wait queued) from a bad request (the jobs fail)."""
+    body tells), but a 4xx that would be rejected outside 400/404/409/413/422 is unavailable (see
+    ``_BATCH_REJECTED``). A 400 whose body was dropped or cut short (``error_body_lost``: it
+    stalled, its gzip broke off, past the bound) is unavailable, retried: only its body tells
+    Anthropic's "credit balance is too low" (the jobs wait queued) from a bad request (the jobs
+    fail)."""
     if status == 400 and not quota and error_body_lost(response):
         message = describe(provider, "batch", f"HTTP {status}", "error_body_lost")
         return ProviderUnavailable(message, provider=provider, model="batch", status=status)
-    return error_for_status(status, provider=provider, model="batch", headers=response.headers, quota=quota)
+    error = error_for_status(status, provider=provider, model="batch", headers=response.headers, quota=quota)
+    if isinstance(error, ProviderRejected) and status not in _BATCH_REJECTED:
+        return ProviderUnavailable(error.message, provider=provider, model="batch", status=status)
+    return error
 
 
 def result_lines(text: str, **where: str) -> tuple[list[dict[str, Any]], list[str]]:
