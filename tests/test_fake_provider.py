@@ -78,6 +78,20 @@ class TestScript:
         script = Script(chunks=("x", "y"), fault=Fault.CUT, fault_after=1, status=429, headers={"a": "b"})
         assert Script.from_json(json.loads(json.dumps(script.to_json()))) == script
 
+    def test_a_default_script_round_trips_through_json(self) -> None:
+        """A script with every field at its default (``headers`` an empty read-only mapping) is
+        JSON-ready too: ``to_json`` raised TypeError on the default ``headers``."""
+        script = Script()
+        assert Script.from_json(json.loads(json.dumps(script.to_json()))) == script
+
+    async def test_a_default_script_posted_to_the_control_api_is_served(self, http: httpx2.AsyncClient) -> None:
+        """``POST /_fake/script`` takes ``Script(...).to_json()`` with its default headers as is."""
+        script = Script(text="posted whole")
+        response = await http.post("/_fake/script", json={"script": script.to_json(), "mode": "enqueue"})
+        assert response.status_code == 200
+        answer = await http.post("/v1/chat/completions", json=CHAT)
+        assert answer.json()["choices"][0]["message"]["content"] == "posted whole"
+
     def test_unknown_json_fields_are_rejected(self) -> None:
         """A misspelt field is an error, not silently ignored."""
         with pytest.raises(ValueError, match="chunk_cuont"):

@@ -160,7 +160,9 @@ class Script:
 
     def to_json(self) -> dict[str, Any]:
         """This script as JSON-ready values (for ``POST /_fake/script``)."""
-        data = asdict(self)
+        # Field by field, not ``asdict``: it deep-copies each value, and the default ``headers``
+        # (a ``MappingProxyType``) cannot be copied.
+        data = {item.name: getattr(self, item.name) for item in fields(self)}
         data["fault"] = self.fault.value
         data["headers"] = dict(self.headers)
         if self.chunks is not None:
