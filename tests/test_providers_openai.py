@@ -34,6 +34,7 @@ from routesvc.errors import (
 from routesvc.models import (
     ChatRequest,
     FinishReason,
+    Heartbeat,
     Message,
     ProviderEvent,
     ProviderFinish,
@@ -374,6 +375,60 @@ class TestStreaming:
         usage = (finish.usage.input_tokens, finish.usage.output_tokens)
         assert (usage, finish.provider_model) == ((4, 5), "gpt-4o-mini-2024-07-18")
 
+    async def test_content_sent_as_a_list_of_parts_is_read_as_text_and_reasoning(
+        self, fake: FakeProvider, compatible: OpenAIProvider
+    ) -> None:
+        """A server that streams ``delta.content`` as typed parts (Mistral's Magistral models:
+        ``thinking`` parts, then ``text`` parts) has its text parts read as the answer and its
+        thinking as reasoning (the whole answer was dropped: an empty answer finished STOP, billed)."""
+        fake.enqueue(Script(content_parts=True, reasoning=("Six ", "times seven."), text="The answer is 42."))
+        with capture_logs() as logs:
+            events = await collect(compatible, make_call())
+        assert events[:-1] == [
+            Heartbeat("Six ", reasoning=True),
+            Heartbeat("times seven.", reasoning=True),
+            TextDelta("The "),
+            TextDelta("answer "),
+            TextDelta("is "),
+            TextDelta("42."),
+        ]
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert finish.finish_reason == FinishReason.STOP
+        assert [entry["event"] for entry in logs] == []
+
+    async def test_chunks_that_carry_message_instead_of_delta_are_read(
+        self, fake: FakeProvider, compatible: OpenAIProvider
+    ) -> None:
+        """A server whose streamed choices carry their piece in ``message`` rather than ``delta``
+        has it read as a delta (it was dropped: an empty answer finished STOP, billed)."""
+        fake.enqueue(Script(choice_message=True))
+        events = await collect(compatible, make_call())
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+
+    async def test_an_answer_with_output_tokens_but_nothing_readable_is_warned_of(
+        self, fake: FakeProvider, compatible: OpenAIProvider
+    ) -> None:
+        """A stream that finished reporting output tokens but gave no text, reasoning or tool call
+        (its answer in a shape not read) ends as it came, but is logged at warning with its counts,
+        never its text; an empty answer that reports no output tokens is not."""
+        fake.enqueue(Script(chunks=(), output_tokens=40), Script(chunks=(), output_tokens=0))
+        with capture_logs() as logs:
+            first = await collect(compatible, make_call())
+            await collect(compatible, make_call())
+        assert [type(event) for event in first] == [ProviderFinish]
+        warned = [entry for entry in logs if entry["event"] == "provider_output_unread"]
+        assert warned == [
+            {
+                "event": "provider_output_unread",
+                "log_level": "warning",
+                "provider": "local",
+                "model": "gpt-4o-mini",
+                "output_tokens": 40,
+                "finish_reason": "stop",
+            }
+        ]
+
 
 class TestRequestShape:
     async def test_openai_kind_sends_max_completion_tokens_and_asks_for_usage(
@@ -441,6 +496,24 @@ class TestMissingUsage:
         assert finish.usage.output_tokens > 0
         assert [entry["event"] for entry in logs] == ["provider_usage_estimated"]
         assert all(CANARY_PROMPT not in str(entry) for entry in logs)
+
+    async def test_a_finished_answer_without_usage_whose_body_is_held_open_ends_with_an_estimate(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """After the finish reason, a usage chunk asked for (``include_usage``) is waited for a
+        second (``_USAGE_WAIT_SECONDS``), not as long as the body stays open: a server that sends
+        none and holds the body open without ``[DONE]`` gets its answer finished with an estimate
+        (it was read until the router's idle timer failed it)."""
+        fake.enqueue(Script(fault=Fault.HANG_AT_END, omit_usage=True))
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            events = await collect(provider, make_call())
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert (finish.finish_reason, finish.estimated) == (FinishReason.STOP, True)
+        assert time.monotonic() - started < 5
+        await fake.requests[0].wait_ended(timeout=5.0)
+        assert fake.requests[0].aborted
 
     async def test_a_server_that_never_reports_usage_warns_once_per_model(
         self, fake: FakeProvider, compatible: OpenAIProvider

@@ -572,6 +572,30 @@ class TestStreamTimers:
         await fake.requests[1].wait_ended(timeout=5.0)
         assert fake.requests[1].aborted
 
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    async def test_a_finished_answer_whose_body_is_held_open_ends_with_its_usage(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider, model: str
+    ) -> None:
+        """An answer whose finish reason and usage came, but whose server (a proxy) then holds the
+        body open without ``[DONE]`` (Anthropic: after ``message_stop``), ends at once: OK, with
+        the usage reported, not after ``stream_idle_timeout_seconds`` (5 s here) as UNAVAILABLE
+        with an estimate; the upstream request is closed."""
+        _, client = reliable
+        fake.enqueue(Script(fault=Fault.HANG_AT_END, input_tokens=10, output_tokens=5))
+        started = time.monotonic()
+        messages = await collect(client, model=model)
+        elapsed = time.monotonic() - started
+        completion = messages[-1].completion
+        text = "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta")
+        assert (text, completion.usage.input_tokens, completion.usage.output_tokens) == (
+            "Hello from the fake provider.",
+            10,
+            5,
+        )
+        assert elapsed < 2.5
+        await fake.requests[0].wait_ended(timeout=5.0)
+        assert fake.requests[0].aborted
+
 
 class TestDeadlines:
     """RELIABILITY 5: no fallback starts after the deadline."""

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Literal, cast
 
 import openai
+import structlog
 from openai._streaming import ServerSentEvent
 from openai.types.chat import (
     ChatCompletionContentPartParam,
@@ -90,6 +91,17 @@ OpenAIKind = Literal["openai", "openai_compatible"]
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 _KINDS = frozenset({"openai", "openai_compatible"})
+
+_log = structlog.get_logger("routesvc.providers")
+
+# After the finish reason: how long the rest of the stream (the usage chunk that
+# ``stream_options.include_usage`` makes last, then ``[DONE]`` and the body's end) is waited for,
+# rather than ``stream_idle_timeout_seconds``: a server (a proxy) that holds a finished answer's
+# body open must not turn it into a stall. Once the usage came (or was not asked for) the rest is
+# drained for as long as the Anthropic adapter drains after ``message_stop``; until then a usage
+# chunk gets a second, then the usage is estimated as when a server sends none.
+_DRAIN_SECONDS = 0.1
+_USAGE_WAIT_SECONDS = 1.0
 
 _FINISH_REASONS = {
     "stop": FinishReason.STOP,
@@ -231,6 +243,43 @@ def _reasoning(delta: Mapping[str, object]) -> str:
     return text_field(delta.get("reasoning_content")) or text_field(delta.get("reasoning"))
 
 
+def _content(value: object) -> tuple[str, str]:
+    """A delta's ``content``: its answer text and its reasoning. A string is text; a list of typed
+    parts (Mistral's Magistral models) gives the text of its ``text`` parts as text, and of its
+    ``thinking`` parts (``thinking``: a string or a list of ``text`` parts) as reasoning, read as
+    ``reasoning_content`` is; other parts, and other values, are nothing."""
+    if isinstance(value, str):
+        return value, ""
+    texts: list[str] = []
+    thoughts: list[str] = []
+    for part in value if isinstance(value, list) else ():
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text":
+            texts.append(text_field(part.get("text")))
+        elif part.get("type") == "thinking":
+            thoughts.append(_content(part.get("thinking"))[0])
+    return "".join(texts), "".join(thoughts)
+
+
+def _warn_if_unread(provider: str, model: str, usage: Mapping[str, object], finish: str) -> None:
+    """Warn (``provider_output_unread``) when a stream that gave nothing readable (no text, no
+    reasoning, no tool call) reports output tokens beyond its reasoning tokens: its answer came in
+    a shape this adapter does not read, and the caller pays for an empty answer. Counts only,
+    never the answer."""
+    output_tokens = count_field(usage.get("completion_tokens")) or 0
+    details = object_field(usage.get("completion_tokens_details"))
+    answer_tokens = output_tokens - (count_field(details.get("reasoning_tokens")) or 0)
+    if answer_tokens > 0:
+        _log.warning(
+            "provider_output_unread",
+            provider=provider,
+            model=model,
+            output_tokens=output_tokens,
+            finish_reason=safe_code(finish),
+        )
+
+
 def _add_tool_calls(parts: ToolCallParts, pieces: object) -> str:
     """Fold a delta's ``tool_calls`` pieces into ``parts``; their text (names, arguments)."""
     texts: list[str] = []
@@ -340,7 +389,11 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
             refused = False
             tool_calls = ToolCallParts()
             while True:
-                event = await self._guard(call, deadline, next_event(sdk_stream))
+                if finish is None:
+                    event = await self._guard(call, deadline, next_event(sdk_stream))
+                else:
+                    wait = _DRAIN_SECONDS if usage or not self._stream_usage else _USAGE_WAIT_SECONDS
+                    event = await self._after_finish(call, deadline, sdk_stream, wait)
                 if event is END_OF_STREAM:
                     break
                 chunk = event_object(event, provider=self._name, model=call.model)
@@ -350,16 +403,19 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                 for choice in choices if isinstance(choices, list) else ():
                     if not isinstance(choice, dict) or choice.get("index") not in (0, None):
                         continue
-                    delta = object_field(choice.get("delta"))
+                    # A server that streams whole-message shapes puts the piece in ``message``.
+                    piece = choice.get("delta")
+                    delta = object_field(piece if isinstance(piece, dict) else choice.get("message"))
                     # A refusal (structured outputs) comes in its own field: it is the answer,
                     # and the answer was filtered.
                     refusal = text_field(delta.get("refusal"))
                     refused = refused or bool(refusal)
-                    text = text_field(delta.get("content")) + refusal
+                    content, thinking = _content(delta.get("content"))
+                    text = content + refusal
                     if text:
                         output.append(text)
                         yield TextDelta(text)
-                    reasoning = _reasoning(delta)
+                    reasoning = _reasoning(delta) + thinking
                     other = reasoning + _add_tool_calls(tool_calls, delta.get("tool_calls"))
                     if other:
                         output.append(other)
@@ -373,6 +429,8 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                     model=call.model,
                 )
             reported, estimated = self._usage(call, usage, output)
+            if not output:
+                _warn_if_unread(self._name, call.model, usage, finish)
             calls = tool_calls.calls()
             yield ProviderFinish(
                 usage=reported,
@@ -387,6 +445,20 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
             # Closing the SDK stream closes the HTTP response, so the upstream sees the abort.
             with contextlib.suppress(Exception):
                 await sdk_stream.close()
+
+    async def _after_finish(
+        self, call: ProviderCall, deadline: float | None, sdk_stream: _EventStream, wait: float
+    ) -> object:
+        """The stream's next event after the finish reason, or ``END_OF_STREAM`` when none comes
+        within ``wait`` seconds (see ``_DRAIN_SECONDS``): the answer is whole, the stream ends."""
+        tail = asyncio.timeout(wait)
+        try:
+            async with tail:
+                return await self._guard(call, deadline, next_event(sdk_stream))
+        except TimeoutError:
+            if not tail.expired():
+                raise
+            return END_OF_STREAM
 
     def _usage(self, call: ProviderCall, usage: Mapping[str, object], output: list[str]) -> tuple[Usage, bool]:
         """The reported usage (the last usage object of the stream, empty when none came), and

@@ -115,12 +115,14 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     # (event, whether it is a content chunk): a block's start and stop go out with the next chunk.
     events: list[tuple[bytes, bool]] = []
     index = 0
+    whole_text = "".join(script.content_chunks()) if script.text_in_start else ""
     if script.reasoning:
         events += [(_block_delta(0, type="thinking_delta", thinking=piece), True) for piece in script.reasoning]
         events += [(_block_delta(0, type="signature_delta", signature="fake-signature"), False)]
-        events += [(_block_stop(0), False), (_block_start(1, type="text", text=""), False)]
+        events += [(_block_stop(0), False), (_block_start(1, type="text", text=whole_text), bool(whole_text))]
         index = 1
-    events += [(_block_delta(index, type="text_delta", text=text), True) for text in script.content_chunks()]
+    if not script.text_in_start:
+        events += [(_block_delta(index, type="text_delta", text=text), True) for text in script.content_chunks()]
     events.append((_block_stop(index), False))
     for number, call in enumerate(calls):
         index += 1
@@ -142,7 +144,9 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
         else:
             pending += event
     first_block = (
-        {"type": "thinking", "thinking": "", "signature": ""} if script.reasoning else {"type": "text", "text": ""}
+        {"type": "thinking", "thinking": "", "signature": ""}
+        if script.reasoning
+        else {"type": "text", "text": whole_text}
     )
     message_delta = [] if script.omit_message_delta else [sse(delta, "message_delta")]
     await stream_events(

@@ -102,6 +102,8 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
     # The usage chunk (and ``"usage": null`` on every other chunk) only when the client asked for it.
     include_usage = isinstance(options, dict) and options.get("include_usage") is True and not script.omit_usage
 
+    piece_key = "message" if script.choice_message else "delta"
+
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
         data: dict[str, Any] = {
             "id": completion_id,
@@ -109,16 +111,21 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
             "created": created,
             "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, piece_key: delta, "logprobs": None, "finish_reason": finish}],
             **extra,
         }
         if include_usage:
             data["usage"] = None
         return sse(data)
 
-    content = [chunk({"reasoning_content": piece}) for piece in script.reasoning]
-    key = "refusal" if script.refusal else "content"
-    content += [chunk({key: text}) for text in script.content_chunks()]
+    if script.content_parts:
+        thinking = [{"type": "thinking", "thinking": [{"type": "text", "text": piece}]} for piece in script.reasoning]
+        content = [chunk({"content": [part]}) for part in thinking]
+        content += [chunk({"content": [{"type": "text", "text": text}]}) for text in script.content_chunks()]
+    else:
+        content = [chunk({"reasoning_content": piece}) for piece in script.reasoning]
+        key = "refusal" if script.refusal else "content"
+        content += [chunk({key: text}) for text in script.content_chunks()]
 
     def keyed(index: int, piece: dict[str, Any]) -> dict[str, Any]:
         if script.tool_call_indexes != "none":
@@ -147,7 +154,8 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
             "usage": usage,
         }
         closing.append(sse(usage_chunk))
-    closing.append(b"data: [DONE]\n\n")
+    if script.fault is not Fault.HANG_AT_END:
+        closing.append(b"data: [DONE]\n\n")
     message = error_message(record, script, "fake in-band error")
     error = error_body(500, script.error_type or "server_error", message, script.error_code)
     faults = {

@@ -124,6 +124,11 @@ async def stream_events(
         record.chunks_sent += 1
     for event in closing:
         await send_chunk(event)
+    if script.fault is Fault.HANG_AT_END:
+        if script.hang_seconds is None:
+            await connection.hang()
+        else:
+            await connection.pause(script.hang_seconds)
     if gzip is not None:
         await connection.send_chunk(gzip.flush())
     await connection.send(_END_OF_BODY)

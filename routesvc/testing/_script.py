@@ -36,6 +36,9 @@ class Fault(enum.Enum):
     NOT_AN_OBJECT = "not_an_object"  # a ``data:`` line that is valid JSON but not an object (OpenAI: null)
     MISSING_TERMINATOR = "missing_terminator"  # end the body without finish, usage, [DONE] or message_stop
     BAD_FRAMING = "bad_framing"  # a chunk-size line that is not hex (HTTP framing), then silence, socket open
+    # Every event but the OpenAI format's ``data: [DONE]`` (the Anthropic format's through its
+    # ``message_stop``), then silence, socket open: until the client leaves, or for ``hang_seconds``.
+    HANG_AT_END = "hang_at_end"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,15 @@ class Script:
     # The Anthropic format sends each tool call's whole ``input`` in its ``content_block_start``
     # and no ``input_json_delta`` (a gateway re-streaming a finished message).
     tool_input_in_start: bool = False
+    # The OpenAI format streams ``delta.content`` as a list of typed parts, as Mistral's Magistral
+    # models do: each text piece ``[{"type": "text", "text": ...}]``, each ``reasoning`` piece
+    # ``[{"type": "thinking", "thinking": [{"type": "text", "text": ...}]}]`` (no ``reasoning_content``).
+    content_parts: bool = False
+    # The OpenAI format's streamed choices carry their piece under ``message``, not ``delta``.
+    choice_message: bool = False
+    # The Anthropic format sends the whole text in its text block's ``content_block_start`` and no
+    # ``text_delta`` (a gateway re-streaming a finished message).
+    text_in_start: bool = False
     # Each streamed event ends with "\n" and then this blank line: "\r\n" is a server mixing line
     # endings, a blank line all the same to the SSE spec and the openai SDK.
     event_blank_line: str = "\n"
