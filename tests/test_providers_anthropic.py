@@ -146,6 +146,20 @@ class TestStreaming:
         assert all(beat.reasoning for beat in beats)
         assert [event for event in events if isinstance(event, TextDelta)] == [TextDelta("Paris.")]
 
+    @pytest.mark.parametrize("reasoning", [(), ("Let me think. ",)])
+    async def test_text_sent_whole_in_its_blocks_start_is_the_answer(
+        self, fake: FakeProvider, provider: AnthropicProvider, reasoning: tuple[str, ...]
+    ) -> None:
+        """A text block whose whole text comes in ``content_block_start`` and no ``text_delta`` (a
+        gateway re-streaming a finished message), first block or after thinking, is the answer: it
+        was dropped (OK, STOP, an empty answer, billed), while the SDK's own accumulator kept it."""
+        fake.enqueue(Script(text="Paris is the capital.", text_in_start=True, reasoning=reasoning))
+        events = await collect(provider, make_call())
+        assert [event for event in events if isinstance(event, TextDelta)] == [TextDelta("Paris is the capital.")]
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert finish.finish_reason == FinishReason.STOP
+
     async def test_sixty_chunks_arrive_exactly_once_in_order(
         self, fake: FakeProvider, provider: AnthropicProvider
     ) -> None:
@@ -436,6 +450,7 @@ STATUS_ERRORS = [
     (503, ProviderUnavailable),
     (504, ProviderUnavailable),
     (529, ProviderUnavailable),
+    (300, ProviderUnavailable),  # a 3xx not followed (no Location): its status, not an in-band error
 ]
 
 

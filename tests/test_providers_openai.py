@@ -572,6 +572,7 @@ STATUS_ERRORS = [
     (503, ProviderUnavailable),
     (504, ProviderUnavailable),
     (529, ProviderUnavailable),
+    (300, ProviderUnavailable),  # a 3xx not followed (no Location): its status, not an in-band error
 ]
 
 

@@ -516,8 +516,14 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
                 whole = json.dumps(given) if given else ""
                 tally.tool_calls.add(index, call_id=text_field(block.get("id")), name=name, whole_arguments=whole)
                 return Heartbeat(name + whole)
+            if block.get("type") == "text":
+                # Anthropic starts a text block with "" and sends the text in ``text_delta``s; a
+                # server re-streaming a finished message may send it whole here (as a tool call's
+                # input above), which the SDK's own accumulator keeps.
+                text = text_field(block.get("text"))
+                return TextDelta(text) if text else None
             if block.get("type") in ("thinking", "redacted_thinking"):
-                return Heartbeat(reasoning=True)
+                return Heartbeat(text_field(block.get("thinking")), reasoning=True)
         elif kind == "content_block_delta":
             block_delta = object_field(event.get("delta"))
             delta_kind = block_delta.get("type")
@@ -571,8 +577,9 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
         forbidden = never_echoed(call, self._api_key)
         if isinstance(exc, anthropic.APIStatusError):
             code = safe_code(exc.type, forbidden=forbidden)
-            if exc.status_code < 400:
+            if 200 <= exc.status_code < 300:
                 # ``event: error`` inside a 200 stream: the SDK raises it with the stream's status.
+                # A 3xx it did not follow (no Location, a 304) is an HTTP status like any other.
                 return error_for_event("", code, provider=name, model=model)
             return error_for_status(
                 exc.status_code,
