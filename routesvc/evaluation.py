@@ -20,7 +20,7 @@ the curve is a straight line: the expected result of breaking the tie at random.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from routesvc.errors import RouteSvcError
-from routesvc.fitting import AmbiguousModel, find_model
+from routesvc.fitting import find_model
 from routesvc.outcomes import OutcomeRecord
 
 FloatArray = npt.NDArray[np.float64]
@@ -205,12 +205,15 @@ class PairSource:
     strong: str | None
     weak: str | None
     kept: int  # prompts with outcomes for both
+    note: str = ""  # a requested name that matched two of its models by loose alias (taken as absent)
 
     def describe(self) -> str:
         """One line for the eval log."""
         if self.strong is None or self.weak is None:
-            return f"{self.source}: {self.prompts} prompts, skipped (no model matches the pair)"
-        return f"{self.source}: {self.kept} of {self.prompts} prompts, pair {self.strong} - {self.weak}"
+            line = f"{self.source}: {self.prompts} prompts, skipped (no model matches the pair)"
+        else:
+            line = f"{self.source}: {self.kept} of {self.prompts} prompts, pair {self.strong} - {self.weak}"
+        return f"{line}; {self.note}" if self.note else line
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,21 +233,13 @@ class PairData:
     first_without_cost: str = ""
 
 
-def _resolve(model: str, counts: Mapping[str, int], prompts: int, role: str, source: str) -> str | None:
-    """``model``'s name in a file as fit's labels match it (``fitting.find_model``): among its
-    common models first, a rarer model only when no common one matches; two matches are an error."""
-    try:
-        return find_model(model, counts, prompts, role, source)
-    except AmbiguousModel as exc:
-        raise EvaluationError(str(exc)) from exc
-
-
 def pair_data(records: Sequence[OutcomeRecord], strong: str, weak: str) -> PairData:
     """The records with both ``strong`` and ``weak`` outcomes; costs only if every one has both.
 
     Each source file's model names are matched to ``strong`` and ``weak`` as ``fit`` matches them
     (exactly, else by loose alias: ``fitting.find_model``), so one folder may name the pair
-    differently in each file.
+    differently in each file; a name matching two models of a file by alias is taken as absent
+    there (``PairSource.note``).
     """
     by_source: dict[str, list[OutcomeRecord]] = defaultdict(list)
     for record in records:
@@ -253,18 +248,21 @@ def pair_data(records: Sequence[OutcomeRecord], strong: str, weak: str) -> PairD
     sources: list[PairSource] = []
     for source, rows in by_source.items():
         counts = Counter(model for row in rows for model in row.outcomes)
-        s, w = _resolve(strong, counts, len(rows), "strong", source), _resolve(weak, counts, len(rows), "weak", source)
+        strong_match, weak_match = find_model(strong, counts, len(rows)), find_model(weak, counts, len(rows))
+        s, w = strong_match.name, weak_match.name
+        note = "; ".join(filter(None, (strong_match.note("strong", strong), weak_match.note("weak", weak))))
         if s is not None and s == w:
             raise EvaluationError(
                 f"the strong model {strong!r} and the weak model {weak!r} are the same model in {source}"
                 f" ({s!r}; models match by id or loose alias): there is no choice to evaluate"
             )
         pairs = [(row, s, w) for row in rows if s is not None and w is not None and row.has_pair(s, w)]
-        sources.append(PairSource(source, len(rows), s, w, len(pairs)))
+        sources.append(PairSource(source, len(rows), s, w, len(pairs), note))
         kept.extend(pairs)
     if not kept:
+        notes = "".join(f"; in {p.source} {p.note}" for p in sources if p.note)
         raise EvaluationError(
-            f"no prompt has outcomes for both {strong!r} and {weak!r} (models match by id or loose alias)"
+            f"no prompt has outcomes for both {strong!r} and {weak!r} (models match by id or loose alias){notes}"
         )
     costless = [r for r, s, w in kept if s not in r.cost_usd or w not in r.cost_usd]
     with_cost = not costless

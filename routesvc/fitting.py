@@ -91,35 +91,58 @@ def resolve_model(model: str, available: Iterable[str]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def model_version(model: str) -> str:
+    """The version tail ``model_alias`` drops (``v0.2`` of ``Mistral-7B-Instruct-v0.2``), or ""."""
+    name = model.rsplit("/", 1)[-1].split("_", 1)[0].lower()
+    found = re.search(r"-(v\d+(?:\.\d+)*)$", name)
+    return found.group(1) if found else ""
+
+
 def model_matches(model: str, available: Iterable[str]) -> list[str]:
-    """``[model]`` if available, else every available id with the same alias (sorted)."""
+    """``[model]`` if available, else every available id with the same alias (sorted), but not one
+    of another version: ``Mistral-7B-Instruct-v0.2`` matches ``mistral-7b-instruct``, not ``...-v0.1``."""
     names = list(available)
     if model in names:
         return [model]
-    return sorted(name for name in names if model_alias(name) == model_alias(model))
+    alias, version = model_alias(model), model_version(model)
+
+    def same(name: str) -> bool:
+        other = model_version(name)
+        return model_alias(name) == alias and (not version or not other or version == other)
+
+    return sorted(name for name in names if same(name))
 
 
-class AmbiguousModel(ValueError):
-    """A requested model name matches two or more models of one file by loose alias."""
+@dataclass(frozen=True, slots=True)
+class ModelMatch:
+    """What a requested model name stands for in one file: ``name``, or None with the
+    ``candidates`` when two or more of its models match by loose alias (ambiguous)."""
 
-    def __init__(self, role: str, model: str, source: str, matches: Sequence[str]) -> None:
-        super().__init__(
-            f"the {role} model {model!r} is ambiguous in {source}: it matches {', '.join(map(repr, matches))}"
-            " by loose alias; give the id as the file names it"
-        )
+    name: str | None
+    candidates: tuple[str, ...] = ()
+
+    def note(self, role: str, model: str) -> str:
+        """Why the file is taken not to have the model ("" unless ambiguous)."""
+        if not self.candidates:
+            return ""
+        names = ", ".join(map(repr, self.candidates))
+        return f"the {role} model {model!r} matches {names} here by loose alias: taken as absent"
 
 
-def find_model(model: str, counts: Mapping[str, int], prompts: int, role: str, source: str) -> str | None:
+def find_model(model: str, counts: Mapping[str, int], prompts: int) -> ModelMatch:
     """``model``'s name in a file whose models were evaluated on ``counts`` of its ``prompts``
-    prompts: among its common models first, else among all of them (a model evaluated on only
-    some prompts); None when none matches. Raises ``AmbiguousModel`` when two match."""
+    prompts: the exact id wherever it is, else the alias match among the file's common models,
+    else among all of them (a model evaluated on only some prompts). Two alias matches are no
+    match: the file is taken not to have the model, and the match names them (``candidates``)."""
+    if model in counts:
+        return ModelMatch(model)
     for names in (common_models(counts, prompts), list(counts)):
         matches = model_matches(model, names)
         if len(matches) > 1:
-            raise AmbiguousModel(role, model, source, matches)
+            return ModelMatch(None, tuple(matches))
         if matches:
-            return matches[0]
-    return None
+            return ModelMatch(matches[0])
+    return ModelMatch(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,13 +174,18 @@ class FileUsage:
     has_weak: bool = False
     labelled: int = -1  # prompts given a label (-1: all of them)
     reason: str = ""  # why a skipped file was skipped
+    rule: str = ""  # which rule made it a pair or proxy file, with how many prompts have the pair
+    note: str = ""  # a requested name that matched two of its models by loose alias (taken as absent)
 
     def describe(self) -> str:
-        """One line for the fit log."""
+        """One line for the fit log (and router.json)."""
         if self.kind == "skipped":
-            return f"{self.source}: {self.prompts} prompts, skipped ({self.reason})"
-        some = "" if self.labelled in (-1, self.prompts) else f"{self.labelled} of "
-        return f"{self.source}: {some}{self.prompts} prompts, {self.kind} label {self.strong} - {self.weak}"
+            line = f"{self.source}: {self.prompts} prompts, skipped ({self.reason})"
+        else:
+            some = "" if self.labelled in (-1, self.prompts) else f"{self.labelled} of "
+            line = f"{self.source}: {some}{self.prompts} prompts, {self.kind} label {self.strong} - {self.weak}"
+            line += f" ({self.rule})" if self.rule else ""
+        return f"{line}; {self.note}" if self.note else line
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,13 +208,21 @@ def label_records(
 ) -> Labels:
     """The strong-minus-weak label of every record (proxy gap where the pair is missing).
 
-    A file where some prompts have outcomes for both models of the pair (matched as
-    ``find_model`` matches them) is labelled with the pair on those prompts, however few of its
-    prompts they are; its other prompts are not used. A file where none has both is a proxy: its
-    best common model (or the requested strong model) minus the weak model where a prompt has
-    it, else minus the mean of its other common models (the best model is never the weak one). A
-    file that can give neither is skipped,
-    and its ``FileUsage`` says why. Raises ``FitError`` when a name matches two models of a file.
+    Each file is used by the first of these rules that applies (``FileUsage.rule`` says which):
+
+    - a *pair file* has both models of the pair (matched as ``find_model`` matches them) on
+      half or more of its prompts, or both among its common models: those prompts are labelled
+      with the pair; its other prompts are not used;
+    - else a *proxy file* has two or more common models: every prompt is labelled with its
+      best common model (the requested strong model when it is a common one; never the weak
+      one) minus the weak model where the weak model is a common one, else minus the mean of
+      its other common models. A pair on a few prompts does not make it a pair file: its
+      proxy labels on every prompt teach more than the pair on those few;
+    - else its prompts with both models of the pair, if any, are labelled with the pair;
+    - else it is skipped, and its ``FileUsage`` says why.
+
+    A name that matches two models of a file by loose alias is taken as absent there (its
+    ``FileUsage.note`` names them).
 
     With ``calibrate_proxy`` each proxy file's labels are moved to the mean and spread of the
     pair-labelled files, so that task levels from different files are comparable.
@@ -206,48 +242,57 @@ def label_records(
                 counts[model] += 1
                 totals[model] += score
         common = common_models(counts, len(rows))
-        try:
-            s = find_model(strong, counts, len(rows), "strong", source)
-            w = find_model(weak, counts, len(rows), "weak", source)
-        except AmbiguousModel as exc:
-            raise FitError(str(exc)) from exc
-        pair = (s, w) if s is not None and w is not None else None
-        paired = [i for i in rows if pair is not None and records[i].has_pair(*pair)]
+        strong_match, weak_match = find_model(strong, counts, len(rows)), find_model(weak, counts, len(rows))
+        s, w = strong_match.name, weak_match.name
+        note = "; ".join(filter(None, (strong_match.note("strong", strong), weak_match.note("weak", weak))))
+        paired = [i for i in rows if s is not None and w is not None and records[i].has_pair(s, w)]
+        on = f"the pair on {len(paired)} of {len(rows)} prompts"
+        if paired and ((s in common and w in common) or 2 * len(paired) >= len(rows)):
+            rule = f"pair file: {on}"
+        elif len(common) >= 2:
+            rule = f"proxy file: {on}, under half" if paired else "proxy file: no prompt has the pair"
+            paired = []
+        elif paired:
+            many = f"{len(common)} model{'' if len(common) == 1 else 's'}"
+            rule = f"{on}, under half, and {many} on 90% or more of its prompts, where a proxy label needs two"
+        else:
+            rule = ""
         # The difficulty term is the mean over the file's common models, the same on every row;
         # a file whose only usable rows are the pair's (each model missing on some) uses the pair.
-        basis = list(pair) if pair is not None and paired and len(common) < 2 else common
+        basis = [s, w] if paired and s is not None and w is not None and len(common) < 2 else common
         for i in rows:
             outcomes = records[i].outcomes
             scores = [outcomes[m] for m in basis if m in outcomes] or list(outcomes.values())
             difficulty[i] = 1.0 - float(np.mean(scores)) if scores else 0.0
+        has = (s is not None, w is not None)
         if paired and s is not None and w is not None:
             for i in paired:
                 outcomes = records[i].outcomes
                 gap[i], weight[i] = outcomes[s] - outcomes[w], 1.0
-            usage.append(FileUsage(source, len(rows), s, w, "pair", True, True, labelled=len(paired)))
+            usage.append(FileUsage(source, len(rows), s, w, "pair", *has, len(paired), rule=rule, note=note))
             continue
         if len(common) < 2:
             why = "no prompt has outcomes for both models of the pair"
             many = f"{len(common)} model{'' if len(common) == 1 else 's'}"
             reason = f"{why}, and {many} evaluated on 90% or more of its prompts, where a proxy label needs two"
-            usage.append(FileUsage(source, len(rows), "", "", "skipped", s is not None, w is not None, reason=reason))
+            usage.append(FileUsage(source, len(rows), "", "", "skipped", *has, reason=reason, note=note))
             continue
-        # The best common model other than the weak one: the weak model minus itself is a gap of 0
+        # Among the common models only: a strong model evaluated on a few prompts would leave
+        # the others unlabelled. Never the weak one: the weak model minus itself is a gap of 0
         # on every prompt, a confident wrong level, not a proxy.
-        top = s or max((m for m in common if m != w), key=lambda model: totals[model] / counts[model])
+        base = w if w in common else None
+        top = s if s in common else max((m for m in common if m != base), key=lambda m: totals[m] / counts[m])
         labelled = 0
         for i in rows:
             outcomes = records[i].outcomes
             others = [outcomes[m] for m in common if m != top and m in outcomes]
             if top not in outcomes or not others:
                 continue
-            baseline = outcomes[w] if w is not None and w in outcomes else float(np.mean(others))
+            baseline = outcomes[base] if base is not None and base in outcomes else float(np.mean(others))
             gap[i], weight[i] = outcomes[top] - baseline, proxy_weight
             labelled += 1
-        baseline_name = w or "mean of the others"
-        usage.append(
-            FileUsage(source, len(rows), top, baseline_name, "proxy", s is not None, w is not None, labelled=labelled)
-        )
+        baseline_name = base or "mean of the others"
+        usage.append(FileUsage(source, len(rows), top, baseline_name, "proxy", *has, labelled, rule=rule, note=note))
     if calibrate_proxy:
         _calibrate_proxies(records, gap, weight, usage)
     tasks = [f"{record.source}:{record.task}" for record in records]
@@ -276,15 +321,17 @@ def check_pair(usage: Sequence[FileUsage], strong: str, weak: str) -> None:
         for role, model, found in (("strong", strong, with_strong), ("weak", weak, with_weak))
         if not found
     ]
+    # A name ambiguous in a file is taken as absent there: say so, it may be why no file has the pair.
+    notes = "".join(f"; in {u.source} {u.note}" for u in usage if u.note)
     if missing:
         raise FitError(
             f"no data file has {' or '.join(missing)} (read {len(files)}: {_some(files)}; "
-            "models match by id or loose alias)"
+            f"models match by id or loose alias){notes}"
         )
     raise FitError(
         f"no prompt has outcomes for both {strong!r} and {weak!r} ({strong!r} in {_some(with_strong)}, {weak!r} in "
         f"{_some(with_weak)}): at least one file needs prompts with the pair; files without it are then used as"
-        " proxies"
+        f" proxies{notes}"
     )
 
 

@@ -244,6 +244,13 @@ def run_fit(args: argparse.Namespace) -> int:
     router = fit_router(records, args.strong, args.weak, encoder, settings, progress=_progress, require_pair=True)
     for usage in router.usage:
         print(f"  {usage.describe()}", file=sys.stderr)
+    for usage in router.usage:
+        if usage.kind != "skipped" and 0 <= usage.labelled < _FEW_LABELLED_SHARE * usage.prompts:
+            print(
+                f"warning: {usage.source}: only {usage.labelled} of its {usage.prompts} prompts are labelled"
+                f" ({usage.rule}): the file's other prompts teach the router nothing",
+                file=sys.stderr,
+            )
     _warn_unfit_pair(records, router)
     if router.kind_offset:
         kinds = ", ".join(settings.strong_kinds)
@@ -257,6 +264,8 @@ def run_fit(args: argparse.Namespace) -> int:
 
 # Fewer prompts with the pair than this, and the router's gap model rests on a handful of examples.
 _FEW_PAIR_PROMPTS = 50
+# A file labelled on under this share of its prompts: fit warns (the rest of the file is unused).
+_FEW_LABELLED_SHARE = 0.1
 
 
 def _warn_unfit_pair(records: list[OutcomeRecord], router: FittedRouter) -> None:

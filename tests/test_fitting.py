@@ -84,7 +84,7 @@ class TestLabels:
         labels = label_records(data, STRONG, WEAK, calibrate_proxy=False)
         proxy = labels.usage[1]
         assert (proxy.kind, proxy.strong, proxy.weak) == ("proxy", "x-small", WEAK)
-        assert proxy.describe() == f"px: 80 prompts, proxy label x-small - {WEAK}"
+        assert proxy.describe() == f"px: 80 prompts, proxy label x-small - {WEAK} (proxy file: no prompt has the pair)"
         assert sorted(set(labels.gap[len(data) // 2 :])) == [-1.0, 0.0]
 
     def test_proxy_labels_are_calibrated_to_the_pair_files(self) -> None:
@@ -171,7 +171,9 @@ class TestFittedRouter:
         with pytest.raises(FitError, match=r"no data file has the strong model 'nope' \(read 1: synthetic;"):
             fit_router(data, "nope", WEAK, HashingEncoder(16), require_pair=True)
         router = fit_router(data, "nope", WEAK, HashingEncoder(16))
-        assert [u.describe() for u in router.usage] == [f"synthetic: 80 prompts, proxy label {STRONG} - {WEAK}"]
+        assert [u.describe() for u in router.usage] == [
+            f"synthetic: 80 prompts, proxy label {STRONG} - {WEAK} (proxy file: no prompt has the pair)"
+        ]
 
     def test_missing_artifact(self, tmp_path: Path) -> None:
         """Loading a folder that is not a router raises ``FitError``."""
@@ -701,7 +703,7 @@ class TestPartlyEvaluatedFiles:
         patchy = _without(records(), "patchy", lambda i: {0: [STRONG, "other"], 1: [WEAK, "other"]}.get(i % 7, []))
         write_jsonl(folder / "patchy.jsonl", patchy)
         assert _fit(tmp_path, folder, "--encoder", "hashing-256") == 0
-        line = f"patchy: 56 of 80 prompts, pair label {STRONG} - {WEAK}"
+        line = f"patchy: 56 of 80 prompts, pair label {STRONG} - {WEAK} (pair file: the pair on 56 of 80 prompts)"
         assert f"  {line}\n" in capsys.readouterr().err
         assert line in json.loads((tmp_path / "router" / "router.json").read_text())["files"]
         alone = folder / "patchy.jsonl"
@@ -722,9 +724,10 @@ class TestPartlyEvaluatedFiles:
         write_jsonl(folder / "full.jsonl", records("full"))
         write_jsonl(folder / "partial.jsonl", _without(records(), "partial", lambda i: [STRONG] if i % 5 == 0 else []))
         assert _fit(tmp_path, folder, "--encoder", "hashing-256") == 0
-        assert f"  partial: 64 of 80 prompts, pair label {STRONG} - {WEAK}\n" in capsys.readouterr().err
+        line = f"partial: 64 of 80 prompts, pair label {STRONG} - {WEAK} (pair file: the pair on 64 of 80 prompts)"
+        assert f"  {line}\n" in capsys.readouterr().err
         assert _fit(tmp_path, folder / "partial.jsonl", "--encoder", "hashing-256") == 0
-        assert f"  partial: 64 of 80 prompts, pair label {STRONG} - {WEAK}\n" in capsys.readouterr().err
+        assert f"  {line}\n" in capsys.readouterr().err
 
     def test_a_file_that_gives_no_label_is_logged_as_skipped_with_why(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -752,29 +755,131 @@ class TestPartlyEvaluatedFiles:
             " lonely): at least one file needs prompts with the pair; files without it are then used as proxies"
         )
 
-    def test_a_name_that_matches_two_models_by_alias_is_ambiguous(
+    def test_a_name_ambiguous_in_one_file_is_absent_there_and_the_other_files_give_the_pair(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """--weak small-model where a file has small-model-v0.1 and small-model-v0.2: fit and eval
-        say it is ambiguous and name both (they said no file had the weak model, and no prompt had
-        outcomes for both)."""
+        """--weak small-model where one file has small-model-v0.1 and small-model-v0.2 (as the
+        shared data's mmlu_pro has two Mistral-7B-Instruct) beside a file with the pair: that file
+        is taken not to have the weak model (a proxy, against the mean of the others), the log
+        names both candidates, and fit and eval use the pair file (both failed "ambiguous in two",
+        exit 2, though the pair file gave the pair)."""
+        folder = tmp_path / "data"
+        folder.mkdir()
+        write_jsonl(folder / "one.jsonl", records("one"))
+        rows = records(weak="small-model-v0.1")
+        both = [
+            OutcomeRecord(r.id, r.prompt, r.task, {**r.outcomes, "small-model-v0.2": 0.5}, source="two") for r in rows
+        ]
+        write_jsonl(folder / "two.jsonl", both)
+        candidates = "'small-model-v0.1', 'small-model-v0.2'"
+        note = f"the weak model {WEAK!r} matches {candidates} here by loose alias: taken as absent"
+        assert _fit(tmp_path, folder, "--encoder", "hashing-256") == 0
+        proxy = f"proxy label {STRONG} - mean of the others (proxy file: no prompt has the pair)"
+        line = f"two: 80 prompts, {proxy}; {note}"
+        assert f"  {line}\n" in capsys.readouterr().err
+        assert line in json.loads((tmp_path / "router" / "router.json").read_text())["files"]
+        argv = ("eval", "--router", str(tmp_path / "router"), "--data", str(folder), "--strong", STRONG, "--weak", WEAK)
+        assert run(*argv) == 0
+        err = capsys.readouterr().err
+        assert f"  one: 80 of 80 prompts, pair {STRONG} - {WEAK}\n" in err
+        assert f"  two: 80 prompts, skipped (no model matches the pair); {note}\n" in err
+
+    def test_a_name_ambiguous_in_the_only_file_fails_saying_so(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The file with small-model-v0.1 and small-model-v0.2 alone: no file gives the pair, so
+        fit and eval fail (exit 2), naming the two candidates; the exact id fits."""
         rows = records(weak="small-model-v0.1")
         both = [
             OutcomeRecord(r.id, r.prompt, r.task, {**r.outcomes, "small-model-v0.2": 0.5}, source="two") for r in rows
         ]
         data = write_jsonl(tmp_path / "two.jsonl", both)
-        expected = (
-            f"error: the weak model {WEAK!r} is ambiguous in two: it matches 'small-model-v0.1', 'small-model-v0.2'"
-            " by loose alias; give the id as the file names it"
-        )
+        note = f"in two the weak model {WEAK!r} matches 'small-model-v0.1', 'small-model-v0.2' here by loose alias"
         assert _fit(tmp_path, data, "--encoder", "hashing-256") == 2
-        assert capsys.readouterr().err.splitlines()[-1] == expected
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: no data file has the weak model {WEAK!r} (read 1: two; models match by id or loose alias); "
+            f"{note}: taken as absent"
+        )
         assert not (tmp_path / "router").exists()
         fit_router(records(), STRONG, WEAK, HashingEncoder(32)).save(tmp_path / "r")
         argv = ("eval", "--router", str(tmp_path / "r"), "--data", str(data), "--strong", STRONG, "--weak", WEAK)
         assert run(*argv) == 2
-        assert capsys.readouterr().err.splitlines()[-1] == expected
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: no prompt has outcomes for both {STRONG!r} and {WEAK!r} (models match by id or loose alias); "
+            f"{note}: taken as absent"
+        )
         assert _fit(tmp_path, data, "--encoder", "hashing-256", weak="small-model-v0.2") == 0
+
+    def test_an_exact_id_wins_over_an_alias_and_a_version_asked_is_not_matched_to_another(self) -> None:
+        """--weak small-model-v0.2: a file naming it only on a few prompts, beside a common
+        small-model, uses small-model-v0.2 (the common alias match was taken), and a file with
+        only small-model-v0.1 does not have it (it paired v0.1, as the shared data's arena_chat was
+        paired with Mistral-7B-Instruct-v0.1 when v0.2 was asked); an unversioned id still matches."""
+        asked = "small-model-v0.2"
+        few = [
+            OutcomeRecord(r.id, r.prompt, r.task, {**r.outcomes, asked: 0.0} if i < 5 else r.outcomes, source="few")
+            for i, r in enumerate(records())
+        ]
+        data = few + records("v01", weak="small-model-v0.1") + records("plain")
+        usage = {u.source: u for u in label_records(data, STRONG, asked, calibrate_proxy=False).usage}
+        assert (usage["few"].kind, usage["few"].has_weak, usage["few"].weak) == ("proxy", True, "mean of the others")
+        assert (usage["v01"].kind, usage["v01"].has_weak) == ("proxy", False)
+        assert (usage["plain"].kind, usage["plain"].weak) == ("pair", WEAK)
+
+
+class TestWhichRuleUsesAFile:
+    """A file is a pair file with the pair on half or more of its prompts, else a proxy file with
+    two common models, else labelled with the pair where it has it, else skipped."""
+
+    def test_a_file_with_the_pair_on_a_few_prompts_is_a_proxy_on_all_of_them(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The strong model on 3 of a file's 80 prompts: the file is a proxy on all 80 (its best
+        common model other than the weak one, minus the weak one), not a pair file on 3 with 77
+        unused, which measured worse (APGR .522 vs .544); the rule applied is logged and saved."""
+        folder = tmp_path / "data"
+        folder.mkdir()
+        write_jsonl(folder / "full.jsonl", records("full"))
+        write_jsonl(folder / "few.jsonl", _without(records(), "few", lambda i: [STRONG] if i >= 3 else []))
+        assert _fit(tmp_path, folder, "--encoder", "hashing-256") == 0
+        err = capsys.readouterr().err
+        line = f"few: 80 prompts, proxy label other - {WEAK} (proxy file: the pair on 3 of 80 prompts, under half)"
+        assert f"  {line}\n" in err
+        assert f"  full: 80 prompts, pair label {STRONG} - {WEAK} (pair file: the pair on 80 of 80 prompts)\n" in err
+        assert "warning" not in err
+        assert line in json.loads((tmp_path / "router" / "router.json").read_text())["files"]
+
+    def test_a_proxy_files_top_model_is_a_common_one_not_a_rare_strong_model(self) -> None:
+        """The strong model on 5 of a proxy file's 80 prompts (no weak model): its proxy is its
+        best common model on all 80 prompts (it was the strong model, on those 5 only)."""
+        rare = _without(records(weak="x-small"), "rare", lambda i: [STRONG] if i >= 5 else [])
+        labels = label_records(records("full") + rare, STRONG, WEAK, calibrate_proxy=False)
+        proxy = labels.usage[1]
+        assert (proxy.kind, proxy.strong, proxy.weak, proxy.labelled) == ("proxy", "x-small", "mean of the others", 80)
+        assert (labels.weight[80:] > 0).all()
+
+    def test_a_file_of_one_common_model_is_labelled_with_the_pair_where_it_has_it_and_warned_of(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A file whose only common model is the strong one, with the weak one on 4 of its 80
+        prompts: no proxy is possible, so those 4 are labelled with the pair, the rule is logged,
+        and fit warns that under 10% of the file is labelled."""
+        folder = tmp_path / "data"
+        folder.mkdir()
+        write_jsonl(folder / "full.jsonl", records("full"))
+        lonely = _without(records(), "lonely", lambda i: ["other"] + ([WEAK] if i % 20 else []))
+        write_jsonl(folder / "lonely.jsonl", lonely)
+        assert _fit(tmp_path, folder, "--encoder", "hashing-256") == 0
+        err = capsys.readouterr().err
+        rule = (
+            "the pair on 4 of 80 prompts, under half, and 1 model on 90% or more of its prompts, where a proxy label"
+            " needs two"
+        )
+        assert f"  lonely: 4 of 80 prompts, pair label {STRONG} - {WEAK} ({rule})\n" in err
+        assert (
+            f"warning: lonely: only 4 of its 80 prompts are labelled ({rule}): the file's other prompts teach the"
+            " router nothing\n"
+        ) in err
 
 
 class TestLoadWhileAFitReplacesTheRouter:
