@@ -13,6 +13,7 @@ import math
 import os
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -88,11 +89,44 @@ def _output_file(path: Path) -> Path:
         raise OSError(errno.ELOOP, "cannot resolve the path (a symlink loop?)", str(path)) from exc
 
 
+def _special_file(path: Path) -> bool:
+    """Whether ``path`` (symlinks followed, ``/dev/stdout``'s too) is an existing file that is
+    neither a regular file nor a folder: a device (``/dev/null``), a FIFO, a pipe, a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def _check_out(path: Path) -> None:
+    """``_check_writable`` for a ``--out`` file, unless it is a device or a pipe (written straight)."""
+    if not _special_file(path):
+        _check_writable(_output_file(path))
+
+
 def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
     """Write ``rows`` to ``path`` (the file it links to, for a symlink) whole or not at all: into
     a new file of a name no other writer uses beside it, then renamed over it (a failure part way,
     a full disk, left a cut file where a good one may have been; a fixed name let two writers to
-    one ``path`` write into one file, and the first to finish move the other's into place)."""
+    one ``path`` write into one file, and the first to finish move the other's into place).
+
+    A ``path`` that is a device, a FIFO or a pipe (``/dev/null``, ``/dev/stdout``) is written
+    straight: a file renamed over it replaced the device or the FIFO with a regular file (as
+    root, ``--out /dev/null`` left every later ``> /dev/null`` writing into a file), and
+    ``/dev/stdout`` into a pipe failed, its link naming no file."""
+    if _special_file(path):
+        count = 0
+        try:
+            with open(path, "w", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row) + "\n")
+                    count += 1
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        return count
     target = _output_file(path)
     count = 0
     partial: Path | None = None
@@ -307,7 +341,7 @@ def run_score(args: argparse.Namespace) -> int:
     """``routesvc score``: one ``{"source", "id", "score"}`` per prompt (higher = prefer the strong
     model); ``source`` is the file's name without ``.jsonl``, since files of a folder may share ids."""
     router = FittedRouter.load(args.router)
-    _check_writable(_output_file(args.out))
+    _check_out(args.out)
     records = _read_prompts(args.data)
     scores = router.scores([r.prompt for r in records], progress=_progress)
     rows = ({"source": r.source, "id": r.id, "score": round(float(s), 6)} for r, s in zip(records, scores, strict=True))
@@ -319,7 +353,7 @@ def run_score(args: argparse.Namespace) -> int:
 def run_classify(args: argparse.Namespace) -> int:
     """``routesvc classify``: one ``{"source", "id", "task"}`` per prompt from the local task
     classifier (``source`` as in ``score``)."""
-    _check_writable(_output_file(args.out))
+    _check_out(args.out)
     classifier = TaskClassifier(WordLlamaEncoder(), read_examples(args.examples))
     records = _read_prompts(args.data)
     labels: list[str] = []

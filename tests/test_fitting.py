@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -1000,6 +1002,62 @@ class TestScoreOutput:
         assert link.is_symlink()
         assert [json.loads(line)["id"] for line in target.read_text().splitlines()] == [r.id for r in records()]
         assert sorted(path.name for path in (tmp_path / "real").iterdir()) == ["scores.jsonl"]
+
+    def test_a_fifo_out_is_written_into_and_kept(self, tmp_path: Path) -> None:
+        """--out a FIFO (and a symlink to one): score writes its rows into it, for the reader
+        at its other end, and the FIFO stays a FIFO, the link a link (a file renamed over the
+        FIFO replaced it: the reader got nothing, as --out /dev/null as root replaced the device)."""
+        data = write_jsonl(tmp_path / "d.jsonl", records())
+        fit_router(records(), STRONG, WEAK, HashingEncoder(32)).save(tmp_path / "r")
+        fifo = tmp_path / "scores.fifo"
+        os.mkfifo(fifo)
+        link = tmp_path / "link.jsonl"
+        link.symlink_to(fifo)
+        for out in (fifo, link):
+            # Opened for reading first (without waiting for a writer), so score's open does not wait.
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                assert run("score", "--router", str(tmp_path / "r"), "--data", str(data), "--out", str(out)) == 0
+                received = _read_all(reader)
+            finally:
+                os.close(reader)
+            assert [json.loads(line)["id"] for line in received.splitlines()] == [r.id for r in records()]
+            assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+        assert link.is_symlink()
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["d.jsonl", "link.jsonl", "r", "scores.fifo"]
+
+    def test_an_out_naming_a_pipe_through_proc_is_written_into(self, tmp_path: Path) -> None:
+        """--out /proc/self/fd/N of a pipe (what /dev/stdout is when stdout is a pipe): score and
+        classify write into the pipe (both failed "No such file or directory": the link names
+        "pipe:[N]", no file)."""
+        data = write_jsonl(tmp_path / "d.jsonl", records())
+        fit_router(records(), STRONG, WEAK, HashingEncoder(32)).save(tmp_path / "r")
+        for command in (("score", "--router", str(tmp_path / "r")), ("classify",)):
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            try:
+                assert run(*command, "--data", str(data), "--out", f"/proc/self/fd/{write_end}") == 0
+                os.close(write_end)
+                received = _read_all(read_end)
+            finally:
+                os.close(read_end)
+                with contextlib.suppress(OSError):
+                    os.close(write_end)
+            assert [json.loads(line)["id"] for line in received.splitlines()] == [r.id for r in records()]
+
+
+def _read_all(fd: int) -> str:
+    """What a non-blocking pipe or FIFO ``fd`` holds, up to its end (no writer) or what is there."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
 
 
 # Runs the command line in a process whose files may not grow past LIMIT bytes (what a full disk
