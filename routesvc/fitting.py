@@ -557,12 +557,16 @@ def _read_artifact(folder: Path) -> tuple[object, npt.NDArray[np.generic], npt.N
     Both files are opened relative to the folder opened once: ``fit`` renames a new folder into
     place, and reading them by path, one after the other, could give one fit's weights with
     another's library should the swap land between the two reads. Should the folder opened be
-    removed while it is read (the fit deleting the old one), the new one is read, whole.
+    removed while it is read (the fit deleting the old one), the new one is read, whole; should
+    there be no folder (a fit between its two renames), it is looked for again, as many times.
     """
     for attempt in range(1, _READ_ATTEMPTS + 1):
         try:
             dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
+            if isinstance(exc, FileNotFoundError) and attempt < _READ_ATTEMPTS:
+                time.sleep(0.05 * attempt)  # a fit between its two renames leaves no folder a moment
+                continue
             raise FitError(f"{folder}: not a fitted router ({_kind(exc)}: {exc})") from exc
         try:
             with open(os.open("router.json", os.O_RDONLY, dir_fd=dir_fd), "rb") as handle:

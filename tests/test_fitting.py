@@ -885,6 +885,23 @@ class TestWhichRuleUsesAFile:
 
 
 class TestLoadWhileAFitReplacesTheRouter:
+    def test_a_load_between_a_fits_two_renames_reads_the_new_router(self, tmp_path: Path) -> None:
+        """No folder at --out when the load begins (a fit has renamed the old router aside and
+        not yet the new one in), the new one renamed in 10 ms later: the load reads it (it
+        failed at once, "not a fitted router (FileNotFoundError ...)", as a server start or
+        score racing a fit did now and then); a folder that stays missing still fails."""
+        fit_router(records(), STRONG, WEAK, HashingEncoder(32)).save(tmp_path / "new")
+        out = tmp_path / "router"
+        timer = threading.Timer(0.01, (tmp_path / "new").rename, args=(out,))
+        timer.start()
+        try:
+            router = FittedRouter.load(out, encoder=HashingEncoder(32))
+        finally:
+            timer.join()
+        assert len(router.library) == len(records())
+        with pytest.raises(FitError, match=r"missing: not a fitted router \(FileNotFoundError"):
+            FittedRouter.load(tmp_path / "missing", encoder=HashingEncoder(32))
+
     def test_a_router_replaced_between_its_two_reads_loads_as_one_router(self, tmp_path: Path) -> None:
         """A fit renames its router into place (``_save_whole``) after the loader has opened
         router.json and before it opens library.npz: the loader gets one fit's weights and
