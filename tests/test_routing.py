@@ -133,6 +133,68 @@ class TestSeedPolicy:
         assert any("OPENAI_API_KEY" in reason for reason in decision.reasons)
 
 
+def _with_mode_rules() -> dict[str, object]:
+    """The default policy plus two rules that set claude-sonnet and batch mode: one first, one last."""
+    config = default_config()
+    rules = config["routing"]["stages"][1]["rules"]  # type: ignore[index]
+    first = {"name": "reports_overnight", "when": {"metadata": {"kind": "report"}}}
+    last = {"name": "reports_late", "when": {"metadata": {"kind": "report2"}}}
+    rules.insert(0, {**first, "model": "claude-sonnet", "mode": "batch"})
+    rules.append({**last, "model": "claude-sonnet", "mode": "batch"})
+    return config
+
+
+class TestModes:
+    """The mode comes from the rule that picked the model or from a rule that sets only a mode,
+    never from a rule that was skipped or overridden, and a reason names its rule."""
+
+    async def test_a_skipped_rule_sets_no_mode(self) -> None:
+        """A realtime JSON-mode request matches a batch rule whose model (claude-sonnet, no JSON
+        object mode) cannot serve it: the rule is skipped, so its mode is not taken either (it made
+        the request a batch job on gpt-4o-mini, explained only as default/default)."""
+        chat = user_chat("Summarise the quarter as json")
+        chat.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT
+        async with Server(settings_from(_with_mode_rules()), port=0) as server, RouterClient(server.target) as client:
+            decision = await _route(client, chat=chat, metadata={"kind": "report"})
+        assert (decision.model, decision.mode, decision.rule) == ("gpt-4o-mini", pb.MODE_REALTIME, "default")
+        skipped = [r for r in decision.reasons if r.startswith("rule reports_overnight (precedence 1)")]
+        assert len(skipped) == 1
+        assert "; skipped: " in skipped[0]
+        assert not any(reason.startswith("mode ") for reason in decision.reasons)
+
+    async def test_an_overridden_rule_sets_no_mode(self) -> None:
+        """A code request that also matches a later batch rule: code_generation picks gpt-4o, the
+        later rule is overridden, and the request stays realtime at the realtime price."""
+        async with Server(settings_from(_with_mode_rules()), port=0) as server, RouterClient(server.target) as client:
+            decision = await _route(client, task_hint="code_generation", metadata={"kind": "report2"})
+        assert (decision.model, decision.mode, decision.rule) == ("gpt-4o", pb.MODE_REALTIME, "code_generation")
+        assert any(r.endswith("; overridden by code_generation") for r in decision.reasons)
+        assert not any(reason.startswith("mode ") for reason in decision.reasons)
+
+    async def test_the_chosen_rule_sets_its_mode_and_is_named(self) -> None:
+        """The batch rule that picks its model sets its mode, and the reasons say the mode is its."""
+        async with Server(settings_from(_with_mode_rules()), port=0) as server, RouterClient(server.target) as client:
+            decision = await _route(client, metadata={"kind": "report"})
+        assert (decision.model, decision.mode, decision.rule) == ("claude-sonnet", pb.MODE_BATCH, "reports_overnight")
+        assert "mode batch from rule reports_overnight" in decision.reasons
+
+    async def test_a_rule_that_only_sets_the_mode_applies_with_the_rule_that_picks_the_model(
+        self, client: RouterClient
+    ) -> None:
+        """deferrable sets only the mode: it batches whatever picks the model, default or rule, and
+        the reasons name it as the mode's rule."""
+        default = await _route(client, realtime=False)
+        coded = await _route(client, realtime=False, task_hint="code_generation")
+        assert (default.mode, default.rule, coded.mode, coded.rule) == (
+            pb.MODE_BATCH,
+            "default",
+            pb.MODE_BATCH,
+            "code_generation",
+        )
+        assert "mode batch from rule deferrable" in default.reasons
+        assert "mode batch from rule deferrable" in coded.reasons
+
+
 @pytest.fixture
 async def custom_client(request: pytest.FixtureRequest) -> AsyncIterator[RouterClient]:
     config, environ = request.param

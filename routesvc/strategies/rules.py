@@ -74,8 +74,11 @@ class RulesStrategy:
 
     Every matching rule is listed in the reasons. The first matching rule that sets a model
     whose model can serve the request picks it; a matching rule whose model cannot is skipped
-    with its reason. The first matching rule that sets a mode sets it. When no rule picks a
-    model, the rest of the chain decides and the mode is applied to its verdict.
+    with its reason. The mode comes from the first, in precedence order, of the chosen rule (when
+    it sets one) and the matching rules that set a mode and no model: a rule that only sets the
+    mode applies together with whichever rule picks the model, and a skipped or overridden rule
+    sets nothing, its mode included. A reason names the rule the mode came from. When no rule
+    picks a model, the rest of the chain decides and the mode is applied to its verdict.
     """
 
     name = "rules"
@@ -104,7 +107,9 @@ class RulesStrategy:
         """Pick the model of the first applicable matching rule, else defer to ``next_stage``."""
         reasons: list[str] = []
         chosen: RuleConfig | None = None
-        mode: Mode | None = None
+        # The rule the mode comes from: the first matching rule that sets a mode and no model, or the
+        # chosen rule when it sets one and no such rule comes before it.
+        mode_rule: RuleConfig | None = None
         for position, rule in enumerate(self._rules, start=1):
             facts = _match(rule, routing_input)
             if facts is None:
@@ -123,10 +128,15 @@ class RulesStrategy:
                     line += f"; skipped: {routing_input.eligible.get(config.model, 'unknown model')}"
                 else:
                     chosen = config
+                    if config.mode is not None and mode_rule is None:
+                        mode_rule = config
                     line += "; chosen"
-            if config.mode is not None and mode is None:
-                mode = Mode(config.mode)
+            elif config.mode is not None and mode_rule is None:
+                mode_rule = config
             reasons.append(line)
+        mode = Mode(mode_rule.mode) if mode_rule is not None and mode_rule.mode is not None else None
+        if mode_rule is not None:
+            reasons.append(f"mode {mode_rule.mode} from rule {mode_rule.name}")
         if chosen is not None and chosen.model is not None:
             return Verdict(
                 model=chosen.model,
