@@ -25,7 +25,13 @@ from routesvc.breaker import Breakers, Permit
 from routesvc.cascade import EscalationPolicy, max_cost_reason
 from routesvc.catalog import ModelSpec
 from routesvc.config import BATCH_API_KINDS, RulesStageConfig, Settings
-from routesvc.cost import cost_of_usage, estimated_cost, format_usd, input_tokens_on, interrupted_usage
+from routesvc.cost import (
+    billed_input_of_estimate,
+    cost_of_usage,
+    estimated_cost,
+    format_usd,
+    interrupted_usage,
+)
 from routesvc.errors import (
     CostLimitExceeded,
     DeadlineExceeded,
@@ -1177,14 +1183,21 @@ class Router:
             )
         if for_completion:
             # The fewest tokens it can take, as the cost is the least it can cost: the images count
-            # by each eligible model's formula.
+            # as each eligible model bills them (its formula and image_token_scale).
             fewest = min(
-                input_tokens_on(model, routing_input)[0]
+                billed_input_of_estimate(model, routing_input)
                 for model in self._catalog
                 if routing_input.is_eligible(model.id)
             )
             tokens = fewest + routing_input.estimated_output_tokens
             await self._admission.precheck(request.context.tenant, tokens=tokens, cost=least)
+
+    def _admitted_tokens(self, decision: RouteDecision) -> int:
+        """The tokens a Complete of ``decision`` is admitted for against its tenant's limits: what
+        its estimate bills on its model (the input as the model bills it, images at its
+        ``image_token_scale``, as ``estimated_cost_usd`` prices it) plus its output estimate."""
+        model = self._catalog.get(decision.model)
+        return billed_input_of_estimate(model, decision) + decision.estimated_output_tokens
 
     def _within_max_cost(
         self,
@@ -1283,7 +1296,7 @@ class Router:
             # queue (as ``simulate`` builds one) judges by the configuration and serves it here.
             decision = self._in_realtime(decision, request, f"provider {decision.provider} has no batch queue here")
         if decision.mode is Mode.BATCH and self._batches is not None:
-            tokens = decision.estimated_input_tokens + decision.estimated_output_tokens
+            tokens = self._admitted_tokens(decision)
             reservation = await self._admission.admit(
                 request.context.tenant, tokens=tokens, cost=decision.estimated_cost_usd
             )
@@ -1316,7 +1329,7 @@ class Router:
         tenant = request.context.tenant
         reservation = await self._admission.admit(
             tenant,
-            tokens=decision.estimated_input_tokens + decision.estimated_output_tokens,
+            tokens=self._admitted_tokens(decision),
             cost=decision.estimated_cost_usd,
         )
         attempt = _AttemptState(request_id, decision, tenant, reservation, decision.estimated_cost_usd)

@@ -720,6 +720,56 @@ class TestImageTokens:
         assert (entry.usage.input_tokens, entry.estimated) == (completion.usage.input_tokens, True)
 
 
+class TestImageTokenLimits:
+    """A tenant's ``tokens_per_minute`` counts a request's estimate as its model bills it: the
+    images at the model's ``image_token_scale``, as ``estimated_cost_usd`` prices them."""
+
+    async def test_an_image_request_whose_billed_estimate_is_over_the_tenants_tokens_per_minute_is_too_large(
+        self, fake: FakeProvider
+    ) -> None:
+        """A URL image on gpt-4o-mini: 1,445 tokens by OpenAI's formula, 48,162 as the model bills
+        it (x 33.33). Under a 3,000 tokens-per-minute limit the Complete is REQUEST_TOO_LARGE before
+        any provider call (it was admitted on the unscaled ~2,000 and billed 48,180, locking the
+        tenant out for the minute)."""
+        config = default_config()
+        config["tenants"] = {"t": {"tokens_per_minute": 3000}}
+        chat = image_chat(url_part("https://example.com/a.png"), content=_QUESTION)
+        context = pb.RoutingContext(tenant="t")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            decision = await client.route(chat, context)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                [m async for m in client.complete(chat, context)]
+        assert decision.model == "gpt-4o-mini"
+        assert decision.estimated_input_tokens + decision.estimated_output_tokens < 3000
+        assert (refused.value.code(), error_info(refused.value).reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "REQUEST_TOO_LARGE",
+        )
+        assert "more than tenant 't''s 3000 tokens per minute" in (refused.value.details() or "")
+        assert fake.requests == []
+
+    async def test_a_batch_image_request_is_admitted_on_its_billed_estimate(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The same image request with realtime false is refused REQUEST_TOO_LARGE too, and no
+        job is queued (a job was queued, admitted on the unscaled estimate)."""
+        config = batch_config(tmp_path)
+        config["tenants"] = {"t": {"tokens_per_minute": 3000}}
+        chat = image_chat(url_part("https://example.com/a.png"), content=_QUESTION)
+        context = pb.RoutingContext(tenant="t", realtime=False)
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                [m async for m in client.complete(chat, context)]
+        assert error_info(refused.value).reason == "REQUEST_TOO_LARGE"
+        assert fake.batches == []
+
+
 class TestImagesStayOutOfTelemetry:
     async def test_captured_messages_and_logs_hold_no_image_data(self, fake: FakeProvider) -> None:
         """With content capture on, an inline image is a ``blob`` part with its type and size but no
