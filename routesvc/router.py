@@ -24,7 +24,7 @@ from routesvc.admission import Admission, Reservation, build_admission
 from routesvc.breaker import Breakers, Permit
 from routesvc.cascade import EscalationPolicy, max_cost_reason
 from routesvc.catalog import ModelSpec
-from routesvc.config import BATCH_API_KINDS, RulesStageConfig, Settings
+from routesvc.config import BATCH_API_KINDS, RulesStageConfig, Settings, TenantConfig
 from routesvc.cost import (
     billed_input_of_estimate,
     cost_of_usage,
@@ -488,6 +488,16 @@ class _FeedbackCall:
                 without_decision=[store.path for store, outcome in recorded.items() if outcome is None],
             )
         return model, owner, examples
+
+
+def with_tenant_defaults(request: RoutingRequest, tenant: TenantConfig | None) -> RoutingRequest:
+    """``request`` with what its tenant's configuration (``tenant``) gives a request that names
+    none: its ``user_tier``. The service routes every request through this (auth off: the named
+    tenant's configuration; on: the authenticated one's), and ``simulate`` every prompt, so that
+    a simulation routes a tenant's prompts as the live service does."""
+    if tenant is None or not tenant.user_tier or request.context.user_tier:
+        return request
+    return replace(request, context=replace(request.context, user_tier=tenant.user_tier))
 
 
 def _new_decision_id() -> str:

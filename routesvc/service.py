@@ -57,7 +57,7 @@ from routesvc.errors import (
 )
 from routesvc.feedback import UnknownDecision
 from routesvc.models import BatchJob, Completion, Escalation, Mode, RouteDecision, RoutingRequest
-from routesvc.router import RouteCount, Router
+from routesvc.router import RouteCount, Router, with_tenant_defaults
 from routesvc.rpc_tracing import ended_as, ended_by_caller, last_message_follows, last_write, own_end
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
@@ -327,15 +327,12 @@ class RouterService(pb_grpc.RouterServiceServicer):
         named tenant is taken as given, its configured ``user_tier`` included, as its allow-list
         and limits are."""
         if principal.tenant is None:
-            named = self._router.settings.config.tenants.get(request.context.tenant)
-            if named is None or not named.user_tier or request.context.user_tier:
-                return request
-            return replace(request, context=replace(request.context, user_tier=named.user_tier))
+            return with_tenant_defaults(request, self._router.settings.config.tenants.get(request.context.tenant))
         context = request.context
         if context.tenant and context.tenant != principal.tenant:
             raise PermissionDenied("context.tenant does not match the authenticated tenant")
-        tier = context.user_tier or (principal.config.user_tier if principal.config else None) or ""
-        return replace(request, context=replace(context, tenant=principal.tenant, user_tier=tier))
+        as_tenant = replace(request, context=replace(context, tenant=principal.tenant))
+        return with_tenant_defaults(as_tenant, principal.config)
 
     @staticmethod
     def _parsed(request: _Request | None) -> _Request:

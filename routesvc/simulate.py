@@ -28,7 +28,7 @@ from routesvc.cost import estimated_cost, format_usd
 from routesvc.errors import RouteSvcError
 from routesvc.jsonlines import JsonLineError, json_lines
 from routesvc.outcomes import OutcomeDataError, model_numbers
-from routesvc.router import Router
+from routesvc.router import Router, with_tenant_defaults
 from routesvc.strategies.embedding import EmbeddingStageConfig
 from routesvc.v1 import router_pb2 as pb
 
@@ -247,6 +247,8 @@ async def _route_all(
             # What the service would refuse (an empty prompt, max_output_tokens below 1 or over
             # the cap) is counted as not routable, by its reason, like a request no model serves.
             request = wire.routing_request(prompt.message, settings.config.limits)
+            # The tenant's configured defaults (its user_tier), as the service applies them.
+            request = with_tenant_defaults(request, settings.config.tenants.get(request.context.tenant))
             decision = await router.route(request)
         except RouteSvcError as error:
             report.skipped += 1

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from routesvc.client import RouterClient
 from routesvc.feedback import FeedbackStore
 from routesvc.models import ChatRequest, Message, Role
 from routesvc.router import Router
+from routesvc.server import Server
 from routesvc.simulate import SimulationDataError, read_prompts, simulate
 from routesvc.testing import FakeProvider, Script
 from routesvc.tokens import estimate_input_tokens
@@ -246,6 +248,24 @@ class TestMatchesTheLiveService:
         assert Decimal(simulated["baseline_cost_usd"]) == Decimal(stats.totals.estimated_baseline_cost_usd)
         assert Decimal(simulated["estimated_cost_usd"]) == Decimal(stats.totals.cost_usd)
         assert Decimal(simulated["savings_usd"]) == Decimal(stats.totals.savings_usd)
+
+    async def test_a_tenants_configured_user_tier_routes_as_it_does_live(self, tmp_path: Path) -> None:
+        """A tenant configured ``user_tier: premium`` (the tier of its requests that name none):
+        the live Route sends its plain question to gpt-4o (rule premium_tier), and so does
+        simulate, at the same estimate (it routed it to gpt-4o-mini, ignoring the tier); a row
+        that names its own tier keeps it."""
+        config = default_config()
+        config["tenants"] = {"acme": {"user_tier": "premium"}}
+        settings = settings_from(config)
+        prompt = "What is the capital of France?"
+        rows = [{"prompt": prompt, "tenant": "acme"}, {"prompt": prompt, "tenant": "acme", "user_tier": "free"}]
+        report = await simulate(settings, read_prompts(_write(tmp_path / "p.jsonl", rows)))
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            live = await client.route(user_chat(prompt), pb.RoutingContext(tenant="acme"))
+            free = await client.route(user_chat(prompt), pb.RoutingContext(tenant="acme", user_tier="free"))
+        assert (live.model, live.rule, free.model) == ("gpt-4o", "premium_tier", "gpt-4o-mini")
+        assert {m.model: m.requests for m in report.models.values()} == {"gpt-4o": 1, "gpt-4o-mini": 1}
+        assert report.estimated_cost_usd == Decimal(live.estimated_cost_usd) + Decimal(free.estimated_cost_usd)
 
 
 class TestSimulateCommand:
