@@ -958,8 +958,10 @@ class Router:
                 on_cut=lambda: cut.append(True),
             )
             if pinned is not None:
-                if eligible[pinned.id].startswith("not allowed for tenant"):
-                    raise PermissionDenied(f"model {pinned.id} is {eligible[pinned.id]}")
+                # First: a model the tenant may not use is refused as that whatever else keeps it
+                # from the request, and nothing more about it is told to the tenant.
+                if refused := routing_input.allow_list.refuses(pinned.id):
+                    raise PermissionDenied(f"model {pinned.id} is {refused}")
                 if eligible[pinned.id]:
                     raise no_eligible_model(
                         replace(routing_input, eligible=MappingProxyType({pinned.id: eligible[pinned.id]}))

@@ -23,6 +23,7 @@ from tests.test_validation import error_info
 ACME_KEY = "acme-key-canary-0001"
 GLOBEX_KEY = "globex-key-0002"
 REVOKED_KEY = "revoked-key-0003"
+_JSON_OBJECT = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
 
 
 def auth_config() -> dict[str, object]:
@@ -106,6 +107,28 @@ class TestAuthorization:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await route_as(secured, ACME_KEY, model="gpt-4o")
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    @pytest.mark.parametrize(
+        ("model", "chat"),
+        [
+            ("claude-sonnet", user_chat("hello as json", response_format=_JSON_OBJECT)),
+            ("gpt-4o", user_chat("word " * 130_000)),
+            ("gpt-4o", user_chat("hello", max_output_tokens=20_000)),
+        ],
+        ids=["no json mode", "context window", "max output tokens"],
+    )
+    async def test_a_pinned_model_outside_the_allow_list_is_permission_denied_whatever_else_keeps_it_out(
+        self, secured: Server, model: str, chat: pb.ChatRequest
+    ) -> None:
+        """acme pinning a model it may not use, in a request that model could not serve anyway
+        (JSON object mode on claude-sonnet, a prompt past gpt-4o's window, more output than it
+        writes): PERMISSION_DENIED naming the allow-list, and nothing about the model (it was
+        FAILED_PRECONDITION or RESOURCE_EXHAUSTED describing the model, by the prompt)."""
+        async with RouterClient(secured.target, api_key=ACME_KEY) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.route(chat, pb.RoutingContext(model=model))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert caught.value.details() == f"model {model} is not allowed for tenant 'acme'"
 
     async def test_an_unknown_pinned_model_lists_only_the_models_the_tenant_may_use(self, secured: Server) -> None:
         """acme (allowed only gpt-4o-mini) pinning an unknown model is NOT_FOUND naming only
