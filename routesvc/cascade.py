@@ -109,7 +109,7 @@ class EscalationPolicy:
             return decision
         if decision.mode is not Mode.REALTIME or decision.strategy == "pinned" or request.chat.uses_tools:
             return decision
-        eligible = {c.model for c in decision.candidates if c.eligible}
+        excluded = {c.model: c.excluded_reason for c in decision.candidates if not c.eligible}
         catalog = self._settings.catalog
         cap = self.max_cost(request)
         # The least the first step can cost: deciding's calls and its input, with no output, at
@@ -123,24 +123,33 @@ class EscalationPolicy:
             cost_of_usage(first, Usage(input_tokens=billed, cached_input_tokens=billed)),
         )
         kept = [chain.steps[0]]
-        over_cap: list[str] = []
+        # Why each step left out of the chain is: the request asked for (or the config applies)
+        # a cascade, so one it does not get, or gets shorter, says why.
+        left_out: list[str] = []
         for step in chain.steps[1:]:
             model = catalog.get(step.model)
             provider = self._settings.providers[model.provider]
-            if not (step.model in eligible and provider.configured and provider.name in self._providers):
+            if step.model in excluded:
+                left_out.append(f"{step.model} left out: {excluded[step.model] or 'not eligible'}")
+                continue
+            if not provider.configured:
+                left_out.append(f"{step.model} left out: {provider.missing_key_reason}")
+                continue
+            if provider.name not in self._providers:
+                left_out.append(f"{step.model} left out: provider {provider.name} is not called here")
                 continue
             would_cost = least + estimated_cost(model, decision)
             if cap is not None and would_cost > cap:
                 # Its escalation would be stopped by the cap whatever the first answer: no need to
                 # hold that answer back for it.
-                over_cap.append(
+                left_out.append(
                     f"{step.model} left out: at least {format_usd(would_cost)} USD with it > max {format_usd(cap)} USD"
                 )
                 continue
             kept.append(step)
         if len(kept) < 2:
-            if over_cap:
-                return replace(decision, reasons=(*decision.reasons, f"no cascade: {'; '.join(over_cap)}"))
+            if left_out:
+                return replace(decision, reasons=(*decision.reasons, f"no cascade: {'; '.join(left_out)}"))
             return decision
         # Each kept step releases at its own threshold (a skipped step's threshold goes with it).
         models = [step.model for step in kept]
@@ -148,8 +157,8 @@ class EscalationPolicy:
         assert len(thresholds) == len(kept) - 1  # every step but a chain's last has one (config)
         steps = ", ".join(f"{m} (release at score >= {t:g})" for m, t in zip(models, thresholds, strict=False))
         reason = f"cascade: {steps}, then {models[-1]}; scorer {self._scorer.name}"
-        if over_cap:
-            reason = f"{reason} ({'; '.join(over_cap)})"
+        if left_out:
+            reason = f"{reason} ({'; '.join(left_out)})"
         return replace(
             decision,
             reasons=(*decision.reasons, reason),

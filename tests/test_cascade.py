@@ -768,6 +768,27 @@ class TestCascadeVisibility:
             "cascade: gpt-4o-mini (release at score >= 0.8), then gpt-4o; scorer min(local,llm_judge)"
         )
 
+    async def test_a_cascade_asked_for_whose_step_cannot_serve_the_request_says_why_there_is_none(
+        self, fake: FakeProvider
+    ) -> None:
+        """cascade true from a tenant that may not use gpt-4o: the chain's one other step is left
+        out, and the decision says that this is why there is no cascade, as it says for a step the
+        cost cap leaves out (it said nothing: only the candidate list named gpt-4o excluded)."""
+        config = default_config()
+        config["tenants"] = {"nofour": {"allowed_models": ["gpt-4o-mini", "claude-sonnet"]}}
+        async with _served(config, fake) as (_server, client):
+            decision = await client.route(user_chat("hi"), pb.RoutingContext(cascade=True, tenant="nofour"))
+        assert (decision.model, list(decision.cascade_models)) == ("gpt-4o-mini", [])
+        assert decision.reasons[-1] == "no cascade: gpt-4o left out: not allowed for tenant 'nofour'"
+
+    async def test_a_cascade_whose_step_has_no_key_says_why_there_is_none(self) -> None:
+        """Route with no provider keys: gpt-4o's provider cannot be called, so no cascade, and the
+        reason names the variable to set."""
+        async with Server(settings_from(default_config()), port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(user_chat("hi"), pb.RoutingContext(cascade=True))
+        assert list(decision.cascade_models) == []
+        assert decision.reasons[-1].startswith("no cascade: gpt-4o left out: provider 'openai' has no API key")
+
     async def test_a_pinned_model_is_never_cascaded(self, live_client: RouterClient) -> None:
         """context.model pins gpt-4o-mini: no cascade even when asked."""
         decision = await live_client.route(user_chat("hi"), pb.RoutingContext(cascade=True, model="gpt-4o-mini"))
